@@ -1,0 +1,136 @@
+"""The embedded backend (``boltdb`` in the config): one SQLite file in WAL mode.
+
+Atlantis's own store is a BoltDB file in its data dir; ours is ``enhanced-locking.db`` there.
+SQLite in WAL mode gives the same single-file, no-server deployment plus real transactions.
+
+Durability: ``synchronous=NORMAL``. A commit survives the process being killed (``kill -9``);
+an operating-system crash or power cut can lose the last commits before a checkpoint. We chose
+this (the same class as Redis's default ``appendfsync everysec``) because a commit then takes
+microseconds instead of an fsync, which is what lets a queue hand a lock over in well under a
+millisecond. ``docs/01-foundation.md`` says so to users.
+
+Rows are Atlantis's JSON (see :mod:`codec`); fencing counters live in their own table so a
+token keeps rising after its lock is released and across restarts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+from enhanced_locking.backends import codec
+from enhanced_locking.backends.base import StoreBackend
+from enhanced_locking.types import BackendUnavailable, Lock
+
+__all__ = ["EmbeddedBackend", "open_database"]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS locks (
+    ns TEXT NOT NULL, key TEXT NOT NULL, repo TEXT NOT NULL, pull INTEGER NOT NULL,
+    data TEXT NOT NULL, PRIMARY KEY (ns, key)
+);
+CREATE INDEX IF NOT EXISTS locks_by_pull ON locks (ns, repo, pull);
+CREATE TABLE IF NOT EXISTS fencing (
+    ns TEXT NOT NULL, key TEXT NOT NULL, token INTEGER NOT NULL, PRIMARY KEY (ns, key)
+);
+"""
+
+
+def open_database(path: Path) -> sqlite3.Connection:
+    """Open (creating if needed) the store file with the settings every user of it shares."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=NORMAL")
+        connection.execute("PRAGMA busy_timeout=5000")
+        connection.executescript(SCHEMA)
+    except (OSError, sqlite3.Error) as error:
+        raise BackendUnavailable(f"cannot open the embedded store {path}: {error}") from None
+    return connection
+
+
+class EmbeddedBackend(StoreBackend):
+    """Locks of one namespace in the shared SQLite file."""
+
+    kind = "boltdb"
+
+    def __init__(self, path: Path, namespace: str = "enhanced") -> None:
+        super().__init__(namespace)
+        self.path = path
+        self._db = open_database(path)
+        self._depth = 0
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        # BEGIN IMMEDIATE takes the write lock up front, so a read-then-write is atomic even
+        # if another process opened the same file.
+        if self._depth:
+            yield
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        self._depth += 1
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        else:
+            self._db.execute("COMMIT")
+        finally:
+            self._depth -= 1
+
+    def _load(self, key: str) -> Lock | None:
+        row = self._db.execute(
+            "SELECT data FROM locks WHERE ns = ? AND key = ?", (self.namespace, key)
+        ).fetchone()
+        return codec.decode(row[0], key=key) if row else None
+
+    def _store(self, lock: Lock) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO locks (ns, key, repo, pull, data) VALUES (?, ?, ?, ?, ?)",
+            (self.namespace, lock.key, lock.project.repo_full_name, lock.pull.num,
+             codec.encode(lock)),
+        )
+
+    def _delete(self, key: str) -> None:
+        self._db.execute("DELETE FROM locks WHERE ns = ? AND key = ?", (self.namespace, key))
+
+    def _next_token(self, key: str) -> int:
+        row = self._db.execute(
+            "INSERT INTO fencing (ns, key, token) VALUES (?, ?, 1) "
+            "ON CONFLICT (ns, key) DO UPDATE SET token = token + 1 RETURNING token",
+            (self.namespace, key),
+        ).fetchone()
+        return int(row[0])
+
+    def _tokens(self) -> dict[str, int]:
+        rows = self._db.execute("SELECT key, token FROM fencing WHERE ns = ?", (self.namespace,))
+        return {key: int(token) for key, token in rows}
+
+    def _raise_token(self, key: str, at_least: int) -> None:
+        self._db.execute(
+            "INSERT INTO fencing (ns, key, token) VALUES (?, ?, ?) "
+            "ON CONFLICT (ns, key) DO UPDATE SET token = max(token, excluded.token)",
+            (self.namespace, key, at_least),
+        )
+
+    def _scan(self, repo: str | None, pull: int | None) -> list[Lock]:
+        query, args = "SELECT key, data FROM locks WHERE ns = ?", [self.namespace]
+        if repo is not None:
+            query, args = query + " AND repo = ?", [*args, repo]
+        if pull is not None:
+            query, args = query + " AND pull = ?", [*args, pull]
+        rows = self._db.execute(query + " ORDER BY key", args).fetchall()
+        return [codec.decode(data, key=key) for key, data in rows]
+
+    async def ping(self) -> None:
+        try:
+            self._db.execute("SELECT 1").fetchone()
+        except sqlite3.Error as error:
+            raise BackendUnavailable(f"embedded store {self.path}: {error}") from None
+
+    async def close(self) -> None:
+        self._db.close()

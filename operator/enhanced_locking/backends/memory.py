@@ -1,0 +1,46 @@
+"""The in-memory backend: the reference store, for tests and throwaway runs."""
+
+from __future__ import annotations
+
+from enhanced_locking.backends.base import StoreBackend
+from enhanced_locking.types import Lock
+
+__all__ = ["MemoryBackend"]
+
+
+class MemoryBackend(StoreBackend):
+    """Locks in a dict; gone when the process ends."""
+
+    kind = "memory"
+
+    def __init__(self, namespace: str = "enhanced") -> None:
+        super().__init__(namespace)
+        self._locks: dict[str, Lock] = {}
+        self._counters: dict[str, int] = {}
+
+    def _load(self, key: str) -> Lock | None:
+        return self._locks.get(key)
+
+    def _store(self, lock: Lock) -> None:
+        self._locks[lock.key] = lock
+
+    def _delete(self, key: str) -> None:
+        self._locks.pop(key, None)
+
+    def _next_token(self, key: str) -> int:
+        self._counters[key] = self._counters.get(key, 0) + 1
+        return self._counters[key]
+
+    def _tokens(self) -> dict[str, int]:
+        return dict(self._counters)
+
+    def _raise_token(self, key: str, at_least: int) -> None:
+        self._counters[key] = max(self._counters.get(key, 0), at_least)
+
+    def _scan(self, repo: str | None, pull: int | None) -> list[Lock]:
+        return [
+            lock
+            for lock in self._locks.values()
+            if (repo is None or lock.project.repo_full_name == repo)
+            and (pull is None or lock.pull.num == pull)
+        ]

@@ -1,0 +1,371 @@
+"""The configuration model: every setting, its default, and how users spell it.
+
+One model is the single source of truth. Each field is a setting with three spellings that are
+derived from its name, as Atlantis derives its own: a YAML key ``enhanced-locking-<name>``, an
+environment variable ``ATLANTIS_ENHANCED_LOCKING_<NAME>`` and a flag ``--enhanced-locking-<name>``.
+(``data-dir`` keeps Atlantis's own spellings.) Sources are layered
+``defaults < YAML < env < flags``; a LockPolicy CR overrides them at runtime through the
+provider. The config reference in ``docs/01-foundation.md`` is generated from this module.
+
+A bad value stops the process with exit code 2 and one line naming the setting, where the value
+came from and the accepted form. The Redis password is a ``SecretStr``: it is never printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from enhanced_locking.durations import DURATION_FORM, Duration, format_duration
+from enhanced_locking.types import BackendName
+
+__all__ = [
+    "ConfigError",
+    "EnhancedLockingConfig",
+    "Setting",
+    "add_flags",
+    "flags_from_namespace",
+    "load_config",
+    "settings",
+]
+
+ENV_PREFIX = "ATLANTIS_ENHANCED_LOCKING_"
+KEY_PREFIX = "enhanced-locking-"
+SECRET_MASK = "********"
+
+
+def _host_port(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected host:port such as localhost:6379, got {value!r}")
+    return value
+
+
+def _host_ports(value: list[str]) -> list[str]:
+    return [_host_port(item) for item in value]
+
+
+HostPort = Annotated[str, Field(max_length=253 + 6), AfterValidator(_host_port)]
+Weight = Annotated[float, Field(ge=0, le=100, multiple_of=0.01)]
+
+
+class EnhancedLockingConfig(BaseSettings):
+    """Enhanced locking settings; defaults are the seed's (off by default, embedded store)."""
+
+    model_config = SettingsConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+    # --- the seed's settings -------------------------------------------------------------
+    enabled: bool = Field(False, description="Turn the enhanced locking system on.")
+    backend: BackendName = Field(
+        "boltdb",
+        description="Store of the enhanced locker: boltdb (embedded single file), redis, memory.",
+    )
+    priority_queue: bool = Field(
+        False, description="Serve waiters by priority with aging (off: plain FIFO)."
+    )
+    retries: bool = Field(
+        False, description="Retry transient backend errors with jittered exponential backoff."
+    )
+    metrics: bool = Field(True, description="Export Prometheus metrics on /metrics.")
+    redis_addr: HostPort = Field("localhost:6379", description="Redis address, host:port.")
+    redis_password: SecretStr = Field(
+        SecretStr(""), description="Redis password (never printed or logged)."
+    )
+    redis_db: int = Field(0, ge=0, le=1023, description="Redis database number.")
+    default_timeout: Duration = Field(
+        timedelta(seconds=30), description="How long a request waits when it names no wait."
+    )
+    max_timeout: Duration = Field(
+        timedelta(minutes=5), description="Longest wait a request may ask for (more is refused)."
+    )
+    max_queue_size: int = Field(
+        1000, ge=1, le=1_000_000, description="Most waiters queued on one lock key."
+    )
+    starvation_threshold: Duration = Field(
+        timedelta(minutes=2), description="Wait after which a waiter is raised one priority level."
+    )
+    max_priority_boost: int = Field(
+        3, ge=0, le=3, description="Most levels aging may raise a waiter."
+    )
+
+    # --- our additions, named the same way ------------------------------------------------
+    deadlock_detection: bool = Field(
+        False, description="Refuse a wait that would close a cycle in the wait-for graph."
+    )
+    events: bool = Field(True, description="Publish lock events (GET /v1/events).")
+    lock_ttl: Duration = Field(
+        timedelta(0), description="Default lease of an enhanced lock; 0 means no expiry."
+    )
+    retry_max_attempts: int = Field(
+        3, ge=1, le=20, description="Attempts per operation when retries are on."
+    )
+    retry_backoff: Duration = Field(
+        timedelta(milliseconds=200), description="First retry delay; doubles with jitter."
+    )
+    redis_username: str = Field("", max_length=256, description="Redis ACL user name.")
+    redis_tls: bool = Field(False, description="Connect to Redis over TLS.")
+    redis_tls_ca_file: str = Field("", description="CA bundle that signs the Redis server.")
+    redis_tls_cert_file: str = Field("", description="Client certificate for Redis TLS.")
+    redis_tls_key_file: str = Field("", description="Client key for Redis TLS.")
+    redis_tls_skip_verify: bool = Field(
+        False, description="Do not verify the Redis server certificate (testing only)."
+    )
+    redis_key_prefix: str = Field(
+        "atlantis:enhanced:", max_length=128, description="Prefix of every enhanced Redis key."
+    )
+    redis_pool_size: int = Field(50, ge=1, le=10_000, description="Redis connection pool size.")
+    redis_sentinel_addrs: Annotated[list[str], AfterValidator(_host_ports)] = Field(
+        default_factory=list, description="Sentinel addresses (comma-separated host:port)."
+    )
+    redis_sentinel_master: str = Field("", description="Sentinel master name.")
+    legacy_backend: BackendName = Field(
+        "boltdb", description="Store of the legacy (Atlantis-compatible) locker."
+    )
+    migration_weight: Weight | None = Field(
+        None,
+        description="Percent of lock keys routed to the enhanced locker (unset: all of them).",
+    )
+    migration_mode: Literal["route", "shadow"] = Field(
+        "route", description="route: weight decides; shadow: legacy decides, enhanced replays."
+    )
+    fallback: Literal["legacy", "fail-closed"] = Field(
+        "legacy", description="When the enhanced backend is unreachable: use legacy or refuse."
+    )
+    data_dir: str = Field(
+        "~/.atlantis",
+        description="Directory of the embedded store (enhanced-locking.db).",
+        json_schema_extra={"env": "ATLANTIS_DATA_DIR", "flag": "--data-dir", "yaml": "data-dir"},
+    )
+
+    @model_validator(mode="after")
+    def _check_together(self) -> EnhancedLockingConfig:
+        if self.max_timeout < self.default_timeout:
+            raise ValueError(
+                "enhanced-locking-max-timeout must be at least enhanced-locking-default-timeout "
+                f"(got {_fmt(self.max_timeout)} < {_fmt(self.default_timeout)})"
+            )
+        if bool(self.redis_tls_cert_file) != bool(self.redis_tls_key_file):
+            raise ValueError("enhanced-locking-redis-tls-cert-file and enhanced-locking-redis-tls-key-file "
+                "must be set together")
+        if bool(self.redis_sentinel_addrs) != bool(self.redis_sentinel_master):
+            raise ValueError("enhanced-locking-redis-sentinel-addrs and enhanced-locking-redis-sentinel-master "
+                "must be set together")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # load_config() resolves YAML, env and flags itself (to name the source of a bad
+        # value); the model only validates what it is given.
+        return (init_settings,)
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir).expanduser() / "enhanced-locking.db"
+
+    @property
+    def effective_weight(self) -> float:
+        """The routing weight: 0 when disabled, 100 when enabled without a migration."""
+        if not self.enabled:
+            return 0.0
+        return 100.0 if self.migration_weight is None else self.migration_weight
+
+    def masked(self) -> dict[str, Any]:
+        """The config as JSON-ready data with the keys users write and secrets masked."""
+        data = self.model_dump(mode="json")
+        out: dict[str, Any] = {}
+        for setting in settings():
+            value = data[setting.field]
+            if setting.secret:
+                value = SECRET_MASK if self.redis_password.get_secret_value() else ""
+            out[setting.key] = value
+        return out
+
+
+def _fmt(value: timedelta) -> str:
+    return format_duration(value)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting and its three spellings."""
+
+    field: str
+    key: str
+    env: str
+    flag: str
+    default: Any
+    description: str
+    form: str
+    secret: bool
+    kind: str
+
+
+def _form(info: FieldInfo, annotation: Any) -> tuple[str, str]:
+    text = repr(annotation)
+    if "timedelta" in text:
+        return DURATION_FORM, "duration"
+    if annotation is bool:
+        return "true or false", "bool"
+    if "Literal" in text:
+        choices = re.findall(r"'([^']+)'", text)
+        return "one of " + ", ".join(choices), "choice"
+    if "list" in text:
+        return "a comma-separated list of host:port", "list"
+    if annotation is int:
+        lo = next((m.ge for m in info.metadata if hasattr(m, "ge")), None)
+        hi = next((m.le for m in info.metadata if hasattr(m, "le")), None)
+        return f"an integer from {lo} to {hi}", "int"
+    if "float" in text:
+        return "a number from 0 to 100 (two decimals at most)", "float"
+    if "HostPort" in text or "_host_port" in text:
+        return "host:port such as localhost:6379", "str"
+    return "a string", "str"
+
+
+def settings() -> list[Setting]:
+    """Every setting of the model, in declaration order."""
+    result = []
+    for name, info in EnhancedLockingConfig.model_fields.items():
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        dashed = name.replace("_", "-")
+        form, kind = _form(info, info.annotation)
+        default = info.get_default(call_default_factory=True)
+        if isinstance(default, timedelta):
+            default = _fmt(default)
+        elif isinstance(default, SecretStr):
+            default = ""
+        result.append(
+            Setting(
+                field=name,
+                key=str(extra.get("yaml", KEY_PREFIX + dashed)),
+                env=str(extra.get("env", ENV_PREFIX + name.upper())),
+                flag=str(extra.get("flag", "--" + KEY_PREFIX + dashed)),
+                default=default,
+                description=info.description or "",
+                form=form,
+                secret=name == "redis_password",
+                kind=kind,
+            )
+        )
+    return result
+
+
+class ConfigError(Exception):
+    """Invalid configuration; the message is one line naming the setting."""
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """Add every setting's flag (bool flags take an optional ``=true|false``, as in Go)."""
+    group = parser.add_argument_group("enhanced locking settings")
+    for setting in settings():
+        kwargs: dict[str, Any] = {"dest": "cfg_" + setting.field, "default": None, "metavar": "VALUE"}
+        if setting.kind == "bool":
+            kwargs.update(nargs="?", const="true", metavar="BOOL")
+        help_text = f"{setting.description} Default: {setting.default!s}."
+        group.add_argument(setting.flag, help=help_text, **kwargs)
+    parser.add_argument("--config", dest="config_file", default=None, help="YAML config file.")
+
+
+def flags_from_namespace(namespace: argparse.Namespace) -> dict[str, str]:
+    """The flags a user actually gave, keyed by field name."""
+    return {
+        setting.field: value
+        for setting in settings()
+        if (value := getattr(namespace, "cfg_" + setting.field, None)) is not None
+    }
+
+
+def _convert(setting: Setting, value: Any) -> Any:
+    if setting.kind == "list" and isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+def _read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle) or {}
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must be a mapping of setting: value")
+    return data
+
+
+def load_config(
+    *,
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    yaml_file: str | os.PathLike[str] | None = None,
+) -> EnhancedLockingConfig:
+    """Merge defaults < YAML < env < flags and validate; raise ``ConfigError`` on bad input."""
+    env = os.environ if env is None else env
+    by_key = {s.key: s for s in settings()}
+    values: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    if yaml_file is not None:
+        for key, value in _read_yaml(yaml_file).items():
+            setting = by_key.get(str(key))
+            if setting is None:
+                if str(key).startswith(KEY_PREFIX):
+                    raise ConfigError(f"unknown setting {key} in {yaml_file}")
+                continue  # the rest of Atlantis's server config is not ours
+            values[setting.field] = _convert(setting, value)
+            origin[setting.field] = f"YAML key {key} in {yaml_file}"
+    for setting in settings():
+        raw = env.get(setting.env)
+        if raw is not None and (raw != "" or setting.kind == "str"):
+            values[setting.field] = _convert(setting, raw)
+            origin[setting.field] = f"env {setting.env}"
+    for field, value in (flags or {}).items():
+        setting = next(s for s in settings() if s.field == field)
+        values[field] = _convert(setting, value)
+        origin[field] = f"flag {setting.flag}"
+    try:
+        return EnhancedLockingConfig(**values)
+    except ValidationError as error:
+        raise ConfigError(_describe(error, values, origin)) from None
+
+
+def _describe(error: ValidationError, values: Mapping[str, Any], origin: Mapping[str, str]) -> str:
+    first = error.errors()[0]
+    loc = first["loc"]
+    by_field = {s.field: s for s in settings()}
+    if not loc or loc[0] not in by_field:
+        message = str(first["msg"]).removeprefix("Value error, ")
+        return f"invalid configuration: {message}"
+    setting = by_field[str(loc[0])]
+    source = origin.get(setting.field, "default")
+    shown = "(hidden)" if setting.secret else repr(values.get(setting.field))
+    return (
+        f"invalid setting {setting.key} (from {source}): got {shown}; "
+        f"expected {setting.form}"
+    )

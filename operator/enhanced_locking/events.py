@@ -1,0 +1,109 @@
+"""The in-process event bus: lock and config events for subscribers and the SSE stream.
+
+Events get ids shaped like Redis Stream ids (``<milliseconds>-<sequence>``) so a client's
+``Last-Event-ID`` means the same thing here and on the Redis-backed bus. The bus keeps a bounded
+ring of recent events for resuming; a client that fell further behind than the ring is told so
+by a ``gap`` event rather than silently missing events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from enhanced_locking.types import Event, Lock, utcnow
+
+__all__ = ["EVENT_TYPES", "EventBus", "parse_event_id"]
+
+EVENT_TYPES = (
+    "acquired",
+    "released",
+    "queued",
+    "granted-from-queue",
+    "timeout",
+    "cancelled",
+    "expired",
+    "deadlock",
+    "force-unlocked",
+    "fallback",
+    "routing-changed",
+    "config-applied",
+    "config-rejected",
+    "shadow-mismatch",
+)
+
+Subscriber = Callable[[Event], None]
+
+
+def parse_event_id(event_id: str) -> tuple[int, int]:
+    """``"<ms>-<seq>"`` as a sortable pair; raises ``ValueError`` on anything else."""
+    ms, _, seq = event_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+class EventBus:
+    """Publish events; keep the last ``capacity`` for resume; wake stream readers."""
+
+    def __init__(self, *, capacity: int = 10_000, enabled: Callable[[], bool] = lambda: True):
+        self._ring: collections.deque[Event] = collections.deque(maxlen=capacity)
+        self._subscribers: list[Subscriber] = []
+        self._changed = asyncio.Condition()
+        self._last = (0, 0)
+        self._enabled = enabled
+
+    def _next_id(self) -> str:
+        ms = int(time.time() * 1000)
+        last_ms, last_seq = self._last
+        self._last = (ms, 0) if ms > last_ms else (last_ms, last_seq + 1)
+        return f"{self._last[0]}-{self._last[1]}"
+
+    def publish(self, type: str, *, lock: Lock | None = None, key: str | None = None,
+                **details: Any) -> Event | None:
+        """Record and fan out one event (nothing when the events flag is off)."""
+        if not self._enabled():
+            return None
+        key = key or (lock.key if lock else None)
+        repo = lock.project.repo_full_name if lock else details.pop("repo", None)
+        event = Event(id=self._next_id(), type=type, time=utcnow(), key=key, repo=repo,
+                      lock=lock, details=details)
+        self._ring.append(event)
+        for subscriber in list(self._subscribers):
+            subscriber(event)
+        asyncio.get_running_loop().create_task(self._notify())
+        return event
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
+        self._subscribers.append(subscriber)
+        return lambda: self._subscribers.remove(subscriber)
+
+    def recent(self, after: str | None = None) -> list[Event]:
+        """Events newer than ``after`` still in the ring (all of them without ``after``)."""
+        if after is None:
+            return list(self._ring)
+        mark = parse_event_id(after)
+        return [e for e in self._ring if parse_event_id(e.id) > mark]
+
+    def gap_since(self, after: str) -> bool:
+        """Whether events after ``after`` may have fallen out of the ring."""
+        if not self._ring or len(self._ring) < (self._ring.maxlen or 0):
+            return False
+        return parse_event_id(self._ring[0].id) > parse_event_id(after)
+
+    async def stream(self, after: str | None = None) -> AsyncIterator[Event]:
+        """Replay from ``after`` (or only new events without it), then follow live."""
+        mark = parse_event_id(after) if after else self._last
+        while True:
+            fresh = [e for e in self._ring if parse_event_id(e.id) > mark]
+            for event in fresh:
+                mark = parse_event_id(event.id)
+                yield event
+            if not fresh:
+                async with self._changed:
+                    await self._changed.wait()

@@ -1,0 +1,161 @@
+"""Factory: builds the lock stack from a config snapshot, and keeps it in step with new ones.
+
+The stack is the legacy locker, the enhanced locker (built once enhanced locking is enabled)
+and the router in front of them, sharing one event bus and one metrics registry.
+:class:`LockService` is the assembled whole that the HTTP API, the CLI and the operator use.
+
+Most settings are read live on every call and need no rebuild. A change of *where* the enhanced
+locks live (backend kind, Redis connection, data dir) builds the new backend first, checks that
+it answers (a refusal keeps the old config running), moves every held lock and fencing counter
+across, and only then swaps it in: a reconfiguration never drops a held lock.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from enhanced_locking.backends import Backend, EmbeddedBackend, MemoryBackend
+from enhanced_locking.config import EnhancedLockingConfig
+from enhanced_locking.events import EventBus
+from enhanced_locking.locking import EnhancedLocker, LegacyLocker
+from enhanced_locking.metrics import Metrics
+from enhanced_locking.migration import Router
+from enhanced_locking.provider import ConfigProvider, Snapshot
+from enhanced_locking.types import BackendUnavailable
+
+__all__ = ["BACKEND_BUILDERS", "LockService", "backend_identity", "build_backend"]
+
+log = logging.getLogger(__name__)
+
+BackendBuilder = Callable[[EnhancedLockingConfig, str], Backend]
+
+
+def _embedded(config: EnhancedLockingConfig, namespace: str) -> Backend:
+    return EmbeddedBackend(config.data_path, namespace)
+
+
+def _memory(config: EnhancedLockingConfig, namespace: str) -> Backend:
+    return MemoryBackend(namespace)
+
+
+BACKEND_BUILDERS: dict[str, BackendBuilder] = {"boltdb": _embedded, "memory": _memory}
+"""Backend kinds this build knows; other modules register more (e.g. ``redis``)."""
+
+_IDENTITY_FIELDS = {
+    "boltdb": ("data_dir",),
+    "memory": (),
+    "redis": (
+        "redis_addr", "redis_password", "redis_db", "redis_username", "redis_tls",
+        "redis_tls_ca_file", "redis_tls_cert_file", "redis_tls_key_file",
+        "redis_tls_skip_verify", "redis_key_prefix", "redis_pool_size",
+        "redis_sentinel_addrs", "redis_sentinel_master",
+    ),
+}
+
+
+def backend_identity(config: EnhancedLockingConfig, kind: str) -> tuple[Any, ...]:
+    """What decides which store a backend of ``kind`` talks to: a change means a new one."""
+    return (kind, *(getattr(config, name) for name in _IDENTITY_FIELDS.get(kind, ())))
+
+
+def build_backend(config: EnhancedLockingConfig, kind: str, namespace: str) -> Backend:
+    try:
+        builder = BACKEND_BUILDERS[kind]
+    except KeyError:
+        raise BackendUnavailable(f"backend {kind!r} is not available in this build") from None
+    return builder(config, namespace)
+
+
+class LockService:
+    """The assembled lock stack: provider, event bus, metrics, lockers and router."""
+
+    def __init__(self, provider: ConfigProvider, *, metrics: Metrics | None = None) -> None:
+        self.provider = provider
+        self.metrics = metrics or Metrics()
+        self.events = EventBus(enabled=lambda: provider.current.config.events)
+        config = provider.current.config
+        self.legacy_backend = build_backend(config, config.legacy_backend, "legacy")
+        self._legacy_identity = backend_identity(config, config.legacy_backend)
+        self.legacy = LegacyLocker(self.legacy_backend)
+        self.enhanced: EnhancedLocker | None = None
+        self._enhanced_identity: tuple[Any, ...] | None = None
+        self.router = Router(
+            legacy=self.legacy,
+            enhanced=lambda: self.enhanced,
+            snapshot=lambda: self.provider.current,
+            events=self.events,
+            metrics=self.metrics,
+        )
+        provider.add_applier(self._apply)
+        provider.subscribe(self._applied)
+
+    async def start(self) -> None:
+        """Build what the initial snapshot asks for (raises if its backend does not answer)."""
+        await self.legacy_backend.ping()
+        await self._apply(self.provider.current)
+        self._applied(self.provider.current)
+
+    async def close(self) -> None:
+        if self.enhanced is not None:
+            await self.enhanced.backend.close()
+        await self.legacy_backend.close()
+
+    async def _apply(self, snapshot: Snapshot) -> None:
+        config = snapshot.config
+        if not config.enabled and self.enhanced is None:
+            return  # never enabled: nothing to build, requests never reach it
+        identity = backend_identity(config, config.backend)
+        if identity == self._enhanced_identity:
+            return
+        backend = build_backend(config, config.backend, "enhanced")
+        try:
+            await backend.ping()
+            if self.enhanced is not None:
+                locks, tokens = await self.enhanced.backend.export()
+                conflicts = await backend.adopt(locks, tokens)
+                if conflicts:
+                    raise BackendUnavailable(
+                        f"the new backend holds {len(conflicts)} of the current locks for other "
+                        f"pulls (first: {conflicts[0].key}); not switching"
+                    )
+        except Exception:
+            await backend.close()
+            raise
+        previous = self.enhanced
+        self.enhanced = EnhancedLocker(
+            backend,
+            settings=lambda: self.provider.current.config,
+            events=self.events,
+            metrics=self.metrics,
+        )
+        self._enhanced_identity = identity
+        if previous is not None:
+            await previous.backend.close()
+        log.info("enhanced locker now on the %s backend", config.backend)
+
+    def _applied(self, snapshot: Snapshot) -> None:
+        self.metrics.config_generation.set(snapshot.generation)
+        self.metrics.routing_weight.set(snapshot.config.effective_weight)
+        self.metrics.config_changes.labels("applied").inc()
+        if snapshot.generation > 1:
+            self.events.publish(
+                "config-applied", generation=snapshot.generation, hash=snapshot.hash,
+                weight=snapshot.config.effective_weight, mode=snapshot.config.migration_mode,
+            )
+
+    async def ready(self) -> dict[str, str]:
+        """Each backend's state: ``ok`` or why it is not reachable."""
+        status = {"legacy": "ok"}
+        try:
+            await self.legacy_backend.ping()
+        except BackendUnavailable as error:
+            status["legacy"] = str(error)
+        if self.enhanced is not None:
+            status["enhanced"] = "ok"
+            try:
+                await self.enhanced.backend.ping()
+            except BackendUnavailable as error:
+                status["enhanced"] = str(error)
+        return status

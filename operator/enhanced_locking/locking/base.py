@@ -1,0 +1,65 @@
+"""What every locker offers: the enhanced interface plus Atlantis's ``Locker`` calls.
+
+Atlantis's ``locking.Locker`` is ``TryLock``, ``Unlock``, ``List``, ``UnlockByPull`` and
+``GetLock``. :class:`AtlantisCalls` derives those from the five enhanced methods, so the legacy
+locker, the enhanced locker and the router all speak both languages the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from enhanced_locking.backends.base import Owner
+from enhanced_locking.types import AcquireResult, Lock, LockRequest, Project, Pull, Side, User
+
+__all__ = ["AtlantisCalls", "Locker", "TryLockResponse"]
+
+
+class Locker(Protocol):
+    side: Side
+
+    async def acquire(self, request: LockRequest) -> AcquireResult: ...
+
+    async def release(self, key: str, *, owner: Owner | None = None) -> Lock | None: ...
+
+    async def get(self, key: str) -> Lock | None: ...
+
+    async def list(self, *, repo: str | None = None, pull: int | None = None) -> list[Lock]: ...
+
+    async def release_by_pull(self, repo: str, pull: int) -> list[Lock]: ...
+
+
+@dataclass(frozen=True)
+class TryLockResponse:
+    """Atlantis's ``TryLockResponse``: acquired or not, the lock now held, and its key."""
+
+    lock_acquired: bool
+    curr_lock: Lock | None
+    lock_key: str
+
+
+class AtlantisCalls:
+    """Atlantis's ``Locker`` methods over the enhanced ones (mixed into every locker)."""
+
+    async def try_lock(
+        self: Locker, project: Project, workspace: str, pull: Pull, user: User
+    ) -> TryLockResponse:
+        """Fail fast; the same pull asking again for its own lock gets it."""
+        request = LockRequest(project=project, workspace=workspace, pull=pull, user=user)
+        result = await self.acquire(request)
+        return TryLockResponse(result.acquired, result.lock or result.holder, result.lock_key)
+
+    async def unlock(self: Locker, key: str) -> Lock | None:
+        return await self.release(key)
+
+    async def unlock_if_owned_by_pull(
+        self: Locker, key: str, repo: str, pull: int
+    ) -> Lock | None:
+        return await self.release(key, owner=(repo, pull))
+
+    async def unlock_by_pull(self: Locker, repo: str, pull: int) -> list[Lock]:
+        return await self.release_by_pull(repo, pull)
+
+    async def get_lock(self: Locker, key: str) -> Lock | None:
+        return await self.get(key)

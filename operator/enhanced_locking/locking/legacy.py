@@ -1,0 +1,44 @@
+"""The legacy locker: Atlantis's locking, exactly.
+
+Fail fast, no queue, no priorities: a held key answers "held" with the current lock; the pull
+that holds a key gets it again unchanged. Its store is Atlantis's layout, so it can share locks
+with a running Atlantis (Redis ``pr/{key}``) or be imported from Atlantis's BoltDB file.
+"""
+
+from __future__ import annotations
+
+from enhanced_locking.backends.base import Backend, Owner
+from enhanced_locking.locking.base import AtlantisCalls
+from enhanced_locking.types import AcquireResult, Lock, LockRequest, Reason, Side, utcnow
+
+__all__ = ["LegacyLocker"]
+
+
+class LegacyLocker(AtlantisCalls):
+    side: Side = "legacy"
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+
+    async def acquire(self, request: LockRequest) -> AcquireResult:
+        # Atlantis has no priorities, waits or leases: they are ignored, not refused, so a
+        # request routed here behaves exactly as Atlantis would.
+        candidate = Lock.for_request(
+            request.model_copy(update={"ttl": None}), now=utcnow(), token=0, backend="legacy"
+        )
+        granted, lock = await self.backend.acquire(candidate)
+        if granted:
+            return AcquireResult.granted(lock)
+        return AcquireResult.refused(request.key, Reason.HELD, lock)
+
+    async def release(self, key: str, *, owner: Owner | None = None) -> Lock | None:
+        return await self.backend.release(key, owner=owner)
+
+    async def get(self, key: str) -> Lock | None:
+        return await self.backend.get(key)
+
+    async def list(self, *, repo: str | None = None, pull: int | None = None) -> list[Lock]:
+        return await self.backend.list(repo=repo, pull=pull)
+
+    async def release_by_pull(self, repo: str, pull: int) -> list[Lock]:
+        return await self.backend.release_by_pull(repo, pull)

@@ -1,0 +1,170 @@
+"""ConfigProvider: the running configuration as versioned, immutable snapshots.
+
+The static config (defaults < YAML < env < flags) is the bottom layer. Named layers can be put
+on top at runtime, for instance ``cluster`` from a LockPolicy/LockMigration CR. Each change
+produces a new :class:`Snapshot` with a higher generation and a content hash.
+
+Applying a snapshot has two steps. *Appliers* (the factory) make it real, and may refuse it,
+e.g. when a new Redis address does not answer; a refusal leaves the previous snapshot running
+and raises :class:`ConfigRejected`. Then *listeners* are told of the snapshot that took effect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import inspect
+import json
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from enhanced_locking.config import ConfigError, EnhancedLockingConfig, settings
+from enhanced_locking.hashing import bucket_of, is_enhanced_bucket
+
+__all__ = ["ConfigProvider", "ConfigRejected", "MigrationConfig", "Snapshot"]
+
+Applier = Callable[["Snapshot"], Awaitable[None]]
+Listener = Callable[["Snapshot"], Awaitable[None] | None]
+
+
+@dataclass(frozen=True)
+class MigrationConfig:
+    """Where lock traffic goes: the enhanced share in percent, the mode and the fallback."""
+
+    weight: float
+    mode: str
+    fallback: str
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One immutable configuration with its generation and a hash of its (masked) content."""
+
+    config: EnhancedLockingConfig
+    generation: int
+    hash: str
+    layers: tuple[str, ...] = ()
+    sources: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def migration(self) -> MigrationConfig:
+        return MigrationConfig(
+            weight=self.config.effective_weight,
+            mode=self.config.migration_mode,
+            fallback=self.config.fallback,
+        )
+
+    def should_use_enhanced(self, key: str) -> bool:
+        """The sticky routing decision for one lock key under this snapshot."""
+        return is_enhanced_bucket(bucket_of(key), self.config.effective_weight)
+
+
+class ConfigRejected(Exception):
+    """A new configuration could not be applied; the previous one keeps running."""
+
+
+def content_hash(config: EnhancedLockingConfig) -> str:
+    """Hash of what the config says, secrets masked (the hash must not reveal a password)."""
+    text = json.dumps(config.masked(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class ConfigProvider:
+    """Holds the current snapshot; layers overrides; tells appliers and listeners."""
+
+    def __init__(self, static: EnhancedLockingConfig) -> None:
+        self._static = static
+        self._layers: dict[str, dict[str, Any]] = {}
+        self._appliers: list[Applier] = []
+        self._listeners: list[Listener] = []
+        self._lock = asyncio.Lock()
+        self._current = Snapshot(static, 1, content_hash(static), ("static",))
+
+    # --- the seed's questions ----------------------------------------------------------------
+    @property
+    def current(self) -> Snapshot:
+        return self._current
+
+    def enhanced_config(self) -> EnhancedLockingConfig:
+        return self._current.config
+
+    def feature_flags(self) -> dict[str, bool]:
+        c = self._current.config
+        return {
+            "enabled": c.enabled,
+            "priorityQueue": c.priority_queue,
+            "retries": c.retries,
+            "metrics": c.metrics,
+            "deadlockDetection": c.deadlock_detection,
+            "events": c.events,
+        }
+
+    def migration_config(self) -> MigrationConfig:
+        return self._current.migration
+
+    def is_enhanced_enabled(self) -> bool:
+        return self._current.config.enabled
+
+    def should_use_enhanced(self, key: str) -> bool:
+        return self._current.should_use_enhanced(key)
+
+    # --- subscriptions -----------------------------------------------------------------------
+    def add_applier(self, applier: Applier) -> None:
+        self._appliers.append(applier)
+
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
+
+    # --- changes -----------------------------------------------------------------------------
+    def layer(self, name: str) -> Mapping[str, Any] | None:
+        return self._layers.get(name)
+
+    async def set_layer(self, name: str, overrides: Mapping[str, Any] | None) -> Snapshot:
+        """Put (or with ``None`` remove) a named layer of field overrides; apply the result."""
+        async with self._lock:
+            layers = dict(self._layers)
+            if overrides is None:
+                layers.pop(name, None)
+            else:
+                layers[name] = dict(overrides)
+            config = self._merge(layers)
+            if config == self._current.config:
+                self._layers = layers
+                return self._current
+            candidate = Snapshot(
+                config,
+                self._current.generation + 1,
+                content_hash(config),
+                ("static", *layers),
+            )
+            for applier in self._appliers:
+                try:
+                    await applier(candidate)
+                except Exception as error:
+                    raise ConfigRejected(str(error) or type(error).__name__) from error
+            self._layers = layers
+            self._current = candidate
+        for listener in list(self._listeners):
+            outcome = listener(candidate)
+            if inspect.isawaitable(outcome):
+                await outcome
+        return candidate
+
+    def _merge(self, layers: Mapping[str, Mapping[str, Any]]) -> EnhancedLockingConfig:
+        values = self._static.model_dump()
+        for overrides in layers.values():
+            values.update(overrides)
+        try:
+            return EnhancedLockingConfig(**values)
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            names = {s.field: s.key for s in settings()}
+            raise ConfigError(
+                f"invalid setting {names.get(where, where) or 'config'}: "
+                f"{str(first['msg']).removeprefix('Value error, ')}"
+            ) from None

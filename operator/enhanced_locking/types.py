@@ -1,0 +1,270 @@
+"""Core types shared by every layer: what a lock is, who asks for it, and what they are told.
+
+The shapes follow Atlantis so data can move both ways: a lock key is Atlantis's
+``{repoFullName}/{path}/{workspace}/{projectName}``, and a held lock knows its project,
+workspace, pull request and user. On top of that an enhanced lock carries a priority, an
+optional expiry and a fencing token that strictly increases per key.
+
+The error tree (every error carries the lock key where there is one)::
+
+    LockingError
+    ├── InvalidRequest          the caller asked for something impossible (HTTP 422)
+    ├── LockNotOwned            release by a pull that does not hold the lock (HTTP 409)
+    └── BackendUnavailable      the store did not answer; transient, may be retried (HTTP 503)
+"""
+
+from __future__ import annotations
+
+import enum
+import urllib.parse
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from enhanced_locking.durations import Duration
+
+__all__ = [
+    "AcquireResult",
+    "BackendName",
+    "BackendUnavailable",
+    "Event",
+    "InvalidRequest",
+    "Lock",
+    "LockNotOwned",
+    "LockRequest",
+    "LockingError",
+    "Priority",
+    "Project",
+    "Pull",
+    "Reason",
+    "Side",
+    "User",
+    "lock_key",
+    "strip_credentials",
+    "utcnow",
+]
+
+Side = Literal["legacy", "enhanced"]
+"""Which locker answered: the Atlantis-compatible one or the enhanced one."""
+
+BackendName = Literal["boltdb", "redis", "memory"]
+"""``boltdb`` names the embedded single-file store (SQLite in WAL mode, see the docs)."""
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def strip_credentials(url: str) -> str:
+    """Drop ``user:token@`` from a URL: Atlantis keeps clone URLs with tokens in them."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=host))
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        frozen=True,
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+    )
+
+
+Name = Annotated[str, Field(min_length=1, max_length=512)]
+Text = Annotated[str, Field(max_length=2048)]
+Url = Annotated[str, Field(max_length=2048), AfterValidator(strip_credentials)]
+
+
+class Priority(enum.StrEnum):
+    """Service order for waiters; aging can raise a waiter's effective level."""
+
+    LOW = "low"
+    NORMAL = "normal"
+    HIGH = "high"
+    CRITICAL = "critical"
+
+    @property
+    def level(self) -> int:
+        return _LEVELS[self]
+
+    @classmethod
+    def from_level(cls, level: int) -> Priority:
+        return _BY_LEVEL[max(0, min(level, len(_BY_LEVEL) - 1))]
+
+
+_LEVELS = {Priority.LOW: 0, Priority.NORMAL: 1, Priority.HIGH: 2, Priority.CRITICAL: 3}
+_BY_LEVEL = [Priority.LOW, Priority.NORMAL, Priority.HIGH, Priority.CRITICAL]
+
+
+class Project(_Model):
+    """An Atlantis project: a directory of a repository, optionally named."""
+
+    repo_full_name: Name
+    path: Annotated[str, Field(min_length=1, max_length=1024)] = "."
+    project_name: Annotated[str, Field(max_length=512)] = ""
+
+
+class Pull(_Model):
+    """The pull request that holds or asks for a lock (Atlantis's ``PullRequest``)."""
+
+    num: Annotated[int, Field(ge=0, le=2**31 - 1)]
+    url: Url = ""
+    author: Text = ""
+    head_branch: Text = ""
+    base_branch: Text = ""
+    head_commit: Text = ""
+    state: Literal["open", "closed"] = "open"
+
+
+class User(_Model):
+    username: Text = ""
+    teams: Annotated[list[Text], Field(max_length=256)] = []
+
+
+def lock_key(project: Project, workspace: str) -> str:
+    """Atlantis's lock key: ``{repoFullName}/{path}/{workspace}/{projectName}``."""
+    return f"{project.repo_full_name}/{project.path}/{workspace}/{project.project_name}"
+
+
+class LockRequest(_Model):
+    """One acquire: fail fast without ``wait``; wait up to ``wait`` in the key's queue with it."""
+
+    project: Project
+    workspace: Annotated[str, Field(min_length=1, max_length=512)] = "default"
+    pull: Pull
+    user: User = User()
+    priority: Priority = Priority.NORMAL
+    wait: Duration | None = None
+    ttl: Duration | None = None
+    request_id: Annotated[str, Field(max_length=128)] | None = None
+
+    @property
+    def key(self) -> str:
+        return lock_key(self.project, self.workspace)
+
+
+class Lock(_Model):
+    """A held lock."""
+
+    key: str
+    project: Project
+    workspace: str
+    pull: Pull
+    user: User
+    priority: Priority = Priority.NORMAL
+    acquired_at: datetime
+    expires_at: datetime | None = None
+    fencing_token: int = 0
+    backend: Side = "enhanced"
+
+    def owned_by(self, repo_full_name: str, pull_num: int) -> bool:
+        """Atlantis's ownership rule: the same pull number of the same repository."""
+        return self.project.repo_full_name == repo_full_name and self.pull.num == pull_num
+
+    def expired(self, now: datetime) -> bool:
+        return self.expires_at is not None and self.expires_at <= now
+
+    @classmethod
+    def for_request(
+        cls, request: LockRequest, *, now: datetime, token: int, backend: Side
+    ) -> Lock:
+        expires = now + request.ttl if request.ttl else None
+        return cls(
+            key=request.key,
+            project=request.project,
+            workspace=request.workspace,
+            pull=request.pull,
+            user=request.user,
+            priority=request.priority,
+            acquired_at=now,
+            expires_at=expires,
+            fencing_token=token,
+            backend=backend,
+        )
+
+
+class Reason(enum.StrEnum):
+    """Why an acquire was not granted."""
+
+    HELD = "held"
+    TIMEOUT = "timeout"
+    QUEUE_FULL = "queue_full"
+    DEADLOCK = "deadlock"
+    UNAVAILABLE = "unavailable"
+    CANCELLED = "cancelled"
+
+
+class AcquireResult(_Model):
+    """The answer to an acquire: granted with the lock, or refused with the reason and holder."""
+
+    acquired: bool
+    lock_key: str
+    lock: Lock | None = None
+    reason: Reason | None = None
+    holder: Lock | None = None
+    queue_position: int | None = None
+    cycle: list[str] | None = None
+
+    @classmethod
+    def granted(cls, lock: Lock) -> AcquireResult:
+        return cls(acquired=True, lock_key=lock.key, lock=lock)
+
+    @classmethod
+    def refused(
+        cls, key: str, reason: Reason, holder: Lock | None = None, **extra: Any
+    ) -> AcquireResult:
+        return cls(acquired=False, lock_key=key, reason=reason, holder=holder, **extra)
+
+
+class Event(_Model):
+    """Something that happened to a lock or to the configuration, for subscribers and SSE."""
+
+    id: str = ""
+    type: str
+    time: datetime
+    key: str | None = None
+    repo: str | None = None
+    lock: Lock | None = None
+    details: dict[str, Any] = {}
+
+
+class LockingError(Exception):
+    """Base of every error this package raises on purpose."""
+
+    def __init__(self, message: str, *, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class InvalidRequest(LockingError):
+    """The request cannot be served as asked (e.g. a wait above ``max-timeout``)."""
+
+    def __init__(self, message: str, *, field: str, key: str | None = None) -> None:
+        super().__init__(message, key=key)
+        self.field = field
+
+
+class LockNotOwned(LockingError):
+    """A release named a pull that does not hold the lock."""
+
+    def __init__(self, key: str, holder: Lock) -> None:
+        super().__init__(
+            f"lock {key} is held by pull #{holder.pull.num} of {holder.project.repo_full_name}",
+            key=key,
+        )
+        self.holder = holder
+
+
+class BackendUnavailable(LockingError):
+    """The store did not answer; the operation may be retried."""
+
+
+def clamp_positive(value: timedelta | None) -> timedelta | None:
+    return value if value and value > timedelta(0) else None
