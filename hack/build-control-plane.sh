@@ -1,0 +1,251 @@
+#!/usr/bin/env bash
+# Builds a Kubernetes control plane for the tests from Go modules:
+#   etcd, kube-apiserver, kube-controller-manager, kubectl and helm.
+#
+# No container image or release tarball is needed: every binary is compiled
+# from the Go module proxy with the local Go toolchain, at the versions named
+# in hack/versions.env. The binaries are cached outside the repository, keyed
+# by those versions, so the (slow) build happens once per machine:
+#
+#   ${ENHANCED_LOCKING_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/enhanced-locking}
+#       /k8s-<K8S>-etcd-<ETCD>-helm-<HELM>/bin
+#
+# k8s.io/kubernetes is not meant to be used as a dependency: its go.mod
+# requires its "staging" modules (k8s.io/api, k8s.io/client-go, ...) at
+# v0.0.0 and replaces them with directories of its own source tree. So the
+# build generates a small wrapper module that requires k8s.io/kubernetes and
+# replaces each staging module with its published v0.<minor>.<patch> release.
+# The list of staging modules is derived from the .mod file the proxy serves.
+#
+# Usage: hack/build-control-plane.sh [--print-bin-dir] [--force]
+#   (no flag)        build if needed; print progress on stderr
+#   --print-bin-dir  print the directory that holds (or will hold) the binaries
+#   --force          rebuild even if the cache is complete
+#
+# Environment:
+#   ENHANCED_LOCKING_K8S_BIN    a directory that already holds the binaries:
+#                               used as is, nothing is built
+#   ENHANCED_LOCKING_CACHE_DIR  the cache root (default above)
+set -euo pipefail
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=versions.env
+source "${REPO_ROOT}/hack/versions.env"
+
+BINARIES=(etcd kube-apiserver kube-controller-manager kubectl helm)
+
+log() { printf '[build-control-plane] %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+cache_root() {
+  printf '%s\n' "${ENHANCED_LOCKING_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/enhanced-locking}"
+}
+
+cache_key() {
+  printf 'k8s-%s-etcd-%s-helm-%s\n' "${K8S_VERSION}" "${ETCD_VERSION}" "${HELM_VERSION}"
+}
+
+# The directory the binaries are used from: ENHANCED_LOCKING_K8S_BIN or the cache.
+bin_dir() {
+  if [[ -n "${ENHANCED_LOCKING_K8S_BIN:-}" ]]; then
+    printf '%s\n' "${ENHANCED_LOCKING_K8S_BIN}"
+  else
+    printf '%s/%s/bin\n' "$(cache_root)" "$(cache_key)"
+  fi
+}
+
+# True when every binary is present and executable in directory $1.
+complete_in() {
+  local b
+  for b in "${BINARIES[@]}"; do
+    [[ -x "$1/$b" ]] || return 1
+  done
+}
+
+# Prints the go.mod text that the proxy serves for module $1 at version $2.
+upstream_mod() {
+  local gomod
+  gomod="$(go mod download -json "$1@$2" 2>/dev/null | sed -n 's/^\t"GoMod": "\(.*\)",$/\1/p')"
+  [[ -n "$gomod" && -f "$gomod" ]] || die "cannot download $1@$2 from the Go module proxy"
+  cat "$gomod"
+}
+
+# Prints the "go" and "godebug" lines of a go.mod, so that a wrapper module
+# builds with the language version and GODEBUG defaults its upstream chose.
+go_directives() {
+  grep -E '^(go|godebug) ' || true
+}
+
+# Prints the k8s.io staging modules of a k8s.io/kubernetes go.mod: the ones
+# it requires at the placeholder version v0.0.0.
+staging_modules() {
+  awk '$1 ~ /^k8s\.io\// && $2 == "v0.0.0" { print $1 }' | sort -u
+}
+
+# Writes a wrapper go.mod into directory $1 for module path $2; the rest of
+# the go.mod text is read from stdin.
+write_wrapper() {
+  mkdir -p "$1"
+  { printf 'module %s\n\n' "$2"; cat; } >"$1/go.mod"
+}
+
+# go build inside wrapper module directory $1; the other arguments go to go build.
+wrapper_build() {
+  local dir="$1"
+  shift
+  (cd "$dir" && CGO_ENABLED=0 GOTOOLCHAIN=local go build -mod=mod -trimpath "$@")
+}
+
+build_etcd() {
+  local work="$1/etcd" out="$2" mod="go.etcd.io/etcd/server/v3" v="v${ETCD_VERSION}"
+  log "etcd ${v}: resolving ${mod}"
+  {
+    upstream_mod "$mod" "$v" | go_directives
+    printf '\nrequire %s %s\n' "$mod" "$v"
+  } | write_wrapper "$work" "enhanced-locking.build/etcd"
+  log "etcd ${v}: compiling"
+  wrapper_build "$work" -ldflags "-s -w" -o "$out/etcd" "$mod"
+}
+
+build_kubernetes() {
+  local work="$1/kubernetes" out="$2" v="v${K8S_VERSION}" staging_v upstream build_date
+  local major minor
+  staging_v="v0.${K8S_VERSION#*.}"
+  major="${K8S_VERSION%%.*}"
+  minor="${K8S_VERSION#*.}"
+  minor="${minor%%.*}"
+  log "kubernetes ${v}: resolving k8s.io/kubernetes and its staging modules at ${staging_v}"
+  upstream="$(upstream_mod k8s.io/kubernetes "$v")"
+  local staging
+  staging="$(staging_modules <<<"$upstream")"
+  [[ -n "$staging" ]] || die "found no staging modules in the go.mod of k8s.io/kubernetes@${v}"
+  log "kubernetes ${v}: $(wc -l <<<"$staging") staging modules"
+  {
+    go_directives <<<"$upstream"
+    printf '\nrequire k8s.io/kubernetes %s\n\nreplace (\n' "$v"
+    sed "s|.*|\t& => & ${staging_v}|" <<<"$staging"
+    printf ')\n'
+  } | write_wrapper "$work" "enhanced-locking.build/kubernetes"
+  # The release date of the module stands in for the build date: the same
+  # version then builds the same binaries on every machine.
+  build_date="$(go mod download -json "k8s.io/kubernetes@$v" | sed -n 's/^\t"Time": "\(.*\)",$/\1/p')"
+  local ldflags="-s -w" pkg key val
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    for key in gitVersion gitMajor gitMinor gitCommit gitTreeState buildDate; do
+      case "$key" in
+        gitVersion) val="$v" ;;
+        gitMajor) val="$major" ;;
+        gitMinor) val="$minor" ;;
+        gitCommit) val="" ;;
+        gitTreeState) val="clean" ;;
+        buildDate) val="${build_date:-1970-01-01T00:00:00Z}" ;;
+      esac
+      ldflags+=" -X '${pkg}.${key}=${val}'"
+    done
+  done
+  log "kubernetes ${v}: compiling kube-apiserver, kube-controller-manager and kubectl (the long part)"
+  wrapper_build "$work" -ldflags "$ldflags" -o "$out/" \
+    k8s.io/kubernetes/cmd/kube-apiserver \
+    k8s.io/kubernetes/cmd/kube-controller-manager \
+    k8s.io/kubernetes/cmd/kubectl
+}
+
+build_helm() {
+  local work="$1/helm" out="$2" mod="helm.sh/helm/v3" v="v${HELM_VERSION}"
+  log "helm ${v}: resolving ${mod}"
+  {
+    upstream_mod "$mod" "$v" | go_directives
+    printf '\nrequire %s %s\n' "$mod" "$v"
+  } | write_wrapper "$work" "enhanced-locking.build/helm"
+  # As helm's own Makefile does: the default Kubernetes version for charts
+  # follows the client-go it is built with (v0.Y.Z means Kubernetes 1.Y).
+  local client_go kmajor kminor
+  client_go="$(cd "$work" && GOTOOLCHAIN=local go list -mod=mod -m -f '{{.Version}}' k8s.io/client-go)"
+  client_go="${client_go#v}"
+  kmajor="$((${client_go%%.*} + 1))"
+  kminor="${client_go#*.}"
+  kminor="${kminor%%.*}"
+  local ldflags="-s -w -X ${mod}/internal/version.version=${v} -X ${mod}/internal/version.metadata="
+  ldflags+=" -X ${mod}/internal/version.gitTreeState=clean"
+  ldflags+=" -X ${mod}/pkg/lint/rules.k8sVersionMajor=${kmajor} -X ${mod}/pkg/lint/rules.k8sVersionMinor=${kminor}"
+  ldflags+=" -X ${mod}/pkg/chartutil.k8sVersionMajor=${kmajor} -X ${mod}/pkg/chartutil.k8sVersionMinor=${kminor}"
+  log "helm ${v}: compiling"
+  wrapper_build "$work" -ldflags "$ldflags" -o "$out/helm" "${mod}/cmd/helm"
+}
+
+# Runs each fresh binary once, so a broken build never reaches the cache.
+smoke_test() {
+  local out="$1"
+  "$out/etcd" --version >/dev/null
+  "$out/kube-apiserver" --version | grep -qF "v${K8S_VERSION}" ||
+    die "kube-apiserver does not report v${K8S_VERSION}"
+  "$out/kube-controller-manager" --version >/dev/null
+  "$out/kubectl" version --client >/dev/null
+  "$out/helm" version --short >/dev/null
+}
+
+build_all() {
+  local root final stage started
+  root="$(cache_root)"
+  final="$(bin_dir)"
+  mkdir -p "$root"
+  # One build at a time per cache; a second caller waits, then finds the cache.
+  exec 9>"$root/.build.lock"
+  flock 9
+  if [[ "${FORCE:-0}" != 1 ]] && complete_in "$final"; then
+    log "already built: $final"
+    return
+  fi
+  command -v go >/dev/null || die "the Go toolchain (go) is needed to build the control plane"
+  stage="$(mktemp -d "$root/.build-XXXXXX")"
+  # shellcheck disable=SC2064
+  trap "rm -rf '$stage'" EXIT
+  started="$SECONDS"
+  log "building into $stage with $(go env GOVERSION) (takes many minutes the first time)"
+  mkdir -p "$stage/out/bin"
+  build_etcd "$stage/src" "$stage/out/bin"
+  build_kubernetes "$stage/src" "$stage/out/bin"
+  build_helm "$stage/src" "$stage/out/bin"
+  smoke_test "$stage/out/bin"
+  # Publish atomically: the versioned directory appears whole or not at all.
+  local key_dir
+  key_dir="$(dirname "$final")"
+  if [[ -e "$key_dir" ]]; then
+    mv "$key_dir" "$stage/previous"
+  fi
+  mv -T "$stage/out" "$key_dir"
+  log "built in $((SECONDS - started))s: $final"
+}
+
+main() {
+  local print_only=0
+  FORCE=0
+  while [[ $# -gt 0 ]]; do
+    case "$1" in
+      --print-bin-dir) print_only=1 ;;
+      --force) FORCE=1 ;;
+      -h | --help)
+        sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
+        return
+        ;;
+      *) die "unknown argument: $1 (see --help)" ;;
+    esac
+    shift
+  done
+  if [[ "$print_only" == 1 ]]; then
+    bin_dir
+    return
+  fi
+  if [[ -n "${ENHANCED_LOCKING_K8S_BIN:-}" ]]; then
+    complete_in "${ENHANCED_LOCKING_K8S_BIN}" ||
+      die "ENHANCED_LOCKING_K8S_BIN=${ENHANCED_LOCKING_K8S_BIN} lacks one of: ${BINARIES[*]}"
+    log "using ENHANCED_LOCKING_K8S_BIN=${ENHANCED_LOCKING_K8S_BIN}"
+    return
+  fi
+  if [[ "$FORCE" != 1 ]] && complete_in "$(bin_dir)"; then
+    return
+  fi
+  build_all
+}
+
+main "$@"
