@@ -1,0 +1,137 @@
+"""The lock service's HTTP API (v1), as ``docs/api.md`` describes it.
+
+JSON in camelCase, times in RFC 3339 UTC, durations in Go form. The handlers are thin: they
+turn HTTP into calls on the :class:`~enhanced_locking.factory.LockService` router and answers
+back into the documented shapes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Query, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from enhanced_locking.api.errors import install_error_handlers, json_error
+from enhanced_locking.factory import LockService
+from enhanced_locking.types import AcquireResult, Lock, LockRequest
+
+__all__ = ["create_app"]
+
+Key = Annotated[str, Query(min_length=1, max_length=4096, description="The lock key.")]
+Repo = Annotated[str, Query(min_length=1, max_length=512, description="owner/name")]
+PullNum = Annotated[int, Query(ge=0, le=2**31 - 1, description="Pull request number.")]
+
+
+def _dump(model: BaseModel) -> Any:
+    return model.model_dump(mode="json", by_alias=True)
+
+
+def _locks(locks: list[Lock]) -> list[Any]:
+    return [_dump(lock) for lock in locks]
+
+
+def create_app(service: LockService, *, manage_lifecycle: bool = True) -> FastAPI:
+    """The FastAPI app over ``service``; with ``manage_lifecycle`` it starts and closes it."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if manage_lifecycle:
+            await service.start()
+        try:
+            yield
+        finally:
+            if manage_lifecycle:
+                await service.close()
+
+    app = FastAPI(
+        title="Enhanced Locking",
+        version="v1",
+        summary="Atlantis's lock service: queues, priorities, timeouts and gradual migration.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    router = service.router
+
+    @app.post("/v1/locks", response_model=AcquireResult, response_model_by_alias=True,
+              responses={409: {"model": AcquireResult}})
+    async def acquire(request: LockRequest) -> JSONResponse:
+        """Acquire one lock: 200 acquired, 409 not acquired (reason and holder), 422 invalid."""
+        result = await router.acquire(request)
+        return JSONResponse(_dump(result), status_code=200 if result.acquired else 409)
+
+    @app.get("/v1/locks")
+    async def list_locks(repo: Repo | None = None, pull: PullNum | None = None) -> Any:
+        """Every held lock, optionally of one repository and/or pull request."""
+        return {"locks": _locks(await router.list(repo=repo, pull=pull))}
+
+    @app.get("/v1/locks/by-key")
+    async def get_lock(key: Key) -> Any:
+        lock = await router.get(key)
+        if lock is None:
+            return json_error(404, f"no lock is held on {key}", lockKey=key)
+        return {"lock": _dump(lock)}
+
+    @app.delete("/v1/locks/by-key")
+    async def release_lock(key: Key, pull: PullNum | None = None) -> Any:
+        """Release a lock; with ``pull``, only if that pull holds it (else 409)."""
+        owner = None
+        if pull is not None:
+            holder = await router.get(key)
+            if holder is None:
+                return json_error(404, f"no lock is held on {key}", lockKey=key)
+            owner = (holder.project.repo_full_name, pull)
+        lock = await router.release(key, owner=owner)
+        if lock is None:
+            return json_error(404, f"no lock is held on {key}", lockKey=key)
+        return {"released": True, "lock": _dump(lock)}
+
+    @app.delete("/v1/locks/by-pull")
+    async def release_pull(repo: Repo, pull: PullNum) -> Any:
+        """Release every lock of a pull request (Atlantis does this when a PR closes)."""
+        return {"released": _locks(await router.release_by_pull(repo, pull))}
+
+    @app.get("/v1/config")
+    async def config() -> Any:
+        """Effective configuration (secrets masked), its generation and hash, and routing."""
+        snapshot = service.provider.current
+        migration = snapshot.migration
+        return {
+            "generation": snapshot.generation,
+            "hash": snapshot.hash,
+            "layers": list(snapshot.layers),
+            "config": snapshot.config.masked(),
+            "featureFlags": service.provider.feature_flags(),
+            "routing": {
+                "enabled": snapshot.config.enabled,
+                "weight": migration.weight,
+                "mode": migration.mode,
+                "fallback": migration.fallback,
+            },
+        }
+
+    @app.get("/healthz")
+    async def healthz() -> Any:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        """Readiness: every backend in use answers."""
+        backends = await service.ready()
+        ready = all(state == "ok" for state in backends.values())
+        return JSONResponse({"ready": ready, "backends": backends},
+                            status_code=200 if ready else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus metrics (404 when the metrics flag is off)."""
+        if not service.provider.current.config.metrics:
+            return json_error(404, "metrics are off (enhanced-locking-metrics=false)")
+        return Response(service.metrics.exposition(),
+                        media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app
