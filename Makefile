@@ -1,0 +1,64 @@
+# Every target sets up what it needs on a fresh machine: the venv, redis-server, the control plane.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST := $(PY) -m pytest
+ARGS ?=
+
+.PHONY: help venv run test test-unit test-integration test-e2e lint typecheck format \
+        redis control-plane cluster-up docs bench clean
+
+help:
+	@echo "make run          serve the lock service on http://127.0.0.1:4142 (embedded store)"
+	@echo "make test         every test tier: unit, real Redis, real Kubernetes API server"
+	@echo "make lint         ruff, mypy (strict) and the import-layer contracts"
+	@echo "make cluster-up   start a local Kubernetes control plane for manual use"
+	@echo "make docs         regenerate the generated parts of docs/ and crds/"
+	@echo "make bench        run the benchmarks in bench/"
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[test,lint]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+run: venv
+	$(VENV)/bin/enhanced-locking serve $(ARGS)
+
+redis:
+	hack/ensure-redis.sh
+
+control-plane:
+	hack/build-control-plane.sh
+
+cluster-up: venv control-plane
+	hack/cluster-up.sh
+
+test: venv redis control-plane
+	$(PYTEST) tests/unit tests/integration
+	$(PYTEST) tests/e2e
+
+test-unit: venv
+	$(PYTEST) tests/unit
+
+test-integration: venv redis
+	$(PYTEST) tests/integration
+
+test-e2e: venv control-plane
+	$(PYTEST) tests/e2e
+
+lint: venv
+	$(VENV)/bin/ruff check operator tests bench hack
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
+docs: venv
+	$(PY) hack/gen_docs.py
+
+bench: venv redis
+	for script in bench/*.py; do $(PY) $$script || exit 1; done
+
+clean:
+	rm -rf $(VENV) build dist operator/*.egg-info .pytest_cache .mypy_cache .ruff_cache
