@@ -43,6 +43,7 @@ __all__ = [
     "Project",
     "Pull",
     "Reason",
+    "ServiceError",
     "Snapshot",
     "User",
     "load_config",

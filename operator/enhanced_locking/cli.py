@@ -19,7 +19,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from enhanced_locking import config as config_module
 from enhanced_locking.client import DEFAULT_URL, Client, ServiceError
@@ -33,7 +33,7 @@ EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse's default exit code is already 2
+    def error(self, message: str) -> NoReturn:  # argparse's default exit code is already 2
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 

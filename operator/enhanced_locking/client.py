@@ -7,7 +7,7 @@ from typing import Any
 
 import httpx
 
-from enhanced_locking.types import AcquireResult, Lock, LockRequest
+from enhanced_locking.types import AcquireResult, Lock, LockRequest, Locks
 
 __all__ = ["Client", "ServiceError"]
 
@@ -42,8 +42,9 @@ class Client:
     def _call(self, method: str, path: str, *, ok: tuple[int, ...] = (200,),
               timeout: float | None = None, **kwargs: Any) -> tuple[int, Any]:
         try:
-            extra = {} if timeout is None else {"timeout": timeout}
-            response = self._http.request(method, path, **kwargs, **extra)
+            if timeout is not None:
+                kwargs["timeout"] = timeout
+            response = self._http.request(method, path, **kwargs)
         except httpx.HTTPError as error:
             raise ServiceError(0, f"cannot reach the lock service at {self._http.base_url}: "
                                   f"{error}") from None
@@ -76,12 +77,12 @@ class Client:
         status, body = self._call("DELETE", "/v1/locks/by-key", ok=(200, 404), params=params)
         return Lock.model_validate(body["lock"]) if status == 200 else None
 
-    def list(self, *, repo: str | None = None, pull: int | None = None) -> list[Lock]:
+    def list(self, *, repo: str | None = None, pull: int | None = None) -> Locks:
         params = {k: v for k, v in {"repo": repo, "pull": pull}.items() if v is not None}
         _, body = self._call("GET", "/v1/locks", params=params)
         return [Lock.model_validate(item) for item in body["locks"]]
 
-    def unlock_pull(self, repo: str, pull: int) -> list[Lock]:
+    def unlock_pull(self, repo: str, pull: int) -> Locks:
         _, body = self._call("DELETE", "/v1/locks/by-pull", params={"repo": repo, "pull": pull})
         return [Lock.model_validate(item) for item in body["released"]]
 

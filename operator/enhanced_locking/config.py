@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -25,8 +25,6 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     AfterValidator,
-    BaseModel,
-    ConfigDict,
     Field,
     SecretStr,
     ValidationError,
@@ -164,11 +162,15 @@ class EnhancedLockingConfig(BaseSettings):
                 f"(got {_fmt(self.max_timeout)} < {_fmt(self.default_timeout)})"
             )
         if bool(self.redis_tls_cert_file) != bool(self.redis_tls_key_file):
-            raise ValueError("enhanced-locking-redis-tls-cert-file and enhanced-locking-redis-tls-key-file "
-                "must be set together")
+            raise ValueError(
+                "enhanced-locking-redis-tls-cert-file and enhanced-locking-redis-tls-key-file "
+                "must be set together"
+            )
         if bool(self.redis_sentinel_addrs) != bool(self.redis_sentinel_master):
-            raise ValueError("enhanced-locking-redis-sentinel-addrs and enhanced-locking-redis-sentinel-master "
-                "must be set together")
+            raise ValueError(
+                "enhanced-locking-redis-sentinel-addrs and enhanced-locking-redis-sentinel-master "
+                "must be set together"
+            )
         return self
 
     @classmethod
@@ -284,7 +286,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     """Add every setting's flag (bool flags take an optional ``=true|false``, as in Go)."""
     group = parser.add_argument_group("enhanced locking settings")
     for setting in settings():
-        kwargs: dict[str, Any] = {"dest": "cfg_" + setting.field, "default": None, "metavar": "VALUE"}
+        kwargs: dict[str, Any] = {
+            "dest": "cfg_" + setting.field, "default": None, "metavar": "VALUE"
+        }
         if setting.kind == "bool":
             kwargs.update(nargs="?", const="true", metavar="BOOL")
         help_text = f"{setting.description} Default: {setting.default!s}."

@@ -56,8 +56,8 @@ def format_duration(value: timedelta) -> str:
         return f"{total_ms}ms" if total_ms < 1000 else f"{total_ms / 1000:g}s"
     hours, rest = divmod(total_ms // 1000, 3600)
     minutes, seconds = divmod(rest, 60)
-    parts = [f"{hours}h" if hours else "", f"{minutes}m" if minutes else "", f"{seconds}s" if seconds else ""]
-    return "".join(parts)
+    parts = [(hours, "h"), (minutes, "m"), (seconds, "s")]
+    return "".join(f"{amount}{unit}" for amount, unit in parts if amount)
 
 
 def _coerce(value: object) -> object:

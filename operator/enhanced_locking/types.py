@@ -35,6 +35,7 @@ __all__ = [
     "LockNotOwned",
     "LockRequest",
     "LockingError",
+    "Locks",
     "Priority",
     "Project",
     "Pull",
@@ -188,6 +189,10 @@ class Lock(_Model):
             fencing_token=token,
             backend=backend,
         )
+
+
+Locks = list[Lock]
+"""A list of locks (an alias: classes with a ``list`` method shadow the builtin inside them)."""
 
 
 class Reason(enum.StrEnum):

@@ -18,7 +18,7 @@ def json_error(status: int, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": message, **extra}, status_code=status)
 
 
-def _field(loc: tuple[Any, ...] | list[Any]) -> str:
+def _field(loc: Any) -> str:
     parts = [str(part) for part in loc if part not in ("body", "query")]
     return ".".join(parts) or "body"
 

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Protocol, runtime_checkable
 
-from enhanced_locking.types import Lock, LockingError, LockNotOwned, utcnow
+from enhanced_locking.types import Lock, LockingError, LockNotOwned, Locks, utcnow
 
 __all__ = ["Backend", "Owner", "StoreBackend"]
 
@@ -48,19 +48,19 @@ class Backend(Protocol):
 
     async def get(self, key: str) -> Lock | None: ...
 
-    async def list(self, *, repo: str | None = None, pull: int | None = None) -> list[Lock]: ...
+    async def list(self, *, repo: str | None = None, pull: int | None = None) -> Locks: ...
 
-    async def release_by_pull(self, repo: str, pull: int) -> list[Lock]: ...
+    async def release_by_pull(self, repo: str, pull: int) -> Locks: ...
 
     async def refresh(self, key: str, owner: Owner, ttl: timedelta) -> Lock:
         """Extend the lease of a held lock (``LockNotOwned`` if the owner lost it)."""
         ...
 
-    async def export(self) -> tuple[list[Lock], dict[str, int]]:
+    async def export(self) -> tuple[Locks, dict[str, int]]:
         """Every held lock and every key's fencing counter (to move them to another store)."""
         ...
 
-    async def adopt(self, locks: list[Lock], tokens: dict[str, int]) -> list[Lock]:
+    async def adopt(self, locks: Locks, tokens: dict[str, int]) -> Locks:
         """Take over locks and counters from another store; counters only ever rise.
 
         Returns the locks it could not take because their key is held here by another pull.
@@ -100,7 +100,7 @@ class StoreBackend(abc.ABC):
     def _raise_token(self, key: str, at_least: int) -> None: ...
 
     @abc.abstractmethod
-    def _scan(self, repo: str | None, pull: int | None) -> list[Lock]: ...
+    def _scan(self, repo: str | None, pull: int | None) -> Locks: ...
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -138,11 +138,11 @@ class StoreBackend(abc.ABC):
         with self._transaction():
             return self._live(key, utcnow())
 
-    async def list(self, *, repo: str | None = None, pull: int | None = None) -> list[Lock]:
+    async def list(self, *, repo: str | None = None, pull: int | None = None) -> Locks:
         now = utcnow()
         return [lock for lock in self._scan(repo, pull) if not lock.expired(now)]
 
-    async def release_by_pull(self, repo: str, pull: int) -> list[Lock]:
+    async def release_by_pull(self, repo: str, pull: int) -> Locks:
         with self._transaction():
             released = self._scan(repo, pull)
             for lock in released:
@@ -162,10 +162,10 @@ class StoreBackend(abc.ABC):
             self._store(lock)
             return lock
 
-    async def export(self) -> tuple[list[Lock], dict[str, int]]:
+    async def export(self) -> tuple[Locks, dict[str, int]]:
         return await self.list(), self._tokens()
 
-    async def adopt(self, locks: list[Lock], tokens: dict[str, int]) -> list[Lock]:
+    async def adopt(self, locks: Locks, tokens: dict[str, int]) -> Locks:
         conflicts = []
         with self._transaction():
             for key, token in tokens.items():

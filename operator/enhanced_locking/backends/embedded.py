@@ -118,7 +118,8 @@ class EmbeddedBackend(StoreBackend):
         )
 
     def _scan(self, repo: str | None, pull: int | None) -> list[Lock]:
-        query, args = "SELECT key, data FROM locks WHERE ns = ?", [self.namespace]
+        query = "SELECT key, data FROM locks WHERE ns = ?"
+        args: list[str | int] = [self.namespace]
         if repo is not None:
             query, args = query + " AND repo = ?", [*args, repo]
         if pull is not None:

@@ -11,7 +11,16 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from enhanced_locking.backends.base import Owner
-from enhanced_locking.types import AcquireResult, Lock, LockRequest, Project, Pull, Side, User
+from enhanced_locking.types import (
+    AcquireResult,
+    Lock,
+    LockRequest,
+    Locks,
+    Project,
+    Pull,
+    Side,
+    User,
+)
 
 __all__ = ["AtlantisCalls", "Locker", "TryLockResponse"]
 
@@ -25,9 +34,9 @@ class Locker(Protocol):
 
     async def get(self, key: str) -> Lock | None: ...
 
-    async def list(self, *, repo: str | None = None, pull: int | None = None) -> list[Lock]: ...
+    async def list(self, *, repo: str | None = None, pull: int | None = None) -> Locks: ...
 
-    async def release_by_pull(self, repo: str, pull: int) -> list[Lock]: ...
+    async def release_by_pull(self, repo: str, pull: int) -> Locks: ...
 
 
 @dataclass(frozen=True)
@@ -58,7 +67,7 @@ class AtlantisCalls:
     ) -> Lock | None:
         return await self.release(key, owner=(repo, pull))
 
-    async def unlock_by_pull(self: Locker, repo: str, pull: int) -> list[Lock]:
+    async def unlock_by_pull(self: Locker, repo: str, pull: int) -> Locks:
         return await self.release_by_pull(repo, pull)
 
     async def get_lock(self: Locker, key: str) -> Lock | None:

@@ -20,6 +20,7 @@ from enhanced_locking.types import (
     InvalidRequest,
     Lock,
     LockRequest,
+    Locks,
     Reason,
     Side,
     utcnow,
@@ -83,10 +84,10 @@ class EnhancedLocker(AtlantisCalls):
     async def get(self, key: str) -> Lock | None:
         return await self.backend.get(key)
 
-    async def list(self, *, repo: str | None = None, pull: int | None = None) -> list[Lock]:
+    async def list(self, *, repo: str | None = None, pull: int | None = None) -> Locks:
         return await self.backend.list(repo=repo, pull=pull)
 
-    async def release_by_pull(self, repo: str, pull: int) -> list[Lock]:
+    async def release_by_pull(self, repo: str, pull: int) -> Locks:
         released = await self.backend.release_by_pull(repo, pull)
         for lock in released:
             self.events.publish("released", lock=lock)

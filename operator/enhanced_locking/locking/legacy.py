@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from enhanced_locking.backends.base import Backend, Owner
 from enhanced_locking.locking.base import AtlantisCalls
-from enhanced_locking.types import AcquireResult, Lock, LockRequest, Reason, Side, utcnow
+from enhanced_locking.types import AcquireResult, Lock, LockRequest, Locks, Reason, Side, utcnow
 
 __all__ = ["LegacyLocker"]
 
@@ -37,8 +37,8 @@ class LegacyLocker(AtlantisCalls):
     async def get(self, key: str) -> Lock | None:
         return await self.backend.get(key)
 
-    async def list(self, *, repo: str | None = None, pull: int | None = None) -> list[Lock]:
+    async def list(self, *, repo: str | None = None, pull: int | None = None) -> Locks:
         return await self.backend.list(repo=repo, pull=pull)
 
-    async def release_by_pull(self, repo: str, pull: int) -> list[Lock]:
+    async def release_by_pull(self, repo: str, pull: int) -> Locks:
         return await self.backend.release_by_pull(repo, pull)

@@ -1,4 +1,4 @@
-"""Migration from the legacy locker to the enhanced one: routing, and later shadowing and rollout."""
+"""Moving lock traffic from the legacy locker to the enhanced one."""
 
 from enhanced_locking.migration.router import Router
 

@@ -28,6 +28,7 @@ from enhanced_locking.types import (
     Lock,
     LockNotOwned,
     LockRequest,
+    Locks,
     Reason,
     Side,
 )
@@ -127,12 +128,12 @@ class Router(AtlantisCalls):
         lockers = self._lockers()
         return lockers if self.side_for(key) == "legacy" else lockers[::-1]
 
-    async def list(self, *, repo: str | None = None, pull: int | None = None) -> list[Lock]:
+    async def list(self, *, repo: str | None = None, pull: int | None = None) -> Locks:
         locks = [lock for locker in self._lockers() for lock in await locker.list(repo=repo,
                                                                                    pull=pull)]
         return sorted(locks, key=lambda lock: lock.key)
 
-    async def release_by_pull(self, repo: str, pull: int) -> list[Lock]:
+    async def release_by_pull(self, repo: str, pull: int) -> Locks:
         return [lock for locker in self._lockers()
                 for lock in await locker.release_by_pull(repo, pull)]
 
