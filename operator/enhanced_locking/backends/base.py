@@ -1,27 +1,60 @@
-"""The backend seam: where held locks and fencing counters live.
+"""The backend seam: where held locks, fencing counters and queues live.
 
 A backend answers a few atomic questions about one lock space (a *namespace*: ``legacy``,
 ``enhanced`` or ``shadow`` share a store but never each other's keys). Lockers add the policy
-on top (waiting, priorities, routing). Every backend gives the same answers; the tests run one
-table of behaviours against each.
+on top (routing, events, retries, deadlock detection). Every backend gives the same answers;
+the tests run one table of behaviours against each.
+
+Two protocols:
+
+* :class:`Backend`: held locks and fencing counters, fail fast (what Atlantis's own stores do,
+  and all the legacy locker needs).
+* :class:`QueueBackend`: a ``Backend`` that also keeps per-key queues of waiters and hands a
+  released lock straight to the next one (what the enhanced locker needs). Every method is
+  *one atomic step* of the store, so a Redis backend can do each as one Lua script; records,
+  service order and notifications are in :mod:`enhanced_locking.backends.waiting`.
+
+The backend's clock (``now()``) decides every age, lease expiry and deadline.
 
 :class:`StoreBackend` holds the shared logic for stores that run inside this process (memory,
 the embedded SQLite file): it is written once over a handful of synchronous primitives. Those
 stores are single-writer and answer in microseconds, so their operations complete without
 yielding to the event loop, which also makes each one atomic with respect to other tasks.
+Their queues live in process memory and are never persisted: a waiter is a caller with an open
+connection, and when the process dies its waiters die with their connections, so nothing is
+ever granted to a waiter that is gone.
 """
 
 from __future__ import annotations
 
 import abc
+import collections
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Protocol, runtime_checkable
 
-from enhanced_locking.types import Lock, LockingError, LockNotOwned, Locks, utcnow
+from enhanced_locking.backends.waiting import (
+    Cancelled,
+    Grant,
+    GrantNotifier,
+    Handoff,
+    KeyWaits,
+    KeyWaitsList,
+    LocalNotifier,
+    Notice,
+    Outcome,
+    QueuePolicy,
+    Status,
+    Wait,
+    Waiter,
+    Waiters,
+    service_order,
+)
+from enhanced_locking.types import Lock, LockingError, LockNotOwned, Locks, Reason, utcnow
 
-__all__ = ["Backend", "Owner", "StoreBackend"]
+__all__ = ["Backend", "Owner", "QueueBackend", "StoreBackend"]
 
 Owner = tuple[str, int]
 """Who may release a lock: (repository full name, pull number), Atlantis's ownership rule."""
@@ -72,13 +105,122 @@ class Backend(Protocol):
     async def close(self) -> None: ...
 
 
+@runtime_checkable
+class QueueBackend(Backend, Protocol):
+    """A backend with per-key queues: what the enhanced locker runs on.
+
+    Every method is one atomic step. ``policy`` carries the live queue settings (the caller
+    reads them from the config on every call); the service order is
+    :func:`~enhanced_locking.backends.waiting.service_order` at the backend's ``now()``.
+
+    Invariants every implementation keeps:
+
+    * A key is never held by two owners; a fresh grant gets the key's next fencing token
+      (strictly increasing per key, across releases, restarts and replicas).
+    * After every call, a free key has no *grantable* waiter: whoever frees a key (release,
+      force-unlock, expiry, release by pull) hands it in the same step to the first waiter in
+      service order that can take it, and announces the grant through ``grants``.
+    * A batch waiter is granted all its keys at once or nothing. It never reserves a key: when
+      its turn comes on one key while another of its keys is held, it keeps its place and the
+      next waiter is served (holding a partial set while waiting is how deadlocks start).
+    * A waiter past its deadline is never granted; it is dropped (and told ``timeout``).
+    * Waiters are never persisted beyond the life of the callers that wait (see the module
+      docstring); a backend whose queues outlive a process must drop the waiters of a process
+      that is gone before granting to them.
+    """
+
+    grants: GrantNotifier
+    """Where waiting callers hear of their grant, cancel or timeout (see ``waiting``)."""
+
+    async def now(self) -> datetime:
+        """The backend's clock (the Redis server's ``TIME``, the process clock in process)."""
+        ...
+
+    async def acquire_or_enqueue(
+        self, candidate: Lock, *, ttl: timedelta | None, wait: Wait | None, policy: QueuePolicy
+    ) -> Outcome:
+        """Grant ``candidate``'s key, else queue a waiter for it (with ``wait``), else refuse.
+
+        Granted when the key is free (after expiring a lapsed lease and serving any grantable
+        waiter first) or already held by the same pull (then ``fresh`` is false and the lock
+        is returned unchanged). A grant stamps ``acquired_at`` with the backend's clock, sets
+        ``expires_at = acquired_at + ttl`` (no expiry without ``ttl``) and the next fencing
+        token. Not granted and no ``wait`` (or a zero one): ``held``. With ``wait``: ``queued``
+        at its position, deadline ``now + wait.timeout``; ``queue_full`` when the key already
+        has ``policy.max_size`` waiters. Idempotent per ``wait.id``: asking again while that
+        waiter is queued answers its current position (a retry never queues twice).
+        """
+        ...
+
+    async def acquire_batch(
+        self,
+        candidates: Sequence[Lock],
+        *,
+        ttl: timedelta | None,
+        wait: Wait | None,
+        policy: QueuePolicy,
+    ) -> Outcome:
+        """All of ``candidates`` (distinct keys, one owner) or none, same rules as above.
+
+        Not grantable: ``held`` names the first blocked key (in the order given) and its
+        holder; with ``wait`` one waiter is queued on every key of the batch and is granted all
+        of them in one step once they are free together.
+        """
+        ...
+
+    async def release_and_handoff(
+        self, key: str, *, owner: Owner | None = None, policy: QueuePolicy | None = None
+    ) -> Handoff:
+        """Free ``key`` (with ``owner``: only if that pull holds it, else ``LockNotOwned``)
+        and hand it to the next waiter; say which lock went and who got it."""
+        ...
+
+    async def force_unlock(self, key: str, *, policy: QueuePolicy | None = None) -> Handoff:
+        """Free ``key`` whoever holds it and hand it on (the admin's way out)."""
+        ...
+
+    async def expire(self, key: str, *, policy: QueuePolicy | None = None) -> Handoff:
+        """If ``key``'s lease has lapsed (backend clock), free it and hand it on.
+
+        Also serves waiters of a key found free (a lapsed lease noticed by another call).
+        The enhanced locker calls this from a timer set to each lease's end.
+        """
+        ...
+
+    async def cancel(
+        self, key: str, waiter_id: str, *, reason: Reason = Reason.CANCELLED
+    ) -> Cancelled:
+        """Take a waiter out of every queue it is in and tell it ``reason``.
+
+        ``key`` is one of its keys (where to look). If it was granted before this call, the
+        answer carries the locks it now holds (``removed`` false): a caller cancelling because
+        its client is gone releases them.
+        """
+        ...
+
+    async def queue(self, key: str, *, policy: QueuePolicy | None = None) -> Waiters:
+        """``key``'s waiters in service order (first is served next)."""
+        ...
+
+    async def wait_graph(self, *, policy: QueuePolicy | None = None) -> KeyWaitsList:
+        """Every key that has waiters, with its holder's owner and its waiters in order."""
+        ...
+
+
 class StoreBackend(abc.ABC):
     """Backend logic over synchronous primitives; subclasses say how rows are kept."""
 
     kind = "store"
 
-    def __init__(self, namespace: str) -> None:
+    def __init__(self, namespace: str, *, clock: Callable[[], datetime] = utcnow) -> None:
         self.namespace = namespace
+        self.clock = clock
+        self.grants = LocalNotifier()
+        self._queues: dict[str, list[Waiter]] = {}
+        self._waiters: dict[str, Waiter] = {}
+        # Recent grants to waiters, so a cancel that lost the race to a grant can say so.
+        self._granted: collections.OrderedDict[str, Grant] = collections.OrderedDict()
+        self._seq = 0
 
     # --- primitives ---------------------------------------------------------------------------
     @abc.abstractmethod
@@ -106,7 +248,16 @@ class StoreBackend(abc.ABC):
     def _transaction(self) -> Iterator[None]:
         yield
 
-    # --- shared logic -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _step(self) -> Iterator[_Effects]:
+        """One atomic step; waiters hear of it only once it is committed."""
+        effects = _Effects()
+        with self._transaction():
+            yield effects
+        for waiter_id, notice in effects.notices:
+            self.grants.deliver(waiter_id, notice)
+
+    # --- holders ------------------------------------------------------------------------------
     def _live(self, key: str, now: datetime) -> Lock | None:
         lock = self._load(key)
         if lock is not None and lock.expired(now):
@@ -114,9 +265,83 @@ class StoreBackend(abc.ABC):
             return None
         return lock
 
+    def _stamp(self, template: Lock, now: datetime, ttl: timedelta | None) -> Lock:
+        lock = template.model_copy(update={
+            "acquired_at": now,
+            "expires_at": now + ttl if ttl else None,
+            "fencing_token": self._next_token(template.key),
+        })
+        self._store(lock)
+        return lock
+
+    def _settle(self, key: str, now: datetime, policy: QueuePolicy, fx: _Effects) -> Lock | None:
+        """The key's holder after expiring a lapsed lease and serving a grantable waiter."""
+        holder = self._load(key)
+        if holder is not None and holder.expired(now):
+            self._delete(key)
+            fx.expired.append(holder)
+            holder = None
+        if holder is None:
+            grant = self._hand_out(key, now, policy, fx)
+            if grant is not None:
+                holder = next(lock for lock in grant.locks if lock.key == key)
+        return holder
+
+    # --- queues -------------------------------------------------------------------------------
+    def _hand_out(self, key: str, now: datetime, policy: QueuePolicy, fx: _Effects) -> Grant | None:
+        queue = self._queues.get(key)
+        if not queue:
+            return None
+        for waiter in service_order(queue, now=now, policy=policy):
+            if waiter.deadline <= now:
+                self._unqueue(waiter)
+                fx.timed_out.append(waiter)
+                fx.notices.append((waiter.id, Notice(reason=Reason.TIMEOUT)))
+                continue
+            others = [k for k in waiter.keys if k != key]
+            if all(self._free_for(k, waiter, now) for k in others):
+                return self._grant(waiter, now, fx)
+        return None
+
+    def _free_for(self, key: str, waiter: Waiter, now: datetime) -> bool:
+        holder = self._live(key, now)
+        return holder is None or holder.owned_by(*waiter.owner)
+
+    def _grant(self, waiter: Waiter, now: datetime, fx: _Effects) -> Grant:
+        locks = []
+        for template in waiter.locks:
+            holder = self._live(template.key, now)
+            locks.append(holder if holder is not None else self._stamp(template, now, waiter.ttl))
+        self._unqueue(waiter)
+        grant = Grant(waiter=waiter, locks=tuple(locks))
+        self._granted[waiter.id] = grant
+        while len(self._granted) > _GRANTS_REMEMBERED:
+            self._granted.popitem(last=False)
+        fx.granted.append(grant)
+        fx.notices.append((waiter.id, Notice(locks=grant.locks)))
+        return grant
+
+    def _unqueue(self, waiter: Waiter) -> None:
+        self._waiters.pop(waiter.id, None)
+        for key in waiter.keys:
+            queue = self._queues.get(key)
+            if queue is None:
+                continue
+            queue[:] = [w for w in queue if w.id != waiter.id]
+            if not queue:
+                del self._queues[key]
+
+    def _position(self, key: str, waiter: Waiter, now: datetime, policy: QueuePolicy) -> int:
+        ordered = service_order(self._queues.get(key, ()), now=now, policy=policy)
+        return next(i for i, w in enumerate(ordered, start=1) if w.id == waiter.id)
+
+    # --- the Backend protocol -----------------------------------------------------------------
+    async def now(self) -> datetime:
+        return self.clock()
+
     async def acquire(self, candidate: Lock) -> tuple[bool, Lock]:
-        with self._transaction():
-            holder = self._live(candidate.key, candidate.acquired_at)
+        with self._step() as fx:
+            holder = self._settle(candidate.key, candidate.acquired_at, QueuePolicy(), fx)
             if holder is not None:
                 same = holder.owned_by(candidate.project.repo_full_name, candidate.pull.num)
                 return same, holder
@@ -124,35 +349,35 @@ class StoreBackend(abc.ABC):
             self._store(lock)
             return True, lock
 
-    async def release(self, key: str, *, owner: Owner | None = None) -> Lock | None:
-        with self._transaction():
-            holder = self._live(key, utcnow())
-            if holder is None:
-                return None
-            if owner is not None and not holder.owned_by(*owner):
-                raise LockNotOwned(key, holder)
-            self._delete(key)
-            return holder
+    async def release(
+        self, key: str, *, owner: Owner | None = None, policy: QueuePolicy | None = None
+    ) -> Lock | None:
+        return (await self.release_and_handoff(key, owner=owner, policy=policy)).released
 
     async def get(self, key: str) -> Lock | None:
         with self._transaction():
-            return self._live(key, utcnow())
+            return self._live(key, self.clock())
 
     async def list(self, *, repo: str | None = None, pull: int | None = None) -> Locks:
-        now = utcnow()
+        now = self.clock()
         return [lock for lock in self._scan(repo, pull) if not lock.expired(now)]
 
-    async def release_by_pull(self, repo: str, pull: int) -> Locks:
-        with self._transaction():
+    async def release_by_pull(
+        self, repo: str, pull: int, *, policy: QueuePolicy | None = None
+    ) -> Locks:
+        policy = policy or QueuePolicy()
+        with self._step() as fx:
+            now = self.clock()
             released = self._scan(repo, pull)
             for lock in released:
                 self._delete(lock.key)
-        now = utcnow()
+            for lock in released:
+                self._hand_out(lock.key, now, policy, fx)
         return [lock for lock in released if not lock.expired(now)]
 
     async def refresh(self, key: str, owner: Owner, ttl: timedelta) -> Lock:
         with self._transaction():
-            now = utcnow()
+            now = self.clock()
             holder = self._live(key, now)
             if holder is None:
                 raise LockingError(f"lock {key} is not held (it expired or was released)", key=key)
@@ -170,7 +395,7 @@ class StoreBackend(abc.ABC):
         with self._transaction():
             for key, token in tokens.items():
                 self._raise_token(key, token)
-            now = utcnow()
+            now = self.clock()
             for lock in locks:
                 holder = self._live(lock.key, now)
                 if holder is None:
@@ -184,4 +409,144 @@ class StoreBackend(abc.ABC):
         return None
 
     async def close(self) -> None:
-        return None
+        """Tell every waiter of this process that the store is going away."""
+        for waiter_id in list(self._waiters):
+            self.grants.deliver(waiter_id, Notice(reason=Reason.UNAVAILABLE))
+        self._waiters.clear()
+        self._queues.clear()
+
+    # --- the QueueBackend protocol ------------------------------------------------------------
+    async def acquire_or_enqueue(
+        self, candidate: Lock, *, ttl: timedelta | None, wait: Wait | None, policy: QueuePolicy
+    ) -> Outcome:
+        return await self.acquire_batch([candidate], ttl=ttl, wait=wait, policy=policy)
+
+    async def acquire_batch(
+        self,
+        candidates: Sequence[Lock],
+        *,
+        ttl: timedelta | None,
+        wait: Wait | None,
+        policy: QueuePolicy,
+    ) -> Outcome:
+        if not candidates or len({c.key for c in candidates}) != len(candidates):
+            raise ValueError("a batch needs at least one key and no key twice")
+        with self._step() as fx:
+            now = self.clock()
+            if wait is not None and (queued := self._waiters.get(wait.id)) is not None:
+                key = queued.keys[0]
+                return Outcome(status=Status.QUEUED, waiter=queued, key=key,
+                               holder=self._live(key, now),
+                               position=self._position(key, queued, now, policy))
+            first = candidates[0]
+            owner = (first.project.repo_full_name, first.pull.num)
+            mine: dict[str, Lock] = {}
+            blocked: list[tuple[str, Lock]] = []
+            for candidate in candidates:
+                holder = self._settle(candidate.key, now, policy, fx)
+                if holder is None:
+                    continue
+                if holder.owned_by(*owner):
+                    mine[candidate.key] = holder
+                else:
+                    blocked.append((candidate.key, holder))
+            if not blocked:
+                locks = tuple(mine.get(c.key) or self._stamp(c, now, ttl) for c in candidates)
+                return Outcome(status=Status.GRANTED, locks=locks, fresh=len(mine) < len(locks))
+            key, holder = blocked[0]
+            if wait is None or wait.timeout <= timedelta(0):
+                return Outcome(status=Status.HELD, key=key, holder=holder)
+            for candidate in candidates:
+                if len(self._queues.get(candidate.key, ())) >= policy.max_size:
+                    return Outcome(status=Status.QUEUE_FULL, key=candidate.key,
+                                   holder=self._live(candidate.key, now))
+            self._seq += 1
+            waiter = Waiter(
+                id=wait.id, locks=tuple(candidates), ttl=ttl, enqueued_at=now,
+                deadline=now + wait.timeout, seq=self._seq, request_id=wait.request_id,
+            )
+            self._waiters[waiter.id] = waiter
+            for candidate in candidates:
+                self._queues.setdefault(candidate.key, []).append(waiter)
+            return Outcome(status=Status.QUEUED, waiter=waiter, key=key, holder=holder,
+                           position=self._position(key, waiter, now, policy))
+
+    async def release_and_handoff(
+        self, key: str, *, owner: Owner | None = None, policy: QueuePolicy | None = None
+    ) -> Handoff:
+        policy = policy or QueuePolicy()
+        with self._step() as fx:
+            now = self.clock()
+            holder = self._load(key)
+            if holder is not None and holder.expired(now):
+                self._delete(key)
+                holder = None
+            if holder is not None:
+                if owner is not None and not holder.owned_by(*owner):
+                    raise LockNotOwned(key, holder)
+                self._delete(key)
+            self._hand_out(key, now, policy, fx)
+            return fx.handoff(holder)
+
+    async def force_unlock(self, key: str, *, policy: QueuePolicy | None = None) -> Handoff:
+        return await self.release_and_handoff(key, policy=policy)
+
+    async def expire(self, key: str, *, policy: QueuePolicy | None = None) -> Handoff:
+        with self._step() as fx:
+            self._settle(key, self.clock(), policy or QueuePolicy(), fx)
+            return fx.handoff(fx.expired[0] if fx.expired else None)
+
+    async def cancel(
+        self, key: str, waiter_id: str, *, reason: Reason = Reason.CANCELLED
+    ) -> Cancelled:
+        with self._step() as fx:
+            waiter = self._waiters.get(waiter_id)
+            if waiter is not None:
+                self._unqueue(waiter)
+                fx.notices.append((waiter_id, Notice(reason=reason)))
+                return Cancelled(removed=True, waiter=waiter)
+            grant = self._granted.get(waiter_id)
+            if grant is None:
+                return Cancelled()
+            now = self.clock()
+            still = tuple(
+                lock for lock in grant.locks
+                if (held := self._live(lock.key, now)) is not None
+                and held.fencing_token == lock.fencing_token
+            )
+            return Cancelled(waiter=grant.waiter, granted=still)
+
+    async def queue(self, key: str, *, policy: QueuePolicy | None = None) -> Waiters:
+        return service_order(self._queues.get(key, ()), now=self.clock(),
+                             policy=policy or QueuePolicy())
+
+    async def wait_graph(self, *, policy: QueuePolicy | None = None) -> KeyWaitsList:
+        policy = policy or QueuePolicy()
+        with self._transaction():
+            now = self.clock()
+            graph = []
+            for key, queue in self._queues.items():
+                holder = self._live(key, now)
+                graph.append(KeyWaits(
+                    key=key,
+                    holder=(holder.project.repo_full_name, holder.pull.num) if holder else None,
+                    waiters=tuple(service_order(queue, now=now, policy=policy)),
+                ))
+            return graph
+
+
+_GRANTS_REMEMBERED = 10_000
+
+
+@dataclass
+class _Effects:
+    """What one atomic step did besides its answer, and whom to tell once it commits."""
+
+    notices: list[tuple[str, Notice]] = field(default_factory=list)
+    granted: list[Grant] = field(default_factory=list)
+    timed_out: list[Waiter] = field(default_factory=list)
+    expired: list[Lock] = field(default_factory=list)
+
+    def handoff(self, released: Lock | None) -> Handoff:
+        return Handoff(released=released, granted=tuple(self.granted),
+                       timed_out=tuple(self.timed_out))

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 
 from enhanced_locking.backends import codec
 from enhanced_locking.backends.base import StoreBackend
-from enhanced_locking.types import BackendUnavailable, Lock
+from enhanced_locking.types import BackendUnavailable, Lock, utcnow
 
 __all__ = ["EmbeddedBackend", "open_database"]
 
@@ -57,8 +58,10 @@ class EmbeddedBackend(StoreBackend):
 
     kind = "boltdb"
 
-    def __init__(self, path: Path, namespace: str = "enhanced") -> None:
-        super().__init__(namespace)
+    def __init__(
+        self, path: Path, namespace: str = "enhanced", *, clock: Callable[[], datetime] = utcnow
+    ) -> None:
+        super().__init__(namespace, clock=clock)
         self.path = path
         self._db = open_database(path)
         self._depth = 0
@@ -70,17 +73,28 @@ class EmbeddedBackend(StoreBackend):
         if self._depth:
             yield
             return
-        self._db.execute("BEGIN IMMEDIATE")
+        with self._unavailable():
+            self._db.execute("BEGIN IMMEDIATE")
         self._depth += 1
         try:
-            yield
+            with self._unavailable():
+                yield
+                self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
             raise
-        else:
-            self._db.execute("COMMIT")
         finally:
             self._depth -= 1
+
+    @contextlib.contextmanager
+    def _unavailable(self) -> Iterator[None]:
+        # SQLite failing (closed, locked past busy_timeout, disk full, I/O error, not a
+        # database) is the store being unavailable: callers fall back or answer 503.
+        try:
+            yield
+        except sqlite3.Error as error:
+            raise BackendUnavailable(f"embedded store {self.path}: {error}") from None
 
     def _load(self, key: str) -> Lock | None:
         row = self._db.execute(
@@ -107,7 +121,10 @@ class EmbeddedBackend(StoreBackend):
         return int(row[0])
 
     def _tokens(self) -> dict[str, int]:
-        rows = self._db.execute("SELECT key, token FROM fencing WHERE ns = ?", (self.namespace,))
+        with self._unavailable():
+            rows = self._db.execute(
+                "SELECT key, token FROM fencing WHERE ns = ?", (self.namespace,)
+            ).fetchall()
         return {key: int(token) for key, token in rows}
 
     def _raise_token(self, key: str, at_least: int) -> None:
@@ -124,14 +141,14 @@ class EmbeddedBackend(StoreBackend):
             query, args = query + " AND repo = ?", [*args, repo]
         if pull is not None:
             query, args = query + " AND pull = ?", [*args, pull]
-        rows = self._db.execute(query + " ORDER BY key", args).fetchall()
+        with self._unavailable():
+            rows = self._db.execute(query + " ORDER BY key", args).fetchall()
         return [codec.decode(data, key=key) for key, data in rows]
 
     async def ping(self) -> None:
-        try:
+        with self._unavailable():
             self._db.execute("SELECT 1").fetchone()
-        except sqlite3.Error as error:
-            raise BackendUnavailable(f"embedded store {self.path}: {error}") from None
 
     async def close(self) -> None:
+        await super().close()
         self._db.close()

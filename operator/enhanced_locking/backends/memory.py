@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from datetime import datetime
+
 from enhanced_locking.backends.base import StoreBackend
-from enhanced_locking.types import Lock
+from enhanced_locking.types import Lock, utcnow
 
 __all__ = ["MemoryBackend"]
 
@@ -13,8 +16,10 @@ class MemoryBackend(StoreBackend):
 
     kind = "memory"
 
-    def __init__(self, namespace: str = "enhanced") -> None:
-        super().__init__(namespace)
+    def __init__(
+        self, namespace: str = "enhanced", *, clock: Callable[[], datetime] = utcnow
+    ) -> None:
+        super().__init__(namespace, clock=clock)
         self._locks: dict[str, Lock] = {}
         self._counters: dict[str, int] = {}
 

@@ -1,0 +1,298 @@
+"""Waiting: the records behind a key's queue, the service order, and how waiters are told.
+
+A request that may wait and finds its key held becomes a :class:`Waiter` in that key's queue (a
+batch request becomes one waiter in the queue of each of its keys). The backend keeps the
+queues, because only the backend can hand a released lock to the next waiter in the same atomic
+step as the release: that is what makes a handoff both fair and free of thundering herds.
+
+**The service order** is :func:`service_order`, written here once. A backend whose queues
+live elsewhere (the Redis Lua scripts) mirrors it exactly, and a test compares the two:
+
+* ``level = min(3, base + min(max_boost, waited_ms // threshold_ms))`` where ``base`` is the
+  waiter's priority level (low 0, normal 1, high 2, critical 3) and ``waited_ms`` its time in
+  the queue by the backend's clock (negative clamped to 0). A zero threshold or zero boost means
+  no aging. With the ``priority-queue`` flag off every level is 0: plain FIFO.
+* Waiters are served by level, highest first; within a level by ``enqueued_ms`` (earliest
+  first), then by ``seq`` (the key-independent enqueue counter) when two share a millisecond.
+
+The level is capped at critical (3), a deliberate choice: an aged waiter joins the top level and
+is then served before everyone who arrived after it. So a low waiter under a steady stream of
+high ones reaches the top level after ``3 - base`` thresholds (if ``max_boost`` allows) and
+from then on only the waiters that were already ahead of it are served first. Without the cap
+a waiting high request could climb past 3, and a low one would never overtake high requests
+that aged as well.
+
+**Notifications.** A waiting caller learns of its grant (or of an admin cancel, or of its
+deadline passing) through a :class:`GrantNotifier`: it calls ``expect(waiter_id)`` *before*
+enqueueing and awaits the future; the backend calls ``deliver`` after the grant is durable.
+In-process stores resolve the future directly (:class:`LocalNotifier`); a Redis backend keeps a
+``LocalNotifier`` per replica and feeds ``deliver`` from a pub/sub subscription, because the
+release that grants may run in another replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+from enhanced_locking.config import EnhancedLockingConfig
+from enhanced_locking.types import Lock, Priority, Reason
+
+__all__ = [
+    "MAX_LEVEL",
+    "Cancelled",
+    "Grant",
+    "GrantNotifier",
+    "Handoff",
+    "KeyWaits",
+    "KeyWaitsList",
+    "LocalNotifier",
+    "Notice",
+    "Outcome",
+    "QueuePolicy",
+    "Status",
+    "Wait",
+    "Waiter",
+    "Waiters",
+    "effective_level",
+    "epoch_ms",
+    "service_key",
+    "service_order",
+]
+
+Owner = tuple[str, int]
+
+MAX_LEVEL = Priority.CRITICAL.level
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def epoch_ms(moment: datetime) -> int:
+    """Milliseconds since the Unix epoch (the unit the ordering rule works in)."""
+    return (moment - _EPOCH) // timedelta(milliseconds=1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class QueuePolicy:
+    """The settings that shape queues, read from the live config on every call."""
+
+    priority: bool = False
+    """``priority-queue``: serve by effective level; off means plain FIFO."""
+    starvation_threshold: timedelta = timedelta(minutes=2)
+    max_boost: int = 3
+    max_size: int = 1000
+
+    @classmethod
+    def from_config(cls, config: EnhancedLockingConfig) -> QueuePolicy:
+        return cls(
+            priority=config.priority_queue,
+            starvation_threshold=config.starvation_threshold,
+            max_boost=config.max_priority_boost,
+            max_size=config.max_queue_size,
+        )
+
+    @property
+    def threshold_ms(self) -> int:
+        return self.starvation_threshold // timedelta(milliseconds=1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Wait:
+    """A caller's offer to wait: the id its waiter gets and how long it may wait."""
+
+    id: str
+    timeout: timedelta
+    request_id: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Waiter:
+    """One queued request.
+
+    ``locks`` are the locks it asks for, one per key (a batch waiter has several and is granted
+    all of them at once, never some); they share owner and priority. Their times and fencing
+    tokens are placeholders: the backend stamps them when it grants. ``enqueued_at`` and
+    ``deadline`` are the backend's clock; past its deadline a waiter is never granted.
+    """
+
+    id: str
+    locks: tuple[Lock, ...]
+    ttl: timedelta | None
+    enqueued_at: datetime
+    deadline: datetime
+    seq: int
+    request_id: str | None = None
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(lock.key for lock in self.locks)
+
+    @property
+    def owner(self) -> Owner:
+        first = self.locks[0]
+        return first.project.repo_full_name, first.pull.num
+
+    @property
+    def priority(self) -> Priority:
+        return self.locks[0].priority
+
+
+Waiters = list[Waiter]
+"""A list of waiters (an alias: classes with a ``list`` method cannot say ``list[...]``)."""
+
+
+def effective_level(*, base: int, waited_ms: int, policy: QueuePolicy) -> int:
+    """A waiter's level after aging (see the module docstring for the rule)."""
+    if not policy.priority:
+        return 0
+    boost = 0
+    if policy.threshold_ms > 0 and policy.max_boost > 0:
+        boost = min(policy.max_boost, max(0, waited_ms) // policy.threshold_ms)
+    return min(MAX_LEVEL, base + boost)
+
+
+def service_key(waiter: Waiter, *, now_ms: int, policy: QueuePolicy) -> tuple[int, int, int]:
+    """Sort key of a waiter: smaller is served first."""
+    enqueued = epoch_ms(waiter.enqueued_at)
+    level = effective_level(
+        base=waiter.priority.level, waited_ms=now_ms - enqueued, policy=policy
+    )
+    return -level, enqueued, waiter.seq
+
+
+def service_order(
+    waiters: Iterable[Waiter], *, now: datetime, policy: QueuePolicy
+) -> Waiters:
+    """Waiters in the order they are served at ``now``."""
+    now_ms = epoch_ms(now)
+    return sorted(waiters, key=lambda waiter: service_key(waiter, now_ms=now_ms, policy=policy))
+
+
+class Status(enum.StrEnum):
+    GRANTED = "granted"
+    HELD = "held"
+    QUEUED = "queued"
+    QUEUE_FULL = "queue_full"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Outcome:
+    """The answer of ``acquire_or_enqueue`` / ``acquire_batch``.
+
+    * ``granted``: ``locks`` are held now (one per key asked). ``fresh`` is false when the
+      same pull already held every key and got its locks back unchanged.
+    * ``held``: not granted and not queued (no wait offered); ``key`` is the first blocked key
+      and ``holder`` its holder (``None`` when only a waiter ahead blocks it).
+    * ``queued``: ``waiter`` is in the queue of every key it asked for, at 1-based ``position``
+      in the service order of ``key`` (the first blocked key).
+    * ``queue_full``: ``key``'s queue already has ``max_size`` waiters.
+    """
+
+    status: Status
+    locks: tuple[Lock, ...] = ()
+    fresh: bool = True
+    key: str | None = None
+    holder: Lock | None = None
+    waiter: Waiter | None = None
+    position: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Grant:
+    """A waiter that was handed its locks."""
+
+    waiter: Waiter
+    locks: tuple[Lock, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Handoff:
+    """What a release, force-unlock or expiry did: the lock that went and who got it next."""
+
+    released: Lock | None = None
+    granted: tuple[Grant, ...] = ()
+    timed_out: tuple[Waiter, ...] = ()
+    """Waiters found past their deadline and dropped while looking for the next holder."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Cancelled:
+    """The answer of ``cancel``: removed from the queue, or already granted (or neither)."""
+
+    removed: bool = False
+    waiter: Waiter | None = None
+    granted: tuple[Lock, ...] = ()
+    """Non-empty when the waiter had been granted before the cancel: the caller holds these
+    locks now and must release them if nobody will use them."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class KeyWaits:
+    """One key of the wait-for graph: its holder's owner and its waiters in service order."""
+
+    key: str
+    holder: Owner | None
+    waiters: tuple[Waiter, ...]
+
+
+KeyWaitsList = list[KeyWaits]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Notice:
+    """What a waiter is told: its locks (granted) or why it left the queue."""
+
+    locks: tuple[Lock, ...] = ()
+    reason: Reason | None = None
+
+    @property
+    def granted(self) -> bool:
+        return bool(self.locks)
+
+
+class GrantNotifier(Protocol):
+    """Where a waiting caller hears of its fate.
+
+    ``expect`` must be called before the waiter is enqueued (so no notice can be missed) and
+    ``forget`` when the caller stops waiting. ``deliver`` is the backend's side: it is called
+    at most once per waiter, after the grant (or removal) is durable; a notice for a waiter
+    nobody expects here is dropped (another replica may be the one waiting).
+    """
+
+    def expect(self, waiter_id: str) -> asyncio.Future[Notice]: ...
+
+    def forget(self, waiter_id: str) -> None: ...
+
+    def deliver(self, waiter_id: str, notice: Notice) -> None: ...
+
+
+@dataclass
+class LocalNotifier:
+    """An asyncio future per waiter of this process."""
+
+    _futures: dict[str, asyncio.Future[Notice]] = field(default_factory=dict)
+
+    def expect(self, waiter_id: str) -> asyncio.Future[Notice]:
+        future = self._futures.get(waiter_id)
+        if future is None:
+            future = asyncio.get_running_loop().create_future()
+            self._futures[waiter_id] = future
+        return future
+
+    def forget(self, waiter_id: str) -> None:
+        self._futures.pop(waiter_id, None)
+
+    def deliver(self, waiter_id: str, notice: Notice) -> None:
+        future = self._futures.get(waiter_id)
+        if future is not None and not future.done():
+            future.set_result(notice)
+
+    def deliver_all(self, notices: Sequence[tuple[str, Notice]]) -> None:
+        for waiter_id, notice in notices:
+            self.deliver(waiter_id, notice)
+
+    def pending(self) -> list[str]:
+        return [waiter_id for waiter_id, f in self._futures.items() if not f.done()]
