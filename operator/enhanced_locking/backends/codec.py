@@ -8,6 +8,7 @@ ignores. Credentials never reach the store: clone URLs lose their ``user:token@`
 
 from __future__ import annotations
 
+import itertools
 import json
 from datetime import UTC, datetime
 from typing import Any
@@ -28,7 +29,8 @@ def _parse_time(value: str) -> datetime:
     # Go writes nanoseconds; Python keeps microseconds.
     if "." in text:
         head, _, tail = text.partition(".")
-        digits = "".join(ch for ch in tail if ch.isdigit())
+        # Only the fraction's digits: the zone after it (``+02:00``) has digits too.
+        digits = "".join(itertools.takewhile(str.isdigit, tail))
         zone = tail[len(digits):]
         text = f"{head}.{digits[:6].ljust(6, '0')}{zone}"
     parsed = datetime.fromisoformat(text)
