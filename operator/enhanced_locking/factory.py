@@ -17,6 +17,8 @@ from collections.abc import Callable
 from typing import Any
 
 from enhanced_locking.backends import Backend, EmbeddedBackend, MemoryBackend
+from enhanced_locking.backends.atlantis_redis import AtlantisRedisBackend
+from enhanced_locking.backends.redis_store import RedisBackend
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.events import EventBus
 from enhanced_locking.locking import EnhancedLocker, LegacyLocker
@@ -40,7 +42,16 @@ def _memory(config: EnhancedLockingConfig, namespace: str) -> Backend:
     return MemoryBackend(namespace)
 
 
-BACKEND_BUILDERS: dict[str, BackendBuilder] = {"boltdb": _embedded, "memory": _memory}
+def _redis(config: EnhancedLockingConfig, namespace: str) -> Backend:
+    # The legacy locker on Redis uses Atlantis's own layout, shared with Atlantis itself.
+    if namespace == "legacy":
+        return AtlantisRedisBackend.from_config(config, namespace)
+    return RedisBackend.from_config(config, namespace)
+
+
+BACKEND_BUILDERS: dict[str, BackendBuilder] = {
+    "boltdb": _embedded, "memory": _memory, "redis": _redis,
+}
 """Backend kinds this build knows; other modules register more (e.g. ``redis``)."""
 
 _IDENTITY_FIELDS = {
@@ -99,6 +110,7 @@ class LockService:
 
     async def close(self) -> None:
         if self.enhanced is not None:
+            await self.enhanced.close()
             await self.enhanced.backend.close()
         await self.legacy_backend.close()
 
@@ -131,7 +143,9 @@ class LockService:
             metrics=self.metrics,
         )
         self._enhanced_identity = identity
+        await self.enhanced.start()
         if previous is not None:
+            await previous.close()
             await previous.backend.close()
         log.info("enhanced locker now on the %s backend", config.backend)
 
@@ -144,6 +158,22 @@ class LockService:
                 "config-applied", generation=snapshot.generation, hash=snapshot.hash,
                 weight=snapshot.config.effective_weight, mode=snapshot.config.migration_mode,
             )
+
+    async def refresh_gauges(self) -> None:
+        """Set the gauges that are cheaper to read at scrape time than to keep up to date."""
+        lockers: list[tuple[str, LegacyLocker | EnhancedLocker]] = [("legacy", self.legacy)]
+        if self.enhanced is not None:
+            lockers.append(("enhanced", self.enhanced))
+        for side, locker in lockers:
+            try:
+                self.metrics.locks_held.labels(side).set(len(await locker.list()))
+            except BackendUnavailable:
+                continue
+        if self.enhanced is not None:
+            try:
+                self.metrics.queue_depth.set(await self.enhanced.queue_depth())
+            except BackendUnavailable:
+                pass
 
     async def ready(self) -> dict[str, str]:
         """Each backend's state: ``ok`` or why it is not reachable."""

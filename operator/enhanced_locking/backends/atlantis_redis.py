@@ -1,0 +1,189 @@
+"""The legacy locker's Redis store, in Atlantis's own layout: ``pr/{lockKey}`` → Atlantis's JSON.
+
+This is exactly what an Atlantis started with ``--locking-db-type=redis`` reads and writes
+(``server/core/redis/redis.go``): one string key per lock, no prefix, no expiry, the value being
+``models.ProjectLock`` as JSON. Pointed at the same Redis and database, this backend and that
+Atlantis share one lock space: a lock taken by either is seen and respected by the other.
+
+One difference, on purpose: Atlantis's ``TryLock`` reads the key and then writes it, so two
+Atlantis replicas can both see the key free and both believe they hold it. Ours checks and sets
+in one Lua script (:data:`TRY_LOCK`), so it never grants a key twice, including against an
+Atlantis whose own write races with it (its ``SET`` would overwrite ours, a race that only
+Atlantis can close; the docs say so).
+
+Our JSON is Atlantis's with one extra ``Enhanced`` object, which Go's decoder ignores. There are
+no fencing tokens in this layout (Atlantis has none): its locks carry token ``0``.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from redis.commands.core import AsyncScript
+
+from enhanced_locking.backends import codec
+from enhanced_locking.backends.base import Owner
+from enhanced_locking.backends.redis_connection import RedisConnection, connect, unavailable
+from enhanced_locking.config import EnhancedLockingConfig
+from enhanced_locking.types import Lock, LockingError, LockNotOwned, Locks
+
+__all__ = ["KEY_PREFIX", "RELEASE_IF_OWNED", "TRY_LOCK", "AtlantisRedisBackend"]
+
+KEY_PREFIX = "pr/"
+"""Atlantis's lock keys: ``pr/{repoFullName}/{path}/{workspace}/{projectName}``."""
+
+_SCAN_BATCH = 500
+
+TRY_LOCK = """
+-- try-lock: Atlantis's TryLock, atomically.
+-- KEYS[1] pr/{lockKey}
+-- ARGV[1] the new lock as Atlantis's JSON
+-- returns {1} granted (stored without expiry), or {0, json} with the current lock
+local current = redis.call('GET', KEYS[1])
+if current then
+  return {0, current}
+end
+redis.call('SET', KEYS[1], ARGV[1])
+return {1}
+"""
+
+RELEASE_IF_OWNED = """
+-- release-if-owned: Atlantis's UnlockIfOwnedByPull, also checking the repository.
+-- KEYS[1] pr/{lockKey}
+-- ARGV[1] owner repository full name  ARGV[2] owner pull number
+-- returns {0} free, {1, json} released, {2, json} held by another pull (kept), {3, json} the
+-- stored value is not JSON we can read (kept)
+local current = redis.call('GET', KEYS[1])
+if not current then
+  return {0}
+end
+local ok, lock = pcall(cjson.decode, current)
+if not ok or type(lock) ~= 'table' then
+  return {3, current}
+end
+local project = lock['Project'] or {}
+local pull = lock['Pull'] or {}
+if project['RepoFullName'] ~= ARGV[1] or tonumber(pull['Num']) ~= tonumber(ARGV[2]) then
+  return {2, current}
+end
+redis.call('DEL', KEYS[1])
+return {1, current}
+"""
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` as a literal inside a Redis ``MATCH`` pattern."""
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
+
+
+class AtlantisRedisBackend:
+    """Legacy locks in Atlantis's Redis layout, shared with a running Atlantis."""
+
+    kind = "redis"
+
+    def __init__(self, connection: RedisConnection, *, namespace: str = "legacy") -> None:
+        self.namespace = namespace
+        self.connection = connection
+        self._try_lock: AsyncScript = connection.client.register_script(TRY_LOCK)
+        self._release_if_owned: AsyncScript = connection.client.register_script(
+            RELEASE_IF_OWNED)
+
+    @classmethod
+    def from_config(cls, config: EnhancedLockingConfig, namespace: str) -> AtlantisRedisBackend:
+        return cls(connect(config), namespace=namespace)
+
+    def __repr__(self) -> str:
+        return f"AtlantisRedisBackend({self.connection.where})"
+
+    @staticmethod
+    def _name(key: str) -> str:
+        return KEY_PREFIX + key
+
+    @staticmethod
+    def _decode(name: str, value: str | bytes) -> Lock:
+        try:
+            return codec.decode(value, key=name.removeprefix(KEY_PREFIX))
+        except (ValueError, KeyError, TypeError) as error:
+            raise LockingError(f"cannot read the Atlantis lock at {name}: {error}",
+                               key=name.removeprefix(KEY_PREFIX)) from None
+
+    async def acquire(self, candidate: Lock) -> tuple[bool, Lock]:
+        stored = candidate.model_copy(update={"fencing_token": 0, "expires_at": None})
+        with unavailable(self.connection, "acquire", key=candidate.key):
+            answer = await self._try_lock(keys=[self._name(candidate.key)],
+                                          args=[codec.encode(stored)])
+        if answer[0] == 1:
+            return True, stored
+        holder = self._decode(self._name(candidate.key), answer[1])
+        return holder.owned_by(candidate.project.repo_full_name, candidate.pull.num), holder
+
+    async def release(self, key: str, *, owner: Owner | None = None) -> Lock | None:
+        name = self._name(key)
+        with unavailable(self.connection, "release", key=key):
+            if owner is None:
+                value = await self.connection.client.getdel(name)
+                return None if value is None else self._decode(name, value)
+            answer = await self._release_if_owned(keys=[name], args=[*owner])
+        if answer[0] == 0:
+            return None
+        lock = self._decode(name, answer[1])
+        if answer[0] in (2, 3):
+            raise LockNotOwned(key, lock)
+        return lock
+
+    async def get(self, key: str) -> Lock | None:
+        name = self._name(key)
+        with unavailable(self.connection, "get", key=key):
+            value = await self.connection.client.get(name)
+        return None if value is None else self._decode(name, value)
+
+    async def _scan(self, repo: str | None) -> Locks:
+        # Atlantis scans ``pr*``; keys of one repository start with ``pr/{repo}/``.
+        pattern = KEY_PREFIX + (_glob_escape(repo) + "/*" if repo is not None else "*")
+        client = self.connection.client
+        locks: Locks = []
+        with unavailable(self.connection, "list"):
+            names = [str(name) async for name in client.scan_iter(match=pattern, count=_SCAN_BATCH)]
+            for start in range(0, len(names), _SCAN_BATCH):
+                batch = names[start:start + _SCAN_BATCH]
+                values = await client.mget(batch)
+                locks += [self._decode(n, v) for n, v in zip(batch, values, strict=True)
+                          if v is not None]
+        return locks
+
+    async def list(self, *, repo: str | None = None, pull: int | None = None) -> Locks:
+        locks = [lock for lock in await self._scan(repo)
+                 if (repo is None or lock.project.repo_full_name == repo)
+                 and (pull is None or lock.pull.num == pull)]
+        return sorted(locks, key=lambda lock: lock.key)
+
+    async def release_by_pull(self, repo: str, pull: int) -> Locks:
+        released: Locks = []
+        for lock in await self.list(repo=repo, pull=pull):
+            try:
+                if (gone := await self.release(lock.key, owner=(repo, pull))) is not None:
+                    released.append(gone)
+            except LockNotOwned:
+                continue  # taken over by another pull since the scan: not ours to release
+        return released
+
+    async def refresh(self, key: str, owner: Owner, ttl: timedelta) -> Lock:
+        raise LockingError(f"lock {key}: Atlantis's layout has no leases to refresh", key=key)
+
+    async def export(self) -> tuple[Locks, dict[str, int]]:
+        return await self.list(), {}
+
+    async def adopt(self, locks: Locks, tokens: dict[str, int]) -> Locks:
+        conflicts: Locks = []
+        for lock in locks:
+            granted, _ = await self.acquire(lock.model_copy(update={"backend": "legacy"}))
+            if not granted:
+                conflicts.append(lock)
+        return conflicts
+
+    async def ping(self) -> None:
+        with unavailable(self.connection, "ping"):
+            await self.connection.client.ping()
+
+    async def close(self) -> None:
+        await self.connection.close()

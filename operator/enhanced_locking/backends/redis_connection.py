@@ -1,0 +1,159 @@
+"""Connecting to Redis from the settings, and turning its failures into ``BackendUnavailable``.
+
+One asyncio client per backend, over a bounded pool (``redis-pool-size``) that waits for a free
+connection instead of failing. The client speaks RESP through hiredis when it is installed.
+Settings: ``redis-addr`` or Sentinel (``redis-sentinel-addrs`` + ``redis-sentinel-master``),
+``redis-db``, ``redis-username`` + ``redis-password`` (ACL or ``requirepass``), and TLS (CA,
+client certificate, skip-verify).
+
+redis-py's own retries are switched off: a lock operation is not blindly repeatable, and this
+service has its own retry policy (the ``retries`` flag) that knows which answers are definite.
+
+The password never leaves this module: it is not part of :attr:`RedisConnection.where`, it is
+masked in every error message we build (even if a library put it there), and the client's
+``repr`` shows only host, port and db.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ssl
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+import redis.exceptions as rexc
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
+
+from enhanced_locking.config import SECRET_MASK, EnhancedLockingConfig
+from enhanced_locking.types import BackendUnavailable
+
+__all__ = ["COMMAND_TIMEOUT", "CONNECT_TIMEOUT", "RedisConnection", "connect", "unavailable"]
+
+CONNECT_TIMEOUT = 2.0
+"""Seconds to open a connection; a stopped Redis is refused at once, a lost one times out."""
+
+COMMAND_TIMEOUT = 5.0
+"""Seconds one command (or script) may take; our scripts take microseconds."""
+
+POOL_WAIT = 5.0
+"""Seconds a call waits for a free pooled connection before reporting the pool exhausted."""
+
+# What "Redis is not there (or will not serve us)" looks like. ResponseErrors that are our
+# own mistakes (a script bug) are not in the list: they must surface, not look like an outage.
+_DOWN: tuple[type[BaseException], ...] = (
+    rexc.ConnectionError,  # also AuthenticationError, MasterNotFoundError
+    rexc.TimeoutError,
+    rexc.BusyLoadingError,
+    rexc.ReadOnlyError,  # writing to a replica during a failover
+    rexc.NoPermissionError,  # an ACL user without the rights we need
+    rexc.AuthenticationWrongNumberOfArgsError,
+    TimeoutError,
+    OSError,
+)
+
+
+def _host_port(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+@dataclass
+class RedisConnection:
+    """An asyncio client plus what it is safe to say about it in messages."""
+
+    client: aioredis.Redis
+    where: str
+    secret: str
+    sentinels: list[aioredis.Redis] = field(default_factory=list)
+
+    def scrub(self, text: str) -> str:
+        """``text`` with the password masked (belt and braces: libraries should not echo it)."""
+        return text.replace(self.secret, SECRET_MASK) if self.secret else text
+
+    async def close(self) -> None:
+        await self.client.aclose(close_connection_pool=True)
+        for sentinel in self.sentinels:
+            await sentinel.aclose(close_connection_pool=True)
+
+
+@contextlib.contextmanager
+def unavailable(
+    connection: RedisConnection, action: str, *, key: str | None = None
+) -> Iterator[None]:
+    """Redis unreachable, slow, loading, read-only or refusing us: ``BackendUnavailable``."""
+    try:
+        yield
+    except _DOWN as error:
+        detail = connection.scrub(str(error) or type(error).__name__)
+        raise BackendUnavailable(
+            f"redis {connection.where} did not answer ({action}): {type(error).__name__}: {detail}",
+            key=key,
+        ) from None
+
+
+def _tls_kwargs(config: EnhancedLockingConfig) -> dict[str, Any]:
+    if not config.redis_tls:
+        return {}
+    kwargs: dict[str, Any] = {"ssl": True}
+    if config.redis_tls_skip_verify:
+        kwargs.update(ssl_cert_reqs=ssl.CERT_NONE, ssl_check_hostname=False)
+    if config.redis_tls_ca_file:
+        kwargs["ssl_ca_certs"] = config.redis_tls_ca_file
+    if config.redis_tls_cert_file:
+        kwargs.update(ssl_certfile=config.redis_tls_cert_file,
+                      ssl_keyfile=config.redis_tls_key_file)
+    return kwargs
+
+
+def connection_kwargs(config: EnhancedLockingConfig) -> dict[str, Any]:
+    """What every connection to a data node is opened with."""
+    password = config.redis_password.get_secret_value()
+    return {
+        "db": config.redis_db,
+        "username": config.redis_username or None,
+        "password": password or None,
+        "socket_connect_timeout": CONNECT_TIMEOUT,
+        "socket_timeout": COMMAND_TIMEOUT,
+        "socket_keepalive": True,
+        "retry": Retry(NoBackoff(), 0),
+        "decode_responses": True,
+        "client_name": "enhanced-locking",
+        **_tls_kwargs(config),
+    }
+
+
+def connect(config: EnhancedLockingConfig) -> RedisConnection:
+    """A client for the configured Redis (nothing is sent until the first command)."""
+    kwargs = connection_kwargs(config)
+    secret = config.redis_password.get_secret_value()
+    if config.redis_sentinel_addrs:
+        # Sentinels are asked with the same TLS settings but no credentials: the password and
+        # ACL user are the data nodes'. Sentinels that require a password are not supported.
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            [_host_port(addr) for addr in config.redis_sentinel_addrs],
+            sentinel_kwargs={
+                "socket_connect_timeout": CONNECT_TIMEOUT,
+                "socket_timeout": COMMAND_TIMEOUT,
+                "retry": Retry(NoBackoff(), 0),
+                **_tls_kwargs(config),
+            },
+            **kwargs,
+        )
+        client = sentinel.master_for(
+            config.redis_sentinel_master, max_connections=config.redis_pool_size,
+        )
+        where = (f"master {config.redis_sentinel_master!r} via sentinels "
+                 f"{','.join(config.redis_sentinel_addrs)} db {config.redis_db}")
+        return RedisConnection(client, where, secret, sentinels=list(sentinel.sentinels))
+    host, port = _host_port(config.redis_addr)
+    pool = aioredis.BlockingConnectionPool(
+        host=host, port=port, max_connections=config.redis_pool_size, timeout=POOL_WAIT,
+        connection_class=aioredis.SSLConnection if config.redis_tls else aioredis.Connection,
+        **{k: v for k, v in kwargs.items() if k != "ssl"},
+    )
+    client = aioredis.Redis(connection_pool=pool)
+    return RedisConnection(client, f"{config.redis_addr} db {config.redis_db}", secret)

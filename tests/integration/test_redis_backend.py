@@ -1,0 +1,191 @@
+"""The Redis backend against a real redis-server: layout, server time, scripts, replicas.
+
+The behaviours every backend shares run from the backend-generic tests (``backend_factory``
+has a ``redis`` kind); these are the ones only Redis has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import pytest
+from redis.crc import key_slot
+from tests.support.locks import lock_for, request_for
+from tests.support.redis_fixtures import redis_config
+from tests.support.redis_server import RedisServer
+
+from enhanced_locking.backends.memory import MemoryBackend
+from enhanced_locking.backends.redis_store import RedisBackend
+from enhanced_locking.types import LockingError, LockNotOwned
+
+pytestmark = pytest.mark.redis
+
+KEY = "acme/infra/envs/prod/default/prod"
+
+
+@pytest.fixture
+async def backend(redis_server: RedisServer) -> AsyncIterator[RedisBackend]:
+    backend = RedisBackend.from_config(redis_config(redis_server), "enhanced")
+    yield backend
+    await backend.close()
+
+
+async def test_a_grant_is_a_hash_of_atlantis_json_under_the_prefix_with_a_hash_tag(
+    redis_server: RedisServer,
+) -> None:
+    backend = RedisBackend.from_config(
+        redis_config(redis_server, redis_key_prefix="team-a:"), "enhanced")
+    try:
+        granted, lock = await backend.acquire(lock_for(request_for(pull=7)))
+    finally:
+        await backend.close()
+    assert granted and lock.fencing_token == 1
+    with redis_server.client() as admin:
+        stored = admin.hgetall(f"team-a:enhanced:lock:{{{KEY}}}")
+        names = admin.keys("*")
+    data = json.loads(stored[b"data"])
+    assert data["Project"] == {"ProjectName": "prod", "RepoFullName": "acme/infra",
+                               "Path": "envs/prod"}
+    assert data["Pull"]["Num"] == 7 and data["Workspace"] == "default"
+    assert stored[b"token"] == b"1" and stored[b"repo"] == b"acme/infra"
+    assert stored[b"pull"] == b"7"
+    # Everything about one lock key hashes to one slot.
+    assert key_slot(f"team-a:enhanced:lock:{{{KEY}}}".encode()) == key_slot(
+        f"team-a:enhanced:fence:{{{KEY}}}".encode())
+    assert all(name.startswith(b"team-a:") for name in names)
+
+
+async def test_a_lease_ends_by_the_server_clock(
+    backend: RedisBackend, redis_server: RedisServer
+) -> None:
+    _, lock = await backend.acquire(lock_for(request_for(ttl=timedelta(milliseconds=300))))
+    with redis_server.client() as admin:
+        seconds, micros = admin.time()
+        pttl = admin.pttl(f"atlantis:enhanced:enhanced:lock:{{{KEY}}}")
+    server_ms = seconds * 1000 + micros // 1000
+    assert lock.expires_at is not None
+    expires_ms = int(lock.expires_at.timestamp() * 1000)
+    assert server_ms < expires_ms <= server_ms + 300
+    assert 0 < pttl <= 300
+    await asyncio.sleep(0.4)
+    assert await backend.get(KEY) is None
+    again, relock = await backend.acquire(lock_for(request_for(pull=2)))
+    assert again and relock.fencing_token == 2
+
+
+async def test_refresh_restarts_the_lease_from_now_and_only_for_the_owner(
+    backend: RedisBackend,
+) -> None:
+    await backend.acquire(lock_for(request_for(pull=1, ttl=timedelta(milliseconds=300))))
+    refreshed = await backend.refresh(KEY, ("acme/infra", 1), timedelta(seconds=30))
+    assert refreshed.expires_at is not None and refreshed.fencing_token == 1
+    await asyncio.sleep(0.4)
+    assert await backend.get(KEY) is not None
+    with pytest.raises(LockNotOwned):
+        await backend.refresh(KEY, ("acme/infra", 2), timedelta(seconds=30))
+    await backend.release(KEY)
+    with pytest.raises(LockingError, match="not held"):
+        await backend.refresh(KEY, ("acme/infra", 1), timedelta(seconds=30))
+
+
+async def test_release_by_pull_spares_a_key_the_pull_lost_to_another(
+    backend: RedisBackend,
+) -> None:
+    lease = timedelta(milliseconds=200)
+    await backend.acquire(lock_for(request_for(pull=1, path="a", ttl=lease)))
+    await backend.acquire(lock_for(request_for(pull=1, path="b")))
+    await asyncio.sleep(0.3)  # pull 1 loses "a" to its lease; pull 2 takes it
+    await backend.acquire(lock_for(request_for(pull=2, path="a")))
+    released = await backend.release_by_pull("acme/infra", 1)
+    assert [lock.project.path for lock in released] == ["b"]
+    remaining = await backend.list()
+    assert [(lock.project.path, lock.pull.num) for lock in remaining] == [("a", 2)]
+    assert await backend.list(repo="acme/infra", pull=1) == []
+
+
+async def test_list_filters_by_repository_and_pull(backend: RedisBackend) -> None:
+    await backend.acquire(lock_for(request_for(repo="acme/infra", pull=1)))
+    await backend.acquire(lock_for(request_for(repo="acme/infra", pull=2, path="x")))
+    await backend.acquire(lock_for(request_for(repo="acme/infra2", pull=1)))
+    assert len(await backend.list()) == 3
+    assert {lock.pull.num for lock in await backend.list(repo="acme/infra")} == {1, 2}
+    assert [lock.project.repo_full_name for lock in await backend.list(pull=1)] == [
+        "acme/infra", "acme/infra2"]
+    only = await backend.list(repo="acme/infra2", pull=1)
+    assert [lock.project.repo_full_name for lock in only] == ["acme/infra2"]
+
+
+async def test_scripts_are_loaded_again_after_the_server_forgets_them(
+    backend: RedisBackend, redis_server: RedisServer
+) -> None:
+    await backend.acquire(lock_for(request_for(pull=1)))
+    with redis_server.client() as admin:
+        admin.script_flush()
+    granted, holder = await backend.acquire(lock_for(request_for(pull=2)))
+    assert not granted and holder.pull.num == 1
+
+
+async def test_two_replicas_never_both_grant_a_key(redis_server: RedisServer) -> None:
+    config = redis_config(redis_server)
+    replicas = [RedisBackend.from_config(config, "enhanced") for _ in range(2)]
+    try:
+        for round_ in range(20):
+            key_path = f"race-{round_}"
+            answers = await asyncio.gather(*(
+                replicas[n % 2].acquire(lock_for(request_for(pull=n + 1, path=key_path)))
+                for n in range(50)
+            ))
+            winners = {lock.pull.num for granted, lock in answers if granted}
+            assert len(winners) == 1
+            assert {lock.pull.num for _, lock in answers} == winners
+    finally:
+        for replica in replicas:
+            await replica.close()
+
+
+async def test_fencing_tokens_rise_across_releases_and_namespaces_are_apart(
+    redis_server: RedisServer,
+) -> None:
+    config = redis_config(redis_server)
+    enhanced = RedisBackend.from_config(config, "enhanced")
+    shadow = RedisBackend.from_config(config, "shadow")
+    try:
+        tokens = []
+        for pull in range(1, 6):
+            _, lock = await enhanced.acquire(lock_for(request_for(pull=pull)))
+            tokens.append(lock.fencing_token)
+            await enhanced.release(KEY)
+        assert tokens == [1, 2, 3, 4, 5]
+        granted, lock = await shadow.acquire(lock_for(request_for(pull=9)))
+        assert granted and lock.fencing_token == 1
+        assert await enhanced.get(KEY) is None
+    finally:
+        await enhanced.close()
+        await shadow.close()
+
+
+async def test_export_and_adopt_move_locks_and_counters_without_lowering_them(
+    backend: RedisBackend,
+) -> None:
+    memory = MemoryBackend("enhanced")
+    for pull in range(1, 4):
+        await memory.acquire(lock_for(request_for(pull=pull, path=f"p{pull}")))
+        await memory.release(f"acme/infra/p{pull}/default/prod")
+        await memory.acquire(lock_for(request_for(pull=pull, path=f"p{pull}",
+                                                  ttl=timedelta(hours=1))))
+    locks, tokens = await memory.export()
+    assert await backend.adopt(locks, tokens) == []
+    moved, moved_tokens = await backend.export()
+    assert [(lock.key, lock.fencing_token) for lock in moved] == [
+        (lock.key, lock.fencing_token) for lock in locks]
+    assert moved_tokens == tokens
+    assert all(lock.expires_at is not None for lock in moved)
+    # Counters only ever rise: adopting lower ones changes nothing.
+    await backend.adopt([], {key: 1 for key in tokens})
+    assert (await backend.export())[1] == tokens
+    # A key held here by another pull is a conflict, not an overwrite.
+    other = lock_for(request_for(pull=99, path="p1"))
+    assert await backend.adopt([other], {}) == [other]

@@ -1,0 +1,132 @@
+"""Connecting to a real Redis: outages, passwords, ACL users, TLS and Sentinel.
+
+The password must never show: not in errors, not in logs, not in a repr.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+from tests.support.locks import lock_for, request_for
+from tests.support.redis_fixtures import ServerMaker, redis_config
+from tests.support.redis_server import RedisSentinel, RedisServer
+
+from enhanced_locking.backends.redis_store import RedisBackend
+from enhanced_locking.types import BackendUnavailable
+
+pytestmark = pytest.mark.redis
+
+PASSWORD = "pw-3f9a1c-never-printed"
+
+
+async def test_a_stopped_redis_is_unavailable_and_usable_again_once_back(
+    redis_server: RedisServer,
+) -> None:
+    backend = RedisBackend.from_config(redis_config(redis_server), "enhanced")
+    try:
+        await backend.ping()
+        redis_server.stop()
+        with pytest.raises(BackendUnavailable, match=redis_server.addr) as caught:
+            await backend.acquire(lock_for(request_for()))
+        assert caught.value.key == request_for().key
+        with pytest.raises(BackendUnavailable, match="ping"):
+            await backend.ping()
+        redis_server.start()
+        granted, _ = await backend.acquire(lock_for(request_for()))
+        assert granted
+    finally:
+        await backend.close()
+
+
+async def test_requirepass_is_used_and_never_shown(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    redis_server.set_requirepass(PASSWORD)
+    good = RedisBackend.from_config(redis_config(redis_server), "enhanced")
+    wrong = RedisBackend.from_config(
+        redis_config(redis_server, redis_password=PASSWORD + "-wrong"), "enhanced")
+    missing = RedisBackend.from_config(redis_config(redis_server, redis_password=""), "enhanced")
+    try:
+        assert (await good.acquire(lock_for(request_for())))[0]
+        for backend in (wrong, missing):
+            with pytest.raises(BackendUnavailable) as caught:
+                await backend.acquire(lock_for(request_for(pull=2)))
+            assert PASSWORD not in str(caught.value)
+            assert "Authentication" in str(caught.value)
+        for backend in (good, wrong, missing):
+            assert PASSWORD not in repr(backend)
+            assert PASSWORD not in repr(backend.connection.client)
+    finally:
+        for backend in (good, wrong, missing):
+            await backend.close()
+    assert PASSWORD not in caplog.text
+
+
+async def test_an_acl_user_works_and_one_without_rights_is_reported(
+    redis_server: RedisServer,
+) -> None:
+    redis_server.create_acl_user("locker", PASSWORD)
+    redis_server.create_acl_user("outsider", PASSWORD, rules=("~elsewhere:*", "&*", "+@all"))
+    locker = RedisBackend.from_config(
+        redis_config(redis_server, redis_username="locker", redis_password=PASSWORD), "enhanced")
+    outsider = RedisBackend.from_config(
+        redis_config(redis_server, redis_username="outsider", redis_password=PASSWORD),
+        "enhanced")
+    try:
+        granted, lock = await locker.acquire(lock_for(request_for()))
+        assert granted and lock.fencing_token == 1
+        with pytest.raises(BackendUnavailable, match="NoPermissionError") as caught:
+            await outsider.acquire(lock_for(request_for(pull=2)))
+        assert PASSWORD not in str(caught.value)
+    finally:
+        await locker.close()
+        await outsider.close()
+
+
+async def test_tls_with_the_ca_and_a_client_certificate(redis_servers: ServerMaker) -> None:
+    server = redis_servers(tls=True)
+    backend = RedisBackend.from_config(redis_config(server), "enhanced")
+    try:
+        granted, _ = await backend.acquire(lock_for(request_for()))
+        assert granted
+    finally:
+        await backend.close()
+
+
+async def test_tls_skip_verify_connects_without_the_ca_and_verification_refuses_it(
+    redis_servers: ServerMaker,
+) -> None:
+    server = redis_servers(tls=True)
+    skipping = RedisBackend.from_config(
+        redis_config(server, redis_tls_ca_file="", redis_tls_cert_file="",
+                     redis_tls_key_file="", redis_tls_skip_verify=True), "enhanced")
+    verifying = RedisBackend.from_config(
+        redis_config(server, redis_tls_ca_file="", redis_tls_cert_file="",
+                     redis_tls_key_file=""), "enhanced")
+    try:
+        await skipping.ping()
+        with pytest.raises(BackendUnavailable, match="certificate verify failed"):
+            await verifying.ping()
+    finally:
+        await skipping.close()
+        await verifying.close()
+
+
+async def test_sentinel_finds_the_master(redis_server: RedisServer, tmp_path: Path) -> None:
+    redis_server.set_requirepass(PASSWORD)
+    sentinel = RedisSentinel(tmp_path / "sentinel", redis_server).start()
+    backend = RedisBackend.from_config(
+        redis_config(redis_server, redis_addr="localhost:1", redis_sentinel_addrs=[sentinel.addr],
+                     redis_sentinel_master=sentinel.name), "enhanced")
+    try:
+        granted, _ = await backend.acquire(lock_for(request_for()))
+        assert granted
+        assert "via sentinels" in repr(backend) and PASSWORD not in repr(backend)
+        with redis_server.client() as admin:
+            assert admin.exists(f"atlantis:enhanced:enhanced:lock:{{{request_for().key}}}")
+    finally:
+        await backend.close()
+        sentinel.close()

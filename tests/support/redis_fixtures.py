@@ -1,0 +1,76 @@
+"""Pytest fixtures for a real Redis (loaded as a plugin by ``tests/conftest.py``).
+
+* ``redis_server``: a running :class:`RedisServer` private to the test (no persistence).
+* ``redis_servers(persistence=..., tls=...)``: start more, with options; all are killed at the
+  end of the test.
+* ``redis_config(server, **settings)``: an :class:`EnhancedLockingConfig` pointed at a server.
+* :func:`redis_backend_maker`: the ``redis`` entry of the shared ``backend_factory``.
+
+A missing ``redis-server`` fails the test with how to install it; it never skips.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from tests.support.redis_server import Persistence, RedisServer, RedisServerError
+
+from enhanced_locking.backends.base import Backend
+from enhanced_locking.backends.redis_store import RedisBackend
+from enhanced_locking.config import EnhancedLockingConfig
+
+__all__ = [
+    "ServerMaker", "redis_backend_maker", "redis_config", "redis_server", "redis_servers",
+]
+
+ServerMaker = Callable[..., RedisServer]
+
+
+@pytest.fixture
+def redis_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerMaker]:
+    """``redis_servers(persistence="aof", tls=True)`` starts a server for this test."""
+    started: list[RedisServer] = []
+
+    def start(*, persistence: Persistence = "none", tls: bool = False) -> RedisServer:
+        try:
+            server = RedisServer(tmp_path_factory.mktemp("redis"), persistence=persistence,
+                                 tls=tls)
+            started.append(server)
+            return server.start()
+        except RedisServerError as error:
+            pytest.fail(str(error), pytrace=False)
+
+    yield start
+    for server in started:
+        server.close()
+
+
+@pytest.fixture
+def redis_server(redis_servers: ServerMaker) -> RedisServer:
+    """A running redis-server on a free loopback port, empty, private to this test."""
+    return redis_servers()
+
+
+def redis_config(server: RedisServer, **settings: Any) -> EnhancedLockingConfig:
+    """Settings that point at ``server`` (TLS files included when it speaks TLS)."""
+    values: dict[str, Any] = {"redis_addr": server.addr}
+    if server.password is not None:
+        values["redis_password"] = server.password
+    if server.tls is not None:
+        values.update(
+            redis_tls=True,
+            redis_tls_ca_file=str(server.tls.ca),
+            redis_tls_cert_file=str(server.tls.client.cert),
+            redis_tls_key_file=str(server.tls.client.key),
+        )
+    values.update(settings)
+    return EnhancedLockingConfig(**values)
+
+
+def redis_backend_maker(request: pytest.FixtureRequest) -> Callable[[str], Backend]:
+    """``BackendKind.setup`` of ``redis``: backends of any namespace on the test's server."""
+    server: RedisServer = request.getfixturevalue("redis_server")
+    config = redis_config(server)
+    return lambda namespace: RedisBackend.from_config(config, namespace)
