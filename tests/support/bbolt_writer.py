@@ -1,0 +1,140 @@
+"""bbolt files written by the real bbolt library, for the reader's and the importers' tests.
+
+``tests/bbolt_writer`` is a small Go program on ``go.etcd.io/bbolt`` (from the Go module proxy)
+that writes a file from a JSON spec, with Atlantis's own structs for the lock values, and then
+prints what bbolt itself reads back. :func:`build_writer` compiles it once into a cache
+directory keyed by its sources (so a change to them rebuilds it); :class:`BoltWriter` runs it.
+
+A machine without ``go`` fails the tests that need it, with how to get it: the reader is never
+tested only against bytes made by its own inverse.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+__all__ = ["BoltWriter", "BoltWriterError", "atlantis_lock", "build_writer", "go_time", "lock_key"]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+WRITER_DIR = REPO_ROOT / "tests" / "bbolt_writer"
+SOURCES = ("go.mod", "go.sum", "main.go")
+GO_MISSING = (
+    "go is not installed: the bbolt tests build tests/bbolt_writer (a Go program on "
+    "go.etcd.io/bbolt) with Go 1.25 or newer; install Go and put `go` on PATH"
+)
+
+
+class BoltWriterError(RuntimeError):
+    """The writer could not be built or did not write the file."""
+
+
+def _cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "enhanced-locking" / "bbolt-writer"
+
+
+def build_writer(cache_root: Path | None = None) -> Path:
+    """The compiled writer, built with ``go build`` unless this version of it is cached."""
+    go = shutil.which("go")
+    if go is None:
+        raise BoltWriterError(GO_MISSING)
+    digest = hashlib.sha256()
+    for name in SOURCES:
+        digest.update((WRITER_DIR / name).read_bytes())
+    version = subprocess.run([go, "version"], capture_output=True, text=True, check=False)
+    digest.update(version.stdout.encode())
+    target = (cache_root or _cache_root()) / digest.hexdigest()[:16] / "bboltwriter"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "GOFLAGS": "-mod=readonly -buildvcs=false", "CGO_ENABLED": "0"}
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        built = Path(scratch) / "bboltwriter"
+        result = subprocess.run(
+            [go, "build", "-o", str(built), "."], cwd=WRITER_DIR, env=env,
+            capture_output=True, text=True, check=False, timeout=600,
+        )
+        if result.returncode != 0:
+            raise BoltWriterError(f"go build of {WRITER_DIR} failed:\n{result.stderr[-3000:]}")
+        built.replace(target)  # atomic: a concurrent build never sees half a binary
+    return target
+
+
+class BoltWriter:
+    """Runs the compiled writer: ``writer.write(path, transactions)`` → bbolt's own reading."""
+
+    def __init__(self, binary: Path) -> None:
+        self.binary = binary
+
+    def write(
+        self, path: Path, transactions: list[list[dict[str, Any]]], *, page_size: int = 0
+    ) -> dict[str, Any]:
+        spec = {"path": str(path), "pageSize": page_size, "transactions": transactions}
+        result = subprocess.run(
+            [str(self.binary)], input=json.dumps(spec), capture_output=True, text=True,
+            check=False, timeout=120,
+        )
+        if result.returncode != 0:
+            raise BoltWriterError(f"bboltwriter failed: {result.stderr.strip()}")
+        dump: dict[str, Any] = json.loads(result.stdout)
+        return dump
+
+
+def go_time(value: datetime) -> str:
+    """A time as Go's ``encoding/json`` accepts it (RFC 3339 with nanoseconds)."""
+    return value.isoformat().replace("+00:00", "Z")
+
+
+def atlantis_lock(
+    *,
+    repo: str,
+    pull: int,
+    path: str = ".",
+    workspace: str = "default",
+    project_name: str = "",
+    user: str = "alice",
+    time: datetime | str = datetime(2024, 5, 1, 10, 0, tzinfo=UTC),
+    clone_url: str | None = None,
+    pull_url: str | None = None,
+    teams: list[str] | None = None,
+) -> dict[str, Any]:
+    """A ``models.ProjectLock`` as Atlantis fills it, as JSON input for the Go structs."""
+    owner, _, name = repo.rpartition("/")
+    return {
+        "Project": {"ProjectName": project_name, "RepoFullName": repo, "Path": path},
+        "Pull": {
+            "Num": pull,
+            "HeadCommit": f"{pull:040x}",
+            "URL": pull_url if pull_url is not None else f"https://github.com/{repo}/pull/{pull}",
+            "HeadBranch": f"feature-{pull}",
+            "BaseBranch": "main",
+            "Author": user,
+            "State": 0,
+            "BaseRepo": {
+                "FullName": repo,
+                "Owner": owner,
+                "Name": name,
+                "CloneURL": clone_url or f"https://github.com/{repo}.git",
+                "SanitizedCloneURL": f"https://github.com/{repo}.git",
+                "VCSHost": {"Hostname": "github.com", "Type": 0},
+            },
+        },
+        "User": {"Username": user, "Teams": teams},
+        "Workspace": workspace,
+        "Time": time if isinstance(time, str) else go_time(time),
+    }
+
+
+def lock_key(lock: dict[str, Any]) -> str:
+    """Atlantis's current lock key for a ProjectLock dict."""
+    project = lock["Project"]
+    return (f"{project['RepoFullName']}/{project['Path']}/{lock['Workspace']}/"
+            f"{project['ProjectName']}")
