@@ -3,8 +3,11 @@
 ::
 
     enhanced-locking serve [--host H] [--port P] [--config FILE] [--enhanced-locking-* ...]
+    enhanced-locking operator [--namespace NS] [--policy NAME] [--migration NAME] [serve flags]
     enhanced-locking config show [--config FILE] [--enhanced-locking-* ...]
     enhanced-locking lock acquire|release|list|unlock-pull ...   (talks to a running service)
+    enhanced-locking migrate import (--from-boltdb FILE | --from-redis URL) [--dry-run]
+                                    [--output table|json] [--enhanced-locking-* ...]
 
 Exit codes: 0 done; 1 refused (lock held, not found, not owned); 2 invalid usage or config;
 3 the service could not be reached.
@@ -17,8 +20,9 @@ import asyncio
 import json
 import logging
 import os
+import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
 from enhanced_locking import config as config_module
@@ -59,7 +63,10 @@ def _serve(args: argparse.Namespace) -> int:
     return asyncio.run(_run_service(config, args.host, args.port))
 
 
-async def _run_service(config: config_module.EnhancedLockingConfig, host: str, port: int) -> int:
+async def _run_service(
+    config: config_module.EnhancedLockingConfig, host: str, port: int, operator: Any = None
+) -> int:
+    """Serve the lock service; with ``operator`` options, kopf runs in the same loop."""
     import uvicorn
 
     from enhanced_locking.api import create_app
@@ -75,21 +82,123 @@ async def _run_service(config: config_module.EnhancedLockingConfig, host: str, p
         return EXIT_REFUSED
     log.info("config generation 1 hash %s: %s", service.provider.current.hash,
              json.dumps(config.masked()))
-    server = uvicorn.Server(uvicorn.Config(
+    server_class = uvicorn.Server if operator is None else _operator_server()
+    server = server_class(uvicorn.Config(
         create_app(service, manage_lifecycle=False), host=host, port=port,
         log_level="warning", lifespan="on",
     ))
     try:
+        if operator is not None:
+            from enhanced_locking.kube.operator import run
+
+            return await run(service, operator, http=server)
         await server.serve()
     finally:
         await service.close()
     return 0
 
 
+# --- operator --------------------------------------------------------------------------------
+def _operator(args: argparse.Namespace) -> int:
+    from enhanced_locking.kube.operator import OperatorOptions
+
+    config = _load(args)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    options = OperatorOptions(
+        namespace=args.namespace, policy=args.policy, migration=args.migration,
+        liveness=args.liveness, resync_interval=args.resync_interval,
+        standalone=args.standalone,
+    )
+    return asyncio.run(_run_service(config, args.host, args.port, operator=options))
+
+
+def _operator_server() -> Any:
+    """A uvicorn server that leaves SIGINT/SIGTERM to the operator, which stops it in order."""
+    import contextlib
+
+    import uvicorn
+
+    class OperatorServer(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
+    return OperatorServer
+
+
+def _k8s_name(value: str) -> str:
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", value) or len(value) > 253:
+        raise argparse.ArgumentTypeError(f"not a Kubernetes object name: {value!r}")
+    return value
+
+
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0
+    if not 1 <= seconds <= 86400:
+        raise argparse.ArgumentTypeError(f"expected seconds from 1 to 86400, got {value!r}")
+    return seconds
+
+
+def _service_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default=os.environ.get("ENHANCED_LOCKING_HOST", "127.0.0.1"))
+    parser.add_argument("--port", type=int,
+                        default=int(os.environ.get("ENHANCED_LOCKING_PORT", "4142")))
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"])
+    config_module.add_flags(parser)
+
+
 # --- config show -----------------------------------------------------------------------------
 def _config_show(args: argparse.Namespace) -> int:
     _print(_load(args).masked())
     return 0
+
+
+# --- migrate import --------------------------------------------------------------------------
+def _migrate_import(args: argparse.Namespace) -> int:
+    config = _load(args)
+    if config.backend == "memory" and not args.dry_run:
+        print("enhanced-locking: the memory backend keeps nothing once this command ends; set "
+              "--enhanced-locking-backend to boltdb or redis (or use --dry-run)", file=sys.stderr)
+        return EXIT_USAGE
+    return asyncio.run(_run_import(config, args))
+
+
+async def _run_import(config: config_module.EnhancedLockingConfig, args: argparse.Namespace) -> int:
+    from enhanced_locking.factory import build_backend
+    from enhanced_locking.migration import importers
+    from enhanced_locking.types import LockingError
+
+    backend = None
+    try:
+        if args.from_boltdb is not None:
+            source, records = importers.read_boltdb(args.from_boltdb)
+        else:
+            source, records = await importers.read_redis(args.from_redis)
+        backend = build_backend(config, config.backend, "enhanced")
+        await backend.ping()
+        progress = importers.Progress(len(records), stream=sys.stderr)
+        report = await importers.import_locks(
+            records, backend, source=source, dry_run=args.dry_run, progress=progress
+        )
+    except importers.ImportSourceError as error:
+        print(f"enhanced-locking: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except LockingError as error:
+        print(f"enhanced-locking: {error}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    finally:
+        if backend is not None:
+            await backend.close()
+    if args.output == "json":
+        _print(report.as_dict())
+    else:
+        print(report.table())
+    return 0 if report.clean else EXIT_REFUSED
 
 
 # --- lock ... --------------------------------------------------------------------------------
@@ -153,13 +262,28 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     serve = commands.add_parser("serve", help="run the lock service")
-    serve.add_argument("--host", default=os.environ.get("ENHANCED_LOCKING_HOST", "127.0.0.1"))
-    serve.add_argument("--port", type=int,
-                       default=int(os.environ.get("ENHANCED_LOCKING_PORT", "4142")))
-    serve.add_argument("--log-level", default="info",
-                       choices=["debug", "info", "warning", "error"])
-    config_module.add_flags(serve)
+    _service_arguments(serve)
     serve.set_defaults(func=_serve)
+
+    operator = commands.add_parser(
+        "operator", help="run the lock service with the Kubernetes operator (one process)",
+        description="The lock service plus kopf reconciling a LockPolicy and a LockMigration "
+                    "of one namespace into its configuration (docs/02-migration.md).",
+    )
+    _service_arguments(operator)
+    operator.add_argument("--namespace", default=os.environ.get("POD_NAMESPACE", "default"),
+                          type=_k8s_name, help="namespace of the CRs (env POD_NAMESPACE)")
+    operator.add_argument("--policy", default="default", type=_k8s_name,
+                          help="name of the LockPolicy to apply (default: default)")
+    operator.add_argument("--migration", default="to-enhanced", type=_k8s_name,
+                          help="name of the LockMigration to apply (default: to-enhanced)")
+    operator.add_argument("--liveness", default=None, metavar="URL",
+                          help="kopf's liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
+    operator.add_argument("--resync-interval", default=30.0, type=_seconds, metavar="SECONDS",
+                          help="re-read the CRs and their Secrets this often (default: 30)")
+    operator.add_argument("--standalone", default=True, action=argparse.BooleanOptionalAction,
+                          help="run without kopf peering (default; one replica)")
+    operator.set_defaults(func=_operator)
 
     config_cmd = commands.add_parser("config", help="inspect the configuration")
     config_sub = config_cmd.add_subparsers(dest="config_command", required=True,
@@ -201,6 +325,25 @@ def _parser() -> argparse.ArgumentParser:
     unlock.add_argument("--repo", required=True)
     unlock.add_argument("--pull", type=int, required=True)
     unlock.set_defaults(func=_with_client(_unlock_pull))
+
+    migrate = commands.add_parser("migrate", help="move locks from Atlantis to enhanced locking")
+    migrate_sub = migrate.add_subparsers(dest="migrate_command", required=True,
+                                         parser_class=_Parser)
+    importing = migrate_sub.add_parser(
+        "import", help="import Atlantis's held locks into the configured enhanced backend",
+        description="Exit codes: 0 every lock imported or already there; 1 conflicts or "
+                    "unreadable records (see the report); 2 bad input; 3 a store did not answer.",
+    )
+    source = importing.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from-boltdb", metavar="FILE",
+                        help="Atlantis's BoltDB file (atlantis.db in its data dir)")
+    source.add_argument("--from-redis", metavar="URL",
+                        help="Atlantis's Redis, e.g. redis://:PASSWORD@HOST:6379/0")
+    importing.add_argument("--dry-run", action="store_true",
+                           help="report what would be imported; write nothing")
+    importing.add_argument("--output", choices=["table", "json"], default="table")
+    config_module.add_flags(importing)
+    importing.set_defaults(func=_migrate_import)
     return parser
 
 

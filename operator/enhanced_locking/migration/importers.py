@@ -1,0 +1,381 @@
+"""Importers: Atlantis's held locks, moved into the enhanced backend.
+
+Atlantis keeps its project locks in one of two places: the ``runLocks`` bucket of its BoltDB
+file (``{data-dir}/atlantis.db``; key = lock key, value = ``ProjectLock`` JSON) or, with
+``--locking-db-type=redis``, one Redis string per lock (``pr/{lockKey}`` → the same JSON, no
+TTL). :func:`read_boltdb` and :func:`read_redis` read those records; :func:`import_locks`
+writes them into a :class:`~enhanced_locking.backends.base.Backend` and reports, per lock:
+
+* ``imported``: the key was free; the lock now holds it with a fencing token the target
+  backend issued (its ``acquiredAt`` is Atlantis's original ``Time``);
+* ``skipped``: the key is already held by the same pull (a previous import, or the pull took
+  it again itself), so nothing changes; this is what makes a second run a no-op;
+* ``conflict``: another pull holds the key in the target; the import leaves it alone and the
+  command exits 1 so a person looks at it;
+* ``invalid``: the record could not be read as a lock (not JSON, no repository, ...).
+
+The lock key is recomputed from the JSON (``{repo}/{path}/{workspace}/{projectName}``), since
+older Atlantis versions keyed locks without the project name. Credentials never cross: the
+codec keeps only the pull's URL, with any ``user:token@`` removed, and drops ``BaseRepo``
+(whose ``CloneURL`` carries Atlantis's VCS token). The reader of the source is read-only.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+from pydantic import ValidationError
+
+from enhanced_locking.backends import codec
+from enhanced_locking.backends.base import Backend
+from enhanced_locking.migration import bbolt
+from enhanced_locking.types import BackendUnavailable, Lock, strip_credentials, utcnow
+
+__all__ = [
+    "ATLANTIS_LOCKS_BUCKET",
+    "ATLANTIS_REDIS_PATTERN",
+    "ImportReport",
+    "ImportRow",
+    "ImportSourceError",
+    "Outcome",
+    "Progress",
+    "SourceRecord",
+    "import_locks",
+    "read_boltdb",
+    "read_redis",
+]
+
+ATLANTIS_LOCKS_BUCKET = "runLocks"
+ATLANTIS_REDIS_PATTERN = "pr/*"
+_REDIS_BATCH = 500
+
+
+def _go_time(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+class ImportSourceError(Exception):
+    """The source cannot be read as Atlantis's locks (missing file, not bbolt, bad URL)."""
+
+
+class Outcome(enum.StrEnum):
+    IMPORTED = "imported"
+    SKIPPED = "skipped"
+    CONFLICT = "conflict"
+    INVALID = "invalid"
+
+
+@dataclass(frozen=True)
+class SourceRecord:
+    """One lock as Atlantis stored it: its key in Atlantis's store and the raw JSON."""
+
+    source_key: str
+    raw: bytes
+
+
+# --- reading Atlantis's stores ---------------------------------------------------------------
+def read_boltdb(path: str | Path) -> tuple[str, list[SourceRecord]]:
+    """Every record of the ``runLocks`` bucket of Atlantis's BoltDB file at ``path``."""
+    file = Path(path)
+    if not file.exists():
+        raise ImportSourceError(f"{file}: no such file")
+    if not file.is_file():
+        raise ImportSourceError(f"{file}: not a regular file")
+    try:
+        with bbolt.BoltDB.open(file) as db:
+            bucket = db.bucket(ATLANTIS_LOCKS_BUCKET)
+            if bucket is None:
+                names = ", ".join(b.name.decode(errors="replace") for b in db.buckets())
+                raise ImportSourceError(
+                    f"{file} is a bbolt file without a {ATLANTIS_LOCKS_BUCKET} bucket (it has: "
+                    f"{names or 'no buckets'}); is it Atlantis's atlantis.db?"
+                )
+            records = [
+                SourceRecord(key.decode(errors="replace"), value) for key, value in bucket.items()
+            ]
+    except (bbolt.BoltFormatError, bbolt.BoltFileLocked) as error:
+        raise ImportSourceError(str(error)) from None
+    except OSError as error:
+        raise ImportSourceError(f"{file}: {error.strerror}") from None
+    return f"boltdb file {file}", records
+
+
+async def read_redis(url: str) -> tuple[str, list[SourceRecord]]:
+    """Every ``pr/*`` string of Atlantis's Redis at ``url`` (SCAN, then GET in pipelines)."""
+    import redis.asyncio as aioredis
+    from redis.exceptions import RedisError, ResponseError
+
+    shown = strip_credentials(url)
+    try:
+        client = aioredis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+    except ValueError as error:
+        raise ImportSourceError(f"invalid Redis URL {shown}: {error}") from None
+    records: list[SourceRecord] = []
+    try:
+        keys = [key async for key in client.scan_iter(match=ATLANTIS_REDIS_PATTERN, count=1000)]
+        keys = sorted(set(keys))  # SCAN may return a key twice
+        for start in range(0, len(keys), _REDIS_BATCH):
+            batch = keys[start:start + _REDIS_BATCH]
+            async with client.pipeline(transaction=False) as pipe:
+                for key in batch:
+                    pipe.get(key)
+                values = await pipe.execute(raise_on_error=False)
+            for key, value in zip(batch, values, strict=True):
+                name = key.decode(errors="replace")
+                if value is None:
+                    continue  # released between SCAN and GET
+                if isinstance(value, ResponseError):
+                    records.append(SourceRecord(name, b""))  # not a string: reported invalid
+                    continue
+                if isinstance(value, Exception):
+                    raise value
+                records.append(SourceRecord(name, value))
+    except RedisError as error:
+        raise BackendUnavailable(f"cannot read Atlantis's Redis at {shown}: {error}") from None
+    finally:
+        await client.aclose()
+    return f"redis {shown}", records
+
+
+# --- the report ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ImportRow:
+    """What happened to one Atlantis lock."""
+
+    outcome: Outcome
+    source_key: str
+    key: str = ""
+    repo: str = ""
+    pull: int | None = None
+    workspace: str = ""
+    acquired_at: datetime | None = None
+    fencing_token: int | None = None
+    holder_repo: str | None = None
+    holder_pull: int | None = None
+    detail: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        holder = None
+        if self.holder_pull is not None:
+            holder = {"repo": self.holder_repo, "pull": self.holder_pull}
+        return {
+            "key": self.key,
+            "sourceKey": self.source_key,
+            "outcome": self.outcome.value,
+            "repo": self.repo,
+            "pull": self.pull,
+            "workspace": self.workspace,
+            "acquiredAt": _go_time(self.acquired_at) if self.acquired_at else None,
+            "fencingToken": self.fencing_token,
+            "holder": holder,
+            "detail": self.detail,
+        }
+
+
+@dataclass
+class ImportReport:
+    """Every lock read from the source and what the import did (or would do) with it."""
+
+    source: str
+    target: str
+    dry_run: bool
+    rows: list[ImportRow] = field(default_factory=list)
+
+    def count(self, outcome: Outcome) -> int:
+        return sum(1 for row in self.rows if row.outcome is outcome)
+
+    @property
+    def summary(self) -> dict[str, int]:
+        return {
+            "read": len(self.rows),
+            "imported": self.count(Outcome.IMPORTED),
+            "skipped": self.count(Outcome.SKIPPED),
+            "conflicts": self.count(Outcome.CONFLICT),
+            "invalid": self.count(Outcome.INVALID),
+        }
+
+    @property
+    def clean(self) -> bool:
+        """True when nothing needs a person: no conflict and no unreadable record."""
+        return not (self.count(Outcome.CONFLICT) or self.count(Outcome.INVALID))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "target": self.target,
+            "dryRun": self.dry_run,
+            "summary": self.summary,
+            "locks": [row.as_dict() for row in self.rows],
+        }
+
+    def table(self) -> str:
+        """The report as a text table, one lock a line, then the counts."""
+        verb = "would import" if self.dry_run else "imported"
+        title = f"Atlantis locks from {self.source} into the {self.target} backend"
+        if self.dry_run:
+            title += " (dry run: nothing was written)"
+        header = ("KEY", "PULL", "OUTCOME", "DETAIL")
+        lines = [
+            (
+                row.key or row.source_key,
+                f"#{row.pull}" if row.pull is not None else "-",
+                verb if row.outcome is Outcome.IMPORTED else row.outcome.value,
+                row.detail,
+            )
+            for row in self.rows
+        ]
+        widths = [max([len(header[i])] + [len(line[i]) for line in lines]) for i in range(3)]
+        out = [title, ""]
+        for line in [header, *lines]:
+            cells = [line[i].ljust(widths[i]) for i in range(3)]
+            out.append("  ".join([*cells, line[3]]).rstrip())
+        counts = self.summary
+        out += ["", f"read {counts['read']}, {verb} {counts['imported']}, "
+                    f"skipped {counts['skipped']}, conflicts {counts['conflicts']}, "
+                    f"invalid {counts['invalid']}"]
+        return "\n".join(out)
+
+
+# --- progress --------------------------------------------------------------------------------
+class Progress:
+    """A progress bar on a terminal, a plain line every tenth of the way otherwise."""
+
+    _WIDTH = 30
+    _REDRAW = 0.1  # seconds between redraws on a terminal
+
+    def __init__(self, total: int, *, stream: TextIO | None, label: str = "importing",
+                 tty: bool | None = None) -> None:
+        self.total = total
+        self.done = 0
+        self.stream = stream
+        self.label = label
+        self.tty = bool(stream is not None and (stream.isatty() if tty is None else tty))
+        self._step = max(1, total // 10)
+        self._drawn = 0.0
+
+    def advance(self) -> None:
+        self.done += 1
+        if self.stream is None:
+            return
+        if self.tty:
+            now = time.monotonic()
+            if now - self._drawn >= self._REDRAW or self.done == self.total:
+                self._drawn = now
+                filled = self._WIDTH * self.done // max(self.total, 1)
+                bar = "#" * filled + "-" * (self._WIDTH - filled)
+                percent = 100 * self.done // max(self.total, 1)
+                self.stream.write(f"\r{self.label} [{bar}] {percent:3d}% {self.done}/{self.total}")
+                self.stream.flush()
+        elif self.done % self._step == 0 or self.done == self.total:
+            self.stream.write(f"{self.label}: {self.done}/{self.total}\n")
+            self.stream.flush()
+
+    def finish(self) -> None:
+        if self.stream is not None and self.tty and self.total:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+# --- importing -------------------------------------------------------------------------------
+def _decode(record: SourceRecord) -> Lock | str:
+    """The record as an enhanced lock (no token yet), or why it cannot be one."""
+    try:
+        data = json.loads(record.raw)
+        if not isinstance(data, dict):
+            return "not a ProjectLock JSON object"
+        lock = codec.from_atlantis_dict(data)
+    except json.JSONDecodeError as error:
+        return f"not JSON ({error.msg} at character {error.pos})"
+    except ValidationError as error:
+        # Name the field, never echo the value: it could be anything Atlantis stored.
+        first = error.errors()[0]
+        return f"{'.'.join(str(part) for part in first['loc'])}: {first['msg']}"
+    except (KeyError, TypeError, ValueError) as error:
+        return f"not a ProjectLock ({type(error).__name__})"
+    user = data.get("User")
+    teams = user.get("Teams") if isinstance(user, dict) else None
+    update: dict[str, Any] = {"backend": "enhanced", "fencing_token": 0}
+    if not lock.user.teams and isinstance(teams, list) and all(isinstance(t, str) for t in teams):
+        update["user"] = lock.user.model_copy(update={"teams": teams})
+    return lock.model_copy(update=update)
+
+
+def _row(outcome: Outcome, record: SourceRecord, lock: Lock, **extra: Any) -> ImportRow:
+    return ImportRow(
+        outcome=outcome, source_key=record.source_key, key=lock.key,
+        repo=lock.project.repo_full_name, pull=lock.pull.num, workspace=lock.workspace,
+        acquired_at=lock.acquired_at, **extra,
+    )
+
+
+def _held(outcome: Outcome, record: SourceRecord, lock: Lock, holder: Lock) -> ImportRow:
+    if outcome is Outcome.SKIPPED:
+        detail = f"already held by this pull (fencing token {holder.fencing_token})"
+    else:
+        detail = f"held by {holder.project.repo_full_name} #{holder.pull.num}"
+    return _row(outcome, record, lock, fencing_token=holder.fencing_token,
+                holder_repo=holder.project.repo_full_name, holder_pull=holder.pull.num,
+                detail=detail)
+
+
+async def import_locks(
+    records: Iterable[SourceRecord],
+    backend: Backend,
+    *,
+    source: str,
+    dry_run: bool = False,
+    progress: Progress | None = None,
+) -> ImportReport:
+    """Import ``records`` into ``backend`` one lock at a time; with ``dry_run`` write nothing.
+
+    Each lock goes through the backend's own atomic acquire: a free key is granted with the
+    backend's next fencing token and Atlantis's original time, a key held by the same pull is
+    left as it is, a key held by another pull is left as it is and reported. So a second run
+    finds every lock already held by its pull and changes nothing.
+    """
+    report = ImportReport(source=source, target=backend.kind, dry_run=dry_run)
+    planned: dict[str, Lock] = {}  # dry run: what earlier records of this run would have taken
+    now = utcnow()
+    for record in records:
+        report.rows.append(await _import_one(record, backend, dry_run, planned, now))
+        if progress is not None:
+            progress.advance()
+    if progress is not None:
+        progress.finish()
+    return report
+
+
+async def _import_one(record: SourceRecord, backend: Backend, dry_run: bool,
+                      planned: dict[str, Lock], now: datetime) -> ImportRow:
+    lock = _decode(record)
+    if isinstance(lock, str):
+        return ImportRow(outcome=Outcome.INVALID, source_key=record.source_key, detail=lock)
+    if lock.expired(now):
+        return _row(Outcome.SKIPPED, record, lock,
+                    detail=f"expired at {_go_time(lock.expires_at or now)}")
+    owner = (lock.project.repo_full_name, lock.pull.num)
+    # get() first: it also clears an expired holder, so the acquire below (which judges expiry
+    # at Atlantis's original time) sees the key as it is now.
+    holder = planned.get(lock.key) if dry_run else None
+    holder = holder or await backend.get(lock.key)
+    if holder is not None:
+        outcome = Outcome.SKIPPED if holder.owned_by(*owner) else Outcome.CONFLICT
+        return _held(outcome, record, lock, holder)
+    if dry_run:
+        planned[lock.key] = lock
+        return _row(Outcome.IMPORTED, record, lock, detail="key is free")
+    granted, stored = await backend.acquire(lock)
+    if not granted:
+        return _held(Outcome.CONFLICT, record, lock, stored)
+    if stored.acquired_at != lock.acquired_at:  # the same pull took it between get and acquire
+        return _held(Outcome.SKIPPED, record, lock, stored)
+    return _row(Outcome.IMPORTED, record, lock, fencing_token=stored.fencing_token,
+                detail=f"fencing token {stored.fencing_token}")
+
