@@ -448,3 +448,63 @@ def test_a_bad_redis_url_exits_2(tmp_path: Path) -> None:
     result = run_cli("--from-redis", "http://nope", "--data-dir", str(tmp_path))
     assert result.returncode == 2
     assert "invalid Redis URL http://nope" in result.stderr
+
+
+@pytest.mark.redis
+def test_locks_are_imported_into_the_redis_backend_beside_atlantis_keys(
+    atlantis_redis: RedisServer, atlantis_db: tuple[Path, list[dict[str, Any]]],
+    tmp_path: Path,
+) -> None:
+    """Source and target on one Redis: Atlantis's ``pr/*`` keys and the enhanced keyspace."""
+    path, locks = atlantis_db
+    fill_like_atlantis(atlantis_redis, {lock_key(lock): json.dumps(lock).encode()
+                                        for lock in locks[:40]})
+    target = ("--enhanced-locking-backend", "redis",
+              "--enhanced-locking-redis-addr", atlantis_redis.addr)
+    url = f"redis://{atlantis_redis.addr}/0"
+    first = run_cli("--from-redis", url, *target, "--output", "json")
+    assert first.returncode == 0, first.stderr
+    assert _report(first)["summary"]["imported"] == 40
+    from_file = run_cli("--from-boltdb", str(path), *target, "--output", "json")
+    assert from_file.returncode == 0, from_file.stderr
+    assert _report(from_file)["summary"] == {"read": len(locks), "imported": len(locks) - 40,
+                                             "skipped": 40, "conflicts": 0, "invalid": 0}
+    again = run_cli("--from-redis", url, *target, "--output", "json")
+    assert _report(again)["summary"]["skipped"] == 40  # its own keys are not pr/* keys
+
+    from enhanced_locking.backends.redis_store import RedisBackend
+    from enhanced_locking.config import EnhancedLockingConfig
+
+    async def held() -> dict[str, Lock]:
+        config = EnhancedLockingConfig(redis_addr=atlantis_redis.addr)
+        backend = RedisBackend.from_config(config, "enhanced")
+        try:
+            return {lock.key: lock for lock in await backend.list()}
+        finally:
+            await backend.close()
+
+    stored = asyncio.run(held())
+    assert set(stored) == {lock_key(lock) for lock in locks}
+    zoned = stored["acme/zone/envs/eu/default/"]
+    assert zoned.acquired_at == datetime(2024, 5, 1, 10, 0, 0, 123456, tzinfo=PLUS_TWO)
+    assert {lock.fencing_token for lock in stored.values()} == {1}
+    with atlantis_redis.client() as client:  # every value of every enhanced key
+        enhanced = list(client.scan_iter("atlantis:enhanced:*"))
+        dumped = b"".join(_redis_values(client, key) for key in enhanced)
+    assert enhanced and b"acme/secret" in dumped
+    assert TOKEN.encode() not in dumped and b"atlantis-bot" not in dumped
+
+
+def _redis_values(client: Any, key: bytes) -> bytes:
+    kind = client.type(key)
+    if kind == b"string":
+        return bytes(client.get(key))
+    if kind == b"hash":
+        return b"".join(k + v for k, v in client.hgetall(key).items())
+    if kind == b"set":
+        return b"".join(client.smembers(key))
+    if kind == b"zset":
+        return b"".join(client.zrange(key, 0, -1))
+    if kind == b"list":
+        return b"".join(client.lrange(key, 0, -1))
+    return key
