@@ -62,11 +62,19 @@ complete_in() {
   done
 }
 
+# Prints the path of a file the proxy serves for module $1 at version $2:
+# $3 is GoMod (its go.mod) or Info (JSON with the release "Time").
+module_file() {
+  local file
+  file="$(go mod download -json "$1@$2" 2>/dev/null | sed -n "s/^\t\"$3\": \"\(.*\)\",\$/\1/p")"
+  [[ -n "$file" && -f "$file" ]] || die "cannot download $1@$2 from the Go module proxy"
+  printf '%s\n' "$file"
+}
+
 # Prints the go.mod text that the proxy serves for module $1 at version $2.
 upstream_mod() {
   local gomod
-  gomod="$(go mod download -json "$1@$2" 2>/dev/null | sed -n 's/^\t"GoMod": "\(.*\)",$/\1/p')"
-  [[ -n "$gomod" && -f "$gomod" ]] || die "cannot download $1@$2 from the Go module proxy"
+  gomod="$(module_file "$1" "$2" GoMod)"
   cat "$gomod"
 }
 
@@ -128,7 +136,7 @@ build_kubernetes() {
   } | write_wrapper "$work" "enhanced-locking.build/kubernetes"
   # The release date of the module stands in for the build date: the same
   # version then builds the same binaries on every machine.
-  build_date="$(go mod download -json "k8s.io/kubernetes@$v" | sed -n 's/^\t"Time": "\(.*\)",$/\1/p')"
+  build_date="$(sed -n 's/.*"Time": *"\([^"]*\)".*/\1/p' "$(module_file k8s.io/kubernetes "$v" Info)")"
   local ldflags="-s -w" pkg key val
   for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
     for key in gitVersion gitMajor gitMinor gitCommit gitTreeState buildDate; do
