@@ -1,0 +1,116 @@
+"""Fixtures for the end-to-end tests: one Kubernetes cluster per test session.
+
+Which cluster is chosen by ``E2E_CLUSTER``:
+
+* ``local`` (default): a real control plane (etcd, kube-apiserver,
+  kube-controller-manager) started on loopback ports from the binaries built by
+  ``hack/build-control-plane.sh``; see ``tests/support/controlplane.py``.
+* ``kubeconfig``: the cluster the current ``KUBECONFIG`` points at; nothing is
+  started.
+* ``kind``: the same as ``kubeconfig``; the kind harness sets ``KUBECONFIG``.
+
+In every mode ``kubectl`` is the one built at the version of ``hack/versions.env``.
+A missing binary fails the session with a message saying how to build it: the
+tests never pass by skipping their real parts.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(_REPO_ROOT) not in sys.path:  # `tests.support` without an installed package
+    sys.path.insert(0, str(_REPO_ROOT))
+
+from tests.support.controlplane import (  # noqa: E402
+    ALL_BINARIES,
+    BinariesMissing,
+    ControlPlane,
+    ControlPlaneError,
+    KubeCluster,
+    find_binaries,
+)
+
+CLUSTER_MODES = ("local", "kubeconfig", "kind")
+
+
+def _report(config: pytest.Config, message: str) -> None:
+    """Writes a line to the terminal, past pytest's output capture."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None or capture is None:
+        print(message, file=sys.stderr)
+        return
+    with capture.global_and_fixture_disabled():
+        reporter.write_line(message)
+
+
+def _binaries(names: Sequence[str]) -> Path:
+    """The directory of the built binaries; fails the session, saying how to build them."""
+    try:
+        return find_binaries(names)
+    except BinariesMissing as error:
+        message = str(error)
+    pytest.fail(message, pytrace=False)
+
+
+def _existing_cluster(mode: str) -> KubeCluster:
+    """A cluster from ``KUBECONFIG`` (its first file), driven with the built kubectl."""
+    kubeconfig = os.environ.get("KUBECONFIG", "").split(os.pathsep)[0]
+    if not kubeconfig or not Path(kubeconfig).is_file():
+        pytest.fail(
+            f"E2E_CLUSTER={mode} needs KUBECONFIG to name a kubeconfig file (got {kubeconfig!r})"
+        )
+    return KubeCluster(Path(kubeconfig), _binaries(("kubectl",)), mode)
+
+
+@pytest.fixture(scope="session")
+def kube_cluster(request: pytest.FixtureRequest) -> Iterator[KubeCluster]:
+    """The session's Kubernetes cluster: ``.kubeconfig`` and ``.kubectl(*args)``."""
+    mode = os.environ.get("E2E_CLUSTER", "local")
+    if mode not in CLUSTER_MODES:
+        pytest.fail(
+            f"E2E_CLUSTER={mode!r}: expected one of {', '.join(CLUSTER_MODES)}", pytrace=False
+        )
+    if mode != "local":
+        yield _existing_cluster(mode)
+        return
+    control_plane = ControlPlane(binaries=_binaries(ALL_BINARIES))
+    failure = None
+    try:
+        control_plane.start()
+    except ControlPlaneError as error:
+        failure = f"{error}\n(logs kept in {control_plane.workdir})"
+    if failure:
+        pytest.fail(failure, pytrace=False)
+    _report(request.config, f"\n{control_plane.startup_summary()}")
+    try:
+        yield control_plane.cluster()
+    finally:
+        began = time.monotonic()
+        control_plane.stop()
+        _report(
+            request.config, f"\nKubernetes control plane stopped in {time.monotonic() - began:.1f}s"
+        )
+        if request.session.testsfailed:
+            _report(
+                request.config, f"\nKubernetes control plane logs kept in {control_plane.workdir}"
+            )
+        else:
+            control_plane.remove_workdir()
+
+
+@pytest.fixture
+def kube_namespace(kube_cluster: KubeCluster) -> Iterator[str]:
+    """A fresh namespace for one test, deleted (without waiting) afterwards."""
+    name = f"e2e-{uuid.uuid4().hex[:10]}"
+    kube_cluster.kubectl("create", "namespace", name)
+    yield name
+    kube_cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
