@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
 from enhanced_locking import config as config_module
+from enhanced_locking import watching
 from enhanced_locking.client import DEFAULT_URL, Client, ServiceError
 from enhanced_locking.types import LockRequest
 
@@ -226,12 +227,19 @@ def _acquire(client: Client, args: argparse.Namespace) -> int:
     for name in ("wait", "ttl"):
         if getattr(args, name):
             body[name] = getattr(args, name)
+    if body.get("wait") == "true":  # a bare --wait: up to the service's default-timeout
+        body["wait"] = True
+    if args.request_id:
+        body["requestId"] = args.request_id
     try:
         request = LockRequest.model_validate(body)
     except ValueError as error:
         print(f"enhanced-locking: invalid request: {error}", file=sys.stderr)
         return EXIT_USAGE
-    result = client.acquire(request)
+    if request.wait:  # show the live queue position on stderr while waiting
+        result = watching.acquire_showing_position(args.url, request)
+    else:
+        result = client.acquire(request)
     _print(result.model_dump(mode="json", by_alias=True))
     return 0 if result.acquired else EXIT_REFUSED
 
@@ -307,7 +315,10 @@ def _parser() -> argparse.ArgumentParser:
     acquire.add_argument("--user", default=os.environ.get("USER", ""))
     acquire.add_argument("--priority", default="normal",
                          choices=["low", "normal", "high", "critical"])
-    acquire.add_argument("--wait", default=None, help="wait up to this long, e.g. 30s")
+    acquire.add_argument("--wait", default=None, nargs="?", const="true",
+                         help="wait up to this long in the queue, e.g. 30s (bare --wait: the "
+                              "service's default-timeout); shows the queue position on stderr")
+    acquire.add_argument("--request-id", default=None, help="idempotency/tracking id")
     acquire.add_argument("--ttl", default=None, help="lease, e.g. 1h")
     acquire.set_defaults(func=_with_client(_acquire))
 
@@ -325,6 +336,9 @@ def _parser() -> argparse.ArgumentParser:
     unlock.add_argument("--repo", required=True)
     unlock.add_argument("--pull", type=int, required=True)
     unlock.set_defaults(func=_with_client(_unlock_pull))
+    watching.add_queue_commands(lock_sub, _with_client)
+    watching.add_events_command(
+        commands, url_default=os.environ.get("ENHANCED_LOCKING_URL", DEFAULT_URL))
 
     migrate = commands.add_parser("migrate", help="move locks from Atlantis to enhanced locking")
     migrate_sub = migrate.add_subparsers(dest="migrate_command", required=True,

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from datetime import timedelta
 from types import TracebackType
 from typing import Any
 
 import httpx
 
-from enhanced_locking.types import AcquireResult, Lock, LockRequest, Locks
+from enhanced_locking.types import (
+    AcquireResult,
+    BatchLockRequest,
+    BatchResult,
+    Event,
+    Lock,
+    LockRequest,
+    Locks,
+)
 
-__all__ = ["Client", "ServiceError"]
+__all__ = ["AsyncClient", "Client", "ServiceError", "parse_sse"]
 
 DEFAULT_URL = "http://127.0.0.1:4142"
 
@@ -40,7 +51,8 @@ class Client:
         self._http.close()
 
     def _call(self, method: str, path: str, *, ok: tuple[int, ...] = (200,),
-              timeout: float | None = None, **kwargs: Any) -> tuple[int, Any]:
+              timeout: float | httpx.Timeout | None = None,
+              **kwargs: Any) -> tuple[int, Any]:
         try:
             if timeout is not None:
                 kwargs["timeout"] = timeout
@@ -60,11 +72,59 @@ class Client:
 
     def acquire(self, request: LockRequest) -> AcquireResult:
         """Acquire (waiting if ``request.wait`` says so); refusals come back as results."""
-        wait = request.wait.total_seconds() if request.wait else 0.0
-        _, body = self._call("POST", "/v1/locks", ok=(200, 409), timeout=wait + 30,
-                             json=request.model_dump(mode="json", by_alias=True,
-                                                     exclude_none=True))
+        _, body = self._call("POST", "/v1/locks", ok=(200, 409), timeout=_read_timeout(request),
+                             json=_body(request))
         return AcquireResult.model_validate(body)
+
+    def acquire_batch(self, request: BatchLockRequest) -> BatchResult:
+        """Acquire several locks all or nothing; refusals come back as results."""
+        _, body = self._call("POST", "/v1/locks/batch", ok=(200, 409),
+                             timeout=_read_timeout(request), json=_body(request))
+        return BatchResult.model_validate(body)
+
+    def release_batch(self, keys: Iterable[str], *, pull: int | None = None) -> Locks:
+        params: dict[str, Any] = {"key": list(keys)}
+        if pull is not None:
+            params["pull"] = pull
+        _, body = self._call("DELETE", "/v1/locks/batch", params=params)
+        return [Lock.model_validate(item) for item in body["released"]]
+
+    def refresh(self, key: str, *, pull: int, ttl: str | None = None) -> Lock | None:
+        payload: dict[str, Any] = {"key": key, "pull": pull}
+        if ttl is not None:
+            payload["ttl"] = ttl
+        status, body = self._call("POST", "/v1/locks/refresh", ok=(200, 404), json=payload)
+        return Lock.model_validate(body["lock"]) if status == 200 else None
+
+    def queue(self, key: str) -> dict[str, Any]:
+        """``{"key", "holder", "waiters": [...]}``: the waiters in service order."""
+        _, body = self._call("GET", "/v1/queue", params={"key": key})
+        return dict(body)
+
+    def cancel_waiter(self, key: str, waiter_id: str) -> bool:
+        status, _ = self._call("DELETE", "/v1/queue", ok=(200, 404),
+                               params={"key": key, "id": waiter_id})
+        return status == 200
+
+    def force_unlock(self, key: str) -> Lock | None:
+        status, body = self._call("POST", "/v1/admin/force-unlock", ok=(200, 404),
+                                  params={"key": key})
+        return Lock.model_validate(body["lock"]) if status == 200 else None
+
+    def events(self, *, repo: str | None = None, key_prefix: str | None = None,
+               types: Iterable[str] = (), last_event_id: str | None = None) -> Iterator[Event]:
+        """Follow ``GET /v1/events`` (blocking; stop by leaving the loop)."""
+        params, headers = _event_params(repo, key_prefix, types, last_event_id)
+        try:
+            with self._http.stream("GET", "/v1/events", params=params, headers=headers,
+                                   timeout=httpx.Timeout(10.0, read=None)) as response:
+                if response.status_code != 200:
+                    response.read()
+                    raise ServiceError(response.status_code, _error_of(response), None)
+                yield from (e for e in parse_sse(response.iter_lines()) if e is not None)
+        except httpx.HTTPError as error:
+            raise ServiceError(0, f"lost the event stream of {self._http.base_url}: "
+                                  f"{error}") from None
 
     def get(self, key: str) -> Lock | None:
         status, body = self._call("GET", "/v1/locks/by-key", ok=(200, 404), params={"key": key})
@@ -89,3 +149,125 @@ class Client:
     def config(self) -> dict[str, Any]:
         _, body = self._call("GET", "/v1/config")
         return dict(body)
+
+
+class AsyncClient:
+    """The few calls that are naturally concurrent (a wait watched by an event stream)."""
+
+    def __init__(self, base_url: str = DEFAULT_URL, *, timeout: float = 10.0) -> None:
+        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._http.aclose()
+
+    async def _call(self, method: str, path: str, *, ok: tuple[int, ...] = (200,),
+                    **kwargs: Any) -> tuple[int, Any]:
+        try:
+            response = await self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as error:
+            raise ServiceError(0, f"cannot reach the lock service at {self._http.base_url}: "
+                                  f"{error}") from None
+        body = response.json() if response.content else None
+        if response.status_code not in ok:
+            raise ServiceError(response.status_code, _error_of(response), body)
+        return response.status_code, body
+
+    async def acquire(self, request: LockRequest) -> AcquireResult:
+        _, body = await self._call("POST", "/v1/locks", ok=(200, 409), json=_body(request),
+                                   timeout=_read_timeout(request))
+        return AcquireResult.model_validate(body)
+
+    async def queue(self, key: str) -> dict[str, Any]:
+        _, body = await self._call("GET", "/v1/queue", params={"key": key})
+        return dict(body)
+
+    async def events(
+        self, *, repo: str | None = None, key_prefix: str | None = None,
+        types: Iterable[str] = (), on_open: Callable[[], Awaitable[None]] | None = None,
+    ) -> AsyncIterator[Event]:
+        """Follow ``GET /v1/events``; ``on_open`` runs once the stream is established."""
+        params, headers = _event_params(repo, key_prefix, types, None)
+        try:
+            async with self._http.stream("GET", "/v1/events", params=params, headers=headers,
+                                         timeout=httpx.Timeout(10.0, read=None)) as response:
+                if response.status_code != 200:
+                    await response.aread()
+                    raise ServiceError(response.status_code, _error_of(response), None)
+                if on_open is not None:
+                    await on_open()
+                lines: list[str] = []
+                async for line in response.aiter_lines():
+                    lines.append(line)
+                    if line == "":
+                        for event in parse_sse(lines):
+                            if event is not None:
+                                yield event
+                        lines = []
+        except httpx.HTTPError as error:
+            raise ServiceError(0, f"lost the event stream of {self._http.base_url}: "
+                                  f"{error}") from None
+
+
+def _body(request: LockRequest | BatchLockRequest) -> Any:
+    return request.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def _read_timeout(request: LockRequest | BatchLockRequest) -> httpx.Timeout:
+    """Wait at least as long as the request may wait in the queue, plus a margin."""
+    wait = request.wait
+    if wait is True:  # up to the server's default-timeout, which only the server knows
+        return httpx.Timeout(10.0, read=None)
+    seconds = wait.total_seconds() if isinstance(wait, timedelta) else 0.0
+    return httpx.Timeout(10.0, read=seconds + 30.0)
+
+
+def _error_of(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return f"HTTP {response.status_code}"
+    message = body.get("error") if isinstance(body, dict) else None
+    return str(message or f"HTTP {response.status_code}")
+
+
+def _event_params(repo: str | None, key_prefix: str | None, types: Iterable[str],
+                  last_event_id: str | None) -> tuple[dict[str, str], dict[str, str]]:
+    params = {k: v for k, v in {"repo": repo, "keyPrefix": key_prefix}.items() if v}
+    if kinds := ",".join(types):
+        params["type"] = kinds
+    headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+    return params, headers
+
+
+def parse_sse(lines: Iterable[str]) -> Iterator[Event | None]:
+    """Events of a Server-Sent Events text stream (keep-alive comments yield nothing).
+
+    A ``gap`` event (the server's ring no longer holds everything after ``Last-Event-ID``)
+    comes out as an :class:`Event` of type ``gap``.
+    """
+    fields: dict[str, str] = {}
+    for raw in lines:
+        line = raw.rstrip("\r")
+        if line == "":
+            if "data" in fields:
+                yield _event(fields)
+            fields = {}
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        fields[name] = fields[name] + "\n" + value if name in fields else value
+    if "data" in fields:
+        yield _event(fields)
+
+
+def _event(fields: dict[str, str]) -> Event | None:
+    data = json.loads(fields["data"])
+    if fields.get("event") == "gap":
+        return Event.model_validate({"type": "gap", "time": "1970-01-01T00:00:00Z",
+                                     "details": data})
+    return Event.model_validate(data)

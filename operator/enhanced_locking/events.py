@@ -12,11 +12,11 @@ import asyncio
 import collections
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from enhanced_locking.types import Event, Lock, utcnow
 
-__all__ = ["EVENT_TYPES", "EventBus", "parse_event_id"]
+__all__ = ["EVENT_TYPES", "Bus", "EventBus", "parse_event_id"]
 
 EVENT_TYPES = (
     "acquired",
@@ -42,6 +42,27 @@ def parse_event_id(event_id: str) -> tuple[int, int]:
     """``"<ms>-<seq>"`` as a sortable pair; raises ``ValueError`` on anything else."""
     ms, _, seq = event_id.partition("-")
     return int(ms), int(seq or 0)
+
+
+class Bus(Protocol):
+    """The event bus seam: the in-process :class:`EventBus`, or one over Redis Streams.
+
+    ``publish`` is synchronous (callers are in the middle of a lock operation and must not
+    wait for subscribers): a bus over a network appends in the background. Ids are
+    ``"<ms>-<seq>"`` and sort in publication order; ``stream(after)`` replays what it still has
+    after that id, then follows live events.
+    """
+
+    def publish(self, type: str, *, lock: Lock | None = None, key: str | None = None,
+                **details: Any) -> Event | None: ...
+
+    def subscribe(self, subscriber: Subscriber) -> Callable[[], None]: ...
+
+    def recent(self, after: str | None = None) -> list[Event]: ...
+
+    def gap_since(self, after: str) -> bool: ...
+
+    def stream(self, after: str | None = None) -> AsyncIterator[Event]: ...
 
 
 class EventBus:

@@ -110,6 +110,7 @@ class LockService:
 
     async def close(self) -> None:
         if self.enhanced is not None:
+            await self.enhanced.close()
             await self.enhanced.backend.close()
         await self.legacy_backend.close()
 
@@ -142,7 +143,9 @@ class LockService:
             metrics=self.metrics,
         )
         self._enhanced_identity = identity
+        await self.enhanced.start()
         if previous is not None:
+            await previous.close()
             await previous.backend.close()
         log.info("enhanced locker now on the %s backend", config.backend)
 
@@ -155,6 +158,22 @@ class LockService:
                 "config-applied", generation=snapshot.generation, hash=snapshot.hash,
                 weight=snapshot.config.effective_weight, mode=snapshot.config.migration_mode,
             )
+
+    async def refresh_gauges(self) -> None:
+        """Set the gauges that are cheaper to read at scrape time than to keep up to date."""
+        lockers: list[tuple[str, LegacyLocker | EnhancedLocker]] = [("legacy", self.legacy)]
+        if self.enhanced is not None:
+            lockers.append(("enhanced", self.enhanced))
+        for side, locker in lockers:
+            try:
+                self.metrics.locks_held.labels(side).set(len(await locker.list()))
+            except BackendUnavailable:
+                continue
+        if self.enhanced is not None:
+            try:
+                self.metrics.queue_depth.set(await self.enhanced.queue_depth())
+            except BackendUnavailable:
+                pass
 
     async def ready(self) -> dict[str, str]:
         """Each backend's state: ``ok`` or why it is not reachable."""

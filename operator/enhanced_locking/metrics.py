@@ -68,6 +68,19 @@ class Metrics:
             "Shadow replays whose outcome differed from the authoritative answer.",
             ["kind"], registry=r,
         )
+        self.retries = Counter(
+            "enhanced_locking_retries",
+            "Backend operations tried again after a transient error (retries flag on).",
+            ["operation"], registry=r,
+        )
+        self.lease_expirations = Counter(
+            "enhanced_locking_lease_expirations",
+            "Enhanced locks freed because their lease (TTL) ran out.", registry=r,
+        )
+        self.handoffs = Counter(
+            "enhanced_locking_handoffs",
+            "Locks handed straight from a release (or expiry) to a queued waiter.", registry=r,
+        )
         self.backend_errors = Counter(
             "enhanced_locking_backend_errors", "Backend operations that failed.", ["backend"],
             registry=r,

@@ -20,14 +20,32 @@ import urllib.parse
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    WithJsonSchema,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
-from enhanced_locking.durations import Duration
+from enhanced_locking.durations import (
+    DURATION_FORM,
+    DURATION_PATTERN,
+    Duration,
+    format_duration,
+    parse_duration,
+)
 
 __all__ = [
     "AcquireResult",
     "BackendName",
+    "BatchItem",
+    "BatchLockRequest",
+    "BatchResult",
     "BackendUnavailable",
     "Event",
     "InvalidRequest",
@@ -134,21 +152,105 @@ def lock_key(project: Project, workspace: str) -> str:
     return f"{project.repo_full_name}/{project.path}/{workspace}/{project.project_name}"
 
 
+def _wait_value(value: object) -> object:
+    if value is None or isinstance(value, bool | timedelta):
+        return value
+    if isinstance(value, str):
+        return parse_duration(value)
+    raise ValueError(f"expected true, false or {DURATION_FORM}, got {value!r}")
+
+
+def _wait_json(value: timedelta | bool) -> str | bool:
+    return value if isinstance(value, bool) else format_duration(value)
+
+
+WaitFor = Annotated[
+    timedelta | bool,
+    BeforeValidator(_wait_value),
+    PlainSerializer(_wait_json, when_used="json"),
+    WithJsonSchema({"oneOf": [{"type": "boolean"},
+                              {"type": "string", "pattern": DURATION_PATTERN, "maxLength": 32}]}),
+]
+"""How long a request may wait: a Go duration; ``true`` for ``default-timeout``; ``false``
+or ``"0s"`` (or leaving it out) for no wait at all, as in Atlantis."""
+
+RequestId = Annotated[str, Field(min_length=1, max_length=128)]
+
+
 class LockRequest(_Model):
-    """One acquire: fail fast without ``wait``; wait up to ``wait`` in the key's queue with it."""
+    """One acquire: fail fast without ``wait``; wait up to ``wait`` in the key's queue with it.
+
+    ``wait: true`` waits up to the configured ``default-timeout``; a duration above
+    ``max-timeout`` is refused (422), never clamped.
+    """
 
     project: Project
     workspace: Annotated[str, Field(min_length=1, max_length=512)] = "default"
     pull: Pull
     user: User = User()
     priority: Priority = Priority.NORMAL
-    wait: Duration | None = None
+    wait: WaitFor | None = None
     ttl: Duration | None = None
-    request_id: Annotated[str, Field(max_length=128)] | None = None
+    request_id: RequestId | None = None
 
     @property
     def key(self) -> str:
         return lock_key(self.project, self.workspace)
+
+
+class BatchItem(_Model):
+    """One lock of a batch: which project, in which workspace."""
+
+    project: Project
+    workspace: Annotated[str, Field(min_length=1, max_length=512)] = "default"
+
+    @property
+    def key(self) -> str:
+        return lock_key(self.project, self.workspace)
+
+
+class BatchLockRequest(_Model):
+    """Several locks for one pull, all or nothing (e.g. every project of a pull request).
+
+    While it waits the batch holds none of them: it is granted every key at once, when all are
+    free together.
+    """
+
+    locks: Annotated[list[BatchItem], Field(min_length=1, max_length=100)]
+    pull: Pull
+    user: User = User()
+    priority: Priority = Priority.NORMAL
+    wait: WaitFor | None = None
+    ttl: Duration | None = None
+    request_id: RequestId | None = None
+
+    @model_validator(mode="after")
+    def _one_pull(self) -> BatchLockRequest:
+        seen: set[str] = set()
+        repo = self.locks[0].project.repo_full_name
+        for item in self.locks:
+            if item.key in seen:
+                raise ValueError(f"lock {item.key} appears twice in the batch")
+            if item.project.repo_full_name != repo:
+                raise ValueError(f"every lock of a batch belongs to the pull's repository "
+                                 f"({repo}); {item.key} does not")
+            seen.add(item.key)
+        return self
+
+    @property
+    def keys(self) -> list[str]:
+        return [item.key for item in self.locks]
+
+    @property
+    def owner(self) -> tuple[str, int]:
+        """(repository, pull number): who will hold the locks."""
+        return self.locks[0].project.repo_full_name, self.pull.num
+
+    def requests(self) -> list[LockRequest]:
+        """The batch as one request per key (they share pull, user, priority, wait, ttl)."""
+        shared = self.model_dump(exclude={"locks"})
+        return [LockRequest(project=item.project, workspace=item.workspace, **shared)
+                for item in self.locks]
 
 
 class Lock(_Model):
@@ -226,6 +328,18 @@ class AcquireResult(_Model):
         cls, key: str, reason: Reason, holder: Lock | None = None, **extra: Any
     ) -> AcquireResult:
         return cls(acquired=False, lock_key=key, reason=reason, holder=holder, **extra)
+
+
+class BatchResult(_Model):
+    """The answer to a batch acquire: every lock, or the key that blocked it and why."""
+
+    acquired: bool
+    locks: list[Lock] = []
+    lock_key: str | None = None
+    reason: Reason | None = None
+    holder: Lock | None = None
+    queue_position: int | None = None
+    cycle: list[str] | None = None
 
 
 class Event(_Model):

@@ -11,11 +11,14 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Query, Response
+from fastapi import FastAPI, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from enhanced_locking.api.disconnect import ClientGone, unless_disconnected
 from enhanced_locking.api.errors import install_error_handlers, json_error
+from enhanced_locking.api.queue_routes import install_queue_routes
+from enhanced_locking.api.sse import install_event_stream
 from enhanced_locking.factory import LockService
 from enhanced_locking.types import AcquireResult, Lock, LockRequest
 
@@ -54,13 +57,23 @@ def create_app(service: LockService, *, manage_lifecycle: bool = True) -> FastAP
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    install_queue_routes(app, service)
+    install_event_stream(app, service.events)
     router = service.router
 
     @app.post("/v1/locks", response_model=AcquireResult, response_model_by_alias=True,
               responses={409: {"model": AcquireResult}})
-    async def acquire(request: LockRequest) -> JSONResponse:
-        """Acquire one lock: 200 acquired, 409 not acquired (reason and holder), 422 invalid."""
-        result = await router.acquire(request)
+    async def acquire(request: LockRequest, http: Request) -> JSONResponse:
+        """Acquire one lock: 200 acquired, 409 not acquired (reason and holder), 422 invalid.
+
+        With ``wait`` the request waits in the key's queue; if the client disconnects while
+        waiting, its place in the queue is given up (nothing is granted to it afterwards).
+        """
+        work = router.acquire(request)
+        try:
+            result = await (unless_disconnected(http, work) if request.wait else work)
+        except ClientGone:
+            return JSONResponse({"error": "client disconnected"}, status_code=499)
         return JSONResponse(_dump(result), status_code=200 if result.acquired else 409)
 
     @app.get("/v1/locks")
@@ -131,6 +144,7 @@ def create_app(service: LockService, *, manage_lifecycle: bool = True) -> FastAP
         """Prometheus metrics (404 when the metrics flag is off)."""
         if not service.provider.current.config.metrics:
             return json_error(404, "metrics are off (enhanced-locking-metrics=false)")
+        await service.refresh_gauges()
         return Response(service.metrics.exposition(),
                         media_type="text/plain; version=0.0.4; charset=utf-8")
 

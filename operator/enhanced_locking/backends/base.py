@@ -132,6 +132,18 @@ class QueueBackend(Backend, Protocol):
     grants: GrantNotifier
     """Where waiting callers hear of their grant, cancel or timeout (see ``waiting``)."""
 
+    async def release(
+        self, key: str, *, owner: Owner | None = None, policy: QueuePolicy | None = None
+    ) -> Lock | None:
+        """As :meth:`Backend.release`, and the key goes straight to its next waiter."""
+        ...
+
+    async def release_by_pull(
+        self, repo: str, pull: int, *, policy: QueuePolicy | None = None
+    ) -> Locks:
+        """As :meth:`Backend.release_by_pull`, and every key goes to its next waiter."""
+        ...
+
     async def now(self) -> datetime:
         """The backend's clock (the Redis server's ``TIME``, the process clock in process)."""
         ...

@@ -1,32 +1,89 @@
-"""The enhanced locker: Atlantis's semantics plus leases, fencing, limits, events and metrics.
+"""The enhanced locker: Atlantis's semantics plus queues, leases, fencing, batches and more.
 
 It reads the live configuration on every call (``settings()``), so a feature flag or a timeout
-changed through the provider applies to the next request without rebuilding anything.
+changed through the provider applies to the next request without rebuilding anything:
+
+* ``priority-queue`` switches the service order between priorities-with-aging and FIFO;
+* ``retries`` wraps every backend call in jittered backoff (:mod:`.retrying`);
+* ``deadlock-detection`` checks the wait-for graph after each enqueue (:mod:`.deadlock`);
+* ``default-timeout`` / ``max-timeout`` bound waits, ``lock-ttl`` is the default lease;
+* ``max-queue-size``, ``starvation-threshold``, ``max-priority-boost`` shape queues.
+
+Waiting is opt-in per request, as in Atlantis: no ``wait`` fails fast; ``wait: true`` waits up
+to ``default-timeout``; a duration waits that long, and more than ``max-timeout`` is refused.
+The backend keeps the queues and hands locks over (:mod:`enhanced_locking.backends.waiting`);
+the caller's side of waiting is :mod:`.queueing`, leases are :mod:`.leasing`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, TypeVar
 
-from enhanced_locking.backends.base import Backend, Owner
+from enhanced_locking.backends.base import Backend, Owner, QueueBackend
+from enhanced_locking.backends.waiting import (
+    Handoff,
+    Notice,
+    Outcome,
+    QueuePolicy,
+    Status,
+    Wait,
+    Waiter,
+    Waiters,
+    effective_level,
+    epoch_ms,
+)
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.durations import format_duration
 from enhanced_locking.events import EventBus
+from enhanced_locking.locking import batch, deadlock, queueing
 from enhanced_locking.locking.base import AtlantisCalls
+from enhanced_locking.locking.leasing import LeaseTimers
+from enhanced_locking.locking.retrying import retrying
 from enhanced_locking.metrics import Metrics
 from enhanced_locking.types import (
     AcquireResult,
+    BackendUnavailable,
+    BatchLockRequest,
+    BatchResult,
     InvalidRequest,
     Lock,
+    LockingError,
     LockRequest,
     Locks,
+    Priority,
     Reason,
     Side,
     utcnow,
 )
 
-__all__ = ["EnhancedLocker"]
+__all__ = ["Answer", "EnhancedLocker"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What one acquire (single or batch) came to, before it is shaped for the caller."""
+
+    locks: tuple[Lock, ...] = ()
+    key: str = ""
+    reason: Reason | None = None
+    holder: Lock | None = None
+    position: int | None = None
+    cycle: list[str] | None = None
+
+    @property
+    def acquired(self) -> bool:
+        return self.reason is None
 
 
 class EnhancedLocker(AtlantisCalls):
@@ -40,55 +97,318 @@ class EnhancedLocker(AtlantisCalls):
         events: EventBus,
         metrics: Metrics,
     ) -> None:
-        self.backend = backend
+        if not isinstance(backend, QueueBackend):
+            raise BackendUnavailable(
+                f"the {backend.kind} backend keeps no queues; the enhanced locker needs one"
+            )
+        self.backend: QueueBackend = backend
         self.settings = settings
         self.events = events
         self.metrics = metrics
+        self.leases = LeaseTimers(self.expire)
 
-    def validate(self, request: LockRequest) -> None:
+    # --- life ---------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Set lease timers for the leased locks already in the store (after a restart)."""
+        for lock in await self.backend.list():
+            self.leases.arm(lock.key, lock.expires_at)
+
+    async def close(self) -> None:
+        await self.leases.close()
+
+    # --- settings -----------------------------------------------------------------------------
+    def policy(self) -> QueuePolicy:
+        return QueuePolicy.from_config(self.settings())
+
+    def validate(self, request: LockRequest | BatchLockRequest) -> None:
         """Refuse what cannot be served as asked: never clamp a wait silently."""
         config = self.settings()
-        if request.wait is not None and request.wait > config.max_timeout:
+        wait = request.wait
+        if isinstance(wait, timedelta) and wait > config.max_timeout:
             raise InvalidRequest(
-                f"wait {format_duration(request.wait)} is above the maximum "
+                f"wait: {format_duration(wait)} is above the maximum "
                 f"{format_duration(config.max_timeout)} (enhanced-locking-max-timeout)",
                 field="wait",
-                key=request.key,
+                key=request.key if isinstance(request, LockRequest) else None,
             )
 
-    def lease(self, request: LockRequest) -> timedelta | None:
+    def wait_for(self, request: LockRequest | BatchLockRequest) -> timedelta | None:
+        """How long this request may wait: none unless it asks (``true``: the default)."""
+        wait = request.wait
+        if wait is True:
+            wait = self.settings().default_timeout
+        if isinstance(wait, bool) or wait is None or wait <= timedelta(0):
+            return None
+        return wait
+
+    def lease(self, request: LockRequest | BatchLockRequest) -> timedelta | None:
         ttl = request.ttl if request.ttl is not None else self.settings().lock_ttl
         return ttl if ttl > timedelta(0) else None
 
+    async def _call(self, name: str, operation: Callable[[], Awaitable[T]]) -> T:
+        return await retrying(operation, config=self.settings(), metrics=self.metrics, name=name)
+
+    # --- acquire ------------------------------------------------------------------------------
     async def acquire(self, request: LockRequest) -> AcquireResult:
-        self.validate(request)
-        candidate = Lock.for_request(
-            request.model_copy(update={"ttl": self.lease(request)}),
-            now=utcnow(),
-            token=0,
-            backend="enhanced",
+        answer = await self._acquire([request], request)
+        if answer.acquired:
+            return AcquireResult.granted(answer.locks[0])
+        return AcquireResult.refused(
+            request.key, answer.reason or Reason.HELD, answer.holder,
+            queue_position=answer.position, cycle=answer.cycle,
         )
-        granted, lock = await self.backend.acquire(candidate)
-        if granted:
-            if lock.acquired_at == candidate.acquired_at:  # fresh, not the holder re-asking
-                self.events.publish("acquired", lock=lock)
-            return AcquireResult.granted(lock)
-        return AcquireResult.refused(request.key, Reason.HELD, lock)
 
+    async def acquire_batch(self, request: BatchLockRequest) -> BatchResult:
+        """Every lock of the batch or none; while waiting it holds none of them."""
+        answer = await self._acquire(request.requests(), request)
+        if answer.acquired:
+            return BatchResult(acquired=True, locks=list(answer.locks))
+        return BatchResult(acquired=False, lock_key=answer.key, reason=answer.reason,
+                           holder=answer.holder, queue_position=answer.position,
+                           cycle=answer.cycle)
+
+    async def _acquire(
+        self, requests: Sequence[LockRequest], asked: LockRequest | BatchLockRequest
+    ) -> Answer:
+        started = time.perf_counter()
+        self.validate(asked)
+        wait, ttl, policy = self.wait_for(asked), self.lease(asked), self.policy()
+        now = utcnow()
+        candidates = [Lock.for_request(r.model_copy(update={"ttl": ttl}), now=now, token=0,
+                                       backend="enhanced") for r in requests]
+        offer = None
+        if wait is not None:
+            offer = Wait(id=secrets.token_hex(12), timeout=wait, request_id=asked.request_id)
+        answer = await self._attempt(candidates, ttl=ttl, offer=offer, policy=policy)
+        outcome = "acquired" if answer.acquired else str(answer.reason)
+        self.metrics.acquires.labels("enhanced", outcome).inc()
+        self.metrics.acquire_seconds.labels("enhanced", outcome).observe(
+            time.perf_counter() - started)
+        return answer
+
+    async def _attempt(
+        self, candidates: list[Lock], *, ttl: timedelta | None, offer: Wait | None,
+        policy: QueuePolicy,
+    ) -> Answer:
+        future = self.backend.grants.expect(offer.id) if offer is not None else None
+        try:
+            if len(candidates) == 1:
+                outcome = await self._call("acquire", lambda: self.backend.acquire_or_enqueue(
+                    candidates[0], ttl=ttl, wait=offer, policy=policy))
+            else:
+                outcome = await self._call("acquire", lambda: self.backend.acquire_batch(
+                    candidates, ttl=ttl, wait=offer, policy=policy))
+        except BaseException:
+            if offer is not None:
+                self.backend.grants.forget(offer.id)
+            raise
+        if outcome.status is not Status.QUEUED:
+            if offer is not None:
+                self.backend.grants.forget(offer.id)
+            return self._immediate(outcome)
+        assert future is not None and outcome.waiter is not None and offer is not None
+        return await self._queued(outcome, outcome.waiter, future, offer)
+
+    def _immediate(self, outcome: Outcome) -> Answer:
+        if outcome.status is Status.GRANTED:
+            if outcome.fresh:
+                for lock in outcome.locks:
+                    self.events.publish("acquired", lock=lock)
+                    self.leases.arm(lock.key, lock.expires_at)
+            return Answer(locks=outcome.locks, key=outcome.locks[0].key)
+        key = outcome.key or ""
+        if outcome.holder is not None:
+            self.leases.arm(key, outcome.holder.expires_at)
+        reason = Reason.QUEUE_FULL if outcome.status is Status.QUEUE_FULL else Reason.HELD
+        return Answer(key=key, reason=reason, holder=outcome.holder)
+
+    async def _queued(
+        self, outcome: Outcome, waiter: Waiter, future: asyncio.Future[Notice], offer: Wait
+    ) -> Answer:
+        key = outcome.key or waiter.keys[0]
+        if self.settings().deadlock_detection:
+            refused = await self._refuse_deadlock(waiter, key)
+            if refused is not None:
+                return refused
+        if outcome.holder is not None:
+            # Wake the queue when the holder's lease ends, wherever it was granted.
+            self.leases.arm(key, outcome.holder.expires_at)
+        self.events.publish(
+            "queued", key=key, repo=waiter.owner[0], pull=waiter.owner[1],
+            waiterId=waiter.id, requestId=waiter.request_id, position=outcome.position,
+            priority=waiter.priority.value, keys=list(waiter.keys),
+        )
+        started = time.perf_counter()
+        try:
+            notice = await queueing.await_turn(
+                self.backend, waiter, future, seconds=offer.timeout.total_seconds(),
+                give_back=self._give_back,
+            )
+        except asyncio.CancelledError:  # the caller went away; await_turn withdrew the waiter
+            waited = time.perf_counter() - started
+            self.metrics.wait_seconds.labels("cancelled").observe(waited)
+            self.metrics.acquires.labels("enhanced", "cancelled").inc()
+            self.events.publish("cancelled", key=key, repo=waiter.owner[0], by="client",
+                                waiterId=waiter.id, requestId=waiter.request_id,
+                                waitedMs=round(waited * 1000, 3))
+            raise
+        waited = time.perf_counter() - started
+        details: dict[str, Any] = {
+            "waiterId": waiter.id, "requestId": waiter.request_id,
+            "waitedMs": round(waited * 1000, 3),
+        }
+        if notice.granted:
+            self.metrics.wait_seconds.labels("granted").observe(waited)
+            for lock in notice.locks:
+                self.events.publish("granted-from-queue", lock=lock, **details)
+                self.leases.arm(lock.key, lock.expires_at)
+            return Answer(locks=notice.locks, key=notice.locks[0].key)
+        reason = notice.reason or Reason.UNAVAILABLE
+        self.metrics.wait_seconds.labels(str(reason)).observe(waited)
+        if reason is Reason.TIMEOUT:
+            self.events.publish("timeout", key=key, repo=waiter.owner[0], **details)
+        elif reason is Reason.CANCELLED:
+            self.events.publish("cancelled", key=key, repo=waiter.owner[0], by="admin",
+                                **details)
+        holder = await self._holder(key)
+        return Answer(key=key, reason=reason, holder=holder)
+
+    async def _refuse_deadlock(self, waiter: Waiter, key: str) -> Answer | None:
+        graph = await self._call("wait_graph", lambda: self.backend.wait_graph(
+            policy=self.policy()))
+        cycle = deadlock.find_cycle(graph, waiter.owner)
+        if cycle is None:
+            return None
+        cancelled = await self._call("cancel", lambda: self.backend.cancel(
+            key, waiter.id, reason=Reason.DEADLOCK))
+        self.backend.grants.forget(waiter.id)
+        if cancelled.granted:  # granted before we could withdraw: no wait, no deadlock
+            return Answer(locks=cancelled.granted, key=cancelled.granted[0].key)
+        names = deadlock.describe(cycle)
+        self.metrics.deadlocks.inc()
+        self.events.publish(
+            "deadlock", key=key, repo=waiter.owner[0], cycle=names,
+            edges=[{"waiter": deadlock.owner_name(e.waiter), "target": deadlock.owner_name(
+                e.target), "key": e.key, "why": e.why} for e in cycle],
+        )
+        return Answer(key=key, reason=Reason.DEADLOCK, holder=await self._holder(key),
+                      cycle=names)
+
+    async def _holder(self, key: str) -> Lock | None:
+        try:
+            return await self.backend.get(key)
+        except BackendUnavailable:
+            return None
+
+    async def _give_back(self, notice: Notice) -> None:
+        """Release locks granted to a caller that went away before it heard of them."""
+        for lock in notice.locks:
+            owner = (lock.project.repo_full_name, lock.pull.num)
+            handoff = await self.backend.release_and_handoff(
+                lock.key, owner=owner, policy=self.policy())
+            self._handed(handoff, how="abandoned")
+
+    # --- release ------------------------------------------------------------------------------
     async def release(self, key: str, *, owner: Owner | None = None) -> Lock | None:
-        lock = await self.backend.release(key, owner=owner)
-        if lock is not None:
-            self.events.publish("released", lock=lock)
-        return lock
+        handoff = await self._call("release", lambda: self.backend.release_and_handoff(
+            key, owner=owner, policy=self.policy()))
+        self._handed(handoff, how="released")
+        return handoff.released
 
-    async def get(self, key: str) -> Lock | None:
-        return await self.backend.get(key)
+    async def release_batch(self, keys: Sequence[str], *, owner: Owner | None = None) -> Locks:
+        """Release several keys (see :func:`.batch.release_all`)."""
+        return await batch.release_all(self, keys, owner=owner)
 
-    async def list(self, *, repo: str | None = None, pull: int | None = None) -> Locks:
-        return await self.backend.list(repo=repo, pull=pull)
+    async def force_unlock(self, key: str) -> Lock | None:
+        """Free ``key`` whoever holds it (the admin's way out) and serve its queue."""
+        handoff = await self._call("force_unlock", lambda: self.backend.force_unlock(
+            key, policy=self.policy()))
+        self._handed(handoff, how="force-unlocked")
+        return handoff.released
+
+    async def expire(self, key: str) -> None:
+        """The lease timer's target: free ``key`` if its lease ran out, then re-arm."""
+        try:
+            handoff = await self._call("expire", lambda: self.backend.expire(
+                key, policy=self.policy()))
+            self._handed(handoff, how="expired")
+            holder = await self.backend.get(key)
+        except LockingError as error:
+            log.warning("lease check of %s failed (%s); trying again in a second", key, error)
+            self.leases.arm(key, utcnow() + timedelta(seconds=1))
+            return
+        if holder is not None:
+            self.leases.arm(key, holder.expires_at)
+
+    def _handed(self, handoff: Handoff, *, how: str) -> None:
+        released = handoff.released
+        if released is not None:
+            self.leases.disarm(released.key)
+            self.metrics.releases.labels("enhanced", how).inc()
+            if how == "expired":
+                self.metrics.lease_expirations.inc()
+            event = {"released": "released", "abandoned": "released"}.get(how, how)
+            next_holders = [g.waiter.id for g in handoff.granted]
+            self.events.publish(event, lock=released, how=how, handedTo=next_holders)
+        for grant in handoff.granted:
+            self.metrics.handoffs.inc()
+            for lock in grant.locks:
+                self.leases.arm(lock.key, lock.expires_at)
 
     async def release_by_pull(self, repo: str, pull: int) -> Locks:
-        released = await self.backend.release_by_pull(repo, pull)
+        policy = self.policy()
+        released = await self._call("release_by_pull", lambda: self.backend.release_by_pull(
+            repo, pull, policy=policy))
         for lock in released:
-            self.events.publish("released", lock=lock)
+            self.leases.disarm(lock.key)
+            self.metrics.releases.labels("enhanced", "by-pull").inc()
+            self.events.publish("released", lock=lock, how="by-pull")
+            # Wake whoever the release handed the key to (their lease, if any).
+            holder = await self._holder(lock.key)
+            if holder is not None:
+                self.leases.arm(holder.key, holder.expires_at)
         return released
+
+    async def refresh(self, key: str, *, owner: Owner, ttl: timedelta | None) -> Lock:
+        """Move the lease of a held lock to ``now + ttl`` (default: ``lock-ttl``)."""
+        ttl = ttl if ttl is not None else self.settings().lock_ttl
+        if ttl <= timedelta(0):
+            raise InvalidRequest("ttl: a refresh needs a ttl (no enhanced-locking-lock-ttl is "
+                                 "configured)", field="ttl", key=key)
+        lock = await self._call("refresh", lambda: self.backend.refresh(key, owner, ttl))
+        self.leases.arm(key, lock.expires_at)
+        return lock
+
+    # --- queues -------------------------------------------------------------------------------
+    async def queue(self, key: str) -> Waiters:
+        return await self._call("queue", lambda: self.backend.queue(key, policy=self.policy()))
+
+    def effective_priority(self, waiter: Waiter) -> Priority:
+        policy = self.policy()
+        if not policy.priority:
+            return waiter.priority
+        level = effective_level(
+            base=waiter.priority.level,
+            waited_ms=epoch_ms(utcnow()) - epoch_ms(waiter.enqueued_at), policy=policy,
+        )
+        return Priority.from_level(level)
+
+    async def cancel_waiter(self, key: str, waiter_id: str) -> Waiter | None:
+        """Take a queued request out of ``key``'s queue by its waiter id or request id."""
+        found = next((w for w in await self.queue(key) if waiter_id in (w.id, w.request_id)), None)
+        if found is None:
+            return None
+        cancelled = await self._call("cancel", lambda: self.backend.cancel(
+            key, found.id, reason=Reason.CANCELLED))
+        return found if cancelled.removed else None
+
+    async def queue_depth(self) -> int:
+        graph = await self.backend.wait_graph(policy=self.policy())
+        return len({waiter.id for entry in graph for waiter in entry.waiters})
+
+    # --- reads --------------------------------------------------------------------------------
+    async def get(self, key: str) -> Lock | None:
+        return await self._call("get", lambda: self.backend.get(key))
+
+    async def list(self, *, repo: str | None = None, pull: int | None = None) -> Locks:
+        return await self._call("list", lambda: self.backend.list(repo=repo, pull=pull))

@@ -21,6 +21,7 @@ from enhanced_locking.backends.base import Owner
 from enhanced_locking.events import EventBus
 from enhanced_locking.locking.base import AtlantisCalls, Locker
 from enhanced_locking.metrics import Metrics
+from enhanced_locking.migration.enhanced_calls import EnhancedCalls
 from enhanced_locking.provider import Snapshot
 from enhanced_locking.types import (
     AcquireResult,
@@ -36,8 +37,9 @@ from enhanced_locking.types import (
 __all__ = ["Router"]
 
 
-class Router(AtlantisCalls):
-    """A locker that delegates each key to its authoritative side."""
+class Router(EnhancedCalls, AtlantisCalls):
+    """A locker that delegates each key to its authoritative side (batches, queues, leases and
+    admin calls: :mod:`~enhanced_locking.migration.enhanced_calls`)."""
 
     side: Side = "enhanced"
 

@@ -1,0 +1,157 @@
+"""HTTP routes for batches, leases, queues and admin calls (v1).
+
+* ``POST /v1/locks/batch``: acquire several locks all or nothing (200 · 409 naming the key
+  and the reason · 422).
+* ``DELETE /v1/locks/batch?key=..&key=..[&pull=N]``: release several locks.
+* ``POST /v1/locks/refresh``: extend the lease of a held lock.
+* ``GET /v1/queue?key=``: the key's holder and waiters in service order.
+* ``DELETE /v1/queue?key=&id=``: cancel a queued request (by waiter id or request id).
+* ``POST /v1/admin/force-unlock?key=``: free a lock whoever holds it; its queue is served.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from enhanced_locking.api.disconnect import ClientGone, unless_disconnected
+from enhanced_locking.api.errors import json_error
+from enhanced_locking.backends.waiting import Waiter
+from enhanced_locking.durations import Duration
+from enhanced_locking.factory import LockService
+from enhanced_locking.locking import EnhancedLocker
+from enhanced_locking.types import (
+    BatchLockRequest,
+    BatchResult,
+    InvalidRequest,
+    Lock,
+    LockingError,
+    LockNotOwned,
+    utcnow,
+)
+
+__all__ = ["RefreshRequest", "install_queue_routes"]
+
+Key = Annotated[str, Query(min_length=1, max_length=4096, description="The lock key.")]
+PullNum = Annotated[int, Query(ge=0, le=2**31 - 1, description="Pull request number.")]
+
+
+class RefreshRequest(BaseModel):
+    """Extend a lease: the key, the pull that holds it, and the new lease from now."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid",
+                              frozen=True)
+
+    key: Annotated[str, Field(min_length=1, max_length=4096)]
+    pull: Annotated[int, Field(ge=0, le=2**31 - 1)]
+    ttl: Duration | None = None
+
+
+def _dump(model: BaseModel) -> Any:
+    return model.model_dump(mode="json", by_alias=True)
+
+
+def _waiter(position: int, waiter: Waiter, effective: str, now: datetime) -> dict[str, Any]:
+    return {
+        "position": position,
+        "id": waiter.id,
+        "requestId": waiter.request_id,
+        "repo": waiter.owner[0],
+        "pull": waiter.owner[1],
+        "user": waiter.locks[0].user.username,
+        "priority": waiter.priority.value,
+        "effectivePriority": effective,
+        "enqueuedAt": waiter.enqueued_at.isoformat().replace("+00:00", "Z"),
+        "deadline": waiter.deadline.isoformat().replace("+00:00", "Z"),
+        "waitedMs": max(0, round((now - waiter.enqueued_at).total_seconds() * 1000)),
+        "keys": list(waiter.keys),
+    }
+
+
+def install_queue_routes(app: FastAPI, service: LockService) -> None:
+    router = service.router
+
+    @app.post("/v1/locks/batch", response_model=BatchResult, response_model_by_alias=True,
+              responses={409: {"model": BatchResult}})
+    async def acquire_batch(body: BatchLockRequest, request: Request) -> Any:
+        """Acquire several locks of one pull, all or nothing; with ``wait`` it waits holding
+        none of them. 409 names the key that blocked it and why."""
+        work = router.acquire_batch(body)
+        try:
+            result = await (unless_disconnected(request, work) if body.wait else work)
+        except ClientGone:
+            return JSONResponse({"error": "client disconnected"}, status_code=499)
+        return JSONResponse(_dump(result), status_code=200 if result.acquired else 409)
+
+    @app.delete("/v1/locks/batch")
+    async def release_batch(
+        key: Annotated[list[str], Query(min_length=1, max_length=100,
+                                        description="The lock keys (repeat the parameter).")],
+        pull: PullNum | None = None,
+    ) -> Any:
+        """Release several locks; with ``pull``, only if that pull holds every held one."""
+        owner = None
+        if pull is not None:
+            holders = [lock for k in key if (lock := await router.get(k)) is not None]
+            if holders:
+                owner = (holders[0].project.repo_full_name, pull)
+        released = await router.release_batch(key, owner=owner)
+        return {"released": [_dump(lock) for lock in released],
+                "notHeld": [k for k in key if k not in {lock.key for lock in released}]}
+
+    @app.post("/v1/locks/refresh")
+    async def refresh(body: RefreshRequest) -> Any:
+        """Extend the lease of a held lock to ``now + ttl`` (default ``lock-ttl``)."""
+        holder = await router.get(body.key)
+        if holder is None:
+            return json_error(404, f"no lock is held on {body.key}", lockKey=body.key)
+        owner = (holder.project.repo_full_name, body.pull)
+        try:
+            lock = await router.refresh(body.key, owner=owner, ttl=body.ttl)
+        except LockNotOwned:
+            raise
+        except InvalidRequest:
+            raise
+        except LockingError:  # it expired or was released between the two calls
+            lock = None
+        if lock is None:
+            return json_error(404, f"no lock is held on {body.key}", lockKey=body.key)
+        return {"lock": _dump(lock)}
+
+    @app.get("/v1/queue")
+    async def queue(key: Key) -> Any:
+        """The holder of ``key`` and its waiters in service order (first is served next)."""
+        waiters = await router.queue(key)
+        holder = await router.get(key)
+        enhanced = service.enhanced
+        now = utcnow()
+        rows = []
+        for position, waiter in enumerate(waiters, start=1):
+            effective = (enhanced.effective_priority(waiter).value
+                         if isinstance(enhanced, EnhancedLocker) else waiter.priority.value)
+            rows.append(_waiter(position, waiter, effective, now))
+        return {"key": key, "holder": _dump(holder) if holder else None, "waiters": rows}
+
+    @app.delete("/v1/queue")
+    async def cancel(
+        key: Key,
+        id: Annotated[str, Query(min_length=1, max_length=128,
+                                 description="The waiter id or the request's requestId.")],
+    ) -> Any:
+        """Cancel a queued request: it leaves the queue and is answered ``cancelled``."""
+        if not await router.cancel_waiter(key, id):
+            return json_error(404, f"no request {id} is queued on {key}", lockKey=key)
+        return {"cancelled": True, "key": key, "id": id}
+
+    @app.post("/v1/admin/force-unlock")
+    async def force_unlock(key: Key) -> Any:
+        """Free a lock whoever holds it (the holder is not asked); the queue is served."""
+        lock: Lock | None = await router.force_unlock(key)
+        if lock is None:
+            return json_error(404, f"no lock is held on {key}", lockKey=key)
+        return {"released": True, "lock": _dump(lock)}

@@ -1,0 +1,68 @@
+"""Batches: several locks for one pull, all or nothing.
+
+The enhanced backend does a batch in one atomic step (and queues it as one waiter that is
+granted every key at once, see :mod:`enhanced_locking.backends.waiting`). This module covers
+the rest: a batch on a locker that has no batch step (the legacy locker, Atlantis's
+semantics: fail fast, so it tries each key and gives back what it took at the first refusal),
+and releasing several keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from enhanced_locking.backends.base import Owner
+from enhanced_locking.locking.base import Locker
+from enhanced_locking.types import (
+    BatchLockRequest,
+    BatchResult,
+    LockNotOwned,
+    Locks,
+    Reason,
+)
+
+__all__ = ["acquire_one_by_one", "release_all"]
+
+
+async def acquire_one_by_one(locker: Locker, batch: BatchLockRequest) -> BatchResult:
+    """All of ``batch`` or none on a fail-fast locker: roll back at the first refusal.
+
+    Nothing waits here, so the partial set exists only between two store calls.
+    """
+    owner = batch.owner
+    locks: Locks = []
+    taken: Locks = []  # the fresh ones, given back on a refusal
+    for request in batch.requests():
+        before = await locker.get(request.key)
+        result = await locker.acquire(request.model_copy(update={"wait": None}))
+        if result.acquired and result.lock is not None:
+            locks.append(result.lock)
+            if before is None or not before.owned_by(*owner):  # ours before the batch: keep
+                taken.append(result.lock)
+            continue
+        for lock in taken:
+            await locker.release(lock.key, owner=owner)
+        return BatchResult(acquired=False, lock_key=request.key,
+                           reason=result.reason or Reason.HELD, holder=result.holder)
+    return BatchResult(acquired=True, locks=locks)
+
+
+async def release_all(
+    locker: Locker, keys: Sequence[str], *, owner: Owner | None = None
+) -> Locks:
+    """Release every key of ``keys`` that is held; keys not held are skipped.
+
+    With ``owner``, a key held by another pull refuses the whole call (``LockNotOwned``)
+    before anything is released.
+    """
+    if owner is not None:
+        for key in keys:
+            holder = await locker.get(key)
+            if holder is not None and not holder.owned_by(*owner):
+                raise LockNotOwned(key, holder)
+    released: Locks = []
+    for key in keys:
+        lock = await locker.release(key, owner=owner)
+        if lock is not None:
+            released.append(lock)
+    return released

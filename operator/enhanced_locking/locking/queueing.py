@@ -1,0 +1,83 @@
+"""Queueing: how a caller waits for its turn, and how it leaves the queue.
+
+The backend keeps the queue and hands the lock over (see
+:mod:`enhanced_locking.backends.waiting`); this module is the caller's half. A queued caller
+awaits one future, with one timer for its deadline: no polling, and a release wakes exactly the
+waiter it granted (no thundering herd).
+
+It leaves the queue in one of four ways:
+
+* **granted**: the future resolves with its locks;
+* **timeout**: the timer fires first; it cancels its waiter, unless the grant won the race,
+  in which case the grant stands (the caller asked for the lock and got it in time);
+* **cancelled** by an admin, or dropped by the backend (deadline, store closing): the future
+  resolves with the reason;
+* **the caller goes away** (the HTTP client disconnected: its task is cancelled): it cancels
+  its waiter and gives back anything granted meanwhile, so nothing stays held by a caller that
+  is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from enhanced_locking.backends.base import QueueBackend
+from enhanced_locking.backends.waiting import Notice, Waiter
+from enhanced_locking.types import Reason
+
+__all__ = ["await_turn"]
+
+log = logging.getLogger(__name__)
+
+
+async def await_turn(
+    backend: QueueBackend,
+    waiter: Waiter,
+    future: asyncio.Future[Notice],
+    *,
+    seconds: float,
+    give_back: Callable[[Notice], Awaitable[None]],
+) -> Notice:
+    """Wait for ``waiter``'s notice for at most ``seconds``; see the module docstring.
+
+    ``give_back`` releases the locks of a notice nobody will use (the caller went away).
+    """
+    key = waiter.keys[0]
+    try:
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), seconds)
+        except TimeoutError:
+            cancelled = await backend.cancel(key, waiter.id, reason=Reason.TIMEOUT)
+            if cancelled.granted:
+                return Notice(locks=cancelled.granted)
+            if future.done():
+                return future.result()
+            return Notice(reason=Reason.TIMEOUT)
+        except asyncio.CancelledError:
+            await _leave(backend, waiter, future, give_back)
+            raise
+    finally:
+        backend.grants.forget(waiter.id)
+
+
+async def _leave(
+    backend: QueueBackend,
+    waiter: Waiter,
+    future: asyncio.Future[Notice],
+    give_back: Callable[[Notice], Awaitable[None]],
+) -> None:
+    # Runs while the caller's task is being cancelled: shield the clean-up so a second cancel
+    # (the server shutting down) cannot leave a lock granted to nobody.
+    async def clean_up() -> None:
+        cancelled = await backend.cancel(waiter.keys[0], waiter.id, reason=Reason.CANCELLED)
+        notice = future.result() if future.done() else Notice()
+        locks = cancelled.granted or notice.locks
+        if locks:
+            await give_back(Notice(locks=locks))
+
+    try:
+        await asyncio.shield(clean_up())
+    except Exception:  # the store failed: the lease (if any) or an admin frees it
+        log.exception("could not withdraw waiter %s from %s", waiter.id, waiter.keys)

@@ -1,0 +1,66 @@
+"""Retrying: jittered exponential backoff on transient backend errors, and nothing else.
+
+Only :class:`~enhanced_locking.types.BackendUnavailable` is retried (the store did not answer).
+A definite answer (held, not owned, invalid) is never retried: it would not change. The delay
+before attempt ``n + 1`` is drawn uniformly from ``[d/2, d]`` with ``d = backoff * 2**(n-1)``
+("equal jitter"), so a crowd of callers that failed together does not retry together, and
+every caller still backs off at least half the nominal delay.
+
+Retrying an operation whose reply was lost is safe because every backend operation the locker
+retries is idempotent in effect: an acquire by the pull that now holds the key gets it back
+unchanged, an enqueue is keyed by its waiter id, a release of a free key answers "not held".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import TypeVar
+
+from enhanced_locking.config import EnhancedLockingConfig
+from enhanced_locking.metrics import Metrics
+from enhanced_locking.types import BackendUnavailable
+
+__all__ = ["backoff_delays", "retrying"]
+
+T = TypeVar("T")
+
+
+def backoff_delays(
+    *, attempts: int, backoff: timedelta, rng: random.Random | None = None
+) -> list[float]:
+    """The sleeps (seconds) between ``attempts`` tries: equal jitter over a doubling base."""
+    draw = rng or random
+    base = backoff.total_seconds()
+    return [draw.uniform(base * 2**n / 2, base * 2**n) for n in range(attempts - 1)]
+
+
+async def retrying(
+    operation: Callable[[], Awaitable[T]],
+    *,
+    config: EnhancedLockingConfig,
+    metrics: Metrics,
+    name: str,
+) -> T:
+    """Run ``operation``; with the ``retries`` flag, retry it on ``BackendUnavailable``."""
+    if not config.retries:
+        try:
+            return await operation()
+        except BackendUnavailable:
+            metrics.backend_errors.labels("enhanced").inc()
+            raise
+    delays = backoff_delays(attempts=config.retry_max_attempts, backoff=config.retry_backoff)
+    for delay in delays:
+        try:
+            return await operation()
+        except BackendUnavailable:
+            metrics.backend_errors.labels("enhanced").inc()
+            metrics.retries.labels(name).inc()
+        await asyncio.sleep(delay)
+    try:
+        return await operation()
+    except BackendUnavailable:
+        metrics.backend_errors.labels("enhanced").inc()
+        raise

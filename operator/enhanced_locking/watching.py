@@ -1,0 +1,159 @@
+"""Following the lock service from a terminal: the event tail and a wait's live position.
+
+``enhanced-locking events`` prints each event of ``GET /v1/events`` as one JSON line.
+``enhanced-locking lock acquire --wait 30s`` waits in the key's queue while it shows its
+position on stderr: it follows the key's events and, whenever the queue moves, reads
+``GET /v1/queue`` to find itself by its request id. stdout stays the final JSON answer, so
+scripts can read it as before.
+
+Also here: the queue and admin commands (``lock queue``, ``lock cancel``, ``lock
+force-unlock``, ``lock refresh``), registered onto the ``lock`` command by :mod:`.cli`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import sys
+from collections.abc import Callable
+from typing import Any, TextIO
+
+from enhanced_locking.client import AsyncClient, Client, ServiceError
+from enhanced_locking.types import AcquireResult, LockRequest
+
+__all__ = ["acquire_showing_position", "add_events_command", "add_queue_commands"]
+
+EXIT_REFUSED, EXIT_UNREACHABLE = 1, 3
+
+
+def _print(data: Any) -> None:
+    print(json.dumps(data, indent=2))
+
+
+async def _watch(client: AsyncClient, request: LockRequest, out: TextIO) -> None:
+    last: int | None = None
+
+    async def report() -> None:
+        nonlocal last
+        queue = await client.queue(request.key)
+        waiters = queue["waiters"]
+        mine = next((w for w in waiters if w["requestId"] == request.request_id), None)
+        if mine is not None and mine["position"] != last:
+            last = mine["position"]
+            holder = queue.get("holder") or {}
+            held_by = holder.get("pull", {}).get("num")
+            print(f"queued on {request.key}: position {last} of {len(waiters)}"
+                  + (f" (held by pull #{held_by})" if held_by is not None else ""),
+                  file=out, flush=True)
+
+    async for event in client.events(key_prefix=request.key, on_open=report):
+        if event.key == request.key:
+            await report()
+
+
+async def _acquire(url: str, request: LockRequest, out: TextIO) -> AcquireResult:
+    async with AsyncClient(url) as client:
+        watcher = asyncio.create_task(_watch(client, request, out))
+        try:
+            return await client.acquire(request)
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ServiceError):
+                await watcher
+
+
+def acquire_showing_position(
+    url: str, request: LockRequest, *, out: TextIO = sys.stderr
+) -> AcquireResult:
+    """Acquire with a wait, printing the queue position to ``out`` while it waits."""
+    if request.request_id is None:
+        import secrets
+
+        request = request.model_copy(update={"request_id": "cli-" + secrets.token_hex(8)})
+    return asyncio.run(_acquire(url, request, out))
+
+
+# --- events ----------------------------------------------------------------------------------
+def _events(args: argparse.Namespace) -> int:
+    types = [t for t in (args.type or "").split(",") if t]
+    try:
+        with Client(args.url) as client:
+            for event in client.events(repo=args.repo, key_prefix=args.key_prefix, types=types,
+                                       last_event_id=args.last_event_id):
+                print(event.model_dump_json(by_alias=True), flush=True)
+    except ServiceError as error:
+        print(f"enhanced-locking: {error}", file=sys.stderr)
+        return EXIT_UNREACHABLE if error.status == 0 else 2
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+def add_events_command(commands: Any, *, url_default: str) -> None:
+    events = commands.add_parser("events", help="follow lock and config events (SSE)")
+    events.add_argument("--url", default=url_default,
+                        help="lock service URL (env ENHANCED_LOCKING_URL)")
+    events.add_argument("--repo", default=None, help="only events of this repository")
+    events.add_argument("--key-prefix", default=None, help="only lock keys starting with this")
+    events.add_argument("--type", default=None, help="comma-separated event types")
+    events.add_argument("--last-event-id", default=None, help="resume after this event id")
+    events.set_defaults(func=_events)
+
+
+# --- queue and admin -------------------------------------------------------------------------
+def _queue(client: Client, args: argparse.Namespace) -> int:
+    _print(client.queue(args.key))
+    return 0
+
+
+def _cancel(client: Client, args: argparse.Namespace) -> int:
+    if not client.cancel_waiter(args.key, args.id):
+        print(f"enhanced-locking: no request {args.id} is queued on {args.key}",
+              file=sys.stderr)
+        return EXIT_REFUSED
+    _print({"cancelled": True, "key": args.key, "id": args.id})
+    return 0
+
+
+def _force_unlock(client: Client, args: argparse.Namespace) -> int:
+    lock = client.force_unlock(args.key)
+    if lock is None:
+        print(f"enhanced-locking: no lock is held on {args.key}", file=sys.stderr)
+        return EXIT_REFUSED
+    _print({"released": True, "lock": lock.model_dump(mode="json", by_alias=True)})
+    return 0
+
+
+def _refresh(client: Client, args: argparse.Namespace) -> int:
+    lock = client.refresh(args.key, pull=args.pull, ttl=args.ttl)
+    if lock is None:
+        print(f"enhanced-locking: no lock is held on {args.key}", file=sys.stderr)
+        return EXIT_REFUSED
+    _print({"lock": lock.model_dump(mode="json", by_alias=True)})
+    return 0
+
+
+def add_queue_commands(
+    lock_sub: Any, with_client: Callable[[Callable[[Client, argparse.Namespace], int]],
+                                         Callable[..., int]],
+) -> None:
+    queue = lock_sub.add_parser("queue", help="show a key's holder and waiters in order")
+    queue.add_argument("--key", required=True)
+    queue.set_defaults(func=with_client(_queue))
+
+    cancel = lock_sub.add_parser("cancel", help="cancel a queued request")
+    cancel.add_argument("--key", required=True)
+    cancel.add_argument("--id", required=True, help="waiter id or request id")
+    cancel.set_defaults(func=with_client(_cancel))
+
+    force = lock_sub.add_parser("force-unlock", help="free a lock whoever holds it (admin)")
+    force.add_argument("--key", required=True)
+    force.set_defaults(func=with_client(_force_unlock))
+
+    refresh = lock_sub.add_parser("refresh", help="extend the lease of a held lock")
+    refresh.add_argument("--key", required=True)
+    refresh.add_argument("--pull", type=int, required=True, help="the pull that holds it")
+    refresh.add_argument("--ttl", default=None, help="new lease from now, e.g. 1h")
+    refresh.set_defaults(func=with_client(_refresh))
