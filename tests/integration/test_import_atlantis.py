@@ -11,6 +11,7 @@ import asyncio
 import io
 import json
 import os
+import pty
 import re
 import subprocess
 import sys
@@ -342,6 +343,35 @@ def test_progress_draws_a_bar_on_a_terminal_and_lines_otherwise() -> None:
     lines = log.getvalue().splitlines()
     assert lines[0] == "importing: 2/25" and lines[-1] == "importing: 25/25"
     assert "\r" not in log.getvalue() and len(lines) <= 13
+
+
+def test_the_command_draws_a_bar_when_stderr_is_a_terminal(
+    atlantis_db: tuple[Path, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    path, locks = atlantis_db
+    controller, terminal = pty.openpty()
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "enhanced_locking.cli", "migrate", "import", "--from-boltdb",
+             str(path), "--data-dir", str(tmp_path / "d"), "--output", "json"],
+            stdout=subprocess.PIPE, stderr=terminal, env=_env(), timeout=120, check=False,
+        )
+        os.close(terminal)
+        drawn = b""
+        while True:
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # EIO: the terminal's other end is closed and drained
+                break
+            if not chunk:
+                break
+            drawn += chunk
+    finally:
+        os.close(controller)
+    assert result.returncode == 0
+    assert json.loads(result.stdout)["summary"]["imported"] == len(locks)  # stdout stays JSON
+    total = len(locks)
+    assert f"\rimporting [{'#' * 30}] 100% {total}/{total}".encode() in drawn
 
 
 # --- Atlantis's Redis ------------------------------------------------------------------------
