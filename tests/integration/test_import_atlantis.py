@@ -538,3 +538,23 @@ def _redis_values(client: Any, key: bytes) -> bytes:
     if kind == b"list":
         return b"".join(client.lrange(key, 0, -1))
     return key
+
+
+@pytest.mark.redis
+async def test_odd_records_in_redis_are_reported_invalid(atlantis_redis: RedisServer) -> None:
+    good = atlantis_lock(repo="acme/ok", pull=1)
+    fill_like_atlantis(atlantis_redis, {
+        lock_key(good): json.dumps(good).encode(),
+        "acme/list/./default/": json.dumps({"Project": ["not", "an", "object"]}).encode(),
+        "acme/array/./default/": b"[1, 2]",
+    })
+    with atlantis_redis.client() as client:
+        client.hset("pr/acme/hash/./default/", "field", "value")
+    source, records = await importers.read_redis(f"redis://{atlantis_redis.addr}/0")
+    report = await importers.import_locks(records, MemoryBackend(), source=source)
+    rows = {row.source_key: row for row in report.rows}
+    assert rows[f"pr/{lock_key(good)}"].outcome is importers.Outcome.IMPORTED
+    assert rows["pr/acme/hash/./default/"].detail.startswith("not a string (WRONGTYPE")
+    assert rows["pr/acme/list/./default/"].outcome is importers.Outcome.INVALID
+    assert rows["pr/acme/array/./default/"].detail == "not a ProjectLock JSON object"
+    assert not report.clean and report.summary["invalid"] == 3

@@ -228,15 +228,6 @@ class BoltDB:
             raise
         return db
 
-    @classmethod
-    def from_bytes(cls, data: bytes, *, name: str = "<bytes>") -> BoltDB:
-        """Read a bbolt file already in memory (no locking)."""
-        if not data:
-            raise BoltFormatError(f"{name} is not a bbolt file: it is empty")
-        db = cls(Path(name), data, cls._choose_meta(data, Path(name)))
-        db._check_meta()
-        return db
-
     @staticmethod
     def _choose_meta(data: bytes | mmap.mmap, file: Path) -> Meta:
         # As bbolt does: the page size comes from whichever meta validates, page 0 first, then
@@ -254,7 +245,7 @@ class BoltDB:
         else:
             for shift in range(15):
                 offset = 1024 << shift
-                if offset >= len(data) - PAGE_HEADER.size - META.size + 1:
+                if offset + PAGE_HEADER.size + META.size > len(data):
                     break
                 second = _parse_meta(data, offset, 1)
                 if isinstance(second, Meta) and second.page_size == offset:
@@ -373,12 +364,13 @@ class BoltDB:
                                       offset=page.file_offset)
             seen.add(page.file_offset)
         first = page.start + PAGE_HEADER.size
-        if first + page.count * LEAF_ELEMENT.size > page.end:
+        size = BRANCH_ELEMENT.size if page.flags == BRANCH_PAGE else LEAF_ELEMENT.size
+        if first + page.count * size > page.end:
             raise BoltFormatError(
                 f"{self.path}: {page.label} claims {page.count} elements, more than fit",
                 offset=page.where(page.start + 10))
         for index in range(page.count):
-            at = first + index * LEAF_ELEMENT.size
+            at = first + index * size
             if page.flags == BRANCH_PAGE:
                 pos, ksize, child = BRANCH_ELEMENT.unpack_from(page.data, at)
                 self._span(page, at, at + pos, ksize, index)

@@ -78,6 +78,7 @@ class SourceRecord:
 
     source_key: str
     raw: bytes
+    problem: str = ""  # why the record could not even be read, if so
 
 
 # --- reading Atlantis's stores ---------------------------------------------------------------
@@ -131,8 +132,8 @@ async def read_redis(url: str) -> tuple[str, list[SourceRecord]]:
                 name = key.decode(errors="replace")
                 if value is None:
                     continue  # released between SCAN and GET
-                if isinstance(value, ResponseError):
-                    records.append(SourceRecord(name, b""))  # not a string: reported invalid
+                if isinstance(value, ResponseError):  # not a string: reported invalid
+                    records.append(SourceRecord(name, b"", problem=f"not a string ({value})"))
                     continue
                 if isinstance(value, Exception):
                     raise value
@@ -286,6 +287,8 @@ class Progress:
 # --- importing -------------------------------------------------------------------------------
 def _decode(record: SourceRecord) -> Lock | str:
     """The record as an enhanced lock (no token yet), or why it cannot be one."""
+    if record.problem:
+        return record.problem
     try:
         data = json.loads(record.raw)
         if not isinstance(data, dict):
@@ -297,7 +300,7 @@ def _decode(record: SourceRecord) -> Lock | str:
         # Name the field, never echo the value: it could be anything Atlantis stored.
         first = error.errors()[0]
         return f"{'.'.join(str(part) for part in first['loc'])}: {first['msg']}"
-    except (KeyError, TypeError, ValueError) as error:
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
         return f"not a ProjectLock ({type(error).__name__})"
     user = data.get("User")
     teams = user.get("Teams") if isinstance(user, dict) else None
