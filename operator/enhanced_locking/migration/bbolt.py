@@ -129,7 +129,11 @@ class _Page:
 
 
 class BoltBucket:
-    """One bucket of an open file: iterate its values and its nested buckets, in key order."""
+    """One bucket of an open file: iterate its values and its nested buckets, in key order.
+
+    ``get`` and ``bucket`` walk the bucket rather than searching the tree: an importer reads
+    every key anyway, and Atlantis's files are small.
+    """
 
     def __init__(self, db: BoltDB, name: bytes, root: int, inline: bytes | None,
                  sequence: int) -> None:
