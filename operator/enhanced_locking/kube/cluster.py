@@ -1,0 +1,180 @@
+"""The few Kubernetes API calls the operator makes itself, as awaitables.
+
+kopf watches the custom resources and calls the handlers; everything the reconciler writes or
+reads besides (Secrets, the bound objects, their status, Events) goes through this module,
+with the official client run in a worker thread. Credentials come from the in-cluster service
+account when there is one, else from ``KUBECONFIG``, as kubectl finds them.
+
+Secret values are returned as ``SecretStr`` and never logged: error messages name the Secret
+and the key, not the content.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import os
+import secrets
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any, Protocol, cast
+
+from kubernetes import client, config
+from pydantic import SecretStr
+
+from enhanced_locking.kube.models import GROUP, VERSION
+
+__all__ = ["ClusterApi", "KubernetesApi", "SecretProblem", "new_api_client"]
+
+log = logging.getLogger(__name__)
+
+COMPONENT = "enhanced-locking"
+_TIMEOUT = 10.0
+
+
+class SecretProblem(Exception):
+    """A Secret a policy names cannot be used; ``reason`` is a condition reason."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class ClusterApi(Protocol):
+    """What the reconciler asks of the cluster."""
+
+    async def read_secret(self, namespace: str, name: str, key: str) -> SecretStr: ...
+
+    async def get_object(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+        ...
+
+    async def patch_status(
+        self, plural: str, namespace: str, name: str, status: Mapping[str, Any]
+    ) -> dict[str, Any] | None: ...
+
+    async def post_event(
+        self, body: Mapping[str, Any], *, kind: str, type: str, reason: str, message: str
+    ) -> None: ...
+
+
+def _as_dict(found: object) -> dict[str, Any]:
+    # Custom objects come back as plain JSON objects.
+    if not isinstance(found, dict):
+        raise TypeError(f"expected a JSON object from the API server, got {type(found).__name__}")
+    return found
+
+
+def new_api_client() -> client.ApiClient:
+    """A client with the pod's service account, else the user's kubeconfig."""
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        configuration = client.Configuration()
+        config.load_incluster_config(  # type: ignore[no-untyped-call]
+            client_configuration=configuration
+        )
+        return client.ApiClient(configuration)
+    api_client: client.ApiClient = config.new_client_from_config(  # type: ignore[no-untyped-call]
+        persist_config=False
+    )
+    return api_client
+
+
+class KubernetesApi:
+    """:class:`ClusterApi` over the official Kubernetes client."""
+
+    def __init__(self, api_client: client.ApiClient, *, instance: str = "") -> None:
+        self._core = client.CoreV1Api(api_client)
+        self._custom = client.CustomObjectsApi(api_client)
+        self._instance = instance or os.environ.get("POD_NAME", "") or os.uname().nodename
+
+    async def read_secret(self, namespace: str, name: str, key: str) -> SecretStr:
+        where = f"Secret {namespace}/{name}"
+        try:
+            secret = await asyncio.to_thread(
+                self._core.read_namespaced_secret, name, namespace, _request_timeout=_TIMEOUT
+            )
+        except client.ApiException as error:
+            if error.status == 404:
+                raise SecretProblem("SecretNotFound", f"{where} does not exist") from None
+            raise SecretProblem(
+                "SecretUnreadable", f"{where} cannot be read (HTTP {error.status} {error.reason})"
+            ) from None
+        data = secret.data or {}
+        if key not in data:
+            raise SecretProblem("SecretKeyNotFound", f"{where} has no key {key!r}")
+        try:
+            return SecretStr(base64.b64decode(data[key], validate=True).decode())
+        except (binascii.Error, UnicodeDecodeError):
+            raise SecretProblem(
+                "SecretUnreadable", f"{where} key {key!r} is not UTF-8 text"
+            ) from None
+
+    async def get_object(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            found = await asyncio.to_thread(
+                self._custom.get_namespaced_custom_object,
+                GROUP, VERSION, namespace, plural, name, _request_timeout=_TIMEOUT,
+            )
+        except client.ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+        return _as_dict(found)
+
+    async def patch_status(
+        self, plural: str, namespace: str, name: str, status: Mapping[str, Any]
+    ) -> dict[str, Any] | None:
+        try:
+            patched = await asyncio.to_thread(
+                self._custom.patch_namespaced_custom_object_status,
+                GROUP, VERSION, namespace, plural, name, {"status": dict(status)},
+                field_manager=COMPONENT,
+                _content_type="application/merge-patch+json",
+                _request_timeout=_TIMEOUT,
+            )
+        except client.ApiException as error:
+            if error.status == 404:
+                return None  # deleted meanwhile: nothing to report on
+            raise
+        return _as_dict(patched)
+
+    async def post_event(
+        self, body: Mapping[str, Any], *, kind: str, type: str, reason: str, message: str
+    ) -> None:
+        meta = body.get("metadata", {})
+        now = datetime.now(UTC)
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {
+                "name": f"{meta.get('name', 'unknown')}.{secrets.token_hex(8)}",
+                "namespace": meta.get("namespace"),
+            },
+            "involvedObject": {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": kind,
+                "name": meta.get("name"),
+                "namespace": meta.get("namespace"),
+                "uid": meta.get("uid"),
+                "resourceVersion": meta.get("resourceVersion"),
+            },
+            "type": type,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": COMPONENT},
+            "reportingComponent": COMPONENT,
+            "reportingInstance": self._instance[:128],
+            "firstTimestamp": now.isoformat(),
+            "lastTimestamp": now.isoformat(),
+            "count": 1,
+        }
+        try:
+            await asyncio.to_thread(
+                self._core.create_namespaced_event,
+                str(meta.get("namespace")), cast(Any, event), _request_timeout=_TIMEOUT,
+            )
+        except client.ApiException as error:
+            # An Event is a courtesy to the reader; failing to post one changes nothing.
+            log.warning("could not post the %s event on %s %s: HTTP %s",
+                        reason, kind, meta.get("name"), error.status)

@@ -1,0 +1,214 @@
+"""The ``LockPolicy`` custom resource: the lock service's settings, declared in the cluster.
+
+Every field is optional. A field left out keeps the service's own setting (from its flags,
+environment or YAML); a field written overrides it while the CR exists. So a policy of
+``spec: {enabled: true}`` turns enhanced locking on and changes nothing else, and deleting the
+policy returns the service to its static configuration.
+
+The Redis password is never written in the CR: ``redis.passwordSecretRef`` names a Secret of
+the same namespace, which the operator reads when it applies the policy.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import AfterValidator, ConfigDict, Field, model_validator
+
+from enhanced_locking.kube.models import (
+    Condition,
+    CRDuration,
+    SecretKeyRef,
+    SpecModel,
+    StatusModel,
+    cel,
+    conditions_schema_extra,
+    valid_duration,
+    validations,
+)
+from enhanced_locking.types import BackendName
+
+__all__ = [
+    "Features",
+    "LockPolicySpec",
+    "LockPolicyStatus",
+    "Queue",
+    "Redis",
+    "RedisTLS",
+    "Retries",
+    "Timeouts",
+]
+
+_PORT = r"([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+HOST_PORT = rf"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?):{_PORT}$"
+
+
+def _host_port(value: str) -> str:
+    # The same rule as the service's redis-addr setting; the pattern above already holds it.
+    _host, _, port = value.rpartition(":")
+    if not 0 < int(port) < 65536:
+        raise ValueError(f"expected host:port with a port from 1 to 65535, got {value!r}")
+    return value
+
+
+HostPort = Annotated[
+    str, Field(min_length=3, max_length=261, pattern=HOST_PORT), AfterValidator(_host_port)
+]
+
+
+class Features(SpecModel):
+    """Feature flags; each one left out keeps the service's own setting."""
+
+    priority_queue: bool | None = Field(
+        None, description="Serve waiters by priority with aging (off: plain FIFO)."
+    )
+    retries: bool | None = Field(
+        None, description="Retry transient backend errors with jittered exponential backoff."
+    )
+    metrics: bool | None = Field(None, description="Export Prometheus metrics on /metrics.")
+    deadlock_detection: bool | None = Field(
+        None, description="Refuse a wait that would close a cycle in the wait-for graph."
+    )
+    events: bool | None = Field(None, description="Publish lock events (GET /v1/events).")
+
+
+class Timeouts(SpecModel):
+    """How long lock requests may wait."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "!has(self.default) || !has(self.max) || "
+                f"!{valid_duration('self.default')} || !{valid_duration('self.max')} || "
+                "duration(self.max) >= duration(self.default)",
+                "timeouts.max must be at least timeouts.default",
+                field_path=".max",
+            )
+        )
+    )
+
+    default: CRDuration | None = Field(
+        None, description="How long a request waits when it names no wait."
+    )
+    max: CRDuration | None = Field(
+        None, description="Longest wait a request may ask for; asking for more is refused."
+    )
+
+    @model_validator(mode="after")
+    def _max_covers_default(self) -> Timeouts:
+        if self.default is not None and self.max is not None and self.max < self.default:
+            raise ValueError("timeouts.max must be at least timeouts.default")
+        return self
+
+
+class Queue(SpecModel):
+    """The waiters' queue of each lock key."""
+
+    max_size: int | None = Field(
+        None, ge=1, le=1_000_000, description="Most waiters queued on one lock key."
+    )
+    starvation_threshold: CRDuration | None = Field(
+        None, description="Wait after which a waiter is raised one priority level."
+    )
+    max_priority_boost: int | None = Field(
+        None, ge=0, le=3, description="Most levels aging may raise a waiter."
+    )
+
+
+class Retries(SpecModel):
+    """Retries of transient backend errors (used when features.retries is on)."""
+
+    max_attempts: int | None = Field(None, ge=1, le=20, description="Attempts per operation.")
+    backoff: CRDuration | None = Field(None, description="First retry delay; doubles with jitter.")
+
+
+class RedisTLS(SpecModel):
+    """TLS to Redis."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "!has(self.caSecretRef) || (has(self.enabled) && self.enabled)",
+                "redis.tls.caSecretRef needs redis.tls.enabled: true",
+                field_path=".caSecretRef",
+            ),
+            cel(
+                "!has(self.insecureSkipVerify) || !self.insecureSkipVerify || "
+                "(has(self.enabled) && self.enabled)",
+                "redis.tls.insecureSkipVerify needs redis.tls.enabled: true",
+                field_path=".insecureSkipVerify",
+            ),
+        )
+    )
+
+    enabled: bool | None = Field(None, description="Connect to Redis over TLS.")
+    ca_secret_ref: SecretKeyRef | None = Field(
+        None, description="Secret key holding the PEM CA bundle that signs the Redis server."
+    )
+    insecure_skip_verify: bool | None = Field(
+        None, description="Do not verify the Redis server certificate (testing only)."
+    )
+
+    @model_validator(mode="after")
+    def _needs_enabled(self) -> RedisTLS:
+        if not self.enabled:
+            if self.ca_secret_ref is not None:
+                raise ValueError("redis.tls.caSecretRef needs redis.tls.enabled: true")
+            if self.insecure_skip_verify:
+                raise ValueError("redis.tls.insecureSkipVerify needs redis.tls.enabled: true")
+        return self
+
+
+class Redis(SpecModel):
+    """The Redis the enhanced locks live in when the backend is ``redis``."""
+
+    addr: HostPort | None = Field(None, description="Redis address, host:port.")
+    db: int | None = Field(None, ge=0, le=1023, description="Redis database number.")
+    username: str | None = Field(None, max_length=256, description="Redis ACL user name.")
+    password_secret_ref: SecretKeyRef | None = Field(
+        None, description="Secret key holding the Redis password (never copied anywhere)."
+    )
+    tls: RedisTLS | None = Field(None, description="TLS to Redis.")
+    key_prefix: str | None = Field(
+        None, max_length=128, description="Prefix of every enhanced Redis key."
+    )
+
+
+class LockPolicySpec(SpecModel):
+    """What the lock service runs with; every field left out keeps the service's setting."""
+
+    enabled: bool | None = Field(None, description="Turn the enhanced locking system on.")
+    backend: BackendName | None = Field(
+        None,
+        description="Store of the enhanced locks: boltdb (embedded single file), redis, memory.",
+    )
+    features: Features | None = Field(None, description="Feature flags.")
+    timeouts: Timeouts | None = Field(None, description="How long lock requests may wait.")
+    queue: Queue | None = Field(None, description="The waiters' queue of each lock key.")
+    retries: Retries | None = Field(None, description="Retries of transient backend errors.")
+    lock_ttl: CRDuration | None = Field(
+        None,
+        alias="lockTTL",
+        description="Default lease of an enhanced lock; 0 means no expiry.",
+    )
+    redis: Redis | None = Field(None, description="The Redis connection (backend: redis).")
+
+
+class LockPolicyStatus(StatusModel):
+    """What the operator observed and what the service runs."""
+
+    observed_generation: int | None = Field(
+        None, ge=0, description="The metadata.generation the operator last acted on."
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Ready: the service runs this generation of the spec.",
+        json_schema_extra=conditions_schema_extra(),
+    )
+    applied_config_hash: str | None = Field(
+        None, max_length=64, description="Hash of the configuration the service runs."
+    )
+    applied_generation: int | None = Field(
+        None, ge=0, description="The service's configuration generation (GET /v1/config)."
+    )

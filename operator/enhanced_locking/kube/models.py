@@ -1,0 +1,155 @@
+"""Building blocks shared by the custom resource models: the base model, names, durations, CEL.
+
+The CR models are the one source of truth for the CustomResourceDefinitions: ``crds.py``
+turns their JSON schema into structural OpenAPI, so every bound written here (``max_length``,
+``ge``/``le``, enums, patterns) is enforced twice, by the API server when a user applies a CR
+and by pydantic when the operator reads one. Cross-field rules are written twice on purpose,
+next to each other: a CEL rule (``x-kubernetes-validations``) for the API server and a
+pydantic validator for the operator. Models do no I/O.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic.alias_generators import to_camel
+
+from enhanced_locking.durations import DURATION_PATTERN, Duration, format_duration
+
+__all__ = [
+    "GROUP",
+    "MAX_DURATION",
+    "VERSION",
+    "CRDuration",
+    "Condition",
+    "ConditionStatus",
+    "DnsName",
+    "LocalObjectReference",
+    "SecretKeyRef",
+    "SpecModel",
+    "StatusModel",
+    "cel",
+    "valid_duration",
+    "validations",
+]
+
+GROUP = "locking.runatlantis.io"
+VERSION = "v1alpha1"
+
+MAX_DURATION = timedelta(hours=8760)
+"""The longest duration a CR may name (a year): keeps every duration far from overflow."""
+
+_MAX_DURATION_TEXT = "8760h"
+
+
+def cel(
+    rule: str, message: str, *, field_path: str | None = None, reason: str | None = None
+) -> dict[str, str]:
+    """One ``x-kubernetes-validations`` entry; ``field_path`` points the error at a field."""
+    entry = {"rule": rule, "message": message}
+    if field_path:
+        entry["fieldPath"] = field_path
+    if reason:
+        entry["reason"] = reason
+    return entry
+
+
+def valid_duration(expr: str) -> str:
+    """A CEL guard: ``expr`` is a string that ``duration()`` can parse.
+
+    Rules that compare durations check this first, so a malformed value is reported once, by
+    the schema's ``pattern``, and not a second time as a CEL evaluation error.
+    """
+    return f"{expr}.matches(r'{DURATION_PATTERN}')"
+
+
+def _at_most_a_year(value: timedelta) -> timedelta:
+    if value > MAX_DURATION:
+        raise ValueError(f"must be at most {_MAX_DURATION_TEXT}, got {format_duration(value)}")
+    return value
+
+
+CRDuration = Annotated[
+    Duration,
+    AfterValidator(_at_most_a_year),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "maxLength": 32,
+            "pattern": DURATION_PATTERN,
+            "x-kubernetes-validations": [
+                cel(
+                    f"!{valid_duration('self')} || "
+                    f"duration(self) <= duration('{_MAX_DURATION_TEXT}')",
+                    f"must be at most {_MAX_DURATION_TEXT} (a year)",
+                )
+            ],
+        }
+    ),
+]
+"""A Go duration in a CR: non-negative (the pattern has no sign), at most a year."""
+
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+
+DnsName = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN)]
+"""The name of a Kubernetes object in the same namespace."""
+
+SecretKey = Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")]
+
+
+class SpecModel(BaseModel):
+    """Base of every spec model: frozen, camelCase as users write it, unknown fields refused."""
+
+    model_config = ConfigDict(
+        frozen=True, alias_generator=to_camel, populate_by_name=True, extra="forbid"
+    )
+
+
+class StatusModel(BaseModel):
+    """Base of status models: the same spelling; unknown fields are dropped, not refused."""
+
+    model_config = ConfigDict(
+        frozen=True, alias_generator=to_camel, populate_by_name=True, extra="ignore"
+    )
+
+
+class LocalObjectReference(SpecModel):
+    """An object of the same namespace, by name."""
+
+    name: DnsName = Field(description="Name of the object, in the same namespace.")
+
+
+class SecretKeyRef(SpecModel):
+    """One key of a Secret in the same namespace."""
+
+    name: DnsName = Field(description="Name of the Secret, in the same namespace.")
+    key: SecretKey = Field(description="Key inside the Secret's data.")
+
+
+_REASON = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
+ConditionStatus = Literal["True", "False", "Unknown"]
+
+
+class Condition(StatusModel):
+    """One observation about the object, in the shape of Kubernetes' ``metav1.Condition``."""
+
+    type: Annotated[str, Field(min_length=1, max_length=316)]
+    status: ConditionStatus
+    reason: Annotated[str, Field(min_length=1, max_length=1024, pattern=_REASON)]
+    message: Annotated[str, Field(max_length=32768)] = ""
+    last_transition_time: Annotated[
+        str, Field(max_length=64, json_schema_extra={"format": "date-time"})
+    ]
+    observed_generation: Annotated[int, Field(ge=0)] | None = None
+
+
+def conditions_schema_extra() -> dict[str, Any]:
+    """Conditions are a map keyed by ``type`` (server-side apply merges them by type)."""
+    return {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}
+
+
+def validations(*rules: dict[str, str]) -> dict[str, Any]:
+    """A model's ``json_schema_extra`` carrying its CEL rules."""
+    return {"x-kubernetes-validations": list(rules)}

@@ -1,0 +1,146 @@
+"""``enhanced-locking operator``: the lock service and kopf in one process and one event loop.
+
+The order of things:
+
+1. the caller has started the lock service (its static config is generation 1);
+2. the bound LockPolicy and LockMigration are read once and applied *before* the HTTP server
+   opens, so a restarted operator serves the cluster's config from its first request;
+3. the HTTP server, the periodic resync and kopf run side by side;
+4. on SIGTERM/SIGINT the HTTP server drains first, then kopf stops, then the caller closes
+   the service.
+
+kopf keeps its bookkeeping in annotations under the API group (not in ``status``, which the
+CRDs' schemas own) and posts no Events of its own: the reconciler posts one per change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import signal
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import kopf
+
+from enhanced_locking.factory import LockService
+from enhanced_locking.kube.cluster import KubernetesApi, new_api_client
+from enhanced_locking.kube.handlers import build_registry
+from enhanced_locking.kube.models import GROUP
+from enhanced_locking.kube.reconcile import Binding, Reconciler
+
+__all__ = ["HttpServer", "OperatorOptions", "kopf_settings", "run"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OperatorOptions:
+    """What ``enhanced-locking operator`` binds to and how it runs."""
+
+    namespace: str
+    policy: str = "default"
+    migration: str = "to-enhanced"
+    liveness: str | None = None
+    resync_interval: float = 30.0
+    standalone: bool = True
+
+
+class HttpServer(Protocol):
+    """The part of ``uvicorn.Server`` the operator drives."""
+
+    should_exit: bool
+
+    async def serve(self) -> None: ...
+
+
+def kopf_settings() -> kopf.OperatorSettings:
+    settings = kopf.OperatorSettings()
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    settings.posting.enabled = False
+    # Events of one object are batched for this long before the handler runs: a short window
+    # keeps a `kubectl patch` close to the service applying it.
+    settings.batching.batch_window = 0.02
+    return settings
+
+
+async def run(service: LockService, options: OperatorOptions, *, http: HttpServer) -> int:
+    """Run kopf, the resync and the HTTP server until a signal; 0 on a clean stop."""
+    runtime_dir = Path(tempfile.mkdtemp(prefix="enhanced-locking-"))
+    api_client = new_api_client()
+    binding = Binding(options.namespace, options.policy, options.migration)
+    reconciler = Reconciler(
+        service.provider, binding=binding, cluster=KubernetesApi(api_client),
+        runtime_dir=runtime_dir,
+    )
+    try:
+        await reconciler.resync()
+    except Exception as error:  # the API server may be starting too; kopf catches up later
+        log.warning("could not read LockPolicy %s/%s at start-up (kopf will retry): %s",
+                    options.namespace, options.policy, error)
+    log.info("binding LockPolicy %s/%s and LockMigration %s/%s",
+             options.namespace, options.policy, options.namespace, options.migration)
+
+    stop = asyncio.Event()
+    ready = asyncio.Event()
+    server = asyncio.create_task(http.serve(), name="http server")
+    resync = asyncio.create_task(
+        reconciler.resync_forever(options.resync_interval), name="resync"
+    )
+    operator = asyncio.create_task(
+        kopf.operator(
+            registry=build_registry(reconciler, service.provider),
+            settings=kopf_settings(),
+            namespaces=[options.namespace],
+            standalone=options.standalone,
+            liveness_endpoint=options.liveness,
+            stop_flag=stop,
+            ready_flag=ready,
+        ),
+        name="kopf",
+    )
+
+    def drain() -> None:
+        log.info("stopping: draining HTTP requests, then the operator")
+        http.should_exit = True
+
+    exit_code = 0
+    try:
+        started = asyncio.create_task(ready.wait())
+        await asyncio.wait({started, operator, server}, return_when=asyncio.FIRST_COMPLETED)
+        started.cancel()
+        if ready.is_set():
+            # kopf installed its own signal handlers; ours replace them so the HTTP server
+            # drains its requests before kopf's tasks are torn down.
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, drain)
+        await asyncio.wait({operator, server}, return_when=asyncio.FIRST_COMPLETED)
+        if not server.done():
+            drain()
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await server
+        failure = None if server.cancelled() else server.exception()
+        if failure is not None:
+            log.error("the HTTP server stopped: %s", failure)
+            exit_code = 1
+        stop.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await operator
+    finally:
+        resync.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await resync
+        for task in (server, operator):
+            if not task.done():
+                task.cancel()
+        api_client.close()  # type: ignore[no-untyped-call]
+        shutil.rmtree(runtime_dir, ignore_errors=True)
+    return exit_code

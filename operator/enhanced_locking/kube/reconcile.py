@@ -1,0 +1,395 @@
+"""The reconciler: the bound LockPolicy and LockMigration, made into the service's config.
+
+One operator serves one lock service and binds one LockPolicy and one LockMigration of its
+namespace, by name. Whatever woke it (kopf's create/update/resume/delete of either object, or
+the periodic resync), the reconciler does the same idempotent thing: it takes the objects as
+they are now and *converges*, in two steps, under one lock:
+
+1. the policy: its spec (with the Secrets it names) plus the migration that was last applied
+   becomes the provider's ``cluster`` layer; no policy removes the layer;
+2. the migration: the applied policy plus the migration's spec becomes the layer.
+
+Each step is tried on its own, so a policy the service refuses (say, a Redis address that does
+not answer) never blocks a migration edit such as ``abort: true``, and the refusal of one step
+leaves the last good configuration running. Each object then gets its status (observed
+generation, a ``Ready`` condition with a reason, the applied config's hash and generation) and
+an Event for each change applied or refused.
+
+No finalizers are used: the service's configuration lives in this same process, so there is
+nothing outside to clean up when a CR is deleted while the operator is down; on restart the
+configuration is rebuilt from the objects that exist. (A finalizer would instead leave CRs and
+namespaces stuck deleting whenever the operator is uninstalled first.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import hashlib
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, SecretStr, ValidationError
+
+from enhanced_locking.config import ConfigError
+from enhanced_locking.kube.cluster import ClusterApi, SecretProblem
+from enhanced_locking.kube.lockmigration import LockMigrationSpec, LockMigrationStatus
+from enhanced_locking.kube.lockpolicy import LockPolicySpec, LockPolicyStatus
+from enhanced_locking.kube.models import Condition
+from enhanced_locking.kube.overrides import ResolvedSecrets, cluster_overrides
+from enhanced_locking.provider import ConfigProvider, ConfigRejected, Snapshot
+
+__all__ = ["Binding", "Reconciler", "Verdict"]
+
+log = logging.getLogger(__name__)
+
+POLICIES, MIGRATIONS = "lockpolicies", "lockmigrations"
+
+
+@dataclass(frozen=True)
+class Binding:
+    """Which objects this service takes its configuration from."""
+
+    namespace: str
+    policy: str = "default"
+    migration: str = "default"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The outcome of one step, as the ``Ready`` condition says it."""
+
+    ready: bool
+    reason: str
+    message: str
+
+
+@dataclass
+class _Tracked:
+    """One bound object: its last seen body, the spec the service runs, the last verdict."""
+
+    kind: str
+    plural: str
+    name: str
+    body: dict[str, Any] | None = None
+    applied: Any = None
+    verdict: Verdict | None = None
+    generation: int | None = field(default=None)
+
+
+def _plain(body: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    return None if body is None else copy.deepcopy({key: body[key] for key in body})
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in ("spec", *first["loc"]))
+    return f"{where}: {str(first['msg']).removeprefix('Value error, ')}"
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Reconciler:
+    """Converges the service's ``cluster`` config layer on the bound objects."""
+
+    def __init__(
+        self,
+        provider: ConfigProvider,
+        *,
+        binding: Binding,
+        cluster: ClusterApi,
+        runtime_dir: Path,
+        now: Callable[[], str] = _now,
+    ) -> None:
+        self.provider = provider
+        self.binding = binding
+        self.cluster = cluster
+        self.runtime_dir = runtime_dir
+        self._now = now
+        self.policy = _Tracked("LockPolicy", POLICIES, binding.policy)
+        self.migration = _Tracked("LockMigration", MIGRATIONS, binding.migration)
+        self._secrets = ResolvedSecrets()
+        self._lock = asyncio.Lock()
+
+    def _tracked(self, plural: str) -> _Tracked:
+        return self.policy if plural == POLICIES else self.migration
+
+    # --- what wakes it ---------------------------------------------------------------------
+    async def observed(self, plural: str, body: Mapping[str, Any]) -> None:
+        """An object was created, changed or found at start-up."""
+        async with self._lock:
+            self._tracked(plural).body = _plain(body)
+            await self._converge()
+
+    async def deleted(self, plural: str, body: Mapping[str, Any]) -> None:
+        """An object is gone."""
+        async with self._lock:
+            tracked = self._tracked(plural)
+            tracked.body = None
+            await self._converge(gone=(tracked, _plain(body) or {}))
+
+    async def resync(self) -> None:
+        """Read both objects afresh and converge (start-up, drift, Secret rotation, retries)."""
+        async with self._lock:
+            ns = self.binding.namespace
+            for tracked in (self.policy, self.migration):
+                tracked.body = await self.cluster.get_object(tracked.plural, ns, tracked.name)
+            await self._converge()
+
+    async def resync_forever(self, interval: float) -> None:
+        """Resync every ``interval`` seconds; errors are logged and the next round tries again."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.resync()
+            except Exception as error:  # the API may be briefly away; never stop resyncing
+                log.warning("resync failed, retrying in %.0fs: %s", interval, error)
+
+    # --- converging ------------------------------------------------------------------------
+    async def _converge(self, gone: tuple[_Tracked, dict[str, Any]] | None = None) -> None:
+        start = self.provider.current.generation
+        before = (self.policy.applied, self._secrets, self.migration.applied)
+        policy_verdict = await self._policy_step()
+        migration_verdict = await self._migration_step()
+        moved = self.provider.current.generation > start
+        # A change is announced on the object whose spec (or Secret) it came from.
+        steps = (
+            (self.policy, policy_verdict,
+             moved and (self.policy.applied, self._secrets) != before[:2]),
+            (self.migration, migration_verdict, moved and self.migration.applied != before[2]),
+        )
+        for tracked, verdict, changed in steps:
+            if gone is not None and gone[0] is tracked:
+                if changed:
+                    await self._event(gone[1], tracked, "Normal", "ConfigRemoved",
+                                      f"{tracked.kind} deleted: {self._summary()}")
+                continue
+            if tracked.body is None or verdict is None:
+                continue
+            await self._announce(tracked, verdict, changed)
+            await self._report(tracked, verdict)
+
+    async def _set(self, overrides: Mapping[str, Any] | None) -> Verdict | None:
+        """Apply a layer; a refusal becomes a verdict and the running config stays."""
+        running = self.provider.current
+        try:
+            await self.provider.set_layer("cluster", overrides)
+        except ConfigError as error:
+            return Verdict(False, "InvalidConfig", f"{error}; {self._kept(running)}")
+        except ConfigRejected as error:
+            return Verdict(False, "ConfigRejected", f"{error}; {self._kept(running)}")
+        return None
+
+    @staticmethod
+    def _kept(snapshot: Snapshot) -> str:
+        return f"the service keeps running configuration generation {snapshot.generation}"
+
+    def _migration_spec(self) -> tuple[LockMigrationSpec | None, Verdict | None]:
+        """The migration's spec, or why it cannot be used (refusals other than the policy's)."""
+        body = self.migration.body
+        if body is None:
+            return None, None
+        self.migration.generation = body.get("metadata", {}).get("generation")
+        try:
+            spec = LockMigrationSpec.model_validate(body.get("spec") or {})
+        except ValidationError as error:
+            return None, Verdict(False, "InvalidSpec", _describe(error))
+        bound = self.binding.policy
+        if spec.policy_ref.name != bound:
+            return None, Verdict(False, "PolicyNotBound", f"this service applies the LockPolicy "
+                                 f"{bound!r}; spec.policyRef names {spec.policy_ref.name!r}")
+        return spec, None
+
+    async def _policy_step(self) -> Verdict | None:
+        body = self.policy.body
+        if body is None:
+            refused = await self._set(None)
+            if refused is None:
+                self.policy.applied, self._secrets = None, ResolvedSecrets()
+            else:
+                log.warning("could not return to the static config: %s", refused.message)
+            return None
+        self.policy.generation = body.get("metadata", {}).get("generation")
+        try:
+            spec = LockPolicySpec.model_validate(body.get("spec") or {})
+        except ValidationError as error:
+            return Verdict(False, "InvalidSpec", _describe(error))
+        try:
+            secrets = await self._resolve(spec)
+        except SecretProblem as problem:
+            return Verdict(False, problem.reason, f"{problem}; {self._kept(self.provider.current)}")
+        # The policy goes in together with the migration as it is now (when that one is
+        # usable), so applying both at once never routes by the policy alone in between.
+        migration, unusable = self._migration_spec()
+        if migration is None and unusable is not None and unusable.reason == "InvalidSpec":
+            migration = self.migration.applied
+        refused = await self._set(
+            cluster_overrides(spec, migration, secrets=secrets, step_index=self._step_index())
+        )
+        if refused is not None:
+            return refused
+        self.policy.applied, self._secrets = spec, secrets
+        self.migration.applied = migration
+        return Verdict(True, "Applied", "")
+
+    async def _migration_step(self) -> Verdict | None:
+        policy: LockPolicySpec | None = self.policy.applied
+        spec, verdict = self._migration_spec()
+        if spec is None and verdict is not None and verdict.reason == "InvalidSpec":
+            return verdict  # keep routing by the last good migration
+        if spec is None or policy is None:
+            if self.migration.applied is not None and policy is not None:
+                if refused := await self._set(cluster_overrides(policy, None,
+                                                                secrets=self._secrets)):
+                    return refused if self.migration.body is not None else None
+            self.migration.applied = None
+            if self.migration.body is None:
+                return None
+            return verdict or self._no_policy()
+        refused = await self._set(
+            cluster_overrides(policy, spec, secrets=self._secrets, step_index=self._step_index())
+        )
+        if refused is not None:
+            return refused
+        self.migration.applied = spec
+        return Verdict(True, "Applied", "")
+
+    def _no_policy(self) -> Verdict:
+        bound = self.binding.policy
+        if self.policy.body is None:
+            return Verdict(False, "PolicyNotFound", f"the LockPolicy {bound!r} does not exist")
+        return Verdict(False, "PolicyNotApplied", f"the LockPolicy {bound!r} is not applied "
+                       "(see its status); routing waits for it")
+
+    def _step_index(self) -> int:
+        status = (self.migration.body or {}).get("status") or {}
+        index = status.get("currentStepIndex")
+        return index if isinstance(index, int) and index >= 0 else 0
+
+    def _summary(self) -> str:
+        snapshot = self.provider.current
+        config = snapshot.config
+        if not config.enabled:
+            where = "enhanced locking is off: every lock key goes to the legacy locker"
+        else:
+            where = (f"{config.effective_weight:g}% of lock keys go to the enhanced locker "
+                     f"({config.backend}), mode {config.migration_mode}, "
+                     f"fallback {config.fallback}")
+        return f"{where}; configuration generation {snapshot.generation}"
+
+    async def _resolve(self, spec: LockPolicySpec) -> ResolvedSecrets:
+        """Read the Secrets the policy names (the values stay SecretStr)."""
+        redis = spec.redis
+        if redis is None:
+            return ResolvedSecrets()
+        ns = self.binding.namespace
+        password: SecretStr | None = None
+        ca_file: str | None = None
+        if (ref := redis.password_secret_ref) is not None:
+            password = await self.cluster.read_secret(ns, ref.name, ref.key)
+        if redis.tls is not None and (ca := redis.tls.ca_secret_ref) is not None:
+            pem = (await self.cluster.read_secret(ns, ca.name, ca.key)).get_secret_value()
+            ca_file = self._write_ca(pem)
+        return ResolvedSecrets(redis_password=password, redis_tls_ca_file=ca_file)
+
+    def _write_ca(self, pem: str) -> str:
+        # The redis client reads its CA from a file; a certificate is public, but the
+        # directory is private to this process anyway.
+        digest = hashlib.sha256(pem.encode()).hexdigest()[:16]
+        path = self.runtime_dir / f"redis-ca-{digest}.pem"
+        if not path.exists():
+            path.write_text(pem)
+            path.chmod(0o600)
+        return str(path)
+
+    # --- telling users ---------------------------------------------------------------------
+    async def _announce(self, tracked: _Tracked, verdict: Verdict, changed: bool) -> None:
+        previous, tracked.verdict = tracked.verdict, verdict
+        body = tracked.body or {}
+        if changed and verdict.ready:
+            await self._event(body, tracked, "Normal", "ConfigApplied", self._summary())
+        elif not verdict.ready and verdict != previous and not self._condition_says(
+            body, verdict
+        ):
+            await self._event(body, tracked, "Warning", verdict.reason, verdict.message)
+
+    @staticmethod
+    def _condition_says(body: Mapping[str, Any], verdict: Verdict) -> bool:
+        """Whether the object's stored Ready condition already reports this verdict."""
+        for condition in (body.get("status") or {}).get("conditions") or []:
+            if condition.get("type") == "Ready":
+                return bool(
+                    condition.get("reason") == verdict.reason
+                    and condition.get("message") == verdict.message
+                )
+        return False
+
+    async def _event(
+        self, body: Mapping[str, Any], tracked: _Tracked, type_: str, reason: str, message: str
+    ) -> None:
+        log.log(logging.INFO if type_ == "Normal" else logging.WARNING, "%s %s: %s: %s",
+                tracked.kind, tracked.name, reason, message)
+        await self.cluster.post_event(body, kind=tracked.kind, type=type_, reason=reason,
+                                      message=message)
+
+    def status_of(self, tracked: _Tracked, verdict: Verdict) -> dict[str, Any]:
+        """The status the object should show now (a JSON merge patch: None deletes)."""
+        previous = (tracked.body or {}).get("status") or {}
+        snapshot = self.provider.current
+        ready = Condition(
+            type="Ready",
+            status="True" if verdict.ready else "False",
+            reason=verdict.reason,
+            message=verdict.message or self._summary(),
+            last_transition_time=self._transition_time(previous, verdict),
+            observed_generation=tracked.generation,
+        )
+        common: dict[str, Any] = {
+            "observed_generation": tracked.generation,
+            "conditions": [ready],
+            "applied_config_hash": snapshot.hash,
+            "applied_generation": snapshot.generation,
+        }
+        model: BaseModel
+        if tracked is self.policy:
+            model = LockPolicyStatus(**common)
+        else:
+            steps = self.migration.applied.steps if self.migration.applied else None
+            model = LockMigrationStatus(
+                **common,
+                current_weight=snapshot.config.effective_weight,
+                current_step_index=self._step_index() if steps else None,
+                mode=snapshot.config.migration_mode,
+            )
+        status: dict[str, Any] = model.model_dump(mode="json", by_alias=True)
+        return status
+
+    def _transition_time(self, previous: Mapping[str, Any], verdict: Verdict) -> str:
+        wanted = "True" if verdict.ready else "False"
+        for condition in previous.get("conditions") or []:
+            if condition.get("type") == "Ready" and condition.get("status") == wanted:
+                return str(condition.get("lastTransitionTime") or self._now())
+        return self._now()
+
+    async def _report(self, tracked: _Tracked, verdict: Verdict) -> None:
+        body = tracked.body
+        if body is None:
+            return
+        status = self.status_of(tracked, verdict)
+        current = body.get("status") or {}
+        if all(current.get(key) == value for key, value in status.items() if value is not None) \
+                and all(current.get(key) is None for key, value in status.items() if value is None):
+            return
+        meta = body.get("metadata", {})
+        patched = await self.cluster.patch_status(
+            tracked.plural, str(meta.get("namespace")), str(meta.get("name")), status
+        )
+        if patched is not None:
+            body["status"] = patched.get("status", status)
+

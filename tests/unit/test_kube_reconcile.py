@@ -1,0 +1,299 @@
+"""The reconciler: bound CRs in any order become the running config, refusals keep the last good.
+
+The lock service here is the real one (real provider, real factory building real backends);
+only the Kubernetes API is an in-memory stand-in, recording status patches and Events. The
+same behaviour against a real API server and the operator as a process is in tests/e2e.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+
+from enhanced_locking.factory import LockService
+from enhanced_locking.kube.cluster import SecretProblem
+from enhanced_locking.kube.reconcile import MIGRATIONS, POLICIES, Binding, Reconciler
+from enhanced_locking.provider import Snapshot
+
+NS = "atlantis"
+
+
+class InMemoryCluster:
+    """Objects, Secrets, status patches and Events of one namespace, kept in dicts."""
+
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str], dict[str, Any]] = {}
+        self.secrets: dict[tuple[str, str], dict[str, str]] = {}
+        self.events: list[dict[str, Any]] = []
+        self.patches = 0
+
+    def put(self, plural: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        previous = self.objects.get((plural, name))
+        generation = previous["metadata"]["generation"] + 1 if previous else 1
+        body = {
+            "metadata": {"name": name, "namespace": NS, "generation": generation,
+                         "uid": f"uid-{name}"},
+            "spec": spec,
+            "status": previous.get("status", {}) if previous else {},
+        }
+        self.objects[(plural, name)] = body
+        return copy.deepcopy(body)
+
+    def status(self, plural: str, name: str) -> dict[str, Any]:
+        return dict(self.objects[(plural, name)].get("status") or {})
+
+    def ready(self, plural: str, name: str) -> dict[str, Any]:
+        conditions = self.status(plural, name).get("conditions") or []
+        return dict(next(c for c in conditions if c["type"] == "Ready"))
+
+    async def read_secret(self, namespace: str, name: str, key: str) -> SecretStr:
+        data = self.secrets.get((namespace, name))
+        if data is None:
+            raise SecretProblem("SecretNotFound", f"Secret {namespace}/{name} does not exist")
+        if key not in data:
+            raise SecretProblem("SecretKeyNotFound", f"Secret {namespace}/{name} has no {key!r}")
+        return SecretStr(data[key])
+
+    async def get_object(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+        found = self.objects.get((plural, name))
+        return copy.deepcopy(found) if found else None
+
+    async def patch_status(
+        self, plural: str, namespace: str, name: str, status: Mapping[str, Any]
+    ) -> dict[str, Any] | None:
+        body = self.objects.get((plural, name))
+        if body is None:
+            return None
+        self.patches += 1
+        merged = {**(body.get("status") or {}), **status}
+        body["status"] = {k: v for k, v in merged.items() if v is not None}
+        return copy.deepcopy(body)
+
+    async def post_event(
+        self, body: Mapping[str, Any], *, kind: str, type: str, reason: str, message: str
+    ) -> None:
+        self.events.append({"object": f"{kind}/{body['metadata']['name']}", "type": type,
+                            "reason": reason, "message": message})
+
+
+@pytest.fixture
+def cluster() -> InMemoryCluster:
+    return InMemoryCluster()
+
+
+@pytest.fixture
+async def service(make_service: Callable[..., Any]) -> LockService:
+    started: LockService = await make_service(legacy_backend="memory", backend="memory")
+    return started
+
+
+@pytest.fixture
+def reconciler(service: LockService, cluster: InMemoryCluster, tmp_path: Path) -> Reconciler:
+    return Reconciler(service.provider, binding=Binding(NS, "default", "to-enhanced"),
+                      cluster=cluster, runtime_dir=tmp_path)
+
+
+def _weights(service: LockService) -> list[float]:
+    seen: list[float] = []
+
+    def record(snapshot: Snapshot) -> None:
+        seen.append(snapshot.config.effective_weight)
+
+    service.provider.subscribe(record)
+    return seen
+
+
+async def _put(reconciler: Reconciler, cluster: InMemoryCluster, plural: str, name: str,
+               spec: dict[str, Any]) -> None:
+    await reconciler.observed(plural, cluster.put(plural, name, spec))
+
+
+POLICY = {"enabled": True, "backend": "memory", "features": {"priorityQueue": True}}
+MIGRATION = {"policyRef": {"name": "default"}, "mode": "route", "weight": 25}
+
+
+async def test_policy_and_migration_become_the_cluster_layer(
+    reconciler: Reconciler, cluster: InMemoryCluster, service: LockService
+) -> None:
+    await _put(reconciler, cluster, POLICIES, "default", POLICY)
+    await _put(reconciler, cluster, MIGRATIONS, "to-enhanced", MIGRATION)
+
+    current = service.provider.current
+    assert current.layers == ("static", "cluster")
+    assert current.config.priority_queue is True and current.config.effective_weight == 25
+    for plural, name in ((POLICIES, "default"), (MIGRATIONS, "to-enhanced")):
+        status = cluster.status(plural, name)
+        assert status["observedGeneration"] == 1
+        assert status["appliedGeneration"] == current.generation
+        assert status["appliedConfigHash"] == current.hash
+        assert cluster.ready(plural, name)["status"] == "True"
+    assert cluster.status(MIGRATIONS, "to-enhanced")["currentWeight"] == 25
+    assert [e["reason"] for e in cluster.events] == ["ConfigApplied", "ConfigApplied"]
+
+
+async def test_a_migration_applied_before_its_policy_never_routes_by_the_policy_alone(
+    reconciler: Reconciler, cluster: InMemoryCluster, service: LockService
+) -> None:
+    weights = _weights(service)
+    await _put(reconciler, cluster, MIGRATIONS, "to-enhanced", MIGRATION)
+    assert cluster.ready(MIGRATIONS, "to-enhanced")["reason"] == "PolicyNotFound"
+    assert service.provider.current.config.enabled is False
+
+    await _put(reconciler, cluster, POLICIES, "default", POLICY)
+    assert weights == [25.0]  # one change, straight to the migration's weight
+    assert cluster.ready(MIGRATIONS, "to-enhanced")["status"] == "True"
+    assert cluster.ready(POLICIES, "default")["status"] == "True"
+
+
+async def test_reconciling_again_changes_nothing(
+    reconciler: Reconciler, cluster: InMemoryCluster, service: LockService
+) -> None:
+    await _put(reconciler, cluster, POLICIES, "default", POLICY)
+    generation, patches, events = service.provider.current.generation, cluster.patches, \
+        len(cluster.events)
+    for _ in range(3):
+        await reconciler.resync()
+    assert service.provider.current.generation == generation
+    assert (cluster.patches, len(cluster.events)) == (patches, events)
+
+
+async def test_a_refused_policy_keeps_the_last_good_config_and_abort_still_works(
+    reconciler: Reconciler, cluster: InMemoryCluster, service: LockService,
+    free_port: Callable[[], int],
+) -> None:
+    await _put(reconciler, cluster, POLICIES, "default", POLICY)
+    await _put(reconciler, cluster, MIGRATIONS, "to-enhanced", MIGRATION)
+    good = service.provider.current
+
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens there
+    await _put(reconciler, cluster, POLICIES, "default",
+               {**POLICY, "backend": "redis", "redis": {"addr": dead}})
+    assert service.provider.current == good
+    ready = cluster.ready(POLICIES, "default")
+    assert (ready["status"], ready["reason"]) == ("False", "ConfigRejected")
+    assert f"keeps running configuration generation {good.generation}" in ready["message"]
+    assert cluster.status(POLICIES, "default")["observedGeneration"] == 2
+    assert cluster.events[-1]["type"] == "Warning"
+
+    await _put(reconciler, cluster, MIGRATIONS, "to-enhanced", {**MIGRATION, "abort": True})
+    assert service.provider.current.config.effective_weight == 0
+    assert service.provider.current.config.backend == "memory"
+    assert cluster.ready(MIGRATIONS, "to-enhanced")["status"] == "True"
+
+
+async def test_the_same_refusal_is_announced_once(
+    reconciler: Reconciler, cluster: InMemoryCluster, free_port: Callable[[], int]
+) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    await _put(reconciler, cluster, POLICIES, "default",
+               {**POLICY, "backend": "redis", "redis": {"addr": dead}})
+    await reconciler.resync()
+    await reconciler.resync()
+    assert [e["reason"] for e in cluster.events] == ["ConfigRejected"]
+
+
+async def test_the_password_comes_from_the_secret_and_is_shown_nowhere(
+    reconciler: Reconciler, cluster: InMemoryCluster, service: LockService,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    password = "pa55-word-from-the-secret"
+    cluster.secrets[(NS, "redis-auth")] = {"password": password}
+    await _put(reconciler, cluster, POLICIES, "default",
+               {**POLICY, "redis": {"passwordSecretRef": {"name": "redis-auth",
+                                                          "key": "password"}}})
+    config = service.provider.current.config
+    assert config.redis_password.get_secret_value() == password
+    assert config.masked()["enhanced-locking-redis-password"] == "********"
+    shown = repr(cluster.objects) + repr(cluster.events) + caplog.text
+    assert password not in shown
+
+
+async def test_a_missing_secret_is_reported_and_nothing_changes(
+    reconciler: Reconciler, cluster: InMemoryCluster, service: LockService
+) -> None:
+    await _put(reconciler, cluster, POLICIES, "default",
+               {**POLICY, "redis": {"passwordSecretRef": {"name": "absent", "key": "password"}}})
+    assert service.provider.current.generation == 1
+    ready = cluster.ready(POLICIES, "default")
+    assert (ready["status"], ready["reason"]) == ("False", "SecretNotFound")
+    assert f"Secret {NS}/absent does not exist" in ready["message"]
+
+
+async def test_deleting_the_policy_returns_to_the_static_config(
+    reconciler: Reconciler, cluster: InMemoryCluster, service: LockService
+) -> None:
+    static = service.provider.current.config
+    await _put(reconciler, cluster, POLICIES, "default", POLICY)
+    await _put(reconciler, cluster, MIGRATIONS, "to-enhanced", MIGRATION)
+    body = cluster.objects.pop((POLICIES, "default"))
+    await reconciler.deleted(POLICIES, body)
+
+    assert service.provider.current.config == static
+    assert service.provider.current.layers == ("static",)
+    assert cluster.ready(MIGRATIONS, "to-enhanced")["reason"] == "PolicyNotFound"
+    assert cluster.events[-2]["reason"] == "ConfigRemoved"
+
+
+async def test_deleting_the_migration_keeps_the_policy(
+    reconciler: Reconciler, cluster: InMemoryCluster, service: LockService
+) -> None:
+    await _put(reconciler, cluster, POLICIES, "default", POLICY)
+    await _put(reconciler, cluster, MIGRATIONS, "to-enhanced", MIGRATION)
+    await reconciler.deleted(MIGRATIONS, cluster.objects.pop((MIGRATIONS, "to-enhanced")))
+    config = service.provider.current.config
+    assert config.enabled and config.priority_queue and config.migration_weight is None
+
+
+async def test_a_migration_of_another_policy_is_not_applied(
+    reconciler: Reconciler, cluster: InMemoryCluster, service: LockService
+) -> None:
+    await _put(reconciler, cluster, POLICIES, "default", POLICY)
+    await _put(reconciler, cluster, MIGRATIONS, "to-enhanced",
+               {**MIGRATION, "policyRef": {"name": "other"}})
+    assert service.provider.current.config.migration_weight is None
+    ready = cluster.ready(MIGRATIONS, "to-enhanced")
+    assert ready["reason"] == "PolicyNotBound" and "'other'" in ready["message"]
+
+
+async def test_a_spec_the_crd_should_have_refused_is_reported_by_field(
+    reconciler: Reconciler, cluster: InMemoryCluster, service: LockService
+) -> None:
+    await _put(reconciler, cluster, POLICIES, "default", POLICY)
+    good = service.provider.current
+    await _put(reconciler, cluster, POLICIES, "default",
+               {**POLICY, "timeouts": {"default": "10m", "max": "1m"}})
+    assert service.provider.current == good
+    ready = cluster.ready(POLICIES, "default")
+    assert ready["reason"] == "InvalidSpec"
+    assert ready["message"].startswith("spec.timeouts: timeouts.max must be at least")
+
+
+async def test_a_policy_invalid_with_the_static_settings_is_refused(
+    reconciler: Reconciler, cluster: InMemoryCluster, service: LockService
+) -> None:
+    # The static max-timeout is 5m; a default above it makes the merged config invalid.
+    await _put(reconciler, cluster, POLICIES, "default", {"timeouts": {"default": "10m"}})
+    ready = cluster.ready(POLICIES, "default")
+    assert ready["reason"] == "InvalidConfig"
+    assert "enhanced-locking-max-timeout" in ready["message"]
+    assert service.provider.current.generation == 1
+
+
+async def test_the_transition_time_moves_only_when_ready_flips(
+    reconciler: Reconciler, cluster: InMemoryCluster, free_port: Callable[[], int]
+) -> None:
+    await _put(reconciler, cluster, POLICIES, "default", POLICY)
+    first = cluster.ready(POLICIES, "default")["lastTransitionTime"]
+    reconciler._now = lambda: "2100-01-01T00:00:00Z"
+    await _put(reconciler, cluster, POLICIES, "default", {**POLICY, "enabled": False})
+    assert cluster.ready(POLICIES, "default")["lastTransitionTime"] == first
+    await _put(reconciler, cluster, POLICIES, "default",
+               {**POLICY, "backend": "redis", "redis": {"addr": f"127.0.0.1:{free_port()}"}})
+    assert cluster.ready(POLICIES, "default")["lastTransitionTime"] == "2100-01-01T00:00:00Z"
