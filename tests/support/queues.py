@@ -1,0 +1,108 @@
+"""Fixtures for the queue tests: backends with queues, and enhanced lockers over them.
+
+``queue_backend_factory`` is parametrised over ``QUEUE_BACKEND_KINDS``: the backend kinds that
+implement :class:`~enhanced_locking.backends.base.QueueBackend`. A new kind joins every queue
+test by adding its name here (it must also be in ``BACKEND_KINDS``, which says how to build it).
+
+``tests/conftest.py`` loads this module as a plugin, so the fixtures are everywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+from tests.support.backends import BACKEND_KINDS, BackendFactory
+
+from enhanced_locking.backends import QueueBackend
+from enhanced_locking.config import EnhancedLockingConfig
+from enhanced_locking.events import EventBus
+from enhanced_locking.locking import EnhancedLocker
+from enhanced_locking.metrics import Metrics
+from enhanced_locking.types import Event, utcnow
+
+__all__ = [
+    "QUEUE_BACKEND_KINDS",
+    "FakeClock",
+    "LockerRig",
+    "queue_backend_factory",
+    "rig_for",
+    "settle",
+]
+
+QUEUE_BACKEND_KINDS: tuple[str, ...] = ("memory", "boltdb")
+"""Backend kinds with queues; add ``"redis"`` once its QueueBackend exists."""
+
+
+@pytest.fixture(
+    params=[pytest.param(name, marks=BACKEND_KINDS[name].marks, id=name)
+            for name in QUEUE_BACKEND_KINDS]
+)
+async def queue_backend_factory(request: pytest.FixtureRequest) -> AsyncIterator[BackendFactory]:
+    """Backends of each queue kind in turn (the test runs once per kind)."""
+    kind = BACKEND_KINDS[request.param]
+    factory = BackendFactory(request.param, kind.setup(request), persistent=kind.persistent)
+    yield factory
+    await factory.close()
+
+
+@dataclass
+class FakeClock:
+    """A clock the test moves by hand (for in-process stores: ``MemoryBackend(clock=...)``)."""
+
+    now: datetime = field(default_factory=utcnow)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, delta: timedelta) -> None:
+        self.now += delta
+
+
+@dataclass
+class LockerRig:
+    """An enhanced locker over a backend, with live settings the test can change."""
+
+    locker: EnhancedLocker
+    events: list[Event]
+    metrics: Metrics
+    settings: dict[str, Any]
+
+    def set(self, **changes: Any) -> None:
+        self.settings.update(changes)
+
+    def types(self) -> list[str]:
+        return [event.type for event in self.events]
+
+
+def rig_for(backend: QueueBackend, **settings: Any) -> LockerRig:
+    """An enhanced locker over ``backend``; ``settings`` are config field names."""
+    live: dict[str, Any] = {"enabled": True, **settings}
+    cache: dict[str, EnhancedLockingConfig] = {}
+
+    def config() -> EnhancedLockingConfig:
+        key = repr(sorted(live.items()))
+        if key not in cache:
+            cache.clear()
+            cache[key] = EnhancedLockingConfig(**live)
+        return cache[key]
+
+    bus = EventBus()
+    seen: list[Event] = []
+    bus.subscribe(seen.append)
+    metrics = Metrics()
+    locker = EnhancedLocker(backend, settings=config, events=bus, metrics=metrics)
+    return LockerRig(locker=locker, events=seen, metrics=metrics, settings=live)
+
+
+async def settle(rounds: int = 5) -> None:
+    """Let tasks woken by a grant run (a handoff resolves a future; its waiter runs next)."""
+    for _ in range(rounds):
+        await asyncio.sleep(0)
+
+
+Maker = Callable[..., LockerRig]

@@ -1,0 +1,355 @@
+"""The queue seam (``QueueBackend``): one table of behaviours, run against every queue kind.
+
+These are the contract a backend with queues keeps (see ``backends/base.py``): grants with
+rising fencing tokens, queues served in the service order, handoff straight to the next waiter
+with a notice, cancel that knows about a grant that won the race, deadlines, leases, batches
+that never hold a partial set, and the wait-for graph.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from datetime import timedelta
+
+import pytest
+from tests.support.backends import BACKEND_KINDS, BackendFactory
+from tests.support.locks import lock_for, request_for
+from tests.support.queues import QUEUE_BACKEND_KINDS
+
+from enhanced_locking.backends import QueueBackend
+from enhanced_locking.backends.waiting import Notice, QueuePolicy, Status, Wait
+from enhanced_locking.types import Lock, LockNotOwned, Priority, Reason
+
+FIFO = QueuePolicy(priority=False)
+PRIORITY = QueuePolicy(priority=True, starvation_threshold=timedelta(hours=1))
+LONG = timedelta(seconds=30)
+
+
+def want(pull: int, *, path: str = "envs/prod", priority: Priority = Priority.NORMAL,
+         repo: str = "acme/infra") -> Lock:
+    return lock_for(request_for(repo=repo, path=path, pull=pull, priority=priority))
+
+
+def offer(timeout: timedelta = LONG) -> Wait:
+    return Wait(id=secrets.token_hex(8), timeout=timeout)
+
+
+@pytest.fixture
+def backend(queue_backend_factory: BackendFactory) -> QueueBackend:
+    made = queue_backend_factory()
+    assert isinstance(made, QueueBackend), f"{queue_backend_factory.kind} keeps no queues"
+    return made
+
+
+async def queue_up(backend: QueueBackend, candidate: Lock, policy: QueuePolicy = FIFO,
+                   patience: timedelta = LONG) -> tuple[str, asyncio.Future[Notice], int]:
+    wait = offer(patience)
+    future = backend.grants.expect(wait.id)
+    outcome = await backend.acquire_or_enqueue(candidate, ttl=None, wait=wait, policy=policy)
+    assert outcome.status is Status.QUEUED, outcome
+    assert outcome.position is not None
+    return wait.id, future, outcome.position
+
+
+async def test_a_free_key_is_granted_with_the_next_fencing_token(backend: QueueBackend) -> None:
+    first = await backend.acquire_or_enqueue(want(1), ttl=None, wait=None, policy=FIFO)
+    assert first.status is Status.GRANTED and first.fresh
+    await backend.release(first.locks[0].key)
+    second = await backend.acquire_or_enqueue(want(2), ttl=None, wait=None, policy=FIFO)
+    assert second.locks[0].fencing_token > first.locks[0].fencing_token
+    assert second.locks[0].pull.num == 2
+
+
+async def test_a_grant_is_stamped_with_the_backends_clock_and_lease(
+    backend: QueueBackend,
+) -> None:
+    before = await backend.now()
+    outcome = await backend.acquire_or_enqueue(want(1), ttl=timedelta(minutes=5), wait=None,
+                                               policy=FIFO)
+    lock = outcome.locks[0]
+    assert lock.acquired_at >= before - timedelta(seconds=1)
+    assert lock.expires_at == lock.acquired_at + timedelta(minutes=5)
+
+
+async def test_the_holder_asking_again_gets_its_lock_back_unchanged(
+    backend: QueueBackend,
+) -> None:
+    first = await backend.acquire_or_enqueue(want(1), ttl=None, wait=None, policy=FIFO)
+    again = await backend.acquire_or_enqueue(want(1), ttl=None, wait=offer(), policy=FIFO)
+    assert again.status is Status.GRANTED and not again.fresh
+    assert again.locks == first.locks
+
+
+async def test_without_a_wait_a_held_key_answers_held_naming_the_holder(
+    backend: QueueBackend,
+) -> None:
+    await backend.acquire_or_enqueue(want(1), ttl=None, wait=None, policy=FIFO)
+    outcome = await backend.acquire_or_enqueue(want(2), ttl=None, wait=None, policy=FIFO)
+    assert outcome.status is Status.HELD
+    assert outcome.holder is not None and outcome.holder.pull.num == 1
+    assert await backend.queue(want(2).key) == []
+
+
+async def test_waiters_queue_up_in_arrival_order_and_say_their_position(
+    backend: QueueBackend,
+) -> None:
+    await backend.acquire_or_enqueue(want(1), ttl=None, wait=None, policy=FIFO)
+    positions = [(await queue_up(backend, want(pull)))[2] for pull in (2, 3, 4)]
+    assert positions == [1, 2, 3]
+    assert [w.owner[1] for w in await backend.queue(want(1).key, policy=FIFO)] == [2, 3, 4]
+
+
+async def test_a_release_hands_the_lock_to_the_first_waiter_and_tells_it(
+    backend: QueueBackend,
+) -> None:
+    held = (await backend.acquire_or_enqueue(want(1), ttl=None, wait=None, policy=FIFO)).locks[0]
+    first_id, first, _ = await queue_up(backend, want(2))
+    _, second, _ = await queue_up(backend, want(3))
+    handoff = await backend.release_and_handoff(held.key, owner=("acme/infra", 1), policy=FIFO)
+    assert handoff.released == held
+    assert [g.waiter.id for g in handoff.granted] == [first_id]
+    notice = await asyncio.wait_for(first, 5)
+    assert notice.granted and notice.locks[0].pull.num == 2
+    assert notice.locks[0].fencing_token > held.fencing_token
+    assert not second.done(), "exactly one waiter is woken (no thundering herd)"
+    assert (await backend.get(held.key)) == notice.locks[0]
+    assert [w.owner[1] for w in await backend.queue(held.key)] == [3]
+
+
+async def test_with_priorities_a_higher_level_is_served_first_and_fifo_within_a_level(
+    backend: QueueBackend,
+) -> None:
+    held = (await backend.acquire_or_enqueue(want(1), ttl=None, wait=None,
+                                             policy=PRIORITY)).locks[0]
+    for pull, priority in [(2, Priority.NORMAL), (3, Priority.HIGH), (4, Priority.NORMAL),
+                           (5, Priority.HIGH), (6, Priority.LOW), (7, Priority.CRITICAL)]:
+        await queue_up(backend, want(pull, priority=priority), PRIORITY)
+    order = [w.owner[1] for w in await backend.queue(held.key, policy=PRIORITY)]
+    assert order == [7, 3, 5, 2, 4, 6]
+    assert [w.owner[1] for w in await backend.queue(held.key, policy=FIFO)] == [2, 3, 4, 5, 6, 7]
+
+
+async def test_with_the_priority_queue_off_waiters_are_served_fifo(backend: QueueBackend) -> None:
+    held = (await backend.acquire_or_enqueue(want(1), ttl=None, wait=None, policy=FIFO)).locks[0]
+    _, low, _ = await queue_up(backend, want(2, priority=Priority.LOW))
+    _, critical, _ = await queue_up(backend, want(3, priority=Priority.CRITICAL))
+    await backend.release_and_handoff(held.key, policy=FIFO)
+    assert (await asyncio.wait_for(low, 5)).granted
+    assert not critical.done()
+
+
+async def test_aging_lifts_a_waiter_past_later_higher_arrivals(backend: QueueBackend) -> None:
+    aging = QueuePolicy(priority=True, starvation_threshold=timedelta(milliseconds=40),
+                        max_boost=3)
+    held = (await backend.acquire_or_enqueue(want(1), ttl=None, wait=None, policy=aging)).locks[0]
+    await queue_up(backend, want(2, priority=Priority.LOW), aging)
+    await asyncio.sleep(0.13)  # three thresholds: low is at the top level now
+    await queue_up(backend, want(3, priority=Priority.CRITICAL), aging)
+    assert [w.owner[1] for w in await backend.queue(held.key, policy=aging)] == [2, 3]
+
+
+async def test_a_full_queue_answers_queue_full(backend: QueueBackend) -> None:
+    small = QueuePolicy(max_size=2)
+    await backend.acquire_or_enqueue(want(1), ttl=None, wait=None, policy=small)
+    await queue_up(backend, want(2), small)
+    await queue_up(backend, want(3), small)
+    outcome = await backend.acquire_or_enqueue(want(4), ttl=None, wait=offer(), policy=small)
+    assert outcome.status is Status.QUEUE_FULL
+    assert outcome.key == want(4).key
+    assert len(await backend.queue(want(4).key)) == 2
+
+
+async def test_enqueueing_is_idempotent_per_waiter_id(backend: QueueBackend) -> None:
+    await backend.acquire_or_enqueue(want(1), ttl=None, wait=None, policy=FIFO)
+    wait = offer()
+    first = await backend.acquire_or_enqueue(want(2), ttl=None, wait=wait, policy=FIFO)
+    again = await backend.acquire_or_enqueue(want(2), ttl=None, wait=wait, policy=FIFO)
+    assert first.status is again.status is Status.QUEUED
+    assert again.position == 1
+    assert len(await backend.queue(want(2).key)) == 1
+
+
+async def test_cancel_takes_a_waiter_out_and_tells_it_why(backend: QueueBackend) -> None:
+    held = (await backend.acquire_or_enqueue(want(1), ttl=None, wait=None, policy=FIFO)).locks[0]
+    waiter_id, future, _ = await queue_up(backend, want(2))
+    cancelled = await backend.cancel(held.key, waiter_id)
+    assert cancelled.removed and not cancelled.granted
+    assert (await asyncio.wait_for(future, 5)).reason is Reason.CANCELLED
+    assert await backend.queue(held.key) == []
+    handoff = await backend.release_and_handoff(held.key, policy=FIFO)
+    assert handoff.granted == ()
+    assert await backend.get(held.key) is None
+
+
+async def test_cancel_after_the_grant_won_the_race_returns_the_granted_lock(
+    backend: QueueBackend,
+) -> None:
+    held = (await backend.acquire_or_enqueue(want(1), ttl=None, wait=None, policy=FIFO)).locks[0]
+    waiter_id, _, _ = await queue_up(backend, want(2))
+    await backend.release_and_handoff(held.key, policy=FIFO)
+    cancelled = await backend.cancel(held.key, waiter_id)
+    assert not cancelled.removed
+    assert [lock.pull.num for lock in cancelled.granted] == [2]
+
+
+async def test_a_waiter_past_its_deadline_is_dropped_not_granted(backend: QueueBackend) -> None:
+    held = (await backend.acquire_or_enqueue(want(1), ttl=None, wait=None, policy=FIFO)).locks[0]
+    _, late, _ = await queue_up(backend, want(2), patience=timedelta(milliseconds=30))
+    _, punctual, _ = await queue_up(backend, want(3))
+    await asyncio.sleep(0.08)
+    handoff = await backend.release_and_handoff(held.key, policy=FIFO)
+    assert [w.owner[1] for w in handoff.timed_out] == [2]
+    assert (await asyncio.wait_for(late, 5)).reason is Reason.TIMEOUT
+    assert (await asyncio.wait_for(punctual, 5)).granted
+
+
+async def test_expire_frees_a_lapsed_lease_and_serves_the_queue(backend: QueueBackend) -> None:
+    short = await backend.acquire_or_enqueue(want(1), ttl=timedelta(milliseconds=50), wait=None,
+                                             policy=FIFO)
+    key = short.locks[0].key
+    _, future, _ = await queue_up(backend, want(2))
+    early = await backend.expire(key, policy=FIFO)
+    assert early.released is None and not future.done(), "a live lease is left alone"
+    await asyncio.sleep(0.08)
+    handoff = await backend.expire(key, policy=FIFO)
+    assert handoff.released is not None and handoff.released.pull.num == 1
+    assert (await asyncio.wait_for(future, 5)).locks[0].pull.num == 2
+
+
+async def test_a_refreshed_lease_does_not_expire(backend: QueueBackend) -> None:
+    lock = (await backend.acquire_or_enqueue(want(1), ttl=timedelta(milliseconds=60), wait=None,
+                                             policy=FIFO)).locks[0]
+    refreshed = await backend.refresh(lock.key, ("acme/infra", 1), timedelta(minutes=5))
+    await asyncio.sleep(0.09)
+    assert (await backend.expire(lock.key)).released is None
+    assert await backend.get(lock.key) == refreshed
+    with pytest.raises(LockNotOwned):
+        await backend.refresh(lock.key, ("acme/infra", 2), timedelta(minutes=5))
+
+
+async def test_force_unlock_and_release_by_pull_hand_over_too(backend: QueueBackend) -> None:
+    a = (await backend.acquire_or_enqueue(want(1, path="a"), ttl=None, wait=None,
+                                          policy=FIFO)).locks[0]
+    b = (await backend.acquire_or_enqueue(want(1, path="b"), ttl=None, wait=None,
+                                          policy=FIFO)).locks[0]
+    _, on_a, _ = await queue_up(backend, want(2, path="a"))
+    _, on_b, _ = await queue_up(backend, want(3, path="b"))
+    forced = await backend.force_unlock(a.key, policy=FIFO)
+    assert forced.released == a and (await asyncio.wait_for(on_a, 5)).granted
+    released = await backend.release_by_pull("acme/infra", 1, policy=FIFO)
+    assert released == [b]
+    assert (await asyncio.wait_for(on_b, 5)).locks[0].pull.num == 3
+
+
+async def test_a_release_by_another_pull_is_refused_and_hands_nothing(
+    backend: QueueBackend,
+) -> None:
+    held = (await backend.acquire_or_enqueue(want(1), ttl=None, wait=None, policy=FIFO)).locks[0]
+    _, future, _ = await queue_up(backend, want(2))
+    with pytest.raises(LockNotOwned):
+        await backend.release_and_handoff(held.key, owner=("acme/infra", 9), policy=FIFO)
+    assert not future.done()
+    assert await backend.get(held.key) == held
+
+
+# --- batches -----------------------------------------------------------------------------------
+
+
+async def test_a_batch_gets_every_key_or_none(backend: QueueBackend) -> None:
+    await backend.acquire_or_enqueue(want(9, path="b"), ttl=None, wait=None, policy=FIFO)
+    refused = await backend.acquire_batch([want(1, path="a"), want(1, path="b")], ttl=None,
+                                          wait=None, policy=FIFO)
+    assert refused.status is Status.HELD and refused.key == want(1, path="b").key
+    assert await backend.get(want(1, path="a").key) is None, "nothing taken on a refusal"
+    granted = await backend.acquire_batch([want(1, path="a"), want(1, path="c")], ttl=None,
+                                          wait=None, policy=FIFO)
+    assert granted.status is Status.GRANTED
+    assert [lock.key for lock in granted.locks] == [want(1, path=p).key for p in "ac"]
+
+
+async def test_a_waiting_batch_holds_nothing_and_gets_every_key_at_once(
+    backend: QueueBackend,
+) -> None:
+    a = (await backend.acquire_or_enqueue(want(8, path="a"), ttl=None, wait=None,
+                                          policy=FIFO)).locks[0]
+    b = (await backend.acquire_or_enqueue(want(9, path="b"), ttl=None, wait=None,
+                                          policy=FIFO)).locks[0]
+    wait = offer()
+    future = backend.grants.expect(wait.id)
+    outcome = await backend.acquire_batch([want(1, path="a"), want(1, path="b")], ttl=None,
+                                          wait=wait, policy=FIFO)
+    assert outcome.status is Status.QUEUED and outcome.key == a.key
+    assert [w.id for w in await backend.queue(b.key)] == [wait.id]
+
+    # a is freed while b is still held: the batch keeps its place and takes nothing,
+    # and the single waiter behind it on a is served instead.
+    _, single, _ = await queue_up(backend, want(2, path="a"))
+    await backend.release_and_handoff(a.key, policy=FIFO)
+    assert not future.done()
+    assert (await asyncio.wait_for(single, 5)).granted
+    assert (await backend.get(b.key)) == b
+
+    await backend.release_and_handoff(b.key, policy=FIFO)
+    assert not future.done(), "a is held by pull 2 now"
+    await backend.release_and_handoff(a.key, policy=FIFO)
+    notice = await asyncio.wait_for(future, 5)
+    assert sorted(lock.key for lock in notice.locks) == sorted([a.key, b.key])
+    assert all(lock.pull.num == 1 for lock in notice.locks)
+    assert await backend.queue(a.key) == [] and await backend.queue(b.key) == []
+
+
+async def test_cancelling_a_batch_waiter_takes_it_out_of_every_queue(
+    backend: QueueBackend,
+) -> None:
+    await backend.acquire_or_enqueue(want(8, path="a"), ttl=None, wait=None, policy=FIFO)
+    wait = offer()
+    backend.grants.expect(wait.id)
+    await backend.acquire_batch([want(1, path="a"), want(1, path="b")], ttl=None, wait=wait,
+                                policy=FIFO)
+    assert (await backend.cancel(want(1, path="a").key, wait.id)).removed
+    assert await backend.queue(want(1, path="a").key) == []
+    assert await backend.queue(want(1, path="b").key) == []
+
+
+# --- the wait-for graph ------------------------------------------------------------------------
+
+
+async def test_the_wait_graph_names_holders_and_waiters_in_order(backend: QueueBackend) -> None:
+    await backend.acquire_or_enqueue(want(1), ttl=None, wait=None, policy=FIFO)
+    await queue_up(backend, want(2))
+    await queue_up(backend, want(3))
+    graph = await backend.wait_graph(policy=FIFO)
+    assert len(graph) == 1
+    assert graph[0].key == want(1).key
+    assert graph[0].holder == ("acme/infra", 1)
+    assert [w.owner for w in graph[0].waiters] == [("acme/infra", 2), ("acme/infra", 3)]
+
+
+async def test_closing_the_backend_tells_its_waiters(backend: QueueBackend) -> None:
+    await backend.acquire_or_enqueue(want(1), ttl=None, wait=None, policy=FIFO)
+    _, future, _ = await queue_up(backend, want(2))
+    await backend.close()
+    assert (await asyncio.wait_for(future, 5)).reason is Reason.UNAVAILABLE
+
+
+@pytest.mark.parametrize(
+    "queue_backend_factory",
+    [name for name in QUEUE_BACKEND_KINDS if BACKEND_KINDS[name].persistent], indirect=True,
+)
+async def test_fencing_tokens_keep_rising_in_a_reopened_store(
+    queue_backend_factory: BackendFactory,
+) -> None:
+    first = queue_backend_factory()
+    assert isinstance(first, QueueBackend)
+    tokens = []
+    for _ in range(3):
+        lock = (await first.acquire_or_enqueue(want(1), ttl=None, wait=None,
+                                               policy=FIFO)).locks[0]
+        tokens.append(lock.fencing_token)
+        await first.release(lock.key)
+    await first.close()
+    second = queue_backend_factory()
+    assert isinstance(second, QueueBackend)
+    again = (await second.acquire_or_enqueue(want(2), ttl=None, wait=None, policy=FIFO)).locks[0]
+    assert tokens == sorted(set(tokens)) and again.fencing_token > tokens[-1]
