@@ -64,6 +64,7 @@ def _host_ports(value: list[str]) -> list[str]:
 
 HostPort = Annotated[str, Field(max_length=253 + 6), AfterValidator(_host_port)]
 Weight = Annotated[float, Field(ge=0, le=100, multiple_of=0.01)]
+Ratio = Annotated[float, Field(ge=0, le=1)]
 
 
 class EnhancedLockingConfig(BaseSettings):
@@ -148,6 +149,27 @@ class EnhancedLockingConfig(BaseSettings):
     fallback: Literal["legacy", "fail-closed"] = Field(
         "legacy", description="When the enhanced backend is unreachable: use legacy or refuse."
     )
+    shadow_sample_ratio: Ratio = Field(
+        1.0, description="Share of lock keys replayed in shadow mode (0 to 1; sticky per key)."
+    )
+    shadow_queue_size: int = Field(
+        10_000, ge=1, le=1_000_000,
+        description="Most shadow replays waiting to run; more are dropped and counted.",
+    )
+    replica_id: str = Field(
+        "", max_length=253,
+        description="This replica's name among the replicas (empty: host name and a suffix).",
+    )
+    replica_heartbeat: Duration = Field(
+        timedelta(seconds=2),
+        description="How often a replica reports the routing it applied (and retries "
+        "fallback reconciliation).",
+    )
+    replica_timeout: Duration = Field(
+        timedelta(0),
+        description="A replica silent this long is left out of weight moves (0: three "
+        "heartbeats).",
+    )
     data_dir: str = Field(
         "~/.atlantis",
         description="Directory of the embedded store (enhanced-locking.db).",
@@ -165,6 +187,14 @@ class EnhancedLockingConfig(BaseSettings):
             raise ValueError(
                 "enhanced-locking-redis-tls-cert-file and enhanced-locking-redis-tls-key-file "
                 "must be set together"
+            )
+        if self.replica_heartbeat <= timedelta(0):
+            raise ValueError("enhanced-locking-replica-heartbeat must be above 0s")
+        if timedelta(0) < self.replica_timeout <= self.replica_heartbeat:
+            raise ValueError(
+                "enhanced-locking-replica-timeout must be longer than "
+                f"enhanced-locking-replica-heartbeat (got {_fmt(self.replica_timeout)} <= "
+                f"{_fmt(self.replica_heartbeat)})"
             )
         if bool(self.redis_sentinel_addrs) != bool(self.redis_sentinel_master):
             raise ValueError(
@@ -189,6 +219,11 @@ class EnhancedLockingConfig(BaseSettings):
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir).expanduser() / "enhanced-locking.db"
+
+    @property
+    def replica_expiry(self) -> timedelta:
+        """How long a silent replica still counts (``replica-timeout``, or three heartbeats)."""
+        return self.replica_timeout or 3 * self.replica_heartbeat
 
     @property
     def effective_weight(self) -> float:
@@ -244,6 +279,8 @@ def _form(info: FieldInfo, annotation: Any) -> tuple[str, str]:
         hi = next((m.le for m in info.metadata if hasattr(m, "le")), None)
         return f"an integer from {lo} to {hi}", "int"
     if "float" in text:
+        if next((m.le for m in info.metadata if hasattr(m, "le")), None) == 1:
+            return "a number from 0 to 1", "float"
         return "a number from 0 to 100 (two decimals at most)", "float"
     if "HostPort" in text or "_host_port" in text:
         return "host:port such as localhost:6379", "str"

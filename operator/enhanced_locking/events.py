@@ -33,6 +33,8 @@ EVENT_TYPES = (
     "config-applied",
     "config-rejected",
     "shadow-mismatch",
+    "fallback-reconciled",
+    "lock-conflict",
 )
 
 Subscriber = Callable[[Event], None]

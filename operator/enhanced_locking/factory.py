@@ -24,6 +24,8 @@ from enhanced_locking.events import EventBus
 from enhanced_locking.locking import EnhancedLocker, LegacyLocker
 from enhanced_locking.metrics import Metrics
 from enhanced_locking.migration import Router
+from enhanced_locking.migration.controller import MigrationController
+from enhanced_locking.migration.replicas import ReplicaRegistry
 from enhanced_locking.provider import ConfigProvider, Snapshot
 from enhanced_locking.types import BackendUnavailable
 
@@ -82,7 +84,15 @@ def build_backend(config: EnhancedLockingConfig, kind: str, namespace: str) -> B
 class LockService:
     """The assembled lock stack: provider, event bus, metrics, lockers and router."""
 
-    def __init__(self, provider: ConfigProvider, *, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        provider: ConfigProvider,
+        *,
+        metrics: Metrics | None = None,
+        replicas: ReplicaRegistry | None = None,
+    ) -> None:
+        """``replicas``: where replicas report their routing (default: the enhanced Redis when
+        there is one, else this process alone)."""
         self.provider = provider
         self.metrics = metrics or Metrics()
         self.events = EventBus(enabled=lambda: provider.current.config.events)
@@ -92,23 +102,36 @@ class LockService:
         self.legacy = LegacyLocker(self.legacy_backend)
         self.enhanced: EnhancedLocker | None = None
         self._enhanced_identity: tuple[Any, ...] | None = None
+        provider.add_applier(self._apply)
+        provider.subscribe(self._applied)
+        self.migration = MigrationController(
+            provider=provider,
+            legacy=lambda: self.legacy,
+            enhanced=lambda: self.enhanced,
+            build=build_backend,
+            identity=backend_identity,
+            events=self.events,
+            metrics=self.metrics,
+            replicas=replicas,
+        )
         self.router = Router(
             legacy=self.legacy,
             enhanced=lambda: self.enhanced,
             snapshot=lambda: self.provider.current,
             events=self.events,
             metrics=self.metrics,
+            migration=self.migration,
         )
-        provider.add_applier(self._apply)
-        provider.subscribe(self._applied)
 
     async def start(self) -> None:
         """Build what the initial snapshot asks for (raises if its backend does not answer)."""
         await self.legacy_backend.ping()
         await self._apply(self.provider.current)
         self._applied(self.provider.current)
+        await self.migration.start()
 
     async def close(self) -> None:
+        await self.migration.close()
         if self.enhanced is not None:
             await self.enhanced.close()
             await self.enhanced.backend.close()
@@ -188,4 +211,6 @@ class LockService:
                 await self.enhanced.backend.ping()
             except BackendUnavailable as error:
                 status["enhanced"] = str(error)
+            else:
+                self.migration.enhanced_answered()  # reconcile fallback grants, if any
         return status

@@ -68,6 +68,30 @@ class Metrics:
             "Shadow replays whose outcome differed from the authoritative answer.",
             ["kind"], registry=r,
         )
+        self.shadow_replays = Counter(
+            "enhanced_locking_shadow_replays",
+            "Shadow replays by result (matched, mismatch, dropped, error).",
+            ["result"], registry=r,
+        )
+        self.routing_transition_seconds = Histogram(
+            "enhanced_locking_routing_transition_seconds",
+            "Time from a weight change until every live replica applied it (this replica's view).",
+            registry=r, buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+        )
+        self.replicas = Gauge(
+            "enhanced_locking_replicas",
+            "Replicas seen in the registry, by state (live, pending, excluded).",
+            ["state"], registry=r,
+        )
+        self.fallback_pending = Gauge(
+            "enhanced_locking_fallback_pending",
+            "Fallback grants and releases not yet reconciled into the enhanced backend.",
+            registry=r,
+        )
+        self.lock_conflicts = Gauge(
+            "enhanced_locking_lock_conflicts",
+            "Keys held on both sides by different pulls (found by reconciliation).", registry=r,
+        )
         self.retries = Counter(
             "enhanced_locking_retries",
             "Backend operations tried again after a transient error (retries flag on).",

@@ -9,8 +9,17 @@ switched off while holding locks). The router never grants such a key twice: bef
 the authoritative side it asks the other side, and after granting it asks again, backing off if
 the other side granted meanwhile. Releases and lookups consult both sides.
 
+With a :class:`~enhanced_locking.migration.controller.MigrationController` (the service always
+has one) routing follows its weight transitions: a key whose bucket is moving is taken on both
+sides, old side first (:mod:`.handover`), until every replica applied the move; shadow mode
+replays answers off the request path (:mod:`.shadow`); fallback grants are journaled for
+reconciliation (:mod:`.reconcile`).
+
 When the enhanced backend does not answer, ``fallback: legacy`` sends the request to legacy
-(recorded with an event and a metric); ``fail-closed`` answers ``unavailable``.
+(recorded with an event, a metric and the journal); ``fail-closed`` answers ``unavailable`` to
+every request that needs the enhanced side (its keys, and keys moving to or from it). A key
+that routes to legacy is served by legacy in both modes; if its check of the enhanced side
+could not be made, the grant is journaled and reconciled (a double hold found then is reported).
 """
 
 from __future__ import annotations
@@ -21,7 +30,10 @@ from enhanced_locking.backends.base import Owner
 from enhanced_locking.events import EventBus
 from enhanced_locking.locking.base import AtlantisCalls, Locker
 from enhanced_locking.metrics import Metrics
+from enhanced_locking.migration.controller import MigrationController
 from enhanced_locking.migration.enhanced_calls import EnhancedCalls
+from enhanced_locking.migration.handover import acquire_both, backend_of
+from enhanced_locking.migration.transition import RoutingPlan
 from enhanced_locking.provider import Snapshot
 from enhanced_locking.types import (
     AcquireResult,
@@ -32,6 +44,7 @@ from enhanced_locking.types import (
     Locks,
     Reason,
     Side,
+    utcnow,
 )
 
 __all__ = ["Router"]
@@ -51,12 +64,14 @@ class Router(EnhancedCalls, AtlantisCalls):
         snapshot: Callable[[], Snapshot],
         events: EventBus,
         metrics: Metrics,
+        migration: MigrationController | None = None,
     ) -> None:
         self.legacy = legacy
         self._enhanced = enhanced
         self._snapshot = snapshot
         self.events = events
         self.metrics = metrics
+        self.migration = migration
 
     @property
     def enhanced(self) -> Locker | None:
@@ -66,6 +81,8 @@ class Router(EnhancedCalls, AtlantisCalls):
         snapshot = self._snapshot()
         if self.enhanced is None or not snapshot.config.enabled:
             return "legacy"
+        if self.migration is not None:
+            return self.migration.transitions.plan(key).side
         return "enhanced" if snapshot.should_use_enhanced(key) else "legacy"
 
     def _lockers(self) -> list[Locker]:
@@ -73,30 +90,82 @@ class Router(EnhancedCalls, AtlantisCalls):
         return [self.legacy] if enhanced is None else [self.legacy, enhanced]
 
     async def acquire(self, request: LockRequest) -> AcquireResult:
-        side = self.side_for(request.key)
-        self.metrics.routing.labels(side).inc()
-        if side == "legacy":
-            return await self._acquire_on(self.legacy, self.enhanced, request)
+        migration = self.migration
+        if migration is None:
+            return await self._route(request, RoutingPlan(self.side_for(request.key), False))
+        with migration.admit(request.key) as plan:
+            result = await self._route(request, plan)
+        migration.after_acquire(request, result)
+        return result
+
+    async def _route(self, request: LockRequest, plan: RoutingPlan) -> AcquireResult:
         enhanced = self.enhanced
-        assert enhanced is not None
+        if enhanced is None:
+            self.metrics.routing.labels("legacy").inc()
+            return await self._acquire_on(self.legacy, None, request)
+        self.metrics.routing.labels(plan.side).inc()
         try:
-            return await self._acquire_on(enhanced, self.legacy, request)
+            if plan.both:  # the key is moving: old side first, then the new one
+                first, second = ((self.legacy, enhanced) if plan.side == "enhanced"
+                                 else (enhanced, self.legacy))
+                result = await acquire_both(first, second, request)
+            elif plan.side == "enhanced":
+                result = await self._acquire_on(enhanced, self.legacy, request)
+            else:
+                result = await self._acquire_on(self.legacy, enhanced, request)
         except BackendUnavailable as error:
+            if not await _unreachable(enhanced):
+                raise  # legacy itself failed: there is nothing to fall back to
             return await self._fall_back(request, error)
+        if self.migration is not None:
+            self.migration.enhanced_answered()
+        return result
 
     async def _acquire_on(
         self, primary: Locker, other: Locker | None, request: LockRequest
     ) -> AcquireResult:
         owner = (request.project.repo_full_name, request.pull.num)
-        if other is not None and (held := await _held_by_other(other, request.key, owner)):
-            return AcquireResult.refused(request.key, Reason.HELD, held)
+        unchecked = False
+        if other is not None:
+            held, unchecked = await self._holder_on(other, request.key)
+            if held is not None:
+                if held.owned_by(*owner):  # its own lock, still on the old side: the same lock
+                    return AcquireResult.granted(held)
+                return AcquireResult.refused(request.key, Reason.HELD, held)
+        started = utcnow()
         result = await primary.acquire(request)
         if result.acquired and other is not None:
-            held = await _held_by_other(other, request.key, owner)
-            if held is not None:  # the other side granted meanwhile: back off, never share
+            try:
+                held, missed = await self._holder_on(other, request.key)
+            except BackendUnavailable:  # legacy failed after enhanced granted: undo, report
+                if result.lock is not None and result.lock.acquired_at >= started:
+                    await primary.release(request.key, owner=owner)
+                raise
+            unchecked = unchecked or missed
+            if held is not None and not held.owned_by(*owner):
+                # the other side granted meanwhile: back off, never share
                 await primary.release(request.key, owner=owner)
                 return AcquireResult.refused(request.key, Reason.HELD, held)
+        if unchecked and result.acquired and result.lock is not None:
+            await self._journal_grant(result.lock)
         return result
+
+    async def _holder_on(self, locker: Locker, key: str) -> tuple[Lock | None, bool]:
+        """Who holds ``key`` on ``locker``, and whether the answer is missing because the
+        enhanced side did not answer."""
+        try:
+            return await locker.get(key), False
+        except BackendUnavailable:
+            if locker is self.legacy:
+                raise
+            # The enhanced side is down while checking a legacy key: legacy keeps serving its
+            # own keys (in both fallback modes); the grant is journaled and reconciled.
+            self.metrics.fallbacks.labels("unchecked").inc()
+            return None, True
+
+    async def _journal_grant(self, lock: Lock) -> None:
+        if self.migration is not None:
+            await self.migration.record_fallback_grant(lock)
 
     async def _fall_back(self, request: LockRequest, error: BackendUnavailable) -> AcquireResult:
         fallback = self._snapshot().config.fallback
@@ -105,19 +174,33 @@ class Router(EnhancedCalls, AtlantisCalls):
         self.events.publish("fallback", key=request.key, action=action, error=str(error),
                             repo=request.project.repo_full_name)
         if fallback == "legacy":
-            return await self._acquire_on(self.legacy, None, request)
+            result = await self._acquire_on(self.legacy, None, request)
+            if result.acquired and result.lock is not None:
+                await self._journal_grant(result.lock)
+            return result
         return AcquireResult.refused(request.key, Reason.UNAVAILABLE)
 
     async def release(self, key: str, *, owner: Owner | None = None) -> Lock | None:
         released: Lock | None = None
         failure: LockNotOwned | BackendUnavailable | None = None
+        unreached = False
         for locker in self._lockers():
             try:
                 released = await locker.release(key, owner=owner) or released
             except (LockNotOwned, BackendUnavailable) as error:
                 failure = error
+                unreached = unreached or (isinstance(error, BackendUnavailable)
+                                          and locker is not self.legacy)
+        migration = self.migration
         if released is None and failure is not None:
+            if migration is not None and isinstance(failure, LockNotOwned):
+                migration.after_release(key, owner, released=None, not_owned_by=failure.holder)
             raise failure
+        if migration is not None:
+            if unreached and released is not None:
+                # Freed on legacy only: a copy may be left on enhanced, freed on reconcile.
+                await migration.record_partial_release(released)
+            migration.after_release(key, owner, released=released)
         return released
 
     async def get(self, key: str) -> Lock | None:
@@ -133,18 +216,42 @@ class Router(EnhancedCalls, AtlantisCalls):
     async def list(self, *, repo: str | None = None, pull: int | None = None) -> Locks:
         locks = [lock for locker in self._lockers() for lock in await locker.list(repo=repo,
                                                                                    pull=pull)]
-        return sorted(locks, key=lambda lock: lock.key)
+        return self._one_per_key(locks)
+
+    def _one_per_key(self, locks: Locks) -> Locks:
+        """A key held on both sides (it is moving) is listed once, as its target side has it."""
+        chosen: dict[str, Lock] = {}
+        for lock in locks:
+            if lock.key not in chosen or lock.backend == self.side_for(lock.key):
+                chosen[lock.key] = lock
+        return sorted(chosen.values(), key=lambda lock: lock.key)
 
     async def release_by_pull(self, repo: str, pull: int) -> Locks:
-        return [lock for locker in self._lockers()
-                for lock in await locker.release_by_pull(repo, pull)]
+        released: Locks = []
+        for locker in self._lockers():
+            try:
+                released += await locker.release_by_pull(repo, pull)
+            except BackendUnavailable:
+                if locker is self.legacy or self.migration is None:
+                    raise
+                # Legacy's part is done; copies left on enhanced are freed on reconcile, and
+                # the caller hears of the outage.
+                for lock in released:
+                    await self.migration.record_partial_release(lock)
+                raise
+        locks = self._one_per_key(released)
+        if self.migration is not None:
+            self.migration.after_release_by_pull(repo, pull, locks)
+        return locks
 
 
-async def _held_by_other(locker: Locker, key: str, owner: Owner) -> Lock | None:
+async def _unreachable(locker: Locker) -> bool:
+    """Whether ``locker``'s store does not answer now (it was the one that failed)."""
+    backend = backend_of(locker)
+    if backend is None:
+        return True
     try:
-        lock = await locker.get(key)
+        await backend.ping()
     except BackendUnavailable:
-        # The other side is the enhanced one and it is down: legacy keeps serving (the seed's
-        # automatic fallback); locks granted meanwhile are reconciled when it returns.
-        return None
-    return lock if lock is not None and not lock.owned_by(*owner) else None
+        return True
+    return False

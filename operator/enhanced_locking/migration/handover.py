@@ -1,0 +1,128 @@
+"""Handing a key from one side to the other without ever granting it twice.
+
+While a key's bucket is *moving* (some replica may still route it by the old weight), an
+acquire takes it on both sides, the side it is moving from first. A hold on the old side is
+therefore honoured (the first step is refused), and nobody can hold the key on the new side
+alone while another replica could still grant it on the old one. If the second step is refused
+or fails, the first is undone, so a refusal never leaves a lock behind. Releases already free
+both sides (the router releases everywhere).
+
+Fencing tokens are per side, so a key changing side could see its token fall. Each step first
+raises the next side's counter to the token the previous step got, and the answer is the new
+side's lock: tokens handed out for a key keep rising whichever replica, side or weight served
+it. When a move settles, :func:`settle_counters` does the same for every key that stopped
+moving, including keys nobody asked for during the move, and looks for keys held on both sides
+by different pulls (which it reports; it never picks a winner).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import cast
+
+from enhanced_locking.backends.base import Backend
+from enhanced_locking.hashing import bucket_of
+from enhanced_locking.locking.base import Locker
+from enhanced_locking.migration.conflicts import ConflictBook, is_conflict
+from enhanced_locking.types import AcquireResult, BackendUnavailable, LockRequest, utcnow
+
+__all__ = ["acquire_both", "backend_of", "raise_counter", "settle_counters"]
+
+log = logging.getLogger(__name__)
+
+
+def backend_of(locker: Locker) -> Backend | None:
+    """The store behind a locker, if it has one."""
+    # Both lockers keep their store as ``backend``; a locker without one has no counters.
+    backend = getattr(locker, "backend", None)
+    return cast(Backend, backend) if hasattr(backend, "adopt") else None
+
+
+async def raise_counter(locker: Locker, key: str, token: int) -> None:
+    """Make the next fencing token ``locker`` gives for ``key`` greater than ``token``."""
+    backend = backend_of(locker)
+    if backend is not None and token > 0:
+        await backend.adopt([], {key: token})
+
+
+async def acquire_both(first: Locker, second: Locker, request: LockRequest) -> AcquireResult:
+    """Take ``request``'s key on ``first`` (the old side), then on ``second`` (the new one).
+
+    Answers with the second side's answer. A refusal or error on the second side undoes the
+    first step. A pull that already holds the key gets its lock back unchanged.
+    """
+    key = request.key
+    owner = (request.project.repo_full_name, request.pull.num)
+    started = utcnow()
+    first_result = await first.acquire(request)
+    if not first_result.acquired or first_result.lock is None:
+        return first_result
+    if first_result.lock.acquired_at < started:
+        # The pull asks again for a key it holds: its lock, unchanged (Atlantis's rule), as it
+        # was answered before: the new side's copy if it has one, else the old side's.
+        mine = await second.get(key)
+        return AcquireResult.granted(mine) if mine is not None and mine.owned_by(
+            *owner) else first_result
+    fresh = True
+    try:
+        await raise_counter(second, key, first_result.lock.fencing_token)
+        second_result = await second.acquire(request)
+    except BaseException:
+        if fresh:
+            await _undo(first, key, owner)
+        raise
+    if not second_result.acquired or second_result.lock is None:
+        if fresh:
+            await _undo(first, key, owner)
+        return second_result
+    try:
+        await raise_counter(first, key, second_result.lock.fencing_token)
+    except BackendUnavailable as error:
+        # Granted on both sides already; only the old side's counter lags, and the next move
+        # settling raises it again.
+        log.warning("could not raise the %s fencing counter of %s: %s", first.side, key, error)
+    return second_result
+
+
+async def _undo(locker: Locker, key: str, owner: tuple[str, int]) -> None:
+    try:
+        await locker.release(key, owner=owner)
+    except Exception as error:  # the caller reports the original answer or error
+        log.warning("could not undo the %s half of a two-sided acquire of %s: %s",
+                    locker.side, key, error)
+
+
+async def settle_counters(
+    *,
+    legacy: Backend,
+    enhanced: Backend,
+    leaving: Callable[[int], bool],
+    conflicts: ConflictBook,
+) -> int:
+    """For keys whose bucket stops moving: align both sides' counters, report double holds.
+
+    Returns how many counters were raised. Raises ``BackendUnavailable`` if a side does not
+    answer (the move then stays unsettled and is tried again).
+    """
+    legacy_locks, legacy_tokens = await legacy.export()
+    enhanced_locks, enhanced_tokens = await enhanced.export()
+    for lock in legacy_locks:
+        legacy_tokens[lock.key] = max(legacy_tokens.get(lock.key, 0), lock.fencing_token)
+    for lock in enhanced_locks:
+        enhanced_tokens[lock.key] = max(enhanced_tokens.get(lock.key, 0), lock.fencing_token)
+    keys = {key for key in (*legacy_tokens, *enhanced_tokens) if leaving(bucket_of(key))}
+    raise_enhanced = {k: legacy_tokens[k] for k in keys
+                      if legacy_tokens.get(k, 0) > enhanced_tokens.get(k, 0)}
+    raise_legacy = {k: enhanced_tokens[k] for k in keys
+                    if enhanced_tokens.get(k, 0) > legacy_tokens.get(k, 0)}
+    if raise_enhanced:
+        await enhanced.adopt([], raise_enhanced)
+    if raise_legacy:
+        await legacy.adopt([], raise_legacy)
+    held_legacy = {lock.key: lock for lock in legacy_locks if lock.key in keys}
+    for lock in enhanced_locks:
+        other = held_legacy.get(lock.key)
+        if other is not None and is_conflict(other, lock):
+            conflicts.report(key=lock.key, legacy=other, enhanced=lock, source="weight-move")
+    return len(raise_enhanced) + len(raise_legacy)

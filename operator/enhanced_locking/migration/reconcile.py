@@ -1,0 +1,260 @@
+"""Fallback and reconciliation: what legacy did alone while enhanced was away, made whole.
+
+With ``fallback: legacy`` (the seed's default) a request whose key belongs to the enhanced side
+is served by legacy when the enhanced backend does not answer, and a legacy grant whose
+enhanced-side check could not be made is still given. Each such grant is written to a
+*journal* before the answer goes out; so is a release that freed legacy but could not reach
+enhanced (a key held on both sides during a weight move). The journal lives in the legacy store
+under its own namespaces (``fallback`` and ``fallback-released``), so on the embedded store it
+survives a restart.
+
+When the enhanced backend answers again (a request reaches it, the readiness check passes, or
+the periodic probe succeeds) the journal is *reconciled*:
+
+* a fallback grant still held on legacy is adopted into enhanced when the key routes there
+  (the enhanced side now knows the hold, its fencing counter rises past it); a grant released
+  meanwhile is forgotten;
+* a release that could not reach enhanced frees the enhanced copy it left behind (only a copy
+  acquired before that release, by the same pull);
+* a key held on legacy by the fallback grant and on enhanced by another pull is a *conflict*:
+  reported (:mod:`.conflicts`) and kept in the journal until one of them lets go. Nothing is
+  dropped silently and no winner is picked by the machine.
+
+With ``fallback: fail-closed`` nothing is granted without the enhanced side: such requests are
+refused with ``unavailable``, and so the journal stays empty.
+
+A release journal entry stores the released lock with ``acquiredAt`` set to the time of the
+release (the journal is a lock store; this is the one field it reinterprets).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from enhanced_locking.backends.base import Backend
+from enhanced_locking.events import EventBus
+from enhanced_locking.locking.base import Locker
+from enhanced_locking.metrics import Metrics
+from enhanced_locking.migration.conflicts import ConflictBook, is_conflict
+from enhanced_locking.migration.handover import backend_of, raise_counter
+from enhanced_locking.types import Lock, LockNotOwned, utcnow
+
+__all__ = ["FallbackJournal", "FallbackReconciler", "ReconcileReport"]
+
+log = logging.getLogger(__name__)
+
+GRANTED, RELEASED = "fallback", "fallback-released"
+"""The journal's namespaces in the legacy store."""
+
+
+class FallbackJournal:
+    """Grants and releases legacy made without the enhanced side, one entry per key."""
+
+    def __init__(self, *, granted: Backend, released: Backend) -> None:
+        self.granted = granted
+        self.released = released
+
+    async def record_grant(self, lock: Lock) -> None:
+        await self.granted.release(lock.key)
+        await self.granted.adopt([lock], {})
+
+    async def record_release(self, lock: Lock) -> None:
+        await self.released.release(lock.key)
+        await self.released.adopt([lock.model_copy(update={"acquired_at": utcnow()})], {})
+
+    async def entries(self) -> tuple[list[Lock], list[Lock]]:
+        return await self.granted.list(), await self.released.list()
+
+    async def close(self) -> None:
+        await self.granted.close()
+        await self.released.close()
+
+
+@dataclass(frozen=True)
+class ReconcileReport:
+    adopted: int = 0
+    released: int = 0
+    forgotten: int = 0
+    conflicts: int = 0
+    pending: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"adopted": self.adopted, "released": self.released,
+                "forgotten": self.forgotten, "conflicts": self.conflicts,
+                "pending": self.pending}
+
+
+class FallbackReconciler:
+    """Keeps the journal, and reconciles it into the enhanced side when that answers."""
+
+    def __init__(
+        self,
+        *,
+        journal: Callable[[], FallbackJournal],
+        legacy: Callable[[], Locker],
+        enhanced: Callable[[], Locker | None],
+        routes_enhanced: Callable[[str], bool],
+        min_interval: Callable[[], float],
+        conflicts: ConflictBook,
+        events: EventBus,
+        metrics: Metrics,
+    ) -> None:
+        self._journal = journal
+        self._legacy = legacy
+        self._enhanced = enhanced
+        self._routes_enhanced = routes_enhanced
+        self._min_interval = min_interval
+        self.conflicts = conflicts
+        self.events = events
+        self.metrics = metrics
+        self.pending = 0
+        self.granted_total = 0
+        self.released_total = 0
+        self.reconciled_total = 0
+        self.journal_errors = 0
+        self.last: ReconcileReport | None = None
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[Any] | None = None
+        self._last_run = -float("inf")
+
+    # --- recording (on the request path, before the answer goes out) ---------------------
+    async def record_grant(self, lock: Lock) -> None:
+        self.granted_total += 1
+        await self._record(self._journal().record_grant, lock)
+
+    async def record_release(self, lock: Lock) -> None:
+        self.released_total += 1
+        await self._record(self._journal().record_release, lock)
+
+    async def _record(self, write: Callable[[Lock], Any], lock: Lock) -> None:
+        try:
+            await write(lock)
+        except Exception as error:
+            # The answer is given anyway (the router's two-sided checks still protect the key);
+            # losing the entry only loses the later adoption, so say so loudly.
+            self.journal_errors += 1
+            log.error("could not journal the fallback of %s: %s", lock.key, error)
+            return
+        self.pending += 1
+        self.metrics.fallback_pending.set(self.pending)
+
+    async def load(self) -> None:
+        """Count what a previous run left in the journal."""
+        granted, released = await self._journal().entries()
+        self.pending = len(granted) + len(released)
+        self.metrics.fallback_pending.set(self.pending)
+
+    # --- reconciling ---------------------------------------------------------------------
+    @property
+    def needed(self) -> bool:
+        return bool(self.pending or len(self.conflicts))
+
+    def poke(self) -> None:
+        """The enhanced side answered: reconcile in the background if there is work (at most
+        once per heartbeat)."""
+        if not self.needed or (self._task is not None and not self._task.done()):
+            return
+        if time.monotonic() - self._last_run < self._min_interval():
+            return
+        self._task = asyncio.get_running_loop().create_task(self._quietly())
+
+    async def _quietly(self) -> None:
+        try:
+            await self.reconcile()
+        except Exception as error:
+            log.info("fallback reconciliation postponed: %s", error)
+
+    async def reconcile(self) -> ReconcileReport:
+        """One pass over the journal and the known conflicts. ``BackendUnavailable`` if the
+        enhanced side is still away (nothing is lost: the journal is kept)."""
+        async with self._lock:
+            self._last_run = time.monotonic()
+            enhanced = self._enhanced()
+            if enhanced is None:
+                return ReconcileReport(pending=self.pending)
+            legacy = self._legacy()
+            journal = self._journal()
+            backend = backend_of(enhanced)
+            if backend is not None:
+                await backend.ping()
+            granted, released = await journal.entries()
+            adopted = freed = forgotten = 0
+            for lock in granted:
+                outcome = await self._grant(journal, legacy, enhanced, lock)
+                adopted += outcome == "adopted"
+                forgotten += outcome == "forgotten"
+            for lock in released:
+                freed += await self._release(enhanced, lock)
+                await journal.released.release(lock.key)
+            for key in self.conflicts.keys():
+                if not is_conflict(await legacy.get(key), await enhanced.get(key)):
+                    self.conflicts.resolve(key)
+            left, left_released = await journal.entries()
+            self.pending = len(left) + len(left_released)
+            self.metrics.fallback_pending.set(self.pending)
+            report = ReconcileReport(adopted, freed, forgotten, len(self.conflicts),
+                                     self.pending)
+            self.last = report
+            if adopted or freed or forgotten:
+                self.reconciled_total += adopted + freed + forgotten
+                log.info("fallback reconciled: %s", report.as_dict())
+                counts: dict[str, Any] = report.as_dict()
+                self.events.publish("fallback-reconciled", **counts)
+            return report
+
+    async def _grant(self, journal: FallbackJournal, legacy: Locker, enhanced: Locker,
+                     lock: Lock) -> str:
+        owner = (lock.project.repo_full_name, lock.pull.num)
+        current = await legacy.get(lock.key)
+        if current is None or not current.owned_by(*owner):
+            await journal.granted.release(lock.key)
+            return "forgotten"
+        held = await enhanced.get(lock.key)
+        if is_conflict(current, held):
+            assert held is not None
+            self.conflicts.report(key=lock.key, legacy=current, enhanced=held, source="fallback")
+            return "conflict"
+        if held is None and self._routes_enhanced(lock.key):
+            backend = backend_of(enhanced)
+            if backend is None:
+                return "kept"
+            await raise_counter(enhanced, lock.key, current.fencing_token)
+            if await backend.adopt([current], {}):
+                return "kept"  # taken meanwhile by another pull: the next pass reports it
+            await journal.granted.release(lock.key)
+            return "adopted"
+        await journal.granted.release(lock.key)
+        return "forgotten"
+
+    async def _release(self, enhanced: Locker, tombstone: Lock) -> bool:
+        held = await enhanced.get(tombstone.key)
+        owner = (tombstone.project.repo_full_name, tombstone.pull.num)
+        if held is None or not held.owned_by(*owner) or held.acquired_at > tombstone.acquired_at:
+            return False  # gone already, or a newer hold that is not ours to free
+        try:
+            return await enhanced.release(tombstone.key, owner=owner) is not None
+        except LockNotOwned:
+            return False
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "pending": self.pending,
+            "granted": self.granted_total,
+            "releasedWhileAway": self.released_total,
+            "reconciled": self.reconciled_total,
+            "journalErrors": self.journal_errors,
+            "lastReconcile": self.last.as_dict() if self.last else None,
+        }
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task

@@ -1,0 +1,320 @@
+"""Shadow (validation) mode: legacy decides, the enhanced store replays, and we compare.
+
+In ``migration-mode: shadow`` every key is decided by legacy (the authoritative side). Each
+answer is then replayed, off the request path, against the enhanced backend kind in its own
+``shadow`` namespace, which no real request ever reads. The two outcomes (granted or refused,
+and by which pull the key is held) are compared; a difference is counted
+(``enhanced_locking_shadow_discrepancies`` and :class:`ShadowStats`), logged, and published as
+a ``shadow-mismatch`` event carrying both answers. This is GitHub Scientist's idea applied to
+locks: run the candidate next to the control and publish the differences.
+
+The replay never delays or changes the authoritative answer: the request path only puts a job
+on a bounded queue (a full queue drops the job and counts it) and one background task replays
+the jobs in order, swallowing (and counting) its errors.
+
+Sampling (``shadow-sample-ratio``) is sticky per key, by a hash independent from the routing
+bucket, so an acquire and its release are always both replayed or both skipped. When shadow
+mode starts (or the sampling or store changes) the shadow namespace is emptied and seeded with
+legacy's current holds of the sampled keys, so a comparison starts from the same state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from enhanced_locking.backends.base import Backend
+from enhanced_locking.config import EnhancedLockingConfig
+from enhanced_locking.events import EventBus
+from enhanced_locking.hashing import BUCKETS
+from enhanced_locking.metrics import Metrics
+from enhanced_locking.types import (
+    AcquireResult,
+    Lock,
+    LockNotOwned,
+    LockRequest,
+    Reason,
+    utcnow,
+)
+
+__all__ = ["Answer", "ShadowReplayer", "ShadowStats", "sample_bucket"]
+
+log = logging.getLogger(__name__)
+
+Holder = tuple[str, int]
+
+
+def sample_bucket(key: str) -> int:
+    """The key's sampling bucket in ``0..BUCKETS-1``, independent from its routing bucket."""
+    digest = hashlib.blake2b(key.encode(), digest_size=8, person=b"shadow-sample").digest()
+    return int.from_bytes(digest, "big") % BUCKETS
+
+
+def shadow_active(config: EnhancedLockingConfig) -> bool:
+    return (config.enabled and config.migration_mode == "shadow"
+            and config.shadow_sample_ratio > 0)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """An outcome reduced to what both sides can be compared on."""
+
+    granted: bool
+    holder: Holder | None = None
+
+    @classmethod
+    def of_lock(cls, granted: bool, lock: Lock | None) -> Answer:
+        if lock is None:
+            return cls(granted)
+        return cls(granted, (lock.project.repo_full_name, lock.pull.num))
+
+    def as_dict(self) -> dict[str, Any]:
+        holder = None if self.holder is None else {"repo": self.holder[0],
+                                                    "pull": self.holder[1]}
+        return {"granted": self.granted, "holder": holder}
+
+
+@dataclass(frozen=True)
+class _Acquire:
+    request: LockRequest
+    answer: Answer
+
+
+@dataclass(frozen=True)
+class _Release:
+    key: str
+    owner: Holder | None
+    answer: Answer
+
+
+@dataclass(frozen=True)
+class _ReleaseByPull:
+    repo: str
+    pull: int
+    keys: frozenset[str]
+
+
+@dataclass(frozen=True)
+class _Seed:
+    source: Backend
+
+
+_Job = _Acquire | _Release | _ReleaseByPull | _Seed
+
+
+@dataclass
+class ShadowStats:
+    """Counters since the process started (the operator diffs them over its window)."""
+
+    replayed: int = 0
+    matched: int = 0
+    mismatches: int = 0
+    dropped: int = 0
+    errors: int = 0
+    by_kind: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"replayed": self.replayed, "matched": self.matched,
+                "mismatches": self.mismatches, "dropped": self.dropped, "errors": self.errors,
+                "mismatchesByKind": dict(self.by_kind)}
+
+
+class ShadowReplayer:
+    """Replays sampled lock operations on the shadow store and compares the answers."""
+
+    def __init__(
+        self,
+        *,
+        settings: Callable[[], EnhancedLockingConfig],
+        build: Callable[[EnhancedLockingConfig], Backend],
+        identity: Callable[[EnhancedLockingConfig], tuple[Any, ...]],
+        authoritative: Callable[[], Backend],
+        events: EventBus,
+        metrics: Metrics,
+    ) -> None:
+        self._settings = settings
+        self._build = build
+        self._identity = identity
+        self._authoritative = authoritative
+        self.events = events
+        self.metrics = metrics
+        self.stats = ShadowStats()
+        self.backend: Backend | None = None
+        self._backend_identity: tuple[Any, ...] | None = None
+        self._ratio = 0.0
+        self._cut = 0
+        self._queue: asyncio.Queue[_Job] | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._retired: list[Backend] = []
+
+    # --- state ---------------------------------------------------------------------------
+    @property
+    def active(self) -> bool:
+        return self._queue is not None and self.backend is not None
+
+    def sampled(self, key: str) -> bool:
+        return sample_bucket(key) < self._cut
+
+    def queued(self) -> int:
+        return self._queue.qsize() if self._queue is not None else 0
+
+    def status(self) -> dict[str, Any]:
+        return {"active": self.active, "sampleRatio": self._ratio, "queued": self.queued(),
+                **self.stats.as_dict()}
+
+    async def configure(self, config: EnhancedLockingConfig) -> None:
+        """Follow the config: start, re-seed or stop replaying (called on every new snapshot)."""
+        if not shadow_active(config):
+            await self.stop()
+            return
+        identity = self._identity(config)
+        changed = identity != self._backend_identity or config.shadow_sample_ratio != self._ratio
+        if self.backend is None or identity != self._backend_identity:
+            if self.backend is not None:
+                self._retired.append(self.backend)
+            self.backend = self._build(config)
+            self._backend_identity = identity
+        self._ratio = config.shadow_sample_ratio
+        self._cut = round(self._ratio * BUCKETS)
+        if self._queue is None or self._queue.maxsize != config.shadow_queue_size:
+            await self._stop_worker()
+            self._queue = asyncio.Queue(maxsize=config.shadow_queue_size)
+            self._worker = asyncio.get_running_loop().create_task(self._work(self._queue))
+            changed = True
+        if changed:
+            self._offer(_Seed(self._authoritative()))
+
+    async def stop(self) -> None:
+        await self._stop_worker()
+        self._queue = None
+        backends, self._retired = [*self._retired, self.backend], []
+        self.backend, self._backend_identity, self._ratio, self._cut = None, None, 0.0, 0
+        for backend in backends:
+            if backend is not None:
+                with contextlib.suppress(Exception):
+                    await backend.close()
+
+    async def _stop_worker(self) -> None:
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker
+
+    async def drain(self) -> None:
+        """Until every job queued so far has been replayed (for tests and benchmarks)."""
+        if self._queue is not None:
+            await self._queue.join()
+
+    # --- the request path: enqueue only --------------------------------------------------
+    def after_acquire(self, request: LockRequest, result: AcquireResult) -> None:
+        if not self.active or not self.sampled(request.key):
+            return
+        if not result.acquired and result.reason is not Reason.HELD:
+            return  # nothing was decided about the key (unavailable, timeout, ...)
+        self._offer(_Acquire(request, Answer.of_lock(
+            result.acquired, None if result.acquired else result.holder)))
+
+    def after_release(self, key: str, owner: Holder | None, *, released: Lock | None,
+                      not_owned_by: Lock | None = None) -> None:
+        if not self.active or not self.sampled(key):
+            return
+        if not_owned_by is not None:
+            answer = Answer.of_lock(False, not_owned_by)
+        else:
+            answer = Answer.of_lock(released is not None, released)
+        self._offer(_Release(key, owner, answer))
+
+    def after_release_by_pull(self, repo: str, pull: int, released: list[Lock]) -> None:
+        if not self.active:
+            return
+        keys = frozenset(lock.key for lock in released if self.sampled(lock.key))
+        self._offer(_ReleaseByPull(repo, pull, keys))
+
+    def _offer(self, job: _Job) -> None:
+        try:
+            if self._queue is not None:
+                self._queue.put_nowait(job)
+        except asyncio.QueueFull:
+            self.stats.dropped += 1
+            self.metrics.shadow_replays.labels("dropped").inc()
+
+    # --- the background replay -----------------------------------------------------------
+    async def _work(self, queue: asyncio.Queue[_Job]) -> None:
+        while True:
+            job = await queue.get()
+            try:
+                if self.backend is not None:
+                    await self._replay(self.backend, job)
+            except Exception as error:
+                self.stats.errors += 1
+                self.metrics.shadow_replays.labels("error").inc()
+                log.debug("shadow replay failed: %s", error)
+            finally:
+                queue.task_done()
+
+    async def _replay(self, backend: Backend, job: _Job) -> None:
+        if isinstance(job, _Seed):
+            await self._seed(backend, job.source)
+            return
+        if isinstance(job, _Acquire):
+            candidate = Lock.for_request(job.request.model_copy(update={"ttl": None}),
+                                         now=utcnow(), token=0, backend="enhanced")
+            granted, lock = await backend.acquire(candidate)
+            self._compare("acquire", job.request.key, job.request.project.repo_full_name,
+                          job.answer, Answer.of_lock(granted, None if granted else lock))
+        elif isinstance(job, _Release):
+            try:
+                released = await backend.release(job.key, owner=job.owner)
+                shadow = Answer.of_lock(released is not None, released)
+            except LockNotOwned as error:
+                shadow = Answer.of_lock(False, error.holder)
+            repo = job.owner[0] if job.owner else None
+            self._compare("release", job.key, repo, job.answer, shadow)
+        else:
+            gone = await backend.release_by_pull(job.repo, job.pull)
+            keys = frozenset(lock.key for lock in gone if self.sampled(lock.key))
+            if keys == job.keys:
+                self._matched()
+            else:
+                self._mismatch("release-by-pull", None, job.repo,
+                               {"released": sorted(job.keys)}, {"released": sorted(keys)})
+
+    async def _seed(self, backend: Backend, source: Backend) -> None:
+        stale, _ = await backend.export()
+        for lock in stale:
+            await backend.release(lock.key)
+        locks, tokens = await source.export()
+        await backend.adopt([lock for lock in locks if self.sampled(lock.key)],
+                            {key: token for key, token in tokens.items() if self.sampled(key)})
+
+    def _compare(self, operation: str, key: str, repo: str | None, authoritative: Answer,
+                 shadow: Answer) -> None:
+        if authoritative == shadow:
+            self._matched()
+            return
+        kind = "outcome" if authoritative.granted != shadow.granted else "holder"
+        self._mismatch(f"{operation}-{kind}", key, repo, authoritative.as_dict(),
+                       shadow.as_dict())
+
+    def _matched(self) -> None:
+        self.stats.replayed += 1
+        self.stats.matched += 1
+        self.metrics.shadow_replays.labels("matched").inc()
+
+    def _mismatch(self, kind: str, key: str | None, repo: str | None,
+                  authoritative: dict[str, Any], shadow: dict[str, Any]) -> None:
+        self.stats.replayed += 1
+        self.stats.mismatches += 1
+        self.stats.by_kind[kind] = self.stats.by_kind.get(kind, 0) + 1
+        self.metrics.shadow_replays.labels("mismatch").inc()
+        self.metrics.shadow_discrepancies.labels(kind).inc()
+        log.warning("shadow mismatch (%s) on %s: legacy %s, enhanced %s", kind, key or repo,
+                    authoritative, shadow)
+        self.events.publish("shadow-mismatch", key=key, repo=repo, kind=kind,
+                            authoritative=authoritative, shadow=shadow)
