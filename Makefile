@@ -6,7 +6,7 @@ PYTEST := $(PY) -m pytest
 ARGS ?=
 
 .PHONY: help venv run test test-unit test-integration test-e2e lint typecheck format \
-        redis control-plane cluster-up docs bench clean
+        redis control-plane cluster-up docs chart bench clean
 
 help:
 	@echo "make run          serve the lock service on http://127.0.0.1:4142 (embedded store)"
@@ -14,6 +14,7 @@ help:
 	@echo "make lint         ruff, mypy (strict) and the import-layer contracts"
 	@echo "make cluster-up   start a local Kubernetes control plane for manual use"
 	@echo "make docs         regenerate the generated parts of docs/ and crds/"
+	@echo "make chart        regenerate the chart's CRD templates and values.schema.json"
 	@echo "make bench        run the benchmarks in bench/"
 
 $(VENV)/.installed: pyproject.toml
@@ -56,6 +57,10 @@ lint: venv
 
 docs: venv
 	$(PY) hack/gen_docs.py
+
+# The chart's CRD templates (from crds/) and values.schema.json (from values.yaml).
+chart: venv
+	$(PY) hack/gen_chart.py
 
 bench: venv redis
 	for script in bench/*.py; do $(PY) $$script || exit 1; done

@@ -1,0 +1,190 @@
+{{/*
+Helpers of the enhanced-locking chart. Every helper is prefixed with the chart name so that
+a parent chart's helpers of the same short name never shadow them.
+*/}}
+
+{{/*
+enhanced-locking.name: the chart name (or nameOverride), cut to the 63 characters of a label.
+*/}}
+{{- define "enhanced-locking.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+enhanced-locking.fullname: the base name of every resource, `<release>-<chart>`; just the
+release name when it already contains the chart name.
+*/}}
+{{- define "enhanced-locking.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+enhanced-locking.chart: `<chart>-<version>` for the helm.sh/chart label.
+*/}}
+{{- define "enhanced-locking.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+enhanced-locking.selectorLabels: the labels that select the operator pod; never change them
+(a Deployment's selector is immutable).
+*/}}
+{{- define "enhanced-locking.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "enhanced-locking.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/*
+enhanced-locking.labels: the common labels of every resource.
+*/}}
+{{- define "enhanced-locking.labels" -}}
+helm.sh/chart: {{ include "enhanced-locking.chart" . }}
+{{ include "enhanced-locking.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: enhanced-locking
+{{- end }}
+
+{{/*
+enhanced-locking.serviceAccountName: the ServiceAccount the operator runs as.
+*/}}
+{{- define "enhanced-locking.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "enhanced-locking.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+enhanced-locking.image: `repository@digest` when a digest is given, else `repository:tag`
+(the tag defaults to the chart's appVersion).
+*/}}
+{{- define "enhanced-locking.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/*
+enhanced-locking.watchNamespace: the namespace whose CRs the operator reconciles, and where
+its Role, the default CRs and the Redis Secret live.
+*/}}
+{{- define "enhanced-locking.watchNamespace" -}}
+{{- default .Release.Namespace .Values.operator.watchNamespace }}
+{{- end }}
+
+{{/*
+enhanced-locking.redisSecretName: the Secret with the Redis password, or "" when none.
+*/}}
+{{- define "enhanced-locking.redisSecretName" -}}
+{{- if .Values.redis.auth.existingSecret }}
+{{- .Values.redis.auth.existingSecret }}
+{{- else if .Values.redis.auth.create }}
+{{- printf "%s-redis" (include "enhanced-locking.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{/*
+enhanced-locking.readableSecrets: the Secrets the operator may get, by name, as a JSON list:
+the Redis Secret and rbac.extraSecretNames.
+*/}}
+{{- define "enhanced-locking.readableSecrets" -}}
+{{- $names := list }}
+{{- with include "enhanced-locking.redisSecretName" . }}
+{{- $names = append $names . }}
+{{- end }}
+{{- $names = concat $names .Values.rbac.extraSecretNames | uniq }}
+{{- toJson $names }}
+{{- end }}
+
+{{/*
+enhanced-locking.createDefaultCRs: "true" when the default LockPolicy/LockMigration can be part
+of this render. Helm maps every manifest of a release to a kind before it creates anything, so
+in the very install that brings the CRDs (crds.install, kinds not served yet) a LockPolicy
+cannot be in the manifest: that install leaves the default CRs out, and the next
+`helm upgrade` creates them as ordinary release resources. (A post-install hook would create
+them once, but outside the release: Helm then either deletes and re-creates them on every
+upgrade, switching routing back to the static config in between, or adopts them with an empty
+patch that silently drops the first change. docs/06-kubernetes.md has the details.)
+*/}}
+{{- define "enhanced-locking.createDefaultCRs" -}}
+{{- $served := and (.Capabilities.APIVersions.Has "locking.runatlantis.io/v1alpha1/LockPolicy") (.Capabilities.APIVersions.Has "locking.runatlantis.io/v1alpha1/LockMigration") }}
+{{- if or $served (not .Values.crds.install) }}true{{ end }}
+{{- end }}
+
+{{/*
+enhanced-locking.configYaml: the static config file of the service: `config` plus the data
+directory the chart mounts.
+*/}}
+{{- define "enhanced-locking.configYaml" -}}
+{{- $config := deepCopy .Values.config }}
+{{- $_ := set $config "data-dir" "/data" }}
+{{- toYaml $config }}
+{{- end }}
+
+{{/*
+enhanced-locking.metricsOn: "true" when the service exports /metrics (config key
+enhanced-locking-metrics, true by default).
+*/}}
+{{- define "enhanced-locking.metricsOn" -}}
+{{- if not (hasKey .Values.config "enhanced-locking-metrics") }}true
+{{- else if (get .Values.config "enhanced-locking-metrics") }}true
+{{- end }}
+{{- end }}
+
+{{/*
+enhanced-locking.validate: refuses value combinations that cannot work, with a message that
+says why and what to set instead. Included by the Deployment, which every render has.
+*/}}
+{{- define "enhanced-locking.validate" -}}
+{{- if and .Values.redis.auth.create .Values.redis.auth.existingSecret }}
+{{- fail "redis.auth: set either create (with password) or existingSecret, not both" }}
+{{- end }}
+{{- if and .Values.redis.auth.create (not .Values.redis.auth.password) }}
+{{- fail "redis.auth.create needs redis.auth.password (or use redis.auth.existingSecret)" }}
+{{- end }}
+{{- if and .Values.redis.auth.password (not .Values.redis.auth.create) }}
+{{- fail "redis.auth.password is only used with redis.auth.create=true" }}
+{{- end }}
+{{- $pdb := .Values.podDisruptionBudget }}
+{{- if $pdb.enabled }}
+{{- if and (not (kindIs "invalid" $pdb.minAvailable)) (not (kindIs "invalid" $pdb.maxUnavailable)) }}
+{{- fail "podDisruptionBudget: set minAvailable or maxUnavailable, not both (set the other to null)" }}
+{{- end }}
+{{- if and (kindIs "invalid" $pdb.minAvailable) (kindIs "invalid" $pdb.maxUnavailable) }}
+{{- fail "podDisruptionBudget: set one of minAvailable or maxUnavailable" }}
+{{- end }}
+{{- if and (not (kindIs "invalid" $pdb.minAvailable)) (not (kindIs "string" $pdb.minAvailable)) }}
+{{- if ge (int $pdb.minAvailable) (int .Values.replicaCount) }}
+{{- fail (printf "podDisruptionBudget.minAvailable=%v with replicaCount=%v would block every node drain; use maxUnavailable: 1" $pdb.minAvailable .Values.replicaCount) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if and (or .Values.metrics.serviceMonitor.enabled .Values.metrics.prometheusRule.enabled) (not (include "enhanced-locking.metricsOn" .)) }}
+{{- fail "metrics.serviceMonitor/prometheusRule need config.enhanced-locking-metrics=true: with it false /metrics answers 404" }}
+{{- end }}
+{{- if and .Values.lockPolicy.create .Values.rbac.create }}
+{{- $readable := include "enhanced-locking.readableSecrets" . | fromJsonArray }}
+{{- $refs := dict "redis.passwordSecretRef" (dig "redis" "passwordSecretRef" "name" "" .Values.lockPolicy.spec) "redis.tls.caSecretRef" (dig "redis" "tls" "caSecretRef" "name" "" .Values.lockPolicy.spec) }}
+{{- range $field, $name := $refs }}
+{{- if and $name (not (has $name $readable)) }}
+{{- fail (printf "lockPolicy.spec.%s names Secret %q, which the operator may not read: use redis.auth.existingSecret or add it to rbac.extraSecretNames" $field $name) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if and .Values.persistence.existingClaim (not .Values.persistence.enabled) }}
+{{- fail "persistence.existingClaim is set but persistence.enabled is false" }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,145 @@
+"""The Grafana dashboard and the Prometheus alerts name only metrics the service exports.
+
+Metric names come from one place, ``enhanced_locking.metrics``. Exposition adds suffixes: a
+counter ``x`` is scraped as ``x_total``, a histogram as ``x_bucket``, ``x_sum`` and
+``x_count``. Every ``enhanced_locking_*`` series a query uses must be one of those, so renaming
+a metric without the assets (or the other way round) fails here rather than as an empty panel.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from enhanced_locking.durations import parse_duration
+from enhanced_locking.metrics import Metrics
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CHART = REPO_ROOT / "charts" / "enhanced-locking"
+DASHBOARD = CHART / "files" / "grafana-dashboard.json"
+RULES = CHART / "files" / "prometheus-rules.yaml"
+SERIES = re.compile(r"\benhanced_locking_[a-z0-9_]+\b")
+
+
+def exposed_series() -> dict[str, str]:
+    """Every series name the service can expose, mapped to the metric family it belongs to."""
+    suffixes = {
+        "counter": ("_total",),
+        "gauge": ("",),
+        "histogram": ("_bucket", "_sum", "_count"),
+        "summary": ("_sum", "_count", ""),
+    }
+    names: dict[str, str] = {}
+    for family in Metrics().registry.collect():
+        for suffix in suffixes[family.type]:
+            names[family.name + suffix] = family.name
+    return names
+
+
+def dashboard() -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(DASHBOARD.read_text())
+    return data
+
+
+def dashboard_queries() -> dict[str, list[str]]:
+    """Panel title -> its PromQL expressions (and the templating queries)."""
+    queries: dict[str, list[str]] = {}
+    for panel in dashboard()["panels"]:
+        exprs = [t["expr"] for t in panel.get("targets", [])]
+        if exprs:
+            queries[panel["title"] + f" #{panel['id']}"] = exprs
+    for variable in dashboard()["templating"]["list"]:
+        if variable["type"] == "query":
+            queries["variable " + variable["name"]] = [variable["definition"]]
+    return queries
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"]]
+
+
+def test_every_series_the_dashboard_queries_is_exported() -> None:
+    exposed = exposed_series()
+    unknown = {
+        f"{title}: {name}"
+        for title, exprs in dashboard_queries().items()
+        for expr in exprs
+        for name in SERIES.findall(expr)
+        if name not in exposed
+    }
+    assert not unknown, f"not in enhanced_locking/metrics.py (as exposed): {sorted(unknown)}"
+
+
+def test_every_series_the_alerts_query_is_exported() -> None:
+    exposed = exposed_series()
+    unknown = {
+        f"{rule['alert']}: {name}"
+        for rule in alert_rules()
+        for name in SERIES.findall(rule["expr"])
+        if name not in exposed
+    }
+    assert not unknown, f"not in enhanced_locking/metrics.py (as exposed): {sorted(unknown)}"
+
+
+@pytest.mark.parametrize(
+    "family",
+    [
+        "enhanced_locking_locks_held",
+        "enhanced_locking_queue_depth",
+        "enhanced_locking_wait_duration_seconds",
+        "enhanced_locking_acquire_duration_seconds",
+        "enhanced_locking_routing_decisions",
+        "enhanced_locking_fallbacks",
+        "enhanced_locking_deadlocks",
+        "enhanced_locking_config_generation",
+    ],
+)
+def test_the_dashboard_shows(family: str) -> None:
+    exposed = exposed_series()
+    used = {
+        exposed[name]
+        for exprs in dashboard_queries().values()
+        for expr in exprs
+        for name in SERIES.findall(expr)
+        if name in exposed
+    }
+    assert family in used
+
+
+def test_the_dashboard_is_well_formed_for_grafana() -> None:
+    board = dashboard()
+    assert board["uid"] == "enhanced-locking"
+    ids = [panel["id"] for panel in board["panels"]]
+    assert len(ids) == len(set(ids)), "panel ids are unique"
+    variables = {v["name"] for v in board["templating"]["list"]}
+    assert {"datasource", "namespace"} <= variables
+    for panel in board["panels"]:
+        assert {"h", "w", "x", "y"} <= panel["gridPos"].keys()
+        assert panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24, panel["title"]
+        for target in panel.get("targets", []):
+            assert target["datasource"]["uid"] == "${datasource}"
+            assert 'namespace=~"$namespace"' in target["expr"], (panel["title"], target["expr"])
+
+
+def test_every_alert_says_how_bad_and_what_happened() -> None:
+    names = [rule["alert"] for rule in alert_rules()]
+    assert len(names) == len(set(names))
+    for rule in alert_rules():
+        assert rule["alert"].startswith("EnhancedLocking"), rule["alert"]
+        assert rule["labels"]["severity"] in {"critical", "warning", "info"}, rule["alert"]
+        assert {"summary", "description"} <= rule["annotations"].keys(), rule["alert"]
+        if "for" in rule:
+            parse_duration(rule["for"])
+        assert rule["expr"].count("(") == rule["expr"].count(")"), rule["alert"]
+
+
+def test_the_monitoring_docs_name_every_alert() -> None:
+    docs = (REPO_ROOT / "docs" / "04-monitoring.md").read_text()
+    missing = [rule["alert"] for rule in alert_rules() if rule["alert"] not in docs]
+    assert not missing, f"docs/04-monitoring.md does not explain {missing}"
