@@ -339,3 +339,25 @@ def test_a_file_locked_by_a_running_atlantis_is_refused(bolt_writer: BoltWriter,
             BoltDB.open(path)
     with BoltDB.open(path) as db:  # released: readable again
         assert db.bucket("runLocks") is not None
+
+
+@pytest.mark.parametrize("page_size", [0, 16384], ids=["os-default", "16k"])
+def test_a_damaged_first_meta_page_is_skipped_by_probing_for_the_second(
+    bolt_writer: BoltWriter, tmp_path: Path, page_size: int
+) -> None:
+    path = tmp_path / "probe.db"
+    dump = bolt_writer.write(path, [
+        [{"op": "put", "bucket": ["runLocks"], "key": "first", "value": "1"}],
+        [{"op": "put", "bucket": ["runLocks"], "key": "second", "value": "2"}],
+        [{"op": "put", "bucket": ["runLocks"], "key": "third", "value": "3"}],
+    ], page_size=page_size)
+    (first, first_txid), (_, second_txid) = _meta_offsets(path)
+    _flip(path, first)  # page 0's magic: the page size must now come from page 1
+    with BoltDB.open(path) as db:
+        assert db.meta.page == 1 and db.meta.page_size == dump["pageSize"]
+        assert db.meta.txid == second_txid
+        bucket = db.bucket("runLocks")
+        expected = {b"first": b"1", b"second": b"2", b"third": b"3"}
+        if first_txid > second_txid:  # page 0 held the last commit: we see the one before
+            expected.pop(b"third")
+        assert bucket is not None and dict(bucket.items()) == expected
