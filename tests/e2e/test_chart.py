@@ -1,0 +1,726 @@
+"""The Helm chart, rendered by the real ``helm`` and installed into the real API server.
+
+Three layers, in the order the file runs them:
+
+1. Rendering: ``helm lint`` and ``helm template`` with every ``charts/enhanced-locking/ci``
+   values file; the schema refuses unknown keys, impossible combinations ``fail`` with a
+   message, the pod is locked down the way the image expects.
+2. The API server: ``helm install`` of every values file is accepted by server-side
+   validation (the local control plane has no kubelet, so no pod runs: the objects are what is
+   tested); the CRD and default-CR lifecycle through install, upgrade, rollback and uninstall.
+3. The chart's RBAC, used for real: ``enhanced-locking operator`` runs as a local process with
+   a token of the chart's ServiceAccount (``kubectl create token``) and serves the CR-driven
+   flows (policy applied, weight moved by ``helm upgrade``, restored by ``helm rollback``, the
+   Redis password read from the one Secret it may read) while ``kubectl auth can-i`` shows
+   everything else is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from tests.support.controlplane import KubeCluster
+from tests.support.helm import (
+    CHART_DIR,
+    Helm,
+    OperatorProcess,
+    rendered_objects,
+    service_account_kubeconfig,
+)
+from tests.support.redis_server import RedisServer, RedisServerError
+
+pytestmark = pytest.mark.e2e
+
+REPO_ROOT = CHART_DIR.parents[1]
+CI_VALUES = sorted((CHART_DIR / "ci").glob("*.yaml"))
+CRD_NAMES = ("lockpolicies.locking.runatlantis.io", "lockmigrations.locking.runatlantis.io")
+GROUP = "locking.runatlantis.io"
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def wait_for(
+    what: str,
+    check: Callable[[], Any],
+    *,
+    timeout: float = 60,
+    details: Callable[[], str] | None = None,
+) -> Any:
+    """Polls ``check()`` until it returns something truthy; fails after ``timeout``.
+
+    ``details()`` (e.g. the operator's log) is added to the failure message.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            extra = f"\n{details()}" if details is not None else ""
+            pytest.fail(f"timed out after {timeout}s waiting for {what}{extra}")
+        time.sleep(0.25)
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def of_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [o for o in objects if o.get("kind") == kind]
+
+
+def get_json(cluster: KubeCluster, *args: str) -> Any:
+    out = cluster.kubectl("get", *args, "-o", "json", check=False)
+    return json.loads(out.stdout) if out.returncode == 0 else None
+
+
+def condition(obj: dict[str, Any] | None, kind: str = "Ready") -> dict[str, Any]:
+    for item in (obj or {}).get("status", {}).get("conditions", []):
+        if item.get("type") == kind:
+            return dict(item)
+    return {}
+
+
+def dockerfile_env() -> dict[str, str]:
+    text = (REPO_ROOT / "Dockerfile").read_text()
+    return dict(re.findall(r"^\s*(?:ENV\s+)?([A-Z_]+)=(\S+?)\s*\\?$", text, re.MULTILINE))
+
+
+@pytest.fixture(scope="module")
+def helm(kube_cluster: KubeCluster, tmp_path_factory: pytest.TempPathFactory) -> Helm:
+    return Helm(kube_cluster, tmp_path_factory.mktemp("helm-home"))
+
+
+@pytest.fixture
+def namespace(kube_cluster: KubeCluster) -> Iterator[str]:
+    """A fresh namespace, deleted (without waiting) afterwards; several per test if asked."""
+    made: list[str] = []
+
+    def make() -> str:
+        name = unique("chart")
+        kube_cluster.kubectl("create", "namespace", name)
+        made.append(name)
+        return name
+
+    yield make()
+    for name in made:
+        kube_cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+def crd_owner(cluster: KubeCluster) -> str | None:
+    """``absent``, ``unowned`` or the ``namespace/release`` that owns the CRDs."""
+    crd = get_json(cluster, "crd", CRD_NAMES[0])
+    if crd is None:
+        return "absent"
+    annotations = crd["metadata"].get("annotations", {})
+    release = annotations.get("meta.helm.sh/release-name")
+    if release is None:
+        return "unowned"
+    return f"{annotations.get('meta.helm.sh/release-namespace')}/{release}"
+
+
+@pytest.fixture(scope="module")
+def crds_present(kube_cluster: KubeCluster) -> None:
+    """The CRDs are served (applied from crds/ when nothing installed them yet)."""
+    if crd_owner(kube_cluster) == "absent":
+        kube_cluster.kubectl("apply", "--server-side", "-f", str(REPO_ROOT / "crds"))
+    for name in CRD_NAMES:
+        kube_cluster.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
+
+
+# Stand-ins for the Prometheus Operator's CRDs, so that the API server maps and stores the
+# chart's ServiceMonitor and PrometheusRule. Their schemas are open (the real ones are not
+# available offline): what is tested is the kind, the metadata and that the objects are stored.
+_MONITORING_CRDS = {
+    "servicemonitors": "ServiceMonitor",
+    "prometheusrules": "PrometheusRule",
+}
+
+
+@pytest.fixture(scope="module")
+def monitoring_kinds(kube_cluster: KubeCluster) -> Iterator[None]:
+    created = []
+    for plural, kind in _MONITORING_CRDS.items():
+        name = f"{plural}.monitoring.coreos.com"
+        if get_json(kube_cluster, "crd", name) is not None:
+            continue  # a real cluster's own CRDs stay as they are
+        crd = {
+            "apiVersion": "apiextensions.k8s.io/v1",
+            "kind": "CustomResourceDefinition",
+            "metadata": {"name": name},
+            "spec": {
+                "group": "monitoring.coreos.com",
+                "scope": "Namespaced",
+                "names": {"plural": plural, "kind": kind, "singular": kind.lower()},
+                "versions": [{
+                    "name": "v1", "served": True, "storage": True,
+                    "schema": {"openAPIV3Schema": {
+                        "type": "object",
+                        "properties": {"spec": {
+                            "type": "object", "x-kubernetes-preserve-unknown-fields": True,
+                        }},
+                    }},
+                }],
+            },
+        }
+        kube_cluster.kubectl("apply", "-f", "-", input=json.dumps(crd))
+        created.append(name)
+    for name in created:
+        kube_cluster.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
+    yield
+    for name in created:
+        kube_cluster.kubectl("delete", "crd", name, "--wait=false", check=False)
+
+
+# --- 1. rendering ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", CI_VALUES, ids=lambda p: p.name)
+def test_helm_lint_passes_strictly(helm: Helm, values: Path) -> None:
+    result = helm.run("lint", "--strict", str(CHART_DIR), "-f", str(values), check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("values", CI_VALUES, ids=lambda p: p.name)
+def test_each_template_file_renders_at_most_one_resource(helm: Helm, values: Path) -> None:
+    objects = helm.template("-f", str(values))
+    sources = [o["_source"] for o in objects]
+    assert len(sources) == len(set(sources)), sorted(sources)
+    assert of_kind(objects, "Deployment"), "every render has the operator"
+
+
+@pytest.mark.parametrize("values", CI_VALUES, ids=lambda p: p.name)
+def test_the_pod_is_locked_down(helm: Helm, values: Path) -> None:
+    (deployment,) = of_kind(helm.template("-f", str(values)), "Deployment")
+    spec = deployment["spec"]
+    assert spec["strategy"] == {"type": "Recreate"}, "two operators must never overlap"
+    assert spec["replicas"] in (0, 1)
+    pod = spec["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    (container,) = pod["containers"]
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    probes = {
+        name: (container[name]["httpGet"]["path"], container[name]["httpGet"]["port"])
+        for name in ("startupProbe", "livenessProbe", "readinessProbe")
+    }
+    assert probes == {
+        "startupProbe": ("/healthz", "http"),
+        "livenessProbe": ("/healthz", "liveness"),  # kopf's liveness endpoint
+        "readinessProbe": ("/readyz", "http"),
+    }
+    liveness_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "liveness")
+    assert f"--liveness=http://0.0.0.0:{liveness_port}/healthz" in container["args"]
+    assert container["args"][0] == "operator"
+    assert container["resources"]["limits"]["memory"]
+
+
+def test_the_pod_can_write_where_the_image_writes(helm: Helm) -> None:
+    """The Dockerfile's data dir and HOME are the pod's writable mounts; nothing else is."""
+    env = dockerfile_env()
+    (deployment,) = of_kind(helm.template(), "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    writable = {path for path, m in mounts.items() if not m.get("readOnly")}
+    assert writable == {env["ATLANTIS_DATA_DIR"], env["HOME"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "persistentVolumeClaim" in volumes[mounts[env["ATLANTIS_DATA_DIR"]]["name"]]
+    user = pod["securityContext"]["runAsUser"]
+    assert re.search(rf"^USER {user}:", (REPO_ROOT / "Dockerfile").read_text(), re.MULTILINE)
+
+
+@pytest.mark.parametrize("values", CI_VALUES, ids=lambda p: p.name)
+def test_rbac_is_one_namespaced_role_without_wildcards(helm: Helm, values: Path) -> None:
+    objects = helm.template("-f", str(values))
+    assert not of_kind(objects, "ClusterRole") and not of_kind(objects, "ClusterRoleBinding")
+    (role,) = of_kind(objects, "Role")
+    (binding,) = of_kind(objects, "RoleBinding")
+    assert binding["metadata"]["namespace"] == role["metadata"]["namespace"]
+    allowed_verbs = {"get", "list", "watch", "patch", "create"}
+    for rule in role["rules"]:
+        assert "*" not in rule["verbs"] and "*" not in rule["resources"], rule
+        assert set(rule["verbs"]) <= allowed_verbs, rule
+        assert "delete" not in rule["verbs"] and "update" not in rule["verbs"]
+        if "secrets" in rule["resources"]:
+            assert rule["verbs"] == ["get"] and rule["resourceNames"], "Secrets only by name"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "bogus=1"], "bogus"),
+        (["--set", "image.tagg=1"], "tagg"),
+        (["--set", "config.enhanced-locking-enabeld=true"], "enhanced-locking-enabeld"),
+        (["--set", "config.enhanced-locking-redis-password=x"], "enhanced-locking-redis-password"),
+        (["--set", "config.enhanced-locking-backend=mongo"], "enhanced-locking-backend"),
+        (
+            ["--set", "config.enhanced-locking-default-timeout=soon"],
+            "enhanced-locking-default-timeout",
+        ),
+        (["--set", "replicaCount=2"], "replicaCount"),
+        (["--set", "image.pullPolicy=Sometimes"], "pullPolicy"),
+    ],
+)
+def test_the_values_schema_refuses(helm: Helm, args: list[str], message: str) -> None:
+    result = helm.run("template", "t", str(CHART_DIR), *args, check=False)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "redis.auth.create=true"], "redis.auth.create needs redis.auth.password"),
+        (
+            ["--set", "redis.auth.create=true,redis.auth.password=p,redis.auth.existingSecret=s"],
+            "either create (with password) or existingSecret",
+        ),
+        (
+            ["--set", "podDisruptionBudget.enabled=true,podDisruptionBudget.maxUnavailable=null,"
+                      "podDisruptionBudget.minAvailable=1"],
+            "would block every node drain",
+        ),
+        (
+            ["--set", "metrics.serviceMonitor.enabled=true",
+             "--set", "config.enhanced-locking-metrics=false"],
+            "need config.enhanced-locking-metrics=true",
+        ),
+        (
+            ["--set", "lockPolicy.spec.redis.passwordSecretRef.name=other,"
+                      "lockPolicy.spec.redis.passwordSecretRef.key=password"],
+            'names Secret "other", which the operator may not read',
+        ),
+    ],
+)
+def test_impossible_combinations_fail_with_a_message(
+    helm: Helm, args: list[str], message: str
+) -> None:
+    result = helm.run("template", "t", str(CHART_DIR), *args, check=False)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+
+
+def test_default_crs_wait_for_the_kinds_to_be_served(helm: Helm) -> None:
+    """In the install that brings the CRDs, Helm could not map a LockPolicy: it is left out."""
+    first = helm.template(api_versions=())
+    assert of_kind(first, "CustomResourceDefinition")
+    assert not of_kind(first, "LockPolicy") and not of_kind(first, "LockMigration")
+    later = helm.template()
+    (policy,) = of_kind(later, "LockPolicy")
+    (migration,) = of_kind(later, "LockMigration")
+    assert policy["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert migration["spec"]["policyRef"] == {"name": policy["metadata"]["name"]}
+    external = helm.template("--set", "crds.install=false", api_versions=())
+    assert of_kind(external, "LockPolicy"), "CRDs managed elsewhere are assumed served"
+
+
+def test_the_chart_crds_are_the_repository_crds(helm: Helm) -> None:
+    crds = of_kind(helm.template(), "CustomResourceDefinition")
+    rendered = {crd["metadata"]["name"]: crd for crd in crds}
+    for source in sorted((REPO_ROOT / "crds").glob("*.yaml")):
+        crd = yaml.safe_load(source.read_text())
+        assert rendered[crd["metadata"]["name"]]["spec"] == crd["spec"], source.name
+        assert rendered[crd["metadata"]["name"]]["metadata"]["annotations"] == {
+            "helm.sh/resource-policy": "keep"
+        }
+
+
+def test_the_monitoring_assets_are_shipped_verbatim(helm: Helm) -> None:
+    objects = helm.template("-f", str(CHART_DIR / "ci" / "redis-monitoring-values.yaml"))
+    (rule,) = of_kind(objects, "PrometheusRule")
+    shipped = yaml.safe_load((CHART_DIR / "files" / "prometheus-rules.yaml").read_text())
+    assert rule["spec"] == shipped
+    (monitor,) = of_kind(objects, "ServiceMonitor")
+    assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    (dashboard,) = [
+        c for c in of_kind(objects, "ConfigMap") if c["metadata"]["name"].endswith("-dashboard")
+    ]
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(dashboard["data"]["enhanced-locking.json"]) == json.loads(
+        (CHART_DIR / "files" / "grafana-dashboard.json").read_text()
+    )
+
+
+# --- 2. the API server -----------------------------------------------------------------------
+
+
+def test_install_upgrade_rollback_and_uninstall(
+    helm: Helm, kube_cluster: KubeCluster, namespace: str
+) -> None:
+    """The CRDs and default CRs through a release's whole life."""
+    release = unique("life")
+    owner = crd_owner(kube_cluster)
+    flags = ["--set", "crds.install=false"] if owner != "absent" else []
+    installed = helm.run("install", release, str(CHART_DIR), "-n", namespace, *flags)
+
+    def migration() -> dict[str, Any] | None:
+        found: dict[str, Any] | None = get_json(
+            kube_cluster, "lockmigrations.locking.runatlantis.io", "to-enhanced", "-n", namespace
+        )
+        return found
+
+    if owner == "absent":
+        # The install brought the CRDs: no CR in it, and NOTES says how to create them.
+        assert "NEXT STEP" in installed.stdout and "--reuse-values" in installed.stdout
+        for name in CRD_NAMES:
+            crd = get_json(kube_cluster, "crd", name)
+            assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+            assert crd["metadata"]["annotations"]["meta.helm.sh/release-name"] == release
+        assert migration() is None
+        helm.run("upgrade", release, str(CHART_DIR), "-n", namespace, "--reuse-values")
+    created = migration()
+    assert created is not None and created["spec"]["weight"] == 0
+    assert created["metadata"]["annotations"]["meta.helm.sh/release-name"] == release
+    for kind in ("deployment", "service", "serviceaccount", "role", "rolebinding", "configmap",
+                 "persistentvolumeclaim"):
+        assert get_json(kube_cluster, kind, f"{release}-enhanced-locking", "-n", namespace), kind
+
+    helm.run("upgrade", release, str(CHART_DIR), "-n", namespace, "--reuse-values",
+             "--set", "lockMigration.spec.weight=40")
+    weighted = migration()
+    assert weighted is not None and weighted["spec"]["weight"] == 40
+    status = helm.run("status", release, "-n", namespace, "-o", "json").stdout
+    weighted_revision = json.loads(status)["version"]
+
+    # An upgrade that changes nothing in the CRs leaves them untouched (same resourceVersion).
+    helm.run("upgrade", release, str(CHART_DIR), "-n", namespace, "--reuse-values",
+             "--set", "resources.requests.cpu=100m")
+    untouched = migration()
+    assert untouched is not None
+    assert untouched["metadata"]["resourceVersion"] == weighted["metadata"]["resourceVersion"]
+
+    helm.run("upgrade", release, str(CHART_DIR), "-n", namespace, "--reuse-values",
+             "--set", "lockMigration.spec.weight=75")
+    helm.run("rollback", release, str(weighted_revision), "-n", namespace)
+    rolled_back = migration()
+    assert rolled_back is not None and rolled_back["spec"]["weight"] == 40
+
+    # The test hook is a valid Pod (no kubelet here runs it; hack/kind-e2e.sh runs `helm test`).
+    test_pod = helm.run("template", release, str(CHART_DIR), "-n", namespace,
+                        "--show-only", "templates/tests/test-readyz.yaml").stdout
+    kube_cluster.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", "-", input=test_pod)
+
+    uninstalled = helm.run("uninstall", release, "-n", namespace)
+    assert "kept due to the resource policy" in uninstalled.stdout
+    kept = migration()
+    assert kept is not None and kept["spec"]["weight"] == 40, "uninstall keeps the routing"
+    assert get_json(kube_cluster, "lockpolicies.locking.runatlantis.io", "default", "-n", namespace)
+    assert get_json(kube_cluster, "pvc", f"{release}-enhanced-locking", "-n", namespace)
+    for name in CRD_NAMES:
+        assert get_json(kube_cluster, "crd", name), f"{name} kept"
+    gone = get_json(kube_cluster, "deployment", f"{release}-enhanced-locking", "-n", namespace)
+    assert gone is None, "the rest of the release is gone"
+
+
+@pytest.mark.parametrize("values", CI_VALUES, ids=lambda p: p.name)
+def test_every_values_file_is_accepted_by_the_api_server(
+    helm: Helm,
+    kube_cluster: KubeCluster,
+    namespace: str,
+    values: Path,
+    crds_present: None,
+    monitoring_kinds: None,
+) -> None:
+    release = unique("ci")
+    flags = ["--set", "crds.install=false"]  # the CRDs' own lifecycle is tested above
+    if yaml.safe_load(values.read_text()).get("operator", {}).get("watchNamespace"):
+        watched = unique("watched")
+        kube_cluster.kubectl("create", "namespace", watched)
+        flags += ["--set", f"operator.watchNamespace={watched}"]
+    else:
+        watched = namespace
+    try:
+        helm.run("install", release, str(CHART_DIR), "-n", namespace, "-f", str(values), *flags)
+        manifest = rendered_objects(helm.run("get", "manifest", release, "-n", namespace).stdout)
+        for obj in manifest:
+            where = obj["metadata"].get("namespace")
+            found = get_json(kube_cluster, obj["kind"], obj["metadata"]["name"],
+                             *(["-n", where] if where else []))
+            assert found is not None, f"{obj['kind']} {obj['metadata']['name']} was not stored"
+        role = get_json(kube_cluster, "role", f"{release}-enhanced-locking", "-n", watched)
+        assert role is not None, "the Role lives in the watched namespace"
+    finally:
+        helm.run("uninstall", release, "-n", namespace, check=False)
+        if watched != namespace:
+            kube_cluster.kubectl("delete", "namespace", watched, "--wait=false", check=False)
+
+
+# --- 3. the chart's RBAC, used by the operator -----------------------------------------------
+
+
+class OperatedRelease:
+    """A release with replicaCount 0, and the operator run locally with its ServiceAccount."""
+
+    def __init__(self, helm: Helm, cluster: KubeCluster, namespace: str, workdir: Path,
+                 redis: RedisServer, password: str) -> None:
+        self.helm = helm
+        self.cluster = cluster
+        self.namespace = namespace
+        self.release = "locks"
+        self.redis = redis
+        self.password = password
+        self.service_account = f"{self.release}-enhanced-locking"
+        self.secret = f"{self.release}-enhanced-locking-redis"
+        self.workdir = workdir
+        self.operator: OperatorProcess | None = None
+
+    def values_args(self) -> list[str]:
+        return [
+            "--set", "replicaCount=0",  # the local process is the only operator
+            "--set", "crds.install=false",
+            "--set", "redis.auth.create=true",
+            "--set-string", f"redis.auth.password={self.password}",
+            "--set", "lockPolicy.spec.backend=redis",
+            "--set", f"lockPolicy.spec.redis.addr={self.redis.addr}",
+        ]
+
+    def install(self) -> None:
+        self.helm.run("install", self.release, str(CHART_DIR), "-n", self.namespace,
+                      *self.values_args())
+
+    def upgrade(self, *args: str) -> int:
+        self.helm.run("upgrade", self.release, str(CHART_DIR), "-n", self.namespace,
+                      "--reuse-values", *args)
+        return self.revision()
+
+    def revision(self) -> int:
+        status = self.helm.run("status", self.release, "-n", self.namespace, "-o", "json")
+        return int(json.loads(status.stdout)["version"])
+
+    def start_operator(self) -> OperatorProcess:
+        kubeconfig = service_account_kubeconfig(
+            self.cluster, self.namespace, self.service_account, self.workdir / "sa.kubeconfig"
+        )
+        self.operator = OperatorProcess(kubeconfig, self.namespace, self.workdir).start()
+        return self.operator
+
+    def cr(self, plural: str, name: str) -> dict[str, Any] | None:
+        found: dict[str, Any] | None = get_json(
+            self.cluster, f"{plural}.{GROUP}", name, "-n", self.namespace
+        )
+        return found
+
+    def applied(self, plural: str, name: str) -> dict[str, Any] | None:
+        """The CR once its status is Ready=True for its current generation."""
+        obj = self.cr(plural, name)
+        if obj is None:
+            return None
+        ready = condition(obj)
+        current = obj["status"].get("observedGeneration") == obj["metadata"]["generation"]
+        return obj if current and ready.get("status") == "True" else None
+
+    def wait(self, what: str, check: Callable[[], Any], *, timeout: float = 60) -> Any:
+        """``wait_for`` with the operator's log in the failure message."""
+        details = self.operator.output if self.operator is not None else None
+        return wait_for(what, check, timeout=timeout, details=details)
+
+    def can_i(self, *args: str) -> bool:
+        subject = f"system:serviceaccount:{self.namespace}:{self.service_account}"
+        result = self.cluster.kubectl("auth", "can-i", *args, f"--as={subject}", check=False)
+        return result.stdout.strip() == "yes"
+
+
+@pytest.fixture(scope="module")
+def operated(
+    helm: Helm, kube_cluster: KubeCluster, tmp_path_factory: pytest.TempPathFactory,
+    crds_present: None,
+) -> Iterator[OperatedRelease]:
+    namespace = unique("operated")
+    kube_cluster.kubectl("create", "namespace", namespace)
+    password = secrets.token_urlsafe(18)
+    try:
+        redis = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    except RedisServerError as error:
+        pytest.fail(str(error), pytrace=False)
+    redis.set_requirepass(password)
+    setup = OperatedRelease(helm, kube_cluster, namespace, tmp_path_factory.mktemp("operator"),
+                            redis, password)
+    try:
+        setup.install()
+        wait_for("the ServiceAccount", lambda: get_json(
+            kube_cluster, "serviceaccount", setup.service_account, "-n", namespace))
+        setup.start_operator()
+        yield setup
+    finally:
+        if setup.operator is not None:
+            setup.operator.stop()
+        helm.run("uninstall", setup.release, "-n", namespace, check=False)
+        kube_cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+        redis.close()
+
+
+@pytest.fixture
+def operator(operated: OperatedRelease) -> OperatorProcess:
+    """The running operator process (its log is in the failure message of ``wait_for``)."""
+    assert operated.operator is not None
+    assert operated.operator.process is not None
+    assert operated.operator.process.poll() is None, operated.operator.output()
+    return operated.operator
+
+
+def test_the_operator_applies_the_policy_with_the_service_account_token(
+    operated: OperatedRelease, operator: OperatorProcess
+) -> None:
+    policy = operated.wait("LockPolicy default applied",
+                      lambda: operated.applied("lockpolicies", "default"), timeout=90)
+    assert policy["status"].get("appliedConfigHash")
+    operated.wait("LockMigration to-enhanced applied",
+             lambda: operated.applied("lockmigrations", "to-enhanced"), timeout=90)
+    config = operator.get_json("/v1/config")
+    assert config["config"]["enhanced-locking-enabled"] is True
+    assert config["config"]["enhanced-locking-backend"] == "redis"
+    assert config["config"]["enhanced-locking-redis-addr"] == operated.redis.addr
+    # The password came from the one Secret it may read, and reached Redis: /readyz is 200.
+    assert config["config"]["enhanced-locking-redis-password"] == "********"
+    operated.wait("/readyz 200 (Redis authenticated)", lambda: operator.status("/readyz") == 200)
+    assert operator.status("/healthz", port=operator.liveness_port) == 200, "kopf's probe"
+    log = operator.output(limit=10**7)
+    assert operated.password not in log, "no secret in the logs"
+    # Sufficient: nothing the operator (kopf included) asks of the API server is refused.
+    assert "Forbidden" not in log and "Not enough permissions" not in log, log
+    events = get_json(operated.cluster, "events", "-n", operated.namespace)
+    assert events is not None and events["items"], "the operator posts Events"
+    assert operated.password not in json.dumps(events)
+
+
+def _acquire(operator: OperatorProcess, repo: str) -> dict[str, Any]:
+    status, body = operator.post_json("/v1/locks", {
+        "project": {"repoFullName": repo, "path": ".", "projectName": "p"},
+        "workspace": "default",
+        "pull": {"num": 1},
+        "user": {"username": "alice"},
+    })
+    assert status == 200, body
+    lock: dict[str, Any] = body["lock"]
+    return lock
+
+
+def test_helm_upgrade_moves_the_weight_and_rollback_restores_it(
+    operated: OperatedRelease, operator: OperatorProcess
+) -> None:
+    operated.wait("LockMigration applied",
+                  lambda: operated.applied("lockmigrations", "to-enhanced"), timeout=90)
+    before = operated.revision()
+    assert _acquire(operator, "acme/before")["backend"] == "legacy", "weight 0: all legacy"
+
+    operated.upgrade("--set", "lockMigration.spec.weight=100")
+    operated.wait("weight 100 in the service",
+             lambda: operator.get_json("/v1/config")["routing"]["weight"] == 100)
+    migrated = operated.wait("LockMigration status at weight 100", lambda: (
+        (m := operated.applied("lockmigrations", "to-enhanced"))
+        and m["status"].get("currentWeight") == 100 and m))
+    assert migrated["spec"]["weight"] == 100
+    assert _acquire(operator, "acme/during")["backend"] == "enhanced"
+
+    # An upgrade that touches no CR keeps the running config: same generation and hash.
+    config = operator.get_json("/v1/config")
+    operated.upgrade("--set", "resources.requests.cpu=75m")
+    time.sleep(2)  # give a wrongly triggered reconcile the time to show up
+    again = operator.get_json("/v1/config")
+    assert (again["generation"], again["hash"]) == (config["generation"], config["hash"])
+
+    operated.helm.run("rollback", operated.release, str(before), "-n", operated.namespace)
+    operated.wait("weight 0 again after the rollback",
+             lambda: operator.get_json("/v1/config")["routing"]["weight"] == 0)
+    operated.wait("LockMigration status back at weight 0", lambda: (
+        (m := operated.applied("lockmigrations", "to-enhanced"))
+        and m["status"].get("currentWeight") == 0))
+    assert _acquire(operator, "acme/after")["backend"] == "legacy"
+
+
+def test_a_secret_outside_the_role_is_refused_and_the_last_good_config_stays(
+    operated: OperatedRelease, operator: OperatorProcess
+) -> None:
+    cluster = operated.cluster
+    cluster.kubectl("create", "secret", "generic", "not-granted", "-n", operated.namespace,
+                    "--from-literal=password=" + operated.password)
+    good = operated.wait("LockPolicy applied", lambda: operated.applied("lockpolicies", "default"),
+                    timeout=90)
+    before = operator.get_json("/v1/config")
+    patch = {"spec": {"redis": {"passwordSecretRef": {"name": "not-granted", "key": "password"}}}}
+    cluster.kubectl("patch", f"lockpolicies.{GROUP}", "default", "-n", operated.namespace,
+                    "--type=merge", "-p", json.dumps(patch))
+    try:
+        refused = operated.wait("Ready=False for the unreadable Secret", lambda: (
+            (p := operated.cr("lockpolicies", "default"))
+            and p["status"].get("observedGeneration") == p["metadata"]["generation"]
+            and condition(p).get("status") == "False" and p))
+        assert "not-granted" in condition(refused)["message"]
+        assert condition(refused)["reason"].startswith("Secret")
+        after = operator.get_json("/v1/config")
+        assert after["hash"] == before["hash"], "the last good config keeps running"
+        assert refused["status"]["appliedConfigHash"] == good["status"]["appliedConfigHash"]
+    finally:
+        restore = {"spec": {"redis": {"passwordSecretRef": {
+            "name": operated.secret, "key": "password"}}}}
+        cluster.kubectl("patch", f"lockpolicies.{GROUP}", "default", "-n", operated.namespace,
+                        "--type=merge", "-p", json.dumps(restore))
+    operated.wait("LockPolicy applied again", lambda: operated.applied("lockpolicies", "default"),
+             timeout=90)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("get", f"lockpolicies.{GROUP}"),
+        ("list", f"lockpolicies.{GROUP}"),
+        ("watch", f"lockmigrations.{GROUP}"),
+        ("patch", f"lockmigrations.{GROUP}"),
+        ("patch", f"lockpolicies.{GROUP}", "--subresource=status"),
+        ("create", "events"),
+    ],
+    ids=" ".join,
+)
+def test_the_service_account_may(operated: OperatedRelease, args: tuple[str, ...]) -> None:
+    assert operated.can_i(*args, "-n", operated.namespace)
+
+
+def test_the_service_account_may_read_the_redis_secret_by_name(
+    operated: OperatedRelease,
+) -> None:
+    assert operated.can_i("get", f"secret/{operated.secret}", "-n", operated.namespace)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("get", "secret/not-granted"),
+        ("list", "secrets"),
+        ("watch", "secrets"),
+        ("create", "secrets"),
+        ("create", f"lockpolicies.{GROUP}"),
+        ("delete", f"lockpolicies.{GROUP}"),
+        ("update", f"lockmigrations.{GROUP}"),
+        ("delete", "events"),
+        ("get", "configmaps"),
+        ("create", "pods"),
+        ("create", "leases.coordination.k8s.io"),
+        ("get", f"lockpolicies.{GROUP}", "--all-namespaces"),
+        ("get", f"lockpolicies.{GROUP}", "-n", "default"),
+        ("get", "secrets", "-n", "kube-system"),
+        ("list", "namespaces"),
+        ("get", "customresourcedefinitions.apiextensions.k8s.io"),
+        ("delete", "customresourcedefinitions.apiextensions.k8s.io"),
+        ("create", "clusterroles.rbac.authorization.k8s.io"),
+        ("*", "*"),
+    ],
+    ids=" ".join,
+)
+def test_the_service_account_may_not(operated: OperatedRelease, args: tuple[str, ...]) -> None:
+    scope = [] if {"-n", "--all-namespaces"} & set(args) else ["-n", operated.namespace]
+    assert not operated.can_i(*args, *scope)
