@@ -6,7 +6,7 @@ PYTEST := $(PY) -m pytest
 ARGS ?=
 
 .PHONY: help venv run test test-unit test-integration test-e2e lint typecheck format \
-        redis control-plane cluster-up docs chart bench clean
+        redis control-plane cluster-up docs chart kind-e2e bench clean
 
 help:
 	@echo "make run          serve the lock service on http://127.0.0.1:4142 (embedded store)"
@@ -15,6 +15,7 @@ help:
 	@echo "make cluster-up   start a local Kubernetes control plane for manual use"
 	@echo "make docs         regenerate the generated parts of docs/ and crds/"
 	@echo "make chart        regenerate the chart's CRD templates and values.schema.json"
+	@echo "make kind-e2e     the e2e suite on a kind cluster with the image (needs Docker)"
 	@echo "make bench        run the benchmarks in bench/"
 
 $(VENV)/.installed: pyproject.toml
@@ -61,6 +62,10 @@ docs: venv
 # The chart's CRD templates (from crds/) and values.schema.json (from values.yaml).
 chart: venv
 	$(PY) hack/gen_chart.py
+
+# The e2e suite on a kind cluster running the built image (needs Docker; see docs/06-kubernetes.md).
+kind-e2e: venv
+	hack/kind-e2e.sh $(ARGS)
 
 bench: venv redis
 	for script in bench/*.py; do $(PY) $$script || exit 1; done
