@@ -14,6 +14,8 @@ ARG PYTHON_IMAGE=python:3.11-slim
 
 # --- build: the wheel of this project, then a virtualenv with it and its dependencies ------
 FROM ${PYTHON_IMAGE} AS build
+# A package index mirror, where PyPI is not reachable (pip reads it from the environment).
+ARG PIP_INDEX_URL
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
