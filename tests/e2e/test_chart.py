@@ -521,7 +521,8 @@ class OperatedRelease:
         if obj is None:
             return None
         ready = condition(obj)
-        current = obj["status"].get("observedGeneration") == obj["metadata"]["generation"]
+        status = obj.get("status", {})
+        current = status.get("observedGeneration") == obj["metadata"]["generation"]
         return obj if current and ready.get("status") == "True" else None
 
     def wait(self, what: str, check: Callable[[], Any], *, timeout: float = 60) -> Any:
@@ -658,7 +659,7 @@ def test_a_secret_outside_the_role_is_refused_and_the_last_good_config_stays(
     try:
         refused = operated.wait("Ready=False for the unreadable Secret", lambda: (
             (p := operated.cr("lockpolicies", "default"))
-            and p["status"].get("observedGeneration") == p["metadata"]["generation"]
+            and p.get("status", {}).get("observedGeneration") == p["metadata"]["generation"]
             and condition(p).get("status") == "False" and p))
         assert "not-granted" in condition(refused)["message"]
         assert condition(refused)["reason"].startswith("Secret")
