@@ -628,16 +628,18 @@ def _http_status(url: str, context: ssl.SSLContext | None) -> int | None:
 
 
 def _up(args: argparse.Namespace) -> int:
-    """Starts a control plane, prints how to use it, and runs until Ctrl-C."""
+    """Starts a control plane, prints how to use it, and runs until Ctrl-C (or SIGTERM)."""
     try:
         control_plane = ControlPlane(workdir=args.workdir)
-    except BinariesMissing as error:
+        print(f"starting the control plane in {control_plane.workdir} ...", file=sys.stderr)
+        control_plane.start()
+    except ControlPlaneError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"starting the control plane in {control_plane.workdir} ...", file=sys.stderr)
     stopping = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
-    with control_plane:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.set())
+    try:
         print(
             f"{control_plane.startup_summary()}; logs in {control_plane.workdir}\n"
             "Ctrl-C stops it. In another shell:",
@@ -645,19 +647,17 @@ def _up(args: argparse.Namespace) -> int:
         )
         print(f"export KUBECONFIG={control_plane.kubeconfig}")
         print(f"export PATH={control_plane.bin_dir}:$PATH", flush=True)
-        try:
-            while not stopping.wait(1):
-                dead = [p.name for p in control_plane.processes if not p.alive()]
-                if dead:
-                    print(
-                        f"error: {', '.join(dead)} exited; see {control_plane.workdir}",
-                        file=sys.stderr,
-                    )
-                    return 1
-        except KeyboardInterrupt:
-            pass
+        while not stopping.wait(1):
+            dead = [p.name for p in control_plane.processes if not p.alive()]
+            if dead:
+                print(
+                    f"error: {', '.join(dead)} exited; see {control_plane.workdir}", file=sys.stderr
+                )
+                return 1
         print("stopping ...", file=sys.stderr)
-    return 0
+        return 0
+    finally:
+        control_plane.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
