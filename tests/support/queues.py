@@ -10,10 +10,11 @@ test by adding its name here (it must also be in ``BACKEND_KINDS``, which says h
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from tests.support.backends import BACKEND_KINDS, BackendFactory
@@ -33,6 +34,8 @@ __all__ = [
     "rig_for",
     "settle",
 ]
+
+T = TypeVar("T")
 
 QUEUE_BACKEND_KINDS: tuple[str, ...] = ("memory", "boltdb")
 """Backend kinds with queues; add ``"redis"`` once its QueueBackend exists."""
@@ -72,8 +75,24 @@ class LockerRig:
     metrics: Metrics
     settings: dict[str, Any]
 
+    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+
     def set(self, **changes: Any) -> None:
         self.settings.update(changes)
+
+    def spawn(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """Run ``work`` as a task that ``close()`` cancels if it is still waiting."""
+        task = asyncio.get_running_loop().create_task(work)
+        self.tasks.append(task)
+        return task
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        await self.locker.close()
 
     def types(self) -> list[str]:
         return [event.type for event in self.events]

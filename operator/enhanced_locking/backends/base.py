@@ -271,11 +271,11 @@ class StoreBackend(abc.ABC):
 
     # --- holders ------------------------------------------------------------------------------
     def _live(self, key: str, now: datetime) -> Lock | None:
+        # A lapsed lease reads as free but is only removed by a step that then serves the
+        # key's queue (``_settle``, a release, ``expire``): removing it here would leave a free
+        # key with waiters nobody woke.
         lock = self._load(key)
-        if lock is not None and lock.expired(now):
-            self._delete(key)
-            return None
-        return lock
+        return None if lock is None or lock.expired(now) else lock
 
     def _stamp(self, template: Lock, now: datetime, ttl: timedelta | None) -> Lock:
         lock = template.model_copy(update={

@@ -18,12 +18,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import signal
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import kopf
 
@@ -75,6 +76,12 @@ def kopf_settings() -> kopf.OperatorSettings:
     return settings
 
 
+def _identity() -> Any:
+    """kopf's name for this process: the pod's. kopf's default looks the user up in
+    /etc/passwd, which fails for the image's numeric user and any uid a cluster assigns."""
+    return f"enhanced-locking@{os.environ.get('POD_NAME') or os.uname().nodename}"
+
+
 async def run(service: LockService, options: OperatorOptions, *, http: HttpServer) -> int:
     """Run kopf, the resync and the HTTP server until a signal; 0 on a clean stop."""
     runtime_dir = Path(tempfile.mkdtemp(prefix="enhanced-locking-"))
@@ -105,6 +112,7 @@ async def run(service: LockService, options: OperatorOptions, *, http: HttpServe
             namespaces=[options.namespace],
             standalone=options.standalone,
             liveness_endpoint=options.liveness,
+            identity=_identity(),
             stop_flag=stop,
             ready_flag=ready,
         ),

@@ -47,7 +47,7 @@ async def await_turn(
     key = waiter.keys[0]
     try:
         try:
-            return await asyncio.wait_for(asyncio.shield(future), seconds)
+            notice = await asyncio.wait_for(asyncio.shield(future), seconds)
         except TimeoutError:
             cancelled = await backend.cancel(key, waiter.id, reason=Reason.TIMEOUT)
             if cancelled.granted:
@@ -58,6 +58,13 @@ async def await_turn(
         except asyncio.CancelledError:
             await _leave(backend, waiter, future, give_back)
             raise
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # The grant and the caller's cancellation arrived together and wait_for kept the
+            # grant: the caller is still going away, so the grant goes back.
+            await _leave(backend, waiter, future, give_back)
+            raise asyncio.CancelledError
+        return notice
     finally:
         backend.grants.forget(waiter.id)
 
@@ -72,8 +79,9 @@ async def _leave(
     # (the server shutting down) cannot leave a lock granted to nobody.
     async def clean_up() -> None:
         cancelled = await backend.cancel(waiter.keys[0], waiter.id, reason=Reason.CANCELLED)
-        notice = future.result() if future.done() else Notice()
-        locks = cancelled.granted or notice.locks
+        locks = cancelled.granted
+        if cancelled.waiter is None and future.done():  # the backend no longer remembers it
+            locks = future.result().locks
         if locks:
             await give_back(Notice(locks=locks))
 

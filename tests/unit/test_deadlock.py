@@ -1,0 +1,202 @@
+"""Deadlock detection: two- and three-party cycles (with batches and queued-behind edges) are
+refused with the cycle named; a plain queue never is; the flag switches it off."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from tests.support.backends import BackendFactory
+from tests.support.locks import lock_for, request_for
+from tests.support.queues import LockerRig, rig_for, settle
+
+from enhanced_locking.backends import QueueBackend
+from enhanced_locking.backends.waiting import KeyWaits, Waiter
+from enhanced_locking.locking import deadlock
+from enhanced_locking.types import (
+    AcquireResult,
+    BatchItem,
+    BatchLockRequest,
+    LockRequest,
+    Pull,
+    Reason,
+    utcnow,
+)
+
+WAIT = timedelta(seconds=30)
+
+
+@pytest.fixture
+async def make(queue_backend_factory: BackendFactory) -> AsyncIterator[Callable[..., LockerRig]]:
+    rigs: list[LockerRig] = []
+
+    def build(**settings: Any) -> LockerRig:
+        backend = queue_backend_factory()
+        assert isinstance(backend, QueueBackend)
+        rigs.append(rig_for(backend, **{"deadlock_detection": True, **settings}))
+        return rigs[-1]
+    yield build
+    for rig in rigs:
+        await rig.close()
+
+
+def ask(pull: int, key: str, *, wait: timedelta | None = None) -> LockRequest:
+    return request_for(pull=pull, path=key, wait=wait)
+
+
+def batch(pull: int, *keys: str, wait: timedelta | None = WAIT) -> BatchLockRequest:
+    return BatchLockRequest(
+        locks=[BatchItem(project=ask(pull, key).project) for key in keys],
+        pull=Pull(num=pull), wait=wait)
+
+
+def name(pull: int) -> str:
+    return f"acme/infra#{pull}"
+
+
+async def holds(rig: LockerRig, pull: int, key: str) -> None:
+    assert (await rig.locker.acquire(ask(pull, key))).acquired
+
+
+async def test_a_two_party_cycle_is_refused_with_the_cycle(make: Callable[..., LockerRig]) -> None:
+    rig = make()
+    await holds(rig, 1, "a")
+    await holds(rig, 2, "b")
+    first = rig.spawn(rig.locker.acquire(ask(1, "b", wait=WAIT)))
+    await settle()
+    answer = await rig.locker.acquire(ask(2, "a", wait=WAIT))
+    assert answer.reason is Reason.DEADLOCK
+    assert answer.cycle == [name(2), name(1), name(2)]
+    assert answer.holder is not None and answer.holder.pull.num == 1
+    assert [w.owner[1] for w in await rig.locker.queue(ask(1, "a").key)] == []
+    assert not first.done(), "the first waiter keeps waiting; only the closing wait is refused"
+    assert rig.types().count("deadlock") == 1
+    assert rig.metrics.registry.get_sample_value("enhanced_locking_deadlocks_total") == 1
+    event = next(e for e in rig.events if e.type == "deadlock")
+    assert event.details["cycle"] == answer.cycle
+    assert {edge["key"] for edge in event.details["edges"]} == {ask(1, "a").key, ask(1, "b").key}
+    # The victim gives up what it held, and the survivor gets it.
+    await rig.locker.release(ask(2, "b").key)
+    survivor: AcquireResult = await asyncio.wait_for(first, 5)
+    assert survivor.acquired
+
+
+async def test_a_three_party_cycle_is_refused(make: Callable[..., LockerRig]) -> None:
+    rig = make()
+    for pull, key in [(1, "a"), (2, "b"), (3, "c")]:
+        await holds(rig, pull, key)
+    rig.spawn(rig.locker.acquire(ask(1, "b", wait=WAIT)))
+    rig.spawn(rig.locker.acquire(ask(2, "c", wait=WAIT)))
+    await settle()
+    answer = await rig.locker.acquire(ask(3, "a", wait=WAIT))
+    assert answer.reason is Reason.DEADLOCK
+    assert answer.cycle == [name(3), name(1), name(2), name(3)]
+
+
+async def test_a_batch_that_would_close_a_cycle_is_refused(make: Callable[..., LockerRig]) -> None:
+    rig = make()
+    await holds(rig, 1, "a")
+    await holds(rig, 2, "b")
+    rig.spawn(rig.locker.acquire_batch(batch(1, "b", "c")))
+    await settle()
+    answer = await rig.locker.acquire_batch(batch(2, "a", "d"))
+    assert not answer.acquired and answer.reason is Reason.DEADLOCK
+    assert answer.cycle == [name(2), name(1), name(2)]
+    assert await rig.locker.get(ask(2, "d").key) is None, "the refused batch took nothing"
+
+
+async def test_a_three_party_cycle_through_batches_is_refused(
+    make: Callable[..., LockerRig],
+) -> None:
+    rig = make()
+    for pull, key in [(1, "a"), (2, "b"), (3, "c")]:
+        await holds(rig, pull, key)
+    rig.spawn(rig.locker.acquire_batch(batch(1, "b", "x")))
+    rig.spawn(rig.locker.acquire(ask(2, "c", wait=WAIT)))
+    await settle()
+    answer = await rig.locker.acquire_batch(batch(3, "a", "y"))
+    assert answer.reason is Reason.DEADLOCK and answer.cycle is not None
+    assert len(answer.cycle) == 4
+
+
+async def test_waiting_behind_someone_who_waits_for_you_is_a_cycle(
+    make: Callable[..., LockerRig],
+) -> None:
+    # X holds k. B waits first for k, A second; A holds j. When B now asks for j it would wait
+    # for A, who waits behind B for k: neither ever gets both.
+    rig = make()
+    await holds(rig, 9, "k")
+    await holds(rig, 1, "j")
+    rig.spawn(rig.locker.acquire(ask(2, "k", wait=WAIT)))
+    await settle()
+    rig.spawn(rig.locker.acquire(ask(1, "k", wait=WAIT)))
+    await settle()
+    answer = await rig.locker.acquire(ask(2, "j", wait=WAIT))
+    assert answer.reason is Reason.DEADLOCK
+    assert answer.cycle == [name(2), name(1), name(2)]
+
+
+async def test_a_plain_queue_is_never_a_deadlock(make: Callable[..., LockerRig]) -> None:
+    rig = make()
+    await holds(rig, 1, "k")
+    waiting = [rig.spawn(rig.locker.acquire(ask(pull, "k", wait=WAIT))) for pull in range(2, 12)]
+    await settle()
+    assert len(await rig.locker.queue(ask(1, "k").key)) == 10
+    # A waiter's own pull holding other keys adds no cycle either.
+    await holds(rig, 2, "other")
+    assert (await rig.locker.acquire(ask(2, "other2", wait=WAIT))).acquired
+    for holder in range(1, 12):
+        await rig.locker.release(ask(holder, "k").key)
+        await settle()
+    assert all(task.done() and task.result().acquired for task in waiting)
+    assert "deadlock" not in rig.types()
+
+
+async def test_with_detection_off_a_cycle_just_waits(make: Callable[..., LockerRig]) -> None:
+    rig = make(deadlock_detection=False)
+    await holds(rig, 1, "a")
+    await holds(rig, 2, "b")
+    rig.spawn(rig.locker.acquire(ask(1, "b", wait=WAIT)))
+    await settle()
+    answer = await rig.locker.acquire(ask(2, "a", wait=timedelta(milliseconds=50)))
+    assert answer.reason is Reason.TIMEOUT
+    assert "deadlock" not in rig.types()
+
+
+# --- the graph alone ---------------------------------------------------------------------------
+
+
+def waiter(pull: int, *keys: str) -> Waiter:
+    now = utcnow()
+    return Waiter(id=f"w{pull}{''.join(keys)}", locks=tuple(
+        lock_for(request_for(pull=pull, path=key)) for key in keys), ttl=None,
+        enqueued_at=now, deadline=now + WAIT, seq=pull)
+
+
+def owner(pull: int) -> tuple[str, int]:
+    return ("acme/infra", pull)
+
+
+def test_no_cycle_without_a_path_back() -> None:
+    graph = [KeyWaits(key="k", holder=owner(1), waiters=(waiter(2, "k"), waiter(3, "k")))]
+    assert deadlock.find_cycle(graph, owner(3)) is None
+    assert deadlock.find_cycle(graph, owner(2)) is None
+
+
+def test_the_shortest_cycle_is_reported() -> None:
+    graph = [
+        KeyWaits(key="a", holder=owner(1), waiters=(waiter(2, "a"),)),
+        KeyWaits(key="b", holder=owner(2), waiters=(waiter(1, "b"), waiter(3, "b"))),
+        KeyWaits(key="c", holder=owner(3), waiters=(waiter(1, "c"),)),
+    ]
+    cycle = deadlock.find_cycle(graph, owner(1))
+    assert cycle is not None
+    assert deadlock.describe(cycle) == [name(1), name(2), name(1)]
+
+
+def test_a_pull_never_waits_for_itself() -> None:
+    graph = [KeyWaits(key="a", holder=owner(1), waiters=(waiter(1, "a"), waiter(1, "a")))]
+    assert deadlock.find_cycle(graph, owner(1)) is None

@@ -1,0 +1,304 @@
+"""The enhanced locker over every queue backend: waiting, timeouts, leases, cancels, retries,
+batches, events and metrics, with the live config switching behaviour between calls."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from tests.support.backends import BackendFactory
+from tests.support.locks import request_for
+from tests.support.queues import LockerRig, rig_for, settle
+
+from enhanced_locking.backends import QueueBackend
+from enhanced_locking.types import (
+    BackendUnavailable,
+    BatchItem,
+    BatchLockRequest,
+    InvalidRequest,
+    LockRequest,
+    Priority,
+    Pull,
+    Reason,
+)
+
+S = timedelta(seconds=1)
+
+
+@pytest.fixture
+async def make(queue_backend_factory: BackendFactory) -> AsyncIterator[Callable[..., LockerRig]]:
+    rigs: list[LockerRig] = []
+
+    def build(**settings: Any) -> LockerRig:
+        backend = queue_backend_factory()
+        assert isinstance(backend, QueueBackend)
+        rigs.append(rig_for(backend, **settings))
+        return rigs[-1]
+    yield build
+    for rig in rigs:
+        await rig.close()
+
+
+def ask(pull: int, *, path: str = "envs/prod", wait: Any = None, ttl: timedelta | None = None,
+        priority: Priority = Priority.NORMAL) -> LockRequest:
+    request = request_for(pull=pull, path=path, ttl=ttl, priority=priority)
+    return request.model_copy(update={"wait": wait})
+
+
+def count(rig: LockerRig, metric: str, **labels: str) -> float:
+    value = rig.metrics.registry.get_sample_value(metric, labels)
+    return value or 0.0
+
+
+async def test_without_wait_a_held_key_fails_fast_as_in_atlantis(make: Callable[..., LockerRig],
+                                                                 ) -> None:
+    rig = make()
+    assert (await rig.locker.acquire(ask(1))).acquired
+    refused = await rig.locker.acquire(ask(2))
+    assert refused.reason is Reason.HELD and refused.holder is not None
+    assert refused.holder.pull.num == 1 and refused.queue_position is None
+    assert await rig.locker.queue(ask(1).key) == []
+
+
+async def test_a_waiter_gets_the_lock_when_it_is_released(make: Callable[..., LockerRig]) -> None:
+    rig = make()
+    first = await rig.locker.acquire(ask(1))
+    waiting = rig.spawn(rig.locker.acquire(ask(2, wait=30 * S)))
+    await settle()
+    assert [w.owner[1] for w in await rig.locker.queue(ask(1).key)] == [2]
+    await rig.locker.release(ask(1).key)
+    granted = await asyncio.wait_for(waiting, 5)
+    assert granted.acquired and granted.lock is not None and first.lock is not None
+    assert granted.lock.fencing_token > first.lock.fencing_token
+    assert rig.types() == ["acquired", "queued", "released", "granted-from-queue"]
+    assert count(rig, "enhanced_locking_wait_duration_seconds_count", outcome="granted") == 1
+    assert count(rig, "enhanced_locking_handoffs_total") == 1
+
+
+async def test_wait_true_waits_up_to_the_default_timeout(make: Callable[..., LockerRig]) -> None:
+    rig = make(default_timeout=timedelta(milliseconds=50))
+    await rig.locker.acquire(ask(1))
+    answer = await asyncio.wait_for(rig.locker.acquire(ask(2, wait=True)), 5)
+    assert answer.reason is Reason.TIMEOUT
+    assert answer.holder is not None and answer.holder.pull.num == 1
+    assert await rig.locker.queue(ask(1).key) == []
+    assert "timeout" in rig.types()
+
+
+async def test_a_wait_above_the_maximum_is_refused_not_clamped(
+    make: Callable[..., LockerRig],
+) -> None:
+    rig = make(max_timeout=timedelta(minutes=1), default_timeout=S)
+    with pytest.raises(InvalidRequest) as refused:
+        await rig.locker.acquire(ask(1, wait=2 * 60 * S))
+    assert refused.value.field == "wait" and "1m" in str(refused.value)
+    assert await rig.locker.get(ask(1).key) is None
+
+
+async def test_an_admin_cancel_answers_the_waiter_cancelled(make: Callable[..., LockerRig]) -> None:
+    rig = make()
+    await rig.locker.acquire(ask(1))
+    waiting = rig.spawn(rig.locker.acquire(
+        ask(2, wait=30 * S).model_copy(update={"request_id": "job-7"})))
+    await settle()
+    assert await rig.locker.cancel_waiter(ask(1).key, "job-7") is not None
+    answer = await asyncio.wait_for(waiting, 5)
+    assert answer.reason is Reason.CANCELLED
+    assert await rig.locker.cancel_waiter(ask(1).key, "job-7") is None
+
+
+async def test_a_caller_that_goes_away_leaves_the_queue_and_is_never_granted(
+    make: Callable[..., LockerRig],
+) -> None:
+    rig = make()
+    await rig.locker.acquire(ask(1))
+    gone = rig.spawn(rig.locker.acquire(ask(2, wait=30 * S)))
+    behind = rig.spawn(rig.locker.acquire(ask(3, wait=30 * S)))
+    await settle()
+    gone.cancel()
+    await settle()
+    assert [w.owner[1] for w in await rig.locker.queue(ask(1).key)] == [3]
+    await rig.locker.release(ask(1).key)
+    answer = await asyncio.wait_for(behind, 5)
+    assert answer.lock is not None and answer.lock.pull.num == 3
+    assert any(e.type == "cancelled" and e.details["by"] == "client" for e in rig.events)
+
+
+async def test_a_grant_that_reaches_a_caller_gone_meanwhile_is_given_back(
+    make: Callable[..., LockerRig],
+) -> None:
+    rig = make()
+    await rig.locker.acquire(ask(1))
+    gone = rig.spawn(rig.locker.acquire(ask(2, wait=30 * S)))
+    behind = rig.spawn(rig.locker.acquire(ask(3, wait=30 * S)))
+    await settle()
+    # The release grants pull 2 and, before its task runs again, the caller goes away.
+    await rig.locker.release(ask(1).key)
+    gone.cancel()
+    answer = await asyncio.wait_for(behind, 5)
+    assert answer.lock is not None and answer.lock.pull.num == 3
+    with contextlib.suppress(asyncio.CancelledError):
+        await gone
+    assert gone.cancelled()
+
+
+async def test_a_lease_that_runs_out_frees_the_lock_and_wakes_the_queue(
+    make: Callable[..., LockerRig],
+) -> None:
+    rig = make()
+    short = await rig.locker.acquire(ask(1, ttl=timedelta(milliseconds=60)))
+    assert short.lock is not None and short.lock.expires_at is not None
+    answer = await asyncio.wait_for(rig.locker.acquire(ask(2, wait=10 * S)), 5)
+    assert answer.acquired and answer.lock is not None and answer.lock.pull.num == 2
+    assert "expired" in rig.types()
+    assert count(rig, "enhanced_locking_lease_expirations_total") == 1
+
+
+async def test_the_default_lease_comes_from_lock_ttl_and_a_refresh_extends_it(
+    make: Callable[..., LockerRig],
+) -> None:
+    rig = make(lock_ttl=timedelta(milliseconds=80))
+    granted = await rig.locker.acquire(ask(1))
+    assert granted.lock is not None and granted.lock.expires_at is not None
+    refreshed = await rig.locker.refresh(ask(1).key, owner=("acme/infra", 1), ttl=60 * S)
+    assert refreshed.expires_at is not None and refreshed.expires_at > granted.lock.expires_at
+    await asyncio.sleep(0.15)
+    assert await rig.locker.get(ask(1).key) == refreshed
+
+
+async def test_priority_queue_off_serves_fifo_and_on_serves_by_priority_live(
+    make: Callable[..., LockerRig],
+) -> None:
+    rig = make(priority_queue=False)
+    await rig.locker.acquire(ask(1))
+    for pull, priority in [(2, Priority.LOW), (3, Priority.CRITICAL)]:
+        rig.spawn(rig.locker.acquire(ask(pull, wait=30 * S, priority=priority)))
+        await settle()
+    assert [w.owner[1] for w in await rig.locker.queue(ask(1).key)] == [2, 3]
+    rig.set(priority_queue=True)
+    assert [w.owner[1] for w in await rig.locker.queue(ask(1).key)] == [3, 2]
+    await rig.locker.force_unlock(ask(1).key)
+    await settle()
+    holder = await rig.locker.get(ask(1).key)
+    assert holder is not None and holder.pull.num == 3
+    assert "force-unlocked" in rig.types()
+
+
+async def test_a_full_queue_answers_queue_full(make: Callable[..., LockerRig]) -> None:
+    rig = make(max_queue_size=1)
+    await rig.locker.acquire(ask(1))
+    rig.spawn(rig.locker.acquire(ask(2, wait=30 * S)))
+    await settle()
+    answer = await rig.locker.acquire(ask(3, wait=30 * S))
+    assert answer.reason is Reason.QUEUE_FULL
+    assert count(rig, "enhanced_locking_acquire_total", backend="enhanced",
+                 outcome="queue_full") == 1
+
+
+async def test_a_batch_is_all_or_nothing_and_a_waiting_batch_holds_nothing(
+    make: Callable[..., LockerRig],
+) -> None:
+    rig = make()
+    await rig.locker.acquire(ask(9, path="b"))
+    batch = BatchLockRequest(
+        locks=[BatchItem(project=ask(1, path=p).project) for p in ("a", "b")],
+        pull=Pull(num=1), wait=30 * S)
+    refused = await rig.locker.acquire_batch(batch.model_copy(update={"wait": None}))
+    assert not refused.acquired and refused.lock_key == ask(1, path="b").key
+    assert refused.reason is Reason.HELD
+    waiting = rig.spawn(rig.locker.acquire_batch(batch))
+    await settle()
+    assert await rig.locker.get(ask(1, path="a").key) is None, "no partial set while waiting"
+    await rig.locker.release(ask(9, path="b").key)
+    granted = await asyncio.wait_for(waiting, 5)
+    assert granted.acquired and [lock.key for lock in granted.locks] == batch.keys
+    released = await rig.locker.release_batch(batch.keys, owner=("acme/infra", 1))
+    assert sorted(lock.key for lock in released) == sorted(batch.keys)
+
+
+# --- retries -----------------------------------------------------------------------------------
+
+
+class Flaky:
+    """A real backend whose next ``failures`` calls of ``method`` fail as if it were down."""
+
+    def __init__(self, inner: QueueBackend, method: str, failures: int) -> None:
+        self._inner, self._method, self.failures, self.calls = inner, method, failures, 0
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._inner, name)
+        if name != self._method:
+            return attribute
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            if self.failures > 0:
+                self.failures -= 1
+                raise BackendUnavailable("the store did not answer (injected)")
+            return await attribute(*args, **kwargs)
+        return call
+
+
+def flaky_rig(queue_backend_factory: BackendFactory, failures: int, **settings: Any,
+              ) -> tuple[LockerRig, Flaky]:
+    inner = queue_backend_factory()
+    assert isinstance(inner, QueueBackend)
+    flaky = Flaky(inner, "acquire_or_enqueue", failures)
+    return rig_for(flaky, **settings), flaky  # type: ignore[arg-type]
+
+
+async def test_with_retries_a_transient_failure_is_retried_with_backoff(
+    queue_backend_factory: BackendFactory,
+) -> None:
+    rig, flaky = flaky_rig(queue_backend_factory, 2, retries=True, retry_max_attempts=3,
+                           retry_backoff=timedelta(milliseconds=5))
+    assert (await rig.locker.acquire(ask(1))).acquired
+    assert flaky.calls == 3
+    assert count(rig, "enhanced_locking_retries_total", operation="acquire") == 2
+
+
+async def test_retries_give_up_after_the_last_attempt(
+    queue_backend_factory: BackendFactory,
+) -> None:
+    rig, flaky = flaky_rig(queue_backend_factory, 5, retries=True, retry_max_attempts=3,
+                           retry_backoff=timedelta(milliseconds=1))
+    with pytest.raises(BackendUnavailable):
+        await rig.locker.acquire(ask(1))
+    assert flaky.calls == 3
+
+
+async def test_without_the_retries_flag_nothing_is_retried(
+    queue_backend_factory: BackendFactory,
+) -> None:
+    rig, flaky = flaky_rig(queue_backend_factory, 1, retries=False)
+    with pytest.raises(BackendUnavailable):
+        await rig.locker.acquire(ask(1))
+    assert flaky.calls == 1
+
+
+async def test_a_definite_held_answer_is_never_retried(
+    queue_backend_factory: BackendFactory,
+) -> None:
+    rig, flaky = flaky_rig(queue_backend_factory, 0, retries=True,
+                           retry_backoff=timedelta(milliseconds=1))
+    await rig.locker.acquire(ask(1))
+    assert (await rig.locker.acquire(ask(2))).reason is Reason.HELD
+    assert flaky.calls == 2
+
+
+def test_backoff_doubles_with_jitter_between_half_and_full() -> None:
+    from random import Random
+
+    from enhanced_locking.locking.retrying import backoff_delays
+
+    delays = backoff_delays(attempts=5, backoff=timedelta(milliseconds=100), rng=Random(7))
+    assert len(delays) == 4
+    for n, delay in enumerate(delays):
+        assert 0.05 * 2**n <= delay <= 0.1 * 2**n
+    again = backoff_delays(attempts=5, backoff=timedelta(milliseconds=100), rng=Random(8))
+    assert again != delays, "two callers do not retry in step"
+
