@@ -16,12 +16,14 @@ tests never pass by skipping their real parts.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,6 +39,8 @@ from tests.support.controlplane import (  # noqa: E402
     KubeCluster,
     find_binaries,
 )
+from tests.support.operator import OperatorProcess  # noqa: E402
+from tests.support.service import ServiceStartError  # noqa: E402
 
 CLUSTER_MODES = ("local", "kubeconfig", "kind")
 
@@ -114,3 +118,58 @@ def kube_namespace(kube_cluster: KubeCluster) -> Iterator[str]:
     kube_cluster.kubectl("create", "namespace", name)
     yield name
     kube_cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+# --- the CRDs and the operator ---------------------------------------------------------------
+
+LOCK_CRDS = ("lockpolicies.locking.runatlantis.io", "lockmigrations.locking.runatlantis.io")
+
+
+@pytest.fixture(scope="session")
+def lock_crds(kube_cluster: KubeCluster) -> None:
+    """The LockPolicy and LockMigration CRDs are served (applied from crds/ when absent)."""
+    missing = [
+        name for name in LOCK_CRDS
+        if kube_cluster.kubectl("get", "crd", name, check=False).returncode != 0
+    ]
+    if missing:
+        kube_cluster.kubectl("apply", "--server-side", "-f", str(_REPO_ROOT / "crds"))
+    # Polled rather than `kubectl wait`, which fails on a CRD that has no conditions yet.
+    for name in LOCK_CRDS:
+        deadline = time.monotonic() + 60
+        while not _established(kube_cluster, name):
+            if time.monotonic() > deadline:
+                pytest.fail(f"CRD {name} not Established within 60s", pytrace=False)
+            time.sleep(0.1)
+
+
+def _established(cluster: KubeCluster, name: str) -> bool:
+    crd = json.loads(cluster.kubectl("get", "crd", name, "-o", "json").stdout)
+    conditions = (crd.get("status") or {}).get("conditions") or []
+    return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
+
+
+@pytest.fixture
+def start_operator(
+    kube_cluster: KubeCluster, kube_namespace: str, lock_crds: None, tmp_path: Path
+) -> Iterator[Callable[..., OperatorProcess]]:
+    """``start_operator(**options)``: ``enhanced-locking operator`` on the test's namespace.
+
+    A real process with the cluster's kubeconfig, its own data dir and free loopback ports;
+    stopped before the namespace is deleted.
+    """
+    started: list[OperatorProcess] = []
+
+    def start(**options: Any) -> OperatorProcess:
+        options.setdefault("namespace", kube_namespace)
+        process = OperatorProcess(tmp_path / "data", kubeconfig=kube_cluster.kubeconfig,
+                                  log_dir=tmp_path / "logs", **options)
+        started.append(process)
+        try:
+            return process.start(deadline=60)
+        except ServiceStartError as error:
+            pytest.fail(str(error), pytrace=False)
+
+    yield start
+    for process in started:
+        process.stop()

@@ -1,0 +1,139 @@
+"""The API server itself refuses bad LockPolicy and LockMigration objects, naming the field.
+
+No operator runs here: these are the CRDs' structural schemas and CEL rules at work, as a user
+meets them with ``kubectl apply`` (strict field validation, kubectl's default).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tests.support.controlplane import KubeCluster
+
+pytestmark = pytest.mark.e2e
+
+GROUP = "locking.runatlantis.io"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+PLURALS = {"LockPolicy": "lockpolicies", "LockMigration": "lockmigrations"}
+
+
+def _manifest(kind: str, namespace: str, spec: dict[str, Any]) -> str:
+    if kind == "LockMigration":
+        spec = {"policyRef": {"name": "default"}, **spec}
+    return json.dumps({
+        "apiVersion": f"{GROUP}/v1alpha1",
+        "kind": kind,
+        "metadata": {"name": "refused", "namespace": namespace},
+        "spec": spec,
+    })
+
+
+REFUSED = [
+    pytest.param("LockMigration", {"weight": 150},
+                 ["spec.weight", "should be less than or equal to 100"], id="weight-150"),
+    pytest.param("LockMigration", {"weight": -0.5},
+                 ["spec.weight", "should be greater than or equal to 0"], id="weight-negative"),
+    pytest.param("LockPolicy", {"timeouts": {"default": "-5s"}},
+                 ['spec.timeouts.default: Invalid value: "-5s"', "should match"],
+                 id="negative-duration"),
+    pytest.param("LockPolicy", {"lockTTL": "1 day"},
+                 ['spec.lockTTL: Invalid value: "1 day"', "should match"],
+                 id="malformed-duration"),
+    pytest.param("LockMigration", {"steps": [{"pause": {"duration": "10x"}}]},
+                 ['spec.steps[0].pause.duration: Invalid value: "10x"'],
+                 id="malformed-pause-duration"),
+    pytest.param("LockPolicy", {"queue": {"starvationThreshold": "9000h"}},
+                 ["spec.queue.starvationThreshold", "must be at most 8760h"],
+                 id="duration-over-a-year"),
+    pytest.param("LockPolicy", {"backend": "etcd"},
+                 ['spec.backend: Unsupported value: "etcd"', '"boltdb", "redis", "memory"'],
+                 id="unknown-backend"),
+    pytest.param("LockPolicy", {"timeouts": {"default": "10m", "max": "1m"}},
+                 ["spec.timeouts.max", "timeouts.max must be at least timeouts.default"],
+                 id="max-timeout-below-default"),
+    pytest.param("LockPolicy", {"features": {"priorityQueue": True, "turbo": True}},
+                 ['unknown field "spec.features.turbo"'], id="unknown-field"),
+    pytest.param("LockPolicy", {"redis": {"keyPrefix": "x" * 200}},
+                 ["spec.redis.keyPrefix: Too long: may not be more than 128"],
+                 id="oversized-string"),
+    pytest.param("LockPolicy", {"redis": {"addr": "redis.atlantis.svc"}},
+                 ['spec.redis.addr: Invalid value: "redis.atlantis.svc"'], id="addr-without-port"),
+    pytest.param("LockPolicy", {"redis": {"tls": {"caSecretRef": {"name": "ca", "key": "c"}}}},
+                 ["spec.redis.tls.caSecretRef", "redis.tls.caSecretRef needs redis.tls.enabled"],
+                 id="ca-without-tls"),
+    pytest.param("LockPolicy",
+                 {"redis": {"passwordSecretRef": {"name": "Redis_Auth", "key": "password"}}},
+                 ["spec.redis.passwordSecretRef.name"], id="secret-name-not-a-name"),
+    pytest.param("LockMigration", {"weight": 10, "steps": [{"setWeight": 20}]},
+                 ["spec.weight and spec.steps are mutually exclusive"], id="weight-and-steps"),
+    pytest.param("LockMigration", {"steps": [{"setWeight": 20, "pause": {}}]},
+                 ["spec.steps[0]", "each step sets exactly one of setWeight and pause"],
+                 id="step-of-two-kinds"),
+    pytest.param("LockMigration", {"mode": "canary"},
+                 ['spec.mode: Unsupported value: "canary"'], id="unknown-mode"),
+    pytest.param("LockMigration", {"abort": True, "promote": True},
+                 ["spec.abort and spec.promote cannot both be true"], id="abort-and-promote"),
+]
+
+
+@pytest.mark.parametrize(("kind", "spec", "expected"), REFUSED)
+def test_a_bad_object_is_refused_with_a_message_naming_the_field(
+    kube_cluster: KubeCluster, kube_namespace: str, lock_crds: None,
+    kind: str, spec: dict[str, Any], expected: list[str],
+) -> None:
+    result = kube_cluster.kubectl("apply", "-f", "-", input=_manifest(kind, kube_namespace, spec),
+                                  check=False)
+    assert result.returncode != 0, result.stdout
+    for text in expected:
+        assert text in result.stderr
+    gone = kube_cluster.kubectl("get", f"{PLURALS[kind]}.{GROUP}", "refused", "-n",
+                                kube_namespace, check=False)
+    assert "NotFound" in gone.stderr
+
+
+def test_a_migration_without_its_policy_ref_is_refused(
+    kube_cluster: KubeCluster, kube_namespace: str, lock_crds: None
+) -> None:
+    manifest = json.dumps({"apiVersion": f"{GROUP}/v1alpha1", "kind": "LockMigration",
+                           "metadata": {"name": "refused", "namespace": kube_namespace},
+                           "spec": {"weight": 10}})
+    result = kube_cluster.kubectl("apply", "-f", "-", input=manifest, check=False)
+    assert result.returncode != 0
+    assert "spec.policyRef: Required value" in result.stderr
+
+
+@pytest.mark.parametrize("example", ["lockpolicy.yaml", "lockmigration.yaml"])
+def test_the_examples_are_accepted(
+    kube_cluster: KubeCluster, kube_namespace: str, lock_crds: None, example: str
+) -> None:
+    result = kube_cluster.kubectl("apply", "--dry-run=server", "-n", kube_namespace,
+                                  "-f", str(EXAMPLES / example))
+    assert "(server dry run)" in result.stdout
+
+
+def test_the_fields_are_documented_for_kubectl_explain(
+    kube_cluster: KubeCluster, lock_crds: None
+) -> None:
+    def explain(field: str) -> str:
+        return " ".join(kube_cluster.kubectl("explain", field).stdout.split())
+
+    explained = explain("lockpolicy.spec.timeouts.max")
+    assert "Longest wait a request may ask for" in explained
+    assert "A Go duration such as 500ms, 30s, 2m or 1h30m." in explained
+    explained = explain("lockmigration.spec.weight")
+    assert "Percent of lock keys routed to the enhanced locker" in explained
+
+
+def test_short_names_and_the_category_list_both_kinds(
+    kube_cluster: KubeCluster, kube_namespace: str, lock_crds: None
+) -> None:
+    kube_cluster.kubectl("apply", "-n", kube_namespace, "-f", str(EXAMPLES / "lockpolicy.yaml"),
+                         "-f", str(EXAMPLES / "lockmigration.yaml"))
+    listed = kube_cluster.kubectl("get", "enhanced-locking", "-n", kube_namespace, "-o",
+                                  "name").stdout.split()
+    assert sorted(listed) == [f"lockmigration.{GROUP}/to-enhanced", f"lockpolicy.{GROUP}/default"]
+    assert "default" in kube_cluster.kubectl("get", "lockpol", "-n", kube_namespace).stdout
+    assert "to-enhanced" in kube_cluster.kubectl("get", "lockmig", "-n", kube_namespace).stdout
