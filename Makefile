@@ -6,7 +6,7 @@ PYTEST := $(PY) -m pytest
 ARGS ?=
 
 .PHONY: help venv run test test-unit test-integration test-e2e lint typecheck format \
-        redis control-plane cluster-up docs chart kind-e2e bench clean
+        redis sandbox control-plane cluster-up docs chart kind-e2e bench clean
 
 help:
 	@echo "make run          serve the lock service on http://127.0.0.1:4142 (embedded store)"
@@ -32,13 +32,16 @@ run: venv
 redis:
 	hack/ensure-redis.sh
 
+sandbox:
+	hack/ensure-bubblewrap.sh
+
 control-plane:
 	hack/build-control-plane.sh
 
 cluster-up: venv control-plane
 	hack/cluster-up.sh
 
-test: venv redis control-plane
+test: venv redis sandbox control-plane
 	$(PYTEST) tests/unit tests/integration
 	$(PYTEST) tests/e2e
 
@@ -48,7 +51,7 @@ test-unit: venv
 test-integration: venv redis
 	$(PYTEST) tests/integration
 
-test-e2e: venv control-plane
+test-e2e: venv sandbox control-plane
 	$(PYTEST) tests/e2e
 
 lint: venv

@@ -9,7 +9,8 @@ Three layers, in the order the file runs them:
    validation (the local control plane has no kubelet, so no pod runs: the objects are what is
    tested); the CRD and default-CR lifecycle through install, upgrade, rollback and uninstall.
 3. The chart's RBAC, used for real: ``enhanced-locking operator`` runs as a local process with
-   a token of the chart's ServiceAccount (``kubectl create token``) and serves the CR-driven
+   a token of the chart's ServiceAccount (``kubectl create token``), sandboxed as the image
+   runs it (user 65532, read-only root, only /data and /tmp writable), and serves the CR-driven
    flows (policy applied, weight moved by ``helm upgrade``, restored by ``helm rollback``, the
    Redis password read from the one Secret it may read) while ``kubectl auth can-i`` shows
    everything else is refused.
@@ -18,7 +19,6 @@ Three layers, in the order the file runs them:
 from __future__ import annotations
 
 import json
-import re
 import secrets
 import time
 import uuid
@@ -33,6 +33,7 @@ from tests.support.helm import (
     CHART_DIR,
     Helm,
     OperatorProcess,
+    image_runtime,
     rendered_objects,
     service_account_kubeconfig,
 )
@@ -89,11 +90,6 @@ def condition(obj: dict[str, Any] | None, kind: str = "Ready") -> dict[str, Any]
         if item.get("type") == kind:
             return dict(item)
     return {}
-
-
-def dockerfile_env() -> dict[str, str]:
-    text = (REPO_ROOT / "Dockerfile").read_text()
-    return dict(re.findall(r"^\s*(?:ENV\s+)?([A-Z_]+)=(\S+?)\s*\\?$", text, re.MULTILINE))
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +226,7 @@ def test_the_pod_is_locked_down(helm: Helm, values: Path) -> None:
 
 def test_the_pod_can_write_where_the_image_writes(helm: Helm) -> None:
     """The Dockerfile's data dir and HOME are the pod's writable mounts; nothing else is."""
-    env = dockerfile_env()
+    user, env = image_runtime()
     (deployment,) = of_kind(helm.template(), "Deployment")
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
@@ -239,8 +235,8 @@ def test_the_pod_can_write_where_the_image_writes(helm: Helm) -> None:
     assert writable == {env["ATLANTIS_DATA_DIR"], env["HOME"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert "persistentVolumeClaim" in volumes[mounts[env["ATLANTIS_DATA_DIR"]]["name"]]
-    user = pod["securityContext"]["runAsUser"]
-    assert re.search(rf"^USER {user}:", (REPO_ROOT / "Dockerfile").read_text(), re.MULTILINE)
+    security = pod["securityContext"]
+    assert f"{security['runAsUser']}:{security['runAsGroup']}" == user
 
 
 @pytest.mark.parametrize("values", CI_VALUES, ids=lambda p: p.name)
@@ -590,6 +586,8 @@ def test_the_operator_applies_the_policy_with_the_service_account_token(
     assert config["config"]["enhanced-locking-redis-password"] == "********"
     operated.wait("/readyz 200 (Redis authenticated)", lambda: operator.status("/readyz") == 200)
     assert operator.status("/healthz", port=operator.liveness_port) == 200, "kopf's probe"
+    # It ran as the image runs: its only writable places were /data and /tmp.
+    assert (operator.data_dir / "enhanced-locking.db").is_file()
     log = operator.output(limit=10**7)
     assert operated.password not in log, "no secret in the logs"
     # Sufficient: nothing the operator (kopf included) asks of the API server is refused.

@@ -7,13 +7,18 @@
   by ``kubectl create token``: a process using it has exactly the RBAC of that ServiceAccount,
   as the chart's pod would.
 * :class:`OperatorProcess` runs ``enhanced-locking operator`` as a local process with such a
-  kubeconfig, on free loopback ports.
+  kubeconfig, on free loopback ports, inside :func:`image_sandbox`: the runtime of the image
+  without Docker (bubblewrap): user 65532 without capabilities, the root filesystem read-only,
+  only ``/data`` and a fresh ``/tmp`` writable, and the environment of the Dockerfile.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,6 +35,11 @@ from tests.support.controlplane import KubeCluster, KubectlError, free_ports
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHART_DIR = REPO_ROOT / "charts" / "enhanced-locking"
+DOCKERFILE = REPO_ROOT / "Dockerfile"
+SANDBOX_MISSING = (
+    "bubblewrap (bwrap) is not installed: install Debian's bubblewrap package "
+    "(hack/ensure-bubblewrap.sh, run by `make test`)"
+)
 CR_API_VERSIONS = (
     "locking.runatlantis.io/v1alpha1/LockPolicy",
     "locking.runatlantis.io/v1alpha1/LockMigration",
@@ -100,16 +110,48 @@ def enhanced_locking_command() -> list[str]:
     return [str(script)]
 
 
-def operator_env(extra: Mapping[str, str]) -> dict[str, str]:
-    """This environment without enhanced-locking settings or in-cluster credentials."""
-    env = {
-        name: value
-        for name, value in os.environ.items()
-        if not name.startswith(("ATLANTIS_ENHANCED_LOCKING_", "ENHANCED_LOCKING_", "KUBERNETES_"))
-        and name not in ("ATLANTIS_DATA_DIR", "KUBECONFIG")
-    }
-    env.update(extra)
-    return env
+def image_runtime() -> tuple[str, dict[str, str]]:
+    """The ``uid:gid`` and the ``ENV`` of the Dockerfile's runtime stage."""
+    text = DOCKERFILE.read_text()
+    runtime = text[text.rindex("\nFROM "):]
+    user = re.findall(r"^USER\s+(\S+)", runtime, re.MULTILINE)[-1]
+    env = dict(re.findall(r"^\s*(?:ENV\s+)?([A-Z_]+)=(\S+?)\s*\\?$", runtime, re.MULTILINE))
+    return user, env
+
+
+def image_sandbox(argv: Sequence[str], *, data_dir: Path, files: Mapping[str, Path],
+                  env: Mapping[str, str]) -> list[str]:
+    """``argv`` run as the image would run it, with bubblewrap instead of a container engine.
+
+    The sandbox's root is this machine's, bound read-only (so the venv and Python are there);
+    ``/data`` is ``data_dir``, ``/tmp`` an empty tmpfs; ``files`` are bound read-only at the
+    given paths; the user is the Dockerfile's (in a user namespace, so without capabilities);
+    the environment is the Dockerfile's ``ENV`` plus ``env``. The network is the host's, so the
+    process listens on this machine's loopback.
+    """
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        raise RuntimeError(SANDBOX_MISSING)
+    user, image_env = image_runtime()
+    uid, _, gid = user.partition(":")
+    args = [bwrap, "--tmpfs", "/"]
+    for entry in sorted(Path("/").iterdir()):
+        if entry.name in ("proc", "dev", "sys", "tmp", "data"):
+            continue
+        if entry.is_symlink():
+            args += ["--symlink", os.readlink(entry), str(entry)]
+        elif entry.is_dir():
+            args += ["--ro-bind", str(entry), str(entry)]
+    args += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+    args += ["--bind", str(data_dir), "/data"]
+    for destination, source in files.items():
+        args += ["--ro-bind", str(source), destination]
+    args += ["--remount-ro", "/", "--unshare-user", "--uid", uid, "--gid", gid or uid,
+             "--die-with-parent", "--clearenv"]
+    path = f"{Path(argv[0]).parent}:/usr/local/bin:/usr/bin:/bin"
+    for name, value in {**image_env, "PATH": path, **env}.items():
+        args += ["--setenv", name, value]
+    return [*args, "--chdir", "/data", "--", *argv]
 
 
 def service_account_kubeconfig(
@@ -171,8 +213,14 @@ class OperatorProcess:
     def log(self) -> Path:
         return self.workdir / "operator.log"
 
+    @property
+    def data_dir(self) -> Path:
+        return self.workdir / "data"
+
     def argv(self) -> list[str]:
-        return [
+        """The command line the chart's Deployment gives, on loopback ports (no --data-dir:
+        the image's ATLANTIS_DATA_DIR applies)."""
+        command = [
             *enhanced_locking_command(),
             "operator",
             f"--namespace={self.namespace}",
@@ -181,20 +229,24 @@ class OperatorProcess:
             "--host=127.0.0.1",
             f"--port={self.port}",
             f"--liveness=http://127.0.0.1:{self.liveness_port}/healthz",
-            f"--data-dir={self.workdir / 'data'}",
             # Only kopf's watch can bring a change within a test: the periodic re-read would
             # hide a missing watch permission.
             "--resync-interval=3600",
         ]
+        return image_sandbox(
+            command,
+            data_dir=self.data_dir,
+            files={"/config/kubeconfig": self.kubeconfig},
+            env={"KUBECONFIG": "/config/kubeconfig", **self.extra_env},
+        )
 
     def start(self, *, deadline: float = 60) -> OperatorProcess:
-        (self.workdir / "data").mkdir(parents=True, exist_ok=True)
-        # Not in a pod: the credentials come from the kubeconfig, never from in-cluster ones.
-        env = operator_env({"KUBECONFIG": str(self.kubeconfig), **self.extra_env})
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        argv = self.argv()
         with self.log.open("ab") as log:
+            # The sandbox clears the environment: no in-cluster credentials, no settings.
             self.process = subprocess.Popen(
-                self.argv(), stdout=log, stderr=subprocess.STDOUT, env=env,
-                start_new_session=True,
+                argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
         end = time.monotonic() + deadline
         while self.status("/healthz") != 200:
@@ -208,13 +260,16 @@ class OperatorProcess:
         return self
 
     def stop(self, *, grace: float = 20) -> int | None:
+        """SIGTERM to the sandbox's process group (bwrap and the operator), then SIGKILL."""
         if self.process is None or self.process.poll() is not None:
             return None if self.process is None else self.process.returncode
-        self.process.send_signal(signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
         try:
             return self.process.wait(grace)
         except subprocess.TimeoutExpired:
-            self.process.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
             return self.process.wait(5)
 
     def output(self, limit: int = 12_000) -> str:
