@@ -26,7 +26,9 @@ from pydantic import SecretStr
 
 from enhanced_locking.kube.models import GROUP, VERSION
 
-__all__ = ["ClusterApi", "KubernetesApi", "SecretProblem", "new_api_client"]
+__all__ = [
+    "ClusterApi", "KubernetesApi", "SecretProblem", "client_configuration", "new_api_client",
+]
 
 log = logging.getLogger(__name__)
 
@@ -66,18 +68,27 @@ def _as_dict(found: object) -> dict[str, Any]:
     return found
 
 
-def new_api_client() -> client.ApiClient:
-    """A client with the pod's service account, else the user's kubeconfig."""
-    if os.environ.get("KUBERNETES_SERVICE_HOST"):
-        configuration = client.Configuration()
+def client_configuration() -> client.Configuration:
+    """Credentials found the way kubectl finds them.
+
+    ``KUBECONFIG`` when it is set, else the pod's service account when in a pod, else
+    ``~/.kube/config``. kopf logs in with the same (see ``handlers.login``), so the watches and
+    the operator's own calls always talk to the same cluster as the same user.
+    """
+    configuration = client.Configuration()
+    if os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
         config.load_incluster_config(  # type: ignore[no-untyped-call]
             client_configuration=configuration
         )
-        return client.ApiClient(configuration)
-    api_client: client.ApiClient = config.new_client_from_config(  # type: ignore[no-untyped-call]
-        persist_config=False
-    )
-    return api_client
+    else:
+        config.load_kube_config(  # type: ignore[no-untyped-call]
+            client_configuration=configuration, persist_config=False
+        )
+    return configuration
+
+
+def new_api_client(configuration: client.Configuration | None = None) -> client.ApiClient:
+    return client.ApiClient(configuration or client_configuration())
 
 
 class KubernetesApi:

@@ -16,7 +16,9 @@ from collections.abc import Callable
 from typing import Any
 
 import kopf
+from kubernetes import client
 
+from enhanced_locking.kube.cluster import client_configuration
 from enhanced_locking.kube.models import GROUP, VERSION
 from enhanced_locking.kube.reconcile import MIGRATIONS, POLICIES, Reconciler
 from enhanced_locking.provider import ConfigProvider
@@ -59,6 +61,26 @@ def _register(registry: kopf.OperatorRegistry, reconciler: Reconciler, plural: s
                   when=_deleted(name))(deleted)
 
 
+def connection_info(configuration: client.Configuration) -> kopf.ConnectionInfo:
+    """kopf's view of a client configuration (as ``kopf.login_via_client`` builds it)."""
+    header = configuration.get_api_key_with_prefix(
+        "BearerToken"
+    ) or configuration.get_api_key_with_prefix("authorization")
+    parts = header.split(" ", 1) if header else []
+    scheme, token = (parts[0], parts[1]) if len(parts) == 2 else (None, parts[0] if parts else None)
+    return kopf.ConnectionInfo(
+        server=configuration.host,
+        ca_path=configuration.ssl_ca_cert,
+        insecure=not configuration.verify_ssl,
+        username=configuration.username or None,
+        password=configuration.password or None,
+        scheme=scheme,
+        token=token,
+        certificate_path=configuration.cert_file,
+        private_key_path=configuration.key_file,
+    )
+
+
 def build_registry(reconciler: Reconciler, provider: ConfigProvider) -> kopf.OperatorRegistry:
     """Every handler of the operator, on a fresh registry."""
     registry = kopf.OperatorRegistry()
@@ -67,10 +89,9 @@ def build_registry(reconciler: Reconciler, provider: ConfigProvider) -> kopf.Ope
     _register(registry, reconciler, MIGRATIONS, binding.migration)
 
     @kopf.on.login(id="login", registry=registry)
-    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-        """The pod's service account, else the kubeconfig: as the official client finds them."""
-        info: kopf.ConnectionInfo | None = kopf.login_via_client(**kwargs)
-        return info
+    def login(**_: Any) -> kopf.ConnectionInfo:
+        """The credentials the operator's own client uses (see ``client_configuration``)."""
+        return connection_info(client_configuration())
 
     @kopf.on.probe(id="configGeneration", registry=registry)
     def config_generation(**_: Any) -> int:

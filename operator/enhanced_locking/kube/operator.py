@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import kopf
 
 from enhanced_locking.factory import LockService
-from enhanced_locking.kube.cluster import KubernetesApi, new_api_client
+from enhanced_locking.kube.cluster import KubernetesApi, client_configuration, new_api_client
 from enhanced_locking.kube.handlers import build_registry
 from enhanced_locking.kube.models import GROUP
 from enhanced_locking.kube.reconcile import Binding, Reconciler
@@ -85,7 +85,7 @@ def _identity() -> Any:
 async def run(service: LockService, options: OperatorOptions, *, http: HttpServer) -> int:
     """Run kopf, the resync and the HTTP server until a signal; 0 on a clean stop."""
     runtime_dir = Path(tempfile.mkdtemp(prefix="enhanced-locking-"))
-    api_client = new_api_client()
+    api_client = new_api_client(client_configuration())
     binding = Binding(options.namespace, options.policy, options.migration)
     reconciler = Reconciler(
         service.provider, binding=binding, cluster=KubernetesApi(api_client),
