@@ -29,7 +29,7 @@
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-# shellcheck source=versions.env
+# shellcheck disable=SC1091  # plain KEY=VALUE lines
 source "${REPO_ROOT}/hack/versions.env"
 
 BINARIES=(etcd kube-apiserver kube-controller-manager kubectl helm)
@@ -124,14 +124,16 @@ build_kubernetes() {
   minor="${minor%%.*}"
   log "kubernetes ${v}: resolving k8s.io/kubernetes and its staging modules at ${staging_v}"
   upstream="$(upstream_mod k8s.io/kubernetes "$v")"
-  local staging
+  local staging module
   staging="$(staging_modules <<<"$upstream")"
   [[ -n "$staging" ]] || die "found no staging modules in the go.mod of k8s.io/kubernetes@${v}"
   log "kubernetes ${v}: $(wc -l <<<"$staging") staging modules"
   {
     go_directives <<<"$upstream"
     printf '\nrequire k8s.io/kubernetes %s\n\nreplace (\n' "$v"
-    sed "s|.*|\t& => & ${staging_v}|" <<<"$staging"
+    while read -r module; do
+      printf '\t%s => %s %s\n' "$module" "$module" "$staging_v"
+    done <<<"$staging"
     printf ')\n'
   } | write_wrapper "$work" "enhanced-locking.build/kubernetes"
   # The release date of the module stands in for the build date: the same
@@ -199,15 +201,21 @@ build_all() {
   mkdir -p "$root"
   # One build at a time per cache; a second caller waits, then finds the cache.
   exec 9>"$root/.build.lock"
-  flock 9
+  if ! flock -n 9; then
+    log "waiting for another build of the control plane to finish"
+    flock 9
+  fi
   if [[ "${FORCE:-0}" != 1 ]] && complete_in "$final"; then
     log "already built: $final"
     return
   fi
   command -v go >/dev/null || die "the Go toolchain (go) is needed to build the control plane"
+  # Holding the lock, any staging directory left is from a build that was killed.
+  rm -rf "$root"/.build-*
   stage="$(mktemp -d "$root/.build-XXXXXX")"
   # shellcheck disable=SC2064
   trap "rm -rf '$stage'" EXIT
+  trap 'exit 130' INT TERM
   started="$SECONDS"
   log "building into $stage with $(go env GOVERSION) (takes many minutes the first time)"
   mkdir -p "$stage/out/bin"
