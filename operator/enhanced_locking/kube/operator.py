@@ -68,7 +68,7 @@ def kopf_settings() -> kopf.OperatorSettings:
     settings.posting.enabled = False
     # Events of one object are batched for this long before the handler runs: a short window
     # keeps a `kubectl patch` close to the service applying it.
-    settings.batching.batch_window = 0.02
+    settings.batching.batch_window = 0.005
     # One named namespace is watched, so kopf needs neither to list namespaces nor to watch
     # CRDs cluster-wide; the chart's namespaced Role grants neither (least privilege), and with
     # scanning on kopf retries both for about a minute before its watches start.

@@ -27,7 +27,7 @@ import asyncio
 import copy
 import hashlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -57,6 +57,10 @@ class Binding:
     namespace: str
     policy: str = "default"
     migration: str = "default"
+
+
+_Event = tuple[Mapping[str, Any], "_Tracked", str, str, str]
+"""An Event to post: the object's body, its tracking, type, reason and message."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,14 @@ def _describe(error: ValidationError) -> str:
     first = error.errors()[0]
     where = ".".join(str(part) for part in ("spec", *first["loc"]))
     return f"{where}: {str(first['msg']).removeprefix('Value error, ')}"
+
+
+async def _all(calls: list[Awaitable[None]]) -> None:
+    """Await every call, then raise the first failure (so kopf retries the reconcile)."""
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
 
 
 def _now() -> str:
@@ -164,16 +176,21 @@ class Reconciler:
              moved and (self.policy.applied, self._secrets) != before[:2]),
             (self.migration, migration_verdict, moved and self.migration.applied != before[2]),
         )
+        events: list[_Event] = []
+        reports: list[Awaitable[None]] = []
         for tracked, verdict, changed in steps:
             if gone is not None and gone[0] is tracked:
                 if changed:
-                    await self._event(gone[1], tracked, "Normal", "ConfigRemoved",
-                                      f"{tracked.kind} deleted: {self._summary()}")
+                    events.append((gone[1], tracked, "Normal", "ConfigRemoved",
+                                   f"{tracked.kind} deleted: {self._summary()}"))
                 continue
             if tracked.body is None or verdict is None:
                 continue
-            await self._announce(tracked, verdict, changed)
-            await self._report(tracked, verdict)
+            events += self._events_for(tracked, verdict, changed)
+            reports.append(self._report(tracked, verdict))
+        # Status first (what `kubectl get` shows), both objects at once; then the Events.
+        await _all(reports)
+        await _all([self._event(*event) for event in events])
 
     async def _set(self, overrides: Mapping[str, Any] | None) -> Verdict | None:
         """Apply a layer; a refusal becomes a verdict and the running config stays."""
@@ -309,15 +326,15 @@ class Reconciler:
         return str(path)
 
     # --- telling users ---------------------------------------------------------------------
-    async def _announce(self, tracked: _Tracked, verdict: Verdict, changed: bool) -> None:
+    def _events_for(self, tracked: _Tracked, verdict: Verdict, changed: bool) -> list[_Event]:
+        """An Event for a change applied, or for a refusal not reported before."""
         previous, tracked.verdict = tracked.verdict, verdict
         body = tracked.body or {}
         if changed and verdict.ready:
-            await self._event(body, tracked, "Normal", "ConfigApplied", self._summary())
-        elif not verdict.ready and verdict != previous and not self._condition_says(
-            body, verdict
-        ):
-            await self._event(body, tracked, "Warning", verdict.reason, verdict.message)
+            return [(body, tracked, "Normal", "ConfigApplied", self._summary())]
+        if not verdict.ready and verdict != previous and not self._condition_says(body, verdict):
+            return [(body, tracked, "Warning", verdict.reason, verdict.message)]
+        return []
 
     @staticmethod
     def _condition_says(body: Mapping[str, Any], verdict: Verdict) -> bool:

@@ -1,0 +1,195 @@
+"""How long a LockMigration edit takes to reach the running lock service.
+
+A real control plane (the one the e2e tests use, ``tests/support/controlplane.py``) and
+``enhanced-locking operator`` as a real process. Each of N edits is a ``kubectl patch`` of the
+LockMigration's weight, as a user makes it; the clock starts when kubectl returns and stops
+when ``GET /v1/config`` reports the new weight (a new config generation), then again when the
+CR's ``status.observedGeneration`` has caught up (read with the Kubernetes client, polled every
+2 ms). The anchor, measured in the same run, is the ``kubectl patch`` call itself: the cost of
+one API round trip through kubectl on this machine.
+
+Usage: python bench/config_propagation.py [--edits 50] [--no-write]
+   (KUBECONFIG=... to use an existing cluster instead of starting one)
+
+The table is printed and written into docs/benchmarks.md under its own heading.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import httpx  # noqa: E402
+from kubernetes import client, config  # noqa: E402
+from tests.support.controlplane import (  # noqa: E402
+    ALL_BINARIES,
+    CONTROL_PLANE_BINARIES,
+    ControlPlane,
+    KubeCluster,
+    find_binaries,
+)
+from tests.support.operator import OperatorProcess  # noqa: E402
+
+DOC = REPO / "docs" / "benchmarks.md"
+HEADING = "## Config propagation: a CR edit reaching the running service"
+BEGIN = "<!-- config_propagation: begin -->"
+END = "<!-- config_propagation: end -->"
+NAMESPACE = "bench-config-propagation"
+GROUP, VERSION = "locking.runatlantis.io", "v1alpha1"
+
+
+@contextmanager
+def cluster() -> Iterator[KubeCluster]:
+    if os.environ.get("KUBECONFIG"):
+        yield KubeCluster(Path(os.environ["KUBECONFIG"].split(os.pathsep)[0]),
+                          find_binaries(("kubectl",)), "kubeconfig")
+        return
+    find_binaries(CONTROL_PLANE_BINARIES)
+    plane = ControlPlane(binaries=find_binaries(ALL_BINARIES))
+    with plane:
+        yield plane.cluster()
+    plane.remove_workdir()
+
+
+def until(check: Callable[[], bool], what: str, timeout: float = 60, pause: float = 0.002) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(pause)
+
+
+def setup(kube: KubeCluster) -> None:
+    if kube.kubectl("get", "crd", f"lockpolicies.{GROUP}", check=False).returncode != 0:
+        kube.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
+    until(lambda: all(
+        any(c["type"] == "Established" and c["status"] == "True" for c in
+            (json.loads(kube.kubectl("get", "crd", f"{plural}.{GROUP}", "-o", "json").stdout)
+             .get("status") or {}).get("conditions") or [])
+        for plural in ("lockpolicies", "lockmigrations")), "the CRDs", pause=0.1)
+    kube.kubectl("create", "namespace", NAMESPACE, check=False)
+    objects = [
+        {"apiVersion": f"{GROUP}/{VERSION}", "kind": "LockPolicy",
+         "metadata": {"name": "default", "namespace": NAMESPACE}, "spec": {"enabled": True}},
+        {"apiVersion": f"{GROUP}/{VERSION}", "kind": "LockMigration",
+         "metadata": {"name": "to-enhanced", "namespace": NAMESPACE},
+         "spec": {"policyRef": {"name": "default"}, "weight": 0}},
+    ]
+    for body in objects:
+        kube.kubectl("apply", "-f", "-", input=json.dumps(body))
+
+
+def percentile(values: list[float], q: int) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+
+
+def measure(kube: KubeCluster, operator: OperatorProcess, edits: int) -> dict[str, list[float]]:
+    api = client.CustomObjectsApi(config.new_client_from_config(str(kube.kubeconfig)))
+    http = httpx.Client(base_url=operator.url, timeout=5)
+    samples: dict[str, list[float]] = {"patch": [], "service": [], "status": []}
+    for i in range(edits):
+        weight = round(1 + (i * 37 % 97) + 0.25, 2)  # a new value every time
+        patch = json.dumps({"spec": {"weight": weight}})
+        began = time.perf_counter()
+        out = kube.kubectl("patch", f"lockmigrations.{GROUP}", "to-enhanced", "-n", NAMESPACE,
+                           "--type=merge", "-p", patch, "-o", "json")
+        returned = time.perf_counter()
+        generation = json.loads(out.stdout)["metadata"]["generation"]
+        until(lambda w=weight: http.get("/v1/config").json()["routing"]["weight"] == w,
+              f"weight {weight} in GET /v1/config")
+        applied = time.perf_counter()
+
+        def observed(g: int = generation) -> bool:
+            body: Any = api.get_namespaced_custom_object_status(
+                GROUP, VERSION, NAMESPACE, "lockmigrations", "to-enhanced")
+            return bool((body.get("status") or {}).get("observedGeneration") == g)
+
+        until(observed, f"observedGeneration {generation}")
+        caught_up = time.perf_counter()
+        samples["patch"].append(returned - began)
+        samples["service"].append(applied - returned)
+        samples["status"].append(caught_up - returned)
+    http.close()
+    return samples
+
+
+def table(samples: dict[str, list[float]], edits: int) -> str:
+    anchor = statistics.median(samples["patch"])
+    rows = [
+        ("`kubectl patch` returns (anchor)", samples["patch"]),
+        ("patch returned → `GET /v1/config` has the new weight", samples["service"]),
+        ("patch returned → CR `status.observedGeneration` caught up", samples["status"]),
+    ]
+    lines = [
+        f"{edits} edits of a LockMigration's `weight` with `kubectl patch`, one at a time, "
+        "against a local control plane (etcd, kube-apiserver, kube-controller-manager on "
+        f"loopback) and `enhanced-locking operator` as a process. Python "
+        f"{platform.python_version()}, {os.cpu_count()} CPUs; times in milliseconds; the "
+        "ratio is the p50 over the anchor's p50.",
+        "",
+        "| interval | p50 | p99 | max | p50 / anchor |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, values in rows:
+        p50 = statistics.median(values)
+        lines.append(
+            f"| {name} | {p50 * 1000:.1f} | {percentile(values, 99) * 1000:.1f} | "
+            f"{max(values) * 1000:.1f} | {p50 / anchor:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def write_doc(text: str) -> None:
+    section = f"{HEADING}\n\n{BEGIN}\n{text}\n{END}\n"
+    current = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+    if BEGIN in current and END in current:
+        head, rest = current.split(BEGIN, 1)
+        head = head.rstrip()
+        if head.endswith(HEADING):
+            head = head[: -len(HEADING)].rstrip()
+        tail = rest.split(END, 1)[1].lstrip("\n")
+        updated = f"{head}\n\n{section}" + (f"\n{tail}" if tail else "")
+    else:
+        updated = current.rstrip() + "\n\n" + section
+    DOC.write_text(updated)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--edits", type=int, default=50)
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    args = parser.parse_args()
+    with cluster() as kube, tempfile.TemporaryDirectory() as work:
+        setup(kube)
+        operator = OperatorProcess(Path(work) / "data", kubeconfig=kube.kubeconfig,
+                                   namespace=NAMESPACE, log_dir=Path(work) / "logs")
+        operator.start(deadline=60)
+        try:
+            until(lambda: operator.config()["routing"]["weight"] == 0, "the initial weight")
+            samples = measure(kube, operator, args.edits)
+        finally:
+            operator.stop()
+            kube.kubectl("delete", "namespace", NAMESPACE, "--wait=false", check=False)
+    text = table(samples, args.edits)
+    print(text)
+    if not args.no_write:
+        write_doc(text)
+        print(f"\nwritten to {DOC.relative_to(REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
