@@ -147,6 +147,7 @@ class Router(EnhancedCalls, AtlantisCalls):
                 await primary.release(request.key, owner=owner)
                 return AcquireResult.refused(request.key, Reason.HELD, held)
         if unchecked and result.acquired and result.lock is not None:
+            self.metrics.fallbacks.labels("unchecked").inc()
             await self._journal_grant(result.lock)
         return result
 
@@ -160,7 +161,6 @@ class Router(EnhancedCalls, AtlantisCalls):
                 raise
             # The enhanced side is down while checking a legacy key: legacy keeps serving its
             # own keys (in both fallback modes); the grant is journaled and reconciled.
-            self.metrics.fallbacks.labels("unchecked").inc()
             return None, True
 
     async def _journal_grant(self, lock: Lock) -> None:

@@ -15,10 +15,10 @@ shrinks (every live replica reported the new weight and the old requests finishe
 that stop moving get their fencing counters aligned and are checked for double holds, and only
 then does their new side become the only authority: the move has *settled*.
 
-A replica that cannot report (its registry is unreachable) does not know who excluded it, so
-after missing reports for longer than the expiry allows it treats every key as moving
-(*isolated*): taking a key on both sides is safe whatever weight the others use. A replica
-starts isolated until its first report.
+A replica that cannot report (its registry is unreachable, or its rounds run late) does not
+know who excluded it, so a heartbeat before the others may exclude it, it treats every key as
+moving (*isolated*): taking a key on both sides is safe whatever weight the others use. This is
+checked on every request. A replica starts isolated until its first report.
 
 Driving it: the provider tells :meth:`WeightTransitions.on_snapshot` of each new config;
 :meth:`tick` reports and reads the registry (the service runs :meth:`run`, which ticks every
@@ -68,6 +68,13 @@ def authority_weight(config: EnhancedLockingConfig) -> float:
     if not config.enabled or config.migration_mode == "shadow":
         return 0.0
     return config.effective_weight
+
+
+def authority_isolation(config: EnhancedLockingConfig) -> float:
+    """Seconds without a successful report after which a replica treats every key as moving:
+    a heartbeat before the others may exclude it (``replica-timeout``)."""
+    expiry, heartbeat = config.replica_expiry, config.replica_heartbeat
+    return max(expiry - heartbeat, heartbeat).total_seconds()
 
 
 def _edge(weight: float) -> int:
@@ -197,7 +204,7 @@ class WeightTransitions:
         self._live: set[str] = set()
         self._last_ok: float | None = None
         self._isolated = True  # until the first report: see the module docstring
-        self._ever_reported = False
+        self._isolate_after = authority_isolation(current.config)
         self._started: float | None = None
         self._started_at: datetime | None = None
         self._last_settle: float | None = None
@@ -215,7 +222,17 @@ class WeightTransitions:
     def plan(self, key: str) -> RoutingPlan:
         bucket = bucket_of(key)
         side: Side = "enhanced" if is_enhanced_bucket(bucket, self._target) else "legacy"
-        return RoutingPlan(side, self._isolated or bucket in self._band)
+        return RoutingPlan(side, self.isolated or bucket in self._band)
+
+    @property
+    def isolated(self) -> bool:
+        """No successful report for too long: the others may have excluded this replica.
+
+        Checked on every request, not only when the registry round runs: a replica whose
+        rounds are late (a stalled event loop, a paused pod) must not keep trusting a view the
+        others have already moved past."""
+        return (self._isolated or self._last_ok is None
+                or self._clock() - self._last_ok > self._isolate_after)
 
     @contextlib.contextmanager
     def admit(self, key: str) -> Iterator[RoutingPlan]:
@@ -274,6 +291,7 @@ class WeightTransitions:
             now = self._clock()
             self._drain(now, expiry.total_seconds())
             reported = self._reported if self._older else self._target
+            starting = self._last_ok is None
             try:
                 registry = self._registry()
                 await registry.report(replica_id=self.replica_id, weight=reported,
@@ -282,15 +300,13 @@ class WeightTransitions:
             except Exception as error:
                 self._fail(f"replica registry: {error}")
             else:
-                self._ever_reported = self._last_ok is not None
                 self._reported, self._last_ok, self._view = reported, now, view
                 self._last_error = None
                 self._note_exclusions(view, expiry.total_seconds())
-            isolate_after = max(expiry - config.replica_heartbeat, config.replica_heartbeat)
+            self._isolate_after = authority_isolation(config)
             was = self._isolated
-            self._isolated = self._last_ok is None or now - self._last_ok > (
-                isolate_after.total_seconds())
-            if was != self._isolated and self._ever_reported:
+            self._isolated = self._last_ok is None or now - self._last_ok > self._isolate_after
+            if was != self._isolated and not (starting and not self._isolated):
                 log.warning("replica %s %s", self.replica_id,
                             "cannot report: taking every key on both sides" if self._isolated
                             else "reports again")
@@ -330,7 +346,7 @@ class WeightTransitions:
 
     async def _narrow(self) -> None:
         wanted = Band.of(self._in_play())
-        if wanted == self._band:
+        if wanted == self._band or not self._band.moving:
             return
         if self._settle is not None:
             try:
@@ -403,7 +419,7 @@ class WeightTransitions:
         replicas.insert(0, {"id": self.replica_id, "weight": self._reported,
                             "generation": self._generation, "state": "self",
                             "silentSeconds": 0.0})
-        phase: Phase = ("isolated" if self._isolated
+        phase: Phase = ("isolated" if self.isolated
                         else "moving" if self._band.moving else "stable")
         return TransitionStatus(
             replica_id=self.replica_id,

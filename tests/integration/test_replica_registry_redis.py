@@ -1,0 +1,144 @@
+"""The replica registry on a real redis-server: reports timed by the server's clock, silent
+replicas excluded then pruned, moves settled across replicas, and a replica that loses Redis
+taking every key on both sides until it reports again."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+from tests.support.redis_fixtures import redis_config
+from tests.support.redis_server import RedisServer
+
+from enhanced_locking.backends.redis_connection import RedisConnection, connect
+from enhanced_locking.config import EnhancedLockingConfig
+from enhanced_locking.events import EventBus
+from enhanced_locking.metrics import Metrics
+from enhanced_locking.migration.replicas import RedisReplicaRegistry
+from enhanced_locking.migration.transition import WeightTransitions
+from enhanced_locking.provider import ConfigProvider
+from enhanced_locking.types import Event
+
+pytestmark = pytest.mark.redis
+
+Connect = Callable[[], RedisConnection]
+
+
+@pytest.fixture
+async def connections(redis_server: RedisServer) -> AsyncIterator[Connect]:
+    opened: list[RedisConnection] = []
+
+    def open_connection() -> RedisConnection:
+        opened.append(connect(redis_config(redis_server)))
+        return opened[-1]
+
+    yield open_connection
+    for connection in opened:
+        await connection.close()
+
+
+def _replica(name: str, registry: RedisReplicaRegistry, *, clock: Callable[[], float] | None = None,
+             **settings: object) -> tuple[WeightTransitions, ConfigProvider, list[Event]]:
+    provider = ConfigProvider(EnhancedLockingConfig(enabled=True, **settings))  # type: ignore[arg-type]
+    events = EventBus()
+    seen: list[Event] = []
+    events.subscribe(seen.append)
+    transitions = WeightTransitions(replica_id=name, snapshot=lambda: provider.current,
+                                    registry=lambda: registry, events=events, metrics=Metrics(),
+                                    clock=clock or time.monotonic)
+    provider.subscribe(transitions.on_snapshot)
+    return transitions, provider, seen
+
+
+async def test_reports_carry_the_redis_server_time(
+    connections: Connect, redis_server: RedisServer,
+) -> None:
+    registry = RedisReplicaRegistry(connections(), prefix="test:")
+    await registry.report(replica_id="a", weight=25.5, generation=3)
+    await registry.report(replica_id="b", weight=0, generation=9)
+    view = await registry.read(expiry=EnhancedLockingConfig().replica_expiry)
+    with redis_server.client() as admin:
+        seconds, micros = admin.time()
+        assert admin.hlen("test:replicas") == 2
+    assert abs(view.now - (seconds + micros / 1e6)) < 1.0
+    assert [(r.replica_id, r.weight, r.generation) for r in view.reports] == [
+        ("a", 25.5, 3), ("b", 0.0, 9)]
+    assert all(view.age(r) < 1.0 for r in view.reports)
+
+
+async def test_a_silent_replica_is_excluded_after_the_expiry_and_pruned_later(
+    connections: Connect,
+) -> None:
+    registry = RedisReplicaRegistry(connections(), prefix="test:")
+    expiry = EnhancedLockingConfig(replica_heartbeat="20ms", replica_timeout="100ms")
+    await registry.report(replica_id="silent", weight=10, generation=1)
+    view = await registry.read(expiry=expiry.replica_expiry)
+    assert [r.replica_id for r in view.live(expiry.replica_expiry)] == ["silent"]
+
+    await asyncio.sleep(0.15)
+    await registry.report(replica_id="alive", weight=10, generation=1)
+    view = await registry.read(expiry=expiry.replica_expiry)
+    assert [r.replica_id for r in view.excluded(expiry.replica_expiry)] == ["silent"]
+    assert [r.replica_id for r in view.live(expiry.replica_expiry)] == ["alive"]
+
+    await asyncio.sleep(1.05)  # ten expiries
+    view = await registry.read(expiry=expiry.replica_expiry)
+    assert view.reports == ()
+    await registry.leave("nobody")
+
+
+async def test_a_move_settles_once_every_replica_reported_it_through_redis(
+    connections: Connect,
+) -> None:
+    a, a_provider, a_seen = _replica("a", RedisReplicaRegistry(connections(), prefix="t:"),
+                                     migration_weight=0)
+    b, b_provider, _ = _replica("b", RedisReplicaRegistry(connections(), prefix="t:"),
+                                migration_weight=0)
+    await a.tick()
+    await b.tick()
+    await a_provider.set_layer("cluster", {"migration_weight": 50})
+    status = await a.tick()
+    assert status.phase == "moving" and status.pending == ("b",)
+
+    await b_provider.set_layer("cluster", {"migration_weight": 50})
+    await b.tick()
+    status = await a.tick()
+    assert status.phase == "stable" and status.pending == ()
+    assert [e.details["phase"] for e in a_seen if e.type == "routing-changed"] == [
+        "moving", "settled"]
+    await b.leave()
+    view = await RedisReplicaRegistry(connections(), prefix="t:").read(
+        expiry=EnhancedLockingConfig().replica_expiry)
+    assert [r.replica_id for r in view.reports] == ["a"]
+
+
+async def test_a_replica_that_loses_redis_takes_every_key_on_both_sides_until_it_reports(
+    connections: Connect, redis_server: RedisServer,
+) -> None:
+    now = [100.0]
+    transitions, _, seen = _replica(
+        "a", RedisReplicaRegistry(connections(), prefix="t:"), clock=lambda: now[0],
+        migration_weight=30, replica_heartbeat="1s", replica_timeout="3s")
+    await transitions.tick()
+    keys = [f"repo/k{i}" for i in range(40)]
+    assert not any(transitions.plan(key).both for key in keys)
+
+    redis_server.stop()
+    now[0] += 1.0
+    status = await transitions.tick()
+    assert status.last_error is not None and "did not answer" in status.last_error
+    assert status.phase == "stable", "one missed report is not enough to stop trusting"
+    now[0] += 1.5  # more than the expiry minus a heartbeat since the last report
+    assert all(transitions.plan(key).both for key in keys), "checked on the request path"
+    await transitions.tick()
+    assert transitions.status().phase == "isolated"
+
+    redis_server.start()
+    now[0] += 1.0
+    status = await transitions.tick()
+    assert status.phase == "stable" and status.last_error is None
+    assert not any(transitions.plan(key).both for key in keys)
+    assert [e.details["phase"] for e in seen if e.type == "routing-changed"] == [
+        "isolated", "rejoined"]

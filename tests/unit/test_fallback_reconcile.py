@@ -1,0 +1,220 @@
+"""Fallback and reconciliation: what legacy granted alone while the enhanced store was away is
+journaled, adopted when it returns, and a key held on both sides is reported, never dropped.
+
+The enhanced store is a real SQLite file; "down" closes the service's connection to it (every
+call then fails as the file being unreachable does), "back" opens it again, as a reconnect does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+from tests.conftest import ServiceMaker
+from tests.support.locks import lock_for, request_for
+from tests.support.replicas import ReplicaSet
+
+from enhanced_locking.backends import EmbeddedBackend
+from enhanced_locking.backends.embedded import open_database
+from enhanced_locking.factory import LockService
+from enhanced_locking.migration.replicas import MemoryReplicaRegistry
+from enhanced_locking.types import Event, Reason
+
+ALL_ENHANCED = {"enabled": True, "backend": "boltdb", "migration_weight": 100}
+
+Store = Callable[[LockService, str], EmbeddedBackend]
+
+
+@pytest.fixture
+async def store() -> AsyncIterator[Store]:
+    """``store(service, namespace)``: another connection to the service's store file (a
+    replica that can still reach it); closed at the end."""
+    opened: list[EmbeddedBackend] = []
+
+    def open_store(service: LockService, namespace: str) -> EmbeddedBackend:
+        opened.append(EmbeddedBackend(service.provider.current.config.data_path, namespace))
+        return opened[-1]
+
+    yield open_store
+    for backend in opened:
+        await backend.close()
+
+
+def _enhanced_store(service: LockService) -> EmbeddedBackend:
+    assert service.enhanced is not None
+    return cast(EmbeddedBackend, service.enhanced.backend)
+
+
+async def _down(service: LockService) -> None:
+    await _enhanced_store(service).close()
+
+
+def _back(service: LockService) -> None:
+    backend = _enhanced_store(service)
+    backend._db = open_database(backend.path)
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    """Let background tasks run (no clock involved: the stores answer at once)."""
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the condition never came true")
+
+
+def _events(service: LockService) -> list[Event]:
+    seen: list[Event] = []
+    service.events.subscribe(seen.append)
+    return seen
+
+
+async def test_fallback_grants_are_journaled_and_adopted_when_enhanced_answers_again(
+    make_service: ServiceMaker, store: Store,
+) -> None:
+    service = await make_service(**ALL_ENHANCED)
+    seen = _events(service)
+    await _down(service)
+    kept = await service.router.acquire(request_for(path="a", pull=1))
+    gone = await service.router.acquire(request_for(path="b", pull=2))
+    assert kept.acquired and gone.acquired and kept.lock is not None
+    assert kept.lock.backend == "legacy"
+    await service.router.release(gone.lock_key, owner=("acme/infra", 2))
+    status = service.migration.status()["fallback"]
+    # Two grants, and a release that freed legacy but could not reach enhanced.
+    assert (status["pending"], status["granted"], status["releasedWhileAway"]) == (3, 2, 1)
+    assert service.metrics.fallback_pending._value.get() == 3
+
+    _back(service)
+    assert (await service.ready())["enhanced"] == "ok"  # the readiness check starts it
+    await _until(lambda: service.migration.fallback.pending == 0)
+
+    adopted = await store(service, "enhanced").get(kept.lock_key)
+    assert adopted is not None and adopted.pull.num == 1
+    assert await store(service, "enhanced").get(gone.lock_key) is None
+    refused = await service.router.acquire(request_for(path="a", pull=3))
+    assert not refused.acquired and refused.holder is not None and refused.holder.pull.num == 1
+    [event] = [e for e in seen if e.type == "fallback-reconciled"]
+    assert event.details["adopted"] == 1 and event.details["forgotten"] == 1
+    await service.router.release(kept.lock_key, owner=("acme/infra", 1))
+    again = await service.router.acquire(request_for(path="a", pull=3))
+    assert again.acquired and again.lock is not None and again.lock.backend == "enhanced"
+    assert again.lock.fencing_token > kept.lock.fencing_token
+
+
+async def test_a_key_held_on_both_sides_is_reported_and_kept_until_one_lets_go(
+    make_service: ServiceMaker, store: Store,
+) -> None:
+    service = await make_service(**ALL_ENHANCED)
+    seen = _events(service)
+    await _down(service)
+    ours = await service.router.acquire(request_for(path="a", pull=1))
+    assert ours.acquired and ours.lock is not None and ours.lock.backend == "legacy"
+    # Meanwhile a replica that could still reach the enhanced store granted it to pull 2.
+    other_replica = store(service, "enhanced")
+    granted, theirs = await other_replica.acquire(lock_for(request_for(path="a", pull=2)))
+    assert granted
+
+    _back(service)
+    report = await service.migration.fallback.reconcile()
+    assert (report.conflicts, report.pending, report.adopted) == (1, 1, 0)
+    [conflict] = service.migration.status()["conflicts"]
+    assert conflict["key"] == ours.lock_key and conflict["source"] == "fallback"
+    assert conflict["legacyHolder"]["pull"] == 1 and conflict["enhancedHolder"]["pull"] == 2
+    [event] = [e for e in seen if e.type == "lock-conflict"]
+    assert event.details["legacyHolder"]["pull"] == 1
+    assert event.details["enhancedHolder"]["pull"] == 2
+    assert service.metrics.lock_conflicts._value.get() == 1
+    again = await service.migration.fallback.reconcile()
+    assert again.conflicts == 1 and len([e for e in seen if e.type == "lock-conflict"]) == 1
+
+    await other_replica.release(theirs.key, owner=("acme/infra", 2))
+    report = await service.migration.fallback.reconcile()
+    assert (report.conflicts, report.pending, report.adopted) == (0, 0, 1)
+    assert service.migration.status()["conflicts"] == []
+    assert service.metrics.lock_conflicts._value.get() == 0
+    held = await other_replica.get(ours.lock_key)
+    assert held is not None and held.pull.num == 1
+
+
+async def test_the_journal_survives_a_restart_of_the_service(
+    make_service: ServiceMaker, store: Store, data_dir: Path,
+) -> None:
+    first = await make_service(**ALL_ENHANCED)
+    await _down(first)
+    held = await first.router.acquire(request_for(pull=1))
+    assert held.acquired
+    await first.close()
+
+    second = await make_service(**ALL_ENHANCED)
+    assert second.migration.fallback.pending == 1
+    await second.ready()
+    await _until(lambda: second.migration.fallback.pending == 0)
+    adopted = await store(second, "enhanced").get(held.lock_key)
+    assert adopted is not None and adopted.pull.num == 1
+
+
+async def test_a_release_that_missed_enhanced_frees_the_copy_there_on_reconcile(
+    data_dir: Path,
+) -> None:
+    registry = MemoryReplicaRegistry()
+    async with ReplicaSet(data_dir, registry) as replicas:
+        service = await replicas.start("a", migration_weight=100)
+        await registry.report(replica_id="lagging", weight=0, generation=1)
+        await replicas.tick()
+        assert service.migration.transitions.plan(request_for().key).both
+        held = await service.router.acquire(request_for(pull=1))
+        assert held.acquired and await service.legacy.get(held.lock_key) is not None
+
+        await _down(service)
+        released = await service.router.release(held.lock_key, owner=("acme/infra", 1))
+        assert released is not None and await service.legacy.get(held.lock_key) is None
+        assert service.migration.fallback.pending == 1
+
+        _back(service)
+        report = await service.migration.fallback.reconcile()
+        assert (report.released, report.pending) == (1, 0)
+        granted = await service.router.acquire(request_for(pull=2))
+        assert granted.acquired
+
+
+@pytest.mark.parametrize("fallback", ["legacy", "fail-closed"])
+async def test_a_moving_key_needs_the_enhanced_side_and_fail_closed_refuses_it(
+    data_dir: Path, fallback: str,
+) -> None:
+    registry = MemoryReplicaRegistry()
+    async with ReplicaSet(data_dir, registry) as replicas:
+        service = await replicas.start("a", migration_weight=100, fallback=fallback)
+        await registry.report(replica_id="lagging", weight=0, generation=1)
+        await replicas.tick()
+        await _down(service)
+        result = await service.router.acquire(request_for(pull=1))
+        if fallback == "fail-closed":
+            assert not result.acquired and result.reason == Reason.UNAVAILABLE
+            assert await service.legacy.list() == []
+            assert service.migration.fallback.pending == 0
+        else:
+            assert result.acquired and result.lock is not None
+            assert result.lock.backend == "legacy"
+            assert service.migration.fallback.pending == 1
+
+
+@pytest.mark.parametrize("fallback", ["legacy", "fail-closed"])
+async def test_legacy_keys_unchecked_on_enhanced_are_served_journaled_and_checked_later(
+    make_service: ServiceMaker, store: Store, fallback: str,
+) -> None:
+    settings: dict[str, Any] = {**ALL_ENHANCED, "migration_weight": 0, "fallback": fallback}
+    service = await make_service(**settings)
+    await _down(service)
+    result = await service.router.acquire(request_for(pull=1))
+    assert result.acquired and result.lock is not None and result.lock.backend == "legacy"
+    assert service.migration.fallback.pending == 1
+    assert service.metrics.fallbacks.labels("unchecked")._value.get() == 1
+
+    _back(service)
+    report = await service.migration.fallback.reconcile()
+    assert (report.forgotten, report.adopted, report.pending) == (1, 0, 0)
+    assert await store(service, "enhanced").get(result.lock_key) is None
