@@ -61,6 +61,7 @@ lint: venv
 
 docs: venv
 	$(PY) hack/gen_docs.py
+	$(PY) hack/gen_crds.py
 	$(PY) hack/gen_chart.py
 
 # The chart's CRD templates (from crds/) and values.schema.json (from values.yaml).

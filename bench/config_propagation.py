@@ -126,7 +126,7 @@ def measure(kube: KubeCluster, operator: OperatorProcess, edits: int) -> dict[st
     return samples
 
 
-def table(samples: dict[str, list[float]], edits: int) -> str:
+def table(samples: dict[str, list[float]], edits: int, load: float) -> str:
     anchor = statistics.median(samples["patch"])
     rows = [
         ("`kubectl patch` returns (anchor)", samples["patch"]),
@@ -137,8 +137,8 @@ def table(samples: dict[str, list[float]], edits: int) -> str:
         f"{edits} edits of a LockMigration's `weight` with `kubectl patch`, one at a time, "
         "against a local control plane (etcd, kube-apiserver, kube-controller-manager on "
         f"loopback) and `enhanced-locking operator` as a process. Python "
-        f"{platform.python_version()}, {os.cpu_count()} CPUs; times in milliseconds; the "
-        "ratio is the p50 over the anchor's p50.",
+        f"{platform.python_version()}, {os.cpu_count()} CPUs, load average {load:.1f} during "
+        "the run; times in milliseconds; the ratio is the p50 over the anchor's p50.",
         "",
         "| interval | p50 | p99 | max | p50 / anchor |",
         "|---|---:|---:|---:|---:|",
@@ -180,10 +180,11 @@ def main() -> int:
         try:
             until(lambda: operator.config()["routing"]["weight"] == 0, "the initial weight")
             samples = measure(kube, operator, args.edits)
+            load = os.getloadavg()[0]
         finally:
             operator.stop()
             kube.kubectl("delete", "namespace", NAMESPACE, "--wait=false", check=False)
-    text = table(samples, args.edits)
+    text = table(samples, args.edits, load)
     print(text)
     if not args.no_write:
         write_doc(text)

@@ -1,7 +1,9 @@
 """Writes crds/*.yaml from the CR models (operator/enhanced_locking/kube/); one source of truth.
 
+Also the field tables of docs/02-migration.md (between ``<!-- fields:KIND begin/end -->``).
+
 Usage: python hack/gen_crds.py [--check]
-  --check   write nothing; exit 1 (naming the stale files) when crds/ differs from the models
+  --check   write nothing; exit 1 (naming the stale files) when crds/ or the docs differ
 """
 
 from __future__ import annotations
@@ -12,12 +14,27 @@ from pathlib import Path
 
 from enhanced_locking.kube import crds
 
-CRD_DIR = Path(__file__).resolve().parents[1] / "crds"
+REPO = Path(__file__).resolve().parents[1]
+CRD_DIR = REPO / "crds"
+MIGRATION_DOC = REPO / "docs" / "02-migration.md"
+
+
+def _with_tables(text: str) -> str:
+    for kind in crds.KINDS:
+        begin, end = f"<!-- fields:{kind.kind} begin -->", f"<!-- fields:{kind.kind} end -->"
+        if begin not in text or end not in text:
+            raise SystemExit(f"{MIGRATION_DOC.name} lacks the {begin} ... {end} markers")
+        head, rest = text.split(begin, 1)
+        tail = rest.split(end, 1)[1]
+        text = f"{head}{begin}\n{crds.field_table(kind)}\n{end}{tail}"
+    return text
 
 
 def expected() -> dict[Path, str]:
-    """Each CRD file and the text the models give it."""
-    return {CRD_DIR / f"{kind.plural}.yaml": crds.render(kind) for kind in crds.KINDS}
+    """Each generated file and the text the models give it."""
+    files = {CRD_DIR / f"{kind.plural}.yaml": crds.render(kind) for kind in crds.KINDS}
+    files[MIGRATION_DOC] = _with_tables(MIGRATION_DOC.read_text())
+    return files
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,14 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     stale = [p for p, text in files.items() if not p.exists() or p.read_text() != text]
     if args.check:
         if stale:
-            names = ", ".join(str(p.relative_to(CRD_DIR.parent)) for p in stale)
+            names = ", ".join(str(p.relative_to(REPO)) for p in stale)
             print(f"stale: {names}; run `make docs` (hack/gen_crds.py)", file=sys.stderr)
             return 1
         return 0
     CRD_DIR.mkdir(exist_ok=True)
     for path in stale:
         path.write_text(files[path])
-        print(f"wrote {path.relative_to(CRD_DIR.parent)}")
+        print(f"wrote {path.relative_to(REPO)}")
     return 0
 
 

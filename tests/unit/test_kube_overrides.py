@@ -9,9 +9,12 @@ import pytest
 from pydantic import SecretStr
 
 from enhanced_locking.config import EnhancedLockingConfig, settings
+from enhanced_locking.kube import crds
 from enhanced_locking.kube.lockmigration import LockMigrationSpec
 from enhanced_locking.kube.lockpolicy import LockPolicySpec
 from enhanced_locking.kube.overrides import (
+    MIGRATION_SETTINGS,
+    POLICY_SETTINGS,
     ResolvedSecrets,
     cluster_overrides,
     migration_weight,
@@ -115,3 +118,36 @@ async def test_the_layer_changes_the_running_config_and_removing_it_restores_it(
     assert provider.migration_config().weight == 40.0
     restored = await provider.set_layer("cluster", None)
     assert restored.config == static and restored.generation == 3
+
+
+def _leaves(schema: dict[str, Any], path: str = "") -> list[str]:
+    props = schema.get("properties")
+    if not props:
+        return [path]
+    found = []
+    for name, child in props.items():
+        found += _leaves(child, f"{path}.{name}" if path else name)
+    return found
+
+
+# Fields accepted now and acted on by the rollout (steps are stepped through, analysis rolls
+# back) or only naming things; listed so that a new field cannot go unmapped unnoticed.
+NOT_SETTINGS = {
+    "policyRef.name", "paused", "analysis.window", "analysis.maxErrorRate",
+    "analysis.maxMismatchRate", "analysis.maxFallbacks",
+}
+
+
+@pytest.mark.parametrize(("model", "mapping"), [
+    (LockPolicySpec, POLICY_SETTINGS), (LockMigrationSpec, MIGRATION_SETTINGS),
+], ids=["LockPolicy", "LockMigration"])
+def test_every_spec_field_sets_a_service_setting(model: Any, mapping: dict[str, str]) -> None:
+    known = {s.field for s in settings()}
+    assert set(mapping.values()) <= known
+    leaves = _leaves(crds.structural_schema(model))
+    for leaf in leaves:
+        if leaf in NOT_SETTINGS:
+            continue
+        assert any(leaf == path or leaf.startswith(path + ".") for path in mapping), (
+            f"spec.{leaf} sets no service setting"
+        )

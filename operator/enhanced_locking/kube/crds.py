@@ -17,12 +17,16 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
+from enhanced_locking.config import settings
 from enhanced_locking.durations import DURATION_PATTERN
 from enhanced_locking.kube.lockmigration import LockMigrationSpec, LockMigrationStatus
 from enhanced_locking.kube.lockpolicy import LockPolicySpec, LockPolicyStatus
 from enhanced_locking.kube.models import GROUP, VERSION
+from enhanced_locking.kube.overrides import MIGRATION_SETTINGS, POLICY_SETTINGS
 
-__all__ = ["KINDS", "Kind", "SchemaError", "crd", "render", "structural_schema"]
+__all__ = [
+    "KINDS", "Kind", "SchemaError", "crd", "field_table", "render", "structural_schema",
+]
 
 # Keywords copied as they are; everything else is rewritten below or refused.
 _KEPT = {
@@ -120,10 +124,13 @@ LOCK_MIGRATION = Kind(
 KINDS = (LOCK_POLICY, LOCK_MIGRATION)
 
 
+_DURATION_HINT = " A Go duration such as 500ms, 30s, 2m or 1h30m."
+
+
 def _describe(node: dict[str, Any]) -> str:
     text = " ".join(str(node["description"]).replace("``", "").split())
     if node.get("pattern") == DURATION_PATTERN and "duration" not in text.lower():
-        text += " A Go duration such as 500ms, 30s, 2m or 1h30m."
+        text += _DURATION_HINT
     return text
 
 
@@ -252,3 +259,51 @@ def render(kind: Kind) -> str:
     module = kind.spec.__module__.rsplit(".", 1)[-1]
     body = yaml.safe_dump(crd(kind), sort_keys=False, allow_unicode=True, width=100)
     return HEADER.format(module=module) + body
+
+
+def _form(node: dict[str, Any]) -> str:
+    """A short human form of a schema node's type and bounds."""
+    kind = str(node["type"])
+    if "enum" in node:
+        return " \\| ".join(f"`{value}`" for value in node["enum"])
+    if node.get("pattern") == DURATION_PATTERN:
+        return "duration"
+    if kind in ("integer", "number"):
+        low, high = node.get("minimum"), node.get("maximum")
+        word = "integer" if kind == "integer" else "number"
+        if low is None or high is None:
+            return word
+        return f"{word} {_number(low)}..{_number(high)}"
+    if kind == "string" and "maxLength" in node:
+        return f"string (≤ {node['maxLength']})"
+    if kind == "array":
+        return f"list (≤ {node.get('maxItems')})"
+    return {"boolean": "bool", "object": "object"}.get(kind, kind)
+
+
+def _number(value: float) -> str:
+    return f"{int(value):,}" if float(value).is_integer() else f"{value:g}"
+
+
+def field_table(kind: Kind) -> str:
+    """The spec's fields as a Markdown table, for the docs (generated with the CRDs)."""
+    spec = structural_schema(kind.spec)
+    mapping = POLICY_SETTINGS if kind is LOCK_POLICY else MIGRATION_SETTINGS
+    keys = {s.field: s.key for s in settings()}
+    rows = ["| field | type | service setting | meaning |", "|---|---|---|---|"]
+
+    def walk(node: dict[str, Any], path: str) -> None:
+        for name, child in node.get("properties", {}).items():
+            here = f"{path}.{name}" if path else name
+            description = str(child.get("description", "")).replace("|", "\\|")
+            description = description.removesuffix(_DURATION_HINT)
+            required = " Required." if name in node.get("required", []) else ""
+            setting = mapping.get(here.removeprefix("spec."))
+            where = f"`{keys[setting]}`" if setting else ""
+            rows.append(f"| `{here}` | {_form(child)} | {where} | {description}{required} |")
+            walk(child, here)
+            if child["type"] == "array":
+                walk(child["items"], f"{here}[]")
+
+    walk(spec, "spec")
+    return "\n".join(rows)

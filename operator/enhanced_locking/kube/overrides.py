@@ -13,12 +13,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import SecretStr
+from pydantic import BaseModel, SecretStr
 
 from enhanced_locking.kube.lockmigration import LockMigrationSpec, step_weight
 from enhanced_locking.kube.lockpolicy import LockPolicySpec
 
 __all__ = [
+    "MIGRATION_SETTINGS",
+    "POLICY_SETTINGS",
     "ResolvedSecrets",
     "cluster_overrides",
     "migration_overrides",
@@ -35,47 +37,69 @@ class ResolvedSecrets:
     redis_tls_ca_file: str | None = None
 
 
-def _put(out: dict[str, Any], name: str, value: Any) -> None:
-    if value is not None:
-        out[name] = value
+POLICY_SETTINGS: dict[str, str] = {
+    "enabled": "enabled",
+    "backend": "backend",
+    "features.priorityQueue": "priority_queue",
+    "features.retries": "retries",
+    "features.metrics": "metrics",
+    "features.deadlockDetection": "deadlock_detection",
+    "features.events": "events",
+    "timeouts.default": "default_timeout",
+    "timeouts.max": "max_timeout",
+    "queue.maxSize": "max_queue_size",
+    "queue.starvationThreshold": "starvation_threshold",
+    "queue.maxPriorityBoost": "max_priority_boost",
+    "retries.maxAttempts": "retry_max_attempts",
+    "retries.backoff": "retry_backoff",
+    "lockTTL": "lock_ttl",
+    "redis.addr": "redis_addr",
+    "redis.db": "redis_db",
+    "redis.username": "redis_username",
+    "redis.passwordSecretRef": "redis_password",
+    "redis.tls.enabled": "redis_tls",
+    "redis.tls.caSecretRef": "redis_tls_ca_file",
+    "redis.tls.insecureSkipVerify": "redis_tls_skip_verify",
+    "redis.keyPrefix": "redis_key_prefix",
+}
+"""Which service setting (config field) each LockPolicy spec field sets, by its path."""
+
+MIGRATION_SETTINGS: dict[str, str] = {
+    "weight": "migration_weight",
+    "steps": "migration_weight",
+    "abort": "migration_weight",
+    "promote": "migration_weight",
+    "mode": "migration_mode",
+    "fallback": "fallback",
+    "shadow.sampleRatio": "shadow_sample_ratio",
+}
+"""Which service setting each LockMigration spec field sets (weight: see migration_weight)."""
+
+
+def _value(spec: BaseModel, path: str) -> Any:
+    node: Any = spec
+    for name in path.split("."):
+        if node is None:
+            return None
+        field = next(f for f, info in type(node).model_fields.items()
+                     if (info.alias or f) == name or f == name)
+        node = getattr(node, field)
+    return node
 
 
 def policy_overrides(
     spec: LockPolicySpec, secrets: ResolvedSecrets = ResolvedSecrets()
 ) -> dict[str, Any]:
-    """The config fields a LockPolicy spec sets."""
+    """The config fields a LockPolicy spec sets (Secret references set the resolved values)."""
+    resolved = {"redis_password": secrets.redis_password,
+                "redis_tls_ca_file": secrets.redis_tls_ca_file}
     out: dict[str, Any] = {}
-    _put(out, "enabled", spec.enabled)
-    _put(out, "backend", spec.backend)
-    if (features := spec.features) is not None:
-        _put(out, "priority_queue", features.priority_queue)
-        _put(out, "retries", features.retries)
-        _put(out, "metrics", features.metrics)
-        _put(out, "deadlock_detection", features.deadlock_detection)
-        _put(out, "events", features.events)
-    if (timeouts := spec.timeouts) is not None:
-        _put(out, "default_timeout", timeouts.default)
-        _put(out, "max_timeout", timeouts.max)
-    if (queue := spec.queue) is not None:
-        _put(out, "max_queue_size", queue.max_size)
-        _put(out, "starvation_threshold", queue.starvation_threshold)
-        _put(out, "max_priority_boost", queue.max_priority_boost)
-    if (retries := spec.retries) is not None:
-        _put(out, "retry_max_attempts", retries.max_attempts)
-        _put(out, "retry_backoff", retries.backoff)
-    _put(out, "lock_ttl", spec.lock_ttl)
-    if (redis := spec.redis) is not None:
-        _put(out, "redis_addr", redis.addr)
-        _put(out, "redis_db", redis.db)
-        _put(out, "redis_username", redis.username)
-        _put(out, "redis_key_prefix", redis.key_prefix)
-        if redis.password_secret_ref is not None:
-            _put(out, "redis_password", secrets.redis_password)
-        if (tls := redis.tls) is not None:
-            _put(out, "redis_tls", tls.enabled)
-            _put(out, "redis_tls_skip_verify", tls.insecure_skip_verify)
-            if tls.ca_secret_ref is not None:
-                _put(out, "redis_tls_ca_file", secrets.redis_tls_ca_file)
+    for path, setting in POLICY_SETTINGS.items():
+        value = _value(spec, path)
+        if value is not None and setting in resolved:
+            value = resolved[setting]
+        if value is not None:
+            out[setting] = value
     return out
 
 
@@ -97,13 +121,13 @@ def migration_weight(spec: LockMigrationSpec, *, step_index: int = 0) -> float |
 
 def migration_overrides(spec: LockMigrationSpec, *, step_index: int = 0) -> dict[str, Any]:
     """The config fields a LockMigration spec sets (weight, mode, fallback, shadow sampling)."""
-    out: dict[str, Any] = {}
-    _put(out, "migration_weight", migration_weight(spec, step_index=step_index))
-    _put(out, "migration_mode", spec.mode)
-    _put(out, "fallback", spec.fallback)
-    if spec.shadow is not None:
-        _put(out, "shadow_sample_ratio", spec.shadow.sample_ratio)
-    return out
+    values = {
+        "migration_weight": migration_weight(spec, step_index=step_index),
+        "migration_mode": spec.mode,
+        "fallback": spec.fallback,
+        "shadow_sample_ratio": _value(spec, "shadow.sampleRatio"),
+    }
+    return {setting: value for setting, value in values.items() if value is not None}
 
 
 def cluster_overrides(
