@@ -302,8 +302,8 @@ class StoreBackend(abc.ABC):
     # --- queues -------------------------------------------------------------------------------
     def _hand_out(self, key: str, now: datetime, policy: QueuePolicy, fx: _Effects) -> Grant | None:
         queue = self._queues.get(key)
-        if not queue:
-            return None
+        if not queue or self._live(key, now) is not None:
+            return None  # nobody waits, or the key is taken (a batch grant took it just now)
         for waiter in service_order(queue, now=now, policy=policy):
             if waiter.deadline <= now:
                 self._unqueue(waiter)
@@ -380,10 +380,10 @@ class StoreBackend(abc.ABC):
         policy = policy or QueuePolicy()
         with self._step() as fx:
             now = self.clock()
-            released = self._scan(repo, pull)
+            released = sorted(self._scan(repo, pull), key=lambda lock: lock.key)
             for lock in released:
                 self._delete(lock.key)
-            for lock in released:
+            for lock in released:  # in key order, so who gets what does not depend on storage
                 self._hand_out(lock.key, now, policy, fx)
         return [lock for lock in released if not lock.expired(now)]
 
