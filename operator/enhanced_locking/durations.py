@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
+from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Annotated
 
 from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
@@ -17,15 +18,18 @@ __all__ = ["DURATION_FORM", "Duration", "format_duration", "parse_duration"]
 
 DURATION_FORM = "a Go duration such as 500ms, 30s, 2m or 1h30m"
 
+# Microseconds per unit: Python's timedelta resolution. Parsing is exact (decimal arithmetic,
+# never floats), so every printed duration reads back to the same value.
 _UNITS = {
-    "ns": 1e-9,
-    "us": 1e-6,
-    "µs": 1e-6,
-    "ms": 1e-3,
-    "s": 1.0,
-    "m": 60.0,
-    "h": 3600.0,
+    "ns": Decimal("0.001"),
+    "us": Decimal(1),
+    "µs": Decimal(1),
+    "ms": Decimal(1_000),
+    "s": Decimal(1_000_000),
+    "m": Decimal(60_000_000),
+    "h": Decimal(3_600_000_000),
 }
+_MAX_MICROS = (2**63 - 1) // 1000  # Go's time.Duration is int64 nanoseconds
 _PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 # Written once for both Python and the CRD schemas (a JSON-schema `pattern`).
 DURATION_PATTERN = r"^(0|([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+)$"
@@ -36,28 +40,52 @@ def parse_duration(text: str) -> timedelta:
     value = text.strip()
     if value == "0":
         return timedelta(0)
-    position, seconds = 0, 0.0
+    position, micros = 0, Decimal(0)
     for match in _PART.finditer(value):
         if match.start() != position:
             break
-        seconds += float(match.group(1)) * _UNITS[match.group(2)]
+        micros += Decimal(match.group(1)) * _UNITS[match.group(2)]
         position = match.end()
     if position == 0 or position != len(value):
         raise ValueError(f"expected {DURATION_FORM}, got {text!r}")
-    return timedelta(seconds=seconds)
+    if micros > _MAX_MICROS:
+        raise ValueError(
+            f"expected {DURATION_FORM} of at most 2562047h (Go's limit), got {text!r}"
+        )
+    return timedelta(microseconds=int(micros.to_integral_value(ROUND_HALF_EVEN)))
+
+
+def _decimal(amount: int, unit: int) -> str:
+    """``amount / unit`` written exactly, without trailing zeros (``1500, 1000`` is ``1.5``)."""
+    whole, fraction = divmod(amount, unit)
+    if not fraction:
+        return str(whole)
+    digits = str(fraction).rjust(len(str(unit)) - 1, "0").rstrip("0")
+    return f"{whole}.{digits}"
 
 
 def format_duration(value: timedelta) -> str:
-    """Format like Go's ``Duration.String`` for whole units (``1h30m0s`` becomes ``1h30m``)."""
-    total_ms = round(value.total_seconds() * 1000)
-    if total_ms == 0:
+    """Format like Go's ``Duration.String``, leaving out zero units (``1h30m``, not ``1h30m0s``).
+
+    Below a second Go switches to ``ms`` and ``µs`` (``1.5ms``); above, it writes hours,
+    minutes and seconds with a decimal fraction (``26h1.5s``). Every result parses back exactly.
+    """
+    micros = value // timedelta(microseconds=1)
+    if micros < 0:
+        return "-" + format_duration(-value)
+    if micros == 0:
         return "0s"
-    if total_ms % 1000:
-        return f"{total_ms}ms" if total_ms < 1000 else f"{total_ms / 1000:g}s"
-    hours, rest = divmod(total_ms // 1000, 3600)
-    minutes, seconds = divmod(rest, 60)
-    parts = [(hours, "h"), (minutes, "m"), (seconds, "s")]
-    return "".join(f"{amount}{unit}" for amount, unit in parts if amount)
+    if micros < 1_000:
+        return f"{micros}µs"
+    if micros < 1_000_000:
+        return _decimal(micros, 1_000) + "ms"
+    minutes, seconds = divmod(micros, 60_000_000)
+    hours, minutes = divmod(minutes, 60)
+    return "".join([
+        f"{hours}h" if hours else "",
+        f"{minutes}m" if minutes else "",
+        _decimal(seconds, 1_000_000) + "s" if seconds else "",
+    ])
 
 
 def _coerce(value: object) -> object:
