@@ -265,6 +265,9 @@ class Setting:
 
 def _form(info: FieldInfo, annotation: Any) -> tuple[str, str]:
     text = repr(annotation)
+    # Annotated metadata (HostPort's validator) is moved from the annotation to the field.
+    if any(getattr(item, "func", None) is _host_port for item in info.metadata):
+        return "host:port such as localhost:6379", "str"
     if "timedelta" in text:
         return DURATION_FORM, "duration"
     if annotation is bool:
@@ -282,8 +285,9 @@ def _form(info: FieldInfo, annotation: Any) -> tuple[str, str]:
         if next((m.le for m in info.metadata if hasattr(m, "le")), None) == 1:
             return "a number from 0 to 1", "float"
         return "a number from 0 to 100 (two decimals at most)", "float"
-    if "HostPort" in text or "_host_port" in text:
-        return "host:port such as localhost:6379", "str"
+    longest = next((m.max_length for m in info.metadata if hasattr(m, "max_length")), None)
+    if longest is not None:
+        return f"a string of at most {longest} characters", "str"
     return "a string", "str"
 
 

@@ -1,0 +1,397 @@
+"""The config surface: every setting's three spellings, precedence, validation and secrets.
+
+The tests are parametrised over ``config.settings()``, so a setting added to the model is
+checked here without touching this file (unless its valid or invalid values are special: then
+the tables below say so, and a test fails until they do).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import SecretStr
+
+from enhanced_locking.config import (
+    ENV_PREFIX,
+    KEY_PREFIX,
+    ConfigError,
+    EnhancedLockingConfig,
+    Setting,
+    add_flags,
+    flags_from_namespace,
+    load_config,
+    settings,
+)
+from enhanced_locking.durations import parse_duration
+
+SETTINGS = settings()
+BY_FIELD = {s.field: s for s in SETTINGS}
+
+
+def _ids(setting: Setting) -> str:
+    return setting.key
+
+
+# --- how to give a value through each source -----------------------------------------------
+
+
+def _flags(values: dict[str, str]) -> dict[str, str]:
+    """Parse ``--flag=value`` the way the command does, return the flags it saw."""
+    parser = argparse.ArgumentParser()
+    add_flags(parser)
+    argv = [f"{BY_FIELD[name].flag}={value}" for name, value in values.items()]
+    return flags_from_namespace(parser.parse_args(argv))
+
+
+def _yaml(tmp_path: Path, values: dict[str, Any]) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({BY_FIELD[name].key: value for name, value in values.items()}))
+    return path
+
+
+def load_from(source: str, tmp_path: Path, values: dict[str, Any]) -> EnhancedLockingConfig:
+    """Load with ``values`` (field name → value) given only through ``source``."""
+    text = {name: value if isinstance(value, str) else _text(value)
+            for name, value in values.items()}
+    if source == "env":
+        return load_config(env={BY_FIELD[name].env: value for name, value in text.items()})
+    if source == "flag":
+        return load_config(flags=_flags(text), env={})
+    assert source == "yaml"
+    return load_config(yaml_file=_yaml(tmp_path, values), env={})
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return ",".join(value)
+    return str(value)
+
+
+SOURCES = ["env", "flag", "yaml"]
+
+
+# --- a valid non-default value for every setting --------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sample:
+    value: Any  # as a user writes it in YAML (env and flags get its text)
+    expected: Any  # the field's value once loaded
+    companions: dict[str, Any] = field(default_factory=dict)  # settings it needs with it
+
+
+COMPANIONS: dict[str, dict[str, Any]] = {
+    # Cross-field rules: these settings only make sense together.
+    "redis_tls_cert_file": {"redis_tls_key_file": "client.key"},
+    "redis_tls_key_file": {"redis_tls_cert_file": "client.crt"},
+    "redis_sentinel_addrs": {"redis_sentinel_master": "mymaster"},
+    "redis_sentinel_master": {"redis_sentinel_addrs": "s1.example:26379"},
+}
+
+
+def sample(setting: Setting) -> Sample:
+    """A valid value other than the default, derived from the setting's accepted form."""
+    companions = COMPANIONS.get(setting.field, {})
+    if setting.kind == "bool":
+        return Sample(not setting.default, not setting.default, companions)
+    if setting.kind == "choice":
+        choice = next(c for c in setting.form.removeprefix("one of ").split(", ")
+                      if c != setting.default)
+        return Sample(choice, choice, companions)
+    if setting.kind == "int":
+        low, high = (int(n) for n in re.findall(r"\d+", setting.form))
+        value = next(v for v in (low + 1, low + 2) if v != setting.default and v <= high)
+        return Sample(value, value, companions)
+    if setting.kind == "duration":
+        return Sample("45s", timedelta(seconds=45), companions)
+    if setting.kind == "float":
+        bounds = re.findall(r"from ([\d.]+) to ([\d.]+)", setting.form)[0]
+        lowest, highest = float(bounds[0]), float(bounds[1])
+        share = lowest + (highest - lowest) / 4
+        return Sample(share, share, companions)
+    if setting.kind == "list":
+        return Sample(["s1.example:26379", "s2.example:26379"],
+                      ["s1.example:26379", "s2.example:26379"], companions)
+    if setting.kind == "str" and setting.form.startswith("host:port"):
+        return Sample("redis.example:6380", "redis.example:6380", companions)
+    if setting.kind == "str":
+        return Sample(f"sample-{setting.field}", f"sample-{setting.field}", companions)
+    raise AssertionError(f"no sample for {setting.key} of kind {setting.kind}: add one here")
+
+
+def loaded(config: EnhancedLockingConfig, name: str) -> Any:
+    value = getattr(config, name)
+    return value.get_secret_value() if isinstance(value, SecretStr) else value
+
+
+@pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.parametrize("setting", SETTINGS, ids=_ids)
+def test_each_setting_is_changed_by_its_env_var_flag_and_yaml_key(
+    setting: Setting, source: str, tmp_path: Path
+) -> None:
+    example = sample(setting)
+    config = load_from(source, tmp_path, {setting.field: example.value, **example.companions})
+    assert loaded(config, setting.field) == example.expected
+    assert loaded(EnhancedLockingConfig(), setting.field) != example.expected
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=_ids)
+def test_each_setting_is_spelled_the_atlantis_way(setting: Setting) -> None:
+    if setting.field == "data_dir":  # Atlantis's own setting keeps Atlantis's own names
+        assert (setting.key, setting.env, setting.flag) == (
+            "data-dir", "ATLANTIS_DATA_DIR", "--data-dir")
+        return
+    dashed = setting.field.replace("_", "-")
+    assert setting.key == KEY_PREFIX + dashed
+    assert setting.env == ENV_PREFIX + setting.field.upper()
+    assert setting.flag == "--" + KEY_PREFIX + dashed
+    assert setting.description, f"{setting.key} needs a description (it is in the docs)"
+
+
+SEED_DEFAULTS = {
+    # Every setting of the seed, with the seed's default (DESIGN §2).
+    "enhanced-locking-enabled": False,
+    "enhanced-locking-backend": "boltdb",
+    "enhanced-locking-priority-queue": False,
+    "enhanced-locking-retries": False,
+    "enhanced-locking-metrics": True,
+    "enhanced-locking-redis-addr": "localhost:6379",
+    "enhanced-locking-redis-password": "",
+    "enhanced-locking-redis-db": 0,
+    "enhanced-locking-default-timeout": "30s",
+    "enhanced-locking-max-timeout": "5m",
+    "enhanced-locking-max-queue-size": 1000,
+    "enhanced-locking-starvation-threshold": "2m",
+    "enhanced-locking-max-priority-boost": 3,
+}
+
+
+def test_the_seeds_settings_have_the_seeds_defaults() -> None:
+    shown = EnhancedLockingConfig().masked()
+    assert {key: shown[key] for key in SEED_DEFAULTS} == SEED_DEFAULTS
+    documented = {s.key: s.default for s in SETTINGS}
+    assert {key: documented[key] for key in SEED_DEFAULTS} == SEED_DEFAULTS
+
+
+def test_a_bare_bool_flag_means_true_as_in_go() -> None:
+    parser = argparse.ArgumentParser()
+    add_flags(parser)
+    flags = flags_from_namespace(parser.parse_args(["--enhanced-locking-enabled"]))
+    assert load_config(flags=flags, env={}).enabled is True
+    flags = flags_from_namespace(parser.parse_args(["--enhanced-locking-metrics=false"]))
+    assert load_config(flags=flags, env={}).metrics is False
+
+
+def test_an_empty_env_var_leaves_a_typed_setting_at_its_default() -> None:
+    config = load_config(env={"ATLANTIS_ENHANCED_LOCKING_REDIS_DB": "",
+                              "ATLANTIS_ENHANCED_LOCKING_ENABLED": ""})
+    assert (config.redis_db, config.enabled) == (0, False)
+
+
+def test_yaml_keeps_the_rest_of_atlantiss_server_config_to_itself(tmp_path: Path) -> None:
+    path = tmp_path / "atlantis.yaml"
+    path.write_text("repo-allowlist: github.com/acme/*\nport: 4141\n"
+                    "enhanced-locking-enabled: true\n")
+    assert load_config(yaml_file=path, env={}).enabled is True
+
+
+def test_a_yaml_list_and_a_comma_separated_string_mean_the_same(tmp_path: Path) -> None:
+    both = {"redis_sentinel_master": "mymaster"}
+    as_list = load_from("yaml", tmp_path, {"redis_sentinel_addrs": ["a:1", "b:2"], **both})
+    as_text = load_from("yaml", tmp_path, {"redis_sentinel_addrs": "a:1, b:2", **both})
+    assert as_list.redis_sentinel_addrs == as_text.redis_sentinel_addrs == ["a:1", "b:2"]
+
+
+# --- precedence --------------------------------------------------------------------------------
+
+PRECEDENCE = [
+    # field, then its value in YAML, env and flags: three different non-default values
+    ("redis_db", 1, "2", "3"),
+    ("default_timeout", "10s", "20s", "40s"),
+    ("backend", "memory", "redis", "memory"),
+    ("enabled", True, "false", "true"),
+    ("migration_weight", 10, "20", "30.5"),
+]
+
+
+@pytest.mark.parametrize(("name", "in_yaml", "in_env", "in_flag"), PRECEDENCE,
+                         ids=[row[0] for row in PRECEDENCE])
+def test_precedence_is_defaults_then_yaml_then_env_then_flags(
+    name: str, in_yaml: Any, in_env: str, in_flag: str, tmp_path: Path
+) -> None:
+    setting = BY_FIELD[name]
+    yaml_file = _yaml(tmp_path, {name: in_yaml})
+    env = {setting.env: in_env}
+    flags = _flags({name: in_flag})
+    default = loaded(EnhancedLockingConfig(), name)
+
+    def value(**sources: Any) -> Any:
+        return loaded(load_config(**{"env": {}, **sources}), name)
+
+    assert value() == default
+    assert value(yaml_file=yaml_file) == loaded(EnhancedLockingConfig(**{name: in_yaml}), name)
+    assert value(yaml_file=yaml_file, env=env) == loaded(
+        EnhancedLockingConfig(**{name: in_env}), name)  # type: ignore[arg-type]
+    assert value(yaml_file=yaml_file, env=env, flags=flags) == loaded(
+        EnhancedLockingConfig(**{name: in_flag}), name)  # type: ignore[arg-type]
+    assert value(env=env, flags=flags) == value(flags=flags)
+
+
+# --- invalid values ----------------------------------------------------------------------------
+
+INVALID_BY_KIND: dict[str, list[Any]] = {
+    "bool": ["maybe"],
+    "choice": ["nope"],
+    "int": ["ten", "1.5", -1, 10_000_001],
+    "duration": ["30", "soon", "-5s", "5 minutes"],
+    "float": ["lots", 101, -1, 12.345],
+    "list": ["no-port", "a:1,b:notaport"],
+}
+INVALID_STRINGS: dict[str, list[Any]] = {
+    "redis_addr": ["nope", "localhost:", ":6379", "localhost:70000"],
+    "redis_username": ["u" * 257],
+    "redis_key_prefix": ["p" * 129],
+}
+
+
+def _invalid_cases() -> list[Any]:
+    cases = []
+    for setting in SETTINGS:
+        values = INVALID_STRINGS.get(setting.field, INVALID_BY_KIND.get(setting.kind, []))
+        for value in values:
+            for source in SOURCES:
+                cases.append(pytest.param(setting, value, source,
+                                          id=f"{setting.key}={value!s:.20}-{source}"))
+    return cases
+
+
+@pytest.mark.parametrize(("setting", "value", "source"), _invalid_cases())
+def test_each_invalid_value_names_the_setting_its_source_and_the_accepted_form(
+    setting: Setting, value: Any, source: str, tmp_path: Path
+) -> None:
+    companions = COMPANIONS.get(setting.field, {})
+    with pytest.raises(ConfigError) as raised:
+        load_from(source, tmp_path, {setting.field: value, **companions})
+    message = str(raised.value)
+    assert "\n" not in message
+    assert setting.key in message
+    assert setting.form in message
+    spelled = {"env": setting.env, "flag": setting.flag, "yaml": setting.key}[source]
+    assert spelled in message
+
+
+def test_every_typed_setting_has_invalid_values_in_the_table() -> None:
+    untested = [s.key for s in SETTINGS
+                if s.kind != "str" and s.kind not in INVALID_BY_KIND]
+    assert not untested, f"add invalid values for {untested} to INVALID_BY_KIND"
+
+
+def test_an_unknown_enhanced_locking_yaml_key_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("enhanced-locking-enabld: true\n")
+    with pytest.raises(ConfigError, match="unknown setting enhanced-locking-enabld"):
+        load_config(yaml_file=path, env={})
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ("- a\n- b\n", "must be a mapping"),
+    ("enhanced-locking-enabled: [true\n", "not valid YAML"),
+])
+def test_a_yaml_file_that_is_not_a_mapping_is_refused(
+    text: str, problem: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=problem):
+        load_config(yaml_file=path, env={})
+
+
+def test_a_missing_yaml_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(yaml_file=tmp_path / "absent.yaml", env={})
+
+
+# --- cross-field rules -------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("values", "names"), [
+    ({"default_timeout": "10m"}, ["max-timeout", "default-timeout"]),
+    ({"max_timeout": "10s"}, ["max-timeout", "default-timeout"]),
+    ({"redis_tls_cert_file": "c.pem"}, ["redis-tls-cert-file", "redis-tls-key-file"]),
+    ({"redis_tls_key_file": "k.pem"}, ["redis-tls-cert-file", "redis-tls-key-file"]),
+    ({"redis_sentinel_addrs": "s:26379"}, ["redis-sentinel-addrs", "redis-sentinel-master"]),
+    ({"redis_sentinel_master": "m"}, ["redis-sentinel-addrs", "redis-sentinel-master"]),
+], ids=lambda v: str(v))
+def test_settings_that_go_together_are_checked_together(
+    values: dict[str, str], names: list[str]
+) -> None:
+    env = {BY_FIELD[name].env: value for name, value in values.items()}
+    with pytest.raises(ConfigError) as raised:
+        load_config(env=env)
+    for name in names:
+        assert f"enhanced-locking-{name}" in str(raised.value)
+
+
+def test_max_timeout_may_equal_default_timeout() -> None:
+    config = load_config(env={"ATLANTIS_ENHANCED_LOCKING_DEFAULT_TIMEOUT": "5m"})
+    assert config.max_timeout == config.default_timeout
+
+
+# --- secrets -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_the_redis_password_is_never_shown(source: str, tmp_path: Path) -> None:
+    secret = "hunter2-s3cret"
+    config = load_from(source, tmp_path, {"redis_password": secret})
+    assert config.redis_password.get_secret_value() == secret
+    for text in (repr(config), str(config), config.model_dump_json(), str(config.masked())):
+        assert secret not in text
+    assert config.masked()["enhanced-locking-redis-password"] == "********"
+    assert EnhancedLockingConfig().masked()["enhanced-locking-redis-password"] == ""
+
+
+def test_a_config_error_never_shows_the_password(tmp_path: Path) -> None:
+    secret = "hunter2-s3cret"
+    with pytest.raises(ConfigError) as raised:
+        load_config(env={"ATLANTIS_ENHANCED_LOCKING_REDIS_PASSWORD": secret,
+                         "ATLANTIS_ENHANCED_LOCKING_REDIS_DB": "x"})
+    assert secret not in str(raised.value)
+
+
+# --- derived values ----------------------------------------------------------------------------
+
+def test_the_embedded_store_lives_in_the_data_dir(tmp_path: Path) -> None:
+    config = load_config(env={"ATLANTIS_DATA_DIR": str(tmp_path)})
+    assert config.data_path == tmp_path / "enhanced-locking.db"
+    assert EnhancedLockingConfig().data_path == (
+        Path("~/.atlantis").expanduser() / "enhanced-locking.db")
+
+
+@pytest.mark.parametrize(("settings_", "weight"), [
+    ({}, 0.0),
+    ({"migration_weight": 40}, 0.0),
+    ({"enabled": True}, 100.0),
+    ({"enabled": True, "migration_weight": 40}, 40.0),
+    ({"enabled": True, "migration_weight": 0}, 0.0),
+])
+def test_the_effective_weight_is_zero_when_disabled_and_all_when_no_migration(
+    settings_: dict[str, Any], weight: float
+) -> None:
+    assert EnhancedLockingConfig(**settings_).effective_weight == weight
+
+
+def test_durations_in_the_config_are_printed_the_go_way() -> None:
+    config = load_config(env={"ATLANTIS_ENHANCED_LOCKING_MAX_TIMEOUT": "1h30m",
+                              "ATLANTIS_ENHANCED_LOCKING_RETRY_BACKOFF": "1500ms"})
+    shown = config.masked()
+    assert shown["enhanced-locking-max-timeout"] == "1h30m"
+    assert shown["enhanced-locking-retry-backoff"] == "1.5s"
+    assert parse_duration(shown["enhanced-locking-max-timeout"]) == config.max_timeout
