@@ -79,12 +79,10 @@ def utcnow() -> datetime:
 def strip_credentials(url: str) -> str:
     """Drop ``user:token@`` from a URL: Atlantis keeps clone URLs with tokens in them."""
     parts = urllib.parse.urlsplit(url)
-    if parts.username is None and parts.password is None:
+    if "@" not in parts.netloc:
         return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urllib.parse.urlunsplit(parts._replace(netloc=host))
+    # Keep the host exactly as written (an IPv6 host keeps its brackets, a port its digits).
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 class _Model(BaseModel):

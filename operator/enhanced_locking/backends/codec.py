@@ -34,7 +34,8 @@ def _parse_time(value: str) -> datetime:
         zone = tail[len(digits):]
         text = f"{head}.{digits[:6].ljust(6, '0')}{zone}"
     parsed = datetime.fromisoformat(text)
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    # Go keeps the writer's zone; we answer in UTC (the API promises RFC 3339 UTC).
+    return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def atlantis_dict(lock: Lock) -> dict[str, Any]:
@@ -97,7 +98,8 @@ def from_atlantis_dict(data: dict[str, Any], *, key: str | None = None) -> Lock:
             head_commit=pull.get("HeadCommit", ""),
             state="closed" if pull.get("State") == 1 else "open",
         ),
-        user=User(username=user.get("Username", ""), teams=extra.get("Teams") or []),
+        user=User(username=user.get("Username", ""),
+                  teams=extra.get("Teams") or user.get("Teams") or []),
         priority=Priority(extra.get("Priority", "normal")),
         acquired_at=_parse_time(data["Time"]) if data.get("Time") else datetime.now(UTC),
         expires_at=_parse_time(expires) if expires else None,

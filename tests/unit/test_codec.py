@@ -1,0 +1,148 @@
+"""Stored locks are Atlantis's JSON: the same Go field names, readable both ways, no secrets."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from enhanced_locking.backends import codec
+from enhanced_locking.types import Lock, Priority, Project, Pull, User, strip_credentials
+
+TOKEN = "ghp_s3cretT0ken"
+
+# What Atlantis (Go, models.ProjectLock through encoding/json) writes for a lock: field order,
+# nanosecond time with a zone offset, a clone URL that carries the bot's token.
+ATLANTIS_JSON = json.dumps({
+    "Project": {"ProjectName": "prod", "RepoFullName": "acme/infra", "Path": "envs/prod"},
+    "Pull": {
+        "Num": 12,
+        "HeadCommit": "4f2a9c",
+        "URL": "https://github.com/acme/infra/pull/12",
+        "HeadBranch": "feature",
+        "BaseBranch": "main",
+        "Author": "alice",
+        "State": 0,
+        "BaseRepo": {
+            "FullName": "acme/infra",
+            "Owner": "acme",
+            "Name": "infra",
+            "CloneURL": f"https://atlantis-bot:{TOKEN}@github.com/acme/infra.git",
+            "SanitizedCloneURL": "https://atlantis-bot:<redacted>@github.com/acme/infra.git",
+            "VCSHost": {"Hostname": "github.com", "Type": 0},
+        },
+        "UpdatedAt": "0001-01-01T00:00:00Z",
+    },
+    "User": {"Username": "alice", "Teams": ["platform"]},
+    "Workspace": "staging",
+    "Time": "2024-05-01T10:20:30.123456789+02:00",
+})
+
+
+def a_lock(**changes: object) -> Lock:
+    lock = Lock(
+        key="acme/infra/envs/prod/default/prod",
+        project=Project(repo_full_name="acme/infra", path="envs/prod", project_name="prod"),
+        workspace="default",
+        pull=Pull(num=12, url="https://github.com/acme/infra/pull/12", author="alice",
+                  head_branch="feature", base_branch="main", head_commit="4f2a9c"),
+        user=User(username="alice", teams=["platform", "sre"]),
+        priority=Priority.HIGH,
+        acquired_at=datetime(2024, 5, 1, 8, 20, 30, 123456, tzinfo=UTC),
+        expires_at=datetime(2024, 5, 1, 9, 20, 30, tzinfo=UTC),
+        fencing_token=41,
+        backend="enhanced",
+    )
+    return lock.model_copy(update=changes)
+
+
+def test_a_lock_is_written_with_atlantiss_go_field_names() -> None:
+    data = json.loads(codec.encode(a_lock()))
+    assert set(data) == {"Project", "Workspace", "Pull", "User", "Time", "Enhanced"}
+    assert data["Project"] == {"ProjectName": "prod", "RepoFullName": "acme/infra",
+                               "Path": "envs/prod"}
+    assert data["Workspace"] == "default"
+    assert data["Pull"] == {
+        "Num": 12, "HeadCommit": "4f2a9c", "URL": "https://github.com/acme/infra/pull/12",
+        "HeadBranch": "feature", "BaseBranch": "main", "Author": "alice", "State": 0,
+        "BaseRepo": {"FullName": "acme/infra", "Owner": "acme", "Name": "infra"},
+    }
+    assert data["User"] == {"Username": "alice"}
+    assert data["Time"] == "2024-05-01T08:20:30.123456Z"
+
+
+def test_our_additions_live_under_enhanced_which_atlantis_ignores() -> None:
+    extra = json.loads(codec.encode(a_lock()))["Enhanced"]
+    assert extra == {"Priority": "high", "ExpiresAt": "2024-05-01T09:20:30Z", "FencingToken": 41,
+                     "Backend": "enhanced", "Teams": ["platform", "sre"]}
+    assert json.loads(codec.encode(a_lock(expires_at=None)))["Enhanced"]["ExpiresAt"] is None
+
+
+def test_a_closed_pull_is_state_one_as_in_go() -> None:
+    lock = a_lock(pull=a_lock().pull.model_copy(update={"state": "closed"}))
+    assert json.loads(codec.encode(lock))["Pull"]["State"] == 1
+    assert codec.decode(codec.encode(lock)).pull.state == "closed"
+
+
+@pytest.mark.parametrize("lock", [
+    a_lock(),
+    a_lock(expires_at=None, user=User(username="bob")),
+    a_lock(project=Project(repo_full_name="acme/infra"), workspace="default"),
+], ids=["everything", "no-expiry", "defaults"])
+def test_what_we_write_reads_back_the_same(lock: Lock) -> None:
+    assert codec.decode(codec.encode(lock), key=lock.key) == lock
+
+
+def test_json_as_atlantis_writes_it_is_read() -> None:
+    lock = codec.decode(ATLANTIS_JSON)
+    assert lock.key == "acme/infra/envs/prod/staging/prod"
+    assert lock.project == Project(repo_full_name="acme/infra", path="envs/prod",
+                                   project_name="prod")
+    assert lock.workspace == "staging"
+    assert (lock.pull.num, lock.pull.author, lock.pull.head_branch, lock.pull.base_branch,
+            lock.pull.head_commit, lock.pull.state) == (12, "alice", "feature", "main",
+                                                        "4f2a9c", "open")
+    assert lock.user == User(username="alice", teams=["platform"])
+    # Go writes nanoseconds and any zone; we keep microseconds in UTC.
+    assert lock.acquired_at == datetime(2024, 5, 1, 8, 20, 30, 123456, tzinfo=UTC)
+    assert lock.acquired_at.utcoffset() == timedelta(0)
+    # A lock Atlantis wrote is a legacy lock without our additions.
+    assert (lock.backend, lock.fencing_token, lock.priority, lock.expires_at) == (
+        "legacy", 0, Priority.NORMAL, None)
+
+
+def test_the_key_given_by_the_store_wins_over_the_one_derived_from_the_json() -> None:
+    assert codec.decode(ATLANTIS_JSON, key="stored/key").key == "stored/key"
+
+
+@pytest.mark.parametrize("time", ["2024-05-01T08:20:30Z", "2024-05-01T08:20:30.1Z",
+                                  "2024-05-01T10:20:30+02:00", "2024-05-01T08:20:30"])
+def test_go_time_forms_are_read_as_utc(time: str) -> None:
+    data = json.loads(ATLANTIS_JSON)
+    data["Time"] = time
+    parsed = codec.decode(json.dumps(data)).acquired_at
+    assert parsed.replace(microsecond=0) == datetime(2024, 5, 1, 8, 20, 30, tzinfo=UTC)
+
+
+def test_credentials_never_reach_the_store() -> None:
+    # Atlantis's own JSON carries the bot's token in CloneURL; re-encoding drops it.
+    assert TOKEN not in codec.encode(codec.decode(ATLANTIS_JSON))
+    data = json.loads(ATLANTIS_JSON)
+    data["Pull"]["URL"] = f"https://atlantis-bot:{TOKEN}@github.com/acme/infra/pull/12"
+    lock = codec.decode(json.dumps(data))
+    assert lock.pull.url == "https://github.com/acme/infra/pull/12"
+    assert TOKEN not in codec.encode(lock)
+
+
+@pytest.mark.parametrize(("url", "clean"), [
+    (f"https://bot:{TOKEN}@github.com/acme/infra.git", "https://github.com/acme/infra.git"),
+    (f"https://{TOKEN}@gitlab.example:8443/a/b?x=1#top", "https://gitlab.example:8443/a/b?x=1#top"),
+    (f"https://bot:{TOKEN}@[2001:db8::1]:8080/a", "https://[2001:db8::1]:8080/a"),
+    ("https://github.com/acme/infra/pull/12", "https://github.com/acme/infra/pull/12"),
+    ("git@github.com:acme/infra.git", "git@github.com:acme/infra.git"),
+    ("", ""),
+])
+def test_user_and_token_are_stripped_from_urls(url: str, clean: str) -> None:
+    assert strip_credentials(url) == clean
+    assert Pull(num=1, url=url).url == clean
