@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
@@ -75,8 +76,10 @@ async def _run_service(
     from enhanced_locking.provider import ConfigProvider
     from enhanced_locking.types import LockingError
 
-    service = LockService(ConfigProvider(config))
     try:
+        # Building the service opens the stores: a data dir that cannot be created is a
+        # one-line error like a store that does not answer.
+        service = LockService(ConfigProvider(config))
         await service.start()
     except LockingError as error:
         print(f"enhanced-locking: cannot start: {error}", file=sys.stderr)
@@ -93,7 +96,14 @@ async def _run_service(
             from enhanced_locking.kube.operator import run
 
             return await run(service, operator, http=server)
-        await server.serve()
+        # Once shut down, uvicorn re-raises the signal that stopped it; by default SIGTERM
+        # would then kill the process before the service is closed. Ours receives it instead,
+        # so SIGTERM (Kubernetes stopping a pod) closes the stores and exits 0.
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+        try:
+            await server.serve()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     finally:
         await service.close()
     return 0

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from enhanced_locking.api.disconnect import ClientGone, unless_disconnected
-from enhanced_locking.api.errors import install_error_handlers, json_error
+from enhanced_locking.api.errors import error_answers, install_error_handlers, json_error
 from enhanced_locking.api.queue_routes import install_queue_routes
 from enhanced_locking.api.sse import install_event_stream
 from enhanced_locking.factory import LockService
@@ -81,14 +81,18 @@ def create_app(service: LockService, *, manage_lifecycle: bool = True) -> FastAP
         """Every held lock, optionally of one repository and/or pull request."""
         return {"locks": _locks(await router.list(repo=repo, pull=pull))}
 
-    @app.get("/v1/locks/by-key")
+    @app.get("/v1/locks/by-key", responses=error_answers({404: "No lock is held on the key."}))
     async def get_lock(key: Key) -> Any:
+        """The lock held on a key: 200 with the lock, 404 when the key is free."""
         lock = await router.get(key)
         if lock is None:
             return json_error(404, f"no lock is held on {key}", lockKey=key)
         return {"lock": _dump(lock)}
 
-    @app.delete("/v1/locks/by-key")
+    @app.delete("/v1/locks/by-key", responses=error_answers({
+        404: "No lock is held on the key.",
+        409: "With pull: the lock is held by another pull (the body names the holder).",
+    }))
     async def release_lock(key: Key, pull: PullNum | None = None) -> Any:
         """Release a lock; with ``pull``, only if that pull holds it (else 409)."""
         owner = None
@@ -131,7 +135,7 @@ def create_app(service: LockService, *, manage_lifecycle: bool = True) -> FastAP
         """Liveness: the process answers."""
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses={503: {"description": "A backend in use does not answer."}})
     async def readyz() -> JSONResponse:
         """Readiness: every backend in use answers."""
         backends = await service.ready()
@@ -139,7 +143,7 @@ def create_app(service: LockService, *, manage_lifecycle: bool = True) -> FastAP
         return JSONResponse({"ready": ready, "backends": backends},
                             status_code=200 if ready else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", responses=error_answers({404: "Metrics are off."}))
     async def metrics() -> Response:
         """Prometheus metrics (404 when the metrics flag is off)."""
         if not service.provider.current.config.metrics:

@@ -7,11 +7,25 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException
 
 from enhanced_locking.types import BackendUnavailable, InvalidRequest, LockNotOwned
 
-__all__ = ["install_error_handlers", "json_error"]
+__all__ = ["ErrorBody", "error_answers", "install_error_handlers", "json_error"]
+
+
+class ErrorBody(BaseModel):
+    """Every error answer: a human-readable ``error``, plus what it is about (``lockKey``...)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    error: str
+
+
+def error_answers(answers: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """Error answers of a route for its OpenAPI document: status code → what it means."""
+    return {code: {"model": ErrorBody, "description": text} for code, text in answers.items()}
 
 
 def json_error(status: int, message: str, **extra: Any) -> JSONResponse:
@@ -29,6 +43,11 @@ def install_error_handlers(app: FastAPI) -> None:
         problems = error.errors()
         first = problems[0] if problems else {"loc": (), "msg": "invalid request"}
         message = str(first["msg"]).removeprefix("Value error, ")
+        if first.get("type") == "json_invalid":
+            # The location of a JSON syntax error is a character offset, not a field.
+            position = first["loc"][-1] if first["loc"] else "?"
+            message = f"not valid JSON ({first['msg']} at character {position})"
+            first = {**first, "loc": ("body",)}
         detail = [
             {"loc": list(p.get("loc", ())), "msg": str(p.get("msg")), "type": p.get("type")}
             for p in problems
