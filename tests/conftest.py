@@ -1,0 +1,151 @@
+"""Fixtures every test tier shares.
+
+* ``free_port()``: a free TCP port of 127.0.0.1 (tests never depend on a fixed port).
+* ``data_dir``: an empty data dir (``--data-dir``) private to the test.
+* ``service_process(*flags, env=..., data_dir=...)``: starts ``enhanced-locking serve`` as a real
+  process on a free loopback port and waits for ``/healthz``. The answer has ``.url``,
+  ``.process``, ``.stop()``, ``.kill()`` (SIGKILL) and ``.restart()`` (same port, same data dir).
+  Processes still running at the end of the test are stopped; when a test fails, the output of
+  its processes is added to the report.
+* ``service``: a :class:`LockService` in this process (provider, lockers, router), started and
+  closed around the test. Override ``service_settings`` in a module to configure it, or call
+  ``make_service(**settings)`` for several.
+* ``backend_factory``: parametrised over every backend kind in ``BACKEND_KINDS``
+  (``tests/support/backends.py``); calling it gives a backend of that kind on a store private to
+  the test (all calls in one test share the store, so namespaces can be checked against each
+  other). Add a kind there and every test using ``backend_factory`` runs against it too.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(_REPO_ROOT) not in sys.path:  # `tests.support` without installing the tests
+    sys.path.insert(0, str(_REPO_ROOT))
+
+from tests.support import service as service_support  # noqa: E402
+from tests.support.backends import BACKEND_KINDS, BackendFactory  # noqa: E402
+from tests.support.service import ServiceProcess, ServiceStartError  # noqa: E402
+
+from enhanced_locking.config import EnhancedLockingConfig  # noqa: E402
+from enhanced_locking.factory import LockService  # noqa: E402
+from enhanced_locking.provider import ConfigProvider  # noqa: E402
+
+pytest_plugins = [
+    "tests.support.redis_fixtures",  # redis_server, redis_servers
+    "tests.support.queues",  # queue_backend_factory
+]
+
+# --- ports and directories -------------------------------------------------------------------
+
+
+@pytest.fixture
+def free_port() -> Callable[[], int]:
+    """``free_port()`` gives a TCP port of 127.0.0.1 that nothing listens on."""
+    return service_support.free_port
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    """An empty data dir for the embedded store (``{data_dir}/enhanced-locking.db``)."""
+    path = tmp_path / "data"
+    path.mkdir()
+    return path
+
+
+# --- the service as a real process -----------------------------------------------------------
+
+_STARTED = pytest.StashKey[list[ServiceProcess]]()
+ServiceFactory = Callable[..., ServiceProcess]
+
+
+@pytest.fixture
+def service_process(
+    request: pytest.FixtureRequest, tmp_path: Path, data_dir: Path
+) -> Iterator[ServiceFactory]:
+    """Start ``enhanced-locking serve`` processes: ``service_process("--flag=v", env={...})``."""
+    started = request.node.stash.setdefault(_STARTED, [])
+
+    def start(
+        *flags: str, env: Mapping[str, str] | None = None, data_dir: Path = data_dir
+    ) -> ServiceProcess:
+        process = ServiceProcess(data_dir, args=flags, env=env, log_dir=tmp_path / "logs")
+        started.append(process)
+        try:
+            return process.start()
+        except ServiceStartError as error:
+            pytest.fail(str(error), pytrace=False)
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """On failure, add the output of the test's service processes (and any still running)."""
+    report = yield
+    if report.failed:
+        started = item.stash.get(_STARTED, None)
+        processes = list(started or ())
+        processes += [p for p in ServiceProcess.running if p not in processes]
+        for process in processes:
+            report.sections.append((f"enhanced-locking serve on {process.url}", process.output()))
+    return report
+
+
+# --- the service in this process -------------------------------------------------------------
+
+ServiceMaker = Callable[..., Awaitable[LockService]]
+
+
+@pytest.fixture
+async def make_service(data_dir: Path) -> AsyncIterator[ServiceMaker]:
+    """``await make_service(enabled=True, ...)``: a started LockService over those settings.
+
+    Settings are the config model's field names; the data dir defaults to ``data_dir``.
+    """
+    services: list[LockService] = []
+
+    async def make(**settings: Any) -> LockService:
+        config = EnhancedLockingConfig(**{"data_dir": str(data_dir), **settings})
+        service = LockService(ConfigProvider(config))
+        await service.start()
+        services.append(service)
+        return service
+
+    yield make
+    for service in reversed(services):
+        await service.close()
+
+
+@pytest.fixture
+def service_settings() -> dict[str, Any]:
+    """Settings of the ``service`` fixture; override this fixture to change them."""
+    return {}
+
+
+@pytest.fixture
+async def service(make_service: ServiceMaker, service_settings: dict[str, Any]) -> LockService:
+    """A started in-process LockService (embedded store in ``data_dir`` unless overridden)."""
+    return await make_service(**service_settings)
+
+
+# --- backends of every kind ------------------------------------------------------------------
+
+
+@pytest.fixture(
+    params=[pytest.param(name, marks=kind.marks, id=name) for name, kind in BACKEND_KINDS.items()]
+)
+async def backend_factory(request: pytest.FixtureRequest) -> AsyncIterator[BackendFactory]:
+    """Backends of each kind in ``BACKEND_KINDS`` in turn (the test runs once per kind)."""
+    kind = BACKEND_KINDS[request.param]
+    factory = BackendFactory(request.param, kind.setup(request), persistent=kind.persistent)
+    yield factory
+    await factory.close()

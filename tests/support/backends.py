@@ -1,0 +1,81 @@
+"""Every backend kind the backend-generic tests run against, in one place.
+
+``BACKEND_KINDS`` maps a backend's config name to how a test gets backends of that kind. The
+``backend_factory`` fixture (``tests/conftest.py``) is parametrised over it, so adding a kind
+here runs every backend-generic test (the Atlantis semantics table, fencing, namespaces, ...)
+against it. A kind that needs a server asks for it in ``setup`` with
+``request.getfixturevalue`` (``redis`` asks for ``redis_server``, which starts a real
+redis-server for the test) and carries its marker, so ``-m "not redis"`` leaves it out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from enhanced_locking.backends import Backend, EmbeddedBackend, MemoryBackend
+
+__all__ = ["BACKEND_KINDS", "BackendFactory", "BackendKind", "BackendMaker"]
+
+BackendMaker = Callable[[str], Backend]
+"""Builds one backend of a kind for a namespace (``legacy``, ``enhanced``, ``shadow``)."""
+
+
+@dataclass(frozen=True)
+class BackendKind:
+    """How the tests get one kind of backend.
+
+    ``setup(request)`` runs once per test: it may ask for fixtures (a Redis server, a data dir)
+    with ``request.getfixturevalue`` and returns the maker of backends on that test's store.
+    ``persistent`` says whether a new backend on the same store sees what an earlier one wrote.
+    """
+
+    setup: Callable[[pytest.FixtureRequest], BackendMaker]
+    marks: tuple[pytest.MarkDecorator, ...] = ()
+    persistent: bool = True
+
+
+def _memory(request: pytest.FixtureRequest) -> BackendMaker:
+    return lambda namespace: MemoryBackend(namespace)
+
+
+def _boltdb(request: pytest.FixtureRequest) -> BackendMaker:
+    path: Path = request.getfixturevalue("data_dir") / "enhanced-locking.db"
+    return lambda namespace: EmbeddedBackend(path, namespace)
+
+
+def _redis(request: pytest.FixtureRequest) -> BackendMaker:
+    # Imported here: tests/conftest.py loads redis_fixtures as a plugin, which must come first.
+    from tests.support.redis_fixtures import redis_backend_maker
+
+    return redis_backend_maker(request)
+
+
+BACKEND_KINDS: dict[str, BackendKind] = {
+    "memory": BackendKind(_memory, persistent=False),
+    "boltdb": BackendKind(_boltdb),
+    "redis": BackendKind(_redis, marks=(pytest.mark.redis,)),
+}
+
+
+class BackendFactory:
+    """``backend_factory(namespace="enhanced")``: a new backend of ``kind`` on the test's store."""
+
+    def __init__(self, kind: str, make: BackendMaker, *, persistent: bool) -> None:
+        self.kind = kind
+        self.persistent = persistent
+        self._make = make
+        self.built: list[Backend] = []
+
+    def __call__(self, namespace: str = "enhanced") -> Backend:
+        backend = self._make(namespace)
+        self.built.append(backend)
+        return backend
+
+    async def close(self) -> None:
+        """Close every backend built (closing twice is harmless for every kind)."""
+        for backend in reversed(self.built):
+            await backend.close()

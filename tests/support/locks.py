@@ -1,0 +1,47 @@
+"""Small builders of lock requests and locks, so tests read as the behaviour they check."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from enhanced_locking.types import Lock, LockRequest, Priority, Project, Pull, User, utcnow
+
+__all__ = ["lock_for", "request_for"]
+
+
+def request_for(
+    *,
+    repo: str = "acme/infra",
+    path: str = "envs/prod",
+    workspace: str = "default",
+    project: str = "prod",
+    pull: int = 1,
+    user: str = "alice",
+    priority: Priority = Priority.NORMAL,
+    wait: timedelta | None = None,
+    ttl: timedelta | None = None,
+) -> LockRequest:
+    """An acquire as Atlantis would send it for one project of one pull request."""
+    return LockRequest(
+        project=Project(repo_full_name=repo, path=path, project_name=project),
+        workspace=workspace,
+        pull=Pull(
+            num=pull,
+            url=f"https://git.example/{repo}/pull/{pull}",
+            author=user,
+            head_branch=f"feature-{pull}",
+            base_branch="main",
+        ),
+        user=User(username=user),
+        priority=priority,
+        wait=wait,
+        ttl=ttl,
+    )
+
+
+def lock_for(request: LockRequest, *, token: int = 0, backend: str = "enhanced") -> Lock:
+    """The lock a backend would be asked to store for ``request`` (token assigned by it)."""
+    assert backend in ("legacy", "enhanced")
+    return Lock.for_request(
+        request, now=utcnow(), token=token, backend="legacy" if backend == "legacy" else "enhanced"
+    )

@@ -1,0 +1,237 @@
+"""The lock service as a real process, for tests and benchmarks.
+
+``ServiceProcess`` runs ``enhanced-locking serve`` (the installed console script, so the real
+entry point is what gets tested) on a free loopback port with its own data dir, waits for
+``/healthz`` with a deadline, and can stop it gracefully (SIGTERM), kill it (SIGKILL) and start
+it again on the same port and data dir. Its stdout and stderr go to files, never to pipes that
+could fill up and stall the server; ``output()`` returns them for failure reports.
+
+Nothing here listens anywhere but 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import ClassVar
+
+import httpx
+
+__all__ = [
+    "LOOPBACK",
+    "ServiceProcess",
+    "ServiceStartError",
+    "enhanced_locking_command",
+    "free_port",
+    "scrubbed_env",
+]
+
+LOOPBACK = "127.0.0.1"
+START_DEADLINE = 20.0
+STOP_GRACE = 10.0
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGKILL when the test process dies, so none is left behind."""
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+_PR_SET_PDEATHSIG = 1
+
+
+class ServiceStartError(RuntimeError):
+    """The service did not come up; the message carries its output."""
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+def enhanced_locking_command() -> list[str]:
+    """The installed ``enhanced-locking`` console script, next to this interpreter."""
+    script = Path(sys.executable).parent / "enhanced-locking"
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("enhanced-locking")
+    if found:
+        return [found]
+    raise ServiceStartError(
+        "the enhanced-locking command is not installed in this environment; "
+        "run `make venv` (or `pip install -e '.[test]'`) first"
+    )
+
+
+def scrubbed_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This process's environment without any enhanced-locking setting, plus ``extra``.
+
+    A developer's own ``ATLANTIS_ENHANCED_LOCKING_*`` variables must not change what a test sees.
+    """
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("ATLANTIS_ENHANCED_LOCKING_", "ENHANCED_LOCKING_"))
+        and name != "ATLANTIS_DATA_DIR"
+    }
+    env.update(extra or {})
+    return env
+
+
+class ServiceProcess:
+    """One ``enhanced-locking serve`` process on a loopback port."""
+
+    running: ClassVar[list[ServiceProcess]] = []
+    """Every instance started and not yet stopped (failure reports dump their output)."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        port: int | None = None,
+        log_dir: Path | None = None,
+    ) -> None:
+        self.data_dir = data_dir
+        self.args = list(args)
+        self.env = dict(env or {})
+        self.port = port or free_port()
+        self.log_dir = log_dir or data_dir.parent
+        self.process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    @property
+    def argv(self) -> list[str]:
+        return [
+            *enhanced_locking_command(),
+            "serve",
+            "--host",
+            LOOPBACK,
+            "--port",
+            str(self.port),
+            "--data-dir",
+            str(self.data_dir),
+            *self.args,
+        ]
+
+    def _log(self, stream: str) -> Path:
+        return self.log_dir / f"service-{self.port}-{self.starts}.{stream}"
+
+    def start(self, *, deadline: float = START_DEADLINE) -> ServiceProcess:
+        """Start the process and wait until ``/healthz`` answers 200."""
+        if self.process is not None and self.process.poll() is None:
+            raise ServiceStartError(f"the service on {self.url} is already running")
+        self.starts += 1
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with open(self._log("stdout"), "wb") as out, open(self._log("stderr"), "wb") as err:
+            self.process = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                env=scrubbed_env(self.env),
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        ServiceProcess.running.append(self)
+        self._wait_healthy(deadline)
+        return self
+
+    def _wait_healthy(self, deadline: float) -> None:
+        assert self.process is not None
+        until = time.monotonic() + deadline
+        last = "no answer yet"
+        with httpx.Client(timeout=1.0) as client:
+            while time.monotonic() < until:
+                code = self.process.poll()
+                if code is not None:
+                    raise ServiceStartError(
+                        f"`{' '.join(self.argv)}` exited with {code} before serving:\n"
+                        f"{self.output()}"
+                    )
+                try:
+                    response = client.get(self.url + "/healthz")
+                    if response.status_code == 200:
+                        return
+                    last = f"HTTP {response.status_code}"
+                except httpx.TransportError as error:
+                    last = repr(error)
+                time.sleep(0.05)
+        self.kill()
+        raise ServiceStartError(
+            f"the service on {self.url} did not answer /healthz within {deadline}s "
+            f"({last}):\n{self.output()}"
+        )
+
+    def _signal(self, sig: signal.Signals, wait: float) -> int | None:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=wait)
+            except subprocess.TimeoutExpired:
+                return None
+        return self.process.returncode
+
+    def stop(self, *, grace: float = STOP_GRACE) -> int | None:
+        """SIGTERM and wait (SIGKILL after ``grace``); the exit code, None if it was killed."""
+        code = self._signal(signal.SIGTERM, grace)
+        if code is None and self.process is not None and self.process.poll() is None:
+            self.kill()
+            return None
+        self._forget()
+        return code
+
+    def kill(self) -> int | None:
+        """SIGKILL, as a crash would: nothing gets to clean up."""
+        code = self._signal(signal.SIGKILL, STOP_GRACE)
+        self._forget()
+        return code
+
+    def restart(self, *, kill: bool = False) -> ServiceProcess:
+        """Stop (or with ``kill``, SIGKILL) and start again on the same port and data dir."""
+        if kill:
+            self.kill()
+        else:
+            self.stop()
+        return self.start()
+
+    def _forget(self) -> None:
+        if self in ServiceProcess.running:
+            ServiceProcess.running.remove(self)
+
+    def output(self, *, limit: int = 8000) -> str:
+        """The end of this run's stdout and stderr."""
+        parts = []
+        for stream in ("stdout", "stderr"):
+            try:
+                text = self._log(stream).read_text(errors="replace")
+            except OSError:
+                continue
+            if text.strip():
+                parts.append(f"--- {stream} of {' '.join(self.argv)}\n{text[-limit:]}")
+        return "\n".join(parts) or "(no output)"
+
+    def stderr(self) -> str:
+        """Everything this run wrote to stderr."""
+        try:
+            return self._log("stderr").read_text(errors="replace")
+        except OSError:
+            return ""
