@@ -1,0 +1,195 @@
+"""What every backend keeps: fencing tokens, namespaces, leases, moving locks between stores.
+
+Runs against every kind of ``backend_factory``; the reopen test only against kinds whose store
+outlives the backend object (the embedded file, Redis).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from tests.support.backends import BACKEND_KINDS, BackendFactory
+from tests.support.locks import lock_for, request_for
+
+from enhanced_locking.backends import EmbeddedBackend, MemoryBackend
+from enhanced_locking.types import BackendUnavailable, LockNotOwned, utcnow
+
+PERSISTENT = [name for name, kind in BACKEND_KINDS.items() if kind.persistent]
+
+
+async def test_fencing_tokens_strictly_increase_per_key_across_releases(
+    backend_factory: BackendFactory,
+) -> None:
+    backend = backend_factory()
+    tokens = []
+    for pull in range(1, 6):
+        granted, lock = await backend.acquire(lock_for(request_for(pull=pull)))
+        assert granted
+        tokens.append(lock.fencing_token)
+        assert await backend.release(lock.key) == lock
+    assert tokens == sorted(set(tokens)) and tokens[0] >= 1
+    _, other = await backend.acquire(lock_for(request_for(path="envs/dev")))
+    assert other.fencing_token == 1, "each key counts on its own"
+
+
+async def test_a_holder_asking_again_keeps_its_token(backend_factory: BackendFactory) -> None:
+    backend = backend_factory()
+    _, first = await backend.acquire(lock_for(request_for(pull=3)))
+    granted, again = await backend.acquire(lock_for(request_for(pull=3)))
+    assert granted and again == first
+
+
+async def test_namespaces_in_one_store_never_see_each_others_keys(
+    backend_factory: BackendFactory,
+) -> None:
+    legacy, enhanced = backend_factory("legacy"), backend_factory("enhanced")
+    granted_legacy, _ = await legacy.acquire(lock_for(request_for(pull=1), backend="legacy"))
+    granted_enhanced, lock = await enhanced.acquire(lock_for(request_for(pull=2)))
+    assert granted_legacy and granted_enhanced
+    assert [held.pull.num for held in await legacy.list()] == [1]
+    assert [held.pull.num for held in await enhanced.list()] == [2]
+    assert lock.fencing_token == 1
+    assert await enhanced.release_by_pull("acme/infra", 1) == []
+    assert (await legacy.get(lock.key)) is not None
+
+
+async def test_list_filters_by_repository_and_pull(backend_factory: BackendFactory) -> None:
+    backend = backend_factory()
+    for repo, path, pull in [("acme/infra", "a", 1), ("acme/infra", "b", 2),
+                             ("acme/web", "a", 1), ("acme/infra", "c", 1)]:
+        assert (await backend.acquire(lock_for(request_for(repo=repo, path=path, pull=pull))))[0]
+
+    def keys(locks: list) -> list[str]:  # type: ignore[type-arg]
+        return sorted(lock.key for lock in locks)
+
+    assert len(await backend.list()) == 4
+    assert keys(await backend.list(repo="acme/infra")) == [
+        "acme/infra/a/default/prod", "acme/infra/b/default/prod", "acme/infra/c/default/prod"]
+    assert keys(await backend.list(pull=1)) == [
+        "acme/infra/a/default/prod", "acme/infra/c/default/prod", "acme/web/a/default/prod"]
+    assert keys(await backend.list(repo="acme/infra", pull=1)) == [
+        "acme/infra/a/default/prod", "acme/infra/c/default/prod"]
+
+
+async def test_a_lapsed_lease_frees_the_key(backend_factory: BackendFactory) -> None:
+    # Real time, briefly: the Redis backend's leases run on the server's clock.
+    backend = backend_factory()
+    now = utcnow()
+    leased = lock_for(request_for(pull=1)).model_copy(
+        update={"acquired_at": now, "expires_at": now + timedelta(milliseconds=100)})
+    granted, lock = await backend.acquire(leased)
+    assert granted and lock.expires_at is not None
+    await asyncio.sleep(0.25)
+    assert await backend.get(lock.key) is None
+    assert await backend.list() == []
+    granted, after = await backend.acquire(lock_for(request_for(pull=2)))
+    assert granted and after.pull.num == 2
+    assert after.fencing_token == lock.fencing_token + 1
+
+
+async def test_release_with_an_owner_refuses_another_pull(backend_factory: BackendFactory) -> None:
+    backend = backend_factory()
+    _, lock = await backend.acquire(lock_for(request_for(pull=1)))
+    with pytest.raises(LockNotOwned) as refused:
+        await backend.release(lock.key, owner=("acme/infra", 2))
+    assert refused.value.holder == lock
+    with pytest.raises(LockNotOwned):
+        await backend.release(lock.key, owner=("acme/other", 1))
+    assert await backend.release(lock.key, owner=("acme/infra", 1)) == lock
+
+
+async def test_locks_and_counters_move_to_another_store_and_counters_only_rise(
+    backend_factory: BackendFactory,
+) -> None:
+    source, target = backend_factory("enhanced"), MemoryBackend("enhanced")
+    for _ in range(3):
+        _, lock = await source.acquire(lock_for(request_for(pull=1)))
+        await source.release(lock.key)
+    _, held = await source.acquire(lock_for(request_for(pull=1)))
+    locks, tokens = await source.export()
+    assert locks == [held] and tokens == {held.key: 4}
+    assert await target.adopt(locks, tokens) == []
+    assert await target.get(held.key) == held
+    await target.release(held.key)
+    _, next_lock = await target.acquire(lock_for(request_for(pull=2)))
+    assert next_lock.fencing_token == 5
+
+
+async def test_adopting_a_key_held_here_by_another_pull_reports_a_conflict(
+    backend_factory: BackendFactory,
+) -> None:
+    here = backend_factory("enhanced")
+    _, mine = await here.acquire(lock_for(request_for(pull=1)))
+    theirs = lock_for(request_for(pull=2)).model_copy(update={"fencing_token": 9})
+    assert await here.adopt([theirs], {theirs.key: 9}) == [theirs]
+    assert await here.get(mine.key) == mine
+
+
+@pytest.mark.parametrize("backend_factory", PERSISTENT, indirect=True)
+async def test_a_new_backend_on_the_same_store_sees_the_locks_and_continues_the_tokens(
+    backend_factory: BackendFactory,
+) -> None:
+    first = backend_factory("enhanced")
+    _, lock = await first.acquire(lock_for(request_for(pull=1)))
+    await first.release(lock.key)
+    _, lock = await first.acquire(lock_for(request_for(pull=1)))
+    await first.close()
+    reopened = backend_factory("enhanced")
+    assert await reopened.get(lock.key) == lock
+    await reopened.release(lock.key)
+    _, after = await reopened.acquire(lock_for(request_for(pull=2)))
+    assert after.fencing_token == lock.fencing_token + 1 == 3
+
+
+# --- the embedded store ------------------------------------------------------------------------
+
+
+async def test_the_embedded_store_is_one_sqlite_file_in_wal_mode(data_dir: Path) -> None:
+    backend = EmbeddedBackend(data_dir / "enhanced-locking.db")
+    try:
+        assert (await backend.acquire(lock_for(request_for())))[0]
+        mode = backend._db.execute("PRAGMA journal_mode").fetchone()[0]
+        synchronous = backend._db.execute("PRAGMA synchronous").fetchone()[0]
+        assert (mode, synchronous) == ("wal", 1)  # 1 is NORMAL: see the module's durability note
+        assert (data_dir / "enhanced-locking.db").is_file()
+    finally:
+        await backend.close()
+
+
+CALLS = {
+    "acquire": lambda backend: backend.acquire(lock_for(request_for())),
+    "release": lambda backend: backend.release(request_for().key),
+    "get": lambda backend: backend.get(request_for().key),
+    "list": lambda backend: backend.list(),
+    "release_by_pull": lambda backend: backend.release_by_pull("acme/infra", 1),
+    "export": lambda backend: backend.export(),
+    "adopt": lambda backend: backend.adopt([lock_for(request_for())], {}),
+    "ping": lambda backend: backend.ping(),
+}
+
+
+@pytest.mark.parametrize("call", list(CALLS))
+async def test_a_closed_embedded_store_answers_backend_unavailable(
+    call: str, data_dir: Path
+) -> None:
+    backend = EmbeddedBackend(data_dir / "enhanced-locking.db")
+    await backend.close()
+    with pytest.raises(BackendUnavailable, match="embedded store"):
+        await CALLS[call](backend)
+
+
+def test_an_embedded_store_that_cannot_be_created_is_unavailable(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the data dir should be")
+    with pytest.raises(BackendUnavailable, match="cannot open the embedded store"):
+        EmbeddedBackend(blocker / "enhanced-locking.db")
+
+
+async def test_a_file_that_is_not_a_database_is_unavailable(data_dir: Path) -> None:
+    path = data_dir / "enhanced-locking.db"
+    path.write_bytes(b"this is not an SQLite database, it only has its name" * 100)
+    with pytest.raises(BackendUnavailable):
+        EmbeddedBackend(path)

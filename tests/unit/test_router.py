@@ -1,0 +1,259 @@
+"""The router: sticky percentage routing, disabled means legacy, no double grants, fallback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from tests.conftest import ServiceMaker
+from tests.support.backends import BackendFactory
+from tests.support.locks import request_for
+
+from enhanced_locking.backends import MemoryBackend
+from enhanced_locking.config import EnhancedLockingConfig
+from enhanced_locking.events import EventBus
+from enhanced_locking.factory import LockService
+from enhanced_locking.hashing import BUCKETS, bucket_of, is_enhanced_bucket
+from enhanced_locking.locking import EnhancedLocker, LegacyLocker
+from enhanced_locking.metrics import Metrics
+from enhanced_locking.migration import Router
+from enhanced_locking.provider import ConfigProvider
+from enhanced_locking.types import AcquireResult, Event, LockRequest, Reason
+
+
+def atlantis_keys(count: int) -> list[str]:
+    """Lock keys shaped like a real Atlantis install's: repos, project dirs, workspaces."""
+    return [
+        f"org{i % 17}/repo-{i % 389}/modules/svc-{i}/{('default', 'staging', 'prod')[i % 3]}/"
+        f"{'' if i % 4 else f'project-{i}'}"
+        for i in range(count)
+    ]
+
+
+KEYS = atlantis_keys(10_000)
+
+
+def router_at(weight: float | None, *, enabled: bool = True) -> Router:
+    """A router over in-memory sides, for routing decisions."""
+    config = EnhancedLockingConfig(enabled=enabled, migration_weight=weight)
+    provider = ConfigProvider(config)
+    legacy = LegacyLocker(MemoryBackend("legacy"))
+    enhanced = EnhancedLocker(MemoryBackend("enhanced"), settings=lambda: config,
+                              events=EventBus(), metrics=Metrics())
+    return Router(legacy=legacy, enhanced=lambda: enhanced, snapshot=lambda: provider.current,
+                  events=EventBus(), metrics=Metrics())
+
+
+def enhanced_share(router: Router, keys: list[str]) -> float:
+    return 100 * sum(router.side_for(key) == "enhanced" for key in keys) / len(keys)
+
+
+# --- sticky hashing ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("weight", [0, 0.5, 12.34, 50, 99.99, 100])
+def test_a_key_always_lands_on_the_same_side_for_a_weight(weight: float) -> None:
+    first, second = router_at(weight), router_at(weight)
+    sides = [first.side_for(key) for key in KEYS[:2000]]
+    assert sides == [first.side_for(key) for key in KEYS[:2000]]
+    assert sides == [second.side_for(key) for key in KEYS[:2000]]
+
+
+def test_buckets_do_not_depend_on_the_process_or_its_hash_seed() -> None:
+    keys = KEYS[:500]
+    script = ("import json, sys; from enhanced_locking.hashing import bucket_of; "
+              "print(json.dumps([bucket_of(k) for k in json.load(sys.stdin)]))")
+    for seed in ("4242",):
+        out = subprocess.run([sys.executable, "-c", script], input=json.dumps(keys), text=True,
+                             capture_output=True, check=True,
+                             env={**os.environ, "PYTHONHASHSEED": seed}).stdout
+        assert json.loads(out) == [bucket_of(key) for key in keys]
+
+
+def test_raising_the_weight_only_moves_keys_from_legacy_to_enhanced() -> None:
+    weights = sorted({0, 0.01, 0.5, 1, 2.5, 99.99, 100, *(w / 4 for w in range(0, 401, 3))})
+    keys = KEYS[:2000]
+    previous: set[str] = set()
+    for weight in weights:
+        router = router_at(weight)
+        enhanced = {key for key in keys if router.side_for(key) == "enhanced"}
+        assert previous <= enhanced, f"at {weight}% a key went back to legacy"
+        previous = enhanced
+    assert previous == set(keys)
+
+
+@given(st.integers(0, BUCKETS - 1), st.integers(0, 10_000), st.integers(0, 10_000))
+def test_a_bucket_on_the_enhanced_side_stays_there_when_the_weight_rises(
+    bucket: int, low: int, high: int
+) -> None:
+    low, high = sorted((low, high))
+    if is_enhanced_bucket(bucket, low / 100):
+        assert is_enhanced_bucket(bucket, high / 100)
+
+
+@pytest.mark.parametrize("weight", [0, 1, 5, 10, 25, 50, 75, 90, 99, 100])
+def test_ten_thousand_keys_land_within_one_percent_of_the_weight(weight: float) -> None:
+    assert enhanced_share(router_at(weight), KEYS) == pytest.approx(weight, abs=1)
+
+
+def test_enabled_without_a_migration_routes_every_key_to_enhanced() -> None:
+    assert enhanced_share(router_at(None), KEYS[:1000]) == 100
+
+
+@pytest.mark.parametrize("weight", [None, 0, 50, 100])
+def test_disabled_routes_every_key_to_legacy_whatever_the_weight(weight: float | None) -> None:
+    assert enhanced_share(router_at(weight, enabled=False), KEYS[:1000]) == 0
+
+
+# --- disabled: the enhanced locker is never asked --------------------------------------------
+
+
+class CountingEnhancedLocker(EnhancedLocker):
+    """A real enhanced locker that also counts the acquires it is asked for."""
+
+    acquires = 0
+
+    async def acquire(self, request: LockRequest) -> AcquireResult:
+        self.acquires += 1
+        return await super().acquire(request)
+
+
+async def test_disabled_never_builds_or_calls_the_enhanced_locker(
+    make_service: ServiceMaker,
+) -> None:
+    service = await make_service(enabled=False, migration_weight=100)
+    assert service.enhanced is None
+    for pull, key in enumerate(KEYS[:200], 1):
+        repo = key.partition("/modules/")[0]
+        result = await service.router.acquire(request_for(repo=repo, path=f"modules/{pull}",
+                                                          pull=pull))
+        assert result.acquired and result.lock is not None
+        assert result.lock.backend == "legacy"
+    assert service.enhanced is None
+    assert len(await service.legacy.list()) == 200
+
+
+async def test_switched_off_after_use_the_enhanced_locker_is_never_asked_to_grant(
+    backend_factory: BackendFactory,
+) -> None:
+    provider = ConfigProvider(EnhancedLockingConfig(enabled=True))
+    enhanced = CountingEnhancedLocker(backend_factory("enhanced"),
+                                      settings=lambda: provider.current.config,
+                                      events=EventBus(), metrics=Metrics())
+    router = Router(legacy=LegacyLocker(backend_factory("legacy")), enhanced=lambda: enhanced,
+                    snapshot=lambda: provider.current, events=EventBus(), metrics=Metrics())
+    before_off = await router.acquire(request_for(path="before"))
+    assert before_off.lock is not None and before_off.lock.backend == "enhanced"
+    await provider.set_layer("cluster", {"enabled": False})
+    before = enhanced.acquires
+    for pull in range(1, 51):
+        result = await router.acquire(request_for(path=f"after/{pull}", pull=pull))
+        assert result.acquired and result.lock is not None and result.lock.backend == "legacy"
+    assert enhanced.acquires == before
+
+
+# --- no lock granted twice across the sides --------------------------------------------------
+
+
+async def _service_at(make_service: ServiceMaker, weight: float, **settings: Any) -> LockService:
+    return await make_service(enabled=True, migration_weight=weight, **settings)
+
+
+@pytest.mark.parametrize(("held_at", "moved_to"), [(100, 0), (0, 100)],
+                         ids=["held-on-enhanced", "held-on-legacy"])
+async def test_a_key_held_on_the_other_side_is_refused_not_granted_twice(
+    make_service: ServiceMaker, held_at: float, moved_to: float
+) -> None:
+    service = await _service_at(make_service, held_at)
+    first = await service.router.acquire(request_for(pull=1))
+    assert first.acquired and first.lock is not None
+    side = first.lock.backend
+    await service.provider.set_layer("migration", {"migration_weight": moved_to})
+    assert service.router.side_for(first.lock_key) != side
+
+    refused = await service.router.acquire(request_for(pull=2))
+    assert not refused.acquired
+    assert refused.reason == Reason.HELD
+    assert refused.holder == first.lock
+    assert await service.router.get(first.lock_key) == first.lock
+    assert [lock.backend for lock in await service.router.list()] == [side]
+
+    again = await service.router.acquire(request_for(pull=1))
+    assert again.acquired and again.lock == first.lock, "the holder gets its lock unchanged"
+    assert len(await service.router.list()) == 1
+
+    assert await service.router.release(first.lock_key, owner=("acme/infra", 1)) == first.lock
+    moved = await service.router.acquire(request_for(pull=2))
+    assert moved.acquired and moved.lock is not None and moved.lock.backend != side
+
+
+async def test_release_and_release_by_pull_reach_both_sides(make_service: ServiceMaker) -> None:
+    service = await _service_at(make_service, 100)
+    on_enhanced = await service.router.acquire(request_for(path="a", pull=5))
+    await service.provider.set_layer("migration", {"migration_weight": 0})
+    on_legacy = await service.router.acquire(request_for(path="b", pull=5))
+    assert {on_enhanced.lock.backend, on_legacy.lock.backend} == {"enhanced", "legacy"}  # type: ignore[union-attr]
+    released = await service.router.release_by_pull("acme/infra", 5)
+    assert sorted(lock.key for lock in released) == [on_enhanced.lock_key, on_legacy.lock_key]
+    assert await service.router.list() == []
+
+
+# --- fallback when the enhanced store is down ----------------------------------------------------
+
+
+async def _with_enhanced_down(make_service: ServiceMaker, **settings: Any) -> LockService:
+    """A service whose enhanced store is a real SQLite file whose connection was closed."""
+    service = await make_service(enabled=True, backend="boltdb", **settings)
+    assert service.enhanced is not None
+    await service.enhanced.backend.close()
+    return service
+
+
+async def test_fallback_legacy_serves_the_request_from_legacy_and_says_so(
+    make_service: ServiceMaker,
+) -> None:
+    service = await _with_enhanced_down(make_service, fallback="legacy")
+    seen: list[Event] = []
+    service.events.subscribe(seen.append)
+    result = await service.router.acquire(request_for(pull=1))
+    assert result.acquired and result.lock is not None
+    assert result.lock.backend == "legacy"
+    assert await service.legacy.get(result.lock_key) == result.lock
+    assert [event.type for event in seen] == ["fallback"]
+    assert seen[0].details["action"] == "legacy"
+    assert service.metrics.fallbacks.labels("legacy")._value.get() == 1
+    # The lock granted in fallback still refuses another pull.
+    assert not (await service.router.acquire(request_for(pull=2))).acquired
+
+
+async def test_fail_closed_refuses_as_unavailable_and_grants_nothing(
+    make_service: ServiceMaker,
+) -> None:
+    service = await _with_enhanced_down(make_service, fallback="fail-closed")
+    result = await service.router.acquire(request_for(pull=1))
+    assert not result.acquired
+    assert result.reason == Reason.UNAVAILABLE
+    assert result.holder is None
+    assert await service.legacy.list() == []
+    assert service.metrics.fallbacks.labels("refused")._value.get() == 1
+
+
+async def test_keys_routed_to_legacy_keep_working_while_enhanced_is_down(
+    make_service: ServiceMaker,
+) -> None:
+    service = await _with_enhanced_down(make_service, fallback="fail-closed",
+                                        migration_weight=50)
+    legacy_paths = [f"p{i}" for i in range(40)
+                    if service.router.side_for(request_for(path=f"p{i}").key) == "legacy"]
+    assert legacy_paths
+    for path in legacy_paths:
+        result = await service.router.acquire(request_for(path=path))
+        assert result.acquired, result
+    ready = await service.ready()
+    assert ready["legacy"] == "ok" and ready["enhanced"] != "ok"
