@@ -1,0 +1,249 @@
+"""The ``enhanced-locking`` command, each subcommand run as a real subprocess.
+
+Exit codes: 0 done; 1 refused (held, not found, not owned); 2 invalid usage or config; 3 the
+service could not be reached. A user's mistake is one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tests.conftest import ServiceFactory
+from tests.support.service import enhanced_locking_command, free_port, scrubbed_env
+
+from enhanced_locking.config import settings
+
+SECRET = "hunter2-s3cret"
+
+
+def run(*args: str, env: Mapping[str, str] | None = None,
+        cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """``enhanced-locking ARGS`` with a clean environment (plus ``env``)."""
+    return subprocess.run([*enhanced_locking_command(), *args], capture_output=True, text=True,
+                          env=scrubbed_env(env), cwd=cwd, timeout=60)
+
+
+def output(result: subprocess.CompletedProcess[str]) -> Any:
+    assert "Traceback" not in result.stderr, result.stderr
+    return json.loads(result.stdout)
+
+
+# --- config show -------------------------------------------------------------------------------
+
+
+def test_config_show_prints_the_effective_config_as_json() -> None:
+    result = run("config", "show")
+    assert result.returncode == 0, result.stderr
+    shown = output(result)
+    assert shown["enhanced-locking-enabled"] is False
+    assert shown["enhanced-locking-backend"] == "boltdb"
+    assert shown["enhanced-locking-default-timeout"] == "30s"
+    assert set(shown) == {setting.key for setting in settings()}
+
+
+def test_config_show_applies_yaml_env_and_flags_in_that_order(tmp_path: Path) -> None:
+    config = tmp_path / "atlantis.yaml"
+    config.write_text("enhanced-locking-redis-db: 1\nenhanced-locking-max-queue-size: 10\n"
+                      "enhanced-locking-enabled: true\n")
+    result = run("config", "show", "--config", str(config), "--enhanced-locking-redis-db=3",
+                 env={"ATLANTIS_ENHANCED_LOCKING_REDIS_DB": "2",
+                      "ATLANTIS_ENHANCED_LOCKING_MAX_QUEUE_SIZE": "20"})
+    shown = output(result)
+    assert (shown["enhanced-locking-redis-db"], shown["enhanced-locking-max-queue-size"],
+            shown["enhanced-locking-enabled"]) == (3, 20, True)
+
+
+@pytest.mark.parametrize("how", ["env", "flag", "yaml"])
+def test_config_show_masks_the_redis_password(how: str, tmp_path: Path) -> None:
+    args, env = ["config", "show"], {}
+    if how == "env":
+        env = {"ATLANTIS_ENHANCED_LOCKING_REDIS_PASSWORD": SECRET}
+    elif how == "flag":
+        args.append(f"--enhanced-locking-redis-password={SECRET}")
+    else:
+        (tmp_path / "c.yaml").write_text(f"enhanced-locking-redis-password: {SECRET}\n")
+        args += ["--config", str(tmp_path / "c.yaml")]
+    result = run(*args, env=env)
+    assert result.returncode == 0
+    assert output(result)["enhanced-locking-redis-password"] == "********"
+    assert SECRET not in result.stdout + result.stderr
+
+
+INVALID = [
+    # what is wrong, how it is given, the setting the one line must name, and the accepted form
+    ("bad bool", ["--enhanced-locking-enabled=maybe"], {}, None,
+     "enhanced-locking-enabled", "true or false"),
+    ("bad duration", [], {"ATLANTIS_ENHANCED_LOCKING_DEFAULT_TIMEOUT": "30"}, None,
+     "enhanced-locking-default-timeout", "Go duration"),
+    ("bad int", [], {"ATLANTIS_ENHANCED_LOCKING_REDIS_DB": "zero"}, None,
+     "enhanced-locking-redis-db", "an integer from 0 to 1023"),
+    ("int out of range", ["--enhanced-locking-max-priority-boost=9"], {}, None,
+     "enhanced-locking-max-priority-boost", "an integer from 0 to 3"),
+    ("unknown backend", [], {}, "enhanced-locking-backend: etcd\n",
+     "enhanced-locking-backend", "one of boltdb, redis, memory"),
+    ("max below default", ["--enhanced-locking-max-timeout=10s"], {}, None,
+     "enhanced-locking-max-timeout", "enhanced-locking-default-timeout"),
+    ("unknown YAML key", [], {}, "enhanced-locking-enabeld: true\n",
+     "enhanced-locking-enabeld", "unknown setting"),
+    ("bad redis address", ["--enhanced-locking-redis-addr=redis"], {}, None,
+     "enhanced-locking-redis-addr", "host:port"),
+    ("YAML not a mapping", [], {}, "- enhanced-locking-enabled\n", "config file", "mapping"),
+]
+
+
+@pytest.mark.parametrize("command", [["config", "show"], ["serve"]], ids=["config-show", "serve"])
+@pytest.mark.parametrize(("flags", "env", "yaml_text", "names", "form"),
+                         [case[1:] for case in INVALID], ids=[case[0] for case in INVALID])
+def test_an_invalid_value_exits_2_with_one_line_naming_the_setting(
+    command: list[str], flags: list[str], env: dict[str, str], yaml_text: str | None,
+    names: str, form: str, tmp_path: Path,
+) -> None:
+    args = [*command, *flags]
+    if yaml_text is not None:
+        (tmp_path / "c.yaml").write_text(yaml_text)
+        args += ["--config", str(tmp_path / "c.yaml")]
+    if command == ["serve"]:
+        args += ["--port", str(free_port()), "--data-dir", str(tmp_path / "data")]
+    result = run(*args, env=env)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert names in lines[0] and form in lines[0]
+    assert lines[0].startswith("enhanced-locking: ")
+    assert "Traceback" not in result.stderr
+
+
+def test_a_bad_value_is_reported_with_where_it_came_from(tmp_path: Path) -> None:
+    result = run("config", "show", env={"ATLANTIS_ENHANCED_LOCKING_REDIS_DB": "zero"})
+    assert "env ATLANTIS_ENHANCED_LOCKING_REDIS_DB" in result.stderr
+    result = run("config", "show", "--enhanced-locking-redis-db=zero")
+    assert "flag --enhanced-locking-redis-db" in result.stderr
+
+
+def test_an_unknown_flag_is_a_usage_error() -> None:
+    result = run("config", "show", "--enhanced-locking-enabledd")
+    assert result.returncode == 2
+    assert "unrecognized arguments" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# --- serve -------------------------------------------------------------------------------------
+
+
+def test_serve_offers_every_setting_as_a_flag() -> None:
+    result = run("serve", "--help")
+    assert result.returncode == 0
+    for setting in settings():
+        assert setting.flag in result.stdout
+
+
+def test_serve_on_a_data_dir_it_cannot_create_exits_1_saying_why(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    result = run("serve", "--port", str(free_port()), "--data-dir", str(blocker / "data"))
+    assert result.returncode == 1
+    assert "cannot start" in result.stderr and "embedded store" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_reads_the_data_dir_from_atlantis_env(
+    service_process: ServiceFactory, tmp_path: Path
+) -> None:
+    # --data-dir on the command line wins over ATLANTIS_DATA_DIR, as any flag over its env var.
+    service = service_process(env={"ATLANTIS_DATA_DIR": str(tmp_path / "ignored")})
+    run("lock", "--url", service.url, "acquire", "--repo", "acme/infra", "--pull", "1")
+    assert (service.data_dir / "enhanced-locking.db").is_file()
+    assert not (tmp_path / "ignored").exists()
+
+
+# --- lock ... against a running service --------------------------------------------------------
+
+
+def test_lock_commands_against_a_running_service(service_process: ServiceFactory) -> None:
+    url = service_process().url
+
+    def lock(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return run("lock", "--url", url, *args, env=env)
+
+    acquired = lock("acquire", "--repo", "acme/infra", "--path", "envs/prod", "--project", "prod",
+                    "--pull", "12", "--user", "alice", "--pull-url",
+                    "https://bot:tok@git.example/acme/infra/pull/12")
+    assert acquired.returncode == 0, acquired.stderr
+    answer = output(acquired)
+    key = "acme/infra/envs/prod/default/prod"
+    assert answer["acquired"] is True and answer["lockKey"] == key
+    assert answer["lock"]["pull"]["url"] == "https://git.example/acme/infra/pull/12"
+
+    refused = lock("acquire", "--repo", "acme/infra", "--path", "envs/prod", "--project", "prod",
+                   "--pull", "13")
+    assert refused.returncode == 1
+    assert output(refused)["reason"] == "held"
+    assert output(refused)["holder"]["pull"]["num"] == 12
+
+    other = lock("acquire", "--repo", "acme/web", "--pull", "12", "--workspace", "staging")
+    assert other.returncode == 0
+
+    listed = lock("list", "--repo", "acme/infra")
+    assert listed.returncode == 0
+    assert [item["key"] for item in output(listed)["locks"]] == [key]
+    assert len(output(lock("list"))["locks"]) == 2
+
+    not_owner = lock("release", "--key", key, "--pull", "13")
+    assert not_owner.returncode == 1
+    assert "#12" in not_owner.stderr and "Traceback" not in not_owner.stderr
+
+    released = lock("release", "--key", key, "--pull", "12")
+    assert released.returncode == 0
+    assert output(released)["released"] is True
+    assert output(released)["lock"]["key"] == key
+
+    free = lock("release", "--key", key)
+    assert free.returncode == 1
+    assert "no lock is held" in free.stderr
+
+    by_pull = lock("unlock-pull", "--repo", "acme/web", "--pull", "12")
+    assert by_pull.returncode == 0
+    assert [item["key"] for item in output(by_pull)["released"]] == ["acme/web/./staging/"]
+    assert output(lock("list"))["locks"] == []
+
+
+def test_the_service_url_can_come_from_the_environment(service_process: ServiceFactory) -> None:
+    url = service_process().url
+    result = run("lock", "list", env={"ENHANCED_LOCKING_URL": url})
+    assert result.returncode == 0 and output(result) == {"locks": []}
+
+
+@pytest.mark.parametrize("args", [
+    ["--pull", "1", "--wait", "soon"],
+    ["--pull", "-1"],
+])
+def test_an_invalid_acquire_exits_2(service_process: ServiceFactory, args: list[str]) -> None:
+    url = service_process().url
+    result = run("lock", "--url", url, "acquire", "--repo", "acme/infra", *args)
+    assert result.returncode == 2
+    assert result.stderr.strip() and "Traceback" not in result.stderr
+
+
+def test_a_missing_argument_exits_2() -> None:
+    result = run("lock", "acquire", "--repo", "acme/infra")
+    assert result.returncode == 2
+    assert "--pull" in result.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ["acquire", "--repo", "acme/infra", "--pull", "1"],
+    ["release", "--key", "acme/infra/./default/"],
+    ["list"],
+    ["unlock-pull", "--repo", "acme/infra", "--pull", "1"],
+])
+def test_an_unreachable_service_exits_3(args: list[str]) -> None:
+    result = run("lock", "--url", f"http://127.0.0.1:{free_port()}", *args)
+    assert result.returncode == 3
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "cannot reach the lock service" in lines[0]
