@@ -97,7 +97,11 @@ def percentile(values: list[float], q: int) -> float:
 
 
 def measure(kube: KubeCluster, operator: OperatorProcess, edits: int) -> dict[str, list[float]]:
-    api = client.CustomObjectsApi(config.new_client_from_config(str(kube.kubeconfig)))
+    configuration = client.Configuration()
+    config.load_kube_config(  # type: ignore[no-untyped-call]
+        config_file=str(kube.kubeconfig), client_configuration=configuration
+    )
+    api = client.CustomObjectsApi(client.ApiClient(configuration))
     http = httpx.Client(base_url=operator.url, timeout=5)
     samples: dict[str, list[float]] = {"patch": [], "service": [], "status": []}
     for i in range(edits):
@@ -108,8 +112,10 @@ def measure(kube: KubeCluster, operator: OperatorProcess, edits: int) -> dict[st
                            "--type=merge", "-p", patch, "-o", "json")
         returned = time.perf_counter()
         generation = json.loads(out.stdout)["metadata"]["generation"]
-        until(lambda w=weight: http.get("/v1/config").json()["routing"]["weight"] == w,
-              f"weight {weight} in GET /v1/config")
+        def served(w: float = weight) -> bool:
+            return bool(http.get("/v1/config").json()["routing"]["weight"] == w)
+
+        until(served, f"weight {weight} in GET /v1/config")
         applied = time.perf_counter()
 
         def observed(g: int = generation) -> bool:

@@ -137,8 +137,10 @@ def test_a_migration_needs_its_policy_ref() -> None:
 
 
 def test_the_weight_in_force_is_the_last_set_weight_up_to_the_step() -> None:
-    steps = [Step.model_validate(s) for s in
-             ({"setWeight": 10}, {"pause": {}}, {"setWeight": 50}, {"pause": {"duration": "1m"}})]
+    shapes: list[dict[str, Any]] = [
+        {"setWeight": 10}, {"pause": {}}, {"setWeight": 50}, {"pause": {"duration": "1m"}},
+    ]
+    steps = [Step.model_validate(shape) for shape in shapes]
     assert [step_weight(steps, i) for i in range(4)] == [10, 10, 50, 50]
     pause_first = [Step.model_validate({"pause": {}}), Step.model_validate({"setWeight": 5})]
     assert step_weight(pause_first, 0) == 0
