@@ -297,3 +297,22 @@ async def test_the_transition_time_moves_only_when_ready_flips(
     await _put(reconciler, cluster, POLICIES, "default",
                {**POLICY, "backend": "redis", "redis": {"addr": f"127.0.0.1:{free_port()}"}})
     assert cluster.ready(POLICIES, "default")["lastTransitionTime"] == "2100-01-01T00:00:00Z"
+
+
+async def test_an_older_copy_of_an_object_never_flaps_the_config_back(
+    reconciler: Reconciler, cluster: InMemoryCluster, service: LockService
+) -> None:
+    await _put(reconciler, cluster, POLICIES, "default", POLICY)
+    first = cluster.put(MIGRATIONS, "to-enhanced", MIGRATION)
+    await reconciler.observed(MIGRATIONS, first)
+    await _put(reconciler, cluster, MIGRATIONS, "to-enhanced", {**MIGRATION, "weight": 60})
+    weights = _weights(service)
+    await reconciler.observed(MIGRATIONS, first)  # a late watch event of generation 1
+    assert weights == [] and service.provider.current.config.effective_weight == 60
+
+    # The same name created anew (another uid) starts again at generation 1 and counts.
+    cluster.objects.pop((MIGRATIONS, "to-enhanced"))
+    recreated = cluster.put(MIGRATIONS, "to-enhanced", {**MIGRATION, "weight": 10})
+    recreated["metadata"]["uid"] = "uid-recreated"
+    await reconciler.observed(MIGRATIONS, recreated)
+    assert service.provider.current.config.effective_weight == 10

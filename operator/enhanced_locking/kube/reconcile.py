@@ -5,9 +5,10 @@ namespace, by name. Whatever woke it (kopf's create/update/resume/delete of eith
 the periodic resync), the reconciler does the same idempotent thing: it takes the objects as
 they are now and *converges*, in two steps, under one lock:
 
-1. the policy: its spec (with the Secrets it names) plus the migration that was last applied
-   becomes the provider's ``cluster`` layer; no policy removes the layer;
-2. the migration: the applied policy plus the migration's spec becomes the layer.
+1. the policy: its spec (with the Secrets it names) plus the migration's spec (or, when that
+   one is unusable, the migration last applied) becomes the provider's ``cluster`` layer; no
+   policy removes the layer;
+2. the migration: the policy last applied plus the migration's spec becomes the layer.
 
 Each step is tried on its own, so a policy the service refuses (say, a Redis address that does
 not answer) never blocks a migration edit such as ``abort: true``, and the refusal of one step
@@ -56,7 +57,7 @@ class Binding:
 
     namespace: str
     policy: str = "default"
-    migration: str = "default"
+    migration: str = "to-enhanced"
 
 
 _Event = tuple[Mapping[str, Any], "_Tracked", str, str, str]
@@ -87,6 +88,19 @@ class _Tracked:
 
 def _plain(body: Mapping[str, Any] | None) -> dict[str, Any] | None:
     return None if body is None else copy.deepcopy({key: body[key] for key in body})
+
+
+def _older(body: Mapping[str, Any], than: Mapping[str, Any] | None) -> bool:
+    """Whether ``body`` is an older spec of the same object than ``than``.
+
+    A resync's read and a watch event can cross; acting on the older one would flap the
+    configuration back for a moment.
+    """
+    if than is None:
+        return False
+    new, old = body.get("metadata", {}), than.get("metadata", {})
+    return bool(new.get("uid") == old.get("uid")
+                and (new.get("generation") or 0) < (old.get("generation") or 0))
 
 
 def _describe(error: ValidationError) -> str:
@@ -136,7 +150,9 @@ class Reconciler:
     async def observed(self, plural: str, body: Mapping[str, Any]) -> None:
         """An object was created, changed or found at start-up."""
         async with self._lock:
-            self._tracked(plural).body = _plain(body)
+            tracked = self._tracked(plural)
+            if not _older(body, tracked.body):
+                tracked.body = _plain(body)
             await self._converge()
 
     async def deleted(self, plural: str, body: Mapping[str, Any]) -> None:
@@ -151,7 +167,9 @@ class Reconciler:
         async with self._lock:
             ns = self.binding.namespace
             for tracked in (self.policy, self.migration):
-                tracked.body = await self.cluster.get_object(tracked.plural, ns, tracked.name)
+                found = await self.cluster.get_object(tracked.plural, ns, tracked.name)
+                if found is None or not _older(found, tracked.body):
+                    tracked.body = found
             await self._converge()
 
     async def resync_forever(self, interval: float) -> None:
@@ -400,9 +418,8 @@ class Reconciler:
             return
         status = self.status_of(tracked, verdict)
         current = body.get("status") or {}
-        if all(current.get(key) == value for key, value in status.items() if value is not None) \
-                and all(current.get(key) is None for key, value in status.items() if value is None):
-            return
+        if {key: current.get(key) for key in status} == status:
+            return  # already says so: no write, no new resourceVersion
         meta = body.get("metadata", {})
         patched = await self.cluster.patch_status(
             tracked.plural, str(meta.get("namespace")), str(meta.get("name")), status
