@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import secrets
 import shutil
+import socket
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ import yaml
 from tests.support.controlplane import KubeCluster
 from tests.support.operator import OperatorProcess, cr, ready_condition, wait_for
 from tests.support.redis_server import RedisServer
+from tests.support.service import scrubbed_env
 
 from enhanced_locking.hashing import bucket_of, is_enhanced_bucket
 
@@ -375,3 +378,20 @@ def test_the_redis_password_is_read_from_its_secret_and_shown_nowhere(
         operator.log_text(),
     ])
     assert password not in seen
+
+
+def test_a_port_in_use_stops_it_before_kopf_starts(
+    kube_cluster: KubeCluster, kube_namespace: str, lock_crds: None, tmp_path: Path
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        operator = OperatorProcess(tmp_path / "data", kubeconfig=kube_cluster.kubeconfig,
+                                   namespace=kube_namespace, log_dir=tmp_path / "logs",
+                                   port=taken.getsockname()[1])
+        result = subprocess.run(operator.argv, capture_output=True, text=True, timeout=60,
+                                env=scrubbed_env({"KUBECONFIG": str(kube_cluster.kubeconfig)}))
+    assert result.returncode == 3
+    assert "address already in use" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "kopf" not in result.stderr  # it never started

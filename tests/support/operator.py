@@ -39,9 +39,10 @@ class OperatorProcess(ServiceProcess):
         resync_interval: float = 30,
         args: Sequence[str] = (),
         log_dir: Path | None = None,
+        port: int | None = None,
     ) -> None:
         super().__init__(data_dir, args=args, env={"KUBECONFIG": str(kubeconfig)},
-                         log_dir=log_dir)
+                         log_dir=log_dir, port=port)
         self.namespace = namespace
         self.policy = policy
         self.migration = migration

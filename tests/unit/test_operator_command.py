@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
 import pytest
+from tests.support.service import enhanced_locking_command, free_port, scrubbed_env
 
 from enhanced_locking import cli
 
@@ -37,3 +41,16 @@ def test_the_operator_takes_every_serve_flag(capsys: pytest.CaptureFixture[str])
     assert serve_flags <= operator_flags
     assert {"--namespace", "--policy", "--migration", "--liveness", "--resync-interval",
             "--standalone"} <= operator_flags
+
+
+def test_without_kubernetes_credentials_it_exits_2_saying_so(tmp_path: Path) -> None:
+    env = scrubbed_env({"KUBECONFIG": str(tmp_path / "absent"), "HOME": str(tmp_path)})
+    env.pop("KUBERNETES_SERVICE_HOST", None)
+    result = subprocess.run(
+        [*enhanced_locking_command(), "operator", "--namespace", "atlantis",
+         "--port", str(free_port()), "--data-dir", str(tmp_path / "data")],
+        capture_output=True, text=True, env=env, timeout=60,
+    )
+    assert result.returncode == 2
+    assert f"no Kubernetes credentials: kubeconfig {tmp_path / 'absent'}" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -27,13 +27,18 @@ from pydantic import SecretStr
 from enhanced_locking.kube.models import GROUP, VERSION
 
 __all__ = [
-    "ClusterApi", "KubernetesApi", "SecretProblem", "client_configuration", "new_api_client",
+    "ClusterApi", "KubernetesApi", "NoCredentials", "SecretProblem", "client_configuration",
+    "new_api_client",
 ]
 
 log = logging.getLogger(__name__)
 
 COMPONENT = "enhanced-locking"
 _TIMEOUT = 10.0
+
+
+class NoCredentials(Exception):
+    """Neither a kubeconfig nor a pod's service account says how to reach Kubernetes."""
 
 
 class SecretProblem(Exception):
@@ -76,14 +81,21 @@ def client_configuration() -> client.Configuration:
     the operator's own calls always talk to the same cluster as the same user.
     """
     configuration = client.Configuration()
-    if os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
-        config.load_incluster_config(  # type: ignore[no-untyped-call]
-            client_configuration=configuration
-        )
-    else:
-        config.load_kube_config(  # type: ignore[no-untyped-call]
-            client_configuration=configuration, persist_config=False
-        )
+    try:
+        if os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
+            config.load_incluster_config(  # type: ignore[no-untyped-call]
+                client_configuration=configuration
+            )
+        else:
+            config.load_kube_config(  # type: ignore[no-untyped-call]
+                client_configuration=configuration, persist_config=False
+            )
+    except (config.ConfigException, OSError) as error:
+        where = os.environ.get("KUBECONFIG") or "~/.kube/config (KUBECONFIG is not set)"
+        raise NoCredentials(
+            f"no Kubernetes credentials: kubeconfig {where}: {error}; set KUBECONFIG, or run "
+            "in a pod with a service account"
+        ) from None
     return configuration
 
 

@@ -5,7 +5,8 @@ The order of things:
 1. the caller has started the lock service (its static config is generation 1);
 2. the bound LockPolicy and LockMigration are read once and applied *before* the HTTP server
    opens, so a restarted operator serves the cluster's config from its first request;
-3. the HTTP server, the periodic resync and kopf run side by side;
+3. the HTTP server opens (a port in use stops here, before kopf starts), then the periodic
+   resync and kopf run beside it;
 4. on SIGTERM/SIGINT the HTTP server drains first, then kopf stops, then the caller closes
    the service.
 
@@ -29,7 +30,12 @@ from typing import Any, Protocol
 import kopf
 
 from enhanced_locking.factory import LockService
-from enhanced_locking.kube.cluster import KubernetesApi, client_configuration, new_api_client
+from enhanced_locking.kube.cluster import (
+    KubernetesApi,
+    NoCredentials,
+    client_configuration,
+    new_api_client,
+)
 from enhanced_locking.kube.handlers import build_registry
 from enhanced_locking.kube.models import GROUP
 from enhanced_locking.kube.reconcile import Binding, Reconciler
@@ -55,6 +61,7 @@ class HttpServer(Protocol):
     """The part of ``uvicorn.Server`` the operator drives."""
 
     should_exit: bool
+    started: bool
 
     async def serve(self) -> None: ...
 
@@ -82,10 +89,27 @@ def _identity() -> Any:
     return f"enhanced-locking@{os.environ.get('POD_NAME') or os.uname().nodename}"
 
 
+async def _serve(http: HttpServer) -> int:
+    """Serve HTTP; uvicorn's exit on a start-up failure (a port in use) becomes a code.
+
+    uvicorn calls ``sys.exit`` when it cannot bind; raised inside a task, that would tear the
+    event loop down with a traceback instead of stopping kopf in order.
+    """
+    try:
+        await http.serve()
+    except SystemExit as stopped:  # uvicorn has logged why
+        return stopped.code if isinstance(stopped.code, int) else 1
+    return 0
+
+
 async def run(service: LockService, options: OperatorOptions, *, http: HttpServer) -> int:
     """Run kopf, the resync and the HTTP server until a signal; 0 on a clean stop."""
+    try:
+        api_client = new_api_client(client_configuration())
+    except NoCredentials as error:
+        log.error("%s", error)
+        return 2  # a usage error, as for an invalid setting
     runtime_dir = Path(tempfile.mkdtemp(prefix="enhanced-locking-"))
-    api_client = new_api_client(client_configuration())
     binding = Binding(options.namespace, options.policy, options.migration)
     reconciler = Reconciler(
         service.provider, binding=binding, cluster=KubernetesApi(api_client),
@@ -99,9 +123,16 @@ async def run(service: LockService, options: OperatorOptions, *, http: HttpServe
     log.info("binding LockPolicy %s/%s and LockMigration %s/%s",
              options.namespace, options.policy, options.namespace, options.migration)
 
+    server = asyncio.create_task(_serve(http), name="http server")
+    while not http.started and not server.done():  # noqa: ASYNC110 (a flag, no event)
+        await asyncio.sleep(0.01)  # uvicorn says it listens with a flag only
+    if server.done():  # it could not start (a port in use): kopf never starts either
+        api_client.close()  # type: ignore[no-untyped-call]
+        shutil.rmtree(runtime_dir, ignore_errors=True)
+        return server.result()
+
     stop = asyncio.Event()
     ready = asyncio.Event()
-    server = asyncio.create_task(http.serve(), name="http server")
     resync = asyncio.create_task(
         reconciler.resync_forever(options.resync_interval), name="resync"
     )
@@ -138,11 +169,7 @@ async def run(service: LockService, options: OperatorOptions, *, http: HttpServe
         if not server.done():
             drain()
         with contextlib.suppress(Exception, asyncio.CancelledError):
-            await server
-        failure = None if server.cancelled() else server.exception()
-        if failure is not None:
-            log.error("the HTTP server stopped: %s", failure)
-            exit_code = 1
+            exit_code = await server
         stop.set()
         with contextlib.suppress(asyncio.CancelledError):
             await operator
