@@ -49,7 +49,7 @@ from enhanced_locking.migration.replicas import (
     ReplicaRegistry,
 )
 from enhanced_locking.migration.shadow import ShadowReplayer
-from enhanced_locking.migration.transition import RoutingPlan, WeightTransitions
+from enhanced_locking.migration.transition import Admission, WeightTransitions
 from enhanced_locking.provider import ConfigProvider, Snapshot
 from enhanced_locking.types import AcquireResult, Lock, LockRequest
 
@@ -206,7 +206,7 @@ class MigrationController:
             await self._journal.close()
 
     # --- hooks for the router ------------------------------------------------------------
-    def admit(self, key: str) -> contextlib.AbstractContextManager[RoutingPlan]:
+    def admit(self, key: str) -> Admission:
         return self.transitions.admit(key)
 
     def after_acquire(self, request: LockRequest, result: AcquireResult) -> None:

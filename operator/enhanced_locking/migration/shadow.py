@@ -21,12 +21,14 @@ legacy's current holds of the sampled keys, so a comparison starts from the same
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import functools
 import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from enhanced_locking.backends.base import Backend
 from enhanced_locking.config import EnhancedLockingConfig
@@ -55,13 +57,15 @@ def sample_bucket(key: str) -> int:
     return int.from_bytes(digest, "big") % BUCKETS
 
 
+_sample = functools.lru_cache(maxsize=1 << 16)(sample_bucket)
+
+
 def shadow_active(config: EnhancedLockingConfig) -> bool:
     return (config.enabled and config.migration_mode == "shadow"
             and config.shadow_sample_ratio > 0)
 
 
-@dataclass(frozen=True)
-class Answer:
+class Answer(NamedTuple):
     """An outcome reduced to what both sides can be compared on."""
 
     granted: bool
@@ -79,28 +83,25 @@ class Answer:
         return {"granted": self.granted, "holder": holder}
 
 
-@dataclass(frozen=True)
-class _Acquire:
+class _Acquire(NamedTuple):
     request: LockRequest
-    answer: Answer
+    result: AcquireResult
 
 
-@dataclass(frozen=True)
-class _Release:
+class _Release(NamedTuple):
     key: str
     owner: Holder | None
-    answer: Answer
+    released: Lock | None
+    not_owned_by: Lock | None
 
 
-@dataclass(frozen=True)
-class _ReleaseByPull:
+class _ReleaseByPull(NamedTuple):
     repo: str
     pull: int
-    keys: frozenset[str]
+    released: list[Lock]
 
 
-@dataclass(frozen=True)
-class _Seed:
+class _Seed(NamedTuple):
     source: Backend
 
 
@@ -148,20 +149,27 @@ class ShadowReplayer:
         self._backend_identity: tuple[Any, ...] | None = None
         self._ratio = 0.0
         self._cut = 0
-        self._queue: asyncio.Queue[_Job] | None = None
+        # The queue: the request path only appends (and wakes the worker if it sleeps).
+        self._jobs: collections.deque[_Job] = collections.deque()
+        self._limit = 0
+        self._active = False
+        self._idle = True
+        self._ready = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._drained.set()
         self._worker: asyncio.Task[None] | None = None
         self._retired: list[Backend] = []
 
     # --- state ---------------------------------------------------------------------------
     @property
     def active(self) -> bool:
-        return self._queue is not None and self.backend is not None
+        return self._active
 
     def sampled(self, key: str) -> bool:
-        return sample_bucket(key) < self._cut
+        return _sample(key) < self._cut
 
     def queued(self) -> int:
-        return self._queue.qsize() if self._queue is not None else 0
+        return len(self._jobs)
 
     def status(self) -> dict[str, Any]:
         return {"active": self.active, "sampleRatio": self._ratio, "queued": self.queued(),
@@ -181,17 +189,20 @@ class ShadowReplayer:
             self._backend_identity = identity
         self._ratio = config.shadow_sample_ratio
         self._cut = round(self._ratio * BUCKETS)
-        if self._queue is None or self._queue.maxsize != config.shadow_queue_size:
-            await self._stop_worker()
-            self._queue = asyncio.Queue(maxsize=config.shadow_queue_size)
-            self._worker = asyncio.get_running_loop().create_task(self._work(self._queue))
+        self._limit = config.shadow_queue_size
+        if self._worker is None:
+            self._worker = asyncio.get_running_loop().create_task(self._work())
             changed = True
+        self._active = True
         if changed:
             self._offer(_Seed(self._authoritative()))
 
     async def stop(self) -> None:
+        self._active = False
         await self._stop_worker()
-        self._queue = None
+        self._jobs.clear()
+        self._idle = True
+        self._drained.set()
         backends, self._retired = [*self._retired, self.backend], []
         self.backend, self._backend_identity, self._ratio, self._cut = None, None, 0.0, 0
         for backend in backends:
@@ -208,46 +219,44 @@ class ShadowReplayer:
 
     async def drain(self) -> None:
         """Until every job queued so far has been replayed (for tests and benchmarks)."""
-        if self._queue is not None:
-            await self._queue.join()
+        if self._jobs or not self._idle:
+            self._drained.clear()
+            await self._drained.wait()
 
-    # --- the request path: enqueue only --------------------------------------------------
+    # --- the request path: a sampling check and an append -------------------------------
     def after_acquire(self, request: LockRequest, result: AcquireResult) -> None:
-        if not self.active or not self.sampled(request.key):
-            return
-        if not result.acquired and result.reason is not Reason.HELD:
-            return  # nothing was decided about the key (unavailable, timeout, ...)
-        self._offer(_Acquire(request, Answer.of_lock(
-            result.acquired, None if result.acquired else result.holder)))
+        if self._active and _sample(request.key) < self._cut:
+            self._offer(_Acquire(request, result))
 
     def after_release(self, key: str, owner: Holder | None, *, released: Lock | None,
                       not_owned_by: Lock | None = None) -> None:
-        if not self.active or not self.sampled(key):
-            return
-        if not_owned_by is not None:
-            answer = Answer.of_lock(False, not_owned_by)
-        else:
-            answer = Answer.of_lock(released is not None, released)
-        self._offer(_Release(key, owner, answer))
+        if self._active and _sample(key) < self._cut:
+            self._offer(_Release(key, owner, released, not_owned_by))
 
     def after_release_by_pull(self, repo: str, pull: int, released: list[Lock]) -> None:
-        if not self.active:
-            return
-        keys = frozenset(lock.key for lock in released if self.sampled(lock.key))
-        self._offer(_ReleaseByPull(repo, pull, keys))
+        if self._active:
+            self._offer(_ReleaseByPull(repo, pull, released))
 
     def _offer(self, job: _Job) -> None:
-        try:
-            if self._queue is not None:
-                self._queue.put_nowait(job)
-        except asyncio.QueueFull:
+        if len(self._jobs) >= self._limit:
             self.stats.dropped += 1
             self.metrics.shadow_replays.labels("dropped").inc()
+            return
+        self._jobs.append(job)
+        if self._idle:
+            self._idle = False
+            self._ready.set()
 
     # --- the background replay -----------------------------------------------------------
-    async def _work(self, queue: asyncio.Queue[_Job]) -> None:
+    async def _work(self) -> None:
         while True:
-            job = await queue.get()
+            if not self._jobs:
+                self._idle = True
+                self._drained.set()
+                self._ready.clear()
+                await self._ready.wait()
+                continue
+            job = self._jobs.popleft()
             try:
                 if self.backend is not None:
                     await self._replay(self.backend, job)
@@ -255,35 +264,46 @@ class ShadowReplayer:
                 self.stats.errors += 1
                 self.metrics.shadow_replays.labels("error").inc()
                 log.debug("shadow replay failed: %s", error)
-            finally:
-                queue.task_done()
+            # Let requests that arrived meanwhile go first: an in-process store answers
+            # without yielding, so a backlog would otherwise run back to back.
+            await asyncio.sleep(0)
 
     async def _replay(self, backend: Backend, job: _Job) -> None:
         if isinstance(job, _Seed):
             await self._seed(backend, job.source)
             return
         if isinstance(job, _Acquire):
+            result = job.result
+            if not result.acquired and result.reason is not Reason.HELD:
+                return  # nothing was decided about the key (unavailable, timeout, ...)
+            authoritative = Answer.of_lock(result.acquired,
+                                           None if result.acquired else result.holder)
             candidate = Lock.for_request(job.request.model_copy(update={"ttl": None}),
                                          now=utcnow(), token=0, backend="enhanced")
             granted, lock = await backend.acquire(candidate)
             self._compare("acquire", job.request.key, job.request.project.repo_full_name,
-                          job.answer, Answer.of_lock(granted, None if granted else lock))
+                          authoritative, Answer.of_lock(granted, None if granted else lock))
         elif isinstance(job, _Release):
+            if job.not_owned_by is not None:
+                authoritative = Answer.of_lock(False, job.not_owned_by)
+            else:
+                authoritative = Answer.of_lock(job.released is not None, job.released)
             try:
                 released = await backend.release(job.key, owner=job.owner)
                 shadow = Answer.of_lock(released is not None, released)
             except LockNotOwned as error:
                 shadow = Answer.of_lock(False, error.holder)
             repo = job.owner[0] if job.owner else None
-            self._compare("release", job.key, repo, job.answer, shadow)
+            self._compare("release", job.key, repo, authoritative, shadow)
         else:
+            expected = frozenset(lock.key for lock in job.released if self.sampled(lock.key))
             gone = await backend.release_by_pull(job.repo, job.pull)
             keys = frozenset(lock.key for lock in gone if self.sampled(lock.key))
-            if keys == job.keys:
+            if keys == expected:
                 self._matched()
             else:
                 self._mismatch("release-by-pull", None, job.repo,
-                               {"released": sorted(job.keys)}, {"released": sorted(keys)})
+                               {"released": sorted(expected)}, {"released": sorted(keys)})
 
     async def _seed(self, backend: Backend, source: Backend) -> None:
         stale, _ = await backend.export()

@@ -29,11 +29,11 @@ heartbeat, faster while moving). :meth:`status` is the state for a LockMigration
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -124,6 +124,28 @@ class RoutingPlan:
         return "legacy" if self.side == "enhanced" else "enhanced"
 
 
+_PLANS = {(enhanced, both): RoutingPlan("enhanced" if enhanced else "legacy", both)
+          for enhanced in (False, True) for both in (False, True)}
+
+_bucket = functools.lru_cache(maxsize=1 << 16)(bucket_of)
+"""Buckets of recently seen keys: an install has a bounded set of projects, asked for often."""
+
+
+class Admission:
+    """One acquire counted as running under the routing epoch it was planned in."""
+
+    __slots__ = ("_epoch", "_owner", "plan")
+
+    def __init__(self, owner: WeightTransitions, epoch: int, plan: RoutingPlan) -> None:
+        self._owner, self._epoch, self.plan = owner, epoch, plan
+
+    def __enter__(self) -> RoutingPlan:
+        return self.plan
+
+    def __exit__(self, *exc: object) -> None:
+        self._owner._finished(self._epoch)
+
+
 Phase = Literal["stable", "moving", "isolated"]
 
 
@@ -197,7 +219,7 @@ class WeightTransitions:
         self._reported = self._target
         self._epoch = 0
         self._older: dict[int, float] = {}  # epoch -> the target requests of that epoch used
-        self._inflight: collections.Counter[int] = collections.Counter()
+        self._inflight: dict[int, int] = {}
         self._moved_at = clock()
         self._band = Band()
         self._view = ReplicaView(0.0)
@@ -220,9 +242,9 @@ class WeightTransitions:
         return self._target
 
     def plan(self, key: str) -> RoutingPlan:
-        bucket = bucket_of(key)
-        side: Side = "enhanced" if is_enhanced_bucket(bucket, self._target) else "legacy"
-        return RoutingPlan(side, self.isolated or bucket in self._band)
+        bucket = _bucket(key)
+        enhanced = is_enhanced_bucket(bucket, self._target)
+        return _PLANS[enhanced, self.isolated or bucket in self._band]
 
     @property
     def isolated(self) -> bool:
@@ -234,19 +256,22 @@ class WeightTransitions:
         return (self._isolated or self._last_ok is None
                 or self._clock() - self._last_ok > self._isolate_after)
 
-    @contextlib.contextmanager
-    def admit(self, key: str) -> Iterator[RoutingPlan]:
-        """Plan one acquire and count it as running until it returns (moves wait for it)."""
+    def admit(self, key: str) -> Admission:
+        """Plan one acquire and count it as running until it returns (moves wait for it):
+        ``with transitions.admit(key) as plan: ...``."""
+        plan = self.plan(key)
         epoch = self._epoch
-        self._inflight[epoch] += 1
-        try:
-            yield self.plan(key)
-        finally:
-            self._inflight[epoch] -= 1
-            if not self._inflight[epoch]:
-                del self._inflight[epoch]
-                if epoch in self._older:
-                    self._wake.set()
+        self._inflight[epoch] = self._inflight.get(epoch, 0) + 1
+        return Admission(self, epoch, plan)
+
+    def _finished(self, epoch: int) -> None:
+        left = self._inflight[epoch] - 1
+        if left:
+            self._inflight[epoch] = left
+            return
+        del self._inflight[epoch]
+        if epoch in self._older:
+            self._wake.set()
 
     # --- config changes ------------------------------------------------------------------
     def on_snapshot(self, snapshot: Snapshot) -> None:
@@ -320,7 +345,7 @@ class WeightTransitions:
     def _drain(self, now: float, expiry: float) -> None:
         if not self._older:
             return
-        running = sum(self._inflight[e] for e in self._older)
+        running = sum(self._inflight.get(e, 0) for e in self._older)
         if running and now - self._moved_at <= expiry:
             return
         if running:
