@@ -73,7 +73,9 @@ class EventBus:
     def __init__(self, *, capacity: int = 10_000, enabled: Callable[[], bool] = lambda: True):
         self._ring: collections.deque[Event] = collections.deque(maxlen=capacity)
         self._subscribers: list[Subscriber] = []
-        self._changed = asyncio.Condition()
+        # Set (and replaced) on every publish: stream readers wait on the one they saw. No
+        # task per event, and a publish with nobody reading costs nothing more.
+        self._wakeup = asyncio.Event()
         self._last = (0, 0)
         self._enabled = enabled
 
@@ -90,17 +92,15 @@ class EventBus:
             return None
         key = key or (lock.key if lock else None)
         repo = lock.project.repo_full_name if lock else details.pop("repo", None)
-        event = Event(id=self._next_id(), type=type, time=utcnow(), key=key, repo=repo,
-                      lock=lock, details=details)
+        # Built without re-validation: every field is ours and already of its type.
+        event = Event.model_construct(id=self._next_id(), type=type, time=utcnow(), key=key,
+                                      repo=repo, lock=lock, details=details)
         self._ring.append(event)
         for subscriber in list(self._subscribers):
             subscriber(event)
-        asyncio.get_running_loop().create_task(self._notify())
+        wakeup, self._wakeup = self._wakeup, asyncio.Event()
+        wakeup.set()
         return event
-
-    async def _notify(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
 
     def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
         self._subscribers.append(subscriber)
@@ -110,8 +110,16 @@ class EventBus:
         """Events newer than ``after`` still in the ring (all of them without ``after``)."""
         if after is None:
             return list(self._ring)
-        mark = parse_event_id(after)
-        return [e for e in self._ring if parse_event_id(e.id) > mark]
+        return self._after(parse_event_id(after))
+
+    def _after(self, mark: tuple[int, int]) -> list[Event]:
+        newer: list[Event] = []
+        for event in reversed(self._ring):  # newest first: stop at the first one seen
+            if parse_event_id(event.id) <= mark:
+                break
+            newer.append(event)
+        newer.reverse()
+        return newer
 
     def gap_since(self, after: str) -> bool:
         """Whether events after ``after`` may have fallen out of the ring."""
@@ -123,10 +131,10 @@ class EventBus:
         """Replay from ``after`` (or only new events without it), then follow live."""
         mark = parse_event_id(after) if after else self._last
         while True:
-            fresh = [e for e in self._ring if parse_event_id(e.id) > mark]
+            wakeup = self._wakeup  # taken before looking, so no publish in between is missed
+            fresh = self._after(mark)
             for event in fresh:
                 mark = parse_event_id(event.id)
                 yield event
             if not fresh:
-                async with self._changed:
-                    await self._changed.wait()
+                await wakeup.wait()

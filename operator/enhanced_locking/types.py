@@ -43,10 +43,10 @@ from enhanced_locking.durations import (
 __all__ = [
     "AcquireResult",
     "BackendName",
+    "BackendUnavailable",
     "BatchItem",
     "BatchLockRequest",
     "BatchResult",
-    "BackendUnavailable",
     "Event",
     "InvalidRequest",
     "Lock",

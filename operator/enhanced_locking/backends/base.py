@@ -256,6 +256,11 @@ class StoreBackend(abc.ABC):
     @abc.abstractmethod
     def _scan(self, repo: str | None, pull: int | None) -> Locks: ...
 
+    def _pop(self, key: str, owner: Owner | None) -> Lock | None:
+        """Delete ``key``'s row if ``owner`` (or anyone, without it) holds it, in one atomic
+        step; the row deleted, or ``None`` (then the caller takes the general path)."""
+        return None
+
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
         yield
@@ -486,6 +491,10 @@ class StoreBackend(abc.ABC):
     async def release_and_handoff(
         self, key: str, *, owner: Owner | None = None, policy: QueuePolicy | None = None
     ) -> Handoff:
+        if key not in self._queues:  # nobody waits here: one step, nothing to hand over
+            popped = self._pop(key, owner)
+            if popped is not None:
+                return Handoff(released=None if popped.expired(self.clock()) else popped)
         policy = policy or QueuePolicy()
         with self._step() as fx:
             now = self.clock()

@@ -27,6 +27,8 @@ from enhanced_locking.types import BackendUnavailable, Lock, utcnow
 
 __all__ = ["EmbeddedBackend", "open_database"]
 
+_DECODED_KEYS = 4096
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS locks (
     ns TEXT NOT NULL, key TEXT NOT NULL, repo TEXT NOT NULL, pull INTEGER NOT NULL,
@@ -65,6 +67,10 @@ class EmbeddedBackend(StoreBackend):
         self.path = path
         self._db = open_database(path)
         self._depth = 0
+        # The last row text seen per key and its decoded lock: decoding is most of a read's
+        # cost, and a row read back is usually one this backend just wrote. The text is always
+        # read from the file, so another writer's change is never missed.
+        self._decoded: dict[str, tuple[str, Lock]] = {}
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -96,18 +102,42 @@ class EmbeddedBackend(StoreBackend):
         except sqlite3.Error as error:
             raise BackendUnavailable(f"embedded store {self.path}: {error}") from None
 
+    def _decode(self, key: str, text: str) -> Lock:
+        cached = self._decoded.get(key)
+        if cached is not None and cached[0] == text:
+            return cached[1]
+        lock = codec.decode(text, key=key)
+        self._remember(key, text, lock)
+        return lock
+
+    def _remember(self, key: str, text: str, lock: Lock) -> None:
+        if len(self._decoded) >= _DECODED_KEYS:
+            self._decoded.clear()
+        self._decoded[key] = (text, lock)
+
     def _load(self, key: str) -> Lock | None:
         row = self._db.execute(
             "SELECT data FROM locks WHERE ns = ? AND key = ?", (self.namespace, key)
         ).fetchone()
-        return codec.decode(row[0], key=key) if row else None
+        return self._decode(key, row[0]) if row else None
 
     def _store(self, lock: Lock) -> None:
+        text = codec.encode(lock)
         self._db.execute(
             "INSERT OR REPLACE INTO locks (ns, key, repo, pull, data) VALUES (?, ?, ?, ?, ?)",
-            (self.namespace, lock.key, lock.project.repo_full_name, lock.pull.num,
-             codec.encode(lock)),
+            (self.namespace, lock.key, lock.project.repo_full_name, lock.pull.num, text),
         )
+        self._remember(lock.key, text, lock)
+
+    def _pop(self, key: str, owner: tuple[str, int] | None) -> Lock | None:
+        # One statement, so one implicit transaction: the release of a key nobody waits for.
+        query = "DELETE FROM locks WHERE ns = ? AND key = ?"
+        args: list[str | int] = [self.namespace, key]
+        if owner is not None:
+            query, args = query + " AND repo = ? AND pull = ?", [*args, *owner]
+        with self._unavailable():
+            row = self._db.execute(query + " RETURNING data", args).fetchone()
+        return self._decode(key, row[0]) if row else None
 
     def _delete(self, key: str) -> None:
         self._db.execute("DELETE FROM locks WHERE ns = ? AND key = ?", (self.namespace, key))

@@ -32,6 +32,12 @@ class MemoryBackend(StoreBackend):
     def _delete(self, key: str) -> None:
         self._locks.pop(key, None)
 
+    def _pop(self, key: str, owner: tuple[str, int] | None) -> Lock | None:
+        lock = self._locks.get(key)
+        if lock is None or (owner is not None and not lock.owned_by(*owner)):
+            return None
+        return self._locks.pop(key)
+
     def _next_token(self, key: str) -> int:
         self._counters[key] = self._counters.get(key, 0) + 1
         return self._counters[key]

@@ -23,7 +23,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from enhanced_locking.backends.base import Backend, Owner, QueueBackend
@@ -174,8 +174,7 @@ class EnhancedLocker(AtlantisCalls):
         self.validate(asked)
         wait, ttl, policy = self.wait_for(asked), self.lease(asked), self.policy()
         now = utcnow()
-        candidates = [Lock.for_request(r.model_copy(update={"ttl": ttl}), now=now, token=0,
-                                       backend="enhanced") for r in requests]
+        candidates = [_candidate(r, now) for r in requests]
         offer = None
         if wait is not None:
             offer = Wait(id=secrets.token_hex(12), timeout=wait, request_id=asked.request_id)
@@ -412,3 +411,15 @@ class EnhancedLocker(AtlantisCalls):
 
     async def list(self, *, repo: str | None = None, pull: int | None = None) -> Locks:
         return await self._call("list", lambda: self.backend.list(repo=repo, pull=pull))
+
+
+def _candidate(request: LockRequest, now: datetime) -> Lock:
+    """The lock a request asks for; the backend stamps its times and token when it grants.
+
+    Built without re-validation: every field comes from the request, already validated.
+    """
+    return Lock.model_construct(
+        key=request.key, project=request.project, workspace=request.workspace,
+        pull=request.pull, user=request.user, priority=request.priority, acquired_at=now,
+        expires_at=None, fencing_token=0, backend="enhanced",
+    )

@@ -1,0 +1,297 @@
+"""The enhanced locker's costs, each as a ratio against an anchor measured in the same run.
+
+1. Uncontended throughput: acquire + release pairs per second through the enhanced locker on
+   the embedded store, against a bare SQLite loop (INSERT a row, DELETE it, each its own
+   transaction) on a file with the same pragmas (WAL, ``synchronous=NORMAL``). Goal >= 0.7x.
+2. Handoff latency: from the call that releases a lock to the moment the next waiter's acquire
+   returns granted. In process (goal p50 < 1 ms), and over HTTP against a real
+   ``enhanced-locking serve`` (from sending the release to receiving the waiter's 200). The
+   anchor is an uncontended acquire on the same path.
+3. Router overhead with enhanced locking disabled: acquire + release through the router
+   against the same calls on the legacy locker directly. Goal <= 5 %.
+
+Blocks of the measured case and its anchor alternate so drift (CPU frequency, other load)
+hits both alike.
+
+Usage: python bench/locker.py [--pairs 4000] [--handoffs 1000] [--no-write]
+
+The table is printed and written into docs/benchmarks.md under its own heading.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import platform
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import httpx  # noqa: E402
+from tests.support.service import ServiceProcess  # noqa: E402
+
+from enhanced_locking.backends import EmbeddedBackend  # noqa: E402
+from enhanced_locking.config import EnhancedLockingConfig  # noqa: E402
+from enhanced_locking.events import EventBus  # noqa: E402
+from enhanced_locking.factory import LockService  # noqa: E402
+from enhanced_locking.locking import EnhancedLocker  # noqa: E402
+from enhanced_locking.metrics import Metrics  # noqa: E402
+from enhanced_locking.provider import ConfigProvider  # noqa: E402
+from enhanced_locking.types import LockRequest, Project, Pull  # noqa: E402
+
+DOC = REPO / "docs" / "benchmarks.md"
+HEADING = "## The enhanced locker: throughput, handoff latency, router overhead"
+BEGIN = "<!-- locker: begin -->"
+END = "<!-- locker: end -->"
+BLOCK = 250
+
+
+def request(path: str = "envs/prod", pull: int = 1, **extra: Any) -> LockRequest:
+    return LockRequest(project=Project(repo_full_name="acme/bench", path=path),
+                       pull=Pull(num=pull), **extra)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+# --- 1. throughput ---------------------------------------------------------------------------
+
+
+def bare_sqlite(path: Path) -> Callable[[int], float]:
+    """INSERT then DELETE one row, each in its own transaction, with the store's pragmas."""
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    db.execute("PRAGMA busy_timeout=5000")
+    db.execute("CREATE TABLE locks (ns TEXT NOT NULL, key TEXT NOT NULL, repo TEXT NOT NULL, "
+               "pull INTEGER NOT NULL, data TEXT NOT NULL, PRIMARY KEY (ns, key))")
+    data = '{"Project":{"RepoFullName":"acme/bench","Path":"envs/prod"},"Workspace":"default"}'
+
+    def run(pairs: int) -> float:
+        started = time.perf_counter()
+        for _ in range(pairs):
+            db.execute("INSERT INTO locks VALUES ('enhanced', 'k', 'acme/bench', 1, ?)", (data,))
+            db.execute("DELETE FROM locks WHERE ns = 'enhanced' AND key = 'k'")
+        return time.perf_counter() - started
+    return run
+
+
+def locker_on(path: Path, **settings: Any) -> EnhancedLocker:
+    config = EnhancedLockingConfig(enabled=True, **settings)
+    return EnhancedLocker(EmbeddedBackend(path), settings=lambda: config,
+                          events=EventBus(), metrics=Metrics())
+
+
+async def locker_pairs(locker: EnhancedLocker, pairs: int) -> float:
+    ask = request()
+    owner = ("acme/bench", 1)
+    started = time.perf_counter()
+    for _ in range(pairs):
+        await locker.acquire(ask)
+        await locker.release(ask.key, owner=owner)
+    return time.perf_counter() - started
+
+
+async def throughput(pairs: int, work: Path) -> dict[str, float]:
+    bare = bare_sqlite(work / "bare.db")
+    locker = locker_on(work / "locker.db")
+    times = {"bare": 0.0, "locker": 0.0}
+    bare(BLOCK)
+    await locker_pairs(locker, BLOCK)  # warm up both
+    for _ in range(max(1, pairs // BLOCK)):
+        times["bare"] += bare(BLOCK)
+        times["locker"] += await locker_pairs(locker, BLOCK)
+    await locker.backend.close()
+    done = max(1, pairs // BLOCK) * BLOCK
+    return {name: done / seconds for name, seconds in times.items()}
+
+
+# --- 2. handoff ------------------------------------------------------------------------------
+
+
+async def handoffs_in_process(count: int, work: Path) -> dict[str, list[float]]:
+    locker = locker_on(work / "handoff.db")
+    key = request().key
+    queued = asyncio.Event()
+    locker.events.subscribe(lambda event: queued.set() if event.type == "queued" else None)
+    latencies: list[float] = []
+    anchors: list[float] = []
+    for i in range(count):
+        holder, waiter = request(pull=2 * i + 1), request(pull=2 * i + 2, wait="10s")
+        started = time.perf_counter()
+        granted = await locker.acquire(holder)
+        anchors.append(time.perf_counter() - started)
+        assert granted.acquired
+        done = asyncio.get_running_loop().create_future()
+
+        async def wait(ask: LockRequest = waiter, done: asyncio.Future[float] = done) -> None:
+            answer = await locker.acquire(ask)
+            assert answer.acquired
+            done.set_result(time.perf_counter())
+
+        queued.clear()
+        task = asyncio.create_task(wait())
+        await queued.wait()
+        released_at = time.perf_counter()
+        await locker.release(key)
+        latencies.append(await done - released_at)
+        await task
+        await locker.release(key)
+    await locker.backend.close()
+    return {"handoff": latencies, "anchor": anchors}
+
+
+def handoffs_over_http(count: int, work: Path) -> dict[str, list[float]]:
+    process = ServiceProcess(work / "data", args=("--enhanced-locking-enabled",),
+                             log_dir=work / "logs")
+    process.start()
+
+    def body(pull: int, **extra: Any) -> dict[str, Any]:
+        return {"project": {"repoFullName": "acme/bench", "path": "envs/prod"},
+                "pull": {"num": pull}, **extra}
+
+    async def run() -> dict[str, list[float]]:
+        key = "acme/bench/envs/prod/default/"
+        latencies: list[float] = []
+        anchors: list[float] = []
+        async with httpx.AsyncClient(base_url=process.url, timeout=30) as a, \
+                httpx.AsyncClient(base_url=process.url, timeout=30) as b:
+            for i in range(count):
+                started = time.perf_counter()
+                held = await a.post("/v1/locks", json=body(2 * i + 1))
+                anchors.append(time.perf_counter() - started)
+                assert held.status_code == 200, held.text
+                waiting = asyncio.create_task(b.post("/v1/locks",
+                                                     json=body(2 * i + 2, wait="10s")))
+                # Poll the queue status until the waiter is in (no push without SSE here).
+                while not (await a.get("/v1/queue", params={"key": key})).json()["waiters"]:  # noqa: ASYNC110
+                    await asyncio.sleep(0.0005)
+                released_at = time.perf_counter()
+                await a.delete("/v1/locks/by-key", params={"key": key})
+                answer = await waiting
+                latencies.append(time.perf_counter() - released_at)
+                assert answer.status_code == 200, answer.text
+                await a.delete("/v1/locks/by-key", params={"key": key})
+        return {"handoff": latencies, "anchor": anchors}
+
+    try:
+        return asyncio.run(run())
+    finally:
+        process.stop()
+
+
+# --- 3. router overhead ----------------------------------------------------------------------
+
+
+async def router_overhead(pairs: int, work: Path) -> dict[str, float]:
+    config = EnhancedLockingConfig(enabled=False, data_dir=str(work / "router"))
+    service = LockService(ConfigProvider(config))
+    await service.start()
+    ask = request()
+    owner = ("acme/bench", 1)
+
+    def loop(target: Any) -> Callable[[int], Awaitable[float]]:
+        async def run(count: int) -> float:
+            started = time.perf_counter()
+            for _ in range(count):
+                await target.acquire(ask)
+                await target.release(ask.key, owner=owner)
+            return time.perf_counter() - started
+        return run
+
+    direct, routed = loop(service.legacy), loop(service.router)
+    await direct(BLOCK)
+    await routed(BLOCK)
+    times = {"legacy": 0.0, "router": 0.0}
+    for _ in range(max(1, pairs // BLOCK)):
+        times["legacy"] += await direct(BLOCK)
+        times["router"] += await routed(BLOCK)
+    assert service.enhanced is None, "disabled never builds the enhanced locker"
+    await service.close()
+    done = max(1, pairs // BLOCK) * BLOCK
+    return {name: done / seconds for name, seconds in times.items()}
+
+
+# --- report ----------------------------------------------------------------------------------
+
+
+def ms(value: float) -> str:
+    return f"{value * 1000:.3f}"
+
+
+def report(pairs: dict[str, float], local: dict[str, list[float]],
+           remote: dict[str, list[float]], router: dict[str, float], counts: str) -> str:
+    cpus = len(__import__("os").sched_getaffinity(0))
+    lines = [
+        f"{counts}. Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}, "
+        f"{cpus} CPUs. Throughput in pairs per second (acquire + release); latencies in "
+        "milliseconds.",
+        "",
+        "| measure | anchor | measured | ratio | goal |",
+        "|---|---:|---:|---:|---|",
+        f"| uncontended pairs/s: locker on the embedded store vs bare SQLite INSERT + DELETE "
+        f"| {pairs['bare']:,.0f} | {pairs['locker']:,.0f} | "
+        f"{pairs['locker'] / pairs['bare']:.2f}x | >= 0.7x |",
+        f"| router with enhanced disabled vs the legacy locker directly (pairs/s) "
+        f"| {router['legacy']:,.0f} | {router['router']:,.0f} | "
+        f"{router['legacy'] / router['router'] - 1:+.1%} time | <= +5% |",
+    ]
+    for name, samples, goal in (("in process", local, "p50 < 1 ms"),
+                                ("over HTTP", remote, "")):
+        handoff, anchor = samples["handoff"], samples["anchor"]
+        lines.append(
+            f"| handoff {name}: release → next waiter granted, p50 / p99 "
+            f"(anchor: uncontended acquire p50 / p99) | {ms(percentile(anchor, 0.5))} / "
+            f"{ms(percentile(anchor, 0.99))} | {ms(percentile(handoff, 0.5))} / "
+            f"{ms(percentile(handoff, 0.99))} | "
+            f"{statistics.median(handoff) / statistics.median(anchor):.2f}x | {goal} |")
+    return "\n".join(lines)
+
+
+def write_doc(text: str) -> None:
+    section = f"{HEADING}\n\n{BEGIN}\n{text}\n{END}\n"
+    current = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+    if BEGIN in current and END in current:
+        head, rest = current.split(BEGIN, 1)
+        head = head.rstrip()
+        if head.endswith(HEADING):
+            head = head[: -len(HEADING)].rstrip()
+        tail = rest.split(END, 1)[1].lstrip("\n")
+        updated = f"{head}\n\n{section}" + (f"\n{tail}" if tail else "")
+    else:
+        updated = current.rstrip() + "\n\n" + section
+    DOC.write_text(updated)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pairs", type=int, default=4000)
+    parser.add_argument("--handoffs", type=int, default=1000)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        pairs = asyncio.run(throughput(args.pairs, work))
+        local = asyncio.run(handoffs_in_process(args.handoffs, work))
+        remote = handoffs_over_http(max(100, args.handoffs // 5), work)
+        router = asyncio.run(router_overhead(args.pairs, work))
+    counts = (f"{args.pairs} pairs per throughput case, {args.handoffs} handoffs in process, "
+              f"{max(100, args.handoffs // 5)} over HTTP")
+    text = report(pairs, local, remote, router, counts)
+    print(text)
+    if not args.no_write:
+        write_doc(text)
+
+
+if __name__ == "__main__":
+    main()
