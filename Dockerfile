@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1
-#
 # The enhanced-locking image: the lock service (`serve`) and the Kubernetes operator
 # (`operator`, which the Helm chart runs) in one small, non-root image.
 #
@@ -8,7 +6,8 @@
 #
 # PYTHON_IMAGE is the base of both stages, so the image also builds from a base that was
 # imported locally (`docker load -i python-3.11-slim.tar`) where no registry is reachable;
-# see docs/06-kubernetes.md. The base must be a Debian-based CPython >= 3.11 image (the
+# see docs/06-kubernetes.md. (No `# syntax=` line on purpose: BuildKit would pull that
+# frontend image from a registry.) The base must be a Debian-based CPython >= 3.11 image (the
 # `requires-python` of pyproject.toml) that has pip and the venv module.
 ARG PYTHON_IMAGE=python:3.11-slim
 

@@ -6,7 +6,7 @@ PYTEST := $(PY) -m pytest
 ARGS ?=
 
 .PHONY: help venv run test test-unit test-integration test-e2e lint typecheck format \
-        redis sandbox control-plane cluster-up docs chart kind-e2e bench clean
+        redis sandbox control-plane cluster-up docs chart kind-e2e image-smoke bench clean
 
 help:
 	@echo "make run          serve the lock service on http://127.0.0.1:4142 (embedded store)"
@@ -16,6 +16,7 @@ help:
 	@echo "make docs         regenerate the generated parts of docs/ and crds/"
 	@echo "make chart        regenerate the chart's CRD templates and values.schema.json"
 	@echo "make kind-e2e     the e2e suite on a kind cluster with the image (needs Docker)"
+	@echo "make image-smoke  build the image and run it read-only (needs Docker)"
 	@echo "make bench        run the benchmarks in bench/"
 
 $(VENV)/.installed: pyproject.toml
@@ -71,6 +72,10 @@ chart: venv
 # The e2e suite on a kind cluster running the built image (needs Docker; see docs/06-kubernetes.md).
 kind-e2e: venv
 	hack/kind-e2e.sh $(ARGS)
+
+# Build the image and run it read-only, as the chart does (needs a Docker engine).
+image-smoke:
+	hack/image-smoke.sh $(ARGS)
 
 bench: venv redis
 	for script in bench/*.py; do $(PY) $$script || exit 1; done
