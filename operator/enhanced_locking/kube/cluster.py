@@ -2,8 +2,8 @@
 
 kopf watches the custom resources and calls the handlers; everything the reconciler writes or
 reads besides (Secrets, the bound objects, their status, Events) goes through this module,
-with the official client run in a worker thread. Credentials come from the in-cluster service
-account when there is one, else from ``KUBECONFIG``, as kubectl finds them.
+with the official client run in a worker thread. Credentials are found as kubectl finds them
+(see :func:`client_configuration`).
 
 Secret values are returned as ``SecretStr`` and never logged: error messages name the Secret
 and the key, not the content.
