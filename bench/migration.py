@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import platform
 import random
 import statistics
@@ -206,8 +207,9 @@ def table(over: dict[str, Any], moved: dict[str, tuple[list[float], list[float]]
     light, heavy, rates = over["light"], over["heavy"], over["rates"]
     rows = [
         f"Machine: {platform.machine()}, Python {platform.python_version()}, "
-        f"{platform.system()}; embedded store (SQLite WAL) on both sides; {acquires} acquires "
-        "per mode and load.",
+        f"{platform.system()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} "
+        f"at the end; embedded store (SQLite WAL) on both sides; {acquires} acquires per mode "
+        "and load. Ratios are shadow ÷ route-only from the same run.",
         "",
         "| acquire latency (ms) | route-only p50 | shadow p50 | ratio | route-only p99 "
         "| shadow p99 | ratio |",
