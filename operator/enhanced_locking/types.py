@@ -28,7 +28,7 @@ from pydantic import (
     Field,
     PlainSerializer,
     WithJsonSchema,
-    model_validator,
+    field_validator,
 )
 from pydantic.alias_generators import to_camel
 
@@ -222,18 +222,19 @@ class BatchLockRequest(_Model):
     ttl: Duration | None = None
     request_id: RequestId | None = None
 
-    @model_validator(mode="after")
-    def _one_pull(self) -> BatchLockRequest:
+    @field_validator("locks")
+    @classmethod
+    def _one_pull(cls, locks: list[BatchItem]) -> list[BatchItem]:
         seen: set[str] = set()
-        repo = self.locks[0].project.repo_full_name
-        for item in self.locks:
+        repo = locks[0].project.repo_full_name
+        for item in locks:
             if item.key in seen:
                 raise ValueError(f"lock {item.key} appears twice in the batch")
             if item.project.repo_full_name != repo:
                 raise ValueError(f"every lock of a batch belongs to the pull's repository "
                                  f"({repo}); {item.key} does not")
             seen.add(item.key)
-        return self
+        return locks
 
     @property
     def keys(self) -> list[str]:

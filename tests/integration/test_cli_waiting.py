@@ -1,0 +1,138 @@
+"""The command line's waiting, queue, admin and event commands, as real subprocesses against a
+real service: ``lock acquire --wait`` shows its live queue position on stderr, ``events``
+tails the stream, ``lock queue|cancel|force-unlock|refresh`` do what they say."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from tests.support.service import ServiceProcess, enhanced_locking_command, scrubbed_env
+
+REPO = "acme/cli-wait"
+KEY = f"{REPO}/infra/default/"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    root = tmp_path_factory.mktemp("cli-wait")
+    process = ServiceProcess(root / "data", log_dir=root / "logs", args=(
+        "--enhanced-locking-enabled", "--enhanced-locking-priority-queue",
+        "--enhanced-locking-default-timeout=300ms"))
+    try:
+        process.start()
+    except Exception as error:
+        pytest.fail(str(error), pytrace=False)
+    yield process
+    process.stop()
+
+
+def command(served: ServiceProcess, *args: str) -> list[str]:
+    return [*enhanced_locking_command(), *args]
+
+
+def env(served: ServiceProcess) -> dict[str, str]:
+    return scrubbed_env({"ENHANCED_LOCKING_URL": served.url})
+
+
+def run(served: ServiceProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command(served, *args), capture_output=True, text=True,
+                          env=env(served), timeout=60)
+
+
+def acquire_args(pull: int, *extra: str) -> list[str]:
+    return ["lock", "acquire", "--repo", REPO, "--path", "infra", "--pull", str(pull), *extra]
+
+
+def queue(served: ServiceProcess) -> Any:
+    return httpx.get(served.url + "/v1/queue", params={"key": KEY}).json()
+
+
+def wait_until(check: Any, what: str) -> None:
+    for _ in range(300):
+        if check():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_acquire_with_wait_shows_its_queue_position_and_ends_holding_the_lock(
+    served: ServiceProcess,
+) -> None:
+    assert run(served, *acquire_args(1)).returncode == 0
+    waiting = subprocess.Popen(command(served, *acquire_args(2, "--wait", "30s", "--priority",
+                                                             "high")),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=env(served))
+    try:
+        wait_until(lambda: len(queue(served)["waiters"]) == 1, "the CLI to queue")
+        assert queue(served)["waiters"][0]["priority"] == "high"
+        assert queue(served)["waiters"][0]["requestId"].startswith("cli-")
+        released = run(served, "lock", "release", "--key", KEY)
+        assert released.returncode == 0
+        stdout, stderr = waiting.communicate(timeout=30)
+    finally:
+        waiting.kill()
+    assert waiting.returncode == 0, stderr
+    assert f"queued on {KEY}: position 1 of 1 (held by pull #1)" in stderr
+    answer = json.loads(stdout)
+    assert answer["acquired"] is True and answer["lock"]["pull"]["num"] == 2
+    assert run(served, "lock", "release", "--key", KEY).returncode == 0
+
+
+def test_a_bare_wait_waits_up_to_the_default_timeout(served: ServiceProcess) -> None:
+    assert run(served, *acquire_args(1)).returncode == 0
+    started = time.monotonic()
+    result = run(served, *acquire_args(2, "--wait"))
+    assert result.returncode == 1, result.stderr
+    assert json.loads(result.stdout)["reason"] == "timeout"
+    assert time.monotonic() - started >= 0.3
+    assert run(served, "lock", "release", "--key", KEY).returncode == 0
+
+
+def test_queue_cancel_and_force_unlock(served: ServiceProcess) -> None:
+    assert run(served, *acquire_args(1)).returncode == 0
+    waiting = subprocess.Popen(
+        command(served, *acquire_args(2, "--wait", "30s", "--request-id", "job-2")),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(served))
+    try:
+        wait_until(lambda: len(queue(served)["waiters"]) == 1, "the CLI to queue")
+        shown = run(served, "lock", "queue", "--key", KEY)
+        assert json.loads(shown.stdout)["waiters"][0]["requestId"] == "job-2"
+        assert run(served, "lock", "cancel", "--key", KEY, "--id", "job-2").returncode == 0
+        stdout, _ = waiting.communicate(timeout=30)
+    finally:
+        waiting.kill()
+    assert waiting.returncode == 1 and json.loads(stdout)["reason"] == "cancelled"
+    missing = run(served, "lock", "cancel", "--key", KEY, "--id", "job-2")
+    assert missing.returncode == 1 and "no request job-2" in missing.stderr
+
+    refreshed = run(served, "lock", "refresh", "--key", KEY, "--pull", "1", "--ttl", "1h")
+    assert refreshed.returncode == 0 and json.loads(refreshed.stdout)["lock"]["expiresAt"]
+    forced = run(served, "lock", "force-unlock", "--key", KEY)
+    assert forced.returncode == 0 and json.loads(forced.stdout)["lock"]["pull"]["num"] == 1
+    again = run(served, "lock", "force-unlock", "--key", KEY)
+    assert again.returncode == 1 and "no lock is held" in again.stderr
+
+
+def test_events_tails_the_stream_as_json_lines(served: ServiceProcess) -> None:
+    tail = subprocess.Popen(command(served, "events", "--repo", REPO, "--type", "acquired"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env(served))
+    try:
+        time.sleep(1.0)  # the command starts (imports) and subscribes
+        assert run(served, *acquire_args(7)).returncode == 0
+        assert tail.stdout is not None
+        line = tail.stdout.readline()
+    finally:
+        tail.kill()
+        tail.communicate()
+    event: dict[str, Any] = json.loads(line)
+    assert event["type"] == "acquired" and event["key"] == KEY
+    assert event["lock"]["pull"]["num"] == 7
+    assert run(served, "lock", "release", "--key", KEY).returncode == 0

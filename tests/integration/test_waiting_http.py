@@ -1,0 +1,293 @@
+"""Waiting, batches, queues, leases, admin calls and the event stream over HTTP, against a real
+``enhanced-locking serve`` process (enhanced on, priorities, deadlock detection)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from tests.support.service import ServiceProcess
+
+from enhanced_locking.client import AsyncClient
+from enhanced_locking.types import Event
+
+FLAGS = ("--enhanced-locking-enabled", "--enhanced-locking-priority-queue",
+         "--enhanced-locking-deadlock-detection", "--enhanced-locking-max-timeout=1m")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    root = tmp_path_factory.mktemp("waiting")
+    process = ServiceProcess(root / "data", args=FLAGS, log_dir=root / "logs")
+    try:
+        process.start()
+    except Exception as error:
+        pytest.fail(str(error), pytrace=False)
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+async def http(served: ServiceProcess) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=served.url, timeout=30) as client:
+        yield client
+
+
+@pytest.fixture
+def repo() -> str:
+    return f"acme/wait-{uuid.uuid4().hex[:8]}"
+
+
+def body(repo: str, path: str, pull: int, **extra: Any) -> dict[str, Any]:
+    return {"project": {"repoFullName": repo, "path": path, "projectName": path},
+            "pull": {"num": pull}, **extra}
+
+
+def key(repo: str, path: str) -> str:
+    return f"{repo}/{path}/default/{path}"
+
+
+async def queued(http: httpx.AsyncClient, repo: str, path: str, count: int) -> list[Any]:
+    """The key's waiters, once there are ``count`` of them."""
+    for _ in range(250):
+        waiters: list[Any] = (await http.get(
+            "/v1/queue", params={"key": key(repo, path)})).json()["waiters"]
+        if len(waiters) == count:
+            return waiters
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{key(repo, path)} never had {count} waiters: {waiters}")
+
+
+async def test_a_waiting_request_is_answered_200_when_the_lock_is_released(
+    http: httpx.AsyncClient, repo: str,
+) -> None:
+    first = (await http.post("/v1/locks", json=body(repo, "a", 1))).json()["lock"]
+    waiting = asyncio.create_task(http.post("/v1/locks", json=body(repo, "a", 2, wait="20s")))
+    [waiter] = await queued(http, repo, "a", 1)
+    assert waiter["position"] == 1 and waiter["pull"] == 2 and waiter["repo"] == repo
+    assert waiter["priority"] == waiter["effectivePriority"] == "normal"
+    await http.delete("/v1/locks/by-key", params={"key": key(repo, "a")})
+    answer = await waiting
+    assert answer.status_code == 200
+    assert answer.json()["lock"]["fencingToken"] > first["fencingToken"]
+
+
+async def test_a_wait_that_runs_out_answers_409_timeout_with_the_holder(
+    http: httpx.AsyncClient, repo: str,
+) -> None:
+    await http.post("/v1/locks", json=body(repo, "a", 1))
+    answer = await http.post("/v1/locks", json=body(repo, "a", 2, wait="100ms"))
+    assert answer.status_code == 409
+    assert answer.json()["reason"] == "timeout"
+    assert answer.json()["holder"]["pull"]["num"] == 1
+
+
+async def test_a_client_that_disconnects_leaves_the_queue_and_is_never_granted(
+    served: ServiceProcess, http: httpx.AsyncClient, repo: str,
+) -> None:
+    await http.post("/v1/locks", json=body(repo, "a", 1))
+    async with httpx.AsyncClient(base_url=served.url, timeout=30) as impatient:
+        gone = asyncio.create_task(impatient.post("/v1/locks",
+                                                  json=body(repo, "a", 2, wait="30s")))
+        await queued(http, repo, "a", 1)
+        gone.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await gone
+    await queued(http, repo, "a", 0)
+    await http.delete("/v1/locks/by-key", params={"key": key(repo, "a")})
+    assert (await http.get("/v1/locks/by-key", params={"key": key(repo, "a")})).status_code == 404
+
+
+async def test_the_queue_is_in_service_order_and_an_admin_can_cancel_a_request(
+    http: httpx.AsyncClient, repo: str,
+) -> None:
+    await http.post("/v1/locks", json=body(repo, "a", 1))
+    tasks = []
+    for pull, priority in [(2, "low"), (3, "critical"), (4, "normal")]:
+        tasks.append(asyncio.create_task(http.post("/v1/locks", json=body(
+            repo, "a", pull, wait="20s", priority=priority, requestId=f"job-{pull}"))))
+        await queued(http, repo, "a", len(tasks))
+    waiters = await queued(http, repo, "a", 3)
+    assert [w["pull"] for w in waiters] == [3, 4, 2]
+    assert [w["position"] for w in waiters] == [1, 2, 3]
+
+    cancel = await http.delete("/v1/queue", params={"key": key(repo, "a"), "id": "job-4"})
+    assert cancel.status_code == 200
+    cancelled = await tasks[2]
+    assert cancelled.status_code == 409 and cancelled.json()["reason"] == "cancelled"
+    missing = await http.delete("/v1/queue", params={"key": key(repo, "a"), "id": "job-4"})
+    assert missing.status_code == 404 and "job-4" in missing.json()["error"]
+
+    forced = await http.post("/v1/admin/force-unlock", params={"key": key(repo, "a")})
+    assert forced.status_code == 200 and forced.json()["lock"]["pull"]["num"] == 1
+    assert (await tasks[1]).status_code == 200, "the critical waiter got it"
+    await http.post("/v1/admin/force-unlock", params={"key": key(repo, "a")})
+    assert (await tasks[0]).status_code == 200
+    await http.post("/v1/admin/force-unlock", params={"key": key(repo, "a")})
+    free = await http.post("/v1/admin/force-unlock", params={"key": key(repo, "a")})
+    assert free.status_code == 404
+
+
+async def test_a_batch_is_all_or_nothing_and_409_names_the_key_and_why(
+    http: httpx.AsyncClient, repo: str,
+) -> None:
+    await http.post("/v1/locks", json=body(repo, "b", 9))
+    batch = {"locks": [{"project": body(repo, p, 1)["project"]} for p in ("a", "b", "c")],
+             "pull": {"num": 1}}
+    refused = await http.post("/v1/locks/batch", json=batch)
+    assert refused.status_code == 409
+    assert refused.json()["lockKey"] == key(repo, "b")
+    assert refused.json()["reason"] == "held"
+    assert refused.json()["holder"]["pull"]["num"] == 9
+    assert (await http.get("/v1/locks", params={"repo": repo})).json()["locks"][0]["pull"][
+        "num"] == 9, "nothing of the batch was taken"
+
+    waiting = asyncio.create_task(http.post("/v1/locks/batch", json={**batch, "wait": "20s"}))
+    await queued(http, repo, "a", 1)
+    assert (await http.get("/v1/locks/by-key", params={"key": key(repo, "a")})).status_code == \
+        404, "a waiting batch holds none of its keys"
+    await http.delete("/v1/locks/by-key", params={"key": key(repo, "b")})
+    granted = await waiting
+    assert granted.status_code == 200
+    assert [lock["key"] for lock in granted.json()["locks"]] == [
+        key(repo, p) for p in ("a", "b", "c")]
+
+    released = await http.delete("/v1/locks/batch", params={
+        "key": [key(repo, p) for p in ("a", "b", "c", "z")], "pull": 1})
+    assert released.status_code == 200
+    assert len(released.json()["released"]) == 3
+    assert released.json()["notHeld"] == [key(repo, "z")]
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    ({"locks": []}, "locks"),
+    ({"locks": [{"project": {"repoFullName": "x/y", "path": "a"}}] * 2}, "locks"),
+    ({"wait": "forever"}, "wait"),
+    ({"priority": "urgent"}, "priority"),
+    ({"pull": {"num": -1}}, "pull.num"),
+])
+async def test_an_invalid_batch_gets_422_naming_the_field(
+    http: httpx.AsyncClient, repo: str, change: dict[str, Any], field: str,
+) -> None:
+    batch = {"locks": [{"project": body(repo, "a", 1)["project"]}], "pull": {"num": 1}, **change}
+    answer = await http.post("/v1/locks/batch", json=batch)
+    assert answer.status_code == 422
+    assert answer.json()["field"] == field, answer.json()
+
+
+async def test_two_pulls_closing_a_cycle_get_409_deadlock_naming_it(
+    http: httpx.AsyncClient, repo: str,
+) -> None:
+    await http.post("/v1/locks", json=body(repo, "a", 1))
+    await http.post("/v1/locks", json=body(repo, "b", 2))
+    first = asyncio.create_task(http.post("/v1/locks", json=body(repo, "b", 1, wait="20s")))
+    await queued(http, repo, "b", 1)
+    answer = await http.post("/v1/locks", json=body(repo, "a", 2, wait="20s"))
+    assert answer.status_code == 409
+    assert answer.json()["reason"] == "deadlock"
+    assert answer.json()["cycle"] == [f"{repo}#2", f"{repo}#1", f"{repo}#2"]
+    await http.delete("/v1/locks/by-key", params={"key": key(repo, "b")})
+    assert (await first).status_code == 200
+
+
+async def test_a_lease_can_be_refreshed_only_by_its_pull(
+    http: httpx.AsyncClient, repo: str,
+) -> None:
+    granted = (await http.post("/v1/locks", json=body(repo, "a", 1, ttl="1m"))).json()["lock"]
+    refreshed = await http.post("/v1/locks/refresh",
+                                json={"key": key(repo, "a"), "pull": 1, "ttl": "1h"})
+    assert refreshed.status_code == 200
+    assert refreshed.json()["lock"]["expiresAt"] > granted["expiresAt"]
+    other = await http.post("/v1/locks/refresh",
+                            json={"key": key(repo, "a"), "pull": 2, "ttl": "1h"})
+    assert other.status_code == 409
+    free = await http.post("/v1/locks/refresh", json={"key": key(repo, "z"), "pull": 1})
+    assert free.status_code == 404
+    bad = await http.post("/v1/locks/refresh", json={"key": key(repo, "a"), "pull": 1,
+                                                     "ttl": "soon"})
+    assert bad.status_code == 422 and bad.json()["field"] == "ttl"
+
+
+async def test_a_lease_that_runs_out_hands_the_lock_to_the_waiter(
+    http: httpx.AsyncClient, repo: str,
+) -> None:
+    await http.post("/v1/locks", json=body(repo, "a", 1, ttl="200ms"))
+    answer = await http.post("/v1/locks", json=body(repo, "a", 2, wait="10s"))
+    assert answer.status_code == 200 and answer.json()["lock"]["pull"]["num"] == 2
+
+
+# --- events ------------------------------------------------------------------------------------
+
+
+async def follow(served: ServiceProcess, count: int, **filters: Any,
+                 ) -> tuple[list[Event], asyncio.Task[None]]:
+    """Start reading the event stream; the task ends after ``count`` events."""
+    seen: list[Event] = []
+    opened = asyncio.Event()
+
+    async def on_open() -> None:
+        opened.set()
+
+    async def read() -> None:
+        async with AsyncClient(served.url) as client:
+            async for event in client.events(on_open=on_open, **filters):
+                seen.append(event)
+                if len(seen) == count:
+                    return
+
+    task = asyncio.create_task(read())
+    await asyncio.wait_for(opened.wait(), 10)
+    return seen, task
+
+
+async def test_events_stream_over_sse_filtered_by_key_prefix_and_repo(
+    served: ServiceProcess, http: httpx.AsyncClient, repo: str,
+) -> None:
+    by_key, task_key = await follow(served, 3, key_prefix=key(repo, "a"))
+    by_repo, task_repo = await follow(served, 4, repo=repo)
+    await http.post("/v1/locks", json=body(repo, "a", 1))
+    await http.post("/v1/locks", json=body(repo, "b", 1))
+    await http.post("/v1/locks", json=body("acme/other-" + repo[-8:], "a", 1))
+    await http.delete("/v1/locks/by-key", params={"key": key(repo, "a")})
+    await http.delete("/v1/locks/by-key", params={"key": key(repo, "b")})
+    await http.post("/v1/locks", json=body(repo, "a", 2))
+    await asyncio.wait_for(asyncio.gather(task_key, task_repo), 10)
+    assert [(e.type, e.key) for e in by_key] == [
+        ("acquired", key(repo, "a")), ("released", key(repo, "a")), ("acquired", key(repo, "a"))]
+    assert [e.type for e in by_repo] == ["acquired", "acquired", "released", "released"]
+    assert all(e.repo == repo for e in by_repo)
+
+
+async def test_last_event_id_resumes_after_that_event(
+    served: ServiceProcess, http: httpx.AsyncClient, repo: str,
+) -> None:
+    live, task = await follow(served, 3, repo=repo)
+    for path in ("a", "b", "c"):
+        await http.post("/v1/locks", json=body(repo, path, 1))
+    await asyncio.wait_for(task, 10)
+    async with http.stream("GET", "/v1/events", params={"repo": repo},
+                           headers={"Last-Event-ID": live[0].id}) as stream:
+        resumed: list[str] = []
+        async for line in stream.aiter_lines():
+            if line.startswith("id:"):
+                resumed.append(line.split(":", 1)[1].strip())
+            if len(resumed) == 2:
+                break
+    assert resumed == [live[1].id, live[2].id]
+
+
+@pytest.mark.parametrize(("params", "headers", "field"), [
+    ({}, {"Last-Event-ID": "yesterday"}, "Last-Event-ID"),
+    ({"type": "acquired,exploded"}, {}, "type"),
+])
+async def test_a_bad_event_stream_request_gets_422(
+    http: httpx.AsyncClient, params: dict[str, str], headers: dict[str, str], field: str,
+) -> None:
+    answer = await http.get("/v1/events", params=params, headers=headers)
+    assert answer.status_code == 422
+    assert answer.json()["field"] == field
