@@ -1,0 +1,138 @@
+"""The migration machinery on a real redis-server: replicas coordinating weight moves through
+the enhanced Redis, and fallback grants made while Redis is stopped, reconciled when it is back
+(with a planted conflict)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tests.support.locks import lock_for, request_for
+from tests.support.redis_fixtures import ServerMaker, redis_config
+from tests.support.redis_server import RedisServer
+
+from enhanced_locking.backends.redis_store import RedisBackend
+from enhanced_locking.factory import LockService
+from enhanced_locking.migration.replicas import RedisReplicaRegistry
+from enhanced_locking.provider import ConfigProvider
+from enhanced_locking.types import Event
+
+pytestmark = pytest.mark.redis
+
+
+
+@pytest.fixture
+async def services() -> AsyncIterator[list[LockService]]:
+    started: list[LockService] = []
+    yield started
+    for service in reversed(started):
+        await service.close()
+
+
+async def _start(started: list[LockService], server: RedisServer, data_dir: Path,
+                 **settings: Any) -> LockService:
+    config = redis_config(server, enabled=True, backend="redis", data_dir=str(data_dir),
+                          **settings)
+    service = LockService(ConfigProvider(config))
+    await service.start()
+    started.append(service)
+    return service
+
+
+def _when(service: LockService, event_type: str) -> asyncio.Event:
+    """Set when ``service`` publishes an event of ``event_type``."""
+    happened = asyncio.Event()
+    service.events.subscribe(lambda e: happened.set() if e.type == event_type else None)
+    return happened
+
+
+async def test_replicas_on_redis_settle_a_move_through_the_redis_registry(
+    redis_server: RedisServer, services: list[LockService], tmp_path: Path,
+) -> None:
+    common = {"legacy_backend": "redis", "migration_weight": 0, "replica_heartbeat": "100ms"}
+    a = await _start(services, redis_server, tmp_path / "a", replica_id="a", **common)
+    b = await _start(services, redis_server, tmp_path / "b", replica_id="b", **common)
+    assert isinstance(a.migration._registry(), RedisReplicaRegistry)
+    status = await a.migration.transitions.tick()
+    assert [r["id"] for r in status.replicas] == ["a", "b"]
+    seen: list[Event] = []
+    a.events.subscribe(seen.append)
+
+    await a.provider.set_layer("cluster", {"migration_weight": 60})
+    status = await a.migration.transitions.tick()
+    assert status.phase == "moving" and status.pending == ("b",)
+    await b.provider.set_layer("cluster", {"migration_weight": 60})
+    async with asyncio.timeout(10):
+        await a.migration.transitions.wait_settled()
+        await b.migration.transitions.wait_settled()
+    assert [e.details["phase"] for e in seen if e.type == "routing-changed"] == [
+        "moving", "settled"]
+    with redis_server.client() as admin:
+        assert sorted(admin.hkeys("atlantis:enhanced:replicas")) == [b"a", b"b"]
+
+
+async def test_grants_made_while_redis_is_stopped_are_adopted_when_it_is_back(
+    redis_servers: ServerMaker, services: list[LockService], tmp_path: Path,
+) -> None:
+    server = redis_servers(persistence="aof")
+    service = await _start(services, server, tmp_path, legacy_backend="boltdb",
+                           migration_weight=100)
+    before = await service.router.acquire(request_for(path="a", pull=1))
+    assert before.acquired and before.lock is not None and before.lock.backend == "enhanced"
+
+    server.stop()
+    during = await service.router.acquire(request_for(path="b", pull=2))
+    assert during.acquired and during.lock is not None and during.lock.backend == "legacy"
+    assert service.migration.status()["fallback"]["pending"] == 1
+
+    server.start()
+    reconciled = _when(service, "fallback-reconciled")
+    assert (await service.ready())["enhanced"] == "ok"  # the readiness check starts it
+    async with asyncio.timeout(10):
+        await reconciled.wait()
+    assert service.migration.fallback.pending == 0
+    other = RedisBackend.from_config(service.provider.current.config, "enhanced")
+    try:
+        adopted = await other.get(during.lock_key)
+        assert adopted is not None and adopted.pull.num == 2
+        assert (await other.get(before.lock_key)) is not None, "what Redis held is still held"
+    finally:
+        await other.close()
+    refused = await service.router.acquire(request_for(path="b", pull=3))
+    assert not refused.acquired and refused.holder is not None and refused.holder.pull.num == 2
+
+
+async def test_a_conflict_planted_while_one_replica_could_not_reach_redis_is_reported(
+    redis_servers: ServerMaker, services: list[LockService], tmp_path: Path,
+) -> None:
+    server = redis_servers(persistence="aof")
+    service = await _start(services, server, tmp_path, legacy_backend="boltdb",
+                           migration_weight=100)
+    seen: list[Event] = []
+    service.events.subscribe(seen.append)
+    server.stop()
+    ours = await service.router.acquire(request_for(path="c", pull=3))
+    assert ours.acquired and ours.lock is not None and ours.lock.backend == "legacy"
+    server.start()
+    # Another replica, which could reach Redis all along, granted the same key to pull 4.
+    other = RedisBackend.from_config(service.provider.current.config, "enhanced")
+    try:
+        granted, theirs = await other.acquire(lock_for(request_for(path="c", pull=4)))
+        assert granted
+
+        report = await service.migration.fallback.reconcile()
+        assert (report.conflicts, report.pending) == (1, 1)
+        [conflict] = service.migration.status()["conflicts"]
+        assert (conflict["legacyHolder"]["pull"], conflict["enhancedHolder"]["pull"]) == (3, 4)
+        assert [e.details["source"] for e in seen if e.type == "lock-conflict"] == ["fallback"]
+
+        await other.release(theirs.key, owner=("acme/infra", 4))
+        report = await service.migration.fallback.reconcile()
+        assert (report.conflicts, report.pending, report.adopted) == (0, 0, 1)
+        held = await other.get(ours.lock_key)
+        assert held is not None and held.pull.num == 3
+    finally:
+        await other.close()
