@@ -21,7 +21,7 @@ from enhanced_locking.backends import EmbeddedBackend
 from enhanced_locking.backends.embedded import open_database
 from enhanced_locking.factory import LockService
 from enhanced_locking.migration.replicas import MemoryReplicaRegistry
-from enhanced_locking.types import Event, Reason
+from enhanced_locking.types import BatchItem, BatchLockRequest, Event, Reason
 
 ALL_ENHANCED = {"enabled": True, "backend": "boltdb", "migration_weight": 100}
 
@@ -218,3 +218,23 @@ async def test_legacy_keys_unchecked_on_enhanced_are_served_journaled_and_checke
     report = await service.migration.fallback.reconcile()
     assert (report.forgotten, report.adopted, report.pending) == (1, 0, 0)
     assert await store(service, "enhanced").get(result.lock_key) is None
+
+
+async def test_a_batch_served_by_legacy_in_fallback_is_journaled_and_adopted(
+    make_service: ServiceMaker, store: Store,
+) -> None:
+    service = await make_service(**ALL_ENHANCED)
+    await _down(service)
+    pull = request_for(pull=5).pull
+    batch = BatchLockRequest(locks=[BatchItem(project=request_for(path=p).project)
+                                    for p in ("x", "y")], pull=pull)
+    result = await service.router.acquire_batch(batch)
+    assert result.acquired and [lock.backend for lock in result.locks] == ["legacy", "legacy"]
+    assert service.migration.fallback.pending == 2
+
+    _back(service)
+    report = await service.migration.fallback.reconcile()
+    assert (report.adopted, report.pending) == (2, 0)
+    for lock in result.locks:
+        held = await store(service, "enhanced").get(lock.key)
+        assert held is not None and held.pull.num == 5

@@ -59,6 +59,8 @@ class _RouterParts(Protocol):
 
     async def list(self, *, repo: str | None = None, pull: int | None = None) -> Locks: ...
 
+    async def _journal_grant(self, lock: Lock) -> None: ...
+
     async def release_by_pull(self, repo: str, pull: int) -> Locks: ...
 
 
@@ -96,7 +98,10 @@ class EnhancedCalls:
             self.events.publish("fallback", key=on_enhanced[0].key, action=action,
                                 error=str(error), repo=owner[0])
             if action == "legacy":
-                return await batch.acquire_one_by_one(self.legacy, request)
+                served = await batch.acquire_one_by_one(self.legacy, request)
+                for lock in served.locks:  # reconciled into enhanced when it answers again
+                    await self._journal_grant(lock)
+                return served
             return BatchResult(acquired=False, lock_key=on_enhanced[0].key,
                                reason=Reason.UNAVAILABLE)
         if not first.acquired:
