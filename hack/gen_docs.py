@@ -3,6 +3,7 @@
 * ``docs/01-foundation.md``: the config reference (each setting's YAML key, env var, flag,
   default, accepted form and description), from ``enhanced_locking.config.settings()``.
 * ``docs/api.md``: the endpoint table, from the OpenAPI document of the FastAPI app.
+* ``docs/04-monitoring.md``: the table of metrics, from ``enhanced_locking.metrics``.
 * ``docs/openapi.json``: that OpenAPI document in full (also served at ``/openapi.json``).
 
 Generated text sits between ``<!-- BEGIN GENERATED: <name> -->`` and
@@ -27,6 +28,7 @@ from typing import Any
 from enhanced_locking.api import create_app
 from enhanced_locking.config import EnhancedLockingConfig, settings
 from enhanced_locking.factory import LockService
+from enhanced_locking.metrics import Metrics
 from enhanced_locking.provider import ConfigProvider
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,9 +113,19 @@ def openapi_json() -> str:
     return json.dumps(openapi_document(), indent=2, ensure_ascii=False) + "\n"
 
 
+def metrics_table() -> str:
+    """Every metric the service exports, from ``enhanced_locking.metrics``."""
+    lines = ["| metric (as scraped) | type | labels | what it counts |", "|---|---|---|---|"]
+    for name, kind, labels, help_text in Metrics().describe():
+        shown = ", ".join(f"`{label}`" for label in labels) or "none"
+        lines.append(f"| `{name}` | {kind} | {shown} | {_cell(help_text)} |")
+    return "\n".join(lines)
+
+
 SECTIONS = [
     Section(DOCS / "01-foundation.md", "config", config_table),
     Section(DOCS / "api.md", "endpoints", endpoint_table),
+    Section(DOCS / "04-monitoring.md", "metrics", metrics_table),
 ]
 FILES: dict[Path, Callable[[], str]] = {DOCS / "openapi.json": openapi_json}
 

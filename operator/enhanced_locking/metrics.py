@@ -124,3 +124,16 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+    def describe(self) -> list[tuple[str, str, tuple[str, ...], str]]:
+        """Every metric as (name as scraped, type, label names, help), for the docs."""
+        suffix = {"counter": "_total"}
+        found = []
+        # prometheus-client keeps a metric's name, type and labels in private attributes;
+        # reading them here, where the metrics are defined, keeps that knowledge in one place.
+        for metric in vars(self).values():
+            if isinstance(metric, Counter | Gauge | Histogram):
+                kind = metric._type
+                found.append((metric._name + suffix.get(kind, ""), kind,
+                              tuple(metric._labelnames), metric._documentation))
+        return sorted(found)

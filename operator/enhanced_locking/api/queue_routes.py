@@ -88,7 +88,8 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
             return JSONResponse({"error": "client disconnected"}, status_code=499)
         return JSONResponse(_dump(result), status_code=200 if result.acquired else 409)
 
-    @app.delete("/v1/locks/batch")
+    @app.delete("/v1/locks/batch",
+                responses={409: {"description": "A key is held by another pull"}})
     async def release_batch(
         key: Annotated[list[str], Query(min_length=1, max_length=100,
                                         description="The lock keys (repeat the parameter).")],
@@ -104,7 +105,8 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
         return {"released": [_dump(lock) for lock in released],
                 "notHeld": [k for k in key if k not in {lock.key for lock in released}]}
 
-    @app.post("/v1/locks/refresh")
+    @app.post("/v1/locks/refresh", responses={404: {"description": "No lock is held on the key"},
+                                              409: {"description": "Held by another pull"}})
     async def refresh(body: RefreshRequest) -> Any:
         """Extend the lease of a held lock to ``now + ttl`` (default ``lock-ttl``)."""
         holder = await router.get(body.key)
@@ -137,7 +139,7 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
             rows.append(_waiter(position, waiter, effective, now))
         return {"key": key, "holder": _dump(holder) if holder else None, "waiters": rows}
 
-    @app.delete("/v1/queue")
+    @app.delete("/v1/queue", responses={404: {"description": "No such request is queued"}})
     async def cancel(
         key: Key,
         id: Annotated[str, Query(min_length=1, max_length=128,
@@ -148,7 +150,8 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
             return json_error(404, f"no request {id} is queued on {key}", lockKey=key)
         return {"cancelled": True, "key": key, "id": id}
 
-    @app.post("/v1/admin/force-unlock")
+    @app.post("/v1/admin/force-unlock",
+              responses={404: {"description": "No lock is held on the key"}})
     async def force_unlock(key: Key) -> Any:
         """Free a lock whoever holds it (the holder is not asked); the queue is served."""
         lock: Lock | None = await router.force_unlock(key)
