@@ -13,12 +13,13 @@ import pytest
 from tests.support.locks import lock_for, request_for
 from tests.support.redis_fixtures import ServerMaker, redis_config
 from tests.support.redis_server import RedisServer
+from tests.support.replicas import request_in_buckets
 
 from enhanced_locking.backends.redis_store import RedisBackend
 from enhanced_locking.factory import LockService
 from enhanced_locking.migration.replicas import RedisReplicaRegistry
 from enhanced_locking.provider import ConfigProvider
-from enhanced_locking.types import Event
+from enhanced_locking.types import Event, LockRequest
 
 pytestmark = pytest.mark.redis
 
@@ -42,6 +43,10 @@ async def _start(started: list[LockService], server: RedisServer, data_dir: Path
     return service
 
 
+def _by(request: LockRequest, *, pull: int) -> LockRequest:
+    return request.model_copy(update={"pull": request_for(pull=pull).pull})
+
+
 def _when(service: LockService, event_type: str) -> asyncio.Event:
     """Set when ``service`` publishes an event of ``event_type``."""
     happened = asyncio.Event()
@@ -60,14 +65,27 @@ async def test_replicas_on_redis_settle_a_move_through_the_redis_registry(
     assert [r["id"] for r in status.replicas] == ["a", "b"]
     seen: list[Event] = []
     a.events.subscribe(seen.append)
+    moving = request_in_buckets(0, 6000)
+    held = await b.router.acquire(_by(moving, pull=1))
+    assert held.acquired and held.lock is not None and held.lock.backend == "legacy"
 
     await a.provider.set_layer("cluster", {"migration_weight": 60})
     status = await a.migration.transitions.tick()
     assert status.phase == "moving" and status.pending == ("b",)
+    refused = await a.router.acquire(_by(moving, pull=2))
+    assert not refused.acquired and refused.holder == held.lock
+    await b.router.release(moving.key, owner=("acme/infra", 1))
+    taken = await a.router.acquire(_by(moving, pull=3))  # on both sides: b is at weight 0
+    assert taken.acquired and taken.lock is not None and taken.lock.backend == "enhanced"
+    refused = await b.router.acquire(_by(moving, pull=4))
+    assert not refused.acquired and refused.holder is not None and refused.holder.pull.num == 3
+
     await b.provider.set_layer("cluster", {"migration_weight": 60})
     async with asyncio.timeout(10):
         await a.migration.transitions.wait_settled()
         await b.migration.transitions.wait_settled()
+    refused = await b.router.acquire(_by(moving, pull=4))
+    assert not refused.acquired and refused.holder is not None and refused.holder.pull.num == 3
     assert [e.details["phase"] for e in seen if e.type == "routing-changed"] == [
         "moving", "settled"]
     with redis_server.client() as admin:

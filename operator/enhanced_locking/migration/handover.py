@@ -25,7 +25,7 @@ from enhanced_locking.backends.base import Backend
 from enhanced_locking.hashing import bucket_of
 from enhanced_locking.locking.base import Locker
 from enhanced_locking.migration.conflicts import ConflictBook, is_conflict
-from enhanced_locking.types import AcquireResult, BackendUnavailable, LockRequest, utcnow
+from enhanced_locking.types import AcquireResult, BackendUnavailable, LockRequest
 
 __all__ = ["acquire_both", "backend_of", "raise_counter", "settle_counters"]
 
@@ -54,27 +54,25 @@ async def acquire_both(first: Locker, second: Locker, request: LockRequest) -> A
     """
     key = request.key
     owner = (request.project.repo_full_name, request.pull.num)
-    started = utcnow()
-    first_result = await first.acquire(request)
-    if not first_result.acquired or first_result.lock is None:
-        return first_result
-    if first_result.lock.acquired_at < started:
+    # Asked first, not told by timestamps: a store may stamp grants with its own clock.
+    before = await first.get(key)
+    if before is not None and before.owned_by(*owner):
         # The pull asks again for a key it holds: its lock, unchanged (Atlantis's rule), as it
         # was answered before: the new side's copy if it has one, else the old side's.
         mine = await second.get(key)
-        return AcquireResult.granted(mine) if mine is not None and mine.owned_by(
-            *owner) else first_result
-    fresh = True
+        return AcquireResult.granted(mine if mine is not None and mine.owned_by(*owner)
+                                     else before)
+    first_result = await first.acquire(request)
+    if not first_result.acquired or first_result.lock is None:
+        return first_result
     try:
         await raise_counter(second, key, first_result.lock.fencing_token)
         second_result = await second.acquire(request)
     except BaseException:
-        if fresh:
-            await _undo(first, key, owner)
+        await _undo(first, key, owner)
         raise
     if not second_result.acquired or second_result.lock is None:
-        if fresh:
-            await _undo(first, key, owner)
+        await _undo(first, key, owner)
         return second_result
     try:
         await raise_counter(first, key, second_result.lock.fencing_token)

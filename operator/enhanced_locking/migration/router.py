@@ -44,7 +44,6 @@ from enhanced_locking.types import (
     Locks,
     Reason,
     Side,
-    utcnow,
 )
 
 __all__ = ["Router"]
@@ -132,15 +131,12 @@ class Router(EnhancedCalls, AtlantisCalls):
                 if held.owned_by(*owner):  # its own lock, still on the old side: the same lock
                     return AcquireResult.granted(held)
                 return AcquireResult.refused(request.key, Reason.HELD, held)
-        started = utcnow()
         result = await primary.acquire(request)
         if result.acquired and other is not None:
-            try:
-                held, missed = await self._holder_on(other, request.key)
-            except BackendUnavailable:  # legacy failed after enhanced granted: undo, report
-                if result.lock is not None and result.lock.acquired_at >= started:
-                    await primary.release(request.key, owner=owner)
-                raise
+            # If legacy fails here the error reaches the caller with the enhanced grant kept:
+            # the pull asking again gets it back (Atlantis's rule), while releasing it could
+            # drop a lock the pull already held before this call.
+            held, missed = await self._holder_on(other, request.key)
             unchecked = unchecked or missed
             if held is not None and not held.owned_by(*owner):
                 # the other side granted meanwhile: back off, never share
