@@ -91,7 +91,9 @@ class EnhancedLockingConfig(BaseSettings):
     )
     redis_db: int = Field(0, ge=0, le=1023, description="Redis database number.")
     default_timeout: Duration = Field(
-        timedelta(seconds=30), description="How long a request waits when it names no wait."
+        timedelta(seconds=30),
+        description="How long a request that asks to wait without a duration (wait: true) "
+        "waits; a request without wait fails fast.",
     )
     max_timeout: Duration = Field(
         timedelta(minutes=5), description="Longest wait a request may ask for (more is refused)."

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -302,3 +303,24 @@ def test_backoff_doubles_with_jitter_between_half_and_full() -> None:
     again = backoff_delays(attempts=5, backoff=timedelta(milliseconds=100), rng=Random(8))
     assert again != delays, "two callers do not retry in step"
 
+
+
+async def test_after_a_restart_the_leases_of_stored_locks_still_run_out(tmp_path: Path) -> None:
+    from enhanced_locking.backends import EmbeddedBackend
+
+    store = tmp_path / "enhanced-locking.db"
+    before = rig_for(EmbeddedBackend(store), lock_ttl=timedelta(milliseconds=400))
+    assert (await before.locker.acquire(ask(1))).acquired
+    await before.close()
+    await before.locker.backend.close()
+
+    after = rig_for(EmbeddedBackend(store))
+    await after.locker.start()
+    try:
+        assert ask(1).key in after.locker.leases.armed()
+        answer = await asyncio.wait_for(after.locker.acquire(ask(2, wait=10 * S)), 5)
+        assert answer.acquired and answer.lock is not None and answer.lock.pull.num == 2
+        assert "expired" in after.types()
+    finally:
+        await after.close()
+        await after.locker.backend.close()

@@ -88,7 +88,7 @@ class Timeouts(SpecModel):
     )
 
     default: CRDuration | None = Field(
-        None, description="How long a request waits when it names no wait."
+        None, description="How long a request waits when it asks to wait but names no time."
     )
     max: CRDuration | None = Field(
         None, description="Longest wait a request may ask for; asking for more is refused."
