@@ -2,195 +2,712 @@
 
 Each script is a named constant with its contract above it (``KEYS``, ``ARGV``, what it
 returns). :class:`~enhanced_locking.backends.redis_store.RedisBackend` registers them once and
-calls them by SHA; redis-py reloads a script when the server answers ``NOSCRIPT`` (after a
-restart or a failover).
+calls them by SHA; redis-py loads a script again when the server answers ``NOSCRIPT`` (after a
+restart or a failover). They share one library (:data:`LIBRARY`), prepended to each.
 
-Conventions shared by every script:
+**Arguments every script takes**: ``ARGV[1]`` is ``base`` (``{key-prefix}{namespace}:``),
+``ARGV[2..5]`` the queue policy (priority flag 0/1, starvation threshold in ms, max boost, max
+queue size), ``ARGV[6]`` the calling replica's id. Script-specific arguments start at
+``ARGV[7]``. ``KEYS`` name the lock hashes a call is about; the indexes below are derived from
+``base`` inside the scripts, which is why the backend needs one Redis (or Sentinel), not a
+Redis Cluster. Everything about one lock key carries the key as a hash tag (``{K}``).
 
-* ``base`` (an ``ARGV``) is ``{key-prefix}{namespace}:``; a lock key ``K`` lives in
-  ``{base}lock:{K}``, its fencing counter in ``{base}fence:{K}``. The braces are a hash tag:
-  everything about one lock key hashes to one slot.
-* A lock is a hash: ``data`` (Atlantis's JSON), ``repo`` and ``pull`` (the owner), ``token``
-  (fencing token) and ``exp`` (lease end in server milliseconds, ``0`` for none). Redis expires
-  the hash itself at ``exp`` (``PEXPIREAT``), so an expired lock is simply absent.
-* Time is the server's (``TIME``), never a client clock.
-* A lock is answered as the six values ``key, data, token, exp, repo, pull``.
-* Index sets: ``{base}held`` (keys that may be held), ``{base}fenced`` (keys with a counter),
-  ``{base}pull:{repo#num}`` (keys a pull may hold). Indexes may lag (a lease expired); readers
-  check the lock itself and prune stale entries. The per-pull index key is derived inside the
-  scripts from ``base``, which is why the backend needs a single Redis (or Sentinel), not a
-  Redis Cluster.
+**Keys** (``K`` a lock key, ``W`` a waiter id, ``R`` a replica id)::
+
+    lock:{K}        hash: data (Atlantis JSON), token, at, exp, repo, pull [, claim, lease]
+    fence:{K}       the key's fencing counter (INCR; never lowered)
+    queue0..3:{K}   sorted sets, one per base priority: member "%016d(seq):W", score enqueue ms
+    waiter:W        hash: id, keys (JSON), repo, pull, level, enq, seq, deadline, ttl, replica,
+                    rid, and "d:K" = the Atlantis JSON to store for each key K
+    outcome:W       hash, kept a few minutes: kind (granted/timeout/...), waiter, locks
+    held, fenced, queued          sets of keys (held, with a counter, with waiters)
+    pull:{repo#num} set of the keys a pull may hold
+    replicas        sorted set: R scored by the server time until which R counts as alive
+    seq             the enqueue counter (FIFO tie-break across keys)
+    notify:R        pub/sub channel: "kind:W" when one of R's waiters is granted or dropped
+
+**Time** is the server's (``TIME``), read once per call. A lock is held while ``exp`` is 0
+or in the future; the hash itself is given a Redis expiry a grace period after ``exp`` so it
+is collected even if no caller ever looks at it again, but every decision is made on ``exp``
+(so an expiry can be reported with the lock that expired).
+
+**Service order** mirrors :func:`enhanced_locking.backends.waiting.service_order` exactly:
+effective level ``min(3, base + min(boost, floor(waited / threshold)))`` (0 for everybody when
+the priority flag is off), highest first, then enqueue time, then ``seq``. Within one base
+priority the FIFO order *is* the service order (an earlier waiter has waited longer, so its
+level is at least as high), so the next waiter is the best of the four queue heads: a hand-off
+reads a handful of entries, not the whole queue. Computing a waiter's position walks the queue
+up to it (bounded by ``max-queue-size``).
+
+**Hand-off and claims.** A release frees the key and, in the same script, grants it to the
+first waiter in service order that can take it: its deadline has not passed, its replica is
+alive (heartbeat in ``replicas``), and each of its other keys (a batch) is free or its own.
+Waiters failing the first two tests are dropped and told why. The grant is *claimed*: its
+``exp`` is at most ``CLAIM_MS`` away until the waiter's replica confirms it (``CONFIRM``), so a
+grant made to a replica that died a moment ago lapses and moves on instead of staying held by
+nobody. The waiter's replica learns of the grant through ``PUBLISH notify:R``.
 """
 
 from __future__ import annotations
 
-__all__ = ["ACQUIRE", "ADOPT", "LIST", "RAISE_TOKEN", "REFRESH", "RELEASE", "RELEASE_BY_PULL"]
+__all__ = [
+    "ACQUIRE",
+    "ADOPT",
+    "CANCEL",
+    "CLAIM_MS",
+    "CONFIRM",
+    "EXPIRE",
+    "GET",
+    "GRACE_MS",
+    "HEARTBEAT",
+    "LIBRARY",
+    "LIST",
+    "OUTCOME_MS",
+    "QUEUE",
+    "RAISE_TOKEN",
+    "REFRESH",
+    "RELEASE",
+    "RELEASE_BY_PULL",
+    "REPLICA_MS",
+    "STATUS",
+    "WAIT_GRAPH",
+]
 
-_COMMON = """
-local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-local function lock_name(base, key) return base .. 'lock:{' .. key .. '}' end
-local function pull_index(base, repo, pull)
-  return base .. 'pull:{' .. repo .. '#' .. pull .. '}'
-end
-local function read(name)
-  return redis.call('HMGET', name, 'data', 'token', 'exp', 'repo', 'pull')
-end
-"""
+CLAIM_MS = 5_000
+"""How long a grant from the queue waits for its waiter's replica to confirm it."""
 
-ACQUIRE = _COMMON + """
--- acquire: grant a free key to a new holder, or answer who holds it.
--- KEYS[1] the key's lock hash      KEYS[2] the key's fencing counter
--- KEYS[3] index of held keys       KEYS[4] index of fenced keys
--- ARGV[1] base  ARGV[2] lock key  ARGV[3] repo  ARGV[4] pull number
--- ARGV[5] Atlantis JSON of the new lock  ARGV[6] lease in ms (0: none)
--- returns {1, token, exp} granted, or {0, data, token, exp, repo, pull} held
-local held = read(KEYS[1])
-if held[1] then
-  return {0, held[1], held[2], held[3], held[4], held[5]}
-end
-local token = redis.call('INCR', KEYS[2])
-local lease = tonumber(ARGV[6])
-local exp = 0
-if lease > 0 then exp = now_ms() + lease end
-redis.call('HSET', KEYS[1], 'data', ARGV[5], 'token', token, 'exp', exp,
-           'repo', ARGV[3], 'pull', ARGV[4])
-if exp > 0 then redis.call('PEXPIREAT', KEYS[1], exp) end
-redis.call('SADD', KEYS[3], ARGV[2])
-redis.call('SADD', KEYS[4], ARGV[2])
-redis.call('SADD', pull_index(ARGV[1], ARGV[3], ARGV[4]), ARGV[2])
-return {1, token, exp}
-"""
+GRACE_MS = 60_000
+"""How long after ``exp`` Redis keeps an expired lock's hash (decisions use ``exp``)."""
 
-RELEASE = _COMMON + """
--- release: free a key, optionally only for the pull that holds it.
--- KEYS[1] the key's lock hash  KEYS[2] index of held keys
--- ARGV[1] base  ARGV[2] lock key  ARGV[3] owner repo ('' = whoever holds it)  ARGV[4] owner pull
--- returns {0} free, {1, data, token, exp, repo, pull} released,
---         {2, data, token, exp, repo, pull} held by another pull (nothing changed)
-local held = read(KEYS[1])
-if not held[1] then
-  return {0}
-end
-if ARGV[3] ~= '' and (held[4] ~= ARGV[3] or held[5] ~= ARGV[4]) then
-  return {2, held[1], held[2], held[3], held[4], held[5]}
-end
-redis.call('DEL', KEYS[1])
-redis.call('SREM', KEYS[2], ARGV[2])
-redis.call('SREM', pull_index(ARGV[1], held[4], held[5]), ARGV[2])
-return {1, held[1], held[2], held[3], held[4], held[5]}
-"""
+OUTCOME_MS = 300_000
+"""How long a waiter's outcome is kept (for a cancel that lost the race, or a reconnect)."""
 
-LIST = _COMMON + """
--- list: the live locks named by an index set, pruning entries whose lock is gone.
--- KEYS[1] an index set (held keys, or one pull's keys)
--- ARGV[1] base  ARGV[2] repo filter ('' = any)  ARGV[3] pull filter ('' = any)
--- returns a flat list of six values per lock: key, data, token, exp, repo, pull
--- With both filters KEYS[1] is that pull's index: an entry whose key is now held by another
--- pull is stale and pruned too.
-local out = {}
-local pull_index = ARGV[2] ~= '' and ARGV[3] ~= ''
-for _, key in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local held = read(lock_name(ARGV[1], key))
-  if not held[1] then
-    redis.call('SREM', KEYS[1], key)
-  elseif (ARGV[2] == '' or held[4] == ARGV[2]) and (ARGV[3] == '' or held[5] == ARGV[3]) then
-    table.insert(out, key)
-    for i = 1, 5 do table.insert(out, held[i]) end
-  elseif pull_index then
-    redis.call('SREM', KEYS[1], key)
+REPLICA_MS = 5_000
+"""A replica counts as alive this long after its last heartbeat (it beats every second)."""
+
+LIBRARY = """
+local base = ARGV[1]
+local POLICY = {priority = tonumber(ARGV[2]), threshold = tonumber(ARGV[3]),
+                boost = tonumber(ARGV[4]), max_size = tonumber(ARGV[5])}
+local REPLICA = ARGV[6]
+local CLAIM_MS, GRACE_MS = @CLAIM_MS@, @GRACE_MS@
+local OUTCOME_MS, REPLICA_MS = @OUTCOME_MS@, @REPLICA_MS@
+local clock = redis.call('TIME')
+local NOW = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local HELD, FENCED, QUEUED = base .. 'held', base .. 'fenced', base .. 'queued'
+local REPLICAS, SEQ = base .. 'replicas', base .. 'seq'
+
+local function lock_name(k) return base .. 'lock:{' .. k .. '}' end
+local function fence_name(k) return base .. 'fence:{' .. k .. '}' end
+local function queue_name(k, level) return base .. 'queue' .. level .. ':{' .. k .. '}' end
+local function waiter_name(id) return base .. 'waiter:' .. id end
+local function outcome_name(id) return base .. 'outcome:' .. id end
+local function pull_index(repo, pull) return base .. 'pull:{' .. repo .. '#' .. pull .. '}' end
+
+-- A lock is answered as {key, data, token, at, exp, repo, pull}; claim and lease ride along
+-- in the hash part (not sent back).
+local function read_lock(k)
+  local v = redis.call('HMGET', lock_name(k), 'data', 'token', 'at', 'exp', 'repo', 'pull',
+                       'claim', 'lease')
+  if not v[1] then return nil end
+  return {k, v[1], v[2], v[3], v[4], v[5], v[6], claim = v[7], lease = v[8]}
+end
+
+local function lapsed(lock)
+  local exp = tonumber(lock[5])
+  return exp > 0 and exp <= NOW
+end
+
+local function same_owner(lock, repo, pull) return lock[6] == repo and lock[7] == pull end
+
+local function drop_lock(lock)
+  redis.call('DEL', lock_name(lock[1]))
+  redis.call('SREM', HELD, lock[1])
+  redis.call('SREM', pull_index(lock[6], lock[7]), lock[1])
+end
+
+local function collect_after(k, exp)
+  if exp > 0 then
+    redis.call('PEXPIREAT', lock_name(k), exp + GRACE_MS)
+  else
+    redis.call('PERSIST', lock_name(k))
   end
 end
-return out
-"""
 
-RELEASE_BY_PULL = _COMMON + """
--- release-by-pull: free every key a pull holds (Atlantis does this when a pull closes).
--- KEYS[1] the pull's index set  KEYS[2] index of held keys
--- ARGV[1] base  ARGV[2] repo  ARGV[3] pull number
--- returns a flat list of six values per released lock: key, data, token, exp, repo, pull
-local out = {}
-for _, key in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local name = lock_name(ARGV[1], key)
-  local held = read(name)
-  if held[1] and held[4] == ARGV[2] and held[5] == ARGV[3] then
-    redis.call('DEL', name)
-    redis.call('SREM', KEYS[2], key)
-    table.insert(out, key)
-    for i = 1, 5 do table.insert(out, held[i]) end
+-- The holder of k, or nil. A lapsed lease is dropped and added to `expired` (if given).
+local function live(k, expired)
+  local lock = read_lock(k)
+  if not lock then return nil end
+  if lapsed(lock) then
+    drop_lock(lock)
+    if expired then table.insert(expired, lock) end
+    return nil
+  end
+  return lock
+end
+
+-- The holder of k without changing anything (reads).
+local function peek(k)
+  local lock = read_lock(k)
+  if lock and lapsed(lock) then return nil end
+  return lock
+end
+
+-- Grant k: next fencing token, server time, lease; with `claim` (a waiter id) the grant must
+-- be confirmed within CLAIM_MS.
+local function stamp(k, data, repo, pull, ttl, claim)
+  local token = redis.call('INCR', fence_name(k))
+  redis.call('SADD', FENCED, k)
+  local lease_end = 0
+  if ttl > 0 then lease_end = NOW + ttl end
+  local exp = lease_end
+  local name = lock_name(k)
+  redis.call('DEL', name)
+  redis.call('HSET', name, 'data', data, 'token', token, 'at', NOW, 'repo', repo, 'pull', pull)
+  if claim then
+    local by = NOW + CLAIM_MS
+    if exp == 0 or by < exp then exp = by end
+    redis.call('HSET', name, 'claim', claim, 'lease', lease_end)
+  end
+  redis.call('HSET', name, 'exp', exp)
+  collect_after(k, exp)
+  redis.call('SADD', HELD, k)
+  redis.call('SADD', pull_index(repo, pull), k)
+  return {k, data, token, NOW, exp, repo, pull}
+end
+
+-- The waiter took its grant: its own lease applies from the grant on.
+local function settle_claim(lock)
+  local lease_end = tonumber(lock.lease)
+  redis.call('HDEL', lock_name(lock[1]), 'claim', 'lease')
+  redis.call('HSET', lock_name(lock[1]), 'exp', lease_end)
+  collect_after(lock[1], lease_end)
+  lock[5] = lease_end
+  lock.claim = false
+  return lock
+end
+
+-- --- waiters ------------------------------------------------------------------------------
+local function effective(level, enq)
+  if POLICY.priority == 0 then return 0 end
+  local boost = 0
+  if POLICY.threshold > 0 and POLICY.boost > 0 then
+    local waited = NOW - enq
+    if waited < 0 then waited = 0 end
+    boost = math.min(POLICY.boost, math.floor(waited / POLICY.threshold))
+  end
+  return math.min(3, level + boost)
+end
+
+local function queue_size(k)
+  local n = 0
+  for level = 0, 3 do n = n + redis.call('ZCARD', queue_name(k, level)) end
+  return n
+end
+
+-- An iterator over k's queue in service order: a 4-way merge of the per-priority queues.
+local function walker(k)
+  local index, heads = {0, 0, 0, 0}, {}
+  local function head(level)
+    local at = index[level + 1]
+    local r = redis.call('ZRANGE', queue_name(k, level), at, at, 'WITHSCORES')
+    if #r == 0 then return false end
+    return {id = string.sub(r[1], 18), seq = tonumber(string.sub(r[1], 1, 16)),
+            enq = tonumber(r[2]), level = level, member = r[1]}
+  end
+  for level = 0, 3 do heads[level + 1] = head(level) end
+  return function()
+    local best, best_level = false, -1
+    for level = 0, 3 do
+      local h = heads[level + 1]
+      if h then
+        local e = effective(level, h.enq)
+        if not best or e > best_level or (e == best_level and (h.enq < best.enq
+            or (h.enq == best.enq and h.seq < best.seq))) then
+          best, best_level = h, e
+        end
+      end
+    end
+    if best then
+      index[best.level + 1] = index[best.level + 1] + 1
+      heads[best.level + 1] = head(best.level)
+    end
+    return best
   end
 end
-redis.call('DEL', KEYS[1])
-return out
+
+local function position(k, id)
+  local next_waiter, n = walker(k), 0
+  while true do
+    local entry = next_waiter()
+    if not entry then return 0 end
+    n = n + 1
+    if entry.id == id then return n end
+  end
+end
+
+local function read_waiter(id)
+  local flat = redis.call('HGETALL', waiter_name(id))
+  if #flat == 0 then return nil end
+  local rec = {}
+  for i = 1, #flat, 2 do rec[flat[i]] = flat[i + 1] end
+  rec.flat = flat
+  rec.keys = cjson.decode(rec['keys'])
+  return rec
+end
+
+local function unqueue(id, rec)
+  local member = string.format('%016d', tonumber(rec.seq)) .. ':' .. id
+  for _, k in ipairs(rec.keys) do
+    redis.call('ZREM', queue_name(k, rec.level), member)
+    if queue_size(k) == 0 then redis.call('SREM', QUEUED, k) end
+  end
+  redis.call('DEL', waiter_name(id))
+end
+
+local function remember(id, rec, kind, locks)
+  local tokens = {}
+  for _, lock in ipairs(locks) do table.insert(tokens, {lock[1], tostring(lock[3])}) end
+  local name = outcome_name(id)
+  redis.call('HSET', name, 'kind', kind, 'waiter', cjson.encode(rec.flat),
+             'locks', cjson.encode(tokens))
+  redis.call('PEXPIRE', name, OUTCOME_MS)
+end
+
+local function tell(rec, id, kind)
+  redis.call('PUBLISH', base .. 'notify:' .. rec.replica, kind .. ':' .. id)
+end
+
+local function new_effects() return {expired = {}, granted = {}, dropped = {}} end
+
+local function drop_waiter(id, rec, kind, fx)
+  unqueue(id, rec)
+  remember(id, rec, kind, {})
+  tell(rec, id, kind)
+  if fx then table.insert(fx.dropped, rec.flat) end
+end
+
+local function grant(id, rec, fx)
+  local locks = {}
+  for _, k in ipairs(rec.keys) do
+    local holder = live(k, nil)
+    if holder then
+      table.insert(locks, holder)
+    else
+      table.insert(locks, stamp(k, rec['d:' .. k], rec.repo, rec.pull, tonumber(rec.ttl), id))
+    end
+  end
+  unqueue(id, rec)
+  remember(id, rec, 'granted', locks)
+  tell(rec, id, 'granted')
+  table.insert(fx.granted, {rec.flat, locks})
+  return locks
+end
+
+local alive = {}
+local function replica_alive(replica)
+  if alive[replica] == nil then
+    local score = redis.call('ZSCORE', REPLICAS, replica)
+    alive[replica] = score ~= false and tonumber(score) >= NOW
+  end
+  return alive[replica]
+end
+
+-- Give free key k to the first waiter that can take it; drop waiters past their deadline or
+-- whose replica is gone. Returns the granted locks, or nil.
+local function hand_out(k, fx)
+  local next_waiter, dropped, locks = walker(k), {}, nil
+  while true do
+    local entry = next_waiter()
+    if not entry then break end
+    local rec = read_waiter(entry.id)
+    if not rec then
+      table.insert(dropped, {entry, false})
+    elseif tonumber(rec.deadline) <= NOW then
+      table.insert(dropped, {entry, rec, 'timeout'})
+    elseif not replica_alive(rec.replica) then
+      table.insert(dropped, {entry, rec, 'unavailable'})
+    else
+      local free = true
+      for _, other in ipairs(rec.keys) do
+        if other ~= k then
+          local holder = live(other, nil)
+          if holder and not same_owner(holder, rec.repo, rec.pull) then
+            free = false
+            break
+          end
+        end
+      end
+      if free then
+        locks = grant(entry.id, rec, fx)
+        break
+      end
+    end
+  end
+  for _, d in ipairs(dropped) do
+    if d[2] then
+      drop_waiter(d[1].id, d[2], d[3], fx)
+    else
+      redis.call('ZREM', queue_name(k, d[1].level), d[1].member)
+    end
+  end
+  if queue_size(k) == 0 then redis.call('SREM', QUEUED, k) end
+  return locks
+end
+
+-- The holder of k after expiring a lapsed lease and serving a grantable waiter.
+local function settle(k, fx)
+  local holder = live(k, fx.expired)
+  if holder then return holder end
+  local locks = hand_out(k, fx)
+  if locks then
+    for _, lock in ipairs(locks) do
+      if lock[1] == k then return lock end
+    end
+  end
+  return nil
+end
 """
 
-REFRESH = _COMMON + """
--- refresh: extend the lease of a held lock, from now (server time).
+# Every script: LIBRARY, then its own body. Replies use {} for "no lock".
+
+
+def _script(body: str) -> str:
+    text = LIBRARY + body
+    for name, value in (("CLAIM_MS", CLAIM_MS), ("GRACE_MS", GRACE_MS),
+                        ("OUTCOME_MS", OUTCOME_MS), ("REPLICA_MS", REPLICA_MS)):
+        text = text.replace(f"@{name}@", str(value))
+    return text
+
+
+ACQUIRE = _script("""
+-- acquire-or-enqueue: grant every key of a batch (one key is a batch of one), or queue one
+-- waiter on every key, or refuse.
+-- KEYS   the lock hash of each key (documentation; names are derived from the keys below)
+-- ARGV[7] lease in ms (0: none)  ARGV[8] waiter id ('' = fail fast)  ARGV[9] wait in ms
+-- ARGV[10] request id ('' none)  ARGV[11] owner repo  ARGV[12] owner pull
+-- ARGV[13] base priority level 0..3  ARGV[14..] pairs: lock key, Atlantis JSON to store
+-- returns {'granted', {lock...}, fresh 0/1}
+--         {'held', key, lock}
+--         {'queue_full', key, lock or {}}
+--         {'queued', waiter record (flat), key, its holder or {}, position}
+local ttl, wait_id, wait_ms = tonumber(ARGV[7]), ARGV[8], tonumber(ARGV[9])
+local rid, repo, pull, level = ARGV[10], ARGV[11], ARGV[12], ARGV[13]
+local keys, datas = {}, {}
+for i = 14, #ARGV, 2 do
+  table.insert(keys, ARGV[i])
+  datas[ARGV[i]] = ARGV[i + 1]
+end
+if wait_id ~= '' then
+  local rec = read_waiter(wait_id)
+  if rec then  -- the same waiter asking again: where it stands
+    local k = rec.keys[1]
+    return {'queued', rec.flat, k, peek(k) or {}, position(k, wait_id)}
+  end
+end
+local fx = new_effects()
+local mine, blocked, blocked_lock = {}, false, false
+for _, k in ipairs(keys) do
+  local holder = settle(k, fx)
+  if holder then
+    if same_owner(holder, repo, pull) then
+      mine[k] = holder
+    elseif not blocked then
+      blocked, blocked_lock = k, holder
+    end
+  end
+end
+if not blocked then
+  local locks, fresh = {}, 0
+  for _, k in ipairs(keys) do
+    if mine[k] then
+      table.insert(locks, mine[k])
+    else
+      table.insert(locks, stamp(k, datas[k], repo, pull, ttl, false))
+      fresh = 1
+    end
+  end
+  return {'granted', locks, fresh}
+end
+if wait_id == '' or wait_ms <= 0 then
+  return {'held', blocked, blocked_lock}
+end
+for _, k in ipairs(keys) do
+  if queue_size(k) >= POLICY.max_size then
+    return {'queue_full', k, peek(k) or {}}
+  end
+end
+redis.call('ZADD', REPLICAS, NOW + REPLICA_MS, REPLICA)
+local seq = redis.call('INCR', SEQ)
+local deadline = NOW + wait_ms
+local name = waiter_name(wait_id)
+redis.call('HSET', name, 'id', wait_id, 'keys', cjson.encode(keys), 'repo', repo, 'pull', pull,
+           'level', level, 'enq', NOW, 'seq', seq, 'deadline', deadline, 'ttl', ttl,
+           'replica', REPLICA, 'rid', rid)
+for _, k in ipairs(keys) do redis.call('HSET', name, 'd:' .. k, datas[k]) end
+redis.call('PEXPIREAT', name, deadline + GRACE_MS)
+local member = string.format('%016d', seq) .. ':' .. wait_id
+for _, k in ipairs(keys) do
+  redis.call('ZADD', queue_name(k, level), NOW, member)
+  redis.call('SADD', QUEUED, k)
+end
+return {'queued', read_waiter(wait_id).flat, blocked, blocked_lock, position(blocked, wait_id)}
+""")
+
+RELEASE = _script("""
+-- release-and-hand-off: free a key (optionally only for the pull that holds it) and give it
+-- to the next waiter; also the admin's force-unlock (no owner).
 -- KEYS[1] the key's lock hash
--- ARGV[1] owner repo  ARGV[2] owner pull  ARGV[3] new lease in ms (> 0)
--- returns {0} not held, {1, data, token, exp, repo, pull} refreshed,
---         {2, data, token, exp, repo, pull} held by another pull
-local held = read(KEYS[1])
-if not held[1] then
-  return {0}
+-- ARGV[7] lock key  ARGV[8] owner repo ('' = whoever holds it)  ARGV[9] owner pull
+-- returns {'not_owned', lock} (nothing changed), or
+--         {'released', lock or {}, granted, dropped} where granted is a list of
+--         {waiter record, {lock...}} and dropped a list of waiter records
+local k = ARGV[7]
+local holder = live(k, nil)
+if holder and ARGV[8] ~= '' and not same_owner(holder, ARGV[8], ARGV[9]) then
+  return {'not_owned', holder}
 end
-if held[4] ~= ARGV[1] or held[5] ~= ARGV[2] then
-  return {2, held[1], held[2], held[3], held[4], held[5]}
-end
-local exp = now_ms() + tonumber(ARGV[3])
-redis.call('HSET', KEYS[1], 'exp', exp)
-redis.call('PEXPIREAT', KEYS[1], exp)
-return {1, held[1], held[2], exp, held[4], held[5]}
-"""
+if holder then drop_lock(holder) end
+local fx = new_effects()
+hand_out(k, fx)
+return {'released', holder or {}, fx.granted, fx.dropped}
+""")
 
-RAISE_TOKEN = """
+EXPIRE = _script("""
+-- expire: if the key's lease has lapsed, free it; serve the queue of a free key.
+-- KEYS[1] the key's lock hash
+-- ARGV[7] lock key
+-- returns {expired lock or {}, granted, dropped} (as RELEASE)
+local fx = new_effects()
+settle(ARGV[7], fx)
+return {fx.expired[1] or {}, fx.granted, fx.dropped}
+""")
+
+RELEASE_BY_PULL = _script("""
+-- release-by-pull: free every key a pull holds and hand each to its next waiter.
+-- KEYS   none (the pull's index is derived)
+-- ARGV[7] repo  ARGV[8] pull number
+-- returns {released locks (leases still running), granted, dropped}
+local index = pull_index(ARGV[7], ARGV[8])
+local released, freed = {}, {}
+for _, k in ipairs(redis.call('SMEMBERS', index)) do
+  local holder = read_lock(k)
+  if holder and same_owner(holder, ARGV[7], ARGV[8]) then
+    drop_lock(holder)
+    table.insert(freed, k)
+    if not lapsed(holder) then table.insert(released, holder) end
+  end
+end
+redis.call('DEL', index)
+local fx = new_effects()
+for _, k in ipairs(freed) do hand_out(k, fx) end
+return {released, fx.granted, fx.dropped}
+""")
+
+CANCEL = _script("""
+-- cancel: take a waiter out of every queue it is in and tell its replica why.
+-- KEYS   none (the waiter's record names its keys)
+-- ARGV[7] waiter id  ARGV[8] reason (cancelled, timeout, deadlock, unavailable)
+-- returns {'removed', waiter record}, {'none'}, or, when it had been granted already,
+--         {'granted', waiter record, locks it still holds (now confirmed)}
+local id = ARGV[7]
+local rec = read_waiter(id)
+if rec then
+  drop_waiter(id, rec, ARGV[8], nil)
+  return {'removed', rec.flat}
+end
+local out = redis.call('HMGET', outcome_name(id), 'kind', 'waiter', 'locks')
+if out[1] ~= 'granted' then return {'none'} end
+local still = {}
+for _, pair in ipairs(cjson.decode(out[3])) do
+  local holder = live(pair[1], nil)
+  if holder and holder[3] == pair[2] then
+    if holder.claim then settle_claim(holder) end
+    table.insert(still, holder)
+  end
+end
+return {'granted', cjson.decode(out[2]), still}
+""")
+
+CONFIRM = _script("""
+-- confirm: the waiter's replica takes the locks it was granted (ends the claim).
+-- KEYS   none
+-- ARGV[7] waiter id
+-- returns {'granted', locks} or {'lost', locks it still holds} (a claim lapsed first)
+local out = redis.call('HMGET', outcome_name(ARGV[7]), 'kind', 'locks')
+if out[1] ~= 'granted' then return {'lost', {}} end
+local held, lost = {}, false
+for _, pair in ipairs(cjson.decode(out[2])) do
+  local holder = live(pair[1], nil)
+  if holder and holder[3] == pair[2] then
+    if holder.claim == ARGV[7] then settle_claim(holder) end
+    table.insert(held, holder)
+  else
+    lost = true
+  end
+end
+if lost then return {'lost', held} end
+return {'granted', held}
+""")
+
+STATUS = _script("""
+-- status: where each of a replica's waiters stands (after its notifications were cut off).
+-- KEYS   none
+-- ARGV[7..] waiter ids
+-- returns one word per id: queued, granted, timeout, cancelled, deadlock, unavailable, gone
+local out = {}
+for i = 7, #ARGV do
+  if redis.call('EXISTS', waiter_name(ARGV[i])) == 1 then
+    table.insert(out, 'queued')
+  else
+    table.insert(out, redis.call('HGET', outcome_name(ARGV[i]), 'kind') or 'gone')
+  end
+end
+redis.call('ZADD', REPLICAS, NOW + REPLICA_MS, REPLICA)
+return out
+""")
+
+GET = _script("""
+-- get: the holder of a key (a lapsed lease is not a holder), changing nothing.
+-- KEYS[1] the key's lock hash
+-- ARGV[7] lock key
+-- returns the lock or {}
+return peek(ARGV[7]) or {}
+""")
+
+LIST = _script("""
+-- list: the live locks named by an index set, pruning entries whose lock is gone.
+-- KEYS   none (the index is derived)
+-- ARGV[7] '' for every held key, else the repo and ARGV[8] the pull of a pull's index
+-- ARGV[9] repo filter ('' = any)  ARGV[10] pull filter ('' = any)
+-- returns a list of locks
+local index = HELD
+if ARGV[7] ~= '' then index = pull_index(ARGV[7], ARGV[8]) end
+local out = {}
+for _, k in ipairs(redis.call('SMEMBERS', index)) do
+  local lock = read_lock(k)
+  if not lock then
+    redis.call('SREM', index, k)
+  elseif not lapsed(lock) and (ARGV[9] == '' or lock[6] == ARGV[9])
+      and (ARGV[10] == '' or lock[7] == ARGV[10]) then
+    table.insert(out, lock)
+  elseif index ~= HELD and not same_owner(lock, ARGV[7], ARGV[8]) then
+    redis.call('SREM', index, k)
+  end
+end
+return out
+""")
+
+REFRESH = _script("""
+-- refresh: restart the lease of a held lock from now (server time); ends a pending claim.
+-- KEYS[1] the key's lock hash
+-- ARGV[7] lock key  ARGV[8] owner repo  ARGV[9] owner pull  ARGV[10] lease in ms (> 0)
+-- returns {'refreshed', lock}, {'not_held'} or {'not_owned', lock}
+local lock = peek(ARGV[7])
+if not lock then return {'not_held'} end
+if not same_owner(lock, ARGV[8], ARGV[9]) then return {'not_owned', lock} end
+local exp = NOW + tonumber(ARGV[10])
+redis.call('HDEL', lock_name(ARGV[7]), 'claim', 'lease')
+redis.call('HSET', lock_name(ARGV[7]), 'exp', exp)
+collect_after(ARGV[7], exp)
+lock[5] = exp
+return {'refreshed', lock}
+""")
+
+QUEUE = _script("""
+-- queue: the waiters of one key (the caller orders them with the shared service order).
+-- KEYS[1] the key's lock hash
+-- ARGV[7] lock key
+-- returns {now ms, waiter records}
+local records = {}
+for level = 0, 3 do
+  for _, member in ipairs(redis.call('ZRANGE', queue_name(ARGV[7], level), 0, -1)) do
+    local rec = read_waiter(string.sub(member, 18))
+    if rec then table.insert(records, rec.flat) end
+  end
+end
+return {NOW, records}
+""")
+
+WAIT_GRAPH = _script("""
+-- wait-graph: every key with waiters, its holder's owner and its waiters, in one snapshot
+-- (so deadlock detection sees the waits of every replica at once).
+-- KEYS   none
+-- returns {now ms, {{key, holder repo or '', holder pull or '', {waiter ids}}...},
+--          waiter records}
+local entries, records, seen = {}, {}, {}
+for _, k in ipairs(redis.call('SMEMBERS', QUEUED)) do
+  local ids = {}
+  for level = 0, 3 do
+    for _, member in ipairs(redis.call('ZRANGE', queue_name(k, level), 0, -1)) do
+      local id = string.sub(member, 18)
+      if not seen[id] then
+        local rec = read_waiter(id)
+        seen[id] = rec or false
+        if rec then table.insert(records, rec.flat) end
+      end
+      if seen[id] then table.insert(ids, id) end
+    end
+  end
+  if #ids > 0 then
+    local holder = peek(k)
+    if holder then
+      table.insert(entries, {k, holder[6], holder[7], ids})
+    else
+      table.insert(entries, {k, '', '', ids})
+    end
+  end
+end
+return {NOW, entries, records}
+""")
+
+HEARTBEAT = _script("""
+-- heartbeat: this replica is alive (its waiters may be granted) for REPLICA_MS more.
+-- KEYS   none
+-- returns the server time in ms
+redis.call('ZADD', REPLICAS, NOW + REPLICA_MS, REPLICA)
+redis.call('ZREMRANGEBYSCORE', REPLICAS, '-inf', NOW - 86400000)
+return NOW
+""")
+
+RAISE_TOKEN = _script("""
 -- raise-token: make a key's fencing counter at least a value (counters never fall).
--- KEYS[1] the key's fencing counter  KEYS[2] index of fenced keys
--- ARGV[1] lock key  ARGV[2] value
+-- KEYS[1] the key's fencing counter
+-- ARGV[7] lock key  ARGV[8] value
 -- returns the counter after the call
-local current = tonumber(redis.call('GET', KEYS[1]) or '0')
-local wanted = tonumber(ARGV[2])
-redis.call('SADD', KEYS[2], ARGV[1])
+local current = tonumber(redis.call('GET', fence_name(ARGV[7])) or '0')
+local wanted = tonumber(ARGV[8])
+redis.call('SADD', FENCED, ARGV[7])
 if wanted > current then
-  redis.call('SET', KEYS[1], wanted)
+  redis.call('SET', fence_name(ARGV[7]), wanted)
   return wanted
 end
 return current
-"""
+""")
 
-ADOPT = _COMMON + """
--- adopt: take over a lock from another store, keeping its token and lease.
--- KEYS[1] the key's lock hash  KEYS[2] the key's fencing counter
--- KEYS[3] index of held keys   KEYS[4] index of fenced keys
--- ARGV[1] base  ARGV[2] lock key  ARGV[3] repo  ARGV[4] pull  ARGV[5] Atlantis JSON
--- ARGV[6] fencing token  ARGV[7] lease end in server ms (0: none)
+ADOPT = _script("""
+-- adopt: take over a lock from another store, keeping its token, times and lease.
+-- KEYS[1] the key's lock hash
+-- ARGV[7] lock key  ARGV[8] repo  ARGV[9] pull  ARGV[10] Atlantis JSON  ARGV[11] token
+-- ARGV[12] acquired at (ms)  ARGV[13] lease end (ms, 0: none)
 -- returns 1 adopted (or already held by the same pull), 0 held here by another pull,
 --         2 skipped because its lease already ended
-local held = read(KEYS[1])
-local token = tonumber(ARGV[6])
-local current = tonumber(redis.call('GET', KEYS[2]) or '0')
-redis.call('SADD', KEYS[4], ARGV[2])
-if token > current then
-  redis.call('SET', KEYS[2], token)
-end
-if held[1] then
-  if held[4] == ARGV[3] and held[5] == ARGV[4] then
-    return 1
-  end
+local k = ARGV[7]
+local token = tonumber(ARGV[11])
+local current = tonumber(redis.call('GET', fence_name(k)) or '0')
+redis.call('SADD', FENCED, k)
+if token > current then redis.call('SET', fence_name(k), token) end
+local holder = live(k, nil)
+if holder then
+  if same_owner(holder, ARGV[8], ARGV[9]) then return 1 end
   return 0
 end
-local exp = tonumber(ARGV[7])
-if exp > 0 and exp <= now_ms() then
-  return 2
-end
-redis.call('HSET', KEYS[1], 'data', ARGV[5], 'token', token, 'exp', exp,
-           'repo', ARGV[3], 'pull', ARGV[4])
-if exp > 0 then
-  redis.call('PEXPIREAT', KEYS[1], exp)
-end
-redis.call('SADD', KEYS[3], ARGV[2])
-redis.call('SADD', pull_index(ARGV[1], ARGV[3], ARGV[4]), ARGV[2])
+local exp = tonumber(ARGV[13])
+if exp > 0 and exp <= NOW then return 2 end
+redis.call('HSET', lock_name(k), 'data', ARGV[10], 'token', token, 'at', ARGV[12],
+           'exp', exp, 'repo', ARGV[8], 'pull', ARGV[9])
+collect_after(k, exp)
+redis.call('SADD', HELD, k)
+redis.call('SADD', pull_index(ARGV[8], ARGV[9]), k)
 return 1
-"""
+""")

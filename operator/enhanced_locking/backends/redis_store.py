@@ -1,20 +1,24 @@
-"""The Redis backend: one lock space shared by every replica of the service.
+"""The Redis backend: one lock space, with its queues, shared by every replica of the service.
 
-Every operation that checks and changes is one Lua script (see :mod:`redis_scripts`), so two
-replicas can never both grant a key: Redis runs one script at a time. Fencing tokens come from
-a per-key counter that only rises (``INCR`` in the acquire script; moved across with
-``adopt``). Leases are Redis expiries set from the server's clock, so clock skew between
-replicas cannot shorten or stretch a lease.
+Every operation that checks and changes is one Lua script (:mod:`redis_scripts`), so replicas
+never disagree: Redis runs one script at a time. Fencing tokens come from a per-key counter
+that only rises; leases, ages and deadlines are decided by the server's clock. Queues live in
+Redis too, so a release on one replica hands the key to a waiter on another, which hears of
+it through pub/sub (:mod:`redis_notify`) within a millisecond or so.
 
-A held lock is a hash next to Atlantis's JSON (``data``): the owner (``repo``, ``pull``), the
-fencing token and the lease end (``exp``) are kept as their own fields because the scripts
-decide on them; the JSON's ``Enhanced.FencingToken``/``ExpiresAt`` are not used. When Redis
-does not answer, every call raises :class:`~enhanced_locking.types.BackendUnavailable`, which
-``/readyz`` reports and the router's fallback acts on.
+A held lock is a hash next to Atlantis's JSON (``data``): the owner, the fencing token, the
+grant time (``at``) and the lease end (``exp``) are fields of their own, because the scripts
+decide on them; the JSON's ``Time``/``Enhanced`` values are the request's and are not used.
+When Redis does not answer, every call raises :class:`~enhanced_locking.types.BackendUnavailable`,
+which ``/readyz`` reports and the router's fallback acts on.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
+import secrets
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -24,14 +28,35 @@ from redis.commands.core import AsyncScript
 from enhanced_locking.backends import codec, redis_scripts
 from enhanced_locking.backends.base import Owner
 from enhanced_locking.backends.redis_connection import RedisConnection, connect, unavailable
+from enhanced_locking.backends.redis_notify import Listener
+from enhanced_locking.backends.waiting import (
+    Cancelled,
+    Grant,
+    Handoff,
+    KeyWaits,
+    KeyWaitsList,
+    LocalNotifier,
+    Notice,
+    Outcome,
+    QueuePolicy,
+    Status,
+    Wait,
+    Waiter,
+    Waiters,
+    service_order,
+)
 from enhanced_locking.config import EnhancedLockingConfig
-from enhanced_locking.types import Lock, LockingError, LockNotOwned, Locks
+from enhanced_locking.types import Lock, LockingError, LockNotOwned, Locks, Reason
 
 __all__ = ["RedisBackend", "RedisKeys"]
 
+log = logging.getLogger(__name__)
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
 
 class RedisKeys:
-    """Names of the keys of one namespace under the configured prefix."""
+    """Names of the keys of one namespace under the configured prefix (see redis_scripts)."""
 
     def __init__(self, prefix: str, namespace: str) -> None:
         self.base = f"{prefix}{namespace}:"
@@ -44,27 +69,31 @@ class RedisKeys:
     def fence(self, key: str) -> str:
         return f"{self.base}fence:{{{key}}}"
 
-    def pull(self, repo: str, pull: int) -> str:
-        return f"{self.base}pull:{{{repo}#{pull}}}"
+    def queue(self, key: str, level: int) -> str:
+        return f"{self.base}queue{level}:{{{key}}}"
+
+    def notify(self, replica: str) -> str:
+        return f"{self.base}notify:{replica}"
+
+
+def _at(ms: Any) -> datetime:
+    return _EPOCH + timedelta(milliseconds=int(ms))
 
 
 def _ms(value: datetime) -> int:
-    return int(value.timestamp() * 1000)
+    return (value - _EPOCH) // timedelta(milliseconds=1)
 
 
-def _from_ms(value: Any) -> datetime | None:
-    ms = int(value or 0)
-    return datetime.fromtimestamp(ms / 1000, UTC) if ms else None
+def _duration_ms(value: timedelta | None) -> int:
+    return max(1, value // timedelta(milliseconds=1)) if value else 0
 
 
-def _lease_ms(lock: Lock) -> int:
-    if lock.expires_at is None:
-        return 0
-    return max(1, int((lock.expires_at - lock.acquired_at) / timedelta(milliseconds=1)))
+def _record(flat: Sequence[Any]) -> dict[str, str]:
+    return {str(flat[i]): str(flat[i + 1]) for i in range(0, len(flat), 2)}
 
 
 class RedisBackend:
-    """Locks of one namespace in Redis; safe to share between any number of replicas."""
+    """Locks and queues of one namespace in Redis; any number of replicas may share them."""
 
     kind = "redis"
 
@@ -72,15 +101,22 @@ class RedisBackend:
         self.namespace = namespace
         self.connection = connection
         self.keys = RedisKeys(prefix, namespace)
-        client = connection.client
-        self._acquire: AsyncScript = client.register_script(redis_scripts.ACQUIRE)
-        self._release: AsyncScript = client.register_script(redis_scripts.RELEASE)
-        self._list: AsyncScript = client.register_script(redis_scripts.LIST)
-        self._release_by_pull: AsyncScript = client.register_script(
-            redis_scripts.RELEASE_BY_PULL)
-        self._refresh: AsyncScript = client.register_script(redis_scripts.REFRESH)
-        self._raise_token: AsyncScript = client.register_script(redis_scripts.RAISE_TOKEN)
-        self._adopt: AsyncScript = client.register_script(redis_scripts.ADOPT)
+        self.replica = secrets.token_hex(8)
+        self.grants = LocalNotifier()
+        self.in_flight = 0
+        """Calls waiting for Redis right now (tests use it to know when all is quiet)."""
+        self._policy = QueuePolicy()
+        register = connection.client.register_script
+        self._scripts: dict[str, AsyncScript] = {
+            name: register(getattr(redis_scripts, name))
+            for name in ("ACQUIRE", "RELEASE", "EXPIRE", "RELEASE_BY_PULL", "CANCEL", "CONFIRM",
+                         "STATUS", "GET", "LIST", "REFRESH", "QUEUE", "WAIT_GRAPH", "HEARTBEAT",
+                         "RAISE_TOKEN", "ADOPT")
+        }
+        self._listener = Listener(
+            connection, self.keys.notify(self.replica), self.grants,
+            handle=self._notified, heartbeat=self._heartbeat, recheck=self._recheck,
+        )
 
     @classmethod
     def from_config(cls, config: EnhancedLockingConfig, namespace: str) -> RedisBackend:
@@ -89,107 +125,129 @@ class RedisBackend:
     def __repr__(self) -> str:
         return f"RedisBackend({self.connection.where}, namespace={self.namespace!r})"
 
+    # --- calling scripts -----------------------------------------------------------------
+    async def _run(
+        self, name: str, *args: Any, keys: Sequence[str] = (), policy: QueuePolicy | None = None,
+        key: str | None = None,
+    ) -> Any:
+        if policy is not None:
+            self._policy = policy
+        p = self._policy
+        head: list[Any] = [self.keys.base, int(p.priority), p.threshold_ms, p.max_boost,
+                           p.max_size, self.replica]
+        self.in_flight += 1
+        try:
+            with unavailable(self.connection, name.lower().replace("_", " "), key=key):
+                return await self._scripts[name](keys=list(keys), args=[*head, *args])
+        finally:
+            self.in_flight -= 1
+
     # --- decoding ------------------------------------------------------------------------
     @staticmethod
-    def _lock(key: str, data: str | bytes, token: Any, exp: Any) -> Lock:
-        lock = codec.decode(data, key=key)
-        return lock.model_copy(update={"fencing_token": int(token), "expires_at": _from_ms(exp)})
+    def _lock(v: Sequence[Any], template: Lock | None = None) -> Lock:
+        key, data, token, at, exp = str(v[0]), v[1], v[2], v[3], v[4]
+        base = template if template is not None else codec.decode(data, key=key)
+        return base.model_copy(update={
+            "fencing_token": int(token),
+            "acquired_at": _at(at),
+            "expires_at": _at(exp) if int(exp) else None,
+        })
 
-    def _locks(self, flat: Sequence[Any]) -> Locks:
-        return [self._lock(flat[i], flat[i + 1], flat[i + 2], flat[i + 3])
-                for i in range(0, len(flat), 6)]
+    def _maybe_lock(self, v: Sequence[Any]) -> Lock | None:
+        return self._lock(v) if v else None
+
+    @staticmethod
+    def _waiter(flat: Sequence[Any]) -> Waiter:
+        rec = _record(flat)
+        keys = json.loads(rec["keys"]) or []
+        ttl = int(rec["ttl"])
+        return Waiter(
+            id=rec["id"],
+            locks=tuple(codec.decode(rec["d:" + k], key=k) for k in keys),
+            ttl=timedelta(milliseconds=ttl) if ttl else None,
+            enqueued_at=_at(rec["enq"]),
+            deadline=_at(rec["deadline"]),
+            seq=int(rec["seq"]),
+            request_id=rec.get("rid") or None,
+        )
+
+    def _grants(self, entries: Sequence[Any]) -> tuple[Grant, ...]:
+        return tuple(Grant(waiter=self._waiter(flat), locks=tuple(self._lock(v) for v in locks))
+                     for flat, locks in entries)
+
+    def _handoff(self, released: Sequence[Any], granted: Sequence[Any],
+                 dropped: Sequence[Any]) -> Handoff:
+        return Handoff(released=self._maybe_lock(released), granted=self._grants(granted),
+                       timed_out=tuple(self._waiter(flat) for flat in dropped))
 
     # --- the Backend protocol --------------------------------------------------------------
-    async def acquire(self, candidate: Lock) -> tuple[bool, Lock]:
-        key = candidate.key
-        repo, pull = candidate.project.repo_full_name, candidate.pull.num
-        stored = candidate.model_copy(update={"fencing_token": 0, "expires_at": None})
-        with unavailable(self.connection, "acquire", key=key):
-            answer = await self._acquire(
-                keys=[self.keys.lock(key), self.keys.fence(key), self.keys.held, self.keys.fenced],
-                args=[self.keys.base, key, repo, pull, codec.encode(stored), _lease_ms(candidate)],
-            )
-        if answer[0] == 1:
-            return True, candidate.model_copy(
-                update={"fencing_token": int(answer[1]), "expires_at": _from_ms(answer[2])})
-        holder = self._lock(key, answer[1], answer[2], answer[3])
-        return holder.owned_by(repo, pull), holder
+    async def now(self) -> datetime:
+        with unavailable(self.connection, "time"):
+            seconds, micros = await self.connection.client.time()
+        return _EPOCH + timedelta(seconds=int(seconds), microseconds=int(micros))
 
-    async def release(self, key: str, *, owner: Owner | None = None) -> Lock | None:
-        repo, pull = owner if owner is not None else ("", 0)
-        with unavailable(self.connection, "release", key=key):
-            answer = await self._release(
-                keys=[self.keys.lock(key), self.keys.held],
-                args=[self.keys.base, key, repo, pull],
-            )
-        if answer[0] == 0:
-            return None
-        lock = self._lock(key, answer[1], answer[2], answer[3])
-        if answer[0] == 2:
-            raise LockNotOwned(key, lock)
-        return lock
+    async def acquire(self, candidate: Lock) -> tuple[bool, Lock]:
+        ttl = candidate.expires_at - candidate.acquired_at if candidate.expires_at else None
+        outcome = await self.acquire_or_enqueue(candidate, ttl=ttl, wait=None,
+                                                policy=self._policy)
+        if outcome.status is Status.GRANTED:
+            return True, outcome.locks[0]
+        assert outcome.holder is not None
+        return False, outcome.holder
+
+    async def release(
+        self, key: str, *, owner: Owner | None = None, policy: QueuePolicy | None = None
+    ) -> Lock | None:
+        return (await self.release_and_handoff(key, owner=owner, policy=policy)).released
 
     async def get(self, key: str) -> Lock | None:
-        with unavailable(self.connection, "get", key=key):
-            data, token, exp = await self.connection.client.hmget(
-                self.keys.lock(key), ["data", "token", "exp"])
-        return None if data is None else self._lock(key, data, token, exp)
+        return self._maybe_lock(await self._run("GET", key, keys=[self.keys.lock(key)], key=key))
 
     async def list(self, *, repo: str | None = None, pull: int | None = None) -> Locks:
-        index = self.keys.held
-        if repo is not None and pull is not None:
-            index = self.keys.pull(repo, pull)
-        with unavailable(self.connection, "list"):
-            flat = await self._list(
-                keys=[index],
-                args=[self.keys.base, repo or "", "" if pull is None else pull],
-            )
-        return sorted(self._locks(flat), key=lambda lock: lock.key)
+        by_pull = repo is not None and pull is not None
+        answer = await self._run(
+            "LIST", repo if by_pull else "", pull if by_pull else "",
+            repo or "", "" if pull is None else pull,
+        )
+        return sorted((self._lock(v) for v in answer), key=lambda lock: lock.key)
 
-    async def release_by_pull(self, repo: str, pull: int) -> Locks:
-        with unavailable(self.connection, "release by pull"):
-            flat = await self._release_by_pull(
-                keys=[self.keys.pull(repo, pull), self.keys.held],
-                args=[self.keys.base, repo, pull],
-            )
-        return sorted(self._locks(flat), key=lambda lock: lock.key)
+    async def release_by_pull(
+        self, repo: str, pull: int, *, policy: QueuePolicy | None = None
+    ) -> Locks:
+        released, _, _ = await self._run("RELEASE_BY_PULL", repo, pull, policy=policy)
+        return sorted((self._lock(v) for v in released), key=lambda lock: lock.key)
 
     async def refresh(self, key: str, owner: Owner, ttl: timedelta) -> Lock:
-        lease = max(1, int(ttl / timedelta(milliseconds=1)))
-        with unavailable(self.connection, "refresh", key=key):
-            answer = await self._refresh(keys=[self.keys.lock(key)], args=[*owner, lease])
-        if answer[0] == 0:
+        answer = await self._run("REFRESH", key, *owner, _duration_ms(ttl),
+                                 keys=[self.keys.lock(key)], key=key)
+        if answer[0] == "not_held":
             raise LockingError(f"lock {key} is not held (it expired or was released)", key=key)
-        lock = self._lock(key, answer[1], answer[2], answer[3])
-        if answer[0] == 2:
+        lock = self._lock(answer[1])
+        if answer[0] == "not_owned":
             raise LockNotOwned(key, lock)
         return lock
 
     async def export(self) -> tuple[Locks, dict[str, int]]:
         locks = await self.list()
         with unavailable(self.connection, "export"):
-            keys = sorted(str(k) for k in await self.connection.client.smembers(self.keys.fenced))
-            values = await self.connection.client.mget([self.keys.fence(k) for k in keys]) \
-                if keys else []
+            client = self.connection.client
+            keys = sorted(str(k) for k in await client.smembers(self.keys.fenced))
+            values = await client.mget([self.keys.fence(k) for k in keys]) if keys else []
         return locks, {k: int(v) for k, v in zip(keys, values, strict=True) if v is not None}
 
     async def adopt(self, locks: Locks, tokens: dict[str, int]) -> Locks:
         conflicts: Locks = []
-        with unavailable(self.connection, "adopt"):
-            for key, token in tokens.items():
-                await self._raise_token(keys=[self.keys.fence(key), self.keys.fenced],
-                                        args=[key, token])
-            for lock in locks:
-                stored = lock.model_copy(update={"fencing_token": 0, "expires_at": None})
-                outcome = await self._adopt(
-                    keys=[self.keys.lock(lock.key), self.keys.fence(lock.key), self.keys.held,
-                          self.keys.fenced],
-                    args=[self.keys.base, lock.key, lock.project.repo_full_name, lock.pull.num,
-                          codec.encode(stored), lock.fencing_token,
-                          _ms(lock.expires_at) if lock.expires_at else 0],
-                )
-                if outcome == 0:
-                    conflicts.append(lock)
+        for key, token in tokens.items():
+            await self._run("RAISE_TOKEN", key, token, keys=[self.keys.fence(key)], key=key)
+        for lock in locks:
+            outcome = await self._run(
+                "ADOPT", lock.key, lock.project.repo_full_name, lock.pull.num,
+                codec.encode(lock), lock.fencing_token, _ms(lock.acquired_at),
+                _ms(lock.expires_at) if lock.expires_at else 0,
+                keys=[self.keys.lock(lock.key)], key=lock.key,
+            )
+            if outcome == 0:
+                conflicts.append(lock)
         return conflicts
 
     async def ping(self) -> None:
@@ -197,4 +255,145 @@ class RedisBackend:
             await self.connection.client.ping()
 
     async def close(self) -> None:
+        """Withdraw this replica's waiters (they are told ``unavailable``) and disconnect."""
+        pending = self.grants.pending()
+        for waiter_id in pending:
+            try:
+                await self._run("CANCEL", waiter_id, Reason.UNAVAILABLE.value)
+            except LockingError:
+                break  # Redis is gone: their deadlines and our missing heartbeat drop them
+        for waiter_id in pending:
+            self.grants.deliver(waiter_id, Notice(reason=Reason.UNAVAILABLE))
+        await self._listener.close()
         await self.connection.close()
+
+    # --- the QueueBackend protocol ---------------------------------------------------------
+    async def acquire_or_enqueue(
+        self, candidate: Lock, *, ttl: timedelta | None, wait: Wait | None, policy: QueuePolicy
+    ) -> Outcome:
+        return await self.acquire_batch([candidate], ttl=ttl, wait=wait, policy=policy)
+
+    async def acquire_batch(
+        self,
+        candidates: Sequence[Lock],
+        *,
+        ttl: timedelta | None,
+        wait: Wait | None,
+        policy: QueuePolicy,
+    ) -> Outcome:
+        if not candidates or len({c.key for c in candidates}) != len(candidates):
+            raise ValueError("a batch needs at least one key and no key twice")
+        if wait is not None:
+            await self._listener.ensure()
+        first = candidates[0]
+        sent = {c.key: codec.encode(c) for c in candidates}
+        pairs = [item for c in candidates for item in (c.key, sent[c.key])]
+        answer = await self._run(
+            "ACQUIRE", _duration_ms(ttl), wait.id if wait else "",
+            _duration_ms(wait.timeout) if wait else 0,
+            (wait.request_id or "") if wait else "", first.project.repo_full_name,
+            first.pull.num, first.priority.level, *pairs,
+            keys=[self.keys.lock(c.key) for c in candidates], policy=policy, key=first.key,
+        )
+        status = answer[0]
+        if status == "granted":
+            templates = {c.key: c for c in candidates}
+            locks = tuple(
+                self._lock(v, templates[str(v[0])] if v[1] == sent[str(v[0])] else None)
+                for v in answer[1])
+            return Outcome(status=Status.GRANTED, locks=locks, fresh=bool(answer[2]))
+        if status == "held":
+            return Outcome(status=Status.HELD, key=answer[1], holder=self._lock(answer[2]))
+        if status == "queue_full":
+            return Outcome(status=Status.QUEUE_FULL, key=answer[1],
+                           holder=self._maybe_lock(answer[2]))
+        assert wait is not None
+        return Outcome(status=Status.QUEUED, waiter=self._waiter(answer[1]),
+                       key=answer[2], holder=self._maybe_lock(answer[3]),
+                       position=int(answer[4]))
+
+    async def release_and_handoff(
+        self, key: str, *, owner: Owner | None = None, policy: QueuePolicy | None = None
+    ) -> Handoff:
+        repo, pull = owner if owner is not None else ("", 0)
+        answer = await self._run("RELEASE", key, repo, pull, keys=[self.keys.lock(key)],
+                                 policy=policy, key=key)
+        if answer[0] == "not_owned":
+            raise LockNotOwned(key, self._lock(answer[1]))
+        return self._handoff(answer[1], answer[2], answer[3])
+
+    async def force_unlock(self, key: str, *, policy: QueuePolicy | None = None) -> Handoff:
+        return await self.release_and_handoff(key, policy=policy)
+
+    async def expire(self, key: str, *, policy: QueuePolicy | None = None) -> Handoff:
+        expired, granted, dropped = await self._run(
+            "EXPIRE", key, keys=[self.keys.lock(key)], policy=policy, key=key)
+        return self._handoff(expired, granted, dropped)
+
+    async def cancel(
+        self, key: str, waiter_id: str, *, reason: Reason = Reason.CANCELLED
+    ) -> Cancelled:
+        answer = await self._run("CANCEL", waiter_id, reason.value, key=key)
+        if answer[0] == "removed":
+            return Cancelled(removed=True, waiter=self._waiter(answer[1]))
+        if answer[0] == "granted":
+            return Cancelled(waiter=self._waiter(answer[1]),
+                             granted=tuple(self._lock(v) for v in answer[2]))
+        return Cancelled()
+
+    async def queue(self, key: str, *, policy: QueuePolicy | None = None) -> Waiters:
+        now_ms, records = await self._run("QUEUE", key, keys=[self.keys.lock(key)],
+                                          policy=policy, key=key)
+        return service_order([self._waiter(flat) for flat in records], now=_at(now_ms),
+                             policy=policy or self._policy)
+
+    async def wait_graph(self, *, policy: QueuePolicy | None = None) -> KeyWaitsList:
+        now_ms, entries, records = await self._run("WAIT_GRAPH", policy=policy)
+        waiters = {w.id: w for w in (self._waiter(flat) for flat in records)}
+        now = _at(now_ms)
+        return [
+            KeyWaits(
+                key=str(key),
+                holder=(str(repo), int(pull)) if repo != "" else None,
+                waiters=tuple(service_order([waiters[i] for i in ids if i in waiters], now=now,
+                                            policy=policy or self._policy)),
+            )
+            for key, repo, pull, ids in entries
+        ]
+
+    # --- notifications ---------------------------------------------------------------------
+    async def _notified(self, kind: str, waiter_id: str) -> None:
+        """A message on this replica's channel: confirm a grant, or pass the reason on."""
+        if waiter_id not in self.grants.pending():
+            return  # nobody waits here for it (any more): a grant lapses after its claim
+        if kind != "granted":
+            try:
+                reason = Reason(kind)
+            except ValueError:
+                reason = Reason.UNAVAILABLE
+            self.grants.deliver(waiter_id, Notice(reason=reason))
+            return
+        status, locks = await self._run("CONFIRM", waiter_id)
+        held = tuple(self._lock(v) for v in locks)
+        if status == "granted":
+            self.grants.deliver(waiter_id, Notice(locks=held))
+            return
+        # A claim lapsed before we could confirm (we were cut off for CLAIM_MS): a batch is
+        # all or nothing, so give back what is left and tell the caller.
+        for lock in held:
+            await self.release_and_handoff(
+                lock.key, owner=(lock.project.repo_full_name, lock.pull.num))
+        self.grants.deliver(waiter_id, Notice(reason=Reason.UNAVAILABLE))
+
+    async def _heartbeat(self) -> None:
+        await self._run("HEARTBEAT")
+
+    async def _recheck(self, waiter_ids: Sequence[str]) -> None:
+        """After a reconnect: act on what happened to our waiters while we were away."""
+        if not waiter_ids:
+            return
+        kinds = await self._run("STATUS", *waiter_ids)
+        await asyncio.gather(*(
+            self._notified("unavailable" if kind == "gone" else str(kind), waiter_id)
+            for waiter_id, kind in zip(waiter_ids, kinds, strict=True) if kind != "queued"
+        ))
