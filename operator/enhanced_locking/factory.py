@@ -18,6 +18,7 @@ from typing import Any
 
 from enhanced_locking.backends import Backend, EmbeddedBackend, MemoryBackend
 from enhanced_locking.backends.atlantis_redis import AtlantisRedisBackend
+from enhanced_locking.backends.redis_events import RedisEventBus
 from enhanced_locking.backends.redis_store import RedisBackend
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.events import EventBus
@@ -81,6 +82,14 @@ def build_backend(config: EnhancedLockingConfig, kind: str, namespace: str) -> B
     return builder(config, namespace)
 
 
+def _event_bus(config: EnhancedLockingConfig, *, enabled: Callable[[], bool]) -> EventBus:
+    # With the enhanced locks in Redis, events go through a Redis Stream so every replica's
+    # GET /v1/events shows every replica's events (chosen at start, like the replica id).
+    if config.enabled and config.backend == "redis":
+        return RedisEventBus.from_config(config, enabled=enabled)
+    return EventBus(enabled=enabled)
+
+
 class LockService:
     """The assembled lock stack: provider, event bus, metrics, lockers and router."""
 
@@ -95,8 +104,8 @@ class LockService:
         there is one, else this process alone)."""
         self.provider = provider
         self.metrics = metrics or Metrics()
-        self.events = EventBus(enabled=lambda: provider.current.config.events)
         config = provider.current.config
+        self.events = _event_bus(config, enabled=lambda: provider.current.config.events)
         self.legacy_backend = build_backend(config, config.legacy_backend, "legacy")
         self._legacy_identity = backend_identity(config, config.legacy_backend)
         self.legacy = LegacyLocker(self.legacy_backend)
@@ -136,6 +145,8 @@ class LockService:
             await self.enhanced.close()
             await self.enhanced.backend.close()
         await self.legacy_backend.close()
+        if isinstance(self.events, RedisEventBus):
+            await self.events.close()
 
     async def _apply(self, snapshot: Snapshot) -> None:
         config = snapshot.config

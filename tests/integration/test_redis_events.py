@@ -1,0 +1,101 @@
+"""Events through a Redis Stream: every replica sees every replica's events, in one order."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from tests.support.locks import request_for
+from tests.support.redis_fixtures import redis_config
+from tests.support.redis_server import RedisServer
+
+from enhanced_locking.backends.redis_events import RedisEventBus
+from enhanced_locking.events import parse_event_id
+from enhanced_locking.factory import LockService
+from enhanced_locking.provider import ConfigProvider
+from enhanced_locking.types import Event
+
+pytestmark = pytest.mark.redis
+
+
+async def take(stream: AsyncIterator[Event], count: int) -> list[Event]:
+    return [await asyncio.wait_for(anext(stream), 5) for _ in range(count)]
+
+
+async def replicas(server: RedisServer, count: int, **settings: Any) -> list[LockService]:
+    services = []
+    for _ in range(count):
+        config = redis_config(server, enabled=True, backend="redis", legacy_backend="memory",
+                              **settings)
+        service = LockService(ConfigProvider(config))
+        await service.start()
+        services.append(service)
+    return services
+
+
+async def test_each_replica_streams_every_replicas_events_in_one_order(
+    redis_server: RedisServer,
+) -> None:
+    a, b = await replicas(redis_server, 2)
+    try:
+        assert isinstance(a.events, RedisEventBus) and isinstance(b.events, RedisEventBus)
+        on_a, on_b = a.events.stream(), b.events.stream()
+        first = asyncio.ensure_future(anext(on_a))
+        second = asyncio.ensure_future(anext(on_b))
+        await asyncio.sleep(0.05)  # both readers are following the stream
+        assert (await a.router.acquire(request_for(pull=1))).acquired
+        assert await b.router.release(request_for().key) is not None
+        seen_a = [await asyncio.wait_for(first, 5), *await take(on_a, 1)]
+        seen_b = [await asyncio.wait_for(second, 5), *await take(on_b, 1)]
+        assert [e.type for e in seen_a] == ["acquired", "released"]
+        assert [(e.id, e.type) for e in seen_a] == [(e.id, e.type) for e in seen_b]
+        assert parse_event_id(seen_a[0].id) < parse_event_id(seen_a[1].id)
+        # Resuming on the other replica after the first event gives exactly the rest.
+        resumed = b.events.stream(after=seen_a[0].id)
+        assert [e.id for e in await take(resumed, 1)] == [seen_a[1].id]
+    finally:
+        for service in (a, b):
+            await service.close()
+
+
+async def test_a_replica_started_later_can_resume_from_history(
+    redis_server: RedisServer,
+) -> None:
+    (a,) = await replicas(redis_server, 1)
+    try:
+        for pull in range(1, 4):
+            assert (await a.router.acquire(request_for(pull=pull, path=f"p{pull}"))).acquired
+        await asyncio.sleep(0.1)
+    finally:
+        await a.close()
+    (late,) = await replicas(redis_server, 1)
+    try:
+        stream = late.events.stream(after="0-0")
+        events = await take(stream, 3)
+        assert [e.lock.pull.num for e in events if e.lock] == [1, 2, 3]
+        assert not late.events.gap_since(events[0].id)
+    finally:
+        await late.close()
+
+
+async def test_events_published_while_redis_is_away_are_appended_when_it_returns(
+    redis_servers: Any,
+) -> None:
+    server: RedisServer = redis_servers(persistence="aof")
+    bus = RedisEventBus.from_config(redis_config(server))
+    try:
+        following = bus.stream()
+        waiting = asyncio.ensure_future(anext(following))
+        await asyncio.sleep(0.05)
+        server.stop()
+        bus.publish("fallback", key="k", action="legacy", error="redis away")
+        await asyncio.sleep(0.3)
+        assert not waiting.done()
+        server.start()
+        event = await asyncio.wait_for(waiting, 10)
+        assert event.type == "fallback" and event.details["action"] == "legacy"
+        assert event.id and bus.dropped == 0
+    finally:
+        await bus.close()
