@@ -226,7 +226,12 @@ class EnhancedLocker(AtlantisCalls):
     ) -> Answer:
         key = outcome.key or waiter.keys[0]
         if self.settings().deadlock_detection:
-            refused = await self._refuse_deadlock(waiter, key)
+            try:
+                refused = await self._refuse_deadlock(waiter, key)
+            except BaseException:  # cancelled (or failed) before waiting: leave the queue
+                await queueing.withdraw(self.backend, waiter, future, self._give_back)
+                self.backend.grants.forget(waiter.id)
+                raise
             if refused is not None:
                 return refused
         if outcome.holder is not None:

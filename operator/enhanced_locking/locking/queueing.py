@@ -27,7 +27,7 @@ from enhanced_locking.backends.base import QueueBackend
 from enhanced_locking.backends.waiting import Notice, Waiter
 from enhanced_locking.types import Reason
 
-__all__ = ["await_turn"]
+__all__ = ["await_turn", "withdraw"]
 
 log = logging.getLogger(__name__)
 
@@ -56,25 +56,26 @@ async def await_turn(
                 return future.result()
             return Notice(reason=Reason.TIMEOUT)
         except asyncio.CancelledError:
-            await _leave(backend, waiter, future, give_back)
+            await withdraw(backend, waiter, future, give_back)
             raise
         task = asyncio.current_task()
         if task is not None and task.cancelling():
             # The grant and the caller's cancellation arrived together and wait_for kept the
             # grant: the caller is still going away, so the grant goes back.
-            await _leave(backend, waiter, future, give_back)
+            await withdraw(backend, waiter, future, give_back)
             raise asyncio.CancelledError
         return notice
     finally:
         backend.grants.forget(waiter.id)
 
 
-async def _leave(
+async def withdraw(
     backend: QueueBackend,
     waiter: Waiter,
     future: asyncio.Future[Notice],
     give_back: Callable[[Notice], Awaitable[None]],
 ) -> None:
+    """Take ``waiter`` out of its queues; give back whatever was granted to it meanwhile."""
     # Runs while the caller's task is being cancelled: shield the clean-up so a second cancel
     # (the server shutting down) cannot leave a lock granted to nobody.
     async def clean_up() -> None:
