@@ -104,7 +104,6 @@ class MigrationController:
             clock=clock,
         )
         self.shadow = ShadowReplayer(
-            settings=lambda: provider.current.config,
             build=lambda c: build(c, c.backend, "shadow"),
             identity=lambda c: identity(c, c.backend),
             authoritative=self._legacy_backend,

@@ -131,14 +131,12 @@ class ShadowReplayer:
     def __init__(
         self,
         *,
-        settings: Callable[[], EnhancedLockingConfig],
         build: Callable[[EnhancedLockingConfig], Backend],
         identity: Callable[[EnhancedLockingConfig], tuple[Any, ...]],
         authoritative: Callable[[], Backend],
         events: EventBus,
         metrics: Metrics,
     ) -> None:
-        self._settings = settings
         self._build = build
         self._identity = identity
         self._authoritative = authoritative
