@@ -119,7 +119,8 @@ def _operator(args: argparse.Namespace) -> int:
     options = OperatorOptions(
         namespace=args.namespace, policy=args.policy, migration=args.migration,
         liveness=args.liveness, resync_interval=args.resync_interval,
-        standalone=args.standalone,
+        standalone=args.standalone, leader_election=args.leader_election, lease=args.lease,
+        lease_duration=args.lease_duration, rollout_interval=args.rollout_interval,
     )
     return asyncio.run(_run_service(config, args.host, args.port, operator=options))
 
@@ -151,6 +152,16 @@ def _seconds(value: str) -> float:
         seconds = 0
     if not 1 <= seconds <= 86400:
         raise argparse.ArgumentTypeError(f"expected seconds from 1 to 86400, got {value!r}")
+    return seconds
+
+
+def _tick_seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0
+    if not 0.1 <= seconds <= 60:
+        raise argparse.ArgumentTypeError(f"expected seconds from 0.1 to 60, got {value!r}")
     return seconds
 
 
@@ -301,6 +312,18 @@ def _parser() -> argparse.ArgumentParser:
                           help="re-read the CRs and their Secrets this often (default: 30)")
     operator.add_argument("--standalone", default=True, action=argparse.BooleanOptionalAction,
                           help="run without kopf peering (default; one replica)")
+    operator.add_argument("--leader-election", default=False,
+                          action=argparse.BooleanOptionalAction,
+                          help="several replicas: the holder of a Lease writes the status and "
+                               "drives the rollout (needs get/create/update on leases)")
+    operator.add_argument("--lease", default=None, type=_k8s_name, metavar="NAME",
+                          help="the Lease's name (default: enhanced-locking-MIGRATION)")
+    operator.add_argument("--lease-duration", default=15.0, type=_seconds, metavar="SECONDS",
+                          help="a silent holder's Lease is taken over after this many seconds "
+                               "(default: 15)")
+    operator.add_argument("--rollout-interval", default=0.5, type=_tick_seconds,
+                          metavar="SECONDS",
+                          help="how often the rollout timer runs (default: 0.5)")
     operator.set_defaults(func=_operator)
 
     config_cmd = commands.add_parser("config", help="inspect the configuration")

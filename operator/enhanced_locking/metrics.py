@@ -109,6 +109,11 @@ class Metrics:
             "enhanced_locking_backend_errors", "Backend operations that failed.", ["backend"],
             registry=r,
         )
+        self.backend_operations = Counter(
+            "enhanced_locking_backend_operations",
+            "Backend operations tried (each retry counts): the error rate's denominator.",
+            ["backend"], registry=r,
+        )
         self.config_generation = Gauge(
             "enhanced_locking_config_generation", "Generation of the configuration in effect.",
             registry=r,

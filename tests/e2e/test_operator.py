@@ -131,11 +131,15 @@ def test_the_examples_applied_as_a_user_does_become_the_running_config(
     header, row = policies.splitlines()
     assert header.split() == ["NAME", "ENABLED", "BACKEND", "READY", "REASON", "AGE"]
     assert row.split()[:5] == ["default", "true", "boltdb", "True", "Applied"]
+    wait_for("the weight in force on every replica", lambda: (cr(
+        kube_cluster, MIGRATIONS, "to-enhanced", kube_namespace) or {}).get("status", {}).get(
+        "phase") == "Completed", details=operator.output)
     migrations = kube_cluster.kubectl("get", "lockmigrations", "-n", kube_namespace).stdout
     header, row = migrations.splitlines()
-    assert header.split() == ["NAME", "POLICY", "MODE", "WEIGHT", "CURRENT", "READY", "REASON",
-                              "AGE"]
-    assert row.split()[:7] == ["to-enhanced", "default", "route", "25", "25", "True", "Applied"]
+    assert header.split() == ["NAME", "PHASE", "MODE", "WEIGHT", "STEP", "MISMATCHES",
+                              "CONFLICTS", "READY", "AGE"]
+    # No steps: the STEP cell is empty.
+    assert row.split()[:7] == ["to-enhanced", "Completed", "route", "25", "0", "0", "True"]
     status = cr(kube_cluster, POLICIES, "default", kube_namespace)["status"]  # type: ignore[index]
     assert status["appliedConfigHash"] == operator.config()["hash"]
     assert status["appliedGeneration"] == operator.config()["generation"]

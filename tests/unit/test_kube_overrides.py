@@ -134,7 +134,8 @@ def _leaves(schema: dict[str, Any], path: str = "") -> list[str]:
 # back) or only naming things; listed so that a new field cannot go unmapped unnoticed.
 NOT_SETTINGS = {
     "policyRef.name", "paused", "analysis.window", "analysis.maxErrorRate",
-    "analysis.maxMismatchRate", "analysis.maxFallbacks",
+    "analysis.maxMismatchRate", "analysis.maxFallbacks", "analysis.interval",
+    "analysis.failureLimit",
 }
 
 

@@ -130,6 +130,12 @@ def create_app(service: LockService, *, manage_lifecycle: bool = True) -> FastAP
             },
         }
 
+    @app.get("/v1/migration")
+    async def migration_state() -> Any:
+        """This replica's migration machinery: the weight move (phase, from, pending and
+        excluded replicas), shadow counters, fallback journal, open lock conflicts."""
+        return service.migration.status()
+
     @app.get("/healthz")
     async def healthz() -> Any:
         """Liveness: the process answers."""

@@ -109,6 +109,8 @@ class KubernetesApi:
     def __init__(self, api_client: client.ApiClient, *, instance: str = "") -> None:
         self._core = client.CoreV1Api(api_client)
         self._custom = client.CustomObjectsApi(api_client)
+        self._coordination = client.CoordinationV1Api(api_client)
+        self._client = api_client
         self._instance = instance or os.environ.get("POD_NAME", "") or os.uname().nodename
 
     async def read_secret(self, namespace: str, name: str, key: str) -> SecretStr:
@@ -161,6 +163,48 @@ class KubernetesApi:
                 return None  # deleted meanwhile: nothing to report on
             raise
         return _as_dict(patched)
+
+    # --- Leases (leader election, see kube/leader.py); a conflict answers None -------------
+    def _plain(self, found: object) -> dict[str, Any]:
+        return _as_dict(self._client.sanitize_for_serialization(found))  # type: ignore[no-untyped-call]
+
+    async def read_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            found = await asyncio.to_thread(
+                self._coordination.read_namespaced_lease, name, namespace,
+                _request_timeout=_TIMEOUT,
+            )
+        except client.ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+        return self._plain(found)
+
+    async def create_lease(self, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        try:
+            created = await asyncio.to_thread(
+                self._coordination.create_namespaced_lease, namespace, cast(Any, body),
+                field_manager=COMPONENT, _request_timeout=_TIMEOUT,
+            )
+        except client.ApiException as error:
+            if error.status == 409:
+                return None
+            raise
+        return self._plain(created)
+
+    async def replace_lease(
+        self, namespace: str, name: str, body: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        try:
+            replaced = await asyncio.to_thread(
+                self._coordination.replace_namespaced_lease, name, namespace, cast(Any, body),
+                field_manager=COMPONENT, _request_timeout=_TIMEOUT,
+            )
+        except client.ApiException as error:
+            if error.status in (404, 409):
+                return None
+            raise
+        return self._plain(replaced)
 
     async def post_event(
         self, body: Mapping[str, Any], *, kind: str, type: str, reason: str, message: str

@@ -1,10 +1,19 @@
 """The kopf handlers: thin triggers of the one idempotent reconcile.
 
-Create, update and resume of the bound LockPolicy or LockMigration all call the same
-:meth:`Reconciler.observed`; the watch's ``DELETED`` event calls :meth:`Reconciler.deleted`.
-Deletion is watched as an event, not with ``@kopf.on.delete``, because that handler needs a
-finalizer (see :mod:`enhanced_locking.kube.reconcile` for why there is none). Objects of other
-names are not this service's and are left alone, so several services can share a namespace.
+Every watch event of the bound LockPolicy or LockMigration (kopf's initial listing included)
+calls :meth:`Reconciler.event`, which converges on the object as it is now; ``DELETED`` calls
+:meth:`Reconciler.deleted`. A timer on the bound LockMigration drives its rollout
+(:meth:`Reconciler.tick`). Objects of other names are not this service's and are left alone,
+so several services can share a namespace.
+
+Why watch events and not ``@kopf.on.create/update/resume``: kopf decides whether an object
+changed by comparing it with the "last handled" copy it keeps in an annotation *on the object*.
+Several replicas share that annotation, so the first replica to handle a change would hide it
+from the others (they would see it as handled and skip it), and a replica left behind routes by
+an old weight. Reacting to every event is safe because the reconcile is idempotent, and it
+keeps kopf from writing to the objects at all. For the same reason deletion is an event, not
+``@kopf.on.delete``, which would need a finalizer (see :mod:`enhanced_locking.kube.reconcile`).
+A reconcile that fails (the API server briefly away) is retried by the resync, soon.
 
 The handlers are registered on a registry of their own, not kopf's global one, so the
 operator's wiring is explicit and a test can build as many operators as it likes.
@@ -12,6 +21,7 @@ operator's wiring is explicit and a test can build as many operators as it likes
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -23,10 +33,18 @@ from enhanced_locking.kube.models import GROUP, VERSION
 from enhanced_locking.kube.reconcile import MIGRATIONS, POLICIES, Reconciler
 from enhanced_locking.provider import ConfigProvider
 
-__all__ = ["build_registry"]
+__all__ = ["QUIET_HANDLERS", "build_registry"]
 
-# A failed reconcile (the API server briefly away) is retried soon, not after kopf's minute.
+log = logging.getLogger(__name__)
+
+# A failed rollout tick is retried soon, not after kopf's minute.
 _BACKOFF = 2.0
+
+ROLLOUT_TIMER = "rollout"
+QUIET_HANDLERS = (f"Timer {ROLLOUT_TIMER!r}", f"Handler 'watch-{POLICIES}'",
+                  f"Handler 'watch-{MIGRATIONS}'")
+"""Handlers that run on every watch event or twice a second: kopf's line for each successful
+run is not news (the operator filters those lines out)."""
 
 
 def _named(wanted: str) -> Callable[..., bool]:
@@ -36,29 +54,20 @@ def _named(wanted: str) -> Callable[..., bool]:
     return when
 
 
-def _deleted(wanted: str) -> Callable[..., bool]:
-    # Filtering here, not in the handler, keeps kopf from logging every other watch event.
-    def when(name: str | None = None, type: str | None = None, **_: Any) -> bool:
-        return name == wanted and type == "DELETED"
-
-    return when
-
-
 def _register(registry: kopf.OperatorRegistry, reconciler: Reconciler, plural: str,
               name: str) -> None:
-    async def reconcile(body: kopf.Body, **_: Any) -> None:
-        await reconciler.observed(plural, body)
+    async def watched(body: kopf.Body, type: str | None = None, **_: Any) -> None:
+        try:
+            if type == "DELETED":
+                await reconciler.deleted(plural, body)
+            else:
+                await reconciler.event(plural, body)
+        except Exception as error:  # the API may be briefly away: the resync tries again
+            log.warning("reconciling %s %s failed, retrying soon: %s", plural, name, error)
+            reconciler.retry_soon()
 
-    async def deleted(body: kopf.Body, **_: Any) -> None:
-        await reconciler.deleted(plural, body)
-
-    handler_id = f"reconcile-{plural}"
-    when = _named(name)
-    for on in (kopf.on.create, kopf.on.update, kopf.on.resume):
-        on(GROUP, VERSION, plural, id=handler_id, registry=registry, when=when,
-           backoff=_BACKOFF)(reconcile)
-    kopf.on.event(GROUP, VERSION, plural, id=f"deleted-{plural}", registry=registry,
-                  when=_deleted(name))(deleted)
+    kopf.on.event(GROUP, VERSION, plural, id=f"watch-{plural}", registry=registry,
+                  when=_named(name))(watched)
 
 
 def connection_info(configuration: client.Configuration) -> kopf.ConnectionInfo:
@@ -81,12 +90,20 @@ def connection_info(configuration: client.Configuration) -> kopf.ConnectionInfo:
     )
 
 
-def build_registry(reconciler: Reconciler, provider: ConfigProvider) -> kopf.OperatorRegistry:
+def build_registry(
+    reconciler: Reconciler, provider: ConfigProvider, *, rollout_interval: float = 0.5
+) -> kopf.OperatorRegistry:
     """Every handler of the operator, on a fresh registry."""
     registry = kopf.OperatorRegistry()
     binding = reconciler.binding
     _register(registry, reconciler, POLICIES, binding.policy)
     _register(registry, reconciler, MIGRATIONS, binding.migration)
+
+    @kopf.timer(GROUP, VERSION, MIGRATIONS, id=ROLLOUT_TIMER, registry=registry,
+                interval=rollout_interval, when=_named(binding.migration), backoff=_BACKOFF)
+    async def rollout(**_: Any) -> None:
+        """Advance the rollout's steps, check the analysis, refresh the status."""
+        await reconciler.tick()
 
     @kopf.on.login(id="login", registry=registry)
     def login(**_: Any) -> kopf.ConnectionInfo:

@@ -6,6 +6,12 @@ manner of Argo Rollouts (``setWeight``, ``pause`` with or without a duration). `
 every key back to legacy (weight 0) through the same safe handover; ``promote`` sends every key
 to enhanced (weight 100). ``mode: shadow`` keeps legacy authoritative while enhanced replays.
 
+The rollout's progress (step, phase, when the step started, the last promote handled) lives in
+the status, so a restarted operator carries on where the last one stopped; :mod:`.rollout` is
+the state machine that advances it. Two annotations are one-shot requests (a new value is a new
+request; the status records the last value handled): ``PROMOTE_ANNOTATION`` skips the pause in
+progress, ``RETRY_ANNOTATION`` restarts an aborted rollout from its first step.
+
 Fields left out keep the service's own settings, as for the LockPolicy.
 """
 
@@ -16,6 +22,7 @@ from typing import Annotated, Literal
 from pydantic import ConfigDict, Field, model_validator
 
 from enhanced_locking.kube.models import (
+    GROUP,
     Condition,
     CRDuration,
     LocalObjectReference,
@@ -27,12 +34,18 @@ from enhanced_locking.kube.models import (
 )
 
 __all__ = [
+    "PROMOTE_ANNOTATION",
+    "RETRY_ANNOTATION",
     "Analysis",
+    "AnalysisStatus",
+    "Counters",
     "LockMigrationSpec",
     "LockMigrationStatus",
     "Pause",
+    "Phase",
     "Shadow",
     "Step",
+    "TransitionState",
     "step_weight",
 ]
 
@@ -40,6 +53,19 @@ Weight = Annotated[float, Field(ge=0, le=100)]
 """Percent of lock keys on the enhanced side; routing resolves 0.01 (finer is rounded)."""
 
 Rate = Annotated[float, Field(ge=0, le=1)]
+
+PROMOTE_ANNOTATION = f"{GROUP}/promote"
+"""A new value skips the pause the rollout is in (``kubectl annotate ... --overwrite``)."""
+
+RETRY_ANNOTATION = f"{GROUP}/retry"
+"""A new value restarts an aborted rollout from its first step."""
+
+Phase = Literal["Progressing", "Paused", "Completed", "Aborted", "Degraded"]
+
+_Count = Annotated[int, Field(ge=0)]
+_Time = Annotated[str, Field(max_length=64, json_schema_extra={"format": "date-time"})]
+_Text = Annotated[str, Field(max_length=1024)]
+_Token = Annotated[str, Field(max_length=253)]
 
 
 class Pause(SpecModel):
@@ -85,6 +111,14 @@ class Analysis(SpecModel):
     max_fallbacks: int | None = Field(
         None, ge=0, le=1_000_000, description="Most fallbacks to legacy within the window."
     )
+    interval: CRDuration | None = Field(
+        None, description="How often the thresholds are checked (default 10s)."
+    )
+    failure_limit: int | None = Field(
+        None, ge=0, le=100,
+        description="Failed checks in a row tolerated before the rollout is aborted (default "
+        "0: the first failed check aborts).",
+    )
 
 
 class Shadow(SpecModel):
@@ -123,12 +157,17 @@ class LockMigrationSpec(SpecModel):
     steps: list[Step] | None = Field(
         None, min_length=1, max_length=64, description="Rollout steps, instead of a weight."
     )
-    paused: bool | None = Field(None, description="Hold the rollout at its current step.")
+    paused: bool | None = Field(
+        None, description="Hold the rollout at its current step (with spec.steps)."
+    )
     abort: bool | None = Field(
         None, description="Send every key back to legacy (weight 0) through a safe handover."
     )
     promote: bool | None = Field(
-        None, description="Send every key to enhanced (weight 100), skipping the steps left."
+        None,
+        description="Promote fully: every key to enhanced (weight 100), skipping the steps "
+        "left. To skip only the pause in progress, set the annotation "
+        f"{PROMOTE_ANNOTATION} to a new value.",
     )
     fallback: Literal["legacy", "fail-closed"] | None = Field(
         None, description="When the enhanced backend is unreachable: use legacy or refuse."
@@ -154,8 +193,70 @@ def step_weight(steps: list[Step], index: int) -> float:
     return weight
 
 
+class Counters(StatusModel):
+    """Totals reported by the status writer's replica, carried over its restarts."""
+
+    mismatches: _Count = Field(0, description="Shadow replays whose answer differed.")
+    replayed: _Count = Field(0, description="Shadow replays run.")
+    fallbacks: _Count = Field(
+        0, description="Requests served by legacy (or refused) because enhanced did not answer."
+    )
+    errors: _Count = Field(0, description="Enhanced backend operations that failed.")
+    operations: _Count = Field(0, description="Enhanced backend operations.")
+    conflicts: _Count = Field(0, description="Keys held on both sides by different pulls, now.")
+
+
+class TransitionState(StatusModel):
+    """The weight move as the status writer's replica sees it (migration/transition.py)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    phase: Literal["stable", "moving", "isolated"] = Field(
+        description="stable: the weight is the only authority on every live replica; moving: "
+        "keys of the moving buckets are taken on both sides; isolated: this replica cannot "
+        "report, so it takes every key on both sides."
+    )
+    to: float = Field(ge=0, le=100, description="The authoritative weight being moved to.")
+    from_: list[Annotated[float, Field(ge=0, le=100)]] = Field(
+        default_factory=list, alias="from", max_length=64,
+        description="Other weights still in use somewhere (older requests, other replicas).",
+    )
+    pending_replicas: list[_Token] = Field(
+        default_factory=list, max_length=64,
+        description="Live replicas that have not applied the weight yet.",
+    )
+    excluded_replicas: list[_Token] = Field(
+        default_factory=list, max_length=64,
+        description="Replicas left out because they stopped reporting.",
+    )
+    replicas: _Count = Field(0, description="Replicas reporting (this one included).")
+    started_at: _Time | None = Field(None, description="When the move in progress started.")
+    last_settle_seconds: float | None = Field(
+        None, ge=0, description="How long the last move took to settle on every replica."
+    )
+    last_error: _Text | None = Field(None, description="Why the replica registry failed.")
+
+
+class AnalysisStatus(StatusModel):
+    """The last check of the analysis thresholds."""
+
+    measured_at: _Time = Field(description="When the check ran.")
+    window_seconds: float = Field(ge=0, description="The span the check covered.")
+    error_rate: float | None = Field(
+        None, ge=0, le=1, description="Failed enhanced operations / enhanced operations."
+    )
+    mismatch_rate: float | None = Field(
+        None, ge=0, le=1, description="Shadow mismatches / shadow replays."
+    )
+    fallbacks: _Count = Field(0, description="Fallbacks within the window.")
+    operations: _Count = Field(0, description="Enhanced operations within the window.")
+    replayed: _Count = Field(0, description="Shadow replays within the window.")
+    consecutive_failures: _Count = Field(0, description="Failed checks in a row.")
+    failure: _Text | None = Field(None, description="What the last failed check found.")
+
+
 class LockMigrationStatus(StatusModel):
-    """What the operator observed and where traffic goes now."""
+    """What the operator observed, where the rollout is, and where traffic goes now."""
 
     observed_generation: int | None = Field(
         None, ge=0, description="The metadata.generation the operator last acted on."
@@ -163,14 +264,35 @@ class LockMigrationStatus(StatusModel):
     conditions: list[Condition] = Field(
         default_factory=list,
         max_length=16,
-        description="Ready: the service routes as this generation of the spec says.",
+        description="Ready: the service routes as this generation of the spec says; "
+        "Progressing, Paused, Completed, Aborted, Degraded: the rollout.",
         json_schema_extra=conditions_schema_extra(),
     )
+    phase: Phase | None = Field(None, description="Where the rollout is.")
+    message: _Text | None = Field(None, description="The phase in words.")
     current_weight: float | None = Field(
         None, ge=0, le=100, description="Percent of lock keys the service routes to enhanced."
     )
     current_step_index: int | None = Field(
-        None, ge=0, le=64, description="The rollout step in force (with spec.steps)."
+        None, ge=0, le=64,
+        description="The rollout step in force (with spec.steps); the number of steps once "
+        "completed.",
+    )
+    step: Annotated[str, Field(max_length=16)] | None = Field(
+        None, description="The step in force as N/M (for kubectl get)."
+    )
+    step_started_at: _Time | None = Field(None, description="When the step in force began.")
+    promoted: _Token | None = Field(
+        None, description="The last value of the promote annotation that was handled."
+    )
+    retried: _Token | None = Field(
+        None, description="The last value of the retry annotation that was handled."
+    )
+    counters: Counters | None = Field(None, description="Totals (see Counters).")
+    transition: TransitionState | None = Field(None, description="The weight move.")
+    analysis: AnalysisStatus | None = Field(None, description="The last analysis check.")
+    status_writer: _Token | None = Field(
+        None, description="The replica that writes this status and drives the rollout."
     )
     mode: Literal["route", "shadow"] | None = Field(None, description="The routing mode in force.")
     applied_config_hash: str | None = Field(

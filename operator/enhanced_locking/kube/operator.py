@@ -10,8 +10,14 @@ The order of things:
 4. on SIGTERM/SIGINT the HTTP server drains first, then kopf stops, then the caller closes
    the service.
 
-kopf keeps its bookkeeping in annotations under the API group (not in ``status``, which the
-CRDs' schemas own) and posts no Events of its own: the reconciler posts one per change.
+kopf reacts to watch events only (see :mod:`.handlers`), so it writes nothing on the objects;
+should a handler kind that keeps state be added, kopf keeps it in annotations under the API
+group (not in ``status``, which the CRDs' schemas own). kopf posts no Events of its own: the
+reconciler posts one per change.
+
+Several replicas (each one ``enhanced-locking operator`` with its own service, sharing Redis)
+all apply the CRs; with ``--leader-election`` one of them, holding a Lease, writes the status
+and drives the rollout (:mod:`.leader`). Without it the process is the only writer.
 """
 
 from __future__ import annotations
@@ -36,9 +42,11 @@ from enhanced_locking.kube.cluster import (
     client_configuration,
     new_api_client,
 )
-from enhanced_locking.kube.handlers import build_registry
+from enhanced_locking.kube.handlers import QUIET_HANDLERS, build_registry
+from enhanced_locking.kube.leader import LeaseElection, SoleWriter
 from enhanced_locking.kube.models import GROUP
 from enhanced_locking.kube.reconcile import Binding, Reconciler
+from enhanced_locking.kube.rollout_driver import RolloutDriver, live_view
 
 __all__ = ["HttpServer", "OperatorOptions", "kopf_settings", "run"]
 
@@ -55,6 +63,15 @@ class OperatorOptions:
     liveness: str | None = None
     resync_interval: float = 30.0
     standalone: bool = True
+    leader_election: bool = False
+    lease: str | None = None
+    """The Lease's name (default: ``enhanced-locking-<migration>``)."""
+    lease_duration: float = 15.0
+    rollout_interval: float = 0.5
+
+    @property
+    def lease_name(self) -> str:
+        return self.lease or f"enhanced-locking-{self.migration}"[:253]
 
 
 class HttpServer(Protocol):
@@ -81,6 +98,16 @@ def kopf_settings() -> kopf.OperatorSettings:
     # scanning on kopf retries both for about a minute before its watches start.
     settings.scanning.disabled = True
     return settings
+
+
+class _QuietTimer(logging.Filter):
+    """kopf logs every successful handler run: the rollout timer runs twice a second and the
+    watch handlers on every event; their successes are not news."""
+
+    QUIET = tuple(f"{handler} succeeded." for handler in QUIET_HANDLERS)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().endswith(self.QUIET)
 
 
 def _identity() -> Any:
@@ -111,10 +138,27 @@ async def run(service: LockService, options: OperatorOptions, *, http: HttpServe
         return 2  # a usage error, as for an invalid setting
     runtime_dir = Path(tempfile.mkdtemp(prefix="enhanced-locking-"))
     binding = Binding(options.namespace, options.policy, options.migration)
+    cluster = KubernetesApi(api_client)
+    election = LeaseElection(
+        cluster, namespace=options.namespace, name=options.lease_name,
+        identity=service.migration.replica_id, duration=options.lease_duration,
+        deadline=options.lease_duration * 2 / 3, retry=options.lease_duration / 7.5,
+    ) if options.leader_election else None
+    rollout = RolloutDriver(live_view(service), writer=election or SoleWriter())
     reconciler = Reconciler(
-        service.provider, binding=binding, cluster=KubernetesApi(api_client),
-        runtime_dir=runtime_dir,
+        service.provider, binding=binding, cluster=cluster, runtime_dir=runtime_dir,
+        rollout=rollout,
     )
+    electing = None
+    if election is not None:
+        # One round before the first reconcile: a lone replica writes the status from the start.
+        try:
+            await election.round()
+        except Exception as error:
+            log.warning("leader election: %s", error)
+        electing = asyncio.create_task(election.run(), name="leader election")
+    quiet = _QuietTimer()
+    logging.getLogger("kopf.objects").addFilter(quiet)
     try:
         await reconciler.resync()
     except Exception as error:  # the API server may be starting too; kopf catches up later
@@ -127,6 +171,14 @@ async def run(service: LockService, options: OperatorOptions, *, http: HttpServe
     while not http.started and not server.done():  # noqa: ASYNC110 (a flag, no event)
         await asyncio.sleep(0.01)  # uvicorn says it listens with a flag only
     if server.done():  # it could not start (a port in use): kopf never starts either
+        if electing is not None:
+            electing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await electing
+        if election is not None:
+            await election.release()
+        rollout.close()
+        logging.getLogger("kopf.objects").removeFilter(quiet)
         api_client.close()  # type: ignore[no-untyped-call]
         shutil.rmtree(runtime_dir, ignore_errors=True)
         return server.result()
@@ -138,7 +190,8 @@ async def run(service: LockService, options: OperatorOptions, *, http: HttpServe
     )
     operator = asyncio.create_task(
         kopf.operator(
-            registry=build_registry(reconciler, service.provider),
+            registry=build_registry(reconciler, service.provider,
+                                    rollout_interval=options.rollout_interval),
             settings=kopf_settings(),
             namespaces=[options.namespace],
             standalone=options.standalone,
@@ -177,6 +230,14 @@ async def run(service: LockService, options: OperatorOptions, *, http: HttpServe
         resync.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await resync
+        if electing is not None:
+            electing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await electing
+        if election is not None:
+            await election.release()  # the next replica takes over at once
+        rollout.close()
+        logging.getLogger("kopf.objects").removeFilter(quiet)
         for task in (server, operator):
             if not task.done():
                 task.cancel()

@@ -103,12 +103,16 @@ def policy_overrides(
     return out
 
 
-def migration_weight(spec: LockMigrationSpec, *, step_index: int = 0) -> float | None:
+def migration_weight(
+    spec: LockMigrationSpec, *, step_index: int = 0, aborted: bool = False
+) -> float | None:
     """The weight a migration asks for now: abort 0, promote 100, else the weight or the step.
 
-    Routing resolves 0.01 percent (10,000 buckets), so the weight is rounded to two decimals.
+    ``step_index`` and ``aborted`` are the rollout's state (its status): an automatic abort
+    (analysis) sends every key back to legacy just as ``spec.abort`` does. Routing resolves
+    0.01 percent (10,000 buckets), so the weight is rounded to two decimals.
     """
-    if spec.abort:
+    if spec.abort or aborted:
         return 0.0
     if spec.promote:
         return 100.0
@@ -119,10 +123,12 @@ def migration_weight(spec: LockMigrationSpec, *, step_index: int = 0) -> float |
     return None
 
 
-def migration_overrides(spec: LockMigrationSpec, *, step_index: int = 0) -> dict[str, Any]:
+def migration_overrides(
+    spec: LockMigrationSpec, *, step_index: int = 0, aborted: bool = False
+) -> dict[str, Any]:
     """The config fields a LockMigration spec sets (weight, mode, fallback, shadow sampling)."""
     values = {
-        "migration_weight": migration_weight(spec, step_index=step_index),
+        "migration_weight": migration_weight(spec, step_index=step_index, aborted=aborted),
         "migration_mode": spec.mode,
         "fallback": spec.fallback,
         "shadow_sample_ratio": _value(spec, "shadow.sampleRatio"),
@@ -136,6 +142,7 @@ def cluster_overrides(
     *,
     secrets: ResolvedSecrets = ResolvedSecrets(),
     step_index: int = 0,
+    aborted: bool = False,
 ) -> Mapping[str, Any] | None:
     """The ``cluster`` layer: the policy's fields, then its migration's; ``None`` without a policy.
 
@@ -146,5 +153,5 @@ def cluster_overrides(
         return None
     out = policy_overrides(policy, secrets)
     if migration is not None:
-        out.update(migration_overrides(migration, step_index=step_index))
+        out.update(migration_overrides(migration, step_index=step_index, aborted=aborted))
     return out

@@ -1,7 +1,7 @@
 """The reconciler: the bound LockPolicy and LockMigration, made into the service's config.
 
 One operator serves one lock service and binds one LockPolicy and one LockMigration of its
-namespace, by name. Whatever woke it (kopf's create/update/resume/delete of either object, or
+namespace, by name. Whatever woke it (a watch event of either object, the rollout timer, or
 the periodic resync), the reconciler does the same idempotent thing: it takes the objects as
 they are now and *converges*, in two steps, under one lock:
 
@@ -16,6 +16,13 @@ leaves the last good configuration running. Each object then gets its status (ob
 generation, a ``Ready`` condition with a reason, the applied config's hash and generation) and
 an Event for each change applied or refused.
 
+With ``spec.steps`` the weight comes from the rollout's state, kept in the migration's status:
+the :class:`~enhanced_locking.kube.rollout_driver.RolloutDriver` advances it first (on the
+replica that writes the status), then the steps above apply the weight of the step in force.
+The kopf timer calls :meth:`Reconciler.tick`, which does the same without re-reading Secrets.
+Replicas that do not write the status apply what it says: :meth:`Reconciler.observed_status`
+follows status changes.
+
 No finalizers are used: the service's configuration lives in this same process, so there is
 nothing outside to clean up when a CR is deleted while the operator is down; on restart the
 configuration is rebuilt from the objects that exist. (A finalizer would instead leave CRs and
@@ -25,6 +32,7 @@ namespaces stuck deleting whenever the operator is uninstalled first.)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import hashlib
 import logging
@@ -42,6 +50,8 @@ from enhanced_locking.kube.lockmigration import LockMigrationSpec, LockMigration
 from enhanced_locking.kube.lockpolicy import LockPolicySpec, LockPolicyStatus
 from enhanced_locking.kube.models import Condition
 from enhanced_locking.kube.overrides import ResolvedSecrets, cluster_overrides
+from enhanced_locking.kube.rollout import Note, RolloutState
+from enhanced_locking.kube.rollout_driver import RolloutDriver
 from enhanced_locking.provider import ConfigProvider, ConfigRejected, Snapshot
 
 __all__ = ["Binding", "Reconciler", "Verdict"]
@@ -49,6 +59,9 @@ __all__ = ["Binding", "Reconciler", "Verdict"]
 log = logging.getLogger(__name__)
 
 POLICIES, MIGRATIONS = "lockpolicies", "lockmigrations"
+
+RETRY_BACKOFF = 2.0
+"""Seconds before a failed reconcile is tried again."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +116,14 @@ def _older(body: Mapping[str, Any], than: Mapping[str, Any] | None) -> bool:
                 and (new.get("generation") or 0) < (old.get("generation") or 0))
 
 
+def _same_intent(body: Mapping[str, Any], than: Mapping[str, Any]) -> bool:
+    """The same object with the same spec and annotations (only its status may differ)."""
+    new, old = body.get("metadata") or {}, than.get("metadata") or {}
+    return bool(new.get("uid") == old.get("uid")
+                and new.get("generation") == old.get("generation")
+                and (new.get("annotations") or {}) == (old.get("annotations") or {}))
+
+
 def _describe(error: ValidationError) -> str:
     first = error.errors()[0]
     where = ".".join(str(part) for part in ("spec", *first["loc"]))
@@ -132,8 +153,10 @@ class Reconciler:
         cluster: ClusterApi,
         runtime_dir: Path,
         now: Callable[[], str] = _now,
+        rollout: RolloutDriver | None = None,
     ) -> None:
         self.provider = provider
+        self.rollout = rollout
         self.binding = binding
         self.cluster = cluster
         self.runtime_dir = runtime_dir
@@ -142,6 +165,7 @@ class Reconciler:
         self.migration = _Tracked("LockMigration", MIGRATIONS, binding.migration)
         self._secrets = ResolvedSecrets()
         self._lock = asyncio.Lock()
+        self._retry = asyncio.Event()
 
     def _tracked(self, plural: str) -> _Tracked:
         return self.policy if plural == POLICIES else self.migration
@@ -162,6 +186,36 @@ class Reconciler:
             tracked.body = None
             await self._converge(gone=(tracked, _plain(body) or {}))
 
+    async def event(self, plural: str, body: Mapping[str, Any]) -> None:
+        """A watch event: a changed spec or annotation converges everything, a changed status
+        only what follows from it (so the status writer's frequent writes cost nothing)."""
+        tracked = self._tracked(plural)
+        if tracked.body is not None and _same_intent(body, tracked.body):
+            await self.observed_status(plural, body)
+        else:
+            await self.observed(plural, body)
+
+    def retry_soon(self) -> None:
+        """Resync after a short backoff instead of the full interval (a reconcile failed)."""
+        self._retry.set()
+
+    async def observed_status(self, plural: str, body: Mapping[str, Any]) -> None:
+        """Any watch event of a bound object: a replica that does not write the status applies
+        the rollout state the writer put there (spec changes come through :meth:`observed`)."""
+        async with self._lock:
+            tracked = self._tracked(plural)
+            if tracked.body is None or _older(body, tracked.body):
+                return
+            before = self._rollout_args()
+            tracked.body = _plain(body)
+            if self._rollout_args() != before:
+                await self._converge(policy=False)
+
+    async def tick(self) -> None:
+        """The rollout timer: advance the steps, apply their weight, report (no Secret reads)."""
+        async with self._lock:
+            await self._converge(policy=False)
+
     async def resync(self) -> None:
         """Read both objects afresh and converge (start-up, drift, Secret rotation, retries)."""
         async with self._lock:
@@ -173,19 +227,28 @@ class Reconciler:
             await self._converge()
 
     async def resync_forever(self, interval: float) -> None:
-        """Resync every ``interval`` seconds; errors are logged and the next round tries again."""
+        """Resync every ``interval`` seconds, or :data:`RETRY_BACKOFF` after a failure; errors
+        are logged and the next round tries again."""
         while True:
-            await asyncio.sleep(interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._retry.wait(), interval)
+            if self._retry.is_set():
+                self._retry.clear()
+                await asyncio.sleep(RETRY_BACKOFF)
             try:
                 await self.resync()
             except Exception as error:  # the API may be briefly away; never stop resyncing
-                log.warning("resync failed, retrying in %.0fs: %s", interval, error)
+                log.warning("resync failed, retrying in %.0fs: %s", RETRY_BACKOFF, error)
+                self._retry.set()
 
     # --- converging ------------------------------------------------------------------------
-    async def _converge(self, gone: tuple[_Tracked, dict[str, Any]] | None = None) -> None:
+    async def _converge(
+        self, gone: tuple[_Tracked, dict[str, Any]] | None = None, *, policy: bool = True
+    ) -> None:
         start = self.provider.current.generation
         before = (self.policy.applied, self._secrets, self.migration.applied)
-        policy_verdict = await self._policy_step()
+        notes = self._advance()
+        policy_verdict = await self._policy_step() if policy else None
         migration_verdict = await self._migration_step()
         moved = self.provider.current.generation > start
         # A change is announced on the object whose spec (or Secret) it came from.
@@ -206,9 +269,39 @@ class Reconciler:
                 continue
             events += self._events_for(tracked, verdict, changed)
             reports.append(self._report(tracked, verdict))
+        if self.migration.body is not None:
+            events += [(self.migration.body, self.migration, n.type, n.reason, n.message)
+                       for n in notes]
         # Status first (what `kubectl get` shows), both objects at once; then the Events.
         await _all(reports)
         await _all([self._event(*event) for event in events])
+
+    def _writes(self) -> bool:
+        """Whether this replica writes status and posts the objects' Events (see leader.py)."""
+        return self.rollout is None or self.rollout.writes
+
+    def _advance(self) -> list[Note]:
+        """Advance the rollout (the status writer only); the Events to post for it and for
+        what this replica's service found."""
+        rollout, body = self.rollout, self.migration.body
+        if rollout is None:
+            return []
+        notes: list[Note] = []
+        spec, _ = self._migration_spec()
+        if spec is not None and body is not None and self.policy.applied is not None:
+            rollout.advance(spec, body)
+            notes = rollout.notes()
+        return notes + rollout.findings()
+
+    def _rollout_args(self) -> dict[str, Any]:
+        """The rollout state the migration's weight is taken from."""
+        body = self.migration.body
+        if self.rollout is not None:
+            index, aborted = self.rollout.weight(body)
+        else:
+            state = RolloutState.from_status((body or {}).get("status"))
+            index, aborted = state.step_index, state.aborted
+        return {"step_index": index, "aborted": aborted}
 
     async def _set(self, overrides: Mapping[str, Any] | None) -> Verdict | None:
         """Apply a layer; a refusal becomes a verdict and the running config stays."""
@@ -265,7 +358,7 @@ class Reconciler:
         if migration is None and unusable is not None and unusable.reason == "InvalidSpec":
             migration = self.migration.applied
         refused = await self._set(
-            cluster_overrides(spec, migration, secrets=secrets, step_index=self._step_index())
+            cluster_overrides(spec, migration, secrets=secrets, **self._rollout_args())
         )
         if refused is not None:
             return refused
@@ -288,7 +381,7 @@ class Reconciler:
                 return None
             return verdict or self._no_policy()
         refused = await self._set(
-            cluster_overrides(policy, spec, secrets=self._secrets, step_index=self._step_index())
+            cluster_overrides(policy, spec, secrets=self._secrets, **self._rollout_args())
         )
         if refused is not None:
             return refused
@@ -301,11 +394,6 @@ class Reconciler:
             return Verdict(False, "PolicyNotFound", f"the LockPolicy {bound!r} does not exist")
         return Verdict(False, "PolicyNotApplied", f"the LockPolicy {bound!r} is not applied "
                        "(see its status); routing waits for it")
-
-    def _step_index(self) -> int:
-        status = (self.migration.body or {}).get("status") or {}
-        index = status.get("currentStepIndex")
-        return index if isinstance(index, int) and index >= 0 else 0
 
     def _summary(self) -> str:
         snapshot = self.provider.current
@@ -348,6 +436,8 @@ class Reconciler:
         """An Event for a change applied, or for a refusal not reported before."""
         previous, tracked.verdict = tracked.verdict, verdict
         body = tracked.body or {}
+        if not self._writes():
+            return []
         if changed and verdict.ready:
             return [(body, tracked, "Normal", "ConfigApplied", self._summary())]
         if not verdict.ready and verdict != previous and not self._condition_says(body, verdict):
@@ -395,11 +485,18 @@ class Reconciler:
         if tracked is self.policy:
             model = LockPolicyStatus(**common)
         else:
-            steps = self.migration.applied.steps if self.migration.applied else None
+            applied: LockMigrationSpec | None = self.migration.applied
+            fields: dict[str, Any] = {}
+            if self.rollout is not None:
+                fields, conditions = self.rollout.status_fields(applied, previous,
+                                                                tracked.generation)
+                common["conditions"] = [ready, *conditions]
+            elif applied is not None and applied.steps:
+                fields["current_step_index"] = self._rollout_args()["step_index"]
             model = LockMigrationStatus(
                 **common,
+                **fields,
                 current_weight=snapshot.config.effective_weight,
-                current_step_index=self._step_index() if steps else None,
                 mode=snapshot.config.migration_mode,
             )
         status: dict[str, Any] = model.model_dump(mode="json", by_alias=True)
@@ -414,7 +511,7 @@ class Reconciler:
 
     async def _report(self, tracked: _Tracked, verdict: Verdict) -> None:
         body = tracked.body
-        if body is None:
+        if body is None or not self._writes():
             return
         status = self.status_of(tracked, verdict)
         current = body.get("status") or {}

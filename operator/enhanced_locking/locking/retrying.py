@@ -44,8 +44,14 @@ async def retrying(
     metrics: Metrics,
     name: str,
 ) -> T:
-    """Run ``operation``; with the ``retries`` flag, retry it on ``BackendUnavailable``."""
+    """Run ``operation``; with the ``retries`` flag, retry it on ``BackendUnavailable``.
+
+    Every attempt counts in ``backend_operations`` and every failed one in ``backend_errors``:
+    their ratio is the error rate a LockMigration's analysis checks.
+    """
+    operations = metrics.backend_operations.labels("enhanced")
     if not config.retries:
+        operations.inc()
         try:
             return await operation()
         except BackendUnavailable:
@@ -53,12 +59,14 @@ async def retrying(
             raise
     delays = backoff_delays(attempts=config.retry_max_attempts, backoff=config.retry_backoff)
     for delay in delays:
+        operations.inc()
         try:
             return await operation()
         except BackendUnavailable:
             metrics.backend_errors.labels("enhanced").inc()
             metrics.retries.labels(name).inc()
         await asyncio.sleep(delay)
+    operations.inc()
     try:
         return await operation()
     except BackendUnavailable:

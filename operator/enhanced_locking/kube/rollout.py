@@ -1,0 +1,276 @@
+"""The rollout state machine: where a LockMigration's steps are, and what happens next.
+
+Argo Rollouts' model, applied to lock routing. The state is small and lives in the object's
+status, so whichever operator writes the status next (a restarted pod, a new leader) carries on
+from it: the step in force (``currentStepIndex``), when it began (``stepStartedAt``), the last
+promote and retry requests handled, and whether and why the rollout was aborted (the
+``Aborted`` condition). :func:`advance` takes that state, the spec, the clock and what the
+service observes, and returns the next state; it does no I/O and can be driven by any clock.
+
+The rules:
+
+* ``setWeight`` is in force as soon as its step is; the step is done when that weight is the
+  only authority on every live replica (the two-phase move has settled), and the next step
+  starts then. A rollout never moves on while keys are still moving.
+* ``pause: {duration}`` ends when ``duration`` has passed since the step started;
+  ``pause: {}`` waits for a promote. A promote (a new value of the promote annotation) ends the
+  pause in progress; one that arrives when no pause is in progress is recorded and ignored.
+* ``spec.paused: true`` holds the rollout at its step (the weight in force stays); a promote
+  waits until it is cleared.
+* ``spec.abort: true``, or a failed analysis, aborts: weight 0 through the same safe handover.
+  Clearing ``spec.abort`` restarts the steps from the first one; an automatic abort is lifted
+  by a new value of the retry annotation (Argo's ``retry``).
+* ``spec.promote: true`` is a full promotion: weight 100 now, every step left skipped.
+* Past the last step (or, without steps, once the fixed weight has settled) the rollout is
+  ``Completed``. Editing the steps keeps the step index: the steps after it are the ones left.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any, Literal
+
+from enhanced_locking.durations import format_duration
+from enhanced_locking.kube.lockmigration import LockMigrationSpec, Phase, Step, step_weight
+
+__all__ = ["ABORT_REQUESTED", "ANALYSIS_FAILED", "Note", "Progress", "RolloutState", "advance",
+           "parse_time", "weight_of"]
+
+ABORT_REQUESTED = "AbortRequested"
+ANALYSIS_FAILED = "AnalysisFailed"
+
+
+def parse_time(text: object) -> datetime | None:
+    """An RFC 3339 time from the status (``Z`` or an offset), or None."""
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class Note:
+    """Something worth a Kubernetes Event: ``type`` Normal or Warning, a reason, a message."""
+
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class RolloutState:
+    """The rollout's memory, as kept in the status."""
+
+    step_index: int = 0
+    step_started_at: datetime | None = None
+    promoted: str | None = None
+    retried: str | None = None
+    abort_reason: str | None = None
+    abort_message: str | None = None
+
+    @property
+    def aborted(self) -> bool:
+        return self.abort_reason is not None
+
+    @classmethod
+    def from_status(cls, status: Mapping[str, Any] | None) -> RolloutState:
+        status = status or {}
+        index = status.get("currentStepIndex")
+        aborted = next((c for c in status.get("conditions") or []
+                        if c.get("type") == "Aborted" and c.get("status") == "True"), None)
+        return cls(
+            step_index=index if isinstance(index, int) and index >= 0 else 0,
+            step_started_at=parse_time(status.get("stepStartedAt")),
+            promoted=status.get("promoted") or None,
+            retried=status.get("retried") or None,
+            abort_reason=str(aborted.get("reason")) if aborted else None,
+            abort_message=str(aborted.get("message") or "") if aborted else None,
+        )
+
+
+@dataclass(frozen=True)
+class Progress:
+    """The outcome of one :func:`advance`: the new state, the phase and why, Events to post."""
+
+    state: RolloutState
+    phase: Phase
+    reason: str
+    message: str
+    notes: list[Note] = field(default_factory=list)
+
+
+def weight_of(spec: LockMigrationSpec, state: RolloutState) -> float | None:
+    """The weight the service should route by for this spec and rollout state."""
+    if spec.abort or state.aborted:
+        return 0.0
+    if spec.promote:
+        return 100.0
+    if spec.steps is not None:
+        return round(step_weight(spec.steps, state.step_index), 2)
+    return None if spec.weight is None else round(spec.weight, 2)
+
+
+def _describe(step: Step) -> str:
+    if step.set_weight is not None:
+        return f"setWeight {step.set_weight:g}"
+    assert step.pause is not None
+    if step.pause.duration is None:
+        return "pause until promoted"
+    return f"pause {format_duration(step.pause.duration)}"
+
+
+def advance(
+    spec: LockMigrationSpec,
+    state: RolloutState,
+    *,
+    now: datetime,
+    settled_weight: float | None,
+    promote: str | None = None,
+    retry: str | None = None,
+    analysis_failure: str | None = None,
+) -> Progress:
+    """The next state of the rollout.
+
+    ``settled_weight`` is the weight that is the only authority on every live replica now (None
+    while a move is under way); ``promote`` and ``retry`` are the annotations' values;
+    ``analysis_failure`` says why the analysis asks for an abort (None: it does not).
+    """
+    notes: list[Note] = []
+
+    # --- aborting and lifting an abort ---------------------------------------------------
+    if spec.abort:
+        if state.abort_reason != ABORT_REQUESTED:
+            message = "spec.abort is true: every lock key goes back to legacy (weight 0)"
+            state = replace(state, abort_reason=ABORT_REQUESTED, abort_message=message)
+            notes.append(Note("Warning", "RolloutAborted", message))
+        return _aborted(state, settled_weight, notes)
+    if state.aborted:
+        if state.abort_reason == ABORT_REQUESTED:
+            state = _restart(state, now)
+            notes.append(Note("Normal", "RolloutRestarted",
+                              "spec.abort was cleared: the rollout starts again from step 1"))
+        elif retry is not None and retry != state.retried:
+            state = replace(_restart(state, now), retried=retry)
+            notes.append(Note("Normal", "RolloutRetried",
+                              "retry requested: the rollout starts again from step 1"))
+        else:
+            return _aborted(state, settled_weight, notes)
+        analysis_failure = None  # measured before the restart: the new rollout starts clean
+    elif retry is not None and retry != state.retried:
+        state = replace(state, retried=retry)
+        notes.append(Note("Normal", "RetryIgnored", "retry requested but nothing was aborted"))
+
+    if analysis_failure is not None:
+        message = f"analysis failed: {analysis_failure}; every lock key goes back to legacy"
+        state = replace(state, abort_reason=ANALYSIS_FAILED, abort_message=message)
+        notes.append(Note("Warning", ANALYSIS_FAILED, message))
+        return _aborted(state, settled_weight, notes)
+
+    # --- a full promotion or a fixed weight ----------------------------------------------
+    if spec.promote:
+        last = len(spec.steps) if spec.steps is not None else 0
+        if spec.steps is not None and state.step_index != last:
+            state = replace(state, step_index=last, step_started_at=now)
+            notes.append(Note("Normal", "RolloutPromoted",
+                              "spec.promote is true: every lock key goes to enhanced"))
+        state = _consume_promote(state, promote, notes, "spec.promote is true already")
+        return _weight_phase(state, 100.0, settled_weight, notes, done="Promoted")
+    if spec.steps is None:
+        state = _consume_promote(state, promote, notes, "the migration has no steps")
+        weight = weight_of(spec, state)
+        return _weight_phase(state, weight, settled_weight, notes, done="WeightSettled")
+
+    # --- the steps -----------------------------------------------------------------------
+    steps = spec.steps
+    index = min(state.step_index, len(steps))
+    if index != state.step_index or state.step_started_at is None:
+        state = replace(state, step_index=index, step_started_at=state.step_started_at or now)
+    applied = round(step_weight(steps, index), 2)
+    while True:
+        index, total = state.step_index, len(steps)
+        if index >= total:
+            state = _consume_promote(state, promote, notes, "the rollout has completed")
+            if settled_weight != applied:
+                return Progress(state, "Progressing", "WeightMoving",
+                                f"all {total} steps done; weight {applied:g} is settling", notes)
+            return Progress(state, "Completed", "RolloutCompleted",
+                            f"all {total} steps done at weight {applied:g}", notes)
+        step = steps[index]
+        where = f"step {index + 1}/{total} ({_describe(step)})"
+        if spec.paused:
+            if promote is not None and promote != state.promoted:
+                where += "; a promote waits until spec.paused is cleared"
+            return Progress(state, "Paused", "PausedBySpec", f"spec.paused holds {where}", notes)
+        if step.set_weight is not None:
+            state = _consume_promote(state, promote, notes, f"{where} is not a pause")
+            if settled_weight != applied:
+                return Progress(state, "Progressing", "StepInProgress",
+                                f"{where}: moving keys to weight {applied:g}", notes)
+        else:
+            pause = step.pause
+            assert pause is not None
+            if promote is not None and promote != state.promoted:
+                state = replace(state, promoted=promote)
+                notes.append(Note("Normal", "RolloutPromoted", f"promoted: {where} skipped"))
+            elif pause.duration is None:
+                return Progress(state, "Paused", "WaitingForPromote",
+                                f"{where}: annotate to promote", notes)
+            else:
+                started = state.step_started_at or now
+                ends = started + pause.duration
+                if now < ends:
+                    return Progress(state, "Paused", "PauseStep",
+                                    f"{where} until {ends.strftime('%Y-%m-%dT%H:%M:%SZ')}", notes)
+        # This step is done: the next one starts now.
+        following = index + 1
+        state = replace(state, step_index=following, step_started_at=now)
+        if following < total:
+            notes.append(Note("Normal", "StepStarted", _started(steps, following)))
+        next_weight = round(step_weight(steps, following), 2)
+        if next_weight != applied:
+            applied = next_weight  # the move starts once the service applies it
+
+
+def _started(steps: list[Step], index: int) -> str:
+    return f"step {index + 1}/{len(steps)} started: {_describe(steps[index])}"
+
+
+def _restart(state: RolloutState, now: datetime) -> RolloutState:
+    return replace(state, step_index=0, step_started_at=now, abort_reason=None,
+                   abort_message=None)
+
+
+def _consume_promote(
+    state: RolloutState, promote: str | None, notes: list[Note], why: str
+) -> RolloutState:
+    """Record a promote that has nothing to skip (so it never skips a later pause)."""
+    if promote is None or promote == state.promoted:
+        return state
+    notes.append(Note("Normal", "PromoteIgnored", f"promote ignored: {why}"))
+    return replace(state, promoted=promote)
+
+
+def _aborted(state: RolloutState, settled: float | None, notes: list[Note]) -> Progress:
+    where = "weight 0 settled" if settled == 0 else "keys are moving back to legacy"
+    return Progress(state, "Aborted", state.abort_reason or ABORT_REQUESTED,
+                    f"{state.abort_message}; {where}", notes)
+
+
+def _weight_phase(state: RolloutState, weight: float | None, settled: float | None,
+                  notes: list[Note], *, done: str) -> Progress:
+    if weight is None:  # no weight in the spec: the service's own setting is in force
+        if settled is None:
+            return Progress(state, "Progressing", "WeightMoving",
+                            "moving keys to the service's own weight", notes)
+        return Progress(state, "Completed", done,
+                        f"the service's own weight ({settled:g}) is in force on every replica",
+                        notes)
+    if settled != weight:
+        return Progress(state, "Progressing", "WeightMoving", f"moving keys to weight {weight:g}",
+                        notes)
+    return Progress(state, "Completed", done, f"weight {weight:g} is in force on every replica",
+                    notes)

@@ -1,0 +1,387 @@
+"""The rollout, driven: the state machine fed by the running service, and the status it shows.
+
+:class:`RolloutDriver` sits between the reconciler and the service of this process. On the
+replica that writes the status (:mod:`.leader`) it
+
+* keeps the rollout state (:mod:`.rollout`), loaded from the status when it becomes the writer,
+  and advances it on every reconcile and every tick of the kopf timer, with the weight move's
+  progress (:mod:`enhanced_locking.migration.transition`) and the analysis (:mod:`.analysis`);
+* builds the rollout's part of the status: phase, step, conditions (``Progressing``,
+  ``Paused``, ``Completed``, ``Aborted``, ``Degraded``), counters carried over restarts, the
+  weight move seen by this replica, the last analysis check.
+
+On every replica it turns what the service finds (shadow mismatches, lock conflicts) into
+Kubernetes Events, at most one of each kind per tick, with both answers or both holders.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from enhanced_locking.config import EnhancedLockingConfig
+from enhanced_locking.factory import LockService
+from enhanced_locking.kube.analysis import Analyzer, Check, Totals
+from enhanced_locking.kube.leader import SoleWriter, StatusWriter
+from enhanced_locking.kube.lockmigration import (
+    PROMOTE_ANNOTATION,
+    RETRY_ANNOTATION,
+    AnalysisStatus,
+    Counters,
+    LockMigrationSpec,
+    TransitionState,
+)
+from enhanced_locking.kube.models import Condition, ConditionStatus
+from enhanced_locking.kube.rollout import (
+    ANALYSIS_FAILED,
+    Note,
+    Progress,
+    RolloutState,
+    advance,
+)
+from enhanced_locking.migration.transition import authority_weight
+from enhanced_locking.types import Event
+
+__all__ = ["COUNTER_REFRESH", "RolloutDriver", "ServiceView", "live_view"]
+
+COUNTER_REFRESH = 2.0
+"""Seconds between status writes made only because counters moved."""
+
+ROLLOUT_CONDITIONS = ("Progressing", "Paused", "Completed", "Aborted", "Degraded")
+
+
+class ServiceView(Protocol):
+    """What the driver reads from the service of this process."""
+
+    @property
+    def replica_id(self) -> str: ...
+
+    def config(self) -> EnhancedLockingConfig: ...
+
+    def migration(self) -> dict[str, Any]:
+        """``MigrationController.status()``: routing, shadow, fallback, conflicts."""
+        ...
+
+    def totals(self) -> Totals: ...
+
+    def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]: ...
+
+
+@dataclass
+class _LiveView:
+    service: LockService
+
+    @property
+    def replica_id(self) -> str:
+        return self.service.migration.replica_id
+
+    def config(self) -> EnhancedLockingConfig:
+        return self.service.provider.current.config
+
+    def migration(self) -> dict[str, Any]:
+        return self.service.migration.status()
+
+    def totals(self) -> Totals:
+        registry = self.service.metrics.registry
+
+        def sample(name: str, **labels: str) -> float:
+            return registry.get_sample_value(name, labels) or 0.0
+
+        fallbacks = sum(sample("enhanced_locking_fallbacks_total", action=action)
+                        for action in ("legacy", "refused", "unchecked"))
+        stats = self.service.migration.shadow.stats
+        return Totals(
+            operations=sample("enhanced_locking_backend_operations_total", backend="enhanced"),
+            errors=sample("enhanced_locking_backend_errors_total", backend="enhanced"),
+            replayed=stats.replayed,
+            mismatches=stats.mismatches,
+            fallbacks=fallbacks,
+        )
+
+    def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
+        return self.service.events.subscribe(callback)
+
+
+def live_view(service: LockService) -> ServiceView:
+    """The view of a running :class:`LockService`."""
+    return _LiveView(service)
+
+
+def _iso(at: datetime) -> str:
+    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _iso_ms(at: datetime) -> str:
+    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def _wall() -> datetime:
+    return datetime.now(UTC)
+
+
+class RolloutDriver:
+    """Advances the bound LockMigration's rollout and writes its part of the status."""
+
+    def __init__(
+        self,
+        view: ServiceView,
+        *,
+        writer: StatusWriter | None = None,
+        wall: Callable[[], datetime] = _wall,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.view = view
+        self.writer: StatusWriter = writer or SoleWriter()
+        self._wall = wall
+        self._clock = clock
+        self.analyzer = Analyzer(clock=clock)
+        self.state: RolloutState | None = None
+        self.progress: Progress | None = None
+        self.check: Check | None = None
+        self._checked_at = wall()
+        self._term = -1
+        self._uid: str | None = None
+        self._carried = Totals()  # counters the status showed when this replica took over
+        self._base = Totals()  # this process's totals at that moment
+        self._published: tuple[float, Counters] | None = None
+        self._findings: collections.deque[Note] = collections.deque(maxlen=256)
+        self._found: collections.Counter[str] = collections.Counter()
+        self._unsubscribe = view.subscribe(self._on_event)
+
+    def close(self) -> None:
+        self._unsubscribe()
+
+    @property
+    def writes(self) -> bool:
+        return self.writer.writes
+
+    # --- the state ---------------------------------------------------------------------------
+    def state_for(self, body: Mapping[str, Any] | None) -> RolloutState:
+        """The rollout state in force: this writer's own, else what the status says."""
+        if self.writes and self.state is not None and self._uid == _uid(body):
+            return self.state
+        return RolloutState.from_status((body or {}).get("status"))
+
+    def weight(self, body: Mapping[str, Any] | None) -> tuple[int, bool]:
+        """``(step index, aborted)`` to build the config layer from."""
+        state = self.state_for(body)
+        return state.step_index, state.aborted
+
+    def _take_over(self, body: Mapping[str, Any]) -> None:
+        """Become the writer of this object: start from what its status says."""
+        status = body.get("status") or {}
+        self.state = RolloutState.from_status(status)
+        self._term, self._uid = self.writer.term, _uid(body)
+        counters = Counters.model_validate(status.get("counters") or {})
+        self._carried = Totals(counters.operations, counters.errors, counters.replayed,
+                               counters.mismatches, counters.fallbacks)
+        self._base = self.view.totals()
+        failures = (status.get("analysis") or {}).get("consecutiveFailures")
+        self.analyzer.reset(consecutive_failures=failures if isinstance(failures, int) else 0)
+        self._published = None
+
+    def advance(self, spec: LockMigrationSpec, body: Mapping[str, Any]) -> Progress | None:
+        """Take the rollout as far as it can go now (the writer only); None elsewhere."""
+        if not self.writes:
+            self.progress = None
+            return None
+        if self.state is None or self._term != self.writer.term or self._uid != _uid(body):
+            self._take_over(body)
+        assert self.state is not None
+        annotations = (body.get("metadata") or {}).get("annotations") or {}
+        # An aborted rollout is not judged (its samples still fill the window).
+        analysis = None if self.state.aborted or spec.abort else spec.analysis
+        check = self.analyzer.observe(self.view.totals(), analysis)
+        if check is not None:
+            self.check, self._checked_at = check, self._wall()
+        failure = check.failure if check is not None and check.abort else None
+        previous = self.progress
+        progress = advance(
+            spec, self.state, now=self._wall(), settled_weight=self._settled(),
+            promote=annotations.get(PROMOTE_ANNOTATION),
+            retry=annotations.get(RETRY_ANNOTATION), analysis_failure=failure,
+        )
+        if progress.state.aborted != self.state.aborted and not progress.state.aborted:
+            self.analyzer.reset()  # a restarted rollout is judged afresh
+            self.check = None
+        self.state, self.progress = progress.state, progress
+        was = previous.phase if previous else (body.get("status") or {}).get("phase")
+        if progress.phase == "Completed" and was != "Completed":
+            progress.notes.append(Note("Normal", "RolloutCompleted", progress.message))
+        return progress
+
+    def _settled(self) -> float | None:
+        """The weight that is the only authority on every live replica now (None: moving)."""
+        config = self.view.config()
+        routing = self.view.migration()["routing"]
+        if routing["phase"] != "stable" or routing["weight"] != authority_weight(config):
+            return None
+        return round(config.effective_weight, 2)
+
+    # --- what the service found --------------------------------------------------------------
+    def _on_event(self, event: Event) -> None:
+        if event.type == "shadow-mismatch":
+            details = event.details
+            self._found["ShadowMismatch"] += 1
+            if self._found["ShadowMismatch"] == 1:
+                self._findings.append(Note("Warning", "ShadowMismatch", (
+                    f"shadow mismatch ({details.get('kind')}) on {event.key or event.repo}: "
+                    f"legacy answered {json.dumps(details.get('authoritative'))}, "
+                    f"enhanced replayed {json.dumps(details.get('shadow'))}")))
+        elif event.type == "lock-conflict":
+            details = event.details
+            self._findings.append(Note("Warning", "LockConflict", (
+                f"lock {event.key} is held on legacy by "
+                f"{json.dumps(details.get('legacyHolder'))} and on enhanced by "
+                f"{json.dumps(details.get('enhancedHolder'))} (found by "
+                f"{details.get('source')}); release the one that should not hold it")))
+
+    def findings(self) -> list[Note]:
+        """Events to post for what this replica's service found since the last call."""
+        notes = list(self._findings)
+        self._findings.clear()
+        more = self._found["ShadowMismatch"] - 1
+        if more > 0:
+            notes.append(Note("Warning", "ShadowMismatch",
+                              f"{more} more shadow mismatches (see the service's log and "
+                              "GET /v1/events?type=shadow-mismatch)"))
+        self._found.clear()
+        return notes
+
+    # --- the status --------------------------------------------------------------------------
+    def status_fields(
+        self, spec: LockMigrationSpec | None, previous: Mapping[str, Any], generation: int | None
+    ) -> tuple[dict[str, Any], list[Condition]]:
+        """The rollout's status fields and conditions (the writer's, with a spec)."""
+        progress = self.progress
+        if spec is None or progress is None:
+            return {}, []
+        migration = self.view.migration()
+        conflicts = migration["conflicts"]
+        routing = migration["routing"]
+        degraded = self._degraded(progress, conflicts, routing)
+        phase = progress.phase
+        message = progress.message
+        if degraded is not None and phase != "Aborted":
+            phase, message = "Degraded", f"{degraded[1]}; {message}"
+        steps = spec.steps
+        index = progress.state.step_index if steps is not None else None
+        fields: dict[str, Any] = {
+            "phase": phase,
+            "message": message[:1024],
+            "current_step_index": index,
+            "step": f"{min(index + 1, len(steps))}/{len(steps)}"
+            if steps is not None and index is not None else None,
+            "step_started_at": _iso_ms(progress.state.step_started_at)
+            if steps is not None and progress.state.step_started_at else None,
+            "promoted": progress.state.promoted,
+            "retried": progress.state.retried,
+            "counters": self._counters(len(conflicts)),
+            "transition": _transition(routing),
+            "analysis": self._analysis(),
+            "status_writer": self.view.replica_id,
+        }
+        conditions = self._conditions(progress, degraded, previous, generation)
+        return fields, conditions
+
+    def _counters(self, conflicts: int) -> Counters:
+        now = self._clock()
+        totals = self._carried + (self.view.totals() - self._base)
+        fresh = Counters(mismatches=int(totals.mismatches), replayed=int(totals.replayed),
+                         fallbacks=int(totals.fallbacks), errors=int(totals.errors),
+                         operations=int(totals.operations), conflicts=conflicts)
+        published = self._published
+        if published is not None and now - published[0] < COUNTER_REFRESH \
+                and published[1].conflicts == conflicts:
+            return published[1]
+        self._published = (now, fresh)
+        return fresh
+
+    def _analysis(self) -> AnalysisStatus | None:
+        check = self.check
+        if check is None:
+            return None
+        return AnalysisStatus(
+            measured_at=_iso(self._checked_at), window_seconds=check.window_seconds,
+            error_rate=check.error_rate, mismatch_rate=check.mismatch_rate,
+            fallbacks=check.fallbacks, operations=check.operations, replayed=check.replayed,
+            consecutive_failures=check.consecutive_failures, failure=check.failure,
+        )
+
+    def _degraded(self, progress: Progress, conflicts: list[dict[str, Any]],
+                  routing: Mapping[str, Any]) -> tuple[str, str] | None:
+        if conflicts:
+            keys = ", ".join(str(c["key"]) for c in conflicts[:3])
+            more = f" and {len(conflicts) - 3} more" if len(conflicts) > 3 else ""
+            return ("LockConflicts", f"{len(conflicts)} lock keys held on both sides by "
+                    f"different pulls: {keys}{more}")
+        if progress.state.abort_reason == ANALYSIS_FAILED:
+            return ANALYSIS_FAILED, progress.state.abort_message or "analysis failed"
+        check = self.check
+        if check is not None and check.failure is not None and progress.phase != "Aborted":
+            return ("AnalysisFailing", f"analysis check failed {check.consecutive_failures} "
+                    f"time(s) in a row: {check.failure}")
+        if routing["phase"] == "isolated":
+            error = routing.get("lastError") or "no report for too long"
+            return ("RegistryUnreachable", f"this replica cannot report to the replica "
+                    f"registry ({error}): it takes every key on both sides")
+        return None
+
+    def _conditions(self, progress: Progress, degraded: tuple[str, str] | None,
+                    previous: Mapping[str, Any], generation: int | None) -> list[Condition]:
+        phase = progress.phase
+        wanted: dict[str, tuple[ConditionStatus, str, str]] = {
+            "Progressing": ("True", progress.reason, progress.message) if phase == "Progressing"
+            else ("False", f"Rollout{phase}", progress.message),
+            "Paused": ("True", progress.reason, progress.message) if phase == "Paused"
+            else ("False", "NotPaused", ""),
+            "Completed": ("True", progress.reason, progress.message) if phase == "Completed"
+            else ("False", f"Rollout{phase}", ""),
+            "Aborted": ("True", progress.reason, progress.state.abort_message or "")
+            if phase == "Aborted" else ("False", "NotAborted", ""),
+            "Degraded": ("True", *degraded) if degraded is not None
+            else ("False", "AsExpected", ""),
+        }
+        before = {c.get("type"): c for c in previous.get("conditions") or []}
+        out = []
+        for kind in ROLLOUT_CONDITIONS:
+            status, reason, message = wanted[kind]
+            old = before.get(kind) or {}
+            since = old.get("lastTransitionTime") if old.get("status") == status else None
+            out.append(Condition(type=kind, status=status, reason=reason,
+                                 message=message[:32768], last_transition_time=since
+                                 or _iso(self._wall()), observed_generation=generation))
+        return out
+
+    def notes(self) -> list[Note]:
+        """The rollout's own Events from the last :meth:`advance` (taken once)."""
+        progress = self.progress
+        if progress is None:
+            return []
+        notes, self.progress = list(progress.notes), replace(progress, notes=[])
+        return notes
+
+
+def _uid(body: Mapping[str, Any] | None) -> str | None:
+    return ((body or {}).get("metadata") or {}).get("uid")
+
+
+def _transition(routing: Mapping[str, Any]) -> TransitionState:
+    live = [r for r in routing.get("replicas") or [] if r.get("state") in ("self", "live")]
+    return TransitionState.model_validate({
+        "phase": routing["phase"],
+        "to": routing["weight"],
+        "from": list(routing.get("from") or [])[:64],
+        "pendingReplicas": list(routing.get("pendingReplicas") or [])[:64],
+        "excludedReplicas": list(routing.get("excludedReplicas") or [])[:64],
+        "replicas": len(live),
+        "startedAt": routing.get("startedAt"),
+        "lastSettleSeconds": routing.get("lastSettleSeconds"),
+        "lastError": (routing.get("lastError") or None) and str(routing["lastError"])[:1024],
+    })
+
