@@ -7,79 +7,17 @@ same behaviour against a real API server and the operator as a process is in tes
 
 from __future__ import annotations
 
-import copy
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import SecretStr
+from tests.support.kube_cluster import NS, InMemoryCluster
 
 from enhanced_locking.factory import LockService
-from enhanced_locking.kube.cluster import SecretProblem
 from enhanced_locking.kube.reconcile import MIGRATIONS, POLICIES, Binding, Reconciler
 from enhanced_locking.provider import Snapshot
-
-NS = "atlantis"
-
-
-class InMemoryCluster:
-    """Objects, Secrets, status patches and Events of one namespace, kept in dicts."""
-
-    def __init__(self) -> None:
-        self.objects: dict[tuple[str, str], dict[str, Any]] = {}
-        self.secrets: dict[tuple[str, str], dict[str, str]] = {}
-        self.events: list[dict[str, Any]] = []
-        self.patches = 0
-
-    def put(self, plural: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
-        previous = self.objects.get((plural, name))
-        generation = previous["metadata"]["generation"] + 1 if previous else 1
-        body = {
-            "metadata": {"name": name, "namespace": NS, "generation": generation,
-                         "uid": f"uid-{name}"},
-            "spec": spec,
-            "status": previous.get("status", {}) if previous else {},
-        }
-        self.objects[(plural, name)] = body
-        return copy.deepcopy(body)
-
-    def status(self, plural: str, name: str) -> dict[str, Any]:
-        return dict(self.objects[(plural, name)].get("status") or {})
-
-    def ready(self, plural: str, name: str) -> dict[str, Any]:
-        conditions = self.status(plural, name).get("conditions") or []
-        return dict(next(c for c in conditions if c["type"] == "Ready"))
-
-    async def read_secret(self, namespace: str, name: str, key: str) -> SecretStr:
-        data = self.secrets.get((namespace, name))
-        if data is None:
-            raise SecretProblem("SecretNotFound", f"Secret {namespace}/{name} does not exist")
-        if key not in data:
-            raise SecretProblem("SecretKeyNotFound", f"Secret {namespace}/{name} has no {key!r}")
-        return SecretStr(data[key])
-
-    async def get_object(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
-        found = self.objects.get((plural, name))
-        return copy.deepcopy(found) if found else None
-
-    async def patch_status(
-        self, plural: str, namespace: str, name: str, status: Mapping[str, Any]
-    ) -> dict[str, Any] | None:
-        body = self.objects.get((plural, name))
-        if body is None:
-            return None
-        self.patches += 1
-        merged = {**(body.get("status") or {}), **status}
-        body["status"] = {k: v for k, v in merged.items() if v is not None}
-        return copy.deepcopy(body)
-
-    async def post_event(
-        self, body: Mapping[str, Any], *, kind: str, type: str, reason: str, message: str
-    ) -> None:
-        self.events.append({"object": f"{kind}/{body['metadata']['name']}", "type": type,
-                            "reason": reason, "message": message})
 
 
 @pytest.fixture

@@ -247,8 +247,8 @@ class Reconciler:
     ) -> None:
         start = self.provider.current.generation
         before = (self.policy.applied, self._secrets, self.migration.applied)
-        notes = self._advance()
         policy_verdict = await self._policy_step() if policy else None
+        notes = self._advance()  # after the policy: a rollout only runs with its policy applied
         migration_verdict = await self._migration_step()
         moved = self.provider.current.generation > start
         # A change is announced on the object whose spec (or Secret) it came from.

@@ -24,6 +24,8 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from pydantic import ValidationError
+
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.factory import LockService
 from enhanced_locking.kube.analysis import Analyzer, Check, Totals
@@ -34,6 +36,7 @@ from enhanced_locking.kube.lockmigration import (
     AnalysisStatus,
     Counters,
     LockMigrationSpec,
+    LockMigrationStatus,
     TransitionState,
 )
 from enhanced_locking.kube.models import Condition, ConditionStatus
@@ -260,7 +263,7 @@ class RolloutDriver:
         """The rollout's status fields and conditions (the writer's, with a spec)."""
         progress = self.progress
         if spec is None or progress is None:
-            return {}, []
+            return _kept(previous)
         migration = self.view.migration()
         conflicts = migration["conflicts"]
         routing = migration["routing"]
@@ -365,6 +368,21 @@ class RolloutDriver:
             return []
         notes, self.progress = list(progress.notes), replace(progress, notes=[])
         return notes
+
+
+ROLLOUT_FIELDS = ("phase", "message", "current_step_index", "step", "step_started_at",
+                  "promoted", "retried", "counters", "transition", "analysis", "status_writer")
+
+
+def _kept(previous: Mapping[str, Any]) -> tuple[dict[str, Any], list[Condition]]:
+    """The rollout's part of the status as it is (nothing advanced it yet: a status written
+    now must not erase the state the next writer resumes from)."""
+    try:
+        status = LockMigrationStatus.model_validate(previous)
+    except ValidationError:
+        return {}, []
+    fields = {name: getattr(status, name) for name in ROLLOUT_FIELDS}
+    return fields, [c for c in status.conditions if c.type in ROLLOUT_CONDITIONS]
 
 
 def _uid(body: Mapping[str, Any] | None) -> str | None:

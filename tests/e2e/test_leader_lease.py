@@ -1,0 +1,86 @@
+"""The status writer's Lease (kube/leader.py) against a real API server: one holder at a time,
+renewals, take-over after the holder falls silent, hand-over on release, and races decided by
+the API server's resourceVersion check."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from kubernetes import client, config
+from tests.support.controlplane import KubeCluster
+
+from enhanced_locking.kube.cluster import KubernetesApi
+from enhanced_locking.kube.leader import LeaseElection
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+async def lease_api(kube_cluster: KubeCluster) -> AsyncIterator[KubernetesApi]:
+    configuration = client.Configuration()
+    config.load_kube_config(  # type: ignore[no-untyped-call]
+        config_file=str(kube_cluster.kubeconfig), client_configuration=configuration,
+        persist_config=False)
+    api_client = client.ApiClient(configuration)
+    yield KubernetesApi(api_client, instance="test")
+    api_client.close()  # type: ignore[no-untyped-call]
+
+
+def _election(api: KubernetesApi, namespace: str, identity: str,
+              name: str = "writer") -> LeaseElection:
+    return LeaseElection(api, namespace=namespace, name=name, identity=identity, duration=1.5,
+                         deadline=1.0, retry=0.25)
+
+
+def _lease(cluster: KubeCluster, namespace: str, name: str = "writer") -> dict[str, object]:
+    found = json.loads(cluster.kubectl("get", "lease", name, "-n", namespace, "-o",
+                                       "json").stdout)
+    spec: dict[str, object] = found["spec"]
+    return spec
+
+
+async def test_one_holder_renews_and_the_other_takes_over_only_after_it_falls_silent(
+    kube_cluster: KubeCluster, kube_namespace: str, lease_api: KubernetesApi,
+) -> None:
+    a = _election(lease_api, kube_namespace, "replica-a")
+    b = _election(lease_api, kube_namespace, "replica-b")
+    assert await a.round() and a.writes and a.term == 1
+    assert not await b.round() and not b.writes and b.holder == "replica-a"
+    spec = _lease(kube_cluster, kube_namespace)
+    assert spec["holderIdentity"] == "replica-a" and spec["leaseDurationSeconds"] == 2
+
+    for _ in range(4):  # a renews; b keeps seeing a fresh record
+        await asyncio.sleep(0.5)
+        assert await a.round()
+        assert not await b.round()
+
+    began = time.monotonic()
+    while not await b.round():  # a stops renewing
+        await asyncio.sleep(0.25)
+        assert time.monotonic() - began < 10, "b never took over"
+    waited = time.monotonic() - began
+    assert waited >= 1.5 - 0.3  # not before the lease ran out (b's own observation)
+    assert not a.writes  # past its renew deadline a no longer acts as the writer
+    assert not await a.round() and a.holder == "replica-b"
+    spec = _lease(kube_cluster, kube_namespace)
+    assert spec["holderIdentity"] == "replica-b" and spec["leaseTransitions"] == 1
+
+    await b.release()
+    assert not b.writes
+    assert await a.round() and a.term == 2  # handed over at once, no expiry to wait out
+
+
+async def test_replicas_racing_for_a_new_lease_elect_exactly_one(
+    kube_namespace: str, lease_api: KubernetesApi,
+) -> None:
+    contenders = [_election(lease_api, kube_namespace, f"replica-{i}", name="race")
+                  for i in range(5)]
+    won = await asyncio.gather(*(c.round() for c in contenders))
+    assert sum(won) == 1
+    holder = contenders[won.index(True)].identity
+    again = await asyncio.gather(*(c.round() for c in contenders))
+    assert [c.identity for c, w in zip(contenders, again, strict=True) if w] == [holder]

@@ -1,0 +1,236 @@
+"""The rollout through the reconciler: real lock services (memory backends, a shared in-process
+replica registry), the Kubernetes API as an in-memory stand-in, a wall clock moved by hand.
+
+The same with kopf, a real API server, Redis and operator processes is in
+tests/e2e/test_rollout.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tests.support.kube_cluster import NS, InMemoryCluster
+from tests.support.locks import lock_for, request_for
+from tests.support.replicas import ReplicaSet
+
+from enhanced_locking.factory import LockService
+from enhanced_locking.kube.lockmigration import PROMOTE_ANNOTATION, RETRY_ANNOTATION
+from enhanced_locking.kube.reconcile import MIGRATIONS, POLICIES, Binding, Reconciler
+from enhanced_locking.kube.rollout_driver import RolloutDriver, live_view
+from enhanced_locking.migration.replicas import MemoryReplicaRegistry
+
+POLICY = {"enabled": True, "backend": "memory"}
+STEPS = [{"setWeight": 10}, {"pause": {"duration": "1m"}}, {"setWeight": 50}, {"pause": {}},
+         {"setWeight": 100}]
+
+
+class Wall:
+    def __init__(self) -> None:
+        self.now = datetime(2030, 1, 1, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+class Writer:
+    """Whether this replica writes the status (what the Lease decides in the operator)."""
+
+    def __init__(self, writes: bool) -> None:
+        self.writes = writes
+        self.term = 1
+
+
+def migration(**spec: Any) -> dict[str, Any]:
+    return {"policyRef": {"name": "default"}, **spec}
+
+
+@pytest.fixture
+async def replica_set(data_dir: Path) -> AsyncIterator[ReplicaSet]:
+    async with ReplicaSet(data_dir, MemoryReplicaRegistry()) as replicas:
+        yield replicas
+
+
+async def _operator(service: LockService, cluster: InMemoryCluster, tmp_path: Path, wall: Wall,
+                    *, writes: bool = True) -> Reconciler:
+    driver = RolloutDriver(live_view(service), writer=Writer(writes), wall=wall)
+    return Reconciler(service.provider, binding=Binding(NS, "default", "to-enhanced"),
+                      cluster=cluster, runtime_dir=tmp_path, rollout=driver)
+
+
+async def _settle(*services: LockService) -> None:
+    async with asyncio.timeout(10):
+        for service in services:
+            await service.migration.transitions.wait_settled()
+
+
+async def _tick_until(reconciler: Reconciler, cluster: InMemoryCluster,
+                      check: Callable[[dict[str, Any]], bool], *services: LockService) -> None:
+    for _ in range(200):
+        await reconciler.tick()
+        if check(cluster.status(MIGRATIONS, "to-enhanced")):
+            return
+        await _settle(*services)
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never: {cluster.status(MIGRATIONS, 'to-enhanced')}")
+
+
+def _condition(status: dict[str, Any], kind: str) -> dict[str, Any]:
+    return dict(next(c for c in status["conditions"] if c["type"] == kind))
+
+
+async def test_steps_advance_through_ticks_and_the_status_tells_where_the_rollout_is(
+    replica_set: ReplicaSet, tmp_path: Path,
+) -> None:
+    service = await replica_set.start("a", replica_heartbeat="50ms")
+    cluster, wall = InMemoryCluster(), Wall()
+    reconciler = await _operator(service, cluster, tmp_path, wall)
+    await reconciler.observed(POLICIES, cluster.put(POLICIES, "default", POLICY))
+    await reconciler.observed(MIGRATIONS, cluster.put(MIGRATIONS, "to-enhanced",
+                                                      migration(steps=STEPS)))
+    assert service.provider.current.config.effective_weight == 10
+    await _tick_until(reconciler, cluster, lambda s: s.get("phase") == "Paused", service)
+    status = cluster.status(MIGRATIONS, "to-enhanced")
+    assert (status["currentStepIndex"], status["step"], status["currentWeight"]) == (1, "2/5", 10)
+    assert status["stepStartedAt"] == "2030-01-01T00:00:00.000Z"
+    assert _condition(status, "Paused")["reason"] == "PauseStep"
+    assert [c["type"] for c in status["conditions"]] == [
+        "Ready", "Progressing", "Paused", "Completed", "Aborted", "Degraded"]
+    assert status["transition"]["phase"] == "stable" and status["transition"]["to"] == 10
+    assert status["statusWriter"] == service.migration.replica_id
+
+    wall.now += timedelta(minutes=1)
+    await _tick_until(reconciler, cluster, lambda s: s.get("currentStepIndex") == 3, service)
+    assert service.provider.current.config.effective_weight == 50
+    assert _condition(cluster.status(MIGRATIONS, "to-enhanced"), "Paused")["reason"] == \
+        "WaitingForPromote"
+
+    await reconciler.observed(MIGRATIONS, cluster.annotate(MIGRATIONS, "to-enhanced",
+                                                           PROMOTE_ANNOTATION, "go"))
+    await _tick_until(reconciler, cluster, lambda s: s.get("phase") == "Completed", service)
+    done = cluster.status(MIGRATIONS, "to-enhanced")
+    assert (done["currentWeight"], done["step"], done["promoted"]) == (100, "5/5", "go")
+    assert _condition(done, "Completed")["status"] == "True"
+    reasons = [e["reason"] for e in cluster.events if e["object"] == "LockMigration/to-enhanced"]
+    assert reasons.count("StepStarted") == 4
+    assert reasons.count("RolloutPromoted") == 1 and reasons.count("RolloutCompleted") == 1
+
+
+async def test_a_replica_that_does_not_write_the_status_routes_by_it_and_stays_silent(
+    replica_set: ReplicaSet, tmp_path: Path,
+) -> None:
+    leader_service = await replica_set.start("leader", replica_heartbeat="50ms")
+    follower_service = await replica_set.start("follower", replica_heartbeat="50ms")
+    cluster, wall = InMemoryCluster(), Wall()
+    leader = await _operator(leader_service, cluster, tmp_path, wall)
+    silent = InMemoryCluster()  # the follower's writes, were there any, would land here
+    follower = await _operator(follower_service, silent, tmp_path, wall, writes=False)
+    for plural, name, spec in ((POLICIES, "default", POLICY),
+                               (MIGRATIONS, "to-enhanced", migration(steps=STEPS))):
+        body = cluster.put(plural, name, spec)
+        silent.objects[(plural, name)] = body
+        await leader.observed(plural, body)
+        await follower.observed(plural, body)
+    await _tick_until(leader, cluster, lambda s: s.get("phase") == "Paused",
+                      leader_service, follower_service)
+    wall.now += timedelta(minutes=1)
+    await leader.tick()
+    # The leader moved to the next step; the follower applies it when the status arrives.
+    assert leader_service.provider.current.config.effective_weight == 50
+    assert follower_service.provider.current.config.effective_weight == 10
+    await follower.event(MIGRATIONS, cluster.objects[(MIGRATIONS, "to-enhanced")])
+    assert follower_service.provider.current.config.effective_weight == 50
+    await follower.tick()
+    assert silent.patches == 0 and silent.events == []
+
+
+async def test_lock_conflicts_make_the_migration_degraded_and_an_event_names_both_holders(
+    make_service: Callable[..., Any], tmp_path: Path,
+) -> None:
+    service: LockService = await make_service(legacy_backend="memory", backend="memory")
+    cluster, wall = InMemoryCluster(), Wall()
+    reconciler = await _operator(service, cluster, tmp_path, wall)
+    await reconciler.observed(POLICIES, cluster.put(POLICIES, "default", POLICY))
+    await reconciler.observed(MIGRATIONS, cluster.put(MIGRATIONS, "to-enhanced",
+                                                      migration(weight=100)))
+    await _tick_until(reconciler, cluster, lambda s: s.get("phase") == "Completed", service)
+
+    request = request_for(path="double", pull=3)
+    service.migration.conflicts.report(
+        key=request.key, legacy=lock_for(request, backend="legacy"),
+        enhanced=lock_for(request_for(path="double", pull=4)), source="fallback")
+    await reconciler.tick()
+    status = cluster.status(MIGRATIONS, "to-enhanced")
+    degraded = _condition(status, "Degraded")
+    assert (status["phase"], degraded["status"], degraded["reason"]) == (
+        "Degraded", "True", "LockConflicts")
+    assert request.key in degraded["message"] and status["counters"]["conflicts"] == 1
+    [event] = [e for e in cluster.events if e["reason"] == "LockConflict"]
+    assert event["type"] == "Warning"
+    assert '"pull": 3' in event["message"] and '"pull": 4' in event["message"]
+
+    service.migration.conflicts.resolve(request.key)
+    await reconciler.tick()
+    healed = cluster.status(MIGRATIONS, "to-enhanced")
+    assert healed["phase"] == "Completed"
+    assert _condition(healed, "Degraded")["reason"] == "AsExpected"
+
+
+async def test_errors_past_the_threshold_abort_the_rollout_and_a_retry_restarts_it(
+    make_service: Callable[..., Any], tmp_path: Path,
+) -> None:
+    service: LockService = await make_service(legacy_backend="memory", backend="memory")
+    cluster, wall = InMemoryCluster(), Wall()
+    reconciler = await _operator(service, cluster, tmp_path, wall)
+    analysis = {"window": "1m", "interval": "1s", "maxErrorRate": 0.05}
+    await reconciler.observed(POLICIES, cluster.put(POLICIES, "default", POLICY))
+    await reconciler.observed(MIGRATIONS, cluster.put(MIGRATIONS, "to-enhanced", migration(
+        steps=[{"setWeight": 40}, {"pause": {}}], analysis=analysis)))
+    await _tick_until(reconciler, cluster, lambda s: s.get("phase") == "Paused", service)
+    # What the enhanced locker counts when its store fails: 30 failures in 100 operations.
+    service.metrics.backend_operations.labels("enhanced").inc(100)
+    service.metrics.backend_errors.labels("enhanced").inc(30)
+    await asyncio.sleep(1.05)  # the analysis checks every second (monotonic clock)
+    await reconciler.tick()
+    status = cluster.status(MIGRATIONS, "to-enhanced")
+    aborted = _condition(status, "Aborted")
+    assert (status["phase"], aborted["reason"]) == ("Aborted", "AnalysisFailed")
+    assert "error rate 0.3 (30 of 100 enhanced operations" in aborted["message"]
+    assert "above maxErrorRate 0.05" in aborted["message"]
+    assert status["analysis"]["errorRate"] == 0.3
+    assert service.provider.current.config.effective_weight == 0
+    assert [e["type"] for e in cluster.events if e["reason"] == "AnalysisFailed"] == ["Warning"]
+
+    await reconciler.observed(MIGRATIONS, cluster.annotate(MIGRATIONS, "to-enhanced",
+                                                           RETRY_ANNOTATION, "1"))
+    await _tick_until(reconciler, cluster, lambda s: s.get("phase") == "Paused", service)
+    assert service.provider.current.config.effective_weight == 40
+    assert cluster.status(MIGRATIONS, "to-enhanced")["retried"] == "1"
+
+
+async def test_a_restarted_operator_resumes_the_rollout_from_its_status(
+    make_service: Callable[..., Any], tmp_path: Path,
+) -> None:
+    service: LockService = await make_service(legacy_backend="memory", backend="memory")
+    cluster, wall = InMemoryCluster(), Wall()
+    first = await _operator(service, cluster, tmp_path, wall)
+    await first.observed(POLICIES, cluster.put(POLICIES, "default", POLICY))
+    await first.observed(MIGRATIONS, cluster.put(MIGRATIONS, "to-enhanced",
+                                                 migration(steps=STEPS)))
+    await _tick_until(first, cluster, lambda s: s.get("phase") == "Paused", service)
+    wall.now += timedelta(minutes=1)
+    await _tick_until(first, cluster, lambda s: s.get("currentStepIndex") == 3, service)
+    assert first.rollout is not None
+    first.rollout.close()
+
+    restarted: LockService = await make_service(legacy_backend="memory", backend="memory",
+                                                data_dir=str(tmp_path / "other"))
+    second = await _operator(restarted, cluster, tmp_path, wall)
+    await second.resync()  # what the operator does before it serves
+    assert restarted.provider.current.config.effective_weight == 50
+    await _tick_until(second, cluster, lambda s: s.get("phase") == "Paused", restarted)
+    assert cluster.status(MIGRATIONS, "to-enhanced")["currentStepIndex"] == 3
