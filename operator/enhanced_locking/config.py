@@ -138,6 +138,11 @@ class EnhancedLockingConfig(BaseSettings):
         default_factory=list, description="Sentinel addresses (comma-separated host:port)."
     )
     redis_sentinel_master: str = Field("", description="Sentinel master name.")
+    redis_restart_quarantine: Duration = Field(
+        timedelta(minutes=1),
+        description="After Redis comes back without its data, refuse grants this long "
+        "(locks held before are unknown).",
+    )
     legacy_backend: BackendName = Field(
         "boltdb", description="Store of the legacy (Atlantis-compatible) locker."
     )

@@ -81,7 +81,7 @@ class RedisLockerModel(LockerModel):
 
 
 RedisLockerModel.TestCase.settings = settings(
-    max_examples=20, stateful_step_count=30, deadline=None,
+    max_examples=40, stateful_step_count=30, deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestLockerOnRedis = RedisLockerModel.TestCase

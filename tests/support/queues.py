@@ -37,8 +37,8 @@ __all__ = [
 
 T = TypeVar("T")
 
-QUEUE_BACKEND_KINDS: tuple[str, ...] = ("memory", "boltdb")
-"""Backend kinds with queues; add ``"redis"`` once its QueueBackend exists."""
+QUEUE_BACKEND_KINDS: tuple[str, ...] = ("memory", "boltdb", "redis")
+"""Backend kinds with queues."""
 
 
 @pytest.fixture(
@@ -49,8 +49,23 @@ async def queue_backend_factory(request: pytest.FixtureRequest) -> AsyncIterator
     """Backends of each queue kind in turn (the test runs once per kind)."""
     kind = BACKEND_KINDS[request.param]
     factory = BackendFactory(request.param, kind.setup(request), persistent=kind.persistent)
+    _NETWORKED.append(factory)
     yield factory
+    _NETWORKED.remove(factory)
     await factory.close()
+
+
+_NETWORKED: list[BackendFactory] = []
+"""Factories of the running test: ``settle`` waits until their Redis backends are quiet."""
+
+
+def _busy() -> bool:
+    for factory in _NETWORKED:
+        for backend in factory.built:
+            if getattr(backend, "in_flight", 0) or getattr(
+                    getattr(backend, "_listener", None), "busy", False):
+                return True
+    return False
 
 
 @dataclass
@@ -119,9 +134,24 @@ def rig_for(backend: QueueBackend, **settings: Any) -> LockerRig:
 
 
 async def settle(rounds: int = 5) -> None:
-    """Let tasks woken by a grant run (a handoff resolves a future; its waiter runs next)."""
+    """Let tasks woken by a grant run (a handoff resolves a future; its waiter runs next).
+
+    With a Redis backend, calls wait for the network: keep going until no call is waiting for
+    Redis and no notification is being handled, twice in a row a few milliseconds apart (a
+    grant's pub/sub message may still be on its way when the release that sent it returns).
+    """
     for _ in range(rounds):
         await asyncio.sleep(0)
+    if not any(f.kind == "redis" for f in _NETWORKED):
+        return
+    quiet = 0
+    for _ in range(2000):
+        await asyncio.sleep(0.002)
+        quiet = 0 if _busy() else quiet + 1
+        if quiet >= 3:
+            break
+        for _ in range(rounds):
+            await asyncio.sleep(0)
 
 
 Maker = Callable[..., LockerRig]

@@ -7,10 +7,12 @@ restart or a failover). They share one library (:data:`LIBRARY`), prepended to e
 
 **Arguments every script takes**: ``ARGV[1]`` is ``base`` (``{key-prefix}{namespace}:``),
 ``ARGV[2..5]`` the queue policy (priority flag 0/1, starvation threshold in ms, max boost, max
-queue size), ``ARGV[6]`` the calling replica's id. Script-specific arguments start at
-``ARGV[7]``. ``KEYS`` name the lock hashes a call is about; the indexes below are derived from
-``base`` inside the scripts, which is why the backend needs one Redis (or Sentinel), not a
-Redis Cluster. Everything about one lock key carries the key as a hash tag (``{K}``).
+queue size), ``ARGV[6]`` the calling replica's id, ``ARGV[7..9]`` the store epoch the caller
+knows, a fresh epoch id to use if a new one must be started, and the restart quarantine in ms.
+Script-specific arguments start at ``ARGV[10]``. ``KEYS`` name the lock hashes a call is
+about; the indexes below are derived from ``base`` inside the scripts, which is why the backend
+needs one Redis (or Sentinel), not a Redis Cluster. Everything about one lock key carries the
+key as a hash tag (``{K}``).
 
 **Keys** (``K`` a lock key, ``W`` a waiter id, ``R`` a replica id)::
 
@@ -24,7 +26,15 @@ Redis Cluster. Everything about one lock key carries the key as a hash tag (``{K
     pull:{repo#num} set of the keys a pull may hold
     replicas        sorted set: R scored by the server time until which R counts as alive
     seq             the enqueue counter (FIFO tie-break across keys)
+    epoch           hash: id, base (first fencing token - 1 of new counters), until, since
     notify:R        pub/sub channel: "kind:W" when one of R's waiters is granted or dropped
+
+**Epochs.** Every script that changes something first checks the store's epoch (``guard``).
+A Redis that comes back without its data (restarted without persistence) has no epoch; the
+first replica that notices starts a new one whose fencing counters continue from the server
+clock (``ms * 1000``, above any token handed out before) and whose grants wait out the
+restart quarantine, so a lock granted before the loss is not granted again at once. A new
+store (no replica knew an epoch) starts at 0 without quarantine.
 
 **Time** is the server's (``TIME``), read once per call. A lock is held while ``exp`` is 0
 or in the future; the hash itself is given a Redis expiry a grace period after ``exp`` so it
@@ -90,12 +100,36 @@ local base = ARGV[1]
 local POLICY = {priority = tonumber(ARGV[2]), threshold = tonumber(ARGV[3]),
                 boost = tonumber(ARGV[4]), max_size = tonumber(ARGV[5])}
 local REPLICA = ARGV[6]
+local KNOWN_EPOCH, NEW_EPOCH, QUARANTINE_MS = ARGV[7], ARGV[8], tonumber(ARGV[9])
 local CLAIM_MS, GRACE_MS = @CLAIM_MS@, @GRACE_MS@
 local OUTCOME_MS, REPLICA_MS = @OUTCOME_MS@, @REPLICA_MS@
 local clock = redis.call('TIME')
 local NOW = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local HELD, FENCED, QUEUED = base .. 'held', base .. 'fenced', base .. 'queued'
-local REPLICAS, SEQ = base .. 'replicas', base .. 'seq'
+local REPLICAS, SEQ, EPOCH = base .. 'replicas', base .. 'seq', base .. 'epoch'
+local TOKEN_BASE = 0
+
+-- The store's epoch. A script that changes anything first checks that Redis still has the
+-- data the caller knew: returns nil to go on, else the reply to send back (nothing changed).
+local function guard()
+  local e = redis.call('HMGET', EPOCH, 'id', 'base', 'until')
+  if not e[1] then
+    if KNOWN_EPOCH == '' then  -- a new store: counters start at 0
+      redis.call('HSET', EPOCH, 'id', NEW_EPOCH, 'base', 0, 'until', 0, 'since', NOW)
+      return {'epoch', NEW_EPOCH, 0, NOW}
+    end
+    -- The caller knew this store and it has forgotten everything (a restart without
+    -- persistence): tokens continue from the clock, and grants wait out the quarantine.
+    local till = NOW + QUARANTINE_MS
+    redis.call('HSET', EPOCH, 'id', NEW_EPOCH, 'base', NOW * 1000, 'until', till,
+               'since', NOW, 'lost', KNOWN_EPOCH)
+    return {'epoch', NEW_EPOCH, till, NOW}
+  end
+  if e[1] ~= KNOWN_EPOCH then return {'epoch', e[1], tonumber(e[3]), NOW} end
+  if tonumber(e[3]) > NOW then return {'quarantine', e[1], tonumber(e[3]), NOW} end
+  TOKEN_BASE = tonumber(e[2])
+  return nil
+end
 
 local function lock_name(k) return base .. 'lock:{' .. k .. '}' end
 local function fence_name(k) return base .. 'fence:{' .. k .. '}' end
@@ -156,6 +190,9 @@ end
 -- Grant k: next fencing token, server time, lease; with `claim` (a waiter id) the grant must
 -- be confirmed within CLAIM_MS.
 local function stamp(k, data, repo, pull, ttl, claim)
+  if TOKEN_BASE > 0 and redis.call('EXISTS', fence_name(k)) == 0 then
+    redis.call('SET', fence_name(k), TOKEN_BASE)
+  end
   local token = redis.call('INCR', fence_name(k))
   redis.call('SADD', FENCED, k)
   local lease_end = 0
@@ -314,8 +351,10 @@ local function replica_alive(replica)
 end
 
 -- Give free key k to the first waiter that can take it; drop waiters past their deadline or
--- whose replica is gone. Returns the granted locks, or nil.
+-- whose replica is gone. Returns the granted locks, or nil. Only a free key is handed out (a
+-- batch grant made while freeing several keys may already have taken k).
 local function hand_out(k, fx)
+  if live(k, nil) then return nil end
   local next_waiter, dropped, locks = walker(k), {}, nil
   while true do
     local entry = next_waiter()
@@ -384,17 +423,19 @@ ACQUIRE = _script("""
 -- acquire-or-enqueue: grant every key of a batch (one key is a batch of one), or queue one
 -- waiter on every key, or refuse.
 -- KEYS   the lock hash of each key (documentation; names are derived from the keys below)
--- ARGV[7] lease in ms (0: none)  ARGV[8] waiter id ('' = fail fast)  ARGV[9] wait in ms
--- ARGV[10] request id ('' none)  ARGV[11] owner repo  ARGV[12] owner pull
--- ARGV[13] base priority level 0..3  ARGV[14..] pairs: lock key, Atlantis JSON to store
+-- ARGV[10] lease in ms (0: none)  ARGV[11] waiter id ('' = fail fast)  ARGV[12] wait in ms
+-- ARGV[13] request id ('' none)  ARGV[14] owner repo  ARGV[15] owner pull
+-- ARGV[16] base priority level 0..3  ARGV[17..] pairs: lock key, Atlantis JSON to store
 -- returns {'granted', {lock...}, fresh 0/1}
 --         {'held', key, lock}
 --         {'queue_full', key, lock or {}}
 --         {'queued', waiter record (flat), key, its holder or {}, position}
-local ttl, wait_id, wait_ms = tonumber(ARGV[7]), ARGV[8], tonumber(ARGV[9])
-local rid, repo, pull, level = ARGV[10], ARGV[11], ARGV[12], ARGV[13]
+local refused = guard()
+if refused then return refused end
+local ttl, wait_id, wait_ms = tonumber(ARGV[10]), ARGV[11], tonumber(ARGV[12])
+local rid, repo, pull, level = ARGV[13], ARGV[14], ARGV[15], ARGV[16]
 local keys, datas = {}, {}
-for i = 14, #ARGV, 2 do
+for i = 17, #ARGV, 2 do
   table.insert(keys, ARGV[i])
   datas[ARGV[i]] = ARGV[i + 1]
 end
@@ -458,13 +499,15 @@ RELEASE = _script("""
 -- release-and-hand-off: free a key (optionally only for the pull that holds it) and give it
 -- to the next waiter; also the admin's force-unlock (no owner).
 -- KEYS[1] the key's lock hash
--- ARGV[7] lock key  ARGV[8] owner repo ('' = whoever holds it)  ARGV[9] owner pull
+-- ARGV[10] lock key  ARGV[11] owner repo ('' = whoever holds it)  ARGV[12] owner pull
 -- returns {'not_owned', lock} (nothing changed), or
 --         {'released', lock or {}, granted, dropped} where granted is a list of
 --         {waiter record, {lock...}} and dropped a list of waiter records
-local k = ARGV[7]
+local refused = guard()
+if refused then return refused end
+local k = ARGV[10]
 local holder = live(k, nil)
-if holder and ARGV[8] ~= '' and not same_owner(holder, ARGV[8], ARGV[9]) then
+if holder and ARGV[11] ~= '' and not same_owner(holder, ARGV[11], ARGV[12]) then
   return {'not_owned', holder}
 end
 if holder then drop_lock(holder) end
@@ -476,29 +519,35 @@ return {'released', holder or {}, fx.granted, fx.dropped}
 EXPIRE = _script("""
 -- expire: if the key's lease has lapsed, free it; serve the queue of a free key.
 -- KEYS[1] the key's lock hash
--- ARGV[7] lock key
+-- ARGV[10] lock key
 -- returns {expired lock or {}, granted, dropped} (as RELEASE)
+local refused = guard()
+if refused then return refused end
 local fx = new_effects()
-settle(ARGV[7], fx)
+settle(ARGV[10], fx)
 return {fx.expired[1] or {}, fx.granted, fx.dropped}
 """)
 
 RELEASE_BY_PULL = _script("""
 -- release-by-pull: free every key a pull holds and hand each to its next waiter.
 -- KEYS   none (the pull's index is derived)
--- ARGV[7] repo  ARGV[8] pull number
+-- ARGV[10] repo  ARGV[11] pull number
 -- returns {released locks (leases still running), granted, dropped}
-local index = pull_index(ARGV[7], ARGV[8])
+local refused = guard()
+if refused then return refused end
+local index = pull_index(ARGV[10], ARGV[11])
 local released, freed = {}, {}
 for _, k in ipairs(redis.call('SMEMBERS', index)) do
   local holder = read_lock(k)
-  if holder and same_owner(holder, ARGV[7], ARGV[8]) then
+  if holder and same_owner(holder, ARGV[10], ARGV[11]) then
     drop_lock(holder)
     table.insert(freed, k)
     if not lapsed(holder) then table.insert(released, holder) end
   end
 end
 redis.call('DEL', index)
+-- Every key is freed first, then each is handed on, in key order (as every backend does).
+table.sort(freed)
 local fx = new_effects()
 for _, k in ipairs(freed) do hand_out(k, fx) end
 return {released, fx.granted, fx.dropped}
@@ -507,13 +556,15 @@ return {released, fx.granted, fx.dropped}
 CANCEL = _script("""
 -- cancel: take a waiter out of every queue it is in and tell its replica why.
 -- KEYS   none (the waiter's record names its keys)
--- ARGV[7] waiter id  ARGV[8] reason (cancelled, timeout, deadlock, unavailable)
+-- ARGV[10] waiter id  ARGV[11] reason (cancelled, timeout, deadlock, unavailable)
 -- returns {'removed', waiter record}, {'none'}, or, when it had been granted already,
 --         {'granted', waiter record, locks it still holds (now confirmed)}
-local id = ARGV[7]
+local refused = guard()
+if refused then return refused end
+local id = ARGV[10]
 local rec = read_waiter(id)
 if rec then
-  drop_waiter(id, rec, ARGV[8], nil)
+  drop_waiter(id, rec, ARGV[11], nil)
   return {'removed', rec.flat}
 end
 local out = redis.call('HMGET', outcome_name(id), 'kind', 'waiter', 'locks')
@@ -532,15 +583,17 @@ return {'granted', cjson.decode(out[2]), still}
 CONFIRM = _script("""
 -- confirm: the waiter's replica takes the locks it was granted (ends the claim).
 -- KEYS   none
--- ARGV[7] waiter id
+-- ARGV[10] waiter id
 -- returns {'granted', locks} or {'lost', locks it still holds} (a claim lapsed first)
-local out = redis.call('HMGET', outcome_name(ARGV[7]), 'kind', 'locks')
+local refused = guard()
+if refused then return refused end
+local out = redis.call('HMGET', outcome_name(ARGV[10]), 'kind', 'locks')
 if out[1] ~= 'granted' then return {'lost', {}} end
 local held, lost = {}, false
 for _, pair in ipairs(cjson.decode(out[2])) do
   local holder = live(pair[1], nil)
   if holder and holder[3] == pair[2] then
-    if holder.claim == ARGV[7] then settle_claim(holder) end
+    if holder.claim == ARGV[10] then settle_claim(holder) end
     table.insert(held, holder)
   else
     lost = true
@@ -553,10 +606,10 @@ return {'granted', held}
 STATUS = _script("""
 -- status: where each of a replica's waiters stands (after its notifications were cut off).
 -- KEYS   none
--- ARGV[7..] waiter ids
+-- ARGV[10..] waiter ids
 -- returns one word per id: queued, granted, timeout, cancelled, deadlock, unavailable, gone
 local out = {}
-for i = 7, #ARGV do
+for i = 10, #ARGV do
   if redis.call('EXISTS', waiter_name(ARGV[i])) == 1 then
     table.insert(out, 'queued')
   else
@@ -570,28 +623,28 @@ return out
 GET = _script("""
 -- get: the holder of a key (a lapsed lease is not a holder), changing nothing.
 -- KEYS[1] the key's lock hash
--- ARGV[7] lock key
+-- ARGV[10] lock key
 -- returns the lock or {}
-return peek(ARGV[7]) or {}
+return peek(ARGV[10]) or {}
 """)
 
 LIST = _script("""
 -- list: the live locks named by an index set, pruning entries whose lock is gone.
 -- KEYS   none (the index is derived)
--- ARGV[7] '' for every held key, else the repo and ARGV[8] the pull of a pull's index
--- ARGV[9] repo filter ('' = any)  ARGV[10] pull filter ('' = any)
+-- ARGV[10] '' for every held key, else the repo and ARGV[11] the pull of a pull's index
+-- ARGV[12] repo filter ('' = any)  ARGV[13] pull filter ('' = any)
 -- returns a list of locks
 local index = HELD
-if ARGV[7] ~= '' then index = pull_index(ARGV[7], ARGV[8]) end
+if ARGV[10] ~= '' then index = pull_index(ARGV[10], ARGV[11]) end
 local out = {}
 for _, k in ipairs(redis.call('SMEMBERS', index)) do
   local lock = read_lock(k)
   if not lock then
     redis.call('SREM', index, k)
-  elseif not lapsed(lock) and (ARGV[9] == '' or lock[6] == ARGV[9])
-      and (ARGV[10] == '' or lock[7] == ARGV[10]) then
+  elseif not lapsed(lock) and (ARGV[12] == '' or lock[6] == ARGV[12])
+      and (ARGV[13] == '' or lock[7] == ARGV[13]) then
     table.insert(out, lock)
-  elseif index ~= HELD and not same_owner(lock, ARGV[7], ARGV[8]) then
+  elseif index ~= HELD and not same_owner(lock, ARGV[10], ARGV[11]) then
     redis.call('SREM', index, k)
   end
 end
@@ -601,15 +654,17 @@ return out
 REFRESH = _script("""
 -- refresh: restart the lease of a held lock from now (server time); ends a pending claim.
 -- KEYS[1] the key's lock hash
--- ARGV[7] lock key  ARGV[8] owner repo  ARGV[9] owner pull  ARGV[10] lease in ms (> 0)
+-- ARGV[10] lock key  ARGV[11] owner repo  ARGV[12] owner pull  ARGV[13] lease in ms (> 0)
 -- returns {'refreshed', lock}, {'not_held'} or {'not_owned', lock}
-local lock = peek(ARGV[7])
+local refused = guard()
+if refused then return refused end
+local lock = peek(ARGV[10])
 if not lock then return {'not_held'} end
-if not same_owner(lock, ARGV[8], ARGV[9]) then return {'not_owned', lock} end
-local exp = NOW + tonumber(ARGV[10])
-redis.call('HDEL', lock_name(ARGV[7]), 'claim', 'lease')
-redis.call('HSET', lock_name(ARGV[7]), 'exp', exp)
-collect_after(ARGV[7], exp)
+if not same_owner(lock, ARGV[11], ARGV[12]) then return {'not_owned', lock} end
+local exp = NOW + tonumber(ARGV[13])
+redis.call('HDEL', lock_name(ARGV[10]), 'claim', 'lease')
+redis.call('HSET', lock_name(ARGV[10]), 'exp', exp)
+collect_after(ARGV[10], exp)
 lock[5] = exp
 return {'refreshed', lock}
 """)
@@ -617,11 +672,11 @@ return {'refreshed', lock}
 QUEUE = _script("""
 -- queue: the waiters of one key (the caller orders them with the shared service order).
 -- KEYS[1] the key's lock hash
--- ARGV[7] lock key
+-- ARGV[10] lock key
 -- returns {now ms, waiter records}
 local records = {}
 for level = 0, 3 do
-  for _, member in ipairs(redis.call('ZRANGE', queue_name(ARGV[7], level), 0, -1)) do
+  for _, member in ipairs(redis.call('ZRANGE', queue_name(ARGV[10], level), 0, -1)) do
     local rec = read_waiter(string.sub(member, 18))
     if rec then table.insert(records, rec.flat) end
   end
@@ -673,13 +728,15 @@ return NOW
 RAISE_TOKEN = _script("""
 -- raise-token: make a key's fencing counter at least a value (counters never fall).
 -- KEYS[1] the key's fencing counter
--- ARGV[7] lock key  ARGV[8] value
+-- ARGV[10] lock key  ARGV[11] value
 -- returns the counter after the call
-local current = tonumber(redis.call('GET', fence_name(ARGV[7])) or '0')
-local wanted = tonumber(ARGV[8])
-redis.call('SADD', FENCED, ARGV[7])
+local refused = guard()
+if refused then return refused end
+local current = tonumber(redis.call('GET', fence_name(ARGV[10])) or '0')
+local wanted = tonumber(ARGV[11])
+redis.call('SADD', FENCED, ARGV[10])
 if wanted > current then
-  redis.call('SET', fence_name(ARGV[7]), wanted)
+  redis.call('SET', fence_name(ARGV[10]), wanted)
   return wanted
 end
 return current
@@ -688,26 +745,28 @@ return current
 ADOPT = _script("""
 -- adopt: take over a lock from another store, keeping its token, times and lease.
 -- KEYS[1] the key's lock hash
--- ARGV[7] lock key  ARGV[8] repo  ARGV[9] pull  ARGV[10] Atlantis JSON  ARGV[11] token
--- ARGV[12] acquired at (ms)  ARGV[13] lease end (ms, 0: none)
+-- ARGV[10] lock key  ARGV[11] repo  ARGV[12] pull  ARGV[13] Atlantis JSON  ARGV[14] token
+-- ARGV[15] acquired at (ms)  ARGV[16] lease end (ms, 0: none)
 -- returns 1 adopted (or already held by the same pull), 0 held here by another pull,
 --         2 skipped because its lease already ended
-local k = ARGV[7]
-local token = tonumber(ARGV[11])
+local refused = guard()
+if refused then return refused end
+local k = ARGV[10]
+local token = tonumber(ARGV[14])
 local current = tonumber(redis.call('GET', fence_name(k)) or '0')
 redis.call('SADD', FENCED, k)
 if token > current then redis.call('SET', fence_name(k), token) end
 local holder = live(k, nil)
 if holder then
-  if same_owner(holder, ARGV[8], ARGV[9]) then return 1 end
+  if same_owner(holder, ARGV[11], ARGV[12]) then return 1 end
   return 0
 end
-local exp = tonumber(ARGV[13])
+local exp = tonumber(ARGV[16])
 if exp > 0 and exp <= NOW then return 2 end
-redis.call('HSET', lock_name(k), 'data', ARGV[10], 'token', token, 'at', ARGV[12],
-           'exp', exp, 'repo', ARGV[8], 'pull', ARGV[9])
+redis.call('HSET', lock_name(k), 'data', ARGV[13], 'token', token, 'at', ARGV[15],
+           'exp', exp, 'repo', ARGV[11], 'pull', ARGV[12])
 collect_after(k, exp)
 redis.call('SADD', HELD, k)
-redis.call('SADD', pull_index(ARGV[8], ARGV[9]), k)
+redis.call('SADD', pull_index(ARGV[11], ARGV[12]), k)
 return 1
 """)

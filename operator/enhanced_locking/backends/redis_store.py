@@ -46,7 +46,14 @@ from enhanced_locking.backends.waiting import (
     service_order,
 )
 from enhanced_locking.config import EnhancedLockingConfig
-from enhanced_locking.types import Lock, LockingError, LockNotOwned, Locks, Reason
+from enhanced_locking.types import (
+    BackendUnavailable,
+    Lock,
+    LockingError,
+    LockNotOwned,
+    Locks,
+    Reason,
+)
 
 __all__ = ["RedisBackend", "RedisKeys"]
 
@@ -97,8 +104,18 @@ class RedisBackend:
 
     kind = "redis"
 
-    def __init__(self, connection: RedisConnection, *, prefix: str, namespace: str = "enhanced"):
+    def __init__(
+        self,
+        connection: RedisConnection,
+        *,
+        prefix: str,
+        namespace: str = "enhanced",
+        quarantine: timedelta = timedelta(minutes=1),
+    ) -> None:
         self.namespace = namespace
+        self.quarantine = quarantine
+        self.epoch = ""
+        """The store epoch this backend knows ('' until its first write)."""
         self.connection = connection
         self.keys = RedisKeys(prefix, namespace)
         self.replica = secrets.token_hex(8)
@@ -120,7 +137,8 @@ class RedisBackend:
 
     @classmethod
     def from_config(cls, config: EnhancedLockingConfig, namespace: str) -> RedisBackend:
-        return cls(connect(config), prefix=config.redis_key_prefix, namespace=namespace)
+        return cls(connect(config), prefix=config.redis_key_prefix, namespace=namespace,
+                   quarantine=config.redis_restart_quarantine)
 
     def __repr__(self) -> str:
         return f"RedisBackend({self.connection.where}, namespace={self.namespace!r})"
@@ -133,14 +151,38 @@ class RedisBackend:
         if policy is not None:
             self._policy = policy
         p = self._policy
-        head: list[Any] = [self.keys.base, int(p.priority), p.threshold_ms, p.max_boost,
-                           p.max_size, self.replica]
         self.in_flight += 1
         try:
-            with unavailable(self.connection, name.lower().replace("_", " "), key=key):
-                return await self._scripts[name](keys=list(keys), args=[*head, *args])
+            for _ in range(3):
+                head: list[Any] = [
+                    self.keys.base, int(p.priority), p.threshold_ms, p.max_boost, p.max_size,
+                    self.replica, self.epoch, secrets.token_hex(8), _duration_ms(self.quarantine),
+                ]
+                with unavailable(self.connection, name.lower().replace("_", " "), key=key):
+                    answer = await self._scripts[name](keys=list(keys), args=[*head, *args])
+                if not (isinstance(answer, list) and answer
+                        and answer[0] in ("epoch", "quarantine")):
+                    return answer
+                self._epoch_changed(answer, key=key)
+            raise BackendUnavailable(f"redis {self.connection.where}: the store epoch keeps "
+                                     "changing; try again", key=key)
         finally:
             self.in_flight -= 1
+
+    def _epoch_changed(self, answer: Sequence[Any], *, key: str | None) -> None:
+        """A script refused to act: learn the store's epoch, or report the quarantine."""
+        kind, epoch, until, now = str(answer[0]), str(answer[1]), int(answer[2]), int(answer[3])
+        lost = kind == "epoch" and self.epoch != "" and until > now
+        if lost:
+            log.error("redis %s came back without its data: the locks held before are unknown; "
+                      "grants resume at %s (enhanced-locking-redis-restart-quarantine)",
+                      self.connection.where, _at(until).isoformat())
+        self.epoch = epoch
+        if until > now:
+            raise BackendUnavailable(
+                f"redis {self.connection.where} lost its data (restarted without persistence?); "
+                f"grants resume in {(until - now) / 1000:.1f}s, when locks held before can no "
+                "longer be in use (enhanced-locking-redis-restart-quarantine)", key=key)
 
     # --- decoding ------------------------------------------------------------------------
     @staticmethod
