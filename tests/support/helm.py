@@ -143,6 +143,11 @@ def image_sandbox(argv: Sequence[str], *, data_dir: Path, files: Mapping[str, Pa
         elif entry.is_dir():
             args += ["--ro-bind", str(entry), str(entry)]
     args += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+    checkout = Path(__file__).resolve().parents[2]
+    if checkout.is_relative_to("/tmp"):
+        # A checkout under /tmp (CI may clone there) would be hidden by the tmpfs, and with it
+        # the venv the operator runs from: bind it back read-only at the same path.
+        args += ["--ro-bind", str(checkout), str(checkout)]
     args += ["--bind", str(data_dir), "/data"]
     for destination, source in files.items():
         args += ["--ro-bind", str(source), destination]
