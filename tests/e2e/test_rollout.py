@@ -209,6 +209,11 @@ def test_steps_advance_on_their_own_a_pause_holds_promote_skips_and_kubectl_wait
     assert done["statusWriter"] == writer
     assert [routing(o)["weight"] for o in (first, second)] == [100, 100]
 
+    # Neither the operator nor kopf wrote onto the object: no finalizer, no kopf annotation.
+    meta = (cr(kube_cluster, "lockmigrations", MIGRATION, kube_namespace) or {})["metadata"]
+    assert not meta.get("finalizers")
+    assert [a for a in meta.get("annotations") or {}
+            if "kopf" in a or a.endswith("last-handled-configuration")] == []
     started = [e["message"] for e in events(kube_cluster, kube_namespace, "StepStarted")]
     assert any("step 3/5 started: setWeight 50" in m for m in started), started
     assert events(kube_cluster, kube_namespace, "RolloutPromoted")

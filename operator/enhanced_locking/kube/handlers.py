@@ -2,9 +2,13 @@
 
 Every watch event of the bound LockPolicy or LockMigration (kopf's initial listing included)
 calls :meth:`Reconciler.event`, which converges on the object as it is now; ``DELETED`` calls
-:meth:`Reconciler.deleted`. A timer on the bound LockMigration drives its rollout
-(:meth:`Reconciler.tick`). Objects of other names are not this service's and are left alone,
+:meth:`Reconciler.deleted`. Objects of other names are not this service's and are left alone,
 so several services can share a namespace.
+
+The rollout's timer is not a ``@kopf.timer``: kopf puts a finalizer on every object a timer
+runs for (to stop the timer before the object goes), and the operator uses none (see
+:mod:`enhanced_locking.kube.reconcile`). The operator runs :meth:`Reconciler.tick_forever`
+beside kopf instead.
 
 Why watch events and not ``@kopf.on.create/update/resume``: kopf decides whether an object
 changed by comparing it with the "last handled" copy it keeps in an annotation *on the object*.
@@ -37,14 +41,9 @@ __all__ = ["QUIET_HANDLERS", "build_registry"]
 
 log = logging.getLogger(__name__)
 
-# A failed rollout tick is retried soon, not after kopf's minute.
-_BACKOFF = 2.0
-
-ROLLOUT_TIMER = "rollout"
-QUIET_HANDLERS = (f"Timer {ROLLOUT_TIMER!r}", f"Handler 'watch-{POLICIES}'",
-                  f"Handler 'watch-{MIGRATIONS}'")
-"""Handlers that run on every watch event or twice a second: kopf's line for each successful
-run is not news (the operator filters those lines out)."""
+QUIET_HANDLERS = (f"Handler 'watch-{POLICIES}'", f"Handler 'watch-{MIGRATIONS}'")
+"""Handlers that run on every watch event (the status writer's writes included): kopf's line
+for each successful run is not news (the operator filters those lines out)."""
 
 
 def _named(wanted: str) -> Callable[..., bool]:
@@ -90,20 +89,12 @@ def connection_info(configuration: client.Configuration) -> kopf.ConnectionInfo:
     )
 
 
-def build_registry(
-    reconciler: Reconciler, provider: ConfigProvider, *, rollout_interval: float = 0.5
-) -> kopf.OperatorRegistry:
+def build_registry(reconciler: Reconciler, provider: ConfigProvider) -> kopf.OperatorRegistry:
     """Every handler of the operator, on a fresh registry."""
     registry = kopf.OperatorRegistry()
     binding = reconciler.binding
     _register(registry, reconciler, POLICIES, binding.policy)
     _register(registry, reconciler, MIGRATIONS, binding.migration)
-
-    @kopf.timer(GROUP, VERSION, MIGRATIONS, id=ROLLOUT_TIMER, registry=registry,
-                interval=rollout_interval, when=_named(binding.migration), backoff=_BACKOFF)
-    async def rollout(**_: Any) -> None:
-        """Advance the rollout's steps, check the analysis, refresh the status."""
-        await reconciler.tick()
 
     @kopf.on.login(id="login", registry=registry)
     def login(**_: Any) -> kopf.ConnectionInfo:

@@ -100,9 +100,9 @@ def kopf_settings() -> kopf.OperatorSettings:
     return settings
 
 
-class _QuietTimer(logging.Filter):
-    """kopf logs every successful handler run: the rollout timer runs twice a second and the
-    watch handlers on every event; their successes are not news."""
+class _QuietHandlers(logging.Filter):
+    """kopf logs every successful handler run: the watch handlers run on every event (the
+    status writer's own writes included); their successes are not news."""
 
     QUIET = tuple(f"{handler} succeeded." for handler in QUIET_HANDLERS)
 
@@ -157,7 +157,7 @@ async def run(service: LockService, options: OperatorOptions, *, http: HttpServe
         except Exception as error:
             log.warning("leader election: %s", error)
         electing = asyncio.create_task(election.run(), name="leader election")
-    quiet = _QuietTimer()
+    quiet = _QuietHandlers()
     logging.getLogger("kopf.objects").addFilter(quiet)
     try:
         await reconciler.resync()
@@ -188,10 +188,12 @@ async def run(service: LockService, options: OperatorOptions, *, http: HttpServe
     resync = asyncio.create_task(
         reconciler.resync_forever(options.resync_interval), name="resync"
     )
+    ticking = asyncio.create_task(
+        reconciler.tick_forever(options.rollout_interval), name="rollout timer"
+    )
     operator = asyncio.create_task(
         kopf.operator(
-            registry=build_registry(reconciler, service.provider,
-                                    rollout_interval=options.rollout_interval),
+            registry=build_registry(reconciler, service.provider),
             settings=kopf_settings(),
             namespaces=[options.namespace],
             standalone=options.standalone,
@@ -227,9 +229,10 @@ async def run(service: LockService, options: OperatorOptions, *, http: HttpServe
         with contextlib.suppress(asyncio.CancelledError):
             await operator
     finally:
-        resync.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await resync
+        for background in (resync, ticking):
+            background.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await background
         if electing is not None:
             electing.cancel()
             with contextlib.suppress(asyncio.CancelledError):

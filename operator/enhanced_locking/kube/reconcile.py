@@ -19,7 +19,7 @@ an Event for each change applied or refused.
 With ``spec.steps`` the weight comes from the rollout's state, kept in the migration's status:
 the :class:`~enhanced_locking.kube.rollout_driver.RolloutDriver` advances it first (on the
 replica that writes the status), then the steps above apply the weight of the step in force.
-The kopf timer calls :meth:`Reconciler.tick`, which does the same without re-reading Secrets.
+The rollout timer calls :meth:`Reconciler.tick`, which does the same without re-reading Secrets.
 Replicas that do not write the status apply what it says: :meth:`Reconciler.observed_status`
 follows status changes.
 
@@ -215,6 +215,23 @@ class Reconciler:
         """The rollout timer: advance the steps, apply their weight, report (no Secret reads)."""
         async with self._lock:
             await self._converge(policy=False)
+
+    async def tick_forever(self, interval: float) -> None:
+        """:meth:`tick` every ``interval`` seconds while the migration exists; errors are
+        logged and the next tick tries again."""
+        failing = False
+        while True:
+            await asyncio.sleep(interval)
+            if self.migration.body is None:
+                continue
+            try:
+                await self.tick()
+            except Exception as error:  # the API may be briefly away; never stop ticking
+                if not failing:
+                    log.warning("rollout tick failed, retrying every %.1fs: %s", interval, error)
+                failing = True
+            else:
+                failing = False
 
     async def resync(self) -> None:
         """Read both objects afresh and converge (start-up, drift, Secret rotation, retries)."""

@@ -4,7 +4,7 @@
 replica that writes the status (:mod:`.leader`) it
 
 * keeps the rollout state (:mod:`.rollout`), loaded from the status when it becomes the writer,
-  and advances it on every reconcile and every tick of the kopf timer, with the weight move's
+  and advances it on every reconcile and every tick of the rollout timer, with the weight move's
   progress (:mod:`enhanced_locking.migration.transition`) and the analysis (:mod:`.analysis`);
 * builds the rollout's part of the status: phase, step, conditions (``Progressing``,
   ``Paused``, ``Completed``, ``Aborted``, ``Degraded``), counters carried over restarts, the
