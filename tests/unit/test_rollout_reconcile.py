@@ -21,7 +21,7 @@ from tests.support.replicas import ReplicaSet
 from enhanced_locking.factory import LockService
 from enhanced_locking.kube.lockmigration import PROMOTE_ANNOTATION, RETRY_ANNOTATION
 from enhanced_locking.kube.reconcile import MIGRATIONS, POLICIES, Binding, Reconciler
-from enhanced_locking.kube.rollout_driver import RolloutDriver, live_view
+from enhanced_locking.kube.rollout_driver import RolloutDriver, live_view, request_token
 from enhanced_locking.migration.replicas import MemoryReplicaRegistry
 
 POLICY = {"enabled": True, "backend": "memory"}
@@ -234,3 +234,25 @@ async def test_a_restarted_operator_resumes_the_rollout_from_its_status(
     assert restarted.provider.current.config.effective_weight == 50
     await _tick_until(second, cluster, lambda s: s.get("phase") == "Paused", restarted)
     assert cluster.status(MIGRATIONS, "to-enhanced")["currentStepIndex"] == 3
+
+
+async def test_a_promote_value_longer_than_a_status_field_is_recorded_as_a_digest_once(
+    make_service: Callable[..., Any], tmp_path: Path,
+) -> None:
+    service: LockService = await make_service(legacy_backend="memory", backend="memory")
+    cluster, wall = InMemoryCluster(), Wall()
+    reconciler = await _operator(service, cluster, tmp_path, wall)
+    await reconciler.observed(POLICIES, cluster.put(POLICIES, "default", POLICY))
+    steps = [{"setWeight": 10}, {"pause": {}}, {"setWeight": 20}, {"pause": {}}]
+    await reconciler.observed(MIGRATIONS, cluster.put(MIGRATIONS, "to-enhanced",
+                                                      migration(steps=steps)))
+    await _tick_until(reconciler, cluster, lambda s: s.get("phase") == "Paused", service)
+    value = "x" * 300
+    await reconciler.observed(MIGRATIONS, cluster.annotate(MIGRATIONS, "to-enhanced",
+                                                           PROMOTE_ANNOTATION, value))
+    await _tick_until(reconciler, cluster, lambda s: s.get("currentStepIndex") == 3, service)
+    for _ in range(5):  # the same value again and again: still one promote
+        await reconciler.tick()
+    status = cluster.status(MIGRATIONS, "to-enhanced")
+    assert status["currentStepIndex"] == 3 and status["promoted"] == request_token(value)
+    assert str(status["promoted"]).startswith("sha256:") and len(status["promoted"]) < 64

@@ -69,10 +69,11 @@ _Token = Annotated[str, Field(max_length=253)]
 
 
 class Pause(SpecModel):
-    """Wait before the next step: for ``duration``, or until ``paused`` is cleared."""
+    """Wait before the next step: for ``duration``, or until a promote."""
 
     duration: CRDuration | None = Field(
-        None, description="How long to pause; left out: until a user resumes the rollout."
+        None, description="How long to pause; left out: until promoted (the annotation "
+        f"{GROUP}/promote set to a new value)."
     )
 
 

@@ -17,6 +17,7 @@ Kubernetes Events, at most one of each kind per tick, with both answers or both 
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import time
 from collections.abc import Callable, Mapping
@@ -50,7 +51,7 @@ from enhanced_locking.kube.rollout import (
 from enhanced_locking.migration.transition import authority_weight
 from enhanced_locking.types import Event
 
-__all__ = ["COUNTER_REFRESH", "RolloutDriver", "ServiceView", "live_view"]
+__all__ = ["COUNTER_REFRESH", "RolloutDriver", "ServiceView", "live_view", "request_token"]
 
 COUNTER_REFRESH = 2.0
 """Seconds between status writes made only because counters moved."""
@@ -113,6 +114,14 @@ class _LiveView:
 def live_view(service: LockService) -> ServiceView:
     """The view of a running :class:`LockService`."""
     return _LiveView(service)
+
+
+def request_token(value: str | None) -> str | None:
+    """An annotation's value as the status records it: itself when short, else a digest (an
+    annotation may be far longer than a status field; the digest still tells values apart)."""
+    if value is None or len(value) <= 64:
+        return value
+    return "sha256:" + hashlib.sha256(value.encode()).hexdigest()[:32]
 
 
 def _iso(at: datetime) -> str:
@@ -206,8 +215,8 @@ class RolloutDriver:
         previous = self.progress
         progress = advance(
             spec, self.state, now=self._wall(), settled_weight=self._settled(),
-            promote=annotations.get(PROMOTE_ANNOTATION),
-            retry=annotations.get(RETRY_ANNOTATION), analysis_failure=failure,
+            promote=request_token(annotations.get(PROMOTE_ANNOTATION)),
+            retry=request_token(annotations.get(RETRY_ANNOTATION)), analysis_failure=failure,
         )
         if progress.state.aborted != self.state.aborted and not progress.state.aborted:
             self.analyzer.reset()  # a restarted rollout is judged afresh
