@@ -322,7 +322,8 @@ class RolloutDriver:
             measured_at=_iso(self._checked_at), window_seconds=check.window_seconds,
             error_rate=check.error_rate, mismatch_rate=check.mismatch_rate,
             fallbacks=check.fallbacks, operations=check.operations, replayed=check.replayed,
-            consecutive_failures=check.consecutive_failures, failure=check.failure,
+            consecutive_failures=check.consecutive_failures,
+            failure=None if check.failure is None else check.failure[:1024],
         )
 
     def _degraded(self, progress: Progress, conflicts: list[dict[str, Any]],
