@@ -22,20 +22,24 @@ PASSWORD = "pw-3f9a1c-never-printed"
 
 
 async def test_a_stopped_redis_is_unavailable_and_usable_again_once_back(
-    redis_server: RedisServer,
+    redis_servers: ServerMaker,
 ) -> None:
-    backend = RedisBackend.from_config(redis_config(redis_server), "enhanced")
+    server = redis_servers(persistence="aof")
+    backend = RedisBackend.from_config(redis_config(server), "enhanced")
     try:
         await backend.ping()
-        redis_server.stop()
-        with pytest.raises(BackendUnavailable, match=redis_server.addr) as caught:
-            await backend.acquire(lock_for(request_for()))
+        granted, held = await backend.acquire(lock_for(request_for(pull=1)))
+        assert granted
+        server.stop()
+        with pytest.raises(BackendUnavailable, match=server.addr) as caught:
+            await backend.acquire(lock_for(request_for(pull=2)))
         assert caught.value.key == request_for().key
         with pytest.raises(BackendUnavailable, match="ping"):
             await backend.ping()
-        redis_server.start()
-        granted, _ = await backend.acquire(lock_for(request_for()))
-        assert granted
+        server.start()
+        await backend.ping()
+        granted, holder = await backend.acquire(lock_for(request_for(pull=2)))
+        assert not granted and holder.fencing_token == held.fencing_token
     finally:
         await backend.close()
 

@@ -90,6 +90,7 @@ class RedisServer:
         self.binary = find_redis_server()
         self._owns_dir = directory is None
         self.directory = directory or Path(tempfile.mkdtemp(prefix="redis-test-"))
+        self.directory.mkdir(parents=True, exist_ok=True)
         self.persistence: Persistence = persistence
         self.port = free_port()
         self.password: str | None = None

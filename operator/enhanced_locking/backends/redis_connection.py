@@ -31,7 +31,16 @@ from redis.backoff import NoBackoff
 from enhanced_locking.config import SECRET_MASK, EnhancedLockingConfig
 from enhanced_locking.types import BackendUnavailable
 
-__all__ = ["COMMAND_TIMEOUT", "CONNECT_TIMEOUT", "RedisConnection", "connect", "unavailable"]
+__all__ = [
+    "COMMAND_TIMEOUT",
+    "CONNECT_TIMEOUT",
+    "RETRYABLE",
+    "RedisConnection",
+    "connect",
+    "down",
+    "is_retryable",
+    "unavailable",
+]
 
 CONNECT_TIMEOUT = 2.0
 """Seconds to open a connection; a stopped Redis is refused at once, a lost one times out."""
@@ -44,7 +53,7 @@ POOL_WAIT = 5.0
 
 # What "Redis is not there (or will not serve us)" looks like. ResponseErrors that are our
 # own mistakes (a script bug) are not in the list: they must surface, not look like an outage.
-_DOWN: tuple[type[BaseException], ...] = (
+DOWN: tuple[type[BaseException], ...] = (
     rexc.ConnectionError,  # also AuthenticationError, MasterNotFoundError
     rexc.TimeoutError,
     rexc.BusyLoadingError,
@@ -70,6 +79,11 @@ class RedisConnection:
     secret: str
     sentinels: list[aioredis.Redis] = field(default_factory=list)
 
+    async def drop_idle(self) -> None:
+        """Close the idle pooled connections (after a failure they are likely all stale)."""
+        pool = self.client.connection_pool
+        await pool.disconnect(inuse_connections=False)
+
     def scrub(self, text: str) -> str:
         """``text`` with the password masked (belt and braces: libraries should not echo it)."""
         return text.replace(self.secret, SECRET_MASK) if self.secret else text
@@ -80,6 +94,26 @@ class RedisConnection:
             await sentinel.aclose(close_connection_pool=True)
 
 
+RETRYABLE: tuple[type[BaseException], ...] = (rexc.ConnectionError, rexc.TimeoutError)
+"""A broken or stale connection: worth one more try on a fresh one (not a refusal)."""
+
+
+def is_retryable(error: BaseException) -> bool:
+    return isinstance(error, RETRYABLE) and not isinstance(
+        error, rexc.AuthenticationError | rexc.AuthenticationWrongNumberOfArgsError)
+
+
+def down(
+    connection: RedisConnection, action: str, error: BaseException, *, key: str | None = None
+) -> BackendUnavailable:
+    """The ``BackendUnavailable`` that says what failed, without the password."""
+    detail = connection.scrub(str(error) or type(error).__name__)
+    return BackendUnavailable(
+        f"redis {connection.where} did not answer ({action}): {type(error).__name__}: {detail}",
+        key=key,
+    )
+
+
 @contextlib.contextmanager
 def unavailable(
     connection: RedisConnection, action: str, *, key: str | None = None
@@ -87,12 +121,8 @@ def unavailable(
     """Redis unreachable, slow, loading, read-only or refusing us: ``BackendUnavailable``."""
     try:
         yield
-    except _DOWN as error:
-        detail = connection.scrub(str(error) or type(error).__name__)
-        raise BackendUnavailable(
-            f"redis {connection.where} did not answer ({action}): {type(error).__name__}: {detail}",
-            key=key,
-        ) from None
+    except DOWN as error:
+        raise down(connection, action, error, key=key) from None
 
 
 def _tls_kwargs(config: EnhancedLockingConfig) -> dict[str, Any]:

@@ -73,6 +73,7 @@ __all__ = [
     "LIBRARY",
     "LIST",
     "OUTCOME_MS",
+    "PING",
     "QUEUE",
     "RAISE_TOKEN",
     "REFRESH",
@@ -109,9 +110,16 @@ local HELD, FENCED, QUEUED = base .. 'held', base .. 'fenced', base .. 'queued'
 local REPLICAS, SEQ, EPOCH = base .. 'replicas', base .. 'seq', base .. 'epoch'
 local TOKEN_BASE = 0
 
+-- Whole numbers as exact text: Lua's own tostring keeps 14 digits, tokens can have 16.
+local function int(x) return string.format('%.0f', x) end
+
 -- The store's epoch. A script that changes anything first checks that Redis still has the
 -- data the caller knew: returns nil to go on, else the reply to send back (nothing changed).
+local OP = base .. 'op:' .. NEW_EPOCH
+
 local function guard()
+  local done = redis.call('GET', OP)
+  if done then return cjson.decode(done) end  -- this very call ran before: same answer
   local e = redis.call('HMGET', EPOCH, 'id', 'base', 'until')
   if not e[1] then
     if KNOWN_EPOCH == '' then  -- a new store: counters start at 0
@@ -121,7 +129,7 @@ local function guard()
     -- The caller knew this store and it has forgotten everything (a restart without
     -- persistence): tokens continue from the clock, and grants wait out the quarantine.
     local till = NOW + QUARANTINE_MS
-    redis.call('HSET', EPOCH, 'id', NEW_EPOCH, 'base', NOW * 1000, 'until', till,
+    redis.call('HSET', EPOCH, 'id', NEW_EPOCH, 'base', int(NOW * 1000), 'until', till,
                'since', NOW, 'lost', KNOWN_EPOCH)
     return {'epoch', NEW_EPOCH, till, NOW}
   end
@@ -131,6 +139,14 @@ local function guard()
   return nil
 end
 
+-- Remember a write's answer under its call id for a minute: a caller that lost the reply
+-- (the connection broke) asks again with the same id and gets the same answer, and the write
+-- happens once.
+local function finish(reply)
+  redis.call('SET', OP, cjson.encode(reply), 'PX', 60000)
+  return reply
+end
+
 local function lock_name(k) return base .. 'lock:{' .. k .. '}' end
 local function fence_name(k) return base .. 'fence:{' .. k .. '}' end
 local function queue_name(k, level) return base .. 'queue' .. level .. ':{' .. k .. '}' end
@@ -138,13 +154,13 @@ local function waiter_name(id) return base .. 'waiter:' .. id end
 local function outcome_name(id) return base .. 'outcome:' .. id end
 local function pull_index(repo, pull) return base .. 'pull:{' .. repo .. '#' .. pull .. '}' end
 
--- A lock is answered as {key, data, token, at, exp, repo, pull}; claim and lease ride along
--- in the hash part (not sent back).
+-- A lock is answered as {key, data, token, at, exp, repo, pull, claim, lease} (all strings;
+-- claim and lease false unless a grant from the queue awaits confirmation).
 local function read_lock(k)
   local v = redis.call('HMGET', lock_name(k), 'data', 'token', 'at', 'exp', 'repo', 'pull',
                        'claim', 'lease')
   if not v[1] then return nil end
-  return {k, v[1], v[2], v[3], v[4], v[5], v[6], claim = v[7], lease = v[8]}
+  return {k, v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8]}
 end
 
 local function lapsed(lock)
@@ -191,7 +207,7 @@ end
 -- be confirmed within CLAIM_MS.
 local function stamp(k, data, repo, pull, ttl, claim)
   if TOKEN_BASE > 0 and redis.call('EXISTS', fence_name(k)) == 0 then
-    redis.call('SET', fence_name(k), TOKEN_BASE)
+    redis.call('SET', fence_name(k), int(TOKEN_BASE))
   end
   local token = redis.call('INCR', fence_name(k))
   redis.call('SADD', FENCED, k)
@@ -200,7 +216,8 @@ local function stamp(k, data, repo, pull, ttl, claim)
   local exp = lease_end
   local name = lock_name(k)
   redis.call('DEL', name)
-  redis.call('HSET', name, 'data', data, 'token', token, 'at', NOW, 'repo', repo, 'pull', pull)
+  redis.call('HSET', name, 'data', data, 'token', int(token), 'at', NOW, 'repo', repo,
+             'pull', pull)
   if claim then
     local by = NOW + CLAIM_MS
     if exp == 0 or by < exp then exp = by end
@@ -210,17 +227,19 @@ local function stamp(k, data, repo, pull, ttl, claim)
   collect_after(k, exp)
   redis.call('SADD', HELD, k)
   redis.call('SADD', pull_index(repo, pull), k)
-  return {k, data, token, NOW, exp, repo, pull}
+  local pending = false
+  if claim then pending = int(lease_end) end
+  return {k, data, int(token), int(NOW), int(exp), repo, pull, claim or false,
+          pending}
 end
 
 -- The waiter took its grant: its own lease applies from the grant on.
 local function settle_claim(lock)
-  local lease_end = tonumber(lock.lease)
+  local lease_end = tonumber(lock[9])
   redis.call('HDEL', lock_name(lock[1]), 'claim', 'lease')
   redis.call('HSET', lock_name(lock[1]), 'exp', lease_end)
   collect_after(lock[1], lease_end)
-  lock[5] = lease_end
-  lock.claim = false
+  lock[5], lock[8], lock[9] = int(lease_end), false, false
   return lock
 end
 
@@ -304,7 +323,7 @@ end
 
 local function remember(id, rec, kind, locks)
   local tokens = {}
-  for _, lock in ipairs(locks) do table.insert(tokens, {lock[1], tostring(lock[3])}) end
+  for _, lock in ipairs(locks) do table.insert(tokens, {lock[1], lock[3]}) end
   local name = outcome_name(id)
   redis.call('HSET', name, 'kind', kind, 'waiter', cjson.encode(rec.flat),
              'locks', cjson.encode(tokens))
@@ -411,7 +430,13 @@ end
 # Every script: LIBRARY, then its own body. Replies use {} for "no lock".
 
 
+_GUARD = "local refused = guard()\nif refused then return refused end\n"
+
+
 def _script(body: str) -> str:
+    if _GUARD in body:  # a write: guarded, and its answer kept for a retried call
+        header, _, rest = body.partition(_GUARD)
+        body = f"{header}{_GUARD}local function main()\n{rest}end\nreturn finish(main())\n"
     text = LIBRARY + body
     for name, value in (("CLAIM_MS", CLAIM_MS), ("GRACE_MS", GRACE_MS),
                         ("OUTCOME_MS", OUTCOME_MS), ("REPLICA_MS", REPLICA_MS)):
@@ -573,7 +598,7 @@ local still = {}
 for _, pair in ipairs(cjson.decode(out[3])) do
   local holder = live(pair[1], nil)
   if holder and holder[3] == pair[2] then
-    if holder.claim then settle_claim(holder) end
+    if holder[8] then settle_claim(holder) end
     table.insert(still, holder)
   end
 end
@@ -593,7 +618,7 @@ local held, lost = {}, false
 for _, pair in ipairs(cjson.decode(out[2])) do
   local holder = live(pair[1], nil)
   if holder and holder[3] == pair[2] then
-    if holder.claim == ARGV[10] then settle_claim(holder) end
+    if holder[8] == ARGV[10] then settle_claim(holder) end
     table.insert(held, holder)
   else
     lost = true
@@ -665,7 +690,7 @@ local exp = NOW + tonumber(ARGV[13])
 redis.call('HDEL', lock_name(ARGV[10]), 'claim', 'lease')
 redis.call('HSET', lock_name(ARGV[10]), 'exp', exp)
 collect_after(ARGV[10], exp)
-lock[5] = exp
+lock[5], lock[8], lock[9] = int(exp), false, false
 return {'refreshed', lock}
 """)
 
@@ -716,6 +741,16 @@ end
 return {NOW, entries, records}
 """)
 
+PING = _script("""
+-- ping: Redis answers and still has the data this replica knew (if it lost it, the epoch
+-- guard starts the quarantine now, so readiness reports it before any request does).
+-- KEYS   none
+-- returns 'ok'
+local refused = guard()
+if refused then return refused end
+return 'ok'
+""")
+
 HEARTBEAT = _script("""
 -- heartbeat: this replica is alive (its waiters may be granted) for REPLICA_MS more.
 -- KEYS   none
@@ -736,10 +771,10 @@ local current = tonumber(redis.call('GET', fence_name(ARGV[10])) or '0')
 local wanted = tonumber(ARGV[11])
 redis.call('SADD', FENCED, ARGV[10])
 if wanted > current then
-  redis.call('SET', fence_name(ARGV[10]), wanted)
-  return wanted
+  redis.call('SET', fence_name(ARGV[10]), ARGV[11])
+  return ARGV[11]
 end
-return current
+return int(current)
 """)
 
 ADOPT = _script("""
@@ -755,7 +790,7 @@ local k = ARGV[10]
 local token = tonumber(ARGV[14])
 local current = tonumber(redis.call('GET', fence_name(k)) or '0')
 redis.call('SADD', FENCED, k)
-if token > current then redis.call('SET', fence_name(k), token) end
+if token > current then redis.call('SET', fence_name(k), ARGV[14]) end
 local holder = live(k, nil)
 if holder then
   if same_owner(holder, ARGV[11], ARGV[12]) then return 1 end
@@ -763,7 +798,7 @@ if holder then
 end
 local exp = tonumber(ARGV[16])
 if exp > 0 and exp <= NOW then return 2 end
-redis.call('HSET', lock_name(k), 'data', ARGV[13], 'token', token, 'at', ARGV[15],
+redis.call('HSET', lock_name(k), 'data', ARGV[13], 'token', ARGV[14], 'at', ARGV[15],
            'exp', exp, 'repo', ARGV[11], 'pull', ARGV[12])
 collect_after(k, exp)
 redis.call('SADD', HELD, k)

@@ -27,7 +27,14 @@ from redis.commands.core import AsyncScript
 
 from enhanced_locking.backends import codec, redis_scripts
 from enhanced_locking.backends.base import Owner
-from enhanced_locking.backends.redis_connection import RedisConnection, connect, unavailable
+from enhanced_locking.backends.redis_connection import (
+    DOWN,
+    RedisConnection,
+    connect,
+    down,
+    is_retryable,
+    unavailable,
+)
 from enhanced_locking.backends.redis_notify import Listener
 from enhanced_locking.backends.waiting import (
     Cancelled,
@@ -128,7 +135,7 @@ class RedisBackend:
             name: register(getattr(redis_scripts, name))
             for name in ("ACQUIRE", "RELEASE", "EXPIRE", "RELEASE_BY_PULL", "CANCEL", "CONFIRM",
                          "STATUS", "GET", "LIST", "REFRESH", "QUEUE", "WAIT_GRAPH", "HEARTBEAT",
-                         "RAISE_TOKEN", "ADOPT")
+                         "RAISE_TOKEN", "ADOPT", "PING")
         }
         self._listener = Listener(
             connection, self.keys.notify(self.replica), self.grants,
@@ -151,15 +158,26 @@ class RedisBackend:
         if policy is not None:
             self._policy = policy
         p = self._policy
+        action = name.lower().replace("_", " ")
+        # One id per call: a write's answer is kept under it, so the one retry below (after a
+        # connection broke, when we cannot know whether the script ran) never writes twice.
+        call_id = secrets.token_hex(8)
+        retried = False
         self.in_flight += 1
         try:
-            for _ in range(3):
+            for _ in range(4):
                 head: list[Any] = [
                     self.keys.base, int(p.priority), p.threshold_ms, p.max_boost, p.max_size,
-                    self.replica, self.epoch, secrets.token_hex(8), _duration_ms(self.quarantine),
+                    self.replica, self.epoch, call_id, _duration_ms(self.quarantine),
                 ]
-                with unavailable(self.connection, name.lower().replace("_", " "), key=key):
+                try:
                     answer = await self._scripts[name](keys=list(keys), args=[*head, *args])
+                except DOWN as error:
+                    if retried or not is_retryable(error):
+                        raise down(self.connection, action, error, key=key) from None
+                    retried = True
+                    await self.connection.drop_idle()
+                    continue
                 if not (isinstance(answer, list) and answer
                         and answer[0] in ("epoch", "quarantine")):
                     return answer
@@ -172,7 +190,7 @@ class RedisBackend:
     def _epoch_changed(self, answer: Sequence[Any], *, key: str | None) -> None:
         """A script refused to act: learn the store's epoch, or report the quarantine."""
         kind, epoch, until, now = str(answer[0]), str(answer[1]), int(answer[2]), int(answer[3])
-        lost = kind == "epoch" and self.epoch != "" and until > now
+        lost = kind == "epoch" and self.epoch not in ("", epoch) and until > now
         if lost:
             log.error("redis %s came back without its data: the locks held before are unknown; "
                       "grants resume at %s (enhanced-locking-redis-restart-quarantine)",
@@ -293,8 +311,8 @@ class RedisBackend:
         return conflicts
 
     async def ping(self) -> None:
-        with unavailable(self.connection, "ping"):
-            await self.connection.client.ping()
+        """Redis answers, and still has what this replica knew (else: the quarantine)."""
+        await self._run("PING")
 
     async def close(self) -> None:
         """Withdraw this replica's waiters (they are told ``unavailable``) and disconnect."""
@@ -415,7 +433,7 @@ class RedisBackend:
                 reason = Reason.UNAVAILABLE
             self.grants.deliver(waiter_id, Notice(reason=reason))
             return
-        status, locks = await self._run("CONFIRM", waiter_id)
+        status, locks = await self._confirm(waiter_id)
         held = tuple(self._lock(v) for v in locks)
         if status == "granted":
             self.grants.deliver(waiter_id, Notice(locks=held))
@@ -426,6 +444,19 @@ class RedisBackend:
             await self.release_and_handoff(
                 lock.key, owner=(lock.project.repo_full_name, lock.pull.num))
         self.grants.deliver(waiter_id, Notice(reason=Reason.UNAVAILABLE))
+
+    async def _confirm(self, waiter_id: str) -> Any:
+        """CONFIRM, tried again while Redis is briefly away (a restart): the grant is ours
+        until its claim lapses, and the caller is waiting for it."""
+        delay = 0.05
+        while True:
+            try:
+                return await self._run("CONFIRM", waiter_id)
+            except BackendUnavailable:
+                if waiter_id not in self.grants.pending():
+                    raise  # the caller gave up; its cancel took (or gave back) the grant
+                await asyncio.sleep(delay)
+                delay = min(1.0, delay * 2)
 
     async def _heartbeat(self) -> None:
         await self._run("HEARTBEAT")
