@@ -157,6 +157,28 @@ async def test_every_replica_streams_every_replicas_events_and_resumes_anywhere(
     assert [e.id for e in resumed] == [e.id for e in seen_a[1:]]
 
 
+async def test_a_deadlock_across_two_replicas_is_refused_with_its_cycle(
+    replicas: Replicas,
+) -> None:
+    a, b = replicas(2, "--enhanced-locking-deadlock-detection")
+    async with httpx.AsyncClient(base_url=a.url, timeout=30) as on_a, \
+            httpx.AsyncClient(base_url=b.url, timeout=30) as on_b:
+        assert (await on_a.post("/v1/locks", json=body("p", 1))).status_code == 200
+        assert (await on_b.post("/v1/locks", json=body("q", 2))).status_code == 200
+        first = asyncio.create_task(on_b.post("/v1/locks", json=body("q", 1, wait="20s")))
+        await waiters(on_a, "q", 1)
+        # Pull 2 now waits on the other replica for what pull 1 holds: the wait-for edges of
+        # both replicas are in Redis, so the cycle is seen.
+        closing = await on_a.post("/v1/locks", json=body("p", 2, wait="20s"))
+        assert closing.status_code == 409 and closing.json()["reason"] == "deadlock"
+        assert closing.json()["cycle"] == [f"{REPO}#2", f"{REPO}#1", f"{REPO}#2"]
+        assert not first.done(), "only the wait that closes the cycle is refused"
+        assert (await on_a.delete("/v1/locks/by-key", params={"key": key("q")})).status_code \
+            == 200
+        survivor = await asyncio.wait_for(first, 10)
+        assert survivor.status_code == 200 and survivor.json()["lock"]["pull"]["num"] == 1
+
+
 async def test_a_replica_killed_with_waiters_leaves_nobody_stuck_behind_them(
     replicas: Replicas,
 ) -> None:

@@ -90,5 +90,6 @@ def _age(admin: redis.Redis, backend: RedisBackend, waiter_id: str, level: Prior
     enq = int(admin.hget(name, "enq") or 0) - age_ms
     admin.hset(name, "enq", enq)
     queue = backend.keys.queue(request_for().key, level.level)
-    member = next(m for m in admin.zrange(queue, 0, -1) if m.endswith(f":{waiter_id}".encode()))
+    members: list[bytes] = list(admin.zrange(queue, 0, -1))  # type: ignore[arg-type]
+    member = next(m for m in members if m.endswith(f":{waiter_id}".encode()))
     admin.zadd(queue, {member: enq}, xx=True)

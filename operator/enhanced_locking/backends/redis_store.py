@@ -39,6 +39,7 @@ from enhanced_locking.backends.redis_notify import Listener
 from enhanced_locking.backends.waiting import (
     Cancelled,
     Grant,
+    GrantNotifier,
     Handoff,
     KeyWaits,
     KeyWaitsList,
@@ -126,7 +127,8 @@ class RedisBackend:
         self.connection = connection
         self.keys = RedisKeys(prefix, namespace)
         self.replica = secrets.token_hex(8)
-        self.grants = LocalNotifier()
+        self._notifier = LocalNotifier()
+        self.grants: GrantNotifier = self._notifier
         self.in_flight = 0
         """Calls waiting for Redis right now (tests use it to know when all is quiet)."""
         self._policy = QueuePolicy()
@@ -138,7 +140,7 @@ class RedisBackend:
                          "RAISE_TOKEN", "ADOPT", "PING")
         }
         self._listener = Listener(
-            connection, self.keys.notify(self.replica), self.grants,
+            connection, self.keys.notify(self.replica), self._notifier,
             handle=self._notified, heartbeat=self._heartbeat, recheck=self._recheck,
         )
 
@@ -316,7 +318,7 @@ class RedisBackend:
 
     async def close(self) -> None:
         """Withdraw this replica's waiters (they are told ``unavailable``) and disconnect."""
-        pending = self.grants.pending()
+        pending = self._notifier.pending()
         for waiter_id in pending:
             try:
                 await self._run("CANCEL", waiter_id, Reason.UNAVAILABLE.value)
@@ -424,7 +426,7 @@ class RedisBackend:
     # --- notifications ---------------------------------------------------------------------
     async def _notified(self, kind: str, waiter_id: str) -> None:
         """A message on this replica's channel: confirm a grant, or pass the reason on."""
-        if waiter_id not in self.grants.pending():
+        if waiter_id not in self._notifier.pending():
             return  # nobody waits here for it (any more): a grant lapses after its claim
         if kind != "granted":
             try:
@@ -453,7 +455,7 @@ class RedisBackend:
             try:
                 return await self._run("CONFIRM", waiter_id)
             except BackendUnavailable:
-                if waiter_id not in self.grants.pending():
+                if waiter_id not in self._notifier.pending():
                     raise  # the caller gave up; its cancel took (or gave back) the grant
                 await asyncio.sleep(delay)
                 delay = min(1.0, delay * 2)
