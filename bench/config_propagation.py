@@ -24,8 +24,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,67 +31,28 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import httpx  # noqa: E402
+from bench._common import (  # noqa: E402
+    DOC,
+    GROUP,
+    VERSION,
+    apply_lock_crs,
+    kube_cluster,
+    percentile,
+    until,
+    write_section,
+)
 from kubernetes import client, config  # noqa: E402
 from tests.support.controlplane import (  # noqa: E402
-    ALL_BINARIES,
-    CONTROL_PLANE_BINARIES,
-    ControlPlane,
     KubeCluster,
-    find_binaries,
 )
 from tests.support.operator import OperatorProcess  # noqa: E402
 
-DOC = REPO / "docs" / "benchmarks.md"
 HEADING = "## Config propagation: a CR edit reaching the running service"
-BEGIN = "<!-- config_propagation: begin -->"
-END = "<!-- config_propagation: end -->"
 NAMESPACE = "bench-config-propagation"
-GROUP, VERSION = "locking.runatlantis.io", "v1alpha1"
-
-
-@contextmanager
-def cluster() -> Iterator[KubeCluster]:
-    if os.environ.get("KUBECONFIG"):
-        yield KubeCluster(Path(os.environ["KUBECONFIG"].split(os.pathsep)[0]),
-                          find_binaries(("kubectl",)), "kubeconfig")
-        return
-    find_binaries(CONTROL_PLANE_BINARIES)
-    plane = ControlPlane(binaries=find_binaries(ALL_BINARIES))
-    with plane:
-        yield plane.cluster()
-    plane.remove_workdir()
-
-
-def until(check: Callable[[], bool], what: str, timeout: float = 60, pause: float = 0.002) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(pause)
 
 
 def setup(kube: KubeCluster) -> None:
-    if kube.kubectl("get", "crd", f"lockpolicies.{GROUP}", check=False).returncode != 0:
-        kube.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
-    until(lambda: all(
-        any(c["type"] == "Established" and c["status"] == "True" for c in
-            (json.loads(kube.kubectl("get", "crd", f"{plural}.{GROUP}", "-o", "json").stdout)
-             .get("status") or {}).get("conditions") or [])
-        for plural in ("lockpolicies", "lockmigrations")), "the CRDs", pause=0.1)
-    kube.kubectl("create", "namespace", NAMESPACE, check=False)
-    objects = [
-        {"apiVersion": f"{GROUP}/{VERSION}", "kind": "LockPolicy",
-         "metadata": {"name": "default", "namespace": NAMESPACE}, "spec": {"enabled": True}},
-        {"apiVersion": f"{GROUP}/{VERSION}", "kind": "LockMigration",
-         "metadata": {"name": "to-enhanced", "namespace": NAMESPACE},
-         "spec": {"policyRef": {"name": "default"}, "weight": 0}},
-    ]
-    for body in objects:
-        kube.kubectl("apply", "-f", "-", input=json.dumps(body))
-
-
-def percentile(values: list[float], q: int) -> float:
-    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+    apply_lock_crs(kube, NAMESPACE, {"enabled": True})
 
 
 def measure(kube: KubeCluster, operator: OperatorProcess, edits: int) -> dict[str, list[float]]:
@@ -152,25 +111,10 @@ def table(samples: dict[str, list[float]], edits: int, load: float) -> str:
     for name, values in rows:
         p50 = statistics.median(values)
         lines.append(
-            f"| {name} | {p50 * 1000:.1f} | {percentile(values, 99) * 1000:.1f} | "
+            f"| {name} | {p50 * 1000:.1f} | {percentile(values, 0.99) * 1000:.1f} | "
             f"{max(values) * 1000:.1f} | {p50 / anchor:.2f} |"
         )
     return "\n".join(lines)
-
-
-def write_doc(text: str) -> None:
-    section = f"{HEADING}\n\n{BEGIN}\n{text}\n{END}\n"
-    current = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    if BEGIN in current and END in current:
-        head, rest = current.split(BEGIN, 1)
-        head = head.rstrip()
-        if head.endswith(HEADING):
-            head = head[: -len(HEADING)].rstrip()
-        tail = rest.split(END, 1)[1].lstrip("\n")
-        updated = f"{head}\n\n{section}" + (f"\n{tail}" if tail else "")
-    else:
-        updated = current.rstrip() + "\n\n" + section
-    DOC.write_text(updated)
 
 
 def main() -> int:
@@ -178,7 +122,7 @@ def main() -> int:
     parser.add_argument("--edits", type=int, default=50)
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
-    with cluster() as kube, tempfile.TemporaryDirectory() as work:
+    with kube_cluster() as kube, tempfile.TemporaryDirectory() as work:
         setup(kube)
         operator = OperatorProcess(Path(work) / "data", kubeconfig=kube.kubeconfig,
                                    namespace=NAMESPACE, log_dir=Path(work) / "logs")
@@ -193,7 +137,7 @@ def main() -> int:
     text = table(samples, args.edits, load)
     print(text)
     if not args.no_write:
-        write_doc(text)
+        write_section("config_propagation", HEADING, text)
         print(f"\nwritten to {DOC.relative_to(REPO)}")
     return 0
 

@@ -36,6 +36,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import httpx  # noqa: E402
+from bench._common import (  # noqa: E402
+    percentile,
+    write_section,
+)
 from tests.support.service import ServiceProcess  # noqa: E402
 
 from enhanced_locking.backends import EmbeddedBackend  # noqa: E402
@@ -47,10 +51,7 @@ from enhanced_locking.metrics import Metrics  # noqa: E402
 from enhanced_locking.provider import ConfigProvider  # noqa: E402
 from enhanced_locking.types import LockRequest, Project, Pull  # noqa: E402
 
-DOC = REPO / "docs" / "benchmarks.md"
 HEADING = "## The enhanced locker: throughput, handoff latency, router overhead"
-BEGIN = "<!-- locker: begin -->"
-END = "<!-- locker: end -->"
 BLOCK = 250
 
 
@@ -58,13 +59,6 @@ def request(path: str = "envs/prod", pull: int = 1, **extra: Any) -> LockRequest
     return LockRequest(project=Project(repo_full_name="acme/bench", path=path),
                        pull=Pull(num=pull), **extra)
 
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-# --- 1. throughput ---------------------------------------------------------------------------
 
 
 def bare_sqlite(path: Path) -> Callable[[int], float]:
@@ -258,20 +252,6 @@ def report(pairs: dict[str, float], local: dict[str, list[float]],
     return "\n".join(lines)
 
 
-def write_doc(text: str) -> None:
-    section = f"{HEADING}\n\n{BEGIN}\n{text}\n{END}\n"
-    current = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    if BEGIN in current and END in current:
-        head, rest = current.split(BEGIN, 1)
-        head = head.rstrip()
-        if head.endswith(HEADING):
-            head = head[: -len(HEADING)].rstrip()
-        tail = rest.split(END, 1)[1].lstrip("\n")
-        updated = f"{head}\n\n{section}" + (f"\n{tail}" if tail else "")
-    else:
-        updated = current.rstrip() + "\n\n" + section
-    DOC.write_text(updated)
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -290,7 +270,7 @@ def main() -> None:
     text = report(pairs, local, remote, router, counts)
     print(text)
     if not args.no_write:
-        write_doc(text)
+        write_section("locker", HEADING, text)
 
 
 if __name__ == "__main__":

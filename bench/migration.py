@@ -38,6 +38,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import httpx  # noqa: E402
+from bench._common import (  # noqa: E402
+    DOC,
+    percentile,
+    write_section,
+)
 from tests.support.redis_server import RedisServer  # noqa: E402
 from tests.support.service import ServiceProcess  # noqa: E402
 
@@ -52,10 +57,7 @@ from enhanced_locking.migration.replicas import (  # noqa: E402
 from enhanced_locking.provider import ConfigProvider  # noqa: E402
 from enhanced_locking.types import LockRequest, Project, Pull  # noqa: E402
 
-DOC = REPO / "docs" / "benchmarks.md"
 HEADING = "## Migration: shadow-mode overhead and weight moves across replicas"
-BEGIN = "<!-- migration: begin -->"
-END = "<!-- migration: end -->"
 BLOCK = 200
 REPLICAS = 5
 
@@ -64,10 +66,6 @@ def request(i: int, pull: int = 1) -> LockRequest:
     return LockRequest(project=Project(repo_full_name="bench/infra", path=f"modules/m{i}"),
                        pull=Pull(num=pull))
 
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 async def service(data_dir: Path, **settings: Any) -> LockService:
@@ -245,20 +243,6 @@ def table(over: dict[str, Any], moved: dict[str, tuple[list[float], list[float]]
     return "\n".join(rows)
 
 
-def write_doc(text: str) -> None:
-    section = f"{HEADING}\n\n{BEGIN}\n{text}\n{END}\n"
-    current = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    if BEGIN in current and END in current:
-        head, rest = current.split(BEGIN, 1)
-        head = head.rstrip()
-        if head.endswith(HEADING):
-            head = head[: -len(HEADING)].rstrip()
-        tail = rest.split(END, 1)[1].lstrip("\n")
-        updated = f"{head}\n\n{section}" + (f"\n{tail}" if tail else "")
-    else:
-        updated = current.rstrip() + "\n\n" + section
-    DOC.write_text(updated)
-
 
 async def run(acquires: int, count: int) -> str:
     with tempfile.TemporaryDirectory() as work:
@@ -298,7 +282,7 @@ def main() -> int:
     text = asyncio.run(run(args.acquires, args.moves))
     print(text)
     if not args.no_write:
-        write_doc(text)
+        write_section("migration", HEADING, text)
         print(f"\nwritten to {DOC.relative_to(REPO)}")
     return 0
 

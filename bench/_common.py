@@ -1,0 +1,95 @@
+"""What every benchmark shares: percentiles, its section of docs/benchmarks.md, a cluster.
+
+Each benchmark owns one section of ``docs/benchmarks.md`` between ``<!-- NAME: begin -->`` and
+``<!-- NAME: end -->`` under its heading; a rerun replaces only that section.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+DOC = REPO / "docs" / "benchmarks.md"
+GROUP, VERSION = "locking.runatlantis.io", "v1alpha1"
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The nearest-rank ``q`` quantile (``q`` from 0 to 1)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def write_section(name: str, heading: str, text: str) -> None:
+    """Put ``text`` under ``heading`` in docs/benchmarks.md, replacing this bench's last run."""
+    begin, end = f"<!-- {name}: begin -->", f"<!-- {name}: end -->"
+    section = f"{heading}\n\n{begin}\n{text}\n{end}\n"
+    current = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+    if begin in current and end in current:
+        head, rest = current.split(begin, 1)
+        head = head.rstrip()
+        if head.endswith(heading):
+            head = head[: -len(heading)].rstrip()
+        tail = rest.split(end, 1)[1].lstrip("\n")
+        updated = f"{head}\n\n{section}" + (f"\n{tail}" if tail else "")
+    else:
+        updated = current.rstrip() + "\n\n" + section
+    DOC.write_text(updated)
+
+
+def until(check: Callable[[], bool], what: str, timeout: float = 60,
+          pause: float = 0.002) -> None:
+    """Poll ``check`` until it holds; ``TimeoutError`` naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(pause)
+
+
+@contextmanager
+def kube_cluster() -> Iterator[Any]:
+    """The cluster from ``KUBECONFIG`` if set, else a local control plane started for the run."""
+    from tests.support.controlplane import (
+        ALL_BINARIES,
+        CONTROL_PLANE_BINARIES,
+        ControlPlane,
+        KubeCluster,
+        find_binaries,
+    )
+
+    if os.environ.get("KUBECONFIG"):
+        yield KubeCluster(Path(os.environ["KUBECONFIG"].split(os.pathsep)[0]),
+                          find_binaries(("kubectl",)), "kubeconfig")
+        return
+    find_binaries(CONTROL_PLANE_BINARIES)
+    plane = ControlPlane(binaries=find_binaries(ALL_BINARIES))
+    with plane:
+        yield plane.cluster()
+    plane.remove_workdir()
+
+
+def apply_lock_crs(kube: Any, namespace: str, policy_spec: dict[str, Any]) -> None:
+    """The CRDs (if missing, then established), a namespace, a LockPolicy and a 0% migration."""
+    if kube.kubectl("get", "crd", f"lockpolicies.{GROUP}", check=False).returncode != 0:
+        kube.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
+    until(lambda: all(
+        any(c["type"] == "Established" and c["status"] == "True" for c in
+            (json.loads(kube.kubectl("get", "crd", f"{plural}.{GROUP}", "-o", "json").stdout)
+             .get("status") or {}).get("conditions") or [])
+        for plural in ("lockpolicies", "lockmigrations")), "the CRDs", pause=0.1)
+    kube.kubectl("create", "namespace", namespace, check=False)
+    objects = [
+        {"apiVersion": f"{GROUP}/{VERSION}", "kind": "LockPolicy",
+         "metadata": {"name": "default", "namespace": namespace}, "spec": policy_spec},
+        {"apiVersion": f"{GROUP}/{VERSION}", "kind": "LockMigration",
+         "metadata": {"name": "to-enhanced", "namespace": namespace},
+         "spec": {"policyRef": {"name": "default"}, "weight": 0}},
+    ]
+    for body in objects:
+        kube.kubectl("apply", "-f", "-", input=json.dumps(body))
