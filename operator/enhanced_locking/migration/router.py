@@ -71,6 +71,7 @@ class Router(EnhancedCalls, AtlantisCalls):
         self.events = events
         self.metrics = metrics
         self.migration = migration
+        self._routed_legacy = metrics.routing.labels("legacy")
 
     @property
     def enhanced(self) -> Locker | None:
@@ -89,6 +90,11 @@ class Router(EnhancedCalls, AtlantisCalls):
         return [self.legacy] if enhanced is None else [self.legacy, enhanced]
 
     async def acquire(self, request: LockRequest) -> AcquireResult:
+        if self.enhanced is None:
+            # Enhanced locking was never enabled here: Atlantis's locking and nothing else on
+            # the path (no other side to check, nothing moving, nothing to shadow).
+            self._routed_legacy.inc()
+            return await self.legacy.acquire(request)
         migration = self.migration
         if migration is None:
             return await self._route(request, RoutingPlan(self.side_for(request.key), False))
@@ -177,6 +183,8 @@ class Router(EnhancedCalls, AtlantisCalls):
         return AcquireResult.refused(request.key, Reason.UNAVAILABLE)
 
     async def release(self, key: str, *, owner: Owner | None = None) -> Lock | None:
+        if self.enhanced is None:  # never enabled here: only legacy can hold it
+            return await self.legacy.release(key, owner=owner)
         released: Lock | None = None
         failure: LockNotOwned | BackendUnavailable | None = None
         unreached = False
