@@ -33,6 +33,7 @@ KEY_PREFIX = "pr/"
 """Atlantis's lock keys: ``pr/{repoFullName}/{path}/{workspace}/{projectName}``."""
 
 _SCAN_BATCH = 500
+_LIST_TIMEOUT = 60.0  # a scan of every pr/* key takes many calls
 
 TRY_LOCK = """
 -- try-lock: Atlantis's TryLock, atomically.
@@ -109,7 +110,7 @@ class AtlantisRedisBackend:
 
     async def acquire(self, candidate: Lock) -> tuple[bool, Lock]:
         stored = candidate.model_copy(update={"fencing_token": 0, "expires_at": None})
-        with unavailable(self.connection, "acquire", key=candidate.key):
+        async with unavailable(self.connection, "acquire", key=candidate.key):
             answer = await self._try_lock(keys=[self._name(candidate.key)],
                                           args=[codec.encode(stored)])
         if answer[0] == 1:
@@ -119,7 +120,7 @@ class AtlantisRedisBackend:
 
     async def release(self, key: str, *, owner: Owner | None = None) -> Lock | None:
         name = self._name(key)
-        with unavailable(self.connection, "release", key=key):
+        async with unavailable(self.connection, "release", key=key):
             if owner is None:
                 value = await self.connection.client.getdel(name)
                 return None if value is None else self._decode(name, value)
@@ -133,7 +134,7 @@ class AtlantisRedisBackend:
 
     async def get(self, key: str) -> Lock | None:
         name = self._name(key)
-        with unavailable(self.connection, "get", key=key):
+        async with unavailable(self.connection, "get", key=key):
             value = await self.connection.client.get(name)
         return None if value is None else self._decode(name, value)
 
@@ -142,7 +143,7 @@ class AtlantisRedisBackend:
         pattern = KEY_PREFIX + (_glob_escape(repo) + "/*" if repo is not None else "*")
         client = self.connection.client
         locks: Locks = []
-        with unavailable(self.connection, "list"):
+        async with unavailable(self.connection, "list", seconds=_LIST_TIMEOUT):
             names = [str(name) async for name in client.scan_iter(match=pattern, count=_SCAN_BATCH)]
             for start in range(0, len(names), _SCAN_BATCH):
                 batch = names[start:start + _SCAN_BATCH]
@@ -182,7 +183,7 @@ class AtlantisRedisBackend:
         return conflicts
 
     async def ping(self) -> None:
-        with unavailable(self.connection, "ping"):
+        async with unavailable(self.connection, "ping"):
             await self.connection.client.ping()
 
     async def close(self) -> None:

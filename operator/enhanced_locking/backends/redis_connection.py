@@ -16,11 +16,11 @@ masked in every error message we build (even if a library put it there), and the
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import ssl
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from types import TracebackType
+from typing import Any, Literal
 
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
@@ -46,7 +46,9 @@ CONNECT_TIMEOUT = 2.0
 """Seconds to open a connection; a stopped Redis is refused at once, a lost one times out."""
 
 COMMAND_TIMEOUT = 5.0
-"""Seconds one command (or script) may take; our scripts take microseconds."""
+"""Seconds one call may take; our scripts take microseconds. Enforced around each call with
+``asyncio.timeout`` rather than as redis-py's socket timeout, which wraps every send in a task
+of its own (``asyncio.wait_for``) and cost more than the script."""
 
 POOL_WAIT = 5.0
 """Seconds a call waits for a free pooled connection before reporting the pool exhausted."""
@@ -114,15 +116,43 @@ def down(
     )
 
 
-@contextlib.contextmanager
-def unavailable(
-    connection: RedisConnection, action: str, *, key: str | None = None
-) -> Iterator[None]:
-    """Redis unreachable, slow, loading, read-only or refusing us: ``BackendUnavailable``."""
-    try:
-        yield
-    except DOWN as error:
-        raise down(connection, action, error, key=key) from None
+class unavailable:  # used like contextlib.suppress
+    """Redis unreachable, slow, loading, read-only or refusing us: ``BackendUnavailable``.
+
+    ``async with unavailable(connection, "acquire", key=k):`` also bounds the calls inside to
+    ``seconds`` (connections have no socket timeout of their own, see ``COMMAND_TIMEOUT``);
+    plain ``with`` only translates the errors.
+    """
+
+    def __init__(self, connection: RedisConnection, action: str, *, key: str | None = None,
+                 seconds: float = COMMAND_TIMEOUT) -> None:
+        self.connection = connection
+        self.action = action
+        self.key = key
+        self.seconds = seconds
+        self._deadline: asyncio.Timeout | None = None
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> Literal[False]:
+        if isinstance(error, DOWN):
+            raise down(self.connection, self.action, error, key=self.key) from None
+        return False
+
+    async def __aenter__(self) -> None:
+        self._deadline = asyncio.timeout(self.seconds)
+        await self._deadline.__aenter__()
+
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                        trace: TracebackType | None) -> Literal[False]:
+        assert self._deadline is not None
+        try:
+            await self._deadline.__aexit__(kind, error, trace)
+        except TimeoutError as expired:  # the deadline passed: the call was cancelled
+            error = expired
+        return self.__exit__(kind, error, trace)
 
 
 def _tls_kwargs(config: EnhancedLockingConfig) -> dict[str, Any]:
@@ -147,7 +177,7 @@ def connection_kwargs(config: EnhancedLockingConfig) -> dict[str, Any]:
         "username": config.redis_username or None,
         "password": password or None,
         "socket_connect_timeout": CONNECT_TIMEOUT,
-        "socket_timeout": COMMAND_TIMEOUT,
+        "socket_timeout": None,  # see COMMAND_TIMEOUT
         "socket_keepalive": True,
         "retry": Retry(NoBackoff(), 0),
         "decode_responses": True,

@@ -8,10 +8,12 @@ that reconnects to another replica with ``Last-Event-ID`` resumes where it was.
 * ``publish`` stays synchronous (the caller is in the middle of a lock operation): in-process
   subscribers are called at once (with the event not yet numbered, ``id`` empty), and the event
   joins an outbox that one task appends with a pipelined ``XADD`` (trimmed to about
-  ``capacity`` entries). A burst of events costs one round trip, not one each.
-* One reader task per replica follows the stream (``XREAD BLOCK``) into the in-process ring the
-  SSE stream serves from; at start it loads the newest ``capacity`` entries, so a resume after
-  a restart still finds them. A client further behind than that gets the ``gap`` event.
+  ``capacity`` entries) a couple of milliseconds later: a burst of events costs one round
+  trip, not one each.
+* Once someone follows the stream (an SSE client), one reader task per replica follows it
+  (``XREAD BLOCK``) into the in-process ring the SSE stream serves from; it first loads the
+  newest ``capacity`` entries, so a resume after a restart still finds them. A client further
+  behind than that gets the ``gap`` event.
 * When Redis is unreachable the outbox keeps up to ``capacity`` events and is appended when
   Redis answers again (older ones are dropped and counted in the log); the reader resumes from
   the last id it saw, so it misses nothing the stream still holds.
@@ -37,6 +39,7 @@ __all__ = ["RedisEventBus"]
 
 log = logging.getLogger(__name__)
 
+_COALESCE = 0.002
 _BLOCK_MS = 3_000  # below the connection's read timeout: an idle stream is not an error
 _RETRY_MAX = 2.0
 _DOWN = (rexc.ConnectionError, rexc.TimeoutError, rexc.BusyLoadingError, OSError)
@@ -61,7 +64,8 @@ class RedisEventBus(EventBus):
         self._pending = asyncio.Event()
         self._loaded = asyncio.Event()
         self._cursor = "0-0"
-        self._tasks: list[asyncio.Task[None]] = []
+        self._appender: asyncio.Task[None] | None = None
+        self._reader: asyncio.Task[None] | None = None
         self.dropped = 0
         """Events lost because Redis stayed away longer than the outbox could hold them."""
 
@@ -86,15 +90,19 @@ class RedisEventBus(EventBus):
             self.dropped += 1
         self._outbox.append(event)
         self._pending.set()
-        self._start()
+        if self._appender is None:
+            self._appender = asyncio.create_task(self._append(), name="redis-events-append")
         return event
 
     async def _append(self) -> None:
         backoff = 0.05
         while True:
             await self._pending.wait()
+            # A moment for the events of the same burst (an acquire's, then its release's) to
+            # join this append: one round trip for several, instead of one each.
+            await asyncio.sleep(_COALESCE)
             self._pending.clear()
-            while self._outbox:
+            if self._outbox:
                 batch = list(self._outbox)
                 try:
                     async with self.connection.client.pipeline(transaction=False) as pipe:
@@ -107,16 +115,19 @@ class RedisEventBus(EventBus):
                                 self.connection.where, type(error).__name__)
                     await asyncio.sleep(backoff)
                     backoff = min(_RETRY_MAX, backoff * 2)
-                    continue
-                backoff = 0.05
-                for _ in batch:
-                    self._outbox.popleft()
+                else:
+                    backoff = 0.05
+                    for _ in batch:
+                        self._outbox.popleft()
+                if self._outbox:
+                    self._pending.set()  # more came meanwhile: the next round takes them
 
     # --- reading -----------------------------------------------------------------------------
-    def _start(self) -> None:
-        if not self._tasks:
-            self._tasks = [asyncio.create_task(self._append(), name="redis-events-append"),
-                           asyncio.create_task(self._read(), name="redis-events-read")]
+    def _start_reading(self) -> None:
+        # The stream is read only while someone follows it (an SSE client): a replica nobody
+        # watches spends nothing on other replicas' events.
+        if self._reader is None:
+            self._reader = asyncio.create_task(self._read(), name="redis-events-read")
 
     async def _load(self) -> None:
         entries: Any = await self.connection.client.xrevrange(self.stream_key,
@@ -163,7 +174,7 @@ class RedisEventBus(EventBus):
 
     async def stream(self, after: str | None = None) -> AsyncIterator[Event]:
         """Every replica's events after ``after`` (only new ones without it), then live."""
-        self._start()
+        self._start_reading()
         with contextlib.suppress(TimeoutError):
             # A fresh replica first loads what the stream holds, so a resume can find it.
             await asyncio.wait_for(self._loaded.wait(), 5.0)
@@ -173,12 +184,13 @@ class RedisEventBus(EventBus):
     async def close(self) -> None:
         """Append what is still in the outbox (briefly), stop the tasks, disconnect."""
         for _ in range(20):
-            if not self._outbox or not self._tasks:
+            if not self._outbox or self._appender is None:
                 break
             await asyncio.sleep(0.01)
-        for task in self._tasks:
+        tasks = [t for t in (self._appender, self._reader) if t is not None]
+        for task in tasks:
             task.cancel()
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=2.0)
-        self._tasks = []
+        if tasks:
+            await asyncio.wait(tasks, timeout=2.0)
+        self._appender = self._reader = None
         await self.connection.close()

@@ -215,16 +215,17 @@ local function stamp(k, data, repo, pull, ttl, claim)
   if ttl > 0 then lease_end = NOW + ttl end
   local exp = lease_end
   local name = lock_name(k)
-  redis.call('DEL', name)
-  redis.call('HSET', name, 'data', data, 'token', int(token), 'at', NOW, 'repo', repo,
-             'pull', pull)
+  redis.call('DEL', name)  -- a lapsed lock's hash may linger (with its expiry): start afresh
   if claim then
     local by = NOW + CLAIM_MS
     if exp == 0 or by < exp then exp = by end
-    redis.call('HSET', name, 'claim', claim, 'lease', lease_end)
+    redis.call('HSET', name, 'data', data, 'token', int(token), 'at', NOW, 'repo', repo,
+               'pull', pull, 'exp', exp, 'claim', claim, 'lease', lease_end)
+  else
+    redis.call('HSET', name, 'data', data, 'token', int(token), 'at', NOW, 'repo', repo,
+               'pull', pull, 'exp', exp)
   end
-  redis.call('HSET', name, 'exp', exp)
-  collect_after(k, exp)
+  if exp > 0 then redis.call('PEXPIREAT', name, exp + GRACE_MS) end
   redis.call('SADD', HELD, k)
   redis.call('SADD', pull_index(repo, pull), k)
   local pending = false
@@ -373,6 +374,7 @@ end
 -- whose replica is gone. Returns the granted locks, or nil. Only a free key is handed out (a
 -- batch grant made while freeing several keys may already have taken k).
 local function hand_out(k, fx)
+  if redis.call('SISMEMBER', QUEUED, k) == 0 then return nil end  -- nobody waits: done
   if live(k, nil) then return nil end
   local next_waiter, dropped, locks = walker(k), {}, nil
   while true do

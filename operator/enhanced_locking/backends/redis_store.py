@@ -28,6 +28,7 @@ from redis.commands.core import AsyncScript
 from enhanced_locking.backends import codec, redis_scripts
 from enhanced_locking.backends.base import Owner
 from enhanced_locking.backends.redis_connection import (
+    COMMAND_TIMEOUT,
     DOWN,
     RedisConnection,
     connect,
@@ -173,7 +174,8 @@ class RedisBackend:
                     self.replica, self.epoch, call_id, _duration_ms(self.quarantine),
                 ]
                 try:
-                    answer = await self._scripts[name](keys=list(keys), args=[*head, *args])
+                    async with asyncio.timeout(COMMAND_TIMEOUT):
+                        answer = await self._scripts[name](keys=list(keys), args=[*head, *args])
                 except DOWN as error:
                     if retried or not is_retryable(error):
                         raise down(self.connection, action, error, key=key) from None
@@ -244,7 +246,7 @@ class RedisBackend:
 
     # --- the Backend protocol --------------------------------------------------------------
     async def now(self) -> datetime:
-        with unavailable(self.connection, "time"):
+        async with unavailable(self.connection, "time"):
             seconds, micros = await self.connection.client.time()
         return _EPOCH + timedelta(seconds=int(seconds), microseconds=int(micros))
 
@@ -291,7 +293,7 @@ class RedisBackend:
 
     async def export(self) -> tuple[Locks, dict[str, int]]:
         locks = await self.list()
-        with unavailable(self.connection, "export"):
+        async with unavailable(self.connection, "export"):
             client = self.connection.client
             keys = sorted(str(k) for k in await client.smembers(self.keys.fenced))
             values = await client.mget([self.keys.fence(k) for k in keys]) if keys else []
