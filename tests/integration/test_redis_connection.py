@@ -5,7 +5,9 @@ The password must never show: not in errors, not in logs, not in a repr.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,10 @@ from tests.support.locks import lock_for, request_for
 from tests.support.redis_fixtures import ServerMaker, redis_config
 from tests.support.redis_server import RedisSentinel, RedisServer
 
+from enhanced_locking.backends.atlantis_redis import AtlantisRedisBackend
+from enhanced_locking.backends.redis_events import RedisEventBus
 from enhanced_locking.backends.redis_store import RedisBackend
+from enhanced_locking.backends.waiting import QueuePolicy, Status, Wait
 from enhanced_locking.types import BackendUnavailable
 
 pytestmark = pytest.mark.redis
@@ -69,25 +74,45 @@ async def test_requirepass_is_used_and_never_shown(
     assert PASSWORD not in caplog.text
 
 
-async def test_an_acl_user_works_and_one_without_rights_is_reported(
+# The least-privilege ACL docs/03-redis.md recommends (default key prefix).
+LEAST_PRIVILEGE = (
+    "~atlantis:enhanced:*", "~pr/*", "&atlantis:enhanced:*", "-@all", "+@read", "+@write",
+    "+@scripting", "+@pubsub", "+@stream", "+@connection", "+time", "-@dangerous",
+    "+client|setname", "+info",
+)
+
+
+async def test_an_acl_user_with_the_documented_rights_works_and_one_without_is_reported(
     redis_server: RedisServer,
 ) -> None:
-    redis_server.create_acl_user("locker", PASSWORD)
+    redis_server.create_acl_user("locker", PASSWORD, rules=LEAST_PRIVILEGE)
     redis_server.create_acl_user("outsider", PASSWORD, rules=("~elsewhere:*", "&*", "+@all"))
-    locker = RedisBackend.from_config(
-        redis_config(redis_server, redis_username="locker", redis_password=PASSWORD), "enhanced")
+    config = redis_config(redis_server, redis_username="locker", redis_password=PASSWORD)
+    locker = RedisBackend.from_config(config, "enhanced")
+    legacy = AtlantisRedisBackend.from_config(config, "legacy")
+    events = RedisEventBus.from_config(config)
     outsider = RedisBackend.from_config(
         redis_config(redis_server, redis_username="outsider", redis_password=PASSWORD),
         "enhanced")
     try:
         granted, lock = await locker.acquire(lock_for(request_for()))
         assert granted and lock.fencing_token == 1
+        wait = Wait(id="w", timeout=timedelta(seconds=10))
+        heard = locker.grants.expect(wait.id)
+        queued = await locker.acquire_or_enqueue(lock_for(request_for(pull=2)), ttl=None,
+                                                 wait=wait, policy=QueuePolicy())
+        assert queued.status is Status.QUEUED
+        await locker.release(lock.key)
+        assert (await asyncio.wait_for(heard, 5)).locks[0].pull.num == 2
+        assert (await legacy.acquire(lock_for(request_for(pull=3), backend="legacy")))[0]
+        events.publish("fallback", key=lock.key)
+        assert (await asyncio.wait_for(anext(events.stream("0-0")), 5)).type == "fallback"
         with pytest.raises(BackendUnavailable, match="NoPermissionError") as caught:
             await outsider.acquire(lock_for(request_for(pull=2)))
         assert PASSWORD not in str(caught.value)
     finally:
-        await locker.close()
-        await outsider.close()
+        for closing in (locker, legacy, events, outsider):
+            await closing.close()
 
 
 async def test_tls_with_the_ca_and_a_client_certificate(redis_servers: ServerMaker) -> None:
