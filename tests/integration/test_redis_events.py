@@ -49,7 +49,9 @@ async def test_each_replica_streams_every_replicas_events_in_one_order(
         assert await b.router.release(request_for().key) is not None
         seen_a = [await asyncio.wait_for(first, 5), *await take(on_a, 1)]
         seen_b = [await asyncio.wait_for(second, 5), *await take(on_b, 1)]
-        assert [e.type for e in seen_a] == ["acquired", "released"]
+        # One order for everybody; across replicas it is the order the events reached Redis
+        # (each replica appends a few milliseconds after the fact), so not asserted here.
+        assert sorted(e.type for e in seen_a) == ["acquired", "released"]
         assert [(e.id, e.type) for e in seen_a] == [(e.id, e.type) for e in seen_b]
         assert parse_event_id(seen_a[0].id) < parse_event_id(seen_a[1].id)
         # Resuming on the other replica after the first event gives exactly the rest.
