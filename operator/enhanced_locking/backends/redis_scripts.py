@@ -27,6 +27,7 @@ key as a hash tag (``{K}``).
     replicas        sorted set: R scored by the server time until which R counts as alive
     seq             the enqueue counter (FIFO tie-break across keys)
     epoch           hash: id, base (first fencing token - 1 of new counters), until, since
+    op:C            a write's answer under its call id C (kept OP_MS, for a retried call)
     notify:R        pub/sub channel: "kind:W" when one of R's waiters is granted or dropped
 
 **Epochs.** Every script that changes something first checks the store's epoch (``guard``).
@@ -72,6 +73,7 @@ __all__ = [
     "HEARTBEAT",
     "LIBRARY",
     "LIST",
+    "OP_MS",
     "OUTCOME_MS",
     "PING",
     "QUEUE",
@@ -96,6 +98,10 @@ OUTCOME_MS = 300_000
 REPLICA_MS = 5_000
 """A replica counts as alive this long after its last heartbeat (it beats every second)."""
 
+OP_MS = 10_000
+"""How long a write's answer is kept for a retry of the same call (retries come at once; the
+answers of a busy store, about 1 KB each, should not pile up)."""
+
 LIBRARY = """
 local base = ARGV[1]
 local POLICY = {priority = tonumber(ARGV[2]), threshold = tonumber(ARGV[3]),
@@ -103,7 +109,7 @@ local POLICY = {priority = tonumber(ARGV[2]), threshold = tonumber(ARGV[3]),
 local REPLICA = ARGV[6]
 local KNOWN_EPOCH, NEW_EPOCH, QUARANTINE_MS = ARGV[7], ARGV[8], tonumber(ARGV[9])
 local CLAIM_MS, GRACE_MS = @CLAIM_MS@, @GRACE_MS@
-local OUTCOME_MS, REPLICA_MS = @OUTCOME_MS@, @REPLICA_MS@
+local OUTCOME_MS, REPLICA_MS, OP_MS = @OUTCOME_MS@, @REPLICA_MS@, @OP_MS@
 local clock = redis.call('TIME')
 local NOW = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local HELD, FENCED, QUEUED = base .. 'held', base .. 'fenced', base .. 'queued'
@@ -139,11 +145,11 @@ local function guard()
   return nil
 end
 
--- Remember a write's answer under its call id for a minute: a caller that lost the reply
+-- Remember a write's answer under its call id for OP_MS: a caller that lost the reply
 -- (the connection broke) asks again with the same id and gets the same answer, and the write
 -- happens once.
 local function finish(reply)
-  redis.call('SET', OP, cjson.encode(reply), 'PX', 60000)
+  redis.call('SET', OP, cjson.encode(reply), 'PX', OP_MS)
   return reply
 end
 
@@ -441,7 +447,7 @@ def _script(body: str) -> str:
         body = f"{header}{_GUARD}local function main()\n{rest}end\nreturn finish(main())\n"
     text = LIBRARY + body
     for name, value in (("CLAIM_MS", CLAIM_MS), ("GRACE_MS", GRACE_MS),
-                        ("OUTCOME_MS", OUTCOME_MS), ("REPLICA_MS", REPLICA_MS)):
+                        ("OUTCOME_MS", OUTCOME_MS), ("REPLICA_MS", REPLICA_MS), ("OP_MS", OP_MS)):
         text = text.replace(f"@{name}@", str(value))
     return text
 
