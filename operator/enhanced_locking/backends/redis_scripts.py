@@ -119,10 +119,11 @@ local TOKEN_BASE = 0
 -- Whole numbers as exact text: Lua's own tostring keeps 14 digits, tokens can have 16.
 local function int(x) return string.format('%.0f', x) end
 
--- The store's epoch. A script that changes anything first checks that Redis still has the
--- data the caller knew: returns nil to go on, else the reply to send back (nothing changed).
-local OP = base .. 'op:' .. NEW_EPOCH
+local OP = base .. 'op:' .. NEW_EPOCH  -- the call id doubles as a proposed new epoch id
 
+-- A script that changes anything first asks: did this very call run already (a retry)? does
+-- Redis still have the data the caller knew (the store's epoch)? Returns nil to go on, else
+-- the reply to send back (nothing changed).
 local function guard()
   local done = redis.call('GET', OP)
   if done then return cjson.decode(done) end  -- this very call ran before: same answer
