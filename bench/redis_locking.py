@@ -44,6 +44,7 @@ sys.path.insert(0, str(REPO))
 import redis  # noqa: E402
 import redis.asyncio as aioredis  # noqa: E402
 import redis_lock  # noqa: E402
+from bench._common import percentile, write_section  # noqa: E402
 from tests.support.redis_server import RedisServer  # noqa: E402
 
 from enhanced_locking.backends.redis_events import RedisEventBus  # noqa: E402
@@ -53,10 +54,7 @@ from enhanced_locking.locking import EnhancedLocker  # noqa: E402
 from enhanced_locking.metrics import Metrics  # noqa: E402
 from enhanced_locking.types import LockRequest, Project, Pull  # noqa: E402
 
-DOC = REPO / "docs" / "benchmarks.md"
 HEADING = "## Redis: our locker against redis-py's and python-redis-lock's locks"
-BEGIN = "<!-- redis: begin -->"
-END = "<!-- redis: end -->"
 BLOCK = 250
 CONTENDERS = 20
 
@@ -64,11 +62,6 @@ CONTENDERS = 20
 def request(pull: int = 1, **extra: Any) -> LockRequest:
     return LockRequest(project=Project(repo_full_name="acme/bench", path="envs/prod"),
                        pull=Pull(num=pull), **extra)
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def jain(counts: list[int]) -> float:
@@ -325,21 +318,6 @@ def _server_version() -> str:
 _SERVER_PORT = [0]
 
 
-def write_doc(text: str) -> None:
-    section = f"{HEADING}\n\n{BEGIN}\n{text}\n{END}\n"
-    current = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    if BEGIN in current and END in current:
-        head, rest = current.split(BEGIN, 1)
-        head = head.rstrip()
-        if head.endswith(HEADING):
-            head = head[: -len(HEADING)].rstrip()
-        tail = rest.split(END, 1)[1].lstrip("\n")
-        updated = f"{head}\n\n{section}" + (f"\n{tail}" if tail else "")
-    else:
-        updated = current.rstrip() + "\n\n" + section
-    DOC.write_text(updated)
-
-
 async def run(args: argparse.Namespace, server: RedisServer) -> str:
     bench = Bench(server)
     try:
@@ -374,7 +352,7 @@ def main() -> None:
         text = asyncio.run(run(args, server))
     print(text)
     if not args.no_write:
-        write_doc(text)
+        write_section("redis", HEADING, text)
 
 
 if __name__ == "__main__":
