@@ -33,6 +33,7 @@ from tests.support import service as service_support  # noqa: E402
 from tests.support.backends import BACKEND_KINDS, BackendFactory  # noqa: E402
 from tests.support.service import ServiceProcess, ServiceStartError  # noqa: E402
 
+from enhanced_locking.backends import EmbeddedBackend  # noqa: E402
 from enhanced_locking.config import EnhancedLockingConfig  # noqa: E402
 from enhanced_locking.factory import LockService  # noqa: E402
 from enhanced_locking.provider import ConfigProvider  # noqa: E402
@@ -123,6 +124,25 @@ async def make_service(data_dir: Path) -> AsyncIterator[ServiceMaker]:
     yield make
     for service in reversed(services):
         await service.close()
+
+
+StoreOpener = Callable[[LockService, str], EmbeddedBackend]
+
+
+@pytest.fixture
+async def store() -> AsyncIterator[StoreOpener]:
+    """``store(service, namespace)``: another connection to a service's store file, as a
+    replica that can still reach it has (tests plant data behind the service's back through
+    it); closed at the end."""
+    opened: list[EmbeddedBackend] = []
+
+    def open_store(service: LockService, namespace: str) -> EmbeddedBackend:
+        opened.append(EmbeddedBackend(service.provider.current.config.data_path, namespace))
+        return opened[-1]
+
+    yield open_store
+    for backend in opened:
+        await backend.close()
 
 
 @pytest.fixture

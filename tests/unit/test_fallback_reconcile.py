@@ -8,12 +8,12 @@ call then fails as the file being unreachable does), "back" opens it again, as a
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from tests.conftest import ServiceMaker
+from tests.conftest import ServiceMaker, StoreOpener
 from tests.support.locks import lock_for, request_for
 from tests.support.replicas import ReplicaSet
 
@@ -24,23 +24,6 @@ from enhanced_locking.migration.replicas import MemoryReplicaRegistry
 from enhanced_locking.types import BatchItem, BatchLockRequest, Event, Reason
 
 ALL_ENHANCED = {"enabled": True, "backend": "boltdb", "migration_weight": 100}
-
-Store = Callable[[LockService, str], EmbeddedBackend]
-
-
-@pytest.fixture
-async def store() -> AsyncIterator[Store]:
-    """``store(service, namespace)``: another connection to the service's store file (a
-    replica that can still reach it); closed at the end."""
-    opened: list[EmbeddedBackend] = []
-
-    def open_store(service: LockService, namespace: str) -> EmbeddedBackend:
-        opened.append(EmbeddedBackend(service.provider.current.config.data_path, namespace))
-        return opened[-1]
-
-    yield open_store
-    for backend in opened:
-        await backend.close()
 
 
 def _enhanced_store(service: LockService) -> EmbeddedBackend:
@@ -73,7 +56,7 @@ def _events(service: LockService) -> list[Event]:
 
 
 async def test_fallback_grants_are_journaled_and_adopted_when_enhanced_answers_again(
-    make_service: ServiceMaker, store: Store,
+    make_service: ServiceMaker, store: StoreOpener,
 ) -> None:
     service = await make_service(**ALL_ENHANCED)
     seen = _events(service)
@@ -106,7 +89,7 @@ async def test_fallback_grants_are_journaled_and_adopted_when_enhanced_answers_a
 
 
 async def test_a_key_held_on_both_sides_is_reported_and_kept_until_one_lets_go(
-    make_service: ServiceMaker, store: Store,
+    make_service: ServiceMaker, store: StoreOpener,
 ) -> None:
     service = await make_service(**ALL_ENHANCED)
     seen = _events(service)
@@ -141,7 +124,7 @@ async def test_a_key_held_on_both_sides_is_reported_and_kept_until_one_lets_go(
 
 
 async def test_the_journal_survives_a_restart_of_the_service(
-    make_service: ServiceMaker, store: Store, data_dir: Path,
+    make_service: ServiceMaker, store: StoreOpener, data_dir: Path,
 ) -> None:
     first = await make_service(**ALL_ENHANCED)
     await _down(first)
@@ -204,7 +187,7 @@ async def test_a_moving_key_needs_the_enhanced_side_and_fail_closed_refuses_it(
 
 @pytest.mark.parametrize("fallback", ["legacy", "fail-closed"])
 async def test_legacy_keys_unchecked_on_enhanced_are_served_journaled_and_checked_later(
-    make_service: ServiceMaker, store: Store, fallback: str,
+    make_service: ServiceMaker, store: StoreOpener, fallback: str,
 ) -> None:
     settings: dict[str, Any] = {**ALL_ENHANCED, "migration_weight": 0, "fallback": fallback}
     service = await make_service(**settings)
@@ -221,7 +204,7 @@ async def test_legacy_keys_unchecked_on_enhanced_are_served_journaled_and_checke
 
 
 async def test_a_batch_served_by_legacy_in_fallback_is_journaled_and_adopted(
-    make_service: ServiceMaker, store: Store,
+    make_service: ServiceMaker, store: StoreOpener,
 ) -> None:
     service = await make_service(**ALL_ENHANCED)
     await _down(service)

@@ -4,15 +4,12 @@ counted, logged and evented; the replay never changes the answer."""
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
-from tests.conftest import ServiceMaker
+from tests.conftest import ServiceMaker, StoreOpener
 from tests.support.locks import lock_for, request_for
 
-from enhanced_locking.backends import EmbeddedBackend
 from enhanced_locking.factory import LockService
 from enhanced_locking.hashing import BUCKETS
 from enhanced_locking.migration.shadow import sample_bucket
@@ -27,26 +24,8 @@ async def _shadow_service(make_service: ServiceMaker, **settings: Any) -> LockSe
     return service
 
 
-Store = Callable[[LockService, str], EmbeddedBackend]
-
-
-@pytest.fixture
-async def store() -> AsyncIterator[Store]:
-    """``store(service, namespace)``: another connection to the service's store file (how
-    tests plant data behind its back); closed at the end."""
-    opened: list[EmbeddedBackend] = []
-
-    def open_store(service: LockService, namespace: str) -> EmbeddedBackend:
-        opened.append(EmbeddedBackend(service.provider.current.config.data_path, namespace))
-        return opened[-1]
-
-    yield open_store
-    for backend in opened:
-        await backend.close()
-
-
 async def test_a_lock_only_the_shadow_side_has_is_found_and_counted(
-    make_service: ServiceMaker, store: Store,
+    make_service: ServiceMaker, store: StoreOpener,
 ) -> None:
     service = await _shadow_service(make_service)
     seen: list[Event] = []
@@ -72,7 +51,7 @@ async def test_a_lock_only_the_shadow_side_has_is_found_and_counted(
 
 
 async def test_a_lock_only_legacy_has_is_found_and_counted(
-    make_service: ServiceMaker, store: Store,
+    make_service: ServiceMaker, store: StoreOpener,
 ) -> None:
     service = await _shadow_service(make_service)
     await store(service, "legacy").acquire(lock_for(request_for(pull=8), backend="legacy"))
@@ -100,7 +79,7 @@ async def test_agreeing_answers_are_counted_as_matches_only(make_service: Servic
 
 
 async def test_with_sampling_zero_nothing_is_replayed(
-    make_service: ServiceMaker, store: Store,
+    make_service: ServiceMaker, store: StoreOpener,
 ) -> None:
     service = await _shadow_service(make_service, shadow_sample_ratio=0)
     for pull in (1, 2):
@@ -115,7 +94,7 @@ async def test_with_sampling_zero_nothing_is_replayed(
 
 
 async def test_sampling_is_sticky_per_key_so_acquire_and_release_pair_up(
-    make_service: ServiceMaker, store: Store,
+    make_service: ServiceMaker, store: StoreOpener,
 ) -> None:
     service = await _shadow_service(make_service, shadow_sample_ratio=0.3)
     requests = [request_for(path=f"p{i}", pull=i) for i in range(300)]
@@ -134,7 +113,7 @@ async def test_sampling_is_sticky_per_key_so_acquire_and_release_pair_up(
 
 
 async def test_the_authoritative_answer_is_the_same_with_shadow_on_and_off(
-    make_service: ServiceMaker, store: Store, tmp_path: Path,
+    make_service: ServiceMaker, store: StoreOpener, tmp_path: Path,
 ) -> None:
     on = await _shadow_service(make_service, data_dir=str(tmp_path / "on"))
     off = await make_service(enabled=True, backend="boltdb", migration_weight=0,
@@ -193,7 +172,7 @@ async def test_replay_errors_are_swallowed_and_counted(make_service: ServiceMake
 
 
 async def test_starting_shadow_mode_seeds_the_shadow_keyspace_from_legacy(
-    make_service: ServiceMaker, store: Store,
+    make_service: ServiceMaker, store: StoreOpener,
 ) -> None:
     service = await make_service(enabled=True, backend="boltdb", migration_weight=0)
     held = await service.router.acquire(request_for(pull=1))
