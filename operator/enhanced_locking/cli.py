@@ -145,24 +145,25 @@ def _k8s_name(value: str) -> str:
     return value
 
 
-def _seconds(value: str) -> float:
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = 0
-    if not 1 <= seconds <= 86400:
-        raise argparse.ArgumentTypeError(f"expected seconds from 1 to 86400, got {value!r}")
+def _seconds_between(low: float, high: float) -> Callable[[str], float]:
+    """An argparse type: a number of seconds from ``low`` to ``high``."""
+
+    def seconds(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            number = 0
+        if not low <= number <= high:
+            raise argparse.ArgumentTypeError(
+                f"expected seconds from {low:g} to {high:g}, got {value!r}"
+            )
+        return number
+
     return seconds
 
 
-def _tick_seconds(value: str) -> float:
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = 0
-    if not 0.1 <= seconds <= 60:
-        raise argparse.ArgumentTypeError(f"expected seconds from 0.1 to 60, got {value!r}")
-    return seconds
+_seconds = _seconds_between(1, 86400)
+_tick_seconds = _seconds_between(0.1, 60)
 
 
 def _service_arguments(parser: argparse.ArgumentParser) -> None:
