@@ -9,6 +9,7 @@ The error tree (every error carries the lock key where there is one)::
 
     LockingError
     ├── InvalidRequest          the caller asked for something impossible (HTTP 422)
+    ├── LockNotHeld             the named lock is not held (expired or released) (HTTP 404)
     ├── LockNotOwned            release by a pull that does not hold the lock (HTTP 409)
     └── BackendUnavailable      the store did not answer; transient, may be retried (HTTP 503)
 """
@@ -50,6 +51,7 @@ __all__ = [
     "Event",
     "InvalidRequest",
     "Lock",
+    "LockNotHeld",
     "LockNotOwned",
     "LockRequest",
     "LockingError",
@@ -367,6 +369,14 @@ class InvalidRequest(LockingError):
     def __init__(self, message: str, *, field: str, key: str | None = None) -> None:
         super().__init__(message, key=key)
         self.field = field
+
+
+class LockNotHeld(LockingError):
+    """A call that needs a held lock (a refresh) found the key free: it expired or was
+    released."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"lock {key} is not held (it expired or was released)", key=key)
 
 
 class LockNotOwned(LockingError):

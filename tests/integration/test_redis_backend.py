@@ -20,7 +20,7 @@ from tests.support.redis_server import RedisServer
 from enhanced_locking.backends import redis_scripts
 from enhanced_locking.backends.memory import MemoryBackend
 from enhanced_locking.backends.redis_store import RedisBackend
-from enhanced_locking.types import LockingError, LockNotOwned
+from enhanced_locking.types import LockNotHeld, LockNotOwned
 
 pytestmark = pytest.mark.redis
 
@@ -89,7 +89,7 @@ async def test_refresh_restarts_the_lease_from_now_and_only_for_the_owner(
     with pytest.raises(LockNotOwned):
         await backend.refresh(KEY, ("acme/infra", 2), timedelta(seconds=30))
     await backend.release(KEY)
-    with pytest.raises(LockingError, match="not held"):
+    with pytest.raises(LockNotHeld, match="not held"):
         await backend.refresh(KEY, ("acme/infra", 1), timedelta(seconds=30))
 
 

@@ -19,7 +19,7 @@ from tests.support.queues import QUEUE_BACKEND_KINDS
 
 from enhanced_locking.backends import QueueBackend
 from enhanced_locking.backends.waiting import Notice, QueuePolicy, Status, Wait
-from enhanced_locking.types import Lock, LockNotOwned, Priority, Reason
+from enhanced_locking.types import Lock, LockNotHeld, LockNotOwned, Priority, Reason
 
 FIFO = QueuePolicy(priority=False)
 PRIORITY = QueuePolicy(priority=True, starvation_threshold=timedelta(hours=1))
@@ -226,6 +226,14 @@ async def test_a_refreshed_lease_does_not_expire(backend: QueueBackend) -> None:
     assert await backend.get(lock.key) == refreshed
     with pytest.raises(LockNotOwned):
         await backend.refresh(lock.key, ("acme/infra", 2), timedelta(minutes=5))
+
+
+async def test_a_refresh_of_a_free_key_says_not_held_with_the_key(backend: QueueBackend) -> None:
+    lock = (await backend.acquire_or_enqueue(want(1), ttl=None, wait=None, policy=FIFO)).locks[0]
+    await backend.release(lock.key)
+    with pytest.raises(LockNotHeld) as raised:
+        await backend.refresh(lock.key, ("acme/infra", 1), timedelta(minutes=5))
+    assert raised.value.key == lock.key
 
 
 async def test_force_unlock_and_release_by_pull_hand_over_too(backend: QueueBackend) -> None:

@@ -28,10 +28,8 @@ from enhanced_locking.locking import EnhancedLocker
 from enhanced_locking.types import (
     BatchLockRequest,
     BatchResult,
-    InvalidRequest,
     Lock,
-    LockingError,
-    LockNotOwned,
+    LockNotHeld,
     utcnow,
 )
 
@@ -115,11 +113,7 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
         owner = (holder.project.repo_full_name, body.pull)
         try:
             lock = await router.refresh(body.key, owner=owner, ttl=body.ttl)
-        except LockNotOwned:
-            raise
-        except InvalidRequest:
-            raise
-        except LockingError:  # it expired or was released between the two calls
+        except LockNotHeld:  # it expired or was released between the two calls
             lock = None
         if lock is None:
             return json_error(404, f"no lock is held on {body.key}", lockKey=body.key)

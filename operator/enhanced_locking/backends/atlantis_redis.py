@@ -25,7 +25,7 @@ from enhanced_locking.backends import codec
 from enhanced_locking.backends.base import Owner
 from enhanced_locking.backends.redis_connection import RedisConnection, connect, unavailable
 from enhanced_locking.config import EnhancedLockingConfig
-from enhanced_locking.types import Lock, LockingError, LockNotOwned, Locks
+from enhanced_locking.types import InvalidRequest, Lock, LockingError, LockNotOwned, Locks
 
 __all__ = ["KEY_PREFIX", "RELEASE_IF_OWNED", "TRY_LOCK", "AtlantisRedisBackend"]
 
@@ -169,7 +169,8 @@ class AtlantisRedisBackend:
         return released
 
     async def refresh(self, key: str, owner: Owner, ttl: timedelta) -> Lock:
-        raise LockingError(f"lock {key}: Atlantis's layout has no leases to refresh", key=key)
+        raise InvalidRequest(f"key: {key} is held on the legacy side, whose locks have no lease "
+                             "(Atlantis's layout)", field="key", key=key)
 
     async def export(self) -> tuple[Locks, dict[str, int]]:
         return await self.list(), {}

@@ -52,7 +52,7 @@ from enhanced_locking.backends.waiting import (
     Waiters,
     service_order,
 )
-from enhanced_locking.types import Lock, LockingError, LockNotOwned, Locks, Reason, utcnow
+from enhanced_locking.types import Lock, LockNotHeld, LockNotOwned, Locks, Reason, utcnow
 
 __all__ = ["Backend", "Owner", "QueueBackend", "StoreBackend"]
 
@@ -397,7 +397,7 @@ class StoreBackend(abc.ABC):
             now = self.clock()
             holder = self._live(key, now)
             if holder is None:
-                raise LockingError(f"lock {key} is not held (it expired or was released)", key=key)
+                raise LockNotHeld(key)
             if not holder.owned_by(*owner):
                 raise LockNotOwned(key, holder)
             lock = holder.model_copy(update={"expires_at": now + ttl})

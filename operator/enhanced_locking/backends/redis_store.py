@@ -59,6 +59,7 @@ from enhanced_locking.types import (
     BackendUnavailable,
     Lock,
     LockingError,
+    LockNotHeld,
     LockNotOwned,
     Locks,
     Reason,
@@ -285,7 +286,7 @@ class RedisBackend:
         answer = await self._run("REFRESH", key, *owner, _duration_ms(ttl),
                                  keys=[self.keys.lock(key)], key=key)
         if answer[0] == "not_held":
-            raise LockingError(f"lock {key} is not held (it expired or was released)", key=key)
+            raise LockNotHeld(key)
         lock = self._lock(answer[1])
         if answer[0] == "not_owned":
             raise LockNotOwned(key, lock)

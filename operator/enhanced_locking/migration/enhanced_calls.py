@@ -30,6 +30,7 @@ from enhanced_locking.types import (
     BatchResult,
     InvalidRequest,
     Lock,
+    LockNotHeld,
     LockRequest,
     Locks,
     Reason,
@@ -154,10 +155,17 @@ class EnhancedCalls:
     async def refresh(
         self: _RouterParts, key: str, *, owner: Owner, ttl: timedelta | None
     ) -> Lock | None:
-        """Extend the lease of ``key``; ``None`` when nothing holds it."""
+        """Extend the lease of ``key``; ``None`` when nothing holds it.
+
+        An enhanced store that does not answer is an outage (``BackendUnavailable``, 503),
+        never "not held": a lease is only on the enhanced side, so nothing else can say.
+        """
         enhanced = self.enhanced
-        if isinstance(enhanced, EnhancedLocker) and await _safe_get(enhanced, key) is not None:
-            return await enhanced.refresh(key, owner=owner, ttl=ttl)
+        if isinstance(enhanced, EnhancedLocker):
+            try:
+                return await enhanced.refresh(key, owner=owner, ttl=ttl)
+            except LockNotHeld:
+                pass
         if await self.legacy.get(key) is not None:
             raise InvalidRequest(f"key: {key} is held on the legacy side, whose locks have no "
                                  "lease (Atlantis semantics)", field="key", key=key)
