@@ -26,9 +26,10 @@ from enhanced_locking.locking import EnhancedLocker, LegacyLocker
 from enhanced_locking.metrics import Metrics
 from enhanced_locking.migration import Router
 from enhanced_locking.migration.controller import MigrationController
+from enhanced_locking.migration.rekey import clean_stored_keys
 from enhanced_locking.migration.replicas import ReplicaRegistry
 from enhanced_locking.provider import ConfigProvider, Snapshot
-from enhanced_locking.types import BackendUnavailable
+from enhanced_locking.types import BackendUnavailable, LockingError
 
 __all__ = ["BACKEND_BUILDERS", "LockService", "backend_identity", "build_backend"]
 
@@ -90,6 +91,16 @@ def _event_bus(config: EnhancedLockingConfig, *, enabled: Callable[[], bool]) ->
     return EventBus(enabled=enabled)
 
 
+async def _clean_keys(backend: Backend) -> None:
+    """Locks stored before paths were cleaned move to their clean key (see ``rekey``)."""
+    try:
+        await clean_stored_keys(backend)
+    except LockingError as error:
+        # An unreadable store is reported by the calls that need it; opening goes on.
+        log.warning("could not check the %s locks for uncleaned keys: %s",
+                    backend.namespace, error)
+
+
 class LockService:
     """The assembled lock stack: provider, event bus, metrics, lockers and router."""
 
@@ -135,6 +146,7 @@ class LockService:
     async def start(self) -> None:
         """Build what the initial snapshot asks for (raises if its backend does not answer)."""
         await self.legacy_backend.ping()
+        await _clean_keys(self.legacy_backend)
         await self._apply(self.provider.current)
         self._applied(self.provider.current)
         await self.migration.start()
@@ -158,6 +170,7 @@ class LockService:
         backend = build_backend(config, config.backend, "enhanced")
         try:
             await backend.ping()
+            await _clean_keys(backend)
             if self.enhanced is not None:
                 locks, tokens = await self.enhanced.backend.export()
                 conflicts = await backend.adopt(locks, tokens)

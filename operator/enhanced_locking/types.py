@@ -30,6 +30,7 @@ from pydantic import (
     PlainSerializer,
     WithJsonSchema,
     field_validator,
+    model_validator,
 )
 from pydantic.alias_generators import to_camel
 
@@ -62,9 +63,13 @@ __all__ = [
     "Reason",
     "Side",
     "User",
+    "VcsHost",
+    "VcsHostType",
+    "clean_path",
     "lock_key",
     "strip_credentials",
     "utcnow",
+    "vcs_host_from_url",
 ]
 
 Side = Literal["legacy", "enhanced"]
@@ -122,16 +127,109 @@ _LEVELS = {Priority.LOW: 0, Priority.NORMAL: 1, Priority.HIGH: 2, Priority.CRITI
 _BY_LEVEL = [Priority.LOW, Priority.NORMAL, Priority.HIGH, Priority.CRITICAL]
 
 
+def clean_path(path: str) -> str:
+    """A project's path as Atlantis keeps it: Go's ``path.Clean``, and ``/`` becomes ``.``.
+
+    Atlantis's ``models.NewProject`` cleans every path, so ``envs/net/``, ``./envs/net`` and
+    ``envs/net`` are one project there; they must be one lock here too. The rules are Go's:
+    repeated and trailing slashes and ``.`` elements go, ``x/..`` pairs cancel, ``..`` at the
+    start of a relative path stays, ``..`` above ``/`` is dropped, and the empty path is ``.``.
+    """
+    rooted = path.startswith("/")
+    parts: list[str] = []
+    for part in path.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if parts and parts[-1] != "..":
+                parts.pop()
+            elif not rooted:
+                parts.append("..")
+            continue
+        parts.append(part)
+    cleaned = "/".join(parts)
+    # Go's Clean gives "/" for a rooted path that cleans to nothing; NewProject makes it ".".
+    return ("/" + cleaned if rooted and cleaned else cleaned) or "."
+
+
 class Project(_Model):
-    """An Atlantis project: a directory of a repository, optionally named."""
+    """An Atlantis project: a directory of a repository, optionally named.
+
+    The path is cleaned as Atlantis cleans it (:func:`clean_path`) wherever a project is made:
+    the API, the command line, the importers and the stored locks read back.
+    """
 
     repo_full_name: Name
-    path: Annotated[str, Field(min_length=1, max_length=1024)] = "."
+    path: Annotated[str, Field(min_length=1, max_length=1024), AfterValidator(clean_path)] = "."
     project_name: Annotated[str, Field(max_length=512)] = ""
 
 
+VcsHostType = Literal["Github", "Gitlab", "BitbucketCloud", "BitbucketServer", "AzureDevops",
+                      "Gitea"]
+"""Atlantis's ``models.VCSHostType`` by its Go name (stored as its number, as Go does)."""
+
+
+class VcsHost(_Model):
+    """Where the pull's repository is hosted (Atlantis's ``models.VCSHost``).
+
+    Atlantis finds a pull's plans under ``{hostname}::{repoFullName}::{num}`` and picks the
+    VCS client by ``type``, so a lock that Atlantis unlocks needs both.
+    """
+
+    hostname: Annotated[str, Field(max_length=255)] = ""
+    type: VcsHostType = "Github"
+
+
+# How a pull request's web address looks on each VCS Atlantis supports (the path part).
+_PULL_URL_SHAPES: tuple[tuple[str, VcsHostType], ...] = (
+    ("/-/merge_requests/", "Gitlab"),
+    ("/merge_requests/", "Gitlab"),
+    ("/_git/", "AzureDevops"),
+    ("/pull-requests/", "BitbucketCloud"),
+    ("/pulls/", "Gitea"),
+    ("/pull/", "Github"),
+)
+_KNOWN_HOSTS: dict[str, VcsHostType] = {
+    "github.com": "Github", "gitlab.com": "Gitlab", "bitbucket.org": "BitbucketCloud",
+    "dev.azure.com": "AzureDevops", "gitea.com": "Gitea",
+}
+
+
+def vcs_host_from_url(url: str) -> VcsHost | None:
+    """The VCS host a pull request's web address points at, or ``None`` without one.
+
+    The hostname is the URL's, as Go's ``url.Hostname()`` gives it (no port, no brackets, case
+    kept: Atlantis takes it from the clone URL the same way). The type comes from well-known
+    hosts, then from the shape of the address (``/pull/N`` GitHub, ``/-/merge_requests/N``
+    GitLab, ``/pulls/N`` Gitea, ``/pull-requests/N`` Bitbucket — Server when under
+    ``/projects/`` —, ``/_git/`` Azure DevOps); an address of no known shape says ``Github``,
+    Go's zero value. A request can always name the host and type itself.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        return None
+    host = parts.netloc.rpartition("@")[2]
+    if host.startswith("["):
+        host = host[1:].partition("]")[0]
+    else:
+        host = host.partition(":")[0]
+    if not host:
+        return None
+    kind = _KNOWN_HOSTS.get(host.lower())
+    if kind is None:
+        path = parts.path
+        kind = next((name for shape, name in _PULL_URL_SHAPES if shape in path), "Github")
+        if kind == "BitbucketCloud" and path.startswith("/projects/"):
+            kind = "BitbucketServer"
+    return VcsHost(hostname=host, type=kind)
+
+
 class Pull(_Model):
-    """The pull request that holds or asks for a lock (Atlantis's ``PullRequest``)."""
+    """The pull request that holds or asks for a lock (Atlantis's ``PullRequest``).
+
+    ``vcsHost`` is where its repository lives (Atlantis's ``BaseRepo.VCSHost``); left out, it
+    is derived from ``url`` (:func:`vcs_host_from_url`).
+    """
 
     num: Annotated[int, Field(ge=0, le=2**31 - 1)]
     url: Url = ""
@@ -140,6 +238,16 @@ class Pull(_Model):
     base_branch: Text = ""
     head_commit: Text = ""
     state: Literal["open", "closed"] = "open"
+    vcs_host: VcsHost | None = None
+
+    @model_validator(mode="after")
+    def _derive_vcs_host(self) -> Pull:
+        if self.vcs_host is None and self.url:
+            derived = vcs_host_from_url(self.url)
+            if derived is not None:
+                # The model is frozen: set the derived value the way pydantic would have.
+                object.__setattr__(self, "vcs_host", derived)
+        return self
 
 
 class User(_Model):
@@ -148,7 +256,11 @@ class User(_Model):
 
 
 def lock_key(project: Project, workspace: str) -> str:
-    """Atlantis's lock key: ``{repoFullName}/{path}/{workspace}/{projectName}``."""
+    """Atlantis's lock key: ``{repoFullName}/{path}/{workspace}/{projectName}``.
+
+    The one place a key is made: every entry point builds a :class:`Project` (whose path is
+    cleaned as Atlantis cleans it) and asks this function.
+    """
     return f"{project.repo_full_name}/{project.path}/{workspace}/{project.project_name}"
 
 

@@ -58,7 +58,9 @@ async def test_our_lock_is_atlantis_json_at_its_key_without_expiry(
     assert stored["Project"] == {"ProjectName": "prod", "RepoFullName": "acme/infra",
                                  "Path": "envs/prod"}
     assert stored["Pull"]["Num"] == 3 and stored["Pull"]["BaseRepo"]["FullName"] == "acme/infra"
-    assert stored["User"] == {"Username": "alice"} and stored["Workspace"] == "default"
+    assert stored["Pull"]["BaseRepo"]["VCSHost"] == {"Hostname": "git.example", "Type": 0}
+    assert stored["User"] == {"Username": "alice", "Teams": []}
+    assert stored["Workspace"] == "default"
     assert datetime.fromisoformat(stored["Time"].replace("Z", "+00:00")).tzinfo is not None
 
 

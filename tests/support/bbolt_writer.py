@@ -3,7 +3,7 @@
 ``tests/bbolt_writer`` is a small Go program on ``go.etcd.io/bbolt`` (from the Go module proxy)
 that writes a file from a JSON spec, with Atlantis's own structs for the lock values, and then
 prints what bbolt itself reads back. :func:`build_writer` compiles it once into a cache
-directory keyed by its sources (so a change to them rebuilds it); :class:`BoltWriter` runs it.
+directory keyed by its sources (see :mod:`gobuild`); :class:`BoltWriter` runs it.
 
 A machine without ``go`` fails the tests that need it, with how to get it: the reader is never
 tested only against bytes made by its own inverse.
@@ -11,21 +11,18 @@ tested only against bytes made by its own inverse.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
 import subprocess
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from tests.support import gobuild
 
 __all__ = ["BoltWriter", "BoltWriterError", "atlantis_lock", "build_writer", "go_time", "lock_key"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WRITER_DIR = REPO_ROOT / "tests" / "bbolt_writer"
-SOURCES = ("go.mod", "go.sum", "main.go")
 GO_MISSING = (
     "go is not installed: the bbolt tests build tests/bbolt_writer (a Go program on "
     "go.etcd.io/bbolt) with Go 1.25 or newer; install Go and put `go` on PATH"
@@ -36,36 +33,13 @@ class BoltWriterError(RuntimeError):
     """The writer could not be built or did not write the file."""
 
 
-def _cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "enhanced-locking" / "bbolt-writer"
-
-
 def build_writer(cache_root: Path | None = None) -> Path:
     """The compiled writer, built with ``go build`` unless this version of it is cached."""
-    go = shutil.which("go")
-    if go is None:
-        raise BoltWriterError(GO_MISSING)
-    digest = hashlib.sha256()
-    for name in SOURCES:
-        digest.update((WRITER_DIR / name).read_bytes())
-    version = subprocess.run([go, "version"], capture_output=True, text=True, check=False)
-    digest.update(version.stdout.encode())
-    target = (cache_root or _cache_root()) / digest.hexdigest()[:16] / "bboltwriter"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "GOFLAGS": "-mod=readonly -buildvcs=false", "CGO_ENABLED": "0"}
-    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-        built = Path(scratch) / "bboltwriter"
-        result = subprocess.run(
-            [go, "build", "-o", str(built), "."], cwd=WRITER_DIR, env=env,
-            capture_output=True, text=True, check=False, timeout=600,
-        )
-        if result.returncode != 0:
-            raise BoltWriterError(f"go build of {WRITER_DIR} failed:\n{result.stderr[-3000:]}")
-        built.replace(target)  # atomic: a concurrent build never sees half a binary
-    return target
+    try:
+        return gobuild.build(WRITER_DIR, "bboltwriter", missing=GO_MISSING,
+                             cache_root=cache_root, timeout=600)
+    except gobuild.GoBuildError as error:
+        raise BoltWriterError(str(error)) from None
 
 
 class BoltWriter:

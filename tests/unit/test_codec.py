@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from enhanced_locking.backends import codec
-from enhanced_locking.types import Lock, Priority, Project, Pull, User, strip_credentials
+from enhanced_locking.types import Lock, Priority, Project, Pull, User, VcsHost, strip_credentials
 
 TOKEN = "ghp_s3cretT0ken"
 
@@ -66,16 +66,19 @@ def test_a_lock_is_written_with_atlantiss_go_field_names() -> None:
     assert data["Pull"] == {
         "Num": 12, "HeadCommit": "4f2a9c", "URL": "https://github.com/acme/infra/pull/12",
         "HeadBranch": "feature", "BaseBranch": "main", "Author": "alice", "State": 0,
-        "BaseRepo": {"FullName": "acme/infra", "Owner": "acme", "Name": "infra"},
+        "BaseRepo": {"FullName": "acme/infra", "Owner": "acme", "Name": "infra",
+                     "CloneURL": "", "SanitizedCloneURL": "",
+                     "VCSHost": {"Hostname": "github.com", "Type": 0}},
     }
-    assert data["User"] == {"Username": "alice"}
+    # Teams where Atlantis reads them (models.User.Teams), not only under Enhanced.
+    assert data["User"] == {"Username": "alice", "Teams": ["platform", "sre"]}
     assert data["Time"] == "2024-05-01T08:20:30.123456Z"
 
 
 def test_our_additions_live_under_enhanced_which_atlantis_ignores() -> None:
     extra = json.loads(codec.encode(a_lock()))["Enhanced"]
     assert extra == {"Priority": "high", "ExpiresAt": "2024-05-01T09:20:30Z", "FencingToken": 41,
-                     "Backend": "enhanced", "Teams": ["platform", "sre"]}
+                     "Backend": "enhanced"}
     assert json.loads(codec.encode(a_lock(expires_at=None)))["Enhanced"]["ExpiresAt"] is None
 
 
@@ -146,3 +149,42 @@ def test_credentials_never_reach_the_store() -> None:
 def test_user_and_token_are_stripped_from_urls(url: str, clean: str) -> None:
     assert strip_credentials(url) == clean
     assert Pull(num=1, url=url).url == clean
+
+
+def test_json_as_atlantis_writes_it_keeps_its_vcs_host() -> None:
+    lock = codec.decode(ATLANTIS_JSON)
+    assert lock.pull.vcs_host == VcsHost(hostname="github.com", type="Github")
+    again = json.loads(codec.encode(lock))["Pull"]["BaseRepo"]
+    assert again["VCSHost"] == {"Hostname": "github.com", "Type": 0}
+
+
+def test_teams_written_under_enhanced_before_are_still_read() -> None:
+    data = json.loads(ATLANTIS_JSON)
+    data["User"] = {"Username": "alice"}
+    data["Enhanced"] = {"Teams": ["old-place"]}
+    assert codec.decode(json.dumps(data)).user.teams == ["old-place"]
+
+
+@pytest.mark.parametrize(("repo", "host", "owner", "name", "kind"), [
+    ("acme/infra", VcsHost(hostname="github.com"), "acme", "infra", 0),
+    # A GitLab subgroup: the owner is everything before the last slash, as Atlantis splits it.
+    ("gl/grp/sub/proj", VcsHost(hostname="gitlab.example", type="Gitlab"), "gl/grp/sub", "proj", 1),
+    ("org/app", VcsHost(hostname="gitea.example", type="Gitea"), "org", "app", 5),
+])
+def test_base_repo_carries_owner_name_and_vcs_host_as_atlantis_splits_them(
+    repo: str, host: VcsHost, owner: str, name: str, kind: int
+) -> None:
+    lock = a_lock(project=Project(repo_full_name=repo), pull=Pull(num=3, vcs_host=host))
+    base = json.loads(codec.encode(lock))["Pull"]["BaseRepo"]
+    assert (base["FullName"], base["Owner"], base["Name"]) == (repo, owner, name)
+    assert base["VCSHost"] == {"Hostname": host.hostname, "Type": kind}
+    assert codec.decode(codec.encode(lock)).pull.vcs_host == host
+
+
+def test_a_stored_path_that_was_not_cleaned_reads_back_clean_under_its_stored_key() -> None:
+    data = json.loads(ATLANTIS_JSON)
+    data["Project"]["Path"] = "./envs/prod/"
+    assert codec.decode(json.dumps(data)).key == "acme/infra/envs/prod/staging/prod"
+    stored = codec.decode(json.dumps(data), key="acme/infra/./envs/prod//staging/prod")
+    assert stored.project.path == "envs/prod"
+    assert stored.key == "acme/infra/./envs/prod//staging/prod"

@@ -1,9 +1,20 @@
 """Locks as Atlantis stores them: JSON with Atlantis's Go field names.
 
 Atlantis (``models.ProjectLock``) writes ``Project``, ``Workspace``, ``Pull``, ``User`` and
-``Time``. We write the same fields, so Atlantis can read our locks and we can read its, and put
-our additions (priority, expiry, fencing token, side) under ``Enhanced``, which Go's decoder
-ignores. Credentials never reach the store: clone URLs lose their ``user:token@``.
+``Time``. We write every field of those that Atlantis reads, so Atlantis can read our locks and
+we can read its, and put our additions (priority, expiry, fencing token, side) under
+``Enhanced``, which Go's decoder ignores. What Atlantis reads, and why:
+
+* ``Project`` (name, repository, cleaned path) and ``Workspace``: the lock's identity.
+* ``Pull.Num``, ``URL``, ``Author``: its lock pages and ``GET /api/locks``.
+* ``Pull.BaseRepo`` (``FullName``, ``Owner``, ``Name``, ``VCSHost{Hostname, Type}``): an
+  unlock from its UI marks the pull's plans discarded under ``{Hostname}::{FullName}::{Num}``,
+  deletes the plan from the pull's working directory and comments on the pull through the
+  client of ``VCSHost.Type``. With an empty ``BaseRepo`` it skips all three.
+* ``User.Username`` and ``User.Teams``.
+
+Credentials never reach the store: URLs lose their ``user:token@``, and Atlantis's
+``CloneURL`` (which carries its VCS token) is never copied; ours are written empty.
 """
 
 from __future__ import annotations
@@ -13,11 +24,53 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from enhanced_locking.types import Lock, Priority, Project, Pull, User, strip_credentials
+from enhanced_locking.types import (
+    Lock,
+    Priority,
+    Project,
+    Pull,
+    User,
+    VcsHost,
+    VcsHostType,
+    lock_key,
+    strip_credentials,
+)
 
-__all__ = ["atlantis_dict", "decode", "encode", "from_atlantis_dict"]
+__all__ = ["atlantis_dict", "decode", "encode", "from_atlantis_dict", "split_repo_full_name"]
 
 _PULL_STATES = {"open": 0, "closed": 1}
+
+# Atlantis's models.VCSHostType: the Go constants in order (iota).
+_VCS_TYPES: tuple[VcsHostType, ...] = (
+    "Github", "Gitlab", "BitbucketCloud", "BitbucketServer", "AzureDevops", "Gitea",
+)
+
+
+def split_repo_full_name(repo: str) -> tuple[str, str]:
+    """Atlantis's ``models.SplitRepoFullName``: owner is everything before the last ``/``
+    (GitLab subgroups keep theirs), or two empty strings for a malformed name."""
+    owner, slash, name = repo.rpartition("/")
+    return (owner, name) if slash and name else ("", "")
+
+
+def _base_repo(lock: Lock) -> dict[str, Any]:
+    repo = lock.project.repo_full_name
+    owner, name = split_repo_full_name(repo)
+    host = lock.pull.vcs_host or VcsHost()
+    return {
+        "FullName": repo, "Owner": owner, "Name": name, "CloneURL": "", "SanitizedCloneURL": "",
+        "VCSHost": {"Hostname": host.hostname, "Type": _VCS_TYPES.index(host.type)},
+    }
+
+
+def _vcs_host(pull: dict[str, Any]) -> VcsHost | None:
+    base = pull.get("BaseRepo")
+    host = base.get("VCSHost") if isinstance(base, dict) else None
+    if not isinstance(host, dict) or not host.get("Hostname"):
+        return None  # written before the host was kept: derived from the URL again
+    kind = host.get("Type", 0)
+    return VcsHost(hostname=host["Hostname"],
+                   type=_VCS_TYPES[kind] if isinstance(kind, int) and 0 <= kind < 6 else "Github")
 
 
 def _go_time(value: datetime) -> str:
@@ -40,12 +93,10 @@ def _parse_time(value: str) -> datetime:
 
 def atlantis_dict(lock: Lock) -> dict[str, Any]:
     """The lock as Atlantis's ``ProjectLock`` JSON object (plus our ``Enhanced`` part)."""
-    repo = lock.project.repo_full_name
-    owner, _, name = repo.partition("/")
     return {
         "Project": {
             "ProjectName": lock.project.project_name,
-            "RepoFullName": repo,
+            "RepoFullName": lock.project.repo_full_name,
             "Path": lock.project.path,
         },
         "Workspace": lock.workspace,
@@ -57,16 +108,15 @@ def atlantis_dict(lock: Lock) -> dict[str, Any]:
             "BaseBranch": lock.pull.base_branch,
             "Author": lock.pull.author,
             "State": _PULL_STATES[lock.pull.state],
-            "BaseRepo": {"FullName": repo, "Owner": owner, "Name": name},
+            "BaseRepo": _base_repo(lock),
         },
-        "User": {"Username": lock.user.username},
+        "User": {"Username": lock.user.username, "Teams": list(lock.user.teams)},
         "Time": _go_time(lock.acquired_at),
         "Enhanced": {
             "Priority": lock.priority.value,
             "ExpiresAt": _go_time(lock.expires_at) if lock.expires_at else None,
             "FencingToken": lock.fencing_token,
             "Backend": lock.backend,
-            "Teams": list(lock.user.teams),
         },
     }
 
@@ -85,8 +135,7 @@ def from_atlantis_dict(data: dict[str, Any], *, key: str | None = None) -> Lock:
     workspace = data.get("Workspace") or "default"
     expires = extra.get("ExpiresAt")
     return Lock(
-        key=key or f"{lock_project.repo_full_name}/{lock_project.path}/{workspace}/"
-        f"{lock_project.project_name}",
+        key=key or lock_key(lock_project, workspace),
         project=lock_project,
         workspace=workspace,
         pull=Pull(
@@ -97,9 +146,11 @@ def from_atlantis_dict(data: dict[str, Any], *, key: str | None = None) -> Lock:
             base_branch=pull.get("BaseBranch", ""),
             head_commit=pull.get("HeadCommit", ""),
             state="closed" if pull.get("State") == 1 else "open",
+            vcs_host=_vcs_host(pull),
         ),
+        # Teams were kept under Enhanced before they moved to where Atlantis reads them.
         user=User(username=user.get("Username", ""),
-                  teams=extra.get("Teams") or user.get("Teams") or []),
+                  teams=user.get("Teams") or extra.get("Teams") or []),
         priority=Priority(extra.get("Priority", "normal")),
         acquired_at=_parse_time(data["Time"]) if data.get("Time") else datetime.now(UTC),
         expires_at=_parse_time(expires) if expires else None,

@@ -14,10 +14,11 @@ writes them into a :class:`~enhanced_locking.backends.base.Backend` and reports,
   command exits 1 so a person looks at it;
 * ``invalid``: the record could not be read as a lock (not JSON, no repository, ...).
 
-The lock key is recomputed from the JSON (``{repo}/{path}/{workspace}/{projectName}``), since
-older Atlantis versions keyed locks without the project name. Credentials never cross: the
-codec keeps only the pull's URL, with any ``user:token@`` removed, and drops ``BaseRepo``
-(whose ``CloneURL`` carries Atlantis's VCS token). The reader of the source is read-only.
+The lock key is recomputed from the JSON with :func:`~enhanced_locking.types.lock_key` (the
+path cleaned as Atlantis cleans it), since older Atlantis versions keyed locks without the
+project name. Credentials never cross: the codec keeps the pull's URL with any ``user:token@``
+removed and, of ``BaseRepo``, only the VCS host (its ``CloneURL`` carries Atlantis's VCS
+token). The reader of the source is read-only.
 """
 
 from __future__ import annotations
@@ -302,12 +303,7 @@ def _decode(record: SourceRecord) -> Lock | str:
         return f"{'.'.join(str(part) for part in first['loc'])}: {first['msg']}"
     except (AttributeError, KeyError, TypeError, ValueError) as error:
         return f"not a ProjectLock ({type(error).__name__})"
-    user = data.get("User")
-    teams = user.get("Teams") if isinstance(user, dict) else None
-    update: dict[str, Any] = {"backend": "enhanced", "fencing_token": 0}
-    if not lock.user.teams and isinstance(teams, list) and all(isinstance(t, str) for t in teams):
-        update["user"] = lock.user.model_copy(update={"teams": teams})
-    return lock.model_copy(update=update)
+    return lock.model_copy(update={"backend": "enhanced", "fencing_token": 0})
 
 
 def _row(outcome: Outcome, record: SourceRecord, lock: Lock, **extra: Any) -> ImportRow:

@@ -1,0 +1,85 @@
+// Command atlantismodels answers questions with Atlantis's own code (models from
+// github.com/runatlantis/atlantis v0.47.1), for the tests of the lock service's key and
+// stored JSON. It reads one JSON request on stdin and writes one JSON answer on stdout:
+//
+//	{"paths": ["envs/net/", ...]}  -> {"paths": [models.NewProject(...).Path, ...]}
+//	{"locks": ["<stored JSON>"]}   -> {"locks": [what Atlantis reads from each lock]}
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+
+	"github.com/runatlantis/atlantis/server/events/models"
+)
+
+type request struct {
+	Paths []string `json:"paths"`
+	Locks []string `json:"locks"`
+}
+
+type lockView struct {
+	Error     string   `json:"error,omitempty"`
+	Path      string   `json:"path"`
+	Workspace string   `json:"workspace"`
+	PullNum   int      `json:"pullNum"`
+	PullURL   string   `json:"pullUrl"`
+	Author    string   `json:"author"`
+	PullKey   string   `json:"pullKey"`
+	FullName  string   `json:"fullName"`
+	Owner     string   `json:"owner"`
+	Name      string   `json:"name"`
+	VCSType   string   `json:"vcsType"`
+	Username  string   `json:"username"`
+	Teams     []string `json:"teams"`
+	HasBase   bool     `json:"hasBaseRepo"`
+}
+
+func main() {
+	var req request
+	if err := json.NewDecoder(os.Stdin).Decode(&req); err != nil {
+		fmt.Fprintln(os.Stderr, "bad request:", err)
+		os.Exit(2)
+	}
+	answer := map[string]any{}
+	if req.Paths != nil {
+		paths := make([]string, len(req.Paths))
+		for i, p := range req.Paths {
+			paths[i] = models.NewProject("owner/repo", p, "").Path
+		}
+		answer["paths"] = paths
+	}
+	if req.Locks != nil {
+		views := make([]lockView, len(req.Locks))
+		for i, raw := range req.Locks {
+			var lock models.ProjectLock
+			if err := json.Unmarshal([]byte(raw), &lock); err != nil {
+				views[i] = lockView{Error: err.Error()}
+				continue
+			}
+			base := lock.Pull.BaseRepo
+			views[i] = lockView{
+				Path:      lock.Project.Path,
+				Workspace: lock.Workspace,
+				PullNum:   lock.Pull.Num,
+				PullURL:   lock.Pull.URL,
+				Author:    lock.Pull.Author,
+				// The key Atlantis's BoltDB and Redis databases keep a pull's status under.
+				PullKey:  fmt.Sprintf("%s::%s::%d", base.VCSHost.Hostname, base.FullName, lock.Pull.Num),
+				FullName: base.FullName,
+				Owner:    base.Owner,
+				Name:     base.Name,
+				VCSType:  base.VCSHost.Type.String(),
+				Username: lock.User.Username,
+				Teams:    lock.User.Teams,
+				// Atlantis's unlock skips discarding plans and commenting when this is false.
+				HasBase: base != (models.Repo{}),
+			}
+		}
+		answer["locks"] = views
+	}
+	if err := json.NewEncoder(os.Stdout).Encode(answer); err != nil {
+		os.Exit(1)
+	}
+}
