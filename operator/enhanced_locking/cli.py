@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
@@ -60,9 +61,50 @@ def _print(data: Any) -> None:
 # --- serve -----------------------------------------------------------------------------------
 def _serve(args: argparse.Namespace) -> int:
     config = _load(args)
+    port = _port_setting(args)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return asyncio.run(_run_service(config, args.host, args.port))
+    return asyncio.run(_run_service(config, args.host, port))
+
+
+def _port(value: str) -> int:
+    """An argparse type: a TCP port, ASCII digits from 1 to 65535."""
+    if not re.fullmatch(r"[0-9]{1,5}", value) or not 0 < int(value) < 65536:
+        raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535, got {value!r}")
+    return int(value)
+
+
+def _port_setting(args: argparse.Namespace) -> int:
+    """``--port``, else ``ENHANCED_LOCKING_PORT``, else 4142; a bad one exits 2 naming it."""
+    if args.port is not None:
+        return int(args.port)
+    raw = os.environ.get("ENHANCED_LOCKING_PORT", "4142")
+    try:
+        return _port(raw)
+    except argparse.ArgumentTypeError as error:
+        print(f"enhanced-locking: invalid setting ENHANCED_LOCKING_PORT: {error}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind the API's socket before anything starts: a port in use (or a host that is not
+    this machine's) is the user's setting, one line and exit 2, not uvicorn's exit code."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            sock.close()
+            raise
+    except OSError as error:
+        reason = (error.strerror or str(error)).lower()
+        print(f"enhanced-locking: cannot listen on {host}:{port} (--host/--port): {reason}",
+              file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
+    sock.set_inheritable(True)
+    return sock
 
 
 async def _run_service(
@@ -76,17 +118,20 @@ async def _run_service(
     from enhanced_locking.provider import ConfigProvider
     from enhanced_locking.types import LockingError
 
+    bound = _listen(host, port)
     try:
         # Building the service opens the stores: a data dir that cannot be created is a
         # one-line error like a store that does not answer.
         service = LockService(ConfigProvider(config))
         await service.start()
     except LockingError as error:
+        bound.close()
         print(f"enhanced-locking: cannot start: {error}", file=sys.stderr)
         return EXIT_REFUSED
     log.info("config generation 1 hash %s: %s", service.provider.current.hash,
              json.dumps(config.masked()))
-    server_class = uvicorn.Server if operator is None else _operator_server()
+    server_class = _bound_server(uvicorn.Server if operator is None else _operator_server(),
+                                 bound)
     server = server_class(uvicorn.Config(
         create_app(service, manage_lifecycle=False), host=host, port=port,
         log_level="warning", lifespan="on",
@@ -122,7 +167,17 @@ def _operator(args: argparse.Namespace) -> int:
         standalone=args.standalone, leader_election=args.leader_election, lease=args.lease,
         lease_duration=args.lease_duration, rollout_interval=args.rollout_interval,
     )
-    return asyncio.run(_run_service(config, args.host, args.port, operator=options))
+    return asyncio.run(_run_service(config, args.host, _port_setting(args), operator=options))
+
+
+def _bound_server(base: Any, bound: socket.socket) -> Any:
+    """``base`` (a uvicorn server class) serving on the socket :func:`_listen` bound."""
+
+    class BoundServer(base):  # type: ignore[misc]
+        async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().serve(sockets=sockets or [bound])
+
+    return BoundServer
 
 
 def _operator_server() -> Any:
@@ -168,8 +223,8 @@ _tick_seconds = _seconds_between(0.1, 60)
 
 def _service_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default=os.environ.get("ENHANCED_LOCKING_HOST", "127.0.0.1"))
-    parser.add_argument("--port", type=int,
-                        default=int(os.environ.get("ENHANCED_LOCKING_PORT", "4142")))
+    parser.add_argument("--port", type=_port, default=None,
+                        help="TCP port, 1 to 65535 (env ENHANCED_LOCKING_PORT; default 4142)")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
     config_module.add_flags(parser)

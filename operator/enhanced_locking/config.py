@@ -25,6 +25,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     AfterValidator,
+    BeforeValidator,
     Field,
     SecretStr,
     ValidationError,
@@ -51,9 +52,16 @@ KEY_PREFIX = "enhanced-locking-"
 SECRET_MASK = "********"
 
 
+# A host name (letters, digits, ``-``, ``_``, dots), an IPv4 address or a bracketed IPv6 one,
+# then a port of ASCII digits: nothing with spaces or another script's digits gets through.
+_HOST_PORT = re.compile(
+    r"(?:[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?|\[[0-9A-Fa-f:.]+\]):([0-9]{1,5})"
+)
+
+
 def _host_port(value: str) -> str:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    match = _HOST_PORT.fullmatch(value)
+    if match is None or not 0 < int(match.group(1)) < 65536:
         raise ValueError(f"expected host:port such as localhost:6379, got {value!r}")
     return value
 
@@ -62,9 +70,46 @@ def _host_ports(value: list[str]) -> list[str]:
     return [_host_port(item) for item in value]
 
 
+# Booleans as Atlantis's own flags take them where they are unambiguous words (Go's
+# strconv.ParseBool spells): true/True/TRUE and false/False/FALSE, or a YAML boolean. Go also
+# takes 1/0/t/f, and YAML 1.1 yes/no/on/off: all refused here, a typo must not turn a feature on
+# or off (docs/01-foundation.md, "How values are written").
+_TRUE = frozenset({"true", "True", "TRUE"})
+_FALSE = frozenset({"false", "False", "FALSE"})
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_NUMBER = re.compile(r"[+-]?[0-9]+(?:\.[0-9]+)?")
+
+
+def _strict_bool(value: object) -> object:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value in _TRUE | _FALSE:
+        return value in _TRUE
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _strict_int(value: object) -> object:
+    # Not a float (1000.0), a YAML boolean, 1_000 or another script's digits.
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and _INTEGER.fullmatch(value):
+        return int(value)
+    raise ValueError(f"expected an integer, got {value!r}")
+
+
+def _strict_number(value: object) -> object:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and _NUMBER.fullmatch(value):
+        return float(value)
+    raise ValueError(f"expected a number, got {value!r}")
+
+
+Flag = Annotated[bool, BeforeValidator(_strict_bool)]
+Integer = Annotated[int, BeforeValidator(_strict_int)]
 HostPort = Annotated[str, Field(max_length=253 + 6), AfterValidator(_host_port)]
-Weight = Annotated[float, Field(ge=0, le=100, multiple_of=0.01)]
-Ratio = Annotated[float, Field(ge=0, le=1)]
+Weight = Annotated[float, Field(ge=0, le=100, multiple_of=0.01), BeforeValidator(_strict_number)]
+Ratio = Annotated[float, Field(ge=0, le=1), BeforeValidator(_strict_number)]
 
 
 class EnhancedLockingConfig(BaseSettings):
@@ -73,23 +118,23 @@ class EnhancedLockingConfig(BaseSettings):
     model_config = SettingsConfigDict(frozen=True, extra="forbid", validate_default=True)
 
     # --- the seed's settings -------------------------------------------------------------
-    enabled: bool = Field(False, description="Turn the enhanced locking system on.")
+    enabled: Flag = Field(False, description="Turn the enhanced locking system on.")
     backend: BackendName = Field(
         "boltdb",
         description="Store of the enhanced locker: boltdb (embedded single file), redis, memory.",
     )
-    priority_queue: bool = Field(
+    priority_queue: Flag = Field(
         False, description="Serve waiters by priority with aging (off: plain FIFO)."
     )
-    retries: bool = Field(
+    retries: Flag = Field(
         False, description="Retry transient backend errors with jittered exponential backoff."
     )
-    metrics: bool = Field(True, description="Export Prometheus metrics on /metrics.")
+    metrics: Flag = Field(True, description="Export Prometheus metrics on /metrics.")
     redis_addr: HostPort = Field("localhost:6379", description="Redis address, host:port.")
     redis_password: SecretStr = Field(
         SecretStr(""), description="Redis password (never printed or logged)."
     )
-    redis_db: int = Field(0, ge=0, le=1023, description="Redis database number.")
+    redis_db: Integer = Field(0, ge=0, le=1023, description="Redis database number.")
     default_timeout: Duration = Field(
         timedelta(seconds=30),
         description="How long a request that asks to wait without a duration (wait: true) "
@@ -98,42 +143,43 @@ class EnhancedLockingConfig(BaseSettings):
     max_timeout: Duration = Field(
         timedelta(minutes=5), description="Longest wait a request may ask for (more is refused)."
     )
-    max_queue_size: int = Field(
+    max_queue_size: Integer = Field(
         1000, ge=1, le=1_000_000, description="Most waiters queued on one lock key."
     )
     starvation_threshold: Duration = Field(
         timedelta(minutes=2), description="Wait after which a waiter is raised one priority level."
     )
-    max_priority_boost: int = Field(
+    max_priority_boost: Integer = Field(
         3, ge=0, le=3, description="Most levels aging may raise a waiter."
     )
 
     # --- our additions, named the same way ------------------------------------------------
-    deadlock_detection: bool = Field(
+    deadlock_detection: Flag = Field(
         False, description="Refuse a wait that would close a cycle in the wait-for graph."
     )
-    events: bool = Field(True, description="Publish lock events (GET /v1/events).")
+    events: Flag = Field(True, description="Publish lock events (GET /v1/events).")
     lock_ttl: Duration = Field(
         timedelta(0), description="Default lease of an enhanced lock; 0 means no expiry."
     )
-    retry_max_attempts: int = Field(
+    retry_max_attempts: Integer = Field(
         3, ge=1, le=20, description="Attempts per operation when retries are on."
     )
     retry_backoff: Duration = Field(
         timedelta(milliseconds=200), description="First retry delay; doubles with jitter."
     )
     redis_username: str = Field("", max_length=256, description="Redis ACL user name.")
-    redis_tls: bool = Field(False, description="Connect to Redis over TLS.")
+    redis_tls: Flag = Field(False, description="Connect to Redis over TLS.")
     redis_tls_ca_file: str = Field("", description="CA bundle that signs the Redis server.")
     redis_tls_cert_file: str = Field("", description="Client certificate for Redis TLS.")
     redis_tls_key_file: str = Field("", description="Client key for Redis TLS.")
-    redis_tls_skip_verify: bool = Field(
+    redis_tls_skip_verify: Flag = Field(
         False, description="Do not verify the Redis server certificate (testing only)."
     )
     redis_key_prefix: str = Field(
-        "atlantis:enhanced:", max_length=128, description="Prefix of every enhanced Redis key."
+        "atlantis:enhanced:", min_length=1, max_length=128,
+        description="Prefix of every enhanced Redis key.",
     )
-    redis_pool_size: int = Field(50, ge=1, le=10_000, description="Redis connection pool size.")
+    redis_pool_size: Integer = Field(50, ge=1, le=10_000, description="Redis connection pool size.")
     redis_sentinel_addrs: Annotated[list[str], AfterValidator(_host_ports)] = Field(
         default_factory=list, description="Sentinel addresses (comma-separated host:port)."
     )
@@ -159,7 +205,7 @@ class EnhancedLockingConfig(BaseSettings):
     shadow_sample_ratio: Ratio = Field(
         1.0, description="Share of lock keys replayed in shadow mode (0 to 1; sticky per key)."
     )
-    shadow_queue_size: int = Field(
+    shadow_queue_size: Integer = Field(
         10_000, ge=1, le=1_000_000,
         description="Most shadow replays waiting to run; more are dropped and counted.",
     )
@@ -179,6 +225,7 @@ class EnhancedLockingConfig(BaseSettings):
     )
     data_dir: str = Field(
         "~/.atlantis",
+        min_length=1,
         description="Directory of the embedded store (enhanced-locking.db).",
         json_schema_extra={"env": "ATLANTIS_DATA_DIR", "flag": "--data-dir", "yaml": "data-dir"},
     )
@@ -293,9 +340,11 @@ def _form(info: FieldInfo, annotation: Any) -> tuple[str, str]:
             return "a number from 0 to 1", "float"
         return "a number from 0 to 100 (two decimals at most)", "float"
     longest = next((m.max_length for m in info.metadata if hasattr(m, "max_length")), None)
+    shortest = next((m.min_length for m in info.metadata if hasattr(m, "min_length")), None)
+    kind = "a non-empty string" if shortest else "a string"
     if longest is not None:
-        return f"a string of at most {longest} characters", "str"
-    return "a string", "str"
+        return f"{kind} of at most {longest} characters", "str"
+    return kind, "str"
 
 
 def settings() -> list[Setting]:
@@ -359,14 +408,66 @@ def _convert(setting: Setting, value: Any) -> Any:
     return value
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML as YAML 1.2 (and Go's YAML, which Atlantis reads its config with) resolves it:
+    only ``true``/``false`` are booleans (not 1.1's ``yes``/``no``/``on``/``off``), integers
+    are plain digits (not ``1_000`` or sexagesimal ``1:30``), and a key given twice is an
+    error instead of the last one silently winning."""
+
+    yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers
+                if tag not in {"tag:yaml.org,2002:bool", "tag:yaml.org,2002:int",
+                               "tag:yaml.org,2002:float"}]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                first = seen[key].start_mark.line + 1
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key} is set twice (lines {first} and "
+                    f"{key_node.start_mark.line + 1})", key_node.start_mark)
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+    list("tTfF"))
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int", re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?$"
+               r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."))
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """One line: what is wrong and where (PyYAML's own text spans several)."""
+    if isinstance(error, yaml.MarkedYAMLError):
+        mark = error.problem_mark or error.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = " ".join(str(error.problem or error.context or "").split())
+        return f"{problem}{where}"
+    return " ".join(str(error).split())
+
+
 def _read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as handle:
-            data = yaml.safe_load(handle) or {}
+            data = yaml.load(handle, Loader=_StrictLoader) or {}  # a SafeLoader
     except OSError as error:
         raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte "
+                          f"0x{error.object[error.start]:02x} at offset {error.start})") from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(error)}"
+                          ) from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must be a mapping of setting: value")
     return data

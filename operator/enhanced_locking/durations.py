@@ -30,14 +30,19 @@ _UNITS = {
     "h": Decimal(3_600_000_000),
 }
 _MAX_MICROS = (2**63 - 1) // 1000  # Go's time.Duration is int64 nanoseconds
-_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+# ASCII digits only (``\d`` would take any script's digits), and a fraction only after a digit
+# and with digits: exactly what ``DURATION_PATTERN`` publishes, so schema and parser agree.
+_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ns|us|µs|ms|s|m|h)")
 # Written once for both Python and the CRD schemas (a JSON-schema `pattern`).
 DURATION_PATTERN = r"^(0|([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+)$"
 
 
 def parse_duration(text: str) -> timedelta:
-    """Parse a non-negative Go duration; raise ``ValueError`` naming the accepted form."""
-    value = text.strip()
+    """Parse a non-negative Go duration; raise ``ValueError`` naming the accepted form.
+
+    Strict as Go's ``time.ParseDuration``: no surrounding spaces, ASCII digits only.
+    """
+    value = text
     if value == "0":
         return timedelta(0)
     position, micros = 0, Decimal(0)

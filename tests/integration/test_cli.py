@@ -7,6 +7,7 @@ service could not be reached. A user's mistake is one line on stderr, never a tr
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
@@ -93,6 +94,30 @@ INVALID = [
     ("bad redis address", ["--enhanced-locking-redis-addr=redis"], {}, None,
      "enhanced-locking-redis-addr", "host:port"),
     ("YAML not a mapping", [], {}, "- enhanced-locking-enabled\n", "config file", "mapping"),
+    ("bool as yes", ["--enhanced-locking-enabled=yes"], {}, None,
+     "enhanced-locking-enabled", "true or false"),
+    ("bool as 1", [], {"ATLANTIS_ENHANCED_LOCKING_ENABLED": "1"}, None,
+     "enhanced-locking-enabled", "true or false"),
+    ("bool as YAML off", [], {}, "enhanced-locking-enabled: off\n",
+     "enhanced-locking-enabled", "true or false"),
+    ("int with underscore", ["--enhanced-locking-max-queue-size=1_000"], {}, None,
+     "enhanced-locking-max-queue-size", "an integer"),
+    ("int as float", [], {}, "enhanced-locking-max-queue-size: 1000.0\n",
+     "enhanced-locking-max-queue-size", "an integer"),
+    ("int as YAML true", [], {}, "enhanced-locking-max-queue-size: true\n",
+     "enhanced-locking-max-queue-size", "an integer"),
+    ("non-ASCII digits", [], {"ATLANTIS_ENHANCED_LOCKING_REDIS_DB": "\u0663"}, None,
+     "enhanced-locking-redis-db", "an integer"),
+    ("duplicate YAML key", [], {},
+     "enhanced-locking-enabled: true\nenhanced-locking-enabled: false\n",
+     "enhanced-locking-enabled", "set twice"),
+    ("YAML syntax error", [], {}, "enhanced-locking-backend: [redis\nx: 1\n",
+     "not valid YAML", "line 2"),
+    ("address with spaces", ["--enhanced-locking-redis-addr=a b c:1"], {}, None,
+     "enhanced-locking-redis-addr", "host:port"),
+    ("empty key prefix", [], {"ATLANTIS_ENHANCED_LOCKING_REDIS_KEY_PREFIX": ""}, None,
+     "enhanced-locking-redis-key-prefix", "non-empty"),
+    ("empty data dir", [], {"ATLANTIS_DATA_DIR": ""}, None, "data-dir", "non-empty"),
 ]
 
 
@@ -108,7 +133,9 @@ def test_an_invalid_value_exits_2_with_one_line_naming_the_setting(
         (tmp_path / "c.yaml").write_text(yaml_text)
         args += ["--config", str(tmp_path / "c.yaml")]
     if command == ["serve"]:
-        args += ["--port", str(free_port()), "--data-dir", str(tmp_path / "data")]
+        args += ["--port", str(free_port())]
+        if names != "data-dir":  # the flag would win over the bad value under test
+            args += ["--data-dir", str(tmp_path / "data")]
     result = run(*args, env=env)
     assert result.returncode == 2
     assert result.stdout == ""
@@ -117,6 +144,45 @@ def test_an_invalid_value_exits_2_with_one_line_naming_the_setting(
     assert names in lines[0] and form in lines[0]
     assert lines[0].startswith("enhanced-locking: ")
     assert "Traceback" not in result.stderr
+
+
+def test_a_config_file_that_is_not_utf8_exits_2_with_one_line(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_bytes(b"enhanced-locking-enabled: \xff\n")
+    for command in (["config", "show"], ["serve", "--port", str(free_port())]):
+        result = run(*command, "--config", str(tmp_path / "c.yaml"))
+        assert result.returncode == 2
+        assert result.stderr.splitlines() == [
+            f"enhanced-locking: config file {tmp_path / 'c.yaml'} is not UTF-8 text "
+            "(byte 0xff at offset 26)"]
+
+
+@pytest.mark.parametrize(("args", "env", "names"), [
+    ([], {"ENHANCED_LOCKING_PORT": "abc"}, "ENHANCED_LOCKING_PORT"),
+    ([], {"ENHANCED_LOCKING_PORT": "\u0664\u0661\u0664\u0662"}, "ENHANCED_LOCKING_PORT"),
+    (["--port", "70000"], {}, "--port"),
+    (["--port", "0"], {}, "--port"),
+], ids=["env-abc", "env-arabic-digits", "flag-70000", "flag-0"])
+def test_a_bad_port_exits_2_with_one_line_naming_it(
+    args: list[str], env: dict[str, str], names: str, tmp_path: Path,
+) -> None:
+    result = run("serve", *args, "--data-dir", str(tmp_path / "data"), env=env)
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and names in lines[0] and "1 to 65535" in lines[0], result.stderr
+
+
+def test_serve_on_a_port_in_use_exits_2_not_3_naming_the_setting(tmp_path: Path) -> None:
+    # 3 means "the service could not be reached"; a port in use is the user's setting.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run("serve", "--port", str(port), "--data-dir", str(tmp_path / "data"))
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "--port" in lines[0] and "address already in use" in lines[0]
+    assert lines[0].startswith("enhanced-locking: ")
 
 
 def test_a_bad_value_is_reported_with_where_it_came_from(tmp_path: Path) -> None:

@@ -249,17 +249,22 @@ def test_precedence_is_defaults_then_yaml_then_env_then_flags(
 # --- invalid values ----------------------------------------------------------------------------
 
 INVALID_BY_KIND: dict[str, list[Any]] = {
-    "bool": ["maybe"],
+    # Booleans are the words true/false only (docs/01-foundation.md): not Go's 1/0/t/f, not
+    # YAML 1.1's yes/no/on/off.
+    "bool": ["maybe", "yes", "1", "off", "t", 0],
     "choice": ["nope"],
-    "int": ["ten", "1.5", -1, 10_000_001],
-    "duration": ["30", "soon", "-5s", "5 minutes"],
-    "float": ["lots", 101, -1, 12.345],
+    # Integers are ASCII digits: not 1_000, not 1000.0, not a YAML boolean, not Arabic-Indic.
+    "int": ["ten", "1.5", -1, 10_000_001, "1_000", "1000.0", 1000.0, True, "\u0661\u0660"],
+    "duration": ["30", "soon", "-5s", "5 minutes", " 30s", "\u0663s"],
+    "float": ["lots", 101, -1, 12.345, "1_0", True, "\u0661\u0662"],
     "list": ["no-port", "a:1,b:notaport"],
 }
 INVALID_STRINGS: dict[str, list[Any]] = {
-    "redis_addr": ["nope", "localhost:", ":6379", "localhost:70000"],
+    "redis_addr": ["nope", "localhost:", ":6379", "localhost:70000", "a b c:1",
+                   "localhost:\uff16\uff13\uff17\uff19", "local\thost:1"],
     "redis_username": ["u" * 257],
-    "redis_key_prefix": ["p" * 129],
+    "redis_key_prefix": ["p" * 129, ""],
+    "data_dir": [""],
 }
 
 
@@ -313,6 +318,59 @@ def test_a_yaml_file_that_is_not_a_mapping_is_refused(
     path.write_text(text)
     with pytest.raises(ConfigError, match=problem):
         load_config(yaml_file=path, env={})
+
+
+def test_a_yaml_syntax_error_is_one_line_saying_where(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("enhanced-locking-enabled: true\nenhanced-locking-backend: [redis\nx: 1\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config(yaml_file=path, env={})
+    message = str(raised.value)
+    assert "\n" not in message
+    assert str(path) in message and "not valid YAML" in message and "line 3" in message
+
+
+def test_a_config_file_that_is_not_utf8_is_refused_in_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_bytes(b"enhanced-locking-enabled: true\nenhanced-locking-replica-id: \xff\xfe\n")
+    with pytest.raises(ConfigError, match="is not UTF-8") as raised:
+        load_config(yaml_file=path, env={})
+    assert "\n" not in str(raised.value) and str(path) in str(raised.value)
+
+
+def test_a_setting_given_twice_in_yaml_is_refused_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("enhanced-locking-enabled: true\nport: 4141\nenhanced-locking-enabled: false\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config(yaml_file=path, env={})
+    message = str(raised.value)
+    assert "enhanced-locking-enabled is set twice (lines 1 and 3)" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(("text", "value"), [
+    ("enhanced-locking-enabled: yes\n", "'yes'"),
+    ("enhanced-locking-metrics: off\n", "'off'"),
+    ("enhanced-locking-max-queue-size: 1_000\n", "'1_000'"),
+    ("enhanced-locking-max-queue-size: 1000.0\n", "1000.0"),
+    ("enhanced-locking-max-queue-size: true\n", "True"),
+    ("enhanced-locking-redis-db: 1:30\n", "'1:30'"),
+])
+def test_yaml_values_are_read_as_yaml_1_2_not_1_1(text: str, value: str, tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as raised:
+        load_config(yaml_file=path, env={})
+    assert f"got {value};" in str(raised.value)
+
+
+@pytest.mark.parametrize("word", ["true", "True", "TRUE", "false", "False", "FALSE"])
+def test_booleans_take_the_words_atlantis_flags_take(word: str, tmp_path: Path) -> None:
+    expected = word.lower() == "true"
+    assert load_config(env={"ATLANTIS_ENHANCED_LOCKING_ENABLED": word}).enabled is expected
+    path = tmp_path / "config.yaml"
+    path.write_text(f"enhanced-locking-enabled: {word}\n")
+    assert load_config(yaml_file=path, env={}).enabled is expected
 
 
 def test_a_missing_yaml_file_is_a_config_error(tmp_path: Path) -> None:
