@@ -5,12 +5,15 @@ PY := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
 ARGS ?=
 
-.PHONY: help venv run test test-unit test-integration test-e2e lint typecheck format \
+GO_TEST_FLAGS ?= -count=1 -p=1 -timeout=30m
+
+.PHONY: help venv run test test-unit test-integration test-e2e test-go atlantis lint typecheck format \
         redis sandbox control-plane cluster-up docs chart kind-e2e image-smoke bench clean
 
 help:
 	@echo "make run          serve the lock service on http://127.0.0.1:4142 (embedded store)"
 	@echo "make test         every test tier: unit, real Redis, real Kubernetes API server"
+	@echo "make test-go      the Go module in atlantis/ against the service, Redis and Atlantis"
 	@echo "make lint         ruff, mypy (strict) and the import-layer contracts"
 	@echo "make cluster-up   start a local Kubernetes control plane for manual use"
 	@echo "make docs         regenerate the generated parts of docs/ and crds/"
@@ -42,9 +45,20 @@ control-plane:
 cluster-up: venv control-plane
 	hack/cluster-up.sh
 
-test: venv redis sandbox control-plane
+test: venv redis sandbox control-plane atlantis
 	$(PYTEST) tests/unit tests/integration
 	$(PYTEST) tests/e2e
+	$(MAKE) test-go
+
+# The Go module in atlantis/ (the API client and Atlantis's lock database on the service),
+# tested against live `enhanced-locking serve` processes, real redis-server and Atlantis itself.
+test-go: venv redis atlantis
+	cd atlantis && ENHANCED_LOCKING_ATLANTIS_BIN="$$(../hack/build-atlantis.sh --print-bin)" \
+		go test $(GO_TEST_FLAGS) ./... $(ARGS)
+
+# Atlantis's server binary, built from the Go module proxy and cached outside the repo.
+atlantis:
+	hack/build-atlantis.sh
 
 test-unit: venv
 	$(PYTEST) tests/unit
@@ -57,6 +71,7 @@ test-e2e: venv sandbox control-plane
 
 lint: venv
 	$(VENV)/bin/ruff check operator tests bench hack
+	cd atlantis && go vet ./...
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 

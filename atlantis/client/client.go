@@ -1,0 +1,588 @@
+// Package client is a typed, context-aware client of the lock service's HTTP API (v1).
+//
+// One Client is safe for concurrent use. Every call takes a context; its deadline bounds the
+// whole call, retries included. Calls that are safe to repeat (reads, an acquire — the same
+// pull asking again for its own lock gets it back unchanged —, a refresh, a release that names
+// its pull) are retried with jittered exponential backoff when the service cannot be reached
+// or answers 502/503/504; the others (a release that names no pull, force-unlock, cancel,
+// releasing a pull's locks) are sent once, because a repeat could free a lock that someone
+// else took in between, or lose the list of what was released.
+//
+// Refusals are typed errors (see errors.go): *HeldError, *NotOwnerError, *InvalidError,
+// *DeniedError and *UnavailableError.
+package client
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// DefaultURL is where `enhanced-locking serve` listens unless told otherwise.
+const DefaultURL = "http://127.0.0.1:4142"
+
+// Client calls one lock service.
+type Client struct {
+	base        *url.URL
+	http        *http.Client
+	token       string
+	attempts    int
+	backoff     time.Duration
+	maxBackoff  time.Duration
+	callTimeout time.Duration
+}
+
+// Option configures a Client.
+type Option func(*Client)
+
+// WithHTTPClient sends the calls through hc (its Timeout should stay 0: waiting acquires and
+// the event stream are long calls; bound calls with contexts or WithCallTimeout instead).
+func WithHTTPClient(hc *http.Client) Option { return func(c *Client) { c.http = hc } }
+
+// WithToken sends "Authorization: Bearer <token>" with every call. The token is never part
+// of an error message.
+func WithToken(token string) Option { return func(c *Client) { c.token = token } }
+
+// WithRetries sets how many attempts a call that is safe to repeat gets (1: no retry), and
+// the first delay between them (doubled each time, with jitter, up to 2s).
+func WithRetries(attempts int, backoff time.Duration) Option {
+	return func(c *Client) {
+		if attempts < 1 {
+			attempts = 1
+		}
+		c.attempts, c.backoff = attempts, backoff
+	}
+}
+
+// WithCallTimeout bounds each call that does not wait in a queue (an acquire with Wait gets
+// Wait plus this bound), when the caller's context has no earlier deadline. 0: unbounded.
+func WithCallTimeout(d time.Duration) Option { return func(c *Client) { c.callTimeout = d } }
+
+// New returns a client of the service at baseURL (e.g. "http://127.0.0.1:4142").
+func New(baseURL string, opts ...Option) (*Client, error) {
+	base, err := url.Parse(strings.TrimRight(baseURL, "/"))
+	if err != nil || (base.Scheme != "http" && base.Scheme != "https") || base.Host == "" {
+		return nil, &InvalidError{Field: "url", Message: fmt.Sprintf(
+			"url: expected http(s)://host:port of the lock service, got %q", baseURL)}
+	}
+	c := &Client{
+		base:        base,
+		http:        &http.Client{Transport: http.DefaultTransport},
+		attempts:    3,
+		backoff:     100 * time.Millisecond,
+		maxBackoff:  2 * time.Second,
+		callTimeout: 30 * time.Second,
+	}
+	for _, opt := range opts {
+		opt(c)
+	}
+	return c, nil
+}
+
+// URL is the service's base URL.
+func (c *Client) URL() string { return c.base.String() }
+
+// call is one API call: what to send, and whether sending it twice is harmless.
+type call struct {
+	op         string
+	method     string
+	path       string
+	query      url.Values
+	body       any
+	key        string
+	idempotent bool
+	// wait extends the call's own time bound (an acquire that waits in a queue).
+	wait time.Duration
+}
+
+// answer is the service's reply: the status and the raw JSON body.
+type answer struct {
+	status int
+	body   []byte
+}
+
+func (c *Client) do(ctx context.Context, k call) (answer, error) {
+	if c.callTimeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, c.callTimeout+k.wait)
+		defer cancel()
+	}
+	var payload []byte
+	if k.body != nil {
+		var err error
+		if payload, err = json.Marshal(k.body); err != nil {
+			return answer{}, &InvalidError{Message: fmt.Sprintf("%s: cannot encode the request: %v", k.op, err), Key: k.key}
+		}
+	}
+	attempts := 1
+	if k.idempotent {
+		attempts = c.attempts
+	}
+	delay := c.backoff
+	var last error
+	for attempt := 1; ; attempt++ {
+		got, err := c.send(ctx, k, payload)
+		if err == nil && !retryableStatus(got.status) {
+			return got, nil
+		}
+		if err != nil {
+			last = &UnavailableError{Op: k.op, Key: k.key, Err: err}
+		} else {
+			last = &UnavailableError{Op: k.op, Key: k.key, Status: got.status, Message: errorMessage(got.body)}
+		}
+		if attempt >= attempts || ctx.Err() != nil {
+			return answer{}, last
+		}
+		// Full jitter: a random delay up to the current bound, so clients spread out.
+		pause := time.Duration(rand.Int64N(int64(delay) + 1))
+		select {
+		case <-ctx.Done():
+			return answer{}, &UnavailableError{Op: k.op, Key: k.key, Err: ctx.Err()}
+		case <-time.After(pause):
+		}
+		delay = min(2*delay, c.maxBackoff)
+	}
+}
+
+func retryableStatus(status int) bool {
+	return status == http.StatusBadGateway || status == http.StatusServiceUnavailable ||
+		status == http.StatusGatewayTimeout
+}
+
+func (c *Client) endpoint(p string, query url.Values) string {
+	u := *c.base
+	u.Path = strings.TrimRight(c.base.Path, "/") + p
+	if len(query) > 0 {
+		u.RawQuery = query.Encode()
+	}
+	return u.String()
+}
+
+func (c *Client) send(ctx context.Context, k call, payload []byte) (answer, error) {
+	var body io.Reader
+	if payload != nil {
+		body = bytes.NewReader(payload)
+	}
+	req, err := http.NewRequestWithContext(ctx, k.method, c.endpoint(k.path, k.query), body)
+	if err != nil {
+		return answer{}, err
+	}
+	req.Header.Set("Accept", "application/json")
+	if payload != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	if c.token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.token)
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return answer{}, err
+	}
+	defer resp.Body.Close() //nolint:errcheck
+	data, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
+	if err != nil {
+		return answer{}, err
+	}
+	return answer{status: resp.StatusCode, body: data}, nil
+}
+
+// errorBody is every error answer: a human-readable "error" and what it is about.
+type errorBody struct {
+	Error   string `json:"error"`
+	Field   string `json:"field"`
+	LockKey string `json:"lockKey"`
+	Holder  *Lock  `json:"holder"`
+	Reason  string `json:"reason"`
+	Detail  any    `json:"detail"`
+}
+
+func errorMessage(body []byte) string {
+	var e errorBody
+	if json.Unmarshal(body, &e) == nil && e.Error != "" {
+		return e.Error
+	}
+	text := strings.TrimSpace(string(body))
+	if len(text) > 200 {
+		text = text[:200] + "..."
+	}
+	return text
+}
+
+// refusal turns an answer that is not a success into its typed error.
+func refusal(k call, got answer) error {
+	var e errorBody
+	_ = json.Unmarshal(got.body, &e)
+	message := e.Error
+	if message == "" {
+		message = errorMessage(got.body)
+	}
+	key := k.key
+	if e.LockKey != "" {
+		key = e.LockKey
+	}
+	switch {
+	case got.status == http.StatusUnauthorized || got.status == http.StatusForbidden:
+		return &DeniedError{Status: got.status, Message: message}
+	case got.status == http.StatusConflict && e.Holder != nil:
+		return &NotOwnerError{Key: key, Holder: e.Holder, Message: message}
+	case got.status >= 500 || e.Reason == string(ReasonUnavailable):
+		return &UnavailableError{Op: k.op, Key: key, Status: got.status, Message: message}
+	default:
+		return &InvalidError{Status: got.status, Field: e.Field, Message: message, Key: key}
+	}
+}
+
+func decode[T any](k call, got answer) (T, error) {
+	var out T
+	if err := json.Unmarshal(got.body, &out); err != nil {
+		return out, &UnavailableError{Op: k.op, Key: k.key, Status: got.status,
+			Message: fmt.Sprintf("unreadable answer: %v", err)}
+	}
+	return out, nil
+}
+
+// goDuration writes d in Go form, as the API wants ("30s", "1m30s").
+func goDuration(d time.Duration) string { return d.String() }
+
+type acquireBody struct {
+	Project   Project   `json:"project"`
+	Workspace string    `json:"workspace,omitempty"`
+	Pull      Pull      `json:"pull"`
+	User      User      `json:"user"`
+	Priority  Priority  `json:"priority,omitempty"`
+	Wait      string    `json:"wait,omitempty"`
+	TTL       string    `json:"ttl,omitempty"`
+	RequestID string    `json:"requestId,omitempty"`
+	Locks     []BatchItem `json:"locks,omitempty"`
+}
+
+type acquireAnswer struct {
+	Acquired      bool     `json:"acquired"`
+	LockKey       string   `json:"lockKey"`
+	Lock          *Lock    `json:"lock"`
+	Locks         []Lock   `json:"locks"`
+	Reason        Reason   `json:"reason"`
+	Holder        *Lock    `json:"holder"`
+	QueuePosition *int     `json:"queuePosition"`
+	Cycle         []string `json:"cycle"`
+}
+
+func (a acquireAnswer) refused(op string) error {
+	if a.Reason == ReasonUnavailable {
+		return &UnavailableError{Op: op, Key: a.LockKey, Status: http.StatusConflict,
+			Message: "the lock store did not answer and the service fails closed"}
+	}
+	held := &HeldError{Key: a.LockKey, Reason: a.Reason, Holder: a.Holder, Cycle: a.Cycle}
+	if a.QueuePosition != nil {
+		held.QueuePosition = *a.QueuePosition
+	}
+	return held
+}
+
+func users(u User) User {
+	if u.Teams == nil {
+		u.Teams = []string{}
+	}
+	return u
+}
+
+func (r AcquireRequest) body() acquireBody {
+	b := acquireBody{Project: r.Project, Workspace: r.Workspace, Pull: r.Pull, User: users(r.User),
+		Priority: r.Priority, RequestID: r.RequestID}
+	if b.Project.Path == "" {
+		b.Project.Path = "."
+	}
+	if r.Wait > 0 {
+		b.Wait = goDuration(r.Wait)
+	}
+	if r.TTL > 0 {
+		b.TTL = goDuration(r.TTL)
+	}
+	return b
+}
+
+// Acquire asks for one lock. Granted: the lock. Not granted: a *HeldError with the reason
+// and the holder. The same pull asking again for a lock it holds gets it back unchanged,
+// which is why an acquire is retried when the service could not be reached.
+func (c *Client) Acquire(ctx context.Context, r AcquireRequest) (*Lock, error) {
+	k := call{op: "acquire", method: http.MethodPost, path: "/v1/locks", body: r.body(),
+		key: LockKey(r.Project, r.Workspace), idempotent: true, wait: r.Wait}
+	got, err := c.do(ctx, k)
+	if err != nil {
+		return nil, err
+	}
+	if got.status != http.StatusOK && got.status != http.StatusConflict {
+		return nil, refusal(k, got)
+	}
+	a, err := decode[acquireAnswer](k, got)
+	if err != nil {
+		return nil, err
+	}
+	if !a.Acquired || a.Lock == nil {
+		return nil, a.refused(k.op)
+	}
+	return a.Lock, nil
+}
+
+// AcquireBatch asks for several locks of one pull, all or nothing; while it waits it holds
+// none of them. Not granted: a *HeldError naming the key that blocked it.
+func (c *Client) AcquireBatch(ctx context.Context, r BatchRequest) ([]Lock, error) {
+	body := AcquireRequest{Pull: r.Pull, User: r.User, Priority: r.Priority, Wait: r.Wait,
+		TTL: r.TTL, RequestID: r.RequestID}.body()
+	body.Locks = make([]BatchItem, len(r.Locks))
+	for i, item := range r.Locks {
+		if item.Workspace == "" {
+			item.Workspace = "default"
+		}
+		if item.Project.Path == "" {
+			item.Project.Path = "."
+		}
+		body.Locks[i] = item
+	}
+	k := call{op: "acquire-batch", method: http.MethodPost, path: "/v1/locks/batch", body: body,
+		idempotent: true, wait: r.Wait}
+	got, err := c.do(ctx, k)
+	if err != nil {
+		return nil, err
+	}
+	if got.status != http.StatusOK && got.status != http.StatusConflict {
+		return nil, refusal(k, got)
+	}
+	a, err := decode[acquireAnswer](k, got)
+	if err != nil {
+		return nil, err
+	}
+	if !a.Acquired {
+		return nil, a.refused(k.op)
+	}
+	return a.Locks, nil
+}
+
+type lockAnswer struct {
+	Lock *Lock `json:"lock"`
+}
+
+// Get is the lock held on key, or nil when the key is free.
+func (c *Client) Get(ctx context.Context, key string) (*Lock, error) {
+	k := call{op: "get", method: http.MethodGet, path: "/v1/locks/by-key",
+		query: url.Values{"key": {key}}, key: key, idempotent: true}
+	got, err := c.do(ctx, k)
+	if err != nil {
+		return nil, err
+	}
+	switch got.status {
+	case http.StatusOK:
+		a, err := decode[lockAnswer](k, got)
+		return a.Lock, err
+	case http.StatusNotFound:
+		return nil, nil
+	default:
+		return nil, refusal(k, got)
+	}
+}
+
+type locksAnswer struct {
+	Locks []Lock `json:"locks"`
+}
+
+// List is every held lock, optionally of one repository (exact) and/or pull.
+func (c *Client) List(ctx context.Context, f ListFilter) ([]Lock, error) {
+	q := url.Values{}
+	if f.Repo != "" {
+		q.Set("repo", f.Repo)
+	}
+	if f.Pull != nil {
+		q.Set("pull", strconv.Itoa(*f.Pull))
+	}
+	k := call{op: "list", method: http.MethodGet, path: "/v1/locks", query: q, idempotent: true}
+	got, err := c.do(ctx, k)
+	if err != nil {
+		return nil, err
+	}
+	if got.status != http.StatusOK {
+		return nil, refusal(k, got)
+	}
+	a, err := decode[locksAnswer](k, got)
+	return a.Locks, err
+}
+
+type releaseAnswer struct {
+	Released bool  `json:"released"`
+	Lock     *Lock `json:"lock"`
+}
+
+func (c *Client) release(ctx context.Context, k call) (*Lock, error) {
+	got, err := c.do(ctx, k)
+	if err != nil {
+		return nil, err
+	}
+	switch got.status {
+	case http.StatusOK:
+		a, err := decode[releaseAnswer](k, got)
+		return a.Lock, err
+	case http.StatusNotFound:
+		return nil, nil
+	default:
+		return nil, refusal(k, got)
+	}
+}
+
+// Release frees the lock on key whoever holds it (Atlantis's unlock). It answers the lock
+// it freed, or nil when the key was free. Sent once: a repeat could free a lock that another
+// pull took in between.
+func (c *Client) Release(ctx context.Context, key string) (*Lock, error) {
+	return c.release(ctx, call{op: "release", method: http.MethodDelete, path: "/v1/locks/by-key",
+		query: url.Values{"key": {key}}, key: key})
+}
+
+// ReleaseIfOwned frees the lock on key only if pull (of the lock's repository) holds it;
+// another pull's lock answers a *NotOwnerError. Nil when the key was free.
+func (c *Client) ReleaseIfOwned(ctx context.Context, key string, pull int) (*Lock, error) {
+	return c.release(ctx, call{op: "release", method: http.MethodDelete, path: "/v1/locks/by-key",
+		query: url.Values{"key": {key}, "pull": {strconv.Itoa(pull)}}, key: key, idempotent: true})
+}
+
+// ForceUnlock frees the lock on key whoever holds it and serves its queue (an admin call).
+// Nil when the key was free.
+func (c *Client) ForceUnlock(ctx context.Context, key string) (*Lock, error) {
+	return c.release(ctx, call{op: "force-unlock", method: http.MethodPost,
+		path: "/v1/admin/force-unlock", query: url.Values{"key": {key}}, key: key})
+}
+
+type pullReleaseAnswer struct {
+	Released []Lock `json:"released"`
+}
+
+// ReleasePull frees every lock of one pull of one repository (exactly that repository: not
+// another whose name starts the same) and answers them.
+func (c *Client) ReleasePull(ctx context.Context, repo string, pull int) ([]Lock, error) {
+	k := call{op: "release-pull", method: http.MethodDelete, path: "/v1/locks/by-pull",
+		query: url.Values{"repo": {repo}, "pull": {strconv.Itoa(pull)}}}
+	got, err := c.do(ctx, k)
+	if err != nil {
+		return nil, err
+	}
+	if got.status != http.StatusOK {
+		return nil, refusal(k, got)
+	}
+	a, err := decode[pullReleaseAnswer](k, got)
+	return a.Released, err
+}
+
+// ReleaseBatch frees several locks; with pull, only if that pull holds every held one.
+func (c *Client) ReleaseBatch(ctx context.Context, keys []string, pull *int) (BatchRelease, error) {
+	q := url.Values{"key": keys}
+	if pull != nil {
+		q.Set("pull", strconv.Itoa(*pull))
+	}
+	k := call{op: "release-batch", method: http.MethodDelete, path: "/v1/locks/batch", query: q,
+		idempotent: pull != nil}
+	got, err := c.do(ctx, k)
+	if err != nil {
+		return BatchRelease{}, err
+	}
+	if got.status != http.StatusOK {
+		return BatchRelease{}, refusal(k, got)
+	}
+	return decode[BatchRelease](k, got)
+}
+
+type refreshBody struct {
+	Key  string `json:"key"`
+	Pull int    `json:"pull"`
+	TTL  string `json:"ttl,omitempty"`
+}
+
+// Refresh extends the lease of the lock on key, held by pull, to now + ttl (0: the service's
+// lock-ttl). A free key answers nil and no error; another pull's lock a *NotOwnerError.
+func (c *Client) Refresh(ctx context.Context, key string, pull int, ttl time.Duration) (*Lock, error) {
+	body := refreshBody{Key: key, Pull: pull}
+	if ttl > 0 {
+		body.TTL = goDuration(ttl)
+	}
+	k := call{op: "refresh", method: http.MethodPost, path: "/v1/locks/refresh", body: body,
+		key: key, idempotent: true}
+	got, err := c.do(ctx, k)
+	if err != nil {
+		return nil, err
+	}
+	switch got.status {
+	case http.StatusOK:
+		a, err := decode[lockAnswer](k, got)
+		return a.Lock, err
+	case http.StatusNotFound:
+		return nil, nil
+	default:
+		return nil, refusal(k, got)
+	}
+}
+
+// Queue is the holder of key and its waiters in service order.
+func (c *Client) Queue(ctx context.Context, key string) (*Queue, error) {
+	k := call{op: "queue", method: http.MethodGet, path: "/v1/queue",
+		query: url.Values{"key": {key}}, key: key, idempotent: true}
+	got, err := c.do(ctx, k)
+	if err != nil {
+		return nil, err
+	}
+	if got.status != http.StatusOK {
+		return nil, refusal(k, got)
+	}
+	q, err := decode[Queue](k, got)
+	return &q, err
+}
+
+// Cancel takes a queued request (by its waiter id or its RequestID) out of key's queue; the
+// request is answered "cancelled". False when no such request is queued.
+func (c *Client) Cancel(ctx context.Context, key, id string) (bool, error) {
+	k := call{op: "cancel", method: http.MethodDelete, path: "/v1/queue",
+		query: url.Values{"key": {key}, "id": {id}}, key: key}
+	got, err := c.do(ctx, k)
+	if err != nil {
+		return false, err
+	}
+	switch got.status {
+	case http.StatusOK:
+		return true, nil
+	case http.StatusNotFound:
+		return false, nil
+	default:
+		return false, refusal(k, got)
+	}
+}
+
+// Ready checks that the service and every store it uses answer (GET /readyz).
+func (c *Client) Ready(ctx context.Context) error {
+	k := call{op: "ready", method: http.MethodGet, path: "/readyz", idempotent: true}
+	got, err := c.send(ctxOr(ctx, c.callTimeout), k, nil)
+	if err != nil {
+		return &UnavailableError{Op: k.op, Err: err}
+	}
+	if got.status != http.StatusOK {
+		if got.status == http.StatusServiceUnavailable {
+			return &UnavailableError{Op: k.op, Status: got.status, Message: string(bytes.TrimSpace(got.body))}
+		}
+		return refusal(k, got)
+	}
+	return nil
+}
+
+func ctxOr(ctx context.Context, d time.Duration) context.Context {
+	if d <= 0 {
+		return ctx
+	}
+	bounded, cancel := context.WithTimeout(ctx, d)
+	context.AfterFunc(bounded, cancel)
+	return bounded
+}
+
+var errStreamClosed = errors.New("event stream closed")

@@ -1,0 +1,114 @@
+package client
+
+import (
+	"errors"
+	"fmt"
+)
+
+// The errors a call can return, as a tree:
+//
+//	error
+//	├── *HeldError         an acquire was not granted: the holder, the reason (held, timeout,
+//	│                      queue_full, deadlock, cancelled) and the queue position
+//	├── *NotOwnerError     a release or refresh named a pull that does not hold the lock
+//	├── *InvalidError      the service refused the request as written (4xx: which field, why)
+//	├── *DeniedError       the service does not know or allow the caller (401, 403)
+//	└── *UnavailableError  the service, or the store behind it, did not answer; the only
+//	                       error a retry can cure
+//
+// Every error that is about one lock carries its key. Match them with errors.As; a call
+// that was cancelled or ran out of time through its context answers with an
+// *UnavailableError wrapping the context's error, so errors.Is(err, context.Canceled) holds.
+
+// HeldError says an acquire was not granted.
+type HeldError struct {
+	Key string
+	// Reason is why: ReasonHeld, ReasonTimeout, ReasonQueueFull, ReasonDeadlock or
+	// ReasonCancelled.
+	Reason Reason
+	// Holder is the lock that stood in the way, when the service named one.
+	Holder *Lock
+	// QueuePosition is the request's place in the key's queue when it gave up (0: none).
+	QueuePosition int
+	// Cycle lists the keys of a deadlock, when Reason is ReasonDeadlock.
+	Cycle []string
+}
+
+func (e *HeldError) Error() string {
+	if e.Holder != nil {
+		return fmt.Sprintf("lock %s not acquired (%s): held by pull #%d of %s",
+			e.Key, e.Reason, e.Holder.Pull.Num, e.Holder.Project.RepoFullName)
+	}
+	return fmt.Sprintf("lock %s not acquired (%s)", e.Key, e.Reason)
+}
+
+// NotOwnerError says a release or refresh named a pull that does not hold the lock.
+type NotOwnerError struct {
+	Key     string
+	Holder  *Lock
+	Message string
+}
+
+func (e *NotOwnerError) Error() string { return e.Message }
+
+// InvalidError says the service refused the request as written.
+type InvalidError struct {
+	Status int
+	// Field names what was wrong (e.g. "wait", "pull.num"), when the service said.
+	Field   string
+	Message string
+	Key     string
+}
+
+func (e *InvalidError) Error() string { return fmt.Sprintf("invalid request: %s", e.Message) }
+
+// DeniedError says the service refused the caller: 401 (who) or 403 (not allowed).
+type DeniedError struct {
+	Status  int
+	Message string
+}
+
+func (e *DeniedError) Error() string {
+	return fmt.Sprintf("refused by the lock service (%d): %s", e.Status, e.Message)
+}
+
+// UnavailableError says the service, or the store behind it, did not answer.
+type UnavailableError struct {
+	// Op is the call ("acquire", "list", ...).
+	Op  string
+	Key string
+	// Status is the HTTP status when the service answered (502, 503, 504, or 409 with
+	// reason "unavailable"); 0 when it could not be reached.
+	Status  int
+	Message string
+	Err     error
+}
+
+func (e *UnavailableError) Error() string {
+	where := ""
+	if e.Key != "" {
+		where = " of " + e.Key
+	}
+	switch {
+	case e.Err != nil:
+		return fmt.Sprintf("lock service unavailable (%s%s): %v", e.Op, where, e.Err)
+	case e.Status != 0:
+		return fmt.Sprintf("lock service unavailable (%s%s, %d): %s", e.Op, where, e.Status, e.Message)
+	default:
+		return fmt.Sprintf("lock service unavailable (%s%s): %s", e.Op, where, e.Message)
+	}
+}
+
+func (e *UnavailableError) Unwrap() error { return e.Err }
+
+// IsHeld reports whether err says an acquire was not granted, whatever the reason.
+func IsHeld(err error) bool {
+	var held *HeldError
+	return errors.As(err, &held)
+}
+
+// IsUnavailable reports whether err says the service or its store did not answer.
+func IsUnavailable(err error) bool {
+	var unavailable *UnavailableError
+	return errors.As(err, &unavailable)
+}

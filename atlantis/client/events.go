@@ -1,0 +1,217 @@
+package client
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"strings"
+	"sync"
+	"time"
+)
+
+// Event is something that happened to a lock or to the configuration.
+type Event struct {
+	// ID orders the events ("<ms>-<seq>"); a stream resumes after it.
+	ID   string    `json:"id"`
+	Type string    `json:"type"`
+	Time time.Time `json:"time"`
+	Key  string    `json:"key"`
+	Repo string    `json:"repo"`
+	Lock *Lock     `json:"lock"`
+	// Details carries what the type adds (a queue position, a deadlock's cycle...).
+	Details map[string]any `json:"details"`
+}
+
+// EventGap is the type of the event a resumed stream starts with when some events after
+// Last-Event-ID are no longer kept: re-read the state rather than trust the replay.
+const EventGap = "gap"
+
+// EventFilter narrows a stream; LastEventID resumes after that event.
+type EventFilter struct {
+	Repo        string
+	KeyPrefix   string
+	Types       []string
+	LastEventID string
+}
+
+// EventStream reads Server-Sent Events from GET /v1/events. When the connection breaks it
+// reconnects (with backoff) and resumes after the last event it returned, sending
+// Last-Event-ID, so no event is skipped or repeated while the service keeps them.
+type EventStream struct {
+	c      *Client
+	ctx    context.Context
+	cancel context.CancelFunc
+	filter EventFilter
+
+	mu     sync.Mutex
+	body   io.ReadCloser
+	reader *bufio.Reader
+}
+
+// Events opens the event stream. The first connection is made before it returns, so an
+// invalid filter or an unreachable service is an error here. Close it when done.
+func (c *Client) Events(ctx context.Context, f EventFilter) (*EventStream, error) {
+	ctx, cancel := context.WithCancel(ctx)
+	s := &EventStream{c: c, ctx: ctx, cancel: cancel, filter: f}
+	if err := s.connect(); err != nil {
+		cancel()
+		return nil, err
+	}
+	return s, nil
+}
+
+// LastEventID is the id of the last event Next returned (where a resume starts).
+func (s *EventStream) LastEventID() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.filter.LastEventID
+}
+
+// Close ends the stream.
+func (s *EventStream) Close() error {
+	s.cancel()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.body != nil {
+		return s.body.Close()
+	}
+	return nil
+}
+
+func (s *EventStream) connect() error {
+	q := url.Values{}
+	if s.filter.Repo != "" {
+		q.Set("repo", s.filter.Repo)
+	}
+	if s.filter.KeyPrefix != "" {
+		q.Set("keyPrefix", s.filter.KeyPrefix)
+	}
+	if len(s.filter.Types) > 0 {
+		q.Set("type", strings.Join(s.filter.Types, ","))
+	}
+	req, err := http.NewRequestWithContext(s.ctx, http.MethodGet, s.c.endpoint("/v1/events", q), nil)
+	if err != nil {
+		return &InvalidError{Message: err.Error()}
+	}
+	req.Header.Set("Accept", "text/event-stream")
+	if s.filter.LastEventID != "" {
+		req.Header.Set("Last-Event-ID", s.filter.LastEventID)
+	}
+	if s.c.token != "" {
+		req.Header.Set("Authorization", "Bearer "+s.c.token)
+	}
+	resp, err := s.c.http.Do(req)
+	if err != nil {
+		return &UnavailableError{Op: "events", Err: err}
+	}
+	if resp.StatusCode != http.StatusOK {
+		data, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+		resp.Body.Close() //nolint:errcheck
+		return refusal(call{op: "events"}, answer{status: resp.StatusCode, body: data})
+	}
+	s.mu.Lock()
+	s.body, s.reader = resp.Body, bufio.NewReader(resp.Body)
+	s.mu.Unlock()
+	return nil
+}
+
+// Next blocks until the next event. A broken connection is reopened, resuming after the
+// last event returned, up to the client's retry attempts in a row; after that, or when the
+// context ends or Close is called, it answers an error.
+func (s *EventStream) Next() (Event, error) {
+	failures := 0
+	delay := s.c.backoff
+	for {
+		ev, err := s.read()
+		if err == nil {
+			s.mu.Lock()
+			s.filter.LastEventID = ev.ID
+			s.mu.Unlock()
+			return ev, nil
+		}
+		if s.ctx.Err() != nil {
+			return Event{}, &UnavailableError{Op: "events", Err: s.ctx.Err()}
+		}
+		failures++
+		if failures > s.c.attempts {
+			return Event{}, &UnavailableError{Op: "events", Err: err}
+		}
+		select {
+		case <-s.ctx.Done():
+			return Event{}, &UnavailableError{Op: "events", Err: s.ctx.Err()}
+		case <-time.After(delay):
+		}
+		delay = min(2*delay, s.c.maxBackoff)
+		if cerr := s.reconnect(); cerr != nil && !IsUnavailable(cerr) {
+			return Event{}, cerr
+		}
+	}
+}
+
+func (s *EventStream) reconnect() error {
+	s.mu.Lock()
+	if s.body != nil {
+		s.body.Close() //nolint:errcheck
+		s.body, s.reader = nil, nil
+	}
+	s.mu.Unlock()
+	return s.connect()
+}
+
+// read parses one SSE event (lines up to a blank line); comments and pings are skipped.
+func (s *EventStream) read() (Event, error) {
+	s.mu.Lock()
+	reader := s.reader
+	s.mu.Unlock()
+	if reader == nil {
+		return Event{}, errStreamClosed
+	}
+	var id, kind string
+	var data strings.Builder
+	for {
+		line, err := reader.ReadString('\n')
+		if err != nil {
+			return Event{}, err
+		}
+		line = strings.TrimRight(line, "\r\n")
+		if line == "" {
+			if data.Len() == 0 && kind == "" {
+				continue
+			}
+			ev := Event{ID: id, Type: kind}
+			if data.Len() > 0 && kind != EventGap {
+				if err := json.Unmarshal([]byte(data.String()), &ev); err != nil {
+					return Event{}, fmt.Errorf("unreadable event %q: %w", id, err)
+				}
+			}
+			if ev.ID == "" {
+				ev.ID = id
+			}
+			if kind == EventGap {
+				// A gap is not a place to resume from: the stream stays where it was.
+				ev.ID = s.LastEventID()
+			}
+			return ev, nil
+		}
+		if strings.HasPrefix(line, ":") {
+			continue
+		}
+		field, value, _ := strings.Cut(line, ":")
+		value = strings.TrimPrefix(value, " ")
+		switch field {
+		case "id":
+			id = value
+		case "event":
+			kind = value
+		case "data":
+			if data.Len() > 0 {
+				data.WriteByte('\n')
+			}
+			data.WriteString(value)
+		}
+	}
+}

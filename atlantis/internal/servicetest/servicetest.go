@@ -1,0 +1,232 @@
+// Package servicetest starts the real parts the Go tests run against: a redis-server and
+// `enhanced-locking serve`, each on a free port of 127.0.0.1, stopped when the test ends.
+//
+// A part that cannot be found fails the test with how to get it; nothing is skipped.
+package servicetest
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// Loopback is the only address tests listen on or call.
+const Loopback = "127.0.0.1"
+
+// FreePort is a TCP port of 127.0.0.1 that nothing listens on right now.
+func FreePort(t testing.TB) int {
+	t.Helper()
+	l, err := net.Listen("tcp", Loopback+":0")
+	if err != nil {
+		t.Fatalf("no free loopback port: %v", err)
+	}
+	defer l.Close() //nolint:errcheck
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// RepoRoot is the repository's top directory (the one with pyproject.toml).
+func RepoRoot(t testing.TB) string {
+	t.Helper()
+	dir, err := os.Getwd()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for {
+		if _, err := os.Stat(filepath.Join(dir, "pyproject.toml")); err == nil {
+			return dir
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			t.Fatal("cannot find the repository root (pyproject.toml) above the test's directory")
+		}
+		dir = parent
+	}
+}
+
+// Process is one started process: its address, and its output for failure reports.
+type Process struct {
+	Name string
+	Addr string
+	cmd  *exec.Cmd
+	log  string
+	done chan struct{}
+}
+
+// Exited reports whether the process has ended.
+func (p *Process) Exited() bool {
+	select {
+	case <-p.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// Output is what the process wrote so far (stdout and stderr).
+func (p *Process) Output() string {
+	data, _ := os.ReadFile(p.log)
+	return string(data)
+}
+
+// Stop ends the process: SIGTERM, then SIGKILL after a grace period.
+func (p *Process) Stop() {
+	if p.Exited() {
+		return
+	}
+	_ = p.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-p.done:
+	case <-time.After(10 * time.Second):
+		_ = p.cmd.Process.Kill()
+		<-p.done
+	}
+}
+
+// Start runs argv with its output in a file of t's temp dir; the process dies with the test
+// process (Pdeathsig) and is stopped at cleanup.
+func Start(t testing.TB, name string, env []string, argv ...string) *Process {
+	t.Helper()
+	logPath := filepath.Join(t.TempDir(), name+".log")
+	out, err := os.Create(logPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(argv[0], argv[1:]...)
+	cmd.Stdout, cmd.Stderr, cmd.Env = out, out, env
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("cannot start %s: %v", name, err)
+	}
+	p := &Process{Name: name, cmd: cmd, log: logPath, done: make(chan struct{})}
+	go func() { _ = cmd.Wait(); close(p.done) }()
+	t.Cleanup(func() {
+		p.Stop()
+		out.Close() //nolint:errcheck
+		if t.Failed() {
+			t.Logf("--- output of %s ---\n%s", name, tail(p.Output(), 4000))
+		}
+	})
+	return p
+}
+
+func tail(s string, n int) string {
+	if len(s) > n {
+		return "..." + s[len(s)-n:]
+	}
+	return s
+}
+
+// Redis starts a redis-server without persistence on a free loopback port; "host:port".
+func Redis(t testing.TB) string {
+	t.Helper()
+	bin, err := exec.LookPath("redis-server")
+	if err != nil {
+		t.Fatal("redis-server is not installed: run hack/ensure-redis.sh (Debian's redis-server package)")
+	}
+	port := FreePort(t)
+	p := Start(t, "redis-"+strconv.Itoa(port), os.Environ(), bin, "--port", strconv.Itoa(port),
+		"--bind", Loopback, "--save", "", "--appendonly", "no", "--protected-mode", "yes")
+	addr := net.JoinHostPort(Loopback, strconv.Itoa(port))
+	waitFor(t, p, func() bool {
+		conn, err := net.DialTimeout("tcp", addr, time.Second)
+		if err != nil {
+			return false
+		}
+		defer conn.Close() //nolint:errcheck
+		_, _ = conn.Write([]byte("PING\r\n"))
+		line, err := bufio.NewReader(conn).ReadString('\n')
+		return err == nil && strings.HasPrefix(line, "+PONG")
+	})
+	p.Addr = addr
+	return addr
+}
+
+// EnhancedLockingCommand is the installed `enhanced-locking` console script: from
+// ENHANCED_LOCKING_COMMAND, or the repository's .venv (made by `make venv`).
+func EnhancedLockingCommand(t testing.TB) string {
+	t.Helper()
+	if cmd := os.Getenv("ENHANCED_LOCKING_COMMAND"); cmd != "" {
+		return cmd
+	}
+	venv := filepath.Join(RepoRoot(t), ".venv", "bin", "enhanced-locking")
+	if _, err := os.Stat(venv); err != nil {
+		t.Fatalf("the enhanced-locking command is not installed at %s: run `make venv` in the "+
+			"repository (or set ENHANCED_LOCKING_COMMAND)", venv)
+	}
+	return venv
+}
+
+// Service is a running `enhanced-locking serve`.
+type Service struct {
+	*Process
+	URL     string
+	DataDir string
+}
+
+// Serve starts `enhanced-locking serve` on a free loopback port with its own data dir and
+// extra arguments (e.g. "--enhanced-locking-legacy-backend", "redis", ...), and waits until
+// /healthz answers.
+func Serve(t testing.TB, args ...string) *Service {
+	t.Helper()
+	port := FreePort(t)
+	dataDir := t.TempDir()
+	argv := append([]string{EnhancedLockingCommand(t), "serve", "--host", Loopback,
+		"--port", strconv.Itoa(port), "--data-dir", dataDir, "--log-level", "warning"}, args...)
+	var env []string
+	for _, kv := range os.Environ() {
+		// A developer's own settings must not change what a test sees.
+		if strings.HasPrefix(kv, "ATLANTIS_ENHANCED_LOCKING_") || strings.HasPrefix(kv, "ENHANCED_LOCKING_") ||
+			strings.HasPrefix(kv, "ATLANTIS_DATA_DIR=") {
+			continue
+		}
+		env = append(env, kv)
+	}
+	p := Start(t, "enhanced-locking-"+strconv.Itoa(port), env, argv...)
+	url := fmt.Sprintf("http://%s:%d", Loopback, port)
+	waitFor(t, p, func() bool {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url+"/readyz", nil)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			return false
+		}
+		resp.Body.Close() //nolint:errcheck
+		return resp.StatusCode == http.StatusOK
+	})
+	p.Addr = net.JoinHostPort(Loopback, strconv.Itoa(port))
+	return &Service{Process: p, URL: url, DataDir: dataDir}
+}
+
+// RedisArgs are the serve flags that put the legacy locker (and the enhanced one, when
+// enabled) on the Redis at addr: the legacy store then speaks Atlantis's own Redis layout.
+func RedisArgs(addr string) []string {
+	return []string{"--enhanced-locking-legacy-backend", "redis", "--enhanced-locking-backend", "redis",
+		"--enhanced-locking-redis-addr", addr}
+}
+
+func waitFor(t testing.TB, p *Process, ready func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		if p.Exited() {
+			break
+		}
+		if ready() {
+			return
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	p.Stop()
+	t.Fatalf("%s did not become ready within 30s:\n%s", p.Name, tail(p.Output(), 4000))
+}

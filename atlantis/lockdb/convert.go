@@ -1,0 +1,82 @@
+package lockdb
+
+import (
+	"github.com/runatlantis/atlantis/server/events/models"
+
+	"github.com/runatlantis/enhanced-locking/atlantis/client"
+)
+
+// What crosses to the service and back. Every field Atlantis reads from a lock survives:
+// Project, Workspace, User (name and teams), Time (the service's grant time), and of the
+// pull its number, URL, author, branches, head commit, state and base repository (full
+// name, owner, name, VCS host and type). Not carried, on purpose: BaseRepo.CloneURL (it holds
+// Atlantis's VCS token; locks never store credentials) and SanitizedCloneURL, the pull's
+// Body and HardenedNonPRRefCheckout — Atlantis reads none of them from a lock.
+
+func project(p models.Project) client.Project {
+	return client.Project{RepoFullName: p.RepoFullName, Path: client.CleanPath(p.Path), ProjectName: p.ProjectName}
+}
+
+var pullStates = map[models.PullRequestState]string{models.OpenPullState: "open", models.ClosedPullState: "closed"}
+
+func pull(p models.PullRequest) client.Pull {
+	out := client.Pull{
+		Num: p.Num, URL: p.URL, Author: p.Author, HeadBranch: p.HeadBranch,
+		BaseBranch: p.BaseBranch, HeadCommit: p.HeadCommit, State: pullStates[p.State],
+	}
+	if host := p.BaseRepo.VCSHost; host.Hostname != "" {
+		out.VCSHost = &client.VCSHost{Hostname: host.Hostname, Type: host.Type.String()}
+	}
+	return out
+}
+
+func user(u models.User) client.User {
+	return client.User{Username: u.Username, Teams: u.Teams}
+}
+
+var vcsTypes = map[string]models.VCSHostType{
+	"Github": models.Github, "Gitlab": models.Gitlab, "BitbucketCloud": models.BitbucketCloud,
+	"BitbucketServer": models.BitbucketServer, "AzureDevops": models.AzureDevops, "Gitea": models.Gitea,
+}
+
+func projectLock(l client.Lock) models.ProjectLock {
+	state := models.OpenPullState
+	if l.Pull.State == "closed" {
+		state = models.ClosedPullState
+	}
+	var teams []string
+	if len(l.User.Teams) > 0 {
+		teams = l.User.Teams
+	}
+	out := models.ProjectLock{
+		Project: models.Project{
+			ProjectName: l.Project.ProjectName, RepoFullName: l.Project.RepoFullName, Path: l.Project.Path,
+		},
+		Workspace: l.Workspace,
+		Pull: models.PullRequest{
+			Num: l.Pull.Num, HeadCommit: l.Pull.HeadCommit, URL: l.Pull.URL,
+			HeadBranch: l.Pull.HeadBranch, BaseBranch: l.Pull.BaseBranch, Author: l.Pull.Author,
+			State: state,
+		},
+		User: models.User{Username: l.User.Username, Teams: teams},
+		Time: l.AcquiredAt.Local(),
+	}
+	// A pull that came with its host gets its base repository back as Atlantis built it;
+	// one that came without (a bare PullRequest) gets the empty one it had.
+	if host := l.Pull.VCSHost; host != nil && host.Hostname != "" {
+		owner, name := models.SplitRepoFullName(l.Project.RepoFullName)
+		out.Pull.BaseRepo = models.Repo{
+			FullName: l.Project.RepoFullName, Owner: owner, Name: name,
+			VCSHost: models.VCSHost{Hostname: host.Hostname, Type: vcsTypes[host.Type]},
+		}
+	}
+	return out
+}
+
+func projectLocks(locks []client.Lock) []models.ProjectLock {
+	out := make([]models.ProjectLock, 0, len(locks))
+	for _, l := range locks {
+		out = append(out, projectLock(l))
+	}
+	return out
+}

@@ -1,0 +1,250 @@
+// Package lockdb is Atlantis's lock database (db.Database, server/core/db) backed by the
+// lock service.
+//
+// The six lock methods (TryLock, Unlock, UnlockIfOwnedByPull, List, GetLock, UnlockByPull)
+// go to the service over its HTTP API; pull statuses and command locks (the global apply
+// lock) stay in the Atlantis database it wraps — BoltDB or Redis, as Atlantis opened it. An
+// Atlantis build wires it in where server.go chooses its database:
+//
+//	wrapped, _ := boltdb.New(dataDir)           // or redis.NewWithConfig(...)
+//	database, err := lockdb.New("http://enhanced-locking:4142", wrapped,
+//	        lockdb.WithWait(2*time.Minute))     // queue instead of "locked by #12"
+//
+// The service unreachable is an error from every lock method, so Atlantis fails closed as
+// it does when its own database is down: nothing is granted that was not recorded.
+package lockdb
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"maps"
+	"time"
+
+	"github.com/runatlantis/atlantis/server/core/db"
+	"github.com/runatlantis/atlantis/server/events/command"
+	"github.com/runatlantis/atlantis/server/events/models"
+
+	"github.com/runatlantis/enhanced-locking/atlantis/client"
+)
+
+// Database sends lock calls to the service and the rest to the database it wraps.
+type Database struct {
+	service  *client.Client
+	wrapped  db.Database
+	wait     time.Duration
+	priority client.Priority
+	byCmd    map[command.Name]client.Priority
+	timeout  time.Duration
+
+	clientOpts []client.Option
+}
+
+var _ db.Database = (*Database)(nil)
+
+// Option configures a Database.
+type Option func(*Database)
+
+// WithWait lets TryLock wait in the key's queue up to d before answering "locked by another
+// pull" (0, the default: fail fast, as Atlantis does). Waiting needs the service's enhanced
+// locker (enhanced-locking-enabled); the legacy locker answers at once.
+func WithWait(d time.Duration) Option { return func(b *Database) { b.wait = d } }
+
+// WithPriority is TryLock's priority in the queue when no command says otherwise
+// (default normal).
+func WithPriority(p client.Priority) Option { return func(b *Database) { b.priority = p } }
+
+// WithCommandPriorities sets the priority of each command's view (see ForCommand); the
+// default puts apply above plan: {apply: high, plan: normal}.
+func WithCommandPriorities(m map[command.Name]client.Priority) Option {
+	return func(b *Database) { b.byCmd = maps.Clone(m) }
+}
+
+// WithTimeout bounds each call (db.Database passes no context); a waiting TryLock gets its
+// wait on top. Default 30s.
+func WithTimeout(d time.Duration) Option { return func(b *Database) { b.timeout = d } }
+
+// WithClientOptions configures the HTTP client (bearer token, retries, transport).
+func WithClientOptions(opts ...client.Option) Option {
+	return func(b *Database) { b.clientOpts = append(b.clientOpts, opts...) }
+}
+
+// New is the lock database at serviceURL, with pull statuses and command locks in wrapped.
+// It does not call the service: Ping does.
+func New(serviceURL string, wrapped db.Database, opts ...Option) (*Database, error) {
+	if wrapped == nil {
+		return nil, errors.New("lockdb: a database to keep pull statuses and command locks in is needed")
+	}
+	b := &Database{
+		wrapped:  wrapped,
+		priority: client.PriorityNormal,
+		byCmd:    map[command.Name]client.Priority{command.Apply: client.PriorityHigh, command.Plan: client.PriorityNormal},
+		timeout:  30 * time.Second,
+	}
+	for _, opt := range opts {
+		opt(b)
+	}
+	svc, err := client.New(serviceURL, b.clientOpts...)
+	if err != nil {
+		return nil, err
+	}
+	b.service = svc
+	b.clientOpts = nil
+	return b, nil
+}
+
+// ForCommand is a view of the same database whose TryLock asks with the command's priority
+// (apply above plan by default): an Atlantis build gives each command runner its view.
+func (b *Database) ForCommand(name command.Name) *Database {
+	view := *b
+	if p, ok := b.byCmd[name]; ok {
+		view.priority = p
+	}
+	return &view
+}
+
+// Client is the service client the database uses (queues, events, admin calls).
+func (b *Database) Client() *client.Client { return b.service }
+
+// Wrapped is the Atlantis database that keeps pull statuses and command locks.
+func (b *Database) Wrapped() db.Database { return b.wrapped }
+
+func (b *Database) ctx(extra time.Duration) (context.Context, context.CancelFunc) {
+	if b.timeout <= 0 {
+		return context.WithCancel(context.Background())
+	}
+	return context.WithTimeout(context.Background(), b.timeout+extra)
+}
+
+func key(p models.Project, workspace string) string {
+	return client.LockKey(project(p), workspace)
+}
+
+// TryLock asks the service for the lock. Granted: (true, lock). Held by another pull:
+// (false, the holder). The same pull asking again gets its lock (true), as Atlantis's
+// project locker expects.
+func (b *Database) TryLock(lock models.ProjectLock) (bool, models.ProjectLock, error) {
+	ctx, cancel := b.ctx(b.wait)
+	defer cancel()
+	_, err := b.service.Acquire(ctx, client.AcquireRequest{
+		Project:   project(lock.Project),
+		Workspace: lock.Workspace,
+		Pull:      pull(lock.Pull),
+		User:      user(lock.User),
+		Priority:  b.priority,
+		Wait:      b.wait,
+	})
+	if err == nil {
+		return true, lock, nil
+	}
+	var held *client.HeldError
+	if errors.As(err, &held) && held.Holder != nil {
+		return false, projectLock(*held.Holder), nil
+	}
+	return false, models.ProjectLock{}, fmt.Errorf("lock service: %w", err)
+}
+
+// Unlock frees the lock whoever holds it; nil when there was none.
+func (b *Database) Unlock(p models.Project, workspace string) (*models.ProjectLock, error) {
+	ctx, cancel := b.ctx(0)
+	defer cancel()
+	lock, err := b.service.Release(ctx, key(p, workspace))
+	return optional(lock, err)
+}
+
+// UnlockIfOwnedByPull frees the lock only if pullNum (of the project's repository) holds it;
+// nil, and the lock kept, otherwise.
+func (b *Database) UnlockIfOwnedByPull(p models.Project, workspace string, pullNum int) (*models.ProjectLock, error) {
+	ctx, cancel := b.ctx(0)
+	defer cancel()
+	lock, err := b.service.ReleaseIfOwned(ctx, key(p, workspace), pullNum)
+	var notOwner *client.NotOwnerError
+	if errors.As(err, &notOwner) {
+		return nil, nil
+	}
+	return optional(lock, err)
+}
+
+// List is every lock the service holds.
+func (b *Database) List() ([]models.ProjectLock, error) {
+	ctx, cancel := b.ctx(0)
+	defer cancel()
+	locks, err := b.service.List(ctx, client.ListFilter{})
+	if err != nil {
+		return nil, fmt.Errorf("lock service: %w", err)
+	}
+	return projectLocks(locks), nil
+}
+
+// GetLock is the lock on the project and workspace; nil when there is none.
+func (b *Database) GetLock(p models.Project, workspace string) (*models.ProjectLock, error) {
+	ctx, cancel := b.ctx(0)
+	defer cancel()
+	lock, err := b.service.Get(ctx, key(p, workspace))
+	return optional(lock, err)
+}
+
+// UnlockByPull frees every lock of the pull of exactly that repository. Atlantis's own
+// databases match the repository by prefix (closing PR 5 of org/app also frees PR 5 of
+// org/app-infra); the service does not.
+func (b *Database) UnlockByPull(repoFullName string, pullNum int) ([]models.ProjectLock, error) {
+	ctx, cancel := b.ctx(0)
+	defer cancel()
+	locks, err := b.service.ReleasePull(ctx, repoFullName, pullNum)
+	if err != nil {
+		return nil, fmt.Errorf("lock service: %w", err)
+	}
+	return projectLocks(locks), nil
+}
+
+func (b *Database) UpdateProjectStatus(pull models.PullRequest, workspace string, repoRelDir string, newStatus models.ProjectPlanStatus) error {
+	return b.wrapped.UpdateProjectStatus(pull, workspace, repoRelDir, newStatus)
+}
+
+func (b *Database) GetPullStatus(pull models.PullRequest) (*models.PullStatus, error) {
+	return b.wrapped.GetPullStatus(pull)
+}
+
+func (b *Database) DeletePullStatus(pull models.PullRequest) error {
+	return b.wrapped.DeletePullStatus(pull)
+}
+
+func (b *Database) UpdatePullWithResults(pull models.PullRequest, newResults []command.ProjectResult) (models.PullStatus, error) {
+	return b.wrapped.UpdatePullWithResults(pull, newResults)
+}
+
+func (b *Database) LockCommand(cmdName command.Name, lockTime time.Time) (*command.Lock, error) {
+	return b.wrapped.LockCommand(cmdName, lockTime)
+}
+
+func (b *Database) UnlockCommand(cmdName command.Name) error {
+	return b.wrapped.UnlockCommand(cmdName)
+}
+
+func (b *Database) CheckCommandLock(cmdName command.Name) (*command.Lock, error) {
+	return b.wrapped.CheckCommandLock(cmdName)
+}
+
+// Ping checks both: the service and its stores (readiness), then the wrapped database.
+func (b *Database) Ping() error {
+	ctx, cancel := b.ctx(0)
+	defer cancel()
+	if err := b.service.Ready(ctx); err != nil {
+		return fmt.Errorf("lock service: %w", err)
+	}
+	return b.wrapped.Ping()
+}
+
+// Close closes the wrapped database (the service keeps running).
+func (b *Database) Close() error { return b.wrapped.Close() }
+
+func optional(lock *client.Lock, err error) (*models.ProjectLock, error) {
+	if err != nil {
+		return nil, fmt.Errorf("lock service: %w", err)
+	}
+	if lock == nil {
+		return nil, nil
+	}
+	converted := projectLock(*lock)
+	return &converted, nil
+}

@@ -1,0 +1,465 @@
+package lockdb_test
+
+import (
+	"fmt"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/runatlantis/atlantis/server/core/boltdb"
+	"github.com/runatlantis/atlantis/server/core/locking"
+	"github.com/runatlantis/atlantis/server/events"
+	"github.com/runatlantis/atlantis/server/events/command"
+	"github.com/runatlantis/atlantis/server/events/models"
+	"github.com/runatlantis/atlantis/server/events/vcs/github"
+	"github.com/runatlantis/atlantis/server/logging"
+
+	"github.com/runatlantis/enhanced-locking/atlantis/client"
+	"github.com/runatlantis/enhanced-locking/atlantis/internal/servicetest"
+	"github.com/runatlantis/enhanced-locking/atlantis/lockdb"
+)
+
+// store is one way to run the service: its default embedded store, or Redis (where the
+// legacy store speaks Atlantis's own Redis layout).
+type store struct {
+	name  string
+	serve func(t *testing.T, extra ...string) *servicetest.Service
+}
+
+var stores = []store{
+	{"embedded", func(t *testing.T, extra ...string) *servicetest.Service {
+		return servicetest.Serve(t, extra...)
+	}},
+	{"redis", func(t *testing.T, extra ...string) *servicetest.Service {
+		return servicetest.Serve(t, append(servicetest.RedisArgs(servicetest.Redis(t)), extra...)...)
+	}},
+}
+
+func forEachStore(t *testing.T, test func(t *testing.T, s store)) {
+	for _, s := range stores {
+		t.Run(s.name, func(t *testing.T) { test(t, s) })
+	}
+}
+
+// open is the adapter on svc, wrapping Atlantis's own BoltDB for pull statuses and command
+// locks.
+func open(t *testing.T, svc *servicetest.Service, opts ...lockdb.Option) *lockdb.Database {
+	t.Helper()
+	wrapped, err := boltdb.New(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	database, err := lockdb.New(svc.URL, wrapped, opts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { database.Close() }) //nolint:errcheck
+	if err := database.Ping(); err != nil {
+		t.Fatalf("ping: %v", err)
+	}
+	return database
+}
+
+func pullOf(repo string, num int) models.PullRequest {
+	owner, name := models.SplitRepoFullName(repo)
+	return models.PullRequest{
+		Num: num, HeadCommit: fmt.Sprintf("c0ffee%d", num), URL: fmt.Sprintf("https://github.com/%s/pull/%d", repo, num),
+		HeadBranch: fmt.Sprintf("feature-%d", num), BaseBranch: "main", Author: "alice",
+		State: models.OpenPullState,
+		BaseRepo: models.Repo{FullName: repo, Owner: owner, Name: name,
+			VCSHost: models.VCSHost{Hostname: "github.com", Type: models.Github}},
+	}
+}
+
+var alice = models.User{Username: "alice", Teams: []string{"platform", "sre"}}
+
+func TestAtlantisLockingClientRunsAgainstTheService(t *testing.T) {
+	forEachStore(t, func(t *testing.T, s store) {
+		database := open(t, s.serve(t))
+		locker := locking.NewClient(database)
+		project := models.NewProject("acme/infra", "envs/prod/", "prod")
+
+		got, err := locker.TryLock(project, "default", pullOf("acme/infra", 12), alice)
+		must(t, err)
+		if !got.LockAcquired || got.LockKey != "acme/infra/envs/prod/default/prod" {
+			t.Fatalf("pull 12 should get acme/infra/envs/prod/default/prod, got %+v", got)
+		}
+		// The same pull asking again keeps its lock; another pull is told who holds it.
+		again, err := locker.TryLock(project, "default", pullOf("acme/infra", 12), alice)
+		must(t, err)
+		if !again.LockAcquired {
+			t.Fatalf("the holder asking again should keep its lock, got %+v", again)
+		}
+		other, err := locker.TryLock(project, "default", pullOf("acme/infra", 13), alice)
+		must(t, err)
+		if other.LockAcquired || other.CurrLock.Pull.Num != 12 {
+			t.Fatalf("pull 13 should be refused with pull 12 as holder, got %+v", other)
+		}
+
+		all, err := locker.List()
+		must(t, err)
+		held, ok := all[got.LockKey]
+		if len(all) != 1 || !ok {
+			t.Fatalf("List should hold exactly %s, got %v", got.LockKey, all)
+		}
+		if held.Pull.Num != 12 || held.User.Username != "alice" || held.Project != project {
+			t.Fatalf("listed lock has the wrong fields: %+v", held)
+		}
+		byKey, err := locker.GetLock(got.LockKey)
+		must(t, err)
+		if byKey == nil || byKey.Pull.Num != 12 {
+			t.Fatalf("GetLock(%s) = %+v", got.LockKey, byKey)
+		}
+
+		freed, err := locker.Unlock(got.LockKey)
+		must(t, err)
+		if freed == nil || freed.Pull.Num != 12 {
+			t.Fatalf("Unlock should answer pull 12's lock, got %+v", freed)
+		}
+		gone, err := locker.GetLock(got.LockKey)
+		must(t, err)
+		if gone != nil {
+			t.Fatalf("the lock should be gone, got %+v", gone)
+		}
+
+		// UnlockByPull frees every lock of the pull, and only those.
+		for _, path := range []string{"envs/a", "envs/b"} {
+			r, err := locker.TryLock(models.NewProject("acme/infra", path, ""), "default", pullOf("acme/infra", 20), alice)
+			must(t, err)
+			if !r.LockAcquired {
+				t.Fatalf("pull 20 should get %s", path)
+			}
+		}
+		r, err := locker.TryLock(models.NewProject("acme/infra", "envs/c", ""), "default", pullOf("acme/infra", 21), alice)
+		must(t, err)
+		if !r.LockAcquired {
+			t.Fatal("pull 21 should get envs/c")
+		}
+		released, err := locker.UnlockByPull("acme/infra", 20)
+		must(t, err)
+		if len(released) != 2 {
+			t.Fatalf("UnlockByPull(acme/infra, 20) should free 2 locks, freed %+v", released)
+		}
+		left, err := locker.List()
+		must(t, err)
+		if _, ok := left["acme/infra/envs/c/default/"]; len(left) != 1 || !ok {
+			t.Fatalf("only pull 21's lock should remain, got %v", left)
+		}
+	})
+}
+
+func TestEveryFieldOfAProjectLockSurvivesTheRoundTrip(t *testing.T) {
+	forEachStore(t, func(t *testing.T, s store) {
+		database := open(t, s.serve(t))
+		want := models.ProjectLock{
+			Project:   models.NewProject("acme/platform/infra", "modules/net", "net"),
+			Workspace: "staging",
+			Pull:      pullOf("acme/platform/infra", 7),
+			User:      alice,
+			Time:      time.Now(),
+		}
+		want.Pull.BaseRepo.VCSHost = models.VCSHost{Hostname: "gitlab.example.com", Type: models.Gitlab}
+		want.Pull.URL = "https://gitlab.example.com/acme/platform/infra/-/merge_requests/7"
+		acquired, _, err := database.TryLock(want)
+		must(t, err)
+		if !acquired {
+			t.Fatal("the lock should be granted")
+		}
+		got, err := database.GetLock(want.Project, want.Workspace)
+		must(t, err)
+		if got == nil {
+			t.Fatal("GetLock found nothing")
+		}
+		if got.Project != want.Project || got.Workspace != want.Workspace {
+			t.Errorf("project/workspace: got %+v %q, want %+v %q", got.Project, got.Workspace, want.Project, want.Workspace)
+		}
+		if fmt.Sprint(got.User) != fmt.Sprint(want.User) {
+			t.Errorf("user: got %+v, want %+v", got.User, want.User)
+		}
+		if fmt.Sprintf("%+v", got.Pull) != fmt.Sprintf("%+v", want.Pull) {
+			t.Errorf("pull:\n got %+v\nwant %+v", got.Pull, want.Pull)
+		}
+		if d := got.Time.Sub(want.Time); d < -time.Second || d > 5*time.Second {
+			t.Errorf("time: got %v, want about %v (the grant time)", got.Time, want.Time)
+		}
+	})
+}
+
+func TestPathsAreCleanedAsAtlantisCleansThem(t *testing.T) {
+	database := open(t, servicetest.Serve(t))
+	first := models.ProjectLock{Project: models.Project{RepoFullName: "acme/infra", Path: "envs/net/"},
+		Workspace: "default", Pull: models.PullRequest{Num: 1}, User: alice, Time: time.Now()}
+	second := first
+	second.Project.Path = "./envs/net"
+	second.Pull.Num = 2
+	ok, _, err := database.TryLock(first)
+	must(t, err)
+	if !ok {
+		t.Fatal("pull 1 should get envs/net/")
+	}
+	ok, holder, err := database.TryLock(second)
+	must(t, err)
+	if ok || holder.Pull.Num != 1 {
+		t.Fatalf("./envs/net is the same project as envs/net/: pull 2 must be refused, got %v %+v", ok, holder)
+	}
+}
+
+func TestAtlantisProjectLockerSaysWhoHoldsTheLock(t *testing.T) {
+	forEachStore(t, func(t *testing.T, s store) {
+		database := open(t, s.serve(t))
+		locker := &events.DefaultProjectLocker{
+			Locker:         locking.NewClient(database),
+			NoOpLocker:     locking.NewNoOpLocker(),
+			VCSClient:      &github.Client{},
+			ExecutableName: "atlantis",
+		}
+		log := logging.NewNoopLogger(t)
+		project := models.NewProject("acme/infra", "envs/prod", "")
+
+		first, err := locker.TryLock(log, pullOf("acme/infra", 1), alice, "default", project, true)
+		must(t, err)
+		if !first.LockAcquired {
+			t.Fatalf("pull 1 should get the lock: %+v", first)
+		}
+		second, err := locker.TryLock(log, pullOf("acme/infra", 2), alice, "default", project, true)
+		must(t, err)
+		want := "This project is currently locked by an unapplied plan from pull #1."
+		if second.LockAcquired || !strings.Contains(second.LockFailureReason, want) {
+			t.Fatalf("pull 2 should read %q, got %+v", want, second)
+		}
+		// Pull 1's unlock function frees it only while pull 1 holds it.
+		must(t, first.UnlockFn())
+		third, err := locker.TryLock(log, pullOf("acme/infra", 2), alice, "default", project, true)
+		must(t, err)
+		if !third.LockAcquired {
+			t.Fatalf("pull 2 should get the lock once pull 1 let go: %+v", third)
+		}
+		must(t, first.UnlockFn()) // pull 1's stale unlock must not free pull 2's lock
+		held, err := database.GetLock(project, "default")
+		must(t, err)
+		if held == nil || held.Pull.Num != 2 {
+			t.Fatalf("pull 2 should still hold the lock, got %+v", held)
+		}
+	})
+}
+
+func TestAtlantisApplyLockStaysInTheWrappedDatabase(t *testing.T) {
+	database := open(t, servicetest.Serve(t))
+	apply := locking.NewApplyClient(database, false, false)
+	state, err := apply.CheckApplyLock()
+	must(t, err)
+	if state.Locked {
+		t.Fatal("no apply lock yet")
+	}
+	locked, err := apply.LockApply()
+	must(t, err)
+	if !locked.Locked {
+		t.Fatal("LockApply should lock")
+	}
+	// It is the wrapped database's command lock, not a project lock in the service.
+	inWrapped, err := database.Wrapped().CheckCommandLock(command.Apply)
+	must(t, err)
+	if inWrapped == nil || !inWrapped.IsLocked() {
+		t.Fatal("the apply lock should live in the wrapped database")
+	}
+	locks, err := database.List()
+	must(t, err)
+	if len(locks) != 0 {
+		t.Fatalf("the apply lock is not a project lock: %+v", locks)
+	}
+	must(t, apply.UnlockApply())
+	state, err = apply.CheckApplyLock()
+	must(t, err)
+	if state.Locked {
+		t.Fatal("UnlockApply should unlock")
+	}
+}
+
+// grant is one holding seen by a client: from after its acquire answered to before its
+// release was sent. That interval lies inside the real holding, so two of one key that
+// overlap are two real holdings that overlapped: a lock granted twice.
+type grant struct {
+	pull       int
+	start, end time.Time
+}
+
+func TestManyGoroutinesThroughAtlantisClientNeverShareALock(t *testing.T) {
+	forEachStore(t, func(t *testing.T, s store) {
+		database := open(t, s.serve(t))
+		locker := locking.NewClient(database)
+		const workers, rounds = 24, 8
+		projects := []models.Project{models.NewProject("acme/infra", "envs/prod", ""), models.NewProject("acme/infra", "envs/dev", "")}
+		var mu sync.Mutex
+		history := map[string][]grant{}
+		var inside [2]atomic.Int32
+		var overlaps, refusals atomic.Int32
+		var wg sync.WaitGroup
+		for w := 0; w < workers; w++ {
+			wg.Add(1)
+			go func(w int) {
+				defer wg.Done()
+				for r := 0; r < rounds; r++ {
+					i := (w + r) % len(projects)
+					pull := pullOf("acme/infra", 100+w)
+					got, err := locker.TryLock(projects[i], "default", pull, alice)
+					if err != nil {
+						t.Errorf("worker %d: %v", w, err)
+						return
+					}
+					if !got.LockAcquired {
+						refusals.Add(1)
+						continue
+					}
+					start := time.Now()
+					if inside[i].Add(1) != 1 {
+						overlaps.Add(1)
+					}
+					time.Sleep(time.Millisecond)
+					inside[i].Add(-1)
+					end := time.Now()
+					if _, err := locker.UnlockIfOwnedByPull(projects[i], "default", pull.Num); err != nil {
+						t.Errorf("worker %d: unlock: %v", w, err)
+						return
+					}
+					mu.Lock()
+					history[got.LockKey] = append(history[got.LockKey], grant{pull.Num, start, end})
+					mu.Unlock()
+				}
+			}(w)
+		}
+		wg.Wait()
+		if overlaps.Load() != 0 {
+			t.Fatalf("%d times two goroutines held one lock at once", overlaps.Load())
+		}
+		grants := 0
+		for key, gs := range history {
+			grants += len(gs)
+			for i := range gs {
+				for j := i + 1; j < len(gs); j++ {
+					if gs[i].start.Before(gs[j].end) && gs[j].start.Before(gs[i].end) {
+						t.Fatalf("%s granted twice: pull %d and pull %d held it at once", key, gs[i].pull, gs[j].pull)
+					}
+				}
+			}
+		}
+		if grants == 0 || refusals.Load() == 0 {
+			t.Fatalf("the case was not contended: %d grants, %d refusals", grants, refusals.Load())
+		}
+		t.Logf("%d grants, %d refusals, no lock held twice", grants, refusals.Load())
+	})
+}
+
+func TestUnlockByPullMatchesTheRepositoryExactlyUnlikeAtlantis(t *testing.T) {
+	// Atlantis's own databases free PR 5 of every repository whose name starts with the
+	// closed one's; the service frees only the closed pull's repository.
+	lockBoth := func(t *testing.T, database interface {
+		TryLock(models.ProjectLock) (bool, models.ProjectLock, error)
+	}) {
+		for _, repo := range []string{"org/app", "org/app-infra"} {
+			ok, _, err := database.TryLock(models.ProjectLock{Project: models.NewProject(repo, ".", ""),
+				Workspace: "default", Pull: pullOf(repo, 5), User: alice, Time: time.Now()})
+			must(t, err)
+			if !ok {
+				t.Fatalf("PR 5 of %s should get its lock", repo)
+			}
+		}
+	}
+	atlantisOwn, err := boltdb.New(t.TempDir())
+	must(t, err)
+	defer atlantisOwn.Close() //nolint:errcheck
+	lockBoth(t, atlantisOwn)
+	freedByAtlantis, err := atlantisOwn.UnlockByPull("org/app", 5)
+	must(t, err)
+	if len(freedByAtlantis) != 2 {
+		t.Fatalf("Atlantis's BoltDB is expected to free both (prefix match), freed %d", len(freedByAtlantis))
+	}
+
+	database := open(t, servicetest.Serve(t))
+	lockBoth(t, database)
+	freed, err := database.UnlockByPull("org/app", 5)
+	must(t, err)
+	if len(freed) != 1 || freed[0].Project.RepoFullName != "org/app" {
+		t.Fatalf("the service must free only org/app's lock, freed %+v", freed)
+	}
+	kept, err := database.GetLock(models.NewProject("org/app-infra", ".", ""), "default")
+	must(t, err)
+	if kept == nil || kept.Pull.Num != 5 {
+		t.Fatalf("PR 5 of org/app-infra must keep its lock, got %+v", kept)
+	}
+}
+
+func TestTheServiceUnreachableFailsClosed(t *testing.T) {
+	svc := servicetest.Serve(t)
+	database := open(t, svc, lockdb.WithClientOptions(client.WithRetries(2, 10*time.Millisecond)))
+	svc.Stop()
+	lock := models.ProjectLock{Project: models.NewProject("acme/infra", ".", ""), Workspace: "default",
+		Pull: pullOf("acme/infra", 1), User: alice, Time: time.Now()}
+	ok, _, err := database.TryLock(lock)
+	if ok || err == nil || !client.IsUnavailable(err) {
+		t.Fatalf("TryLock with the service down must fail with an unavailable error, got %v %v", ok, err)
+	}
+	if _, err := database.List(); err == nil {
+		t.Fatal("List with the service down must fail")
+	}
+	if _, err := database.Unlock(lock.Project, "default"); err == nil {
+		t.Fatal("Unlock with the service down must fail")
+	}
+	if err := database.Ping(); err == nil {
+		t.Fatal("Ping must check the service")
+	}
+	// The wrapped database still answers what it keeps.
+	if _, err := database.CheckCommandLock(command.Apply); err != nil {
+		t.Fatalf("command locks live in the wrapped database: %v", err)
+	}
+}
+
+func TestTryLockWaitsInTheQueueAndApplyGoesBeforePlan(t *testing.T) {
+	forEachStore(t, func(t *testing.T, s store) {
+		svc := s.serve(t, "--enhanced-locking-enabled", "--enhanced-locking-priority-queue")
+		database := open(t, svc, lockdb.WithWait(20*time.Second))
+		project := models.NewProject("acme/infra", "envs/prod", "")
+		lockFor := func(num int) models.ProjectLock {
+			return models.ProjectLock{Project: project, Workspace: "default", Pull: pullOf("acme/infra", num), User: alice, Time: time.Now()}
+		}
+		ok, _, err := database.TryLock(lockFor(1))
+		must(t, err)
+		if !ok {
+			t.Fatal("pull 1 should get the free lock at once")
+		}
+		key := models.GenerateLockKey(project, "default")
+		order := make(chan int, 2)
+		var wg sync.WaitGroup
+		wait := func(view *lockdb.Database, num int) {
+			defer wg.Done()
+			ok, holder, err := view.TryLock(lockFor(num))
+			if err != nil || !ok {
+				t.Errorf("pull %d should be granted from the queue, got %v %+v %v", num, ok, holder, err)
+				return
+			}
+			order <- num
+			_, err = view.UnlockIfOwnedByPull(project, "default", num)
+			if err != nil {
+				t.Errorf("pull %d unlock: %v", num, err)
+			}
+		}
+		wg.Add(1)
+		go wait(database.ForCommand(command.Plan), 2)
+		waitForWaiters(t, database.Client(), key, 1)
+		wg.Add(1)
+		go wait(database.ForCommand(command.Apply), 3)
+		waitForWaiters(t, database.Client(), key, 2)
+		_, err = database.UnlockIfOwnedByPull(project, "default", 1)
+		must(t, err)
+		wg.Wait()
+		close(order)
+		var got []int
+		for n := range order {
+			got = append(got, n)
+		}
+		if fmt.Sprint(got) != "[3 2]" {
+			t.Fatalf("apply (pull 3, queued second) should be served before plan (pull 2): got %v", got)
+		}
+	})
+}
