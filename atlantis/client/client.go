@@ -254,14 +254,14 @@ func decode[T any](k call, got answer) (T, error) {
 func goDuration(d time.Duration) string { return d.String() }
 
 type acquireBody struct {
-	Project   Project   `json:"project"`
-	Workspace string    `json:"workspace,omitempty"`
-	Pull      Pull      `json:"pull"`
-	User      User      `json:"user"`
-	Priority  Priority  `json:"priority,omitempty"`
-	Wait      string    `json:"wait,omitempty"`
-	TTL       string    `json:"ttl,omitempty"`
-	RequestID string    `json:"requestId,omitempty"`
+	Project   Project     `json:"project"`
+	Workspace string      `json:"workspace,omitempty"`
+	Pull      Pull        `json:"pull"`
+	User      User        `json:"user"`
+	Priority  Priority    `json:"priority,omitempty"`
+	Wait      string      `json:"wait,omitempty"`
+	TTL       string      `json:"ttl,omitempty"`
+	RequestID string      `json:"requestId,omitempty"`
 	Locks     []BatchItem `json:"locks,omitempty"`
 }
 

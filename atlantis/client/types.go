@@ -117,7 +117,7 @@ type BatchRequest struct {
 
 // BatchRelease is the answer to a batch release.
 type BatchRelease struct {
-	Released []Lock  `json:"released"`
+	Released []Lock   `json:"released"`
 	NotHeld  []string `json:"notHeld"`
 }
 
