@@ -83,6 +83,11 @@ class Metrics:
             "Replicas seen in the registry, by state (live, pending, excluded).",
             ["state"], registry=r,
         )
+        self.replica_isolated = Gauge(
+            "enhanced_locking_replica_isolated",
+            "1 while this replica cannot report to the replica registry and so takes every key "
+            "on both sides; 0 otherwise.", registry=r,
+        )
         self.fallback_pending = Gauge(
             "enhanced_locking_fallback_pending",
             "Fallback grants and releases not yet reconciled into the enhanced backend.",

@@ -28,6 +28,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    PrivateAttr,
     WithJsonSchema,
     field_validator,
     model_validator,
@@ -431,10 +432,20 @@ class AcquireResult(_Model):
     holder: Lock | None = None
     queue_position: int | None = None
     cycle: list[str] | None = None
+    _fresh: bool = PrivateAttr(default=True)
 
     @classmethod
-    def granted(cls, lock: Lock) -> AcquireResult:
-        return cls(acquired=True, lock_key=lock.key, lock=lock)
+    def granted(cls, lock: Lock, *, fresh: bool = True) -> AcquireResult:
+        """``fresh``: granted by this call (false when the pull already held it)."""
+        result = cls(acquired=True, lock_key=lock.key, lock=lock)
+        result._fresh = fresh
+        return result
+
+    @property
+    def fresh(self) -> bool:
+        """Granted by this call: a caller gone before the answer gives it back. A lock the
+        pull already held (Atlantis's rule: asked again, it is granted unchanged) is not."""
+        return self.acquired and self._fresh
 
     @classmethod
     def refused(

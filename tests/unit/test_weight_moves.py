@@ -19,7 +19,7 @@ from enhanced_locking.metrics import Metrics
 from enhanced_locking.migration.replicas import MemoryReplicaRegistry
 from enhanced_locking.migration.transition import Band, WeightTransitions, authority_weight
 from enhanced_locking.provider import ConfigProvider
-from enhanced_locking.types import Event, LockRequest, Reason
+from enhanced_locking.types import BackendUnavailable, Event, LockRequest, Reason
 
 
 class FakeClock:
@@ -208,12 +208,14 @@ async def test_a_replica_that_never_reported_is_not_waited_for(data_dir: Path) -
 # --- the transition state machine on its own -------------------------------------------------
 
 
-def _transitions(config: EnhancedLockingConfig,
-                 registry: MemoryReplicaRegistry) -> tuple[WeightTransitions, ConfigProvider]:
+def _transitions(config: EnhancedLockingConfig, registry: MemoryReplicaRegistry, *,
+                 clock: FakeClock | None = None, events: EventBus | None = None,
+                 metrics: Metrics | None = None) -> tuple[WeightTransitions, ConfigProvider]:
     provider = ConfigProvider(config)
     transitions = WeightTransitions(
         replica_id="self", snapshot=lambda: provider.current, registry=lambda: registry,
-        events=EventBus(), metrics=Metrics(),
+        events=events or EventBus(), metrics=metrics or Metrics(),
+        **({"clock": clock} if clock is not None else {}),
     )
     provider.subscribe(transitions.on_snapshot)
     return transitions, provider
@@ -266,3 +268,83 @@ def test_shadow_mode_and_disabled_leave_every_key_to_legacy() -> None:
 def _by(request: LockRequest, *, pull: int) -> LockRequest:
     """The same project and workspace, asked for by another pull of the same repository."""
     return request.model_copy(update={"pull": request_for(pull=pull).pull})
+
+
+# --- a slow replica is not an isolated one ---------------------------------------------------
+
+
+class FlakyRegistry(MemoryReplicaRegistry):
+    """An in-process registry that can stop answering, as an unreachable Redis would."""
+
+    down = False
+
+    async def report(self, *, replica_id: str, weight: float, generation: int) -> None:
+        if self.down:
+            raise BackendUnavailable("the replica registry did not answer")
+        await super().report(replica_id=replica_id, weight=weight, generation=generation)
+
+
+def _isolated_metric(metrics: Metrics) -> float | None:
+    return metrics.registry.get_sample_value("enhanced_locking_replica_isolated")
+
+
+async def test_a_replica_whose_rounds_ran_late_reads_the_registry_again_and_keeps_routing(
+) -> None:
+    clock = FakeClock()
+    registry = MemoryReplicaRegistry(clock=clock)
+    events, metrics = EventBus(), Metrics()
+    transitions, _ = _transitions(
+        EnhancedLockingConfig(enabled=True, migration_weight=30, replica_heartbeat="100ms"),
+        registry, clock=clock, events=events, metrics=metrics)
+    seen: list[Event] = []
+    events.subscribe(seen.append)
+    await transitions.tick()
+    keys = [f"k{i}" for i in range(50)]
+
+    clock.now += 30.0  # the event loop was saturated: no round ran for 30 s
+    assert transitions.stale
+    assert not any(transitions.plan(key).both for key in keys), "slowness is no isolation"
+    await transitions.refresh()  # what the router does before routing an acquire
+    assert not transitions.stale
+    assert (await registry.read(expiry=EnhancedLockingConfig().replica_expiry)).reports[0].seen \
+        == clock.now, "the late replica reported again before routing"
+    assert transitions.status().phase == "stable"
+    assert not any(transitions.plan(key).both for key in keys)
+    assert [e for e in seen if e.type == "routing-changed"] == []
+    assert _isolated_metric(metrics) == 0
+
+
+async def test_a_replica_whose_registry_stops_answering_is_isolated_and_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = FakeClock()
+    registry = FlakyRegistry(clock=clock)
+    events, metrics = EventBus(), Metrics()
+    transitions, _ = _transitions(
+        EnhancedLockingConfig(enabled=True, migration_weight=30, replica_heartbeat="1s"),
+        registry, clock=clock, events=events, metrics=metrics)
+    seen: list[Event] = []
+    events.subscribe(seen.append)
+    await transitions.tick()
+    keys = [f"k{i}" for i in range(50)]
+
+    registry.down = True
+    clock.now += 1.0
+    status = await transitions.tick()
+    assert status.phase == "stable", "one missed report is not enough to stop trusting"
+    clock.now += 1.5  # past the expiry minus a heartbeat since the last report taken
+    await transitions.refresh()
+    assert transitions.status().phase == "isolated"
+    assert all(transitions.plan(key).both for key in keys)
+    assert _isolated_metric(metrics) == 1
+    changed = [e.details for e in seen if e.type == "routing-changed"]
+    assert changed[-1]["phase"] == "isolated" and "did not answer" in changed[-1]["error"]
+    assert "taking every key on both sides" in caplog.text
+
+    registry.down = False
+    clock.now += 1.0
+    await transitions.tick()
+    assert transitions.status().phase == "stable"
+    assert not any(transitions.plan(key).both for key in keys)
+    assert _isolated_metric(metrics) == 0
+    assert [e.details["phase"] for e in seen if e.type == "routing-changed"][-1] == "rejoined"

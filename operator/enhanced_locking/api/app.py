@@ -7,7 +7,9 @@ back into the documented shapes.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -15,14 +17,16 @@ from fastapi import FastAPI, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from enhanced_locking.api.disconnect import ClientGone, unless_disconnected
+from enhanced_locking.api.disconnect import AnswerUnlessGone, ClientGone, answer_unless_gone
 from enhanced_locking.api.errors import error_answers, install_error_handlers, json_error
 from enhanced_locking.api.queue_routes import install_queue_routes
 from enhanced_locking.api.sse import install_event_stream
 from enhanced_locking.factory import LockService
-from enhanced_locking.types import AcquireResult, Lock, LockRequest
+from enhanced_locking.types import AcquireResult, Lock, LockingError, LockRequest
 
 __all__ = ["create_app"]
+
+log = logging.getLogger(__name__)
 
 Key = Annotated[str, Query(min_length=1, max_length=4096, description="The lock key.")]
 Repo = Annotated[str, Query(min_length=1, max_length=512, description="owner/name")]
@@ -69,12 +73,29 @@ def create_app(service: LockService, *, manage_lifecycle: bool = True) -> FastAP
         With ``wait`` the request waits in the key's queue; if the client disconnects while
         waiting, its place in the queue is given up (nothing is granted to it afterwards).
         """
-        work = router.acquire(request)
         try:
-            result = await (unless_disconnected(http, work) if request.wait else work)
-        except ClientGone:
+            result = await answer_unless_gone(http, router.acquire(request),
+                                              watch=bool(request.wait))
+        except ClientGone as gone:
+            await _give_back(gone.answer, request)
             return JSONResponse({"error": "client disconnected"}, status_code=499)
-        return JSONResponse(_dump(result), status_code=200 if result.acquired else 409)
+        if not result.fresh:
+            return JSONResponse(_dump(result), status_code=200 if result.acquired else 409)
+        return AnswerUnlessGone(_dump(result), status_code=200,
+                                on_gone=lambda: _give_back(result, request))
+
+    async def _give_back(answer: AcquireResult | None, request: LockRequest) -> None:
+        """A grant nobody will read is released, never left held by a caller that is gone."""
+        if answer is None or not answer.fresh or answer.lock is None:
+            return
+        owner = (request.project.repo_full_name, request.pull.num)
+        try:
+            await asyncio.shield(router.release(answer.lock.key, owner=owner))
+        except LockingError as error:  # freed or taken meanwhile, or the store failed
+            log.warning("could not give back %s (its client left before the answer): %s",
+                        answer.lock.key, error)
+            return
+        log.info("gave back %s: its client left before the answer", answer.lock.key)
 
     @app.get("/v1/locks")
     async def list_locks(repo: Repo | None = None, pull: PullNum | None = None) -> Any:

@@ -1,4 +1,4 @@
-"""Stop waiting for a client that has gone away.
+"""Stop waiting for a client that has gone away, and give back what it can no longer use.
 
 A request that waits in a queue holds its HTTP connection open until it is answered. If the
 client disconnects meanwhile (Ctrl-C, a proxy timeout, a crashed CI job), the wait must end
@@ -6,24 +6,37 @@ client disconnects meanwhile (Ctrl-C, a proxy timeout, a crashed CI job), the wa
 us through an ``http.disconnect`` message, which this module watches for alongside the work;
 cancelling the work makes the locker withdraw the waiter and give back anything granted in the
 meantime (see :mod:`enhanced_locking.locking.queueing`).
+
+The grant and the disconnect can also arrive together, or the client can go while a busy
+server was still working on an answer that does not wait at all. Then the work has an answer
+nobody will read: :class:`ClientGone` carries it, so the caller can give a fresh grant back
+instead of leaving it held by nobody. (A client that disconnects after the answer left the
+server has its answer in flight; the server cannot tell, as with any HTTP service.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Generic, TypeVar
 
 from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.types import Receive, Scope, Send
 
-__all__ = ["ClientGone", "unless_disconnected"]
+__all__ = ["AnswerUnlessGone", "ClientGone", "answer_unless_gone"]
 
 T = TypeVar("T")
 
 
-class ClientGone(Exception):
-    """The client disconnected before its answer was ready."""
+class ClientGone(Exception, Generic[T]):
+    """The client disconnected before its answer was sent; ``answer`` is what the work came to
+    (None when it was cancelled before it had one)."""
+
+    def __init__(self, answer: T | None = None) -> None:
+        super().__init__("client disconnected")
+        self.answer = answer
 
 
 async def _disconnected(request: Request) -> None:
@@ -33,8 +46,13 @@ async def _disconnected(request: Request) -> None:
             return
 
 
-async def unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:
-    """Run ``work``; if the client disconnects first, cancel it and raise ``ClientGone``."""
+async def answer_unless_gone(request: Request, work: Coroutine[Any, Any, T], *,
+                             watch: bool) -> T:
+    """Run ``work``; with ``watch`` (a request that may wait) a disconnect cancels it at once
+    and raises ``ClientGone``, with the answer if the work had one already. (Without, the work
+    runs to its end: :class:`AnswerUnlessGone` looks at the connection as it answers.)"""
+    if not watch:
+        return await work
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_disconnected(request))
     try:
@@ -43,10 +61,50 @@ async def unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) ->
         task.cancel()
         raise
     finally:
-        watcher.cancel()
+        if not watcher.done():
+            watcher.cancel()
     if task.done():
+        if watcher.done() and not watcher.cancelled():
+            raise ClientGone(task.result())
         return task.result()
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
-        await task
+        answer = await task  # the work may have finished before the cancel reached it
+        raise ClientGone(answer)
     raise ClientGone
+
+
+class AnswerUnlessGone(JSONResponse):
+    """A JSON answer sent only if its client is still connected as it goes out; otherwise
+    ``on_gone`` runs instead (it gives a fresh grant back). Looked at in the last step before
+    the first byte is sent, so no await separates the look from the send."""
+
+    def __init__(self, content: Any, *, status_code: int,
+                 on_gone: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(content, status_code=status_code)
+        self._on_gone = on_gone
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if _gone_already(receive):
+            await self._on_gone()
+            return
+        await super().__call__(scope, receive, send)
+
+
+def _gone_already(receive: Receive) -> bool:
+    """Whether the server has already seen the client go, looked at without yielding.
+
+    ``Request.is_disconnected`` waits one event-loop step for its answer, and a disconnect
+    arriving in that step would be missed. The server's ``receive`` answers a disconnect it
+    has seen at once, so it is run up to its first suspension only: a message by then is the
+    answer; a suspension means nothing has arrived (and the step is dropped, unconsumed)."""
+    step = receive()
+    if not isinstance(step, Coroutine):
+        step.close() if hasattr(step, "close") else None
+        return False
+    try:
+        step.send(None)
+    except StopIteration as done:
+        return bool(done.value and done.value.get("type") == "http.disconnect")
+    step.close()
+    return False

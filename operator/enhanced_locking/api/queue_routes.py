@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from enhanced_locking.api.disconnect import ClientGone, unless_disconnected
+from enhanced_locking.api.disconnect import ClientGone, answer_unless_gone
 from enhanced_locking.api.errors import json_error
 from enhanced_locking.backends.waiting import Waiter
 from enhanced_locking.durations import Duration
@@ -79,9 +79,9 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
     async def acquire_batch(body: BatchLockRequest, request: Request) -> Any:
         """Acquire several locks of one pull, all or nothing; with ``wait`` it waits holding
         none of them. 409 names the key that blocked it and why."""
-        work = router.acquire_batch(body)
         try:
-            result = await (unless_disconnected(request, work) if body.wait else work)
+            result = await answer_unless_gone(request, router.acquire_batch(body),
+                                              watch=bool(body.wait))
         except ClientGone:
             return JSONResponse({"error": "client disconnected"}, status_code=499)
         return JSONResponse(_dump(result), status_code=200 if result.acquired else 409)

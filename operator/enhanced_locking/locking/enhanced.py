@@ -80,6 +80,8 @@ class Answer:
     holder: Lock | None = None
     position: int | None = None
     cycle: list[str] | None = None
+    fresh: bool = True
+    """Granted by this call (not the pull's own lock asked for again)."""
 
     @property
     def acquired(self) -> bool:
@@ -152,7 +154,7 @@ class EnhancedLocker(AtlantisCalls):
     async def acquire(self, request: LockRequest) -> AcquireResult:
         answer = await self._acquire([request], request)
         if answer.acquired:
-            return AcquireResult.granted(answer.locks[0])
+            return AcquireResult.granted(answer.locks[0], fresh=answer.fresh)
         return AcquireResult.refused(
             request.key, answer.reason or Reason.HELD, answer.holder,
             queue_position=answer.position, cycle=answer.cycle,
@@ -214,7 +216,7 @@ class EnhancedLocker(AtlantisCalls):
                 for lock in outcome.locks:
                     self.events.publish("acquired", lock=lock)
                     self.leases.arm(lock.key, lock.expires_at)
-            return Answer(locks=outcome.locks, key=outcome.locks[0].key)
+            return Answer(locks=outcome.locks, key=outcome.locks[0].key, fresh=outcome.fresh)
         key = outcome.key or ""
         if outcome.holder is not None:
             self.leases.arm(key, outcome.holder.expires_at)

@@ -27,8 +27,8 @@ class LegacyLocker(AtlantisCalls):
             request.model_copy(update={"ttl": None}), now=utcnow(), token=0, backend="legacy"
         )
         granted, lock = await self.backend.acquire(candidate)
-        if granted:
-            return AcquireResult.granted(lock)
+        if granted:  # a fresh grant is stored as asked; the pull's own lock is older
+            return AcquireResult.granted(lock, fresh=lock.acquired_at >= candidate.acquired_at)
         return AcquireResult.refused(request.key, Reason.HELD, lock)
 
     async def release(self, key: str, *, owner: Owner | None = None) -> Lock | None:

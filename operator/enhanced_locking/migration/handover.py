@@ -17,6 +17,7 @@ by different pulls (which it reports; it never picks a winner).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from typing import cast
@@ -61,7 +62,7 @@ async def acquire_both(first: Locker, second: Locker, request: LockRequest) -> A
         # was answered before: the new side's copy if it has one, else the old side's.
         mine = await second.get(key)
         return AcquireResult.granted(mine if mine is not None and mine.owned_by(*owner)
-                                     else before)
+                                     else before, fresh=False)
     first_result = await first.acquire(request)
     if not first_result.acquired or first_result.lock is None:
         return first_result
@@ -80,7 +81,15 @@ async def acquire_both(first: Locker, second: Locker, request: LockRequest) -> A
         # Granted on both sides already; only the old side's counter lags, and the next move
         # settling raises it again.
         log.warning("could not raise the %s fencing counter of %s: %s", first.side, key, error)
+    except asyncio.CancelledError:  # the caller went away: nobody will use either half
+        await asyncio.shield(_undo_both(first, second, key, owner))
+        raise
     return second_result
+
+
+async def _undo_both(first: Locker, second: Locker, key: str, owner: tuple[str, int]) -> None:
+    await _undo(second, key, owner)
+    await _undo(first, key, owner)
 
 
 async def _undo(locker: Locker, key: str, owner: tuple[str, int]) -> None:

@@ -24,7 +24,9 @@ could not be made, the grant is journaled and reconciled (a double hold found th
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
+from datetime import timedelta
 
 from enhanced_locking.backends.base import Owner
 from enhanced_locking.events import EventBus
@@ -47,6 +49,9 @@ from enhanced_locking.types import (
 )
 
 __all__ = ["Router"]
+
+OTHER_SIDE_POLL = (0.05, 1.0)
+"""A waiting request held on the other side looks again after 50 ms, doubling up to 1 s."""
 
 
 class Router(EnhancedCalls, AtlantisCalls):
@@ -95,9 +100,43 @@ class Router(EnhancedCalls, AtlantisCalls):
             # the path (no other side to check, nothing moving, nothing to shadow).
             self._routed_legacy.inc()
             return await self.legacy.acquire(request)
+        wait = self._wait_seconds(request)
+        if wait is None:
+            return await self._acquire_once(request)
+        # A request that waits either waits or is refused honestly (timeout, queue_full,
+        # unavailable, deadlock): a hold on the side the key is *not* routed to (a key moving
+        # between sides, or left from before a weight move) has no queue to wait in, so the
+        # request looks again, with backoff, until that hold goes or its wait runs out.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        pause = OTHER_SIDE_POLL[0]
+        while True:
+            result = await self._acquire_once(request)
+            holder = result.holder
+            if (result.acquired or result.reason is not Reason.HELD or holder is None
+                    or holder.backend == self.side_for(request.key)):
+                return result
+            left = deadline - loop.time()
+            if left <= pause:
+                return AcquireResult.refused(request.key, Reason.TIMEOUT, holder)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, OTHER_SIDE_POLL[1])
+            request = request.model_copy(
+                update={"wait": timedelta(seconds=max(deadline - loop.time(), 0.001))})
+
+    def _wait_seconds(self, request: LockRequest) -> float | None:
+        wait = request.wait
+        if wait is True:
+            wait = self._snapshot().config.default_timeout
+        if isinstance(wait, bool) or wait is None or wait <= timedelta(0):
+            return None
+        return wait.total_seconds()
+
+    async def _acquire_once(self, request: LockRequest) -> AcquireResult:
         migration = self.migration
         if migration is None:
             return await self._route(request, RoutingPlan(self.side_for(request.key), False))
+        await migration.transitions.refresh()  # a late view is read again, never guessed at
         with migration.admit(request.key) as plan:
             result = await self._route(request, plan)
         migration.after_acquire(request, result)
@@ -135,14 +174,20 @@ class Router(EnhancedCalls, AtlantisCalls):
             held, unchecked = await self._holder_on(other, request.key)
             if held is not None:
                 if held.owned_by(*owner):  # its own lock, still on the old side: the same lock
-                    return AcquireResult.granted(held)
+                    return AcquireResult.granted(held, fresh=False)
                 return AcquireResult.refused(request.key, Reason.HELD, held)
         result = await primary.acquire(request)
         if result.acquired and other is not None:
             # If legacy fails here the error reaches the caller with the enhanced grant kept:
             # the pull asking again gets it back (Atlantis's rule), while releasing it could
-            # drop a lock the pull already held before this call.
-            held, missed = await self._holder_on(other, request.key)
+            # drop a lock the pull already held before this call. A caller that went away
+            # meanwhile (cancelled) gets its fresh grant given back.
+            try:
+                held, missed = await self._holder_on(other, request.key)
+            except asyncio.CancelledError:
+                if result.fresh:
+                    await asyncio.shield(primary.release(request.key, owner=owner))
+                raise
             unchecked = unchecked or missed
             if held is not None and not held.owned_by(*owner):
                 # the other side granted meanwhile: back off, never share

@@ -15,10 +15,15 @@ shrinks (every live replica reported the new weight and the old requests finishe
 that stop moving get their fencing counters aligned and are checked for double holds, and only
 then does their new side become the only authority: the move has *settled*.
 
-A replica that cannot report (its registry is unreachable, or its rounds run late) does not
-know who excluded it, so a heartbeat before the others may exclude it, it treats every key as
-moving (*isolated*): taking a key on both sides is safe whatever weight the others use. This is
-checked on every request. A replica starts isolated until its first report.
+A replica whose registry does not answer does not know who excluded it, so a heartbeat before
+the others may exclude it, it treats every key as moving (*isolated*): taking a key on both
+sides is safe whatever weight the others use. Isolation is decided from evidence about the
+registry (reports that failed), never from the replica's own slowness: a replica whose rounds
+ran late (a saturated event loop, a paused pod) reports and reads the registry again before it
+routes the next request (:meth:`WeightTransitions.refresh`), and routes by what it reads then.
+A replica starts isolated until its first report. Entering and leaving isolation is said in
+the status (phase ``isolated``), a ``routing-changed`` event, the
+``enhanced_locking_replica_isolated`` metric and a log line.
 
 Driving it: the provider tells :meth:`WeightTransitions.on_snapshot` of each new config;
 :meth:`tick` reports and reads the registry (the service runs :meth:`run`, which ticks every
@@ -227,6 +232,7 @@ class WeightTransitions:
         self._last_ok: float | None = None
         self._isolated = True  # until the first report: see the module docstring
         self._isolate_after = authority_isolation(current.config)
+        self._registry_failing = False
         self._started: float | None = None
         self._started_at: datetime | None = None
         self._last_settle: float | None = None
@@ -244,17 +250,34 @@ class WeightTransitions:
     def plan(self, key: str) -> RoutingPlan:
         bucket = _bucket(key)
         enhanced = is_enhanced_bucket(bucket, self._target)
-        return _PLANS[enhanced, self.isolated or bucket in self._band]
+        return _PLANS[enhanced, self._isolated or bucket in self._band]
 
     @property
     def isolated(self) -> bool:
-        """No successful report for too long: the others may have excluded this replica.
+        """The registry did not take this replica's reports for too long: the others may have
+        excluded it, so every key is taken on both sides."""
+        return self._isolated
 
-        Checked on every request, not only when the registry round runs: a replica whose
-        rounds are late (a stalled event loop, a paused pod) must not keep trusting a view the
-        others have already moved past."""
-        return (self._isolated or self._last_ok is None
-                or self._clock() - self._last_ok > self._isolate_after)
+    @property
+    def stale(self) -> bool:
+        """No round has reported and read the registry for longer than the others wait: the
+        view may be behind theirs (see :meth:`refresh`)."""
+        return self._last_ok is None or self._clock() - self._last_ok > self._isolate_after
+
+    async def refresh(self) -> None:
+        """Before routing: if the rounds ran late, report and read the registry now.
+
+        A late round is this replica's own slowness, not evidence that the others excluded it:
+        a fresh report and read says where the others are (their weights widen the moving band
+        if they moved meanwhile). Only a registry that does not answer isolates the replica.
+        Requests arriving together share one round; an isolated replica already takes every
+        key on both sides, and its own rounds tell when it may rejoin."""
+        if self._isolated or not self.stale:
+            return
+        async with self._tick_lock:
+            pass  # a round already under way answers for this request too
+        if self.stale:
+            await self.tick()
 
     def admit(self, key: str) -> Admission:
         """Plan one acquire and count it as running until it returns (moves wait for it):
@@ -323,20 +346,32 @@ class WeightTransitions:
                                       generation=self._generation)
                 view = await registry.read(expiry=expiry)
             except Exception as error:
+                self._registry_failing = True
                 self._fail(f"replica registry: {error}")
             else:
                 self._reported, self._last_ok, self._view = reported, now, view
+                self._registry_failing = False
                 self._last_error = None
                 self._note_exclusions(view, expiry.total_seconds())
             self._isolate_after = authority_isolation(config)
             was = self._isolated
-            self._isolated = self._last_ok is None or now - self._last_ok > self._isolate_after
+            # Evidence about the registry only: it refuses the report, and the last one it
+            # took is older than the others wait. A late round that succeeds is no isolation,
+            # however late it ran.
+            self._isolated = self._last_ok is None or (
+                self._registry_failing and now - self._last_ok > self._isolate_after)
             if was != self._isolated and not (starting and not self._isolated):
                 log.warning("replica %s %s", self.replica_id,
-                            "cannot report: taking every key on both sides" if self._isolated
-                            else "reports again")
-                self.events.publish("routing-changed", replica=self.replica_id,
-                                    phase="isolated" if self._isolated else "rejoined")
+                            f"cannot report to the replica registry ({self._last_error}): "
+                            "taking every key on both sides" if self._isolated
+                            else "reports to the replica registry again: routing by weight")
+                if self._isolated:
+                    self.events.publish("routing-changed", replica=self.replica_id,
+                                        phase="isolated", error=self._last_error)
+                else:
+                    self.events.publish("routing-changed", replica=self.replica_id,
+                                        phase="rejoined")
+            self.metrics.replica_isolated.set(1 if self._isolated else 0)
             self._widen()
             await self._narrow()
             self._update_metrics(expiry.total_seconds())

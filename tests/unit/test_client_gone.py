@@ -1,0 +1,101 @@
+"""A grant whose client is gone is given back, never held by nobody.
+
+The app is driven at its ASGI seam, so the moment the client's disconnect arrives can be
+placed exactly: before, together with, or just after the grant, one event-loop step apart.
+Whatever the order, either the client is still there when the answer is sent (and the lock is
+its own), or the lock is free again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from tests.conftest import ServiceMaker
+from tests.support.locks import request_for
+
+from enhanced_locking.api import create_app
+
+REPO = "acme/gone"
+BODY = {"project": {"repoFullName": REPO, "path": "net", "projectName": "net"},
+        "pull": {"num": 2, "url": "https://git.example/acme/gone/pull/2", "author": "bob"},
+        "user": {"username": "bob"}}
+
+
+async def _post(app: Any, body: dict[str, Any], gone: asyncio.Event,
+                sent: list[tuple[int, bool]]) -> None:
+    raw = json.dumps(body).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/locks", "raw_path": b"/v1/locks",
+             "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1),
+             "server": ("127.0.0.1", 2),
+             "headers": [(b"content-type", b"application/json"),
+                         (b"content-length", str(len(raw)).encode())]}
+    first = True
+
+    async def receive() -> dict[str, Any]:
+        nonlocal first
+        if first:
+            first = False
+            return {"type": "http.request", "body": raw, "more_body": False}
+        if not gone.is_set():  # as uvicorn's: a disconnect already seen is answered at once
+            await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            sent.append((message["status"], gone.is_set()))
+
+    await app(scope, receive, send)
+
+
+async def _round(make: ServiceMaker, steps: int, *, wait: bool) -> None:
+    service = await make(enabled=True)
+    try:
+        app = create_app(service, manage_lifecycle=False)
+        router = service.router
+        holder = request_for(repo=REPO, path="net", project="net", pull=1)
+        gone, sent = asyncio.Event(), list[tuple[int, bool]]()
+        if wait:
+            assert (await router.acquire(holder)).acquired
+            call = asyncio.ensure_future(_post(app, {**BODY, "wait": "30s"}, gone, sent))
+            for _ in range(500):
+                if await router.queue(holder.key):
+                    break
+                await asyncio.sleep(0.001)
+            await router.release(holder.key, owner=(REPO, 1))  # grants the waiter
+        else:  # the key is free: the answer is a grant, unless the client left first
+            call = asyncio.ensure_future(_post(app, BODY, gone, sent))
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        gone.set()
+        await call
+        if not sent:  # nothing went out: the client was gone
+            assert await router.get(holder.key) is None, f"{steps} steps: the lock outlived it"
+            return
+        status, after_gone = sent[0]
+        if status == 200 and not after_gone:
+            # The answer left before the client did: the lock is the client's to release.
+            assert (await router.get(holder.key)) is not None
+            await router.release(holder.key, owner=(REPO, 2))
+            return
+        assert status != 200, f"{steps} steps: a granted answer was sent to a client gone"
+        assert await router.get(holder.key) is None, (
+            f"{steps} steps: the lock outlived its client (answer {status})")
+    finally:
+        await service.close()
+
+
+async def test_a_waiting_client_that_leaves_as_it_is_granted_holds_nothing(
+    make_service: ServiceMaker,
+) -> None:
+    for steps in range(0, 40):
+        await _round(make_service, steps, wait=True)
+
+
+async def test_a_client_that_leaves_before_a_fail_fast_answer_holds_nothing(
+    make_service: ServiceMaker,
+) -> None:
+    for steps in range(0, 10):
+        await _round(make_service, steps, wait=False)
