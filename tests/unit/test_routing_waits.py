@@ -97,3 +97,27 @@ async def test_a_batch_across_both_sides_gives_back_the_enhanced_part_on_a_legac
     released = await service.router.release_batch(
         [lock.key for lock in granted.locks], owner=("acme/infra", 1))
     assert len(released) == 2 and await service.router.list() == []
+
+
+async def test_a_wait_on_a_key_still_held_on_legacy_waits_there_and_is_never_answered_held(
+    make_service: ServiceMaker,
+) -> None:
+    service = await make_service(enabled=True)
+    path = paths_on(service, "enhanced", 1)[0]
+    key = request_for(path=path).key
+    # A lock left on legacy from before the move to enhanced.
+    assert (await service.router.legacy.acquire(request_for(path=path, pull=1))).acquired
+    short = request_for(path=path, pull=2).model_copy(
+        update={"wait": timedelta(milliseconds=300)})
+    refused = await service.router.acquire(short)
+    assert refused.reason is Reason.TIMEOUT, "a request that waits is never refused as held"
+    assert refused.holder is not None and refused.holder.backend == "legacy"
+
+    waiting = asyncio.ensure_future(service.router.acquire(
+        request_for(path=path, pull=3).model_copy(update={"wait": WAIT})))
+    await asyncio.sleep(0.2)
+    assert not waiting.done()
+    await service.router.release(key, owner=(request_for().project.repo_full_name, 1))
+    granted = await asyncio.wait_for(waiting, 5)
+    assert granted.acquired and granted.lock is not None
+    assert granted.lock.backend == "enhanced" and granted.lock.pull.num == 3
