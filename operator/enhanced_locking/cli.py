@@ -322,7 +322,7 @@ def _acquire(client: Client, args: argparse.Namespace) -> int:
 
 
 def _release(client: Client, args: argparse.Namespace) -> int:
-    lock = client.release(args.key, pull=args.pull)
+    lock = client.release(args.key, pull=args.pull, repo=args.repo)
     if lock is None:
         print(f"enhanced-locking: no lock is held on {args.key}", file=sys.stderr)
         return EXIT_REFUSED
@@ -414,6 +414,9 @@ def _parser() -> argparse.ArgumentParser:
     release = lock_sub.add_parser("release", help="release a lock by key")
     release.add_argument("--key", required=True)
     release.add_argument("--pull", type=int, default=None, help="only if this pull holds it")
+    release.add_argument("--repo", default=None,
+                         help="only if it is this repository's lock (keys of two repositories "
+                              "can be the same)")
     release.set_defaults(func=_with_client(_release))
 
     listing = lock_sub.add_parser("list", help="list held locks")

@@ -130,10 +130,15 @@ class Client:
         status, body = self._call("GET", "/v1/locks/by-key", ok=(200, 404), params={"key": key})
         return Lock.model_validate(body["lock"]) if status == 200 else None
 
-    def release(self, key: str, *, pull: int | None = None) -> Lock | None:
+    def release(self, key: str, *, pull: int | None = None,
+                repo: str | None = None) -> Lock | None:
+        """Release ``key``; with ``pull`` and/or ``repo`` only if that pull/repository holds it
+        (else :class:`ServiceError` 409)."""
         params: dict[str, Any] = {"key": key}
         if pull is not None:
             params["pull"] = pull
+        if repo is not None:
+            params["repo"] = repo
         status, body = self._call("DELETE", "/v1/locks/by-key", ok=(200, 404), params=params)
         return Lock.model_validate(body["lock"]) if status == 200 else None
 

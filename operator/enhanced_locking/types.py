@@ -67,6 +67,7 @@ __all__ = [
     "VcsHost",
     "VcsHostType",
     "clean_path",
+    "collision_message",
     "lock_key",
     "strip_credentials",
     "utcnow",
@@ -385,6 +386,12 @@ class Lock(_Model):
         """Atlantis's ownership rule: the same pull number of the same repository."""
         return self.project.repo_full_name == repo_full_name and self.pull.num == pull_num
 
+    def is_for(self, project: Project, workspace: str) -> bool:
+        """Whether this is the lock of that project and workspace: the identity of a lock is
+        its parts. Two projects can join to one key (``gl/grp`` + ``sub/proj`` and
+        ``gl/grp/sub`` + ``proj``); the key alone cannot tell them apart."""
+        return self.project == project and self.workspace == workspace
+
     def expired(self, now: datetime) -> bool:
         return self.expires_at is not None and self.expires_at <= now
 
@@ -420,6 +427,22 @@ class Reason(enum.StrEnum):
     DEADLOCK = "deadlock"
     UNAVAILABLE = "unavailable"
     CANCELLED = "cancelled"
+    COLLISION = "collision"
+    """Another project joins to the same key (see :func:`collision_message`)."""
+
+
+def describe_project(project: Project, workspace: str) -> str:
+    name = f", project {project.project_name}" if project.project_name else ""
+    return (f"repository {project.repo_full_name}, path {project.path}, "
+            f"workspace {workspace}{name}")
+
+
+def collision_message(key: str, project: Project, workspace: str, holder: Lock) -> str:
+    """Why a project is refused a key that another project's lock holds under the same name."""
+    return (f"lock key {key} is ambiguous: {describe_project(project, workspace)} and "
+            f"{describe_project(holder.project, holder.workspace)} (held by pull "
+            f"#{holder.pull.num}) join to the same key, which Atlantis's lock layout keeps as "
+            "one lock; rename one of the projects (e.g. give it a project name)")
 
 
 class AcquireResult(_Model):
@@ -432,6 +455,8 @@ class AcquireResult(_Model):
     holder: Lock | None = None
     queue_position: int | None = None
     cycle: list[str] | None = None
+    error: str | None = None
+    """Why, in words, where the reason alone does not say it (a ``collision``)."""
     _fresh: bool = PrivateAttr(default=True)
 
     @classmethod
@@ -464,6 +489,8 @@ class BatchResult(_Model):
     holder: Lock | None = None
     queue_position: int | None = None
     cycle: list[str] | None = None
+    error: str | None = None
+    """Why, in words, where the reason alone does not say it (a ``collision``)."""
 
 
 class Event(_Model):

@@ -112,16 +112,32 @@ def create_app(service: LockService, *, manage_lifecycle: bool = True) -> FastAP
 
     @app.delete("/v1/locks/by-key", responses=error_answers({
         404: "No lock is held on the key.",
-        409: "With pull: the lock is held by another pull (the body names the holder).",
+        409: "With pull: the lock is held by another pull; with repo: by a project of another "
+             "repository whose key is the same (the body names the holder).",
     }))
-    async def release_lock(key: Key, pull: PullNum | None = None) -> Any:
-        """Release a lock; with ``pull``, only if that pull holds it (else 409)."""
+    async def release_lock(
+        key: Key, pull: PullNum | None = None,
+        repo: Annotated[str | None, Query(
+            min_length=1, max_length=512,
+            description="Only a lock of this repository (two projects of different "
+                        "repositories can join to one key).")] = None,
+    ) -> Any:
+        """Release a lock; with ``pull`` only if that pull holds it, with ``repo`` only if it is
+        that repository's (else 409)."""
+        # A caller that knows its repository should say it: the key alone can name another
+        # repository's project (``gl/grp`` + ``sub/proj`` and ``gl/grp/sub`` + ``proj``).
         owner = None
-        if pull is not None:
+        if pull is not None or repo is not None:
             holder = await router.get(key)
             if holder is None:
                 return json_error(404, f"no lock is held on {key}", lockKey=key)
-            owner = (holder.project.repo_full_name, pull)
+            if repo is not None and holder.project.repo_full_name != repo:
+                return json_error(
+                    409, f"lock {key} is held for {holder.project.repo_full_name}, not {repo}: "
+                    "two projects join to the same key; nothing was released",
+                    lockKey=key, reason="collision", holder=_dump(holder))
+            if pull is not None:
+                owner = (holder.project.repo_full_name, pull)
         lock = await router.release(key, owner=owner)
         if lock is None:
             return json_error(404, f"no lock is held on {key}", lockKey=key)

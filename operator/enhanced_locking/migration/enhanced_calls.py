@@ -22,6 +22,7 @@ from enhanced_locking.events import EventBus
 from enhanced_locking.locking import EnhancedLocker, batch
 from enhanced_locking.locking.base import Locker
 from enhanced_locking.metrics import Metrics
+from enhanced_locking.migration import identity
 from enhanced_locking.provider import Snapshot
 from enhanced_locking.types import (
     AcquireResult,
@@ -62,6 +63,8 @@ class _RouterParts(Protocol):
 
     async def _journal_grant(self, lock: Lock) -> None: ...
 
+    async def _acquire_batch_routed(self, request: BatchLockRequest) -> BatchResult: ...
+
     async def release_by_pull(self, repo: str, pull: int) -> Locks: ...
 
 
@@ -76,6 +79,16 @@ class EnhancedCalls:
     """Batch, queue, lease and admin calls of the router."""
 
     async def acquire_batch(self: _RouterParts, request: BatchLockRequest) -> BatchResult:
+        """Every lock or none; a key held for another project refuses the batch (collision)."""
+        for item in request.locks:
+            refused = identity.refuse_ambiguous(item.key, item.project, item.workspace,
+                                                await _safe_get(self, item.key))
+            if refused is not None:
+                return BatchResult(acquired=False, lock_key=item.key, reason=refused.reason,
+                                   holder=refused.holder, error=refused.error)
+        return await self._acquire_batch_routed(request)
+
+    async def _acquire_batch_routed(self: _RouterParts, request: BatchLockRequest) -> BatchResult:
         enhanced = _enhanced(self)
         on_enhanced = [i for i in request.locks if self.side_for(i.key) == "enhanced"]
         if enhanced is None or not on_enhanced:

@@ -32,6 +32,7 @@ from enhanced_locking.backends.base import Owner
 from enhanced_locking.events import EventBus
 from enhanced_locking.locking.base import AtlantisCalls, Locker
 from enhanced_locking.metrics import Metrics
+from enhanced_locking.migration import identity
 from enhanced_locking.migration.controller import MigrationController
 from enhanced_locking.migration.enhanced_calls import EnhancedCalls
 from enhanced_locking.migration.handover import acquire_both, backend_of
@@ -95,6 +96,23 @@ class Router(EnhancedCalls, AtlantisCalls):
         return [self.legacy] if enhanced is None else [self.legacy, enhanced]
 
     async def acquire(self, request: LockRequest) -> AcquireResult:
+        """Route the acquire; a lock of another project under the same key is a ``collision``
+        (:mod:`.identity`), never a grant."""
+        if request.wait:  # checked before queueing: never wait behind another project's name
+            refused = identity.refuse_ambiguous(request.key, request.project, request.workspace,
+                                                await self._holder_if_known(request.key))
+            if refused is not None:
+                return refused
+        result = await self._acquire_routed(request)
+        return identity.checked(request.project, request.workspace, result)
+
+    async def _holder_if_known(self, key: str) -> Lock | None:
+        try:
+            return await self.get(key)
+        except BackendUnavailable:
+            return None  # the acquire itself decides what an outage means
+
+    async def _acquire_routed(self, request: LockRequest) -> AcquireResult:
         if self.enhanced is None:
             # Enhanced locking was never enabled here: Atlantis's locking and nothing else on
             # the path (no other side to check, nothing moving, nothing to shadow).
