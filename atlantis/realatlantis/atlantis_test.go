@@ -88,7 +88,7 @@ func startGitLab(t *testing.T) *gitlab {
 			http.NotFound(w, r)
 		}
 	})}
-	go srv.Serve(l) //nolint:errcheck
+	go srv.Serve(l)                   //nolint:errcheck
 	t.Cleanup(func() { srv.Close() }) //nolint:errcheck
 	g.URL = "http://" + l.Addr().String()
 	return g
