@@ -40,6 +40,7 @@ from enhanced_locking.provider import ConfigProvider  # noqa: E402
 
 pytest_plugins = [
     "tests.support.redis_fixtures",  # redis_server, redis_servers
+    "tests.support.etcd_fixtures",  # etcd_cluster, etcd_prefix
     "tests.support.queues",  # queue_backend_factory
 ]
 
@@ -166,6 +167,7 @@ async def service(make_service: ServiceMaker, service_settings: dict[str, Any]) 
 async def backend_factory(request: pytest.FixtureRequest) -> AsyncIterator[BackendFactory]:
     """Backends of each kind in ``BACKEND_KINDS`` in turn (the test runs once per kind)."""
     kind = BACKEND_KINDS[request.param]
-    factory = BackendFactory(request.param, kind.setup(request), persistent=kind.persistent)
+    factory = BackendFactory(request.param, kind.setup(request), persistent=kind.persistent,
+                             revision_tokens=kind.revision_tokens)
     yield factory
     await factory.close()

@@ -8,7 +8,7 @@ environment variable ``ATLANTIS_ENHANCED_LOCKING_<NAME>`` and a flag ``--enhance
 provider. The config reference in ``docs/01-foundation.md`` is generated from this module.
 
 A bad value stops the process with exit code 2 and one line naming the setting, where the value
-came from and the accepted form. The Redis password is a ``SecretStr``: it is never printed.
+came from and the accepted form. The Redis and etcd passwords are ``SecretStr``: never printed.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ __all__ = [
 ENV_PREFIX = "ATLANTIS_ENHANCED_LOCKING_"
 KEY_PREFIX = "enhanced-locking-"
 SECRET_MASK = "********"
+SECRET_FIELDS = ("redis_password", "etcd_password")
 
 
 # A host name (letters, digits, ``-``, ``_``, dots), an IPv4 address or a bracketed IPv6 one,
@@ -121,7 +122,8 @@ class EnhancedLockingConfig(BaseSettings):
     enabled: Flag = Field(False, description="Turn the enhanced locking system on.")
     backend: BackendName = Field(
         "boltdb",
-        description="Store of the enhanced locker: boltdb (embedded single file), redis, memory.",
+        description="Store of the enhanced locker: boltdb (embedded single file), redis, etcd, "
+        "memory.",
     )
     priority_queue: Flag = Field(
         False, description="Serve waiters by priority with aging (off: plain FIFO)."
@@ -189,6 +191,22 @@ class EnhancedLockingConfig(BaseSettings):
         description="After Redis comes back without its data, refuse grants this long "
         "(locks held before are unknown).",
     )
+    etcd_endpoints: Annotated[list[str], AfterValidator(_host_ports)] = Field(
+        default_factory=lambda: ["localhost:2379"],
+        description="etcd client endpoints (comma-separated host:port).",
+        min_length=1,
+    )
+    etcd_username: str = Field("", max_length=256, description="etcd user name (auth on).")
+    etcd_password: SecretStr = Field(
+        SecretStr(""), description="etcd password (never printed or logged)."
+    )
+    etcd_tls: bool = Field(False, description="Connect to etcd over TLS.")
+    etcd_tls_ca_file: str = Field("", description="CA bundle that signs the etcd servers.")
+    etcd_tls_cert_file: str = Field("", description="Client certificate for etcd TLS.")
+    etcd_tls_key_file: str = Field("", description="Client key for etcd TLS.")
+    etcd_key_prefix: str = Field(
+        "/atlantis/enhanced/", max_length=128, description="Prefix of every enhanced etcd key."
+    )
     legacy_backend: BackendName = Field(
         "boltdb", description="Store of the legacy (Atlantis-compatible) locker."
     )
@@ -242,6 +260,11 @@ class EnhancedLockingConfig(BaseSettings):
                 "enhanced-locking-redis-tls-cert-file and enhanced-locking-redis-tls-key-file "
                 "must be set together"
             )
+        if bool(self.etcd_tls_cert_file) != bool(self.etcd_tls_key_file):
+            raise ValueError(
+                "enhanced-locking-etcd-tls-cert-file and enhanced-locking-etcd-tls-key-file "
+                "must be set together"
+            )
         if self.replica_heartbeat <= timedelta(0):
             raise ValueError("enhanced-locking-replica-heartbeat must be above 0s")
         if timedelta(0) < self.replica_timeout <= self.replica_heartbeat:
@@ -293,7 +316,8 @@ class EnhancedLockingConfig(BaseSettings):
         for setting in settings():
             value = data[setting.field]
             if setting.secret:
-                value = SECRET_MASK if self.redis_password.get_secret_value() else ""
+                secret: SecretStr = getattr(self, setting.field)
+                value = SECRET_MASK if secret.get_secret_value() else ""
             out[setting.key] = value
         return out
 
@@ -368,7 +392,7 @@ def settings() -> list[Setting]:
                 default=default,
                 description=info.description or "",
                 form=form,
-                secret=name == "redis_password",
+                secret=name in SECRET_FIELDS,
                 kind=kind,
             )
         )

@@ -18,6 +18,7 @@ from typing import Any
 
 from enhanced_locking.backends import Backend, EmbeddedBackend, MemoryBackend
 from enhanced_locking.backends.atlantis_redis import AtlantisRedisBackend
+from enhanced_locking.backends.etcd_store import EtcdBackend
 from enhanced_locking.backends.redis_events import RedisEventBus
 from enhanced_locking.backends.redis_store import RedisBackend
 from enhanced_locking.config import EnhancedLockingConfig
@@ -53,8 +54,12 @@ def _redis(config: EnhancedLockingConfig, namespace: str) -> Backend:
     return RedisBackend.from_config(config, namespace)
 
 
+def _etcd(config: EnhancedLockingConfig, namespace: str) -> Backend:
+    return EtcdBackend.from_config(config, namespace)
+
+
 BACKEND_BUILDERS: dict[str, BackendBuilder] = {
-    "boltdb": _embedded, "memory": _memory, "redis": _redis,
+    "boltdb": _embedded, "memory": _memory, "redis": _redis, "etcd": _etcd,
 }
 """Backend kinds this build knows; other modules register more (e.g. ``redis``)."""
 
@@ -66,6 +71,10 @@ _IDENTITY_FIELDS = {
         "redis_tls_ca_file", "redis_tls_cert_file", "redis_tls_key_file",
         "redis_tls_skip_verify", "redis_key_prefix", "redis_pool_size",
         "redis_sentinel_addrs", "redis_sentinel_master",
+    ),
+    "etcd": (
+        "etcd_endpoints", "etcd_username", "etcd_password", "etcd_tls", "etcd_tls_ca_file",
+        "etcd_tls_cert_file", "etcd_tls_key_file", "etcd_key_prefix",
     ),
 }
 

@@ -77,7 +77,7 @@ __all__ = [
 Side = Literal["legacy", "enhanced"]
 """Which locker answered: the Atlantis-compatible one or the enhanced one."""
 
-BackendName = Literal["boltdb", "redis", "memory"]
+BackendName = Literal["boltdb", "redis", "etcd", "memory"]
 """``boltdb`` names the embedded single-file store (SQLite in WAL mode, see the docs)."""
 
 

@@ -5,7 +5,8 @@
 here runs every backend-generic test (the Atlantis semantics table, fencing, namespaces, ...)
 against it. A kind that needs a server asks for it in ``setup`` with
 ``request.getfixturevalue`` (``redis`` asks for ``redis_server``, which starts a real
-redis-server for the test) and carries its marker, so ``-m "not redis"`` leaves it out.
+redis-server for the test; ``etcd`` for the session's etcd and a key prefix of its own) and
+carries its marker, so ``-m "not redis"`` leaves it out.
 """
 
 from __future__ import annotations
@@ -31,11 +32,14 @@ class BackendKind:
     ``setup(request)`` runs once per test: it may ask for fixtures (a Redis server, a data dir)
     with ``request.getfixturevalue`` and returns the maker of backends on that test's store.
     ``persistent`` says whether a new backend on the same store sees what an earlier one wrote.
+    ``revision_tokens``: fencing tokens are the store's revision (etcd), rising across every
+    key of the store, rather than a counter per key that starts at 1 and steps by 1.
     """
 
     setup: Callable[[pytest.FixtureRequest], BackendMaker]
     marks: tuple[pytest.MarkDecorator, ...] = ()
     persistent: bool = True
+    revision_tokens: bool = False
 
 
 def _memory(request: pytest.FixtureRequest) -> BackendMaker:
@@ -54,19 +58,28 @@ def _redis(request: pytest.FixtureRequest) -> BackendMaker:
     return redis_backend_maker(request)
 
 
+def _etcd(request: pytest.FixtureRequest) -> BackendMaker:
+    from tests.support.etcd_fixtures import etcd_backend_maker
+
+    return etcd_backend_maker(request)
+
+
 BACKEND_KINDS: dict[str, BackendKind] = {
     "memory": BackendKind(_memory, persistent=False),
     "boltdb": BackendKind(_boltdb),
     "redis": BackendKind(_redis, marks=(pytest.mark.redis,)),
+    "etcd": BackendKind(_etcd, marks=(pytest.mark.etcd,), revision_tokens=True),
 }
 
 
 class BackendFactory:
     """``backend_factory(namespace="enhanced")``: a new backend of ``kind`` on the test's store."""
 
-    def __init__(self, kind: str, make: BackendMaker, *, persistent: bool) -> None:
+    def __init__(self, kind: str, make: BackendMaker, *, persistent: bool,
+                 revision_tokens: bool = False) -> None:
         self.kind = kind
         self.persistent = persistent
+        self.revision_tokens = revision_tokens
         self._make = make
         self.built: list[Backend] = []
 
@@ -74,6 +87,11 @@ class BackendFactory:
         backend = self._make(namespace)
         self.built.append(backend)
         return backend
+
+    def follows(self, after: int, token: int) -> bool:
+        """Whether ``token`` is what this kind issues for a key's next grant after ``after``:
+        exactly one more for a counter per key; any higher value for revision tokens."""
+        return token > after if self.revision_tokens else token == after + 1
 
     async def close(self) -> None:
         """Close every backend built (closing twice is harmless for every kind)."""

@@ -37,7 +37,7 @@ __all__ = [
 
 T = TypeVar("T")
 
-QUEUE_BACKEND_KINDS: tuple[str, ...] = ("memory", "boltdb", "redis")
+QUEUE_BACKEND_KINDS: tuple[str, ...] = ("memory", "boltdb", "redis", "etcd")
 """Backend kinds with queues."""
 
 
@@ -48,7 +48,8 @@ QUEUE_BACKEND_KINDS: tuple[str, ...] = ("memory", "boltdb", "redis")
 async def queue_backend_factory(request: pytest.FixtureRequest) -> AsyncIterator[BackendFactory]:
     """Backends of each queue kind in turn (the test runs once per kind)."""
     kind = BACKEND_KINDS[request.param]
-    factory = BackendFactory(request.param, kind.setup(request), persistent=kind.persistent)
+    factory = BackendFactory(request.param, kind.setup(request), persistent=kind.persistent,
+                             revision_tokens=kind.revision_tokens)
     _NETWORKED.append(factory)
     yield factory
     _NETWORKED.remove(factory)
@@ -142,7 +143,7 @@ async def settle(rounds: int = 5) -> None:
     """
     for _ in range(rounds):
         await asyncio.sleep(0)
-    if not any(f.kind == "redis" for f in _NETWORKED):
+    if not any(f.kind in ("redis", "etcd") for f in _NETWORKED):
         return
     quiet = 0
     for _ in range(2000):

@@ -94,6 +94,8 @@ COMPANIONS: dict[str, dict[str, Any]] = {
     "redis_tls_cert_file": {"redis_tls_key_file": "client.key"},
     "redis_tls_key_file": {"redis_tls_cert_file": "client.crt"},
     "redis_sentinel_addrs": {"redis_sentinel_master": "mymaster"},
+    "etcd_tls_cert_file": {"etcd_tls_key_file": "client.key"},
+    "etcd_tls_key_file": {"etcd_tls_cert_file": "client.crt"},
     "redis_sentinel_master": {"redis_sentinel_addrs": "s1.example:26379"},
 }
 
@@ -384,6 +386,7 @@ def test_a_missing_yaml_file_is_a_config_error(tmp_path: Path) -> None:
     ({"default_timeout": "10m"}, ["max-timeout", "default-timeout"]),
     ({"max_timeout": "10s"}, ["max-timeout", "default-timeout"]),
     ({"redis_tls_cert_file": "c.pem"}, ["redis-tls-cert-file", "redis-tls-key-file"]),
+    ({"etcd_tls_cert_file": "c.pem"}, ["etcd-tls-cert-file", "etcd-tls-key-file"]),
     ({"redis_tls_key_file": "k.pem"}, ["redis-tls-cert-file", "redis-tls-key-file"]),
     ({"redis_sentinel_addrs": "s:26379"}, ["redis-sentinel-addrs", "redis-sentinel-master"]),
     ({"redis_sentinel_master": "m"}, ["redis-sentinel-addrs", "redis-sentinel-master"]),

@@ -1,0 +1,155 @@
+"""Talking to etcd: the client, its settings, and what a failed call means to callers.
+
+The client is ``etcd3aio`` (asyncio over ``grpc.aio``, typed, maintained): it takes several
+endpoints and balances across them, speaks TLS with client certificates, keeps an auth token
+fresh, and resumes a broken watch from the last revision it delivered. ``docs/05-etcd.md``
+says why it was chosen over the other asyncio clients.
+
+Every failure of a call is turned into :class:`~enhanced_locking.types.BackendUnavailable`
+naming the endpoints (never the password), which ``/readyz`` reports and the router's
+fallback acts on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import socket
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import etcd3aio
+import grpc
+
+from enhanced_locking.config import EnhancedLockingConfig
+from enhanced_locking.types import BackendUnavailable
+
+__all__ = ["CALL_TIMEOUT", "EtcdConnection", "EtcdSettings", "unavailable"]
+
+CALL_TIMEOUT = 5.0
+"""Seconds one call may take, retries included (an election takes about one second)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class EtcdSettings:
+    """Where etcd is and how to log in (the password is never part of ``repr``)."""
+
+    endpoints: tuple[str, ...]
+    username: str = ""
+    password: str = field(default="", repr=False)
+    tls: bool = False
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+
+    @classmethod
+    def from_config(cls, config: EnhancedLockingConfig) -> EtcdSettings:
+        return cls(
+            endpoints=tuple(config.etcd_endpoints),
+            username=config.etcd_username,
+            password=config.etcd_password.get_secret_value(),
+            tls=config.etcd_tls,
+            ca_file=config.etcd_tls_ca_file,
+            cert_file=config.etcd_tls_cert_file,
+            key_file=config.etcd_tls_key_file,
+        )
+
+    @property
+    def where(self) -> str:
+        return ",".join(self.endpoints)
+
+
+def _resolve(endpoints: Sequence[str]) -> tuple[list[str], str | None]:
+    """IPv4 ``host:port`` targets (the client balances over addresses, not names), and the
+    name the server certificates carry when the endpoints were given by name."""
+    targets: list[str] = []
+    name: str | None = None
+    for endpoint in endpoints:
+        host, _, port = endpoint.rpartition(":")
+        host = host.strip("[]")
+        try:
+            ipaddress.IPv4Address(host)
+            targets.append(endpoint)
+            continue
+        except ValueError:
+            pass
+        name = name or host
+        try:
+            infos = socket.getaddrinfo(host, int(port), socket.AF_INET, socket.SOCK_STREAM)
+        except OSError as error:
+            raise BackendUnavailable(f"etcd endpoint {endpoint}: {error.strerror}") from None
+        targets.extend(sorted({f"{info[4][0]}:{port}" for info in infos}))
+    return targets, name
+
+
+def _tls_files(settings: EtcdSettings) -> dict[str, Any]:
+    """The CA and client certificate as the client takes them (read once, at connect)."""
+    files: dict[str, Any] = {
+        "ca_cert": Path(settings.ca_file).read_bytes() if settings.ca_file else b""}
+    if settings.cert_file:
+        files["cert_chain"] = Path(settings.cert_file).read_bytes()
+        files["cert_key"] = Path(settings.key_file).read_bytes()
+    return files
+
+
+class EtcdConnection:
+    """One client (one gRPC channel) to an etcd cluster, opened on first use."""
+
+    def __init__(self, settings: EtcdSettings) -> None:
+        self.settings = settings
+        self.where = settings.where
+        self._client: etcd3aio.Etcd3Client | None = None
+        self._auth: contextlib.AsyncExitStack | None = None
+
+    async def client(self) -> etcd3aio.Etcd3Client:
+        if self._client is not None:
+            return self._client
+        s = self.settings
+        async with unavailable(self, "connect"):
+            targets, name = _resolve(s.endpoints)
+            tls = _tls_files(s) if s.tls else {}
+            client = etcd3aio.Etcd3Client(targets, tls_server_name=name if s.tls else None,
+                                          **tls)
+            await client.connect()
+            if s.username:
+                stack = contextlib.AsyncExitStack()
+                await stack.enter_async_context(client.token_refresher(s.username, s.password))
+                self._auth = stack
+            self._client = client
+        return client
+
+    async def close(self) -> None:
+        if self._auth is not None:
+            with contextlib.suppress(Exception):
+                await self._auth.aclose()
+            self._auth = None
+        if self._client is not None:
+            client, self._client = self._client, None
+            with contextlib.suppress(Exception):
+                await client.close()
+
+
+@contextlib.asynccontextmanager
+async def unavailable(
+    connection: EtcdConnection, action: str, *, key: str | None = None
+) -> AsyncIterator[None]:
+    """Turn any failure of the calls inside into ``BackendUnavailable`` naming the cluster."""
+    try:
+        yield
+    except BackendUnavailable:
+        raise
+    except (etcd3aio.EtcdError, grpc.RpcError, OSError, TimeoutError) as error:
+        raise BackendUnavailable(
+            f"etcd {connection.where}: {action} failed ({_reason(error)})", key=key
+        ) from None
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, grpc.aio.AioRpcError):
+        return f"{error.code().name}: {error.details() or ''}".rstrip(": ")
+    if isinstance(error, TimeoutError):
+        return f"no answer within {CALL_TIMEOUT:g}s"
+    text = str(error) or type(error).__name__
+    return text.splitlines()[0]

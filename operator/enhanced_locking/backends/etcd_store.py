@@ -1,0 +1,911 @@
+"""The etcd backend: one lock space in an etcd v3 cluster, shared by every replica.
+
+etcd is a consensus store: a write that returned is on a majority of its members and survives
+the loss of any minority, leader included. That is what the Redis backend cannot promise
+through a failover (Redis replicates asynchronously), and why this backend exists.
+
+**One step, one transaction.** Every operation is the shared step of
+:class:`~enhanced_locking.backends.base.StoreBackend` (the same Python the memory and SQLite
+stores run: settle, hand out in :func:`~enhanced_locking.backends.waiting.service_order`,
+grant, queue) run over a snapshot of the keys it reads, and committed as *one* etcd
+transaction whose guards are the ``mod_revision`` of every key it read (and of every key range
+it listed). If anything it read changed meanwhile, the transaction does nothing and the step
+runs again on fresh reads: software transactional memory, as etcd's own ``concurrency.STM``.
+A step that reads a key it did not fetch stops, fetches it and starts over, so each operation
+is usually two round trips (read, commit). Because the step is shared, so is every rule in it.
+
+**Layout** under ``{etcd-key-prefix}{namespace}/`` (lock keys are percent-encoded, so a key's
+entries never share a prefix with another key's):
+
+* ``lock/{key}``: the holder, Atlantis's JSON (:mod:`codec`); a leased lock is attached to an
+  etcd lease of its TTL (plus a second), so etcd itself deletes it if no replica is left to.
+* ``fence/{key}``: the key's token floor (0 unless adopted from another store with higher
+  tokens); its existence also lists the key for ``export``.
+* ``queue/{key}/{waiter}``: one entry per waiter and key (a batch waiter has one per key), and
+  ``waiter/{waiter}``: the waiter by id. Both are attached to the *session lease* of the
+  replica that waits (kept alive while it runs), so the waiters of a replica that is gone
+  vanish with it and are never granted anything.
+* ``notice/{waiter}``: what a waiter is told (its locks, or why it left), written in the same
+  transaction as the grant, attached to the waiter's session lease. The waiting replica hears
+  of it through a watch (no polling) and deletes it once its caller is done.
+
+**Fencing token = the etcd revision of the grant** (plus the key's floor): every grant is a
+new revision of the whole cluster, so tokens rise per key and across keys, replicas, restarts
+and leader changes. A lock's stored token is negative until its grant commits (``-(floor+1)``,
+resolved against the ``mod_revision`` its grant wrote); a later write (refresh, adopt) stores
+the resolved value.
+
+**Time** is this process's clock (etcd has none to offer): ages, deadlines and lease ends are
+stamped by the replica that writes them. Clocks of replicas are assumed close (NTP); a skew
+shifts aging and FIFO across replicas by that much, never who holds a key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import contextvars
+import dataclasses
+import json
+import logging
+import math
+import random
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+from urllib.parse import quote, unquote
+
+import etcd3aio
+import grpc
+
+from enhanced_locking.backends import codec
+from enhanced_locking.backends.base import Owner, StoreBackend, _Effects
+from enhanced_locking.backends.etcd_connection import (
+    CALL_TIMEOUT,
+    EtcdConnection,
+    EtcdSettings,
+    unavailable,
+)
+from enhanced_locking.backends.waiting import (
+    Grant,
+    GrantNotifier,
+    LocalNotifier,
+    Notice,
+    Waiter,
+)
+from enhanced_locking.config import EnhancedLockingConfig
+from enhanced_locking.types import BackendUnavailable, Lock, Locks, Reason, utcnow
+
+__all__ = ["EtcdBackend"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+SESSION_TTL = 10
+"""Seconds a replica's waiters outlive it (its session lease, renewed every third of it)."""
+
+_ATTEMPTS = 200
+_PENDING_SEQ = 1 << 62
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+_CURRENT: contextvars.ContextVar[_Txn | None] = contextvars.ContextVar("etcd_txn", default=None)
+
+
+class _Pending(int):
+    """The seq of a waiter queued in a step that has not committed: ``+= 1`` keeps it."""
+
+    def __add__(self, other: object) -> _Pending:
+        return self
+
+
+def _ms(moment: datetime) -> int:
+    return (moment - _EPOCH) // timedelta(milliseconds=1)
+
+
+def _at(ms: int) -> datetime:
+    return _EPOCH + timedelta(milliseconds=ms)
+
+
+def _prefix_end(prefix: bytes) -> bytes:
+    return etcd3aio.prefix_range_end(prefix)
+
+
+@dataclass(frozen=True)
+class _KV:
+    value: bytes | None
+    mod: int = 0
+    create: int = 0
+    lease: int = 0
+
+
+@dataclass
+class _Reads:
+    """What a step read, at which revisions (its guards at commit)."""
+
+    keys: dict[bytes, _KV] = field(default_factory=dict)
+    ranges: dict[bytes, tuple[int, dict[bytes, _KV]]] = field(default_factory=dict)
+
+
+class _Miss(Exception):
+    """The step needs something it has not got; fetch it and run the step again."""
+
+    def __init__(self, *, keys: tuple[bytes, ...] = (), prefixes: tuple[bytes, ...] = (),
+                 lease: int = 0) -> None:
+        super().__init__("miss")
+        self.keys = keys
+        self.prefixes = prefixes
+        self.lease = lease
+
+
+class _Txn:
+    """One run of a step: reads from the snapshot, writes buffered until the commit."""
+
+    def __init__(self, reads: _Reads, leases: dict[int, list[int]]) -> None:
+        self.reads = reads
+        self.writes: dict[bytes, tuple[bytes, int] | None] = {}
+        self.leases = leases
+        self.used: dict[int, int] = collections.Counter()
+        self.effects: list[_Effects] = []
+        self.queues: dict[str, tuple[tuple[str, ...], list[Waiter]]] = {}
+        self.records: dict[str, tuple[Waiter, int]] = {}
+        """Waiters seen in this step, with the session lease of the replica that waits."""
+
+    def get(self, key: bytes) -> _KV:
+        if key in self.writes:
+            written = self.writes[key]
+            return _KV(written[0] if written else None)
+        kv = self.reads.keys.get(key)
+        if kv is not None:
+            return kv
+        for prefix, (_, kvs) in self.reads.ranges.items():
+            if key.startswith(prefix):
+                return kvs.get(key, _KV(None))
+        raise _Miss(keys=(key,))
+
+    def scan(self, prefix: bytes) -> dict[bytes, _KV]:
+        fetched = next((kvs for p, (_, kvs) in self.reads.ranges.items()
+                        if prefix.startswith(p)), None)
+        if fetched is None:
+            raise _Miss(prefixes=(prefix,))
+        found = {k: kv for k, kv in fetched.items() if k.startswith(prefix)}
+        for key, written in self.writes.items():
+            if key.startswith(prefix):
+                if written is None:
+                    found.pop(key, None)
+                else:
+                    found[key] = _KV(written[0])
+        return dict(sorted(found.items()))
+
+    def put(self, key: bytes, value: bytes, lease: int = 0) -> None:
+        self.writes[key] = (value, lease)
+
+    def delete(self, key: bytes) -> None:
+        self.writes[key] = None
+
+    def lease(self, ttl: int) -> int:
+        """A fresh lease of ``ttl`` seconds for one write of this step."""
+        pool = self.leases.get(ttl, [])
+        index = self.used[ttl]
+        if index >= len(pool):
+            raise _Miss(lease=ttl)
+        self.used[ttl] += 1
+        return pool[index]
+
+
+def _txn() -> _Txn:
+    txn = _CURRENT.get()
+    if txn is None:
+        raise RuntimeError("an etcd store primitive ran outside a step")
+    return txn
+
+
+class _Queues:
+    """``StoreBackend._queues`` over etcd: each key's waiters, read from ``queue/{key}/``."""
+
+    def __init__(self, backend: EtcdBackend) -> None:
+        self._b = backend
+
+    def _list(self, key: str) -> list[Waiter]:
+        txn = _txn()
+        held = txn.queues.get(key)
+        if held is None:
+            waiters = []
+            for kv in txn.scan(self._b.queue_prefix(key)).values():
+                if kv.value is not None:
+                    waiters.append(self._b.waiter_from(kv, txn))
+            txn.queues[key] = held = (tuple(w.id for w in waiters), waiters)
+        return held[1]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        waiters = self._list(key)
+        return waiters if waiters else default
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and bool(self._list(key))
+
+    def setdefault(self, key: str, default: list[Waiter]) -> list[Waiter]:
+        return self._list(key)
+
+    def __delitem__(self, key: str) -> None:
+        self._list(key).clear()
+
+    def items(self) -> list[tuple[str, list[Waiter]]]:
+        txn = _txn()
+        keys = {self._b.key_of_queue_entry(k) for k in txn.scan(self._b.base + b"queue/")}
+        return [(key, waiters) for key in sorted(keys) if (waiters := self._list(key))]
+
+    def clear(self) -> None:
+        """Nothing to clear here: a replica's waiters go with its session lease."""
+
+
+class _Waiters:
+    """``StoreBackend._waiters`` over etcd: waiters by id, in ``waiter/{id}``."""
+
+    def __init__(self, backend: EtcdBackend) -> None:
+        self._b = backend
+
+    def get(self, waiter_id: str, default: Any = None) -> Any:
+        txn = _txn()
+        kv = txn.get(self._b.waiter_key(waiter_id))
+        return default if kv.value is None else self._b.waiter_from(kv, txn)
+
+    def __setitem__(self, waiter_id: str, waiter: Waiter) -> None:
+        txn = _txn()
+        lease = self._b.session_lease
+        txn.records[waiter.id] = (waiter, lease)
+        txn.put(self._b.waiter_key(waiter_id), self._b.record(waiter, lease), lease)
+
+    def pop(self, waiter_id: str, default: Any = None) -> Any:
+        txn = _txn()
+        txn.delete(self._b.waiter_key(waiter_id))
+        return default
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def clear(self) -> None:
+        """Nothing to clear here: a replica's waiters go with its session lease."""
+
+
+class _Granted:
+    """``StoreBackend._granted`` over etcd: a grant is remembered in its ``notice/{id}``."""
+
+    def __init__(self, backend: EtcdBackend) -> None:
+        self._b = backend
+
+    def __setitem__(self, waiter_id: str, grant: Grant) -> None:
+        """Written with the notice (see ``EtcdBackend._write_effects``)."""
+
+    def __len__(self) -> int:
+        return 0
+
+    def get(self, waiter_id: str, default: Any = None) -> Any:
+        txn = _txn()
+        kv = txn.get(self._b.notice_key(waiter_id))
+        if kv.value is None:
+            return default
+        waiter, notice = self._b.notice_from(kv)
+        if waiter is None or not notice.locks:
+            return default
+        return Grant(waiter=waiter, locks=notice.locks)
+
+
+class _Notifier:
+    """This replica's waiting callers; a caller done waiting has its notice deleted."""
+
+    def __init__(self, backend: EtcdBackend) -> None:
+        self._b = backend
+        self.local = LocalNotifier()
+
+    def expect(self, waiter_id: str) -> asyncio.Future[Notice]:
+        return self.local.expect(waiter_id)
+
+    def forget(self, waiter_id: str) -> None:
+        self.local.forget(waiter_id)
+        self._b.tidy(waiter_id)
+
+    def deliver(self, waiter_id: str, notice: Notice) -> None:
+        self.local.deliver(waiter_id, notice)
+
+
+class EtcdBackend(StoreBackend):
+    """Locks and queues of one namespace in etcd; any number of replicas may share them."""
+
+    kind = "etcd"
+
+    def __init__(
+        self,
+        connection: EtcdConnection,
+        *,
+        prefix: str,
+        namespace: str = "enhanced",
+        clock: Callable[[], datetime] = utcnow,
+        lease_backstop: bool = True,
+    ) -> None:
+        """``lease_backstop``: attach leased locks to etcd leases (off only where ``clock`` is
+        not real time, as in the model tests: etcd's lease timers run on real time)."""
+        super().__init__(namespace, clock=clock)
+        self.lease_backstop = lease_backstop
+        self.connection = connection
+        self.base = f"{prefix}{namespace}/".encode()
+        self._queues = _Queues(self)  # type: ignore[assignment]
+        self._waiters = _Waiters(self)  # type: ignore[assignment]
+        self._granted = _Granted(self)  # type: ignore[assignment]
+        self._notifier = _Notifier(self)
+        self.grants: GrantNotifier = self._notifier  # type: ignore[assignment]
+        self._seq = _Pending(_PENDING_SEQ)  # a new waiter's seq is the revision that queues it
+        self.session_lease = 0
+        self._session: asyncio.Task[None] | None = None
+        self._session_ready: asyncio.Lock = asyncio.Lock()
+        self._watch: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._telling: set[str] = set()
+        self.in_flight = 0
+        """Calls waiting for etcd right now (tests use it to know when all is quiet)."""
+        self.conflicts = 0
+        """Steps run again because another writer changed what they read (for the bench)."""
+
+    @classmethod
+    def from_config(cls, config: EnhancedLockingConfig, namespace: str) -> EtcdBackend:
+        return cls(EtcdConnection(EtcdSettings.from_config(config)),
+                   prefix=config.etcd_key_prefix, namespace=namespace)
+
+    def __repr__(self) -> str:
+        return f"EtcdBackend({self.connection.where}, namespace={self.namespace!r})"
+
+    # --- key names ---------------------------------------------------------------------------
+    def lock_key(self, key: str) -> bytes:
+        return self.base + b"lock/" + quote(key, safe="").encode()
+
+    def fence_key(self, key: str) -> bytes:
+        return self.base + b"fence/" + quote(key, safe="").encode()
+
+    def queue_prefix(self, key: str) -> bytes:
+        return self.base + b"queue/" + quote(key, safe="").encode() + b"/"
+
+    def key_of_queue_entry(self, entry: bytes) -> str:
+        return unquote(entry[len(self.base) + len(b"queue/"):].split(b"/")[0].decode())
+
+    def waiter_key(self, waiter_id: str) -> bytes:
+        return self.base + b"waiter/" + waiter_id.encode()
+
+    def notice_key(self, waiter_id: str) -> bytes:
+        return self.base + b"notice/" + waiter_id.encode()
+
+    # --- records -----------------------------------------------------------------------------
+    @staticmethod
+    def record(waiter: Waiter, lease: int) -> bytes:
+        return json.dumps({
+            "id": waiter.id, "locks": [codec.encode(lock) for lock in waiter.locks],
+            "ttl": waiter.ttl // timedelta(milliseconds=1) if waiter.ttl else 0,
+            "enq": _ms(waiter.enqueued_at), "deadline": _ms(waiter.deadline),
+            "rid": waiter.request_id, "lease": lease,
+        }).encode()
+
+    def waiter_from(self, kv: _KV, txn: _Txn | None = None) -> Waiter:
+        assert kv.value is not None
+        data = json.loads(kv.value)
+        locks = tuple(codec.decode(text) for text in data["locks"])
+        waiter = Waiter(
+            id=data["id"], locks=locks,
+            ttl=timedelta(milliseconds=data["ttl"]) if data["ttl"] else None,
+            enqueued_at=_at(data["enq"]), deadline=_at(data["deadline"]),
+            # The revision that queued it: a global enqueue order (or still to come).
+            seq=kv.create or _PENDING_SEQ, request_id=data.get("rid"),
+        )
+        if txn is not None:
+            txn.records.setdefault(waiter.id, (waiter, int(data.get("lease", 0))))
+        return waiter
+
+    def notice_from(self, kv: _KV) -> tuple[Waiter | None, Notice]:
+        assert kv.value is not None
+        data = json.loads(kv.value)
+        locks = tuple(_resolve_lock(codec.decode(text), kv.mod) for text in data["locks"])
+        waiter = None
+        if data.get("waiter"):
+            waiter = self.waiter_from(_KV(data["waiter"].encode()))
+        reason = Reason(data["reason"]) if data.get("reason") else None
+        return waiter, Notice(locks=locks, reason=reason)
+
+    # --- primitives of StoreBackend ----------------------------------------------------------
+    def _load(self, key: str) -> Lock | None:
+        kv = _txn().get(self.lock_key(key))
+        if kv.value is None:
+            return None
+        return _resolve_lock(codec.decode(kv.value.decode(), key=key), kv.mod)
+
+    def _store(self, lock: Lock) -> None:
+        txn = _txn()
+        lease = 0
+        if lock.expires_at is not None and self.lease_backstop:
+            # etcd's lease is the backstop: it deletes the lock a second after its end even if
+            # no replica is left to expire it (and the watchers then serve its queue).
+            seconds = (lock.expires_at - self.clock()).total_seconds()
+            lease = txn.lease(max(1, math.ceil(seconds)) + 1)
+        txn.put(self.lock_key(lock.key), codec.encode(lock).encode(), lease)
+
+    def _delete(self, key: str) -> None:
+        _txn().delete(self.lock_key(key))
+
+    def _floor(self, key: str) -> int | None:
+        kv = _txn().get(self.fence_key(key))
+        return None if kv.value is None else int(kv.value)
+
+    def _next_token(self, key: str) -> int:
+        floor = self._floor(key)
+        if floor is None:
+            _txn().put(self.fence_key(key), b"0")
+            floor = 0
+        return -(floor + 1)  # resolved to the grant's revision + floor once it commits
+
+    def _tokens(self) -> dict[str, int]:
+        txn = _txn()
+        prefix = self.base + b"fence/"
+        revision = max((rev for rev, _ in txn.reads.ranges.values()), default=0)
+        return {
+            unquote(k[len(prefix):].decode()): revision + int(kv.value)
+            for k, kv in txn.scan(prefix).items() if kv.value is not None
+        }
+
+    def _raise_token(self, key: str, at_least: int) -> None:
+        floor = self._floor(key) or 0
+        if at_least > floor:
+            _txn().put(self.fence_key(key), str(at_least).encode())
+
+    def _scan(self, repo: str | None, pull: int | None) -> Locks:
+        prefix = self.base + b"lock/"
+        locks = []
+        for k, kv in _txn().scan(prefix).items():
+            if kv.value is None:
+                continue
+            key = unquote(k[len(prefix):].decode())
+            lock = _resolve_lock(codec.decode(kv.value.decode(), key=key), kv.mod)
+            if (repo is None or lock.project.repo_full_name == repo) and (
+                    pull is None or lock.pull.num == pull):
+                locks.append(lock)
+        return locks
+
+    @contextlib.contextmanager
+    def _step(self) -> Iterator[_Effects]:
+        """One atomic step; its notices are written with it and delivered once it commits."""
+        effects = _Effects()
+        yield effects
+        _txn().effects.append(effects)
+
+    # --- running a step ----------------------------------------------------------------------
+    async def _atomic(self, run: Callable[[], Awaitable[T]], *, keys: tuple[bytes, ...] = (),
+                      prefixes: tuple[bytes, ...] = (), key: str | None = None) -> T:
+        """Run a step of StoreBackend over etcd and commit it as one guarded transaction."""
+        if _CURRENT.get() is not None:
+            return await run()  # a step calling another (release -> release_and_handoff)
+        client = await self.connection.client()
+        want_keys, want_prefixes = set(keys), set(prefixes)
+        leases: dict[int, list[int]] = {}
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + CALL_TIMEOUT
+        self.in_flight += 1
+        try:
+            reads = await self._fetch(client, want_keys, want_prefixes, key=key)
+            for attempt in range(_ATTEMPTS):
+                txn = _Txn(reads, leases)
+                token = _CURRENT.set(txn)
+                try:
+                    result = await run()
+                except _Miss as miss:
+                    want_keys.update(miss.keys)
+                    want_prefixes.update(miss.prefixes)
+                    if miss.lease:
+                        leases.setdefault(miss.lease, []).append(
+                            await self._grant_lease(client, miss.lease, key=key))
+                    more = await self._fetch(client, set(miss.keys), set(miss.prefixes),
+                                             key=key)
+                    reads.keys.update(more.keys)
+                    reads.ranges.update(more.ranges)
+                    continue
+                finally:
+                    _CURRENT.reset(token)
+                try:
+                    revision = await self._commit(client, txn, key=key)
+                except BackendUnavailable:
+                    # Through a leader change the answer can be lost: whether it was written
+                    # or not, the step runs again on fresh reads (guards keep it from applying
+                    # twice), for as long as a call may take.
+                    if loop.time() > give_up:
+                        raise
+                    await asyncio.sleep(0.1)
+                    revision = None
+                if revision is None:
+                    self.conflicts += 1
+                    if attempt > 2:  # a hot key: let the others through first
+                        await asyncio.sleep(random.uniform(0, 0.002 * min(attempt, 20)))
+                    reads = await self._fetch(client, want_keys, want_prefixes, key=key)
+                    continue
+                self._after_commit(txn, revision)
+                resolved: T = _resolve(result, revision)
+                return resolved
+            raise BackendUnavailable(
+                f"etcd {self.connection.where}: gave up after {_ATTEMPTS} conflicting writers",
+                key=key)
+        finally:
+            self.in_flight -= 1
+
+    async def _fetch(self, client: etcd3aio.Etcd3Client, keys: set[bytes],
+                     prefixes: set[bytes], *, key: str | None) -> _Reads:
+        """Read keys and key ranges at one revision (one transaction without guards)."""
+        ordered_keys, ordered_prefixes = sorted(keys), sorted(prefixes)
+        ops = [_get_op(k) for k in ordered_keys]
+        ops += [_get_op(p, _prefix_end(p)) for p in ordered_prefixes]
+        assert client.kv is not None
+        async with unavailable(self.connection, "read", key=key):
+            answer = await client.kv.txn([], ops, timeout=CALL_TIMEOUT)
+        revision = int(answer.header.revision)
+        reads = _Reads()
+        responses = list(answer.responses)
+        for k, response in zip(ordered_keys, responses, strict=False):
+            kvs = response.response_range.kvs
+            reads.keys[k] = _kv(kvs[0]) if kvs else _KV(None)
+        for p, response in zip(ordered_prefixes, responses[len(ordered_keys):], strict=True):
+            reads.ranges[p] = (revision, {bytes(kv.key): _kv(kv)
+                                          for kv in response.response_range.kvs})
+        return reads
+
+    async def _commit(self, client: etcd3aio.Etcd3Client, txn: _Txn, *,
+                      key: str | None) -> int | None:
+        """Write the step's changes if nothing it read has changed; the revision, or None."""
+        self._write_effects(txn)
+        if not txn.writes:
+            return 0
+        # Our own notices are delivered when the commit answers (after the step's effects
+        # are in hand), not when the watch echoes them back, which can come first.
+        told = {waiter_id for fx in txn.effects for waiter_id, _ in fx.notices}
+        self._telling.update(told)
+        try:
+            return await self._send(client, txn, key=key)
+        finally:
+            self._telling.difference_update(told)
+
+    async def _send(self, client: etcd3aio.Etcd3Client, txn: _Txn, *,
+                    key: str | None) -> int | None:
+        guards = [_mod_is(k, kv.mod) for k, kv in txn.reads.keys.items()]
+        for prefix, (revision, kvs) in txn.reads.ranges.items():
+            guards.append(_mod_below(prefix, _prefix_end(prefix), revision + 1))
+            guards.extend(_mod_is(k, kv.mod) for k, kv in kvs.items())
+        ops = [_put_op(k, v[0], v[1]) if v is not None else _delete_op(k)
+               for k, v in txn.writes.items()]
+        assert client.kv is not None
+        try:
+            async with unavailable(self.connection, "write", key=key):
+                answer = await client.kv.txn(guards, ops, timeout=CALL_TIMEOUT, max_attempts=1)
+        except BackendUnavailable as error:
+            if "lease not found" in str(error):
+                return None  # a waiter's replica went away meanwhile: read again
+            raise
+        return int(answer.header.revision) if answer.succeeded else None
+
+    def _write_effects(self, txn: _Txn) -> None:
+        """Queue entries added and removed, and the notices of the step, as writes."""
+        for key, (before, waiters) in txn.queues.items():
+            now_ids = {w.id for w in waiters}
+            prefix = self.queue_prefix(key)
+            for waiter_id in set(before) - now_ids:
+                txn.delete(prefix + waiter_id.encode())
+            for waiter in waiters:
+                if waiter.id not in before:
+                    _, lease = txn.records.get(waiter.id, (waiter, self.session_lease))
+                    txn.put(prefix + waiter.id.encode(), self.record(waiter, lease), lease)
+        for effects in txn.effects:
+            for waiter_id, notice in effects.notices:
+                record = txn.records.get(waiter_id)
+                if record is None or record[1] == 0:
+                    continue  # nobody waits for it anywhere (its replica's lease is gone)
+                txn.put(self.notice_key(waiter_id), json.dumps({
+                    "locks": [codec.encode(lock) for lock in notice.locks],
+                    "reason": notice.reason.value if notice.reason else None,
+                    "waiter": self.record(*record).decode(),
+                }).encode(), record[1])
+
+    def _after_commit(self, txn: _Txn, revision: int) -> None:
+        for effects in txn.effects:
+            for waiter_id, notice in effects.notices:
+                self._notifier.deliver(waiter_id, _resolve(notice, revision))
+        used = {lease for ttl, pool in txn.leases.items() for lease in pool[:txn.used[ttl]]}
+        for pool in txn.leases.values():
+            for lease in pool:
+                if lease not in used:
+                    self._spawn(self._revoke(lease))
+        txn.leases.clear()
+
+    async def _grant_lease(self, client: etcd3aio.Etcd3Client, ttl: int, *,
+                           key: str | None) -> int:
+        assert client.lease is not None
+        async with unavailable(self.connection, "lease grant", key=key):
+            return int((await client.lease.grant(ttl, timeout=CALL_TIMEOUT)).ID)
+
+    async def _revoke(self, lease: int) -> None:
+        with contextlib.suppress(Exception):
+            client = await self.connection.client()
+            assert client.lease is not None
+            await client.lease.revoke(lease, timeout=CALL_TIMEOUT)
+
+    def _spawn(self, work: Awaitable[Any]) -> None:
+        task: asyncio.Task[Any] = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def tidy(self, waiter_id: str) -> None:
+        """Delete a notice its caller no longer needs (best effort; the session lease is the
+        backstop)."""
+        async def delete() -> None:
+            with contextlib.suppress(Exception):
+                client = await self.connection.client()
+                assert client.kv is not None
+                await client.kv.delete(self.notice_key(waiter_id), timeout=CALL_TIMEOUT)
+
+        with contextlib.suppress(RuntimeError):
+            self._spawn(delete())
+
+    # --- the replica's session and its watch -------------------------------------------------
+    async def _ensure_session(self) -> None:
+        """A session lease for this replica's waiters, and a watch for their notices, both
+        started before the first waiter is queued (so no notice can be missed)."""
+        if self.session_lease and self._session is not None and not self._session.done():
+            return
+        async with self._session_ready:
+            if self.session_lease and self._session is not None and not self._session.done():
+                return
+            client = await self.connection.client()
+            self.session_lease = await self._grant_lease(client, SESSION_TTL, key=None)
+            assert client.kv is not None
+            async with unavailable(self.connection, "watch"):
+                start = int((await client.kv.get(self.base, timeout=CALL_TIMEOUT))
+                            .header.revision)
+            self._session = asyncio.create_task(self._keep_alive(client, self.session_lease),
+                                                name="etcd-session")
+            if self._watch is None or self._watch.done():
+                self._watch = asyncio.create_task(self._follow(client, start + 1),
+                                                  name="etcd-notices")
+
+    async def _keep_alive(self, client: etcd3aio.Etcd3Client, lease: int) -> None:
+        assert client.lease is not None
+        failures = 0
+        while True:
+            await asyncio.sleep(SESSION_TTL / 3)
+            try:
+                call = client.lease.keep_alive(lease)
+                try:
+                    answer = await asyncio.wait_for(call.read(), CALL_TIMEOUT)
+                finally:
+                    call.cancel()
+                if answer is grpc.aio.EOF:
+                    raise TimeoutError
+            except (grpc.RpcError, TimeoutError, etcd3aio.EtcdError):
+                failures += 1
+                if failures * SESSION_TTL / 3 < SESSION_TTL:
+                    continue
+                answer = None
+            else:
+                failures = 0
+            if answer is None or answer.TTL <= 0:
+                log.warning("etcd %s: this replica's session lease lapsed; its waiters are "
+                            "told the store is unavailable", self.connection.where)
+                self.session_lease = 0
+                for waiter_id in self._notifier.local.pending():
+                    self._notifier.deliver(waiter_id, Notice(reason=Reason.UNAVAILABLE))
+                return
+
+    async def _follow(self, client: etcd3aio.Etcd3Client, start: int) -> None:
+        """Notices for this replica's waiters, and leased locks deleted by etcd (served)."""
+        notices = self.base + b"notice/"
+        locks = self.base + b"lock/"
+
+        def heard(key: bytes, kv: _KV, prev: _KV) -> None:
+            self._heard(key[len(notices):].decode(), kv)
+
+        def deleted(key: bytes, kv: _KV, prev: _KV) -> None:
+            if prev.lease:  # only a leased lock can be deleted by etcd itself
+                self._spawn(self._serve(unquote(key[len(locks):].decode())))
+
+        await asyncio.gather(
+            self._watch_prefix(client, notices, start, heard, etcd3aio.WatchFilter.NODELETE),
+            self._watch_prefix(client, locks, start, deleted, etcd3aio.WatchFilter.NOPUT),
+        )
+
+    async def _watch_prefix(self, client: etcd3aio.Etcd3Client, prefix: bytes, start: int,
+                            handle: Callable[[bytes, _KV, _KV], None],
+                            drop: etcd3aio.WatchFilter) -> None:
+        """Follow ``prefix`` from revision ``start`` for good, resuming where it broke."""
+        assert client.watch is not None
+        while True:
+            try:
+                async for answer in client.watch.watch(prefix, _prefix_end(prefix),
+                                                       start_revision=start, prev_kv=True,
+                                                       filters=[drop]):
+                    if answer.compact_revision:
+                        start = int(answer.compact_revision) + 1
+                        break
+                    for event in answer.events:
+                        start = max(start, int(event.kv.mod_revision) + 1)
+                        handle(bytes(event.kv.key), _kv(event.kv), _kv(event.prev_kv))
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                log.warning("etcd %s: watch broke (%s); resuming at revision %d",
+                            self.connection.where, type(error).__name__, start)
+                await asyncio.sleep(0.2)
+
+    def _heard(self, waiter_id: str, kv: _KV) -> None:
+        if waiter_id in self._telling or waiter_id not in self._notifier.local.pending():
+            return
+        _, notice = self.notice_from(kv)
+        self._notifier.deliver(waiter_id, notice)
+
+    async def _serve(self, key: str) -> None:
+        """A leased lock was deleted by etcd (its lease ran out): hand the key on."""
+        with contextlib.suppress(BackendUnavailable):
+            await self.expire(key)
+
+    # --- the protocols -----------------------------------------------------------------------
+    def _keys_of(self, key: str) -> tuple[bytes, ...]:
+        return (self.lock_key(key), self.fence_key(key))
+
+    async def acquire(self, candidate: Lock) -> tuple[bool, Lock]:
+        return await self._atomic(lambda: StoreBackend.acquire(self, candidate),
+                                  keys=self._keys_of(candidate.key),
+                                  prefixes=(self.queue_prefix(candidate.key),),
+                                  key=candidate.key)
+
+    async def get(self, key: str) -> Lock | None:
+        return await self._atomic(lambda: StoreBackend.get(self, key),
+                                  keys=(self.lock_key(key),), key=key)
+
+    async def list(self, *, repo: str | None = None, pull: int | None = None) -> Locks:
+        return await self._atomic(lambda: StoreBackend.list(self, repo=repo, pull=pull),
+                                  prefixes=(self.base + b"lock/",))
+
+    async def release_by_pull(self, repo: str, pull: int, *, policy: Any = None) -> Locks:
+        return await self._atomic(
+            lambda: StoreBackend.release_by_pull(self, repo, pull, policy=policy),
+            prefixes=(self.base + b"lock/",))
+
+    async def refresh(self, key: str, owner: Owner, ttl: timedelta) -> Lock:
+        return await self._atomic(lambda: StoreBackend.refresh(self, key, owner, ttl),
+                                  keys=(self.lock_key(key),), key=key)
+
+    async def export(self) -> tuple[Locks, dict[str, int]]:
+        return await self._atomic(lambda: StoreBackend.export(self),
+                                  prefixes=(self.base + b"lock/", self.base + b"fence/"))
+
+    async def adopt(self, locks: Locks, tokens: dict[str, int]) -> Locks:
+        keys = tuple(k for lock in locks for k in self._keys_of(lock.key))
+        keys += tuple(self.fence_key(key) for key in tokens)
+        return await self._atomic(lambda: StoreBackend.adopt(self, locks, tokens),
+                                  keys=tuple(sorted(set(keys))))
+
+    async def ping(self) -> None:
+        client = await self.connection.client()
+        assert client.kv is not None
+        async with unavailable(self.connection, "ping"):
+            await client.kv.get(self.base + b"ping", timeout=CALL_TIMEOUT)
+
+    async def close(self) -> None:
+        """Tell this replica's waiters the store is going away, end the session, disconnect."""
+        for waiter_id in self._notifier.local.pending():
+            self._notifier.deliver(waiter_id, Notice(reason=Reason.UNAVAILABLE))
+        for task in (self._session, self._watch, *self._tasks):
+            if task is not None:
+                task.cancel()
+        for task in (self._session, self._watch, *list(self._tasks)):
+            if task is not None:
+                with contextlib.suppress(BaseException):
+                    await task
+        self._session = self._watch = None
+        if self.session_lease:
+            lease, self.session_lease = self.session_lease, 0
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._revoke(lease), 2.0)
+        await self.connection.close()
+
+    async def acquire_batch(self, candidates: Any, *, ttl: timedelta | None, wait: Any,
+                            policy: Any) -> Any:
+        if wait is not None and wait.timeout > timedelta(0):
+            await self._ensure_session()
+        keys = [k for c in candidates for k in self._keys_of(c.key)]
+        if wait is not None:
+            keys.append(self.waiter_key(wait.id))
+        return await self._atomic(
+            lambda: StoreBackend.acquire_batch(self, candidates, ttl=ttl, wait=wait,
+                                               policy=policy),
+            keys=tuple(keys), prefixes=tuple(self.queue_prefix(c.key) for c in candidates),
+            key=candidates[0].key if candidates else None)
+
+    async def acquire_or_enqueue(self, candidate: Lock, *, ttl: timedelta | None, wait: Any,
+                                 policy: Any) -> Any:
+        return await self.acquire_batch([candidate], ttl=ttl, wait=wait, policy=policy)
+
+    async def release_and_handoff(self, key: str, *, owner: Owner | None = None,
+                                  policy: Any = None) -> Any:
+        return await self._atomic(
+            lambda: StoreBackend.release_and_handoff(self, key, owner=owner, policy=policy),
+            keys=self._keys_of(key), prefixes=(self.queue_prefix(key),), key=key)
+
+    async def expire(self, key: str, *, policy: Any = None) -> Any:
+        return await self._atomic(lambda: StoreBackend.expire(self, key, policy=policy),
+                                  keys=self._keys_of(key), prefixes=(self.queue_prefix(key),),
+                                  key=key)
+
+    async def cancel(self, key: str, waiter_id: str, *,
+                     reason: Reason = Reason.CANCELLED) -> Any:
+        return await self._atomic(
+            lambda: StoreBackend.cancel(self, key, waiter_id, reason=reason),
+            keys=(self.waiter_key(waiter_id), self.notice_key(waiter_id), self.lock_key(key)),
+            prefixes=(self.queue_prefix(key),), key=key)
+
+    async def queue(self, key: str, *, policy: Any = None) -> Any:
+        return await self._atomic(lambda: StoreBackend.queue(self, key, policy=policy),
+                                  prefixes=(self.queue_prefix(key),), key=key)
+
+    async def wait_graph(self, *, policy: Any = None) -> Any:
+        return await self._atomic(lambda: StoreBackend.wait_graph(self, policy=policy),
+                                  prefixes=(self.base + b"queue/", self.base + b"lock/"))
+
+
+# --- tokens still to be resolved -------------------------------------------------------------
+def _resolve_lock(lock: Lock, revision: int) -> Lock:
+    """A stored lock with a pending token gets its grant's revision (plus the floor)."""
+    token = lock.fencing_token
+    if token >= 0 or revision <= 0:
+        return lock
+    return lock.model_copy(update={"fencing_token": revision + (-token - 1)})
+
+
+def _resolve(value: Any, revision: int) -> Any:
+    """``value`` with every pending token and waiter seq replaced now the step committed."""
+    if revision <= 0:
+        return value
+    if isinstance(value, Lock):
+        return _resolve_lock(value, revision)
+    if isinstance(value, Waiter):
+        seq = revision if value.seq == _PENDING_SEQ else value.seq
+        return dataclasses.replace(value, seq=seq)
+    if isinstance(value, tuple):
+        return tuple(_resolve(item, revision) for item in value)
+    if isinstance(value, list):
+        return [_resolve(item, revision) for item in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        changes = {f.name: _resolve(getattr(value, f.name), revision)
+                   for f in dataclasses.fields(value)}
+        return dataclasses.replace(value, **changes)
+    return value
+
+
+# --- protobuf requests -----------------------------------------------------------------------
+def _kv(kv: Any) -> _KV:
+    return _KV(bytes(kv.value), int(kv.mod_revision), int(kv.create_revision), int(kv.lease))
+
+
+def _get_op(key: bytes, range_end: bytes | None = None) -> Any:
+    return etcd3aio.kv.KVService.txn_op_get(key, range_end=range_end)
+
+
+def _put_op(key: bytes, value: bytes, lease: int) -> Any:
+    return etcd3aio.kv.KVService.txn_op_put(key, value, lease=lease)
+
+
+def _delete_op(key: bytes) -> Any:
+    return etcd3aio.kv.KVService.txn_op_delete(key)
+
+
+def _mod_is(key: bytes, revision: int) -> Any:
+    from etcd3aio._protobuf import Compare
+
+    return Compare(result=Compare.EQUAL, target=Compare.MOD, key=key, mod_revision=revision)
+
+
+def _mod_below(key: bytes, range_end: bytes, revision: int) -> Any:
+    from etcd3aio._protobuf import Compare
+
+    return Compare(result=Compare.LESS, target=Compare.MOD, key=key, range_end=range_end,
+                   mod_revision=revision)
