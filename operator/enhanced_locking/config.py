@@ -200,12 +200,13 @@ class EnhancedLockingConfig(BaseSettings):
     etcd_password: SecretStr = Field(
         SecretStr(""), description="etcd password (never printed or logged)."
     )
-    etcd_tls: bool = Field(False, description="Connect to etcd over TLS.")
+    etcd_tls: Flag = Field(False, description="Connect to etcd over TLS.")
     etcd_tls_ca_file: str = Field("", description="CA bundle that signs the etcd servers.")
     etcd_tls_cert_file: str = Field("", description="Client certificate for etcd TLS.")
     etcd_tls_key_file: str = Field("", description="Client key for etcd TLS.")
     etcd_key_prefix: str = Field(
-        "/atlantis/enhanced/", max_length=128, description="Prefix of every enhanced etcd key."
+        "/atlantis/enhanced/", min_length=1, max_length=128,
+        description="Prefix of every enhanced etcd key.",
     )
     legacy_backend: BackendName = Field(
         "boltdb", description="Store of the legacy (Atlantis-compatible) locker."

@@ -91,7 +91,8 @@ def test_models_are_frozen() -> None:
 @pytest.mark.parametrize(
     ("data", "expected"),
     [
-        ({"backend": "zookeeper"}, "backend: Input should be 'boltdb', 'redis', 'etcd' or 'memory'"),
+        ({"backend": "zookeeper"},
+         "backend: Input should be 'boltdb', 'redis', 'etcd' or 'memory'"),
         ({"timeouts": {"default": "10m", "max": "1m"}},
          "timeouts: Value error, timeouts.max must be at least timeouts.default"),
         ({"timeouts": {"default": "-5s"}}, "timeouts.default: Value error, expected a Go duration"),

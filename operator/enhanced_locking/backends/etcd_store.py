@@ -482,6 +482,9 @@ class EtcdBackend(StoreBackend):
         if _CURRENT.get() is not None:
             return await run()  # a step calling another (release -> release_and_handoff)
         client = await self.connection.client()
+        if self._session is None and not self._session_ready.locked():
+            # Open the session early, off the caller's path: the first wait finds it ready.
+            self._spawn(self._quietly(self._ensure_session()))
         want_keys, want_prefixes = set(keys), set(prefixes)
         leases: dict[int, list[int]] = {}
         loop = asyncio.get_running_loop()
@@ -629,6 +632,11 @@ class EtcdBackend(StoreBackend):
             client = await self.connection.client()
             assert client.lease is not None
             await client.lease.revoke(lease, timeout=CALL_TIMEOUT)
+
+    @staticmethod
+    async def _quietly(work: Awaitable[Any]) -> None:
+        with contextlib.suppress(BackendUnavailable):
+            await work
 
     def _spawn(self, work: Awaitable[Any]) -> None:
         task: asyncio.Task[Any] = asyncio.ensure_future(work)
