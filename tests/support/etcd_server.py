@@ -108,6 +108,7 @@ class EtcdCluster:
             os.killpg(member.process.popen.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             member.process.popen.wait(timeout=10)
+        member.process.stop()  # already dead: this only closes its log
 
     def status(self, member: EtcdMember) -> dict[str, object] | None:
         """The member's ``/v3/maintenance/status`` answer, or None if it does not answer."""
