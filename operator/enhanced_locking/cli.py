@@ -114,15 +114,39 @@ async def _run_service(
     import uvicorn
 
     from enhanced_locking.api import create_app
+    from enhanced_locking.api.access import is_loopback, open_to_network_refusal
+    from enhanced_locking.api.tls import CertificateReloader
     from enhanced_locking.factory import LockService
     from enhanced_locking.provider import ConfigProvider
     from enhanced_locking.types import LockingError
 
+    exposed = not is_loopback(host)
+    refusal = open_to_network_refusal(config, exposed=exposed)
+    if refusal is not None:  # before anything listens
+        print(f"enhanced-locking: {refusal}", file=sys.stderr)
+        return EXIT_USAGE
     bound = _listen(host, port)
     try:
         # Building the service opens the stores: a data dir that cannot be created is a
         # one-line error like a store that does not answer.
         service = LockService(ConfigProvider(config))
+    except LockingError as error:
+        bound.close()
+        print(f"enhanced-locking: cannot start: {error}", file=sys.stderr)
+        return EXIT_REFUSED
+    try:
+        app = create_app(service, manage_lifecycle=False, exposed=exposed)
+    except LockingError as error:
+        bound.close()
+        await service.close()
+        print(f"enhanced-locking: cannot start: {error}", file=sys.stderr)
+        return EXIT_REFUSED
+    except ValueError as error:  # access settings that cannot be used (a bad tokens file)
+        bound.close()
+        await service.close()
+        print(f"enhanced-locking: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
         await service.start()
     except LockingError as error:
         bound.close()
@@ -130,12 +154,32 @@ async def _run_service(
         return EXIT_REFUSED
     log.info("config generation 1 hash %s: %s", service.provider.current.hash,
              json.dumps(config.masked()))
+    if exposed and config.auth == "none":
+        log.warning("SERVING WITHOUT AUTHENTICATION ON %s: anyone who reaches the port may "
+                    "force-unlock every lock (enhanced-locking-insecure-allow-unauthenticated)",
+                    host)
     server_class = _bound_server(uvicorn.Server if operator is None else _operator_server(),
                                  bound)
-    server = server_class(uvicorn.Config(
-        create_app(service, manage_lifecycle=False), host=host, port=port,
-        log_level="warning", lifespan="on",
-    ))
+    tls: dict[str, Any] = {}
+    if config.tls_cert_file:
+        tls = {"ssl_certfile": config.tls_cert_file, "ssl_keyfile": config.tls_key_file}
+    uvicorn_config = uvicorn.Config(
+        app, host=host, port=port, log_level="warning", lifespan="on", **tls,
+    )
+    reloader: asyncio.Task[None] | None = None
+    if tls:
+        try:
+            uvicorn_config.load()
+        except (OSError, ValueError) as error:  # ssl.SSLError is an OSError
+            bound.close()
+            await service.close()
+            print(f"enhanced-locking: invalid setting enhanced-locking-tls-cert-file: cannot "
+                  f"load {config.tls_cert_file} with its key: {error}", file=sys.stderr)
+            return EXIT_USAGE
+        assert uvicorn_config.ssl is not None
+        reloader = asyncio.create_task(CertificateReloader(
+            uvicorn_config.ssl, config.tls_cert_file, config.tls_key_file).run())
+    server = server_class(uvicorn_config)
     try:
         if operator is not None:
             from enhanced_locking.kube.operator import run
@@ -150,6 +194,8 @@ async def _run_service(
         finally:
             signal.signal(signal.SIGTERM, previous)
     finally:
+        if reloader is not None:
+            reloader.cancel()
         await service.close()
     return 0
 

@@ -50,7 +50,7 @@ __all__ = [
 ENV_PREFIX = "ATLANTIS_ENHANCED_LOCKING_"
 KEY_PREFIX = "enhanced-locking-"
 SECRET_MASK = "********"
-SECRET_FIELDS = ("redis_password", "etcd_password")
+SECRET_FIELDS = ("redis_password", "etcd_password", "auth_tokens")
 
 
 # A host name (letters, digits, ``-``, ``_``, dots), an IPv4 address or a bracketed IPv6 one,
@@ -108,6 +108,54 @@ def _strict_number(value: object) -> object:
 
 Flag = Annotated[bool, BeforeValidator(_strict_bool)]
 Integer = Annotated[int, BeforeValidator(_strict_int)]
+
+ROLES: dict[str, tuple[str, ...]] = {
+    "viewer": ("read",),
+    "locker": ("read", "lock"),
+    "admin": ("read", "lock", "prioritize", "release-any", "force-unlock", "admin"),
+}
+"""The built-in roles of the static role map (the chart's ClusterRoles grant the same verbs)."""
+
+VERBS = ("read", "lock", "prioritize", "release-any", "force-unlock", "admin")
+
+
+def _subject(value: str) -> str:
+    kind, sep, name = value.partition(":")
+    if not sep or kind not in ("user", "group") or not name or len(name) > 512:
+        raise ValueError(f"expected user:NAME or group:NAME, got {value!r}")
+    return value
+
+
+def _role_map(value: Any) -> Any:
+    """``role=user:a,group:b;role2=...`` (env, flags) or a mapping (YAML) → a mapping."""
+    if not isinstance(value, str):
+        return value
+    out: dict[str, list[str]] = {}
+    for part in (p.strip() for p in value.split(";")):
+        if not part:
+            continue
+        role, sep, subjects = part.partition("=")
+        if not sep:
+            raise ValueError(f"expected role=user:NAME,group:NAME;... got {part!r}")
+        out.setdefault(role.strip(), []).extend(
+            s.strip() for s in subjects.split(",") if s.strip())
+    return out
+
+
+def _roles(value: dict[str, list[str]]) -> dict[str, list[str]]:
+    for role, subjects in value.items():
+        if role not in ROLES and role not in VERBS:
+            raise ValueError(f"unknown role or verb {role!r}; known: "
+                             f"{', '.join((*ROLES, *VERBS))}")
+        for subject in subjects:
+            _subject(subject)
+    return value
+
+
+RoleMap = Annotated[
+    dict[str, list[str]], BeforeValidator(_role_map), AfterValidator(_roles)
+]
+
 HostPort = Annotated[str, Field(max_length=253 + 6), AfterValidator(_host_port)]
 Weight = Annotated[float, Field(ge=0, le=100, multiple_of=0.01), BeforeValidator(_strict_number)]
 Ratio = Annotated[float, Field(ge=0, le=1), BeforeValidator(_strict_number)]
@@ -242,6 +290,64 @@ class EnhancedLockingConfig(BaseSettings):
         description="A replica silent this long is left out of weight moves (0: three "
         "heartbeats).",
     )
+
+    # --- who may do what (docs/07-access.md) ----------------------------------------------
+    auth: Literal["none", "static", "kubernetes"] = Field(
+        "none",
+        description="Who may call the API: none (anyone who reaches the port; loopback only "
+        "unless insecure-allow-unauthenticated), static (bearer tokens and the role map), "
+        "kubernetes (TokenReview and SubjectAccessReview; static tokens are accepted too).",
+    )
+    auth_tokens_file: str = Field(
+        "",
+        description="Static bearer tokens, one per line as token,name,uid,\"group1,group2\" "
+        "(Kubernetes' token file form); re-read when the file changes.",
+    )
+    auth_tokens: SecretStr = Field(
+        SecretStr(""),
+        description="Static bearer tokens given inline in the tokens file form (a LockPolicy "
+        "sets it from a Secret); never printed.",
+    )
+    auth_roles: RoleMap = Field(
+        default_factory=dict,
+        description="Static mode: who holds which role (viewer, locker, admin) or verb (read, "
+        "lock, prioritize, release-any, force-unlock, admin).",
+    )
+    auth_audience: str = Field(
+        "", max_length=253,
+        description="Kubernetes mode: the audience a token must be minted for (empty: the API "
+        "server's own).",
+    )
+    auth_namespace: str = Field(
+        "", max_length=63,
+        description="Kubernetes mode: the namespace of the access reviews, so Roles and "
+        "RoleBindings there count (empty: only cluster-wide bindings).",
+    )
+    auth_cache_ttl: Duration = Field(
+        timedelta(seconds=10),
+        description="How long an authentication or authorization answer is reused.",
+    )
+    insecure_allow_unauthenticated: Flag = Field(
+        False,
+        description="INSECURE: serve on a non-loopback address with auth none, so anyone who "
+        "reaches the port may force-unlock every lock.",
+    )
+    tls_cert_file: str = Field(
+        "", description="Serve HTTPS with this certificate (PEM); re-read when it changes."
+    )
+    tls_key_file: str = Field("", description="The key of tls-cert-file (PEM).")
+    audit: Flag = Field(
+        True, description="Keep an audit trail of every mutating call and every refusal."
+    )
+    audit_retention: Duration = Field(
+        timedelta(days=30), description="How long audit entries are kept."
+    )
+    audit_max_entries: Integer = Field(
+        100_000, ge=100, le=10_000_000, description="Most audit entries kept (oldest go first)."
+    )
+    audit_stdout: Flag = Field(
+        True, description="Also print each audit entry as a JSON line on stdout."
+    )
     data_dir: str = Field(
         "~/.atlantis",
         min_length=1,
@@ -274,6 +380,24 @@ class EnhancedLockingConfig(BaseSettings):
                 f"enhanced-locking-replica-heartbeat (got {_fmt(self.replica_timeout)} <= "
                 f"{_fmt(self.replica_heartbeat)})"
             )
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError(
+                "enhanced-locking-tls-cert-file and enhanced-locking-tls-key-file must be set "
+                "together"
+            )
+        if self.auth == "static" and not (self.auth_tokens_file
+                                          or self.auth_tokens.get_secret_value()):
+            raise ValueError(
+                "enhanced-locking-auth static needs enhanced-locking-auth-tokens-file (or "
+                "enhanced-locking-auth-tokens)"
+            )
+        if not timedelta(0) < self.auth_cache_ttl <= timedelta(hours=1):
+            raise ValueError(
+                "enhanced-locking-auth-cache-ttl must be above 0s and at most 1h "
+                f"(got {_fmt(self.auth_cache_ttl)})"
+            )
+        if self.audit_retention <= timedelta(0):
+            raise ValueError("enhanced-locking-audit-retention must be above 0s")
         if bool(self.redis_sentinel_addrs) != bool(self.redis_sentinel_master):
             raise ValueError(
                 "enhanced-locking-redis-sentinel-addrs and enhanced-locking-redis-sentinel-master "
@@ -354,6 +478,9 @@ def _form(info: FieldInfo, annotation: Any) -> tuple[str, str]:
     if "Literal" in text:
         choices = re.findall(r"'([^']+)'", text)
         return "one of " + ", ".join(choices), "choice"
+    if "dict" in text:
+        return ("a mapping of role to subjects (YAML), or role=user:NAME,group:NAME;role=... "
+                "(env, flag)", "map")
     if "list" in text:
         return "a comma-separated list of host:port", "list"
     if annotation is int:

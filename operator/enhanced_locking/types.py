@@ -12,6 +12,10 @@ The error tree (every error carries the lock key where there is one)::
     ├── LockNotHeld             the named lock is not held (expired or released) (HTTP 404)
     ├── LockNotOwned            release by a pull that does not hold the lock (HTTP 409)
     └── BackendUnavailable      the store did not answer; transient, may be retried (HTTP 503)
+
+    AccessError                 who is asking, not what (raised by the API's access control)
+    ├── NotAuthenticated        no or invalid credentials (HTTP 401)
+    └── NotPermitted            the caller lacks the verb's right (HTTP 403, names the verb)
 """
 
 from __future__ import annotations
@@ -44,13 +48,17 @@ from enhanced_locking.durations import (
 )
 
 __all__ = [
+    "AccessError",
     "AcquireResult",
+    "AuditEntry",
+    "AuthMethod",
     "BackendName",
     "BackendUnavailable",
     "BatchItem",
     "BatchLockRequest",
     "BatchResult",
     "Event",
+    "Identity",
     "InvalidRequest",
     "Lock",
     "LockNotHeld",
@@ -58,6 +66,8 @@ __all__ = [
     "LockRequest",
     "LockingError",
     "Locks",
+    "NotAuthenticated",
+    "NotPermitted",
     "Priority",
     "Project",
     "Pull",
@@ -66,6 +76,7 @@ __all__ = [
     "User",
     "VcsHost",
     "VcsHostType",
+    "Verb",
     "clean_path",
     "collision_message",
     "lock_key",
@@ -542,6 +553,84 @@ class LockNotOwned(LockingError):
 
 class BackendUnavailable(LockingError):
     """The store did not answer; the operation may be retried."""
+
+
+class Verb(enum.StrEnum):
+    """What a caller asks to do; each call of the API needs one or more of these rights.
+
+    In Kubernetes mode each is a verb on the virtual resource ``locks.locking.runatlantis.io``
+    (``kubectl auth can-i force-unlock locks.locking.runatlantis.io``).
+    """
+
+    READ = "read"
+    """List and get locks, queues, events, config and migration state."""
+    LOCK = "lock"
+    """Acquire; refresh, release and cancel what one's own pull holds or queued."""
+    PRIORITIZE = "prioritize"
+    """Ask for a priority above ``normal``."""
+    RELEASE_ANY = "release-any"
+    """Release, refresh or cancel what another pull holds or queued."""
+    FORCE_UNLOCK = "force-unlock"
+    """Free a lock whoever holds it (with a reason)."""
+    ADMIN = "admin"
+    """Read the audit trail and other administrative state."""
+
+
+AuthMethod = Literal["none", "static", "kubernetes"]
+"""How a caller was identified: ``none`` when access control is off."""
+
+
+class Identity(_Model):
+    """Who is calling, as the authenticator established it (never the credential itself)."""
+
+    name: Annotated[str, Field(max_length=512)]
+    groups: tuple[Annotated[str, Field(max_length=512)], ...] = ()
+    method: AuthMethod
+    uid: Annotated[str, Field(max_length=256)] = ""
+
+
+class AuditEntry(_Model):
+    """One row of the audit trail: who did what, why, when, from where, and how it ended."""
+
+    id: str = ""
+    time: datetime
+    identity: str
+    groups: tuple[str, ...] = ()
+    method: str
+    verb: str
+    action: str
+    key: str | None = None
+    repo: str | None = None
+    pull: int | None = None
+    outcome: str
+    status: int
+    reason: str | None = None
+    peer: str = ""
+    request_id: str | None = None
+
+
+class AccessError(Exception):
+    """Base of the access-control refusals: about who asks, not about what is asked."""
+
+
+class NotAuthenticated(AccessError):
+    """No credentials, or credentials no authenticator accepts (HTTP 401)."""
+
+    def __init__(self, message: str, *, invalid_token: bool = False) -> None:
+        super().__init__(message)
+        self.invalid_token = invalid_token
+
+
+class NotPermitted(AccessError):
+    """The caller is known but lacks the right the call needs (HTTP 403)."""
+
+    def __init__(self, identity: Identity, verb: Verb, *, repo: str | None = None) -> None:
+        scope = f" on {repo}" if repo else ""
+        super().__init__(f"{identity.name} may not {verb.value}{scope} (needs the {verb.value!r} "
+                         "right)")
+        self.identity = identity
+        self.verb = verb
+        self.repo = repo
 
 
 def clamp_positive(value: timedelta | None) -> timedelta | None:

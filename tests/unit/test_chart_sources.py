@@ -91,5 +91,7 @@ def test_every_value_has_a_description(schema: dict[str, Any]) -> None:
 def test_the_config_value_accepts_exactly_the_service_settings(schema: dict[str, Any]) -> None:
     accepted = set(schema["properties"]["config"]["properties"])
     settings = {setting.key for setting in config.settings()}
-    assert accepted == settings - {
-        "enhanced-locking-redis-password", "enhanced-locking-etcd-password", "data-dir"}
+    secrets = {setting.key for setting in config.settings() if setting.secret}
+    assert secrets == {"enhanced-locking-redis-password", "enhanced-locking-etcd-password",
+                       "enhanced-locking-auth-tokens"}
+    assert accepted == settings - secrets - {"data-dir"}

@@ -71,6 +71,8 @@ def load_from(source: str, tmp_path: Path, values: dict[str, Any]) -> EnhancedLo
 def _text(value: Any) -> str:
     if isinstance(value, bool):
         return str(value).lower()
+    if isinstance(value, dict):  # a role map: role=subject,subject;role=...
+        return ";".join(f"{key}={','.join(items)}" for key, items in value.items())
     if isinstance(value, list):
         return ",".join(value)
     return str(value)
@@ -97,6 +99,9 @@ COMPANIONS: dict[str, dict[str, Any]] = {
     "etcd_tls_cert_file": {"etcd_tls_key_file": "client.key"},
     "etcd_tls_key_file": {"etcd_tls_cert_file": "client.crt"},
     "redis_sentinel_master": {"redis_sentinel_addrs": "s1.example:26379"},
+    "tls_cert_file": {"tls_key_file": "server.key"},
+    "tls_key_file": {"tls_cert_file": "server.crt"},
+    "auth": {"auth_tokens_file": "tokens.csv"},
 }
 
 
@@ -120,6 +125,10 @@ def sample(setting: Setting) -> Sample:
         lowest, highest = float(bounds[0]), float(bounds[1])
         share = lowest + (highest - lowest) / 4
         return Sample(share, share, companions)
+    if setting.kind == "map":
+        return Sample({"locker": ["group:atlantis"], "admin": ["user:alice", "group:ops"]},
+                      {"locker": ["group:atlantis"], "admin": ["user:alice", "group:ops"]},
+                      companions)
     if setting.kind == "list":
         return Sample(["s1.example:26379", "s2.example:26379"],
                       ["s1.example:26379", "s2.example:26379"], companions)
@@ -260,6 +269,7 @@ INVALID_BY_KIND: dict[str, list[Any]] = {
     "duration": ["30", "soon", "-5s", "5 minutes", " 30s", "\u0663s"],
     "float": ["lots", 101, -1, 12.345, "1_0", True, "\u0661\u0662"],
     "list": ["no-port", "a:1,b:notaport"],
+    "map": ["nope", "owner=user:alice", "admin=alice", "locker=robot:x"],
 }
 INVALID_STRINGS: dict[str, list[Any]] = {
     "redis_addr": ["nope", "localhost:", ":6379", "localhost:70000", "a b c:1",

@@ -2,7 +2,8 @@
 
 JSON in camelCase, times in RFC 3339 UTC, durations in Go form. The handlers are thin: they
 turn HTTP into calls on the :class:`~enhanced_locking.factory.LockService` router and answers
-back into the documented shapes.
+back into the documented shapes. Each takes the caller (:mod:`.access`) and asks for the
+right its call needs before anything changes; ``docs/07-access.md`` lists them.
 """
 
 from __future__ import annotations
@@ -17,12 +18,30 @@ from fastapi import FastAPI, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from enhanced_locking.api.access import (
+    AccessBuilder,
+    CallerDep,
+    build_access,
+    check_routes,
+    install_access,
+    public,
+)
+from enhanced_locking.api.audit import AuditTrail
+from enhanced_locking.api.audit_routes import install_audit_routes
 from enhanced_locking.api.disconnect import AnswerUnlessGone, ClientGone, answer_unless_gone
 from enhanced_locking.api.errors import error_answers, install_error_handlers, json_error
 from enhanced_locking.api.queue_routes import install_queue_routes
 from enhanced_locking.api.sse import install_event_stream
+from enhanced_locking.backends.audit_store import build_audit_store
 from enhanced_locking.factory import LockService
-from enhanced_locking.types import AcquireResult, Lock, LockingError, LockRequest
+from enhanced_locking.types import (
+    AcquireResult,
+    Lock,
+    LockingError,
+    LockRequest,
+    Priority,
+    Verb,
+)
 
 __all__ = ["create_app"]
 
@@ -41,8 +60,32 @@ def _locks(locks: list[Lock]) -> list[Any]:
     return [_dump(lock) for lock in locks]
 
 
-def create_app(service: LockService, *, manage_lifecycle: bool = True) -> FastAPI:
-    """The FastAPI app over ``service``; with ``manage_lifecycle`` it starts and closes it."""
+WHO = error_answers({401: "No or invalid credentials (see WWW-Authenticate).",
+                     403: "The caller lacks the right the call needs (the body names the verb)."})
+
+
+async def need_lock(caller: CallerDep, *, action: str, repo: str, pull: int, key: str | None,
+                    priority: Priority) -> None:
+    """An acquire's rights: ``lock`` on the repository, ``prioritize`` above normal."""
+    await caller.need(Verb.LOCK, action=action, repo=repo, key=key, pull=pull)
+    if priority.level > Priority.NORMAL.level:
+        await caller.need(Verb.PRIORITIZE, action=action, repo=repo, key=key, pull=pull)
+
+
+def create_app(
+    service: LockService, *, manage_lifecycle: bool = True, audit: AuditTrail | None = None,
+    access: AccessBuilder = build_access, exposed: bool = False,
+) -> FastAPI:
+    """The FastAPI app over ``service``; with ``manage_lifecycle`` it starts and closes it.
+
+    ``audit``: where the trail goes (default: the active store, see :mod:`.audit`);
+    ``access``: builds the access control from a config snapshot; ``exposed``: it listens on
+    a non-loopback address.
+    """
+    if audit is None:
+        audit = AuditTrail(build_audit_store(service.provider.current.config),
+                           enabled=lambda: service.provider.current.config.audit,
+                           stdout=lambda: service.provider.current.config.audit_stdout)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -51,6 +94,8 @@ def create_app(service: LockService, *, manage_lifecycle: bool = True) -> FastAP
         try:
             yield
         finally:
+            holder.close()
+            await audit.close()
             if manage_lifecycle:
                 await service.close()
 
@@ -61,24 +106,36 @@ def create_app(service: LockService, *, manage_lifecycle: bool = True) -> FastAP
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    holder = install_access(app, service.provider, audit, access, exposed=exposed)
+    holder.current()  # a bad tokens file stops the start (ValueError), not the first call
     install_queue_routes(app, service)
     install_event_stream(app, service.events)
+    install_audit_routes(app)
     router = service.router
 
     @app.post("/v1/locks", response_model=AcquireResult, response_model_by_alias=True,
-              responses={409: {"model": AcquireResult}})
-    async def acquire(request: LockRequest, http: Request) -> JSONResponse:
+              responses={409: {"model": AcquireResult}, **WHO})
+    async def acquire(request: LockRequest, http: Request, caller: CallerDep) -> JSONResponse:
         """Acquire one lock: 200 acquired, 409 not acquired (reason and holder), 422 invalid.
 
         With ``wait`` the request waits in the key's queue; if the client disconnects while
         waiting, its place in the queue is given up (nothing is granted to it afterwards).
+        Needs ``lock`` on the repository, and ``prioritize`` for a priority above normal.
         """
-        try:
-            result = await answer_unless_gone(http, router.acquire(request),
-                                              watch=bool(request.wait))
-        except ClientGone as gone:
-            await _give_back(gone.answer, request)
-            return JSONResponse({"error": "client disconnected"}, status_code=499)
+        repo, key = request.project.repo_full_name, request.key
+        await need_lock(caller, action="acquire", repo=repo, pull=request.pull.num, key=key,
+                        priority=request.priority)
+        async with caller.audited(action="acquire", verb=Verb.LOCK, key=key, repo=repo,
+                                  pull=request.pull.num) as note:
+            try:
+                result = await answer_unless_gone(http, router.acquire(request),
+                                                  watch=bool(request.wait))
+            except ClientGone as gone:
+                await _give_back(gone.answer, request)
+                note.done("client-gone", 499)
+                return JSONResponse({"error": "client disconnected"}, status_code=499)
+            note.done("acquired" if result.acquired else str(result.reason),
+                      200 if result.acquired else 409)
         if not result.fresh:
             return JSONResponse(_dump(result), status_code=200 if result.acquired else 409)
         return AnswerUnlessGone(_dump(result), status_code=200,
@@ -97,60 +154,84 @@ def create_app(service: LockService, *, manage_lifecycle: bool = True) -> FastAP
             return
         log.info("gave back %s: its client left before the answer", answer.lock.key)
 
-    @app.get("/v1/locks")
-    async def list_locks(repo: Repo | None = None, pull: PullNum | None = None) -> Any:
+    @app.get("/v1/locks", responses=WHO)
+    async def list_locks(caller: CallerDep, repo: Repo | None = None,
+                         pull: PullNum | None = None) -> Any:
         """Every held lock, optionally of one repository and/or pull request."""
+        await caller.need(Verb.READ, action="list", repo=repo, pull=pull)
         return {"locks": _locks(await router.list(repo=repo, pull=pull))}
 
-    @app.get("/v1/locks/by-key", responses=error_answers({404: "No lock is held on the key."}))
-    async def get_lock(key: Key) -> Any:
+    @app.get("/v1/locks/by-key",
+             responses={**error_answers({404: "No lock is held on the key."}), **WHO})
+    async def get_lock(key: Key, caller: CallerDep) -> Any:
         """The lock held on a key: 200 with the lock, 404 when the key is free."""
+        await caller.need(Verb.READ, action="get", key=key)
         lock = await router.get(key)
         if lock is None:
             return json_error(404, f"no lock is held on {key}", lockKey=key)
         return {"lock": _dump(lock)}
 
-    @app.delete("/v1/locks/by-key", responses=error_answers({
+    @app.delete("/v1/locks/by-key", responses={**error_answers({
         404: "No lock is held on the key.",
         409: "With pull: the lock is held by another pull; with repo: by a project of another "
              "repository whose key is the same (the body names the holder).",
-    }))
+    }), **WHO})
     async def release_lock(
-        key: Key, pull: PullNum | None = None,
+        key: Key, caller: CallerDep, pull: PullNum | None = None,
         repo: Annotated[str | None, Query(
             min_length=1, max_length=512,
             description="Only a lock of this repository (two projects of different "
                         "repositories can join to one key).")] = None,
     ) -> Any:
         """Release a lock; with ``pull`` only if that pull holds it, with ``repo`` only if it is
-        that repository's (else 409)."""
+        that repository's (else 409).
+
+        Needs ``lock`` with ``pull`` (the holder's own release); ``release-any`` without it.
+        """
         # A caller that knows its repository should say it: the key alone can name another
         # repository's project (``gl/grp`` + ``sub/proj`` and ``gl/grp/sub`` + ``proj``).
-        owner = None
-        if pull is not None or repo is not None:
-            holder = await router.get(key)
-            if holder is None:
+        holder = await router.get(key)
+        held_repo = holder.project.repo_full_name if holder is not None else None
+        verb = Verb.LOCK if pull is not None else Verb.RELEASE_ANY
+        action = "release" if pull is not None else "release-any"
+        await caller.need(verb, action=action, repo=held_repo, key=key, pull=pull)
+        async with caller.audited(action=action, verb=verb, key=key, repo=held_repo,
+                                  pull=pull) as note:
+            owner = None
+            if pull is not None or repo is not None:
+                if holder is None:
+                    note.done("not-found", 404)
+                    return json_error(404, f"no lock is held on {key}", lockKey=key)
+                if repo is not None and holder.project.repo_full_name != repo:
+                    note.done("collision", 409)
+                    return json_error(
+                        409, f"lock {key} is held for {holder.project.repo_full_name}, not "
+                        f"{repo}: two projects join to the same key; nothing was released",
+                        lockKey=key, reason="collision", holder=_dump(holder))
+                if pull is not None:
+                    owner = (holder.project.repo_full_name, pull)
+            lock = await router.release(key, owner=owner)
+            if lock is None:
+                note.done("not-found", 404)
                 return json_error(404, f"no lock is held on {key}", lockKey=key)
-            if repo is not None and holder.project.repo_full_name != repo:
-                return json_error(
-                    409, f"lock {key} is held for {holder.project.repo_full_name}, not {repo}: "
-                    "two projects join to the same key; nothing was released",
-                    lockKey=key, reason="collision", holder=_dump(holder))
-            if pull is not None:
-                owner = (holder.project.repo_full_name, pull)
-        lock = await router.release(key, owner=owner)
-        if lock is None:
-            return json_error(404, f"no lock is held on {key}", lockKey=key)
+            note.done("released")
+            note.pull = lock.pull.num
         return {"released": True, "lock": _dump(lock)}
 
-    @app.delete("/v1/locks/by-pull")
-    async def release_pull(repo: Repo, pull: PullNum) -> Any:
+    @app.delete("/v1/locks/by-pull", responses=WHO)
+    async def release_pull(repo: Repo, pull: PullNum, caller: CallerDep) -> Any:
         """Release every lock of a pull request (Atlantis does this when a PR closes)."""
-        return {"released": _locks(await router.release_by_pull(repo, pull))}
+        await caller.need(Verb.LOCK, action="release-pull", repo=repo, pull=pull)
+        async with caller.audited(action="release-pull", verb=Verb.LOCK, repo=repo,
+                                  pull=pull) as note:
+            released = await router.release_by_pull(repo, pull)
+            note.done(f"released {len(released)}")
+        return {"released": _locks(released)}
 
-    @app.get("/v1/config")
-    async def config() -> Any:
+    @app.get("/v1/config", responses=WHO)
+    async def config(caller: CallerDep) -> Any:
         """Effective configuration (secrets masked), its generation and hash, and routing."""
+        await caller.need(Verb.READ, action="config")
         snapshot = service.provider.current
         migration = snapshot.migration
         return {
@@ -167,18 +248,21 @@ def create_app(service: LockService, *, manage_lifecycle: bool = True) -> FastAP
             },
         }
 
-    @app.get("/v1/migration")
-    async def migration_state() -> Any:
+    @app.get("/v1/migration", responses=WHO)
+    async def migration_state(caller: CallerDep) -> Any:
         """This replica's migration machinery: the weight move (phase, from, pending and
         excluded replicas), shadow counters, fallback journal, open lock conflicts."""
+        await caller.need(Verb.READ, action="migration")
         return service.migration.status()
 
     @app.get("/healthz")
+    @public("liveness: says only that the process answers")
     async def healthz() -> Any:
         """Liveness: the process answers."""
         return {"status": "ok"}
 
     @app.get("/readyz", responses={503: {"description": "A backend in use does not answer."}})
+    @public("readiness: says only whether the stores answer")
     async def readyz() -> JSONResponse:
         """Readiness: every backend in use answers."""
         backends = await service.ready()
@@ -187,6 +271,8 @@ def create_app(service: LockService, *, manage_lifecycle: bool = True) -> FastAP
                             status_code=200 if ready else 503)
 
     @app.get("/metrics", responses=error_answers({404: "Metrics are off."}))
+    @public("Prometheus scrapes it; the chart's NetworkPolicy admits only Prometheus and "
+            "Atlantis, and no metric carries a lock key, a token or a secret")
     async def metrics() -> Response:
         """Prometheus metrics (404 when the metrics flag is off)."""
         if not service.provider.current.config.metrics:
@@ -195,4 +281,5 @@ def create_app(service: LockService, *, manage_lifecycle: bool = True) -> FastAP
         return Response(service.metrics.exposition(),
                         media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    check_routes(app)
     return app

@@ -6,7 +6,11 @@
 * ``POST /v1/locks/refresh``: extend the lease of a held lock.
 * ``GET /v1/queue?key=``: the key's holder and waiters in service order.
 * ``DELETE /v1/queue?key=&id=``: cancel a queued request (by waiter id or request id).
-* ``POST /v1/admin/force-unlock?key=``: free a lock whoever holds it; its queue is served.
+* ``POST /v1/admin/force-unlock?key=&reason=``: free a lock whoever holds it; its queue is
+  served.
+
+Owner checks: releasing, refreshing or cancelling what another pull holds or queued needs
+``release-any``; the pull's own needs ``lock``. Force-unlock needs ``force-unlock``.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from enhanced_locking.api.access import CallerDep
 from enhanced_locking.api.disconnect import ClientGone, answer_unless_gone
-from enhanced_locking.api.errors import json_error
+from enhanced_locking.api.errors import error_answers, json_error
 from enhanced_locking.backends.waiting import Waiter
 from enhanced_locking.durations import Duration
 from enhanced_locking.factory import LockService
@@ -30,6 +35,8 @@ from enhanced_locking.types import (
     BatchResult,
     Lock,
     LockNotHeld,
+    Priority,
+    Verb,
     utcnow,
 )
 
@@ -71,57 +78,92 @@ def _waiter(position: int, waiter: Waiter, effective: str, now: datetime) -> dic
     }
 
 
+WHO = error_answers({401: "No or invalid credentials (see WWW-Authenticate).",
+                     403: "The caller lacks the right the call needs (the body names the verb)."})
+
+
 def install_queue_routes(app: FastAPI, service: LockService) -> None:
     router = service.router
 
     @app.post("/v1/locks/batch", response_model=BatchResult, response_model_by_alias=True,
-              responses={409: {"model": BatchResult}})
-    async def acquire_batch(body: BatchLockRequest, request: Request) -> Any:
+              responses={409: {"model": BatchResult}, **WHO})
+    async def acquire_batch(body: BatchLockRequest, request: Request, caller: CallerDep) -> Any:
         """Acquire several locks of one pull, all or nothing; with ``wait`` it waits holding
         none of them. 409 names the key that blocked it and why."""
-        try:
-            result = await answer_unless_gone(request, router.acquire_batch(body),
-                                              watch=bool(body.wait))
-        except ClientGone:
-            return JSONResponse({"error": "client disconnected"}, status_code=499)
-        return JSONResponse(_dump(result), status_code=200 if result.acquired else 409)
+        repo, pull = body.owner
+        keys = ",".join(body.keys)
+        await caller.need(Verb.LOCK, action="acquire-batch", repo=repo, key=keys, pull=pull)
+        if body.priority.level > Priority.NORMAL.level:
+            await caller.need(Verb.PRIORITIZE, action="acquire-batch", repo=repo, key=keys,
+                              pull=pull)
+        async with caller.audited(action="acquire-batch", verb=Verb.LOCK, key=keys, repo=repo,
+                                  pull=pull) as note:
+            try:
+                result = await answer_unless_gone(request, router.acquire_batch(body),
+                                                  watch=bool(body.wait))
+            except ClientGone:
+                note.done("client-gone", 499)
+                return JSONResponse({"error": "client disconnected"}, status_code=499)
+            status = 200 if result.acquired else 409
+            note.done("acquired" if result.acquired else str(result.reason), status)
+        return JSONResponse(_dump(result), status_code=status)
 
     @app.delete("/v1/locks/batch",
-                responses={409: {"description": "A key is held by another pull"}})
+                responses={409: {"description": "A key is held by another pull"}, **WHO})
     async def release_batch(
+        caller: CallerDep,
         key: Annotated[list[str], Query(min_length=1, max_length=100,
                                         description="The lock keys (repeat the parameter).")],
         pull: PullNum | None = None,
     ) -> Any:
-        """Release several locks; with ``pull``, only if that pull holds every held one."""
-        owner = None
-        if pull is not None:
-            holders = [lock for k in key if (lock := await router.get(k)) is not None]
-            if holders:
-                owner = (holders[0].project.repo_full_name, pull)
-        released = await router.release_batch(key, owner=owner)
+        """Release several locks; with ``pull``, only if that pull holds every held one.
+
+        Needs ``lock`` with ``pull``; ``release-any`` without it."""
+        holders = [lock for k in key if (lock := await router.get(k)) is not None]
+        repo = holders[0].project.repo_full_name if holders else None
+        verb = Verb.LOCK if pull is not None else Verb.RELEASE_ANY
+        action = "release-batch" if pull is not None else "release-any"
+        keys = ",".join(key)
+        await caller.need(verb, action=action, repo=repo, key=keys, pull=pull)
+        async with caller.audited(action=action, verb=verb, key=keys, repo=repo,
+                                  pull=pull) as note:
+            owner = (repo, pull) if pull is not None and repo is not None else None
+            released = await router.release_batch(key, owner=owner)
+            note.done(f"released {len(released)}")
         return {"released": [_dump(lock) for lock in released],
                 "notHeld": [k for k in key if k not in {lock.key for lock in released}]}
 
     @app.post("/v1/locks/refresh", responses={404: {"description": "No lock is held on the key"},
-                                              409: {"description": "Held by another pull"}})
-    async def refresh(body: RefreshRequest) -> Any:
-        """Extend the lease of a held lock to ``now + ttl`` (default ``lock-ttl``)."""
+                                              409: {"description": "Held by another pull"},
+                                              **WHO})
+    async def refresh(body: RefreshRequest, caller: CallerDep) -> Any:
+        """Extend the lease of a held lock to ``now + ttl`` (default ``lock-ttl``).
+
+        Needs ``lock`` when ``pull`` holds it; refreshing another pull's lock is refused (409)
+        whatever the rights."""
         holder = await router.get(body.key)
-        if holder is None:
-            return json_error(404, f"no lock is held on {body.key}", lockKey=body.key)
-        owner = (holder.project.repo_full_name, body.pull)
-        try:
-            lock = await router.refresh(body.key, owner=owner, ttl=body.ttl)
-        except LockNotHeld:  # it expired or was released between the two calls
-            lock = None
-        if lock is None:
-            return json_error(404, f"no lock is held on {body.key}", lockKey=body.key)
+        repo = holder.project.repo_full_name if holder is not None else None
+        await caller.need(Verb.LOCK, action="refresh", repo=repo, key=body.key, pull=body.pull)
+        async with caller.audited(action="refresh", verb=Verb.LOCK, key=body.key, repo=repo,
+                                  pull=body.pull) as note:
+            if holder is None:
+                note.done("not-found", 404)
+                return json_error(404, f"no lock is held on {body.key}", lockKey=body.key)
+            owner = (holder.project.repo_full_name, body.pull)
+            try:
+                lock = await router.refresh(body.key, owner=owner, ttl=body.ttl)
+            except LockNotHeld:  # it expired or was released between the two calls
+                lock = None
+            if lock is None:
+                note.done("not-found", 404)
+                return json_error(404, f"no lock is held on {body.key}", lockKey=body.key)
+            note.done("refreshed")
         return {"lock": _dump(lock)}
 
-    @app.get("/v1/queue")
-    async def queue(key: Key) -> Any:
+    @app.get("/v1/queue", responses=WHO)
+    async def queue(key: Key, caller: CallerDep) -> Any:
         """The holder of ``key`` and its waiters in service order (first is served next)."""
+        await caller.need(Verb.READ, action="queue", key=key)
         waiters = await router.queue(key)
         holder = await router.get(key)
         enhanced = service.enhanced
@@ -133,22 +175,59 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
             rows.append(_waiter(position, waiter, effective, now))
         return {"key": key, "holder": _dump(holder) if holder else None, "waiters": rows}
 
-    @app.delete("/v1/queue", responses={404: {"description": "No such request is queued"}})
+    @app.delete("/v1/queue", responses={404: {"description": "No such request is queued"},
+                                        **WHO})
     async def cancel(
         key: Key,
         id: Annotated[str, Query(min_length=1, max_length=128,
                                  description="The waiter id or the request's requestId.")],
+        caller: CallerDep,
+        pull: Annotated[int | None, Query(
+            ge=0, le=2**31 - 1,
+            description="The pull that queued it: cancelling one's own needs lock; without "
+                        "it (or for another pull's) release-any.")] = None,
     ) -> Any:
         """Cancel a queued request: it leaves the queue and is answered ``cancelled``."""
-        if not await router.cancel_waiter(key, id):
-            return json_error(404, f"no request {id} is queued on {key}", lockKey=key)
+        waiter = next((w for w in await router.queue(key) if id in (w.id, w.request_id)), None)
+        repo, owner_pull = waiter.owner if waiter is not None else (None, None)
+        own = pull is not None and (waiter is None or owner_pull == pull)
+        verb = Verb.LOCK if own else Verb.RELEASE_ANY
+        action = "cancel" if own else "cancel-any"
+        await caller.need(verb, action=action, repo=repo, key=key, pull=owner_pull)
+        async with caller.audited(action=action, verb=verb, key=key, repo=repo,
+                                  pull=owner_pull) as note:
+            if waiter is None or not await router.cancel_waiter(key, id):
+                note.done("not-found", 404)
+                return json_error(404, f"no request {id} is queued on {key}", lockKey=key)
+            note.done("cancelled")
         return {"cancelled": True, "key": key, "id": id}
 
     @app.post("/v1/admin/force-unlock",
-              responses={404: {"description": "No lock is held on the key"}})
-    async def force_unlock(key: Key) -> Any:
-        """Free a lock whoever holds it (the holder is not asked); the queue is served."""
-        lock: Lock | None = await router.force_unlock(key)
-        if lock is None:
-            return json_error(404, f"no lock is held on {key}", lockKey=key)
+              responses={404: {"description": "No lock is held on the key"}, **WHO})
+    async def force_unlock(
+        key: Key,
+        caller: CallerDep,
+        reason: Annotated[str | None, Query(
+            min_length=1, max_length=1024,
+            description="Why (kept in the audit trail); required when access control is on.")]
+        = None,
+    ) -> Any:
+        """Free a lock whoever holds it (the holder is not asked); the queue is served.
+
+        Needs ``force-unlock``, and a ``reason`` unless access control is off."""
+        holder = await router.get(key)
+        repo = holder.project.repo_full_name if holder is not None else None
+        await caller.need(Verb.FORCE_UNLOCK, action="force-unlock", repo=repo, key=key,
+                          reason=reason)
+        if not caller.access.open and not (reason or "").strip():
+            return json_error(422, "reason: a force-unlock needs a reason (it is audited)",
+                              field="reason")
+        async with caller.audited(action="force-unlock", verb=Verb.FORCE_UNLOCK, key=key,
+                                  repo=repo, reason=reason) as note:
+            lock: Lock | None = await router.force_unlock(key)
+            if lock is None:
+                note.done("not-found", 404)
+                return json_error(404, f"no lock is held on {key}", lockKey=key)
+            note.done("released")
+            note.pull = lock.pull.num
         return {"released": True, "lock": _dump(lock)}

@@ -6,6 +6,11 @@ that reconnects with ``Last-Event-ID`` (header, or the ``lastEventId`` query par
 every event after it that is still in the bus's ring. When some may have fallen out of the
 ring, the stream starts with a ``gap`` event so the client knows to re-read state rather than
 trust the replay.
+
+A caller sees only what its ``read`` right covers: the stream needs ``read`` (on ``repo`` when
+the filter names one), and each event is checked again for its repository before it is sent
+(answers are cached, see ``auth-cache-ttl``), so a right taken away stops the events within
+that time.
 """
 
 from __future__ import annotations
@@ -17,9 +22,10 @@ from typing import Annotated
 from fastapi import FastAPI, Header, Query
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from enhanced_locking.api.errors import json_error
+from enhanced_locking.api.access import CallerDep
+from enhanced_locking.api.errors import error_answers, json_error
 from enhanced_locking.events import EVENT_TYPES, Bus, parse_event_id
-from enhanced_locking.types import Event
+from enhanced_locking.types import Event, Verb
 
 __all__ = ["install_event_stream", "matches"]
 
@@ -37,8 +43,12 @@ def matches(event: Event, *, repo: str | None, key_prefix: str | None,
 
 
 def install_event_stream(app: FastAPI, bus: Bus) -> None:
-    @app.get("/v1/events", response_model=None)
+    @app.get("/v1/events", response_model=None, responses=error_answers({
+        401: "No or invalid credentials (see WWW-Authenticate).",
+        403: "The caller lacks the read right (on repo, when given).",
+    }))
     async def events(
+        caller: CallerDep,
         repo: Annotated[str | None, Query(max_length=512, description="owner/name")] = None,
         key_prefix: Annotated[str | None, Query(alias="keyPrefix", max_length=4096,
                                                 description="Lock keys starting with this.")]
@@ -51,6 +61,7 @@ def install_event_stream(app: FastAPI, bus: Bus) -> None:
     ) -> EventSourceResponse | object:
         """Follow lock and config events (SSE), optionally filtered; resume with
         ``Last-Event-ID``."""
+        await caller.need(Verb.READ, action="events", repo=repo)
         after = last_event_id or last_event_id_query
         if after is not None:
             try:
@@ -71,7 +82,8 @@ def install_event_stream(app: FastAPI, bus: Bus) -> None:
             if after is not None and bus.gap_since(after):
                 yield ServerSentEvent(event="gap", data=json.dumps({"after": after}))
             async for event in bus.stream(after):
-                if matches(event, repo=repo, key_prefix=key_prefix, types=types):
+                if (matches(event, repo=repo, key_prefix=key_prefix, types=types)
+                        and await caller.may(Verb.READ, repo=event.repo)):
                     yield ServerSentEvent(id=event.id, event=event.type,
                                           data=event.model_dump_json(by_alias=True))
 

@@ -1,0 +1,431 @@
+"""Who may do what: the one seam between a request's credentials and the lock service.
+
+An *authenticator* turns a bearer token into an :class:`~enhanced_locking.types.Identity` (or
+says it does not know the token); an *authorizer* answers whether an identity holds a
+:class:`~enhanced_locking.types.Verb`, optionally on one repository. Which ones run is a
+setting (``enhanced-locking-auth``): ``none`` lets everyone in as ``anonymous``; ``static``
+checks tokens and the role map of the config (:mod:`.static_access`); ``kubernetes`` asks the
+API server with TokenReview and SubjectAccessReview (:mod:`.kube_access`). Every refusal and
+every mutating call is written to the audit trail (:mod:`.audit`). Below this module the
+service sees identities, never tokens.
+
+Routes take the caller as a dependency::
+
+    @app.post("/v1/things")
+    async def things(caller: CallerDep) -> Any:
+        await caller.need(Verb.LOCK, repo="acme/infra")
+
+A route that must answer without a bearer token (liveness, a webhook signed by the VCS)
+says so with :func:`public`, naming what protects it instead. :func:`check_routes` refuses to
+build an app where a route does neither, so a new route cannot be open by accident.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Protocol, TypeVar
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+
+from enhanced_locking.api.audit import AuditTrail
+from enhanced_locking.config import EnhancedLockingConfig
+from enhanced_locking.provider import ConfigProvider
+from enhanced_locking.types import (
+    AuditEntry,
+    BackendUnavailable,
+    Identity,
+    InvalidRequest,
+    LockNotOwned,
+    NotAuthenticated,
+    NotPermitted,
+    Verb,
+    utcnow,
+)
+
+__all__ = [
+    "ANONYMOUS",
+    "AccessControl",
+    "AuditNote",
+    "Authenticator",
+    "Authorizer",
+    "Caller",
+    "CallerDep",
+    "OpenAccess",
+    "caller_of",
+    "check_routes",
+    "install_access",
+    "is_loopback",
+    "open_to_network_refusal",
+    "public",
+]
+
+log = logging.getLogger(__name__)
+
+ANONYMOUS = Identity(name="anonymous", groups=(), method="none")
+"""Everyone, when access control is off."""
+
+REALM = "enhanced-locking"
+
+
+class Authenticator(Protocol):
+    """Turns a bearer token into an identity; ``None`` when it does not know the token."""
+
+    async def authenticate(self, token: str) -> Identity | None: ...
+
+
+class Authorizer(Protocol):
+    """Whether ``identity`` holds ``verb`` (on ``repo``, when the call is about one)."""
+
+    async def allowed(self, identity: Identity, verb: Verb, *, repo: str | None) -> bool: ...
+
+
+class OpenAccess:
+    """``auth: none``: everyone is ``anonymous`` and may do everything."""
+
+    async def authenticate(self, token: str) -> Identity | None:
+        return ANONYMOUS
+
+    async def allowed(self, identity: Identity, verb: Verb, *, repo: str | None) -> bool:
+        return True
+
+
+@dataclass
+class AccessControl:
+    """The authenticators (tried in order) and the authorizer one config snapshot asks for."""
+
+    mode: str
+    authenticators: Sequence[Authenticator]
+    authorizer: Authorizer
+    closers: Sequence[Callable[[], None]] = ()
+
+    @property
+    def open(self) -> bool:
+        return self.mode == "none"
+
+    async def identify(self, authorization: str | None) -> Identity:
+        """The identity behind an ``Authorization`` header; ``NotAuthenticated`` otherwise."""
+        if self.open:
+            return ANONYMOUS
+        if not authorization:
+            raise NotAuthenticated("authentication required: send Authorization: Bearer TOKEN")
+        scheme, _, token = authorization.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise NotAuthenticated("expected Authorization: Bearer TOKEN", invalid_token=True)
+        for authenticator in self.authenticators:
+            identity = await authenticator.authenticate(token)
+            if identity is not None:
+                return identity
+        raise NotAuthenticated("the bearer token is not valid", invalid_token=True)
+
+    def close(self) -> None:
+        for close in self.closers:
+            close()
+
+
+AccessBuilder = Callable[[EnhancedLockingConfig], AccessControl]
+
+ACCESS_FIELDS = (
+    "auth", "auth_tokens_file", "auth_tokens", "auth_roles", "auth_audience", "auth_namespace",
+    "auth_cache_ttl", "insecure_allow_unauthenticated",
+)
+"""The settings that decide the access control: a change of any builds a new one."""
+
+
+def build_access(config: EnhancedLockingConfig) -> AccessControl:
+    """The access control ``config`` asks for."""
+    if config.auth == "static":
+        from enhanced_locking.api.static_access import RoleMap, StaticTokens
+
+        tokens = StaticTokens.from_config(config)
+        return AccessControl("static", [tokens], RoleMap(config.auth_roles))
+    if config.auth == "kubernetes":
+        from enhanced_locking.api.kube_access import kubernetes_access
+
+        return kubernetes_access(config)
+    return AccessControl("none", [OpenAccess()], OpenAccess())
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a listen address) is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def open_to_network_refusal(config: EnhancedLockingConfig, *, exposed: bool) -> str | None:
+    """Why ``config`` must not serve a non-loopback address (``None`` when it may)."""
+    if exposed and config.auth == "none" and not config.insecure_allow_unauthenticated:
+        return ("invalid setting enhanced-locking-auth: none on a non-loopback address lets "
+                "anyone who reaches the port force-unlock every lock; set it to static or "
+                "kubernetes, or serve on 127.0.0.1, or set "
+                "enhanced-locking-insecure-allow-unauthenticated=true")
+    return None
+
+
+class AccessHolder:
+    """The current access control, rebuilt when a config snapshot changes its settings.
+
+    A snapshot whose access settings cannot be used (a tokens file that does not parse, auth
+    turned off on an exposed address) keeps the access control that was in force, and says why
+    in the log: a bad edit never opens the service.
+    """
+
+    def __init__(self, provider: ConfigProvider, build: AccessBuilder = build_access, *,
+                 exposed: bool = False) -> None:
+        self._provider = provider
+        self._build = build
+        self._exposed = exposed
+        self._generation = -1
+        self._identity: tuple[Any, ...] = ()
+        self._current: AccessControl | None = None
+
+    def current(self) -> AccessControl:
+        snapshot = self._provider.current
+        if snapshot.generation != self._generation or self._current is None:
+            identity = tuple(repr(getattr(snapshot.config, name)) for name in ACCESS_FIELDS)
+            if self._current is None or identity != self._identity:
+                self._switch(snapshot.config, identity)
+            self._generation = snapshot.generation
+        assert self._current is not None
+        return self._current
+
+    def _switch(self, config: EnhancedLockingConfig, identity: tuple[Any, ...]) -> None:
+        refusal = open_to_network_refusal(config, exposed=self._exposed)
+        if refusal is not None and self._current is not None:
+            log.error("config generation kept the previous access control: %s", refusal)
+            self._identity = identity
+            return
+        try:
+            fresh = self._build(config)
+        except ValueError as error:
+            if self._current is None:
+                raise
+            log.error("access settings not applied, the previous ones stay: %s", error)
+            self._identity = identity
+            return
+        if self._current is not None:
+            self._current.close()
+            log.info("access control is now %s", fresh.mode)
+        self._current, self._identity = fresh, identity
+
+    def close(self) -> None:
+        if self._current is not None:
+            self._current.close()
+
+
+@dataclass
+class AuditNote:
+    """What an audited call filled in as it went: its outcome and what it turned out to touch."""
+
+    outcome: str = "ok"
+    status: int = 200
+    key: str | None = None
+    repo: str | None = None
+    pull: int | None = None
+
+    def done(self, outcome: str, status: int = 200) -> None:
+        self.outcome, self.status = outcome, status
+
+
+_FAILURES: tuple[tuple[type[Exception], str, int], ...] = (
+    (NotPermitted, "denied", 403),
+    (LockNotOwned, "not-owned", 409),
+    (InvalidRequest, "invalid", 422),
+    (BackendUnavailable, "unavailable", 503),
+)
+
+
+@dataclass
+class Caller:
+    """Who is calling this request, what it may do, and the audit trail to write to."""
+
+    identity: Identity
+    peer: str
+    request_id: str | None
+    access: AccessControl
+    audit: AuditTrail
+    denied: list[Verb] = field(default_factory=list)
+
+    async def may(self, verb: Verb, *, repo: str | None = None) -> bool:
+        """Whether the caller holds ``verb`` (no audit row: for filtering what it sees)."""
+        return await self.access.authorizer.allowed(self.identity, verb, repo=repo)
+
+    async def need(
+        self, verb: Verb, *, action: str, repo: str | None = None, key: str | None = None,
+        pull: int | None = None, reason: str | None = None,
+    ) -> None:
+        """Raise ``NotPermitted`` (after writing the refusal to the audit trail) unless the
+        caller holds ``verb``."""
+        if await self.may(verb, repo=repo):
+            return
+        self.denied.append(verb)
+        await self.record(action=action, verb=verb, key=key, repo=repo, pull=pull,
+                          outcome="denied", status=403, reason=reason)
+        raise NotPermitted(self.identity, verb, repo=repo)
+
+    @contextlib.asynccontextmanager
+    async def audited(
+        self, *, action: str, verb: Verb, key: str | None = None, repo: str | None = None,
+        pull: int | None = None, reason: str | None = None,
+    ) -> AsyncIterator[AuditNote]:
+        """Write one audit row for the call in the block, with the outcome it set (``note``)
+        or the refusal it raised. A refusal by :meth:`need` is written there, not twice."""
+        note = AuditNote(key=key, repo=repo, pull=pull)
+        try:
+            yield note
+        except Exception as error:
+            if isinstance(error, NotPermitted):
+                raise
+            outcome, status = next(((o, s) for kind, o, s in _FAILURES
+                                    if isinstance(error, kind)), ("error", 500))
+            await self.record(action=action, verb=verb, key=note.key, repo=note.repo,
+                              pull=note.pull, outcome=outcome, status=status, reason=reason)
+            raise
+        await self.record(action=action, verb=verb, key=note.key, repo=note.repo,
+                          pull=note.pull, outcome=note.outcome, status=note.status,
+                          reason=reason)
+
+    async def record(
+        self, *, action: str, verb: Verb, outcome: str, status: int, key: str | None = None,
+        repo: str | None = None, pull: int | None = None, reason: str | None = None,
+    ) -> None:
+        """Write one row to the audit trail."""
+        await self.audit.record(AuditEntry(
+            time=utcnow(), identity=self.identity.name, groups=self.identity.groups,
+            method=self.identity.method, verb=verb.value, action=action, key=key, repo=repo,
+            pull=pull, outcome=outcome, status=status, reason=reason, peer=self.peer,
+            request_id=self.request_id,
+        ))
+
+
+def _peer(request: Request) -> str:
+    client = request.client
+    return f"{client.host}:{client.port}" if client else ""
+
+
+def _request_id(request: Request) -> str | None:
+    value = request.headers.get("x-request-id")
+    return value[:128] if value else None
+
+
+async def caller_of(request: Request) -> Caller:
+    """The request's caller; raises ``NotAuthenticated`` (audited) when it has no identity.
+
+    Other parts of the API (a console, plugins) use this, or :data:`CallerDep`, to apply the
+    same rules as the v1 routes.
+    """
+    state = request.app.state
+    access: AccessControl = state.access.current()
+    audit: AuditTrail = state.audit
+    try:
+        identity = await access.identify(request.headers.get("authorization"))
+    except NotAuthenticated as refusal:
+        await audit.record(AuditEntry(
+            time=utcnow(), identity="", method=access.mode, verb="", action=_action(request),
+            outcome="unauthenticated", status=401, reason=str(refusal), peer=_peer(request),
+            request_id=_request_id(request),
+        ))
+        raise
+    return Caller(identity=identity, peer=_peer(request), request_id=_request_id(request),
+                  access=access, audit=audit)
+
+
+def _action(request: Request) -> str:
+    return f"{request.method} {request.url.path}"
+
+
+CallerDep = Annotated[Caller, Depends(caller_of)]
+"""A route parameter of this type authenticates the request (401 without an identity)."""
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_PUBLIC_ATTRIBUTE = "__enhanced_locking_public__"
+
+
+def public(why: str) -> Callable[[F], F]:
+    """Mark a route as answering without a bearer token; ``why`` says what protects it.
+
+    Put it under the route decorator::
+
+        @app.post("/v1/webhooks/github")
+        @public("authenticated by the GitHub webhook signature")
+        async def github(...): ...
+    """
+    if not why.strip():
+        raise ValueError("public() needs the reason the route may answer without a token")
+
+    def mark(endpoint: F) -> F:
+        setattr(endpoint, _PUBLIC_ATTRIBUTE, why)
+        return endpoint
+
+    return mark
+
+
+def public_reason(route: APIRoute) -> str | None:
+    reason = getattr(route.endpoint, _PUBLIC_ATTRIBUTE, None)
+    return reason if isinstance(reason, str) else None
+
+
+def _depends_on_caller(route: APIRoute) -> bool:
+    stack = list(route.dependant.dependencies)
+    while stack:
+        dependant = stack.pop()
+        if dependant.call is caller_of:
+            return True
+        stack.extend(dependant.dependencies)
+    return False
+
+
+UNGUARDED_PATHS = ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
+"""FastAPI's own pages: the API's description, no lock data."""
+
+
+def check_routes(app: FastAPI) -> None:
+    """Refuse an app with a route that neither takes the caller nor is marked :func:`public`."""
+    for route in app.routes:
+        if not isinstance(route, APIRoute) or route.path in UNGUARDED_PATHS:
+            continue
+        if public_reason(route) is None and not _depends_on_caller(route):
+            raise RuntimeError(
+                f"route {sorted(route.methods or ())} {route.path} neither takes the caller "
+                "(CallerDep) nor is marked @public(why): every route must say who may call it"
+            )
+
+
+def install_access(app: FastAPI, provider: ConfigProvider, audit: AuditTrail,
+                   build: AccessBuilder = build_access, *, exposed: bool = False) -> AccessHolder:
+    """Keep the access control and the audit trail on ``app.state``; answer its refusals.
+
+    ``exposed``: the service listens on a non-loopback address (auth ``none`` is refused
+    there unless ``insecure-allow-unauthenticated``)."""
+    holder = AccessHolder(provider, build, exposed=exposed)
+    app.state.access = holder
+    app.state.audit = audit
+
+    @app.exception_handler(NotAuthenticated)
+    async def _unauthenticated(request: Request, error: NotAuthenticated) -> JSONResponse:
+        challenge = f'Bearer realm="{REALM}"'
+        if error.invalid_token:
+            challenge += ', error="invalid_token"'
+        return JSONResponse({"error": str(error)}, status_code=401,
+                            headers={"WWW-Authenticate": challenge})
+
+    @app.exception_handler(NotPermitted)
+    async def _forbidden(request: Request, error: NotPermitted) -> JSONResponse:
+        body: dict[str, Any] = {"error": str(error), "verb": error.verb.value,
+                                "identity": error.identity.name}
+        if error.repo:
+            body["repo"] = error.repo
+        return JSONResponse(body, status_code=403)
+
+    return holder

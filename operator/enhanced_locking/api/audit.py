@@ -1,0 +1,79 @@
+"""The audit trail: every mutating call and every refusal, who, what, why, when and from where.
+
+Each entry goes to three places: the active store (durable, bounded; see
+:mod:`enhanced_locking.backends.audit_store`), stdout as one JSON line for log shippers
+(``audit-stdout``), and, for administrative actions when the process runs as the operator, a
+Kubernetes Event (a sink the operator adds). An entry holds an identity's name and groups,
+never a credential: the access seam hands this module identities only.
+
+``GET /v1/audit`` (the ``admin`` right) reads the trail newest first with filters and paging.
+A store that does not answer never fails the call being audited: the entry still goes to
+stdout and the failure is logged and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from typing import IO
+
+from enhanced_locking.backends.audit_store import AuditQuery, AuditStore, MemoryAuditStore
+from enhanced_locking.backends.audit_store import Retention as _Retention
+from enhanced_locking.config import EnhancedLockingConfig
+from enhanced_locking.types import AuditEntry, BackendUnavailable
+
+__all__ = ["ADMIN_ACTIONS", "AuditSink", "AuditTrail"]
+
+log = logging.getLogger(__name__)
+
+AuditSink = Callable[[AuditEntry], None]
+"""Something more that hears each entry (the operator posts admin actions as Events)."""
+
+ADMIN_ACTIONS = frozenset({"force-unlock", "release-any", "cancel-any"})
+"""Actions that also become Kubernetes Events when the operator runs."""
+
+
+class AuditTrail:
+    """Records entries to the store, stdout and any sinks."""
+
+    def __init__(
+        self, store: AuditStore, *, enabled: Callable[[], bool] = lambda: True,
+        stdout: Callable[[], bool] = lambda: True, stream: IO[str] | None = None,
+    ) -> None:
+        self.store = store
+        self._enabled = enabled
+        self._stdout = stdout
+        self._stream = stream
+        self.sinks: list[AuditSink] = []
+        self.failures = 0
+        """Entries the store did not take (they still went to stdout)."""
+
+    @classmethod
+    def in_memory(cls, config: EnhancedLockingConfig | None = None) -> AuditTrail:
+        config = config or EnhancedLockingConfig()
+        return cls(MemoryAuditStore(_Retention(config.audit_retention, config.audit_max_entries)))
+
+    async def record(self, entry: AuditEntry) -> None:
+        if not self._enabled():
+            return
+        try:
+            entry = await self.store.append(entry)
+        except BackendUnavailable as error:
+            self.failures += 1
+            log.error("audit entry not stored: %s", error)
+        if self._stdout():
+            stream = self._stream or sys.stdout
+            stream.write('{"audit": ' + entry.model_dump_json(by_alias=True) + "}\n")
+            stream.flush()
+        for sink in self.sinks:
+            try:
+                sink(entry)
+            except Exception:  # a sink must never fail the audited call
+                log.exception("audit sink failed")
+
+    async def read(self, query: AuditQuery) -> list[AuditEntry]:
+        return await self.store.read(query)
+
+    async def close(self) -> None:
+        await self.store.close()

@@ -1,0 +1,60 @@
+"""``GET /v1/audit``: the audit trail, newest first, filtered and paged (the ``admin`` right)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Query
+
+from enhanced_locking.api.access import CallerDep
+from enhanced_locking.api.audit import AuditTrail
+from enhanced_locking.api.errors import error_answers, json_error
+from enhanced_locking.backends.audit_store import AuditQuery
+from enhanced_locking.types import Verb
+
+__all__ = ["install_audit_routes"]
+
+Text = Annotated[str | None, Query(max_length=4096)]
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)  # a time without an offset is read as UTC
+
+
+def install_audit_routes(app: FastAPI) -> None:
+    @app.get("/v1/audit", responses=error_answers({
+        401: "No or invalid credentials.", 403: "The caller lacks the admin right.",
+    }))
+    async def audit(
+        caller: CallerDep,
+        identity: Text = None,
+        verb: Text = None,
+        action: Text = None,
+        key: Text = None,
+        repo: Text = None,
+        pull: Annotated[int | None, Query(ge=0, le=2**31 - 1)] = None,
+        outcome: Text = None,
+        since: Annotated[datetime | None, Query(description="RFC 3339; entries at or after")]
+        = None,
+        until: Annotated[datetime | None, Query(description="RFC 3339; entries before")] = None,
+        before: Annotated[str | None, Query(max_length=64, pattern=r"^[0-9]{1,18}(-[0-9]{1,18})?$",
+                                            description="The next page: the last id seen.")]
+        = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> Any:
+        """The audit trail newest first, filtered; ``next`` is the cursor of the next page."""
+        await caller.need(Verb.ADMIN, action="audit-read")
+        trail: AuditTrail = app.state.audit
+        query = AuditQuery(identity=identity, verb=verb, action=action, key=key, repo=repo,
+                           pull=pull, outcome=outcome, since=_utc(since), until=_utc(until),
+                           before=before, limit=limit)
+        try:
+            entries = await trail.read(query)
+        except ValueError:
+            return json_error(422, f"before: not a cursor of this store: {before!r}",
+                              field="before")
+        page = [entry.model_dump(mode="json", by_alias=True) for entry in entries]
+        return {"entries": page, "next": entries[-1].id if len(entries) == limit else None}

@@ -1,0 +1,260 @@
+"""Where the audit trail is kept: the active store's own durable place for it.
+
+* SQLite (the embedded ``boltdb`` store): an ``audit`` table in the same file as the locks.
+* Redis: a stream ``{redis-key-prefix}audit``, so every replica writes to and reads one trail.
+* memory: a bounded list (nothing survives the process, like the locks of that store).
+
+Retention is bounded twice: entries older than ``audit-retention`` are dropped, and at most
+``audit-max-entries`` are kept (the oldest go first). Pruning runs every
+:data:`PRUNE_EVERY` appends and once at start. Entries are read newest first, filtered, in pages:
+a page's last ``id`` is the ``before`` cursor of the next page.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import sqlite3
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Protocol
+
+from redis.exceptions import RedisError
+
+from enhanced_locking.backends.embedded import open_database
+from enhanced_locking.backends.redis_connection import RedisConnection, connect
+from enhanced_locking.config import EnhancedLockingConfig
+from enhanced_locking.types import AuditEntry, BackendUnavailable, utcnow
+
+__all__ = [
+    "AuditQuery",
+    "AuditStore",
+    "MemoryAuditStore",
+    "RedisAuditStore",
+    "SqliteAuditStore",
+    "build_audit_store",
+]
+
+PRUNE_EVERY = 500
+_SCAN_CHUNK = 500
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL, identity TEXT NOT NULL,
+    verb TEXT NOT NULL, action TEXT NOT NULL, key TEXT, repo TEXT, pull INTEGER,
+    outcome TEXT NOT NULL, data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_by_time ON audit (time);
+"""
+
+
+@dataclass(frozen=True)
+class AuditQuery:
+    """Filters of a read (each optional, all must match) and the page to read."""
+
+    identity: str | None = None
+    verb: str | None = None
+    action: str | None = None
+    key: str | None = None
+    repo: str | None = None
+    pull: int | None = None
+    outcome: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    before: str | None = None
+    limit: int = 100
+
+    def matches(self, entry: AuditEntry) -> bool:
+        wanted: dict[str, Any] = {
+            "identity": self.identity, "verb": self.verb, "action": self.action,
+            "key": self.key, "repo": self.repo, "pull": self.pull, "outcome": self.outcome,
+        }
+        if any(value is not None and getattr(entry, name) != value
+               for name, value in wanted.items()):
+            return False
+        if self.since is not None and entry.time < self.since:
+            return False
+        return self.until is None or entry.time < self.until
+
+
+class AuditStore(Protocol):
+    """Appends entries durably and reads them back newest first."""
+
+    async def append(self, entry: AuditEntry) -> AuditEntry: ...
+
+    async def read(self, query: AuditQuery) -> list[AuditEntry]: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Retention:
+    max_age: timedelta
+    max_entries: int
+
+
+class SqliteAuditStore:
+    """The ``audit`` table of the embedded store's file."""
+
+    kind = "sqlite"
+
+    def __init__(self, path: Path, retention: Retention) -> None:
+        self._db = open_database(path)
+        self._db.executescript(SCHEMA)
+        self._retention = retention
+        self._appended = 0
+        self._prune()
+
+    def _prune(self) -> None:
+        cutoff = (utcnow() - self._retention.max_age).isoformat()
+        self._db.execute("DELETE FROM audit WHERE time < ?", (cutoff,))
+        self._db.execute(
+            "DELETE FROM audit WHERE id <= (SELECT MAX(id) FROM audit) - ?",
+            (self._retention.max_entries,),
+        )
+
+    async def append(self, entry: AuditEntry) -> AuditEntry:
+        try:
+            cursor = self._db.execute(
+                "INSERT INTO audit (time, identity, verb, action, key, repo, pull, outcome, data) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (entry.time.isoformat(), entry.identity, entry.verb, entry.action, entry.key,
+                 entry.repo, entry.pull, entry.outcome, entry.model_dump_json(by_alias=True)),
+            )
+            self._appended += 1
+            if self._appended % PRUNE_EVERY == 0:
+                self._prune()
+        except sqlite3.Error as error:
+            raise BackendUnavailable(f"cannot write the audit trail: {error}") from None
+        return entry.model_copy(update={"id": str(cursor.lastrowid)})
+
+    async def read(self, query: AuditQuery) -> list[AuditEntry]:
+        clauses, params = [], []
+        for column in ("identity", "verb", "action", "key", "repo", "pull", "outcome"):
+            value = getattr(query, column)
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        if query.since is not None:
+            clauses.append("time >= ?")
+            params.append(query.since.isoformat())
+        if query.until is not None:
+            clauses.append("time < ?")
+            params.append(query.until.isoformat())
+        if query.before is not None:
+            clauses.append("id < ?")
+            params.append(int(query.before))
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        rows = self._db.execute(
+            f"SELECT id, data FROM audit {where} ORDER BY id DESC LIMIT ?",
+            (*params, query.limit),
+        ).fetchall()
+        return [AuditEntry.model_validate_json(data).model_copy(update={"id": str(row_id)})
+                for row_id, data in rows]
+
+    async def close(self) -> None:
+        self._db.close()
+
+
+class RedisAuditStore:
+    """A stream shared by every replica; its ids (``<ms>-<seq>``) are the cursors."""
+
+    kind = "redis"
+
+    def __init__(self, connection: RedisConnection, stream: str, retention: Retention) -> None:
+        self._connection = connection
+        self._stream = stream
+        self._retention = retention
+        self._appended = 0
+
+    async def _prune(self) -> None:
+        cutoff = int((utcnow() - self._retention.max_age).timestamp() * 1000)
+        await self._connection.client.xtrim(self._stream, minid=cutoff, approximate=False)
+
+    async def append(self, entry: AuditEntry) -> AuditEntry:
+        try:
+            entry_id = await self._connection.client.xadd(
+                self._stream, {"e": entry.model_dump_json(by_alias=True)},
+                maxlen=self._retention.max_entries, approximate=True,
+            )
+            self._appended += 1
+            if self._appended % PRUNE_EVERY == 1:
+                await self._prune()
+        except (RedisError, OSError) as error:
+            raise BackendUnavailable(f"cannot write the audit trail: {error}") from None
+        return entry.model_copy(update={"id": str(entry_id)})
+
+    async def read(self, query: AuditQuery) -> list[AuditEntry]:
+        found: list[AuditEntry] = []
+        top = "+" if query.before is None else f"({query.before}"
+        bottom = "-" if query.since is None else str(int(query.since.timestamp() * 1000))
+        try:
+            while len(found) < query.limit:
+                chunk = await self._connection.client.xrevrange(
+                    self._stream, max=top, min=bottom, count=_SCAN_CHUNK)
+                if not chunk:
+                    break
+                for entry_id, fields in chunk:
+                    # The connection decodes replies: ids and fields are str.
+                    entry = AuditEntry.model_validate_json(
+                        str((fields or {}).get("e", "{}"))).model_copy(
+                        update={"id": str(entry_id)})
+                    if query.matches(entry):
+                        found.append(entry)
+                        if len(found) == query.limit:
+                            break
+                top = "(" + str(chunk[-1][0])
+        except (RedisError, OSError) as error:
+            raise BackendUnavailable(f"cannot read the audit trail: {error}") from None
+        return found
+
+    async def close(self) -> None:
+        await self._connection.close()
+
+
+class MemoryAuditStore:
+    """The newest entries in memory (the ``memory`` store keeps nothing after exit either)."""
+
+    kind = "memory"
+
+    def __init__(self, retention: Retention) -> None:
+        self._entries: collections.deque[AuditEntry] = collections.deque(
+            maxlen=retention.max_entries)
+        self._retention = retention
+        self._next = 1
+
+    async def append(self, entry: AuditEntry) -> AuditEntry:
+        stored = entry.model_copy(update={"id": str(self._next)})
+        self._next += 1
+        self._entries.append(stored)
+        cutoff = utcnow() - self._retention.max_age
+        while self._entries and self._entries[0].time < cutoff:
+            self._entries.popleft()
+        return stored
+
+    async def read(self, query: AuditQuery) -> list[AuditEntry]:
+        before = int(query.before) if query.before is not None else None
+        out = []
+        for entry in reversed(self._entries):
+            if before is not None and int(entry.id) >= before:
+                continue
+            if query.matches(entry):
+                out.append(entry)
+                if len(out) == query.limit:
+                    break
+        return out
+
+    async def close(self) -> None:
+        await asyncio.sleep(0)
+
+
+def build_audit_store(config: EnhancedLockingConfig) -> AuditStore:
+    """The store the locks are kept in decides where the trail is kept (Redis first)."""
+    retention = Retention(config.audit_retention, config.audit_max_entries)
+    uses = {config.legacy_backend, *((config.backend,) if config.enabled else ())}
+    if "redis" in uses:
+        return RedisAuditStore(connect(config), f"{config.redis_key_prefix}audit", retention)
+    if "boltdb" in uses:
+        return SqliteAuditStore(config.data_path, retention)
+    return MemoryAuditStore(retention)

@@ -1,0 +1,328 @@
+"""Static access control over a real service process: bearer tokens from a file, the role map,
+owner checks, 401/403 answers that change nothing, and the audit trail they leave.
+
+One process serves the module with ``auth: static``; every token is in a file the tests can
+rewrite (the service picks the change up without a restart).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from tests.support.access_matrix import (
+    CALLS,
+    PUBLIC_PATHS,
+    ROLE_VERBS,
+    Call,
+    acquire_body,
+    new_case,
+)
+from tests.support.service import (
+    ServiceProcess,
+    enhanced_locking_command,
+    free_port,
+    scrubbed_env,
+)
+
+TOKENS = {
+    "nobody": "tok-nobody-0f9a8b7c6d5e4f3a",
+    "viewer": "tok-viewer-1a2b3c4d5e6f7a8b",
+    "locker": "tok-locker-9z8y7x6w5v4u3t2s",
+    "admin": "tok-admin-5k4j3h2g1f0e9d8c",
+}
+ROLES = "viewer=user:vera;locker=group:bots;admin=user:ada"
+NAMES = {"nobody": "nora", "viewer": "vera", "locker": "lou", "admin": "ada"}
+
+
+def tokens_file(path: Path, tokens: dict[str, str]) -> Path:
+    lines = ["# token,name,uid,groups"]
+    for role, token in tokens.items():
+        groups = "bots" if role == "locker" else ""
+        lines.append(f'{token},{NAMES[role]},uid-{role},"{groups}"')
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    root = tmp_path_factory.mktemp("access")
+    tokens = tokens_file(root / "tokens.csv", TOKENS)
+    process = ServiceProcess(root / "data", log_dir=root / "logs", args=[
+        "--enhanced-locking-auth=static",
+        f"--enhanced-locking-auth-tokens-file={tokens}",
+        f"--enhanced-locking-auth-roles={ROLES}",
+        "--enhanced-locking-auth-cache-ttl=1s",
+    ])
+    try:
+        process.start()
+    except Exception as error:
+        pytest.fail(str(error), pytrace=False)
+    yield process
+    process.stop()
+
+
+def client(served: ServiceProcess, token: str | None) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    return httpx.Client(base_url=served.url, timeout=10, headers=headers)
+
+
+@pytest.fixture
+def admin(served: ServiceProcess) -> Iterator[httpx.Client]:
+    with client(served, TOKENS["admin"]) as http:
+        yield http
+
+
+def held(admin: httpx.Client, key: str) -> dict[str, Any] | None:
+    answer = admin.get("/v1/locks/by-key", params={"key": key})
+    return answer.json()["lock"] if answer.status_code == 200 else None
+
+
+def _matrix() -> list[Any]:
+    return [pytest.param(call, role, id=f"{call.name}-{role}")
+            for call in CALLS for role in ROLE_VERBS]
+
+
+@pytest.mark.parametrize(("call", "role"), _matrix())
+def test_each_call_is_allowed_exactly_for_the_roles_holding_its_rights(
+    served: ServiceProcess, admin: httpx.Client, call: Call, role: str
+) -> None:
+    case = new_case(admin)
+    before = held(admin, case.key)
+    with client(served, TOKENS[role]) as http:
+        answer = call.run(http, case)
+    if call.verbs <= ROLE_VERBS[role]:
+        assert answer.status_code not in (401, 403, 500), answer.text
+        return
+    assert answer.status_code == 403
+    refusal = json.loads(answer.read())
+    missing = sorted(call.verbs - ROLE_VERBS[role])
+    assert refusal["verb"] in missing
+    assert refusal["identity"] == NAMES[role]
+    assert refusal["verb"] in refusal["error"]
+    assert held(admin, case.key) == before, "a refused call changed the lock"
+    assert admin.get("/v1/locks", params={"repo": case.repo}).json()["locks"] == [before]
+
+
+@pytest.mark.parametrize("call", CALLS, ids=lambda call: call.name)
+@pytest.mark.parametrize("token", [None, "not-a-token", "a b"], ids=["none", "unknown", "spaced"])
+def test_without_a_valid_token_every_guarded_call_is_401_with_a_challenge(
+    served: ServiceProcess, admin: httpx.Client, call: Call, token: str | None
+) -> None:
+    case = new_case(admin)
+    before = held(admin, case.key)
+    with client(served, token) as http:
+        answer = call.run(http, case)
+    assert answer.status_code == 401
+    assert answer.headers["www-authenticate"].startswith('Bearer realm="enhanced-locking"')
+    assert "error" in json.loads(answer.read())
+    assert held(admin, case.key) == before
+
+
+def test_a_scheme_other_than_bearer_is_401(served: ServiceProcess) -> None:
+    with httpx.Client(base_url=served.url, timeout=10) as http:
+        answer = http.get("/v1/locks", headers={"Authorization": f"Basic {TOKENS['admin']}"})
+    assert answer.status_code == 401
+    assert 'error="invalid_token"' in answer.headers["www-authenticate"]
+
+
+@pytest.mark.parametrize("path", PUBLIC_PATHS)
+def test_health_and_metrics_answer_without_a_token(served: ServiceProcess, path: str) -> None:
+    with client(served, None) as http:
+        assert http.get(path).status_code == 200
+
+
+def test_force_unlock_needs_a_reason_and_records_it(
+    served: ServiceProcess, admin: httpx.Client
+) -> None:
+    case = new_case(admin)
+    before = held(admin, case.key)
+    refused = admin.post("/v1/admin/force-unlock", params={"key": case.key})
+    assert refused.status_code == 422
+    assert refused.json()["field"] == "reason"
+    assert held(admin, case.key) == before
+    done = admin.post("/v1/admin/force-unlock",
+                      params={"key": case.key, "reason": "stuck apply, ticket OPS-12"})
+    assert done.status_code == 200
+    assert held(admin, case.key) is None
+    rows = admin.get("/v1/audit", params={"key": case.key, "action": "force-unlock"}).json()
+    assert [(r["identity"], r["outcome"], r["reason"], r["pull"]) for r in rows["entries"]] == [
+        ("ada", "released", "stuck apply, ticket OPS-12", 7)]
+
+
+def test_a_pull_releases_its_own_lock_with_the_lock_right_but_not_anothers(
+    served: ServiceProcess, admin: httpx.Client
+) -> None:
+    case = new_case(admin)
+    with client(served, TOKENS["locker"]) as locker:
+        other = locker.delete("/v1/locks/by-key", params={"key": case.key, "pull": 8})
+        assert other.status_code == 409  # owned by pull 7: nothing released
+        assert held(admin, case.key) is not None
+        own = locker.delete("/v1/locks/by-key", params={"key": case.key, "pull": 7})
+    assert own.status_code == 200
+    assert held(admin, case.key) is None
+
+
+def test_the_audit_trail_has_a_row_per_call_with_who_and_from_where(
+    served: ServiceProcess, admin: httpx.Client
+) -> None:
+    case = new_case(admin)
+    with client(served, TOKENS["locker"]) as locker, client(served, TOKENS["viewer"]) as viewer:
+        locker.post("/v1/locks", json=acquire_body(case.repo, pull=9, path="x"),
+                    headers={"X-Request-Id": "req-42"})
+        viewer.post("/v1/locks", json=acquire_body(case.repo, pull=9, path="y"))
+        locker.delete("/v1/locks/by-key", params={"key": case.key})
+    rows = admin.get("/v1/audit", params={"repo": case.repo}).json()["entries"]
+    seen = [(r["identity"], r["action"], r["verb"], r["outcome"], r["status"])
+            for r in reversed(rows)]
+    assert seen == [
+        ("ada", "acquire", "lock", "acquired", 200),
+        ("lou", "acquire", "lock", "acquired", 200),
+        ("vera", "acquire", "lock", "denied", 403),
+        ("lou", "release-any", "release-any", "denied", 403),
+    ]
+    locker_row = next(r for r in rows if r["identity"] == "lou" and r["action"] == "acquire")
+    assert locker_row["groups"] == ["bots"]
+    assert locker_row["method"] == "static"
+    assert locker_row["requestId"] == "req-42"
+    assert locker_row["peer"].startswith("127.0.0.1:")
+
+
+def test_audit_pages_newest_first_with_a_cursor(
+    served: ServiceProcess, admin: httpx.Client
+) -> None:
+    case = new_case(admin)
+    for path in ("a", "b", "c", "d", "e"):
+        admin.post("/v1/locks", json=acquire_body(case.repo, pull=3, path=path))
+    first = admin.get("/v1/audit", params={"repo": case.repo, "limit": 2}).json()
+    second = admin.get("/v1/audit", params={"repo": case.repo, "limit": 2,
+                                            "before": first["next"]}).json()
+    third = admin.get("/v1/audit", params={"repo": case.repo, "limit": 2,
+                                           "before": second["next"]}).json()
+    keys = [r["key"].split("/")[2] for page in (first, second, third) for r in page["entries"]]
+    assert keys == ["e", "d", "c", "b", "a", "envs"]
+    assert third["next"] is not None
+    assert admin.get("/v1/audit", params={"repo": case.repo, "before": third["next"]}
+                     ).json() == {"entries": [], "next": None}
+
+
+def test_a_rewritten_tokens_file_is_picked_up_without_a_restart(
+    served: ServiceProcess, tmp_path: Path
+) -> None:
+    path = Path(served.args[1].split("=", 1)[1])
+    rotated = {**TOKENS, "viewer": "tok-viewer-rotated-77aa66bb"}
+    try:
+        tokens_file(path, rotated)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with client(served, rotated["viewer"]) as http:
+                if http.get("/v1/locks").status_code == 200:
+                    break
+            time.sleep(0.1)
+        with client(served, rotated["viewer"]) as http:
+            assert http.get("/v1/locks").status_code == 200
+        with client(served, TOKENS["viewer"]) as http:
+            assert http.get("/v1/locks").status_code == 401
+    finally:
+        tokens_file(path, TOKENS)
+        time.sleep(1.2)
+
+
+def test_no_token_shows_in_logs_audit_rows_metrics_events_or_the_store(
+    served: ServiceProcess, admin: httpx.Client
+) -> None:
+    case = new_case(admin)
+    with client(served, TOKENS["viewer"]) as viewer:
+        viewer.delete("/v1/locks/by-key", params={"key": case.key})
+    with client(served, "tok-guessed-by-an-attacker") as stranger:
+        stranger.get("/v1/locks")
+    audit = admin.get("/v1/audit", params={"limit": 1000}).text
+    metrics = admin.get("/metrics").text
+    store = b"".join(p.read_bytes() for p in served.data_dir.glob("enhanced-locking.db*"))
+    logs = served.output()
+    for token in (*TOKENS.values(), "tok-guessed-by-an-attacker"):
+        assert token not in audit
+        assert token not in metrics
+        assert token not in logs
+        assert token.encode() not in store
+    assert "tok-" not in audit
+
+
+def test_audit_rows_are_json_lines_on_stdout(served: ServiceProcess, admin: httpx.Client) -> None:
+    case = new_case(admin)
+    lines = [json.loads(line)["audit"] for line in served.output().splitlines()
+             if line.startswith('{"audit": ')]
+    assert any(row["repo"] == case.repo and row["action"] == "acquire" for row in lines)
+
+
+def test_the_audit_trail_survives_a_restart(tmp_path: Path) -> None:
+    tokens = tokens_file(tmp_path / "tokens.csv", TOKENS)
+    process = ServiceProcess(tmp_path / "data", log_dir=tmp_path / "logs", args=[
+        "--enhanced-locking-auth=static", f"--enhanced-locking-auth-tokens-file={tokens}",
+        f"--enhanced-locking-auth-roles={ROLES}",
+    ])
+    process.start()
+    try:
+        with client(process, TOKENS["admin"]) as admin:
+            case = new_case(admin)
+            admin.post("/v1/admin/force-unlock", params={"key": case.key, "reason": "r1"})
+        process.stop()
+        process.start()
+        with client(process, TOKENS["admin"]) as admin:
+            rows = admin.get("/v1/audit", params={"repo": case.repo}).json()["entries"]
+        assert [(r["action"], r["identity"]) for r in rows] == [
+            ("force-unlock", "ada"), ("acquire", "ada")]
+    finally:
+        process.stop()
+
+
+def run_serve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*enhanced_locking_command(), "serve", *args], capture_output=True,
+                          text=True, timeout=60, env=scrubbed_env(env or {}))
+
+
+def test_serving_a_network_address_without_auth_exits_2_naming_the_setting(
+    tmp_path: Path,
+) -> None:
+    # It stops before opening any socket: nothing listens beyond loopback.
+    done = run_serve("--host", "0.0.0.0", "--port", "1", "--data-dir", str(tmp_path))
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1
+    assert "enhanced-locking-auth" in done.stderr
+    assert "enhanced-locking-insecure-allow-unauthenticated" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(("args", "named"), [
+    (["--enhanced-locking-auth=static"], "enhanced-locking-auth"),
+    (["--enhanced-locking-auth=static", "--enhanced-locking-auth-tokens-file=/nonexistent/t"],
+     "enhanced-locking-auth-tokens-file"),
+    (["--enhanced-locking-auth-roles=owner=user:x"], "enhanced-locking-auth-roles"),
+    (["--enhanced-locking-tls-cert-file=c.pem"], "enhanced-locking-tls"),
+])
+def test_unusable_access_settings_exit_2_with_one_line(
+    tmp_path: Path, args: list[str], named: str
+) -> None:
+    done = run_serve("--host", "127.0.0.1", "--port", str(free_port()), "--data-dir",
+                     str(tmp_path), *args)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert named in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_malformed_tokens_file_names_the_line_not_the_token(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.csv"
+    path.write_text("tok-good-aaaa,alice\ntok-secret-bbbb\n")
+    done = run_serve("--host", "127.0.0.1", "--port", str(free_port()), "--data-dir",
+                     str(tmp_path), "--enhanced-locking-auth=static",
+                     f"--enhanced-locking-auth-tokens-file={path}")
+    assert done.returncode == 2
+    assert "line 2" in done.stderr
+    assert "tok-secret-bbbb" not in done.stderr

@@ -1,0 +1,118 @@
+"""The access seam's own rules: every route says who may call it, tokens and roles parse as
+documented, and a config change never opens the service by accident."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+from fastapi.routing import APIRoute
+
+from enhanced_locking.api import create_app
+from enhanced_locking.api.access import (
+    AccessHolder,
+    CallerDep,
+    check_routes,
+    public,
+    public_reason,
+)
+from enhanced_locking.api.static_access import RoleMap, TokenFileError, parse_tokens
+from enhanced_locking.config import EnhancedLockingConfig
+from enhanced_locking.factory import LockService
+from enhanced_locking.provider import ConfigProvider
+from enhanced_locking.types import Identity, Verb
+
+
+def memory_config(**values: Any) -> EnhancedLockingConfig:
+    return EnhancedLockingConfig(backend="memory", legacy_backend="memory", **values)
+
+
+def test_an_app_with_a_route_that_neither_takes_the_caller_nor_is_public_is_refused() -> None:
+    app = FastAPI()
+
+    @app.get("/v1/forgotten")
+    async def forgotten() -> None: ...
+
+    with pytest.raises(RuntimeError, match=r"/v1/forgotten .*CallerDep.*@public"):
+        check_routes(app)
+
+
+def test_a_route_marked_public_or_taking_the_caller_passes() -> None:
+    app = FastAPI()
+
+    @app.post("/v1/webhooks/github")
+    @public("authenticated by the GitHub webhook signature")
+    async def webhook() -> None: ...
+
+    @app.get("/ui")
+    async def console(caller: CallerDep) -> None: ...
+
+    check_routes(app)
+
+
+def test_public_needs_a_reason() -> None:
+    with pytest.raises(ValueError, match="reason"):
+        public(" ")
+
+
+def test_the_services_only_public_routes_are_health_and_metrics() -> None:
+    app = create_app(LockService(ConfigProvider(memory_config())), manage_lifecycle=False)
+    public_paths = sorted(route.path for route in app.routes
+                          if isinstance(route, APIRoute) and public_reason(route) is not None)
+    assert public_paths == ["/healthz", "/metrics", "/readyz"]
+
+
+def test_tokens_parse_with_groups_and_skip_comments() -> None:
+    tokens = parse_tokens('# a comment\n\nt1,alice,u1,"ops,dev"\nt2,bot\n', source="f")
+    assert sorted((i.name, i.uid, i.groups) for i in tokens.values()) == [
+        ("alice", "u1", ("ops", "dev")), ("bot", "", ())]
+    assert all(i.method == "static" for i in tokens.values())
+
+
+@pytest.mark.parametrize(("text", "line"), [
+    ("t1,alice\nsecret-token-only\n", 2),
+    ("t1,alice\nt1,bob\n", 2),
+    (",nobody\n", 1),
+])
+def test_a_bad_tokens_line_is_named_without_its_token(text: str, line: int) -> None:
+    with pytest.raises(TokenFileError) as raised:
+        parse_tokens(text, source="tokens.csv")
+    assert f"tokens.csv line {line}" in str(raised.value)
+    assert "secret-token-only" not in str(raised.value)
+
+
+async def test_the_role_map_grants_roles_and_single_verbs_to_users_and_groups() -> None:
+    roles = RoleMap({"viewer": ["group:everyone"], "locker": ["user:bot"],
+                     "force-unlock": ["group:oncall"]})
+    bot = Identity(name="bot", groups=("everyone",), method="static")
+    oncall = Identity(name="carol", groups=("oncall",), method="static")
+    assert roles.verbs(bot) == {Verb.READ, Verb.LOCK}
+    assert roles.verbs(oncall) == {Verb.FORCE_UNLOCK}
+    assert not await roles.allowed(oncall, Verb.READ, repo=None)
+    assert await roles.allowed(bot, Verb.LOCK, repo="acme/infra")
+
+
+async def test_a_bad_tokens_file_in_a_new_snapshot_keeps_the_access_in_force(
+    tmp_path: Path,
+) -> None:
+    good = tmp_path / "good.csv"
+    good.write_text("t1,alice\n")
+    provider = ConfigProvider(memory_config(auth="static", auth_tokens_file=str(good)))
+    holder = AccessHolder(provider)
+    assert holder.current().mode == "static"
+    await provider.set_layer("cluster", {"auth_tokens_file": str(tmp_path / "missing.csv")})
+    assert holder.current().mode == "static"
+
+
+async def test_turning_auth_off_on_an_exposed_address_is_refused_at_runtime(tmp_path: Path) -> None:
+    good = tmp_path / "good.csv"
+    good.write_text("t1,alice\n")
+    provider = ConfigProvider(memory_config(auth="static", auth_tokens_file=str(good)))
+    holder = AccessHolder(provider, exposed=True)
+    first = holder.current()
+    await provider.set_layer("cluster", {"auth": "none"})
+    assert holder.current() is first
+    await provider.set_layer("cluster", {"auth": "none", "insecure_allow_unauthenticated": True})
+    assert holder.current().open
