@@ -348,6 +348,23 @@ class EnhancedLockingConfig(BaseSettings):
     audit_stdout: Flag = Field(
         True, description="Also print each audit entry as a JSON line on stdout."
     )
+
+    # --- event streams (docs/07-overload.md) ------------------------------------------------
+    events_max_lag: Integer = Field(
+        1000, ge=1, le=1_000_000,
+        description="Most events a reader of GET /v1/events may fall behind, or ask to replay "
+        "with Last-Event-ID; beyond, it gets a gap event (a reader that fell behind is then "
+        "cut off).",
+    )
+    events_max_streams: Integer = Field(
+        256, ge=1, le=100_000,
+        description="Most GET /v1/events streams open at once; more are answered 503.",
+    )
+    events_max_streams_per_client: Integer = Field(
+        8, ge=1, le=100_000,
+        description="Most GET /v1/events streams open at once from one client address; more "
+        "are answered 429.",
+    )
     data_dir: str = Field(
         "~/.atlantis",
         min_length=1,

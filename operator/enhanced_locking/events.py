@@ -12,11 +12,12 @@ import asyncio
 import collections
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from enhanced_locking.types import Event, Lock, utcnow
 
-__all__ = ["EVENT_TYPES", "Bus", "EventBus", "parse_event_id"]
+__all__ = ["EVENT_TYPES", "Bus", "EventBus", "Gap", "parse_event_id"]
 
 EVENT_TYPES = (
     "acquired",
@@ -40,6 +41,17 @@ EVENT_TYPES = (
 Subscriber = Callable[[Event], None]
 
 
+@dataclass(frozen=True)
+class Gap:
+    """A stream reader did not get every event after ``after``: it asked to replay more than
+    it may (``reason="replay"``), or it read slower than events came (``"behind"``).
+    ``oldest`` is the oldest event id still kept. The reader re-reads the state it follows."""
+
+    after: str
+    oldest: str | None
+    reason: str
+
+
 def parse_event_id(event_id: str) -> tuple[int, int]:
     """``"<ms>-<seq>"`` as a sortable pair; raises ``ValueError`` on anything else."""
     ms, _, seq = event_id.partition("-")
@@ -52,7 +64,8 @@ class Bus(Protocol):
     ``publish`` is synchronous (callers are in the middle of a lock operation and must not
     wait for subscribers): a bus over a network appends in the background. Ids are
     ``"<ms>-<seq>"`` and sort in publication order; ``stream(after)`` replays what it still has
-    after that id, then follows live events.
+    after that id, then follows live events; ``follow(after, max_lag=n)`` does the same for a
+    reader that may fall behind (a :class:`Gap` then).
     """
 
     def publish(self, type: str, *, lock: Lock | None = None, key: str | None = None,
@@ -65,6 +78,9 @@ class Bus(Protocol):
     def gap_since(self, after: str) -> bool: ...
 
     def stream(self, after: str | None = None) -> AsyncIterator[Event]: ...
+
+    def follow(self, after: str | None = None, *,
+               max_lag: int | None = None) -> AsyncIterator[Event | Gap]: ...
 
 
 class EventBus:
@@ -127,11 +143,43 @@ class EventBus:
             return False
         return parse_event_id(self._ring[0].id) > parse_event_id(after)
 
+    def _newest(self) -> tuple[int, int]:
+        return parse_event_id(self._ring[-1].id) if self._ring else self._last
+
+    def _behind(self, mark: tuple[int, int], limit: int) -> bool:
+        """Whether more than ``limit`` events follow ``mark``, or some may have fallen out of
+        the ring (the newest ``limit + 1`` are looked at, no more)."""
+        if self.gap_since(f"{mark[0]}-{mark[1]}"):
+            return True
+        if len(self._ring) <= limit:
+            return False
+        return parse_event_id(self._ring[-limit - 1].id) > mark
+
     async def stream(self, after: str | None = None) -> AsyncIterator[Event]:
         """Replay from ``after`` (or only new events without it), then follow live."""
-        mark = parse_event_id(after) if after else self._last
+        async for item in self.follow(after):
+            assert isinstance(item, Event)  # no bound, so never a gap
+            yield item
+
+    async def follow(self, after: str | None = None, *,
+                     max_lag: int | None = None) -> AsyncIterator[Event | Gap]:
+        """:meth:`stream` for a reader that may fall behind. With ``max_lag``, a reader that
+        asks to replay more than that many events, or whose ``after`` may have fallen out of
+        the ring, gets a :class:`Gap` and then follows live from now; a reader that falls more
+        than ``max_lag`` behind while following (it reads slower than events come) gets a
+        :class:`Gap` and the stream ends. No reader has a buffer of its own: all read the one
+        ring, so a stalled reader costs no memory."""
+        mark = parse_event_id(after) if after else self._newest()
+        if max_lag is not None and after is not None and self._behind(mark, max_lag):
+            yield Gap(after=after, oldest=self._ring[0].id if self._ring else None,
+                      reason="replay")
+            mark = self._newest()
         while True:
             wakeup = self._wakeup  # taken before looking, so no publish in between is missed
+            if max_lag is not None and self._behind(mark, max_lag):
+                yield Gap(after=f"{mark[0]}-{mark[1]}",
+                          oldest=self._ring[0].id if self._ring else None, reason="behind")
+                return
             fresh = self._after(mark)
             for event in fresh:
                 mark = parse_event_id(event.id)

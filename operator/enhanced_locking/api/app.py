@@ -109,7 +109,7 @@ def create_app(
     holder = install_access(app, service.provider, audit, access, exposed=exposed)
     holder.current()  # a bad tokens file stops the start (ValueError), not the first call
     install_queue_routes(app, service)
-    install_event_stream(app, service.events)
+    install_event_stream(app, service.events, lambda: service.provider.current.config)
     install_audit_routes(app)
     router = service.router
 

@@ -3,9 +3,19 @@
 Filters: ``repo`` (exact), ``keyPrefix`` (lock keys starting with it), ``type`` (comma-separated
 event types). Each event carries its id (``<ms>-<seq>``, the Redis Stream id form); a client
 that reconnects with ``Last-Event-ID`` (header, or the ``lastEventId`` query parameter) gets
-every event after it that is still in the bus's ring. When some may have fallen out of the
-ring, the stream starts with a ``gap`` event so the client knows to re-read state rather than
-trust the replay.
+every event after it, up to ``enhanced-locking-events-max-lag`` of them.
+
+A reader never loses events silently. When it cannot have them all it gets a ``gap`` event
+(``{"after", "oldest", "reason"}``) and knows to re-read the state it follows:
+
+* ``reason: "replay"``: its ``Last-Event-ID`` asks for more than the bound, or for events that
+  fell out of the bus's ring; the stream then follows live events from now;
+* ``reason: "behind"``: it reads slower than events come and fell more than the bound behind;
+  the stream then ends (reconnect, re-read, follow again). A reader that reads nothing at all
+  is cut off once a send has waited ``SEND_TIMEOUT``.
+
+Every event is framed once, whatever the number of readers (:class:`Frames`). Streams are
+capped per client address (429) and in total (503), both with ``Retry-After``.
 
 A caller sees only what its ``read`` right covers: the stream needs ``read`` (on ``repo`` when
 the filter names one), and each event is checked again for its repository before it is sent
@@ -15,21 +25,31 @@ that time.
 
 from __future__ import annotations
 
+import collections
 import json
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated
 
-from fastapi import FastAPI, Header, Query
+from fastapi import FastAPI, Header, Query, Request
+from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.types import Receive, Scope, Send
 
 from enhanced_locking.api.access import CallerDep
 from enhanced_locking.api.errors import error_answers, json_error
-from enhanced_locking.events import EVENT_TYPES, Bus, parse_event_id
+from enhanced_locking.config import EnhancedLockingConfig
+from enhanced_locking.events import EVENT_TYPES, Bus, Gap, parse_event_id
 from enhanced_locking.types import Event, Verb
 
-__all__ = ["install_event_stream", "matches"]
+__all__ = ["Frames", "install_event_stream", "matches"]
+
+log = logging.getLogger(__name__)
 
 KEEPALIVE_SECONDS = 15
+SEND_TIMEOUT = 30.0
+"""Seconds one send to a reader may wait (its socket full) before the stream is cut off."""
+RETRY_AFTER_SECONDS = 5
 
 
 def matches(event: Event, *, repo: str | None, key_prefix: str | None,
@@ -42,13 +62,88 @@ def matches(event: Event, *, repo: str | None, key_prefix: str | None,
     return types is None or event.type in types
 
 
-def install_event_stream(app: FastAPI, bus: Bus) -> None:
+class Frames:
+    """Each event's SSE frame, encoded once and shared by every reader (the newest ``size``
+    are kept: readers are close behind the newest event, or cut off)."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self._size = size
+        self._frames: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+
+    def __call__(self, event: Event) -> bytes:
+        frame = self._frames.get(event.id)
+        if frame is None:
+            frame = ServerSentEvent(id=event.id, event=event.type,
+                                    data=event.model_dump_json(by_alias=True)).encode()
+            self._frames[event.id] = frame
+            if len(self._frames) > self._size:
+                self._frames.popitem(last=False)
+        return frame
+
+
+class _Streams:
+    """Open streams, in total and per client address."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.by_client: collections.Counter[str] = collections.Counter()
+
+    def refusal(self, client: str, config: EnhancedLockingConfig) -> JSONResponse | None:
+        if self.by_client[client] >= config.events_max_streams_per_client:
+            return _busy(429, f"this client already has {self.by_client[client]} event streams "
+                              "open (enhanced-locking-events-max-streams-per-client); close one")
+        if self.total >= config.events_max_streams:
+            return _busy(503, f"{self.total} event streams are open, the most this service "
+                              "serves (enhanced-locking-events-max-streams); retry later")
+        return None
+
+    def opened(self, client: str) -> Callable[[], None]:
+        self.total += 1
+        self.by_client[client] += 1
+
+        def closed() -> None:
+            self.total -= 1
+            self.by_client[client] -= 1
+            if not self.by_client[client]:
+                del self.by_client[client]
+
+        return closed
+
+
+def _busy(status: int, message: str) -> JSONResponse:
+    response = json_error(status, message)
+    response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+    return response
+
+
+class _CountedStream(EventSourceResponse):
+    """An event stream that gives its place back however it ends."""
+
+    def __init__(self, content: AsyncIterator[bytes], *, closed: Callable[[], None]) -> None:
+        super().__init__(content, ping=KEEPALIVE_SECONDS, send_timeout=SEND_TIMEOUT)
+        self._closed = closed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._closed()
+
+
+def install_event_stream(app: FastAPI, bus: Bus,
+                         config: Callable[[], EnhancedLockingConfig]) -> None:
+    frames = Frames()
+    streams = _Streams()
+
     @app.get("/v1/events", response_model=None, responses=error_answers({
         401: "No or invalid credentials (see WWW-Authenticate).",
         403: "The caller lacks the read right (on repo, when given).",
+        429: "This client has the most event streams it may open (see Retry-After).",
+        503: "The service has the most event streams it serves (see Retry-After).",
     }))
     async def events(
         caller: CallerDep,
+        http: Request,
         repo: Annotated[str | None, Query(max_length=512, description="owner/name")] = None,
         key_prefix: Annotated[str | None, Query(alias="keyPrefix", max_length=4096,
                                                 description="Lock keys starting with this.")]
@@ -58,9 +153,9 @@ def install_event_stream(app: FastAPI, bus: Bus) -> None:
         last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
         last_event_id_query: Annotated[str | None, Query(alias="lastEventId", max_length=64)]
         = None,
-    ) -> EventSourceResponse | object:
+    ) -> EventSourceResponse | JSONResponse:
         """Follow lock and config events (SSE), optionally filtered; resume with
-        ``Last-Event-ID``."""
+        ``Last-Event-ID``. A reader that cannot have every event gets a ``gap`` event."""
         await caller.need(Verb.READ, action="events", repo=repo)
         after = last_event_id or last_event_id_query
         if after is not None:
@@ -77,14 +172,25 @@ def install_event_stream(app: FastAPI, bus: Bus) -> None:
             if unknown:
                 return json_error(422, f"type: unknown event type {unknown[0]!r}; known: "
                                        f"{', '.join(EVENT_TYPES)}", field="type")
+        settings = config()
+        client = http.client.host if http.client else "unknown"
+        refused = streams.refusal(client, settings)
+        if refused is not None:
+            return refused
+        max_lag = settings.events_max_lag
 
-        async def stream() -> AsyncIterator[ServerSentEvent]:
-            if after is not None and bus.gap_since(after):
-                yield ServerSentEvent(event="gap", data=json.dumps({"after": after}))
-            async for event in bus.stream(after):
-                if (matches(event, repo=repo, key_prefix=key_prefix, types=types)
-                        and await caller.may(Verb.READ, repo=event.repo)):
-                    yield ServerSentEvent(id=event.id, event=event.type,
-                                          data=event.model_dump_json(by_alias=True))
+        async def stream() -> AsyncIterator[bytes]:
+            async for item in bus.follow(after, max_lag=max_lag):
+                if isinstance(item, Gap):
+                    if item.reason == "behind":
+                        log.info("event reader %s fell more than %d events behind: gap, "
+                                 "stream closed", client, max_lag)
+                    yield ServerSentEvent(event="gap", data=json.dumps(
+                        {"after": item.after, "oldest": item.oldest,
+                         "reason": item.reason})).encode()
+                    continue
+                if (matches(item, repo=repo, key_prefix=key_prefix, types=types)
+                        and await caller.may(Verb.READ, repo=item.repo)):
+                    yield frames(item)
 
-        return EventSourceResponse(stream(), ping=KEEPALIVE_SECONDS)
+        return _CountedStream(stream(), closed=streams.opened(client))

@@ -32,7 +32,7 @@ import redis.exceptions as rexc
 
 from enhanced_locking.backends.redis_connection import RedisConnection, connect
 from enhanced_locking.config import EnhancedLockingConfig
-from enhanced_locking.events import EventBus, parse_event_id
+from enhanced_locking.events import EventBus, Gap, parse_event_id
 from enhanced_locking.types import Event, Lock, utcnow
 
 __all__ = ["RedisEventBus"]
@@ -172,13 +172,14 @@ class RedisEventBus(EventBus):
         wakeup, self._wakeup = self._wakeup, asyncio.Event()
         wakeup.set()
 
-    async def stream(self, after: str | None = None) -> AsyncIterator[Event]:
+    async def follow(self, after: str | None = None, *,
+                     max_lag: int | None = None) -> AsyncIterator[Event | Gap]:
         """Every replica's events after ``after`` (only new ones without it), then live."""
         self._start_reading()
         with contextlib.suppress(TimeoutError):
             # A fresh replica first loads what the stream holds, so a resume can find it.
             await asyncio.wait_for(self._loaded.wait(), 5.0)
-        async for event in super().stream(after):
+        async for event in super().follow(after, max_lag=max_lag):
             yield event
 
     async def close(self) -> None:
