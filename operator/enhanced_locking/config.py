@@ -349,7 +349,7 @@ class EnhancedLockingConfig(BaseSettings):
         True, description="Also print each audit entry as a JSON line on stdout."
     )
 
-    # --- event streams (docs/07-overload.md) ------------------------------------------------
+    # --- event streams (docs/08-overload.md) ------------------------------------------------
     events_max_lag: Integer = Field(
         1000, ge=1, le=1_000_000,
         description="Most events a reader of GET /v1/events may fall behind, or ask to replay "
