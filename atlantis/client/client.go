@@ -254,15 +254,24 @@ func decode[T any](k call, got answer) (T, error) {
 func goDuration(d time.Duration) string { return d.String() }
 
 type acquireBody struct {
-	Project   Project     `json:"project"`
-	Workspace string      `json:"workspace,omitempty"`
+	Project   Project  `json:"project"`
+	Workspace string   `json:"workspace,omitempty"`
+	Pull      Pull     `json:"pull"`
+	User      User     `json:"user"`
+	Priority  Priority `json:"priority,omitempty"`
+	Wait      string   `json:"wait,omitempty"`
+	TTL       string   `json:"ttl,omitempty"`
+	RequestID string   `json:"requestId,omitempty"`
+}
+
+type batchBody struct {
+	Locks     []BatchItem `json:"locks"`
 	Pull      Pull        `json:"pull"`
 	User      User        `json:"user"`
 	Priority  Priority    `json:"priority,omitempty"`
 	Wait      string      `json:"wait,omitempty"`
 	TTL       string      `json:"ttl,omitempty"`
 	RequestID string      `json:"requestId,omitempty"`
-	Locks     []BatchItem `json:"locks,omitempty"`
 }
 
 type acquireAnswer struct {
@@ -336,9 +345,10 @@ func (c *Client) Acquire(ctx context.Context, r AcquireRequest) (*Lock, error) {
 // AcquireBatch asks for several locks of one pull, all or nothing; while it waits it holds
 // none of them. Not granted: a *HeldError naming the key that blocked it.
 func (c *Client) AcquireBatch(ctx context.Context, r BatchRequest) ([]Lock, error) {
-	body := AcquireRequest{Pull: r.Pull, User: r.User, Priority: r.Priority, Wait: r.Wait,
+	one := AcquireRequest{Pull: r.Pull, User: r.User, Priority: r.Priority, Wait: r.Wait,
 		TTL: r.TTL, RequestID: r.RequestID}.body()
-	body.Locks = make([]BatchItem, len(r.Locks))
+	body := batchBody{Pull: one.Pull, User: one.User, Priority: one.Priority, Wait: one.Wait,
+		TTL: one.TTL, RequestID: one.RequestID, Locks: make([]BatchItem, len(r.Locks))}
 	for i, item := range r.Locks {
 		if item.Workspace == "" {
 			item.Workspace = "default"

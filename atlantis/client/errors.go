@@ -9,7 +9,7 @@ import (
 //
 //	error
 //	├── *HeldError         an acquire was not granted: the holder, the reason (held, timeout,
-//	│                      queue_full, deadlock, cancelled) and the queue position
+//	│                      queue_full, deadlock, cancelled, collision) and the queue position
 //	├── *NotOwnerError     a release or refresh named a pull that does not hold the lock
 //	├── *InvalidError      the service refused the request as written (4xx: which field, why)
 //	├── *DeniedError       the service does not know or allow the caller (401, 403)

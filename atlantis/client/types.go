@@ -27,6 +27,8 @@ const (
 	ReasonDeadlock    Reason = "deadlock"
 	ReasonUnavailable Reason = "unavailable"
 	ReasonCancelled   Reason = "cancelled"
+	// ReasonCollision: another project's parts join to the same key.
+	ReasonCollision Reason = "collision"
 )
 
 // Project is an Atlantis project: a directory of a repository, optionally named.

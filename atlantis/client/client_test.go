@@ -1,0 +1,296 @@
+package client_test
+
+import (
+	"context"
+	"errors"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/runatlantis/enhanced-locking/atlantis/client"
+	"github.com/runatlantis/enhanced-locking/atlantis/internal/servicetest"
+)
+
+func must(t *testing.T, err error) {
+	t.Helper()
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+func request(repo, path string, pull int) client.AcquireRequest {
+	return client.AcquireRequest{
+		Project: client.Project{RepoFullName: repo, Path: path},
+		Pull:    client.Pull{Num: pull, URL: "https://github.com/" + repo + "/pull/1"},
+		User:    client.User{Username: "alice", Teams: []string{"sre"}},
+	}
+}
+
+// enhanced is a service whose enhanced locker answers (queues, leases, priorities).
+func enhanced(t *testing.T) *client.Client {
+	t.Helper()
+	svc := servicetest.Serve(t, "--enhanced-locking-enabled", "--enhanced-locking-priority-queue")
+	c, err := client.New(svc.URL, client.WithToken("s3cret-token"))
+	must(t, err)
+	return c
+}
+
+func TestAcquireReleaseAndTypedRefusals(t *testing.T) {
+	c := enhanced(t)
+	ctx := context.Background()
+	lock, err := c.Acquire(ctx, request("acme/infra", "envs/prod/", 1))
+	must(t, err)
+	if lock.Key != "acme/infra/envs/prod/default/" || lock.Key != client.LockKey(lock.Project, "default") {
+		t.Fatalf("the key should be Atlantis's from the cleaned path, got %q", lock.Key)
+	}
+	if lock.FencingToken <= 0 || lock.Backend != "enhanced" || lock.User.Teams[0] != "sre" {
+		t.Fatalf("unexpected lock: %+v", lock)
+	}
+
+	_, err = c.Acquire(ctx, request("acme/infra", "./envs/prod", 2))
+	var held *client.HeldError
+	if !errors.As(err, &held) || held.Reason != client.ReasonHeld || held.Holder == nil || held.Holder.Pull.Num != 1 {
+		t.Fatalf("pull 2 should get a HeldError naming pull 1, got %v", err)
+	}
+	if !client.IsHeld(err) || client.IsUnavailable(err) {
+		t.Fatalf("IsHeld/IsUnavailable disagree with %v", err)
+	}
+
+	_, err = c.ReleaseIfOwned(ctx, lock.Key, 2)
+	var notOwner *client.NotOwnerError
+	if !errors.As(err, &notOwner) || notOwner.Holder.Pull.Num != 1 || notOwner.Key != lock.Key {
+		t.Fatalf("pull 2 releasing pull 1's lock should get NotOwnerError, got %v", err)
+	}
+
+	req := request("acme/infra", "envs/prod", 3)
+	req.Wait = time.Hour * 24 * 365
+	_, err = c.Acquire(ctx, req)
+	var invalid *client.InvalidError
+	if !errors.As(err, &invalid) || invalid.Field != "wait" || invalid.Status != 422 {
+		t.Fatalf("a wait above max-timeout should be an InvalidError on wait, got %v", err)
+	}
+
+	got, err := c.Get(ctx, lock.Key)
+	must(t, err)
+	if got == nil || got.FencingToken != lock.FencingToken {
+		t.Fatalf("Get should answer the held lock, got %+v", got)
+	}
+	freed, err := c.ReleaseIfOwned(ctx, lock.Key, 1)
+	must(t, err)
+	if freed == nil || freed.Pull.Num != 1 {
+		t.Fatalf("pull 1 should free its lock, got %+v", freed)
+	}
+	again, err := c.ReleaseIfOwned(ctx, lock.Key, 1)
+	if err != nil || again != nil {
+		t.Fatalf("a free key answers nil, got %+v %v", again, err)
+	}
+	none, err := c.Get(ctx, lock.Key)
+	if err != nil || none != nil {
+		t.Fatalf("a free key answers nil, got %+v %v", none, err)
+	}
+}
+
+func TestListByPullBatchAndForceUnlock(t *testing.T) {
+	c := enhanced(t)
+	ctx := context.Background()
+	locks, err := c.AcquireBatch(ctx, client.BatchRequest{
+		Locks: []client.BatchItem{{Project: client.Project{RepoFullName: "acme/infra", Path: "a"}},
+			{Project: client.Project{RepoFullName: "acme/infra", Path: "b"}}},
+		Pull: client.Pull{Num: 7}, User: client.User{Username: "alice"},
+	})
+	must(t, err)
+	if len(locks) != 2 {
+		t.Fatalf("the batch should hold both, got %+v", locks)
+	}
+	_, err = c.AcquireBatch(ctx, client.BatchRequest{
+		Locks: []client.BatchItem{{Project: client.Project{RepoFullName: "acme/infra", Path: "c"}},
+			{Project: client.Project{RepoFullName: "acme/infra", Path: "b"}}},
+		Pull: client.Pull{Num: 8},
+	})
+	var held *client.HeldError
+	if !errors.As(err, &held) || held.Key != "acme/infra/b/default/" {
+		t.Fatalf("pull 8's batch should be refused on b, got %v", err)
+	}
+	if free, _ := c.Get(ctx, "acme/infra/c/default/"); free != nil {
+		t.Fatal("a refused batch holds none of its keys")
+	}
+	seven := 7
+	listed, err := c.List(ctx, client.ListFilter{Repo: "acme/infra", Pull: &seven})
+	must(t, err)
+	if len(listed) != 2 {
+		t.Fatalf("List(acme/infra, 7) should give 2, got %+v", listed)
+	}
+	forced, err := c.ForceUnlock(ctx, "acme/infra/a/default/")
+	must(t, err)
+	if forced == nil || forced.Pull.Num != 7 {
+		t.Fatalf("force-unlock should free pull 7's lock, got %+v", forced)
+	}
+	released, err := c.ReleasePull(ctx, "acme/infra", 7)
+	must(t, err)
+	if len(released) != 1 || released[0].Key != "acme/infra/b/default/" {
+		t.Fatalf("ReleasePull should free the one left, got %+v", released)
+	}
+	out, err := c.ReleaseBatch(ctx, []string{"acme/infra/a/default/"}, nil)
+	must(t, err)
+	if len(out.Released) != 0 || len(out.NotHeld) != 1 {
+		t.Fatalf("releasing a free key: %+v", out)
+	}
+}
+
+func TestRefreshExtendsALease(t *testing.T) {
+	c := enhanced(t)
+	ctx := context.Background()
+	req := request("acme/infra", "envs/prod", 1)
+	req.TTL = time.Minute
+	lock, err := c.Acquire(ctx, req)
+	must(t, err)
+	if lock.ExpiresAt == nil {
+		t.Fatal("a lock with a TTL has an expiry")
+	}
+	refreshed, err := c.Refresh(ctx, lock.Key, 1, time.Hour)
+	must(t, err)
+	if refreshed == nil || refreshed.ExpiresAt == nil || !refreshed.ExpiresAt.After(lock.ExpiresAt.Add(50*time.Minute)) {
+		t.Fatalf("refresh should move the expiry an hour out, got %+v", refreshed)
+	}
+	_, err = c.Refresh(ctx, lock.Key, 2, time.Hour)
+	var notOwner *client.NotOwnerError
+	if !errors.As(err, &notOwner) {
+		t.Fatalf("another pull refreshing should get NotOwnerError, got %v", err)
+	}
+}
+
+func TestWaitersQueueInPriorityOrderAndCanBeCancelled(t *testing.T) {
+	c := enhanced(t)
+	ctx := context.Background()
+	holder, err := c.Acquire(ctx, request("acme/infra", "envs/prod", 1))
+	must(t, err)
+	var wg sync.WaitGroup
+	results := make(map[string]error)
+	var mu sync.Mutex
+	wait := func(id string, pull int, p client.Priority) {
+		defer wg.Done()
+		req := request("acme/infra", "envs/prod", pull)
+		req.Wait, req.Priority, req.RequestID = 20*time.Second, p, id
+		_, err := c.Acquire(ctx, req)
+		mu.Lock()
+		results[id] = err
+		mu.Unlock()
+	}
+	wg.Add(2)
+	go wait("plan-2", 2, client.PriorityNormal)
+	waitFor(t, c, holder.Key, 1)
+	go wait("apply-3", 3, client.PriorityHigh)
+	q := waitFor(t, c, holder.Key, 2)
+	if q.Holder == nil || q.Holder.Pull.Num != 1 || q.Waiters[0].RequestID != "apply-3" || q.Waiters[1].RequestID != "plan-2" {
+		t.Fatalf("the high-priority waiter should be first: %+v", q)
+	}
+	cancelled, err := c.Cancel(ctx, holder.Key, "plan-2")
+	must(t, err)
+	if !cancelled {
+		t.Fatal("plan-2 was queued: cancel should find it")
+	}
+	gone, err := c.Cancel(ctx, holder.Key, "plan-2")
+	if err != nil || gone {
+		t.Fatalf("cancelling twice: %v %v", gone, err)
+	}
+	_, err = c.ReleaseIfOwned(ctx, holder.Key, 1)
+	must(t, err)
+	wg.Wait()
+	var held *client.HeldError
+	if !errors.As(results["plan-2"], &held) || held.Reason != client.ReasonCancelled {
+		t.Fatalf("the cancelled waiter should be told so, got %v", results["plan-2"])
+	}
+	if results["apply-3"] != nil {
+		t.Fatalf("apply-3 should be granted when pull 1 lets go, got %v", results["apply-3"])
+	}
+}
+
+func waitFor(t *testing.T, c *client.Client, key string, n int) *client.Queue {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		q, err := c.Queue(context.Background(), key)
+		must(t, err)
+		if len(q.Waiters) >= n {
+			return q
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatalf("%s never had %d waiters", key, n)
+	return nil
+}
+
+func TestEventsStreamAndResumeAfterTheLastEvent(t *testing.T) {
+	c := enhanced(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	stream, err := c.Events(ctx, client.EventFilter{Repo: "acme/events"})
+	must(t, err)
+	lock, err := c.Acquire(ctx, request("acme/events", "x", 1))
+	must(t, err)
+	first, err := stream.Next()
+	must(t, err)
+	if first.Type != "acquired" || first.Key != lock.Key || first.ID == "" || first.Lock == nil || first.Lock.Pull.Num != 1 {
+		t.Fatalf("the first event should be the acquire of %s, got %+v", lock.Key, first)
+	}
+	must(t, stream.Close())
+
+	// Events after the stream closed are replayed to a stream that resumes after `first`.
+	_, err = c.ReleaseIfOwned(ctx, lock.Key, 1)
+	must(t, err)
+	_, err = c.Acquire(ctx, request("acme/events", "x", 2))
+	must(t, err)
+	resumed, err := c.Events(ctx, client.EventFilter{Repo: "acme/events", LastEventID: first.ID})
+	must(t, err)
+	defer resumed.Close() //nolint:errcheck
+	var types []string
+	for len(types) < 2 {
+		ev, err := resumed.Next()
+		must(t, err)
+		types = append(types, ev.Type)
+	}
+	if strings.Join(types, ",") != "released,acquired" {
+		t.Fatalf("resuming after the first event should replay released, acquired; got %v", types)
+	}
+
+	_, err = c.Events(ctx, client.EventFilter{Types: []string{"no-such-type"}})
+	var invalid *client.InvalidError
+	if !errors.As(err, &invalid) || invalid.Field != "type" {
+		t.Fatalf("an unknown event type is an InvalidError on type, got %v", err)
+	}
+}
+
+func TestAnUnreachableServiceIsUnavailableAfterRetriesAndNeverShowsTheToken(t *testing.T) {
+	port := servicetest.FreePort(t) // nothing listens there
+	c, err := client.New("http://127.0.0.1:"+itoa(port), client.WithToken("s3cret-token"),
+		client.WithRetries(3, 50*time.Millisecond))
+	must(t, err)
+	started := time.Now()
+	_, err = c.List(context.Background(), client.ListFilter{})
+	var unavailable *client.UnavailableError
+	if !errors.As(err, &unavailable) || unavailable.Op != "list" {
+		t.Fatalf("List should be unavailable, got %v", err)
+	}
+	if strings.Contains(err.Error(), "s3cret") {
+		t.Fatalf("the token leaked into an error: %v", err)
+	}
+	if elapsed := time.Since(started); elapsed > 5*time.Second {
+		t.Fatalf("three attempts with a 50ms backoff took %v", elapsed)
+	}
+	// A release that names no pull is not retried; it still fails closed.
+	if _, err := c.Release(context.Background(), "acme/infra/./default/"); !client.IsUnavailable(err) {
+		t.Fatalf("Release should be unavailable, got %v", err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if _, err := c.Get(ctx, "k"); !errors.Is(err, context.Canceled) {
+		t.Fatalf("a cancelled context should show through, got %v", err)
+	}
+	if _, err := client.New("not a url"); err == nil {
+		t.Fatal("a base URL that is not http(s) should be refused")
+	}
+}
+
+func itoa(n int) string { return strconv.Itoa(n) }
