@@ -91,7 +91,7 @@ def _listen(host: str, port: int) -> socket.socket:
     this machine's) is the user's setting, one line and exit 2, not uvicorn's exit code."""
     try:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
