@@ -6,6 +6,7 @@
     enhanced-locking operator [--namespace NS] [--policy NAME] [--migration NAME] [serve flags]
     enhanced-locking config show [--config FILE] [--enhanced-locking-* ...]
     enhanced-locking lock acquire|release|list|unlock-pull ...   (talks to a running service)
+    enhanced-locking step acquire|release [--command plan|apply] [--wait D]   (Atlantis steps)
     enhanced-locking migrate import (--from-boltdb FILE | --from-redis URL) [--dry-run]
                                     [--output table|json] [--enhanced-locking-* ...]
 
@@ -28,7 +29,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
 from enhanced_locking import config as config_module
-from enhanced_locking import watching
+from enhanced_locking import steps, watching
 from enhanced_locking.client import DEFAULT_URL, Client, ServiceError
 from enhanced_locking.types import LockRequest
 
@@ -476,6 +477,8 @@ def _parser() -> argparse.ArgumentParser:
     unlock.set_defaults(func=_with_client(_unlock_pull))
     watching.add_queue_commands(lock_sub, _with_client)
     watching.add_events_command(
+        commands, url_default=os.environ.get("ENHANCED_LOCKING_URL", DEFAULT_URL))
+    steps.add_step_command(
         commands, url_default=os.environ.get("ENHANCED_LOCKING_URL", DEFAULT_URL))
 
     migrate = commands.add_parser("migrate", help="move locks from Atlantis to enhanced locking")

@@ -50,7 +50,11 @@ __all__ = [
 ENV_PREFIX = "ATLANTIS_ENHANCED_LOCKING_"
 KEY_PREFIX = "enhanced-locking-"
 SECRET_MASK = "********"
-SECRET_FIELDS = ("redis_password", "etcd_password", "auth_tokens")
+SECRET_FIELDS = (
+    "redis_password", "etcd_password", "auth_tokens",
+    "github_webhook_secret", "gitlab_webhook_secret", "gitea_webhook_secret",
+)
+"""Settings that are never shown: masked in ``config show``, ``/v1/config`` and errors."""
 
 
 # A host name (letters, digits, ``-``, ``_``, dots), an IPv4 address or a bracketed IPv6 one,
@@ -364,6 +368,23 @@ class EnhancedLockingConfig(BaseSettings):
         8, ge=1, le=100_000,
         description="Most GET /v1/events streams open at once from one client address; more "
         "are answered 429.",
+    )
+
+    # --- VCS webhooks (docs/07-atlantis.md): each is off until its secret is set ----------
+    github_webhook_secret: SecretStr = Field(
+        SecretStr(""),
+        description="Secret of the GitHub pull request webhook (POST /v1/webhooks/github); "
+        "unset: that endpoint is off. Never printed or logged.",
+    )
+    gitlab_webhook_secret: SecretStr = Field(
+        SecretStr(""),
+        description="Secret token of the GitLab merge request webhook (POST "
+        "/v1/webhooks/gitlab); unset: that endpoint is off. Never printed or logged.",
+    )
+    gitea_webhook_secret: SecretStr = Field(
+        SecretStr(""),
+        description="Secret of the Gitea pull request webhook (POST /v1/webhooks/gitea); "
+        "unset: that endpoint is off. Never printed or logged.",
     )
     data_dir: str = Field(
         "~/.atlantis",

@@ -9,6 +9,7 @@ the teams). The service's key and codec are checked against it, never against th
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 
 from tests.support import gobuild
 
-__all__ = ["AtlantisModels", "build_models"]
+__all__ = ["AtlantisModels", "atlantis_source", "build_models"]
 
 PROGRAM = Path(__file__).resolve().parents[1] / "atlantis_models"
 GO_MISSING = (
@@ -52,3 +53,21 @@ class AtlantisModels:
 
 def build_models() -> AtlantisModels:
     return AtlantisModels(gobuild.build(PROGRAM, "atlantismodels", missing=GO_MISSING))
+
+
+def atlantis_source() -> Path:
+    """Atlantis v0.47.1's source from the Go module proxy (``go mod download``, cached by Go).
+
+    Its test data holds webhook payloads that GitHub and GitLab really sent, which the webhook
+    tests replay.
+    """
+    go = shutil.which("go")
+    if go is None:
+        raise gobuild.GoBuildError(GO_MISSING)
+    result = subprocess.run([go, "mod", "download", "-json", "github.com/runatlantis/atlantis"],
+                            cwd=PROGRAM, capture_output=True, text=True, check=False,
+                            timeout=600)
+    if result.returncode != 0:
+        raise gobuild.GoBuildError(f"go mod download of Atlantis failed:\n{result.stderr[-2000:]}"
+                                   f"{result.stdout[-2000:]}")
+    return Path(json.loads(result.stdout)["Dir"])

@@ -235,3 +235,10 @@ class ServiceProcess:
             return self._log("stderr").read_text(errors="replace")
         except OSError:
             return ""
+
+    def stdout(self) -> str:
+        """Everything this run wrote to stdout."""
+        try:
+            return self._log("stdout").read_text(errors="replace")
+        except OSError:
+            return ""

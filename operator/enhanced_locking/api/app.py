@@ -32,6 +32,7 @@ from enhanced_locking.api.disconnect import AnswerUnlessGone, ClientGone, answer
 from enhanced_locking.api.errors import error_answers, install_error_handlers, json_error
 from enhanced_locking.api.queue_routes import install_queue_routes
 from enhanced_locking.api.sse import install_event_stream
+from enhanced_locking.api.webhooks import webhook_router
 from enhanced_locking.backends.audit_store import build_audit_store
 from enhanced_locking.factory import LockService
 from enhanced_locking.types import (
@@ -108,6 +109,8 @@ def create_app(
     install_error_handlers(app)
     holder = install_access(app, service.provider, audit, access, exposed=exposed)
     holder.current()  # a bad tokens file stops the start (ValueError), not the first call
+    # VCS webhooks authenticate by the VCS's signature, not by the API's credentials.
+    app.include_router(webhook_router(service, settings=lambda: service.provider.current.config))
     install_queue_routes(app, service)
     install_event_stream(app, service.events, lambda: service.provider.current.config)
     install_audit_routes(app)

@@ -408,6 +408,17 @@ class EnhancedLocker(AtlantisCalls):
             key, found.id, reason=Reason.CANCELLED))
         return found if cancelled.removed else None
 
+    async def waiting_for(self, repo: str, pull: int) -> list[tuple[str, Waiter]]:
+        """Every queued request of one pull: (a key it waits on, the waiter), once each."""
+        graph = await self._call("wait_graph", lambda: self.backend.wait_graph(
+            policy=self.policy()))
+        found: dict[str, tuple[str, Waiter]] = {}
+        for entry in graph:
+            for waiter in entry.waiters:
+                if waiter.owner == (repo, pull):
+                    found.setdefault(waiter.id, (entry.key, waiter))
+        return list(found.values())
+
     async def queue_depth(self) -> int:
         graph = await self.backend.wait_graph(policy=self.policy())
         return len({waiter.id for entry in graph for waiter in entry.waiters})

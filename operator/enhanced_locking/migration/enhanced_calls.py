@@ -13,7 +13,8 @@ back if the legacy part is refused: it never holds a partial set while it waits.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Protocol
 
 from enhanced_locking.backends.base import Owner
@@ -32,13 +33,28 @@ from enhanced_locking.types import (
     InvalidRequest,
     Lock,
     LockNotHeld,
+    LockNotOwned,
     LockRequest,
     Locks,
     Reason,
     Side,
 )
 
-__all__ = ["EnhancedCalls"]
+__all__ = ["EnhancedCalls", "PullClosed"]
+
+
+CLOSE_TOLERANCE = timedelta(seconds=2)
+"""What was asked for or taken up to this long after a pull's close time counts as before it:
+VCS timestamps are whole seconds and its clock is not ours."""
+
+
+@dataclass(frozen=True)
+class PullClosed:
+    """What closing a pull request did: the locks it released and the queued requests (waiter
+    ids) it dropped."""
+
+    released: Locks
+    cancelled: list[str]
 
 
 class _RouterParts(Protocol):
@@ -156,6 +172,37 @@ class EnhancedCalls:
     async def cancel_waiter(self: _RouterParts, key: str, waiter_id: str) -> bool:
         enhanced = _enhanced(self)
         return enhanced is not None and await enhanced.cancel_waiter(key, waiter_id) is not None
+
+    async def close_pull(
+        self: _RouterParts, repo: str, pull: int, *, closed_at: datetime | None = None
+    ) -> PullClosed:
+        """A pull request was closed or merged: drop its queued requests, then release its
+        locks (both sides). With ``closed_at`` only what it asked for or took by then (plus
+        :data:`CLOSE_TOLERANCE`) goes: a close told again after the pull was reopened and
+        locked anew changes nothing."""
+        if closed_at is not None:  # VCS times are whole seconds, and clocks differ a little
+            closed_at += CLOSE_TOLERANCE
+        cancelled: list[str] = []
+        granted_meanwhile: set[str] = set()
+        enhanced = _enhanced(self)
+        if enhanced is not None:  # first the queue, so no release hands a key to this pull
+            for key, waiter in await enhanced.waiting_for(repo, pull):
+                if closed_at is None or waiter.enqueued_at <= closed_at:
+                    if await enhanced.cancel_waiter(key, waiter.id) is not None:
+                        cancelled.append(waiter.id)
+                    else:  # granted between the look and the cancel: its locks go too
+                        granted_meanwhile.update(waiter.keys)
+        released: Locks = []
+        for lock in await self.list(repo=repo, pull=pull):
+            if (closed_at is not None and lock.acquired_at > closed_at
+                    and lock.key not in granted_meanwhile):
+                continue
+            try:
+                if (gone := await self.release(lock.key, owner=(repo, pull))) is not None:
+                    released.append(gone)
+            except LockNotOwned:
+                continue  # taken by another pull since the list: not this pull's to release
+        return PullClosed(released=released, cancelled=cancelled)
 
     async def force_unlock(self: _RouterParts, key: str) -> Lock | None:
         """Free ``key`` on whichever side holds it; the enhanced side serves its queue."""

@@ -1,0 +1,176 @@
+"""``enhanced-locking step``: the lock from a stock Atlantis's custom workflow steps.
+
+Each test runs the real command the way Atlantis runs a ``run:`` step (a shell command with the
+step environment of ``run_step_runner.go``) against a real ``enhanced-locking serve``: it waits
+in the queue with its command's priority, prints where it stands and whom it waits behind,
+and ends refused or timed out with one line and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+from tests.support.service import ServiceProcess, enhanced_locking_command, scrubbed_env
+
+KEY = "acme/infra/envs/prod/default/prod"
+
+
+def step_env(url: str, pull: int, user: str, **extra: str) -> dict[str, str]:
+    """What Atlantis v0.47.1 puts in a run step's environment for project prod, pull ``pull``."""
+    return scrubbed_env({
+        "ENHANCED_LOCKING_URL": url,
+        "BASE_REPO_OWNER": "acme", "BASE_REPO_NAME": "infra",
+        "HEAD_REPO_OWNER": "acme", "HEAD_REPO_NAME": "infra",
+        "PULL_NUM": str(pull), "PULL_AUTHOR": user, "USER_NAME": user,
+        "PULL_URL": f"https://github.com/acme/infra/pull/{pull}",
+        "HEAD_COMMIT": f"{pull:040x}", "HEAD_BRANCH_NAME": f"feature-{pull}",
+        "BASE_BRANCH_NAME": "main", "REPO_REL_DIR": "envs/prod", "WORKSPACE": "default",
+        "PROJECT_NAME": "prod", "DIR": "/atlantis/repos/acme/infra/1/default/envs/prod",
+        "PLANFILE": "default-prod.tfplan", "COMMENT_ARGS": "",
+        **extra,
+    })
+
+
+def run_step(
+    env: dict[str, str], *args: str, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*enhanced_locking_command(), "step", *args], env=env,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def start_step(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([*enhanced_locking_command(), "step", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture
+def service(service_process: Callable[..., ServiceProcess]) -> ServiceProcess:
+    """A service with queues and priorities on (what the Atlantis guide configures)."""
+    return service_process("--enhanced-locking-enabled=true",
+                           "--enhanced-locking-priority-queue=true")
+
+
+def queue(url: str) -> dict[str, Any]:
+    body: dict[str, Any] = httpx.get(f"{url}/v1/queue", params={"key": KEY}).json()
+    return body
+
+
+def wait_for_waiters(url: str, count: int, deadline: float = 20.0) -> list[dict[str, Any]]:
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        waiters: list[dict[str, Any]] = queue(url)["waiters"]
+        if len(waiters) >= count:
+            return waiters
+        time.sleep(0.05)
+    raise AssertionError(f"{count} waiters never queued: {queue(url)}")
+
+
+def test_a_plan_step_takes_the_lock_from_atlantiss_environment(service: ServiceProcess) -> None:
+    done = run_step(step_env(service.url, 1, "alice"), "acquire", "--command", "plan")
+    assert done.returncode == 0, done.stderr
+    assert f"locked {KEY} for pull #1" in done.stdout
+    lock = httpx.get(f"{service.url}/v1/locks/by-key", params={"key": KEY}).json()["lock"]
+    assert lock["pull"]["num"] == 1 and lock["pull"]["headCommit"] == f"{1:040x}"
+    assert lock["pull"]["vcsHost"] == {"hostname": "github.com", "type": "Github"}
+    assert lock["user"]["username"] == "alice" and lock["priority"] == "normal"
+    # The same pull's apply step finds its own lock at once.
+    again = run_step(step_env(service.url, 1, "alice"), "acquire", "--command", "apply")
+    assert again.returncode == 0 and "locked" in again.stdout
+
+
+def test_waiting_steps_show_their_place_and_an_apply_goes_before_a_plan(
+    service: ServiceProcess,
+) -> None:
+    assert run_step(step_env(service.url, 1, "alice"), "acquire", "--command", "plan"
+                    ).returncode == 0
+    plan = start_step(step_env(service.url, 2, "bob"), "acquire", "--command", "plan",
+                      "--wait", "30s", "--poll", "200ms")
+    wait_for_waiters(service.url, 1)
+    apply = start_step(step_env(service.url, 3, "carol"), "acquire", "--command", "apply",
+                       "--wait", "30s", "--poll", "200ms")
+    waiters = wait_for_waiters(service.url, 2)
+    assert [(w["pull"], w["priority"]) for w in waiters] == [(3, "high"), (2, "normal")]
+    time.sleep(1.0)  # a few polls: bob's step sees carol's apply move ahead of it
+
+    released = run_step(step_env(service.url, 1, "alice"), "release")
+    assert released.returncode == 0 and f"released {KEY}" in released.stdout
+
+    apply_out, apply_err = apply.communicate(timeout=30)
+    assert apply.returncode == 0, apply_err
+    assert f"locked {KEY} for pull #3" in apply_out
+    # bob still waits, now behind carol's apply; carol releases and bob gets it.
+    assert run_step(step_env(service.url, 3, "carol"), "release").returncode == 0
+    plan_out, plan_err = plan.communicate(timeout=30)
+    assert plan.returncode == 0, plan_err
+    lines = plan_out.splitlines()
+    assert (f"waiting for {KEY}: position 2 of 2, behind pull #1 (alice) of acme/infra, "
+            "which holds it; pull #3 (carol), high") in lines
+    assert (f"waiting for {KEY}: position 1 of 1, behind pull #3 (carol) of acme/infra, "
+            "which holds it") in lines
+    assert lines[-1].startswith(f"enhanced-locking: locked {KEY} for pull #2")
+
+
+def test_a_step_that_waits_too_long_exits_1_with_one_line(service: ServiceProcess) -> None:
+    run_step(step_env(service.url, 1, "alice"), "acquire", "--command", "plan")
+    done = run_step(step_env(service.url, 2, "bob"), "acquire", "--command", "plan",
+                    "--wait", "1s", "--poll", "200ms")
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        f"enhanced-locking: gave up waiting for {KEY} after 1s: still held by pull #1 (alice) "
+        "of acme/infra"]
+    assert queue(service.url)["waiters"] == []
+
+
+def test_a_step_without_wait_is_refused_at_once_naming_the_holder(
+    service: ServiceProcess,
+) -> None:
+    run_step(step_env(service.url, 1, "alice"), "acquire", "--command", "plan")
+    done = run_step(step_env(service.url, 2, "bob"), "acquire", "--command", "apply",
+                    "--wait", "0s")
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        f"enhanced-locking: {KEY} is locked by pull #1 (alice) of acme/infra (no --wait given)"]
+
+
+def test_another_pulls_release_step_frees_nothing(service: ServiceProcess) -> None:
+    run_step(step_env(service.url, 1, "alice"), "acquire", "--command", "plan")
+    done = run_step(step_env(service.url, 2, "bob"), "release")
+    assert done.returncode == 1 and "held by pull #1" in done.stderr
+    assert httpx.get(f"{service.url}/v1/locks/by-key", params={"key": KEY}).status_code == 200
+    assert run_step(step_env(service.url, 1, "alice"), "release").returncode == 0
+    again = run_step(step_env(service.url, 1, "alice"), "release")  # already free: not an error
+    assert again.returncode == 0 and "nothing to release" in again.stdout
+
+
+@pytest.mark.parametrize(("changes", "args", "message"), [
+    ({}, ("acquire",), "say which command this step runs: --command plan or --command apply"),
+    ({"PULL_NUM": ""}, ("acquire", "--command", "plan"), "PULL_NUM not set"),
+    ({"PULL_NUM": "twelve"}, ("acquire", "--command", "plan"), "PULL_NUM is not a number"),
+    ({}, ("acquire", "--command", "plan", "--wait", "soon"), "wait: expected a Go duration"),
+])
+def test_a_wrong_environment_or_flag_exits_2_with_one_line(
+    service: ServiceProcess, changes: dict[str, str], args: tuple[str, ...], message: str,
+) -> None:
+    done = run_step(step_env(service.url, 1, "alice", **changes), *args)
+    assert done.returncode == 2
+    assert len(done.stderr.splitlines()) == 1 and message in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_command_name_from_a_workflow_hook_is_enough(service: ServiceProcess) -> None:
+    done = run_step(step_env(service.url, 1, "alice", COMMAND_NAME="apply"), "acquire")
+    assert done.returncode == 0, done.stderr
+    lock = httpx.get(f"{service.url}/v1/locks/by-key", params={"key": KEY}).json()["lock"]
+    assert lock["priority"] == "high"
+
+
+def test_an_unreachable_service_exits_3(free_port: Callable[[], int]) -> None:
+    done = run_step(step_env(f"http://127.0.0.1:{free_port()}", 1, "alice"),
+                    "acquire", "--command", "plan")
+    assert done.returncode == 3 and len(done.stderr.splitlines()) == 1
+    assert "cannot reach the lock service" in done.stderr
