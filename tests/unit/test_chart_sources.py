@@ -93,5 +93,7 @@ def test_the_config_value_accepts_exactly_the_service_settings(schema: dict[str,
     settings = {setting.key for setting in config.settings()}
     secrets = {setting.key for setting in config.settings() if setting.secret}
     assert secrets == {"enhanced-locking-redis-password", "enhanced-locking-etcd-password",
-                       "enhanced-locking-auth-tokens"}
+                       "enhanced-locking-auth-tokens", "enhanced-locking-github-webhook-secret",
+                       "enhanced-locking-gitlab-webhook-secret",
+                       "enhanced-locking-gitea-webhook-secret"}
     assert accepted == settings - secrets - {"data-dir"}

@@ -248,21 +248,21 @@ def webhook_router(
     })
 
     @router.post("/github", responses=answers)
-    @public("authenticated by the GitHub webhook signature (X-Hub-Signature-256), checked before anything else")
+    @public("authenticated by the GitHub webhook signature (X-Hub-Signature-256)")
     async def github(request: Request) -> JSONResponse:
         """A GitHub ``pull_request`` event: closed (merged or not) frees the pull's locks and
         queued requests."""
         return await receive("github", request)
 
     @router.post("/gitlab", responses=answers)
-    @public("authenticated by the GitLab webhook secret token (X-Gitlab-Token), checked before anything else")
+    @public("authenticated by the GitLab webhook secret token (X-Gitlab-Token)")
     async def gitlab(request: Request) -> JSONResponse:
         """A GitLab ``Merge Request Hook``: close or merge frees the merge request's locks and
         queued requests."""
         return await receive("gitlab", request)
 
     @router.post("/gitea", responses=answers)
-    @public("authenticated by the Gitea webhook signature (X-Gitea-Signature), checked before anything else")
+    @public("authenticated by the Gitea webhook signature (X-Gitea-Signature)")
     async def gitea(request: Request) -> JSONResponse:
         """A Gitea ``pull_request`` event: closed (merged or not) frees the pull's locks and
         queued requests."""
