@@ -294,3 +294,46 @@ func TestAnUnreachableServiceIsUnavailableAfterRetriesAndNeverShowsTheToken(t *t
 }
 
 func itoa(n int) string { return strconv.Itoa(n) }
+
+func TestTheBearerTokenIsWhoTheServiceSees(t *testing.T) {
+	svc := servicetest.Serve(t, "--enhanced-locking-auth", "static",
+		"--enhanced-locking-auth-tokens", "atlantis-token,atlantis,1\nviewer-token,viewer,2",
+		"--enhanced-locking-auth-roles", "locker=user:atlantis;viewer=user:viewer")
+	ctx := context.Background()
+	as := func(token string) *client.Client {
+		opts := []client.Option{}
+		if token != "" {
+			opts = append(opts, client.WithToken(token))
+		}
+		c, err := client.New(svc.URL, opts...)
+		must(t, err)
+		return c
+	}
+	lock, err := as("atlantis-token").Acquire(ctx, request("acme/infra", "envs/prod", 1))
+	must(t, err)
+	var denied *client.DeniedError
+	if _, err := as("").Acquire(ctx, request("acme/infra", "envs/dev", 1)); !errors.As(err, &denied) || denied.Status != 401 {
+		t.Fatalf("no token: want a 401 DeniedError, got %v", err)
+	}
+	if _, err := as("wrong-token").List(ctx, client.ListFilter{}); !errors.As(err, &denied) || denied.Status != 401 {
+		t.Fatalf("an unknown token: want a 401 DeniedError, got %v", err)
+	}
+	if _, err := as("viewer-token").Acquire(ctx, request("acme/infra", "envs/dev", 2)); !errors.As(err, &denied) || denied.Status != 403 {
+		t.Fatalf("a viewer acquiring: want a 403 DeniedError, got %v", err)
+	}
+	if strings.Contains(fmtErr(err), "viewer-token") {
+		t.Fatalf("the token shows in the error: %v", err)
+	}
+	listed, err := as("viewer-token").List(ctx, client.ListFilter{})
+	must(t, err)
+	if len(listed) != 1 || listed[0].Key != lock.Key {
+		t.Fatalf("a viewer reads the locks: %+v", listed)
+	}
+}
+
+func fmtErr(err error) string {
+	if err == nil {
+		return ""
+	}
+	return err.Error()
+}
