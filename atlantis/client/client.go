@@ -234,7 +234,7 @@ func refusal(k call, got answer) error {
 		return &DeniedError{Status: got.status, Message: message}
 	case got.status == http.StatusConflict && e.Holder != nil:
 		return &NotOwnerError{Key: key, Holder: e.Holder, Message: message}
-	case got.status >= 500 || e.Reason == string(ReasonUnavailable):
+	case got.status >= 500 || got.status == http.StatusTooManyRequests || e.Reason == string(ReasonUnavailable):
 		return &UnavailableError{Op: k.op, Key: key, Status: got.status, Message: message}
 	default:
 		return &InvalidError{Status: got.status, Field: e.Field, Message: message, Key: key}

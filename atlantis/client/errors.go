@@ -13,8 +13,8 @@ import (
 //	├── *NotOwnerError     a release or refresh named a pull that does not hold the lock
 //	├── *InvalidError      the service refused the request as written (4xx: which field, why)
 //	├── *DeniedError       the service does not know or allow the caller (401, 403)
-//	└── *UnavailableError  the service, or the store behind it, did not answer; the only
-//	                       error a retry can cure
+//	└── *UnavailableError  the service, or the store behind it, did not answer (or is at its
+//	                       limit of event streams: 429); the only error a retry can cure
 //
 // Every error that is about one lock carries its key. Match them with errors.As; a call
 // that was cancelled or ran out of time through its context answers with an

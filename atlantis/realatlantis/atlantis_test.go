@@ -117,7 +117,7 @@ func startAtlantis(t *testing.T, bin, redisAddr string, g *gitlab) string {
 		"--port", strconv.Itoa(port),
 		"--atlantis-url", atlantisURL,
 		"--data-dir", filepath.Join(home, "data"),
-		"--repo-allowlist", "127.0.0.1/*",
+		"--repo-allowlist", "*", // every repository of the loopback GitLab
 		"--gitlab-hostname", g.URL,
 		"--gitlab-user", "atlantis",
 		"--gitlab-token", "loopback-token",
@@ -353,14 +353,44 @@ func TestTheServiceAndTheRealAtlantisShareOneLockSpace(t *testing.T) {
 		if kept := atlantisLocks(t, atlantisURL)["org/app-infra/./default/"]; kept.PullID != "5" {
 			t.Fatalf("org/app-infra's PR 5 must keep its lock, Atlantis lists %+v", atlantisLocks(t, atlantisURL))
 		}
-		// Atlantis's own UnlockByPull, on the same locks, matches the repository by prefix.
+		// Atlantis, told by its VCS that MR 5 of org/app closed, frees by prefix: PR 5 of
+		// org/app-infra loses its lock too.
 		_, err = c.Acquire(ctx, client.AcquireRequest{Project: client.Project{RepoFullName: "org/app", Path: "."},
-			Pull: client.Pull{Num: 5}})
+			Pull: client.Pull{Num: 5, URL: mrURL("org/app", 5), VCSHost: &client.VCSHost{Hostname: gitlabHost, Type: "Gitlab"}}})
 		must(t, err)
-		freed, err := atlantisDB.UnlockByPull("org/app", 5)
-		must(t, err)
-		if len(freed) != 2 {
-			t.Fatalf("Atlantis's UnlockByPull is expected to free both by prefix, freed %d", len(freed))
+		closeMergeRequest(t, atlantisURL, g, "org/app", 5)
+		for _, key := range []string{"org/app/./default/", "org/app-infra/./default/"} {
+			if held, err := c.Get(ctx, key); err != nil || held != nil {
+				t.Fatalf("Atlantis's UnlockByPull(org/app, 5) is expected to free %s (prefix match), it is held by %+v (%v)", key, held, err)
+			}
 		}
 	})
+}
+
+// closeMergeRequest sends Atlantis GitLab's webhook for merge request num of repo closing.
+func closeMergeRequest(t *testing.T, atlantisURL string, g *gitlab, repo string, num int) {
+	t.Helper()
+	clone := fmt.Sprintf("%s/%s.git", g.URL, repo)
+	event := map[string]any{
+		"object_kind": "merge_request", "event_type": "merge_request",
+		"user":    map[string]any{"username": "alice"},
+		"project": map[string]any{"path_with_namespace": repo, "git_http_url": clone, "web_url": g.URL + "/" + repo},
+		"object_attributes": map[string]any{
+			"iid": num, "state": "closed", "action": "close", "url": fmt.Sprintf("%s/%s/-/merge_requests/%d", g.URL, repo, num),
+			"source_branch": "feature", "target_branch": "main", "last_commit": map[string]any{"id": "c0ffee"},
+			"source": map[string]any{"path_with_namespace": repo, "git_http_url": clone},
+			"target": map[string]any{"path_with_namespace": repo, "git_http_url": clone},
+		},
+	}
+	body, _ := json.Marshal(event)
+	req, _ := http.NewRequest(http.MethodPost, atlantisURL+"/events", strings.NewReader(string(body)))
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("X-Gitlab-Event", "Merge Request Hook")
+	resp, err := http.DefaultClient.Do(req)
+	must(t, err)
+	answer, _ := io.ReadAll(resp.Body)
+	resp.Body.Close() //nolint:errcheck
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("Atlantis refused the merge request event: %d %s", resp.StatusCode, answer)
+	}
 }
