@@ -4,6 +4,7 @@
 //
 //	{"paths": ["envs/net/", ...]}  -> {"paths": [models.NewProject(...).Path, ...]}
 //	{"locks": ["<stored JSON>"]}   -> {"locks": [what Atlantis reads from each lock]}
+//	{"repoConfig": "repos.yaml"}   -> {"repoConfig": what config.ParserValidator makes of it}
 package main
 
 import (
@@ -11,12 +12,59 @@ import (
 	"fmt"
 	"os"
 
+	"github.com/runatlantis/atlantis/server/core/config"
+	"github.com/runatlantis/atlantis/server/core/config/valid"
 	"github.com/runatlantis/atlantis/server/events/models"
 )
 
 type request struct {
-	Paths []string `json:"paths"`
-	Locks []string `json:"locks"`
+	Paths      []string `json:"paths"`
+	Locks      []string `json:"locks"`
+	RepoConfig string   `json:"repoConfig"`
+}
+
+type stepView struct {
+	Name       string `json:"name"`
+	RunCommand string `json:"run,omitempty"`
+}
+
+type repoView struct {
+	ID        string                `json:"id"`
+	RepoLocks string                `json:"repoLocks,omitempty"`
+	Workflow  string                `json:"workflow,omitempty"`
+	Stages    map[string][]stepView `json:"stages,omitempty"`
+}
+
+// repoConfig parses a server-side repo config file as Atlantis does at start.
+func repoConfig(path string) map[string]any {
+	parser := &config.ParserValidator{}
+	cfg, err := parser.ParseGlobalCfg(path, valid.NewGlobalCfgFromArgs(valid.GlobalCfgArgs{}))
+	if err != nil {
+		return map[string]any{"error": err.Error()}
+	}
+	repos := []repoView{}
+	for _, repo := range cfg.Repos {
+		view := repoView{ID: repo.ID}
+		if repo.IDRegex != nil {
+			view.ID = "/" + repo.IDRegex.String() + "/"
+		}
+		if repo.RepoLocks != nil {
+			view.RepoLocks = string(repo.RepoLocks.Mode)
+		}
+		if repo.Workflow != nil {
+			view.Workflow = repo.Workflow.Name
+			view.Stages = map[string][]stepView{}
+			for name, stage := range map[string]valid.Stage{
+				"plan": repo.Workflow.Plan, "apply": repo.Workflow.Apply} {
+				for _, step := range stage.Steps {
+					view.Stages[name] = append(view.Stages[name],
+						stepView{Name: step.StepName, RunCommand: step.RunCommand})
+				}
+			}
+		}
+		repos = append(repos, view)
+	}
+	return map[string]any{"repos": repos}
 }
 
 type lockView struct {
@@ -78,6 +126,9 @@ func main() {
 			}
 		}
 		answer["locks"] = views
+	}
+	if req.RepoConfig != "" {
+		answer["repoConfig"] = repoConfig(req.RepoConfig)
 	}
 	if err := json.NewEncoder(os.Stdout).Encode(answer); err != nil {
 		os.Exit(1)

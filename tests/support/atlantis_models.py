@@ -3,7 +3,8 @@
 ``tests/atlantis_models`` is a Go program on ``github.com/runatlantis/atlantis`` v0.47.1 (from
 the Go module proxy): it runs ``models.NewProject`` on paths and decodes stored lock JSON into
 ``models.ProjectLock``, reporting what Atlantis then sees (its pull-status key, the VCS type,
-the teams). The service's key and codec are checked against it, never against themselves.
+the teams), and parses server-side repo config files with Atlantis's own parser. The
+service's key, codec and examples are checked against it, never against themselves.
 """
 
 from __future__ import annotations
@@ -44,6 +45,13 @@ class AtlantisModels:
         """``models.NewProject(repo, path, "").Path`` for each path."""
         cleaned: list[str] = self._ask({"paths": paths})["paths"]
         return cleaned
+
+    def repo_config(self, path: Path) -> dict[str, Any]:
+        """What Atlantis's ``config.ParserValidator`` makes of a server-side repo config file:
+        ``{"repos": [{"id", "repoLocks", "workflow", "stages": {"plan": [...]}}]}`` or
+        ``{"error": ...}``."""
+        parsed: dict[str, Any] = self._ask({"repoConfig": str(path)})["repoConfig"]
+        return parsed
 
     def read_locks(self, stored: list[str]) -> list[dict[str, Any]]:
         """What Atlantis reads from each stored lock JSON (see ``main.go`` for the fields)."""

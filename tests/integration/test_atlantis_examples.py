@@ -1,0 +1,177 @@
+"""docs/07-atlantis.md and examples/atlantis/, pasted.
+
+Atlantis v0.47.1's own config parser (``config.ParserValidator``, built from the module proxy)
+reads ``examples/atlantis/repos.yaml``; its ``run:`` steps then run exactly as Atlantis runs
+them (``sh -c`` with the run-step environment) against a real ``enhanced-locking serve``
+started with ``examples/atlantis/enhanced-locking.yaml``; and the page's marked command blocks
+run as written (only the service's address is this test's).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from tests.support.atlantis_models import AtlantisModels, build_models
+from tests.support.gobuild import GoBuildError
+from tests.support.service import ServiceProcess, scrubbed_env
+
+ROOT = Path(__file__).resolve().parents[2]
+DOC = ROOT / "docs" / "07-atlantis.md"
+REPOS_YAML = ROOT / "examples" / "atlantis" / "repos.yaml"
+SERVICE_YAML = ROOT / "examples" / "atlantis" / "enhanced-locking.yaml"
+BLOCK = re.compile(r"<!-- example: (?P<name>[a-z-]+) -->\n```bash\n(?P<body>.*?)```", re.DOTALL)
+SECRET = "a-long-random-string"  # the doc's own example value
+KEY = "acme/infra/envs/prod/default/prod"
+
+
+def examples() -> dict[str, str]:
+    return {m["name"]: m["body"] for m in BLOCK.finditer(DOC.read_text())}
+
+
+@pytest.fixture(scope="module")
+def atlantis() -> AtlantisModels:
+    try:
+        return build_models()
+    except GoBuildError as error:
+        pytest.fail(str(error), pytrace=False)
+
+
+@pytest.fixture
+def service(service_process: Callable[..., ServiceProcess]) -> ServiceProcess:
+    return service_process("--config", str(SERVICE_YAML),
+                           env={"ATLANTIS_ENHANCED_LOCKING_GITHUB_WEBHOOK_SECRET": SECRET})
+
+
+def shell_env(url: str, **extra: str) -> dict[str, str]:
+    """A shell with ``enhanced-locking`` on its PATH, as the Atlantis server has it."""
+    env = scrubbed_env({"ENHANCED_LOCKING_URL": url, **extra})
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    return env
+
+
+def atlantis_step_env(url: str, pull: int, user: str) -> dict[str, str]:
+    """run_step_runner.go's environment for project prod of acme/infra, pull ``pull``."""
+    return shell_env(
+        url, BASE_REPO_OWNER="acme", BASE_REPO_NAME="infra", HEAD_REPO_OWNER="acme",
+        HEAD_REPO_NAME="infra", PULL_NUM=str(pull), PULL_AUTHOR=user, USER_NAME=user,
+        PULL_URL=f"https://github.com/acme/infra/pull/{pull}", HEAD_COMMIT="c" * 40,
+        HEAD_BRANCH_NAME=f"feature-{pull}", BASE_BRANCH_NAME="main", REPO_REL_DIR="envs/prod",
+        WORKSPACE="default", PROJECT_NAME="prod", COMMENT_ARGS="", PLANFILE="default-prod.tfplan",
+    )
+
+
+def workflow(atlantis: AtlantisModels) -> dict[str, Any]:
+    parsed = atlantis.repo_config(REPOS_YAML)
+    assert "error" not in parsed, parsed
+    ours: dict[str, Any] = next(r for r in parsed["repos"] if r["workflow"] == "enhanced-locking")
+    return ours
+
+
+def test_atlantis_reads_the_example_repo_config_as_the_guide_says(
+    atlantis: AtlantisModels,
+) -> None:
+    repo = workflow(atlantis)
+    assert repo["id"] == "/.*/" and repo["repoLocks"] == "disabled"
+    assert [s["name"] for s in repo["stages"]["plan"]] == ["run", "init", "plan"]
+    assert [s["name"] for s in repo["stages"]["apply"]] == ["run", "apply"]
+    # The guide shows the same file.
+    assert "repo_locks:\n      mode: disabled" in DOC.read_text()
+    for step in (repo["stages"]["plan"][0], repo["stages"]["apply"][0]):
+        assert step["run"] in DOC.read_text()
+
+
+def run_as_atlantis(command: str, env: dict[str, str], tmp: Path) -> subprocess.Popen[str]:
+    """A ``run:`` step as Atlantis runs it: ``sh -c`` in the project's directory."""
+    return subprocess.Popen(["sh", "-c", command], env=env, cwd=tmp, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def test_the_example_workflow_queues_plans_and_puts_applies_first(
+    atlantis: AtlantisModels, service: ServiceProcess, tmp_path: Path,
+) -> None:
+    repo = workflow(atlantis)
+    plan_step = repo["stages"]["plan"][0]["run"]
+    apply_step = repo["stages"]["apply"][0]["run"]
+
+    first = run_as_atlantis(plan_step, atlantis_step_env(service.url, 12, "alice"), tmp_path)
+    first_out, _ = first.communicate(timeout=60)
+    assert first.returncode == 0, first_out
+    plan = run_as_atlantis(plan_step, atlantis_step_env(service.url, 13, "bob"), tmp_path)
+    waiting(service, 1)
+    apply = run_as_atlantis(apply_step, atlantis_step_env(service.url, 14, "carol"), tmp_path)
+    assert [w["pull"] for w in waiting(service, 2)] == [14, 13]
+    time.sleep(5.5)  # one poll of the steps (every 5s by default): they print their place
+
+    # Pull #12 is merged: GitHub tells the service, which hands the project to the apply.
+    closed = signed_github_close(service, 12)
+    assert closed.status_code == 200 and closed.json()["released"] == [KEY]
+    apply_out, _ = apply.communicate(timeout=60)
+    assert apply.returncode == 0, apply_out
+    assert f"locked {KEY} for pull #14" in apply_out
+    closed = signed_github_close(service, 14)
+    plan_out, _ = plan.communicate(timeout=60)
+    assert plan.returncode == 0, plan_out
+    assert (f"waiting for {KEY}: position 2 of 2, behind pull #12 (alice) of acme/infra, which "
+            "holds it; pull #14 (carol), high") in plan_out.splitlines()
+
+
+def waiting(service: ServiceProcess, count: int) -> list[dict[str, Any]]:
+    end = time.monotonic() + 30
+    while time.monotonic() < end:
+        waiters: list[dict[str, Any]] = httpx.get(f"{service.url}/v1/queue",
+                                                  params={"key": KEY}).json()["waiters"]
+        if len(waiters) >= count:
+            return waiters
+        time.sleep(0.05)
+    raise AssertionError(f"{count} steps never queued")
+
+
+def signed_github_close(service: ServiceProcess, pull: int) -> httpx.Response:
+    import hashlib
+    import hmac
+    import json
+    from datetime import UTC, datetime
+
+    body = json.dumps({
+        "action": "closed", "number": pull,
+        "pull_request": {"number": pull, "state": "closed", "merged": True,
+                         "closed_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                         "html_url": f"https://github.com/acme/infra/pull/{pull}"},
+        "repository": {"full_name": "acme/infra", "name": "infra",
+                       "owner": {"login": "acme"}},
+    }).encode()
+    digest = hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+    return httpx.post(f"{service.url}/v1/webhooks/github", content=body, headers={
+        "content-type": "application/json", "X-GitHub-Event": "pull_request",
+        "X-GitHub-Delivery": f"delivery-{pull}", "X-Hub-Signature-256": f"sha256={digest}"})
+
+
+def paste(name: str, service: ServiceProcess, **env: str) -> subprocess.CompletedProcess[str]:
+    script = examples()[name].replace("http://127.0.0.1:4142", service.url)
+    return subprocess.run(["bash", "-euo", "pipefail", "-c", script],
+                          env=shell_env(service.url, **env), capture_output=True, text=True,
+                          timeout=120, check=False)
+
+
+def test_the_guides_command_blocks_work_when_pasted(service: ServiceProcess) -> None:
+    assert set(examples()) == {"step-by-hand", "check-webhook"}
+    by_hand = paste("step-by-hand", service)
+    assert by_hand.returncode == 0, by_hand.stderr
+    assert f"locked {KEY} for pull #12" in by_hand.stdout
+    assert f"released {KEY} of pull #12" in by_hand.stdout
+
+    check = paste("check-webhook", service,
+                  ATLANTIS_ENHANCED_LOCKING_GITHUB_WEBHOOK_SECRET=SECRET)
+    assert check.returncode == 0, check.stderr
+    assert check.stdout.strip() == '{"ignored":"ping"}'
+    wrong = paste("check-webhook", service,
+                  ATLANTIS_ENHANCED_LOCKING_GITHUB_WEBHOOK_SECRET="not-the-secret")
+    assert '"error"' in wrong.stdout and "X-Hub-Signature-256" in wrong.stdout
