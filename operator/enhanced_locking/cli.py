@@ -7,6 +7,7 @@
     enhanced-locking config show [--config FILE] [--enhanced-locking-* ...]
     enhanced-locking lock acquire|release|list|unlock-pull ...   (talks to a running service)
     enhanced-locking step acquire|release [--command plan|apply] [--wait D]   (Atlantis steps)
+    enhanced-locking audit [--identity NAME] [--action A] [--repo R] [--key K] [--limit N] [--all]
     enhanced-locking migrate import (--from-boltdb FILE | --from-redis URL) [--dry-run]
                                     [--output table|json] [--enhanced-locking-* ...]
 
@@ -383,6 +384,21 @@ def _list(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit(client: Client, args: argparse.Namespace) -> int:
+    """The audit trail as JSON lines, newest first (every page with ``--all``)."""
+    before = None
+    while True:
+        page = client.audit(identity=args.identity, verb=args.verb, action=args.action,
+                            key=args.key, repo=args.repo, pull=args.pull, outcome=args.outcome,
+                            since=args.since, until=args.until, before=before,
+                            limit=args.limit)
+        for entry in page["entries"]:
+            print(json.dumps(entry))
+        before = page.get("next")
+        if not args.all or before is None:
+            return 0
+
+
 def _unlock_pull(client: Client, args: argparse.Namespace) -> int:
     locks = client.unlock_pull(args.repo, args.pull)
     _print({"released": [lock.model_dump(mode="json", by_alias=True) for lock in locks]})
@@ -480,6 +496,21 @@ def _parser() -> argparse.ArgumentParser:
         commands, url_default=os.environ.get("ENHANCED_LOCKING_URL", DEFAULT_URL))
     steps.add_step_command(
         commands, url_default=os.environ.get("ENHANCED_LOCKING_URL", DEFAULT_URL))
+
+    audit = commands.add_parser(
+        "audit", help="read the audit trail (the admin right)",
+        description="Who did what, newest first, as JSON lines. The token comes from "
+                    "ENHANCED_LOCKING_TOKEN (docs/08-access.md).")
+    audit.add_argument("--url", default=os.environ.get("ENHANCED_LOCKING_URL", DEFAULT_URL),
+                       help="lock service URL (env ENHANCED_LOCKING_URL)")
+    for name in ("identity", "verb", "action", "key", "repo", "outcome"):
+        audit.add_argument(f"--{name}", default=None)
+    audit.add_argument("--pull", type=int, default=None)
+    audit.add_argument("--since", default=None, help="RFC 3339 time, e.g. 2026-01-31T00:00:00Z")
+    audit.add_argument("--until", default=None, help="RFC 3339 time")
+    audit.add_argument("--limit", type=int, default=100, help="entries per page (1 to 1000)")
+    audit.add_argument("--all", action="store_true", help="every page, not only the first")
+    audit.set_defaults(func=_with_client(_audit))
 
     migrate = commands.add_parser("migrate", help="move locks from Atlantis to enhanced locking")
     migrate_sub = migrate.add_subparsers(dest="migrate_command", required=True,

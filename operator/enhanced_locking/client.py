@@ -1,8 +1,14 @@
-"""A small Python client for the lock service's HTTP API (used by the CLI and by scripts)."""
+"""A small Python client for the lock service's HTTP API (used by the CLI and by scripts).
+
+With access control on, the clients send ``Authorization: Bearer TOKEN``: the ``token``
+argument, else the ``ENHANCED_LOCKING_TOKEN`` environment variable. An ``https://`` URL is
+verified against ``ENHANCED_LOCKING_CA_FILE`` when set (else the system's CAs).
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from datetime import timedelta
 from types import TracebackType
@@ -23,6 +29,17 @@ from enhanced_locking.types import (
 __all__ = ["AsyncClient", "Client", "ServiceError", "parse_sse"]
 
 DEFAULT_URL = "http://127.0.0.1:4142"
+TOKEN_ENV = "ENHANCED_LOCKING_TOKEN"
+CA_FILE_ENV = "ENHANCED_LOCKING_CA_FILE"
+
+
+def _auth_headers(token: str | None) -> dict[str, str]:
+    token = token if token is not None else os.environ.get(TOKEN_ENV, "")
+    return {"Authorization": f"Bearer {token.strip()}"} if token and token.strip() else {}
+
+
+def _verify() -> str | bool:
+    return os.environ.get(CA_FILE_ENV) or True
 
 
 class ServiceError(Exception):
@@ -38,8 +55,10 @@ class Client:
     """Blocking client; ``with Client(url) as client: client.acquire(...)``."""
 
     def __init__(self, base_url: str = DEFAULT_URL, *, timeout: float = 10.0,
-                 transport: httpx.BaseTransport | None = None) -> None:
-        self._http = httpx.Client(base_url=base_url, timeout=timeout, transport=transport)
+                 transport: httpx.BaseTransport | None = None,
+                 token: str | None = None) -> None:
+        self._http = httpx.Client(base_url=base_url, timeout=timeout, transport=transport,
+                                  headers=_auth_headers(token), verify=_verify())
 
     def __enter__(self) -> Client:
         return self
@@ -96,6 +115,12 @@ class Client:
         status, body = self._call("POST", "/v1/locks/refresh", ok=(200, 404), json=payload)
         return Lock.model_validate(body["lock"]) if status == 200 else None
 
+    def audit(self, **filters: Any) -> dict[str, Any]:
+        """One page of the audit trail, newest first: ``{"entries": [...], "next": cursor}``."""
+        params = {_camel(name): value for name, value in filters.items() if value is not None}
+        _, body = self._call("GET", "/v1/audit", params=params)
+        return dict(body)
+
     def queue(self, key: str) -> dict[str, Any]:
         """``{"key", "holder", "waiters": [...]}``: the waiters in service order."""
         _, body = self._call("GET", "/v1/queue", params={"key": key})
@@ -106,9 +131,10 @@ class Client:
                                params={"key": key, "id": waiter_id})
         return status == 200
 
-    def force_unlock(self, key: str) -> Lock | None:
+    def force_unlock(self, key: str, *, reason: str | None = None) -> Lock | None:
+        params = {"key": key, **({"reason": reason} if reason else {})}
         status, body = self._call("POST", "/v1/admin/force-unlock", ok=(200, 404),
-                                  params={"key": key})
+                                  params=params)
         return Lock.model_validate(body["lock"]) if status == 200 else None
 
     def events(self, *, repo: str | None = None, key_prefix: str | None = None,
@@ -159,8 +185,10 @@ class Client:
 class AsyncClient:
     """The few calls that are naturally concurrent (a wait watched by an event stream)."""
 
-    def __init__(self, base_url: str = DEFAULT_URL, *, timeout: float = 10.0) -> None:
-        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout)
+    def __init__(self, base_url: str = DEFAULT_URL, *, timeout: float = 10.0,
+                 token: str | None = None) -> None:
+        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout,
+                                       headers=_auth_headers(token), verify=_verify())
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -276,3 +304,8 @@ def _event(fields: dict[str, str]) -> Event | None:
         return Event.model_validate({"type": "gap", "time": "1970-01-01T00:00:00Z",
                                      "details": data})
     return Event.model_validate(data)
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)

@@ -295,7 +295,7 @@ class EnhancedLockingConfig(BaseSettings):
         "heartbeats).",
     )
 
-    # --- who may do what (docs/07-access.md) ----------------------------------------------
+    # --- who may do what (docs/08-access.md) ----------------------------------------------
     auth: Literal["none", "static", "kubernetes"] = Field(
         "none",
         description="Who may call the API: none (anyone who reaches the port; loopback only "

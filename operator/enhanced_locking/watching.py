@@ -118,7 +118,7 @@ def _cancel(client: Client, args: argparse.Namespace) -> int:
 
 
 def _force_unlock(client: Client, args: argparse.Namespace) -> int:
-    lock = client.force_unlock(args.key)
+    lock = client.force_unlock(args.key, reason=args.reason)
     if lock is None:
         print(f"enhanced-locking: no lock is held on {args.key}", file=sys.stderr)
         return EXIT_REFUSED
@@ -150,6 +150,8 @@ def add_queue_commands(
 
     force = lock_sub.add_parser("force-unlock", help="free a lock whoever holds it (admin)")
     force.add_argument("--key", required=True)
+    force.add_argument("--reason", default=None,
+                       help="why (kept in the audit trail; required when access control is on)")
     force.set_defaults(func=with_client(_force_unlock))
 
     refresh = lock_sub.add_parser("refresh", help="extend the lease of a held lock")

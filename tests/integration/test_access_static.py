@@ -326,3 +326,35 @@ def test_a_malformed_tokens_file_names_the_line_not_the_token(tmp_path: Path) ->
     assert done.returncode == 2
     assert "line 2" in done.stderr
     assert "tok-secret-bbbb" not in done.stderr
+
+
+def cli(served: ServiceProcess, token: str | None, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {"ENHANCED_LOCKING_URL": served.url}
+    if token is not None:
+        env["ENHANCED_LOCKING_TOKEN"] = token
+    return subprocess.run([*enhanced_locking_command(), *args], capture_output=True, text=True,
+                          timeout=60, env=scrubbed_env(env))
+
+
+def test_the_cli_sends_the_token_and_reads_the_audit_trail(
+    served: ServiceProcess, admin: httpx.Client
+) -> None:
+    case = new_case(admin)
+    refused = cli(served, TOKENS["viewer"], "lock", "force-unlock", "--key", case.key,
+                  "--reason", "cli test")
+    assert refused.returncode == 1
+    assert "force-unlock" in refused.stderr
+    anonymous = cli(served, None, "lock", "list")
+    assert anonymous.returncode == 1
+    assert "authentication required" in anonymous.stderr
+    done = cli(served, TOKENS["admin"], "lock", "force-unlock", "--key", case.key,
+               "--reason", "cli test")
+    assert done.returncode == 0, done.stderr
+    trail = cli(served, TOKENS["admin"], "audit", "--repo", case.repo, "--all", "--limit", "1")
+    assert trail.returncode == 0, trail.stderr
+    rows = [json.loads(line) for line in trail.stdout.splitlines()]
+    assert [(r["identity"], r["action"], r["outcome"]) for r in rows] == [
+        ("ada", "force-unlock", "released"),
+        ("vera", "force-unlock", "denied"),
+        ("ada", "acquire", "acquired"),
+    ]

@@ -3,7 +3,7 @@
 JSON in camelCase, times in RFC 3339 UTC, durations in Go form. The handlers are thin: they
 turn HTTP into calls on the :class:`~enhanced_locking.factory.LockService` router and answers
 back into the documented shapes. Each takes the caller (:mod:`.access`) and asks for the
-right its call needs before anything changes; ``docs/07-access.md`` lists them.
+right its call needs before anything changes; ``docs/08-access.md`` lists them.
 """
 
 from __future__ import annotations
