@@ -242,9 +242,20 @@ def test_the_pod_can_write_where_the_image_writes(helm: Helm) -> None:
 @pytest.mark.parametrize("values", CI_VALUES, ids=lambda p: p.name)
 def test_rbac_is_one_namespaced_role_without_wildcards(helm: Helm, values: Path) -> None:
     objects = helm.template("-f", str(values))
-    assert not of_kind(objects, "ClusterRole") and not of_kind(objects, "ClusterRoleBinding")
+    # Cluster-wide: only the access ClusterRoles, on the virtual `locks` resource alone, and
+    # the service's right to ask TokenReviews and SubjectAccessReviews (docs/08-access.md).
+    for cluster_role in of_kind(objects, "ClusterRole"):
+        assert cluster_role["rules"] == [{
+            "apiGroups": ["locking.runatlantis.io"], "resources": ["locks"],
+            "verbs": cluster_role["rules"][0]["verbs"]}]
+        assert "*" not in cluster_role["rules"][0]["verbs"]
+    (delegation,) = of_kind(objects, "ClusterRoleBinding")
+    assert delegation["roleRef"]["name"] == "system:auth-delegator"
     (role,) = of_kind(objects, "Role")
-    (binding,) = of_kind(objects, "RoleBinding")
+    bindings = of_kind(objects, "RoleBinding")
+    (binding,) = [b for b in bindings if b["roleRef"]["kind"] == "Role"]
+    (atlantis,) = [b for b in bindings if b["roleRef"]["kind"] == "ClusterRole"]
+    assert atlantis["roleRef"]["name"].endswith("-locker")
     assert binding["metadata"]["namespace"] == role["metadata"]["namespace"]
     allowed_verbs = {"get", "list", "watch", "patch", "create"}
     for rule in role["rules"]:

@@ -184,6 +184,12 @@ says why and what to set instead. Included by the Deployment, which every render
 {{- end }}
 {{- end }}
 {{- end }}
+{{- if and (eq .Values.auth.mode "none") (not .Values.auth.insecureAllowUnauthenticated) }}
+{{- fail "auth.mode=none serves the pod's address without authentication: anyone who reaches it may force-unlock every lock; use kubernetes or static, or set auth.insecureAllowUnauthenticated=true" }}
+{{- end }}
+{{- if and (eq .Values.auth.mode "static") (not .Values.auth.tokensSecret) }}
+{{- fail "auth.mode=static needs auth.tokensSecret (a Secret with tokens.csv)" }}
+{{- end }}
 {{- if and .Values.persistence.existingClaim (not .Values.persistence.enabled) }}
 {{- fail "persistence.existingClaim is set but persistence.enabled is false" }}
 {{- end }}

@@ -1,0 +1,275 @@
+"""Kubernetes access control end to end: real ServiceAccount tokens checked by TokenReview,
+rights answered by SubjectAccessReview from plain RBAC, with the chart's own ClusterRoles.
+
+The chart's ClusterRoles, its auth-delegator binding and its binding for Atlantis's
+ServiceAccount are rendered by the real ``helm`` and applied to the real API server; the
+service runs as a local process with a token of its own ServiceAccount (so it can ask the
+reviews only because the chart's binding lets it). Callers are ServiceAccounts bound to the
+ClusterRoles with RoleBindings in the service's namespace.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from tests.support.access_matrix import CALLS, ROLE_VERBS, Call, acquire_body, new_case
+from tests.support.controlplane import KubeCluster
+from tests.support.helm import CHART_DIR, Helm, service_account_kubeconfig
+from tests.support.service import ServiceProcess
+
+pytestmark = pytest.mark.e2e
+
+RESOURCE = "locks.locking.runatlantis.io"
+VERBS = ("read", "lock", "prioritize", "release-any", "force-unlock", "admin")
+CHART_TEMPLATES = (
+    "templates/clusterrole-viewer.yaml", "templates/clusterrole-locker.yaml",
+    "templates/clusterrole-admin.yaml", "templates/clusterrolebinding-auth-delegator.yaml",
+    "templates/rolebinding-atlantis.yaml",
+)
+
+
+@dataclass
+class Setup:
+    cluster: KubeCluster
+    namespace: str
+    fullname: str
+    service: ServiceProcess
+    tokens: dict[str, str]
+
+    def sa(self, name: str) -> str:
+        return f"system:serviceaccount:{self.namespace}:{name}"
+
+    def client(self, role: str | None) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {self.tokens[role]}"} if role else {}
+        return httpx.Client(base_url=self.service.url, timeout=15, headers=headers)
+
+
+def token(cluster: KubeCluster, namespace: str, name: str, *extra: str) -> str:
+    return cluster.kubectl("create", "token", name, "-n", namespace, "--duration=1h",
+                           *extra).stdout.strip()
+
+
+def apply_chart_roles(cluster: KubeCluster, helm: Helm, namespace: str, fullname: str) -> None:
+    show = [arg for template in CHART_TEMPLATES for arg in ("--show-only", template)]
+    rendered = helm.run("template", "access", str(CHART_DIR), "-n", namespace,
+                        f"--set=fullnameOverride={fullname}", *show).stdout
+    cluster.kubectl("apply", "-f", "-", input=rendered)
+
+
+@pytest.fixture(scope="module")
+def setup(kube_cluster: KubeCluster, tmp_path_factory: pytest.TempPathFactory
+          ) -> Iterator[Setup]:
+    root = tmp_path_factory.mktemp("kube-access")
+    namespace = f"access-{uuid.uuid4().hex[:8]}"
+    fullname = f"el-{uuid.uuid4().hex[:8]}"
+    cluster = kube_cluster
+    cluster.kubectl("create", "namespace", namespace)
+    helm = Helm(cluster, root / "helm-home")
+    apply_chart_roles(cluster, helm, namespace, fullname)
+    for name in (fullname, "nobody", "viewer", "locker", "admin", "atlantis", "team"):
+        cluster.kubectl("create", "serviceaccount", name, "-n", namespace)
+    for role in ("viewer", "locker", "admin"):
+        cluster.kubectl("create", "rolebinding", role, f"--clusterrole={fullname}-{role}",
+                        f"--serviceaccount={namespace}:{role}", "-n", namespace)
+    # A team that may read and lock one repository only (RBAC resourceNames).
+    cluster.kubectl("create", "role", "team-infra", "--verb=read,lock",
+                    f"--resource={RESOURCE}", "--resource-name=acme/team-infra",
+                    "-n", namespace)
+    cluster.kubectl("create", "rolebinding", "team-infra", "--role=team-infra",
+                    f"--serviceaccount={namespace}:team", "-n", namespace)
+    kubeconfig = service_account_kubeconfig(cluster, namespace, fullname, root / "svc.kubeconfig")
+    service = ServiceProcess(root / "data", log_dir=root / "logs", env={
+        "KUBECONFIG": str(kubeconfig),
+    }, args=[
+        "--enhanced-locking-auth=kubernetes",
+        f"--enhanced-locking-auth-namespace={namespace}",
+        "--enhanced-locking-auth-cache-ttl=2s",
+    ])
+    try:
+        service.start()
+    except Exception as error:
+        pytest.fail(str(error), pytrace=False)
+    tokens = {name: token(cluster, namespace, name)
+              for name in ("nobody", "viewer", "locker", "admin", "atlantis", "team")}
+    yield Setup(cluster, namespace, fullname, service, tokens)
+    service.stop()
+    cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+    cluster.kubectl("delete", "clusterrole", f"{fullname}-viewer", f"{fullname}-locker",
+                    f"{fullname}-admin", check=False)
+    cluster.kubectl("delete", "clusterrolebinding", f"{fullname}-auth-delegator", check=False)
+
+
+@pytest.fixture
+def admin(setup: Setup) -> Iterator[httpx.Client]:
+    with setup.client("admin") as http:
+        yield http
+
+
+def held(admin: httpx.Client, key: str) -> dict[str, Any] | None:
+    answer = admin.get("/v1/locks/by-key", params={"key": key})
+    return answer.json()["lock"] if answer.status_code == 200 else None
+
+
+@pytest.mark.parametrize(("call", "role"), [
+    pytest.param(call, role, id=f"{call.name}-{role}") for call in CALLS for role in ROLE_VERBS
+])
+def test_each_call_is_decided_by_rbac_for_each_role(
+    setup: Setup, admin: httpx.Client, call: Call, role: str
+) -> None:
+    case = new_case(admin)
+    before = held(admin, case.key)
+    with setup.client(role) as http:
+        answer = call.run(http, case)
+    if call.verbs <= ROLE_VERBS[role]:
+        assert answer.status_code not in (401, 403, 500), answer.text
+        return
+    assert answer.status_code == 403, answer.text
+    refusal = json.loads(answer.read())
+    assert refusal["verb"] in call.verbs - ROLE_VERBS[role]
+    assert refusal["identity"] == setup.sa(role)
+    assert held(admin, case.key) == before
+
+
+@pytest.mark.parametrize("call", CALLS, ids=lambda call: call.name)
+def test_a_token_the_api_server_does_not_know_is_401(
+    setup: Setup, admin: httpx.Client, call: Call
+) -> None:
+    case = new_case(admin)
+    with httpx.Client(base_url=setup.service.url, timeout=15,
+                      headers={"Authorization": "Bearer eyJhbGciOiJSUzI1NiJ9.e30.forged"}
+                      ) as http:
+        answer = call.run(http, case)
+    assert answer.status_code == 401
+    assert answer.headers["www-authenticate"].startswith("Bearer ")
+    assert held(admin, case.key) is not None
+
+
+def can_i(setup: Setup, verb: str, who: str) -> bool:
+    done = setup.cluster.kubectl("auth", "can-i", verb, RESOURCE, f"--as={setup.sa(who)}",
+                                 "-n", setup.namespace, check=False)
+    return done.stdout.strip() == "yes"
+
+
+def test_the_charts_binding_gives_atlantis_read_and_lock_and_nothing_more(
+    setup: Setup, admin: httpx.Client
+) -> None:
+    assert {verb for verb in VERBS if can_i(setup, verb, "atlantis")} == {"read", "lock"}
+    for other in ("get", "list", "create", "delete", "update", "*"):
+        assert not can_i(setup, other, "atlantis")
+    # The service agrees with `kubectl auth can-i`.
+    repo = f"acme/atlantis-{uuid.uuid4().hex[:6]}"
+    with setup.client("atlantis") as atlantis:
+        got = atlantis.post("/v1/locks", json=acquire_body(repo, pull=5))
+        assert got.status_code == 200
+        key = got.json()["lockKey"]
+        assert atlantis.post("/v1/locks", json=acquire_body(repo, pull=6, path="p2",
+                                                            priority="high")
+                             ).status_code == 403
+        assert atlantis.delete("/v1/locks/by-key", params={"key": key}).status_code == 403
+        assert atlantis.post("/v1/admin/force-unlock",
+                             params={"key": key, "reason": "no"}).status_code == 403
+        assert atlantis.get("/v1/audit").status_code == 403
+        assert atlantis.delete("/v1/locks/by-key",
+                               params={"key": key, "pull": 5}).status_code == 200
+
+
+def test_the_charts_roles_answer_kubectl_auth_can_i_as_documented(setup: Setup) -> None:
+    for role, verbs in ROLE_VERBS.items():
+        assert {verb for verb in VERBS if can_i(setup, verb, role)} == verbs, role
+
+
+def test_a_role_with_resource_names_scopes_a_caller_to_its_repositories(setup: Setup) -> None:
+    with setup.client("team") as team:
+        mine = team.post("/v1/locks", json=acquire_body("acme/team-infra", pull=1,
+                                                        path=uuid.uuid4().hex[:6]))
+        assert mine.status_code == 200, mine.text
+        theirs = team.post("/v1/locks", json=acquire_body("acme/other", pull=1))
+        assert theirs.status_code == 403
+        assert theirs.json()["repo"] == "acme/other"
+        assert team.get("/v1/locks", params={"repo": "acme/team-infra"}).status_code == 200
+        assert team.get("/v1/locks").status_code == 403  # every repository: not its right
+        with team.stream("GET", "/v1/events", params={"repo": "acme/team-infra"}) as stream:
+            assert stream.status_code == 200
+        with team.stream("GET", "/v1/events", params={"repo": "acme/other"}) as stream:
+            assert stream.status_code == 403
+
+
+def test_the_audit_trail_names_serviceaccounts_and_holds_no_token(
+    setup: Setup, admin: httpx.Client
+) -> None:
+    case = new_case(admin)
+    with setup.client("viewer") as viewer:
+        viewer.post("/v1/admin/force-unlock", params={"key": case.key, "reason": "try"})
+    rows = admin.get("/v1/audit", params={"repo": case.repo}).json()["entries"]
+    assert [(r["identity"], r["action"], r["outcome"], r["method"]) for r in rows] == [
+        (setup.sa("viewer"), "force-unlock", "denied", "kubernetes"),
+        (setup.sa("admin"), "acquire", "acquired", "kubernetes"),
+    ]
+    assert f"system:serviceaccounts:{setup.namespace}" in rows[0]["groups"]
+    everything = admin.get("/v1/audit", params={"limit": 1000}).text + setup.service.output()
+    for value in setup.tokens.values():
+        assert value not in everything
+        assert value.split(".")[-1] not in everything  # not even the signature
+
+
+def test_an_audience_setting_refuses_tokens_minted_for_another(
+    setup: Setup, tmp_path: Path
+) -> None:
+    kubeconfig = service_account_kubeconfig(setup.cluster, setup.namespace, setup.fullname,
+                                            tmp_path / "svc.kubeconfig")
+    service = ServiceProcess(tmp_path / "data", env={"KUBECONFIG": str(kubeconfig)}, args=[
+        "--enhanced-locking-auth=kubernetes",
+        f"--enhanced-locking-auth-namespace={setup.namespace}",
+        "--enhanced-locking-auth-audience=enhanced-locking",
+    ])
+    service.start()
+    try:
+        plain = setup.tokens["viewer"]
+        scoped = token(setup.cluster, setup.namespace, "viewer", "--audience=enhanced-locking")
+        with httpx.Client(base_url=service.url, timeout=15) as http:
+            assert http.get("/v1/locks", headers={"Authorization": f"Bearer {plain}"}
+                            ).status_code == 401
+            assert http.get("/v1/locks", headers={"Authorization": f"Bearer {scoped}"}
+                            ).status_code == 200
+    finally:
+        service.stop()
+
+
+def test_the_service_without_the_charts_delegation_refuses_everyone(
+    setup: Setup, tmp_path: Path
+) -> None:
+    # A ServiceAccount without system:auth-delegator cannot ask the reviews: fail closed.
+    setup.cluster.kubectl("create", "serviceaccount", "undelegated", "-n", setup.namespace)
+    kubeconfig = service_account_kubeconfig(setup.cluster, setup.namespace, "undelegated",
+                                            tmp_path / "u.kubeconfig")
+    service = ServiceProcess(tmp_path / "data", env={"KUBECONFIG": str(kubeconfig)}, args=[
+        "--enhanced-locking-auth=kubernetes",
+        f"--enhanced-locking-auth-namespace={setup.namespace}",
+    ])
+    service.start()
+    try:
+        with httpx.Client(base_url=service.url, timeout=15, headers={
+                "Authorization": f"Bearer {setup.tokens['admin']}"}) as http:
+            assert http.get("/v1/locks").status_code == 401
+        assert setup.tokens["admin"] not in service.output()
+    finally:
+        service.stop()
+
+
+def test_the_rendered_roles_are_the_documented_ones(setup: Setup, tmp_path: Path) -> None:
+    helm = Helm(setup.cluster, tmp_path / "helm")
+    rendered = yaml.safe_load_all(helm.run(
+        "template", "x", str(CHART_DIR), "--show-only", "templates/clusterrole-locker.yaml"
+    ).stdout)
+    (locker,) = [doc for doc in rendered if doc]
+    assert locker["rules"] == [{"apiGroups": ["locking.runatlantis.io"], "resources": ["locks"],
+                                "verbs": ["read", "lock"]}]
+    assert locker["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
