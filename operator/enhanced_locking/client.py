@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from datetime import timedelta
 from types import TracebackType
@@ -38,8 +39,9 @@ def _auth_headers(token: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {token.strip()}"} if token and token.strip() else {}
 
 
-def _verify() -> str | bool:
-    return os.environ.get(CA_FILE_ENV) or True
+def _verify() -> ssl.SSLContext | bool:
+    ca_file = os.environ.get(CA_FILE_ENV)
+    return ssl.create_default_context(cafile=ca_file) if ca_file else True
 
 
 class ServiceError(Exception):

@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -103,8 +104,11 @@ class ServiceProcess:
         env: Mapping[str, str] | None = None,
         port: int | None = None,
         log_dir: Path | None = None,
+        ca_file: Path | None = None,
     ) -> None:
+        """``ca_file``: the service serves HTTPS (its certificate is signed by this CA)."""
         self.data_dir = data_dir
+        self.ca_file = ca_file
         self.args = list(args)
         self.env = dict(env or {})
         self.port = port or free_port()
@@ -114,7 +118,8 @@ class ServiceProcess:
 
     @property
     def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}"
+        scheme = "https" if self.ca_file is not None else "http"
+        return f"{scheme}://{LOOPBACK}:{self.port}"
 
     @property
     def argv(self) -> list[str]:
@@ -157,7 +162,9 @@ class ServiceProcess:
         assert self.process is not None
         until = time.monotonic() + deadline
         last = "no answer yet"
-        with httpx.Client(timeout=1.0) as client:
+        verify: ssl.SSLContext | bool = (
+            ssl.create_default_context(cafile=str(self.ca_file)) if self.ca_file else True)
+        with httpx.Client(timeout=1.0, verify=verify) as client:
             while time.monotonic() < until:
                 code = self.process.poll()
                 if code is not None:

@@ -1,0 +1,108 @@
+"""HTTPS serving: the service presents its certificate, a rotated pair is picked up without a
+restart, and a broken pair keeps the one in use."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import ssl
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography import x509
+from tests.support.access_matrix import acquire_body
+from tests.support.controlplane import CertificateAuthority, KeyPair
+from tests.support.service import LOOPBACK, ServiceProcess
+
+
+def presented_serial(port: int, ca: Path) -> int:
+    context = ssl.create_default_context(cafile=str(ca))
+    with socket.create_connection((LOOPBACK, port), timeout=5) as raw, \
+            context.wrap_socket(raw, server_hostname=LOOPBACK) as tls:
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def trusting(ca: CertificateAuthority) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(ca.pair.cert))
+
+
+def serial(pair: KeyPair) -> int:
+    return x509.load_pem_x509_certificate(pair.cert.read_bytes()).serial_number
+
+
+def install(pair: KeyPair, cert: Path, key: Path) -> None:
+    # As a Secret volume does: the new files replace the old ones whole.
+    new_key, new_cert = key.with_name(key.name + ".new"), cert.with_name(cert.name + ".new")
+    shutil.copy(pair.key, new_key)
+    shutil.copy(pair.cert, new_cert)
+    new_key.replace(key)
+    new_cert.replace(cert)
+
+
+@pytest.fixture
+def tls(tmp_path: Path) -> Iterator[tuple[CertificateAuthority, ServiceProcess, Path, Path]]:
+    ca = CertificateAuthority(tmp_path)
+    first = ca.issue("first", "enhanced-locking", server=True, ips=[LOOPBACK],
+                     dns_names=["localhost"])
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    install(first, cert, key)
+    service = ServiceProcess(tmp_path / "data", ca_file=ca.pair.cert, args=[
+        f"--enhanced-locking-tls-cert-file={cert}", f"--enhanced-locking-tls-key-file={key}",
+    ])
+    try:
+        service.start()
+    except Exception as error:
+        pytest.fail(str(error), pytrace=False)
+    yield ca, service, cert, key
+    service.stop()
+
+
+def test_the_service_answers_over_https_with_its_certificate(
+    tls: tuple[CertificateAuthority, ServiceProcess, Path, Path],
+) -> None:
+    ca, service, cert, _ = tls
+    with httpx.Client(base_url=service.url, verify=trusting(ca), timeout=10) as http:
+        answer = http.post("/v1/locks", json=acquire_body("acme/tls", pull=1))
+        assert answer.status_code == 200
+    assert presented_serial(service.port, ca.pair.cert) == x509.load_pem_x509_certificate(
+        cert.read_bytes()).serial_number
+    with pytest.raises(httpx.HTTPError), httpx.Client(timeout=5) as plain:
+        plain.get(f"http://{LOOPBACK}:{service.port}/healthz")
+
+
+def test_a_rotated_certificate_is_served_without_a_restart_and_a_broken_one_is_not(
+    tls: tuple[CertificateAuthority, ServiceProcess, Path, Path],
+) -> None:
+    ca, service, cert, key = tls
+    second = ca.issue("second", "enhanced-locking", server=True, ips=[LOOPBACK])
+    install(second, cert, key)
+    deadline = time.monotonic() + 15
+    while presented_serial(service.port, ca.pair.cert) != serial(second):
+        assert time.monotonic() < deadline, "the rotated certificate was not picked up"
+        time.sleep(0.2)
+    cert.write_text("not a certificate")
+    time.sleep(3)  # longer than the reload check interval
+    assert presented_serial(service.port, ca.pair.cert) == serial(second)
+    with httpx.Client(base_url=service.url, verify=trusting(ca), timeout=10) as http:
+        assert http.get("/healthz").status_code == 200
+    assert service.process is not None and service.process.poll() is None
+    assert "not reloaded" in service.output()
+
+
+def test_a_key_that_does_not_match_exits_2_naming_the_setting(tmp_path: Path) -> None:
+    ca = CertificateAuthority(tmp_path)
+    one = ca.issue("one", "a", server=True, ips=[LOOPBACK])
+    other = ca.issue("other", "b", server=True, ips=[LOOPBACK])
+    service = ServiceProcess(tmp_path / "data", ca_file=ca.pair.cert, args=[
+        f"--enhanced-locking-tls-cert-file={one.cert}",
+        f"--enhanced-locking-tls-key-file={other.key}",
+    ])
+    with pytest.raises(Exception, match="exited with 2") as raised:
+        service.start()
+    assert "enhanced-locking-tls-cert-file" in str(raised.value)
+    assert "Traceback" not in str(raised.value)
