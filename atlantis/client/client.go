@@ -573,7 +573,12 @@ func (c *Client) Cancel(ctx context.Context, key, id string) (bool, error) {
 // Ready checks that the service and every store it uses answer (GET /readyz).
 func (c *Client) Ready(ctx context.Context) error {
 	k := call{op: "ready", method: http.MethodGet, path: "/readyz", idempotent: true}
-	got, err := c.send(ctxOr(ctx, c.callTimeout), k, nil)
+	if c.callTimeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, c.callTimeout)
+		defer cancel()
+	}
+	got, err := c.send(ctx, k, nil)
 	if err != nil {
 		return &UnavailableError{Op: k.op, Err: err}
 	}
@@ -584,15 +589,6 @@ func (c *Client) Ready(ctx context.Context) error {
 		return refusal(k, got)
 	}
 	return nil
-}
-
-func ctxOr(ctx context.Context, d time.Duration) context.Context {
-	if d <= 0 {
-		return ctx
-	}
-	bounded, cancel := context.WithTimeout(ctx, d)
-	context.AfterFunc(bounded, cancel)
-	return bounded
 }
 
 var errStreamClosed = errors.New("event stream closed")

@@ -463,3 +463,12 @@ func TestTryLockWaitsInTheQueueAndApplyGoesBeforePlan(t *testing.T) {
 		}
 	})
 }
+
+func TestPingChecksTheWrappedDatabaseToo(t *testing.T) {
+	database := open(t, servicetest.Serve(t))
+	must(t, database.Ping())
+	must(t, database.Wrapped().Close())
+	if err := database.Ping(); err == nil {
+		t.Fatal("Ping must fail when the wrapped database is closed")
+	}
+}
