@@ -175,6 +175,10 @@ def test_a_closed_github_pull_releases_its_locks_and_drops_its_queued_requests(
     refused = waiting.result(timeout=30)
     assert refused.status_code == 409 and refused.json()["reason"] == "cancelled"
     assert held(service) == [(f"{repo}-infra:envs/a", 2), (f"{repo}:envs/c", 7)]
+    # The audit trail says who closed it: the VCS whose signature vouched for the event.
+    rows = httpx.get(f"{service.url}/v1/audit", params={"identity": "webhook:github"}).json()
+    assert [(r["outcome"], r["repo"], r["pull"], r["status"]) for r in rows["entries"]] == [
+        ("pull-closed", repo, 2, 200)]
 
 
 def test_a_bad_or_missing_signature_is_401_and_changes_nothing(
@@ -197,6 +201,10 @@ def test_a_bad_or_missing_signature_is_401_and_changes_nothing(
         assert answer.headers["content-type"] == "application/json"
         assert answer.json()["error"]
     assert held(service) == [(f"{repo}:envs/a", 2)]
+    rows = httpx.get(f"{service.url}/v1/audit", params={"outcome": "unauthenticated"}).json()
+    assert sorted(r["action"] for r in rows["entries"]) == [
+        "POST /v1/webhooks/gitea", "POST /v1/webhooks/github", "POST /v1/webhooks/github",
+        "POST /v1/webhooks/github", "POST /v1/webhooks/gitlab"]
 
 
 def test_a_redelivered_close_changes_nothing_even_after_the_pull_is_locked_again(

@@ -24,7 +24,8 @@ synchronize, comments) is acknowledged with 200 and ignored. A close drops the p
 requests and releases its locks, but only what it asked for or took before the close time the
 event carries (``closed_at``, GitLab's ``updated_at``): a redelivered close, even after the pull
 was reopened and locked again, changes nothing. Delivery ids already handled by this process
-are answered ``duplicate`` without looking further.
+are answered ``duplicate`` without looking further. Refused deliveries and closes are rows of
+the audit trail (identity ``webhook:<vcs>``), like every mutating call of the API.
 """
 
 from __future__ import annotations
@@ -44,9 +45,11 @@ from fastapi.responses import JSONResponse
 from pydantic import SecretStr
 
 from enhanced_locking.api.access import public
+from enhanced_locking.api.audit import AuditTrail
 from enhanced_locking.api.errors import error_answers, json_error
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.factory import LockService
+from enhanced_locking.types import AuditEntry, Verb, utcnow
 
 __all__ = ["ClosedPull", "DeliveryLog", "webhook_router"]
 
@@ -200,6 +203,22 @@ def webhook_router(
         "gitea": lambda c: c.gitea_webhook_secret,
     }
 
+    async def audit(request: Request, vcs: Vcs, *, outcome: str, status: int,
+                    closed: ClosedPull | None = None, reason: str | None = None) -> None:
+        """One audit row per delivery that was refused or changed something; the identity is
+        the VCS whose signature vouched for it."""
+        trail: AuditTrail | None = getattr(request.app.state, "audit", None)
+        if trail is None:
+            return
+        peer = f"{request.client.host}:{request.client.port}" if request.client else ""
+        await trail.record(AuditEntry(
+            time=utcnow(), identity=f"webhook:{vcs}" if status != 401 else "",
+            method="signature", verb=Verb.LOCK.value if closed else "",
+            action=f"POST /v1/webhooks/{vcs}", repo=closed.repo if closed else None,
+            pull=closed.pull if closed else None, outcome=outcome, status=status,
+            reason=reason, peer=peer,
+        ))
+
     async def receive(vcs: Vcs, request: Request) -> JSONResponse:
         secret = secrets[vcs](settings())
         if not secret.get_secret_value():
@@ -224,6 +243,8 @@ def webhook_router(
         except WebhookRefused as refused:
             if refused.status == 401:
                 log.warning("%s", refused)  # says which header failed, never the secret
+                await audit(request, vcs, outcome="unauthenticated", status=401,
+                            reason=str(refused))
             return json_error(refused.status, str(refused))
         if closed is None:
             answer: dict[str, Any] = {"ignored": event or "unknown event"}
@@ -236,6 +257,9 @@ def webhook_router(
             answer = {"repo": closed.repo, "pull": closed.pull, "merged": closed.merged,
                       "released": [lock.key for lock in done.released],
                       "cancelled": done.cancelled}
+            await audit(request, vcs, outcome="pull-closed", status=200, closed=closed,
+                        reason=f"released {len(done.released)}, dropped "
+                               f"{len(done.cancelled)} queued")
         if delivery is not None:
             handled.add(f"{vcs}:{delivery}")
         return JSONResponse(answer)
