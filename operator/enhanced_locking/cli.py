@@ -2,6 +2,7 @@
 
 ::
 
+    enhanced-locking [--version] [--url URL] [--token TOKEN] COMMAND ...
     enhanced-locking serve [--host H] [--port P] [--config FILE] [--enhanced-locking-* ...]
     enhanced-locking operator [--namespace NS] [--policy NAME] [--migration NAME] [serve flags]
     enhanced-locking config show [--config FILE] [--enhanced-locking-* ...]
@@ -11,8 +12,10 @@
     enhanced-locking migrate import (--from-boltdb FILE | --from-redis URL) [--dry-run]
                                     [--output table|json] [--enhanced-locking-* ...]
 
-Exit codes: 0 done; 1 refused (lock held, not found, not owned); 2 invalid usage or config;
-3 the service could not be reached.
+Exit codes: 0 done; 1 refused (lock held, not found, not owned); 2 invalid usage, config or
+URL; 3 the service could not be reached (or, for ``serve``, its address could not be bound).
+What goes to stdout and stderr is :mod:`enhanced_locking.terminal`'s one convention. ``--url``
+and ``--token`` may stand before or after any command word.
 """
 
 from __future__ import annotations
@@ -30,15 +33,24 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
 from enhanced_locking import config as config_module
-from enhanced_locking import steps, watching
-from enhanced_locking.client import DEFAULT_URL, Client, ServiceError
+from enhanced_locking import steps, terminal, watching
+from enhanced_locking.client import (
+    DEFAULT_URL,
+    TOKEN_ENV,
+    URL_ENV,
+    Client,
+    ServiceError,
+    service_url,
+)
 from enhanced_locking.types import LockRequest
 
 __all__ = ["main"]
 
 log = logging.getLogger("enhanced_locking")
 
-EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
+EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = (
+    terminal.EXIT_REFUSED, terminal.EXIT_USAGE, terminal.EXIT_UNREACHABLE)
+PROG = "enhanced-locking"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -57,7 +69,13 @@ def _load(args: argparse.Namespace) -> config_module.EnhancedLockingConfig:
 
 
 def _print(data: Any) -> None:
-    print(json.dumps(data, indent=2, sort_keys=False))
+    terminal.print_json(data)
+
+
+def listening_url(sock: socket.socket, *, tls: bool = False) -> str:
+    host, port = sock.getsockname()[:2]
+    scheme = "https" if tls else "http"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 # --- serve -----------------------------------------------------------------------------------
@@ -186,18 +204,22 @@ async def _run_service(
         if operator is not None:
             from enhanced_locking.kube.operator import run
 
+            log.info("listening on %s once the CRs are applied (API docs at /docs)",
+                     listening_url(bound, tls=bool(tls)))
             return await run(service, operator, http=server)
         # Once shut down, uvicorn re-raises the signal that stopped it; by default SIGTERM
         # would then kill the process before the service is closed. Ours receives it instead,
         # so SIGTERM (Kubernetes stopping a pod) closes the stores and exits 0.
         previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
         try:
+            log.info("listening on %s (API docs at /docs)", listening_url(bound, tls=bool(tls)))
             await server.serve()
         finally:
             signal.signal(signal.SIGTERM, previous)
     finally:
         if reloader is not None:
             reloader.cancel()
+        bound.close()
         await service.close()
     return 0
 
@@ -270,11 +292,26 @@ _tick_seconds = _seconds_between(0.1, 60)
 
 
 def _service_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default=os.environ.get("ENHANCED_LOCKING_HOST", "127.0.0.1"))
+    parser.add_argument("--host", default=os.environ.get("ENHANCED_LOCKING_HOST", "127.0.0.1"),
+                        help="address to listen on; 0.0.0.0 for every interface "
+                             "(env ENHANCED_LOCKING_HOST; default: 127.0.0.1)")
     parser.add_argument("--port", type=_port, default=None,
-                        help="TCP port, 1 to 65535 (env ENHANCED_LOCKING_PORT; default 4142)")
+                        help="TCP port to listen on, 1 to 65535 (env ENHANCED_LOCKING_PORT; "
+                             "default: 4142)")
     parser.add_argument("--log-level", default="info",
-                        choices=["debug", "info", "warning", "error"])
+                        choices=["debug", "info", "warning", "error"],
+                        help="log level (default: info)")
+
+
+def _settings_last(parser: argparse.ArgumentParser) -> None:
+    """Add the ~40 setting flags in their own help section, after the command's own options,
+    and keep them out of the usage line (which would otherwise be all settings)."""
+    own = list(parser._actions)
+    formatter = parser._get_formatter()
+    formatter.add_usage(None, own, parser._mutually_exclusive_groups, prefix="usage: ")
+    usage = formatter.format_help().strip().removeprefix("usage: ")
+    indent = " " * (len(parser.prog) + len("usage:  "))
+    parser.usage = f"{usage}\n{indent}[--config FILE] [--enhanced-locking-SETTING VALUE ...]"
     config_module.add_flags(parser)
 
 
@@ -331,13 +368,18 @@ async def _run_import(config: config_module.EnhancedLockingConfig, args: argpars
 def _with_client(action: Callable[[Client, argparse.Namespace], int]) -> Callable[..., int]:
     def run(args: argparse.Namespace) -> int:
         try:
-            with Client(args.url) as client:
+            with Client(args.url, token=args.token) as client:
                 return action(client, args)
         except ServiceError as error:
-            print(f"enhanced-locking: {error}", file=sys.stderr)
             if error.status == 0:
+                terminal.say(PROG, str(error))
                 return EXIT_UNREACHABLE
-            return EXIT_USAGE if error.status == 422 else EXIT_REFUSED
+            if error.status == 422:
+                terminal.say(PROG, str(error))
+                return EXIT_USAGE
+            # A refusal (404, 409, 401/403): the service's answer on stdout, one line on stderr.
+            return terminal.refused(PROG, str(error),
+                                    error.body if isinstance(error.body, dict) else None)
     return run
 
 
@@ -362,18 +404,35 @@ def _acquire(client: Client, args: argparse.Namespace) -> int:
         print(f"enhanced-locking: invalid request: {error}", file=sys.stderr)
         return EXIT_USAGE
     if request.wait:  # show the live queue position on stderr while waiting
-        result = watching.acquire_showing_position(args.url, request)
+        result = watching.acquire_showing_position(args.url, request, token=args.token)
     else:
         result = client.acquire(request)
-    _print(result.model_dump(mode="json", by_alias=True))
-    return 0 if result.acquired else EXIT_REFUSED
+    answer = result.model_dump(mode="json", by_alias=True)
+    if not result.acquired:
+        return terminal.refused(PROG, _why_not(result.lock_key, answer), answer)
+    _print(answer)
+    return 0
+
+
+def _why_not(key: str, answer: dict[str, Any]) -> str:
+    """A refused acquire in one line: the reason, who holds the key, the queue position."""
+    line = f"not acquired ({answer.get('reason')}): {key}"
+    holder = answer.get("holder") or {}
+    pull = (holder.get("pull") or {}).get("num")
+    if pull is not None:
+        user = (holder.get("user") or {}).get("username")
+        line += f" is held by pull #{pull}" + (f" of {user}" if user else "")
+    if answer.get("queuePosition"):
+        line += f"; queue position {answer['queuePosition']}"
+    return line
 
 
 def _release(client: Client, args: argparse.Namespace) -> int:
     lock = client.release(args.key, pull=args.pull, repo=args.repo)
     if lock is None:
-        print(f"enhanced-locking: no lock is held on {args.key}", file=sys.stderr)
-        return EXIT_REFUSED
+        message = f"no lock is held on {args.key}"
+        return terminal.refused(PROG, message, {"released": False, "lockKey": args.key,
+                                                "error": message})
     _print({"released": True, "lock": lock.model_dump(mode="json", by_alias=True)})
     return 0
 
@@ -405,18 +464,69 @@ def _unlock_pull(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="enhanced-locking", description="Atlantis's enhanced locking service.")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+def _service_url(value: str) -> str:
+    try:
+        return service_url(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
-    serve = commands.add_parser("serve", help="run the lock service")
+
+def add_client_options(parser: argparse.ArgumentParser) -> None:
+    """``--url`` and ``--token``, accepted wherever a user puts them (before or after a command
+    word): every parser level gets them, and a level that is not given one leaves it alone."""
+    parser.add_argument("--url", type=_service_url, default=argparse.SUPPRESS,
+                        help=f"lock service URL (env {URL_ENV}; default: {DEFAULT_URL})")
+    parser.add_argument("--token", default=argparse.SUPPRESS, metavar="TOKEN",
+                        help=f"bearer token for a service with authentication on (env "
+                             f"{TOKEN_ENV}); never printed")
+
+
+def resolve_client_options(args: argparse.Namespace) -> None:
+    """Fill ``args.url`` and ``args.token`` from the flags, else the environment, else the
+    default; a malformed URL from the environment is a usage error (exit 2)."""
+    if getattr(args, "url", None) is None:
+        try:
+            args.url = service_url(os.environ.get(URL_ENV) or DEFAULT_URL)
+        except ValueError as error:
+            terminal.say(PROG, f"{URL_ENV}: {error}")
+            raise SystemExit(EXIT_USAGE) from None
+    if getattr(args, "token", None) is None:
+        args.token = os.environ.get(TOKEN_ENV) or None
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("atlantis-enhanced-locking")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Atlantis's enhanced locking service.",
+                     epilog="Exit codes: 0 done; 1 refused; 2 invalid usage, config or URL; "
+                            "3 the service could not be reached. Docs: docs/01-foundation.md.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    add_client_options(parser)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser,
+                                     metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve", help="run the lock service (blocks; stop it with Ctrl-C)",
+        description="Serve the lock service's HTTP API (docs/api.md) and the console at /ui. "
+                    "It runs in the foreground until stopped.",
+    )
     _service_arguments(serve)
+    _settings_last(serve)
     serve.set_defaults(func=_serve)
 
     operator = commands.add_parser(
-        "operator", help="run the lock service with the Kubernetes operator (one process)",
+        "operator", help="run the lock service with the Kubernetes operator (one process; "
+                         "blocks)",
         description="The lock service plus kopf reconciling a LockPolicy and a LockMigration "
-                    "of one namespace into its configuration (docs/02-migration.md).",
+                    "of one namespace into its configuration (docs/02-migration.md). It runs "
+                    "in the foreground until stopped: use another terminal for kubectl.",
     )
     _service_arguments(operator)
     operator.add_argument("--namespace", default=os.environ.get("POD_NAMESPACE", "default"),
@@ -428,7 +538,8 @@ def _parser() -> argparse.ArgumentParser:
     operator.add_argument("--liveness", default=None, metavar="URL",
                           help="kopf's liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
     operator.add_argument("--resync-interval", default=30.0, type=_seconds, metavar="SECONDS",
-                          help="re-read the CRs and their Secrets this often (default: 30)")
+                          help="re-read the CRs and their Secrets this often; the status's "
+                               "lastSeenAt is renewed as often (default: 30)")
     operator.add_argument("--standalone", default=True, action=argparse.BooleanOptionalAction,
                           help="run without kopf peering (default; one replica)")
     operator.add_argument("--leader-election", default=False,
@@ -443,57 +554,73 @@ def _parser() -> argparse.ArgumentParser:
     operator.add_argument("--rollout-interval", default=0.5, type=_tick_seconds,
                           metavar="SECONDS",
                           help="how often the rollout timer runs (default: 0.5)")
+    _settings_last(operator)
     operator.set_defaults(func=_operator)
 
     config_cmd = commands.add_parser("config", help="inspect the configuration")
     config_sub = config_cmd.add_subparsers(dest="config_command", required=True,
-                                           parser_class=_Parser)
+                                           parser_class=_Parser, metavar="COMMAND")
     show = config_sub.add_parser("show", help="print the effective config as JSON (masked)")
-    config_module.add_flags(show)
+    _settings_last(show)
     show.set_defaults(func=_config_show)
 
-    lock = commands.add_parser("lock", help="acquire, release and list locks")
-    lock.add_argument("--url", default=os.environ.get("ENHANCED_LOCKING_URL", DEFAULT_URL),
-                      help="lock service URL (env ENHANCED_LOCKING_URL)")
-    lock_sub = lock.add_subparsers(dest="lock_command", required=True, parser_class=_Parser)
+    lock = commands.add_parser(
+        "lock", help="acquire, release and list locks (talks to a running service)",
+        description="Talk to a running lock service. Every answer is JSON on stdout; a "
+                    "refusal adds one line on stderr and exits 1.",
+    )
+    add_client_options(lock)
+    lock_sub = lock.add_subparsers(dest="lock_command", required=True, parser_class=_Parser,
+                                   metavar="COMMAND")
 
     acquire = lock_sub.add_parser("acquire", help="acquire a lock")
-    acquire.add_argument("--repo", required=True, help="owner/name")
-    acquire.add_argument("--path", default=".")
-    acquire.add_argument("--workspace", default="default")
-    acquire.add_argument("--project", default="", help="Atlantis project name")
-    acquire.add_argument("--pull", type=int, required=True)
-    acquire.add_argument("--pull-url", default="")
-    acquire.add_argument("--user", default=os.environ.get("USER", ""))
+    acquire.add_argument("--repo", required=True, help="repository, owner/name")
+    acquire.add_argument("--path", default=".",
+                         help="project directory inside the repository (default: the root, .)")
+    acquire.add_argument("--workspace", default="default",
+                         help="Terraform workspace (default: default)")
+    acquire.add_argument("--project", default="",
+                         help="Atlantis project name (default: none)")
+    acquire.add_argument("--pull", type=int, required=True, help="pull request number")
+    acquire.add_argument("--pull-url", default="",
+                         help="pull request URL (credentials in it are stripped)")
+    acquire.add_argument("--user", default=os.environ.get("USER", ""),
+                         help="who asks (default: $USER)")
     acquire.add_argument("--priority", default="normal",
-                         choices=["low", "normal", "high", "critical"])
+                         choices=["low", "normal", "high", "critical"],
+                         help="place in the queue while waiting (default: normal)")
     acquire.add_argument("--wait", default=None, nargs="?", const="true",
                          help="wait up to this long in the queue, e.g. 30s (bare --wait: the "
                               "service's default-timeout); shows the queue position on stderr")
-    acquire.add_argument("--request-id", default=None, help="idempotency/tracking id")
-    acquire.add_argument("--ttl", default=None, help="lease, e.g. 1h")
+    acquire.add_argument("--request-id", default=None,
+                         help="idempotency key: the same id asked again gets the same answer")
+    acquire.add_argument("--ttl", default=None,
+                         help="lease: the lock expires unless refreshed, e.g. 1h")
     acquire.set_defaults(func=_with_client(_acquire))
 
     release = lock_sub.add_parser("release", help="release a lock by key")
-    release.add_argument("--key", required=True)
-    release.add_argument("--pull", type=int, default=None, help="only if this pull holds it")
+    release.add_argument("--key", required=True,
+                         help="lock key, repo/path/workspace/project (as lock list shows)")
+    release.add_argument("--pull", type=int, default=None,
+                         help="release only if this pull holds it")
     release.add_argument("--repo", default=None,
                          help="only if it is this repository's lock (keys of two repositories "
                               "can be the same)")
     release.set_defaults(func=_with_client(_release))
 
     listing = lock_sub.add_parser("list", help="list held locks")
-    listing.add_argument("--repo", default=None)
-    listing.add_argument("--pull", type=int, default=None)
+    listing.add_argument("--repo", default=None, help="only locks of this repository")
+    listing.add_argument("--pull", type=int, default=None, help="only locks of this pull")
     listing.set_defaults(func=_with_client(_list))
 
     unlock = lock_sub.add_parser("unlock-pull", help="release every lock of a pull request")
-    unlock.add_argument("--repo", required=True)
-    unlock.add_argument("--pull", type=int, required=True)
+    unlock.add_argument("--repo", required=True, help="repository, owner/name")
+    unlock.add_argument("--pull", type=int, required=True, help="pull request number")
     unlock.set_defaults(func=_with_client(_unlock_pull))
     watching.add_queue_commands(lock_sub, _with_client)
-    watching.add_events_command(
-        commands, url_default=os.environ.get("ENHANCED_LOCKING_URL", DEFAULT_URL))
+    for subcommand in lock_sub.choices.values():
+        add_client_options(subcommand)
+    add_client_options(watching.add_events_command(commands))
     steps.add_step_command(
         commands, url_default=os.environ.get("ENHANCED_LOCKING_URL", DEFAULT_URL))
 
@@ -527,16 +654,18 @@ def _parser() -> argparse.ArgumentParser:
                         help="Atlantis's Redis, e.g. redis://:PASSWORD@HOST:6379/0")
     importing.add_argument("--dry-run", action="store_true",
                            help="report what would be imported; write nothing")
-    importing.add_argument("--output", choices=["table", "json"], default="table")
-    config_module.add_flags(importing)
+    importing.add_argument("--output", choices=["table", "json"], default="table",
+                           help="the report as a table or as JSON (default: table)")
+    _settings_last(importing)
     importing.set_defaults(func=_migrate_import)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    resolve_client_options(args)
     try:
-        return int(args.func(args))
+        return terminal.survive_closed_pipe(lambda: int(args.func(args)))
     except KeyboardInterrupt:
         return 130
 

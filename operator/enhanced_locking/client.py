@@ -27,10 +27,15 @@ from enhanced_locking.types import (
     Locks,
 )
 
-__all__ = ["AsyncClient", "Client", "ServiceError", "parse_sse"]
+__all__ = ["DEFAULT_URL", "TOKEN_ENV", "URL_ENV", "AsyncClient", "Client", "ServiceError",
+           "parse_sse", "service_url"]
 
 DEFAULT_URL = "http://127.0.0.1:4142"
+URL_ENV = "ENHANCED_LOCKING_URL"
+"""The variable the command-line tools read the service's URL from (``--url`` wins)."""
+
 TOKEN_ENV = "ENHANCED_LOCKING_TOKEN"
+"""The bearer token's variable (``--token`` and ``token=`` win)."""
 CA_FILE_ENV = "ENHANCED_LOCKING_CA_FILE"
 
 
@@ -42,6 +47,18 @@ def _auth_headers(token: str | None) -> dict[str, str]:
 def _verify() -> ssl.SSLContext | bool:
     ca_file = os.environ.get(CA_FILE_ENV)
     return ssl.create_default_context(cafile=ca_file) if ca_file else True
+
+
+def service_url(value: str) -> str:
+    """``value`` if it is an http(s) URL with a host (trailing ``/`` dropped); else ValueError."""
+    try:
+        url = httpx.URL(value)
+    except (httpx.InvalidURL, TypeError):
+        url = None
+    if url is None or url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(f"expected the lock service's URL, such as {DEFAULT_URL}, "
+                         f"got {value!r}")
+    return value.rstrip("/")
 
 
 class ServiceError(Exception):

@@ -42,6 +42,7 @@ __all__ = [
     "EnhancedLockingConfig",
     "Setting",
     "add_flags",
+    "flag_help",
     "flags_from_namespace",
     "load_config",
     "settings",
@@ -571,16 +572,33 @@ class ConfigError(Exception):
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
     """Add every setting's flag (bool flags take an optional ``=true|false``, as in Go)."""
-    group = parser.add_argument_group("enhanced locking settings")
+    parser.add_argument("--config", dest="config_file", default=None, metavar="FILE",
+                        help="YAML config file (keys as the flags without their dashes, e.g. "
+                             "enhanced-locking-enabled: true)")
+    group = parser.add_argument_group(
+        "enhanced locking settings",
+        "Every setting also reads its ATLANTIS_ENHANCED_LOCKING_* variable and its YAML key; "
+        "precedence: defaults < YAML < env < flags (docs/01-foundation.md).",
+    )
     for setting in settings():
         kwargs: dict[str, Any] = {
             "dest": "cfg_" + setting.field, "default": None, "metavar": "VALUE"
         }
         if setting.kind == "bool":
             kwargs.update(nargs="?", const="true", metavar="BOOL")
-        help_text = f"{setting.description} Default: {setting.default!s}."
-        group.add_argument(setting.flag, help=help_text, **kwargs)
-    parser.add_argument("--config", dest="config_file", default=None, help="YAML config file.")
+        group.add_argument(setting.flag, help=flag_help(setting), **kwargs)
+
+
+def flag_help(setting: Setting) -> str:
+    """A setting's ``--help`` line: what it does and its default, never ``None`` or blank."""
+    default = setting.default
+    if default is None or default == "":
+        shown = "not set"
+    elif isinstance(default, bool):
+        shown = "true" if default else "false"
+    else:
+        shown = str(default)
+    return f"{setting.description} Default: {shown}."
 
 
 def flags_from_namespace(namespace: argparse.Namespace) -> dict[str, str]:

@@ -15,21 +15,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import sys
 from collections.abc import Callable
 from typing import Any, TextIO
 
+from enhanced_locking import terminal
 from enhanced_locking.client import AsyncClient, Client, ServiceError
 from enhanced_locking.types import AcquireResult, LockRequest
 
 __all__ = ["acquire_showing_position", "add_events_command", "add_queue_commands"]
 
-EXIT_REFUSED, EXIT_UNREACHABLE = 1, 3
+EXIT_REFUSED, EXIT_UNREACHABLE = terminal.EXIT_REFUSED, terminal.EXIT_UNREACHABLE
+PROG = "enhanced-locking"
 
 
 def _print(data: Any) -> None:
-    print(json.dumps(data, indent=2))
+    terminal.print_json(data)
 
 
 async def _watch(client: AsyncClient, request: LockRequest, out: TextIO) -> None:
@@ -53,8 +54,9 @@ async def _watch(client: AsyncClient, request: LockRequest, out: TextIO) -> None
             await report()
 
 
-async def _acquire(url: str, request: LockRequest, out: TextIO) -> AcquireResult:
-    async with AsyncClient(url) as client:
+async def _acquire(url: str, request: LockRequest, out: TextIO,
+                   token: str | None) -> AcquireResult:
+    async with AsyncClient(url, token=token) as client:
         watcher = asyncio.create_task(_watch(client, request, out))
         try:
             return await client.acquire(request)
@@ -65,44 +67,50 @@ async def _acquire(url: str, request: LockRequest, out: TextIO) -> AcquireResult
 
 
 def acquire_showing_position(
-    url: str, request: LockRequest, *, out: TextIO = sys.stderr
+    url: str, request: LockRequest, *, out: TextIO = sys.stderr, token: str | None = None
 ) -> AcquireResult:
     """Acquire with a wait, printing the queue position to ``out`` while it waits."""
     if request.request_id is None:
         import secrets
 
         request = request.model_copy(update={"request_id": "cli-" + secrets.token_hex(8)})
-    return asyncio.run(_acquire(url, request, out))
+    return asyncio.run(_acquire(url, request, out, token))
 
 
 # --- events ----------------------------------------------------------------------------------
 def _events(args: argparse.Namespace) -> int:
     types = [t for t in (args.type or "").split(",") if t]
     try:
-        with Client(args.url) as client:
+        with Client(args.url, token=args.token) as client:
             for event in client.events(repo=args.repo, key_prefix=args.key_prefix, types=types,
                                        last_event_id=args.last_event_id):
                 print(event.model_dump_json(by_alias=True), flush=True)
     except ServiceError as error:
-        print(f"enhanced-locking: {error}", file=sys.stderr)
+        terminal.say(PROG, str(error))
         return EXIT_UNREACHABLE if error.status == 0 else 2
     except KeyboardInterrupt:
         return 0
     return 0
 
 
-def add_events_command(commands: Any, *, url_default: str) -> None:
-    events = commands.add_parser("events", help="follow lock and config events (SSE)")
-    events.add_argument("--url", default=url_default,
-                        help="lock service URL (env ENHANCED_LOCKING_URL)")
+def add_events_command(commands: Any) -> argparse.ArgumentParser:
+    """The ``events`` command (its ``--url`` and ``--token`` are added by the caller)."""
+    events: argparse.ArgumentParser = commands.add_parser(
+        "events", help="follow lock and config events (SSE)")
     events.add_argument("--repo", default=None, help="only events of this repository")
     events.add_argument("--key-prefix", default=None, help="only lock keys starting with this")
     events.add_argument("--type", default=None, help="comma-separated event types")
     events.add_argument("--last-event-id", default=None, help="resume after this event id")
     events.set_defaults(func=_events)
+    return events
 
 
 # --- queue and admin -------------------------------------------------------------------------
+def _not_held(key: str, answer: dict[str, Any]) -> int:
+    message = f"no lock is held on {key}"
+    return terminal.refused(PROG, message, {**answer, "lockKey": key, "error": message})
+
+
 def _queue(client: Client, args: argparse.Namespace) -> int:
     _print(client.queue(args.key))
     return 0
@@ -110,9 +118,9 @@ def _queue(client: Client, args: argparse.Namespace) -> int:
 
 def _cancel(client: Client, args: argparse.Namespace) -> int:
     if not client.cancel_waiter(args.key, args.id):
-        print(f"enhanced-locking: no request {args.id} is queued on {args.key}",
-              file=sys.stderr)
-        return EXIT_REFUSED
+        message = f"no request {args.id} is queued on {args.key}"
+        return terminal.refused(PROG, message, {"cancelled": False, "key": args.key,
+                                                "id": args.id, "error": message})
     _print({"cancelled": True, "key": args.key, "id": args.id})
     return 0
 
@@ -120,8 +128,7 @@ def _cancel(client: Client, args: argparse.Namespace) -> int:
 def _force_unlock(client: Client, args: argparse.Namespace) -> int:
     lock = client.force_unlock(args.key, reason=args.reason)
     if lock is None:
-        print(f"enhanced-locking: no lock is held on {args.key}", file=sys.stderr)
-        return EXIT_REFUSED
+        return _not_held(args.key, {"released": False})
     _print({"released": True, "lock": lock.model_dump(mode="json", by_alias=True)})
     return 0
 
@@ -129,8 +136,7 @@ def _force_unlock(client: Client, args: argparse.Namespace) -> int:
 def _refresh(client: Client, args: argparse.Namespace) -> int:
     lock = client.refresh(args.key, pull=args.pull, ttl=args.ttl)
     if lock is None:
-        print(f"enhanced-locking: no lock is held on {args.key}", file=sys.stderr)
-        return EXIT_REFUSED
+        return _not_held(args.key, {"lock": None})
     _print({"lock": lock.model_dump(mode="json", by_alias=True)})
     return 0
 
@@ -140,22 +146,22 @@ def add_queue_commands(
                                          Callable[..., int]],
 ) -> None:
     queue = lock_sub.add_parser("queue", help="show a key's holder and waiters in order")
-    queue.add_argument("--key", required=True)
+    queue.add_argument("--key", required=True, help="lock key, as lock list shows it")
     queue.set_defaults(func=with_client(_queue))
 
     cancel = lock_sub.add_parser("cancel", help="cancel a queued request")
-    cancel.add_argument("--key", required=True)
+    cancel.add_argument("--key", required=True, help="lock key the request waits on")
     cancel.add_argument("--id", required=True, help="waiter id or request id")
     cancel.set_defaults(func=with_client(_cancel))
 
     force = lock_sub.add_parser("force-unlock", help="free a lock whoever holds it (admin)")
-    force.add_argument("--key", required=True)
+    force.add_argument("--key", required=True, help="lock key to free")
     force.add_argument("--reason", default=None,
                        help="why (kept in the audit trail; required when access control is on)")
     force.set_defaults(func=with_client(_force_unlock))
 
     refresh = lock_sub.add_parser("refresh", help="extend the lease of a held lock")
-    refresh.add_argument("--key", required=True)
+    refresh.add_argument("--key", required=True, help="lock key whose lease to extend")
     refresh.add_argument("--pull", type=int, required=True, help="the pull that holds it")
     refresh.add_argument("--ttl", default=None, help="new lease from now, e.g. 1h")
     refresh.set_defaults(func=with_client(_refresh))

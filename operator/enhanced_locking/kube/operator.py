@@ -2,11 +2,15 @@
 
 The order of things:
 
-1. the caller has started the lock service (its static config is generation 1);
+1. the caller has bound the HTTP address (a port in use stops the process there, before any
+   CR is applied or any status claims that this process serves it) and started the lock
+   service (its static config is generation 1);
 2. the bound LockPolicy and LockMigration are read once and applied *before* the HTTP server
-   opens, so a restarted operator serves the cluster's config from its first request;
-3. the HTTP server opens (a port in use stops here, before kopf starts), then the periodic
-   resync and kopf run beside it;
+   listens, so a restarted operator serves the cluster's config from its first request; their
+   status names this replica (``statusWriter``) and when it was last seen alive (``lastSeenAt``,
+   renewed at each resync), so a status left by a process that is gone shows its age;
+3. the HTTP server listens on the bound socket, then the periodic resync and kopf run
+   beside it;
 4. on SIGTERM/SIGINT the HTTP server drains first, then kopf stops, then the caller closes
    the service.
 
@@ -147,7 +151,7 @@ async def run(service: LockService, options: OperatorOptions, *, http: HttpServe
     rollout = RolloutDriver(live_view(service), writer=election or SoleWriter())
     reconciler = Reconciler(
         service.provider, binding=binding, cluster=cluster, runtime_dir=runtime_dir,
-        rollout=rollout,
+        rollout=rollout, replica=service.migration.replica_id,
     )
     electing = None
     if election is not None:

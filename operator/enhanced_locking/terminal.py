@@ -1,0 +1,101 @@
+"""What the command-line tools print, and how they end: one convention for every command.
+
+* **stdout carries the answer**, as JSON (or YAML, or a table for people), whether the command
+  did what it was asked or was refused: a script reads one document either way.
+* **stderr carries one line** for every refusal and every error, prefixed with the program's
+  name (``enhanced-locking: no lock is held on KEY``); never a traceback for a user's mistake.
+* **The exit code says which**: 0 done; 1 refused (held, not found, not owned, forbidden);
+  2 invalid usage, config or URL; 3 the service (or the cluster) could not be reached.
+* A reader that stops early (``enhanced-locking lock list | head``) ends the command quietly
+  with 141, as a shell reports a SIGPIPE, instead of a ``BrokenPipeError`` traceback.
+
+Colour is used only when stdout is a terminal and ``NO_COLOR`` is not set (no-color.org).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, TextIO
+
+__all__ = [
+    "EXIT_OK",
+    "EXIT_PIPE",
+    "EXIT_REFUSED",
+    "EXIT_UNREACHABLE",
+    "EXIT_USAGE",
+    "Style",
+    "emit",
+    "print_json",
+    "refused",
+    "say",
+    "survive_closed_pipe",
+]
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+EXIT_PIPE = 141
+"""128 + SIGPIPE: what a shell reports for a writer whose reader went away."""
+
+
+def print_json(data: Any, *, out: TextIO | None = None) -> None:
+    """``data`` as indented JSON on stdout (the answer of every JSON-speaking command)."""
+    print(json.dumps(data, indent=2), file=out or sys.stdout)
+
+
+def emit(data: Any, output: str, *, out: TextIO | None = None) -> None:
+    """``data`` as ``json`` or ``yaml`` (the ``-o`` of the kubectl plugin)."""
+    stream = out or sys.stdout
+    if output == "yaml":
+        import yaml
+
+        stream.write(yaml.safe_dump(data, sort_keys=False, default_flow_style=False))
+    else:
+        print_json(data, out=stream)
+
+
+def say(program: str, message: str) -> None:
+    """One line on stderr, prefixed with the program's name."""
+    print(f"{program}: {message}", file=sys.stderr)
+
+
+def refused(program: str, message: str, answer: Any | None = None) -> int:
+    """A refusal: the answer (if any) on stdout, one line on stderr; exit code 1."""
+    if answer is not None:
+        print_json(answer)
+    say(program, message)
+    return EXIT_REFUSED
+
+
+def survive_closed_pipe(run: Callable[[], int]) -> int:
+    """Run a command; if its reader closes the pipe, stop quietly with :data:`EXIT_PIPE`."""
+    try:
+        code = run()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python would report the failed flush at exit again: point stdout at /dev/null.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_PIPE
+    return code
+
+
+class Style:
+    """ANSI colours when the stream is a terminal (and ``NO_COLOR`` is unset), else plain."""
+
+    _CODES = {"bold": "1", "dim": "2", "red": "31", "green": "32", "yellow": "33",
+              "blue": "34", "cyan": "36"}
+
+    def __init__(self, stream: TextIO | None = None, *, enabled: bool | None = None) -> None:
+        stream = stream or sys.stdout
+        if enabled is None:
+            enabled = stream.isatty() and not os.environ.get("NO_COLOR")
+        self.enabled = enabled
+
+    def __call__(self, text: str, *styles: str) -> str:
+        if not self.enabled or not styles:
+            return text
+        codes = ";".join(self._CODES[name] for name in styles)
+        return f"\033[{codes}m{text}\033[0m"

@@ -1,0 +1,163 @@
+"""What a newcomer meets first: the command's help, its version, where ``--url`` may go, one
+output convention for refusals, a closed pipe, and the address the service says it listens on.
+Each command runs as a real subprocess against a real ``enhanced-locking serve``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import time
+
+import pytest
+from tests.conftest import ServiceFactory
+from tests.integration.test_cli import output, run
+from tests.support.service import enhanced_locking_command, free_port, scrubbed_env
+
+from enhanced_locking import cli
+from enhanced_locking.config import settings
+
+
+def test_version_names_the_package_version() -> None:
+    result = run("--version")
+    assert result.returncode == 0
+    assert result.stdout.startswith("enhanced-locking 0.")
+
+
+@pytest.mark.parametrize("where", ["before the command", "after lock", "after the subcommand"])
+def test_url_works_wherever_it_is_put(service_process: ServiceFactory, where: str) -> None:
+    url = service_process().url
+    args = {
+        "before the command": ["--url", url, "lock", "list"],
+        "after lock": ["lock", "--url", url, "list"],
+        "after the subcommand": ["lock", "list", "--url", url],
+    }[where]
+    result = run(*args, env={"ENHANCED_LOCKING_URL": f"http://127.0.0.1:{free_port()}"})
+    assert result.returncode == 0, result.stderr
+    assert output(result) == {"locks": []}
+
+
+def test_events_and_queue_take_the_url_after_the_command(service_process: ServiceFactory) -> None:
+    url = service_process().url
+    result = run("lock", "queue", "--key", "acme/infra/./default/", "--url", url)
+    assert result.returncode == 0, result.stderr
+    assert output(result)["waiters"] == []
+
+
+@pytest.mark.parametrize("bad", ["nope", "ftp://127.0.0.1:4142", "http://"])
+def test_a_malformed_url_is_a_usage_error(bad: str) -> None:
+    flagged = run("lock", "list", "--url", bad)
+    assert flagged.returncode == 2
+    assert "expected the lock service's URL" in flagged.stderr
+    from_env = run("lock", "list", env={"ENHANCED_LOCKING_URL": bad})
+    assert from_env.returncode == 2
+    assert from_env.stderr.splitlines() == [
+        f"enhanced-locking: ENHANCED_LOCKING_URL: expected the lock service's URL, such as "
+        f"http://127.0.0.1:4142, got {bad!r}"]
+
+
+def test_every_refusal_is_an_answer_on_stdout_and_one_line_on_stderr(
+    service_process: ServiceFactory,
+) -> None:
+    url = service_process().url
+    base = ("lock", "--url", url)
+    assert run(*base, "acquire", "--repo", "acme/infra", "--pull", "12",
+               "--user", "alice").returncode == 0
+    key = "acme/infra/./default/"
+
+    held = run(*base, "acquire", "--repo", "acme/infra", "--pull", "13")
+    not_owner = run(*base, "release", "--key", key, "--pull", "13")
+    free = run(*base, "release", "--key", "acme/web/./default/")
+    not_queued = run(*base, "cancel", "--key", key, "--id", "nobody")
+    for result in (held, not_owner, free, not_queued):
+        assert result.returncode == 1
+        answer = output(result)  # stdout is one JSON document
+        assert isinstance(answer, dict)
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("enhanced-locking: "), result.stderr
+    assert held.stderr.strip() == (
+        f"enhanced-locking: not acquired (held): {key} is held by pull #12 of alice")
+    assert output(not_owner)["holder"]["pull"]["num"] == 12
+    assert output(free) == {"released": False, "lockKey": "acme/web/./default/",
+                            "error": "no lock is held on acme/web/./default/"}
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly(
+    service_process: ServiceFactory,
+) -> None:
+    url = service_process().url
+    for pull in range(3):
+        assert run("lock", "--url", url, "acquire", "--repo", "acme/infra", "--path",
+                   f"p{pull}", "--pull", str(pull)).returncode == 0
+    # `enhanced-locking lock list | head -c0`: the reader is gone before the first write.
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        result = subprocess.run([*enhanced_locking_command(), "lock", "list", "--url", url],
+                                stdout=write, stderr=subprocess.PIPE, text=True,
+                                env=scrubbed_env(), timeout=60)
+    finally:
+        os.close(write)
+    assert result.returncode == 141
+    assert result.stderr == ""
+
+
+@pytest.mark.parametrize("command", [["serve"], ["operator"], ["config", "show"],
+                                     ["migrate", "import"]])
+def test_help_keeps_the_settings_out_of_the_commands_own_options(command: list[str]) -> None:
+    result = run(*command, "--help")
+    assert result.returncode == 0
+    usage, _, rest = result.stdout.partition("\n\n")
+    assert "--enhanced-locking-SETTING VALUE ..." in usage
+    assert "--enhanced-locking-backend" not in usage
+    own, _, settings_part = rest.partition("enhanced locking settings:")
+    assert settings_part, "the settings have their own section"
+    assert "--enhanced-locking-" not in own
+    assert "Default: None" not in result.stdout and "Default: ." not in result.stdout
+    for setting in settings():
+        assert setting.flag in settings_part
+
+
+def _subparser(parser: argparse.ArgumentParser, *names: str) -> argparse.ArgumentParser:
+    for name in names:
+        action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = action.choices[name]
+    return parser
+
+
+@pytest.mark.parametrize("command", [["serve"], ["operator"], ["lock", "acquire"],
+                                     ["lock", "release"], ["lock", "list"],
+                                     ["lock", "unlock-pull"], ["lock", "queue"], ["events"]])
+def test_every_option_is_described(command: list[str]) -> None:
+    parser = _subparser(cli._parser(), *command)
+    for action in parser._actions:
+        assert action.help, f"{' '.join(command)} {action.option_strings} has no description"
+    assert "address to listen on" in run("serve", "--help").stdout
+
+
+def test_serve_logs_the_address_it_listens_on(service_process: ServiceFactory) -> None:
+    service = service_process()
+    deadline = time.monotonic() + 10
+    while f"listening on {service.url}" not in service.output():
+        assert time.monotonic() < deadline, service.output()
+        time.sleep(0.05)
+
+
+def test_serve_on_a_port_in_use_exits_2_before_opening_its_store(tmp_path: object) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        data = f"{tmp_path}/data"
+        result = run("serve", "--port", str(port), "--data-dir", data)
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith("address already in use")
+    assert not os.path.exists(f"{data}/enhanced-locking.db")
+    assert "Traceback" not in result.stderr
+
+
+def test_config_show_still_prints_json() -> None:
+    assert json.loads(run("config", "show").stdout)["enhanced-locking-enabled"] is False
