@@ -399,3 +399,44 @@ def test_a_port_in_use_stops_it_before_kopf_starts(
     assert "address already in use" in result.stderr and "--port" in result.stderr
     assert "Traceback" not in result.stderr
     assert "kopf" not in result.stderr  # it never started
+
+
+def test_a_port_in_use_leaves_no_status_or_event_behind(
+    kube_cluster: KubeCluster, kube_namespace: str, lock_crds: None, tmp_path: Path
+) -> None:
+    """Status must never claim what no live process serves: the port is bound first."""
+    apply(kube_cluster, kube_namespace, policy(enabled=True, backend="memory"),
+          migration(weight=25))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        operator = OperatorProcess(tmp_path / "data", kubeconfig=kube_cluster.kubeconfig,
+                                   namespace=kube_namespace, log_dir=tmp_path / "logs",
+                                   port=taken.getsockname()[1])
+        result = subprocess.run(operator.argv, capture_output=True, text=True, timeout=60,
+                                env=scrubbed_env({"KUBECONFIG": str(kube_cluster.kubeconfig)}))
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.strip().splitlines()[-1].endswith("address already in use")
+    for plural, name in ((POLICIES, "default"), (MIGRATIONS, "to-enhanced")):
+        assert "status" not in (cr(kube_cluster, plural, name, kube_namespace) or {})
+    events = json.loads(kube_cluster.kubectl("get", "events", "-n", kube_namespace,
+                                             "-o", "json").stdout)["items"]
+    assert [e["reason"] for e in events] == []
+
+
+def test_the_status_names_the_serving_replica_and_when_it_was_last_seen(
+    kube_cluster: KubeCluster, kube_namespace: str, lock_crds: None,
+    start_operator: StartOperator,
+) -> None:
+    apply(kube_cluster, kube_namespace, policy(enabled=True, backend="memory"))
+    operator = start_operator(resync_interval=1)
+    first = settled(kube_cluster, operator, POLICIES, "default", 1)["status"]
+    replica = httpx.get(operator.url + "/v1/migration", timeout=10).json()["replicaId"]
+    assert first["statusWriter"] == replica
+    seen = first["lastSeenAt"]
+
+    def renewed() -> str | None:
+        status = (cr(kube_cluster, POLICIES, "default", kube_namespace) or {})["status"]
+        return status["lastSeenAt"] if status["lastSeenAt"] > seen else None
+
+    wait_for("lastSeenAt renewed by a resync", renewed, timeout=30)

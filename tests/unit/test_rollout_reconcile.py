@@ -8,6 +8,7 @@ tests/e2e/test_rollout.py.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -256,3 +257,65 @@ async def test_a_promote_value_longer_than_a_status_field_is_recorded_as_a_diges
     status = cluster.status(MIGRATIONS, "to-enhanced")
     assert status["currentStepIndex"] == 3 and status["promoted"] == request_token(value)
     assert str(status["promoted"]).startswith("sha256:") and len(status["promoted"]) < 64
+
+
+async def test_steps_that_replace_a_higher_fixed_weight_warn_once_that_keys_move_back(
+    replica_set: ReplicaSet, tmp_path: Path,
+) -> None:
+    service = await replica_set.start("a", replica_heartbeat="50ms")
+    cluster, wall = InMemoryCluster(), Wall()
+    reconciler = await _operator(service, cluster, tmp_path, wall)
+    await reconciler.observed(POLICIES, cluster.put(POLICIES, "default", POLICY))
+    await reconciler.observed(MIGRATIONS, cluster.put(MIGRATIONS, "to-enhanced",
+                                                      migration(weight=50)))
+    await _tick_until(reconciler, cluster, lambda s: s.get("phase") == "Completed", service)
+    assert cluster.status(MIGRATIONS, "to-enhanced")["currentWeight"] == 50
+
+    await reconciler.observed(MIGRATIONS, cluster.put(MIGRATIONS, "to-enhanced",
+                                                      migration(steps=STEPS)))
+    await _tick_until(reconciler, cluster, lambda s: s.get("phase") == "Paused", service)
+    warnings = [e for e in cluster.events
+                if e["object"] == "LockMigration/to-enhanced" and e["type"] == "Warning"]
+    assert [e["reason"] for e in warnings] == ["StepsStartBelowCurrentWeight"]
+    assert "weight 50" in warnings[0]["message"] and "make setWeight 50 the first step" in \
+        warnings[0]["message"]
+    assert service.provider.current.config.effective_weight == 10  # the steps' choice stands
+
+
+async def test_steps_from_the_current_weight_do_not_warn(
+    replica_set: ReplicaSet, tmp_path: Path,
+) -> None:
+    service = await replica_set.start("a", replica_heartbeat="50ms")
+    cluster, wall = InMemoryCluster(), Wall()
+    reconciler = await _operator(service, cluster, tmp_path, wall)
+    await reconciler.observed(POLICIES, cluster.put(POLICIES, "default", POLICY))
+    await reconciler.observed(MIGRATIONS, cluster.put(MIGRATIONS, "to-enhanced",
+                                                      migration(weight=10)))
+    await _tick_until(reconciler, cluster, lambda s: s.get("phase") == "Completed", service)
+    await reconciler.observed(MIGRATIONS, cluster.put(MIGRATIONS, "to-enhanced",
+                                                      migration(steps=STEPS)))
+    await _tick_until(reconciler, cluster, lambda s: s.get("phase") == "Paused", service)
+    assert not [e for e in cluster.events if e["type"] == "Warning"]
+
+
+async def test_the_status_names_the_replica_that_applied_it_and_when_it_was_last_seen(
+    replica_set: ReplicaSet, tmp_path: Path,
+) -> None:
+    service = await replica_set.start("a")
+    cluster = InMemoryCluster()
+    seconds = itertools.count(0, 30)
+
+    def now() -> str:
+        at = datetime(2030, 1, 1, tzinfo=UTC) + timedelta(seconds=next(seconds))
+        return at.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    reconciler = Reconciler(service.provider, binding=Binding(NS, "default", "to-enhanced"),
+                            cluster=cluster, runtime_dir=tmp_path, now=now,
+                            replica=service.migration.replica_id)
+    cluster.put(POLICIES, "default", POLICY)
+    await reconciler.resync()
+    status = cluster.status(POLICIES, "default")
+    assert status["statusWriter"] == service.migration.replica_id
+    first = status["lastSeenAt"]
+    await reconciler.resync()  # each resync renews it: an old time means nobody serves it
+    assert cluster.status(POLICIES, "default")["lastSeenAt"] > first

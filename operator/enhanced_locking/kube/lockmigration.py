@@ -26,8 +26,10 @@ from enhanced_locking.kube.models import (
     Condition,
     CRDuration,
     LocalObjectReference,
+    ReplicaName,
     SpecModel,
     StatusModel,
+    Timestamp,
     cel,
     conditions_schema_extra,
     validations,
@@ -292,8 +294,9 @@ class LockMigrationStatus(StatusModel):
     counters: Counters | None = Field(None, description="Totals (see Counters).")
     transition: TransitionState | None = Field(None, description="The weight move.")
     analysis: AnalysisStatus | None = Field(None, description="The last analysis check.")
-    status_writer: _Token | None = Field(
-        None, description="The replica that writes this status and drives the rollout."
+    status_writer: ReplicaName | None = Field(
+        None, description="The replica (service process) that applied this configuration, "
+        "writes this status and drives the rollout."
     )
     mode: Literal["route", "shadow"] | None = Field(None, description="The routing mode in force.")
     applied_config_hash: str | None = Field(
@@ -301,4 +304,8 @@ class LockMigrationStatus(StatusModel):
     )
     applied_generation: int | None = Field(
         None, ge=0, description="The service's configuration generation (GET /v1/config)."
+    )
+    last_seen_at: Timestamp | None = Field(
+        None, description="When that replica last confirmed it is alive and serving (renewed "
+        "at each resync, 30s by default); an old time means the status may be stale."
     )

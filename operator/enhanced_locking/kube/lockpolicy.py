@@ -18,9 +18,11 @@ from pydantic import AfterValidator, ConfigDict, Field, model_validator
 from enhanced_locking.kube.models import (
     Condition,
     CRDuration,
+    ReplicaName,
     SecretKeyRef,
     SpecModel,
     StatusModel,
+    Timestamp,
     cel,
     conditions_schema_extra,
     valid_duration,
@@ -211,4 +213,12 @@ class LockPolicyStatus(StatusModel):
     )
     applied_generation: int | None = Field(
         None, ge=0, description="The service's configuration generation (GET /v1/config)."
+    )
+    status_writer: ReplicaName | None = Field(
+        None, description="The replica (service process) that applied this configuration and "
+        "writes this status."
+    )
+    last_seen_at: Timestamp | None = Field(
+        None, description="When that replica last confirmed it is alive and serving (renewed "
+        "at each resync, 30s by default); an old time means the status may be stale."
     )

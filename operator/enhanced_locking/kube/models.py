@@ -27,9 +27,11 @@ __all__ = [
     "ConditionStatus",
     "DnsName",
     "LocalObjectReference",
+    "ReplicaName",
     "SecretKeyRef",
     "SpecModel",
     "StatusModel",
+    "Timestamp",
     "cel",
     "valid_duration",
     "validations",
@@ -95,6 +97,12 @@ DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?
 
 DnsName = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN)]
 """The name of a Kubernetes object in the same namespace."""
+
+Timestamp = Annotated[str, Field(max_length=64, json_schema_extra={"format": "date-time"})]
+"""An RFC 3339 time in a status."""
+
+ReplicaName = Annotated[str, Field(max_length=253)]
+"""A replica's id (``--enhanced-locking-replica-id``, else host and process)."""
 
 SecretKey = Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")]
 

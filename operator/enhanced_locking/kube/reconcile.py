@@ -154,6 +154,7 @@ class Reconciler:
         runtime_dir: Path,
         now: Callable[[], str] = _now,
         rollout: RolloutDriver | None = None,
+        replica: str | None = None,
     ) -> None:
         self.provider = provider
         self.rollout = rollout
@@ -161,6 +162,8 @@ class Reconciler:
         self.cluster = cluster
         self.runtime_dir = runtime_dir
         self._now = now
+        self.replica = replica
+        self._seen_at: str | None = None  # renewed by each resync (see status_of)
         self.policy = _Tracked("LockPolicy", POLICIES, binding.policy)
         self.migration = _Tracked("LockMigration", MIGRATIONS, binding.migration)
         self._secrets = ResolvedSecrets()
@@ -236,6 +239,7 @@ class Reconciler:
     async def resync(self) -> None:
         """Read both objects afresh and converge (start-up, drift, Secret rotation, retries)."""
         async with self._lock:
+            self._seen_at = self._now()
             ns = self.binding.namespace
             for tracked in (self.policy, self.migration):
                 found = await self.cluster.get_object(tracked.plural, ns, tracked.name)
@@ -497,6 +501,10 @@ class Reconciler:
             "conditions": [ready],
             "applied_config_hash": snapshot.hash,
             "applied_generation": snapshot.generation,
+            # Which process serves this, and when it was last known alive: a status left
+            # behind by a process that is gone shows its age instead of claiming "Ready".
+            "status_writer": self.replica,
+            "last_seen_at": self._seen_at if self.replica is not None else None,
         }
         model: BaseModel
         if tracked is self.policy:
@@ -511,8 +519,7 @@ class Reconciler:
             elif applied is not None and applied.steps:
                 fields["current_step_index"] = self._rollout_args()["step_index"]
             model = LockMigrationStatus(
-                **common,
-                **fields,
+                **{**common, **fields},
                 current_weight=snapshot.config.effective_weight,
                 mode=snapshot.config.migration_mode,
             )

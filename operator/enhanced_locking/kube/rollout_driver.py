@@ -39,6 +39,7 @@ from enhanced_locking.kube.lockmigration import (
     LockMigrationSpec,
     LockMigrationStatus,
     TransitionState,
+    step_weight,
 )
 from enhanced_locking.kube.models import Condition, ConditionStatus
 from enhanced_locking.kube.rollout import (
@@ -222,7 +223,10 @@ class RolloutDriver:
             self.analyzer.reset()  # a restarted rollout is judged afresh
             self.check = None
         self.state, self.progress = progress.state, progress
-        was = previous.phase if previous else (body.get("status") or {}).get("phase")
+        status = body.get("status") or {}
+        was = previous.phase if previous else status.get("phase")
+        if (drop := _steps_start_lower(spec, status)) is not None:
+            progress.notes.append(drop)
         if progress.phase == "Completed" and was != "Completed":
             progress.notes.append(Note("Normal", "RolloutCompleted", progress.message))
         return progress
@@ -382,6 +386,26 @@ class RolloutDriver:
 
 ROLLOUT_FIELDS = ("phase", "message", "current_step_index", "step", "step_started_at",
                   "promoted", "retried", "counters", "transition", "analysis", "status_writer")
+
+
+def _steps_start_lower(spec: LockMigrationSpec, status: Mapping[str, Any]) -> Note | None:
+    """A warning when ``steps`` replace a fixed weight higher than their first step's.
+
+    The steps start from their first step whatever weight was in force (a user who set
+    ``weight: 50`` by hand and then applies steps from 10% moves keys back to 10%): the status
+    has no step index yet while it still shows the old weight. docs/02-migration.md says how
+    to start from the current weight instead (make it the first ``setWeight``).
+    """
+    if not spec.steps or status.get("currentStepIndex") is not None:
+        return None
+    current = status.get("currentWeight")
+    first = step_weight(spec.steps, 0)
+    if spec.abort or spec.promote or not isinstance(current, int | float) or current <= first:
+        return None
+    return Note("Warning", "StepsStartBelowCurrentWeight",
+                f"spec.steps replaces weight {current:g}: step 1 moves keys back to weight "
+                f"{first:g}; to start from {current:g}, make setWeight {current:g} the first "
+                "step")
 
 
 def _kept(previous: Mapping[str, Any]) -> tuple[dict[str, Any], list[Condition]]:
