@@ -415,7 +415,7 @@ def test_a_port_in_use_leaves_no_status_or_event_behind(
                                    port=taken.getsockname()[1])
         result = subprocess.run(operator.argv, capture_output=True, text=True, timeout=60,
                                 env=scrubbed_env({"KUBECONFIG": str(kube_cluster.kubeconfig)}))
-    assert result.returncode == 3, result.stderr
+    assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines()[-1].endswith("address already in use")
     for plural, name in ((POLICIES, "default"), (MIGRATIONS, "to-enhanced")):
         assert "status" not in (cr(kube_cluster, plural, name, kube_namespace) or {})
