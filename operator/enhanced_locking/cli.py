@@ -481,14 +481,14 @@ def add_client_options(parser: argparse.ArgumentParser) -> None:
                              f"{TOKEN_ENV}); never printed")
 
 
-def resolve_client_options(args: argparse.Namespace) -> None:
+def resolve_client_options(args: argparse.Namespace, *, program: str = PROG) -> None:
     """Fill ``args.url`` and ``args.token`` from the flags, else the environment, else the
     default; a malformed URL from the environment is a usage error (exit 2)."""
     if getattr(args, "url", None) is None:
         try:
             args.url = service_url(os.environ.get(URL_ENV) or DEFAULT_URL)
         except ValueError as error:
-            terminal.say(PROG, f"{URL_ENV}: {error}")
+            terminal.say(program, f"{URL_ENV}: {error}")
             raise SystemExit(EXIT_USAGE) from None
     if getattr(args, "token", None) is None:
         args.token = os.environ.get(TOKEN_ENV) or None

@@ -1,0 +1,476 @@
+"""``kubectl locking``: the rollout and the locks from a terminal (a kubectl plugin).
+
+Installed with the package as the executable ``kubectl-locking``; kubectl finds any
+``kubectl-NAME`` on the ``PATH`` and runs it for ``kubectl NAME``::
+
+    kubectl locking rollout status [NAME] [--watch] [-o json|yaml]
+    kubectl locking rollout promote [NAME] [--full]
+    kubectl locking rollout pause|resume|abort|retry [NAME]
+    kubectl locking rollout set-weight N [NAME]
+    kubectl locking locks list [--repo R] [--pull N] [-o json|yaml]
+    kubectl locking locks queue KEY [-o json|yaml]
+    kubectl locking locks unlock KEY --reason TEXT
+
+The ``rollout`` commands read and edit the LockMigration with the cluster credentials kubectl
+uses (``--kubeconfig``, ``--context``, ``-n``); each edit is one a user could write by hand
+(the same spec fields and annotations, see docs/02-migration.md) and prints one line saying
+what it did. The ``locks`` commands talk to the lock service's HTTP API (``--url`` or
+``ENHANCED_LOCKING_URL``; ``--token`` or ``ENHANCED_LOCKING_TOKEN`` when it asks for one).
+
+Output follows :mod:`enhanced_locking.terminal`: a tree or table for people (coloured on a
+terminal), ``-o json|yaml`` for scripts; exit 0 done (and, for ``rollout status``, a rollout
+that is neither aborted nor degraded), 1 refused, not found, aborted or degraded, 2 invalid
+usage, 3 the cluster or the service could not be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any, NoReturn
+
+from enhanced_locking import terminal
+from enhanced_locking.cli import add_client_options, resolve_client_options
+from enhanced_locking.client import Client, ServiceError
+from enhanced_locking.rollout_summary import RolloutSummary, remaining_text, summarize
+
+__all__ = ["main"]
+
+PROG = "kubectl-locking"
+GROUP, VERSION, PLURAL = "locking.runatlantis.io", "v1alpha1", "lockmigrations"
+PROMOTE_ANNOTATION = f"{GROUP}/promote"
+RETRY_ANNOTATION = f"{GROUP}/retry"
+DEFAULT_MIGRATION = "to-enhanced"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(terminal.EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+class Unreachable(Exception):
+    """The cluster did not answer (or no credentials say how to reach it)."""
+
+
+class Refused(Exception):
+    """The API server refused a read or an edit; the message says why."""
+
+
+# --- the cluster -----------------------------------------------------------------------------
+class Cluster:
+    """The LockMigration calls, with the credentials and namespace kubectl would use."""
+
+    def __init__(self, kubeconfig: str | None, context: str | None) -> None:
+        from kubernetes import client, config
+
+        configuration = client.Configuration()
+        try:
+            config.load_kube_config(  # type: ignore[no-untyped-call]
+                config_file=kubeconfig, context=context, client_configuration=configuration,
+                persist_config=False)
+            _, active = config.list_kube_config_contexts(  # type: ignore[no-untyped-call]
+                config_file=kubeconfig)
+        except (config.ConfigException, OSError) as error:
+            raise Unreachable(f"no Kubernetes credentials: {error}") from None
+        if context is not None:
+            contexts, _ = config.list_kube_config_contexts(  # type: ignore[no-untyped-call]
+                config_file=kubeconfig)
+            active = next((c for c in contexts if c["name"] == context), active)
+        self.default_namespace = str((active or {}).get("context", {}).get("namespace")
+                                     or "default")
+        self._api = client.CustomObjectsApi(client.ApiClient(configuration))
+
+    def _call(self, what: str, call: Callable[[], Any]) -> dict[str, Any]:
+        from kubernetes.client import ApiException
+        from urllib3.exceptions import HTTPError
+
+        try:
+            found = call()
+        except ApiException as error:
+            raise Refused(f"{what}: {_api_message(error)}") from None
+        except HTTPError as error:
+            raise Unreachable(f"cannot reach the Kubernetes API server: {error}") from None
+        return dict(found)
+
+    def get(self, namespace: str, name: str) -> dict[str, Any]:
+        return self._call(f"lockmigration {namespace}/{name}", lambda: (
+            self._api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name,
+                                                   _request_timeout=10)))
+
+    def patch(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        return self._call(f"lockmigration {namespace}/{name}", lambda: (
+            self._api.patch_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, name, patch, field_manager="kubectl-locking",
+                _content_type="application/merge-patch+json", _request_timeout=10)))
+
+
+def _api_message(error: Any) -> str:
+    try:
+        body = json.loads(error.body)
+        return str(body.get("message") or f"HTTP {error.status}")
+    except (TypeError, ValueError):
+        return f"HTTP {error.status} {error.reason}"
+
+
+# --- rollout status --------------------------------------------------------------------------
+_MARK = {"done": ("✔", "green"), "current": ("▶", "bold"), "pending": ("○", "dim")}
+_PHASE = {"Completed": "green", "Progressing": "blue", "Paused": "yellow", "Aborted": "red",
+          "Degraded": "red"}
+
+
+def render_tree(summary: RolloutSummary, style: terminal.Style) -> str:
+    """The rollout as a tree, for people."""
+    lines = [style(f"LockMigration {summary.namespace}/{summary.name}", "bold")]
+    rows: list[tuple[str, list[str]]] = []
+    phase = style(summary.phase, _PHASE.get(summary.phase, "bold"))
+    rows.append((f"Phase:    {phase}  {summary.message}", []))
+    now = "-" if summary.weight_now is None else f"{summary.weight_now:g}%"
+    target = "-" if summary.weight_target is None else f"{summary.weight_target:g}%"
+    rows.append((f"Weight:   {now} now, target {target} (move: {summary.move})", []))
+    rows.append((f"Mode:     {summary.mode}, fallback {summary.fallback}"
+                 + (", " + style("paused by spec.paused", "yellow")
+                    if summary.paused_by_spec else ""), []))
+    if summary.steps:
+        children = []
+        for step in summary.steps:
+            mark, colour = _MARK[step.state]
+            text = f"{step.number}. {step.text}"
+            if step.remaining is not None:
+                text += f" ({remaining_text(step.remaining)} left)"
+            children.append(style(f"{mark} {text}", colour))
+        rows.append(("Steps", children))
+    if summary.analysis:
+        children = []
+        for metric in summary.analysis:
+            value = "not measured" if metric.value is None else f"{metric.value:g}"
+            mark = style("✔", "green") if metric.ok else style("✘", "red")
+            children.append(f"{mark} {metric.name} {value} (limit {metric.limit:g})")
+        if summary.analysis_failure:
+            children.append(style(f"last failure: {summary.analysis_failure}", "red"))
+        rows.append(("Analysis" + (f" (measured {summary.measured_at})"
+                                   if summary.measured_at else ""), children))
+    if summary.abort is not None:
+        reason, message = summary.abort
+        rows.append((style(f"Aborted:  {reason}: {message}", "red"), []))
+    if summary.conditions:
+        rows.append(("Conditions", [
+            f"{c['type']} {style(c['status'], 'green' if c['status'] == 'True' else 'dim')} "
+            f"{c['reason']}" + (f": {c['message']}" if c["message"] else "")
+            for c in summary.conditions]))
+    replicas = [f"{summary.replicas} reporting"]
+    if summary.pending_replicas:
+        replicas.append("pending the move: " + ", ".join(summary.pending_replicas))
+    if summary.excluded_replicas:
+        replicas.append("excluded: " + ", ".join(summary.excluded_replicas))
+    if summary.status_writer:
+        replicas.append(f"status by {summary.status_writer}"
+                        + (f", last seen {summary.last_seen_at}" if summary.last_seen_at
+                           else ""))
+    rows.append(("Replicas: " + "; ".join(replicas), []))
+    for number, (head, children) in enumerate(rows):
+        last = number == len(rows) - 1
+        lines.append(("└── " if last else "├── ") + head)
+        for position, child in enumerate(children):
+            lines.append(("    " if last else "│   ")
+                         + ("└── " if position == len(children) - 1 else "├── ") + child)
+    return "\n".join(lines)
+
+
+def _status(cluster: Cluster, args: argparse.Namespace) -> int:
+    style = terminal.Style()
+    deadline = time.monotonic() + args.timeout if args.timeout else None
+    shown: object = None
+    while True:
+        summary = summarize(cluster.get(args.namespace, args.name), now=datetime.now(UTC))
+        if args.output:
+            if not args.watch or summary.as_dict() != shown:
+                terminal.emit(summary.as_dict(), args.output)
+                shown = summary.as_dict()
+        else:
+            text = render_tree(summary, style)
+            if text != shown:
+                if args.watch and style.enabled:
+                    sys.stdout.write("\033[H\033[2J")
+                elif args.watch and shown is not None:
+                    print()
+                print(text, flush=True)
+                shown = text
+        if not args.watch or summary.done:
+            return terminal.EXIT_OK if summary.healthy else terminal.EXIT_REFUSED
+        if deadline is not None and time.monotonic() > deadline:
+            terminal.say(PROG, f"--timeout: the rollout is still {summary.phase}")
+            return terminal.EXIT_REFUSED
+        time.sleep(args.interval)
+
+
+# --- rollout edits ---------------------------------------------------------------------------
+def _token() -> str:
+    """A new value for a one-shot annotation (the operator acts on each new value once)."""
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+
+
+def _edit(cluster: Cluster, args: argparse.Namespace) -> int:
+    action = args.rollout_command
+    where = f"lockmigration {args.namespace}/{args.name}"
+    current = cluster.get(args.namespace, args.name)
+    spec = current.get("spec") or {}
+    patch: dict[str, Any]
+    if action == "promote" and args.full:
+        patch, said = {"spec": {"promote": True}}, "full promotion requested (spec.promote: " \
+            "true): every key to enhanced, the steps left skipped"
+    elif action == "promote":
+        value = _token()
+        patch = {"metadata": {"annotations": {PROMOTE_ANNOTATION: value}}}
+        said = f"promote requested ({PROMOTE_ANNOTATION}={value}): the pause in progress ends"
+    elif action == "pause":
+        patch, said = {"spec": {"paused": True}}, "paused (spec.paused: true)"
+    elif action == "resume":
+        patch, said = {"spec": {"paused": False}}, "resumed (spec.paused: false)"
+    elif action == "abort":
+        patch, said = {"spec": {"abort": True}}, \
+            "abort requested (spec.abort: true): every key goes back to legacy"
+    elif action == "retry" and spec.get("abort"):
+        patch, said = {"spec": {"abort": False}}, \
+            "restarted from step 1 (spec.abort: false)"
+    elif action == "retry":
+        value = _token()
+        patch = {"metadata": {"annotations": {RETRY_ANNOTATION: value}}}
+        said = f"retry requested ({RETRY_ANNOTATION}={value}): an aborted rollout restarts"
+    else:  # set-weight
+        if spec.get("steps"):
+            return terminal.refused(
+                PROG, f"{where} has spec.steps, which drive the weight: edit the steps, or "
+                "promote/abort; set-weight is for a migration with a fixed weight")
+        patch, said = {"spec": {"weight": args.weight}}, f"weight set to {args.weight:g}"
+    edited = cluster.patch(args.namespace, args.name, patch)
+    if args.output:
+        terminal.emit({"object": where, "action": action, "patch": patch,
+                       "generation": (edited.get("metadata") or {}).get("generation")},
+                      args.output)
+    else:
+        print(f"{where}: {said}")
+    return terminal.EXIT_OK
+
+
+# --- locks -----------------------------------------------------------------------------------
+def _age(since: str | None, now: datetime) -> str:
+    """``45s``, ``12m``, ``3h4m``, ``2d3h``: how long ago ``since`` was."""
+    if not since:
+        return "-"
+    seconds = max(0, int((now - datetime.fromisoformat(since.replace("Z", "+00:00")))
+                         .total_seconds()))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600}h"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], style: terminal.Style) -> str:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=False)]
+    line = "   ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))
+    out = [style(line.rstrip(), "bold")]
+    for row in rows:
+        out.append("   ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    return "\n".join(out)
+
+
+def _who(lock: dict[str, Any]) -> str:
+    user = (lock.get("user") or {}).get("username") or ""
+    return f"#{lock['pull']['num']}" + (f" {user}" if user else "")
+
+
+def _locks_list(client: Client, args: argparse.Namespace) -> int:
+    locks = [lock.model_dump(mode="json", by_alias=True)
+             for lock in client.list(repo=args.repo, pull=args.pull)]
+    if args.output:
+        terminal.emit({"locks": locks}, args.output)
+        return terminal.EXIT_OK
+    if not locks:
+        print("no locks held" + (f" in {args.repo}" if args.repo else ""))
+        return terminal.EXIT_OK
+    now = datetime.now(UTC)
+    rows = [[lock["key"], _who(lock), _age(lock["acquiredAt"], now),
+             "-" if not lock.get("expiresAt") else lock["expiresAt"],
+             str(lock["fencingToken"]), lock["backend"]] for lock in locks]
+    print(_table(["KEY", "PULL", "AGE", "LEASE UNTIL", "TOKEN", "BACKEND"], rows,
+                 terminal.Style()))
+    return terminal.EXIT_OK
+
+
+def _locks_queue(client: Client, args: argparse.Namespace) -> int:
+    queue = client.queue(args.key)
+    if args.output:
+        terminal.emit(queue, args.output)
+        return terminal.EXIT_OK
+    holder = queue.get("holder")
+    style = terminal.Style()
+    print(f"{args.key}: " + (f"held by pull {_who(holder)}, fencing token "
+                             f"{holder['fencingToken']}" if holder else "free"))
+    waiters = queue.get("waiters") or []
+    if not waiters:
+        print("no waiters")
+        return terminal.EXIT_OK
+    ahead = [f"holder {_who(holder)}" if holder else "the key's release"]
+    ahead += [f"#{w['pull']} (position {w['position']})" for w in waiters]
+    rows = [[str(w["position"]), f"#{w['pull']} {w['user']}".strip(), w["effectivePriority"],
+             f"{w['waitedMs'] / 1000:.0f}s", w["deadline"], ahead[number]]
+            for number, w in enumerate(waiters)]
+    print(_table(["POS", "PULL", "PRIORITY", "WAITED", "GIVES UP AT", "WAITS FOR"], rows, style))
+    return terminal.EXIT_OK
+
+
+def _locks_unlock(client: Client, args: argparse.Namespace) -> int:
+    lock = client.force_unlock(args.key, reason=args.reason)
+    if lock is None:
+        message = f"no lock is held on {args.key}"
+        return terminal.refused(PROG, message, {"released": False, "lockKey": args.key,
+                                                "error": message})
+    answer = lock.model_dump(mode="json", by_alias=True)
+    if args.output:
+        terminal.emit({"released": True, "lock": answer, "reason": args.reason}, args.output)
+    else:
+        print(f"unlocked {args.key} (was held by pull {_who(answer)}, fencing token "
+              f"{answer['fencingToken']}); reason: {args.reason}")
+    return terminal.EXIT_OK
+
+
+# --- wiring ----------------------------------------------------------------------------------
+def _with_cluster(action: Callable[[Cluster, argparse.Namespace], int]) -> Callable[..., int]:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            cluster = Cluster(args.kubeconfig, args.context)
+            args.namespace = args.namespace or cluster.default_namespace
+            return action(cluster, args)
+        except Unreachable as error:
+            terminal.say(PROG, str(error))
+            return terminal.EXIT_UNREACHABLE
+        except Refused as error:
+            return terminal.refused(PROG, str(error))
+    return run
+
+
+def _with_service(action: Callable[[Client, argparse.Namespace], int]) -> Callable[..., int]:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            with Client(args.url, token=args.token) as client:
+                return action(client, args)
+        except ServiceError as error:
+            if error.status == 0:
+                terminal.say(PROG, str(error))
+                return terminal.EXIT_UNREACHABLE
+            if error.status == 422:
+                terminal.say(PROG, str(error))
+                return terminal.EXIT_USAGE
+            return terminal.refused(PROG, str(error),
+                                    error.body if isinstance(error.body, dict) else None)
+    return run
+
+
+def _weight(value: str) -> float:
+    try:
+        weight = float(value)
+    except ValueError:
+        weight = -1
+    if not 0 <= weight <= 100:
+        raise argparse.ArgumentTypeError(f"expected a weight from 0 to 100, got {value!r}")
+    return weight
+
+
+def _output(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-o", "--output", choices=["json", "yaml"], default=None,
+                        help="print JSON or YAML for scripts instead of the view for people")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="kubectl locking",
+                     description="Enhanced locking's rollout and locks "
+                                 "(docs/07-operators-tools.md).",
+                     epilog="Exit codes: 0 done; 1 refused, not found, aborted or degraded; 2 "
+                            "invalid usage; 3 the cluster or the service could not be reached.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser,
+                                     metavar="COMMAND")
+
+    cluster = _Parser(add_help=False)
+    cluster.add_argument("-n", "--namespace", default=None,
+                         help="namespace of the LockMigration (default: the context's)")
+    cluster.add_argument("--kubeconfig", default=None,
+                         help="kubeconfig file (default: $KUBECONFIG, else ~/.kube/config)")
+    cluster.add_argument("--context", default=None, help="kubeconfig context to use")
+
+    rollout = commands.add_parser("rollout", help="see and steer the LockMigration's rollout")
+    verbs = rollout.add_subparsers(dest="rollout_command", required=True, parser_class=_Parser,
+                                   metavar="COMMAND")
+    status = verbs.add_parser("status", parents=[cluster],
+                              help="the rollout as a tree: steps, weight, pause, analysis")
+    status.add_argument("--watch", "-w", action="store_true",
+                        help="keep showing it until the rollout completes, aborts or degrades")
+    status.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                        help="with --watch: give up (exit 1) after this long")
+    status.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
+                        help=argparse.SUPPRESS)
+    _output(status)
+    status.set_defaults(func=_with_cluster(_status))
+    edits = {
+        "promote": "end the pause in progress (--full: every key to enhanced now)",
+        "pause": "hold the rollout at its step (spec.paused: true)",
+        "resume": "let a paused rollout go on (spec.paused: false)",
+        "abort": "send every key back to legacy (spec.abort: true)",
+        "retry": "restart an aborted rollout from step 1",
+        "set-weight": "set a fixed weight (a migration without steps)",
+    }
+    for verb, text in edits.items():
+        edit = verbs.add_parser(verb, parents=[cluster], help=text)
+        if verb == "set-weight":
+            edit.add_argument("weight", type=_weight, metavar="N",
+                              help="percent of lock keys routed to enhanced, 0 to 100")
+        if verb == "promote":
+            edit.add_argument("--full", action="store_true",
+                              help="promote fully (spec.promote: true), skipping every step left")
+        _output(edit)
+        edit.set_defaults(func=_with_cluster(_edit))
+    for sub in verbs.choices.values():
+        sub.add_argument("name", nargs="?", default=DEFAULT_MIGRATION,
+                         help=f"the LockMigration (default: {DEFAULT_MIGRATION})")
+
+    locks = commands.add_parser("locks", help="held locks and queues, from the lock service")
+    add_client_options(locks)
+    kinds = locks.add_subparsers(dest="locks_command", required=True, parser_class=_Parser,
+                                 metavar="COMMAND")
+    listing = kinds.add_parser("list", help="held locks: holder, age, lease, fencing token")
+    listing.add_argument("--repo", default=None, help="only locks of this repository")
+    listing.add_argument("--pull", type=int, default=None, help="only locks of this pull")
+    _output(listing)
+    listing.set_defaults(func=_with_service(_locks_list))
+    queue = kinds.add_parser("queue", help="a key's holder and waiters, in service order")
+    queue.add_argument("key", help="the lock key, as locks list shows it")
+    _output(queue)
+    queue.set_defaults(func=_with_service(_locks_queue))
+    unlock = kinds.add_parser("unlock", help="free a lock whoever holds it (admin; audited)")
+    unlock.add_argument("key", help="the lock key")
+    unlock.add_argument("--reason", required=True, help="why (kept in the audit trail)")
+    _output(unlock)
+    unlock.set_defaults(func=_with_service(_locks_unlock))
+    for sub in kinds.choices.values():
+        add_client_options(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "locks":
+        resolve_client_options(args, program=PROG)
+    try:
+        return terminal.survive_closed_pipe(lambda: int(args.func(args)))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

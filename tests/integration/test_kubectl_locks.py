@@ -1,0 +1,125 @@
+"""``kubectl locking locks ...``: the plugin's lock commands against a real lock service.
+
+The ``rollout`` commands need a real API server: tests/e2e/test_kubectl_plugin.py.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from tests.conftest import ServiceFactory
+from tests.support.service import free_port, scrubbed_env
+
+from enhanced_locking.client import Client
+
+KEY = "acme/infra/./default/"
+
+
+def plugin_command() -> list[str]:
+    script = Path(sys.executable).parent / "kubectl-locking"
+    assert script.exists(), "kubectl-locking is not installed: run `make venv`"
+    return [str(script)]
+
+
+def plugin(*args: str, url: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = scrubbed_env({"ENHANCED_LOCKING_URL": url} if url else {})
+    return subprocess.run([*plugin_command(), *args], capture_output=True, text=True, env=env,
+                          timeout=60)
+
+
+@pytest.fixture
+def waiting(service_process: ServiceFactory) -> Iterator[tuple[str, list[subprocess.Popen[str]]]]:
+    """A service where pull 12 holds KEY and pulls 13 and 14 wait for it, in that order."""
+    url = service_process("--enhanced-locking-enabled").url
+    command = [str(Path(sys.executable).parent / "enhanced-locking"), "lock", "--url", url,
+               "acquire", "--repo", "acme/infra"]
+    assert subprocess.run([*command, "--pull", "12", "--user", "alice"], capture_output=True,
+                          env=scrubbed_env(), timeout=60).returncode == 0
+    waiters = []
+    with Client(url) as client:
+        for pull, user in ((13, "bob"), (14, "carol")):
+            waiters.append(subprocess.Popen(
+                [*command, "--pull", str(pull), "--user", user, "--wait", "60s"],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                env=scrubbed_env()))
+            deadline = time.monotonic() + 20
+            while len(client.queue(KEY)["waiters"]) < pull - 12:
+                assert time.monotonic() < deadline, "the waiter never queued"
+                time.sleep(0.05)
+    yield url, waiters
+    for waiter in waiters:
+        waiter.kill()
+        waiter.communicate()
+
+
+def test_locks_list_shows_holder_age_lease_and_fencing_token(
+    waiting: tuple[str, list[subprocess.Popen[str]]],
+) -> None:
+    url, _ = waiting
+    result = plugin("locks", "list", url=url)
+    assert result.returncode == 0, result.stderr
+    header, row = result.stdout.splitlines()
+    assert header.split() == ["KEY", "PULL", "AGE", "LEASE", "UNTIL", "TOKEN", "BACKEND"]
+    assert row.split()[:3] == [KEY, "#12", "alice"] and row.split()[-1] == "enhanced"
+    assert "\033[" not in result.stdout  # not a terminal: no colour
+    as_json = plugin("locks", "list", "-o", "json", "--url", url)
+    assert [lock["pull"]["num"] for lock in json.loads(as_json.stdout)["locks"]] == [12]
+    as_yaml = plugin("locks", "--url", url, "list", "--repo", "acme/web", "-o", "yaml")
+    assert yaml.safe_load(as_yaml.stdout) == {"locks": []}
+
+
+def test_locks_queue_shows_positions_and_who_blocks_whom(
+    waiting: tuple[str, list[subprocess.Popen[str]]],
+) -> None:
+    url, _ = waiting
+    result = plugin("locks", "queue", KEY, url=url)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"{KEY}: held by pull #12 alice, fencing token 1"
+    assert lines[1].split()[:3] == ["POS", "PULL", "PRIORITY"]
+    assert lines[2].split()[:3] == ["1", "#13", "bob"] and lines[2].endswith("holder #12 alice")
+    assert lines[3].split()[:3] == ["2", "#14", "carol"] and lines[3].endswith("#13 (position 1)")
+    answer = json.loads(plugin("locks", "queue", KEY, "-o", "json", url=url).stdout)
+    assert [w["pull"] for w in answer["waiters"]] == [13, 14]
+
+
+def test_locks_unlock_needs_a_reason_and_hands_the_lock_to_the_first_waiter(
+    waiting: tuple[str, list[subprocess.Popen[str]]],
+) -> None:
+    url, waiters = waiting
+    missing = plugin("locks", "unlock", KEY, url=url)
+    assert missing.returncode == 2 and "--reason" in missing.stderr
+    result = plugin("locks", "unlock", KEY, "--reason", "plan stuck since Friday", url=url)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == (f"unlocked {KEY} (was held by pull #12 alice, fencing token 1); "
+                             "reason: plan stuck since Friday\n")
+    out, _ = waiters[0].communicate(timeout=30)
+    assert json.loads(out)["lock"]["pull"]["num"] == 13
+    with Client(url) as client:
+        holder = client.get(KEY)
+    assert holder is not None and holder.fencing_token > 1
+
+
+def test_locks_unlock_of_a_free_key_is_refused_with_one_line(
+    service_process: ServiceFactory,
+) -> None:
+    url = service_process().url
+    result = plugin("locks", "unlock", KEY, "--reason", "tidy", url=url)
+    assert result.returncode == 1
+    assert json.loads(result.stdout)["released"] is False
+    assert result.stderr.splitlines() == [f"kubectl-locking: no lock is held on {KEY}"]
+
+
+def test_locks_exit_codes_for_a_bad_url_and_an_absent_service() -> None:
+    bad = plugin("locks", "list", url="not a url")
+    assert bad.returncode == 2 and bad.stderr.startswith("kubectl-locking: ENHANCED_LOCKING_URL")
+    gone = plugin("locks", "list", "--url", f"http://127.0.0.1:{free_port()}")
+    assert gone.returncode == 3
+    assert len(gone.stderr.splitlines()) == 1 and "cannot reach" in gone.stderr
