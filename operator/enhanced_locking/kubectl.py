@@ -391,7 +391,7 @@ def _output(parser: argparse.ArgumentParser) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kubectl locking",
                      description="Enhanced locking's rollout and locks "
-                                 "(docs/08-operators-tools.md).",
+                                 "(docs/10-operators-tools.md).",
                      epilog="Exit codes: 0 done; 1 refused, not found, aborted or degraded; 2 "
                             "invalid usage; 3 the cluster or the service could not be reached.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser,
