@@ -206,7 +206,8 @@ async def _run_service(
 
             log.info("listening on %s once the CRs are applied (API docs at /docs)",
                      listening_url(bound, tls=bool(tls)))
-            return await run(service, operator, http=server)
+            return await run(service, operator, http=server,
+                             audit_sinks=app.state.audit.sinks)
         # Once shut down, uvicorn re-raises the signal that stopped it; by default SIGTERM
         # would then kill the process before the service is closed. Ours receives it instead,
         # so SIGTERM (Kubernetes stopping a pod) closes the stores and exits 0.

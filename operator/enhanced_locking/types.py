@@ -48,6 +48,7 @@ from enhanced_locking.durations import (
 )
 
 __all__ = [
+    "ADMIN_ACTIONS",
     "AccessError",
     "AcquireResult",
     "AuditEntry",
@@ -607,6 +608,10 @@ class AuditEntry(_Model):
     reason: str | None = None
     peer: str = ""
     request_id: str | None = None
+
+
+ADMIN_ACTIONS = frozenset({"force-unlock", "release-any", "cancel-any"})
+"""Audited actions that act on what others hold; the operator also posts them as Events."""
 
 
 class AccessError(Exception):

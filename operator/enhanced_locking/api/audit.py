@@ -23,16 +23,12 @@ from enhanced_locking.backends.audit_store import Retention as _Retention
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.types import AuditEntry, BackendUnavailable
 
-__all__ = ["ADMIN_ACTIONS", "AuditSink", "AuditTrail"]
+__all__ = ["AuditSink", "AuditTrail"]
 
 log = logging.getLogger(__name__)
 
 AuditSink = Callable[[AuditEntry], None]
 """Something more that hears each entry (the operator posts admin actions as Events)."""
-
-ADMIN_ACTIONS = frozenset({"force-unlock", "release-any", "cancel-any"})
-"""Actions that also become Kubernetes Events when the operator runs."""
-
 
 class AuditTrail:
     """Records entries to the store, stdout and any sinks."""

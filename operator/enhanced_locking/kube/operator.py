@@ -33,6 +33,7 @@ import os
 import shutil
 import signal
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -40,6 +41,7 @@ from typing import Any, Protocol
 import kopf
 
 from enhanced_locking.factory import LockService
+from enhanced_locking.kube.audit_events import AdminEvents
 from enhanced_locking.kube.cluster import (
     KubernetesApi,
     NoCredentials,
@@ -51,6 +53,7 @@ from enhanced_locking.kube.leader import LeaseElection, SoleWriter
 from enhanced_locking.kube.models import GROUP
 from enhanced_locking.kube.reconcile import Binding, Reconciler
 from enhanced_locking.kube.rollout_driver import RolloutDriver, live_view
+from enhanced_locking.types import AuditEntry
 
 __all__ = ["HttpServer", "OperatorOptions", "kopf_settings", "run"]
 
@@ -133,8 +136,14 @@ async def _serve(http: HttpServer) -> int:
     return 0
 
 
-async def run(service: LockService, options: OperatorOptions, *, http: HttpServer) -> int:
-    """Run kopf, the resync and the HTTP server until a signal; 0 on a clean stop."""
+async def run(
+    service: LockService, options: OperatorOptions, *, http: HttpServer,
+    audit_sinks: list[Callable[[AuditEntry], None]] | None = None,
+) -> int:
+    """Run kopf, the resync and the HTTP server until a signal; 0 on a clean stop.
+
+    ``audit_sinks``: the HTTP API's audit sinks; administrative actions are also posted there
+    as Events on the bound LockPolicy."""
     try:
         api_client = new_api_client(client_configuration())
     except NoCredentials as error:
@@ -143,6 +152,8 @@ async def run(service: LockService, options: OperatorOptions, *, http: HttpServe
     runtime_dir = Path(tempfile.mkdtemp(prefix="enhanced-locking-"))
     binding = Binding(options.namespace, options.policy, options.migration)
     cluster = KubernetesApi(api_client)
+    if audit_sinks is not None:
+        audit_sinks.append(AdminEvents(cluster, binding))
     election = LeaseElection(
         cluster, namespace=options.namespace, name=options.lease_name,
         identity=service.migration.replica_id, duration=options.lease_duration,
