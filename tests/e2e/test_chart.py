@@ -311,6 +311,16 @@ def test_the_values_schema_refuses(helm: Helm, args: list[str], message: str) ->
                       "lockPolicy.spec.redis.passwordSecretRef.key=password"],
             'names Secret "other", which the operator may not read',
         ),
+        (["--set", "etcd.auth.create=true"], "etcd.auth.create needs etcd.auth.password"),
+        (
+            ["--set", "etcd.auth.create=true,etcd.auth.password=p,etcd.auth.existingSecret=s"],
+            "etcd.auth: set either create (with password) or existingSecret",
+        ),
+        (
+            ["--set", "lockPolicy.spec.etcd.tls.keySecretRef.name=etcd-tls,"
+                      "lockPolicy.spec.etcd.tls.keySecretRef.key=tls.key"],
+            'lockPolicy.spec.etcd.tls.keySecretRef names Secret "etcd-tls", which the operator',
+        ),
     ],
 )
 def test_impossible_combinations_fail_with_a_message(
@@ -319,6 +329,29 @@ def test_impossible_combinations_fail_with_a_message(
     result = helm.run("template", "t", str(CHART_DIR), *args, check=False)
     assert result.returncode != 0
     assert message in result.stderr, result.stderr
+
+
+def test_the_etcd_password_goes_through_one_secret(helm: Helm) -> None:
+    objects = helm.template(
+        "--set", "etcd.auth.create=true", "--set-string", "etcd.auth.password=etcd-pa55",
+        "--set", "lockPolicy.spec.backend=etcd",
+        "--set", "lockPolicy.spec.etcd.endpoints={etcd-0.etcd:2379,etcd-1.etcd:2379}",
+        "--set", "lockPolicy.spec.etcd.username=locks",
+    )
+    (secret,) = [o for o in of_kind(objects, "Secret") if o["metadata"]["name"].endswith("-etcd")]
+    name = secret["metadata"]["name"]
+    assert secret["stringData"] == {"password": "etcd-pa55"}
+    (policy,) = of_kind(objects, "LockPolicy")
+    assert policy["spec"]["etcd"]["passwordSecretRef"] == {"name": name, "key": "password"}
+    assert "etcd-pa55" not in json.dumps(policy)
+    (deployment,) = of_kind(objects, "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["ATLANTIS_ENHANCED_LOCKING_ETCD_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": name, "key": "password"}
+    (role,) = of_kind(objects, "Role")
+    (secrets_rule,) = [r for r in role["rules"] if "secrets" in r["resources"]]
+    assert secrets_rule["resourceNames"] == [name]
 
 
 def test_default_crs_wait_for_the_kinds_to_be_served(helm: Helm) -> None:

@@ -78,6 +78,14 @@ def test_every_example_is_a_valid_spec(path: Path) -> None:
     model.model_validate(document["spec"])
 
 
+def test_an_etcd_policy_is_accepted() -> None:
+    policy = LockPolicySpec.model_validate(
+        {"backend": "etcd", "etcd": {"endpoints": ["etcd-0.etcd:2379", "[::1]:2379"],
+                                     "username": "locks",
+                                     "passwordSecretRef": {"name": "etcd-auth", "key": "p"}}})
+    assert policy.etcd is not None and policy.etcd.endpoints == ["etcd-0.etcd:2379", "[::1]:2379"]
+
+
 def test_an_empty_policy_overrides_nothing() -> None:
     assert LockPolicySpec.model_validate({}).model_dump(exclude_none=True) == {}
 
@@ -107,6 +115,21 @@ def test_models_are_frozen() -> None:
         ({"redis": {"passwordSecretRef": {"name": "Not_A_Name", "key": "password"}}},
          "redis.passwordSecretRef.name: String should match pattern"),
         ({"bogus": True}, "bogus: Extra inputs are not permitted"),
+        ({"backend": "etcd"},
+         ": Value error, backend etcd needs etcd.endpoints (where the etcd cluster is)"),
+        ({"backend": "etcd", "etcd": {"username": "locks"}},
+         ": Value error, backend etcd needs etcd.endpoints"),
+        ({"etcd": {"endpoints": []}}, "etcd.endpoints: List should have at least 1 item"),
+        ({"etcd": {"endpoints": ["etcd.svc"]}}, "etcd.endpoints.0: String should match pattern"),
+        ({"etcd": {"endpoints": ["etcd:2379", "etcd:2379"]}},
+         "etcd: Value error, etcd.endpoints names an endpoint twice"),
+        ({"etcd": {"passwordSecretRef": {"name": "etcd-auth", "key": "password"}}},
+         "etcd: Value error, etcd.passwordSecretRef needs etcd.username"),
+        ({"etcd": {"keyPrefix": ""}}, "etcd.keyPrefix: String should have at least 1"),
+        ({"etcd": {"tls": {"enabled": True, "certSecretRef": {"name": "t", "key": "c"}}}},
+         "etcd.tls: Value error, etcd.tls.certSecretRef and etcd.tls.keySecretRef must be set"),
+        ({"etcd": {"tls": {"caSecretRef": {"name": "t", "key": "ca"}}}},
+         "etcd.tls: Value error, etcd.tls.caSecretRef needs etcd.tls.enabled: true"),
     ],
 )
 def test_a_bad_policy_is_refused_naming_the_field(data: dict[str, Any], expected: str) -> None:

@@ -67,6 +67,33 @@ def test_every_policy_field_sets_its_setting() -> None:
     assert set(overrides) <= known
 
 
+ETCD_POLICY: dict[str, Any] = {
+    "backend": "etcd",
+    "etcd": {"endpoints": ["etcd-0.etcd:2379", "etcd-1.etcd:2379"], "username": "locks",
+             "passwordSecretRef": {"name": "etcd-auth", "key": "password"},
+             "tls": {"enabled": True, "caSecretRef": {"name": "etcd-tls", "key": "ca.crt"},
+                     "certSecretRef": {"name": "etcd-tls", "key": "tls.crt"},
+                     "keySecretRef": {"name": "etcd-tls", "key": "tls.key"}},
+             "keyPrefix": "/locks/"},
+}
+
+
+def test_every_etcd_field_sets_its_setting_and_the_running_config() -> None:
+    secrets = ResolvedSecrets(etcd_password=SecretStr("s3cret"), etcd_tls_ca_file="/run/ca.pem",
+                              etcd_tls_cert_file="/run/c.pem", etcd_tls_key_file="/run/k.pem")
+    overrides = policy_overrides(_policy(ETCD_POLICY), secrets)
+    assert overrides == {
+        "backend": "etcd", "etcd_endpoints": ["etcd-0.etcd:2379", "etcd-1.etcd:2379"],
+        "etcd_username": "locks", "etcd_password": SecretStr("s3cret"), "etcd_tls": True,
+        "etcd_tls_ca_file": "/run/ca.pem", "etcd_tls_cert_file": "/run/c.pem",
+        "etcd_tls_key_file": "/run/k.pem", "etcd_key_prefix": "/locks/",
+    }
+    assert "s3cret" not in repr(overrides)
+    config = EnhancedLockingConfig.model_validate(overrides)
+    assert config.etcd_endpoints == ["etcd-0.etcd:2379", "etcd-1.etcd:2379"]
+    assert config.etcd_password.get_secret_value() == "s3cret"
+
+
 def test_fields_left_out_keep_the_static_settings() -> None:
     assert policy_overrides(_policy({"enabled": True})) == {"enabled": True}
     assert policy_overrides(_policy({"features": {"retries": True}})) == {"retries": True}

@@ -153,6 +153,34 @@ async def test_the_password_comes_from_the_secret_and_is_shown_nowhere(
     assert password not in shown
 
 
+async def test_the_etcd_password_and_tls_files_come_from_secrets_and_are_shown_nowhere(
+    reconciler: Reconciler, cluster: InMemoryCluster, service: LockService,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    password, key_pem = "etcd-pa55-from-the-secret", "-----BEGIN PRIVATE KEY-----\nk3y\n"
+    cluster.secrets[(NS, "etcd-auth")] = {"password": password}
+    cluster.secrets[(NS, "etcd-tls")] = {"ca.crt": "CA PEM", "tls.crt": "CERT PEM",
+                                         "tls.key": key_pem}
+    tls = {"enabled": True, "caSecretRef": {"name": "etcd-tls", "key": "ca.crt"},
+           "certSecretRef": {"name": "etcd-tls", "key": "tls.crt"},
+           "keySecretRef": {"name": "etcd-tls", "key": "tls.key"}}
+    await _put(reconciler, cluster, POLICIES, "default",
+               {**POLICY, "etcd": {"endpoints": ["127.0.0.1:2379"], "username": "locks",
+                                   "passwordSecretRef": {"name": "etcd-auth", "key": "password"},
+                                   "tls": tls}})
+    config = service.provider.current.config
+    assert config.etcd_password.get_secret_value() == password
+    assert (config.etcd_username, config.etcd_endpoints) == ("locks", ["127.0.0.1:2379"])
+    assert config.masked()["enhanced-locking-etcd-password"] == "********"
+    files = [Path(config.etcd_tls_ca_file), Path(config.etcd_tls_cert_file),
+             Path(config.etcd_tls_key_file)]
+    assert [f.read_text() for f in files] == ["CA PEM", "CERT PEM", key_pem]
+    assert {f.stat().st_mode & 0o777 for f in files} == {0o600}
+    shown = repr(cluster.objects) + repr(cluster.events) + caplog.text
+    assert password not in shown and "k3y" not in shown
+
+
 async def test_a_missing_secret_is_reported_and_nothing_changes(
     reconciler: Reconciler, cluster: InMemoryCluster, service: LockService
 ) -> None:

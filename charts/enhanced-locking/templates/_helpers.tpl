@@ -97,12 +97,26 @@ enhanced-locking.redisSecretName: the Secret with the Redis password, or "" when
 {{- end }}
 
 {{/*
+enhanced-locking.etcdSecretName: the Secret with the etcd password, or "" when none.
+*/}}
+{{- define "enhanced-locking.etcdSecretName" -}}
+{{- if .Values.etcd.auth.existingSecret }}
+{{- .Values.etcd.auth.existingSecret }}
+{{- else if .Values.etcd.auth.create }}
+{{- printf "%s-etcd" (include "enhanced-locking.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{/*
 enhanced-locking.readableSecrets: the Secrets the operator may get, by name, as a JSON list:
-the Redis Secret and rbac.extraSecretNames.
+the Redis and etcd Secrets and rbac.extraSecretNames.
 */}}
 {{- define "enhanced-locking.readableSecrets" -}}
 {{- $names := list }}
 {{- with include "enhanced-locking.redisSecretName" . }}
+{{- $names = append $names . }}
+{{- end }}
+{{- with include "enhanced-locking.etcdSecretName" . }}
 {{- $names = append $names . }}
 {{- end }}
 {{- $names = concat $names .Values.rbac.extraSecretNames | uniq }}
@@ -158,6 +172,15 @@ says why and what to set instead. Included by the Deployment, which every render
 {{- if and .Values.redis.auth.password (not .Values.redis.auth.create) }}
 {{- fail "redis.auth.password is only used with redis.auth.create=true" }}
 {{- end }}
+{{- if and .Values.etcd.auth.create .Values.etcd.auth.existingSecret }}
+{{- fail "etcd.auth: set either create (with password) or existingSecret, not both" }}
+{{- end }}
+{{- if and .Values.etcd.auth.create (not .Values.etcd.auth.password) }}
+{{- fail "etcd.auth.create needs etcd.auth.password (or use etcd.auth.existingSecret)" }}
+{{- end }}
+{{- if and .Values.etcd.auth.password (not .Values.etcd.auth.create) }}
+{{- fail "etcd.auth.password is only used with etcd.auth.create=true" }}
+{{- end }}
 {{- $pdb := .Values.podDisruptionBudget }}
 {{- if $pdb.enabled }}
 {{- if and (not (kindIs "invalid" $pdb.minAvailable)) (not (kindIs "invalid" $pdb.maxUnavailable)) }}
@@ -177,10 +200,15 @@ says why and what to set instead. Included by the Deployment, which every render
 {{- end }}
 {{- if and .Values.lockPolicy.create .Values.rbac.create }}
 {{- $readable := include "enhanced-locking.readableSecrets" . | fromJsonArray }}
-{{- $refs := dict "redis.passwordSecretRef" (dig "redis" "passwordSecretRef" "name" "" .Values.lockPolicy.spec) "redis.tls.caSecretRef" (dig "redis" "tls" "caSecretRef" "name" "" .Values.lockPolicy.spec) }}
+{{- $spec := .Values.lockPolicy.spec }}
+{{- $refs := dict "redis.passwordSecretRef" (dig "redis" "passwordSecretRef" "name" "" $spec) "redis.tls.caSecretRef" (dig "redis" "tls" "caSecretRef" "name" "" $spec) }}
+{{- $_ := set $refs "etcd.passwordSecretRef" (dig "etcd" "passwordSecretRef" "name" "" $spec) }}
+{{- range $ref := list "caSecretRef" "certSecretRef" "keySecretRef" }}
+{{- $_ := set $refs (printf "etcd.tls.%s" $ref) (dig "etcd" "tls" $ref "name" "" $spec) }}
+{{- end }}
 {{- range $field, $name := $refs }}
 {{- if and $name (not (has $name $readable)) }}
-{{- fail (printf "lockPolicy.spec.%s names Secret %q, which the operator may not read: use redis.auth.existingSecret or add it to rbac.extraSecretNames" $field $name) }}
+{{- fail (printf "lockPolicy.spec.%s names Secret %q, which the operator may not read: use redis.auth.existingSecret (etcd.auth.existingSecret) or add it to rbac.extraSecretNames" $field $name) }}
 {{- end }}
 {{- end }}
 {{- end }}

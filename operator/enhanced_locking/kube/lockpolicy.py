@@ -5,8 +5,9 @@ environment or YAML); a field written overrides it while the CR exists. So a pol
 ``spec: {enabled: true}`` turns enhanced locking on and changes nothing else, and deleting the
 policy returns the service to its static configuration.
 
-The Redis password is never written in the CR: ``redis.passwordSecretRef`` names a Secret of
-the same namespace, which the operator reads when it applies the policy.
+The Redis and etcd passwords are never written in the CR: ``redis.passwordSecretRef`` and
+``etcd.passwordSecretRef`` name a Secret of the same namespace, which the operator reads when it
+applies the policy (so are the TLS CA, client certificate and key of etcd).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from enhanced_locking.kube.models import (
 from enhanced_locking.types import BackendName
 
 __all__ = [
+    "Etcd",
+    "EtcdTLS",
     "Features",
     "LockPolicySpec",
     "LockPolicyStatus",
@@ -176,13 +179,111 @@ class Redis(SpecModel):
     )
 
 
+class EtcdTLS(SpecModel):
+    """TLS to etcd."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "!has(self.caSecretRef) || (has(self.enabled) && self.enabled)",
+                "etcd.tls.caSecretRef needs etcd.tls.enabled: true",
+                field_path=".caSecretRef",
+            ),
+            cel(
+                "has(self.certSecretRef) == has(self.keySecretRef)",
+                "etcd.tls.certSecretRef and etcd.tls.keySecretRef must be set together",
+                field_path=".certSecretRef",
+            ),
+            cel(
+                "!has(self.certSecretRef) || (has(self.enabled) && self.enabled)",
+                "etcd.tls.certSecretRef needs etcd.tls.enabled: true",
+                field_path=".certSecretRef",
+            ),
+        )
+    )
+
+    enabled: bool | None = Field(None, description="Connect to etcd over TLS.")
+    ca_secret_ref: SecretKeyRef | None = Field(
+        None, description="Secret key holding the PEM CA bundle that signs the etcd servers."
+    )
+    cert_secret_ref: SecretKeyRef | None = Field(
+        None, description="Secret key holding the PEM client certificate (with keySecretRef)."
+    )
+    key_secret_ref: SecretKeyRef | None = Field(
+        None, description="Secret key holding the PEM client key (never copied anywhere)."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EtcdTLS:
+        if (self.cert_secret_ref is None) != (self.key_secret_ref is None):
+            raise ValueError(
+                "etcd.tls.certSecretRef and etcd.tls.keySecretRef must be set together"
+            )
+        if not self.enabled:
+            if self.ca_secret_ref is not None:
+                raise ValueError("etcd.tls.caSecretRef needs etcd.tls.enabled: true")
+            if self.cert_secret_ref is not None:
+                raise ValueError("etcd.tls.certSecretRef needs etcd.tls.enabled: true")
+        return self
+
+
+class Etcd(SpecModel):
+    """The etcd cluster the enhanced locks live in when the backend is ``etcd``."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "!has(self.passwordSecretRef) || (has(self.username) && self.username != '')",
+                "etcd.passwordSecretRef needs etcd.username (etcd logs in as a user)",
+                field_path=".passwordSecretRef",
+            ),
+        )
+    )
+
+    endpoints: list[HostPort] | None = Field(
+        None,
+        min_length=1,
+        max_length=16,
+        description="etcd client endpoints, host:port each (all members of one cluster).",
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+    )
+    username: str | None = Field(None, max_length=256, description="etcd user name (auth on).")
+    password_secret_ref: SecretKeyRef | None = Field(
+        None, description="Secret key holding the etcd password (never copied anywhere)."
+    )
+    tls: EtcdTLS | None = Field(None, description="TLS to etcd.")
+    key_prefix: str | None = Field(
+        None, min_length=1, max_length=128, description="Prefix of every enhanced etcd key."
+    )
+
+    @model_validator(mode="after")
+    def _password_needs_user(self) -> Etcd:
+        if self.password_secret_ref is not None and not self.username:
+            raise ValueError("etcd.passwordSecretRef needs etcd.username (etcd logs in as a user)")
+        if self.endpoints is not None and len(set(self.endpoints)) != len(self.endpoints):
+            raise ValueError("etcd.endpoints names an endpoint twice")
+        return self
+
+
 class LockPolicySpec(SpecModel):
     """What the lock service runs with; every field left out keeps the service's setting."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "!has(self.backend) || self.backend != 'etcd' || "
+                "(has(self.etcd) && has(self.etcd.endpoints))",
+                "backend etcd needs etcd.endpoints (where the etcd cluster is)",
+                field_path=".etcd",
+            ),
+        )
+    )
 
     enabled: bool | None = Field(None, description="Turn the enhanced locking system on.")
     backend: BackendName | None = Field(
         None,
-        description="Store of the enhanced locks: boltdb (embedded single file), redis, memory.",
+        description="Store of the enhanced locks: boltdb (embedded single file), redis, etcd, "
+        "memory.",
     )
     features: Features | None = Field(None, description="Feature flags.")
     timeouts: Timeouts | None = Field(None, description="How long lock requests may wait.")
@@ -194,6 +295,13 @@ class LockPolicySpec(SpecModel):
         description="Default lease of an enhanced lock; 0 means no expiry.",
     )
     redis: Redis | None = Field(None, description="The Redis connection (backend: redis).")
+    etcd: Etcd | None = Field(None, description="The etcd connection (backend: etcd).")
+
+    @model_validator(mode="after")
+    def _etcd_needs_endpoints(self) -> LockPolicySpec:
+        if self.backend == "etcd" and (self.etcd is None or self.etcd.endpoints is None):
+            raise ValueError("backend etcd needs etcd.endpoints (where the etcd cluster is)")
+        return self
 
 
 class LockPolicyStatus(StatusModel):

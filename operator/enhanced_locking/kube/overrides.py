@@ -35,6 +35,10 @@ class ResolvedSecrets:
 
     redis_password: SecretStr | None = None
     redis_tls_ca_file: str | None = None
+    etcd_password: SecretStr | None = None
+    etcd_tls_ca_file: str | None = None
+    etcd_tls_cert_file: str | None = None
+    etcd_tls_key_file: str | None = None
 
 
 POLICY_SETTINGS: dict[str, str] = {
@@ -61,6 +65,14 @@ POLICY_SETTINGS: dict[str, str] = {
     "redis.tls.caSecretRef": "redis_tls_ca_file",
     "redis.tls.insecureSkipVerify": "redis_tls_skip_verify",
     "redis.keyPrefix": "redis_key_prefix",
+    "etcd.endpoints": "etcd_endpoints",
+    "etcd.username": "etcd_username",
+    "etcd.passwordSecretRef": "etcd_password",
+    "etcd.tls.enabled": "etcd_tls",
+    "etcd.tls.caSecretRef": "etcd_tls_ca_file",
+    "etcd.tls.certSecretRef": "etcd_tls_cert_file",
+    "etcd.tls.keySecretRef": "etcd_tls_key_file",
+    "etcd.keyPrefix": "etcd_key_prefix",
 }
 """Which service setting (config field) each LockPolicy spec field sets, by its path."""
 
@@ -92,7 +104,11 @@ def policy_overrides(
 ) -> dict[str, Any]:
     """The config fields a LockPolicy spec sets (Secret references set the resolved values)."""
     resolved = {"redis_password": secrets.redis_password,
-                "redis_tls_ca_file": secrets.redis_tls_ca_file}
+                "redis_tls_ca_file": secrets.redis_tls_ca_file,
+                "etcd_password": secrets.etcd_password,
+                "etcd_tls_ca_file": secrets.etcd_tls_ca_file,
+                "etcd_tls_cert_file": secrets.etcd_tls_cert_file,
+                "etcd_tls_key_file": secrets.etcd_tls_key_file}
     out: dict[str, Any] = {}
     for path, setting in POLICY_SETTINGS.items():
         value = _value(spec, path)

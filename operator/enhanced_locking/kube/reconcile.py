@@ -42,13 +42,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, SecretStr, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from enhanced_locking.config import ConfigError
 from enhanced_locking.kube.cluster import ClusterApi, SecretProblem
 from enhanced_locking.kube.lockmigration import LockMigrationSpec, LockMigrationStatus
 from enhanced_locking.kube.lockpolicy import LockPolicySpec, LockPolicyStatus
-from enhanced_locking.kube.models import Condition
+from enhanced_locking.kube.models import Condition, SecretKeyRef
 from enhanced_locking.kube.overrides import ResolvedSecrets, cluster_overrides
 from enhanced_locking.kube.rollout import Note, RolloutState
 from enhanced_locking.kube.rollout_driver import RolloutDriver
@@ -429,27 +429,36 @@ class Reconciler:
 
     async def _resolve(self, spec: LockPolicySpec) -> ResolvedSecrets:
         """Read the Secrets the policy names (the values stay SecretStr)."""
-        redis = spec.redis
-        if redis is None:
-            return ResolvedSecrets()
         ns = self.binding.namespace
-        password: SecretStr | None = None
-        ca_file: str | None = None
-        if (ref := redis.password_secret_ref) is not None:
-            password = await self.cluster.read_secret(ns, ref.name, ref.key)
-        if redis.tls is not None and (ca := redis.tls.ca_secret_ref) is not None:
-            pem = (await self.cluster.read_secret(ns, ca.name, ca.key)).get_secret_value()
-            ca_file = self._write_ca(pem)
-        return ResolvedSecrets(redis_password=password, redis_tls_ca_file=ca_file)
+        found: dict[str, Any] = {}
+        if (redis := spec.redis) is not None:
+            if (ref := redis.password_secret_ref) is not None:
+                found["redis_password"] = await self.cluster.read_secret(ns, ref.name, ref.key)
+            if redis.tls is not None and (ca := redis.tls.ca_secret_ref) is not None:
+                found["redis_tls_ca_file"] = await self._pem_file("redis-ca", ca)
+        if (etcd := spec.etcd) is not None:
+            if (ref := etcd.password_secret_ref) is not None:
+                found["etcd_password"] = await self.cluster.read_secret(ns, ref.name, ref.key)
+            if (tls := etcd.tls) is not None:
+                for setting, name, pem_ref in (
+                    ("etcd_tls_ca_file", "etcd-ca", tls.ca_secret_ref),
+                    ("etcd_tls_cert_file", "etcd-cert", tls.cert_secret_ref),
+                    ("etcd_tls_key_file", "etcd-key", tls.key_secret_ref),
+                ):
+                    if pem_ref is not None:
+                        found[setting] = await self._pem_file(name, pem_ref)
+        return ResolvedSecrets(**found)
 
-    def _write_ca(self, pem: str) -> str:
-        # The redis client reads its CA from a file; a certificate is public, but the
-        # directory is private to this process anyway.
-        digest = hashlib.sha256(pem.encode()).hexdigest()[:16]
-        path = self.runtime_dir / f"redis-ca-{digest}.pem"
+    async def _pem_file(self, name: str, ref: SecretKeyRef) -> str:
+        # The redis and etcd clients read PEMs from files; a CA is public, a client key is not:
+        # the directory is private to this process and each file is 0600.
+        pem = (await self.cluster.read_secret(self.binding.namespace, ref.name, ref.key))
+        text = pem.get_secret_value()
+        digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+        path = self.runtime_dir / f"{name}-{digest}.pem"
         if not path.exists():
-            path.write_text(pem)
-            path.chmod(0o600)
+            path.touch(mode=0o600)
+            path.write_text(text)
         return str(path)
 
     # --- telling users ---------------------------------------------------------------------
