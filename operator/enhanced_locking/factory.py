@@ -18,6 +18,7 @@ from typing import Any
 
 from enhanced_locking.backends import Backend, EmbeddedBackend, MemoryBackend
 from enhanced_locking.backends.atlantis_redis import AtlantisRedisBackend
+from enhanced_locking.backends.etcd_events import EtcdEventBus
 from enhanced_locking.backends.etcd_store import EtcdBackend
 from enhanced_locking.backends.redis_events import RedisEventBus
 from enhanced_locking.backends.redis_store import RedisBackend
@@ -93,10 +94,13 @@ def build_backend(config: EnhancedLockingConfig, kind: str, namespace: str) -> B
 
 
 def _event_bus(config: EnhancedLockingConfig, *, enabled: Callable[[], bool]) -> EventBus:
-    # With the enhanced locks in Redis, events go through a Redis Stream so every replica's
-    # GET /v1/events shows every replica's events (chosen at start, like the replica id).
+    # With the enhanced locks in Redis (etcd), events go through a Redis Stream (an etcd key's
+    # history) so every replica's GET /v1/events shows every replica's events (chosen at
+    # start, like the replica id).
     if config.enabled and config.backend == "redis":
         return RedisEventBus.from_config(config, enabled=enabled)
+    if config.enabled and config.backend == "etcd":
+        return EtcdEventBus.from_config(config, enabled=enabled)
     return EventBus(enabled=enabled)
 
 
@@ -166,7 +170,7 @@ class LockService:
             await self.enhanced.close()
             await self.enhanced.backend.close()
         await self.legacy_backend.close()
-        if isinstance(self.events, RedisEventBus):
+        if isinstance(self.events, RedisEventBus | EtcdEventBus):
             await self.events.close()
 
     async def _apply(self, snapshot: Snapshot) -> None:

@@ -2,7 +2,7 @@
 
 The client is ``etcd3aio`` (asyncio over ``grpc.aio``, typed, maintained): it takes several
 endpoints and balances across them, speaks TLS with client certificates, keeps an auth token
-fresh, and resumes a broken watch from the last revision it delivered. ``docs/05-etcd.md``
+fresh, and resumes a broken watch from the last revision it delivered. ``docs/09-etcd.md``
 says why it was chosen over the other asyncio clients.
 
 Every failure of a call is turned into :class:`~enhanced_locking.types.BackendUnavailable`

@@ -1,0 +1,237 @@
+"""Events on etcd: every replica sees every replica's events, in one order, resumable by
+revision (the history of one etcd key)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from tests.support.etcd_fixtures import etcd_config
+from tests.support.etcd_server import EtcdCluster
+from tests.support.locks import request_for
+from tests.support.service import ServiceProcess, ServiceStartError
+
+from enhanced_locking.backends.etcd_connection import EtcdConnection, EtcdSettings
+from enhanced_locking.backends.etcd_events import EtcdEventBus
+from enhanced_locking.events import Gap, parse_event_id
+from enhanced_locking.factory import LockService
+from enhanced_locking.provider import ConfigProvider
+from enhanced_locking.types import Event
+
+pytestmark = [pytest.mark.etcd, pytest.mark.timeout(120)]
+
+
+async def take(stream: AsyncIterator[Event], count: int) -> list[Event]:
+    return [await asyncio.wait_for(anext(stream), 10) for _ in range(count)]
+
+
+async def replicas(cluster: EtcdCluster, prefix: str, count: int) -> list[LockService]:
+    services = []
+    for _ in range(count):
+        config = etcd_config(cluster, prefix, enabled=True, backend="etcd",
+                             legacy_backend="memory")
+        service = LockService(ConfigProvider(config))
+        await service.start()
+        services.append(service)
+    return services
+
+
+async def test_each_replica_streams_every_replicas_events_in_one_order(
+    etcd_cluster: EtcdCluster, etcd_prefix: str,
+) -> None:
+    a, b = await replicas(etcd_cluster, etcd_prefix, 2)
+    try:
+        assert isinstance(a.events, EtcdEventBus) and isinstance(b.events, EtcdEventBus)
+        on_a, on_b = a.events.stream(), b.events.stream()
+        first = asyncio.ensure_future(anext(on_a))
+        second = asyncio.ensure_future(anext(on_b))
+        await asyncio.sleep(0.2)  # both watches are following the key
+        assert (await a.router.acquire(request_for(pull=1))).acquired
+        await asyncio.sleep(0.05)  # the acquire's write goes first
+        assert await b.router.release(request_for().key) is not None
+        seen_a = [await asyncio.wait_for(first, 10), *await take(on_a, 1)]
+        seen_b = [await asyncio.wait_for(second, 10), *await take(on_b, 1)]
+        assert [e.type for e in seen_a] == ["acquired", "released"]
+        assert [(e.id, e.type) for e in seen_a] == [(e.id, e.type) for e in seen_b]
+        assert parse_event_id(seen_a[0].id) < parse_event_id(seen_a[1].id)
+        # Resuming on the other replica after the first event gives exactly the rest.
+        resumed = b.events.stream(after=seen_a[0].id)
+        assert [e.id for e in await take(resumed, 1)] == [seen_a[1].id]
+    finally:
+        for service in (a, b):
+            await service.close()
+
+
+async def test_a_replica_started_later_resumes_from_the_keys_history(
+    etcd_cluster: EtcdCluster, etcd_prefix: str,
+) -> None:
+    (a,) = await replicas(etcd_cluster, etcd_prefix, 1)
+    try:
+        for pull in range(1, 4):
+            assert (await a.router.acquire(request_for(pull=pull, path=f"p{pull}"))).acquired
+        await asyncio.sleep(0.1)
+    finally:
+        await a.close()
+    (late,) = await replicas(etcd_cluster, etcd_prefix, 1)
+    try:
+        stream = late.events.stream(after="0-0")
+        events = await take(stream, 3)
+        assert [e.lock.pull.num for e in events if e.lock] == [1, 2, 3]
+        assert not late.events.gap_since(events[0].id)
+    finally:
+        await late.close()
+
+
+async def test_history_compacted_away_is_reported_as_a_gap(
+    etcd_cluster: EtcdCluster, etcd_prefix: str,
+) -> None:
+    config = etcd_config(etcd_cluster, etcd_prefix)
+    writer = EtcdEventBus.from_config(config)
+    try:
+        live = writer.stream(after="0-0")
+        for n in range(3):
+            writer.publish("fallback", key=f"k{n}", action="legacy")
+            await asyncio.sleep(0.02)
+        old = await take(live, 3)
+    finally:
+        await writer.close()
+    connection = EtcdConnection(EtcdSettings.from_config(config))
+    try:
+        client = await connection.client()
+        assert client.kv is not None
+        revision = int((await client.kv.get(b"/")).header.revision)
+        await client.kv.compact(revision)
+    finally:
+        await connection.close()
+    fresh = EtcdEventBus.from_config(config)
+    try:
+        assert not fresh.gap_since(f"{revision}-0")
+        following = fresh.follow(after=old[0].id, max_lag=1000)
+        first = await asyncio.wait_for(anext(following), 10)
+        assert isinstance(first, Gap) and first.reason == "replay", first
+        assert fresh.gap_since(old[0].id) and not fresh.gap_since(f"{revision}-0")
+    finally:
+        await fresh.close()
+
+
+async def test_events_published_while_etcd_is_away_are_written_when_it_returns(
+    tmp_path: Path,
+) -> None:
+    cluster = EtcdCluster(tmp_path / "etcd", members_count=1).start()
+    bus = EtcdEventBus.from_config(etcd_config(cluster, "/away/"))
+    try:
+        following = bus.stream()
+        waiting = asyncio.ensure_future(anext(following))
+        await asyncio.sleep(0.2)
+        (member,) = cluster.members
+        cluster.kill(member)
+        bus.publish("fallback", key="k", action="legacy", error="etcd away")
+        await asyncio.sleep(0.5)
+        assert not waiting.done()
+        cluster.start_member(member)
+        event = await asyncio.wait_for(waiting, 30)
+        assert event.type == "fallback" and event.details["action"] == "legacy"
+        assert event.id and bus.dropped == 0
+    finally:
+        await bus.close()
+        cluster.close()
+
+
+# --- two serve processes on one etcd ----------------------------------------------------------
+
+
+@pytest.fixture
+def two_serves(etcd_cluster: EtcdCluster, etcd_prefix: str,
+               tmp_path: Path) -> Iterator[list[ServiceProcess]]:
+    flags = ("--enhanced-locking-enabled", "--enhanced-locking-backend=etcd",
+             f"--enhanced-locking-etcd-endpoints={','.join(etcd_cluster.endpoints)}",
+             f"--enhanced-locking-etcd-key-prefix={etcd_prefix}",
+             "--enhanced-locking-legacy-backend=memory")
+    started = []
+    for n in range(2):
+        process = ServiceProcess(tmp_path / f"replica-{n}", args=flags, log_dir=tmp_path)
+        started.append(process)
+        try:
+            process.start()
+        except ServiceStartError as error:
+            pytest.fail(str(error), pytrace=False)
+    yield started
+    for process in started:
+        process.stop()
+
+
+async def _follow(url: str, into: list[tuple[str, str]], ready: asyncio.Event,
+                  after: str = "0-0") -> None:
+    # From the start of this test's events key (its prefix is the test's own).
+    async with httpx.AsyncClient(base_url=url, timeout=None) as http, http.stream(
+        "GET", "/v1/events", params={"repo": "acme/events"}, headers={"Last-Event-ID": after}
+    ) as answer:
+        assert answer.status_code == 200
+        ready.set()
+        event_id = kind = ""
+        async for line in answer.aiter_lines():
+            if line.startswith("id:"):
+                event_id = line[3:].strip()
+            elif line.startswith("event:"):
+                kind = line[6:].strip()
+            elif line == "" and kind == "gap":
+                # Another test compacted the shared etcd: "0-0" is then honestly a gap.
+                event_id = kind = ""
+            elif line == "" and kind:
+                into.append((event_id, kind))
+                event_id = kind = ""
+
+
+def _lock(pull: int) -> dict[str, Any]:
+    return {"project": {"repoFullName": "acme/events", "path": "infra", "projectName": "infra"},
+            "pull": {"num": pull}, "user": {"username": f"user-{pull}"}}
+
+
+async def _until(what: Any, check: Any) -> None:
+    for _ in range(300):  # 15 s
+        if check():
+            return
+        await asyncio.sleep(0.05)
+    pytest.fail(f"timed out waiting until {what() if callable(what) else what}")
+
+
+async def test_two_serve_processes_each_stream_both_replicas_events(
+    two_serves: list[ServiceProcess],
+) -> None:
+    a, b = two_serves
+    on_a: list[tuple[str, str]] = []
+    on_b: list[tuple[str, str]] = []
+    ready_a, ready_b = asyncio.Event(), asyncio.Event()
+    followers = [asyncio.ensure_future(_follow(a.url, on_a, ready_a)),
+                 asyncio.ensure_future(_follow(b.url, on_b, ready_b))]
+    try:
+        await asyncio.wait_for(asyncio.gather(ready_a.wait(), ready_b.wait()), 10)
+        async with httpx.AsyncClient(base_url=a.url) as http_a, \
+                httpx.AsyncClient(base_url=b.url) as http_b:
+            taken = await http_a.post("/v1/locks", json=_lock(7))
+            assert taken.status_code == 200, taken.text
+            key = taken.json()["lock"]["key"]
+            await asyncio.sleep(0.1)
+            released = await http_b.delete("/v1/locks/by-key", params={"key": key, "pull": 7})
+            assert released.status_code == 200, released.text
+        await _until(lambda: f"both streams show both events (a: {on_a}, b: {on_b})",
+                     lambda: len(on_a) >= 2 and len(on_b) >= 2)
+        assert [kind for _, kind in on_a] == ["acquired", "released"]
+        assert on_a == on_b, "one order, one id per event, on every replica"
+        # A client that saw the first event on replica a resumes on replica b.
+        resumed: list[tuple[str, str]] = []
+        ready = asyncio.Event()
+        followers.append(asyncio.ensure_future(
+            _follow(b.url, resumed, ready, after=on_a[0][0])))
+        await _until("the resumed stream shows the rest", lambda: len(resumed) >= 1)
+        assert resumed == on_a[1:]
+    finally:
+        for follower in followers:
+            follower.cancel()
+        with contextlib.suppress(BaseException):
+            await asyncio.gather(*followers, return_exceptions=True)
