@@ -134,6 +134,7 @@ async def _run_service(
     import uvicorn
 
     from enhanced_locking.api import create_app
+    from enhanced_locking.api import server as server_limits
     from enhanced_locking.api.access import is_loopback, open_to_network_refusal
     from enhanced_locking.api.tls import CertificateReloader
     from enhanced_locking.factory import LockService
@@ -184,8 +185,13 @@ async def _run_service(
     if config.tls_cert_file:
         tls = {"ssl_certfile": config.tls_cert_file, "ssl_keyfile": config.tls_key_file}
     uvicorn_config = uvicorn.Config(
-        app, host=host, port=port, log_level="warning", lifespan="on", **tls,
+        app, host=host, port=port, log_level="warning", lifespan="on",
+        http=server_limits.guarded_protocol(config), **tls,
     )
+    server_limits.quiet_accept_errors(asyncio.get_running_loop())
+    log.info("serving at most %d connections (open-file limit less %d), %d requests in "
+             "flight", server_limits.connection_limit(config), server_limits.FD_RESERVE,
+             config.http_max_in_flight)
     reloader: asyncio.Task[None] | None = None
     if tls:
         try:

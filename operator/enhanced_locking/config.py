@@ -354,6 +354,29 @@ class EnhancedLockingConfig(BaseSettings):
         True, description="Also print each audit entry as a JSON line on stdout."
     )
 
+    # --- the HTTP server's limits (docs/08-overload.md) --------------------------------------
+    http_max_connections: Integer = Field(
+        4096, ge=1, le=1_000_000,
+        description="Most open HTTP connections (never above the open-file limit less 64); "
+        "more are closed at once, logged once per 10 s.",
+    )
+    http_header_timeout: Duration = Field(
+        timedelta(seconds=10),
+        description="A request's line and headers must arrive within this, else its "
+        "connection is closed.",
+    )
+    http_body_timeout: Duration = Field(
+        timedelta(seconds=30),
+        description="A request's body must arrive within this after its headers, else its "
+        "connection is closed.",
+    )
+    http_max_in_flight: Integer = Field(
+        4096, ge=1, le=1_000_000,
+        description="Most requests served at once (waiting acquires included); more are "
+        "answered 503 with Retry-After. Releases, health, readiness and metrics are always "
+        "served.",
+    )
+
     # --- event streams (docs/08-overload.md) ------------------------------------------------
     events_max_lag: Integer = Field(
         1000, ge=1, le=1_000_000,
@@ -411,6 +434,9 @@ class EnhancedLockingConfig(BaseSettings):
                 "enhanced-locking-etcd-tls-cert-file and enhanced-locking-etcd-tls-key-file "
                 "must be set together"
             )
+        for name in ("http_header_timeout", "http_body_timeout"):
+            if getattr(self, name) <= timedelta(0):
+                raise ValueError(f"enhanced-locking-{name.replace('_', '-')} must be above 0s")
         if self.replica_heartbeat <= timedelta(0):
             raise ValueError("enhanced-locking-replica-heartbeat must be above 0s")
         if timedelta(0) < self.replica_timeout <= self.replica_heartbeat:

@@ -31,6 +31,7 @@ from enhanced_locking.api.audit_routes import install_audit_routes
 from enhanced_locking.api.disconnect import AnswerUnlessGone, ClientGone, answer_unless_gone
 from enhanced_locking.api.errors import error_answers, install_error_handlers, json_error
 from enhanced_locking.api.queue_routes import install_queue_routes
+from enhanced_locking.api.server import Backpressure
 from enhanced_locking.api.sse import install_event_stream
 from enhanced_locking.api.webhooks import webhook_router
 from enhanced_locking.backends.audit_store import build_audit_store
@@ -107,6 +108,8 @@ def create_app(
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    app.add_middleware(Backpressure,
+                       limit=lambda: service.provider.current.config.http_max_in_flight)
     holder = install_access(app, service.provider, audit, access, exposed=exposed)
     holder.current()  # a bad tokens file stops the start (ValueError), not the first call
     # VCS webhooks authenticate by the VCS's signature, not by the API's credentials.

@@ -1,0 +1,206 @@
+"""The HTTP server's own limits: slow or half-sent requests, too many connections, overload.
+
+uvicorn bounds the time an idle keep-alive connection stays open, but not the time a request
+takes to *arrive*: a client that sends half a header line and stops holds a connection and a
+file descriptor forever, and enough of them exhaust the process's open-file limit (then even
+``/healthz`` cannot be reached, and asyncio logs a traceback for every refused accept). This
+module adds, as one protocol class handed to uvicorn:
+
+* a **header deadline**: a request's line and headers must arrive within
+  ``enhanced-locking-http-header-timeout`` of its first byte (or of the connection opening);
+* a **body deadline**: its body within ``enhanced-locking-http-body-timeout`` of its headers;
+* a **connection limit**: ``enhanced-locking-http-max-connections``, never above the open-file
+  limit minus :data:`FD_RESERVE` (the stores, Redis pools and logs need descriptors too); a
+  connection beyond it is closed at once.
+
+A connection closed for either reason is counted and logged **once per interval**
+(:class:`EveryInterval`), never once per attempt; so is asyncio's "accept out of system
+resource" if descriptors run out anyway.
+
+:class:`Backpressure` sheds load early: beyond ``enhanced-locking-http-max-in-flight`` requests
+being served at once, a new request is answered 503 with ``Retry-After`` before any work is
+done for it. Held locks and queued requests are untouched; releases, health, readiness and
+metrics are always served (they are how load goes away and how it is watched).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import time
+from collections.abc import Callable
+from typing import Any
+
+import h11
+from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from enhanced_locking.config import EnhancedLockingConfig
+
+__all__ = ["FD_RESERVE", "Backpressure", "EveryInterval", "connection_limit", "guarded_protocol",
+           "quiet_accept_errors"]
+
+log = logging.getLogger(__name__)
+
+FD_RESERVE = 64
+"""Open files kept for everything but client connections."""
+LOG_INTERVAL = 10.0
+RETRY_AFTER_SECONDS = 1
+ALWAYS_SERVED = ("/healthz", "/readyz", "/metrics")
+
+
+class EveryInterval:
+    """Counts an occurrence and logs it at most once per ``interval`` seconds, with the count
+    since the last line."""
+
+    def __init__(self, message: str, *, interval: float = LOG_INTERVAL,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.message = message
+        self.interval = interval
+        self.clock = clock
+        self.total = 0
+        self._pending = 0
+        self._last: float | None = None
+
+    def __call__(self, *args: Any) -> None:
+        self.total += 1
+        self._pending += 1
+        now = self.clock()
+        if self._last is None or now - self._last >= self.interval:
+            log.warning(self.message + " (%d in the last %.0f s)", *args, self._pending,
+                        self.interval if self._last is not None else 0)
+            self._pending, self._last = 0, now
+
+
+def connection_limit(config: EnhancedLockingConfig) -> int:
+    """The connection limit: the setting, but never above the open-file limit less a reserve."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return config.http_max_connections
+    return max(1, min(config.http_max_connections, soft - FD_RESERVE))
+
+
+def guarded_protocol(config: EnhancedLockingConfig) -> type[H11Protocol]:
+    """uvicorn's h11 protocol with request deadlines and a connection limit from ``config``."""
+    limit = connection_limit(config)
+    header_timeout = config.http_header_timeout.total_seconds()
+    body_timeout = config.http_body_timeout.total_seconds()
+    refused = EveryInterval(f"refused connections: %d open, the limit (enhanced-locking-http-"
+                            f"max-connections, at most the open-file limit less {FD_RESERVE})")
+    late = EveryInterval("closed connections whose request did not arrive in time "
+                         "(enhanced-locking-http-header-timeout %s, body-timeout %s)")
+
+    class GuardedH11Protocol(H11Protocol):
+        _refused = False
+        _deadline: asyncio.TimerHandle | None = None
+        _reading: object = None  # which part of a request the deadline is for
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            if len(self.connections) >= limit:
+                self._refused = True
+                transport.abort()  # type: ignore[attr-defined]
+                refused(len(self.connections))
+                return
+            super().connection_made(transport)  # type: ignore[arg-type]
+            self._arm(h11.IDLE, header_timeout)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._refused:
+                return
+            self._disarm()
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            if self._refused:
+                return
+            super().data_received(data)
+            self._follow()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._disarm()  # idle now: uvicorn's keep-alive timeout takes over
+
+        def _follow(self) -> None:
+            state = self.conn.their_state
+            if state is h11.IDLE:  # (the start of) a request line and headers
+                self._arm(h11.IDLE, header_timeout)
+            elif state is h11.SEND_BODY:
+                self._arm(h11.SEND_BODY, body_timeout)
+            else:
+                self._disarm()
+
+        def _arm(self, part: object, seconds: float) -> None:
+            if self._reading is part and self._deadline is not None:
+                return  # the deadline runs from the part's start, not from its last byte
+            self._disarm()
+            self._reading = part
+            self._deadline = self.loop.call_later(seconds, self._too_late)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            self._deadline, self._reading = None, None
+
+        def _too_late(self) -> None:
+            self._deadline = None
+            state = self.conn.their_state
+            if self.transport.is_closing() or state not in (h11.IDLE, h11.SEND_BODY):
+                return
+            if state is h11.IDLE and self.cycle is not None and not self.cycle.response_complete:
+                return  # a response is still being written (pipelining): not ours to cut
+            late(f"{header_timeout:g}s", f"{body_timeout:g}s")
+            self.transport.close()
+
+    return GuardedH11Protocol
+
+
+def quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
+    """asyncio logs a traceback for every accept refused for lack of descriptors; log it once
+    per interval instead (everything else goes to the default handler)."""
+    out_of_files = EveryInterval("cannot accept connections: %s")
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        message = str(context.get("message", ""))
+        if "socket.accept() out of system resource" in message:
+            out_of_files(context.get("exception"))
+            return
+        loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
+
+
+class Backpressure:
+    """ASGI middleware: at most ``limit()`` requests in flight; beyond, 503 + Retry-After."""
+
+    def __init__(self, app: ASGIApp, *, limit: Callable[[], int]) -> None:
+        self.app = app
+        self.limit = limit
+        self.in_flight = 0
+        self.shed = EveryInterval("shedding load: %d requests in flight, the limit "
+                                  "(enhanced-locking-http-max-in-flight); answered 503")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or _always_served(scope):
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.limit():
+            self.shed(self.in_flight)
+            body = (b'{"error":"the service is at its limit of requests in flight '
+                    b'(enhanced-locking-http-max-in-flight); retry after the Retry-After '
+                    b'seconds"}')
+            await send({"type": "http.response.start", "status": 503, "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"retry-after", str(RETRY_AFTER_SECONDS).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
+def _always_served(scope: Scope) -> bool:
+    return scope["method"] == "DELETE" or scope["path"] in ALWAYS_SERVED
