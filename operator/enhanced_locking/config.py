@@ -354,7 +354,7 @@ class EnhancedLockingConfig(BaseSettings):
         True, description="Also print each audit entry as a JSON line on stdout."
     )
 
-    # --- the HTTP server's limits (docs/08-overload.md) --------------------------------------
+    # --- the HTTP server's limits (docs/11-overload.md) --------------------------------------
     http_max_connections: Integer = Field(
         4096, ge=1, le=1_000_000,
         description="Most open HTTP connections (never above the open-file limit less 64); "
@@ -377,7 +377,7 @@ class EnhancedLockingConfig(BaseSettings):
         "served.",
     )
 
-    # --- event streams (docs/08-overload.md) ------------------------------------------------
+    # --- event streams (docs/11-overload.md) ------------------------------------------------
     events_max_lag: Integer = Field(
         1000, ge=1, le=1_000_000,
         description="Most events a reader of GET /v1/events may fall behind, or ask to replay "
