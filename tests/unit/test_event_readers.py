@@ -1,0 +1,81 @@
+"""The event bus's bounded follow: a reader further behind than the bound gets a gap, never a
+stream with silent holes; a resume within the bound replays exactly what followed."""
+
+from __future__ import annotations
+
+import asyncio
+
+from enhanced_locking.events import EventBus, Gap
+from enhanced_locking.types import Event
+
+
+def _publish(bus: EventBus, count: int) -> list[str]:
+    ids = []
+    for n in range(count):
+        event = bus.publish("acquired", key=f"k{n}")
+        assert event is not None
+        ids.append(event.id)
+    return ids
+
+
+async def _take(stream: object, count: int) -> list[Event | Gap]:
+    taken: list[Event | Gap] = []
+    for _ in range(count):
+        taken.append(await asyncio.wait_for(anext(stream), 1))  # type: ignore[call-overload]
+    return taken
+
+
+async def test_a_resume_within_the_bound_replays_exactly_what_followed() -> None:
+    bus = EventBus(capacity=100)
+    ids = _publish(bus, 30)
+    got = await _take(bus.follow(ids[9], max_lag=20), 20)
+    assert [e.id for e in got if isinstance(e, Event)] == ids[10:]
+
+
+async def test_a_resume_asking_for_more_than_the_bound_gets_a_gap_then_live_events() -> None:
+    bus = EventBus(capacity=100)
+    ids = _publish(bus, 30)
+    stream = bus.follow(ids[0], max_lag=10)
+    gap = await _take(stream, 1)
+    assert isinstance(gap[0], Gap) and gap[0].reason == "replay" and gap[0].after == ids[0]
+    waiting = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0)
+    live = _publish(bus, 1)
+    event = await asyncio.wait_for(waiting, 1)
+    assert isinstance(event, Event) and event.id == live[0], "live from now, no replay"
+
+
+async def test_a_resume_from_before_the_ring_gets_a_gap() -> None:
+    bus = EventBus(capacity=10)
+    ids = _publish(bus, 30)
+    gap = await _take(bus.follow(ids[5], max_lag=1000), 1)
+    assert isinstance(gap[0], Gap) and gap[0].reason == "replay" and gap[0].oldest == ids[20]
+
+
+async def test_a_reader_that_falls_behind_gets_its_events_in_order_then_a_gap_and_the_end(
+) -> None:
+    bus = EventBus(capacity=1000)
+    stream = bus.follow(None, max_lag=10)
+    waiting = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0)
+    ids = _publish(bus, 5)
+    first = await asyncio.wait_for(waiting, 1)
+    assert isinstance(first, Event) and first.id == ids[0]
+    got = [first, *await _take(stream, 4)]  # the batch it had already seen
+    ids += _publish(bus, 50)  # meanwhile it did not read
+    last = await _take(stream, 1)
+    assert [e.id for e in got if isinstance(e, Event)] == ids[:5]
+    assert isinstance(last[0], Gap) and last[0].reason == "behind" and last[0].after == ids[4]
+    assert await anext(stream, None) is None, "the stream ends after the gap"
+
+
+async def test_without_a_bound_stream_keeps_every_event() -> None:
+    bus = EventBus(capacity=1000)
+    stream = bus.stream()
+    waiting = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0)
+    ids = _publish(bus, 300)
+    got = [await asyncio.wait_for(waiting, 1)]
+    for _ in range(299):
+        got.append(await asyncio.wait_for(anext(stream), 1))
+    assert [e.id for e in got] == ids
