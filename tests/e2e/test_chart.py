@@ -18,16 +18,23 @@ Three layers, in the order the file runs them:
 
 from __future__ import annotations
 
+import collections
 import json
+import os
+import random
 import secrets
+import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
+from tests.history import History, Hold
 from tests.support.controlplane import KubeCluster
 from tests.support.helm import (
     CHART_DIR,
@@ -767,3 +774,164 @@ def test_the_service_account_may_read_the_redis_secret_by_name(
 def test_the_service_account_may_not(operated: OperatedRelease, args: tuple[str, ...]) -> None:
     scope = [] if {"-n", "--all-namespaces"} & set(args) else ["-n", operated.namespace]
     assert not operated.can_i(*args, *scope)
+
+
+# --- 4. several replicas on shared stores ----------------------------------------------------
+
+
+def test_three_replicas_on_embedded_stores_are_refused_naming_why(helm: Helm) -> None:
+    result = helm.run("template", "t", str(CHART_DIR), "--set", "replicaCount=3", check=False)
+    assert result.returncode != 0
+    assert "replicaCount above 1 needs stores all replicas share" in result.stderr
+    assert "the embedded file is on one pod" in result.stderr
+    half = helm.run("template", "t", str(CHART_DIR), "--set", "replicaCount=3",
+                    "--set", "lockPolicy.spec.backend=redis", check=False)
+    assert "replicaCount above 1 needs stores" in half.stderr, "the legacy store too"
+
+
+def _serve_locks(url: str, name: str, pull: int, history: History, stop: threading.Event,
+                 counts: collections.Counter[str]) -> None:
+    """Lock one of four keys, hold it a moment, release; until ``stop``."""
+    rng = random.Random(pull)
+    with httpx.Client(base_url=url, timeout=10) as http:
+        while not stop.is_set():
+            path = rng.choice("abcd")
+            body = {"project": {"repoFullName": "acme/scale", "path": path, "projectName": path},
+                    "pull": {"num": pull}, "user": {"username": name}, "ttl": "2s"}
+            try:
+                answer = http.post("/v1/locks", json=body)
+            except httpx.TransportError:
+                counts["unreachable"] += 1
+                return  # this client's replica is gone; the others carry on
+            if answer.status_code != 200:
+                counts[f"refused {answer.status_code}"] += 1
+                time.sleep(0.01)
+                continue
+            lock = answer.json()["lock"]
+            start = time.monotonic()
+            time.sleep(rng.uniform(0, 0.01))
+            history.record(Hold(name, lock["key"], lock["fencingToken"], start, time.monotonic()))
+            counts["granted"] += 1
+            for _ in range(50):
+                try:
+                    released = http.delete("/v1/locks/by-key",
+                                           params={"key": lock["key"], "pull": pull})
+                except httpx.TransportError:
+                    return
+                if released.status_code in (200, 404):
+                    break
+                time.sleep(0.05)
+
+
+def test_three_replicas_install_and_serve_locks_through_a_replica_kill(
+    helm: Helm, kube_cluster: KubeCluster, namespace: str, crds_present: None,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """``replicaCount: 3`` on a shared Redis: accepted by the API server with leader election,
+    a PodDisruptionBudget, anti-affinity and the Lease rule; then the three replicas (run as
+    the pods would run them: the Deployment's arguments, the ConfigMap's config file, the
+    ServiceAccount's token, no kubelet here) serve locks, and one killed with SIGKILL changes
+    nothing for the clients of the other two: no lock is granted twice."""
+    workdir = tmp_path_factory.mktemp("scale")
+    try:
+        redis = RedisServer(workdir / "redis").start()
+    except RedisServerError as error:
+        pytest.fail(str(error), pytrace=False)
+    release = "scale"
+    replicas: list[OperatorProcess] = []
+    try:
+        helm.run("install", release, str(CHART_DIR), "-n", namespace,
+                 "--set", "replicaCount=3", "--set", "crds.install=false",
+                 "--set", "lockPolicy.spec.backend=redis",
+                 "--set", f"lockPolicy.spec.redis.addr={redis.addr}",
+                 "--set", "lockMigration.spec.weight=100",
+                 "--set", "config.enhanced-locking-legacy-backend=redis",
+                 "--set", f"config.enhanced-locking-redis-addr={redis.addr}")
+        manifest = rendered_objects(helm.run("get", "manifest", release, "-n", namespace).stdout)
+        for obj in manifest:
+            found = get_json(kube_cluster, obj["kind"], obj["metadata"]["name"], "-n",
+                             obj["metadata"].get("namespace", namespace))
+            assert found is not None, f"{obj['kind']} {obj['metadata']['name']} was not stored"
+        (deployment,) = of_kind(manifest, "Deployment")
+        spec = deployment["spec"]
+        assert spec["replicas"] == 3
+        assert spec["strategy"] == {"type": "RollingUpdate",
+                                    "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}}
+        pod = spec["template"]["spec"]
+        anti = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+        assert anti[0]["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+        assert anti[0]["podAffinityTerm"]["labelSelector"]["matchLabels"] == \
+            spec["selector"]["matchLabels"]
+        (container,) = pod["containers"]
+        assert "--leader-election" in container["args"]
+        assert "emptyDir" in next(v for v in pod["volumes"] if v["name"] == "data")
+        assert not of_kind(manifest, "PersistentVolumeClaim"), "one pod's disk is not shared"
+        (pdb,) = of_kind(manifest, "PodDisruptionBudget")
+        assert pdb["spec"]["maxUnavailable"] == 1
+        account = f"{release}-enhanced-locking"
+        subject = f"--as=system:serviceaccount:{namespace}:{account}"
+
+        def can_i(*args: str) -> bool:
+            out = kube_cluster.kubectl("auth", "can-i", *args, subject, "-n", namespace,
+                                       check=False)
+            return out.stdout.strip() == "yes"
+
+        assert can_i("create", "leases.coordination.k8s.io")
+        assert can_i("update", "leases.coordination.k8s.io/enhanced-locking-to-enhanced")
+        assert not can_i("update", "leases.coordination.k8s.io/someone-else")
+        assert not can_i("delete", "leases.coordination.k8s.io/enhanced-locking-to-enhanced")
+
+        # The pods, as local processes: the Deployment's arguments and the ConfigMap's file.
+        (configmap,) = [o for o in of_kind(manifest, "ConfigMap")
+                        if "config.yaml" in o.get("data", {})]
+        config_file = workdir / "config.yaml"
+        config_file.write_text(configmap["data"]["config.yaml"])
+        kubeconfig = service_account_kubeconfig(kube_cluster, namespace, account,
+                                                workdir / "sa.kubeconfig")
+        for n in range(3):
+            replicas.append(OperatorProcess(
+                kubeconfig, namespace, workdir / f"replica-{n}",
+                extra_args=("--leader-election", "--lease-duration=3",
+                            "--config=/config/config.yaml"),
+                extra_files={"/config/config.yaml": config_file},
+            ))
+            (workdir / f"replica-{n}").mkdir()
+            replicas[-1].start()
+
+        def all_on_redis() -> bool:
+            for replica in replicas:
+                config = replica.get_json("/v1/config")["config"]
+                if (config.get("enhanced-locking-backend"), config.get("enhanced-locking-enabled"),
+                        config.get("enhanced-locking-migration-weight")) != ("redis", True, 100):
+                    return False
+            return True
+
+        wait_for("every replica runs the policy (backend redis, weight 100)", all_on_redis,
+                 details=lambda: "\n".join(r.output(3000) for r in replicas))
+        holders = {get_json(kube_cluster, "lease", "enhanced-locking-to-enhanced", "-n",
+                            namespace)["spec"]["holderIdentity"]}
+        assert len(holders) == 1 and holders != {None}, "one replica writes the status"
+
+        history, stop = History(), threading.Event()
+        counts: collections.Counter[str] = collections.Counter()
+        clients = [threading.Thread(target=_serve_locks, args=(
+            replicas[n % 3].url, f"client-{n}", 100 + n, history, stop, counts))
+            for n in range(9)]
+        for client in clients:
+            client.start()
+        time.sleep(3)
+        before = counts["granted"]
+        os.killpg(replicas[0].process.pid, signal.SIGKILL)  # type: ignore[union-attr]
+        time.sleep(5)  # the killed replica's clients' locks run out (2 s) meanwhile
+        after_kill = counts["granted"] - before
+        stop.set()
+        for client in clients:
+            client.join(30)
+        assert before > 0 and after_kill > 0, counts
+        assert counts["unreachable"] >= 1, "the killed replica's clients saw it go"
+        assert history.violations() == []
+    finally:
+        for replica in replicas:
+            replica.stop()
+        helm.run("uninstall", release, "-n", namespace, check=False)
+        redis.close()

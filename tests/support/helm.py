@@ -202,6 +202,10 @@ class OperatorProcess:
     policy: str = "default"
     migration: str = "to-enhanced"
     extra_env: Mapping[str, str] = field(default_factory=dict)
+    extra_args: Sequence[str] = ()
+    """More arguments, as the chart's Deployment gives them (e.g. ``--leader-election``)."""
+    extra_files: Mapping[str, Path] = field(default_factory=dict)
+    """More files bound read-only into the sandbox (e.g. the rendered config file)."""
     port: int = 0
     liveness_port: int = 0
     process: subprocess.Popen[bytes] | None = None
@@ -237,11 +241,12 @@ class OperatorProcess:
             # Only kopf's watch can bring a change within a test: the periodic re-read would
             # hide a missing watch permission.
             "--resync-interval=3600",
+            *self.extra_args,
         ]
         return image_sandbox(
             command,
             data_dir=self.data_dir,
-            files={"/config/kubeconfig": self.kubeconfig},
+            files={"/config/kubeconfig": self.kubeconfig, **self.extra_files},
             env={"KUBECONFIG": "/config/kubeconfig", **self.extra_env},
         )
 
