@@ -92,7 +92,7 @@ kind-e2e: venv
 image-smoke:
 	hack/image-smoke.sh $(ARGS)
 
-bench: venv redis
+bench: venv redis control-plane
 	for script in bench/*.py; do $(PY) $$script || exit 1; done
 
 clean:
