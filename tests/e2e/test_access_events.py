@@ -42,3 +42,21 @@ def test_a_force_unlock_is_an_event_on_the_lockpolicy_naming_who_and_why(
     assert event["type"] == "Normal"
     assert event["message"] == (f"anonymous did force-unlock of {key} (pull #4 of acme/events),"
                                 " outcome released: stuck apply OPS-7")
+
+
+@pytest.mark.parametrize(("access", "field"), [
+    ({"roles": [{"role": "owner", "subjects": ["user:x"]}]}, "spec.access.roles[0].role"),
+    ({"roles": [{"role": "admin", "subjects": ["robot:x"]}]}, "spec.access.roles[0].subjects[0]"),
+    ({"mode": "open"}, "spec.access.mode"),
+])
+def test_the_api_server_refuses_a_bad_access_spec_naming_the_field(
+    kube_cluster: KubeCluster, kube_namespace: str, lock_crds: None,
+    access: dict[str, Any], field: str,
+) -> None:
+    done = kube_cluster.kubectl("apply", "-n", kube_namespace, "-f", "-", check=False,
+                                input=json.dumps({
+                                    "apiVersion": "locking.runatlantis.io/v1alpha1",
+                                    "kind": "LockPolicy", "metadata": {"name": "bad"},
+                                    "spec": {"access": access}}))
+    assert done.returncode != 0
+    assert field in done.stderr

@@ -116,3 +116,24 @@ async def test_turning_auth_off_on_an_exposed_address_is_refused_at_runtime(tmp_
     assert holder.current() is first
     await provider.set_layer("cluster", {"auth": "none", "insecure_allow_unauthenticated": True})
     assert holder.current().open
+
+
+def test_a_lockpolicy_sets_the_access_and_audit_settings_like_any_other() -> None:
+    from enhanced_locking.kube.lockpolicy import LockPolicySpec
+    from enhanced_locking.kube.overrides import policy_overrides
+
+    spec = LockPolicySpec.model_validate({
+        "access": {"mode": "kubernetes", "audience": "enhanced-locking", "cacheTTL": "30s",
+                   "roles": [{"role": "locker", "subjects": ["group:bots"]},
+                             {"role": "admin", "subjects": ["user:alice"]},
+                             {"role": "locker", "subjects": ["user:carol"]}]},
+        "audit": {"enabled": False, "retention": "24h", "maxEntries": 5000},
+    })
+    values = policy_overrides(spec)
+    config = memory_config(**values)
+    assert config.auth == "kubernetes"
+    assert config.auth_roles == {"locker": ["group:bots", "user:carol"], "admin": ["user:alice"]}
+    assert (config.auth_audience, config.auth_cache_ttl.total_seconds()) == (
+        "enhanced-locking", 30)
+    assert (config.audit, config.audit_retention.total_seconds(), config.audit_max_entries) == (
+        False, 86400, 5000)

@@ -12,7 +12,7 @@ applies the policy (so are the TLS CA, client certificate and key of etcd).
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, ConfigDict, Field, model_validator
 
@@ -32,6 +32,8 @@ from enhanced_locking.kube.models import (
 from enhanced_locking.types import BackendName
 
 __all__ = [
+    "Access",
+    "Audit",
     "Etcd",
     "EtcdTLS",
     "Features",
@@ -41,6 +43,7 @@ __all__ = [
     "Redis",
     "RedisTLS",
     "Retries",
+    "RoleGrant",
     "Timeouts",
 ]
 
@@ -265,6 +268,45 @@ class Etcd(SpecModel):
         return self
 
 
+Subject = Annotated[str, Field(min_length=6, max_length=520, pattern=r"^(user|group):.+$")]
+
+
+class RoleGrant(SpecModel):
+    """One role (or single verb) and who holds it."""
+
+    role: Literal["viewer", "locker", "admin", "read", "lock", "prioritize", "release-any",
+                  "force-unlock"] = Field(
+        description="A role (viewer, locker, admin) or a verb (read, lock, prioritize, "
+        "release-any, force-unlock; admin is both).")
+    subjects: Annotated[list[Subject], Field(min_length=1, max_length=256)] = Field(
+        description="Who holds it: user:NAME or group:NAME.")
+
+
+class Access(SpecModel):
+    """Who may call the lock API (docs/08-access.md); the tokens themselves stay in files or
+    Secrets, never in the CR."""
+
+    mode: Literal["none", "static", "kubernetes"] | None = Field(
+        None, description="none, static (tokens and the role map) or kubernetes (TokenReview "
+        "and SubjectAccessReview).")
+    roles: Annotated[list[RoleGrant], Field(max_length=32)] | None = Field(
+        None, description="Static mode: the role map, as role and subjects.")
+    audience: str | None = Field(
+        None, max_length=253, description="Kubernetes mode: the audience tokens must have.")
+    cache_ttl: CRDuration | None = Field(
+        None, alias="cacheTTL",
+        description="How long an authentication or authorization answer is reused.")
+
+
+class Audit(SpecModel):
+    """The audit trail of mutating calls and refusals."""
+
+    enabled: bool | None = Field(None, description="Keep the audit trail.")
+    retention: CRDuration | None = Field(None, description="How long entries are kept.")
+    max_entries: int | None = Field(
+        None, ge=100, le=10_000_000, description="Most entries kept (oldest go first).")
+
+
 class LockPolicySpec(SpecModel):
     """What the lock service runs with; every field left out keeps the service's setting."""
 
@@ -296,6 +338,8 @@ class LockPolicySpec(SpecModel):
     )
     redis: Redis | None = Field(None, description="The Redis connection (backend: redis).")
     etcd: Etcd | None = Field(None, description="The etcd connection (backend: etcd).")
+    access: Access | None = Field(None, description="Who may call the lock API.")
+    audit: Audit | None = Field(None, description="The audit trail.")
 
     @model_validator(mode="after")
     def _etcd_needs_endpoints(self) -> LockPolicySpec:

@@ -73,6 +73,13 @@ POLICY_SETTINGS: dict[str, str] = {
     "etcd.tls.certSecretRef": "etcd_tls_cert_file",
     "etcd.tls.keySecretRef": "etcd_tls_key_file",
     "etcd.keyPrefix": "etcd_key_prefix",
+    "access.mode": "auth",
+    "access.roles": "auth_roles",
+    "access.audience": "auth_audience",
+    "access.cacheTTL": "auth_cache_ttl",
+    "audit.enabled": "audit",
+    "audit.retention": "audit_retention",
+    "audit.maxEntries": "audit_max_entries",
 }
 """Which service setting (config field) each LockPolicy spec field sets, by its path."""
 
@@ -114,6 +121,11 @@ def policy_overrides(
         value = _value(spec, path)
         if value is not None and setting in resolved:
             value = resolved[setting]
+        if value is not None and setting == "auth_roles":  # a list of grants → the role map
+            roles: dict[str, list[str]] = {}
+            for grant in value:
+                roles.setdefault(grant.role, []).extend(grant.subjects)
+            value = roles
         if value is not None:
             out[setting] = value
     return out
