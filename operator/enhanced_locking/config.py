@@ -35,6 +35,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from enhanced_locking.durations import DURATION_FORM, Duration, format_duration
+from enhanced_locking.policies import PolicyRules
 from enhanced_locking.types import BackendName
 
 __all__ = [
@@ -410,6 +411,11 @@ class EnhancedLockingConfig(BaseSettings):
         description="Secret of the Gitea pull request webhook (POST /v1/webhooks/gitea); "
         "unset: that endpoint is off. Never printed or logged.",
     )
+    policies: PolicyRules = Field(
+        default_factory=PolicyRules,
+        description="Freezes, concurrency limits and priority rules (docs/08-policies.md); "
+        "from a LockPolicy CR's spec, or a YAML mapping.",
+    )
     data_dir: str = Field(
         "~/.atlantis",
         min_length=1,
@@ -502,6 +508,8 @@ class EnhancedLockingConfig(BaseSettings):
     def masked(self) -> dict[str, Any]:
         """The config as JSON-ready data with the keys users write and secrets masked."""
         data = self.model_dump(mode="json")
+        data["policies"] = self.policies.model_dump(mode="json", by_alias=True,
+                                                    exclude_defaults=True)
         out: dict[str, Any] = {}
         for setting in settings():
             value = data[setting.field]
@@ -533,6 +541,8 @@ class Setting:
 
 def _form(info: FieldInfo, annotation: Any) -> tuple[str, str]:
     text = repr(annotation)
+    if annotation is PolicyRules:
+        return "a mapping of freezes, concurrency and priorityRules (docs/08-policies.md)", "rules"
     # Annotated metadata (HostPort's validator) is moved from the annotation to the field.
     if any(getattr(item, "func", None) is _host_port for item in info.metadata):
         return "host:port such as localhost:6379", "str"
@@ -572,7 +582,9 @@ def settings() -> list[Setting]:
         dashed = name.replace("_", "-")
         form, kind = _form(info, info.annotation)
         default = info.get_default(call_default_factory=True)
-        if isinstance(default, timedelta):
+        if isinstance(default, PolicyRules):
+            default = "no rules"
+        elif isinstance(default, timedelta):
             default = _fmt(default)
         elif isinstance(default, SecretStr):
             default = ""
@@ -637,6 +649,11 @@ def flags_from_namespace(namespace: argparse.Namespace) -> dict[str, str]:
 
 
 def _convert(setting: Setting, value: Any) -> Any:
+    if setting.kind == "rules" and isinstance(value, str):
+        try:
+            return yaml.safe_load(value) or {}
+        except yaml.YAMLError:
+            return value  # validation names the setting
     if setting.kind == "list" and isinstance(value, str):
         return [item.strip() for item in value.split(",") if item.strip()]
     return value
@@ -751,6 +768,10 @@ def _describe(error: ValidationError, values: Mapping[str, Any], origin: Mapping
         return f"invalid configuration: {message}"
     setting = by_field[str(loc[0])]
     source = origin.get(setting.field, "default")
+    if setting.kind == "rules":
+        where = ".".join(str(part) for part in loc[1:]) or setting.key
+        message = str(first["msg"]).removeprefix("Value error, ")
+        return f"invalid setting {setting.key} (from {source}): {where}: {message}"
     shown = "(hidden)" if setting.secret else repr(values.get(setting.field))
     return (
         f"invalid setting {setting.key} (from {source}): got {shown}; "

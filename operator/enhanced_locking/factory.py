@@ -210,6 +210,9 @@ class LockService:
         log.info("enhanced locker now on the %s backend", config.backend)
 
     def _applied(self, snapshot: Snapshot) -> None:
+        if self.enhanced is not None:
+            # A rule edit reaches this replica's queues: waiters a rule held back are served.
+            self.enhanced.rules.changed(snapshot.config.policies)
         self.metrics.config_generation.set(snapshot.generation)
         self.metrics.routing_weight.set(snapshot.config.effective_weight)
         self.metrics.config_changes.labels("applied").inc()

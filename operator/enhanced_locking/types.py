@@ -68,6 +68,7 @@ __all__ = [
     "LockingError",
     "Locks",
     "NotAuthenticated",
+    "Mode",
     "NotPermitted",
     "Priority",
     "Project",
@@ -88,6 +89,13 @@ __all__ = [
 
 Side = Literal["legacy", "enhanced"]
 """Which locker answered: the Atlantis-compatible one or the enhanced one."""
+
+Mode = Literal["shared", "exclusive"]
+"""How a lock is held: ``shared`` holders coexist (plans), an ``exclusive`` one is alone
+(applies)."""
+
+Command = Literal["plan", "apply", "import", "state", "approve_policies", "unlock", "version"]
+"""The Atlantis command a request is for (priority rules may name it)."""
 
 BackendName = Literal["boltdb", "redis", "etcd", "memory"]
 """``boltdb`` names the embedded single-file store (SQLite in WAL mode, see the docs)."""
@@ -315,6 +323,8 @@ class LockRequest(_Model):
     pull: Pull
     user: User = User()
     priority: Priority = Priority.NORMAL
+    mode: Mode = "exclusive"
+    command: Command | None = None
     wait: WaitFor | None = None
     ttl: Duration | None = None
     request_id: RequestId | None = None
@@ -346,6 +356,8 @@ class BatchLockRequest(_Model):
     pull: Pull
     user: User = User()
     priority: Priority = Priority.NORMAL
+    mode: Mode = "exclusive"
+    command: Command | None = None
     wait: WaitFor | None = None
     ttl: Duration | None = None
     request_id: RequestId | None = None
@@ -393,6 +405,12 @@ class Lock(_Model):
     expires_at: datetime | None = None
     fencing_token: int = 0
     backend: Side = "enhanced"
+    mode: Mode = "exclusive"
+
+    @property
+    def owner(self) -> tuple[str, int]:
+        """(repository, pull number): Atlantis's owner of a lock."""
+        return self.project.repo_full_name, self.pull.num
 
     def owned_by(self, repo_full_name: str, pull_num: int) -> bool:
         """Atlantis's ownership rule: the same pull number of the same repository."""
@@ -441,6 +459,12 @@ class Reason(enum.StrEnum):
     CANCELLED = "cancelled"
     COLLISION = "collision"
     """Another project joins to the same key (see :func:`collision_message`)."""
+    SUPERSEDED = "superseded"
+    """A newer head commit of the same pull asked for the same lock: this request is stale."""
+    LIMITED = "limited"
+    """A concurrency limit's group is full (a request that does not wait)."""
+    FROZEN = "frozen"
+    """A freeze covers the key and refuses requests (``error`` carries its message)."""
 
 
 def describe_project(project: Project, workspace: str) -> str:
@@ -468,7 +492,8 @@ class AcquireResult(_Model):
     queue_position: int | None = None
     cycle: list[str] | None = None
     error: str | None = None
-    """Why, in words, where the reason alone does not say it (a ``collision``)."""
+    """Why, in words, where the reason alone does not say it (a ``collision``; a freeze's
+    message for ``frozen``)."""
     _fresh: bool = PrivateAttr(default=True)
 
     @classmethod
@@ -502,7 +527,8 @@ class BatchResult(_Model):
     queue_position: int | None = None
     cycle: list[str] | None = None
     error: str | None = None
-    """Why, in words, where the reason alone does not say it (a ``collision``)."""
+    """Why, in words, where the reason alone does not say it (a ``collision``; a freeze's
+    message for ``frozen``)."""
 
 
 class Event(_Model):

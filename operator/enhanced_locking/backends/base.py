@@ -30,6 +30,7 @@ from __future__ import annotations
 import abc
 import collections
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -52,9 +53,10 @@ from enhanced_locking.backends.waiting import (
     Waiters,
     service_order,
 )
-from enhanced_locking.types import Lock, LockNotHeld, LockNotOwned, Locks, Reason, utcnow
+from enhanced_locking import policies
+from enhanced_locking.types import Lock, LockNotHeld, LockNotOwned, Locks, Mode, Reason, utcnow
 
-__all__ = ["Backend", "Owner", "QueueBackend", "StoreBackend"]
+__all__ = ["Backend", "Owner", "QueueBackend", "StoreBackend", "parts_of"]
 
 Owner = tuple[str, int]
 """Who may release a lock: (repository full name, pull number), Atlantis's ownership rule."""
@@ -153,9 +155,9 @@ class QueueBackend(Backend, Protocol):
     ) -> Outcome:
         """Grant ``candidate``'s key, else queue a waiter for it (with ``wait``), else refuse.
 
-        Granted when the key is free (after expiring a lapsed lease and serving any grantable
-        waiter first) or already held by the same pull (then ``fresh`` is false and the lock
-        is returned unchanged). A grant stamps ``acquired_at`` with the backend's clock, sets
+        Granted when :func:`enhanced_locking.policies.verdict` says so (after expiring lapsed
+        leases and serving grantable waiters first); already held by the same pull, the lock is
+        returned unchanged (``fresh`` false). A grant stamps ``acquired_at`` with the backend's clock, sets
         ``expires_at = acquired_at + ttl`` (no expiry without ``ttl``) and the next fencing
         token. Not granted and no ``wait`` (or a zero one): ``held``. With ``wait``: ``queued``
         at its position, deadline ``now + wait.timeout``; ``queue_full`` when the key already
@@ -200,14 +202,23 @@ class QueueBackend(Backend, Protocol):
         ...
 
     async def cancel(
-        self, key: str, waiter_id: str, *, reason: Reason = Reason.CANCELLED
+        self, key: str, waiter_id: str, *, reason: Reason = Reason.CANCELLED, caller: str = ""
     ) -> Cancelled:
         """Take a waiter out of every queue it is in and tell it ``reason``.
 
         ``key`` is one of its keys (where to look). If it was granted before this call, the
         answer carries the locks it now holds (``removed`` false): a caller cancelling because
-        its client is gone releases them.
+        its client is gone releases them. With ``caller``, only if that caller still owns the
+        waiter (a retried request may have taken it over).
         """
+        ...
+
+    async def holders(self, key: str) -> Locks:
+        """Every live holder of ``key``: one, or several when it is held shared."""
+        ...
+
+    async def wake(self, *, policy: QueuePolicy) -> Handoff:
+        """Serve every queue under ``policy`` (its rules changed, or a freeze ended)."""
         ...
 
     async def queue(self, key: str, *, policy: QueuePolicy | None = None) -> Waiters:
@@ -220,7 +231,12 @@ class QueueBackend(Backend, Protocol):
 
 
 class StoreBackend(abc.ABC):
-    """Backend logic over synchronous primitives; subclasses say how rows are kept."""
+    """Backend logic over synchronous primitives; subclasses say how rows are kept.
+
+    A key is held by one exclusive lock (the ``_load``/``_store`` row) or by shared locks, one
+    per pull (``_load_shared``/``_store_shared``), never both. Every grant, whether to a new
+    request or from the queue, is decided by :func:`enhanced_locking.policies.verdict`.
+    """
 
     kind = "store"
 
@@ -245,6 +261,16 @@ class StoreBackend(abc.ABC):
     def _delete(self, key: str) -> None: ...
 
     @abc.abstractmethod
+    def _load_shared(self, key: str) -> Locks:
+        """Every shared lock of ``key`` (lapsed ones too), oldest first."""
+
+    @abc.abstractmethod
+    def _store_shared(self, lock: Lock) -> None: ...
+
+    @abc.abstractmethod
+    def _delete_shared(self, key: str, owner: Owner) -> None: ...
+
+    @abc.abstractmethod
     def _next_token(self, key: str) -> int: ...
 
     @abc.abstractmethod
@@ -254,11 +280,12 @@ class StoreBackend(abc.ABC):
     def _raise_token(self, key: str, at_least: int) -> None: ...
 
     @abc.abstractmethod
-    def _scan(self, repo: str | None, pull: int | None) -> Locks: ...
+    def _scan(self, repo: str | None, pull: int | None) -> Locks:
+        """Every lock (both modes), optionally of one repository and/or pull."""
 
     def _pop(self, key: str, owner: Owner | None) -> Lock | None:
-        """Delete ``key``'s row if ``owner`` (or anyone, without it) holds it, in one atomic
-        step; the row deleted, or ``None`` (then the caller takes the general path)."""
+        """Delete ``key``'s exclusive row if ``owner`` (or anyone, without it) holds it, in one
+        atomic step; the row deleted, or ``None`` (then the caller takes the general path)."""
         return None
 
     @contextlib.contextmanager
@@ -276,11 +303,26 @@ class StoreBackend(abc.ABC):
 
     # --- holders ------------------------------------------------------------------------------
     def _live(self, key: str, now: datetime) -> Lock | None:
-        # A lapsed lease reads as free but is only removed by a step that then serves the
-        # key's queue (``_settle``, a release, ``expire``): removing it here would leave a free
-        # key with waiters nobody woke.
+        """The first live holder of ``key`` (the exclusive one, or the oldest shared one).
+
+        A lapsed lease reads as free but is only removed by a step that then serves the key's
+        queue (``_settle``, a release, ``expire``): removing it here would leave a free key
+        with waiters nobody woke.
+        """
+        holders = self._holders(key, now)
+        return holders[0] if holders else None
+
+    def _holders(self, key: str, now: datetime) -> Locks:
         lock = self._load(key)
-        return None if lock is None or lock.expired(now) else lock
+        if lock is not None and not lock.expired(now):
+            return [lock]
+        return [s for s in self._load_shared(key) if not s.expired(now)]
+
+    def _drop(self, lock: Lock) -> None:
+        if lock.mode == "shared":
+            self._delete_shared(lock.key, lock.owner)
+        else:
+            self._delete(lock.key)
 
     def _stamp(self, template: Lock, now: datetime, ttl: timedelta | None) -> Lock:
         lock = template.model_copy(update={
@@ -288,49 +330,116 @@ class StoreBackend(abc.ABC):
             "expires_at": now + ttl if ttl else None,
             "fencing_token": self._next_token(template.key),
         })
-        self._store(lock)
+        if lock.mode == "shared":
+            self._store_shared(lock)
+        else:
+            self._store(lock)
         return lock
 
-    def _settle(self, key: str, now: datetime, policy: QueuePolicy, fx: _Effects) -> Lock | None:
-        """The key's holder after expiring a lapsed lease and serving a grantable waiter."""
+    def _take(self, template: Lock, now: datetime, ttl: timedelta | None) -> tuple[Lock, bool]:
+        """The lock ``template``'s pull gets on its key: the one it holds, or a fresh one
+        (an exclusive request of the key's only shared holder is an upgrade: a new token)."""
+        mine = [h for h in self._holders(template.key, now) if h.owner == template.owner]
+        if mine and not (template.mode == "exclusive" and mine[0].mode == "shared"):
+            return mine[0], False
+        for lock in mine:
+            self._drop(lock)
+        return self._stamp(template, now, ttl), True
+
+    def _expire_lapsed(self, key: str, now: datetime, fx: _Effects) -> None:
         holder = self._load(key)
         if holder is not None and holder.expired(now):
             self._delete(key)
             fx.expired.append(holder)
-            holder = None
-        if holder is None:
-            grant = self._hand_out(key, now, policy, fx)
-            if grant is not None:
-                holder = next(lock for lock in grant.locks if lock.key == key)
-        return holder
+        for lock in self._load_shared(key):
+            if lock.expired(now):
+                self._delete_shared(key, lock.owner)
+                fx.expired.append(lock)
+
+    def _settle(self, key: str, now: datetime, policy: QueuePolicy, fx: _Effects) -> Lock | None:
+        """The key's holder after expiring lapsed leases and serving grantable waiters."""
+        self._expire_lapsed(key, now, fx)
+        self._serve([key], now, policy, fx)
+        return self._live(key, now)
+
+    # --- the rules ----------------------------------------------------------------------------
+    def _decide(
+        self, locks: Sequence[Lock], owner: Owner, mode: Mode, now: datetime,
+        policy: QueuePolicy, *, new: bool,
+    ) -> policies.Decision:
+        holders = {
+            lock.key: [policies.Holding(h.owner, h.mode) for h in self._holders(lock.key, now)]
+            for lock in locks
+        }
+        waiting: dict[str, bool] = {}
+        if new and mode == "shared":
+            waiting = {lock.key: any(
+                w.mode == "exclusive" and w.owner != owner and w.deadline > now
+                for w in self._queues.get(lock.key, ())) for lock in locks}
+        counts: dict[str, int] = {}
+        if policy.rules.concurrency:
+            for held in self._scan(None, None):
+                if not held.expired(now):
+                    for group in policies.groups_of(parts_of(held), policy.rules):
+                        counts[group] = counts.get(group, 0) + 1
+        return policies.verdict(
+            owner=owner, mode=mode, keys=[parts_of(lock) for lock in locks], holders=holders,
+            exclusive_waiting=waiting, group_counts=counts, rules=policy.rules, now=now,
+            new=new,
+        )
 
     # --- queues -------------------------------------------------------------------------------
-    def _hand_out(self, key: str, now: datetime, policy: QueuePolicy, fx: _Effects) -> Grant | None:
-        queue = self._queues.get(key)
-        if not queue or self._live(key, now) is not None:
-            return None  # nobody waits, or the key is taken (a batch grant took it just now)
-        for waiter in service_order(queue, now=now, policy=policy):
+    def _serve(self, keys: Sequence[str], now: datetime, policy: QueuePolicy,
+               fx: _Effects) -> None:
+        """Grant every waiter that may have its locks now, in service order.
+
+        Without concurrency limits each key's queue is walked in turn (``keys`` in the order
+        given). A waiter held back by a holder of the key stops the walk (so a waiting
+        exclusive request keeps shared ones behind it), and so does an exclusive grant; one
+        held back by a freeze or a limit, or by another key of its batch, keeps its place and
+        the next is served. With concurrency limits every queue is walked at once, in one
+        service order (a lock freed in a group may go to a waiter of another key of the
+        group), and a holder stops only the line of its own key.
+        """
+        if policy.rules.concurrency:
+            self._walk(list({w.id: w for q in self._queues.values() for w in q}.values()),
+                       None, now, policy, fx)
+            return
+        for key in keys:
+            if key in self._queues:
+                self._walk(self._queues[key], key, now, policy, fx)
+
+    def _walk(self, waiters: Sequence[Waiter], key: str | None, now: datetime,
+              policy: QueuePolicy, fx: _Effects) -> None:
+        if key is not None and any(h.mode == "exclusive" for h in self._holders(key, now)):
+            return  # held exclusively: nobody can be served (nor is anyone dropped) yet
+        stopped: set[str] = set()
+        for waiter in service_order(list(waiters), now=now, policy=policy):
+            if waiter.id not in self._waiters:
+                continue
             if waiter.deadline <= now:
                 self._unqueue(waiter)
                 fx.timed_out.append(waiter)
                 fx.notices.append((waiter.id, Notice(reason=Reason.TIMEOUT)))
                 continue
-            others = [k for k in waiter.keys if k != key]
-            if all(self._free_for(k, waiter, now) for k in others):
-                return self._grant(waiter, now, fx)
-        return None
-
-    def _free_for(self, key: str, waiter: Waiter, now: datetime) -> bool:
-        holder = self._live(key, now)
-        return holder is None or holder.owned_by(*waiter.owner)
+            if stopped.intersection(waiter.keys):
+                continue
+            decision = self._decide(waiter.locks, waiter.owner, waiter.mode, now, policy,
+                                    new=False)
+            if decision.verdict is policies.Verdict.GRANT:
+                self._grant(waiter, now, fx)
+                if key is not None and waiter.mode == "exclusive":
+                    return
+            elif decision.verdict is policies.Verdict.HELD and decision.key is not None:
+                if decision.key == key:
+                    return
+                if key is None:
+                    stopped.add(decision.key)
 
     def _grant(self, waiter: Waiter, now: datetime, fx: _Effects) -> Grant:
-        locks = []
-        for template in waiter.locks:
-            holder = self._live(template.key, now)
-            locks.append(holder if holder is not None else self._stamp(template, now, waiter.ttl))
+        locks = tuple(self._take(template, now, waiter.ttl)[0] for template in waiter.locks)
         self._unqueue(waiter)
-        grant = Grant(waiter=waiter, locks=tuple(locks))
+        grant = Grant(waiter=waiter, locks=locks)
         self._granted[waiter.id] = grant
         while len(self._granted) > _GRANTS_REMEMBERED:
             self._granted.popitem(last=False)
@@ -351,6 +460,32 @@ class StoreBackend(abc.ABC):
     def _position(self, key: str, waiter: Waiter, now: datetime, policy: QueuePolicy) -> int:
         ordered = service_order(self._queues.get(key, ()), now=now, policy=policy)
         return next(i for i, w in enumerate(ordered, start=1) if w.id == waiter.id)
+
+    def _supersede(self, candidates: Sequence[Lock], wait_id: str, fx: _Effects) -> list[Waiter]:
+        """Push out the queued requests of the same pull made for an older head commit."""
+        head = candidates[0].pull.head_commit
+        if not head:
+            return []
+        owner = candidates[0].owner
+        stale = {
+            w.id: w for c in candidates for w in self._queues.get(c.key, ())
+            if w.owner == owner and w.id != wait_id and w.head_commit not in ("", head)
+        }
+        for waiter in stale.values():
+            self._unqueue(waiter)
+            fx.notices.append((waiter.id, Notice(reason=Reason.SUPERSEDED)))
+        return list(stale.values())
+
+    def _reattach(self, waiter: Waiter, wait: Wait) -> Waiter:
+        """A retried request takes its waiter over (place and enqueue time kept)."""
+        if not wait.caller or waiter.caller == wait.caller:
+            return waiter
+        moved = dataclasses.replace(waiter, caller=wait.caller)
+        self._waiters[waiter.id] = moved
+        for key in waiter.keys:
+            queue = self._queues.get(key, [])
+            queue[:] = [moved if w.id == waiter.id else w for w in queue]
+        return moved
 
     # --- the Backend protocol -----------------------------------------------------------------
     async def now(self) -> datetime:
@@ -375,6 +510,11 @@ class StoreBackend(abc.ABC):
         with self._transaction():
             return self._live(key, self.clock())
 
+    async def holders(self, key: str) -> Locks:
+        """Every live holder of ``key`` (several when it is held shared)."""
+        with self._transaction():
+            return self._holders(key, self.clock())
+
     async def list(self, *, repo: str | None = None, pull: int | None = None) -> Locks:
         now = self.clock()
         return [lock for lock in self._scan(repo, pull) if not lock.expired(now)]
@@ -387,21 +527,25 @@ class StoreBackend(abc.ABC):
             now = self.clock()
             released = sorted(self._scan(repo, pull), key=lambda lock: lock.key)
             for lock in released:
-                self._delete(lock.key)
-            for lock in released:  # in key order, so who gets what does not depend on storage
-                self._hand_out(lock.key, now, policy, fx)
+                self._drop(lock)
+            # In key order, so who gets what does not depend on storage.
+            self._serve([lock.key for lock in released], now, policy, fx)
         return [lock for lock in released if not lock.expired(now)]
 
     async def refresh(self, key: str, owner: Owner, ttl: timedelta) -> Lock:
         with self._transaction():
             now = self.clock()
-            holder = self._live(key, now)
-            if holder is None:
+            holders = self._holders(key, now)
+            if not holders:
                 raise LockNotHeld(key)
-            if not holder.owned_by(*owner):
-                raise LockNotOwned(key, holder)
+            holder = next((h for h in holders if h.owner == owner), None)
+            if holder is None:
+                raise LockNotOwned(key, holders[0])
             lock = holder.model_copy(update={"expires_at": now + ttl})
-            self._store(lock)
+            if lock.mode == "shared":
+                self._store_shared(lock)
+            else:
+                self._store(lock)
             return lock
 
     async def export(self) -> tuple[Locks, dict[str, int]]:
@@ -414,12 +558,16 @@ class StoreBackend(abc.ABC):
                 self._raise_token(key, token)
             now = self.clock()
             for lock in locks:
-                holder = self._live(lock.key, now)
-                if holder is None:
-                    self._raise_token(lock.key, lock.fencing_token)
-                    self._store(lock)
-                elif not holder.owned_by(lock.project.repo_full_name, lock.pull.num):
+                others = [h for h in self._holders(lock.key, now) if h.owner != lock.owner]
+                if others and not (lock.mode == "shared"
+                                   and all(h.mode == "shared" for h in others)):
                     conflicts.append(lock)
+                    continue
+                self._raise_token(lock.key, lock.fencing_token)
+                if lock.mode == "shared":
+                    self._store_shared(lock)
+                elif not any(h.owner == lock.owner for h in self._holders(lock.key, now)):
+                    self._store(lock)
         return conflicts
 
     async def ping(self) -> None:
@@ -451,63 +599,81 @@ class StoreBackend(abc.ABC):
         with self._step() as fx:
             now = self.clock()
             if wait is not None and (queued := self._waiters.get(wait.id)) is not None:
+                queued = self._reattach(queued, wait)
                 key = queued.keys[0]
                 return Outcome(status=Status.QUEUED, waiter=queued, key=key,
                                holder=self._live(key, now),
                                position=self._position(key, queued, now, policy))
+            if wait is not None and (taken := self._granted.pop(wait.id, None)) is not None:
+                still = tuple(lock for lock in taken.locks
+                              if any(h.fencing_token == lock.fencing_token
+                                     for h in self._holders(lock.key, now)))
+                if len(still) == len(taken.locks):  # granted while its caller was away
+                    return Outcome(status=Status.GRANTED, locks=still, fresh=False)
             first = candidates[0]
-            owner = (first.project.repo_full_name, first.pull.num)
-            mine: dict[str, Lock] = {}
-            blocked: list[tuple[str, Lock]] = []
+            owner, mode = first.owner, first.mode
             for candidate in candidates:
-                holder = self._settle(candidate.key, now, policy, fx)
-                if holder is None:
-                    continue
-                if holder.owned_by(*owner):
-                    mine[candidate.key] = holder
-                else:
-                    blocked.append((candidate.key, holder))
-            if not blocked:
-                locks = tuple(mine.get(c.key) or self._stamp(c, now, ttl) for c in candidates)
-                return Outcome(status=Status.GRANTED, locks=locks, fresh=len(mine) < len(locks))
-            key, holder = blocked[0]
-            if wait is None or wait.timeout <= timedelta(0):
-                return Outcome(status=Status.HELD, key=key, holder=holder)
+                self._expire_lapsed(candidate.key, now, fx)
+            self._serve([c.key for c in candidates], now, policy, fx)
+            decision = self._decide(candidates, owner, mode, now, policy, new=True)
+            if decision.verdict is policies.Verdict.GRANT:
+                taken_now = [self._take(c, now, ttl) for c in candidates]
+                return Outcome(status=Status.GRANTED, locks=tuple(lock for lock, _ in taken_now),
+                               fresh=any(fresh for _, fresh in taken_now))
+            key = decision.key or first.key
+            holder = self._live(key, now)
+            freeze = decision.freeze
+            if freeze is not None and (freeze.action == "refuse" or not _waits(wait)):
+                return Outcome(status=Status.FROZEN, key=key, holder=holder,
+                               message=freeze.message)
+            if not _waits(wait):
+                status = (Status.LIMITED if decision.verdict is policies.Verdict.LIMITED
+                          else Status.HELD)
+                return Outcome(status=status, key=key, holder=holder)
+            assert wait is not None
+            superseded = self._supersede(candidates, wait.id, fx)
             for candidate in candidates:
                 if len(self._queues.get(candidate.key, ())) >= policy.max_size:
                     return Outcome(status=Status.QUEUE_FULL, key=candidate.key,
-                                   holder=self._live(candidate.key, now))
+                                   holder=self._live(candidate.key, now),
+                                   superseded=tuple(superseded))
             self._seq += 1
             waiter = Waiter(
                 id=wait.id, locks=tuple(candidates), ttl=ttl, enqueued_at=now,
                 deadline=now + wait.timeout, seq=self._seq, request_id=wait.request_id,
+                caller=wait.caller,
             )
             self._waiters[waiter.id] = waiter
             for candidate in candidates:
                 self._queues.setdefault(candidate.key, []).append(waiter)
             return Outcome(status=Status.QUEUED, waiter=waiter, key=key, holder=holder,
-                           position=self._position(key, waiter, now, policy))
+                           position=self._position(key, waiter, now, policy),
+                           message=freeze.message if freeze is not None else None,
+                           superseded=tuple(superseded))
 
     async def release_and_handoff(
         self, key: str, *, owner: Owner | None = None, policy: QueuePolicy | None = None
     ) -> Handoff:
-        if key not in self._queues:  # nobody waits here: one step, nothing to hand over
+        policy = policy or QueuePolicy()
+        if key not in self._queues and not policy.rules.concurrency:
+            # Nobody waits here: one step, nothing to hand over.
             popped = self._pop(key, owner)
             if popped is not None:
                 return Handoff(released=None if popped.expired(self.clock()) else popped)
-        policy = policy or QueuePolicy()
         with self._step() as fx:
             now = self.clock()
-            holder = self._load(key)
-            if holder is not None and holder.expired(now):
-                self._delete(key)
-                holder = None
-            if holder is not None:
-                if owner is not None and not holder.owned_by(*owner):
-                    raise LockNotOwned(key, holder)
-                self._delete(key)
-            self._hand_out(key, now, policy, fx)
-            return fx.handoff(holder)
+            self._expire_lapsed(key, now, fx)
+            holders = self._holders(key, now)
+            if owner is not None:
+                mine = [h for h in holders if h.owner == owner]
+                if holders and not mine:
+                    raise LockNotOwned(key, holders[0])
+                holders = mine
+            for lock in holders:
+                self._drop(lock)
+            self._serve([key], now, policy, fx)
+            handoff = fx.handoff(holders[0] if holders else None)
+            return dataclasses.replace(handoff, also_released=tuple(holders[1:]))
 
     async def force_unlock(self, key: str, *, policy: QueuePolicy | None = None) -> Handoff:
         return await self.release_and_handoff(key, policy=policy)
@@ -517,12 +683,20 @@ class StoreBackend(abc.ABC):
             self._settle(key, self.clock(), policy or QueuePolicy(), fx)
             return fx.handoff(fx.expired[0] if fx.expired else None)
 
+    async def wake(self, *, policy: QueuePolicy) -> Handoff:
+        """Serve every queue (a rule changed, or a freeze started or ended)."""
+        with self._step() as fx:
+            self._serve(list(self._queues), self.clock(), policy, fx)
+            return fx.handoff(None)
+
     async def cancel(
-        self, key: str, waiter_id: str, *, reason: Reason = Reason.CANCELLED
+        self, key: str, waiter_id: str, *, reason: Reason = Reason.CANCELLED, caller: str = ""
     ) -> Cancelled:
         with self._step() as fx:
             waiter = self._waiters.get(waiter_id)
             if waiter is not None:
+                if caller and waiter.caller != caller:
+                    return Cancelled(waiter=waiter)  # a retry took it over: it stays
                 self._unqueue(waiter)
                 fx.notices.append((waiter_id, Notice(reason=reason)))
                 return Cancelled(removed=True, waiter=waiter)
@@ -532,8 +706,8 @@ class StoreBackend(abc.ABC):
             now = self.clock()
             still = tuple(
                 lock for lock in grant.locks
-                if (held := self._live(lock.key, now)) is not None
-                and held.fencing_token == lock.fencing_token
+                if any(h.fencing_token == lock.fencing_token
+                       for h in self._holders(lock.key, now))
             )
             return Cancelled(waiter=grant.waiter, granted=still)
 
@@ -547,16 +721,25 @@ class StoreBackend(abc.ABC):
             now = self.clock()
             graph = []
             for key, queue in self._queues.items():
-                holder = self._live(key, now)
+                owners = tuple(h.owner for h in self._holders(key, now))
                 graph.append(KeyWaits(
-                    key=key,
-                    holder=(holder.project.repo_full_name, holder.pull.num) if holder else None,
+                    key=key, holder=owners[0] if owners else None, holders=owners,
                     waiters=tuple(service_order(queue, now=now, policy=policy)),
                 ))
             return graph
 
 
 _GRANTS_REMEMBERED = 10_000
+
+
+def parts_of(lock: Lock) -> policies.KeyParts:
+    """What the rules see of a lock."""
+    return policies.KeyParts(key=lock.key, repo=lock.project.repo_full_name,
+                             path=lock.project.path, workspace=lock.workspace)
+
+
+def _waits(wait: Wait | None) -> bool:
+    return wait is not None and wait.timeout > timedelta(0)
 
 
 @dataclass

@@ -117,6 +117,7 @@ def atlantis_dict(lock: Lock) -> dict[str, Any]:
             "ExpiresAt": _go_time(lock.expires_at) if lock.expires_at else None,
             "FencingToken": lock.fencing_token,
             "Backend": lock.backend,
+            "Mode": lock.mode,
         },
     }
 
@@ -156,6 +157,7 @@ def from_atlantis_dict(data: dict[str, Any], *, key: str | None = None) -> Lock:
         expires_at=_parse_time(expires) if expires else None,
         fencing_token=int(extra.get("FencingToken", 0)),
         backend=extra.get("Backend", "legacy"),
+        mode="shared" if extra.get("Mode") == "shared" else "exclusive",
     )
 
 

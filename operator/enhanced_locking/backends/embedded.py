@@ -35,6 +35,11 @@ CREATE TABLE IF NOT EXISTS locks (
     data TEXT NOT NULL, PRIMARY KEY (ns, key)
 );
 CREATE INDEX IF NOT EXISTS locks_by_pull ON locks (ns, repo, pull);
+CREATE TABLE IF NOT EXISTS shared_locks (
+    ns TEXT NOT NULL, key TEXT NOT NULL, repo TEXT NOT NULL, pull INTEGER NOT NULL,
+    data TEXT NOT NULL, token INTEGER NOT NULL, PRIMARY KEY (ns, key, repo, pull)
+);
+CREATE INDEX IF NOT EXISTS shared_by_pull ON shared_locks (ns, repo, pull);
 CREATE TABLE IF NOT EXISTS fencing (
     ns TEXT NOT NULL, key TEXT NOT NULL, token INTEGER NOT NULL, PRIMARY KEY (ns, key)
 );
@@ -129,6 +134,27 @@ class EmbeddedBackend(StoreBackend):
         )
         self._remember(lock.key, text, lock)
 
+    def _load_shared(self, key: str) -> list[Lock]:
+        rows = self._db.execute(
+            "SELECT data FROM shared_locks WHERE ns = ? AND key = ? ORDER BY token",
+            (self.namespace, key),
+        ).fetchall()
+        return [codec.decode(row[0], key=key) for row in rows]
+
+    def _store_shared(self, lock: Lock) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO shared_locks (ns, key, repo, pull, data, token) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (self.namespace, lock.key, lock.project.repo_full_name, lock.pull.num,
+             codec.encode(lock), lock.fencing_token),
+        )
+
+    def _delete_shared(self, key: str, owner: tuple[str, int]) -> None:
+        self._db.execute(
+            "DELETE FROM shared_locks WHERE ns = ? AND key = ? AND repo = ? AND pull = ?",
+            (self.namespace, key, *owner),
+        )
+
     def _pop(self, key: str, owner: tuple[str, int] | None) -> Lock | None:
         # One statement, so one implicit transaction: the release of a key nobody waits for.
         query = "DELETE FROM locks WHERE ns = ? AND key = ?"
@@ -165,14 +191,16 @@ class EmbeddedBackend(StoreBackend):
         )
 
     def _scan(self, repo: str | None, pull: int | None) -> list[Lock]:
-        query = "SELECT key, data FROM locks WHERE ns = ?"
+        where = "WHERE ns = ?"
         args: list[str | int] = [self.namespace]
         if repo is not None:
-            query, args = query + " AND repo = ?", [*args, repo]
+            where, args = where + " AND repo = ?", [*args, repo]
         if pull is not None:
-            query, args = query + " AND pull = ?", [*args, pull]
+            where, args = where + " AND pull = ?", [*args, pull]
+        query = (f"SELECT key, data FROM locks {where} UNION ALL "
+                 f"SELECT key, data FROM shared_locks {where} ORDER BY key")
         with self._unavailable():
-            rows = self._db.execute(query + " ORDER BY key", args).fetchall()
+            rows = self._db.execute(query, [*args, *args]).fetchall()
         return [codec.decode(data, key=key) for key, data in rows]
 
     async def ping(self) -> None:

@@ -21,6 +21,7 @@ class MemoryBackend(StoreBackend):
     ) -> None:
         super().__init__(namespace, clock=clock)
         self._locks: dict[str, Lock] = {}
+        self._shared: dict[str, dict[tuple[str, int], Lock]] = {}
         self._counters: dict[str, int] = {}
 
     def _load(self, key: str) -> Lock | None:
@@ -31,6 +32,19 @@ class MemoryBackend(StoreBackend):
 
     def _delete(self, key: str) -> None:
         self._locks.pop(key, None)
+
+    def _load_shared(self, key: str) -> list[Lock]:
+        return sorted(self._shared.get(key, {}).values(), key=lambda lock: lock.fencing_token)
+
+    def _store_shared(self, lock: Lock) -> None:
+        self._shared.setdefault(lock.key, {})[lock.owner] = lock
+
+    def _delete_shared(self, key: str, owner: tuple[str, int]) -> None:
+        holders = self._shared.get(key)
+        if holders is not None:
+            holders.pop(owner, None)
+            if not holders:
+                del self._shared[key]
 
     def _pop(self, key: str, owner: tuple[str, int] | None) -> Lock | None:
         lock = self._locks.get(key)
@@ -49,9 +63,10 @@ class MemoryBackend(StoreBackend):
         self._counters[key] = max(self._counters.get(key, 0), at_least)
 
     def _scan(self, repo: str | None, pull: int | None) -> list[Lock]:
+        shared = (lock for holders in self._shared.values() for lock in holders.values())
         return [
             lock
-            for lock in self._locks.values()
+            for lock in (*self._locks.values(), *shared)
             if (repo is None or lock.project.repo_full_name == repo)
             and (pull is None or lock.pull.num == pull)
         ]

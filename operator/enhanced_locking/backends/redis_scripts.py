@@ -8,8 +8,9 @@ restart or a failover). They share one library (:data:`LIBRARY`), prepended to e
 **Arguments every script takes**: ``ARGV[1]`` is ``base`` (``{key-prefix}{namespace}:``),
 ``ARGV[2..5]`` the queue policy (priority flag 0/1, starvation threshold in ms, max boost, max
 queue size), ``ARGV[6]`` the calling replica's id, ``ARGV[7..9]`` the store epoch the caller
-knows, a fresh epoch id to use if a new one must be started, and the restart quarantine in ms.
-Script-specific arguments start at ``ARGV[10]``. ``KEYS`` name the lock hashes a call is
+knows, a fresh epoch id to use if a new one must be started, and the restart quarantine in ms;
+``ARGV[10]`` the policy rules compiled by :func:`enhanced_locking.policies.compile_rules` (JSON,
+``''`` for none). Script-specific arguments start at ``ARGV[11]``. ``KEYS`` name the lock hashes a call is
 about; the indexes below are derived from ``base`` inside the scripts, which is why the backend
 needs one Redis (or Sentinel), not a Redis Cluster. Everything about one lock key carries the
 key as a hash tag (``{K}``).
@@ -457,19 +458,19 @@ ACQUIRE = _script("""
 -- acquire-or-enqueue: grant every key of a batch (one key is a batch of one), or queue one
 -- waiter on every key, or refuse.
 -- KEYS   the lock hash of each key (documentation; names are derived from the keys below)
--- ARGV[10] lease in ms (0: none)  ARGV[11] waiter id ('' = fail fast)  ARGV[12] wait in ms
--- ARGV[13] request id ('' none)  ARGV[14] owner repo  ARGV[15] owner pull
--- ARGV[16] base priority level 0..3  ARGV[17..] pairs: lock key, Atlantis JSON to store
+-- ARGV[11] lease in ms (0: none)  ARGV[12] waiter id ('' = fail fast)  ARGV[13] wait in ms
+-- ARGV[14] request id ('' none)  ARGV[15] owner repo  ARGV[16] owner pull
+-- ARGV[17] base priority level 0..3  ARGV[18..] pairs: lock key, Atlantis JSON to store
 -- returns {'granted', {lock...}, fresh 0/1}
 --         {'held', key, lock}
 --         {'queue_full', key, lock or {}}
 --         {'queued', waiter record (flat), key, its holder or {}, position}
 local refused = guard()
 if refused then return refused end
-local ttl, wait_id, wait_ms = tonumber(ARGV[10]), ARGV[11], tonumber(ARGV[12])
-local rid, repo, pull, level = ARGV[13], ARGV[14], ARGV[15], ARGV[16]
+local ttl, wait_id, wait_ms = tonumber(ARGV[11]), ARGV[12], tonumber(ARGV[13])
+local rid, repo, pull, level = ARGV[14], ARGV[15], ARGV[16], ARGV[17]
 local keys, datas = {}, {}
-for i = 17, #ARGV, 2 do
+for i = 18, #ARGV, 2 do
   table.insert(keys, ARGV[i])
   datas[ARGV[i]] = ARGV[i + 1]
 end
@@ -533,15 +534,15 @@ RELEASE = _script("""
 -- release-and-hand-off: free a key (optionally only for the pull that holds it) and give it
 -- to the next waiter; also the admin's force-unlock (no owner).
 -- KEYS[1] the key's lock hash
--- ARGV[10] lock key  ARGV[11] owner repo ('' = whoever holds it)  ARGV[12] owner pull
+-- ARGV[11] lock key  ARGV[12] owner repo ('' = whoever holds it)  ARGV[13] owner pull
 -- returns {'not_owned', lock} (nothing changed), or
 --         {'released', lock or {}, granted, dropped} where granted is a list of
 --         {waiter record, {lock...}} and dropped a list of waiter records
 local refused = guard()
 if refused then return refused end
-local k = ARGV[10]
+local k = ARGV[11]
 local holder = live(k, nil)
-if holder and ARGV[11] ~= '' and not same_owner(holder, ARGV[11], ARGV[12]) then
+if holder and ARGV[12] ~= '' and not same_owner(holder, ARGV[12], ARGV[13]) then
   return {'not_owned', holder}
 end
 if holder then drop_lock(holder) end
@@ -553,27 +554,27 @@ return {'released', holder or {}, fx.granted, fx.dropped}
 EXPIRE = _script("""
 -- expire: if the key's lease has lapsed, free it; serve the queue of a free key.
 -- KEYS[1] the key's lock hash
--- ARGV[10] lock key
+-- ARGV[11] lock key
 -- returns {expired lock or {}, granted, dropped} (as RELEASE)
 local refused = guard()
 if refused then return refused end
 local fx = new_effects()
-settle(ARGV[10], fx)
+settle(ARGV[11], fx)
 return {fx.expired[1] or {}, fx.granted, fx.dropped}
 """)
 
 RELEASE_BY_PULL = _script("""
 -- release-by-pull: free every key a pull holds and hand each to its next waiter.
 -- KEYS   none (the pull's index is derived)
--- ARGV[10] repo  ARGV[11] pull number
+-- ARGV[11] repo  ARGV[12] pull number
 -- returns {released locks (leases still running), granted, dropped}
 local refused = guard()
 if refused then return refused end
-local index = pull_index(ARGV[10], ARGV[11])
+local index = pull_index(ARGV[11], ARGV[12])
 local released, freed = {}, {}
 for _, k in ipairs(redis.call('SMEMBERS', index)) do
   local holder = read_lock(k)
-  if holder and same_owner(holder, ARGV[10], ARGV[11]) then
+  if holder and same_owner(holder, ARGV[11], ARGV[12]) then
     drop_lock(holder)
     table.insert(freed, k)
     if not lapsed(holder) then table.insert(released, holder) end
@@ -590,15 +591,15 @@ return {released, fx.granted, fx.dropped}
 CANCEL = _script("""
 -- cancel: take a waiter out of every queue it is in and tell its replica why.
 -- KEYS   none (the waiter's record names its keys)
--- ARGV[10] waiter id  ARGV[11] reason (cancelled, timeout, deadlock, unavailable)
+-- ARGV[11] waiter id  ARGV[12] reason (cancelled, timeout, deadlock, unavailable)
 -- returns {'removed', waiter record}, {'none'}, or, when it had been granted already,
 --         {'granted', waiter record, locks it still holds (now confirmed)}
 local refused = guard()
 if refused then return refused end
-local id = ARGV[10]
+local id = ARGV[11]
 local rec = read_waiter(id)
 if rec then
-  drop_waiter(id, rec, ARGV[11], nil)
+  drop_waiter(id, rec, ARGV[12], nil)
   return {'removed', rec.flat}
 end
 local out = redis.call('HMGET', outcome_name(id), 'kind', 'waiter', 'locks')
@@ -617,17 +618,17 @@ return {'granted', cjson.decode(out[2]), still}
 CONFIRM = _script("""
 -- confirm: the waiter's replica takes the locks it was granted (ends the claim).
 -- KEYS   none
--- ARGV[10] waiter id
+-- ARGV[11] waiter id
 -- returns {'granted', locks} or {'lost', locks it still holds} (a claim lapsed first)
 local refused = guard()
 if refused then return refused end
-local out = redis.call('HMGET', outcome_name(ARGV[10]), 'kind', 'locks')
+local out = redis.call('HMGET', outcome_name(ARGV[11]), 'kind', 'locks')
 if out[1] ~= 'granted' then return {'lost', {}} end
 local held, lost = {}, false
 for _, pair in ipairs(cjson.decode(out[2])) do
   local holder = live(pair[1], nil)
   if holder and holder[3] == pair[2] then
-    if holder[8] == ARGV[10] then settle_claim(holder) end
+    if holder[8] == ARGV[11] then settle_claim(holder) end
     table.insert(held, holder)
   else
     lost = true
@@ -640,10 +641,10 @@ return {'granted', held}
 STATUS = _script("""
 -- status: where each of a replica's waiters stands (after its notifications were cut off).
 -- KEYS   none
--- ARGV[10..] waiter ids
+-- ARGV[11..] waiter ids
 -- returns one word per id: queued, granted, timeout, cancelled, deadlock, unavailable, gone
 local out = {}
-for i = 10, #ARGV do
+for i = 11, #ARGV do
   if redis.call('EXISTS', waiter_name(ARGV[i])) == 1 then
     table.insert(out, 'queued')
   else
@@ -657,28 +658,28 @@ return out
 GET = _script("""
 -- get: the holder of a key (a lapsed lease is not a holder), changing nothing.
 -- KEYS[1] the key's lock hash
--- ARGV[10] lock key
+-- ARGV[11] lock key
 -- returns the lock or {}
-return peek(ARGV[10]) or {}
+return peek(ARGV[11]) or {}
 """)
 
 LIST = _script("""
 -- list: the live locks named by an index set, pruning entries whose lock is gone.
 -- KEYS   none (the index is derived)
--- ARGV[10] '' for every held key, else the repo and ARGV[11] the pull of a pull's index
--- ARGV[12] repo filter ('' = any)  ARGV[13] pull filter ('' = any)
+-- ARGV[11] '' for every held key, else the repo and ARGV[12] the pull of a pull's index
+-- ARGV[13] repo filter ('' = any)  ARGV[14] pull filter ('' = any)
 -- returns a list of locks
 local index = HELD
-if ARGV[10] ~= '' then index = pull_index(ARGV[10], ARGV[11]) end
+if ARGV[11] ~= '' then index = pull_index(ARGV[11], ARGV[12]) end
 local out = {}
 for _, k in ipairs(redis.call('SMEMBERS', index)) do
   local lock = read_lock(k)
   if not lock then
     redis.call('SREM', index, k)
-  elseif not lapsed(lock) and (ARGV[12] == '' or lock[6] == ARGV[12])
-      and (ARGV[13] == '' or lock[7] == ARGV[13]) then
+  elseif not lapsed(lock) and (ARGV[13] == '' or lock[6] == ARGV[13])
+      and (ARGV[14] == '' or lock[7] == ARGV[14]) then
     table.insert(out, lock)
-  elseif index ~= HELD and not same_owner(lock, ARGV[10], ARGV[11]) then
+  elseif index ~= HELD and not same_owner(lock, ARGV[11], ARGV[12]) then
     redis.call('SREM', index, k)
   end
 end
@@ -688,17 +689,17 @@ return out
 REFRESH = _script("""
 -- refresh: restart the lease of a held lock from now (server time); ends a pending claim.
 -- KEYS[1] the key's lock hash
--- ARGV[10] lock key  ARGV[11] owner repo  ARGV[12] owner pull  ARGV[13] lease in ms (> 0)
+-- ARGV[11] lock key  ARGV[12] owner repo  ARGV[13] owner pull  ARGV[14] lease in ms (> 0)
 -- returns {'refreshed', lock}, {'not_held'} or {'not_owned', lock}
 local refused = guard()
 if refused then return refused end
-local lock = peek(ARGV[10])
+local lock = peek(ARGV[11])
 if not lock then return {'not_held'} end
-if not same_owner(lock, ARGV[11], ARGV[12]) then return {'not_owned', lock} end
-local exp = NOW + tonumber(ARGV[13])
-redis.call('HDEL', lock_name(ARGV[10]), 'claim', 'lease')
-redis.call('HSET', lock_name(ARGV[10]), 'exp', exp)
-collect_after(ARGV[10], exp)
+if not same_owner(lock, ARGV[12], ARGV[13]) then return {'not_owned', lock} end
+local exp = NOW + tonumber(ARGV[14])
+redis.call('HDEL', lock_name(ARGV[11]), 'claim', 'lease')
+redis.call('HSET', lock_name(ARGV[11]), 'exp', exp)
+collect_after(ARGV[11], exp)
 lock[5], lock[8], lock[9] = int(exp), false, false
 return {'refreshed', lock}
 """)
@@ -706,11 +707,11 @@ return {'refreshed', lock}
 QUEUE = _script("""
 -- queue: the waiters of one key (the caller orders them with the shared service order).
 -- KEYS[1] the key's lock hash
--- ARGV[10] lock key
+-- ARGV[11] lock key
 -- returns {now ms, waiter records}
 local records = {}
 for level = 0, 3 do
-  for _, member in ipairs(redis.call('ZRANGE', queue_name(ARGV[10], level), 0, -1)) do
+  for _, member in ipairs(redis.call('ZRANGE', queue_name(ARGV[11], level), 0, -1)) do
     local rec = read_waiter(string.sub(member, 18))
     if rec then table.insert(records, rec.flat) end
   end
@@ -772,16 +773,16 @@ return NOW
 RAISE_TOKEN = _script("""
 -- raise-token: make a key's fencing counter at least a value (counters never fall).
 -- KEYS[1] the key's fencing counter
--- ARGV[10] lock key  ARGV[11] value
+-- ARGV[11] lock key  ARGV[12] value
 -- returns the counter after the call
 local refused = guard()
 if refused then return refused end
-local current = tonumber(redis.call('GET', fence_name(ARGV[10])) or '0')
-local wanted = tonumber(ARGV[11])
-redis.call('SADD', FENCED, ARGV[10])
+local current = tonumber(redis.call('GET', fence_name(ARGV[11])) or '0')
+local wanted = tonumber(ARGV[12])
+redis.call('SADD', FENCED, ARGV[11])
 if wanted > current then
-  redis.call('SET', fence_name(ARGV[10]), ARGV[11])
-  return ARGV[11]
+  redis.call('SET', fence_name(ARGV[11]), ARGV[12])
+  return ARGV[12]
 end
 return int(current)
 """)
@@ -789,28 +790,28 @@ return int(current)
 ADOPT = _script("""
 -- adopt: take over a lock from another store, keeping its token, times and lease.
 -- KEYS[1] the key's lock hash
--- ARGV[10] lock key  ARGV[11] repo  ARGV[12] pull  ARGV[13] Atlantis JSON  ARGV[14] token
--- ARGV[15] acquired at (ms)  ARGV[16] lease end (ms, 0: none)
+-- ARGV[11] lock key  ARGV[12] repo  ARGV[13] pull  ARGV[14] Atlantis JSON  ARGV[15] token
+-- ARGV[16] acquired at (ms)  ARGV[17] lease end (ms, 0: none)
 -- returns 1 adopted (or already held by the same pull), 0 held here by another pull,
 --         2 skipped because its lease already ended
 local refused = guard()
 if refused then return refused end
-local k = ARGV[10]
-local token = tonumber(ARGV[14])
+local k = ARGV[11]
+local token = tonumber(ARGV[15])
 local current = tonumber(redis.call('GET', fence_name(k)) or '0')
 redis.call('SADD', FENCED, k)
-if token > current then redis.call('SET', fence_name(k), ARGV[14]) end
+if token > current then redis.call('SET', fence_name(k), ARGV[15]) end
 local holder = live(k, nil)
 if holder then
-  if same_owner(holder, ARGV[11], ARGV[12]) then return 1 end
+  if same_owner(holder, ARGV[12], ARGV[13]) then return 1 end
   return 0
 end
-local exp = tonumber(ARGV[16])
+local exp = tonumber(ARGV[17])
 if exp > 0 and exp <= NOW then return 2 end
-redis.call('HSET', lock_name(k), 'data', ARGV[13], 'token', ARGV[14], 'at', ARGV[15],
-           'exp', exp, 'repo', ARGV[11], 'pull', ARGV[12])
+redis.call('HSET', lock_name(k), 'data', ARGV[14], 'token', ARGV[15], 'at', ARGV[16],
+           'exp', exp, 'repo', ARGV[12], 'pull', ARGV[13])
 collect_after(k, exp)
 redis.call('SADD', HELD, k)
-redis.call('SADD', pull_index(ARGV[11], ARGV[12]), k)
+redis.call('SADD', pull_index(ARGV[12], ARGV[13]), k)
 return 1
 """)

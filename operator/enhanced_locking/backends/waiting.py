@@ -40,7 +40,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from enhanced_locking.config import EnhancedLockingConfig
-from enhanced_locking.types import Lock, Priority, Reason
+from enhanced_locking.policies import PolicyRules
+from enhanced_locking.types import Lock, Mode, Priority, Reason
 
 __all__ = [
     "MAX_LEVEL",
@@ -84,6 +85,8 @@ class QueuePolicy:
     starvation_threshold: timedelta = timedelta(minutes=2)
     max_boost: int = 3
     max_size: int = 1000
+    rules: PolicyRules = PolicyRules()
+    """Freezes and concurrency limits, decided in the grant step (:mod:`..policies`)."""
 
     @classmethod
     def from_config(cls, config: EnhancedLockingConfig) -> QueuePolicy:
@@ -92,6 +95,7 @@ class QueuePolicy:
             starvation_threshold=config.starvation_threshold,
             max_boost=config.max_priority_boost,
             max_size=config.max_queue_size,
+            rules=config.policies,
         )
 
     @property
@@ -106,6 +110,9 @@ class Wait:
     id: str
     timeout: timedelta
     request_id: str | None = None
+    caller: str = ""
+    """Who waits for it now: a retried request (same ``id``) takes the waiter over, and a
+    clean-up by the caller that went away only removes a waiter it still owns."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -125,6 +132,7 @@ class Waiter:
     deadline: datetime
     seq: int
     request_id: str | None = None
+    caller: str = ""
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -138,6 +146,14 @@ class Waiter:
     @property
     def priority(self) -> Priority:
         return self.locks[0].priority
+
+    @property
+    def mode(self) -> Mode:
+        return self.locks[0].mode
+
+    @property
+    def head_commit(self) -> str:
+        return self.locks[0].pull.head_commit
 
 
 Waiters = list[Waiter]
@@ -176,6 +192,8 @@ class Status(enum.StrEnum):
     HELD = "held"
     QUEUED = "queued"
     QUEUE_FULL = "queue_full"
+    FROZEN = "frozen"
+    LIMITED = "limited"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -189,6 +207,12 @@ class Outcome:
     * ``queued``: ``waiter`` is in the queue of every key it asked for, at 1-based ``position``
       in the service order of ``key`` (the first blocked key).
     * ``queue_full``: ``key``'s queue already has ``max_size`` waiters.
+    * ``frozen``: a freeze covers ``key`` and refuses (or it waits and no wait was offered);
+      ``message`` is the freeze's.
+    * ``limited``: a concurrency group of ``key`` is full and no wait was offered.
+
+    ``superseded`` are the waiters of the same pull with an older head commit that this
+    request pushed out of the queue.
     """
 
     status: Status
@@ -198,6 +222,8 @@ class Outcome:
     holder: Lock | None = None
     waiter: Waiter | None = None
     position: int | None = None
+    message: str | None = None
+    superseded: tuple[Waiter, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -216,6 +242,8 @@ class Handoff:
     granted: tuple[Grant, ...] = ()
     timed_out: tuple[Waiter, ...] = ()
     """Waiters found past their deadline and dropped while looking for the next holder."""
+    also_released: tuple[Lock, ...] = ()
+    """Other holders freed with ``released`` (a force-unlock of a key held shared)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -236,6 +264,8 @@ class KeyWaits:
     key: str
     holder: Owner | None
     waiters: tuple[Waiter, ...]
+    holders: tuple[Owner, ...] = ()
+    """Every holder's owner (several when the key is held shared); ``holder`` is the first."""
 
 
 KeyWaitsList = list[KeyWaits]

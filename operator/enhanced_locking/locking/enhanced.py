@@ -18,6 +18,7 @@ the caller's side of waiting is :mod:`.queueing`, leases are :mod:`.leasing`.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import secrets
 import time
@@ -26,7 +27,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from enhanced_locking.backends.base import Backend, Owner, QueueBackend
+from enhanced_locking import policies
+from enhanced_locking.backends.base import Backend, Owner, QueueBackend, parts_of
 from enhanced_locking.backends.waiting import (
     Handoff,
     Notice,
@@ -42,7 +44,7 @@ from enhanced_locking.backends.waiting import (
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.durations import format_duration
 from enhanced_locking.events import EventBus
-from enhanced_locking.locking import batch, deadlock, queueing
+from enhanced_locking.locking import batch, deadlock, queueing, visibility
 from enhanced_locking.locking.base import AtlantisCalls
 from enhanced_locking.locking.leasing import LeaseTimers
 from enhanced_locking.locking.retrying import retrying
@@ -82,6 +84,7 @@ class Answer:
     cycle: list[str] | None = None
     fresh: bool = True
     """Granted by this call (not the pull's own lock asked for again)."""
+    message: str | None = None
 
     @property
     def acquired(self) -> bool:
@@ -108,15 +111,24 @@ class EnhancedLocker(AtlantisCalls):
         self.events = events
         self.metrics = metrics
         self.leases = LeaseTimers(self.expire)
+        self.holds = visibility.HoldTimes()
+        self.rules = visibility.RuleWatch(self)
 
     # --- life ---------------------------------------------------------------------------------
     async def start(self) -> None:
         """Set lease timers for the leased locks already in the store (after a restart)."""
         for lock in await self.backend.list():
             self.leases.arm(lock.key, lock.expires_at)
+        self.rules.changed(self.settings().policies)
 
     async def close(self) -> None:
+        await self.rules.close()
         await self.leases.close()
+
+    async def wake(self) -> None:
+        """Serve every queue now (a rule changed, a freeze started or ended)."""
+        handoff = await self._call("wake", lambda: self.backend.wake(policy=self.policy()))
+        self._handed(handoff, how="rule")
 
     # --- settings -----------------------------------------------------------------------------
     def policy(self) -> QueuePolicy:
@@ -157,7 +169,7 @@ class EnhancedLocker(AtlantisCalls):
             return AcquireResult.granted(answer.locks[0], fresh=answer.fresh)
         return AcquireResult.refused(
             request.key, answer.reason or Reason.HELD, answer.holder,
-            queue_position=answer.position, cycle=answer.cycle,
+            queue_position=answer.position, cycle=answer.cycle, error=answer.message,
         )
 
     async def acquire_batch(self, request: BatchLockRequest) -> BatchResult:
@@ -167,7 +179,7 @@ class EnhancedLocker(AtlantisCalls):
             return BatchResult(acquired=True, locks=list(answer.locks))
         return BatchResult(acquired=False, lock_key=answer.key, reason=answer.reason,
                            holder=answer.holder, queue_position=answer.position,
-                           cycle=answer.cycle)
+                           cycle=answer.cycle, error=answer.message)
 
     async def _acquire(
         self, requests: Sequence[LockRequest], asked: LockRequest | BatchLockRequest
@@ -176,16 +188,32 @@ class EnhancedLocker(AtlantisCalls):
         self.validate(asked)
         wait, ttl, policy = self.wait_for(asked), self.lease(asked), self.policy()
         now = utcnow()
-        candidates = [_candidate(r, now) for r in requests]
+        priority = self.priority_for(requests, asked)
+        candidates = [_candidate(r, now, priority) for r in requests]
         offer = None
         if wait is not None:
-            offer = Wait(id=secrets.token_hex(12), timeout=wait, request_id=asked.request_id)
+            offer = Wait(id=_waiter_id(candidates[0], asked.request_id), timeout=wait,
+                         request_id=asked.request_id, caller=secrets.token_hex(8))
         answer = await self._attempt(candidates, ttl=ttl, offer=offer, policy=policy)
         outcome = "acquired" if answer.acquired else str(answer.reason)
         self.metrics.acquires.labels("enhanced", outcome).inc()
         self.metrics.acquire_seconds.labels("enhanced", outcome).observe(
             time.perf_counter() - started)
         return answer
+
+    def priority_for(
+        self, requests: Sequence[LockRequest], asked: LockRequest | BatchLockRequest
+    ) -> Priority:
+        """The priority the rules give this request (the lowest over a batch's keys); a
+        client may ask for less, and for more only with the admin right."""
+        rules = self.settings().policies
+        if not rules.priority_rules:
+            return asked.priority
+        admin = policies.CALLER_IS_ADMIN.get()
+        given = [policies.assigned_priority(
+            parts_of(_candidate(r, utcnow(), asked.priority)), asked.command, asked.priority,
+            rules, admin=admin) for r in requests]
+        return min(given, key=lambda p: p.level)
 
     async def _attempt(
         self, candidates: list[Lock], *, ttl: timedelta | None, offer: Wait | None,
@@ -203,6 +231,11 @@ class EnhancedLocker(AtlantisCalls):
             if offer is not None:
                 self.backend.grants.forget(offer.id)
             raise
+        for stale in outcome.superseded:
+            self.events.publish(
+                "superseded", key=stale.keys[0], repo=stale.owner[0], pull=stale.owner[1],
+                waiterId=stale.id, requestId=stale.request_id, headCommit=stale.head_commit,
+                by=candidates[0].pull.head_commit)
         if outcome.status is not Status.QUEUED:
             if offer is not None:
                 self.backend.grants.forget(offer.id)
@@ -220,8 +253,10 @@ class EnhancedLocker(AtlantisCalls):
         key = outcome.key or ""
         if outcome.holder is not None:
             self.leases.arm(key, outcome.holder.expires_at)
-        reason = Reason.QUEUE_FULL if outcome.status is Status.QUEUE_FULL else Reason.HELD
-        return Answer(key=key, reason=reason, holder=outcome.holder)
+        reason = _REASONS.get(outcome.status, Reason.HELD)
+        if reason is Reason.FROZEN:
+            self.events.publish("frozen", key=key, message=outcome.message)
+        return Answer(key=key, reason=reason, holder=outcome.holder, message=outcome.message)
 
     async def _queued(
         self, outcome: Outcome, waiter: Waiter, future: asyncio.Future[Notice], offer: Wait
@@ -239,16 +274,19 @@ class EnhancedLocker(AtlantisCalls):
         if outcome.holder is not None:
             # Wake the queue when the holder's lease ends, wherever it was granted.
             self.leases.arm(key, outcome.holder.expires_at)
+        view = await self._view(key, waiter.id)
+        seen = {"position": outcome.position, **(view.details() if view is not None else {})}
         self.events.publish(
             "queued", key=key, repo=waiter.owner[0], pull=waiter.owner[1],
-            waiterId=waiter.id, requestId=waiter.request_id, position=outcome.position,
-            priority=waiter.priority.value, keys=list(waiter.keys),
+            waiterId=waiter.id, requestId=waiter.request_id, priority=waiter.priority.value,
+            mode=waiter.mode, keys=list(waiter.keys), message=outcome.message, **seen,
         )
         started = time.perf_counter()
         try:
             notice = await queueing.await_turn(
-                self.backend, waiter, future, seconds=offer.timeout.total_seconds(),
-                give_back=self._give_back,
+                self.backend, waiter, future,
+                seconds=await self._seconds_left(waiter, offer),
+                give_back=self._give_back, caller=offer.caller,
             )
         except asyncio.CancelledError:  # the caller went away; await_turn withdrew the waiter
             waited = time.perf_counter() - started
@@ -278,6 +316,14 @@ class EnhancedLocker(AtlantisCalls):
                                 **details)
         holder = await self._holder(key)
         return Answer(key=key, reason=reason, holder=holder)
+
+    async def _seconds_left(self, waiter: Waiter, offer: Wait) -> float:
+        """How long to wait: the offer, or, for a retried request that found its waiter, what
+        is left of the waiter's original deadline (it keeps its enqueue time and deadline)."""
+        if waiter.request_id is None:
+            return offer.timeout.total_seconds()
+        now = await self._call("now", self.backend.now)
+        return max(0.0, (waiter.deadline - now).total_seconds())
 
     async def _refuse_deadlock(self, waiter: Waiter, key: str) -> Answer | None:
         graph = await self._call("wait_graph", lambda: self.backend.wait_graph(
@@ -347,6 +393,13 @@ class EnhancedLocker(AtlantisCalls):
             self.leases.arm(key, holder.expires_at)
 
     def _handed(self, handoff: Handoff, *, how: str) -> None:
+        now = utcnow()
+        for lock in (handoff.released, *handoff.also_released):
+            if lock is not None:
+                self.holds.record(lock.key, now - lock.acquired_at)
+        for extra in handoff.also_released:
+            self.metrics.releases.labels("enhanced", how).inc()
+            self.events.publish({"released": "released"}.get(how, how), lock=extra, how=how)
         released = handoff.released
         if released is not None:
             self.leases.disarm(released.key)
@@ -367,6 +420,7 @@ class EnhancedLocker(AtlantisCalls):
             repo, pull, policy=policy))
         for lock in released:
             self.leases.disarm(lock.key)
+            self.holds.record(lock.key, utcnow() - lock.acquired_at)
             self.metrics.releases.labels("enhanced", "by-pull").inc()
             self.events.publish("released", lock=lock, how="by-pull")
             # Wake whoever the release handed the key to (their lease, if any).
@@ -398,6 +452,27 @@ class EnhancedLocker(AtlantisCalls):
             waited_ms=epoch_ms(utcnow()) - epoch_ms(waiter.enqueued_at), policy=policy,
         )
         return Priority.from_level(level)
+
+    async def holders(self, key: str) -> Locks:
+        """Every holder of ``key`` (several when it is held shared)."""
+        return await self._call("holders", lambda: self.backend.holders(key))
+
+    async def _view(self, key: str, waiter_id: str) -> visibility.WaitView | None:
+        try:
+            return await self.view(key, waiter_id)
+        except LockingError:
+            return None
+
+    async def view(self, key: str, waiter_id: str) -> visibility.WaitView | None:
+        """Where a waiter stands on ``key``: position, who blocks it, and an estimate."""
+        waiters = await self.queue(key)
+        found = next((i for i, w in enumerate(waiters) if waiter_id in (w.id, w.request_id)),
+                     None)
+        if found is None:
+            return None
+        return visibility.WaitView.build(
+            key=key, position=found + 1, waiter=waiters[found], ahead=waiters[:found],
+            holders=await self.holders(key), holds=self.holds, now=utcnow())
 
     async def cancel_waiter(self, key: str, waiter_id: str) -> Waiter | None:
         """Take a queued request out of ``key``'s queue by its waiter id or request id."""
@@ -431,13 +506,29 @@ class EnhancedLocker(AtlantisCalls):
         return await self._call("list", lambda: self.backend.list(repo=repo, pull=pull))
 
 
-def _candidate(request: LockRequest, now: datetime) -> Lock:
+def _candidate(request: LockRequest, now: datetime, priority: Priority) -> Lock:
     """The lock a request asks for; the backend stamps its times and token when it grants.
 
     Built without re-validation: every field comes from the request, already validated.
     """
     return Lock.model_construct(
         key=request.key, project=request.project, workspace=request.workspace,
-        pull=request.pull, user=request.user, priority=request.priority, acquired_at=now,
-        expires_at=None, fencing_token=0, backend="enhanced",
+        pull=request.pull, user=request.user, priority=priority, acquired_at=now,
+        expires_at=None, fencing_token=0, backend="enhanced", mode=request.mode,
     )
+
+
+def _waiter_id(first: Lock, request_id: str | None) -> str:
+    """A waiter's id: random, or, for a request with a ``requestId``, derived from it and the
+    pull, so the same request retried (after a broken connection) finds its waiter again."""
+    if request_id is None:
+        return secrets.token_hex(12)
+    seed = f"{first.project.repo_full_name}#{first.pull.num}#{request_id}"
+    return "r" + hashlib.sha256(seed.encode()).hexdigest()[:23]
+
+
+_REASONS = {
+    Status.QUEUE_FULL: Reason.QUEUE_FULL,
+    Status.FROZEN: Reason.FROZEN,
+    Status.LIMITED: Reason.LIMITED,
+}

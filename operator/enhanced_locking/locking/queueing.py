@@ -14,7 +14,9 @@ It leaves the queue in one of four ways:
   resolves with the reason;
 * **the caller goes away** (the HTTP client disconnected: its task is cancelled): it cancels
   its waiter and gives back anything granted meanwhile, so nothing stays held by a caller that
-  is gone.
+  is gone. A request with a ``requestId`` is given :data:`RETRY_GRACE` first: the same
+  request sent again (after a broken connection) takes its waiter over, with its place and
+  enqueue time, and then the clean-up leaves it alone.
 """
 
 from __future__ import annotations
@@ -27,9 +29,14 @@ from enhanced_locking.backends.base import QueueBackend
 from enhanced_locking.backends.waiting import Notice, Waiter
 from enhanced_locking.types import Reason
 
-__all__ = ["await_turn", "withdraw"]
+__all__ = ["RETRY_GRACE", "await_turn", "withdraw"]
 
 log = logging.getLogger(__name__)
+
+RETRY_GRACE = 10.0
+"""Seconds a waiter with a ``requestId`` outlives its caller, for the retry to take it over."""
+
+_LATER: set[asyncio.Task[None]] = set()
 
 
 async def await_turn(
@@ -39,6 +46,7 @@ async def await_turn(
     *,
     seconds: float,
     give_back: Callable[[Notice], Awaitable[None]],
+    caller: str = "",
 ) -> Notice:
     """Wait for ``waiter``'s notice for at most ``seconds``; see the module docstring.
 
@@ -56,7 +64,10 @@ async def await_turn(
                 return future.result()
             return Notice(reason=Reason.TIMEOUT)
         except asyncio.CancelledError:
-            await withdraw(backend, waiter, future, give_back)
+            if waiter.request_id is not None and caller:
+                _later(backend, waiter, give_back, caller)
+            else:
+                await withdraw(backend, waiter, future, give_back)
             raise
         task = asyncio.current_task()
         if task is not None and task.cancelling():
@@ -67,6 +78,24 @@ async def await_turn(
         return notice
     finally:
         backend.grants.forget(waiter.id)
+
+
+def _later(backend: QueueBackend, waiter: Waiter,
+           give_back: Callable[[Notice], Awaitable[None]], caller: str) -> None:
+    """Withdraw ``waiter`` after the retry grace, unless a retry took it over meanwhile."""
+    async def clean_up() -> None:
+        await asyncio.sleep(RETRY_GRACE)
+        try:
+            cancelled = await backend.cancel(waiter.keys[0], waiter.id,
+                                             reason=Reason.CANCELLED, caller=caller)
+            if cancelled.granted:
+                await give_back(Notice(locks=cancelled.granted))
+        except Exception:
+            log.exception("could not withdraw waiter %s from %s", waiter.id, waiter.keys)
+
+    task = asyncio.get_running_loop().create_task(clean_up())
+    _LATER.add(task)
+    task.add_done_callback(_LATER.discard)
 
 
 async def withdraw(

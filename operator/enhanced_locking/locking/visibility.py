@@ -1,0 +1,166 @@
+"""Visible waiting: where a waiter stands, who blocks it, and how long it may take.
+
+Every waiter can see its position in the key's service order, the holders of the key and the
+waiters ahead of it (who blocks it), and an estimate of its wait made from the key's recent
+hold times. The estimate is this replica's: each replica remembers the hold times of the
+releases it saw (the last :data:`HISTORY` per key), which is every release on a single
+process and a sample of them across replicas.
+
+This module also watches the rules: when they change, or when a freeze starts or ends, every
+queue is served again (a waiter held back by a rule that is gone is granted in queue order)
+and a freeze's start and end are published as events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from enhanced_locking import policies
+from enhanced_locking.backends.waiting import Waiter
+from enhanced_locking.types import Lock, utcnow
+
+if TYPE_CHECKING:
+    from enhanced_locking.locking.enhanced import EnhancedLocker
+
+__all__ = ["HISTORY", "HoldTimes", "RuleWatch", "WaitView"]
+
+log = logging.getLogger(__name__)
+
+HISTORY = 20
+"""Hold times remembered per key."""
+
+
+class HoldTimes:
+    """Recent hold times per key (and over every key, for a key with no history yet)."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[str, collections.deque[float]] = {}
+        self._all: collections.deque[float] = collections.deque(maxlen=200)
+
+    def record(self, key: str, held: timedelta) -> None:
+        seconds = max(0.0, held.total_seconds())
+        if len(self._by_key) > 10_000 and key not in self._by_key:
+            self._by_key.pop(next(iter(self._by_key)))
+        self._by_key.setdefault(key, collections.deque(maxlen=HISTORY)).append(seconds)
+        self._all.append(seconds)
+
+    def typical(self, key: str) -> float | None:
+        """The median recent hold time of ``key`` (else of every key), in seconds."""
+        recent = self._by_key.get(key) or self._all
+        return statistics.median(recent) if recent else None
+
+
+def _owner(lock_or_waiter: Lock | Waiter) -> str:
+    repo, pull = (lock_or_waiter.owner if isinstance(lock_or_waiter, Waiter)
+                  else (lock_or_waiter.project.repo_full_name, lock_or_waiter.pull.num))
+    return f"{repo}#{pull}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class WaitView:
+    """One waiter's view of its key."""
+
+    key: str
+    position: int
+    waiter: Waiter
+    holders: tuple[Lock, ...]
+    ahead: tuple[Waiter, ...]
+    estimate: timedelta | None
+    """When it may expect the lock: what is left of the holders' typical hold, plus a typical
+    hold per exclusive waiter ahead (shared ones ahead go together); ``None`` with no
+    history."""
+
+    @classmethod
+    def build(cls, *, key: str, position: int, waiter: Waiter, ahead: Sequence[Waiter],
+              holders: Sequence[Lock], holds: HoldTimes, now: datetime) -> WaitView:
+        typical = holds.typical(key)
+        estimate = None
+        if typical is not None:
+            left = max((max(0.0, typical - (now - h.acquired_at).total_seconds())
+                        for h in holders), default=0.0)
+            turns = sum(1 for w in ahead if w.mode == "exclusive")
+            if any(w.mode == "shared" for w in ahead):
+                turns += 1
+            estimate = timedelta(seconds=left + turns * typical)
+        return cls(key=key, position=position, waiter=waiter, holders=tuple(holders),
+                   ahead=tuple(ahead), estimate=estimate)
+
+    def details(self) -> dict[str, Any]:
+        """The view as JSON-ready data (events and the API use the same names)."""
+        return {
+            "position": self.position,
+            "holders": [{"owner": _owner(h), "mode": h.mode,
+                         "since": h.acquired_at.isoformat().replace("+00:00", "Z")}
+                        for h in self.holders],
+            "ahead": [{"id": w.id, "requestId": w.request_id, "owner": _owner(w),
+                       "mode": w.mode, "priority": w.priority.value} for w in self.ahead],
+            "estimateSeconds": (round(self.estimate.total_seconds(), 3)
+                                if self.estimate is not None else None),
+        }
+
+
+class RuleWatch:
+    """Serves the queues again when the rules change and when a freeze starts or ends."""
+
+    def __init__(self, locker: EnhancedLocker) -> None:
+        self._locker = locker
+        self._rules = policies.PolicyRules()
+        self._timer: asyncio.TimerHandle | None = None
+        self._active: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def changed(self, rules: policies.PolicyRules) -> None:
+        """The config's rules now (called on every applied snapshot; cheap when unchanged)."""
+        if rules == self._rules and self._timer is not None:
+            return
+        first = self._timer is None and not self._rules
+        self._rules = rules
+        self._edge(wake=not first)
+
+    def _edge(self, *, wake: bool = True) -> None:
+        now = utcnow()
+        active = {f.name for f in self._rules.freezes if f.active(now)}
+        by_name = {f.name: f for f in self._rules.freezes}
+        for name in sorted(active - self._active):
+            freeze = by_name[name]
+            self._locker.events.publish("freeze-started", freeze=name, message=freeze.message,
+                                        action=freeze.action)
+        for name in sorted(self._active - active):
+            self._locker.events.publish("freeze-ended", freeze=name)
+        self._active = active
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        loop = asyncio.get_running_loop()
+        edges = policies.freeze_edges(self._rules, now)
+        if edges:
+            delay = max(0.0, (edges[0] - now).total_seconds()) + 0.002
+            self._timer = loop.call_later(delay, self._edge)
+        else:
+            self._timer = loop.call_later(3600, self._edge)  # nothing due: look again later
+        if wake:
+            task = loop.create_task(self._wake())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _wake(self) -> None:
+        try:
+            await self._locker.wake()
+        except Exception as error:  # the store is away: the next release serves the queues
+            log.warning("serving the queues after a rule change failed: %s", error)
+
+    async def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -1,0 +1,402 @@
+"""Policy rules: freezes, concurrency limits and priority rules, as data and one decision.
+
+A LockPolicy CR (or the YAML key ``enhanced-locking-policies``) carries the rules; they are part
+of the config snapshot like every other setting, so an edit reaches every replica the way any
+setting does. This module is pure: it says what the rules are and what they decide, and every
+store asks it the same questions in its grant step, so a rule behaves the same on each backend.
+The Redis scripts cannot call Python; they receive the rules compiled by :func:`compile_rules`
+(globs as Lua patterns, times in ms) and mirror :func:`verdict` line by line, and a test runs
+both on the same generated cases (as for the service order).
+
+**The grant table** (:func:`verdict`), for a request (or a queued waiter) of owner ``o`` asking
+for keys ``K`` in mode ``m`` at time ``now``; the first line that applies decides:
+
+=========================================================  ============================
+the request's own pull already holds every key of ``K``    granted (unchanged; held locks
+                                                            are never touched by a rule)
+another pull holds a key of ``K`` exclusively, or ``m`` is  ``held`` (wait or refuse as
+exclusive and another pull holds a key in any mode          the request asked)
+a new shared request, and an exclusive request of another   ``held``: it queues behind the
+pull waits on a key of ``K``                                writer (writers never starve)
+an active freeze covers a key of ``K``                      ``frozen``: refused with the
+                                                            message, or waits (``wait``)
+a concurrency group of a key of ``K`` is full               ``limited``: it waits
+otherwise                                                   granted
+=========================================================  ============================
+
+A freeze is active from ``from`` (or always) until ``until`` (or for ever). A concurrency
+group is the set of held locks whose key matches the rule's pattern (``per: pattern``), or the
+same and of one repository (``repository``) or one organisation (``organisation``): at most
+``limit`` locks (shared holders each count) are held in it at once. A request that would take
+the group past its limit waits, in the service order of every waiter of the group's keys.
+
+**Priority rules** are decided before a request reaches a store (:func:`assigned_priority`):
+the first rule (in order) whose pattern and command match gives the priority; a client may ask
+for less, never for more, unless it has the admin right.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import enum
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+from enhanced_locking.types import Command, Mode, Priority
+
+__all__ = [
+    "CALLER_IS_ADMIN",
+    "ConcurrencyLimit",
+    "Freeze",
+    "KeyParts",
+    "KeyPattern",
+    "PolicyRules",
+    "PriorityRule",
+    "Verdict",
+    "assigned_priority",
+    "compile_rules",
+    "glob_to_lua",
+    "glob_to_regex",
+    "groups_of",
+    "verdict",
+]
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+CALLER_IS_ADMIN: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "caller_is_admin", default=False)
+"""Whether the caller of the current request has the admin right (may ask for a priority above
+its rule's). The API sets it from the caller's identity; everything else leaves it false."""
+
+
+class _Rule(BaseModel):
+    model_config = ConfigDict(frozen=True, alias_generator=to_camel, populate_by_name=True,
+                              extra="forbid")
+
+
+RuleName = Annotated[str, Field(min_length=1, max_length=63,
+                                pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")]
+Glob = Annotated[str, Field(min_length=1, max_length=512)]
+
+
+class KeyPattern(_Rule):
+    """Which lock keys a rule covers; every selector given must match (at least one).
+
+    ``repo``, ``workspace`` and ``key`` are globs (``*`` any run of characters, ``/``
+    included; ``?`` one character; nothing else is special). ``pathPrefix`` matches the
+    project's path and every path below it (``envs/prod`` covers ``envs/prod/eu``, not
+    ``envs/production``).
+    """
+
+    repo: Glob | None = None
+    path_prefix: Glob | None = None
+    workspace: Glob | None = None
+    key: Glob | None = None
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> KeyPattern:
+        if not (self.repo or self.path_prefix or self.workspace or self.key):
+            raise ValueError("a pattern needs at least one of repo, pathPrefix, workspace, key")
+        return self
+
+    def matches(self, parts: KeyParts) -> bool:
+        return (
+            (self.repo is None or _matches(self.repo, parts.repo))
+            and (self.path_prefix is None or _under(parts.path, self.path_prefix))
+            and (self.workspace is None or _matches(self.workspace, parts.workspace))
+            and (self.key is None or _matches(self.key, parts.key))
+        )
+
+
+class Freeze(_Rule):
+    """No new grant on the covered keys while active; held locks are left alone."""
+
+    name: RuleName
+    match: KeyPattern
+    message: Annotated[str, Field(min_length=1, max_length=1024)]
+    from_: datetime | None = Field(None, alias="from")
+    until: datetime | None = None
+    action: Literal["refuse", "wait"] = "refuse"
+    """``refuse``: a request is answered ``frozen`` with the message; ``wait``: it queues and
+    is granted when the freeze ends (if its wait lasts that long)."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Freeze:
+        if self.from_ is not None and self.until is not None and self.until <= self.from_:
+            raise ValueError(f"freeze {self.name}: until must be after from")
+        return self
+
+    def active(self, now: datetime) -> bool:
+        return ((self.from_ is None or self.from_ <= now)
+                and (self.until is None or now < self.until))
+
+
+class ConcurrencyLimit(_Rule):
+    """At most ``limit`` locks held at once in a group of keys."""
+
+    name: RuleName
+    match: KeyPattern | None = None
+    """Which keys the rule covers (none: every key)."""
+    per: Literal["pattern", "repository", "organisation"] = "pattern"
+    limit: Annotated[int, Field(ge=1, le=100_000)]
+
+
+class PriorityRule(_Rule):
+    """The priority the server gives a request for matching keys (and commands)."""
+
+    name: RuleName
+    match: KeyPattern | None = None
+    commands: Annotated[list[Command], Field(max_length=8)] = []
+    """The Atlantis commands covered (none: every command)."""
+    priority: Priority
+
+
+class PolicyRules(_Rule):
+    """Every rule of a policy; empty lists are no rules at all."""
+
+    freezes: Annotated[list[Freeze], Field(max_length=64)] = []
+    concurrency: Annotated[list[ConcurrencyLimit], Field(max_length=64)] = []
+    priority_rules: Annotated[list[PriorityRule], Field(max_length=64)] = []
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PolicyRules:
+        for kind, rules in (("freezes", self.freezes), ("concurrency", self.concurrency),
+                            ("priorityRules", self.priority_rules)):
+            names = [rule.name for rule in rules]
+            for name in names:
+                if names.count(name) > 1:
+                    raise ValueError(f"{kind}: the name {name} is used twice")
+        for i, first in enumerate(self.priority_rules):
+            for second in self.priority_rules[i + 1:]:
+                if _ambiguous(first, second):
+                    raise ValueError(
+                        f"priorityRules: {first.name} and {second.name} cover the same keys "
+                        "and commands with different priorities (which wins would depend on "
+                        "their order); narrow one of them")
+        return self
+
+    def __bool__(self) -> bool:
+        return bool(self.freezes or self.concurrency or self.priority_rules)
+
+
+def _ambiguous(first: PriorityRule, second: PriorityRule) -> bool:
+    """Same pattern, overlapping commands, different priorities: order alone would decide."""
+    if first.priority == second.priority or first.match != second.match:
+        return False
+    if not first.commands or not second.commands:
+        return True
+    return bool(set(first.commands) & set(second.commands))
+
+
+# --- matching ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class KeyParts:
+    """What rules look at: the key and the project parts it was built from."""
+
+    key: str
+    repo: str
+    path: str
+    workspace: str
+
+    @property
+    def organisation(self) -> str:
+        return self.repo.partition("/")[0]
+
+
+def glob_to_regex(glob: str) -> str:
+    """A glob as a Python regular expression (whole-string match)."""
+    out = []
+    for char in glob:
+        out.append(".*" if char == "*" else "." if char == "?" else re.escape(char))
+    return "".join(out)
+
+
+_LUA_MAGIC = set("^$()%.[]*+-?")
+
+
+def glob_to_lua(glob: str) -> str:
+    """The same glob as a Lua pattern, anchored (the Redis scripts match with it)."""
+    out = []
+    for char in glob:
+        if char == "*":
+            out.append(".*")
+        elif char == "?":
+            out.append(".")
+        elif char in _LUA_MAGIC:
+            out.append("%" + char)
+        elif char == "\0":
+            out.append("%z")
+        else:
+            out.append(char)
+    return "^" + "".join(out) + "$"
+
+
+_compiled: dict[str, re.Pattern[str]] = {}
+
+
+def _matches(glob: str, text: str) -> bool:
+    pattern = _compiled.get(glob)
+    if pattern is None:
+        if len(_compiled) > 4096:
+            _compiled.clear()
+        pattern = _compiled[glob] = re.compile(glob_to_regex(glob), re.DOTALL)
+    return pattern.fullmatch(text) is not None
+
+
+def _under(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(prefix.rstrip("/") + "/")
+
+
+def groups_of(parts: KeyParts, rules: PolicyRules) -> dict[str, int]:
+    """The concurrency groups a key belongs to, with their limits."""
+    groups: dict[str, int] = {}
+    for rule in rules.concurrency:
+        if rule.match is not None and not rule.match.matches(parts):
+            continue
+        suffix = {"pattern": "", "repository": ":" + parts.repo,
+                  "organisation": ":" + parts.organisation}[rule.per]
+        groups[rule.name + suffix] = rule.limit
+    return groups
+
+
+# --- the decision -----------------------------------------------------------------------------
+class Verdict(enum.StrEnum):
+    GRANT = "grant"
+    HELD = "held"
+    FROZEN = "frozen"
+    LIMITED = "limited"
+
+
+@dataclass(frozen=True)
+class Holding:
+    """One held lock as the decision sees it."""
+
+    owner: tuple[str, int]
+    mode: Mode
+
+
+@dataclass(frozen=True)
+class Decision:
+    verdict: Verdict
+    key: str | None = None
+    freeze: Freeze | None = None
+
+
+def verdict(
+    *,
+    owner: tuple[str, int],
+    mode: Mode,
+    keys: Sequence[KeyParts],
+    holders: Mapping[str, Sequence[Holding]],
+    exclusive_waiting: Mapping[str, bool],
+    group_counts: Mapping[str, int],
+    rules: PolicyRules,
+    now: datetime,
+    new: bool,
+) -> Decision:
+    """Whether a request (``new``) or a queued waiter may be granted now (the table above).
+
+    ``holders`` are each key's live holders; ``exclusive_waiting`` says whether an exclusive
+    request of another pull waits on the key; ``group_counts`` are the locks held now in each
+    concurrency group the keys belong to.
+    """
+    if all(any(h.owner == owner for h in holders.get(k.key, ())) for k in keys):
+        return Decision(Verdict.GRANT)
+    for parts in keys:
+        others = [h for h in holders.get(parts.key, ()) if h.owner != owner]
+        if any(h.mode == "exclusive" for h in others) or (mode == "exclusive" and others):
+            return Decision(Verdict.HELD, parts.key)
+        if new and mode == "shared" and exclusive_waiting.get(parts.key, False):
+            return Decision(Verdict.HELD, parts.key)
+    frozen = active_freeze(keys, rules, now)
+    if frozen is not None:
+        return Decision(Verdict.FROZEN, frozen[0], frozen[1])
+    adding: dict[str, int] = {}
+    limits: dict[str, int] = {}
+    for parts in keys:
+        if any(h.owner == owner for h in holders.get(parts.key, ())):
+            continue  # held already: not a new lock in its groups
+        for group, limit in groups_of(parts, rules).items():
+            adding[group] = adding.get(group, 0) + 1
+            limits[group] = limit
+    for group, count in adding.items():
+        if group_counts.get(group, 0) + count > limits[group]:
+            return Decision(Verdict.LIMITED, next(
+                p.key for p in keys if group in groups_of(p, rules)))
+    return Decision(Verdict.GRANT)
+
+
+def active_freeze(
+    keys: Iterable[KeyParts], rules: PolicyRules, now: datetime
+) -> tuple[str, Freeze] | None:
+    """The first active freeze covering one of ``keys`` (a refusing one before a waiting one)."""
+    found: tuple[str, Freeze] | None = None
+    for parts in keys:
+        for freeze in rules.freezes:
+            if freeze.active(now) and freeze.match.matches(parts):
+                if freeze.action == "refuse":
+                    return parts.key, freeze
+                found = found or (parts.key, freeze)
+    return found
+
+
+def assigned_priority(
+    parts: KeyParts, command: Command | None, asked: Priority, rules: PolicyRules, *,
+    admin: bool = False,
+) -> Priority:
+    """The priority a request gets: its rule's, or less if it asked for less.
+
+    With no rule matching, the request keeps what it asked. With the admin right a client may
+    ask for more than its rule gives.
+    """
+    for rule in rules.priority_rules:
+        if rule.match is not None and not rule.match.matches(parts):
+            continue
+        if rule.commands and command not in rule.commands:
+            continue
+        if admin or asked.level <= rule.priority.level:
+            return asked
+        return rule.priority
+    return asked
+
+
+def freeze_edges(rules: PolicyRules, now: datetime) -> list[datetime]:
+    """The future moments at which a freeze starts or ends (to wake queues then)."""
+    moments = {m for f in rules.freezes for m in (f.from_, f.until) if m is not None and m > now}
+    return sorted(moments)
+
+
+def _ms(moment: datetime | None) -> int:
+    return 0 if moment is None else (moment - _EPOCH) // timedelta(milliseconds=1)
+
+
+def _lua_pattern(pattern: KeyPattern | None) -> dict[str, Any]:
+    if pattern is None:
+        return {}
+    out: dict[str, Any] = {}
+    if pattern.repo is not None:
+        out["repo"] = glob_to_lua(pattern.repo)
+    if pattern.path_prefix is not None:
+        out["path"] = pattern.path_prefix.rstrip("/") or pattern.path_prefix
+        out["pathx"] = pattern.path_prefix
+    if pattern.workspace is not None:
+        out["ws"] = glob_to_lua(pattern.workspace)
+    if pattern.key is not None:
+        out["key"] = glob_to_lua(pattern.key)
+    return out
+
+
+def compile_rules(rules: PolicyRules) -> dict[str, Any]:
+    """The rules the Redis scripts evaluate: globs as Lua patterns, times in ms."""
+    return {
+        "f": [{"m": _lua_pattern(f.match), "from": _ms(f.from_), "until": _ms(f.until),
+               "refuse": f.action == "refuse", "name": f.name} for f in rules.freezes],
+        "c": [{"m": _lua_pattern(c.match), "per": c.per, "limit": c.limit, "name": c.name}
+              for c in rules.concurrency],
+    }
