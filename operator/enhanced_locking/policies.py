@@ -14,12 +14,15 @@ for keys ``K`` in mode ``m`` at time ``now``; the first line that applies decide
 =========================================================  ============================
 the request's own pull already holds every key of ``K``    granted (unchanged; held locks
                                                             are never touched by a rule)
+a new request, and a refusing freeze covers a key of ``K``  ``frozen``: refused with the
+                                                            freeze's message
 another pull holds a key of ``K`` exclusively, or ``m`` is  ``held`` (wait or refuse as
 exclusive and another pull holds a key in any mode          the request asked)
 a new shared request, and an exclusive request of another   ``held``: it queues behind the
 pull waits on a key of ``K``                                writer (writers never starve)
-an active freeze covers a key of ``K``                      ``frozen``: refused with the
-                                                            message, or waits (``wait``)
+an active freeze covers a key of ``K``                      ``frozen``: a waiting freeze
+                                                            queues a new request; a queued
+                                                            one stays queued
 a concurrency group of a key of ``K`` is full               ``limited``: it waits
 otherwise                                                   granted
 =========================================================  ============================
@@ -308,13 +311,15 @@ def verdict(
     """
     if all(any(h.owner == owner for h in holders.get(k.key, ())) for k in keys):
         return Decision(Verdict.GRANT)
+    frozen = active_freeze(keys, rules, now)
+    if new and frozen is not None and frozen[1].action == "refuse":
+        return Decision(Verdict.FROZEN, frozen[0], frozen[1])
     for parts in keys:
         others = [h for h in holders.get(parts.key, ()) if h.owner != owner]
         if any(h.mode == "exclusive" for h in others) or (mode == "exclusive" and others):
             return Decision(Verdict.HELD, parts.key)
         if new and mode == "shared" and exclusive_waiting.get(parts.key, False):
             return Decision(Verdict.HELD, parts.key)
-    frozen = active_freeze(keys, rules, now)
     if frozen is not None:
         return Decision(Verdict.FROZEN, frozen[0], frozen[1])
     adding: dict[str, int] = {}

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Protocol, runtime_checkable
 
+from enhanced_locking import policies
 from enhanced_locking.backends.waiting import (
     Cancelled,
     Grant,
@@ -53,7 +54,6 @@ from enhanced_locking.backends.waiting import (
     Waiters,
     service_order,
 )
-from enhanced_locking import policies
 from enhanced_locking.types import Lock, LockNotHeld, LockNotOwned, Locks, Mode, Reason, utcnow
 
 __all__ = ["Backend", "Owner", "QueueBackend", "StoreBackend", "parts_of"]
@@ -157,9 +157,9 @@ class QueueBackend(Backend, Protocol):
 
         Granted when :func:`enhanced_locking.policies.verdict` says so (after expiring lapsed
         leases and serving grantable waiters first); already held by the same pull, the lock is
-        returned unchanged (``fresh`` false). A grant stamps ``acquired_at`` with the backend's clock, sets
-        ``expires_at = acquired_at + ttl`` (no expiry without ``ttl``) and the next fencing
-        token. Not granted and no ``wait`` (or a zero one): ``held``. With ``wait``: ``queued``
+        returned unchanged (``fresh`` false). A grant stamps ``acquired_at`` with the
+        backend's clock, sets ``expires_at = acquired_at + ttl`` (no expiry without ``ttl``)
+        and the next fencing token. Not granted and no ``wait`` (or a zero one): ``held``. With ``wait``: ``queued``
         at its position, deadline ``now + wait.timeout``; ``queue_full`` when the key already
         has ``policy.max_size`` waiters. Idempotent per ``wait.id``: asking again while that
         waiter is queued answers its current position (a retry never queues twice).
@@ -686,7 +686,7 @@ class StoreBackend(abc.ABC):
     async def wake(self, *, policy: QueuePolicy) -> Handoff:
         """Serve every queue (a rule changed, or a freeze started or ended)."""
         with self._step() as fx:
-            self._serve(list(self._queues), self.clock(), policy, fx)
+            self._serve(sorted(self._queues), self.clock(), policy, fx)
             return fx.handoff(None)
 
     async def cancel(

@@ -10,9 +10,9 @@ restart or a failover). They share one library (:data:`LIBRARY`), prepended to e
 queue size), ``ARGV[6]`` the calling replica's id, ``ARGV[7..9]`` the store epoch the caller
 knows, a fresh epoch id to use if a new one must be started, and the restart quarantine in ms;
 ``ARGV[10]`` the policy rules compiled by :func:`enhanced_locking.policies.compile_rules` (JSON,
-``''`` for none). Script-specific arguments start at ``ARGV[11]``. ``KEYS`` name the lock hashes a call is
-about; the indexes below are derived from ``base`` inside the scripts, which is why the backend
-needs one Redis (or Sentinel), not a Redis Cluster. Everything about one lock key carries the
+``''`` for none). Script-specific arguments start at ``ARGV[11]``. ``KEYS`` name the lock
+hashes a call is about; the indexes below are derived from ``base`` inside the scripts, which
+is why the backend needs one Redis (or Sentinel), not a Redis Cluster. Everything about one lock key carries the
 key as a hash tag (``{K}``).
 
 **Keys** (``K`` a lock key, ``W`` a waiter id, ``R`` a replica id)::
@@ -72,6 +72,7 @@ __all__ = [
     "GET",
     "GRACE_MS",
     "HEARTBEAT",
+    "HOLDERS",
     "LIBRARY",
     "LIST",
     "OP_MS",
@@ -85,6 +86,7 @@ __all__ = [
     "REPLICA_MS",
     "STATUS",
     "WAIT_GRAPH",
+    "WAKE",
 ]
 
 CLAIM_MS = 5_000
@@ -156,19 +158,48 @@ local function finish(reply)
 end
 
 local function lock_name(k) return base .. 'lock:{' .. k .. '}' end
+local function shared_name(k) return base .. 'shared:{' .. k .. '}' end
 local function fence_name(k) return base .. 'fence:{' .. k .. '}' end
 local function queue_name(k, level) return base .. 'queue' .. level .. ':{' .. k .. '}' end
 local function waiter_name(id) return base .. 'waiter:' .. id end
 local function outcome_name(id) return base .. 'outcome:' .. id end
 local function pull_index(repo, pull) return base .. 'pull:{' .. repo .. '#' .. pull .. '}' end
 
--- A lock is answered as {key, data, token, at, exp, repo, pull, claim, lease} (all strings;
--- claim and lease false unless a grant from the queue awaits confirmation).
+-- A lock is answered as {key, data, token, at, exp, repo, pull, claim, lease, mode, path, ws}
+-- (strings; claim and lease false unless a grant from the queue awaits confirmation; mode
+-- 'exclusive' or 'shared'; path and workspace are the project's, which the rules look at).
+local function with_parts(lock)
+  if not lock[11] or not lock[12] then  -- written before the rules existed: read the JSON
+    local ok, doc = pcall(cjson.decode, lock[2])
+    if not ok or type(doc) ~= 'table' then doc = {} end
+    local project = doc['Project']
+    if type(project) ~= 'table' then project = {} end
+    lock[11] = project['Path'] or '.'
+    lock[12] = doc['Workspace'] or 'default'
+  end
+  return lock
+end
+
 local function read_lock(k)
   local v = redis.call('HMGET', lock_name(k), 'data', 'token', 'at', 'exp', 'repo', 'pull',
-                       'claim', 'lease')
+                       'claim', 'lease', 'path', 'ws')
   if not v[1] then return nil end
-  return {k, v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8]}
+  return with_parts({k, v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], 'exclusive', v[9],
+                     v[10]})
+end
+
+-- Every shared holder of k (lapsed ones too), oldest grant first.
+local function read_shared(k)
+  local out = {}
+  for _, text in ipairs(redis.call('HVALS', shared_name(k))) do
+    table.insert(out, cjson.decode(text))
+  end
+  table.sort(out, function(a, b) return tonumber(a[3]) < tonumber(b[3]) end)
+  return out
+end
+
+local function save_shared(lock)
+  redis.call('HSET', shared_name(lock[1]), lock[6] .. '#' .. lock[7], cjson.encode(lock))
 end
 
 local function lapsed(lock)
@@ -179,9 +210,15 @@ end
 local function same_owner(lock, repo, pull) return lock[6] == repo and lock[7] == pull end
 
 local function drop_lock(lock)
-  redis.call('DEL', lock_name(lock[1]))
-  redis.call('SREM', HELD, lock[1])
-  redis.call('SREM', pull_index(lock[6], lock[7]), lock[1])
+  local k = lock[1]
+  if lock[10] == 'shared' then
+    redis.call('HDEL', shared_name(k), lock[6] .. '#' .. lock[7])
+    if redis.call('EXISTS', shared_name(k)) == 0 then redis.call('SREM', HELD, k) end
+  else
+    redis.call('DEL', lock_name(k))
+    if redis.call('EXISTS', shared_name(k)) == 0 then redis.call('SREM', HELD, k) end
+  end
+  redis.call('SREM', pull_index(lock[6], lock[7]), k)
 end
 
 local function collect_after(k, exp)
@@ -192,7 +229,7 @@ local function collect_after(k, exp)
   end
 end
 
--- The holder of k, or nil. A lapsed lease is dropped and added to `expired` (if given).
+-- The exclusive holder of k, or nil. A lapsed lease is dropped and added to `expired`.
 local function live(k, expired)
   local lock = read_lock(k)
   if not lock then return nil end
@@ -204,16 +241,41 @@ local function live(k, expired)
   return lock
 end
 
--- The holder of k without changing anything (reads).
-local function peek(k)
+-- Every live holder of k (the exclusive one, or the shared ones), changing nothing.
+local function holders(k)
   local lock = read_lock(k)
-  if lock and lapsed(lock) then return nil end
-  return lock
+  if lock and not lapsed(lock) then return {lock} end
+  local out = {}
+  for _, s in ipairs(read_shared(k)) do
+    if not lapsed(s) then table.insert(out, s) end
+  end
+  return out
+end
+
+-- Drop k's lapsed leases (exclusive and shared), adding them to `expired` (if given).
+local function expire_lapsed(k, expired)
+  live(k, expired)
+  for _, s in ipairs(read_shared(k)) do
+    if lapsed(s) then
+      drop_lock(s)
+      if expired then table.insert(expired, s) end
+    end
+  end
+end
+
+-- The first holder of k without changing anything (reads).
+local function peek(k) return holders(k)[1] end
+
+local function holder_with_token(k, token)
+  for _, h in ipairs(holders(k)) do
+    if h[3] == token then return h end
+  end
+  return nil
 end
 
 -- Grant k: next fencing token, server time, lease; with `claim` (a waiter id) the grant must
 -- be confirmed within CLAIM_MS.
-local function stamp(k, data, repo, pull, ttl, claim)
+local function stamp(k, data, repo, pull, ttl, claim, mode, path, ws)
   if TOKEN_BASE > 0 and redis.call('EXISTS', fence_name(k)) == 0 then
     redis.call('SET', fence_name(k), int(TOKEN_BASE))
   end
@@ -222,34 +284,210 @@ local function stamp(k, data, repo, pull, ttl, claim)
   local lease_end = 0
   if ttl > 0 then lease_end = NOW + ttl end
   local exp = lease_end
-  local name = lock_name(k)
-  redis.call('DEL', name)  -- a lapsed lock's hash may linger (with its expiry): start afresh
   if claim then
     local by = NOW + CLAIM_MS
     if exp == 0 or by < exp then exp = by end
-    redis.call('HSET', name, 'data', data, 'token', int(token), 'at', NOW, 'repo', repo,
-               'pull', pull, 'exp', exp, 'claim', claim, 'lease', lease_end)
-  else
-    redis.call('HSET', name, 'data', data, 'token', int(token), 'at', NOW, 'repo', repo,
-               'pull', pull, 'exp', exp)
   end
-  if exp > 0 then redis.call('PEXPIREAT', name, exp + GRACE_MS) end
-  redis.call('SADD', HELD, k)
-  redis.call('SADD', pull_index(repo, pull), k)
   local pending = false
   if claim then pending = int(lease_end) end
-  return {k, data, int(token), int(NOW), int(exp), repo, pull, claim or false,
-          pending}
+  local lock = {k, data, int(token), int(NOW), int(exp), repo, pull, claim or false, pending,
+                mode, path, ws}
+  if mode == 'shared' then
+    save_shared(lock)
+  else
+    local name = lock_name(k)
+    redis.call('DEL', name)  -- a lapsed lock's hash may linger (with its expiry): start afresh
+    redis.call('HSET', name, 'data', data, 'token', int(token), 'at', NOW, 'repo', repo,
+               'pull', pull, 'exp', exp, 'path', path, 'ws', ws)
+    if claim then redis.call('HSET', name, 'claim', claim, 'lease', lease_end) end
+    if exp > 0 then redis.call('PEXPIREAT', name, exp + GRACE_MS) end
+  end
+  redis.call('SADD', HELD, k)
+  redis.call('SADD', pull_index(repo, pull), k)
+  return lock
 end
 
 -- The waiter took its grant: its own lease applies from the grant on.
 local function settle_claim(lock)
   local lease_end = tonumber(lock[9])
+  lock[5], lock[8], lock[9] = int(lease_end), false, false
+  if lock[10] == 'shared' then
+    save_shared(lock)
+    return lock
+  end
   redis.call('HDEL', lock_name(lock[1]), 'claim', 'lease')
   redis.call('HSET', lock_name(lock[1]), 'exp', lease_end)
   collect_after(lock[1], lease_end)
-  lock[5], lock[8], lock[9] = int(lease_end), false, false
   return lock
+end
+
+-- --- the rules (mirror enhanced_locking.policies.verdict) --------------------------------
+local RULES = false
+local function rules()
+  if not RULES then
+    if not ARGV[10] or ARGV[10] == '' then
+      RULES = {f = {}, c = {}}
+    else
+      RULES = cjson.decode(ARGV[10])
+    end
+  end
+  return RULES
+end
+
+local function matches(m, key, repo, path, ws)
+  if m['repo'] and not string.find(repo, m['repo']) then return false end
+  if m['path'] and not (path == m['pathx']
+      or string.sub(path, 1, #m['path'] + 1) == m['path'] .. '/') then return false end
+  if m['ws'] and not string.find(ws, m['ws']) then return false end
+  if m['key'] and not string.find(key, m['key']) then return false end
+  return true
+end
+
+-- The concurrency groups of a key, in rule order: a list of {group, limit}.
+local function groups_of(k, repo, path, ws)
+  local out = {}
+  for _, c in ipairs(rules()['c']) do
+    if matches(c['m'], k, repo, path, ws) then
+      local g = c['name']
+      if c['per'] == 'repository' then
+        g = g .. ':' .. repo
+      elseif c['per'] == 'organisation' then
+        g = g .. ':' .. (string.match(repo, '^([^/]*)') or '')
+      end
+      table.insert(out, {g, c['limit']})
+    end
+  end
+  return out
+end
+
+local function group_counts()
+  local counts = {}
+  for _, k in ipairs(redis.call('SMEMBERS', HELD)) do
+    for _, h in ipairs(holders(k)) do
+      for _, g in ipairs(groups_of(k, h[6], h[11], h[12])) do
+        counts[g[1]] = (counts[g[1]] or 0) + 1
+      end
+    end
+  end
+  return counts
+end
+
+-- The first active freeze covering one of `parts` (a refusing one first): {key, freeze}.
+local function active_freeze(parts)
+  local found = false
+  for _, p in ipairs(parts) do
+    for _, f in ipairs(rules()['f']) do
+      if (f['from'] == 0 or f['from'] <= NOW) and (f['until'] == 0 or NOW < f['until'])
+          and matches(f['m'], p.key, p.repo, p.path, p.ws) then
+        if f['refuse'] then return {p.key, f} end
+        if not found then found = {p.key, f} end
+      end
+    end
+  end
+  return found
+end
+
+local function read_waiter(id)
+  local flat = redis.call('HGETALL', waiter_name(id))
+  if #flat == 0 then return nil end
+  local rec = {}
+  for i = 1, #flat, 2 do rec[flat[i]] = flat[i + 1] end
+  rec.flat = flat
+  rec.keys = cjson.decode(rec['keys'])
+  rec.mode = rec['mode'] or 'exclusive'
+  return rec
+end
+
+local function waiter_parts(rec)
+  local parts = {}
+  for _, k in ipairs(rec.keys) do
+    local path, ws = rec['p:' .. k], rec['w:' .. k]
+    if not path or not ws then
+      local l = with_parts({k, rec['d:' .. k]})
+      path, ws = l[11], l[12]
+    end
+    table.insert(parts, {key = k, repo = rec.repo, path = path, ws = ws})
+  end
+  return parts
+end
+
+-- Whether an exclusive request of another pull waits on k (new shared requests queue then).
+local function exclusive_waiting(k, repo, pull)
+  for level = 0, 3 do
+    for _, member in ipairs(redis.call('ZRANGE', queue_name(k, level), 0, -1)) do
+      local rec = read_waiter(string.sub(member, 18))
+      if rec and rec.mode == 'exclusive' and not (rec.repo == repo and rec.pull == pull)
+          and tonumber(rec.deadline) > NOW then
+        return true
+      end
+    end
+  end
+  return false
+end
+
+-- {'grant'} | {'held', key} | {'frozen', key, freeze} | {'limited', key}
+local function verdict(repo, pull, mode, parts, new)
+  local hs, mine, all_mine = {}, {}, true
+  for _, p in ipairs(parts) do
+    hs[p.key] = holders(p.key)
+    mine[p.key] = false
+    for _, h in ipairs(hs[p.key]) do
+      if same_owner(h, repo, pull) then mine[p.key] = true end
+    end
+    if not mine[p.key] then all_mine = false end
+  end
+  if all_mine then return {'grant'} end
+  local frozen = active_freeze(parts)
+  if new and frozen and frozen[2]['refuse'] then return {'frozen', frozen[1], frozen[2]} end
+  for _, p in ipairs(parts) do
+    for _, h in ipairs(hs[p.key]) do
+      if not same_owner(h, repo, pull) and (h[10] ~= 'shared' or mode == 'exclusive') then
+        return {'held', p.key}
+      end
+    end
+    if new and mode == 'shared' and exclusive_waiting(p.key, repo, pull) then
+      return {'held', p.key}
+    end
+  end
+  if frozen then return {'frozen', frozen[1], frozen[2]} end
+  if #rules()['c'] == 0 then return {'grant'} end
+  local adding, limits, order = {}, {}, {}
+  for _, p in ipairs(parts) do
+    if not mine[p.key] then
+      for _, g in ipairs(groups_of(p.key, p.repo, p.path, p.ws)) do
+        if not adding[g[1]] then
+          table.insert(order, g[1])
+          adding[g[1]] = 0
+        end
+        adding[g[1]] = adding[g[1]] + 1
+        limits[g[1]] = g[2]
+      end
+    end
+  end
+  if #order == 0 then return {'grant'} end
+  local counts = group_counts()
+  for _, g in ipairs(order) do
+    if (counts[g] or 0) + adding[g] > limits[g] then
+      for _, p in ipairs(parts) do
+        for _, pg in ipairs(groups_of(p.key, p.repo, p.path, p.ws)) do
+          if pg[1] == g then return {'limited', p.key} end
+        end
+      end
+    end
+  end
+  return {'grant'}
+end
+
+-- The lock a pull gets on k: the one it holds, or a fresh one (an exclusive request of the
+-- key's only shared holder is an upgrade: a new token).
+local function take(k, data, repo, pull, ttl, claim, mode, path, ws)
+  local mine = false
+  for _, h in ipairs(holders(k)) do
+    if same_owner(h, repo, pull) then mine = h end
+  end
+  if mine and not (mode == 'exclusive' and mine[10] == 'shared') then return mine, false end
+  if mine then drop_lock(mine) end
+  return stamp(k, data, repo, pull, ttl, claim, mode, path, ws), true
 end
 
 -- --- waiters ------------------------------------------------------------------------------
@@ -270,7 +508,15 @@ local function queue_size(k)
   return n
 end
 
+local function before(a, b)
+  local ea, eb = effective(a.level, a.enq), effective(b.level, b.enq)
+  if ea ~= eb then return ea > eb end
+  if a.enq ~= b.enq then return a.enq < b.enq end
+  return a.seq < b.seq
+end
+
 -- An iterator over k's queue in service order: a 4-way merge of the per-priority queues.
+-- `gone(entry)` says the entry just returned left the queue (so the merge does not skip).
 local function walker(k)
   local index, heads = {0, 0, 0, 0}, {}
   local function head(level)
@@ -281,17 +527,11 @@ local function walker(k)
             enq = tonumber(r[2]), level = level, member = r[1]}
   end
   for level = 0, 3 do heads[level + 1] = head(level) end
-  return function()
-    local best, best_level = false, -1
+  local function next_entry()
+    local best = false
     for level = 0, 3 do
       local h = heads[level + 1]
-      if h then
-        local e = effective(level, h.enq)
-        if not best or e > best_level or (e == best_level and (h.enq < best.enq
-            or (h.enq == best.enq and h.seq < best.seq))) then
-          best, best_level = h, e
-        end
-      end
+      if h and (not best or before(h, best)) then best = h end
     end
     if best then
       index[best.level + 1] = index[best.level + 1] + 1
@@ -299,6 +539,10 @@ local function walker(k)
     end
     return best
   end
+  local function gone(entry)
+    index[entry.level + 1] = index[entry.level + 1] - 1
+  end
+  return next_entry, gone
 end
 
 local function position(k, id)
@@ -309,16 +553,6 @@ local function position(k, id)
     n = n + 1
     if entry.id == id then return n end
   end
-end
-
-local function read_waiter(id)
-  local flat = redis.call('HGETALL', waiter_name(id))
-  if #flat == 0 then return nil end
-  local rec = {}
-  for i = 1, #flat, 2 do rec[flat[i]] = flat[i + 1] end
-  rec.flat = flat
-  rec.keys = cjson.decode(rec['keys'])
-  return rec
 end
 
 local function unqueue(id, rec)
@@ -354,13 +588,11 @@ end
 
 local function grant(id, rec, fx)
   local locks = {}
-  for _, k in ipairs(rec.keys) do
-    local holder = live(k, nil)
-    if holder then
-      table.insert(locks, holder)
-    else
-      table.insert(locks, stamp(k, rec['d:' .. k], rec.repo, rec.pull, tonumber(rec.ttl), id))
-    end
+  local parts = waiter_parts(rec)
+  for i, k in ipairs(rec.keys) do
+    local lock = take(k, rec['d:' .. k], rec.repo, rec.pull, tonumber(rec.ttl), id, rec.mode,
+                      parts[i].path, parts[i].ws)
+    table.insert(locks, lock)
   end
   unqueue(id, rec)
   remember(id, rec, 'granted', locks)
@@ -378,13 +610,16 @@ local function replica_alive(replica)
   return alive[replica]
 end
 
--- Give free key k to the first waiter that can take it; drop waiters past their deadline or
--- whose replica is gone. Returns the granted locks, or nil. Only a free key is handed out (a
--- batch grant made while freeing several keys may already have taken k).
-local function hand_out(k, fx)
-  if redis.call('SISMEMBER', QUEUED, k) == 0 then return nil end  -- nobody waits: done
-  if live(k, nil) then return nil end
-  local next_waiter, dropped, locks = walker(k), {}, nil
+-- Serve k's queue (no concurrency rules): grant each waiter the rules allow, in service
+-- order; a waiter held back by k's holders, or an exclusive grant, ends the walk; one held
+-- back by a freeze, a limit or another key of its batch keeps its place. Waiters past their
+-- deadline or whose replica is gone are dropped.
+local function walk_key(k, fx)
+  if redis.call('SISMEMBER', QUEUED, k) == 0 then return end  -- nobody waits: done
+  local ex = read_lock(k)
+  if ex and not lapsed(ex) then return end  -- held exclusively: nobody can be served yet
+  local next_waiter, gone = walker(k)
+  local dropped = {}
   while true do
     local entry = next_waiter()
     if not entry then break end
@@ -396,18 +631,12 @@ local function hand_out(k, fx)
     elseif not replica_alive(rec.replica) then
       table.insert(dropped, {entry, rec, 'unavailable'})
     else
-      local free = true
-      for _, other in ipairs(rec.keys) do
-        if other ~= k then
-          local holder = live(other, nil)
-          if holder and not same_owner(holder, rec.repo, rec.pull) then
-            free = false
-            break
-          end
-        end
-      end
-      if free then
-        locks = grant(entry.id, rec, fx)
+      local d = verdict(rec.repo, rec.pull, rec.mode, waiter_parts(rec), false)
+      if d[1] == 'grant' then
+        grant(entry.id, rec, fx)
+        gone(entry)
+        if rec.mode ~= 'shared' then break end
+      elseif d[1] == 'held' and d[2] == k then
         break
       end
     end
@@ -420,20 +649,72 @@ local function hand_out(k, fx)
     end
   end
   if queue_size(k) == 0 then redis.call('SREM', QUEUED, k) end
-  return locks
 end
 
--- The holder of k after expiring a lapsed lease and serving a grantable waiter.
-local function settle(k, fx)
-  local holder = live(k, fx.expired)
-  if holder then return holder end
-  local locks = hand_out(k, fx)
-  if locks then
-    for _, lock in ipairs(locks) do
-      if lock[1] == k then return lock end
+-- Serve every queue at once, in one service order (concurrency rules: a lock freed in a
+-- group may go to a waiter of another key); a holder stops only its own key's line.
+local function walk_all(fx)
+  local entries, by_id = {}, {}
+  for _, k in ipairs(redis.call('SMEMBERS', QUEUED)) do
+    for level = 0, 3 do
+      local r = redis.call('ZRANGE', queue_name(k, level), 0, -1, 'WITHSCORES')
+      for i = 1, #r, 2 do
+        local id = string.sub(r[i], 18)
+        local e = by_id[id]
+        if not e then
+          e = {id = id, seq = tonumber(string.sub(r[i], 1, 16)), enq = tonumber(r[i + 1]),
+               level = level, refs = {}}
+          by_id[id] = e
+          table.insert(entries, e)
+        end
+        table.insert(e.refs, {k, level, r[i]})
+      end
     end
   end
-  return nil
+  table.sort(entries, before)
+  local stopped = {}
+  for _, e in ipairs(entries) do
+    local rec = read_waiter(e.id)
+    if not rec then
+      for _, ref in ipairs(e.refs) do
+        redis.call('ZREM', queue_name(ref[1], ref[2]), ref[3])
+        if queue_size(ref[1]) == 0 then redis.call('SREM', QUEUED, ref[1]) end
+      end
+    elseif tonumber(rec.deadline) <= NOW then
+      drop_waiter(e.id, rec, 'timeout', fx)
+    elseif not replica_alive(rec.replica) then
+      drop_waiter(e.id, rec, 'unavailable', fx)
+    else
+      local blocked = false
+      for _, k in ipairs(rec.keys) do
+        if stopped[k] then blocked = true end
+      end
+      if not blocked then
+        local d = verdict(rec.repo, rec.pull, rec.mode, waiter_parts(rec), false)
+        if d[1] == 'grant' then
+          grant(e.id, rec, fx)
+        elseif d[1] == 'held' then
+          stopped[d[2]] = true
+        end
+      end
+    end
+  end
+end
+
+-- Serve the queues of `keys` (in the order given), or every queue under concurrency rules.
+local function serve(keys, fx)
+  if #rules()['c'] > 0 then
+    walk_all(fx)
+    return
+  end
+  for _, k in ipairs(keys) do walk_key(k, fx) end
+end
+
+-- The first holder of k after expiring lapsed leases and serving grantable waiters.
+local function settle(k, fx)
+  expire_lapsed(k, fx.expired)
+  serve({k}, fx)
+  return peek(k)
 end
 """
 
@@ -455,62 +736,104 @@ def _script(body: str) -> str:
 
 
 ACQUIRE = _script("""
--- acquire-or-enqueue: grant every key of a batch (one key is a batch of one), or queue one
--- waiter on every key, or refuse.
+-- acquire-or-enqueue: grant every key of a batch (one key is a batch of one) as the rules
+-- allow, or queue one waiter on every key, or refuse.
 -- KEYS   the lock hash of each key (documentation; names are derived from the keys below)
 -- ARGV[11] lease in ms (0: none)  ARGV[12] waiter id ('' = fail fast)  ARGV[13] wait in ms
 -- ARGV[14] request id ('' none)  ARGV[15] owner repo  ARGV[16] owner pull
--- ARGV[17] base priority level 0..3  ARGV[18..] pairs: lock key, Atlantis JSON to store
+-- ARGV[17] base priority level 0..3  ARGV[18] mode  ARGV[19] head commit ('' unknown)
+-- ARGV[20] caller ('' none)  ARGV[21..] quads: lock key, Atlantis JSON, path, workspace
 -- returns {'granted', {lock...}, fresh 0/1}
---         {'held', key, lock}
---         {'queue_full', key, lock or {}}
---         {'queued', waiter record (flat), key, its holder or {}, position}
+--         {'held' | 'limited', key, its holder or {}}
+--         {'frozen', key, its holder or {}, freeze name}
+--         {'queue_full', key, lock or {}, superseded waiter records}
+--         {'queued', waiter record (flat), key, its holder or {}, position, freeze name or '',
+--          superseded waiter records}
 local refused = guard()
 if refused then return refused end
 local ttl, wait_id, wait_ms = tonumber(ARGV[11]), ARGV[12], tonumber(ARGV[13])
 local rid, repo, pull, level = ARGV[14], ARGV[15], ARGV[16], ARGV[17]
-local keys, datas = {}, {}
-for i = 18, #ARGV, 2 do
+local mode, head, caller = ARGV[18], ARGV[19], ARGV[20]
+local keys, datas, parts = {}, {}, {}
+for i = 21, #ARGV, 4 do
   table.insert(keys, ARGV[i])
   datas[ARGV[i]] = ARGV[i + 1]
+  table.insert(parts, {key = ARGV[i], repo = repo, path = ARGV[i + 2], ws = ARGV[i + 3]})
 end
 if wait_id ~= '' then
   local rec = read_waiter(wait_id)
-  if rec then  -- the same waiter asking again: where it stands
+  if rec then  -- the same waiter asking again (a retry takes it over): where it stands
+    if caller ~= '' and rec['caller'] ~= caller then
+      redis.call('HSET', waiter_name(wait_id), 'caller', caller, 'replica', REPLICA)
+      rec = read_waiter(wait_id)
+    end
     local k = rec.keys[1]
-    return {'queued', rec.flat, k, peek(k) or {}, position(k, wait_id)}
+    return {'queued', rec.flat, k, peek(k) or {}, position(k, wait_id), '', {}}
+  end
+  local out = redis.call('HMGET', outcome_name(wait_id), 'kind', 'locks')
+  if out[1] == 'granted' then  -- granted while its caller was away: the retry takes it
+    local still, all = {}, true
+    for _, pair in ipairs(cjson.decode(out[2])) do
+      local h = holder_with_token(pair[1], pair[2])
+      if h then
+        if h[8] then settle_claim(h) end
+        table.insert(still, h)
+      else
+        all = false
+      end
+    end
+    if all and #still > 0 then
+      redis.call('HSET', outcome_name(wait_id), 'kind', 'taken')
+      return {'granted', still, 0}
+    end
   end
 end
 local fx = new_effects()
-local mine, blocked, blocked_lock = {}, false, false
-for _, k in ipairs(keys) do
-  local holder = settle(k, fx)
-  if holder then
-    if same_owner(holder, repo, pull) then
-      mine[k] = holder
-    elseif not blocked then
-      blocked, blocked_lock = k, holder
-    end
-  end
-end
-if not blocked then
+for _, k in ipairs(keys) do expire_lapsed(k, fx.expired) end
+serve(keys, fx)
+local d = verdict(repo, pull, mode, parts, true)
+if d[1] == 'grant' then
   local locks, fresh = {}, 0
-  for _, k in ipairs(keys) do
-    if mine[k] then
-      table.insert(locks, mine[k])
-    else
-      table.insert(locks, stamp(k, datas[k], repo, pull, ttl, false))
-      fresh = 1
-    end
+  for i, k in ipairs(keys) do
+    local lock, new = take(k, datas[k], repo, pull, ttl, false, mode, parts[i].path, parts[i].ws)
+    table.insert(locks, lock)
+    if new then fresh = 1 end
   end
   return {'granted', locks, fresh}
 end
-if wait_id == '' or wait_ms <= 0 then
-  return {'held', blocked, blocked_lock}
+local blocked = d[2]
+local holder = peek(blocked) or {}
+local waits = wait_id ~= '' and wait_ms > 0
+if d[1] == 'frozen' and (d[3]['refuse'] or not waits) then
+  return {'frozen', blocked, holder, d[3]['name']}
+end
+if not waits then return {d[1], blocked, holder} end
+-- A newer head commit of the same pull pushes its older queued requests out.
+local superseded = {}
+if head ~= '' then
+  local stale = {}
+  for _, k in ipairs(keys) do
+    for lv = 0, 3 do
+      for _, member in ipairs(redis.call('ZRANGE', queue_name(k, lv), 0, -1)) do
+        local id = string.sub(member, 18)
+        if id ~= wait_id and not stale[id] then
+          local rec = read_waiter(id)
+          if rec and rec.repo == repo and rec.pull == pull and (rec['head'] or '') ~= ''
+              and rec['head'] ~= head then
+            stale[id] = rec
+          end
+        end
+      end
+    end
+  end
+  for id, rec in pairs(stale) do
+    drop_waiter(id, rec, 'superseded', nil)
+    table.insert(superseded, rec.flat)
+  end
 end
 for _, k in ipairs(keys) do
   if queue_size(k) >= POLICY.max_size then
-    return {'queue_full', k, peek(k) or {}}
+    return {'queue_full', k, peek(k) or {}, superseded}
   end
 end
 redis.call('ZADD', REPLICAS, NOW + REPLICA_MS, REPLICA)
@@ -519,36 +842,50 @@ local deadline = NOW + wait_ms
 local name = waiter_name(wait_id)
 redis.call('HSET', name, 'id', wait_id, 'keys', cjson.encode(keys), 'repo', repo, 'pull', pull,
            'level', level, 'enq', NOW, 'seq', seq, 'deadline', deadline, 'ttl', ttl,
-           'replica', REPLICA, 'rid', rid)
-for _, k in ipairs(keys) do redis.call('HSET', name, 'd:' .. k, datas[k]) end
+           'replica', REPLICA, 'rid', rid, 'mode', mode, 'head', head, 'caller', caller)
+for i, k in ipairs(keys) do
+  redis.call('HSET', name, 'd:' .. k, datas[k], 'p:' .. k, parts[i].path, 'w:' .. k,
+             parts[i].ws)
+end
 redis.call('PEXPIREAT', name, deadline + GRACE_MS)
 local member = string.format('%016d', seq) .. ':' .. wait_id
 for _, k in ipairs(keys) do
   redis.call('ZADD', queue_name(k, level), NOW, member)
   redis.call('SADD', QUEUED, k)
 end
-return {'queued', read_waiter(wait_id).flat, blocked, blocked_lock, position(blocked, wait_id)}
+local freeze = ''
+if d[1] == 'frozen' then freeze = d[3]['name'] end
+return {'queued', read_waiter(wait_id).flat, blocked, holder, position(blocked, wait_id), freeze,
+        superseded}
 """)
 
 RELEASE = _script("""
--- release-and-hand-off: free a key (optionally only for the pull that holds it) and give it
--- to the next waiter; also the admin's force-unlock (no owner).
+-- release-and-hand-off: free a key (optionally only the lock of the pull that holds it) and
+-- serve its queue; also the admin's force-unlock (no owner: every holder goes).
 -- KEYS[1] the key's lock hash
 -- ARGV[11] lock key  ARGV[12] owner repo ('' = whoever holds it)  ARGV[13] owner pull
 -- returns {'not_owned', lock} (nothing changed), or
---         {'released', lock or {}, granted, dropped} where granted is a list of
---         {waiter record, {lock...}} and dropped a list of waiter records
+--         {'released', lock or {}, granted, dropped, other locks released} where granted is a
+--         list of {waiter record, {lock...}} and dropped a list of waiter records
 local refused = guard()
 if refused then return refused end
 local k = ARGV[11]
-local holder = live(k, nil)
-if holder and ARGV[12] ~= '' and not same_owner(holder, ARGV[12], ARGV[13]) then
-  return {'not_owned', holder}
+expire_lapsed(k, nil)
+local hs = holders(k)
+if ARGV[12] ~= '' then
+  local mine = {}
+  for _, h in ipairs(hs) do
+    if same_owner(h, ARGV[12], ARGV[13]) then table.insert(mine, h) end
+  end
+  if #hs > 0 and #mine == 0 then return {'not_owned', hs[1]} end
+  hs = mine
 end
-if holder then drop_lock(holder) end
+for _, h in ipairs(hs) do drop_lock(h) end
 local fx = new_effects()
-hand_out(k, fx)
-return {'released', holder or {}, fx.granted, fx.dropped}
+serve({k}, fx)
+local others = {}
+for i = 2, #hs do table.insert(others, hs[i]) end
+return {'released', hs[1] or {}, fx.granted, fx.dropped, others}
 """)
 
 EXPIRE = _script("""
@@ -564,7 +901,7 @@ return {fx.expired[1] or {}, fx.granted, fx.dropped}
 """)
 
 RELEASE_BY_PULL = _script("""
--- release-by-pull: free every key a pull holds and hand each to its next waiter.
+-- release-by-pull: free every lock a pull holds and serve each key's queue.
 -- KEYS   none (the pull's index is derived)
 -- ARGV[11] repo  ARGV[12] pull number
 -- returns {released locks (leases still running), granted, dropped}
@@ -573,18 +910,24 @@ if refused then return refused end
 local index = pull_index(ARGV[11], ARGV[12])
 local released, freed = {}, {}
 for _, k in ipairs(redis.call('SMEMBERS', index)) do
+  local found = {}
   local holder = read_lock(k)
-  if holder and same_owner(holder, ARGV[11], ARGV[12]) then
-    drop_lock(holder)
-    table.insert(freed, k)
-    if not lapsed(holder) then table.insert(released, holder) end
+  if holder then table.insert(found, holder) end
+  local text = redis.call('HGET', shared_name(k), ARGV[11] .. '#' .. ARGV[12])
+  if text then table.insert(found, cjson.decode(text)) end
+  for _, lock in ipairs(found) do
+    if same_owner(lock, ARGV[11], ARGV[12]) then
+      drop_lock(lock)
+      table.insert(freed, k)
+      if not lapsed(lock) then table.insert(released, lock) end
+    end
   end
 end
 redis.call('DEL', index)
--- Every key is freed first, then each is handed on, in key order (as every backend does).
+-- Every key is freed first, then each queue is served, in key order (as every backend does).
 table.sort(freed)
 local fx = new_effects()
-for _, k in ipairs(freed) do hand_out(k, fx) end
+serve(freed, fx)
 return {released, fx.granted, fx.dropped}
 """)
 
@@ -592,13 +935,16 @@ CANCEL = _script("""
 -- cancel: take a waiter out of every queue it is in and tell its replica why.
 -- KEYS   none (the waiter's record names its keys)
 -- ARGV[11] waiter id  ARGV[12] reason (cancelled, timeout, deadlock, unavailable)
--- returns {'removed', waiter record}, {'none'}, or, when it had been granted already,
+-- ARGV[13] caller ('': any; else only if that caller still owns the waiter)
+-- returns {'removed', waiter record}, {'kept', waiter record} (a retry owns it now),
+--         {'none'}, or, when it had been granted already,
 --         {'granted', waiter record, locks it still holds (now confirmed)}
 local refused = guard()
 if refused then return refused end
 local id = ARGV[11]
 local rec = read_waiter(id)
 if rec then
+  if ARGV[13] ~= '' and rec['caller'] ~= ARGV[13] then return {'kept', rec.flat} end
   drop_waiter(id, rec, ARGV[12], nil)
   return {'removed', rec.flat}
 end
@@ -606,8 +952,8 @@ local out = redis.call('HMGET', outcome_name(id), 'kind', 'waiter', 'locks')
 if out[1] ~= 'granted' then return {'none'} end
 local still = {}
 for _, pair in ipairs(cjson.decode(out[3])) do
-  local holder = live(pair[1], nil)
-  if holder and holder[3] == pair[2] then
+  local holder = holder_with_token(pair[1], pair[2])
+  if holder then
     if holder[8] then settle_claim(holder) end
     table.insert(still, holder)
   end
@@ -626,8 +972,8 @@ local out = redis.call('HMGET', outcome_name(ARGV[11]), 'kind', 'locks')
 if out[1] ~= 'granted' then return {'lost', {}} end
 local held, lost = {}, false
 for _, pair in ipairs(cjson.decode(out[2])) do
-  local holder = live(pair[1], nil)
-  if holder and holder[3] == pair[2] then
+  local holder = holder_with_token(pair[1], pair[2])
+  if holder then
     if holder[8] == ARGV[11] then settle_claim(holder) end
     table.insert(held, holder)
   else
@@ -673,15 +1019,18 @@ local index = HELD
 if ARGV[11] ~= '' then index = pull_index(ARGV[11], ARGV[12]) end
 local out = {}
 for _, k in ipairs(redis.call('SMEMBERS', index)) do
-  local lock = read_lock(k)
-  if not lock then
-    redis.call('SREM', index, k)
-  elseif not lapsed(lock) and (ARGV[13] == '' or lock[6] == ARGV[13])
-      and (ARGV[14] == '' or lock[7] == ARGV[14]) then
-    table.insert(out, lock)
-  elseif index ~= HELD and not same_owner(lock, ARGV[11], ARGV[12]) then
-    redis.call('SREM', index, k)
+  local found = read_shared(k)
+  local ex = read_lock(k)
+  if ex then table.insert(found, 1, ex) end
+  local kept = false
+  for _, lock in ipairs(found) do
+    if index == HELD or same_owner(lock, ARGV[11], ARGV[12]) then kept = true end
+    if not lapsed(lock) and (ARGV[13] == '' or lock[6] == ARGV[13])
+        and (ARGV[14] == '' or lock[7] == ARGV[14]) then
+      table.insert(out, lock)
+    end
   end
+  if not kept then redis.call('SREM', index, k) end
 end
 return out
 """)
@@ -693,14 +1042,22 @@ REFRESH = _script("""
 -- returns {'refreshed', lock}, {'not_held'} or {'not_owned', lock}
 local refused = guard()
 if refused then return refused end
-local lock = peek(ARGV[11])
-if not lock then return {'not_held'} end
-if not same_owner(lock, ARGV[12], ARGV[13]) then return {'not_owned', lock} end
+local hs = holders(ARGV[11])
+if #hs == 0 then return {'not_held'} end
+local lock = false
+for _, h in ipairs(hs) do
+  if same_owner(h, ARGV[12], ARGV[13]) then lock = h end
+end
+if not lock then return {'not_owned', hs[1]} end
 local exp = NOW + tonumber(ARGV[14])
-redis.call('HDEL', lock_name(ARGV[11]), 'claim', 'lease')
-redis.call('HSET', lock_name(ARGV[11]), 'exp', exp)
-collect_after(ARGV[11], exp)
 lock[5], lock[8], lock[9] = int(exp), false, false
+if lock[10] == 'shared' then
+  save_shared(lock)
+else
+  redis.call('HDEL', lock_name(ARGV[11]), 'claim', 'lease')
+  redis.call('HSET', lock_name(ARGV[11]), 'exp', exp)
+  collect_after(ARGV[11], exp)
+end
 return {'refreshed', lock}
 """)
 
@@ -720,11 +1077,11 @@ return {NOW, records}
 """)
 
 WAIT_GRAPH = _script("""
--- wait-graph: every key with waiters, its holder's owner and its waiters, in one snapshot
+-- wait-graph: every key with waiters, its holders' owners and its waiters, in one snapshot
 -- (so deadlock detection sees the waits of every replica at once).
 -- KEYS   none
--- returns {now ms, {{key, holder repo or '', holder pull or '', {waiter ids}}...},
---          waiter records}
+-- returns {now ms, {{key, first holder repo or '', its pull or '', {waiter ids},
+--          {{repo, pull} of every holder}}...}, waiter records}
 local entries, records, seen = {}, {}, {}
 for _, k in ipairs(redis.call('SMEMBERS', QUEUED)) do
   local ids = {}
@@ -740,15 +1097,37 @@ for _, k in ipairs(redis.call('SMEMBERS', QUEUED)) do
     end
   end
   if #ids > 0 then
-    local holder = peek(k)
-    if holder then
-      table.insert(entries, {k, holder[6], holder[7], ids})
+    local owners = {}
+    for _, h in ipairs(holders(k)) do table.insert(owners, {h[6], h[7]}) end
+    if #owners > 0 then
+      table.insert(entries, {k, owners[1][1], owners[1][2], ids, owners})
     else
-      table.insert(entries, {k, '', '', ids})
+      table.insert(entries, {k, '', '', ids, owners})
     end
   end
 end
 return {NOW, entries, records}
+""")
+
+HOLDERS = _script("""
+-- holders: every live holder of a key (one, or several when held shared), changing nothing.
+-- KEYS[1] the key's lock hash
+-- ARGV[11] lock key
+-- returns a list of locks
+return holders(ARGV[11])
+""")
+
+WAKE = _script("""
+-- wake: serve every queue (the rules changed, or a freeze started or ended).
+-- KEYS   none
+-- returns {{}, granted, dropped} (as RELEASE)
+local refused = guard()
+if refused then return refused end
+local keys = redis.call('SMEMBERS', QUEUED)
+table.sort(keys)
+local fx = new_effects()
+serve(keys, fx)
+return {{}, fx.granted, fx.dropped}
 """)
 
 PING = _script("""
@@ -788,10 +1167,11 @@ return int(current)
 """)
 
 ADOPT = _script("""
--- adopt: take over a lock from another store, keeping its token, times and lease.
+-- adopt: take over a lock from another store, keeping its token, times, lease and mode.
 -- KEYS[1] the key's lock hash
 -- ARGV[11] lock key  ARGV[12] repo  ARGV[13] pull  ARGV[14] Atlantis JSON  ARGV[15] token
--- ARGV[16] acquired at (ms)  ARGV[17] lease end (ms, 0: none)
+-- ARGV[16] acquired at (ms)  ARGV[17] lease end (ms, 0: none)  ARGV[18] mode
+-- ARGV[19] path  ARGV[20] workspace
 -- returns 1 adopted (or already held by the same pull), 0 held here by another pull,
 --         2 skipped because its lease already ended
 local refused = guard()
@@ -801,16 +1181,22 @@ local token = tonumber(ARGV[15])
 local current = tonumber(redis.call('GET', fence_name(k)) or '0')
 redis.call('SADD', FENCED, k)
 if token > current then redis.call('SET', fence_name(k), ARGV[15]) end
-local holder = live(k, nil)
-if holder then
-  if same_owner(holder, ARGV[12], ARGV[13]) then return 1 end
-  return 0
+expire_lapsed(k, nil)
+local mode = ARGV[18]
+for _, h in ipairs(holders(k)) do
+  if same_owner(h, ARGV[12], ARGV[13]) then return 1 end
+  if mode ~= 'shared' or h[10] ~= 'shared' then return 0 end
 end
 local exp = tonumber(ARGV[17])
 if exp > 0 and exp <= NOW then return 2 end
-redis.call('HSET', lock_name(k), 'data', ARGV[14], 'token', ARGV[15], 'at', ARGV[16],
-           'exp', exp, 'repo', ARGV[12], 'pull', ARGV[13])
-collect_after(k, exp)
+if mode == 'shared' then
+  save_shared({k, ARGV[14], ARGV[15], ARGV[16], ARGV[17], ARGV[12], ARGV[13], false, false,
+               'shared', ARGV[19], ARGV[20]})
+else
+  redis.call('HSET', lock_name(k), 'data', ARGV[14], 'token', ARGV[15], 'at', ARGV[16],
+             'exp', exp, 'repo', ARGV[12], 'pull', ARGV[13], 'path', ARGV[19], 'ws', ARGV[20])
+  collect_after(k, exp)
+end
 redis.call('SADD', HELD, k)
 redis.call('SADD', pull_index(ARGV[12], ARGV[13]), k)
 return 1

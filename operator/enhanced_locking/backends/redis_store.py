@@ -25,6 +25,7 @@ from typing import Any
 
 from redis.commands.core import AsyncScript
 
+from enhanced_locking import policies
 from enhanced_locking.backends import codec, redis_scripts
 from enhanced_locking.backends.base import Owner
 from enhanced_locking.backends.redis_connection import (
@@ -134,12 +135,13 @@ class RedisBackend:
         self.in_flight = 0
         """Calls waiting for Redis right now (tests use it to know when all is quiet)."""
         self._policy = QueuePolicy()
+        self._rules: tuple[policies.PolicyRules, str] = (self._policy.rules, "")
         register = connection.client.register_script
         self._scripts: dict[str, AsyncScript] = {
             name: register(getattr(redis_scripts, name))
             for name in ("ACQUIRE", "RELEASE", "EXPIRE", "RELEASE_BY_PULL", "CANCEL", "CONFIRM",
                          "STATUS", "GET", "LIST", "REFRESH", "QUEUE", "WAIT_GRAPH", "HEARTBEAT",
-                         "RAISE_TOKEN", "ADOPT", "PING")
+                         "RAISE_TOKEN", "ADOPT", "PING", "HOLDERS", "WAKE")
         }
         self._listener = Listener(
             connection, self.keys.notify(self.replica), self._notifier,
@@ -173,6 +175,7 @@ class RedisBackend:
                 head: list[Any] = [
                     self.keys.base, int(p.priority), p.threshold_ms, p.max_boost, p.max_size,
                     self.replica, self.epoch, call_id, _duration_ms(self.quarantine),
+                    self._compiled(p.rules),
                 ]
                 try:
                     async with asyncio.timeout(COMMAND_TIMEOUT):
@@ -191,6 +194,14 @@ class RedisBackend:
                                      "changing; try again", key=key)
         finally:
             self.in_flight -= 1
+
+    def _compiled(self, rules: policies.PolicyRules) -> str:
+        """The rules as the scripts read them (compiled once per rules object)."""
+        if self._rules[0] is not rules:
+            text = json.dumps(policies.compile_rules(rules), separators=(",", ":")) if (
+                rules.freezes or rules.concurrency) else ""
+            self._rules = (rules, text)
+        return self._rules[1]
 
     def _epoch_changed(self, answer: Sequence[Any], *, key: str | None) -> None:
         """A script refused to act: learn the store's epoch, or report the quarantine."""
@@ -234,6 +245,7 @@ class RedisBackend:
             deadline=_at(rec["deadline"]),
             seq=int(rec["seq"]),
             request_id=rec.get("rid") or None,
+            caller=rec.get("caller", ""),
         )
 
     def _grants(self, entries: Sequence[Any]) -> tuple[Grant, ...]:
@@ -241,9 +253,10 @@ class RedisBackend:
                      for flat, locks in entries)
 
     def _handoff(self, released: Sequence[Any], granted: Sequence[Any],
-                 dropped: Sequence[Any]) -> Handoff:
+                 dropped: Sequence[Any], others: Sequence[Any] = ()) -> Handoff:
         return Handoff(released=self._maybe_lock(released), granted=self._grants(granted),
-                       timed_out=tuple(self._waiter(flat) for flat in dropped))
+                       timed_out=tuple(self._waiter(flat) for flat in dropped),
+                       also_released=tuple(self._lock(v) for v in others))
 
     # --- the Backend protocol --------------------------------------------------------------
     async def now(self) -> datetime:
@@ -267,6 +280,10 @@ class RedisBackend:
 
     async def get(self, key: str) -> Lock | None:
         return self._maybe_lock(await self._run("GET", key, keys=[self.keys.lock(key)], key=key))
+
+    async def holders(self, key: str) -> Locks:
+        answer = await self._run("HOLDERS", key, keys=[self.keys.lock(key)], key=key)
+        return [self._lock(v) for v in answer]
 
     async def list(self, *, repo: str | None = None, pull: int | None = None) -> Locks:
         by_pull = repo is not None and pull is not None
@@ -308,8 +325,8 @@ class RedisBackend:
             outcome = await self._run(
                 "ADOPT", lock.key, lock.project.repo_full_name, lock.pull.num,
                 codec.encode(lock), lock.fencing_token, _ms(lock.acquired_at),
-                _ms(lock.expires_at) if lock.expires_at else 0,
-                keys=[self.keys.lock(lock.key)], key=lock.key,
+                _ms(lock.expires_at) if lock.expires_at else 0, lock.mode, lock.project.path,
+                lock.workspace, keys=[self.keys.lock(lock.key)], key=lock.key,
             )
             if outcome == 0:
                 conflicts.append(lock)
@@ -352,12 +369,14 @@ class RedisBackend:
             await self._listener.ensure()
         first = candidates[0]
         sent = {c.key: codec.encode(c) for c in candidates}
-        pairs = [item for c in candidates for item in (c.key, sent[c.key])]
+        quads = [item for c in candidates
+                 for item in (c.key, sent[c.key], c.project.path, c.workspace)]
         answer = await self._run(
             "ACQUIRE", _duration_ms(ttl), wait.id if wait else "",
             _duration_ms(wait.timeout) if wait else 0,
             (wait.request_id or "") if wait else "", first.project.repo_full_name,
-            first.pull.num, first.priority.level, *pairs,
+            first.pull.num, first.priority.level, first.mode, first.pull.head_commit,
+            wait.caller if wait else "", *quads,
             keys=[self.keys.lock(c.key) for c in candidates], policy=policy, key=first.key,
         )
         status = answer[0]
@@ -367,15 +386,25 @@ class RedisBackend:
                 self._lock(v, templates[str(v[0])] if v[1] == sent[str(v[0])] else None)
                 for v in answer[1])
             return Outcome(status=Status.GRANTED, locks=locks, fresh=bool(answer[2]))
-        if status == "held":
-            return Outcome(status=Status.HELD, key=answer[1], holder=self._lock(answer[2]))
+        if status in ("held", "limited"):
+            return Outcome(status=Status(status), key=answer[1],
+                           holder=self._maybe_lock(answer[2]))
+        messages = {f.name: f.message for f in policy.rules.freezes}
+        if status == "frozen":
+            return Outcome(status=Status.FROZEN, key=answer[1],
+                           holder=self._maybe_lock(answer[2]),
+                           message=messages.get(str(answer[3])))
         if status == "queue_full":
             return Outcome(status=Status.QUEUE_FULL, key=answer[1],
-                           holder=self._maybe_lock(answer[2]))
+                           holder=self._maybe_lock(answer[2]),
+                           superseded=tuple(self._waiter(f) for f in answer[3]))
         assert wait is not None
+        superseded = tuple(self._waiter(f) for f in answer[6]) if len(answer) > 6 else ()
         return Outcome(status=Status.QUEUED, waiter=self._waiter(answer[1]),
                        key=answer[2], holder=self._maybe_lock(answer[3]),
-                       position=int(answer[4]))
+                       position=int(answer[4]),
+                       message=messages.get(str(answer[5])) if len(answer) > 5 else None,
+                       superseded=superseded)
 
     async def release_and_handoff(
         self, key: str, *, owner: Owner | None = None, policy: QueuePolicy | None = None
@@ -385,7 +414,7 @@ class RedisBackend:
                                  policy=policy, key=key)
         if answer[0] == "not_owned":
             raise LockNotOwned(key, self._lock(answer[1]))
-        return self._handoff(answer[1], answer[2], answer[3])
+        return self._handoff(answer[1], answer[2], answer[3], answer[4])
 
     async def force_unlock(self, key: str, *, policy: QueuePolicy | None = None) -> Handoff:
         return await self.release_and_handoff(key, policy=policy)
@@ -395,12 +424,18 @@ class RedisBackend:
             "EXPIRE", key, keys=[self.keys.lock(key)], policy=policy, key=key)
         return self._handoff(expired, granted, dropped)
 
+    async def wake(self, *, policy: QueuePolicy) -> Handoff:
+        released, granted, dropped = await self._run("WAKE", policy=policy)
+        return self._handoff(released, granted, dropped)
+
     async def cancel(
-        self, key: str, waiter_id: str, *, reason: Reason = Reason.CANCELLED
+        self, key: str, waiter_id: str, *, reason: Reason = Reason.CANCELLED, caller: str = ""
     ) -> Cancelled:
-        answer = await self._run("CANCEL", waiter_id, reason.value, key=key)
+        answer = await self._run("CANCEL", waiter_id, reason.value, caller, key=key)
         if answer[0] == "removed":
             return Cancelled(removed=True, waiter=self._waiter(answer[1]))
+        if answer[0] == "kept":
+            return Cancelled(waiter=self._waiter(answer[1]))
         if answer[0] == "granted":
             return Cancelled(waiter=self._waiter(answer[1]),
                              granted=tuple(self._lock(v) for v in answer[2]))
@@ -420,10 +455,11 @@ class RedisBackend:
             KeyWaits(
                 key=str(key),
                 holder=(str(repo), int(pull)) if repo != "" else None,
+                holders=tuple((str(r), int(p)) for r, p in owners),
                 waiters=tuple(service_order([waiters[i] for i in ids if i in waiters], now=now,
                                             policy=policy or self._policy)),
             )
-            for key, repo, pull, ids in entries
+            for key, repo, pull, ids, owners in entries
         ]
 
     # --- notifications ---------------------------------------------------------------------

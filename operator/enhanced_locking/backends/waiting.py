@@ -85,7 +85,7 @@ class QueuePolicy:
     starvation_threshold: timedelta = timedelta(minutes=2)
     max_boost: int = 3
     max_size: int = 1000
-    rules: PolicyRules = PolicyRules()
+    rules: PolicyRules = field(default_factory=PolicyRules)
     """Freezes and concurrency limits, decided in the grant step (:mod:`..policies`)."""
 
     @classmethod

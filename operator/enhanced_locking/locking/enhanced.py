@@ -384,12 +384,12 @@ class EnhancedLocker(AtlantisCalls):
             handoff = await self._call("expire", lambda: self.backend.expire(
                 key, policy=self.policy()))
             self._handed(handoff, how="expired")
-            holder = await self.backend.get(key)
+            holders = await self.backend.holders(key)
         except LockingError as error:
             log.warning("lease check of %s failed (%s); trying again in a second", key, error)
             self.leases.arm(key, utcnow() + timedelta(seconds=1))
             return
-        if holder is not None:
+        for holder in holders:
             self.leases.arm(key, holder.expires_at)
 
     def _handed(self, handoff: Handoff, *, how: str) -> None:

@@ -1,0 +1,322 @@
+"""Policy rules and lock modes on every queue backend: one behaviour table.
+
+Shared and exclusive modes, superseded requests, a retried request keeping its place, freezes,
+concurrency limits, priority rules and what a waiter can see, each run against the memory
+store, the embedded SQLite file and a real Redis (the grant step of each decides with the same
+rules: ``enhanced_locking.policies.verdict``, mirrored by the Redis scripts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from tests.support.backends import BackendFactory
+from tests.support.locks import request_for
+from tests.support.queues import LockerRig, rig_for, settle
+
+from enhanced_locking import policies
+from enhanced_locking.backends import QueueBackend
+from enhanced_locking.policies import (
+    ConcurrencyLimit,
+    Freeze,
+    KeyPattern,
+    PolicyRules,
+    PriorityRule,
+)
+from enhanced_locking.types import AcquireResult, LockRequest, Priority, Pull, Reason, utcnow
+
+WAIT = timedelta(seconds=30)
+
+
+@pytest.fixture
+async def make(queue_backend_factory: BackendFactory) -> AsyncIterator[Callable[..., LockerRig]]:
+    rigs: list[LockerRig] = []
+
+    def build(**settings: Any) -> LockerRig:
+        backend = queue_backend_factory()
+        assert isinstance(backend, QueueBackend)
+        rigs.append(rig_for(backend, **settings))
+        return rigs[-1]
+    yield build
+    for rig in rigs:
+        await rig.close()
+
+
+def ask(pull: int, *, path: str = "envs/prod", mode: str = "exclusive", wait: Any = None,
+        head: str = "", request_id: str | None = None, repo: str = "acme/infra",
+        priority: Priority = Priority.NORMAL, command: str | None = None) -> LockRequest:
+    request = request_for(pull=pull, path=path, repo=repo, priority=priority)
+    return request.model_copy(update={
+        "mode": mode, "wait": wait, "request_id": request_id, "command": command,
+        "pull": request.pull.model_copy(update={"head_commit": head})})
+
+
+async def rules(rig: LockerRig, value: PolicyRules) -> None:
+    """Apply new rules the way a config change does (every queue is served again)."""
+    rig.set(policies=value)
+    rig.locker.rules.changed(value)
+    await settle()
+    await rig.locker.wake()
+    await settle()
+
+
+async def queued(rig: LockerRig, request: LockRequest) -> asyncio.Task[AcquireResult]:
+    task = rig.spawn(rig.locker.acquire(request))
+    await settle()
+    assert not task.done(), task.result()
+    return task
+
+
+# --- shared and exclusive ---------------------------------------------------------------------
+async def test_shared_holders_coexist_and_an_exclusive_request_waits_for_all_of_them(
+        make: Callable[..., LockerRig]) -> None:
+    rig = make()
+    first = await rig.locker.acquire(ask(1, mode="shared"))
+    second = await rig.locker.acquire(ask(2, mode="shared"))
+    assert first.acquired and second.acquired
+    assert first.lock is not None and second.lock is not None
+    assert second.lock.fencing_token > first.lock.fencing_token
+    assert {lock.pull.num for lock in await rig.locker.holders(first.lock_key)} == {1, 2}
+    refused = await rig.locker.acquire(ask(3))
+    assert refused.reason is Reason.HELD
+    writer = await queued(rig, ask(3, wait=WAIT))
+    await rig.locker.release(first.lock_key, owner=("acme/infra", 1))
+    await settle()
+    assert not writer.done()
+    await rig.locker.release(first.lock_key, owner=("acme/infra", 2))
+    await settle()
+    granted = await writer
+    assert granted.acquired and granted.lock is not None
+    assert granted.lock.mode == "exclusive"
+    assert granted.lock.fencing_token > second.lock.fencing_token
+
+
+async def test_a_waiting_exclusive_request_stops_new_shared_grants(
+        make: Callable[..., LockerRig]) -> None:
+    rig = make()
+    await rig.locker.acquire(ask(1, mode="shared"))
+    writer = await queued(rig, ask(2, wait=WAIT))
+    reader = await queued(rig, ask(3, mode="shared", wait=WAIT))  # behind the writer
+    late = await queued(rig, ask(4, mode="shared", wait=WAIT))
+    assert (await rig.locker.acquire(ask(5, mode="shared"))).reason is Reason.HELD
+    key = ask(1).key
+    await rig.locker.release(key, owner=("acme/infra", 1))
+    await settle()
+    assert (await writer).acquired
+    assert not reader.done() and not late.done()
+    await rig.locker.release(key, owner=("acme/infra", 2))
+    await settle()
+    both = [await reader, await late]
+    assert all(r.acquired for r in both)  # the readers behind the writer go together
+    assert {lock.pull.num for lock in await rig.locker.holders(key)} == {3, 4}
+
+
+async def test_the_only_shared_holder_upgrades_to_exclusive_with_a_new_token(
+        make: Callable[..., LockerRig]) -> None:
+    rig = make()
+    shared = await rig.locker.acquire(ask(1, mode="shared"))
+    again = await rig.locker.acquire(ask(1, mode="shared"))
+    assert again.lock == shared.lock  # the same pull asking again: unchanged
+    upgraded = await rig.locker.acquire(ask(1))
+    assert upgraded.lock is not None and shared.lock is not None
+    assert upgraded.lock.mode == "exclusive"
+    assert upgraded.lock.fencing_token > shared.lock.fencing_token
+    assert (await rig.locker.acquire(ask(2, mode="shared"))).reason is Reason.HELD
+
+
+async def test_a_force_unlock_frees_every_shared_holder(make: Callable[..., LockerRig]) -> None:
+    rig = make()
+    await rig.locker.acquire(ask(1, mode="shared"))
+    await rig.locker.acquire(ask(2, mode="shared"))
+    key = ask(1).key
+    await rig.locker.force_unlock(key)
+    assert await rig.locker.holders(key) == []
+    assert (await rig.locker.acquire(ask(3))).acquired
+
+
+# --- superseded and retried requests -----------------------------------------------------------
+async def test_a_newer_head_commit_supersedes_the_queued_request_of_the_same_pull(
+        make: Callable[..., LockerRig]) -> None:
+    rig = make()
+    await rig.locker.acquire(ask(1))
+    old = await queued(rig, ask(2, wait=WAIT, head="aaa111"))
+    other = await queued(rig, ask(3, wait=WAIT, head="ccc333"))
+    new = await queued(rig, ask(2, wait=WAIT, head="bbb222"))
+    stale = await old
+    assert stale.reason is Reason.SUPERSEDED
+    assert "superseded" in rig.types()
+    waiters = await rig.locker.queue(ask(1).key)
+    assert [(w.owner[1], w.head_commit) for w in waiters] == [(3, "ccc333"), (2, "bbb222")]
+    await rig.locker.release(ask(1).key)
+    await settle()
+    assert (await other).acquired
+    assert not new.done()
+
+
+async def test_a_request_retried_after_its_connection_broke_keeps_its_place(
+        make: Callable[..., LockerRig]) -> None:
+    rig = make()
+    key = ask(1).key
+    await rig.locker.acquire(ask(1))
+    first = await queued(rig, ask(2, wait=WAIT, request_id="plan-2"))
+    await queued(rig, ask(3, wait=WAIT))
+    before = (await rig.locker.queue(key))[0]
+    first.cancel()  # the client's connection broke
+    await settle()
+    retry = await queued(rig, ask(2, wait=WAIT, request_id="plan-2"))
+    after = await rig.locker.queue(key)
+    assert [w.owner[1] for w in after] == [2, 3]
+    assert after[0].id == before.id and after[0].enqueued_at == before.enqueued_at
+    await rig.locker.release(key)
+    await settle()
+    assert (await retry).acquired
+
+
+# --- freezes ----------------------------------------------------------------------------------
+FREEZE = Freeze(name="release-week", match=KeyPattern(path_prefix="envs/prod"),
+                message="prod is frozen for the release; ask #platform")
+
+
+async def test_a_freeze_refuses_with_its_message_and_leaves_held_locks_alone(
+        make: Callable[..., LockerRig]) -> None:
+    rig = make()
+    held = await rig.locker.acquire(ask(1))
+    await rules(rig, PolicyRules(freezes=[FREEZE]))
+    refused = await rig.locker.acquire(ask(2, wait=WAIT))
+    assert refused.reason is Reason.FROZEN
+    assert refused.message == FREEZE.message
+    assert (await rig.locker.acquire(ask(2, path="envs/production"))).acquired  # not under it
+    assert (await rig.locker.acquire(ask(1))).lock == held.lock  # the holder keeps its lock
+    await rig.locker.release(held.lock_key)
+    assert (await rig.locker.acquire(ask(3))).reason is Reason.FROZEN
+    assert "freeze-started" in rig.types()
+
+
+async def test_a_waiting_freeze_queues_and_grants_when_it_is_lifted(
+        make: Callable[..., LockerRig]) -> None:
+    rig = make()
+    await rules(rig, PolicyRules(freezes=[FREEZE.model_copy(update={"action": "wait"})]))
+    waiter = await queued(rig, ask(2, wait=WAIT))
+    await rules(rig, PolicyRules())
+    assert (await waiter).acquired
+    assert "freeze-ended" in rig.types()
+
+
+async def test_a_freeze_with_a_window_is_active_only_inside_it(
+        make: Callable[..., LockerRig]) -> None:
+    rig = make()
+    now = utcnow()
+    later = FREEZE.model_copy(update={"from_": now + timedelta(hours=1),
+                                      "until": now + timedelta(hours=2)})
+    await rules(rig, PolicyRules(freezes=[later]))
+    assert (await rig.locker.acquire(ask(1))).acquired
+    ended = FREEZE.model_copy(update={"from_": now - timedelta(hours=2),
+                                      "until": now - timedelta(hours=1)})
+    await rules(rig, PolicyRules(freezes=[ended]))
+    assert (await rig.locker.acquire(ask(2, path="envs/prod/eu"))).acquired
+
+
+# --- concurrency limits -----------------------------------------------------------------------
+async def test_a_limit_of_two_holds_five_waiters_to_two_at_a_time_in_queue_order(
+        make: Callable[..., LockerRig]) -> None:
+    rig = make()
+    await rules(rig, PolicyRules(concurrency=[
+        ConcurrencyLimit(name="prod", match=KeyPattern(path_prefix="envs"), limit=2)]))
+    tasks = []
+    for pull in range(1, 6):
+        tasks.append(rig.spawn(rig.locker.acquire(ask(pull, path=f"envs/p{pull}", wait=WAIT))))
+        await settle()
+    granted = [t.result().lock for t in tasks if t.done()]
+    assert [lock.pull.num for lock in granted if lock] == [1, 2]
+    assert (await rig.locker.acquire(ask(9, path="envs/p9"))).reason is Reason.LIMITED
+    assert (await rig.locker.acquire(ask(9, path="modules/x"))).acquired  # outside the group
+    order = []
+    for pull in range(1, 6):
+        await rig.locker.release(f"acme/infra/envs/p{pull}/default/prod")
+        await settle()
+        done = [t.result().lock for t in tasks if t.done()]
+        held = [lock for lock in await rig.locker.list() if lock.project.path.startswith("envs")]
+        assert len(held) <= 2
+        order = [lock.pull.num for lock in done if lock]
+    assert order == [1, 2, 3, 4, 5]
+
+
+async def test_per_repository_limits_count_each_repository_apart(
+        make: Callable[..., LockerRig]) -> None:
+    rig = make()
+    await rules(rig, PolicyRules(concurrency=[
+        ConcurrencyLimit(name="one-per-repo", per="repository", limit=1)]))
+    assert (await rig.locker.acquire(ask(1, repo="acme/a"))).acquired
+    assert (await rig.locker.acquire(ask(2, repo="acme/b"))).acquired
+    assert (await rig.locker.acquire(ask(3, repo="acme/a", path="other"))).reason is \
+        Reason.LIMITED
+
+
+async def test_deleting_a_limit_releases_what_it_held_back_in_queue_order(
+        make: Callable[..., LockerRig]) -> None:
+    rig = make()
+    await rules(rig, PolicyRules(concurrency=[ConcurrencyLimit(name="all", limit=1)]))
+    assert (await rig.locker.acquire(ask(1, path="a"))).acquired
+    second = await queued(rig, ask(2, path="b", wait=WAIT))
+    third = await queued(rig, ask(3, path="c", wait=WAIT))
+    await rules(rig, PolicyRules())
+    assert (await second).acquired and (await third).acquired
+
+
+# --- priority rules ---------------------------------------------------------------------------
+PRIORITY = PolicyRules(priority_rules=[
+    PriorityRule(name="prod-apply", match=KeyPattern(path_prefix="envs/prod"),
+                 commands=["apply"], priority=Priority.HIGH),
+    PriorityRule(name="plans", commands=["plan"], priority=Priority.LOW),
+])
+
+
+async def test_priority_rules_assign_the_priority_and_a_client_may_only_ask_for_less(
+        make: Callable[..., LockerRig]) -> None:
+    rig = make(priority_queue=True)
+    await rules(rig, PRIORITY)
+    await rig.locker.acquire(ask(1))
+    apply = await queued(rig, ask(2, command="apply", priority=Priority.CRITICAL, wait=WAIT))
+    plan = await queued(rig, ask(3, command="plan", priority=Priority.CRITICAL, wait=WAIT))
+    humble = await queued(rig, ask(4, command="apply", priority=Priority.LOW, wait=WAIT))
+    waiters = {w.owner[1]: w.priority for w in await rig.locker.queue(ask(1).key)}
+    assert waiters == {2: Priority.HIGH, 3: Priority.LOW, 4: Priority.LOW}
+    token = policies.CALLER_IS_ADMIN.set(True)
+    try:
+        admin = await queued(rig, ask(5, command="apply", priority=Priority.CRITICAL, wait=WAIT))
+    finally:
+        policies.CALLER_IS_ADMIN.reset(token)
+    first = (await rig.locker.queue(ask(1).key))[0]
+    assert first.owner[1] == 5 and first.priority is Priority.CRITICAL
+    for task in (apply, plan, humble, admin):
+        task.cancel()
+
+
+# --- visible waiting --------------------------------------------------------------------------
+async def test_a_waiter_sees_its_position_who_blocks_it_and_an_estimate(
+        make: Callable[..., LockerRig]) -> None:
+    rig = make()
+    key = ask(1).key
+    await rig.locker.acquire(ask(1))
+    await rig.locker.release(key)  # one hold time on record
+    await rig.locker.acquire(ask(1))
+    await queued(rig, ask(2, wait=WAIT))
+    await queued(rig, ask(3, wait=WAIT, request_id="mine"))
+    view = await rig.locker.view(key, "mine")
+    assert view is not None
+    seen = view.details()
+    assert seen["position"] == 2
+    assert [h["owner"] for h in seen["holders"]] == ["acme/infra#1"]
+    assert [w["owner"] for w in seen["ahead"]] == ["acme/infra#2"]
+    assert seen["estimateSeconds"] is not None and seen["estimateSeconds"] >= 0
+    queued_events = [e for e in rig.events if e.type == "queued"]
+    assert queued_events[-1].details["ahead"][0]["owner"] == "acme/infra#2"
+    assert queued_events[-1].details["holders"][0]["owner"] == "acme/infra#1"
+
+
+def test_pull_has_a_head_commit_for_supersede() -> None:
+    assert Pull(num=1, head_commit="abc").head_commit == "abc"
