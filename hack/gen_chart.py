@@ -238,6 +238,8 @@ def config_schema() -> dict[str, Any]:
             for key, value in model["properties"][setting.field].items()
             if key not in ("title", "default", "description")
         }
+        if setting.kind == "rules":  # checked by the service's own model (PolicyRules)
+            prop = {"type": "object"}
         if setting.kind == "list":  # YAML may give a list or Atlantis's comma-separated string
             prop = {"anyOf": [prop, {"type": "string"}]}
         prop["description"] = f"{setting.description} Default: {setting.default!s}."

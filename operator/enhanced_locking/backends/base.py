@@ -155,14 +155,14 @@ class QueueBackend(Backend, Protocol):
     ) -> Outcome:
         """Grant ``candidate``'s key, else queue a waiter for it (with ``wait``), else refuse.
 
-        Granted when :func:`enhanced_locking.policies.verdict` says so (after expiring lapsed
-        leases and serving grantable waiters first); already held by the same pull, the lock is
-        returned unchanged (``fresh`` false). A grant stamps ``acquired_at`` with the
-        backend's clock, sets ``expires_at = acquired_at + ttl`` (no expiry without ``ttl``)
-        and the next fencing token. Not granted and no ``wait`` (or a zero one): ``held``. With ``wait``: ``queued``
-        at its position, deadline ``now + wait.timeout``; ``queue_full`` when the key already
-        has ``policy.max_size`` waiters. Idempotent per ``wait.id``: asking again while that
-        waiter is queued answers its current position (a retry never queues twice).
+        Granted when :func:`enhanced_locking.policies.verdict` says so (after expiring lapsed leases
+        and serving grantable waiters first); already held by the same pull, the lock is returned
+        unchanged (``fresh`` false). A grant stamps ``acquired_at`` with the backend's clock, sets
+        ``expires_at = acquired_at + ttl`` (no expiry without ``ttl``) and the next fencing token.
+        Not granted and no ``wait`` (or a zero one): ``held``. With ``wait``: ``queued`` at its
+        position, deadline ``now + wait.timeout``; ``queue_full`` when the key already has
+        ``policy.max_size`` waiters. Idempotent per ``wait.id``: asking again while that waiter
+        is queued answers its current position (a retry never queues twice).
         """
         ...
 

@@ -6,18 +6,20 @@ calls them by SHA; redis-py loads a script again when the server answers ``NOSCR
 restart or a failover). They share one library (:data:`LIBRARY`), prepended to each.
 
 **Arguments every script takes**: ``ARGV[1]`` is ``base`` (``{key-prefix}{namespace}:``),
-``ARGV[2..5]`` the queue policy (priority flag 0/1, starvation threshold in ms, max boost, max
-queue size), ``ARGV[6]`` the calling replica's id, ``ARGV[7..9]`` the store epoch the caller
-knows, a fresh epoch id to use if a new one must be started, and the restart quarantine in ms;
-``ARGV[10]`` the policy rules compiled by :func:`enhanced_locking.policies.compile_rules` (JSON,
-``''`` for none). Script-specific arguments start at ``ARGV[11]``. ``KEYS`` name the lock
-hashes a call is about; the indexes below are derived from ``base`` inside the scripts, which
-is why the backend needs one Redis (or Sentinel), not a Redis Cluster. Everything about one lock key carries the
-key as a hash tag (``{K}``).
+``ARGV[2..5]`` the queue policy (priority flag 0/1, starvation threshold in ms, max boost, max queue
+size), ``ARGV[6]`` the calling replica's id, ``ARGV[7..9]`` the store epoch the caller knows, a
+fresh epoch id to use if a new one must be started, and the restart quarantine in ms; ``ARGV[10]``
+the policy rules compiled by :func:`enhanced_locking.policies.compile_rules` (JSON, ``''`` for
+none). Script-specific arguments start at ``ARGV[11]``. ``KEYS`` name the lock hashes a call is
+about; the indexes below are derived from ``base`` inside the scripts, which is why the backend
+needs one Redis (or Sentinel), not a Redis Cluster. Everything about one lock key carries the key as
+a hash tag (``{K}``).
 
 **Keys** (``K`` a lock key, ``W`` a waiter id, ``R`` a replica id)::
 
-    lock:{K}        hash: data (Atlantis JSON), token, at, exp, repo, pull [, claim, lease]
+    lock:{K}        hash: data (Atlantis JSON), token, at, exp, repo, pull, path, ws
+                    [, claim, lease]: the exclusive holder
+    shared:{K}      hash: "repo#pull" -> the JSON of a shared holder's lock tuple
     fence:{K}       the key's fencing counter (INCR; never lowered)
     queue0..3:{K}   sorted sets, one per base priority: member "%016d(seq):W", score enqueue ms
     waiter:W        hash: id, keys (JSON), repo, pull, level, enq, seq, deadline, ttl, replica,
@@ -50,6 +52,17 @@ priority the FIFO order *is* the service order (an earlier waiter has waited lon
 level is at least as high), so the next waiter is the best of the four queue heads: a hand-off
 reads a handful of entries, not the whole queue. Computing a waiter's position walks the queue
 up to it (bounded by ``max-queue-size``).
+
+**Rules and modes.** The grant step (``verdict`` in the library) mirrors
+:func:`enhanced_locking.policies.verdict` line by line, the way the service order is mirrored:
+Python compiles the rules once per change into ``ARGV[10]`` (globs as anchored Lua patterns,
+times in ms) and the script decides with Redis's own state, so a grant in a release's hand-off
+follows the same rules as a new request, on whichever replica runs it. We chose this over
+deciding in Python under a per-key guard: a guard would cost a round trip per decision and
+could not cover a hand-off across the keys of a concurrency group in one atomic step. The
+unit tests of ``tests/unit/test_policy_rules.py`` run the same table against every store.
+Concurrency counts scan the held set (cost: one read per held lock, only when a limit
+applies).
 
 **Hand-off and claims.** A release frees the key and, in the same script, grants it to the
 first waiter in service order that can take it: its deadline has not passed, its replica is
