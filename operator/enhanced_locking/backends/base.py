@@ -283,6 +283,10 @@ class StoreBackend(abc.ABC):
     def _scan(self, repo: str | None, pull: int | None) -> Locks:
         """Every lock (both modes), optionally of one repository and/or pull."""
 
+    def _forget_grant(self, waiter_id: str) -> None:
+        """A retried request took its grant: a later cancel must not give it back."""
+        self._granted.pop(waiter_id, None)
+
     def _pop(self, key: str, owner: Owner | None) -> Lock | None:
         """Delete ``key``'s exclusive row if ``owner`` (or anyone, without it) holds it, in one
         atomic step; the row deleted, or ``None`` (then the caller takes the general path)."""
@@ -359,7 +363,7 @@ class StoreBackend(abc.ABC):
     def _settle(self, key: str, now: datetime, policy: QueuePolicy, fx: _Effects) -> Lock | None:
         """The key's holder after expiring lapsed leases and serving grantable waiters."""
         self._expire_lapsed(key, now, fx)
-        self._serve([key], now, policy, fx)
+        self._serve_queues([key], now, policy, fx)
         return self._live(key, now)
 
     # --- the rules ----------------------------------------------------------------------------
@@ -389,8 +393,8 @@ class StoreBackend(abc.ABC):
         )
 
     # --- queues -------------------------------------------------------------------------------
-    def _serve(self, keys: Sequence[str], now: datetime, policy: QueuePolicy,
-               fx: _Effects) -> None:
+    def _serve_queues(self, keys: Sequence[str], now: datetime, policy: QueuePolicy,
+                      fx: _Effects) -> None:
         """Grant every waiter that may have its locks now, in service order.
 
         Without concurrency limits each key's queue is walked in turn (``keys`` in the order
@@ -402,12 +406,13 @@ class StoreBackend(abc.ABC):
         group), and a holder stops only the line of its own key.
         """
         if policy.rules.concurrency:
-            self._walk(list({w.id: w for q in self._queues.values() for w in q}.values()),
+            self._walk(list({w.id: w for _, q in self._queues.items() for w in q}.values()),
                        None, now, policy, fx)
             return
         for key in keys:
-            if key in self._queues:
-                self._walk(self._queues[key], key, now, policy, fx)
+            queue = self._queues.get(key)
+            if queue:
+                self._walk(list(queue), key, now, policy, fx)
 
     def _walk(self, waiters: Sequence[Waiter], key: str | None, now: datetime,
               policy: QueuePolicy, fx: _Effects) -> None:
@@ -415,8 +420,8 @@ class StoreBackend(abc.ABC):
             return  # held exclusively: nobody can be served (nor is anyone dropped) yet
         stopped: set[str] = set()
         for waiter in service_order(list(waiters), now=now, policy=policy):
-            if waiter.id not in self._waiters:
-                continue
+            if self._waiters.get(waiter.id) is None:
+                continue  # granted or dropped earlier in this walk
             if waiter.deadline <= now:
                 self._unqueue(waiter)
                 fx.timed_out.append(waiter)
@@ -529,7 +534,7 @@ class StoreBackend(abc.ABC):
             for lock in released:
                 self._drop(lock)
             # In key order, so who gets what does not depend on storage.
-            self._serve([lock.key for lock in released], now, policy, fx)
+            self._serve_queues([lock.key for lock in released], now, policy, fx)
         return [lock for lock in released if not lock.expired(now)]
 
     async def refresh(self, key: str, owner: Owner, ttl: timedelta) -> Lock:
@@ -604,17 +609,18 @@ class StoreBackend(abc.ABC):
                 return Outcome(status=Status.QUEUED, waiter=queued, key=key,
                                holder=self._live(key, now),
                                position=self._position(key, queued, now, policy))
-            if wait is not None and (taken := self._granted.pop(wait.id, None)) is not None:
+            if wait is not None and (taken := self._granted.get(wait.id)) is not None:
                 still = tuple(lock for lock in taken.locks
                               if any(h.fencing_token == lock.fencing_token
                                      for h in self._holders(lock.key, now)))
                 if len(still) == len(taken.locks):  # granted while its caller was away
+                    self._forget_grant(wait.id)
                     return Outcome(status=Status.GRANTED, locks=still, fresh=False)
             first = candidates[0]
             owner, mode = first.owner, first.mode
             for candidate in candidates:
                 self._expire_lapsed(candidate.key, now, fx)
-            self._serve([c.key for c in candidates], now, policy, fx)
+            self._serve_queues([c.key for c in candidates], now, policy, fx)
             decision = self._decide(candidates, owner, mode, now, policy, new=True)
             if decision.verdict is policies.Verdict.GRANT:
                 taken_now = [self._take(c, now, ttl) for c in candidates]
@@ -671,7 +677,7 @@ class StoreBackend(abc.ABC):
                 holders = mine
             for lock in holders:
                 self._drop(lock)
-            self._serve([key], now, policy, fx)
+            self._serve_queues([key], now, policy, fx)
             handoff = fx.handoff(holders[0] if holders else None)
             return dataclasses.replace(handoff, also_released=tuple(holders[1:]))
 
@@ -686,7 +692,8 @@ class StoreBackend(abc.ABC):
     async def wake(self, *, policy: QueuePolicy) -> Handoff:
         """Serve every queue (a rule changed, or a freeze started or ended)."""
         with self._step() as fx:
-            self._serve(sorted(self._queues), self.clock(), policy, fx)
+            keys = sorted(key for key, _ in self._queues.items())
+            self._serve_queues(keys, self.clock(), policy, fx)
             return fx.handoff(None)
 
     async def cancel(
@@ -695,7 +702,7 @@ class StoreBackend(abc.ABC):
         with self._step() as fx:
             waiter = self._waiters.get(waiter_id)
             if waiter is not None:
-                if caller and waiter.caller != caller:
+                if caller and waiter.caller and waiter.caller != caller:
                     return Cancelled(waiter=waiter)  # a retry took it over: it stays
                 self._unqueue(waiter)
                 fx.notices.append((waiter_id, Notice(reason=reason)))

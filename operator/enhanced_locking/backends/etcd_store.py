@@ -382,7 +382,7 @@ class EtcdBackend(StoreBackend):
             "id": waiter.id, "locks": [codec.encode(lock) for lock in waiter.locks],
             "ttl": waiter.ttl // timedelta(milliseconds=1) if waiter.ttl else 0,
             "enq": _ms(waiter.enqueued_at), "deadline": _ms(waiter.deadline),
-            "rid": waiter.request_id, "lease": lease,
+            "rid": waiter.request_id, "lease": lease, "caller": waiter.caller,
         }).encode()
 
     def waiter_from(self, kv: _KV, txn: _Txn | None = None) -> Waiter:
@@ -395,6 +395,7 @@ class EtcdBackend(StoreBackend):
             enqueued_at=_at(data["enq"]), deadline=_at(data["deadline"]),
             # The revision that queued it: a global enqueue order (or still to come).
             seq=kv.create or _PENDING_SEQ, request_id=data.get("rid"),
+            caller=data.get("caller", ""),
         )
         if txn is not None:
             txn.records.setdefault(waiter.id, (waiter, int(data.get("lease", 0))))
@@ -430,6 +431,29 @@ class EtcdBackend(StoreBackend):
     def _delete(self, key: str) -> None:
         _txn().delete(self.lock_key(key))
 
+    def shared_prefix(self, key: str) -> bytes:
+        return self.base + b"shared/" + quote(key, safe="").encode() + b"/"
+
+    def _load_shared(self, key: str) -> Locks:
+        locks = [_resolve_lock(codec.decode(kv.value.decode(), key=key), kv.mod)
+                 for kv in _txn().scan(self.shared_prefix(key)).values() if kv.value is not None]
+        return sorted(locks, key=lambda lock: lock.fencing_token)
+
+    def _store_shared(self, lock: Lock) -> None:
+        txn = _txn()
+        lease = 0
+        if lock.expires_at is not None and self.lease_backstop:
+            seconds = (lock.expires_at - self.clock()).total_seconds()
+            lease = txn.lease(max(1, math.ceil(seconds)) + 1)
+        owner = quote(f"{lock.project.repo_full_name}#{lock.pull.num}", safe="").encode()
+        txn.put(self.shared_prefix(lock.key) + owner, codec.encode(lock).encode(), lease)
+
+    def _delete_shared(self, key: str, owner: Owner) -> None:
+        _txn().delete(self.shared_prefix(key) + quote(f"{owner[0]}#{owner[1]}", safe="").encode())
+
+    def _forget_grant(self, waiter_id: str) -> None:
+        _txn().delete(self.notice_key(waiter_id))
+
     def _floor(self, key: str) -> int | None:
         kv = _txn().get(self.fence_key(key))
         return None if kv.value is None else int(kv.value)
@@ -456,16 +480,16 @@ class EtcdBackend(StoreBackend):
             _txn().put(self.fence_key(key), str(at_least).encode())
 
     def _scan(self, repo: str | None, pull: int | None) -> Locks:
-        prefix = self.base + b"lock/"
         locks = []
-        for k, kv in _txn().scan(prefix).items():
-            if kv.value is None:
-                continue
-            key = unquote(k[len(prefix):].decode())
-            lock = _resolve_lock(codec.decode(kv.value.decode(), key=key), kv.mod)
-            if (repo is None or lock.project.repo_full_name == repo) and (
-                    pull is None or lock.pull.num == pull):
-                locks.append(lock)
+        for prefix in (self.base + b"lock/", self.base + b"shared/"):
+            for k, kv in _txn().scan(prefix).items():
+                if kv.value is None:
+                    continue
+                key = unquote(k[len(prefix):].decode().split("/")[0])
+                lock = _resolve_lock(codec.decode(kv.value.decode(), key=key), kv.mod)
+                if (repo is None or lock.project.repo_full_name == repo) and (
+                        pull is None or lock.pull.num == pull):
+                    locks.append(lock)
         return locks
 
     @contextlib.contextmanager
@@ -771,12 +795,12 @@ class EtcdBackend(StoreBackend):
 
     async def list(self, *, repo: str | None = None, pull: int | None = None) -> Locks:
         return await self._atomic(lambda: StoreBackend.list(self, repo=repo, pull=pull),
-                                  prefixes=(self.base + b"lock/",))
+                                  prefixes=(self.base + b"lock/", self.base + b"shared/"))
 
     async def release_by_pull(self, repo: str, pull: int, *, policy: Any = None) -> Locks:
         return await self._atomic(
             lambda: StoreBackend.release_by_pull(self, repo, pull, policy=policy),
-            prefixes=(self.base + b"lock/",))
+            prefixes=(self.base + b"lock/", self.base + b"shared/"))
 
     async def refresh(self, key: str, owner: Owner, ttl: timedelta) -> Lock:
         return await self._atomic(lambda: StoreBackend.refresh(self, key, owner, ttl),
@@ -784,7 +808,8 @@ class EtcdBackend(StoreBackend):
 
     async def export(self) -> tuple[Locks, dict[str, int]]:
         return await self._atomic(lambda: StoreBackend.export(self),
-                                  prefixes=(self.base + b"lock/", self.base + b"fence/"))
+                                  prefixes=(self.base + b"lock/", self.base + b"shared/",
+                                            self.base + b"fence/"))
 
     async def adopt(self, locks: Locks, tokens: dict[str, int]) -> Locks:
         keys = tuple(k for lock in locks for k in self._keys_of(lock.key))
@@ -826,7 +851,9 @@ class EtcdBackend(StoreBackend):
         return await self._atomic(
             lambda: StoreBackend.acquire_batch(self, candidates, ttl=ttl, wait=wait,
                                                policy=policy),
-            keys=tuple(keys), prefixes=tuple(self.queue_prefix(c.key) for c in candidates),
+            keys=tuple(keys),
+            prefixes=tuple(p for c in candidates
+                           for p in (self.queue_prefix(c.key), self.shared_prefix(c.key))),
             key=candidates[0].key if candidates else None)
 
     async def acquire_or_enqueue(self, candidate: Lock, *, ttl: timedelta | None, wait: Any,
@@ -837,19 +864,31 @@ class EtcdBackend(StoreBackend):
                                   policy: Any = None) -> Any:
         return await self._atomic(
             lambda: StoreBackend.release_and_handoff(self, key, owner=owner, policy=policy),
-            keys=self._keys_of(key), prefixes=(self.queue_prefix(key),), key=key)
+            keys=self._keys_of(key), prefixes=(self.queue_prefix(key), self.shared_prefix(key)),
+            key=key)
 
     async def expire(self, key: str, *, policy: Any = None) -> Any:
         return await self._atomic(lambda: StoreBackend.expire(self, key, policy=policy),
-                                  keys=self._keys_of(key), prefixes=(self.queue_prefix(key),),
+                                  keys=self._keys_of(key),
+                                  prefixes=(self.queue_prefix(key), self.shared_prefix(key)),
                                   key=key)
 
     async def cancel(self, key: str, waiter_id: str, *,
-                     reason: Reason = Reason.CANCELLED) -> Any:
+                     reason: Reason = Reason.CANCELLED, caller: str = "") -> Any:
         return await self._atomic(
-            lambda: StoreBackend.cancel(self, key, waiter_id, reason=reason),
+            lambda: StoreBackend.cancel(self, key, waiter_id, reason=reason, caller=caller),
             keys=(self.waiter_key(waiter_id), self.notice_key(waiter_id), self.lock_key(key)),
-            prefixes=(self.queue_prefix(key),), key=key)
+            prefixes=(self.queue_prefix(key), self.shared_prefix(key)), key=key)
+
+    async def holders(self, key: str) -> Locks:
+        return await self._atomic(lambda: StoreBackend.holders(self, key),
+                                  keys=(self.lock_key(key),),
+                                  prefixes=(self.shared_prefix(key),), key=key)
+
+    async def wake(self, *, policy: Any) -> Any:
+        return await self._atomic(lambda: StoreBackend.wake(self, policy=policy),
+                                  prefixes=(self.base + b"queue/", self.base + b"lock/",
+                                            self.base + b"shared/"))
 
     async def queue(self, key: str, *, policy: Any = None) -> Any:
         return await self._atomic(lambda: StoreBackend.queue(self, key, policy=policy),
@@ -857,7 +896,8 @@ class EtcdBackend(StoreBackend):
 
     async def wait_graph(self, *, policy: Any = None) -> Any:
         return await self._atomic(lambda: StoreBackend.wait_graph(self, policy=policy),
-                                  prefixes=(self.base + b"queue/", self.base + b"lock/"))
+                                  prefixes=(self.base + b"queue/", self.base + b"lock/",
+                                            self.base + b"shared/"))
 
 
 # --- tokens still to be resolved -------------------------------------------------------------
