@@ -224,6 +224,19 @@ def _infer(value: Any, path: tuple[str, ...], docs: dict[tuple[str, ...], _KeyDo
     return schema
 
 
+def _closed(node: Any) -> Any:
+    """Every object with properties refuses others (as the models do: extra="forbid")."""
+    if isinstance(node, dict):
+        if node.get("type") == "object" and "properties" in node:
+            node["additionalProperties"] = False
+        for child in node.values():
+            _closed(child)
+    elif isinstance(node, list):
+        for child in node:
+            _closed(child)
+    return node
+
+
 def config_schema() -> dict[str, Any]:
     """The schema of the chart's ``config``: every setting's YAML key, from the config model."""
     from enhanced_locking import config  # the package is installed in the venv (make venv)
@@ -238,8 +251,12 @@ def config_schema() -> dict[str, Any]:
             for key, value in model["properties"][setting.field].items()
             if key not in ("title", "default", "description")
         }
-        if setting.kind == "rules":  # checked by the service's own model (PolicyRules)
-            prop = {"type": "object"}
+        if setting.kind == "rules":  # the rules' own model, as the LockPolicy CRD has it
+            from enhanced_locking.kube.crds import structural_schema
+            from enhanced_locking.policies import PolicyRules
+
+            prop = _closed(structural_schema(PolicyRules))
+            prop.pop("description", None)
         if setting.kind == "list":  # YAML may give a list or Atlantis's comma-separated string
             prop = {"anyOf": [prop, {"type": "string"}]}
         prop["description"] = f"{setting.description} Default: {setting.default!s}."

@@ -771,7 +771,8 @@ def _describe(error: ValidationError, values: Mapping[str, Any], origin: Mapping
     if setting.kind == "rules":
         where = ".".join(str(part) for part in loc[1:]) or setting.key
         message = str(first["msg"]).removeprefix("Value error, ")
-        return f"invalid setting {setting.key} (from {source}): {where}: {message}"
+        return (f"invalid setting {setting.key} (from {source}): {where}: {message}; "
+                f"expected {setting.form}")
     shown = "(hidden)" if setting.secret else repr(values.get(setting.field))
     return (
         f"invalid setting {setting.key} (from {source}): got {shown}; "

@@ -88,6 +88,17 @@ RuleName = Annotated[str, Field(min_length=1, max_length=63,
 Glob = Annotated[str, Field(min_length=1, max_length=512)]
 
 
+def _cel(rule: str, message: str, field_path: str | None = None) -> Any:
+    """A CEL rule for the CRD schema (the API server checks what the validators below do);
+    a fresh copy each time the schema is built."""
+    def extra(schema: dict[str, Any]) -> None:
+        entry = {"rule": rule, "message": message}
+        if field_path:
+            entry["fieldPath"] = field_path
+        schema["x-kubernetes-validations"] = [entry]
+    return extra
+
+
 class KeyPattern(_Rule):
     """Which lock keys a rule covers; every selector given must match (at least one).
 
@@ -97,10 +108,16 @@ class KeyPattern(_Rule):
     ``envs/production``).
     """
 
-    repo: Glob | None = None
-    path_prefix: Glob | None = None
-    workspace: Glob | None = None
-    key: Glob | None = None
+    model_config = ConfigDict(json_schema_extra=_cel(
+        "has(self.repo) || has(self.pathPrefix) || has(self.workspace) || has(self.key)",
+        "a pattern needs at least one of repo, pathPrefix, workspace, key"))
+
+    repo: Glob | None = Field(None, description="Repository full name, a glob (acme/*).")
+    path_prefix: Glob | None = Field(
+        None, description="Project path; covers the paths below it (envs/prod).")
+    workspace: Glob | None = Field(None, description="Terraform workspace, a glob.")
+    key: Glob | None = Field(
+        None, description="The whole lock key {repo}/{path}/{workspace}/{project}, a glob.")
 
     @model_validator(mode="after")
     def _not_empty(self) -> KeyPattern:
@@ -120,12 +137,23 @@ class KeyPattern(_Rule):
 class Freeze(_Rule):
     """No new grant on the covered keys while active; held locks are left alone."""
 
-    name: RuleName
-    match: KeyPattern
-    message: Annotated[str, Field(min_length=1, max_length=1024)]
-    from_: datetime | None = Field(None, alias="from")
-    until: datetime | None = None
-    action: Literal["refuse", "wait"] = "refuse"
+    model_config = ConfigDict(json_schema_extra=_cel(
+        "!has(self.from) || !has(self.until) || timestamp(self.until) > timestamp(self.from)",
+        "until must be after from", ".until"))
+
+    name: RuleName = Field(description="The freeze's name (events and status use it).")
+    match: KeyPattern = Field(description="The keys it covers.")
+    message: Annotated[str, Field(min_length=1, max_length=1024)] = Field(
+        description="What a refused request is told.")
+    from_: datetime | None = Field(
+        None, alias="from", description="When it starts (RFC 3339; none: now).",
+        json_schema_extra={"maxLength": 64})
+    until: datetime | None = Field(
+        None, description="When it ends (RFC 3339; none: when the rule is removed).",
+        json_schema_extra={"maxLength": 64})
+    action: Literal["refuse", "wait"] = Field(
+        "refuse", description="refuse: answer frozen with the message; wait: queue until the "
+        "freeze ends.")
     """``refuse``: a request is answered ``frozen`` with the message; ``wait``: it queues and
     is granted when the freeze ends (if its wait lasts that long)."""
 
@@ -143,29 +171,34 @@ class Freeze(_Rule):
 class ConcurrencyLimit(_Rule):
     """At most ``limit`` locks held at once in a group of keys."""
 
-    name: RuleName
-    match: KeyPattern | None = None
-    """Which keys the rule covers (none: every key)."""
-    per: Literal["pattern", "repository", "organisation"] = "pattern"
-    limit: Annotated[int, Field(ge=1, le=100_000)]
+    name: RuleName = Field(description="The limit's name (its groups are named after it).")
+    match: KeyPattern | None = Field(None, description="The keys it covers (none: every key).")
+    per: Literal["pattern", "repository", "organisation"] = Field(
+        "pattern", description="One group for every matching key, or one per repository, or "
+        "one per organisation.")
+    limit: Annotated[int, Field(ge=1, le=100_000)] = Field(
+        description="Most locks held at once in a group (shared holders each count).")
 
 
 class PriorityRule(_Rule):
     """The priority the server gives a request for matching keys (and commands)."""
 
-    name: RuleName
-    match: KeyPattern | None = None
-    commands: Annotated[list[Command], Field(max_length=8)] = []
-    """The Atlantis commands covered (none: every command)."""
-    priority: Priority
+    name: RuleName = Field(description="The rule's name.")
+    match: KeyPattern | None = Field(None, description="The keys it covers (none: every key).")
+    commands: Annotated[list[Command], Field(max_length=8)] = Field(
+        default_factory=list, description="The Atlantis commands it covers (none: all).")
+    priority: Priority = Field(description="The priority it gives: a client may ask for less.")
 
 
 class PolicyRules(_Rule):
     """Every rule of a policy; empty lists are no rules at all."""
 
-    freezes: Annotated[list[Freeze], Field(max_length=64)] = []
-    concurrency: Annotated[list[ConcurrencyLimit], Field(max_length=64)] = []
-    priority_rules: Annotated[list[PriorityRule], Field(max_length=64)] = []
+    freezes: Annotated[list[Freeze], Field(max_length=32)] = Field(
+        default_factory=list, description="No new grants on matching keys while active.")
+    concurrency: Annotated[list[ConcurrencyLimit], Field(max_length=32)] = Field(
+        default_factory=list, description="At most limit locks held at once in a group.")
+    priority_rules: Annotated[list[PriorityRule], Field(max_length=32)] = Field(
+        default_factory=list, description="The priority the server gives requests.")
 
     @model_validator(mode="after")
     def _consistent(self) -> PolicyRules:

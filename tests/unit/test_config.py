@@ -30,6 +30,7 @@ from enhanced_locking.config import (
     settings,
 )
 from enhanced_locking.durations import parse_duration
+from enhanced_locking.policies import PolicyRules
 
 SETTINGS = settings()
 BY_FIELD = {s.field: s for s in SETTINGS}
@@ -136,6 +137,10 @@ def sample(setting: Setting) -> Sample:
         return Sample("redis.example:6380", "redis.example:6380", companions)
     if setting.kind == "str":
         return Sample(f"sample-{setting.field}", f"sample-{setting.field}", companions)
+    if setting.kind == "rules":
+        text = ('{"freezes": [{"name": "release", "match": {"repo": "acme/*"}, '
+                '"message": "frozen for the release"}]}')
+        return Sample(text, PolicyRules.model_validate_json(text), companions)
     raise AssertionError(f"no sample for {setting.key} of kind {setting.kind}: add one here")
 
 
@@ -270,6 +275,11 @@ INVALID_BY_KIND: dict[str, list[Any]] = {
     "float": ["lots", 101, -1, 12.345, "1_0", True, "\u0661\u0662"],
     "list": ["no-port", "a:1,b:notaport"],
     "map": ["nope", "owner=user:alice", "admin=alice", "locker=robot:x"],
+    # Rules: an empty pattern, a limit of 0, an unknown command, not a mapping at all.
+    "rules": ['{"freezes": [{"name": "f", "match": {}, "message": "m"}]}',
+              '{"concurrency": [{"name": "c", "limit": 0}]}',
+              '{"priorityRules": [{"name": "p", "commands": ["deploy"], "priority": "high"}]}',
+              "[not, a, mapping"],
 }
 INVALID_STRINGS: dict[str, list[Any]] = {
     "redis_addr": ["nope", "localhost:", ":6379", "localhost:70000", "a b c:1",

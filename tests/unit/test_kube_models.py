@@ -168,3 +168,51 @@ def test_the_weight_in_force_is_the_last_set_weight_up_to_the_step() -> None:
     assert [step_weight(steps, i) for i in range(4)] == [10, 10, 50, 50]
     pause_first = [Step.model_validate({"pause": {}}), Step.model_validate({"setWeight": 5})]
     assert step_weight(pause_first, 0) == 0
+
+
+# --- policy rules in a LockPolicy -------------------------------------------------------------
+_RULES_SPEC = {
+    "freezes": [{"name": "release-week", "match": {"pathPrefix": "envs/prod"},
+                 "message": "prod is frozen", "from": "2026-12-01T00:00:00Z",
+                 "until": "2026-12-08T00:00:00Z"}],
+    "concurrency": [{"name": "prod", "match": {"repo": "acme/*"}, "per": "repository",
+                     "limit": 2}],
+    "priorityRules": [{"name": "apply", "commands": ["apply"], "priority": "high"}],
+}
+
+
+def test_a_policy_with_rules_sets_the_policies_setting() -> None:
+    from enhanced_locking.kube.lockpolicy import LockPolicySpec
+    from enhanced_locking.kube.overrides import policy_overrides
+
+    spec = LockPolicySpec.model_validate(_RULES_SPEC)
+    rules = policy_overrides(spec)["policies"]
+    assert [f.name for f in rules.freezes] == ["release-week"]
+    assert rules.concurrency[0].limit == 2 and rules.concurrency[0].per == "repository"
+    assert rules.priority_rules[0].priority.value == "high"
+    assert "policies" not in policy_overrides(LockPolicySpec.model_validate({"enabled": True}))
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    ({"freezes": [{"name": "f", "match": {}, "message": "m"}]}, "freezes.0.match"),
+    ({"concurrency": [{"name": "c", "limit": 0}]}, "concurrency.0.limit"),
+    ({"freezes": [{"name": "f", "match": {"repo": "a/*"}, "message": "m",
+                   "from": "2026-12-08T00:00:00Z", "until": "2026-12-01T00:00:00Z"}]},
+     "freezes.0"),
+    ({"priorityRules": [{"name": "p", "commands": ["deploy"], "priority": "high"}]},
+     "priorityRules.0.commands.0"),
+    ({"priorityRules": [{"name": "a", "commands": ["apply"], "priority": "high"},
+                        {"name": "b", "commands": ["apply", "plan"], "priority": "low"}]},
+     "priorityRules"),
+])
+def test_bad_rules_are_refused_naming_the_field(change: dict[str, Any], field: str) -> None:
+    from pydantic import ValidationError
+
+    from enhanced_locking.kube.lockpolicy import LockPolicySpec
+
+    with pytest.raises(ValidationError) as raised:
+        LockPolicySpec.model_validate(change)
+    text = str(raised.value)
+    assert field.split(".")[0] in text
+    if "priorityRules" in change and len(change["priorityRules"]) > 1:
+        assert "depend on their order" in text

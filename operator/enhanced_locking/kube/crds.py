@@ -277,10 +277,18 @@ HEADER = (
 )
 
 
+class _Plain(yaml.SafeDumper):
+    """Writes a repeated part of a schema out again instead of as a YAML alias (``*id001``),
+    which reads badly and which some tools that read CRDs do not follow."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 def render(kind: Kind) -> str:
     """The CRD of ``kind`` as the YAML text kept in ``crds/``."""
     module = kind.spec.__module__.rsplit(".", 1)[-1]
-    body = yaml.safe_dump(crd(kind), sort_keys=False, allow_unicode=True, width=100)
+    body = yaml.dump(crd(kind), Dumper=_Plain, sort_keys=False, allow_unicode=True, width=100)
     return HEADER.format(module=module) + body
 
 

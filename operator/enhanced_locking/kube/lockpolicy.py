@@ -29,6 +29,7 @@ from enhanced_locking.kube.models import (
     valid_duration,
     validations,
 )
+from enhanced_locking.policies import ConcurrencyLimit, Freeze, PolicyRules, PriorityRule
 from enhanced_locking.types import BackendName
 
 __all__ = [
@@ -266,6 +267,13 @@ class Etcd(SpecModel):
         if self.endpoints is not None and len(set(self.endpoints)) != len(self.endpoints):
             raise ValueError("etcd.endpoints names an endpoint twice")
         return self
+_UNIQUE = "self.all(a, self.exists_one(b, b.name == a.name))"
+_UNAMBIGUOUS = (
+    "self.all(a, self.all(b, a.name == b.name || a.priority == b.priority"
+    " || has(a.match) != has(b.match) || (has(a.match) && a.match != b.match)"
+    " || (has(a.commands) && size(a.commands) > 0 && has(b.commands) && size(b.commands) > 0"
+    " && !a.commands.exists(c, c in b.commands))))"
+)
 
 
 Subject = Annotated[str, Field(min_length=6, max_length=520, pattern=r"^(user|group):.+$")]
@@ -308,7 +316,11 @@ class Audit(SpecModel):
 
 
 class LockPolicySpec(SpecModel):
-    """What the lock service runs with; every field left out keeps the service's setting."""
+    """What the lock service runs with; every field left out keeps the service's setting.
+
+    ``freezes``, ``concurrency`` and ``priorityRules`` are the policy's rules
+    (docs/08-policies.md): written, they replace the service's own rules as one set.
+    """
 
     model_config = ConfigDict(
         json_schema_extra=validations(
@@ -346,6 +358,47 @@ class LockPolicySpec(SpecModel):
         if self.backend == "etcd" and (self.etcd is None or self.etcd.endpoints is None):
             raise ValueError("backend etcd needs etcd.endpoints (where the etcd cluster is)")
         return self
+    freezes: list[Freeze] | None = Field(
+        None, max_length=32,
+        description="No new grants on matching keys while active (held locks stay).",
+        json_schema_extra=validations(cel(_UNIQUE, "every freeze needs its own name")),
+    )
+    concurrency: list[ConcurrencyLimit] | None = Field(
+        None, max_length=32,
+        description="At most limit locks held at once in a group of keys; more wait.",
+        json_schema_extra=validations(cel(_UNIQUE,
+                                          "every concurrency limit needs its own name")),
+    )
+    priority_rules: list[PriorityRule] | None = Field(
+        None, max_length=32,
+        description="The priority the server gives requests by key pattern and command.",
+        json_schema_extra=validations(
+            cel(_UNIQUE, "every priority rule needs its own name"),
+            cel(_UNAMBIGUOUS, "two priority rules cover the same keys and commands with "
+                "different priorities (which wins would depend on their order); narrow one")),
+    )
+
+    @model_validator(mode="after")
+    def _rules_agree(self) -> LockPolicySpec:
+        self.rules()  # names twice, ambiguous priority rules: the same checks as the service
+        return self
+
+    def rules(self) -> PolicyRules | None:
+        """The policy's rules, or ``None`` when it writes none (the service keeps its own)."""
+        if self.freezes is None and self.concurrency is None and self.priority_rules is None:
+            return None
+        return PolicyRules(freezes=self.freezes or [], concurrency=self.concurrency or [],
+                           priority_rules=self.priority_rules or [])
+
+
+class ActiveFreeze(StatusModel):
+    """A freeze in force."""
+
+    name: str = Field(max_length=63)
+    message: str = Field(max_length=1024)
+    action: str = Field(max_length=16)
+    until: str | None = Field(None, max_length=64, description="When it ends (none: lifted "
+                              "by editing the policy).")
 
 
 class LockPolicyStatus(StatusModel):
@@ -373,4 +426,8 @@ class LockPolicyStatus(StatusModel):
     last_seen_at: Timestamp | None = Field(
         None, description="When that replica last confirmed it is alive and serving (renewed "
         "at each resync, 30s by default); an old time means the status may be stale."
+    )
+    active_freezes: list[ActiveFreeze] = Field(
+        default_factory=list, max_length=32,
+        description="The freezes in force now (their message is what refused requests get).",
     )

@@ -80,6 +80,9 @@ POLICY_SETTINGS: dict[str, str] = {
     "audit.enabled": "audit",
     "audit.retention": "audit_retention",
     "audit.maxEntries": "audit_max_entries",
+    "freezes": "policies",
+    "concurrency": "policies",
+    "priorityRules": "policies",
 }
 """Which service setting (config field) each LockPolicy spec field sets, by its path."""
 
@@ -118,6 +121,11 @@ def policy_overrides(
                 "etcd_tls_key_file": secrets.etcd_tls_key_file}
     out: dict[str, Any] = {}
     for path, setting in POLICY_SETTINGS.items():
+        if setting == "policies":
+            rules = spec.rules()
+            if rules is not None:
+                out[setting] = rules
+            continue
         value = _value(spec, path)
         if value is not None and setting in resolved:
             value = resolved[setting]

@@ -44,10 +44,11 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from enhanced_locking import policies
 from enhanced_locking.config import ConfigError
 from enhanced_locking.kube.cluster import ClusterApi, SecretProblem
 from enhanced_locking.kube.lockmigration import LockMigrationSpec, LockMigrationStatus
-from enhanced_locking.kube.lockpolicy import LockPolicySpec, LockPolicyStatus
+from enhanced_locking.kube.lockpolicy import ActiveFreeze, LockPolicySpec, LockPolicyStatus
 from enhanced_locking.kube.models import Condition, SecretKeyRef
 from enhanced_locking.kube.overrides import ResolvedSecrets, cluster_overrides
 from enhanced_locking.kube.rollout import Note, RolloutState
@@ -169,6 +170,8 @@ class Reconciler:
         self._secrets = ResolvedSecrets()
         self._lock = asyncio.Lock()
         self._retry = asyncio.Event()
+        self._freezes: set[str] = set()
+        """The freezes in force at the last converge (their start and end are announced)."""
 
     def _tracked(self, plural: str) -> _Tracked:
         return self.policy if plural == POLICIES else self.migration
@@ -251,8 +254,14 @@ class Reconciler:
         """Resync every ``interval`` seconds, or :data:`RETRY_BACKOFF` after a failure; errors
         are logged and the next round tries again."""
         while True:
+            # A freeze starting or ending is a change of status: look again then.
+            edges = policies.freeze_edges(self.provider.current.config.policies,
+                                          datetime.now(UTC))
+            wait = interval
+            if edges:
+                wait = max(0.05, min(interval, (edges[0] - datetime.now(UTC)).total_seconds()))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._retry.wait(), interval)
+                await asyncio.wait_for(self._retry.wait(), wait)
             if self._retry.is_set():
                 self._retry.clear()
                 await asyncio.sleep(RETRY_BACKOFF)
@@ -293,6 +302,7 @@ class Reconciler:
         if self.migration.body is not None:
             events += [(self.migration.body, self.migration, n.type, n.reason, n.message)
                        for n in notes]
+        events += self._freeze_events()
         # Status first (what `kubectl get` shows), both objects at once; then the Events.
         await _all(reports)
         await _all([self._event(*event) for event in events])
@@ -474,6 +484,28 @@ class Reconciler:
             return [(body, tracked, "Warning", verdict.reason, verdict.message)]
         return []
 
+    def _active_freezes(self) -> list[policies.Freeze]:
+        rules = self.provider.current.config.policies
+        now = datetime.now(UTC)
+        return [freeze for freeze in rules.freezes if freeze.active(now)]
+
+    def _freeze_events(self) -> list[_Event]:
+        """FreezeStarted / FreezeEnded on the policy, once per change of the freezes in force."""
+        active = {freeze.name: freeze for freeze in self._active_freezes()}
+        started = sorted(set(active) - self._freezes)
+        ended = sorted(self._freezes - set(active))
+        self._freezes = set(active)
+        body = self.policy.body
+        if body is None or not self._writes():
+            return []
+        return [
+            *((body, self.policy, "Normal", "FreezeStarted",
+               f"freeze {name} started ({active[name].action}): {active[name].message}")
+              for name in started),
+            *((body, self.policy, "Normal", "FreezeEnded", f"freeze {name} ended")
+              for name in ended),
+        ]
+
     @staticmethod
     def _condition_says(body: Mapping[str, Any], verdict: Verdict) -> bool:
         """Whether the object's stored Ready condition already reports this verdict."""
@@ -517,7 +549,11 @@ class Reconciler:
         }
         model: BaseModel
         if tracked is self.policy:
-            model = LockPolicyStatus(**common)
+            model = LockPolicyStatus(**common, active_freezes=[
+                ActiveFreeze(name=f.name, message=f.message, action=f.action,
+                             until=f.until.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+                             if f.until else None)
+                for f in self._active_freezes()])
         else:
             applied: LockMigrationSpec | None = self.migration.applied
             fields: dict[str, Any] = {}
