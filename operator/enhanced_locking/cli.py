@@ -397,7 +397,12 @@ def _acquire(client: Client, args: argparse.Namespace) -> int:
         "pull": {"num": args.pull, "url": args.pull_url, "author": args.user},
         "user": {"username": args.user},
         "priority": args.priority,
+        "mode": args.mode,
     }
+    if args.command_name:
+        body["command"] = args.command_name
+    if args.head_commit:
+        body["pull"]["headCommit"] = args.head_commit
     for name in ("wait", "ttl"):
         if getattr(args, name):
             body[name] = getattr(args, name)
@@ -424,6 +429,8 @@ def _acquire(client: Client, args: argparse.Namespace) -> int:
 def _why_not(key: str, answer: dict[str, Any]) -> str:
     """A refused acquire in one line: the reason, who holds the key, the queue position."""
     line = f"not acquired ({answer.get('reason')}): {key}"
+    if answer.get("error"):  # a freeze's message, a key collision
+        return f"{line}: {answer['error']}"
     holder = answer.get("holder") or {}
     pull = (holder.get("pull") or {}).get("num")
     if pull is not None:
@@ -600,9 +607,20 @@ def _parser() -> argparse.ArgumentParser:
                          help="wait up to this long in the queue, e.g. 30s (bare --wait: the "
                               "service's default-timeout); shows the queue position on stderr")
     acquire.add_argument("--request-id", default=None,
-                         help="idempotency key: the same id asked again gets the same answer")
+                         help="idempotency key: the same id asked again gets the same answer; "
+                              "sent again after a broken connection, a waiting request keeps its "
+                              "place in the queue")
     acquire.add_argument("--ttl", default=None,
                          help="lease: the lock expires unless refreshed, e.g. 1h")
+    acquire.add_argument("--mode", default="exclusive", choices=["exclusive", "shared"],
+                         help="shared holders coexist (plans); exclusive is alone (applies)")
+    acquire.add_argument("--command", dest="command_name", default=None,
+                         choices=["plan", "apply", "import", "state", "approve_policies",
+                                  "unlock", "version"],
+                         help="the Atlantis command (priority rules may name it)")
+    acquire.add_argument("--head-commit", default="",
+                         help="the pull's head commit: a newer one supersedes queued requests "
+                              "of an older one")
     acquire.set_defaults(func=_with_client(_acquire))
 
     release = lock_sub.add_parser("release", help="release a lock by key")

@@ -43,10 +43,13 @@ async def _watch(client: AsyncClient, request: LockRequest, out: TextIO) -> None
         mine = next((w for w in waiters if w["requestId"] == request.request_id), None)
         if mine is not None and mine["position"] != last:
             last = mine["position"]
-            holder = queue.get("holder") or {}
-            held_by = holder.get("pull", {}).get("num")
+            holders = queue.get("holders") or ([queue["holder"]] if queue.get("holder") else [])
+            held_by = ", ".join(f"#{h['pull']['num']} ({h.get('mode', 'exclusive')})"
+                                for h in holders)
+            ahead = ", ".join(f"#{w['pull']}" for w in waiters[:last - 1])
             print(f"queued on {request.key}: position {last} of {len(waiters)}"
-                  + (f" (held by pull #{held_by})" if held_by is not None else ""),
+                  + (f"; held by pull {held_by}" if held_by else "")
+                  + (f"; ahead: pull {ahead}" if ahead else ""),
                   file=out, flush=True)
 
     async for event in client.events(key_prefix=request.key, on_open=report):

@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Protocol, TypeVar
 
@@ -33,6 +33,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
+from enhanced_locking import policies
 from enhanced_locking.api.audit import AuditTrail
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.provider import ConfigProvider
@@ -62,7 +63,9 @@ __all__ = [
     "install_access",
     "is_loopback",
     "open_to_network_refusal",
+    "overrides_rules",
     "public",
+    "rule_override",
 ]
 
 log = logging.getLogger(__name__)
@@ -429,3 +432,19 @@ def install_access(app: FastAPI, provider: ConfigProvider, audit: AuditTrail,
         return JSONResponse(body, status_code=403)
 
     return holder
+
+
+@contextlib.contextmanager
+def rule_override(allowed: bool) -> Iterator[None]:
+    """Within the block, the request may ask for a priority above its priority rule's."""
+    token = policies.CALLER_IS_ADMIN.set(allowed)
+    try:
+        yield
+    finally:
+        policies.CALLER_IS_ADMIN.reset(token)
+
+
+async def overrides_rules(caller: Caller, *, repo: str) -> bool:
+    """Whether the caller may ask for more priority than its rule gives: the ``admin`` right,
+    held by an identified caller (with access control off, nobody is: the rules hold)."""
+    return caller.identity.method != "none" and await caller.may(Verb.ADMIN, repo=repo)

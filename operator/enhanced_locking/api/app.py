@@ -24,7 +24,9 @@ from enhanced_locking.api.access import (
     build_access,
     check_routes,
     install_access,
+    overrides_rules,
     public,
+    rule_override,
 )
 from enhanced_locking.api.audit import AuditTrail
 from enhanced_locking.api.audit_routes import install_audit_routes
@@ -134,8 +136,9 @@ def create_app(
         async with caller.audited(action="acquire", verb=Verb.LOCK, key=key, repo=repo,
                                   pull=request.pull.num) as note:
             try:
-                result = await answer_unless_gone(http, router.acquire(request),
-                                                  watch=bool(request.wait))
+                with rule_override(await overrides_rules(caller, repo=repo)):
+                    work = router.acquire(request)
+                    result = await answer_unless_gone(http, work, watch=bool(request.wait))
             except ClientGone as gone:
                 await _give_back(gone.answer, request)
                 note.done("client-gone", 499)

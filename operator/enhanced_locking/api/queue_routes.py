@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from enhanced_locking.api.access import CallerDep
+from enhanced_locking.api.access import CallerDep, overrides_rules, rule_override
 from enhanced_locking.api.disconnect import ClientGone, answer_unless_gone
 from enhanced_locking.api.errors import error_answers, json_error
 from enhanced_locking.backends.waiting import Waiter
@@ -75,6 +75,8 @@ def _waiter(position: int, waiter: Waiter, effective: str, now: datetime) -> dic
         "deadline": waiter.deadline.isoformat().replace("+00:00", "Z"),
         "waitedMs": max(0, round((now - waiter.enqueued_at).total_seconds() * 1000)),
         "keys": list(waiter.keys),
+        "mode": waiter.mode,
+        "headCommit": waiter.head_commit or None,
     }
 
 
@@ -99,8 +101,9 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
         async with caller.audited(action="acquire-batch", verb=Verb.LOCK, key=keys, repo=repo,
                                   pull=pull) as note:
             try:
-                result = await answer_unless_gone(request, router.acquire_batch(body),
-                                                  watch=bool(body.wait))
+                with rule_override(await overrides_rules(caller, repo=repo)):
+                    work = router.acquire_batch(body)
+                    result = await answer_unless_gone(request, work, watch=bool(body.wait))
             except ClientGone:
                 note.done("client-gone", 499)
                 return JSONResponse({"error": "client disconnected"}, status_code=499)
@@ -173,7 +176,27 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
             effective = (enhanced.effective_priority(waiter).value
                          if isinstance(enhanced, EnhancedLocker) else waiter.priority.value)
             rows.append(_waiter(position, waiter, effective, now))
-        return {"key": key, "holder": _dump(holder) if holder else None, "waiters": rows}
+        holders = (await enhanced.holders(key) if isinstance(enhanced, EnhancedLocker)
+                   else [holder] if holder else [])
+        return {"key": key, "holder": _dump(holder) if holder else None,
+                "holders": [_dump(lock) for lock in holders], "waiters": rows}
+
+    @app.get("/v1/queue/waiter", responses={404: {"description": "No such request is queued"},
+                                            **WHO})
+    async def waiter_view(
+        key: Key, caller: CallerDep,
+        id: Annotated[str, Query(min_length=1, max_length=128,
+                                 description="The waiter id or the request's requestId.")],
+    ) -> Any:
+        """Where a queued request stands: its position, the holders and the waiters ahead of
+        it (who blocks it), and an estimate of its wait from the key's recent hold times."""
+        await caller.need(Verb.READ, action="queue", key=key)
+        enhanced = service.enhanced
+        view = await enhanced.view(key, id) if isinstance(enhanced, EnhancedLocker) else None
+        if view is None:
+            return json_error(404, f"no request {id} is queued on {key}", lockKey=key)
+        return {"key": key, "id": view.waiter.id, "requestId": view.waiter.request_id,
+                **view.details()}
 
     @app.delete("/v1/queue", responses={404: {"description": "No such request is queued"},
                                         **WHO})
