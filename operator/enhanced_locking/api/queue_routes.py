@@ -181,6 +181,15 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
         return {"key": key, "holder": _dump(holder) if holder else None,
                 "holders": [_dump(lock) for lock in holders], "waiters": rows}
 
+    @app.get("/v1/groups", responses=WHO)
+    async def groups(caller: CallerDep) -> Any:
+        """Every concurrency group that holds locks now: its limit and its holders."""
+        await caller.need(Verb.READ, action="groups")
+        enhanced = service.enhanced
+        found = await enhanced.groups() if isinstance(enhanced, EnhancedLocker) else []
+        return {"groups": [{"group": g["group"], "limit": g["limit"],
+                            "holders": [_dump(lock) for lock in g["holders"]]} for g in found]}
+
     @app.get("/v1/queue/waiter", responses={404: {"description": "No such request is queued"},
                                             **WHO})
     async def waiter_view(

@@ -457,6 +457,18 @@ class EnhancedLocker(AtlantisCalls):
         """Every holder of ``key`` (several when it is held shared)."""
         return await self._call("holders", lambda: self.backend.holders(key))
 
+    async def groups(self) -> list[dict[str, Any]]:
+        """Every concurrency group with locks held now: its limit and its holders."""
+        rules = self.settings().policies
+        if not rules.concurrency:
+            return []
+        found: dict[str, dict[str, Any]] = {}
+        for lock in await self.list():
+            for group, limit in policies.groups_of(parts_of(lock), rules).items():
+                entry = found.setdefault(group, {"group": group, "limit": limit, "holders": []})
+                entry["holders"].append(lock)
+        return [found[name] for name in sorted(found)]
+
     async def _view(self, key: str, waiter_id: str) -> visibility.WaitView | None:
         try:
             return await self.view(key, waiter_id)
