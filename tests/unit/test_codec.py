@@ -78,7 +78,7 @@ def test_a_lock_is_written_with_atlantiss_go_field_names() -> None:
 def test_our_additions_live_under_enhanced_which_atlantis_ignores() -> None:
     extra = json.loads(codec.encode(a_lock()))["Enhanced"]
     assert extra == {"Priority": "high", "ExpiresAt": "2024-05-01T09:20:30Z", "FencingToken": 41,
-                     "Backend": "enhanced"}
+                     "Backend": "enhanced", "Mode": "exclusive"}
     assert json.loads(codec.encode(a_lock(expires_at=None)))["Enhanced"]["ExpiresAt"] is None
 
 
@@ -92,7 +92,8 @@ def test_a_closed_pull_is_state_one_as_in_go() -> None:
     a_lock(),
     a_lock(expires_at=None, user=User(username="bob")),
     a_lock(project=Project(repo_full_name="acme/infra"), workspace="default"),
-], ids=["everything", "no-expiry", "defaults"])
+    a_lock(mode="shared"),
+], ids=["everything", "no-expiry", "defaults", "shared"])
 def test_what_we_write_reads_back_the_same(lock: Lock) -> None:
     assert codec.decode(codec.encode(lock), key=lock.key) == lock
 

@@ -188,7 +188,7 @@ async def test_a_freeze_refuses_with_its_message_and_leaves_held_locks_alone(
     await rules(rig, PolicyRules(freezes=[FREEZE]))
     refused = await rig.locker.acquire(ask(2, wait=WAIT))
     assert refused.reason is Reason.FROZEN
-    assert refused.message == FREEZE.message
+    assert refused.error == FREEZE.message
     assert (await rig.locker.acquire(ask(2, path="envs/production"))).acquired  # not under it
     assert (await rig.locker.acquire(ask(1))).lock == held.lock  # the holder keeps its lock
     await rig.locker.release(held.lock_key)

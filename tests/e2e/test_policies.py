@@ -1,0 +1,184 @@
+"""Policy rules through the real API server: kubectl patch a rule on and off, the service obeys.
+
+The operator runs as a real process against the control plane. A freeze patched on refuses a
+request with its message (and shows in the LockPolicy's status, with an Event); patched off,
+the waiter it held back is granted. A concurrency limit of 2 holds 5 waiters to 2 at a time.
+The API server refuses bad rules naming the field, and accepts the examples of
+docs/08-policies.md.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from tests.support.controlplane import KubeCluster
+from tests.support.operator import OperatorProcess, cr, wait_for
+
+pytestmark = pytest.mark.e2e
+
+GROUP = "locking.runatlantis.io"
+PAGE = Path(__file__).resolve().parents[2] / "docs" / "08-policies.md"
+FREEZE = {"name": "release-week", "match": {"pathPrefix": "envs/prod"},
+          "message": "prod is frozen for the release; ask #platform", "action": "wait"}
+
+
+def _apply(cluster: KubeCluster, namespace: str, spec: dict[str, Any]) -> None:
+    body = {"apiVersion": f"{GROUP}/v1alpha1", "kind": "LockPolicy",
+            "metadata": {"name": "default", "namespace": namespace}, "spec": spec}
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(body))
+
+
+def _patch(cluster: KubeCluster, namespace: str, spec: dict[str, Any]) -> None:
+    cluster.kubectl("patch", f"lockpolicies.{GROUP}", "default", "-n", namespace,
+                    "--type=merge", "-p", json.dumps({"spec": spec}))
+
+
+def _rules(operator: OperatorProcess, wanted: dict[str, Any], what: str) -> None:
+    """Wait until the service runs ``wanted`` (defaults left out, as the config shows them)."""
+    def check() -> bool:
+        running = operator.config()["config"].get("enhanced-locking-policies") or {}
+        return all(len(running.get(kind) or []) == len(rules)
+                   and all(running[kind][i]["name"] == rule["name"]
+                           and running[kind][i].get("action", "refuse")
+                           == rule.get("action", "refuse") for i, rule in enumerate(rules))
+                   for kind, rules in wanted.items())
+    wait_for(what, check, details=operator.output)
+
+
+def _body(path: str, pull: int, wait: str | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "project": {"repoFullName": "acme/infra", "path": path, "projectName": ""},
+        "workspace": "default", "pull": {"num": pull}, "user": {"username": "alice"}}
+    if wait:
+        body["wait"] = wait
+    return body
+
+
+def _waiting(operator: OperatorProcess, body: dict[str, Any],
+             answers: list[httpx.Response]) -> threading.Thread:
+    def run() -> None:
+        answers.append(httpx.post(operator.url + "/v1/locks", json=body, timeout=60))
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_freeze_patched_on_refuses_and_patched_off_grants_the_waiter(
+    kube_cluster: KubeCluster, kube_namespace: str, start_operator: Any,
+) -> None:
+    _apply(kube_cluster, kube_namespace, {"enabled": True, "backend": "memory"})
+    operator: OperatorProcess = start_operator()
+    _patch(kube_cluster, kube_namespace, {"freezes": [{**FREEZE, "action": "refuse"}]})
+    _rules(operator, {"freezes": [{**FREEZE, "action": "refuse"}]}, "the freeze")
+
+    refused = httpx.post(operator.url + "/v1/locks", json=_body("envs/prod", 1), timeout=10)
+    assert refused.status_code == 409
+    assert refused.json()["reason"] == "frozen"
+    assert refused.json()["error"] == FREEZE["message"]
+    allowed = httpx.post(operator.url + "/v1/locks", json=_body("envs/dev", 1), timeout=10)
+    assert allowed.status_code == 200
+
+    def frozen_status() -> Any:
+        body = cr(kube_cluster, "lockpolicies", "default", kube_namespace) or {}
+        return [f["name"] for f in (body.get("status") or {}).get("activeFreezes") or []]
+    assert wait_for("activeFreezes", frozen_status) == ["release-week"]
+    events = kube_cluster.kubectl("get", "events", "-n", kube_namespace, "-o", "json").stdout
+    assert "FreezeStarted" in events
+
+    # A freeze that makes requests wait: the waiter is granted once the freeze is patched off.
+    _patch(kube_cluster, kube_namespace, {"freezes": [FREEZE]})
+    _rules(operator, {"freezes": [FREEZE]}, "the waiting freeze")
+    answers: list[httpx.Response] = []
+    thread = _waiting(operator, _body("envs/prod", 2, wait="60s"), answers)
+    wait_for("the waiter to queue", lambda: httpx.get(
+        operator.url + "/v1/queue", params={"key": "acme/infra/envs/prod/default/"},
+        timeout=5).json()["waiters"])
+    assert not answers
+    _patch(kube_cluster, kube_namespace, {"freezes": None})
+    _rules(operator, {"freezes": []}, "the freeze lifted")
+    thread.join(30)
+    assert answers and answers[0].status_code == 200, answers
+    assert answers[0].json()["lock"]["pull"]["num"] == 2
+    assert wait_for("FreezeEnded", lambda: "FreezeEnded" in kube_cluster.kubectl(
+        "get", "events", "-n", kube_namespace, "-o", "json").stdout)
+
+
+def test_a_concurrency_limit_of_two_holds_five_waiters_to_two_at_a_time(
+    kube_cluster: KubeCluster, kube_namespace: str, start_operator: Any,
+) -> None:
+    limit = {"name": "prod", "match": {"pathPrefix": "envs"}, "limit": 2}
+    _apply(kube_cluster, kube_namespace, {"enabled": True, "backend": "memory",
+                                          "concurrency": [limit]})
+    operator: OperatorProcess = start_operator()
+    _rules(operator, {"concurrency": [limit]}, "the limit")
+    answers: list[httpx.Response] = []
+    threads = [_waiting(operator, _body(f"envs/p{n}", n, wait="60s"), answers)
+               for n in range(1, 6)]
+
+    def held() -> list[dict[str, Any]]:
+        locks: list[dict[str, Any]] = httpx.get(operator.url + "/v1/locks", timeout=5).json()[
+            "locks"]
+        return locks
+    wait_for("two holders", lambda: len(held()) == 2 and len(answers) == 2)
+    groups = httpx.get(operator.url + "/v1/groups", timeout=5).json()["groups"]
+    assert groups[0]["group"] == "prod" and len(groups[0]["holders"]) == 2
+    for _ in range(3):
+        first = held()[0]
+        httpx.delete(operator.url + "/v1/locks/by-key", params={"key": first["key"]}, timeout=5)
+        wait_for("the next waiter", lambda: len(held()) == 2)
+        assert len(held()) <= 2
+    for thread in threads:
+        thread.join(30)
+    assert sorted(a.status_code for a in answers) == [200] * 5
+
+
+BAD_RULES = [
+    pytest.param({"freezes": [{"name": "f", "match": {}, "message": "m"}]},
+                 ["spec.freezes[0].match", "a pattern needs at least one of"], id="empty-pattern"),
+    pytest.param({"concurrency": [{"name": "c", "limit": 0}]},
+                 ["spec.concurrency[0].limit", "greater than or equal to 1"], id="limit-0"),
+    pytest.param({"freezes": [{"name": "f", "match": {"repo": "a/*"}, "message": "m",
+                               "from": "2026-12-08T00:00:00Z",
+                               "until": "2026-12-01T00:00:00Z"}]},
+                 ["spec.freezes[0].until", "until must be after from"], id="until-before-from"),
+    pytest.param({"priorityRules": [{"name": "p", "commands": ["deploy"], "priority": "high"}]},
+                 ['spec.priorityRules[0].commands[0]: Unsupported value: "deploy"'],
+                 id="unknown-command"),
+    pytest.param({"priorityRules": [
+        {"name": "a", "commands": ["apply"], "priority": "high"},
+        {"name": "b", "commands": ["apply", "plan"], "priority": "low"}]},
+        ["spec.priorityRules", "which wins would depend on their order"], id="ambiguous"),
+]
+
+
+@pytest.mark.parametrize(("spec", "expected"), BAD_RULES)
+def test_bad_rules_are_refused_naming_the_field(
+    kube_cluster: KubeCluster, kube_namespace: str, lock_crds: None,
+    spec: dict[str, Any], expected: list[str],
+) -> None:
+    body = {"apiVersion": f"{GROUP}/v1alpha1", "kind": "LockPolicy",
+            "metadata": {"name": "refused", "namespace": kube_namespace}, "spec": spec}
+    result = kube_cluster.kubectl("apply", "-f", "-", input=json.dumps(body), check=False)
+    assert result.returncode != 0, result.stdout
+    for text in expected:
+        assert text in result.stderr
+
+
+def test_the_examples_of_the_policies_page_are_accepted(
+    kube_cluster: KubeCluster, kube_namespace: str, lock_crds: None,
+) -> None:
+    examples = [doc for text in re.findall(r"```yaml\n(.*?)```", PAGE.read_text(), re.S)
+                if (doc := yaml.safe_load(text)).get("kind") == "LockPolicy"]
+    assert len(examples) >= 3
+    for example in examples:
+        example["metadata"]["namespace"] = kube_namespace
+        result = kube_cluster.kubectl("apply", "--dry-run=server", "-f", "-",
+                                      input=json.dumps(example))
+        assert "(server dry run)" in result.stdout
