@@ -44,12 +44,13 @@ async def _watch(client: AsyncClient, request: LockRequest, out: TextIO) -> None
         if mine is not None and mine["position"] != last:
             last = mine["position"]
             holders = queue.get("holders") or ([queue["holder"]] if queue.get("holder") else [])
-            held_by = ", ".join(f"#{h['pull']['num']} ({h.get('mode', 'exclusive')})"
-                                for h in holders)
+            held_by = ", ".join(f"#{h['pull']['num']}" for h in holders)
+            if any(h.get("mode") == "shared" for h in holders):
+                held_by += " (shared)"
             ahead = ", ".join(f"#{w['pull']}" for w in waiters[:last - 1])
             print(f"queued on {request.key}: position {last} of {len(waiters)}"
-                  + (f"; held by pull {held_by}" if held_by else "")
-                  + (f"; ahead: pull {ahead}" if ahead else ""),
+                  + (f" (held by pull {held_by})" if held_by else "")
+                  + (f"; ahead of it: pull {ahead}" if ahead else ""),
                   file=out, flush=True)
 
     async for event in client.events(key_prefix=request.key, on_open=report):
