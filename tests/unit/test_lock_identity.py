@@ -3,8 +3,8 @@
 Repository ``gl/grp`` with path ``sub/proj`` and repository ``gl/grp/sub`` with path ``proj``
 both make the key ``gl/grp/sub/proj/default/`` (GitLab subgroups make this real). Atlantis's
 layout keeps one lock per joined key, so the second project is refused with a ``collision``
-naming both, on every side and every store (legacy and enhanced; memory, SQLite, Redis and
-Atlantis's Redis layout), and never granted or released across repositories.
+naming both, on every side and every store (legacy and enhanced; memory, SQLite, Redis,
+Atlantis's Redis layout and etcd), and never granted or released across repositories.
 """
 
 from __future__ import annotations
@@ -36,17 +36,25 @@ def _redis(request: pytest.FixtureRequest) -> dict[str, Any]:
     return {"backend": "redis", "legacy_backend": "redis", "redis_addr": server.addr}
 
 
+def _etcd(request: pytest.FixtureRequest) -> dict[str, Any]:
+    cluster = request.getfixturevalue("etcd_cluster")
+    return {"backend": "etcd", "legacy_backend": "etcd", "etcd_endpoints": cluster.endpoints,
+            "etcd_key_prefix": request.getfixturevalue("etcd_prefix")}
+
+
 STORES: dict[str, Callable[[pytest.FixtureRequest], dict[str, Any]]] = {
     "memory": lambda request: {"backend": "memory", "legacy_backend": "memory"},
     "boltdb": lambda request: {"backend": "boltdb", "legacy_backend": "boltdb"},
     "redis": _redis,
+    "etcd": _etcd,
 }
+MARKS = {"redis": (pytest.mark.redis,), "etcd": (pytest.mark.etcd,)}
 SIDES = {"legacy": {"enabled": False}, "enhanced": {"enabled": True}}
 
 
 @pytest.fixture(params=[
     pytest.param((store, side), id=f"{store}-{side}",
-                 marks=(pytest.mark.redis,) if store == "redis" else ())
+                 marks=MARKS.get(store, ()))
     for store in STORES for side in SIDES
 ])
 async def service(request: pytest.FixtureRequest, make_service: Any) -> LockService:
