@@ -8,7 +8,7 @@ ARGS ?=
 GO_TEST_FLAGS ?= -count=1 -p=1 -timeout=30m
 
 .PHONY: help venv run test test-unit test-integration test-e2e test-go atlantis lint typecheck format \
-        redis sandbox control-plane cluster-up docs chart kind-e2e image-smoke bench clean
+        redis sandbox browser control-plane cluster-up docs chart kind-e2e image-smoke bench clean
 
 help:
 	@echo "make run          serve the lock service on http://127.0.0.1:4142 (embedded store)"
@@ -39,13 +39,17 @@ redis:
 sandbox:
 	hack/ensure-bubblewrap.sh
 
+# Debian's chromium and chromium-driver: the console's browser tests (tests/e2e/test_console.py).
+browser:
+	hack/ensure-chromium.sh
+
 control-plane:
 	hack/build-control-plane.sh
 
 cluster-up: venv control-plane
 	hack/cluster-up.sh
 
-test: venv redis sandbox control-plane atlantis
+test: venv redis sandbox browser control-plane atlantis
 	$(PYTEST) tests/unit tests/integration
 	$(PYTEST) tests/e2e
 	$(MAKE) test-go
@@ -66,7 +70,7 @@ test-unit: venv
 test-integration: venv redis
 	$(PYTEST) tests/integration
 
-test-e2e: venv sandbox control-plane
+test-e2e: venv sandbox browser control-plane
 	$(PYTEST) tests/e2e
 
 lint: venv

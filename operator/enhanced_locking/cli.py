@@ -210,8 +210,8 @@ async def _run_service(
         if operator is not None:
             from enhanced_locking.kube.operator import run
 
-            log.info("listening on %s once the CRs are applied (API docs at /docs)",
-                     listening_url(bound, tls=bool(tls)))
+            log.info("listening on %s once the CRs are applied (the console at /ui, API docs "
+                     "at /docs)", listening_url(bound, tls=bool(tls)))
             return await run(service, operator, http=server,
                              audit_sinks=app.state.audit.sinks)
         # Once shut down, uvicorn re-raises the signal that stopped it; by default SIGTERM
@@ -219,7 +219,8 @@ async def _run_service(
         # so SIGTERM (Kubernetes stopping a pod) closes the stores and exits 0.
         previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
         try:
-            log.info("listening on %s (API docs at /docs)", listening_url(bound, tls=bool(tls)))
+            log.info("listening on %s (the console at /ui, API docs at /docs)",
+                     listening_url(bound, tls=bool(tls)))
             await server.serve()
         finally:
             signal.signal(signal.SIGTERM, previous)

@@ -36,6 +36,7 @@ EVENT_TYPES = (
     "shadow-mismatch",
     "fallback-reconciled",
     "lock-conflict",
+    "rollout-changed",
 )
 
 Subscriber = Callable[[Event], None]

@@ -13,7 +13,7 @@ across, and only then swaps it in: a reconfiguration never drops a held lock.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from enhanced_locking.backends import Backend, EmbeddedBackend, MemoryBackend
@@ -155,6 +155,29 @@ class LockService:
             metrics=self.metrics,
             migration=self.migration,
         )
+
+    rollout: dict[str, Any] | None = None
+    """The LockMigration this service follows, as the operator last saw it (name, spec,
+    status), for the console; None outside the operator or before it read one."""
+
+    def show_rollout(self, body: Mapping[str, Any] | None, *, announce: bool = True) -> None:
+        """Keep the operator's latest view of the LockMigration; when its rollout moved (phase,
+        step, weight, message), publish ``rollout-changed`` (``announce``: this replica writes
+        the status, so each move is told once)."""
+        if body is None:
+            view = None
+        else:
+            meta = body.get("metadata") or {}
+            view = {"metadata": {k: meta.get(k) for k in ("name", "namespace", "generation")},
+                    "spec": dict(body.get("spec") or {}),
+                    "status": dict(body.get("status") or {})}
+        before, self.rollout = self.rollout, view
+        if not announce or view is None:
+            return
+        status = view["status"]
+        moved = {k: status.get(k) for k in ("phase", "step", "currentWeight", "message")}
+        if before is None or moved != {k: (before.get("status") or {}).get(k) for k in moved}:
+            self.events.publish("rollout-changed", name=view["metadata"]["name"], **moved)
 
     async def start(self) -> None:
         """Build what the initial snapshot asks for (raises if its backend does not answer)."""

@@ -30,6 +30,7 @@ from enhanced_locking.api.access import (
 )
 from enhanced_locking.api.audit import AuditTrail
 from enhanced_locking.api.audit_routes import install_audit_routes
+from enhanced_locking.api.console import install_console
 from enhanced_locking.api.disconnect import AnswerUnlessGone, ClientGone, answer_unless_gone
 from enhanced_locking.api.errors import error_answers, install_error_handlers, json_error
 from enhanced_locking.api.queue_routes import install_queue_routes
@@ -118,6 +119,7 @@ def create_app(
     app.include_router(webhook_router(service, settings=lambda: service.provider.current.config))
     install_queue_routes(app, service)
     install_event_stream(app, service.events, lambda: service.provider.current.config)
+    install_console(app, service)
     install_audit_routes(app)
     router = service.router
 

@@ -162,7 +162,7 @@ async def run(
     rollout = RolloutDriver(live_view(service), writer=election or SoleWriter())
     reconciler = Reconciler(
         service.provider, binding=binding, cluster=cluster, runtime_dir=runtime_dir,
-        rollout=rollout, replica=service.migration.replica_id,
+        rollout=rollout, replica=service.migration.replica_id, show=service.show_rollout,
     )
     electing = None
     if election is not None:

@@ -156,6 +156,7 @@ class Reconciler:
         now: Callable[[], str] = _now,
         rollout: RolloutDriver | None = None,
         replica: str | None = None,
+        show: Callable[..., None] | None = None,
     ) -> None:
         self.provider = provider
         self.rollout = rollout
@@ -164,6 +165,7 @@ class Reconciler:
         self.runtime_dir = runtime_dir
         self._now = now
         self.replica = replica
+        self._show = show  # called with the migration as last seen (the console shows it)
         self._seen_at: str | None = None  # renewed by each resync (see status_of)
         self.policy = _Tracked("LockPolicy", POLICIES, binding.policy)
         self.migration = _Tracked("LockMigration", MIGRATIONS, binding.migration)
@@ -216,6 +218,8 @@ class Reconciler:
             tracked.body = _plain(body)
             if self._rollout_args() != before:
                 await self._converge(policy=False)
+            else:
+                self._shown()
 
     async def tick(self) -> None:
         """The rollout timer: advance the steps, apply their weight, report (no Secret reads)."""
@@ -306,6 +310,11 @@ class Reconciler:
         # Status first (what `kubectl get` shows), both objects at once; then the Events.
         await _all(reports)
         await _all([self._event(*event) for event in events])
+        self._shown()
+
+    def _shown(self) -> None:
+        if self._show is not None:
+            self._show(self.migration.body, announce=self._writes())
 
     def _writes(self) -> bool:
         """Whether this replica writes status and posts the objects' Events (see leader.py)."""

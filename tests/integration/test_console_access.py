@@ -1,0 +1,65 @@
+"""``/ui`` and access control: reading needs ``read`` like the API; the force-unlock action is
+shown to, and accepted from, only a caller holding ``force-unlock``, with a reason; with
+access control off the console stays read-only. A real ``enhanced-locking serve``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+from tests.conftest import ServiceFactory
+
+from enhanced_locking.client import Client
+from enhanced_locking.types import LockRequest
+
+BOT, ALICE = "tok-bot-5c1e", "tok-alice-9d20"
+KEY = "acme/infra/./default/"
+
+
+def test_actions_only_for_a_caller_with_the_right(service_process: ServiceFactory,
+                                                  tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens.csv"
+    tokens.write_text(f'{BOT},atlantis,,"bots"\n{ALICE},alice,,"ops"\n')
+    url = service_process("--enhanced-locking-auth=static",
+                          f"--enhanced-locking-auth-tokens-file={tokens}",
+                          "--enhanced-locking-auth-roles=locker=group:bots;admin=group:ops").url
+    with Client(url, token=BOT) as client:
+        assert client.acquire(LockRequest.model_validate(
+            {"project": {"repoFullName": "acme/infra"}, "pull": {"num": 12}})).acquired
+
+    assert httpx.get(url + "/ui", timeout=10).status_code == 401
+    assert httpx.get(url + "/ui/console.js", timeout=10).status_code == 200  # code, no data
+    bot = {"Authorization": f"Bearer {BOT}"}
+    admin = {"Authorization": f"Bearer {ALICE}"}
+    as_bot = httpx.get(url + "/ui", headers=bot, timeout=10)
+    assert as_bot.status_code == 200 and KEY in as_bot.text
+    assert "Force unlock" not in as_bot.text
+    assert "Force unlock" in httpx.get(url + "/ui", headers=admin, timeout=10).text
+
+    refused = httpx.post(url + "/ui/force-unlock", headers=bot, timeout=10,
+                         data={"key": KEY, "reason": "stuck"})
+    assert refused.status_code == 403
+    no_reason = httpx.post(url + "/ui/force-unlock", headers=admin, timeout=10,
+                           data={"key": KEY, "reason": " "})
+    assert no_reason.status_code == 422
+    with Client(url, token=ALICE) as client:
+        assert client.get(KEY) is not None  # nothing changed so far
+
+        done = httpx.post(url + "/ui/force-unlock", headers=admin, timeout=10,
+                          data={"key": KEY, "reason": "plan stuck"})
+        assert done.status_code == 303 and done.headers["location"] == "/ui"
+        assert client.get(KEY) is None
+
+
+def test_read_only_when_access_control_is_off(service_process: ServiceFactory) -> None:
+    url = service_process().url
+    page = httpx.get(url + "/ui", timeout=10)
+    assert page.status_code == 200 and "Force unlock" not in page.text
+    assert "anonymous" in page.text
+    with Client(url) as client:
+        assert client.acquire(LockRequest.model_validate(
+            {"project": {"repoFullName": "acme/infra"}, "pull": {"num": 12}})).acquired
+        refused = httpx.post(url + "/ui/force-unlock", data={"key": KEY, "reason": "x"},
+                             timeout=10)
+        assert refused.status_code == 403 and "read-only" in refused.json()["error"]
+        assert client.get(KEY) is not None
