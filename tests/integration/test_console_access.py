@@ -28,8 +28,9 @@ def test_actions_only_for_a_caller_with_the_right(service_process: ServiceFactor
             {"project": {"repoFullName": "acme/infra"}, "pull": {"num": 12}})).acquired
 
     assert httpx.get(url + "/ui", timeout=10).status_code == 401
-    assert httpx.get(url + "/ui/console.js", timeout=10).status_code == 200  # code, no data
+    assert httpx.get(url + "/ui/console.js", timeout=10).status_code == 401
     bot = {"Authorization": f"Bearer {BOT}"}
+    assert httpx.get(url + "/ui/console.js", headers=bot, timeout=10).status_code == 200
     admin = {"Authorization": f"Bearer {ALICE}"}
     as_bot = httpx.get(url + "/ui", headers=bot, timeout=10)
     assert as_bot.status_code == 200 and KEY in as_bot.text

@@ -180,7 +180,7 @@ def test_the_image_carries_oci_labels(
     prefix = "org.opencontainers.image."
     for name in ("title", "description", "version", "revision", "created", "licenses", "source"):
         assert prefix + name in labels, f"missing label {prefix}{name}"
-    assert labels[prefix + "licenses"] == pyproject["project"]["license"]["text"]
+    assert labels[prefix + "licenses"] == pyproject["project"]["license"]  # an SPDX string
     args = {
         i.text.partition("=")[0]: i.text.partition("=")[2]
         for i in instructions

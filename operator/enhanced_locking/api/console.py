@@ -21,7 +21,7 @@ from typing import Annotated
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from enhanced_locking.api.access import Caller, CallerDep, public
+from enhanced_locking.api.access import Caller, CallerDep
 from enhanced_locking.api.errors import json_error
 from enhanced_locking.factory import LockService
 from enhanced_locking.rollout_summary import RolloutSummary, remaining_text, summarize
@@ -223,12 +223,14 @@ def install_console(app: FastAPI, service: LockService) -> None:
                 note.pull = lock.pull.num
         return RedirectResponse("/ui", status_code=303)
 
+    # The script and the style sheet hold no data, but they are served like the page (with
+    # the read right): the service's only routes open to anyone stay health and metrics.
     @app.get("/ui/console.js", include_in_schema=False)
-    @public("the console's script: code, no data")
-    async def script() -> Response:
+    async def script(caller: CallerDep) -> Response:
+        await caller.need(Verb.READ, action="console")
         return Response(_asset("console.js"), media_type="text/javascript; charset=utf-8")
 
     @app.get("/ui/console.css", include_in_schema=False)
-    @public("the console's style sheet: no data")
-    async def style() -> Response:
+    async def style(caller: CallerDep) -> Response:
+        await caller.need(Verb.READ, action="console")
         return Response(_asset("console.css"), media_type="text/css; charset=utf-8")
