@@ -342,8 +342,9 @@ def verdict(
     request of another pull waits on the key; ``group_counts`` are the locks held now in each
     concurrency group the keys belong to.
     """
-    if all(any(h.owner == owner for h in holders.get(k.key, ())) for k in keys):
-        return Decision(Verdict.GRANT)
+    if all(any(h.owner == owner and not (mode == "exclusive" and h.mode == "shared")
+                   for h in holders.get(k.key, ())) for k in keys):
+        return Decision(Verdict.GRANT)  # its own locks, unchanged (an upgrade goes on below)
     frozen = active_freeze(keys, rules, now)
     if new and frozen is not None and frozen[1].action == "refuse":
         return Decision(Verdict.FROZEN, frozen[0], frozen[1])

@@ -444,10 +444,14 @@ local function verdict(repo, pull, mode, parts, new)
   for _, p in ipairs(parts) do
     hs[p.key] = holders(p.key)
     mine[p.key] = false
+    local unchanged = false
     for _, h in ipairs(hs[p.key]) do
-      if same_owner(h, repo, pull) then mine[p.key] = true end
+      if same_owner(h, repo, pull) then
+        mine[p.key] = true
+        if not (mode == 'exclusive' and h[10] == 'shared') then unchanged = true end
+      end
     end
-    if not mine[p.key] then all_mine = false end
+    if not unchanged then all_mine = false end
   end
   if all_mine then return {'grant'} end
   local frozen = active_freeze(parts)

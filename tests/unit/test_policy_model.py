@@ -1,0 +1,180 @@
+"""Modes, concurrency limits and freezes under random operations (hypothesis stateful testing).
+
+Hypothesis drives fail-fast and waiting acquires in both modes, releases, and rule edits (a
+freeze on one key switched on and off, refusing or making requests wait; a concurrency limit
+over every key raised, lowered and removed) against the enhanced locker on each in-process
+store. After every step the store must keep the rules:
+
+* no exclusive holder beside anyone (a key has one exclusive holder or only shared ones);
+* no grant inside a freeze;
+* never more than N held in the group (a limit lowered below what is held leaves those locks
+  alone, and then nothing is granted until the group is under it);
+* fencing tokens of a key rise with every grant;
+* no free key keeps a waiter the rules would let in (a rule change serves the queues).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from pathlib import Path
+from tempfile import TemporaryDirectory
+from typing import Any
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+from tests.support.locks import request_for
+from tests.support.queues import LockerRig, rig_for
+
+from enhanced_locking.backends import EmbeddedBackend, MemoryBackend, QueueBackend
+from enhanced_locking.policies import ConcurrencyLimit, Freeze, KeyPattern, PolicyRules
+from enhanced_locking.types import LockingError, LockRequest, Reason, utcnow
+
+PATHS = ("envs/a", "envs/b", "envs/c")
+FROZEN = "envs/c"
+PULLS = (1, 2, 3, 4)
+GRANTS = ("acquired", "granted-from-queue")
+
+
+def key_of(path: str) -> str:
+    return request_for(path=path).key
+
+
+class PolicyModel(RuleBasedStateMachine):
+    store = "memory"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.tmp = TemporaryDirectory()
+        backend: QueueBackend
+        if self.store == "memory":
+            backend = MemoryBackend()
+        else:
+            backend = EmbeddedBackend(Path(self.tmp.name) / "model.db")
+        self.rig: LockerRig = rig_for(backend)
+        self.freeze: str | None = None  # None, "refuse" or "wait"
+        self.frozen_since = utcnow()
+        self.limit: int | None = None
+        self.tasks: list[asyncio.Task[Any]] = []
+        self.seen = 0
+        self.tokens: dict[str, int] = {}
+        self.count_before = 0
+
+    def run(self, work: Any) -> Any:
+        return self.loop.run_until_complete(work)
+
+    def teardown(self) -> None:
+        async def close() -> None:
+            for task in self.tasks:
+                task.cancel()
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+            await self.rig.close()
+            await self.rig.locker.backend.close()
+        self.run(close())
+        self.loop.close()
+        self.tmp.cleanup()
+
+    async def settle(self) -> None:
+        for _ in range(20):
+            await asyncio.sleep(0)
+
+    def policy_rules(self) -> PolicyRules:
+        freezes = [] if self.freeze is None else [Freeze(
+            name="c", match=KeyPattern(path_prefix=FROZEN), message="c is frozen",
+            action="refuse" if self.freeze == "refuse" else "wait")]
+        limits = [] if self.limit is None else [ConcurrencyLimit(
+            name="all", match=KeyPattern(path_prefix="envs"), limit=self.limit)]
+        return PolicyRules(freezes=freezes, concurrency=limits)
+
+    def held_count(self) -> int:
+        return len(self.run(self.rig.locker.list()))
+
+    def before(self) -> None:
+        self.count_before = self.held_count()
+
+    def request(self, pull: int, path: str, mode: str, wait: bool) -> LockRequest:
+        return request_for(pull=pull, path=path).model_copy(update={
+            "mode": mode, "wait": timedelta(minutes=5) if wait else None})
+
+    # --- operations ---------------------------------------------------------------------------
+    @rule(pull=st.sampled_from(PULLS), path=st.sampled_from(PATHS),
+          mode=st.sampled_from(["shared", "exclusive"]), wait=st.booleans())
+    def acquire(self, pull: int, path: str, mode: str, wait: bool) -> None:
+        self.before()
+        task = self.loop.create_task(self.rig.locker.acquire(self.request(pull, path, mode, wait)))
+        self.tasks.append(task)
+        self.run(self.settle())
+        if task.done() and not task.cancelled() and task.exception() is None:
+            answer = task.result()
+            if path == FROZEN and self.freeze == "refuse" and not answer.acquired:
+                assert answer.reason in (Reason.FROZEN, Reason.HELD), answer
+
+    @rule(pull=st.sampled_from(PULLS), path=st.sampled_from(PATHS))
+    def release(self, pull: int, path: str) -> None:
+        self.before()
+        try:
+            self.run(self.rig.locker.release(key_of(path), owner=("acme/infra", pull)))
+        except LockingError:
+            pass
+        self.run(self.settle())
+
+    @rule(action=st.sampled_from([None, "refuse", "wait"]))
+    def set_freeze(self, action: str | None) -> None:
+        self.before()
+        if self.freeze is None and action is not None:
+            self.frozen_since = utcnow()
+        self.freeze = action
+        self.apply()
+
+    @rule(limit=st.sampled_from([None, 1, 2, 3]))
+    def set_limit(self, limit: int | None) -> None:
+        self.before()
+        self.limit = limit
+        self.apply()
+
+    def apply(self) -> None:
+        self.rig.set(policies=self.policy_rules())
+        self.run(self.rig.locker.wake())
+        self.run(self.settle())
+
+    # --- what must hold -----------------------------------------------------------------------
+    @invariant()
+    def the_rules_hold(self) -> None:
+        holders = {path: self.run(self.rig.locker.holders(key_of(path))) for path in PATHS}
+        for path, locks in holders.items():
+            modes = [lock.mode for lock in locks]
+            assert modes.count("exclusive") == 0 or len(modes) == 1, (path, modes)
+        new = self.rig.events[self.seen:]
+        self.seen = len(self.rig.events)
+        granted = [event for event in new if event.type in GRANTS and event.lock is not None]
+        count = sum(len(locks) for locks in holders.values())
+        if granted and self.limit is not None:
+            assert count <= max(self.limit, self.count_before), (count, self.limit)
+        for event in granted:
+            assert event.lock is not None
+            if self.freeze is not None and event.lock.acquired_at >= self.frozen_since:
+                assert event.lock.project.path != FROZEN, "granted inside a freeze"
+            assert event.lock.fencing_token > self.tokens.get(event.lock.key, 0)
+            self.tokens[event.lock.key] = event.lock.fencing_token
+
+    @invariant()
+    def no_free_key_keeps_a_grantable_waiter(self) -> None:
+        count = self.held_count()
+        for path in PATHS:
+            key = key_of(path)
+            if self.run(self.rig.locker.holders(key)):
+                continue
+            queue = self.run(self.rig.locker.queue(key))
+            blocked = (self.freeze is not None and path == FROZEN) or (
+                self.limit is not None and count >= self.limit)
+            assert not queue or blocked, (path, [w.owner for w in queue])
+
+
+PolicyModel.TestCase.settings = settings(
+    max_examples=40, stateful_step_count=25, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow])
+
+
+TestPoliciesOnMemory = PolicyModel.TestCase
