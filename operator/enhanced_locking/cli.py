@@ -139,7 +139,7 @@ async def _run_service(
     from enhanced_locking.api.tls import CertificateReloader
     from enhanced_locking.factory import LockService
     from enhanced_locking.provider import ConfigProvider
-    from enhanced_locking.types import LockingError
+    from enhanced_locking.types import LockingError, StoreRefused
 
     exposed = not is_loopback(host)
     refusal = open_to_network_refusal(config, exposed=exposed)
@@ -169,6 +169,10 @@ async def _run_service(
         return EXIT_USAGE
     try:
         await service.start()
+    except StoreRefused as error:  # the user's file or setting: exit 2, as a bad setting
+        bound.close()
+        print(f"enhanced-locking: {error}", file=sys.stderr)
+        return EXIT_USAGE
     except LockingError as error:
         bound.close()
         print(f"enhanced-locking: cannot start: {error}", file=sys.stderr)
@@ -342,7 +346,7 @@ def _migrate_import(args: argparse.Namespace) -> int:
 async def _run_import(config: config_module.EnhancedLockingConfig, args: argparse.Namespace) -> int:
     from enhanced_locking.factory import build_backend
     from enhanced_locking.migration import importers
-    from enhanced_locking.types import LockingError
+    from enhanced_locking.types import LockingError, StoreRefused
 
     backend = None
     try:
@@ -356,7 +360,7 @@ async def _run_import(config: config_module.EnhancedLockingConfig, args: argpars
         report = await importers.import_locks(
             records, backend, source=source, dry_run=args.dry_run, progress=progress
         )
-    except importers.ImportSourceError as error:
+    except (importers.ImportSourceError, StoreRefused) as error:
         print(f"enhanced-locking: {error}", file=sys.stderr)
         return EXIT_USAGE
     except LockingError as error:

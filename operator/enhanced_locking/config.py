@@ -416,6 +416,12 @@ class EnhancedLockingConfig(BaseSettings):
         description="Freezes, concurrency limits and priority rules (docs/08-policies.md); "
         "from a LockPolicy CR's spec, or a YAML mapping.",
     )
+    init_store: Flag = Field(
+        False,
+        description="Start an existing embedded store file that is empty (0 bytes, or SQLite "
+        "without tables) afresh instead of refusing it; its fencing tokens then continue from "
+        "the clock.",
+    )
     data_dir: str = Field(
         "~/.atlantis",
         min_length=1,

@@ -41,7 +41,7 @@ BackendBuilder = Callable[[EnhancedLockingConfig, str], Backend]
 
 
 def _embedded(config: EnhancedLockingConfig, namespace: str) -> Backend:
-    return EmbeddedBackend(config.data_path, namespace)
+    return EmbeddedBackend(config.data_path, namespace, initialise=config.init_store)
 
 
 def _memory(config: EnhancedLockingConfig, namespace: str) -> Backend:

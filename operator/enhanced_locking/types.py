@@ -11,7 +11,8 @@ The error tree (every error carries the lock key where there is one)::
     ├── InvalidRequest          the caller asked for something impossible (HTTP 422)
     ├── LockNotHeld             the named lock is not held (expired or released) (HTTP 404)
     ├── LockNotOwned            release by a pull that does not hold the lock (HTTP 409)
-    └── BackendUnavailable      the store did not answer; transient, may be retried (HTTP 503)
+    ├── BackendUnavailable      the store did not answer; transient, may be retried (HTTP 503)
+    └── StoreRefused            an existing store file is empty or not ours: not opened (exit 2)
 
     AccessError                 who is asking, not what (raised by the API's access control)
     ├── NotAuthenticated        no or invalid credentials (HTTP 401)
@@ -75,6 +76,7 @@ __all__ = [
     "Pull",
     "Reason",
     "Side",
+    "StoreRefused",
     "User",
     "VcsHost",
     "VcsHostType",
@@ -580,6 +582,11 @@ class LockNotOwned(LockingError):
 
 class BackendUnavailable(LockingError):
     """The store did not answer; the operation may be retried."""
+
+
+class StoreRefused(LockingError):
+    """An existing store file is empty or belongs to something else; opening it as a new store
+    would lose its locks and send its fencing tokens back to 1, so it is not opened."""
 
 
 class Verb(enum.StrEnum):

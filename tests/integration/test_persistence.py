@@ -6,11 +6,16 @@ SIGKILL it (nothing gets to flush or close), start it again on the same data dir
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from tests.conftest import ServiceFactory
+from tests.support.service import enhanced_locking_command, free_port, scrubbed_env
 
 SIDES = {
     "legacy": (),  # enhanced locking off: the legacy locker on the embedded store
@@ -85,3 +90,87 @@ def test_tokens_keep_rising_over_several_restarts(service_process: ServiceFactor
         service.restart(kill=restart % 2 == 0)
     assert tokens == [1, 2, 3]
     assert granted(service.url, path="a", pull=9)["fencingToken"] == 4
+
+
+# --- a store file that is empty or not ours ----------------------------------------------------
+
+
+def serve_once(data_dir: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+    """``serve`` on ``data_dir`` expected to stop by itself (it refuses to start)."""
+    argv = [*enhanced_locking_command(), "serve", "--port", str(free_port()),
+            "--data-dir", str(data_dir), *flags]
+    return subprocess.run(argv, capture_output=True, text=True, env=scrubbed_env(), timeout=60)
+
+
+def _sqlite_with_other_tables(path: Path) -> None:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY, total REAL)")
+        db.execute("INSERT INTO invoices (total) VALUES (12.5)")
+        db.commit()
+
+
+FOREIGN = {
+    "empty": (lambda path: path.write_bytes(b""), "is empty (0 bytes)"),
+    "not-sqlite": (lambda path: path.write_bytes(b"PK\x03\x04 a zip file, say" * 50),
+                   "not an SQLite database"),
+    "other-sqlite": (_sqlite_with_other_tables, "holds other tables (invoices)"),
+}
+
+
+@pytest.mark.parametrize("kind", list(FOREIGN))
+@pytest.mark.parametrize("side", list(SIDES))
+def test_an_existing_empty_or_foreign_store_file_is_refused_in_one_line(
+    data_dir: Path, kind: str, side: str,
+) -> None:
+    path = data_dir / "enhanced-locking.db"
+    make, problem = FOREIGN[kind]
+    make(path)
+    before = path.read_bytes()
+    result = serve_once(data_dir, *SIDES[side])
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("enhanced-locking: ") and problem in lines[0]
+    assert str(path) in lines[0]
+    if kind == "empty":
+        assert "enhanced-locking-init-store" in lines[0]
+    assert path.read_bytes() == before, "a refused file is left exactly as it was"
+
+
+def test_init_store_starts_an_emptied_file_afresh_with_tokens_above_the_old_ones(
+    service_process: ServiceFactory, data_dir: Path,
+) -> None:
+    service = service_process("--enhanced-locking-enabled")
+    for pull in (1, 2, 3):
+        lock = granted(service.url, path="a", pull=pull)
+        release(service.url, lock["key"])
+    last = lock["fencingToken"]
+    assert service.stop() == 0
+    for leftover in data_dir.glob("enhanced-locking.db*"):  # the file and its WAL, emptied
+        leftover.write_bytes(b"")
+    refused = serve_once(data_dir, "--enhanced-locking-enabled")
+    assert refused.returncode == 2 and "enhanced-locking-init-store" in refused.stderr
+    service.args.append("--enhanced-locking-init-store")
+    service.start()
+    assert httpx.get(service.url + "/v1/locks").json() == {"locks": []}
+    fresh = granted(service.url, path="a", pull=4)
+    assert fresh["fencingToken"] > last
+    other = granted(service.url, path="b", pull=4)
+    assert other["fencingToken"] > last
+
+
+def test_the_fencing_floor_survives_a_lost_counter_row(
+    service_process: ServiceFactory, data_dir: Path,
+) -> None:
+    service = service_process("--enhanced-locking-enabled")
+    tokens = []
+    for pull in (1, 2, 3):
+        lock = granted(service.url, path="a", pull=pull)
+        tokens.append(lock["fencingToken"])
+        release(service.url, lock["key"])
+    assert service.kill() == -9
+    with contextlib.closing(sqlite3.connect(data_dir / "enhanced-locking.db")) as db:
+        db.execute("DELETE FROM fencing")
+        db.commit()
+    service.start()
+    assert granted(service.url, path="a", pull=4)["fencingToken"] > max(tokens)

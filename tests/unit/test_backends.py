@@ -15,7 +15,7 @@ from tests.support.backends import BACKEND_KINDS, BackendFactory
 from tests.support.locks import lock_for, request_for
 
 from enhanced_locking.backends import EmbeddedBackend, MemoryBackend
-from enhanced_locking.types import BackendUnavailable, LockNotOwned, utcnow
+from enhanced_locking.types import BackendUnavailable, LockNotOwned, StoreRefused, utcnow
 
 PERSISTENT = [name for name, kind in BACKEND_KINDS.items() if kind.persistent]
 
@@ -195,8 +195,22 @@ def test_an_embedded_store_that_cannot_be_created_is_unavailable(tmp_path: Path)
         EmbeddedBackend(blocker / "enhanced-locking.db")
 
 
-async def test_a_file_that_is_not_a_database_is_unavailable(data_dir: Path) -> None:
+async def test_a_file_that_is_not_a_database_is_refused(data_dir: Path) -> None:
     path = data_dir / "enhanced-locking.db"
     path.write_bytes(b"this is not an SQLite database, it only has its name" * 100)
-    with pytest.raises(BackendUnavailable):
+    with pytest.raises(StoreRefused, match="not an SQLite database"):
         EmbeddedBackend(path)
+
+
+async def test_an_empty_file_is_refused_unless_initialised(data_dir: Path) -> None:
+    path = data_dir / "enhanced-locking.db"
+    path.write_bytes(b"")
+    with pytest.raises(StoreRefused, match="empty"):
+        EmbeddedBackend(path)
+    assert path.read_bytes() == b""
+    backend = EmbeddedBackend(path, initialise=True)
+    try:
+        granted, lock = await backend.acquire(lock_for(request_for(pull=1)))
+        assert granted and lock.fencing_token > 1  # from the clock: above any lost token
+    finally:
+        await backend.close()

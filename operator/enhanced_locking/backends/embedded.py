@@ -23,7 +23,7 @@ from pathlib import Path
 
 from enhanced_locking.backends import codec
 from enhanced_locking.backends.base import StoreBackend
-from enhanced_locking.types import BackendUnavailable, Lock, utcnow
+from enhanced_locking.types import BackendUnavailable, Lock, StoreRefused, utcnow
 
 __all__ = ["EmbeddedBackend", "open_database"]
 
@@ -43,19 +43,98 @@ CREATE INDEX IF NOT EXISTS shared_by_pull ON shared_locks (ns, repo, pull);
 CREATE TABLE IF NOT EXISTS fencing (
     ns TEXT NOT NULL, key TEXT NOT NULL, token INTEGER NOT NULL, PRIMARY KEY (ns, key)
 );
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TRIGGER IF NOT EXISTS fencing_floor_on_insert AFTER INSERT ON fencing BEGIN
+    UPDATE meta SET value = NEW.token WHERE name = 'token_floor' AND value < NEW.token;
+END;
+CREATE TRIGGER IF NOT EXISTS fencing_floor_on_update AFTER UPDATE OF token ON fencing BEGIN
+    UPDATE meta SET value = NEW.token WHERE name = 'token_floor' AND value < NEW.token;
+END;
 """
 
+APPLICATION_ID = 0x454C4B31
+"""SQLite's ``application_id`` of our store files ("ELK1"): how a file says it is ours."""
 
-def open_database(path: Path) -> sqlite3.Connection:
-    """Open (creating if needed) the store file with the settings every user of it shares."""
+_OUR_TABLES = frozenset({"locks", "fencing"})
+
+
+def _identify(connection: sqlite3.Connection, path: Path) -> str:
+    """``ours``, ``unstamped`` (ours from before the stamp), ``empty``, or why it is foreign."""
     try:
+        application_id = connection.execute("PRAGMA application_id").fetchone()[0]
+        tables = {row[0] for row in connection.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as error:
+        return f"it is not an SQLite database ({error})"
+    if application_id == APPLICATION_ID:
+        return "ours"
+    if application_id != 0:
+        return f"it belongs to another program (SQLite application id {application_id:#x})"
+    if _OUR_TABLES <= tables:
+        return "unstamped"
+    if not tables:
+        return "empty"
+    return "it holds other tables (" + ", ".join(sorted(tables)[:5]) + ")"
+
+
+def open_database(
+    path: Path, *, initialise: bool = False, clock: Callable[[], datetime] = utcnow
+) -> sqlite3.Connection:
+    """Open (creating if needed) the store file with the settings every user of it shares.
+
+    A file that does not exist is created. An existing file must be ours: one that is empty
+    (0 bytes, or an SQLite database without tables) is refused unless ``initialise``
+    (``enhanced-locking-init-store``), and one that belongs to anything else is always refused
+    (:class:`StoreRefused`); taking either as a new store would silently lose its locks and
+    send fencing tokens back to 1.
+
+    The fencing floor (``meta.token_floor``): a key's first token is the floor (as read when
+    the file is opened) plus one, and triggers keep the floor at the highest token the file
+    ever handed out, so a lost counter row never hands a token out again. A new file starts
+    at 0; an emptied file that is initialised starts from the clock (milliseconds times 1000,
+    above any token handed out before, as the Redis store's new epoch does).
+    """
+    try:
+        existed = path.exists()
         path.parent.mkdir(parents=True, exist_ok=True)
         connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    except (OSError, sqlite3.Error) as error:
+        raise BackendUnavailable(f"cannot open the embedded store {path}: {error}") from None
+    try:
+        verdict = _identify(connection, path) if existed else "new"
+        if verdict not in ("new", "ours", "unstamped", "empty"):
+            raise StoreRefused(
+                f"the embedded store {path} is not an enhanced-locking store: {verdict}; "
+                "move it away or choose another --data-dir")
+        if verdict == "empty" and not initialise:
+            raise StoreRefused(
+                f"the embedded store {path} exists but is empty ({path.stat().st_size} bytes): "
+                "its locks and fencing tokens would be lost; restore it, or set "
+                "enhanced-locking-init-store=true to start it afresh")
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("PRAGMA synchronous=NORMAL")
         connection.execute("PRAGMA busy_timeout=5000")
+        had_floor = verdict == "ours" and connection.execute(
+            "SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone() is not None
         connection.executescript(SCHEMA)
+        connection.execute("BEGIN IMMEDIATE")
+        # A new file starts at 0 and one of ours from before the floor at its highest counter;
+        # an emptied file, or one of ours that lost its floor, from the clock.
+        lost = verdict == "empty" or (verdict == "ours" and not had_floor)
+        start = int(clock().timestamp() * 1000) * 1000 if lost else 0
+        connection.execute(
+            "INSERT INTO meta (name, value) VALUES ('token_floor', ?) ON CONFLICT DO NOTHING",
+            (start,))
+        connection.execute(
+            "UPDATE meta SET value = max(value, (SELECT coalesce(max(token), 0) FROM fencing)) "
+            "WHERE name = 'token_floor'")
+        connection.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        connection.execute("COMMIT")
+    except StoreRefused:
+        connection.close()
+        raise
     except (OSError, sqlite3.Error) as error:
+        connection.close()
         raise BackendUnavailable(f"cannot open the embedded store {path}: {error}") from None
     return connection
 
@@ -66,11 +145,18 @@ class EmbeddedBackend(StoreBackend):
     kind = "boltdb"
 
     def __init__(
-        self, path: Path, namespace: str = "enhanced", *, clock: Callable[[], datetime] = utcnow
+        self,
+        path: Path,
+        namespace: str = "enhanced",
+        *,
+        clock: Callable[[], datetime] = utcnow,
+        initialise: bool = False,
     ) -> None:
         super().__init__(namespace, clock=clock)
         self.path = path
-        self._db = open_database(path)
+        self._db = open_database(path, initialise=initialise, clock=clock)
+        self._floor = int(self._db.execute(
+            "SELECT value FROM meta WHERE name = 'token_floor'").fetchone()[0])
         self._depth = 0
         # The last row text seen per key and its decoded lock: decoding is most of a read's
         # cost, and a row read back is usually one this backend just wrote. The text is always
@@ -170,9 +256,9 @@ class EmbeddedBackend(StoreBackend):
 
     def _next_token(self, key: str) -> int:
         row = self._db.execute(
-            "INSERT INTO fencing (ns, key, token) VALUES (?, ?, 1) "
+            "INSERT INTO fencing (ns, key, token) VALUES (?, ?, ?) "
             "ON CONFLICT (ns, key) DO UPDATE SET token = token + 1 RETURNING token",
-            (self.namespace, key),
+            (self.namespace, key, self._floor + 1),
         ).fetchone()
         return int(row[0])
 
