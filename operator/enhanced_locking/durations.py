@@ -14,7 +14,10 @@ from typing import Annotated
 
 from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
 
-__all__ = ["DURATION_FORM", "Duration", "format_duration", "parse_duration"]
+__all__ = [
+    "DURATION_FORM", "DURATION_PATTERN", "LEASE_FORM", "LEASE_PATTERN", "MAX_LENGTH", "Duration",
+    "Lease", "format_duration", "parse_duration",
+]
 
 DURATION_FORM = "a Go duration such as 500ms, 30s, 2m or 1h30m"
 
@@ -33,6 +36,7 @@ _MAX_MICROS = (2**63 - 1) // 1000  # Go's time.Duration is int64 nanoseconds
 # ASCII digits only (``\d`` would take any script's digits), and a fraction only after a digit
 # and with digits: exactly what ``DURATION_PATTERN`` publishes, so schema and parser agree.
 _PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ns|us|µs|ms|s|m|h)")
+MAX_LENGTH = 32
 # Written once for both Python and the CRD schemas (a JSON-schema `pattern`).
 DURATION_PATTERN = r"^(0|([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+)$"
 
@@ -40,9 +44,13 @@ DURATION_PATTERN = r"^(0|([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+)$"
 def parse_duration(text: str) -> timedelta:
     """Parse a non-negative Go duration; raise ``ValueError`` naming the accepted form.
 
-    Strict as Go's ``time.ParseDuration``: no surrounding spaces, ASCII digits only.
+    Strict as Go's ``time.ParseDuration``: no surrounding spaces, ASCII digits only; at most
+    ``MAX_LENGTH`` characters (what the published schemas say).
     """
     value = text
+    if len(value) > MAX_LENGTH:
+        raise ValueError(f"expected {DURATION_FORM} of at most {MAX_LENGTH} characters, "
+                         f"got {text[:40]!r}")
     if value == "0":
         return timedelta(0)
     position, micros = 0, Decimal(0)
@@ -98,6 +106,8 @@ def _coerce(value: object) -> object:
         return parse_duration(value)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         raise ValueError(f"expected {DURATION_FORM}, got the bare number {value!r} (add a unit)")
+    if not isinstance(value, timedelta):  # a boolean, a list...: not a duration
+        raise ValueError(f"expected {DURATION_FORM}, got {value!r}")
     return value
 
 
@@ -105,6 +115,30 @@ Duration = Annotated[
     timedelta,
     BeforeValidator(_coerce),
     PlainSerializer(format_duration, return_type=str, when_used="json"),
-    WithJsonSchema({"type": "string", "pattern": DURATION_PATTERN, "maxLength": 32}),
+    WithJsonSchema({"type": "string", "pattern": DURATION_PATTERN, "maxLength": MAX_LENGTH}),
 ]
 """A ``timedelta`` read from and written as a Go duration string."""
+
+
+_ANY_PART = r"[0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h)"
+LEASE_PATTERN = rf"^({_ANY_PART})*[1-9][0-9]*(\.[0-9]+)?(ms|s|m|h)({_ANY_PART})*$"
+"""A lease: a Go duration with at least one whole millisecond, second, minute or hour in it,
+so it is never zero (and never rounds to zero at the microsecond)."""
+LEASE_FORM = "a Go duration of at least 1ms such as 30s, 10m or 1h"
+
+
+def _lease(value: object) -> object:
+    if isinstance(value, str):
+        if len(value) > MAX_LENGTH or not re.fullmatch(LEASE_PATTERN, value):
+            raise ValueError(f"expected {LEASE_FORM}, got {value!r}")
+        return parse_duration(value)
+    return _coerce(value)
+
+
+Lease = Annotated[
+    timedelta,
+    BeforeValidator(_lease),
+    PlainSerializer(format_duration, return_type=str, when_used="json"),
+    WithJsonSchema({"type": "string", "pattern": LEASE_PATTERN, "maxLength": MAX_LENGTH}),
+]
+"""A positive ``timedelta`` written as a Go duration (a lease to refresh to)."""

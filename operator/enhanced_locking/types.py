@@ -47,6 +47,9 @@ from enhanced_locking.durations import (
     format_duration,
     parse_duration,
 )
+from enhanced_locking.durations import (
+    MAX_LENGTH as DURATION_MAX_LENGTH,
+)
 
 __all__ = [
     "ADMIN_ACTIONS",
@@ -74,6 +77,7 @@ __all__ = [
     "Priority",
     "Project",
     "Pull",
+    "PullNumber",
     "Reason",
     "Side",
     "StoreRefused",
@@ -248,6 +252,22 @@ def vcs_host_from_url(url: str) -> VcsHost | None:
     return VcsHost(hostname=host, type=kind)
 
 
+def _whole_number(value: object) -> object:
+    # JSON's integers (12, and 12.0, which JSON Schema counts as an integer); never a string
+    # ("12"), a boolean or a fraction: a request is read as typed, not guessed at.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"expected a whole number, got {value!r}")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"expected a whole number, got {value!r}")
+        return int(value)
+    return value
+
+
+PullNumber = Annotated[int, Field(ge=0, le=2**31 - 1), BeforeValidator(_whole_number)]
+"""A pull request number as a request carries it (strict: ``"12"`` is refused)."""
+
+
 class Pull(_Model):
     """The pull request that holds or asks for a lock (Atlantis's ``PullRequest``).
 
@@ -255,7 +275,7 @@ class Pull(_Model):
     is derived from ``url`` (:func:`vcs_host_from_url`).
     """
 
-    num: Annotated[int, Field(ge=0, le=2**31 - 1)]
+    num: PullNumber
     url: Url = ""
     author: Text = ""
     head_branch: Text = ""
@@ -305,7 +325,8 @@ WaitFor = Annotated[
     BeforeValidator(_wait_value),
     PlainSerializer(_wait_json, when_used="json"),
     WithJsonSchema({"oneOf": [{"type": "boolean"},
-                              {"type": "string", "pattern": DURATION_PATTERN, "maxLength": 32}]}),
+                              {"type": "string", "pattern": DURATION_PATTERN,
+                               "maxLength": DURATION_MAX_LENGTH}]}),
 ]
 """How long a request may wait: a Go duration; ``true`` for ``default-timeout``; ``false``
 or ``"0s"`` (or leaving it out) for no wait at all, as in Atlantis."""

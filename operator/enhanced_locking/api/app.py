@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel
 
 from enhanced_locking.api.access import (
@@ -33,6 +33,7 @@ from enhanced_locking.api.audit_routes import install_audit_routes
 from enhanced_locking.api.console import install_console
 from enhanced_locking.api.disconnect import AnswerUnlessGone, ClientGone, answer_unless_gone
 from enhanced_locking.api.errors import error_answers, install_error_handlers, json_error
+from enhanced_locking.api.params import Key, PullNum, Repo
 from enhanced_locking.api.queue_routes import install_queue_routes
 from enhanced_locking.api.server import Backpressure
 from enhanced_locking.api.sse import install_event_stream
@@ -51,11 +52,6 @@ from enhanced_locking.types import (
 __all__ = ["create_app"]
 
 log = logging.getLogger(__name__)
-
-Key = Annotated[str, Query(min_length=1, max_length=4096, description="The lock key.")]
-Repo = Annotated[str, Query(min_length=1, max_length=512, description="owner/name")]
-PullNum = Annotated[int, Query(ge=0, le=2**31 - 1, description="Pull request number.")]
-
 
 def _dump(model: BaseModel) -> Any:
     return model.model_dump(mode="json", by_alias=True)
@@ -281,11 +277,15 @@ def create_app(
         return JSONResponse({"ready": ready, "backends": backends},
                             status_code=200 if ready else 503)
 
-    @app.get("/metrics", responses=error_answers({404: "Metrics are off."}))
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={200: {"description": "Prometheus text exposition format 0.0.4.",
+                              "content": {"text/plain": {"schema": {"type": "string"}}}},
+                        **error_answers({404: "Metrics are off."})})
     @public("Prometheus scrapes it; the chart's NetworkPolicy admits only Prometheus and "
             "Atlantis, and no metric carries a lock key, a token or a secret")
     async def metrics() -> Response:
-        """Prometheus metrics (404 when the metrics flag is off)."""
+        """Prometheus metrics, in Prometheus's text format, not JSON (404 when the metrics flag
+        is off)."""
         if not service.provider.current.config.metrics:
             return json_error(404, "metrics are off (enhanced-locking-metrics=false)")
         await service.refresh_gauges()

@@ -9,6 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException
+from starlette.routing import Route
 
 from enhanced_locking.types import BackendUnavailable, InvalidRequest, LockNotOwned
 
@@ -71,4 +72,25 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, error: HTTPException) -> JSONResponse:
-        return json_error(error.status_code, str(error.detail))
+        if error.status_code == 400:
+            # FastAPI's "error parsing the body" (bytes that are not UTF-8 text, say): a body
+            # that is not JSON is a 422 like any other malformed body, never an undocumented 400.
+            return json_error(422, f"body: not valid JSON ({error.detail})", field="body",
+                              detail=[{"loc": ["body"], "msg": str(error.detail),
+                                       "type": "json_invalid"}])
+        answer = json_error(error.status_code, str(error.detail))
+        answer.headers.update(error.headers or {})
+        if error.status_code == 405:
+            # Starlette names the methods of the first route on the path; a path served by
+            # several routes (GET and DELETE /v1/locks/by-key) allows all of theirs.
+            answer.headers["Allow"] = ", ".join(_allowed(request))
+        return answer
+
+
+def _allowed(request: Request) -> list[str]:
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, Route) and route.methods and route.path_regex.fullmatch(
+                request.url.path):
+            methods |= route.methods
+    return sorted(methods)

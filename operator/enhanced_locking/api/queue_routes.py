@@ -15,7 +15,7 @@ Owner checks: releasing, refreshing or cancelling what another pull holds or que
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, Request
@@ -26,8 +26,9 @@ from pydantic.alias_generators import to_camel
 from enhanced_locking.api.access import CallerDep, overrides_rules, rule_override
 from enhanced_locking.api.disconnect import ClientGone, answer_unless_gone
 from enhanced_locking.api.errors import error_answers, json_error
+from enhanced_locking.api.params import Key, PullNum
 from enhanced_locking.backends.waiting import Waiter
-from enhanced_locking.durations import Duration
+from enhanced_locking.durations import Lease
 from enhanced_locking.factory import LockService
 from enhanced_locking.locking import EnhancedLocker
 from enhanced_locking.types import (
@@ -36,15 +37,12 @@ from enhanced_locking.types import (
     Lock,
     LockNotHeld,
     Priority,
+    PullNumber,
     Verb,
     utcnow,
 )
 
 __all__ = ["RefreshRequest", "install_queue_routes"]
-
-Key = Annotated[str, Query(min_length=1, max_length=4096, description="The lock key.")]
-PullNum = Annotated[int, Query(ge=0, le=2**31 - 1, description="Pull request number.")]
-
 
 class RefreshRequest(BaseModel):
     """Extend a lease: the key, the pull that holds it, and the new lease from now."""
@@ -53,8 +51,8 @@ class RefreshRequest(BaseModel):
                               frozen=True)
 
     key: Annotated[str, Field(min_length=1, max_length=4096)]
-    pull: Annotated[int, Field(ge=0, le=2**31 - 1)]
-    ttl: Duration | None = None
+    pull: PullNumber
+    ttl: Lease | None = None
 
 
 def _dump(model: BaseModel) -> Any:
@@ -136,14 +134,17 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
         return {"released": [_dump(lock) for lock in released],
                 "notHeld": [k for k in key if k not in {lock.key for lock in released}]}
 
-    @app.post("/v1/locks/refresh", responses={404: {"description": "No lock is held on the key"},
-                                              409: {"description": "Held by another pull"},
-                                              **WHO})
+    @app.post("/v1/locks/refresh", responses={**error_answers({
+        404: "No lock is held on the key.",
+        409: "Held by another pull; or held on the legacy side, whose locks have no lease; or "
+             "no ttl given and no enhanced-locking-lock-ttl configured.",
+    }), **WHO})
     async def refresh(body: RefreshRequest, caller: CallerDep) -> Any:
         """Extend the lease of a held lock to ``now + ttl`` (default ``lock-ttl``).
 
         Needs ``lock`` when ``pull`` holds it; refreshing another pull's lock is refused (409)
-        whatever the rights."""
+        whatever the rights. Every request the schema allows is served or answered by the
+        lock's state (404, 409); 422 is only for what the schema refuses."""
         holder = await router.get(body.key)
         repo = holder.project.repo_full_name if holder is not None else None
         await caller.need(Verb.LOCK, action="refresh", repo=repo, key=body.key, pull=body.pull)
@@ -152,6 +153,16 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
             if holder is None:
                 note.done("not-found", 404)
                 return json_error(404, f"no lock is held on {body.key}", lockKey=body.key)
+            if holder.backend == "legacy":
+                note.done("no-lease", 409)
+                return json_error(409, f"lock {body.key} is held on the legacy side, whose "
+                                  "locks have no lease (Atlantis semantics)", lockKey=body.key,
+                                  holder=_dump(holder))
+            if body.ttl is None and service.provider.current.config.lock_ttl <= timedelta(0):
+                note.done("no-lease", 409)
+                return json_error(409, f"lock {body.key}: no ttl given and no "
+                                  "enhanced-locking-lock-ttl configured to refresh to",
+                                  lockKey=body.key)
             owner = (holder.project.repo_full_name, body.pull)
             try:
                 lock = await router.refresh(body.key, owner=owner, ttl=body.ttl)

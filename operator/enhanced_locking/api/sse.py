@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import re
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated
 
@@ -39,7 +40,7 @@ from starlette.types import Receive, Scope, Send
 from enhanced_locking.api.access import CallerDep
 from enhanced_locking.api.errors import error_answers, json_error
 from enhanced_locking.config import EnhancedLockingConfig
-from enhanced_locking.events import EVENT_TYPES, Bus, Gap, parse_event_id
+from enhanced_locking.events import EVENT_TYPES, Bus, Gap
 from enhanced_locking.types import Event, Verb
 
 __all__ = ["Frames", "install_event_stream", "matches"]
@@ -130,17 +131,33 @@ class _CountedStream(EventSourceResponse):
             self._closed()
 
 
+# What the answers below accept, published as the parameters' patterns (one rule, two readers).
+_EVENT_ID_PATTERN = r"^([0-9]{1,20}(-[0-9]{1,20})?)?$"  # empty: from now on
+_ONE_TYPE = "(" + "|".join(re.escape(t) for t in EVENT_TYPES) + ")"
+_TYPES_PATTERN = rf"^ *{_ONE_TYPE} *(, *{_ONE_TYPE} *)*$"
+_STREAM = {
+    "description": "Server-Sent Events: one `event:`, `id:` and JSON `data:` per event.",
+    "content": {"text/event-stream": {"schema": {
+        "description": "One event of the stream: its type, its id (resume with Last-Event-ID) "
+                       "and the Event as JSON; `gap` when some were lost.",
+        "type": "object",
+        "properties": {"event": {"type": "string"}, "id": {"type": "string"},
+                       "data": {"type": "string"}, "retry": {"type": "integer"}},
+        "required": ["data"]}}},
+}
+
+
 def install_event_stream(app: FastAPI, bus: Bus,
                          config: Callable[[], EnhancedLockingConfig]) -> None:
     frames = Frames()
     streams = _Streams()
 
-    @app.get("/v1/events", response_model=None, responses=error_answers({
+    @app.get("/v1/events", response_model=None, responses={200: _STREAM, **error_answers({
         401: "No or invalid credentials (see WWW-Authenticate).",
         403: "The caller lacks the read right (on repo, when given).",
         429: "This client has the most event streams it may open (see Retry-After).",
         503: "The service has the most event streams it serves (see Retry-After).",
-    }))
+    })})
     async def events(
         caller: CallerDep,
         http: Request,
@@ -149,25 +166,27 @@ def install_event_stream(app: FastAPI, bus: Bus,
                                                 description="Lock keys starting with this.")]
         = None,
         type: Annotated[str | None, Query(max_length=1024,
-                                          description="Comma-separated event types.")] = None,
-        last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
-        last_event_id_query: Annotated[str | None, Query(alias="lastEventId", max_length=64)]
-        = None,
+                                          description="Comma-separated event types.",
+                                          json_schema_extra={"pattern": _TYPES_PATTERN})] = None,
+        # Plain strings (not ``str | None``): a header or query value is text, never JSON null.
+        last_event_id: Annotated[str, Header(
+            alias="Last-Event-ID", json_schema_extra={"pattern": _EVENT_ID_PATTERN})] = "",
+        last_event_id_query: Annotated[str, Query(
+            alias="lastEventId", max_length=64, json_schema_extra={"pattern": _EVENT_ID_PATTERN})]
+        = "",
     ) -> EventSourceResponse | JSONResponse:
         """Follow lock and config events (SSE), optionally filtered; resume with
         ``Last-Event-ID``. A reader that cannot have every event gets a ``gap`` event."""
         await caller.need(Verb.READ, action="events", repo=repo)
-        after = last_event_id or last_event_id_query
-        if after is not None:
-            try:
-                parse_event_id(after)
-            except ValueError:
-                return json_error(422, f"Last-Event-ID: expected <milliseconds>-<sequence> as "
-                                       f"sent in an event's id, got {after!r}",
-                                  field="Last-Event-ID")
+        given = {"Last-Event-ID": last_event_id, "lastEventId": last_event_id_query}
+        for name, value in given.items():
+            if value and not re.fullmatch(_EVENT_ID_PATTERN, value):
+                return json_error(422, f"{name}: expected <milliseconds>-<sequence> as sent in "
+                                       f"an event's id, got {value!r}", field=name)
+        after = last_event_id or last_event_id_query or None
         types = None
         if type is not None:
-            types = frozenset(t.strip() for t in type.split(",") if t.strip())
+            types = frozenset(t.strip(" ") for t in type.split(","))
             unknown = sorted(types - set(EVENT_TYPES))
             if unknown:
                 return json_error(422, f"type: unknown event type {unknown[0]!r}; known: "

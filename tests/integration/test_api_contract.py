@@ -1,0 +1,150 @@
+"""The HTTP API keeps the contract its OpenAPI document states.
+
+schemathesis generates requests from ``/openapi.json`` and runs every one of its checks on the
+answers of a real ``enhanced-locking serve`` process: no server error, status codes, content
+types and bodies as documented, schema-valid requests accepted and schema-invalid ones refused,
+``Allow`` on 405. The tests after it pin the cases that once broke the contract.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from tests.support.service import ServiceProcess
+
+CONFIG = Path(__file__).with_name("schemathesis.toml")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    # Short waits: generated requests often share a key, and a wait must not outlast the run.
+    root = tmp_path_factory.mktemp("contract")
+    process = ServiceProcess(root / "data", log_dir=root / "logs", args=(
+        "--enhanced-locking-enabled", "--enhanced-locking-max-timeout=1s",
+        "--enhanced-locking-default-timeout=1s"))
+    try:
+        process.start()
+    except Exception as error:
+        pytest.fail(str(error), pytrace=False)
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def http(served: ServiceProcess) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=served.url, timeout=10) as client:
+        yield client
+
+
+def schemathesis_command() -> list[str]:
+    script = Path(sys.executable).parent / "schemathesis"
+    if not script.exists():
+        pytest.fail("schemathesis is not installed in this environment; run `make venv` "
+                    "(it is in the test extras of pyproject.toml)", pytrace=False)
+    return [str(script)]
+
+
+@pytest.mark.timeout(900)
+def test_schemathesis_with_every_check_finds_nothing(
+    served: ServiceProcess, tmp_path: Path,
+) -> None:
+    result = subprocess.run([
+        *schemathesis_command(), "--config-file", str(CONFIG), "run",
+        served.url + "/openapi.json", "--checks", "all", "--max-examples", "15",
+        "--request-timeout", "10", "--workers", "1",
+        "--seed", "1", "--no-color",
+    ], capture_output=True, text=True, timeout=840, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-12000:] + result.stderr[-4000:]
+    counted = [line for line in result.stdout.splitlines() if " generated, " in line]
+    assert counted and counted[-1].strip().endswith("passed"), result.stdout[-3000:]
+
+
+def body(repo: str, pull: Any = 1, **extra: Any) -> dict[str, Any]:
+    return {"project": {"repoFullName": repo, "path": "envs/prod"}, "pull": {"num": pull},
+            **extra}
+
+
+@pytest.fixture
+def repo() -> str:
+    return f"acme/contract-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.mark.parametrize(("path", "allowed"), [
+    ("/v1/locks/by-key", "DELETE, GET"),
+    ("/v1/locks", "GET, POST"),
+    ("/v1/queue", "DELETE, GET"),
+    ("/healthz", "GET"),
+])
+def test_a_405_names_every_method_the_path_allows(
+    http: httpx.Client, path: str, allowed: str,
+) -> None:
+    answer = http.request("PATCH", path)
+    assert answer.status_code == 405
+    assert answer.headers["allow"] == allowed
+    assert answer.json()["error"]
+
+
+@pytest.mark.parametrize("content", [b"{bad", b"\xc3\x28{}", b""], ids=["syntax", "not-utf8",
+                                                                         "empty"])
+def test_a_body_that_is_not_json_answers_422(http: httpx.Client, content: bytes) -> None:
+    answer = http.post("/v1/locks", content=content, headers={"content-type": "application/json"})
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["field"] == "body"
+
+
+@pytest.mark.parametrize("pull", ["0.0", "1e3", "+1", "\u0661", "1_0"])
+def test_a_pull_query_that_is_not_ascii_digits_answers_422(http: httpx.Client, pull: str) -> None:
+    answer = http.get("/v1/locks", params={"pull": pull})
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["field"] == "pull"
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    ({"pull": {"num": "12"}}, "pull.num"),
+    ({"pull": {"num": True}}, "pull.num"),
+    ({"pull": {"num": 12.5}}, "pull.num"),
+    ({"wait": " 1s "}, "wait"),
+    ({"wait": "1s\n"}, "wait"),
+])
+def test_request_bodies_are_read_as_typed(
+    http: httpx.Client, repo: str, change: dict[str, Any], field: str,
+) -> None:
+    answer = http.post("/v1/locks", json={**body(repo), **change})
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["field"] == field
+
+
+def test_a_whole_number_written_as_json_12_0_is_an_integer(http: httpx.Client, repo: str) -> None:
+    answer = http.post("/v1/locks", json=body(repo, pull=12.0))
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["lock"]["pull"]["num"] == 12
+
+
+def test_metrics_are_documented_as_prometheus_text(http: httpx.Client) -> None:
+    documented = http.get("/openapi.json").json()["paths"]["/metrics"]["get"]["responses"]["200"]
+    assert list(documented["content"]) == ["text/plain"]
+    answer = http.get("/metrics")
+    assert answer.headers["content-type"].startswith("text/plain")
+
+
+def test_a_refresh_the_schema_allows_is_never_answered_422(
+    http: httpx.Client, repo: str,
+) -> None:
+    held = http.post("/v1/locks", json=body(repo)).json()["lock"]
+    # No ttl, and no enhanced-locking-lock-ttl configured: the service's state says no (409).
+    answer = http.post("/v1/locks/refresh", json={"key": held["key"], "pull": 1})
+    assert answer.status_code == 409, answer.text
+    assert "enhanced-locking-lock-ttl" in answer.json()["error"]
+    refreshed = http.post("/v1/locks/refresh", json={"key": held["key"], "pull": 1,
+                                                      "ttl": "1m"})
+    assert refreshed.status_code == 200 and refreshed.json()["lock"]["expiresAt"]
+    # A zero lease is not a lease: the schema says so (its pattern) and so does the answer.
+    zero = http.post("/v1/locks/refresh", json={"key": held["key"], "pull": 1, "ttl": "0s"})
+    assert zero.status_code == 422 and zero.json()["field"] == "ttl"
