@@ -505,6 +505,12 @@ class EnhancedLockingConfig(BaseSettings):
         return self.replica_timeout or 3 * self.replica_heartbeat
 
     @property
+    def routed_weight(self) -> float:
+        """The percent of keys the enhanced side decides: the effective weight in route mode,
+        0 in shadow mode (legacy decides every key there; enhanced only replays)."""
+        return 0.0 if self.migration_mode == "shadow" else self.effective_weight
+
+    @property
     def effective_weight(self) -> float:
         """The routing weight: 0 when disabled, 100 when enabled without a migration."""
         if not self.enabled:

@@ -237,7 +237,7 @@ class LockService:
             # A rule edit reaches this replica's queues: waiters a rule held back are served.
             self.enhanced.rules.changed(snapshot.config.policies)
         self.metrics.config_generation.set(snapshot.generation)
-        self.metrics.routing_weight.set(snapshot.config.effective_weight)
+        self.metrics.routing_weight.set(snapshot.config.routed_weight)
         self.metrics.config_changes.labels("applied").inc()
         if snapshot.generation > 1:
             self.events.publish(

@@ -129,7 +129,8 @@ class Metrics:
         )
         self.routing_weight = Gauge(
             "enhanced_locking_routing_weight_percent",
-            "Share of lock keys routed to the enhanced locker.", registry=r,
+            "Share of lock keys routed to the enhanced locker (0 in shadow mode: legacy "
+            "decides every key).", registry=r,
         )
 
     def exposition(self) -> bytes:

@@ -35,8 +35,11 @@ class MigrationConfig:
     """Where lock traffic goes: the enhanced share in percent, the mode and the fallback."""
 
     weight: float
+    """The percent of keys that route to enhanced (0 in shadow mode, whatever is configured)."""
     mode: str
     fallback: str
+    configured_weight: float
+    """The configured weight (in shadow mode: the share of keys replayed on enhanced)."""
 
 
 @dataclass(frozen=True)
@@ -52,9 +55,10 @@ class Snapshot:
     @property
     def migration(self) -> MigrationConfig:
         return MigrationConfig(
-            weight=self.config.effective_weight,
+            weight=self.config.routed_weight,
             mode=self.config.migration_mode,
             fallback=self.config.fallback,
+            configured_weight=self.config.effective_weight,
         )
 
     def should_use_enhanced(self, key: str) -> bool:

@@ -173,9 +173,12 @@ EDITS: list[tuple[str, dict[str, Any], Callable[[dict[str, Any]], bool]]] = [
     (MIGRATIONS, {"fallback": "fail-closed"},
      lambda c: c["routing"]["fallback"] == "fail-closed"),
     (POLICIES, {"enabled": False},
-     lambda c: c["routing"] == {"enabled": False, "weight": 0.0, "mode": "shadow",
-                                "fallback": "fail-closed"}),
-    (POLICIES, {"enabled": True}, lambda c: c["routing"]["weight"] == 62.5),
+     lambda c: c["routing"] == {"enabled": False, "weight": 0.0, "configuredWeight": 0.0,
+                                "mode": "shadow", "fallback": "fail-closed"}),
+    # Shadow mode: legacy decides every key, so the weight that routes is 0; the configured one
+    # (the share replayed on enhanced) is reported beside it.
+    (POLICIES, {"enabled": True},
+     lambda c: c["routing"]["weight"] == 0.0 and c["routing"]["configuredWeight"] == 62.5),
 ]
 
 

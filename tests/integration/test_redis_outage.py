@@ -4,12 +4,17 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 
 import httpx
 import pytest
 from tests.conftest import ServiceMaker
+from tests.support.redis_fixtures import ServerMaker
 from tests.support.redis_server import RedisServer
+from tests.support.service import ServiceProcess
 
 from enhanced_locking.api import create_app
 from enhanced_locking.types import BackendUnavailable, LockRequest, Project, Pull
@@ -40,3 +45,92 @@ async def test_a_refresh_while_redis_is_down_is_an_outage_not_a_free_key(
                                  json={"key": granted.lock_key, "pull": 1, "ttl": "5m"})
     assert answer.status_code == 503, answer.text
     assert answer.json()["reason"] == "unavailable"
+
+
+# --- fallback legacy: what legacy granted during the outage, legacy lists and releases --------
+
+
+@pytest.fixture
+def outage_service(redis_servers: ServerMaker, tmp_path: Path) -> Iterator[tuple[ServiceProcess,
+                                                                                RedisServer]]:
+    server = redis_servers(persistence="aof")
+    process = ServiceProcess(
+        tmp_path / "data", log_dir=tmp_path / "logs",
+        args=("--enhanced-locking-enabled", "--enhanced-locking-backend=redis",
+              f"--enhanced-locking-redis-addr={server.addr}", "--enhanced-locking-fallback=legacy",
+              "--enhanced-locking-replica-heartbeat=500ms"))
+    try:
+        process.start()
+    except Exception as error:
+        pytest.fail(str(error), pytrace=False)
+    yield process, server
+    process.stop()
+
+
+def _body(path: str, pull: int) -> dict[str, object]:
+    return {"project": {"repoFullName": REPO, "path": path}, "pull": {"num": pull}}
+
+
+async def test_with_fallback_legacy_what_legacy_granted_in_an_outage_it_lists_and_releases(
+    outage_service: tuple[ServiceProcess, RedisServer],
+) -> None:
+    service, server = outage_service
+    async with httpx.AsyncClient(base_url=service.url, timeout=30) as http:
+        server.stop()
+        a = await http.post("/v1/locks", json=_body("a", 1))
+        b = await http.post("/v1/locks", json=_body("b", 2))
+        c = await http.post("/v1/locks", json=_body("c", 2))
+        assert [r.status_code for r in (a, b, c)] == [200, 200, 200], a.text
+        key_a, key_b, key_c = (r.json()["lockKey"] for r in (a, b, c))
+        assert a.json()["lock"]["backend"] == "legacy"
+
+        listed = await http.get("/v1/locks", params={"repo": REPO})
+        assert listed.status_code == 200, listed.text
+        assert {lock["key"] for lock in listed.json()["locks"]} == {key_a, key_b, key_c}
+        assert listed.json()["unavailable"] == ["enhanced"]
+        one = await http.get("/v1/locks/by-key", params={"key": key_a})
+        assert one.status_code == 200 and one.json()["lock"]["pull"]["num"] == 1, one.text
+
+        released = await http.delete("/v1/locks/by-key", params={"key": key_a, "pull": 1})
+        assert released.status_code == 200, released.text
+        by_pull = await http.delete("/v1/locks/by-pull", params={"repo": REPO, "pull": 2})
+        assert by_pull.status_code == 200, by_pull.text
+        assert {lock["key"] for lock in by_pull.json()["released"]} == {key_b, key_c}
+        assert by_pull.json()["unavailable"] == ["enhanced"]
+
+        server.start()
+        for _ in range(200):
+            if (await http.get("/readyz")).status_code == 200:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("not ready again after Redis came back")
+        await asyncio.sleep(2)  # a few heartbeats: the fallback journal is reconciled
+        migration = (await http.get("/v1/migration")).json()
+        assert migration["fallback"]["pending"] == 0, migration
+        # Given back during the outage: never adopted into enhanced afterwards.
+        after = await http.get("/v1/locks", params={"repo": REPO})
+        assert after.json() == {"locks": []}, after.text
+        for key in (key_a, key_b, key_c):
+            assert (await http.get("/v1/locks/by-key", params={"key": key})).status_code == 404
+        again = await http.post("/v1/locks", json=_body("a", 3))
+        assert again.status_code == 200 and again.json()["lock"]["backend"] == "enhanced"
+
+
+# --- shadow mode: the weight that routes -------------------------------------------------------
+
+
+async def test_in_shadow_mode_config_and_metric_report_the_weight_that_routes(
+    make_service: ServiceMaker,
+) -> None:
+    service = await make_service(enabled=True, migration_weight=100, migration_mode="shadow")
+    transport = httpx.ASGITransport(app=create_app(service, manage_lifecycle=False))
+    async with httpx.AsyncClient(transport=transport, base_url="http://service") as http:
+        routing = (await http.get("/v1/config")).json()["routing"]
+        assert routing["weight"] == 0.0 and routing["configuredWeight"] == 100.0
+        assert routing["mode"] == "shadow"
+        assert (await http.get("/v1/migration")).json()["routing"]["weight"] == 0
+        metrics = (await http.get("/metrics")).text
+        assert "enhanced_locking_routing_weight_percent 0.0" in metrics.splitlines()
+        granted = await http.post("/v1/locks", json=_body("shadowed", 1))
+        assert granted.json()["lock"]["backend"] == "legacy"

@@ -164,9 +164,11 @@ def create_app(
     @app.get("/v1/locks", responses=WHO)
     async def list_locks(caller: CallerDep, repo: Repo | None = None,
                          pull: PullNum | None = None) -> Any:
-        """Every held lock, optionally of one repository and/or pull request."""
+        """Every held lock, optionally of one repository and/or pull request. When the
+        enhanced store does not answer, legacy's locks with ``unavailable: ["enhanced"]``."""
         await caller.need(Verb.READ, action="list", repo=repo, pull=pull)
-        return {"locks": _locks(await router.list(repo=repo, pull=pull))}
+        locks, unreached = await router.list_reachable(repo=repo, pull=pull)
+        return {"locks": _locks(locks), **({"unavailable": unreached} if unreached else {})}
 
     @app.get("/v1/locks/by-key",
              responses={**error_answers({404: "No lock is held on the key."}), **WHO})
@@ -227,13 +229,16 @@ def create_app(
 
     @app.delete("/v1/locks/by-pull", responses=WHO)
     async def release_pull(repo: Repo, pull: PullNum, caller: CallerDep) -> Any:
-        """Release every lock of a pull request (Atlantis does this when a PR closes)."""
+        """Release every lock of a pull request (Atlantis does this when a PR closes). When the
+        enhanced store does not answer, what legacy holds is released and the answer says
+        ``unavailable: ["enhanced"]`` (the pull's enhanced locks, if any, are not released)."""
         await caller.need(Verb.LOCK, action="release-pull", repo=repo, pull=pull)
         async with caller.audited(action="release-pull", verb=Verb.LOCK, repo=repo,
                                   pull=pull) as note:
-            released = await router.release_by_pull(repo, pull)
+            released, unreached = await router.release_by_pull_reachable(repo, pull)
             note.done(f"released {len(released)}")
-        return {"released": _locks(released)}
+        return {"released": _locks(released),
+                **({"unavailable": unreached} if unreached else {})}
 
     @app.get("/v1/config", responses=WHO)
     async def config(caller: CallerDep) -> Any:
@@ -250,6 +255,7 @@ def create_app(
             "routing": {
                 "enabled": snapshot.config.enabled,
                 "weight": migration.weight,
+                "configuredWeight": migration.configured_weight,
                 "mode": migration.mode,
                 "fallback": migration.fallback,
             },

@@ -441,7 +441,7 @@ class Reconciler:
         if not config.enabled:
             where = "enhanced locking is off: every lock key goes to the legacy locker"
         else:
-            where = (f"{config.effective_weight:g}% of lock keys go to the enhanced locker "
+            where = (f"{config.routed_weight:g}% of lock keys go to the enhanced locker "
                      f"({config.backend}), mode {config.migration_mode}, "
                      f"fallback {config.fallback}")
         return f"{where}; configuration generation {snapshot.generation}"

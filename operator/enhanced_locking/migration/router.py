@@ -51,6 +51,9 @@ from enhanced_locking.types import (
 
 __all__ = ["Router"]
 
+Sides = list[Side]
+"""Sides of a call (an alias: the router's ``list`` method shadows the builtin inside it)."""
+
 OTHER_SIDE_POLL = (0.05, 1.0)
 """A waiting request held on the other side looks again after 50 ms, doubling up to 1 s."""
 
@@ -271,9 +274,22 @@ class Router(EnhancedCalls, AtlantisCalls):
         return released
 
     async def get(self, key: str) -> Lock | None:
+        """The lock on ``key``, from whichever side holds it. With the enhanced side away, a
+        lock legacy holds (one granted in fallback, say) is still the answer; only a key legacy
+        does not hold is unknown (``BackendUnavailable``)."""
+        outage: BackendUnavailable | None = None
         for locker in self._ordered(key):
-            if (lock := await locker.get(key)) is not None:
+            try:
+                lock = await locker.get(key)
+            except BackendUnavailable as error:
+                if locker is self.legacy:
+                    raise
+                outage = error
+                continue
+            if lock is not None:
                 return lock
+        if outage is not None:
+            raise outage
         return None
 
     def _ordered(self, key: str) -> list[Locker]:
@@ -281,9 +297,26 @@ class Router(EnhancedCalls, AtlantisCalls):
         return lockers if self.side_for(key) == "legacy" else lockers[::-1]
 
     async def list(self, *, repo: str | None = None, pull: int | None = None) -> Locks:
-        locks = [lock for locker in self._lockers() for lock in await locker.list(repo=repo,
-                                                                                   pull=pull)]
-        return self._one_per_key(locks)
+        locks, unreached = await self.list_reachable(repo=repo, pull=pull)
+        if unreached:
+            raise BackendUnavailable("the enhanced store did not answer (list)")
+        return locks
+
+    async def list_reachable(
+        self, *, repo: str | None = None, pull: int | None = None
+    ) -> tuple[Locks, Sides]:
+        """Every lock of the sides that answer, and the sides that did not (legacy's own
+        failure is raised: without it there is nothing to list)."""
+        locks: Locks = []
+        unreached: Sides = []
+        for locker in self._lockers():
+            try:
+                locks += await locker.list(repo=repo, pull=pull)
+            except BackendUnavailable:
+                if locker is self.legacy:
+                    raise
+                unreached.append("enhanced")
+        return self._one_per_key(locks), unreached
 
     def _one_per_key(self, locks: Locks) -> Locks:
         """A key held on both sides (it is moving) is listed once, as its target side has it."""
@@ -294,22 +327,35 @@ class Router(EnhancedCalls, AtlantisCalls):
         return sorted(chosen.values(), key=lambda lock: lock.key)
 
     async def release_by_pull(self, repo: str, pull: int) -> Locks:
+        locks, unreached = await self.release_by_pull_reachable(repo, pull)
+        if unreached:
+            raise BackendUnavailable("the enhanced store did not answer (release by pull)")
+        return locks
+
+    async def release_by_pull_reachable(
+        self, repo: str, pull: int
+    ) -> tuple[Locks, Sides]:
+        """Release the pull's locks on every side that answers; say which sides did not.
+
+        With the enhanced side away, what legacy holds (what it granted in fallback) is
+        released now and journaled, so reconciling never adopts it into enhanced; locks the
+        pull held on the enhanced side stay held there until it is asked again."""
         released: Locks = []
+        unreached: Sides = []
         for locker in self._lockers():
             try:
                 released += await locker.release_by_pull(repo, pull)
             except BackendUnavailable:
                 if locker is self.legacy or self.migration is None:
                     raise
-                # Legacy's part is done; copies left on enhanced are freed on reconcile, and
-                # the caller hears of the outage.
+                unreached.append("enhanced")
+                # Legacy's part is done; copies left on enhanced are freed on reconcile.
                 for lock in released:
                     await self.migration.record_partial_release(lock)
-                raise
         locks = self._one_per_key(released)
         if self.migration is not None:
             self.migration.after_release_by_pull(repo, pull, locks)
-        return locks
+        return locks, unreached
 
 
 async def _unreachable(locker: Locker) -> bool:

@@ -70,9 +70,7 @@ Settle = Callable[[Callable[[int], bool], float], Awaitable[object]]
 
 def authority_weight(config: EnhancedLockingConfig) -> float:
     """The percent of keys the enhanced side decides: 0 when disabled or in shadow mode."""
-    if not config.enabled or config.migration_mode == "shadow":
-        return 0.0
-    return config.effective_weight
+    return config.routed_weight
 
 
 def authority_isolation(config: EnhancedLockingConfig) -> float:
