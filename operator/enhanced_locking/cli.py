@@ -151,6 +151,10 @@ async def _run_service(
         # Building the service opens the stores: a data dir that cannot be created is a
         # one-line error like a store that does not answer.
         service = LockService(ConfigProvider(config))
+    except StoreRefused as error:  # the user's file or setting: exit 2, as a bad setting
+        bound.close()
+        print(f"enhanced-locking: {error}", file=sys.stderr)
+        return EXIT_USAGE
     except LockingError as error:
         bound.close()
         print(f"enhanced-locking: cannot start: {error}", file=sys.stderr)
