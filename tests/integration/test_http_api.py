@@ -299,7 +299,7 @@ def test_config_shows_the_effective_config_masked_with_generation_hash_and_routi
     assert re.fullmatch(r"[0-9a-f]{16}", answer["hash"])
     assert answer["layers"] == ["static"]
     assert answer["routing"] == {"enabled": False, "weight": 0.0, "mode": "route",
-                                 "fallback": "legacy"}
+                                 "fallback": "legacy", "configuredWeight": 0.0}
     assert answer["featureFlags"]["enabled"] is False
 
 
@@ -376,7 +376,7 @@ def test_enhanced_locks_carry_leases_and_refuse_waits_above_the_maximum(
 
         config = http.get("/v1/config").json()
         assert config["routing"] == {"enabled": True, "weight": 100.0, "mode": "route",
-                                     "fallback": "legacy"}
+                                     "fallback": "legacy", "configuredWeight": 100.0}
         assert http.get("/readyz").json() == {"ready": True,
                                               "backends": {"legacy": "ok", "enhanced": "ok"}}
 
