@@ -119,7 +119,7 @@ def test_the_examples_applied_as_a_user_does_become_the_running_config(
     config = applied(operator, lambda c: c["routing"]["weight"] == 25, "the examples applied")
     assert config["layers"] == ["static", "cluster"]
     assert config["routing"] == {"enabled": True, "weight": 25.0, "mode": "route",
-                                 "fallback": "legacy"}
+                                 "fallback": "legacy", "configuredWeight": 25.0}
     assert config["featureFlags"] == {"enabled": True, "priorityQueue": True, "retries": True,
                                       "metrics": True, "deadlockDetection": True, "events": True}
     assert config["config"]["enhanced-locking-lock-ttl"] == "24h"
@@ -213,7 +213,8 @@ def test_lock_requests_route_by_the_edited_weight(
     apply(kube_cluster, kube_namespace, policy(enabled=True), migration(weight=0))
     operator = start_operator()
     applied(operator, lambda c: c["routing"] == {"enabled": True, "weight": 0.0,
-                                                 "mode": "route", "fallback": "legacy"},
+                                                 "mode": "route", "fallback": "legacy",
+                                                 "configuredWeight": 0.0},
             "weight 0")
     held: dict[str, str] = {}
 
