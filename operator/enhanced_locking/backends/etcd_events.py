@@ -7,9 +7,8 @@ compacted: the key's *history* is the log, its current value does not matter. An
 is ``<revision>-<index>`` (its write's revision and its place in that write), the id form the
 other buses use, so ``Last-Event-ID`` resumes on any replica: the watch starts at a revision.
 
-* ``publish`` stays synchronous (the caller is in the middle of a lock operation): in-process
-  subscribers are called at once (the event not yet numbered, ``id`` empty) and the event joins
-  an outbox that one task writes a couple of milliseconds later, a burst of events in one put.
+* ``publish`` is the shared one (:mod:`~enhanced_locking.backends.shared_events`): the outbox
+  is written a couple of milliseconds later, a burst of events in one put.
 * Once someone follows the events (an SSE client), one watch per replica reads the key's
   history into the in-process ring the SSE stream serves from: first the writes of the last
   ``lookback`` revisions (at most ``capacity`` events are kept), then live. A client whose
@@ -23,11 +22,9 @@ other buses use, so ``Last-Event-ID`` resumes on any replica: the watch starts a
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import Callable
 
 import etcd3aio
 import grpc
@@ -38,25 +35,28 @@ from enhanced_locking.backends.etcd_connection import (
     EtcdConnection,
     EtcdSettings,
 )
+from enhanced_locking.backends.shared_events import RETRY_FIRST, RETRY_MAX, SharedEventBus
 from enhanced_locking.config import EnhancedLockingConfig
-from enhanced_locking.events import EventBus, Gap, parse_event_id
-from enhanced_locking.types import Event, Lock, utcnow
+from enhanced_locking.events import parse_event_id
+from enhanced_locking.types import Event
 
 __all__ = ["EtcdEventBus"]
 
 log = logging.getLogger(__name__)
 
-_COALESCE = 0.002
 _BATCH = 200  # events per put: far below etcd's request size limit
-_RETRY_MAX = 2.0
 _LOOKBACK = 100_000
 _DOWN = (etcd3aio.EtcdError, grpc.RpcError, OSError, TimeoutError)
 _LAST_INDEX = _BATCH  # above every index in a write: "after all of revision r"
 _BATCH_JSON: TypeAdapter[list[Event]] = TypeAdapter(list[Event])
 
 
-class EtcdEventBus(EventBus):
+class EtcdEventBus(SharedEventBus):
     """:class:`~enhanced_locking.events.EventBus` whose ring is fed by an etcd key's history."""
+
+    name = "etcd"
+    down = _DOWN
+    batch_limit = _BATCH
 
     def __init__(
         self,
@@ -67,23 +67,15 @@ class EtcdEventBus(EventBus):
         lookback: int = _LOOKBACK,
         enabled: Callable[[], bool] = lambda: True,
     ) -> None:
-        super().__init__(capacity=capacity, enabled=enabled)
+        super().__init__(where=connection.where, capacity=capacity, enabled=enabled)
         self.connection = connection
         self.key = key.encode()
-        self.capacity = capacity
         self.lookback = lookback
-        self._outbox: collections.deque[Event] = collections.deque()
-        self._pending = asyncio.Event()
-        self._loaded = asyncio.Event()
         self._floor = 0
         """The revision from which the ring holds every event (older ones were not loaded)."""
         self._next = 0
         """The revision the watch (re)starts at: one past the last write it delivered."""
         self._compacted = False
-        self._appender: asyncio.Task[None] | None = None
-        self._reader: asyncio.Task[None] | None = None
-        self.dropped = 0
-        """Events lost because etcd stayed away longer than the outbox could hold them."""
 
     @classmethod
     def from_config(cls, config: EnhancedLockingConfig, *,
@@ -91,56 +83,16 @@ class EtcdEventBus(EventBus):
         return cls(EtcdConnection(EtcdSettings.from_config(config)),
                    key=f"{config.etcd_key_prefix}events", enabled=enabled)
 
-    # --- publishing --------------------------------------------------------------------------
-    def publish(self, type: str, *, lock: Lock | None = None, key: str | None = None,
-                **details: Any) -> Event | None:
-        if not self._enabled():
-            return None
-        key = key or (lock.key if lock else None)
-        repo = lock.project.repo_full_name if lock else details.pop("repo", None)
-        event = Event.model_construct(id="", type=type, time=utcnow(), key=key, repo=repo,
-                                      lock=lock, details=details)
-        for subscriber in list(self._subscribers):
-            subscriber(event)
-        if len(self._outbox) >= self.capacity:
-            self._outbox.popleft()
-            self.dropped += 1
-        self._outbox.append(event)
-        self._pending.set()
-        if self._appender is None:
-            self._appender = asyncio.create_task(self._append(), name="etcd-events-append")
-        return event
+    # --- writing -----------------------------------------------------------------------------
+    async def _write(self, batch: list[Event]) -> None:
+        client = await self.connection.client()
+        assert client.kv is not None
+        await client.kv.put(self.key, _BATCH_JSON.dump_json(batch), timeout=CALL_TIMEOUT)
 
-    async def _append(self) -> None:
-        backoff = 0.05
-        while True:
-            await self._pending.wait()
-            # A moment for the events of the same burst to join this put.
-            await asyncio.sleep(_COALESCE)
-            self._pending.clear()
-            while self._outbox:
-                batch = list(self._outbox)[:_BATCH]
-                try:
-                    client = await self.connection.client()
-                    assert client.kv is not None
-                    await client.kv.put(self.key, _BATCH_JSON.dump_json(batch),
-                                        timeout=CALL_TIMEOUT)
-                except _DOWN as error:
-                    log.warning("events not written to etcd %s yet (%s); retrying",
-                                self.connection.where, type(error).__name__)
-                    await asyncio.sleep(backoff)
-                    backoff = min(_RETRY_MAX, backoff * 2)
-                else:
-                    backoff = 0.05
-                    for _ in batch:
-                        self._outbox.popleft()
+    async def _disconnect(self) -> None:
+        await self.connection.close()
 
     # --- reading -----------------------------------------------------------------------------
-    def _start_reading(self) -> None:
-        # The key is watched only while someone follows the events (an SSE client).
-        if self._reader is None:
-            self._reader = asyncio.create_task(self._read(), name="etcd-events-read")
-
     async def _begin(self, client: etcd3aio.Etcd3Client) -> int:
         """Where the first watch starts; the revision of the newest write to load (0: none)."""
         assert client.kv is not None
@@ -158,7 +110,7 @@ class EtcdEventBus(EventBus):
         return newest if newest >= self._next else 0
 
     async def _read(self) -> None:
-        backoff = 0.05
+        backoff = RETRY_FIRST
         newest = -1
         while True:
             try:
@@ -168,7 +120,7 @@ class EtcdEventBus(EventBus):
                 assert client.watch is not None
                 async for answer in client.watch.watch(self.key, start_revision=self._next,
                                                        filters=[etcd3aio.WatchFilter.NODELETE]):
-                    backoff = 0.05
+                    backoff = RETRY_FIRST
                     if answer.compact_revision:
                         # What the watch asked for is gone: resume at the oldest revision kept.
                         log.warning("etcd %s compacted the events up to revision %d",
@@ -193,7 +145,7 @@ class EtcdEventBus(EventBus):
                 log.warning("etcd %s: events watch broke (%s); resuming at revision %d",
                             self.connection.where, type(error).__name__, self._next)
                 await asyncio.sleep(backoff)
-                backoff = min(_RETRY_MAX, backoff * 2)
+                backoff = min(RETRY_MAX, backoff * 2)
 
     async def _revision_now(self) -> int:
         client = await self.connection.client()
@@ -212,10 +164,6 @@ class EtcdEventBus(EventBus):
             self._ring.append(event.model_copy(update={"id": f"{revision}-{index}"}))
             self._last = (revision, index)
 
-    def _wake(self) -> None:
-        wakeup, self._wakeup = self._wakeup, asyncio.Event()
-        wakeup.set()
-
     def gap_since(self, after: str) -> bool:
         """Whether events after ``after`` may be missing: out of the ring, not loaded, or
         compacted away by etcd."""
@@ -226,30 +174,8 @@ class EtcdEventBus(EventBus):
         # Nothing kept is older than the floor: "from now" is at least just below it.
         return max(super()._newest(), (self._floor - 1, _LAST_INDEX))
 
-    async def follow(self, after: str | None = None, *,
-                     max_lag: int | None = None) -> AsyncIterator[Event | Gap]:
-        """Every replica's events after ``after`` (only new ones without it), then live."""
-        if after is None:
-            # "New" is what etcd writes after now, not what the watch has not loaded yet.
-            with contextlib.suppress(*_DOWN):
-                after = f"{await self._revision_now()}-{_LAST_INDEX}"
-        self._start_reading()
-        with contextlib.suppress(TimeoutError):
-            # A fresh replica first loads the history, so a resume can find it.
-            await asyncio.wait_for(self._loaded.wait(), 5.0)
-        async for event in super().follow(after, max_lag=max_lag):
-            yield event
-
-    async def close(self) -> None:
-        """Write what is still in the outbox (briefly), stop the tasks, disconnect."""
-        for _ in range(20):
-            if not self._outbox or self._appender is None:
-                break
-            await asyncio.sleep(0.01)
-        tasks = [t for t in (self._appender, self._reader) if t is not None]
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=2.0)
-        self._appender = self._reader = None
-        await self.connection.close()
+    async def _resume_from(self) -> str | None:
+        # "New" is what etcd writes after now, not what the watch has not loaded yet.
+        with contextlib.suppress(*_DOWN):
+            return f"{await self._revision_now()}-{_LAST_INDEX}"
+        return None

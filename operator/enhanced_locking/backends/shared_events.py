@@ -1,0 +1,154 @@
+"""What the event buses across replicas share: an outbox written in bursts, a reader.
+
+A bus over a shared store (Redis, etcd) keeps :meth:`publish` synchronous, since the caller is
+in the middle of a lock operation: in-process subscribers are called at once (the event not
+yet numbered, ``id`` empty) and the event joins an outbox. One task writes the outbox a couple
+of milliseconds later, in batches, so a burst of events (an acquire's, then its release's)
+costs one round trip, not one each. While the store is away the outbox keeps up to
+``capacity`` events (older ones are dropped and counted in :attr:`SharedEventBus.dropped`) and
+the task retries with a doubling backoff.
+
+Reading is the store's own: a subclass's :meth:`SharedEventBus._read` fills the ring the SSE
+stream serves from, sets ``_loaded`` once what the store held is in, and calls ``_wake``. It
+runs only once someone follows the events (an SSE client): a replica nobody watches spends
+nothing on other replicas' events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any, ClassVar
+
+from enhanced_locking.events import EventBus, Gap
+from enhanced_locking.types import Event, Lock, utcnow
+
+__all__ = ["SharedEventBus"]
+
+log = logging.getLogger(__name__)
+
+_COALESCE = 0.002
+RETRY_FIRST = 0.05
+RETRY_MAX = 2.0
+
+
+class SharedEventBus(EventBus):
+    """:class:`~enhanced_locking.events.EventBus` over a store every replica writes and reads."""
+
+    name: ClassVar[str]
+    """The store's name, in task names and log lines (``"redis"``, ``"etcd"``)."""
+    down: ClassVar[tuple[type[BaseException], ...]]
+    """The errors that mean the store is away (retried; anything else is a bug)."""
+    batch_limit: ClassVar[int | None] = None
+    """Events in one write at the most (``None``: the whole outbox)."""
+
+    def __init__(self, *, where: str, capacity: int,
+                 enabled: Callable[[], bool] = lambda: True) -> None:
+        super().__init__(capacity=capacity, enabled=enabled)
+        self.capacity = capacity
+        self._where = where
+        self._outbox: collections.deque[Event] = collections.deque()
+        self._pending = asyncio.Event()
+        self._loaded = asyncio.Event()
+        self._appender: asyncio.Task[None] | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self.dropped = 0
+        """Events lost because the store stayed away longer than the outbox could hold them."""
+
+    # --- the store's part --------------------------------------------------------------------
+    async def _write(self, batch: list[Event]) -> None:
+        """Write ``batch`` to the store, in order; raise one of :attr:`down` when it is away."""
+        raise NotImplementedError
+
+    async def _read(self) -> None:
+        """Feed the ring from the store until cancelled (resuming where it was after errors)."""
+        raise NotImplementedError
+
+    async def _resume_from(self) -> str | None:
+        """Where a reader without ``Last-Event-ID`` starts (``None``: what is newest here)."""
+        return None
+
+    async def _disconnect(self) -> None:
+        """Close the store's connection."""
+        raise NotImplementedError
+
+    # --- publishing --------------------------------------------------------------------------
+    def publish(self, type: str, *, lock: Lock | None = None, key: str | None = None,
+                **details: Any) -> Event | None:
+        if not self._enabled():
+            return None
+        key = key or (lock.key if lock else None)
+        repo = lock.project.repo_full_name if lock else details.pop("repo", None)
+        event = Event.model_construct(id="", type=type, time=utcnow(), key=key, repo=repo,
+                                      lock=lock, details=details)
+        for subscriber in list(self._subscribers):
+            subscriber(event)
+        if len(self._outbox) >= self.capacity:
+            self._outbox.popleft()
+            self.dropped += 1
+        self._outbox.append(event)
+        self._pending.set()
+        if self._appender is None:
+            self._appender = asyncio.create_task(self._append(),
+                                                 name=f"{self.name}-events-append")
+        return event
+
+    async def _append(self) -> None:
+        backoff = RETRY_FIRST
+        while True:
+            await self._pending.wait()
+            # A moment for the events of the same burst to join this write.
+            await asyncio.sleep(_COALESCE)
+            self._pending.clear()
+            while self._outbox:
+                batch = list(itertools.islice(self._outbox, self.batch_limit))
+                try:
+                    await self._write(batch)
+                except self.down as error:
+                    log.warning("events not written to %s %s yet (%s); retrying",
+                                self.name, self._where, type(error).__name__)
+                    await asyncio.sleep(backoff)
+                    backoff = min(RETRY_MAX, backoff * 2)
+                else:
+                    backoff = RETRY_FIRST
+                    for _ in batch:
+                        self._outbox.popleft()
+
+    # --- reading -----------------------------------------------------------------------------
+    def _start_reading(self) -> None:
+        if self._reader is None:
+            self._reader = asyncio.create_task(self._read(), name=f"{self.name}-events-read")
+
+    def _wake(self) -> None:
+        wakeup, self._wakeup = self._wakeup, asyncio.Event()
+        wakeup.set()
+
+    async def follow(self, after: str | None = None, *,
+                     max_lag: int | None = None) -> AsyncIterator[Event | Gap]:
+        """Every replica's events after ``after`` (only new ones without it), then live."""
+        if after is None:
+            after = await self._resume_from()
+        self._start_reading()
+        with contextlib.suppress(TimeoutError):
+            # A fresh replica first loads what the store holds, so a resume can find it.
+            await asyncio.wait_for(self._loaded.wait(), 5.0)
+        async for event in super().follow(after, max_lag=max_lag):
+            yield event
+
+    async def close(self) -> None:
+        """Write what is still in the outbox (briefly), stop the tasks, disconnect."""
+        for _ in range(20):
+            if not self._outbox or self._appender is None:
+                break
+            await asyncio.sleep(0.01)
+        tasks = [t for t in (self._appender, self._reader) if t is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=2.0)
+        self._appender = self._reader = None
+        await self._disconnect()
