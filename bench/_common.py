@@ -1,4 +1,5 @@
-"""What every benchmark shares: percentiles, its section of docs/benchmarks.md, a cluster.
+"""What every benchmark shares: percentiles, its section of docs/benchmarks.md, a cluster, and
+the lock requests and hand-off timing of the store benchmarks.
 
 Each benchmark owns one section of ``docs/benchmarks.md`` between ``<!-- NAME: begin -->`` and
 ``<!-- NAME: end -->`` under its heading; a rerun replaces only that section.
@@ -6,6 +7,7 @@ Each benchmark owns one section of ``docs/benchmarks.md`` between ``<!-- NAME: b
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -13,6 +15,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from enhanced_locking.backends.shared_events import SharedEventBus
+from enhanced_locking.locking import EnhancedLocker
+from enhanced_locking.types import LockRequest, Project, Pull
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "benchmarks.md"
@@ -50,6 +56,41 @@ def until(check: Callable[[], bool], what: str, timeout: float = 60,
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out waiting for {what}")
         time.sleep(pause)
+
+
+def request(pull: int = 1, **extra: Any) -> LockRequest:
+    """A lock on one project of ``acme/bench`` for pull ``pull``."""
+    return LockRequest(project=Project(repo_full_name="acme/bench", path="envs/prod"),
+                       pull=Pull(num=pull), **extra)
+
+
+async def handoff_latencies(locker: EnhancedLocker, count: int) -> list[float]:
+    """``count`` hand-offs on one key: a holder releases while one waiter blocks in acquire;
+    each latency is from the release call to the waiter's acquire returning."""
+    queued = asyncio.Event()
+    locker.events.subscribe(lambda e: queued.set() if e.type == "queued" else None)
+    latencies = []
+    for i in range(count):
+        holder, waiter = request(pull=2 * i + 1), request(pull=2 * i + 2, wait="30s")
+        assert (await locker.acquire(holder)).acquired
+        queued.clear()
+        waiting = asyncio.ensure_future(locker.acquire(waiter))
+        await queued.wait()
+        released = time.perf_counter()
+        await locker.release(holder.key, owner=("acme/bench", 2 * i + 1))
+        answer = await waiting
+        latencies.append(time.perf_counter() - released)
+        assert answer.acquired
+        await locker.release(waiter.key, owner=("acme/bench", 2 * i + 2))
+    return latencies
+
+
+async def close_locker(locker: EnhancedLocker) -> None:
+    """Close a locker built over a shared store: the locker, its backend, its event bus."""
+    await locker.close()
+    await locker.backend.close()
+    assert isinstance(locker.events, SharedEventBus)
+    await locker.events.close()
 
 
 @contextmanager

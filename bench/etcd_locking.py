@@ -35,7 +35,13 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench._common import percentile, write_section  # noqa: E402
+from bench._common import (  # noqa: E402
+    close_locker,
+    handoff_latencies,
+    percentile,
+    request,
+    write_section,
+)
 from tests.support.etcd_server import EtcdCluster  # noqa: E402
 from tests.support.gobuild import build  # noqa: E402
 from tests.support.redis_server import RedisServer  # noqa: E402
@@ -49,15 +55,9 @@ from enhanced_locking.config import EnhancedLockingConfig  # noqa: E402
 from enhanced_locking.events import EventBus  # noqa: E402
 from enhanced_locking.locking import EnhancedLocker  # noqa: E402
 from enhanced_locking.metrics import Metrics  # noqa: E402
-from enhanced_locking.types import LockRequest, Project, Pull  # noqa: E402
 
 HEADING = "## etcd: our locker against etcd's own concurrency.Mutex (and the Redis backend)"
 PAIRS_GOAL, HANDOFF_GOAL = 0.8, 2.0
-
-
-def request(pull: int = 1, **extra: Any) -> LockRequest:
-    return LockRequest(project=Project(repo_full_name="acme/bench", path="envs/prod"),
-                       pull=Pull(num=pull), **extra)
 
 
 def go_mutex(cluster: EtcdCluster, pairs: int, handoffs: int) -> dict[str, Any]:
@@ -90,13 +90,6 @@ class Ours:
         return EnhancedLocker(backend, settings=lambda: self.config, events=events,
                               metrics=Metrics())
 
-    @staticmethod
-    async def close(locker: EnhancedLocker) -> None:
-        await locker.close()
-        await locker.backend.close()
-        assert isinstance(locker.events, RedisEventBus | EtcdEventBus)
-        await locker.events.close()
-
     async def pairs(self, count: int) -> float:
         locker = self.locker()
         ask, owner = request(), ("acme/bench", 1)
@@ -108,27 +101,13 @@ class Ours:
             assert (await locker.acquire(ask)).acquired
             await locker.release(ask.key, owner=owner)
         elapsed = time.perf_counter() - started
-        await self.close(locker)
+        await close_locker(locker)
         return count / elapsed
 
     async def handoffs(self, count: int) -> list[float]:
         locker = self.locker()
-        queued = asyncio.Event()
-        locker.events.subscribe(lambda e: queued.set() if e.type == "queued" else None)
-        latencies = []
-        for i in range(count):
-            holder, waiter = request(pull=2 * i + 1), request(pull=2 * i + 2, wait="30s")
-            assert (await locker.acquire(holder)).acquired
-            queued.clear()
-            waiting = asyncio.ensure_future(locker.acquire(waiter))
-            await queued.wait()
-            released = time.perf_counter()
-            await locker.release(holder.key, owner=("acme/bench", 2 * i + 1))
-            answer = await waiting
-            latencies.append(time.perf_counter() - released)
-            assert answer.acquired
-            await locker.release(waiter.key, owner=("acme/bench", 2 * i + 2))
-        await self.close(locker)
+        latencies = await handoff_latencies(locker, count)
+        await close_locker(locker)
         return latencies
 
 

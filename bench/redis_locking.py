@@ -44,7 +44,13 @@ sys.path.insert(0, str(REPO))
 import redis  # noqa: E402
 import redis.asyncio as aioredis  # noqa: E402
 import redis_lock  # noqa: E402
-from bench._common import percentile, write_section  # noqa: E402
+from bench._common import (  # noqa: E402
+    close_locker,
+    handoff_latencies,
+    percentile,
+    request,
+    write_section,
+)
 from tests.support.redis_server import RedisServer  # noqa: E402
 
 from enhanced_locking.backends.redis_events import RedisEventBus  # noqa: E402
@@ -52,16 +58,10 @@ from enhanced_locking.backends.redis_store import RedisBackend  # noqa: E402
 from enhanced_locking.config import EnhancedLockingConfig  # noqa: E402
 from enhanced_locking.locking import EnhancedLocker  # noqa: E402
 from enhanced_locking.metrics import Metrics  # noqa: E402
-from enhanced_locking.types import LockRequest, Project, Pull  # noqa: E402
 
 HEADING = "## Redis: our locker against redis-py's and python-redis-lock's locks"
 BLOCK = 250
 CONTENDERS = 20
-
-
-def request(pull: int = 1, **extra: Any) -> LockRequest:
-    return LockRequest(project=Project(repo_full_name="acme/bench", path="envs/prod"),
-                       pull=Pull(num=pull), **extra)
 
 
 def jain(counts: list[int]) -> float:
@@ -85,12 +85,6 @@ class Bench:
         events = RedisEventBus.from_config(self.config, enabled=lambda: self.config.events)
         return EnhancedLocker(backend, settings=lambda: self.config, events=events,
                               metrics=Metrics())
-
-    async def close_locker(self, locker: EnhancedLocker) -> None:
-        await locker.close()
-        await locker.backend.close()
-        assert isinstance(locker.events, RedisEventBus)
-        await locker.events.close()
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -155,28 +149,14 @@ class Bench:
         for _ in range(blocks):
             for name, run in cases.items():
                 times[name] += await run(BLOCK)
-        await self.close_locker(locker)
+        await close_locker(locker)
         return {name: blocks * BLOCK / seconds for name, seconds in times.items()}
 
     # --- 2. hand-off latency -------------------------------------------------------------
     async def handoff_ours(self, count: int) -> list[float]:
         locker = self.locker()
-        queued = asyncio.Event()
-        locker.events.subscribe(lambda e: queued.set() if e.type == "queued" else None)
-        latencies = []
-        for i in range(count):
-            holder, waiter = request(pull=2 * i + 1), request(pull=2 * i + 2, wait="30s")
-            assert (await locker.acquire(holder)).acquired
-            queued.clear()
-            waiting = asyncio.ensure_future(locker.acquire(waiter))
-            await queued.wait()
-            released = time.perf_counter()
-            await locker.release(holder.key, owner=("acme/bench", 2 * i + 1))
-            answer = await waiting
-            latencies.append(time.perf_counter() - released)
-            assert answer.acquired
-            await locker.release(waiter.key, owner=("acme/bench", 2 * i + 2))
-        await self.close_locker(locker)
+        latencies = await handoff_latencies(locker, count)
+        await close_locker(locker)
         return latencies
 
     async def handoff_redis_py(self, count: int) -> list[float]:
@@ -240,7 +220,7 @@ class Bench:
                 await locker.release(ask.key, owner=("acme/bench", 100 + n))
 
         await asyncio.gather(*(contender(n) for n in range(CONTENDERS)))
-        await self.close_locker(locker)
+        await close_locker(locker)
         return counts, waits
 
     async def fairness_redis_py(self, seconds: float) -> tuple[list[int], list[float]]:
