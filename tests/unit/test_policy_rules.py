@@ -267,6 +267,35 @@ async def test_deleting_a_limit_releases_what_it_held_back_in_queue_order(
     assert (await second).acquired and (await third).acquired
 
 
+async def test_a_pulls_second_queued_request_gets_its_held_lock_unchanged_not_a_new_grant(
+        make: Callable[..., LockerRig]) -> None:
+    """Two waiting requests of one pull: when the limit goes, the first is granted and the
+    second is answered with that same lock, unchanged (like an immediate request for a lock
+    the pull holds): no second ``granted-from-queue``, and it is not the second request's to
+    give back if its client leaves."""
+    rig = make()
+    await rules(rig, PolicyRules(concurrency=[
+        ConcurrencyLimit(name="all", match=KeyPattern(path_prefix="envs"), limit=1)]))
+    other = await rig.locker.acquire(ask(2, path="envs/a", mode="shared"))
+    assert other.acquired and other.lock is not None
+    first = await queued(rig, ask(1, path="envs/a", mode="shared", wait=WAIT))
+    second = await queued(rig, ask(1, path="envs/a", mode="shared", wait=WAIT))
+    seen = len(rig.events)
+    await rules(rig, PolicyRules())
+    answers = [await first, await second]
+    assert all(a.acquired and a.lock is not None for a in answers)
+    fresh = [a for a in answers if a.fresh]
+    assert len(fresh) == 1, [(a.fresh, a.lock) for a in answers]
+    lock = fresh[0].lock
+    assert lock is not None and lock.fencing_token > other.lock.fencing_token
+    assert [a.lock for a in answers if not a.fresh] == [lock]
+    grants = [e.lock for e in rig.events[seen:] if e.type in ("acquired", "granted-from-queue")]
+    assert grants == [lock]
+    holders = await rig.locker.holders(lock.key)
+    assert sorted((h.pull.num, h.fencing_token) for h in holders) == sorted(
+        [(2, other.lock.fencing_token), (1, lock.fencing_token)])
+
+
 # --- priority rules ---------------------------------------------------------------------------
 PRIORITY = PolicyRules(priority_rules=[
     PriorityRule(name="prod-apply", match=KeyPattern(path_prefix="envs/prod"),

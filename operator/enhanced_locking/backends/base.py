@@ -442,14 +442,15 @@ class StoreBackend(abc.ABC):
                     stopped.add(decision.key)
 
     def _grant(self, waiter: Waiter, now: datetime, fx: _Effects) -> Grant:
-        locks = tuple(self._take(template, now, waiter.ttl)[0] for template in waiter.locks)
+        taken = [self._take(template, now, waiter.ttl) for template in waiter.locks]
         self._unqueue(waiter)
-        grant = Grant(waiter=waiter, locks=locks)
+        grant = Grant(waiter=waiter, locks=tuple(lock for lock, _ in taken),
+                      fresh=any(fresh for _, fresh in taken))
         self._granted[waiter.id] = grant
         while len(self._granted) > _GRANTS_REMEMBERED:
             self._granted.popitem(last=False)
         fx.granted.append(grant)
-        fx.notices.append((waiter.id, Notice(locks=grant.locks)))
+        fx.notices.append((waiter.id, Notice(locks=grant.locks, fresh=grant.fresh)))
         return grant
 
     def _unqueue(self, waiter: Waiter) -> None:
@@ -716,7 +717,7 @@ class StoreBackend(abc.ABC):
                 if any(h.fencing_token == lock.fencing_token
                        for h in self._holders(lock.key, now))
             )
-            return Cancelled(waiter=grant.waiter, granted=still)
+            return Cancelled(waiter=grant.waiter, granted=still, fresh=grant.fresh)
 
     async def queue(self, key: str, *, policy: QueuePolicy | None = None) -> Waiters:
         return service_order(self._queues.get(key, ()), now=self.clock(),

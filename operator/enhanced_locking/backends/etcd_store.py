@@ -290,7 +290,7 @@ class _Granted:
         waiter, notice = self._b.notice_from(kv)
         if waiter is None or not notice.locks:
             return default
-        return Grant(waiter=waiter, locks=notice.locks)
+        return Grant(waiter=waiter, locks=notice.locks, fresh=notice.fresh)
 
 
 class _Notifier:
@@ -409,7 +409,7 @@ class EtcdBackend(StoreBackend):
         if data.get("waiter"):
             waiter = self.waiter_from(_KV(data["waiter"].encode()))
         reason = Reason(data["reason"]) if data.get("reason") else None
-        return waiter, Notice(locks=locks, reason=reason)
+        return waiter, Notice(locks=locks, reason=reason, fresh=data.get("fresh", True))
 
     # --- primitives of StoreBackend ----------------------------------------------------------
     def _load(self, key: str) -> Lock | None:
@@ -631,6 +631,7 @@ class EtcdBackend(StoreBackend):
                 txn.put(self.notice_key(waiter_id), json.dumps({
                     "locks": [codec.encode(lock) for lock in notice.locks],
                     "reason": notice.reason.value if notice.reason else None,
+                    "fresh": notice.fresh,
                     "waiter": self.record(*record).decode(),
                 }).encode(), record[1])
 

@@ -581,12 +581,12 @@ local function unqueue(id, rec)
   redis.call('DEL', waiter_name(id))
 end
 
-local function remember(id, rec, kind, locks)
+local function remember(id, rec, kind, locks, fresh)
   local tokens = {}
   for _, lock in ipairs(locks) do table.insert(tokens, {lock[1], lock[3]}) end
   local name = outcome_name(id)
   redis.call('HSET', name, 'kind', kind, 'waiter', cjson.encode(rec.flat),
-             'locks', cjson.encode(tokens))
+             'locks', cjson.encode(tokens), 'fresh', fresh or 0)
   redis.call('PEXPIRE', name, OUTCOME_MS)
 end
 
@@ -603,18 +603,20 @@ local function drop_waiter(id, rec, kind, fx)
   if fx then table.insert(fx.dropped, rec.flat) end
 end
 
+-- fresh 1: some lock is new to the waiter; 0: its pull held every key already (unchanged).
 local function grant(id, rec, fx)
-  local locks = {}
+  local locks, fresh = {}, 0
   local parts = waiter_parts(rec)
   for i, k in ipairs(rec.keys) do
-    local lock = take(k, rec['d:' .. k], rec.repo, rec.pull, tonumber(rec.ttl), id, rec.mode,
-                      parts[i].path, parts[i].ws)
+    local lock, new = take(k, rec['d:' .. k], rec.repo, rec.pull, tonumber(rec.ttl), id,
+                           rec.mode, parts[i].path, parts[i].ws)
     table.insert(locks, lock)
+    if new then fresh = 1 end
   end
   unqueue(id, rec)
-  remember(id, rec, 'granted', locks)
+  remember(id, rec, 'granted', locks, fresh)
   tell(rec, id, 'granted')
-  table.insert(fx.granted, {rec.flat, locks})
+  table.insert(fx.granted, {rec.flat, locks, fresh})
   return locks
 end
 
@@ -955,7 +957,7 @@ CANCEL = _script("""
 -- ARGV[13] caller ('': any; else only if that caller still owns the waiter)
 -- returns {'removed', waiter record}, {'kept', waiter record} (a retry owns it now),
 --         {'none'}, or, when it had been granted already,
---         {'granted', waiter record, locks it still holds (now confirmed)}
+--         {'granted', waiter record, locks it still holds (now confirmed), fresh 0/1}
 local refused = guard()
 if refused then return refused end
 local id = ARGV[11]
@@ -965,7 +967,7 @@ if rec then
   drop_waiter(id, rec, ARGV[12], nil)
   return {'removed', rec.flat}
 end
-local out = redis.call('HMGET', outcome_name(id), 'kind', 'waiter', 'locks')
+local out = redis.call('HMGET', outcome_name(id), 'kind', 'waiter', 'locks', 'fresh')
 if out[1] ~= 'granted' then return {'none'} end
 local still = {}
 for _, pair in ipairs(cjson.decode(out[3])) do
@@ -975,18 +977,20 @@ for _, pair in ipairs(cjson.decode(out[3])) do
     table.insert(still, holder)
   end
 end
-return {'granted', cjson.decode(out[2]), still}
+return {'granted', cjson.decode(out[2]), still, tonumber(out[4]) or 1}
 """)
 
 CONFIRM = _script("""
 -- confirm: the waiter's replica takes the locks it was granted (ends the claim).
 -- KEYS   none
 -- ARGV[11] waiter id
--- returns {'granted', locks} or {'lost', locks it still holds} (a claim lapsed first)
+-- returns {'granted', locks, fresh 0/1} or {'lost', locks it still holds and must give back}
+-- (a claim lapsed first; none when its pull held them already: fresh 0)
 local refused = guard()
 if refused then return refused end
-local out = redis.call('HMGET', outcome_name(ARGV[11]), 'kind', 'locks')
+local out = redis.call('HMGET', outcome_name(ARGV[11]), 'kind', 'locks', 'fresh')
 if out[1] ~= 'granted' then return {'lost', {}} end
+local fresh = tonumber(out[3]) or 1
 local held, lost = {}, false
 for _, pair in ipairs(cjson.decode(out[2])) do
   local holder = holder_with_token(pair[1], pair[2])
@@ -997,8 +1001,11 @@ for _, pair in ipairs(cjson.decode(out[2])) do
     lost = true
   end
 end
-if lost then return {'lost', held} end
-return {'granted', held}
+if lost then
+  if fresh == 0 then return {'lost', {}} end
+  return {'lost', held}
+end
+return {'granted', held, fresh}
 """)
 
 STATUS = _script("""

@@ -249,8 +249,9 @@ class RedisBackend:
         )
 
     def _grants(self, entries: Sequence[Any]) -> tuple[Grant, ...]:
-        return tuple(Grant(waiter=self._waiter(flat), locks=tuple(self._lock(v) for v in locks))
-                     for flat, locks in entries)
+        return tuple(Grant(waiter=self._waiter(flat), locks=tuple(self._lock(v) for v in locks),
+                           fresh=bool(fresh))
+                     for flat, locks, fresh in entries)
 
     def _handoff(self, released: Sequence[Any], granted: Sequence[Any],
                  dropped: Sequence[Any], others: Sequence[Any] = ()) -> Handoff:
@@ -438,7 +439,8 @@ class RedisBackend:
             return Cancelled(waiter=self._waiter(answer[1]))
         if answer[0] == "granted":
             return Cancelled(waiter=self._waiter(answer[1]),
-                             granted=tuple(self._lock(v) for v in answer[2]))
+                             granted=tuple(self._lock(v) for v in answer[2]),
+                             fresh=bool(answer[3]))
         return Cancelled()
 
     async def queue(self, key: str, *, policy: QueuePolicy | None = None) -> Waiters:
@@ -474,10 +476,10 @@ class RedisBackend:
                 reason = Reason.UNAVAILABLE
             self.grants.deliver(waiter_id, Notice(reason=reason))
             return
-        status, locks = await self._confirm(waiter_id)
-        held = tuple(self._lock(v) for v in locks)
+        answer = await self._confirm(waiter_id)
+        status, held = answer[0], tuple(self._lock(v) for v in answer[1])
         if status == "granted":
-            self.grants.deliver(waiter_id, Notice(locks=held))
+            self.grants.deliver(waiter_id, Notice(locks=held, fresh=bool(answer[2])))
             return
         # A claim lapsed before we could confirm (we were cut off for CLAIM_MS): a batch is
         # all or nothing, so give back what is left and tell the caller.

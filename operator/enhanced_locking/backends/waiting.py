@@ -232,6 +232,9 @@ class Grant:
 
     waiter: Waiter
     locks: tuple[Lock, ...]
+    fresh: bool = True
+    """Granted by this hand-off (false: the waiter's pull held every key already and kept
+    its locks unchanged, as when it asks again for what it holds)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -254,7 +257,10 @@ class Cancelled:
     waiter: Waiter | None = None
     granted: tuple[Lock, ...] = ()
     """Non-empty when the waiter had been granted before the cancel: the caller holds these
-    locks now and must release them if nobody will use them."""
+    locks now and must release them if nobody will use them (when ``fresh``)."""
+    fresh: bool = True
+    """The grant was new to the waiter; false: its pull held the locks already (another of
+    its requests did), so they are not the waiter's to give back."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -277,6 +283,10 @@ class Notice:
 
     locks: tuple[Lock, ...] = ()
     reason: Reason | None = None
+    fresh: bool = True
+    """With ``locks``: granted to this waiter (a new fencing token). False when its turn came
+    while its own pull already held every key (another request of the pull was granted
+    first): it is answered with those locks unchanged, which are not its to give back."""
 
     @property
     def granted(self) -> bool:

@@ -304,9 +304,10 @@ class EnhancedLocker(AtlantisCalls):
         if notice.granted:
             self.metrics.wait_seconds.labels("granted").observe(waited)
             for lock in notice.locks:
-                self.events.publish("granted-from-queue", lock=lock, **details)
+                if notice.fresh:  # else its pull's locks, unchanged: nothing was granted
+                    self.events.publish("granted-from-queue", lock=lock, **details)
                 self.leases.arm(lock.key, lock.expires_at)
-            return Answer(locks=notice.locks, key=notice.locks[0].key)
+            return Answer(locks=notice.locks, key=notice.locks[0].key, fresh=notice.fresh)
         reason = notice.reason or Reason.UNAVAILABLE
         self.metrics.wait_seconds.labels(str(reason)).observe(waited)
         if reason is Reason.TIMEOUT:
@@ -335,7 +336,8 @@ class EnhancedLocker(AtlantisCalls):
             key, waiter.id, reason=Reason.DEADLOCK))
         self.backend.grants.forget(waiter.id)
         if cancelled.granted:  # granted before we could withdraw: no wait, no deadlock
-            return Answer(locks=cancelled.granted, key=cancelled.granted[0].key)
+            return Answer(locks=cancelled.granted, key=cancelled.granted[0].key,
+                          fresh=cancelled.fresh)
         names = deadlock.describe(cycle)
         self.metrics.deadlocks.inc()
         self.events.publish(
@@ -353,7 +355,10 @@ class EnhancedLocker(AtlantisCalls):
             return None
 
     async def _give_back(self, notice: Notice) -> None:
-        """Release locks granted to a caller that went away before it heard of them."""
+        """Release locks granted to a caller that went away before it heard of them (not its
+        pull's locks it was answered with unchanged: another request of the pull holds them)."""
+        if not notice.fresh:
+            return
         for lock in notice.locks:
             owner = (lock.project.repo_full_name, lock.pull.num)
             handoff = await self.backend.release_and_handoff(

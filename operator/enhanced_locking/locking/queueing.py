@@ -59,7 +59,7 @@ async def await_turn(
         except TimeoutError:
             cancelled = await backend.cancel(key, waiter.id, reason=Reason.TIMEOUT)
             if cancelled.granted:
-                return Notice(locks=cancelled.granted)
+                return Notice(locks=cancelled.granted, fresh=cancelled.fresh)
             if future.done():
                 return future.result()
             return Notice(reason=Reason.TIMEOUT)
@@ -89,7 +89,7 @@ def _later(backend: QueueBackend, waiter: Waiter,
             cancelled = await backend.cancel(waiter.keys[0], waiter.id,
                                              reason=Reason.CANCELLED, caller=caller)
             if cancelled.granted:
-                await give_back(Notice(locks=cancelled.granted))
+                await give_back(Notice(locks=cancelled.granted, fresh=cancelled.fresh))
         except Exception:
             log.exception("could not withdraw waiter %s from %s", waiter.id, waiter.keys)
 
@@ -109,11 +109,11 @@ async def withdraw(
     # (the server shutting down) cannot leave a lock granted to nobody.
     async def clean_up() -> None:
         cancelled = await backend.cancel(waiter.keys[0], waiter.id, reason=Reason.CANCELLED)
-        locks = cancelled.granted
+        notice = Notice(locks=cancelled.granted, fresh=cancelled.fresh)
         if cancelled.waiter is None and future.done():  # the backend no longer remembers it
-            locks = future.result().locks
-        if locks:
-            await give_back(Notice(locks=locks))
+            notice = future.result()
+        if notice.locks:
+            await give_back(notice)
 
     try:
         await asyncio.shield(clean_up())
