@@ -2,14 +2,39 @@
 
 A :class:`Metrics` owns its own registry, so several services (tests, benchmarks) can live in
 one process without clashing on names.
+
+The counts a LockMigration's analysis judges by (enhanced backend operations and failures,
+fallbacks) are counted through :meth:`Metrics.enhanced_operation`, :meth:`Metrics.enhanced_error`
+and :meth:`Metrics.fallback`, which move the exported counter and a typed :class:`Tallies`
+together; code in this process reads :meth:`Metrics.tallies`, never a metric back by its
+exported name (a renamed metric would silently read as zero).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 
-__all__ = ["Metrics"]
+__all__ = ["FallbackAction", "Metrics", "Tallies"]
+
+FallbackAction = Literal["legacy", "refused", "unchecked"]
+"""What a fallback did: served by legacy, refused (``fail-closed``), or granted by legacy with
+the enhanced side's check not made."""
+
+
+@dataclass(frozen=True)
+class Tallies:
+    """Running totals of this process since it started, as the exported counters have them."""
+
+    enhanced_operations: int = 0
+    """Enhanced backend operations tried (each retry counts)."""
+    enhanced_errors: int = 0
+    """Enhanced backend operations that failed."""
+    fallbacks: int = 0
+    """Fallbacks of every action."""
 
 # Lock operations on Terraform projects last from milliseconds (fail fast) to many minutes
 # (waiting behind an apply), so the wait buckets reach far; acquire latency stays short.
@@ -132,6 +157,30 @@ class Metrics:
             "Share of lock keys routed to the enhanced locker (0 in shadow mode: legacy "
             "decides every key).", registry=r,
         )
+
+        # Kept in a tuple and plain ints, not as metric attributes: describe() lists those.
+        self._enhanced = (self.backend_operations.labels("enhanced"),
+                          self.backend_errors.labels("enhanced"))
+        self._counts = [0, 0, 0]  # enhanced operations, enhanced errors, fallbacks
+
+    def enhanced_operation(self) -> None:
+        """Count one enhanced backend operation tried (each retry counts)."""
+        self._enhanced[0].inc()
+        self._counts[0] += 1
+
+    def enhanced_error(self) -> None:
+        """Count one enhanced backend operation that failed."""
+        self._enhanced[1].inc()
+        self._counts[1] += 1
+
+    def fallback(self, action: FallbackAction) -> None:
+        """Count one fallback (``enhanced_locking_fallbacks_total{action}``)."""
+        self.fallbacks.labels(action).inc()
+        self._counts[2] += 1
+
+    def tallies(self) -> Tallies:
+        """The running totals the rollout's analysis reads."""
+        return Tallies(*self._counts)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -104,7 +104,7 @@ async def test_grants_made_while_redis_is_stopped_are_adopted_when_it_is_back(
     server.stop()
     during = await service.router.acquire(request_for(path="b", pull=2))
     assert during.acquired and during.lock is not None and during.lock.backend == "legacy"
-    assert service.migration.status()["fallback"]["pending"] == 1
+    assert service.migration.status().as_dict()["fallback"]["pending"] == 1
 
     server.start()
     reconciled = _when(service, "fallback-reconciled")
@@ -143,7 +143,7 @@ async def test_a_conflict_planted_while_one_replica_could_not_reach_redis_is_rep
 
         report = await service.migration.fallback.reconcile()
         assert (report.conflicts, report.pending) == (1, 1)
-        [conflict] = service.migration.status()["conflicts"]
+        [conflict] = service.migration.status().as_dict()["conflicts"]
         assert (conflict["legacyHolder"]["pull"], conflict["enhancedHolder"]["pull"]) == (3, 4)
         assert [e.details["source"] for e in seen if e.type == "lock-conflict"] == ["fallback"]
 

@@ -66,7 +66,7 @@ async def test_fallback_grants_are_journaled_and_adopted_when_enhanced_answers_a
     assert kept.acquired and gone.acquired and kept.lock is not None
     assert kept.lock.backend == "legacy"
     await service.router.release(gone.lock_key, owner=("acme/infra", 2))
-    status = service.migration.status()["fallback"]
+    status = service.migration.status().as_dict()["fallback"]
     # Two grants, and a release that freed legacy but could not reach enhanced.
     assert (status["pending"], status["granted"], status["releasedWhileAway"]) == (3, 2, 1)
     assert service.metrics.fallback_pending._value.get() == 3
@@ -104,7 +104,7 @@ async def test_a_key_held_on_both_sides_is_reported_and_kept_until_one_lets_go(
     _back(service)
     report = await service.migration.fallback.reconcile()
     assert (report.conflicts, report.pending, report.adopted) == (1, 1, 0)
-    [conflict] = service.migration.status()["conflicts"]
+    [conflict] = service.migration.status().as_dict()["conflicts"]
     assert conflict["key"] == ours.lock_key and conflict["source"] == "fallback"
     assert conflict["legacyHolder"]["pull"] == 1 and conflict["enhancedHolder"]["pull"] == 2
     [event] = [e for e in seen if e.type == "lock-conflict"]
@@ -117,7 +117,7 @@ async def test_a_key_held_on_both_sides_is_reported_and_kept_until_one_lets_go(
     await other_replica.release(theirs.key, owner=("acme/infra", 2))
     report = await service.migration.fallback.reconcile()
     assert (report.conflicts, report.pending, report.adopted) == (0, 0, 1)
-    assert service.migration.status()["conflicts"] == []
+    assert service.migration.status().as_dict()["conflicts"] == []
     assert service.metrics.lock_conflicts._value.get() == 0
     held = await other_replica.get(ours.lock_key)
     assert held is not None and held.pull.num == 1

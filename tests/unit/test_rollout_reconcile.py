@@ -193,8 +193,10 @@ async def test_errors_past_the_threshold_abort_the_rollout_and_a_retry_restarts_
         steps=[{"setWeight": 40}, {"pause": {}}], analysis=analysis)))
     await _tick_until(reconciler, cluster, lambda s: s.get("phase") == "Paused", service)
     # What the enhanced locker counts when its store fails: 30 failures in 100 operations.
-    service.metrics.backend_operations.labels("enhanced").inc(100)
-    service.metrics.backend_errors.labels("enhanced").inc(30)
+    for failed in range(100):
+        service.metrics.enhanced_operation()
+        if failed < 30:
+            service.metrics.enhanced_error()
     await asyncio.sleep(1.05)  # the analysis checks every second (monotonic clock)
     await reconciler.tick()
     status = cluster.status(MIGRATIONS, "to-enhanced")

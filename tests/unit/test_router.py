@@ -20,6 +20,7 @@ from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.events import EventBus
 from enhanced_locking.factory import LockService
 from enhanced_locking.hashing import BUCKETS, bucket_of, is_enhanced_bucket
+from enhanced_locking.kube.rollout_driver import live_view
 from enhanced_locking.locking import EnhancedLocker, LegacyLocker
 from enhanced_locking.metrics import Metrics
 from enhanced_locking.migration import Router
@@ -230,6 +231,27 @@ async def test_fallback_legacy_serves_the_request_from_legacy_and_says_so(
     assert service.metrics.fallbacks.labels("legacy")._value.get() == 1
     # The lock granted in fallback still refuses another pull.
     assert not (await service.router.acquire(request_for(pull=2))).acquired
+
+
+async def test_the_rollout_analysis_counts_what_prometheus_exports(
+    make_service: ServiceMaker,
+) -> None:
+    service = await _with_enhanced_down(make_service, fallback="legacy")
+    for pull in (1, 2, 3):
+        assert (await service.router.acquire(request_for(path=f"p{pull}", pull=pull))).acquired
+    totals = live_view(service).totals()
+    registry = service.metrics.registry
+
+    def exported(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    fallbacks = [exported("enhanced_locking_fallbacks_total", action=action)
+                 for action in ("legacy", "refused", "unchecked")]
+    assert totals.fallbacks == 3 == sum(value or 0 for value in fallbacks)
+    assert totals.operations == exported("enhanced_locking_backend_operations_total",
+                                         backend="enhanced")
+    assert totals.errors == exported("enhanced_locking_backend_errors_total", backend="enhanced")
+    assert totals.errors >= 3 and totals.operations >= totals.errors
 
 
 async def test_fail_closed_refuses_as_unavailable_and_grants_nothing(

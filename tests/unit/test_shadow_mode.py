@@ -46,7 +46,7 @@ async def test_a_lock_only_the_shadow_side_has_is_found_and_counted(
     assert event.details["authoritative"] == {"granted": True, "holder": None}
     assert event.details["shadow"] == {"granted": False,
                                        "holder": {"repo": "acme/infra", "pull": 9}}
-    status = service.migration.status()["shadow"]
+    status = service.migration.status().as_dict()["shadow"]
     assert status["active"] and status["mismatches"] == 1
 
 

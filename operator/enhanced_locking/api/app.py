@@ -266,7 +266,7 @@ def create_app(
         """This replica's migration machinery: the weight move (phase, from, pending and
         excluded replicas), shadow counters, fallback journal, open lock conflicts."""
         await caller.need(Verb.READ, action="migration")
-        return service.migration.status()
+        return service.migration.status().as_dict()
 
     @app.get("/healthz")
     @public("liveness: says only that the process answers")

@@ -20,7 +20,7 @@ import collections
 import hashlib
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -49,7 +49,9 @@ from enhanced_locking.kube.rollout import (
     RolloutState,
     advance,
 )
-from enhanced_locking.migration.transition import authority_weight
+from enhanced_locking.migration.conflicts import LockConflict
+from enhanced_locking.migration.controller import MigrationStatus
+from enhanced_locking.migration.transition import TransitionStatus, authority_weight
 from enhanced_locking.types import Event
 
 __all__ = ["COUNTER_REFRESH", "RolloutDriver", "ServiceView", "live_view", "request_token"]
@@ -68,7 +70,7 @@ class ServiceView(Protocol):
 
     def config(self) -> EnhancedLockingConfig: ...
 
-    def migration(self) -> dict[str, Any]:
+    def migration(self) -> MigrationStatus:
         """``MigrationController.status()``: routing, shadow, fallback, conflicts."""
         ...
 
@@ -88,24 +90,18 @@ class _LiveView:
     def config(self) -> EnhancedLockingConfig:
         return self.service.provider.current.config
 
-    def migration(self) -> dict[str, Any]:
+    def migration(self) -> MigrationStatus:
         return self.service.migration.status()
 
     def totals(self) -> Totals:
-        registry = self.service.metrics.registry
-
-        def sample(name: str, **labels: str) -> float:
-            return registry.get_sample_value(name, labels) or 0.0
-
-        fallbacks = sum(sample("enhanced_locking_fallbacks_total", action=action)
-                        for action in ("legacy", "refused", "unchecked"))
+        tallies = self.service.metrics.tallies()
         stats = self.service.migration.shadow.stats
         return Totals(
-            operations=sample("enhanced_locking_backend_operations_total", backend="enhanced"),
-            errors=sample("enhanced_locking_backend_errors_total", backend="enhanced"),
+            operations=tallies.enhanced_operations,
+            errors=tallies.enhanced_errors,
             replayed=stats.replayed,
             mismatches=stats.mismatches,
-            fallbacks=fallbacks,
+            fallbacks=tallies.fallbacks,
         )
 
     def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
@@ -234,8 +230,8 @@ class RolloutDriver:
     def _settled(self) -> float | None:
         """The weight that is the only authority on every live replica now (None: moving)."""
         config = self.view.config()
-        routing = self.view.migration()["routing"]
-        if routing["phase"] != "stable" or routing["weight"] != authority_weight(config):
+        routing = self.view.migration().routing
+        if routing.phase != "stable" or routing.weight != authority_weight(config):
             return None
         return round(config.effective_weight, 2)
 
@@ -278,8 +274,8 @@ class RolloutDriver:
         if spec is None or progress is None:
             return _kept(previous)
         migration = self.view.migration()
-        conflicts = migration["conflicts"]
-        routing = migration["routing"]
+        conflicts = migration.conflicts
+        routing = migration.routing
         degraded = self._degraded(progress, conflicts, routing)
         phase = progress.phase
         message = progress.message
@@ -330,10 +326,10 @@ class RolloutDriver:
             failure=None if check.failure is None else check.failure[:1024],
         )
 
-    def _degraded(self, progress: Progress, conflicts: list[dict[str, Any]],
-                  routing: Mapping[str, Any]) -> tuple[str, str] | None:
+    def _degraded(self, progress: Progress, conflicts: Sequence[LockConflict],
+                  routing: TransitionStatus) -> tuple[str, str] | None:
         if conflicts:
-            keys = ", ".join(str(c["key"]) for c in conflicts[:3])
+            keys = ", ".join(c.key for c in conflicts[:3])
             more = f" and {len(conflicts) - 3} more" if len(conflicts) > 3 else ""
             return ("LockConflicts", f"{len(conflicts)} lock keys held on both sides by "
                     f"different pulls: {keys}{more}")
@@ -343,8 +339,8 @@ class RolloutDriver:
         if check is not None and check.failure is not None and progress.phase != "Aborted":
             return ("AnalysisFailing", f"analysis check failed {check.consecutive_failures} "
                     f"time(s) in a row: {check.failure}")
-        if routing["phase"] == "isolated":
-            error = routing.get("lastError") or "no report for too long"
+        if routing.phase == "isolated":
+            error = routing.last_error or "no report for too long"
             return ("RegistryUnreachable", f"this replica cannot report to the replica "
                     f"registry ({error}): it takes every key on both sides")
         return None
@@ -423,17 +419,17 @@ def _uid(body: Mapping[str, Any] | None) -> str | None:
     return ((body or {}).get("metadata") or {}).get("uid")
 
 
-def _transition(routing: Mapping[str, Any]) -> TransitionState:
-    live = [r for r in routing.get("replicas") or [] if r.get("state") in ("self", "live")]
+def _transition(routing: TransitionStatus) -> TransitionState:
+    live = [r for r in routing.replicas if r.state in ("self", "live")]
     return TransitionState.model_validate({
-        "phase": routing["phase"],
-        "to": routing["weight"],
-        "from": list(routing.get("from") or [])[:64],
-        "pendingReplicas": list(routing.get("pendingReplicas") or [])[:64],
-        "excludedReplicas": list(routing.get("excludedReplicas") or [])[:64],
+        "phase": routing.phase,
+        "to": routing.weight,
+        "from": list(routing.from_weights)[:64],
+        "pendingReplicas": list(routing.pending)[:64],
+        "excludedReplicas": list(routing.excluded)[:64],
         "replicas": len(live),
-        "startedAt": routing.get("startedAt"),
-        "lastSettleSeconds": routing.get("lastSettleSeconds"),
-        "lastError": (routing.get("lastError") or None) and str(routing["lastError"])[:1024],
+        "startedAt": routing.started_at.isoformat() if routing.started_at else None,
+        "lastSettleSeconds": routing.last_settle_seconds,
+        "lastError": routing.last_error[:1024] if routing.last_error else None,
     })
 

@@ -46,29 +46,29 @@ async def retrying(
 ) -> T:
     """Run ``operation``; with the ``retries`` flag, retry it on ``BackendUnavailable``.
 
-    Every attempt counts in ``backend_operations`` and every failed one in ``backend_errors``:
-    their ratio is the error rate a LockMigration's analysis checks.
+    Every attempt counts as an enhanced operation and every failed one as an error
+    (:class:`~enhanced_locking.metrics.Tallies`): their ratio is the error rate a
+    LockMigration's analysis checks.
     """
-    operations = metrics.backend_operations.labels("enhanced")
     if not config.retries:
-        operations.inc()
+        metrics.enhanced_operation()
         try:
             return await operation()
         except BackendUnavailable:
-            metrics.backend_errors.labels("enhanced").inc()
+            metrics.enhanced_error()
             raise
     delays = backoff_delays(attempts=config.retry_max_attempts, backoff=config.retry_backoff)
     for delay in delays:
-        operations.inc()
+        metrics.enhanced_operation()
         try:
             return await operation()
         except BackendUnavailable:
-            metrics.backend_errors.labels("enhanced").inc()
+            metrics.enhanced_error()
             metrics.retries.labels(name).inc()
         await asyncio.sleep(delay)
-    operations.inc()
+    metrics.enhanced_operation()
     try:
         return await operation()
     except BackendUnavailable:
-        metrics.backend_errors.labels("enhanced").inc()
+        metrics.enhanced_error()
         raise

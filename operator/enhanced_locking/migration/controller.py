@@ -10,12 +10,12 @@ How the operator drives and reads it:
 * change the weight, mode, fallback or sampling with ``provider.set_layer(...)``; the move
   starts at once on this replica (``routing-changed`` event, phase ``moving``);
 * ``await controller.transitions.wait_settled()`` (inside ``asyncio.timeout``), or poll
-  ``status()["routing"]`` (``phase`` is ``stable`` once every live replica applied the
+  ``status().routing`` (``phase`` is ``stable`` once every live replica applied the
   weight), before taking the next rollout step;
-* ``status()`` has everything a LockMigration status needs: routing (weight, from, pending and
-  excluded replicas), shadow counters, fallback counters and the open conflicts (a non-empty
-  list means ``Degraded``). Counters are totals since the process started: diff them over the
-  analysis window.
+* ``status()`` (a :class:`MigrationStatus`) has everything a LockMigration status needs:
+  routing (weight, from, pending and excluded replicas), shadow counters, fallback counters
+  and the open conflicts (a non-empty list means ``Degraded``). Counters are totals since the
+  process started: diff them over the analysis window.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import secrets
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from enhanced_locking.backends.base import Backend, Owner
@@ -35,25 +36,30 @@ from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.events import EventBus
 from enhanced_locking.locking.base import Locker
 from enhanced_locking.metrics import Metrics
-from enhanced_locking.migration.conflicts import ConflictBook
+from enhanced_locking.migration.conflicts import ConflictBook, LockConflict
 from enhanced_locking.migration.handover import backend_of, settle_counters
 from enhanced_locking.migration.reconcile import (
     GRANTED,
     RELEASED,
     FallbackJournal,
     FallbackReconciler,
+    FallbackStatus,
 )
 from enhanced_locking.migration.replicas import (
     MemoryReplicaRegistry,
     RedisReplicaRegistry,
     ReplicaRegistry,
 )
-from enhanced_locking.migration.shadow import ShadowReplayer
-from enhanced_locking.migration.transition import Admission, WeightTransitions
+from enhanced_locking.migration.shadow import ShadowReplayer, ShadowStatus
+from enhanced_locking.migration.transition import (
+    Admission,
+    TransitionStatus,
+    WeightTransitions,
+)
 from enhanced_locking.provider import ConfigProvider, Snapshot
 from enhanced_locking.types import AcquireResult, Lock, LockRequest
 
-__all__ = ["MigrationController", "default_replica_id"]
+__all__ = ["MigrationController", "MigrationStatus", "default_replica_id"]
 
 log = logging.getLogger(__name__)
 
@@ -228,12 +234,33 @@ class MigrationController:
         self.fallback.poke()
 
     # --- for the operator ----------------------------------------------------------------
-    def status(self) -> dict[str, Any]:
-        config = self.provider.current.config
+    def status(self) -> MigrationStatus:
+        return MigrationStatus(
+            replica_id=self.replica_id,
+            routing=self.transitions.status(),
+            shadow=self.shadow.status(),
+            fallback=self.fallback.status(mode=self.provider.current.config.fallback),
+            conflicts=tuple(self.conflicts.items()),
+        )
+
+
+@dataclass(frozen=True)
+class MigrationStatus:
+    """Everything a LockMigration status needs from one replica; ``GET /v1/migration`` answers
+    :meth:`as_dict`."""
+
+    replica_id: str
+    routing: TransitionStatus
+    shadow: ShadowStatus
+    fallback: FallbackStatus
+    conflicts: tuple[LockConflict, ...]
+    """Keys held on both sides by different pulls (non-empty means ``Degraded``)."""
+
+    def as_dict(self) -> dict[str, Any]:
         return {
             "replicaId": self.replica_id,
-            "routing": self.transitions.status().as_dict(),
-            "shadow": self.shadow.status(),
-            "fallback": {"mode": config.fallback, **self.fallback.status()},
-            "conflicts": [c.as_dict() for c in self.conflicts.items()],
+            "routing": self.routing.as_dict(),
+            "shadow": self.shadow.as_dict(),
+            "fallback": self.fallback.as_dict(),
+            "conflicts": [c.as_dict() for c in self.conflicts],
         }

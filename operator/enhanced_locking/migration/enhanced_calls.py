@@ -22,7 +22,7 @@ from enhanced_locking.backends.waiting import Waiters
 from enhanced_locking.events import EventBus
 from enhanced_locking.locking import EnhancedLocker, batch
 from enhanced_locking.locking.base import Locker
-from enhanced_locking.metrics import Metrics
+from enhanced_locking.metrics import FallbackAction, Metrics
 from enhanced_locking.migration import identity
 from enhanced_locking.provider import Snapshot
 from enhanced_locking.types import (
@@ -123,8 +123,9 @@ class EnhancedCalls:
         try:
             first = await enhanced.acquire_batch(part)
         except BackendUnavailable as error:
-            action = "legacy" if self._snapshot().config.fallback == "legacy" else "refused"
-            self.metrics.fallbacks.labels(action).inc()
+            action: FallbackAction = ("legacy" if self._snapshot().config.fallback == "legacy"
+                                      else "refused")
+            self.metrics.fallback(action)
             self.events.publish("fallback", key=on_enhanced[0].key, action=action,
                                 error=str(error), repo=owner[0])
             if action == "legacy":

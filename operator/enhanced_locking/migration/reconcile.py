@@ -35,7 +35,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from enhanced_locking.backends.base import Backend
 from enhanced_locking.events import EventBus
@@ -45,7 +45,10 @@ from enhanced_locking.migration.conflicts import ConflictBook, is_conflict
 from enhanced_locking.migration.handover import backend_of, raise_counter
 from enhanced_locking.types import Lock, LockNotOwned, utcnow
 
-__all__ = ["FallbackJournal", "FallbackReconciler", "ReconcileReport"]
+__all__ = ["FallbackJournal", "FallbackMode", "FallbackReconciler", "FallbackStatus",
+           "ReconcileReport"]
+
+FallbackMode = Literal["legacy", "fail-closed"]
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +91,30 @@ class ReconcileReport:
         return {"adopted": self.adopted, "released": self.released,
                 "forgotten": self.forgotten, "conflicts": self.conflicts,
                 "pending": self.pending}
+
+
+@dataclass(frozen=True)
+class FallbackStatus:
+    """The fallback journal as the migration status shows it (totals since the start)."""
+
+    mode: FallbackMode
+    pending: int
+    granted: int
+    released_while_away: int
+    reconciled: int
+    journal_errors: int
+    last_reconcile: ReconcileReport | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "pending": self.pending,
+            "granted": self.granted,
+            "releasedWhileAway": self.released_while_away,
+            "reconciled": self.reconciled,
+            "journalErrors": self.journal_errors,
+            "lastReconcile": self.last_reconcile.as_dict() if self.last_reconcile else None,
+        }
 
 
 class FallbackReconciler:
@@ -242,15 +269,11 @@ class FallbackReconciler:
         except LockNotOwned:
             return False
 
-    def status(self) -> dict[str, Any]:
-        return {
-            "pending": self.pending,
-            "granted": self.granted_total,
-            "releasedWhileAway": self.released_total,
-            "reconciled": self.reconciled_total,
-            "journalErrors": self.journal_errors,
-            "lastReconcile": self.last.as_dict() if self.last else None,
-        }
+    def status(self, *, mode: FallbackMode) -> FallbackStatus:
+        return FallbackStatus(mode=mode, pending=self.pending, granted=self.granted_total,
+                              released_while_away=self.released_total,
+                              reconciled=self.reconciled_total,
+                              journal_errors=self.journal_errors, last_reconcile=self.last)
 
     async def close(self) -> None:
         task, self._task = self._task, None

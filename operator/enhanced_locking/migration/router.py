@@ -31,7 +31,7 @@ from datetime import timedelta
 from enhanced_locking.backends.base import Owner
 from enhanced_locking.events import EventBus
 from enhanced_locking.locking.base import AtlantisCalls, Locker
-from enhanced_locking.metrics import Metrics
+from enhanced_locking.metrics import FallbackAction, Metrics
 from enhanced_locking.migration import identity
 from enhanced_locking.migration.controller import MigrationController
 from enhanced_locking.migration.enhanced_calls import EnhancedCalls
@@ -215,7 +215,7 @@ class Router(EnhancedCalls, AtlantisCalls):
                 await primary.release(request.key, owner=owner)
                 return AcquireResult.refused(request.key, Reason.HELD, held)
         if unchecked and result.acquired and result.lock is not None:
-            self.metrics.fallbacks.labels("unchecked").inc()
+            self.metrics.fallback("unchecked")
             await self._journal_grant(result.lock)
         return result
 
@@ -237,8 +237,8 @@ class Router(EnhancedCalls, AtlantisCalls):
 
     async def _fall_back(self, request: LockRequest, error: BackendUnavailable) -> AcquireResult:
         fallback = self._snapshot().config.fallback
-        action = "legacy" if fallback == "legacy" else "refused"
-        self.metrics.fallbacks.labels(action).inc()
+        action: FallbackAction = "legacy" if fallback == "legacy" else "refused"
+        self.metrics.fallback(action)
         self.events.publish("fallback", key=request.key, action=action, error=str(error),
                             repo=request.project.repo_full_name)
         if fallback == "legacy":

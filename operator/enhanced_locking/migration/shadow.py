@@ -44,7 +44,7 @@ from enhanced_locking.types import (
     utcnow,
 )
 
-__all__ = ["Answer", "ShadowReplayer", "ShadowStats", "sample_bucket"]
+__all__ = ["Answer", "ShadowReplayer", "ShadowStats", "ShadowStatus", "sample_bucket"]
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +119,26 @@ class ShadowStats:
     errors: int = 0
     by_kind: dict[str, int] = field(default_factory=dict)
 
+
+@dataclass(frozen=True)
+class ShadowStatus:
+    """Shadow replay as the migration status shows it: whether it runs, and its counters."""
+
+    active: bool
+    sample_ratio: float
+    queued: int
+    replayed: int
+    matched: int
+    mismatches: int
+    dropped: int
+    errors: int
+    mismatches_by_kind: dict[str, int]
+
     def as_dict(self) -> dict[str, Any]:
-        return {"replayed": self.replayed, "matched": self.matched,
+        return {"active": self.active, "sampleRatio": self.sample_ratio, "queued": self.queued,
+                "replayed": self.replayed, "matched": self.matched,
                 "mismatches": self.mismatches, "dropped": self.dropped, "errors": self.errors,
-                "mismatchesByKind": dict(self.by_kind)}
+                "mismatchesByKind": dict(self.mismatches_by_kind)}
 
 
 class ShadowReplayer:
@@ -169,9 +185,12 @@ class ShadowReplayer:
     def queued(self) -> int:
         return len(self._jobs)
 
-    def status(self) -> dict[str, Any]:
-        return {"active": self.active, "sampleRatio": self._ratio, "queued": self.queued(),
-                **self.stats.as_dict()}
+    def status(self) -> ShadowStatus:
+        stats = self.stats
+        return ShadowStatus(active=self.active, sample_ratio=self._ratio, queued=self.queued(),
+                            replayed=stats.replayed, matched=stats.matched,
+                            mismatches=stats.mismatches, dropped=stats.dropped,
+                            errors=stats.errors, mismatches_by_kind=dict(stats.by_kind))
 
     async def configure(self, config: EnhancedLockingConfig) -> None:
         """Follow the config: start, re-seed or stop replaying (called on every new snapshot)."""

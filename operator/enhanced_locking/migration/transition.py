@@ -53,6 +53,7 @@ from enhanced_locking.types import Side, utcnow
 
 __all__ = [
     "Band",
+    "ReplicaState",
     "RoutingPlan",
     "TransitionStatus",
     "WeightTransitions",
@@ -153,6 +154,21 @@ Phase = Literal["stable", "moving", "isolated"]
 
 
 @dataclass(frozen=True)
+class ReplicaState:
+    """One replica as this one sees it in the registry."""
+
+    id: str
+    weight: float
+    generation: int
+    state: Literal["self", "live", "excluded"]
+    silent_seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "weight": self.weight, "generation": self.generation,
+                "state": self.state, "silentSeconds": self.silent_seconds}
+
+
+@dataclass(frozen=True)
 class TransitionStatus:
     """What a LockMigration status shows about routing on this replica."""
 
@@ -169,7 +185,7 @@ class TransitionStatus:
     """Live replicas (this one included) that have not reported the target weight yet."""
     excluded: tuple[str, ...]
     """Replicas left out because they stopped reporting."""
-    replicas: tuple[dict[str, Any], ...]
+    replicas: tuple[ReplicaState, ...]
     last_settle_seconds: float | None
     last_error: str | None
 
@@ -189,7 +205,7 @@ class TransitionStatus:
             "startedAt": self.started_at.isoformat() if self.started_at else None,
             "pendingReplicas": list(self.pending),
             "excludedReplicas": list(self.excluded),
-            "replicas": list(self.replicas),
+            "replicas": [replica.as_dict() for replica in self.replicas],
             "lastSettleSeconds": self.last_settle_seconds,
             "lastError": self.last_error,
         }
@@ -457,7 +473,7 @@ class WeightTransitions:
     def status(self) -> TransitionStatus:
         expiry = self._snapshot().config.replica_expiry.total_seconds()
         view = self._view
-        replicas: list[dict[str, Any]] = []
+        replicas: list[ReplicaState] = []
         pending: list[str] = []
         excluded: list[str] = []
         if self._older or self._reported != self._target:
@@ -466,17 +482,15 @@ class WeightTransitions:
             if report.replica_id == self.replica_id:
                 continue
             age = view.age(report)
-            state = "live" if age <= expiry else "excluded"
-            if state == "excluded":
+            live = age <= expiry
+            if not live:
                 excluded.append(report.replica_id)
             elif report.weight != self._target:
                 pending.append(report.replica_id)
-            replicas.append({"id": report.replica_id, "weight": report.weight,
-                             "generation": report.generation, "state": state,
-                             "silentSeconds": round(age, 3)})
-        replicas.insert(0, {"id": self.replica_id, "weight": self._reported,
-                            "generation": self._generation, "state": "self",
-                            "silentSeconds": 0.0})
+            replicas.append(ReplicaState(report.replica_id, report.weight, report.generation,
+                                         "live" if live else "excluded", round(age, 3)))
+        replicas.insert(0, ReplicaState(self.replica_id, self._reported, self._generation,
+                                        "self", 0.0))
         phase: Phase = ("isolated" if self.isolated
                         else "moving" if self._band.moving else "stable")
         return TransitionStatus(
