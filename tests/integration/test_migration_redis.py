@@ -62,7 +62,7 @@ async def test_replicas_on_redis_settle_a_move_through_the_redis_registry(
     b = await _start(services, redis_server, tmp_path / "b", replica_id="b", **common)
     assert isinstance(a.migration._registry(), RedisReplicaRegistry)
     status = await a.migration.transitions.tick()
-    assert [r["id"] for r in status.replicas] == ["a", "b"]
+    assert [r.id for r in status.replicas] == ["a", "b"]
     seen: list[Event] = []
     a.events.subscribe(seen.append)
     moving = request_in_buckets(0, 6000)
