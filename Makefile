@@ -8,13 +8,13 @@ ARGS ?=
 GO_TEST_FLAGS ?= -count=1 -p=1 -timeout=30m
 
 .PHONY: help venv run test test-unit test-integration test-e2e test-go atlantis lint typecheck format \
-        redis sandbox browser control-plane cluster-up docs chart kind-e2e image-smoke bench clean
+        redis sandbox luacheck browser control-plane cluster-up docs chart kind-e2e image-smoke bench clean
 
 help:
 	@echo "make run          serve the lock service on http://127.0.0.1:4142 (embedded store)"
 	@echo "make test         every test tier: unit, real Redis, real Kubernetes API server"
 	@echo "make test-go      the Go module in atlantis/ against the service, Redis and Atlantis"
-	@echo "make lint         ruff, mypy (strict) and the import-layer contracts"
+	@echo "make lint         ruff, luacheck, mypy (strict) and the import-layer contracts"
 	@echo "make cluster-up   start a local Kubernetes control plane for manual use"
 	@echo "make docs         regenerate the generated parts of docs/ and crds/"
 	@echo "make chart        regenerate the chart's CRD templates and values.schema.json"
@@ -39,6 +39,10 @@ redis:
 sandbox:
 	hack/ensure-bubblewrap.sh
 
+# Debian's lua-check: `make lint` checks the Redis backend's Lua scripts with it.
+luacheck:
+	hack/ensure-luacheck.sh
+
 # Debian's chromium and chromium-driver: the console's browser tests (tests/e2e/test_console.py).
 browser:
 	hack/ensure-chromium.sh
@@ -49,7 +53,7 @@ control-plane:
 cluster-up: venv control-plane
 	hack/cluster-up.sh
 
-test: venv redis sandbox browser control-plane atlantis
+test: venv redis sandbox luacheck browser control-plane atlantis
 	$(PYTEST) tests/unit tests/integration
 	$(PYTEST) tests/e2e
 	$(MAKE) test-go
@@ -73,8 +77,9 @@ test-integration: venv redis
 test-e2e: venv sandbox browser control-plane
 	$(PYTEST) tests/e2e
 
-lint: venv
+lint: venv luacheck
 	$(VENV)/bin/ruff check operator tests bench hack
+	$(PY) hack/lint_lua.py
 	cd atlantis && go vet ./...
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports

@@ -139,9 +139,7 @@ class RedisBackend:
         register = connection.client.register_script
         self._scripts: dict[str, AsyncScript] = {
             name: register(getattr(redis_scripts, name))
-            for name in ("ACQUIRE", "RELEASE", "EXPIRE", "RELEASE_BY_PULL", "CANCEL", "CONFIRM",
-                         "STATUS", "GET", "LIST", "REFRESH", "QUEUE", "WAIT_GRAPH", "HEARTBEAT",
-                         "RAISE_TOKEN", "ADOPT", "PING", "HOLDERS", "WAKE")
+            for name in redis_scripts.NAMES
         }
         self._listener = Listener(
             connection, self.keys.notify(self.replica), self._notifier,

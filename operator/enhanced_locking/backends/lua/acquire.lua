@@ -1,0 +1,124 @@
+-- acquire-or-enqueue: grant every key of a batch (one key is a batch of one) as the rules
+-- allow, or queue one waiter on every key, or refuse.
+-- KEYS   the lock hash of each key (documentation; names are derived from the keys below)
+-- ARGV[11] lease in ms (0: none)  ARGV[12] waiter id ('' = fail fast)  ARGV[13] wait in ms
+-- ARGV[14] request id ('' none)  ARGV[15] owner repo  ARGV[16] owner pull
+-- ARGV[17] base priority level 0..3  ARGV[18] mode  ARGV[19] head commit ('' unknown)
+-- ARGV[20] caller ('' none)  ARGV[21..] quads: lock key, Atlantis JSON, path, workspace
+-- returns {'granted', {lock...}, fresh 0/1}
+--         {'held' | 'limited', key, its holder or {}}
+--         {'frozen', key, its holder or {}, freeze name}
+--         {'queue_full', key, lock or {}, superseded waiter records}
+--         {'queued', waiter record (flat), key, its holder or {}, position, freeze name or '',
+--          superseded waiter records}
+local refused = guard()
+if refused then return refused end
+local function main()
+  local ttl, wait_id, wait_ms = tonumber(ARGV[11]), ARGV[12], tonumber(ARGV[13])
+  local rid, repo, pull, level = ARGV[14], ARGV[15], ARGV[16], ARGV[17]
+  local mode, head, caller = ARGV[18], ARGV[19], ARGV[20]
+  local keys, datas, parts = {}, {}, {}
+  for i = 21, #ARGV, 4 do
+    table.insert(keys, ARGV[i])
+    datas[ARGV[i]] = ARGV[i + 1]
+    table.insert(parts, {key = ARGV[i], repo = repo, path = ARGV[i + 2], ws = ARGV[i + 3]})
+  end
+  if wait_id ~= '' then
+    local rec = read_waiter(wait_id)
+    if rec then  -- the same waiter asking again (a retry takes it over): where it stands
+      if caller ~= '' and rec['caller'] ~= caller then
+        redis.call('HSET', waiter_name(wait_id), 'caller', caller, 'replica', REPLICA)
+        rec = read_waiter(wait_id)
+      end
+      local k = rec.keys[1]
+      return {'queued', rec.flat, k, peek(k) or {}, position(k, wait_id), '', {}}
+    end
+    local out = redis.call('HMGET', outcome_name(wait_id), 'kind', 'locks')
+    if out[1] == 'granted' then  -- granted while its caller was away: the retry takes it
+      local still, all = {}, true
+      for _, pair in ipairs(cjson.decode(out[2])) do
+        local h = holder_with_token(pair[1], pair[2])
+        if h then
+          if h[8] then settle_claim(h) end
+          table.insert(still, h)
+        else
+          all = false
+        end
+      end
+      if all and #still > 0 then
+        redis.call('HSET', outcome_name(wait_id), 'kind', 'taken')
+        return {'granted', still, 0}
+      end
+    end
+  end
+  local fx = new_effects()
+  for _, k in ipairs(keys) do expire_lapsed(k, fx.expired) end
+  serve(keys, fx)
+  local d = verdict(repo, pull, mode, parts, true)
+  if d[1] == 'grant' then
+    local locks, fresh = {}, 0
+    for i, k in ipairs(keys) do
+      local lock, new = take(k, datas[k], repo, pull, ttl, false, mode, parts[i].path, parts[i].ws)
+      table.insert(locks, lock)
+      if new then fresh = 1 end
+    end
+    return {'granted', locks, fresh}
+  end
+  local blocked = d[2]
+  local holder = peek(blocked) or {}
+  local waits = wait_id ~= '' and wait_ms > 0
+  if d[1] == 'frozen' and (d[3]['refuse'] or not waits) then
+    return {'frozen', blocked, holder, d[3]['name']}
+  end
+  if not waits then return {d[1], blocked, holder} end
+  -- A newer head commit of the same pull pushes its older queued requests out.
+  local superseded = {}
+  if head ~= '' then
+    local stale = {}
+    for _, k in ipairs(keys) do
+      for lv = 0, 3 do
+        for _, member in ipairs(redis.call('ZRANGE', queue_name(k, lv), 0, -1)) do
+          local id = string.sub(member, 18)
+          if id ~= wait_id and not stale[id] then
+            local rec = read_waiter(id)
+            if rec and rec.repo == repo and rec.pull == pull and (rec['head'] or '') ~= ''
+                and rec['head'] ~= head then
+              stale[id] = rec
+            end
+          end
+        end
+      end
+    end
+    for id, rec in pairs(stale) do
+      drop_waiter(id, rec, 'superseded', nil)
+      table.insert(superseded, rec.flat)
+    end
+  end
+  for _, k in ipairs(keys) do
+    if queue_size(k) >= POLICY.max_size then
+      return {'queue_full', k, peek(k) or {}, superseded}
+    end
+  end
+  redis.call('ZADD', REPLICAS, NOW + REPLICA_MS, REPLICA)
+  local seq = redis.call('INCR', SEQ)
+  local deadline = NOW + wait_ms
+  local name = waiter_name(wait_id)
+  redis.call('HSET', name, 'id', wait_id, 'keys', cjson.encode(keys), 'repo', repo, 'pull', pull,
+             'level', level, 'enq', NOW, 'seq', seq, 'deadline', deadline, 'ttl', ttl,
+             'replica', REPLICA, 'rid', rid, 'mode', mode, 'head', head, 'caller', caller)
+  for i, k in ipairs(keys) do
+    redis.call('HSET', name, 'd:' .. k, datas[k], 'p:' .. k, parts[i].path, 'w:' .. k,
+               parts[i].ws)
+  end
+  redis.call('PEXPIREAT', name, deadline + GRACE_MS)
+  local member = string.format('%016d', seq) .. ':' .. wait_id
+  for _, k in ipairs(keys) do
+    redis.call('ZADD', queue_name(k, level), NOW, member)
+    redis.call('SADD', QUEUED, k)
+  end
+  local freeze = ''
+  if d[1] == 'frozen' then freeze = d[3]['name'] end
+  return {'queued', read_waiter(wait_id).flat, blocked, holder, position(blocked, wait_id), freeze,
+          superseded}
+end
+return finish(main())

@@ -1,0 +1,30 @@
+-- cancel: take a waiter out of every queue it is in and tell its replica why.
+-- KEYS   none (the waiter's record names its keys)
+-- ARGV[11] waiter id  ARGV[12] reason (cancelled, timeout, deadlock, unavailable)
+-- ARGV[13] caller ('': any; else only if that caller still owns the waiter)
+-- returns {'removed', waiter record}, {'kept', waiter record} (a retry owns it now),
+--         {'none'}, or, when it had been granted already,
+--         {'granted', waiter record, locks it still holds (now confirmed), fresh 0/1}
+local refused = guard()
+if refused then return refused end
+local function main()
+  local id = ARGV[11]
+  local rec = read_waiter(id)
+  if rec then
+    if ARGV[13] ~= '' and rec['caller'] ~= ARGV[13] then return {'kept', rec.flat} end
+    drop_waiter(id, rec, ARGV[12], nil)
+    return {'removed', rec.flat}
+  end
+  local out = redis.call('HMGET', outcome_name(id), 'kind', 'waiter', 'locks', 'fresh')
+  if out[1] ~= 'granted' then return {'none'} end
+  local still = {}
+  for _, pair in ipairs(cjson.decode(out[3])) do
+    local holder = holder_with_token(pair[1], pair[2])
+    if holder then
+      if holder[8] then settle_claim(holder) end
+      table.insert(still, holder)
+    end
+  end
+  return {'granted', cjson.decode(out[2]), still, tonumber(out[4]) or 1}
+end
+return finish(main())

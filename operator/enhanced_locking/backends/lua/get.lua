@@ -1,0 +1,5 @@
+-- get: the holder of a key (a lapsed lease is not a holder), changing nothing.
+-- KEYS[1] the key's lock hash
+-- ARGV[11] lock key
+-- returns the lock or {}
+return peek(ARGV[11]) or {}

@@ -1,0 +1,6 @@
+-- heartbeat: this replica is alive (its waiters may be granted) for REPLICA_MS more.
+-- KEYS   none
+-- returns the server time in ms
+redis.call('ZADD', REPLICAS, NOW + REPLICA_MS, REPLICA)
+redis.call('ZREMRANGEBYSCORE', REPLICAS, '-inf', NOW - 86400000)
+return NOW

@@ -1,0 +1,627 @@
+-- The library every script of the Redis backend starts with (redis_scripts.py prepends it).
+-- Before it comes a generated preamble setting the time constants of redis_scripts.py:
+--   CLAIM_MS, GRACE_MS, OUTCOME_MS, REPLICA_MS, OP_MS
+-- ARGV[1] base ({key-prefix}{namespace}:)
+-- ARGV[2..5] queue policy: priority flag 0/1, starvation threshold ms, max boost, max queue size
+-- ARGV[6] the calling replica's id
+-- ARGV[7..9] the store epoch the caller knows, a fresh id (the call id; also a new epoch's id),
+--            the restart quarantine in ms
+-- ARGV[10] the policy rules compiled by enhanced_locking.policies.compile_rules (JSON, '' none)
+-- Script-specific arguments start at ARGV[11].
+-- A refused write (guard) replies {'epoch' | 'quarantine', epoch id, until ms, now ms}.
+-- luacheck: push ignore 211
+local base = ARGV[1]
+local POLICY = {priority = tonumber(ARGV[2]), threshold = tonumber(ARGV[3]),
+                boost = tonumber(ARGV[4]), max_size = tonumber(ARGV[5])}
+local REPLICA = ARGV[6]
+local KNOWN_EPOCH, NEW_EPOCH, QUARANTINE_MS = ARGV[7], ARGV[8], tonumber(ARGV[9])
+local clock = redis.call('TIME')
+local NOW = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local HELD, FENCED, QUEUED = base .. 'held', base .. 'fenced', base .. 'queued'
+local REPLICAS, SEQ, EPOCH = base .. 'replicas', base .. 'seq', base .. 'epoch'
+local TOKEN_BASE = 0
+
+-- Whole numbers as exact text: Lua's own tostring keeps 14 digits, tokens can have 16.
+local function int(x) return string.format('%.0f', x) end
+
+local OP = base .. 'op:' .. NEW_EPOCH  -- the call id doubles as a proposed new epoch id
+
+-- A script that changes anything first asks: did this very call run already (a retry)? does
+-- Redis still have the data the caller knew (the store's epoch)? Returns nil to go on, else
+-- the reply to send back (nothing changed).
+local function guard()
+  local done = redis.call('GET', OP)
+  if done then return cjson.decode(done) end  -- this very call ran before: same answer
+  local e = redis.call('HMGET', EPOCH, 'id', 'base', 'until')
+  if not e[1] then
+    if KNOWN_EPOCH == '' then  -- a new store: counters start at 0
+      redis.call('HSET', EPOCH, 'id', NEW_EPOCH, 'base', 0, 'until', 0, 'since', NOW)
+      return {'epoch', NEW_EPOCH, 0, NOW}
+    end
+    -- The caller knew this store and it has forgotten everything (a restart without
+    -- persistence): tokens continue from the clock, and grants wait out the quarantine.
+    local till = NOW + QUARANTINE_MS
+    redis.call('HSET', EPOCH, 'id', NEW_EPOCH, 'base', int(NOW * 1000), 'until', till,
+               'since', NOW, 'lost', KNOWN_EPOCH)
+    return {'epoch', NEW_EPOCH, till, NOW}
+  end
+  if e[1] ~= KNOWN_EPOCH then return {'epoch', e[1], tonumber(e[3]), NOW} end
+  if tonumber(e[3]) > NOW then return {'quarantine', e[1], tonumber(e[3]), NOW} end
+  TOKEN_BASE = tonumber(e[2])
+  return nil
+end
+
+-- Remember a write's answer under its call id for OP_MS: a caller that lost the reply
+-- (the connection broke) asks again with the same id and gets the same answer, and the write
+-- happens once.
+local function finish(reply)
+  redis.call('SET', OP, cjson.encode(reply), 'PX', OP_MS)
+  return reply
+end
+
+local function lock_name(k) return base .. 'lock:{' .. k .. '}' end
+local function shared_name(k) return base .. 'shared:{' .. k .. '}' end
+local function fence_name(k) return base .. 'fence:{' .. k .. '}' end
+local function queue_name(k, level) return base .. 'queue' .. level .. ':{' .. k .. '}' end
+local function waiter_name(id) return base .. 'waiter:' .. id end
+local function outcome_name(id) return base .. 'outcome:' .. id end
+local function pull_index(repo, pull) return base .. 'pull:{' .. repo .. '#' .. pull .. '}' end
+
+-- A lock is answered as {key, data, token, at, exp, repo, pull, claim, lease, mode, path, ws}
+-- (strings; claim and lease false unless a grant from the queue awaits confirmation; mode
+-- 'exclusive' or 'shared'; path and workspace are the project's, which the rules look at).
+local function with_parts(lock)
+  if not lock[11] or not lock[12] then  -- written before the rules existed: read the JSON
+    local ok, doc = pcall(cjson.decode, lock[2])
+    if not ok or type(doc) ~= 'table' then doc = {} end
+    local project = doc['Project']
+    if type(project) ~= 'table' then project = {} end
+    lock[11] = project['Path'] or '.'
+    lock[12] = doc['Workspace'] or 'default'
+  end
+  return lock
+end
+
+local function read_lock(k)
+  local v = redis.call('HMGET', lock_name(k), 'data', 'token', 'at', 'exp', 'repo', 'pull',
+                       'claim', 'lease', 'path', 'ws')
+  if not v[1] then return nil end
+  return with_parts({k, v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], 'exclusive', v[9],
+                     v[10]})
+end
+
+-- Every shared holder of k (lapsed ones too), oldest grant first.
+local function read_shared(k)
+  local out = {}
+  for _, text in ipairs(redis.call('HVALS', shared_name(k))) do
+    table.insert(out, cjson.decode(text))
+  end
+  table.sort(out, function(a, b) return tonumber(a[3]) < tonumber(b[3]) end)
+  return out
+end
+
+local function save_shared(lock)
+  redis.call('HSET', shared_name(lock[1]), lock[6] .. '#' .. lock[7], cjson.encode(lock))
+end
+
+local function lapsed(lock)
+  local exp = tonumber(lock[5])
+  return exp > 0 and exp <= NOW
+end
+
+local function same_owner(lock, repo, pull) return lock[6] == repo and lock[7] == pull end
+
+local function drop_lock(lock)
+  local k = lock[1]
+  if lock[10] == 'shared' then
+    redis.call('HDEL', shared_name(k), lock[6] .. '#' .. lock[7])
+    if redis.call('EXISTS', shared_name(k)) == 0 then redis.call('SREM', HELD, k) end
+  else
+    redis.call('DEL', lock_name(k))
+    if redis.call('EXISTS', shared_name(k)) == 0 then redis.call('SREM', HELD, k) end
+  end
+  redis.call('SREM', pull_index(lock[6], lock[7]), k)
+end
+
+local function collect_after(k, exp)
+  if exp > 0 then
+    redis.call('PEXPIREAT', lock_name(k), exp + GRACE_MS)
+  else
+    redis.call('PERSIST', lock_name(k))
+  end
+end
+
+-- The exclusive holder of k, or nil. A lapsed lease is dropped and added to `expired`.
+local function live(k, expired)
+  local lock = read_lock(k)
+  if not lock then return nil end
+  if lapsed(lock) then
+    drop_lock(lock)
+    if expired then table.insert(expired, lock) end
+    return nil
+  end
+  return lock
+end
+
+-- Every live holder of k (the exclusive one, or the shared ones), changing nothing.
+local function holders(k)
+  local lock = read_lock(k)
+  if lock and not lapsed(lock) then return {lock} end
+  local out = {}
+  for _, s in ipairs(read_shared(k)) do
+    if not lapsed(s) then table.insert(out, s) end
+  end
+  return out
+end
+
+-- Drop k's lapsed leases (exclusive and shared), adding them to `expired` (if given).
+local function expire_lapsed(k, expired)
+  live(k, expired)
+  for _, s in ipairs(read_shared(k)) do
+    if lapsed(s) then
+      drop_lock(s)
+      if expired then table.insert(expired, s) end
+    end
+  end
+end
+
+-- The first holder of k without changing anything (reads).
+local function peek(k) return holders(k)[1] end
+
+local function holder_with_token(k, token)
+  for _, h in ipairs(holders(k)) do
+    if h[3] == token then return h end
+  end
+  return nil
+end
+
+-- Grant k: next fencing token, server time, lease; with `claim` (a waiter id) the grant must
+-- be confirmed within CLAIM_MS.
+local function stamp(k, data, repo, pull, ttl, claim, mode, path, ws)
+  if TOKEN_BASE > 0 and redis.call('EXISTS', fence_name(k)) == 0 then
+    redis.call('SET', fence_name(k), int(TOKEN_BASE))
+  end
+  local token = redis.call('INCR', fence_name(k))
+  redis.call('SADD', FENCED, k)
+  local lease_end = 0
+  if ttl > 0 then lease_end = NOW + ttl end
+  local exp = lease_end
+  if claim then
+    local by = NOW + CLAIM_MS
+    if exp == 0 or by < exp then exp = by end
+  end
+  local pending = false
+  if claim then pending = int(lease_end) end
+  local lock = {k, data, int(token), int(NOW), int(exp), repo, pull, claim or false, pending,
+                mode, path, ws}
+  if mode == 'shared' then
+    save_shared(lock)
+  else
+    local name = lock_name(k)
+    redis.call('DEL', name)  -- a lapsed lock's hash may linger (with its expiry): start afresh
+    redis.call('HSET', name, 'data', data, 'token', int(token), 'at', NOW, 'repo', repo,
+               'pull', pull, 'exp', exp, 'path', path, 'ws', ws)
+    if claim then redis.call('HSET', name, 'claim', claim, 'lease', lease_end) end
+    if exp > 0 then redis.call('PEXPIREAT', name, exp + GRACE_MS) end
+  end
+  redis.call('SADD', HELD, k)
+  redis.call('SADD', pull_index(repo, pull), k)
+  return lock
+end
+
+-- The waiter took its grant: its own lease applies from the grant on.
+local function settle_claim(lock)
+  local lease_end = tonumber(lock[9])
+  lock[5], lock[8], lock[9] = int(lease_end), false, false
+  if lock[10] == 'shared' then
+    save_shared(lock)
+    return lock
+  end
+  redis.call('HDEL', lock_name(lock[1]), 'claim', 'lease')
+  redis.call('HSET', lock_name(lock[1]), 'exp', lease_end)
+  collect_after(lock[1], lease_end)
+  return lock
+end
+
+-- --- the rules (mirror enhanced_locking.policies.verdict) --------------------------------
+local RULES = false
+local function rules()
+  if not RULES then
+    if not ARGV[10] or ARGV[10] == '' then
+      RULES = {f = {}, c = {}}
+    else
+      RULES = cjson.decode(ARGV[10])
+    end
+  end
+  return RULES
+end
+
+local function matches(m, key, repo, path, ws)
+  if m['repo'] and not string.find(repo, m['repo']) then return false end
+  if m['path'] and not (path == m['pathx']
+      or string.sub(path, 1, #m['path'] + 1) == m['path'] .. '/') then return false end
+  if m['ws'] and not string.find(ws, m['ws']) then return false end
+  if m['key'] and not string.find(key, m['key']) then return false end
+  return true
+end
+
+-- The concurrency groups of a key, in rule order: a list of {group, limit}.
+local function groups_of(k, repo, path, ws)
+  local out = {}
+  for _, c in ipairs(rules()['c']) do
+    if matches(c['m'], k, repo, path, ws) then
+      local g = c['name']
+      if c['per'] == 'repository' then
+        g = g .. ':' .. repo
+      elseif c['per'] == 'organisation' then
+        g = g .. ':' .. (string.match(repo, '^([^/]*)') or '')
+      end
+      table.insert(out, {g, c['limit']})
+    end
+  end
+  return out
+end
+
+local function group_counts()
+  local counts = {}
+  for _, k in ipairs(redis.call('SMEMBERS', HELD)) do
+    for _, h in ipairs(holders(k)) do
+      for _, g in ipairs(groups_of(k, h[6], h[11], h[12])) do
+        counts[g[1]] = (counts[g[1]] or 0) + 1
+      end
+    end
+  end
+  return counts
+end
+
+-- The first active freeze covering one of `parts` (a refusing one first): {key, freeze}.
+local function active_freeze(parts)
+  local found = false
+  for _, p in ipairs(parts) do
+    for _, f in ipairs(rules()['f']) do
+      if (f['from'] == 0 or f['from'] <= NOW) and (f['until'] == 0 or NOW < f['until'])
+          and matches(f['m'], p.key, p.repo, p.path, p.ws) then
+        if f['refuse'] then return {p.key, f} end
+        if not found then found = {p.key, f} end
+      end
+    end
+  end
+  return found
+end
+
+local function read_waiter(id)
+  local flat = redis.call('HGETALL', waiter_name(id))
+  if #flat == 0 then return nil end
+  local rec = {}
+  for i = 1, #flat, 2 do rec[flat[i]] = flat[i + 1] end
+  rec.flat = flat
+  rec.keys = cjson.decode(rec['keys'])
+  rec.mode = rec['mode'] or 'exclusive'
+  return rec
+end
+
+local function waiter_parts(rec)
+  local parts = {}
+  for _, k in ipairs(rec.keys) do
+    local path, ws = rec['p:' .. k], rec['w:' .. k]
+    if not path or not ws then
+      local l = with_parts({k, rec['d:' .. k]})
+      path, ws = l[11], l[12]
+    end
+    table.insert(parts, {key = k, repo = rec.repo, path = path, ws = ws})
+  end
+  return parts
+end
+
+-- Whether an exclusive request of another pull waits on k (new shared requests queue then).
+local function exclusive_waiting(k, repo, pull)
+  for level = 0, 3 do
+    for _, member in ipairs(redis.call('ZRANGE', queue_name(k, level), 0, -1)) do
+      local rec = read_waiter(string.sub(member, 18))
+      if rec and rec.mode == 'exclusive' and not (rec.repo == repo and rec.pull == pull)
+          and tonumber(rec.deadline) > NOW then
+        return true
+      end
+    end
+  end
+  return false
+end
+
+-- {'grant'} | {'held', key} | {'frozen', key, freeze} | {'limited', key}
+local function verdict(repo, pull, mode, parts, new)
+  local hs, mine, all_mine = {}, {}, true
+  for _, p in ipairs(parts) do
+    hs[p.key] = holders(p.key)
+    mine[p.key] = false
+    local unchanged = false
+    for _, h in ipairs(hs[p.key]) do
+      if same_owner(h, repo, pull) then
+        mine[p.key] = true
+        if not (mode == 'exclusive' and h[10] == 'shared') then unchanged = true end
+      end
+    end
+    if not unchanged then all_mine = false end
+  end
+  if all_mine then return {'grant'} end
+  local frozen = active_freeze(parts)
+  if new and frozen and frozen[2]['refuse'] then return {'frozen', frozen[1], frozen[2]} end
+  for _, p in ipairs(parts) do
+    for _, h in ipairs(hs[p.key]) do
+      if not same_owner(h, repo, pull) and (h[10] ~= 'shared' or mode == 'exclusive') then
+        return {'held', p.key}
+      end
+    end
+    if new and mode == 'shared' and exclusive_waiting(p.key, repo, pull) then
+      return {'held', p.key}
+    end
+  end
+  if frozen then return {'frozen', frozen[1], frozen[2]} end
+  if #rules()['c'] == 0 then return {'grant'} end
+  local adding, limits, order = {}, {}, {}
+  for _, p in ipairs(parts) do
+    if not mine[p.key] then
+      for _, g in ipairs(groups_of(p.key, p.repo, p.path, p.ws)) do
+        if not adding[g[1]] then
+          table.insert(order, g[1])
+          adding[g[1]] = 0
+        end
+        adding[g[1]] = adding[g[1]] + 1
+        limits[g[1]] = g[2]
+      end
+    end
+  end
+  if #order == 0 then return {'grant'} end
+  local counts = group_counts()
+  for _, g in ipairs(order) do
+    if (counts[g] or 0) + adding[g] > limits[g] then
+      for _, p in ipairs(parts) do
+        for _, pg in ipairs(groups_of(p.key, p.repo, p.path, p.ws)) do
+          if pg[1] == g then return {'limited', p.key} end
+        end
+      end
+    end
+  end
+  return {'grant'}
+end
+
+-- The lock a pull gets on k: the one it holds, or a fresh one (an exclusive request of the
+-- key's only shared holder is an upgrade: a new token).
+local function take(k, data, repo, pull, ttl, claim, mode, path, ws)
+  local mine = false
+  for _, h in ipairs(holders(k)) do
+    if same_owner(h, repo, pull) then mine = h end
+  end
+  if mine and not (mode == 'exclusive' and mine[10] == 'shared') then return mine, false end
+  if mine then drop_lock(mine) end
+  return stamp(k, data, repo, pull, ttl, claim, mode, path, ws), true
+end
+
+-- --- waiters ------------------------------------------------------------------------------
+local function effective(level, enq)
+  if POLICY.priority == 0 then return 0 end
+  local boost = 0
+  if POLICY.threshold > 0 and POLICY.boost > 0 then
+    local waited = NOW - enq
+    if waited < 0 then waited = 0 end
+    boost = math.min(POLICY.boost, math.floor(waited / POLICY.threshold))
+  end
+  return math.min(3, level + boost)
+end
+
+local function queue_size(k)
+  local n = 0
+  for level = 0, 3 do n = n + redis.call('ZCARD', queue_name(k, level)) end
+  return n
+end
+
+local function before(a, b)
+  local ea, eb = effective(a.level, a.enq), effective(b.level, b.enq)
+  if ea ~= eb then return ea > eb end
+  if a.enq ~= b.enq then return a.enq < b.enq end
+  return a.seq < b.seq
+end
+
+-- An iterator over k's queue in service order: a 4-way merge of the per-priority queues.
+-- `gone(entry)` says the entry just returned left the queue (so the merge does not skip).
+local function walker(k)
+  local index, heads = {0, 0, 0, 0}, {}
+  local function head(level)
+    local at = index[level + 1]
+    local r = redis.call('ZRANGE', queue_name(k, level), at, at, 'WITHSCORES')
+    if #r == 0 then return false end
+    return {id = string.sub(r[1], 18), seq = tonumber(string.sub(r[1], 1, 16)),
+            enq = tonumber(r[2]), level = level, member = r[1]}
+  end
+  for level = 0, 3 do heads[level + 1] = head(level) end
+  local function next_entry()
+    local best = false
+    for level = 0, 3 do
+      local h = heads[level + 1]
+      if h and (not best or before(h, best)) then best = h end
+    end
+    if best then
+      index[best.level + 1] = index[best.level + 1] + 1
+      heads[best.level + 1] = head(best.level)
+    end
+    return best
+  end
+  local function gone(entry)
+    index[entry.level + 1] = index[entry.level + 1] - 1
+  end
+  return next_entry, gone
+end
+
+local function position(k, id)
+  local next_waiter, n = walker(k), 0
+  while true do
+    local entry = next_waiter()
+    if not entry then return 0 end
+    n = n + 1
+    if entry.id == id then return n end
+  end
+end
+
+local function unqueue(id, rec)
+  local member = string.format('%016d', tonumber(rec.seq)) .. ':' .. id
+  for _, k in ipairs(rec.keys) do
+    redis.call('ZREM', queue_name(k, rec.level), member)
+    if queue_size(k) == 0 then redis.call('SREM', QUEUED, k) end
+  end
+  redis.call('DEL', waiter_name(id))
+end
+
+local function remember(id, rec, kind, locks, fresh)
+  local tokens = {}
+  for _, lock in ipairs(locks) do table.insert(tokens, {lock[1], lock[3]}) end
+  local name = outcome_name(id)
+  redis.call('HSET', name, 'kind', kind, 'waiter', cjson.encode(rec.flat),
+             'locks', cjson.encode(tokens), 'fresh', fresh or 0)
+  redis.call('PEXPIRE', name, OUTCOME_MS)
+end
+
+local function tell(rec, id, kind)
+  redis.call('PUBLISH', base .. 'notify:' .. rec.replica, kind .. ':' .. id)
+end
+
+local function new_effects() return {expired = {}, granted = {}, dropped = {}} end
+
+local function drop_waiter(id, rec, kind, fx)
+  unqueue(id, rec)
+  remember(id, rec, kind, {})
+  tell(rec, id, kind)
+  if fx then table.insert(fx.dropped, rec.flat) end
+end
+
+-- fresh 1: some lock is new to the waiter; 0: its pull held every key already (unchanged).
+local function grant(id, rec, fx)
+  local locks, fresh = {}, 0
+  local parts = waiter_parts(rec)
+  for i, k in ipairs(rec.keys) do
+    local lock, new = take(k, rec['d:' .. k], rec.repo, rec.pull, tonumber(rec.ttl), id,
+                           rec.mode, parts[i].path, parts[i].ws)
+    table.insert(locks, lock)
+    if new then fresh = 1 end
+  end
+  unqueue(id, rec)
+  remember(id, rec, 'granted', locks, fresh)
+  tell(rec, id, 'granted')
+  table.insert(fx.granted, {rec.flat, locks, fresh})
+  return locks
+end
+
+local alive = {}
+local function replica_alive(replica)
+  if alive[replica] == nil then
+    local score = redis.call('ZSCORE', REPLICAS, replica)
+    alive[replica] = score ~= false and tonumber(score) >= NOW
+  end
+  return alive[replica]
+end
+
+-- Serve k's queue (no concurrency rules): grant each waiter the rules allow, in service
+-- order; a waiter held back by k's holders, or an exclusive grant, ends the walk; one held
+-- back by a freeze, a limit or another key of its batch keeps its place. Waiters past their
+-- deadline or whose replica is gone are dropped.
+local function walk_key(k, fx)
+  if redis.call('SISMEMBER', QUEUED, k) == 0 then return end  -- nobody waits: done
+  local ex = read_lock(k)
+  if ex and not lapsed(ex) then return end  -- held exclusively: nobody can be served yet
+  local next_waiter, gone = walker(k)
+  local dropped = {}
+  while true do
+    local entry = next_waiter()
+    if not entry then break end
+    local rec = read_waiter(entry.id)
+    if not rec then
+      table.insert(dropped, {entry, false})
+    elseif tonumber(rec.deadline) <= NOW then
+      table.insert(dropped, {entry, rec, 'timeout'})
+    elseif not replica_alive(rec.replica) then
+      table.insert(dropped, {entry, rec, 'unavailable'})
+    else
+      local d = verdict(rec.repo, rec.pull, rec.mode, waiter_parts(rec), false)
+      if d[1] == 'grant' then
+        grant(entry.id, rec, fx)
+        gone(entry)
+        if rec.mode ~= 'shared' then break end
+      elseif d[1] == 'held' and d[2] == k then
+        break
+      end
+    end
+  end
+  for _, d in ipairs(dropped) do
+    if d[2] then
+      drop_waiter(d[1].id, d[2], d[3], fx)
+    else
+      redis.call('ZREM', queue_name(k, d[1].level), d[1].member)
+    end
+  end
+  if queue_size(k) == 0 then redis.call('SREM', QUEUED, k) end
+end
+
+-- Serve every queue at once, in one service order (concurrency rules: a lock freed in a
+-- group may go to a waiter of another key); a holder stops only its own key's line.
+local function walk_all(fx)
+  local entries, by_id = {}, {}
+  for _, k in ipairs(redis.call('SMEMBERS', QUEUED)) do
+    for level = 0, 3 do
+      local r = redis.call('ZRANGE', queue_name(k, level), 0, -1, 'WITHSCORES')
+      for i = 1, #r, 2 do
+        local id = string.sub(r[i], 18)
+        local e = by_id[id]
+        if not e then
+          e = {id = id, seq = tonumber(string.sub(r[i], 1, 16)), enq = tonumber(r[i + 1]),
+               level = level, refs = {}}
+          by_id[id] = e
+          table.insert(entries, e)
+        end
+        table.insert(e.refs, {k, level, r[i]})
+      end
+    end
+  end
+  table.sort(entries, before)
+  local stopped = {}
+  for _, e in ipairs(entries) do
+    local rec = read_waiter(e.id)
+    if not rec then
+      for _, ref in ipairs(e.refs) do
+        redis.call('ZREM', queue_name(ref[1], ref[2]), ref[3])
+        if queue_size(ref[1]) == 0 then redis.call('SREM', QUEUED, ref[1]) end
+      end
+    elseif tonumber(rec.deadline) <= NOW then
+      drop_waiter(e.id, rec, 'timeout', fx)
+    elseif not replica_alive(rec.replica) then
+      drop_waiter(e.id, rec, 'unavailable', fx)
+    else
+      local blocked = false
+      for _, k in ipairs(rec.keys) do
+        if stopped[k] then blocked = true end
+      end
+      if not blocked then
+        local d = verdict(rec.repo, rec.pull, rec.mode, waiter_parts(rec), false)
+        if d[1] == 'grant' then
+          grant(e.id, rec, fx)
+        elseif d[1] == 'held' then
+          stopped[d[2]] = true
+        end
+      end
+    end
+  end
+end
+
+-- Serve the queues of `keys` (in the order given), or every queue under concurrency rules.
+local function serve(keys, fx)
+  if #rules()['c'] > 0 then
+    walk_all(fx)
+    return
+  end
+  for _, k in ipairs(keys) do walk_key(k, fx) end
+end
+
+-- The first holder of k after expiring lapsed leases and serving grantable waiters.
+local function settle(k, fx)
+  expire_lapsed(k, fx.expired)
+  serve({k}, fx)
+  return peek(k)
+end
+-- luacheck: pop

@@ -1,0 +1,10 @@
+-- ping: Redis answers and still has the data this replica knew (if it lost it, the epoch
+-- guard starts the quarantine now, so readiness reports it before any request does).
+-- KEYS   none
+-- returns 'ok'
+local refused = guard()
+if refused then return refused end
+local function main()
+  return 'ok'
+end
+return finish(main())

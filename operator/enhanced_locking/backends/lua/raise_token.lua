@@ -1,0 +1,17 @@
+-- raise-token: make a key's fencing counter at least a value (counters never fall).
+-- KEYS[1] the key's fencing counter
+-- ARGV[11] lock key  ARGV[12] value
+-- returns the counter after the call
+local refused = guard()
+if refused then return refused end
+local function main()
+  local current = tonumber(redis.call('GET', fence_name(ARGV[11])) or '0')
+  local wanted = tonumber(ARGV[12])
+  redis.call('SADD', FENCED, ARGV[11])
+  if wanted > current then
+    redis.call('SET', fence_name(ARGV[11]), ARGV[12])
+    return ARGV[12]
+  end
+  return int(current)
+end
+return finish(main())

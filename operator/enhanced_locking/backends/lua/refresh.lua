@@ -1,0 +1,26 @@
+-- refresh: restart the lease of a held lock from now (server time); ends a pending claim.
+-- KEYS[1] the key's lock hash
+-- ARGV[11] lock key  ARGV[12] owner repo  ARGV[13] owner pull  ARGV[14] lease in ms (> 0)
+-- returns {'refreshed', lock}, {'not_held'} or {'not_owned', lock}
+local refused = guard()
+if refused then return refused end
+local function main()
+  local hs = holders(ARGV[11])
+  if #hs == 0 then return {'not_held'} end
+  local lock = false
+  for _, h in ipairs(hs) do
+    if same_owner(h, ARGV[12], ARGV[13]) then lock = h end
+  end
+  if not lock then return {'not_owned', hs[1]} end
+  local exp = NOW + tonumber(ARGV[14])
+  lock[5], lock[8], lock[9] = int(exp), false, false
+  if lock[10] == 'shared' then
+    save_shared(lock)
+  else
+    redis.call('HDEL', lock_name(ARGV[11]), 'claim', 'lease')
+    redis.call('HSET', lock_name(ARGV[11]), 'exp', exp)
+    collect_after(ARGV[11], exp)
+  end
+  return {'refreshed', lock}
+end
+return finish(main())

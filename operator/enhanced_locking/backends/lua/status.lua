@@ -1,0 +1,14 @@
+-- status: where each of a replica's waiters stands (after its notifications were cut off).
+-- KEYS   none
+-- ARGV[11..] waiter ids
+-- returns one word per id: queued, granted, timeout, cancelled, deadlock, unavailable, gone
+local out = {}
+for i = 11, #ARGV do
+  if redis.call('EXISTS', waiter_name(ARGV[i])) == 1 then
+    table.insert(out, 'queued')
+  else
+    table.insert(out, redis.call('HGET', outcome_name(ARGV[i]), 'kind') or 'gone')
+  end
+end
+redis.call('ZADD', REPLICAS, NOW + REPLICA_MS, REPLICA)
+return out

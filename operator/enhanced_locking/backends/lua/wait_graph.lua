@@ -1,0 +1,30 @@
+-- wait-graph: every key with waiters, its holders' owners and its waiters, in one snapshot
+-- (so deadlock detection sees the waits of every replica at once).
+-- KEYS   none
+-- returns {now ms, {{key, first holder repo or '', its pull or '', {waiter ids},
+--          {{repo, pull} of every holder}}...}, waiter records}
+local entries, records, seen = {}, {}, {}
+for _, k in ipairs(redis.call('SMEMBERS', QUEUED)) do
+  local ids = {}
+  for level = 0, 3 do
+    for _, member in ipairs(redis.call('ZRANGE', queue_name(k, level), 0, -1)) do
+      local id = string.sub(member, 18)
+      if not seen[id] then
+        local rec = read_waiter(id)
+        seen[id] = rec or false
+        if rec then table.insert(records, rec.flat) end
+      end
+      if seen[id] then table.insert(ids, id) end
+    end
+  end
+  if #ids > 0 then
+    local owners = {}
+    for _, h in ipairs(holders(k)) do table.insert(owners, {h[6], h[7]}) end
+    if #owners > 0 then
+      table.insert(entries, {k, owners[1][1], owners[1][2], ids, owners})
+    else
+      table.insert(entries, {k, '', '', ids, owners})
+    end
+  end
+end
+return {NOW, entries, records}

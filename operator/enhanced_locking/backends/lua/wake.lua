@@ -1,0 +1,13 @@
+-- wake: serve every queue (the rules changed, or a freeze started or ended).
+-- KEYS   none
+-- returns {{}, granted, dropped} (as RELEASE)
+local refused = guard()
+if refused then return refused end
+local function main()
+  local keys = redis.call('SMEMBERS', QUEUED)
+  table.sort(keys)
+  local fx = new_effects()
+  serve(keys, fx)
+  return {{}, fx.granted, fx.dropped}
+end
+return finish(main())
