@@ -20,28 +20,40 @@ When the enhanced backend does not answer, ``fallback: legacy`` sends the reques
 every request that needs the enhanced side (its keys, and keys moving to or from it). A key
 that routes to legacy is served by legacy in both modes; if its check of the enhanced side
 could not be made, the grant is journaled and reconciled (a double hold found then is reported).
+
+Batches, queues, leases and admin calls follow the same rules (:meth:`Router.acquire_batch`):
+queues and leases exist on the enhanced side only. Three checks are written once here and used
+by every call: :func:`_peek` (a get where an outage means "unknown"), :func:`_foreign` (a hold
+by another pull) and :meth:`Router._fallback_action` (what the fallback setting does).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from datetime import timedelta
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 from enhanced_locking.backends.base import Owner
+from enhanced_locking.backends.waiting import Waiters
 from enhanced_locking.events import EventBus
+from enhanced_locking.locking import EnhancedLocker, batch
 from enhanced_locking.locking.base import AtlantisCalls, Locker
 from enhanced_locking.metrics import FallbackAction, Metrics
 from enhanced_locking.migration import identity
 from enhanced_locking.migration.controller import MigrationController
-from enhanced_locking.migration.enhanced_calls import EnhancedCalls
 from enhanced_locking.migration.handover import acquire_both, backend_of
 from enhanced_locking.migration.transition import RoutingPlan
 from enhanced_locking.provider import Snapshot
 from enhanced_locking.types import (
     AcquireResult,
     BackendUnavailable,
+    BatchItem,
+    BatchLockRequest,
+    BatchResult,
+    InvalidRequest,
     Lock,
+    LockNotHeld,
     LockNotOwned,
     LockRequest,
     Locks,
@@ -49,18 +61,52 @@ from enhanced_locking.types import (
     Side,
 )
 
-__all__ = ["Router"]
+__all__ = ["PullClosed", "Router"]
 
 Sides = list[Side]
 """Sides of a call (an alias: the router's ``list`` method shadows the builtin inside it)."""
 
+WaiterIds = list[str]
+
 OTHER_SIDE_POLL = (0.05, 1.0)
 """A waiting request held on the other side looks again after 50 ms, doubling up to 1 s."""
 
+CLOSE_TOLERANCE = timedelta(seconds=2)
+"""What was asked for or taken up to this long after a pull's close time counts as before it:
+VCS timestamps are whole seconds and its clock is not ours."""
 
-class Router(EnhancedCalls, AtlantisCalls):
-    """A locker that delegates each key to its authoritative side (batches, queues, leases and
-    admin calls: :mod:`~enhanced_locking.migration.enhanced_calls`)."""
+
+@dataclass(frozen=True)
+class PullClosed:
+    """What closing a pull request did: the locks it released and the queued requests (waiter
+    ids) it dropped."""
+
+    released: Locks
+    cancelled: WaiterIds
+
+
+async def _peek(locker: Locker, key: str) -> tuple[Lock | None, bool]:
+    """Who holds ``key`` on ``locker``, and whether it answered: a store that does not answer
+    gives ``(None, False)``, "unknown", which each caller weighs (never "free" unsaid)."""
+    try:
+        return await locker.get(key), True
+    except BackendUnavailable:
+        return None, False
+
+
+def _foreign(held: Lock | None, owner: Owner) -> Lock | None:
+    """``held`` when another pull holds it (a hold of ``owner`` itself is no obstacle)."""
+    return held if held is not None and not held.owned_by(*owner) else None
+
+
+class Router(AtlantisCalls):
+    """A locker that delegates each key to its authoritative side.
+
+    The same rules hold for every call: each key goes to its side; a key held on the other side
+    is not free; legacy stays fail fast (Atlantis never waits), so waits, queues and leases
+    exist on the enhanced side only; with enhanced locking disabled nothing reaches the
+    enhanced locker.
+    """
 
     side: Side = "enhanced"
 
@@ -110,10 +156,8 @@ class Router(EnhancedCalls, AtlantisCalls):
         return identity.checked(request.project, request.workspace, result)
 
     async def _holder_if_known(self, key: str) -> Lock | None:
-        try:
-            return await self.get(key)
-        except BackendUnavailable:
-            return None  # the acquire itself decides what an outage means
+        """The holder of ``key`` on either side; an outage is left to the acquire to decide."""
+        return (await _peek(self, key))[0]
 
     async def _acquire_routed(self, request: LockRequest) -> AcquireResult:
         if self.enhanced is None:
@@ -193,10 +237,10 @@ class Router(EnhancedCalls, AtlantisCalls):
         unchecked = False
         if other is not None:
             held, unchecked = await self._holder_on(other, request.key)
-            if held is not None:
-                if held.owned_by(*owner):  # its own lock, still on the old side: the same lock
-                    return AcquireResult.granted(held, fresh=False)
-                return AcquireResult.refused(request.key, Reason.HELD, held)
+            if (foreign := _foreign(held, owner)) is not None:
+                return AcquireResult.refused(request.key, Reason.HELD, foreign)
+            if held is not None:  # its own lock, still on the old side: the same lock
+                return AcquireResult.granted(held, fresh=False)
         result = await primary.acquire(request)
         if result.acquired and other is not None:
             # If legacy fails here the error reaches the caller with the enhanced grant kept:
@@ -210,10 +254,10 @@ class Router(EnhancedCalls, AtlantisCalls):
                     await asyncio.shield(primary.release(request.key, owner=owner))
                 raise
             unchecked = unchecked or missed
-            if held is not None and not held.owned_by(*owner):
+            if (foreign := _foreign(held, owner)) is not None:
                 # the other side granted meanwhile: back off, never share
                 await primary.release(request.key, owner=owner)
-                return AcquireResult.refused(request.key, Reason.HELD, held)
+                return AcquireResult.refused(request.key, Reason.HELD, foreign)
         if unchecked and result.acquired and result.lock is not None:
             self.metrics.fallback("unchecked")
             await self._journal_grant(result.lock)
@@ -221,27 +265,29 @@ class Router(EnhancedCalls, AtlantisCalls):
 
     async def _holder_on(self, locker: Locker, key: str) -> tuple[Lock | None, bool]:
         """Who holds ``key`` on ``locker``, and whether the answer is missing because the
-        enhanced side did not answer."""
-        try:
+        enhanced side did not answer (legacy's own failure is raised)."""
+        if locker is self.legacy:
             return await locker.get(key), False
-        except BackendUnavailable:
-            if locker is self.legacy:
-                raise
-            # The enhanced side is down while checking a legacy key: legacy keeps serving its
-            # own keys (in both fallback modes); the grant is journaled and reconciled.
-            return None, True
+        # The enhanced side is down while checking a legacy key: legacy keeps serving its own
+        # keys (in both fallback modes); the grant is journaled and reconciled.
+        held, answered = await _peek(locker, key)
+        return held, not answered
 
     async def _journal_grant(self, lock: Lock) -> None:
         if self.migration is not None:
             await self.migration.record_fallback_grant(lock)
 
-    async def _fall_back(self, request: LockRequest, error: BackendUnavailable) -> AcquireResult:
-        fallback = self._snapshot().config.fallback
-        action: FallbackAction = "legacy" if fallback == "legacy" else "refused"
+    def _fallback_action(self, key: str, repo: str, error: BackendUnavailable) -> FallbackAction:
+        """The enhanced side did not answer: count and announce what the fallback setting does
+        (``legacy`` serves the request there, ``refused`` answers ``unavailable``)."""
+        action: FallbackAction = ("legacy" if self._snapshot().config.fallback == "legacy"
+                                  else "refused")
         self.metrics.fallback(action)
-        self.events.publish("fallback", key=request.key, action=action, error=str(error),
-                            repo=request.project.repo_full_name)
-        if fallback == "legacy":
+        self.events.publish("fallback", key=key, action=action, error=str(error), repo=repo)
+        return action
+
+    async def _fall_back(self, request: LockRequest, error: BackendUnavailable) -> AcquireResult:
+        if self._fallback_action(request.key, request.project.repo_full_name, error) == "legacy":
             result = await self._acquire_on(self.legacy, None, request)
             if result.acquired and result.lock is not None:
                 await self._journal_grant(result.lock)
@@ -356,6 +402,156 @@ class Router(EnhancedCalls, AtlantisCalls):
         if self.migration is not None:
             self.migration.after_release_by_pull(repo, pull, locks)
         return locks, unreached
+
+    # --- batches ---------------------------------------------------------------------------
+    async def acquire_batch(self, request: BatchLockRequest) -> BatchResult:
+        """Every lock or none; a key held for another project refuses the batch (collision).
+
+        A batch whose keys route to both sides waits on the enhanced part first (all or
+        nothing, holding none of it while waiting), then takes the legacy part fail fast, and
+        gives the enhanced part back if the legacy part is refused: it never holds a partial set
+        while it waits."""
+        for item in request.locks:
+            refused = identity.refuse_ambiguous(item.key, item.project, item.workspace,
+                                                await self._holder_if_known(item.key))
+            if refused is not None:
+                return BatchResult(acquired=False, lock_key=item.key, reason=refused.reason,
+                                   holder=refused.holder, error=refused.error)
+        return await self._acquire_batch_routed(request)
+
+    async def _held_on_legacy(
+        self, items: Sequence[BatchItem], owner: Owner
+    ) -> BatchResult | None:
+        """The refusal of a batch part whose key another pull holds on the legacy side."""
+        for item in items:
+            held, _ = await self._holder_on(self.legacy, item.key)
+            if (foreign := _foreign(held, owner)) is not None:
+                return BatchResult(acquired=False, lock_key=item.key, reason=Reason.HELD,
+                                   holder=foreign)
+        return None
+
+    async def _acquire_batch_routed(self, request: BatchLockRequest) -> BatchResult:
+        enhanced = self._queueing()
+        on_enhanced = [i for i in request.locks if self.side_for(i.key) == "enhanced"]
+        if enhanced is None or not on_enhanced:
+            return await batch.acquire_one_by_one(self, request)
+        owner = request.owner
+        # still held on the legacy side: not free here either
+        if (refused := await self._held_on_legacy(on_enhanced, owner)) is not None:
+            return refused
+        mine_before = {
+            key for key in request.keys
+            if (lock := (await _peek(enhanced, key))[0]) is not None and lock.owned_by(*owner)
+        }
+        part = request.model_copy(update={"locks": on_enhanced})
+        try:
+            first = await enhanced.acquire_batch(part)
+        except BackendUnavailable as error:
+            if self._fallback_action(on_enhanced[0].key, owner[0], error) == "legacy":
+                served = await batch.acquire_one_by_one(self.legacy, request)
+                for lock in served.locks:  # reconciled into enhanced when it answers again
+                    await self._journal_grant(lock)
+                return served
+            return BatchResult(acquired=False, lock_key=on_enhanced[0].key,
+                               reason=Reason.UNAVAILABLE)
+        if not first.acquired:
+            return first
+
+        async def give_back() -> None:
+            for lock in first.locks:
+                if lock.key not in mine_before:
+                    await enhanced.release(lock.key, owner=owner)
+
+        # the legacy side granted one of them meanwhile: back off
+        if (refused := await self._held_on_legacy(on_enhanced, owner)) is not None:
+            await give_back()
+            return refused
+        on_legacy = [i for i in request.locks if self.side_for(i.key) != "enhanced"]
+        if not on_legacy:
+            return first
+        rest = await batch.acquire_one_by_one(
+            self, request.model_copy(update={"locks": on_legacy, "wait": None}))
+        if not rest.acquired:
+            await give_back()
+            return rest
+        by_key = {lock.key: lock for lock in [*first.locks, *rest.locks]}
+        return BatchResult(acquired=True, locks=[by_key[key] for key in request.keys])
+
+    async def release_batch(self, keys: Sequence[str], *, owner: Owner | None = None) -> Locks:
+        return await batch.release_all(self, keys, owner=owner)
+
+    # --- queues, leases and admin (the enhanced side only) --------------------------------
+    def _queueing(self) -> EnhancedLocker | None:
+        """The enhanced locker, when enhanced locking is on (queues live there only)."""
+        locker = self.enhanced
+        if locker is None or not self._snapshot().config.enabled:
+            return None
+        return locker if isinstance(locker, EnhancedLocker) else None
+
+    async def queue(self, key: str) -> Waiters:
+        """``key``'s waiters in service order (legacy has no queues)."""
+        enhanced = self._queueing()
+        return [] if enhanced is None else await enhanced.queue(key)
+
+    async def cancel_waiter(self, key: str, waiter_id: str) -> bool:
+        enhanced = self._queueing()
+        return enhanced is not None and await enhanced.cancel_waiter(key, waiter_id) is not None
+
+    async def close_pull(
+        self, repo: str, pull: int, *, closed_at: datetime | None = None
+    ) -> PullClosed:
+        """A pull request was closed or merged: drop its queued requests, then release its
+        locks (both sides). With ``closed_at`` only what it asked for or took by then (plus
+        :data:`CLOSE_TOLERANCE`) goes: a close told again after the pull was reopened and
+        locked anew changes nothing."""
+        if closed_at is not None:  # VCS times are whole seconds, and clocks differ a little
+            closed_at += CLOSE_TOLERANCE
+        cancelled: WaiterIds = []
+        granted_meanwhile: set[str] = set()
+        enhanced = self._queueing()
+        if enhanced is not None:  # first the queue, so no release hands a key to this pull
+            for key, waiter in await enhanced.waiting_for(repo, pull):
+                if closed_at is None or waiter.enqueued_at <= closed_at:
+                    if await enhanced.cancel_waiter(key, waiter.id) is not None:
+                        cancelled.append(waiter.id)
+                    else:  # granted between the look and the cancel: its locks go too
+                        granted_meanwhile.update(waiter.keys)
+        released: Locks = []
+        for lock in await self.list(repo=repo, pull=pull):
+            if (closed_at is not None and lock.acquired_at > closed_at
+                    and lock.key not in granted_meanwhile):
+                continue
+            try:
+                if (gone := await self.release(lock.key, owner=(repo, pull))) is not None:
+                    released.append(gone)
+            except LockNotOwned:
+                continue  # taken by another pull since the list: not this pull's to release
+        return PullClosed(released=released, cancelled=cancelled)
+
+    async def force_unlock(self, key: str) -> Lock | None:
+        """Free ``key`` on whichever side holds it; the enhanced side serves its queue."""
+        released = await self.legacy.release(key)
+        enhanced = self.enhanced
+        if isinstance(enhanced, EnhancedLocker):
+            released = await enhanced.force_unlock(key) or released
+        return released
+
+    async def refresh(self, key: str, *, owner: Owner, ttl: timedelta | None) -> Lock | None:
+        """Extend the lease of ``key``; ``None`` when nothing holds it.
+
+        An enhanced store that does not answer is an outage (``BackendUnavailable``, 503),
+        never "not held": a lease is only on the enhanced side, so nothing else can say.
+        """
+        enhanced = self.enhanced
+        if isinstance(enhanced, EnhancedLocker):
+            try:
+                return await enhanced.refresh(key, owner=owner, ttl=ttl)
+            except LockNotHeld:
+                pass
+        if await self.legacy.get(key) is not None:
+            raise InvalidRequest(f"key: {key} is held on the legacy side, whose locks have no "
+                                 "lease (Atlantis semantics)", field="key", key=key)
+        return None
 
 
 async def _unreachable(locker: Locker) -> bool:
