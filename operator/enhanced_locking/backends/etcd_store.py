@@ -11,14 +11,24 @@ grant, queue) run over a snapshot of the keys it reads, and committed as *one* e
 transaction whose guards are the ``mod_revision`` of every key it read (and of every key range
 it listed). If anything it read changed meanwhile, the transaction does nothing and the step
 runs again on fresh reads: software transactional memory, as etcd's own ``concurrency.STM``.
-A step that reads a key it did not fetch stops, fetches it and starts over, so each operation
-is usually two round trips (read, commit). Because the step is shared, so is every rule in it.
+Because the step is shared, so is every rule in it.
+
+**One round trip.** An operation on one key (acquire, release, expire, cancel) reads nothing
+before it runs: its first run is on what this replica last knew of the key (``_Known``: the
+keys as its last commit left them; absent, and an empty queue, for a key never seen). The
+commit's guards check that view like any read, and a commit whose guards fail reads the same
+keys in its failure branch, so the step runs again on etcd's current view without another
+round trip. An uncontended acquire + release pair is two transactions; a stale view or another
+writer costs one more per conflict, as a read would have. A refusal decided on the guess (not
+owned, held) is never answered from memory: the guards are sent first.
 
 **Layout** under ``{etcd-key-prefix}{namespace}/`` (lock keys are percent-encoded, so a key's
 entries never share a prefix with another key's):
 
 * ``lock/{key}``: the holder, Atlantis's JSON (:mod:`codec`); a leased lock is attached to an
-  etcd lease of its TTL (plus a second), so etcd itself deletes it if no replica is left to.
+  etcd lease that ends a second or two after it, so etcd itself deletes it if no replica is
+  left to. The locks a replica grants with the same end second share one lease (one grant a
+  second for a run of locks of the same TTL, not one per lock).
 * ``fence/{key}``: the key's token floor (0 unless adopted from another store with higher
   tokens); its existence also lists the key for ``export``.
 * ``queue/{key}/{waiter}``: one entry per waiter and key (a batch waiter has one per key), and
@@ -51,7 +61,7 @@ import json
 import logging
 import math
 import random
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -143,11 +153,11 @@ class _Miss(Exception):
 class _Txn:
     """One run of a step: reads from the snapshot, writes buffered until the commit."""
 
-    def __init__(self, reads: _Reads, leases: dict[int, list[int]]) -> None:
+    def __init__(self, reads: _Reads, leases: dict[int, int]) -> None:
         self.reads = reads
         self.writes: dict[bytes, tuple[bytes, int] | None] = {}
         self.leases = leases
-        self.used: dict[int, int] = collections.Counter()
+        self.used: set[int] = set()
         self.effects: list[_Effects] = []
         self.queues: dict[str, tuple[tuple[str, ...], list[Waiter]]] = {}
         self.records: dict[str, tuple[Waiter, int]] = {}
@@ -185,14 +195,82 @@ class _Txn:
     def delete(self, key: bytes) -> None:
         self.writes[key] = None
 
-    def lease(self, ttl: int) -> int:
-        """A fresh lease of ``ttl`` seconds for one write of this step."""
-        pool = self.leases.get(ttl, [])
-        index = self.used[ttl]
-        if index >= len(pool):
-            raise _Miss(lease=ttl)
-        self.used[ttl] += 1
-        return pool[index]
+    def lease(self, end: int) -> int:
+        """The lease that ends at ``end`` (seconds since the epoch), shared by every lock
+        written with that end (see ``EtcdBackend._leases``)."""
+        lease = self.leases.get(end)
+        if lease is None:
+            raise _Miss(lease=end)
+        self.used.add(lease)
+        return lease
+
+
+class _Known:
+    """What this replica last saw of the keys its one-key operations read, at which revision:
+    the first guess of the next operation on them (see ``EtcdBackend._atomic``). Never trusted:
+    every commit's guards check it, and a wrong guess costs no extra round trip. Bounded."""
+
+    LIMIT = 4096
+
+    def __init__(self) -> None:
+        self.keys: collections.OrderedDict[bytes, _KV] = collections.OrderedDict()
+        self.ranges: collections.OrderedDict[bytes, tuple[int, dict[bytes, _KV]]] = (
+            collections.OrderedDict())
+
+    def guess(self, keys: set[bytes], prefixes: set[bytes]) -> _Reads:
+        """Keys never seen are guessed absent (guard: no such key), ranges empty (guard:
+        nothing in them)."""
+        reads = _Reads()
+        for k in keys:
+            reads.keys[k] = self.keys.get(k) or _KV(None)
+        for p in prefixes:
+            reads.ranges[p] = self.ranges.get(p) or (0, {})
+        return reads
+
+    def learn(self, reads: _Reads, writes: dict[bytes, tuple[bytes, int] | None] | None = None,
+              revision: int = 0) -> None:
+        """``reads`` as etcd had them, and ``writes`` committed over them at ``revision``."""
+        writes = writes or {}
+        for k, kv in reads.keys.items():
+            if k in writes:
+                kv = _written(kv, writes[k], revision)
+            self._keep(self.keys, k, kv)
+        for p, (seen, kvs) in reads.ranges.items():
+            if writes:
+                # The guards held at ``revision``: the range is what was read, plus the writes.
+                kvs, seen = dict(kvs), revision
+                for k, written in writes.items():
+                    if k.startswith(p):
+                        if written is None:
+                            kvs.pop(k, None)
+                        else:
+                            kvs[k] = _written(kvs.get(k, _KV(None)), written, revision)
+            self._keep(self.ranges, p, (seen, kvs))
+
+    def forget(self, keys: set[bytes], prefixes: set[bytes]) -> None:
+        for k in keys:
+            self.keys.pop(k, None)
+        for p in prefixes:
+            self.ranges.pop(p, None)
+
+    def _keep(self, store: collections.OrderedDict[bytes, Any], k: bytes, value: Any) -> None:
+        store[k] = value
+        store.move_to_end(k)
+        while len(store) > self.LIMIT:
+            store.popitem(last=False)
+
+
+def _written(before: _KV, written: tuple[bytes, int] | None, revision: int) -> _KV:
+    if written is None:
+        return _KV(None)
+    create = before.create if before.value is not None else revision
+    return _KV(written[0], revision, create, written[1])
+
+
+def _lease_end(expires_at: datetime) -> int:
+    """The second (since the epoch) at which etcd deletes a lock ending at ``expires_at``:
+    at least one second after its end, so the service's own timer always acts first."""
+    return math.ceil((expires_at - _EPOCH).total_seconds()) + 1
 
 
 def _txn() -> _Txn:
@@ -347,6 +425,11 @@ class EtcdBackend(StoreBackend):
         """Calls waiting for etcd right now (tests use it to know when all is quiet)."""
         self.conflicts = 0
         """Steps run again because another writer changed what they read (for the bench)."""
+        self.missed_guesses = 0
+        """Steps run again because what this replica knew of their keys was out of date."""
+        self._known = _Known()
+        self._leases: dict[int, int] = {}
+        """Leases of locks with a TTL, by the second they end (see ``_lease_for``)."""
 
     @classmethod
     def from_config(cls, config: EnhancedLockingConfig, namespace: str) -> EtcdBackend:
@@ -424,8 +507,7 @@ class EtcdBackend(StoreBackend):
         if lock.expires_at is not None and self.lease_backstop:
             # etcd's lease is the backstop: it deletes the lock a second after its end even if
             # no replica is left to expire it (and the watchers then serve its queue).
-            seconds = (lock.expires_at - self.clock()).total_seconds()
-            lease = txn.lease(max(1, math.ceil(seconds)) + 1)
+            lease = txn.lease(_lease_end(lock.expires_at))
         txn.put(self.lock_key(lock.key), codec.encode(lock).encode(), lease)
 
     def _delete(self, key: str) -> None:
@@ -443,8 +525,7 @@ class EtcdBackend(StoreBackend):
         txn = _txn()
         lease = 0
         if lock.expires_at is not None and self.lease_backstop:
-            seconds = (lock.expires_at - self.clock()).total_seconds()
-            lease = txn.lease(max(1, math.ceil(seconds)) + 1)
+            lease = txn.lease(_lease_end(lock.expires_at))
         owner = quote(f"{lock.project.repo_full_name}#{lock.pull.num}", safe="").encode()
         txn.put(self.shared_prefix(lock.key) + owner, codec.encode(lock).encode(), lease)
 
@@ -501,8 +582,19 @@ class EtcdBackend(StoreBackend):
 
     # --- running a step ----------------------------------------------------------------------
     async def _atomic(self, run: Callable[[], Awaitable[T]], *, keys: tuple[bytes, ...] = (),
-                      prefixes: tuple[bytes, ...] = (), key: str | None = None) -> T:
-        """Run a step of StoreBackend over etcd and commit it as one guarded transaction."""
+                      prefixes: tuple[bytes, ...] = (), key: str | None = None,
+                      guess: bool = False) -> T:
+        """Run a step of StoreBackend over etcd and commit it as one guarded transaction.
+
+        With ``guess`` (the operations on one key) the first run reads nothing from etcd: it
+        runs on what this replica last knew of those keys (absent and empty for keys it never
+        saw), and its commit carries the reads it made as guards, as every commit does. A
+        commit whose guards fail returns, in the same round trip, the keys the step reads as
+        they are now, and the step runs again on them. So an operation whose keys only this
+        replica changed since is one round trip; one that guessed wrong, or met another
+        writer, is one more per conflict. A step that writes nothing still sends its guards
+        when it ran on a guess (its answer must come from etcd, not from memory).
+        """
         if _CURRENT.get() is not None:
             return await run()  # a step calling another (release -> release_and_handoff)
         client = await self.connection.client()
@@ -510,14 +602,17 @@ class EtcdBackend(StoreBackend):
             # Open the session early, off the caller's path: the first wait finds it ready.
             self._spawn(self._quietly(self._ensure_session()))
         want_keys, want_prefixes = set(keys), set(prefixes)
-        leases: dict[int, list[int]] = {}
         loop = asyncio.get_running_loop()
         give_up = loop.time() + CALL_TIMEOUT
         self.in_flight += 1
         try:
-            reads = await self._fetch(client, want_keys, want_prefixes, key=key)
+            if guess:
+                reads, verified = self._known.guess(want_keys, want_prefixes), False
+            else:
+                reads, verified = await self._fetch(client, want_keys, want_prefixes,
+                                                    key=key), True
             for attempt in range(_ATTEMPTS):
-                txn = _Txn(reads, leases)
+                txn = _Txn(reads, self._leases)
                 token = _CURRENT.set(txn)
                 try:
                     result = await run()
@@ -525,31 +620,58 @@ class EtcdBackend(StoreBackend):
                     want_keys.update(miss.keys)
                     want_prefixes.update(miss.prefixes)
                     if miss.lease:
-                        leases.setdefault(miss.lease, []).append(
-                            await self._grant_lease(client, miss.lease, key=key))
-                    more = await self._fetch(client, set(miss.keys), set(miss.prefixes),
-                                             key=key)
-                    reads.keys.update(more.keys)
-                    reads.ranges.update(more.ranges)
+                        await self._lease_for(client, miss.lease, key=key)
+                    if miss.keys or miss.prefixes:
+                        if verified:
+                            more = await self._fetch(client, set(miss.keys),
+                                                     set(miss.prefixes), key=key)
+                        else:
+                            more = self._known.guess(set(miss.keys), set(miss.prefixes))
+                        reads.keys.update(more.keys)
+                        reads.ranges.update(more.ranges)
+                    continue
+                except Exception:
+                    if verified:
+                        raise
+                    # A refusal (not held, not owned) decided on a guess: only etcd can say
+                    # whether it stands. If the guards hold it does; else run on what is.
+                    fresh = (await self._send(client, txn.reads, {}, key=key))[1]
+                    if fresh is None:
+                        raise
+                    self.missed_guesses += 1
+                    reads, verified = fresh, True
+                    if guess:
+                        self._known.learn(reads)
                     continue
                 finally:
                     _CURRENT.reset(token)
                 try:
-                    revision = await self._commit(client, txn, key=key)
+                    revision, fresh = await self._commit(client, txn, key=key,
+                                                         verified=verified)
                 except BackendUnavailable:
                     # Through a leader change the answer can be lost: whether it was written
                     # or not, the step runs again on fresh reads (guards keep it from applying
                     # twice), for as long as a call may take.
+                    self._known.forget(want_keys, want_prefixes)
                     if loop.time() > give_up:
                         raise
                     await asyncio.sleep(0.1)
-                    revision = None
+                    revision, fresh = None, None
                 if revision is None:
-                    self.conflicts += 1
+                    if verified:
+                        self.conflicts += 1
+                    else:
+                        self.missed_guesses += 1
                     if attempt > 2:  # a hot key: let the others through first
                         await asyncio.sleep(random.uniform(0, 0.002 * min(attempt, 20)))
-                    reads = await self._fetch(client, want_keys, want_prefixes, key=key)
+                    if fresh is None or attempt > 2:
+                        fresh = await self._fetch(client, want_keys, want_prefixes, key=key)
+                    reads, verified = fresh, True
+                    if guess:
+                        self._known.learn(reads)
                     continue
+                if guess:
+                    self._known.learn(txn.reads, txn.writes, revision)
                 self._after_commit(txn, revision)
                 resolved: T = _resolve(result, revision)
                 return resolved
@@ -559,15 +681,16 @@ class EtcdBackend(StoreBackend):
         finally:
             self.in_flight -= 1
 
-    async def _fetch(self, client: etcd3aio.Etcd3Client, keys: set[bytes],
-                     prefixes: set[bytes], *, key: str | None) -> _Reads:
-        """Read keys and key ranges at one revision (one transaction without guards)."""
+    def _read_ops(self, keys: Iterable[bytes], prefixes: Iterable[bytes]) -> tuple[
+            list[bytes], list[bytes], list[Any]]:
         ordered_keys, ordered_prefixes = sorted(keys), sorted(prefixes)
         ops = [_get_op(k) for k in ordered_keys]
         ops += [_get_op(p, _prefix_end(p)) for p in ordered_prefixes]
-        assert client.kv is not None
-        async with unavailable(self.connection, "read", key=key):
-            answer = await client.kv.txn([], ops, timeout=CALL_TIMEOUT)
+        return ordered_keys, ordered_prefixes, ops
+
+    @staticmethod
+    def _parse_reads(ordered_keys: list[bytes], ordered_prefixes: list[bytes],
+                     answer: Any) -> _Reads:
         revision = int(answer.header.revision)
         reads = _Reads()
         responses = list(answer.responses)
@@ -579,38 +702,61 @@ class EtcdBackend(StoreBackend):
                                           for kv in response.response_range.kvs})
         return reads
 
-    async def _commit(self, client: etcd3aio.Etcd3Client, txn: _Txn, *,
-                      key: str | None) -> int | None:
-        """Write the step's changes if nothing it read has changed; the revision, or None."""
+    async def _fetch(self, client: etcd3aio.Etcd3Client, keys: set[bytes],
+                     prefixes: set[bytes], *, key: str | None) -> _Reads:
+        """Read keys and key ranges at one revision (one transaction without guards)."""
+        ordered_keys, ordered_prefixes, ops = self._read_ops(keys, prefixes)
+        assert client.kv is not None
+        async with unavailable(self.connection, "read", key=key):
+            answer = await client.kv.txn([], ops, timeout=CALL_TIMEOUT)
+        return self._parse_reads(ordered_keys, ordered_prefixes, answer)
+
+    async def _commit(self, client: etcd3aio.Etcd3Client, txn: _Txn, *, key: str | None,
+                      verified: bool) -> tuple[int | None, _Reads | None]:
+        """Write the step's changes if nothing it read has changed: the revision (0 when
+        there was nothing to write), or ``None`` and the step's keys as they are now."""
         self._write_effects(txn)
-        if not txn.writes:
-            return 0
+        if not txn.writes and verified:
+            return 0, None
         # Our own notices are delivered when the commit answers (after the step's effects
         # are in hand), not when the watch echoes them back, which can come first.
         told = {waiter_id for fx in txn.effects for waiter_id, _ in fx.notices}
         self._telling.update(told)
         try:
-            return await self._send(client, txn, key=key)
+            revision, fresh = await self._send(client, txn.reads, txn.writes, key=key,
+                                               leases=txn.used)
         finally:
             self._telling.difference_update(told)
+        if revision is not None and not txn.writes:
+            revision = 0
+        return revision, fresh
 
-    async def _send(self, client: etcd3aio.Etcd3Client, txn: _Txn, *,
-                    key: str | None) -> int | None:
-        guards = [_mod_is(k, kv.mod) for k, kv in txn.reads.keys.items()]
-        for prefix, (revision, kvs) in txn.reads.ranges.items():
+    async def _send(self, client: etcd3aio.Etcd3Client, read: _Reads,
+                    writes: dict[bytes, tuple[bytes, int] | None], *, key: str | None,
+                    leases: set[int] | None = None) -> tuple[int | None, _Reads | None]:
+        """``writes`` if everything in ``read`` is unchanged: the revision; else ``None``
+        and, read in the same transaction, the same keys as they are now."""
+        guards = [_mod_is(k, kv.mod) for k, kv in read.keys.items()]
+        for prefix, (revision, kvs) in read.ranges.items():
             guards.append(_mod_below(prefix, _prefix_end(prefix), revision + 1))
             guards.extend(_mod_is(k, kv.mod) for k, kv in kvs.items())
         ops = [_put_op(k, v[0], v[1]) if v is not None else _delete_op(k)
-               for k, v in txn.writes.items()]
+               for k, v in writes.items()]
+        ordered_keys, ordered_prefixes, reads = self._read_ops(read.keys, read.ranges)
         assert client.kv is not None
         try:
             async with unavailable(self.connection, "write", key=key):
-                answer = await client.kv.txn(guards, ops, timeout=CALL_TIMEOUT, max_attempts=1)
+                answer = await client.kv.txn(guards, ops, reads, timeout=CALL_TIMEOUT,
+                                             max_attempts=1)
         except BackendUnavailable as error:
             if "lease not found" in str(error):
-                return None  # a waiter's replica went away meanwhile: read again
+                # A waiter's replica went away meanwhile, or a lock's lease ended: read again.
+                self._forget_leases(leases or set())
+                return None, None
             raise
-        return int(answer.header.revision) if answer.succeeded else None
+        if answer.succeeded:
+            return int(answer.header.revision), None
+        return None, self._parse_reads(ordered_keys, ordered_prefixes, answer)
 
     def _write_effects(self, txn: _Txn) -> None:
         """Queue entries added and removed, and the notices of the step, as writes."""
@@ -639,12 +785,28 @@ class EtcdBackend(StoreBackend):
         for effects in txn.effects:
             for waiter_id, notice in effects.notices:
                 self._notifier.deliver(waiter_id, _resolve(notice, revision))
-        used = {lease for ttl, pool in txn.leases.items() for lease in pool[:txn.used[ttl]]}
-        for pool in txn.leases.values():
-            for lease in pool:
-                if lease not in used:
-                    self._spawn(self._revoke(lease))
-        txn.leases.clear()
+
+    async def _lease_for(self, client: etcd3aio.Etcd3Client, end: int, *,
+                         key: str | None) -> int:
+        """The lease this replica attaches to locks that end at second ``end``: granted once
+        and shared by them all, so a run of grants with the same length costs one grant a
+        second, not one each. Never revoked: it ends by itself at ``end``, and a lock released
+        before simply leaves it."""
+        now = _ms(self.clock()) / 1000
+        for stale in [e for e in self._leases if e < now]:
+            del self._leases[stale]
+        lease = self._leases.get(end)
+        if lease is None:
+            assert client.lease is not None
+            async with unavailable(self.connection, "lease grant", key=key):
+                lease = int((await client.lease.grant(max(1, math.ceil(end - now)),
+                                                      timeout=CALL_TIMEOUT)).ID)
+            self._leases[end] = lease
+        return lease
+
+    def _forget_leases(self, leases: set[int]) -> None:
+        for end in [e for e, lease in self._leases.items() if lease in leases]:
+            del self._leases[end]
 
     async def _grant_lease(self, client: etcd3aio.Etcd3Client, ttl: int, *,
                            key: str | None) -> int:
@@ -788,7 +950,7 @@ class EtcdBackend(StoreBackend):
         return await self._atomic(lambda: StoreBackend.acquire(self, candidate),
                                   keys=self._keys_of(candidate.key),
                                   prefixes=(self.queue_prefix(candidate.key),),
-                                  key=candidate.key)
+                                  key=candidate.key, guess=True)
 
     async def get(self, key: str) -> Lock | None:
         return await self._atomic(lambda: StoreBackend.get(self, key),
@@ -855,7 +1017,7 @@ class EtcdBackend(StoreBackend):
             keys=tuple(keys),
             prefixes=tuple(p for c in candidates
                            for p in (self.queue_prefix(c.key), self.shared_prefix(c.key))),
-            key=candidates[0].key if candidates else None)
+            key=candidates[0].key if candidates else None, guess=True)
 
     async def acquire_or_enqueue(self, candidate: Lock, *, ttl: timedelta | None, wait: Any,
                                  policy: Any) -> Any:
@@ -866,20 +1028,20 @@ class EtcdBackend(StoreBackend):
         return await self._atomic(
             lambda: StoreBackend.release_and_handoff(self, key, owner=owner, policy=policy),
             keys=self._keys_of(key), prefixes=(self.queue_prefix(key), self.shared_prefix(key)),
-            key=key)
+            key=key, guess=True)
 
     async def expire(self, key: str, *, policy: Any = None) -> Any:
         return await self._atomic(lambda: StoreBackend.expire(self, key, policy=policy),
                                   keys=self._keys_of(key),
                                   prefixes=(self.queue_prefix(key), self.shared_prefix(key)),
-                                  key=key)
+                                  key=key, guess=True)
 
     async def cancel(self, key: str, waiter_id: str, *,
                      reason: Reason = Reason.CANCELLED, caller: str = "") -> Any:
         return await self._atomic(
             lambda: StoreBackend.cancel(self, key, waiter_id, reason=reason, caller=caller),
             keys=(self.waiter_key(waiter_id), self.notice_key(waiter_id), self.lock_key(key)),
-            prefixes=(self.queue_prefix(key), self.shared_prefix(key)), key=key)
+            prefixes=(self.queue_prefix(key), self.shared_prefix(key)), key=key, guess=True)
 
     async def holders(self, key: str) -> Locks:
         return await self._atomic(lambda: StoreBackend.holders(self, key),

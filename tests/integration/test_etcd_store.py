@@ -1,0 +1,190 @@
+"""What the etcd backend does to be fast stays correct when several replicas share the keys.
+
+An operation on one key starts from what its replica last knew of that key (no read first);
+the commit's guards check that knowledge. These tests make one replica's knowledge stale
+through another replica and check every answer is still etcd's: refusals (not owned, held)
+are never decided on an old view, grants never overlap (the history checker, with clients
+spread over two replicas), and queues are still served in order. Also: locks with the same
+end share one etcd lease, and etcd still deletes them after their end when no replica is
+left to do it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import secrets
+import time
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import pytest
+from tests.support.etcd_fixtures import etcd_config
+from tests.support.etcd_server import EtcdCluster
+from tests.support.grant_history import GrantHistory
+from tests.support.locks import lock_for, request_for
+
+from enhanced_locking.backends.etcd_connection import EtcdConnection, EtcdSettings
+from enhanced_locking.backends.etcd_store import EtcdBackend
+from enhanced_locking.backends.waiting import QueuePolicy, Status, Wait
+from enhanced_locking.types import Lock, LockNotOwned
+
+pytestmark = [pytest.mark.etcd, pytest.mark.timeout(120)]
+
+POLICY = QueuePolicy(priority=True, starvation_threshold=timedelta(hours=1))
+
+
+def want(pull: int, path: str = "envs/prod") -> Lock:
+    return lock_for(request_for(repo="acme/infra", path=path, pull=pull))
+
+
+def offer(seconds: float = 30) -> Wait:
+    return Wait(id=secrets.token_hex(8), timeout=timedelta(seconds=seconds))
+
+
+@pytest.fixture
+async def two(etcd_cluster: EtcdCluster, etcd_prefix: str) -> AsyncIterator[
+        tuple[EtcdBackend, EtcdBackend]]:
+    """Two replicas' backends on one etcd key space."""
+    config = etcd_config(etcd_cluster, etcd_prefix)
+    a, b = EtcdBackend.from_config(config, "enhanced"), EtcdBackend.from_config(config, "enhanced")
+    yield a, b
+    await a.close()
+    await b.close()
+
+
+async def grant(backend: EtcdBackend, candidate: Lock, ttl: timedelta | None = None) -> Lock:
+    outcome = await backend.acquire_or_enqueue(candidate, ttl=ttl, wait=None, policy=POLICY)
+    assert outcome.status is Status.GRANTED, outcome
+    return outcome.locks[0]
+
+
+async def test_a_release_on_an_old_view_is_judged_on_etcds(
+    two: tuple[EtcdBackend, EtcdBackend],
+) -> None:
+    a, b = two
+    mine = await grant(a, want(1))
+    # Behind a's back: pull 1's lock is force-unlocked and pull 2 takes the key.
+    await b.force_unlock(mine.key)
+    theirs = await grant(b, want(2))
+    # a last saw pull 1 holding the key: its release must still be refused with the real holder.
+    with pytest.raises(LockNotOwned) as refused:
+        await a.release_and_handoff(mine.key, owner=mine.owner, policy=POLICY)
+    assert refused.value.holder is not None and refused.value.holder.pull.num == 2
+    assert (await a.get(mine.key)) == theirs
+    # The other way round: a last saw pull 2 holding it; b hands it to pull 1 meanwhile.
+    await b.release_and_handoff(theirs.key, owner=theirs.owner, policy=POLICY)
+    back = await grant(b, want(1))
+    handoff = await a.release_and_handoff(back.key, owner=back.owner, policy=POLICY)
+    assert handoff.released == back
+    assert await b.get(back.key) is None
+
+
+async def test_an_acquire_on_an_old_view_neither_refuses_nor_returns_a_lock_that_is_gone(
+    two: tuple[EtcdBackend, EtcdBackend],
+) -> None:
+    a, b = two
+    first = await grant(a, want(1))
+    await b.release_and_handoff(first.key, owner=first.owner, policy=POLICY)
+    # a last saw its own pull holding the key: asking again must grant anew (a new token),
+    # not hand back the lock that was released.
+    again = await grant(a, want(1))
+    assert again.fencing_token > first.fencing_token
+    # Now b takes it over; a, which last saw pull 1 holding it, must answer held by pull 2.
+    await b.force_unlock(again.key)
+    theirs = await grant(b, want(2))
+    outcome = await a.acquire_or_enqueue(want(3), ttl=None, wait=None, policy=POLICY)
+    assert outcome.status is Status.HELD
+    assert outcome.holder == theirs
+
+
+async def test_waiters_queued_through_one_replica_are_served_by_a_release_on_another(
+    two: tuple[EtcdBackend, EtcdBackend],
+) -> None:
+    a, b = two
+    held = await grant(a, want(1))
+    await a.release_and_handoff(held.key, owner=held.owner, policy=POLICY)
+    held = await grant(a, want(1))  # a now knows the key as held, with an empty queue
+    wait = offer()
+    told = b.grants.expect(wait.id)
+    queued = await b.acquire_or_enqueue(want(2), ttl=None, wait=wait, policy=POLICY)
+    assert queued.status is Status.QUEUED
+    # a's view of the queue is stale (empty): its release must still hand the key to pull 2.
+    handoff = await a.release_and_handoff(held.key, owner=held.owner, policy=POLICY)
+    assert [g.waiter.id for g in handoff.granted] == [wait.id]
+    notice = await asyncio.wait_for(told, 10)
+    assert notice.locks and notice.locks[0].pull.num == 2
+    assert notice.locks[0].fencing_token > held.fencing_token
+
+
+async def test_clients_on_two_replicas_never_hold_a_key_together(
+    two: tuple[EtcdBackend, EtcdBackend],
+) -> None:
+    """16 clients, each on a random replica per call, 3 keys, fail-fast and waiting acquires:
+    every replica's knowledge of the keys keeps going stale, and no grant overlaps."""
+    replicas = two
+    history = GrantHistory()
+    paths = ["envs/a", "envs/b", "envs/c"]
+    deadline = time.monotonic() + 8
+
+    async def client(number: int) -> None:
+        rng = random.Random(number)
+        who = f"client-{number}"
+        while time.monotonic() < deadline:
+            on = rng.choice(replicas)
+            candidate = want(100 + number, rng.choice(paths))
+            wait = offer(2) if rng.random() < 0.5 else None
+            told = on.grants.expect(wait.id) if wait is not None else None
+            outcome = await on.acquire_or_enqueue(candidate, ttl=None, wait=wait,
+                                                  policy=POLICY)
+            lock = None
+            if outcome.status is Status.GRANTED:
+                lock = outcome.locks[0]
+            elif outcome.status is Status.QUEUED:
+                assert told is not None
+                notice = await asyncio.wait_for(told, 10)
+                lock = notice.locks[0] if notice.locks else None
+            if wait is not None:
+                on.grants.forget(wait.id)
+            if lock is None:
+                await asyncio.sleep(rng.uniform(0, 0.01))
+                continue
+            history.granted(who, lock)
+            await asyncio.sleep(rng.uniform(0, 0.005))
+            history.releasing(who, lock.key)
+            await rng.choice(replicas).release_and_handoff(lock.key, owner=lock.owner,
+                                                           policy=POLICY)
+
+    await asyncio.gather(*(client(n) for n in range(16)))
+    assert not history.violations, history.violations[:10]
+    assert history.grants > 50, history.grants
+    missed = sum(r.missed_guesses for r in replicas)
+    assert missed > 0  # the views did go stale: the guards were exercised
+
+
+async def test_locks_ending_together_share_a_lease_that_etcd_ends_after_them(
+    etcd_cluster: EtcdCluster, etcd_prefix: str,
+) -> None:
+    config = etcd_config(etcd_cluster, etcd_prefix)
+    backend = EtcdBackend.from_config(config, "enhanced")
+    try:
+        now = time.time()
+        if now % 1 > 0.7:  # both grants within one second of each other's end
+            await asyncio.sleep(1 - now % 1)
+        first = await grant(backend, want(1, "envs/a"), ttl=timedelta(seconds=2))
+        second = await grant(backend, want(2, "envs/b"), ttl=timedelta(seconds=2))
+        raw = EtcdConnection(EtcdSettings(endpoints=tuple(etcd_cluster.endpoints)))
+        try:
+            client = await raw.client()
+            assert client.kv is not None
+            keys = [backend.lock_key(first.key), backend.lock_key(second.key)]
+            stored = [(await client.kv.get(key)).kvs[0] for key in keys]
+            assert stored[0].lease != 0 and stored[0].lease == stored[1].lease
+            # No replica left to expire them: etcd deletes both a second or two after their end.
+            await backend.close()
+            await asyncio.sleep(2 + 3.5)
+            assert [len((await client.kv.get(key)).kvs) for key in keys] == [0, 0]
+        finally:
+            await raw.close()
+    finally:
+        await backend.close()
