@@ -104,14 +104,22 @@ async def _client(number: int, urls: list[str], history: History, stop: asyncio.
             history.record(Hold(name, lock["key"], lock["fencingToken"], start,
                                 time.monotonic()))
             seen["granted"] += 1
-            with contextlib.suppress(httpx.TransportError):
-                for _ in range(100):
-                    released = await http.delete("/v1/locks/by-key",
-                                                 params={"key": lock["key"], "pull": pull})
-                    if released.status_code in (200, 404):
-                        break
-                    seen["release retried"] += 1
+            # Release through whichever replica is up: a release lost with a dead replica
+            # would leave the pull holding the key, and its next acquire of that key would
+            # get the same lock back (the holder's own pull asking again), not a new grant.
+            for _ in range(100):
+                try:
+                    released = await https[preferred].delete(
+                        "/v1/locks/by-key", params={"key": lock["key"], "pull": pull})
+                except httpx.TransportError:
+                    seen["replica unreachable"] += 1
+                    preferred = (preferred + 1) % len(urls)
                     await asyncio.sleep(0.05)
+                    continue
+                if released.status_code in (200, 404):
+                    break
+                seen["release retried"] += 1
+                await asyncio.sleep(0.05)
 
 
 async def _chaos(cluster: EtcdCluster, replica: ServiceProcess, stop: asyncio.Event,
