@@ -105,10 +105,9 @@ if docker image inspect "${TEST_IMAGE}" >/dev/null 2>&1; then
   kind load docker-image "${TEST_IMAGE}" --name "${CLUSTER}"
 fi
 
-log "installing the chart (CRDs and operator), then the default LockPolicy and LockMigration"
+log "installing the chart: CRDs, operator, the default LockPolicy and LockMigration"
 helm install "${RELEASE}" "${CHART}" -n "${NAMESPACE}" --create-namespace \
   --set image.pullPolicy=Never --wait --timeout 5m
-helm upgrade "${RELEASE}" "${CHART}" -n "${NAMESPACE}" --reuse-values --wait --timeout 5m
 kubectl rollout status -n "${NAMESPACE}" "deployment/${RELEASE}" --timeout=180s
 kubectl wait -n "${NAMESPACE}" --for=condition=Ready --timeout=120s \
   lockpolicy/default lockmigration/to-enhanced

@@ -362,17 +362,31 @@ def test_the_etcd_password_goes_through_one_secret(helm: Helm) -> None:
 
 
 def test_default_crs_wait_for_the_kinds_to_be_served(helm: Helm) -> None:
-    """In the install that brings the CRDs, Helm could not map a LockPolicy: it is left out."""
+    """In the install that brings the CRDs Helm could not map a LockPolicy in the manifest:
+    the default CRs are created by a hook, after the CRDs, owned by the release."""
     first = helm.template(api_versions=())
     assert of_kind(first, "CustomResourceDefinition")
-    assert not of_kind(first, "LockPolicy") and not of_kind(first, "LockMigration")
+    for kind in ("LockPolicy", "LockMigration"):
+        (hooked,) = of_kind(first, kind)
+        annotations = hooked["metadata"]["annotations"]
+        assert annotations["helm.sh/hook"] == "post-install,post-rollback"
+        assert annotations["helm.sh/hook-delete-policy"] == "before-hook-creation"
+        assert annotations["helm.sh/resource-policy"] == "keep"
+        assert annotations["meta.helm.sh/release-name"] == "t"
+        assert annotations["meta.helm.sh/release-namespace"] == "atlantis"
+        assert hooked["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
     later = helm.template()
     (policy,) = of_kind(later, "LockPolicy")
     (migration,) = of_kind(later, "LockMigration")
-    assert policy["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert policy["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+    assert migration["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
     assert migration["spec"]["policyRef"] == {"name": policy["metadata"]["name"]}
+    (hooked_migration,) = of_kind(first, "LockMigration")
+    assert hooked_migration["spec"] == migration["spec"], "the same spec either way"
     external = helm.template("--set", "crds.install=false", api_versions=())
-    assert of_kind(external, "LockPolicy"), "CRDs managed elsewhere are assumed served"
+    (assumed,) = of_kind(external, "LockPolicy")
+    assert "helm.sh/hook" not in assumed["metadata"]["annotations"], \
+        "CRDs managed elsewhere are assumed served"
 
 
 def test_the_chart_crds_are_the_repository_crds(helm: Helm) -> None:
@@ -406,56 +420,149 @@ def test_the_monitoring_assets_are_shipped_verbatim(helm: Helm) -> None:
 # --- 2. the API server -----------------------------------------------------------------------
 
 
+def _remove_crds(cluster: KubeCluster) -> None:
+    """Deletes the CRDs (and so every LockPolicy and LockMigration) and waits until the kinds
+    are no longer served: the next ``helm install`` is a first install."""
+    cluster.kubectl("delete", "crd", *CRD_NAMES, "--ignore-not-found", "--wait=true",
+                    "--timeout=60s")
+    wait_for("the kinds to be gone", lambda: all(
+        cluster.kubectl("get", f"{name.split('.', 1)[0]}.{GROUP}", "-A", check=False
+                        ).returncode != 0 for name in CRD_NAMES))
+
+
+def _volume_for_the_claim(cluster: KubeCluster, namespace: str, claim: str) -> None:
+    """A PersistentVolume bound ahead to the chart's claim: no provisioner runs here, and
+    ``helm install --wait`` waits for the claim to be bound."""
+    volume = {
+        "apiVersion": "v1", "kind": "PersistentVolume",
+        "metadata": {"name": f"{namespace}-data"},
+        "spec": {
+            "capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
+            "persistentVolumeReclaimPolicy": "Delete",
+            "hostPath": {"path": f"/nonexistent/{namespace}"},
+            "claimRef": {"namespace": namespace, "name": claim},
+        },
+    }
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(volume))
+
+
 def test_install_upgrade_rollback_and_uninstall(
-    helm: Helm, kube_cluster: KubeCluster, namespace: str
+    helm: Helm, kube_cluster: KubeCluster, namespace: str, tmp_path: Path,
 ) -> None:
-    """The CRDs and default CRs through a release's whole life."""
+    """The CRDs and default CRs through a release's whole life, from one ``helm install`` on a
+    cluster without the CRDs, with the operator (on the chart's ServiceAccount) following."""
     release = unique("life")
+    if kube_cluster.mode == "local":
+        _remove_crds(kube_cluster)  # this cluster is the test's own: a first install for real
     owner = crd_owner(kube_cluster)
     flags = ["--set", "crds.install=false"] if owner != "absent" else []
-    installed = helm.run("install", release, str(CHART_DIR), "-n", namespace, *flags)
+    # `--wait`, as docs/06-kubernetes.md installs: Helm waits for the CRDs to be established
+    # before the hook creates the CRs. Everything it waits for must become ready without a
+    # kubelet: no pod (the operator runs below as a local process) and a volume for the claim.
+    _volume_for_the_claim(kube_cluster, namespace, f"{release}-enhanced-locking")
+    installed = helm.run("install", release, str(CHART_DIR), "-n", namespace, "--wait",
+                         "--timeout=3m", "--set", "replicaCount=0", *flags)
+    assert "NEXT STEP" not in installed.stdout
+    assert "helm rollback` restores them" in installed.stdout
 
-    def migration() -> dict[str, Any] | None:
+    def cr(plural: str, name: str) -> dict[str, Any] | None:
         found: dict[str, Any] | None = get_json(
-            kube_cluster, "lockmigrations.locking.runatlantis.io", "to-enhanced", "-n", namespace
-        )
+            kube_cluster, f"{plural}.{GROUP}", name, "-n", namespace)
         return found
 
+    def migration() -> dict[str, Any] | None:
+        return cr("lockmigrations", "to-enhanced")
+
+    def reconciled(plural: str, name: str, **status: Any) -> dict[str, Any] | None:
+        """The CR once the operator reported Ready=True for its current generation."""
+        obj = cr(plural, name)
+        if obj is None or obj.get("status", {}).get("observedGeneration") != \
+                obj["metadata"]["generation"] or condition(obj).get("status") != "True":
+            return None
+        return obj if all(obj["status"].get(k) == v for k, v in status.items()) else None
+
+    # One install brought everything: the CRDs and, once they were served, the default CRs.
     if owner == "absent":
-        # The install brought the CRDs: no CR in it, and NOTES says how to create them.
-        assert "NEXT STEP" in installed.stdout and "--reuse-values" in installed.stdout
         for name in CRD_NAMES:
             crd = get_json(kube_cluster, "crd", name)
             assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
             assert crd["metadata"]["annotations"]["meta.helm.sh/release-name"] == release
-        assert migration() is None
-        helm.run("upgrade", release, str(CHART_DIR), "-n", namespace, "--reuse-values")
+        annotations = migration()["metadata"]["annotations"]  # type: ignore[index]
+        assert annotations["locking.runatlantis.io/created-by"] == "install-hook"
     created = migration()
     assert created is not None and created["spec"]["weight"] == 0
     assert created["metadata"]["annotations"]["meta.helm.sh/release-name"] == release
+    policy = cr("lockpolicies", "default")
+    assert policy is not None and policy["spec"] == {"enabled": True, "backend": "boltdb"}
     for kind in ("deployment", "service", "serviceaccount", "role", "rolebinding", "configmap",
                  "persistentvolumeclaim"):
         assert get_json(kube_cluster, kind, f"{release}-enhanced-locking", "-n", namespace), kind
 
-    helm.run("upgrade", release, str(CHART_DIR), "-n", namespace, "--reuse-values",
-             "--set", "lockMigration.spec.weight=40")
-    weighted = migration()
-    assert weighted is not None and weighted["spec"]["weight"] == 40
-    status = helm.run("status", release, "-n", namespace, "-o", "json").stdout
-    weighted_revision = json.loads(status)["version"]
+    # The operator, as the pod would run it, applies both (no kubelet here: a local process
+    # with the chart's ServiceAccount token).
+    account = f"{release}-enhanced-locking"
+    operator = OperatorProcess(
+        service_account_kubeconfig(kube_cluster, namespace, account, tmp_path / "sa.kubeconfig"),
+        namespace, tmp_path)
+    try:
+        operator.start()
 
-    # An upgrade that changes nothing in the CRs leaves them untouched (same resourceVersion).
-    helm.run("upgrade", release, str(CHART_DIR), "-n", namespace, "--reuse-values",
-             "--set", "resources.requests.cpu=100m")
-    untouched = migration()
-    assert untouched is not None
-    assert untouched["metadata"]["resourceVersion"] == weighted["metadata"]["resourceVersion"]
+        def follows(what: str, weight: int) -> None:
+            wait_for(f"{what}: both CRs reconciled at weight {weight}", lambda: (
+                reconciled("lockpolicies", "default")
+                and reconciled("lockmigrations", "to-enhanced", currentWeight=weight)
+                and operator.get_json("/v1/config")["routing"]["weight"] == weight),
+                timeout=90, details=operator.output)
 
-    helm.run("upgrade", release, str(CHART_DIR), "-n", namespace, "--reuse-values",
-             "--set", "lockMigration.spec.weight=75")
-    helm.run("rollback", release, str(weighted_revision), "-n", namespace)
-    rolled_back = migration()
-    assert rolled_back is not None and rolled_back["spec"]["weight"] == 40
+        follows("after the install", 0)
+
+        # The first upgrade takes the install's CRs into the release, and still changes them.
+        helm.run("upgrade", release, str(CHART_DIR), "-n", namespace, "--reuse-values",
+                 "--set", "lockMigration.spec.weight=40")
+        weighted = migration()
+        assert weighted is not None and weighted["spec"]["weight"] == 40
+        assert "locking.runatlantis.io/created-by" not in weighted["metadata"]["annotations"]
+        manifest = rendered_objects(helm.run("get", "manifest", release, "-n", namespace).stdout)
+        assert {o["kind"] for o in manifest} >= {"LockPolicy", "LockMigration"}, \
+            "release resources from now on"
+        follows("after the first upgrade", 40)
+        status = helm.run("status", release, "-n", namespace, "-o", "json").stdout
+        weighted_revision = json.loads(status)["version"]
+
+        # An upgrade that changes nothing in the CRs leaves them untouched (same resourceVersion).
+        helm.run("upgrade", release, str(CHART_DIR), "-n", namespace, "--reuse-values",
+                 "--set", "resources.requests.cpu=100m")
+        untouched = migration()
+        assert untouched is not None
+        assert untouched["metadata"]["resourceVersion"] == weighted["metadata"]["resourceVersion"]
+
+        helm.run("upgrade", release, str(CHART_DIR), "-n", namespace, "--reuse-values",
+                 "--set", "lockMigration.spec.weight=75")
+        moved = migration()
+        assert moved is not None and moved["metadata"]["uid"] == weighted["metadata"]["uid"], \
+            "later upgrades patch the CR in place"
+        follows("after an upgrade to 75", 75)
+        helm.run("rollback", release, str(weighted_revision), "-n", namespace)
+        rolled_back = migration()
+        assert rolled_back is not None and rolled_back["spec"]["weight"] == 40
+        follows("after the rollback", 40)
+
+        # Back to the install: its CRs come back too (the install's hook runs on post-rollback),
+        # and the next upgrade takes them into the release again.
+        if owner == "absent":
+            helm.run("rollback", release, "1", "-n", namespace)
+            first = migration()
+            assert first is not None and first["spec"]["weight"] == 0
+            follows("after the rollback to the install", 0)
+            helm.run("upgrade", release, str(CHART_DIR), "-n", namespace, "--reuse-values",
+                     "--set", "lockMigration.spec.weight=40")
+            again = migration()
+            assert again is not None and again["spec"]["weight"] == 40
+            follows("after the upgrade from the install", 40)
+        log = operator.output(limit=10**7)
+        assert "Forbidden" not in log and "Not enough permissions" not in log, log
+    finally:
+        operator.stop()
 
     # The test hook is a valid Pod (no kubelet here runs it; hack/kind-e2e.sh runs `helm test`).
     test_pod = helm.run("template", release, str(CHART_DIR), "-n", namespace,
@@ -472,6 +579,7 @@ def test_install_upgrade_rollback_and_uninstall(
         assert get_json(kube_cluster, "crd", name), f"{name} kept"
     gone = get_json(kube_cluster, "deployment", f"{release}-enhanced-locking", "-n", namespace)
     assert gone is None, "the rest of the release is gone"
+    kube_cluster.kubectl("delete", "pv", f"{namespace}-data", "--wait=false", check=False)
 
 
 @pytest.mark.parametrize("values", CI_VALUES, ids=lambda p: p.name)

@@ -124,18 +124,114 @@ the Redis and etcd Secrets and rbac.extraSecretNames.
 {{- end }}
 
 {{/*
-enhanced-locking.createDefaultCRs: "true" when the default LockPolicy/LockMigration can be part
-of this render. Helm maps every manifest of a release to a kind before it creates anything, so
-in the very install that brings the CRDs (crds.install, kinds not served yet) a LockPolicy
-cannot be in the manifest: that install leaves the default CRs out, and the next
-`helm upgrade` creates them as ordinary release resources. (A post-install hook would create
-them once, but outside the release: Helm then either deletes and re-creates them on every
-upgrade, switching routing back to the static config in between, or adopts them with an empty
-patch that silently drops the first change. docs/06-kubernetes.md has the details.)
+enhanced-locking.defaultCRs: how this render carries the default LockPolicy and LockMigration:
+  "release": as release resources (the kinds are served, or crds.install=false and the CRDs
+             are managed elsewhere): `helm upgrade` patches them, `helm rollback` restores them;
+  "hook":    in the install that brings the CRDs. Helm maps every object of the release
+             manifest to a kind before it creates any, so a LockPolicy cannot be in the very
+             manifest that creates its CRD; it is created by a `post-install` hook instead,
+             which runs once the manifest (the CRDs included) is applied. The hook also runs on
+             `post-rollback`, so a rollback to the install revision restores the install's CRs.
+The hook's objects carry the release's ownership metadata, so the next upgrade takes them into
+the release (see enhanced-locking.crAdoption).
 */}}
-{{- define "enhanced-locking.createDefaultCRs" -}}
+{{- define "enhanced-locking.defaultCRs" -}}
 {{- $served := and (.Capabilities.APIVersions.Has "locking.runatlantis.io/v1alpha1/LockPolicy") (.Capabilities.APIVersions.Has "locking.runatlantis.io/v1alpha1/LockMigration") }}
-{{- if or $served (not .Values.crds.install) }}true{{ end }}
+{{- if or $served (not .Values.crds.install) }}release{{ else }}hook{{ end }}
+{{- end }}
+
+{{/*
+enhanced-locking.crAdoption: "true" when this upgrade takes a default CR created by the install's
+hook into the release; called with (dict "ctx" $ "plural" "lockpolicies" "name" "default").
+Helm takes an existing object into a release by patching it from the new manifest to the new
+manifest, an empty patch for a custom resource (helm/helm#11638): the values of that upgrade
+would never reach it. So that one upgrade re-creates the CR from its new spec with a
+`pre-upgrade` hook (enhanced-locking.crAdoptionHook) before adopting it; the re-created object
+no longer carries the install's mark, so later upgrades patch it as usual.
+*/}}
+{{- define "enhanced-locking.crAdoption" -}}
+{{- $ctx := .ctx }}
+{{- if and $ctx.Release.IsUpgrade (eq (include "enhanced-locking.defaultCRs" $ctx) "release") }}
+{{- $live := lookup "locking.runatlantis.io/v1alpha1" (index (dict "lockpolicies" "LockPolicy" "lockmigrations" "LockMigration") .plural) (include "enhanced-locking.watchNamespace" $ctx) .name }}
+{{- if eq (dig "metadata" "annotations" "locking.runatlantis.io/created-by" "" $live) "install-hook" }}true{{ end }}
+{{- end }}
+{{- end }}
+
+{{/*
+enhanced-locking.crMetadata: metadata of a default CR; called with (dict "ctx" $ "name" N
+"mode" M) where M is "release", "hook" (created by the install) or "adoption" (re-created by
+the upgrade that adopts it).
+*/}}
+{{- define "enhanced-locking.crMetadata" -}}
+{{- $ctx := .ctx -}}
+name: {{ .name }}
+namespace: {{ include "enhanced-locking.watchNamespace" $ctx }}
+labels:
+  {{- include "enhanced-locking.labels" $ctx | nindent 2 }}
+annotations:
+  # Kept on uninstall and on a rollback to before it existed: deleting it would switch
+  # lock routing back to the static config while locks are held.
+  helm.sh/resource-policy: keep
+  {{- if ne .mode "release" }}
+  {{- if eq .mode "hook" }}
+  helm.sh/hook: post-install,post-rollback
+  locking.runatlantis.io/created-by: install-hook
+  {{- else }}
+  helm.sh/hook: pre-upgrade
+  {{- end }}
+  helm.sh/hook-delete-policy: before-hook-creation
+  # The release's ownership, so that the next upgrade may take the object into the release.
+  meta.helm.sh/release-name: {{ $ctx.Release.Name }}
+  meta.helm.sh/release-namespace: {{ $ctx.Release.Namespace }}
+  {{- end }}
+{{- end }}
+
+{{/*
+enhanced-locking.lockPolicy: the default LockPolicy as YAML; called with (dict "ctx" $ "mode" M).
+*/}}
+{{- define "enhanced-locking.lockPolicy" -}}
+{{- $ctx := .ctx }}
+{{- $spec := deepCopy $ctx.Values.lockPolicy.spec }}
+{{- $redisSecret := include "enhanced-locking.redisSecretName" $ctx }}
+{{- if and $redisSecret (eq (get $spec "backend") "redis") }}
+{{- $redis := get $spec "redis" | default dict }}
+{{- if not (hasKey $redis "passwordSecretRef") }}
+{{- $_ := set $redis "passwordSecretRef" (dict "name" $redisSecret "key" $ctx.Values.redis.auth.key) }}
+{{- end }}
+{{- $_ := set $spec "redis" $redis }}
+{{- end }}
+{{- $etcdSecret := include "enhanced-locking.etcdSecretName" $ctx }}
+{{- if and $etcdSecret (eq (get $spec "backend") "etcd") }}
+{{- $etcd := get $spec "etcd" | default dict }}
+{{- if not (hasKey $etcd "passwordSecretRef") }}
+{{- $_ := set $etcd "passwordSecretRef" (dict "name" $etcdSecret "key" $ctx.Values.etcd.auth.key) }}
+{{- end }}
+{{- $_ := set $spec "etcd" $etcd }}
+{{- end }}
+apiVersion: locking.runatlantis.io/v1alpha1
+kind: LockPolicy
+metadata:
+  {{- include "enhanced-locking.crMetadata" (dict "ctx" $ctx "name" $ctx.Values.operator.policyName "mode" .mode) | nindent 2 }}
+spec:
+  {{- toYaml $spec | nindent 2 }}
+{{- end }}
+
+{{/*
+enhanced-locking.lockMigration: the default LockMigration as YAML; called with (dict "ctx" $
+"mode" M). Its policyRef is operator.policyName unless the spec names one.
+*/}}
+{{- define "enhanced-locking.lockMigration" -}}
+{{- $ctx := .ctx }}
+{{- $spec := deepCopy $ctx.Values.lockMigration.spec }}
+{{- if not (hasKey $spec "policyRef") }}
+{{- $_ := set $spec "policyRef" (dict "name" $ctx.Values.operator.policyName) }}
+{{- end }}
+apiVersion: locking.runatlantis.io/v1alpha1
+kind: LockMigration
+metadata:
+  {{- include "enhanced-locking.crMetadata" (dict "ctx" $ctx "name" $ctx.Values.operator.migrationName "mode" .mode) | nindent 2 }}
+spec:
+  {{- toYaml $spec | nindent 2 }}
 {{- end }}
 
 {{/*
