@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from enhanced_locking.types import Event, Lock, utcnow
+from enhanced_locking.types import Event, Lock, built, utcnow
 
 __all__ = ["EVENT_TYPES", "Bus", "EventBus", "Gap", "parse_event_id"]
 
@@ -110,8 +110,8 @@ class EventBus:
         key = key or (lock.key if lock else None)
         repo = lock.project.repo_full_name if lock else details.pop("repo", None)
         # Built without re-validation: every field is ours and already of its type.
-        event = Event.model_construct(id=self._next_id(), type=type, time=utcnow(), key=key,
-                                      repo=repo, lock=lock, details=details)
+        event = built(Event, id=self._next_id(), type=type, time=utcnow(), key=key, repo=repo,
+                      lock=lock, details=details)
         self._ring.append(event)
         for subscriber in list(self._subscribers):
             subscriber(event)

@@ -13,7 +13,7 @@ exported name (a renamed metric would silently read as zero).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
@@ -36,6 +36,8 @@ class Tallies:
     fallbacks: int = 0
     """Fallbacks of every action."""
 
+_Metric = TypeVar("_Metric", Counter, Gauge, Histogram)
+
 # Lock operations on Terraform projects last from milliseconds (fail fast) to many minutes
 # (waiting behind an apply), so the wait buckets reach far; acquire latency stays short.
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -47,6 +49,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
         self.acquire_seconds = Histogram(
             "enhanced_locking_acquire_duration_seconds",
@@ -181,6 +184,15 @@ class Metrics:
     def tallies(self) -> Tallies:
         """The running totals the rollout's analysis reads."""
         return Tallies(*self._counts)
+
+    def labelled(self, metric: _Metric, *values: str) -> _Metric:
+        """``metric.labels(*values)``, kept: the hot path asks for the same few children on
+        every call, and prometheus-client checks and locks on each ``labels``."""
+        key = (id(metric), values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import enum
 import urllib.parse
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -39,6 +39,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic.alias_generators import to_camel
+from pydantic.fields import FieldInfo
 
 from enhanced_locking.durations import (
     DURATION_FORM,
@@ -85,9 +86,11 @@ __all__ = [
     "VcsHost",
     "VcsHostType",
     "Verb",
+    "built",
     "clean_path",
     "collision_message",
     "lock_key",
+    "replaced",
     "strip_credentials",
     "utcnow",
     "vcs_host_from_url",
@@ -127,6 +130,57 @@ class _Model(BaseModel):
         populate_by_name=True,
         extra="forbid",
     )
+
+
+_ModelT = TypeVar("_ModelT", bound=BaseModel)
+_DEFAULTS: dict[type[BaseModel], tuple[dict[str, Any], dict[str, FieldInfo]]] = {}
+
+
+def _defaults_of(cls: type[BaseModel]) -> tuple[dict[str, Any], dict[str, FieldInfo]]:
+    """Each field's default in field order, and the fields whose default is made per model
+    (a factory, or a mutable value pydantic copies)."""
+    plain: dict[str, Any] = {}
+    fresh: dict[str, FieldInfo] = {}
+    for name, field in cls.__pydantic_fields__.items():
+        plain[name] = field.default
+        if field.default_factory is not None or isinstance(field.default, list | dict | set):
+            fresh[name] = field
+    _DEFAULTS[cls] = plain, fresh
+    return plain, fresh
+
+
+def built(cls: type[_ModelT], /, **values: Any) -> _ModelT:
+    """A model of ``values`` that are already of their types (ours, just checked or read),
+    without validating them again: the hot path's ``model_construct``, at a fraction of its
+    cost. Fields not given take their defaults; private attributes theirs."""
+    plain, fresh = _DEFAULTS.get(cls) or _defaults_of(cls)
+    data = {**plain, **values}
+    for name, field in fresh.items():
+        if name not in values:
+            data[name] = field.get_default(call_default_factory=True, validated_data=None)
+    model = cls.__new__(cls)
+    _set = object.__setattr__
+    _set(model, "__dict__", data)
+    _set(model, "__pydantic_fields_set__", set(values))
+    _set(model, "__pydantic_extra__", None)
+    privates = cls.__private_attributes__
+    _set(model, "__pydantic_private__", {
+        name: attribute.get_default() for name, attribute in privates.items()
+    } if privates else None)
+    return model
+
+
+def replaced(model: _ModelT, /, **changes: Any) -> _ModelT:
+    """``model`` with ``changes`` (already of their types), not validated again: the hot
+    path's ``model_copy(update=...)``."""
+    copy = type(model).__new__(type(model))
+    _set = object.__setattr__
+    _set(copy, "__dict__", {**model.__dict__, **changes})
+    _set(copy, "__pydantic_fields_set__", model.__pydantic_fields_set__ | changes.keys())
+    _set(copy, "__pydantic_extra__", None)
+    private = model.__pydantic_private__
+    _set(copy, "__pydantic_private__", dict(private) if private else None)
+    return copy
 
 
 Name = Annotated[str, Field(min_length=1, max_length=512)]
@@ -522,7 +576,7 @@ class AcquireResult(_Model):
     @classmethod
     def granted(cls, lock: Lock, *, fresh: bool = True) -> AcquireResult:
         """``fresh``: granted by this call (false when the pull already held it)."""
-        result = cls(acquired=True, lock_key=lock.key, lock=lock)
+        result = built(cls, acquired=True, lock_key=lock.key, lock=lock)
         result._fresh = fresh
         return result
 

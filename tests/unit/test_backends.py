@@ -7,6 +7,8 @@ outlives the backend object (the embedded file, Redis).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 from datetime import timedelta
 from pathlib import Path
 
@@ -14,8 +16,9 @@ import pytest
 from tests.support.backends import BACKEND_KINDS, BackendFactory
 from tests.support.locks import lock_for, request_for
 
-from enhanced_locking.backends import EmbeddedBackend, MemoryBackend
-from enhanced_locking.types import BackendUnavailable, LockNotOwned, StoreRefused, utcnow
+from enhanced_locking.backends import EmbeddedBackend, MemoryBackend, codec
+from enhanced_locking.backends.embedded import APPLICATION_ID, SCHEMA_VERSION
+from enhanced_locking.types import BackendUnavailable, Lock, LockNotOwned, StoreRefused, utcnow
 
 PERSISTENT = [name for name, kind in BACKEND_KINDS.items() if kind.persistent]
 
@@ -214,3 +217,86 @@ async def test_an_empty_file_is_refused_unless_initialised(data_dir: Path) -> No
         assert granted and lock.fencing_token > 1  # from the clock: above any lost token
     finally:
         await backend.close()
+
+
+# The layout of schema version 0, as files written before version 2 have it.
+VERSION_0 = """
+CREATE TABLE locks (
+    ns TEXT NOT NULL, key TEXT NOT NULL, repo TEXT NOT NULL, pull INTEGER NOT NULL,
+    data TEXT NOT NULL, PRIMARY KEY (ns, key)
+);
+CREATE INDEX locks_by_pull ON locks (ns, repo, pull);
+CREATE TABLE shared_locks (
+    ns TEXT NOT NULL, key TEXT NOT NULL, repo TEXT NOT NULL, pull INTEGER NOT NULL,
+    data TEXT NOT NULL, token INTEGER NOT NULL, PRIMARY KEY (ns, key, repo, pull)
+);
+CREATE INDEX shared_by_pull ON shared_locks (ns, repo, pull);
+CREATE TABLE fencing (
+    ns TEXT NOT NULL, key TEXT NOT NULL, token INTEGER NOT NULL, PRIMARY KEY (ns, key)
+);
+CREATE TABLE meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TRIGGER fencing_floor_on_insert AFTER INSERT ON fencing BEGIN
+    UPDATE meta SET value = NEW.token WHERE name = 'token_floor' AND value < NEW.token;
+END;
+CREATE TRIGGER fencing_floor_on_update AFTER UPDATE OF token ON fencing BEGIN
+    UPDATE meta SET value = NEW.token WHERE name = 'token_floor' AND value < NEW.token;
+END;
+"""
+
+
+def _write_version_0(path: Path, held: list[Lock], counters: dict[tuple[str, str], int],
+                     floor: int) -> None:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.executescript(VERSION_0)
+        db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        db.execute("INSERT INTO meta VALUES ('token_floor', ?)", (floor,))
+        for (namespace, key), token in counters.items():
+            db.execute("INSERT INTO fencing VALUES (?, ?, ?)", (namespace, key, token))
+        for lock in held:
+            db.execute("INSERT INTO locks VALUES (?, ?, ?, ?, ?)", (
+                lock.backend, lock.key, lock.project.repo_full_name, lock.pull.num,
+                codec.encode(lock)))
+        db.commit()
+
+
+async def test_a_version_0_store_is_migrated_in_place_keeping_locks_counters_and_floor(
+    data_dir: Path,
+) -> None:
+    path = data_dir / "enhanced-locking.db"
+    held = lock_for(request_for(path="a", pull=1)).model_copy(update={"fencing_token": 7})
+    legacy = lock_for(request_for(path="a", pull=2), backend="legacy").model_copy(
+        update={"fencing_token": 3})
+    released_key = request_for(path="b").key
+    # Key a: 7 handed out (held); key b: 12 handed out, released; the floor saw 20 once.
+    _write_version_0(path, [held, legacy], {
+        ("enhanced", held.key): 7, ("enhanced", released_key): 12, ("legacy", legacy.key): 3,
+    }, floor=20)
+
+    backend, other_side = EmbeddedBackend(path), EmbeddedBackend(path, "legacy")
+    try:
+        assert await backend.get(held.key) == held
+        assert await backend.list() == [held]
+        assert await other_side.list() == [legacy]
+        assert (await backend.export())[1] == {held.key: 7, released_key: 12}
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+            tables = {row[0] for row in db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+            assert "fencing" not in tables
+        granted, again = await backend.acquire(lock_for(request_for(path="a", pull=5)))
+        assert not granted and again == held, "the migrated lock is still held"
+        await backend.release(held.key)
+        _, after = await backend.acquire(lock_for(request_for(path="a", pull=5)))
+        _, on_b = await backend.acquire(lock_for(request_for(path="b", pull=5)))
+        _, new_key = await backend.acquire(lock_for(request_for(path="c", pull=5)))
+        assert after.fencing_token == 8 and on_b.fencing_token == 13
+        assert new_key.fencing_token > 20, "a new key starts above the floor"
+    finally:
+        await backend.close()
+        await other_side.close()
+    reopened = EmbeddedBackend(path)  # opened again: already version 2, nothing moves
+    try:
+        assert {lock.key: lock.fencing_token for lock in await reopened.list()} == {
+            after.key: 8, on_b.key: 13, new_key.key: new_key.fencing_token}
+    finally:
+        await reopened.close()

@@ -54,7 +54,16 @@ from enhanced_locking.backends.waiting import (
     Waiters,
     service_order,
 )
-from enhanced_locking.types import Lock, LockNotHeld, LockNotOwned, Locks, Mode, Reason, utcnow
+from enhanced_locking.types import (
+    Lock,
+    LockNotHeld,
+    LockNotOwned,
+    Locks,
+    Mode,
+    Reason,
+    replaced,
+    utcnow,
+)
 
 __all__ = ["Backend", "Owner", "QueueBackend", "StoreBackend", "parts_of"]
 
@@ -283,6 +292,13 @@ class StoreBackend(abc.ABC):
     def _scan(self, repo: str | None, pull: int | None) -> Locks:
         """Every lock (both modes), optionally of one repository and/or pull."""
 
+    def _take_free(self, lock: Lock) -> Lock | None:
+        """Grant ``lock`` (times stamped, token to come) in one atomic step if its key is free
+        (no row, a released one, nobody holding it shared), with the key's next fencing token;
+        ``None`` when the key is held (then the caller takes the general path). A store without
+        such a step answers ``None`` always."""
+        return None
+
     def _forget_grant(self, waiter_id: str) -> None:
         """A retried request took its grant: a later cancel must not give it back."""
         self._granted.pop(waiter_id, None)
@@ -498,6 +514,10 @@ class StoreBackend(abc.ABC):
         return self.clock()
 
     async def acquire(self, candidate: Lock) -> tuple[bool, Lock]:
+        if candidate.key not in self._queues:
+            taken = self._take_free(candidate)
+            if taken is not None:
+                return True, taken
         with self._step() as fx:
             holder = self._settle(candidate.key, candidate.acquired_at, QueuePolicy(), fx)
             if holder is not None:
@@ -602,6 +622,14 @@ class StoreBackend(abc.ABC):
     ) -> Outcome:
         if not candidates or len({c.key for c in candidates}) != len(candidates):
             raise ValueError("a batch needs at least one key and no key twice")
+        if _plain(candidates, policy) and candidates[0].key not in self._queues and (
+                wait is None or (wait.id not in self._waiters and wait.id not in self._granted)):
+            # A free key nobody waits for, no rule that could say no: one step, no decision.
+            now = self.clock()
+            free = self._take_free(replaced(
+                candidates[0], acquired_at=now, expires_at=now + ttl if ttl else None))
+            if free is not None:
+                return Outcome(status=Status.GRANTED, locks=(free,), fresh=True)
         with self._step() as fx:
             now = self.clock()
             if wait is not None and (queued := self._waiters.get(wait.id)) is not None:
@@ -744,6 +772,14 @@ def parts_of(lock: Lock) -> policies.KeyParts:
     """What the rules see of a lock."""
     return policies.KeyParts(key=lock.key, repo=lock.project.repo_full_name,
                              path=lock.project.path, workspace=lock.workspace)
+
+
+def _plain(candidates: Sequence[Lock], policy: QueuePolicy) -> bool:
+    """One exclusive lock under no freeze or concurrency limit: if its key is free, it is
+    granted (:func:`enhanced_locking.policies.verdict` says so for any holders-free key)."""
+    rules = policy.rules
+    return (len(candidates) == 1 and candidates[0].mode == "exclusive"
+            and not rules.freezes and not rules.concurrency)
 
 
 def _waits(wait: Wait | None) -> bool:

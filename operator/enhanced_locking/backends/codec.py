@@ -24,6 +24,8 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
 from enhanced_locking.types import (
     Lock,
     Priority,
@@ -46,6 +48,10 @@ _VCS_TYPES: tuple[VcsHostType, ...] = (
 )
 
 
+_NO_HOST = VcsHost()
+"""A pull without a known VCS host (built once: the encoder runs on every write)."""
+
+
 def split_repo_full_name(repo: str) -> tuple[str, str]:
     """Atlantis's ``models.SplitRepoFullName``: owner is everything before the last ``/``
     (GitLab subgroups keep theirs), or two empty strings for a malformed name."""
@@ -56,7 +62,7 @@ def split_repo_full_name(repo: str) -> tuple[str, str]:
 def _base_repo(lock: Lock) -> dict[str, Any]:
     repo = lock.project.repo_full_name
     owner, name = split_repo_full_name(repo)
-    host = lock.pull.vcs_host or VcsHost()
+    host = lock.pull.vcs_host or _NO_HOST
     return {
         "FullName": repo, "Owner": owner, "Name": name, "CloneURL": "", "SanitizedCloneURL": "",
         "VCSHost": {"Hostname": host.hostname, "Type": _VCS_TYPES.index(host.type)},
@@ -162,7 +168,8 @@ def from_atlantis_dict(data: dict[str, Any], *, key: str | None = None) -> Lock:
 
 
 def encode(lock: Lock) -> str:
-    return json.dumps(atlantis_dict(lock), separators=(",", ":"))
+    # orjson: the encoder runs on every write, and json.dumps was a fifth of a grant's Python.
+    return orjson.dumps(atlantis_dict(lock)).decode()
 
 
 def decode(text: str | bytes, *, key: str | None = None) -> Lock:

@@ -9,8 +9,17 @@ this (the same class as Redis's default ``appendfsync everysec``) because a comm
 microseconds instead of an fsync, which is what lets a queue hand a lock over in well under a
 millisecond. ``docs/01-foundation.md`` says so to users.
 
-Rows are Atlantis's JSON (see :mod:`codec`); fencing counters live in their own table so a
-token keeps rising after its lock is released and across restarts.
+Rows are Atlantis's JSON (see :mod:`codec`). A key's row outlives its lock: it keeps the key's
+fencing counter (``counter``, the last token handed out for the key) and whether it is held
+(``held``), so a token keeps rising after its lock is released and across restarts. That lets
+the common acquire (a free key, nobody waiting, no rule in the way) be one statement: an upsert
+that takes a free row, bumps its counter and writes the token into the lock's JSON; and the
+common release one ``UPDATE ... RETURNING``. A released key's last lock stays in its row until
+the key is taken again (it carries no secret: see :mod:`codec`).
+
+Schema versions (``PRAGMA user_version``): 0 had the counters in a ``fencing`` table of their
+own beside ``locks``; 2 is the layout below. A file of version 0 is migrated in place when it is
+opened (one transaction; held locks, counters and the fencing floor kept).
 """
 
 from __future__ import annotations
@@ -23,39 +32,75 @@ from pathlib import Path
 
 from enhanced_locking.backends import codec
 from enhanced_locking.backends.base import StoreBackend
-from enhanced_locking.types import BackendUnavailable, Lock, StoreRefused, utcnow
+from enhanced_locking.types import BackendUnavailable, Lock, StoreRefused, replaced, utcnow
 
 __all__ = ["EmbeddedBackend", "open_database"]
 
 _DECODED_KEYS = 4096
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS locks (
-    ns TEXT NOT NULL, key TEXT NOT NULL, repo TEXT NOT NULL, pull INTEGER NOT NULL,
-    data TEXT NOT NULL, PRIMARY KEY (ns, key)
-);
-CREATE INDEX IF NOT EXISTS locks_by_pull ON locks (ns, repo, pull);
-CREATE TABLE IF NOT EXISTS shared_locks (
-    ns TEXT NOT NULL, key TEXT NOT NULL, repo TEXT NOT NULL, pull INTEGER NOT NULL,
-    data TEXT NOT NULL, token INTEGER NOT NULL, PRIMARY KEY (ns, key, repo, pull)
-);
-CREATE INDEX IF NOT EXISTS shared_by_pull ON shared_locks (ns, repo, pull);
-CREATE TABLE IF NOT EXISTS fencing (
-    ns TEXT NOT NULL, key TEXT NOT NULL, token INTEGER NOT NULL, PRIMARY KEY (ns, key)
-);
-CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
-CREATE TRIGGER IF NOT EXISTS fencing_floor_on_insert AFTER INSERT ON fencing BEGIN
-    UPDATE meta SET value = NEW.token WHERE name = 'token_floor' AND value < NEW.token;
-END;
-CREATE TRIGGER IF NOT EXISTS fencing_floor_on_update AFTER UPDATE OF token ON fencing BEGIN
-    UPDATE meta SET value = NEW.token WHERE name = 'token_floor' AND value < NEW.token;
-END;
+SCHEMA_VERSION = 2
+"""``PRAGMA user_version`` of the layout below (0: counters in a table of their own)."""
+
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS locks (
+        ns TEXT NOT NULL, key TEXT NOT NULL, repo TEXT NOT NULL, pull INTEGER NOT NULL,
+        data TEXT NOT NULL, counter INTEGER NOT NULL, held INTEGER NOT NULL,
+        PRIMARY KEY (ns, key))""",
+    "CREATE INDEX IF NOT EXISTS locks_by_pull ON locks (ns, repo, pull)",
+    """CREATE TABLE IF NOT EXISTS shared_locks (
+        ns TEXT NOT NULL, key TEXT NOT NULL, repo TEXT NOT NULL, pull INTEGER NOT NULL,
+        data TEXT NOT NULL, token INTEGER NOT NULL, PRIMARY KEY (ns, key, repo, pull))""",
+    "CREATE INDEX IF NOT EXISTS shared_by_pull ON shared_locks (ns, repo, pull)",
+    """CREATE TRIGGER IF NOT EXISTS fencing_floor_on_insert AFTER INSERT ON locks BEGIN
+        UPDATE meta SET value = NEW.counter WHERE name = 'token_floor' AND value < NEW.counter;
+    END""",
+    """CREATE TRIGGER IF NOT EXISTS fencing_floor_on_update AFTER UPDATE OF counter ON locks
+    BEGIN
+        UPDATE meta SET value = NEW.counter WHERE name = 'token_floor' AND value < NEW.counter;
+    END""",
+)
+"""The layout of version 2, each statement idempotent. ``meta.token_floor`` is the highest token
+the file ever handed out (the triggers keep it), so a lost row never hands a token out again."""
+
+MIGRATE_FROM_0 = (
+    """CREATE TABLE locks_v2 (
+        ns TEXT NOT NULL, key TEXT NOT NULL, repo TEXT NOT NULL, pull INTEGER NOT NULL,
+        data TEXT NOT NULL, counter INTEGER NOT NULL, held INTEGER NOT NULL,
+        PRIMARY KEY (ns, key))""",
+    """INSERT INTO locks_v2 (ns, key, repo, pull, data, counter, held)
+        SELECT l.ns, l.key, l.repo, l.pull, l.data, coalesce(f.token, 0), 1
+        FROM locks AS l LEFT JOIN fencing AS f ON f.ns = l.ns AND f.key = l.key""",
+    """INSERT INTO locks_v2 (ns, key, repo, pull, data, counter, held)
+        SELECT ns, key, '', 0, '', token, 0 FROM fencing WHERE true
+        ON CONFLICT (ns, key) DO UPDATE SET counter = max(counter, excluded.counter)""",
+    """UPDATE meta SET value = max(value, (SELECT coalesce(max(counter), 0) FROM locks_v2))
+        WHERE name = 'token_floor'""",
+    "DROP TABLE locks",
+    "DROP TABLE fencing",
+    "ALTER TABLE locks_v2 RENAME TO locks",
+)
+"""Version 0 to 2: each held lock keeps its key's counter; released keys keep theirs in a free
+row; the ``fencing`` table (and its floor triggers) goes."""
+
+# The common acquire: take the key's row if it is free (or new) and nobody holds the key
+# shared; the counter rises by one (a new key starts above the floor) and the token goes into
+# the lock's JSON. No row back: the key is held (or held shared); the general path decides.
+_TAKE_FREE = """
+INSERT INTO locks (ns, key, repo, pull, data, counter, held)
+SELECT ?1, ?2, ?3, ?4, json_set(?5, '$.Enhanced.FencingToken', ?6), ?6, 1
+WHERE NOT EXISTS (SELECT 1 FROM shared_locks WHERE ns = ?1 AND key = ?2)
+ON CONFLICT (ns, key) DO UPDATE SET
+    repo = excluded.repo, pull = excluded.pull, held = 1, counter = locks.counter + 1,
+    data = json_set(excluded.data, '$.Enhanced.FencingToken', locks.counter + 1)
+WHERE locks.held = 0
+RETURNING counter, data
 """
 
 APPLICATION_ID = 0x454C4B31
 """SQLite's ``application_id`` of our store files ("ELK1"): how a file says it is ours."""
 
 _OUR_TABLES = frozenset({"locks", "fencing"})
+"""The tables of a store file from before the application id (schema version 0)."""
 
 
 def _identify(connection: sqlite3.Connection, path: Path) -> str:
@@ -114,21 +159,28 @@ def open_database(
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("PRAGMA synchronous=NORMAL")
         connection.execute("PRAGMA busy_timeout=5000")
-        had_floor = verdict == "ours" and connection.execute(
-            "SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone() is not None
-        connection.executescript(SCHEMA)
         connection.execute("BEGIN IMMEDIATE")
+        tables = {row[0] for row in connection.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        version = connection.execute("PRAGMA user_version").fetchone()[0]
         # A new file starts at 0 and one of ours from before the floor at its highest counter;
         # an emptied file, or one of ours that lost its floor, from the clock.
-        lost = verdict == "empty" or (verdict == "ours" and not had_floor)
+        lost = verdict == "empty" or (verdict == "ours" and "meta" not in tables)
         start = int(clock().timestamp() * 1000) * 1000 if lost else 0
+        connection.execute(
+            "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
         connection.execute(
             "INSERT INTO meta (name, value) VALUES ('token_floor', ?) ON CONFLICT DO NOTHING",
             (start,))
+        if version < SCHEMA_VERSION and "locks" in tables:
+            _migrate_from_0(connection, tables)
+        for statement in SCHEMA:
+            connection.execute(statement)
         connection.execute(
-            "UPDATE meta SET value = max(value, (SELECT coalesce(max(token), 0) FROM fencing)) "
+            "UPDATE meta SET value = max(value, (SELECT coalesce(max(counter), 0) FROM locks)) "
             "WHERE name = 'token_floor'")
         connection.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         connection.execute("COMMIT")
     except StoreRefused:
         connection.close()
@@ -137,6 +189,20 @@ def open_database(
         connection.close()
         raise BackendUnavailable(f"cannot open the embedded store {path}: {error}") from None
     return connection
+
+
+def _migrate_from_0(connection: sqlite3.Connection, tables: set[str]) -> None:
+    """Version 0 to 2 in the opening transaction: each held lock keeps its key's counter,
+    released keys keep theirs in a free row, the ``fencing`` table (and its triggers) goes."""
+    if "fencing" not in tables:
+        connection.execute(
+            "CREATE TABLE fencing (ns TEXT NOT NULL, key TEXT NOT NULL, token INTEGER NOT NULL, "
+            "PRIMARY KEY (ns, key))")
+    connection.execute(
+        "UPDATE meta SET value = max(value, (SELECT coalesce(max(token), 0) FROM fencing)) "
+        "WHERE name = 'token_floor'")
+    for statement in MIGRATE_FROM_0:
+        connection.execute(statement)
 
 
 class EmbeddedBackend(StoreBackend):
@@ -208,17 +274,35 @@ class EmbeddedBackend(StoreBackend):
 
     def _load(self, key: str) -> Lock | None:
         row = self._db.execute(
-            "SELECT data FROM locks WHERE ns = ? AND key = ?", (self.namespace, key)
+            "SELECT data FROM locks WHERE ns = ? AND key = ? AND held = 1", (self.namespace, key)
         ).fetchone()
         return self._decode(key, row[0]) if row else None
 
     def _store(self, lock: Lock) -> None:
         text = codec.encode(lock)
+        # The counter already holds the token (``_next_token`` or ``_raise_token`` came first).
         self._db.execute(
-            "INSERT OR REPLACE INTO locks (ns, key, repo, pull, data) VALUES (?, ?, ?, ?, ?)",
-            (self.namespace, lock.key, lock.project.repo_full_name, lock.pull.num, text),
+            "INSERT INTO locks (ns, key, repo, pull, data, counter, held) "
+            "VALUES (?, ?, ?, ?, ?, ?, 1) ON CONFLICT (ns, key) DO UPDATE SET "
+            "repo = excluded.repo, pull = excluded.pull, data = excluded.data, held = 1, "
+            "counter = max(counter, excluded.counter)",
+            (self.namespace, lock.key, lock.project.repo_full_name, lock.pull.num, text,
+             lock.fencing_token),
         )
         self._remember(lock.key, text, lock)
+
+    def _take_free(self, lock: Lock) -> Lock | None:
+        # One statement (so one implicit transaction): see _TAKE_FREE.
+        project, pull = lock.project, lock.pull
+        with self._unavailable():
+            row = self._db.execute(_TAKE_FREE, (
+                self.namespace, lock.key, project.repo_full_name, pull.num, codec.encode(lock),
+                self._floor + 1)).fetchone()
+        if row is None:
+            return None
+        taken = replaced(lock, fencing_token=row[0])
+        self._remember(lock.key, row[1], taken)
+        return taken
 
     def _load_shared(self, key: str) -> list[Lock]:
         rows = self._db.execute(
@@ -243,7 +327,7 @@ class EmbeddedBackend(StoreBackend):
 
     def _pop(self, key: str, owner: tuple[str, int] | None) -> Lock | None:
         # One statement, so one implicit transaction: the release of a key nobody waits for.
-        query = "DELETE FROM locks WHERE ns = ? AND key = ?"
+        query = "UPDATE locks SET held = 0 WHERE ns = ? AND key = ? AND held = 1"
         args: list[str | int] = [self.namespace, key]
         if owner is not None:
             query, args = query + " AND repo = ? AND pull = ?", [*args, *owner]
@@ -252,12 +336,14 @@ class EmbeddedBackend(StoreBackend):
         return self._decode(key, row[0]) if row else None
 
     def _delete(self, key: str) -> None:
-        self._db.execute("DELETE FROM locks WHERE ns = ? AND key = ?", (self.namespace, key))
+        self._db.execute("UPDATE locks SET held = 0 WHERE ns = ? AND key = ? AND held = 1",
+                         (self.namespace, key))
 
     def _next_token(self, key: str) -> int:
         row = self._db.execute(
-            "INSERT INTO fencing (ns, key, token) VALUES (?, ?, ?) "
-            "ON CONFLICT (ns, key) DO UPDATE SET token = token + 1 RETURNING token",
+            "INSERT INTO locks (ns, key, repo, pull, data, counter, held) "
+            "VALUES (?, ?, '', 0, '', ?, 0) "
+            "ON CONFLICT (ns, key) DO UPDATE SET counter = counter + 1 RETURNING counter",
             (self.namespace, key, self._floor + 1),
         ).fetchone()
         return int(row[0])
@@ -265,14 +351,16 @@ class EmbeddedBackend(StoreBackend):
     def _tokens(self) -> dict[str, int]:
         with self._unavailable():
             rows = self._db.execute(
-                "SELECT key, token FROM fencing WHERE ns = ?", (self.namespace,)
+                "SELECT key, counter FROM locks WHERE ns = ? AND counter > 0",
+                (self.namespace,)
             ).fetchall()
         return {key: int(token) for key, token in rows}
 
     def _raise_token(self, key: str, at_least: int) -> None:
         self._db.execute(
-            "INSERT INTO fencing (ns, key, token) VALUES (?, ?, ?) "
-            "ON CONFLICT (ns, key) DO UPDATE SET token = max(token, excluded.token)",
+            "INSERT INTO locks (ns, key, repo, pull, data, counter, held) "
+            "VALUES (?, ?, '', 0, '', ?, 0) "
+            "ON CONFLICT (ns, key) DO UPDATE SET counter = max(counter, excluded.counter)",
             (self.namespace, key, at_least),
         )
 
@@ -283,7 +371,7 @@ class EmbeddedBackend(StoreBackend):
             where, args = where + " AND repo = ?", [*args, repo]
         if pull is not None:
             where, args = where + " AND pull = ?", [*args, pull]
-        query = (f"SELECT key, data FROM locks {where} UNION ALL "
+        query = (f"SELECT key, data FROM locks {where} AND held = 1 UNION ALL "
                  f"SELECT key, data FROM shared_locks {where} ORDER BY key")
         with self._unavailable():
             rows = self._db.execute(query, [*args, *args]).fetchall()

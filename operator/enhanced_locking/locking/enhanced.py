@@ -62,6 +62,7 @@ from enhanced_locking.types import (
     Priority,
     Reason,
     Side,
+    built,
     utcnow,
 )
 
@@ -113,6 +114,8 @@ class EnhancedLocker(AtlantisCalls):
         self.leases = LeaseTimers(self.expire)
         self.holds = visibility.HoldTimes()
         self.rules = visibility.RuleWatch(self)
+        self._policy_of: EnhancedLockingConfig | None = None
+        self._policy = QueuePolicy()
 
     # --- life ---------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -132,7 +135,10 @@ class EnhancedLocker(AtlantisCalls):
 
     # --- settings -----------------------------------------------------------------------------
     def policy(self) -> QueuePolicy:
-        return QueuePolicy.from_config(self.settings())
+        config = self.settings()
+        if config is not self._policy_of:  # configs are frozen: a new one is a new object
+            self._policy, self._policy_of = QueuePolicy.from_config(config), config
+        return self._policy
 
     def validate(self, request: LockRequest | BatchLockRequest) -> None:
         """Refuse what cannot be served as asked: never clamp a wait silently."""
@@ -196,8 +202,9 @@ class EnhancedLocker(AtlantisCalls):
                          request_id=asked.request_id, caller=secrets.token_hex(8))
         answer = await self._attempt(candidates, ttl=ttl, offer=offer, policy=policy)
         outcome = "acquired" if answer.acquired else str(answer.reason)
-        self.metrics.acquires.labels("enhanced", outcome).inc()
-        self.metrics.acquire_seconds.labels("enhanced", outcome).observe(
+        metrics = self.metrics
+        metrics.labelled(metrics.acquires, "enhanced", outcome).inc()
+        metrics.labelled(metrics.acquire_seconds, "enhanced", outcome).observe(
             time.perf_counter() - started)
         return answer
 
@@ -408,7 +415,7 @@ class EnhancedLocker(AtlantisCalls):
         released = handoff.released
         if released is not None:
             self.leases.disarm(released.key)
-            self.metrics.releases.labels("enhanced", how).inc()
+            self.metrics.labelled(self.metrics.releases, "enhanced", how).inc()
             if how == "expired":
                 self.metrics.lease_expirations.inc()
             event = {"released": "released", "abandoned": "released"}.get(how, how)
@@ -528,8 +535,8 @@ def _candidate(request: LockRequest, now: datetime, priority: Priority) -> Lock:
 
     Built without re-validation: every field comes from the request, already validated.
     """
-    return Lock.model_construct(
-        key=request.key, project=request.project, workspace=request.workspace,
+    return built(
+        Lock, key=request.key, project=request.project, workspace=request.workspace,
         pull=request.pull, user=request.user, priority=priority, acquired_at=now,
         expires_at=None, fencing_token=0, backend="enhanced", mode=request.mode,
     )
