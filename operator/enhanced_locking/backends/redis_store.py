@@ -26,7 +26,7 @@ from typing import Any
 from redis.commands.core import AsyncScript
 
 from enhanced_locking import policies
-from enhanced_locking.backends import codec, redis_scripts
+from enhanced_locking.backends import codec, redis_replies, redis_scripts
 from enhanced_locking.backends.base import Owner
 from enhanced_locking.backends.redis_connection import (
     COMMAND_TIMEOUT,
@@ -38,6 +38,7 @@ from enhanced_locking.backends.redis_connection import (
     unavailable,
 )
 from enhanced_locking.backends.redis_notify import Listener
+from enhanced_locking.backends.redis_replies import LockRow, Served, WaiterRecord
 from enhanced_locking.backends.waiting import (
     Cancelled,
     Grant,
@@ -104,10 +105,6 @@ def _ms(value: datetime) -> int:
 
 def _duration_ms(value: timedelta | None) -> int:
     return max(1, value // timedelta(milliseconds=1)) if value else 0
-
-
-def _record(flat: Sequence[Any]) -> dict[str, str]:
-    return {str(flat[i]): str(flat[i + 1]) for i in range(0, len(flat), 2)}
 
 
 class RedisBackend:
@@ -184,10 +181,10 @@ class RedisBackend:
                     retried = True
                     await self.connection.drop_idle()
                     continue
-                if not (isinstance(answer, list) and answer
-                        and answer[0] in ("epoch", "quarantine")):
+                refused = redis_replies.refusal(answer)
+                if refused is None:
                     return answer
-                self._epoch_changed(answer, key=key)
+                self._epoch_changed(refused, key=key)
             raise BackendUnavailable(f"redis {self.connection.where}: the store epoch keeps "
                                      "changing; try again", key=key)
         finally:
@@ -201,9 +198,9 @@ class RedisBackend:
             self._rules = (rules, text)
         return self._rules[1]
 
-    def _epoch_changed(self, answer: Sequence[Any], *, key: str | None) -> None:
+    def _epoch_changed(self, refused: redis_replies.Refusal, *, key: str | None) -> None:
         """A script refused to act: learn the store's epoch, or report the quarantine."""
-        kind, epoch, until, now = str(answer[0]), str(answer[1]), int(answer[2]), int(answer[3])
+        kind, epoch, until, now = refused
         lost = kind == "epoch" and self.epoch not in ("", epoch) and until > now
         if lost:
             log.error("redis %s came back without its data: the locks held before are unknown; "
@@ -218,21 +215,19 @@ class RedisBackend:
 
     # --- decoding ------------------------------------------------------------------------
     @staticmethod
-    def _lock(v: Sequence[Any], template: Lock | None = None) -> Lock:
-        key, data, token, at, exp = str(v[0]), v[1], v[2], v[3], v[4]
-        base = template if template is not None else codec.decode(data, key=key)
+    def _lock(row: LockRow, template: Lock | None = None) -> Lock:
+        base = template if template is not None else codec.decode(row.data, key=row.key)
         return base.model_copy(update={
-            "fencing_token": int(token),
-            "acquired_at": _at(at),
-            "expires_at": _at(exp) if int(exp) else None,
+            "fencing_token": int(row.token),
+            "acquired_at": _at(row.at),
+            "expires_at": _at(row.exp) if int(row.exp) else None,
         })
 
-    def _maybe_lock(self, v: Sequence[Any]) -> Lock | None:
-        return self._lock(v) if v else None
+    def _maybe_lock(self, row: LockRow | None) -> Lock | None:
+        return self._lock(row) if row is not None else None
 
     @staticmethod
-    def _waiter(flat: Sequence[Any]) -> Waiter:
-        rec = _record(flat)
+    def _waiter(rec: WaiterRecord) -> Waiter:
         keys = json.loads(rec["keys"]) or []
         ttl = int(rec["ttl"])
         return Waiter(
@@ -246,16 +241,14 @@ class RedisBackend:
             caller=rec.get("caller", ""),
         )
 
-    def _grants(self, entries: Sequence[Any]) -> tuple[Grant, ...]:
-        return tuple(Grant(waiter=self._waiter(flat), locks=tuple(self._lock(v) for v in locks),
-                           fresh=bool(fresh))
-                     for flat, locks, fresh in entries)
-
-    def _handoff(self, released: Sequence[Any], granted: Sequence[Any],
-                 dropped: Sequence[Any], others: Sequence[Any] = ()) -> Handoff:
-        return Handoff(released=self._maybe_lock(released), granted=self._grants(granted),
-                       timed_out=tuple(self._waiter(flat) for flat in dropped),
-                       also_released=tuple(self._lock(v) for v in others))
+    def _handoff(self, served: Served) -> Handoff:
+        return Handoff(
+            released=self._maybe_lock(served.released),
+            granted=tuple(Grant(waiter=self._waiter(g.waiter),
+                                locks=tuple(self._lock(row) for row in g.locks), fresh=g.fresh)
+                          for g in served.granted),
+            timed_out=tuple(self._waiter(rec) for rec in served.dropped),
+            also_released=tuple(self._lock(row) for row in served.others))
 
     # --- the Backend protocol --------------------------------------------------------------
     async def now(self) -> datetime:
@@ -278,11 +271,12 @@ class RedisBackend:
         return (await self.release_and_handoff(key, owner=owner, policy=policy)).released
 
     async def get(self, key: str) -> Lock | None:
-        return self._maybe_lock(await self._run("GET", key, keys=[self.keys.lock(key)], key=key))
+        answer = await self._run("GET", key, keys=[self.keys.lock(key)], key=key)
+        return self._maybe_lock(redis_replies.maybe_lock(answer))
 
     async def holders(self, key: str) -> Locks:
         answer = await self._run("HOLDERS", key, keys=[self.keys.lock(key)], key=key)
-        return [self._lock(v) for v in answer]
+        return [self._lock(row) for row in redis_replies.locks(answer)]
 
     async def list(self, *, repo: str | None = None, pull: int | None = None) -> Locks:
         by_pull = repo is not None and pull is not None
@@ -290,21 +284,23 @@ class RedisBackend:
             "LIST", repo if by_pull else "", pull if by_pull else "",
             repo or "", "" if pull is None else pull,
         )
-        return sorted((self._lock(v) for v in answer), key=lambda lock: lock.key)
+        return sorted((self._lock(row) for row in redis_replies.locks(answer)),
+                      key=lambda lock: lock.key)
 
     async def release_by_pull(
         self, repo: str, pull: int, *, policy: QueuePolicy | None = None
     ) -> Locks:
-        released, _, _ = await self._run("RELEASE_BY_PULL", repo, pull, policy=policy)
-        return sorted((self._lock(v) for v in released), key=lambda lock: lock.key)
+        answer = redis_replies.release_by_pull(
+            await self._run("RELEASE_BY_PULL", repo, pull, policy=policy))
+        return sorted((self._lock(row) for row in answer.released), key=lambda lock: lock.key)
 
     async def refresh(self, key: str, owner: Owner, ttl: timedelta) -> Lock:
-        answer = await self._run("REFRESH", key, *owner, _duration_ms(ttl),
-                                 keys=[self.keys.lock(key)], key=key)
-        if answer[0] == "not_held":
+        answer = redis_replies.refresh(await self._run(
+            "REFRESH", key, *owner, _duration_ms(ttl), keys=[self.keys.lock(key)], key=key))
+        if answer.lock is None:
             raise LockNotHeld(key)
-        lock = self._lock(answer[1])
-        if answer[0] == "not_owned":
+        lock = self._lock(answer.lock)
+        if answer.status == "not_owned":
             raise LockNotOwned(key, lock)
         return lock
 
@@ -370,97 +366,85 @@ class RedisBackend:
         sent = {c.key: codec.encode(c) for c in candidates}
         quads = [item for c in candidates
                  for item in (c.key, sent[c.key], c.project.path, c.workspace)]
-        answer = await self._run(
+        answer = redis_replies.acquire(await self._run(
             "ACQUIRE", _duration_ms(ttl), wait.id if wait else "",
             _duration_ms(wait.timeout) if wait else 0,
             (wait.request_id or "") if wait else "", first.project.repo_full_name,
             first.pull.num, first.priority.level, first.mode, first.pull.head_commit,
             wait.caller if wait else "", *quads,
             keys=[self.keys.lock(c.key) for c in candidates], policy=policy, key=first.key,
-        )
-        status = answer[0]
-        if status == "granted":
+        ))
+        if isinstance(answer, redis_replies.Acquired):
             templates = {c.key: c for c in candidates}
             locks = tuple(
-                self._lock(v, templates[str(v[0])] if v[1] == sent[str(v[0])] else None)
-                for v in answer[1])
-            return Outcome(status=Status.GRANTED, locks=locks, fresh=bool(answer[2]))
-        if status in ("held", "limited"):
-            return Outcome(status=Status(status), key=answer[1],
-                           holder=self._maybe_lock(answer[2]))
+                self._lock(row, templates[row.key] if row.data == sent[row.key] else None)
+                for row in answer.locks)
+            return Outcome(status=Status.GRANTED, locks=locks, fresh=answer.fresh)
         messages = {f.name: f.message for f in policy.rules.freezes}
-        if status == "frozen":
-            return Outcome(status=Status.FROZEN, key=answer[1],
-                           holder=self._maybe_lock(answer[2]),
-                           message=messages.get(str(answer[3])))
-        if status == "queue_full":
-            return Outcome(status=Status.QUEUE_FULL, key=answer[1],
-                           holder=self._maybe_lock(answer[2]),
-                           superseded=tuple(self._waiter(f) for f in answer[3]))
+        if isinstance(answer, redis_replies.Refused):
+            return Outcome(status=Status(answer.status), key=answer.key,
+                           holder=self._maybe_lock(answer.holder),
+                           message=messages.get(answer.freeze) if answer.freeze else None,
+                           superseded=tuple(self._waiter(rec) for rec in answer.superseded))
         assert wait is not None
-        superseded = tuple(self._waiter(f) for f in answer[6]) if len(answer) > 6 else ()
-        return Outcome(status=Status.QUEUED, waiter=self._waiter(answer[1]),
-                       key=answer[2], holder=self._maybe_lock(answer[3]),
-                       position=int(answer[4]),
-                       message=messages.get(str(answer[5])) if len(answer) > 5 else None,
-                       superseded=superseded)
+        return Outcome(status=Status.QUEUED, waiter=self._waiter(answer.waiter),
+                       key=answer.key, holder=self._maybe_lock(answer.holder),
+                       position=answer.position, message=messages.get(answer.freeze),
+                       superseded=tuple(self._waiter(rec) for rec in answer.superseded))
 
     async def release_and_handoff(
         self, key: str, *, owner: Owner | None = None, policy: QueuePolicy | None = None
     ) -> Handoff:
         repo, pull = owner if owner is not None else ("", 0)
-        answer = await self._run("RELEASE", key, repo, pull, keys=[self.keys.lock(key)],
-                                 policy=policy, key=key)
-        if answer[0] == "not_owned":
-            raise LockNotOwned(key, self._lock(answer[1]))
-        return self._handoff(answer[1], answer[2], answer[3], answer[4])
+        answer = redis_replies.release(await self._run(
+            "RELEASE", key, repo, pull, keys=[self.keys.lock(key)], policy=policy, key=key))
+        if answer.owner is not None:
+            raise LockNotOwned(key, self._lock(answer.owner))
+        return self._handoff(answer.served)
 
     async def force_unlock(self, key: str, *, policy: QueuePolicy | None = None) -> Handoff:
         return await self.release_and_handoff(key, policy=policy)
 
     async def expire(self, key: str, *, policy: QueuePolicy | None = None) -> Handoff:
-        expired, granted, dropped = await self._run(
-            "EXPIRE", key, keys=[self.keys.lock(key)], policy=policy, key=key)
-        return self._handoff(expired, granted, dropped)
+        return self._handoff(redis_replies.served(await self._run(
+            "EXPIRE", key, keys=[self.keys.lock(key)], policy=policy, key=key)))
 
     async def wake(self, *, policy: QueuePolicy) -> Handoff:
-        released, granted, dropped = await self._run("WAKE", policy=policy)
-        return self._handoff(released, granted, dropped)
+        return self._handoff(redis_replies.served(await self._run("WAKE", policy=policy)))
 
     async def cancel(
         self, key: str, waiter_id: str, *, reason: Reason = Reason.CANCELLED, caller: str = ""
     ) -> Cancelled:
-        answer = await self._run("CANCEL", waiter_id, reason.value, caller, key=key)
-        if answer[0] == "removed":
-            return Cancelled(removed=True, waiter=self._waiter(answer[1]))
-        if answer[0] == "kept":
-            return Cancelled(waiter=self._waiter(answer[1]))
-        if answer[0] == "granted":
-            return Cancelled(waiter=self._waiter(answer[1]),
-                             granted=tuple(self._lock(v) for v in answer[2]),
-                             fresh=bool(answer[3]))
-        return Cancelled()
+        answer = redis_replies.cancel(
+            await self._run("CANCEL", waiter_id, reason.value, caller, key=key))
+        if answer.waiter is None:
+            return Cancelled()
+        return Cancelled(removed=answer.status == "removed", waiter=self._waiter(answer.waiter),
+                         granted=tuple(self._lock(row) for row in answer.locks),
+                         fresh=answer.fresh)
 
     async def queue(self, key: str, *, policy: QueuePolicy | None = None) -> Waiters:
-        now_ms, records = await self._run("QUEUE", key, keys=[self.keys.lock(key)],
-                                          policy=policy, key=key)
-        return service_order([self._waiter(flat) for flat in records], now=_at(now_ms),
+        answer = redis_replies.queue(await self._run(
+            "QUEUE", key, keys=[self.keys.lock(key)], policy=policy, key=key))
+        return service_order([self._waiter(rec) for rec in answer.waiters], now=_at(answer.now),
                              policy=policy or self._policy)
 
     async def wait_graph(self, *, policy: QueuePolicy | None = None) -> KeyWaitsList:
-        now_ms, entries, records = await self._run("WAIT_GRAPH", policy=policy)
-        waiters = {w.id: w for w in (self._waiter(flat) for flat in records)}
-        now = _at(now_ms)
-        return [
-            KeyWaits(
-                key=str(key),
-                holder=(str(repo), int(pull)) if repo != "" else None,
-                holders=tuple((str(r), int(p)) for r, p in owners),
-                waiters=tuple(service_order([waiters[i] for i in ids if i in waiters], now=now,
-                                            policy=policy or self._policy)),
-            )
-            for key, repo, pull, ids, owners in entries
-        ]
+        graph = redis_replies.wait_graph(await self._run("WAIT_GRAPH", policy=policy))
+        waiters = {w.id: w for w in (self._waiter(rec) for rec in graph.waiters)}
+        now = _at(graph.now)
+        result: KeyWaitsList = []
+        for entry in graph.entries:
+            holders = tuple((repo, int(pull)) for repo, pull in entry.owners)
+            result.append(KeyWaits(
+                key=entry.key,
+                holder=holders[0] if holders else None,
+                holders=holders,
+                waiters=tuple(service_order(
+                    [waiters[i] for i in entry.waiter_ids if i in waiters], now=now,
+                    policy=policy or self._policy)),
+            ))
+        return result
 
     # --- notifications ---------------------------------------------------------------------
     async def _notified(self, kind: str, waiter_id: str) -> None:
@@ -475,9 +459,9 @@ class RedisBackend:
             self.grants.deliver(waiter_id, Notice(reason=reason))
             return
         answer = await self._confirm(waiter_id)
-        status, held = answer[0], tuple(self._lock(v) for v in answer[1])
-        if status == "granted":
-            self.grants.deliver(waiter_id, Notice(locks=held, fresh=bool(answer[2])))
+        held = tuple(self._lock(row) for row in answer.locks)
+        if answer.granted:
+            self.grants.deliver(waiter_id, Notice(locks=held, fresh=answer.fresh))
             return
         # A claim lapsed before we could confirm (we were cut off for CLAIM_MS): a batch is
         # all or nothing, so give back what is left and tell the caller.
@@ -486,13 +470,13 @@ class RedisBackend:
                 lock.key, owner=(lock.project.repo_full_name, lock.pull.num))
         self.grants.deliver(waiter_id, Notice(reason=Reason.UNAVAILABLE))
 
-    async def _confirm(self, waiter_id: str) -> Any:
+    async def _confirm(self, waiter_id: str) -> redis_replies.Confirm:
         """CONFIRM, tried again while Redis is briefly away (a restart): the grant is ours
         until its claim lapses, and the caller is waiting for it."""
         delay = 0.05
         while True:
             try:
-                return await self._run("CONFIRM", waiter_id)
+                return redis_replies.confirm(await self._run("CONFIRM", waiter_id))
             except BackendUnavailable:
                 if waiter_id not in self._notifier.pending():
                     raise  # the caller gave up; its cancel took (or gave back) the grant

@@ -11,6 +11,7 @@
 --         {'queue_full', key, lock or {}, superseded waiter records}
 --         {'queued', waiter record (flat), key, its holder or {}, position, freeze name or '',
 --          superseded waiter records}
+-- decoded by redis_replies.acquire
 local refused = guard()
 if refused then return refused end
 local function main()

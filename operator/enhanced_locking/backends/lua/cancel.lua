@@ -5,6 +5,7 @@
 -- returns {'removed', waiter record}, {'kept', waiter record} (a retry owns it now),
 --         {'none'}, or, when it had been granted already,
 --         {'granted', waiter record, locks it still holds (now confirmed), fresh 0/1}
+-- decoded by redis_replies.cancel
 local refused = guard()
 if refused then return refused end
 local function main()

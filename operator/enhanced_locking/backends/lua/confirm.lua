@@ -3,6 +3,7 @@
 -- ARGV[11] waiter id
 -- returns {'granted', locks, fresh 0/1} or {'lost', locks it still holds and must give back}
 -- (a claim lapsed first; none when its pull held them already: fresh 0)
+-- decoded by redis_replies.confirm
 local refused = guard()
 if refused then return refused end
 local function main()

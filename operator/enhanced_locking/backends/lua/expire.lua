@@ -2,6 +2,7 @@
 -- KEYS[1] the key's lock hash
 -- ARGV[11] lock key
 -- returns {expired lock or {}, granted, dropped} (as RELEASE)
+-- decoded by redis_replies.served
 local refused = guard()
 if refused then return refused end
 local function main()

@@ -2,4 +2,5 @@
 -- KEYS[1] the key's lock hash
 -- ARGV[11] lock key
 -- returns the lock or {}
+-- decoded by redis_replies.maybe_lock
 return peek(ARGV[11]) or {}

@@ -2,4 +2,5 @@
 -- KEYS[1] the key's lock hash
 -- ARGV[11] lock key
 -- returns a list of locks
+-- decoded by redis_replies.locks
 return holders(ARGV[11])

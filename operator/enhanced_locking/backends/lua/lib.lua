@@ -8,7 +8,8 @@
 --            the restart quarantine in ms
 -- ARGV[10] the policy rules compiled by enhanced_locking.policies.compile_rules (JSON, '' none)
 -- Script-specific arguments start at ARGV[11].
--- A refused write (guard) replies {'epoch' | 'quarantine', epoch id, until ms, now ms}.
+-- A refused write (guard) replies {'epoch' | 'quarantine', epoch id, until ms, now ms}
+-- (decoded by redis_replies.refusal); a lock is the row `read_lock` answers (redis_replies.lock).
 -- luacheck: push ignore 211
 local base = ARGV[1]
 local POLICY = {priority = tonumber(ARGV[2]), threshold = tonumber(ARGV[3]),

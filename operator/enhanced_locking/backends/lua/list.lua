@@ -3,6 +3,7 @@
 -- ARGV[11] '' for every held key, else the repo and ARGV[12] the pull of a pull's index
 -- ARGV[13] repo filter ('' = any)  ARGV[14] pull filter ('' = any)
 -- returns a list of locks
+-- decoded by redis_replies.locks
 local index = HELD
 if ARGV[11] ~= '' then index = pull_index(ARGV[11], ARGV[12]) end
 local out = {}

@@ -2,6 +2,7 @@
 -- KEYS[1] the key's lock hash
 -- ARGV[11] lock key
 -- returns {now ms, waiter records}
+-- decoded by redis_replies.queue
 local records = {}
 for level = 0, 3 do
   for _, member in ipairs(redis.call('ZRANGE', queue_name(ARGV[11], level), 0, -1)) do

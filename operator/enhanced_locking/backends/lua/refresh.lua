@@ -2,6 +2,7 @@
 -- KEYS[1] the key's lock hash
 -- ARGV[11] lock key  ARGV[12] owner repo  ARGV[13] owner pull  ARGV[14] lease in ms (> 0)
 -- returns {'refreshed', lock}, {'not_held'} or {'not_owned', lock}
+-- decoded by redis_replies.refresh
 local refused = guard()
 if refused then return refused end
 local function main()

@@ -5,6 +5,7 @@
 -- returns {'not_owned', lock} (nothing changed), or
 --         {'released', lock or {}, granted, dropped, other locks released} where granted is a
 --         list of {waiter record, {lock...}} and dropped a list of waiter records
+-- decoded by redis_replies.release
 local refused = guard()
 if refused then return refused end
 local function main()

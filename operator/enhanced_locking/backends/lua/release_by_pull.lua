@@ -2,6 +2,7 @@
 -- KEYS   none (the pull's index is derived)
 -- ARGV[11] repo  ARGV[12] pull number
 -- returns {released locks (leases still running), granted, dropped}
+-- decoded by redis_replies.release_by_pull
 local refused = guard()
 if refused then return refused end
 local function main()

@@ -3,6 +3,7 @@
 -- KEYS   none
 -- returns {now ms, {{key, first holder repo or '', its pull or '', {waiter ids},
 --          {{repo, pull} of every holder}}...}, waiter records}
+-- decoded by redis_replies.wait_graph
 local entries, records, seen = {}, {}, {}
 for _, k in ipairs(redis.call('SMEMBERS', QUEUED)) do
   local ids = {}

@@ -1,6 +1,7 @@
 -- wake: serve every queue (the rules changed, or a freeze started or ended).
 -- KEYS   none
 -- returns {{}, granted, dropped} (as RELEASE)
+-- decoded by redis_replies.served
 local refused = guard()
 if refused then return refused end
 local function main()

@@ -1,0 +1,306 @@
+"""The Redis scripts' replies as typed values: one decoding function per reply shape.
+
+A Lua script answers with nested arrays whose meaning is positional (see the ``returns`` lines
+at the top of each ``lua/*.lua`` file). Each shape is decoded here, once, into a named tuple,
+right after the call; nothing else in the backend reads a reply by position. A reply shape
+that changes in a script changes in the function named in its ``returns`` comment, and only
+there.
+
+The values stay what Redis sent (text, with the scripts' ``false`` as ``None``): turning them
+into :class:`~enhanced_locking.types.Lock` and :class:`~.waiting.Waiter` needs the codec and
+the backend's state, which stay in :mod:`redis_store`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+__all__ = [
+    "Acquired",
+    "Cancel",
+    "Confirm",
+    "GrantRow",
+    "LockRow",
+    "PullReleased",
+    "QueueReply",
+    "Queued",
+    "Refresh",
+    "Refusal",
+    "Refused",
+    "Release",
+    "Served",
+    "WaitEntry",
+    "WaitGraph",
+    "WaiterRecord",
+    "acquire",
+    "cancel",
+    "confirm",
+    "lock",
+    "locks",
+    "maybe_lock",
+    "queue",
+    "refresh",
+    "refusal",
+    "release",
+    "release_by_pull",
+    "served",
+    "wait_graph",
+    "waiter",
+]
+
+WaiterRecord = dict[str, str]
+"""A waiter's hash (``waiter:W``) by field name: ``id``, ``keys`` (JSON), ``d:K``, ..."""
+
+
+class LockRow(NamedTuple):
+    """A lock as the library's ``read_lock`` / ``stamp`` answer it (``lib.lua``)."""
+
+    key: str
+    data: str
+    """Atlantis's JSON of the lock, as stored."""
+    token: str
+    at: str
+    """Grant time, server ms."""
+    exp: str
+    """End of the lease (or of a pending claim), server ms; ``0`` for none."""
+    repo: str
+    pull: str
+    claim: str | None
+    """The waiter id while a grant from the queue awaits confirmation."""
+    lease: str | None
+    mode: str
+    path: str
+    ws: str
+
+
+class Refusal(NamedTuple):
+    """A write refused by ``guard`` (``lib.lua``): the store's epoch moved, or quarantine."""
+
+    kind: str
+    """``epoch`` or ``quarantine``."""
+    epoch: str
+    until: int
+    now: int
+
+
+class GrantRow(NamedTuple):
+    """A waiter served from the queue with its locks (``fx.granted`` in ``lib.lua``)."""
+
+    waiter: WaiterRecord
+    locks: tuple[LockRow, ...]
+    fresh: bool
+
+
+class Served(NamedTuple):
+    """What serving queues did: ``expire.lua``, ``wake.lua`` (``released`` is none there)."""
+
+    released: LockRow | None
+    granted: tuple[GrantRow, ...]
+    dropped: tuple[WaiterRecord, ...]
+    others: tuple[LockRow, ...] = ()
+
+
+class Acquired(NamedTuple):
+    """``acquire.lua``: ``granted``."""
+
+    locks: tuple[LockRow, ...]
+    fresh: bool
+
+
+class Refused(NamedTuple):
+    """``acquire.lua``: ``held``, ``limited``, ``frozen`` or ``queue_full``."""
+
+    status: str
+    key: str
+    holder: LockRow | None
+    freeze: str = ""
+    superseded: tuple[WaiterRecord, ...] = ()
+
+
+class Queued(NamedTuple):
+    """``acquire.lua``: ``queued``."""
+
+    waiter: WaiterRecord
+    key: str
+    holder: LockRow | None
+    position: int
+    freeze: str
+    superseded: tuple[WaiterRecord, ...]
+
+
+class Release(NamedTuple):
+    """``release.lua``: ``not_owned`` (``owner`` is the holder; nothing changed) or
+    ``released``."""
+
+    owned: bool
+    owner: LockRow | None
+    served: Served
+
+
+class PullReleased(NamedTuple):
+    """``release_by_pull.lua``."""
+
+    released: tuple[LockRow, ...]
+    served: Served
+
+
+class Cancel(NamedTuple):
+    """``cancel.lua``: ``removed``, ``kept``, ``none`` or ``granted`` (``locks``, ``fresh``)."""
+
+    status: str
+    waiter: WaiterRecord | None
+    locks: tuple[LockRow, ...] = ()
+    fresh: bool = True
+
+
+class Confirm(NamedTuple):
+    """``confirm.lua``: ``granted`` (with ``fresh``) or ``lost`` (locks to give back)."""
+
+    granted: bool
+    locks: tuple[LockRow, ...]
+    fresh: bool
+
+
+class Refresh(NamedTuple):
+    """``refresh.lua``: ``refreshed``, ``not_held`` or ``not_owned`` (``lock`` its holder)."""
+
+    status: str
+    lock: LockRow | None
+
+
+class QueueReply(NamedTuple):
+    """``queue.lua``: the server time and the key's waiters (in no particular order)."""
+
+    now: int
+    waiters: tuple[WaiterRecord, ...]
+
+
+class WaitEntry(NamedTuple):
+    """One key of ``wait_graph.lua``."""
+
+    key: str
+    owners: tuple[tuple[str, str], ...]
+    """``(repo, pull)`` of every live holder, the first holder first."""
+    waiter_ids: tuple[str, ...]
+
+
+class WaitGraph(NamedTuple):
+    """``wait_graph.lua``."""
+
+    now: int
+    entries: tuple[WaitEntry, ...]
+    waiters: tuple[WaiterRecord, ...]
+
+
+# --- the decoding functions, one per shape ----------------------------------------------------
+def refusal(answer: Any) -> Refusal | None:
+    """A guard's refusal, or ``None`` when ``answer`` is the script's own reply."""
+    if isinstance(answer, list) and answer and answer[0] in ("epoch", "quarantine"):
+        kind, epoch, until, now = answer
+        return Refusal(str(kind), str(epoch), int(until), int(now))
+    return None
+
+
+def lock(v: Sequence[Any]) -> LockRow:
+    return LockRow._make(v)
+
+
+def maybe_lock(v: Sequence[Any]) -> LockRow | None:
+    """A lock, or ``None`` for the scripts' ``{}`` (no lock)."""
+    return LockRow._make(v) if v else None
+
+
+def locks(answer: Sequence[Any]) -> tuple[LockRow, ...]:
+    return tuple(LockRow._make(v) for v in answer)
+
+
+def waiter(flat: Sequence[Any]) -> WaiterRecord:
+    """A waiter's hash from its flat ``HGETALL`` (field, value, field, value, ...)."""
+    return {str(flat[i]): str(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+
+def _waiters(answer: Sequence[Any]) -> tuple[WaiterRecord, ...]:
+    return tuple(waiter(flat) for flat in answer)
+
+
+def _grants(answer: Sequence[Any]) -> tuple[GrantRow, ...]:
+    return tuple(GrantRow(waiter(flat), locks(held), bool(fresh))
+                 for flat, held, fresh in answer)
+
+
+def served(answer: Sequence[Any]) -> Served:
+    """``{released or expired lock or {}, granted, dropped}`` (``expire.lua``, ``wake.lua``)."""
+    released, granted, dropped = answer
+    return Served(maybe_lock(released), _grants(granted), _waiters(dropped))
+
+
+def acquire(answer: Sequence[Any]) -> Acquired | Refused | Queued:
+    status = answer[0]
+    if status == "granted":
+        _, held, fresh = answer
+        return Acquired(locks(held), bool(fresh))
+    if status == "queued":
+        _, record, key, holder, position, freeze, superseded = answer
+        return Queued(waiter(record), str(key), maybe_lock(holder), int(position), str(freeze),
+                      _waiters(superseded))
+    if status == "frozen":
+        _, key, holder, freeze = answer
+        return Refused(str(status), str(key), maybe_lock(holder), freeze=str(freeze))
+    if status == "queue_full":
+        _, key, holder, superseded = answer
+        return Refused(str(status), str(key), maybe_lock(holder),
+                       superseded=_waiters(superseded))
+    _, key, holder = answer  # held, limited
+    return Refused(str(status), str(key), maybe_lock(holder))
+
+
+def release(answer: Sequence[Any]) -> Release:
+    if answer[0] == "not_owned":
+        return Release(False, lock(answer[1]), Served(None, (), ()))
+    _, released, granted, dropped, others = answer
+    return Release(True, None, Served(maybe_lock(released), _grants(granted), _waiters(dropped),
+                                      locks(others)))
+
+
+def release_by_pull(answer: Sequence[Any]) -> PullReleased:
+    released, granted, dropped = answer
+    return PullReleased(locks(released), Served(None, _grants(granted), _waiters(dropped)))
+
+
+def cancel(answer: Sequence[Any]) -> Cancel:
+    status = str(answer[0])
+    if status == "granted":
+        _, record, held, fresh = answer
+        return Cancel(status, waiter(record), locks(held), bool(fresh))
+    if status in ("removed", "kept"):
+        return Cancel(status, waiter(answer[1]))
+    return Cancel(status, None)
+
+
+def confirm(answer: Sequence[Any]) -> Confirm:
+    if answer[0] == "granted":
+        _, held, fresh = answer
+        return Confirm(True, locks(held), bool(fresh))
+    return Confirm(False, locks(answer[1]), True)
+
+
+def refresh(answer: Sequence[Any]) -> Refresh:
+    status = str(answer[0])
+    return Refresh(status, lock(answer[1]) if len(answer) > 1 else None)
+
+
+def queue(answer: Sequence[Any]) -> QueueReply:
+    now, records = answer
+    return QueueReply(int(now), _waiters(records))
+
+
+def wait_graph(answer: Sequence[Any]) -> WaitGraph:
+    now, entries, records = answer
+    return WaitGraph(
+        int(now),
+        tuple(WaitEntry(str(key), tuple((str(r), str(p)) for r, p in owners),
+                        tuple(str(i) for i in ids))
+              for key, _repo, _pull, ids, owners in entries),
+        _waiters(records),
+    )
