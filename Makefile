@@ -14,7 +14,7 @@ help:
 	@echo "make run          serve the lock service on http://127.0.0.1:4142 (embedded store)"
 	@echo "make test         every test tier: unit, real Redis, real Kubernetes API server"
 	@echo "make test-go      the Go module in atlantis/ against the service, Redis and Atlantis"
-	@echo "make lint         ruff, luacheck, mypy (strict) and the import-layer contracts"
+	@echo "make lint         ruff, luacheck, mypy (strict, package and tests), import contracts"
 	@echo "make cluster-up   start a local Kubernetes control plane for manual use"
 	@echo "make docs         regenerate the generated parts of docs/ and crds/"
 	@echo "make chart        regenerate the chart's CRD templates and values.schema.json"

@@ -85,8 +85,11 @@ def test_the_console_follows_locks_queues_and_the_rollout_live(
 
     with Client(operator.url) as client:
         assert client.acquire(request(path, 12, "alice")).acquired
-    row = until("the lock taken through the API shows", lambda: key in text_of(browser, "#locks")
-                and text_of(browser, "#locks"))
+    def locks_row() -> str | None:
+        text = text_of(browser, "#locks")
+        return text if key in text else None
+
+    row = until("the lock taken through the API shows", locks_row)
     assert "#12 alice" in row and "enhanced" in row
 
     answers: list[Any] = []
@@ -103,7 +106,10 @@ def test_the_console_follows_locks_queues_and_the_rollout_live(
         waiter = threading.Thread(target=wait_for_lock, args=(pull, user), daemon=True)
         waiter.start()
         waiters.append(waiter)
-        until(f"#{pull} queued", lambda p=pull: f"#{p} " in text_of(browser, "#queues"))
+        def queued(p: int = pull) -> bool:
+            return f"#{p} " in text_of(browser, "#queues")
+
+        until(f"#{pull} queued", queued)
     queue = text_of(browser, f'.queue[data-key="{key}"] li')
     assert queue.index("1 #13 bob") < queue.index("2 #14 carol"), queue
     assert "waits for holder #12 alice" in queue and "waits for #13 (position 1)" in queue
@@ -111,9 +117,11 @@ def test_the_console_follows_locks_queues_and_the_rollout_live(
 
     httpx.post(operator.url + "/v1/admin/force-unlock", params={"key": key},
                timeout=10).raise_for_status()
-    moved = until("#14 moves up to position 1", lambda: (
-        (text := text_of(browser, f'.queue[data-key="{key}"] li')).startswith("1 #14 carol")
-        and text))
+    def moved_up() -> str | None:
+        text = text_of(browser, f'.queue[data-key="{key}"] li')
+        return text if text.startswith("1 #14 carol") else None
+
+    moved = until("#14 moves up to position 1", moved_up)
     assert "waits for holder #13 bob" in moved
     assert "#13 bob" in text_of(browser, "#locks")
     assert "force-unlocked" in text_of(browser, "#event-list")

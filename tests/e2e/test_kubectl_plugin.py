@@ -93,7 +93,8 @@ def test_each_edit_is_the_field_a_user_would_write_with_one_line_said(
 
     paused = plugin(kube_cluster, "rollout", "pause", *ns)
     assert paused.returncode == 0 and paused.stdout == f"{where}: paused (spec.paused: true)\n"
-    assert cr(kube_cluster, "lockmigrations", "to-enhanced", kube_namespace)["spec"]["paused"]
+    assert (cr(kube_cluster, "lockmigrations", "to-enhanced", kube_namespace)
+            or {})["spec"]["paused"]
     reached(kube_cluster, kube_namespace, "held by spec.paused",
             lambda s: "spec.paused" in (s.get("message") or ""))
     resumed = plugin(kube_cluster, "rollout", "resume", *ns)
@@ -134,7 +135,7 @@ def test_set_weight_on_a_fixed_weight_migration_and_refusals(
     result = plugin(kube_cluster, "rollout", "set-weight", "37.5", "fixed", "-n", kube_namespace)
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"lockmigration {kube_namespace}/fixed: weight set to 37.5\n"
-    spec = cr(kube_cluster, "lockmigrations", "fixed", kube_namespace)["spec"]
+    spec = (cr(kube_cluster, "lockmigrations", "fixed", kube_namespace) or {})["spec"]
     assert spec["weight"] == 37.5
 
     missing = plugin(kube_cluster, "rollout", "status", "nope", "-n", kube_namespace)

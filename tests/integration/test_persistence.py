@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +110,7 @@ def _sqlite_with_other_tables(path: Path) -> None:
         db.commit()
 
 
-FOREIGN = {
+FOREIGN: dict[str, tuple[Callable[[Path], object], str]] = {
     "empty": (lambda path: path.write_bytes(b""), "is empty (0 bytes)"),
     "not-sqlite": (lambda path: path.write_bytes(b"PK\x03\x04 a zip file, say" * 50),
                    "not an SQLite database"),

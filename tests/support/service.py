@@ -22,7 +22,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Self
 
 import httpx
 
@@ -138,7 +138,7 @@ class ServiceProcess:
     def _log(self, stream: str) -> Path:
         return self.log_dir / f"service-{self.port}-{self.starts}.{stream}"
 
-    def start(self, *, deadline: float = START_DEADLINE) -> ServiceProcess:
+    def start(self, *, deadline: float = START_DEADLINE) -> Self:
         """Start the process and wait until ``/healthz`` answers 200."""
         if self.process is not None and self.process.poll() is None:
             raise ServiceStartError(f"the service on {self.url} is already running")

@@ -249,7 +249,7 @@ def flaky_rig(queue_backend_factory: BackendFactory, failures: int, **settings: 
     inner = queue_backend_factory()
     assert isinstance(inner, QueueBackend)
     flaky = Flaky(inner, "acquire_or_enqueue", failures)
-    return rig_for(flaky, **settings), flaky  # type: ignore[arg-type]
+    return rig_for(flaky, **settings), flaky
 
 
 async def test_with_retries_a_transient_failure_is_retried_with_backoff(

@@ -213,9 +213,11 @@ class LockerModel(RuleBasedStateMachine):
         assert task.done(), f"{name} should have been answered at once: {expected}"
         result: AcquireResult = task.result()
         if expected[0] == "granted":
+            granted = expected[1]
+            assert isinstance(granted, Held)
             assert result.acquired and result.lock is not None, result
-            assert result.lock.pull.num == expected[1].pull, (result, expected)
-            assert self.same_token(path, expected[1].token, result.lock.fencing_token), result
+            assert result.lock.pull.num == granted.pull, (result, expected)
+            assert self.same_token(path, granted.token, result.lock.fencing_token), result
         else:
             assert result.reason is expected[1], (result, expected)
 
@@ -328,7 +330,7 @@ class LockerModel(RuleBasedStateMachine):
             if waiter.told == "granted":
                 assert result.acquired, (waiter.name, result)
                 locks = [result.lock] if isinstance(result, AcquireResult) else result.locks
-                assert all(lock.pull.num == waiter.pull for lock in locks)
+                assert all(lock is not None and lock.pull.num == waiter.pull for lock in locks)
             else:
                 assert result.reason is Reason.CANCELLED, (waiter.name, result)
         self.done.clear()

@@ -3,6 +3,7 @@ applied the move; held locks are honoured during and after it; silent replicas a
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -215,7 +216,7 @@ def _transitions(config: EnhancedLockingConfig, registry: MemoryReplicaRegistry,
     transitions = WeightTransitions(
         replica_id="self", snapshot=lambda: provider.current, registry=lambda: registry,
         events=events or EventBus(), metrics=metrics or Metrics(),
-        **({"clock": clock} if clock is not None else {}),
+        clock=clock if clock is not None else time.monotonic,
     )
     provider.subscribe(transitions.on_snapshot)
     return transitions, provider

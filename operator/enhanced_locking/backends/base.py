@@ -140,8 +140,10 @@ class QueueBackend(Backend, Protocol):
       that is gone before granting to them.
     """
 
-    grants: GrantNotifier
-    """Where waiting callers hear of their grant, cancel or timeout (see ``waiting``)."""
+    @property
+    def grants(self) -> GrantNotifier:
+        """Where waiting callers hear of their grant, cancel or timeout (see ``waiting``)."""
+        ...
 
     async def release(
         self, key: str, *, owner: Owner | None = None, policy: QueuePolicy | None = None
