@@ -56,7 +56,8 @@ async def two(etcd_cluster: EtcdCluster, etcd_prefix: str) -> AsyncIterator[
 async def grant(backend: EtcdBackend, candidate: Lock, ttl: timedelta | None = None) -> Lock:
     outcome = await backend.acquire_or_enqueue(candidate, ttl=ttl, wait=None, policy=POLICY)
     assert outcome.status is Status.GRANTED, outcome
-    return outcome.locks[0]
+    lock: Lock = outcome.locks[0]
+    return lock
 
 
 async def test_a_release_on_an_old_view_is_judged_on_etcds(
