@@ -938,8 +938,9 @@ def test_three_replicas_install_and_serve_locks_through_a_replica_kill(
     """``replicaCount: 3`` on a shared Redis: accepted by the API server with leader election,
     a PodDisruptionBudget, anti-affinity and the Lease rule; then the three replicas (run as
     the pods would run them: the Deployment's arguments, the ConfigMap's config file, the
-    ServiceAccount's token, no kubelet here) serve locks, and one killed with SIGKILL changes
-    nothing for the clients of the other two: no lock is granted twice."""
+    ServiceAccount's token, no kubelet here) serve locks, and the one holding the Lease killed
+    with SIGKILL changes nothing for the clients of the other two (no lock is granted twice)
+    while a survivor takes the Lease."""
     workdir = tmp_path_factory.mktemp("scale")
     try:
         redis = RedisServer(workdir / "redis").start()
@@ -1016,9 +1017,17 @@ def test_three_replicas_install_and_serve_locks_through_a_replica_kill(
 
         wait_for("every replica runs the policy (backend redis, weight 100)", all_on_redis,
                  details=lambda: "\n".join(r.output(3000) for r in replicas))
-        holders = {get_json(kube_cluster, "lease", "enhanced-locking-to-enhanced", "-n",
-                            namespace)["spec"]["holderIdentity"]}
-        assert len(holders) == 1 and holders != {None}, "one replica writes the status"
+        def lease_holder() -> str | None:
+            lease = get_json(kube_cluster, "lease", "enhanced-locking-to-enhanced", "-n",
+                             namespace)
+            holder: str | None = (lease or {}).get("spec", {}).get("holderIdentity")
+            return holder
+
+        ids = [replica.get_json("/v1/migration")["replicaId"] for replica in replicas]
+        assert len(set(ids)) == 3, ids
+        leader = wait_for("one replica to hold the Lease", lambda: lease_holder() in ids and
+                          lease_holder())
+        victim = replicas[ids.index(leader)]  # the pod killed is the one writing the status
 
         history, stop = History(), threading.Event()
         counts: collections.Counter[str] = collections.Counter()
@@ -1029,9 +1038,13 @@ def test_three_replicas_install_and_serve_locks_through_a_replica_kill(
             client.start()
         time.sleep(3)
         before = counts["granted"]
-        os.killpg(replicas[0].process.pid, signal.SIGKILL)  # type: ignore[union-attr]
+        os.killpg(victim.process.pid, signal.SIGKILL)  # type: ignore[union-attr]
         time.sleep(5)  # the killed replica's clients' locks run out (2 s) meanwhile
         after_kill = counts["granted"] - before
+        # Another replica takes the Lease once it runs out (--lease-duration=3).
+        survivors = {i for i in ids if i != leader}
+        wait_for("a surviving replica to take the Lease", lambda: lease_holder() in survivors,
+                 timeout=30, details=lambda: "\n".join(r.output(3000) for r in replicas))
         stop.set()
         for client in clients:
             client.join(30)
