@@ -31,7 +31,7 @@ if str(_REPO_ROOT) not in sys.path:  # `tests.support` without installing the te
 
 from tests.support import service as service_support  # noqa: E402
 from tests.support.backends import BACKEND_KINDS, BackendFactory  # noqa: E402
-from tests.support.service import ServiceProcess, ServiceStartError  # noqa: E402
+from tests.support.service import ServiceProcess, services  # noqa: E402
 
 from enhanced_locking.backends import EmbeddedBackend  # noqa: E402
 from enhanced_locking.config import EnhancedLockingConfig  # noqa: E402
@@ -72,21 +72,14 @@ def service_process(
     request: pytest.FixtureRequest, tmp_path: Path, data_dir: Path
 ) -> Iterator[ServiceFactory]:
     """Start ``enhanced-locking serve`` processes: ``service_process("--flag=v", env={...})``."""
-    started = request.node.stash.setdefault(_STARTED, [])
+    with services(request.node.stash.setdefault(_STARTED, [])) as group:
+        def start(
+            *flags: str, env: Mapping[str, str] | None = None, data_dir: Path = data_dir
+        ) -> ServiceProcess:
+            return group.start(ServiceProcess(data_dir, args=flags, env=env,
+                                              log_dir=tmp_path / "logs"))
 
-    def start(
-        *flags: str, env: Mapping[str, str] | None = None, data_dir: Path = data_dir
-    ) -> ServiceProcess:
-        process = ServiceProcess(data_dir, args=flags, env=env, log_dir=tmp_path / "logs")
-        started.append(process)
-        try:
-            return process.start()
-        except ServiceStartError as error:
-            pytest.fail(str(error), pytrace=False)
-
-    yield start
-    for process in started:
-        process.stop()
+        yield start
 
 
 @pytest.hookimpl(wrapper=True)

@@ -40,7 +40,7 @@ from tests.support.controlplane import (  # noqa: E402
     find_binaries,
 )
 from tests.support.operator import OperatorProcess  # noqa: E402
-from tests.support.service import ServiceStartError  # noqa: E402
+from tests.support.service import services  # noqa: E402
 
 CLUSTER_MODES = ("local", "kubeconfig", "kind")
 
@@ -158,18 +158,12 @@ def start_operator(
     A real process with the cluster's kubeconfig, its own data dir and free loopback ports;
     stopped before the namespace is deleted.
     """
-    started: list[OperatorProcess] = []
+    with services() as group:
+        def start(**options: Any) -> OperatorProcess:
+            options.setdefault("namespace", kube_namespace)
+            return group.start(OperatorProcess(tmp_path / "data",
+                                               kubeconfig=kube_cluster.kubeconfig,
+                                               log_dir=tmp_path / "logs", **options),
+                               deadline=60)
 
-    def start(**options: Any) -> OperatorProcess:
-        options.setdefault("namespace", kube_namespace)
-        process = OperatorProcess(tmp_path / "data", kubeconfig=kube_cluster.kubeconfig,
-                                  log_dir=tmp_path / "logs", **options)
-        started.append(process)
-        try:
-            return process.start(deadline=60)
-        except ServiceStartError as error:
-            pytest.fail(str(error), pytrace=False)
-
-    yield start
-    for process in started:
-        process.stop()
+        yield start

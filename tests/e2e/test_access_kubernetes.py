@@ -23,7 +23,7 @@ import yaml
 from tests.support.access_matrix import CALLS, ROLE_VERBS, Call, acquire_body, new_case
 from tests.support.controlplane import KubeCluster
 from tests.support.helm import CHART_DIR, Helm, service_account_kubeconfig
-from tests.support.service import ServiceProcess
+from tests.support.service import ServiceProcess, running
 
 pytestmark = pytest.mark.e2e
 
@@ -96,14 +96,10 @@ def setup(kube_cluster: KubeCluster, tmp_path_factory: pytest.TempPathFactory
         f"--enhanced-locking-auth-namespace={namespace}",
         "--enhanced-locking-auth-cache-ttl=2s",
     ])
-    try:
-        service.start()
-    except Exception as error:
-        pytest.fail(str(error), pytrace=False)
-    tokens = {name: token(cluster, namespace, name)
-              for name in ("nobody", "viewer", "locker", "admin", "atlantis", "team")}
-    yield Setup(cluster, namespace, fullname, service, tokens)
-    service.stop()
+    with running(service):
+        tokens = {name: token(cluster, namespace, name)
+                  for name in ("nobody", "viewer", "locker", "admin", "atlantis", "team")}
+        yield Setup(cluster, namespace, fullname, service, tokens)
     cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
     cluster.kubectl("delete", "clusterrole", f"{fullname}-viewer", f"{fullname}-locker",
                     f"{fullname}-admin", check=False)
@@ -243,8 +239,7 @@ def test_an_audience_setting_refuses_tokens_minted_for_another(
         f"--enhanced-locking-auth-namespace={setup.namespace}",
         "--enhanced-locking-auth-audience=enhanced-locking",
     ])
-    service.start()
-    try:
+    with running(service):
         plain = setup.tokens["viewer"]
         scoped = token(setup.cluster, setup.namespace, "viewer", "--audience=enhanced-locking")
         with httpx.Client(base_url=service.url, timeout=15) as http:
@@ -252,8 +247,6 @@ def test_an_audience_setting_refuses_tokens_minted_for_another(
                             ).status_code == 401
             assert http.get("/v1/locks", headers={"Authorization": f"Bearer {scoped}"}
                             ).status_code == 200
-    finally:
-        service.stop()
 
 
 def test_the_service_without_the_charts_delegation_refuses_everyone(
@@ -267,14 +260,11 @@ def test_the_service_without_the_charts_delegation_refuses_everyone(
         "--enhanced-locking-auth=kubernetes",
         f"--enhanced-locking-auth-namespace={setup.namespace}",
     ])
-    service.start()
-    try:
+    with running(service):
         with httpx.Client(base_url=service.url, timeout=15, headers={
                 "Authorization": f"Bearer {setup.tokens['admin']}"}) as http:
             assert http.get("/v1/locks").status_code == 401
         assert setup.tokens["admin"] not in service.output()
-    finally:
-        service.stop()
 
 
 def test_the_rendered_roles_are_the_documented_ones(setup: Setup, tmp_path: Path) -> None:

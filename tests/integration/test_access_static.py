@@ -28,6 +28,7 @@ from tests.support.service import (
     ServiceProcess,
     enhanced_locking_command,
     free_port,
+    running,
     scrubbed_env,
 )
 
@@ -60,12 +61,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]
         f"--enhanced-locking-auth-roles={ROLES}",
         "--enhanced-locking-auth-cache-ttl=1s",
     ])
-    try:
-        process.start()
-    except Exception as error:
-        pytest.fail(str(error), pytrace=False)
-    yield process
-    process.stop()
+    with running(process):
+        yield process
 
 
 def client(served: ServiceProcess, token: str | None) -> httpx.Client:

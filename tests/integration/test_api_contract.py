@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-from tests.support.service import ServiceProcess
+from tests.support.service import ServiceProcess, running
 
 CONFIG = Path(__file__).with_name("schemathesis.toml")
 
@@ -29,12 +29,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]
     process = ServiceProcess(root / "data", log_dir=root / "logs", args=(
         "--enhanced-locking-enabled", "--enhanced-locking-max-timeout=1s",
         "--enhanced-locking-default-timeout=1s"))
-    try:
-        process.start()
-    except Exception as error:
-        pytest.fail(str(error), pytrace=False)
-    yield process
-    process.stop()
+    with running(process):
+        yield process
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.support.service import ServiceProcess
+from tests.support.service import ServiceProcess, running
 
 TOKEN = "contract-admin-token-5d0c1f"
 
@@ -32,12 +32,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]
         "--enhanced-locking-default-timeout=1s", "--enhanced-locking-audit-stdout=false",
         "--enhanced-locking-auth=static", f"--enhanced-locking-auth-tokens-file={tokens}",
         "--enhanced-locking-auth-roles=admin=user:contract-admin"))
-    try:
-        process.start()
-    except Exception as error:
-        pytest.fail(str(error), pytrace=False)
-    yield process
-    process.stop()
+    with running(process):
+        yield process
 
 
 @pytest.mark.timeout(900)

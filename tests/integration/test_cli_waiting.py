@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
-from tests.support.service import ServiceProcess, enhanced_locking_command, scrubbed_env
+from tests.support.service import ServiceProcess, enhanced_locking_command, running, scrubbed_env
 
 REPO = "acme/cli-wait"
 KEY = f"{REPO}/infra/default/"
@@ -24,12 +24,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]
     process = ServiceProcess(root / "data", log_dir=root / "logs", args=(
         "--enhanced-locking-enabled", "--enhanced-locking-priority-queue",
         "--enhanced-locking-default-timeout=300ms"))
-    try:
-        process.start()
-    except Exception as error:
-        pytest.fail(str(error), pytrace=False)
-    yield process
-    process.stop()
+    with running(process):
+        yield process
 
 
 def command(served: ServiceProcess, *args: str) -> list[str]:

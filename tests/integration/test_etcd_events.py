@@ -14,7 +14,7 @@ import pytest
 from tests.support.etcd_fixtures import etcd_config
 from tests.support.etcd_server import EtcdCluster
 from tests.support.locks import request_for
-from tests.support.service import ServiceProcess, ServiceStartError
+from tests.support.service import ServiceProcess, services
 
 from enhanced_locking.backends.etcd_connection import EtcdConnection, EtcdSettings
 from enhanced_locking.backends.etcd_events import EtcdEventBus
@@ -152,17 +152,9 @@ def two_serves(etcd_cluster: EtcdCluster, etcd_prefix: str,
              f"--enhanced-locking-etcd-endpoints={','.join(etcd_cluster.endpoints)}",
              f"--enhanced-locking-etcd-key-prefix={etcd_prefix}",
              "--enhanced-locking-legacy-backend=memory")
-    started = []
-    for n in range(2):
-        process = ServiceProcess(tmp_path / f"replica-{n}", args=flags, log_dir=tmp_path)
-        started.append(process)
-        try:
-            process.start()
-        except ServiceStartError as error:
-            pytest.fail(str(error), pytrace=False)
-    yield started
-    for process in started:
-        process.stop()
+    with services() as group:
+        yield [group.start(ServiceProcess(tmp_path / f"replica-{n}", args=flags,
+                                          log_dir=tmp_path)) for n in range(2)]
 
 
 async def _follow(url: str, into: list[tuple[str, str]], ready: asyncio.Event,

@@ -26,7 +26,7 @@ import httpx
 import pytest
 from tests.history import History, Hold
 from tests.support.etcd_server import EtcdCluster, EtcdServerError
-from tests.support.service import ServiceProcess, ServiceStartError
+from tests.support.service import ServiceProcess, services
 
 pytestmark = [pytest.mark.etcd, pytest.mark.timeout(240)]
 
@@ -55,18 +55,9 @@ def _flags(cluster: EtcdCluster) -> tuple[str, ...]:
 
 @pytest.fixture
 def replicas(cluster: EtcdCluster, tmp_path: Path) -> Iterator[list[ServiceProcess]]:
-    started = []
-    for n in range(2):
-        process = ServiceProcess(tmp_path / f"replica-{n}", args=_flags(cluster),
-                                 log_dir=tmp_path / "logs")
-        started.append(process)
-        try:
-            process.start()
-        except ServiceStartError as error:
-            pytest.fail(str(error), pytrace=False)
-    yield started
-    for process in started:
-        process.stop()
+    with services() as group:
+        yield [group.start(ServiceProcess(tmp_path / f"replica-{n}", args=_flags(cluster),
+                                          log_dir=tmp_path / "logs")) for n in range(2)]
 
 
 def _body(path: str, pull: int) -> dict[str, Any]:

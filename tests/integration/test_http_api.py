@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 from tests.conftest import ServiceFactory
-from tests.support.service import ServiceProcess
+from tests.support.service import ServiceProcess, running
 
 SECRET = "s3cret-redis-password"
 LOCK_FIELDS = {"key", "project", "workspace", "pull", "user", "priority", "acquiredAt",
@@ -28,12 +28,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]
     root = tmp_path_factory.mktemp("http")
     env = {"ATLANTIS_ENHANCED_LOCKING_REDIS_PASSWORD": SECRET}
     process = ServiceProcess(root / "data", env=env, log_dir=root / "logs")
-    try:
-        process.start()
-    except Exception as error:
-        pytest.fail(str(error), pytrace=False)
-    yield process
-    process.stop()
+    with running(process):
+        yield process
 
 
 @pytest.fixture

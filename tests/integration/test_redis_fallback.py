@@ -15,7 +15,7 @@ import httpx
 import pytest
 from tests.support.redis_fixtures import ServerMaker
 from tests.support.redis_server import RedisServer
-from tests.support.service import ServiceProcess, ServiceStartError
+from tests.support.service import ServiceProcess, services
 
 pytestmark = pytest.mark.redis
 
@@ -36,26 +36,18 @@ Serve = Callable[[str], ServiceProcess]
 @pytest.fixture
 def serve(secured: RedisServer, tmp_path: Path) -> Iterator[Serve]:
     """``serve("legacy" | "fail-closed")``: the service on the password-protected Redis."""
-    started: list[ServiceProcess] = []
+    with services() as group:
+        def start(fallback: str) -> ServiceProcess:
+            return group.start(ServiceProcess(
+                tmp_path / f"data-{fallback}",
+                args=("--enhanced-locking-enabled", "--enhanced-locking-backend=redis",
+                      f"--enhanced-locking-redis-addr={secured.addr}",
+                      f"--enhanced-locking-fallback={fallback}"),
+                env={"ATLANTIS_ENHANCED_LOCKING_REDIS_PASSWORD": PASSWORD},
+                log_dir=tmp_path / "logs",
+            ))
 
-    def start(fallback: str) -> ServiceProcess:
-        process = ServiceProcess(
-            tmp_path / f"data-{fallback}",
-            args=("--enhanced-locking-enabled", "--enhanced-locking-backend=redis",
-                  f"--enhanced-locking-redis-addr={secured.addr}",
-                  f"--enhanced-locking-fallback={fallback}"),
-            env={"ATLANTIS_ENHANCED_LOCKING_REDIS_PASSWORD": PASSWORD},
-            log_dir=tmp_path / "logs",
-        )
-        started.append(process)
-        try:
-            return process.start()
-        except ServiceStartError as error:
-            pytest.fail(str(error), pytrace=False)
-
-    yield start
-    for process in started:
-        process.stop()
+        yield start
 
 
 def body(path: str, pull: int) -> dict[str, object]:

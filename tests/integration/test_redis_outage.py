@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import ServiceMaker
 from tests.support.redis_fixtures import ServerMaker
 from tests.support.redis_server import RedisServer
-from tests.support.service import ServiceProcess
+from tests.support.service import ServiceProcess, running
 
 from enhanced_locking.api import create_app
 from enhanced_locking.types import BackendUnavailable, LockRequest, Project, Pull
@@ -59,12 +59,8 @@ def outage_service(redis_servers: ServerMaker, tmp_path: Path) -> Iterator[tuple
         args=("--enhanced-locking-enabled", "--enhanced-locking-backend=redis",
               f"--enhanced-locking-redis-addr={server.addr}", "--enhanced-locking-fallback=legacy",
               "--enhanced-locking-replica-heartbeat=500ms"))
-    try:
-        process.start()
-    except Exception as error:
-        pytest.fail(str(error), pytrace=False)
-    yield process, server
-    process.stop()
+    with running(process):
+        yield process, server
 
 
 def _body(path: str, pull: int) -> dict[str, object]:

@@ -22,7 +22,7 @@ import httpx
 import pytest
 from tests.history import History, Hold, Workload, run_clients
 from tests.support.redis_server import Persistence, RedisServer
-from tests.support.service import ServiceProcess, ServiceStartError
+from tests.support.service import ServiceProcess, services
 
 from enhanced_locking.backends import redis_scripts
 from enhanced_locking.client import AsyncClient
@@ -45,24 +45,15 @@ def flags(server: RedisServer, *extra: str) -> tuple[str, ...]:
 @pytest.fixture
 def replicas(redis_server: RedisServer, tmp_path: Path) -> Iterator[Replicas]:
     """``replicas(2, "--flag")``: that many serve processes on the test's Redis."""
-    started: list[ServiceProcess] = []
+    with services() as group:
+        def start(count: int, *extra: str,
+                  server: RedisServer = redis_server) -> list[ServiceProcess]:
+            return [group.start(ServiceProcess(tmp_path / f"replica-{len(group.started)}",
+                                               args=flags(server, *extra),
+                                               log_dir=tmp_path / "logs"))
+                    for _ in range(count)]
 
-    def start(count: int, *extra: str, server: RedisServer = redis_server) -> list[ServiceProcess]:
-        processes = []
-        for _ in range(count):
-            n = len(started)
-            process = ServiceProcess(tmp_path / f"replica-{n}", args=flags(server, *extra),
-                                     log_dir=tmp_path / "logs")
-            started.append(process)
-            try:
-                processes.append(process.start())
-            except ServiceStartError as error:
-                pytest.fail(str(error), pytrace=False)
-        return processes
-
-    yield start
-    for process in started:
-        process.stop()
+        yield start
 
 
 def body(path: str, pull: int, **extra: Any) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import pytest
 from cryptography import x509
 from tests.support.access_matrix import acquire_body
 from tests.support.controlplane import CertificateAuthority, KeyPair
-from tests.support.service import LOOPBACK, ServiceProcess
+from tests.support.service import LOOPBACK, ServiceProcess, running
 
 
 def presented_serial(port: int, ca: Path) -> int:
@@ -54,12 +54,8 @@ def tls(tmp_path: Path) -> Iterator[tuple[CertificateAuthority, ServiceProcess, 
     service = ServiceProcess(tmp_path / "data", ca_file=ca.pair.cert, args=[
         f"--enhanced-locking-tls-cert-file={cert}", f"--enhanced-locking-tls-key-file={key}",
     ])
-    try:
-        service.start()
-    except Exception as error:
-        pytest.fail(str(error), pytrace=False)
-    yield ca, service, cert, key
-    service.stop()
+    with running(service):
+        yield ca, service, cert, key
 
 
 def test_the_service_answers_over_https_with_its_certificate(

@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
-from tests.support.service import ServiceProcess
+from tests.support.service import ServiceProcess, running
 
 from enhanced_locking.client import AsyncClient
 from enhanced_locking.types import Event
@@ -24,12 +24,8 @@ FLAGS = ("--enhanced-locking-enabled", "--enhanced-locking-priority-queue",
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     root = tmp_path_factory.mktemp("waiting")
     process = ServiceProcess(root / "data", args=FLAGS, log_dir=root / "logs")
-    try:
-        process.start()
-    except Exception as error:
-        pytest.fail(str(error), pytrace=False)
-    yield process
-    process.stop()
+    with running(process):
+        yield process
 
 
 @pytest.fixture

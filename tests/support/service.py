@@ -6,6 +6,10 @@ entry point is what gets tested) on a free loopback port with its own data dir, 
 it again on the same port and data dir. Its stdout and stderr go to files, never to pipes that
 could fill up and stall the server; ``output()`` returns them for failure reports.
 
+In tests, ``running(process)`` (one process) and ``services()`` (a group a fixture starts one
+by one) start processes, fail the test with the service's output when one does not come up,
+and stop them all at the end.
+
 Nothing here listens anywhere but 127.0.0.1.
 """
 
@@ -20,19 +24,24 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import ClassVar, Self
+from typing import ClassVar, Self, TypeVar
 
 import httpx
+import pytest
 
 __all__ = [
     "LOOPBACK",
     "ServiceProcess",
     "ServiceStartError",
+    "Services",
     "enhanced_locking_command",
     "free_port",
+    "running",
     "scrubbed_env",
+    "services",
 ]
 
 LOOPBACK = "127.0.0.1"
@@ -249,3 +258,47 @@ class ServiceProcess:
             return self._log("stdout").read_text(errors="replace")
         except OSError:
             return ""
+
+
+P = TypeVar("P", bound=ServiceProcess)
+
+
+class Services:
+    """Service processes a test (or a module) starts; :func:`services` stops them all."""
+
+    def __init__(self, started: list[ServiceProcess] | None = None) -> None:
+        self.started = [] if started is None else started
+        """Every process given to :meth:`start`, also one that did not come up."""
+
+    def start(self, process: P, *, deadline: float = START_DEADLINE) -> P:
+        """Start ``process``; one that does not come up fails the test with its output."""
+        self.started.append(process)
+        try:
+            process.start(deadline=deadline)
+        except (ServiceStartError, OSError) as error:
+            pytest.fail(str(error), pytrace=False)
+        return process
+
+    def stop(self) -> None:
+        for process in self.started:
+            process.stop()
+
+
+@contextmanager
+def services(started: list[ServiceProcess] | None = None) -> Iterator[Services]:
+    """A :class:`Services` group whose processes are stopped on the way out.
+
+    ``started``: the list to record them in (the failure report reads it)."""
+    group = Services(started)
+    try:
+        yield group
+    finally:
+        group.stop()
+
+
+@contextmanager
+def running(process: ServiceProcess) -> Iterator[ServiceProcess]:
+    """``process`` started (the test fails with its output if it does not come up), then
+    stopped on the way out."""
+    with services() as group:
+        yield group.start(process)
