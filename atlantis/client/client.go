@@ -22,6 +22,7 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -102,6 +103,10 @@ type call struct {
 	idempotent bool
 	// wait extends the call's own time bound (an acquire that waits in a queue).
 	wait time.Duration
+	// also lists the statuses besides 200 whose body is the answer (409: an acquire refused).
+	also []int
+	// absentOK: a 404 means nothing is there (an answer, not an error).
+	absentOK bool
 }
 
 // answer is the service's reply: the status and the raw JSON body.
@@ -250,6 +255,32 @@ func decode[T any](k call, got answer) (T, error) {
 	return out, nil
 }
 
+// exchange sends k and sorts its answer: 200 (or a status in k.also) is found; a 404 where
+// k.absentOK is not found and no error; any other status is its typed refusal.
+func (c *Client) exchange(ctx context.Context, k call) (got answer, found bool, err error) {
+	if got, err = c.do(ctx, k); err != nil {
+		return answer{}, false, err
+	}
+	switch {
+	case got.status == http.StatusOK || slices.Contains(k.also, got.status):
+		return got, true, nil
+	case k.absentOK && got.status == http.StatusNotFound:
+		return got, false, nil
+	default:
+		return got, false, refusal(k, got)
+	}
+}
+
+// request is one call whose answer is a T (see exchange): the zero T when nothing is there.
+func request[T any](ctx context.Context, c *Client, k call) (T, error) {
+	got, found, err := c.exchange(ctx, k)
+	if err != nil || !found {
+		var none T
+		return none, err
+	}
+	return decode[T](k, got)
+}
+
 // goDuration writes d in Go form, as the API wants ("30s", "1m30s").
 func goDuration(d time.Duration) string { return d.String() }
 
@@ -324,15 +355,9 @@ func (r AcquireRequest) body() acquireBody {
 // which is why an acquire is retried when the service could not be reached.
 func (c *Client) Acquire(ctx context.Context, r AcquireRequest) (*Lock, error) {
 	k := call{op: "acquire", method: http.MethodPost, path: "/v1/locks", body: r.body(),
-		key: LockKey(r.Project, r.Workspace), idempotent: true, wait: r.Wait}
-	got, err := c.do(ctx, k)
-	if err != nil {
-		return nil, err
-	}
-	if got.status != http.StatusOK && got.status != http.StatusConflict {
-		return nil, refusal(k, got)
-	}
-	a, err := decode[acquireAnswer](k, got)
+		key: LockKey(r.Project, r.Workspace), idempotent: true, wait: r.Wait,
+		also: []int{http.StatusConflict}}
+	a, err := request[acquireAnswer](ctx, c, k)
 	if err != nil {
 		return nil, err
 	}
@@ -359,15 +384,8 @@ func (c *Client) AcquireBatch(ctx context.Context, r BatchRequest) ([]Lock, erro
 		body.Locks[i] = item
 	}
 	k := call{op: "acquire-batch", method: http.MethodPost, path: "/v1/locks/batch", body: body,
-		idempotent: true, wait: r.Wait}
-	got, err := c.do(ctx, k)
-	if err != nil {
-		return nil, err
-	}
-	if got.status != http.StatusOK && got.status != http.StatusConflict {
-		return nil, refusal(k, got)
-	}
-	a, err := decode[acquireAnswer](k, got)
+		idempotent: true, wait: r.Wait, also: []int{http.StatusConflict}}
+	a, err := request[acquireAnswer](ctx, c, k)
 	if err != nil {
 		return nil, err
 	}
@@ -383,21 +401,10 @@ type lockAnswer struct {
 
 // Get is the lock held on key, or nil when the key is free.
 func (c *Client) Get(ctx context.Context, key string) (*Lock, error) {
-	k := call{op: "get", method: http.MethodGet, path: "/v1/locks/by-key",
-		query: url.Values{"key": {key}}, key: key, idempotent: true}
-	got, err := c.do(ctx, k)
-	if err != nil {
-		return nil, err
-	}
-	switch got.status {
-	case http.StatusOK:
-		a, err := decode[lockAnswer](k, got)
-		return a.Lock, err
-	case http.StatusNotFound:
-		return nil, nil
-	default:
-		return nil, refusal(k, got)
-	}
+	a, err := request[lockAnswer](ctx, c, call{op: "get", method: http.MethodGet,
+		path: "/v1/locks/by-key", query: url.Values{"key": {key}}, key: key, idempotent: true,
+		absentOK: true})
+	return a.Lock, err
 }
 
 type locksAnswer struct {
@@ -413,15 +420,8 @@ func (c *Client) List(ctx context.Context, f ListFilter) ([]Lock, error) {
 	if f.Pull != nil {
 		q.Set("pull", strconv.Itoa(*f.Pull))
 	}
-	k := call{op: "list", method: http.MethodGet, path: "/v1/locks", query: q, idempotent: true}
-	got, err := c.do(ctx, k)
-	if err != nil {
-		return nil, err
-	}
-	if got.status != http.StatusOK {
-		return nil, refusal(k, got)
-	}
-	a, err := decode[locksAnswer](k, got)
+	a, err := request[locksAnswer](ctx, c, call{op: "list", method: http.MethodGet,
+		path: "/v1/locks", query: q, idempotent: true})
 	return a.Locks, err
 }
 
@@ -431,19 +431,9 @@ type releaseAnswer struct {
 }
 
 func (c *Client) release(ctx context.Context, k call) (*Lock, error) {
-	got, err := c.do(ctx, k)
-	if err != nil {
-		return nil, err
-	}
-	switch got.status {
-	case http.StatusOK:
-		a, err := decode[releaseAnswer](k, got)
-		return a.Lock, err
-	case http.StatusNotFound:
-		return nil, nil
-	default:
-		return nil, refusal(k, got)
-	}
+	k.absentOK = true
+	a, err := request[releaseAnswer](ctx, c, k)
+	return a.Lock, err
 }
 
 // Release frees the lock on key whoever holds it (Atlantis's unlock). It answers the lock
@@ -475,16 +465,9 @@ type pullReleaseAnswer struct {
 // ReleasePull frees every lock of one pull of one repository (exactly that repository: not
 // another whose name starts the same) and answers them.
 func (c *Client) ReleasePull(ctx context.Context, repo string, pull int) ([]Lock, error) {
-	k := call{op: "release-pull", method: http.MethodDelete, path: "/v1/locks/by-pull",
-		query: url.Values{"repo": {repo}, "pull": {strconv.Itoa(pull)}}}
-	got, err := c.do(ctx, k)
-	if err != nil {
-		return nil, err
-	}
-	if got.status != http.StatusOK {
-		return nil, refusal(k, got)
-	}
-	a, err := decode[pullReleaseAnswer](k, got)
+	a, err := request[pullReleaseAnswer](ctx, c, call{op: "release-pull",
+		method: http.MethodDelete, path: "/v1/locks/by-pull",
+		query: url.Values{"repo": {repo}, "pull": {strconv.Itoa(pull)}}})
 	return a.Released, err
 }
 
@@ -494,16 +477,8 @@ func (c *Client) ReleaseBatch(ctx context.Context, keys []string, pull *int) (Ba
 	if pull != nil {
 		q.Set("pull", strconv.Itoa(*pull))
 	}
-	k := call{op: "release-batch", method: http.MethodDelete, path: "/v1/locks/batch", query: q,
-		idempotent: pull != nil}
-	got, err := c.do(ctx, k)
-	if err != nil {
-		return BatchRelease{}, err
-	}
-	if got.status != http.StatusOK {
-		return BatchRelease{}, refusal(k, got)
-	}
-	return decode[BatchRelease](k, got)
+	return request[BatchRelease](ctx, c, call{op: "release-batch", method: http.MethodDelete,
+		path: "/v1/locks/batch", query: q, idempotent: pull != nil})
 }
 
 type refreshBody struct {
@@ -519,55 +494,27 @@ func (c *Client) Refresh(ctx context.Context, key string, pull int, ttl time.Dur
 	if ttl > 0 {
 		body.TTL = goDuration(ttl)
 	}
-	k := call{op: "refresh", method: http.MethodPost, path: "/v1/locks/refresh", body: body,
-		key: key, idempotent: true}
-	got, err := c.do(ctx, k)
-	if err != nil {
-		return nil, err
-	}
-	switch got.status {
-	case http.StatusOK:
-		a, err := decode[lockAnswer](k, got)
-		return a.Lock, err
-	case http.StatusNotFound:
-		return nil, nil
-	default:
-		return nil, refusal(k, got)
-	}
+	a, err := request[lockAnswer](ctx, c, call{op: "refresh", method: http.MethodPost,
+		path: "/v1/locks/refresh", body: body, key: key, idempotent: true, absentOK: true})
+	return a.Lock, err
 }
 
 // Queue is the holder of key and its waiters in service order.
 func (c *Client) Queue(ctx context.Context, key string) (*Queue, error) {
-	k := call{op: "queue", method: http.MethodGet, path: "/v1/queue",
-		query: url.Values{"key": {key}}, key: key, idempotent: true}
-	got, err := c.do(ctx, k)
+	q, err := request[Queue](ctx, c, call{op: "queue", method: http.MethodGet,
+		path: "/v1/queue", query: url.Values{"key": {key}}, key: key, idempotent: true})
 	if err != nil {
 		return nil, err
 	}
-	if got.status != http.StatusOK {
-		return nil, refusal(k, got)
-	}
-	q, err := decode[Queue](k, got)
-	return &q, err
+	return &q, nil
 }
 
 // Cancel takes a queued request (by its waiter id or its RequestID) out of key's queue; the
 // request is answered "cancelled". False when no such request is queued.
 func (c *Client) Cancel(ctx context.Context, key, id string) (bool, error) {
-	k := call{op: "cancel", method: http.MethodDelete, path: "/v1/queue",
-		query: url.Values{"key": {key}, "id": {id}}, key: key}
-	got, err := c.do(ctx, k)
-	if err != nil {
-		return false, err
-	}
-	switch got.status {
-	case http.StatusOK:
-		return true, nil
-	case http.StatusNotFound:
-		return false, nil
-	default:
-		return false, refusal(k, got)
-	}
+	_, found, err := c.exchange(ctx, call{op: "cancel", method: http.MethodDelete,
+		path: "/v1/queue", query: url.Values{"key": {key}, "id": {id}}, key: key, absentOK: true})
+	return found, err
 }
 
 // Ready checks that the service and every store it uses answer (GET /readyz).
