@@ -147,40 +147,32 @@ async def _run_service(
         print(f"enhanced-locking: {refusal}", file=sys.stderr)
         return EXIT_USAGE
     bound = _listen(host, port)
+
+    def cannot_start(error: Exception, *, setting: bool) -> int:
+        """One line and the exit code: 2 for the user's file or setting, as a bad setting."""
+        bound.close()
+        if setting:
+            print(f"enhanced-locking: {error}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"enhanced-locking: cannot start: {error}", file=sys.stderr)
+        return EXIT_REFUSED
+
     try:
         # Building the service opens the stores: a data dir that cannot be created is a
         # one-line error like a store that does not answer.
         service = LockService(ConfigProvider(config))
-    except StoreRefused as error:  # the user's file or setting: exit 2, as a bad setting
-        bound.close()
-        print(f"enhanced-locking: {error}", file=sys.stderr)
-        return EXIT_USAGE
     except LockingError as error:
-        bound.close()
-        print(f"enhanced-locking: cannot start: {error}", file=sys.stderr)
-        return EXIT_REFUSED
+        return cannot_start(error, setting=isinstance(error, StoreRefused))
     try:
         app = create_app(service, manage_lifecycle=False, exposed=exposed)
-    except LockingError as error:
-        bound.close()
+    except (LockingError, ValueError) as error:
+        # A ValueError: access settings that cannot be used (a bad tokens file).
         await service.close()
-        print(f"enhanced-locking: cannot start: {error}", file=sys.stderr)
-        return EXIT_REFUSED
-    except ValueError as error:  # access settings that cannot be used (a bad tokens file)
-        bound.close()
-        await service.close()
-        print(f"enhanced-locking: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        return cannot_start(error, setting=not isinstance(error, LockingError))
     try:
         await service.start()
-    except StoreRefused as error:  # the user's file or setting: exit 2, as a bad setting
-        bound.close()
-        print(f"enhanced-locking: {error}", file=sys.stderr)
-        return EXIT_USAGE
     except LockingError as error:
-        bound.close()
-        print(f"enhanced-locking: cannot start: {error}", file=sys.stderr)
-        return EXIT_REFUSED
+        return cannot_start(error, setting=isinstance(error, StoreRefused))
     log.info("config generation 1 hash %s: %s", service.provider.current.hash,
              json.dumps(config.masked()))
     if exposed and config.auth == "none":
@@ -387,15 +379,9 @@ def _with_client(action: Callable[[Client, argparse.Namespace], int]) -> Callabl
             with Client(args.url, token=args.token) as client:
                 return action(client, args)
         except ServiceError as error:
-            if error.status == 0:
-                terminal.say(PROG, str(error))
-                return EXIT_UNREACHABLE
-            if error.status == 422:
-                terminal.say(PROG, str(error))
-                return EXIT_USAGE
-            # A refusal (404, 409, 401/403): the service's answer on stdout, one line on stderr.
-            return terminal.refused(PROG, str(error),
-                                    error.body if isinstance(error.body, dict) else None)
+            return terminal.service_failed(
+                PROG, str(error), status=error.status,
+                answer=error.body if isinstance(error.body, dict) else None)
     return run
 
 

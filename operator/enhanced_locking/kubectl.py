@@ -362,14 +362,9 @@ def _with_service(action: Callable[[Client, argparse.Namespace], int]) -> Callab
             with Client(args.url, token=args.token) as client:
                 return action(client, args)
         except ServiceError as error:
-            if error.status == 0:
-                terminal.say(PROG, str(error))
-                return terminal.EXIT_UNREACHABLE
-            if error.status == 422:
-                terminal.say(PROG, str(error))
-                return terminal.EXIT_USAGE
-            return terminal.refused(PROG, str(error),
-                                    error.body if isinstance(error.body, dict) else None)
+            return terminal.service_failed(
+                PROG, str(error), status=error.status,
+                answer=error.body if isinstance(error.body, dict) else None)
     return run
 
 

@@ -31,6 +31,7 @@ __all__ = [
     "print_json",
     "refused",
     "say",
+    "service_failed",
     "survive_closed_pipe",
 ]
 
@@ -66,6 +67,19 @@ def refused(program: str, message: str, answer: Any | None = None) -> int:
         print_json(answer)
     say(program, message)
     return EXIT_REFUSED
+
+
+def service_failed(program: str, message: str, *, status: int, answer: Any | None = None) -> int:
+    """How a command ends when the lock service did not do what it asked: not reached
+    (``status`` 0: exit 3), the request invalid (422: exit 2), or refused (404, 409, 401/403:
+    the service's answer on stdout, one line on stderr, exit 1)."""
+    if status == 0:
+        say(program, message)
+        return EXIT_UNREACHABLE
+    if status == 422:
+        say(program, message)
+        return EXIT_USAGE
+    return refused(program, message, answer)
 
 
 def survive_closed_pipe(run: Callable[[], int]) -> int:
