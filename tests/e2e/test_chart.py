@@ -36,6 +36,7 @@ import pytest
 import yaml
 from tests.history import History, Hold
 from tests.support.controlplane import KubeCluster
+from tests.support.etcd_server import EtcdCluster, EtcdServerError
 from tests.support.helm import (
     CHART_DIR,
     Helm,
@@ -931,31 +932,49 @@ def _serve_locks(url: str, name: str, pull: int, history: History, stop: threadi
                 time.sleep(0.05)
 
 
+def _shared_store(kind: str, workdir: Path) -> tuple[list[str], Callable[[], None]]:
+    """A Redis or a 3-member etcd on loopback: the chart values that point every store at it,
+    and how to stop it."""
+    if kind == "redis":
+        redis = RedisServer(workdir / "redis").start()
+        return [
+            "--set", "lockPolicy.spec.backend=redis",
+            "--set", f"lockPolicy.spec.redis.addr={redis.addr}",
+            "--set", "config.enhanced-locking-legacy-backend=redis",
+            "--set", f"config.enhanced-locking-redis-addr={redis.addr}",
+        ], redis.close
+    etcd = EtcdCluster(workdir / "etcd", members_count=3).start()
+    return [
+        "--set", "lockPolicy.spec.backend=etcd",
+        "--set", f"lockPolicy.spec.etcd.endpoints={{{','.join(etcd.endpoints)}}}",
+        "--set", "config.enhanced-locking-legacy-backend=etcd",
+        # Helm splits --set on commas unless they are escaped.
+        "--set", "config.enhanced-locking-etcd-endpoints=" + "\\,".join(etcd.endpoints),
+    ], etcd.close
+
+
+@pytest.mark.parametrize("store", ["redis", "etcd"])
 def test_three_replicas_install_and_serve_locks_through_a_replica_kill(
     helm: Helm, kube_cluster: KubeCluster, namespace: str, crds_present: None,
-    tmp_path_factory: pytest.TempPathFactory,
+    tmp_path_factory: pytest.TempPathFactory, store: str,
 ) -> None:
-    """``replicaCount: 3`` on a shared Redis: accepted by the API server with leader election,
-    a PodDisruptionBudget, anti-affinity and the Lease rule; then the three replicas (run as
-    the pods would run them: the Deployment's arguments, the ConfigMap's config file, the
-    ServiceAccount's token, no kubelet here) serve locks, and the one holding the Lease killed
-    with SIGKILL changes nothing for the clients of the other two (no lock is granted twice)
-    while a survivor takes the Lease."""
+    """``replicaCount: 3`` on a shared Redis or etcd: accepted by the API server with leader
+    election, a PodDisruptionBudget, anti-affinity and the Lease rule; then the three replicas
+    (run as the pods would run them: the Deployment's arguments, the ConfigMap's config file,
+    the ServiceAccount's token, no kubelet here) serve locks, and the one holding the Lease
+    killed with SIGKILL changes nothing for the clients of the other two (no lock is granted
+    twice) while a survivor takes the Lease."""
     workdir = tmp_path_factory.mktemp("scale")
     try:
-        redis = RedisServer(workdir / "redis").start()
-    except RedisServerError as error:
+        store_values, close_store = _shared_store(store, workdir)
+    except (RedisServerError, EtcdServerError) as error:
         pytest.fail(str(error), pytrace=False)
     release = "scale"
     replicas: list[OperatorProcess] = []
     try:
         helm.run("install", release, str(CHART_DIR), "-n", namespace,
                  "--set", "replicaCount=3", "--set", "crds.install=false",
-                 "--set", "lockPolicy.spec.backend=redis",
-                 "--set", f"lockPolicy.spec.redis.addr={redis.addr}",
-                 "--set", "lockMigration.spec.weight=100",
-                 "--set", "config.enhanced-locking-legacy-backend=redis",
-                 "--set", f"config.enhanced-locking-redis-addr={redis.addr}")
+                 "--set", "lockMigration.spec.weight=100", *store_values)
         manifest = rendered_objects(helm.run("get", "manifest", release, "-n", namespace).stdout)
         for obj in manifest:
             found = get_json(kube_cluster, obj["kind"], obj["metadata"]["name"], "-n",
@@ -1007,15 +1026,15 @@ def test_three_replicas_install_and_serve_locks_through_a_replica_kill(
             (workdir / f"replica-{n}").mkdir()
             replicas[-1].start()
 
-        def all_on_redis() -> bool:
+        def all_on_the_store() -> bool:
             for replica in replicas:
                 config = replica.get_json("/v1/config")["config"]
                 if (config.get("enhanced-locking-backend"), config.get("enhanced-locking-enabled"),
-                        config.get("enhanced-locking-migration-weight")) != ("redis", True, 100):
+                        config.get("enhanced-locking-migration-weight")) != (store, True, 100):
                     return False
             return True
 
-        wait_for("every replica runs the policy (backend redis, weight 100)", all_on_redis,
+        wait_for(f"every replica runs the policy (backend {store}, weight 100)", all_on_the_store,
                  details=lambda: "\n".join(r.output(3000) for r in replicas))
         def lease_holder() -> str | None:
             lease = get_json(kube_cluster, "lease", "enhanced-locking-to-enhanced", "-n",
@@ -1055,4 +1074,4 @@ def test_three_replicas_install_and_serve_locks_through_a_replica_kill(
         for replica in replicas:
             replica.stop()
         helm.run("uninstall", release, "-n", namespace, check=False)
-        redis.close()
+        close_store()
