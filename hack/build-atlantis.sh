@@ -18,78 +18,43 @@
 #   ENHANCED_LOCKING_CACHE_DIR     the cache root (default above)
 set -euo pipefail
 
-REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-# shellcheck disable=SC1091  # plain KEY=VALUE lines
-source "${REPO_ROOT}/hack/versions.env"
+# shellcheck disable=SC2034  # read by lib.sh's log
+LOG_NAME="build-atlantis"
+# shellcheck source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-log() { printf '[build-atlantis] %s\n' "$*" >&2; }
-die() { log "error: $*"; exit 1; }
-
-cache_root() {
-  printf '%s\n' "${ENHANCED_LOCKING_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/enhanced-locking}"
+key_dir() {
+  printf '%s/atlantis-%s\n' "$(cache_root)" "${ATLANTIS_VERSION}"
 }
 
 bin_path() {
   if [[ -n "${ENHANCED_LOCKING_ATLANTIS_BIN:-}" ]]; then
     printf '%s\n' "${ENHANCED_LOCKING_ATLANTIS_BIN}"
   else
-    printf '%s/atlantis-%s/bin/atlantis\n' "$(cache_root)" "${ATLANTIS_VERSION}"
+    printf '%s/bin/atlantis\n' "$(key_dir)"
   fi
 }
 
-# Prints the path of the go.mod that the proxy serves for Atlantis.
-module_file() {
-  local file
-  file="$(go mod download -json "github.com/runatlantis/atlantis@v${ATLANTIS_VERSION}" 2>/dev/null |
-    sed -n 's/^\t"GoMod": "\(.*\)",$/\1/p')"
-  [[ -n "$file" && -f "$file" ]] ||
-    die "cannot download github.com/runatlantis/atlantis@v${ATLANTIS_VERSION} from the Go module proxy"
-  printf '%s\n' "$file"
+# True when the cache directory $1 holds the binary.
+complete_in() {
+  [[ -x "$1/bin/atlantis" ]]
 }
 
-build() {
-  local root final stage started v="v${ATLANTIS_VERSION}"
-  root="$(cache_root)"
-  final="$(bin_path)"
-  mkdir -p "$root"
-  # One build at a time per cache; a second caller waits, then finds the binary.
-  exec 9>"$root/.build-atlantis.lock"
-  if ! flock -n 9; then
-    log "waiting for another build of Atlantis to finish"
-    flock 9
-  fi
-  if [[ "${FORCE:-0}" != 1 && -x "$final" ]]; then
-    log "already built: $final"
-    return
-  fi
-  command -v go >/dev/null || die "the Go toolchain (go) is needed to build Atlantis"
-  rm -rf "$root"/.build-atlantis-*
-  stage="$(mktemp -d "$root/.build-atlantis-XXXXXX")"
-  # shellcheck disable=SC2064
-  trap "rm -rf '$stage'" EXIT
-  trap 'exit 130' INT TERM
-  started="$SECONDS"
+# Compiles Atlantis in $1 into $2/bin/atlantis.
+build_atlantis() {
+  local src="$1" out="$2" v="v${ATLANTIS_VERSION}"
   log "building Atlantis ${v} with $(go env GOVERSION) (a few minutes the first time)"
+  mkdir -p "$out/bin"
   # A small wrapper module that requires Atlantis: `go install pkg@version` would ask the proxy
   # for the module's version list (to report deprecations), which a pinned proxy may refuse.
-  mkdir -p "$stage/src" "$stage/bin"
   {
     printf 'module enhanced-locking.build/atlantis\n\n'
-    grep -E '^(go|godebug) ' "$(module_file)" || true
+    go_directives <"$(go_module_file github.com/runatlantis/atlantis "$v" GoMod)"
     printf '\nrequire github.com/runatlantis/atlantis %s\n' "$v"
-  } >"$stage/src/go.mod"
-  # GOTOOLCHAIN=local: a clear failure when the local Go is older than Atlantis's go.mod asks,
-  # never a silent toolchain download.
-  (cd "$stage/src" && CGO_ENABLED=0 GOTOOLCHAIN=local go build -mod=mod -trimpath \
-    -ldflags "-s -w -X main.version=${v}" -o "$stage/bin/atlantis" "github.com/runatlantis/atlantis")
-  rm -rf "$stage/src"
-  "$stage/bin/atlantis" version | grep -qF "${v}" || die "the built binary does not report ${v}"
-  # Publish atomically: the versioned directory appears whole or not at all.
-  mkdir -p "$(dirname "$(dirname "$final")")"
-  rm -rf "$(dirname "$(dirname "$final")")"
-  mv -T "$stage" "$(dirname "$(dirname "$final")")"
-  trap - EXIT
-  log "built in $((SECONDS - started))s: $final"
+  } >"$src/go.mod"
+  wrapper_build "$src" -ldflags "-s -w -X main.version=${v}" -o "$out/bin/atlantis" \
+    "github.com/runatlantis/atlantis"
+  "$out/bin/atlantis" version | grep -qF "${v}" || die "the built binary does not report ${v}"
 }
 
 main() {
@@ -117,10 +82,10 @@ main() {
     log "using ENHANCED_LOCKING_ATLANTIS_BIN=${ENHANCED_LOCKING_ATLANTIS_BIN}"
     return
   fi
-  if [[ "$FORCE" != 1 && -x "$(bin_path)" ]]; then
+  if [[ "$FORCE" != 1 ]] && complete_in "$(key_dir)"; then
     return
   fi
-  build
+  cached_build atlantis "$(key_dir)" complete_in build_atlantis Atlantis
 }
 
 main "$@"

@@ -28,18 +28,12 @@
 #   ENHANCED_LOCKING_CACHE_DIR  the cache root (default above)
 set -euo pipefail
 
-REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-# shellcheck disable=SC1091  # plain KEY=VALUE lines
-source "${REPO_ROOT}/hack/versions.env"
+# shellcheck disable=SC2034  # read by lib.sh's log
+LOG_NAME="build-control-plane"
+# shellcheck source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 BINARIES=(etcd kube-apiserver kube-controller-manager kubectl helm)
-
-log() { printf '[build-control-plane] %s\n' "$*" >&2; }
-die() { log "error: $*"; exit 1; }
-
-cache_root() {
-  printf '%s\n' "${ENHANCED_LOCKING_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/enhanced-locking}"
-}
 
 cache_key() {
   printf 'k8s-%s-etcd-%s-helm-%s\n' "${K8S_VERSION}" "${ETCD_VERSION}" "${HELM_VERSION}"
@@ -62,26 +56,11 @@ complete_in() {
   done
 }
 
-# Prints the path of a file the proxy serves for module $1 at version $2:
-# $3 is GoMod (its go.mod) or Info (JSON with the release "Time").
-module_file() {
-  local file
-  file="$(go mod download -json "$1@$2" 2>/dev/null | sed -n "s/^\t\"$3\": \"\(.*\)\",\$/\1/p")"
-  [[ -n "$file" && -f "$file" ]] || die "cannot download $1@$2 from the Go module proxy"
-  printf '%s\n' "$file"
-}
-
 # Prints the go.mod text that the proxy serves for module $1 at version $2.
 upstream_mod() {
   local gomod
-  gomod="$(module_file "$1" "$2" GoMod)"
+  gomod="$(go_module_file "$1" "$2" GoMod)"
   cat "$gomod"
-}
-
-# Prints the "go" and "godebug" lines of a go.mod, so that a wrapper module
-# builds with the language version and GODEBUG defaults its upstream chose.
-go_directives() {
-  grep -E '^(go|godebug) ' || true
 }
 
 # Prints the k8s.io staging modules of a k8s.io/kubernetes go.mod: the ones
@@ -95,13 +74,6 @@ staging_modules() {
 write_wrapper() {
   mkdir -p "$1"
   { printf 'module %s\n\n' "$2"; cat; } >"$1/go.mod"
-}
-
-# go build inside wrapper module directory $1; the other arguments go to go build.
-wrapper_build() {
-  local dir="$1"
-  shift
-  (cd "$dir" && CGO_ENABLED=0 GOTOOLCHAIN=local go build -mod=mod -trimpath "$@")
 }
 
 build_etcd() {
@@ -138,7 +110,7 @@ build_kubernetes() {
   } | write_wrapper "$work" "enhanced-locking.build/kubernetes"
   # The release date of the module stands in for the build date: the same
   # version then builds the same binaries on every machine.
-  build_date="$(sed -n 's/.*"Time": *"\([^"]*\)".*/\1/p' "$(module_file k8s.io/kubernetes "$v" Info)")"
+  build_date="$(sed -n 's/.*"Time": *"\([^"]*\)".*/\1/p' "$(go_module_file k8s.io/kubernetes "$v" Info)")"
   local ldflags="-s -w" pkg key val
   for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
     for key in gitVersion gitMajor gitMinor gitCommit gitTreeState buildDate; do
@@ -194,43 +166,20 @@ smoke_test() {
   "$out/helm" version --short >/dev/null
 }
 
+# Compiles every binary in $1 into $2/bin, then runs each once.
 build_all() {
-  local root final stage started
-  root="$(cache_root)"
-  final="$(bin_dir)"
-  mkdir -p "$root"
-  # One build at a time per cache; a second caller waits, then finds the cache.
-  exec 9>"$root/.build.lock"
-  if ! flock -n 9; then
-    log "waiting for another build of the control plane to finish"
-    flock 9
-  fi
-  if [[ "${FORCE:-0}" != 1 ]] && complete_in "$final"; then
-    log "already built: $final"
-    return
-  fi
-  command -v go >/dev/null || die "the Go toolchain (go) is needed to build the control plane"
-  # Holding the lock, any staging directory left is from a build that was killed.
-  rm -rf "$root"/.build-*
-  stage="$(mktemp -d "$root/.build-XXXXXX")"
-  # shellcheck disable=SC2064
-  trap "rm -rf '$stage'" EXIT
-  trap 'exit 130' INT TERM
-  started="$SECONDS"
-  log "building into $stage with $(go env GOVERSION) (takes many minutes the first time)"
-  mkdir -p "$stage/out/bin"
-  build_etcd "$stage/src" "$stage/out/bin"
-  build_kubernetes "$stage/src" "$stage/out/bin"
-  build_helm "$stage/src" "$stage/out/bin"
-  smoke_test "$stage/out/bin"
-  # Publish atomically: the versioned directory appears whole or not at all.
-  local key_dir
-  key_dir="$(dirname "$final")"
-  if [[ -e "$key_dir" ]]; then
-    mv "$key_dir" "$stage/previous"
-  fi
-  mv -T "$stage/out" "$key_dir"
-  log "built in $((SECONDS - started))s: $final"
+  local src="$1" out="$2/bin"
+  log "building with $(go env GOVERSION) (takes many minutes the first time)"
+  mkdir -p "$out"
+  build_etcd "$src" "$out"
+  build_kubernetes "$src" "$out"
+  build_helm "$src" "$out"
+  smoke_test "$out"
+}
+
+# True when the cache directory $1 holds every binary.
+complete_key() {
+  complete_in "$1/bin"
 }
 
 main() {
@@ -261,7 +210,8 @@ main() {
   if [[ "$FORCE" != 1 ]] && complete_in "$(bin_dir)"; then
     return
   fi
-  build_all
+  cached_build control-plane "$(cache_root)/$(cache_key)" complete_key build_all \
+    "the control plane"
 }
 
 main "$@"

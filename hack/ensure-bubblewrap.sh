@@ -6,11 +6,6 @@ set -euo pipefail
 if command -v bwrap >/dev/null 2>&1; then
   exit 0
 fi
-if [ "$(id -u)" != 0 ] && ! command -v sudo >/dev/null 2>&1; then
-  echo "bwrap is missing: install Debian's bubblewrap package (apt-get install bubblewrap)" >&2
-  exit 1
-fi
-SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
-echo "installing bubblewrap from Debian's packages" >&2
-$SUDO apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq bubblewrap >/dev/null
+# shellcheck source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+debian_packages "bwrap is missing" bubblewrap

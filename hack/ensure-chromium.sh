@@ -6,13 +6,7 @@ set -euo pipefail
 if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then
   exit 0
 fi
-if [ "$(id -u)" != 0 ] && ! command -v sudo >/dev/null 2>&1; then
-  echo "chromium is missing: install Debian's chromium and chromium-driver packages" \
-       "(apt-get install chromium chromium-driver)" >&2
-  exit 1
-fi
-SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
-echo "installing chromium and chromium-driver from Debian's packages" >&2
-$SUDO apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
-  chromium chromium-driver fonts-dejavu-core >/dev/null
+# shellcheck source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+APT_OPTIONS=--no-install-recommends debian_packages "chromium is missing" \
+  chromium chromium-driver fonts-dejavu-core
