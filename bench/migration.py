@@ -49,10 +49,10 @@ from tests.support.service import ServiceProcess  # noqa: E402
 from enhanced_locking.backends.redis_connection import RedisConnection, connect  # noqa: E402
 from enhanced_locking.config import EnhancedLockingConfig  # noqa: E402
 from enhanced_locking.factory import LockService  # noqa: E402
-from enhanced_locking.migration.replicas import (  # noqa: E402
-    MemoryReplicaRegistry,
-    RedisReplicaRegistry,
-    ReplicaRegistry,
+from enhanced_locking.migration.routing_registry import (  # noqa: E402
+    MemoryRoutingRegistry,
+    RedisRoutingRegistry,
+    RoutingRegistry,
 )
 from enhanced_locking.provider import ConfigProvider  # noqa: E402
 from enhanced_locking.types import LockRequest, Project, Pull  # noqa: E402
@@ -162,7 +162,7 @@ def over_http(acquires: int, work: Path) -> dict[str, list[float]]:
 
 
 # --- 2. weight moves -----------------------------------------------------------------------
-async def moves(count: int, work: Path, registry: Callable[[], ReplicaRegistry]
+async def moves(count: int, work: Path, registry: Callable[[], RoutingRegistry]
                 ) -> tuple[list[float], list[float]]:
     rng = random.Random(11)
     replicas = []
@@ -170,7 +170,7 @@ async def moves(count: int, work: Path, registry: Callable[[], ReplicaRegistry]
         config = EnhancedLockingConfig(
             data_dir=str(work), enabled=True, backend="boltdb", legacy_backend="boltdb",
             migration_weight=0, replica_id=f"replica-{n}")
-        svc = LockService(ConfigProvider(config), replicas=registry())
+        svc = LockService(ConfigProvider(config), routing_registry=registry())
         await svc.start()
         replicas.append(svc)
     from_first, from_last = [], []
@@ -250,15 +250,15 @@ async def run(acquires: int, count: int) -> str:
         over = await shadow_overhead(acquires, root)
         moved: dict[str, tuple[list[float], list[float]]] = {}
         moved["in-process registry"] = await moves(count, root / "memory",
-                                                   _shared(MemoryReplicaRegistry()))
+                                                   _shared(MemoryRoutingRegistry()))
         (root / "redis").mkdir()
         with RedisServer(root / "redis") as server:
             connections: list[RedisConnection] = []
             config = EnhancedLockingConfig(redis_addr=server.addr)
 
-            def redis_registry() -> ReplicaRegistry:
+            def redis_registry() -> RoutingRegistry:
                 connections.append(connect(config))
-                return RedisReplicaRegistry(connections[-1], prefix="bench:")
+                return RedisRoutingRegistry(connections[-1], prefix="bench:")
 
             try:
                 moved["Redis registry (redis-server on loopback)"] = await moves(
@@ -269,7 +269,7 @@ async def run(acquires: int, count: int) -> str:
     return table(over, moved, acquires, count)
 
 
-def _shared(registry: ReplicaRegistry) -> Callable[[], ReplicaRegistry]:
+def _shared(registry: RoutingRegistry) -> Callable[[], RoutingRegistry]:
     return lambda: registry
 
 

@@ -27,9 +27,9 @@ from enhanced_locking.events import EventBus
 from enhanced_locking.locking import EnhancedLocker, LegacyLocker
 from enhanced_locking.metrics import Metrics
 from enhanced_locking.migration import Router
-from enhanced_locking.migration.controller import MigrationController
+from enhanced_locking.migration.controller import MigrationController, default_replica_id
 from enhanced_locking.migration.rekey import clean_stored_keys
-from enhanced_locking.migration.replicas import ReplicaRegistry
+from enhanced_locking.migration.routing_registry import RoutingRegistry
 from enhanced_locking.provider import ConfigProvider, Snapshot
 from enhanced_locking.types import BackendUnavailable, LockingError
 
@@ -37,25 +37,27 @@ __all__ = ["BACKEND_BUILDERS", "LockService", "backend_identity", "build_backend
 
 log = logging.getLogger(__name__)
 
-BackendBuilder = Callable[[EnhancedLockingConfig, str], Backend]
+BackendBuilder = Callable[[EnhancedLockingConfig, str, str | None], Backend]
+"""Builds a backend from the config, its namespace and the replica id of the service (a store
+that keeps per-replica records, Redis's waiter liveness, knows the replica by it)."""
 
 
-def _embedded(config: EnhancedLockingConfig, namespace: str) -> Backend:
+def _embedded(config: EnhancedLockingConfig, namespace: str, replica_id: str | None) -> Backend:
     return EmbeddedBackend(config.data_path, namespace, initialise=config.init_store)
 
 
-def _memory(config: EnhancedLockingConfig, namespace: str) -> Backend:
+def _memory(config: EnhancedLockingConfig, namespace: str, replica_id: str | None) -> Backend:
     return MemoryBackend(namespace)
 
 
-def _redis(config: EnhancedLockingConfig, namespace: str) -> Backend:
+def _redis(config: EnhancedLockingConfig, namespace: str, replica_id: str | None) -> Backend:
     # The legacy locker on Redis uses Atlantis's own layout, shared with Atlantis itself.
     if namespace == "legacy":
         return AtlantisRedisBackend.from_config(config, namespace)
-    return RedisBackend.from_config(config, namespace)
+    return RedisBackend.from_config(config, namespace, replica_id=replica_id)
 
 
-def _etcd(config: EnhancedLockingConfig, namespace: str) -> Backend:
+def _etcd(config: EnhancedLockingConfig, namespace: str, replica_id: str | None) -> Backend:
     return EtcdBackend.from_config(config, namespace)
 
 
@@ -85,12 +87,15 @@ def backend_identity(config: EnhancedLockingConfig, kind: str) -> tuple[Any, ...
     return (kind, *(getattr(config, name) for name in _IDENTITY_FIELDS.get(kind, ())))
 
 
-def build_backend(config: EnhancedLockingConfig, kind: str, namespace: str) -> Backend:
+def build_backend(
+    config: EnhancedLockingConfig, kind: str, namespace: str, *, replica_id: str | None = None
+) -> Backend:
+    """A backend of ``kind``; ``replica_id``: the service's (None: the backend is on its own)."""
     try:
         builder = BACKEND_BUILDERS[kind]
     except KeyError:
         raise BackendUnavailable(f"backend {kind!r} is not available in this build") from None
-    return builder(config, namespace)
+    return builder(config, namespace, replica_id)
 
 
 def _event_bus(config: EnhancedLockingConfig, *, enabled: Callable[[], bool]) -> EventBus:
@@ -122,15 +127,18 @@ class LockService:
         provider: ConfigProvider,
         *,
         metrics: Metrics | None = None,
-        replicas: ReplicaRegistry | None = None,
+        routing_registry: RoutingRegistry | None = None,
     ) -> None:
-        """``replicas``: where replicas report their routing (default: the enhanced Redis when
-        there is one, else this process alone)."""
+        """``routing_registry``: where replicas report their routing (default: the enhanced
+        Redis when there is one, else this process alone)."""
         self.provider = provider
         self.metrics = metrics or Metrics()
         config = provider.current.config
+        self.replica_id = config.replica_id or default_replica_id()
+        """This replica's one identity: in the routing registry, the status it writes, the
+        Lease it holds and the Redis store's waiter liveness."""
         self.events = _event_bus(config, enabled=lambda: provider.current.config.events)
-        self.legacy_backend = build_backend(config, config.legacy_backend, "legacy")
+        self.legacy_backend = self._build(config, config.legacy_backend, "legacy")
         self._legacy_identity = backend_identity(config, config.legacy_backend)
         self.legacy = LegacyLocker(self.legacy_backend)
         self.enhanced: EnhancedLocker | None = None
@@ -141,11 +149,12 @@ class LockService:
             provider=provider,
             legacy=lambda: self.legacy,
             enhanced=lambda: self.enhanced,
-            build=build_backend,
+            build=self._build,
             identity=backend_identity,
             events=self.events,
             metrics=self.metrics,
-            replicas=replicas,
+            replica_id=self.replica_id,
+            routing_registry=routing_registry,
         )
         self.router = Router(
             legacy=self.legacy,
@@ -155,6 +164,9 @@ class LockService:
             metrics=self.metrics,
             migration=self.migration,
         )
+
+    def _build(self, config: EnhancedLockingConfig, kind: str, namespace: str) -> Backend:
+        return build_backend(config, kind, namespace, replica_id=self.replica_id)
 
     rollout: dict[str, Any] | None = None
     """The LockMigration this service follows, as the operator last saw it (name, spec,
@@ -203,7 +215,7 @@ class LockService:
         identity = backend_identity(config, config.backend)
         if identity == self._enhanced_identity:
             return
-        backend = build_backend(config, config.backend, "enhanced")
+        backend = self._build(config, config.backend, "enhanced")
         try:
             await backend.ping()
             await _clean_keys(backend)

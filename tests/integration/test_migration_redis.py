@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from tests.support.replicas import request_in_buckets
 
 from enhanced_locking.backends.redis_store import RedisBackend
 from enhanced_locking.factory import LockService
-from enhanced_locking.migration.replicas import RedisReplicaRegistry
+from enhanced_locking.migration.routing_registry import RedisRoutingRegistry
 from enhanced_locking.provider import ConfigProvider
 from enhanced_locking.types import Event, LockRequest
 
@@ -54,13 +55,44 @@ def _when(service: LockService, event_type: str) -> asyncio.Event:
     return happened
 
 
+async def test_a_replica_is_known_by_one_id_to_the_routing_registry_and_to_the_store(
+    redis_server: RedisServer, services: list[LockService], tmp_path: Path,
+) -> None:
+    a = await _start(services, redis_server, tmp_path / "a")
+    b = await _start(services, redis_server, tmp_path / "b")
+    assert a.replica_id != b.replica_id
+    for service in (a, b):
+        assert service.enhanced is not None
+        backend = service.enhanced.backend
+        assert isinstance(backend, RedisBackend)
+        assert backend.replica_id == service.replica_id == service.migration.replica_id
+    status = await a.migration.transitions.tick()
+    assert sorted(r.id for r in status.replicas) == sorted([a.replica_id, b.replica_id])
+    # A waiter queued through b keeps b alive in the store's waiter liveness set, by b's id.
+    assert (await a.router.acquire(request_for(pull=1))).acquired
+    waiting = asyncio.create_task(
+        b.router.acquire(request_for(pull=2, wait=timedelta(seconds=30))))
+    assert b.enhanced is not None and isinstance(b.enhanced.backend, RedisBackend)
+    store = b.enhanced.backend
+    liveness = store.keys.base + "replicas"
+    for _ in range(200):  # it beats every second while it has waiters
+        if await store.connection.client.zscore(liveness, b.replica_id) is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert await store.connection.client.zscore(liveness, b.replica_id) is not None
+    assert not waiting.done()
+    await a.router.release(request_for(pull=1).key, owner=("acme/infra", 1))
+    granted = await asyncio.wait_for(waiting, 10)
+    assert granted.acquired and granted.lock is not None and granted.lock.pull.num == 2
+
+
 async def test_replicas_on_redis_settle_a_move_through_the_redis_registry(
     redis_server: RedisServer, services: list[LockService], tmp_path: Path,
 ) -> None:
     common = {"legacy_backend": "redis", "migration_weight": 0, "replica_heartbeat": "100ms"}
     a = await _start(services, redis_server, tmp_path / "a", replica_id="a", **common)
     b = await _start(services, redis_server, tmp_path / "b", replica_id="b", **common)
-    assert isinstance(a.migration._registry(), RedisReplicaRegistry)
+    assert isinstance(a.migration._registry(), RedisRoutingRegistry)
     status = await a.migration.transitions.tick()
     assert [r.id for r in status.replicas] == ["a", "b"]
     seen: list[Event] = []

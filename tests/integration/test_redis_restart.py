@@ -2,7 +2,7 @@
 
 With AOF persistence a restart loses nothing: the holder still holds, tokens continue, a waiter
 queued before the restart is still served after it. Without persistence Redis comes back
-empty: the backend notices (the store epoch is gone), refuses grants for
+empty: the backend notices (the store's incarnation is gone), refuses grants for
 ``redis-restart-quarantine`` (so a lock held before is not granted again at once), and then
 hands out tokens that continue from the server clock, above every token handed out before.
 """

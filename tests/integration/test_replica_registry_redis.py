@@ -16,7 +16,7 @@ from enhanced_locking.backends.redis_connection import RedisConnection, connect
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.events import EventBus
 from enhanced_locking.metrics import Metrics
-from enhanced_locking.migration.replicas import RedisReplicaRegistry
+from enhanced_locking.migration.routing_registry import RedisRoutingRegistry
 from enhanced_locking.migration.transition import WeightTransitions
 from enhanced_locking.provider import ConfigProvider
 from enhanced_locking.types import Event
@@ -39,7 +39,7 @@ async def connections(redis_server: RedisServer) -> AsyncIterator[Connect]:
         await connection.close()
 
 
-def _replica(name: str, registry: RedisReplicaRegistry, *, clock: Callable[[], float] | None = None,
+def _replica(name: str, registry: RedisRoutingRegistry, *, clock: Callable[[], float] | None = None,
              **settings: object) -> tuple[WeightTransitions, ConfigProvider, list[Event]]:
     provider = ConfigProvider(EnhancedLockingConfig(enabled=True, **settings))  # type: ignore[arg-type]
     events = EventBus()
@@ -55,7 +55,7 @@ def _replica(name: str, registry: RedisReplicaRegistry, *, clock: Callable[[], f
 async def test_reports_carry_the_redis_server_time(
     connections: Connect, redis_server: RedisServer,
 ) -> None:
-    registry = RedisReplicaRegistry(connections(), prefix="test:")
+    registry = RedisRoutingRegistry(connections(), prefix="test:")
     await registry.report(replica_id="a", weight=25.5, generation=3)
     await registry.report(replica_id="b", weight=0, generation=9)
     view = await registry.read(expiry=EnhancedLockingConfig().replica_expiry)
@@ -71,7 +71,7 @@ async def test_reports_carry_the_redis_server_time(
 async def test_a_silent_replica_is_excluded_after_the_expiry_and_pruned_later(
     connections: Connect,
 ) -> None:
-    registry = RedisReplicaRegistry(connections(), prefix="test:")
+    registry = RedisRoutingRegistry(connections(), prefix="test:")
     expiry = EnhancedLockingConfig(replica_heartbeat="20ms", replica_timeout="100ms")
     await registry.report(replica_id="silent", weight=10, generation=1)
     view = await registry.read(expiry=expiry.replica_expiry)
@@ -92,9 +92,9 @@ async def test_a_silent_replica_is_excluded_after_the_expiry_and_pruned_later(
 async def test_a_move_settles_once_every_replica_reported_it_through_redis(
     connections: Connect,
 ) -> None:
-    a, a_provider, a_seen = _replica("a", RedisReplicaRegistry(connections(), prefix="t:"),
+    a, a_provider, a_seen = _replica("a", RedisRoutingRegistry(connections(), prefix="t:"),
                                      migration_weight=0)
-    b, b_provider, _ = _replica("b", RedisReplicaRegistry(connections(), prefix="t:"),
+    b, b_provider, _ = _replica("b", RedisRoutingRegistry(connections(), prefix="t:"),
                                 migration_weight=0)
     await a.tick()
     await b.tick()
@@ -109,7 +109,7 @@ async def test_a_move_settles_once_every_replica_reported_it_through_redis(
     assert [e.details["phase"] for e in a_seen if e.type == "routing-changed"] == [
         "moving", "settled"]
     await b.leave()
-    view = await RedisReplicaRegistry(connections(), prefix="t:").read(
+    view = await RedisRoutingRegistry(connections(), prefix="t:").read(
         expiry=EnhancedLockingConfig().replica_expiry)
     assert [r.replica_id for r in view.reports] == ["a"]
 
@@ -119,7 +119,7 @@ async def test_a_replica_that_loses_redis_takes_every_key_on_both_sides_until_it
 ) -> None:
     now = [100.0]
     transitions, _, seen = _replica(
-        "a", RedisReplicaRegistry(connections(), prefix="t:"), clock=lambda: now[0],
+        "a", RedisRoutingRegistry(connections(), prefix="t:"), clock=lambda: now[0],
         migration_weight=30, replica_heartbeat="1s", replica_timeout="3s")
     await transitions.tick()
     keys = [f"repo/k{i}" for i in range(40)]

@@ -20,7 +20,7 @@ from tests.support.locks import request_for
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.factory import LockService
 from enhanced_locking.hashing import bucket_of
-from enhanced_locking.migration.replicas import ReplicaRegistry
+from enhanced_locking.migration.routing_registry import RoutingRegistry
 from enhanced_locking.provider import ConfigProvider
 from enhanced_locking.types import LockRequest
 
@@ -30,7 +30,7 @@ __all__ = ["ReplicaSet", "request_in_buckets", "requests_in_buckets", "settled"]
 class ReplicaSet:
     """Start, move and stop the replicas of one test."""
 
-    def __init__(self, data_dir: Path, registry: ReplicaRegistry) -> None:
+    def __init__(self, data_dir: Path, registry: RoutingRegistry) -> None:
         self.data_dir = data_dir
         self.registry = registry
         self.services: list[LockService] = []
@@ -42,7 +42,7 @@ class ReplicaSet:
             **settings,
         }
         service = LockService(ConfigProvider(EnhancedLockingConfig(**values)),
-                              replicas=self.registry)
+                              routing_registry=self.registry)
         await service.start()
         self.services.append(service)
         return service

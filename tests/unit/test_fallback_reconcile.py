@@ -20,7 +20,7 @@ from tests.support.replicas import ReplicaSet
 from enhanced_locking.backends import EmbeddedBackend
 from enhanced_locking.backends.embedded import open_database
 from enhanced_locking.factory import LockService
-from enhanced_locking.migration.replicas import MemoryReplicaRegistry
+from enhanced_locking.migration.routing_registry import MemoryRoutingRegistry
 from enhanced_locking.types import BatchItem, BatchLockRequest, Event, Reason
 
 ALL_ENHANCED = {"enabled": True, "backend": "boltdb", "migration_weight": 100}
@@ -143,7 +143,7 @@ async def test_the_journal_survives_a_restart_of_the_service(
 async def test_a_release_that_missed_enhanced_frees_the_copy_there_on_reconcile(
     data_dir: Path,
 ) -> None:
-    registry = MemoryReplicaRegistry()
+    registry = MemoryRoutingRegistry()
     async with ReplicaSet(data_dir, registry) as replicas:
         service = await replicas.start("a", migration_weight=100)
         await registry.report(replica_id="lagging", weight=0, generation=1)
@@ -168,7 +168,7 @@ async def test_a_release_that_missed_enhanced_frees_the_copy_there_on_reconcile(
 async def test_a_moving_key_needs_the_enhanced_side_and_fail_closed_refuses_it(
     data_dir: Path, fallback: str,
 ) -> None:
-    registry = MemoryReplicaRegistry()
+    registry = MemoryRoutingRegistry()
     async with ReplicaSet(data_dir, registry) as replicas:
         service = await replicas.start("a", migration_weight=100, fallback=fallback)
         await registry.report(replica_id="lagging", weight=0, generation=1)

@@ -17,7 +17,7 @@ from tests.support.locks import request_for
 from tests.support.replicas import ReplicaSet, requests_in_buckets, settled
 
 from enhanced_locking.factory import LockService
-from enhanced_locking.migration.replicas import MemoryReplicaRegistry
+from enhanced_locking.migration.routing_registry import MemoryRoutingRegistry
 
 CLIENTS = 50
 MOVES = 30
@@ -38,7 +38,7 @@ async def test_no_double_grant_and_no_falling_token_while_the_weight_moves(
     keys = list(requests)
     both_sided = 0
 
-    async with ReplicaSet(data_dir, MemoryReplicaRegistry()) as replicas:
+    async with ReplicaSet(data_dir, MemoryRoutingRegistry()) as replicas:
         services: list[LockService] = [
             await replicas.start(name, migration_weight=0, replica_heartbeat="100ms")
             for name in ("a", "b", "c")

@@ -23,7 +23,7 @@ from enhanced_locking.factory import LockService
 from enhanced_locking.kube.lockmigration import PROMOTE_ANNOTATION, RETRY_ANNOTATION
 from enhanced_locking.kube.reconcile import MIGRATIONS, POLICIES, Binding, Reconciler
 from enhanced_locking.kube.rollout_driver import RolloutDriver, live_view, request_token
-from enhanced_locking.migration.replicas import MemoryReplicaRegistry
+from enhanced_locking.migration.routing_registry import MemoryRoutingRegistry
 
 POLICY = {"enabled": True, "backend": "memory"}
 STEPS = [{"setWeight": 10}, {"pause": {"duration": "1m"}}, {"setWeight": 50}, {"pause": {}},
@@ -52,7 +52,7 @@ def migration(**spec: Any) -> dict[str, Any]:
 
 @pytest.fixture
 async def replica_set(data_dir: Path) -> AsyncIterator[ReplicaSet]:
-    async with ReplicaSet(data_dir, MemoryReplicaRegistry()) as replicas:
+    async with ReplicaSet(data_dir, MemoryRoutingRegistry()) as replicas:
         yield replicas
 
 

@@ -17,7 +17,7 @@ from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.events import EventBus
 from enhanced_locking.hashing import BUCKETS, bucket_of
 from enhanced_locking.metrics import Metrics
-from enhanced_locking.migration.replicas import MemoryReplicaRegistry
+from enhanced_locking.migration.routing_registry import MemoryRoutingRegistry
 from enhanced_locking.migration.transition import Band, WeightTransitions, authority_weight
 from enhanced_locking.provider import ConfigProvider
 from enhanced_locking.types import BackendUnavailable, Event, LockRequest, Reason
@@ -35,7 +35,7 @@ class FakeClock:
 
 @pytest.fixture
 async def replicas(data_dir: Path) -> AsyncIterator[ReplicaSet]:
-    async with ReplicaSet(data_dir, MemoryReplicaRegistry()) as replica_set:
+    async with ReplicaSet(data_dir, MemoryRoutingRegistry()) as replica_set:
         yield replica_set
 
 
@@ -175,7 +175,7 @@ async def test_a_replica_that_stops_reporting_is_excluded_after_the_expiry(
     data_dir: Path,
 ) -> None:
     clock = FakeClock()
-    registry = MemoryReplicaRegistry(clock=clock)
+    registry = MemoryRoutingRegistry(clock=clock)
     async with ReplicaSet(data_dir, registry) as replicas:
         service = await replicas.start("a", migration_weight=0, replica_heartbeat="1s",
                                        replica_timeout="3s")
@@ -199,7 +199,7 @@ async def test_a_replica_that_stops_reporting_is_excluded_after_the_expiry(
 
 
 async def test_a_replica_that_never_reported_is_not_waited_for(data_dir: Path) -> None:
-    async with ReplicaSet(data_dir, MemoryReplicaRegistry()) as replicas:
+    async with ReplicaSet(data_dir, MemoryRoutingRegistry()) as replicas:
         service = await replicas.start("a", migration_weight=0)
         await replicas.set_weight(60)
         status = await service.migration.transitions.tick()
@@ -209,7 +209,7 @@ async def test_a_replica_that_never_reported_is_not_waited_for(data_dir: Path) -
 # --- the transition state machine on its own -------------------------------------------------
 
 
-def _transitions(config: EnhancedLockingConfig, registry: MemoryReplicaRegistry, *,
+def _transitions(config: EnhancedLockingConfig, registry: MemoryRoutingRegistry, *,
                  clock: FakeClock | None = None, events: EventBus | None = None,
                  metrics: Metrics | None = None) -> tuple[WeightTransitions, ConfigProvider]:
     provider = ConfigProvider(config)
@@ -224,7 +224,7 @@ def _transitions(config: EnhancedLockingConfig, registry: MemoryReplicaRegistry,
 
 async def test_a_replica_takes_every_key_on_both_sides_until_its_first_report() -> None:
     transitions, _ = _transitions(EnhancedLockingConfig(enabled=True, migration_weight=30),
-                                  MemoryReplicaRegistry())
+                                  MemoryRoutingRegistry())
     assert all(transitions.plan(f"k{i}").both for i in range(50))
     assert transitions.status().phase == "isolated"
     await transitions.tick()
@@ -234,7 +234,7 @@ async def test_a_replica_takes_every_key_on_both_sides_until_its_first_report() 
 
 async def test_requests_routed_under_the_old_weight_hold_back_the_report_until_they_finish(
 ) -> None:
-    registry = MemoryReplicaRegistry()
+    registry = MemoryRoutingRegistry()
     transitions, provider = _transitions(EnhancedLockingConfig(enabled=True, migration_weight=0),
                                          registry)
     await transitions.tick()
@@ -274,7 +274,7 @@ def _by(request: LockRequest, *, pull: int) -> LockRequest:
 # --- a slow replica is not an isolated one ---------------------------------------------------
 
 
-class FlakyRegistry(MemoryReplicaRegistry):
+class FlakyRegistry(MemoryRoutingRegistry):
     """An in-process registry that can stop answering, as an unreachable Redis would."""
 
     down = False
@@ -292,7 +292,7 @@ def _isolated_metric(metrics: Metrics) -> float | None:
 async def test_a_replica_whose_rounds_ran_late_reads_the_registry_again_and_keeps_routing(
 ) -> None:
     clock = FakeClock()
-    registry = MemoryReplicaRegistry(clock=clock)
+    registry = MemoryRoutingRegistry(clock=clock)
     events, metrics = EventBus(), Metrics()
     transitions, _ = _transitions(
         EnhancedLockingConfig(enabled=True, migration_weight=30, replica_heartbeat="100ms"),

@@ -10,10 +10,10 @@ future with the confirmed locks.
 Two things keep waiters from being lost:
 
 * **Heartbeats.** While this replica has waiters it tells Redis every second that it is alive
-  (``HEARTBEAT``). A replica killed with ``kill -9`` stops beating; after
-  :data:`~redis_scripts.REPLICA_MS` a hand-off skips (and drops) its waiters, and a grant that
-  reached one of them just before is never confirmed and lapses after
-  :data:`~redis_scripts.CLAIM_MS`.
+  (``HEARTBEAT`` into the waiter liveness set, :data:`WAITER_HEARTBEAT_SECONDS`). A replica
+  killed with ``kill -9`` stops beating; after :data:`~redis_scripts.REPLICA_MS` a hand-off
+  skips (and drops) its waiters, and a grant that reached one of them just before is never
+  confirmed and lapses after :data:`~redis_scripts.CLAIM_MS`.
 * **Re-subscription.** A pub/sub connection that drops loses the messages sent meanwhile. After
   every reconnect the replica asks Redis where each of its waiters stands (``STATUS``) and acts
   on the answers as if the messages had arrived.
@@ -33,11 +33,15 @@ from enhanced_locking.backends.redis_connection import RedisConnection
 from enhanced_locking.backends.waiting import LocalNotifier
 from enhanced_locking.types import BackendUnavailable
 
-__all__ = ["HEARTBEAT_SECONDS", "Listener"]
+__all__ = ["WAITER_HEARTBEAT_SECONDS", "Listener"]
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_SECONDS = 1.0
+WAITER_HEARTBEAT_SECONDS = 1.0
+"""How often a replica with waiters says it is alive in the store's waiter liveness set
+(``{base}replicas``). Not ``replica-heartbeat``: that setting paces the routing reports of the
+replica registry (:mod:`enhanced_locking.migration.routing_registry`); both use one replica
+id."""
 _IDLE_PING_SECONDS = 30.0
 _SUBSCRIBE_WAIT = 5.0
 _CLOSE_WAIT = 2.0
@@ -142,7 +146,7 @@ class Listener:
                 await self._heartbeat()
             except BackendUnavailable as error:
                 log.warning("heartbeat to redis failed: %s", error)
-            await asyncio.sleep(HEARTBEAT_SECONDS)
+            await asyncio.sleep(WAITER_HEARTBEAT_SECONDS)
 
     async def close(self) -> None:
         tasks = [*self._main, *self._tasks]

@@ -75,11 +75,12 @@ class LockRow(NamedTuple):
 
 
 class Refusal(NamedTuple):
-    """A write refused by ``guard`` (``lib.lua``): the store's epoch moved, or quarantine."""
+    """A write refused by ``guard`` (``lib.lua``): the store's incarnation moved (the scripts
+    call it the epoch), or quarantine."""
 
     kind: str
-    """``epoch`` or ``quarantine``."""
-    epoch: str
+    """``epoch`` (a new incarnation) or ``quarantine``."""
+    incarnation: str
     until: int
     now: int
 
@@ -197,8 +198,8 @@ class WaitGraph(NamedTuple):
 def refusal(answer: Any) -> Refusal | None:
     """A guard's refusal, or ``None`` when ``answer`` is the script's own reply."""
     if isinstance(answer, list) and answer and answer[0] in ("epoch", "quarantine"):
-        kind, epoch, until, now = answer
-        return Refusal(str(kind), str(epoch), int(until), int(now))
+        kind, incarnation, until, now = answer
+        return Refusal(str(kind), str(incarnation), int(until), int(now))
     return None
 
 

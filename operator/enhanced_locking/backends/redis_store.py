@@ -91,8 +91,8 @@ class RedisKeys:
     def queue(self, key: str, level: int) -> str:
         return f"{self.base}queue{level}:{{{key}}}"
 
-    def notify(self, replica: str) -> str:
-        return f"{self.base}notify:{replica}"
+    def notify(self, replica_id: str) -> str:
+        return f"{self.base}notify:{replica_id}"
 
 
 def _at(ms: Any) -> datetime:
@@ -119,14 +119,18 @@ class RedisBackend:
         prefix: str,
         namespace: str = "enhanced",
         quarantine: timedelta = timedelta(minutes=1),
+        replica_id: str | None = None,
     ) -> None:
         self.namespace = namespace
         self.quarantine = quarantine
-        self.epoch = ""
-        """The store epoch this backend knows ('' until its first write)."""
+        self.incarnation = ""
+        """The store's incarnation this backend knows ('' until its first write): a Redis that
+        comes back without its data starts a new one (the scripts' ``epoch`` hash)."""
         self.connection = connection
         self.keys = RedisKeys(prefix, namespace)
-        self.replica = secrets.token_hex(8)
+        self.replica_id = replica_id or secrets.token_hex(8)
+        """Whose waiters these are: the service's replica id (one per process, the same one
+        it reports routing under); a backend built on its own gets a fresh one."""
         self._notifier = LocalNotifier()
         self.grants: GrantNotifier = self._notifier
         self.in_flight = 0
@@ -139,14 +143,16 @@ class RedisBackend:
             for name in redis_scripts.NAMES
         }
         self._listener = Listener(
-            connection, self.keys.notify(self.replica), self._notifier,
+            connection, self.keys.notify(self.replica_id), self._notifier,
             handle=self._notified, heartbeat=self._heartbeat, recheck=self._recheck,
         )
 
     @classmethod
-    def from_config(cls, config: EnhancedLockingConfig, namespace: str) -> RedisBackend:
+    def from_config(
+        cls, config: EnhancedLockingConfig, namespace: str, *, replica_id: str | None = None
+    ) -> RedisBackend:
         return cls(connect(config), prefix=config.redis_key_prefix, namespace=namespace,
-                   quarantine=config.redis_restart_quarantine)
+                   quarantine=config.redis_restart_quarantine, replica_id=replica_id)
 
     def __repr__(self) -> str:
         return f"RedisBackend({self.connection.where}, namespace={self.namespace!r})"
@@ -169,7 +175,7 @@ class RedisBackend:
             for _ in range(4):
                 head: list[Any] = [
                     self.keys.base, int(p.priority), p.threshold_ms, p.max_boost, p.max_size,
-                    self.replica, self.epoch, call_id, _duration_ms(self.quarantine),
+                    self.replica_id, self.incarnation, call_id, _duration_ms(self.quarantine),
                     self._compiled(p.rules),
                 ]
                 try:
@@ -184,9 +190,9 @@ class RedisBackend:
                 refused = redis_replies.refusal(answer)
                 if refused is None:
                     return answer
-                self._epoch_changed(refused, key=key)
-            raise BackendUnavailable(f"redis {self.connection.where}: the store epoch keeps "
-                                     "changing; try again", key=key)
+                self._incarnation_changed(refused, key=key)
+            raise BackendUnavailable(f"redis {self.connection.where}: the store's incarnation "
+                                     "keeps changing; try again", key=key)
         finally:
             self.in_flight -= 1
 
@@ -198,15 +204,15 @@ class RedisBackend:
             self._rules = (rules, text)
         return self._rules[1]
 
-    def _epoch_changed(self, refused: redis_replies.Refusal, *, key: str | None) -> None:
-        """A script refused to act: learn the store's epoch, or report the quarantine."""
-        kind, epoch, until, now = refused
-        lost = kind == "epoch" and self.epoch not in ("", epoch) and until > now
+    def _incarnation_changed(self, refused: redis_replies.Refusal, *, key: str | None) -> None:
+        """A script refused to act: learn the store's incarnation, or report the quarantine."""
+        kind, incarnation, until, now = refused
+        lost = kind == "epoch" and self.incarnation not in ("", incarnation) and until > now
         if lost:
             log.error("redis %s came back without its data: the locks held before are unknown; "
                       "grants resume at %s (enhanced-locking-redis-restart-quarantine)",
                       self.connection.where, _at(until).isoformat())
-        self.epoch = epoch
+        self.incarnation = incarnation
         if until > now:
             raise BackendUnavailable(
                 f"redis {self.connection.where} lost its data (restarted without persistence?); "

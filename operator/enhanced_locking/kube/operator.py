@@ -156,13 +156,13 @@ async def run(
         audit_sinks.append(AdminEvents(cluster, binding))
     election = LeaseElection(
         cluster, namespace=options.namespace, name=options.lease_name,
-        identity=service.migration.replica_id, duration=options.lease_duration,
+        identity=service.replica_id, duration=options.lease_duration,
         deadline=options.lease_duration * 2 / 3, retry=options.lease_duration / 7.5,
     ) if options.leader_election else None
     rollout = RolloutDriver(live_view(service), writer=election or SoleWriter())
     reconciler = Reconciler(
         service.provider, binding=binding, cluster=cluster, runtime_dir=runtime_dir,
-        rollout=rollout, replica=service.migration.replica_id, show=service.show_rollout,
+        rollout=rollout, replica=service.replica_id, show=service.show_rollout,
     )
     electing = None
     if election is not None:

@@ -85,7 +85,7 @@ class _LiveView:
 
     @property
     def replica_id(self) -> str:
-        return self.service.migration.replica_id
+        return self.service.replica_id
 
     def config(self) -> EnhancedLockingConfig:
         return self.service.provider.current.config

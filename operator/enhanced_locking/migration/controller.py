@@ -45,10 +45,10 @@ from enhanced_locking.migration.reconcile import (
     FallbackReconciler,
     FallbackStatus,
 )
-from enhanced_locking.migration.replicas import (
-    MemoryReplicaRegistry,
-    RedisReplicaRegistry,
-    ReplicaRegistry,
+from enhanced_locking.migration.routing_registry import (
+    MemoryRoutingRegistry,
+    RedisRoutingRegistry,
+    RoutingRegistry,
 )
 from enhanced_locking.migration.shadow import ShadowReplayer, ShadowStatus
 from enhanced_locking.migration.transition import (
@@ -85,7 +85,8 @@ class MigrationController:
         identity: Identity,
         events: EventBus,
         metrics: Metrics,
-        replicas: ReplicaRegistry | None = None,
+        replica_id: str,
+        routing_registry: RoutingRegistry | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.provider = provider
@@ -94,11 +95,10 @@ class MigrationController:
         self._build = build
         self.events = events
         self.metrics = metrics
-        config = provider.current.config
-        self.replica_id = config.replica_id or default_replica_id()
-        self._given_registry = replicas
-        self._local_registry = MemoryReplicaRegistry(clock=clock)
-        self._redis_registry: RedisReplicaRegistry | None = None
+        self.replica_id = replica_id
+        self._given_registry = routing_registry
+        self._local_registry = MemoryRoutingRegistry(clock=clock)
+        self._redis_registry: RedisRoutingRegistry | None = None
         self.conflicts = ConflictBook(events=events, metrics=metrics)
         self.transitions = WeightTransitions(
             replica_id=self.replica_id,
@@ -131,7 +131,7 @@ class MigrationController:
         provider.subscribe(self._on_snapshot)
 
     # --- wiring --------------------------------------------------------------------------
-    def _registry(self) -> ReplicaRegistry:
+    def _registry(self) -> RoutingRegistry:
         """The given registry; else the enhanced Redis when there is one; else in process."""
         if self._given_registry is not None:
             return self._given_registry
@@ -141,7 +141,7 @@ class MigrationController:
         if isinstance(connection, RedisConnection):
             if self._redis_registry is None or self._redis_registry.connection is not connection:
                 prefix = self.provider.current.config.redis_key_prefix
-                self._redis_registry = RedisReplicaRegistry(connection, prefix=prefix)
+                self._redis_registry = RedisRoutingRegistry(connection, prefix=prefix)
             return self._redis_registry
         return self._local_registry
 

@@ -47,7 +47,7 @@ from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.events import EventBus
 from enhanced_locking.hashing import bucket_of, is_enhanced_bucket
 from enhanced_locking.metrics import Metrics
-from enhanced_locking.migration.replicas import ReplicaRegistry, ReplicaView
+from enhanced_locking.migration.routing_registry import RoutingRegistry, RoutingView
 from enhanced_locking.provider import Snapshot
 from enhanced_locking.types import Side, utcnow
 
@@ -136,18 +136,18 @@ _bucket = functools.lru_cache(maxsize=1 << 16)(bucket_of)
 
 
 class Admission:
-    """One acquire counted as running under the routing epoch it was planned in."""
+    """One acquire counted as running under the routing round it was planned in."""
 
-    __slots__ = ("_epoch", "_owner", "plan")
+    __slots__ = ("_owner", "_round", "plan")
 
-    def __init__(self, owner: WeightTransitions, epoch: int, plan: RoutingPlan) -> None:
-        self._owner, self._epoch, self.plan = owner, epoch, plan
+    def __init__(self, owner: WeightTransitions, routing_round: int, plan: RoutingPlan) -> None:
+        self._owner, self._round, self.plan = owner, routing_round, plan
 
     def __enter__(self) -> RoutingPlan:
         return self.plan
 
     def __exit__(self, *exc: object) -> None:
-        self._owner._finished(self._epoch)
+        self._owner._finished(self._round)
 
 
 Phase = Literal["stable", "moving", "isolated"]
@@ -219,7 +219,7 @@ class WeightTransitions:
         *,
         replica_id: str,
         snapshot: Callable[[], Snapshot],
-        registry: Callable[[], ReplicaRegistry],
+        registry: Callable[[], RoutingRegistry],
         events: EventBus,
         metrics: Metrics,
         settle: Settle | None = None,
@@ -236,12 +236,13 @@ class WeightTransitions:
         self._target = authority_weight(current.config)
         self._generation = current.generation
         self._reported = self._target
-        self._epoch = 0
-        self._older: dict[int, float] = {}  # epoch -> the target requests of that epoch used
+        self._round = 0
+        """The routing round: one more at every change of the target weight."""
+        self._older: dict[int, float] = {}  # round -> the target requests of that round used
         self._inflight: dict[int, int] = {}
         self._moved_at = clock()
         self._band = Band()
-        self._view = ReplicaView(0.0)
+        self._view = RoutingView(0.0)
         self._live: set[str] = set()
         self._last_ok: float | None = None
         self._isolated = True  # until the first report: see the module docstring
@@ -297,17 +298,17 @@ class WeightTransitions:
         """Plan one acquire and count it as running until it returns (moves wait for it):
         ``with transitions.admit(key) as plan: ...``."""
         plan = self.plan(key)
-        epoch = self._epoch
-        self._inflight[epoch] = self._inflight.get(epoch, 0) + 1
-        return Admission(self, epoch, plan)
+        routing_round = self._round
+        self._inflight[routing_round] = self._inflight.get(routing_round, 0) + 1
+        return Admission(self, routing_round, plan)
 
-    def _finished(self, epoch: int) -> None:
-        left = self._inflight[epoch] - 1
+    def _finished(self, routing_round: int) -> None:
+        left = self._inflight[routing_round] - 1
         if left:
-            self._inflight[epoch] = left
+            self._inflight[routing_round] = left
             return
-        del self._inflight[epoch]
-        if epoch in self._older:
+        del self._inflight[routing_round]
+        if routing_round in self._older:
             self._wake.set()
 
     # --- config changes ------------------------------------------------------------------
@@ -318,8 +319,8 @@ class WeightTransitions:
         if target == self._target:
             return
         previous = self._target
-        self._older[self._epoch] = previous
-        self._epoch += 1
+        self._older[self._round] = previous
+        self._round += 1
         self._target = target
         self._moved_at = self._clock()
         self._widen()
@@ -407,7 +408,7 @@ class WeightTransitions:
             log.warning("%s", message)
         self._last_error = message
 
-    def _note_exclusions(self, view: ReplicaView, expiry: float) -> None:
+    def _note_exclusions(self, view: RoutingView, expiry: float) -> None:
         live = {r.replica_id for r in view.reports if view.age(r) <= expiry}
         for report in view.reports:
             if report.replica_id in self._live and report.replica_id not in live:

@@ -7,11 +7,18 @@ newest report of each replica with the time it arrived. A replica whose last rep
 than the expiry (``replica-timeout``, three heartbeats by default) is *excluded*: nobody waits
 for it any more, so a crashed pod never holds a rollout forever.
 
+This is the *routing* registry (the "replica registry" of statuses, events and logs). The Redis
+store keeps another record of replicas, for another purpose: its waiter liveness set
+(``{key-prefix}{namespace}:replicas``, :mod:`enhanced_locking.backends.redis_notify`), which says
+whose queued waiters may still be granted. Both know a replica by the same id, the service's
+``replica-id`` (one per process); each has its own beat: ``replica-heartbeat`` here, one second
+there.
+
 Two registries behind one small interface:
 
-* :class:`MemoryReplicaRegistry`: in process. One replica, or several replicas living in one
+* :class:`MemoryRoutingRegistry`: in process. One replica, or several replicas living in one
   process (tests, benchmarks); its clock can be replaced.
-* :class:`RedisReplicaRegistry`: one hash ``{key-prefix}replicas`` of replica id to report, on
+* :class:`RedisRoutingRegistry`: one hash ``{key-prefix}replicas`` of replica id to report, on
   the enhanced backend's Redis. A report's time is the Redis server's ``TIME`` and every read
   returns the server's clock with the reports, so replicas' own clocks never matter. Reports
   silent for ten expiries are pruned by the readers.
@@ -33,11 +40,11 @@ from typing import Any, Protocol, runtime_checkable
 from enhanced_locking.backends.redis_connection import RedisConnection, unavailable
 
 __all__ = [
-    "MemoryReplicaRegistry",
-    "RedisReplicaRegistry",
-    "ReplicaRegistry",
-    "ReplicaReport",
-    "ReplicaView",
+    "MemoryRoutingRegistry",
+    "RedisRoutingRegistry",
+    "RoutingRegistry",
+    "RoutingReport",
+    "RoutingView",
 ]
 
 PRUNE_EXPIRIES = 10
@@ -45,7 +52,7 @@ PRUNE_EXPIRIES = 10
 
 
 @dataclass(frozen=True)
-class ReplicaReport:
+class RoutingReport:
     """The last thing one replica said: the weight it routes by, its generation, and when."""
 
     replica_id: str
@@ -56,31 +63,31 @@ class ReplicaReport:
 
 
 @dataclass(frozen=True)
-class ReplicaView:
+class RoutingView:
     """Every report the registry holds, read at one instant of the registry's clock."""
 
     now: float
-    reports: tuple[ReplicaReport, ...] = ()
+    reports: tuple[RoutingReport, ...] = ()
 
-    def age(self, report: ReplicaReport) -> float:
+    def age(self, report: RoutingReport) -> float:
         return max(0.0, self.now - report.seen)
 
-    def live(self, expiry: timedelta) -> list[ReplicaReport]:
+    def live(self, expiry: timedelta) -> list[RoutingReport]:
         return [r for r in self.reports if self.age(r) <= expiry.total_seconds()]
 
-    def excluded(self, expiry: timedelta) -> list[ReplicaReport]:
+    def excluded(self, expiry: timedelta) -> list[RoutingReport]:
         return [r for r in self.reports if self.age(r) > expiry.total_seconds()]
 
 
 @runtime_checkable
-class ReplicaRegistry(Protocol):
+class RoutingRegistry(Protocol):
     """Where replicas say which routing they apply. Failures raise ``BackendUnavailable``."""
 
     async def report(self, *, replica_id: str, weight: float, generation: int) -> None:
         """Record (or refresh) this replica's report, stamped with the registry's clock."""
         ...
 
-    async def read(self, *, expiry: timedelta) -> ReplicaView:
+    async def read(self, *, expiry: timedelta) -> RoutingView:
         """Every report, with the registry's clock (pruning those long gone)."""
         ...
 
@@ -90,22 +97,22 @@ class ReplicaRegistry(Protocol):
 
 
 @dataclass
-class MemoryReplicaRegistry:
+class MemoryRoutingRegistry:
     """Reports in a dict; share one instance between the replicas of one process."""
 
     clock: Callable[[], float] = time.monotonic
-    _reports: dict[str, ReplicaReport] = field(default_factory=dict)
+    _reports: dict[str, RoutingReport] = field(default_factory=dict)
 
     async def report(self, *, replica_id: str, weight: float, generation: int) -> None:
-        self._reports[replica_id] = ReplicaReport(replica_id, weight, generation, self.clock())
+        self._reports[replica_id] = RoutingReport(replica_id, weight, generation, self.clock())
 
-    async def read(self, *, expiry: timedelta) -> ReplicaView:
+    async def read(self, *, expiry: timedelta) -> RoutingView:
         now = self.clock()
         horizon = PRUNE_EXPIRIES * expiry.total_seconds()
         for replica_id, report in list(self._reports.items()):
             if now - report.seen > horizon:
                 del self._reports[replica_id]
-        return ReplicaView(now, tuple(sorted(self._reports.values(),
+        return RoutingView(now, tuple(sorted(self._reports.values(),
                                              key=lambda r: r.replica_id)))
 
     async def leave(self, replica_id: str) -> None:
@@ -143,7 +150,7 @@ return out
 """
 
 
-class RedisReplicaRegistry:
+class RedisRoutingRegistry:
     """Reports in one Redis hash, timed by the Redis server's clock."""
 
     def __init__(self, connection: RedisConnection, *, prefix: str) -> None:
@@ -154,14 +161,14 @@ class RedisReplicaRegistry:
         self._read = client.register_script(READ)
 
     def __repr__(self) -> str:
-        return f"RedisReplicaRegistry({self.connection.where}, key={self.key!r})"
+        return f"RedisRoutingRegistry({self.connection.where}, key={self.key!r})"
 
     async def report(self, *, replica_id: str, weight: float, generation: int) -> None:
         body = json.dumps({"weight": weight, "generation": generation}, separators=(",", ":"))
         with unavailable(self.connection, "replica report"):
             await self._report(keys=[self.key], args=[replica_id, body])
 
-    async def read(self, *, expiry: timedelta) -> ReplicaView:
+    async def read(self, *, expiry: timedelta) -> RoutingView:
         prune_ms = int(PRUNE_EXPIRIES * expiry.total_seconds() * 1000)
         with unavailable(self.connection, "replica read"):
             answer: list[Any] = await self._read(keys=[self.key], args=[prune_ms])
@@ -170,9 +177,9 @@ class RedisReplicaRegistry:
         for replica_id, value in zip(answer[1::2], answer[2::2], strict=True):
             seen, _, body = str(value).partition(" ")
             data = json.loads(body)
-            reports.append(ReplicaReport(str(replica_id), float(data["weight"]),
+            reports.append(RoutingReport(str(replica_id), float(data["weight"]),
                                          int(data["generation"]), int(seen) / 1000))
-        return ReplicaView(now, tuple(sorted(reports, key=lambda r: r.replica_id)))
+        return RoutingView(now, tuple(sorted(reports, key=lambda r: r.replica_id)))
 
     async def leave(self, replica_id: str) -> None:
         with unavailable(self.connection, "replica leave"):
