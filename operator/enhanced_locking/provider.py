@@ -92,9 +92,6 @@ class ConfigProvider:
     def current(self) -> Snapshot:
         return self._current
 
-    def enhanced_config(self) -> EnhancedLockingConfig:
-        return self._current.config
-
     def feature_flags(self) -> dict[str, bool]:
         c = self._current.config
         return {
@@ -105,15 +102,6 @@ class ConfigProvider:
             "deadlockDetection": c.deadlock_detection,
             "events": c.events,
         }
-
-    def migration_config(self) -> MigrationConfig:
-        return self._current.migration
-
-    def is_enhanced_enabled(self) -> bool:
-        return self._current.config.enabled
-
-    def should_use_enhanced(self, key: str) -> bool:
-        return self._current.should_use_enhanced(key)
 
     # --- subscriptions -----------------------------------------------------------------------
     def add_applier(self, applier: Applier) -> None:

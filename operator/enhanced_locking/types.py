@@ -744,7 +744,3 @@ class NotPermitted(AccessError):
         self.identity = identity
         self.verb = verb
         self.repo = repo
-
-
-def clamp_positive(value: timedelta | None) -> timedelta | None:
-    return value if value and value > timedelta(0) else None

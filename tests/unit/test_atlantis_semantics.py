@@ -277,7 +277,7 @@ LOCKERS: dict[str, LockerBuilder] = {"legacy": _legacy, "enhanced": _enhanced, "
 def test_the_router_table_spans_both_sides() -> None:
     provider = ConfigProvider(EnhancedLockingConfig(enabled=True, migration_weight=50))
     targets = [PROD, STAGING, PROD_OTHER_WORKSPACE, UNNAMED, WEB]
-    sides = {provider.should_use_enhanced(target.key) for target in targets}
+    sides = {provider.current.should_use_enhanced(target.key) for target in targets}
     assert sides == {True, False}, "pick targets so both sides of the router are exercised"
 
 

@@ -142,7 +142,7 @@ async def test_the_layer_changes_the_running_config_and_removing_it_restores_it(
     assert snapshot.generation == 2 and snapshot.layers == ("static", "cluster")
     assert provider.feature_flags()["priorityQueue"] is True
     assert snapshot.config.max_timeout == timedelta(minutes=7)
-    assert provider.migration_config().weight == 40.0
+    assert provider.current.migration.weight == 40.0
     restored = await provider.set_layer("cluster", None)
     assert restored.config == static and restored.generation == 3
 

@@ -152,20 +152,19 @@ async def test_nothing_is_applied_or_told_when_the_content_does_not_change() -> 
 
 async def test_it_answers_the_seeds_questions() -> None:
     p = provider()
-    assert p.is_enhanced_enabled() is False
-    assert p.enhanced_config() is p.current.config
+    assert p.current.config.enabled is False
     assert p.feature_flags() == {
         "enabled": False, "priorityQueue": False, "retries": False, "metrics": True,
         "deadlockDetection": False, "events": True,
     }
-    migration = p.migration_config()
+    migration = p.current.migration
     assert (migration.weight, migration.mode, migration.fallback) == (0.0, "route", "legacy")
-    assert not p.should_use_enhanced("acme/infra/./default/")
+    assert not p.current.should_use_enhanced("acme/infra/./default/")
 
     await p.set_layer("cluster", {"enabled": True, "priority_queue": True,
                                   "migration_weight": 100, "fallback": "fail-closed"})
-    assert p.is_enhanced_enabled() is True
+    assert p.current.config.enabled is True
     assert p.feature_flags()["priorityQueue"] is True
-    assert p.migration_config().weight == 100.0
-    assert p.migration_config().fallback == "fail-closed"
-    assert p.should_use_enhanced("acme/infra/./default/")
+    assert p.current.migration.weight == 100.0
+    assert p.current.migration.fallback == "fail-closed"
+    assert p.current.should_use_enhanced("acme/infra/./default/")

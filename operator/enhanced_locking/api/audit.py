@@ -18,9 +18,7 @@ import sys
 from collections.abc import Callable
 from typing import IO
 
-from enhanced_locking.backends.audit_store import AuditQuery, AuditStore, MemoryAuditStore
-from enhanced_locking.backends.audit_store import Retention as _Retention
-from enhanced_locking.config import EnhancedLockingConfig
+from enhanced_locking.backends.audit_store import AuditQuery, AuditStore
 from enhanced_locking.types import AuditEntry, BackendUnavailable
 
 __all__ = ["AuditSink", "AuditTrail"]
@@ -44,11 +42,6 @@ class AuditTrail:
         self.sinks: list[AuditSink] = []
         self.failures = 0
         """Entries the store did not take (they still went to stdout)."""
-
-    @classmethod
-    def in_memory(cls, config: EnhancedLockingConfig | None = None) -> AuditTrail:
-        config = config or EnhancedLockingConfig()
-        return cls(MemoryAuditStore(_Retention(config.audit_retention, config.audit_max_entries)))
 
     async def record(self, entry: AuditEntry) -> None:
         if not self._enabled():

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
@@ -329,10 +329,6 @@ class LocalNotifier:
         future = self._futures.get(waiter_id)
         if future is not None and not future.done():
             future.set_result(notice)
-
-    def deliver_all(self, notices: Sequence[tuple[str, Notice]]) -> None:
-        for waiter_id, notice in notices:
-            self.deliver(waiter_id, notice)
 
     def pending(self) -> list[str]:
         return [waiter_id for waiter_id, f in self._futures.items() if not f.done()]
