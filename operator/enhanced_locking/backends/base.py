@@ -315,6 +315,12 @@ class StoreBackend(abc.ABC):
         yield
 
     @contextlib.contextmanager
+    def _snapshot(self) -> Iterator[None]:
+        """A consistent view for reads that change nothing (by default, a transaction)."""
+        with self._transaction():
+            yield
+
+    @contextlib.contextmanager
     def _step(self) -> Iterator[_Effects]:
         """One atomic step; waiters hear of it only once it is committed."""
         effects = _Effects()
@@ -535,12 +541,12 @@ class StoreBackend(abc.ABC):
         return (await self.release_and_handoff(key, owner=owner, policy=policy)).released
 
     async def get(self, key: str) -> Lock | None:
-        with self._transaction():
+        with self._snapshot():
             return self._live(key, self.clock())
 
     async def holders(self, key: str) -> Locks:
         """Every live holder of ``key`` (several when it is held shared)."""
-        with self._transaction():
+        with self._snapshot():
             return self._holders(key, self.clock())
 
     async def list(self, *, repo: str | None = None, pull: int | None = None) -> Locks:

@@ -251,6 +251,24 @@ class EmbeddedBackend(StoreBackend):
             self._depth -= 1
 
     @contextlib.contextmanager
+    def _snapshot(self) -> Iterator[None]:
+        # A read takes no write lock: a deferred transaction reads one snapshot of the file
+        # (WAL mode) and writes nothing, so a lookup never waits for, nor holds up, a writer.
+        if self._depth:
+            yield
+            return
+        with self._unavailable():
+            self._db.execute("BEGIN DEFERRED")
+        self._depth += 1
+        try:
+            with self._unavailable():
+                yield
+        finally:
+            self._depth -= 1
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("COMMIT")
+
+    @contextlib.contextmanager
     def _unavailable(self) -> Iterator[None]:
         # SQLite failing (closed, locked past busy_timeout, disk full, I/O error, not a
         # database) is the store being unavailable: callers fall back or answer 503.
