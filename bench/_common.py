@@ -7,9 +7,11 @@ Each benchmark owns one section of ``docs/benchmarks.md`` between ``<!-- NAME: b
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,6 +31,24 @@ def percentile(values: list[float], q: float) -> float:
     """The nearest-rank ``q`` quantile (``q`` from 0 to 1)."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def quick_defaults(parser: argparse.ArgumentParser, **small: Any) -> None:
+    """With ``BENCH_QUICK`` set (``make bench``), smaller counts and print only: the whole suite
+    then runs in a few minutes; the tables in docs/benchmarks.md come from full runs."""
+    if os.environ.get("BENCH_QUICK"):
+        parser.set_defaults(no_write=True, **small)
+
+
+def verdict(ok: bool) -> str:
+    """The ``met`` column: whether a measure reached its goal."""
+    return "met" if ok else "missed"
+
+
+def best_and_median(ratios: list[float], *, higher_is_better: bool = True) -> tuple[float, float]:
+    """The best and the median of one ratio over several rounds of the same run."""
+    best = max(ratios) if higher_is_better else min(ratios)
+    return best, statistics.median(ratios)
 
 
 def write_section(name: str, heading: str, text: str) -> None:

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import httpx  # noqa: E402
-from bench._common import percentile, write_section  # noqa: E402
+from bench._common import percentile, quick_defaults, write_section  # noqa: E402
 from tests.support.service import ServiceProcess  # noqa: E402
 
 HEADING = "## Access control: an acquire over HTTP with authentication and authorization on"
@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--acquires", type=int, default=2000)
     parser.add_argument("--block", type=int, default=100)
     parser.add_argument("--no-write", action="store_true")
+    quick_defaults(parser, acquires=400)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

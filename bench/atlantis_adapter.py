@@ -35,7 +35,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench._common import write_section  # noqa: E402
+from bench._common import quick_defaults, write_section  # noqa: E402
 from tests.support.redis_server import RedisServer  # noqa: E402
 from tests.support.service import ServiceProcess  # noqa: E402
 
@@ -124,6 +124,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, default=2000)
     parser.add_argument("--no-write", action="store_true")
+    quick_defaults(parser, pairs=300)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         rows = run(args.pairs, Path(tmp))

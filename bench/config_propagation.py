@@ -38,6 +38,7 @@ from bench._common import (  # noqa: E402
     apply_lock_crs,
     kube_cluster,
     percentile,
+    quick_defaults,
     until,
     write_section,
 )
@@ -121,6 +122,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--edits", type=int, default=50)
     parser.add_argument("--no-write", action="store_true", help="print only")
+    quick_defaults(parser, edits=10)
     args = parser.parse_args()
     with kube_cluster() as kube, tempfile.TemporaryDirectory() as work:
         setup(kube)

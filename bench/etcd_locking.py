@@ -39,6 +39,7 @@ from bench._common import (  # noqa: E402
     close_locker,
     handoff_latencies,
     percentile,
+    quick_defaults,
     request,
     write_section,
 )
@@ -161,6 +162,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=1000)
     parser.add_argument("--handoffs", type=int, default=100)
     parser.add_argument("--no-write", action="store_true")
+    quick_defaults(parser, pairs=200, handoffs=30)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         cluster = EtcdCluster(Path(tmp) / "etcd", members_count=3, fsync=False).start()

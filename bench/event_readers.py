@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import httpx  # noqa: E402
-from bench._common import percentile, write_section  # noqa: E402
+from bench._common import percentile, quick_defaults, write_section  # noqa: E402
 from tests.support.service import ServiceProcess  # noqa: E402
 
 READERS_SCRIPT = """
@@ -100,6 +100,7 @@ def main() -> None:
     parser.add_argument("--readers", default="0,100,500")
     parser.add_argument("--compare-with", default=None, metavar="REF")
     parser.add_argument("--no-write", action="store_true")
+    quick_defaults(parser, pairs=100, readers="0,100")
     args = parser.parse_args()
     counts = [int(n) for n in args.readers.split(",")]
     with tempfile.TemporaryDirectory() as tmp:

@@ -26,7 +26,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench._common import write_section  # noqa: E402
+from bench._common import quick_defaults, write_section  # noqa: E402
 
 from enhanced_locking.config import EnhancedLockingConfig  # noqa: E402
 from enhanced_locking.factory import LockService  # noqa: E402
@@ -102,6 +102,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=4000)
     parser.add_argument("--no-write", action="store_true")
+    quick_defaults(parser, pairs=800)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:
         rates = asyncio.run(measure(args.pairs, Path(work)))

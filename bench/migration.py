@@ -41,6 +41,7 @@ import httpx  # noqa: E402
 from bench._common import (  # noqa: E402
     DOC,
     percentile,
+    quick_defaults,
     write_section,
 )
 from tests.support.redis_server import RedisServer  # noqa: E402
@@ -278,6 +279,7 @@ def main() -> int:
     parser.add_argument("--acquires", type=int, default=4000)
     parser.add_argument("--moves", type=int, default=40)
     parser.add_argument("--no-write", action="store_true", help="print only")
+    quick_defaults(parser, acquires=800, moves=8)
     args = parser.parse_args()
     text = asyncio.run(run(args.acquires, args.moves))
     print(text)

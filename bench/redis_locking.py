@@ -48,6 +48,7 @@ from bench._common import (  # noqa: E402
     close_locker,
     handoff_latencies,
     percentile,
+    quick_defaults,
     request,
     write_section,
 )
@@ -326,6 +327,7 @@ def main() -> None:
     parser.add_argument("--handoffs", type=int, default=200)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--no-write", action="store_true")
+    quick_defaults(parser, pairs=600, handoffs=50, seconds=1.0)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, RedisServer(Path(tmp)) as server:
         _SERVER_PORT[0] = server.port

@@ -46,6 +46,7 @@ from bench._common import (  # noqa: E402
     apply_lock_crs,
     kube_cluster,
     percentile,
+    quick_defaults,
     until,
     write_section,
 )
@@ -150,6 +151,7 @@ def main() -> int:
     parser.add_argument("--moves", type=int, default=40)
     parser.add_argument("--replicas", type=int, default=3)
     parser.add_argument("--no-write", action="store_true", help="print only")
+    quick_defaults(parser, moves=8)
     args = parser.parse_args()
     with kube_cluster() as kube, tempfile.TemporaryDirectory() as work:
         (Path(work) / "redis").mkdir()

@@ -1,0 +1,308 @@
+"""The lock API over HTTP against a no-op endpoint on the same server stack, per stack choice.
+
+The anchor is a tiny FastAPI app that lives only here (never in the product): ``POST /noop``
+reads the same JSON body an acquire sends and answers a small JSON object, ``DELETE /noop``
+answers one too. The measured case is the product app (``create_app`` over a ``LockService``
+with enhanced locking on the embedded store, access control off, audit on as shipped) doing
+acquire (``POST /v1/locks``) + release (``DELETE /v1/locks/by-key`` with ``pull``). Both are
+served by uvicorn in their own processes with the same options, for each stack choice:
+
+* event loop: asyncio's or ``uvloop``;
+* HTTP parser: uvicorn's h11 protocol (the product's, with its request deadlines and
+  connection limit, see ``api/server.py``) or ``httptools``.
+
+The client is a lean HTTP/1.1 keep-alive client on raw asyncio streams (requests prebuilt as
+bytes), so what is timed is the server, not a client library. Pairs per second with 1 and 32
+concurrent clients (each on its own key: no contention); blocks of anchor and measured
+alternate. Hand-off: a holder and a waiter on one key; from sending the release to the
+waiter's 200, p50 and p99.
+
+Usage: python bench/http_stack.py [--pairs 1500] [--rounds 3] [--handoffs 200] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench._common import (  # noqa: E402
+    best_and_median,
+    percentile,
+    quick_defaults,
+    verdict,
+    write_section,
+)
+from fastapi import FastAPI, Request  # noqa: E402
+from tests.support.service import LOOPBACK, free_port  # noqa: E402
+
+HEADING = "## HTTP: the lock API against a no-op endpoint on the same server stack"
+STACKS = (("asyncio", "h11"), ("uvloop", "h11"), ("asyncio", "httptools"),
+          ("uvloop", "httptools"))
+CONCURRENCY = (1, 32)
+
+
+# --- the servers (run as ``--serve noop|product``) -------------------------------------------
+
+
+def noop_app() -> FastAPI:
+    app = FastAPI()
+
+    @app.post("/noop")
+    async def take(request: Request) -> Any:
+        await request.body()
+        return {"acquired": True}
+
+    @app.delete("/noop")
+    async def give() -> Any:
+        return {"released": True}
+
+    return app
+
+
+def serve(kind: str, port: int, loop: str, http: str, data_dir: str) -> None:
+    import uvicorn
+
+    from enhanced_locking.api import server as server_limits
+    from enhanced_locking.config import EnhancedLockingConfig
+
+    config = EnhancedLockingConfig(enabled=True, data_dir=data_dir)
+    if kind == "noop":
+        app = noop_app()
+    else:
+        from enhanced_locking.api.app import create_app
+        from enhanced_locking.factory import LockService
+        from enhanced_locking.provider import ConfigProvider
+
+        app = create_app(LockService(ConfigProvider(config)))
+    protocol: Any = server_limits.guarded_protocol(config) if http == "h11" else "httptools"
+    uvicorn.run(app, host=LOOPBACK, port=port, log_level="warning", loop=loop, http=protocol,
+                lifespan="on")
+
+
+@contextmanager
+def server(kind: str, loop: str, http: str, work: Path) -> Iterator[int]:
+    port = free_port()
+    data = work / f"{kind}-{loop}-{http}"
+    data.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen(
+        [sys.executable, __file__, "--serve", kind, "--port", str(port), "--loop", loop,
+         "--http", http, "--data-dir", str(data)],
+        stdout=subprocess.DEVNULL, stderr=open(data / "stderr", "w"))
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                asyncio.run(_probe(port))
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{kind} server did not start: "
+                                       f"{(data / 'stderr').read_text()}") from None
+                time.sleep(0.1)
+        yield port
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+async def _probe(port: int) -> None:
+    _, writer = await asyncio.open_connection(LOOPBACK, port)
+    writer.close()
+    await writer.wait_closed()
+
+
+# --- a lean keep-alive client ----------------------------------------------------------------
+
+
+class Connection:
+    """One HTTP/1.1 keep-alive connection; requests are prebuilt bytes."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int) -> Connection:
+        return cls(*await asyncio.open_connection(LOOPBACK, port))
+
+    async def call(self, request: bytes) -> tuple[int, bytes]:
+        self.writer.write(request)
+        return await self.answer()
+
+    async def answer(self) -> tuple[int, bytes]:
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.lower() == b"content-length":
+                length = int(value)
+        return status, await self.reader.readexactly(length)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def post(path: str, body: dict[str, Any]) -> bytes:
+    data = json.dumps(body).encode()
+    return (f"POST {path} HTTP/1.1\r\nHost: {LOOPBACK}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n").encode() + data
+
+
+def delete(path: str) -> bytes:
+    return f"DELETE {path} HTTP/1.1\r\nHost: {LOOPBACK}\r\n\r\n".encode()
+
+
+def lock_body(path: str, pull: int, **extra: Any) -> dict[str, Any]:
+    return {"project": {"repoFullName": "acme/bench", "path": path}, "pull": {"num": pull},
+            **extra}
+
+
+def pair_requests(kind: str, client: int) -> tuple[bytes, bytes]:
+    body = lock_body(f"envs/c{client}", 1)
+    if kind == "noop":
+        return post("/noop", body), delete("/noop")
+    key = f"acme/bench/envs/c{client}/default/"
+    return post("/v1/locks", body), delete(f"/v1/locks/by-key?key={key}&pull=1")
+
+
+async def pairs_per_second(kind: str, port: int, clients: int, pairs: int) -> float:
+    connections = [await Connection.open(port) for _ in range(clients)]
+    each = max(1, pairs // clients)
+
+    async def run(client: int, connection: Connection) -> None:
+        take, give = pair_requests(kind, client)
+        for _ in range(each):
+            status, body = await connection.call(take)
+            assert status == 200, body
+            status, body = await connection.call(give)
+            assert status == 200, body
+
+    started = time.perf_counter()
+    await asyncio.gather(*(run(i, c) for i, c in enumerate(connections)))
+    elapsed = time.perf_counter() - started
+    for connection in connections:
+        connection.close()
+    return each * clients / elapsed
+
+
+async def handoffs(port: int, count: int) -> list[float]:
+    holder, waiter, watcher = [await Connection.open(port) for _ in range(3)]
+    key = "acme/bench/envs/handoff/default/"
+    queue = f"GET /v1/queue?key={key} HTTP/1.1\r\nHost: {LOOPBACK}\r\n\r\n".encode()
+    latencies = []
+    for i in range(count):
+        status, body = await holder.call(post("/v1/locks", lock_body("envs/handoff", 2 * i + 1)))
+        assert status == 200, body
+        waiter.writer.write(post("/v1/locks", lock_body("envs/handoff", 2 * i + 2, wait="10s")))
+        while not json.loads((await watcher.call(queue))[1])["waiters"]:  # noqa: ASYNC110
+            await asyncio.sleep(0.0005)
+        started = time.perf_counter()
+        holder.writer.write(delete(f"/v1/locks/by-key?key={key}&pull={2 * i + 1}"))
+        status, body = await waiter.answer()
+        latencies.append(time.perf_counter() - started)
+        assert status == 200, body
+        assert (await holder.answer())[0] == 200
+        assert (await holder.call(delete(f"/v1/locks/by-key?key={key}&pull={2 * i + 2}")))[0] \
+            == 200
+    for connection in (holder, waiter, watcher):
+        connection.close()
+    return latencies
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+def measure(loop: str, http: str, pairs: int, rounds: int, count: int,
+            work: Path) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    with server("noop", loop, http, work) as noop, server("product", loop, http, work) as ours:
+        for clients in CONCURRENCY:
+            asyncio.run(pairs_per_second("noop", noop, clients, pairs // 5))  # warm up
+            asyncio.run(pairs_per_second("product", ours, clients, pairs // 5))
+            runs = []
+            for _ in range(rounds):
+                anchor = asyncio.run(pairs_per_second("noop", noop, clients, pairs))
+                measured = asyncio.run(pairs_per_second("product", ours, clients, pairs))
+                runs.append((anchor, measured))
+            found[f"pairs{clients}"] = runs
+        found["handoff"] = asyncio.run(handoffs(ours, count))
+    return found
+
+
+def report(results: dict[tuple[str, str], dict[str, Any]], counts: str) -> str:
+    lines = [
+        f"{counts}. Python {platform.python_version()}, {len(os.sched_getaffinity(0))} CPUs, "
+        f"load average {os.getloadavg()[0]:.1f} at the end; client and servers share the "
+        "machine. Pairs per second (acquire + release) of the round with the median ratio; "
+        "ratio best / median over the rounds. `h11` is the product's guarded h11 protocol; "
+        "`httptools` is uvicorn's own (without the product's request deadlines).",
+        "",
+        "| stack (loop, parser) | clients | no-op pairs/s | lock API pairs/s "
+        "| ratio (best / median) | goal | met |",
+        "|---|---:|---:|---:|---:|---|---|",
+    ]
+    for (loop, http), found in results.items():
+        for clients in CONCURRENCY:
+            runs = found[f"pairs{clients}"]
+            ratios = [measured / anchor for anchor, measured in runs]
+            best, median = best_and_median(ratios)
+            anchor, measured = sorted(runs, key=lambda r: r[1] / r[0])[len(runs) // 2]
+            lines.append(f"| {loop}, {http} | {clients} | {anchor:,.0f} | {measured:,.0f} "
+                         f"| {best:.2f}x / {median:.2f}x | >= 0.7x | {verdict(median >= 0.7)} |")
+    lines += ["", "| stack (loop, parser) | hand-off p50 ms | p99 ms | goal | met |",
+              "|---|---:|---:|---|---|"]
+    for (loop, http), found in results.items():
+        p50 = percentile(found["handoff"], 0.5)
+        lines.append(f"| {loop}, {http} | {p50 * 1000:.3f} "
+                     f"| {percentile(found['handoff'], 0.99) * 1000:.3f} | p50 <= 1.5 ms "
+                     f"| {verdict(p50 <= 0.0015)} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pairs", type=int, default=1600)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--handoffs", type=int, default=200)
+    parser.add_argument("--stacks", default="all", help="all, or e.g. uvloop-h11,asyncio-h11")
+    parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--serve", choices=("noop", "product"), help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--loop", default="asyncio", help=argparse.SUPPRESS)
+    parser.add_argument("--http", default="h11", help=argparse.SUPPRESS)
+    parser.add_argument("--data-dir", help=argparse.SUPPRESS)
+    quick_defaults(parser, pairs=640, rounds=2, handoffs=50)
+    args = parser.parse_args()
+    if args.serve:
+        serve(args.serve, args.port, args.loop, args.http, args.data_dir)
+        return
+    stacks = STACKS if args.stacks == "all" else tuple(
+        tuple(name.split("-")) for name in args.stacks.split(","))
+    results: dict[tuple[str, str], dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for loop, http in stacks:
+            results[(loop, http)] = measure(loop, http, args.pairs, args.rounds, args.handoffs,
+                                            Path(tmp))
+    text = report(results, f"{args.pairs} pairs per case and round, {args.rounds} rounds, "
+                           f"{args.handoffs} hand-offs per stack")
+    print(text)
+    if not args.no_write:
+        write_section("http", HEADING, text)
+
+
+if __name__ == "__main__":
+    main()

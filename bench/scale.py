@@ -1,0 +1,252 @@
+"""The enhanced locker on the embedded store at scale: 1k, 10k and 100k held locks, 10k waiters.
+
+For each size the store is filled with that many held locks (ten per pull, as a pull holding a
+project per directory would), through the backend's ``adopt`` in one transaction (the rows are
+the ones an acquire writes), and then each call is timed through the locker:
+
+* acquire + release of a free key (the common pair);
+* get of a held key;
+* release by pull (ten locks) and their acquire again;
+* enqueue one waiter on a held key with ten waiters, read that queue, cancel the waiter;
+* list of every held lock (O(n) by nature: reported per lock).
+
+Bytes per held lock: the store file's growth (after a WAL checkpoint) over the locks added.
+Waiters live in the process (a waiter is a caller with an open connection): 10k waiters on 100
+held keys, each an acquire task waiting in its queue; bytes per waiter from ``tracemalloc``
+(Python allocations, including the waiting task), and the same calls timed with them queued.
+
+The goal: per-call latency grows at most logarithmically with the number of held locks, i.e.
+the p50 at the largest size is at most log(largest) / log(smallest) times the p50 at the
+smallest (for 1k → 100k: 1.67x). List is linear by nature; its per-lock cost should stay flat.
+
+Usage: python bench/scale.py [--sizes 1000,10000,100000] [--waiters 10000] [--samples 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import math
+import os
+import platform
+import sqlite3
+import sys
+import tempfile
+import time
+import tracemalloc
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench._common import percentile, quick_defaults, verdict, write_section  # noqa: E402
+
+from enhanced_locking.backends import EmbeddedBackend  # noqa: E402
+from enhanced_locking.config import EnhancedLockingConfig  # noqa: E402
+from enhanced_locking.events import EventBus  # noqa: E402
+from enhanced_locking.locking import EnhancedLocker  # noqa: E402
+from enhanced_locking.locking.enhanced import _candidate  # noqa: E402
+from enhanced_locking.metrics import Metrics  # noqa: E402
+from enhanced_locking.types import LockRequest, Project, Pull, utcnow  # noqa: E402
+
+HEADING = "## Scale: 1k to 100k held locks and 10k waiters on the embedded store"
+REPO_NAME = "acme/scale"
+PER_PULL = 10
+CALLS = ("acquire + release", "get", "release by pull (10 locks) + acquire again",
+         "enqueue + queue read + cancel", "list, per lock")
+
+
+def request(index: int, *, pull: int | None = None, wait: timedelta | None = None) -> LockRequest:
+    return LockRequest(project=Project(repo_full_name=REPO_NAME, path=f"p{index}"),
+                       pull=Pull(num=pull if pull is not None else index // PER_PULL + 1),
+                       wait=wait)
+
+
+def locker_on(path: Path) -> EnhancedLocker:
+    config = EnhancedLockingConfig(enabled=True, max_queue_size=1000)
+    return EnhancedLocker(EmbeddedBackend(path), settings=lambda: config, events=EventBus(),
+                          metrics=Metrics())
+
+
+def file_bytes(path: Path) -> int:
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
+
+
+async def fill(locker: EnhancedLocker, start: int, stop: int) -> None:
+    now = utcnow()
+    for first in range(start, stop, 5000):
+        locks = [_candidate(request(i), now, request(i).priority).model_copy(
+            update={"fencing_token": 1}) for i in range(first, min(stop, first + 5000))]
+        assert await locker.backend.adopt(locks, {}) == []
+
+
+async def timed(samples: int, call: Callable[[int], Awaitable[Any]]) -> list[float]:
+    times = []
+    for i in range(samples):
+        started = time.perf_counter()
+        await call(i)
+        times.append(time.perf_counter() - started)
+    return times
+
+
+async def calls(locker: EnhancedLocker, size: int, samples: int) -> dict[str, float]:
+    """p50 seconds of each call (list: per lock) with ``size`` locks held."""
+    free = size + 1_000_000  # keys nobody holds
+    found: dict[str, float] = {}
+
+    async def pair(i: int) -> None:
+        ask = request(free + i, pull=1)
+        assert (await locker.acquire(ask)).acquired
+        await locker.release(ask.key, owner=(REPO_NAME, 1))
+
+    async def get(i: int) -> None:
+        assert await locker.get(request((i * 7919) % size).key) is not None
+
+    async def by_pull(i: int) -> None:
+        # Not pulls 1-10: their keys (p0-p99) have waiters, who would be handed the locks.
+        pull = (i * 613) % (size // PER_PULL - 10) + 11
+        released = await locker.release_by_pull(REPO_NAME, pull)
+        assert len(released) == PER_PULL
+        for lock in released:
+            assert (await locker.acquire(request(int(lock.project.path[1:]), pull=pull))).acquired
+
+    held = request(0)
+    # Ten waiters on one held key (each asks for key p0 under another pull).
+    queued = [asyncio.create_task(locker.acquire(LockRequest(
+        project=held.project, pull=Pull(num=size + n + 10), wait=timedelta(minutes=4))))
+        for n in range(PER_PULL)]
+    while len(await locker.queue(held.key)) < PER_PULL:
+        if any(task.done() for task in queued):
+            raise RuntimeError("a waiter was not queued")
+        await asyncio.sleep(0.001)
+
+    async def enqueue(i: int) -> None:
+        waiter = asyncio.create_task(locker.acquire(LockRequest(
+            project=held.project, pull=Pull(num=size + 100 + i), wait=timedelta(minutes=4))))
+        while len(await locker.queue(held.key)) <= PER_PULL:
+            if waiter.done():
+                raise RuntimeError(f"the waiter was not queued: {waiter.result()}")
+            await asyncio.sleep(0)
+        waiter.cancel()
+        await asyncio.gather(waiter, return_exceptions=True)
+
+    for name, call, count in (("acquire + release", pair, samples), ("get", get, samples),
+                              (CALLS[2], by_pull, max(10, samples // 10)),
+                              (CALLS[3], enqueue, max(10, samples // 3))):
+        await call(0)  # warm
+        found[name] = percentile(await timed(count, call), 0.5)
+    for task in queued:
+        task.cancel()
+    await asyncio.gather(*queued, return_exceptions=True)
+    started = time.perf_counter()
+    listed = await locker.list()
+    found[CALLS[4]] = (time.perf_counter() - started) / len(listed)
+    assert len(listed) == size, (len(listed), size)
+    return found
+
+
+async def waiters(locker: EnhancedLocker, size: int, count: int,
+                  samples: int) -> dict[str, float]:
+    """Bytes per waiter and the calls' p50 with ``count`` waiters queued on 100 held keys."""
+    keys = 100
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    tasks = [asyncio.create_task(locker.acquire(LockRequest(
+        project=request(n % keys).project, pull=Pull(num=10_000_000 + n),
+        wait=timedelta(minutes=4)))) for n in range(count)]
+    while await locker.queue_depth() < count:
+        if any(task.done() for task in tasks):
+            raise RuntimeError("a waiter was not queued")
+        await asyncio.sleep(0.01)
+    gc.collect()
+    per_waiter = (tracemalloc.get_traced_memory()[0] - before) / count
+    tracemalloc.stop()
+    found = await calls(locker, size, samples)
+    found["bytes per waiter"] = per_waiter
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return found
+
+
+async def run(sizes: list[int], count: int, samples: int, work: Path) -> dict[str, Any]:
+    path = work / "enhanced-locking.db"
+    locker = locker_on(path)
+    empty = file_bytes(path)
+    results: dict[str, Any] = {"sizes": {}}
+    held = 0
+    for size in sizes:
+        await fill(locker, held, size)
+        grown = file_bytes(path)
+        held = size
+        found = await calls(locker, size, samples)
+        found["bytes per lock"] = (grown - empty) / size
+        results["sizes"][size] = found
+    results["waiters"] = await waiters(locker, held, count, samples)
+    results["held"] = held
+    await locker.close()
+    await locker.backend.close()
+    return results
+
+
+def us(seconds: float) -> str:
+    return f"{seconds * 1e6:,.1f}"
+
+
+def report(results: dict[str, Any], sizes: list[int], count: int, samples: int) -> str:
+    smallest, largest = sizes[0], sizes[-1]
+    bound = math.log(largest) / math.log(smallest)
+    header = " | ".join(f"{size:,} held" for size in sizes)
+    lines = [
+        f"{samples} samples per call (fewer for by-pull and enqueue), p50 in microseconds; "
+        f"Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}, "
+        f"{len(os.sched_getaffinity(0))} CPUs, load average {os.getloadavg()[0]:.1f} at the "
+        f"end. Goal: p50 at {largest:,} at most log({largest:,}) / log({smallest:,}) = "
+        f"{bound:.2f}x the p50 at {smallest:,}; list's per-lock cost flat.",
+        "",
+        f"| call | {header} | {count:,} waiters ({results['held']:,} held) "
+        f"| {largest:,} / {smallest:,} | goal | met |",
+        "|---|" + "---:|" * (len(sizes) + 2) + "---|---|",
+    ]
+    for name in CALLS:
+        values = [results["sizes"][size][name] for size in sizes]
+        growth = values[-1] / values[0]
+        goal = f"<= {bound:.2f}x" if name != CALLS[4] else "<= 1.5x (flat)"
+        ok = growth <= (bound if name != CALLS[4] else 1.5)
+        lines.append(f"| {name} | " + " | ".join(us(v) for v in values)
+                     + f" | {us(results['waiters'][name])} | {growth:.2f}x | {goal} "
+                     f"| {verdict(ok)} |")
+    lines.append("| bytes per held lock (file) | " + " | ".join(
+        f"{results['sizes'][size]['bytes per lock']:,.0f}" for size in sizes)
+        + " | | | | |")
+    lines.append("| bytes per waiter (process) | " + " | ".join("" for _ in sizes)
+                 + f" | {results['waiters']['bytes per waiter']:,.0f} | | | |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="1000,10000,100000")
+    parser.add_argument("--waiters", type=int, default=10_000)
+    parser.add_argument("--samples", type=int, default=300)
+    parser.add_argument("--no-write", action="store_true")
+    quick_defaults(parser, sizes="1000,10000", waiters=2000, samples=100)
+    args = parser.parse_args()
+    sizes = sorted(int(size) for size in args.sizes.split(","))
+    with tempfile.TemporaryDirectory() as tmp:
+        results = asyncio.run(run(sizes, args.waiters, args.samples, Path(tmp)))
+    text = report(results, sizes, args.waiters, args.samples)
+    print(text)
+    if not args.no_write:
+        write_section("scale", HEADING, text)
+
+
+if __name__ == "__main__":
+    main()
