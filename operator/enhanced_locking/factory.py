@@ -139,7 +139,6 @@ class LockService:
         Lease it holds and the Redis store's waiter liveness."""
         self.events = _event_bus(config, enabled=lambda: provider.current.config.events)
         self.legacy_backend = self._build(config, config.legacy_backend, "legacy")
-        self._legacy_identity = backend_identity(config, config.legacy_backend)
         self.legacy = LegacyLocker(self.legacy_backend)
         self.enhanced: EnhancedLocker | None = None
         self._enhanced_identity: tuple[Any, ...] | None = None

@@ -74,7 +74,6 @@ class ConflictBook:
         self.events = events
         self.metrics = metrics
         self._open: dict[str, LockConflict] = {}
-        self.found_total = 0
 
     def report(self, *, key: str, legacy: Lock, enhanced: Lock, source: str) -> LockConflict:
         """Record a conflict; a key already recorded is not reported twice."""
@@ -83,7 +82,6 @@ class ConflictBook:
             return known
         conflict = LockConflict(key, legacy, enhanced, source, utcnow())
         self._open[key] = conflict
-        self.found_total += 1
         self.metrics.lock_conflicts.set(len(self._open))
         log.error(
             "lock %s is held on legacy by %s#%d and on enhanced by %s#%d (found by %s)",
