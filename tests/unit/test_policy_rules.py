@@ -115,6 +115,28 @@ async def test_a_waiting_exclusive_request_stops_new_shared_grants(
     assert {lock.pull.num for lock in await rig.locker.holders(key)} == {3, 4}
 
 
+async def test_shared_waiters_served_together_each_get_a_new_higher_token(
+        make: Callable[..., LockerRig]) -> None:
+    """One release hands a key to several shared waiters in one step: each gets its own
+    token, above the released one, and the next grant is above all of them."""
+    rig = make()
+    writer = await rig.locker.acquire(ask(1))
+    assert writer.lock is not None
+    readers = [await queued(rig, ask(pull, mode="shared", wait=WAIT)) for pull in (2, 3, 4)]
+    await rig.locker.release(writer.lock.key, owner=("acme/infra", 1))
+    await settle()
+    tokens = []
+    for reader in readers:
+        answer = await reader
+        assert answer.acquired and answer.lock is not None
+        tokens.append(answer.lock.fencing_token)
+    assert len(set(tokens)) == 3 and min(tokens) > writer.lock.fencing_token, tokens
+    assert sorted(h.fencing_token for h in await rig.locker.holders(writer.lock.key)) == \
+        sorted(tokens)
+    late = await rig.locker.acquire(ask(5, mode="shared"))
+    assert late.lock is not None and late.lock.fencing_token > max(tokens)
+
+
 async def test_the_only_shared_holder_upgrades_to_exclusive_with_a_new_token(
         make: Callable[..., LockerRig]) -> None:
     rig = make()

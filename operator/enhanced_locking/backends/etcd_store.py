@@ -41,9 +41,11 @@ entries never share a prefix with another key's):
 
 **Fencing token = the etcd revision of the grant** (plus the key's floor): every grant is a
 new revision of the whole cluster, so tokens rise per key and across keys, replicas, restarts
-and leader changes. A lock's stored token is negative until its grant commits (``-(floor+1)``,
-resolved against the ``mod_revision`` its grant wrote); a later write (refresh, adopt) stores
-the resolved value.
+and leader changes. Several grants of one key in one step (shared waiters served together)
+would share a revision: each one after the first raises the key's floor by one, so they get
+consecutive tokens and every later grant stays above them. A lock's stored token is negative
+until its grant commits (``-(floor+1)``, resolved against the ``mod_revision`` its grant
+wrote); a later write (refresh, adopt) stores the resolved value.
 
 **Time** is this process's clock (etcd has none to offer): ages, deadlines and lease ends are
 stamped by the replica that writes them. Clocks of replicas are assumed close (NTP); a skew
@@ -162,6 +164,8 @@ class _Txn:
         self.queues: dict[str, tuple[tuple[str, ...], list[Waiter]]] = {}
         self.records: dict[str, tuple[Waiter, int]] = {}
         """Waiters seen in this step, with the session lease of the replica that waits."""
+        self.stamped: set[str] = set()
+        """Keys granted in this step (a second grant of one of them raises its floor)."""
 
     def get(self, key: bytes) -> _KV:
         if key in self.writes:
@@ -540,10 +544,17 @@ class EtcdBackend(StoreBackend):
         return None if kv.value is None else int(kv.value)
 
     def _next_token(self, key: str) -> int:
+        txn = _txn()
         floor = self._floor(key)
         if floor is None:
-            _txn().put(self.fence_key(key), b"0")
+            txn.put(self.fence_key(key), b"0")
             floor = 0
+        if key in txn.stamped:
+            # Another grant of the key in this step (shared waiters served together share its
+            # revision): one above the last, and the raised floor keeps later grants above it.
+            floor += 1
+            txn.put(self.fence_key(key), str(floor).encode())
+        txn.stamped.add(key)
         return -(floor + 1)  # resolved to the grant's revision + floor once it commits
 
     def _tokens(self) -> dict[str, int]:
