@@ -8,6 +8,20 @@ of a key never overlap, neither do the recorded ones: any overlap the checker fi
 double grant. And since a key's next grant comes after its previous release, ordering a key's
 holds by fencing token must order them in time, with strictly rising tokens.
 
+With shared locks, holds of a key may overlap, but never an exclusive hold with any other;
+a hold whose recorded interval lies wholly after an exclusive one's (or the other way round)
+was really granted after it, so its token must be higher. Shared holds of a key may overlap
+freely; each has a token of its own.
+
+The checker also knows the policy rules a test ran under:
+
+* a :class:`GroupLimit`: never more than ``limit`` holds of the group's keys at once. The
+  recorded holds lie inside the real ones, so more recorded holds overlapping at one moment
+  than the limit means more real ones did;
+* a :class:`FreezeWindow`: no grant of a covered key inside it. Here the checker uses the
+  store's own stamp of the grant (the lock's ``acquiredAt``, taken by the clock the store
+  decided with) and the freeze's ``from``/``until``, so the check is exact.
+
 The checker only speaks HTTP (the v1 API), so it works against any backend behind the
 service: start the service however the test needs (embedded store, Redis, several replicas)
 and point :func:`run_clients` at its URL (or URLs: clients are spread over them).
@@ -17,16 +31,18 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import heapq
 import itertools
 import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import httpx
 
-__all__ = ["History", "Hold", "Workload", "run_clients"]
+__all__ = ["FreezeWindow", "GroupLimit", "History", "Hold", "Workload", "run_clients"]
 
 
 @dataclass(frozen=True)
@@ -38,40 +54,88 @@ class Hold:
     token: int
     start: float  # time.monotonic() when the grant answer arrived
     end: float  # time.monotonic() just before the release was sent
+    mode: str = "exclusive"
+    granted_at: datetime | None = None
+    """The store's stamp of the grant (the lock's ``acquiredAt``)."""
+
+
+@dataclass(frozen=True)
+class GroupLimit:
+    """A concurrency limit the service ran under: at most ``limit`` holds of ``keys`` at once."""
+
+    name: str
+    keys: frozenset[str]
+    limit: int
+
+
+@dataclass(frozen=True)
+class FreezeWindow:
+    """A freeze the service ran under: no grant of ``keys`` from ``start`` until ``end``."""
+
+    name: str
+    keys: frozenset[str]
+    start: datetime
+    end: datetime
 
 
 @dataclass
 class History:
-    """Holds recorded by many clients, and what was refused and why."""
+    """Holds recorded by many clients, and what was refused and why; ``limits`` and
+    ``freezes`` are the rules the service ran under (none: only locking itself is checked)."""
 
     holds: list[Hold] = field(default_factory=list)
     refusals: collections.Counter[str] = field(default_factory=collections.Counter)
     errors: list[str] = field(default_factory=list)
+    limits: Sequence[GroupLimit] = ()
+    freezes: Sequence[FreezeWindow] = ()
 
     def record(self, hold: Hold) -> None:
         self.holds.append(hold)
 
     def violations(self) -> list[str]:
-        """Every overlap of two holds of a key and every token that did not rise."""
+        """Every exclusive hold beside another hold of its key, every token that did not
+        rise, every group over its limit and every grant inside a freeze."""
         found: list[str] = []
         by_key: dict[str, list[Hold]] = collections.defaultdict(list)
         for hold in self.holds:
             by_key[hold.key].append(hold)
         for key, holds in by_key.items():
-            by_time = sorted(holds, key=lambda h: h.start)
-            for earlier, later in itertools.pairwise(by_time):
-                if later.start < earlier.end:
-                    found.append(
-                        f"{key}: {later.client} (token {later.token}) was granted while "
-                        f"{earlier.client} (token {earlier.token}) still held it")
-                if later.token <= earlier.token:
-                    found.append(
-                        f"{key}: token {later.token} of {later.client} came after token "
-                        f"{earlier.token} of {earlier.client}")
+            found += _key_violations(key, holds)
             tokens = [h.token for h in holds]
             if len(tokens) != len(set(tokens)):
                 found.append(f"{key}: a fencing token was handed out twice")
+        for group in self.limits:
+            found += _over_limit(group, [h for h in self.holds if h.key in group.keys])
+        for freeze in self.freezes:
+            for hold in self.holds:
+                at = hold.granted_at
+                if hold.key in freeze.keys and at is not None and freeze.start <= at < freeze.end:
+                    found.append(
+                        f"{hold.key}: {hold.client} (token {hold.token}) was granted at "
+                        f"{at.isoformat()}, inside freeze {freeze.name} "
+                        f"({freeze.start.isoformat()} to {freeze.end.isoformat()})")
         return found
+
+    def overlapping_shared(self) -> int:
+        """How many times a shared hold began while another shared hold of its key was held
+        (that shared holders really coexisted in the run)."""
+        seen = 0
+        by_key: dict[str, list[Hold]] = collections.defaultdict(list)
+        for hold in self.holds:
+            if hold.mode == "shared":
+                by_key[hold.key].append(hold)
+        for holds in by_key.values():
+            by_time = sorted(holds, key=lambda h: h.start)
+            latest_end = float("-inf")
+            for hold in by_time:
+                if hold.start < latest_end:
+                    seen += 1
+                latest_end = max(latest_end, hold.end)
+        return seen
+
+    def most_at_once(self, keys: frozenset[str]) -> int:
+        """The most holds of ``keys`` recorded at one moment."""
+        return _peak([h for h in self.holds if h.key in keys])[0]
 
     def assert_consistent(self, *, min_holds: int = 1) -> None:
         problems = self.violations()
@@ -82,6 +146,61 @@ class History:
 
     def grants_per_key(self) -> dict[str, int]:
         return dict(collections.Counter(h.key for h in self.holds))
+
+
+def _key_violations(key: str, holds: Sequence[Hold]) -> list[str]:
+    """One key's holds in order of their start: an exclusive hold overlaps nothing, and a
+    hold that began after an exclusive one ended (or after any hold ended, for an exclusive
+    one) has a higher token."""
+    found: list[str] = []
+    active: list[tuple[float, int, Hold]] = []  # a heap by end
+    top_any: Hold | None = None  # highest token of the holds ended so far
+    top_exclusive: Hold | None = None  # the same, of the exclusive ones
+    for n, later in enumerate(sorted(holds, key=lambda h: h.start)):
+        while active and active[0][0] <= later.start:
+            _, _, ended = heapq.heappop(active)
+            if top_any is None or ended.token > top_any.token:
+                top_any = ended
+            if ended.mode == "exclusive" and (
+                    top_exclusive is None or ended.token > top_exclusive.token):
+                top_exclusive = ended
+        for _, _, earlier in sorted(active, key=lambda entry: entry[2].start):
+            if later.mode == "exclusive" or earlier.mode == "exclusive":
+                found.append(
+                    f"{key}: {later.client} (token {later.token}) was granted while "
+                    f"{earlier.client} (token {earlier.token}) still held it")
+        before = top_any if later.mode == "exclusive" else top_exclusive
+        if before is not None and later.token <= before.token:
+            found.append(
+                f"{key}: token {later.token} of {later.client} came after token "
+                f"{before.token} of {before.client}")
+        heapq.heappush(active, (later.end, n, later))
+    return found
+
+
+def _peak(holds: Sequence[Hold]) -> tuple[int, list[Hold]]:
+    """The most holds overlapping at one moment, and those holds (ends before starts at the
+    same moment: back to back is not at once)."""
+    moments = sorted([(h.start, 1, n) for n, h in enumerate(holds)]
+                     + [(h.end, 0, n) for n, h in enumerate(holds)])
+    current: set[int] = set()
+    best: tuple[int, list[Hold]] = (0, [])
+    for _, starts, n in moments:
+        if starts:
+            current.add(n)
+            if len(current) > best[0]:
+                best = (len(current), [holds[i] for i in sorted(current)])
+        else:
+            current.discard(n)
+    return best
+
+
+def _over_limit(group: GroupLimit, holds: Sequence[Hold]) -> list[str]:
+    count, together = _peak(holds)
+    if count <= group.limit:
+        return []
+    names = ", ".join(f"{h.client} on {h.key} (token {h.token})" for h in together)
+    return [f"group {group.name}: {count} held at once, over its limit {group.limit}: {names}"]
 
 
 @dataclass(frozen=True)
@@ -101,6 +220,10 @@ class Workload:
     priorities: Sequence[str] = ("low", "normal", "high", "critical")
     hold_seconds: tuple[float, float] = (0.0, 0.004)
     seed: int = 4
+    shared_share: float = 0.0
+    """Share of acquires (single or batch) that ask for shared locks."""
+    duration: float | None = None
+    """Keep going for this many seconds instead of ``rounds`` rounds."""
 
 
 def _project(repo: str, path: str) -> dict[str, str]:
@@ -117,11 +240,16 @@ async def _client(number: int, urls: Sequence[str], work: Workload, history: His
         "user": {"username": name},
     }
     url = urls[number % len(urls)]
+    deadline = None if work.duration is None else time.monotonic() + work.duration
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(60.0)) as http:
-        for _ in range(work.rounds):
+        for round_ in itertools.count():
+            if (round_ >= work.rounds if deadline is None else time.monotonic() >= deadline):
+                break
             body = {**common, "priority": rng.choice(list(work.priorities))}
             if work.wait is not None and rng.random() >= work.fail_fast_share:
                 body["wait"] = work.wait
+            if rng.random() < work.shared_share:
+                body["mode"] = "shared"
             batch = rng.random() < work.batch_share
             paths = rng.sample(list(work.paths), 2) if batch else [rng.choice(list(work.paths))]
             if batch:
@@ -142,7 +270,9 @@ async def _client(number: int, urls: Sequence[str], work: Workload, history: His
             await asyncio.sleep(rng.uniform(*work.hold_seconds))
             end = time.monotonic()
             for lock in locks:
-                history.record(Hold(name, lock["key"], lock["fencingToken"], start, end))
+                history.record(Hold(name, lock["key"], lock["fencingToken"], start, end,
+                                    mode=lock.get("mode", "exclusive"),
+                                    granted_at=datetime.fromisoformat(lock["acquiredAt"])))
             for lock in locks:
                 released = await http.delete("/v1/locks/by-key",
                                              params={"key": lock["key"], "pull": pull})
@@ -152,10 +282,12 @@ async def _client(number: int, urls: Sequence[str], work: Workload, history: His
                         f"{released.text}")
 
 
-async def run_clients(urls: str | Sequence[str], work: Workload | None = None) -> History:
-    """Run ``work.clients`` concurrent clients against the service; return their history."""
+async def run_clients(urls: str | Sequence[str], work: Workload | None = None, *,
+                      history: History | None = None) -> History:
+    """Run ``work.clients`` concurrent clients against the service; return their history
+    (``history``: one that knows the rules the service runs under)."""
     work = work or Workload()
     targets = [urls] if isinstance(urls, str) else list(urls)
-    history = History()
+    history = history if history is not None else History()
     await asyncio.gather(*(_client(n, targets, work, history) for n in range(work.clients)))
     return history
