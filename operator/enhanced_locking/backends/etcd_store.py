@@ -345,6 +345,9 @@ class _Waiters:
         txn.delete(self._b.waiter_key(waiter_id))
         return default
 
+    def __contains__(self, waiter_id: object) -> bool:
+        return isinstance(waiter_id, str) and self.get(waiter_id) is not None
+
     def __iter__(self) -> Iterator[str]:
         return iter(())
 
@@ -373,6 +376,9 @@ class _Granted:
         if waiter is None or not notice.locks:
             return default
         return Grant(waiter=waiter, locks=notice.locks, fresh=notice.fresh)
+
+    def __contains__(self, waiter_id: object) -> bool:
+        return isinstance(waiter_id, str) and self.get(waiter_id) is not None
 
 
 class _Notifier:
