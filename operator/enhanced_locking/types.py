@@ -12,6 +12,8 @@ The error tree (every error carries the lock key where there is one)::
     ├── LockNotHeld             the named lock is not held (expired or released) (HTTP 404)
     ├── LockNotOwned            release by a pull that does not hold the lock (HTTP 409)
     ├── BackendUnavailable      the store did not answer; transient, may be retried (HTTP 503)
+    ├── LockUnreadable          the stored lock of a key cannot be read: set aside, never
+    │                           granted over, cleared by a force-unlock (HTTP 409)
     └── StoreRefused            an existing store file is empty or not ours: not opened (exit 2)
 
     AccessError                 who is asking, not what (raised by the API's access control)
@@ -70,6 +72,7 @@ __all__ = [
     "LockNotHeld",
     "LockNotOwned",
     "LockRequest",
+    "LockUnreadable",
     "LockingError",
     "Locks",
     "Mode",
@@ -82,6 +85,7 @@ __all__ = [
     "Reason",
     "Side",
     "StoreRefused",
+    "UnreadableLock",
     "User",
     "VcsHost",
     "VcsHostType",
@@ -542,6 +546,9 @@ class Reason(enum.StrEnum):
     """A concurrency limit's group is full (a request that does not wait)."""
     FROZEN = "frozen"
     """A freeze covers the key and refuses requests (``error`` carries its message)."""
+    UNREADABLE = "unreadable"
+    """The key's stored lock cannot be read (it is set aside): nothing is granted over it
+    until a force-unlock clears it (``error`` says why it is unreadable)."""
 
 
 def describe_project(project: Project, workspace: str) -> str:
@@ -657,6 +664,36 @@ class LockNotOwned(LockingError):
 
 class BackendUnavailable(LockingError):
     """The store did not answer; the operation may be retried."""
+
+
+class UnreadableLock(_Model):
+    """A stored lock that cannot be read, set aside under its key.
+
+    Says why in a few words and identifies the stored value by its size and a digest, never by
+    its content (an unreadable value may hold anything, credentials included).
+    """
+
+    key: str
+    side: str
+    """The lock space it was found in (``legacy``, ``enhanced``, ``shadow``)."""
+    reason: str
+    size: int
+    """The stored value's length in bytes."""
+    digest: str
+    """The first 16 hex digits of the stored value's SHA-256."""
+    found_at: datetime
+
+
+class LockUnreadable(LockingError):
+    """The stored lock of a key cannot be decoded: the key is set aside (never granted over;
+    a force-unlock clears it)."""
+
+    def __init__(self, found: UnreadableLock) -> None:
+        super().__init__(
+            f"the stored lock of {found.key} cannot be read ({found.reason}); it is "
+            "set aside: nothing is granted on this key until a force-unlock clears it",
+            key=found.key)
+        self.found = found
 
 
 class StoreRefused(LockingError):

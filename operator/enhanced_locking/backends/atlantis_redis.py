@@ -17,15 +17,26 @@ no fencing tokens in this layout (Atlantis has none): its locks carry token ``0`
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from datetime import timedelta
 
 from redis.commands.core import AsyncScript
+from redis.exceptions import ResponseError
 
 from enhanced_locking.backends import codec
 from enhanced_locking.backends.base import Owner
 from enhanced_locking.backends.redis_connection import RedisConnection, connect, unavailable
+from enhanced_locking.backends.unreadable import UnreadableLocks
 from enhanced_locking.config import EnhancedLockingConfig
-from enhanced_locking.types import InvalidRequest, Lock, LockingError, LockNotOwned, Locks
+from enhanced_locking.types import (
+    InvalidRequest,
+    Lock,
+    LockNotOwned,
+    Locks,
+    LockUnreadable,
+    UnreadableLock,
+)
 
 __all__ = ["KEY_PREFIX", "RELEASE_IF_OWNED", "TRY_LOCK", "AtlantisRedisBackend"]
 
@@ -85,6 +96,7 @@ class AtlantisRedisBackend:
     def __init__(self, connection: RedisConnection, *, namespace: str = "legacy") -> None:
         self.namespace = namespace
         self.connection = connection
+        self.unreadable = UnreadableLocks(namespace)
         self._try_lock: AsyncScript = connection.client.register_script(TRY_LOCK)
         self._release_if_owned: AsyncScript = connection.client.register_script(
             RELEASE_IF_OWNED)
@@ -100,19 +112,49 @@ class AtlantisRedisBackend:
     def _name(key: str) -> str:
         return KEY_PREFIX + key
 
-    @staticmethod
-    def _decode(name: str, value: str | bytes) -> Lock:
+    def _decode(self, name: str, value: str | bytes) -> Lock:
+        """The lock stored at ``name``; a value that is not one (another program's key under
+        ``pr/`` in a shared Redis) raises ``LockUnreadable`` and is set aside."""
+        key = name.removeprefix(KEY_PREFIX)
         try:
-            return codec.decode(value, key=name.removeprefix(KEY_PREFIX))
-        except (ValueError, KeyError, TypeError) as error:
-            raise LockingError(f"cannot read the Atlantis lock at {name}: {error}",
-                               key=name.removeprefix(KEY_PREFIX)) from None
+            lock = codec.read(value, key=key, side=self.namespace)
+        except LockUnreadable as error:
+            self.unreadable.found(error.found)
+            raise
+        self.unreadable.readable(key)
+        return lock
+
+    @contextlib.contextmanager
+    def _string_at(self, name: str) -> Iterator[None]:
+        """Redis refusing a string command on ``name`` (another program keeps a hash, a list...
+        there): that key is unreadable, not the store broken."""
+        try:
+            yield
+        except ResponseError as error:
+            if "WRONGTYPE" not in str(error):
+                raise
+            raise LockUnreadable(self._foreign(name)) from None
+
+    def _foreign(self, name: str) -> UnreadableLock:
+        found = codec.unreadable(name.removeprefix(KEY_PREFIX), b"", None, side=self.namespace,
+                                 reason="not a string value (another Redis type)")
+        self.unreadable.found(found)
+        return found
+
+    def _gone(self, name: str, value: str | bytes) -> Lock | None:
+        """The lock a call deleted; ``None`` (and its entry cleared) when it was unreadable."""
+        try:
+            return self._decode(name, value)
+        except LockUnreadable:
+            self.unreadable.cleared(name.removeprefix(KEY_PREFIX))
+            return None
 
     async def acquire(self, candidate: Lock) -> tuple[bool, Lock]:
         stored = candidate.model_copy(update={"fencing_token": 0, "expires_at": None})
+        name = self._name(candidate.key)
         async with unavailable(self.connection, "acquire", key=candidate.key):
-            answer = await self._try_lock(keys=[self._name(candidate.key)],
-                                          args=[codec.encode(stored)])
+            with self._string_at(name):
+                answer = await self._try_lock(keys=[name], args=[codec.encode(stored)])
         if answer[0] == 1:
             return True, stored
         holder = self._decode(self._name(candidate.key), answer[1])
@@ -121,12 +163,22 @@ class AtlantisRedisBackend:
     async def release(self, key: str, *, owner: Owner | None = None) -> Lock | None:
         name = self._name(key)
         async with unavailable(self.connection, "release", key=key):
-            if owner is None:
-                value = await self.connection.client.getdel(name)
-                return None if value is None else self._decode(name, value)
-            answer = await self._release_if_owned(keys=[name], args=[*owner])
+            if owner is None:  # whoever holds it, whatever is stored: deleted
+                try:
+                    with self._string_at(name):
+                        value = await self.connection.client.getdel(name)
+                except LockUnreadable:
+                    await self.connection.client.delete(name)
+                    self.unreadable.cleared(key)
+                    return None
+                return None if value is None else self._gone(name, value)
+            with self._string_at(name):
+                answer = await self._release_if_owned(keys=[name], args=[*owner])
         if answer[0] == 0:
+            self.unreadable.readable(key)
             return None
+        if answer[0] == 1:
+            return self._gone(name, answer[1])
         lock = self._decode(name, answer[1])
         if answer[0] in (2, 3):
             raise LockNotOwned(key, lock)
@@ -135,21 +187,35 @@ class AtlantisRedisBackend:
     async def get(self, key: str) -> Lock | None:
         name = self._name(key)
         async with unavailable(self.connection, "get", key=key):
-            value = await self.connection.client.get(name)
-        return None if value is None else self._decode(name, value)
+            with self._string_at(name):
+                value = await self.connection.client.get(name)
+        if value is None:
+            self.unreadable.readable(key)
+            return None
+        return self._decode(name, value)
 
     async def _scan(self, repo: str | None) -> Locks:
         # Atlantis scans ``pr*``; keys of one repository start with ``pr/{repo}/``.
         pattern = KEY_PREFIX + (_glob_escape(repo) + "/*" if repo is not None else "*")
         client = self.connection.client
         locks: Locks = []
+        bad: list[UnreadableLock] = []
         async with unavailable(self.connection, "list", seconds=_LIST_TIMEOUT):
             names = [str(name) async for name in client.scan_iter(match=pattern, count=_SCAN_BATCH)]
             for start in range(0, len(names), _SCAN_BATCH):
                 batch = names[start:start + _SCAN_BATCH]
                 values = await client.mget(batch)
-                locks += [self._decode(n, v) for n, v in zip(batch, values, strict=True)
-                          if v is not None]
+                for name, value in zip(batch, values, strict=True):
+                    if value is None:  # gone since the scan, or not a string (MGET: nil)
+                        if str(await client.type(name)) not in ("none", "string"):
+                            bad.append(self._foreign(name))
+                        continue
+                    try:
+                        locks.append(self._decode(name, value))
+                    except LockUnreadable as error:
+                        bad.append(error.found)  # skipped: the others are still listed
+        if repo is None:
+            self.unreadable.scanned(bad)
         return locks
 
     async def list(self, *, repo: str | None = None, pull: int | None = None) -> Locks:

@@ -37,6 +37,8 @@ from datetime import datetime, timedelta
 from typing import Protocol, runtime_checkable
 
 from enhanced_locking import policies
+from enhanced_locking.backends import codec
+from enhanced_locking.backends.unreadable import UnreadableLocks
 from enhanced_locking.backends.waiting import (
     Cancelled,
     Grant,
@@ -59,8 +61,10 @@ from enhanced_locking.types import (
     LockNotHeld,
     LockNotOwned,
     Locks,
+    LockUnreadable,
     Mode,
     Reason,
+    UnreadableLock,
     replaced,
     utcnow,
 )
@@ -77,6 +81,10 @@ class Backend(Protocol):
 
     kind: str
     namespace: str
+    unreadable: UnreadableLocks
+    """Keys whose stored lock cannot be read (see :mod:`.unreadable`): reading one of them
+    raises ``LockUnreadable``, lists skip them, ``force_unlock`` (``release`` without an
+    owner) deletes what is stored and clears the entry."""
 
     async def acquire(self, candidate: Lock) -> tuple[bool, Lock]:
         """Grant ``candidate`` if its key is free or expired, else report the holder.
@@ -255,6 +263,7 @@ class StoreBackend(abc.ABC):
         self.namespace = namespace
         self.clock = clock
         self.grants = LocalNotifier()
+        self.unreadable = UnreadableLocks(namespace)
         self._queues: dict[str, list[Waiter]] = {}
         self._waiters: dict[str, Waiter] = {}
         # Recent grants to waiters, so a cancel that lost the race to a grant can say so.
@@ -292,7 +301,37 @@ class StoreBackend(abc.ABC):
 
     @abc.abstractmethod
     def _scan(self, repo: str | None, pull: int | None) -> Locks:
-        """Every lock (both modes), optionally of one repository and/or pull."""
+        """Every lock (both modes), optionally of one repository and/or pull; unreadable ones
+        are skipped (and kept aside: see :meth:`_read_rows`)."""
+
+    @abc.abstractmethod
+    def _purge(self, key: str) -> None:
+        """Delete whatever is stored as ``key``'s holders (exclusive and shared), unread."""
+
+    def _read(self, key: str, text: str | bytes) -> Lock:
+        """Decode one stored lock; one that is not a lock is kept aside (``LockUnreadable``)."""
+        try:
+            return codec.read(text, key=key, side=self.namespace)
+        except LockUnreadable as error:
+            self.unreadable.found(error.found)
+            raise
+
+    def _read_rows(self, rows: Sequence[tuple[str, str | bytes]], *, every: bool) -> Locks:
+        """Decode a scan's rows, skipping (and keeping aside) the unreadable ones; ``every``:
+        the scan read every key, so keys kept aside before and not found again are gone."""
+        locks: Locks = []
+        bad: list[UnreadableLock] = []
+        for key, text in rows:
+            try:
+                locks.append(codec.read(text, key=key, side=self.namespace))
+            except LockUnreadable as error:
+                bad.append(error.found)
+        if every:
+            self.unreadable.scanned(bad)
+        else:
+            for entry in bad:
+                self.unreadable.found(entry)
+        return locks
 
     def _take_free(self, lock: Lock) -> Lock | None:
         """Grant ``lock`` (times stamped, token to come) in one atomic step if its key is free
@@ -341,10 +380,14 @@ class StoreBackend(abc.ABC):
         return holders[0] if holders else None
 
     def _holders(self, key: str, now: datetime) -> Locks:
+        """Raises ``LockUnreadable`` when what is stored for ``key`` is not a lock."""
         lock = self._load(key)
         if lock is not None and not lock.expired(now):
-            return [lock]
-        return [s for s in self._load_shared(key) if not s.expired(now)]
+            held = [lock]
+        else:
+            held = [s for s in self._load_shared(key) if not s.expired(now)]
+        self.unreadable.readable(key)
+        return held
 
     def _drop(self, lock: Lock) -> None:
         if lock.mode == "shared":
@@ -705,8 +748,16 @@ class StoreBackend(abc.ABC):
                 return Handoff(released=None if popped.expired(self.clock()) else popped)
         with self._step() as fx:
             now = self.clock()
-            self._expire_lapsed(key, now, fx)
-            holders = self._holders(key, now)
+            try:
+                self._expire_lapsed(key, now, fx)
+                holders = self._holders(key, now)
+            except LockUnreadable:
+                if owner is not None:
+                    raise  # whose it is cannot be told: only a force-unlock frees it
+                # Whoever it was, what is stored under the key goes, and so does its entry.
+                self._purge(key)
+                self.unreadable.cleared(key)
+                holders = []
             if owner is not None:
                 mine = [h for h in holders if h.owner == owner]
                 if holders and not mine:
@@ -765,7 +816,10 @@ class StoreBackend(abc.ABC):
             now = self.clock()
             graph = []
             for key, queue in self._queues.items():
-                owners = tuple(h.owner for h in self._holders(key, now))
+                try:
+                    owners = tuple(h.owner for h in self._holders(key, now))
+                except LockUnreadable:
+                    owners = ()  # its holder is unknown; nothing is granted on it meanwhile
                 graph.append(KeyWaits(
                     key=key, holder=owners[0] if owners else None, holders=owners,
                     waiters=tuple(service_order(queue, now=now, policy=policy)),

@@ -19,18 +19,22 @@ Credentials never reach the store: URLs lose their ``user:token@``, and Atlantis
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+import pydantic
 
 from enhanced_locking.types import (
     Lock,
+    LockUnreadable,
     Priority,
     Project,
     Pull,
+    UnreadableLock,
     User,
     VcsHost,
     VcsHostType,
@@ -38,7 +42,10 @@ from enhanced_locking.types import (
     strip_credentials,
 )
 
-__all__ = ["atlantis_dict", "decode", "encode", "from_atlantis_dict", "split_repo_full_name"]
+__all__ = [
+    "atlantis_dict", "decode", "encode", "from_atlantis_dict", "read", "split_repo_full_name",
+    "unreadable",
+]
 
 _PULL_STATES = {"open": 0, "closed": 1}
 
@@ -174,3 +181,45 @@ def encode(lock: Lock) -> str:
 
 def decode(text: str | bytes, *, key: str | None = None) -> Lock:
     return from_atlantis_dict(json.loads(text), key=key)
+
+
+def read(text: str | bytes, *, key: str, side: str) -> Lock:
+    """:func:`decode` for a store: a value that is not a lock raises :class:`LockUnreadable`
+    (what it says is safe to log and show: never the value itself)."""
+    try:
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise _NotALock(f"JSON {type(data).__name__}, not an object")
+        return from_atlantis_dict(data, key=key)
+    except Exception as error:  # whatever a foreign value makes the decoder raise
+        raise LockUnreadable(unreadable(key, text, error, side=side)) from None
+
+
+class _NotALock(ValueError):
+    """Valid JSON, but not a lock object."""
+
+
+def unreadable(key: str, raw: str | bytes, error: BaseException | None, *, side: str,
+               reason: str = "") -> UnreadableLock:
+    """What is kept of a stored value that is not a lock: why (``reason``, or words drawn from
+    ``error`` that never quote the value: a JSON error's position, a field's name), its size
+    and a digest."""
+    data = raw.encode(errors="surrogateescape") if isinstance(raw, str) else bytes(raw)
+    return UnreadableLock(
+        key=key, side=side, reason=reason or _why(error), size=len(data),
+        digest=hashlib.sha256(data).hexdigest()[:16], found_at=datetime.now(UTC))
+
+
+def _why(error: BaseException | None) -> str:
+    if isinstance(error, json.JSONDecodeError):
+        return f"not JSON: {error.msg} at character {error.pos}"
+    if isinstance(error, UnicodeDecodeError):
+        return f"not UTF-8 text (byte {error.start})"
+    if isinstance(error, _NotALock):
+        return str(error)
+    if isinstance(error, pydantic.ValidationError):
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "lock"
+        return f"not a lock: field {where} is invalid ({first['type']})"
+    # int("abc") and friends quote the value in their message: name the kind of error only.
+    return f"not a lock: its fields do not decode ({type(error).__name__})"

@@ -32,7 +32,14 @@ from pathlib import Path
 
 from enhanced_locking.backends import codec
 from enhanced_locking.backends.base import StoreBackend
-from enhanced_locking.types import BackendUnavailable, Lock, StoreRefused, replaced, utcnow
+from enhanced_locking.types import (
+    BackendUnavailable,
+    Lock,
+    LockUnreadable,
+    StoreRefused,
+    replaced,
+    utcnow,
+)
 
 __all__ = ["EmbeddedBackend", "open_database"]
 
@@ -281,7 +288,7 @@ class EmbeddedBackend(StoreBackend):
         cached = self._decoded.get(key)
         if cached is not None and cached[0] == text:
             return cached[1]
-        lock = codec.decode(text, key=key)
+        lock = self._read(key, text)
         self._remember(key, text, lock)
         return lock
 
@@ -327,7 +334,7 @@ class EmbeddedBackend(StoreBackend):
             "SELECT data FROM shared_locks WHERE ns = ? AND key = ? ORDER BY token",
             (self.namespace, key),
         ).fetchall()
-        return [codec.decode(row[0], key=key) for row in rows]
+        return [self._read(key, row[0]) for row in rows]
 
     def _store_shared(self, lock: Lock) -> None:
         self._db.execute(
@@ -351,11 +358,25 @@ class EmbeddedBackend(StoreBackend):
             query, args = query + " AND repo = ? AND pull = ?", [*args, *owner]
         with self._unavailable():
             row = self._db.execute(query + " RETURNING data", args).fetchone()
-        return self._decode(key, row[0]) if row else None
+        if row is None:
+            return None
+        try:
+            return self._decode(key, row[0])
+        except LockUnreadable:
+            # Freed unread (its owner columns matched): the general path finds it free.
+            self.unreadable.cleared(key)
+            return None
 
     def _delete(self, key: str) -> None:
         self._db.execute("UPDATE locks SET held = 0 WHERE ns = ? AND key = ? AND held = 1",
                          (self.namespace, key))
+
+    def _purge(self, key: str) -> None:
+        # The row stays (it keeps the key's fencing counter), no longer held.
+        self._delete(key)
+        self._db.execute("DELETE FROM shared_locks WHERE ns = ? AND key = ?",
+                         (self.namespace, key))
+        self._decoded.pop(key, None)
 
     def _next_token(self, key: str) -> int:
         row = self._db.execute(
@@ -393,7 +414,7 @@ class EmbeddedBackend(StoreBackend):
                  f"SELECT key, data FROM shared_locks {where} ORDER BY key")
         with self._unavailable():
             rows = self._db.execute(query, [*args, *args]).fetchall()
-        return [codec.decode(data, key=key) for key, data in rows]
+        return self._read_rows(rows, every=repo is None and pull is None)
 
     async def ping(self) -> None:
         with self._unavailable():

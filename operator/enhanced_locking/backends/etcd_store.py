@@ -88,7 +88,15 @@ from enhanced_locking.backends.waiting import (
     Waiter,
 )
 from enhanced_locking.config import EnhancedLockingConfig
-from enhanced_locking.types import BackendUnavailable, Lock, Locks, Reason, utcnow
+from enhanced_locking.types import (
+    BackendUnavailable,
+    Lock,
+    Locks,
+    LockUnreadable,
+    Reason,
+    UnreadableLock,
+    utcnow,
+)
 
 __all__ = ["EtcdBackend"]
 
@@ -509,7 +517,7 @@ class EtcdBackend(StoreBackend):
         kv = _txn().get(self.lock_key(key))
         if kv.value is None:
             return None
-        return _resolve_lock(codec.decode(kv.value.decode(), key=key), kv.mod)
+        return _resolve_lock(self._read(key, kv.value), kv.mod)
 
     def _store(self, lock: Lock) -> None:
         txn = _txn()
@@ -527,7 +535,7 @@ class EtcdBackend(StoreBackend):
         return self.base + b"shared/" + quote(key, safe="").encode() + b"/"
 
     def _load_shared(self, key: str) -> Locks:
-        locks = [_resolve_lock(codec.decode(kv.value.decode(), key=key), kv.mod)
+        locks = [_resolve_lock(self._read(key, kv.value), kv.mod)
                  for kv in _txn().scan(self.shared_prefix(key)).values() if kv.value is not None]
         return sorted(locks, key=lambda lock: lock.fencing_token)
 
@@ -578,17 +586,31 @@ class EtcdBackend(StoreBackend):
             _txn().put(self.fence_key(key), str(at_least).encode())
 
     def _scan(self, repo: str | None, pull: int | None) -> Locks:
-        locks = []
+        locks: Locks = []
+        unreadable: list[UnreadableLock] = []
         for prefix in (self.base + b"lock/", self.base + b"shared/"):
             for k, kv in _txn().scan(prefix).items():
                 if kv.value is None:
                     continue
                 key = unquote(k[len(prefix):].decode().split("/")[0])
-                lock = _resolve_lock(codec.decode(kv.value.decode(), key=key), kv.mod)
+                try:
+                    lock = _resolve_lock(codec.read(kv.value, key=key, side=self.namespace),
+                                         kv.mod)
+                except LockUnreadable as error:
+                    unreadable.append(error.found)
+                    continue
                 if (repo is None or lock.project.repo_full_name == repo) and (
                         pull is None or lock.pull.num == pull):
                     locks.append(lock)
+        # Every key is read (the pull of an unreadable lock cannot be told before reading it).
+        self.unreadable.scanned(unreadable)
         return locks
+
+    def _purge(self, key: str) -> None:
+        txn = _txn()
+        txn.delete(self.lock_key(key))
+        for k in txn.scan(self.shared_prefix(key)):
+            txn.delete(k)
 
     @contextlib.contextmanager
     def _step(self) -> Iterator[_Effects]:

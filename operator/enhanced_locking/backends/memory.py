@@ -46,6 +46,10 @@ class MemoryBackend(StoreBackend):
             if not holders:
                 del self._shared[key]
 
+    def _purge(self, key: str) -> None:
+        self._locks.pop(key, None)
+        self._shared.pop(key, None)
+
     def _pop(self, key: str, owner: tuple[str, int] | None) -> Lock | None:
         lock = self._locks.get(key)
         if lock is None or (owner is not None and not lock.owned_by(*owner)):

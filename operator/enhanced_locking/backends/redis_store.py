@@ -39,6 +39,7 @@ from enhanced_locking.backends.redis_connection import (
 )
 from enhanced_locking.backends.redis_notify import Listener
 from enhanced_locking.backends.redis_replies import LockRow, Served, WaiterRecord
+from enhanced_locking.backends.unreadable import UnreadableLocks
 from enhanced_locking.backends.waiting import (
     Cancelled,
     Grant,
@@ -64,7 +65,9 @@ from enhanced_locking.types import (
     LockNotHeld,
     LockNotOwned,
     Locks,
+    LockUnreadable,
     Reason,
+    UnreadableLock,
 )
 
 __all__ = ["RedisBackend", "RedisKeys"]
@@ -123,6 +126,7 @@ class RedisBackend:
     ) -> None:
         self.namespace = namespace
         self.quarantine = quarantine
+        self.unreadable = UnreadableLocks(namespace)
         self.incarnation = ""
         """The store's incarnation this backend knows ('' until its first write): a Redis that
         comes back without its data starts a new one (the scripts' ``epoch`` hash)."""
@@ -220,9 +224,18 @@ class RedisBackend:
                 "longer be in use (enhanced-locking-redis-restart-quarantine)", key=key)
 
     # --- decoding ------------------------------------------------------------------------
-    @staticmethod
-    def _lock(row: LockRow, template: Lock | None = None) -> Lock:
-        base = template if template is not None else codec.decode(row.data, key=row.key)
+    def _lock(self, row: LockRow, template: Lock | None = None) -> Lock:
+        """A lock as the scripts answer it; its JSON not a lock: ``LockUnreadable`` (set
+        aside). The scripts decide on the hash's own fields, so such a key stays held."""
+        if template is not None:
+            base = template
+        else:
+            try:
+                base = codec.read(row.data, key=row.key, side=self.namespace)
+            except LockUnreadable as error:
+                self.unreadable.found(error.found)
+                raise
+            self.unreadable.readable(row.key)
         return base.model_copy(update={
             "fencing_token": int(row.token),
             "acquired_at": _at(row.at),
@@ -231,6 +244,25 @@ class RedisBackend:
 
     def _maybe_lock(self, row: LockRow | None) -> Lock | None:
         return self._lock(row) if row is not None else None
+
+    def _readable(self, rows: Sequence[LockRow], *, every: bool = False,
+                  deleted: bool = False) -> Locks:
+        """The locks of a many-key answer in key order, skipping the unreadable ones (set
+        aside; with ``deleted``, the call deleted them, so their entries go). ``every``: a scan
+        of every key, so keys set aside before and not found again are gone."""
+        locks: Locks = []
+        bad: list[UnreadableLock] = []
+        for row in rows:
+            try:
+                locks.append(self._lock(row))
+            except LockUnreadable as error:
+                bad.append(error.found)
+        if deleted:
+            for entry in bad:
+                self.unreadable.cleared(entry.key)
+        elif every:
+            self.unreadable.scanned(bad)
+        return sorted(locks, key=lambda lock: lock.key)
 
     @staticmethod
     def _waiter(rec: WaiterRecord) -> Waiter:
@@ -290,15 +322,15 @@ class RedisBackend:
             "LIST", repo if by_pull else "", pull if by_pull else "",
             repo or "", "" if pull is None else pull,
         )
-        return sorted((self._lock(row) for row in redis_replies.locks(answer)),
-                      key=lambda lock: lock.key)
+        return self._readable(redis_replies.locks(answer), every=repo is None and pull is None)
 
     async def release_by_pull(
         self, repo: str, pull: int, *, policy: QueuePolicy | None = None
     ) -> Locks:
         answer = redis_replies.release_by_pull(
             await self._run("RELEASE_BY_PULL", repo, pull, policy=policy))
-        return sorted((self._lock(row) for row in answer.released), key=lambda lock: lock.key)
+        # The hash keeps its owner beside the JSON: the pull's unreadable locks went too.
+        return self._readable(answer.released, deleted=True)
 
     async def refresh(self, key: str, owner: Owner, ttl: timedelta) -> Lock:
         answer = redis_replies.refresh(await self._run(
@@ -406,7 +438,16 @@ class RedisBackend:
             "RELEASE", key, repo, pull, keys=[self.keys.lock(key)], policy=policy, key=key))
         if answer.owner is not None:
             raise LockNotOwned(key, self._lock(answer.owner))
-        return self._handoff(answer.served)
+        served = answer.served
+        if served.released is not None:
+            try:
+                self._lock(served.released)
+            except LockUnreadable:
+                # Deleted unread (a force-unlock, or its owner fields matched): nothing to
+                # answer as released, and its entry goes.
+                self.unreadable.cleared(key)
+                served = served._replace(released=None)
+        return self._handoff(served)
 
     async def force_unlock(self, key: str, *, policy: QueuePolicy | None = None) -> Handoff:
         return await self.release_and_handoff(key, policy=policy)

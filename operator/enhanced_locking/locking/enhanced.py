@@ -59,6 +59,7 @@ from enhanced_locking.types import (
     LockingError,
     LockRequest,
     Locks,
+    LockUnreadable,
     Priority,
     Reason,
     Side,
@@ -200,7 +201,10 @@ class EnhancedLocker(AtlantisCalls):
         if wait is not None:
             offer = Wait(id=_waiter_id(candidates[0], asked.request_id), timeout=wait,
                          request_id=asked.request_id, caller=secrets.token_hex(8))
-        answer = await self._attempt(candidates, ttl=ttl, offer=offer, policy=policy)
+        try:
+            answer = await self._attempt(candidates, ttl=ttl, offer=offer, policy=policy)
+        except LockUnreadable as error:  # never granted over what cannot be read
+            answer = Answer(key=error.found.key, reason=Reason.UNREADABLE, message=str(error))
         outcome = "acquired" if answer.acquired else str(answer.reason)
         metrics = self.metrics
         metrics.labelled(metrics.acquires, "enhanced", outcome).inc()

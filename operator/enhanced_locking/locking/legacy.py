@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from enhanced_locking.backends.base import Backend, Owner
 from enhanced_locking.locking.base import AtlantisCalls
-from enhanced_locking.types import AcquireResult, Lock, LockRequest, Locks, Reason, Side, utcnow
+from enhanced_locking.types import (
+    AcquireResult,
+    Lock,
+    LockRequest,
+    Locks,
+    LockUnreadable,
+    Reason,
+    Side,
+    utcnow,
+)
 
 __all__ = ["LegacyLocker"]
 
@@ -26,7 +35,10 @@ class LegacyLocker(AtlantisCalls):
         candidate = Lock.for_request(
             request.model_copy(update={"ttl": None}), now=utcnow(), token=0, backend="legacy"
         )
-        granted, lock = await self.backend.acquire(candidate)
+        try:
+            granted, lock = await self.backend.acquire(candidate)
+        except LockUnreadable as error:  # never granted over what cannot be read
+            return AcquireResult.refused(request.key, Reason.UNREADABLE, error=str(error))
         if granted:  # a fresh grant is stored as asked; the pull's own lock is older
             return AcquireResult.granted(lock, fresh=lock.acquired_at >= candidate.acquired_at)
         return AcquireResult.refused(request.key, Reason.HELD, lock)

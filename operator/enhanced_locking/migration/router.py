@@ -57,6 +57,7 @@ from enhanced_locking.types import (
     LockNotOwned,
     LockRequest,
     Locks,
+    LockUnreadable,
     Reason,
     Side,
 )
@@ -146,13 +147,18 @@ class Router(AtlantisCalls):
 
     async def acquire(self, request: LockRequest) -> AcquireResult:
         """Route the acquire; a lock of another project under the same key is a ``collision``
-        (:mod:`.identity`), never a grant."""
-        if request.wait:  # checked before queueing: never wait behind another project's name
-            refused = identity.refuse_ambiguous(request.key, request.project, request.workspace,
-                                                await self._holder_if_known(request.key))
-            if refused is not None:
-                return refused
-        result = await self._acquire_routed(request)
+        (:mod:`.identity`), never a grant, and an unreadable stored lock on either side is
+        ``unreadable`` (:mod:`enhanced_locking.backends.unreadable`), never a grant."""
+        try:
+            if request.wait:  # checked before queueing: never wait behind another's name
+                refused = identity.refuse_ambiguous(
+                    request.key, request.project, request.workspace,
+                    await self._holder_if_known(request.key))
+                if refused is not None:
+                    return refused
+            result = await self._acquire_routed(request)
+        except LockUnreadable as error:
+            return AcquireResult.refused(request.key, Reason.UNREADABLE, error=str(error))
         return identity.checked(request.project, request.workspace, result)
 
     async def _holder_if_known(self, key: str) -> Lock | None:
@@ -249,7 +255,7 @@ class Router(AtlantisCalls):
             # meanwhile (cancelled) gets its fresh grant given back.
             try:
                 held, missed = await self._holder_on(other, request.key)
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, LockUnreadable):
                 if result.fresh:
                     await asyncio.shield(primary.release(request.key, owner=owner))
                 raise
@@ -410,14 +416,20 @@ class Router(AtlantisCalls):
         A batch whose keys route to both sides waits on the enhanced part first (all or
         nothing, holding none of it while waiting), then takes the legacy part fail fast, and
         gives the enhanced part back if the legacy part is refused: it never holds a partial set
-        while it waits."""
-        for item in request.locks:
-            refused = identity.refuse_ambiguous(item.key, item.project, item.workspace,
-                                                await self._holder_if_known(item.key))
-            if refused is not None:
-                return BatchResult(acquired=False, lock_key=item.key, reason=refused.reason,
-                                   holder=refused.holder, error=refused.error)
-        return await self._acquire_batch_routed(request)
+        while it waits. A key whose stored lock cannot be read refuses the batch
+        (``unreadable``)."""
+        try:
+            for item in request.locks:
+                refused = identity.refuse_ambiguous(item.key, item.project, item.workspace,
+                                                    await self._holder_if_known(item.key))
+                if refused is not None:
+                    return BatchResult(acquired=False, lock_key=item.key,
+                                       reason=refused.reason, holder=refused.holder,
+                                       error=refused.error)
+            return await self._acquire_batch_routed(request)
+        except LockUnreadable as error:
+            return BatchResult(acquired=False, lock_key=error.found.key,
+                               reason=Reason.UNREADABLE, error=str(error))
 
     async def _held_on_legacy(
         self, items: Sequence[BatchItem], owner: Owner
@@ -463,7 +475,12 @@ class Router(AtlantisCalls):
                     await enhanced.release(lock.key, owner=owner)
 
         # the legacy side granted one of them meanwhile: back off
-        if (refused := await self._held_on_legacy(on_enhanced, owner)) is not None:
+        try:
+            refused = await self._held_on_legacy(on_enhanced, owner)
+        except LockUnreadable:
+            await give_back()
+            raise
+        if refused is not None:
             await give_back()
             return refused
         on_legacy = [i for i in request.locks if self.side_for(i.key) != "enhanced"]
