@@ -25,6 +25,7 @@ from enhanced_locking.types import (
     Lock,
     LockRequest,
     Locks,
+    UnreadableLock,
 )
 
 __all__ = ["DEFAULT_URL", "TOKEN_ENV", "URL_ENV", "AsyncClient", "Client", "ServiceError",
@@ -150,11 +151,19 @@ class Client:
                                params={"key": key, "id": waiter_id})
         return status == 200
 
-    def force_unlock(self, key: str, *, reason: str | None = None) -> Lock | None:
+    def force_unlock(
+        self, key: str, *, reason: str | None = None
+    ) -> Lock | UnreadableLock | None:
+        """The lock freed; what was stored when it could not be read (cleared); or ``None``
+        when nothing was held."""
         params = {"key": key, **({"reason": reason} if reason else {})}
         status, body = self._call("POST", "/v1/admin/force-unlock", ok=(200, 404),
                                   params=params)
-        return Lock.model_validate(body["lock"]) if status == 200 else None
+        if status != 200:
+            return None
+        if body.get("lock") is None and body.get("unreadable") is not None:
+            return UnreadableLock.model_validate(body["unreadable"])
+        return Lock.model_validate(body["lock"])
 
     def events(self, *, repo: str | None = None, key_prefix: str | None = None,
                types: Iterable[str] = (), last_event_id: str | None = None) -> Iterator[Event]:

@@ -37,6 +37,8 @@ EVENT_TYPES = (
     "fallback-reconciled",
     "lock-conflict",
     "rollout-changed",
+    "lock-unreadable",
+    "lock-unreadable-cleared",
 )
 
 Subscriber = Callable[[Event], None]

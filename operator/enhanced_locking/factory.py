@@ -31,7 +31,7 @@ from enhanced_locking.migration.controller import MigrationController, default_r
 from enhanced_locking.migration.rekey import clean_stored_keys
 from enhanced_locking.migration.routing_registry import RoutingRegistry
 from enhanced_locking.provider import ConfigProvider, Snapshot
-from enhanced_locking.types import BackendUnavailable, LockingError
+from enhanced_locking.types import BackendUnavailable, LockingError, UnreadableLock
 
 __all__ = ["BACKEND_BUILDERS", "LockService", "backend_identity", "build_backend"]
 
@@ -138,7 +138,9 @@ class LockService:
         """This replica's one identity: in the routing registry, the status it writes, the
         Lease it holds and the Redis store's waiter liveness."""
         self.events = _event_bus(config, enabled=lambda: provider.current.config.events)
+        self._unreadable_watch: dict[str, Callable[[], None]] = {}
         self.legacy_backend = self._build(config, config.legacy_backend, "legacy")
+        self._watch_unreadable("legacy", self.legacy_backend)
         self.legacy = LegacyLocker(self.legacy_backend)
         self.enhanced: EnhancedLocker | None = None
         self._enhanced_identity: tuple[Any, ...] | None = None
@@ -215,6 +217,8 @@ class LockService:
         if identity == self._enhanced_identity:
             return
         backend = self._build(config, config.backend, "enhanced")
+        previous_watch = self._unreadable_watch.get("enhanced")
+        self._watch_unreadable("enhanced", backend)
         try:
             await backend.ping()
             await _clean_keys(backend)
@@ -227,6 +231,9 @@ class LockService:
                         f"pulls (first: {conflicts[0].key}); not switching"
                     )
         except Exception:
+            self._unreadable_watch.pop("enhanced")()
+            if previous_watch is not None and self.enhanced is not None:
+                self._watch_unreadable("enhanced", self.enhanced.backend)
             await backend.close()
             raise
         previous = self.enhanced
@@ -255,6 +262,37 @@ class LockService:
                 "config-applied", generation=snapshot.generation, hash=snapshot.hash,
                 weight=snapshot.config.effective_weight, mode=snapshot.config.migration_mode,
             )
+
+    # --- stored locks that cannot be read (see backends.unreadable) ---------------------------
+    def _watch_unreadable(self, side: str, backend: Backend) -> None:
+        """Report ``backend``'s unreadable locks (event, metric, log) from now on."""
+        stop = self._unreadable_watch.pop(side, None)
+        if stop is not None:
+            stop()
+
+        def changed(entry: UnreadableLock, found: bool) -> None:
+            self.metrics.unreadable_locks.labels(side).set(len(backend.unreadable))
+            details: dict[str, Any] = {"side": entry.side, "reason": entry.reason,
+                                       "size": entry.size, "digest": entry.digest}
+            if found:
+                log.warning("the stored lock of %s (%s) cannot be read: %s (%d bytes, sha256 "
+                            "%s...); it is set aside: nothing is granted on the key until a "
+                            "force-unlock clears it", entry.key, entry.side, entry.reason,
+                            entry.size, entry.digest)
+                self.events.publish("lock-unreadable", key=entry.key, **details)
+            else:
+                log.info("the unreadable lock of %s (%s) is gone", entry.key, entry.side)
+                self.events.publish("lock-unreadable-cleared", key=entry.key, **details)
+
+        self._unreadable_watch[side] = backend.unreadable.listen(changed)
+        self.metrics.unreadable_locks.labels(side).set(len(backend.unreadable))
+
+    def unreadable(self) -> list[UnreadableLock]:
+        """Every stored lock this replica found unreadable, legacy's first, in key order."""
+        backends = [self.legacy_backend]
+        if self.enhanced is not None:
+            backends.append(self.enhanced.backend)
+        return [entry for backend in backends for entry in backend.unreadable.entries()]
 
     async def refresh_gauges(self) -> None:
         """Set the gauges that are cheaper to read at scrape time than to keep up to date."""

@@ -37,6 +37,7 @@ from enhanced_locking import terminal
 from enhanced_locking.cli import add_client_options, resolve_client_options
 from enhanced_locking.client import Client, ServiceError
 from enhanced_locking.rollout_summary import RolloutSummary, remaining_text, summarize
+from enhanced_locking.types import UnreadableLock
 
 __all__ = ["main"]
 
@@ -332,6 +333,15 @@ def _locks_unlock(client: Client, args: argparse.Namespace) -> int:
         message = f"no lock is held on {args.key}"
         return terminal.refused(PROG, message, {"released": False, "lockKey": args.key,
                                                 "error": message})
+    if isinstance(lock, UnreadableLock):  # cleared: what was stored could not be read
+        cleared = lock.model_dump(mode="json", by_alias=True)
+        if args.output:
+            terminal.emit({"released": True, "lock": None, "unreadable": cleared,
+                           "reason": args.reason}, args.output)
+        else:
+            print(f"unlocked {args.key} (its stored lock could not be read: {lock.reason}); "
+                  f"reason: {args.reason}")
+        return terminal.EXIT_OK
     answer = lock.model_dump(mode="json", by_alias=True)
     if args.output:
         terminal.emit({"released": True, "lock": answer, "reason": args.reason}, args.output)

@@ -74,6 +74,12 @@ class Metrics:
             "enhanced_locking_locks_held", "Locks currently held, by side.", ["backend"],
             registry=r,
         )
+        self.unreadable_locks = Gauge(
+            "enhanced_locking_unreadable_locks",
+            "Stored locks that cannot be read, by side: set aside (never granted over) until a "
+            "force-unlock clears them; their keys are in /readyz and GET /v1/locks.",
+            ["backend"], registry=r,
+        )
         self.queue_depth = Gauge(
             "enhanced_locking_queue_depth", "Requests waiting in queues, all keys together.",
             registry=r,

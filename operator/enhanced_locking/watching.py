@@ -21,7 +21,7 @@ from typing import Any, TextIO
 
 from enhanced_locking import terminal
 from enhanced_locking.client import AsyncClient, Client, ServiceError
-from enhanced_locking.types import AcquireResult, LockRequest
+from enhanced_locking.types import AcquireResult, LockRequest, UnreadableLock
 
 __all__ = ["acquire_showing_position", "add_events_command", "add_queue_commands"]
 
@@ -133,6 +133,10 @@ def _force_unlock(client: Client, args: argparse.Namespace) -> int:
     lock = client.force_unlock(args.key, reason=args.reason)
     if lock is None:
         return _not_held(args.key, {"released": False})
+    if isinstance(lock, UnreadableLock):  # cleared: what was stored could not be read
+        _print({"released": True, "lock": None,
+                "unreadable": lock.model_dump(mode="json", by_alias=True)})
+        return 0
     _print({"released": True, "lock": lock.model_dump(mode="json", by_alias=True)})
     return 0
 

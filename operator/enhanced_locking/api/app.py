@@ -32,7 +32,13 @@ from enhanced_locking.api.audit import AuditTrail
 from enhanced_locking.api.audit_routes import install_audit_routes
 from enhanced_locking.api.console import install_console
 from enhanced_locking.api.disconnect import AnswerUnlessGone, ClientGone, answer_unless_gone
-from enhanced_locking.api.errors import error_answers, install_error_handlers, json_error
+from enhanced_locking.api.errors import (
+    UNREADABLE,
+    error_answers,
+    install_error_handlers,
+    json_error,
+    unreadable_json,
+)
 from enhanced_locking.api.params import Key, PullNum, Repo
 from enhanced_locking.api.queue_routes import install_queue_routes
 from enhanced_locking.api.server import Backpressure
@@ -165,15 +171,22 @@ def create_app(
     async def list_locks(caller: CallerDep, repo: Repo | None = None,
                          pull: PullNum | None = None) -> Any:
         """Every held lock, optionally of one repository and/or pull request. When the
-        enhanced store does not answer, legacy's locks with ``unavailable: ["enhanced"]``."""
+        enhanced store does not answer, legacy's locks with ``unavailable: ["enhanced"]``.
+        Stored locks that cannot be read are not in ``locks``; ``unreadable`` lists them (those
+        of the repository with ``repo``: whose pull they are cannot be read)."""
         await caller.need(Verb.READ, action="list", repo=repo, pull=pull)
         locks, unreached = await router.list_reachable(repo=repo, pull=pull)
-        return {"locks": _locks(locks), **({"unavailable": unreached} if unreached else {})}
+        unreadable = [unreadable_json(entry) for entry in service.unreadable()
+                      if repo is None or entry.key.startswith(repo + "/")]
+        return {"locks": _locks(locks), **({"unavailable": unreached} if unreached else {}),
+                **({"unreadable": unreadable} if unreadable else {})}
 
     @app.get("/v1/locks/by-key",
-             responses={**error_answers({404: "No lock is held on the key."}), **WHO})
+             responses={**error_answers({404: "No lock is held on the key.",
+                                         409: UNREADABLE}), **WHO})
     async def get_lock(key: Key, caller: CallerDep) -> Any:
-        """The lock held on a key: 200 with the lock, 404 when the key is free."""
+        """The lock held on a key: 200 with the lock, 404 when the key is free, 409 when its
+        stored lock cannot be read."""
         await caller.need(Verb.READ, action="get", key=key)
         lock = await router.get(key)
         if lock is None:
@@ -183,7 +196,8 @@ def create_app(
     @app.delete("/v1/locks/by-key", responses={**error_answers({
         404: "No lock is held on the key.",
         409: "With pull: the lock is held by another pull; with repo: by a project of another "
-             "repository whose key is the same (the body names the holder).",
+             "repository whose key is the same (the body names the holder). Or: " + UNREADABLE
+             + " A release cannot tell whose it is: use force-unlock.",
     }), **WHO})
     async def release_lock(
         key: Key, caller: CallerDep, pull: PullNum | None = None,
@@ -275,13 +289,27 @@ def create_app(
         return {"status": "ok"}
 
     @app.get("/readyz", responses={503: {"description": "A backend in use does not answer."}})
-    @public("readiness: says only whether the stores answer")
+    @public("readiness: says whether the stores answer and how many stored locks cannot be "
+            "read; their keys only while access control is off")
     async def readyz() -> JSONResponse:
-        """Readiness: every backend in use answers."""
+        """Readiness: every backend in use answers.
+
+        Stored locks that cannot be read do not make the service unready (it serves every
+        other key): ``unreadable`` counts them by side, and while access control is off
+        ``unreadableKeys`` names them (with it on, ``GET /v1/locks`` does, for readers)."""
         backends = await service.ready()
         ready = all(state == "ok" for state in backends.values())
-        return JSONResponse({"ready": ready, "backends": backends},
-                            status_code=200 if ready else 503)
+        body: dict[str, Any] = {"ready": ready, "backends": backends}
+        found = service.unreadable()
+        if found:
+            counts: dict[str, int] = {}
+            for entry in found:
+                counts[entry.side] = counts.get(entry.side, 0) + 1
+            body["unreadable"] = counts
+            if holder.current().open:
+                body["unreadableKeys"] = [
+                    {"key": e.key, "side": e.side, "reason": e.reason} for e in found]
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics", response_class=PlainTextResponse,
              responses={200: {"description": "Prometheus text exposition format 0.0.4.",

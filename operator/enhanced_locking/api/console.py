@@ -25,7 +25,7 @@ from enhanced_locking.api.access import Caller, CallerDep
 from enhanced_locking.api.errors import json_error
 from enhanced_locking.factory import LockService
 from enhanced_locking.rollout_summary import RolloutSummary, remaining_text, summarize
-from enhanced_locking.types import InvalidRequest, Lock, Verb, utcnow
+from enhanced_locking.types import InvalidRequest, Lock, LockUnreadable, Verb, utcnow
 
 __all__ = ["install_console"]
 
@@ -209,7 +209,10 @@ def install_console(app: FastAPI, service: LockService) -> None:
         if not 0 < len(key) <= 4096 or not 0 < len(reason) <= 1024:
             return json_error(422, "key and reason: a force-unlock needs both (the reason is "
                                    "audited)", field="reason")
-        holder = await service.router.get(key)
+        try:
+            holder = await service.router.get(key)
+        except LockUnreadable:  # whose it is cannot be read: force-unlock clears it
+            holder = None
         repo = holder.project.repo_full_name if holder else None
         await caller.need(Verb.FORCE_UNLOCK, action="force-unlock", key=key, repo=repo,
                           reason=reason)

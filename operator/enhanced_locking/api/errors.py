@@ -11,9 +11,22 @@ from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException
 from starlette.routing import Route
 
-from enhanced_locking.types import BackendUnavailable, InvalidRequest, LockNotOwned
+from enhanced_locking.types import (
+    BackendUnavailable,
+    InvalidRequest,
+    LockNotOwned,
+    LockUnreadable,
+    UnreadableLock,
+)
 
-__all__ = ["ErrorBody", "error_answers", "install_error_handlers", "json_error"]
+__all__ = [
+    "UNREADABLE", "ErrorBody", "error_answers", "install_error_handlers", "json_error",
+    "unreadable_json",
+]
+
+UNREADABLE = ("The key's stored lock cannot be read: it is set aside, nothing is granted on it "
+              "until a force-unlock clears it (reason `unreadable`; `unreadable` says why, "
+              "with the stored value's size and digest, never its content).")
 
 
 class ErrorBody(BaseModel):
@@ -31,6 +44,10 @@ def error_answers(answers: dict[int, str]) -> dict[int | str, dict[str, Any]]:
 
 def json_error(status: int, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": message, **extra}, status_code=status)
+
+
+def unreadable_json(entry: UnreadableLock) -> Any:
+    return entry.model_dump(mode="json", by_alias=True)
 
 
 def _field(loc: Any) -> str:
@@ -65,6 +82,12 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _not_owned(request: Request, error: LockNotOwned) -> JSONResponse:
         holder = error.holder.model_dump(mode="json", by_alias=True)
         return json_error(409, str(error), lockKey=error.key, holder=holder)
+
+    @app.exception_handler(LockUnreadable)
+    async def _unreadable(request: Request, error: LockUnreadable) -> JSONResponse:
+        # The request was fine; what is stored is not: a conflict with the store's state.
+        return json_error(409, str(error), lockKey=error.found.key, reason="unreadable",
+                          unreadable=unreadable_json(error.found))
 
     @app.exception_handler(BackendUnavailable)
     async def _unavailable(request: Request, error: BackendUnavailable) -> JSONResponse:

@@ -25,7 +25,7 @@ from pydantic.alias_generators import to_camel
 
 from enhanced_locking.api.access import CallerDep, overrides_rules, rule_override
 from enhanced_locking.api.disconnect import ClientGone, answer_unless_gone
-from enhanced_locking.api.errors import error_answers, json_error
+from enhanced_locking.api.errors import error_answers, json_error, unreadable_json
 from enhanced_locking.api.params import Key, PullNum
 from enhanced_locking.backends.waiting import Waiter
 from enhanced_locking.durations import Lease
@@ -36,6 +36,7 @@ from enhanced_locking.types import (
     BatchResult,
     Lock,
     LockNotHeld,
+    LockUnreadable,
     Priority,
     PullNumber,
     Verb,
@@ -257,8 +258,13 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
     ) -> Any:
         """Free a lock whoever holds it (the holder is not asked); the queue is served.
 
-        Needs ``force-unlock``, and a ``reason`` unless access control is off."""
-        holder = await router.get(key)
+        Needs ``force-unlock``, and a ``reason`` unless access control is off. A key whose
+        stored lock cannot be read is cleared: whatever is stored goes (``lock`` null,
+        ``unreadable`` what it was)."""
+        try:
+            holder, unreadable = await router.get(key), None
+        except LockUnreadable as error:  # whose it is cannot be read: the right is checked
+            holder, unreadable = None, error.found  # without a repository
         repo = holder.project.repo_full_name if holder is not None else None
         await caller.need(Verb.FORCE_UNLOCK, action="force-unlock", repo=repo, key=key,
                           reason=reason)
@@ -268,6 +274,9 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
         async with caller.audited(action="force-unlock", verb=Verb.FORCE_UNLOCK, key=key,
                                   repo=repo, reason=reason) as note:
             lock: Lock | None = await router.force_unlock(key)
+            if lock is None and unreadable is not None:
+                note.done("cleared-unreadable")
+                return {"released": True, "lock": None, "unreadable": unreadable_json(unreadable)}
             if lock is None:
                 note.done("not-found", 404)
                 return json_error(404, f"no lock is held on {key}", lockKey=key)
