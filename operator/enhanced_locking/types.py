@@ -688,10 +688,12 @@ class LockUnreadable(LockingError):
     """The stored lock of a key cannot be decoded: the key is set aside (never granted over;
     a force-unlock clears it)."""
 
-    def __init__(self, found: UnreadableLock) -> None:
+    def __init__(self, found: UnreadableLock, *, where: str = "") -> None:
+        """``where``: the store's own name for the value, where it differs from the key."""
+        at = f" at {where}" if where else ""
         super().__init__(
-            f"the stored lock of {found.key} cannot be read ({found.reason}); it is "
-            "set aside: nothing is granted on this key until a force-unlock clears it",
+            f"cannot read the stored lock of {found.key}{at} ({found.reason}); it is set "
+            "aside: nothing is granted on this key until a force-unlock clears it",
             key=found.key)
         self.found = found
 

@@ -120,7 +120,7 @@ class AtlantisRedisBackend:
             lock = codec.read(value, key=key, side=self.namespace)
         except LockUnreadable as error:
             self.unreadable.found(error.found)
-            raise
+            raise LockUnreadable(error.found, where=name) from None
         self.unreadable.readable(key)
         return lock
 
@@ -133,7 +133,7 @@ class AtlantisRedisBackend:
         except ResponseError as error:
             if "WRONGTYPE" not in str(error):
                 raise
-            raise LockUnreadable(self._foreign(name)) from None
+            raise LockUnreadable(self._foreign(name), where=name) from None
 
     def _foreign(self, name: str) -> UnreadableLock:
         found = codec.unreadable(name.removeprefix(KEY_PREFIX), b"", None, side=self.namespace,
