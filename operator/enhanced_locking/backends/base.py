@@ -308,12 +308,18 @@ class StoreBackend(abc.ABC):
     def _purge(self, key: str) -> None:
         """Delete whatever is stored as ``key``'s holders (exclusive and shared), unread."""
 
+    def _unreadable_change(self, change: Callable[[UnreadableLocks], object]) -> None:
+        """Apply a change to :attr:`unreadable` (a store whose steps may run again before they
+        count, etcd's, applies it once its step is done)."""
+        change(self.unreadable)
+
     def _read(self, key: str, text: str | bytes) -> Lock:
         """Decode one stored lock; one that is not a lock is kept aside (``LockUnreadable``)."""
         try:
             return codec.read(text, key=key, side=self.namespace)
         except LockUnreadable as error:
-            self.unreadable.found(error.found)
+            found = error.found
+            self._unreadable_change(lambda u: u.found(found))
             raise
 
     def _read_rows(self, rows: Sequence[tuple[str, str | bytes]], *, every: bool) -> Locks:
@@ -326,11 +332,8 @@ class StoreBackend(abc.ABC):
                 locks.append(codec.read(text, key=key, side=self.namespace))
             except LockUnreadable as error:
                 bad.append(error.found)
-        if every:
-            self.unreadable.scanned(bad)
-        else:
-            for entry in bad:
-                self.unreadable.found(entry)
+        if every or bad:
+            self._unreadable_change(lambda u: u.scanned(bad, every=every))
         return locks
 
     def _take_free(self, lock: Lock) -> Lock | None:
@@ -386,7 +389,8 @@ class StoreBackend(abc.ABC):
             held = [lock]
         else:
             held = [s for s in self._load_shared(key) if not s.expired(now)]
-        self.unreadable.readable(key)
+        if key in self.unreadable:
+            self._unreadable_change(lambda u: u.readable(key))
         return held
 
     def _drop(self, lock: Lock) -> None:
@@ -756,7 +760,7 @@ class StoreBackend(abc.ABC):
                     raise  # whose it is cannot be told: only a force-unlock frees it
                 # Whoever it was, what is stored under the key goes, and so does its entry.
                 self._purge(key)
-                self.unreadable.cleared(key)
+                self._unreadable_change(lambda u: u.cleared(key))
                 holders = []
             if owner is not None:
                 mine = [h for h in holders if h.owner == owner]

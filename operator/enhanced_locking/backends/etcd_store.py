@@ -80,6 +80,7 @@ from enhanced_locking.backends.etcd_connection import (
     EtcdSettings,
     unavailable,
 )
+from enhanced_locking.backends.unreadable import UnreadableLocks
 from enhanced_locking.backends.waiting import (
     Grant,
     GrantNotifier,
@@ -169,6 +170,8 @@ class _Txn:
         self.leases = leases
         self.used: set[int] = set()
         self.effects: list[_Effects] = []
+        self.notes: list[Callable[[UnreadableLocks], object]] = []
+        """Changes to the unreadable keys this run found, applied once it counts."""
         self.queues: dict[str, tuple[tuple[str, ...], list[Waiter]]] = {}
         self.records: dict[str, tuple[Waiter, int]] = {}
         """Waiters seen in this step, with the session lease of the replica that waits."""
@@ -603,8 +606,22 @@ class EtcdBackend(StoreBackend):
                         pull is None or lock.pull.num == pull):
                     locks.append(lock)
         # Every key is read (the pull of an unreadable lock cannot be told before reading it).
-        self.unreadable.scanned(unreadable)
+        self._unreadable_change(lambda u: u.scanned(unreadable))
         return locks
+
+    def _unreadable_change(self, change: Callable[[UnreadableLocks], object]) -> None:
+        # A step may run again on fresh reads before it counts: keep the change with the run.
+        txn = _CURRENT.get()
+        if txn is None:
+            change(self.unreadable)
+        else:
+            txn.notes.append(change)
+
+    def _noted(self, txn: _Txn) -> None:
+        """The run counts (committed, or its refusal stands): apply what it found."""
+        for change in txn.notes:
+            change(self.unreadable)
+        txn.notes.clear()
 
     def _purge(self, key: str) -> None:
         txn = _txn()
@@ -671,11 +688,13 @@ class EtcdBackend(StoreBackend):
                     continue
                 except Exception:
                     if verified:
+                        self._noted(txn)
                         raise
                     # A refusal (not held, not owned) decided on a guess: only etcd can say
                     # whether it stands. If the guards hold it does; else run on what is.
                     fresh = (await self._send(client, txn.reads, {}, key=key))[1]
                     if fresh is None:
+                        self._noted(txn)
                         raise
                     self.missed_guesses += 1
                     reads, verified = fresh, True
@@ -821,6 +840,7 @@ class EtcdBackend(StoreBackend):
                 }).encode(), record[1])
 
     def _after_commit(self, txn: _Txn, revision: int) -> None:
+        self._noted(txn)
         for effects in txn.effects:
             for waiter_id, notice in effects.notices:
                 self._notifier.deliver(waiter_id, _resolve(notice, revision))

@@ -74,10 +74,11 @@ class UnreadableLocks:
             self._tell(entry, False)
         return entry
 
-    def scanned(self, unreadable: Iterable[UnreadableLock]) -> None:
-        """A scan of every key found exactly these unreadable: the others are gone."""
+    def scanned(self, unreadable: Iterable[UnreadableLock], *, every: bool = True) -> None:
+        """A scan found these unreadable; with ``every`` it read every key, so the keys set
+        aside before and not found again are gone."""
         seen = {entry.key: entry for entry in unreadable}
-        for key in [key for key in self._found if key not in seen]:
+        for key in [key for key in self._found if every and key not in seen]:
             self._tell(self._found.pop(key), False)
         for entry in seen.values():
             self.found(entry)
