@@ -10,17 +10,26 @@ etcd the harness builds, ``hack/versions.env``), timed by the Go program in
 2. Hand-off latency: a holder releases while one waiter blocks; from the release call to the
    waiter's acquire returning (p50 / p99). Goal: our p50 within 2x of etcd's Mutex.
 
-The Redis backend (on a redis-server on loopback) is timed the same way in the same run, for
-comparison. The members run with ``--unsafe-no-fsync`` (the machine's disk is not what is
-measured; every case pays the same consensus round trips).
+Two more rows say what bounds us: the Python client alone (``etcd3aio``, the client the
+backend uses: a put and a delete of one key, sequentially, the least two round trips a pair
+can cost from Python), and the Redis backend (on a redis-server on loopback) timed as ours.
+Ours also reports the etcd calls its steps made per pair. A last case is the hot key: 20
+waiters queued at once on a held key through two lockers (two replicas), then served in turn:
+etcd calls per enqueue, steps run again because another writer got in first.
 
-Usage: python bench/etcd_locking.py [--pairs 1000] [--handoffs 100] [--no-write]
+Every case runs ``--runs`` times, interleaved; ratios are taken within a run (against that
+run's Mutex) and the table gives the median and the best run. The members run with
+``--unsafe-no-fsync`` (the machine's disk is not what is measured; every case pays the same
+consensus round trips).
+
+Usage: python bench/etcd_locking.py [--runs 3] [--pairs 1000] [--handoffs 100] [--no-write]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import platform
@@ -29,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +58,7 @@ from tests.support.gobuild import build  # noqa: E402
 from tests.support.redis_server import RedisServer  # noqa: E402
 
 from enhanced_locking.backends.base import Backend  # noqa: E402
+from enhanced_locking.backends.etcd_connection import EtcdConnection, EtcdSettings  # noqa: E402
 from enhanced_locking.backends.etcd_events import EtcdEventBus  # noqa: E402
 from enhanced_locking.backends.etcd_store import EtcdBackend  # noqa: E402
 from enhanced_locking.backends.redis_events import RedisEventBus  # noqa: E402
@@ -56,18 +67,19 @@ from enhanced_locking.config import EnhancedLockingConfig  # noqa: E402
 from enhanced_locking.events import EventBus  # noqa: E402
 from enhanced_locking.locking import EnhancedLocker  # noqa: E402
 from enhanced_locking.metrics import Metrics  # noqa: E402
+from enhanced_locking.types import LockRequest, Project, Pull  # noqa: E402
 
 HEADING = "## etcd: our locker against etcd's own concurrency.Mutex (and the Redis backend)"
 PAIRS_GOAL, HANDOFF_GOAL = 0.8, 2.0
 
 
-def go_mutex(cluster: EtcdCluster, pairs: int, handoffs: int) -> dict[str, Any]:
+def go_mutex(cluster: EtcdCluster, pairs: int, handoffs: int, run: int = 0) -> dict[str, Any]:
     binary = build(REPO / "bench" / "etcd_mutex", "etcdmutex",
                    missing="bench/etcd_locking.py needs Go (1.25 or newer) to build etcd's "
                            "concurrency.Mutex anchor: install Go and put `go` on PATH")
     out = subprocess.run(
         [str(binary), f"-endpoints={','.join(cluster.endpoints)}", f"-pairs={pairs}",
-         f"-handoffs={handoffs}", f"-prefix=/bench/go-{os.getpid()}/"],
+         f"-handoffs={handoffs}", f"-prefix=/bench/go-{os.getpid()}-{run}/"],
         check=True, capture_output=True, text=True, timeout=600)
     result: dict[str, Any] = json.loads(out.stdout)
     return result
@@ -91,19 +103,24 @@ class Ours:
         return EnhancedLocker(backend, settings=lambda: self.config, events=events,
                               metrics=Metrics())
 
-    async def pairs(self, count: int) -> float:
+    async def pairs(self, count: int) -> tuple[float, float | None]:
+        """Pairs per second, and etcd calls per pair (etcd only)."""
         locker = self.locker()
         ask, owner = request(), ("acme/bench", 1)
         for _ in range(50):  # warm up: connections, session, scripts
             assert (await locker.acquire(ask)).acquired
             await locker.release(ask.key, owner=owner)
+        backend = locker.backend
+        calls = backend.round_trips if isinstance(backend, EtcdBackend) else 0
         started = time.perf_counter()
         for _ in range(count):
             assert (await locker.acquire(ask)).acquired
             await locker.release(ask.key, owner=owner)
         elapsed = time.perf_counter() - started
+        per_pair = ((backend.round_trips - calls) / count
+                    if isinstance(backend, EtcdBackend) else None)
         await close_locker(locker)
-        return count / elapsed
+        return count / elapsed, per_pair
 
     async def handoffs(self, count: int) -> list[float]:
         locker = self.locker()
@@ -111,55 +128,197 @@ class Ours:
         await close_locker(locker)
         return latencies
 
+    async def hot_key(self, waiters: int) -> HotKey:
+        """``waiters`` acquires with a wait at once on a held key, through two lockers."""
+        lockers = [self.locker(), self.locker()]
+        for locker in lockers:  # warm up: connections, sessions
+            ask = on_path("envs/warm", 1)
+            assert (await locker.acquire(ask)).acquired
+            await locker.release(ask.key, owner=("acme/bench", 1))
+        backends = [locker.backend for locker in lockers]
+        assert all(isinstance(b, EtcdBackend) for b in backends)
+        etcd = [b for b in backends if isinstance(b, EtcdBackend)]
+        holder = on_path("envs/hot", 1)
+        assert (await lockers[0].acquire(holder)).acquired
+        before = [(b.round_trips, b.conflicts) for b in etcd]
+        queued = asyncio.Event()
+        count = 0
+
+        def heard(event: Any) -> None:
+            nonlocal count
+            if event.type == "queued":
+                count += 1
+                if count == waiters:
+                    queued.set()
+
+        for locker in lockers:
+            locker.events.subscribe(heard)
+        started = time.perf_counter()
+        asks = [on_path("envs/hot", 100 + i, wait="60s") for i in range(waiters)]
+        waiting = [asyncio.ensure_future(lockers[i % 2].acquire(ask))
+                   for i, ask in enumerate(asks)]
+        await asyncio.wait_for(queued.wait(), 120)
+        enqueued = time.perf_counter() - started
+        calls = sum(b.round_trips - c for b, (c, _) in zip(etcd, before, strict=True))
+        conflicts = sum(b.conflicts - c for b, (_, c) in zip(etcd, before, strict=True))
+        # Served in turn: each holder releases through the locker it asked.
+        owner, through = ("acme/bench", 1), lockers[0]
+        started = time.perf_counter()
+        pending = set(waiting)
+        for _ in range(waiters):
+            await through.release(holder.key, owner=owner)
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            assert len(done) == 1
+            answer = done.pop().result()
+            assert answer.acquired and answer.lock is not None
+            pull = answer.lock.pull.num
+            owner, through = ("acme/bench", pull), lockers[(pull - 100) % 2]
+        await through.release(holder.key, owner=owner)
+        served = time.perf_counter() - started
+        for locker in lockers:
+            await close_locker(locker)
+        return HotKey(waiters, enqueued, calls / waiters, conflicts, served / waiters)
+
+
+def on_path(path: str, pull: int, **extra: Any) -> LockRequest:
+    return LockRequest(project=Project(repo_full_name="acme/bench", path=path),
+                       pull=Pull(num=pull), **extra)
+
+
+@dataclasses.dataclass(frozen=True)
+class HotKey:
+    waiters: int
+    enqueue_seconds: float
+    calls_per_enqueue: float
+    conflicts: int
+    seconds_per_handoff: float
+
+
+async def raw_pairs(cluster: EtcdCluster, count: int) -> float:
+    """A put and a delete of one key per pair through etcd3aio: the Python client alone."""
+    connection = EtcdConnection(EtcdSettings(endpoints=tuple(cluster.endpoints)))
+    client = await connection.client()
+    assert client.kv is not None
+    key = f"/bench/raw-{os.getpid()}".encode()
+    for _ in range(50):
+        await client.kv.put(key, b"x")
+        await client.kv.delete(key)
+    started = time.perf_counter()
+    for _ in range(count):
+        await client.kv.put(key, b"x")
+        await client.kv.delete(key)
+    elapsed = time.perf_counter() - started
+    await connection.close()
+    return count / elapsed
+
 
 def ms(value: float) -> str:
     return f"{value * 1000:.2f}"
 
 
-async def measure(args: argparse.Namespace, cluster: EtcdCluster,
-                  redis: RedisServer) -> str:
+@dataclasses.dataclass
+class Run:
+    pairs: dict[str, float]
+    handoffs: dict[str, list[float]]
+    calls_per_pair: float
+    hot: HotKey
+
+
+MUTEX, RAW, ETCD, REDIS = ("etcd concurrency.Mutex (Go)", "etcd3aio put + delete (Python)",
+                           "ours, etcd backend", "ours, Redis backend")
+
+
+async def one_run(args: argparse.Namespace, cluster: EtcdCluster, redis: RedisServer,
+                  number: int) -> Run:
     common = {"enabled": True, "priority_queue": True, "events": True, "metrics": True,
               "max_timeout": "1m"}
     on_etcd = Ours(EnhancedLockingConfig(backend="etcd", etcd_endpoints=cluster.endpoints,
-                                         etcd_key_prefix=f"/bench/ours-{os.getpid()}/",
+                                         etcd_key_prefix=f"/bench/ours-{os.getpid()}-{number}/",
                                          **common))
     on_redis = Ours(EnhancedLockingConfig(backend="redis", redis_addr=redis.addr, **common))
-    anchor = go_mutex(cluster, args.pairs, args.handoffs)
-    rows = {
-        "etcd concurrency.Mutex (Go)": (anchor["pairs_per_second"], anchor["handoffs"]),
-        "ours, etcd backend": (await on_etcd.pairs(args.pairs),
-                               await on_etcd.handoffs(args.handoffs)),
-        "ours, Redis backend": (await on_redis.pairs(args.pairs),
-                                await on_redis.handoffs(args.handoffs)),
-    }
-    base_pairs, base_handoffs = rows["etcd concurrency.Mutex (Go)"]
-    base_p50 = statistics.median(base_handoffs)
+    anchor = await asyncio.to_thread(go_mutex, cluster, args.pairs, args.handoffs, number)
+    etcd_pairs, calls = await on_etcd.pairs(args.pairs)
+    redis_pairs, _ = await on_redis.pairs(args.pairs)
+    return Run(
+        pairs={MUTEX: anchor["pairs_per_second"], RAW: await raw_pairs(cluster, args.pairs),
+               ETCD: etcd_pairs, REDIS: redis_pairs},
+        handoffs={MUTEX: anchor["handoffs"], ETCD: await on_etcd.handoffs(args.handoffs),
+                  REDIS: await on_redis.handoffs(args.handoffs)},
+        calls_per_pair=calls or 0.0,
+        hot=await on_etcd.hot_key(args.hot_waiters),
+    )
+
+
+def report(args: argparse.Namespace, runs: list[Run]) -> str:
+    def ratios(name: str) -> list[float]:
+        return [r.pairs[name] / r.pairs[MUTEX] for r in runs]
+
+    def p50_ratios(name: str) -> list[float]:
+        return [statistics.median(r.handoffs[name]) / statistics.median(r.handoffs[MUTEX])
+                for r in runs]
+
+    def spread(values: list[float], best: Callable[[list[float]], float], fmt: str) -> str:
+        return f"{format(statistics.median(values), fmt)} ({format(best(values), fmt)})"
+
     lines = [
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python "
-        f"{platform.python_version()}; etcd: 3 members on loopback (no fsync); "
-        f"{args.pairs} pairs and {args.handoffs} hand-offs per case.",
+        f"{platform.python_version()}, load average {os.getloadavg()[0]:.1f} at the end; "
+        f"etcd: 3 members on loopback (no fsync); {len(runs)} runs of {args.pairs} pairs and "
+        f"{args.handoffs} hand-offs per case. Each cell: the median run (the best run); "
+        f"ratios are taken within a run, against that run's Mutex.",
         "",
-        "| case | pairs/s | x Mutex (goal >= 0.8 for etcd) | hand-off p50 ms | p99 ms "
-        "| p50 x Mutex (goal <= 2 for etcd) |",
+        "| case | pairs/s | pairs x Mutex (goal >= 0.8 for etcd) | hand-off p50 ms "
+        "| p99 ms | p50 x Mutex (goal <= 2 for etcd) |",
         "|---|---|---|---|---|---|",
     ]
-    for name, (pairs, handoffs) in rows.items():
-        p50 = statistics.median(handoffs)
-        lines.append(f"| {name} | {pairs:.0f} | {pairs / base_pairs:.2f} | {ms(p50)} | "
-                     f"{ms(percentile(handoffs, 0.99))} | {p50 / base_p50:.2f} |")
-    etcd_pairs, etcd_handoffs = rows["ours, etcd backend"]
-    pairs_met = etcd_pairs / base_pairs >= PAIRS_GOAL
-    handoff_met = statistics.median(etcd_handoffs) / base_p50 <= HANDOFF_GOAL
-    lines += ["", f"Goals on etcd: pairs {'met' if pairs_met else 'NOT met'} "
-              f"({etcd_pairs / base_pairs:.2f}x, goal {PAIRS_GOAL}x); hand-off p50 "
-              f"{'met' if handoff_met else 'NOT met'} "
-              f"({statistics.median(etcd_handoffs) / base_p50:.2f}x, goal <= {HANDOFF_GOAL}x)."]
+    for name in (MUTEX, RAW, ETCD, REDIS):
+        pairs = [r.pairs[name] for r in runs]
+        cells = [spread(pairs, max, ".0f"), spread(ratios(name), max, ".2f")]
+        if name in runs[0].handoffs:
+            p50s = [statistics.median(r.handoffs[name]) * 1000 for r in runs]
+            p99s = [percentile(r.handoffs[name], 0.99) * 1000 for r in runs]
+            cells += [spread(p50s, min, ".2f"), spread(p99s, min, ".2f"),
+                      spread(p50_ratios(name), min, ".2f")]
+        else:
+            cells += ["", "", ""]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    calls = statistics.median(r.calls_per_pair for r in runs)
+    raw_share = statistics.median(r.pairs[ETCD] / r.pairs[RAW] for r in runs)
+    hot = [r.hot for r in runs]
+    lines += [
+        "",
+        f"Ours on etcd made {calls:.2f} etcd calls per pair (one transaction per acquire and "
+        f"per release) and ran at {raw_share:.2f}x of the Python client's bare put + delete "
+        f"pair (median run).",
+        "",
+        f"Hot key ({hot[0].waiters} waiters queued at once on a held key through two lockers; "
+        f"median run): {statistics.median(h.calls_per_enqueue for h in hot):.1f} etcd calls "
+        f"per enqueue, {statistics.median(h.conflicts for h in hot):.0f} steps run again, "
+        f"all queued in {statistics.median(h.enqueue_seconds for h in hot) * 1000:.0f} ms; "
+        f"then served in turn at "
+        f"{statistics.median(h.seconds_per_handoff for h in hot) * 1000:.1f} ms per hand-off.",
+    ]
+    best_pairs, median_pairs = max(ratios(ETCD)), statistics.median(ratios(ETCD))
+    best_p50, median_p50 = min(p50_ratios(ETCD)), statistics.median(p50_ratios(ETCD))
+    lines += ["", f"Goals on etcd (median run, best run): pairs "
+              f"{'met' if median_pairs >= PAIRS_GOAL else 'NOT met'} "
+              f"({median_pairs:.2f}x, {best_pairs:.2f}x; goal {PAIRS_GOAL}x); hand-off p50 "
+              f"{'met' if median_p50 <= HANDOFF_GOAL else 'NOT met'} "
+              f"({median_p50:.2f}x, {best_p50:.2f}x; goal <= {HANDOFF_GOAL}x)."]
     return "\n".join(lines)
+
+
+async def measure(args: argparse.Namespace, cluster: EtcdCluster,
+                  redis: RedisServer) -> str:
+    runs = [await one_run(args, cluster, redis, n) for n in range(args.runs)]
+    return report(args, runs)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--pairs", type=int, default=1000)
+    parser.add_argument("--hot-waiters", type=int, default=20)
     parser.add_argument("--handoffs", type=int, default=100)
     parser.add_argument("--no-write", action="store_true")
     quick_defaults(parser, pairs=200, handoffs=30)

@@ -446,6 +446,8 @@ class EtcdBackend(StoreBackend):
         """Calls waiting for etcd right now (tests use it to know when all is quiet)."""
         self.conflicts = 0
         """Steps run again because another writer changed what they read (for the bench)."""
+        self.round_trips = 0
+        """etcd calls made by steps: reads, commits, lease grants (for the bench)."""
         self.missed_guesses = 0
         """Steps run again because what this replica knew of their keys was out of date."""
         self._known = _Known()
@@ -765,6 +767,7 @@ class EtcdBackend(StoreBackend):
         """Read keys and key ranges at one revision (one transaction without guards)."""
         ordered_keys, ordered_prefixes, ops = self._read_ops(keys, prefixes)
         assert client.kv is not None
+        self.round_trips += 1
         async with unavailable(self.connection, "read", key=key):
             answer = await client.kv.txn([], ops, timeout=CALL_TIMEOUT)
         return self._parse_reads(ordered_keys, ordered_prefixes, answer)
@@ -802,6 +805,7 @@ class EtcdBackend(StoreBackend):
                for k, v in writes.items()]
         ordered_keys, ordered_prefixes, reads = self._read_ops(read.keys, read.ranges)
         assert client.kv is not None
+        self.round_trips += 1
         try:
             async with unavailable(self.connection, "write", key=key):
                 answer = await client.kv.txn(guards, ops, reads, timeout=CALL_TIMEOUT,
@@ -857,6 +861,7 @@ class EtcdBackend(StoreBackend):
         lease = self._leases.get(end)
         if lease is None:
             assert client.lease is not None
+            self.round_trips += 1
             async with unavailable(self.connection, "lease grant", key=key):
                 lease = int((await client.lease.grant(max(1, math.ceil(end - now)),
                                                       timeout=CALL_TIMEOUT)).ID)
