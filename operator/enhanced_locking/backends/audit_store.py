@@ -2,6 +2,9 @@
 
 * SQLite (the embedded ``boltdb`` store): an ``audit`` table in the same file as the locks.
 * Redis: a stream ``{redis-key-prefix}audit``, so every replica writes to and reads one trail.
+* etcd: one key per entry under ``{etcd-key-prefix}audit/`` (named by its time, so retention
+  by age is one range delete); an entry's id is the etcd revision that wrote it, so every
+  replica writes to and reads one trail, in one order.
 * memory: a bounded list (nothing survives the process, like the locks of that store).
 
 Retention is bounded twice: entries older than ``audit-retention`` are dropped, and at most
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import secrets
 import sqlite3
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -23,6 +27,12 @@ from typing import Any, Protocol
 from redis.exceptions import RedisError
 
 from enhanced_locking.backends.embedded import open_database
+from enhanced_locking.backends.etcd_connection import (
+    CALL_TIMEOUT,
+    EtcdConnection,
+    EtcdSettings,
+    unavailable,
+)
 from enhanced_locking.backends.redis_connection import RedisConnection, connect
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.types import AuditEntry, BackendUnavailable, utcnow
@@ -30,6 +40,7 @@ from enhanced_locking.types import AuditEntry, BackendUnavailable, utcnow
 __all__ = [
     "AuditQuery",
     "AuditStore",
+    "EtcdAuditStore",
     "MemoryAuditStore",
     "RedisAuditStore",
     "SqliteAuditStore",
@@ -213,6 +224,100 @@ class RedisAuditStore:
         await self._connection.close()
 
 
+class EtcdAuditStore:
+    """One key per entry under ``{etcd-key-prefix}audit/``, shared by every replica.
+
+    The key is ``audit/{time in ms, 13 digits}-{random}``: keys sort by time, so the entries
+    older than the retention are one range delete. An entry's id is its key's create revision
+    (the revision of the put that wrote it): ids rise across the cluster, pages are read newest
+    first by create revision, and ``before`` is a revision bound etcd applies itself.
+    """
+
+    kind = "etcd"
+
+    def __init__(self, connection: EtcdConnection, prefix: str, retention: Retention) -> None:
+        self._connection = connection
+        self._prefix = f"{prefix}audit/".encode()
+        self._retention = retention
+        self._appended = 0
+
+    def _key_at(self, moment: datetime) -> bytes:
+        return self._prefix + f"{int(moment.timestamp() * 1000):013d}".encode()
+
+    async def _prune(self) -> None:
+        from etcd3aio._protobuf import RangeRequest
+
+        client = await self._connection.client()
+        assert client.kv is not None
+        await client.kv.delete(self._prefix, self._key_at(utcnow() - self._retention.max_age),
+                               timeout=CALL_TIMEOUT)
+        end = _prefix_end(self._prefix)
+        count = (await client.kv.get(self._prefix, end, count_only=True,
+                                     timeout=CALL_TIMEOUT)).count
+        extra = int(count) - self._retention.max_entries
+        if extra > 0:
+            oldest = await client.kv.get(self._prefix, end, limit=extra, keys_only=True,
+                                         sort_order=RangeRequest.ASCEND,
+                                         sort_target=RangeRequest.KEY, timeout=CALL_TIMEOUT)
+            if oldest.kvs:
+                await client.kv.delete(self._prefix, bytes(oldest.kvs[-1].key) + b"\0",
+                                       timeout=CALL_TIMEOUT)
+
+    async def append(self, entry: AuditEntry) -> AuditEntry:
+        key = self._key_at(entry.time) + b"-" + secrets.token_hex(6).encode()
+        async with unavailable(self._connection, "audit write"):
+            client = await self._connection.client()
+            assert client.kv is not None
+            answer = await client.kv.put(key, entry.model_dump_json(by_alias=True).encode(),
+                                         timeout=CALL_TIMEOUT)
+            self._appended += 1
+            if self._appended % PRUNE_EVERY == 1:
+                await self._prune()
+        return entry.model_copy(update={"id": str(answer.header.revision)})
+
+    async def read(self, query: AuditQuery) -> list[AuditEntry]:
+        from etcd3aio._protobuf import RangeRequest, RequestOp
+
+        low = self._key_at(query.since) if query.since is not None else self._prefix
+        high = self._key_at(query.until) if query.until is not None else _prefix_end(
+            self._prefix)
+        below = int(query.before) - 1 if query.before is not None else 0
+        if query.before is not None and below <= 0:
+            return []
+        found: list[AuditEntry] = []
+        async with unavailable(self._connection, "audit read"):
+            client = await self._connection.client()
+            assert client.kv is not None
+            while len(found) < query.limit:
+                chunk = RangeRequest(key=low, range_end=high, limit=_SCAN_CHUNK,
+                                     sort_order=RangeRequest.DESCEND,
+                                     sort_target=RangeRequest.CREATE,
+                                     max_create_revision=below)
+                answer = await client.kv.txn([], [RequestOp(request_range=chunk)],
+                                             timeout=CALL_TIMEOUT)
+                kvs = answer.responses[0].response_range.kvs
+                for kv in kvs:
+                    entry = AuditEntry.model_validate_json(bytes(kv.value)).model_copy(
+                        update={"id": str(kv.create_revision)})
+                    if query.matches(entry):
+                        found.append(entry)
+                        if len(found) == query.limit:
+                            break
+                if len(kvs) < _SCAN_CHUNK:
+                    break
+                below = int(kvs[-1].create_revision) - 1
+                if below <= 0:
+                    break
+        return found
+
+    async def close(self) -> None:
+        await self._connection.close()
+
+
+def _prefix_end(prefix: bytes) -> bytes:
+    return prefix[:-1] + bytes([prefix[-1] + 1])
+
+
 class MemoryAuditStore:
     """The newest entries in memory (the ``memory`` store keeps nothing after exit either)."""
 
@@ -250,11 +355,15 @@ class MemoryAuditStore:
 
 
 def build_audit_store(config: EnhancedLockingConfig) -> AuditStore:
-    """The store the locks are kept in decides where the trail is kept (Redis first)."""
+    """The store the locks are kept in decides where the trail is kept: Redis first, then
+    etcd (both shared by every replica), then the embedded file, else memory."""
     retention = Retention(config.audit_retention, config.audit_max_entries)
     uses = {config.legacy_backend, *((config.backend,) if config.enabled else ())}
     if "redis" in uses:
         return RedisAuditStore(connect(config), f"{config.redis_key_prefix}audit", retention)
+    if "etcd" in uses:
+        return EtcdAuditStore(EtcdConnection(EtcdSettings.from_config(config)),
+                              config.etcd_key_prefix, retention)
     if "boltdb" in uses:
         return SqliteAuditStore(config.data_path, retention)
     return MemoryAuditStore(retention)
