@@ -45,6 +45,8 @@ class SharedEventBus(EventBus):
     """The errors that mean the store is away (retried; anything else is a bug)."""
     batch_limit: ClassVar[int | None] = None
     """Events in one write at the most (``None``: the whole outbox)."""
+    coalesce: ClassVar[float] = _COALESCE
+    """Seconds the writer waits after an event for others to join its write."""
 
     def __init__(self, *, where: str, capacity: int,
                  enabled: Callable[[], bool] = lambda: True) -> None:
@@ -102,7 +104,7 @@ class SharedEventBus(EventBus):
         while True:
             await self._pending.wait()
             # A moment for the events of the same burst to join this write.
-            await asyncio.sleep(_COALESCE)
+            await asyncio.sleep(self.coalesce)
             self._pending.clear()
             while self._outbox:
                 batch = list(itertools.islice(self._outbox, self.batch_limit))
