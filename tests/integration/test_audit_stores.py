@@ -71,7 +71,7 @@ DURABLE = ("sqlite", "redis", "etcd")
 SHARED = ("redis", "etcd")
 
 
-def kinds(*names: str) -> Any:
+def kinds(*names: str) -> pytest.MarkDecorator:
     return pytest.mark.parametrize(
         "kind", [pytest.param(n, marks=KINDS[n][2], id=n) for n in names])
 
