@@ -2,9 +2,9 @@
 
 * SQLite (the embedded ``boltdb`` store): an ``audit`` table in the same file as the locks.
 * Redis: a stream ``{redis-key-prefix}audit``, so every replica writes to and reads one trail.
-* etcd: one key per entry under ``{etcd-key-prefix}audit/`` (named by its time, so retention
-  by age is one range delete); an entry's id is the etcd revision that wrote it, so every
-  replica writes to and reads one trail, in one order.
+* etcd: one key per entry under ``{etcd-key-prefix}audit/`` named by its time (the id), so
+  every replica writes to and reads one trail, and retention by age is one range delete;
+  written behind in batches, so an audited call never waits for a consensus write.
 * memory: a bounded list (nothing survives the process, like the locks of that store).
 
 Retention is bounded twice: entries older than ``audit-retention`` are dropped, and at most
@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import itertools
+import logging
 import secrets
 import sqlite3
 from dataclasses import dataclass
@@ -46,6 +49,8 @@ __all__ = [
     "SqliteAuditStore",
     "build_audit_store",
 ]
+
+log = logging.getLogger(__name__)
 
 PRUNE_EVERY = 500
 _SCAN_CHUNK = 500
@@ -227,22 +232,89 @@ class RedisAuditStore:
 class EtcdAuditStore:
     """One key per entry under ``{etcd-key-prefix}audit/``, shared by every replica.
 
-    The key is ``audit/{time in ms, 13 digits}-{random}``: keys sort by time, so the entries
-    older than the retention are one range delete. An entry's id is its key's create revision
-    (the revision of the put that wrote it): ids rise across the cluster, pages are read newest
-    first by create revision, and ``before`` is a revision bound etcd applies itself.
+    The key is ``audit/{time in µs, 16 digits}-{random}``, and its last part is the entry's id:
+    keys sort by time (strictly rising within a replica), so pages are read newest first by
+    key, ``before`` is a key bound, and the entries older than the retention are one range
+    delete.
+
+    Written behind, like the events: an entry joins an outbox and one task writes the entries
+    of up to 10 ms in one transaction. The audited call never waits for etcd (a consensus
+    write, which takes seconds while a leader is elected, would hold up the lock's answer);
+    a read on this replica first waits, for as long as a call may take, until what it wrote
+    is in. While etcd is away the outbox keeps up to ``capacity`` entries (older ones are
+    dropped and counted in :attr:`dropped`); a replica killed outright loses the entries of
+    its last 10 ms from the trail (they were written to stdout already).
     """
 
     kind = "etcd"
+    coalesce = 0.01
+    batch_limit = 100  # puts in one transaction: below etcd's default --max-txn-ops (128)
+    capacity = 10_000
 
     def __init__(self, connection: EtcdConnection, prefix: str, retention: Retention) -> None:
         self._connection = connection
         self._prefix = f"{prefix}audit/".encode()
         self._retention = retention
         self._appended = 0
+        self._last = 0
+        self._outbox: collections.deque[tuple[bytes, bytes]] = collections.deque()
+        self._pending = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self.dropped = 0
+        """Entries lost because etcd stayed away longer than the outbox could hold them."""
 
     def _key_at(self, moment: datetime) -> bytes:
-        return self._prefix + f"{int(moment.timestamp() * 1000):013d}".encode()
+        return self._prefix + f"{_micros(moment):016d}".encode()
+
+    async def append(self, entry: AuditEntry) -> AuditEntry:
+        self._last = max(_micros(entry.time), self._last + 1)
+        stored = entry.model_copy(update={"id": f"{self._last:016d}-{secrets.token_hex(4)}"})
+        if len(self._outbox) >= self.capacity:
+            self._outbox.popleft()
+            self.dropped += 1
+        self._outbox.append((self._prefix + stored.id.encode(),
+                             stored.model_dump_json(by_alias=True).encode()))
+        self._pending.set()
+        self._drained.clear()
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_behind(), name="etcd-audit-write")
+        return stored
+
+    async def _write_behind(self) -> None:
+        backoff = 0.05
+        while True:
+            await self._pending.wait()
+            await asyncio.sleep(self.coalesce)
+            self._pending.clear()
+            while self._outbox:
+                batch = list(itertools.islice(self._outbox, self.batch_limit))
+                try:
+                    async with unavailable(self._connection, "audit write"):
+                        client = await self._connection.client()
+                        assert client.kv is not None
+                        await client.kv.txn(
+                            [], [client.kv.txn_op_put(key, value) for key, value in batch],
+                            timeout=CALL_TIMEOUT)
+                        if self._appended % PRUNE_EVERY + len(batch) >= PRUNE_EVERY or (
+                                not self._appended):
+                            await self._prune()
+                except BackendUnavailable as error:
+                    log.warning("audit entries not written yet: %s; retrying", error)
+                    await asyncio.sleep(backoff)
+                    backoff = min(2.0, backoff * 2)
+                    continue
+                backoff = 0.05
+                self._appended += len(batch)
+                for _ in batch:
+                    self._outbox.popleft()
+            self._drained.set()
+
+    async def _flush(self, seconds: float = CALL_TIMEOUT) -> None:
+        """Until this replica's entries are in etcd (or ``seconds`` have passed)."""
+        if self._outbox:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), seconds)
 
     async def _prune(self) -> None:
         from etcd3aio._protobuf import RangeRequest
@@ -263,55 +335,46 @@ class EtcdAuditStore:
                 await client.kv.delete(self._prefix, bytes(oldest.kvs[-1].key) + b"\0",
                                        timeout=CALL_TIMEOUT)
 
-    async def append(self, entry: AuditEntry) -> AuditEntry:
-        key = self._key_at(entry.time) + b"-" + secrets.token_hex(6).encode()
-        async with unavailable(self._connection, "audit write"):
-            client = await self._connection.client()
-            assert client.kv is not None
-            answer = await client.kv.put(key, entry.model_dump_json(by_alias=True).encode(),
-                                         timeout=CALL_TIMEOUT)
-            self._appended += 1
-            if self._appended % PRUNE_EVERY == 1:
-                await self._prune()
-        return entry.model_copy(update={"id": str(answer.header.revision)})
-
     async def read(self, query: AuditQuery) -> list[AuditEntry]:
-        from etcd3aio._protobuf import RangeRequest, RequestOp
+        from etcd3aio._protobuf import RangeRequest
 
+        await self._flush()
         low = self._key_at(query.since) if query.since is not None else self._prefix
         high = self._key_at(query.until) if query.until is not None else _prefix_end(
             self._prefix)
-        below = int(query.before) - 1 if query.before is not None else 0
-        if query.before is not None and below <= 0:
-            return []
+        if query.before is not None:
+            high = min(high, self._prefix + query.before.encode())
         found: list[AuditEntry] = []
         async with unavailable(self._connection, "audit read"):
             client = await self._connection.client()
             assert client.kv is not None
-            while len(found) < query.limit:
-                chunk = RangeRequest(key=low, range_end=high, limit=_SCAN_CHUNK,
-                                     sort_order=RangeRequest.DESCEND,
-                                     sort_target=RangeRequest.CREATE,
-                                     max_create_revision=below)
-                answer = await client.kv.txn([], [RequestOp(request_range=chunk)],
-                                             timeout=CALL_TIMEOUT)
-                kvs = answer.responses[0].response_range.kvs
-                for kv in kvs:
-                    entry = AuditEntry.model_validate_json(bytes(kv.value)).model_copy(
-                        update={"id": str(kv.create_revision)})
+            while len(found) < query.limit and low < high:
+                answer = await client.kv.get(low, high, limit=_SCAN_CHUNK,
+                                             sort_order=RangeRequest.DESCEND,
+                                             sort_target=RangeRequest.KEY, timeout=CALL_TIMEOUT)
+                for kv in answer.kvs:
+                    entry = AuditEntry.model_validate_json(bytes(kv.value))
                     if query.matches(entry):
                         found.append(entry)
                         if len(found) == query.limit:
                             break
-                if len(kvs) < _SCAN_CHUNK:
+                if len(answer.kvs) < _SCAN_CHUNK:
                     break
-                below = int(kvs[-1].create_revision) - 1
-                if below <= 0:
-                    break
+                high = bytes(answer.kvs[-1].key)
         return found
 
     async def close(self) -> None:
+        await self._flush(2.0)
+        if self._writer is not None:
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+            self._writer = None
         await self._connection.close()
+
+
+def _micros(moment: datetime) -> int:
+    return int(moment.timestamp() * 1_000_000)
 
 
 def _prefix_end(prefix: bytes) -> bytes:
