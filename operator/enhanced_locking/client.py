@@ -245,6 +245,13 @@ class AsyncClient:
         _, body = await self._call("GET", "/v1/queue", params={"key": key})
         return dict(body)
 
+    async def waiter(self, key: str, waiter_id: str) -> dict[str, Any] | None:
+        """Where one queued request stands (``GET /v1/queue/waiter``: position, holders, who
+        is ahead, ``estimateSeconds``); ``None`` when it is not queued (any more)."""
+        status, body = await self._call("GET", "/v1/queue/waiter", ok=(200, 404),
+                                        params={"key": key, "id": waiter_id})
+        return dict(body) if status == 200 else None
+
     async def events(
         self, *, repo: str | None = None, key_prefix: str | None = None,
         types: Iterable[str] = (), on_open: Callable[[], Awaitable[None]] | None = None,

@@ -10,9 +10,11 @@ fallback).
 
 ``step acquire`` takes the project's lock for the pull request, waiting in the key's queue up
 to ``--wait`` with a priority by command (``apply`` above ``plan``). While it waits it prints
-its place and who it waits behind, read from ``GET /v1/queue`` every ``--poll`` (a poll, not
-the event stream: it works with events turned off and across replicas, and costs one small
-request per waiting step every few seconds). Atlantis puts a step's output in the pull
+its place, the holders and the waiters ahead of it, read from ``GET /v1/queue`` every
+``--poll`` (a poll, not the event stream: it works with events turned off and across replicas,
+and costs one small request per waiting step every few seconds), and, on each line it prints
+(once per change of place, holders or waiters ahead), the estimate of its wait from
+``GET /v1/queue/waiter``. Atlantis puts a step's output in the pull
 request's comment. It exits 0 holding the lock, 1 with one line when it is refused (held with
 no wait, timeout, queue full, deadlock, collision), 2 when the environment or a flag is wrong,
 3 when the service cannot be reached.
@@ -30,6 +32,7 @@ import os
 import secrets
 import sys
 from collections.abc import Mapping
+from datetime import timedelta
 from typing import Any, TextIO
 
 from pydantic import ValidationError
@@ -107,20 +110,35 @@ def _who(pull: object, user: object) -> str:
 
 
 def describe_queue(queue: dict[str, Any], request_id: str) -> str | None:
-    """One line: where this request stands and who is ahead, or ``None`` if it is not queued."""
+    """One line: where this request stands, who holds the key and who is ahead, or ``None``
+    if it is not queued."""
     waiters = queue.get("waiters") or []
     mine = next((w for w in waiters if w.get("requestId") == request_id), None)
     if mine is None:
         return None
     ahead = [w for w in waiters if w["position"] < mine["position"]]
-    holder = queue.get("holder")
+    holders = queue.get("holders") or ([queue["holder"]] if queue.get("holder") else [])
     behind: list[str] = []
-    if holder:
-        behind.append(_who(holder["pull"]["num"], holder["user"].get("username"))
-                      + f" of {holder['project']['repoFullName']}, which holds it")
+    if holders:
+        names = ", ".join(_who(h["pull"]["num"], h["user"].get("username")) for h in holders)
+        shared = any(h.get("mode") == "shared" for h in holders)
+        verb = "holds" if len(holders) == 1 else "hold"
+        behind.append(f"{names} of {holders[0]['project']['repoFullName']}, which {verb} it"
+                      + (" shared" if shared else ""))
     behind += [_who(w["pull"], w.get("user")) + f", {w['priority']}" for w in ahead]
     return (f"waiting for {queue['key']}: position {mine['position']} of {len(waiters)}"
             + (f", behind {'; '.join(behind)}" if behind else ""))
+
+
+def describe_estimate(view: dict[str, Any] | None) -> str:
+    """What a waiting line ends with: the estimate of the wait (from the key's recent hold
+    times), that there is none yet, or nothing when the request is no longer queued."""
+    if view is None:
+        return ""
+    seconds = view.get("estimateSeconds")
+    if seconds is None:
+        return "; no estimate yet (no release of this key seen)"
+    return f"; estimated wait {format_duration(timedelta(seconds=round(seconds)))}"
 
 
 async def _show_position(client: AsyncClient, request: LockRequest, every: float,
@@ -132,7 +150,8 @@ async def _show_position(client: AsyncClient, request: LockRequest, every: float
         with contextlib.suppress(ServiceError):  # the acquire reports an outage itself
             line = describe_queue(await client.queue(request.key), request.request_id)
             if line is not None and line != last:
-                print(line, file=out, flush=True)
+                view = await client.waiter(request.key, request.request_id)
+                print(line + describe_estimate(view), file=out, flush=True)
                 last = line
 
 

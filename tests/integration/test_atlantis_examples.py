@@ -120,7 +120,8 @@ def test_the_example_workflow_queues_plans_and_puts_applies_first(
     plan_out, _ = plan.communicate(timeout=60)
     assert plan.returncode == 0, plan_out
     assert (f"waiting for {KEY}: position 2 of 2, behind pull #12 (alice) of acme/infra, which "
-            "holds it; pull #14 (carol), high") in plan_out.splitlines()
+            "holds it; pull #14 (carol), high; no estimate yet (no release of this key seen)"
+            ) in plan_out.splitlines()
 
 
 def waiting(service: ServiceProcess, count: int) -> list[dict[str, Any]]:

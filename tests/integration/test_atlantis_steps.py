@@ -8,6 +8,7 @@ and ends refused or timed out with one line and a non-zero exit.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import time
 from collections.abc import Callable
@@ -18,6 +19,8 @@ import pytest
 from tests.support.service import ServiceProcess, enhanced_locking_command, scrubbed_env
 
 KEY = "acme/infra/envs/prod/default/prod"
+NO_ESTIMATE = "; no estimate yet (no release of this key seen)"
+ESTIMATE = r"; estimated wait (\d+h)?(\d+m)?(\d+s)?"
 
 
 def step_env(url: str, pull: int, user: str, **extra: str) -> dict[str, str]:
@@ -109,10 +112,57 @@ def test_waiting_steps_show_their_place_and_an_apply_goes_before_a_plan(
     assert plan.returncode == 0, plan_err
     lines = plan_out.splitlines()
     assert (f"waiting for {KEY}: position 2 of 2, behind pull #1 (alice) of acme/infra, "
-            "which holds it; pull #3 (carol), high") in lines
-    assert (f"waiting for {KEY}: position 1 of 1, behind pull #3 (carol) of acme/infra, "
-            "which holds it") in lines
+            "which holds it; pull #3 (carol), high" + NO_ESTIMATE) in lines
+    # alice's release was seen: from then on the line ends with an estimate.
+    behind_carol = re.escape(f"waiting for {KEY}: position 1 of 1, behind pull #3 (carol) of "
+                             "acme/infra, which holds it") + ESTIMATE
+    assert any(re.fullmatch(behind_carol, line) for line in lines), lines
     assert lines[-1].startswith(f"enhanced-locking: locked {KEY} for pull #2")
+
+
+def test_a_waiting_step_names_every_shared_holder_and_estimates_its_wait(
+    service: ServiceProcess,
+) -> None:
+    def shared(pull: int, user: str) -> dict[str, Any]:
+        return {"project": {"repoFullName": "acme/infra", "path": "envs/prod",
+                            "projectName": "prod"},
+                "pull": {"num": pull, "url": f"https://github.com/acme/infra/pull/{pull}",
+                         "author": user},
+                "user": {"username": user}, "mode": "shared", "command": "plan"}
+
+    def take(pull: int, user: str) -> None:
+        answer = httpx.post(f"{service.url}/v1/locks", json=shared(pull, user))
+        assert answer.status_code == 200, answer.text
+
+    def give_back(pull: int) -> None:
+        answer = httpx.delete(f"{service.url}/v1/locks/by-key",
+                              params={"key": KEY, "pull": pull})
+        assert answer.status_code == 200, answer.text
+
+    take(9, "dave")
+    time.sleep(0.3)
+    give_back(9)  # one hold of the key seen: estimates from now on
+    take(1, "alice")
+    take(2, "bob")
+    apply = start_step(step_env(service.url, 3, "carol"), "acquire", "--command", "apply",
+                       "--wait", "30s", "--poll", "200ms")
+    wait_for_waiters(service.url, 1)
+    time.sleep(1.0)  # a few polls
+    give_back(1)
+    time.sleep(1.0)
+    give_back(2)
+    out, err = apply.communicate(timeout=30)
+    assert apply.returncode == 0, err
+    lines = out.splitlines()
+    both = re.escape(f"waiting for {KEY}: position 1 of 1, behind pull #1 (alice), pull #2 "
+                     "(bob) of acme/infra, which hold it shared") + ESTIMATE
+    bob = re.escape(f"waiting for {KEY}: position 1 of 1, behind pull #2 (bob) of acme/infra, "
+                    "which holds it shared") + ESTIMATE
+    assert [line for line in lines if line.startswith("waiting")] == [
+        line for line in lines if re.fullmatch(both, line) or re.fullmatch(bob, line)], lines
+    assert any(re.fullmatch(both, line) for line in lines), lines
+    assert any(re.fullmatch(bob, line) for line in lines), lines
+    assert lines[-1].startswith(f"enhanced-locking: locked {KEY} for pull #3")
 
 
 def test_a_step_that_waits_too_long_exits_1_with_one_line(service: ServiceProcess) -> None:
