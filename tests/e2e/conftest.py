@@ -156,12 +156,13 @@ def start_operator(
     """``start_operator(**options)``: ``enhanced-locking operator`` on the test's namespace.
 
     A real process with the cluster's kubeconfig, its own data dir and free loopback ports;
-    stopped before the namespace is deleted.
+    stopped before the namespace is deleted. Several replicas: ``start_operator(data="b")``
+    gives the next one a data dir of its own.
     """
     with services() as group:
-        def start(**options: Any) -> OperatorProcess:
+        def start(*, data: str = "data", **options: Any) -> OperatorProcess:
             options.setdefault("namespace", kube_namespace)
-            return group.start(OperatorProcess(tmp_path / "data",
+            return group.start(OperatorProcess(tmp_path / data,
                                                kubeconfig=kube_cluster.kubeconfig,
                                                log_dir=tmp_path / "logs", **options),
                                deadline=60)

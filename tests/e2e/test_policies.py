@@ -3,8 +3,10 @@
 The operator runs as a real process against the control plane. A freeze patched on refuses a
 request with its message (and shows in the LockPolicy's status, with an Event); patched off,
 the waiter it held back is granted. A concurrency limit of 2 holds 5 waiters to 2 at a time.
-The API server refuses bad rules naming the field, and accepts the examples of
-docs/08-policies.md.
+Two replicas on one real Redis both take a rule edit: both refuse while a freeze is on, the
+held locks and the queued request stay through the edits, and patched off, the waiter the
+freeze held back is granted. The API server refuses bad rules naming the field, and accepts
+the examples of docs/08-policies.md.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pytest
 import yaml
 from tests.support.controlplane import KubeCluster
 from tests.support.operator import OperatorProcess, cr, wait_for
+from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.e2e
 
@@ -137,6 +140,65 @@ def test_a_concurrency_limit_of_two_holds_five_waiters_to_two_at_a_time(
     for thread in threads:
         thread.join(30)
     assert sorted(a.status_code for a in answers) == [200] * 5
+
+
+def test_two_replicas_on_one_redis_both_take_a_freeze_and_keep_held_locks_and_waiters(
+    kube_cluster: KubeCluster, kube_namespace: str, start_operator: Any,
+    redis_server: RedisServer,
+) -> None:
+    _apply(kube_cluster, kube_namespace, {"enabled": True, "backend": "redis",
+                                          "redis": {"addr": redis_server.addr}})
+    first: OperatorProcess = start_operator(data="replica-a")
+    second: OperatorProcess = start_operator(data="replica-b")
+    prod, dev = "acme/infra/envs/prod/default/", "acme/infra/envs/dev/default/"
+
+    def holder(replica: OperatorProcess, key: str) -> Any:
+        answer = httpx.get(replica.url + "/v1/locks/by-key", params={"key": key}, timeout=5)
+        return answer.json().get("lock") if answer.status_code == 200 else None
+
+    def waiters(replica: OperatorProcess) -> list[int]:
+        queue = httpx.get(replica.url + "/v1/queue", params={"key": prod}, timeout=5).json()
+        return [w["pull"] for w in queue["waiters"]]
+
+    held = httpx.post(first.url + "/v1/locks", json=_body("envs/prod", 1), timeout=10).json()
+    kept = httpx.post(second.url + "/v1/locks", json=_body("envs/dev", 5), timeout=10).json()
+    answers: list[httpx.Response] = []
+    thread = _waiting(second, _body("envs/prod", 2, wait="90s"), answers)
+    wait_for("the waiter to queue", lambda: waiters(first) == [2])
+
+    freeze = {**FREEZE, "action": "refuse"}
+    _patch(kube_cluster, kube_namespace, {"freezes": [freeze]})
+    for replica in (first, second):
+        _rules(replica, {"freezes": [freeze]}, "the freeze on both replicas")
+    for n, replica in enumerate((first, second)):
+        refused = httpx.post(replica.url + "/v1/locks", json=_body("envs/prod/eu", 10 + n),
+                             timeout=10)
+        assert refused.status_code == 409, refused.text
+        assert refused.json()["reason"] == "frozen"
+        assert refused.json()["error"] == FREEZE["message"]
+    for replica in (first, second):  # the edit dropped nothing
+        assert holder(replica, prod)["fencingToken"] == held["lock"]["fencingToken"]
+        assert holder(replica, dev)["fencingToken"] == kept["lock"]["fencingToken"]
+        assert waiters(replica) == [2]
+    # Released during the freeze, the key stays free: the queued request waits it out.
+    released = httpx.delete(first.url + "/v1/locks/by-key", params={"key": prod, "pull": 1},
+                            timeout=10)
+    assert released.status_code == 200, released.text
+    thread.join(2)
+    assert not answers and waiters(second) == [2] and holder(second, prod) is None
+
+    _patch(kube_cluster, kube_namespace, {"freezes": None})
+    for replica in (first, second):
+        _rules(replica, {"freezes": []}, "the freeze lifted on both replicas")
+    thread.join(30)
+    assert answers and answers[0].status_code == 200, answers
+    granted = answers[0].json()["lock"]
+    assert granted["pull"]["num"] == 2
+    assert granted["fencingToken"] > held["lock"]["fencingToken"]
+    for replica in (first, second):
+        assert holder(replica, prod)["pull"]["num"] == 2
+        assert holder(replica, dev)["fencingToken"] == kept["lock"]["fencingToken"]
+        assert waiters(replica) == []
 
 
 BAD_RULES = [
