@@ -10,6 +10,7 @@ from fastapi import FastAPI, Query
 from enhanced_locking.api.access import CallerDep
 from enhanced_locking.api.audit import AuditTrail
 from enhanced_locking.api.errors import error_answers, json_error
+from enhanced_locking.api.params import OptionalPullNum, Time
 from enhanced_locking.backends.audit_store import AuditQuery
 from enhanced_locking.types import Verb
 
@@ -35,17 +36,19 @@ def install_audit_routes(app: FastAPI) -> None:
         action: Text = None,
         key: Text = None,
         repo: Text = None,
-        pull: Annotated[int | None, Query(ge=0, le=2**31 - 1)] = None,
+        pull: OptionalPullNum = None,
         outcome: Text = None,
-        since: Annotated[datetime | None, Query(description="RFC 3339; entries at or after")]
-        = None,
-        until: Annotated[datetime | None, Query(description="RFC 3339; entries before")] = None,
+        since: Annotated[Time, Query(description="RFC 3339; entries at or after")] = None,
+        until: Annotated[Time, Query(description="RFC 3339; entries before")] = None,
         before: Annotated[str | None, Query(max_length=64, pattern=r"^[0-9]{1,18}(-[0-9]{1,18})?$",
                                             description="The next page: the last id seen.")]
         = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     ) -> Any:
-        """The audit trail newest first, filtered; ``next`` is the cursor of the next page."""
+        """The audit trail newest first, filtered; ``next`` is the cursor of the next page.
+
+        A ``before`` of another store's form answers 422: the cursor is the id of the store
+        that wrote the trail (a number in the embedded store, ``<ms>-<seq>`` in Redis)."""
         await caller.need(Verb.ADMIN, action="audit-read")
         trail: AuditTrail = app.state.audit
         query = AuditQuery(identity=identity, verb=verb, action=action, key=key, repo=repo,
