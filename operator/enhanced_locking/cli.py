@@ -373,16 +373,20 @@ async def _run_import(config: config_module.EnhancedLockingConfig, args: argpars
 
 
 # --- lock ... --------------------------------------------------------------------------------
-def _with_client(action: Callable[[Client, argparse.Namespace], int]) -> Callable[..., int]:
+def with_client(action: Callable[[Client, argparse.Namespace], int], *,
+                program: str = PROG) -> Callable[..., int]:
+    """A command that calls the service: ``action`` gets a client of ``--url`` with
+    ``--token``; a refusal or an unreachable service ends it as terminal.service_failed says."""
     def run(args: argparse.Namespace) -> int:
         try:
             with Client(args.url, token=args.token) as client:
                 return action(client, args)
         except ServiceError as error:
             return terminal.service_failed(
-                PROG, str(error), status=error.status,
+                program, str(error), status=error.status,
                 answer=error.body if isinstance(error.body, dict) else None)
     return run
+
 
 
 def _acquire(client: Client, args: argparse.Namespace) -> int:
@@ -616,7 +620,7 @@ def _parser() -> argparse.ArgumentParser:
     acquire.add_argument("--head-commit", default="",
                          help="the pull's head commit: a newer one supersedes queued requests "
                               "of an older one")
-    acquire.set_defaults(func=_with_client(_acquire))
+    acquire.set_defaults(func=with_client(_acquire))
 
     release = lock_sub.add_parser("release", help="release a lock by key")
     release.add_argument("--key", required=True,
@@ -626,18 +630,18 @@ def _parser() -> argparse.ArgumentParser:
     release.add_argument("--repo", default=None,
                          help="only if it is this repository's lock (keys of two repositories "
                               "can be the same)")
-    release.set_defaults(func=_with_client(_release))
+    release.set_defaults(func=with_client(_release))
 
     listing = lock_sub.add_parser("list", help="list held locks")
     listing.add_argument("--repo", default=None, help="only locks of this repository")
     listing.add_argument("--pull", type=int, default=None, help="only locks of this pull")
-    listing.set_defaults(func=_with_client(_list))
+    listing.set_defaults(func=with_client(_list))
 
     unlock = lock_sub.add_parser("unlock-pull", help="release every lock of a pull request")
     unlock.add_argument("--repo", required=True, help="repository, owner/name")
     unlock.add_argument("--pull", type=int, required=True, help="pull request number")
-    unlock.set_defaults(func=_with_client(_unlock_pull))
-    watching.add_queue_commands(lock_sub, _with_client)
+    unlock.set_defaults(func=with_client(_unlock_pull))
+    watching.add_queue_commands(lock_sub, with_client)
     for subcommand in lock_sub.choices.values():
         add_client_options(subcommand)
     add_client_options(watching.add_events_command(commands))
@@ -647,9 +651,8 @@ def _parser() -> argparse.ArgumentParser:
     audit = commands.add_parser(
         "audit", help="read the audit trail (the admin right)",
         description="Who did what, newest first, as JSON lines. The token comes from "
-                    "ENHANCED_LOCKING_TOKEN (docs/08-access.md).")
-    audit.add_argument("--url", default=os.environ.get("ENHANCED_LOCKING_URL", DEFAULT_URL),
-                       help="lock service URL (env ENHANCED_LOCKING_URL)")
+                    "--token or ENHANCED_LOCKING_TOKEN (docs/08-access.md).")
+    add_client_options(audit)
     for name in ("identity", "verb", "action", "key", "repo", "outcome"):
         audit.add_argument(f"--{name}", default=None)
     audit.add_argument("--pull", type=int, default=None)
@@ -657,7 +660,7 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--until", default=None, help="RFC 3339 time")
     audit.add_argument("--limit", type=int, default=100, help="entries per page (1 to 1000)")
     audit.add_argument("--all", action="store_true", help="every page, not only the first")
-    audit.set_defaults(func=_with_client(_audit))
+    audit.set_defaults(func=with_client(_audit))
 
     migrate = commands.add_parser("migrate", help="move locks from Atlantis to enhanced locking")
     migrate_sub = migrate.add_subparsers(dest="migrate_command", required=True,

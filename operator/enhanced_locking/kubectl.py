@@ -34,8 +34,8 @@ from datetime import UTC, datetime
 from typing import Any, NoReturn
 
 from enhanced_locking import terminal
-from enhanced_locking.cli import add_client_options, resolve_client_options
-from enhanced_locking.client import Client, ServiceError
+from enhanced_locking.cli import add_client_options, resolve_client_options, with_client
+from enhanced_locking.client import Client
 from enhanced_locking.rollout_summary import RolloutSummary, remaining_text, summarize
 from enhanced_locking.types import UnreadableLock
 
@@ -367,15 +367,7 @@ def _with_cluster(action: Callable[[Cluster, argparse.Namespace], int]) -> Calla
 
 
 def _with_service(action: Callable[[Client, argparse.Namespace], int]) -> Callable[..., int]:
-    def run(args: argparse.Namespace) -> int:
-        try:
-            with Client(args.url, token=args.token) as client:
-                return action(client, args)
-        except ServiceError as error:
-            return terminal.service_failed(
-                PROG, str(error), status=error.status,
-                answer=error.body if isinstance(error.body, dict) else None)
-    return run
+    return with_client(action, program=PROG)
 
 
 def _weight(value: str) -> float:
