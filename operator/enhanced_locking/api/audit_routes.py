@@ -47,8 +47,9 @@ def install_audit_routes(app: FastAPI) -> None:
     ) -> Any:
         """The audit trail newest first, filtered; ``next`` is the cursor of the next page.
 
-        A ``before`` of another store's form answers 422: the cursor is the id of the store
-        that wrote the trail (a number in the embedded store, ``<ms>-<seq>`` in Redis)."""
+        A ``before`` of another store's form answers 422: the cursor is an id of the store that
+        keeps the trail, and each store has its own form (a number in the embedded store,
+        ``<ms>-<seq>`` in Redis, ``<µs>-<hex>`` on etcd)."""
         await caller.need(Verb.ADMIN, action="audit-read")
         trail: AuditTrail = app.state.audit
         query = AuditQuery(identity=identity, verb=verb, action=action, key=key, repo=repo,
