@@ -271,12 +271,14 @@ class RedisServer:
 class RedisSentinel:
     """A ``redis-server --sentinel`` watching one master under ``name`` (quorum 1)."""
 
-    def __init__(self, directory: Path, master: RedisServer, *, name: str = "locks") -> None:
+    def __init__(self, directory: Path, master: RedisServer, *, name: str = "locks",
+                 down_after_ms: int = 1000) -> None:
         self.binary = find_redis_server()
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
         self.master = master
         self.name = name
+        self.down_after_ms = down_after_ms
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -293,7 +295,7 @@ class RedisSentinel:
             f"dir {self.directory}",
             f"logfile {self.directory / 'sentinel.log'}",
             f"sentinel monitor {self.name} {LOOPBACK} {self.master.port} 1",
-            f"sentinel down-after-milliseconds {self.name} 1000",
+            f"sentinel down-after-milliseconds {self.name} {self.down_after_ms}",
             f"sentinel failover-timeout {self.name} 5000",
         ]
         if self.master.password is not None:
