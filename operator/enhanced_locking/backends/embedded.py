@@ -410,10 +410,13 @@ class EmbeddedBackend(StoreBackend):
             where, args = where + " AND repo = ?", [*args, repo]
         if pull is not None:
             where, args = where + " AND pull = ?", [*args, pull]
+        # Sorted here, not by ORDER BY: SQLite would then walk the primary key (every lock of
+        # the namespace, in key order) instead of the by-pull index a filter can use.
         query = (f"SELECT key, data FROM locks {where} AND held = 1 UNION ALL "
-                 f"SELECT key, data FROM shared_locks {where} ORDER BY key")
+                 f"SELECT key, data FROM shared_locks {where}")
         with self._unavailable():
-            rows = self._db.execute(query, [*args, *args]).fetchall()
+            rows = sorted(self._db.execute(query, [*args, *args]).fetchall(),
+                          key=lambda row: row[0])
         return self._read_rows(rows, every=repo is None and pull is None)
 
     async def ping(self) -> None:
