@@ -22,8 +22,9 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Generic, TypeVar
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
+
+from enhanced_locking.api.responses import JsonAnswer
 
 __all__ = ["AnswerUnlessGone", "ClientGone", "answer_unless_gone"]
 
@@ -74,7 +75,7 @@ async def answer_unless_gone(request: Request, work: Coroutine[Any, Any, T], *,
     raise ClientGone
 
 
-class AnswerUnlessGone(JSONResponse):
+class AnswerUnlessGone(JsonAnswer):
     """A JSON answer sent only if its client is still connected as it goes out; otherwise
     ``on_gone`` runs instead (it gives a fresh grant back). Looked at in the last step before
     the first byte is sent, so no await separates the look from the send."""
