@@ -9,7 +9,6 @@ types and bodies as documented, schema-valid requests accepted and schema-invali
 from __future__ import annotations
 
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,9 +16,8 @@ from typing import Any
 
 import httpx
 import pytest
+from tests.support.contract import CONFIG, schemathesis_command
 from tests.support.service import ServiceProcess, running
-
-CONFIG = Path(__file__).with_name("schemathesis.toml")
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +35,6 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]
 def http(served: ServiceProcess) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=served.url, timeout=10) as client:
         yield client
-
-
-def schemathesis_command() -> list[str]:
-    script = Path(sys.executable).parent / "schemathesis"
-    if not script.exists():
-        pytest.fail("schemathesis is not installed in this environment; run `make venv` "
-                    "(it is in the test extras of pyproject.toml)", pytrace=False)
-    return [str(script)]
 
 
 @pytest.mark.timeout(900)

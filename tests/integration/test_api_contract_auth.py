@@ -4,23 +4,14 @@ with an admin's token and without one, gets a documented answer and never a serv
 from __future__ import annotations
 
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tests.support.contract import CONFIG, schemathesis_command
 from tests.support.service import ServiceProcess, running
 
 TOKEN = "contract-admin-token-5d0c1f"
-CONFIG = Path(__file__).with_name("schemathesis.toml")
-
-
-def schemathesis_command() -> list[str]:
-    script = Path(sys.executable).parent / "schemathesis"
-    if not script.exists():
-        pytest.fail("schemathesis is not installed in this environment; run `make venv` "
-                    "(it is in the test extras of pyproject.toml)", pytrace=False)
-    return [str(script)]
 
 
 @pytest.fixture(scope="module")
