@@ -240,6 +240,12 @@ class EnhancedLockingConfig(BaseSettings):
         default_factory=list, description="Sentinel addresses (comma-separated host:port)."
     )
     redis_sentinel_master: str = Field("", description="Sentinel master name.")
+    redis_cluster: Flag = Field(
+        False,
+        description="The Redis at enhanced-locking-redis-addr is a Redis Cluster (the address "
+        "of any node; the others are discovered). One namespace's keys share one hash slot; "
+        "the legacy store in Atlantis's layout needs a Redis that is not a cluster.",
+    )
     redis_restart_quarantine: Duration = Field(
         timedelta(minutes=1),
         description="After Redis comes back without its data, refuse grants this long "
@@ -480,6 +486,19 @@ class EnhancedLockingConfig(BaseSettings):
                 "enhanced-locking-redis-sentinel-addrs and enhanced-locking-redis-sentinel-master "
                 "must be set together"
             )
+        if self.redis_cluster:
+            if self.redis_sentinel_addrs:
+                raise ValueError("enhanced-locking-redis-cluster cannot be used with "
+                                 "enhanced-locking-redis-sentinel-addrs (a cluster fails over "
+                                 "by itself)")
+            if self.redis_db != 0:
+                raise ValueError("enhanced-locking-redis-cluster needs enhanced-locking-redis-db "
+                                 f"0 (a Redis Cluster has only database 0; got {self.redis_db})")
+            if self.legacy_backend == "redis":
+                raise ValueError(
+                    "enhanced-locking-redis-cluster cannot be used with "
+                    "enhanced-locking-legacy-backend redis: Atlantis's own Redis layout (pr/ keys, "
+                    "read by Atlantis's non-cluster client) needs a Redis that is not a cluster")
         return self
 
     @classmethod

@@ -73,7 +73,7 @@ _IDENTITY_FIELDS = {
         "redis_addr", "redis_password", "redis_db", "redis_username", "redis_tls",
         "redis_tls_ca_file", "redis_tls_cert_file", "redis_tls_key_file",
         "redis_tls_skip_verify", "redis_key_prefix", "redis_pool_size",
-        "redis_sentinel_addrs", "redis_sentinel_master",
+        "redis_sentinel_addrs", "redis_sentinel_master", "redis_cluster",
     ),
     "etcd": (
         "etcd_endpoints", "etcd_username", "etcd_password", "etcd_tls", "etcd_tls_ca_file",

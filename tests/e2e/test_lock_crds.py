@@ -85,6 +85,8 @@ REFUSED = [
     pytest.param("LockPolicy", {"redis": {"tls": {"caSecretRef": {"name": "ca", "key": "c"}}}},
                  ["spec.redis.tls.caSecretRef", "redis.tls.caSecretRef needs redis.tls.enabled"],
                  id="ca-without-tls"),
+    pytest.param("LockPolicy", {"redis": {"cluster": True, "db": 2}},
+                 ["spec.redis.db", "redis.cluster needs redis.db 0"], id="cluster-with-db"),
     pytest.param("LockPolicy",
                  {"redis": {"passwordSecretRef": {"name": "Redis_Auth", "key": "password"}}},
                  ["spec.redis.passwordSecretRef.name"], id="secret-name-not-a-name"),

@@ -7,12 +7,15 @@ moves. Redis decides by its own clock, which no test can move, so on Redis the m
 stands still and nothing in the run may depend on time passing: leases are an hour, the
 starvation threshold is an hour (no waiter ages), and the ``time_passes`` rule is left out.
 Aging is checked against the shared service order in ``test_redis_service_order.py``.
-Each example gets a fresh redis-server.
+Each example gets a fresh redis-server; on a Redis Cluster (the same model, a subclass that
+only changes the store) the cluster is shared and each example gets a key prefix of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from tempfile import mkdtemp
@@ -22,11 +25,13 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import rule
 from tests.support.queues import rig_for
-from tests.support.redis_fixtures import redis_config
+from tests.support.redis_cluster import RedisClusterNodes
+from tests.support.redis_fixtures import redis_cluster_config, redis_config
 from tests.support.redis_server import RedisServer, RedisServerError
 from tests.unit.test_locker_model import KEYS, MAX_BOOST, MAX_QUEUE, PULLS, LockerModel
 
 from enhanced_locking.backends.redis_store import RedisBackend
+from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.locking.leasing import LeaseTimers
 from enhanced_locking.types import Priority
 
@@ -40,16 +45,21 @@ class RedisLockerModel(LockerModel):
 
     def __init__(self) -> None:
         super().__init__()  # builds an in-process rig; replaced below
-        try:
-            self.server = RedisServer(Path(mkdtemp(prefix="redis-model-"))).start()
-        except RedisServerError as error:
-            pytest.fail(str(error), pytrace=False)
-        backend = RedisBackend.from_config(redis_config(self.server), "enhanced")
+        self.server: RedisServer | None = None
+        backend = RedisBackend.from_config(self.store_config(), "enhanced")
         self.run(self.rig.locker.backend.close())
         self.rig = rig_for(backend, priority_queue=True, starvation_threshold=HOUR,
                            max_priority_boost=MAX_BOOST, max_queue_size=MAX_QUEUE)
         self.rig.locker.leases = LeaseTimers(self.rig.locker.expire,
                                              clock=lambda: self.clock.now - 10 * HOUR)
+
+    def store_config(self) -> EnhancedLockingConfig:
+        """Settings of an empty store for this example: a fresh redis-server."""
+        try:
+            self.server = RedisServer(Path(mkdtemp(prefix="redis-model-"))).start()
+        except RedisServerError as error:
+            pytest.fail(str(error), pytrace=False)
+        return redis_config(self.server)
 
     async def settle(self) -> None:
         """Until no call waits for Redis and no grant notification is being handled."""
@@ -67,7 +77,8 @@ class RedisLockerModel(LockerModel):
         try:
             super().teardown()
         finally:
-            self.server.close()
+            if self.server is not None:
+                self.server.close()
 
     @rule(pull=st.sampled_from(PULLS), path=st.sampled_from(KEYS),
           priority=st.sampled_from(list(Priority)), wait=st.booleans(),
@@ -85,3 +96,30 @@ RedisLockerModel.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestLockerOnRedis = RedisLockerModel.TestCase
+
+
+_CLUSTER: list[RedisClusterNodes] = []
+_EXAMPLES = itertools.count(1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_cluster() -> Iterator[None]:
+    yield
+    while _CLUSTER:
+        _CLUSTER.pop().close()
+
+
+class RedisClusterLockerModel(RedisLockerModel):
+    """The same model on a Redis Cluster of three masters."""
+
+    def store_config(self) -> EnhancedLockingConfig:
+        if not _CLUSTER:
+            try:
+                _CLUSTER.append(RedisClusterNodes(Path(mkdtemp(prefix="redis-model-"))).start())
+            except RedisServerError as error:
+                pytest.fail(str(error), pytrace=False)
+        return redis_cluster_config(_CLUSTER[0], f"model{next(_EXAMPLES)}:")
+
+
+RedisClusterLockerModel.TestCase.settings = RedisLockerModel.TestCase.settings
+TestLockerOnRedisCluster = RedisClusterLockerModel.TestCase

@@ -6,6 +6,9 @@ released on another; every replica streams every replica's events; a replica kil
 ``kill -9`` leaves nobody stuck behind its dead waiters, and its holders' leases still run out.
 Redis restarting under load never causes a double grant: with persistence nothing is lost;
 without it, grants wait out the restart quarantine and tokens continue above the old ones.
+
+Each test runs on one redis-server and again on a Redis Cluster of three masters (the
+``replicas`` fixture's two parameters), except the restarts, which restart one server.
 """
 
 from __future__ import annotations
@@ -34,22 +37,38 @@ REPO = "acme/replicas"
 Replicas = Callable[..., list[ServiceProcess]]
 
 
-def flags(server: RedisServer, *extra: str) -> tuple[str, ...]:
-    return ("--enhanced-locking-enabled", "--enhanced-locking-backend=redis",
-            f"--enhanced-locking-redis-addr={server.addr}",
+def flags(redis: tuple[str, ...], *extra: str) -> tuple[str, ...]:
+    return ("--enhanced-locking-enabled", "--enhanced-locking-backend=redis", *redis,
             "--enhanced-locking-priority-queue", "--enhanced-locking-max-timeout=1m",
             "--enhanced-locking-fallback=fail-closed", "--enhanced-locking-legacy-backend=memory",
             *extra)
 
 
-@pytest.fixture
-def replicas(redis_server: RedisServer, tmp_path: Path) -> Iterator[Replicas]:
-    """``replicas(2, "--flag")``: that many serve processes on the test's Redis."""
+def _redis_flags(request: pytest.FixtureRequest, server: RedisServer | None) -> tuple[str, ...]:
+    if server is not None:
+        return (f"--enhanced-locking-redis-addr={server.addr}",)
+    if request.param == "redis-cluster":
+        cluster = request.getfixturevalue("redis_cluster")
+        prefix = request.getfixturevalue("redis_cluster_prefix")
+        return (f"--enhanced-locking-redis-addr={cluster.addr}", "--enhanced-locking-redis-cluster",
+                f"--enhanced-locking-redis-key-prefix={prefix}")
+    return (f"--enhanced-locking-redis-addr={request.getfixturevalue('redis_server').addr}",)
+
+
+ONE_SERVER = pytest.mark.parametrize("replicas", ["redis"], indirect=True)
+"""For the tests that restart the Redis server itself."""
+
+
+@pytest.fixture(params=["redis", "redis-cluster"])
+def replicas(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Replicas]:
+    """``replicas(2, "--flag")``: that many serve processes on the test's Redis (one server,
+    or the session's Redis Cluster under a prefix of the test's own)."""
     with services() as group:
         def start(count: int, *extra: str,
-                  server: RedisServer = redis_server) -> list[ServiceProcess]:
+                  server: RedisServer | None = None) -> list[ServiceProcess]:
+            redis = _redis_flags(request, server)
             return [group.start(ServiceProcess(tmp_path / f"replica-{len(group.started)}",
-                                               args=flags(server, *extra),
+                                               args=flags(redis, *extra),
                                                log_dir=tmp_path / "logs"))
                     for _ in range(count)]
 
@@ -285,6 +304,7 @@ async def run_through_restart(
     return history, seen, (began, ended)
 
 
+@ONE_SERVER
 async def test_redis_restarted_under_load_with_persistence_loses_nothing(
     replicas: Replicas, redis_servers: Any,
 ) -> None:
@@ -297,10 +317,11 @@ async def test_redis_restarted_under_load_with_persistence_loses_nothing(
     assert seen["gone"] == 0, f"a lock went missing: {dict(seen)}"
 
 
+@ONE_SERVER
 async def test_redis_restarted_empty_under_load_never_grants_twice_and_tokens_keep_rising(
     replicas: Replicas, redis_server: RedisServer,
 ) -> None:
-    a, b = replicas(2, "--enhanced-locking-redis-restart-quarantine=1500ms")
+    a, b = replicas(2, "--enhanced-locking-redis-restart-quarantine=1500ms", server=redis_server)
     history, seen, (down, back) = await run_through_restart(
         [a.url, b.url], redis_server, persistence="none", after=3.5)
     history.assert_consistent(min_holds=100)

@@ -86,7 +86,7 @@ async def _check(server: RedisServer, specs: list[tuple[Priority, int, float]],
 def _age(admin: redis.Redis, backend: RedisBackend, waiter_id: str, level: Priority,
          age_ms: int) -> None:
     """Move a waiter's enqueue time ``age_ms`` back: in its record and in its queue's score."""
-    name = f"{backend.keys.base}waiter:{waiter_id}"
+    name = backend.keys.waiter(waiter_id)
     enq = int(admin.hget(name, "enq") or 0) - age_ms
     admin.hset(name, "enq", enq)
     queue = backend.keys.queue(request_for().key, level.level)

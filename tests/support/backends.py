@@ -58,6 +58,12 @@ def _redis(request: pytest.FixtureRequest) -> BackendMaker:
     return redis_backend_maker(request)
 
 
+def _redis_cluster(request: pytest.FixtureRequest) -> BackendMaker:
+    from tests.support.redis_fixtures import redis_cluster_backend_maker
+
+    return redis_cluster_backend_maker(request)
+
+
 def _etcd(request: pytest.FixtureRequest) -> BackendMaker:
     from tests.support.etcd_fixtures import etcd_backend_maker
 
@@ -68,6 +74,7 @@ BACKEND_KINDS: dict[str, BackendKind] = {
     "memory": BackendKind(_memory, persistent=False),
     "boltdb": BackendKind(_boltdb),
     "redis": BackendKind(_redis, marks=(pytest.mark.redis,)),
+    "redis-cluster": BackendKind(_redis_cluster, marks=(pytest.mark.redis,)),
     "etcd": BackendKind(_etcd, marks=(pytest.mark.etcd,), revision_tokens=True),
 }
 

@@ -37,7 +37,7 @@ __all__ = [
 
 T = TypeVar("T")
 
-QUEUE_BACKEND_KINDS: tuple[str, ...] = ("memory", "boltdb", "redis", "etcd")
+QUEUE_BACKEND_KINDS: tuple[str, ...] = ("memory", "boltdb", "redis", "redis-cluster", "etcd")
 """Backend kinds with queues."""
 
 
@@ -143,7 +143,7 @@ async def settle(rounds: int = 5) -> None:
     """
     for _ in range(rounds):
         await asyncio.sleep(0)
-    if not any(f.kind in ("redis", "etcd") for f in _NETWORKED):
+    if not any(f.kind in ("redis", "redis-cluster", "etcd") for f in _NETWORKED):
         return
     quiet = 0
     for _ in range(2000):

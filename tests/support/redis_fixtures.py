@@ -5,16 +5,22 @@
   end of the test.
 * ``redis_config(server, **settings)``: an :class:`EnhancedLockingConfig` pointed at a server.
 * :func:`redis_backend_maker`: the ``redis`` entry of the shared ``backend_factory``.
+* ``redis_cluster``: a real Redis Cluster (three masters on loopback) for the whole session;
+  ``redis_cluster_prefix``: a key prefix private to the test on it (tests share the cluster,
+  never keys). :func:`redis_cluster_backend_maker`: the ``redis-cluster`` entry of
+  ``backend_factory``, so every backend-generic test also runs on a cluster.
 
 A missing ``redis-server`` fails the test with how to install it; it never skips.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from tests.support.redis_cluster import RedisClusterNodes
 from tests.support.redis_server import Persistence, RedisServer, RedisServerError
 
 from enhanced_locking.backends.base import Backend
@@ -22,7 +28,9 @@ from enhanced_locking.backends.redis_store import RedisBackend
 from enhanced_locking.config import EnhancedLockingConfig
 
 __all__ = [
-    "ServerMaker", "redis_backend_maker", "redis_config", "redis_server", "redis_servers",
+    "ServerMaker", "redis_backend_maker", "redis_cluster", "redis_cluster_backend_maker",
+    "redis_cluster_config", "redis_cluster_prefix", "redis_config", "redis_server",
+    "redis_servers",
 ]
 
 ServerMaker = Callable[..., RedisServer]
@@ -73,4 +81,39 @@ def redis_backend_maker(request: pytest.FixtureRequest) -> Callable[[str], Backe
     """``BackendKind.setup`` of ``redis``: backends of any namespace on the test's server."""
     server: RedisServer = request.getfixturevalue("redis_server")
     config = redis_config(server)
+    return lambda namespace: RedisBackend.from_config(config, namespace)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterNodes]:
+    """Three cluster-enabled redis-servers joined by ``redis-cli --cluster create``."""
+    try:
+        cluster = RedisClusterNodes(tmp_path_factory.mktemp("redis-cluster")).start()
+    except RedisServerError as error:
+        pytest.fail(str(error), pytrace=False)
+    yield cluster
+    cluster.close()
+
+
+_PREFIXES = itertools.count(1)
+
+
+@pytest.fixture
+def redis_cluster_prefix() -> str:
+    """A key prefix no other test of the session uses (the cluster is shared)."""
+    return f"t{next(_PREFIXES)}:atlantis:enhanced:"
+
+
+def redis_cluster_config(cluster: RedisClusterNodes, prefix: str,
+                         **settings: Any) -> EnhancedLockingConfig:
+    """Settings that point at ``cluster`` (any node; the others are discovered)."""
+    return EnhancedLockingConfig(redis_addr=cluster.addr, redis_cluster=True,
+                                 redis_key_prefix=prefix, **settings)
+
+
+def redis_cluster_backend_maker(request: pytest.FixtureRequest) -> Callable[[str], Backend]:
+    """``BackendKind.setup`` of ``redis-cluster``: backends on the session's cluster, under a
+    key prefix of the test's own."""
+    cluster: RedisClusterNodes = request.getfixturevalue("redis_cluster")
+    config = redis_cluster_config(cluster, request.getfixturevalue("redis_cluster_prefix"))
     return lambda namespace: RedisBackend.from_config(config, namespace)

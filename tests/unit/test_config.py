@@ -410,6 +410,10 @@ def test_a_missing_yaml_file_is_a_config_error(tmp_path: Path) -> None:
     ({"redis_tls_key_file": "k.pem"}, ["redis-tls-cert-file", "redis-tls-key-file"]),
     ({"redis_sentinel_addrs": "s:26379"}, ["redis-sentinel-addrs", "redis-sentinel-master"]),
     ({"redis_sentinel_master": "m"}, ["redis-sentinel-addrs", "redis-sentinel-master"]),
+    ({"redis_cluster": "true", "legacy_backend": "redis"}, ["redis-cluster", "legacy-backend"]),
+    ({"redis_cluster": "true", "redis_db": "2"}, ["redis-cluster", "redis-db"]),
+    ({"redis_cluster": "true", "redis_sentinel_addrs": "s:26379",
+      "redis_sentinel_master": "m"}, ["redis-cluster", "redis-sentinel-addrs"]),
 ], ids=lambda v: str(v))
 def test_settings_that_go_together_are_checked_together(
     values: dict[str, str], names: list[str]

@@ -108,6 +108,8 @@ def test_models_are_frozen() -> None:
         ({"lockTTL": "9000h"}, "lockTTL: Value error, must be at most 8760h"),
         ({"queue": {"maxPriorityBoost": 4}}, "queue.maxPriorityBoost: Input should be less than"),
         ({"redis": {"keyPrefix": "x" * 129}}, "redis.keyPrefix: String should have at most 128"),
+        ({"redis": {"cluster": True, "db": 2}},
+         "redis: Value error, redis.cluster needs redis.db 0"),
         ({"redis": {"addr": "redis"}}, "redis.addr: String should match pattern"),
         ({"redis": {"addr": "redis:70000"}}, "redis.addr: String should match pattern"),
         ({"redis": {"tls": {"caSecretRef": {"name": "ca", "key": "ca.crt"}}}},

@@ -3,11 +3,15 @@
 One asyncio client per backend, over a bounded pool (``redis-pool-size``) that waits for a free
 connection instead of failing. The client speaks RESP through hiredis when it is installed.
 Settings: ``redis-addr`` or Sentinel (``redis-sentinel-addrs`` + ``redis-sentinel-master``),
-``redis-db``, ``redis-username`` + ``redis-password`` (ACL or ``requirepass``), and TLS (CA,
-client certificate, skip-verify).
+or a Redis Cluster (``redis-cluster``: ``redis-addr`` names any node, redis-py's asyncio
+``RedisCluster`` finds the others and follows slot moves), ``redis-db``, ``redis-username``
++ ``redis-password`` (ACL or ``requirepass``), and TLS (CA, client certificate, skip-verify).
 
 redis-py's own retries are switched off: a lock operation is not blindly repeatable, and this
 service has its own retry policy (the ``retries`` flag) that knows which answers are definite.
+On a cluster, redis-py may try a call again a few times, because that is how it follows a slot
+that moved (``MOVED``, a failover): the scripts' writes are kept under their call id, so a
+repeated script call answers what the first one did and writes nothing twice.
 
 The password never leaves this module: it is not part of :attr:`RedisConnection.where`, it is
 masked in every error message we build (even if a library put it there), and the client's
@@ -24,9 +28,11 @@ from typing import Any, Literal
 
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
+from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import ClusterPubSub, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
-from redis.backoff import NoBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 
 from enhanced_locking.config import SECRET_MASK, EnhancedLockingConfig
 from enhanced_locking.types import BackendUnavailable
@@ -35,6 +41,7 @@ __all__ = [
     "COMMAND_TIMEOUT",
     "CONNECT_TIMEOUT",
     "RETRYABLE",
+    "Client",
     "RedisConnection",
     "connect",
     "down",
@@ -62,9 +69,17 @@ DOWN: tuple[type[BaseException], ...] = (
     rexc.ReadOnlyError,  # writing to a replica during a failover
     rexc.NoPermissionError,  # an ACL user without the rights we need
     rexc.AuthenticationWrongNumberOfArgsError,
+    rexc.ClusterError,  # a cluster that cannot serve the slot (down, moving, no quorum)
+    rexc.ClusterDownError,
+    rexc.TryAgainError,
+    rexc.MovedError,
     TimeoutError,
     OSError,
 )
+
+
+Client = aioredis.Redis | RedisCluster
+"""A client of one Redis (direct or through Sentinel), or of a Redis Cluster."""
 
 
 def _host_port(addr: str) -> tuple[str, int]:
@@ -76,22 +91,42 @@ def _host_port(addr: str) -> tuple[str, int]:
 class RedisConnection:
     """An asyncio client plus what it is safe to say about it in messages."""
 
-    client: aioredis.Redis
+    client: Client
     where: str
     secret: str
     sentinels: list[aioredis.Redis] = field(default_factory=list)
 
+    @property
+    def cluster(self) -> bool:
+        """Whether this is a Redis Cluster (keys a call touches must share one slot)."""
+        return isinstance(self.client, RedisCluster)
+
     async def drop_idle(self) -> None:
         """Close the idle pooled connections (after a failure they are likely all stale)."""
+        if isinstance(self.client, RedisCluster):
+            for node in self.client.get_nodes():
+                await node.disconnect_free_connections()
+            return
         pool = self.client.connection_pool
         await pool.disconnect(inuse_connections=False)
+
+    def pubsub(self, channel: str) -> PubSub | ClusterPubSub:
+        """A pub/sub connection that hears ``channel``. On a cluster, classic pub/sub is
+        cluster-wide (a ``PUBLISH`` on any node reaches subscribers on every node); the
+        subscription goes to the node of the channel's slot."""
+        if isinstance(self.client, RedisCluster):
+            return self.client.pubsub(node=self.client.get_node_from_key(channel))
+        return self.client.pubsub()
 
     def scrub(self, text: str) -> str:
         """``text`` with the password masked (belt and braces: libraries should not echo it)."""
         return text.replace(self.secret, SECRET_MASK) if self.secret else text
 
     async def close(self) -> None:
-        await self.client.aclose(close_connection_pool=True)
+        if isinstance(self.client, RedisCluster):
+            await self.client.aclose()
+        else:
+            await self.client.aclose(close_connection_pool=True)
         for sentinel in self.sentinels:
             await sentinel.aclose(close_connection_pool=True)
 
@@ -210,6 +245,15 @@ def connect(config: EnhancedLockingConfig) -> RedisConnection:
                  f"{','.join(config.redis_sentinel_addrs)} db {config.redis_db}")
         return RedisConnection(client, where, secret, sentinels=list(sentinel.sentinels))
     host, port = _host_port(config.redis_addr)
+    if config.redis_cluster:
+        # Nodes are found from this one (CLUSTER SLOTS); a MOVED answer updates the slot map.
+        # Only db 0 exists on a cluster (the config refuses another).
+        cluster = RedisCluster(
+            host=host, port=port, max_connections=config.redis_pool_size,
+            **{k: v for k, v in kwargs.items() if k not in ("db", "retry")},
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
+        )
+        return RedisConnection(cluster, f"cluster via {config.redis_addr}", secret)
     pool = aioredis.BlockingConnectionPool(
         host=host, port=port, max_connections=config.redis_pool_size, timeout=POOL_WAIT,
         connection_class=aioredis.SSLConnection if config.redis_tls else aioredis.Connection,

@@ -98,7 +98,7 @@ class Listener:
         backoff = 0.05
         first = True
         while True:
-            pubsub = self.connection.client.pubsub()
+            pubsub = self.connection.pubsub(self.channel)
             try:
                 await pubsub.subscribe(self.channel)
                 self._subscribed.set()

@@ -78,15 +78,43 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class RedisKeys:
-    """Names of the keys of one namespace under the configured prefix (see redis_scripts)."""
+    """The key layout of one namespace, written once (``docs/03-redis.md``, "Key layout").
 
-    def __init__(self, prefix: str, namespace: str) -> None:
-        self.base = f"{prefix}{namespace}:"
+    Every name starts with :attr:`base`. On one Redis (or Sentinel) that is
+    ``{prefix}{namespace}:`` and each lock key is a hash tag of its own (``lock:{K}``). On a
+    Redis Cluster the base itself carries the hash tag, ``{prefix}{{prefix}{namespace}}:``:
+    every key of the namespace then hashes to one slot, which is what lets one script grant a
+    batch, serve a queue whose waiters hold other keys, count a concurrency group or release a
+    pull's keys atomically (the later ``{K}`` is then not a tag: Redis hashes the first one).
+
+    Scripts get :meth:`common` and their own keys in ``KEYS``. Keys a script finds while it
+    runs (a waiter's record named in a queue, the lock of a key listed in an index) cannot be
+    known before the call; the scripts form those from ``base`` with the ``*_name`` functions
+    of ``lua/lib.lua``, which mirror the methods here (a test checks they agree).
+    """
+
+    def __init__(self, prefix: str, namespace: str, *, cluster: bool = False) -> None:
+        self.base = f"{prefix}{{{prefix}{namespace}}}:" if cluster else f"{prefix}{namespace}:"
+        self.epoch = self.base + "epoch"
         self.held = self.base + "held"
         self.fenced = self.base + "fenced"
+        self.queued = self.base + "queued"
+        self.replicas = self.base + "replicas"
+        self.seq = self.base + "seq"
+
+    def common(self, call_id: str) -> list[str]:
+        """``KEYS[1..7]`` of every script (``lua/lib.lua``)."""
+        return [self.epoch, self.op(call_id), self.held, self.fenced, self.queued,
+                self.replicas, self.seq]
+
+    def op(self, call_id: str) -> str:
+        return f"{self.base}op:{call_id}"
 
     def lock(self, key: str) -> str:
         return f"{self.base}lock:{{{key}}}"
+
+    def shared(self, key: str) -> str:
+        return f"{self.base}shared:{{{key}}}"
 
     def fence(self, key: str) -> str:
         return f"{self.base}fence:{{{key}}}"
@@ -94,7 +122,17 @@ class RedisKeys:
     def queue(self, key: str, level: int) -> str:
         return f"{self.base}queue{level}:{{{key}}}"
 
+    def waiter(self, waiter_id: str) -> str:
+        return f"{self.base}waiter:{waiter_id}"
+
+    def outcome(self, waiter_id: str) -> str:
+        return f"{self.base}outcome:{waiter_id}"
+
+    def pull(self, repo: str, num: int | str) -> str:
+        return f"{self.base}pull:{{{repo}#{num}}}"
+
     def notify(self, replica_id: str) -> str:
+        """A pub/sub channel (not a key): ``granted:<waiter>`` etc. for one replica."""
         return f"{self.base}notify:{replica_id}"
 
 
@@ -131,7 +169,7 @@ class RedisBackend:
         """The store's incarnation this backend knows ('' until its first write): a Redis that
         comes back without its data starts a new one (the scripts' ``epoch`` hash)."""
         self.connection = connection
-        self.keys = RedisKeys(prefix, namespace)
+        self.keys = RedisKeys(prefix, namespace, cluster=connection.cluster)
         self.replica_id = replica_id or secrets.token_hex(8)
         """Whose waiters these are: the service's replica id (one per process, the same one
         it reports routing under); a backend built on its own gets a fresh one."""
@@ -173,6 +211,7 @@ class RedisBackend:
         # One id per call: a write's answer is kept under it, so the one retry below (after a
         # connection broke, when we cannot know whether the script ran) never writes twice.
         call_id = secrets.token_hex(8)
+        common = self.keys.common(call_id)
         retried = False
         self.in_flight += 1
         try:
@@ -184,7 +223,8 @@ class RedisBackend:
                 ]
                 try:
                     async with asyncio.timeout(COMMAND_TIMEOUT):
-                        answer = await self._scripts[name](keys=list(keys), args=[*head, *args])
+                        answer = await self._scripts[name](keys=[*common, *keys],
+                                                           args=[*head, *args])
                 except DOWN as error:
                     if retried or not is_retryable(error):
                         raise down(self.connection, action, error, key=key) from None

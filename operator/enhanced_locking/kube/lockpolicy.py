@@ -171,7 +171,19 @@ class RedisTLS(SpecModel):
 class Redis(SpecModel):
     """The Redis the enhanced locks live in when the backend is ``redis``."""
 
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "!has(self.cluster) || !self.cluster || !has(self.db) || self.db == 0",
+                "redis.cluster needs redis.db 0 (a Redis Cluster has only database 0)",
+                field_path=".db",
+            ),
+        )
+    )
+
     addr: HostPort | None = Field(None, description="Redis address, host:port.")
+    cluster: bool | None = Field(
+        None, description="The address is a node of a Redis Cluster (the others are found).")
     db: int | None = Field(None, ge=0, le=1023, description="Redis database number.")
     username: str | None = Field(None, max_length=256, description="Redis ACL user name.")
     password_secret_ref: SecretKeyRef | None = Field(
@@ -181,6 +193,13 @@ class Redis(SpecModel):
     key_prefix: str | None = Field(
         None, max_length=128, description="Prefix of every enhanced Redis key."
     )
+
+    @model_validator(mode="after")
+    def _cluster_db(self) -> Redis:
+        if self.cluster and self.db:
+            raise ValueError("redis.cluster needs redis.db 0 (a Redis Cluster has only "
+                             "database 0)")
+        return self
 
 
 class EtcdTLS(SpecModel):

@@ -58,6 +58,7 @@ POLICY_SETTINGS: dict[str, str] = {
     "retries.backoff": "retry_backoff",
     "lockTTL": "lock_ttl",
     "redis.addr": "redis_addr",
+    "redis.cluster": "redis_cluster",
     "redis.db": "redis_db",
     "redis.username": "redis_username",
     "redis.passwordSecretRef": "redis_password",

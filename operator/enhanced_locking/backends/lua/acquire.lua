@@ -1,6 +1,6 @@
 -- acquire-or-enqueue: grant every key of a batch (one key is a batch of one) as the rules
 -- allow, or queue one waiter on every key, or refuse.
--- KEYS   the lock hash of each key (documentation; names are derived from the keys below)
+-- KEYS[8..] the lock hash of each key (names are also derived from the keys below)
 -- ARGV[11] lease in ms (0: none)  ARGV[12] waiter id ('' = fail fast)  ARGV[13] wait in ms
 -- ARGV[14] request id ('' none)  ARGV[15] owner repo  ARGV[16] owner pull
 -- ARGV[17] base priority level 0..3  ARGV[18] mode  ARGV[19] head commit ('' unknown)

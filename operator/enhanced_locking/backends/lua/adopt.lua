@@ -1,5 +1,5 @@
 -- adopt: take over a lock from another store, keeping its token, times, lease and mode.
--- KEYS[1] the key's lock hash
+-- KEYS[8] the key's lock hash
 -- ARGV[11] lock key  ARGV[12] repo  ARGV[13] pull  ARGV[14] Atlantis JSON  ARGV[15] token
 -- ARGV[16] acquired at (ms)  ARGV[17] lease end (ms, 0: none)  ARGV[18] mode
 -- ARGV[19] path  ARGV[20] workspace

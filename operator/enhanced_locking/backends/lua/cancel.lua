@@ -1,5 +1,5 @@
 -- cancel: take a waiter out of every queue it is in and tell its replica why.
--- KEYS   none (the waiter's record names its keys)
+-- KEYS   the seven of lib.lua only (the waiter's record names its keys)
 -- ARGV[11] waiter id  ARGV[12] reason (cancelled, timeout, deadlock, unavailable)
 -- ARGV[13] caller ('': any; else only if that caller still owns the waiter)
 -- returns {'removed', waiter record}, {'kept', waiter record} (a retry owns it now),

@@ -1,5 +1,5 @@
 -- confirm: the waiter's replica takes the locks it was granted (ends the claim).
--- KEYS   none
+-- KEYS   the seven of lib.lua only
 -- ARGV[11] waiter id
 -- returns {'granted', locks, fresh 0/1} or {'lost', locks it still holds and must give back}
 -- (a claim lapsed first; none when its pull held them already: fresh 0)

@@ -1,5 +1,5 @@
 -- expire: if the key's lease has lapsed, free it; serve the queue of a free key.
--- KEYS[1] the key's lock hash
+-- KEYS[8] the key's lock hash
 -- ARGV[11] lock key
 -- returns {expired lock or {}, granted, dropped} (as RELEASE)
 -- decoded by redis_replies.served

@@ -1,5 +1,5 @@
 -- get: the holder of a key (a lapsed lease is not a holder), changing nothing.
--- KEYS[1] the key's lock hash
+-- KEYS[8] the key's lock hash
 -- ARGV[11] lock key
 -- returns the lock or {}
 -- decoded by redis_replies.maybe_lock

@@ -1,5 +1,5 @@
 -- heartbeat: this replica is alive (its waiters may be granted) for REPLICA_MS more.
--- KEYS   none
+-- KEYS   the seven of lib.lua only
 -- returns the server time in ms
 redis.call('ZADD', REPLICAS, NOW + REPLICA_MS, REPLICA)
 redis.call('ZREMRANGEBYSCORE', REPLICAS, '-inf', NOW - 86400000)

@@ -1,7 +1,12 @@
 -- The library every script of the Redis backend starts with (redis_scripts.py prepends it).
 -- Before it comes a generated preamble setting the time constants of redis_scripts.py:
 --   CLAIM_MS, GRACE_MS, OUTCOME_MS, REPLICA_MS, OP_MS
--- ARGV[1] base ({key-prefix}{namespace}:)
+-- KEYS[1..7] the namespace's own keys, named by RedisKeys (redis_store.py), in this order:
+--   epoch, op:<call id>, held, fenced, queued, replicas, seq; a script's own keys follow
+--   (KEYS[8..]). On a Redis Cluster every key of a namespace carries one hash tag.
+-- ARGV[1] base: RedisKeys.base, the start of every key name of the namespace; the names
+--   of keys found while the script runs (a waiter's record, the lock of a key in an index)
+--   are formed from it by the *_name functions below, the mirror of RedisKeys
 -- ARGV[2..5] queue policy: priority flag 0/1, starvation threshold ms, max boost, max queue size
 -- ARGV[6] the calling replica's id
 -- ARGV[7..9] the store epoch the caller knows, a fresh id (the call id; also a new epoch's id),
@@ -18,14 +23,12 @@ local REPLICA = ARGV[6]
 local KNOWN_EPOCH, NEW_EPOCH, QUARANTINE_MS = ARGV[7], ARGV[8], tonumber(ARGV[9])
 local clock = redis.call('TIME')
 local NOW = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-local HELD, FENCED, QUEUED = base .. 'held', base .. 'fenced', base .. 'queued'
-local REPLICAS, SEQ, EPOCH = base .. 'replicas', base .. 'seq', base .. 'epoch'
+local EPOCH, OP, HELD, FENCED, QUEUED = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local REPLICAS, SEQ = KEYS[6], KEYS[7]
 local TOKEN_BASE = 0
 
 -- Whole numbers as exact text: Lua's own tostring keeps 14 digits, tokens can have 16.
 local function int(x) return string.format('%.0f', x) end
-
-local OP = base .. 'op:' .. NEW_EPOCH  -- the call id doubles as a proposed new epoch id
 
 -- A script that changes anything first asks: did this very call run already (a retry)? does
 -- Redis still have the data the caller knew (the store's epoch)? Returns nil to go on, else
@@ -60,6 +63,7 @@ local function finish(reply)
   return reply
 end
 
+-- The names of keys found at run time: the mirror of RedisKeys (a test checks they agree).
 local function lock_name(k) return base .. 'lock:{' .. k .. '}' end
 local function shared_name(k) return base .. 'shared:{' .. k .. '}' end
 local function fence_name(k) return base .. 'fence:{' .. k .. '}' end

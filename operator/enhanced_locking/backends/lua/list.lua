@@ -1,5 +1,5 @@
 -- list: the live locks named by an index set, pruning entries whose lock is gone.
--- KEYS   none (the index is derived)
+-- KEYS   the seven of lib.lua only (the index is derived)
 -- ARGV[11] '' for every held key, else the repo and ARGV[12] the pull of a pull's index
 -- ARGV[13] repo filter ('' = any)  ARGV[14] pull filter ('' = any)
 -- returns a list of locks

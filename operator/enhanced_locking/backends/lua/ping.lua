@@ -1,6 +1,6 @@
 -- ping: Redis answers and still has the data this replica knew (if it lost it, the epoch
 -- guard starts the quarantine now, so readiness reports it before any request does).
--- KEYS   none
+-- KEYS   the seven of lib.lua only
 -- returns 'ok'
 local refused = guard()
 if refused then return refused end

@@ -1,5 +1,5 @@
 -- queue: the waiters of one key (the caller orders them with the shared service order).
--- KEYS[1] the key's lock hash
+-- KEYS[8] the key's lock hash
 -- ARGV[11] lock key
 -- returns {now ms, waiter records}
 -- decoded by redis_replies.queue

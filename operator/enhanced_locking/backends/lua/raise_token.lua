@@ -1,5 +1,5 @@
 -- raise-token: make a key's fencing counter at least a value (counters never fall).
--- KEYS[1] the key's fencing counter
+-- KEYS[8] the key's fencing counter
 -- ARGV[11] lock key  ARGV[12] value
 -- returns the counter after the call
 local refused = guard()

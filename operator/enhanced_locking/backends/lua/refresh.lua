@@ -1,5 +1,5 @@
 -- refresh: restart the lease of a held lock from now (server time); ends a pending claim.
--- KEYS[1] the key's lock hash
+-- KEYS[8] the key's lock hash
 -- ARGV[11] lock key  ARGV[12] owner repo  ARGV[13] owner pull  ARGV[14] lease in ms (> 0)
 -- returns {'refreshed', lock}, {'not_held'} or {'not_owned', lock}
 -- decoded by redis_replies.refresh

@@ -1,6 +1,6 @@
 -- release-and-hand-off: free a key (optionally only the lock of the pull that holds it) and
 -- serve its queue; also the admin's force-unlock (no owner: every holder goes).
--- KEYS[1] the key's lock hash
+-- KEYS[8] the key's lock hash
 -- ARGV[11] lock key  ARGV[12] owner repo ('' = whoever holds it)  ARGV[13] owner pull
 -- returns {'not_owned', lock} (nothing changed), or
 --         {'released', lock or {}, granted, dropped, other locks released} where granted is a

@@ -1,5 +1,5 @@
 -- release-by-pull: free every lock a pull holds and serve each key's queue.
--- KEYS   none (the pull's index is derived)
+-- KEYS   the seven of lib.lua only (the pull's index is derived)
 -- ARGV[11] repo  ARGV[12] pull number
 -- returns {released locks (leases still running), granted, dropped}
 -- decoded by redis_replies.release_by_pull

@@ -1,5 +1,5 @@
 -- status: where each of a replica's waiters stands (after its notifications were cut off).
--- KEYS   none
+-- KEYS   the seven of lib.lua only
 -- ARGV[11..] waiter ids
 -- returns one word per id: queued, granted, timeout, cancelled, deadlock, unavailable, gone
 local out = {}

@@ -1,6 +1,6 @@
 -- wait-graph: every key with waiters, its holders' owners and its waiters, in one snapshot
 -- (so deadlock detection sees the waits of every replica at once).
--- KEYS   none
+-- KEYS   the seven of lib.lua only
 -- returns {now ms, {{key, first holder repo or '', its pull or '', {waiter ids},
 --          {{repo, pull} of every holder}}...}, waiter records}
 -- decoded by redis_replies.wait_graph

@@ -1,5 +1,5 @@
 -- wake: serve every queue (the rules changed, or a freeze started or ended).
--- KEYS   none
+-- KEYS   the seven of lib.lua only
 -- returns {{}, granted, dropped} (as RELEASE)
 -- decoded by redis_replies.served
 local refused = guard()

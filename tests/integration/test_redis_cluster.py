@@ -1,0 +1,159 @@
+"""The Redis backend on a Redis Cluster, and the key layout that makes it possible.
+
+The behaviour tables, the queue tests, the locker model and the replicas' history checks run
+on a cluster through their own parametrisation (the ``redis-cluster`` backend kind, the
+``replicas`` fixture); these tests are about the layout itself: the names the scripts use are
+the ones :class:`RedisKeys` writes, and on a cluster every key of a namespace shares one slot.
+"""
+
+from __future__ import annotations
+
+import gc
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import redis
+from redis.asyncio.cluster import ClusterNode
+from redis.crc import key_slot
+from tests.support.locks import lock_for, request_for
+from tests.support.redis_cluster import RedisClusterNodes
+from tests.support.redis_fixtures import redis_cluster_config, redis_config
+from tests.support.service import enhanced_locking_command, free_port, scrubbed_env
+
+from enhanced_locking.backends.redis_store import RedisBackend
+from enhanced_locking.backends.waiting import QueuePolicy, Status, Wait
+from enhanced_locking.config import EnhancedLockingConfig
+from enhanced_locking.types import BackendUnavailable
+
+pytestmark = pytest.mark.redis
+
+REPO = "acme/infra"
+
+
+@pytest.fixture(params=["redis", "redis-cluster"])
+def store(request: pytest.FixtureRequest) -> Iterator[tuple[EnhancedLockingConfig, Any]]:
+    """Settings for an empty store and an admin client of it (one server, or the cluster)."""
+    if request.param == "redis":
+        server = request.getfixturevalue("redis_server")
+        with server.client() as admin:
+            yield redis_config(server), admin
+        return
+    cluster: RedisClusterNodes = request.getfixturevalue("redis_cluster")
+    config = redis_cluster_config(cluster, request.getfixturevalue("redis_cluster_prefix"))
+    host, port = cluster.addr.split(":")
+    with redis.RedisCluster(host=host, port=int(port)) as admin:
+        yield config, admin
+
+
+@pytest.fixture
+async def backend(store: tuple[EnhancedLockingConfig, Any]) -> AsyncIterator[RedisBackend]:
+    backend = RedisBackend.from_config(store[0], "enhanced")
+    yield backend
+    await backend.close()
+
+
+async def test_the_scripts_write_exactly_the_keys_redis_keys_names(
+    backend: RedisBackend, store: tuple[EnhancedLockingConfig, Any],
+) -> None:
+    admin = store[1]
+    keys, policy = backend.keys, QueuePolicy()
+    held = lock_for(request_for(repo=REPO, pull=1))
+    assert (await backend.acquire(held))[0]
+    waiting = lock_for(request_for(repo=REPO, pull=2))
+    queued = await backend.acquire_or_enqueue(
+        waiting, ttl=None, wait=Wait(id="w1", timeout=timedelta(minutes=1)), policy=policy)
+    assert queued.status is Status.QUEUED
+    level = waiting.priority.level  # one queue per base priority
+    for name in (keys.lock(held.key), keys.fence(held.key), keys.queue(held.key, level),
+                 keys.waiter("w1"), keys.pull(REPO, 1), keys.epoch, keys.held, keys.fenced,
+                 keys.queued, keys.seq, keys.replicas):
+        assert admin.exists(name) == 1, f"{name} is not where RedisKeys says"
+    handoff = await backend.release_and_handoff(held.key, owner=(REPO, 1))
+    assert [g.waiter.id for g in handoff.granted] == ["w1"]
+    assert admin.exists(keys.outcome("w1")) == 1
+    assert admin.exists(keys.pull(REPO, 2)) == 1
+    assert admin.exists(keys.waiter("w1")) == 0
+
+
+async def test_on_a_cluster_a_namespace_is_one_slot_and_namespaces_are_apart(
+    redis_cluster: RedisClusterNodes, redis_cluster_prefix: str,
+) -> None:
+    config = redis_cluster_config(redis_cluster, redis_cluster_prefix)
+    enhanced = RedisBackend.from_config(config, "enhanced")
+    shadow = RedisBackend.from_config(config, "shadow")
+    try:
+        for backend in (enhanced, shadow):
+            for pull, path in enumerate(("a", "b", "c", "d", "e", "f"), start=1):
+                granted, _ = await backend.acquire(
+                    lock_for(request_for(repo=REPO, path=path, project=path, pull=pull)))
+                assert granted
+            await backend.release_by_pull(REPO, 3)
+            assert len(await backend.list()) == 5
+    finally:
+        await enhanced.close()
+        await shadow.close()
+    slots = {}
+    for backend in (enhanced, shadow):
+        assert backend.keys.base.startswith(redis_cluster_prefix)  # ACL patterns still match
+        home = redis_cluster.node_of(backend.keys.base + "held")
+        with home.client() as client:
+            names = [n.decode() for n in client.scan_iter(match=backend.keys.base + "*")]
+        # Six locks, six counters and more, all on the master of the namespace's one slot.
+        assert len(names) >= 12
+        assert {key_slot(n.encode()) for n in names} == {key_slot(backend.keys.held.encode())}
+        slots[backend.namespace] = key_slot(backend.keys.held.encode())
+        for node in redis_cluster.nodes:
+            if node is not home:
+                with node.client() as client:
+                    assert not list(client.scan_iter(match=backend.keys.base + "*"))
+    assert slots["enhanced"] != slots["shadow"]
+
+
+@pytest.mark.parametrize(("flags", "names"), [
+    (["--enhanced-locking-legacy-backend=redis"],
+     ["enhanced-locking-redis-cluster", "enhanced-locking-legacy-backend"]),
+    (["--enhanced-locking-redis-db=3"],
+     ["enhanced-locking-redis-cluster", "enhanced-locking-redis-db"]),
+    (["--enhanced-locking-redis-sentinel-addrs=127.0.0.1:26379",
+      "--enhanced-locking-redis-sentinel-master=m"],
+     ["enhanced-locking-redis-cluster", "enhanced-locking-redis-sentinel-addrs"]),
+], ids=["legacy-on-redis", "db", "sentinel"])
+def test_a_cluster_with_a_setting_it_cannot_honour_exits_2_naming_both(
+    flags: list[str], names: list[str], tmp_path: Any,
+) -> None:
+    result = subprocess.run(
+        [*enhanced_locking_command(), "serve", "--port", str(free_port()),
+         "--data-dir", str(tmp_path / "data"), "--enhanced-locking-enabled",
+         "--enhanced-locking-backend=redis", "--enhanced-locking-redis-cluster", *flags],
+        capture_output=True, text=True, env=scrubbed_env(None), timeout=60)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for name in names:
+        assert name in lines[0]
+
+
+async def test_a_cluster_whose_namespace_master_is_down_answers_unavailable(
+    tmp_path: Any,
+) -> None:
+    with RedisClusterNodes(tmp_path / "cluster") as cluster:
+        config = redis_cluster_config(cluster, "down:")
+        backend = RedisBackend.from_config(config, "enhanced")
+        try:
+            held = lock_for(request_for(repo=REPO, pull=1))
+            assert (await backend.acquire(held))[0]
+            cluster.node_of(backend.keys.held).kill()
+            with pytest.raises(BackendUnavailable) as raised:
+                await backend.get(held.key)
+            message = str(raised.value)
+            del raised  # its traceback holds redis-py's objects of the lost node
+            assert "did not answer" in message
+        finally:
+            await backend.close()
+            # redis-py drops its objects for the lost node without closing them (their
+            # sockets are gone with the node): close them here, not warn in a later test.
+            for leftover in [o for o in gc.get_objects() if isinstance(o, ClusterNode)]:
+                await leftover.disconnect()
