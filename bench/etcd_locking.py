@@ -321,7 +321,7 @@ def main() -> None:
     parser.add_argument("--hot-waiters", type=int, default=20)
     parser.add_argument("--handoffs", type=int, default=100)
     parser.add_argument("--no-write", action="store_true")
-    quick_defaults(parser, pairs=200, handoffs=30)
+    quick_defaults(parser, runs=1, pairs=200, handoffs=30)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         cluster = EtcdCluster(Path(tmp) / "etcd", members_count=3, fsync=False).start()
