@@ -23,11 +23,16 @@ BODY = {"project": {"repoFullName": REPO, "path": "net", "projectName": "net"},
         "user": {"username": "bob"}}
 
 
+BATCH = {"locks": [{"project": {"repoFullName": REPO, "path": name, "projectName": name}}
+                   for name in ("net", "dns")],
+         "pull": BODY["pull"], "user": BODY["user"]}
+
+
 async def _post(app: Any, body: dict[str, Any], gone: asyncio.Event,
-                sent: list[tuple[int, bool]]) -> None:
+                sent: list[tuple[int, bool]], *, path: str = "/v1/locks") -> None:
     raw = json.dumps(body).encode()
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-             "method": "POST", "scheme": "http", "path": "/v1/locks", "raw_path": b"/v1/locks",
+             "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(),
              "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1),
              "server": ("127.0.0.1", 2),
              "headers": [(b"content-type", b"application/json"),
@@ -99,3 +104,63 @@ async def test_a_client_that_leaves_before_a_fail_fast_answer_holds_nothing(
 ) -> None:
     for steps in range(0, 10):
         await _round(make_service, steps, wait=False)
+
+
+async def _batch_round(make: ServiceMaker, steps: int, *, wait: bool, had_dns: bool) -> None:
+    """The batch form: ``net`` held by pull 1 (when it waits), ``dns`` held by the batch's own
+    pull before the call when ``had_dns`` (then it keeps it whatever happens)."""
+    service = await make(enabled=True)
+    try:
+        app = create_app(service, manage_lifecycle=False)
+        router = service.router
+        net = request_for(repo=REPO, path="net", project="net", pull=1)
+        dns = request_for(repo=REPO, path="dns", project="dns", pull=2)
+        if had_dns:
+            assert (await router.acquire(dns)).acquired
+        gone, sent = asyncio.Event(), list[tuple[int, bool]]()
+        if wait:
+            assert (await router.acquire(net)).acquired
+            call = asyncio.ensure_future(_post(app, {**BATCH, "wait": "30s"}, gone, sent,
+                                               path="/v1/locks/batch"))
+            for _ in range(500):
+                if await router.queue(net.key):
+                    break
+                await asyncio.sleep(0.001)
+            await router.release(net.key, owner=(REPO, 1))  # grants the batch
+        else:
+            call = asyncio.ensure_future(_post(app, BATCH, gone, sent, path="/v1/locks/batch"))
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        gone.set()
+        await call
+        held_dns = await router.get(dns.key)
+        if had_dns:
+            assert held_dns is not None and held_dns.pull.num == 2, (
+                f"{steps} steps: the pull's own lock from before was given back")
+        if sent and sent[0] == (200, False):
+            # The answer left before the client did: the locks are the client's.
+            assert (await router.get(net.key)) is not None
+            return
+        assert not sent or sent[0][0] != 200, (
+            f"{steps} steps: a granted answer was sent to a client gone")
+        assert await router.get(net.key) is None, f"{steps} steps: the batch outlived it"
+        if not had_dns:
+            assert held_dns is None, f"{steps} steps: the batch outlived its client"
+    finally:
+        for pull in (1, 2):  # the next round starts on a free store (the file is the same)
+            await service.router.release_by_pull(REPO, pull)
+        await service.close()
+
+
+async def test_a_waiting_batch_whose_client_leaves_as_it_is_granted_holds_nothing_new(
+    make_service: ServiceMaker,
+) -> None:
+    for steps in range(0, 40):
+        await _batch_round(make_service, steps, wait=True, had_dns=steps % 2 == 1)
+
+
+async def test_a_batch_whose_client_leaves_before_a_fail_fast_answer_holds_nothing_new(
+    make_service: ServiceMaker,
+) -> None:
+    for steps in range(0, 10):
+        await _batch_round(make_service, steps, wait=False, had_dns=steps % 2 == 1)

@@ -15,6 +15,8 @@ Owner checks: releasing, refreshing or cancelling what another pull holds or que
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from datetime import datetime, timedelta
 from typing import Annotated, Any
 
@@ -24,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from enhanced_locking.api.access import CallerDep, overrides_rules, rule_override
-from enhanced_locking.api.disconnect import ClientGone, answer_unless_gone
+from enhanced_locking.api.disconnect import AnswerUnlessGone, ClientGone, answer_unless_gone
 from enhanced_locking.api.errors import error_answers, json_error, unreadable_json
 from enhanced_locking.api.params import Key, PullNum
 from enhanced_locking.backends.waiting import Waiter
@@ -35,6 +37,7 @@ from enhanced_locking.types import (
     BatchLockRequest,
     BatchResult,
     Lock,
+    LockingError,
     LockNotHeld,
     LockUnreadable,
     Priority,
@@ -44,6 +47,8 @@ from enhanced_locking.types import (
 )
 
 __all__ = ["RefreshRequest", "install_queue_routes"]
+
+log = logging.getLogger(__name__)
 
 class RefreshRequest(BaseModel):
     """Extend a lease: the key, the pull that holds it, and the new lease from now."""
@@ -90,7 +95,8 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
               responses={409: {"model": BatchResult}, **WHO})
     async def acquire_batch(body: BatchLockRequest, request: Request, caller: CallerDep) -> Any:
         """Acquire several locks of one pull, all or nothing; with ``wait`` it waits holding
-        none of them. 409 names the key that blocked it and why."""
+        none of them. 409 names the key that blocked it and why. A batch granted to a client
+        that left before the answer is given back (but what its pull held before)."""
         repo, pull = body.owner
         keys = ",".join(body.keys)
         await caller.need(Verb.LOCK, action="acquire-batch", repo=repo, key=keys, pull=pull)
@@ -99,16 +105,52 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
                               pull=pull)
         async with caller.audited(action="acquire-batch", verb=Verb.LOCK, key=keys, repo=repo,
                                   pull=pull) as note:
+            before = await _held_by(body)
             try:
                 with rule_override(await overrides_rules(caller, repo=repo)):
                     work = router.acquire_batch(body)
                     result = await answer_unless_gone(request, work, watch=bool(body.wait))
-            except ClientGone:
+            except ClientGone as gone:
+                await _give_back(gone.answer, body, before)
                 note.done("client-gone", 499)
                 return JSONResponse({"error": "client disconnected"}, status_code=499)
             status = 200 if result.acquired else 409
             note.done("acquired" if result.acquired else str(result.reason), status)
-        return JSONResponse(_dump(result), status_code=status)
+        if not result.acquired or all(lock.key in before for lock in result.locks):
+            return JSONResponse(_dump(result), status_code=status)
+        return AnswerUnlessGone(_dump(result), status_code=200,
+                                on_gone=lambda: _give_back(result, body, before))
+
+    async def _held_by(body: BatchLockRequest) -> frozenset[str]:
+        """The batch's keys its pull holds already: asked again they are granted unchanged,
+        and a client that leaves does not give back what it had before (a key that cannot be
+        looked at counts as held before: never released on a guess)."""
+        held: set[str] = set()
+        for key in body.keys:
+            try:
+                lock = await router.get(key)
+            except LockingError:
+                held.add(key)
+                continue
+            if lock is not None and lock.owned_by(*body.owner):
+                held.add(key)
+        return frozenset(held)
+
+    async def _give_back(result: BatchResult | None, body: BatchLockRequest,
+                         before: frozenset[str]) -> None:
+        """A batch granted to a client that is gone is released, never left held by nobody."""
+        if result is None or not result.acquired:
+            return
+        for lock in result.locks:
+            if lock.key in before:
+                continue
+            try:
+                await asyncio.shield(router.release(lock.key, owner=body.owner))
+            except LockingError as error:  # freed or taken meanwhile, or the store failed
+                log.warning("could not give back %s (its client left before the answer): %s",
+                            lock.key, error)
+                continue
+            log.info("gave back %s: its client left before the answer", lock.key)
 
     @app.delete("/v1/locks/batch",
                 responses={409: {"description": "A key is held by another pull"}, **WHO})
