@@ -8,6 +8,7 @@ retention; the shared ones (Redis, etcd) are one trail for every replica.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
@@ -21,6 +22,7 @@ from tests.support.etcd_server import EtcdCluster
 from tests.support.redis_fixtures import redis_config
 from tests.support.service import ServiceProcess, ServiceStartError
 
+from enhanced_locking.api.audit_routes import CURSOR_PATTERN
 from enhanced_locking.backends.audit_store import (
     AuditQuery,
     AuditStore,
@@ -112,6 +114,8 @@ async def test_entries_read_newest_first_in_pages(make: StoreMaker) -> None:
     store = make()
     written = [await store.append(entry(n)) for n in range(1, 6)]
     assert len({e.id for e in written}) == 5 and all(e.id for e in written)
+    # Every id is a cursor GET /v1/audit takes as its ``before``.
+    assert all(re.fullmatch(CURSOR_PATTERN, str(e.id)) for e in written), [e.id for e in written]
     first = await store.read(AuditQuery(limit=2))
     second = await store.read(AuditQuery(limit=2, before=first[-1].id))
     third = await store.read(AuditQuery(limit=2, before=second[-1].id))

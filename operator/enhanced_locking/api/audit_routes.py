@@ -14,7 +14,11 @@ from enhanced_locking.api.params import OptionalPullNum, Time
 from enhanced_locking.backends.audit_store import AuditQuery
 from enhanced_locking.types import Verb
 
-__all__ = ["install_audit_routes"]
+__all__ = ["CURSOR_PATTERN", "install_audit_routes"]
+
+CURSOR_PATTERN = r"^[0-9]{1,18}(-[0-9a-f]{1,18})?$"
+"""Every audit store's entry id: a number (embedded), ``<ms>-<seq>`` (Redis),
+``<µs>-<hex>`` (etcd)."""
 
 Text = Annotated[str | None, Query(max_length=4096)]
 
@@ -40,7 +44,7 @@ def install_audit_routes(app: FastAPI) -> None:
         outcome: Text = None,
         since: Annotated[Time, Query(description="RFC 3339; entries at or after")] = None,
         until: Annotated[Time, Query(description="RFC 3339; entries before")] = None,
-        before: Annotated[str | None, Query(max_length=64, pattern=r"^[0-9]{1,18}(-[0-9]{1,18})?$",
+        before: Annotated[str | None, Query(max_length=64, pattern=CURSOR_PATTERN,
                                             description="The next page: the last id seen.")]
         = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
