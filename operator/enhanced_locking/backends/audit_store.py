@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
-import itertools
 import logging
 import secrets
 import sqlite3
@@ -36,6 +34,7 @@ from enhanced_locking.backends.etcd_connection import (
     EtcdSettings,
     unavailable,
 )
+from enhanced_locking.backends.outbox import Outbox
 from enhanced_locking.backends.redis_connection import RedisConnection, connect
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.types import AuditEntry, BackendUnavailable, utcnow
@@ -257,12 +256,15 @@ class EtcdAuditStore:
         self._retention = retention
         self._appended = 0
         self._last = 0
-        self._outbox: collections.deque[tuple[bytes, bytes]] = collections.deque()
-        self._pending = asyncio.Event()
-        self._drained = asyncio.Event()
-        self._writer: asyncio.Task[None] | None = None
-        self.dropped = 0
+        self._outbox = Outbox[tuple[bytes, bytes]](
+            self._write, what="audit entries", task_name="etcd-audit-write",
+            down=(BackendUnavailable,), capacity=self.capacity, coalesce=self.coalesce,
+            batch_limit=self.batch_limit)
+
+    @property
+    def dropped(self) -> int:
         """Entries lost because etcd stayed away longer than the outbox could hold them."""
+        return self._outbox.dropped
 
     def _key_at(self, moment: datetime) -> bytes:
         return self._prefix + f"{_micros(moment):016d}".encode()
@@ -270,51 +272,20 @@ class EtcdAuditStore:
     async def append(self, entry: AuditEntry) -> AuditEntry:
         self._last = max(_micros(entry.time), self._last + 1)
         stored = entry.model_copy(update={"id": f"{self._last:016d}-{secrets.token_hex(4)}"})
-        if len(self._outbox) >= self.capacity:
-            self._outbox.popleft()
-            self.dropped += 1
-        self._outbox.append((self._prefix + stored.id.encode(),
-                             stored.model_dump_json(by_alias=True).encode()))
-        self._pending.set()
-        self._drained.clear()
-        if self._writer is None:
-            self._writer = asyncio.create_task(self._write_behind(), name="etcd-audit-write")
+        self._outbox.put((self._prefix + stored.id.encode(),
+                          stored.model_dump_json(by_alias=True).encode()))
         return stored
 
-    async def _write_behind(self) -> None:
-        backoff = 0.05
-        while True:
-            await self._pending.wait()
-            await asyncio.sleep(self.coalesce)
-            self._pending.clear()
-            while self._outbox:
-                batch = list(itertools.islice(self._outbox, self.batch_limit))
-                try:
-                    async with unavailable(self._connection, "audit write"):
-                        client = await self._connection.client()
-                        assert client.kv is not None
-                        await client.kv.txn(
-                            [], [client.kv.txn_op_put(key, value) for key, value in batch],
-                            timeout=CALL_TIMEOUT)
-                        if self._appended % PRUNE_EVERY + len(batch) >= PRUNE_EVERY or (
-                                not self._appended):
-                            await self._prune()
-                except BackendUnavailable as error:
-                    log.warning("audit entries not written yet: %s; retrying", error)
-                    await asyncio.sleep(backoff)
-                    backoff = min(2.0, backoff * 2)
-                    continue
-                backoff = 0.05
-                self._appended += len(batch)
-                for _ in batch:
-                    self._outbox.popleft()
-            self._drained.set()
-
-    async def _flush(self, seconds: float = CALL_TIMEOUT) -> None:
-        """Until this replica's entries are in etcd (or ``seconds`` have passed)."""
-        if self._outbox:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._drained.wait(), seconds)
+    async def _write(self, batch: list[tuple[bytes, bytes]]) -> None:
+        async with unavailable(self._connection, "audit write"):
+            client = await self._connection.client()
+            assert client.kv is not None
+            await client.kv.txn(
+                [], [client.kv.txn_op_put(key, value) for key, value in batch],
+                timeout=CALL_TIMEOUT)
+            if self._appended % PRUNE_EVERY + len(batch) >= PRUNE_EVERY or not self._appended:
+                await self._prune()
+        self._appended += len(batch)
 
     async def _prune(self) -> None:
         from etcd3aio._protobuf import RangeRequest
@@ -338,7 +309,7 @@ class EtcdAuditStore:
     async def read(self, query: AuditQuery) -> list[AuditEntry]:
         from etcd3aio._protobuf import RangeRequest
 
-        await self._flush()
+        await self._outbox.drained(CALL_TIMEOUT)
         low = self._key_at(query.since) if query.since is not None else self._prefix
         high = self._key_at(query.until) if query.until is not None else _prefix_end(
             self._prefix)
@@ -364,12 +335,8 @@ class EtcdAuditStore:
         return found
 
     async def close(self) -> None:
-        await self._flush(2.0)
-        if self._writer is not None:
-            self._writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._writer
-            self._writer = None
+        await self._outbox.drained(2.0)
+        await self._outbox.stop()
         await self._connection.close()
 
 

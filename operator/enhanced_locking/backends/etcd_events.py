@@ -35,7 +35,8 @@ from enhanced_locking.backends.etcd_connection import (
     EtcdConnection,
     EtcdSettings,
 )
-from enhanced_locking.backends.shared_events import RETRY_FIRST, RETRY_MAX, SharedEventBus
+from enhanced_locking.backends.outbox import RETRY_FIRST, RETRY_MAX
+from enhanced_locking.backends.shared_events import SharedEventBus
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.events import parse_event_id
 from enhanced_locking.types import Event

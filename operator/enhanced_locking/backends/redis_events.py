@@ -26,8 +26,9 @@ from typing import Any
 
 import redis.exceptions as rexc
 
+from enhanced_locking.backends.outbox import RETRY_FIRST, RETRY_MAX
 from enhanced_locking.backends.redis_connection import RedisConnection, connect
-from enhanced_locking.backends.shared_events import RETRY_FIRST, RETRY_MAX, SharedEventBus
+from enhanced_locking.backends.shared_events import SharedEventBus
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.events import parse_event_id
 from enhanced_locking.types import Event

@@ -4,9 +4,9 @@ A bus over a shared store (Redis, etcd) keeps :meth:`publish` synchronous, since
 in the middle of a lock operation: in-process subscribers are called at once (the event not
 yet numbered, ``id`` empty) and the event joins an outbox. One task writes the outbox a couple
 of milliseconds later, in batches, so a burst of events (an acquire's, then its release's)
-costs one round trip, not one each. While the store is away the outbox keeps up to
-``capacity`` events (older ones are dropped and counted in :attr:`SharedEventBus.dropped`) and
-the task retries with a doubling backoff.
+costs one round trip, not one each (an :class:`~enhanced_locking.backends.outbox.Outbox`).
+While the store is away the outbox keeps up to ``capacity`` events (older ones are dropped and
+counted in :attr:`SharedEventBus.dropped`) and the task retries with a doubling backoff.
 
 Reading is the store's own: a subclass's :meth:`SharedEventBus._read` fills the ring the SSE
 stream serves from, sets ``_loaded`` once what the store held is in, and calls ``_wake``. It
@@ -17,23 +17,17 @@ nothing on other replicas' events.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-import itertools
-import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any, ClassVar
 
+from enhanced_locking.backends.outbox import Outbox
 from enhanced_locking.events import EventBus, Gap
 from enhanced_locking.types import Event, Lock, utcnow
 
 __all__ = ["SharedEventBus"]
 
-log = logging.getLogger(__name__)
-
 _COALESCE = 0.002
-RETRY_FIRST = 0.05
-RETRY_MAX = 2.0
 
 
 class SharedEventBus(EventBus):
@@ -52,14 +46,17 @@ class SharedEventBus(EventBus):
                  enabled: Callable[[], bool] = lambda: True) -> None:
         super().__init__(capacity=capacity, enabled=enabled)
         self.capacity = capacity
-        self._where = where
-        self._outbox: collections.deque[Event] = collections.deque()
-        self._pending = asyncio.Event()
+        self._outbox = Outbox[Event](
+            self._write, what=f"events to {self.name} {where}",
+            task_name=f"{self.name}-events-append", down=self.down, capacity=capacity,
+            coalesce=self.coalesce, batch_limit=self.batch_limit)
         self._loaded = asyncio.Event()
-        self._appender: asyncio.Task[None] | None = None
         self._reader: asyncio.Task[None] | None = None
-        self.dropped = 0
+
+    @property
+    def dropped(self) -> int:
         """Events lost because the store stayed away longer than the outbox could hold them."""
+        return self._outbox.dropped
 
     # --- the store's part --------------------------------------------------------------------
     async def _write(self, batch: list[Event]) -> None:
@@ -89,36 +86,8 @@ class SharedEventBus(EventBus):
                                       lock=lock, details=details)
         for subscriber in list(self._subscribers):
             subscriber(event)
-        if len(self._outbox) >= self.capacity:
-            self._outbox.popleft()
-            self.dropped += 1
-        self._outbox.append(event)
-        self._pending.set()
-        if self._appender is None:
-            self._appender = asyncio.create_task(self._append(),
-                                                 name=f"{self.name}-events-append")
+        self._outbox.put(event)
         return event
-
-    async def _append(self) -> None:
-        backoff = RETRY_FIRST
-        while True:
-            await self._pending.wait()
-            # A moment for the events of the same burst to join this write.
-            await asyncio.sleep(self.coalesce)
-            self._pending.clear()
-            while self._outbox:
-                batch = list(itertools.islice(self._outbox, self.batch_limit))
-                try:
-                    await self._write(batch)
-                except self.down as error:
-                    log.warning("events not written to %s %s yet (%s); retrying",
-                                self.name, self._where, type(error).__name__)
-                    await asyncio.sleep(backoff)
-                    backoff = min(RETRY_MAX, backoff * 2)
-                else:
-                    backoff = RETRY_FIRST
-                    for _ in batch:
-                        self._outbox.popleft()
 
     # --- reading -----------------------------------------------------------------------------
     def _start_reading(self) -> None:
@@ -143,14 +112,10 @@ class SharedEventBus(EventBus):
 
     async def close(self) -> None:
         """Write what is still in the outbox (briefly), stop the tasks, disconnect."""
-        for _ in range(20):
-            if not self._outbox or self._appender is None:
-                break
-            await asyncio.sleep(0.01)
-        tasks = [t for t in (self._appender, self._reader) if t is not None]
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=2.0)
-        self._appender = self._reader = None
+        await self._outbox.drained(0.2)
+        await self._outbox.stop()
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.wait([self._reader], timeout=2.0)
+        self._reader = None
         await self._disconnect()

@@ -1,0 +1,96 @@
+"""An outbox written behind: items join at once, one task writes them in batches.
+
+For a caller that must not wait on a shared store's write (an event published, an audit entry
+appended, in the middle of a lock operation). The task waits ``coalesce`` seconds after the
+first item so that a burst shares one write, writes at most ``batch_limit`` items at a time,
+and retries with a doubling backoff while the store is away. The outbox keeps up to
+``capacity`` items; older ones are dropped and counted in :attr:`Outbox.dropped`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+__all__ = ["Outbox"]
+
+log = logging.getLogger(__name__)
+
+RETRY_FIRST = 0.05
+RETRY_MAX = 2.0
+
+T = TypeVar("T")
+
+
+class Outbox(Generic[T]):
+    """Items ``write`` sends to a store later, in order, in batches."""
+
+    def __init__(self, write: Callable[[list[T]], Awaitable[None]], *, what: str,
+                 task_name: str, down: tuple[type[BaseException], ...], capacity: int,
+                 coalesce: float, batch_limit: int | None = None) -> None:
+        self._write = write
+        self._what = what
+        self._task_name = task_name
+        self._down = down
+        self.capacity = capacity
+        self.coalesce = coalesce
+        self.batch_limit = batch_limit
+        self._items: collections.deque[T] = collections.deque()
+        self._pending = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.dropped = 0
+        """Items lost because the store stayed away longer than the outbox could hold them."""
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, item: T) -> None:
+        if len(self._items) >= self.capacity:
+            self._items.popleft()
+            self.dropped += 1
+        self._items.append(item)
+        self._pending.set()
+        self._drained.clear()
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=self._task_name)
+
+    async def _run(self) -> None:
+        backoff = RETRY_FIRST
+        while True:
+            await self._pending.wait()
+            # A moment for the items of the same burst to join this write.
+            await asyncio.sleep(self.coalesce)
+            self._pending.clear()
+            while self._items:
+                batch = list(itertools.islice(self._items, self.batch_limit))
+                try:
+                    await self._write(batch)
+                except self._down as error:
+                    log.warning("%s not written yet (%s: %s); retrying",
+                                self._what, type(error).__name__, error)
+                    await asyncio.sleep(backoff)
+                    backoff = min(RETRY_MAX, backoff * 2)
+                else:
+                    backoff = RETRY_FIRST
+                    for _ in batch:
+                        self._items.popleft()
+            self._drained.set()
+
+    async def drained(self, seconds: float) -> None:
+        """Until every item put so far is written (or ``seconds`` have passed)."""
+        if self._items and self._task is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), seconds)
+
+    async def stop(self) -> None:
+        """Stop writing; what is still in the outbox stays unwritten."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task], timeout=2.0)
