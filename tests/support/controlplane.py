@@ -48,6 +48,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from tests.support.child import dying_with_parent
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VERSIONS_FILE = REPO_ROOT / "hack" / "versions.env"
@@ -333,26 +334,6 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
-def _libc() -> object | None:
-    """The C library, for prctl(2); loaded in the parent, never between fork and exec."""
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    return ctypes.CDLL(None, use_errno=True)
-
-
-_LIBC = _libc()
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """In the child: a process group of its own, and SIGKILL when the parent dies."""
-    os.setsid()
-    if _LIBC is not None:
-        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # type: ignore[attr-defined]
-
-
 @dataclass
 class Process:
     """One server process in its own process group, its output in a log file."""
@@ -366,11 +347,11 @@ class Process:
     def start(cls, name: str, argv: Sequence[str], log: Path) -> Process:
         log_file = open(log, "ab")
         popen = subprocess.Popen(
-            list(argv),
+            dying_with_parent(argv),
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
+            start_new_session=True,
         )
         return cls(name, popen, log, log_file)
 

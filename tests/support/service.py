@@ -15,7 +15,6 @@ Nothing here listens anywhere but 127.0.0.1.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 import signal
@@ -31,6 +30,7 @@ from typing import ClassVar, Self, TypeVar
 
 import httpx
 import pytest
+from tests.support.child import dying_with_parent
 
 __all__ = [
     "LOOPBACK",
@@ -47,16 +47,6 @@ __all__ = [
 LOOPBACK = "127.0.0.1"
 START_DEADLINE = 20.0
 STOP_GRACE = 10.0
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGKILL when the test process dies, so none is left behind."""
-    if _LIBC is not None:
-        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-_PR_SET_PDEATHSIG = 1
 
 
 class ServiceStartError(RuntimeError):
@@ -155,13 +145,12 @@ class ServiceProcess:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with open(self._log("stdout"), "wb") as out, open(self._log("stderr"), "wb") as err:
             self.process = subprocess.Popen(
-                self.argv,
+                dying_with_parent(self.argv),
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=err,
                 env=scrubbed_env(self.env),
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
             )
         ServiceProcess.running.append(self)
         self._wait_healthy(deadline)
