@@ -1,6 +1,7 @@
 """One unreadable stored lock does not take the service down: a real ``serve`` process on each
 store (the SQLite file on either side, Redis, Atlantis's Redis layout, etcd) with one lock's
-stored bytes replaced behind its back.
+stored bytes replaced behind its back; on Redis and a Redis Cluster also with another Redis
+type put where the lock's hash was (the scripts read it, and must not answer 500).
 
 Over HTTP: lists and release by pull answer the other locks; the key itself answers 409
 ``unreadable`` (never 500, never its content); ``/metrics`` counts it; ``/readyz`` stays ready
@@ -21,10 +22,11 @@ import pytest
 from tests.conftest import ServiceFactory
 from tests.support.etcd_fixtures import etcd_config
 from tests.support.etcd_server import EtcdCluster
-from tests.support.redis_fixtures import redis_config
+from tests.support.redis_cluster import RedisClusterNodes
+from tests.support.redis_fixtures import redis_cluster_config, redis_config
 from tests.support.redis_server import RedisServer
 from tests.support.service import ServiceProcess
-from tests.support.unreadable import SECRET, spoil, spoil_file
+from tests.support.unreadable import REDIS_SPOILERS, SECRET, Spoiler, spoil, spoil_file
 
 from enhanced_locking.backends.atlantis_redis import AtlantisRedisBackend
 from enhanced_locking.backends.base import Backend
@@ -48,6 +50,8 @@ class Store:
     side: str
     flags: tuple[str, ...]
     spoil: Callable[[str], Awaitable[None]]
+    size: int = len(RAW)
+    """The size of the bytes the store reports for the spoiled lock."""
 
 
 async def _through(backend: Backend, key: str) -> None:
@@ -78,6 +82,38 @@ def _redis(request: pytest.FixtureRequest) -> Store:
                  lambda key: _through(RedisBackend.from_config(config, "enhanced"), key))
 
 
+async def _spoiled_by(backend: Backend, key: str, spoiler: Spoiler) -> None:
+    try:
+        await spoiler.run(backend, key)
+    finally:
+        await backend.close()
+
+
+STRING_AT_LOCK_KEY = next(s for s in REDIS_SPOILERS if s.name == "string-at-lock-key")
+
+
+def _redis_type(request: pytest.FixtureRequest) -> Store:
+    """Another Redis type (a string) where the lock's hash was."""
+    store = _redis(request)
+    config = redis_config(request.getfixturevalue("redis_server"))
+    return Store(store.side, store.flags, lambda key: _spoiled_by(
+        RedisBackend.from_config(config, "enhanced"), key, STRING_AT_LOCK_KEY), size=0)
+
+
+def _redis_cluster_type(request: pytest.FixtureRequest) -> Store:
+    """The same on a Redis Cluster."""
+    cluster: RedisClusterNodes = request.getfixturevalue("redis_cluster")
+    prefix: str = request.getfixturevalue("redis_cluster_prefix")
+    config = redis_cluster_config(cluster, prefix)
+    return Store("enhanced", ("--enhanced-locking-enabled", "--enhanced-locking-backend=redis",
+                              f"--enhanced-locking-redis-addr={cluster.addr}",
+                              "--enhanced-locking-redis-cluster",
+                              f"--enhanced-locking-redis-key-prefix={prefix}",
+                              "--enhanced-locking-legacy-backend=memory"),
+                 lambda key: _spoiled_by(RedisBackend.from_config(config, "enhanced"), key,
+                                         STRING_AT_LOCK_KEY), size=0)
+
+
 def _atlantis_redis(request: pytest.FixtureRequest) -> Store:
     server: RedisServer = request.getfixturevalue("redis_server")
     config = redis_config(server)
@@ -101,6 +137,8 @@ STORES = {
     "boltdb-enhanced": (_boltdb("enhanced"), ()),
     "boltdb-legacy": (_boltdb("legacy"), ()),
     "redis": (_redis, (pytest.mark.redis,)),
+    "redis-string-at-lock-key": (_redis_type, (pytest.mark.redis,)),
+    "redis-cluster-string-at-lock-key": (_redis_cluster_type, (pytest.mark.redis,)),
     "atlantis-redis": (_atlantis_redis, (pytest.mark.redis,)),
     "etcd": (_etcd, (pytest.mark.etcd,)),
 }
@@ -177,7 +215,7 @@ async def test_an_unreadable_lock_is_set_aside_reported_and_cleared_by_force_unl
     assert [lock["key"] for lock in listed.json()["locks"]] == [GOOD, OTHER]
     [entry] = listed.json()["unreadable"]
     assert entry["key"] == BAD and entry["side"] == store.side and entry["reason"]
-    assert entry["size"] == len(RAW) and len(entry["digest"]) == 16
+    assert entry["size"] == store.size and len(entry["digest"]) == 16
     by_key = await http.get("/v1/locks/by-key", params={"key": BAD})
     assert by_key.status_code == 409, by_key.text
     assert by_key.json()["reason"] == "unreadable" and by_key.json()["lockKey"] == BAD

@@ -5,18 +5,26 @@ program would: the bytes under a lock's key replaced with something that is not 
 be held, so every index the store keeps beside it stays as it was) with ``raw``, writing to
 the real store directly: the SQLite file through its own connection, Redis and etcd through
 their clients.
+
+The Redis store keeps more than bytes: its holder is a hash beside the JSON, a shared holder a
+record in a hash. ``REDIS_SPOILERS`` are what can go wrong there (another Redis type at the
+lock's key, a hash without its fields, a shared holder's record that does not decode); each is
+a row of the same behaviour table, on one Redis and on a Redis Cluster.
 """
 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Literal
 
 from enhanced_locking.backends import Backend, EmbeddedBackend
 from enhanced_locking.backends.atlantis_redis import KEY_PREFIX, AtlantisRedisBackend
 from enhanced_locking.backends.etcd_store import EtcdBackend
 from enhanced_locking.backends.redis_store import RedisBackend
 
-__all__ = ["SECRET", "SPOILED", "spoil", "spoil_file"]
+__all__ = ["REDIS_SPOILERS", "SECRET", "SPOILED", "Spoiler", "data_spoiler", "spoil", "spoil_file"]
 
 SECRET = "ghp_s3cr3tT0ken"
 """Planted inside the bad values: it must never come back in any answer, event or log."""
@@ -56,3 +64,91 @@ async def spoil(backend: Backend, key: str, raw: str) -> None:
         await etcd.kv.put(name, raw.encode())
     else:
         raise AssertionError(f"{type(backend).__name__} keeps no bytes that could be spoiled")
+
+
+@dataclass(frozen=True)
+class Spoiler:
+    """One way of spoiling a held lock: ``run(backend, key)`` spoils it and answers the size of
+    the bytes the store then reports for it."""
+
+    name: str
+    run: Callable[[Backend, str], Awaitable[int]]
+    mode: Literal["exclusive", "shared"] = "exclusive"
+    """How the key is held before it is spoiled."""
+    owner_kept: bool = False
+    """Whether the store still knows whose lock it was (a release by its pull then frees it)."""
+
+
+def data_spoiler(name: str, raw: str) -> Spoiler:
+    """The lock's JSON replaced by ``raw`` (every store keeps one)."""
+    async def run(backend: Backend, key: str) -> int:
+        await spoil(backend, key, raw)
+        return len(raw.encode())
+    # The Redis hash keeps its owner's fields beside the JSON.
+    return Spoiler(name, run, owner_kept=True)
+
+
+def _redis(backend: Backend) -> RedisBackend:
+    assert isinstance(backend, RedisBackend), f"{type(backend).__name__} is not the Redis store"
+    return backend
+
+
+async def _string_at_lock(backend: Backend, key: str) -> int:
+    redis, name = _redis(backend).connection.client, _redis(backend).keys.lock(key)
+    assert await redis.delete(name) == 1, f"{key} is not held"
+    await redis.set(name, f"token={SECRET}")
+    return 0
+
+
+async def _list_at_lock(backend: Backend, key: str) -> int:
+    redis, name = _redis(backend).connection.client, _redis(backend).keys.lock(key)
+    assert await redis.delete(name) == 1, f"{key} is not held"
+    await redis.rpush(name, SECRET, SECRET)
+    return 0
+
+
+async def _hash_without_data(backend: Backend, key: str) -> int:
+    redis, name = _redis(backend).connection.client, _redis(backend).keys.lock(key)
+    assert await redis.hdel(name, "data") == 1, f"{key} is not held"
+    return 0
+
+
+async def _token_not_a_number(backend: Backend, key: str) -> int:
+    redis, name = _redis(backend).connection.client, _redis(backend).keys.lock(key)
+    data = await redis.hget(name, "data")
+    assert data is not None, f"{key} is not held"
+    await redis.hset(name, "token", SECRET)
+    return len(data.encode() if isinstance(data, str) else data)
+
+
+def _shared_record(raw: str) -> Callable[[Backend, str], Awaitable[int]]:
+    async def run(backend: Backend, key: str) -> int:
+        redis, name = _redis(backend).connection.client, _redis(backend).keys.shared(key)
+        [field] = await redis.hkeys(name)
+        await redis.hset(name, field, raw)
+        return len(raw.encode())
+    return run
+
+
+async def _string_at_shared(backend: Backend, key: str) -> int:
+    redis, name = _redis(backend).connection.client, _redis(backend).keys.shared(key)
+    assert await redis.delete(name) == 1, f"{key} is not held shared"
+    await redis.set(name, f"token={SECRET}")
+    return 0
+
+
+REDIS_SPOILERS: list[Spoiler] = [
+    Spoiler("string-at-lock-key", _string_at_lock),
+    Spoiler("list-at-lock-key", _list_at_lock),
+    Spoiler("lock-hash-without-data", _hash_without_data),
+    Spoiler("lock-token-not-a-number", _token_not_a_number),
+    Spoiler("shared-record-not-json", _shared_record(f"token={SECRET} {{"), mode="shared"),
+    Spoiler("shared-record-not-a-lock", _shared_record(f'{{"token": "{SECRET}"}}'),
+            mode="shared"),
+    Spoiler("shared-record-wrong-fields",
+            _shared_record(f'["other/key", "{SECRET}", "x", "1", "0", "r", "1"]'),
+            mode="shared"),
+    Spoiler("string-at-shared-key", _string_at_shared, mode="shared"),
+]
+"""What can go wrong in the Redis store's own structures (beside its JSON): each a row of the
+unreadable-lock table on Redis and Redis Cluster."""

@@ -1,19 +1,28 @@
 """A stored lock that cannot be read is set aside, never granted over, and cleared by a
 force-unlock: one table of behaviours, run against every store that keeps bytes (the SQLite
-file, Redis, etcd) and Atlantis's Redis layout. The memory store keeps objects, not bytes: it
-has nothing to spoil.
+file, Redis, Redis Cluster, etcd) and Atlantis's Redis layout. The memory store keeps objects,
+not bytes: it has nothing to spoil. On Redis the rows also spoil the store's own structures
+(another Redis type at the lock's key, a shared holder's record that does not decode): its
+scripts read them, and must answer them like any other unreadable lock, never with an error.
 """
 
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from tests.support.backends import BACKEND_KINDS, BackendFactory
 from tests.support.locks import lock_for, request_for
 from tests.support.redis_fixtures import redis_config
 from tests.support.redis_server import RedisServer
-from tests.support.unreadable import SECRET, SPOILED, spoil
+from tests.support.unreadable import (
+    REDIS_SPOILERS,
+    SECRET,
+    SPOILED,
+    Spoiler,
+    data_spoiler,
+)
 
 from enhanced_locking.backends import Backend
 from enhanced_locking.backends.atlantis_redis import KEY_PREFIX, AtlantisRedisBackend
@@ -21,65 +30,78 @@ from enhanced_locking.backends.base import QueueBackend
 from enhanced_locking.backends.waiting import QueuePolicy, Status, Wait
 from enhanced_locking.types import LockNotOwned, LockUnreadable, UnreadableLock
 
-STORED = [pytest.param(name, marks=BACKEND_KINDS[name].marks, id=name)
-          for name in ("boltdb", "redis", "etcd")]
+REDIS = ("redis", "redis-cluster")
+
+
+def _rows(data: list[tuple[str, str]]) -> list[Any]:
+    """(store, spoiler) rows: each store with its JSON replaced by each of ``data``, and the
+    Redis stores with each of their own structures spoiled."""
+    rows = []
+    for kind in ("boltdb", "redis", "redis-cluster", "etcd"):
+        spoilers = [data_spoiler(name, raw) for name, raw in data]
+        if kind in REDIS:
+            spoilers += REDIS_SPOILERS
+        rows += [pytest.param(kind, s, marks=BACKEND_KINDS[kind].marks, id=f"{kind}-{s.name}")
+                 for s in spoilers]
+    return rows
+
+
+def spoiled_by(data: list[tuple[str, str]]) -> pytest.MarkDecorator:
+    return pytest.mark.parametrize(("backend_factory", "spoiler"), _rows(data),
+                                   indirect=["backend_factory"])
 
 BAD = request_for(path="envs/bad", pull=1)
 GOOD = request_for(path="envs/good", pull=1)
 OTHER = request_for(path="envs/bad", pull=2)
 
 
-async def _spoiled(backend: Backend, raw: str) -> tuple[int, str]:
-    """``BAD`` held and then spoiled, ``GOOD`` held (both by pull 1); BAD's token before."""
-    granted, bad = await backend.acquire(lock_for(BAD))
+async def _spoiled(backend: Backend, spoiler: Spoiler) -> tuple[int, str, int]:
+    """``BAD`` held (in the spoiler's mode) and then spoiled, ``GOOD`` held (both by pull 1);
+    BAD's token before, its key, and the size of the bytes the store reports for it."""
+    granted, bad = await backend.acquire(lock_for(BAD).model_copy(update={"mode": spoiler.mode}))
     assert granted and (await backend.acquire(lock_for(GOOD)))[0]
-    await spoil(backend, BAD.key, raw)
-    return bad.fencing_token, BAD.key
+    size = await spoiler.run(backend, BAD.key)
+    return bad.fencing_token, BAD.key, size
 
 
-def _safe(entry: UnreadableLock, raw: str) -> None:
-    assert entry.key == BAD.key and entry.reason and entry.size == len(raw.encode())
+def _safe(entry: UnreadableLock, size: int) -> None:
+    assert entry.key == BAD.key and entry.reason and entry.size == size
     assert len(entry.digest) == 16
-    assert SECRET not in entry.model_dump_json()
+    assert SECRET not in entry.model_dump_json() and SECRET not in entry.reason
 
 
-stored = pytest.mark.parametrize("backend_factory", STORED, indirect=True)
-
-
-@stored
-@pytest.mark.parametrize("raw", [raw for _, raw in SPOILED], ids=[n for n, _ in SPOILED])
+@spoiled_by(SPOILED)
 async def test_a_list_skips_an_unreadable_lock_and_sets_it_aside(
-    backend_factory: BackendFactory, raw: str
+    backend_factory: BackendFactory, spoiler: Spoiler
 ) -> None:
     backend = backend_factory()
-    _, key = await _spoiled(backend, raw)
+    _, key, size = await _spoiled(backend, spoiler)
     assert [lock.key for lock in await backend.list()] == [GOOD.key]
     assert [lock.key for lock in await backend.list(repo="acme/infra", pull=1)] == [GOOD.key]
     [entry] = backend.unreadable.entries()
-    _safe(entry, raw)
+    _safe(entry, size)
     assert key in backend.unreadable
 
 
-@stored
+@spoiled_by(SPOILED[:1])
 async def test_reading_the_key_says_it_is_unreadable_without_its_content(
-    backend_factory: BackendFactory,
+    backend_factory: BackendFactory, spoiler: Spoiler
 ) -> None:
     backend = backend_factory()
-    raw = SPOILED[0][1]
-    _, key = await _spoiled(backend, raw)
+    _, key, size = await _spoiled(backend, spoiler)
     with pytest.raises(LockUnreadable) as caught:
         await backend.get(key)
     assert caught.value.key == key and SECRET not in str(caught.value)
-    _safe(caught.value.found, raw)
+    _safe(caught.value.found, size)
     assert [e.key for e in backend.unreadable.entries()] == [key]
 
 
-@stored
+@spoiled_by(SPOILED[2:3])
 async def test_nothing_is_granted_over_an_unreadable_lock(
-    backend_factory: BackendFactory,
+    backend_factory: BackendFactory, spoiler: Spoiler
 ) -> None:
     backend = backend_factory()
-    await _spoiled(backend, SPOILED[2][1])
+    await _spoiled(backend, spoiler)
     assert isinstance(backend, QueueBackend)
     for request in (OTHER, BAD):  # another pull, and the pull the columns say it was
         with pytest.raises(LockUnreadable):
@@ -94,12 +116,12 @@ async def test_nothing_is_granted_over_an_unreadable_lock(
     assert await backend.get(request_for(path="envs/x", pull=2).key) is None, "all or nothing"
 
 
-@stored
+@spoiled_by(SPOILED[:1])
 async def test_a_release_by_another_pull_cannot_tell_and_frees_nothing(
-    backend_factory: BackendFactory,
+    backend_factory: BackendFactory, spoiler: Spoiler
 ) -> None:
     backend = backend_factory()
-    _, key = await _spoiled(backend, SPOILED[0][1])
+    _, key, _ = await _spoiled(backend, spoiler)
     with pytest.raises((LockUnreadable, LockNotOwned)):
         await backend.release(key, owner=("acme/infra", 2))
     assert key in backend.unreadable
@@ -107,16 +129,16 @@ async def test_a_release_by_another_pull_cannot_tell_and_frees_nothing(
         await backend.get(key)
 
 
-@stored
+@spoiled_by(SPOILED[:1])
 async def test_a_release_by_pull_frees_the_readable_locks_and_answers(
-    backend_factory: BackendFactory,
+    backend_factory: BackendFactory, spoiler: Spoiler
 ) -> None:
     backend = backend_factory()
-    _, key = await _spoiled(backend, SPOILED[0][1])
+    _, key, _ = await _spoiled(backend, spoiler)
     released = await backend.release_by_pull("acme/infra", 1)
     assert [lock.key for lock in released] == [GOOD.key]
     assert await backend.get(GOOD.key) is None
-    if backend_factory.kind == "redis":
+    if backend_factory.kind in REDIS and spoiler.owner_kept:
         # The Redis hash keeps its owner beside the JSON: the pull's release took it too.
         assert await backend.get(key) is None and key not in backend.unreadable
     else:
@@ -124,12 +146,12 @@ async def test_a_release_by_pull_frees_the_readable_locks_and_answers(
             await backend.get(key)
 
 
-@stored
+@spoiled_by(SPOILED[1:2])
 async def test_a_force_unlock_clears_it_and_the_next_grant_has_a_higher_token(
-    backend_factory: BackendFactory,
+    backend_factory: BackendFactory, spoiler: Spoiler
 ) -> None:
     backend = backend_factory()
-    token, key = await _spoiled(backend, SPOILED[1][1])
+    token, key, _ = await _spoiled(backend, spoiler)
     assert isinstance(backend, QueueBackend)
     with pytest.raises(LockUnreadable):
         await backend.get(key)
@@ -143,20 +165,20 @@ async def test_a_force_unlock_clears_it_and_the_next_grant_has_a_higher_token(
     assert granted and lock.fencing_token > token
 
 
-@stored
+@spoiled_by(SPOILED[:1])
 async def test_a_force_unlock_hands_the_key_to_its_next_waiter(
-    backend_factory: BackendFactory,
+    backend_factory: BackendFactory, spoiler: Spoiler
 ) -> None:
     backend = backend_factory()
     assert isinstance(backend, QueueBackend)
     # Queued behind a readable lock, which is then spoiled under the waiter.
-    assert (await backend.acquire(lock_for(BAD)))[0]
+    assert (await backend.acquire(lock_for(BAD).model_copy(update={"mode": spoiler.mode})))[0]
     wait = Wait(id="w-1", timeout=timedelta(seconds=30))
     future = backend.grants.expect(wait.id)
     queued = await backend.acquire_or_enqueue(lock_for(OTHER), ttl=None, wait=wait,
                                               policy=QueuePolicy())
     assert queued.status is Status.QUEUED
-    await spoil(backend, BAD.key, SPOILED[0][1])
+    await spoiler.run(backend, BAD.key)
     handoff = await backend.force_unlock(BAD.key)
     notice = await future
     assert notice.granted and notice.locks[0].pull.num == 2
@@ -164,24 +186,24 @@ async def test_a_force_unlock_hands_the_key_to_its_next_waiter(
     assert (await backend.get(BAD.key)) is not None
 
 
-@stored
+@spoiled_by(SPOILED[:1])
 async def test_a_new_backend_on_the_same_store_finds_it_on_its_first_scan(
-    backend_factory: BackendFactory,
+    backend_factory: BackendFactory, spoiler: Spoiler
 ) -> None:
     first = backend_factory()
-    _, key = await _spoiled(first, SPOILED[0][1])
+    _, key, _ = await _spoiled(first, spoiler)
     again = backend_factory()
     locks, _ = await again.export()
     assert [lock.key for lock in locks] == [GOOD.key]
     assert [entry.key for entry in again.unreadable.entries()] == [key]
 
 
-@stored
+@spoiled_by(SPOILED[:1])
 async def test_a_full_scan_forgets_keys_repaired_elsewhere(
-    backend_factory: BackendFactory,
+    backend_factory: BackendFactory, spoiler: Spoiler
 ) -> None:
     backend = backend_factory()
-    _, key = await _spoiled(backend, SPOILED[0][1])
+    _, key, _ = await _spoiled(backend, spoiler)
     await backend.list()
     assert key in backend.unreadable
     other = backend_factory()  # another replica (or a person) clears it

@@ -72,6 +72,10 @@ class LockRow(NamedTuple):
     mode: str
     path: str
     ws: str
+    unreadable: str | None = None
+    """Why the stored holder is not a lock (another Redis type at the key, a hash missing its
+    fields, a shared holder's record that does not decode); ``data`` is then the bytes found
+    (often none). Absent from rows stored before it existed (a shared holder's record)."""
 
 
 class Refusal(NamedTuple):
@@ -204,16 +208,16 @@ def refusal(answer: Any) -> Refusal | None:
 
 
 def lock(v: Sequence[Any]) -> LockRow:
-    return LockRow._make(v)
+    return LockRow(*v)
 
 
 def maybe_lock(v: Sequence[Any]) -> LockRow | None:
     """A lock, or ``None`` for the scripts' ``{}`` (no lock)."""
-    return LockRow._make(v) if v else None
+    return LockRow(*v) if v else None
 
 
 def locks(answer: Sequence[Any]) -> tuple[LockRow, ...]:
-    return tuple(LockRow._make(v) for v in answer)
+    return tuple(LockRow(*v) for v in answer)
 
 
 def waiter(flat: Sequence[Any]) -> WaiterRecord:

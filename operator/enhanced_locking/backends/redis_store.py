@@ -267,6 +267,13 @@ class RedisBackend:
     def _lock(self, row: LockRow, template: Lock | None = None) -> Lock:
         """A lock as the scripts answer it; its JSON not a lock: ``LockUnreadable`` (set
         aside). The scripts decide on the hash's own fields, so such a key stays held."""
+        if row.unreadable:
+            # Not even the hash the scripts keep (another Redis type at the key, a shared
+            # holder's record that does not decode): set aside like a JSON that is not a lock.
+            found = codec.unreadable(row.key, row.data, None, side=self.namespace,
+                                     reason=row.unreadable)
+            self.unreadable.found(found)
+            raise LockUnreadable(found)
         if template is not None:
             base = template
         else:
@@ -326,7 +333,7 @@ class RedisBackend:
                                 locks=tuple(self._lock(row) for row in g.locks), fresh=g.fresh)
                           for g in served.granted),
             timed_out=tuple(self._waiter(rec) for rec in served.dropped),
-            also_released=tuple(self._lock(row) for row in served.others))
+            also_released=tuple(self._readable(served.others, deleted=True)))
 
     # --- the Backend protocol --------------------------------------------------------------
     async def now(self) -> datetime:

@@ -87,20 +87,67 @@ local function with_parts(lock)
   return lock
 end
 
+-- A key's stored holder that is not one (another Redis type where a hash is kept, a hash
+-- without its fields, a shared holder's record that is not the tuple it should be): answered
+-- as a lock row whose 13th field says why (redis_replies.LockRow.unreadable), with the bytes
+-- found as its data (Python reports their size and digest, never them). It holds the key for
+-- nobody: nothing is granted over it, a release by an owner is refused with it, and a
+-- force-unlock deletes it (`bad` tells drop_lock what to delete: the lock hash, one shared
+-- holder's field, or the whole shared hash).
+local function unreadable(k, raw, why, bad)
+  local row = {k, raw or '', '0', '0', '0', '', '', false, false, 'exclusive', '.', 'default',
+               why}
+  row.bad = bad
+  return row
+end
+
+local function is_error(reply) return type(reply) == 'table' and reply['err'] ~= nil end
+
+local function not_a(name, wanted)
+  return 'not a ' .. wanted .. ' (Redis type ' .. redis.call('TYPE', name)['ok'] .. ')'
+end
+
 local function read_lock(k)
-  local v = redis.call('HMGET', lock_name(k), 'data', 'token', 'at', 'exp', 'repo', 'pull',
-                       'claim', 'lease', 'path', 'ws')
-  if not v[1] then return nil end
+  local name = lock_name(k)
+  local v = redis.pcall('HMGET', name, 'data', 'token', 'at', 'exp', 'repo', 'pull',
+                        'claim', 'lease', 'path', 'ws')
+  if is_error(v) then return unreadable(k, '', not_a(name, 'hash'), {lock = true}) end
+  if not v[1] then
+    if v[2] or v[5] then
+      return unreadable(k, '', 'a lock hash without its data field', {lock = true})
+    end
+    return nil
+  end
+  if not (tonumber(v[2]) and tonumber(v[3]) and tonumber(v[4]) and v[5] and v[6]) then
+    return unreadable(k, v[1], 'a lock hash whose token, times or owner do not read',
+                      {lock = true})
+  end
   return with_parts({k, v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], 'exclusive', v[9],
-                     v[10]})
+                     v[10], false})
+end
+
+-- One shared holder's record (the JSON of its lock row), or its unreadable row.
+local function shared_row(k, field, text)
+  local ok, row = pcall(cjson.decode, text)
+  if not ok then
+    return unreadable(k, text, 'a shared holder\'s record is not JSON', {field = field})
+  end
+  if type(row) ~= 'table' or row[1] ~= k or type(row[2]) ~= 'string'
+      or not (tonumber(row[3]) and tonumber(row[4]) and tonumber(row[5]))
+      or type(row[6]) ~= 'string' or type(row[7]) ~= 'string' or row[10] ~= 'shared' then
+    return unreadable(k, text, 'a shared holder\'s record is not a lock', {field = field})
+  end
+  row[13] = false
+  return row
 end
 
 -- Every shared holder of k (lapsed ones too), oldest grant first.
 local function read_shared(k)
+  local name = shared_name(k)
+  local flat = redis.pcall('HGETALL', name)
+  if is_error(flat) then return {unreadable(k, '', not_a(name, 'hash'), {shared = true})} end
   local out = {}
-  for _, text in ipairs(redis.call('HVALS', shared_name(k))) do
-    table.insert(out, cjson.decode(text))
-  end
+  for i = 1, #flat, 2 do table.insert(out, shared_row(k, flat[i], flat[i + 1])) end
   table.sort(out, function(a, b) return tonumber(a[3]) < tonumber(b[3]) end)
   return out
 end
@@ -118,6 +165,15 @@ local function same_owner(lock, repo, pull) return lock[6] == repo and lock[7] =
 
 local function drop_lock(lock)
   local k = lock[1]
+  if lock.bad then  -- an unreadable holder: delete what was found
+    if lock.bad.lock then redis.call('DEL', lock_name(k)) end
+    if lock.bad.shared then redis.call('DEL', shared_name(k)) end
+    if lock.bad.field then redis.call('HDEL', shared_name(k), lock.bad.field) end
+    if redis.call('EXISTS', lock_name(k), shared_name(k)) == 0 then
+      redis.call('SREM', HELD, k)
+    end
+    return
+  end
   if lock[10] == 'shared' then
     redis.call('HDEL', shared_name(k), lock[6] .. '#' .. lock[7])
     if redis.call('EXISTS', shared_name(k)) == 0 then redis.call('SREM', HELD, k) end

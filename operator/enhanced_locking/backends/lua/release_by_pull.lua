@@ -12,8 +12,9 @@ local function main()
     local found = {}
     local holder = read_lock(k)
     if holder then table.insert(found, holder) end
-    local text = redis.call('HGET', shared_name(k), ARGV[11] .. '#' .. ARGV[12])
-    if text then table.insert(found, cjson.decode(text)) end
+    local field = ARGV[11] .. '#' .. ARGV[12]
+    local text = redis.pcall('HGET', shared_name(k), field)
+    if text and not is_error(text) then table.insert(found, shared_row(k, field, text)) end
     for _, lock in ipairs(found) do
       if same_owner(lock, ARGV[11], ARGV[12]) then
         drop_lock(lock)

@@ -20,7 +20,9 @@ for _, k in ipairs(redis.call('SMEMBERS', QUEUED)) do
   end
   if #ids > 0 then
     local owners = {}
-    for _, h in ipairs(holders(k)) do table.insert(owners, {h[6], h[7]}) end
+    for _, h in ipairs(holders(k)) do
+      if not h.bad then table.insert(owners, {h[6], h[7]}) end  -- an unreadable one: unknown
+    end
     if #owners > 0 then
       table.insert(entries, {k, owners[1][1], owners[1][2], ids, owners})
     else
