@@ -79,11 +79,11 @@ class LockRow(NamedTuple):
 
 
 class Refusal(NamedTuple):
-    """A write refused by ``guard`` (``lib.lua``): the store's incarnation moved (the scripts
-    call it the epoch), or quarantine."""
+    """A write refused by ``guard`` (``lib.lua``): the store's incarnation moved, or
+    quarantine."""
 
     kind: str
-    """``epoch`` (a new incarnation) or ``quarantine``."""
+    """``incarnation`` (a new one, or one the caller did not know) or ``quarantine``."""
     incarnation: str
     until: int
     now: int
@@ -201,7 +201,7 @@ class WaitGraph(NamedTuple):
 # --- the decoding functions, one per shape ----------------------------------------------------
 def refusal(answer: Any) -> Refusal | None:
     """A guard's refusal, or ``None`` when ``answer`` is the script's own reply."""
-    if isinstance(answer, list) and answer and answer[0] in ("epoch", "quarantine"):
+    if isinstance(answer, list) and answer and answer[0] in ("incarnation", "quarantine"):
         kind, incarnation, until, now = answer
         return Refusal(str(kind), str(incarnation), int(until), int(now))
     return None

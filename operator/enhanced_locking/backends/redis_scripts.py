@@ -10,14 +10,15 @@ registers them and calls them by SHA; redis-py loads a script again when the ser
 ``luacheck`` (``hack/lint_lua.py``).
 
 **Arguments every script takes**: ``ARGV[1]`` is ``base`` (``{key-prefix}{namespace}:``),
-``ARGV[2..5]`` the queue policy (priority flag 0/1, starvation threshold in ms, max boost, max queue
-size), ``ARGV[6]`` the calling replica's id, ``ARGV[7..9]`` the store epoch the caller knows, a
-fresh epoch id to use if a new one must be started, and the restart quarantine in ms; ``ARGV[10]``
-the policy rules compiled by :func:`enhanced_locking.policies.compile_rules` (JSON, ``''`` for
-none). Script-specific arguments start at ``ARGV[11]``. ``KEYS`` name the lock hashes a call is
-about; the indexes below are derived from ``base`` inside the scripts, which is why the backend
-needs one Redis (or Sentinel), not a Redis Cluster. Everything about one lock key carries the key as
-a hash tag (``{K}``).
+``ARGV[2..5]`` the queue policy (priority flag 0/1, starvation threshold in ms, max boost, max
+queue size), ``ARGV[6]`` the calling replica's id, ``ARGV[7..9]`` the store's incarnation the
+caller knows, a fresh id to use if a new incarnation must be started, and the restart
+quarantine in ms; ``ARGV[10]`` the policy rules compiled by
+:func:`enhanced_locking.policies.compile_rules` (JSON, ``''`` for none). Script-specific
+arguments start at ``ARGV[11]``. ``KEYS`` name the namespace's own keys and the lock hashes a
+call is about; the keys a script finds while it runs are formed from ``base`` inside the
+scripts (``docs/03-redis.md``, "Key layout"). Everything about one lock key carries the key
+as a hash tag (``{K}``); on a Redis Cluster ``base`` carries the namespace's tag instead.
 
 **Keys** (``K`` a lock key, ``W`` a waiter id, ``R`` a replica id)::
 
@@ -26,23 +27,29 @@ a hash tag (``{K}``).
     shared:{K}      hash: "repo#pull" -> the JSON of a shared holder's lock tuple
     fence:{K}       the key's fencing counter (INCR; never lowered)
     queue0..3:{K}   sorted sets, one per base priority: member "%016d(seq):W", score enqueue ms
-    waiter:W        hash: id, keys (JSON), repo, pull, level, enq, seq, deadline, ttl, replica,
-                    rid, and "d:K" = the Atlantis JSON to store for each key K
+    waiter:W        hash: id, keys (JSON), repo, pull, level, enq, seq, deadline, ttl,
+                    replica (the replica id R of its caller), rid, and "d:K" = the Atlantis
+                    JSON to store for each key K
     outcome:W       hash, kept a few minutes: kind (granted/timeout/...), waiter, locks
     held, fenced, queued          sets of keys (held, with a counter, with waiters)
     pull:{repo#num} set of the keys a pull may hold
-    replicas        sorted set: R scored by the server time until which R counts as alive
+    replicas        the liveness set (RedisKeys.liveness): R scored by the server time until
+                    which R's waiters count as alive
     seq             the enqueue counter (FIFO tie-break across keys)
-    epoch           hash: id, base (first fencing token - 1 of new counters), until, since
+    epoch           the incarnation (RedisKeys.incarnation), a hash: id, base (first fencing
+                    token - 1 of new counters), until, since
     op:C            a write's answer under its call id C (kept OP_MS, for a retried call)
     notify:R        pub/sub channel: "kind:W" when one of R's waiters is granted or dropped
 
-**Epochs.** Every script that changes something first checks the store's epoch (``guard``).
-A Redis that comes back without its data (restarted without persistence) has no epoch; the
+**Incarnations.** Every script that changes something first checks the store's incarnation
+(``guard``). The keys ``epoch``, ``replicas`` and the waiter field ``replica`` keep the names
+they were stored under (renaming them would need a migration of stored data); the scripts
+call them the incarnation, the liveness set and the replica id.
+A Redis that comes back without its data (restarted without persistence) has no incarnation; the
 first replica that notices starts a new one whose fencing counters continue from the server
 clock (``ms * 1000``, above any token handed out before) and whose grants wait out the
 restart quarantine, so a lock granted before the loss is not granted again at once. A new
-store (no replica knew an epoch) starts at 0 without quarantine.
+store (no replica knew an incarnation) starts at 0 without quarantine.
 
 **Time** is the server's (``TIME``), read once per call. A lock is held while ``exp`` is 0
 or in the future; the hash itself is given a Redis expiry a grace period after ``exp`` so it

@@ -95,17 +95,21 @@ class RedisKeys:
 
     def __init__(self, prefix: str, namespace: str, *, cluster: bool = False) -> None:
         self.base = f"{prefix}{{{prefix}{namespace}}}:" if cluster else f"{prefix}{namespace}:"
-        self.epoch = self.base + "epoch"
+        self.incarnation = self.base + "epoch"
+        """The store's incarnation (a hash). Stored under the name ``epoch``, the name it had
+        before; renaming it would orphan the incarnation of a running store."""
         self.held = self.base + "held"
         self.fenced = self.base + "fenced"
         self.queued = self.base + "queued"
-        self.replicas = self.base + "replicas"
+        self.liveness = self.base + "replicas"
+        """Until when each replica id's waiters count as alive (a sorted set; stored under its
+        earlier name ``replicas``)."""
         self.seq = self.base + "seq"
 
     def common(self, call_id: str) -> list[str]:
         """``KEYS[1..7]`` of every script (``lua/lib.lua``)."""
-        return [self.epoch, self.op(call_id), self.held, self.fenced, self.queued,
-                self.replicas, self.seq]
+        return [self.incarnation, self.op(call_id), self.held, self.fenced, self.queued,
+                self.liveness, self.seq]
 
     def op(self, call_id: str) -> str:
         return f"{self.base}op:{call_id}"
@@ -167,7 +171,7 @@ class RedisBackend:
         self.unreadable = UnreadableLocks(namespace)
         self.incarnation = ""
         """The store's incarnation this backend knows ('' until its first write): a Redis that
-        comes back without its data starts a new one (the scripts' ``epoch`` hash)."""
+        comes back without its data starts a new one (``RedisKeys.incarnation``)."""
         self.connection = connection
         self.keys = RedisKeys(prefix, namespace, cluster=connection.cluster)
         self.replica_id = replica_id or secrets.token_hex(8)
@@ -251,7 +255,7 @@ class RedisBackend:
     def _incarnation_changed(self, refused: redis_replies.Refusal, *, key: str | None) -> None:
         """A script refused to act: learn the store's incarnation, or report the quarantine."""
         kind, incarnation, until, now = refused
-        lost = kind == "epoch" and self.incarnation not in ("", incarnation) and until > now
+        lost = kind == "incarnation" and self.incarnation not in ("", incarnation) and until > now
         if lost:
             log.error("redis %s came back without its data: the locks held before are unknown; "
                       "grants resume at %s (enhanced-locking-redis-restart-quarantine)",

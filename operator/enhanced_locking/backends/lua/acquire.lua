@@ -28,7 +28,7 @@ local function main()
     local rec = read_waiter(wait_id)
     if rec then  -- the same waiter asking again (a retry takes it over): where it stands
       if caller ~= '' and rec['caller'] ~= caller then
-        redis.call('HSET', waiter_name(wait_id), 'caller', caller, 'replica', REPLICA)
+        redis.call('HSET', waiter_name(wait_id), 'caller', caller, 'replica', REPLICA_ID)
         rec = read_waiter(wait_id)
       end
       local k = rec.keys[1]
@@ -100,13 +100,13 @@ local function main()
       return {'queue_full', k, peek(k) or {}, superseded}
     end
   end
-  redis.call('ZADD', REPLICAS, NOW + REPLICA_MS, REPLICA)
+  redis.call('ZADD', LIVENESS, NOW + REPLICA_MS, REPLICA_ID)
   local seq = redis.call('INCR', SEQ)
   local deadline = NOW + wait_ms
   local name = waiter_name(wait_id)
   redis.call('HSET', name, 'id', wait_id, 'keys', cjson.encode(keys), 'repo', repo, 'pull', pull,
              'level', level, 'enq', NOW, 'seq', seq, 'deadline', deadline, 'ttl', ttl,
-             'replica', REPLICA, 'rid', rid, 'mode', mode, 'head', head, 'caller', caller)
+             'replica', REPLICA_ID, 'rid', rid, 'mode', mode, 'head', head, 'caller', caller)
   for i, k in ipairs(keys) do
     redis.call('HSET', name, 'd:' .. k, datas[k], 'p:' .. k, parts[i].path, 'w:' .. k,
                parts[i].ws)

@@ -2,54 +2,62 @@
 -- Before it comes a generated preamble setting the time constants of redis_scripts.py:
 --   CLAIM_MS, GRACE_MS, OUTCOME_MS, REPLICA_MS, OP_MS
 -- KEYS[1..7] the namespace's own keys, named by RedisKeys (redis_store.py), in this order:
---   epoch, op:<call id>, held, fenced, queued, replicas, seq; a script's own keys follow
---   (KEYS[8..]). On a Redis Cluster every key of a namespace carries one hash tag.
+--   incarnation, op:<call id>, held, fenced, queued, liveness, seq; a script's own keys
+--   follow (KEYS[8..]). On a Redis Cluster every key of a namespace carries one hash tag.
+-- Names kept in stored data from before the names below: the incarnation hash is stored
+--   under the key `epoch` and the waiters' liveness set under `replicas` (RedisKeys keeps
+--   both names, so a store written by an earlier release is read as it is), and a waiter's
+--   record keeps its replica id in the field `replica`. Renaming them would need a
+--   migration of stored data; inside the scripts they are the incarnation, the liveness set
+--   and the replica id.
 -- ARGV[1] base: RedisKeys.base, the start of every key name of the namespace; the names
 --   of keys found while the script runs (a waiter's record, the lock of a key in an index)
 --   are formed from it by the *_name functions below, the mirror of RedisKeys
 -- ARGV[2..5] queue policy: priority flag 0/1, starvation threshold ms, max boost, max queue size
--- ARGV[6] the calling replica's id
--- ARGV[7..9] the store epoch the caller knows, a fresh id (the call id; also a new epoch's id),
---            the restart quarantine in ms
+-- ARGV[6] the calling replica's id (the service's replica id; its waiters' notifications go to
+--         the channel notify:<replica id>)
+-- ARGV[7..9] the store's incarnation the caller knows ('' none yet), a fresh id (the call id;
+--            also the id of a new incarnation if one must start), the restart quarantine in ms
 -- ARGV[10] the policy rules compiled by enhanced_locking.policies.compile_rules (JSON, '' none)
 -- Script-specific arguments start at ARGV[11].
--- A refused write (guard) replies {'epoch' | 'quarantine', epoch id, until ms, now ms}
+-- A refused write (guard) replies {'incarnation' | 'quarantine', incarnation id, until ms,
+-- now ms}
 -- (decoded by redis_replies.refusal); a lock is the row `read_lock` answers (redis_replies.lock).
 -- luacheck: push ignore 211
 local base = ARGV[1]
 local POLICY = {priority = tonumber(ARGV[2]), threshold = tonumber(ARGV[3]),
                 boost = tonumber(ARGV[4]), max_size = tonumber(ARGV[5])}
-local REPLICA = ARGV[6]
-local KNOWN_EPOCH, NEW_EPOCH, QUARANTINE_MS = ARGV[7], ARGV[8], tonumber(ARGV[9])
+local REPLICA_ID = ARGV[6]
+local KNOWN_INCARNATION, NEW_INCARNATION, QUARANTINE_MS = ARGV[7], ARGV[8], tonumber(ARGV[9])
 local clock = redis.call('TIME')
 local NOW = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-local EPOCH, OP, HELD, FENCED, QUEUED = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local REPLICAS, SEQ = KEYS[6], KEYS[7]
+local INCARNATION, OP, HELD, FENCED, QUEUED = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local LIVENESS, SEQ = KEYS[6], KEYS[7]
 local TOKEN_BASE = 0
 
 -- Whole numbers as exact text: Lua's own tostring keeps 14 digits, tokens can have 16.
 local function int(x) return string.format('%.0f', x) end
 
 -- A script that changes anything first asks: did this very call run already (a retry)? does
--- Redis still have the data the caller knew (the store's epoch)? Returns nil to go on, else
+-- Redis still have the data the caller knew (the store's incarnation)? Returns nil to go on, else
 -- the reply to send back (nothing changed).
 local function guard()
   local done = redis.call('GET', OP)
   if done then return cjson.decode(done) end  -- this very call ran before: same answer
-  local e = redis.call('HMGET', EPOCH, 'id', 'base', 'until')
+  local e = redis.call('HMGET', INCARNATION, 'id', 'base', 'until')
   if not e[1] then
-    if KNOWN_EPOCH == '' then  -- a new store: counters start at 0
-      redis.call('HSET', EPOCH, 'id', NEW_EPOCH, 'base', 0, 'until', 0, 'since', NOW)
-      return {'epoch', NEW_EPOCH, 0, NOW}
+    if KNOWN_INCARNATION == '' then  -- a new store: counters start at 0
+      redis.call('HSET', INCARNATION, 'id', NEW_INCARNATION, 'base', 0, 'until', 0, 'since', NOW)
+      return {'incarnation', NEW_INCARNATION, 0, NOW}
     end
     -- The caller knew this store and it has forgotten everything (a restart without
     -- persistence): tokens continue from the clock, and grants wait out the quarantine.
     local till = NOW + QUARANTINE_MS
-    redis.call('HSET', EPOCH, 'id', NEW_EPOCH, 'base', int(NOW * 1000), 'until', till,
-               'since', NOW, 'lost', KNOWN_EPOCH)
-    return {'epoch', NEW_EPOCH, till, NOW}
+    redis.call('HSET', INCARNATION, 'id', NEW_INCARNATION, 'base', int(NOW * 1000), 'until', till,
+               'since', NOW, 'lost', KNOWN_INCARNATION)
+    return {'incarnation', NEW_INCARNATION, till, NOW}
   end
-  if e[1] ~= KNOWN_EPOCH then return {'epoch', e[1], tonumber(e[3]), NOW} end
+  if e[1] ~= KNOWN_INCARNATION then return {'incarnation', e[1], tonumber(e[3]), NOW} end
   if tonumber(e[3]) > NOW then return {'quarantine', e[1], tonumber(e[3]), NOW} end
   TOKEN_BASE = tonumber(e[2])
   return nil
@@ -571,12 +579,12 @@ local function grant(id, rec, fx)
 end
 
 local alive = {}
-local function replica_alive(replica)
-  if alive[replica] == nil then
-    local score = redis.call('ZSCORE', REPLICAS, replica)
-    alive[replica] = score ~= false and tonumber(score) >= NOW
+local function replica_alive(replica_id)
+  if alive[replica_id] == nil then
+    local score = redis.call('ZSCORE', LIVENESS, replica_id)
+    alive[replica_id] = score ~= false and tonumber(score) >= NOW
   end
-  return alive[replica]
+  return alive[replica_id]
 end
 
 -- Serve k's queue (no concurrency rules): grant each waiter the rules allow, in service

@@ -10,5 +10,5 @@ for i = 11, #ARGV do
     table.insert(out, redis.call('HGET', outcome_name(ARGV[i]), 'kind') or 'gone')
   end
 end
-redis.call('ZADD', REPLICAS, NOW + REPLICA_MS, REPLICA)
+redis.call('ZADD', LIVENESS, NOW + REPLICA_MS, REPLICA_ID)
 return out
