@@ -58,3 +58,150 @@ def test_luacheck_finds_nothing_in_the_scripts() -> None:
                          capture_output=True, text=True, check=False)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "no warnings" in run.stdout
+
+
+# --- which keys a script may name ---------------------------------------------------------------
+# Redis Cluster's rule is that every key a script touches is passed in KEYS. Redis itself does
+# not enforce it where it would matter here (7.0 refuses only a key of another slot, and every
+# key of a namespace shares one slot), so it is checked in the source: a script may name a key
+# only through KEYS, or through one of the library's name functions below. Each of those forms
+# the name of a key a script finds while it runs, which its caller cannot know; each is listed,
+# with why, in docs/03-redis.md ("Keys formed inside a script"). A new way of forming a key
+# name fails here until it is declared in KEYS instead (or added there, with its reason).
+FORMED_INSIDE = {
+    "lock_name": "the lock hash of a key found in an index or in a waiter's batch",
+    "shared_name": "the shared holders of such a key",
+    "fence_name": "the fencing counter of such a key",
+    "queue_name": "the queues of such a key",
+    "waiter_name": "the record of a waiter named by a queue entry",
+    "outcome_name": "the outcome of such a waiter",
+    "pull_index": "the index of the pull a waiter's grant is for",
+}
+NOT_KEYS = {"tell"}
+"""Functions that form a name that is not a key (``tell``: the pub/sub channel of a replica)."""
+
+KEYS_CONSTANTS = {"INCARNATION", "OP", "HELD", "FENCED", "QUEUED", "LIVENESS", "SEQ"}
+KEY_COMMANDS_FIRST = {
+    "GET", "SET", "INCR", "HGET", "HSET", "HDEL", "HMGET", "HGETALL", "HVALS", "SADD", "SREM",
+    "SMEMBERS", "SISMEMBER", "ZADD", "ZREM", "ZRANGE", "ZCARD", "ZSCORE", "ZREMRANGEBYSCORE",
+    "PEXPIREAT", "PEXPIRE", "PERSIST", "TYPE",
+}
+KEY_COMMANDS_ALL = {"DEL", "EXISTS"}
+NO_KEYS = {"TIME", "PUBLISH"}
+
+
+def _calls(text: str) -> list[tuple[int, list[str]]]:
+    """Every ``redis.call(...)`` / ``redis.pcall(...)``: its line and its top-level arguments."""
+    found = []
+    for match in re.finditer(r"\bredis\.p?call\(", text):
+        args: list[str] = []
+        depth, current, i, quote = 1, "", match.end(), ""
+        while depth:
+            ch = text[i]
+            if quote:
+                current += ch
+                if ch == quote and text[i - 1] != "\\":
+                    quote = ""
+            elif ch in "'\"":
+                quote, current = ch, current + ch
+            elif ch in "([{":
+                depth, current = depth + 1, current + ch
+            elif ch in ")]}":
+                depth -= 1
+                if depth:
+                    current += ch
+            elif ch == "," and depth == 1:
+                args, current = [*args, current.strip()], ""
+            else:
+                current += ch
+            i += 1
+        found.append((text.count("\n", 0, match.start()) + 1, [*args, current.strip()]))
+    return found
+
+
+def _sources() -> dict[str, str]:
+    return {p.name: p.read_text() for p in sorted(LUA.glob("*.lua"))}
+
+
+def _assignments(texts: dict[str, str]) -> dict[str, list[str]]:
+    """``name = expression`` of every variable assigned in the scripts (with ``local`` or not)."""
+    out: dict[str, list[str]] = {}
+    for text in texts.values():
+        for line in text.splitlines():
+            m = re.match(r"\s*(?:local\s+)?([A-Za-z_][\w, ]*?)\s*=\s*(.+?)\s*(?:--.*)?$", line)
+            if not m or "==" in line.split("--")[0].split("=", 1)[0] + "=":
+                continue
+            names = [n.strip() for n in m.group(1).split(",")]
+            values = [v.strip() for v in re.split(r",(?![^()]*\))", m.group(2))]
+            for name, value in zip(names, values, strict=False):
+                out.setdefault(name, []).append(value)
+    return out
+
+
+def _key_argument_problem(arg: str, assigned: dict[str, list[str]]) -> str | None:
+    """Why ``arg`` (an expression in a key position) is not a declared or listed key name."""
+    if ".." in arg or arg.startswith(("'", '"')):
+        return "a key name built in place"
+    call = re.fullmatch(r"([A-Za-z_]\w*)\(.*\)", arg, re.S)
+    if call:
+        return None if call.group(1) in FORMED_INSIDE else f"{call.group(1)}() is not listed"
+    if arg in KEYS_CONSTANTS or re.fullmatch(r"KEYS\[\d+\]", arg):
+        return None
+    if arg.startswith("{") or re.fullmatch(r"[\d.]+|false|nil|true", arg):
+        return None  # a value that is no name (another variable of the same name)
+    if re.fullmatch(r"[A-Za-z_]\w*", arg):
+        for value in assigned.get(arg, []):
+            problem = _key_argument_problem(value, {**assigned, arg: []})
+            if problem:
+                return f"{arg} = {value}: {problem}"
+        return None  # a function's parameter: its callers pass a checked name
+    return f"an expression ({arg})"
+
+
+def test_a_script_names_a_key_only_through_keys_or_a_listed_name_function() -> None:
+    texts = _sources()
+    problems = []
+    for file, text in texts.items():
+        assigned = _assignments({"lib.lua": texts["lib.lua"], file: text})
+        for line, args in _calls(text):
+            command = args[0].strip("'\"")
+            if command in NO_KEYS:
+                continue
+            assert command in KEY_COMMANDS_FIRST | KEY_COMMANDS_ALL, (
+                f"{file}:{line}: {command} is not in this test's table of key positions")
+            positions = args[1:] if command in KEY_COMMANDS_ALL else args[1:2]
+            for arg in positions:
+                problem = _key_argument_problem(arg, assigned)
+                if problem:
+                    problems.append(f"{file}:{line}: {command} {arg}: {problem}")
+    assert not problems, "\n".join(problems)
+
+
+def test_only_the_listed_name_functions_form_key_names_from_the_namespace() -> None:
+    """``base`` (ARGV[1], the start of every key name) is read only by the listed functions,
+    and a KEYS name is never the start of another."""
+    using = set()
+    for file, text in _sources().items():
+        # The code without its comments and string literals (a field may be called 'base').
+        code = "\n".join(re.sub(r"'[^']*'", "''", line).split("--", 1)[0]
+                         for line in text.splitlines())
+        assert "ARGV[1]" not in code.replace("local base = ARGV[1]", ""), file
+        for constant in [*KEYS_CONSTANTS, r"KEYS\[\d+\]"]:
+            assert not re.search(rf"\b{constant}\s*\.\.", code), f"{file}: {constant} .."
+        for m in re.finditer(r"\bbase\b", code):
+            if file != "lib.lua":
+                raise AssertionError(f"{file} reads base: a key name formed in a script")
+            if code[max(0, m.start() - 6):m.start()] == "local ":
+                continue  # its definition
+            start = code.rfind("local function ", 0, m.start())
+            name = re.match(r"local function (\w+)", code[start:]) if start >= 0 else None
+            assert name, "base read outside a function"
+            using.add(name.group(1))
+    assert using == set(FORMED_INSIDE) | NOT_KEYS
+
+
+def test_the_keys_formed_inside_a_script_are_the_ones_the_docs_list() -> None:
+    docs = (REPO / "docs/03-redis.md").read_text()
+    section = docs.split("### Keys formed inside a script", 1)[1].split("\n#", 1)[0]
+    for name in FORMED_INSIDE:
+        assert f"`{name}`" in section, f"docs/03-redis.md does not say why {name} is formed"
