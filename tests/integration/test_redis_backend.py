@@ -12,13 +12,16 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import pytest
+import redis.asyncio as aioredis
 from redis.crc import key_slot
+from redis.exceptions import DataError
 from tests.support.locks import lock_for, request_for
 from tests.support.redis_fixtures import redis_config
 from tests.support.redis_server import RedisServer
 
 from enhanced_locking.backends import redis_scripts
 from enhanced_locking.backends.memory import MemoryBackend
+from enhanced_locking.backends.redis_connection import HiredisConnection
 from enhanced_locking.backends.redis_store import RedisBackend
 from enhanced_locking.types import LockNotHeld, LockNotOwned
 
@@ -128,6 +131,47 @@ async def test_scripts_are_loaded_again_after_the_server_forgets_them(
         admin.script_flush()
     granted, holder = await backend.acquire(lock_for(request_for(pull=2)))
     assert not granted and holder.pull.num == 1
+
+
+async def test_commands_are_packed_by_hiredis_into_the_bytes_redis_py_sends(
+    backend: RedisBackend,
+) -> None:
+    client = backend.connection.client
+    assert isinstance(client, aioredis.Redis)
+    assert client.connection_pool.connection_class is HiredisConnection
+    ours, theirs = HiredisConnection(), aioredis.Connection()
+    script_call = ("EVALSHA", "1ce43e55", 2, "base:lock:{é}", b"raw", 0, -7, 2**53, "", "{}")
+    for args in (script_call, ("CONFIG GET", "maxmemory"), (b"CLIENT LIST",)):
+        assert b"".join(ours.pack_command(*args)) == b"".join(theirs.pack_command(*args))
+    with pytest.raises(DataError):
+        ours.pack_command("SET", "k", None)
+    # A command of two words, through the real server.
+    assert "maxmemory" in await client.config_get("maxmemory")
+
+
+async def test_answers_about_a_lock_this_replica_granted_are_what_another_replica_reads(
+    redis_server: RedisServer,
+) -> None:
+    config = redis_config(redis_server)
+    granting, reading = (RedisBackend.from_config(config, "enhanced") for _ in range(2))
+    try:
+        granted, lock = await granting.acquire(lock_for(request_for(pull=7)))
+        assert granted
+        assert await reading.get(KEY) == lock == await granting.get(KEY)
+        # The stored JSON rewritten under the same token (another writer): read again.
+        with redis_server.client() as admin:
+            name = granting.keys.lock(KEY)
+            data = json.loads(admin.hget(name, "data") or b"{}")
+            data["User"]["Username"] = "rewritten"
+            admin.hset(name, "data", json.dumps(data))
+        seen = await granting.get(KEY)
+        assert seen is not None and seen.user.username == "rewritten"
+        assert seen.fencing_token == lock.fencing_token
+        released = await granting.release(KEY, owner=("acme/infra", 7))
+        assert released == seen
+    finally:
+        await granting.close()
+        await reading.close()
 
 
 async def test_two_replicas_never_both_grant_a_key(redis_server: RedisServer) -> None:

@@ -1,7 +1,10 @@
 """Connecting to Redis from the settings, and turning its failures into ``BackendUnavailable``.
 
 One asyncio client per backend, over a bounded pool (``redis-pool-size``) that waits for a free
-connection instead of failing. The client speaks RESP through hiredis when it is installed.
+connection instead of failing. The client speaks RESP through hiredis, both ways: hiredis parses
+the replies, and packs the commands too (redis-py's asyncio connection packs them in Python, a
+script call's 30-odd arguments one by one, which cost several times the parse). A Redis
+Cluster's client builds its connections itself and keeps redis-py's packing.
 Settings: ``redis-addr`` or Sentinel (``redis-sentinel-addrs`` + ``redis-sentinel-master``),
 or a Redis Cluster (``redis-cluster``: ``redis-addr`` names any node, redis-py's asyncio
 ``RedisCluster`` finds the others and follows slot moves), ``redis-db``, ``redis-username``
@@ -26,12 +29,17 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal
 
+import hiredis
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterPubSub, RedisCluster
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import (
+    Sentinel,
+    SentinelManagedConnection,
+    SentinelManagedSSLConnection,
+)
 from redis.backoff import ExponentialBackoff, NoBackoff
 
 from enhanced_locking.config import SECRET_MASK, EnhancedLockingConfig
@@ -42,6 +50,8 @@ __all__ = [
     "CONNECT_TIMEOUT",
     "RETRYABLE",
     "Client",
+    "HiredisConnection",
+    "HiredisSSLConnection",
     "RedisConnection",
     "connect",
     "down",
@@ -80,6 +90,36 @@ DOWN: tuple[type[BaseException], ...] = (
 
 Client = aioredis.Redis | RedisCluster
 """A client of one Redis (direct or through Sentinel), or of a Redis Cluster."""
+
+
+class _HiredisPacking:
+    """Commands packed by hiredis in one C call (redis-py's synchronous client does the same;
+    its asyncio connection packs them in Python). The bytes are the same."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        name = args[0]
+        if (isinstance(name, str) and " " in name) or (isinstance(name, bytes) and b" " in name):
+            args = (*name.split(), *args[1:])  # "CONFIG GET": its words are sent apart
+        try:
+            return [hiredis.pack_command(args)]
+        except TypeError as error:  # what redis-py's encoder says of None, a dict, ...
+            raise rexc.DataError(str(error)) from None
+
+
+class HiredisConnection(_HiredisPacking, aioredis.Connection):
+    """A plain TCP connection whose commands hiredis packs."""
+
+
+class HiredisSSLConnection(_HiredisPacking, aioredis.SSLConnection):
+    """A TLS connection whose commands hiredis packs."""
+
+
+class _HiredisSentinelConnection(_HiredisPacking, SentinelManagedConnection):
+    """A connection to the master Sentinel names, whose commands hiredis packs."""
+
+
+class _HiredisSentinelSSLConnection(_HiredisPacking, SentinelManagedSSLConnection):
+    """The same over TLS."""
 
 
 def _host_port(addr: str) -> tuple[str, int]:
@@ -240,6 +280,8 @@ def connect(config: EnhancedLockingConfig) -> RedisConnection:
         )
         client = sentinel.master_for(
             config.redis_sentinel_master, max_connections=config.redis_pool_size,
+            connection_class=_HiredisSentinelSSLConnection if config.redis_tls
+            else _HiredisSentinelConnection,
         )
         where = (f"master {config.redis_sentinel_master!r} via sentinels "
                  f"{','.join(config.redis_sentinel_addrs)} db {config.redis_db}")
@@ -256,7 +298,7 @@ def connect(config: EnhancedLockingConfig) -> RedisConnection:
         return RedisConnection(cluster, f"cluster via {config.redis_addr}", secret)
     pool = aioredis.BlockingConnectionPool(
         host=host, port=port, max_connections=config.redis_pool_size, timeout=POOL_WAIT,
-        connection_class=aioredis.SSLConnection if config.redis_tls else aioredis.Connection,
+        connection_class=HiredisSSLConnection if config.redis_tls else HiredisConnection,
         **{k: v for k, v in kwargs.items() if k != "ssl"},
     )
     client = aioredis.Redis(connection_pool=pool)

@@ -76,6 +76,9 @@ log = logging.getLogger(__name__)
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
+_KNOWN = 4096
+"""Locks kept by key so that answers about them are not decoded again (``_lock``)."""
+
 
 class RedisKeys:
     """The key layout of one namespace, written once (``docs/03-redis.md``, "Key layout").
@@ -183,6 +186,10 @@ class RedisBackend:
         """Calls waiting for Redis right now (tests use it to know when all is quiet)."""
         self._policy = QueuePolicy()
         self._rules: tuple[policies.PolicyRules, str] = (self._policy.rules, "")
+        self._heads: tuple[QueuePolicy, str, tuple[Any, ...], tuple[Any, ...]] | None = None
+        self._known: dict[str, tuple[tuple[str, str, str, str], Lock]] = {}
+        """By key: the stored JSON, token, grant time and lease end of a lock last answered,
+        and the lock made of them (``_lock``)."""
         register = connection.client.register_script
         self._scripts: dict[str, AsyncScript] = {
             name: register(getattr(redis_scripts, name))
@@ -210,8 +217,8 @@ class RedisBackend:
     ) -> Any:
         if policy is not None:
             self._policy = policy
-        p = self._policy
         action = name.lower().replace("_", " ")
+        script = self._scripts[name]
         # One id per call: a write's answer is kept under it, so the one retry below (after a
         # connection broke, when we cannot know whether the script ran) never writes twice.
         call_id = secrets.token_hex(8)
@@ -220,15 +227,11 @@ class RedisBackend:
         self.in_flight += 1
         try:
             for _ in range(4):
-                head: list[Any] = [
-                    self.keys.base, int(p.priority), p.threshold_ms, p.max_boost, p.max_size,
-                    self.replica_id, self.incarnation, call_id, _duration_ms(self.quarantine),
-                    self._compiled(p.rules),
-                ]
+                before, after = self._head()
+                head = [*before, call_id, *after]
                 try:
                     async with asyncio.timeout(COMMAND_TIMEOUT):
-                        answer = await self._scripts[name](keys=[*common, *keys],
-                                                           args=[*head, *args])
+                        answer = await script(keys=[*common, *keys], args=[*head, *args])
                 except DOWN as error:
                     if retried or not is_retryable(error):
                         raise down(self.connection, action, error, key=key) from None
@@ -243,6 +246,19 @@ class RedisBackend:
                                      "keeps changing; try again", key=key)
         finally:
             self.in_flight -= 1
+
+    def _head(self) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        """``ARGV[1..7]`` and ``ARGV[9..10]`` of every script (``ARGV[8]`` is the call id),
+        built again only when the policy or the store's incarnation changes."""
+        policy, incarnation = self._policy, self.incarnation
+        cached = self._heads
+        if cached is not None and cached[0] is policy and cached[1] == incarnation:
+            return cached[2], cached[3]
+        before = (self.keys.base, int(policy.priority), policy.threshold_ms, policy.max_boost,
+                  policy.max_size, self.replica_id, incarnation)
+        after = (_duration_ms(self.quarantine), self._compiled(policy.rules))
+        self._heads = (policy, incarnation, before, after)
+        return before, after
 
     def _compiled(self, rules: policies.PolicyRules) -> str:
         """The rules as the scripts read them (compiled once per rules object)."""
@@ -270,7 +286,12 @@ class RedisBackend:
     # --- decoding ------------------------------------------------------------------------
     def _lock(self, row: LockRow, template: Lock | None = None) -> Lock:
         """A lock as the scripts answer it; its JSON not a lock: ``LockUnreadable`` (set
-        aside). The scripts decide on the hash's own fields, so such a key stays held."""
+        aside). The scripts decide on the hash's own fields, so such a key stays held.
+
+        The locks this backend made last are kept by key (:attr:`_known`): a row with the same
+        stored JSON is not parsed again, and one with the same JSON, token, grant time and
+        lease end is that same (frozen) lock. An acquire's answer is built on its candidate
+        (``template``) when Redis stored the JSON the candidate was encoded to."""
         if row.unreadable:
             # Not even the hash the scripts keep (another Redis type at the key, a shared
             # holder's record that does not decode): set aside like a JSON that is not a lock.
@@ -278,8 +299,16 @@ class RedisBackend:
                                      reason=row.unreadable)
             self.unreadable.found(found)
             raise LockUnreadable(found)
+        stamp = (row.data, row.token, row.at, row.exp)
+        known = self._known.get(row.key)
+        if known is not None and known[0] == stamp:
+            self.unreadable.readable(row.key)
+            return known[1]
         if template is not None:
             base = template
+        elif known is not None and known[0][0] == row.data:
+            base = known[1]
+            self.unreadable.readable(row.key)
         else:
             try:
                 base = codec.read(row.data, key=row.key, side=self.namespace)
@@ -287,11 +316,16 @@ class RedisBackend:
                 self.unreadable.found(error.found)
                 raise
             self.unreadable.readable(row.key)
-        return base.model_copy(update={
+        lock = base.model_copy(update={
             "fencing_token": int(row.token),
             "acquired_at": _at(row.at),
             "expires_at": _at(row.exp) if int(row.exp) else None,
         })
+        known_locks = self._known
+        if len(known_locks) >= _KNOWN and row.key not in known_locks:
+            del known_locks[next(iter(known_locks))]  # the oldest
+        known_locks[row.key] = (stamp, lock)
+        return lock
 
     def _maybe_lock(self, row: LockRow | None) -> Lock | None:
         return self._lock(row) if row is not None else None
@@ -330,9 +364,9 @@ class RedisBackend:
             caller=rec.get("caller", ""),
         )
 
-    def _handoff(self, served: Served) -> Handoff:
+    def _handoff(self, served: Served, *, released: Lock | None = None) -> Handoff:
         return Handoff(
-            released=self._maybe_lock(served.released),
+            released=released if released is not None else self._maybe_lock(served.released),
             granted=tuple(Grant(waiter=self._waiter(g.waiter),
                                 locks=tuple(self._lock(row) for row in g.locks), fresh=g.fresh)
                           for g in served.granted),
@@ -490,15 +524,18 @@ class RedisBackend:
         if answer.owner is not None:
             raise LockNotOwned(key, self._lock(answer.owner))
         served = answer.served
+        released = None
         if served.released is not None:
             try:
-                self._lock(served.released)
+                released = self._lock(served.released)
             except LockUnreadable:
                 # Deleted unread (a force-unlock, or its owner fields matched): nothing to
                 # answer as released, and its entry goes.
                 self.unreadable.cleared(key)
                 served = served._replace(released=None)
-        return self._handoff(served)
+            else:
+                self._known.pop(key, None)  # it is gone; its next holder's lock is new
+        return self._handoff(served, released=released)
 
     async def force_unlock(self, key: str, *, policy: QueuePolicy | None = None) -> Handoff:
         return await self.release_and_handoff(key, policy=policy)
