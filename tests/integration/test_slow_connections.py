@@ -178,3 +178,60 @@ async def test_beyond_the_in_flight_limit_requests_are_shed_and_locks_and_queues
                 pull = response.json()["lock"]["pull"]["num"]
                 await http.delete("/v1/locks/by-key", params={"key": key, "pull": pull})
         assert answers == [200] * 21, "every queued request was served in its turn"
+
+
+def _answer(sock: socket.socket) -> bytes:
+    """One whole answer of ``Content-Length`` framing read from ``sock``."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        assert chunk, f"closed before an answer: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    while len(body) < length:
+        body += sock.recv(4096)
+    return head
+
+
+def test_the_header_deadline_runs_from_a_requests_first_byte_not_from_the_last_answer(
+    service_process: ServiceFactory,
+) -> None:
+    """An idle keep-alive connection is not a slow request: a second request sent after more
+    than the header deadline is served; a request head trickled in, a byte at a time well
+    within the deadline each, is cut at the deadline counted from its first byte."""
+    served = service_process("--enhanced-locking-http-header-timeout=1s")
+    host, port = served.url.removeprefix("http://").split(":")
+    request = b"GET /healthz HTTP/1.1\r\nHost: lo\r\n\r\n"
+    with socket.create_connection((host, int(port))) as sock:
+        sock.settimeout(5)
+        sock.sendall(request)
+        assert _answer(sock).startswith(b"HTTP/1.1 200")
+        time.sleep(1.5)  # idle, past the header deadline, within uvicorn's keep-alive (5 s)
+        sock.sendall(request)
+        assert _answer(sock).startswith(b"HTTP/1.1 200"), "the idle connection was cut"
+        start = time.monotonic()
+        closed = False
+        for byte in request[:-2]:  # never the final CRLF
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                closed = True
+                break
+            time.sleep(0.1)
+            if _closed_by_server_blocking(sock):
+                closed = True
+                break
+        waited = time.monotonic() - start
+    assert closed, "a head trickled in for longer than the deadline was not cut"
+    assert 0.8 <= waited < 3, f"the trickled head was cut after {waited:.1f} s (deadline 1 s)"
+
+
+def _closed_by_server_blocking(sock: socket.socket) -> bool:
+    sock.setblocking(False)
+    try:
+        return _closed_by_server(sock)
+    finally:
+        sock.setblocking(True)
+        sock.settimeout(5)

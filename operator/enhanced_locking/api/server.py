@@ -4,7 +4,8 @@ uvicorn bounds the time an idle keep-alive connection stays open, but not the ti
 takes to *arrive*: a client that sends half a header line and stops holds a connection and a
 file descriptor forever, and enough of them exhaust the process's open-file limit (then even
 ``/healthz`` cannot be reached, and asyncio logs a traceback for every refused accept). This
-module adds, as one protocol class handed to uvicorn:
+module adds, as one protocol class handed to uvicorn (its ``httptools`` parser, the faster of
+its two, see docs/benchmarks.md):
 
 * a **header deadline**: a request's line and headers must arrive within
   ``enhanced-locking-http-header-timeout`` of its first byte (or of the connection opening);
@@ -30,16 +31,16 @@ import logging
 import resource
 import time
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
-import h11
 from starlette.types import ASGIApp, Receive, Scope, Send
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from enhanced_locking.config import EnhancedLockingConfig
 
-__all__ = ["FD_RESERVE", "Backpressure", "EveryInterval", "connection_limit", "guarded_protocol",
-           "quiet_accept_errors"]
+__all__ = ["FD_RESERVE", "Backpressure", "EveryInterval", "GuardedHttpToolsProtocol",
+           "connection_limit", "guarded_protocol", "quiet_accept_errors"]
 
 log = logging.getLogger(__name__)
 
@@ -81,78 +82,118 @@ def connection_limit(config: EnhancedLockingConfig) -> int:
     return max(1, min(config.http_max_connections, soft - FD_RESERVE))
 
 
-def guarded_protocol(config: EnhancedLockingConfig) -> type[H11Protocol]:
-    """uvicorn's h11 protocol with request deadlines and a connection limit from ``config``."""
-    limit = connection_limit(config)
+@dataclass(frozen=True)
+class _Limits:
+    """What every connection of one server is held to, and where a breach is counted."""
+
+    connections: int
+    header_timeout: float
+    body_timeout: float
+    refused: EveryInterval
+    late: EveryInterval
+
+
+def guarded_protocol(config: EnhancedLockingConfig) -> type[HttpToolsProtocol]:
+    """uvicorn's httptools protocol with request deadlines and a connection limit from
+    ``config``."""
     header_timeout = config.http_header_timeout.total_seconds()
     body_timeout = config.http_body_timeout.total_seconds()
-    refused = EveryInterval(f"refused connections: %d open, the limit (enhanced-locking-http-"
-                            f"max-connections, at most the open-file limit less {FD_RESERVE})")
-    late = EveryInterval("closed connections whose request did not arrive in time "
-                         "(enhanced-locking-http-header-timeout %s, body-timeout %s)")
+    limits = _Limits(
+        connections=connection_limit(config), header_timeout=header_timeout,
+        body_timeout=body_timeout,
+        refused=EveryInterval(f"refused connections: %d open, the limit (enhanced-locking-http-"
+                              f"max-connections, at most the open-file limit less "
+                              f"{FD_RESERVE})"),
+        late=EveryInterval("closed connections whose request did not arrive in time "
+                           "(enhanced-locking-http-header-timeout %s, body-timeout %s)"))
+    configured = limits
 
-    class GuardedH11Protocol(H11Protocol):
-        _refused = False
-        _deadline: asyncio.TimerHandle | None = None
-        _reading: object = None  # which part of a request the deadline is for
+    class Configured(GuardedHttpToolsProtocol):
+        limits = configured
 
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            if len(self.connections) >= limit:
-                self._refused = True
-                transport.abort()  # type: ignore[attr-defined]
-                refused(len(self.connections))
-                return
-            super().connection_made(transport)  # type: ignore[arg-type]
-            self._arm(h11.IDLE, header_timeout)
+    return Configured
 
-        def connection_lost(self, exc: Exception | None) -> None:
-            if self._refused:
-                return
+
+HEAD, BODY = "head", "body"
+"""The part of a request that is arriving: its line and headers, or its body."""
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """One connection: refused beyond the limit; the request's head must arrive within the
+    header deadline of its first byte (or of the connection opening), its body within the body
+    deadline of its head. The parser's callbacks say which part is arriving; nothing is timed
+    while a request is being answered or the connection is idle between requests (uvicorn's
+    keep-alive timeout covers that)."""
+
+    limits: ClassVar[_Limits]
+    _refused = False
+    _arriving: str | None = HEAD
+    _deadline: asyncio.TimerHandle | None = None
+    _timing: str | None = None  # the part the deadline is for
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if len(self.connections) >= self.limits.connections:
+            self._refused = True
+            transport.abort()
+            self.limits.refused(len(self.connections))
+            return
+        super().connection_made(transport)
+        self._follow()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._refused:
+            return
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        super().data_received(data)
+        self._follow()
+
+    # the parser's callbacks: which part of a request is arriving
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._arriving = HEAD
+
+    def on_headers_complete(self) -> None:
+        self._arriving = BODY
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._arriving = None
+        super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._follow()  # idle now (uvicorn's keep-alive timeout takes over), or pipelined
+
+    def _follow(self) -> None:
+        part = self._arriving
+        if part is None:
             self._disarm()
-            super().connection_lost(exc)
-
-        def data_received(self, data: bytes) -> None:
-            if self._refused:
-                return
-            super().data_received(data)
-            self._follow()
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            self._disarm()  # idle now: uvicorn's keep-alive timeout takes over
-
-        def _follow(self) -> None:
-            state = self.conn.their_state
-            if state is h11.IDLE:  # (the start of) a request line and headers
-                self._arm(h11.IDLE, header_timeout)
-            elif state is h11.SEND_BODY:
-                self._arm(h11.SEND_BODY, body_timeout)
-            else:
-                self._disarm()
-
-        def _arm(self, part: object, seconds: float) -> None:
-            if self._reading is part and self._deadline is not None:
-                return  # the deadline runs from the part's start, not from its last byte
+        elif self._timing != part or self._deadline is None:
+            # the deadline runs from the part's start, not from its last byte
             self._disarm()
-            self._reading = part
+            self._timing = part
+            seconds = self.limits.header_timeout if part == HEAD else self.limits.body_timeout
             self._deadline = self.loop.call_later(seconds, self._too_late)
 
-        def _disarm(self) -> None:
-            if self._deadline is not None:
-                self._deadline.cancel()
-            self._deadline, self._reading = None, None
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._deadline, self._timing = None, None
 
-        def _too_late(self) -> None:
-            self._deadline = None
-            state = self.conn.their_state
-            if self.transport.is_closing() or state not in (h11.IDLE, h11.SEND_BODY):
-                return
-            if state is h11.IDLE and self.cycle is not None and not self.cycle.response_complete:
-                return  # a response is still being written (pipelining): not ours to cut
-            late(f"{header_timeout:g}s", f"{body_timeout:g}s")
-            self.transport.close()
-
-    return GuardedH11Protocol
+    def _too_late(self) -> None:
+        self._deadline = None
+        part = self._arriving
+        if self.transport.is_closing() or part is None:
+            return
+        if part == HEAD and self.cycle is not None and not self.cycle.response_complete:
+            return  # a response is still being written (pipelining): not ours to cut
+        self.limits.late(f"{self.limits.header_timeout:g}s", f"{self.limits.body_timeout:g}s")
+        self.transport.close()
 
 
 def quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
