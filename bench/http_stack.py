@@ -27,12 +27,14 @@ import asyncio
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,7 @@ HEADING = "## HTTP: the lock API against a no-op endpoint on the same server sta
 STACKS = (("asyncio", "h11"), ("uvloop", "h11"), ("asyncio", "httptools"),
           ("uvloop", "httptools"))
 CONCURRENCY = (1, 32)
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # --- the servers (run as ``--serve noop|product``) -------------------------------------------
@@ -93,8 +96,21 @@ def serve(kind: str, port: int, loop: str, http: str, data_dir: str) -> None:
                 lifespan="on")
 
 
+@dataclass(frozen=True)
+class Served:
+    """A server process: where it listens, and its pid (to read the CPU time it used)."""
+
+    port: int
+    pid: int
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the process so far (every thread)."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
 @contextmanager
-def server(kind: str, loop: str, http: str, work: Path) -> Iterator[int]:
+def server(kind: str, loop: str, http: str, work: Path) -> Iterator[Served]:
     port = free_port()
     data = work / f"{kind}-{loop}-{http}"
     data.mkdir(parents=True, exist_ok=True)
@@ -113,7 +129,7 @@ def server(kind: str, loop: str, http: str, work: Path) -> Iterator[int]:
                     raise RuntimeError(f"{kind} server did not start: "
                                        f"{(data / 'stderr').read_text()}") from None
                 time.sleep(0.1)
-        yield port
+        yield Served(port, process.pid)
     finally:
         process.terminate()
         process.wait(timeout=30)
@@ -179,8 +195,16 @@ def pair_requests(kind: str, client: int) -> tuple[bytes, bytes]:
     return post("/v1/locks", body), delete(f"/v1/locks/by-key?key={key}&pull=1")
 
 
-async def pairs_per_second(kind: str, port: int, clients: int, pairs: int) -> float:
-    connections = [await Connection.open(port) for _ in range(clients)]
+@dataclass(frozen=True)
+class Block:
+    """One timed block of pairs: pairs per second, and the server's CPU time per pair."""
+
+    rate: float
+    cpu: float
+
+
+async def pairs_per_second(kind: str, served: Served, clients: int, pairs: int) -> Block:
+    connections = [await Connection.open(served.port) for _ in range(clients)]
     each = max(1, pairs // clients)
 
     async def run(client: int, connection: Connection) -> None:
@@ -191,16 +215,18 @@ async def pairs_per_second(kind: str, port: int, clients: int, pairs: int) -> fl
             status, body = await connection.call(give)
             assert status == 200, body
 
+    cpu = served.cpu_seconds()
     started = time.perf_counter()
     await asyncio.gather(*(run(i, c) for i, c in enumerate(connections)))
     elapsed = time.perf_counter() - started
+    cpu = served.cpu_seconds() - cpu
     for connection in connections:
         connection.close()
-    return each * clients / elapsed
+    return Block(each * clients / elapsed, cpu / (each * clients))
 
 
-async def handoffs(port: int, count: int) -> list[float]:
-    holder, waiter, watcher = [await Connection.open(port) for _ in range(3)]
+async def handoffs(served: Served, count: int) -> list[float]:
+    holder, waiter, watcher = [await Connection.open(served.port) for _ in range(3)]
     key = "acme/bench/envs/handoff/default/"
     queue = f"GET /v1/queue?key={key} HTTP/1.1\r\nHost: {LOOPBACK}\r\n\r\n".encode()
     latencies = []
@@ -248,21 +274,30 @@ def report(results: dict[tuple[str, str], dict[str, Any]], counts: str) -> str:
         f"{counts}. Python {platform.python_version()}, {len(os.sched_getaffinity(0))} CPUs, "
         f"load average {os.getloadavg()[0]:.1f} at the end; client and servers share the "
         "machine. Pairs per second (acquire + release) of the round with the median ratio; "
-        "ratio best / median over the rounds. `httptools` is the product's guarded protocol "
-        "(request deadlines, connection limit); `h11` is uvicorn's own (without them).",
+        "ratio best / median over the rounds. CPU per pair: the server process's user + "
+        "system time over the block, per pair (median over the rounds); their ratio (no-op / "
+        "lock API) is the pairs/s ratio the two servers would reach with a core each, and "
+        "holds still when other work shares the machine. `httptools` is the product's guarded "
+        "protocol (request deadlines, connection limit); `h11` is uvicorn's own (without them).",
         "",
         "| stack (loop, parser) | clients | no-op pairs/s | lock API pairs/s "
-        "| ratio (best / median) | goal | met |",
-        "|---|---:|---:|---:|---:|---|---|",
+        "| ratio (best / median) | no-op CPU µs/pair | lock API CPU µs/pair | CPU ratio "
+        "| goal | met |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for (loop, http), found in results.items():
         for clients in CONCURRENCY:
             runs = found[f"pairs{clients}"]
-            ratios = [measured / anchor for anchor, measured in runs]
+            ratios = [measured.rate / anchor.rate for anchor, measured in runs]
             best, median = best_and_median(ratios)
-            anchor, measured = sorted(runs, key=lambda r: r[1] / r[0])[len(runs) // 2]
-            lines.append(f"| {loop}, {http} | {clients} | {anchor:,.0f} | {measured:,.0f} "
-                         f"| {best:.2f}x / {median:.2f}x | >= 0.7x | {verdict(median >= 0.7)} |")
+            anchor, measured = sorted(runs, key=lambda r: r[1].rate / r[0].rate)[len(runs) // 2]
+            anchor_cpu = statistics.median(a.cpu for a, _ in runs)
+            measured_cpu = statistics.median(m.cpu for _, m in runs)
+            lines.append(f"| {loop}, {http} | {clients} | {anchor.rate:,.0f} "
+                         f"| {measured.rate:,.0f} | {best:.2f}x / {median:.2f}x "
+                         f"| {anchor_cpu * 1e6:,.0f} | {measured_cpu * 1e6:,.0f} "
+                         f"| {anchor_cpu / measured_cpu:.2f}x | >= 0.7x "
+                         f"| {verdict(median >= 0.7)} |")
     lines += ["", "| stack (loop, parser) | hand-off p50 ms | p99 ms | goal | met |",
               "|---|---:|---:|---|---|"]
     for (loop, http), found in results.items():
