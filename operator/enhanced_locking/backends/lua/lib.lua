@@ -358,13 +358,26 @@ local function active_freeze(parts)
   return found
 end
 
+-- A waiter's record, or nil when there is none or it does not read (another Redis type, a
+-- field missing or not a number, keys that are not a JSON list): such a record is passed over
+-- like a missing one (its queue entries go when a walk meets them), never an error.
 local function read_waiter(id)
-  local flat = redis.call('HGETALL', waiter_name(id))
-  if #flat == 0 then return nil end
+  local flat = redis.pcall('HGETALL', waiter_name(id))
+  if is_error(flat) or #flat == 0 then return nil end
   local rec = {}
   for i = 1, #flat, 2 do rec[flat[i]] = flat[i + 1] end
+  local ok, keys = pcall(cjson.decode, rec['keys'] or '')
+  if not ok or type(keys) ~= 'table' or #keys == 0 then return nil end
+  for _, k in ipairs(keys) do
+    if type(k) ~= 'string' or not rec['d:' .. k] then return nil end
+  end
+  if not (tonumber(rec['deadline']) and tonumber(rec['seq']) and tonumber(rec['level'])
+          and tonumber(rec['enq']) and tonumber(rec['ttl']) and rec['id'] and rec['repo']
+          and rec['pull'] and rec['replica']) then
+    return nil
+  end
   rec.flat = flat
-  rec.keys = cjson.decode(rec['keys'])
+  rec.keys = keys
   rec.mode = rec['mode'] or 'exclusive'
   return rec
 end
