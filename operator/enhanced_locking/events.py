@@ -92,9 +92,10 @@ class EventBus:
     def __init__(self, *, capacity: int = 10_000, enabled: Callable[[], bool] = lambda: True):
         self._ring: collections.deque[Event] = collections.deque(maxlen=capacity)
         self._subscribers: list[Subscriber] = []
-        # Set (and replaced) on every publish: stream readers wait on the one they saw. No
-        # task per event, and a publish with nobody reading costs nothing more.
-        self._wakeup = asyncio.Event()
+        # Made when a stream reader first needs one and set (then dropped) by the next
+        # publish: readers wait on the one they saw. No task per event, and a publish with
+        # nobody reading makes nothing.
+        self._wakeup: asyncio.Event | None = None
         self._last = (0, 0)
         self._enabled = enabled
 
@@ -117,9 +118,20 @@ class EventBus:
         self._ring.append(event)
         for subscriber in list(self._subscribers):
             subscriber(event)
-        wakeup, self._wakeup = self._wakeup, asyncio.Event()
-        wakeup.set()
+        self._wake()
         return event
+
+    def _wake(self) -> None:
+        """Wake every reader waiting for a new event."""
+        wakeup, self._wakeup = self._wakeup, None
+        if wakeup is not None:
+            wakeup.set()
+
+    def _next_wakeup(self) -> asyncio.Event:
+        """What the next publish sets: taken by a reader before it looks at the ring."""
+        if self._wakeup is None:
+            self._wakeup = asyncio.Event()
+        return self._wakeup
 
     def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
         self._subscribers.append(subscriber)
@@ -178,7 +190,7 @@ class EventBus:
                       reason="replay")
             mark = self._newest()
         while True:
-            wakeup = self._wakeup  # taken before looking, so no publish in between is missed
+            wakeup = self._next_wakeup()  # before looking: no publish in between is missed
             if max_lag is not None and self._behind(mark, max_lag):
                 yield Gap(after=f"{mark[0]}-{mark[1]}",
                           oldest=self._ring[0].id if self._ring else None, reason="behind")

@@ -120,6 +120,8 @@ def utcnow() -> datetime:
 
 def strip_credentials(url: str) -> str:
     """Drop ``user:token@`` from a URL: Atlantis keeps clone URLs with tokens in them."""
+    if "@" not in url:  # no user part anywhere (the common case, and on every lock written)
+        return url
     parts = urllib.parse.urlsplit(url)
     if "@" not in parts.netloc:
         return url
@@ -584,7 +586,8 @@ class AcquireResult(_Model):
     def granted(cls, lock: Lock, *, fresh: bool = True) -> AcquireResult:
         """``fresh``: granted by this call (false when the pull already held it)."""
         result = built(cls, acquired=True, lock_key=lock.key, lock=lock)
-        result._fresh = fresh
+        if not fresh:  # set in place: pydantic's __setattr__ checks more than a grant needs
+            result.__pydantic_private__["_fresh"] = False  # type: ignore[index]
         return result
 
     @property

@@ -675,7 +675,8 @@ class StoreBackend(abc.ABC):
         wait: Wait | None,
         policy: QueuePolicy,
     ) -> Outcome:
-        if not candidates or len({c.key for c in candidates}) != len(candidates):
+        if not candidates or (len(candidates) > 1
+                              and len({c.key for c in candidates}) != len(candidates)):
             raise ValueError("a batch needs at least one key and no key twice")
         if _plain(candidates, policy) and candidates[0].key not in self._queues and (
                 wait is None or (wait.id not in self._waiters and wait.id not in self._granted)):

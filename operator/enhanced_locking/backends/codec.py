@@ -87,6 +87,8 @@ def _vcs_host(pull: dict[str, Any]) -> VcsHost | None:
 
 
 def _go_time(value: datetime) -> str:
+    if value.tzinfo is UTC:  # ours always are: no conversion, and the zone is the last 6
+        return value.isoformat()[:-6] + "Z"
     return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 

@@ -94,10 +94,6 @@ class SharedEventBus(EventBus):
         if self._reader is None:
             self._reader = asyncio.create_task(self._read(), name=f"{self.name}-events-read")
 
-    def _wake(self) -> None:
-        wakeup, self._wakeup = self._wakeup, asyncio.Event()
-        wakeup.set()
-
     async def follow(self, after: str | None = None, *,
                      max_lag: int | None = None) -> AsyncIterator[Event | Gap]:
         """Every replica's events after ``after`` (only new ones without it), then live."""

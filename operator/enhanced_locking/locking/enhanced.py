@@ -117,6 +117,9 @@ class EnhancedLocker(AtlantisCalls):
         self.rules = visibility.RuleWatch(self)
         self._policy_of: EnhancedLockingConfig | None = None
         self._policy = QueuePolicy()
+        # The metric children of each outcome, found once: every call counts one of a few.
+        self._acquire_metrics: dict[str, tuple[Any, Any]] = {}
+        self._release_count: dict[str, Any] = {}
 
     # --- life ---------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -136,14 +139,19 @@ class EnhancedLocker(AtlantisCalls):
 
     # --- settings -----------------------------------------------------------------------------
     def policy(self) -> QueuePolicy:
-        config = self.settings()
+        return self._policy_for(self.settings())
+
+    def _policy_for(self, config: EnhancedLockingConfig) -> QueuePolicy:
         if config is not self._policy_of:  # configs are frozen: a new one is a new object
             self._policy, self._policy_of = QueuePolicy.from_config(config), config
         return self._policy
 
     def validate(self, request: LockRequest | BatchLockRequest) -> None:
         """Refuse what cannot be served as asked: never clamp a wait silently."""
-        config = self.settings()
+        self._validate(request, self.settings())
+
+    @staticmethod
+    def _validate(request: LockRequest | BatchLockRequest, config: EnhancedLockingConfig) -> None:
         wait = request.wait
         if isinstance(wait, timedelta) and wait > config.max_timeout:
             raise InvalidRequest(
@@ -155,19 +163,24 @@ class EnhancedLocker(AtlantisCalls):
 
     def wait_for(self, request: LockRequest | BatchLockRequest) -> timedelta | None:
         """How long this request may wait: none unless it asks (``true``: the default)."""
-        wait = request.wait
-        if wait is True:
-            wait = self.settings().default_timeout
-        if isinstance(wait, bool) or wait is None or wait <= timedelta(0):
-            return None
-        return wait
+        return _wait_for(request, self.settings())
 
     def lease(self, request: LockRequest | BatchLockRequest) -> timedelta | None:
-        ttl = request.ttl if request.ttl is not None else self.settings().lock_ttl
-        return ttl if ttl > timedelta(0) else None
+        return _lease(request, self.settings())
 
-    async def _call(self, name: str, operation: Callable[[], Awaitable[T]]) -> T:
-        return await retrying(operation, config=self.settings(), metrics=self.metrics, name=name)
+    async def _call(self, name: str, operation: Callable[[], Awaitable[T]],
+                    config: EnhancedLockingConfig | None = None) -> T:
+        config = self.settings() if config is None else config
+        if config.retries:
+            return await retrying(operation, config=config, metrics=self.metrics, name=name)
+        # One attempt: what ``retrying`` does without the flag, one coroutine fewer per call.
+        metrics = self.metrics
+        metrics.enhanced_operation()
+        try:
+            return await operation()
+        except BackendUnavailable:
+            metrics.enhanced_error()
+            raise
 
     # --- acquire ------------------------------------------------------------------------------
     async def acquire(self, request: LockRequest) -> AcquireResult:
@@ -192,32 +205,42 @@ class EnhancedLocker(AtlantisCalls):
         self, requests: Sequence[LockRequest], asked: LockRequest | BatchLockRequest
     ) -> Answer:
         started = time.perf_counter()
-        self.validate(asked)
-        wait, ttl, policy = self.wait_for(asked), self.lease(asked), self.policy()
+        # The live config, read once: nothing awaits before the backend call, so every read
+        # of the call would have seen this same object.
+        config = self.settings()
+        self._validate(asked, config)
+        wait, ttl = _wait_for(asked, config), _lease(asked, config)
+        policy = self._policy_for(config)
         now = utcnow()
-        priority = self.priority_for(requests, asked)
+        priority = self.priority_for(requests, asked, config)
         candidates = [_candidate(r, now, priority) for r in requests]
         offer = None
         if wait is not None:
             offer = Wait(id=_waiter_id(candidates[0], asked.request_id), timeout=wait,
                          request_id=asked.request_id, caller=secrets.token_hex(8))
         try:
-            answer = await self._attempt(candidates, ttl=ttl, offer=offer, policy=policy)
+            answer = await self._attempt(candidates, ttl=ttl, offer=offer, policy=policy,
+                                         config=config)
         except LockUnreadable as error:  # never granted over what cannot be read
             answer = Answer(key=error.found.key, reason=Reason.UNREADABLE, message=str(error))
-        outcome = "acquired" if answer.acquired else str(answer.reason)
-        metrics = self.metrics
-        metrics.labelled(metrics.acquires, "enhanced", outcome).inc()
-        metrics.labelled(metrics.acquire_seconds, "enhanced", outcome).observe(
-            time.perf_counter() - started)
+        outcome = "acquired" if answer.reason is None else str(answer.reason)
+        counted = self._acquire_metrics.get(outcome)
+        if counted is None:
+            metrics = self.metrics
+            counted = self._acquire_metrics[outcome] = (
+                metrics.labelled(metrics.acquires, "enhanced", outcome),
+                metrics.labelled(metrics.acquire_seconds, "enhanced", outcome))
+        counted[0].inc()
+        counted[1].observe(time.perf_counter() - started)
         return answer
 
     def priority_for(
-        self, requests: Sequence[LockRequest], asked: LockRequest | BatchLockRequest
+        self, requests: Sequence[LockRequest], asked: LockRequest | BatchLockRequest,
+        config: EnhancedLockingConfig | None = None,
     ) -> Priority:
         """The priority the rules give this request (the lowest over a batch's keys); a
         client may ask for less, and for more only with the admin right."""
-        rules = self.settings().policies
+        rules = (self.settings() if config is None else config).policies
         if not rules.priority_rules:
             return asked.priority
         admin = policies.CALLER_IS_ADMIN.get()
@@ -228,16 +251,16 @@ class EnhancedLocker(AtlantisCalls):
 
     async def _attempt(
         self, candidates: list[Lock], *, ttl: timedelta | None, offer: Wait | None,
-        policy: QueuePolicy,
+        policy: QueuePolicy, config: EnhancedLockingConfig,
     ) -> Answer:
         future = self.backend.grants.expect(offer.id) if offer is not None else None
         try:
             if len(candidates) == 1:
                 outcome = await self._call("acquire", lambda: self.backend.acquire_or_enqueue(
-                    candidates[0], ttl=ttl, wait=offer, policy=policy))
+                    candidates[0], ttl=ttl, wait=offer, policy=policy), config)
             else:
                 outcome = await self._call("acquire", lambda: self.backend.acquire_batch(
-                    candidates, ttl=ttl, wait=offer, policy=policy))
+                    candidates, ttl=ttl, wait=offer, policy=policy), config)
         except BaseException:
             if offer is not None:
                 self.backend.grants.forget(offer.id)
@@ -409,22 +432,28 @@ class EnhancedLocker(AtlantisCalls):
             self.leases.arm(key, holder.expires_at)
 
     def _handed(self, handoff: Handoff, *, how: str) -> None:
+        released, also = handoff.released, handoff.also_released
+        if released is None and not also and not handoff.granted:
+            return  # nothing was held, nothing handed over: nothing to record
         now = utcnow()
-        for lock in (handoff.released, *handoff.also_released):
-            if lock is not None:
-                self.holds.record(lock.key, now - lock.acquired_at)
-        for extra in handoff.also_released:
+        if released is not None:
+            self.holds.record(released.key, now - released.acquired_at)
+        for extra in also:
+            self.holds.record(extra.key, now - extra.acquired_at)
+        for extra in also:
             self.metrics.releases.labels("enhanced", how).inc()
-            self.events.publish({"released": "released"}.get(how, how), lock=extra, how=how)
-        released = handoff.released
+            self.events.publish(how, lock=extra, how=how)
         if released is not None:
             self.leases.disarm(released.key)
-            self.metrics.labelled(self.metrics.releases, "enhanced", how).inc()
+            counter = self._release_count.get(how)
+            if counter is None:
+                counter = self._release_count[how] = self.metrics.labelled(
+                    self.metrics.releases, "enhanced", how)
+            counter.inc()
             if how == "expired":
                 self.metrics.lease_expirations.inc()
-            event = {"released": "released", "abandoned": "released"}.get(how, how)
-            next_holders = [g.waiter.id for g in handoff.granted]
-            self.events.publish(event, lock=released, how=how, handedTo=next_holders)
+            self.events.publish("released" if how == "abandoned" else how, lock=released,
+                                how=how, handedTo=[g.waiter.id for g in handoff.granted])
         for grant in handoff.granted:
             self.metrics.handoffs.inc()
             for lock in grant.locks:
@@ -532,6 +561,27 @@ class EnhancedLocker(AtlantisCalls):
 
     async def list(self, *, repo: str | None = None, pull: int | None = None) -> Locks:
         return await self._call("list", lambda: self.backend.list(repo=repo, pull=pull))
+
+
+def _wait_for(request: LockRequest | BatchLockRequest,
+              config: EnhancedLockingConfig) -> timedelta | None:
+    wait = request.wait
+    if wait is None or wait is False:
+        return None
+    if wait is True:
+        wait = config.default_timeout
+    if isinstance(wait, bool) or wait <= _ZERO:
+        return None
+    return wait
+
+
+def _lease(request: LockRequest | BatchLockRequest,
+           config: EnhancedLockingConfig) -> timedelta | None:
+    ttl = request.ttl if request.ttl is not None else config.lock_ttl
+    return ttl if ttl > _ZERO else None
+
+
+_ZERO = timedelta(0)
 
 
 def _candidate(request: LockRequest, now: datetime, priority: Priority) -> Lock:
