@@ -169,6 +169,46 @@ async def test_the_embedded_store_is_one_sqlite_file_in_wal_mode(data_dir: Path)
         await backend.close()
 
 
+async def test_two_writers_of_one_embedded_file_each_store_the_token_they_answer(
+    data_dir: Path,
+) -> None:
+    # Two services on one file: each takes a key it has seen with the token it expects, and
+    # when the other moved the counter meanwhile, the store writes the counter's token instead.
+    path = data_dir / "enhanced-locking.db"
+    one, two = EmbeddedBackend(path), EmbeddedBackend(path)
+    key = request_for().key
+    try:
+        tokens = []
+        for backend, pull in ((one, 1), (one, 1), (two, 2), (one, 1), (one, 3), (two, 2)):
+            granted, lock = await backend.acquire(lock_for(request_for(pull=pull)))
+            assert granted and lock.pull.num == pull
+            tokens.append(lock.fencing_token)
+            for reader in (one, two):
+                assert await reader.get(key) == lock, "the file holds the lock answered"
+                assert await reader.list(repo="acme/infra", pull=pull) == [lock]
+            with contextlib.closing(sqlite3.connect(path)) as db:
+                data, counter = db.execute(
+                    "SELECT data, counter FROM locks WHERE key = ?", (key,)).fetchone()
+            assert codec.decode(data).fencing_token == counter == lock.fencing_token
+            assert await backend.release(key) == lock
+        assert tokens == list(range(tokens[0], tokens[0] + 6))
+    finally:
+        await one.close()
+        await two.close()
+
+
+async def test_an_embedded_store_closed_after_use_answers_backend_unavailable(
+    data_dir: Path,
+) -> None:
+    backend = EmbeddedBackend(data_dir / "enhanced-locking.db")
+    granted, lock = await backend.acquire(lock_for(request_for()))
+    assert granted and await backend.release(lock.key) == lock
+    await backend.close()
+    for call in ("acquire", "release"):
+        with pytest.raises(BackendUnavailable, match="embedded store"):
+            await CALLS[call](backend)
+
+
 CALLS = {
     "acquire": lambda backend: backend.acquire(lock_for(request_for())),
     "release": lambda backend: backend.release(request_for().key),
