@@ -59,6 +59,8 @@ import collections
 import contextlib
 import contextvars
 import dataclasses
+import enum
+import functools
 import json
 import logging
 import math
@@ -71,6 +73,7 @@ from urllib.parse import quote, unquote
 
 import etcd3aio
 import grpc
+from etcd3aio._protobuf import Compare
 
 from enhanced_locking.backends import codec
 from enhanced_locking.backends.base import Owner, StoreBackend, _Effects
@@ -109,6 +112,10 @@ SESSION_TTL = 10
 """Seconds a replica's waiters outlive it (its session lease, renewed every third of it)."""
 
 _ATTEMPTS = 200
+_EQUAL, _LESS, _MOD = Compare.EQUAL, Compare.LESS, Compare.MOD
+_SKEW = timedelta(seconds=1)
+"""How far apart replicas' clocks may be for a deleted lock to count as lapsed (etcd ends a
+lock's lease a second or more after the lock)."""
 _PENDING_SEQ = 1 << 62
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -130,6 +137,7 @@ def _at(ms: int) -> datetime:
     return _EPOCH + timedelta(milliseconds=ms)
 
 
+@functools.lru_cache(maxsize=8192)
 def _prefix_end(prefix: bytes) -> bytes:
     return etcd3aio.prefix_range_end(prefix)
 
@@ -451,8 +459,13 @@ class EtcdBackend(StoreBackend):
         self.missed_guesses = 0
         """Steps run again because what this replica knew of their keys was out of date."""
         self._known = _Known()
+        self._names: dict[str, bytes] = {}
+        self._decoded: dict[tuple[str, bytes], Lock] = {}
+        """Locks as decoded from the values stored for them (see ``_read``)."""
         self._leases: dict[int, int] = {}
         """Leases of locks with a TTL, by the second they end (see ``_lease_for``)."""
+        self._lease_ends: dict[int, int] = {}
+        """The same leases' ends, by lease."""
 
     @classmethod
     def from_config(cls, config: EnhancedLockingConfig, namespace: str) -> EtcdBackend:
@@ -463,14 +476,23 @@ class EtcdBackend(StoreBackend):
         return f"EtcdBackend({self.connection.where}, namespace={self.namespace!r})"
 
     # --- key names ---------------------------------------------------------------------------
+    def _quoted(self, key: str) -> bytes:
+        """``key`` percent-encoded (a step names each of its keys a dozen times: kept)."""
+        quoted = self._names.get(key)
+        if quoted is None:
+            if len(self._names) >= _Known.LIMIT:
+                self._names.clear()
+            quoted = self._names[key] = quote(key, safe="").encode()
+        return quoted
+
     def lock_key(self, key: str) -> bytes:
-        return self.base + b"lock/" + quote(key, safe="").encode()
+        return self.base + b"lock/" + self._quoted(key)
 
     def fence_key(self, key: str) -> bytes:
-        return self.base + b"fence/" + quote(key, safe="").encode()
+        return self.base + b"fence/" + self._quoted(key)
 
     def queue_prefix(self, key: str) -> bytes:
-        return self.base + b"queue/" + quote(key, safe="").encode() + b"/"
+        return self.base + b"queue/" + self._quoted(key) + b"/"
 
     def key_of_queue_entry(self, entry: bytes) -> str:
         return unquote(entry[len(self.base) + len(b"queue/"):].split(b"/")[0].decode())
@@ -518,6 +540,20 @@ class EtcdBackend(StoreBackend):
         return waiter, Notice(locks=locks, reason=reason, fresh=data.get("fresh", True))
 
     # --- primitives of StoreBackend ----------------------------------------------------------
+    def _read(self, key: str, text: str | bytes) -> Lock:
+        """A stored lock, decoded once per value (a step reads its key's lock more than once,
+        and the next step on the key reads it again)."""
+        if isinstance(text, bytes):
+            found = self._decoded.get((key, text))
+            if found is not None:
+                return found
+        lock = super()._read(key, text)
+        if isinstance(text, bytes):
+            if len(self._decoded) >= _Known.LIMIT:
+                self._decoded.clear()
+            self._decoded[(key, text)] = lock
+        return lock
+
     def _load(self, key: str) -> Lock | None:
         kv = _txn().get(self.lock_key(key))
         if kv.value is None:
@@ -537,7 +573,7 @@ class EtcdBackend(StoreBackend):
         _txn().delete(self.lock_key(key))
 
     def shared_prefix(self, key: str) -> bytes:
-        return self.base + b"shared/" + quote(key, safe="").encode() + b"/"
+        return self.base + b"shared/" + self._quoted(key) + b"/"
 
     def _load_shared(self, key: str) -> Locks:
         locks = [_resolve_lock(self._read(key, kv.value), kv.mod)
@@ -733,6 +769,8 @@ class EtcdBackend(StoreBackend):
                 if guess:
                     self._known.learn(txn.reads, txn.writes, revision)
                 self._after_commit(txn, revision)
+                if not (txn.stamped or txn.records):
+                    return result  # no token nor waiter to resolve: nothing was granted/queued
                 resolved: T = _resolve(result, revision)
                 return resolved
             raise BackendUnavailable(
@@ -857,7 +895,7 @@ class EtcdBackend(StoreBackend):
         before simply leaves it."""
         now = _ms(self.clock()) / 1000
         for stale in [e for e in self._leases if e < now]:
-            del self._leases[stale]
+            self._lease_ends.pop(self._leases.pop(stale), None)
         lease = self._leases.get(end)
         if lease is None:
             assert client.lease is not None
@@ -866,11 +904,12 @@ class EtcdBackend(StoreBackend):
                 lease = int((await client.lease.grant(max(1, math.ceil(end - now)),
                                                       timeout=CALL_TIMEOUT)).ID)
             self._leases[end] = lease
+            self._lease_ends[lease] = end
         return lease
 
     def _forget_leases(self, leases: set[int]) -> None:
         for end in [e for e, lease in self._leases.items() if lease in leases]:
-            del self._leases[end]
+            self._lease_ends.pop(self._leases.pop(end), None)
 
     async def _grant_lease(self, client: etcd3aio.Etcd3Client, ttl: int, *,
                            key: str | None) -> int:
@@ -964,7 +1003,11 @@ class EtcdBackend(StoreBackend):
             self._heard(key[len(notices):].decode(), kv)
 
         def deleted(key: bytes, kv: _KV, prev: _KV) -> None:
-            if prev.lease:  # only a leased lock can be deleted by etcd itself
+            # Only a leased lock can be deleted by etcd itself, and only once its lease ended,
+            # a second or more after the lock did. A lock deleted while it still had time left
+            # was released by a replica, whose step served the key: serving it again here was
+            # one more transaction per release on every replica, racing the next acquire.
+            if prev.lease and self._lapsed(prev):
                 self._spawn(self._serve(unquote(key[len(locks):].decode())))
 
         await asyncio.gather(
@@ -1000,6 +1043,19 @@ class EtcdBackend(StoreBackend):
             return
         _, notice = self.notice_from(kv)
         self._notifier.deliver(waiter_id, notice)
+
+    def _lapsed(self, prev: _KV) -> bool:
+        """Whether a deleted lock's time was up (give or take the clock skew of replicas), so
+        that etcd may have deleted it; a value that cannot be read counts as lapsed."""
+        now = self.clock()
+        end = self._lease_ends.get(prev.lease)
+        if end is not None:  # one of this replica's leases: it ends at ``end``
+            return _at(end * 1000) <= now + _SKEW
+        try:
+            expires_at = codec.decode(prev.value or b"").expires_at
+        except Exception:
+            return True
+        return expires_at is None or expires_at <= now + _SKEW
 
     async def _serve(self, key: str) -> None:
         """A leased lock was deleted by etcd (its lease ran out): hand the key on."""
@@ -1137,23 +1193,38 @@ def _resolve_lock(lock: Lock, revision: int) -> Lock:
 
 
 def _resolve(value: Any, revision: int) -> Any:
-    """``value`` with every pending token and waiter seq replaced now the step committed."""
-    if revision <= 0:
+    """``value`` with every pending token and waiter seq replaced now the step committed
+    (what holds none is returned as it is)."""
+    if revision <= 0 or value is None or isinstance(value, _PLAIN):
         return value
     if isinstance(value, Lock):
         return _resolve_lock(value, revision)
     if isinstance(value, Waiter):
-        seq = revision if value.seq == _PENDING_SEQ else value.seq
-        return dataclasses.replace(value, seq=seq)
-    if isinstance(value, tuple):
-        return tuple(_resolve(item, revision) for item in value)
-    if isinstance(value, list):
-        return [_resolve(item, revision) for item in value]
+        if value.seq != _PENDING_SEQ:
+            return value
+        return dataclasses.replace(value, seq=revision)
+    if isinstance(value, tuple | list):
+        items = [_resolve(item, revision) for item in value]
+        if all(new is old for new, old in zip(items, value, strict=True)):
+            return value
+        return tuple(items) if isinstance(value, tuple) else items
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        changes = {f.name: _resolve(getattr(value, f.name), revision)
-                   for f in dataclasses.fields(value)}
-        return dataclasses.replace(value, **changes)
+        changes = {}
+        for name in _field_names(type(value)):
+            old = getattr(value, name)
+            new = _resolve(old, revision)
+            if new is not old:
+                changes[name] = new
+        return dataclasses.replace(value, **changes) if changes else value
     return value
+
+
+_PLAIN = (str, int, float, bool, datetime, timedelta, enum.Enum)
+
+
+@functools.cache
+def _field_names(kind: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(kind))
 
 
 # --- protobuf requests -----------------------------------------------------------------------
@@ -1161,7 +1232,10 @@ def _kv(kv: Any) -> _KV:
     return _KV(bytes(kv.value), int(kv.mod_revision), int(kv.create_revision), int(kv.lease))
 
 
+@functools.lru_cache(maxsize=8192)
 def _get_op(key: bytes, range_end: bytes | None = None) -> Any:
+    """A read of ``key`` (or of ``[key, range_end)``): the same message each time (a request
+    copies it), built once per key."""
     return etcd3aio.kv.KVService.txn_op_get(key, range_end=range_end)
 
 
@@ -1174,13 +1248,9 @@ def _delete_op(key: bytes) -> Any:
 
 
 def _mod_is(key: bytes, revision: int) -> Any:
-    from etcd3aio._protobuf import Compare
-
-    return Compare(result=Compare.EQUAL, target=Compare.MOD, key=key, mod_revision=revision)
+    return Compare(result=_EQUAL, target=_MOD, key=key, mod_revision=revision)
 
 
 def _mod_below(key: bytes, range_end: bytes, revision: int) -> Any:
-    from etcd3aio._protobuf import Compare
-
-    return Compare(result=Compare.LESS, target=Compare.MOD, key=key, range_end=range_end,
+    return Compare(result=_LESS, target=_MOD, key=key, range_end=range_end,
                    mod_revision=revision)
