@@ -189,3 +189,58 @@ async def test_locks_ending_together_share_a_lease_that_etcd_ends_after_them(
             await raw.close()
     finally:
         await backend.close()
+
+
+async def test_waiters_queued_at_once_through_one_replica_cost_one_transaction_each(
+    two: tuple[EtcdBackend, EtcdBackend],
+) -> None:
+    """A hot key: its steps on one replica run in line, each on what the one before it
+    committed, so N waiters queued at once are N transactions (together they would fail each
+    other's guards, about N*N/2 transactions), and they are served in the order they came."""
+    a, _ = two
+    held = await grant(a, want(1))
+    waits = [offer() for _ in range(30)]
+    told = [a.grants.expect(w.id) for w in waits]
+    before = (a.round_trips, a.conflicts, a.missed_guesses)
+    outcomes = await asyncio.gather(*(
+        a.acquire_or_enqueue(want(10 + i), ttl=None, wait=w, policy=POLICY)
+        for i, w in enumerate(waits)))
+    assert [o.status for o in outcomes] == [Status.QUEUED] * len(waits)
+    assert (a.round_trips - before[0], a.conflicts - before[1],
+            a.missed_guesses - before[2]) == (len(waits), 0, 0)
+    assert sorted(o.position or 0 for o in outcomes) == list(range(1, len(waits) + 1))
+    queue = await a.queue(held.key, policy=POLICY)
+    assert [w.id for w in queue] == [w.id for w in waits]  # in the order they were asked
+    owner = held.owner
+    for i, future in enumerate(told):
+        handoff = await a.release_and_handoff(held.key, owner=owner, policy=POLICY)
+        assert [g.waiter.id for g in handoff.granted] == [waits[i].id]
+        notice = await asyncio.wait_for(future, 10)
+        assert notice.locks and notice.locks[0].pull.num == 10 + i
+        owner = notice.locks[0].owner
+
+
+async def test_a_release_costs_no_other_step_and_a_lock_etcd_ends_is_served(
+    two: tuple[EtcdBackend, EtcdBackend],
+) -> None:
+    """Every replica watches lock deletions for the ones etcd makes when a lock's lease ends
+    (the backstop when the replica that granted it is gone). A release by a replica deletes a
+    leased lock too: that one is not served again by anyone."""
+    a, b = two
+    await grant(b, want(1, "envs/warm"))  # b's session and watch are up
+    lock = await grant(a, want(1), ttl=timedelta(minutes=5))
+    before = (a.round_trips, b.round_trips)
+    await a.release_and_handoff(lock.key, owner=lock.owner, policy=POLICY)
+    await asyncio.sleep(1.0)  # both watches have seen the delete by now
+    assert (a.round_trips - before[0], b.round_trips - before[1]) == (1, 0)
+    # The backstop still works: a grants a 1 s lock and goes away; b's waiter is served once
+    # etcd deletes the lock at its lease's end.
+    short = await grant(a, want(2), ttl=timedelta(seconds=1))
+    await a.close()
+    wait = offer(20)
+    told = b.grants.expect(wait.id)
+    queued = await b.acquire_or_enqueue(want(3), ttl=None, wait=wait, policy=POLICY)
+    assert queued.status is Status.QUEUED, queued
+    notice = await asyncio.wait_for(told, 10)
+    assert notice.locks and notice.locks[0].pull.num == 3
+    assert notice.locks[0].fencing_token > short.fencing_token

@@ -20,7 +20,10 @@ commit's guards check that view like any read, and a commit whose guards fail re
 keys in its failure branch, so the step runs again on etcd's current view without another
 round trip. An uncontended acquire + release pair is two transactions; a stale view or another
 writer costs one more per conflict, as a read would have. A refusal decided on the guess (not
-owned, held) is never answered from memory: the guards are sent first.
+owned, held) is never answered from memory: the guards are sent first. A replica's steps on
+one key run one after another (a hot key's enqueues would otherwise fail each other's guards,
+about N*N/2 transactions for N waiters at once): each is one transaction, and only another
+replica's write costs a retry.
 
 **Layout** under ``{etcd-key-prefix}{namespace}/`` (lock keys are percent-encoded, so a key's
 entries never share a prefix with another key's):
@@ -226,6 +229,16 @@ class _Txn:
             raise _Miss(lease=end)
         self.used.add(lease)
         return lease
+
+
+class _Line:
+    """The steps of this replica waiting on one key (``EtcdBackend._atomic``)."""
+
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
 
 
 class _Known:
@@ -461,6 +474,10 @@ class EtcdBackend(StoreBackend):
         self._known = _Known()
         self._names: dict[str, bytes] = {}
         self._decoded: dict[tuple[str, bytes], Lock] = {}
+        self._waiters_decoded: dict[tuple[bytes, int], tuple[Waiter, int]] = {}
+        """Waiters (and their session lease) by stored value and revision (``waiter_from``)."""
+        self._lines: dict[str, _Line] = {}
+        """Steps of this replica on a key, one at a time (see ``_atomic``)."""
         """Locks as decoded from the values stored for them (see ``_read``)."""
         self._leases: dict[int, int] = {}
         """Leases of locks with a TTL, by the second they end (see ``_lease_for``)."""
@@ -514,20 +531,30 @@ class EtcdBackend(StoreBackend):
         }).encode()
 
     def waiter_from(self, kv: _KV, txn: _Txn | None = None) -> Waiter:
+        """The waiter a queue entry or ``waiter/`` record holds, decoded once per value and
+        revision (every step on a key with waiters reads its whole queue: a hot key's queue
+        was decoded again by every step)."""
         assert kv.value is not None
-        data = json.loads(kv.value)
-        locks = tuple(codec.decode(text) for text in data["locks"])
-        waiter = Waiter(
-            id=data["id"], locks=locks,
-            ttl=timedelta(milliseconds=data["ttl"]) if data["ttl"] else None,
-            enqueued_at=_at(data["enq"]), deadline=_at(data["deadline"]),
-            # The revision that queued it: a global enqueue order (or still to come).
-            seq=kv.create or _PENDING_SEQ, request_id=data.get("rid"),
-            caller=data.get("caller", ""),
-        )
+        found = self._waiters_decoded.get((kv.value, kv.create))
+        if found is None:
+            data = json.loads(kv.value)
+            locks = tuple(codec.decode(text) for text in data["locks"])
+            waiter = Waiter(
+                id=data["id"], locks=locks,
+                ttl=timedelta(milliseconds=data["ttl"]) if data["ttl"] else None,
+                enqueued_at=_at(data["enq"]), deadline=_at(data["deadline"]),
+                # The revision that queued it: a global enqueue order (or still to come).
+                seq=kv.create or _PENDING_SEQ, request_id=data.get("rid"),
+                caller=data.get("caller", ""),
+            )
+            found = (waiter, int(data.get("lease", 0)))
+            if kv.create:
+                if len(self._waiters_decoded) >= _Known.LIMIT:
+                    self._waiters_decoded.clear()
+                self._waiters_decoded[(kv.value, kv.create)] = found
         if txn is not None:
-            txn.records.setdefault(waiter.id, (waiter, int(data.get("lease", 0))))
-        return waiter
+            txn.records.setdefault(found[0].id, found)
+        return found[0]
 
     def notice_from(self, kv: _KV) -> tuple[Waiter | None, Notice]:
         assert kv.value is not None
@@ -691,6 +718,27 @@ class EtcdBackend(StoreBackend):
         """
         if _CURRENT.get() is not None:
             return await run()  # a step calling another (release -> release_and_handoff)
+        if key is None:
+            return await self._run_step(run, keys, prefixes, key, guess)
+        # This replica's steps on one key run one after another: run together they would
+        # only fail each other's guards (each reads the key's whole queue), so N waiters
+        # queued at once through one replica cost about N*N/2 transactions; in line, each runs
+        # on what the one before it committed and costs one (another replica's write still
+        # costs a retry). A batch waits in the line of its first key only.
+        line = self._lines.get(key)
+        if line is None:
+            line = self._lines[key] = _Line()
+        line.users += 1
+        try:
+            async with line.lock:
+                return await self._run_step(run, keys, prefixes, key, guess)
+        finally:
+            line.users -= 1
+            if not line.users:
+                del self._lines[key]
+
+    async def _run_step(self, run: Callable[[], Awaitable[T]], keys: tuple[bytes, ...],
+                        prefixes: tuple[bytes, ...], key: str | None, guess: bool) -> T:
         client = await self.connection.client()
         if self._session is None and not self._session_ready.locked():
             # Open the session early, off the caller's path: the first wait finds it ready.
