@@ -18,7 +18,7 @@ from tests.support.redis_fixtures import ServerMaker, redis_config
 
 from enhanced_locking.backends.redis_store import RedisBackend
 from enhanced_locking.backends.waiting import QueuePolicy, Status, Wait
-from enhanced_locking.types import BackendUnavailable
+from enhanced_locking.types import BackendUnavailable, Reason
 
 pytestmark = pytest.mark.redis
 
@@ -81,5 +81,48 @@ async def test_without_persistence_grants_wait_out_the_quarantine_and_tokens_kee
         granted, after = await backend.acquire(lock_for(request_for(pull=5)))
         assert granted and after.fencing_token > before.fencing_token
         await backend.ping()
+    finally:
+        await backend.close()
+
+
+async def test_a_reconnect_tells_unavailable_only_the_waiters_whose_record_was_lost(
+    redis_servers: ServerMaker,
+) -> None:
+    """After its notifications reconnect a replica asks where each waiter it expects stands
+    (``_recheck``, run on every reconnect). A waiter whose record went with the store's data
+    is told ``unavailable``; a waiter whose enqueue has not reached the store yet (it waits for
+    that very subscription, or its call is being retried) is left to that enqueue's answer.
+    Telling it ``unavailable`` too answered its caller while the enqueue then queued a waiter
+    nobody waited for: granted in its turn, it held the key until its claim lapsed."""
+    server = redis_servers(persistence="none")
+    config = redis_config(server, redis_restart_quarantine=timedelta(milliseconds=200))
+    backend = RedisBackend.from_config(config, "enhanced")
+    try:
+        _, held = await backend.acquire(lock_for(request_for(pull=1)))
+        lost = backend.grants.expect("w-2")
+        queued = await backend.acquire_or_enqueue(
+            lock_for(request_for(pull=2)), ttl=None,
+            wait=Wait(id="w-2", timeout=timedelta(seconds=30)), policy=POLICY)
+        assert queued.status is Status.QUEUED
+        on_its_way = backend.grants.expect("w-3")  # expected first, enqueued below
+        server.restart()  # back empty: w-2's record is gone
+        for _ in range(100):  # the quarantine passes
+            try:
+                await backend.ping()
+                break
+            except BackendUnavailable:
+                await asyncio.sleep(0.05)
+        await backend._recheck(["w-2", "w-3"])
+        assert (await asyncio.wait_for(lost, 5)).reason is Reason.UNAVAILABLE
+        assert not on_its_way.done(), "told unavailable before its enqueue had run"
+        _, again = await backend.acquire(lock_for(request_for(pull=1)))
+        waiting = await backend.acquire_or_enqueue(
+            lock_for(request_for(pull=3)), ttl=None,
+            wait=Wait(id="w-3", timeout=timedelta(seconds=30)), policy=POLICY)
+        assert waiting.status is Status.QUEUED
+        await backend.release_and_handoff(again.key, policy=POLICY)
+        notice = await asyncio.wait_for(on_its_way, 10)
+        assert notice.locks and notice.locks[0].pull.num == 3
+        assert notice.locks[0].fencing_token > held.fencing_token
     finally:
         await backend.close()

@@ -262,6 +262,55 @@ async def test_with_retries_a_transient_failure_is_retried_with_backoff(
     assert count(rig, "enhanced_locking_retries_total", operation="acquire") == 2
 
 
+class LostAnswer(Flaky):
+    """A real backend whose next ``failures`` calls of ``method`` act but lose their answer, as
+    when the connection breaks after the store ran the call and the retry finds it down."""
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._inner, name)
+        if name != self._method:
+            return attribute
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            answer = await attribute(*args, **kwargs)
+            if self.failures > 0:
+                self.failures -= 1
+                raise BackendUnavailable("the store's answer was lost (injected)")
+            return answer
+        return call
+
+
+async def test_an_enqueue_whose_answer_was_lost_leaves_no_waiter_behind(
+    queue_backend_factory: BackendFactory,
+) -> None:
+    """The caller is told the store is unavailable, so the waiter its call queued is withdrawn
+    once the store answers: the key is not handed to a caller that has gone."""
+    inner = queue_backend_factory()
+    assert isinstance(inner, QueueBackend)
+    lost = LostAnswer(inner, "acquire_or_enqueue", 0)
+    rig = rig_for(lost)
+    try:
+        key = ask(1).key
+        assert (await rig.locker.acquire(ask(1))).acquired
+        lost.failures = 1
+        with pytest.raises(BackendUnavailable):
+            await rig.locker.acquire(ask(2, wait=30 * S))
+        left = await rig.locker.queue(key)
+        for _ in range(500):
+            if not left:
+                break
+            await asyncio.sleep(0.01)
+            left = await rig.locker.queue(key)
+        assert left == [], "a waiter queued for a caller that was told unavailable"
+        await rig.locker.release(key)
+        await settle()
+        assert await rig.locker.get(key) is None, "granted to a caller that has gone"
+        assert (await rig.locker.acquire(ask(3))).acquired
+    finally:
+        await rig.close()
+
+
 async def test_retries_give_up_after_the_last_attempt(
     queue_backend_factory: BackendFactory,
 ) -> None:

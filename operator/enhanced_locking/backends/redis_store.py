@@ -182,6 +182,10 @@ class RedisBackend:
         it reports routing under); a backend built on its own gets a fresh one."""
         self._notifier = LocalNotifier()
         self.grants: GrantNotifier = self._notifier
+        self._enqueued: set[str] = set()
+        """Waiters of this replica whose ``ACQUIRE`` answered ``queued``: only for those does
+        a record missing after a reconnect mean the record was lost (``_recheck``)."""
+        self._enqueues = 0
         self.in_flight = 0
         """Calls waiting for Redis right now (tests use it to know when all is quiet)."""
         self._policy = QueuePolicy()
@@ -510,6 +514,10 @@ class RedisBackend:
                            message=messages.get(answer.freeze) if answer.freeze else None,
                            superseded=tuple(self._waiter(rec) for rec in answer.superseded))
         assert wait is not None
+        self._enqueued.add(wait.id)
+        self._enqueues += 1
+        if self._enqueues % 1024 == 0:  # drop those whose end this replica never heard of
+            self._enqueued.intersection_update(self._notifier.pending())
         return Outcome(status=Status.QUEUED, waiter=self._waiter(answer.waiter),
                        key=answer.key, holder=self._maybe_lock(answer.holder),
                        position=answer.position, message=messages.get(answer.freeze),
@@ -584,6 +592,7 @@ class RedisBackend:
     # --- notifications ---------------------------------------------------------------------
     async def _notified(self, kind: str, waiter_id: str) -> None:
         """A message on this replica's channel: confirm a grant, or pass the reason on."""
+        self._enqueued.discard(waiter_id)
         if waiter_id not in self._notifier.pending():
             return  # nobody waits here for it (any more): a grant lapses after its claim
         if kind != "granted":
@@ -622,11 +631,21 @@ class RedisBackend:
         await self._run("HEARTBEAT")
 
     async def _recheck(self, waiter_ids: Sequence[str]) -> None:
-        """After a reconnect: act on what happened to our waiters while we were away."""
+        """After a reconnect: act on what happened to our waiters while we were away.
+
+        A waiter with neither record nor outcome (``gone``) was lost with the store's data
+        only if its ``ACQUIRE`` had answered ``queued`` before we asked. Otherwise its enqueue
+        is still on its way (waiting for this very subscription, or retried after the broken
+        connection): that call's own answer decides, and telling it ``unavailable`` here would
+        answer the caller while the enqueue then queues a waiter nobody waits for, which is
+        granted and blocks its key until the claim lapses."""
+        self._enqueued.intersection_update(self._notifier.pending())
         if not waiter_ids:
             return
+        enqueued = self._enqueued.intersection(waiter_ids)
         kinds = await self._run("STATUS", *waiter_ids)
         await asyncio.gather(*(
             self._notified("unavailable" if kind == "gone" else str(kind), waiter_id)
-            for waiter_id, kind in zip(waiter_ids, kinds, strict=True) if kind != "queued"
+            for waiter_id, kind in zip(waiter_ids, kinds, strict=True)
+            if kind != "queued" and (kind != "gone" or waiter_id in enqueued)
         ))

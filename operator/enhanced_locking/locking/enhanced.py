@@ -261,9 +261,11 @@ class EnhancedLocker(AtlantisCalls):
             else:
                 outcome = await self._call("acquire", lambda: self.backend.acquire_batch(
                     candidates, ttl=ttl, wait=offer, policy=policy), config)
-        except BaseException:
+        except BaseException as error:
             if offer is not None:
                 self.backend.grants.forget(offer.id)
+                if isinstance(error, BackendUnavailable):
+                    queueing.abandon(self.backend, candidates[0].key, offer, self._give_back)
             raise
         for stale in outcome.superseded:
             self.events.publish(

@@ -26,10 +26,10 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from enhanced_locking.backends.base import QueueBackend
-from enhanced_locking.backends.waiting import Notice, Waiter
-from enhanced_locking.types import Reason
+from enhanced_locking.backends.waiting import Notice, Wait, Waiter
+from enhanced_locking.types import BackendUnavailable, Reason
 
-__all__ = ["RETRY_GRACE", "await_turn", "withdraw"]
+__all__ = ["RETRY_GRACE", "abandon", "await_turn", "withdraw"]
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,51 @@ def _later(backend: QueueBackend, waiter: Waiter,
                 await give_back(Notice(locks=cancelled.granted, fresh=cancelled.fresh))
         except Exception:
             log.exception("could not withdraw waiter %s from %s", waiter.id, waiter.keys)
+
+    task = asyncio.get_running_loop().create_task(clean_up())
+    _LATER.add(task)
+    task.add_done_callback(_LATER.discard)
+
+
+ABANDON_MARGIN = 10.0
+"""Seconds past an abandoned offer's wait that its withdrawal is still tried: a waiter past
+its deadline is never granted, and a grant made just before lapses after its claim."""
+
+
+def abandon(backend: QueueBackend, key: str, offer: Wait,
+            give_back: Callable[[Notice], Awaitable[None]]) -> None:
+    """Withdraw the waiter an enqueue may have left behind when its answer never came.
+
+    The store went away during the call (the script may have run, its answer lost, and the
+    retry found the store still down): the caller is told the store is unavailable, so a
+    waiter queued by that call would wait for nobody, and when its turn came its grant would
+    hold the key until the claim lapsed. Once the store answers again the waiter is cancelled
+    (only if this caller still owns it) and anything it was granted is given back. A request
+    with a ``requestId`` is left alone: sending it again takes its waiter over, which is what
+    that id is for.
+    """
+    if offer.request_id is not None:
+        return
+
+    async def clean_up() -> None:
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + offer.timeout.total_seconds() + ABANDON_MARGIN
+        delay = 0.05
+        while True:
+            try:
+                cancelled = await backend.cancel(key, offer.id, reason=Reason.UNAVAILABLE,
+                                                 caller=offer.caller)
+                if cancelled.granted:
+                    await give_back(Notice(locks=cancelled.granted, fresh=cancelled.fresh))
+                return
+            except BackendUnavailable:
+                if loop.time() > give_up:
+                    return  # its deadline and claim have run out meanwhile
+                await asyncio.sleep(delay)
+                delay = min(1.0, delay * 2)
+            except Exception:
+                log.exception("could not withdraw waiter %s from %s", offer.id, key)
+                return
 
     task = asyncio.get_running_loop().create_task(clean_up())
     _LATER.add(task)
