@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 from tests.support.backends import BACKEND_KINDS, BackendFactory
@@ -193,11 +193,28 @@ async def test_cancel_after_the_grant_won_the_race_returns_the_granted_lock(
     assert [lock.pull.num for lock in cancelled.granted] == [2]
 
 
+async def past(backend: QueueBackend, moment: datetime) -> None:
+    """Return once the store's own clock (which decides leases and deadlines) is past
+    ``moment``: a fixed sleep is too short on a busy machine, where the steps before it took
+    longer than the lease or deadline they were meant to happen within."""
+    for _ in range(1000):
+        if await backend.now() > moment:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the store's clock never passed {moment}")
+
+
+SHORT = timedelta(seconds=1)
+"""A lease or deadline that the steps before it fit in even on a busy machine; the tests then
+wait for the store's clock to pass it (``past``) rather than sleeping a fixed time."""
+
+
 async def test_a_waiter_past_its_deadline_is_dropped_not_granted(backend: QueueBackend) -> None:
     held = (await backend.acquire_or_enqueue(want(1), ttl=None, wait=None, policy=FIFO)).locks[0]
-    _, late, _ = await queue_up(backend, want(2), patience=timedelta(milliseconds=30))
+    late_id, late, _ = await queue_up(backend, want(2), patience=SHORT)
     _, punctual, _ = await queue_up(backend, want(3))
-    await asyncio.sleep(0.08)
+    deadline = next(w.deadline for w in await backend.queue(held.key) if w.id == late_id)
+    await past(backend, deadline)
     handoff = await backend.release_and_handoff(held.key, policy=FIFO)
     assert [w.owner[1] for w in handoff.timed_out] == [2]
     assert (await asyncio.wait_for(late, 5)).reason is Reason.TIMEOUT
@@ -205,23 +222,25 @@ async def test_a_waiter_past_its_deadline_is_dropped_not_granted(backend: QueueB
 
 
 async def test_expire_frees_a_lapsed_lease_and_serves_the_queue(backend: QueueBackend) -> None:
-    short = await backend.acquire_or_enqueue(want(1), ttl=timedelta(milliseconds=50), wait=None,
-                                             policy=FIFO)
+    short = await backend.acquire_or_enqueue(want(1), ttl=SHORT, wait=None, policy=FIFO)
     key = short.locks[0].key
     _, future, _ = await queue_up(backend, want(2))
     early = await backend.expire(key, policy=FIFO)
     assert early.released is None and not future.done(), "a live lease is left alone"
-    await asyncio.sleep(0.08)
+    expires_at = short.locks[0].expires_at
+    assert expires_at is not None
+    await past(backend, expires_at)
     handoff = await backend.expire(key, policy=FIFO)
     assert handoff.released is not None and handoff.released.pull.num == 1
     assert (await asyncio.wait_for(future, 5)).locks[0].pull.num == 2
 
 
 async def test_a_refreshed_lease_does_not_expire(backend: QueueBackend) -> None:
-    lock = (await backend.acquire_or_enqueue(want(1), ttl=timedelta(milliseconds=60), wait=None,
+    lock = (await backend.acquire_or_enqueue(want(1), ttl=SHORT, wait=None,
                                              policy=FIFO)).locks[0]
     refreshed = await backend.refresh(lock.key, ("acme/infra", 1), timedelta(minutes=5))
-    await asyncio.sleep(0.09)
+    assert lock.expires_at is not None
+    await past(backend, lock.expires_at)
     assert (await backend.expire(lock.key)).released is None
     assert await backend.get(lock.key) == refreshed
     with pytest.raises(LockNotOwned):
