@@ -65,14 +65,16 @@ from enhanced_locking.types import (
     Mode,
     Reason,
     UnreadableLock,
-    replaced,
     utcnow,
 )
 
-__all__ = ["Backend", "Owner", "QueueBackend", "StoreBackend", "parts_of"]
+__all__ = ["Backend", "Owner", "QueueBackend", "StoreBackend", "Times", "parts_of"]
 
 Owner = tuple[str, int]
 """Who may release a lock: (repository full name, pull number), Atlantis's ownership rule."""
+
+Times = tuple[datetime, datetime | None]
+"""A grant's stamps: when it was acquired and when its lease ends (``None``: no lease)."""
 
 
 @runtime_checkable
@@ -336,11 +338,12 @@ class StoreBackend(abc.ABC):
             self._unreadable_change(lambda u: u.scanned(bad, every=every))
         return locks
 
-    def _take_free(self, lock: Lock) -> Lock | None:
-        """Grant ``lock`` (times stamped, token to come) in one atomic step if its key is free
-        (no row, a released one, nobody holding it shared), with the key's next fencing token;
-        ``None`` when the key is held (then the caller takes the general path). A store without
-        such a step answers ``None`` always."""
+    def _take_free(self, lock: Lock, times: Times | None = None) -> Lock | None:
+        """Grant ``lock`` (with ``times`` as its acquired and expiry times if given, else its
+        own; token to come) in one atomic step if its key is free (no row, a released one,
+        nobody holding it shared), with the key's next fencing token; ``None`` when the key is
+        held (then the caller takes the general path). A store without such a step answers
+        ``None`` always."""
         return None
 
     def _forget_grant(self, waiter_id: str) -> None:
@@ -682,8 +685,7 @@ class StoreBackend(abc.ABC):
                 wait is None or (wait.id not in self._waiters and wait.id not in self._granted)):
             # A free key nobody waits for, no rule that could say no: one step, no decision.
             now = self.clock()
-            free = self._take_free(replaced(
-                candidates[0], acquired_at=now, expires_at=now + ttl if ttl else None))
+            free = self._take_free(candidates[0], (now, now + ttl if ttl else None))
             if free is not None:
                 return Outcome(status=Status.GRANTED, locks=(free,), fresh=True)
         with self._step() as fx:

@@ -108,28 +108,29 @@ def _parse_time(value: str) -> datetime:
 
 def atlantis_dict(lock: Lock) -> dict[str, Any]:
     """The lock as Atlantis's ``ProjectLock`` JSON object (plus our ``Enhanced`` part)."""
+    project, pull, expires = lock.project, lock.pull, lock.expires_at  # read once: every write
     return {
         "Project": {
-            "ProjectName": lock.project.project_name,
-            "RepoFullName": lock.project.repo_full_name,
-            "Path": lock.project.path,
+            "ProjectName": project.project_name,
+            "RepoFullName": project.repo_full_name,
+            "Path": project.path,
         },
         "Workspace": lock.workspace,
         "Pull": {
-            "Num": lock.pull.num,
-            "HeadCommit": lock.pull.head_commit,
-            "URL": strip_credentials(lock.pull.url),
-            "HeadBranch": lock.pull.head_branch,
-            "BaseBranch": lock.pull.base_branch,
-            "Author": lock.pull.author,
-            "State": _PULL_STATES[lock.pull.state],
+            "Num": pull.num,
+            "HeadCommit": pull.head_commit,
+            "URL": strip_credentials(pull.url),
+            "HeadBranch": pull.head_branch,
+            "BaseBranch": pull.base_branch,
+            "Author": pull.author,
+            "State": _PULL_STATES[pull.state],
             "BaseRepo": _base_repo(lock),
         },
         "User": {"Username": lock.user.username, "Teams": list(lock.user.teams)},
         "Time": _go_time(lock.acquired_at),
         "Enhanced": {
             "Priority": lock.priority.value,
-            "ExpiresAt": _go_time(lock.expires_at) if lock.expires_at else None,
+            "ExpiresAt": _go_time(expires) if expires else None,
             "FencingToken": lock.fencing_token,
             "Backend": lock.backend,
             "Mode": lock.mode,

@@ -31,7 +31,7 @@ from datetime import datetime
 from pathlib import Path
 
 from enhanced_locking.backends import codec
-from enhanced_locking.backends.base import StoreBackend
+from enhanced_locking.backends.base import Owner, StoreBackend, Times
 from enhanced_locking.types import (
     BackendUnavailable,
     Lock,
@@ -116,6 +116,22 @@ WHERE ns = ?1 AND key = ?2 AND held = 0
     AND NOT EXISTS (SELECT 1 FROM shared_locks WHERE ns = ?1 AND key = ?2)
 RETURNING counter, data
 """
+
+# _TAKE_SEEN for the pull whose row it is (it held the key last): the owner columns stay, so
+# the by-pull index is not rewritten. No row back: as above, or another pull's row now.
+_TAKE_MINE = """
+UPDATE locks SET held = 1, counter = counter + 1,
+    data = CASE WHEN counter + 1 = ?6 THEN ?5
+                ELSE json_set(?5, '$.Enhanced.FencingToken', counter + 1) END
+WHERE ns = ?1 AND key = ?2 AND held = 0 AND repo = ?3 AND pull = ?4
+    AND NOT EXISTS (SELECT 1 FROM shared_locks WHERE ns = ?1 AND key = ?2)
+RETURNING counter, data
+"""
+
+# The fast release: one statement, so one implicit transaction (by anyone, or by its owner).
+_POP = "UPDATE locks SET held = 0 WHERE ns = ? AND key = ? AND held = 1 RETURNING data"
+_POP_OWNED = ("UPDATE locks SET held = 0 WHERE ns = ? AND key = ? AND held = 1 "
+              "AND repo = ? AND pull = ? RETURNING data")
 
 APPLICATION_ID = 0x454C4B31
 """SQLite's ``application_id`` of our store files ("ELK1"): how a file says it is ours."""
@@ -249,9 +265,10 @@ class EmbeddedBackend(StoreBackend):
         # cost, and a row read back is usually one this backend just wrote. The text is always
         # read from the file, so another writer's change is never missed.
         self._decoded: dict[str, tuple[str, Lock]] = {}
-        # The last counter seen per key: the token the next grant of the key most likely gets.
-        # A guess only (the statement checks it against the row): see _TAKE_SEEN.
-        self._seen: dict[str, int] = {}
+        # The last counter seen per key and the owner its row was last seen with: the token
+        # the next grant of the key most likely gets. A guess only (the statement checks it
+        # against the row): see _TAKE_SEEN and _TAKE_MINE.
+        self._seen: dict[str, tuple[int, Owner | None]] = {}
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -336,31 +353,38 @@ class EmbeddedBackend(StoreBackend):
              lock.fencing_token),
         )
         self._remember(lock.key, text, lock)
+        self._seen[lock.key] = lock.fencing_token, lock.owner
 
-    def _take_free(self, lock: Lock) -> Lock | None:
-        # One statement (so one implicit transaction): see _TAKE_SEEN and _TAKE_FREE.
+    def _take_free(self, lock: Lock, times: Times | None = None) -> Lock | None:
+        # One statement (so one implicit transaction): see _TAKE_FREE, _TAKE_SEEN, _TAKE_MINE.
         key = lock.key
+        owner = lock.project.repo_full_name, lock.pull.num
         seen = self._seen.get(key)
-        guess = None
         try:  # what _unavailable says, without a context manager per call
             if seen is None:
+                if times is not None:
+                    lock = replaced(lock, acquired_at=times[0], expires_at=times[1])
+                guess = None
                 row = self._db.execute(_TAKE_FREE, (
-                    self.namespace, key, lock.project.repo_full_name, lock.pull.num,
-                    codec.encode(lock), self._floor + 1)).fetchone()
+                    self.namespace, key, *owner, codec.encode(lock), self._floor + 1,
+                )).fetchone()
             else:
-                guess = replaced(lock, fencing_token=seen + 1)
-                row = self._db.execute(_TAKE_SEEN, (
-                    self.namespace, key, lock.project.repo_full_name, lock.pull.num,
-                    codec.encode(guess), seen + 1)).fetchone()
+                token = seen[0] + 1
+                guess = replaced(lock, fencing_token=token) if times is None else replaced(
+                    lock, acquired_at=times[0], expires_at=times[1], fencing_token=token)
+                row = self._db.execute(_TAKE_MINE if seen[1] == owner else _TAKE_SEEN, (
+                    self.namespace, key, *owner, codec.encode(guess), token)).fetchone()
         except sqlite3.Error as error:
             raise self._down(error) from None
         if row is None:
             return None
-        token = row[0]
-        taken = guess if guess is not None and token == guess.fencing_token else replaced(
-            lock, fencing_token=token)
+        counter = row[0]
+        if guess is not None and counter == guess.fencing_token:
+            taken = guess
+        else:
+            taken = replaced(guess or lock, fencing_token=counter)
         self._remember(key, row[1], taken)
-        self._seen[key] = token
+        self._seen[key] = counter, owner
         return taken
 
     def _load_shared(self, key: str) -> list[Lock]:
@@ -386,12 +410,11 @@ class EmbeddedBackend(StoreBackend):
 
     def _pop(self, key: str, owner: tuple[str, int] | None) -> Lock | None:
         # One statement, so one implicit transaction: the release of a key nobody waits for.
-        query = "UPDATE locks SET held = 0 WHERE ns = ? AND key = ? AND held = 1"
-        args: list[str | int] = [self.namespace, key]
-        if owner is not None:
-            query, args = query + " AND repo = ? AND pull = ?", [*args, *owner]
         try:  # what _unavailable says, without a context manager per call
-            row = self._db.execute(query + " RETURNING data", args).fetchone()
+            if owner is None:
+                row = self._db.execute(_POP, (self.namespace, key)).fetchone()
+            else:
+                row = self._db.execute(_POP_OWNED, (self.namespace, key, *owner)).fetchone()
         except sqlite3.Error as error:
             raise self._down(error) from None
         if row is None:
@@ -421,7 +444,8 @@ class EmbeddedBackend(StoreBackend):
             "ON CONFLICT (ns, key) DO UPDATE SET counter = counter + 1 RETURNING counter",
             (self.namespace, key, self._floor + 1),
         ).fetchone()
-        self._seen[key] = token = int(row[0])
+        token = int(row[0])
+        self._seen[key] = token, None
         return token
 
     def _tokens(self) -> dict[str, int]:
