@@ -13,7 +13,8 @@
 
    Several rounds; each reports the median round and the best one (the machine may be
    shared), the ratios taken within a round. Then the commands a pair sends to Redis, read with
-   ``MONITOR`` over a sample of pairs (commands a script runs inside Redis not counted).
+   ``MONITOR`` over a sample of pairs (commands a script runs inside Redis not counted), the
+   round trips they take, and the CPU time redis-server spends per pair (``INFO cpu``).
 
 2. Contended hand-off latency: a holder releases while one waiter blocks in acquire; from the
    release call to the waiter's acquire returning. redis-py's ``Lock`` polls (``sleep=0.1``
@@ -77,6 +78,8 @@ BLOCK = 250
 CONTENDERS = 20
 SAMPLE = 50
 """Pairs whose commands MONITOR counts."""
+SERVER_SAMPLE = 500
+"""Pairs over which the redis-server's CPU time is read."""
 
 GOAL_VS_REDIS_PY = 1.0
 GOAL_VS_FLOOR = 0.8
@@ -207,6 +210,28 @@ class Bench:
         for done in (locker, quiet, store):
             await close_locker(done)
         return results
+
+    async def server_time(self) -> dict[str, float]:
+        """Microseconds of CPU the redis-server process spends on one uncontended pair
+        (``INFO cpu``, user + system, over :data:`SERVER_SAMPLE` pairs: the commands, the
+        scripts they run and the network I/O; CPU time, so a machine busy with other work
+        does not inflate it the way it does wall-clock command times)."""
+        locker = self.locker()
+        cases = {"floor": self.floor(), "redis-py": self.redis_py(), "ours": self.ours(locker)}
+        spent = {}
+        for name, run in cases.items():
+            await run(10)
+            await asyncio.sleep(0.05)  # the warm-up's events written
+            before = await self._server_cpu()
+            await run(SERVER_SAMPLE)
+            await asyncio.sleep(0.05)  # the sample's events written
+            spent[name] = (await self._server_cpu() - before) / SERVER_SAMPLE * 1e6
+        await close_locker(locker)
+        return spent
+
+    async def _server_cpu(self) -> float:
+        cpu: Any = await self.client.info("cpu")
+        return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
 
     async def commands(self) -> tuple[dict[str, float], float]:
         """The commands one uncontended pair of ours sends to Redis, by name, per pair
@@ -342,6 +367,7 @@ def _cell(values: list[float], fmt: str) -> str:
 
 
 def report(rounds: list[dict[str, float]], commands: tuple[dict[str, float], float],
+           server: dict[str, float],
            handoffs: dict[str, list[float]],
            fairness: dict[str, tuple[list[int], list[float]]], counts: str) -> str:
     cpus = len(os.sched_getaffinity(0))
@@ -381,7 +407,10 @@ def report(rounds: list[dict[str, float]], commands: tuple[dict[str, float], flo
         f"{SAMPLE} pairs; commands run inside the scripts not counted): "
         + ", ".join(f"{name} {count:.2f}" for name, count in sorted(commands[0].items()))
         + f"; in {commands[1]:.2f} round trips. The events are appended by a write-behind "
-        "outbox on a connection of its own, pipelined (a batch is one round trip).",
+        "outbox on a connection of its own, pipelined (a batch is one round trip). "
+        f"CPU time of the redis-server process per pair (INFO cpu, {SERVER_SAMPLE} pairs "
+        f"each, the scripts, commands and network I/O): ours {server['ours']:.0f} µs, "
+        f"redis-py Lock {server['redis-py']:.0f} µs, floor {server['floor']:.0f} µs.",
         "",
         "| contended | redis-py Lock | python-redis-lock | ours | ours vs redis-py / vs "
         "python-redis-lock |",
@@ -426,6 +455,7 @@ async def run(args: argparse.Namespace, server: RedisServer) -> str:
     try:
         pairs = await bench.throughput(args.pairs, args.rounds)
         commands = await bench.commands()
+        server = await bench.server_time()
         handoffs = {
             "ours": await bench.handoff_ours(args.handoffs),
             "redis-py": await bench.handoff_redis_py(max(50, args.handoffs // 4)),
@@ -442,7 +472,7 @@ async def run(args: argparse.Namespace, server: RedisServer) -> str:
               f"{args.handoffs} hand-offs "
               f"({max(50, args.handoffs // 4)} for redis-py's polling Lock), "
               f"{args.seconds:g} s of {CONTENDERS} contenders per lock")
-    return report(pairs, commands, handoffs, fairness, counts)
+    return report(pairs, commands, server, handoffs, fairness, counts)
 
 
 def main() -> None:
