@@ -8,6 +8,7 @@ retention; the shared ones (Redis, etcd) are one trail for every replica.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -246,3 +247,32 @@ async def test_etcd_out_of_reach_holds_up_no_call_and_a_read_says_unavailable() 
             await store.read(AuditQuery())
     finally:
         await store.close()
+
+
+@kinds("sqlite", "memory")
+async def test_concurrent_appends_each_get_their_row_even_when_their_caller_goes(
+    make: StoreMaker,
+) -> None:
+    """Entries appended at once (their rows may share one commit) each get their own id in
+    the order appended; an append whose caller is cancelled (its client left) still writes its
+    row, and closing the store writes what was appended but not yet written."""
+    store = make()
+    written = await asyncio.gather(*(store.append(entry(n)) for n in range(1, 41)))
+    assert [e.pull for e in written] == list(range(1, 41))
+    ids = [e.id for e in written]
+    assert len(set(ids)) == 40
+    if isinstance(store, SqliteAuditStore):
+        assert [int(i) for i in ids] == sorted(int(i) for i in ids)
+    gone = [asyncio.ensure_future(store.append(entry(n))) for n in range(41, 51)]
+    await asyncio.sleep(0)  # each has appended; none has its answer yet
+    for task in gone:
+        task.cancel()
+    await asyncio.gather(*gone, return_exceptions=True)
+    pending = [asyncio.ensure_future(store.append(entry(n))) for n in range(51, 56)]
+    await asyncio.sleep(0)
+    if isinstance(store, SqliteAuditStore):
+        await store.close()
+        store = make()
+    rows = numbers(await store.read(AuditQuery(limit=1000)))
+    assert rows == list(range(55, 0, -1)), rows
+    await asyncio.gather(*pending, return_exceptions=True)

@@ -1,6 +1,7 @@
 """Where the audit trail is kept: the active store's own durable place for it.
 
-* SQLite (the embedded ``boltdb`` store): an ``audit`` table in the same file as the locks.
+* SQLite (the embedded ``boltdb`` store): an ``audit`` table in the same file as the locks;
+  the entries appended in one turn of the event loop share one commit.
 * Redis: a stream ``{redis-key-prefix}audit``, so every replica writes to and reads one trail.
 * etcd: one key per entry under ``{etcd-key-prefix}audit/`` named by its time (the id), so
   every replica writes to and reads one trail, and retention by age is one range delete;
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import secrets
 import sqlite3
@@ -62,6 +64,9 @@ CREATE TABLE IF NOT EXISTS audit (
 );
 CREATE INDEX IF NOT EXISTS audit_by_time ON audit (time);
 """
+
+_INSERT = ("INSERT INTO audit (time, identity, verb, action, key, repo, pull, outcome, data) "
+           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
 
 @dataclass(frozen=True)
@@ -119,6 +124,7 @@ class SqliteAuditStore:
         self._db.executescript(SCHEMA)
         self._retention = retention
         self._appended = 0
+        self._batch: list[tuple[tuple[Any, ...], asyncio.Future[int]]] = []
         self._prune()
 
     def _prune(self) -> None:
@@ -130,19 +136,48 @@ class SqliteAuditStore:
         )
 
     async def append(self, entry: AuditEntry) -> AuditEntry:
+        """Written in one transaction with the other entries appended in the same turn of the
+        event loop (concurrent calls share a commit); returns once its row is committed."""
+        loop = asyncio.get_running_loop()
+        if not self._batch:
+            loop.call_soon(self._write_batch)
+        written: asyncio.Future[int] = loop.create_future()
+        self._batch.append((
+            (entry.time.isoformat(), entry.identity, entry.verb, entry.action, entry.key,
+             entry.repo, entry.pull, entry.outcome, entry.model_dump_json(by_alias=True)),
+            written))
+        # A caller that goes away meanwhile (its client left) still has its row written: the
+        # row is in the batch, only the answer is dropped.
+        return entry.model_copy(update={"id": str(await written)})
+
+    def _write_batch(self) -> None:
+        batch, self._batch = self._batch, []
+        if not batch:  # written already (by close)
+            return
         try:
-            cursor = self._db.execute(
-                "INSERT INTO audit (time, identity, verb, action, key, repo, pull, outcome, data) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (entry.time.isoformat(), entry.identity, entry.verb, entry.action, entry.key,
-                 entry.repo, entry.pull, entry.outcome, entry.model_dump_json(by_alias=True)),
-            )
-            self._appended += 1
-            if self._appended % PRUNE_EVERY == 0:
+            if len(batch) == 1:  # a statement of its own is its own transaction
+                ids = [self._db.execute(_INSERT, batch[0][0]).lastrowid]
+            else:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    ids = [self._db.execute(_INSERT, row).lastrowid for row, _ in batch]
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
+                    raise
+            before, self._appended = self._appended, self._appended + len(batch)
+            if before // PRUNE_EVERY != self._appended // PRUNE_EVERY:
                 self._prune()
         except sqlite3.Error as error:
-            raise BackendUnavailable(f"cannot write the audit trail: {error}") from None
-        return entry.model_copy(update={"id": str(cursor.lastrowid)})
+            for _, written in batch:
+                if not written.done():
+                    written.set_exception(
+                        BackendUnavailable(f"cannot write the audit trail: {error}"))
+            return
+        for (_, written), row_id in zip(batch, ids, strict=True):
+            if not written.done():
+                written.set_result(int(row_id or 0))
 
     async def read(self, query: AuditQuery) -> list[AuditEntry]:
         clauses, params = [], []
@@ -169,6 +204,8 @@ class SqliteAuditStore:
                 for row_id, data in rows]
 
     async def close(self) -> None:
+        if self._batch:  # appended, not yet written: written now, never lost
+            self._write_batch()
         self._db.close()
 
 
