@@ -97,6 +97,11 @@ class RedisServer:
         self.extra_args = list(extra_args)
         self.replica_of = replica_of
         self.process: subprocess.Popen[bytes] | None = None
+        self.spawned_at = 0.0
+        """Wall-clock time (``time.time()``, the clock Redis's ``TIME`` reads) just before the
+        running process was spawned: nothing it did can be earlier. ``start`` returns later,
+        once a ping is answered, so a time taken after it may follow the server's first
+        replies by as much as a busy machine delays the caller."""
         self.tls: TlsFiles | None = self._make_certs() if tls else None
 
     # --- addresses and clients -----------------------------------------------------------
@@ -165,6 +170,7 @@ class RedisServer:
         if self.process is not None and self.process.poll() is None:
             return self
         # Its own process group, so a signal meant for the test runner never reaches it.
+        self.spawned_at = time.time()
         self.process = subprocess.Popen(
             self._args(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             start_new_session=True,
@@ -281,6 +287,11 @@ class RedisSentinel:
         self.down_after_ms = down_after_ms
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
+        self.spawned_at = 0.0
+        """Wall-clock time (``time.time()``, the clock Redis's ``TIME`` reads) just before the
+        running process was spawned: nothing it did can be earlier. ``start`` returns later,
+        once a ping is answered, so a time taken after it may follow the server's first
+        replies by as much as a busy machine delays the caller."""
 
     @property
     def addr(self) -> str:
