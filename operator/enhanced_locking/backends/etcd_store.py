@@ -469,6 +469,8 @@ class EtcdBackend(StoreBackend):
         """Steps run again because another writer changed what they read (for the bench)."""
         self.round_trips = 0
         """etcd calls made by steps: reads, commits, lease grants (for the bench)."""
+        self.reads = 0
+        """Of those, the read-only ones (a step that reads first: queue, holders, list...)."""
         self.missed_guesses = 0
         """Steps run again because what this replica knew of their keys was out of date."""
         self._known = _Known()
@@ -854,6 +856,7 @@ class EtcdBackend(StoreBackend):
         ordered_keys, ordered_prefixes, ops = self._read_ops(keys, prefixes)
         assert client.kv is not None
         self.round_trips += 1
+        self.reads += 1
         async with unavailable(self.connection, "read", key=key):
             answer = await client.kv.txn([], ops, timeout=CALL_TIMEOUT)
         return self._parse_reads(ordered_keys, ordered_prefixes, answer)
