@@ -141,7 +141,8 @@ async def test_commands_are_packed_by_hiredis_into_the_bytes_redis_py_sends(
     assert client.connection_pool.connection_class is HiredisConnection
     ours, theirs = HiredisConnection(), aioredis.Connection()
     script_call = ("EVALSHA", "1ce43e55", 2, "base:lock:{é}", b"raw", 0, -7, 2**53, "", "{}")
-    for args in (script_call, ("CONFIG GET", "maxmemory"), (b"CLIENT LIST",)):
+    buffers = ("SET", bytearray(b"k"), memoryview(b"v"), 1.5)
+    for args in (script_call, buffers, ("CONFIG GET", "maxmemory"), (b"CLIENT LIST",)):
         assert b"".join(ours.pack_command(*args)) == b"".join(theirs.pack_command(*args))
     with pytest.raises(DataError):
         ours.pack_command("SET", "k", None)

@@ -102,6 +102,13 @@ class _HiredisPacking:
             args = (*name.split(), *args[1:])  # "CONFIG GET": its words are sent apart
         try:
             return [hiredis.pack_command(args)]
+        except TypeError:
+            pass
+        # hiredis takes str, bytes, int, float and memoryview; redis-py's encoder also other
+        # buffers (a bytearray).
+        buffers: Any = tuple(bytes(a) if isinstance(a, bytearray) else a for a in args)
+        try:
+            return [hiredis.pack_command(buffers)]
         except TypeError as error:  # what redis-py's encoder says of None, a dict, ...
             raise rexc.DataError(str(error)) from None
 
