@@ -2,8 +2,10 @@
 
 Many concurrent clients acquire, hold and release locks over HTTP; each one records, for every
 lock it got, the interval during which it *knew* it held it: from the moment the grant answer
-arrived to the moment it sent the release. That interval lies inside the real one (the server
-granted before the answer arrived and frees after the release arrives), so if the real holds
+arrived to the moment it sent the release, or to its lease's end if that came first (a leased
+lock is freed by the store when its lease ends, released or not). That interval lies inside
+the real one (the server granted before the answer arrived and frees after the release
+arrives, or at the lease's end), so if the real holds
 of a key never overlap, neither do the recorded ones: any overlap the checker finds is a real
 double grant. And since a key's next grant comes after its previous release, ordering a key's
 holds by fencing token must order them in time, with strictly rising tokens.
@@ -57,6 +59,17 @@ class Hold:
     mode: str = "exclusive"
     granted_at: datetime | None = None
     """The store's stamp of the grant (the lock's ``acquiredAt``)."""
+    lease_end: float | None = None
+    """``time.monotonic()`` at the lock's ``expiresAt``, for a lock with a lease: the store
+    frees it then whether or not it was released, so the client holds it no longer."""
+
+    @property
+    def held_until(self) -> float:
+        """When the client stopped holding it: its release, or its lease's end if earlier.
+        Not after ``start`` when the answer arrived after the lease had already ended: the
+        client held nothing (the key was free from the lease's end), so such a grant is in
+        no overlap and no token order; ``History.lapsed_on_arrival`` counts them."""
+        return self.end if self.lease_end is None else min(self.end, self.lease_end)
 
 
 @dataclass(frozen=True)
@@ -130,8 +143,12 @@ class History:
             for hold in by_time:
                 if hold.start < latest_end:
                     seen += 1
-                latest_end = max(latest_end, hold.end)
+                latest_end = max(latest_end, hold.held_until)
         return seen
+
+    def lapsed_on_arrival(self) -> list[Hold]:
+        """Grants whose answer arrived after their lease had ended (see ``Hold.held_until``)."""
+        return [h for h in self.holds if h.held_until <= h.start]
 
     def most_at_once(self, keys: frozenset[str]) -> int:
         """The most holds of ``keys`` recorded at one moment."""
@@ -156,7 +173,8 @@ def _key_violations(key: str, holds: Sequence[Hold]) -> list[str]:
     active: list[tuple[float, int, Hold]] = []  # a heap by end
     top_any: Hold | None = None  # highest token of the holds ended so far
     top_exclusive: Hold | None = None  # the same, of the exclusive ones
-    for n, later in enumerate(sorted(holds, key=lambda h: h.start)):
+    held = [h for h in holds if h.held_until > h.start]  # see ``Hold.held_until``
+    for n, later in enumerate(sorted(held, key=lambda h: h.start)):
         while active and active[0][0] <= later.start:
             _, _, ended = heapq.heappop(active)
             if top_any is None or ended.token > top_any.token:
@@ -174,7 +192,7 @@ def _key_violations(key: str, holds: Sequence[Hold]) -> list[str]:
             found.append(
                 f"{key}: token {later.token} of {later.client} came after token "
                 f"{before.token} of {before.client}")
-        heapq.heappush(active, (later.end, n, later))
+        heapq.heappush(active, (later.held_until, n, later))
     return found
 
 
@@ -182,7 +200,7 @@ def _peak(holds: Sequence[Hold]) -> tuple[int, list[Hold]]:
     """The most holds overlapping at one moment, and those holds (ends before starts at the
     same moment: back to back is not at once)."""
     moments = sorted([(h.start, 1, n) for n, h in enumerate(holds)]
-                     + [(h.end, 0, n) for n, h in enumerate(holds)])
+                     + [(max(h.start, h.held_until), 0, n) for n, h in enumerate(holds)])
     current: set[int] = set()
     best: tuple[int, list[Hold]] = (0, [])
     for _, starts, n in moments:

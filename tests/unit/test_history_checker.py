@@ -35,6 +35,36 @@ def test_a_token_handed_out_twice_is_reported() -> None:
     assert "k: a fencing token was handed out twice" in problems
 
 
+# --- leases ------------------------------------------------------------------------------------
+def test_a_lease_ends_a_hold_its_client_had_not_released_yet() -> None:
+    """The store frees a leased lock at its end: the next grant after it is no double grant,
+    but one before it is, and its token must still be higher."""
+    assert History(holds=[Hold("a", "k", 1, 0.0, 5.0, lease_end=3.0),
+                          Hold("b", "k", 2, 3.5, 4.0)]).violations() == []
+    early = History(holds=[Hold("a", "k", 1, 0.0, 5.0, lease_end=3.0),
+                           Hold("b", "k", 2, 2.5, 4.0)]).violations()
+    assert early == ["k: b (token 2) was granted while a (token 1) still held it"]
+    falling = History(holds=[Hold("a", "k", 5, 0.0, 5.0, lease_end=3.0),
+                             Hold("b", "k", 4, 3.5, 4.0)]).violations()
+    assert falling == ["k: token 4 of b came after token 5 of a"]
+
+
+def test_a_grant_answered_after_its_lease_ended_held_nothing() -> None:
+    """Its answer came after the lease it was granted with had run out: the key was free from
+    then on, so the grants after it, held before or beside its late answer, are none of its
+    business; it is counted apart."""
+    late = Hold("a", "k", 1, 1.0, 1.004, lease_end=0.9)
+    for others in ([Hold("b", "k", 2, 0.5, 2.0)], [Hold("b", "k", 2, 1.001, 2.0)],
+                   [Hold("b", "k", 2, 0.2, 0.5)]):
+        recorded = History(holds=[*others, late])
+        assert recorded.violations() == []
+        assert recorded.lapsed_on_arrival() == [late]
+    # A lease that ended while the answer was on its way but after it arrived is held.
+    held = Hold("a", "k", 3, 1.0, 1.004, lease_end=1.002)
+    assert History(holds=[held, Hold("b", "k", 4, 1.001, 2.0)]).violations() == [
+        "k: b (token 4) was granted while a (token 3) still held it"]
+
+
 # --- shared and exclusive ---------------------------------------------------------------------
 def modes(*holds: tuple[str, str, int, float, float, str], **rules: Any) -> History:
     recorded = History(**rules)
