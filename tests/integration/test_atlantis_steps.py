@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import re
 import subprocess
+import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import IO, Any
 
 import httpx
 import pytest
@@ -49,6 +50,44 @@ def run_step(
 def start_step(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen([*enhanced_locking_command(), "step", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+STEP_WAIT = "5m"
+"""A waiting step's ``--wait`` where the test, not the step, decides when it is served: the
+test's own steps (each a new process, seconds apiece on a busy machine) all happen within it."""
+STEP_DONE = 120.0
+"""Seconds a step is given to finish once the test has freed its key."""
+
+
+class Lines:
+    """A running step's stdout, read line by line as it prints, so the test can wait for the
+    line it needs (a fixed sleep was too short when the machine is busy)."""
+
+    def __init__(self, step: subprocess.Popen[str]) -> None:
+        assert step.stdout is not None
+        self.step, self.lines = step, list[str]()
+        self._reader = threading.Thread(target=self._read, args=(step.stdout,), daemon=True)
+        self._reader.start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_for(self, pattern: str, deadline: float = 60.0) -> None:
+        end = time.monotonic() + deadline
+        while time.monotonic() < end:
+            if any(re.fullmatch(pattern, line) for line in list(self.lines)):
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"the step never printed {pattern!r}: {self.lines}")
+
+    def finish(self) -> tuple[list[str], str]:
+        """Its whole stdout (as lines) and stderr once it exits."""
+        self.step.wait(STEP_DONE)
+        self._reader.join(STEP_DONE)
+        assert self.step.stdout is not None and self.step.stderr is not None
+        with self.step.stdout, self.step.stderr:
+            return self.lines, self.step.stderr.read()
 
 
 @pytest.fixture
@@ -91,28 +130,29 @@ def test_waiting_steps_show_their_place_and_an_apply_goes_before_a_plan(
 ) -> None:
     assert run_step(step_env(service.url, 1, "alice"), "acquire", "--command", "plan"
                     ).returncode == 0
-    plan = start_step(step_env(service.url, 2, "bob"), "acquire", "--command", "plan",
-                      "--wait", "30s", "--poll", "200ms")
+    plan = Lines(start_step(step_env(service.url, 2, "bob"), "acquire", "--command", "plan",
+                            "--wait", STEP_WAIT, "--poll", "200ms"))
     wait_for_waiters(service.url, 1)
     apply = start_step(step_env(service.url, 3, "carol"), "acquire", "--command", "apply",
-                       "--wait", "30s", "--poll", "200ms")
+                       "--wait", STEP_WAIT, "--poll", "200ms")
     waiters = wait_for_waiters(service.url, 2)
     assert [(w["pull"], w["priority"]) for w in waiters] == [(3, "high"), (2, "normal")]
-    time.sleep(1.0)  # a few polls: bob's step sees carol's apply move ahead of it
+    # bob's step sees carol's apply move ahead of it (on one of its polls).
+    behind_both = (f"waiting for {KEY}: position 2 of 2, behind pull #1 (alice) of acme/infra, "
+                   "which holds it; pull #3 (carol), high" + NO_ESTIMATE)
+    plan.wait_for(re.escape(behind_both))
 
     released = run_step(step_env(service.url, 1, "alice"), "release")
     assert released.returncode == 0 and f"released {KEY}" in released.stdout
 
-    apply_out, apply_err = apply.communicate(timeout=30)
+    apply_out, apply_err = apply.communicate(timeout=STEP_DONE)
     assert apply.returncode == 0, apply_err
     assert f"locked {KEY} for pull #3" in apply_out
     # bob still waits, now behind carol's apply; carol releases and bob gets it.
     assert run_step(step_env(service.url, 3, "carol"), "release").returncode == 0
-    plan_out, plan_err = plan.communicate(timeout=30)
-    assert plan.returncode == 0, plan_err
-    lines = plan_out.splitlines()
-    assert (f"waiting for {KEY}: position 2 of 2, behind pull #1 (alice) of acme/infra, "
-            "which holds it; pull #3 (carol), high" + NO_ESTIMATE) in lines
+    lines, plan_err = plan.finish()
+    assert plan.step.returncode == 0, plan_err
+    assert behind_both in lines
     # alice's release was seen: from then on the line ends with an estimate.
     behind_carol = re.escape(f"waiting for {KEY}: position 1 of 1, behind pull #3 (carol) of "
                              "acme/infra, which holds it") + ESTIMATE
@@ -144,20 +184,19 @@ def test_a_waiting_step_names_every_shared_holder_and_estimates_its_wait(
     give_back(9)  # one hold of the key seen: estimates from now on
     take(1, "alice")
     take(2, "bob")
-    apply = start_step(step_env(service.url, 3, "carol"), "acquire", "--command", "apply",
-                       "--wait", "30s", "--poll", "200ms")
+    apply = Lines(start_step(step_env(service.url, 3, "carol"), "acquire", "--command",
+                             "apply", "--wait", STEP_WAIT, "--poll", "200ms"))
     wait_for_waiters(service.url, 1)
-    time.sleep(1.0)  # a few polls
-    give_back(1)
-    time.sleep(1.0)
-    give_back(2)
-    out, err = apply.communicate(timeout=30)
-    assert apply.returncode == 0, err
-    lines = out.splitlines()
     both = re.escape(f"waiting for {KEY}: position 1 of 1, behind pull #1 (alice), pull #2 "
                      "(bob) of acme/infra, which hold it shared") + ESTIMATE
     bob = re.escape(f"waiting for {KEY}: position 1 of 1, behind pull #2 (bob) of acme/infra, "
                     "which holds it shared") + ESTIMATE
+    apply.wait_for(both)  # printed on a poll while both hold it
+    give_back(1)
+    apply.wait_for(bob)
+    give_back(2)
+    lines, err = apply.finish()
+    assert apply.step.returncode == 0, err
     assert [line for line in lines if line.startswith("waiting")] == [
         line for line in lines if re.fullmatch(both, line) or re.fullmatch(bob, line)], lines
     assert any(re.fullmatch(both, line) for line in lines), lines
