@@ -47,7 +47,7 @@ from enhanced_locking.events import EventBus
 from enhanced_locking.locking import batch, deadlock, queueing, visibility
 from enhanced_locking.locking.base import AtlantisCalls
 from enhanced_locking.locking.leasing import LeaseTimers
-from enhanced_locking.locking.retrying import retrying
+from enhanced_locking.locking.retrying import attempt, retrying
 from enhanced_locking.metrics import Metrics
 from enhanced_locking.types import (
     AcquireResult,
@@ -173,14 +173,7 @@ class EnhancedLocker(AtlantisCalls):
         config = self.settings() if config is None else config
         if config.retries:
             return await retrying(operation, config=config, metrics=self.metrics, name=name)
-        # One attempt: what ``retrying`` does without the flag, one coroutine fewer per call.
-        metrics = self.metrics
-        metrics.enhanced_operation()
-        try:
-            return await operation()
-        except BackendUnavailable:
-            metrics.enhanced_error()
-            raise
+        return await attempt(operation, self.metrics)
 
     # --- acquire ------------------------------------------------------------------------------
     async def acquire(self, request: LockRequest) -> AcquireResult:

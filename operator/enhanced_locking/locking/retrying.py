@@ -23,7 +23,7 @@ from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.metrics import Metrics
 from enhanced_locking.types import BackendUnavailable
 
-__all__ = ["backoff_delays", "retrying"]
+__all__ = ["attempt", "backoff_delays", "retrying"]
 
 T = TypeVar("T")
 
@@ -37,6 +37,20 @@ def backoff_delays(
     return [draw.uniform(base * 2**n / 2, base * 2**n) for n in range(attempts - 1)]
 
 
+async def attempt(operation: Callable[[], Awaitable[T]], metrics: Metrics) -> T:
+    """Run ``operation`` once, counted: an enhanced operation, and an error if it failed.
+
+    Every attempt counts (:class:`~enhanced_locking.metrics.Tallies`): the ratio of errors to
+    operations is the error rate a LockMigration's analysis checks.
+    """
+    metrics.enhanced_operation()
+    try:
+        return await operation()
+    except BackendUnavailable:
+        metrics.enhanced_error()
+        raise
+
+
 async def retrying(
     operation: Callable[[], Awaitable[T]],
     *,
@@ -44,31 +58,16 @@ async def retrying(
     metrics: Metrics,
     name: str,
 ) -> T:
-    """Run ``operation``; with the ``retries`` flag, retry it on ``BackendUnavailable``.
+    """Run ``operation`` up to ``retry_max_attempts`` times while it raises ``BackendUnavailable``.
 
-    Every attempt counts as an enhanced operation and every failed one as an error
-    (:class:`~enhanced_locking.metrics.Tallies`): their ratio is the error rate a
-    LockMigration's analysis checks.
+    Each try is an :func:`attempt` (counted); each failed one but the last is also a retry of
+    ``name``, followed by a backoff sleep.
     """
-    if not config.retries:
-        metrics.enhanced_operation()
-        try:
-            return await operation()
-        except BackendUnavailable:
-            metrics.enhanced_error()
-            raise
     delays = backoff_delays(attempts=config.retry_max_attempts, backoff=config.retry_backoff)
     for delay in delays:
-        metrics.enhanced_operation()
         try:
-            return await operation()
+            return await attempt(operation, metrics)
         except BackendUnavailable:
-            metrics.enhanced_error()
             metrics.retries.labels(name).inc()
         await asyncio.sleep(delay)
-    metrics.enhanced_operation()
-    try:
-        return await operation()
-    except BackendUnavailable:
-        metrics.enhanced_error()
-        raise
+    return await attempt(operation, metrics)
