@@ -17,7 +17,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from enhanced_locking.backends import Backend, EmbeddedBackend
 from enhanced_locking.backends.atlantis_redis import KEY_PREFIX, AtlantisRedisBackend
@@ -93,18 +93,23 @@ def _redis(backend: Backend) -> RedisBackend:
     return backend
 
 
-async def _string_at_lock(backend: Backend, key: str) -> int:
-    redis, name = _redis(backend).connection.client, _redis(backend).keys.lock(key)
-    assert await redis.delete(name) == 1, f"{key} is not held"
+def _other_type_at(
+    where: Literal["lock", "shared"], write: Callable[[Any, str], Awaitable[object]],
+) -> Callable[[Backend, str], Awaitable[int]]:
+    """Another Redis type, written by ``write``, where the store keeps the lock's hash
+    (``lock``) or its shared holders' hash (``shared``)."""
+    async def run(backend: Backend, key: str) -> int:
+        store = _redis(backend)
+        redis = store.connection.client
+        name = store.keys.lock(key) if where == "lock" else store.keys.shared(key)
+        assert await redis.delete(name) == 1, f"{key} is not held ({where})"
+        await write(redis, name)
+        return 0
+    return run
+
+
+async def _string(redis: Any, name: str) -> None:
     await redis.set(name, f"token={SECRET}")
-    return 0
-
-
-async def _list_at_lock(backend: Backend, key: str) -> int:
-    redis, name = _redis(backend).connection.client, _redis(backend).keys.lock(key)
-    assert await redis.delete(name) == 1, f"{key} is not held"
-    await redis.rpush(name, SECRET, SECRET)
-    return 0
 
 
 async def _hash_without_data(backend: Backend, key: str) -> int:
@@ -130,16 +135,10 @@ def _shared_record(raw: str) -> Callable[[Backend, str], Awaitable[int]]:
     return run
 
 
-async def _string_at_shared(backend: Backend, key: str) -> int:
-    redis, name = _redis(backend).connection.client, _redis(backend).keys.shared(key)
-    assert await redis.delete(name) == 1, f"{key} is not held shared"
-    await redis.set(name, f"token={SECRET}")
-    return 0
-
-
 REDIS_SPOILERS: list[Spoiler] = [
-    Spoiler("string-at-lock-key", _string_at_lock),
-    Spoiler("list-at-lock-key", _list_at_lock),
+    Spoiler("string-at-lock-key", _other_type_at("lock", _string)),
+    Spoiler("list-at-lock-key",
+            _other_type_at("lock", lambda redis, name: redis.rpush(name, SECRET, SECRET))),
     Spoiler("lock-hash-without-data", _hash_without_data),
     Spoiler("lock-token-not-a-number", _token_not_a_number),
     Spoiler("shared-record-not-json", _shared_record(f"token={SECRET} {{"), mode="shared"),
@@ -148,7 +147,7 @@ REDIS_SPOILERS: list[Spoiler] = [
     Spoiler("shared-record-wrong-fields",
             _shared_record(f'["other/key", "{SECRET}", "x", "1", "0", "r", "1"]'),
             mode="shared"),
-    Spoiler("string-at-shared-key", _string_at_shared, mode="shared"),
+    Spoiler("string-at-shared-key", _other_type_at("shared", _string), mode="shared"),
 ]
 """What can go wrong in the Redis store's own structures (beside its JSON): each a row of the
 unreadable-lock table on Redis and Redis Cluster."""

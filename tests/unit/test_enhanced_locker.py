@@ -237,11 +237,15 @@ class Flaky:
 
         async def call(*args: Any, **kwargs: Any) -> Any:
             self.calls += 1
-            if self.failures > 0:
-                self.failures -= 1
-                raise BackendUnavailable("the store did not answer (injected)")
-            return await attribute(*args, **kwargs)
+            return await self.invoke(attribute, *args, **kwargs)
         return call
+
+    async def invoke(self, method: Any, *args: Any, **kwargs: Any) -> Any:
+        """One call of the flaky method: fails before reaching the store while ``failures``."""
+        if self.failures > 0:
+            self.failures -= 1
+            raise BackendUnavailable("the store did not answer (injected)")
+        return await method(*args, **kwargs)
 
 
 def flaky_rig(queue_backend_factory: BackendFactory, failures: int, **settings: Any,
@@ -266,19 +270,12 @@ class LostAnswer(Flaky):
     """A real backend whose next ``failures`` calls of ``method`` act but lose their answer, as
     when the connection breaks after the store ran the call and the retry finds it down."""
 
-    def __getattr__(self, name: str) -> Any:
-        attribute = getattr(self._inner, name)
-        if name != self._method:
-            return attribute
-
-        async def call(*args: Any, **kwargs: Any) -> Any:
-            self.calls += 1
-            answer = await attribute(*args, **kwargs)
-            if self.failures > 0:
-                self.failures -= 1
-                raise BackendUnavailable("the store's answer was lost (injected)")
-            return answer
-        return call
+    async def invoke(self, method: Any, *args: Any, **kwargs: Any) -> Any:
+        answer = await method(*args, **kwargs)
+        if self.failures > 0:
+            self.failures -= 1
+            raise BackendUnavailable("the store's answer was lost (injected)")
+        return answer
 
 
 async def test_an_enqueue_whose_answer_was_lost_leaves_no_waiter_behind(
