@@ -92,12 +92,14 @@ from enhanced_locking.backends.waiting import (
     GrantNotifier,
     LocalNotifier,
     Notice,
+    Status,
     Waiter,
 )
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.types import (
     BackendUnavailable,
     Lock,
+    LockNotHeld,
     Locks,
     LockUnreadable,
     Reason,
@@ -428,6 +430,11 @@ class _Notifier:
         self._b.tidy(waiter_id)
 
     def deliver(self, waiter_id: str, notice: Notice) -> None:
+        if (notice.locks and self.local.waits(waiter_id)
+                and self._b.ran_out(notice.locks, waiter=waiter_id) is not None):
+            # Told after its lock's time was up (a notice held up by an election): the lock's
+            # lease may be gone and the key given on, so the caller holds nothing.
+            notice = Notice(reason=Reason.UNAVAILABLE)
         self.local.deliver(waiter_id, notice)
 
 
@@ -473,6 +480,8 @@ class EtcdBackend(StoreBackend):
         """Of those, the read-only ones (a step that reads first: queue, holders, list...)."""
         self.missed_guesses = 0
         """Steps run again because what this replica knew of their keys was out of date."""
+        self.late_grants = 0
+        """Grants refused because their answer came after the lock's end (``ran_out``)."""
         self._known = _Known()
         self._names: dict[str, bytes] = {}
         self._decoded: dict[tuple[str, bytes], Lock] = {}
@@ -1118,10 +1127,13 @@ class EtcdBackend(StoreBackend):
         return (self.lock_key(key), self.fence_key(key))
 
     async def acquire(self, candidate: Lock) -> tuple[bool, Lock]:
-        return await self._atomic(lambda: StoreBackend.acquire(self, candidate),
-                                  keys=self._keys_of(candidate.key),
-                                  prefixes=(self.queue_prefix(candidate.key),),
-                                  key=candidate.key, guess=True)
+        granted, lock = await self._atomic(lambda: StoreBackend.acquire(self, candidate),
+                                           keys=self._keys_of(candidate.key),
+                                           prefixes=(self.queue_prefix(candidate.key),),
+                                           key=candidate.key, guess=True)
+        if granted:
+            self._refuse_if_late((lock,))
+        return granted, lock
 
     async def get(self, key: str) -> Lock | None:
         return await self._atomic(lambda: StoreBackend.get(self, key),
@@ -1137,8 +1149,11 @@ class EtcdBackend(StoreBackend):
             prefixes=(self.base + b"lock/", self.base + b"shared/"))
 
     async def refresh(self, key: str, owner: Owner, ttl: timedelta) -> Lock:
-        return await self._atomic(lambda: StoreBackend.refresh(self, key, owner, ttl),
+        lock = await self._atomic(lambda: StoreBackend.refresh(self, key, owner, ttl),
                                   keys=(self.lock_key(key),), key=key)
+        if self.ran_out((lock,)) is not None:
+            raise LockNotHeld(key)  # its new end passed before the answer came: it expired
+        return lock
 
     async def export(self) -> tuple[Locks, dict[str, int]]:
         return await self._atomic(lambda: StoreBackend.export(self),
@@ -1150,6 +1165,37 @@ class EtcdBackend(StoreBackend):
         keys += tuple(self.fence_key(key) for key in tokens)
         return await self._atomic(lambda: StoreBackend.adopt(self, locks, tokens),
                                   keys=tuple(sorted(set(keys))))
+
+    # --- grants whose answer came too late ----------------------------------------------------
+    def ran_out(self, locks: Iterable[Lock], *, waiter: str | None = None) -> Lock | None:
+        """The first of a grant's ``locks`` whose time is up now, as its answer arrives.
+
+        A grant's commit can be answered long after it was applied (an election holds the
+        answer up; a lost answer is found by running the step again). etcd ends a lock's
+        lease no sooner than a second after the lock's own end: the lease is granted for at
+        least that long, only ever extended by a leader change, and this store never revokes
+        one. So while the lock's end has not come, its lease has not gone and etcd has not
+        deleted it; once it has, the key may already be someone else's. Judging by the lock's
+        end needs no call to etcd (a lease check after every commit would add a round trip
+        to each grant), and is the lock's own rule: a lock past its end is not held."""
+        now = self.clock()
+        lapsed = next((lock for lock in locks if lock.expired(now)), None)
+        if lapsed is not None:
+            self.late_grants += 1
+            assert lapsed.expires_at is not None
+            log.warning(
+                "etcd %s: the grant of %s%s was answered %.3fs after its end; not granted",
+                self.connection.where, lapsed.key, f" to waiter {waiter}" if waiter else "",
+                (now - lapsed.expires_at).total_seconds())
+        return lapsed
+
+    def _refuse_if_late(self, locks: Iterable[Lock]) -> None:
+        lapsed = self.ran_out(locks)
+        if lapsed is not None:
+            raise BackendUnavailable(
+                f"etcd {self.connection.where}: the grant of {lapsed.key} was answered after "
+                "its end (the store was slow to answer); it is not held, ask again",
+                key=lapsed.key)
 
     async def ping(self) -> None:
         client = await self.connection.client()
@@ -1182,13 +1228,16 @@ class EtcdBackend(StoreBackend):
         keys = [k for c in candidates for k in self._keys_of(c.key)]
         if wait is not None:
             keys.append(self.waiter_key(wait.id))
-        return await self._atomic(
+        outcome = await self._atomic(
             lambda: StoreBackend.acquire_batch(self, candidates, ttl=ttl, wait=wait,
                                                policy=policy),
             keys=tuple(keys),
             prefixes=tuple(p for c in candidates
                            for p in (self.queue_prefix(c.key), self.shared_prefix(c.key))),
             key=candidates[0].key if candidates else None, guess=True)
+        if outcome.status is Status.GRANTED:
+            self._refuse_if_late(outcome.locks)
+        return outcome
 
     async def acquire_or_enqueue(self, candidate: Lock, *, ttl: timedelta | None, wait: Any,
                                  policy: Any) -> Any:
@@ -1209,10 +1258,14 @@ class EtcdBackend(StoreBackend):
 
     async def cancel(self, key: str, waiter_id: str, *,
                      reason: Reason = Reason.CANCELLED, caller: str = "") -> Any:
-        return await self._atomic(
+        cancelled = await self._atomic(
             lambda: StoreBackend.cancel(self, key, waiter_id, reason=reason, caller=caller),
             keys=(self.waiter_key(waiter_id), self.notice_key(waiter_id), self.lock_key(key)),
             prefixes=(self.queue_prefix(key), self.shared_prefix(key)), key=key, guess=True)
+        if cancelled.granted and self.ran_out(cancelled.granted, waiter=waiter_id) is not None:
+            # Its grant's time is up: the waiter holds nothing to keep or to give back.
+            return dataclasses.replace(cancelled, granted=())
+        return cancelled
 
     async def holders(self, key: str) -> Locks:
         return await self._atomic(lambda: StoreBackend.holders(self, key),

@@ -332,3 +332,8 @@ class LocalNotifier:
 
     def pending(self) -> list[str]:
         return [waiter_id for waiter_id, f in self._futures.items() if not f.done()]
+
+    def waits(self, waiter_id: str) -> bool:
+        """Whether a caller here still waits to hear about ``waiter_id``."""
+        future = self._futures.get(waiter_id)
+        return future is not None and not future.done()
