@@ -20,6 +20,20 @@ the key is taken again (it carries no secret: see :mod:`codec`).
 Schema versions (``PRAGMA user_version``): 0 had the counters in a ``fencing`` table of their
 own beside ``locks``; 2 is the layout below. A file of version 0 is migrated in place when it is
 opened (one transaction; held locks, counters and the fencing floor kept).
+
+The legacy side's change counter: the router asks the legacy side about every key it grants on
+the enhanced side, before and after the grant, and releases there too (a key is never held on
+both sides), so most legacy lookups find what the last one found. The file counts every change
+to a legacy row itself (``meta`` row ``changes:legacy``, kept by triggers, so whoever writes
+the file counts: this process, another one on the same file, an older version of this
+service, the ``sqlite3`` shell). A backend of a counted namespace keeps what it last read per
+key with the counter it read it at; while the counter has not moved, a lookup reads the
+counter only (one statement, no transaction) and answers what was read then, and a release of
+a key that holds nothing answers "nothing released" without taking the write lock. Any change
+of any legacy row moves the counter in the same transaction, so nothing read before it is used
+after it. (SQLite's own ``PRAGMA data_version`` cannot serve: it changes on every commit of
+another connection, and the enhanced side and the audit trail commit on connections of their
+own to the same file, so it would move on every call.)
 """
 
 from __future__ import annotations
@@ -32,6 +46,7 @@ from pathlib import Path
 
 from enhanced_locking.backends import codec
 from enhanced_locking.backends.base import Owner, StoreBackend, Times
+from enhanced_locking.backends.waiting import Handoff, QueuePolicy
 from enhanced_locking.types import (
     BackendUnavailable,
     Lock,
@@ -68,6 +83,33 @@ SCHEMA = (
 )
 """The layout of version 2, each statement idempotent. ``meta.token_floor`` is the highest token
 the file ever handed out (the triggers keep it), so a lost row never hands a token out again."""
+
+COUNTED = ("legacy",)
+"""Namespaces whose changes the file counts (see the module's docstring): the side that other
+programs may write and that the router reads on every call of the other side."""
+
+
+def _changes_row(namespace: str) -> str:
+    return f"changes:{namespace}"
+
+
+def _counting(namespace: str) -> tuple[str, ...]:
+    """Triggers that move ``namespace``'s change counter with every change of one of its rows
+    (held, shared, released or renamed), in the transaction of the change."""
+    bump = f"UPDATE meta SET value = value + 1 WHERE name = '{_changes_row(namespace)}';"
+    return tuple(
+        f"CREATE TRIGGER IF NOT EXISTS {namespace}_changes_on_{event.lower()}_{table} "
+        f"AFTER {event} ON {table} WHEN {when} BEGIN {bump} END"
+        for table in ("locks", "shared_locks")
+        for event, when in (("INSERT", f"NEW.ns = '{namespace}'"),
+                            ("UPDATE", f"OLD.ns = '{namespace}' OR NEW.ns = '{namespace}'"),
+                            ("DELETE", f"OLD.ns = '{namespace}'")))
+
+
+COUNTING = tuple(trigger for namespace in COUNTED for trigger in _counting(namespace))
+"""The change counters' triggers, created (idempotently) when a file is opened."""
+
+_CHANGES = "SELECT value FROM meta WHERE name = ?"
 
 MIGRATE_FROM_0 = (
     """CREATE TABLE locks_v2 (
@@ -211,8 +253,12 @@ def open_database(
             (start,))
         if version < SCHEMA_VERSION and "locks" in tables:
             _migrate_from_0(connection, tables)
-        for statement in SCHEMA:
+        for statement in SCHEMA + COUNTING:
             connection.execute(statement)
+        for namespace in COUNTED:
+            connection.execute(
+                "INSERT INTO meta (name, value) VALUES (?, 0) ON CONFLICT DO NOTHING",
+                (_changes_row(namespace),))
         connection.execute(
             "UPDATE meta SET value = max(value, (SELECT coalesce(max(counter), 0) FROM locks)) "
             "WHERE name = 'token_floor'")
@@ -269,6 +315,11 @@ class EmbeddedBackend(StoreBackend):
         # the next grant of the key most likely gets. A guess only (the statement checks it
         # against the row): see _TAKE_SEEN and _TAKE_MINE.
         self._seen: dict[str, tuple[int, Owner | None]] = {}
+        # A counted namespace (see the module's docstring): what was last read per key (the
+        # exclusive row, and the shared rows when they were read), as of ``_as_of``.
+        self._counter = _changes_row(namespace) if namespace in COUNTED else None
+        self._as_of: int | None = None
+        self._known: dict[str, tuple[Lock | None, list[Lock] | None]] = {}
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -479,6 +530,72 @@ class EmbeddedBackend(StoreBackend):
             rows = sorted(self._db.execute(query, [*args, *args]).fetchall(),
                           key=lambda row: row[0])
         return self._read_rows(rows, every=repo is None and pull is None)
+
+    # --- lookups of a counted namespace ----------------------------------------------------------
+    def _changes(self) -> int | None:
+        """The namespace's change counter (``None``: not counted, or its row is gone)."""
+        assert self._counter is not None
+        row = self._db.execute(_CHANGES, (self._counter,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def _unchanged(self, key: str, now: datetime) -> list[Lock] | None:
+        """``key``'s live holders as last read, if nothing of the namespace changed since;
+        ``None`` when they must be read."""
+        known = self._known.get(key)
+        if known is None or key in self.unreadable:
+            return None
+        try:
+            changes = self._changes()
+        except sqlite3.Error as error:
+            raise self._down(error) from None
+        if changes is None or changes != self._as_of:
+            return None
+        exclusive, shared = known
+        if exclusive is not None and not exclusive.expired(now):
+            return [exclusive]
+        if shared is None:  # not read then: the exclusive lock was live
+            return None
+        return [lock for lock in shared if not lock.expired(now)]
+
+    def _read_holders(self, key: str, now: datetime) -> list[Lock]:
+        """``StoreBackend._holders`` in one snapshot with the change counter, remembered."""
+        with self._snapshot():
+            changes = self._changes()
+            exclusive = self._load(key)
+            shared = None
+            if exclusive is None or exclusive.expired(now):
+                shared = self._load_shared(key)
+            if key in self.unreadable:
+                self._unreadable_change(lambda u: u.readable(key))
+        if changes != self._as_of or len(self._known) >= _DECODED_KEYS:
+            self._known.clear()
+            self._as_of = changes
+        if changes is not None:
+            self._known[key] = exclusive, shared
+        if exclusive is not None and not exclusive.expired(now):
+            return [exclusive]
+        return [lock for lock in shared or () if not lock.expired(now)]
+
+    async def get(self, key: str) -> Lock | None:
+        if self._counter is None:
+            return await super().get(key)
+        now = self.clock()
+        holders = self._unchanged(key, now)
+        if holders is None:
+            holders = self._read_holders(key, now)
+        return holders[0] if holders else None
+
+    async def release_and_handoff(
+        self, key: str, *, owner: Owner | None = None, policy: QueuePolicy | None = None
+    ) -> Handoff:
+        # Nothing stored for the key (no lock, no shared lock, not even a lapsed one) and nobody
+        # waiting: the general path would find nothing to release, expire or hand over.
+        if (self._counter is not None and key not in self._queues
+                and (policy is None or not policy.rules.concurrency)
+                and self._known.get(key) == (None, [])
+                and self._unchanged(key, self.clock()) == []):
+            return Handoff()
+        return await super().release_and_handoff(key, owner=owner, policy=policy)
 
     async def ping(self) -> None:
         with self._unavailable():

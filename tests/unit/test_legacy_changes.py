@@ -1,0 +1,231 @@
+"""The legacy side's change counter: lookups answer what the file holds, whoever wrote it.
+
+The embedded store counts every change of a legacy row in the file itself (triggers), and a
+legacy backend answers a lookup from what it read last while that counter stands still. These
+tests change the file from outside the backend between its calls — another process running the
+store's code, and a plain SQLite writer that knows nothing of the counter — and check that
+every answer is the file's, exactly as when every lookup read the rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+from tests.conftest import ServiceMaker
+from tests.support.locks import lock_for, request_for
+
+from enhanced_locking.backends import EmbeddedBackend, codec
+from enhanced_locking.types import (
+    BackendUnavailable,
+    Lock,
+    LockNotOwned,
+    LockUnreadable,
+    Reason,
+    utcnow,
+)
+
+OTHER_WRITER = """
+import asyncio, sys
+from pathlib import Path
+from enhanced_locking.backends import EmbeddedBackend, codec
+
+async def main(path, action, text):
+    backend = EmbeddedBackend(Path(path), "legacy")
+    try:
+        lock = codec.decode(text)
+        if action == "acquire":
+            granted, held = await backend.acquire(lock)
+            assert granted, held
+        else:
+            assert await backend.release(lock.key, owner=lock.owner) is not None
+    finally:
+        await backend.close()
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+def other_process(path: Path, action: str, lock: Lock) -> None:
+    """``action`` (acquire or release) ``lock`` on the legacy side, from another process."""
+    subprocess.run([sys.executable, "-c", OTHER_WRITER, str(path), action, codec.encode(lock)],
+                   check=True, capture_output=True, timeout=60)
+
+
+def plain_writer(path: Path, statement: str, *args: object) -> None:
+    """A writer of the file that is none of ours (the ``sqlite3`` shell, say)."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute(statement, args)
+        db.commit()
+
+
+def legacy_lock(pull: int, *, path: str = "envs/prod") -> Lock:
+    return lock_for(request_for(pull=pull, path=path), backend="legacy")
+
+
+class Statements:
+    """The statements a connection runs, as SQLite traces them."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.seen: list[str] = []
+        db.set_trace_callback(self.seen.append)
+
+    def reading_locks(self) -> list[str]:
+        return [s for s in self.seen if "FROM locks" in s or "FROM shared_locks" in s]
+
+
+@pytest.fixture
+async def legacy(data_dir: Path) -> AsyncIterator[EmbeddedBackend]:
+    backend = EmbeddedBackend(data_dir / "enhanced-locking.db", "legacy")
+    yield backend
+    await backend.close()
+
+
+async def test_a_lookup_sees_what_another_process_wrote_since_the_last_one(
+    legacy: EmbeddedBackend,
+) -> None:
+    lock = legacy_lock(7)
+    assert await legacy.get(lock.key) is None
+    assert await legacy.get(lock.key) is None  # answered from the counter
+    other_process(legacy.path, "acquire", lock)
+    held = await legacy.get(lock.key)
+    assert held is not None and held.owner == lock.owner and held.fencing_token >= 1
+    assert await legacy.get(lock.key) == held
+    other_process(legacy.path, "release", lock)
+    assert await legacy.get(lock.key) is None
+
+
+async def test_a_release_frees_a_lock_another_process_took_after_the_key_was_seen_free(
+    legacy: EmbeddedBackend,
+) -> None:
+    lock = legacy_lock(7)
+    assert await legacy.release(lock.key, owner=lock.owner) is None  # seen free
+    assert await legacy.release(lock.key, owner=lock.owner) is None  # still free
+    other_process(legacy.path, "acquire", lock)
+    with pytest.raises(LockNotOwned):
+        await legacy.release(lock.key, owner=("acme/infra", 8))
+    released = await legacy.release(lock.key, owner=lock.owner)
+    assert released is not None and released.owner == lock.owner
+    assert await legacy.get(lock.key) is None
+
+
+async def test_a_plain_sqlite_writer_moves_the_counter_too(legacy: EmbeddedBackend) -> None:
+    lock = legacy_lock(3).model_copy(update={"fencing_token": 5})
+    assert await legacy.get(lock.key) is None
+    plain_writer(legacy.path,
+                 "INSERT INTO locks (ns, key, repo, pull, data, counter, held) "
+                 "VALUES ('legacy', ?, ?, ?, ?, 5, 1)",
+                 lock.key, *lock.owner, codec.encode(lock))
+    assert await legacy.get(lock.key) == lock
+    plain_writer(legacy.path, "UPDATE locks SET held = 0 WHERE ns = 'legacy' AND key = ?",
+                 lock.key)
+    assert await legacy.get(lock.key) is None
+    plain_writer(legacy.path,
+                 "INSERT INTO shared_locks (ns, key, repo, pull, data, token) "
+                 "VALUES ('legacy', ?, ?, ?, ?, 6)",
+                 lock.key, *lock.owner, codec.encode(lock.model_copy(update={
+                     "mode": "shared", "fencing_token": 6})))
+    shared = await legacy.get(lock.key)
+    assert shared is not None and shared.mode == "shared"
+    plain_writer(legacy.path, "DELETE FROM shared_locks WHERE ns = 'legacy'")
+    assert await legacy.get(lock.key) is None
+    plain_writer(legacy.path, "UPDATE locks SET held = 1, data = 'not a lock' "
+                 "WHERE ns = 'legacy' AND key = ?", lock.key)
+    with pytest.raises(LockUnreadable):
+        await legacy.get(lock.key)
+
+
+async def test_an_unchanged_store_is_asked_for_its_counter_only(
+    legacy: EmbeddedBackend, data_dir: Path,
+) -> None:
+    enhanced = EmbeddedBackend(data_dir / "enhanced-locking.db", "enhanced")
+    try:
+        lock = legacy_lock(1)
+        assert await legacy.get(lock.key) is None
+        statements = Statements(legacy._db)
+        # The other namespace changing does not move the legacy counter.
+        granted, _ = await enhanced.acquire(lock_for(request_for(pull=1)))
+        assert granted
+        assert await legacy.get(lock.key) is None
+        assert await legacy.release(lock.key, owner=lock.owner) is None
+        assert statements.reading_locks() == []
+        assert len(statements.seen) == 2, statements.seen
+        granted, _ = await legacy.acquire(legacy_lock(2, path="envs/dev"))
+        assert granted
+        statements.seen.clear()
+        assert await legacy.get(lock.key) is None  # another legacy key changed: read again
+        assert statements.reading_locks() != []
+    finally:
+        await enhanced.close()
+
+
+async def test_a_lease_that_lapses_between_lookups_reads_as_free_and_is_expired_on_release(
+    data_dir: Path,
+) -> None:
+    now = utcnow()
+    clock: list[datetime] = [now]
+    legacy = EmbeddedBackend(data_dir / "enhanced-locking.db", "legacy", clock=lambda: clock[0])
+    try:
+        lock = legacy_lock(4).model_copy(update={
+            "acquired_at": now, "expires_at": now + timedelta(seconds=30)})
+        granted, held = await legacy.acquire(lock)
+        assert granted
+        assert await legacy.get(lock.key) == held
+        clock[0] = now + timedelta(seconds=31)
+        assert await legacy.get(lock.key) is None
+        handoff = await legacy.release_and_handoff(lock.key)
+        assert handoff.released is None
+        statements = Statements(legacy._db)
+        assert await legacy.get(lock.key) is None
+        assert statements.reading_locks() != [], "the release changed the file: read again"
+        assert await legacy.acquire(legacy_lock(5)) == (True, await legacy.get(lock.key))
+    finally:
+        await legacy.close()
+
+
+async def test_a_closed_store_answers_unavailable_not_the_last_answer(
+    legacy: EmbeddedBackend,
+) -> None:
+    lock = legacy_lock(1)
+    assert await legacy.get(lock.key) is None
+    await legacy.close()
+    with pytest.raises(BackendUnavailable):
+        await legacy.get(lock.key)
+    with pytest.raises(BackendUnavailable):
+        await legacy.release(lock.key, owner=lock.owner)
+
+
+Writer = Callable[[Path, str, Lock], None]
+
+
+async def test_the_router_never_grants_a_key_another_process_took_on_legacy_meanwhile(
+    make_service: ServiceMaker,
+) -> None:
+    service = await make_service(enabled=True, migration_weight=100)
+    path = service.provider.current.config.data_path
+    request = request_for(pull=1)
+    for _ in range(2):  # the legacy side is seen free twice: its answer is remembered
+        result = await service.router.acquire(request)
+        assert result.acquired and result.lock is not None
+        assert result.lock.backend == "enhanced"
+        assert await service.router.release(request.key, owner=(request.project.repo_full_name,
+                                                                   1)) is not None
+    taken = legacy_lock(2)
+    await asyncio.to_thread(other_process, path, "acquire", taken)
+    refused = await service.router.acquire(request_for(pull=3))
+    assert not refused.acquired and refused.reason is Reason.HELD
+    assert refused.holder is not None and refused.holder.owner == taken.owner
+    assert refused.holder.backend == "legacy"
+    found = await service.router.get(request.key)
+    assert found is not None and found.owner == taken.owner
+    released = await service.router.release(request.key, owner=taken.owner)
+    assert released is not None and released.owner == taken.owner
+    again = await service.router.acquire(request_for(pull=3))
+    assert again.acquired and again.lock is not None and again.lock.backend == "enhanced"
