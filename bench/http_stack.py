@@ -17,6 +17,10 @@ concurrent clients (each on its own key: no contention); blocks of anchor and me
 alternate. Hand-off: a holder and a waiter on one key; from sending the release to the
 waiter's 200, p50 and p99.
 
+SQL per pair: the statements and transactions a lock pair runs against the store file, counted
+on every SQLite connection of the product app served in this process (SQLite's trace hook),
+over pairs of one client on one key.
+
 Usage: python bench/http_stack.py [--pairs 1500] [--rounds 3] [--handoffs 200] [--no-write]
 """
 
@@ -27,6 +31,7 @@ import asyncio
 import json
 import os
 import platform
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -56,6 +61,7 @@ STACKS = (("asyncio", "h11"), ("uvloop", "h11"), ("asyncio", "httptools"),
           ("uvloop", "httptools"))
 CONCURRENCY = (1, 32)
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+SQL_PAIRS = 200
 
 
 # --- the servers (run as ``--serve noop|product``) -------------------------------------------
@@ -249,6 +255,83 @@ async def handoffs(served: Served, count: int) -> list[float]:
     return latencies
 
 
+# --- SQL per pair ----------------------------------------------------------------------------
+
+
+@dataclass
+class SqlCount:
+    """What the store file was asked over some pairs: statements, transactions (explicit ones,
+    and statements run outside one), and of those transactions the writes."""
+
+    statements: int = 0
+    transactions: int = 0
+    writes: int = 0
+    on: bool = False
+
+    def seen(self, sql: str, *, in_transaction: bool) -> None:
+        if not self.on:
+            return
+        self.statements += 1
+        verb = sql.lstrip().split(None, 1)[0].upper()
+        if verb == "BEGIN":
+            self.transactions += 1
+            self.writes += "IMMEDIATE" in sql.upper() or "EXCLUSIVE" in sql.upper()
+        elif verb not in ("COMMIT", "ROLLBACK", "END") and not in_transaction:
+            self.transactions += 1
+            self.writes += verb in ("INSERT", "UPDATE", "DELETE", "REPLACE")
+
+
+COUNT = SqlCount()
+
+
+class CountedConnection(sqlite3.Connection):
+    """A connection that counts the statements run through it into :data:`COUNT`."""
+
+    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+        COUNT.seen(sql, in_transaction=self.in_transaction)
+        return super().execute(sql, parameters)
+
+
+async def _sql_pairs(data_dir: str, pairs: int) -> None:
+    import httpx
+
+    from enhanced_locking.api.app import create_app
+    from enhanced_locking.config import EnhancedLockingConfig
+    from enhanced_locking.factory import LockService
+    from enhanced_locking.provider import ConfigProvider
+
+    config = EnhancedLockingConfig(enabled=True, data_dir=data_dir, audit_stdout=False)
+    app = create_app(LockService(ConfigProvider(config)))
+    take = lock_body("envs/sql", 1)
+    give = "/v1/locks/by-key?key=acme/bench/envs/sql/default/&pull=1"
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url=f"http://{LOOPBACK}") as client:
+        for counted in (False, True):
+            await asyncio.sleep(0.01)  # the audit rows of the warm-up are written
+            COUNT.on = counted
+            for _ in range(pairs):
+                assert (await client.post("/v1/locks", json=take)).status_code == 200
+                assert (await client.delete(give)).status_code == 200
+        await asyncio.sleep(0.01)
+        COUNT.on = False
+
+
+def sql_per_pair(pairs: int) -> SqlCount:
+    """The SQL of ``pairs`` lock pairs, counted on every connection the app opens."""
+    connect = sqlite3.connect
+
+    def counted(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        return connect(*args, **kwargs, factory=CountedConnection)
+
+    sqlite3.connect = counted  # type: ignore[assignment]
+    try:
+        with tempfile.TemporaryDirectory() as data_dir:
+            asyncio.run(_sql_pairs(data_dir, pairs))
+    finally:
+        sqlite3.connect = connect  # type: ignore[assignment]
+    return COUNT
+
+
 # --- the run ---------------------------------------------------------------------------------
 
 
@@ -269,7 +352,8 @@ def measure(loop: str, http: str, pairs: int, rounds: int, count: int,
     return found
 
 
-def report(results: dict[tuple[str, str], dict[str, Any]], counts: str) -> str:
+def report(results: dict[tuple[str, str], dict[str, Any]], counts: str, sql: SqlCount,
+           sql_pairs: int) -> str:
     lines = [
         f"{counts}. Python {platform.python_version()}, {len(os.sched_getaffinity(0))} CPUs, "
         f"load average {os.getloadavg()[0]:.1f} at the end; client and servers share the "
@@ -305,6 +389,10 @@ def report(results: dict[tuple[str, str], dict[str, Any]], counts: str) -> str:
         lines.append(f"| {loop}, {http} | {p50 * 1000:.3f} "
                      f"| {percentile(found['handoff'], 0.99) * 1000:.3f} | p50 <= 1.5 ms "
                      f"| {verdict(p50 <= 0.0015)} |")
+    lines += ["", "| SQL per lock pair (acquire + release) | statements | transactions "
+              "| of them writes |", "|---|---:|---:|---:|",
+              f"| {sql_pairs} pairs, one client, one key | {sql.statements / sql_pairs:.1f} "
+              f"| {sql.transactions / sql_pairs:.1f} | {sql.writes / sql_pairs:.1f} |"]
     return "\n".join(lines)
 
 
@@ -332,8 +420,9 @@ def main() -> None:
         for loop, http in stacks:
             results[(loop, http)] = measure(loop, http, args.pairs, args.rounds, args.handoffs,
                                             Path(tmp))
+    sql = sql_per_pair(SQL_PAIRS)
     text = report(results, f"{args.pairs} pairs per case and round, {args.rounds} rounds, "
-                           f"{args.handoffs} hand-offs per stack")
+                           f"{args.handoffs} hand-offs per stack", sql, SQL_PAIRS)
     print(text)
     if not args.no_write:
         write_section("http", HEADING, text)
