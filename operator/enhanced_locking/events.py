@@ -4,6 +4,12 @@ Events get ids shaped like Redis Stream ids (``<milliseconds>-<sequence>``) so a
 ``Last-Event-ID`` means the same thing here and on the Redis-backed bus. The bus keeps a bounded
 ring of recent events for resuming; a client that fell further behind than the ring is told so
 by a ``gap`` event rather than silently missing events.
+
+An event is recorded when it is published (its id, its time and what it says) but built into
+an :class:`~enhanced_locking.types.Event` only when something reads it: at once when there are
+subscribers, else when a stream reader or :meth:`EventBus.recent` reaches it. Most events of a
+busy service are never read (nobody follows the stream), and building one cost about as much
+as the rest of publishing it.
 """
 
 from __future__ import annotations
@@ -13,9 +19,10 @@ import collections
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from enhanced_locking.types import Event, Lock, built, utcnow
+from enhanced_locking.types import Event, Lock, built
 
 __all__ = ["EVENT_TYPES", "Bus", "EventBus", "Gap", "parse_event_id"]
 
@@ -61,6 +68,44 @@ def parse_event_id(event_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
+class _Recorded:
+    """An event as :meth:`EventBus.publish` records it, built into an :class:`Event` the first
+    time it is read (and that one object answered from then on)."""
+
+    __slots__ = ("_event", "at", "details", "key", "lock", "mark", "repo", "type")
+
+    def __init__(self, mark: tuple[int, int], at: float, type: str, key: str | None,
+                 repo: str | None, lock: Lock | None, details: dict[str, Any]) -> None:
+        self.mark, self.at, self.type, self.key = mark, at, type, key
+        self.repo, self.lock, self.details = repo, lock, details
+        self._event: Event | None = None
+
+    def event(self) -> Event:
+        if self._event is None:
+            # Built without re-validation: every field is ours and already of its type.
+            self._event = built(
+                Event, id=f"{self.mark[0]}-{self.mark[1]}", type=self.type,
+                time=datetime.fromtimestamp(self.at, UTC), key=self.key, repo=self.repo,
+                lock=self.lock, details=self.details)
+        return self._event
+
+
+_Kept = Event | _Recorded
+"""What the ring holds: events a shared bus read from its store, and events recorded here."""
+
+
+def _mark_of(item: _Kept) -> tuple[int, int]:
+    return item.mark if isinstance(item, _Recorded) else parse_event_id(item.id)
+
+
+def _event_of(item: _Kept) -> Event:
+    return item.event() if isinstance(item, _Recorded) else item
+
+
+def _id_of(item: _Kept) -> str:
+    return _event_of(item).id
+
+
 class Bus(Protocol):
     """The event bus seam: the in-process :class:`EventBus`, or one over Redis Streams.
 
@@ -72,7 +117,7 @@ class Bus(Protocol):
     """
 
     def publish(self, type: str, *, lock: Lock | None = None, key: str | None = None,
-                **details: Any) -> Event | None: ...
+                **details: Any) -> None: ...
 
     def subscribe(self, subscriber: Subscriber) -> Callable[[], None]: ...
 
@@ -90,7 +135,7 @@ class EventBus:
     """Publish events; keep the last ``capacity`` for resume; wake stream readers."""
 
     def __init__(self, *, capacity: int = 10_000, enabled: Callable[[], bool] = lambda: True):
-        self._ring: collections.deque[Event] = collections.deque(maxlen=capacity)
+        self._ring: collections.deque[_Kept] = collections.deque(maxlen=capacity)
         self._subscribers: list[Subscriber] = []
         # Made when a stream reader first needs one and set (then dropped) by the next
         # publish: readers wait on the one they saw. No task per event, and a publish with
@@ -99,27 +144,28 @@ class EventBus:
         self._last = (0, 0)
         self._enabled = enabled
 
-    def _next_id(self) -> str:
-        ms = int(time.time() * 1000)
-        last_ms, last_seq = self._last
-        self._last = (ms, 0) if ms > last_ms else (last_ms, last_seq + 1)
-        return f"{self._last[0]}-{self._last[1]}"
-
     def publish(self, type: str, *, lock: Lock | None = None, key: str | None = None,
-                **details: Any) -> Event | None:
+                **details: Any) -> None:
         """Record and fan out one event (nothing when the events flag is off)."""
         if not self._enabled():
-            return None
-        key = key or (lock.key if lock else None)
-        repo = lock.project.repo_full_name if lock else details.pop("repo", None)
-        # Built without re-validation: every field is ours and already of its type.
-        event = built(Event, id=self._next_id(), type=type, time=utcnow(), key=key, repo=repo,
-                      lock=lock, details=details)
-        self._ring.append(event)
-        for subscriber in list(self._subscribers):
-            subscriber(event)
-        self._wake()
-        return event
+            return
+        at = time.time()  # one reading for the id and the event's time
+        ms = int(at * 1000)
+        last_ms, last_seq = self._last
+        mark = self._last = (ms, 0) if ms > last_ms else (last_ms, last_seq + 1)
+        if lock is not None:
+            key = key or lock.key
+            repo = lock.project.repo_full_name
+        else:
+            repo = details.pop("repo", None)
+        recorded = _Recorded(mark, at, type, key, repo, lock, details)
+        self._ring.append(recorded)
+        if self._subscribers:
+            event = recorded.event()
+            for subscriber in list(self._subscribers):
+                subscriber(event)
+        if self._wakeup is not None:
+            self._wake()
 
     def _wake(self) -> None:
         """Wake every reader waiting for a new event."""
@@ -140,15 +186,15 @@ class EventBus:
     def recent(self, after: str | None = None) -> list[Event]:
         """Events newer than ``after`` still in the ring (all of them without ``after``)."""
         if after is None:
-            return list(self._ring)
+            return [_event_of(item) for item in self._ring]
         return self._after(parse_event_id(after))
 
     def _after(self, mark: tuple[int, int]) -> list[Event]:
         newer: list[Event] = []
-        for event in reversed(self._ring):  # newest first: stop at the first one seen
-            if parse_event_id(event.id) <= mark:
+        for item in reversed(self._ring):  # newest first: stop at the first one seen
+            if _mark_of(item) <= mark:
                 break
-            newer.append(event)
+            newer.append(_event_of(item))
         newer.reverse()
         return newer
 
@@ -156,10 +202,10 @@ class EventBus:
         """Whether events after ``after`` may have fallen out of the ring."""
         if not self._ring or len(self._ring) < (self._ring.maxlen or 0):
             return False
-        return parse_event_id(self._ring[0].id) > parse_event_id(after)
+        return _mark_of(self._ring[0]) > parse_event_id(after)
 
     def _newest(self) -> tuple[int, int]:
-        return parse_event_id(self._ring[-1].id) if self._ring else self._last
+        return _mark_of(self._ring[-1]) if self._ring else self._last
 
     def _behind(self, mark: tuple[int, int], limit: int) -> bool:
         """Whether more than ``limit`` events follow ``mark``, or some may have fallen out of
@@ -168,7 +214,7 @@ class EventBus:
             return True
         if len(self._ring) <= limit:
             return False
-        return parse_event_id(self._ring[-limit - 1].id) > mark
+        return _mark_of(self._ring[-limit - 1]) > mark
 
     async def stream(self, after: str | None = None) -> AsyncIterator[Event]:
         """Replay from ``after`` (or only new events without it), then follow live."""
@@ -186,14 +232,14 @@ class EventBus:
         ring, so a stalled reader costs no memory."""
         mark = parse_event_id(after) if after else self._newest()
         if max_lag is not None and after is not None and self._behind(mark, max_lag):
-            yield Gap(after=after, oldest=self._ring[0].id if self._ring else None,
+            yield Gap(after=after, oldest=_id_of(self._ring[0]) if self._ring else None,
                       reason="replay")
             mark = self._newest()
         while True:
             wakeup = self._next_wakeup()  # before looking: no publish in between is missed
             if max_lag is not None and self._behind(mark, max_lag):
                 yield Gap(after=f"{mark[0]}-{mark[1]}",
-                          oldest=self._ring[0].id if self._ring else None, reason="behind")
+                          oldest=_id_of(self._ring[0]) if self._ring else None, reason="behind")
                 return
             fresh = self._after(mark)
             for event in fresh:

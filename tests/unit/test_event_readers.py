@@ -12,8 +12,9 @@ from enhanced_locking.types import Event
 def _publish(bus: EventBus, count: int) -> list[str]:
     ids = []
     for n in range(count):
-        event = bus.publish("acquired", key=f"k{n}")
-        assert event is not None
+        bus.publish("acquired", key=f"k{n}")
+        event = bus.recent()[-1]
+        assert event.key == f"k{n}"
         ids.append(event.id)
     return ids
 

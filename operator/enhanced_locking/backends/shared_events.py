@@ -77,9 +77,9 @@ class SharedEventBus(EventBus):
 
     # --- publishing --------------------------------------------------------------------------
     def publish(self, type: str, *, lock: Lock | None = None, key: str | None = None,
-                **details: Any) -> Event | None:
+                **details: Any) -> None:
         if not self._enabled():
-            return None
+            return
         key = key or (lock.key if lock else None)
         repo = lock.project.repo_full_name if lock else details.pop("repo", None)
         event = Event.model_construct(id="", type=type, time=utcnow(), key=key, repo=repo,
@@ -87,7 +87,6 @@ class SharedEventBus(EventBus):
         for subscriber in list(self._subscribers):
             subscriber(event)
         self._outbox.put(event)
-        return event
 
     # --- reading -----------------------------------------------------------------------------
     def _start_reading(self) -> None:
