@@ -139,27 +139,34 @@ class _Model(BaseModel):
 
 
 _ModelT = TypeVar("_ModelT", bound=BaseModel)
-_DEFAULTS: dict[type[BaseModel], tuple[dict[str, Any], dict[str, FieldInfo]]] = {}
+_Defaults = tuple[dict[str, Any], dict[str, FieldInfo], dict[str, Any] | None]
+_DEFAULTS: dict[type[BaseModel], _Defaults] = {}
+_IMMUTABLE = (bool, int, float, str, bytes, type(None))
 
 
-def _defaults_of(cls: type[BaseModel]) -> tuple[dict[str, Any], dict[str, FieldInfo]]:
-    """Each field's default in field order, and the fields whose default is made per model
-    (a factory, or a mutable value pydantic copies)."""
+def _defaults_of(cls: type[BaseModel]) -> _Defaults:
+    """Each field's default in field order, the fields whose default is made per model (a
+    factory, or a mutable value pydantic copies), and the private attributes' defaults when
+    every one is immutable (copied as they are; else ``None``: made per model)."""
     plain: dict[str, Any] = {}
     fresh: dict[str, FieldInfo] = {}
     for name, field in cls.__pydantic_fields__.items():
         plain[name] = field.default
         if field.default_factory is not None or isinstance(field.default, list | dict | set):
             fresh[name] = field
-    _DEFAULTS[cls] = plain, fresh
-    return plain, fresh
+    privates = cls.__private_attributes__
+    fixed = ({name: attribute.default for name, attribute in privates.items()}
+             if all(attribute.default_factory is None and isinstance(attribute.default, _IMMUTABLE)
+                    for attribute in privates.values()) else None)
+    _DEFAULTS[cls] = plain, fresh, fixed
+    return plain, fresh, fixed
 
 
 def built(cls: type[_ModelT], /, **values: Any) -> _ModelT:
     """A model of ``values`` that are already of their types (ours, just checked or read),
     without validating them again: the hot path's ``model_construct``, at a fraction of its
     cost. Fields not given take their defaults; private attributes theirs."""
-    plain, fresh = _DEFAULTS.get(cls) or _defaults_of(cls)
+    plain, fresh, fixed = _DEFAULTS.get(cls) or _defaults_of(cls)
     data = {**plain, **values}
     for name, field in fresh.items():
         if name not in values:
@@ -170,9 +177,13 @@ def built(cls: type[_ModelT], /, **values: Any) -> _ModelT:
     _set(model, "__pydantic_fields_set__", set(values))
     _set(model, "__pydantic_extra__", None)
     privates = cls.__private_attributes__
-    _set(model, "__pydantic_private__", {
-        name: attribute.get_default() for name, attribute in privates.items()
-    } if privates else None)
+    if not privates:
+        _set(model, "__pydantic_private__", None)
+    elif fixed is not None:
+        _set(model, "__pydantic_private__", dict(fixed))
+    else:
+        _set(model, "__pydantic_private__", {
+            name: attribute.get_default() for name, attribute in privates.items()})
     return model
 
 

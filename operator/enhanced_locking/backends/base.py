@@ -31,7 +31,7 @@ import abc
 import collections
 import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Protocol, runtime_checkable
@@ -665,10 +665,11 @@ class StoreBackend(abc.ABC):
         self._queues.clear()
 
     # --- the QueueBackend protocol ------------------------------------------------------------
-    async def acquire_or_enqueue(
+    def acquire_or_enqueue(
         self, candidate: Lock, *, ttl: timedelta | None, wait: Wait | None, policy: QueuePolicy
-    ) -> Outcome:
-        return await self.acquire_batch([candidate], ttl=ttl, wait=wait, policy=policy)
+    ) -> Coroutine[None, None, Outcome]:
+        # The batch's coroutine itself, not one that awaits it: one frame less per acquire.
+        return self.acquire_batch([candidate], ttl=ttl, wait=wait, policy=policy)
 
     async def acquire_batch(
         self,

@@ -168,12 +168,14 @@ class EnhancedLocker(AtlantisCalls):
     def lease(self, request: LockRequest | BatchLockRequest) -> timedelta | None:
         return _lease(request, self.settings())
 
-    async def _call(self, name: str, operation: Callable[[], Awaitable[T]],
-                    config: EnhancedLockingConfig | None = None) -> T:
+    def _call(self, name: str, operation: Callable[[], Awaitable[T]],
+              config: EnhancedLockingConfig | None = None) -> Awaitable[T]:
+        # Not a coroutine of its own: the caller awaits the attempt (or the retry loop)
+        # directly, one frame less on every call.
         config = self.settings() if config is None else config
         if config.retries:
-            return await retrying(operation, config=config, metrics=self.metrics, name=name)
-        return await attempt(operation, self.metrics)
+            return retrying(operation, config=config, metrics=self.metrics, name=name)
+        return attempt(operation, self.metrics)
 
     # --- acquire ------------------------------------------------------------------------------
     async def acquire(self, request: LockRequest) -> AcquireResult:

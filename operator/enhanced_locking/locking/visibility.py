@@ -47,9 +47,12 @@ class HoldTimes:
 
     def record(self, key: str, held: timedelta) -> None:
         seconds = max(0.0, held.total_seconds())
-        if len(self._by_key) > 10_000 and key not in self._by_key:
-            self._by_key.pop(next(iter(self._by_key)))
-        self._by_key.setdefault(key, collections.deque(maxlen=HISTORY)).append(seconds)
+        recent = self._by_key.get(key)
+        if recent is None:
+            if len(self._by_key) > 10_000:
+                self._by_key.pop(next(iter(self._by_key)))
+            recent = self._by_key[key] = collections.deque(maxlen=HISTORY)
+        recent.append(seconds)
         self._all.append(seconds)
 
     def typical(self, key: str) -> float | None:
