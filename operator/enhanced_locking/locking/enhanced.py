@@ -48,7 +48,7 @@ from enhanced_locking.locking import batch, deadlock, queueing, visibility
 from enhanced_locking.locking.base import AtlantisCalls
 from enhanced_locking.locking.leasing import LeaseTimers
 from enhanced_locking.locking.retrying import attempt, retrying
-from enhanced_locking.metrics import Metrics
+from enhanced_locking.metrics import Count, Metrics, Timing
 from enhanced_locking.types import (
     AcquireResult,
     BackendUnavailable,
@@ -74,7 +74,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
+# Made on every call and never changed after: not frozen (see Outcome).
+@dataclass
 class Answer:
     """What one acquire (single or batch) came to, before it is shaped for the caller."""
 
@@ -118,8 +119,8 @@ class EnhancedLocker(AtlantisCalls):
         self._policy_of: EnhancedLockingConfig | None = None
         self._policy = QueuePolicy()
         # The metric children of each outcome, found once: every call counts one of a few.
-        self._acquire_metrics: dict[str, tuple[Any, Any]] = {}
-        self._release_count: dict[str, Any] = {}
+        self._acquire_metrics: dict[str, tuple[Count, Timing]] = {}
+        self._release_count: dict[str, Count] = {}
 
     # --- life ---------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -223,8 +224,8 @@ class EnhancedLocker(AtlantisCalls):
         if counted is None:
             metrics = self.metrics
             counted = self._acquire_metrics[outcome] = (
-                metrics.labelled(metrics.acquires, "enhanced", outcome),
-                metrics.labelled(metrics.acquire_seconds, "enhanced", outcome))
+                metrics.counting(metrics.acquires, "enhanced", outcome),
+                metrics.timing(metrics.acquire_seconds, "enhanced", outcome))
         counted[0].inc()
         counted[1].observe(time.perf_counter() - started)
         return answer
@@ -444,7 +445,7 @@ class EnhancedLocker(AtlantisCalls):
             self.leases.disarm(released.key)
             counter = self._release_count.get(how)
             if counter is None:
-                counter = self._release_count[how] = self.metrics.labelled(
+                counter = self._release_count[how] = self.metrics.counting(
                     self.metrics.releases, "enhanced", how)
             counter.inc()
             if how == "expired":
