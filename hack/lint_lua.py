@@ -1,8 +1,9 @@
-"""luacheck over the Redis backend's scripts, each as Redis runs it (the library, then the script).
+"""luacheck over the Redis backend's scripts, as Redis runs them: the one function library.
 
 A script alone uses the library's functions, and the library alone defines functions only some
-scripts use, so each file is checked inside the text that is actually sent to Redis. Warnings
-point back at the file and line they come from (``lua/lib.lua:42``, ``lua/acquire.lua:7``).
+scripts use, so the files are checked inside the text that is actually loaded into Redis
+(``redis_scripts.FUNCTIONS``). Warnings point back at the file and line they come from
+(``lua/lib.lua:42``, ``lua/acquire.lua:7``).
 """
 
 from __future__ import annotations
@@ -21,14 +22,21 @@ LUA = REPO / "operator/enhanced_locking/backends/lua"
 _WHERE = re.compile(r"^(?P<file>[^:]+):(?P<line>\d+):(?P<rest>.*)$")
 
 
-def _origin(line: int, library_lines: int, script: str) -> str:
-    """Where line ``line`` of an assembled script comes from."""
+def _origins() -> list[str]:
+    """For each line of ``redis_scripts.FUNCTIONS`` (from 1), where it comes from."""
+    where = ["operator/enhanced_locking/backends/redis_scripts.py (_HEADER):"]
     preamble = redis_scripts.LIBRARY.count("\n") - redis_scripts.source("lib.lua").count("\n")
-    if line <= preamble:
-        return "operator/enhanced_locking/backends/redis_scripts.py (_PREAMBLE):"
-    if line <= library_lines:
-        return f"{(LUA / 'lib.lua').relative_to(REPO)}:{line - preamble}"
-    return f"{(LUA / script).relative_to(REPO)}:{line - library_lines}"
+    where += ["operator/enhanced_locking/backends/redis_scripts.py (_PREAMBLE):"] * preamble
+    lib = (LUA / "lib.lua").relative_to(REPO)
+    where += [f"{lib}:{n}" for n in range(1, redis_scripts.source("lib.lua").count("\n") + 1)]
+    for name in redis_scripts.NAMES:
+        file = (LUA / f"{name.lower()}.lua").relative_to(REPO)
+        wrapper = f"operator/enhanced_locking/backends/redis_scripts.py (function {name}):"
+        where += [wrapper, wrapper]
+        body = redis_scripts.source(f"{name.lower()}.lua").count("\n")
+        where += [f"{file}:{n}" for n in range(1, body + 1)]
+        where.append(wrapper)
+    return where
 
 
 def main() -> int:
@@ -42,28 +50,28 @@ def main() -> int:
     if files != expected:
         print(f"lua/ holds {files}, redis_scripts.NAMES names {expected}", file=sys.stderr)
         return 1
-    library_lines = redis_scripts.LIBRARY.count("\n")
-    seen: set[str] = set()
+    origins = _origins()
+    if len(origins) != redis_scripts.FUNCTIONS.count("\n"):
+        print("hack/lint_lua.py does not know how redis_scripts.FUNCTIONS is assembled",
+              file=sys.stderr)
+        return 1
+    seen: list[str] = []
     with tempfile.TemporaryDirectory() as scratch:
-        for file, name in zip(files, sorted(redis_scripts.NAMES), strict=True):
-            path = Path(scratch) / file
-            path.write_text(getattr(redis_scripts, name))
-            run = subprocess.run(
-                [luacheck, "--config", str(REPO / ".luacheckrc"), "--formatter", "plain",
-                 "--codes", "--no-color", str(path)],
-                capture_output=True, text=True, check=False)
-            if run.returncode not in (0, 1, 2):
-                print(run.stdout + run.stderr, file=sys.stderr)
-                return 1
-            for out in run.stdout.splitlines():
-                match = _WHERE.match(out)
-                if match is None:
-                    print(out)
-                    continue
-                warning = f"{_origin(int(match['line']), library_lines, file)}:{match['rest']}"
-                if warning not in seen:  # the library's own, once (not once per script)
-                    seen.add(warning)
-                    print(warning)
+        path = Path(scratch) / "functions.lua"
+        path.write_text(redis_scripts.FUNCTIONS)
+        run = subprocess.run(
+            [luacheck, "--config", str(REPO / ".luacheckrc"), "--formatter", "plain",
+             "--codes", "--no-color", str(path)],
+            capture_output=True, text=True, check=False)
+        if run.returncode not in (0, 1, 2):
+            print(run.stdout + run.stderr, file=sys.stderr)
+            return 1
+        for out in run.stdout.splitlines():
+            match = _WHERE.match(out)
+            warning = out if match is None else (
+                f"{origins[int(match['line']) - 1]}:{match['rest']}")
+            seen.append(warning)
+            print(warning)
     failed = bool(seen)
     print(f"luacheck: {len(files)} scripts with lua/lib.lua, "
           f"{'warnings above' if failed else 'no warnings'}")

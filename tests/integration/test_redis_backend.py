@@ -10,8 +10,10 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
+import redis
 import redis.asyncio as aioredis
 from redis.crc import key_slot
 from redis.exceptions import DataError
@@ -23,6 +25,7 @@ from enhanced_locking.backends import redis_scripts
 from enhanced_locking.backends.memory import MemoryBackend
 from enhanced_locking.backends.redis_connection import HiredisConnection
 from enhanced_locking.backends.redis_store import RedisBackend
+from enhanced_locking.backends.waiting import QueuePolicy, Status, Wait
 from enhanced_locking.types import LockNotHeld, LockNotOwned
 
 pytestmark = pytest.mark.redis
@@ -123,14 +126,64 @@ async def test_list_filters_by_repository_and_pull(backend: RedisBackend) -> Non
     assert [lock.project.repo_full_name for lock in only] == ["acme/infra2"]
 
 
+def _libraries(admin: redis.Redis) -> dict[str, set[str]]:
+    """The function libraries a Redis has: their names and their functions' names."""
+    found: dict[str, set[str]] = {}
+    for entry in admin.function_list():
+        library = dict(zip(entry[::2], entry[1::2], strict=True))
+        functions = [dict(zip(f[::2], f[1::2], strict=True)) for f in library[b"functions"]]
+        found[library[b"library_name"].decode()] = {f[b"name"].decode() for f in functions}
+    return found
+
+
 async def test_scripts_are_loaded_again_after_the_server_forgets_them(
     backend: RedisBackend, redis_server: RedisServer
 ) -> None:
     await backend.acquire(lock_for(request_for(pull=1)))
     with redis_server.client() as admin:
-        admin.script_flush()
+        admin.function_flush()
+        assert admin.function_list() == []
     granted, holder = await backend.acquire(lock_for(request_for(pull=2)))
     assert not granted and holder.pull.num == 1
+    with redis_server.client() as admin:
+        assert list(_libraries(admin)) == [redis_scripts.LIBRARY_NAME]
+
+
+async def test_the_scripts_are_one_function_library_loaded_once_and_called_by_name(
+    backend: RedisBackend, redis_server: RedisServer
+) -> None:
+    await backend.acquire(lock_for(request_for(pull=1)))
+    with redis_server.client() as admin:
+        admin.config_resetstat()
+        names = _libraries(admin)[redis_scripts.LIBRARY_NAME]
+    assert names == set(redis_scripts.FUNCTION_NAMES.values())
+    await backend.release(KEY)
+    await backend.acquire(lock_for(request_for(pull=2)))
+    with redis_server.client() as admin:
+        stats = admin.info("commandstats")
+    # Two calls, neither of them a load nor a script sent again.
+    assert stats["cmdstat_fcall"]["calls"] == 2
+    assert not {"cmdstat_function|load", "cmdstat_eval", "cmdstat_evalsha"} & set(stats)
+
+
+async def test_a_replica_of_another_release_calls_its_own_library_beside_ours(
+    backend: RedisBackend, redis_server: RedisServer
+) -> None:
+    # A rolling upgrade: a replica whose scripts differ loads a library of another name and
+    # leaves ours in place; both work on the same keys.
+    other = redis_scripts.FUNCTIONS.replace(redis_scripts.VERSION, "0" * 12)
+    with redis_server.client() as admin:
+        admin.function_load(other)
+        base = backend.keys.base
+        granted = admin.fcall(f"el_{'0' * 12}_acquire", 8, *backend.keys.common("c-1"),
+                              backend.keys.lock(KEY), base, 0, 0, 0, 0, "r", "", "c-1", 0, "",
+                              0, "", 0, "", "acme/infra", 9, 0, "exclusive", "", "", KEY,
+                              '{"Project":{}}', ".", "default")
+    assert granted[0] == b"incarnation"  # the store is new: its incarnation starts first
+    await backend.acquire(lock_for(request_for(pull=1)))
+    with redis_server.client() as admin:
+        names = sorted(_libraries(admin))
+    assert names == sorted([redis_scripts.LIBRARY_NAME, f"enhanced_locking_{'0' * 12}"])
 
 
 async def test_commands_are_packed_by_hiredis_into_the_bytes_redis_py_sends(
@@ -236,3 +289,32 @@ async def test_export_and_adopt_move_locks_and_counters_without_lowering_them(
     # A key held here by another pull is a conflict, not an overwrite.
     other = lock_for(request_for(pull=99, path="p1"))
     assert await backend.adopt([other], {}) == [other]
+
+
+async def test_on_a_redis_without_functions_the_scripts_are_called_by_sha(
+    tmp_path: Path,
+) -> None:
+    # Redis 6.2 has no FCALL: the same scripts run as EVALSHA of the library plus the script.
+    # A 7.0 server with FCALL renamed away answers a call as 6.2 does ("unknown command").
+    with RedisServer(tmp_path / "old", extra_args=["--rename-command", "FCALL", ""]) as server:
+        backend = RedisBackend.from_config(redis_config(server), "enhanced")
+        try:
+            granted, lock = await backend.acquire(lock_for(request_for(pull=1)))
+            assert granted and lock.fencing_token == 1
+            wait = Wait(id="w-2", timeout=timedelta(seconds=10))
+            heard = backend.grants.expect(wait.id)
+            queued = await backend.acquire_or_enqueue(lock_for(request_for(pull=2)), ttl=None,
+                                                      wait=wait, policy=QueuePolicy())
+            assert queued.status is Status.QUEUED
+            handoff = await backend.release_and_handoff(KEY, owner=("acme/infra", 1))
+            assert [g.waiter.id for g in handoff.granted] == ["w-2"]
+            notice = await asyncio.wait_for(heard, 5)
+            assert notice.locks[0].fencing_token == 2
+            with server.client() as admin:
+                admin.script_flush()  # forgotten scripts are loaded again (NOSCRIPT)
+                stats = admin.info("commandstats")
+                assert admin.function_list() == []
+            assert (await backend.get(KEY)) == notice.locks[0]
+            assert stats["cmdstat_evalsha"]["calls"] >= 4
+        finally:
+            await backend.close()

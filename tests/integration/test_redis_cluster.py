@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import gc
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -21,8 +22,10 @@ from redis.crc import key_slot
 from tests.support.locks import lock_for, request_for
 from tests.support.redis_cluster import RedisClusterNodes
 from tests.support.redis_fixtures import redis_cluster_config, redis_config
+from tests.support.redis_server import RedisServer
 from tests.support.service import enhanced_locking_command, free_port, scrubbed_env
 
+from enhanced_locking.backends import redis_scripts
 from enhanced_locking.backends.redis_store import RedisBackend
 from enhanced_locking.backends.waiting import QueuePolicy, Status, Wait
 from enhanced_locking.config import EnhancedLockingConfig
@@ -155,5 +158,72 @@ async def test_a_cluster_whose_namespace_master_is_down_answers_unavailable(
             await backend.close()
             # redis-py drops its objects for the lost node without closing them (their
             # sockets are gone with the node): close them here, not warn in a later test.
+            for leftover in [o for o in gc.get_objects() if isinstance(o, ClusterNode)]:
+                await leftover.disconnect()
+
+
+def _library_names(node: RedisServer) -> list[str]:
+    with node.client() as admin:
+        return sorted(dict(zip(entry[::2], entry[1::2], strict=True))[b"library_name"].decode()
+                      for entry in admin.function_list())
+
+
+def _text(reply: Any) -> str:
+    return reply.decode() if isinstance(reply, bytes) else str(reply)
+
+
+def _wait_for(condition: Callable[[], bool], what: str, *, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {seconds}s: {what}"
+        time.sleep(0.05)
+
+
+async def test_on_a_cluster_the_library_is_on_every_master_and_a_promoted_replica_has_it(
+    tmp_path: Any,
+) -> None:
+    with RedisClusterNodes(tmp_path / "cluster") as cluster:
+        config = redis_cluster_config(cluster, "functions:")
+        backend = RedisBackend.from_config(config, "enhanced")
+        replica = RedisServer(tmp_path / "replica", extra_args=[
+            "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+            "--cluster-node-timeout", "5000", "--cluster-port", str(free_port())])
+        try:
+            granted, held = await backend.acquire(lock_for(request_for(repo=REPO, pull=1)))
+            assert granted
+            for node in cluster.nodes:  # loaded on every master, not only the namespace's
+                assert _library_names(node) == [redis_scripts.LIBRARY_NAME]
+                with node.client() as admin:
+                    # Each call's slot is found from its keys, without asking a node.
+                    assert "cmdstat_command|getkeys" not in admin.info("commandstats")
+            # A replica of the namespace's master receives the library from it; promoted, it
+            # serves the namespace without loading it again.
+            master = cluster.node_of(backend.keys.held)
+            replica.start()
+            with master.client() as admin:
+                master_id = _text(admin.execute_command("CLUSTER", "MYID"))
+                bus = admin.config_get("cluster-port")["cluster-port"]
+            with replica.client() as admin:
+                admin.execute_command("CLUSTER", "MEET", master.host, master.port, bus)
+                _wait_for(lambda: master_id in _text(admin.execute_command("CLUSTER", "NODES")),
+                          "the replica knows the master")
+                admin.execute_command("CLUSTER", "REPLICATE", master_id)
+                _wait_for(lambda: admin.info("replication").get("master_link_status") == "up",
+                          "the replica is in sync")
+                assert _library_names(replica) == [redis_scripts.LIBRARY_NAME]
+                admin.execute_command("CLUSTER", "FAILOVER")
+                _wait_for(lambda: admin.info("replication")["role"] == "master",
+                          "the replica is promoted")
+                admin.config_resetstat()
+            assert await backend.get(held.key) == held
+            granted, holder = await backend.acquire(lock_for(request_for(repo=REPO, pull=2)))
+            assert not granted and holder == held
+            with replica.client() as admin:
+                stats = admin.info("commandstats")
+            assert stats["cmdstat_fcall"]["calls"] >= 2  # served by the promoted replica
+            assert "cmdstat_function|load" not in stats
+        finally:
+            await backend.close()
+            replica.close()
             for leftover in [o for o in gc.get_objects() if isinstance(o, ClusterNode)]:
                 await leftover.disconnect()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shutil
 import subprocess
@@ -21,12 +22,30 @@ def test_every_named_script_is_a_file_of_its_own_and_every_file_a_named_script()
     assert files == {name.lower() for name in redis_scripts.NAMES}
 
 
-def test_each_script_is_the_library_then_its_own_file() -> None:
+def test_the_scripts_are_one_function_library_the_library_then_a_function_per_file() -> None:
     library = (LUA / "lib.lua").read_text()
+    functions = redis_scripts.FUNCTIONS
+    assert functions.startswith(f"#!lua name={redis_scripts.LIBRARY_NAME}\n"
+                                + redis_scripts.LIBRARY)
+    assert redis_scripts.LIBRARY.endswith(library)
     for name in redis_scripts.NAMES:
-        text = getattr(redis_scripts, name)
-        assert text == redis_scripts.LIBRARY + (LUA / f"{name.lower()}.lua").read_text()
-        assert library in text
+        body = (LUA / f"{name.lower()}.lua").read_text()
+        function = redis_scripts.FUNCTION_NAMES[name]
+        assert function == f"el_{redis_scripts.VERSION}_{name.lower()}"
+        assert (f"redis.register_function('{function}', function(call_keys, call_args)\n"
+                f"  begin(call_keys, call_args)\n{body}end)\n") in functions
+    assert len(set(redis_scripts.FUNCTION_NAMES.values())) == len(redis_scripts.NAMES)
+
+
+def test_the_library_name_is_a_digest_of_the_library_and_every_script_file() -> None:
+    # A release whose scripts differ in any byte loads a library (and functions) of another
+    # name, so replicas of two releases never call each other's code.
+    text = redis_scripts.LIBRARY + "".join(
+        "function(call_keys, call_args)\n  begin(call_keys, call_args)\n"
+        + (LUA / f"{name.lower()}.lua").read_text() + "end" for name in redis_scripts.NAMES)
+    digest = hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()[:12]
+    assert redis_scripts.VERSION == digest
+    assert redis_scripts.LIBRARY_NAME == f"enhanced_locking_{digest}"
 
 
 def test_each_script_file_opens_with_its_contract() -> None:
@@ -39,7 +58,7 @@ def test_each_script_file_opens_with_its_contract() -> None:
 def test_the_time_constants_reach_lua_from_python() -> None:
     preamble = redis_scripts.LIBRARY.split("-- The library", 1)[0]
     assert f"= {redis_scripts.CLAIM_MS}, {redis_scripts.GRACE_MS}," in preamble
-    assert "@" not in redis_scripts.ACQUIRE
+    assert "@" not in redis_scripts.FUNCTIONS
 
 
 def test_the_wheel_ships_the_lua_files() -> None:
@@ -185,14 +204,15 @@ def test_only_the_listed_name_functions_form_key_names_from_the_namespace() -> N
         # The code without its comments and string literals (a field may be called 'base').
         code = "\n".join(re.sub(r"'[^']*'", "''", line).split("--", 1)[0]
                          for line in text.splitlines())
-        assert "ARGV[1]" not in code.replace("local base = ARGV[1]", ""), file
+        assert "ARGV[1]" not in code.replace("base = ARGV[1]", ""), file
         for constant in [*KEYS_CONSTANTS, r"KEYS\[\d+\]"]:
             assert not re.search(rf"\b{constant}\s*\.\.", code), f"{file}: {constant} .."
         for m in re.finditer(r"\bbase\b", code):
             if file != "lib.lua":
                 raise AssertionError(f"{file} reads base: a key name formed in a script")
-            if code[max(0, m.start() - 6):m.start()] == "local ":
-                continue  # its definition
+            if (code[max(0, m.start() - 6):m.start()] == "local "
+                    or code.startswith("base = ARGV[1]", m.start())):
+                continue  # its definition (set by `begin` at the start of each call)
             start = code.rfind("local function ", 0, m.start())
             name = re.match(r"local function (\w+)", code[start:]) if start >= 0 else None
             assert name, "base read outside a function"

@@ -129,6 +129,17 @@ class _HiredisSentinelSSLConnection(_HiredisPacking, SentinelManagedSSLConnectio
     """The same over TLS."""
 
 
+class _Cluster(RedisCluster):
+    """A cluster client that finds an ``FCALL``'s slot from its first key, as redis-py does for
+    ``EVALSHA``; otherwise it asks a node with ``COMMAND GETKEYS`` first (``FCALL``'s keys are
+    "movable"), a round trip more per call."""
+
+    async def _determine_slot(self, command: str, *args: Any) -> int:
+        if command.upper() in ("FCALL", "FCALL_RO") and len(args) > 2 and int(args[1]) > 0:
+            return self.keyslot(args[2])  # every key of a call shares one slot
+        return await super()._determine_slot(command, *args)
+
+
 def _host_port(addr: str) -> tuple[str, int]:
     host, _, port = addr.rpartition(":")
     return host.strip("[]"), int(port)
@@ -297,7 +308,7 @@ def connect(config: EnhancedLockingConfig) -> RedisConnection:
     if config.redis_cluster:
         # Nodes are found from this one (CLUSTER SLOTS); a MOVED answer updates the slot map.
         # Only db 0 exists on a cluster (the config refuses another).
-        cluster = RedisCluster(
+        cluster = _Cluster(
             host=host, port=port, max_connections=config.redis_pool_size,
             **{k: v for k, v in kwargs.items() if k not in ("db", "retry")},
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),

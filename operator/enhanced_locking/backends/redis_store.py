@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import redis.exceptions as rexc
 from redis.commands.core import AsyncScript
 
 from enhanced_locking import policies
@@ -143,6 +144,11 @@ class RedisKeys:
         return f"{self.base}notify:{replica_id}"
 
 
+def _function_missing(error: rexc.ResponseError) -> bool:
+    """Redis does not have the function called (it lost its library, or never had it)."""
+    return str(error).startswith("Function not found")
+
+
 def _at(ms: Any) -> datetime:
     return _EPOCH + timedelta(milliseconds=int(ms))
 
@@ -194,11 +200,8 @@ class RedisBackend:
         self._known: dict[str, tuple[tuple[str, str, str, str], Lock]] = {}
         """By key: the stored JSON, token, grant time and lease end of a lock last answered,
         and the lock made of them (``_lock``)."""
-        register = connection.client.register_script
-        self._scripts: dict[str, AsyncScript] = {
-            name: register(getattr(redis_scripts, name))
-            for name in redis_scripts.NAMES
-        }
+        self._scripts: dict[str, AsyncScript] | None = None
+        """The scripts by ``EVALSHA``, only on a Redis without functions (before 7.0)."""
         self._listener = Listener(
             connection, self.keys.notify(self.replica_id), self._notifier,
             handle=self._notified, heartbeat=self._heartbeat, recheck=self._recheck,
@@ -222,25 +225,40 @@ class RedisBackend:
         if policy is not None:
             self._policy = policy
         action = name.lower().replace("_", " ")
-        script = self._scripts[name]
+        function = redis_scripts.FUNCTION_NAMES[name]
+        execute = self.connection.client.execute_command
+        if self._scripts is not None:  # a Redis before 7.0
+            execute, function = self._evalsha, name
         # One id per call: a write's answer is kept under it, so the one retry below (after a
         # connection broke, when we cannot know whether the script ran) never writes twice.
         call_id = secrets.token_hex(8)
         common = self.keys.common(call_id)
-        retried = False
+        retried = loaded = False
         self.in_flight += 1
         try:
             for _ in range(4):
                 before, after = self._head()
-                head = [*before, call_id, *after]
                 try:
                     async with asyncio.timeout(COMMAND_TIMEOUT):
-                        answer = await script(keys=[*common, *keys], args=[*head, *args])
+                        answer = await execute("FCALL", function, len(common) + len(keys),
+                                               *common, *keys, *before, call_id, *after, *args)
                 except DOWN as error:
                     if retried or not is_retryable(error):
                         raise down(self.connection, action, error, key=key) from None
                     retried = True
                     await self.connection.drop_idle()
+                    continue
+                except rexc.ResponseError as error:
+                    if self._scripts is None and str(error).startswith("unknown command"):
+                        self._scripts = {}  # no FCALL: Redis 6.2, scripts by EVALSHA
+                        execute, function = self._evalsha, name
+                        continue
+                    if loaded or not _function_missing(error):
+                        raise
+                    # A Redis without our library (new, or restarted without persistence):
+                    # load it and call again, once.
+                    loaded = True
+                    await self._load_functions(action, key)
                     continue
                 refused = redis_replies.refusal(answer)
                 if refused is None:
@@ -250,6 +268,25 @@ class RedisBackend:
                                      "keeps changing; try again", key=key)
         finally:
             self.in_flight -= 1
+
+    async def _evalsha(self, command: str, name: str, count: int, *keys_and_args: Any) -> Any:
+        """``execute_command("FCALL", ...)``'s stand-in on a Redis without functions."""
+        scripts = self._scripts
+        assert scripts is not None
+        script = scripts.get(name)
+        if script is None:
+            script = scripts[name] = self.connection.client.register_script(
+                redis_scripts.script(name))
+        return await script(keys=keys_and_args[:count], args=keys_and_args[count:])
+
+    async def _load_functions(self, action: str, key: str | None) -> None:
+        """``FUNCTION LOAD REPLACE`` of the scripts' library (on a cluster: on every master)."""
+        try:
+            async with asyncio.timeout(COMMAND_TIMEOUT):
+                await self.connection.client.function_load(redis_scripts.FUNCTIONS,
+                                                           replace=True)
+        except DOWN as error:
+            raise down(self.connection, action, error, key=key) from None
 
     def _head(self) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
         """``ARGV[1..7]`` and ``ARGV[9..10]`` of every script (``ARGV[8]`` is the call id),

@@ -1,6 +1,7 @@
--- The library every script of the Redis backend starts with (redis_scripts.py prepends it).
--- Before it comes a generated preamble setting the time constants of redis_scripts.py:
---   CLAIM_MS, GRACE_MS, OUTCOME_MS, REPLICA_MS, OP_MS
+-- The library the scripts of the Redis backend share. redis_scripts.py loads it into Redis
+-- once, as a function library, with each script as a function of it (a call runs `begin`,
+-- then the script's file). Before it comes a generated preamble setting the time constants
+-- of redis_scripts.py: CLAIM_MS, GRACE_MS, OUTCOME_MS, REPLICA_MS, OP_MS
 -- KEYS[1..7] the namespace's own keys, named by RedisKeys (redis_store.py), in this order:
 --   incarnation, op:<call id>, held, fenced, queued, liveness, seq; a script's own keys
 --   follow (KEYS[8..]). On a Redis Cluster every key of a namespace carries one hash tag.
@@ -24,16 +25,31 @@
 -- now ms}
 -- (decoded by redis_replies.refusal); a lock is the row `read_lock` answers (redis_replies.lock).
 -- luacheck: push ignore 211
-local base = ARGV[1]
-local POLICY = {priority = tonumber(ARGV[2]), threshold = tonumber(ARGV[3]),
-                boost = tonumber(ARGV[4]), max_size = tonumber(ARGV[5])}
-local REPLICA_ID = ARGV[6]
-local KNOWN_INCARNATION, NEW_INCARNATION, QUARANTINE_MS = ARGV[7], ARGV[8], tonumber(ARGV[9])
-local clock = redis.call('TIME')
-local NOW = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-local INCARNATION, OP, HELD, FENCED, QUEUED = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local LIVENESS, SEQ = KEYS[6], KEYS[7]
+-- The state of one call: Redis runs one function at a time, so the library's upvalues below
+-- are the running call's. `begin` sets every one of them first (the same values the scripts
+-- computed for themselves when each was a script of its own).
+local KEYS, ARGV
+local base, POLICY, REPLICA_ID, KNOWN_INCARNATION, NEW_INCARNATION, QUARANTINE_MS, NOW
+local INCARNATION, OP, HELD, FENCED, QUEUED, LIVENESS, SEQ
 local TOKEN_BASE = 0
+local RULES = false
+local alive = {}
+
+local function begin(keys, args)
+  KEYS, ARGV = keys, args
+  base = ARGV[1]
+  POLICY = {priority = tonumber(ARGV[2]), threshold = tonumber(ARGV[3]),
+            boost = tonumber(ARGV[4]), max_size = tonumber(ARGV[5])}
+  REPLICA_ID = ARGV[6]
+  KNOWN_INCARNATION, NEW_INCARNATION, QUARANTINE_MS = ARGV[7], ARGV[8], tonumber(ARGV[9])
+  local clock = redis.call('TIME')
+  NOW = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+  INCARNATION, OP, HELD, FENCED, QUEUED = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+  LIVENESS, SEQ = KEYS[6], KEYS[7]
+  TOKEN_BASE = 0
+  RULES = false
+  alive = {}
+end
 
 -- Whole numbers as exact text: Lua's own tostring keeps 14 digits, tokens can have 16.
 local function int(x) return string.format('%.0f', x) end
@@ -293,7 +309,6 @@ local function settle_claim(lock)
 end
 
 -- --- the rules (mirror enhanced_locking.policies.verdict) --------------------------------
-local RULES = false
 local function rules()
   if not RULES then
     if not ARGV[10] or ARGV[10] == '' then
@@ -591,7 +606,6 @@ local function grant(id, rec, fx)
   return locks
 end
 
-local alive = {}
 local function replica_alive(replica_id)
   if alive[replica_id] == nil then
     local score = redis.call('ZSCORE', LIVENESS, replica_id)
