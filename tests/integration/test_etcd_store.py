@@ -27,7 +27,10 @@ from tests.support.locks import lock_for, request_for
 from enhanced_locking.backends.etcd_connection import EtcdConnection, EtcdSettings
 from enhanced_locking.backends.etcd_store import EtcdBackend
 from enhanced_locking.backends.waiting import QueuePolicy, Status, Wait
-from enhanced_locking.types import Lock, LockNotOwned
+from enhanced_locking.events import EventBus
+from enhanced_locking.locking import EnhancedLocker
+from enhanced_locking.metrics import Metrics
+from enhanced_locking.types import Event, Lock, LockNotOwned
 
 pytestmark = [pytest.mark.etcd, pytest.mark.timeout(120)]
 
@@ -244,3 +247,46 @@ async def test_a_release_costs_no_other_step_and_a_lock_etcd_ends_is_served(
     notice = await asyncio.wait_for(told, 10)
     assert notice.locks and notice.locks[0].pull.num == 3
     assert notice.locks[0].fencing_token > short.fencing_token
+
+
+async def test_a_locker_queuing_a_request_asks_etcd_once_and_its_event_shows_the_queue(
+    etcd_cluster: EtcdCluster, etcd_prefix: str,
+) -> None:
+    """The enqueue's own transaction says who is ahead and who holds the key: the ``queued``
+    event needs no read of the queue or the holders after it."""
+    config = etcd_config(etcd_cluster, etcd_prefix, enabled=True)
+    backend = EtcdBackend.from_config(config, "enhanced")
+    events = EventBus()
+    queued: list[Event] = []
+    heard = asyncio.Event()
+
+    def hear(event: Event) -> None:
+        if event.type == "queued":
+            queued.append(event)
+            heard.set()
+
+    events.subscribe(hear)
+    locker = EnhancedLocker(backend, settings=lambda: config, events=events, metrics=Metrics())
+    wait = timedelta(seconds=30)
+    try:
+        assert (await locker.acquire(request_for(pull=1))).acquired
+        second = asyncio.ensure_future(locker.acquire(request_for(pull=2, wait=wait)))
+        await asyncio.wait_for(heard.wait(), 10)
+        heard.clear()
+        before = (backend.round_trips, backend.reads)
+        third = asyncio.ensure_future(locker.acquire(request_for(pull=3, wait=wait)))
+        await asyncio.wait_for(heard.wait(), 10)
+        assert (backend.round_trips - before[0], backend.reads - before[1]) == (1, 0)
+        details = queued[-1].details
+        assert details["position"] == 2
+        assert [h["owner"] for h in details["holders"]] == ["acme/infra#1"]
+        assert [w["owner"] for w in details["ahead"]] == ["acme/infra#2"]
+        await locker.release(request_for().key, owner=("acme/infra", 1))
+        got = (await asyncio.wait_for(second, 10)).lock
+        assert got is not None and got.pull.num == 2
+        await locker.release(request_for().key, owner=("acme/infra", 2))
+        got = (await asyncio.wait_for(third, 10)).lock
+        assert got is not None and got.pull.num == 3
+    finally:
+        await locker.close()
+        await backend.close()

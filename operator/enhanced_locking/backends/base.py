@@ -537,9 +537,17 @@ class StoreBackend(abc.ABC):
             if not queue:
                 del self._queues[key]
 
-    def _position(self, key: str, waiter: Waiter, now: datetime, policy: QueuePolicy) -> int:
+    def _queued(self, key: str, waiter: Waiter, now: datetime, policy: QueuePolicy,
+                *, message: str | None = None, superseded: tuple[Waiter, ...] = ()) -> Outcome:
+        """``waiter`` queued on ``key``: its place, who is ahead of it and who holds the key,
+        as this step sees them (the caller shows them without asking the store again)."""
         ordered = service_order(self._queues.get(key, ()), now=now, policy=policy)
-        return next(i for i, w in enumerate(ordered, start=1) if w.id == waiter.id)
+        at = next(i for i, w in enumerate(ordered) if w.id == waiter.id)
+        holders = tuple(self._holders(key, now))
+        return Outcome(status=Status.QUEUED, waiter=waiter, key=key,
+                       holder=holders[0] if holders else None, position=at + 1,
+                       message=message, superseded=superseded, ahead=tuple(ordered[:at]),
+                       holders=holders)
 
     def _supersede(self, candidates: Sequence[Lock], wait_id: str, fx: _Effects) -> list[Waiter]:
         """Push out the queued requests of the same pull made for an older head commit."""
@@ -694,9 +702,7 @@ class StoreBackend(abc.ABC):
             if wait is not None and (queued := self._waiters.get(wait.id)) is not None:
                 queued = self._reattach(queued, wait)
                 key = queued.keys[0]
-                return Outcome(status=Status.QUEUED, waiter=queued, key=key,
-                               holder=self._live(key, now),
-                               position=self._position(key, queued, now, policy))
+                return self._queued(key, queued, now, policy)
             if wait is not None and (taken := self._granted.get(wait.id)) is not None:
                 still = tuple(lock for lock in taken.locks
                               if any(h.fencing_token == lock.fencing_token
@@ -740,10 +746,9 @@ class StoreBackend(abc.ABC):
             self._waiters[waiter.id] = waiter
             for candidate in candidates:
                 self._queues.setdefault(candidate.key, []).append(waiter)
-            return Outcome(status=Status.QUEUED, waiter=waiter, key=key, holder=holder,
-                           position=self._position(key, waiter, now, policy),
-                           message=freeze.message if freeze is not None else None,
-                           superseded=tuple(superseded))
+            return self._queued(key, waiter, now, policy,
+                                message=freeze.message if freeze is not None else None,
+                                superseded=tuple(superseded))
 
     async def release_and_handoff(
         self, key: str, *, owner: Owner | None = None, policy: QueuePolicy | None = None

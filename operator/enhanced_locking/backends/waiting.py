@@ -215,6 +215,11 @@ class Outcome:
 
     ``superseded`` are the waiters of the same pull with an older head commit that this
     request pushed out of the queue.
+
+    ``ahead`` and ``holders`` (``queued`` only, from stores that can say at no cost): the
+    waiters served before it on ``key``, in service order, and every live holder of ``key``,
+    as the enqueue's own step saw them. ``None``: not given; a caller that wants them reads
+    the queue and the holders.
     """
 
     status: Status
@@ -226,6 +231,8 @@ class Outcome:
     position: int | None = None
     message: str | None = None
     superseded: tuple[Waiter, ...] = ()
+    ahead: tuple[Waiter, ...] | None = None
+    holders: tuple[Lock, ...] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

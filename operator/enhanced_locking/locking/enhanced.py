@@ -306,7 +306,14 @@ class EnhancedLocker(AtlantisCalls):
         if outcome.holder is not None:
             # Wake the queue when the holder's lease ends, wherever it was granted.
             self.leases.arm(key, outcome.holder.expires_at)
-        view = await self._view(key, waiter.id)
+        if outcome.ahead is not None and outcome.holders is not None and outcome.position:
+            # The store said who is ahead and who holds the key as it queued the waiter: no
+            # need to read the queue and the holders again for the event.
+            view: visibility.WaitView | None = visibility.WaitView.build(
+                key=key, position=outcome.position, waiter=waiter, ahead=outcome.ahead,
+                holders=outcome.holders, holds=self.holds, now=utcnow())
+        else:
+            view = await self._view(key, waiter.id)
         seen = {"position": outcome.position, **(view.details() if view is not None else {})}
         self.events.publish(
             "queued", key=key, repo=waiter.owner[0], pull=waiter.owner[1],
