@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 from datetime import timedelta
 from pathlib import Path
 
@@ -46,6 +48,33 @@ async def test_a_stopped_redis_is_unavailable_and_usable_again_once_back(
         granted, holder = await backend.acquire(lock_for(request_for(pull=2)))
         assert not granted and holder.fencing_token == held.fencing_token
     finally:
+        await backend.close()
+
+
+async def test_a_waiter_held_up_by_the_subscription_counts_as_busy(
+    redis_server: RedisServer,
+) -> None:
+    # Tests wait until no call waits for Redis and no notification is being handled before
+    # they look at queues (``settle``); a waiter still waiting for the notification
+    # subscription has its enqueue ahead of it, so the listener says it is busy meanwhile.
+    # The server is stopped (SIGSTOP): the subscription's new connection waits for its
+    # handshake's answer.
+    assert redis_server.process is not None
+    backend = RedisBackend.from_config(redis_config(redis_server), "enhanced")
+    os.kill(redis_server.process.pid, signal.SIGSTOP)
+    try:
+        enqueue = asyncio.ensure_future(backend.acquire_or_enqueue(
+            lock_for(request_for(pull=2)), ttl=None, policy=QueuePolicy(),
+            wait=Wait(id="joining", timeout=timedelta(seconds=30))))
+        await asyncio.sleep(0.2)
+        assert not enqueue.done() and backend.in_flight == 0
+        assert backend._listener.busy, "a caller waits for the subscription"
+        enqueue.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await enqueue
+        assert not backend._listener.busy
+    finally:
+        os.kill(redis_server.process.pid, signal.SIGCONT)
         await backend.close()
 
 

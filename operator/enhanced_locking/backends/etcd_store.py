@@ -1011,6 +1011,13 @@ class EtcdBackend(StoreBackend):
         started before the first waiter is queued (so no notice can be missed)."""
         if self.session_lease and self._session is not None and not self._session.done():
             return
+        self.in_flight += 1  # waiting for etcd (or for the step that opens the session)
+        try:
+            await self._open_session()
+        finally:
+            self.in_flight -= 1
+
+    async def _open_session(self) -> None:
         async with self._session_ready:
             if self.session_lease and self._session is not None and not self._session.done():
                 return

@@ -73,11 +73,13 @@ class Listener:
         self._waiting = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._main: list[asyncio.Task[None]] = []
+        self._joining = 0
 
     @property
     def busy(self) -> bool:
-        """A notification is being handled right now."""
-        return bool(self._tasks)
+        """A notification is being handled right now, or a caller waits for the subscription
+        (its enqueue is on its way to Redis, only later)."""
+        return bool(self._tasks) or self._joining > 0
 
     async def ensure(self) -> None:
         """Be subscribed (and beating) before a waiter is queued, so no grant is missed."""
@@ -87,12 +89,15 @@ class Listener:
         self._waiting.set()
         if self._subscribed.is_set():
             return
+        self._joining += 1
         try:
             await asyncio.wait_for(self._subscribed.wait(), _SUBSCRIBE_WAIT)
         except TimeoutError:
             raise BackendUnavailable(
                 f"redis {self.connection.where} did not answer (subscribe to notifications)"
             ) from None
+        finally:
+            self._joining -= 1
 
     async def _listen(self) -> None:
         backoff = 0.05
