@@ -17,7 +17,7 @@ from tests.support.backends import BACKEND_KINDS, BackendFactory
 from tests.support.locks import lock_for, request_for
 
 from enhanced_locking.backends import EmbeddedBackend, MemoryBackend, codec
-from enhanced_locking.backends.embedded import APPLICATION_ID, SCHEMA_VERSION
+from enhanced_locking.backends.embedded import APPLICATION_ID, FLOOR_AHEAD, SCHEMA_VERSION
 from enhanced_locking.types import BackendUnavailable, Lock, LockNotOwned, StoreRefused, utcnow
 
 PERSISTENT = [name for name, kind in BACKEND_KINDS.items() if kind.persistent]
@@ -337,9 +337,108 @@ async def test_a_version_0_store_is_migrated_in_place_keeping_locks_counters_and
     finally:
         await backend.close()
         await other_side.close()
-    reopened = EmbeddedBackend(path)  # opened again: already version 2, nothing moves
+    reopened = EmbeddedBackend(path)  # opened again: already the current version, nothing moves
     try:
         assert {lock.key: lock.fencing_token for lock in await reopened.list()} == {
             after.key: 8, on_b.key: 13, new_key.key: new_key.fencing_token}
+    finally:
+        await reopened.close()
+
+
+# The layout of schema version 2, as files written before version 3 have it: the same tables,
+# and a fencing floor that followed every token (a write of ``meta`` on every grant).
+VERSION_2 = """
+CREATE TABLE meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE locks (
+    ns TEXT NOT NULL, key TEXT NOT NULL, repo TEXT NOT NULL, pull INTEGER NOT NULL,
+    data TEXT NOT NULL, counter INTEGER NOT NULL, held INTEGER NOT NULL,
+    PRIMARY KEY (ns, key)
+);
+CREATE INDEX locks_by_pull ON locks (ns, repo, pull);
+CREATE TABLE shared_locks (
+    ns TEXT NOT NULL, key TEXT NOT NULL, repo TEXT NOT NULL, pull INTEGER NOT NULL,
+    data TEXT NOT NULL, token INTEGER NOT NULL, PRIMARY KEY (ns, key, repo, pull)
+);
+CREATE INDEX shared_by_pull ON shared_locks (ns, repo, pull);
+CREATE TRIGGER fencing_floor_on_insert AFTER INSERT ON locks BEGIN
+    UPDATE meta SET value = NEW.counter WHERE name = 'token_floor' AND value < NEW.counter;
+END;
+CREATE TRIGGER fencing_floor_on_update AFTER UPDATE OF counter ON locks BEGIN
+    UPDATE meta SET value = NEW.counter WHERE name = 'token_floor' AND value < NEW.counter;
+END;
+"""
+
+
+def _floor(path: Path) -> int:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return int(db.execute("SELECT value FROM meta WHERE name = 'token_floor'").fetchone()[0])
+
+
+async def test_a_version_2_store_is_migrated_in_place_and_its_floor_then_stays_ahead(
+    data_dir: Path,
+) -> None:
+    path = data_dir / "enhanced-locking.db"
+    held = lock_for(request_for(path="a", pull=1)).model_copy(update={"fencing_token": 7})
+    released_key = request_for(path="b").key
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.executescript(VERSION_2)
+        db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        db.execute("PRAGMA user_version = 2")
+        db.execute("INSERT INTO meta VALUES ('token_floor', 20)")  # key c held 20 once: lost
+        db.execute("INSERT INTO locks VALUES ('enhanced', ?, ?, ?, ?, 7, 1)", (
+            held.key, held.project.repo_full_name, held.pull.num, codec.encode(held)))
+        db.execute("INSERT INTO locks VALUES ('enhanced', ?, '', 0, '', 12, 0)", (released_key,))
+        db.commit()
+
+    backend = EmbeddedBackend(path)
+    try:
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+            triggers = dict(db.execute(
+                "SELECT name, sql FROM sqlite_master WHERE name LIKE 'fencing_floor_on_%'"))
+        assert set(triggers) == {"fencing_floor_on_insert", "fencing_floor_on_update"}
+        assert all(f"NEW.counter + {FLOOR_AHEAD}" in sql for sql in triggers.values())
+        assert _floor(path) == 20, "the floor is kept as it was"
+        assert await backend.get(held.key) == held
+        assert (await backend.export())[1] == {held.key: 7, released_key: 12}
+        await backend.release(held.key)
+        _, after = await backend.acquire(lock_for(request_for(path="a", pull=5)))
+        _, on_b = await backend.acquire(lock_for(request_for(path="b", pull=5)))
+        _, new_key = await backend.acquire(lock_for(request_for(path="c", pull=5)))
+        assert after.fencing_token == 8 and on_b.fencing_token == 13
+        assert new_key.fencing_token > 20, "a new key starts above the floor"
+        assert _floor(path) >= new_key.fencing_token
+    finally:
+        await backend.close()
+
+
+async def test_the_fencing_floor_stays_ahead_of_every_token_and_is_written_once_per_stretch(
+    data_dir: Path,
+) -> None:
+    path = data_dir / "enhanced-locking.db"
+    backend = EmbeddedBackend(path)
+    floors: set[int] = set()
+    tokens: list[int] = []
+    try:
+        for pull in range(1, 2 * FLOOR_AHEAD + 500):
+            granted, lock = await backend.acquire(lock_for(request_for(path="hot", pull=pull)))
+            assert granted
+            tokens.append(lock.fencing_token)
+            floor = _floor(path)
+            assert lock.fencing_token <= floor <= lock.fencing_token + FLOOR_AHEAD
+            floors.add(floor)
+            await backend.release(lock.key)
+    finally:
+        await backend.close()
+    assert tokens == list(range(1, len(tokens) + 1)), "a key's own tokens rise by one"
+    assert len(floors) == 3, "the floor moved once per FLOOR_AHEAD grants, not on each"
+
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("DELETE FROM locks")  # every counter row lost
+        db.commit()
+    reopened = EmbeddedBackend(path)
+    try:
+        _, fresh = await reopened.acquire(lock_for(request_for(path="hot", pull=1)))
+        assert fresh.fencing_token > max(tokens), "a lost row never hands a token out again"
     finally:
         await reopened.close()
