@@ -18,8 +18,8 @@ alternate. Hand-off: a holder and a waiter on one key; from sending the release 
 waiter's 200, p50 and p99.
 
 SQL per pair: the statements and transactions a lock pair runs against the store file, counted
-on every SQLite connection of the product app served in this process (SQLite's trace hook),
-over pairs of one client on one key.
+on every SQLite connection of the product app served in this process, with 1 and 32
+concurrent clients.
 
 Usage: python bench/http_stack.py [--pairs 1500] [--rounds 3] [--handoffs 200] [--no-write]
 """
@@ -61,7 +61,7 @@ STACKS = (("asyncio", "h11"), ("uvloop", "h11"), ("asyncio", "httptools"),
           ("uvloop", "httptools"))
 CONCURRENCY = (1, 32)
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-SQL_PAIRS = 200
+SQL_PAIRS = 320
 
 
 # --- the servers (run as ``--serve noop|product``) -------------------------------------------
@@ -266,11 +266,8 @@ class SqlCount:
     statements: int = 0
     transactions: int = 0
     writes: int = 0
-    on: bool = False
 
     def seen(self, sql: str, *, in_transaction: bool) -> None:
-        if not self.on:
-            return
         self.statements += 1
         verb = sql.lstrip().split(None, 1)[0].upper()
         if verb == "BEGIN":
@@ -281,18 +278,18 @@ class SqlCount:
             self.writes += verb in ("INSERT", "UPDATE", "DELETE", "REPLACE")
 
 
-COUNT = SqlCount()
-
-
 class CountedConnection(sqlite3.Connection):
-    """A connection that counts the statements run through it into :data:`COUNT`."""
+    """A connection that counts the statements run through it into ``counting[0]``."""
+
+    counting: list[SqlCount] = []
 
     def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
-        COUNT.seen(sql, in_transaction=self.in_transaction)
+        if self.counting:
+            self.counting[0].seen(sql, in_transaction=self.in_transaction)
         return super().execute(sql, parameters)
 
 
-async def _sql_pairs(data_dir: str, pairs: int) -> None:
+async def _sql_pairs(data_dir: str, pairs: int, clients: int, count: SqlCount) -> None:
     import httpx
 
     from enhanced_locking.api.app import create_app
@@ -302,22 +299,30 @@ async def _sql_pairs(data_dir: str, pairs: int) -> None:
 
     config = EnhancedLockingConfig(enabled=True, data_dir=data_dir, audit_stdout=False)
     app = create_app(LockService(ConfigProvider(config)))
-    take = lock_body("envs/sql", 1)
-    give = "/v1/locks/by-key?key=acme/bench/envs/sql/default/&pull=1"
+
+    async def run(client: httpx.AsyncClient, number: int, each: int) -> None:
+        take = lock_body(f"envs/sql{number}", 1)
+        give = f"/v1/locks/by-key?key=acme/bench/envs/sql{number}/default/&pull=1"
+        for _ in range(each):
+            assert (await client.post("/v1/locks", json=take)).status_code == 200
+            assert (await client.delete(give)).status_code == 200
+
     async with app.router.lifespan_context(app), httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app), base_url=f"http://{LOOPBACK}") as client:
-        for counted in (False, True):
-            await asyncio.sleep(0.01)  # the audit rows of the warm-up are written
-            COUNT.on = counted
-            for _ in range(pairs):
-                assert (await client.post("/v1/locks", json=take)).status_code == 200
-                assert (await client.delete(give)).status_code == 200
-        await asyncio.sleep(0.01)
-        COUNT.on = False
+        await asyncio.gather(*(run(client, n, 5) for n in range(clients)))  # warm up
+        await asyncio.sleep(0.01)  # the warm-up's audit rows are written
+        CountedConnection.counting.append(count)
+        try:
+            await asyncio.gather(*(run(client, n, pairs // clients) for n in range(clients)))
+            await asyncio.sleep(0.01)
+        finally:
+            CountedConnection.counting.clear()
 
 
-def sql_per_pair(pairs: int) -> SqlCount:
-    """The SQL of ``pairs`` lock pairs, counted on every connection the app opens."""
+def sql_per_pair(pairs: int, clients: int) -> SqlCount:
+    """The SQL of ``pairs`` lock pairs by ``clients`` concurrent clients (each on its own
+    key), counted on every connection the app opens."""
+    count = SqlCount()
     connect = sqlite3.connect
 
     def counted(*args: Any, **kwargs: Any) -> sqlite3.Connection:
@@ -326,10 +331,10 @@ def sql_per_pair(pairs: int) -> SqlCount:
     sqlite3.connect = counted  # type: ignore[assignment]
     try:
         with tempfile.TemporaryDirectory() as data_dir:
-            asyncio.run(_sql_pairs(data_dir, pairs))
+            asyncio.run(_sql_pairs(data_dir, pairs, clients, count))
     finally:
-        sqlite3.connect = connect  # type: ignore[assignment]
-    return COUNT
+        sqlite3.connect = connect
+    return count
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -352,8 +357,8 @@ def measure(loop: str, http: str, pairs: int, rounds: int, count: int,
     return found
 
 
-def report(results: dict[tuple[str, str], dict[str, Any]], counts: str, sql: SqlCount,
-           sql_pairs: int) -> str:
+def report(results: dict[tuple[str, str], dict[str, Any]], counts: str,
+           sql: dict[int, SqlCount]) -> str:
     lines = [
         f"{counts}. Python {platform.python_version()}, {len(os.sched_getaffinity(0))} CPUs, "
         f"load average {os.getloadavg()[0]:.1f} at the end; client and servers share the "
@@ -389,10 +394,12 @@ def report(results: dict[tuple[str, str], dict[str, Any]], counts: str, sql: Sql
         lines.append(f"| {loop}, {http} | {p50 * 1000:.3f} "
                      f"| {percentile(found['handoff'], 0.99) * 1000:.3f} | p50 <= 1.5 ms "
                      f"| {verdict(p50 <= 0.0015)} |")
-    lines += ["", "| SQL per lock pair (acquire + release) | statements | transactions "
-              "| of them writes |", "|---|---:|---:|---:|",
-              f"| {sql_pairs} pairs, one client, one key | {sql.statements / sql_pairs:.1f} "
-              f"| {sql.transactions / sql_pairs:.1f} | {sql.writes / sql_pairs:.1f} |"]
+    lines += ["", f"| SQL per lock pair ({SQL_PAIRS} pairs, in process) | statements "
+              "| transactions | of them writes |", "|---|---:|---:|---:|"]
+    for clients, count in sql.items():
+        lines.append(f"| {clients} client{'s' if clients > 1 else ''} "
+                     f"| {count.statements / SQL_PAIRS:.1f} "
+                     f"| {count.transactions / SQL_PAIRS:.1f} | {count.writes / SQL_PAIRS:.1f} |")
     return "\n".join(lines)
 
 
@@ -420,9 +427,9 @@ def main() -> None:
         for loop, http in stacks:
             results[(loop, http)] = measure(loop, http, args.pairs, args.rounds, args.handoffs,
                                             Path(tmp))
-    sql = sql_per_pair(SQL_PAIRS)
+    sql = {clients: sql_per_pair(SQL_PAIRS, clients) for clients in CONCURRENCY}
     text = report(results, f"{args.pairs} pairs per case and round, {args.rounds} rounds, "
-                           f"{args.handoffs} hand-offs per stack", sql, SQL_PAIRS)
+                           f"{args.handoffs} hand-offs per stack", sql)
     print(text)
     if not args.no_write:
         write_section("http", HEADING, text)
