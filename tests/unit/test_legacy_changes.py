@@ -23,6 +23,7 @@ from tests.conftest import ServiceMaker
 from tests.support.locks import lock_for, request_for
 
 from enhanced_locking.backends import EmbeddedBackend, codec
+from enhanced_locking.backends.embedded import open_database
 from enhanced_locking.types import (
     BackendUnavailable,
     Lock,
@@ -36,6 +37,7 @@ OTHER_WRITER = """
 import asyncio, sys
 from pathlib import Path
 from enhanced_locking.backends import EmbeddedBackend, codec
+from enhanced_locking.backends.embedded import open_database
 
 async def main(path, action, text):
     backend = EmbeddedBackend(Path(path), "legacy")
@@ -140,6 +142,20 @@ async def test_a_plain_sqlite_writer_moves_the_counter_too(legacy: EmbeddedBacke
                  "WHERE ns = 'legacy' AND key = ?", lock.key)
     with pytest.raises(LockUnreadable):
         await legacy.get(lock.key)
+
+
+async def test_a_counter_deleted_and_made_again_by_the_next_opening_is_never_taken_as_unmoved(
+    legacy: EmbeddedBackend,
+) -> None:
+    lock = legacy_lock(3).model_copy(update={"fencing_token": 5})
+    assert await legacy.get(lock.key) is None
+    plain_writer(legacy.path, "DELETE FROM meta WHERE name = 'changes:legacy'")
+    plain_writer(legacy.path,
+                 "INSERT INTO locks (ns, key, repo, pull, data, counter, held) "
+                 "VALUES ('legacy', ?, ?, ?, ?, 5, 1)",
+                 lock.key, *lock.owner, codec.encode(lock))
+    open_database(legacy.path).close()  # another process opens the file: the row is back
+    assert await legacy.get(lock.key) == lock
 
 
 async def test_an_unchanged_store_is_asked_for_its_counter_only(

@@ -281,9 +281,11 @@ def open_database(
         for statement in SCHEMA + COUNTING:
             connection.execute(statement)
         for namespace in COUNTED:
+            # Started from the clock (microseconds): a counter row deleted and created again
+            # never repeats a value a reader may have seen.
             connection.execute(
-                "INSERT INTO meta (name, value) VALUES (?, 0) ON CONFLICT DO NOTHING",
-                (_changes_row(namespace),))
+                "INSERT INTO meta (name, value) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                (_changes_row(namespace), int(clock().timestamp() * 1_000_000)))
         connection.execute(
             "UPDATE meta SET value = max(value, (SELECT coalesce(max(counter), 0) FROM locks)) "
             "WHERE name = 'token_floor'")
