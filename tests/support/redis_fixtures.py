@@ -3,6 +3,10 @@
 * ``redis_server``: a running :class:`RedisServer` private to the test (no persistence).
 * ``redis_servers(persistence=..., tls=...)``: start more, with options; all are killed at the
   end of the test.
+* Every server these start is watched (:class:`~tests.support.key_watch.KeyWatch`, all but
+  TLS ones): a script that touched a key its call did not declare in ``KEYS``, or that wrote
+  and was then called again with more keys, fails the test that ran it. So every Redis test
+  also checks Redis Cluster's rule for the scripts it runs.
 * ``redis_config(server, **settings)``: an :class:`EnhancedLockingConfig` pointed at a server.
 * :func:`redis_backend_maker`: the ``redis`` entry of the shared ``backend_factory``.
 * ``redis_cluster``: a real Redis Cluster (three masters on loopback) for the whole session;
@@ -20,8 +24,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from tests.support.key_watch import KeyWatch
 from tests.support.redis_cluster import RedisClusterNodes
-from tests.support.redis_server import Persistence, RedisServer, RedisServerError
+from tests.support.redis_server import LOOPBACK, Persistence, RedisServer, RedisServerError
 
 from enhanced_locking.backends.base import Backend
 from enhanced_locking.backends.redis_store import RedisBackend
@@ -40,19 +45,32 @@ ServerMaker = Callable[..., RedisServer]
 def redis_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerMaker]:
     """``redis_servers(persistence="aof", tls=True)`` starts a server for this test."""
     started: list[RedisServer] = []
+    watches: list[KeyWatch] = []
 
     def start(*, persistence: Persistence = "none", tls: bool = False) -> RedisServer:
         try:
-            server = RedisServer(tmp_path_factory.mktemp("redis"), persistence=persistence,
-                                 tls=tls)
+            where = tmp_path_factory.mktemp("redis")
+            server = RedisServer(where, persistence=persistence, tls=tls)
             started.append(server)
-            return server.start()
+            server.start()
+            if not tls:
+                watches.append(KeyWatch(LOOPBACK, server.port, where / "monitor.log",
+                                        password=server.password))
+            return server
         except RedisServerError as error:
             pytest.fail(str(error), pytrace=False)
 
     yield start
+    problems = []
+    for watch in watches:
+        watched = watch.stop()
+        problems += [f"{watch.log}: undeclared key: {line}" for line in watched.undeclared]
+        problems += [f"{watch.log}: {line}" for line in watched.wrote_then_asked]
     for server in started:
         server.close()
+    if problems:
+        pytest.fail("scripts broke Redis Cluster's rule (every key in KEYS):\n"
+                    + "\n".join(problems[:20]), pytrace=False)
 
 
 @pytest.fixture

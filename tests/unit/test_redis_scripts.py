@@ -82,11 +82,14 @@ def test_luacheck_finds_nothing_in_the_scripts() -> None:
 # --- which keys a script may name ---------------------------------------------------------------
 # Redis Cluster's rule is that every key a script touches is passed in KEYS. Redis itself does
 # not enforce it where it would matter here (7.0 refuses only a key of another slot, and every
-# key of a namespace shares one slot), so it is checked in the source: a script may name a key
-# only through KEYS, or through one of the library's name functions below. Each of those forms
-# the name of a key a script finds while it runs, which its caller cannot know; each is listed,
-# with why, in docs/03-redis.md ("Keys formed inside a script"). A new way of forming a key
-# name fails here until it is declared in KEYS instead (or added there, with its reason).
+# key of a namespace shares one slot), so it is checked twice. Here, in the source: a script
+# may name a key only through KEYS, or through one of the library's name functions below, each
+# of which returns its name through `checked` (compared with KEYS as the script runs), and it
+# writes only through `w` (after which no undeclared name may turn up). At run time, by
+# tests/integration/test_redis_declared_keys.py, which watches Redis run every script
+# (MONITOR) and fails on a key touched that its call did not declare. Each name function forms
+# the name of a key a script finds while it runs; each is listed, with why, in
+# docs/03-redis.md ("Keys found while a script runs").
 FORMED_INSIDE = {
     "lock_name": "the lock hash of a key found in an index or in a waiter's batch",
     "shared_name": "the shared holders of such a key",
@@ -107,12 +110,18 @@ KEY_COMMANDS_FIRST = {
 }
 KEY_COMMANDS_ALL = {"DEL", "EXISTS"}
 NO_KEYS = {"TIME", "PUBLISH"}
+WRITES = {"SET", "INCR", "HSET", "HDEL", "SADD", "SREM", "ZADD", "ZREM", "ZREMRANGEBYSCORE",
+          "PEXPIREAT", "PEXPIRE", "PERSIST", "DEL"}
+"""Commands that change a key: a script sends them only through the library's ``w``."""
 
 
-def _calls(text: str) -> list[tuple[int, list[str]]]:
-    """Every ``redis.call(...)`` / ``redis.pcall(...)``: its line and its top-level arguments."""
+def _calls(text: str, pattern: str = r"\b(?:redis\.p?call|w)\(") -> list[tuple[int, list[str]]]:
+    """Every ``redis.call(...)`` / ``redis.pcall(...)`` / ``w(...)``: its line and its top-level
+    arguments (``w(...)`` of the library's own definition excepted)."""
     found = []
-    for match in re.finditer(r"\bredis\.p?call\(", text):
+    for match in re.finditer(pattern, text):
+        if text[max(0, match.start() - 15):match.start()].endswith("local function "):
+            continue
         args: list[str] = []
         depth, current, i, quote = 1, "", match.end(), ""
         while depth:
@@ -184,7 +193,7 @@ def test_a_script_names_a_key_only_through_keys_or_a_listed_name_function() -> N
         assigned = _assignments({"lib.lua": texts["lib.lua"], file: text})
         for line, args in _calls(text):
             command = args[0].strip("'\"")
-            if command in NO_KEYS:
+            if command in NO_KEYS or command == "...":  # `w`'s own redis.call(...)
                 continue
             assert command in KEY_COMMANDS_FIRST | KEY_COMMANDS_ALL, (
                 f"{file}:{line}: {command} is not in this test's table of key positions")
@@ -222,6 +231,33 @@ def test_only_the_listed_name_functions_form_key_names_from_the_namespace() -> N
 
 def test_the_keys_formed_inside_a_script_are_the_ones_the_docs_list() -> None:
     docs = (REPO / "docs/03-redis.md").read_text()
-    section = docs.split("### Keys formed inside a script", 1)[1].split("\n#", 1)[0]
+    section = docs.split("### Keys found while a script runs", 1)[1].split("\n#", 1)[0]
     for name in FORMED_INSIDE:
         assert f"`{name}`" in section, f"docs/03-redis.md does not say why {name} is formed"
+
+
+def test_a_script_writes_only_through_w() -> None:
+    """``w`` marks that the call wrote: a name not declared after that fails the call, so a
+    script's discovery must name every key before its first write."""
+    problems = []
+    for file, text in _sources().items():
+        for line, args in _calls(text, r"\bredis\.p?call\("):
+            if args[0].strip("'\"") in WRITES:
+                problems.append(f"{file}:{line}: {args[0]} not through w()")
+        for line, args in _calls(text, r"\bw\("):
+            command = args[0].strip("'\"")
+            assert command in WRITES, f"{file}:{line}: w({command}) is not a write"
+    assert not problems, "\n".join(problems)
+
+
+def test_every_formed_name_is_checked_against_keys() -> None:
+    """Each name function returns its name through ``checked`` and nothing else."""
+    code = (LUA / "lib.lua").read_text()
+    for name in FORMED_INSIDE:
+        start = code.index(f"local function {name}(")
+        segment = re.split(r"\n(?=local |--|\n)", code[start:], maxsplit=1)[0]
+        match = re.fullmatch(
+            rf"local function {name}\([\w, ]*\)\s*return checked\((base \.\. [^\n]*)\)\s*end",
+            segment)
+        assert match, f"{name} does not return checked(base .. ...): {segment!r}"
+        assert "checked(" not in match.group(1) and "return" not in match.group(1), name

@@ -39,6 +39,7 @@ __all__ = [
     "lock",
     "locks",
     "maybe_lock",
+    "need",
     "queue",
     "refresh",
     "refusal",
@@ -204,6 +205,14 @@ def refusal(answer: Any) -> Refusal | None:
     if isinstance(answer, list) and answer and answer[0] in ("incarnation", "quarantine"):
         kind, incarnation, until, now = answer
         return Refusal(str(kind), str(incarnation), int(until), int(now))
+    return None
+
+
+def need(answer: Any) -> tuple[str, ...] | None:
+    """The names of keys a script needs declared before it can act (``{'need', names}``,
+    ``lua/lib.lua``'s ``run``; it wrote nothing), or ``None`` when ``answer`` is its reply."""
+    if isinstance(answer, list) and len(answer) == 2 and answer[0] == "need":
+        return tuple(str(name) for name in answer[1])
     return None
 
 

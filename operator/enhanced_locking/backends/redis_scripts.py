@@ -24,10 +24,12 @@ queue size), ``ARGV[6]`` the calling replica's id, ``ARGV[7..9]`` the store's in
 caller knows, a fresh id to use if a new incarnation must be started, and the restart
 quarantine in ms; ``ARGV[10]`` the policy rules compiled by
 :func:`enhanced_locking.policies.compile_rules` (JSON, ``''`` for none). Script-specific
-arguments start at ``ARGV[11]``. ``KEYS`` name the namespace's own keys and the lock hashes a
-call is about; the keys a script finds while it runs are formed from ``base`` inside the
-scripts (``docs/03-redis.md``, "Key layout"). Everything about one lock key carries the key
-as a hash tag (``{K}``); on a Redis Cluster ``base`` carries the namespace's tag instead.
+arguments start at ``ARGV[11]``. ``KEYS`` name the namespace's own keys, then every other key
+the script touches: the caller declares those it knows, and a script that finds it needs more
+answers ``{'need', names}`` before writing anything and is called again with them
+(``docs/03-redis.md``, "Keys found while a script runs"). Everything about one lock key
+carries the key as a hash tag (``{K}``); on a Redis Cluster ``base`` carries the namespace's
+tag instead.
 
 **Keys** (``K`` a lock key, ``W`` a waiter id, ``R`` a replica id)::
 

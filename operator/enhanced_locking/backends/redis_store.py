@@ -80,6 +80,12 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _KNOWN = 4096
 """Locks kept by key so that answers about them are not decoded again (``_lock``)."""
 
+_HINTS = 64
+"""Most names remembered per lock key from scripts' asks (``RedisBackend._hinted``)."""
+
+_HEADS = 4
+"""Most of this replica's waiters on one key whose names a hand-off of it declares."""
+
 
 class RedisKeys:
     """The key layout of one namespace, written once (``docs/03-redis.md``, "Key layout").
@@ -91,10 +97,13 @@ class RedisKeys:
     batch, serve a queue whose waiters hold other keys, count a concurrency group or release a
     pull's keys atomically (the later ``{K}`` is then not a tag: Redis hashes the first one).
 
-    Scripts get :meth:`common` and their own keys in ``KEYS``. Keys a script finds while it
-    runs (a waiter's record named in a queue, the lock of a key listed in an index) cannot be
-    known before the call; the scripts form those from ``base`` with the ``*_name`` functions
-    of ``lua/lib.lua``, which mirror the methods here (a test checks they agree).
+    Scripts get :meth:`common` and every other key they touch in ``KEYS``: the caller
+    declares what it knows (:meth:`of_key`, :meth:`of_waiter`, :meth:`pull`), and a script
+    that finds it needs another (a waiter's record named in a queue, the lock of a key listed
+    in an index) answers which ones before writing anything; it is called again with them
+    (``RedisBackend._run``). The scripts form those names with the ``*_name`` functions of
+    ``lua/lib.lua``, which mirror the methods here (a test checks they agree) and check each
+    against ``KEYS``.
     """
 
     def __init__(self, prefix: str, namespace: str, *, cluster: bool = False) -> None:
@@ -109,6 +118,15 @@ class RedisKeys:
         """Until when each replica id's waiters count as alive (a sorted set; stored under its
         earlier name ``replicas``)."""
         self.seq = self.base + "seq"
+
+    def of_key(self, key: str) -> tuple[str, ...]:
+        """Every key of lock key ``key``: its lock, shared holders, fencing counter, queues."""
+        return (self.lock(key), self.shared(key), self.fence(key),
+                *(self.queue(key, level) for level in range(4)))
+
+    def of_waiter(self, waiter_id: str) -> tuple[str, str]:
+        """A waiter's record and outcome."""
+        return self.waiter(waiter_id), self.outcome(waiter_id)
 
     def common(self, call_id: str) -> list[str]:
         """``KEYS[1..7]`` of every script (``lua/lib.lua``)."""
@@ -202,6 +220,12 @@ class RedisBackend:
         and the lock made of them (``_lock``)."""
         self._scripts: dict[str, AsyncScript] | None = None
         """The scripts by ``EVALSHA``, only on a Redis without functions (before 7.0)."""
+        self._hints: dict[str, tuple[str, ...]] = {}
+        """By lock key (or script, for calls about no one key): the names scripts asked for
+        last (``_run``): declared again next time, so a key's usual hand-off asks no more."""
+        self._waiting_on: dict[str, dict[str, tuple[str, ...]]] = {}
+        """By lock key: this replica's waiters queued on it, oldest first, with every name
+        a grant to each touches (declared by a hand-off of the key)."""
         self._listener = Listener(
             connection, self.keys.notify(self.replica_id), self._notifier,
             handle=self._notified, heartbeat=self._heartbeat, recheck=self._recheck,
@@ -220,7 +244,7 @@ class RedisBackend:
     # --- calling scripts -----------------------------------------------------------------
     async def _run(
         self, name: str, *args: Any, keys: Sequence[str] = (), policy: QueuePolicy | None = None,
-        key: str | None = None,
+        key: str | None = None, hint: str | None = None,
     ) -> Any:
         if policy is not None:
             self._policy = policy
@@ -232,16 +256,21 @@ class RedisBackend:
         # One id per call: a write's answer is kept under it, so the one retry below (after a
         # connection broke, when we cannot know whether the script ran) never writes twice.
         call_id = secrets.token_hex(8)
-        common = self.keys.common(call_id)
+        # Every key the script touches is declared (KEYS): what we know, what its last calls
+        # about this key asked for, and what this one asks for (it wrote nothing then).
+        hint = hint or key or name
+        declared = [*self.keys.common(call_id), *keys, *self._hinted(hint)]
+        asked: list[str] = []
         retried = loaded = False
+        changes = 0
         self.in_flight += 1
         try:
-            for _ in range(4):
+            while changes < 4:
                 before, after = self._head()
                 try:
                     async with asyncio.timeout(COMMAND_TIMEOUT):
-                        answer = await execute("FCALL", function, len(common) + len(keys),
-                                               *common, *keys, *before, call_id, *after, *args)
+                        answer = await execute("FCALL", function, len(declared), *declared,
+                                               *before, call_id, *after, *args)
                 except DOWN as error:
                     if retried or not is_retryable(error):
                         raise down(self.connection, action, error, key=key) from None
@@ -261,9 +290,22 @@ class RedisBackend:
                     await self._load_functions(action, key)
                     continue
                 refused = redis_replies.refusal(answer)
-                if refused is None:
+                if refused is not None:
+                    changes += 1
+                    self._incarnation_changed(refused, key=key)
+                    continue
+                needed = redis_replies.need(answer)
+                if needed is None:
+                    if asked:
+                        self._hint(hint, asked)
                     return answer
-                self._incarnation_changed(refused, key=key)
+                fresh = [n for n in needed if n not in declared]
+                if not fresh:  # never: a script asks only for names it was not given
+                    raise BackendUnavailable(
+                        f"redis {self.connection.where}: the {action} script asked again for "
+                        f"keys it was given ({', '.join(needed)})", key=key)
+                declared.extend(fresh)
+                asked.extend(fresh)
             raise BackendUnavailable(f"redis {self.connection.where}: the store's incarnation "
                                      "keeps changing; try again", key=key)
         finally:
@@ -287,6 +329,50 @@ class RedisBackend:
                                                            replace=True)
         except DOWN as error:
             raise down(self.connection, action, error, key=key) from None
+
+    def _hinted(self, hint: str) -> tuple[str, ...]:
+        return self._hints.get(hint, ())
+
+    def _hint(self, hint: str, asked: Sequence[str]) -> None:
+        """Remember what a call about ``hint`` asked for (the newest first, a few)."""
+        names = tuple(dict.fromkeys([*asked, *self._hints.get(hint, ())]))[:_HINTS]
+        hints = self._hints
+        if len(hints) >= _KNOWN and hint not in hints:
+            del hints[next(iter(hints))]  # the oldest
+        hints[hint] = names
+
+    def _queued_names(self, key: str) -> list[str]:
+        """The names a grant of ``key`` to this replica's oldest waiters on it touches."""
+        waiting = self._waiting_on.get(key)
+        if not waiting:
+            return []
+        pending = self._notifier.pending()
+        for gone in [w for w in waiting if w not in pending]:
+            del waiting[gone]
+        if not waiting:
+            del self._waiting_on[key]
+            return []
+        return [name for names in list(waiting.values())[:_HEADS] for name in names]
+
+    def _own_names(self, waiter_id: str) -> tuple[str, ...]:
+        """Every name a grant to (or the drop of) one of this replica's waiters touches."""
+        for waiting in self._waiting_on.values():
+            names = waiting.get(waiter_id)
+            if names is not None:
+                return names
+        return self.keys.of_waiter(waiter_id)
+
+    def _key_names(self, key: str, owner: Owner | None = None) -> list[str]:
+        """What a call about ``key`` declares: its keys, the owner's index, and the names a
+        hand-off to this replica's next waiters on it touches."""
+        names = [*self.keys.of_key(key), *self._queued_names(key)]
+        if owner is not None:
+            names.append(self.keys.pull(*owner))
+        known = self._known.get(key)
+        if known is not None:  # its holder's index, if a release drops it
+            holder = known[1]
+            names.append(self.keys.pull(holder.project.repo_full_name, holder.pull.num))
+        return names
 
     def _head(self) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
         """``ARGV[1..7]`` and ``ARGV[9..10]`` of every script (``ARGV[8]`` is the call id),
@@ -414,6 +500,25 @@ class RedisBackend:
             timed_out=tuple(self._waiter(rec) for rec in served.dropped),
             also_released=tuple(self._readable(served.others, deleted=True)))
 
+    def _waiter_names(self, candidates: Sequence[Lock], waiter_id: str) -> tuple[str, ...]:
+        """Every key a grant to (or the drop of) a waiter for ``candidates`` touches."""
+        first = candidates[0]
+        return (*self.keys.of_waiter(waiter_id),
+                self.keys.pull(first.project.repo_full_name, first.pull.num),
+                *(name for c in candidates for name in self.keys.of_key(c.key)))
+
+    def _acquire_names(self, candidates: Sequence[Lock], wait: Wait | None) -> list[str]:
+        """What an acquire declares: each key's keys, the requester's index and waiter, and
+        the names a hand-off to this replica's next waiters on its keys touches."""
+        first = candidates[0]
+        names = [*self.keys.of_key(first.key), *self._queued_names(first.key)] if (
+            len(candidates) == 1) else [*(n for c in candidates for n in self.keys.of_key(c.key)),
+                                        *(n for c in candidates for n in self._queued_names(c.key))]
+        names.append(self.keys.pull(first.project.repo_full_name, first.pull.num))
+        if wait is not None:
+            names.extend(self.keys.of_waiter(wait.id))
+        return names
+
     # --- the Backend protocol --------------------------------------------------------------
     async def now(self) -> datetime:
         async with unavailable(self.connection, "time"):
@@ -435,11 +540,11 @@ class RedisBackend:
         return (await self.release_and_handoff(key, owner=owner, policy=policy)).released
 
     async def get(self, key: str) -> Lock | None:
-        answer = await self._run("GET", key, keys=[self.keys.lock(key)], key=key)
+        answer = await self._run("GET", key, keys=self.keys.of_key(key)[:2], key=key)
         return self._maybe_lock(redis_replies.maybe_lock(answer))
 
     async def holders(self, key: str) -> Locks:
-        answer = await self._run("HOLDERS", key, keys=[self.keys.lock(key)], key=key)
+        answer = await self._run("HOLDERS", key, keys=self.keys.of_key(key)[:2], key=key)
         return [self._lock(row) for row in redis_replies.locks(answer)]
 
     async def list(self, *, repo: str | None = None, pull: int | None = None) -> Locks:
@@ -447,6 +552,8 @@ class RedisBackend:
         answer = await self._run(
             "LIST", repo if by_pull else "", pull if by_pull else "",
             repo or "", "" if pull is None else pull,
+            keys=[self.keys.pull(repo, pull)] if repo is not None and pull is not None else (),
+            hint=f"LIST {repo}#{pull}" if by_pull else None,
         )
         return self._readable(redis_replies.locks(answer), every=repo is None and pull is None)
 
@@ -454,13 +561,14 @@ class RedisBackend:
         self, repo: str, pull: int, *, policy: QueuePolicy | None = None
     ) -> Locks:
         answer = redis_replies.release_by_pull(
-            await self._run("RELEASE_BY_PULL", repo, pull, policy=policy))
+            await self._run("RELEASE_BY_PULL", repo, pull, keys=[self.keys.pull(repo, pull)],
+                            policy=policy, hint=f"RELEASE_BY_PULL {repo}#{pull}"))
         # The hash keeps its owner beside the JSON: the pull's unreadable locks went too.
         return self._readable(answer.released, deleted=True)
 
     async def refresh(self, key: str, owner: Owner, ttl: timedelta) -> Lock:
         answer = redis_replies.refresh(await self._run(
-            "REFRESH", key, *owner, _duration_ms(ttl), keys=[self.keys.lock(key)], key=key))
+            "REFRESH", key, *owner, _duration_ms(ttl), keys=self.keys.of_key(key), key=key))
         if answer.lock is None:
             raise LockNotHeld(key)
         lock = self._lock(answer.lock)
@@ -479,13 +587,14 @@ class RedisBackend:
     async def adopt(self, locks: Locks, tokens: dict[str, int]) -> Locks:
         conflicts: Locks = []
         for key, token in tokens.items():
-            await self._run("RAISE_TOKEN", key, token, keys=[self.keys.fence(key)], key=key)
+            await self._run("RAISE_TOKEN", key, token, keys=self.keys.of_key(key), key=key)
         for lock in locks:
             outcome = await self._run(
                 "ADOPT", lock.key, lock.project.repo_full_name, lock.pull.num,
                 codec.encode(lock), lock.fencing_token, _ms(lock.acquired_at),
                 _ms(lock.expires_at) if lock.expires_at else 0, lock.mode, lock.project.path,
-                lock.workspace, keys=[self.keys.lock(lock.key)], key=lock.key,
+                lock.workspace, keys=self._key_names(
+                    lock.key, (lock.project.repo_full_name, lock.pull.num)), key=lock.key,
             )
             if outcome == 0:
                 conflicts.append(lock)
@@ -500,7 +609,8 @@ class RedisBackend:
         pending = self._notifier.pending()
         for waiter_id in pending:
             try:
-                await self._run("CANCEL", waiter_id, Reason.UNAVAILABLE.value)
+                await self._run("CANCEL", waiter_id, Reason.UNAVAILABLE.value,
+                                keys=self._own_names(waiter_id))
             except LockingError:
                 break  # Redis is gone: their deadlines and our missing heartbeat drop them
         for waiter_id in pending:
@@ -536,7 +646,7 @@ class RedisBackend:
             (wait.request_id or "") if wait else "", first.project.repo_full_name,
             first.pull.num, first.priority.level, first.mode, first.pull.head_commit,
             wait.caller if wait else "", *quads,
-            keys=[self.keys.lock(c.key) for c in candidates], policy=policy, key=first.key,
+            keys=self._acquire_names(candidates, wait), policy=policy, key=first.key,
         ))
         if isinstance(answer, redis_replies.Acquired):
             templates = {c.key: c for c in candidates}
@@ -552,6 +662,9 @@ class RedisBackend:
                            superseded=tuple(self._waiter(rec) for rec in answer.superseded))
         assert wait is not None
         self._enqueued.add(wait.id)
+        names = self._waiter_names(candidates, wait.id)
+        for c in candidates:
+            self._waiting_on.setdefault(c.key, {})[wait.id] = names
         self._enqueues += 1
         if self._enqueues % 1024 == 0:  # drop those whose end this replica never heard of
             self._enqueued.intersection_update(self._notifier.pending())
@@ -565,7 +678,8 @@ class RedisBackend:
     ) -> Handoff:
         repo, pull = owner if owner is not None else ("", 0)
         answer = redis_replies.release(await self._run(
-            "RELEASE", key, repo, pull, keys=[self.keys.lock(key)], policy=policy, key=key))
+            "RELEASE", key, repo, pull, keys=self._key_names(key, owner), policy=policy,
+            key=key))
         if answer.owner is not None:
             raise LockNotOwned(key, self._lock(answer.owner))
         served = answer.served
@@ -587,7 +701,7 @@ class RedisBackend:
 
     async def expire(self, key: str, *, policy: QueuePolicy | None = None) -> Handoff:
         return self._handoff(redis_replies.served(await self._run(
-            "EXPIRE", key, keys=[self.keys.lock(key)], policy=policy, key=key)))
+            "EXPIRE", key, keys=self._key_names(key), policy=policy, key=key)))
 
     async def wake(self, *, policy: QueuePolicy) -> Handoff:
         return self._handoff(redis_replies.served(await self._run("WAKE", policy=policy)))
@@ -596,7 +710,9 @@ class RedisBackend:
         self, key: str, waiter_id: str, *, reason: Reason = Reason.CANCELLED, caller: str = ""
     ) -> Cancelled:
         answer = redis_replies.cancel(
-            await self._run("CANCEL", waiter_id, reason.value, caller, key=key))
+            await self._run("CANCEL", waiter_id, reason.value, caller,
+                            keys=[*self._own_names(waiter_id), *self._key_names(key)],
+                            key=key))
         if answer.waiter is None:
             return Cancelled()
         return Cancelled(removed=answer.status == "removed", waiter=self._waiter(answer.waiter),
@@ -605,7 +721,7 @@ class RedisBackend:
 
     async def queue(self, key: str, *, policy: QueuePolicy | None = None) -> Waiters:
         answer = redis_replies.queue(await self._run(
-            "QUEUE", key, keys=[self.keys.lock(key)], policy=policy, key=key))
+            "QUEUE", key, keys=self.keys.of_key(key), policy=policy, key=key))
         return service_order([self._waiter(rec) for rec in answer.waiters], now=_at(answer.now),
                              policy=policy or self._policy)
 
@@ -657,7 +773,8 @@ class RedisBackend:
         delay = 0.05
         while True:
             try:
-                return redis_replies.confirm(await self._run("CONFIRM", waiter_id))
+                return redis_replies.confirm(await self._run(
+                    "CONFIRM", waiter_id, keys=self._own_names(waiter_id)))
             except BackendUnavailable:
                 if waiter_id not in self._notifier.pending():
                     raise  # the caller gave up; its cancel took (or gave back) the grant
@@ -680,7 +797,8 @@ class RedisBackend:
         if not waiter_ids:
             return
         enqueued = self._enqueued.intersection(waiter_ids)
-        kinds = await self._run("STATUS", *waiter_ids)
+        kinds = await self._run("STATUS", *waiter_ids, keys=[
+            name for waiter_id in waiter_ids for name in self.keys.of_waiter(waiter_id)])
         await asyncio.gather(*(
             self._notified("unavailable" if kind == "gone" else str(kind), waiter_id)
             for waiter_id, kind in zip(waiter_ids, kinds, strict=True)

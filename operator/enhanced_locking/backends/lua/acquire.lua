@@ -1,6 +1,7 @@
 -- acquire-or-enqueue: grant every key of a batch (one key is a batch of one) as the rules
 -- allow, or queue one waiter on every key, or refuse.
--- KEYS[8..] the lock hash of each key (names are also derived from the keys below)
+-- KEYS[8..] every key of each lock key (RedisKeys.of_key), the owner's pull index, the waiter's
+--   record and outcome; what it finds while it runs it asks for (lib.lua: `run`)
 -- ARGV[11] lease in ms (0: none)  ARGV[12] waiter id ('' = fail fast)  ARGV[13] wait in ms
 -- ARGV[14] request id ('' none)  ARGV[15] owner repo  ARGV[16] owner pull
 -- ARGV[17] base priority level 0..3  ARGV[18] mode  ARGV[19] head commit ('' unknown)
@@ -24,11 +25,18 @@ local function main()
     datas[ARGV[i]] = ARGV[i + 1]
     table.insert(parts, {key = ARGV[i], repo = repo, path = ARGV[i + 2], ws = ARGV[i + 3]})
   end
+  -- The caller declares these (RedisKeys.acquire); expected here so that one answer asks
+  -- for all of them if it did not.
+  for _, k in ipairs(keys) do expect(key_names, k) end
+  expect(pull_index, repo, pull)
   if wait_id ~= '' then
+    expect(waiter_names, wait_id, nil)
     local rec = read_waiter(wait_id)
     if rec then  -- the same waiter asking again (a retry takes it over): where it stands
+      expect(key_names, rec.keys[1])
+      planned()
       if caller ~= '' and rec['caller'] ~= caller then
-        redis.call('HSET', waiter_name(wait_id), 'caller', caller, 'replica', REPLICA_ID)
+        w('HSET', waiter_name(wait_id), 'caller', caller, 'replica', REPLICA_ID)
         rec = read_waiter(wait_id)
       end
       local k = rec.keys[1]
@@ -37,6 +45,11 @@ local function main()
     local out = redis.call('HMGET', outcome_name(wait_id), 'kind', 'locks')
     if out[1] == 'granted' then  -- granted while its caller was away: the retry takes it
       local still, all = {}, true
+      for _, pair in ipairs(cjson.decode(out[2])) do
+        expect(lock_name, pair[1])
+        expect(shared_name, pair[1])
+      end
+      planned()
       for _, pair in ipairs(cjson.decode(out[2])) do
         local h = holder_with_token(pair[1], pair[2])
         if h then
@@ -47,11 +60,35 @@ local function main()
         end
       end
       if all and #still > 0 then
-        redis.call('HSET', outcome_name(wait_id), 'kind', 'taken')
+        w('HSET', outcome_name(wait_id), 'kind', 'taken')
         return {'granted', still, 0}
       end
     end
   end
+  -- Discovery: the lapsed leases it drops, the queues it serves, the waiters it reads.
+  for _, k in ipairs(keys) do plan_lapsed(k) end
+  plan_serve(keys)
+  local scan = head ~= '' and wait_id ~= '' and wait_ms > 0  -- superseded ones, if it waits
+  local others = {}
+  for _, k in ipairs(keys) do
+    for lv = 0, 3 do
+      for _, member in ipairs(redis.call('ZRANGE', queue_name(k, lv), 0, -1)) do
+        local id = string.sub(member, 18)
+        if id ~= wait_id and not GONE[id] then
+          if mode == 'shared' then expect(waiter_name, id) end  -- exclusive_waiting
+          if scan then
+            expect(waiter_names, id, nil)
+            table.insert(others, id)
+          end
+        end
+      end
+    end
+  end
+  for _, id in ipairs(others) do
+    local rec = read_waiter(id)
+    if rec and rec.repo == repo and rec.pull == pull then expect(waiter_names, id, rec) end
+  end
+  planned()
   local fx = new_effects()
   for _, k in ipairs(keys) do expire_lapsed(k, fx.expired) end
   serve(keys, fx)
@@ -100,26 +137,26 @@ local function main()
       return {'queue_full', k, peek(k) or {}, superseded}
     end
   end
-  redis.call('ZADD', LIVENESS, NOW + REPLICA_MS, REPLICA_ID)
-  local seq = redis.call('INCR', SEQ)
+  w('ZADD', LIVENESS, NOW + REPLICA_MS, REPLICA_ID)
+  local seq = w('INCR', SEQ)
   local deadline = NOW + wait_ms
   local name = waiter_name(wait_id)
-  redis.call('HSET', name, 'id', wait_id, 'keys', cjson.encode(keys), 'repo', repo, 'pull', pull,
+  w('HSET', name, 'id', wait_id, 'keys', cjson.encode(keys), 'repo', repo, 'pull', pull,
              'level', level, 'enq', NOW, 'seq', seq, 'deadline', deadline, 'ttl', ttl,
              'replica', REPLICA_ID, 'rid', rid, 'mode', mode, 'head', head, 'caller', caller)
   for i, k in ipairs(keys) do
-    redis.call('HSET', name, 'd:' .. k, datas[k], 'p:' .. k, parts[i].path, 'w:' .. k,
+    w('HSET', name, 'd:' .. k, datas[k], 'p:' .. k, parts[i].path, 'w:' .. k,
                parts[i].ws)
   end
-  redis.call('PEXPIREAT', name, deadline + GRACE_MS)
+  w('PEXPIREAT', name, deadline + GRACE_MS)
   local member = string.format('%016d', seq) .. ':' .. wait_id
   for _, k in ipairs(keys) do
-    redis.call('ZADD', queue_name(k, level), NOW, member)
-    redis.call('SADD', QUEUED, k)
+    w('ZADD', queue_name(k, level), NOW, member)
+    w('SADD', QUEUED, k)
   end
   local freeze = ''
   if d[1] == 'frozen' then freeze = d[3]['name'] end
   return {'queued', read_waiter(wait_id).flat, blocked, holder, position(blocked, wait_id), freeze,
           superseded}
 end
-return finish(main())
+return run(main, true)

@@ -1,5 +1,5 @@
 -- adopt: take over a lock from another store, keeping its token, times, lease and mode.
--- KEYS[8] the key's lock hash
+-- KEYS[8..] the key's keys (RedisKeys.of_key) and the owner's pull index; more it asks for
 -- ARGV[11] lock key  ARGV[12] repo  ARGV[13] pull  ARGV[14] Atlantis JSON  ARGV[15] token
 -- ARGV[16] acquired at (ms)  ARGV[17] lease end (ms, 0: none)  ARGV[18] mode
 -- ARGV[19] path  ARGV[20] workspace
@@ -9,10 +9,14 @@ local refused = guard()
 if refused then return refused end
 local function main()
   local k = ARGV[11]
+  expect(key_names, k)
+  expect(pull_index, ARGV[12], ARGV[13])
+  plan_lapsed(k)
+  planned()
   local token = tonumber(ARGV[15])
   local current = tonumber(redis.call('GET', fence_name(k)) or '0')
-  redis.call('SADD', FENCED, k)
-  if token > current then redis.call('SET', fence_name(k), ARGV[15]) end
+  w('SADD', FENCED, k)
+  if token > current then w('SET', fence_name(k), ARGV[15]) end
   expire_lapsed(k, nil)
   local mode = ARGV[18]
   for _, h in ipairs(holders(k)) do
@@ -25,12 +29,12 @@ local function main()
     save_shared({k, ARGV[14], ARGV[15], ARGV[16], ARGV[17], ARGV[12], ARGV[13], false, false,
                  'shared', ARGV[19], ARGV[20]})
   else
-    redis.call('HSET', lock_name(k), 'data', ARGV[14], 'token', ARGV[15], 'at', ARGV[16],
+    w('HSET', lock_name(k), 'data', ARGV[14], 'token', ARGV[15], 'at', ARGV[16],
                'exp', exp, 'repo', ARGV[12], 'pull', ARGV[13], 'path', ARGV[19], 'ws', ARGV[20])
     collect_after(k, exp)
   end
-  redis.call('SADD', HELD, k)
-  redis.call('SADD', pull_index(ARGV[12], ARGV[13]), k)
+  w('SADD', HELD, k)
+  w('SADD', pull_index(ARGV[12], ARGV[13]), k)
   return 1
 end
-return finish(main())
+return run(main, true)

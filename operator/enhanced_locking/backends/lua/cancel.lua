@@ -1,5 +1,5 @@
 -- cancel: take a waiter out of every queue it is in and tell its replica why.
--- KEYS   the seven of lib.lua only (the waiter's record names its keys)
+-- KEYS[8..] the waiter's record and outcome (and its keys' keys, if known); more it asks for
 -- ARGV[11] waiter id  ARGV[12] reason (cancelled, timeout, deadlock, unavailable)
 -- ARGV[13] caller ('': any; else only if that caller still owns the waiter)
 -- returns {'removed', waiter record}, {'kept', waiter record} (a retry owns it now),
@@ -10,15 +10,23 @@ local refused = guard()
 if refused then return refused end
 local function main()
   local id = ARGV[11]
+  expect(waiter_names, id, nil)
   local rec = read_waiter(id)
   if rec then
     if ARGV[13] ~= '' and rec['caller'] ~= ARGV[13] then return {'kept', rec.flat} end
+    expect(waiter_names, id, rec)
+    planned()
     drop_waiter(id, rec, ARGV[12], nil)
     return {'removed', rec.flat}
   end
   local out = redis.call('HMGET', outcome_name(id), 'kind', 'waiter', 'locks', 'fresh')
   if out[1] ~= 'granted' then return {'none'} end
   local still = {}
+  for _, pair in ipairs(cjson.decode(out[3])) do
+    expect(lock_name, pair[1])
+    expect(shared_name, pair[1])
+  end
+  planned()
   for _, pair in ipairs(cjson.decode(out[3])) do
     local holder = holder_with_token(pair[1], pair[2])
     if holder then
@@ -28,4 +36,4 @@ local function main()
   end
   return {'granted', cjson.decode(out[2]), still, tonumber(out[4]) or 1}
 end
-return finish(main())
+return run(main, true)

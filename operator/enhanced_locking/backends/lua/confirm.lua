@@ -1,5 +1,5 @@
 -- confirm: the waiter's replica takes the locks it was granted (ends the claim).
--- KEYS   the seven of lib.lua only
+-- KEYS[8..] the waiter's record and outcome (and its keys' keys, if known); more it asks for
 -- ARGV[11] waiter id
 -- returns {'granted', locks, fresh 0/1} or {'lost', locks it still holds and must give back}
 -- (a claim lapsed first; none when its pull held them already: fresh 0)
@@ -10,6 +10,11 @@ local function main()
   local out = redis.call('HMGET', outcome_name(ARGV[11]), 'kind', 'locks', 'fresh')
   if out[1] ~= 'granted' then return {'lost', {}} end
   local fresh = tonumber(out[3]) or 1
+  for _, pair in ipairs(cjson.decode(out[2])) do
+    expect(lock_name, pair[1])
+    expect(shared_name, pair[1])
+  end
+  planned()
   local held, lost = {}, false
   for _, pair in ipairs(cjson.decode(out[2])) do
     local holder = holder_with_token(pair[1], pair[2])
@@ -26,4 +31,4 @@ local function main()
   end
   return {'granted', held, fresh}
 end
-return finish(main())
+return run(main, true)

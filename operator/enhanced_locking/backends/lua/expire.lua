@@ -1,13 +1,17 @@
 -- expire: if the key's lease has lapsed, free it; serve the queue of a free key.
--- KEYS[8] the key's lock hash
+-- KEYS[8..] the key's keys (RedisKeys.of_key); more (its next waiters') it asks for
 -- ARGV[11] lock key
 -- returns {expired lock or {}, granted, dropped} (as RELEASE)
 -- decoded by redis_replies.served
 local refused = guard()
 if refused then return refused end
 local function main()
+  expect(key_names, ARGV[11])
+  plan_lapsed(ARGV[11])
+  plan_serve({ARGV[11]})
+  planned()
   local fx = new_effects()
   settle(ARGV[11], fx)
   return {fx.expired[1] or {}, fx.granted, fx.dropped}
 end
-return finish(main())
+return run(main, true)

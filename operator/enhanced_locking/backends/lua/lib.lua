@@ -3,8 +3,9 @@
 -- then the script's file). Before it comes a generated preamble setting the time constants
 -- of redis_scripts.py: CLAIM_MS, GRACE_MS, OUTCOME_MS, REPLICA_MS, OP_MS
 -- KEYS[1..7] the namespace's own keys, named by RedisKeys (redis_store.py), in this order:
---   incarnation, op:<call id>, held, fenced, queued, liveness, seq; a script's own keys
---   follow (KEYS[8..]). On a Redis Cluster every key of a namespace carries one hash tag.
+--   incarnation, op:<call id>, held, fenced, queued, liveness, seq; every other key a script
+--   touches follows (KEYS[8..], in no fixed order: names are looked up, never positions).
+--   On a Redis Cluster every key of a namespace carries one hash tag.
 -- Names kept in stored data from before the names below: the incarnation hash is stored
 --   under the key `epoch` and the waiters' liveness set under `replicas` (RedisKeys keeps
 --   both names, so a store written by an earlier release is read as it is), and a waiter's
@@ -54,6 +55,64 @@ end
 -- Whole numbers as exact text: Lua's own tostring keeps 14 digits, tokens can have 16.
 local function int(x) return string.format('%.0f', x) end
 
+-- --- declared keys -----------------------------------------------------------------------
+-- Every key a script touches is in KEYS (Redis Cluster's rule). The names of keys a script
+-- finds while it runs (a waiter named by a queue entry, the lock of a key in an index) are
+-- formed by the *_name functions below, and each formed name is checked against KEYS: a
+-- script first finds out which names it will need (its discovery, reads only) and, when one
+-- is not declared, answers {'need', names} having written nothing; its caller calls again
+-- with them declared (RedisBackend._run). Every write goes through `w`; a name missing after
+-- the first write would be a discovery that missed it, and fails the call loudly (the tests
+-- run every script this way; it is never relied on).
+-- The state below belongs to one call: it starts afresh when KEYS is another table (each
+-- call has its own), so it holds whether the library runs per script or as functions.
+local CALL_KEYS, DECLARED, MISSING, ASKED, WROTE, COLLECT = false, {}, {}, {}, false, 0
+local VIEW, GONE = {}, {}  -- the discovery's picture of holders and waiters (see plan_walk)
+local NEED = {}  -- raised (as an error value) when a name to read is not declared
+
+local function call_state()
+  if CALL_KEYS ~= KEYS then
+    CALL_KEYS, DECLARED, MISSING, ASKED, WROTE, COLLECT = KEYS, {}, {}, {}, false, 0
+    VIEW, GONE = {}, {}
+    for _, name in ipairs(KEYS) do DECLARED[name] = true end
+  end
+end
+
+-- `name` if declared. Else it is noted as needed; inside `expect` (names a later step will
+-- touch) that is all, otherwise the key is to be read now, so the script stops and asks.
+local function checked(name)
+  call_state()
+  if DECLARED[name] then return name end
+  if WROTE then error('script touched the undeclared key ' .. name .. ' after a write') end
+  if not ASKED[name] then
+    ASKED[name] = true
+    table.insert(MISSING, name)
+  end
+  if COLLECT == 0 then error(NEED) end
+  return name
+end
+
+-- Form the names fn(...) forms, noting the undeclared ones without stopping.
+local function expect(fn, ...)
+  call_state()
+  COLLECT = COLLECT + 1
+  fn(...)
+  COLLECT = COLLECT - 1
+end
+
+-- Stop and ask for every name noted so far (the end of a discovery).
+local function ask()
+  call_state()
+  if #MISSING > 0 then error(NEED) end
+end
+
+-- Every write: after it, no undeclared name may turn up.
+local function w(...)
+  call_state()
+  WROTE = true
+  return redis.call(...)
+end
+
 -- A script that changes anything first asks: did this very call run already (a retry)? does
 -- Redis still have the data the caller knew (the store's incarnation)? Returns nil to go on, else
 -- the reply to send back (nothing changed).
@@ -63,13 +122,13 @@ local function guard()
   local e = redis.call('HMGET', INCARNATION, 'id', 'base', 'until')
   if not e[1] then
     if KNOWN_INCARNATION == '' then  -- a new store: counters start at 0
-      redis.call('HSET', INCARNATION, 'id', NEW_INCARNATION, 'base', 0, 'until', 0, 'since', NOW)
+      w('HSET', INCARNATION, 'id', NEW_INCARNATION, 'base', 0, 'until', 0, 'since', NOW)
       return {'incarnation', NEW_INCARNATION, 0, NOW}
     end
     -- The caller knew this store and it has forgotten everything (a restart without
     -- persistence): tokens continue from the clock, and grants wait out the quarantine.
     local till = NOW + QUARANTINE_MS
-    redis.call('HSET', INCARNATION, 'id', NEW_INCARNATION, 'base', int(NOW * 1000), 'until', till,
+    w('HSET', INCARNATION, 'id', NEW_INCARNATION, 'base', int(NOW * 1000), 'until', till,
                'since', NOW, 'lost', KNOWN_INCARNATION)
     return {'incarnation', NEW_INCARNATION, till, NOW}
   end
@@ -83,18 +142,37 @@ end
 -- (the connection broke) asks again with the same id and gets the same answer, and the write
 -- happens once.
 local function finish(reply)
-  redis.call('SET', OP, cjson.encode(reply), 'PX', OP_MS)
+  w('SET', OP, cjson.encode(reply), 'PX', OP_MS)
+  return reply
+end
+
+-- Run main: its reply (with `remember`, kept under the call id: `finish`), or
+-- {'need', names} when a name it needs is not declared: nothing was written, nothing is kept,
+-- and the caller calls again with them declared (decoded by redis_replies.need).
+local function run(main, remember)
+  call_state()
+  local ok, reply = pcall(main)
+  if not ok then
+    if reply == NEED then return {'need', MISSING} end
+    error(reply, 0)
+  end
+  if remember then return finish(reply) end
   return reply
 end
 
 -- The names of keys found at run time: the mirror of RedisKeys (a test checks they agree).
-local function lock_name(k) return base .. 'lock:{' .. k .. '}' end
-local function shared_name(k) return base .. 'shared:{' .. k .. '}' end
-local function fence_name(k) return base .. 'fence:{' .. k .. '}' end
-local function queue_name(k, level) return base .. 'queue' .. level .. ':{' .. k .. '}' end
-local function waiter_name(id) return base .. 'waiter:' .. id end
-local function outcome_name(id) return base .. 'outcome:' .. id end
-local function pull_index(repo, pull) return base .. 'pull:{' .. repo .. '#' .. pull .. '}' end
+-- Each is checked against KEYS (`checked`).
+local function lock_name(k) return checked(base .. 'lock:{' .. k .. '}') end
+local function shared_name(k) return checked(base .. 'shared:{' .. k .. '}') end
+local function fence_name(k) return checked(base .. 'fence:{' .. k .. '}') end
+local function queue_name(k, level)
+  return checked(base .. 'queue' .. level .. ':{' .. k .. '}')
+end
+local function waiter_name(id) return checked(base .. 'waiter:' .. id) end
+local function outcome_name(id) return checked(base .. 'outcome:' .. id) end
+local function pull_index(repo, pull)
+  return checked(base .. 'pull:{' .. repo .. '#' .. pull .. '}')
+end
 
 -- A lock is answered as {key, data, token, at, exp, repo, pull, claim, lease, mode, path, ws}
 -- (strings; claim and lease false unless a grant from the queue awaits confirmation; mode
@@ -177,7 +255,7 @@ local function read_shared(k)
 end
 
 local function save_shared(lock)
-  redis.call('HSET', shared_name(lock[1]), lock[6] .. '#' .. lock[7], cjson.encode(lock))
+  w('HSET', shared_name(lock[1]), lock[6] .. '#' .. lock[7], cjson.encode(lock))
 end
 
 local function lapsed(lock)
@@ -190,29 +268,29 @@ local function same_owner(lock, repo, pull) return lock[6] == repo and lock[7] =
 local function drop_lock(lock)
   local k = lock[1]
   if lock.bad then  -- an unreadable holder: delete what was found
-    if lock.bad.lock then redis.call('DEL', lock_name(k)) end
-    if lock.bad.shared then redis.call('DEL', shared_name(k)) end
-    if lock.bad.field then redis.call('HDEL', shared_name(k), lock.bad.field) end
+    if lock.bad.lock then w('DEL', lock_name(k)) end
+    if lock.bad.shared then w('DEL', shared_name(k)) end
+    if lock.bad.field then w('HDEL', shared_name(k), lock.bad.field) end
     if redis.call('EXISTS', lock_name(k), shared_name(k)) == 0 then
-      redis.call('SREM', HELD, k)
+      w('SREM', HELD, k)
     end
     return
   end
   if lock[10] == 'shared' then
-    redis.call('HDEL', shared_name(k), lock[6] .. '#' .. lock[7])
-    if redis.call('EXISTS', shared_name(k)) == 0 then redis.call('SREM', HELD, k) end
+    w('HDEL', shared_name(k), lock[6] .. '#' .. lock[7])
+    if redis.call('EXISTS', shared_name(k)) == 0 then w('SREM', HELD, k) end
   else
-    redis.call('DEL', lock_name(k))
-    if redis.call('EXISTS', shared_name(k)) == 0 then redis.call('SREM', HELD, k) end
+    w('DEL', lock_name(k))
+    if redis.call('EXISTS', shared_name(k)) == 0 then w('SREM', HELD, k) end
   end
-  redis.call('SREM', pull_index(lock[6], lock[7]), k)
+  w('SREM', pull_index(lock[6], lock[7]), k)
 end
 
 local function collect_after(k, exp)
   if exp > 0 then
-    redis.call('PEXPIREAT', lock_name(k), exp + GRACE_MS)
+    w('PEXPIREAT', lock_name(k), exp + GRACE_MS)
   else
-    redis.call('PERSIST', lock_name(k))
+    w('PERSIST', lock_name(k))
   end
 end
 
@@ -231,12 +309,21 @@ end
 -- Every live holder of k (the exclusive one, or the shared ones), changing nothing.
 local function holders(k)
   local lock = read_lock(k)
-  if lock and not lapsed(lock) then return {lock} end
+  if lock and not lapsed(lock) then
+    lock.ex = true  -- from the lock hash (not in the reply: Redis answers the list part)
+    return {lock}
+  end
   local out = {}
   for _, s in ipairs(read_shared(k)) do
     if not lapsed(s) then table.insert(out, s) end
   end
   return out
+end
+
+-- The holders of k as the running discovery pictures them after the writes it foresees
+-- (VIEW, see plan_walk); outside a discovery, the holders.
+local function view_holders(k)
+  return VIEW[k] or holders(k)
 end
 
 -- Drop k's lapsed leases (exclusive and shared), adding them to `expired` (if given).
@@ -264,10 +351,10 @@ end
 -- be confirmed within CLAIM_MS.
 local function stamp(k, data, repo, pull, ttl, claim, mode, path, ws)
   if TOKEN_BASE > 0 and redis.call('EXISTS', fence_name(k)) == 0 then
-    redis.call('SET', fence_name(k), int(TOKEN_BASE))
+    w('SET', fence_name(k), int(TOKEN_BASE))
   end
-  local token = redis.call('INCR', fence_name(k))
-  redis.call('SADD', FENCED, k)
+  local token = w('INCR', fence_name(k))
+  w('SADD', FENCED, k)
   local lease_end = 0
   if ttl > 0 then lease_end = NOW + ttl end
   local exp = lease_end
@@ -283,14 +370,14 @@ local function stamp(k, data, repo, pull, ttl, claim, mode, path, ws)
     save_shared(lock)
   else
     local name = lock_name(k)
-    redis.call('DEL', name)  -- a lapsed lock's hash may linger (with its expiry): start afresh
-    redis.call('HSET', name, 'data', data, 'token', int(token), 'at', NOW, 'repo', repo,
+    w('DEL', name)  -- a lapsed lock's hash may linger (with its expiry): start afresh
+    w('HSET', name, 'data', data, 'token', int(token), 'at', NOW, 'repo', repo,
                'pull', pull, 'exp', exp, 'path', path, 'ws', ws)
-    if claim then redis.call('HSET', name, 'claim', claim, 'lease', lease_end) end
-    if exp > 0 then redis.call('PEXPIREAT', name, exp + GRACE_MS) end
+    if claim then w('HSET', name, 'claim', claim, 'lease', lease_end) end
+    if exp > 0 then w('PEXPIREAT', name, exp + GRACE_MS) end
   end
-  redis.call('SADD', HELD, k)
-  redis.call('SADD', pull_index(repo, pull), k)
+  w('SADD', HELD, k)
+  w('SADD', pull_index(repo, pull), k)
   return lock
 end
 
@@ -302,8 +389,8 @@ local function settle_claim(lock)
     save_shared(lock)
     return lock
   end
-  redis.call('HDEL', lock_name(lock[1]), 'claim', 'lease')
-  redis.call('HSET', lock_name(lock[1]), 'exp', lease_end)
+  w('HDEL', lock_name(lock[1]), 'claim', 'lease')
+  w('HSET', lock_name(lock[1]), 'exp', lease_end)
   collect_after(lock[1], lease_end)
   return lock
 end
@@ -348,8 +435,13 @@ end
 
 local function group_counts()
   local counts = {}
-  for _, k in ipairs(redis.call('SMEMBERS', HELD)) do
-    for _, h in ipairs(holders(k)) do
+  local keys, seen = redis.call('SMEMBERS', HELD), {}
+  for _, k in ipairs(keys) do seen[k] = true end
+  for k, _ in pairs(VIEW) do
+    if not seen[k] then table.insert(keys, k) end
+  end
+  for _, k in ipairs(keys) do
+    for _, h in ipairs(view_holders(k)) do
       for _, g in ipairs(groups_of(k, h[6], h[11], h[12])) do
         counts[g[1]] = (counts[g[1]] or 0) + 1
       end
@@ -414,7 +506,7 @@ end
 local function exclusive_waiting(k, repo, pull)
   for level = 0, 3 do
     for _, member in ipairs(redis.call('ZRANGE', queue_name(k, level), 0, -1)) do
-      local rec = read_waiter(string.sub(member, 18))
+      local rec = not GONE[string.sub(member, 18)] and read_waiter(string.sub(member, 18))
       if rec and rec.mode == 'exclusive' and not (rec.repo == repo and rec.pull == pull)
           and tonumber(rec.deadline) > NOW then
         return true
@@ -428,7 +520,7 @@ end
 local function verdict(repo, pull, mode, parts, new)
   local hs, mine, all_mine = {}, {}, true
   for _, p in ipairs(parts) do
-    hs[p.key] = holders(p.key)
+    hs[p.key] = view_holders(p.key)
     mine[p.key] = false
     local unchanged = false
     for _, h in ipairs(hs[p.key]) do
@@ -561,19 +653,19 @@ end
 local function unqueue(id, rec)
   local member = string.format('%016d', tonumber(rec.seq)) .. ':' .. id
   for _, k in ipairs(rec.keys) do
-    redis.call('ZREM', queue_name(k, rec.level), member)
-    if queue_size(k) == 0 then redis.call('SREM', QUEUED, k) end
+    w('ZREM', queue_name(k, rec.level), member)
+    if queue_size(k) == 0 then w('SREM', QUEUED, k) end
   end
-  redis.call('DEL', waiter_name(id))
+  w('DEL', waiter_name(id))
 end
 
 local function remember(id, rec, kind, locks, fresh)
   local tokens = {}
   for _, lock in ipairs(locks) do table.insert(tokens, {lock[1], lock[3]}) end
   local name = outcome_name(id)
-  redis.call('HSET', name, 'kind', kind, 'waiter', cjson.encode(rec.flat),
+  w('HSET', name, 'kind', kind, 'waiter', cjson.encode(rec.flat),
              'locks', cjson.encode(tokens), 'fresh', fresh or 0)
-  redis.call('PEXPIRE', name, OUTCOME_MS)
+  w('PEXPIRE', name, OUTCOME_MS)
 end
 
 local function tell(rec, id, kind)
@@ -649,15 +741,16 @@ local function walk_key(k, fx)
     if d[2] then
       drop_waiter(d[1].id, d[2], d[3], fx)
     else
-      redis.call('ZREM', queue_name(k, d[1].level), d[1].member)
+      w('ZREM', queue_name(k, d[1].level), d[1].member)
     end
   end
-  if queue_size(k) == 0 then redis.call('SREM', QUEUED, k) end
+  if queue_size(k) == 0 then w('SREM', QUEUED, k) end
 end
 
 -- Serve every queue at once, in one service order (concurrency rules: a lock freed in a
 -- group may go to a waiter of another key); a holder stops only its own key's line.
-local function walk_all(fx)
+-- Every waiter of every queue, in one service order, each with its queue entries.
+local function all_entries()
   local entries, by_id = {}, {}
   for _, k in ipairs(redis.call('SMEMBERS', QUEUED)) do
     for level = 0, 3 do
@@ -676,13 +769,18 @@ local function walk_all(fx)
     end
   end
   table.sort(entries, before)
+  return entries
+end
+
+local function walk_all(fx)
+  local entries = all_entries()
   local stopped = {}
   for _, e in ipairs(entries) do
     local rec = read_waiter(e.id)
     if not rec then
       for _, ref in ipairs(e.refs) do
-        redis.call('ZREM', queue_name(ref[1], ref[2]), ref[3])
-        if queue_size(ref[1]) == 0 then redis.call('SREM', QUEUED, ref[1]) end
+        w('ZREM', queue_name(ref[1], ref[2]), ref[3])
+        if queue_size(ref[1]) == 0 then w('SREM', QUEUED, ref[1]) end
       end
     elseif tonumber(rec.deadline) <= NOW then
       drop_waiter(e.id, rec, 'timeout', fx)
@@ -719,5 +817,147 @@ local function settle(k, fx)
   expire_lapsed(k, fx.expired)
   serve({k}, fx)
   return peek(k)
+end
+
+-- --- discovery: the keys a script's writes will touch, named before its first write --------
+-- Each writing script first runs the reads that decide what it will change, forming (and so
+-- checking) every name its writes will use; `planned` then asks for the undeclared ones, or
+-- lets the script go on and do exactly what it did without them. Serving a queue decides
+-- grant by grant on the holders the earlier grants left: its discovery (plan_walk_key,
+-- plan_walk_all) makes the same decisions on VIEW, the holders as those grants will leave
+-- them, and GONE, the waiters they will take out of the queues.
+
+-- Every key of lock key k a write may touch.
+local function key_names(k)
+  lock_name(k)
+  shared_name(k)
+  fence_name(k)
+  for level = 0, 3 do queue_name(k, level) end
+end
+
+-- Every key a grant to waiter id, or its drop, touches (rec: its record, once read).
+local function waiter_names(id, rec)
+  waiter_name(id)
+  outcome_name(id)
+  if rec then
+    pull_index(rec.repo, rec.pull)
+    for _, k in ipairs(rec.keys) do key_names(k) end
+  end
+end
+
+-- Waiter id's record, read in a discovery, its grant's or drop's keys expected.
+local function plan_waiter(id)
+  expect(waiter_names, id, nil)
+  local rec = read_waiter(id)
+  if rec then expect(waiter_names, id, rec) end
+  return rec
+end
+
+-- The indexes of the pulls whose lapsed leases on k a write will drop.
+local function plan_lapsed(k)
+  local rows = read_shared(k)
+  local ex = read_lock(k)
+  if ex then table.insert(rows, ex) end
+  for _, h in ipairs(rows) do
+    if not h.bad and lapsed(h) then expect(pull_index, h[6], h[7]) end
+  end
+end
+
+-- `grant(id, rec)` pictured: each key taken as `take` takes it, the waiter out of the queues.
+local function plan_grant(id, rec)
+  local parts = waiter_parts(rec)
+  for i, k in ipairs(rec.keys) do
+    local hs, mine = view_holders(k), false
+    for _, h in ipairs(hs) do
+      if same_owner(h, rec.repo, rec.pull) then mine = h end
+    end
+    if not mine or (rec.mode == 'exclusive' and mine[10] == 'shared') then
+      local after = {}
+      for _, h in ipairs(hs) do
+        if h ~= mine then table.insert(after, h) end
+      end
+      local row = {k, rec['d:' .. k], '0', int(NOW), '0', rec.repo, rec.pull, id, false,
+                   rec.mode, parts[i].path, parts[i].ws, false}
+      row.ex = rec.mode ~= 'shared'
+      table.insert(after, row)
+      VIEW[k] = after
+    end
+  end
+  GONE[id] = true
+end
+
+-- walk_key's decisions, made on VIEW and GONE.
+local function plan_walk_key(k)
+  if redis.call('SISMEMBER', QUEUED, k) == 0 then return end
+  for _, h in ipairs(view_holders(k)) do
+    if h.ex then return end
+  end
+  local next_waiter = walker(k)
+  while true do
+    local entry = next_waiter()
+    if not entry then return end
+    local rec = not GONE[entry.id] and plan_waiter(entry.id)
+    if rec then
+      if tonumber(rec.deadline) <= NOW or not replica_alive(rec.replica) then
+        GONE[entry.id] = true
+      else
+        local d = verdict(rec.repo, rec.pull, rec.mode, waiter_parts(rec), false)
+        if d[1] == 'grant' then
+          plan_grant(entry.id, rec)
+          if rec.mode ~= 'shared' then return end
+        elseif d[1] == 'held' and d[2] == k then
+          return
+        end
+      end
+    end
+  end
+end
+
+-- walk_all's decisions, made on VIEW and GONE (its counts read every held key).
+local function plan_walk_all()
+  for _, k in ipairs(redis.call('SMEMBERS', QUEUED)) do expect(key_names, k) end
+  for _, k in ipairs(redis.call('SMEMBERS', HELD)) do
+    expect(lock_name, k)
+    expect(shared_name, k)
+  end
+  ask()
+  local entries = all_entries()
+  for _, e in ipairs(entries) do expect(waiter_names, e.id, nil) end
+  ask()
+  local stopped = {}
+  for _, e in ipairs(entries) do
+    local rec = plan_waiter(e.id)
+    if rec and (tonumber(rec.deadline) <= NOW or not replica_alive(rec.replica)) then
+      GONE[e.id] = true
+    elseif rec then
+      local blocked = false
+      for _, k in ipairs(rec.keys) do
+        if stopped[k] then blocked = true end
+      end
+      if not blocked then
+        local d = verdict(rec.repo, rec.pull, rec.mode, waiter_parts(rec), false)
+        if d[1] == 'grant' then
+          plan_grant(e.id, rec)
+        elseif d[1] == 'held' then
+          stopped[d[2]] = true
+        end
+      end
+    end
+  end
+end
+
+-- serve's decisions (VIEW may first picture what the script frees before serving).
+local function plan_serve(keys)
+  if #rules()['c'] > 0 then
+    plan_walk_all()
+    return
+  end
+  for _, k in ipairs(keys) do plan_walk_key(k) end
+end
+
+-- The end of a discovery: ask for what is not declared, else go on with the writes.
+local function planned()
+  ask()
+  VIEW, GONE = {}, {}
 end
 -- luacheck: pop

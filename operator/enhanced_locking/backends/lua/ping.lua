@@ -7,4 +7,4 @@ if refused then return refused end
 local function main()
   return 'ok'
 end
-return finish(main())
+return run(main, true)

@@ -1,11 +1,12 @@
 -- refresh: restart the lease of a held lock from now (server time); ends a pending claim.
--- KEYS[8] the key's lock hash
+-- KEYS[8..] the key's keys (RedisKeys.of_key)
 -- ARGV[11] lock key  ARGV[12] owner repo  ARGV[13] owner pull  ARGV[14] lease in ms (> 0)
 -- returns {'refreshed', lock}, {'not_held'} or {'not_owned', lock}
 -- decoded by redis_replies.refresh
 local refused = guard()
 if refused then return refused end
 local function main()
+  expect(key_names, ARGV[11])
   local hs = holders(ARGV[11])
   if #hs == 0 then return {'not_held'} end
   local lock = false
@@ -18,10 +19,10 @@ local function main()
   if lock[10] == 'shared' then
     save_shared(lock)
   else
-    redis.call('HDEL', lock_name(ARGV[11]), 'claim', 'lease')
-    redis.call('HSET', lock_name(ARGV[11]), 'exp', exp)
+    w('HDEL', lock_name(ARGV[11]), 'claim', 'lease')
+    w('HSET', lock_name(ARGV[11]), 'exp', exp)
     collect_after(ARGV[11], exp)
   end
   return {'refreshed', lock}
 end
-return finish(main())
+return run(main, true)

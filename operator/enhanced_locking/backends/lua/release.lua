@@ -1,6 +1,7 @@
 -- release-and-hand-off: free a key (optionally only the lock of the pull that holds it) and
 -- serve its queue; also the admin's force-unlock (no owner: every holder goes).
--- KEYS[8] the key's lock hash
+-- KEYS[8..] the key's keys (RedisKeys.of_key), the owner's pull index; more (its next
+--   waiters', a holder's index) it asks for
 -- ARGV[11] lock key  ARGV[12] owner repo ('' = whoever holds it)  ARGV[13] owner pull
 -- returns {'not_owned', lock} (nothing changed), or
 --         {'released', lock or {}, granted, dropped, other locks released} where granted is a
@@ -10,6 +11,25 @@ local refused = guard()
 if refused then return refused end
 local function main()
   local k = ARGV[11]
+  expect(key_names, k)
+  if ARGV[12] ~= '' then expect(pull_index, ARGV[12], ARGV[13]) end
+  -- Discovery: the leases it drops (lapsed ones, then the owner's or all), the queue it serves
+  -- once they are gone.
+  plan_lapsed(k)
+  local now_held, going = holders(k), {}
+  for _, h in ipairs(now_held) do
+    if ARGV[12] == '' or same_owner(h, ARGV[12], ARGV[13]) then
+      going[h] = true
+      if not h.bad then expect(pull_index, h[6], h[7]) end
+    end
+  end
+  local rest = {}
+  for _, h in ipairs(now_held) do
+    if not going[h] then table.insert(rest, h) end
+  end
+  VIEW[k] = rest
+  plan_serve({k})
+  planned()
   expire_lapsed(k, nil)
   local hs = holders(k)
   if ARGV[12] ~= '' then
@@ -27,4 +47,4 @@ local function main()
   for i = 2, #hs do table.insert(others, hs[i]) end
   return {'released', hs[1] or {}, fx.granted, fx.dropped, others}
 end
-return finish(main())
+return run(main, true)

@@ -1,14 +1,18 @@
 -- status: where each of a replica's waiters stands (after its notifications were cut off).
--- KEYS   the seven of lib.lua only
+-- KEYS[8..] each waiter's record and outcome
 -- ARGV[11..] waiter ids
 -- returns one word per id: queued, granted, timeout, cancelled, deadlock, unavailable, gone
-local out = {}
-for i = 11, #ARGV do
-  if redis.call('EXISTS', waiter_name(ARGV[i])) == 1 then
-    table.insert(out, 'queued')
-  else
-    table.insert(out, redis.call('HGET', outcome_name(ARGV[i]), 'kind') or 'gone')
+return run(function()
+  for i = 11, #ARGV do expect(waiter_names, ARGV[i], nil) end
+  ask()
+  local out = {}
+  for i = 11, #ARGV do
+    if redis.call('EXISTS', waiter_name(ARGV[i])) == 1 then
+      table.insert(out, 'queued')
+    else
+      table.insert(out, redis.call('HGET', outcome_name(ARGV[i]), 'kind') or 'gone')
+    end
   end
-end
-redis.call('ZADD', LIVENESS, NOW + REPLICA_MS, REPLICA_ID)
-return out
+  w('ZADD', LIVENESS, NOW + REPLICA_MS, REPLICA_ID)
+  return out
+end)

@@ -1,14 +1,28 @@
 -- wait-graph: every key with waiters, its holders' owners and its waiters, in one snapshot
 -- (so deadlock detection sees the waits of every replica at once).
--- KEYS   the seven of lib.lua only
+-- KEYS   the seven of lib.lua; every queued key's keys and its waiters it asks for
 -- returns {now ms, {{key, first holder repo or '', its pull or '', {waiter ids},
 --          {{repo, pull} of every holder}}...}, waiter records}
 -- decoded by redis_replies.wait_graph
-local entries, records, seen = {}, {}, {}
-for _, k in ipairs(redis.call('SMEMBERS', QUEUED)) do
-  local ids = {}
-  for level = 0, 3 do
-    for _, member in ipairs(redis.call('ZRANGE', queue_name(k, level), 0, -1)) do
+local function main()
+  local keys = redis.call('SMEMBERS', QUEUED)
+  for _, k in ipairs(keys) do expect(key_names, k) end
+  ask()
+  local members = {}
+  for _, k in ipairs(keys) do
+    members[k] = {}
+    for level = 0, 3 do
+      for _, member in ipairs(redis.call('ZRANGE', queue_name(k, level), 0, -1)) do
+        table.insert(members[k], member)
+        expect(waiter_name, string.sub(member, 18))
+      end
+    end
+  end
+  ask()
+  local entries, records, seen = {}, {}, {}
+  for _, k in ipairs(keys) do
+    local ids = {}
+    for _, member in ipairs(members[k]) do
       local id = string.sub(member, 18)
       if not seen[id] then
         local rec = read_waiter(id)
@@ -17,17 +31,18 @@ for _, k in ipairs(redis.call('SMEMBERS', QUEUED)) do
       end
       if seen[id] then table.insert(ids, id) end
     end
-  end
-  if #ids > 0 then
-    local owners = {}
-    for _, h in ipairs(holders(k)) do
-      if not h.bad then table.insert(owners, {h[6], h[7]}) end  -- an unreadable one: unknown
+    if #ids > 0 then
+      local owners = {}
+      for _, h in ipairs(holders(k)) do
+        if not h.bad then table.insert(owners, {h[6], h[7]}) end  -- an unreadable one: unknown
+      end
+      if #owners > 0 then
+        table.insert(entries, {k, owners[1][1], owners[1][2], ids, owners})
+      else
+        table.insert(entries, {k, '', '', ids, owners})
+      end
     end
-    if #owners > 0 then
-      table.insert(entries, {k, owners[1][1], owners[1][2], ids, owners})
-    else
-      table.insert(entries, {k, '', '', ids, owners})
-    end
   end
+  return {NOW, entries, records}
 end
-return {NOW, entries, records}
+return run(main)

@@ -1,0 +1,161 @@
+"""Every key a Redis script touches is declared in its call's KEYS (Redis Cluster's rule).
+
+A real redis-server runs every script while ``redis-cli monitor`` watches
+(:class:`~tests.support.key_watch.KeyWatch`): each script call shows its ``KEYS`` and each
+command the script ran. Two replicas share the store, so hand-offs reach waiters whose keys
+the releasing replica never declared; batches, shared locks, lapsed leases, superseded
+waiters, a force-unlock, a release by pull and a concurrency limit (which serves every queue
+at once) make the scripts find keys while they run. They must ask for those (answer which
+keys they need, having written nothing) and touch nothing undeclared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from tests.support.key_watch import KeyWatch
+from tests.support.locks import lock_for, request_for
+from tests.support.redis_fixtures import redis_config
+from tests.support.redis_server import LOOPBACK, RedisServer
+
+from enhanced_locking.backends import redis_scripts
+from enhanced_locking.backends.redis_store import RedisBackend
+from enhanced_locking.backends.waiting import QueuePolicy, Status, Wait
+from enhanced_locking.policies import ConcurrencyLimit, PolicyRules
+from enhanced_locking.types import Lock
+
+pytestmark = pytest.mark.redis
+
+POLICY = QueuePolicy()
+WAIT = timedelta(seconds=30)
+
+
+def _lock(key: str, pull: int, **changes: object) -> Lock:
+    lock = lock_for(request_for(path=f"envs/{key}", pull=pull))
+    return lock.model_copy(update=changes) if changes else lock
+
+
+def _script_names() -> dict[str, str]:
+    """Each script by what a MONITOR line calls it (its function; an EVALSHA's SHA)."""
+    names = {function: name for name, function in redis_scripts.FUNCTION_NAMES.items()}
+    names.update({hashlib.sha1(redis_scripts.script(name).encode(), usedforsecurity=False)
+                  .hexdigest(): name for name in redis_scripts.NAMES})
+    return names
+
+
+async def _held_by(backend: RedisBackend, key: str, pull: int) -> None:
+    """Wait until ``pull`` holds ``key`` (a grant from the queue, confirmed by its replica)."""
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:
+        lock = await backend.get(key)
+        if lock is not None and lock.pull.num == pull:
+            return
+        assert asyncio.get_running_loop().time() < deadline, f"{key} never reached pull {pull}"
+        await asyncio.sleep(0.02)
+
+
+async def _enqueue(backend: RedisBackend, locks: list[Lock], waiter_id: str) -> None:
+    backend.grants.expect(waiter_id)
+    outcome = await backend.acquire_batch(locks, ttl=None, wait=Wait(id=waiter_id, timeout=WAIT),
+                                          policy=POLICY)
+    assert outcome.status is Status.QUEUED, outcome
+
+
+async def _workload(server: RedisServer) -> None:
+    config = redis_config(server)
+    a = RedisBackend.from_config(config, "enhanced", replica_id="replica-a")
+    b = RedisBackend.from_config(config, "enhanced", replica_id="replica-b")
+    other = RedisBackend.from_config(config, "adopted", replica_id="replica-a")
+    k1, k2, k3, k4 = (_lock(k, 1).key for k in ("one", "two", "three", "four"))
+    try:
+        await a.ping()
+        # A hand-off from replica A to waiters of replica B (one key, then a batch).
+        assert (await a.acquire_or_enqueue(_lock("one", 1), ttl=None, wait=None,
+                                           policy=POLICY)).status is Status.GRANTED
+        await _enqueue(b, [_lock("one", 2)], "w-one-2")
+        await _enqueue(b, [_lock("one", 3), _lock("two", 3)], "w-batch-3")
+        await a.release_and_handoff(k1, owner=("acme/infra", 1), policy=POLICY)
+        await _held_by(a, k1, 2)
+        # A lapsed lease: the next acquire drops it (and its pull's index entry).
+        assert (await a.acquire_or_enqueue(_lock("three", 4), ttl=timedelta(milliseconds=30),
+                                           wait=None, policy=POLICY)).status is Status.GRANTED
+        await asyncio.sleep(0.1)
+        assert (await b.acquire_or_enqueue(_lock("three", 5), ttl=None, wait=None,
+                                           policy=POLICY)).status is Status.GRANTED
+        # Shared holders, an exclusive waiter behind them, a shared newcomer that must queue.
+        assert (await a.acquire_or_enqueue(_lock("four", 6, mode="shared"), ttl=None,
+                                           wait=None, policy=POLICY)).status is Status.GRANTED
+        await _enqueue(b, [_lock("four", 7)], "w-four-7")
+        await _enqueue(a, [_lock("four", 8, mode="shared")], "w-four-8")
+        # A newer head commit of pull 9 pushes its older waiter (of the other replica) out.
+        older = _lock("one", 9)
+        older = older.model_copy(update={"pull": older.pull.model_copy(
+            update={"head_commit": "a" * 40})})
+        newer = older.model_copy(update={"pull": older.pull.model_copy(
+            update={"head_commit": "b" * 40})})
+        await _enqueue(b, [older], "w-one-9-old")
+        await _enqueue(a, [newer], "w-one-9-new")
+        # Reads of one snapshot.
+        assert await a.queue(k1, policy=POLICY)
+        assert await a.wait_graph(policy=POLICY)
+        assert await a.list()
+        assert await b.list(repo="acme/infra", pull=2)
+        assert await a.holders(k4)
+        await a.refresh(k4, ("acme/infra", 6), timedelta(minutes=5))
+        # A force-unlock hands k1 to the batch waiter; its release by pull serves both keys.
+        await a.force_unlock(k1, policy=POLICY)
+        await _held_by(a, k2, 3)
+        await a.release_by_pull("acme/infra", 3, policy=POLICY)
+        # A cancel from the other replica; where B's waiters stand; lease expiry.
+        await a.cancel(k4, "w-four-7")
+        await b._recheck(["w-four-7", "w-one-9-old"])
+        await a.expire(k3, policy=POLICY)
+        # A concurrency limit: every queue is served at once (WAKE, and each hand-off).
+        limited = QueuePolicy(rules=PolicyRules(concurrency=[
+            ConcurrencyLimit(name="all", limit=1)]))
+        await a.wake(policy=limited)
+        await a.release_by_pull("acme/infra", 9, policy=limited)
+        # A backend switch: tokens and locks taken over by another namespace.
+        locks, tokens = await a.export()
+        await other.adopt(locks, tokens)
+        await b.release_by_pull("acme/infra", 5, policy=POLICY)
+    finally:
+        for backend in (a, b, other):
+            await backend.close()
+
+
+def test_every_script_touches_only_declared_keys_and_asks_before_writing(
+    redis_server: RedisServer,
+) -> None:
+    watch = KeyWatch(LOOPBACK, redis_server.port, redis_server.directory / "declared.log")
+    asyncio.run(_workload(redis_server))
+    watched = watch.stop()
+    assert watched.undeclared == []
+    assert watched.wrote_then_asked == []
+    assert watched.asked_again >= 5, "the scripts never had to ask for a key"
+    assert watched.calls > 40 and watched.commands > 500
+    names = _script_names()
+    ran = {names[s] for s in watched.scripts if s in names}
+    assert set(redis_scripts.NAMES) - {"HEARTBEAT"} <= ran  # heartbeats come every second
+
+
+def test_the_watch_catches_a_key_touched_undeclared_and_a_write_before_an_ask(
+    tmp_path: Path,
+) -> None:
+    # A server of its own: the fixture's watch would (rightly) fail this test.
+    server = RedisServer(tmp_path).start()
+    try:
+        watch = KeyWatch(LOOPBACK, server.port, tmp_path / "slip.log")
+        with server.client() as client:
+            touch = "redis.call('SET', KEYS[2], 'x'); return redis.call('GET', 'not-declared')"
+            client.eval(touch, 2, "incarnation", "op:1")
+            client.eval(touch.replace("not-declared", "op:1"), 2, "incarnation", "op:1")
+        watched = watch.stop()
+    finally:
+        server.close()
+    assert [line.split(" (")[0] for line in watched.undeclared] == ["GET not-declared"]
+    assert len(watched.wrote_then_asked) == 1

@@ -1,0 +1,163 @@
+"""Watch a real redis-server run scripts, and find every key a script touched undeclared.
+
+Redis Cluster's rule is that a script touches only the keys its call passes in ``KEYS``. Redis
+7.0 enforces it only across slots, and every key of one namespace shares one slot, so a slip
+would go unnoticed on one server and on a cluster alike. :class:`KeyWatch` runs ``redis-cli
+monitor`` beside the server: Redis shows each script call (``EVALSHA``/``EVAL``/``FCALL`` with
+its ``KEYS``) and, right after it, every command the script ran (from the client ``lua``).
+:meth:`KeyWatch.stop` reads that log and reports each command whose key was not declared by
+its call, and each call that was asked again with more keys (the same call id, ``KEYS[2]``)
+after it had written: a script that asks for keys must have written nothing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["KeyWatch", "Watched", "check_log"]
+
+_SCRIPT_CALLS = {"evalsha", "eval", "fcall", "evalsha_ro", "eval_ro", "fcall_ro"}
+_KEYS_ALL = {"del", "exists", "unlink", "mget", "touch"}
+_NO_KEYS = {"time", "publish", "spublish"}
+_WRITES = {"set", "incr", "incrby", "hset", "hdel", "sadd", "srem", "zadd", "zrem",
+           "zremrangebyscore", "pexpireat", "pexpire", "persist", "del", "unlink", "xadd",
+           "expire", "getdel", "hincrby"}
+_LINE = re.compile(r"^\+?(?P<at>[\d.]+) \[(?P<db>\d+) (?P<client>[^\]]+)\] (?P<args>.*)$")
+_TOKEN = re.compile(r'"((?:[^"\\]|\\.)*)"')
+_ESCAPES = {"n": "\n", "r": "\r", "t": "\t", "a": "\a", "b": "\b", '"': '"', "\\": "\\"}
+
+
+def _unquote(text: str) -> str:
+    out, i = [], 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\" and i + 1 < len(text):
+            nxt = text[i + 1]
+            if nxt == "x" and i + 3 < len(text):
+                out.append(chr(int(text[i + 2:i + 4], 16)))
+                i += 4
+                continue
+            out.append(_ESCAPES.get(nxt, nxt))
+            i += 2
+            continue
+        out.append(ch)
+        i += 1
+    return "".join(out)
+
+
+@dataclass
+class _Call:
+    line: int
+    script: str
+    keys: list[str]
+    commands: list[tuple[int, list[str]]] = field(default_factory=list)
+
+
+@dataclass
+class Watched:
+    """What the log showed."""
+
+    calls: int = 0
+    """Script calls seen."""
+    scripts: set[str] = field(default_factory=set)
+    """The scripts called (the SHA of an EVALSHA, the function of an FCALL)."""
+    commands: int = 0
+    """Commands those scripts ran."""
+    asked_again: int = 0
+    """Calls made again under the same call id (a script asked for keys, or a refusal)."""
+    undeclared: list[str] = field(default_factory=list)
+    """``command key (line n)`` of each key a script touched that its call did not declare."""
+    wrote_then_asked: list[str] = field(default_factory=list)
+    """Calls that wrote (besides the store's incarnation) and then ran again under the same
+    call id (a script that asks for keys must have written nothing)."""
+
+
+def _touched(command: list[str]) -> list[str]:
+    name = command[0].lower()
+    if name in _NO_KEYS or len(command) < 2:
+        return []
+    if name in _KEYS_ALL:
+        return command[1:]
+    return [command[1]]
+
+
+def check_log(text: str) -> Watched:
+    """Read a ``MONITOR`` log and check every script call in it."""
+    watched = Watched()
+    calls: list[_Call] = []
+    current: _Call | None = None
+    for number, raw in enumerate(text.splitlines(), 1):
+        match = _LINE.match(raw.strip())
+        if match is None:
+            continue
+        args = [_unquote(t) for t in _TOKEN.findall(match.group("args"))]
+        if not args:
+            continue
+        if match.group("client") == "lua":
+            if current is not None:
+                current.commands.append((number, args))
+            continue
+        current = None
+        if args[0].lower() in _SCRIPT_CALLS and len(args) >= 3:
+            count = int(args[2])
+            current = _Call(number, args[1], args[3:3 + count])
+            calls.append(current)
+    by_id: dict[str, list[_Call]] = {}
+    for call in calls:
+        watched.calls += 1
+        watched.scripts.add(call.script)
+        declared = set(call.keys)
+        for number, command in call.commands:
+            watched.commands += 1
+            for key in _touched(command):
+                if key not in declared:
+                    watched.undeclared.append(f"{command[0]} {key} (line {number})")
+        if len(call.keys) >= 2:
+            by_id.setdefault(call.keys[1], []).append(call)
+    for same in by_id.values():
+        for earlier, later in itertools.pairwise(same):
+            watched.asked_again += 1
+            incarnation = earlier.keys[0]
+            writes = [c for _, c in earlier.commands
+                      if c[0].lower() in _WRITES and _touched(c) != [incarnation]]
+            # A call that finished is answered again from its call id (one GET): a retry
+            # after a broken connection. One that runs again had asked for keys.
+            if writes and len(later.commands) > 1:
+                watched.wrote_then_asked.append(
+                    f"line {earlier.line}: {' '.join(writes[0][:2])} before its call was made "
+                    "again")
+    return watched
+
+
+class KeyWatch:
+    """``redis-cli monitor`` against one loopback server, its log kept in ``log``."""
+
+    def __init__(self, host: str, port: int, log: Path, *, password: str | None = None) -> None:
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            raise RuntimeError("redis-cli is not installed: install Debian's redis-tools "
+                               "(make redis)")
+        self.log = log
+        command = [cli, "-h", host, "-p", str(port)]
+        if password is not None:
+            command += ["--no-auth-warning", "-a", password]
+        self._out = log.open("wb")
+        self._process = subprocess.Popen([*command, "monitor"], stdout=self._out,
+                                         stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 5
+        while log.stat().st_size == 0 and time.monotonic() < deadline:  # "OK" once watching
+            time.sleep(0.01)
+
+    def stop(self) -> Watched:
+        """Stop watching; what the log shows."""
+        time.sleep(0.1)  # the last lines on their way
+        self._process.terminate()
+        self._process.wait(timeout=5)
+        self._out.close()
+        return check_log(self.log.read_text(encoding="utf-8", errors="replace"))
