@@ -668,6 +668,8 @@ class RedisBackend:
         self._enqueues += 1
         if self._enqueues % 1024 == 0:  # drop those whose end this replica never heard of
             self._enqueued.intersection_update(self._notifier.pending())
+            for key in list(self._waiting_on):
+                self._queued_names(key)
         return Outcome(status=Status.QUEUED, waiter=self._waiter(answer.waiter),
                        key=answer.key, holder=self._maybe_lock(answer.holder),
                        position=answer.position, message=messages.get(answer.freeze),

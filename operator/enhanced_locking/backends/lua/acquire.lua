@@ -70,7 +70,7 @@ local function main()
   plan_serve(keys)
   local scan = head ~= '' and wait_id ~= '' and wait_ms > 0  -- superseded ones, if it waits
   local others = {}
-  for _, k in ipairs(keys) do
+  for _, k in ipairs((scan or mode == 'shared') and keys or {}) do
     for lv = 0, 3 do
       for _, member in ipairs(redis.call('ZRANGE', queue_name(k, lv), 0, -1)) do
         local id = string.sub(member, 18)
