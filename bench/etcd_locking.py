@@ -104,6 +104,7 @@ class Ours:
         if self.config.backend == "etcd":
             backend = EtcdBackend.from_config(self.config, "enhanced")
             events = EtcdEventBus.from_config(self.config)
+            backend.carry(events)  # as the service wires them
         else:
             backend = RedisBackend.from_config(self.config, "enhanced")
             events = RedisEventBus.from_config(self.config)

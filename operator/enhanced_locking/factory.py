@@ -236,6 +236,9 @@ class LockService:
                 self._watch_unreadable("enhanced", self.enhanced.backend)
             await backend.close()
             raise
+        if (isinstance(backend, EtcdBackend) and isinstance(self.events, EtcdEventBus)
+                and backend.connection.settings == self.events.connection.settings):
+            backend.carry(self.events)  # the events ride in the lock steps' transactions
         previous = self.enhanced
         self.enhanced = EnhancedLocker(
             backend,

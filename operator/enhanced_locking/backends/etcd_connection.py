@@ -18,7 +18,7 @@ import socket
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import etcd3aio
 import grpc
@@ -26,7 +26,7 @@ import grpc
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.types import BackendUnavailable
 
-__all__ = ["CALL_TIMEOUT", "EtcdConnection", "EtcdSettings", "unavailable"]
+__all__ = ["CALL_TIMEOUT", "EtcdConnection", "EtcdSettings", "Passenger", "unavailable"]
 
 CALL_TIMEOUT = 5.0
 """Seconds one call may take, retries included (an election takes about one second)."""
@@ -59,6 +59,20 @@ class EtcdSettings:
     @property
     def where(self) -> str:
         return ",".join(self.endpoints)
+
+
+class Passenger(Protocol):
+    """A write behind (the events' outbox) that can ride in a transaction the store sends
+    anyway, instead of costing a consensus write of its own (``EtcdBackend.carry``)."""
+
+    def board(self) -> tuple[bytes, bytes] | None:
+        """The key and value to put in the transaction about to be sent, or ``None``."""
+        ...
+
+    def landed(self, *, written: bool) -> None:
+        """Once per boarding: whether that transaction was applied (``False`` also when its
+        answer was lost: the write is made again, as its own lost write would be)."""
+        ...
 
 
 def _resolve(endpoints: Sequence[str]) -> tuple[list[str], str | None]:

@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 _BATCH = 200  # events per put: far below etcd's request size limit
 _LOOKBACK = 100_000
 _DOWN = (etcd3aio.EtcdError, grpc.RpcError, OSError, TimeoutError)
+_RIDE = 50  # events riding in one lock transaction: keeps the transaction small
 _LAST_INDEX = _BATCH  # above every index in a write: "after all of revision r"
 _BATCH_JSON: TypeAdapter[list[Event]] = TypeAdapter(list[Event])
 
@@ -157,6 +158,17 @@ class EtcdEventBus(SharedEventBus):
         assert client.kv is not None
         answer = await client.kv.get(self.key, timeout=CALL_TIMEOUT, count_only=True)
         return int(answer.header.revision)
+
+    # --- riding in the store's transactions (``etcd_connection.Passenger``) ------------------
+    def board(self) -> tuple[bytes, bytes] | None:
+        """The outbox's oldest events, to ride in a lock step's transaction: a replica busy
+        locking writes its events in the transactions it sends anyway (no consensus write of
+        their own); the outbox writes what no transaction took within ``coalesce``."""
+        batch = self._outbox.lend(_RIDE)
+        return (self.key, _BATCH_JSON.dump_json(batch)) if batch else None
+
+    def landed(self, *, written: bool) -> None:
+        self._outbox.repaid(written=written)
 
     def _take(self, revision: int, value: bytes) -> None:
         try:

@@ -84,6 +84,7 @@ from enhanced_locking.backends.etcd_connection import (
     CALL_TIMEOUT,
     EtcdConnection,
     EtcdSettings,
+    Passenger,
     unavailable,
 )
 from enhanced_locking.backends.unreadable import UnreadableLocks
@@ -494,6 +495,8 @@ class EtcdBackend(StoreBackend):
         """Leases of locks with a TTL, by the second they end (see ``_lease_for``)."""
         self._lease_ends: dict[int, int] = {}
         """The same leases' ends, by lease."""
+        self._passengers: list[Passenger] = []
+        """Writes behind that ride in this store's commits (see ``carry``)."""
 
     @classmethod
     def from_config(cls, config: EnhancedLockingConfig, namespace: str) -> EtcdBackend:
@@ -502,6 +505,12 @@ class EtcdBackend(StoreBackend):
 
     def __repr__(self) -> str:
         return f"EtcdBackend({self.connection.where}, namespace={self.namespace!r})"
+
+    def carry(self, passenger: Passenger) -> None:
+        """Let ``passenger``'s writes (the events' outbox, on the same cluster) ride in this
+        store's commits: one consensus write for the lock step and the events before it."""
+        if passenger not in self._passengers:
+            self._passengers.append(passenger)
 
     # --- key names ---------------------------------------------------------------------------
     def _quoted(self, key: str) -> bytes:
@@ -901,20 +910,32 @@ class EtcdBackend(StoreBackend):
             guards.extend(_mod_is(k, kv.mod) for k, kv in kvs.items())
         ops = [_put_op(k, v[0], v[1]) if v is not None else _delete_op(k)
                for k, v in writes.items()]
+        riding = []
+        if writes:
+            for passenger in self._passengers:
+                ride = passenger.board()
+                if ride is not None:
+                    riding.append(passenger)
+                    ops.append(_put_op(ride[0], ride[1], 0))
         ordered_keys, ordered_prefixes, reads = self._read_ops(read.keys, read.ranges)
         assert client.kv is not None
         self.round_trips += 1
+        succeeded = False
         try:
             async with unavailable(self.connection, "write", key=key):
                 answer = await client.kv.txn(guards, ops, reads, timeout=CALL_TIMEOUT,
                                              max_attempts=1)
+            succeeded = bool(answer.succeeded)
         except BackendUnavailable as error:
             if "lease not found" in str(error):
                 # A waiter's replica went away meanwhile, or a lock's lease ended: read again.
                 self._forget_leases(leases or set())
                 return None, None
             raise
-        if answer.succeeded:
+        finally:
+            for passenger in riding:
+                passenger.landed(written=succeeded)
+        if succeeded:
             return int(answer.header.revision), None
         return None, self._parse_reads(ordered_keys, ordered_prefixes, answer)
 

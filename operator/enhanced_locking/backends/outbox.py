@@ -5,6 +5,10 @@ appended, in the middle of a lock operation). The task waits ``coalesce`` second
 first item so that a burst shares one write, writes at most ``batch_limit`` items at a time,
 and retries with a doubling backoff while the store is away. The outbox keeps up to
 ``capacity`` items; older ones are dropped and counted in :attr:`Outbox.dropped`.
+
+A write the store makes anyway can carry the oldest items instead (:meth:`Outbox.lend`, then
+:meth:`Outbox.repaid`): they stay in the outbox, and the task leaves them alone, until that
+write says whether it was made.
 """
 
 from __future__ import annotations
@@ -44,6 +48,10 @@ class Outbox(Generic[T]):
         self._pending = asyncio.Event()
         self._drained = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._writing = False
+        self._lent = 0
+        self._back = asyncio.Event()
+        self._back.set()
         self.dropped = 0
         """Items lost because the store stayed away longer than the outbox could hold them."""
 
@@ -54,6 +62,7 @@ class Outbox(Generic[T]):
         if len(self._items) >= self.capacity:
             self._items.popleft()
             self.dropped += 1
+            self._lent = max(0, self._lent - 1)  # the oldest goes first, lent or not
         self._items.append(item)
         self._pending.set()
         self._drained.clear()
@@ -68,7 +77,11 @@ class Outbox(Generic[T]):
             await asyncio.sleep(self.coalesce)
             self._pending.clear()
             while self._items:
+                if self._lent:  # another write carries the oldest: see what became of them
+                    await self._back.wait()
+                    continue
                 batch = list(itertools.islice(self._items, self.batch_limit))
+                self._writing = True
                 try:
                     await self._write(batch)
                 except self._down as error:
@@ -80,7 +93,32 @@ class Outbox(Generic[T]):
                     backoff = RETRY_FIRST
                     for _ in batch:
                         self._items.popleft()
+                finally:
+                    self._writing = False
             self._drained.set()
+
+    def lend(self, limit: int | None = None) -> list[T]:
+        """The oldest items (up to ``limit`` and ``batch_limit``), for a write the caller
+        makes now; none while the task or an earlier borrower is writing. They stay here
+        until :meth:`repaid` says whether they were written."""
+        if self._writing or self._lent or not self._items:
+            return []
+        limits = [n for n in (limit, self.batch_limit) if n is not None]
+        batch = list(itertools.islice(self._items, min(limits) if limits else None))
+        self._lent = len(batch)
+        self._back.clear()
+        return batch
+
+    def repaid(self, *, written: bool) -> None:
+        """What :meth:`lend` gave out was written (they leave), or not (they stay, in order,
+        for the next write)."""
+        count, self._lent = self._lent, 0
+        if written:
+            for _ in range(min(count, len(self._items))):
+                self._items.popleft()
+            if not self._items:
+                self._drained.set()
+        self._back.set()
 
     async def drained(self, seconds: float) -> None:
         """Until every item put so far is written (or ``seconds`` have passed)."""

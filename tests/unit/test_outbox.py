@@ -1,0 +1,61 @@
+"""The write-behind outbox: a write the store makes anyway can carry its oldest items."""
+
+from __future__ import annotations
+
+import asyncio
+
+from enhanced_locking.backends.outbox import Outbox
+
+
+class Store:
+    def __init__(self) -> None:
+        self.written: list[list[int]] = []
+
+    async def write(self, batch: list[int]) -> None:
+        self.written.append(batch)
+
+
+def outbox(store: Store, **extra: int) -> Outbox[int]:
+    return Outbox[int](store.write, what="items", task_name="outbox-test", down=(OSError,),
+                       capacity=extra.get("capacity", 100), coalesce=0.01,
+                       batch_limit=extra.get("batch_limit"))
+
+
+async def test_items_carried_by_another_write_are_not_written_again() -> None:
+    store = Store()
+    box = outbox(store)
+    for item in (1, 2, 3):
+        box.put(item)
+    assert box.lend() == [1, 2, 3]
+    assert box.lend() == []  # one borrower at a time
+    box.put(4)
+    await asyncio.sleep(0.05)  # the task's moment has passed: it waits for the borrower
+    assert store.written == []
+    box.repaid(written=True)
+    await box.drained(1.0)
+    assert store.written == [[4]] and len(box) == 0
+
+
+async def test_items_a_refused_write_carried_are_written_in_order_by_the_task() -> None:
+    store = Store()
+    box = outbox(store)
+    box.put(1)
+    box.put(2)
+    assert box.lend(limit=1) == [1]
+    box.put(3)
+    box.repaid(written=False)
+    await box.drained(1.0)
+    assert [item for batch in store.written for item in batch] == [1, 2, 3]
+
+
+async def test_an_item_dropped_while_lent_is_not_counted_twice() -> None:
+    store = Store()
+    box = outbox(store, capacity=2)
+    box.put(1)
+    box.put(2)
+    assert box.lend() == [1, 2]
+    box.put(3)  # full: 1 is dropped
+    box.repaid(written=True)  # 1 and 2 were written: only 2 is left to take out
+    await box.drained(1.0)
+    assert [item for batch in store.written for item in batch] == [3]
+    assert box.dropped == 1
