@@ -240,10 +240,14 @@ async def test_a_release_costs_no_other_step_and_a_lock_etcd_ends_is_served(
     # etcd deletes the lock at its lease's end.
     short = await grant(a, want(2), ttl=timedelta(seconds=1))
     await a.close()
+    # Without waiters b does not follow lock deletions (it has nobody to serve); its waiter's
+    # enqueue starts the watch from the revision that queued it.
+    assert b._deletions is None
     wait = offer(20)
     told = b.grants.expect(wait.id)
     queued = await b.acquire_or_enqueue(want(3), ttl=None, wait=wait, policy=POLICY)
     assert queued.status is Status.QUEUED, queued
+    assert b._deletions is not None
     notice = await asyncio.wait_for(told, 10)
     assert notice.locks and notice.locks[0].pull.num == 3
     assert notice.locks[0].fencing_token > short.fencing_token

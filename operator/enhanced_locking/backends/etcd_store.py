@@ -116,6 +116,9 @@ T = TypeVar("T")
 
 SESSION_TTL = 10
 """Seconds a replica's waiters outlive it (its session lease, renewed every third of it)."""
+DELETIONS_LINGER = 5.0
+"""Seconds between checks whether this replica still has waiters (``_watch_deletions``):
+a replica whose waiters come and go keeps its watch."""
 
 _ATTEMPTS = 200
 _EQUAL, _LESS, _MOD = Compare.EQUAL, Compare.LESS, Compare.MOD
@@ -469,6 +472,7 @@ class EtcdBackend(StoreBackend):
         self._session: asyncio.Task[None] | None = None
         self._session_ready: asyncio.Lock = asyncio.Lock()
         self._watch: asyncio.Task[None] | None = None
+        self._deletions: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._telling: set[str] = set()
         self.in_flight = 0
@@ -1083,25 +1087,53 @@ class EtcdBackend(StoreBackend):
                 return
 
     async def _follow(self, client: etcd3aio.Etcd3Client, start: int) -> None:
-        """Notices for this replica's waiters, and leased locks deleted by etcd (served)."""
+        """Notices for this replica's waiters."""
         notices = self.base + b"notice/"
-        locks = self.base + b"lock/"
 
         def heard(key: bytes, kv: _KV, prev: _KV) -> None:
             self._heard(key[len(notices):].decode(), kv)
 
+        await self._watch_prefix(client, notices, start, heard, etcd3aio.WatchFilter.NODELETE)
+
+    def _watch_deletions(self, start: int) -> None:
+        """Follow lock deletions from revision ``start`` (the revision that queued a waiter
+        here, or an older one) for as long as this replica has waiters.
+
+        Only a leased lock can be deleted by etcd itself, once its lease ended (the replica
+        that granted it is gone, or it would have expired the lock first); the key's waiters
+        are then served by a replica that sees the delete. Every waiter's own replica watches
+        from before it was queued, so each waiting key is served; a replica without waiters
+        has nobody to serve, and does not hear every release of the cluster (a watch event,
+        with the released lock, per release)."""
+        if self._deletions is None or self._deletions.done():
+            self._deletions = asyncio.create_task(self._follow_deletions(start),
+                                                  name="etcd-lock-deletions")
+
+    async def _follow_deletions(self, start: int) -> None:
+        locks = self.base + b"lock/"
+
         def deleted(key: bytes, kv: _KV, prev: _KV) -> None:
-            # Only a leased lock can be deleted by etcd itself, and only once its lease ended,
-            # a second or more after the lock did. A lock deleted while it still had time left
-            # was released by a replica, whose step served the key: serving it again here was
-            # one more transaction per release on every replica, racing the next acquire.
+            # A lock deleted while it still had time left was released by a replica, whose
+            # step served the key: serving it again here was one more transaction per release
+            # on every replica, racing the next acquire.
             if prev.lease and self._lapsed(prev):
                 self._spawn(self._serve(unquote(key[len(locks):].decode())))
 
-        await asyncio.gather(
-            self._watch_prefix(client, notices, start, heard, etcd3aio.WatchFilter.NODELETE),
-            self._watch_prefix(client, locks, start, deleted, etcd3aio.WatchFilter.NOPUT),
-        )
+        client = await self.connection.client()
+        watch = asyncio.ensure_future(self._watch_prefix(
+            client, locks, start, deleted, etcd3aio.WatchFilter.NOPUT))
+        try:
+            while True:
+                await asyncio.sleep(DELETIONS_LINGER)
+                if not self._notifier.local.pending():
+                    # Nobody waits here: stop now (a waiter queued from here on starts a
+                    # new watch from its own revision).
+                    self._deletions = None
+                    return
+        finally:
+            watch.cancel()
+            with contextlib.suppress(BaseException):
+                await watch
 
     async def _watch_prefix(self, client: etcd3aio.Etcd3Client, prefix: bytes, start: int,
                             handle: Callable[[bytes, _KV, _KV], None],
@@ -1235,14 +1267,14 @@ class EtcdBackend(StoreBackend):
         """Tell this replica's waiters the store is going away, end the session, disconnect."""
         for waiter_id in self._notifier.local.pending():
             self._notifier.deliver(waiter_id, Notice(reason=Reason.UNAVAILABLE))
-        for task in (self._session, self._watch, *self._tasks):
+        for task in (self._session, self._watch, self._deletions, *self._tasks):
             if task is not None:
                 task.cancel()
-        for task in (self._session, self._watch, *list(self._tasks)):
+        for task in (self._session, self._watch, self._deletions, *list(self._tasks)):
             if task is not None:
                 with contextlib.suppress(BaseException):
                     await task
-        self._session = self._watch = None
+        self._session = self._watch = self._deletions = None
         if self.session_lease:
             lease, self.session_lease = self.session_lease, 0
             with contextlib.suppress(Exception):
@@ -1265,6 +1297,9 @@ class EtcdBackend(StoreBackend):
             key=candidates[0].key if candidates else None, guess=True)
         if outcome.status is Status.GRANTED:
             self._refuse_if_late(outcome.locks)
+        elif outcome.status is Status.QUEUED and outcome.waiter is not None:
+            seq = outcome.waiter.seq  # the revision that queued it
+            self._watch_deletions(seq if seq < _PENDING_SEQ else 0)
         return outcome
 
     async def acquire_or_enqueue(self, candidate: Lock, *, ttl: timedelta | None, wait: Any,
