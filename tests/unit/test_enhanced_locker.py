@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from tests.support.backends import BackendFactory
+from tests.support.leases import Overrun, past, until, with_leases
 from tests.support.locks import request_for
 from tests.support.queues import LockerRig, rig_for, settle
 
@@ -21,6 +22,7 @@ from enhanced_locking.types import (
     BatchItem,
     BatchLockRequest,
     InvalidRequest,
+    LockNotHeld,
     LockRequest,
     Priority,
     Pull,
@@ -150,25 +152,51 @@ async def test_a_grant_that_reaches_a_caller_gone_meanwhile_is_given_back(
 async def test_a_lease_that_runs_out_frees_the_lock_and_wakes_the_queue(
     make: Callable[..., LockerRig],
 ) -> None:
-    rig = make()
-    short = await rig.locker.acquire(ask(1, ttl=timedelta(milliseconds=60)))
-    assert short.lock is not None and short.lock.expires_at is not None
-    answer = await asyncio.wait_for(rig.locker.acquire(ask(2, wait=10 * S)), 5)
-    assert answer.acquired and answer.lock is not None and answer.lock.pull.num == 2
-    assert "expired" in rig.types()
-    assert count(rig, "enhanced_locking_lease_expirations_total") == 1
+    async def case(lease: timedelta) -> None:
+        rig = make()
+        path = f"envs/lease-{lease // timedelta(milliseconds=1)}"
+        short = await rig.locker.acquire(ask(1, path=path, ttl=lease))
+        assert short.lock is not None and short.lock.expires_at is not None
+        # Woken within 5 s of the lease's end.
+        answer = await asyncio.wait_for(rig.locker.acquire(ask(2, path=path, wait=10 * S)),
+                                        lease.total_seconds() + 5)
+        assert answer.acquired and answer.lock is not None and answer.lock.pull.num == 2
+        if "queued" not in rig.types():
+            # Pull 2 reached the store after the lease had ended and found the key free, so
+            # there was no queue to wake: only if the store stamped its grant after that end.
+            assert answer.lock.acquired_at >= short.lock.expires_at, "granted over a lease"
+            raise Overrun
+        assert rig.types() == ["acquired", "queued", "expired", "granted-from-queue"]
+        assert count(rig, "enhanced_locking_lease_expirations_total") == 1
+
+    await with_leases(case)
 
 
 async def test_the_default_lease_comes_from_lock_ttl_and_a_refresh_extends_it(
     make: Callable[..., LockerRig],
 ) -> None:
-    rig = make(lock_ttl=timedelta(milliseconds=80))
-    granted = await rig.locker.acquire(ask(1))
-    assert granted.lock is not None and granted.lock.expires_at is not None
-    refreshed = await rig.locker.refresh(ask(1).key, owner=("acme/infra", 1), ttl=60 * S)
-    assert refreshed.expires_at is not None and refreshed.expires_at > granted.lock.expires_at
-    await asyncio.sleep(0.15)
-    assert await rig.locker.get(ask(1).key) == refreshed
+    async def case(lease: timedelta) -> None:
+        rig = make(lock_ttl=lease)
+        mine = ask(1, path=f"envs/ttl-{lease // timedelta(milliseconds=1)}")
+        key = mine.key
+        granted = await rig.locker.acquire(mine)
+        assert granted.lock is not None and granted.lock.expires_at is not None
+        first_end = granted.lock.expires_at
+        assert first_end - granted.lock.acquired_at == lease
+        try:
+            refreshed = await rig.locker.refresh(key, owner=("acme/infra", 1), ttl=60 * S)
+        except LockNotHeld:
+            if await rig.locker.backend.now() < first_end:
+                raise  # refused while the lease was live
+            raise Overrun from None
+        assert refreshed.expires_at is not None and refreshed.expires_at > first_end
+        # The lease timer set for the first end fires after it, finds the refreshed lease and
+        # leaves it alone (set again for the new end).
+        await past(rig.locker.backend.now, first_end)
+        assert await until(lambda: rig.locker.leases.armed().get(key) == refreshed.expires_at)
+        assert await rig.locker.get(key) == refreshed
+
+    await with_leases(case)
 
 
 async def test_priority_queue_off_serves_fifo_and_on_serves_by_priority_live(

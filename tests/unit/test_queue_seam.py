@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 import pytest
 from tests.support.backends import BACKEND_KINDS, BackendFactory
+from tests.support.leases import Overrun, past, with_leases
 from tests.support.locks import lock_for, request_for
 from tests.support.queues import QUEUE_BACKEND_KINDS
 
@@ -193,20 +194,11 @@ async def test_cancel_after_the_grant_won_the_race_returns_the_granted_lock(
     assert [lock.pull.num for lock in cancelled.granted] == [2]
 
 
-async def past(backend: QueueBackend, moment: datetime) -> None:
-    """Return once the store's own clock (which decides leases and deadlines) is past
-    ``moment``: a fixed sleep is too short on a busy machine, where the steps before it took
-    longer than the lease or deadline they were meant to happen within."""
-    for _ in range(1000):
-        if await backend.now() > moment:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"the store's clock never passed {moment}")
-
-
 SHORT = timedelta(seconds=1)
-"""A lease or deadline that the steps before it fit in even on a busy machine; the tests then
-wait for the store's clock to pass it (``past``) rather than sleeping a fixed time."""
+"""A deadline the test then waits for the store's clock to pass (``past``) rather than
+sleeping a fixed time. The steps before it need not fit in it: a waiter past its deadline is
+still listed until a hand-off drops it. Leases, whose end a test's own step must beat, use
+``with_leases``."""
 
 
 async def test_a_waiter_past_its_deadline_is_dropped_not_granted(backend: QueueBackend) -> None:
@@ -214,7 +206,7 @@ async def test_a_waiter_past_its_deadline_is_dropped_not_granted(backend: QueueB
     late_id, late, _ = await queue_up(backend, want(2), patience=SHORT)
     _, punctual, _ = await queue_up(backend, want(3))
     deadline = next(w.deadline for w in await backend.queue(held.key) if w.id == late_id)
-    await past(backend, deadline)
+    await past(backend.now, deadline)
     handoff = await backend.release_and_handoff(held.key, policy=FIFO)
     assert [w.owner[1] for w in handoff.timed_out] == [2]
     assert (await asyncio.wait_for(late, 5)).reason is Reason.TIMEOUT
@@ -222,29 +214,51 @@ async def test_a_waiter_past_its_deadline_is_dropped_not_granted(backend: QueueB
 
 
 async def test_expire_frees_a_lapsed_lease_and_serves_the_queue(backend: QueueBackend) -> None:
-    short = await backend.acquire_or_enqueue(want(1), ttl=SHORT, wait=None, policy=FIFO)
-    key = short.locks[0].key
-    _, future, _ = await queue_up(backend, want(2))
-    early = await backend.expire(key, policy=FIFO)
-    assert early.released is None and not future.done(), "a live lease is left alone"
-    expires_at = short.locks[0].expires_at
-    assert expires_at is not None
-    await past(backend, expires_at)
-    handoff = await backend.expire(key, policy=FIFO)
-    assert handoff.released is not None and handoff.released.pull.num == 1
-    assert (await asyncio.wait_for(future, 5)).locks[0].pull.num == 2
+    async def case(lease: timedelta) -> None:
+        path = f"lease-{lease // timedelta(milliseconds=1)}"
+        short = await backend.acquire_or_enqueue(want(1, path=path), ttl=lease, wait=None,
+                                                 policy=FIFO)
+        key, expires_at = short.locks[0].key, short.locks[0].expires_at
+        assert expires_at is not None
+        wait = offer()
+        future = backend.grants.expect(wait.id)
+        queued = await backend.acquire_or_enqueue(want(2, path=path), ttl=None, wait=wait,
+                                                  policy=FIFO)
+        if queued.status is Status.GRANTED:  # it came after the lease's end, by the store
+            assert queued.locks[0].acquired_at >= expires_at, "granted over a live lease"
+            raise Overrun
+        assert queued.status is Status.QUEUED, queued
+        early = await backend.expire(key, policy=FIFO)
+        if early.released is not None:  # only if the lease had ended by then
+            assert await backend.now() >= expires_at, "a live lease is left alone"
+            raise Overrun
+        assert not future.done(), "a live lease is left alone"
+        await past(backend.now, expires_at)
+        handoff = await backend.expire(key, policy=FIFO)
+        assert handoff.released is not None and handoff.released.pull.num == 1
+        assert (await asyncio.wait_for(future, 5)).locks[0].pull.num == 2
+
+    await with_leases(case)
 
 
 async def test_a_refreshed_lease_does_not_expire(backend: QueueBackend) -> None:
-    lock = (await backend.acquire_or_enqueue(want(1), ttl=SHORT, wait=None,
-                                             policy=FIFO)).locks[0]
-    refreshed = await backend.refresh(lock.key, ("acme/infra", 1), timedelta(minutes=5))
-    assert lock.expires_at is not None
-    await past(backend, lock.expires_at)
-    assert (await backend.expire(lock.key)).released is None
-    assert await backend.get(lock.key) == refreshed
-    with pytest.raises(LockNotOwned):
-        await backend.refresh(lock.key, ("acme/infra", 2), timedelta(minutes=5))
+    async def case(lease: timedelta) -> None:
+        path = f"refresh-{lease // timedelta(milliseconds=1)}"
+        lock = (await backend.acquire_or_enqueue(want(1, path=path), ttl=lease, wait=None,
+                                                 policy=FIFO)).locks[0]
+        assert lock.expires_at is not None
+        try:
+            refreshed = await backend.refresh(lock.key, ("acme/infra", 1), timedelta(minutes=5))
+        except LockNotHeld:  # only if the lease had ended by then
+            assert await backend.now() >= lock.expires_at, "refused while the lease was live"
+            raise Overrun from None
+        await past(backend.now, lock.expires_at)
+        assert (await backend.expire(lock.key)).released is None
+        assert await backend.get(lock.key) == refreshed
+        with pytest.raises(LockNotOwned):
+            await backend.refresh(lock.key, ("acme/infra", 2), timedelta(minutes=5))
+
+    await with_leases(case)
 
 
 async def test_a_refresh_of_a_free_key_says_not_held_with_the_key(backend: QueueBackend) -> None:
