@@ -8,7 +8,10 @@ is ``<revision>-<index>`` (its write's revision and its place in that write), th
 other buses use, so ``Last-Event-ID`` resumes on any replica: the watch starts at a revision.
 
 * ``publish`` is the shared one (:mod:`~enhanced_locking.backends.shared_events`): the outbox
-  is written up to 10 ms later (``coalesce``), the events of those 10 ms in one put.
+  is written up to 10 ms later (``coalesce``), the events of those 10 ms in one put. On a
+  replica whose locks are in the same etcd, the events ride in the next lock step's
+  transaction instead (``board``/``landed``, see ``EtcdBackend.carry``): a busy replica makes
+  no consensus write of its own for them; the outbox writes only what no step took.
 * Once someone follows the events (an SSE client), one watch per replica reads the key's
   history into the in-process ring the SSE stream serves from: first the writes of the last
   ``lookback`` revisions (at most ``capacity`` events are kept), then live. A client whose
