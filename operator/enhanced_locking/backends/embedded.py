@@ -71,8 +71,8 @@ FLOOR_AHEAD = 1000
 
 The floor must be at least every token the file handed out (a lost row then starts above them
 all), not equal to the highest: a floor that followed every token wrote a second table, and so
-a second page of the write-ahead log, on every grant (about a sixth of the two statements of
-an acquire and its release). Kept ahead, it is written once every ``FLOOR_AHEAD`` grants of the
+a second page of the write-ahead log, on every grant (about 15 % of the two statements of an
+acquire and its release). Kept ahead, it is written once every ``FLOOR_AHEAD`` grants of the
 busiest key. What a user sees: a key first taken after the file is reopened starts at the floor
 plus one, up to ``FLOOR_AHEAD`` above the highest token handed out (tokens promise to rise per
 key, nothing about their gaps); a key's own tokens still rise by one."""
