@@ -1119,7 +1119,12 @@ class EtcdBackend(StoreBackend):
             if prev.lease and self._lapsed(prev):
                 self._spawn(self._serve(unquote(key[len(locks):].decode())))
 
-        client = await self.connection.client()
+        while True:
+            try:
+                client = await self.connection.client()
+                break
+            except BackendUnavailable:  # etcd is away: the watch starts once it is back
+                await asyncio.sleep(0.2)
         watch = asyncio.ensure_future(self._watch_prefix(
             client, locks, start, deleted, etcd3aio.WatchFilter.NOPUT))
         try:
