@@ -204,7 +204,8 @@ class HotKey:
     enqueue_seconds: float
     calls_per_enqueue: float
     reads_per_enqueue: float
-    """Of those, read-only calls: the locker reads the queue and its holders once queued."""
+    """Of those, read-only calls (none since the enqueue's answer carries what the queued
+    event shows; a retry after another replica's write may read)."""
     conflicts: int
     seconds_per_handoff: float
 
