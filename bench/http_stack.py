@@ -21,7 +21,12 @@ SQL per pair: the statements and transactions a lock pair runs against the store
 on every SQLite connection of the product app served in this process, with 1 and 32
 concurrent clients.
 
+Where a hand-off's time goes (``--steps N``): the product served with timestamps at the steps
+of a hand-off (the release reaching the app, the waiter's grant, each audit commit, each
+answer leaving), p50 of each from the release leaving the client; printed, not written.
+
 Usage: python bench/http_stack.py [--pairs 1500] [--rounds 3] [--handoffs 200] [--no-write]
+       python bench/http_stack.py --steps 200
 """
 
 from __future__ import annotations
@@ -89,8 +94,11 @@ def serve(kind: str, port: int, loop: str, http: str, data_dir: str) -> None:
     from enhanced_locking.config import EnhancedLockingConfig
 
     config = EnhancedLockingConfig(enabled=True, data_dir=data_dir)
+    app: Any
     if kind == "noop":
         app = noop_app()
+    elif kind == "traced":
+        app = traced_app(config, Path(data_dir) / "steps.json")
     else:
         from enhanced_locking.api.app import create_app
         from enhanced_locking.factory import LockService
@@ -100,6 +108,107 @@ def serve(kind: str, port: int, loop: str, http: str, data_dir: str) -> None:
     protocol: Any = server_limits.guarded_protocol(config) if http == "httptools" else http
     uvicorn.run(app, host=LOOPBACK, port=port, log_level="warning", loop=loop, http=protocol,
                 lifespan="on")
+
+
+# --- where a hand-off's time goes (run as ``--serve traced``) ---------------------------------
+
+Step = tuple[str, float]
+"""A step of a request and when it happened (``time.perf_counter``, one clock for the
+processes of one machine)."""
+
+
+def traced_app(config: Any, steps_file: Path) -> Any:
+    """The product app, stamping the steps of a hand-off: a request reaching the app, the
+    waiter's grant delivered, an audit row committed, an answer leaving; the steps are written
+    to ``steps_file`` when the server shuts down."""
+    from enhanced_locking.api.app import create_app
+    from enhanced_locking.api.audit import AuditTrail
+    from enhanced_locking.backends.audit_store import AuditQuery, build_audit_store
+    from enhanced_locking.factory import LockService
+    from enhanced_locking.provider import ConfigProvider
+    from enhanced_locking.types import AuditEntry
+
+    steps: list[Step] = []
+
+    class StampedAudit:
+        def __init__(self, store: Any) -> None:
+            self.store = store
+
+        async def append(self, entry: AuditEntry) -> AuditEntry:
+            written: AuditEntry = await self.store.append(entry)
+            steps.append((f"{entry.action} audited", time.perf_counter()))
+            return written
+
+        async def read(self, query: AuditQuery) -> list[AuditEntry]:
+            found: list[AuditEntry] = await self.store.read(query)
+            return found
+
+        async def close(self) -> None:
+            await self.store.close()
+
+    service = LockService(ConfigProvider(config))
+    app = create_app(service, audit=AuditTrail(StampedAudit(build_audit_store(config)),
+                                                stdout=lambda: False))
+
+    async def stamped(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            async def finish(message: Any) -> None:
+                if message["type"] == "lifespan.startup.complete":
+                    enhanced = service.enhanced
+                    assert enhanced is not None
+                    grants = enhanced.backend.grants
+                    deliver = grants.deliver
+
+                    def delivered(waiter_id: str, notice: Any) -> None:
+                        steps.append(("grant delivered", time.perf_counter()))
+                        deliver(waiter_id, notice)
+
+                    grants.deliver = delivered  # type: ignore[method-assign]
+                if message["type"] == "lifespan.shutdown.complete":
+                    await asyncio.to_thread(steps_file.write_text, json.dumps(steps))
+                await send(message)
+            await app(scope, receive, finish)
+            return
+        method = scope.get("method", "")
+        steps.append((f"{method} in", time.perf_counter()))
+
+        async def answered(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                steps.append((f"{method} answered", time.perf_counter()))
+            await send(message)
+
+        await app(scope, receive, answered)
+
+    return stamped
+
+
+HANDOFF_STEPS = (
+    ("DELETE in", "the release reaches the app"),
+    ("grant delivered", "the release on both sides, until the waiter is granted"),
+    ("release audited", "the release's audit row committed"),
+    ("DELETE answered", "the release's answer leaves"),
+    ("acquire audited", "the waiter's audit row committed"),
+    ("POST answered", "the waiter's answer leaves"),
+)
+
+
+def handoff_steps(work: Path, count: int) -> list[tuple[str, float]]:
+    """The p50 of each step of ``count`` hand-offs, in seconds from the release leaving the
+    client, and of the waiter's answer arriving."""
+    with server("traced", "asyncio", "httptools", work) as traced:
+        asyncio.run(handoffs(traced, 20))  # warm up
+        started: list[float] = []
+        latencies = asyncio.run(handoffs(traced, count, started=started))
+    steps = json.loads((work / "traced-asyncio-httptools" / "steps.json").read_text())
+    found: dict[str, list[float]] = {}
+    for begin, took in zip(started, latencies, strict=True):
+        seen: set[str] = set()
+        for name, at in steps:
+            if begin <= at <= begin + took and name not in seen:
+                seen.add(name)
+                found.setdefault(name, []).append(at - begin)
+    return [*((label, percentile(found[name], 0.5)) for name, label in HANDOFF_STEPS
+              if name in found), ("the client has the waiter's answer", percentile(latencies, 0.5))]
 
 
 @dataclass(frozen=True)
@@ -231,7 +340,8 @@ async def pairs_per_second(kind: str, served: Served, clients: int, pairs: int) 
     return Block(each * clients / elapsed, cpu / (each * clients))
 
 
-async def handoffs(served: Served, count: int) -> list[float]:
+async def handoffs(served: Served, count: int,
+                   started: list[float] | None = None) -> list[float]:
     holder, waiter, watcher = [await Connection.open(served.port) for _ in range(3)]
     key = "acme/bench/envs/handoff/default/"
     queue = f"GET /v1/queue?key={key} HTTP/1.1\r\nHost: {LOOPBACK}\r\n\r\n".encode()
@@ -242,10 +352,12 @@ async def handoffs(served: Served, count: int) -> list[float]:
         waiter.writer.write(post("/v1/locks", lock_body("envs/handoff", 2 * i + 2, wait="10s")))
         while not json.loads((await watcher.call(queue))[1])["waiters"]:  # noqa: ASYNC110
             await asyncio.sleep(0.0005)
-        started = time.perf_counter()
+        begin = time.perf_counter()
         holder.writer.write(delete(f"/v1/locks/by-key?key={key}&pull={2 * i + 1}"))
         status, body = await waiter.answer()
-        latencies.append(time.perf_counter() - started)
+        latencies.append(time.perf_counter() - begin)
+        if started is not None:
+            started.append(begin)
         assert status == 200, body
         assert (await holder.answer())[0] == 200
         assert (await holder.call(delete(f"/v1/locks/by-key?key={key}&pull={2 * i + 2}")))[0] \
@@ -410,7 +522,10 @@ def main() -> None:
     parser.add_argument("--handoffs", type=int, default=200)
     parser.add_argument("--stacks", default="all", help="all, or e.g. uvloop-h11,asyncio-h11")
     parser.add_argument("--no-write", action="store_true")
-    parser.add_argument("--serve", choices=("noop", "product"), help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, metavar="N",
+                        help="only trace N hand-offs on the service's stack and print the p50 "
+                             "of each step (where a hand-off's time goes)")
+    parser.add_argument("--serve", choices=("noop", "product", "traced"), help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--loop", default="asyncio", help=argparse.SUPPRESS)
     parser.add_argument("--http", default="h11", help=argparse.SUPPRESS)
@@ -419,6 +534,15 @@ def main() -> None:
     args = parser.parse_args()
     if args.serve:
         serve(args.serve, args.port, args.loop, args.http, args.data_dir)
+        return
+    if args.steps:
+        with tempfile.TemporaryDirectory() as tmp:
+            found = handoff_steps(Path(tmp), args.steps)
+        print(f"{args.steps} hand-offs, asyncio + httptools, load average "
+              f"{os.getloadavg()[0]:.1f}\n\n| step (from the release leaving the client) "
+              "| p50 ms |\n|---|---:|")
+        for label, seconds in found:
+            print(f"| {label} | {seconds * 1000:.2f} |")
         return
     stacks = STACKS if args.stacks == "all" else tuple(
         tuple(name.split("-")) for name in args.stacks.split(","))
