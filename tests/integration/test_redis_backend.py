@@ -17,6 +17,7 @@ import redis
 import redis.asyncio as aioredis
 from redis.crc import key_slot
 from redis.exceptions import DataError
+from tests.support.leases import Overrun, past, with_leases
 from tests.support.locks import lock_for, request_for
 from tests.support.redis_fixtures import redis_config
 from tests.support.redis_server import RedisServer
@@ -65,20 +66,28 @@ async def test_a_grant_is_a_hash_of_atlantis_json_under_the_prefix_with_a_hash_t
     assert all(name.startswith(b"team-a:") for name in names)
 
 
+def server_ms(admin: redis.Redis) -> int:
+    seconds, micros = admin.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
 async def test_a_lease_ends_by_the_server_clock(
     backend: RedisBackend, redis_server: RedisServer
 ) -> None:
-    _, lock = await backend.acquire(lock_for(request_for(ttl=timedelta(milliseconds=300))))
+    lease = 300
     with redis_server.client() as admin:
-        seconds, micros = admin.time()
-        pttl = admin.pttl(f"atlantis:enhanced:enhanced:lock:{{{KEY}}}")
-    server_ms = seconds * 1000 + micros // 1000
+        before = server_ms(admin)
+        _, lock = await backend.acquire(lock_for(request_for(ttl=timedelta(milliseconds=lease))))
+        after = server_ms(admin)
+        collected_at = admin.pexpiretime(f"atlantis:enhanced:enhanced:lock:{{{KEY}}}")
     assert lock.expires_at is not None
     expires_ms = int(lock.expires_at.timestamp() * 1000)
-    assert server_ms < expires_ms <= server_ms + 300
+    # Stamped by the server's clock during the call: the lease ends 300 ms after a moment
+    # between the two readings of the server's TIME around it.
+    assert before + lease <= expires_ms <= after + lease
     # Redis collects the hash a grace period later; the decision is made on the lease end.
-    assert redis_scripts.GRACE_MS < pttl <= redis_scripts.GRACE_MS + 300
-    await asyncio.sleep(0.4)
+    assert collected_at == expires_ms + redis_scripts.GRACE_MS
+    await past(backend.now, lock.expires_at)
     assert await backend.get(KEY) is None
     again, relock = await backend.acquire(lock_for(request_for(pull=2)))
     assert again and relock.fencing_token == 2
@@ -87,11 +96,19 @@ async def test_a_lease_ends_by_the_server_clock(
 async def test_refresh_restarts_the_lease_from_now_and_only_for_the_owner(
     backend: RedisBackend,
 ) -> None:
-    await backend.acquire(lock_for(request_for(pull=1, ttl=timedelta(milliseconds=300))))
-    refreshed = await backend.refresh(KEY, ("acme/infra", 1), timedelta(seconds=30))
-    assert refreshed.expires_at is not None and refreshed.fencing_token == 1
-    await asyncio.sleep(0.4)
-    assert await backend.get(KEY) is not None
+    async def case(lease: timedelta) -> None:
+        _, lock = await backend.acquire(lock_for(request_for(pull=1, ttl=lease)))
+        assert lock.expires_at is not None
+        try:
+            refreshed = await backend.refresh(KEY, ("acme/infra", 1), timedelta(seconds=30))
+        except LockNotHeld:  # only if the lease had ended by then
+            assert await backend.now() >= lock.expires_at, "refused while the lease was live"
+            raise Overrun from None
+        assert refreshed.expires_at is not None and refreshed.fencing_token == lock.fencing_token
+        await past(backend.now, lock.expires_at)
+        assert await backend.get(KEY) is not None
+
+    await with_leases(case)
     with pytest.raises(LockNotOwned):
         await backend.refresh(KEY, ("acme/infra", 2), timedelta(seconds=30))
     await backend.release(KEY)
