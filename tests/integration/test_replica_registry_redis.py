@@ -4,11 +4,12 @@ taking every key on both sides until it reports again."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
 
 import pytest
+from tests.support.leases import Overrun, past, with_leases
 from tests.support.redis_fixtures import redis_config
 from tests.support.redis_server import RedisServer
 
@@ -16,7 +17,11 @@ from enhanced_locking.backends.redis_connection import RedisConnection, connect
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.events import EventBus
 from enhanced_locking.metrics import Metrics
-from enhanced_locking.migration.routing_registry import RedisRoutingRegistry
+from enhanced_locking.migration.routing_registry import (
+    PRUNE_EXPIRIES,
+    RedisRoutingRegistry,
+    RoutingView,
+)
 from enhanced_locking.migration.transition import WeightTransitions
 from enhanced_locking.provider import ConfigProvider
 from enhanced_locking.types import Event
@@ -71,22 +76,43 @@ async def test_reports_carry_the_redis_server_time(
 async def test_a_silent_replica_is_excluded_after_the_expiry_and_pruned_later(
     connections: Connect,
 ) -> None:
-    registry = RedisRoutingRegistry(connections(), prefix="test:")
-    expiry = EnhancedLockingConfig(replica_heartbeat="20ms", replica_timeout="100ms")
-    await registry.report(replica_id="silent", weight=10, generation=1)
-    view = await registry.read(expiry=expiry.replica_expiry)
-    assert [r.replica_id for r in view.live(expiry.replica_expiry)] == ["silent"]
+    # Every age is the registry's own (its clock, read with each view); a read that came after
+    # the expiry it should have beaten (a loaded machine) runs the case again with a longer one.
+    async def case(silence: timedelta) -> None:
+        ms = silence // timedelta(milliseconds=1)
+        registry = RedisRoutingRegistry(connections(), prefix=f"test-{ms}:")
+        expiry = EnhancedLockingConfig(replica_heartbeat=f"{ms // 5}ms",
+                                       replica_timeout=f"{ms}ms").replica_expiry
+        assert expiry == silence
 
-    await asyncio.sleep(0.15)
-    await registry.report(replica_id="alive", weight=10, generation=1)
-    view = await registry.read(expiry=expiry.replica_expiry)
-    assert [r.replica_id for r in view.excluded(expiry.replica_expiry)] == ["silent"]
-    assert [r.replica_id for r in view.live(expiry.replica_expiry)] == ["alive"]
+        async def now() -> datetime:
+            view = await registry.read(expiry=expiry)
+            return datetime.fromtimestamp(view.now, UTC)
 
-    await asyncio.sleep(1.05)  # ten expiries
-    view = await registry.read(expiry=expiry.replica_expiry)
-    assert view.reports == ()
-    await registry.leave("nobody")
+        def seen(view: RoutingView, replica_id: str) -> datetime:
+            report = next(r for r in view.reports if r.replica_id == replica_id)
+            if view.age(report) > expiry.total_seconds():
+                raise Overrun  # this read came after the report's expiry
+            return datetime.fromtimestamp(report.seen, UTC)
+
+        await registry.report(replica_id="silent", weight=10, generation=1)
+        view = await registry.read(expiry=expiry)
+        silent = seen(view, "silent")
+        assert [r.replica_id for r in view.live(expiry)] == ["silent"]
+
+        await past(now, silent + expiry)
+        await registry.report(replica_id="alive", weight=10, generation=1)
+        view = await registry.read(expiry=expiry)
+        alive = seen(view, "alive")
+        assert [r.replica_id for r in view.excluded(expiry)] == ["silent"]
+        assert [r.replica_id for r in view.live(expiry)] == ["alive"]
+
+        await past(now, alive + PRUNE_EXPIRIES * expiry)  # ten expiries
+        view = await registry.read(expiry=expiry)
+        assert view.reports == ()
+        await registry.leave("nobody")
+
+    await with_leases(case)
 
 
 async def test_a_move_settles_once_every_replica_reported_it_through_redis(
