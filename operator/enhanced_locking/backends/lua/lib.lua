@@ -35,6 +35,7 @@ local INCARNATION, OP, HELD, FENCED, QUEUED, LIVENESS, SEQ
 local TOKEN_BASE = 0
 local RULES = false
 local alive = {}
+local fetched = {}
 
 local function begin(keys, args)
   KEYS, ARGV = keys, args
@@ -50,6 +51,7 @@ local function begin(keys, args)
   TOKEN_BASE = 0
   RULES = false
   alive = {}
+  fetched = {}
 end
 
 -- Whole numbers as exact text: Lua's own tostring keeps 14 digits, tokens can have 16.
@@ -209,7 +211,14 @@ local function not_a(name, wanted)
   return 'not a ' .. wanted .. ' (Redis type ' .. redis.call('TYPE', name)['ok'] .. ')'
 end
 
-local function read_lock(k)
+-- What this call has read of each key's holders, until it writes them: k -> {lock = row, or
+-- false when the hash holds none of our fields; shared = rows}. A grant reads the same key's
+-- holders several times (expire, serve, verdict, take); Redis is asked once.
+local function forget(k, part)
+  if fetched[k] then fetched[k][part] = nil end
+end
+
+local function fetch_lock(k)
   local name = lock_name(k)
   local v = redis.pcall('HMGET', name, 'data', 'token', 'at', 'exp', 'repo', 'pull',
                         'claim', 'lease', 'path', 'ws')
@@ -228,6 +237,16 @@ local function read_lock(k)
                      v[10], false})
 end
 
+local function read_lock(k)
+  local known = fetched[k]
+  if not known then
+    known = {}
+    fetched[k] = known
+  end
+  if known.lock == nil then known.lock = fetch_lock(k) or false end
+  return known.lock or nil
+end
+
 -- One shared holder's record (the JSON of its lock row), or its unreadable row.
 local function shared_row(k, field, text)
   local ok, row = pcall(cjson.decode, text)
@@ -243,8 +262,7 @@ local function shared_row(k, field, text)
   return row
 end
 
--- Every shared holder of k (lapsed ones too), oldest grant first.
-local function read_shared(k)
+local function fetch_shared(k)
   local name = shared_name(k)
   local flat = redis.pcall('HGETALL', name)
   if is_error(flat) then return {unreadable(k, '', not_a(name, 'hash'), {shared = true})} end
@@ -254,7 +272,28 @@ local function read_shared(k)
   return out
 end
 
+-- Every shared holder of k (lapsed ones too), oldest grant first (a list of the caller's own).
+local function read_shared(k)
+  local known = fetched[k]
+  if not known then
+    known = {}
+    fetched[k] = known
+  end
+  if not known.shared then known.shared = fetch_shared(k) end
+  local out = {}
+  for i, row in ipairs(known.shared) do out[i] = row end
+  return out
+end
+
+-- Whether k has no shared holder's hash (asked only if this call has not read it).
+local function no_shared(k)
+  local known = fetched[k]
+  if known and known.shared then return #known.shared == 0 end
+  return redis.call('EXISTS', shared_name(k)) == 0
+end
+
 local function save_shared(lock)
+  forget(lock[1], 'shared')
   w('HSET', shared_name(lock[1]), lock[6] .. '#' .. lock[7], cjson.encode(lock))
 end
 
@@ -268,6 +307,7 @@ local function same_owner(lock, repo, pull) return lock[6] == repo and lock[7] =
 local function drop_lock(lock)
   local k = lock[1]
   if lock.bad then  -- an unreadable holder: delete what was found
+    fetched[k] = nil
     if lock.bad.lock then w('DEL', lock_name(k)) end
     if lock.bad.shared then w('DEL', shared_name(k)) end
     if lock.bad.field then w('HDEL', shared_name(k), lock.bad.field) end
@@ -277,11 +317,14 @@ local function drop_lock(lock)
     return
   end
   if lock[10] == 'shared' then
+    forget(k, 'shared')
     w('HDEL', shared_name(k), lock[6] .. '#' .. lock[7])
     if redis.call('EXISTS', shared_name(k)) == 0 then w('SREM', HELD, k) end
   else
     w('DEL', lock_name(k))
-    if redis.call('EXISTS', shared_name(k)) == 0 then w('SREM', HELD, k) end
+    fetched[k] = fetched[k] or {}
+    fetched[k].lock = false  -- deleted: known to be free
+    if no_shared(k) then w('SREM', HELD, k) end
   end
   w('SREM', pull_index(lock[6], lock[7]), k)
 end
@@ -370,10 +413,18 @@ local function stamp(k, data, repo, pull, ttl, claim, mode, path, ws)
     save_shared(lock)
   else
     local name = lock_name(k)
-    w('DEL', name)  -- a lapsed lock's hash may linger (with its expiry): start afresh
-    w('HSET', name, 'data', data, 'token', int(token), 'at', NOW, 'repo', repo,
-               'pull', pull, 'exp', exp, 'path', path, 'ws', ws)
-    if claim then w('HSET', name, 'claim', claim, 'lease', lease_end) end
+    -- A lapsed lock's hash may linger (with its expiry): start afresh, unless this call saw
+    -- that the hash holds none of our fields (or deleted it).
+    if not (fetched[k] and fetched[k].lock == false) then w('DEL', name) end
+    forget(k, 'lock')
+    if claim then
+      w('HSET', name, 'data', data, 'token', int(token), 'at', NOW, 'repo', repo,
+                 'pull', pull, 'exp', exp, 'path', path, 'ws', ws, 'claim', claim,
+                 'lease', lease_end)
+    else
+      w('HSET', name, 'data', data, 'token', int(token), 'at', NOW, 'repo', repo,
+                 'pull', pull, 'exp', exp, 'path', path, 'ws', ws)
+    end
     if exp > 0 then w('PEXPIREAT', name, exp + GRACE_MS) end
   end
   w('SADD', HELD, k)
@@ -389,6 +440,7 @@ local function settle_claim(lock)
     save_shared(lock)
     return lock
   end
+  forget(lock[1], 'lock')
   w('HDEL', lock_name(lock[1]), 'claim', 'lease')
   w('HSET', lock_name(lock[1]), 'exp', lease_end)
   collect_after(lock[1], lease_end)
