@@ -14,7 +14,8 @@
    Several rounds; each reports the median round and the best one (the machine may be
    shared), the ratios taken within a round. Then the commands a pair sends to Redis, read with
    ``MONITOR`` over a sample of pairs (commands a script runs inside Redis not counted), the
-   round trips they take, and the CPU time redis-server spends per pair (``INFO cpu``).
+   round trips they take, the CPU time redis-server spends per pair (``INFO cpu``) and the
+   commands it runs for one, those the scripts call inside Redis included (``INFO commandstats``).
 
 2. Contended hand-off latency: a holder releases while one waiter blocks in acquire; from the
    release call to the waiter's acquire returning. redis-py's ``Lock`` polls (``sleep=0.1``
@@ -211,23 +212,31 @@ class Bench:
             await close_locker(done)
         return results
 
-    async def server_time(self) -> dict[str, float]:
+    async def server_time(self) -> tuple[dict[str, float], dict[str, float]]:
         """Microseconds of CPU the redis-server process spends on one uncontended pair
         (``INFO cpu``, user + system, over :data:`SERVER_SAMPLE` pairs: the commands, the
         scripts they run and the network I/O; CPU time, so a machine busy with other work
-        does not inflate it the way it does wall-clock command times)."""
+        does not inflate it the way it does wall-clock command times), and the commands
+        Redis runs for one pair, those the scripts call inside Redis included
+        (``INFO commandstats`` over the same pairs)."""
         locker = self.locker()
         cases = {"floor": self.floor(), "redis-py": self.redis_py(), "ours": self.ours(locker)}
-        spent = {}
+        spent, commands = {}, {}
         for name, run in cases.items():
             await run(10)
             await asyncio.sleep(0.05)  # the warm-up's events written
+            await self.client.config_resetstat()
             before = await self._server_cpu()
             await run(SERVER_SAMPLE)
             await asyncio.sleep(0.05)  # the sample's events written
             spent[name] = (await self._server_cpu() - before) / SERVER_SAMPLE * 1e6
+            stats: Any = await self.client.info("commandstats")
+            commands[name] = sum(
+                int(entry["calls"]) for command, entry in stats.items()
+                if command not in ("cmdstat_info", "cmdstat_config|resetstat")
+            ) / SERVER_SAMPLE
         await close_locker(locker)
-        return spent
+        return spent, commands
 
     async def _server_cpu(self) -> float:
         cpu: Any = await self.client.info("cpu")
@@ -367,7 +376,7 @@ def _cell(values: list[float], fmt: str) -> str:
 
 
 def report(rounds: list[dict[str, float]], commands: tuple[dict[str, float], float],
-           server: dict[str, float],
+           server: tuple[dict[str, float], dict[str, float]],
            handoffs: dict[str, list[float]],
            fairness: dict[str, tuple[list[int], list[float]]], counts: str) -> str:
     cpus = len(os.sched_getaffinity(0))
@@ -409,8 +418,11 @@ def report(rounds: list[dict[str, float]], commands: tuple[dict[str, float], flo
         + f"; in {commands[1]:.2f} round trips. The events are appended by a write-behind "
         "outbox on a connection of its own, pipelined (a batch is one round trip). "
         f"CPU time of the redis-server process per pair (INFO cpu, {SERVER_SAMPLE} pairs "
-        f"each, the scripts, commands and network I/O): ours {server['ours']:.0f} µs, "
-        f"redis-py Lock {server['redis-py']:.0f} µs, floor {server['floor']:.0f} µs.",
+        f"each, the scripts, commands and network I/O): ours {server[0]['ours']:.0f} µs, "
+        f"redis-py Lock {server[0]['redis-py']:.0f} µs, floor {server[0]['floor']:.0f} µs. "
+        "Commands Redis runs per pair, those called inside scripts and functions included "
+        f"(INFO commandstats): ours {server[1]['ours']:.1f}, redis-py Lock "
+        f"{server[1]['redis-py']:.1f}, floor {server[1]['floor']:.1f}.",
         "",
         "| contended | redis-py Lock | python-redis-lock | ours | ours vs redis-py / vs "
         "python-redis-lock |",
@@ -455,7 +467,7 @@ async def run(args: argparse.Namespace, server: RedisServer) -> str:
     try:
         pairs = await bench.throughput(args.pairs, args.rounds)
         commands = await bench.commands()
-        server = await bench.server_time()
+        in_server = await bench.server_time()
         handoffs = {
             "ours": await bench.handoff_ours(args.handoffs),
             "redis-py": await bench.handoff_redis_py(max(50, args.handoffs // 4)),
@@ -472,7 +484,7 @@ async def run(args: argparse.Namespace, server: RedisServer) -> str:
               f"{args.handoffs} hand-offs "
               f"({max(50, args.handoffs // 4)} for redis-py's polling Lock), "
               f"{args.seconds:g} s of {CONTENDERS} contenders per lock")
-    return report(pairs, commands, server, handoffs, fairness, counts)
+    return report(pairs, commands, in_server, handoffs, fairness, counts)
 
 
 def main() -> None:
