@@ -159,3 +159,36 @@ def test_the_watch_catches_a_key_touched_undeclared_and_a_write_before_an_ask(
         server.close()
     assert [line.split(" (")[0] for line in watched.undeclared] == ["GET not-declared"]
     assert len(watched.wrote_then_asked) == 1
+
+
+async def _hand_offs(server: RedisServer, waiters: int) -> None:
+    config = redis_config(server)
+    a = RedisBackend.from_config(config, "enhanced", replica_id="replica-a")
+    b = RedisBackend.from_config(config, "enhanced", replica_id="replica-b")
+    key = _lock("chain", 1).key
+    try:
+        assert (await a.acquire_or_enqueue(_lock("chain", 1), ttl=None, wait=None,
+                                           policy=POLICY)).status is Status.GRANTED
+        for pull in range(2, 2 + waiters):
+            await _enqueue(b, [_lock("chain", pull)], f"w-chain-{pull}")
+        for pull in range(2, 2 + waiters):  # replica A hands the key on to B's waiters
+            await a.force_unlock(key, policy=POLICY)
+            await _held_by(a, key, pull)
+    finally:
+        for backend in (a, b):
+            await backend.close()
+
+
+def test_a_hand_off_to_another_replicas_waiter_names_the_next_ones(
+    redis_server: RedisServer,
+) -> None:
+    """Replica A never saw replica B's waiters: its first hand-off asks for the next waiter's
+    record, then for its owner's index (three calls). Each hand-off answers who waits next
+    and after that (with their names when it could read their records): the second hand-off
+    asks once, every later one is one call."""
+    watch = KeyWatch(LOOPBACK, redis_server.port, redis_server.directory / "chain.log")
+    asyncio.run(_hand_offs(redis_server, 6))
+    watched = watch.stop()
+    assert watched.undeclared == []
+    releases = watched.scripts[redis_scripts.FUNCTION_NAMES["RELEASE"]]
+    assert releases == 3 + 2 + 4, f"{releases} calls for 6 hand-offs"

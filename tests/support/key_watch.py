@@ -17,6 +17,7 @@ import re
 import shutil
 import subprocess
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,8 +66,8 @@ class Watched:
 
     calls: int = 0
     """Script calls seen."""
-    scripts: set[str] = field(default_factory=set)
-    """The scripts called (the SHA of an EVALSHA, the function of an FCALL)."""
+    scripts: Counter[str] = field(default_factory=Counter)
+    """Calls by script (the SHA of an EVALSHA, the function of an FCALL)."""
     commands: int = 0
     """Commands those scripts ran."""
     asked_again: int = 0
@@ -111,7 +112,7 @@ def check_log(text: str) -> Watched:
     by_id: dict[str, list[_Call]] = {}
     for call in calls:
         watched.calls += 1
-        watched.scripts.add(call.script)
+        watched.scripts[call.script] += 1
         declared = set(call.keys)
         for number, command in call.commands:
             watched.commands += 1

@@ -13,11 +13,13 @@ the backend's state, which stay in :mod:`redis_store`.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 __all__ = [
     "Acquired",
+    "Ahead",
     "Cancel",
     "Confirm",
     "GrantRow",
@@ -142,6 +144,18 @@ class Release(NamedTuple):
     owned: bool
     owner: LockRow | None
     served: Served
+    ahead: tuple[Ahead, ...] = ()
+    """The key's next waiters after the hand-off (``lib.lua``'s ``ahead``)."""
+
+
+class Ahead(NamedTuple):
+    """A waiter next in a key's queue: what a grant to it will touch, as far as known."""
+
+    id: str
+    repo: str
+    """Its owner's repository, ``''`` when its record was not read."""
+    pull: str
+    keys: tuple[str, ...]
 
 
 class PullReleased(NamedTuple):
@@ -272,9 +286,11 @@ def acquire(answer: Sequence[Any]) -> Acquired | Refused | Queued:
 def release(answer: Sequence[Any]) -> Release:
     if answer[0] == "not_owned":
         return Release(False, lock(answer[1]), Served(None, (), ()))
-    _, released, granted, dropped, others = answer
+    _, released, granted, dropped, others, ahead = answer
     return Release(True, None, Served(maybe_lock(released), _grants(granted), _waiters(dropped),
-                                      locks(others)))
+                                      locks(others)),
+                   tuple(Ahead(str(i), str(repo), str(pull), tuple(json.loads(keys or "[]")))
+                         for i, repo, pull, keys in ahead))
 
 
 def release_by_pull(answer: Sequence[Any]) -> PullReleased:

@@ -330,6 +330,13 @@ class RedisBackend:
         except DOWN as error:
             raise down(self.connection, action, error, key=key) from None
 
+    def _ahead(self, waiter: redis_replies.Ahead) -> list[str]:
+        names = [*self.keys.of_waiter(waiter.id)]
+        if waiter.repo:
+            names.append(self.keys.pull(waiter.repo, waiter.pull))
+            names += [name for k in waiter.keys for name in self.keys.of_key(k)]
+        return names
+
     def _hinted(self, hint: str) -> tuple[str, ...]:
         return self._hints.get(hint, ())
 
@@ -684,6 +691,8 @@ class RedisBackend:
             key=key))
         if answer.owner is not None:
             raise LockNotOwned(key, self._lock(answer.owner))
+        if answer.ahead:  # the next hand-off of this key declares what it will touch
+            self._hint(key, [name for waiter in answer.ahead for name in self._ahead(waiter)])
         served = answer.served
         released = None
         if served.released is not None:

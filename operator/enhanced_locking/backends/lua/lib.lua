@@ -69,6 +69,7 @@ local function int(x) return string.format('%.0f', x) end
 -- The state below belongs to one call: it starts afresh when KEYS is another table (each
 -- call has its own), so it holds whether the library runs per script or as functions.
 local CALL_KEYS, DECLARED, MISSING, ASKED, WROTE, COLLECT = false, {}, {}, {}, false, 0
+local PROBE = false  -- inside `declared`: a name is only looked up
 local VIEW, GONE = {}, {}  -- the discovery's picture of holders and waiters (see plan_walk)
 local NEED = {}  -- raised (as an error value) when a name to read is not declared
 
@@ -85,6 +86,7 @@ end
 local function checked(name)
   call_state()
   if DECLARED[name] then return name end
+  if PROBE then return false end
   if WROTE then error('script touched the undeclared key ' .. name .. ' after a write') end
   if not ASKED[name] then
     ASKED[name] = true
@@ -100,6 +102,15 @@ local function expect(fn, ...)
   COLLECT = COLLECT + 1
   fn(...)
   COLLECT = COLLECT - 1
+end
+
+-- Whether the name fn(...) forms is declared (nothing noted, nothing touched).
+local function declared(fn, ...)
+  call_state()
+  PROBE = true
+  local found = fn(...)
+  PROBE = false
+  return found and true or false
 end
 
 -- Stop and ask for every name noted so far (the end of a discovery).
@@ -1005,6 +1016,26 @@ local function plan_serve(keys)
     return
   end
   for _, k in ipairs(keys) do plan_walk_key(k) end
+end
+
+-- The next waiters of k (up to two, in service order), for the caller to declare next time:
+-- {id, repo, pull, keys (JSON)} each, the last three '' when its record was not declared to
+-- this call (so a hand-off names the waiter after next, and the one after that by id).
+local function ahead(k)
+  local out = {}
+  if redis.call('SISMEMBER', QUEUED, k) == 0 then return out end
+  local next_waiter = walker(k)
+  while #out < 2 do
+    local entry = next_waiter()
+    if not entry then break end
+    local rec = declared(waiter_name, entry.id) and read_waiter(entry.id)
+    if rec then
+      table.insert(out, {entry.id, rec.repo, rec.pull, cjson.encode(rec.keys)})
+    else
+      table.insert(out, {entry.id, '', '', ''})
+    end
+  end
+  return out
 end
 
 -- The end of a discovery: ask for what is not declared, else go on with the writes.

@@ -5,7 +5,8 @@
 -- ARGV[11] lock key  ARGV[12] owner repo ('' = whoever holds it)  ARGV[13] owner pull
 -- returns {'not_owned', lock} (nothing changed), or
 --         {'released', lock or {}, granted, dropped, other locks released} where granted is a
---         list of {waiter record, {lock...}} and dropped a list of waiter records
+--         list of {waiter record, {lock...}} and dropped a list of waiter records, then the
+--         key's next waiters (lib.lua: `ahead`)
 -- decoded by redis_replies.release
 local refused = guard()
 if refused then return refused end
@@ -45,6 +46,6 @@ local function main()
   serve({k}, fx)
   local others = {}
   for i = 2, #hs do table.insert(others, hs[i]) end
-  return {'released', hs[1] or {}, fx.granted, fx.dropped, others}
+  return {'released', hs[1] or {}, fx.granted, fx.dropped, others, ahead(k)}
 end
 return run(main, true)
