@@ -70,13 +70,14 @@ local function int(x) return string.format('%.0f', x) end
 -- call has its own), so it holds whether the library runs per script or as functions.
 local CALL_KEYS, DECLARED, MISSING, ASKED, WROTE, COLLECT = false, {}, {}, {}, false, 0
 local PROBE = false  -- inside `declared`: a name is only looked up
+local MEMO = {}  -- by key: what read_lock, read_shared, read_waiter read, until the first write
 local VIEW, GONE = {}, {}  -- the discovery's picture of holders and waiters (see plan_walk)
 local NEED = {}  -- raised (as an error value) when a name to read is not declared
 
 local function call_state()
   if CALL_KEYS ~= KEYS then
     CALL_KEYS, DECLARED, MISSING, ASKED, WROTE, COLLECT = KEYS, {}, {}, {}, false, 0
-    VIEW, GONE = {}, {}
+    VIEW, GONE, MEMO = {}, {}, {}
     for _, name in ipairs(KEYS) do DECLARED[name] = true end
   end
 end
@@ -120,9 +121,12 @@ local function ask()
 end
 
 -- Every write: after it, no undeclared name may turn up.
+-- (A discovery reads what the writes that follow read again: until the first write, the
+-- holders and waiters it read are kept in MEMO and not asked of Redis twice.)
 local function w(...)
   call_state()
   WROTE = true
+  if next(MEMO) ~= nil then MEMO = {} end
   return redis.call(...)
 end
 
@@ -231,8 +235,12 @@ end
 
 local function fetch_lock(k)
   local name = lock_name(k)
-  local v = redis.pcall('HMGET', name, 'data', 'token', 'at', 'exp', 'repo', 'pull',
-                        'claim', 'lease', 'path', 'ws')
+  local v = MEMO[name]
+  if v == nil then
+    v = redis.pcall('HMGET', name, 'data', 'token', 'at', 'exp', 'repo', 'pull',
+                    'claim', 'lease', 'path', 'ws')
+    MEMO[name] = v
+  end
   if is_error(v) then return unreadable(k, '', not_a(name, 'hash'), {lock = true}) end
   if not v[1] then
     if v[2] or v[5] then
@@ -275,7 +283,11 @@ end
 
 local function fetch_shared(k)
   local name = shared_name(k)
-  local flat = redis.pcall('HGETALL', name)
+  local flat = MEMO[name]
+  if flat == nil then
+    flat = redis.pcall('HGETALL', name)
+    MEMO[name] = flat
+  end
   if is_error(flat) then return {unreadable(k, '', not_a(name, 'hash'), {shared = true})} end
   local out = {}
   for i = 1, #flat, 2 do table.insert(out, shared_row(k, flat[i], flat[i + 1])) end
@@ -532,7 +544,12 @@ end
 -- field missing or not a number, keys that are not a JSON list): such a record is passed over
 -- like a missing one (its queue entries go when a walk meets them), never an error.
 local function read_waiter(id)
-  local flat = redis.pcall('HGETALL', waiter_name(id))
+  local name = waiter_name(id)
+  local flat = MEMO[name]
+  if flat == nil then
+    flat = redis.pcall('HGETALL', name)
+    MEMO[name] = flat
+  end
   if is_error(flat) or #flat == 0 then return nil end
   local rec = {}
   for i = 1, #flat, 2 do rec[flat[i]] = flat[i + 1] end
