@@ -70,7 +70,7 @@ local function int(x) return string.format('%.0f', x) end
 -- call has its own), so it holds whether the library runs per script or as functions.
 local CALL_KEYS, DECLARED, MISSING, ASKED, WROTE, COLLECT = false, {}, {}, {}, false, 0
 local PROBE = false  -- inside `declared`: a name is only looked up
-local MEMO = {}  -- by key: what read_lock, read_shared, read_waiter read, until the first write
+local MEMO = {}  -- by key: the waiter records read_waiter read, until the call's first write
 local VIEW, GONE = {}, {}  -- the discovery's picture of holders and waiters (see plan_walk)
 local NEED = {}  -- raised (as an error value) when a name to read is not declared
 
@@ -121,8 +121,9 @@ local function ask()
 end
 
 -- Every write: after it, no undeclared name may turn up.
--- (A discovery reads what the writes that follow read again: until the first write, the
--- holders and waiters it read are kept in MEMO and not asked of Redis twice.)
+-- (A discovery reads what the writes that follow read again: the holders are kept per key
+-- (`fetched`, below) until the call writes them, the waiter records it read in MEMO until
+-- its first write.)
 local function w(...)
   call_state()
   WROTE = true
@@ -235,12 +236,8 @@ end
 
 local function fetch_lock(k)
   local name = lock_name(k)
-  local v = MEMO[name]
-  if v == nil then
-    v = redis.pcall('HMGET', name, 'data', 'token', 'at', 'exp', 'repo', 'pull',
-                    'claim', 'lease', 'path', 'ws')
-    MEMO[name] = v
-  end
+  local v = redis.pcall('HMGET', name, 'data', 'token', 'at', 'exp', 'repo', 'pull',
+                        'claim', 'lease', 'path', 'ws')
   if is_error(v) then return unreadable(k, '', not_a(name, 'hash'), {lock = true}) end
   if not v[1] then
     if v[2] or v[5] then
@@ -283,11 +280,7 @@ end
 
 local function fetch_shared(k)
   local name = shared_name(k)
-  local flat = MEMO[name]
-  if flat == nil then
-    flat = redis.pcall('HGETALL', name)
-    MEMO[name] = flat
-  end
+  local flat = redis.pcall('HGETALL', name)
   if is_error(flat) then return {unreadable(k, '', not_a(name, 'hash'), {shared = true})} end
   local out = {}
   for i = 1, #flat, 2 do table.insert(out, shared_row(k, flat[i], flat[i + 1])) end
