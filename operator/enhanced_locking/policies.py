@@ -411,8 +411,15 @@ def freeze_edges(rules: PolicyRules, now: datetime) -> list[datetime]:
     return sorted(moments)
 
 
-def _ms(moment: datetime | None) -> int:
-    return 0 if moment is None else (moment - _EPOCH) // timedelta(milliseconds=1)
+def _ms(moment: datetime | None, *, up: bool = False) -> int:
+    """``moment`` in whole ms since the epoch (0: none), rounded down or, with ``up``, up."""
+    if moment is None:
+        return 0
+    since = moment - _EPOCH
+    return -(-since // _MS) if up else since // _MS
+
+
+_MS = timedelta(milliseconds=1)
 
 
 def _lua_pattern(pattern: KeyPattern | None) -> dict[str, Any]:
@@ -432,9 +439,13 @@ def _lua_pattern(pattern: KeyPattern | None) -> dict[str, Any]:
 
 
 def compile_rules(rules: PolicyRules) -> dict[str, Any]:
-    """The rules the Redis scripts evaluate: globs as Lua patterns, times in ms."""
+    """The rules the Redis scripts evaluate: globs as Lua patterns, times in ms.
+
+    The scripts decide and stamp grants by the server's clock in whole ms, so a freeze's
+    window is rounded outward (``from`` down, ``until`` up): a grant the scripts let through
+    is stamped outside the configured window, never up to a millisecond inside it."""
     return {
-        "f": [{"m": _lua_pattern(f.match), "from": _ms(f.from_), "until": _ms(f.until),
+        "f": [{"m": _lua_pattern(f.match), "from": _ms(f.from_), "until": _ms(f.until, up=True),
                "refuse": f.action == "refuse", "name": f.name} for f in rules.freezes],
         "c": [{"m": _lua_pattern(c.match), "per": c.per, "limit": c.limit, "name": c.name}
               for c in rules.concurrency],

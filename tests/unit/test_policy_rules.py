@@ -373,3 +373,19 @@ async def test_a_waiter_sees_its_position_who_blocks_it_and_an_estimate(
 
 def test_pull_has_a_head_commit_for_supersede() -> None:
     assert Pull(num=1, head_commit="abc").head_commit == "abc"
+
+
+def test_the_redis_scripts_get_a_freeze_window_rounded_outward_to_whole_ms() -> None:
+    # The scripts stamp a grant with the server's clock in whole ms: an end rounded down let
+    # a grant stamped .725 through a freeze that lasted until .725160.
+    start = utcnow().replace(microsecond=124_900)
+    window = FREEZE.model_copy(update={
+        "from_": start, "until": start + timedelta(seconds=1, microseconds=600_260)})
+    rules = PolicyRules(freezes=[window])
+    (compiled,) = policies.compile_rules(rules)["f"]
+    whole = int(start.timestamp()) * 1000
+    assert (compiled["from"], compiled["until"]) == (whole + 124, whole + 1726)
+    exact = window.model_copy(
+        update={"until": start.replace(microsecond=125_000) + timedelta(seconds=1)})
+    (on_the_ms,) = policies.compile_rules(PolicyRules(freezes=[exact]))["f"]
+    assert on_the_ms["until"] == whole + 1125
