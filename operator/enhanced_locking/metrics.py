@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import bisect
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -48,6 +48,7 @@ class Tallies:
     """Fallbacks of every action."""
 
 _Metric = TypeVar("_Metric", Counter, Gauge, Histogram)
+_Keeper = TypeVar("_Keeper", "Count", "Timing")
 
 # Lock operations on Terraform projects last from milliseconds (fail fast) to many minutes
 # (waiting behind an apply), so the wait buckets reach far; acquire latency stays short.
@@ -287,19 +288,20 @@ class Metrics:
 
     def counting(self, metric: Counter, *values: str) -> Count:
         """A :class:`Count` of ``metric``'s child with ``values`` (the same one each time)."""
-        key = (id(metric), ("count", *values))
-        kept = self._children.get(key)
-        if kept is None:
-            kept = self._children[key] = Count(self.labelled(metric, *values))
-            self._flush.kept.append(kept)
-        return kept
+        return self._kept(metric, values, Count)
 
     def timing(self, metric: Histogram, *values: str) -> Timing:
         """A :class:`Timing` of ``metric``'s child with ``values`` (the same one each time)."""
-        key = (id(metric), ("timing", *values))
-        kept = self._children.get(key)
+        return self._kept(metric, values, Timing)
+
+    def _kept(self, metric: _Metric, values: tuple[str, ...],
+              keeper: Callable[[_Metric], _Keeper]) -> _Keeper:
+        """The one ``keeper`` of ``metric``'s child with ``values``, made and flushed from
+        the first call on."""
+        key = (id(metric), (keeper.__name__, *values))
+        kept: _Keeper | None = self._children.get(key)
         if kept is None:
-            kept = self._children[key] = Timing(self.labelled(metric, *values))
+            kept = self._children[key] = keeper(self.labelled(metric, *values))
             self._flush.kept.append(kept)
         return kept
 
