@@ -100,6 +100,12 @@ def condition(obj: dict[str, Any] | None, kind: str = "Ready") -> dict[str, Any]
     return {}
 
 
+def helm_fields(obj: dict[str, Any]) -> list[dict[str, Any]]:
+    """The managed-fields entries helm's own writes left on ``obj`` (not the operator's)."""
+    return [entry for entry in obj["metadata"].get("managedFields", [])
+            if entry.get("manager") == "helm"]
+
+
 @pytest.fixture(scope="module")
 def helm(kube_cluster: KubeCluster, tmp_path_factory: pytest.TempPathFactory) -> Helm:
     return Helm(kube_cluster, tmp_path_factory.mktemp("helm-home"))
@@ -468,7 +474,7 @@ def test_install_upgrade_rollback_and_uninstall(
 
     def cr(plural: str, name: str) -> dict[str, Any] | None:
         found: dict[str, Any] | None = get_json(
-            kube_cluster, f"{plural}.{GROUP}", name, "-n", namespace)
+            kube_cluster, f"{plural}.{GROUP}", name, "-n", namespace, "--show-managed-fields")
         return found
 
     def migration() -> dict[str, Any] | None:
@@ -530,12 +536,20 @@ def test_install_upgrade_rollback_and_uninstall(
         status = helm.run("status", release, "-n", namespace, "-o", "json").stdout
         weighted_revision = json.loads(status)["version"]
 
-        # An upgrade that changes nothing in the CRs leaves them untouched (same resourceVersion).
+        # An upgrade that changes nothing in the CRs leaves them untouched: helm writes nothing
+        # (its managed fields, spec and generation stay; a no-op write would not move them, a
+        # real one would). The resourceVersion alone cannot say it: the operator writes the
+        # CR's status and its own annotations on its schedule, not helm's.
+        settled = migration()
+        assert settled is not None
         helm.run("upgrade", release, str(CHART_DIR), "-n", namespace, "--reuse-values",
                  "--set", "resources.requests.cpu=100m")
         untouched = migration()
         assert untouched is not None
-        assert untouched["metadata"]["resourceVersion"] == weighted["metadata"]["resourceVersion"]
+        assert helm_fields(settled), "helm's own managed fields, to compare"
+        assert helm_fields(untouched) == helm_fields(settled)
+        assert untouched["spec"] == settled["spec"]
+        assert untouched["metadata"]["generation"] == settled["metadata"]["generation"]
 
         helm.run("upgrade", release, str(CHART_DIR), "-n", namespace, "--reuse-values",
                  "--set", "lockMigration.spec.weight=75")
