@@ -261,3 +261,44 @@ def test_every_formed_name_is_checked_against_keys() -> None:
             segment)
         assert match, f"{name} does not return checked(base .. ...): {segment!r}"
         assert "checked(" not in match.group(1) and "return" not in match.group(1), name
+
+
+def _callers(code: str, callee: str) -> set[str]:
+    """The library's functions whose body calls ``callee``."""
+    starts = [(m.start(), m.group(1)) for m in re.finditer(r"^local function (\w+)", code, re.M)]
+    callers = set()
+    for (start, name), (end, _) in zip(starts, [*starts[1:], (len(code), "")], strict=True):
+        body = code[start:end].split("\n", 1)[1]
+        body = "\n".join(line.split("--", 1)[0] for line in body.splitlines())
+        if re.search(rf"\b{callee}\(", body):
+            callers.add(name)
+    return callers
+
+
+def test_a_queue_walk_is_planned_by_running_it_not_by_a_copy_of_it() -> None:
+    """Serving a queue decides grant by grant; its discovery runs the same walk to plan
+    (``serve(keys, PLAN)``), so a decision changed in one cannot be missed by the other.
+    Only the walk's acting steps tell the two runs apart; no other function plans a grant
+    or names a waiter's keys for one, and every script that serves a queue plans the serve
+    before its writes."""
+    lib = (LUA / "lib.lua").read_text()
+    assert _callers(lib, "walk_key") == {"serve"}
+    assert _callers(lib, "walk_all") == {"serve"}
+    assert _callers(lib, "plan_grant") == {"give"}
+    assert _callers(lib, "plan_waiter") == {"meet"}
+    serving = 0
+    for file, text in _sources().items():
+        if file == "lib.lua":
+            continue
+        code = "\n".join(line.split("--", 1)[0] for line in text.splitlines())
+        for callee in ("walk_key", "walk_all", "plan_grant", "plan_waiter", "meet", "give"):
+            assert not re.search(rf"\b{callee}\(", code), f"{file} calls {callee}"
+        writes = [m.start() for m in re.finditer(r"\b(?:serve\([^\n]*, fx\)|settle\()", code)]
+        for at in writes:
+            serving += 1
+            plan = code.rfind(", PLAN)", 0, at)
+            assert plan >= 0 and re.search(r"\bserve\([^\n]*$", code[:plan]), (
+                f"{file}: a queue served without its walk planned first")
+            assert code.find("planned()", plan, at) >= 0, (
+                f"{file}: a planned walk whose names were not asked for before the writes")
+    assert serving == 5

@@ -67,7 +67,7 @@ local function main()
   end
   -- Discovery: the lapsed leases it drops, the queues it serves, the waiters it reads.
   for _, k in ipairs(keys) do plan_lapsed(k) end
-  plan_serve(keys)
+  serve(keys, PLAN)
   local scan = head ~= '' and wait_id ~= '' and wait_ms > 0  -- superseded ones, if it waits
   local others = {}
   for _, k in ipairs((scan or mode == 'shared') and keys or {}) do

@@ -8,7 +8,7 @@ if refused then return refused end
 local function main()
   expect(key_names, ARGV[11])
   plan_lapsed(ARGV[11])
-  plan_serve({ARGV[11]})
+  serve({ARGV[11]}, PLAN)
   planned()
   local fx = new_effects()
   settle(ARGV[11], fx)

@@ -71,7 +71,7 @@ local function int(x) return string.format('%.0f', x) end
 local CALL_KEYS, DECLARED, MISSING, ASKED, WROTE, COLLECT = false, {}, {}, {}, false, 0
 local PROBE = false  -- inside `declared`: a name is only looked up
 local MEMO = {}  -- by key: the waiter records read_waiter read, until the call's first write
-local VIEW, GONE = {}, {}  -- the discovery's picture of holders and waiters (see plan_walk)
+local VIEW, GONE = {}, {}  -- the discovery's picture of holders and waiters (see `serve`)
 local NEED = {}  -- raised (as an error value) when a name to read is not declared
 
 local function call_state()
@@ -380,7 +380,7 @@ local function holders(k)
 end
 
 -- The holders of k as the running discovery pictures them after the writes it foresees
--- (VIEW, see plan_walk); outside a discovery, the holders.
+-- (VIEW, see `serve`); outside a discovery, the holders.
 local function view_holders(k)
   return VIEW[k] or holders(k)
 end
@@ -779,126 +779,13 @@ local function replica_alive(replica_id)
   return alive[replica_id]
 end
 
--- Serve k's queue (no concurrency rules): grant each waiter the rules allow, in service
--- order; a waiter held back by k's holders, or an exclusive grant, ends the walk; one held
--- back by a freeze, a limit or another key of its batch keeps its place. Waiters past their
--- deadline or whose replica is gone are dropped.
-local function walk_key(k, fx)
-  if redis.call('SISMEMBER', QUEUED, k) == 0 then return end  -- nobody waits: done
-  local ex = read_lock(k)
-  if ex and not lapsed(ex) then return end  -- held exclusively: nobody can be served yet
-  local next_waiter, gone = walker(k)
-  local dropped = {}
-  while true do
-    local entry = next_waiter()
-    if not entry then break end
-    local rec = read_waiter(entry.id)
-    if not rec then
-      table.insert(dropped, {entry, false})
-    elseif tonumber(rec.deadline) <= NOW then
-      table.insert(dropped, {entry, rec, 'timeout'})
-    elseif not replica_alive(rec.replica) then
-      table.insert(dropped, {entry, rec, 'unavailable'})
-    else
-      local d = verdict(rec.repo, rec.pull, rec.mode, waiter_parts(rec), false)
-      if d[1] == 'grant' then
-        grant(entry.id, rec, fx)
-        gone(entry)
-        if rec.mode ~= 'shared' then break end
-      elseif d[1] == 'held' and d[2] == k then
-        break
-      end
-    end
-  end
-  for _, d in ipairs(dropped) do
-    if d[2] then
-      drop_waiter(d[1].id, d[2], d[3], fx)
-    else
-      w('ZREM', queue_name(k, d[1].level), d[1].member)
-    end
-  end
-  if queue_size(k) == 0 then w('SREM', QUEUED, k) end
-end
-
--- Serve every queue at once, in one service order (concurrency rules: a lock freed in a
--- group may go to a waiter of another key); a holder stops only its own key's line.
--- Every waiter of every queue, in one service order, each with its queue entries.
-local function all_entries()
-  local entries, by_id = {}, {}
-  for _, k in ipairs(redis.call('SMEMBERS', QUEUED)) do
-    for level = 0, 3 do
-      local r = redis.call('ZRANGE', queue_name(k, level), 0, -1, 'WITHSCORES')
-      for i = 1, #r, 2 do
-        local id = string.sub(r[i], 18)
-        local e = by_id[id]
-        if not e then
-          e = {id = id, seq = tonumber(string.sub(r[i], 1, 16)), enq = tonumber(r[i + 1]),
-               level = level, refs = {}}
-          by_id[id] = e
-          table.insert(entries, e)
-        end
-        table.insert(e.refs, {k, level, r[i]})
-      end
-    end
-  end
-  table.sort(entries, before)
-  return entries
-end
-
-local function walk_all(fx)
-  local entries = all_entries()
-  local stopped = {}
-  for _, e in ipairs(entries) do
-    local rec = read_waiter(e.id)
-    if not rec then
-      for _, ref in ipairs(e.refs) do
-        w('ZREM', queue_name(ref[1], ref[2]), ref[3])
-        if queue_size(ref[1]) == 0 then w('SREM', QUEUED, ref[1]) end
-      end
-    elseif tonumber(rec.deadline) <= NOW then
-      drop_waiter(e.id, rec, 'timeout', fx)
-    elseif not replica_alive(rec.replica) then
-      drop_waiter(e.id, rec, 'unavailable', fx)
-    else
-      local blocked = false
-      for _, k in ipairs(rec.keys) do
-        if stopped[k] then blocked = true end
-      end
-      if not blocked then
-        local d = verdict(rec.repo, rec.pull, rec.mode, waiter_parts(rec), false)
-        if d[1] == 'grant' then
-          grant(e.id, rec, fx)
-        elseif d[1] == 'held' then
-          stopped[d[2]] = true
-        end
-      end
-    end
-  end
-end
-
--- Serve the queues of `keys` (in the order given), or every queue under concurrency rules.
-local function serve(keys, fx)
-  if #rules()['c'] > 0 then
-    walk_all(fx)
-    return
-  end
-  for _, k in ipairs(keys) do walk_key(k, fx) end
-end
-
--- The first holder of k after expiring lapsed leases and serving grantable waiters.
-local function settle(k, fx)
-  expire_lapsed(k, fx.expired)
-  serve({k}, fx)
-  return peek(k)
-end
-
 -- --- discovery: the keys a script's writes will touch, named before its first write --------
 -- Each writing script first runs the reads that decide what it will change, forming (and so
 -- checking) every name its writes will use; `planned` then asks for the undeclared ones, or
 -- lets the script go on and do exactly what it did without them. Serving a queue decides
--- grant by grant on the holders the earlier grants left: its discovery (plan_walk_key,
--- plan_walk_all) makes the same decisions on VIEW, the holders as those grants will leave
--- them, and GONE, the waiters they will take out of the queues.
+-- grant by grant on the holders the earlier grants left: its discovery is the walk itself,
+-- run to plan (below), which makes the same decisions on VIEW, the holders as those grants
+-- will leave them, and GONE, the waiters they will take out of the queues.
 
 -- Every key of lock key k a write may touch.
 local function key_names(k)
@@ -959,49 +846,154 @@ local function plan_grant(id, rec)
   GONE[id] = true
 end
 
--- walk_key's decisions, made on VIEW and GONE.
-local function plan_walk_key(k)
-  if redis.call('SISMEMBER', QUEUED, k) == 0 then return end
-  for _, h in ipairs(view_holders(k)) do
-    if h.ex then return end
-  end
-  local next_waiter = walker(k)
-  while true do
-    local entry = next_waiter()
-    if not entry then return end
-    local rec = not GONE[entry.id] and plan_waiter(entry.id)
-    if rec then
-      if tonumber(rec.deadline) <= NOW or not replica_alive(rec.replica) then
-        GONE[entry.id] = true
-      else
-        local d = verdict(rec.repo, rec.pull, rec.mode, waiter_parts(rec), false)
-        if d[1] == 'grant' then
-          plan_grant(entry.id, rec)
-          if rec.mode ~= 'shared' then return end
-        elseif d[1] == 'held' and d[2] == k then
-          return
-        end
-      end
-    end
+-- --- serving the queues: one walk, run to plan and then to write ----------------------------
+-- A writing script that serves queues walks them twice, with the same functions: first to
+-- plan, in its discovery (`fx` is PLAN), then to write (`fx` is the call's effects, which
+-- collect what was granted, dropped and expired). Planning, each waiter met has its record
+-- read and every name its grant or drop would touch formed (`plan_waiter`), a grant is
+-- pictured in VIEW and GONE (`plan_grant`), a drop in GONE, and nothing is written. Writing,
+-- `planned` has emptied VIEW and GONE, so the same decisions read what the writes left. Only
+-- the steps below that look at `fx` differ between the two; every decision is made once.
+local PLAN = false
+
+-- The record of the waiter a walk meets, or nil: none that reads, or (planning) one the plan
+-- has already taken out of the queues.
+local function meet(id, fx)
+  if GONE[id] then return nil end
+  if fx == PLAN then return plan_waiter(id) end
+  return read_waiter(id)
+end
+
+-- Why a waiter leaves the queues ungranted ('timeout': past its deadline, 'unavailable': its
+-- replica is gone), or nil when it stays.
+local function turned_away(rec)
+  if tonumber(rec.deadline) <= NOW then return 'timeout' end
+  if not replica_alive(rec.replica) then return 'unavailable' end
+  return nil
+end
+
+local function give(id, rec, fx)
+  if fx == PLAN then
+    plan_grant(id, rec)
+  else
+    grant(id, rec, fx)
   end
 end
 
--- walk_all's decisions, made on VIEW and GONE (its counts read every held key).
-local function plan_walk_all()
-  for _, k in ipairs(redis.call('SMEMBERS', QUEUED)) do expect(key_names, k) end
-  for _, k in ipairs(redis.call('SMEMBERS', HELD)) do
-    expect(lock_name, k)
-    expect(shared_name, k)
+-- Whether k has a live exclusive holder (planning: in the picture, VIEW, where it has one).
+local function held_exclusively(k)
+  local pictured = VIEW[k]
+  if not pictured then
+    local ex = read_lock(k)
+    return ex ~= nil and not lapsed(ex)
   end
-  ask()
-  local entries = all_entries()
-  for _, e in ipairs(entries) do expect(waiter_names, e.id, nil) end
-  ask()
+  for _, h in ipairs(pictured) do
+    if h.ex then return true end
+  end
+  return false
+end
+
+-- Serve k's queue (no concurrency rules): grant each waiter the rules allow, in service
+-- order; a waiter held back by k's holders, or an exclusive grant, ends the walk; one held
+-- back by a freeze, a limit or another key of its batch keeps its place. Waiters past their
+-- deadline or whose replica is gone are dropped, after the walk, with the entries whose
+-- record is missing.
+local function walk_key(k, fx)
+  if redis.call('SISMEMBER', QUEUED, k) == 0 then return end  -- nobody waits: done
+  if held_exclusively(k) then return end  -- nobody can be served yet
+  local writing = fx ~= PLAN
+  local next_waiter, gone = walker(k)
+  local dropped = writing and {}
+  while true do
+    local entry = next_waiter()
+    if not entry then break end
+    local rec = meet(entry.id, fx)
+    local why = rec and turned_away(rec)
+    if why then
+      if writing then
+        table.insert(dropped, {entry, rec, why})
+      else
+        GONE[entry.id] = true
+      end
+    elseif rec then
+      local d = verdict(rec.repo, rec.pull, rec.mode, waiter_parts(rec), false)
+      if d[1] == 'grant' then
+        give(entry.id, rec, fx)
+        if writing then gone(entry) end  -- (planning, its entry stays in the queue)
+        if rec.mode ~= 'shared' then break end
+      elseif d[1] == 'held' and d[2] == k then
+        break
+      end
+    elseif writing then
+      table.insert(dropped, {entry, false})
+    end
+  end
+  if not writing then return end
+  for _, d in ipairs(dropped) do
+    if d[2] then
+      drop_waiter(d[1].id, d[2], d[3], fx)
+    else
+      w('ZREM', queue_name(k, d[1].level), d[1].member)
+    end
+  end
+  if queue_size(k) == 0 then w('SREM', QUEUED, k) end
+end
+
+-- Every waiter of every queue (of `queued`, the members of QUEUED when read already), in one
+-- service order, each with its queue entries.
+local function all_entries(queued)
+  local entries, by_id = {}, {}
+  for _, k in ipairs(queued or redis.call('SMEMBERS', QUEUED)) do
+    for level = 0, 3 do
+      local r = redis.call('ZRANGE', queue_name(k, level), 0, -1, 'WITHSCORES')
+      for i = 1, #r, 2 do
+        local id = string.sub(r[i], 18)
+        local e = by_id[id]
+        if not e then
+          e = {id = id, seq = tonumber(string.sub(r[i], 1, 16)), enq = tonumber(r[i + 1]),
+               level = level, refs = {}}
+          by_id[id] = e
+          table.insert(entries, e)
+        end
+        table.insert(e.refs, {k, level, r[i]})
+      end
+    end
+  end
+  table.sort(entries, before)
+  return entries
+end
+
+-- Serve every queue at once, in one service order (concurrency rules: a lock freed in a
+-- group may go to a waiter of another key); a holder stops only its own key's line.
+-- Planning, it first names every queued key's keys and every held key's holders (the limits
+-- count them), then every waiter's record.
+local function walk_all(fx)
+  local writing = fx ~= PLAN
+  local queued = nil
+  if not writing then
+    queued = redis.call('SMEMBERS', QUEUED)
+    for _, k in ipairs(queued) do expect(key_names, k) end
+    for _, k in ipairs(redis.call('SMEMBERS', HELD)) do
+      expect(lock_name, k)
+      expect(shared_name, k)
+    end
+    ask()
+  end
+  local entries = all_entries(queued)
+  if not writing then
+    for _, e in ipairs(entries) do expect(waiter_names, e.id, nil) end
+    ask()
+  end
   local stopped = {}
   for _, e in ipairs(entries) do
-    local rec = plan_waiter(e.id)
-    if rec and (tonumber(rec.deadline) <= NOW or not replica_alive(rec.replica)) then
-      GONE[e.id] = true
+    local rec = meet(e.id, fx)
+    local why = rec and turned_away(rec)
+    if why then
+      if writing then
+        drop_waiter(e.id, rec, why, fx)
+      else
+        GONE[e.id] = true
+      end
     elseif rec then
       local blocked = false
       for _, k in ipairs(rec.keys) do
@@ -1010,22 +1002,36 @@ local function plan_walk_all()
       if not blocked then
         local d = verdict(rec.repo, rec.pull, rec.mode, waiter_parts(rec), false)
         if d[1] == 'grant' then
-          plan_grant(e.id, rec)
+          give(e.id, rec, fx)
         elseif d[1] == 'held' then
           stopped[d[2]] = true
         end
+      end
+    elseif writing then
+      for _, ref in ipairs(e.refs) do
+        w('ZREM', queue_name(ref[1], ref[2]), ref[3])
+        if queue_size(ref[1]) == 0 then w('SREM', QUEUED, ref[1]) end
       end
     end
   end
 end
 
--- serve's decisions (VIEW may first picture what the script frees before serving).
-local function plan_serve(keys)
+-- Serve the queues of `keys` (in the order given), or every queue under concurrency rules;
+-- fx: the call's effects, or PLAN (in a discovery; VIEW may first picture what the script
+-- frees before serving).
+local function serve(keys, fx)
   if #rules()['c'] > 0 then
-    plan_walk_all()
+    walk_all(fx)
     return
   end
-  for _, k in ipairs(keys) do plan_walk_key(k) end
+  for _, k in ipairs(keys) do walk_key(k, fx) end
+end
+
+-- The first holder of k after expiring lapsed leases and serving grantable waiters.
+local function settle(k, fx)
+  expire_lapsed(k, fx.expired)
+  serve({k}, fx)
+  return peek(k)
 end
 
 -- The next waiters of k (up to two, in service order), for the caller to declare next time:

@@ -29,7 +29,7 @@ local function main()
     if not going[h] then table.insert(rest, h) end
   end
   VIEW[k] = rest
-  plan_serve({k})
+  serve({k}, PLAN)
   planned()
   expire_lapsed(k, nil)
   local hs = holders(k)

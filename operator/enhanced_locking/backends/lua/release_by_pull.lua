@@ -38,7 +38,7 @@ local function main()
     end
   end
   table.sort(freeing)
-  plan_serve(freeing)
+  serve(freeing, PLAN)
   planned()
   local released, freed = {}, {}
   for _, k in ipairs(keys) do

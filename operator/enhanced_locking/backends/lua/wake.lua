@@ -9,7 +9,7 @@ local function main()
   table.sort(keys)
   for _, k in ipairs(keys) do expect(key_names, k) end
   ask()
-  plan_serve(keys)
+  serve(keys, PLAN)
   planned()
   local fx = new_effects()
   serve(keys, fx)
