@@ -13,15 +13,16 @@ import concurrent.futures
 import threading
 from typing import Any
 
-import httpx
 from tests.conftest import ServiceFactory
+from tests.support.thread_clients import ThreadClients
 
 KEYS = 150
 
 
 def acquire(
-    client: httpx.Client, *, path: str, pull: int, start: threading.Barrier
+    clients: ThreadClients, *, path: str, pull: int, start: threading.Barrier
 ) -> dict[str, Any]:
+    client = clients()  # this thread's own: a client shared by threads is not thread-safe
     start.wait()
     response = client.post("/v1/locks", json={
         "project": {"repoFullName": "acme/infra", "path": path},
@@ -41,22 +42,22 @@ def test_replicas_routing_a_key_to_different_sides_never_both_grant_it(
     on_enhanced = service_process("--enhanced-locking-enabled",
                                   "--enhanced-locking-migration-weight=100",
                                   data_dir=on_legacy.data_dir)
-    limits = httpx.Limits(max_connections=8)
-    with httpx.Client(base_url=on_legacy.url, timeout=30, limits=limits) as legacy_client, \
-            httpx.Client(base_url=on_enhanced.url, timeout=30, limits=limits) as enhanced_client, \
+    with ThreadClients(base_url=on_legacy.url, timeout=30) as legacy, \
+            ThreadClients(base_url=on_enhanced.url, timeout=30) as enhanced, \
             concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
         futures = []
         for i in range(KEYS):
             both = threading.Barrier(2, timeout=20)  # the two pulls ask at the same moment
             futures.append((
-                pool.submit(acquire, legacy_client, path=f"p{i}", pull=1, start=both),
-                pool.submit(acquire, enhanced_client, path=f"p{i}", pull=2, start=both),
+                pool.submit(acquire, legacy, path=f"p{i}", pull=1, start=both),
+                pool.submit(acquire, enhanced, path=f"p{i}", pull=2, start=both),
             ))
         pairs = [(a.result(), b.result()) for a, b in futures]
 
         twice = [a["lockKey"] for a, b in pairs if a["acquired"] and b["acquired"]]
         assert twice == [], f"granted to both pulls: {twice[:5]}"
         granted = [a if a["acquired"] else b for a, b in pairs if a["acquired"] or b["acquired"]]
+        legacy_client, enhanced_client = legacy(), enhanced()
         assert len(granted) >= KEYS // 2, "most keys are granted to one of the pulls"
         for lock in (answer["lock"] for answer in granted):
             # Both replicas see the same single holder, whichever side it is on.
