@@ -109,7 +109,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         processes = list(started or ())
         processes += [p for p in ServiceProcess.running if p not in processes]
         for process in processes:
-            report.sections.append((f"enhanced-locking serve on {process.url}", process.output()))
+            report.sections.append((f"enhanced-locking serve: {process.name}", process.output()))
     return report
 
 

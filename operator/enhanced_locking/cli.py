@@ -88,9 +88,11 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _port(value: str) -> int:
-    """An argparse type: a TCP port, ASCII digits from 1 to 65535."""
-    if not re.fullmatch(r"[0-9]{1,5}", value) or not 0 < int(value) < 65536:
-        raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535, got {value!r}")
+    """An argparse type: a TCP port, ASCII digits from 0 to 65535 (0: a free port the system
+    picks, which the "listening on" log line names)."""
+    if not re.fullmatch(r"[0-9]{1,5}", value) or not 0 <= int(value) < 65536:
+        raise argparse.ArgumentTypeError(
+            f"expected a port from 0 to 65535 (0: any free port), got {value!r}")
     return int(value)
 
 
@@ -304,7 +306,8 @@ def _service_arguments(parser: argparse.ArgumentParser) -> None:
                         help="address to listen on; 0.0.0.0 for every interface "
                              "(env ENHANCED_LOCKING_HOST; default: 127.0.0.1)")
     parser.add_argument("--port", type=_port, default=None,
-                        help="TCP port to listen on, 1 to 65535 (env ENHANCED_LOCKING_PORT; "
+                        help="TCP port to listen on, 0 to 65535; 0 picks a free one, named "
+                             "by the 'listening on' log line (env ENHANCED_LOCKING_PORT; "
                              "default: 4142)")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"],

@@ -160,15 +160,16 @@ def test_a_config_file_that_is_not_utf8_exits_2_with_one_line(tmp_path: Path) ->
     ([], {"ENHANCED_LOCKING_PORT": "abc"}, "ENHANCED_LOCKING_PORT"),
     ([], {"ENHANCED_LOCKING_PORT": "\u0664\u0661\u0664\u0662"}, "ENHANCED_LOCKING_PORT"),
     (["--port", "70000"], {}, "--port"),
-    (["--port", "0"], {}, "--port"),
-], ids=["env-abc", "env-arabic-digits", "flag-70000", "flag-0"])
+    (["--port", "65536"], {}, "--port"),
+    (["--port", "-1"], {}, "--port"),
+], ids=["env-abc", "env-arabic-digits", "flag-70000", "flag-65536", "flag-negative"])
 def test_a_bad_port_exits_2_with_one_line_naming_it(
     args: list[str], env: dict[str, str], names: str, tmp_path: Path,
 ) -> None:
     result = run("serve", *args, "--data-dir", str(tmp_path / "data"), env=env)
     assert result.returncode == 2
     lines = result.stderr.splitlines()
-    assert len(lines) == 1 and names in lines[0] and "1 to 65535" in lines[0], result.stderr
+    assert len(lines) == 1 and names in lines[0] and "0 to 65535" in lines[0], result.stderr
 
 
 def test_serve_on_a_port_in_use_exits_2_not_3_naming_the_setting(tmp_path: Path) -> None:

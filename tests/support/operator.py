@@ -57,7 +57,7 @@ class OperatorProcess(ServiceProcess):
     def argv(self) -> list[str]:
         return [
             *enhanced_locking_command(), "operator",
-            "--host", LOOPBACK, "--port", str(self.port),
+            "--host", LOOPBACK, "--port", self.port_argument,
             "--data-dir", str(self.data_dir),
             "--namespace", self.namespace,
             "--policy", self.policy,

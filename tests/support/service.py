@@ -6,6 +6,14 @@ entry point is what gets tested) on a free loopback port with its own data dir, 
 it again on the same port and data dir. Its stdout and stderr go to files, never to pipes that
 could fill up and stall the server; ``output()`` returns them for failure reports.
 
+The server that answers must be the process started, not another one on the same port (a
+port picked free here can be taken by another run before the service binds it, and that
+run's server then answered our health check). So a first start asks for ``--port 0``: the
+service binds a port nobody holds and names it in its ``listening on`` log line, read from this
+start's own stderr. A restart reuses that port, and the health check waits for the new
+process's own line first: the service logs it only once it has bound the port, and exits 2
+when the port is taken, so nothing else can be listening there.
+
 In tests, ``running(process)`` (one process) and ``services()`` (a group a fixture starts one
 by one) start processes, fail the test with the service's output when one does not come up,
 and stop them all at the end.
@@ -15,7 +23,9 @@ Nothing here listens anywhere but 127.0.0.1.
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
 import shutil
 import signal
 import socket
@@ -47,6 +57,9 @@ __all__ = [
 LOOPBACK = "127.0.0.1"
 START_DEADLINE = 20.0
 STOP_GRACE = 10.0
+LISTENING = re.compile(r"listening on https?://127\.0\.0\.1:(?P<port>[0-9]+)[ \n]")
+"""The service's log line naming the address it bound (logged at level info, the default)."""
+_NUMBERS = itertools.count(1)
 
 
 class ServiceStartError(RuntimeError):
@@ -106,19 +119,40 @@ class ServiceProcess:
         ca_file: Path | None = None,
     ) -> None:
         """``ca_file``: the service serves HTTPS (its certificate is signed by this CA)."""
+        """``port``: the port to serve on; without one the first start asks the service for a
+        free port (``--port 0``) and every restart keeps the one it got."""
         self.data_dir = data_dir
         self.ca_file = ca_file
         self.args = list(args)
         self.env = dict(env or {})
-        self.port = port or free_port()
+        self._port = port
         self.log_dir = log_dir or data_dir.parent
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        self._number = next(_NUMBERS)
+
+    @property
+    def port(self) -> int:
+        """The port the service serves on (known once it has started, unless given)."""
+        if self._port is None:
+            raise ServiceStartError("the service has not started yet: its port is picked "
+                                    "when it starts")
+        return self._port
+
+    @property
+    def port_argument(self) -> str:
+        """``--port``'s value: the known port, else 0 (the service picks a free one)."""
+        return str(self._port or 0)
 
     @property
     def url(self) -> str:
         scheme = "https" if self.ca_file is not None else "http"
         return f"{scheme}://{LOOPBACK}:{self.port}"
+
+    @property
+    def name(self) -> str:
+        """What failure reports call it: its URL, or its number before it has a port."""
+        return self.url if self._port is not None else f"service #{self._number} (no port yet)"
 
     @property
     def argv(self) -> list[str]:
@@ -128,19 +162,19 @@ class ServiceProcess:
             "--host",
             LOOPBACK,
             "--port",
-            str(self.port),
+            self.port_argument,
             "--data-dir",
             str(self.data_dir),
             *self.args,
         ]
 
     def _log(self, stream: str) -> Path:
-        return self.log_dir / f"service-{self.port}-{self.starts}.{stream}"
+        return self.log_dir / f"service-{self._number}-{self.starts}.{stream}"
 
     def start(self, *, deadline: float = START_DEADLINE) -> Self:
         """Start the process and wait until ``/healthz`` answers 200."""
         if self.process is not None and self.process.poll() is None:
-            raise ServiceStartError(f"the service on {self.url} is already running")
+            raise ServiceStartError(f"the {self.name} is already running")
         self.starts += 1
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with open(self._log("stdout"), "wb") as out, open(self._log("stderr"), "wb") as err:
@@ -156,10 +190,16 @@ class ServiceProcess:
         self._wait_healthy(deadline)
         return self
 
+    def bound_port(self) -> int | None:
+        """The port this start's process says it bound (its ``listening on`` line), if yet."""
+        found = LISTENING.search(self.stderr())
+        return int(found.group("port")) if found else None
+
     def _wait_healthy(self, deadline: float) -> None:
         assert self.process is not None
+        argv = " ".join(self.process.args)  # type: ignore[arg-type]
         until = time.monotonic() + deadline
-        last = "no answer yet"
+        last = "it has not logged the address it listens on"
         verify: ssl.SSLContext | bool = (
             ssl.create_default_context(cafile=str(self.ca_file)) if self.ca_file else True)
         with httpx.Client(timeout=1.0, verify=verify) as client:
@@ -167,9 +207,16 @@ class ServiceProcess:
                 code = self.process.poll()
                 if code is not None:
                     raise ServiceStartError(
-                        f"`{' '.join(self.argv)}` exited with {code} before serving:\n"
-                        f"{self.output()}"
-                    )
+                        f"`{argv}` exited with {code} before serving:\n{self.output()}")
+                # Only once this process has bound its port is the answer on it its own.
+                bound = self.bound_port()
+                if bound is not None and self._port is None:
+                    self._port = bound
+                if bound is None or bound != self._port:
+                    if bound is not None:
+                        last = f"it listens on port {bound}, not {self._port}"
+                    time.sleep(0.05)
+                    continue
                 try:
                     response = client.get(self.url + "/healthz")
                     if response.status_code == 200:
@@ -180,9 +227,7 @@ class ServiceProcess:
                 time.sleep(0.05)
         self.kill()
         raise ServiceStartError(
-            f"the service on {self.url} did not answer /healthz within {deadline}s "
-            f"({last}):\n{self.output()}"
-        )
+            f"`{argv}` did not answer /healthz within {deadline}s ({last}):\n{self.output()}")
 
     def _signal(self, sig: signal.Signals, wait: float) -> int | None:
         if self.process is None:
