@@ -59,3 +59,25 @@ async def test_an_item_dropped_while_lent_is_not_counted_twice() -> None:
     await box.drained(1.0)
     assert [item for batch in store.written for item in batch] == [3]
     assert box.dropped == 1
+
+
+async def test_items_that_come_while_a_write_is_on_its_way_wait_for_their_own_moment() -> None:
+    # A steady caller (one item a millisecond, each write taking two) gets one write per
+    # `coalesce`, not one write per item or per round trip.
+    class SlowStore(Store):
+        async def write(self, batch: list[int]) -> None:
+            await asyncio.sleep(0.002)
+            self.written.append(batch)
+
+    store = SlowStore()
+    box = outbox(store)
+    started = asyncio.get_running_loop().time()
+    for item in range(100):
+        box.put(item)
+        await asyncio.sleep(0.001)
+    elapsed = asyncio.get_running_loop().time() - started
+    await box.drained(1.0)
+    assert [item for batch in store.written for item in batch] == list(range(100))
+    # One write per coalesce (10 ms) and the write's own 2 ms, at the most.
+    assert len(store.written) <= elapsed / 0.012 + 2, (len(store.written), elapsed)
+    assert len(box) == 0

@@ -81,6 +81,7 @@ class Outbox(Generic[T]):
                     await self._back.wait()
                     continue
                 batch = list(itertools.islice(self._items, self.batch_limit))
+                whole = len(batch) == len(self._items)
                 self._writing = True
                 try:
                     await self._write(batch)
@@ -93,9 +94,15 @@ class Outbox(Generic[T]):
                     backoff = RETRY_FIRST
                     for _ in batch:
                         self._items.popleft()
+                    if whole and self._items:
+                        # What is left came while this write was on its way: it gets its own
+                        # moment too (written back to back, a steady caller would pay one
+                        # write per operation, not one per ``coalesce``).
+                        break
                 finally:
                     self._writing = False
-            self._drained.set()
+            if not self._items:
+                self._drained.set()
 
     def lend(self, limit: int | None = None) -> list[T]:
         """The oldest items (up to ``limit`` and ``batch_limit``), for a write the caller
