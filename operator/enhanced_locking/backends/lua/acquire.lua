@@ -15,6 +15,29 @@
 -- decoded by redis_replies.acquire
 local refused = guard()
 if refused then return refused end
+-- The uncontended case, lean: one exclusive key, no waiting, no rules, nobody queued and
+-- nothing stored at the key (no lock hash, no shared holders). It grants exactly as `main`
+-- would (`stamp`, the same reply kept under the call id), without the discovery, the serving
+-- and the verdict, which all find nothing to do then. Anything else goes on to `main`;
+-- nothing is written before that is decided.
+local function uncontended()
+  if #ARGV ~= 24 or ARGV[12] ~= '' or ARGV[10] ~= '' or ARGV[18] ~= 'exclusive' then
+    return nil
+  end
+  local k, repo, pull = ARGV[21], ARGV[15], ARGV[16]
+  if not (declared(lock_name, k) and declared(shared_name, k) and declared(fence_name, k)
+          and declared(pull_index, repo, pull)) then
+    return nil
+  end
+  if redis.call('SISMEMBER', QUEUED, k) == 1 then return nil end
+  if redis.call('EXISTS', lock_name(k), shared_name(k)) > 0 then return nil end
+  fetched[k] = {lock = false, shared = {}}  -- known free, as `main`'s reads would find it
+  local lock = stamp(k, ARGV[22], repo, pull, tonumber(ARGV[11]), false, 'exclusive',
+                     ARGV[23], ARGV[24])
+  return finish({'granted', {lock}, 1})
+end
+local quick = uncontended()
+if quick then return quick end
 local function main()
   local ttl, wait_id, wait_ms = tonumber(ARGV[11]), ARGV[12], tonumber(ARGV[13])
   local rid, repo, pull, level = ARGV[14], ARGV[15], ARGV[16], ARGV[17]

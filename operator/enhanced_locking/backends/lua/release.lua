@@ -10,6 +10,31 @@
 -- decoded by redis_replies.release
 local refused = guard()
 if refused then return refused end
+-- The uncontended case, lean: the owner's own exclusive lock, readable and live, no rules,
+-- no shared holders and nobody queued on the key. It releases exactly as `main` would
+-- (`drop_lock`, the same reply kept under the call id), without the discovery and the
+-- serving, which find nothing to do then. Anything else goes on to `main`; nothing is
+-- written before that is decided.
+local function uncontended()
+  if #ARGV ~= 13 or ARGV[12] == '' or ARGV[10] ~= '' then return nil end
+  local k = ARGV[11]
+  if not (declared(lock_name, k) and declared(shared_name, k)
+          and declared(pull_index, ARGV[12], ARGV[13])) then
+    return nil
+  end
+  if redis.call('SISMEMBER', QUEUED, k) == 1 then return nil end
+  local lock = read_lock(k)
+  if not lock or lock.bad or lapsed(lock) or not same_owner(lock, ARGV[12], ARGV[13]) then
+    return nil
+  end
+  if not no_shared(k) then return nil end
+  fetched[k].shared = {}  -- known to have none, as `main`'s reads would find it
+  local hs = holders(k)
+  drop_lock(hs[1])
+  return finish({'released', hs[1], {}, {}, {}, {}})
+end
+local quick = uncontended()
+if quick then return quick end
 local function main()
   local k = ARGV[11]
   expect(key_names, k)

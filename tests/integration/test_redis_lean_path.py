@@ -1,0 +1,145 @@
+"""The lean path of the Redis scripts: an uncontended acquire and release skip the discovery,
+the serving and the verdict (``acquire.lua`` and ``release.lua``: ``uncontended``), and do
+exactly what the full path does then.
+
+The full path is made to run on a second key, in the same state otherwise, by a stale entry
+in the ``queued`` index (which it prunes: the key has no waiter): both keys must then be
+stored, indexed and answered alike.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis
+from tests.support.locks import lock_for, request_for
+from tests.support.redis_fixtures import redis_config
+from tests.support.redis_server import RedisServer
+
+from enhanced_locking.backends.redis_store import RedisBackend, RedisKeys
+from enhanced_locking.types import LockNotOwned
+
+pytestmark = pytest.mark.redis
+
+LEAN, FULL = "acme/infra/envs/prod/default/prod", "acme/infra/envs/stage/default/stage"
+OWNER = ("acme/infra", 7)
+
+
+@pytest.fixture
+async def backend(redis_server: RedisServer) -> AsyncIterator[RedisBackend]:
+    backend = RedisBackend.from_config(redis_config(redis_server), "enhanced")
+    await backend.ping()  # the store's incarnation is known: no refusal in what follows
+    yield backend
+    await backend.close()
+
+
+def _request(key: str) -> Any:
+    path, project = ("envs/prod", "prod") if key == LEAN else ("envs/stage", "stage")
+    return request_for(pull=OWNER[1], path=path, project=project)
+
+
+def _answers(admin: redis.Redis, keys: RedisKeys) -> list[Any]:
+    """Every answer kept under a call id, oldest first by what it holds, then cleared."""
+    names = sorted(admin.keys(keys.base + "op:*"))
+    answers = [json.loads(admin.get(name) or b"null") for name in names]
+    if names:
+        admin.delete(*names)
+    return answers
+
+
+def _alike(answer: Any) -> Any:
+    """An answer with what differs between the two keys (the key, its path and project,
+    the grant time, the request's time) made the same."""
+    def clean(node: Any) -> Any:
+        if isinstance(node, list):
+            return [clean(n) for n in node]
+        if isinstance(node, dict):  # the request's own time ("Time") differs too
+            return {k: "<time>" if k == "Time" else clean(v) for k, v in node.items()}
+        if isinstance(node, str) and node.startswith("{"):
+            return clean(json.loads(node))  # a lock's stored JSON
+        if isinstance(node, str) and node.isdigit() and len(node) == 13:
+            return "<ms>"  # a server time
+        if isinstance(node, str):
+            return node.replace(LEAN, "K").replace(FULL, "K").replace(
+                "envs/stage", "P").replace("envs/prod", "P").replace(
+                "stage", "N").replace("prod", "N")
+        return node
+    return clean(answer)
+
+
+def _stored(admin: redis.Redis, keys: RedisKeys, key: str) -> dict[str, Any]:
+    raw: dict[bytes, bytes] = admin.hgetall(keys.lock(key))  # type: ignore[assignment]
+    lock = {k.decode(): v.decode() for k, v in raw.items()}
+    lock.pop("at", None)
+    if "data" in lock:
+        lock["data"] = _alike(lock["data"])
+        lock["path"] = "P"
+    return {
+        "lock": lock,
+        "ttl": admin.pttl(keys.lock(key)) > 0,
+        "held": admin.sismember(keys.held, key),
+        "fenced": admin.sismember(keys.fenced, key),
+        "fence": admin.get(keys.fence(key)),
+        "queued": admin.sismember(keys.queued, key),
+        "pull": admin.sismember(keys.pull(*OWNER), key),
+        "shared": admin.exists(keys.shared(key)),
+    }
+
+
+async def test_an_uncontended_pair_stores_and_answers_what_the_full_path_does(
+    backend: RedisBackend, redis_server: RedisServer,
+) -> None:
+    keys = backend.keys
+    with redis_server.client() as admin:
+        _answers(admin, keys)
+        for key in (LEAN, FULL):
+            if key == FULL:
+                admin.sadd(keys.queued, key)  # a stale index entry: the full path runs
+            admin.config_resetstat()
+            granted, lock = await backend.acquire(lock_for(_request(key)))
+            assert granted and lock.fencing_token == 1 and lock.key == key
+            stats = admin.info("commandstats")
+            # The lean path reads neither the shared holders' hash nor a queue.
+            assert ("cmdstat_hgetall" in stats) == (key == FULL), stats
+            assert ("cmdstat_zrange" in stats) == (key == FULL), stats
+        assert _stored(admin, keys, LEAN) == _stored(admin, keys, FULL)
+        assert _stored(admin, keys, LEAN)["held"] and _stored(admin, keys, LEAN)["pull"]
+        acquired = _answers(admin, keys)
+        assert len(acquired) == 2
+        assert _alike(acquired[0]) == _alike(acquired[1])
+        assert {a[0] for a in acquired} == {"granted"}
+
+        for key in (LEAN, FULL):
+            if key == FULL:
+                admin.sadd(keys.queued, key)
+            admin.config_resetstat()
+            released = await backend.release(key, owner=OWNER)
+            assert released is not None and released.key == key
+            stats = admin.info("commandstats")
+            assert ("cmdstat_hgetall" in stats) == (key == FULL), stats
+        assert _stored(admin, keys, LEAN) == _stored(admin, keys, FULL)
+        assert not _stored(admin, keys, LEAN)["held"]
+        assert _stored(admin, keys, LEAN)["fence"] == b"1"
+        assert not _stored(admin, keys, FULL)["queued"]  # the full path pruned the entry
+        dropped = _answers(admin, keys)
+        assert len(dropped) == 2 and {a[0] for a in dropped} == {"released"}
+        assert _alike(dropped[0]) == _alike(dropped[1])
+
+
+async def test_a_key_with_waiters_or_another_holder_takes_the_full_path(
+    backend: RedisBackend, redis_server: RedisServer,
+) -> None:
+    granted, _ = await backend.acquire(lock_for(request_for(pull=1)))
+    assert granted
+    with redis_server.client() as admin:
+        admin.config_resetstat()
+        granted, holder = await backend.acquire(lock_for(request_for(pull=2)))
+        assert not granted and holder.pull.num == 1
+        assert "cmdstat_hgetall" in admin.info("commandstats")  # the full path answered
+        admin.config_resetstat()
+        with pytest.raises(LockNotOwned):
+            await backend.release(LEAN, owner=("acme/infra", 2))
+        assert "cmdstat_hgetall" in admin.info("commandstats")
