@@ -5,10 +5,22 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta
 
+import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from enhanced_locking.backends import codec
-from enhanced_locking.types import Lock, Priority, Project, Pull, User, VcsHost, strip_credentials
+from enhanced_locking.types import (
+    Lock,
+    Priority,
+    Project,
+    Pull,
+    User,
+    VcsHost,
+    replaced,
+    strip_credentials,
+)
 
 TOKEN = "ghp_s3cretT0ken"
 
@@ -189,3 +201,68 @@ def test_a_stored_path_that_was_not_cleaned_reads_back_clean_under_its_stored_ke
     stored = codec.decode(json.dumps(data), key="acme/infra/./envs/prod//staging/prod")
     assert stored.project.path == "envs/prod"
     assert stored.key == "acme/infra/./envs/prod//staging/prod"
+
+
+# Text a field may hold, with what JSON must escape (quotes, backslashes, control characters)
+# and text beyond ASCII.
+_field_text = st.text(alphabet=st.characters(codec="utf-8"), max_size=12)
+_times = st.datetimes(min_value=datetime(1990, 1, 1), max_value=datetime(2100, 1, 1),
+                      timezones=st.just(UTC))
+
+
+@st.composite
+def _locks(draw: st.DrawFn) -> Lock:
+    return a_lock(
+        project=Project.model_construct(repo_full_name=draw(_field_text) or "r",
+                                        path=draw(_field_text) or ".",
+                                        project_name=draw(_field_text)),
+        workspace=draw(_field_text),
+        pull=Pull.model_construct(
+            num=draw(st.integers(min_value=0, max_value=2**31 - 1)), url=draw(_field_text),
+            author=draw(_field_text), head_branch=draw(_field_text),
+            base_branch=draw(_field_text), head_commit=draw(_field_text),
+            state=draw(st.sampled_from(["open", "closed"])),
+            vcs_host=draw(st.none() | st.builds(VcsHost, hostname=_field_text,
+                                                type=st.sampled_from(["Github", "Gitea"])))),
+        user=User.model_construct(username=draw(_field_text),
+                                  teams=draw(st.lists(_field_text, max_size=3))),
+        priority=draw(st.sampled_from(list(Priority))),
+        mode=draw(st.sampled_from(["shared", "exclusive"])),
+        backend=draw(st.sampled_from(["legacy", "enhanced"])),
+    )
+
+
+@given(lock=_locks(), grants=st.lists(
+    st.tuples(_times, st.none() | _times, st.integers(min_value=0, max_value=2**62)),
+    min_size=1, max_size=3))
+def test_a_lock_is_written_as_the_json_encoder_writes_its_atlantis_form(
+    lock: Lock, grants: list[tuple[datetime, datetime | None, int]]
+) -> None:
+    # The same lock granted again (its kept template) and with other times and tokens writes
+    # exactly what the JSON encoder makes of the whole Atlantis object, byte for byte.
+    for acquired, expires, token in grants:
+        granted = replaced(lock, acquired_at=acquired, expires_at=expires, fencing_token=token)
+        written = codec.encode(granted)
+        assert written == orjson.dumps(codec.atlantis_dict(granted)).decode()
+        assert json.loads(written)["Enhanced"]["FencingToken"] == token
+
+
+def test_locks_that_differ_in_any_written_part_are_written_apart() -> None:
+    # Each differs from the first in one part that a grant does not change: none may be
+    # written from another's template.
+    first = a_lock()
+    others = [
+        a_lock(workspace="staging"),
+        a_lock(project=Project(repo_full_name="acme/infra", path="envs/prod")),
+        a_lock(pull=first.pull.model_copy(update={"head_commit": "5e3b0d"})),
+        a_lock(pull=first.pull.model_copy(update={"vcs_host": VcsHost(hostname="gitlab.com",
+                                                                      type="Gitlab")})),
+        a_lock(user=User(username="alice", teams=["platform"])),
+        a_lock(user=User(username="alice", teams=["platform", "sre", "ops"])),
+        a_lock(priority=Priority.LOW),
+        a_lock(mode="shared"),
+        a_lock(backend="legacy"),
+    ]
+    for lock in [first, *others, first]:
+        assert codec.encode(lock) == orjson.dumps(codec.atlantis_dict(lock)).decode()
+    assert len({codec.encode(lock) for lock in [first, *others]}) == len(others) + 1
