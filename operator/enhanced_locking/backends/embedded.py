@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -313,6 +313,10 @@ def _migrate_from_0(connection: sqlite3.Connection, tables: set[str]) -> None:
         "WHERE name = 'token_floor'")
     for statement in MIGRATE_FROM_0:
         connection.execute(statement)
+
+
+async def _nothing_handed() -> Handoff:
+    return Handoff()
 
 
 class EmbeddedBackend(StoreBackend):
@@ -612,17 +616,18 @@ class EmbeddedBackend(StoreBackend):
             holders = self._read_holders(key, now)
         return holders[0] if holders else None
 
-    async def release_and_handoff(
+    def release_and_handoff(
         self, key: str, *, owner: Owner | None = None, policy: QueuePolicy | None = None
-    ) -> Handoff:
+    ) -> Coroutine[None, None, Handoff]:
         # Nothing stored for the key (no lock, no shared lock, not even a lapsed one) and nobody
         # waiting: the general path would find nothing to release, expire or hand over.
         if (self._counter is not None and key not in self._queues
                 and (policy is None or not policy.rules.concurrency)
                 and self._known.get(key) == (None, [])
                 and self._unchanged(key, self.clock()) == []):
-            return Handoff()
-        return await super().release_and_handoff(key, owner=owner, policy=policy)
+            return _nothing_handed()
+        # The general path's coroutine itself, not one that awaits it: one frame less.
+        return super().release_and_handoff(key, owner=owner, policy=policy)
 
     async def ping(self) -> None:
         with self._unavailable():
