@@ -514,7 +514,9 @@ class Lock(_Model):
         """Whether this is the lock of that project and workspace: the identity of a lock is
         its parts. Two projects can join to one key (``gl/grp`` + ``sub/proj`` and
         ``gl/grp/sub`` + ``proj``); the key alone cannot tell them apart."""
-        return self.project == project and self.workspace == workspace
+        # The same object first: a grant carries the request's own project.
+        return ((self.project is project or self.project == project)
+                and self.workspace == workspace)
 
     def expired(self, now: datetime) -> bool:
         return self.expires_at is not None and self.expires_at <= now

@@ -30,9 +30,10 @@ by another pull) and :meth:`Router._fallback_action` (what the fallback setting 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from enhanced_locking.backends.base import Owner
 from enhanced_locking.backends.waiting import Waiters
@@ -127,7 +128,7 @@ class Router(AtlantisCalls):
         self.events = events
         self.metrics = metrics
         self.migration = migration
-        self._routed_legacy = metrics.routing.labels("legacy")
+        self._routed_legacy = metrics.counting(metrics.routing, "legacy")
 
     @property
     def enhanced(self) -> Locker | None:
@@ -150,6 +151,12 @@ class Router(AtlantisCalls):
         (:mod:`.identity`), never a grant, and an unreadable stored lock on either side is
         ``unreadable`` (:mod:`enhanced_locking.backends.unreadable`), never a grant."""
         try:
+            if self._enhanced() is None and not request.wait:
+                # Enhanced locking was never enabled here: Atlantis's locking and nothing else
+                # on the path (no other side to check, nothing moving, nothing to shadow).
+                self._routed_legacy.inc()
+                result = await self.legacy.acquire(request)
+                return identity.checked(request.project, request.workspace, result)
             if request.wait:  # checked before queueing: never wait behind another's name
                 refused = identity.refuse_ambiguous(
                     request.key, request.project, request.workspace,
@@ -300,9 +307,13 @@ class Router(AtlantisCalls):
             return result
         return AcquireResult.refused(request.key, Reason.UNAVAILABLE)
 
-    async def release(self, key: str, *, owner: Owner | None = None) -> Lock | None:
-        if self.enhanced is None:  # never enabled here: only legacy can hold it
-            return await self.legacy.release(key, owner=owner)
+    def release(self, key: str, *, owner: Owner | None = None) -> Coroutine[Any, Any, Lock | None]:
+        if self._enhanced() is None:  # never enabled here: only legacy can hold it
+            # Legacy's own coroutine, not one that awaits it: the router adds no frame.
+            return self.legacy.release(key, owner=owner)
+        return self._release_both(key, owner)
+
+    async def _release_both(self, key: str, owner: Owner | None) -> Lock | None:
         released: Lock | None = None
         failure: LockNotOwned | BackendUnavailable | None = None
         unreached = False
