@@ -31,6 +31,7 @@ from enhanced_locking.api.access import (
 from enhanced_locking.api.audit import AuditTrail
 from enhanced_locking.api.audit_routes import install_audit_routes
 from enhanced_locking.api.console import install_console
+from enhanced_locking.api.direct import check_direct_routes, serve_directly
 from enhanced_locking.api.disconnect import AnswerUnlessGone, ClientGone, answer_unless_gone
 from enhanced_locking.api.errors import (
     UNREADABLE,
@@ -328,5 +329,10 @@ def create_app(
         return Response(service.metrics.exposition(),
                         media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    # The two calls of every Atlantis lock pair, without FastAPI's per-call machinery (same
+    # contract: anything they do not take as it is, FastAPI's handler answers; see .direct).
+    serve_directly(app, acquire)
+    serve_directly(app, release_lock)
     check_routes(app)
+    check_direct_routes(app)
     return app

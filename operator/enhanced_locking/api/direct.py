@@ -1,0 +1,239 @@
+"""The routes every Atlantis plan and apply calls, served by a direct handler to the same contract.
+
+FastAPI reads a route's inputs from its endpoint's signature: the OpenAPI document, the 422
+answers and, on every call, the work of reading them — the body parsed into Python objects
+and validated again, each dependency and parameter solved through generic machinery, two
+exit stacks — and, before that, the route found by trying the routes one by one. For the
+lock routes that machinery cost more server time than the lock itself (docs/benchmarks.md,
+"HTTP"). :func:`serve_directly` keeps such a route exactly as declared (its OpenAPI entry is
+the same) and puts a direct handler in front of FastAPI's own:
+
+* the route is found by its method and path in one look-up, ahead of the linear search
+  (:class:`DirectRoutes`; only a route no earlier route could match is found this way);
+* the JSON body is validated from its bytes by the body model (``model_validate_json``,
+  pydantic's parser), the query parameters each by FastAPI's own field for it (the same
+  constraints, validators and defaults);
+* the caller is resolved by the route's own dependency function, and the endpoint is called
+  with those values; its answer is already a response (the endpoints of direct routes answer
+  with encoded JSON).
+
+Whatever the direct handler does not take as it is — a body that does not validate or is not
+``application/json``, a missing or invalid parameter — goes to FastAPI's handler, with the
+body it read, and is answered exactly as before: the 422s keep FastAPI's and
+:mod:`.errors`'s shape, built in one place. So the direct handler serves only requests that
+FastAPI would have served with the same values.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from types import UnionType
+from typing import Annotated, Any, Union, get_args, get_origin
+
+from fastapi import FastAPI
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ValidationError
+from starlette._utils import get_route_path
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Match, compile_path
+from starlette.types import Message, Receive, Scope, Send
+
+__all__ = ["DirectRoutes", "serve_directly"]
+
+JSON_TYPES = frozenset({"application/json", "application/json; charset=utf-8"})
+"""The content types read directly (case aside); any other goes to FastAPI's handler, which
+decides what it is."""
+
+
+class _Refer(Exception):
+    """The direct handler does not take this request: FastAPI's handler answers it."""
+
+
+@dataclass(frozen=True)
+class _Query:
+    """One query parameter: FastAPI's field for it (its validator), and its name in the URL."""
+
+    name: str
+    alias: str
+    field: Any  # fastapi's ModelField: validate() is the route's own validation
+    required: bool
+    default: Any
+
+
+def _plan(route: APIRoute) -> tuple[type[BaseModel] | None, str | None, str | None,
+                                    list[_Query], list[tuple[str, Callable[..., Any]]]]:
+    """What a direct handler needs of ``route``; ``TypeError`` when its inputs are more than a
+    JSON body model, query parameters, the request and dependencies on the request alone."""
+    dependant = route.dependant
+    where = f"{sorted(route.methods or ())} {route.path}"
+    if not inspect.iscoroutinefunction(route.endpoint):
+        raise TypeError(f"route {where}: only an async endpoint can be served directly")
+    if (dependant.path_params or dependant.header_params or dependant.cookie_params
+            or dependant.background_tasks_param_name or dependant.response_param_name
+            or dependant.websocket_param_name or dependant.security_scopes_param_name
+            or route._embed_body_fields or len(dependant.body_params) > 1):
+        raise TypeError(f"route {where}: only a body model, query parameters, the request and "
+                        "request-only dependencies can be served directly")
+    body_model: type[BaseModel] | None = None
+    body_name: str | None = None
+    if dependant.body_params:
+        field = dependant.body_params[0]
+        annotation = field.field_info.annotation
+        if (not isinstance(annotation, type) or not issubclass(annotation, BaseModel)
+                or field.field_info.metadata or route.body_field is None):
+            raise TypeError(f"route {where}: its body must be one pydantic model")
+        body_model, body_name = annotation, field.name
+    queries = []
+    for field in dependant.query_params:
+        info = field.field_info
+        required = info.is_required()
+        if (info.validation_alias is not None or info.validate_default
+                or info.default_factory is not None
+                or not (required or info.default is None)
+                or not _scalar(info.annotation)):
+            raise TypeError(f"route {where}: query parameter {field.name} is not a plain "
+                            "scalar with a None default")
+        queries.append(_Query(field.name, field.alias, field, required,
+                              None if required else info.default))
+    dependencies = []
+    for sub in dependant.dependencies:
+        if (sub.dependencies or sub.query_params or sub.body_params or sub.header_params
+                or sub.path_params or sub.cookie_params or sub.request_param_name is None
+                or sub.name is None or not inspect.iscoroutinefunction(sub.call)):
+            raise TypeError(f"route {where}: dependency {sub.name} must be async and take the "
+                            "request only")
+        dependencies.append((sub.name, sub.call))
+    return body_model, body_name, dependant.request_param_name, queries, dependencies
+
+
+def _scalar(annotation: Any) -> bool:
+    """Whether ``annotation`` is ``str`` or ``int``, optionally annotated or ``| None``."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _scalar(get_args(annotation)[0])
+    if origin in (Union, UnionType):
+        kinds = [kind for kind in get_args(annotation) if kind is not type(None)]
+        return len(kinds) == 1 and _scalar(kinds[0])
+    return annotation in (str, int)
+
+
+def serve_directly(app: FastAPI, endpoint: Callable[..., Awaitable[Any]]) -> None:
+    """Serve the route of ``endpoint`` (already added to ``app``) by a direct handler, in front
+    of FastAPI's, and find it by method and path first (see the module's docstring)."""
+    route = next(r for r in app.router.routes
+                 if isinstance(r, APIRoute) and r.endpoint is endpoint)
+    body_model, body_name, request_name, queries, dependencies = _plan(route)
+    referred = route.app
+
+    async def direct(scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive, send)
+        body: bytes | None = None
+        try:
+            values: dict[str, Any] = {}
+            if body_model is not None:
+                body = await request.body()
+                kind = request.headers.get("content-type")
+                if kind is None or kind.lower() not in JSON_TYPES:
+                    raise _Refer
+                values[body_name] = body_model.model_validate_json(body)  # type: ignore[index]
+            if queries:
+                params = request.query_params
+                for query in queries:
+                    raw = params.get(query.alias)
+                    if raw is None:
+                        if query.required:
+                            raise _Refer
+                        values[query.name] = query.default
+                        continue
+                    value, problems = query.field.validate(raw)
+                    if problems:
+                        raise _Refer
+                    values[query.name] = value
+        except (_Refer, ValidationError):
+            await referred(scope, receive if body is None else _replaying(body, receive), send)
+            return
+        if request_name is not None:
+            values[request_name] = request
+        for name, call in dependencies:
+            values[name] = await call(request)
+        response = await endpoint(**values)
+        if not isinstance(response, Response):
+            raise TypeError(f"{route.path}: a directly served endpoint answers a Response, "
+                            f"not {type(response).__name__}")
+        await response(scope, receive, send)
+
+    route.app = direct
+    _direct_routes(app).add(route)
+
+
+def _replaying(body: bytes, receive: Receive) -> Receive:
+    """``receive`` with the body already read handed out again first."""
+    pending = True
+
+    async def replay() -> Message:
+        nonlocal pending
+        if pending:
+            pending = False
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+class DirectRoutes(BaseRoute):
+    """The directly served routes, found by method and path in one look-up. Placed first in the
+    app's routes; it matches only a request one of them matches fully, so every other request
+    is routed as before. (Not an API route: the OpenAPI document does not see it.)"""
+
+    def __init__(self) -> None:
+        self.table: dict[tuple[str, str], APIRoute] = {}
+
+    def add(self, route: APIRoute) -> None:
+        _, _, params = compile_path(route.path)
+        if params:
+            raise TypeError(f"route {route.path}: a direct route has no path parameters")
+        for method in route.methods or ():
+            self.table[(method, route.path)] = route
+
+    def check(self, routes: list[BaseRoute]) -> None:
+        """Refuse a direct route that an earlier route could also match (finding it first would
+        change which route answers)."""
+        for (method, path), route in self.table.items():
+            scope = {"type": "http", "method": method, "path": path, "root_path": ""}
+            for earlier in routes:
+                if earlier is self:
+                    continue
+                if earlier is route:
+                    break
+                if earlier.matches(scope)[0] is Match.FULL:
+                    raise RuntimeError(f"route {method} {path} is served directly but an "
+                                       f"earlier route matches it too: {earlier!r}")
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        if scope["type"] == "http":
+            route = self.table.get((scope["method"], get_route_path(scope)))
+            if route is not None:
+                return route.matches(scope)
+        return Match.NONE, {}
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await scope["route"].handle(scope, receive, send)
+
+
+def _direct_routes(app: FastAPI) -> DirectRoutes:
+    routes = app.router.routes
+    if routes and isinstance(routes[0], DirectRoutes):
+        return routes[0]
+    table = DirectRoutes()
+    routes.insert(0, table)
+    return table
+
+
+def check_direct_routes(app: FastAPI) -> None:
+    """Once every route is added: refuse a direct route another route would have answered."""
+    routes = app.router.routes
+    if routes and isinstance(routes[0], DirectRoutes):
+        routes[0].check(routes)

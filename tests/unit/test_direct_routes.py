@@ -1,0 +1,291 @@
+"""The lock routes served directly answer every request exactly as FastAPI's own handler does.
+
+Each case is sent to two apps over their own embedded stores: the service as built, and the
+same service with its routes put back on FastAPI's handler. Both must answer the same status,
+headers and body (times, fencing tokens and ids aside); valid requests must not reach FastAPI's
+request handler on the direct routes, and everything else must (that is where their 422,
+401 and 403 answers come from).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Annotated, Any
+
+import fastapi.routing
+import httpx
+import pytest
+from fastapi import FastAPI
+from fastapi.routing import APIRoute, request_response
+
+from enhanced_locking.api import create_app
+from enhanced_locking.api.access import CallerDep
+from enhanced_locking.api.direct import DirectRoutes, check_direct_routes, serve_directly
+from enhanced_locking.config import EnhancedLockingConfig
+from enhanced_locking.factory import LockService
+from enhanced_locking.provider import ConfigProvider
+
+TOKEN = "direct-route-token"
+STAMPED = {"acquiredAt", "expiresAt", "fencingToken", "requestId", "id", "time", "waitedFor"}
+
+
+def undirected(app: FastAPI) -> FastAPI:
+    """``app`` with every direct route on FastAPI's own handler again, found as before."""
+    table = app.router.routes[0]
+    assert isinstance(table, DirectRoutes)
+    for route in {id(r): r for r in table.table.values()}.values():
+        route.app = request_response(route.get_route_handler())
+    del app.router.routes[0]
+    return app
+
+
+def config(data: Path, **values: Any) -> EnhancedLockingConfig:
+    return EnhancedLockingConfig(enabled=True, data_dir=str(data), audit_stdout=False, **values)
+
+
+Pair = tuple[httpx.AsyncClient, httpx.AsyncClient]
+
+
+@pytest.fixture
+async def pair(tmp_path: Path) -> AsyncIterator[Pair]:
+    async with _pair(tmp_path, {}) as clients:
+        yield clients
+
+
+@pytest.fixture
+async def guarded_pair(tmp_path: Path) -> AsyncIterator[Pair]:
+    tokens = tmp_path / "tokens.csv"
+    tokens.write_text(f"{TOKEN},ci\nviewer-token,viewer\n")
+    roles = "locker=user:ci;viewer=user:viewer"
+    async with _pair(tmp_path, {"auth": "static", "auth_tokens_file": str(tokens),
+                                "auth_roles": roles}) as clients:
+        yield clients
+
+
+class _pair:
+    def __init__(self, root: Path, values: dict[str, Any]) -> None:
+        self.root, self.values, self.stack = root, values, AsyncExitStack()
+
+    async def __aenter__(self) -> Pair:
+        clients = []
+        for name, build in (("direct", lambda app: app), ("fastapi", undirected)):
+            data = self.root / name
+            data.mkdir()
+            app = build(create_app(LockService(ConfigProvider(config(data, **self.values)))))
+            await self.stack.enter_async_context(app.router.lifespan_context(app))
+            clients.append(await self.stack.enter_async_context(httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1")))
+        return clients[0], clients[1]
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stack.aclose()
+
+
+@pytest.fixture
+def handled(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The endpoints FastAPI's request handler ran for (it reads each one's context first)."""
+    seen: list[str] = []
+    context = fastapi.routing._extract_endpoint_context
+
+    def counting(call: Any) -> Any:
+        seen.append(call.__name__)
+        return context(call)
+
+    monkeypatch.setattr(fastapi.routing, "_extract_endpoint_context", counting)
+    return seen
+
+
+def unstamped(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: "…" if k in STAMPED else unstamped(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [unstamped(v) for v in value]
+    return value
+
+
+async def same_answer(pair: Pair, method: str, url: str, *, content: bytes | None = None,
+                      headers: dict[str, str] | None = None) -> httpx.Response:
+    answers = [await client.request(method, url, content=content, headers=headers)
+               for client in pair]
+    direct, fastapi_ = answers
+    assert direct.status_code == fastapi_.status_code, (direct.text, fastapi_.text)
+    assert direct.headers["content-type"] == fastapi_.headers["content-type"]
+    assert direct.headers.get("www-authenticate") == fastapi_.headers.get("www-authenticate")
+    assert unstamped(direct.json()) == unstamped(fastapi_.json())
+    return direct
+
+
+def lock(path: str = "envs/prod", pull: Any = 7, **extra: Any) -> dict[str, Any]:
+    return {"project": {"repoFullName": "acme/direct", "path": path}, "pull": {"num": pull},
+            **extra}
+
+
+JSON = {"content-type": "application/json"}
+KEY = "acme/direct/envs/prod/default/"
+
+VALID_ACQUIRES: list[tuple[bytes, dict[str, str]]] = [
+    (json.dumps(lock()).encode(), JSON),
+    (json.dumps(lock(wait="10s", priority="high", ttl="1h")).encode(),
+     {"content-type": "application/json; charset=utf-8"}),
+    (json.dumps(lock(pull=7.0, user={"username": "ann", "teams": ["ops"]})).encode(),
+     {"content-type": "Application/JSON"}),
+    # a key given twice: the last one counts, with either parser
+    (b'{"pull": {"num": 3}, "project": {"repoFullName": "acme/direct", "path": "x"},'
+     b' "pull": {"num": 7}}', JSON),
+    (json.dumps(lock(path="./envs//prod/", workspace="w\u00e9", requestId="r-1")).encode(),
+     JSON),
+]
+
+REFERRED_ACQUIRES: list[tuple[bytes, dict[str, str]]] = [
+    # a UTF-8 byte order mark: pydantic's parser refuses it, json.loads (FastAPI's) takes it
+    (b"\xef\xbb\xbf" + json.dumps(lock(path="bom")).encode(), JSON),
+    # JSON by another name, read only by FastAPI's handler
+    (json.dumps(lock(path="vnd")).encode(), {"content-type": "application/vnd.x+json"}),
+    (json.dumps(lock(path="params")).encode(),
+     {"content-type": "application/json;charset=UTF-8"}),
+]
+
+INVALID_ACQUIRES: list[tuple[bytes, dict[str, str]]] = [
+    (b"", JSON),
+    (b"{", JSON),
+    (b"[]", JSON),
+    (b"\xff\xfe", JSON),
+    (json.dumps(lock()).encode(), {}),
+    (json.dumps(lock()).encode(), {"content-type": "text/plain"}),
+    (json.dumps(lock(pull=-1)).encode(), JSON),
+    (json.dumps(lock(pull=2**31)).encode(), JSON),
+    (json.dumps(lock(pull=1.5)).encode(), JSON),
+    (json.dumps(lock(pull="7")).encode(), JSON),
+    (json.dumps(lock(wait="10 minutes")).encode(), JSON),
+    (json.dumps(lock(surprise=True)).encode(), JSON),
+    (json.dumps(lock(path="")).encode(), JSON),
+    (b'{"project": {"repoFullName": "acme/direct", "path": "x"}, "pull": {"num": NaN}}', JSON),
+    (json.dumps({"pull": {"num": 1}}).encode(), JSON),
+]
+
+
+async def test_a_valid_acquire_and_release_answer_as_fastapi_without_its_handler(
+        pair: Pair, handled: list[str]) -> None:
+    for content, headers in VALID_ACQUIRES:
+        acquired = await same_answer(pair, "POST", "/v1/locks", content=content,
+                                     headers=headers)
+        assert acquired.status_code == 200, acquired.text
+        key = acquired.json()["lockKey"]
+        again = await same_answer(pair, "POST", "/v1/locks", content=content, headers=headers)
+        assert again.status_code == 200, "the holder asking again holds it"
+        for url in (f"/v1/locks/by-key?key={key}&pull=8",
+                    f"/v1/locks/by-key?key={key}&repo=other/repo",
+                    f"/v1/locks/by-key?key={key}&pull=9&pull=0007&extra=1&repo=acme/direct"):
+            await same_answer(pair, "DELETE", url)
+    await same_answer(pair, "POST", "/v1/locks", content=json.dumps(lock()).encode(),
+                      headers=JSON)
+    released = await same_answer(pair, "DELETE", f"/v1/locks/by-key?key={KEY}")
+    assert released.json()["released"] is True
+    await same_answer(pair, "DELETE", f"/v1/locks/by-key?key={KEY}")  # 404: nothing held
+    # every request went to both apps: FastAPI's handler ran for its own app's only
+    assert len(handled) == 5 * len(VALID_ACQUIRES) + 3
+
+
+async def test_an_acquire_not_taken_directly_is_answered_by_fastapi_as_before(
+        pair: Pair, handled: list[str]) -> None:
+    for content, headers in INVALID_ACQUIRES:
+        handled.clear()
+        answer = await same_answer(pair, "POST", "/v1/locks", content=content, headers=headers)
+        assert answer.status_code == 422, (content, headers)
+        assert answer.json()["error"]
+        assert len(handled) == 2, "both apps' answers come from FastAPI's handler"
+    for content, headers in REFERRED_ACQUIRES:
+        handled.clear()
+        answer = await same_answer(pair, "POST", "/v1/locks", content=content, headers=headers)
+        assert answer.status_code == 200, answer.text
+        assert len(handled) == 2
+
+
+@pytest.mark.parametrize("query", [
+    "", "key=", "pull=7", f"key={KEY}&pull=", f"key={KEY}&pull=1e3", f"key={KEY}&pull=+1",
+    f"key={KEY}&pull=-1", f"key={KEY}&pull=99999999999", f"key={KEY}&repo=",
+    f"key={'k' * 4097}", f"key={KEY}&repo={'r' * 513}",
+])
+async def test_an_invalid_release_is_answered_by_fastapi_as_before(
+        pair: Pair, handled: list[str], query: str) -> None:
+    answer = await same_answer(pair, "DELETE", f"/v1/locks/by-key?{query}")
+    assert answer.status_code == 422
+    assert len(handled) == 2
+
+
+async def test_who_may_call_is_answered_as_before(guarded_pair: Pair) -> None:
+    take = json.dumps(lock()).encode()
+    for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "Basic x"},
+                    {"authorization": "Bearer viewer-token"}):
+        answer = await same_answer(guarded_pair, "POST", "/v1/locks", content=take,
+                                   headers={**JSON, **headers})
+        assert answer.status_code in (401, 403)
+        answer = await same_answer(guarded_pair, "DELETE",
+                                   f"/v1/locks/by-key?key={KEY}&pull=7", headers=headers)
+        assert answer.status_code in (401, 403)
+    # an invalid body without credentials: the body is read first (422), as FastAPI does;
+    # an invalid parameter without credentials: the caller first (401)
+    assert (await same_answer(guarded_pair, "POST", "/v1/locks", content=b"{",
+                              headers=JSON)).status_code == 422
+    assert (await same_answer(guarded_pair, "DELETE",
+                              "/v1/locks/by-key?key=")).status_code == 401
+    granted = await same_answer(guarded_pair, "POST", "/v1/locks", content=take,
+                                headers={**JSON, "authorization": f"Bearer {TOKEN}"})
+    assert granted.status_code == 200
+    released = await same_answer(guarded_pair, "DELETE", f"/v1/locks/by-key?key={KEY}&pull=7",
+                                 headers={"authorization": f"Bearer {TOKEN}"})
+    assert released.status_code == 200
+
+
+async def test_the_openapi_document_does_not_see_the_direct_routes(tmp_path: Path) -> None:
+    direct = create_app(LockService(ConfigProvider(config(tmp_path / "a"))))
+    plain = undirected(create_app(LockService(ConfigProvider(config(tmp_path / "b")))))
+    assert json.dumps(direct.openapi()) == json.dumps(plain.openapi())
+
+
+def test_only_a_route_of_a_body_model_query_scalars_and_the_caller_is_served_directly() -> None:
+    app = FastAPI()
+
+    @app.get("/items/{item}")
+    async def by_path(item: str, caller: CallerDep) -> None: ...
+
+    @app.get("/listed")
+    async def listed(caller: CallerDep,
+                     key: Annotated[list[str], fastapi.Query()]) -> None: ...
+
+    for endpoint in (by_path, listed):
+        with pytest.raises(TypeError, match=r"route .* (only|query parameter key)"):
+            serve_directly(app, endpoint)
+
+
+def test_a_direct_route_another_route_would_answer_first_is_refused() -> None:
+    app = FastAPI()
+
+    @app.post("/v1/{anything}")
+    async def first(anything: str, caller: CallerDep) -> None: ...
+
+    @app.post("/v1/locks")
+    async def second(caller: CallerDep) -> None: ...
+
+    serve_directly(app, second)
+    with pytest.raises(RuntimeError, match="earlier route matches it too"):
+        check_direct_routes(app)
+
+
+async def test_a_direct_endpoint_must_answer_a_response(tmp_path: Path) -> None:
+    app = FastAPI()
+
+    @app.post("/v1/answers")
+    async def answers() -> Any:
+        return {"plain": "dict"}
+
+    serve_directly(app, answers)
+    assert isinstance(app.router.routes[0], DirectRoutes)
+    assert any(isinstance(r, APIRoute) and r.endpoint is answers for r in app.router.routes)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://127.0.0.1") as client:
+        with pytest.raises(TypeError, match="answers a Response"):
+            await client.post("/v1/answers")
