@@ -11,7 +11,8 @@ import httpx
 import pytest
 from tests.support.access_matrix import acquire_body
 from tests.support.controlplane import KubeCluster
-from tests.support.operator import OperatorProcess, wait_for
+from tests.support.operator import OperatorProcess
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 

@@ -15,12 +15,11 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 import yaml
-from tests.support.access_matrix import CALLS, ROLE_VERBS, Call, acquire_body, new_case
+from tests.support.access_matrix import CALLS, ROLE_VERBS, Call, acquire_body, held, new_case
 from tests.support.controlplane import KubeCluster
 from tests.support.helm import CHART_DIR, Helm, service_account_kubeconfig
 from tests.support.service import ServiceProcess, running
@@ -110,11 +109,6 @@ def setup(kube_cluster: KubeCluster, tmp_path_factory: pytest.TempPathFactory
 def admin(setup: Setup) -> Iterator[httpx.Client]:
     with setup.client("admin") as http:
         yield http
-
-
-def held(admin: httpx.Client, key: str) -> dict[str, Any] | None:
-    answer = admin.get("/v1/locks/by-key", params={"key": key})
-    return answer.json()["lock"] if answer.status_code == 200 else None
 
 
 @pytest.mark.parametrize(("call", "role"), [

@@ -14,7 +14,8 @@ import httpx
 import pytest
 from tests.support.browser import chromium, screenshot, until
 from tests.support.controlplane import KubeCluster
-from tests.support.operator import OperatorProcess, cr, wait_for
+from tests.support.operator import OperatorProcess, cr
+from tests.support.waiting import wait_for
 
 from enhanced_locking.client import Client, ServiceError
 from enhanced_locking.hashing import bucket_of, is_enhanced_bucket

@@ -11,23 +11,14 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from tests.support.controlplane import KubeCluster, kubernetes_version
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
-
-
-def _wait_for(what: str, condition: Callable[[], bool], timeout: float = 60) -> None:
-    """Polls ``condition()`` until it is true, failing after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.25)
 
 
 def _jwt_claims(token: str) -> dict[str, Any]:
@@ -66,7 +57,7 @@ def test_default_service_account_token_authenticates(
     kube_cluster: KubeCluster, kube_namespace: str, tmp_path: Path
 ) -> None:
     """The ServiceAccount controller creates ``default``; its token is accepted by the server."""
-    _wait_for(
+    wait_for(
         f"the default ServiceAccount in {kube_namespace}",
         lambda: (
             kube_cluster.kubectl(
@@ -74,6 +65,8 @@ def test_default_service_account_token_authenticates(
             ).returncode
             == 0
         ),
+        timeout=60,
+        pause=0.25,
     )
     token = kube_cluster.kubectl("create", "token", "default", "-n", kube_namespace).stdout.strip()
     subject = f"system:serviceaccount:{kube_namespace}:default"

@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 from tests.support.controlplane import KubeCluster
-from tests.support.operator import OperatorProcess, cr, wait_for
+from tests.support.operator import OperatorProcess, cr
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 

@@ -20,9 +20,10 @@ import httpx
 import pytest
 import yaml
 from tests.support.controlplane import KubeCluster
-from tests.support.operator import OperatorProcess, cr, ready_condition, wait_for
+from tests.support.operator import OperatorProcess, apply, cr, ready_condition
 from tests.support.redis_server import RedisServer
 from tests.support.service import scrubbed_env
+from tests.support.waiting import wait_for
 
 from enhanced_locking.hashing import bucket_of, is_enhanced_bucket
 
@@ -34,12 +35,6 @@ StartOperator = Callable[..., OperatorProcess]
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def apply(cluster: KubeCluster, namespace: str, *objects: dict[str, Any]) -> None:
-    for body in objects:
-        body = {**body, "metadata": {**body["metadata"], "namespace": namespace}}
-        cluster.kubectl("apply", "-f", "-", input=json.dumps(body))
 
 
 def policy(**spec: Any) -> dict[str, Any]:

@@ -21,8 +21,9 @@ import httpx
 import pytest
 import yaml
 from tests.support.controlplane import KubeCluster
-from tests.support.operator import OperatorProcess, cr, wait_for
+from tests.support.operator import OperatorProcess, cr
 from tests.support.redis_server import RedisServer
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 

@@ -21,9 +21,10 @@ import pytest
 from tests.history import Workload, run_clients
 from tests.support.controlplane import KubeCluster
 from tests.support.locks import lock_for, request_for
-from tests.support.operator import OperatorProcess, cr, wait_for
+from tests.support.operator import OperatorProcess, apply, cr
 from tests.support.redis_fixtures import ServerMaker, redis_config
 from tests.support.redis_server import RedisServer
+from tests.support.waiting import wait_for
 
 from enhanced_locking.backends.redis_store import RedisBackend
 from enhanced_locking.hashing import bucket_of
@@ -37,12 +38,6 @@ REPLICA_FLAGS = ("--enhanced-locking-replica-heartbeat=500ms",)
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def apply(cluster: KubeCluster, namespace: str, *objects: dict[str, Any]) -> None:
-    for body in objects:
-        body = {**body, "metadata": {**body["metadata"], "namespace": namespace}}
-        cluster.kubectl("apply", "-f", "-", input=json.dumps(body))
 
 
 def redis_policy(server: RedisServer, **spec: Any) -> dict[str, Any]:

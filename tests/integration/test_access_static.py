@@ -22,6 +22,7 @@ from tests.support.access_matrix import (
     ROLE_VERBS,
     Call,
     acquire_body,
+    held,
     new_case,
 )
 from tests.support.service import (
@@ -74,11 +75,6 @@ def client(served: ServiceProcess, token: str | None) -> httpx.Client:
 def admin(served: ServiceProcess) -> Iterator[httpx.Client]:
     with client(served, TOKENS["admin"]) as http:
         yield http
-
-
-def held(admin: httpx.Client, key: str) -> dict[str, Any] | None:
-    answer = admin.get("/v1/locks/by-key", params={"key": key})
-    return answer.json()["lock"] if answer.status_code == 200 else None
 
 
 def _matrix() -> list[Any]:

@@ -17,17 +17,16 @@ from typing import Any
 import httpx
 import pytest
 from tests.support.contract import CONFIG, schemathesis_command
-from tests.support.service import ServiceProcess, running
+from tests.support.locks import lock_body
+from tests.support.service import ServiceProcess, serving
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     # Short waits: generated requests often share a key, and a wait must not outlast the run.
-    root = tmp_path_factory.mktemp("contract")
-    process = ServiceProcess(root / "data", log_dir=root / "logs", args=(
-        "--enhanced-locking-enabled", "--enhanced-locking-max-timeout=1s",
-        "--enhanced-locking-default-timeout=1s"))
-    with running(process):
+    with serving(tmp_path_factory.mktemp("contract"), "--enhanced-locking-enabled",
+                 "--enhanced-locking-max-timeout=1s",
+                 "--enhanced-locking-default-timeout=1s") as process:
         yield process
 
 
@@ -51,11 +50,6 @@ def test_schemathesis_with_every_check_finds_nothing(
     assert result.returncode == 0, result.stdout[-12000:] + result.stderr[-4000:]
     counted = [line for line in result.stdout.splitlines() if " generated, " in line]
     assert counted and counted[-1].strip().endswith("passed"), result.stdout[-3000:]
-
-
-def body(repo: str, pull: Any = 1, **extra: Any) -> dict[str, Any]:
-    return {"project": {"repoFullName": repo, "path": "envs/prod"}, "pull": {"num": pull},
-            **extra}
 
 
 @pytest.fixture
@@ -103,13 +97,14 @@ def test_a_pull_query_that_is_not_ascii_digits_answers_422(http: httpx.Client, p
 def test_request_bodies_are_read_as_typed(
     http: httpx.Client, repo: str, change: dict[str, Any], field: str,
 ) -> None:
-    answer = http.post("/v1/locks", json={**body(repo), **change})
+    answer = http.post("/v1/locks",
+                       json={**lock_body(repo, "envs/prod", 1, project=None), **change})
     assert answer.status_code == 422, answer.text
     assert answer.json()["field"] == field
 
 
 def test_a_whole_number_written_as_json_12_0_is_an_integer(http: httpx.Client, repo: str) -> None:
-    answer = http.post("/v1/locks", json=body(repo, pull=12.0))
+    answer = http.post("/v1/locks", json=lock_body(repo, "envs/prod", 12.0, project=None))
     assert answer.status_code == 200, answer.text
     assert answer.json()["lock"]["pull"]["num"] == 12
 
@@ -124,7 +119,7 @@ def test_metrics_are_documented_as_prometheus_text(http: httpx.Client) -> None:
 def test_a_refresh_the_schema_allows_is_never_answered_422(
     http: httpx.Client, repo: str,
 ) -> None:
-    held = http.post("/v1/locks", json=body(repo)).json()["lock"]
+    held = http.post("/v1/locks", json=lock_body(repo, "envs/prod", 1, project=None)).json()["lock"]
     # No ttl, and no enhanced-locking-lock-ttl configured: the service's state says no (409).
     answer = http.post("/v1/locks/refresh", json={"key": held["key"], "pull": 1})
     assert answer.status_code == 409, answer.text

@@ -23,9 +23,7 @@ if str(_REPO_ROOT) not in sys.path:
 
 from tests.support.bbolt_writer import (  # noqa: E402
     BoltWriter,
-    BoltWriterError,
     atlantis_lock,
-    build_writer,
     lock_key,
 )
 
@@ -38,14 +36,6 @@ from enhanced_locking.migration.bbolt import (  # noqa: E402
 )
 
 Tree = dict[str, Any]
-
-
-@pytest.fixture(scope="session")
-def bolt_writer() -> BoltWriter:
-    try:
-        return BoltWriter(build_writer())
-    except BoltWriterError as error:
-        pytest.fail(str(error), pytrace=False)
 
 
 def _tree(bucket: BoltBucket) -> Tree:

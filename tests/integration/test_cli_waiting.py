@@ -12,7 +12,13 @@ from typing import Any
 
 import httpx
 import pytest
-from tests.support.service import ServiceProcess, enhanced_locking_command, running, scrubbed_env
+from tests.support.service import (
+    ServiceProcess,
+    enhanced_locking_command,
+    scrubbed_env,
+    serving,
+)
+from tests.support.waiting import wait_for
 
 REPO = "acme/cli-wait"
 KEY = f"{REPO}/infra/default/"
@@ -20,11 +26,9 @@ KEY = f"{REPO}/infra/default/"
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    root = tmp_path_factory.mktemp("cli-wait")
-    process = ServiceProcess(root / "data", log_dir=root / "logs", args=(
-        "--enhanced-locking-enabled", "--enhanced-locking-priority-queue",
-        "--enhanced-locking-default-timeout=300ms"))
-    with running(process):
+    with serving(tmp_path_factory.mktemp("cli-wait"), "--enhanced-locking-enabled",
+                 "--enhanced-locking-priority-queue",
+                 "--enhanced-locking-default-timeout=300ms") as process:
         yield process
 
 
@@ -49,14 +53,6 @@ def queue(served: ServiceProcess) -> Any:
     return httpx.get(served.url + "/v1/queue", params={"key": KEY}).json()
 
 
-def wait_until(check: Any, what: str) -> None:
-    for _ in range(300):
-        if check():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_acquire_with_wait_shows_its_queue_position_and_ends_holding_the_lock(
     served: ServiceProcess,
 ) -> None:
@@ -66,7 +62,8 @@ def test_acquire_with_wait_shows_its_queue_position_and_ends_holding_the_lock(
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=env(served))
     try:
-        wait_until(lambda: len(queue(served)["waiters"]) == 1, "the CLI to queue")
+        wait_for("the CLI to queue", lambda: len(queue(served)["waiters"]) == 1,
+                 timeout=10, pause=0.02)
         assert queue(served)["waiters"][0]["priority"] == "high"
         assert queue(served)["waiters"][0]["requestId"].startswith("cli-")
         released = run(served, "lock", "release", "--key", KEY)
@@ -97,7 +94,8 @@ def test_queue_cancel_and_force_unlock(served: ServiceProcess) -> None:
         command(served, *acquire_args(2, "--wait", "30s", "--request-id", "job-2")),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(served))
     try:
-        wait_until(lambda: len(queue(served)["waiters"]) == 1, "the CLI to queue")
+        wait_for("the CLI to queue", lambda: len(queue(served)["waiters"]) == 1,
+                 timeout=10, pause=0.02)
         shown = run(served, "lock", "queue", "--key", KEY)
         assert json.loads(shown.stdout)["waiters"][0]["requestId"] == "job-2"
         assert run(served, "lock", "cancel", "--key", KEY, "--id", "job-2").returncode == 0

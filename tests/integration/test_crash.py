@@ -5,21 +5,16 @@ a clear error (their connection died with the process), and nothing is granted t
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import httpx
 import pytest
 from tests.conftest import ServiceFactory
+from tests.support.locks import lock_body
 
 from enhanced_locking.client import AsyncClient, ServiceError
 from enhanced_locking.types import LockRequest
 
 REPO = "acme/crash"
-
-
-def body(path: str, pull: int, **extra: Any) -> dict[str, Any]:
-    return {"project": {"repoFullName": REPO, "path": path, "projectName": path},
-            "pull": {"num": pull}, **extra}
 
 
 def key(path: str) -> str:
@@ -37,14 +32,14 @@ async def test_a_killed_service_keeps_its_locks_and_grants_nothing_to_dead_waite
     async with httpx.AsyncClient(base_url=served.url, timeout=10) as http:
         held = {}
         for path in ("a", "b"):
-            answer = await http.post("/v1/locks", json=body(path, pull=1, ttl="1h"))
+            answer = await http.post("/v1/locks", json=lock_body(REPO, path, 1, ttl="1h"))
             assert answer.status_code == 200
             held[path] = answer.json()["lock"]
 
         waiters = []
         for n, path in enumerate(["a", "a", "b"]):
             client = AsyncClient(served.url)
-            request = LockRequest.model_validate(body(path, pull=10 + n, wait="50s"))
+            request = LockRequest.model_validate(lock_body(REPO, path, 10 + n, wait="50s"))
             waiters.append((client, asyncio.create_task(client.acquire(request))))
         for _ in range(200):
             if await queue_length(http, "a") == 2 and await queue_length(http, "b") == 1:
@@ -72,6 +67,6 @@ async def test_a_killed_service_keeps_its_locks_and_grants_nothing_to_dead_waite
         answer = await http.get("/v1/locks/by-key", params={"key": key("a")})
         assert answer.status_code == 404, "nothing was granted to a waiter that died"
 
-        again = await http.post("/v1/locks", json=body("a", pull=20))
+        again = await http.post("/v1/locks", json=lock_body(REPO, "a", 20))
         assert again.status_code == 200
         assert again.json()["lock"]["fencingToken"] > held["a"]["fencingToken"]

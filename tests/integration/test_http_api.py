@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 from tests.conftest import ServiceFactory
-from tests.support.service import ServiceProcess, running
+from tests.support.service import ServiceProcess, serving
 
 SECRET = "s3cret-redis-password"
 LOCK_FIELDS = {"key", "project", "workspace", "pull", "user", "priority", "acquiredAt",
@@ -25,10 +25,8 @@ LOCK_FIELDS = {"key", "project", "workspace", "pull", "user", "priority", "acqui
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    root = tmp_path_factory.mktemp("http")
-    env = {"ATLANTIS_ENHANCED_LOCKING_REDIS_PASSWORD": SECRET}
-    process = ServiceProcess(root / "data", env=env, log_dir=root / "logs")
-    with running(process):
+    with serving(tmp_path_factory.mktemp("http"),
+                 env={"ATLANTIS_ENHANCED_LOCKING_REDIS_PASSWORD": SECRET}) as process:
         yield process
 
 

@@ -28,9 +28,7 @@ if str(_REPO_ROOT) not in sys.path:
 
 from tests.support.bbolt_writer import (  # noqa: E402
     BoltWriter,
-    BoltWriterError,
     atlantis_lock,
-    build_writer,
     lock_key,
 )
 from tests.support.redis_server import RedisServer, RedisServerError  # noqa: E402
@@ -41,14 +39,6 @@ from enhanced_locking.types import Lock, Project, Pull, User  # noqa: E402
 
 TOKEN = "ghp_s3cr3tT0ken"
 PLUS_TWO = timezone(timedelta(hours=2))
-
-
-@pytest.fixture(scope="session")
-def bolt_writer() -> BoltWriter:
-    try:
-        return BoltWriter(build_writer())
-    except BoltWriterError as error:
-        pytest.fail(str(error), pytrace=False)
 
 
 def _atlantis_locks() -> list[dict[str, Any]]:

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import gc
 import subprocess
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -24,6 +23,7 @@ from tests.support.redis_cluster import RedisClusterNodes
 from tests.support.redis_fixtures import redis_cluster_config, redis_config
 from tests.support.redis_server import RedisServer
 from tests.support.service import enhanced_locking_command, free_port, scrubbed_env
+from tests.support.waiting import wait_for
 
 from enhanced_locking.backends import redis_scripts
 from enhanced_locking.backends.redis_store import RedisBackend
@@ -172,13 +172,6 @@ def _text(reply: Any) -> str:
     return reply.decode() if isinstance(reply, bytes) else str(reply)
 
 
-def _wait_for(condition: Callable[[], bool], what: str, *, seconds: float = 30.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {seconds}s: {what}"
-        time.sleep(0.05)
-
-
 async def test_on_a_cluster_the_library_is_on_every_master_and_a_promoted_replica_has_it(
     tmp_path: Any,
 ) -> None:
@@ -205,15 +198,15 @@ async def test_on_a_cluster_the_library_is_on_every_master_and_a_promoted_replic
                 bus = admin.config_get("cluster-port")["cluster-port"]
             with replica.client() as admin:
                 admin.execute_command("CLUSTER", "MEET", master.host, master.port, bus)
-                _wait_for(lambda: master_id in _text(admin.execute_command("CLUSTER", "NODES")),
-                          "the replica knows the master")
+                wait_for("the replica knows the master",
+                          lambda: master_id in _text(admin.execute_command("CLUSTER", "NODES")))
                 admin.execute_command("CLUSTER", "REPLICATE", master_id)
-                _wait_for(lambda: admin.info("replication").get("master_link_status") == "up",
-                          "the replica is in sync")
+                wait_for("the replica is in sync",
+                          lambda: admin.info("replication").get("master_link_status") == "up")
                 assert _library_names(replica) == [redis_scripts.LIBRARY_NAME]
                 admin.execute_command("CLUSTER", "FAILOVER")
-                _wait_for(lambda: admin.info("replication")["role"] == "master",
-                          "the replica is promoted")
+                wait_for("the replica is promoted",
+                          lambda: admin.info("replication")["role"] == "master")
                 admin.config_resetstat()
             assert await backend.get(held.key) == held
             granted, holder = await backend.acquire(lock_for(request_for(repo=REPO, pull=2)))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from tests.support.locks import lock_body
 from tests.support.redis_fixtures import ServerMaker
 from tests.support.redis_server import RedisServer
 from tests.support.service import ServiceProcess, services
@@ -50,10 +51,6 @@ def serve(secured: RedisServer, tmp_path: Path) -> Iterator[Serve]:
         yield start
 
 
-def body(path: str, pull: int) -> dict[str, object]:
-    return {"project": {"repoFullName": REPO, "path": path}, "pull": {"num": pull}}
-
-
 def metric(text: str, name: str, **labels: str) -> float:
     wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
     for line in text.splitlines():
@@ -73,7 +70,7 @@ async def test_with_fallback_legacy_a_stopped_redis_sends_requests_to_legacy(
         assert ready.status_code == 503
         state = ready.json()["backends"]["enhanced"]
         assert secured.addr in state and PASSWORD not in ready.text
-        answer = await http.post("/v1/locks", json=body("a", 1))
+        answer = await http.post("/v1/locks", json=lock_body(REPO, "a", 1, project=None))
         assert answer.status_code == 200, answer.text
         assert answer.json()["lock"]["backend"] == "legacy"
         assert PASSWORD not in answer.text
@@ -101,7 +98,7 @@ async def test_with_fail_closed_a_stopped_redis_answers_unavailable(
     service = serve("fail-closed")
     async with httpx.AsyncClient(base_url=service.url, timeout=30) as http:
         secured.stop()
-        answer = await http.post("/v1/locks", json=body("b", 1))
+        answer = await http.post("/v1/locks", json=lock_body(REPO, "b", 1, project=None))
         assert answer.status_code == 409
         assert answer.json()["reason"] == "unavailable"
         metrics = (await http.get("/metrics")).text

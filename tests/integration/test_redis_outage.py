@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 from tests.conftest import ServiceMaker
+from tests.support.locks import lock_body
 from tests.support.redis_fixtures import ServerMaker
 from tests.support.redis_server import RedisServer
 from tests.support.service import ServiceProcess, running
@@ -63,19 +64,15 @@ def outage_service(redis_servers: ServerMaker, tmp_path: Path) -> Iterator[tuple
         yield process, server
 
 
-def _body(path: str, pull: int) -> dict[str, object]:
-    return {"project": {"repoFullName": REPO, "path": path}, "pull": {"num": pull}}
-
-
 async def test_with_fallback_legacy_what_legacy_granted_in_an_outage_it_lists_and_releases(
     outage_service: tuple[ServiceProcess, RedisServer],
 ) -> None:
     service, server = outage_service
     async with httpx.AsyncClient(base_url=service.url, timeout=30) as http:
         server.stop()
-        a = await http.post("/v1/locks", json=_body("a", 1))
-        b = await http.post("/v1/locks", json=_body("b", 2))
-        c = await http.post("/v1/locks", json=_body("c", 2))
+        a = await http.post("/v1/locks", json=lock_body(REPO, "a", 1, project=None))
+        b = await http.post("/v1/locks", json=lock_body(REPO, "b", 2, project=None))
+        c = await http.post("/v1/locks", json=lock_body(REPO, "c", 2, project=None))
         assert [r.status_code for r in (a, b, c)] == [200, 200, 200], a.text
         key_a, key_b, key_c = (r.json()["lockKey"] for r in (a, b, c))
         assert a.json()["lock"]["backend"] == "legacy"
@@ -109,7 +106,7 @@ async def test_with_fallback_legacy_what_legacy_granted_in_an_outage_it_lists_an
         assert after.json() == {"locks": []}, after.text
         for key in (key_a, key_b, key_c):
             assert (await http.get("/v1/locks/by-key", params={"key": key})).status_code == 404
-        again = await http.post("/v1/locks", json=_body("a", 3))
+        again = await http.post("/v1/locks", json=lock_body(REPO, "a", 3, project=None))
         assert again.status_code == 200 and again.json()["lock"]["backend"] == "enhanced"
 
 
@@ -128,5 +125,5 @@ async def test_in_shadow_mode_config_and_metric_report_the_weight_that_routes(
         assert (await http.get("/v1/migration")).json()["routing"]["weight"] == 0
         metrics = (await http.get("/metrics")).text
         assert "enhanced_locking_routing_weight_percent 0.0" in metrics.splitlines()
-        granted = await http.post("/v1/locks", json=_body("shadowed", 1))
+        granted = await http.post("/v1/locks", json=lock_body(REPO, "shadowed", 1, project=None))
         assert granted.json()["lock"]["backend"] == "legacy"

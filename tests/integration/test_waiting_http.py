@@ -11,7 +11,8 @@ from typing import Any
 
 import httpx
 import pytest
-from tests.support.service import ServiceProcess, running
+from tests.support.locks import lock_body
+from tests.support.service import ServiceProcess, serving
 
 from enhanced_locking.client import AsyncClient
 from enhanced_locking.types import Event
@@ -22,9 +23,7 @@ FLAGS = ("--enhanced-locking-enabled", "--enhanced-locking-priority-queue",
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    root = tmp_path_factory.mktemp("waiting")
-    process = ServiceProcess(root / "data", args=FLAGS, log_dir=root / "logs")
-    with running(process):
+    with serving(tmp_path_factory.mktemp("waiting"), *FLAGS) as process:
         yield process
 
 
@@ -37,11 +36,6 @@ async def http(served: ServiceProcess) -> AsyncIterator[httpx.AsyncClient]:
 @pytest.fixture
 def repo() -> str:
     return f"acme/wait-{uuid.uuid4().hex[:8]}"
-
-
-def body(repo: str, path: str, pull: int, **extra: Any) -> dict[str, Any]:
-    return {"project": {"repoFullName": repo, "path": path, "projectName": path},
-            "pull": {"num": pull}, **extra}
 
 
 def key(repo: str, path: str) -> str:
@@ -62,8 +56,8 @@ async def queued(http: httpx.AsyncClient, repo: str, path: str, count: int) -> l
 async def test_a_waiting_request_is_answered_200_when_the_lock_is_released(
     http: httpx.AsyncClient, repo: str,
 ) -> None:
-    first = (await http.post("/v1/locks", json=body(repo, "a", 1))).json()["lock"]
-    waiting = asyncio.create_task(http.post("/v1/locks", json=body(repo, "a", 2, wait="20s")))
+    first = (await http.post("/v1/locks", json=lock_body(repo, "a", 1))).json()["lock"]
+    waiting = asyncio.create_task(http.post("/v1/locks", json=lock_body(repo, "a", 2, wait="20s")))
     [waiter] = await queued(http, repo, "a", 1)
     assert waiter["position"] == 1 and waiter["pull"] == 2 and waiter["repo"] == repo
     assert waiter["priority"] == waiter["effectivePriority"] == "normal"
@@ -76,8 +70,8 @@ async def test_a_waiting_request_is_answered_200_when_the_lock_is_released(
 async def test_a_wait_that_runs_out_answers_409_timeout_with_the_holder(
     http: httpx.AsyncClient, repo: str,
 ) -> None:
-    await http.post("/v1/locks", json=body(repo, "a", 1))
-    answer = await http.post("/v1/locks", json=body(repo, "a", 2, wait="100ms"))
+    await http.post("/v1/locks", json=lock_body(repo, "a", 1))
+    answer = await http.post("/v1/locks", json=lock_body(repo, "a", 2, wait="100ms"))
     assert answer.status_code == 409
     assert answer.json()["reason"] == "timeout"
     assert answer.json()["holder"]["pull"]["num"] == 1
@@ -86,10 +80,10 @@ async def test_a_wait_that_runs_out_answers_409_timeout_with_the_holder(
 async def test_a_client_that_disconnects_leaves_the_queue_and_is_never_granted(
     served: ServiceProcess, http: httpx.AsyncClient, repo: str,
 ) -> None:
-    await http.post("/v1/locks", json=body(repo, "a", 1))
+    await http.post("/v1/locks", json=lock_body(repo, "a", 1))
     async with httpx.AsyncClient(base_url=served.url, timeout=30) as impatient:
         gone = asyncio.create_task(impatient.post("/v1/locks",
-                                                  json=body(repo, "a", 2, wait="30s")))
+                                                  json=lock_body(repo, "a", 2, wait="30s")))
         await queued(http, repo, "a", 1)
         gone.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -102,10 +96,10 @@ async def test_a_client_that_disconnects_leaves_the_queue_and_is_never_granted(
 async def test_the_queue_is_in_service_order_and_an_admin_can_cancel_a_request(
     http: httpx.AsyncClient, repo: str,
 ) -> None:
-    await http.post("/v1/locks", json=body(repo, "a", 1))
+    await http.post("/v1/locks", json=lock_body(repo, "a", 1))
     tasks = []
     for pull, priority in [(2, "low"), (3, "critical"), (4, "normal")]:
-        tasks.append(asyncio.create_task(http.post("/v1/locks", json=body(
+        tasks.append(asyncio.create_task(http.post("/v1/locks", json=lock_body(
             repo, "a", pull, wait="20s", priority=priority, requestId=f"job-{pull}"))))
         await queued(http, repo, "a", len(tasks))
     waiters = await queued(http, repo, "a", 3)
@@ -132,8 +126,8 @@ async def test_the_queue_is_in_service_order_and_an_admin_can_cancel_a_request(
 async def test_a_batch_is_all_or_nothing_and_409_names_the_key_and_why(
     http: httpx.AsyncClient, repo: str,
 ) -> None:
-    await http.post("/v1/locks", json=body(repo, "b", 9))
-    batch = {"locks": [{"project": body(repo, p, 1)["project"]} for p in ("a", "b", "c")],
+    await http.post("/v1/locks", json=lock_body(repo, "b", 9))
+    batch = {"locks": [{"project": lock_body(repo, p, 1)["project"]} for p in ("a", "b", "c")],
              "pull": {"num": 1}}
     refused = await http.post("/v1/locks/batch", json=batch)
     assert refused.status_code == 409
@@ -170,7 +164,8 @@ async def test_a_batch_is_all_or_nothing_and_409_names_the_key_and_why(
 async def test_an_invalid_batch_gets_422_naming_the_field(
     http: httpx.AsyncClient, repo: str, change: dict[str, Any], field: str,
 ) -> None:
-    batch = {"locks": [{"project": body(repo, "a", 1)["project"]}], "pull": {"num": 1}, **change}
+    batch = {"locks": [{"project": lock_body(repo, "a", 1)["project"]}], "pull": {"num": 1},
+             **change}
     answer = await http.post("/v1/locks/batch", json=batch)
     assert answer.status_code == 422
     assert answer.json()["field"] == field, answer.json()
@@ -179,11 +174,11 @@ async def test_an_invalid_batch_gets_422_naming_the_field(
 async def test_two_pulls_closing_a_cycle_get_409_deadlock_naming_it(
     http: httpx.AsyncClient, repo: str,
 ) -> None:
-    await http.post("/v1/locks", json=body(repo, "a", 1))
-    await http.post("/v1/locks", json=body(repo, "b", 2))
-    first = asyncio.create_task(http.post("/v1/locks", json=body(repo, "b", 1, wait="20s")))
+    await http.post("/v1/locks", json=lock_body(repo, "a", 1))
+    await http.post("/v1/locks", json=lock_body(repo, "b", 2))
+    first = asyncio.create_task(http.post("/v1/locks", json=lock_body(repo, "b", 1, wait="20s")))
     await queued(http, repo, "b", 1)
-    answer = await http.post("/v1/locks", json=body(repo, "a", 2, wait="20s"))
+    answer = await http.post("/v1/locks", json=lock_body(repo, "a", 2, wait="20s"))
     assert answer.status_code == 409
     assert answer.json()["reason"] == "deadlock"
     assert answer.json()["cycle"] == [f"{repo}#2", f"{repo}#1", f"{repo}#2"]
@@ -194,7 +189,7 @@ async def test_two_pulls_closing_a_cycle_get_409_deadlock_naming_it(
 async def test_a_lease_can_be_refreshed_only_by_its_pull(
     http: httpx.AsyncClient, repo: str,
 ) -> None:
-    granted = (await http.post("/v1/locks", json=body(repo, "a", 1, ttl="1m"))).json()["lock"]
+    granted = (await http.post("/v1/locks", json=lock_body(repo, "a", 1, ttl="1m"))).json()["lock"]
     refreshed = await http.post("/v1/locks/refresh",
                                 json={"key": key(repo, "a"), "pull": 1, "ttl": "1h"})
     assert refreshed.status_code == 200
@@ -212,8 +207,8 @@ async def test_a_lease_can_be_refreshed_only_by_its_pull(
 async def test_a_lease_that_runs_out_hands_the_lock_to_the_waiter(
     http: httpx.AsyncClient, repo: str,
 ) -> None:
-    await http.post("/v1/locks", json=body(repo, "a", 1, ttl="200ms"))
-    answer = await http.post("/v1/locks", json=body(repo, "a", 2, wait="10s"))
+    await http.post("/v1/locks", json=lock_body(repo, "a", 1, ttl="200ms"))
+    answer = await http.post("/v1/locks", json=lock_body(repo, "a", 2, wait="10s"))
     assert answer.status_code == 200 and answer.json()["lock"]["pull"]["num"] == 2
 
 
@@ -246,12 +241,12 @@ async def test_events_stream_over_sse_filtered_by_key_prefix_and_repo(
 ) -> None:
     by_key, task_key = await follow(served, 3, key_prefix=key(repo, "a"))
     by_repo, task_repo = await follow(served, 4, repo=repo)
-    await http.post("/v1/locks", json=body(repo, "a", 1))
-    await http.post("/v1/locks", json=body(repo, "b", 1))
-    await http.post("/v1/locks", json=body("acme/other-" + repo[-8:], "a", 1))
+    await http.post("/v1/locks", json=lock_body(repo, "a", 1))
+    await http.post("/v1/locks", json=lock_body(repo, "b", 1))
+    await http.post("/v1/locks", json=lock_body("acme/other-" + repo[-8:], "a", 1))
     await http.delete("/v1/locks/by-key", params={"key": key(repo, "a")})
     await http.delete("/v1/locks/by-key", params={"key": key(repo, "b")})
-    await http.post("/v1/locks", json=body(repo, "a", 2))
+    await http.post("/v1/locks", json=lock_body(repo, "a", 2))
     await asyncio.wait_for(asyncio.gather(task_key, task_repo), 10)
     assert [(e.type, e.key) for e in by_key] == [
         ("acquired", key(repo, "a")), ("released", key(repo, "a")), ("acquired", key(repo, "a"))]
@@ -264,7 +259,7 @@ async def test_last_event_id_resumes_after_that_event(
 ) -> None:
     live, task = await follow(served, 3, repo=repo)
     for path in ("a", "b", "c"):
-        await http.post("/v1/locks", json=body(repo, path, 1))
+        await http.post("/v1/locks", json=lock_body(repo, path, 1))
     await asyncio.wait_for(task, 10)
     async with http.stream("GET", "/v1/events", params={"repo": repo},
                            headers={"Last-Event-ID": live[0].id}) as stream:

@@ -16,7 +16,16 @@ from typing import Any
 
 import httpx
 
-__all__ = ["CALLS", "PUBLIC_PATHS", "ROLE_VERBS", "Call", "Case", "acquire_body", "new_case"]
+__all__ = [
+    "CALLS",
+    "PUBLIC_PATHS",
+    "ROLE_VERBS",
+    "Call",
+    "Case",
+    "acquire_body",
+    "held",
+    "new_case",
+]
 
 ROLE_VERBS: Mapping[str, frozenset[str]] = {
     "nobody": frozenset(),
@@ -27,6 +36,12 @@ ROLE_VERBS: Mapping[str, frozenset[str]] = {
 """The rights of each role (the static role map's and the chart's ClusterRoles')."""
 
 PUBLIC_PATHS = ("/healthz", "/readyz", "/metrics")
+
+
+def held(admin: httpx.Client, key: str) -> dict[str, Any] | None:
+    """The lock on ``key`` as ``admin`` reads it, or None when nobody holds it."""
+    answer = admin.get("/v1/locks/by-key", params={"key": key})
+    return answer.json()["lock"] if answer.status_code == 200 else None
 
 
 def acquire_body(repo: str, *, pull: int, path: str = "envs/prod",

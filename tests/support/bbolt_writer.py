@@ -6,7 +6,8 @@ prints what bbolt itself reads back. :func:`build_writer` compiles it once into 
 directory keyed by its sources (see :mod:`gobuild`); :class:`BoltWriter` runs it.
 
 A machine without ``go`` fails the tests that need it, with how to get it: the reader is never
-tested only against bytes made by its own inverse.
+tested only against bytes made by its own inverse. The ``bolt_writer`` fixture (one writer for
+the session) is everywhere: ``tests/conftest.py`` loads this module as a plugin.
 """
 
 from __future__ import annotations
@@ -17,9 +18,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
 from tests.support import gobuild
 
-__all__ = ["BoltWriter", "BoltWriterError", "atlantis_lock", "build_writer", "go_time", "lock_key"]
+__all__ = [
+    "BoltWriter",
+    "BoltWriterError",
+    "atlantis_lock",
+    "bolt_writer",
+    "build_writer",
+    "go_time",
+    "lock_key",
+]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WRITER_DIR = REPO_ROOT / "tests" / "bbolt_writer"
@@ -112,3 +122,12 @@ def lock_key(lock: dict[str, Any]) -> str:
     project = lock["Project"]
     return (f"{project['RepoFullName']}/{project['Path']}/{lock['Workspace']}/"
             f"{project['ProjectName']}")
+
+
+@pytest.fixture(scope="session")
+def bolt_writer() -> BoltWriter:
+    """The writer, built once per session; the test fails, saying how to get Go, without it."""
+    try:
+        return BoltWriter(build_writer())
+    except BoltWriterError as error:
+        pytest.fail(str(error), pytrace=False)

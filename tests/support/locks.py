@@ -1,12 +1,18 @@
-"""Small builders of lock requests and locks, so tests read as the behaviour they check."""
+"""Small builders of lock requests and locks, so tests read as the behaviour they check.
+
+``request_for`` and ``lock_for`` build the models; ``lock_body`` the JSON body of
+``POST /v1/locks`` that tests of a running service send.
+"""
 
 from __future__ import annotations
 
 from datetime import timedelta
+from types import EllipsisType
+from typing import Any
 
 from enhanced_locking.types import Lock, LockRequest, Priority, Project, Pull, User, utcnow
 
-__all__ = ["lock_for", "request_for"]
+__all__ = ["lock_body", "lock_for", "request_for"]
 
 
 def request_for(
@@ -45,3 +51,19 @@ def lock_for(request: LockRequest, *, token: int = 0, backend: str = "enhanced")
     return Lock.for_request(
         request, now=utcnow(), token=token, backend="legacy" if backend == "legacy" else "enhanced"
     )
+
+
+def lock_body(repo: str, path: str, pull: Any, *, project: str | EllipsisType | None = ...,
+              user: str | None = None, **extra: Any) -> dict[str, Any]:
+    """The JSON of ``POST /v1/locks`` for ``path`` of ``repo`` and pull ``pull``.
+
+    ``projectName`` is the path unless ``project`` names another (``None``: the body has
+    none); a ``user`` only when given; ``extra`` fields (``wait``, ``ttl``, ...) as they are.
+    """
+    named: dict[str, Any] = {"repoFullName": repo, "path": path}
+    if project is not None:
+        named["projectName"] = path if project is ... else project
+    body: dict[str, Any] = {"project": named, "pull": {"num": pull}}
+    if user is not None:
+        body["user"] = {"username": user}
+    return {**body, **extra}

@@ -1,4 +1,5 @@
-"""``enhanced-locking operator`` as a real process against a real cluster, and polling helpers.
+"""``enhanced-locking operator`` as a real process against a real cluster, and its CRs applied
+and read back.
 
 :class:`OperatorProcess` is a :class:`~tests.support.service.ServiceProcess` (same start,
 health wait, stop, kill and restart on the same port and data dir) whose command is
@@ -9,19 +10,16 @@ endpoint on a second free loopback port.
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
-import pytest
 from tests.support.controlplane import KubeCluster
 from tests.support.service import LOOPBACK, ServiceProcess, enhanced_locking_command, free_port
 
-__all__ = ["OperatorProcess", "cr", "ready_condition", "wait_for"]
+__all__ = ["OperatorProcess", "apply", "cr", "ready_condition"]
 
-T = TypeVar("T")
 GROUP = "locking.runatlantis.io"
 
 
@@ -78,24 +76,11 @@ class OperatorProcess(ServiceProcess):
         return self._log("stdout").read_text(errors="replace") + self.stderr()
 
 
-def wait_for(
-    what: str,
-    check: Callable[[], T | None],
-    *,
-    timeout: float = 30,
-    details: Callable[[], str] | None = None,
-) -> T:
-    """Poll ``check()`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    last: T | None = None
-    while True:
-        last = check()
-        if last:
-            return last
-        if time.monotonic() > deadline:
-            extra = f"\n{details()}" if details is not None else ""
-            pytest.fail(f"timed out after {timeout}s waiting for {what} (last: {last!r}){extra}")
-        time.sleep(0.05)
+def apply(cluster: KubeCluster, namespace: str, *objects: dict[str, Any]) -> None:
+    """``kubectl apply`` each object into ``namespace``."""
+    for body in objects:
+        body = {**body, "metadata": {**body["metadata"], "namespace": namespace}}
+        cluster.kubectl("apply", "-f", "-", input=json.dumps(body))
 
 
 def cr(cluster: KubeCluster, plural: str, name: str, namespace: str) -> dict[str, Any] | None:

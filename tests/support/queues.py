@@ -4,6 +4,9 @@
 implement :class:`~enhanced_locking.backends.base.QueueBackend`. A new kind joins every queue
 test by adding its name here (it must also be in ``BACKEND_KINDS``, which says how to build it).
 
+``rigs`` builds enhanced lockers over backends of the running kind (``rigs(**settings)``, one
+new backend each) and closes them after the test.
+
 ``tests/conftest.py`` loads this module as a plugin, so the fixtures are everywhere.
 """
 
@@ -32,6 +35,7 @@ __all__ = [
     "LockerRig",
     "queue_backend_factory",
     "rig_for",
+    "rigs",
     "settle",
 ]
 
@@ -55,6 +59,21 @@ async def queue_backend_factory(request: pytest.FixtureRequest) -> AsyncIterator
     _NETWORKED.remove(factory)
     await factory.close()
 
+
+@pytest.fixture
+async def rigs(queue_backend_factory: BackendFactory) -> AsyncIterator[Callable[..., LockerRig]]:
+    """``rigs(**settings)``: an enhanced locker over a new backend of the running kind
+    (``settings`` as for :func:`rig_for`); every one is closed after the test."""
+    built: list[LockerRig] = []
+
+    def build(**settings: Any) -> LockerRig:
+        backend = queue_backend_factory()
+        assert isinstance(backend, QueueBackend)
+        built.append(rig_for(backend, **settings))
+        return built[-1]
+    yield build
+    for rig in built:
+        await rig.close()
 
 _NETWORKED: list[BackendFactory] = []
 """Factories of the running test: ``settle`` waits until their Redis backends are quiet."""

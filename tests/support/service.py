@@ -16,7 +16,8 @@ when the port is taken, so nothing else can be listening there.
 
 In tests, ``running(process)`` (one process) and ``services()`` (a group a fixture starts one
 by one) start processes, fail the test with the service's output when one does not come up,
-and stop them all at the end.
+and stop them all at the end; ``serving(root, *flags)`` runs one with its data and logs under
+``root`` (a module's shared service).
 
 Nothing here listens anywhere but 127.0.0.1.
 """
@@ -52,6 +53,7 @@ __all__ = [
     "running",
     "scrubbed_env",
     "services",
+    "serving",
 ]
 
 LOOPBACK = "127.0.0.1"
@@ -336,3 +338,13 @@ def running(process: ServiceProcess) -> Iterator[ServiceProcess]:
     stopped on the way out."""
     with services() as group:
         yield group.start(process)
+
+
+@contextmanager
+def serving(root: Path, *flags: str,
+            env: Mapping[str, str] | None = None) -> Iterator[ServiceProcess]:
+    """A service started with ``flags`` (and ``env``), its data dir and logs under ``root``,
+    as :func:`running` starts and stops it."""
+    with running(ServiceProcess(root / "data", args=flags, env=env,
+                                log_dir=root / "logs")) as process:
+        yield process

@@ -4,16 +4,14 @@ refused with the cycle named; a plain queue never is; the flag switches it off."
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import functools
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
 
 import pytest
-from tests.support.backends import BackendFactory
 from tests.support.locks import lock_for, request_for
-from tests.support.queues import LockerRig, rig_for, settle
+from tests.support.queues import LockerRig, settle
 
-from enhanced_locking.backends import QueueBackend
 from enhanced_locking.backends.waiting import KeyWaits, Waiter
 from enhanced_locking.locking import deadlock
 from enhanced_locking.types import (
@@ -30,17 +28,9 @@ WAIT = timedelta(seconds=30)
 
 
 @pytest.fixture
-async def make(queue_backend_factory: BackendFactory) -> AsyncIterator[Callable[..., LockerRig]]:
-    rigs: list[LockerRig] = []
-
-    def build(**settings: Any) -> LockerRig:
-        backend = queue_backend_factory()
-        assert isinstance(backend, QueueBackend)
-        rigs.append(rig_for(backend, **{"deadlock_detection": True, **settings}))
-        return rigs[-1]
-    yield build
-    for rig in rigs:
-        await rig.close()
+def make(rigs: Callable[..., LockerRig]) -> Callable[..., LockerRig]:
+    """Lockers with deadlock detection on (a test may turn it off)."""
+    return functools.partial(rigs, deadlock_detection=True)
 
 
 def ask(pull: int, key: str, *, wait: timedelta | None = None) -> LockRequest:

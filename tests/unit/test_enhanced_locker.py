@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -32,20 +32,6 @@ from enhanced_locking.types import (
 S = timedelta(seconds=1)
 
 
-@pytest.fixture
-async def make(queue_backend_factory: BackendFactory) -> AsyncIterator[Callable[..., LockerRig]]:
-    rigs: list[LockerRig] = []
-
-    def build(**settings: Any) -> LockerRig:
-        backend = queue_backend_factory()
-        assert isinstance(backend, QueueBackend)
-        rigs.append(rig_for(backend, **settings))
-        return rigs[-1]
-    yield build
-    for rig in rigs:
-        await rig.close()
-
-
 def ask(pull: int, *, path: str = "envs/prod", wait: Any = None, ttl: timedelta | None = None,
         priority: Priority = Priority.NORMAL) -> LockRequest:
     request = request_for(pull=pull, path=path, ttl=ttl, priority=priority)
@@ -57,9 +43,9 @@ def count(rig: LockerRig, metric: str, **labels: str) -> float:
     return value or 0.0
 
 
-async def test_without_wait_a_held_key_fails_fast_as_in_atlantis(make: Callable[..., LockerRig],
+async def test_without_wait_a_held_key_fails_fast_as_in_atlantis(rigs: Callable[..., LockerRig],
                                                                  ) -> None:
-    rig = make()
+    rig = rigs()
     assert (await rig.locker.acquire(ask(1))).acquired
     refused = await rig.locker.acquire(ask(2))
     assert refused.reason is Reason.HELD and refused.holder is not None
@@ -67,8 +53,8 @@ async def test_without_wait_a_held_key_fails_fast_as_in_atlantis(make: Callable[
     assert await rig.locker.queue(ask(1).key) == []
 
 
-async def test_a_waiter_gets_the_lock_when_it_is_released(make: Callable[..., LockerRig]) -> None:
-    rig = make()
+async def test_a_waiter_gets_the_lock_when_it_is_released(rigs: Callable[..., LockerRig]) -> None:
+    rig = rigs()
     first = await rig.locker.acquire(ask(1))
     waiting = rig.spawn(rig.locker.acquire(ask(2, wait=30 * S)))
     await settle()
@@ -82,8 +68,8 @@ async def test_a_waiter_gets_the_lock_when_it_is_released(make: Callable[..., Lo
     assert count(rig, "enhanced_locking_handoffs_total") == 1
 
 
-async def test_wait_true_waits_up_to_the_default_timeout(make: Callable[..., LockerRig]) -> None:
-    rig = make(default_timeout=timedelta(milliseconds=50))
+async def test_wait_true_waits_up_to_the_default_timeout(rigs: Callable[..., LockerRig]) -> None:
+    rig = rigs(default_timeout=timedelta(milliseconds=50))
     await rig.locker.acquire(ask(1))
     answer = await asyncio.wait_for(rig.locker.acquire(ask(2, wait=True)), 5)
     assert answer.reason is Reason.TIMEOUT
@@ -93,17 +79,17 @@ async def test_wait_true_waits_up_to_the_default_timeout(make: Callable[..., Loc
 
 
 async def test_a_wait_above_the_maximum_is_refused_not_clamped(
-    make: Callable[..., LockerRig],
+    rigs: Callable[..., LockerRig],
 ) -> None:
-    rig = make(max_timeout=timedelta(minutes=1), default_timeout=S)
+    rig = rigs(max_timeout=timedelta(minutes=1), default_timeout=S)
     with pytest.raises(InvalidRequest) as refused:
         await rig.locker.acquire(ask(1, wait=2 * 60 * S))
     assert refused.value.field == "wait" and "1m" in str(refused.value)
     assert await rig.locker.get(ask(1).key) is None
 
 
-async def test_an_admin_cancel_answers_the_waiter_cancelled(make: Callable[..., LockerRig]) -> None:
-    rig = make()
+async def test_an_admin_cancel_answers_the_waiter_cancelled(rigs: Callable[..., LockerRig]) -> None:
+    rig = rigs()
     await rig.locker.acquire(ask(1))
     waiting = rig.spawn(rig.locker.acquire(
         ask(2, wait=30 * S).model_copy(update={"request_id": "job-7"})))
@@ -115,9 +101,9 @@ async def test_an_admin_cancel_answers_the_waiter_cancelled(make: Callable[..., 
 
 
 async def test_a_caller_that_goes_away_leaves_the_queue_and_is_never_granted(
-    make: Callable[..., LockerRig],
+    rigs: Callable[..., LockerRig],
 ) -> None:
-    rig = make()
+    rig = rigs()
     await rig.locker.acquire(ask(1))
     gone = rig.spawn(rig.locker.acquire(ask(2, wait=30 * S)))
     behind = rig.spawn(rig.locker.acquire(ask(3, wait=30 * S)))
@@ -132,9 +118,9 @@ async def test_a_caller_that_goes_away_leaves_the_queue_and_is_never_granted(
 
 
 async def test_a_grant_that_reaches_a_caller_gone_meanwhile_is_given_back(
-    make: Callable[..., LockerRig],
+    rigs: Callable[..., LockerRig],
 ) -> None:
-    rig = make()
+    rig = rigs()
     await rig.locker.acquire(ask(1))
     gone = rig.spawn(rig.locker.acquire(ask(2, wait=30 * S)))
     behind = rig.spawn(rig.locker.acquire(ask(3, wait=30 * S)))
@@ -150,10 +136,10 @@ async def test_a_grant_that_reaches_a_caller_gone_meanwhile_is_given_back(
 
 
 async def test_a_lease_that_runs_out_frees_the_lock_and_wakes_the_queue(
-    make: Callable[..., LockerRig],
+    rigs: Callable[..., LockerRig],
 ) -> None:
     async def case(lease: timedelta) -> None:
-        rig = make()
+        rig = rigs()
         path = f"envs/lease-{lease // timedelta(milliseconds=1)}"
         short = await rig.locker.acquire(ask(1, path=path, ttl=lease))
         assert short.lock is not None and short.lock.expires_at is not None
@@ -173,10 +159,10 @@ async def test_a_lease_that_runs_out_frees_the_lock_and_wakes_the_queue(
 
 
 async def test_the_default_lease_comes_from_lock_ttl_and_a_refresh_extends_it(
-    make: Callable[..., LockerRig],
+    rigs: Callable[..., LockerRig],
 ) -> None:
     async def case(lease: timedelta) -> None:
-        rig = make(lock_ttl=lease)
+        rig = rigs(lock_ttl=lease)
         mine = ask(1, path=f"envs/ttl-{lease // timedelta(milliseconds=1)}")
         key = mine.key
         granted = await rig.locker.acquire(mine)
@@ -200,9 +186,9 @@ async def test_the_default_lease_comes_from_lock_ttl_and_a_refresh_extends_it(
 
 
 async def test_priority_queue_off_serves_fifo_and_on_serves_by_priority_live(
-    make: Callable[..., LockerRig],
+    rigs: Callable[..., LockerRig],
 ) -> None:
-    rig = make(priority_queue=False)
+    rig = rigs(priority_queue=False)
     await rig.locker.acquire(ask(1))
     for pull, priority in [(2, Priority.LOW), (3, Priority.CRITICAL)]:
         rig.spawn(rig.locker.acquire(ask(pull, wait=30 * S, priority=priority)))
@@ -217,8 +203,8 @@ async def test_priority_queue_off_serves_fifo_and_on_serves_by_priority_live(
     assert "force-unlocked" in rig.types()
 
 
-async def test_a_full_queue_answers_queue_full(make: Callable[..., LockerRig]) -> None:
-    rig = make(max_queue_size=1)
+async def test_a_full_queue_answers_queue_full(rigs: Callable[..., LockerRig]) -> None:
+    rig = rigs(max_queue_size=1)
     await rig.locker.acquire(ask(1))
     rig.spawn(rig.locker.acquire(ask(2, wait=30 * S)))
     await settle()
@@ -229,9 +215,9 @@ async def test_a_full_queue_answers_queue_full(make: Callable[..., LockerRig]) -
 
 
 async def test_a_batch_is_all_or_nothing_and_a_waiting_batch_holds_nothing(
-    make: Callable[..., LockerRig],
+    rigs: Callable[..., LockerRig],
 ) -> None:
-    rig = make()
+    rig = rigs()
     await rig.locker.acquire(ask(9, path="b"))
     batch = BatchLockRequest(
         locks=[BatchItem(project=ask(1, path=p).project) for p in ("a", "b")],

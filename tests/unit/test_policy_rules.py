@@ -9,17 +9,14 @@ rules: ``enhanced_locking.policies.verdict``, mirrored by the Redis scripts).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-import pytest
-from tests.support.backends import BackendFactory
 from tests.support.locks import request_for
-from tests.support.queues import LockerRig, rig_for, settle
+from tests.support.queues import LockerRig, settle
 
 from enhanced_locking import policies
-from enhanced_locking.backends import QueueBackend
 from enhanced_locking.policies import (
     ConcurrencyLimit,
     Freeze,
@@ -30,20 +27,6 @@ from enhanced_locking.policies import (
 from enhanced_locking.types import AcquireResult, LockRequest, Priority, Pull, Reason, utcnow
 
 WAIT = timedelta(seconds=30)
-
-
-@pytest.fixture
-async def make(queue_backend_factory: BackendFactory) -> AsyncIterator[Callable[..., LockerRig]]:
-    rigs: list[LockerRig] = []
-
-    def build(**settings: Any) -> LockerRig:
-        backend = queue_backend_factory()
-        assert isinstance(backend, QueueBackend)
-        rigs.append(rig_for(backend, **settings))
-        return rigs[-1]
-    yield build
-    for rig in rigs:
-        await rig.close()
 
 
 def ask(pull: int, *, path: str = "envs/prod", mode: str = "exclusive", wait: Any = None,
@@ -73,8 +56,8 @@ async def queued(rig: LockerRig, request: LockRequest) -> asyncio.Task[AcquireRe
 
 # --- shared and exclusive ---------------------------------------------------------------------
 async def test_shared_holders_coexist_and_an_exclusive_request_waits_for_all_of_them(
-        make: Callable[..., LockerRig]) -> None:
-    rig = make()
+        rigs: Callable[..., LockerRig]) -> None:
+    rig = rigs()
     first = await rig.locker.acquire(ask(1, mode="shared"))
     second = await rig.locker.acquire(ask(2, mode="shared"))
     assert first.acquired and second.acquired
@@ -96,8 +79,8 @@ async def test_shared_holders_coexist_and_an_exclusive_request_waits_for_all_of_
 
 
 async def test_a_waiting_exclusive_request_stops_new_shared_grants(
-        make: Callable[..., LockerRig]) -> None:
-    rig = make()
+        rigs: Callable[..., LockerRig]) -> None:
+    rig = rigs()
     await rig.locker.acquire(ask(1, mode="shared"))
     writer = await queued(rig, ask(2, wait=WAIT))
     reader = await queued(rig, ask(3, mode="shared", wait=WAIT))  # behind the writer
@@ -116,10 +99,10 @@ async def test_a_waiting_exclusive_request_stops_new_shared_grants(
 
 
 async def test_shared_waiters_served_together_each_get_a_new_higher_token(
-        make: Callable[..., LockerRig]) -> None:
+        rigs: Callable[..., LockerRig]) -> None:
     """One release hands a key to several shared waiters in one step: each gets its own
     token, above the released one, and the next grant is above all of them."""
-    rig = make()
+    rig = rigs()
     writer = await rig.locker.acquire(ask(1))
     assert writer.lock is not None
     readers = [await queued(rig, ask(pull, mode="shared", wait=WAIT)) for pull in (2, 3, 4)]
@@ -138,8 +121,8 @@ async def test_shared_waiters_served_together_each_get_a_new_higher_token(
 
 
 async def test_the_only_shared_holder_upgrades_to_exclusive_with_a_new_token(
-        make: Callable[..., LockerRig]) -> None:
-    rig = make()
+        rigs: Callable[..., LockerRig]) -> None:
+    rig = rigs()
     shared = await rig.locker.acquire(ask(1, mode="shared"))
     again = await rig.locker.acquire(ask(1, mode="shared"))
     assert again.lock == shared.lock  # the same pull asking again: unchanged
@@ -150,8 +133,8 @@ async def test_the_only_shared_holder_upgrades_to_exclusive_with_a_new_token(
     assert (await rig.locker.acquire(ask(2, mode="shared"))).reason is Reason.HELD
 
 
-async def test_a_force_unlock_frees_every_shared_holder(make: Callable[..., LockerRig]) -> None:
-    rig = make()
+async def test_a_force_unlock_frees_every_shared_holder(rigs: Callable[..., LockerRig]) -> None:
+    rig = rigs()
     await rig.locker.acquire(ask(1, mode="shared"))
     await rig.locker.acquire(ask(2, mode="shared"))
     key = ask(1).key
@@ -162,8 +145,8 @@ async def test_a_force_unlock_frees_every_shared_holder(make: Callable[..., Lock
 
 # --- superseded and retried requests -----------------------------------------------------------
 async def test_a_newer_head_commit_supersedes_the_queued_request_of_the_same_pull(
-        make: Callable[..., LockerRig]) -> None:
-    rig = make()
+        rigs: Callable[..., LockerRig]) -> None:
+    rig = rigs()
     await rig.locker.acquire(ask(1))
     old = await queued(rig, ask(2, wait=WAIT, head="aaa111"))
     other = await queued(rig, ask(3, wait=WAIT, head="ccc333"))
@@ -180,8 +163,8 @@ async def test_a_newer_head_commit_supersedes_the_queued_request_of_the_same_pul
 
 
 async def test_a_request_retried_after_its_connection_broke_keeps_its_place(
-        make: Callable[..., LockerRig]) -> None:
-    rig = make()
+        rigs: Callable[..., LockerRig]) -> None:
+    rig = rigs()
     key = ask(1).key
     await rig.locker.acquire(ask(1))
     first = await queued(rig, ask(2, wait=WAIT, request_id="plan-2"))
@@ -204,8 +187,8 @@ FREEZE = Freeze(name="release-week", match=KeyPattern(path_prefix="envs/prod"),
 
 
 async def test_a_freeze_refuses_with_its_message_and_leaves_held_locks_alone(
-        make: Callable[..., LockerRig]) -> None:
-    rig = make()
+        rigs: Callable[..., LockerRig]) -> None:
+    rig = rigs()
     held = await rig.locker.acquire(ask(1))
     await rules(rig, PolicyRules(freezes=[FREEZE]))
     refused = await rig.locker.acquire(ask(2, wait=WAIT))
@@ -219,8 +202,8 @@ async def test_a_freeze_refuses_with_its_message_and_leaves_held_locks_alone(
 
 
 async def test_a_waiting_freeze_queues_and_grants_when_it_is_lifted(
-        make: Callable[..., LockerRig]) -> None:
-    rig = make()
+        rigs: Callable[..., LockerRig]) -> None:
+    rig = rigs()
     await rules(rig, PolicyRules(freezes=[FREEZE.model_copy(update={"action": "wait"})]))
     waiter = await queued(rig, ask(2, wait=WAIT))
     await rules(rig, PolicyRules())
@@ -229,8 +212,8 @@ async def test_a_waiting_freeze_queues_and_grants_when_it_is_lifted(
 
 
 async def test_a_freeze_with_a_window_is_active_only_inside_it(
-        make: Callable[..., LockerRig]) -> None:
-    rig = make()
+        rigs: Callable[..., LockerRig]) -> None:
+    rig = rigs()
     now = utcnow()
     later = FREEZE.model_copy(update={"from_": now + timedelta(hours=1),
                                       "until": now + timedelta(hours=2)})
@@ -244,8 +227,8 @@ async def test_a_freeze_with_a_window_is_active_only_inside_it(
 
 # --- concurrency limits -----------------------------------------------------------------------
 async def test_a_limit_of_two_holds_five_waiters_to_two_at_a_time_in_queue_order(
-        make: Callable[..., LockerRig]) -> None:
-    rig = make()
+        rigs: Callable[..., LockerRig]) -> None:
+    rig = rigs()
     await rules(rig, PolicyRules(concurrency=[
         ConcurrencyLimit(name="prod", match=KeyPattern(path_prefix="envs"), limit=2)]))
     tasks = []
@@ -268,8 +251,8 @@ async def test_a_limit_of_two_holds_five_waiters_to_two_at_a_time_in_queue_order
 
 
 async def test_per_repository_limits_count_each_repository_apart(
-        make: Callable[..., LockerRig]) -> None:
-    rig = make()
+        rigs: Callable[..., LockerRig]) -> None:
+    rig = rigs()
     await rules(rig, PolicyRules(concurrency=[
         ConcurrencyLimit(name="one-per-repo", per="repository", limit=1)]))
     assert (await rig.locker.acquire(ask(1, repo="acme/a"))).acquired
@@ -279,8 +262,8 @@ async def test_per_repository_limits_count_each_repository_apart(
 
 
 async def test_deleting_a_limit_releases_what_it_held_back_in_queue_order(
-        make: Callable[..., LockerRig]) -> None:
-    rig = make()
+        rigs: Callable[..., LockerRig]) -> None:
+    rig = rigs()
     await rules(rig, PolicyRules(concurrency=[ConcurrencyLimit(name="all", limit=1)]))
     assert (await rig.locker.acquire(ask(1, path="a"))).acquired
     second = await queued(rig, ask(2, path="b", wait=WAIT))
@@ -290,12 +273,12 @@ async def test_deleting_a_limit_releases_what_it_held_back_in_queue_order(
 
 
 async def test_a_pulls_second_queued_request_gets_its_held_lock_unchanged_not_a_new_grant(
-        make: Callable[..., LockerRig]) -> None:
+        rigs: Callable[..., LockerRig]) -> None:
     """Two waiting requests of one pull: when the limit goes, the first is granted and the
     second is answered with that same lock, unchanged (like an immediate request for a lock
     the pull holds): no second ``granted-from-queue``, and it is not the second request's to
     give back if its client leaves."""
-    rig = make()
+    rig = rigs()
     await rules(rig, PolicyRules(concurrency=[
         ConcurrencyLimit(name="all", match=KeyPattern(path_prefix="envs"), limit=1)]))
     other = await rig.locker.acquire(ask(2, path="envs/a", mode="shared"))
@@ -329,8 +312,8 @@ PRIORITY = PolicyRules(priority_rules=[
 
 
 async def test_priority_rules_assign_the_priority_and_a_client_may_only_ask_for_less(
-        make: Callable[..., LockerRig]) -> None:
-    rig = make(priority_queue=True)
+        rigs: Callable[..., LockerRig]) -> None:
+    rig = rigs(priority_queue=True)
     await rules(rig, PRIORITY)
     await rig.locker.acquire(ask(1))
     apply = await queued(rig, ask(2, command="apply", priority=Priority.CRITICAL, wait=WAIT))
@@ -351,8 +334,8 @@ async def test_priority_rules_assign_the_priority_and_a_client_may_only_ask_for_
 
 # --- visible waiting --------------------------------------------------------------------------
 async def test_a_waiter_sees_its_position_who_blocks_it_and_an_estimate(
-        make: Callable[..., LockerRig]) -> None:
-    rig = make()
+        rigs: Callable[..., LockerRig]) -> None:
+    rig = rigs()
     key = ask(1).key
     await rig.locker.acquire(ask(1))
     await rig.locker.release(key)  # one hold time on record
