@@ -33,6 +33,27 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def interval_rows(rows: list[tuple[str, list[float]]]) -> list[str]:
+    """A markdown table of intervals (seconds, printed in ms): p50, p99 and max of each, and
+    its p50 over the first row's, the anchor timed in the same run."""
+    anchor = statistics.median(rows[0][1])
+    lines = ["| interval | p50 | p99 | max | p50 / anchor |", "|---|---:|---:|---:|---:|"]
+    for name, values in rows:
+        p50 = statistics.median(values)
+        lines.append(
+            f"| {name} | {p50 * 1000:.1f} | {percentile(values, 0.99) * 1000:.1f} | "
+            f"{max(values) * 1000:.1f} | {p50 / anchor:.2f} |"
+        )
+    return lines
+
+
+async def handoffs_of(locker: EnhancedLocker, count: int) -> list[float]:
+    """:func:`handoff_latencies` on ``locker``, closed afterwards (see :func:`close_locker`)."""
+    latencies = await handoff_latencies(locker, count)
+    await close_locker(locker)
+    return latencies
+
+
 def quick_defaults(parser: argparse.ArgumentParser, **small: Any) -> None:
     """With ``BENCH_QUICK`` set (``make bench``), smaller counts and print only: the whole suite
     then runs in a few minutes; the tables in docs/benchmarks.md come from full runs."""

@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -36,8 +35,8 @@ from bench._common import (  # noqa: E402
     GROUP,
     VERSION,
     apply_lock_crs,
+    interval_rows,
     kube_cluster,
-    percentile,
     quick_defaults,
     until,
     write_section,
@@ -93,7 +92,6 @@ def measure(kube: KubeCluster, operator: OperatorProcess, edits: int) -> dict[st
 
 
 def table(samples: dict[str, list[float]], edits: int, load: float) -> str:
-    anchor = statistics.median(samples["patch"])
     rows = [
         ("`kubectl patch` returns (anchor)", samples["patch"]),
         ("patch returned → `GET /v1/config` has the new weight", samples["service"]),
@@ -106,15 +104,8 @@ def table(samples: dict[str, list[float]], edits: int, load: float) -> str:
         f"{platform.python_version()}, {os.cpu_count()} CPUs, load average {load:.1f} during "
         "the run; times in milliseconds; the ratio is the p50 over the anchor's p50.",
         "",
-        "| interval | p50 | p99 | max | p50 / anchor |",
-        "|---|---:|---:|---:|---:|",
+        *interval_rows(rows),
     ]
-    for name, values in rows:
-        p50 = statistics.median(values)
-        lines.append(
-            f"| {name} | {p50 * 1000:.1f} | {percentile(values, 0.99) * 1000:.1f} | "
-            f"{max(values) * 1000:.1f} | {p50 / anchor:.2f} |"
-        )
     return "\n".join(lines)
 
 

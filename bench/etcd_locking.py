@@ -50,7 +50,7 @@ sys.path.insert(0, str(REPO))
 
 from bench._common import (  # noqa: E402
     close_locker,
-    handoff_latencies,
+    handoffs_of,
     percentile,
     quick_defaults,
     request,
@@ -134,10 +134,7 @@ class Ours:
         return count / elapsed, per_pair, cpu / count
 
     async def handoffs(self, count: int) -> list[float]:
-        locker = self.locker()
-        latencies = await handoff_latencies(locker, count)
-        await close_locker(locker)
-        return latencies
+        return await handoffs_of(self.locker(), count)
 
     async def hot_key(self, waiters: int) -> HotKey:
         """``waiters`` acquires with a wait at once on a held key, through two lockers."""

@@ -56,7 +56,7 @@ import redis.asyncio as aioredis  # noqa: E402
 import redis_lock  # noqa: E402
 from bench._common import (  # noqa: E402
     close_locker,
-    handoff_latencies,
+    handoffs_of,
     percentile,
     quick_defaults,
     request,
@@ -279,10 +279,7 @@ class Bench:
 
     # --- 2. hand-off latency -------------------------------------------------------------
     async def handoff_ours(self, count: int) -> list[float]:
-        locker = self.locker()
-        latencies = await handoff_latencies(locker, count)
-        await close_locker(locker)
-        return latencies
+        return await handoffs_of(self.locker(), count)
 
     async def handoff_redis_py(self, count: int) -> list[float]:
         holder = self.client.lock("bench:handoff-redis-py", timeout=60)

@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -44,8 +43,8 @@ from bench._common import (  # noqa: E402
     DOC,
     GROUP,
     apply_lock_crs,
+    interval_rows,
     kube_cluster,
-    percentile,
     quick_defaults,
     until,
     write_section,
@@ -111,7 +110,6 @@ def measure(kube: KubeCluster, replicas: list[OperatorProcess],
 
 
 def table(samples: dict[str, list[float]], moves: int, replicas: int, load: float) -> str:
-    anchor = statistics.median(samples["patch"])
     rows = [
         ("`kubectl patch` returns (anchor)", samples["patch"]),
         ("→ every replica has applied the weight (`GET /v1/config`)", samples["applied"]),
@@ -127,15 +125,8 @@ def table(samples: dict[str, list[float]], moves: int, replicas: int, load: floa
         f"{os.cpu_count()} CPUs, load average {load:.1f} during the run; times in "
         "milliseconds from kubectl returning; the ratio is the p50 over the anchor's p50.",
         "",
-        "| interval | p50 | p99 | max | p50 / anchor |",
-        "|---|---:|---:|---:|---:|",
+        *interval_rows(rows),
     ]
-    for name, values in rows:
-        p50 = statistics.median(values)
-        lines.append(
-            f"| {name} | {p50 * 1000:.1f} | {percentile(values, 0.99) * 1000:.1f} | "
-            f"{max(values) * 1000:.1f} | {p50 / anchor:.2f} |"
-        )
     lines += [
         "",
         "Between the second and the third row every replica takes the moving keys on both "
