@@ -26,7 +26,8 @@ import grpc
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.types import BackendUnavailable
 
-__all__ = ["CALL_TIMEOUT", "EtcdConnection", "EtcdSettings", "Passenger", "unavailable"]
+__all__ = ["CALL_TIMEOUT", "DOWN", "EtcdConnection", "EtcdSettings", "Passenger", "unavailable",
+           "unreachable"]
 
 CALL_TIMEOUT = 5.0
 """Seconds one call may take, retries included (an election takes about one second)."""
@@ -154,10 +155,20 @@ async def unavailable(
         yield
     except BackendUnavailable:
         raise
-    except (etcd3aio.EtcdError, grpc.RpcError, OSError, TimeoutError) as error:
-        raise BackendUnavailable(
-            f"etcd {connection.where}: {action} failed ({_reason(error)})", key=key
-        ) from None
+    except DOWN as error:
+        raise unreachable(connection, action, error, key=key) from None
+
+
+DOWN = (etcd3aio.EtcdError, grpc.RpcError, OSError, TimeoutError)
+"""What a call to etcd raises when etcd cannot answer it (the library's errors and gRPC's)."""
+
+
+def unreachable(connection: EtcdConnection, action: str, error: BaseException, *,
+                key: str | None = None) -> BackendUnavailable:
+    """The ``BackendUnavailable`` a failed call becomes, naming the cluster and the action
+    (``unavailable`` without its context manager, for the calls of every step)."""
+    return BackendUnavailable(f"etcd {connection.where}: {action} failed ({_reason(error)})",
+                              key=key)
 
 
 def _reason(error: BaseException) -> str:

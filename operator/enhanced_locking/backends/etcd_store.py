@@ -71,21 +71,24 @@ import random
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 from urllib.parse import quote, unquote
 
 import etcd3aio
 import grpc
 from etcd3aio._protobuf import Compare
+from etcd3aio._protobuf import TxnRequest as _TxnRequest
 
 from enhanced_locking.backends import codec
 from enhanced_locking.backends.base import Owner, StoreBackend, _Effects
 from enhanced_locking.backends.etcd_connection import (
     CALL_TIMEOUT,
+    DOWN,
     EtcdConnection,
     EtcdSettings,
     Passenger,
     unavailable,
+    unreachable,
 )
 from enhanced_locking.backends.unreadable import UnreadableLocks
 from enhanced_locking.backends.waiting import (
@@ -105,6 +108,7 @@ from enhanced_locking.types import (
     LockUnreadable,
     Reason,
     UnreadableLock,
+    replaced,
     utcnow,
 )
 
@@ -208,10 +212,18 @@ class _Txn:
         raise _Miss(keys=(key,))
 
     def scan(self, prefix: bytes) -> dict[bytes, _KV]:
-        fetched = next((kvs for p, (_, kvs) in self.reads.ranges.items()
-                        if prefix.startswith(p)), None)
-        if fetched is None:
-            raise _Miss(prefixes=(prefix,))
+        ranges = self.reads.ranges
+        taken = ranges.get(prefix)  # the range itself was read: the usual case
+        fetched: dict[bytes, _KV] | None
+        if taken is not None:
+            fetched = taken[1]
+            if not fetched and not self.writes:
+                return {}
+        else:
+            fetched = next((kvs for p, (_, kvs) in ranges.items() if prefix.startswith(p)),
+                           None)
+            if fetched is None:
+                raise _Miss(prefixes=(prefix,))
         found = {k: kv for k, kv in fetched.items() if k.startswith(prefix)}
         for key, written in self.writes.items():
             if key.startswith(prefix):
@@ -300,6 +312,15 @@ class _Known:
         store.move_to_end(k)
         while len(store) > self.LIMIT:
             store.popitem(last=False)
+
+
+class _Names(NamedTuple):
+    """The etcd keys of one lock key (see "Layout" above)."""
+
+    lock: bytes
+    fence: bytes
+    queue: bytes
+    shared: bytes
 
 
 def _written(before: _KV, written: tuple[bytes, int] | None, revision: int) -> _KV:
@@ -488,7 +509,7 @@ class EtcdBackend(StoreBackend):
         self.late_grants = 0
         """Grants refused because their answer came after the lock's end (``ran_out``)."""
         self._known = _Known()
-        self._names: dict[str, bytes] = {}
+        self._names: dict[str, _Names] = {}
         self._decoded: dict[tuple[str, bytes], Lock] = {}
         self._waiters_decoded: dict[tuple[bytes, int], tuple[Waiter, int]] = {}
         """Waiters (and their session lease) by stored value and revision (``waiter_from``)."""
@@ -517,23 +538,26 @@ class EtcdBackend(StoreBackend):
             self._passengers.append(passenger)
 
     # --- key names ---------------------------------------------------------------------------
-    def _quoted(self, key: str) -> bytes:
-        """``key`` percent-encoded (a step names each of its keys a dozen times: kept)."""
-        quoted = self._names.get(key)
-        if quoted is None:
+    def _named(self, key: str) -> _Names:
+        """The etcd keys of ``key`` (a step names each of them several times: kept)."""
+        names = self._names.get(key)
+        if names is None:
             if len(self._names) >= _Known.LIMIT:
                 self._names.clear()
-            quoted = self._names[key] = quote(key, safe="").encode()
-        return quoted
+            quoted, base = quote(key, safe="").encode(), self.base
+            names = self._names[key] = _Names(
+                base + b"lock/" + quoted, base + b"fence/" + quoted,
+                base + b"queue/" + quoted + b"/", base + b"shared/" + quoted + b"/")
+        return names
 
     def lock_key(self, key: str) -> bytes:
-        return self.base + b"lock/" + self._quoted(key)
+        return self._named(key).lock
 
     def fence_key(self, key: str) -> bytes:
-        return self.base + b"fence/" + self._quoted(key)
+        return self._named(key).fence
 
     def queue_prefix(self, key: str) -> bytes:
-        return self.base + b"queue/" + self._quoted(key) + b"/"
+        return self._named(key).queue
 
     def key_of_queue_entry(self, entry: bytes) -> str:
         return unquote(entry[len(self.base) + len(b"queue/"):].split(b"/")[0].decode())
@@ -624,7 +648,7 @@ class EtcdBackend(StoreBackend):
         _txn().delete(self.lock_key(key))
 
     def shared_prefix(self, key: str) -> bytes:
-        return self.base + b"shared/" + self._quoted(key) + b"/"
+        return self._named(key).shared
 
     def _load_shared(self, key: str) -> Locks:
         locks = [_resolve_lock(self._read(key, kv.value), kv.mod)
@@ -644,6 +668,48 @@ class EtcdBackend(StoreBackend):
 
     def _forget_grant(self, waiter_id: str) -> None:
         _txn().delete(self.notice_key(waiter_id))
+
+    # --- the uncontended key: StoreBackend's shortcuts ---------------------------------------
+    # The shared step calls them for a key nobody waits for, under no rule that could say no
+    # (it has read the queue and the rules itself). They run inside the step like any other
+    # read (so the commit carries the guards of every key the operation took, as the general
+    # step's does) and answer ``None`` for anything but the plain case, where the general
+    # step then decides: the same writes and the same answer, without settling, serving an
+    # empty queue and the decision around them (about a third of the store's Python per pair).
+    def _take_free(self, lock: Lock, times: tuple[datetime, datetime | None] | None = None,
+                   ) -> Lock | None:
+        """Grant ``lock`` if its key has no holder stored (nor shared), and was not kept
+        aside as unreadable."""
+        key = lock.key
+        txn = _txn()
+        if (key in self.unreadable or txn.get(self.lock_key(key)).value is not None
+                or any(kv.value is not None for kv in txn.scan(self.shared_prefix(key)).values())):
+            return None
+        update: dict[str, Any] = {"fencing_token": self._next_token(key)}
+        if times is not None:
+            update["acquired_at"], update["expires_at"] = times
+        taken = replaced(lock, **update)
+        self._store(taken)
+        return taken
+
+    def _pop(self, key: str, owner: Owner | None) -> Lock | None:
+        """Delete ``key``'s holder if it is live, readable, ``owner``'s (or anyone's, without
+        it) and the key is not held shared too."""
+        txn = _txn()
+        if key in self.unreadable:
+            return None
+        kv = txn.get(self.lock_key(key))
+        if kv.value is None:
+            return None
+        try:
+            lock = _resolve_lock(self._read(key, kv.value), kv.mod)
+        except LockUnreadable:
+            return None  # the general step keeps it aside and says why
+        if (lock.expired(self.clock()) or (owner is not None and lock.owner != owner)
+                or any(kv.value is not None for kv in txn.scan(self.shared_prefix(key)).values())):
+            return None
+        self._delete(key)
+        return lock
 
     def _floor(self, key: str) -> int | None:
         kv = _txn().get(self.fence_key(key))
@@ -876,11 +942,14 @@ class EtcdBackend(StoreBackend):
                      prefixes: set[bytes], *, key: str | None) -> _Reads:
         """Read keys and key ranges at one revision (one transaction without guards)."""
         ordered_keys, ordered_prefixes, ops = self._read_ops(keys, prefixes)
-        assert client.kv is not None
+        request = _TxnRequest()
+        request.success.extend(ops)
         self.round_trips += 1
         self.reads += 1
-        async with unavailable(self.connection, "read", key=key):
-            answer = await client.kv.txn([], ops, timeout=CALL_TIMEOUT)
+        try:
+            answer = await _txn_call(client, request)
+        except DOWN as error:
+            raise unreachable(self.connection, "read", error, key=key) from None
         return self._parse_reads(ordered_keys, ordered_prefixes, answer)
 
     async def _commit(self, client: etcd3aio.Etcd3Client, txn: _Txn, *, key: str | None,
@@ -908,39 +977,47 @@ class EtcdBackend(StoreBackend):
                     leases: set[int] | None = None) -> tuple[int | None, _Reads | None]:
         """``writes`` if everything in ``read`` is unchanged: the revision; else ``None``
         and, read in the same transaction, the same keys as they are now."""
-        guards = [_mod_is(k, kv.mod) for k, kv in read.keys.items()]
+        request = _TxnRequest()
+        guard = request.compare.add
+        for k, kv in read.keys.items():
+            guard(result=_EQUAL, target=_MOD, key=k, mod_revision=kv.mod)
         for prefix, (revision, kvs) in read.ranges.items():
-            guards.append(_mod_below(prefix, _prefix_end(prefix), revision + 1))
-            guards.extend(_mod_is(k, kv.mod) for k, kv in kvs.items())
-        ops = [_put_op(k, v[0], v[1]) if v is not None else _delete_op(k)
-               for k, v in writes.items()]
+            guard(result=_LESS, target=_MOD, key=prefix, range_end=_prefix_end(prefix),
+                  mod_revision=revision + 1)
+            for k, kv in kvs.items():
+                guard(result=_EQUAL, target=_MOD, key=k, mod_revision=kv.mod)
+        op = request.success.add
+        for k, v in writes.items():
+            if v is None:
+                op().request_delete_range.key = k
+            else:
+                _put(op().request_put, k, v[0], v[1])
         riding = []
         if writes:
             for passenger in self._passengers:
                 ride = passenger.board()
                 if ride is not None:
                     riding.append(passenger)
-                    ops.append(_put_op(ride[0], ride[1], 0))
+                    _put(op().request_put, ride[0], ride[1], 0)
         ordered_keys, ordered_prefixes, reads = self._read_ops(read.keys, read.ranges)
-        assert client.kv is not None
+        request.failure.extend(reads)
         self.round_trips += 1
         succeeded = False
         try:
-            async with unavailable(self.connection, "write", key=key):
-                answer = await client.kv.txn(guards, ops, reads, timeout=CALL_TIMEOUT,
-                                             max_attempts=1)
-            succeeded = bool(answer.succeeded)
-        except BackendUnavailable as error:
-            if "lease not found" in str(error):
+            answer = await _txn_call(client, request)
+            succeeded = answer.succeeded
+        except DOWN as error:
+            failure = unreachable(self.connection, "write", error, key=key)
+            if "lease not found" in str(failure):
                 # A waiter's replica went away meanwhile, or a lock's lease ended: read again.
                 self._forget_leases(leases or set())
                 return None, None
-            raise
+            raise failure from None
         finally:
             for passenger in riding:
                 passenger.landed(written=succeeded)
         if succeeded:
-            return int(answer.header.revision), None
+            return answer.header.revision, None
         return None, self._parse_reads(ordered_keys, ordered_prefixes, answer)
 
     def _write_effects(self, txn: _Txn) -> None:
@@ -1361,7 +1438,7 @@ def _resolve_lock(lock: Lock, revision: int) -> Lock:
     token = lock.fencing_token
     if token >= 0 or revision <= 0:
         return lock
-    return lock.model_copy(update={"fencing_token": revision + (-token - 1)})
+    return replaced(lock, fencing_token=revision + (-token - 1))
 
 
 def _resolve(value: Any, revision: int) -> Any:
@@ -1384,6 +1461,8 @@ def _resolve(value: Any, revision: int) -> Any:
         changes = {}
         for name in _field_names(type(value)):
             old = getattr(value, name)
+            if old is None or isinstance(old, _PLAIN) or (type(old) is tuple and not old):
+                continue
             new = _resolve(old, revision)
             if new is not old:
                 changes[name] = new
@@ -1411,18 +1490,22 @@ def _get_op(key: bytes, range_end: bytes | None = None) -> Any:
     return etcd3aio.kv.KVService.txn_op_get(key, range_end=range_end)
 
 
-def _put_op(key: bytes, value: bytes, lease: int) -> Any:
-    return etcd3aio.kv.KVService.txn_op_put(key, value, lease=lease)
+def _put(put: Any, key: bytes, value: bytes, lease: int) -> None:
+    """Fill a transaction's put in place (as ``KVService.txn_op_put`` builds it, without
+    building a message to be copied into the request)."""
+    put.key = key
+    put.value = value
+    if lease:
+        put.lease = lease
 
 
-def _delete_op(key: bytes) -> Any:
-    return etcd3aio.kv.KVService.txn_op_delete(key)
-
-
-def _mod_is(key: bytes, revision: int) -> Any:
-    return Compare(result=_EQUAL, target=_MOD, key=key, mod_revision=revision)
-
-
-def _mod_below(key: bytes, range_end: bytes, revision: int) -> Any:
-    return Compare(result=_LESS, target=_MOD, key=key, range_end=range_end,
-                   mod_revision=revision)
+def _txn_call(client: etcd3aio.Etcd3Client, request: Any) -> Awaitable[Any]:
+    """A step's transaction, through the client's gRPC stub: ``KVService.txn`` with one
+    attempt, without its request copy, its ``asyncio.timeout`` (the call's own gRPC deadline
+    bounds it) and its error mapping (``unreachable`` maps gRPC's errors as it maps the
+    library's). What is passed is the library's own: its channel and its auth token."""
+    kv = client.kv
+    assert kv is not None
+    call: Awaitable[Any] = kv._stub.Txn(
+        request, metadata=kv._metadata or None, timeout=CALL_TIMEOUT)
+    return call
