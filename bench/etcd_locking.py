@@ -19,6 +19,11 @@ at once on a held key through two lockers (two replicas), then served in turn: e
 enqueue (goal: as many at 60 waiters as at 5, at most 2), steps run again because another
 writer got in first.
 
+Concurrency is the same on both sides: one client locks one key, one pair after the other
+(the Go program: one client, one session, one ``Mutex``, sequential ``Lock`` + ``Unlock``;
+ours: one locker in one process, sequential acquire + release); the hand-off is one holder and
+one waiter on one key on both sides.
+
 Every case runs ``--runs`` times, interleaved; ratios are taken within a run (against that
 run's Mutex) and the table gives the median and the best run. The members run with
 ``--unsafe-no-fsync`` (the machine's disk is not what is measured; every case pays the same
@@ -112,9 +117,9 @@ class Ours:
         return EnhancedLocker(backend, settings=lambda: self.config, events=events,
                               metrics=Metrics())
 
-    async def pairs(self, count: int) -> tuple[float, float | None, float]:
-        """Pairs per second, etcd calls per pair (etcd only), and this process's CPU
-        seconds per pair (its gRPC threads included)."""
+    async def pairs(self, count: int) -> tuple[float, float | None, float, float]:
+        """Pairs per second, etcd calls per pair (etcd only), this process's CPU seconds per
+        pair (its gRPC threads included), and of those the event loop's thread's."""
         locker = self.locker()
         ask, owner = request(), ("acme/bench", 1)
         for _ in range(50):  # warm up: connections, session, scripts
@@ -122,16 +127,16 @@ class Ours:
             await locker.release(ask.key, owner=owner)
         backend = locker.backend
         calls = backend.round_trips if isinstance(backend, EtcdBackend) else 0
-        cpu, started = time.process_time(), time.perf_counter()
+        cpu, loop, started = time.process_time(), time.thread_time(), time.perf_counter()
         for _ in range(count):
             assert (await locker.acquire(ask)).acquired
             await locker.release(ask.key, owner=owner)
         elapsed = time.perf_counter() - started
-        cpu = time.process_time() - cpu
+        cpu, loop = time.process_time() - cpu, time.thread_time() - loop
         per_pair = ((backend.round_trips - calls) / count
                     if isinstance(backend, EtcdBackend) else None)
         await close_locker(locker)
-        return count / elapsed, per_pair, cpu / count
+        return count / elapsed, per_pair, cpu / count, loop / count
 
     async def handoffs(self, count: int) -> list[float]:
         return await handoffs_of(self.locker(), count)
@@ -207,9 +212,9 @@ class HotKey:
     seconds_per_handoff: float
 
 
-async def raw_pairs(cluster: EtcdCluster, count: int) -> tuple[float, float]:
+async def raw_pairs(cluster: EtcdCluster, count: int) -> tuple[float, float, float]:
     """A put and a delete of one key per pair through etcd3aio: the Python client alone
-    (pairs per second, CPU seconds per pair)."""
+    (pairs per second, CPU seconds per pair, of those the event loop's thread's)."""
     connection = EtcdConnection(EtcdSettings(endpoints=tuple(cluster.endpoints)))
     client = await connection.client()
     assert client.kv is not None
@@ -217,14 +222,14 @@ async def raw_pairs(cluster: EtcdCluster, count: int) -> tuple[float, float]:
     for _ in range(50):
         await client.kv.put(key, b"x")
         await client.kv.delete(key)
-    cpu, started = time.process_time(), time.perf_counter()
+    cpu, loop, started = time.process_time(), time.thread_time(), time.perf_counter()
     for _ in range(count):
         await client.kv.put(key, b"x")
         await client.kv.delete(key)
     elapsed = time.perf_counter() - started
-    cpu = time.process_time() - cpu
+    cpu, loop = time.process_time() - cpu, time.thread_time() - loop
     await connection.close()
-    return count / elapsed, cpu / count
+    return count / elapsed, cpu / count, loop / count
 
 
 def ms(value: float) -> str:
@@ -239,6 +244,9 @@ class Run:
     hot: dict[int, HotKey]
     cpu: dict[str, float]
     """CPU seconds of this process per pair, by case (not the Go Mutex's)."""
+    loop_cpu: dict[str, float]
+    """Of those, the event loop's thread's (the Python of the case, the client's and gRPC's
+    asyncio layer; not gRPC's own threads)."""
 
 
 MUTEX, RAW, ETCD, REDIS = ("etcd concurrency.Mutex (Go)", "etcd3aio put + delete (Python)",
@@ -254,13 +262,14 @@ async def one_run(args: argparse.Namespace, cluster: EtcdCluster, redis: RedisSe
                                          **common))
     on_redis = Ours(EnhancedLockingConfig(backend="redis", redis_addr=redis.addr, **common))
     anchor = await asyncio.to_thread(go_mutex, cluster, args.pairs, args.handoffs, number)
-    etcd_pairs, calls, etcd_cpu = await on_etcd.pairs(args.pairs)
-    redis_pairs, _, redis_cpu = await on_redis.pairs(args.pairs)
-    raw, raw_cpu = await raw_pairs(cluster, args.pairs)
+    etcd_pairs, calls, etcd_cpu, etcd_loop = await on_etcd.pairs(args.pairs)
+    redis_pairs, _, redis_cpu, redis_loop = await on_redis.pairs(args.pairs)
+    raw, raw_cpu, raw_loop = await raw_pairs(cluster, args.pairs)
     return Run(
         pairs={MUTEX: anchor["pairs_per_second"], RAW: raw, ETCD: etcd_pairs,
                REDIS: redis_pairs},
         cpu={RAW: raw_cpu, ETCD: etcd_cpu, REDIS: redis_cpu},
+        loop_cpu={RAW: raw_loop, ETCD: etcd_loop, REDIS: redis_loop},
         handoffs={MUTEX: anchor["handoffs"], ETCD: await on_etcd.handoffs(args.handoffs),
                   REDIS: await on_redis.handoffs(args.handoffs)},
         calls_per_pair=calls or 0.0,
@@ -317,13 +326,19 @@ def report(args: argparse.Namespace, runs: list[Run]) -> str:
     def cpu_us(name: str) -> str:
         return spread([r.cpu[name] * 1e6 for r in runs], min, ".0f")
 
+    def loop_us(name: str) -> str:
+        return spread([r.loop_cpu[name] * 1e6 for r in runs], min, ".0f")
+
     lines += [
         "",
         f"Ours on etcd made {calls:.2f} etcd calls per pair (one transaction per acquire and "
         f"per release) and ran at {spread(raw_share, max, '.2f')}x of the Python client's "
         f"bare put + delete pair. CPU of this process per pair (median run, best run): "
         f"ours on etcd {cpu_us(ETCD)} µs, the bare client pair {cpu_us(RAW)} µs "
-        f"(ours {spread(cpu_share, min, '.2f')}x of it), ours on Redis {cpu_us(REDIS)} µs.",
+        f"(ours {spread(cpu_share, min, '.2f')}x of it), ours on Redis {cpu_us(REDIS)} µs; "
+        f"of which the event loop's thread (the Python, gRPC's own threads apart): ours on "
+        f"etcd {loop_us(ETCD)} µs, the bare client pair {loop_us(RAW)} µs. Concurrency as the "
+        f"Mutex's: one client, one key, one pair after the other.",
         "",
         f"Hot key: waiters queued at once on a held key through two lockers (two replicas), "
         f"then served in turn. Goal: the etcd calls of one enqueue do not grow with the "
