@@ -204,12 +204,23 @@ class EnhancedLocker(AtlantisCalls):
         # The live config, read once: nothing awaits before the backend call, so every read
         # of the call would have seen this same object.
         config = self.settings()
-        self._validate(asked, config)
-        wait, ttl = _wait_for(asked, config), _lease(asked, config)
-        policy = self._policy_for(config)
+        # Each step below is the helper named beside it, with the helper's call left out where
+        # it would only find nothing to do (a request that does not wait, no priority rules,
+        # the config the policy was made of): the path every acquire takes.
+        if asked.wait is None or asked.wait is False:
+            wait = None  # _wait_for; and _validate has no wait to refuse
+        else:
+            self._validate(asked, config)
+            wait = _wait_for(asked, config)
+        ttl = _lease(asked, config)
+        policy = self._policy if config is self._policy_of else self._policy_for(config)
         now = utcnow()
-        priority = self.priority_for(requests, asked, config)
-        candidates = [_candidate(r, now, priority) for r in requests]
+        priority = (self.priority_for(requests, asked, config) if config.policies.priority_rules
+                    else asked.priority)
+        if len(requests) == 1:  # no comprehension: in Python 3.11 it is a frame of its own
+            candidates = [_candidate(requests[0], now, priority)]
+        else:
+            candidates = [_candidate(r, now, priority) for r in requests]
         offer = None
         if wait is not None:
             offer = Wait(id=_waiter_id(candidates[0], asked.request_id), timeout=wait,
@@ -473,8 +484,11 @@ class EnhancedLocker(AtlantisCalls):
             counter.inc()
             if how == "expired":
                 self.metrics.lease_expirations.inc()
+            granted = handoff.granted
+            # Nobody handed to (most releases): no comprehension, a frame of its own in 3.11.
             self.events.publish("released" if how == "abandoned" else how, lock=released,
-                                how=how, handedTo=[g.waiter.id for g in handoff.granted])
+                                how=how, handedTo=[g.waiter.id for g in granted] if granted
+                                else [])
         for grant in handoff.granted:
             self.metrics.handoffs.inc()
             for lock in grant.locks:
