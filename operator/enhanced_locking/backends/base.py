@@ -758,7 +758,9 @@ class StoreBackend(abc.ABC):
             # Nobody waits here: one step, nothing to hand over.
             popped = self._pop(key, owner)
             if popped is not None:
-                return Handoff(released=None if popped.expired(self.clock()) else popped)
+                # No lease, nothing to ask the clock about.
+                lapsed = popped.expires_at is not None and popped.expired(self.clock())
+                return Handoff(released=None if lapsed else popped)
         with self._step() as fx:
             now = self.clock()
             try:

@@ -171,14 +171,16 @@ RETURNING counter, data
 # the lock's JSON as encoded here for the token expected (the counter last seen plus one). Only
 # if another writer moved the counter since does SQLite write the token into the JSON itself
 # (json_set parses and re-renders the whole lock: a fifth of the statement's cost). No row
-# back: the key is held (or held shared), or its row is gone; the general path decides.
+# back: the key is held (or held shared), or its row is gone; the general path decides. The
+# row's JSON comes back only when it is not the text sent (NULL when the token was the one
+# expected): the caller has that text already.
 _TAKE_SEEN = """
 UPDATE locks SET repo = ?3, pull = ?4, held = 1, counter = counter + 1,
     data = CASE WHEN counter + 1 = ?6 THEN ?5
                 ELSE json_set(?5, '$.Enhanced.FencingToken', counter + 1) END
 WHERE ns = ?1 AND key = ?2 AND held = 0
     AND NOT EXISTS (SELECT 1 FROM shared_locks WHERE ns = ?1 AND key = ?2)
-RETURNING counter, data
+RETURNING counter, CASE WHEN counter = ?6 THEN NULL ELSE data END
 """
 
 # _TAKE_SEEN for the pull whose row it is (it held the key last): the owner columns stay, so
@@ -189,7 +191,7 @@ UPDATE locks SET held = 1, counter = counter + 1,
                 ELSE json_set(?5, '$.Enhanced.FencingToken', counter + 1) END
 WHERE ns = ?1 AND key = ?2 AND held = 0 AND repo = ?3 AND pull = ?4
     AND NOT EXISTS (SELECT 1 FROM shared_locks WHERE ns = ?1 AND key = ?2)
-RETURNING counter, data
+RETURNING counter, CASE WHEN counter = ?6 THEN NULL ELSE data END
 """
 
 # The fast release: one statement, so one implicit transaction (by anyone, or by its owner).
@@ -454,18 +456,20 @@ class EmbeddedBackend(StoreBackend):
                 token = seen[0] + 1
                 guess = replaced(lock, fencing_token=token) if times is None else replaced(
                     lock, acquired_at=times[0], expires_at=times[1], fencing_token=token)
+                sent = codec.encode(guess)
                 row = self._db.execute(_TAKE_MINE if seen[1] == owner else _TAKE_SEEN, (
-                    self.namespace, key, *owner, codec.encode(guess), token)).fetchone()
+                    self.namespace, key, *owner, sent, token)).fetchone()
         except sqlite3.Error as error:
             raise self._down(error) from None
         if row is None:
             return None
-        counter = row[0]
+        counter, text = row
         if guess is not None and counter == guess.fencing_token:
             taken = guess
+            text = sent  # the row holds the text sent (the statement answers NULL for it)
         else:
             taken = replaced(guess or lock, fencing_token=counter)
-        self._remember(key, row[1], taken)
+        self._remember(key, text, taken)
         self._seen[key] = counter, owner
         return taken
 
