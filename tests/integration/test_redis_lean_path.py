@@ -20,7 +20,7 @@ from tests.support.redis_fixtures import redis_config
 from tests.support.redis_server import RedisServer
 
 from enhanced_locking.backends.redis_store import RedisBackend, RedisKeys
-from enhanced_locking.types import LockNotOwned
+from enhanced_locking.types import Lock, LockNotOwned
 
 pytestmark = pytest.mark.redis
 
@@ -93,6 +93,7 @@ async def test_an_uncontended_pair_stores_and_answers_what_the_full_path_does(
     backend: RedisBackend, redis_server: RedisServer,
 ) -> None:
     keys = backend.keys
+    locks: dict[str, Lock] = {}
     with redis_server.client() as admin:
         _answers(admin, keys)
         for key in (LEAN, FULL):
@@ -101,32 +102,43 @@ async def test_an_uncontended_pair_stores_and_answers_what_the_full_path_does(
             admin.config_resetstat()
             granted, lock = await backend.acquire(lock_for(_request(key)))
             assert granted and lock.fencing_token == 1 and lock.key == key
+            locks[key] = lock
             stats = admin.info("commandstats")
             # The lean path reads neither the shared holders' hash nor a queue.
             assert ("cmdstat_hgetall" in stats) == (key == FULL), stats
             assert ("cmdstat_zrange" in stats) == (key == FULL), stats
         assert _stored(admin, keys, LEAN) == _stored(admin, keys, FULL)
         assert _stored(admin, keys, LEAN)["held"] and _stored(admin, keys, LEAN)["pull"]
-        acquired = _answers(admin, keys)
-        assert len(acquired) == 2
-        assert _alike(acquired[0]) == _alike(acquired[1])
-        assert {a[0] for a in acquired} == {"granted"}
+        # What each answered (and kept under its call id): the lean path only what Redis
+        # added to the lock sent (token, grant time, lease end), the full path the lock row.
+        answers = {answer[0]: answer for answer in _answers(admin, keys)}
+        lean, full = answers["took"], answers["granted"]
+        assert _alike(lean[1:]) == _alike(full[1][0][2:5]) == ["1", "<ms>", "0"]
+        # The lock the lean path answered is the one another replica reads from Redis.
+        other = RedisBackend.from_config(redis_config(redis_server), "enhanced")
+        try:
+            seen = {key: await other.get(key) for key in (LEAN, FULL)}
+        finally:
+            await other.close()
+        assert seen[LEAN] == locks[LEAN] and seen[FULL] == locks[FULL]
+        data = (admin.hget(keys.lock(LEAN), "data") or b"").decode()
 
         for key in (LEAN, FULL):
             if key == FULL:
                 admin.sadd(keys.queued, key)
             admin.config_resetstat()
             released = await backend.release(key, owner=OWNER)
-            assert released is not None and released.key == key
+            assert released == locks[key]
             stats = admin.info("commandstats")
             assert ("cmdstat_hgetall" in stats) == (key == FULL), stats
         assert _stored(admin, keys, LEAN) == _stored(admin, keys, FULL)
         assert not _stored(admin, keys, LEAN)["held"]
         assert _stored(admin, keys, LEAN)["fence"] == b"1"
         assert not _stored(admin, keys, FULL)["queued"]  # the full path pruned the entry
-        dropped = _answers(admin, keys)
-        assert len(dropped) == 2 and {a[0] for a in dropped} == {"released"}
-        assert _alike(dropped[0]) == _alike(dropped[1])
+        answers = {answer[0]: answer for answer in _answers(admin, keys)}
+        assert set(answers) == {"dropped", "released"}
+        lean = answers["dropped"]
+        assert lean[1] == data and _alike(lean[2:]) == ["1", "<ms>", "0"]
 
 
 async def test_a_key_with_waiters_or_another_holder_takes_the_full_path(

@@ -22,6 +22,7 @@ __all__ = [
     "Ahead",
     "Cancel",
     "Confirm",
+    "Dropped",
     "GrantRow",
     "LockRow",
     "PullReleased",
@@ -32,6 +33,7 @@ __all__ = [
     "Refused",
     "Release",
     "Served",
+    "Took",
     "WaitEntry",
     "WaitGraph",
     "WaiterRecord",
@@ -114,6 +116,28 @@ class Acquired(NamedTuple):
 
     locks: tuple[LockRow, ...]
     fresh: bool
+
+
+class Took(NamedTuple):
+    """``acquire.lua``: ``took``, a grant by the lean path (one key, nobody else there): what
+    Redis added to the lock the caller sent."""
+
+    token: str
+    at: str
+    """Grant time, server ms."""
+    exp: str
+    """End of the lease, server ms; ``0`` for none."""
+
+
+class Dropped(NamedTuple):
+    """``release.lua``: ``dropped``, a release by the lean path (the owner's own lock, nobody
+    waiting): the lock as it was stored (its key and owner are the caller's)."""
+
+    data: str
+    """Atlantis's JSON of the lock, as stored."""
+    token: str
+    at: str
+    exp: str
 
 
 class Refused(NamedTuple):
@@ -263,8 +287,11 @@ def served(answer: Sequence[Any]) -> Served:
     return Served(maybe_lock(released), _grants(granted), _waiters(dropped))
 
 
-def acquire(answer: Sequence[Any]) -> Acquired | Refused | Queued:
+def acquire(answer: Sequence[Any]) -> Took | Acquired | Refused | Queued:
     status = answer[0]
+    if status == "took":
+        _, token, at, exp = answer
+        return Took(str(token), str(at), str(exp))
     if status == "granted":
         _, held, fresh = answer
         return Acquired(locks(held), bool(fresh))
@@ -283,7 +310,10 @@ def acquire(answer: Sequence[Any]) -> Acquired | Refused | Queued:
     return Refused(str(status), str(key), maybe_lock(holder))
 
 
-def release(answer: Sequence[Any]) -> Release:
+def release(answer: Sequence[Any]) -> Dropped | Release:
+    if answer[0] == "dropped":
+        _, data, token, at, exp = answer
+        return Dropped(str(data), str(token), str(at), str(exp))
     if answer[0] == "not_owned":
         return Release(False, lock(answer[1]), Served(None, (), ()))
     _, released, granted, dropped, others, ahead = answer

@@ -378,7 +378,9 @@ class RedisBackend:
         known = self._known.get(key)
         if known is not None:  # its holder's index, if a release drops it
             holder = known[1]
-            names.append(self.keys.pull(holder.project.repo_full_name, holder.pull.num))
+            index = self.keys.pull(holder.project.repo_full_name, holder.pull.num)
+            if owner is None or index != names[-1]:  # (the owner's, named just above)
+                names.append(index)
         return names
 
     def _head(self) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
@@ -433,32 +435,38 @@ class RedisBackend:
                                      reason=row.unreadable)
             self.unreadable.found(found)
             raise LockUnreadable(found)
-        stamp = (row.data, row.token, row.at, row.exp)
-        known = self._known.get(row.key)
+        return self._made(row.key, row.data, row.token, row.at, row.exp, template)
+
+    def _made(self, key: str, data: str, token: str, at: str, exp: str,
+              template: Lock | None = None) -> Lock:
+        """The lock of ``key`` stored as ``data`` with what Redis stamped on it (``_lock``;
+        the lean paths' answers carry only these)."""
+        stamp = (data, token, at, exp)
+        known = self._known.get(key)
         if known is not None and known[0] == stamp:
-            self.unreadable.readable(row.key)
+            self.unreadable.readable(key)
             return known[1]
         if template is not None:
             base = template
-        elif known is not None and known[0][0] == row.data:
+        elif known is not None and known[0][0] == data:
             base = known[1]
-            self.unreadable.readable(row.key)
+            self.unreadable.readable(key)
         else:
             try:
-                base = codec.read(row.data, key=row.key, side=self.namespace)
+                base = codec.read(data, key=key, side=self.namespace)
             except LockUnreadable as error:
                 self.unreadable.found(error.found)
                 raise
-            self.unreadable.readable(row.key)
+            self.unreadable.readable(key)
         lock = base.model_copy(update={
-            "fencing_token": int(row.token),
-            "acquired_at": _at(row.at),
-            "expires_at": _at(row.exp) if int(row.exp) else None,
+            "fencing_token": int(token),
+            "acquired_at": _at(at),
+            "expires_at": _at(exp) if int(exp) else None,
         })
         known_locks = self._known
-        if len(known_locks) >= _KNOWN and row.key not in known_locks:
+        if len(known_locks) >= _KNOWN and key not in known_locks:
             del known_locks[next(iter(known_locks))]  # the oldest
-        known_locks[row.key] = (stamp, lock)
+        known_locks[key] = (stamp, lock)
         return lock
 
     def _maybe_lock(self, row: LockRow | None) -> Lock | None:
@@ -655,6 +663,9 @@ class RedisBackend:
             wait.caller if wait else "", *quads,
             keys=self._acquire_names(candidates, wait), policy=policy, key=first.key,
         ))
+        if isinstance(answer, redis_replies.Took):  # the lean path: as sent, plus the stamp
+            return Outcome(status=Status.GRANTED, fresh=True, locks=(self._made(
+                first.key, sent[first.key], answer.token, answer.at, answer.exp, first),))
         if isinstance(answer, redis_replies.Acquired):
             templates = {c.key: c for c in candidates}
             locks = tuple(
@@ -689,6 +700,14 @@ class RedisBackend:
         answer = redis_replies.release(await self._run(
             "RELEASE", key, repo, pull, keys=self._key_names(key, owner), policy=policy,
             key=key))
+        if isinstance(answer, redis_replies.Dropped):  # the lean path: nobody waited
+            try:
+                gone = self._made(key, answer.data, answer.token, answer.at, answer.exp)
+            except LockUnreadable:
+                self.unreadable.cleared(key)  # deleted unread, as below
+                return Handoff()
+            self._known.pop(key, None)
+            return Handoff(released=gone)
         if answer.owner is not None:
             raise LockNotOwned(key, self._lock(answer.owner))
         if answer.ahead:  # the next hand-off of this key declares what it will touch

@@ -7,6 +7,8 @@
 -- ARGV[17] base priority level 0..3  ARGV[18] mode  ARGV[19] head commit ('' unknown)
 -- ARGV[20] caller ('' none)  ARGV[21..] quads: lock key, Atlantis JSON, path, workspace
 -- returns {'granted', {lock...}, fresh 0/1}
+--         {'took', token, at, exp}: granted by the lean path (`uncontended`), the one key as
+--          asked (the caller sent the rest of the lock)
 --         {'held' | 'limited', key, its holder or {}}
 --         {'frozen', key, its holder or {}, freeze name}
 --         {'queue_full', key, lock or {}, superseded waiter records}
@@ -18,8 +20,10 @@ if refused then return refused end
 -- The uncontended case, lean: one exclusive key, no waiting, no rules, nobody queued and
 -- nothing stored at the key (no lock hash, no shared holders). It grants exactly as `main`
 -- would (`stamp`, the same reply kept under the call id), without the discovery, the serving
--- and the verdict, which all find nothing to do then. Anything else goes on to `main`;
--- nothing is written before that is decided.
+-- and the verdict, which all find nothing to do then. It answers only what the caller does
+-- not know ({'took', token, at, exp}): a lock row and its copy kept under the call id cost
+-- Redis more than the grant. Anything else goes on to `main`; nothing is written before
+-- that is decided.
 local function uncontended()
   if #ARGV ~= 24 or ARGV[12] ~= '' or ARGV[10] ~= '' or ARGV[18] ~= 'exclusive' then
     return nil
@@ -34,7 +38,7 @@ local function uncontended()
   fetched[k] = {lock = false, shared = {}}  -- known free, as `main`'s reads would find it
   local lock = stamp(k, ARGV[22], repo, pull, tonumber(ARGV[11]), false, 'exclusive',
                      ARGV[23], ARGV[24])
-  return finish({'granted', {lock}, 1})
+  return finish({'took', lock[3], lock[4], lock[5]})
 end
 local quick = uncontended()
 if quick then return quick end

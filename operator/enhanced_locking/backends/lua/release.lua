@@ -6,15 +6,18 @@
 -- returns {'not_owned', lock} (nothing changed), or
 --         {'released', lock or {}, granted, dropped, other locks released} where granted is a
 --         list of {waiter record, {lock...}} and dropped a list of waiter records, then the
---         key's next waiters (lib.lua: `ahead`)
+--         key's next waiters (lib.lua: `ahead`), or
+--         {'dropped', data, token, at, exp}: released by the lean path (`uncontended`), nobody
+--          waiting (the lock's owner and key are the caller's)
 -- decoded by redis_replies.release
 local refused = guard()
 if refused then return refused end
 -- The uncontended case, lean: the owner's own exclusive lock, readable and live, no rules,
 -- no shared holders and nobody queued on the key. It releases exactly as `main` would
--- (`drop_lock`, the same reply kept under the call id), without the discovery and the
--- serving, which find nothing to do then. Anything else goes on to `main`; nothing is
--- written before that is decided.
+-- (`drop_lock`, its reply kept under the call id), without the discovery and the serving,
+-- which find nothing to do then, and answers only what the caller does not know
+-- ({'dropped', data, token, at, exp}). Anything else goes on to `main`; nothing is written
+-- before that is decided.
 local function uncontended()
   if #ARGV ~= 13 or ARGV[12] == '' or ARGV[10] ~= '' then return nil end
   local k = ARGV[11]
@@ -29,9 +32,8 @@ local function uncontended()
   end
   if not no_shared(k) then return nil end
   fetched[k].shared = {}  -- known to have none, as `main`'s reads would find it
-  local hs = holders(k)
-  drop_lock(hs[1])
-  return finish({'released', hs[1], {}, {}, {}, {}})
+  drop_lock(lock)
+  return finish({'dropped', lock[2], lock[3], lock[4], lock[5]})
 end
 local quick = uncontended()
 if quick then return quick end
