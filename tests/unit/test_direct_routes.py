@@ -68,6 +68,7 @@ async def guarded_pair(tmp_path: Path) -> AsyncIterator[Pair]:
 class _pair:
     def __init__(self, root: Path, values: dict[str, Any]) -> None:
         self.root, self.values, self.stack = root, values, AsyncExitStack()
+        self.apps: list[FastAPI] = []
 
     async def __aenter__(self) -> Pair:
         clients = []
@@ -75,6 +76,7 @@ class _pair:
             data = self.root / name
             data.mkdir()
             app = build(create_app(LockService(ConfigProvider(config(data, **self.values)))))
+            self.apps.append(app)
             await self.stack.enter_async_context(app.router.lifespan_context(app))
             clients.append(await self.stack.enter_async_context(httpx.AsyncClient(
                 transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1")))
@@ -289,3 +291,28 @@ async def test_a_direct_endpoint_must_answer_a_response(tmp_path: Path) -> None:
                                  base_url="http://127.0.0.1") as client:
         with pytest.raises(TypeError, match="answers a Response"):
             await client.post("/v1/answers")
+
+
+async def test_a_client_gone_before_its_body_arrived_is_answered_by_fastapi_as_before(
+        tmp_path: Path, handled: list[str]) -> None:
+    answers = []
+    served = _pair(tmp_path, {})
+    async with served:
+        for app in served.apps:
+            sent: list[Any] = []
+
+            async def gone() -> dict[str, Any]:
+                return {"type": "http.disconnect"}
+
+            async def send(message: Any, sent: list[Any] = sent) -> None:
+                sent.append(message)
+
+            await app({"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+                       "method": "POST", "scheme": "http", "path": "/v1/locks",
+                       "raw_path": b"/v1/locks", "query_string": b"", "root_path": "",
+                       "headers": [(b"content-type", b"application/json")],
+                       "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}, gone, send)
+            answers.append((sent[0]["status"], sent[1]["body"]))
+    assert answers[0] == answers[1]
+    assert answers[0][0] == 422
+    assert len(handled) == 2

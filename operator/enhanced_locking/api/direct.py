@@ -134,7 +134,10 @@ def serve_directly(app: FastAPI, endpoint: Callable[..., Awaitable[Any]]) -> Non
         try:
             values: dict[str, Any] = {}
             if body_model is not None:
-                body = await request.body()
+                try:
+                    body = await request.body()
+                except Exception:  # the client left mid-body, say: FastAPI's handler says so
+                    raise _Refer from None
                 kind = request.headers.get("content-type")
                 if kind is None or kind.lower() not in JSON_TYPES:
                     raise _Refer
