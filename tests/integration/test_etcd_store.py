@@ -30,7 +30,7 @@ from enhanced_locking.backends.waiting import QueuePolicy, Status, Wait
 from enhanced_locking.events import EventBus
 from enhanced_locking.locking import EnhancedLocker
 from enhanced_locking.metrics import Metrics
-from enhanced_locking.types import Event, Lock, LockNotOwned
+from enhanced_locking.types import Event, Lock, LockNotOwned, Priority
 
 pytestmark = [pytest.mark.etcd, pytest.mark.timeout(120)]
 
@@ -82,6 +82,25 @@ async def test_a_release_on_an_old_view_is_judged_on_etcds(
     handoff = await a.release_and_handoff(back.key, owner=back.owner, policy=POLICY)
     assert handoff.released == back
     assert await b.get(back.key) is None
+
+
+async def test_a_lock_answered_from_the_granting_replicas_memory_is_the_one_etcd_holds(
+    two: tuple[EtcdBackend, EtcdBackend],
+) -> None:
+    """The replica that wrote a lock reads it back without decoding it (it keeps the lock it
+    encoded): every field must be what another replica decodes from etcd."""
+    a, b = two
+    ask = request_for(repo="gl/group/sub", path="envs/./prod/", workspace="blue", pull=7,
+                      user="carol", priority=Priority.HIGH, ttl=timedelta(minutes=5))
+    ask = ask.model_copy(update={"pull": ask.pull.model_copy(update={
+        "url": "https://gitlab.example/gl/group/sub/-/merge_requests/7",
+        "head_commit": "abc123", "state": "closed"})})
+    granted = await grant(a, lock_for(ask), ttl=timedelta(minutes=5))
+    read_by_b = await b.get(granted.key)
+    assert read_by_b == granted
+    handoff = await a.release_and_handoff(granted.key, owner=granted.owner, policy=POLICY)
+    assert handoff.released == read_by_b
+    assert handoff.released is not None and handoff.released.pull.vcs_host is not None
 
 
 async def test_an_acquire_on_an_old_view_neither_refuses_nor_returns_a_lock_that_is_gone(

@@ -624,10 +624,15 @@ class EtcdBackend(StoreBackend):
                 return found
         lock = super()._read(key, text)
         if isinstance(text, bytes):
-            if len(self._decoded) >= _Known.LIMIT:
-                self._decoded.clear()
-            self._decoded[(key, text)] = lock
+            self._remember(key, text, lock)
         return lock
+
+    def _remember(self, key: str, value: bytes, lock: Lock) -> None:
+        """``value`` decodes to ``lock``: kept for ``_read`` (as the embedded store keeps the
+        lock it writes, the codec reads back what it wrote)."""
+        if len(self._decoded) >= _Known.LIMIT:
+            self._decoded.clear()
+        self._decoded[(key, value)] = lock
 
     def _load(self, key: str) -> Lock | None:
         kv = _txn().get(self.lock_key(key))
@@ -642,7 +647,10 @@ class EtcdBackend(StoreBackend):
             # etcd's lease is the backstop: it deletes the lock a second after its end even if
             # no replica is left to expire it (and the watchers then serve its queue).
             lease = txn.lease(_lease_end(lock.expires_at))
-        txn.put(self.lock_key(lock.key), codec.encode(lock).encode(), lease)
+        value = codec.encode(lock).encode()
+        # The release that follows reads this value back: the lock it encodes, not decoded.
+        self._remember(lock.key, value, lock)
+        txn.put(self.lock_key(lock.key), value, lease)
 
     def _delete(self, key: str) -> None:
         _txn().delete(self.lock_key(key))
