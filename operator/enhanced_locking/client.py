@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 
+from enhanced_locking.events import FOLLOWING_COMMENT
 from enhanced_locking.types import (
     AcquireResult,
     BatchLockRequest,
@@ -32,6 +33,8 @@ __all__ = ["DEFAULT_URL", "TOKEN_ENV", "URL_ENV", "AsyncClient", "Client", "Serv
            "parse_sse", "service_url"]
 
 DEFAULT_URL = "http://127.0.0.1:4142"
+_FOLLOWING_LINE = f": {FOLLOWING_COMMENT}"
+"""The event stream's line saying the service follows the events for it."""
 URL_ENV = "ENHANCED_LOCKING_URL"
 """The variable the command-line tools read the service's URL from (``--url`` wins)."""
 
@@ -256,7 +259,9 @@ class AsyncClient:
         self, *, repo: str | None = None, key_prefix: str | None = None,
         types: Iterable[str] = (), on_open: Callable[[], Awaitable[None]] | None = None,
     ) -> AsyncIterator[Event]:
-        """Follow ``GET /v1/events``; ``on_open`` runs once the stream is established."""
+        """Follow ``GET /v1/events``; ``on_open`` runs once the service follows the events for
+        this stream (its ``: following`` comment): every event published after that is
+        yielded, so state read in ``on_open`` misses no change."""
         params, headers = _event_params(repo, key_prefix, types, None)
         try:
             async with self._http.stream("GET", "/v1/events", params=params, headers=headers,
@@ -264,10 +269,11 @@ class AsyncClient:
                 if response.status_code != 200:
                     await response.aread()
                     raise ServiceError(response.status_code, _error_of(response), None)
-                if on_open is not None:
-                    await on_open()
                 lines: list[str] = []
                 async for line in response.aiter_lines():
+                    if line == _FOLLOWING_LINE and on_open is not None:
+                        await on_open()
+                        continue
                     lines.append(line)
                     if line == "":
                         for event in parse_sse(lines):

@@ -24,7 +24,8 @@ from typing import Any, Protocol
 
 from enhanced_locking.types import Event, Lock, built
 
-__all__ = ["EVENT_TYPES", "Bus", "EventBus", "Gap", "parse_event_id"]
+__all__ = ["EVENT_TYPES", "FOLLOWING_COMMENT", "Bus", "EventBus", "Following", "Gap",
+           "parse_event_id"]
 
 EVENT_TYPES = (
     "acquired",
@@ -50,6 +51,9 @@ EVENT_TYPES = (
 
 Subscriber = Callable[[Event], None]
 
+FOLLOWING_COMMENT = "following"
+"""The SSE comment (``: following``) an event stream sends for :class:`Following`."""
+
 
 @dataclass(frozen=True)
 class Gap:
@@ -60,6 +64,13 @@ class Gap:
     after: str
     oldest: str | None
     reason: str
+
+
+@dataclass(frozen=True)
+class Following:
+    """A reader's start is fixed (``follow(announce=True)`` says so once, before any event
+    after it): every event published from now on reaches this reader. A client that reads
+    some state and then follows its changes reads the state after this, and misses none."""
 
 
 def parse_event_id(event_id: str) -> tuple[int, int]:
@@ -113,7 +124,8 @@ class Bus(Protocol):
     wait for subscribers): a bus over a network appends in the background. Ids are
     ``"<ms>-<seq>"`` and sort in publication order; ``stream(after)`` replays what it still has
     after that id, then follows live events; ``follow(after, max_lag=n)`` does the same for a
-    reader that may fall behind (a :class:`Gap` then).
+    reader that may fall behind (a :class:`Gap` then), and with ``announce`` it first yields
+    :class:`Following` once the reader's start is fixed.
     """
 
     def publish(self, type: str, *, lock: Lock | None = None, key: str | None = None,
@@ -127,8 +139,8 @@ class Bus(Protocol):
 
     def stream(self, after: str | None = None) -> AsyncIterator[Event]: ...
 
-    def follow(self, after: str | None = None, *,
-               max_lag: int | None = None) -> AsyncIterator[Event | Gap]: ...
+    def follow(self, after: str | None = None, *, max_lag: int | None = None,
+               announce: bool = False) -> AsyncIterator[Event | Gap | Following]: ...
 
 
 class EventBus:
@@ -222,19 +234,22 @@ class EventBus:
             assert isinstance(item, Event)  # no bound, so never a gap
             yield item
 
-    async def follow(self, after: str | None = None, *,
-                     max_lag: int | None = None) -> AsyncIterator[Event | Gap]:
+    async def follow(self, after: str | None = None, *, max_lag: int | None = None,
+                     announce: bool = False) -> AsyncIterator[Event | Gap | Following]:
         """:meth:`stream` for a reader that may fall behind. With ``max_lag``, a reader that
         asks to replay more than that many events, or whose ``after`` may have fallen out of
         the ring, gets a :class:`Gap` and then follows live from now; a reader that falls more
         than ``max_lag`` behind while following (it reads slower than events come) gets a
         :class:`Gap` and the stream ends. No reader has a buffer of its own: all read the one
-        ring, so a stalled reader costs no memory."""
+        ring, so a stalled reader costs no memory. With ``announce``, :class:`Following` comes
+        once the reader's start is fixed (after a replay's gap)."""
         mark = parse_event_id(after) if after else self._newest()
         if max_lag is not None and after is not None and self._behind(mark, max_lag):
             yield Gap(after=after, oldest=_id_of(self._ring[0]) if self._ring else None,
                       reason="replay")
             mark = self._newest()
+        if announce:
+            yield Following()
         while True:
             wakeup = self._next_wakeup()  # before looking: no publish in between is missed
             if max_lag is not None and self._behind(mark, max_lag):

@@ -13,6 +13,7 @@ import httpx
 import pytest
 from tests.support.etcd_fixtures import etcd_config
 from tests.support.etcd_server import EtcdCluster
+from tests.support.following import followed
 from tests.support.locks import request_for
 from tests.support.service import ServiceProcess, services
 
@@ -47,15 +48,13 @@ async def test_each_replica_streams_every_replicas_events_in_one_order(
     a, b = await replicas(etcd_cluster, etcd_prefix, 2)
     try:
         assert isinstance(a.events, EtcdEventBus) and isinstance(b.events, EtcdEventBus)
-        on_a, on_b = a.events.stream(), b.events.stream()
-        first = asyncio.ensure_future(anext(on_a))
-        second = asyncio.ensure_future(anext(on_b))
-        await asyncio.sleep(0.2)  # both watches are following the key
+        on_a, on_b = await followed(a.events), await followed(b.events)
         assert (await a.router.acquire(request_for(pull=1))).acquired
-        await asyncio.sleep(0.05)  # the acquire's write goes first
+        # The acquire's event is written first: a's watch has read it back from etcd.
+        acquired = await take(on_a, 1)
         assert await b.router.release(request_for().key) is not None
-        seen_a = [await asyncio.wait_for(first, 10), *await take(on_a, 1)]
-        seen_b = [await asyncio.wait_for(second, 10), *await take(on_b, 1)]
+        seen_a = [*acquired, *await take(on_a, 1)]
+        seen_b = await take(on_b, 2)
         assert [e.type for e in seen_a] == ["acquired", "released"]
         assert [(e.id, e.type) for e in seen_a] == [(e.id, e.type) for e in seen_b]
         assert parse_event_id(seen_a[0].id) < parse_event_id(seen_a[1].id)
@@ -208,7 +207,8 @@ async def test_two_serve_processes_each_stream_both_replicas_events(
             taken = await http_a.post("/v1/locks", json=_lock(7))
             assert taken.status_code == 200, taken.text
             key = taken.json()["lock"]["key"]
-            await asyncio.sleep(0.1)
+            # The acquire's event is written first: a's stream has read it back from etcd.
+            await _until(lambda: f"a's stream shows the acquire ({on_a})", lambda: on_a)
             released = await http_b.delete("/v1/locks/by-key", params={"key": key, "pull": 7})
             assert released.status_code == 200, released.text
         await _until(lambda: f"both streams show both events (a: {on_a}, b: {on_b})",
@@ -240,14 +240,12 @@ async def test_a_busy_replicas_events_ride_in_its_lock_transactions(
     pairs = 20
     try:
         assert isinstance(b.events, EtcdEventBus)
-        following = b.events.stream()
-        first = asyncio.ensure_future(anext(following))
-        await asyncio.sleep(0.2)  # b's watch follows the key
+        following = await followed(b.events)
         assert (await a.router.acquire(request_for(pull=1))).acquired  # warm up: session
         assert await a.router.release(request_for().key) is not None
         client = await raw.client()
         assert client.kv is not None
-        await asyncio.sleep(0.3)  # the warm-up's events are written
+        warm_up = await take(following, 2)  # its events are written: b read them back
         before = int((await client.kv.get(b"/")).header.revision)
         for _ in range(pairs):
             assert (await a.router.acquire(request_for(pull=1))).acquired
@@ -256,7 +254,7 @@ async def test_a_busy_replicas_events_ride_in_its_lock_transactions(
         # Two transactions a pair; at most one write of its own for events no step took
         # within 10 ms (a busy moment of the machine).
         assert 2 * pairs <= after - before <= 2 * pairs + pairs // 4, after - before
-        seen = [await asyncio.wait_for(first, 10), *await take(following, 2 * pairs + 1)]
+        seen = [*warm_up, *await take(following, 2 * pairs)]
         assert [e.type for e in seen] == ["acquired", "released"] * (pairs + 1)
         ids = [parse_event_id(e.id) for e in seen]
         assert ids == sorted(ids) and len(set(ids)) == len(ids)

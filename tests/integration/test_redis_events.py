@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from tests.support.following import followed
 from tests.support.locks import request_for
 from tests.support.redis_fixtures import redis_config
 from tests.support.redis_server import RedisServer
@@ -41,14 +42,11 @@ async def test_each_replica_streams_every_replicas_events_in_one_order(
     a, b = await replicas(redis_server, 2)
     try:
         assert isinstance(a.events, RedisEventBus) and isinstance(b.events, RedisEventBus)
-        on_a, on_b = a.events.stream(), b.events.stream()
-        first = asyncio.ensure_future(anext(on_a))
-        second = asyncio.ensure_future(anext(on_b))
-        await asyncio.sleep(0.05)  # both readers are following the stream
+        on_a, on_b = await followed(a.events), await followed(b.events)
         assert (await a.router.acquire(request_for(pull=1))).acquired
         assert await b.router.release(request_for().key) is not None
-        seen_a = [await asyncio.wait_for(first, 5), *await take(on_a, 1)]
-        seen_b = [await asyncio.wait_for(second, 5), *await take(on_b, 1)]
+        seen_a = await take(on_a, 2)
+        seen_b = await take(on_b, 2)
         # One order for everybody; across replicas it is the order the events reached Redis
         # (each replica appends a few milliseconds after the fact), so not asserted here.
         assert sorted(e.type for e in seen_a) == ["acquired", "released"]

@@ -153,8 +153,7 @@ async def test_every_replica_streams_every_replicas_events_and_resumes_anywhere(
     replicas: Replicas,
 ) -> None:
     a, b = replicas(2)
-    on_a, on_b = await follow(a.url, 3), await follow(b.url, 3)
-    await asyncio.sleep(0.2)  # both replicas follow the stream
+    on_a, on_b = await follow(a.url, 3), await follow(b.url, 3)  # both follow the stream
     async with httpx.AsyncClient(base_url=a.url) as http_a, \
             httpx.AsyncClient(base_url=b.url) as http_b:
         await http_a.post("/v1/locks", json=body("e", 1))

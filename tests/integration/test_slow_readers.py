@@ -16,9 +16,13 @@ from typing import Any
 import httpx
 from tests.conftest import ServiceFactory
 
+from enhanced_locking.events import FOLLOWING_COMMENT
+
 REPO = "acme/events"
 MAX_LAG = 500
 KEYS_PER_BATCH = 40
+FOLLOWING = f": {FOLLOWING_COMMENT}"
+"""The stream's line saying it follows the bus (sent once, before its first event)."""
 
 
 def _batch_body(pull: int) -> dict[str, Any]:
@@ -56,8 +60,9 @@ def _frames(raw: bytes) -> list[dict[str, str]]:
 async def _follow(url: str, ids: list[str], ready: asyncio.Event) -> None:
     async with httpx.AsyncClient(base_url=url, timeout=None) as http, \
             http.stream("GET", "/v1/events", params={"repo": REPO}) as response:
-        ready.set()
         async for line in response.aiter_lines():
+            if line == FOLLOWING:  # every event published from now on is on this stream
+                ready.set()
             if line.startswith("id:"):
                 ids.append(line.partition(":")[2].strip())
 
@@ -72,12 +77,17 @@ async def test_a_stalled_reader_gets_a_gap_and_is_cut_off_never_silent_holes(
     stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     stalled.connect((host, int(port)))
     stalled.sendall(f"GET /v1/events?repo={REPO} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    stalled.settimeout(30)
+    head = b""  # up to the line saying it follows the bus; then it reads nothing
+    while FOLLOWING.encode() not in head:
+        chunk = stalled.recv(1)
+        assert chunk, head
+        head += chunk
     fast_ids: list[str] = []
     ready = asyncio.Event()
     fast = asyncio.ensure_future(_follow(served.url, fast_ids, ready))
     await asyncio.wait_for(ready.wait(), 10)
     async with httpx.AsyncClient(base_url=served.url, timeout=30) as http:
-        await asyncio.sleep(0.2)  # both streams follow the bus
         await _publish(http, rounds=60)  # 4,800 events while one reader reads nothing
     published = 60 * KEYS_PER_BATCH * 2
     for _ in range(400):
@@ -88,7 +98,7 @@ async def test_a_stalled_reader_gets_a_gap_and_is_cut_off_never_silent_holes(
     assert len(fast_ids) == published, "a reader that keeps up gets every event"
 
     stalled.settimeout(10)
-    raw = b""
+    raw = head
     while chunk := stalled.recv(65536):  # reading again, until the server ends the stream
         raw += chunk
     stalled.close()
@@ -113,7 +123,6 @@ async def test_a_resume_asking_for_more_than_the_bound_gets_a_gap_then_live_even
     follower = asyncio.ensure_future(_follow(served.url, ids, ready))
     await asyncio.wait_for(ready.wait(), 10)
     async with httpx.AsyncClient(base_url=served.url, timeout=30) as http:
-        await asyncio.sleep(0.2)
         await _publish(http, rounds=10)  # 800 events
         for _ in range(100):
             if len(ids) >= 800:

@@ -15,6 +15,7 @@ from tests.support.locks import lock_body
 from tests.support.service import ServiceProcess, serving
 
 from enhanced_locking.client import AsyncClient
+from enhanced_locking.events import FOLLOWING_COMMENT
 from enhanced_locking.types import Event
 
 FLAGS = ("--enhanced-locking-enabled", "--enhanced-locking-priority-queue",
@@ -282,3 +283,20 @@ async def test_a_bad_event_stream_request_gets_422(
     answer = await http.get("/v1/events", params=params, headers=headers)
     assert answer.status_code == 422
     assert answer.json()["field"] == field
+
+
+async def test_an_event_stream_says_it_follows_before_its_first_event(
+    served: ServiceProcess, http: httpx.AsyncClient, repo: str,
+) -> None:
+    async with httpx.AsyncClient(base_url=served.url, timeout=30) as reader, \
+            reader.stream("GET", "/v1/events", params={"repo": repo}) as response:
+        lines = response.aiter_lines()
+        assert await asyncio.wait_for(anext(lines), 10) == f": {FOLLOWING_COMMENT}"
+        # Published after that line: on this stream, with no wait in between.
+        await http.post("/v1/locks", json=lock_body(repo, "a", 1))
+        seen = []
+        async for line in lines:
+            if line.startswith("event:"):
+                seen.append(line.partition(":")[2].strip())
+                break
+    assert seen == ["acquired"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from enhanced_locking.events import EventBus, Gap
+from enhanced_locking.events import EventBus, Following, Gap
 from enhanced_locking.types import Event
 
 
@@ -19,8 +19,8 @@ def _publish(bus: EventBus, count: int) -> list[str]:
     return ids
 
 
-async def _take(stream: object, count: int) -> list[Event | Gap]:
-    taken: list[Event | Gap] = []
+async def _take(stream: object, count: int) -> list[Event | Gap | Following]:
+    taken: list[Event | Gap | Following] = []
     for _ in range(count):
         taken.append(await asyncio.wait_for(anext(stream), 1))  # type: ignore[call-overload]
     return taken
@@ -80,3 +80,34 @@ async def test_without_a_bound_stream_keeps_every_event() -> None:
     for _ in range(299):
         got.append(await asyncio.wait_for(anext(stream), 1))
     assert [e.id for e in got] == ids
+
+
+async def test_an_announced_reader_says_it_follows_before_its_first_event_and_misses_none(
+) -> None:
+    bus = EventBus(capacity=100)
+    before = _publish(bus, 3)
+    stream = bus.follow(None, max_lag=10, announce=True)
+    assert isinstance(await asyncio.wait_for(anext(stream), 1), Following)
+    after = _publish(bus, 2)  # published once it said so, none read yet: all are its own
+    got = await _take(stream, 2)
+    assert [e.id for e in got if isinstance(e, Event)] == after and before[-1] < after[0]
+
+
+async def test_a_replay_beyond_the_bound_says_gap_then_that_it_follows() -> None:
+    bus = EventBus(capacity=100)
+    ids = _publish(bus, 30)
+    stream = bus.follow(ids[0], max_lag=10, announce=True)
+    gap, following = await _take(stream, 2)
+    assert isinstance(gap, Gap) and gap.reason == "replay"
+    assert isinstance(following, Following)
+    live = _publish(bus, 1)
+    assert [e.id for e in await _take(stream, 1) if isinstance(e, Event)] == live
+
+
+async def test_a_reader_that_does_not_ask_is_not_told() -> None:
+    bus = EventBus(capacity=100)
+    stream = bus.follow(None, max_lag=10)
+    waiting = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0)
+    ids = _publish(bus, 1)
+    assert [e.id for e in [await asyncio.wait_for(waiting, 1)] if isinstance(e, Event)] == ids

@@ -14,6 +14,11 @@ A reader never loses events silently. When it cannot have them all it gets a ``g
   the stream then ends (reconnect, re-read, follow again). A reader that reads nothing at all
   is cut off once a send has waited ``SEND_TIMEOUT``.
 
+The stream's first line is the comment ``: following``, sent once the reader's start is fixed:
+every event published after it is on the stream (a client that reads some state and then
+follows its changes reads the state after that line, and misses nothing in between; the
+headers come earlier, while a replica over Redis or etcd still asks its store where "now" is).
+
 Every event is framed once, whatever the number of readers (:class:`Frames`). Streams are
 capped per client address (429) and in total (503), both with ``Retry-After``.
 
@@ -40,7 +45,7 @@ from starlette.types import Receive, Scope, Send
 from enhanced_locking.api.access import CallerDep
 from enhanced_locking.api.errors import error_answers, json_error
 from enhanced_locking.config import EnhancedLockingConfig
-from enhanced_locking.events import EVENT_TYPES, Bus, Gap
+from enhanced_locking.events import EVENT_TYPES, FOLLOWING_COMMENT, Bus, Following, Gap
 from enhanced_locking.types import Event, Verb
 
 __all__ = ["Frames", "install_event_stream", "matches"]
@@ -51,6 +56,10 @@ KEEPALIVE_SECONDS = 15
 SEND_TIMEOUT = 30.0
 """Seconds one send to a reader may wait (its socket full) before the stream is cut off."""
 RETRY_AFTER_SECONDS = 5
+FOLLOWING = ServerSentEvent(comment=FOLLOWING_COMMENT).encode()
+"""The comment a stream sends once it follows the bus: every event published after it is
+on this stream. A client reads the state it follows after this line, not after the headers
+(before it, the stream may still be finding where it starts)."""
 
 
 def matches(event: Event, *, repo: str | None, key_prefix: str | None,
@@ -199,7 +208,10 @@ def install_event_stream(app: FastAPI, bus: Bus,
         max_lag = settings.events_max_lag
 
         async def stream() -> AsyncIterator[bytes]:
-            async for item in bus.follow(after, max_lag=max_lag):
+            async for item in bus.follow(after, max_lag=max_lag, announce=True):
+                if isinstance(item, Following):
+                    yield FOLLOWING
+                    continue
                 if isinstance(item, Gap):
                     if item.reason == "behind":
                         log.info("event reader %s fell more than %d events behind: gap, "

@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, ClassVar
 
 from enhanced_locking.backends.outbox import Outbox
-from enhanced_locking.events import EventBus, Gap
+from enhanced_locking.events import EventBus, Following, Gap
 from enhanced_locking.types import Event, Lock, built, utcnow
 
 __all__ = ["SharedEventBus"]
@@ -93,16 +93,18 @@ class SharedEventBus(EventBus):
         if self._reader is None:
             self._reader = asyncio.create_task(self._read(), name=f"{self.name}-events-read")
 
-    async def follow(self, after: str | None = None, *,
-                     max_lag: int | None = None) -> AsyncIterator[Event | Gap]:
-        """Every replica's events after ``after`` (only new ones without it), then live."""
+    async def follow(self, after: str | None = None, *, max_lag: int | None = None,
+                     announce: bool = False) -> AsyncIterator[Event | Gap | Following]:
+        """Every replica's events after ``after`` (only new ones without it), then live;
+        ``announce``: :class:`Following` once the start is fixed (the store's "now" read and
+        what it held loaded)."""
         if after is None:
             after = await self._resume_from()
         self._start_reading()
         with contextlib.suppress(TimeoutError):
             # A fresh replica first loads what the store holds, so a resume can find it.
             await asyncio.wait_for(self._loaded.wait(), 5.0)
-        async for event in super().follow(after, max_lag=max_lag):
+        async for event in super().follow(after, max_lag=max_lag, announce=announce):
             yield event
 
     async def close(self) -> None:
