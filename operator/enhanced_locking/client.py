@@ -169,8 +169,10 @@ class Client:
         return Lock.model_validate(body["lock"])
 
     def events(self, *, repo: str | None = None, key_prefix: str | None = None,
-               types: Iterable[str] = (), last_event_id: str | None = None) -> Iterator[Event]:
-        """Follow ``GET /v1/events`` (blocking; stop by leaving the loop)."""
+               types: Iterable[str] = (), last_event_id: str | None = None,
+               on_open: Callable[[], None] | None = None) -> Iterator[Event]:
+        """Follow ``GET /v1/events`` (blocking; stop by leaving the loop); ``on_open`` runs
+        once the service follows the events for this stream (its ``: following`` comment)."""
         params, headers = _event_params(repo, key_prefix, types, last_event_id)
         try:
             with self._http.stream("GET", "/v1/events", params=params, headers=headers,
@@ -178,7 +180,14 @@ class Client:
                 if response.status_code != 200:
                     response.read()
                     raise ServiceError(response.status_code, _error_of(response), None)
-                yield from (e for e in parse_sse(response.iter_lines()) if e is not None)
+
+                def lines() -> Iterator[str]:
+                    for line in response.iter_lines():
+                        if line == _FOLLOWING_LINE and on_open is not None:
+                            on_open()
+                        yield line
+
+                yield from (e for e in parse_sse(lines()) if e is not None)
         except httpx.HTTPError as error:
             raise ServiceError(0, f"lost the event stream of {self._http.base_url}: "
                                   f"{error}") from None

@@ -86,8 +86,10 @@ def _events(args: argparse.Namespace) -> int:
     types = [t for t in (args.type or "").split(",") if t]
     try:
         with Client(args.url, token=args.token) as client:
-            for event in client.events(repo=args.repo, key_prefix=args.key_prefix, types=types,
-                                       last_event_id=args.last_event_id):
+            for event in client.events(
+                    repo=args.repo, key_prefix=args.key_prefix, types=types,
+                    last_event_id=args.last_event_id,
+                    on_open=lambda: terminal.say(PROG, f"following the events of {args.url}")):
                 print(event.model_dump_json(by_alias=True), flush=True)
     except ServiceError as error:
         terminal.say(PROG, str(error))

@@ -22,6 +22,10 @@ from tests.support.waiting import wait_for
 
 REPO = "acme/cli-wait"
 KEY = f"{REPO}/infra/default/"
+WAIT = "5m"
+"""A waiting command's ``--wait`` where the test, not the wait, decides when it is served or
+cancelled: the test's own commands (each a new process, up to 20 s apiece on a busy machine)
+all happen within it (with 30 s a waiter ran out between ``lock queue`` and ``lock cancel``)."""
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +61,7 @@ def test_acquire_with_wait_shows_its_queue_position_and_ends_holding_the_lock(
     served: ServiceProcess,
 ) -> None:
     assert run(served, *acquire_args(1)).returncode == 0
-    waiting = subprocess.Popen(command(served, *acquire_args(2, "--wait", "30s", "--priority",
+    waiting = subprocess.Popen(command(served, *acquire_args(2, "--wait", WAIT, "--priority",
                                                              "high")),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=env(served))
@@ -91,7 +95,7 @@ def test_a_bare_wait_waits_up_to_the_default_timeout(served: ServiceProcess) -> 
 def test_queue_cancel_and_force_unlock(served: ServiceProcess) -> None:
     assert run(served, *acquire_args(1)).returncode == 0
     waiting = subprocess.Popen(
-        command(served, *acquire_args(2, "--wait", "30s", "--request-id", "job-2")),
+        command(served, *acquire_args(2, "--wait", WAIT, "--request-id", "job-2")),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(served))
     try:
         wait_for("the CLI to queue", lambda: len(queue(served)["waiters"]) == 1,
@@ -119,7 +123,9 @@ def test_events_tails_the_stream_as_json_lines(served: ServiceProcess) -> None:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env(served))
     try:
-        time.sleep(1.0)  # the command starts (imports) and subscribes
+        assert tail.stderr is not None  # it says so once it follows the events
+        said = tail.stderr.readline()
+        assert said == f"enhanced-locking: following the events of {served.url}\n"
         assert run(served, *acquire_args(7)).returncode == 0
         assert tail.stdout is not None
         line = tail.stdout.readline()
