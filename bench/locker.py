@@ -17,6 +17,12 @@ median ratio of those rounds (the verdict is the median's).
 
 Usage: python bench/locker.py [--pairs 4000] [--rounds 5] [--handoffs 1000] [--no-write]
 
+``--only bare|store|locker --pairs N`` runs N uncontended pairs of one case after a warm-up of
+200 and prints nothing: run it under ``valgrind --tool=cachegrind --cache-sim=no`` with two
+counts and divide the difference of the instructions by the difference of the counts, the
+instructions of one pair (what docs/benchmarks.md reports; the loaded machine changes it
+little, unlike a time).
+
 The table is printed and written into docs/benchmarks.md under its own heading.
 """
 
@@ -48,13 +54,14 @@ from bench._common import (  # noqa: E402
 from tests.support.service import ServiceProcess  # noqa: E402
 
 from enhanced_locking.backends import EmbeddedBackend  # noqa: E402
+from enhanced_locking.backends.waiting import QueuePolicy  # noqa: E402
 from enhanced_locking.config import EnhancedLockingConfig  # noqa: E402
 from enhanced_locking.events import EventBus  # noqa: E402
 from enhanced_locking.factory import LockService  # noqa: E402
 from enhanced_locking.locking import EnhancedLocker  # noqa: E402
 from enhanced_locking.metrics import Metrics  # noqa: E402
 from enhanced_locking.provider import ConfigProvider  # noqa: E402
-from enhanced_locking.types import LockRequest, Project, Pull  # noqa: E402
+from enhanced_locking.types import Lock, LockRequest, Project, Pull, utcnow  # noqa: E402
 
 HEADING = "## The enhanced locker: throughput, handoff latency, router overhead"
 BLOCK = 250
@@ -308,14 +315,42 @@ def report(pairs: list[dict[str, float]], local: dict[str, list[float]],
     return "\n".join(lines)
 
 
+async def only(case: str, pairs: int, work: Path) -> None:
+    """``pairs`` uncontended pairs of one case, after a warm-up: the store case is the
+    embedded store's own acquire and release, without the locker."""
+    if case == "bare":
+        bare = bare_sqlite(work / "bare.db")
+        bare(200)
+        bare(pairs)
+        return
+    locker = locker_on(work / "locker.db")
+    if case == "locker":
+        await locker_pairs(locker, 200)
+        await locker_pairs(locker, pairs)
+    else:
+        store, ask, owner = locker.backend, request(), ("acme/bench", 1)
+        candidate = Lock.for_request(ask, now=utcnow(), token=0, backend="enhanced")
+        policy = QueuePolicy()
+        for count in (200, pairs):
+            for _ in range(count):
+                await store.acquire_or_enqueue(candidate, ttl=None, wait=None, policy=policy)
+                await store.release_and_handoff(ask.key, owner=owner, policy=policy)
+    await locker.backend.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", choices=("bare", "store", "locker"))
     parser.add_argument("--pairs", type=int, default=4000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--handoffs", type=int, default=1000)
     parser.add_argument("--no-write", action="store_true")
     quick_defaults(parser, pairs=1000, rounds=3, handoffs=200)
     args = parser.parse_args()
+    if args.only is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            asyncio.run(only(args.only, args.pairs, Path(tmp)))
+        return
     over_http = max(50, args.handoffs // 5)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
