@@ -208,12 +208,15 @@ async def _run_service(
         reloader = asyncio.create_task(CertificateReloader(
             uvicorn_config.ssl, config.tls_cert_file, config.tls_key_file).run())
     server = server_class(uvicorn_config)
+    # The address is always shown, at info or, when the log shows only warnings, as one (with
+    # --port 0 this line is the only place the port is named).
+    listening = logging.INFO if log.isEnabledFor(logging.INFO) else logging.WARNING
     try:
         if operator is not None:
             from enhanced_locking.kube.operator import run
 
-            log.info("listening on %s once the CRs are applied (the console at /ui, API docs "
-                     "at /docs)", listening_url(bound, tls=bool(tls)))
+            log.log(listening, "listening on %s once the CRs are applied (the console at /ui, "
+                    "API docs at /docs)", listening_url(bound, tls=bool(tls)))
             return await run(service, operator, http=server,
                              audit_sinks=app.state.audit.sinks)
         # Once shut down, uvicorn re-raises the signal that stopped it; by default SIGTERM
@@ -221,8 +224,8 @@ async def _run_service(
         # so SIGTERM (Kubernetes stopping a pod) closes the stores and exits 0.
         previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
         try:
-            log.info("listening on %s (the console at /ui, API docs at /docs)",
-                     listening_url(bound, tls=bool(tls)))
+            log.log(listening, "listening on %s (the console at /ui, API docs at /docs)",
+                    listening_url(bound, tls=bool(tls)))
             await server.serve()
         finally:
             signal.signal(signal.SIGTERM, previous)

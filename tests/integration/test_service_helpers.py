@@ -77,6 +77,16 @@ def test_a_first_start_serves_on_the_free_port_the_service_picked_and_a_restart_
         assert httpx.get(f"{process.url}/healthz").status_code == 200
 
 
+def test_a_service_logging_only_warnings_still_names_its_port_and_restarts_on_it(
+    tmp_path: Path,
+) -> None:
+    with running(ServiceProcess(tmp_path / "data", args=("--log-level", "warning"))) as process:
+        port = process.port
+        assert " WARNING enhanced_locking: listening on " in process.stderr()
+        process.restart()
+        assert process.port == port and process.bound_port() == port
+
+
 def test_another_server_on_the_port_is_never_taken_for_the_service(tmp_path: Path) -> None:
     with impostor() as port:
         process = ServiceProcess(tmp_path / "data", port=port)

@@ -60,7 +60,7 @@ LOOPBACK = "127.0.0.1"
 START_DEADLINE = 20.0
 STOP_GRACE = 10.0
 LISTENING = re.compile(r"listening on https?://127\.0\.0\.1:(?P<port>[0-9]+)[ \n]")
-"""The service's log line naming the address it bound (logged at level info, the default)."""
+"""The service's log line naming the address it bound (shown at every log level but error)."""
 _NUMBERS = itertools.count(1)
 
 
