@@ -156,11 +156,21 @@ local function guard()
   return nil
 end
 
+-- A reply as Redis answers it: each table's list part only. (A row may carry marks of its
+-- own, `ex` or `bad`, which Redis leaves out of a reply; cjson would turn such a table into
+-- a JSON object, read back as a table with no list part: an empty answer.)
+local function as_answered(v)
+  if type(v) ~= 'table' then return v end
+  local out = {}
+  for i = 1, #v do out[i] = as_answered(v[i]) end
+  return out
+end
+
 -- Remember a write's answer under its call id for OP_MS: a caller that lost the reply
 -- (the connection broke) asks again with the same id and gets the same answer, and the write
 -- happens once.
 local function finish(reply)
-  w('SET', OP, cjson.encode(reply), 'PX', OP_MS)
+  w('SET', OP, cjson.encode(as_answered(reply)), 'PX', OP_MS)
   return reply
 end
 
