@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -117,10 +118,15 @@ class PolicyModel(RuleBasedStateMachine):
         return MemoryBackend()
 
     async def settle(self) -> None:
-        """Until no call waits for the store and no grant notification is being handled."""
+        """Until no call waits for the store, no grant notification is being handled, and
+        none is on its way: every acquire still waiting is still in the store's queue (a
+        waiter the store served but whose notice has not arrived yet would announce its
+        grant later, after grants the model makes next)."""
         backend = self.rig.locker.backend
         quiet = 0
+        deadline = time.monotonic() + 60
         while quiet < 3:
+            assert time.monotonic() < deadline, "the store did not settle within 60 s"
             for _ in range(20):
                 await asyncio.sleep(0)
             if not isinstance(backend, (RedisBackend, EtcdBackend)):
@@ -128,6 +134,12 @@ class PolicyModel(RuleBasedStateMachine):
             await asyncio.sleep(0.002)
             busy = backend.in_flight or (
                 isinstance(backend, RedisBackend) and backend._listener.busy)
+            if not busy:
+                waiting = sum(not task.done() for task in self.tasks)
+                queued = 0
+                for path in PATHS:
+                    queued += len(await self.rig.locker.queue(key_of(path)))
+                busy = waiting != queued
             quiet = 0 if busy else quiet + 1
 
     def policy_rules(self) -> PolicyRules:
