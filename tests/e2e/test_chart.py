@@ -35,6 +35,7 @@ import httpx
 import pytest
 import yaml
 from tests.history import History, Hold
+from tests.support import waiting
 from tests.support.controlplane import KubeCluster
 from tests.support.etcd_server import EtcdCluster, EtcdServerError
 from tests.support.helm import (
@@ -65,19 +66,8 @@ def wait_for(
     timeout: float = 60,
     details: Callable[[], str] | None = None,
 ) -> Any:
-    """Polls ``check()`` until it returns something truthy; fails after ``timeout``.
-
-    ``details()`` (e.g. the operator's log) is added to the failure message.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            extra = f"\n{details()}" if details is not None else ""
-            pytest.fail(f"timed out after {timeout}s waiting for {what}{extra}")
-        time.sleep(0.25)
+    """The shared wait, at the pace of a control plane (a minute, every quarter second)."""
+    return waiting.wait_for(what, check, timeout=timeout, pause=0.25, details=details)
 
 
 def unique(prefix: str) -> str:
