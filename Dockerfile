@@ -19,13 +19,14 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
-# Only what the wheel is built from (.dockerignore keeps the rest of the tree out).
-COPY pyproject.toml README.md ./
+# Only what the wheel is built from, and the pinned versions its dependencies are installed at
+# (the ones CI tested; .dockerignore keeps the rest of the tree out).
+COPY pyproject.toml README.md constraints.txt ./
 COPY operator/ operator/
 # Byte-compiled here: the runtime root filesystem is read-only, so nothing is compiled later.
 RUN python -m pip wheel --no-deps --wheel-dir /dist . \
  && python -m venv /opt/enhanced-locking \
- && /opt/enhanced-locking/bin/pip install /dist/*.whl \
+ && /opt/enhanced-locking/bin/pip install -c constraints.txt /dist/*.whl \
  && /opt/enhanced-locking/bin/python -m compileall -q /opt/enhanced-locking/lib
 
 # --- runtime: the virtualenv on the same base, as a numeric non-root user -------------------

@@ -7,7 +7,7 @@ ARGS ?=
 
 GO_TEST_FLAGS ?= -count=1 -p=1 -timeout=30m
 
-.PHONY: help venv run test test-unit test-integration test-e2e test-go atlantis lint typecheck format \
+.PHONY: help venv constraints run test test-unit test-integration test-e2e test-go atlantis lint typecheck format \
         redis sandbox luacheck browser control-plane cluster-up docs chart kind-e2e image-smoke bench \
         bench-full clean
 
@@ -21,14 +21,22 @@ help:
 	@echo "make chart        regenerate the chart's CRD templates and values.schema.json"
 	@echo "make kind-e2e     the e2e suite on a kind cluster with the image (needs Docker)"
 	@echo "make image-smoke  build the image and run it read-only (needs Docker)"
+	@echo "make constraints  re-pin dependencies to the newest versions pyproject.toml allows"
 	@echo "make bench        every benchmark in bench/, small counts, goals met or missed"
 	@echo "make bench-full   the same with full counts; writes docs/benchmarks.md"
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e '.[test,lint]'
+	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[test,lint]'
 	touch $@
+
+# The newest versions pyproject.toml allows, resolved in a scratch venv and written as pins.
+constraints:
+	rm -rf .venv-constraints && python3 -m venv .venv-constraints
+	.venv-constraints/bin/pip install --quiet -e '.[test,lint]'
+	{ sed -n '1,3p' constraints.txt; .venv-constraints/bin/pip freeze --exclude-editable; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt && rm -rf .venv-constraints
 
 venv: $(VENV)/.installed
 

@@ -286,7 +286,8 @@ def connect(config: EnhancedLockingConfig) -> RedisConnection:
     if config.redis_sentinel_addrs:
         # Sentinels are asked with the same TLS settings but no credentials: the password and
         # ACL user are the data nodes'. Sentinels that require a password are not supported.
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        # Untyped before redis 8.2, typed from it: either version passes.
+        sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
             [_host_port(addr) for addr in config.redis_sentinel_addrs],
             sentinel_kwargs={
                 "socket_connect_timeout": CONNECT_TIMEOUT,

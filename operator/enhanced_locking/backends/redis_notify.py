@@ -128,7 +128,8 @@ class Listener:
                 backoff = min(2.0, backoff * 2)
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    # Untyped before redis 8.2, typed from it: either version passes.
+                    await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
 
     def _dispatch(self, data: str) -> None:
         kind, _, waiter_id = data.partition(":")
