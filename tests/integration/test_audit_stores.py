@@ -9,7 +9,9 @@ retention; the shared ones (Redis, etcd) are one trail for every replica.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
@@ -276,3 +278,58 @@ async def test_concurrent_appends_each_get_their_row_even_when_their_caller_goes
     rows = numbers(await store.read(AuditQuery(limit=1000)))
     assert rows == list(range(55, 0, -1)), rows
     await asyncio.gather(*pending, return_exceptions=True)
+
+
+def _pulls_in_file(path: Path) -> list[int]:
+    """The rows committed to the file, as another connection reads them."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return [row[0] for row in db.execute("SELECT pull FROM audit ORDER BY id")]
+
+
+async def test_the_embedded_trail_is_written_behind_and_a_read_sees_every_entry_at_once(
+    tmp_path: Path,
+) -> None:
+    """An entry's row reaches the file within the store's coalescing moment, the entries of
+    that moment in one commit, not before the audited call answers; a read first writes what
+    is waiting, so it sees every entry appended before it."""
+    path = tmp_path / "trail.db"
+    store = SqliteAuditStore(path, Retention(timedelta(days=1), 1000))
+    try:
+        written = [await store.append(entry(n)) for n in (1, 2, 3)]
+        assert [int(e.id) for e in written] == sorted(int(e.id) for e in written)
+        assert _pulls_in_file(path) == []
+        await asyncio.sleep(store.coalesce * 5)  # the store's timer runs first
+        assert _pulls_in_file(path) == [1, 2, 3]
+        await store.append(entry(4))
+        assert numbers(await store.read(AuditQuery())) == [4, 3, 2, 1]
+        assert _pulls_in_file(path) == [1, 2, 3, 4]
+    finally:
+        await store.close()
+
+
+async def test_stores_sharing_one_file_never_give_an_id_twice_and_closing_leaves_no_gap(
+    tmp_path: Path,
+) -> None:
+    """Each store takes its ids from a block reserved in the file; two stores appending in
+    turn (blocks of 3 here, so each reserves several) give every entry its own id, each in
+    the order it appended; once both closed, the next store's first id follows the last one
+    used (the ids reserved but unused are given back)."""
+    path = tmp_path / "trail.db"
+    retention = Retention(timedelta(days=1), 1000)
+    a, b = SqliteAuditStore(path, retention), SqliteAuditStore(path, retention)
+    a.id_block = b.id_block = 3
+    written = [await (a if n % 2 else b).append(entry(n)) for n in range(1, 22)]
+    ids = [int(e.id) for e in written]
+    assert len(set(ids)) == 21
+    for store in (a, b):
+        own = [int(e.id) for e in written if (e.pull or 0) % 2 == (store is a)]
+        assert own == sorted(own)
+    await b.close()
+    assert sorted(int(e.pull or 0) for e in await a.read(AuditQuery(limit=100))) == list(
+        range(1, 22))
+    await a.close()
+    c = SqliteAuditStore(path, retention)
+    try:
+        assert int((await c.append(entry(22))).id) == max(ids) + 1
+    finally:
+        await c.close()

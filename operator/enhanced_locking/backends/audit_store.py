@@ -1,7 +1,7 @@
 """Where the audit trail is kept: the active store's own durable place for it.
 
 * SQLite (the embedded ``boltdb`` store): an ``audit`` table in the same file as the locks;
-  the entries appended in one turn of the event loop share one commit.
+  written behind: the entries of up to 10 ms share one commit, a read writes what waits first.
 * Redis: a stream ``{redis-key-prefix}audit``, so every replica writes to and reads one trail.
 * etcd: one key per entry under ``{etcd-key-prefix}audit/`` named by its time (the id), so
   every replica writes to and reads one trail, and retention by age is one range delete;
@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import logging
 import secrets
 import sqlite3
@@ -65,8 +66,8 @@ CREATE TABLE IF NOT EXISTS audit (
 CREATE INDEX IF NOT EXISTS audit_by_time ON audit (time);
 """
 
-_INSERT = ("INSERT INTO audit (time, identity, verb, action, key, repo, pull, outcome, data) "
-           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_INSERT = ("INSERT INTO audit (id, time, identity, verb, action, key, repo, pull, outcome, "
+           "data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
 
 @dataclass(frozen=True)
@@ -115,16 +116,43 @@ class Retention:
 
 
 class SqliteAuditStore:
-    """The ``audit`` table of the embedded store's file."""
+    """The ``audit`` table of the embedded store's file, written behind.
+
+    An entry gets its id at once and joins a batch; one timer writes the entries of up to
+    :attr:`coalesce` seconds in one transaction (the etcd store's trade, for the same reason:
+    a commit of its own per entry cost more than the lock call it records). A read writes
+    what is waiting first, so it sees every entry appended before it; closing the store
+    writes the rest. What a process killed outright (``kill -9``) loses is its last
+    :attr:`coalesce` seconds of entries, from this table only: stdout has them already.
+
+    Ids are taken from a block reserved in the file (the ``AUTOINCREMENT`` sequence moved
+    :attr:`id_block` ahead in one small write), so an id is known before its row is written
+    and never given twice, also with several processes on one file (their entries then
+    interleave by blocks, not one by one). Closing gives the block's unused ids back; a
+    process killed outright leaves them unused, and the trail then keeps up to that many
+    fewer than ``audit-max-entries`` (pruning counts by ids) until they age out.
+    """
 
     kind = "sqlite"
+    coalesce = 0.01
+    batch_limit = 500
+    capacity = 10_000
+    id_block = 100
+    retry_first, retry_max = 0.05, 2.0
 
     def __init__(self, path: Path, retention: Retention) -> None:
         self._db = open_database(path)
         self._db.executescript(SCHEMA)
         self._retention = retention
         self._appended = 0
-        self._batch: list[tuple[tuple[Any, ...], asyncio.Future[int]]] = []
+        self._next_id = 1
+        self._last_id = 0  # the reserved block is _next_id .. _last_id
+        self._rows: collections.deque[tuple[Any, ...]] = collections.deque()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_loop: asyncio.AbstractEventLoop | None = None
+        self._retry = self.retry_first
+        self.dropped = 0
+        """Entries lost because the file refused writes longer than :attr:`capacity` lasted."""
         self._prune()
 
     def _prune(self) -> None:
@@ -135,51 +163,91 @@ class SqliteAuditStore:
             (self._retention.max_entries,),
         )
 
-    async def append(self, entry: AuditEntry) -> AuditEntry:
-        """Written in one transaction with the other entries appended in the same turn of the
-        event loop (concurrent calls share a commit); returns once its row is committed."""
-        loop = asyncio.get_running_loop()
-        if not self._batch:
-            loop.call_soon(self._write_batch)
-        written: asyncio.Future[int] = loop.create_future()
-        self._batch.append((
-            (entry.time.isoformat(), entry.identity, entry.verb, entry.action, entry.key,
-             entry.repo, entry.pull, entry.outcome, entry.model_dump_json(by_alias=True)),
-            written))
-        # A caller that goes away meanwhile (its client left) still has its row written: the
-        # row is in the batch, only the answer is dropped.
-        return entry.model_copy(update={"id": str(await written)})
-
-    def _write_batch(self) -> None:
-        batch, self._batch = self._batch, []
-        if not batch:  # written already (by close)
-            return
+    def _reserve(self) -> None:
+        """Move the file's id sequence a block ahead and take that block."""
         try:
-            if len(batch) == 1:  # a statement of its own is its own transaction
-                ids = [self._db.execute(_INSERT, batch[0][0]).lastrowid]
-            else:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    ids = [self._db.execute(_INSERT, row).lastrowid for row, _ in batch]
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    with contextlib.suppress(sqlite3.Error):
-                        self._db.execute("ROLLBACK")
-                    raise
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute(
+                    "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'audit'),"
+                    " 0), coalesce((SELECT max(id) FROM audit), 0))").fetchone()
+                first = int(row[0]) + 1
+                last = first + self.id_block - 1
+                if self._db.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'audit'",
+                                    (last,)).rowcount == 0:
+                    self._db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('audit', ?)",
+                                     (last,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as error:
+            raise BackendUnavailable(f"cannot write the audit trail: {error}") from None
+        self._next_id, self._last_id = first, last
+
+    async def append(self, entry: AuditEntry) -> AuditEntry:
+        """The entry with its id; its row is written behind (see the class)."""
+        if self._next_id > self._last_id:
+            self._reserve()
+        row_id, self._next_id = self._next_id, self._next_id + 1
+        stored = entry.model_copy(update={"id": str(row_id)})
+        if len(self._rows) >= self.capacity:
+            self._rows.popleft()
+            self.dropped += 1
+        self._rows.append((row_id, stored.time.isoformat(), stored.identity, stored.verb,
+                           stored.action, stored.key, stored.repo, stored.pull, stored.outcome,
+                           stored.model_dump_json(by_alias=True)))
+        self._schedule(self.coalesce)
+        return stored
+
+    def _schedule(self, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        # A timer of a loop that is gone (a test's loop, say) never fires: one on this loop.
+        if self._timer is None or self._timer_loop is not loop or loop.is_closed():
+            self._timer, self._timer_loop = loop.call_later(delay, self._flush), loop
+
+    def _flush(self) -> None:
+        self._timer = None
+        try:
+            self._write_waiting()
+        except sqlite3.Error as error:
+            log.warning("audit entries not written yet (%s); retrying", error)
+            with contextlib.suppress(RuntimeError):
+                self._schedule(self._retry)
+            self._retry = min(self.retry_max, self._retry * 2)
+            return
+        self._retry = self.retry_first
+
+    def _write_waiting(self) -> None:
+        """Write every waiting row, up to :attr:`batch_limit` per transaction (rows leave the
+        batch only once committed)."""
+        while self._rows:
+            batch = list(itertools.islice(self._rows, self.batch_limit))
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for row in batch:
+                    self._db.execute(_INSERT, row)
+                self._db.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                raise
+            for _ in batch:
+                self._rows.popleft()
             before, self._appended = self._appended, self._appended + len(batch)
             if before // PRUNE_EVERY != self._appended // PRUNE_EVERY:
                 self._prune()
+
+    def _written(self) -> None:
+        """Write what is waiting now (a read must see it); ``BackendUnavailable`` if not."""
+        try:
+            self._write_waiting()
         except sqlite3.Error as error:
-            for _, written in batch:
-                if not written.done():
-                    written.set_exception(
-                        BackendUnavailable(f"cannot write the audit trail: {error}"))
-            return
-        for (_, written), row_id in zip(batch, ids, strict=True):
-            if not written.done():
-                written.set_result(int(row_id or 0))
+            raise BackendUnavailable(f"cannot write the audit trail: {error}") from None
 
     async def read(self, query: AuditQuery) -> list[AuditEntry]:
+        self._written()
         clauses, params = [], []
         for column in ("identity", "verb", "action", "key", "repo", "pull", "outcome"):
             value = getattr(query, column)
@@ -204,8 +272,17 @@ class SqliteAuditStore:
                 for row_id, data in rows]
 
     async def close(self) -> None:
-        if self._batch:  # appended, not yet written: written now, never lost
-            self._write_batch()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        try:  # appended, not yet written: written now; the ids left over are given back
+            self._written()
+            if self._next_id <= self._last_id:
+                self._db.execute("UPDATE sqlite_sequence SET seq = ? "
+                                 "WHERE name = 'audit' AND seq = ?",
+                                 (self._next_id - 1, self._last_id))
+        except (BackendUnavailable, sqlite3.Error) as error:
+            log.error("%d audit entries not written: %s", len(self._rows), error)
         self._db.close()
 
 
