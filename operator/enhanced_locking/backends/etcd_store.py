@@ -87,6 +87,7 @@ from enhanced_locking.backends.etcd_connection import (
     EtcdConnection,
     EtcdSettings,
     Passenger,
+    TxnCall,
     unavailable,
     unreachable,
 )
@@ -955,7 +956,7 @@ class EtcdBackend(StoreBackend):
         self.round_trips += 1
         self.reads += 1
         try:
-            answer = await _txn_call(client, request)
+            answer = await _txn_call(self.connection, client, request)
         except DOWN as error:
             raise unreachable(self.connection, "read", error, key=key) from None
         return self._parse_reads(ordered_keys, ordered_prefixes, answer)
@@ -1012,7 +1013,7 @@ class EtcdBackend(StoreBackend):
         self.round_trips += 1
         succeeded = False
         try:
-            answer = await _txn_call(client, request)
+            answer = await _txn_call(self.connection, client, request)
             succeeded = answer.succeeded
         except DOWN as error:
             failure = unreachable(self.connection, "write", error, key=key)
@@ -1507,13 +1508,13 @@ def _put(put: Any, key: bytes, value: bytes, lease: int) -> None:
         put.lease = lease
 
 
-def _txn_call(client: etcd3aio.Etcd3Client, request: Any) -> Awaitable[Any]:
-    """A step's transaction, through the client's gRPC stub: ``KVService.txn`` with one
-    attempt, without its request copy, its ``asyncio.timeout`` (the call's own gRPC deadline
-    bounds it) and its error mapping (``unreachable`` maps gRPC's errors as it maps the
-    library's). What is passed is the library's own: its channel and its auth token."""
-    kv = client.kv
-    assert kv is not None
-    call: Awaitable[Any] = kv._stub.Txn(
-        request, metadata=kv._metadata or None, timeout=CALL_TIMEOUT)
-    return call
+def _txn_call(connection: EtcdConnection, client: etcd3aio.Etcd3Client,
+              request: Any) -> Awaitable[Any]:
+    """A step's transaction, through the client's gRPC method (``TxnCall``): ``KVService.txn``
+    with one attempt, without its request copy, its ``asyncio.timeout`` (the call's own gRPC
+    deadline bounds it) and its error mapping (``unreachable`` maps gRPC's errors as it maps
+    the library's). What is passed is the library's own: its channel and its auth token."""
+    txn = connection.txn
+    if txn is None or txn.client is not client:  # the connection was closed meanwhile
+        txn = TxnCall(client)
+    return txn(request)
