@@ -200,6 +200,39 @@ async def test_two_writers_of_one_embedded_file_each_store_the_token_they_answer
         await two.close()
 
 
+async def test_a_release_answers_the_lock_the_file_holds_after_another_writer_changed_it(
+    data_dir: Path,
+) -> None:
+    # The release frees the row without reading it back when the row holds the text this
+    # service last saw; when another service on the file changed the lock meanwhile (a lease
+    # refreshed, the key released and taken by another pull), it answers what the file held.
+    path = data_dir / "enhanced-locking.db"
+    one, two = EmbeddedBackend(path), EmbeddedBackend(path)
+    key = request_for().key
+    try:
+        granted, lock = await one.acquire(lock_for(request_for()))
+        assert granted and lock.expires_at is None
+        refreshed = await two.refresh(key, lock.owner, timedelta(minutes=5))
+        assert refreshed.fencing_token == lock.fencing_token and refreshed != lock
+        assert await one.release(key, owner=lock.owner) == refreshed
+        assert await one.get(key) is None and await two.get(key) is None
+
+        granted, lock = await one.acquire(lock_for(request_for()))
+        assert granted and await two.release(key) == lock
+        granted, other = await two.acquire(lock_for(request_for(pull=2)))
+        assert granted and other.fencing_token == lock.fencing_token + 1
+        with pytest.raises(LockNotOwned):
+            await one.release(key, owner=lock.owner)
+        assert await two.get(key) == other, "a refused release changes nothing"
+        assert await one.release(key) == other
+        assert await two.get(key) is None
+        granted, again = await one.acquire(lock_for(request_for()))
+        assert granted and again.fencing_token == other.fencing_token + 1
+    finally:
+        await one.close()
+        await two.close()
+
+
 async def test_an_embedded_store_closed_after_use_answers_backend_unavailable(
     data_dir: Path,
 ) -> None:

@@ -14,7 +14,8 @@ fencing counter (``counter``, the last token handed out for the key) and whether
 (``held``), so a token keeps rising after its lock is released and across restarts. That lets
 the common acquire (a free key, nobody waiting, no rule in the way) be one statement: an upsert
 that takes a free row, bumps its counter and writes the token into the lock's JSON; and the
-common release one ``UPDATE ... RETURNING``. A released key's last lock stays in its row until
+common release one ``UPDATE``. Neither reads the row back when it holds what this process
+expected (see ``_TAKE_SEEN_AS_EXPECTED``). A released key's last lock stays in its row until
 the key is taken again (it carries no secret: see :mod:`codec`).
 
 Schema versions (``PRAGMA user_version``): 0 had the counters in a ``fencing`` table of their
@@ -198,6 +199,28 @@ RETURNING counter, CASE WHEN counter = ?6 THEN NULL ELSE data END
 _POP = "UPDATE locks SET held = 0 WHERE ns = ? AND key = ? AND held = 1 RETURNING data"
 _POP_OWNED = ("UPDATE locks SET held = 0 WHERE ns = ? AND key = ? AND held = 1 "
               "AND repo = ? AND pull = ? RETURNING data")
+
+# The common grant and release, as expected: the statements above without RETURNING, which
+# costs SQLite about as much as the rest of a statement (it runs the UPDATE into a temporary
+# table first; a third of an acquire and release's instructions). What they would answer is
+# known beforehand, so a statement says only whether it changed the row (its change count):
+# a grant takes the free row only at the counter last seen (so its token is the one expected
+# and the row holds the text sent), a release frees the row only if it holds the text last
+# seen (so what it released is the lock decoded from that text). When either finds anything
+# else, it changes nothing and the statement above, with its answer, runs after it.
+_TAKE_SEEN_AS_EXPECTED = """
+UPDATE locks SET repo = ?3, pull = ?4, held = 1, counter = ?6, data = ?5
+WHERE ns = ?1 AND key = ?2 AND held = 0 AND counter = ?6 - 1
+    AND NOT EXISTS (SELECT 1 FROM shared_locks WHERE ns = ?1 AND key = ?2)
+"""
+_TAKE_MINE_AS_EXPECTED = """
+UPDATE locks SET held = 1, counter = ?6, data = ?5
+WHERE ns = ?1 AND key = ?2 AND held = 0 AND counter = ?6 - 1 AND repo = ?3 AND pull = ?4
+    AND NOT EXISTS (SELECT 1 FROM shared_locks WHERE ns = ?1 AND key = ?2)
+"""
+_POP_AS_EXPECTED = "UPDATE locks SET held = 0 WHERE ns = ? AND key = ? AND held = 1 AND data = ?"
+_POP_OWNED_AS_EXPECTED = ("UPDATE locks SET held = 0 WHERE ns = ? AND key = ? AND held = 1 "
+                          "AND repo = ? AND pull = ? AND data = ?")
 
 APPLICATION_ID = 0x454C4B31
 """SQLite's ``application_id`` of our store files ("ELK1"): how a file says it is ours."""
@@ -457,8 +480,14 @@ class EmbeddedBackend(StoreBackend):
                 guess = replaced(lock, fencing_token=token) if times is None else replaced(
                     lock, acquired_at=times[0], expires_at=times[1], fencing_token=token)
                 sent = codec.encode(guess)
-                row = self._db.execute(_TAKE_MINE if seen[1] == owner else _TAKE_SEEN, (
-                    self.namespace, key, *owner, sent, token)).fetchone()
+                mine = seen[1] == owner
+                args = (self.namespace, key, *owner, sent, token)
+                if self._db.execute(_TAKE_MINE_AS_EXPECTED if mine else _TAKE_SEEN_AS_EXPECTED,
+                                    args).rowcount == 1:
+                    self._remember(key, sent, guess)
+                    self._seen[key] = token, owner
+                    return guess
+                row = self._db.execute(_TAKE_MINE if mine else _TAKE_SEEN, args).fetchone()
         except sqlite3.Error as error:
             raise self._down(error) from None
         if row is None:
@@ -496,7 +525,13 @@ class EmbeddedBackend(StoreBackend):
 
     def _pop(self, key: str, owner: tuple[str, int] | None) -> Lock | None:
         # One statement, so one implicit transaction: the release of a key nobody waits for.
+        known = self._decoded.get(key)
         try:  # what _unavailable says, without a context manager per call
+            if known is not None and self._db.execute(
+                    _POP_AS_EXPECTED if owner is None else _POP_OWNED_AS_EXPECTED,
+                    (self.namespace, key, known[0]) if owner is None
+                    else (self.namespace, key, *owner, known[0])).rowcount == 1:
+                return known[1]  # the row held the text last seen: its lock is released
             if owner is None:
                 row = self._db.execute(_POP, (self.namespace, key)).fetchone()
             else:
