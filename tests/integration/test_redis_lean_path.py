@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+from tests.support.key_watch import KeyWatch, Watched
 from tests.support.locks import lock_for, request_for
 from tests.support.redis_fixtures import redis_config
-from tests.support.redis_server import RedisServer
+from tests.support.redis_server import LOOPBACK, RedisServer
 
+from enhanced_locking.backends import redis_scripts
 from enhanced_locking.backends.redis_store import RedisBackend, RedisKeys
 from enhanced_locking.types import Lock, LockNotOwned
 
@@ -155,3 +158,98 @@ async def test_a_key_with_waiters_or_another_holder_takes_the_full_path(
         with pytest.raises(LockNotOwned):
             await backend.release(LEAN, owner=("acme/infra", 2))
         assert "cmdstat_hgetall" in admin.info("commandstats")
+
+
+# --- the lean functions of their own (lean_acquire.lua, lean_release.lua) -------------------
+def _called(watched: Watched) -> dict[str, int]:
+    """How often each script ran, by name (``ACQUIRE``, ``LEAN_ACQUIRE``, ...)."""
+    names = {function: name for name, function in redis_scripts.FUNCTION_NAMES.items()}
+    return {names[s]: n for s, n in watched.scripts.items() if s in names}
+
+
+async def test_an_uncontended_pair_is_one_call_of_each_lean_function(
+    backend: RedisBackend, redis_server: RedisServer, tmp_path: Path,
+) -> None:
+    watch = KeyWatch(LOOPBACK, redis_server.port, tmp_path / "lean.log")
+    granted, lock = await backend.acquire(lock_for(_request(LEAN)))
+    assert granted and lock.fencing_token == 1
+    assert await backend.release(LEAN, owner=OWNER) == lock
+    watched = watch.stop()
+    assert _called(watched) == {"LEAN_ACQUIRE": 1, "LEAN_RELEASE": 1}
+    assert watched.undeclared == []
+
+
+async def test_a_call_the_lean_function_cannot_serve_is_sent_in_full_and_answered_alike(
+    backend: RedisBackend, redis_server: RedisServer, tmp_path: Path,
+) -> None:
+    """A key someone holds: the lean function answers ``full`` having written nothing, the
+    full script answers as it always did, and the key's next calls from this replica go to
+    the full scripts at once until one of them finds the key free again."""
+    keys = backend.keys
+    other = RedisBackend.from_config(redis_config(redis_server), "enhanced")
+    try:
+        granted, held = await other.acquire(lock_for(request_for(pull=1)))
+        assert granted
+        with redis_server.client() as admin:
+            _answers(admin, keys)
+            watch = KeyWatch(LOOPBACK, redis_server.port, tmp_path / "busy.log")
+            granted, holder = await backend.acquire(lock_for(request_for(pull=2)))
+            assert not granted and holder == held
+            # Only the full script's answer is kept: the lean function wrote nothing.
+            assert [answer[0] for answer in _answers(admin, keys)] == ["held"]
+            assert _called(watch.stop()) == {"LEAN_ACQUIRE": 1, "ACQUIRE": 1}
+
+            watch = KeyWatch(LOOPBACK, redis_server.port, tmp_path / "again.log")
+            granted, _ = await backend.acquire(lock_for(request_for(pull=2)))
+            assert not granted
+            with pytest.raises(LockNotOwned):
+                await backend.release(LEAN, owner=("acme/infra", 2))
+            assert _called(watch.stop()) == {"ACQUIRE": 1, "RELEASE": 1}
+
+            assert await other.release(LEAN, owner=("acme/infra", 1)) == held
+            _answers(admin, keys)
+            watch = KeyWatch(LOOPBACK, redis_server.port, tmp_path / "free.log")
+            granted, mine = await backend.acquire(lock_for(request_for(pull=2)))
+            assert granted and mine.fencing_token == held.fencing_token + 1
+            assert [answer[0] for answer in _answers(admin, keys)] == ["took"]
+            assert await backend.release(LEAN, owner=("acme/infra", 2)) == mine
+            granted, _ = await backend.acquire(lock_for(request_for(pull=2)))
+            assert granted
+            # The full script's lean path found the key free: the lean functions again.
+            assert _called(watch.stop()) == {"ACQUIRE": 1, "LEAN_RELEASE": 1,
+                                             "LEAN_ACQUIRE": 1}
+    finally:
+        await other.close()
+
+
+def test_the_lean_functions_write_nothing_for_a_call_they_cannot_serve(
+    redis_server: RedisServer,
+) -> None:
+    """Called directly on a key that is held, queued for or shared: ``{'full'}``, and Redis
+    holds what it held before (no answer kept under the call id either)."""
+    keys = RedisKeys("enhanced-locking:", "enhanced")
+    common = keys.common("c-1")
+    head = [keys.base, 0, 0, 0, 100, "r", "e-1", "c-1", 0, ""]
+    owner = keys.pull(*OWNER)
+    with redis_server.client() as admin:
+        admin.function_load(redis_scripts.FUNCTIONS)
+        admin.hset(keys.incarnation, mapping={"id": "e-1", "base": 0, "until": 0, "since": 0})
+        for busy in ("lock", "shared", "queued"):
+            if busy == "lock":
+                admin.hset(keys.lock(LEAN), mapping={"data": "{}", "token": 1, "at": 1,
+                                                     "exp": 0, "repo": "acme/infra",
+                                                     "pull": "8", "path": ".", "ws": "d"})
+            elif busy == "shared":
+                admin.hset(keys.shared(LEAN), "acme/infra#8", "[]")
+            else:
+                admin.sadd(keys.queued, LEAN)
+            before = {name: admin.dump(name) for name in admin.keys("*")}
+            took = admin.fcall(redis_scripts.FUNCTION_NAMES["LEAN_ACQUIRE"], 11, *common,
+                               keys.lock(LEAN), keys.shared(LEAN), keys.fence(LEAN), owner,
+                               *head, 0, LEAN, "{}", *OWNER, ".", "default")
+            dropped = admin.fcall(redis_scripts.FUNCTION_NAMES["LEAN_RELEASE"], 10, *common,
+                                  keys.lock(LEAN), keys.shared(LEAN), owner, *head, LEAN,
+                                  *OWNER)
+            assert took == dropped == [b"full"], busy
+            assert {name: admin.dump(name) for name in admin.keys("*")} == before, busy
+            admin.delete(keys.lock(LEAN), keys.shared(LEAN), keys.queued)

@@ -40,6 +40,7 @@ __all__ = [
     "acquire",
     "cancel",
     "confirm",
+    "full",
     "lock",
     "locks",
     "maybe_lock",
@@ -252,6 +253,12 @@ def need(answer: Any) -> tuple[str, ...] | None:
     if isinstance(answer, list) and len(answer) == 2 and answer[0] == "need":
         return tuple(str(name) for name in answer[1])
     return None
+
+
+def full(answer: Any) -> bool:
+    """A lean function's ``{'full'}`` (``lean_acquire.lua``, ``lean_release.lua``): it could
+    not serve the call and wrote nothing; the call goes to the full script."""
+    return isinstance(answer, list) and len(answer) == 1 and answer[0] == "full"
 
 
 def lock(v: Sequence[Any]) -> LockRow:

@@ -157,6 +157,8 @@ NAMES = (
     "HEARTBEAT",
     "RAISE_TOKEN",
     "ADOPT",
+    "LEAN_ACQUIRE",
+    "LEAN_RELEASE",
 )
 """The scripts, by the name of their constant; each is ``lua/<name in lower case>.lua``."""
 

@@ -223,6 +223,10 @@ class RedisBackend:
         self._hints: dict[str, tuple[str, ...]] = {}
         """By lock key (or script, for calls about no one key): the names scripts asked for
         last (``_run``): declared again next time, so a key's usual hand-off asks no more."""
+        self._busy: dict[str, None] = {}
+        """Lock keys a lean function lately could not serve (someone held, shared or waited
+        for them; oldest first): their calls go to the full scripts at once (``_lean``) until
+        one of those finds the key free again."""
         self._waiting_on: dict[str, dict[str, tuple[str, ...]]] = {}
         """By lock key: this replica's waiters queued on it, oldest first, with every name
         a grant to each touches (declared by a hand-off of the key)."""
@@ -382,6 +386,25 @@ class RedisBackend:
             if owner is None or index != names[-1]:  # (the owner's, named just above)
                 names.append(index)
         return names
+
+    def _lean(self, key: str, rules: policies.PolicyRules) -> bool:
+        """Whether an acquire or release of ``key`` (one that fits a lean path otherwise) is
+        sent to its lean function first: no rules, no waiter of this replica on the key, and
+        the key not found busy since the full scripts last found it free (:attr:`_busy`).
+        A lean function that cannot serve the call writes nothing and the call is sent in
+        full: a round trip more, which this guess keeps off the keys that are contended."""
+        return key not in self._busy and not self._compiled(rules) and not self._queued_names(key)
+
+    def _busy_now(self, key: str, busy: bool) -> None:
+        """What a call found of ``key``: busy (a lean function turned it away) or free (a full
+        script's lean path served it)."""
+        marks = self._busy
+        if not busy:
+            marks.pop(key, None)
+        elif key not in marks:
+            if len(marks) >= _KNOWN:
+                del marks[next(iter(marks))]  # the oldest
+            marks[key] = None
 
     def _head(self) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
         """``ARGV[1..7]`` and ``ARGV[9..10]`` of every script (``ARGV[8]`` is the call id),
@@ -653,6 +676,21 @@ class RedisBackend:
             await self._listener.ensure()
         first = candidates[0]
         sent = {c.key: codec.encode(c) for c in candidates}
+        if (wait is None and len(candidates) == 1 and first.mode == "exclusive"
+                and self._lean(first.key, policy.rules)):
+            keys, repo, pull = self.keys, first.project.repo_full_name, first.pull.num
+            lean = await self._run(
+                "LEAN_ACQUIRE", _duration_ms(ttl), first.key, sent[first.key], repo, pull,
+                first.project.path, first.workspace,
+                keys=(keys.lock(first.key), keys.shared(first.key), keys.fence(first.key),
+                      keys.pull(repo, pull)),
+                policy=policy, key=first.key, hint="LEAN_ACQUIRE")
+            if not redis_replies.full(lean):
+                took = redis_replies.acquire(lean)
+                assert isinstance(took, redis_replies.Took)
+                return Outcome(status=Status.GRANTED, fresh=True, locks=(self._made(
+                    first.key, sent[first.key], took.token, took.at, took.exp, first),))
+            self._busy_now(first.key, True)
         quads = [item for c in candidates
                  for item in (c.key, sent[c.key], c.project.path, c.workspace)]
         answer = redis_replies.acquire(await self._run(
@@ -664,6 +702,7 @@ class RedisBackend:
             keys=self._acquire_names(candidates, wait), policy=policy, key=first.key,
         ))
         if isinstance(answer, redis_replies.Took):  # the lean path: as sent, plus the stamp
+            self._busy_now(first.key, False)
             return Outcome(status=Status.GRANTED, fresh=True, locks=(self._made(
                 first.key, sent[first.key], answer.token, answer.at, answer.exp, first),))
         if isinstance(answer, redis_replies.Acquired):
@@ -697,9 +736,23 @@ class RedisBackend:
         self, key: str, *, owner: Owner | None = None, policy: QueuePolicy | None = None
     ) -> Handoff:
         repo, pull = owner if owner is not None else ("", 0)
-        answer = redis_replies.release(await self._run(
-            "RELEASE", key, repo, pull, keys=self._key_names(key, owner), policy=policy,
-            key=key))
+        answer: redis_replies.Dropped | redis_replies.Release | None = None
+        if owner is not None and self._lean(key, (policy or self._policy).rules):
+            keys = self.keys
+            lean = await self._run(
+                "LEAN_RELEASE", key, repo, pull,
+                keys=(keys.lock(key), keys.shared(key), keys.pull(repo, pull)),
+                policy=policy, key=key, hint="LEAN_RELEASE")
+            if redis_replies.full(lean):
+                self._busy_now(key, True)
+            else:
+                answer = redis_replies.release(lean)
+        if answer is None:
+            answer = redis_replies.release(await self._run(
+                "RELEASE", key, repo, pull, keys=self._key_names(key, owner), policy=policy,
+                key=key))
+            if isinstance(answer, redis_replies.Dropped):
+                self._busy_now(key, False)
         if isinstance(answer, redis_replies.Dropped):  # the lean path: nobody waited
             try:
                 gone = self._made(key, answer.data, answer.token, answer.at, answer.exp)

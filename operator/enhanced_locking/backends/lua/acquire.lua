@@ -17,28 +17,16 @@
 -- decoded by redis_replies.acquire
 local refused = guard()
 if refused then return refused end
--- The uncontended case, lean: one exclusive key, no waiting, no rules, nobody queued and
--- nothing stored at the key (no lock hash, no shared holders). It grants exactly as `main`
--- would (`stamp`, the same reply kept under the call id), without the discovery, the serving
--- and the verdict, which all find nothing to do then. It answers only what the caller does
--- not know ({'took', token, at, exp}): a lock row and its copy kept under the call id cost
--- Redis more than the grant. Anything else goes on to `main`; nothing is written before
--- that is decided.
+-- The uncontended case, lean (lib.lua: `lean_acquire`): one exclusive key, no waiting, no
+-- rules; anything else, or a key someone holds or waits for, goes on to `main`. The client
+-- sends such a call to the lean function of its own (lean_acquire.lua) first; this one
+-- serves it when the client sent it here in full.
 local function uncontended()
   if #ARGV ~= 24 or ARGV[12] ~= '' or ARGV[10] ~= '' or ARGV[18] ~= 'exclusive' then
     return nil
   end
-  local k, repo, pull = ARGV[21], ARGV[15], ARGV[16]
-  if not (declared(lock_name, k) and declared(shared_name, k) and declared(fence_name, k)
-          and declared(pull_index, repo, pull)) then
-    return nil
-  end
-  if redis.call('SISMEMBER', QUEUED, k) == 1 then return nil end
-  if redis.call('EXISTS', lock_name(k), shared_name(k)) > 0 then return nil end
-  fetched[k] = {lock = false, shared = {}}  -- known free, as `main`'s reads would find it
-  local lock = stamp(k, ARGV[22], repo, pull, tonumber(ARGV[11]), false, 'exclusive',
-                     ARGV[23], ARGV[24])
-  return finish({'took', lock[3], lock[4], lock[5]})
+  return lean_acquire(ARGV[21], ARGV[22], ARGV[15], ARGV[16], tonumber(ARGV[11]), ARGV[23],
+                      ARGV[24])
 end
 local quick = uncontended()
 if quick then return quick end
@@ -160,7 +148,7 @@ local function main()
     end
   end
   for _, k in ipairs(keys) do
-    if queue_size(k) >= POLICY.max_size then
+    if queue_size(k) >= policy().max_size then
       return {'queue_full', k, peek(k) or {}, superseded}
     end
   end

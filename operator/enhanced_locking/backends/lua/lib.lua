@@ -40,10 +40,9 @@ local fetched = {}
 local function begin(keys, args)
   KEYS, ARGV = keys, args
   base = ARGV[1]
-  POLICY = {priority = tonumber(ARGV[2]), threshold = tonumber(ARGV[3]),
-            boost = tonumber(ARGV[4]), max_size = tonumber(ARGV[5])}
+  POLICY = false  -- read from ARGV[2..5] when first asked for (`policy`)
   REPLICA_ID = ARGV[6]
-  KNOWN_INCARNATION, NEW_INCARNATION, QUARANTINE_MS = ARGV[7], ARGV[8], tonumber(ARGV[9])
+  KNOWN_INCARNATION, NEW_INCARNATION, QUARANTINE_MS = ARGV[7], ARGV[8], ARGV[9]
   local clock = redis.call('TIME')
   NOW = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
   INCARNATION, OP, HELD, FENCED, QUEUED = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
@@ -56,6 +55,15 @@ end
 
 -- Whole numbers as exact text: Lua's own tostring keeps 14 digits, tokens can have 16.
 local function int(x) return string.format('%.0f', x) end
+
+-- The queue policy of ARGV[2..5], read the first time a call needs it (most never do).
+local function policy()
+  if not POLICY then
+    POLICY = {priority = tonumber(ARGV[2]), threshold = tonumber(ARGV[3]),
+              boost = tonumber(ARGV[4]), max_size = tonumber(ARGV[5])}
+  end
+  return POLICY
+end
 
 -- --- declared keys -----------------------------------------------------------------------
 -- Every key a script touches is in KEYS (Redis Cluster's rule). The names of keys a script
@@ -145,7 +153,7 @@ local function guard()
     end
     -- The caller knew this store and it has forgotten everything (a restart without
     -- persistence): tokens continue from the clock, and grants wait out the quarantine.
-    local till = NOW + QUARANTINE_MS
+    local till = NOW + tonumber(QUARANTINE_MS)
     w('HSET', INCARNATION, 'id', NEW_INCARNATION, 'base', int(NOW * 1000), 'until', till,
                'since', NOW, 'lost', KNOWN_INCARNATION)
     return {'incarnation', NEW_INCARNATION, till, NOW}
@@ -169,8 +177,9 @@ end
 -- Remember a write's answer under its call id for OP_MS: a caller that lost the reply
 -- (the connection broke) asks again with the same id and gets the same answer, and the write
 -- happens once.
+local OP_PX = OP_MS .. ''  -- as text once (at load), not converted by every call
 local function finish(reply)
-  w('SET', OP, cjson.encode(as_answered(reply)), 'PX', OP_MS)
+  w('SET', OP, cjson.encode(as_answered(reply)), 'PX', OP_PX)
   return reply
 end
 
@@ -443,13 +452,14 @@ local function stamp(k, data, repo, pull, ttl, claim, mode, path, ws)
     -- that the hash holds none of our fields (or deleted it).
     if not (fetched[k] and fetched[k].lock == false) then w('DEL', name) end
     forget(k, 'lock')
+    -- The numbers as the text made above (lock[3..5]): Redis would format them again.
     if claim then
-      w('HSET', name, 'data', data, 'token', int(token), 'at', NOW, 'repo', repo,
-                 'pull', pull, 'exp', exp, 'path', path, 'ws', ws, 'claim', claim,
-                 'lease', lease_end)
+      w('HSET', name, 'data', data, 'token', lock[3], 'at', lock[4], 'repo', repo,
+                 'pull', pull, 'exp', lock[5], 'path', path, 'ws', ws, 'claim', claim,
+                 'lease', pending)
     else
-      w('HSET', name, 'data', data, 'token', int(token), 'at', NOW, 'repo', repo,
-                 'pull', pull, 'exp', exp, 'path', path, 'ws', ws)
+      w('HSET', name, 'data', data, 'token', lock[3], 'at', lock[4], 'repo', repo,
+                 'pull', pull, 'exp', lock[5], 'path', path, 'ws', ws)
     end
     if exp > 0 then w('PEXPIREAT', name, exp + GRACE_MS) end
   end
@@ -670,12 +680,13 @@ end
 
 -- --- waiters ------------------------------------------------------------------------------
 local function effective(level, enq)
-  if POLICY.priority == 0 then return 0 end
+  local p = policy()
+  if p.priority == 0 then return 0 end
   local boost = 0
-  if POLICY.threshold > 0 and POLICY.boost > 0 then
+  if p.threshold > 0 and p.boost > 0 then
     local waited = NOW - enq
     if waited < 0 then waited = 0 end
-    boost = math.min(POLICY.boost, math.floor(waited / POLICY.threshold))
+    boost = math.min(p.boost, math.floor(waited / p.threshold))
   end
   return math.min(3, level + boost)
 end
@@ -1068,5 +1079,47 @@ end
 local function planned()
   ask()
   VIEW, GONE = {}, {}
+end
+
+-- --- the lean paths (acquire.lua and release.lua, and the lean functions of their own) ------
+-- The uncontended acquire, lean: one exclusive key k, no waiting, no rules, nobody queued and
+-- nothing stored at the key (no lock hash, no shared holders). It grants exactly as
+-- acquire.lua's `main` would (`stamp`, the same reply kept under the call id), without the
+-- discovery, the serving and the verdict, which all find nothing to do then. It answers only
+-- what the caller does not know ({'took', token, at, exp}): a lock row and its copy kept under
+-- the call id cost Redis more than the grant. nil when it cannot serve the call (nothing is
+-- written before that is decided). The caller has checked the rest (one key, exclusive, no
+-- waiting, no rules).
+local function lean_acquire(k, data, repo, pull, ttl, path, ws)
+  if not (declared(lock_name, k) and declared(shared_name, k) and declared(fence_name, k)
+          and declared(pull_index, repo, pull)) then
+    return nil
+  end
+  if redis.call('SISMEMBER', QUEUED, k) == 1 then return nil end
+  if redis.call('EXISTS', lock_name(k), shared_name(k)) > 0 then return nil end
+  fetched[k] = {lock = false, shared = {}}  -- known free, as `main`'s reads would find it
+  local lock = stamp(k, data, repo, pull, ttl, false, 'exclusive', path, ws)
+  return finish({'took', lock[3], lock[4], lock[5]})
+end
+
+-- The uncontended release, lean: the owner's own exclusive lock of k, readable and live, no
+-- rules, no shared holders and nobody queued on the key. It releases exactly as release.lua's
+-- `main` would (`drop_lock`, its reply kept under the call id), without the discovery and the
+-- serving, which find nothing to do then, and answers only what the caller does not know
+-- ({'dropped', data, token, at, exp}). nil when it cannot serve the call (nothing written).
+local function lean_release(k, repo, pull)
+  if not (declared(lock_name, k) and declared(shared_name, k)
+          and declared(pull_index, repo, pull)) then
+    return nil
+  end
+  if redis.call('SISMEMBER', QUEUED, k) == 1 then return nil end
+  local lock = read_lock(k)
+  if not lock or lock.bad or lapsed(lock) or not same_owner(lock, repo, pull) then
+    return nil
+  end
+  if not no_shared(k) then return nil end
+  fetched[k].shared = {}  -- known to have none, as `main`'s reads would find it
+  drop_lock(lock)
+  return finish({'dropped', lock[2], lock[3], lock[4], lock[5]})
 end
 -- luacheck: pop

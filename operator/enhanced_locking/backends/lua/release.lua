@@ -12,28 +12,13 @@
 -- decoded by redis_replies.release
 local refused = guard()
 if refused then return refused end
--- The uncontended case, lean: the owner's own exclusive lock, readable and live, no rules,
--- no shared holders and nobody queued on the key. It releases exactly as `main` would
--- (`drop_lock`, its reply kept under the call id), without the discovery and the serving,
--- which find nothing to do then, and answers only what the caller does not know
--- ({'dropped', data, token, at, exp}). Anything else goes on to `main`; nothing is written
--- before that is decided.
+-- The uncontended case, lean (lib.lua: `lean_release`): the owner's own exclusive lock,
+-- readable and live, no rules, no shared holders and nobody queued on the key; anything else
+-- goes on to `main`. The client sends such a call to the lean function of its own
+-- (lean_release.lua) first; this one serves it when the client sent it here in full.
 local function uncontended()
   if #ARGV ~= 13 or ARGV[12] == '' or ARGV[10] ~= '' then return nil end
-  local k = ARGV[11]
-  if not (declared(lock_name, k) and declared(shared_name, k)
-          and declared(pull_index, ARGV[12], ARGV[13])) then
-    return nil
-  end
-  if redis.call('SISMEMBER', QUEUED, k) == 1 then return nil end
-  local lock = read_lock(k)
-  if not lock or lock.bad or lapsed(lock) or not same_owner(lock, ARGV[12], ARGV[13]) then
-    return nil
-  end
-  if not no_shared(k) then return nil end
-  fetched[k].shared = {}  -- known to have none, as `main`'s reads would find it
-  drop_lock(lock)
-  return finish({'dropped', lock[2], lock[3], lock[4], lock[5]})
+  return lean_release(ARGV[11], ARGV[12], ARGV[13])
 end
 local quick = uncontended()
 if quick then return quick end
