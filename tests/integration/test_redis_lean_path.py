@@ -171,9 +171,18 @@ async def test_an_uncontended_pair_is_one_call_of_each_lean_function(
     backend: RedisBackend, redis_server: RedisServer, tmp_path: Path,
 ) -> None:
     watch = KeyWatch(LOOPBACK, redis_server.port, tmp_path / "lean.log")
-    granted, lock = await backend.acquire(lock_for(_request(LEAN)))
-    assert granted and lock.fencing_token == 1
-    assert await backend.release(LEAN, owner=OWNER) == lock
+    with redis_server.client() as admin:
+        _answers(admin, backend.keys)  # the ping's
+        granted, lock = await backend.acquire(lock_for(_request(LEAN)))
+        assert granted and lock.fencing_token == 1
+        # The grant's answer is kept as the JSON cjson makes of it (written without cjson).
+        kept = [admin.get(name) for name in admin.keys(backend.keys.base + "op:*")]
+        at = str(int(lock.acquired_at.timestamp() * 1000))
+        assert kept == [f'["took","1","{at}","0"]'.encode()]
+        admin.delete(*admin.keys(backend.keys.base + "op:*"))
+        assert await backend.release(LEAN, owner=OWNER) == lock
+        [dropped] = _answers(admin, backend.keys)
+        assert dropped[0] == "dropped" and dropped[2:] == ["1", at, "0"]
     watched = watch.stop()
     assert _called(watched) == {"LEAN_ACQUIRE": 1, "LEAN_RELEASE": 1}
     assert watched.undeclared == []

@@ -183,6 +183,21 @@ local function finish(reply)
   return reply
 end
 
+-- `finish` of the lean paths' answers, which are flat lists of strings made by the call
+-- (nothing to leave out: `as_answered` would copy them as they are). A grant's {'took',
+-- token, at, exp} holds numbers formatted by `int` (digits, nothing JSON escapes), so its
+-- text is the one cjson would make, written without cjson (which costs Redis more than the
+-- SET that keeps it).
+local function finish_flat(reply)
+  w('SET', OP, cjson.encode(reply), 'PX', OP_PX)
+  return reply
+end
+
+local function finish_took(token, at, exp)
+  w('SET', OP, '["took","' .. token .. '","' .. at .. '","' .. exp .. '"]', 'PX', OP_PX)
+  return {'took', token, at, exp}
+end
+
 -- Run main: its reply (with `remember`, kept under the call id: `finish`), or
 -- {'need', names} when a name it needs is not declared: nothing was written, nothing is kept,
 -- and the caller calls again with them declared (decoded by redis_replies.need).
@@ -1099,7 +1114,7 @@ local function lean_acquire(k, data, repo, pull, ttl, path, ws)
   if redis.call('EXISTS', lock_name(k), shared_name(k)) > 0 then return nil end
   fetched[k] = {lock = false, shared = {}}  -- known free, as `main`'s reads would find it
   local lock = stamp(k, data, repo, pull, ttl, false, 'exclusive', path, ws)
-  return finish({'took', lock[3], lock[4], lock[5]})
+  return finish_took(lock[3], lock[4], lock[5])
 end
 
 -- The uncontended release, lean: the owner's own exclusive lock of k, readable and live, no
@@ -1120,6 +1135,6 @@ local function lean_release(k, repo, pull)
   if not no_shared(k) then return nil end
   fetched[k].shared = {}  -- known to have none, as `main`'s reads would find it
   drop_lock(lock)
-  return finish({'dropped', lock[2], lock[3], lock[4], lock[5]})
+  return finish_flat({'dropped', lock[2], lock[3], lock[4], lock[5]})
 end
 -- luacheck: pop
