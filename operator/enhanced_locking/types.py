@@ -369,6 +369,11 @@ class User(_Model):
     username: Text = ""
     teams: Annotated[list[Text], Field(max_length=256)] = []
 
+    def __hash__(self) -> int:
+        # Hashable although ``teams`` is a list, so pydantic shares the default ``User()`` of
+        # a request instead of deep-copying it on every validation (nothing changes a User).
+        return hash((self.username, tuple(self.teams)))
+
 
 def lock_key(project: Project, workspace: str) -> str:
     """Atlantis's lock key: ``{repoFullName}/{path}/{workspace}/{projectName}``.

@@ -648,6 +648,14 @@ class EmbeddedBackend(StoreBackend):
 
     async def get(self, key: str) -> Lock | None:
         if self._counter is None:
+            # The common answer, a live exclusive lock, is one statement (a statement is its own
+            # snapshot); only a key without one reads its shared locks, in one snapshot with the
+            # exclusive row again (the general path).
+            if not self._depth and key not in self.unreadable:
+                with self._unavailable():
+                    lock = self._load(key)
+                if lock is not None and not lock.expired(self.clock()):
+                    return lock
             return await super().get(key)
         now = self.clock()
         holders = self._unchanged(key, now)
