@@ -115,6 +115,34 @@ async def test_on_a_cluster_a_namespace_is_one_slot_and_namespaces_are_apart(
     assert slots["enhanced"] != slots["shadow"]
 
 
+def _command_table_reads(cluster: RedisClusterNodes) -> int:
+    """How many times the cluster's nodes were asked for their command table (``COMMAND``)."""
+    calls = 0
+    for node in cluster.nodes:
+        with node.client() as admin:
+            calls += int(admin.info("commandstats").get("cmdstat_command", {}).get("calls", 0))
+    return calls
+
+
+async def test_clients_of_one_cluster_read_its_command_table_once(tmp_path: Any) -> None:
+    # Each client finds a command's keys, so its slot, in the table; read per client it was a
+    # third of a client's first call and thousands of objects left for the garbage collector.
+    with RedisClusterNodes(tmp_path / "cluster") as cluster:
+        config = redis_cluster_config(cluster, "table:")
+        backends = [RedisBackend.from_config(config, namespace)
+                    for namespace in ("enhanced", "shadow", "legacy")]
+        try:
+            for number, backend in enumerate(backends, start=1):
+                assert (await backend.acquire(lock_for(request_for(repo=REPO, pull=number))))[0]
+                # A plain command (SMEMBERS, MGET) is routed by the shared table.
+                locks, tokens = await backend.export()
+                assert [lock.pull.num for lock in locks] == [number] and len(tokens) == 1
+            assert _command_table_reads(cluster) == 1
+        finally:
+            for backend in backends:
+                await backend.close()
+
+
 @pytest.mark.parametrize(("flags", "names"), [
     (["--enhanced-locking-legacy-backend=redis"],
      ["enhanced-locking-redis-cluster", "enhanced-locking-legacy-backend"]),
