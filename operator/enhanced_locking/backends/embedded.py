@@ -482,8 +482,8 @@ class EmbeddedBackend(StoreBackend):
                 sent = codec.encode(guess)
                 mine = seen[1] == owner
                 args = (self.namespace, key, *owner, sent, token)
-                if self._db.execute(_TAKE_MINE_AS_EXPECTED if mine else _TAKE_SEEN_AS_EXPECTED,
-                                    args).rowcount == 1:
+                expected = _TAKE_MINE_AS_EXPECTED if mine else _TAKE_SEEN_AS_EXPECTED
+                if self._db.execute(expected, args).rowcount == 1:
                     self._remember(key, sent, guess)
                     self._seen[key] = token, owner
                     return guess
