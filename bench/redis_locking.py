@@ -31,6 +31,15 @@ started on a free loopback port.
 
 Usage: python bench/redis_locking.py [--pairs 3000] [--rounds 3] [--handoffs 200] [--seconds 3]
        [--no-write]
+
+``--only floor|redis-py|ours|ours-events-off|store --pairs N [--redis HOST:PORT]`` runs N
+uncontended pairs of one case after a warm-up of 200 and prints nothing, against the
+redis-server at ``--redis`` (else one it starts, a process of its own). For counts the load
+does not change: run it under ``valgrind --tool=callgrind`` (the client's instructions: the
+server is another process), or run that redis-server under callgrind (the server's), with two
+counts each, and divide the difference of the instructions by the difference of the counts:
+those of one pair. (The events' share depends on the rate: the outbox writes what 10 ms
+gathered, and under valgrind 10 ms hold fewer pairs.)
 """
 
 from __future__ import annotations
@@ -100,10 +109,17 @@ def jain(counts: list[int]) -> float:
     return total * total / (len(counts) * sum(c * c for c in counts)) if total else 0.0
 
 
+class _Address:
+    """A redis-server started elsewhere (``--redis``): what :class:`Bench` reads of one."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port, self.addr = host, port, f"{host}:{port}"
+
+
 class Bench:
     """Everything measured shares one redis-server."""
 
-    def __init__(self, server: RedisServer) -> None:
+    def __init__(self, server: RedisServer | _Address) -> None:
         self.server = server
         self.config = EnhancedLockingConfig(
             enabled=True, backend="redis", redis_addr=server.addr, priority_queue=True,
@@ -484,8 +500,26 @@ async def run(args: argparse.Namespace, server: RedisServer) -> str:
     return report(pairs, commands, in_server, handoffs, fairness, counts)
 
 
+async def only(case: str, pairs: int, server: RedisServer | None, addr: str) -> None:
+    """``pairs`` uncontended pairs of one case after a warm-up of 200 (``--only``)."""
+    host, _, port = addr.rpartition(":")
+    bench = Bench(server if server is not None else _Address(host, int(port)))
+    locker = bench.locker(events=case == "ours")
+    cases = {"floor": bench.floor, "redis-py": bench.redis_py,
+             "ours": lambda: bench.ours(locker), "ours-events-off": lambda: bench.ours(locker),
+             "store": lambda: bench.store(locker)}
+    run = cases[case]()
+    await run(200)
+    await run(pairs)
+    await close_locker(locker)
+    await bench.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", choices=("floor", "redis-py", "ours", "ours-events-off",
+                                            "store"))
+    parser.add_argument("--redis", metavar="HOST:PORT", default=None)
     parser.add_argument("--pairs", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--handoffs", type=int, default=200)
@@ -493,6 +527,13 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true")
     quick_defaults(parser, pairs=500, rounds=2, handoffs=50, seconds=1.0)
     args = parser.parse_args()
+    if args.only is not None:
+        if args.redis is not None:
+            asyncio.run(only(args.only, args.pairs, None, args.redis))
+            return
+        with tempfile.TemporaryDirectory() as tmp, RedisServer(Path(tmp)) as server:
+            asyncio.run(only(args.only, args.pairs, server, server.addr))
+        return
     with tempfile.TemporaryDirectory() as tmp, RedisServer(Path(tmp)) as server:
         _SERVER_PORT[0] = server.port
         text = asyncio.run(run(args, server))

@@ -78,6 +78,54 @@ async def test_a_waiter_held_up_by_the_subscription_counts_as_busy(
         await backend.close()
 
 
+async def test_script_calls_keep_connections_only_up_to_half_the_pool(
+    redis_server: RedisServer,
+) -> None:
+    # The scripts' calls keep their connections between calls; the client's other commands
+    # (a read of the server's clock here) still find one, even with a pool of one or two
+    # after a burst of calls at once.
+    for size in (1, 2, 4):
+        backend = RedisBackend.from_config(
+            redis_config(redis_server, redis_pool_size=size), f"pool{size}")
+        try:
+            answers = await asyncio.gather(*(
+                backend.acquire(lock_for(request_for(project=f"p{n}", pull=n)))
+                for n in range(1, 2 * size + 2)))
+            assert all(granted for granted, _ in answers)
+            assert len(backend.connection._idle) <= size // 2
+            await asyncio.wait_for(backend.now(), 2.0)
+        finally:
+            await backend.close()
+
+
+async def test_a_call_cut_off_before_its_answer_leaves_nothing_for_the_next_call(
+    redis_server: RedisServer,
+) -> None:
+    # An acquire cancelled while Redis is stopped: its answer, if Redis runs it later, must
+    # never be read as the answer to the next call on a kept connection.
+    assert redis_server.process is not None
+    backend = RedisBackend.from_config(redis_config(redis_server), "enhanced")
+    first, second = request_for(project="first", pull=1), request_for(project="second", pull=2)
+    try:
+        assert (await backend.acquire(lock_for(request_for(project="warm", pull=3))))[0]
+        os.kill(redis_server.process.pid, signal.SIGSTOP)
+        try:
+            cut = asyncio.ensure_future(backend.acquire(lock_for(first)))
+            await asyncio.sleep(0.2)
+            cut.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await cut
+        finally:
+            os.kill(redis_server.process.pid, signal.SIGCONT)
+        assert await backend.get(second.key) is None
+        granted, held = await backend.acquire(lock_for(second))
+        assert granted and held.key == second.key and held.pull.num == 2
+        holder = await backend.get(second.key)
+        assert holder is not None and holder.fencing_token == held.fencing_token
+    finally:
+        await backend.close()
+
+
 async def test_requirepass_is_used_and_never_shown(
     redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -71,12 +71,12 @@ class RedisEventBus(SharedEventBus):
 
     # --- writing -----------------------------------------------------------------------------
     async def _write(self, batch: list[Event]) -> None:
-        # One pipelined round trip for the whole batch, the stream trimmed to about capacity.
-        async with self.connection.client.pipeline(transaction=False) as pipe:
-            for event in batch:
-                pipe.xadd(self.stream_key, {"e": event.model_dump_json()},
-                          maxlen=self.capacity, approximate=True)
-            await pipe.execute()
+        # One pipelined round trip for the whole batch, the stream trimmed to about capacity
+        # (``XADD key MAXLEN ~ capacity * e <event JSON>``, what redis-py's ``xadd`` sends).
+        stream, capacity = self.stream_key, self.capacity
+        await self.connection.call_all([
+            ("XADD", stream, "MAXLEN", "~", capacity, "*", "e", event.model_dump_json())
+            for event in batch])
 
     async def _disconnect(self) -> None:
         await self.connection.close()

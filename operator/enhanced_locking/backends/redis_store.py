@@ -254,7 +254,7 @@ class RedisBackend:
             self._policy = policy
         action = name.lower().replace("_", " ")
         function = redis_scripts.FUNCTION_NAMES[name]
-        execute = self.connection.client.execute_command
+        execute = self.connection.call
         if self._scripts is not None:  # a Redis before 7.0
             execute, function = self._evalsha, name
         # One id per call: a write's answer is kept under it, so the one retry below (after a
