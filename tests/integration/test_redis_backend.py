@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from tests.support.locks import lock_for, request_for
 from tests.support.redis_fixtures import redis_config
 from tests.support.redis_server import RedisServer
 
-from enhanced_locking.backends import redis_scripts
+from enhanced_locking.backends import redis_replies, redis_scripts
 from enhanced_locking.backends.memory import MemoryBackend
 from enhanced_locking.backends.redis_connection import HiredisConnection
 from enhanced_locking.backends.redis_store import RedisBackend
@@ -335,3 +335,51 @@ async def test_on_a_redis_without_functions_the_scripts_are_called_by_sha(
             assert stats["cmdstat_evalsha"]["calls"] >= 4
         finally:
             await backend.close()
+
+
+async def test_waiters_granted_together_are_told_in_the_order_they_were_granted(
+    backend: RedisBackend, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # One release grants three shared waiters (tokens in queue order). Each grant is confirmed
+    # by a call of its own, all at once, and their answers can come back in any order (on a
+    # busy machine they did): the callers are still told in the order Redis granted, or a
+    # later token is announced before an earlier one. Here the first grant's confirmation is
+    # held up until the others have answered.
+    granted, _ = await backend.acquire(lock_for(request_for(pull=1)))
+    assert granted
+    heard: list[str] = []
+    futures = []
+
+    def hear(name: str) -> Callable[[object], None]:
+        return lambda _: heard.append(name)
+
+    for pull in (2, 3, 4):
+        wait = Wait(id=f"w-{pull}", timeout=timedelta(minutes=1))
+        future = backend.grants.expect(wait.id)
+        future.add_done_callback(hear(wait.id))
+        futures.append(future)
+        shared = lock_for(request_for(pull=pull)).model_copy(update={"mode": "shared"})
+        queued = await backend.acquire_or_enqueue(shared, ttl=None, wait=wait,
+                                                  policy=QueuePolicy())
+        assert queued.status is Status.QUEUED
+    confirm = backend._confirm
+    confirmed: list[str] = []
+    others_answered = asyncio.Event()
+
+    async def first_answers_last(waiter_id: str) -> redis_replies.Confirm:
+        if waiter_id == "w-2":
+            await others_answered.wait()
+        answer = await confirm(waiter_id)
+        confirmed.append(waiter_id)
+        if len(confirmed) == 2:
+            others_answered.set()
+        return answer
+
+    monkeypatch.setattr(backend, "_confirm", first_answers_last)
+    handoff = await backend.release_and_handoff(KEY, owner=("acme/infra", 1))
+    assert [g.waiter.id for g in handoff.granted] == ["w-2", "w-3", "w-4"]
+    notices = await asyncio.wait_for(asyncio.gather(*futures), 10)
+    assert confirmed[-1] == "w-2"
+    assert heard == ["w-2", "w-3", "w-4"]
+    tokens = [notice.locks[0].fencing_token for notice in notices]
+    assert tokens == sorted(tokens) and len(set(tokens)) == 3

@@ -38,7 +38,7 @@ from enhanced_locking.backends.redis_connection import (
     is_retryable,
     unavailable,
 )
-from enhanced_locking.backends.redis_notify import Listener
+from enhanced_locking.backends.redis_notify import Listener, after
 from enhanced_locking.backends.redis_replies import LockRow, Served, WaiterRecord
 from enhanced_locking.backends.unreadable import UnreadableLocks
 from enhanced_locking.backends.waiting import (
@@ -826,8 +826,10 @@ class RedisBackend:
         return result
 
     # --- notifications ---------------------------------------------------------------------
-    async def _notified(self, kind: str, waiter_id: str) -> None:
-        """A message on this replica's channel: confirm a grant, or pass the reason on."""
+    async def _notified(self, kind: str, waiter_id: str,
+                        before: asyncio.Task[None] | None = None) -> None:
+        """A message on this replica's channel: confirm a grant, or pass the reason on; the
+        caller is told once ``before`` (the previous message's handler) has ended."""
         self._enqueued.discard(waiter_id)
         if waiter_id not in self._notifier.pending():
             return  # nobody waits here for it (any more): a grant lapses after its claim
@@ -836,10 +838,12 @@ class RedisBackend:
                 reason = Reason(kind)
             except ValueError:
                 reason = Reason.UNAVAILABLE
+            await after(before)
             self.grants.deliver(waiter_id, Notice(reason=reason))
             return
         answer = await self._confirm(waiter_id)
         held = tuple(self._lock(row) for row in answer.locks)
+        await after(before)
         if answer.granted:
             self.grants.deliver(waiter_id, Notice(locks=held, fresh=answer.fresh))
             return
