@@ -5,6 +5,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import signal
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -12,12 +15,13 @@ from pathlib import Path
 import httpx
 import pytest
 from tests.conftest import ServiceMaker
-from tests.support.locks import lock_body
-from tests.support.redis_fixtures import ServerMaker
+from tests.support.locks import lock_body, lock_for, request_for
+from tests.support.redis_fixtures import ServerMaker, redis_config
 from tests.support.redis_server import RedisServer
 from tests.support.service import ServiceProcess, running
 
 from enhanced_locking.api import create_app
+from enhanced_locking.backends.redis_store import RedisBackend
 from enhanced_locking.types import BackendUnavailable, LockRequest, Project, Pull
 
 pytestmark = pytest.mark.redis
@@ -46,6 +50,31 @@ async def test_a_refresh_while_redis_is_down_is_an_outage_not_a_free_key(
                                  json={"key": granted.lock_key, "pull": 1, "ttl": "5m"})
     assert answer.status_code == 503, answer.text
     assert answer.json()["reason"] == "unavailable"
+
+
+async def test_a_call_redis_takes_and_never_answers_says_it_ran_out_its_time(
+    redis_server: RedisServer,
+) -> None:
+    # The server is stopped (SIGSTOP) with the connection open: the call is sent and no
+    # answer comes. The caller is told the call had no answer within its limit, not a bare
+    # "TimeoutError".
+    assert redis_server.process is not None
+    backend = RedisBackend.from_config(redis_config(redis_server), "enhanced")
+    try:
+        await backend.ping()
+        os.kill(redis_server.process.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(BackendUnavailable) as caught:
+                await backend.acquire(lock_for(request_for(pull=1)))
+        finally:
+            os.kill(redis_server.process.pid, signal.SIGCONT)
+        message = str(caught.value)
+        where = re.escape(backend.connection.where)
+        assert re.fullmatch(rf"redis {where} did not answer \([a-z ]*acquire\): no answer "
+                            r"within the call's 5 s limit", message), message
+        assert caught.value.key == request_for().key
+    finally:
+        await backend.close()
 
 
 # --- fallback legacy: what legacy granted during the outage, legacy lists and releases --------

@@ -339,9 +339,18 @@ def is_retryable(error: BaseException) -> bool:
 
 
 def down(
-    connection: RedisConnection, action: str, error: BaseException, *, key: str | None = None
+    connection: RedisConnection, action: str, error: BaseException, *, key: str | None = None,
+    seconds: float = COMMAND_TIMEOUT,
 ) -> BackendUnavailable:
-    """The ``BackendUnavailable`` that says what failed, without the password."""
+    """The ``BackendUnavailable`` that says what failed, without the password.
+
+    A call cut off by its own limit (``asyncio.timeout`` of ``seconds``: a bare
+    ``TimeoutError``) says so, rather than a bare timeout: Redis took the call and never
+    answered (stopped, or far too busy), which is not a refused connection."""
+    if type(error) is TimeoutError and not error.args:
+        return BackendUnavailable(
+            f"redis {connection.where} did not answer ({action}): no answer within the "
+            f"call's {seconds:g} s limit", key=key)
     detail = connection.scrub(str(error) or type(error).__name__)
     return BackendUnavailable(
         f"redis {connection.where} did not answer ({action}): {type(error).__name__}: {detail}",
@@ -371,7 +380,8 @@ class unavailable:  # used like contextlib.suppress
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  trace: TracebackType | None) -> Literal[False]:
         if isinstance(error, DOWN):
-            raise down(self.connection, self.action, error, key=self.key) from None
+            raise down(self.connection, self.action, error, key=self.key,
+                       seconds=self.seconds) from None
         return False
 
     async def __aenter__(self) -> None:
