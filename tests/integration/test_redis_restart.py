@@ -81,6 +81,12 @@ async def test_without_persistence_grants_wait_out_the_quarantine_and_tokens_kee
         granted, after = await backend.acquire(lock_for(request_for(pull=5)))
         assert granted and after.fencing_token > before.fencing_token
         await backend.ping()
+        # The counter started from the clock is listed with the others (an export finds it),
+        # and stays listed through the grants after it.
+        await backend.release(after.key)
+        _, again = await backend.acquire(lock_for(request_for(pull=6)))
+        _, tokens_now = await backend.export()
+        assert tokens_now == {again.key: again.fencing_token}
     finally:
         await backend.close()
 

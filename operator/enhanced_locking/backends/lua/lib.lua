@@ -84,9 +84,17 @@ local NEED = {}  -- raised (as an error value) when a name to read is not declar
 
 local function call_state()
   if CALL_KEYS ~= KEYS then
-    CALL_KEYS, DECLARED, MISSING, ASKED, WROTE, COLLECT = KEYS, {}, {}, {}, false, 0
+    local keys, first = KEYS, 1
+    CALL_KEYS, MISSING, ASKED, WROTE, COLLECT = keys, {}, {}, false, 0
+    if #keys >= 7 then  -- the namespace's own keys: one constructor sizes the set at once
+      DECLARED = {[keys[1]] = true, [keys[2]] = true, [keys[3]] = true, [keys[4]] = true,
+                  [keys[5]] = true, [keys[6]] = true, [keys[7]] = true}
+      first = 8
+    else
+      DECLARED = {}
+    end
     VIEW, GONE, MEMO = {}, {}, {}
-    for _, name in ipairs(KEYS) do DECLARED[name] = true end
+    for i = first, #keys do DECLARED[keys[i]] = true end
   end
 end
 
@@ -443,11 +451,15 @@ end
 -- Grant k: next fencing token, server time, lease; with `claim` (a waiter id) the grant must
 -- be confirmed within CLAIM_MS.
 local function stamp(k, data, repo, pull, ttl, claim, mode, path, ws)
-  if TOKEN_BASE > 0 and redis.call('EXISTS', fence_name(k)) == 0 then
-    w('SET', fence_name(k), int(TOKEN_BASE))
+  local fence, started = fence_name(k), false
+  if TOKEN_BASE > 0 and redis.call('EXISTS', fence) == 0 then
+    w('SET', fence, int(TOKEN_BASE))
+    started = true
   end
-  local token = w('INCR', fence_name(k))
-  w('SADD', FENCED, k)
+  local token = w('INCR', fence)
+  -- FENCED lists every key with a counter; nothing takes a key out of it, so a counter that
+  -- was there before this grant is listed already (each write that starts one lists it).
+  if started or token == 1 then w('SADD', FENCED, k) end
   local lease_end = 0
   if ttl > 0 then lease_end = NOW + ttl end
   local exp = lease_end
