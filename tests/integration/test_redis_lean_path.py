@@ -237,8 +237,8 @@ def test_the_lean_functions_write_nothing_for_a_call_they_cannot_serve(
     """Called directly on a key that is held, queued for or shared: ``{'full'}``, and Redis
     holds what it held before (no answer kept under the call id either)."""
     keys = RedisKeys("enhanced-locking:", "enhanced")
-    common = keys.common("c-1")
-    head = [keys.base, 0, 0, 0, 100, "r", "e-1", "c-1", 0, ""]
+    common = keys.lean_common("c-1")
+    head = [keys.base, "e-1", "c-1", 0]  # the lean layout (begin_lean in lua/lib.lua)
     owner = keys.pull(*OWNER)
     with redis_server.client() as admin:
         admin.function_load(redis_scripts.FUNCTIONS)
@@ -253,10 +253,10 @@ def test_the_lean_functions_write_nothing_for_a_call_they_cannot_serve(
             else:
                 admin.sadd(keys.queued, LEAN)
             before = {name: admin.dump(name) for name in admin.keys("*")}
-            took = admin.fcall(redis_scripts.FUNCTION_NAMES["LEAN_ACQUIRE"], 11, *common,
+            took = admin.fcall(redis_scripts.FUNCTION_NAMES["LEAN_ACQUIRE"], 9, *common,
                                keys.lock(LEAN), keys.shared(LEAN), keys.fence(LEAN), owner,
                                *head, 0, LEAN, "{}", *OWNER, ".", "default")
-            dropped = admin.fcall(redis_scripts.FUNCTION_NAMES["LEAN_RELEASE"], 10, *common,
+            dropped = admin.fcall(redis_scripts.FUNCTION_NAMES["LEAN_RELEASE"], 8, *common,
                                   keys.lock(LEAN), keys.shared(LEAN), owner, *head, LEAN,
                                   *OWNER)
             assert took == dropped == [b"full"], busy

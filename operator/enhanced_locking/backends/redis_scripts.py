@@ -29,7 +29,10 @@ the script touches: the caller declares those it knows, and a script that finds 
 answers ``{'need', names}`` before writing anything and is called again with them
 (``docs/03-redis.md``, "Keys found while a script runs"). Everything about one lock key
 carries the key as a hash tag (``{K}``); on a Redis Cluster ``base`` carries the namespace's
-tag instead.
+tag instead. The lean functions (:data:`LEAN`) take a shorter layout, only what their code
+reads: ``KEYS[1..5]`` (incarnation, call id's key, held, fenced, queued), ``ARGV[1]`` base and
+``ARGV[2..4]`` the incarnation known, the call id and the quarantine; their own arguments
+start at ``ARGV[5]`` (``begin_lean`` in ``lua/lib.lua``).
 
 **Keys** (``K`` a lock key, ``W`` a waiter id, ``R`` a replica id)::
 
@@ -105,6 +108,7 @@ __all__ = [
     "FUNCTIONS",
     "FUNCTION_NAMES",
     "GRACE_MS",
+    "LEAN",
     "LIBRARY",
     "LIBRARY_NAME",
     "NAMES",
@@ -178,10 +182,20 @@ LIBRARY = _PREAMBLE + source("lib.lua")
 """What the function library starts with: the time constants, then ``lua/lib.lua``."""
 
 
+LEAN = ("LEAN_ACQUIRE", "LEAN_RELEASE")
+"""The scripts whose calls take the lean layout (``begin_lean`` in ``lua/lib.lua``): only the
+namespace's first five keys and four of the common arguments."""
+
+
+def _begin(name: str) -> str:
+    return "begin_lean" if name in LEAN else "begin"
+
+
 def function_body(name: str) -> str:
     """The function that runs script ``name`` (one of :data:`NAMES`) in :data:`FUNCTIONS`,
-    without its name: it sets up the call (``begin``), then runs ``lua/<name>.lua``."""
-    return ("function(call_keys, call_args)\n  begin(call_keys, call_args)\n"
+    without its name: it sets up the call (``begin``, or ``begin_lean`` for :data:`LEAN`),
+    then runs ``lua/<name>.lua``."""
+    return (f"function(call_keys, call_args)\n  {_begin(name)}(call_keys, call_args)\n"
             + source(f"{name.lower()}.lua") + "end")
 
 
@@ -218,4 +232,4 @@ def script(name: str) -> str:
     """Script ``name`` as one text for ``EVAL`` (the library, then the script), for a Redis
     older than 7.0, which has no functions: the library is then set up on every call."""
     return ("local call_keys, call_args = KEYS, ARGV\n" + LIBRARY
-            + "begin(call_keys, call_args)\n" + source(f"{name.lower()}.lua"))
+            + f"{_begin(name)}(call_keys, call_args)\n" + source(f"{name.lower()}.lua"))

@@ -133,6 +133,10 @@ class RedisKeys:
         return [self.incarnation, self.op(call_id), self.held, self.fenced, self.queued,
                 self.liveness, self.seq]
 
+    def lean_common(self, call_id: str) -> list[str]:
+        """``KEYS[1..5]`` of the lean functions (``begin_lean`` in ``lua/lib.lua``)."""
+        return [self.incarnation, self.op(call_id), self.held, self.fenced, self.queued]
+
     def op(self, call_id: str) -> str:
         return f"{self.base}op:{call_id}"
 
@@ -214,7 +218,8 @@ class RedisBackend:
         """Calls waiting for Redis right now (tests use it to know when all is quiet)."""
         self._policy = QueuePolicy()
         self._rules: tuple[policies.PolicyRules, str] = (self._policy.rules, "")
-        self._heads: tuple[QueuePolicy, str, tuple[Any, ...], tuple[Any, ...]] | None = None
+        self._heads: tuple[QueuePolicy, str, tuple[Any, ...], tuple[Any, ...],
+                           tuple[Any, ...], tuple[Any, ...]] | None = None
         self._known: dict[str, tuple[tuple[str, str, str, str], Lock]] = {}
         """By key: the stored JSON, token, grant time and lease end of a lock last answered,
         and the lock made of them (``_lock``)."""
@@ -263,14 +268,16 @@ class RedisBackend:
         # Every key the script touches is declared (KEYS): what we know, what its last calls
         # about this key asked for, and what this one asks for (it wrote nothing then).
         hint = hint or key or name
-        declared = [*self.keys.common(call_id), *keys, *self._hinted(hint)]
+        lean = name in redis_scripts.LEAN  # the lean functions' shorter layout
+        common = self.keys.lean_common(call_id) if lean else self.keys.common(call_id)
+        declared = [*common, *keys, *self._hinted(hint)]
         asked: list[str] = []
         retried = loaded = False
         changes = 0
         self.in_flight += 1
         try:
             while changes < 4:
-                before, after = self._head()
+                before, after = self._head(lean)
                 try:
                     async with asyncio.timeout(COMMAND_TIMEOUT):
                         answer = await execute("FCALL", function, len(declared), *declared,
@@ -406,18 +413,21 @@ class RedisBackend:
                 del marks[next(iter(marks))]  # the oldest
             marks[key] = None
 
-    def _head(self) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-        """``ARGV[1..7]`` and ``ARGV[9..10]`` of every script (``ARGV[8]`` is the call id),
-        built again only when the policy or the store's incarnation changes."""
+    def _head(self, lean: bool = False) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        """``ARGV[1..7]`` and ``ARGV[9..10]`` of every script (``ARGV[8]`` is the call id), or
+        with ``lean`` the lean functions' ``ARGV[1..2]`` and ``ARGV[4]`` (``ARGV[3]``), built
+        again only when the policy or the store's incarnation changes."""
         policy, incarnation = self._policy, self.incarnation
         cached = self._heads
-        if cached is not None and cached[0] is policy and cached[1] == incarnation:
-            return cached[2], cached[3]
-        before = (self.keys.base, int(policy.priority), policy.threshold_ms, policy.max_boost,
-                  policy.max_size, self.replica_id, incarnation)
-        after = (_duration_ms(self.quarantine), self._compiled(policy.rules))
-        self._heads = (policy, incarnation, before, after)
-        return before, after
+        if cached is None or cached[0] is not policy or cached[1] != incarnation:
+            quarantine = _duration_ms(self.quarantine)
+            cached = self._heads = (
+                policy, incarnation,
+                (self.keys.base, int(policy.priority), policy.threshold_ms, policy.max_boost,
+                 policy.max_size, self.replica_id, incarnation),
+                (quarantine, self._compiled(policy.rules)),
+                (self.keys.base, incarnation), (quarantine,))
+        return (cached[4], cached[5]) if lean else (cached[2], cached[3])
 
     def _compiled(self, rules: policies.PolicyRules) -> str:
         """The rules as the scripts read them (compiled once per rules object)."""

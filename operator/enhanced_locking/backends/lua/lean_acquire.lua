@@ -1,10 +1,11 @@
 -- the uncontended acquire on its own: acquire.lua's lean path (lib.lua: `lean_acquire`) with
 -- only the keys and arguments it needs, so that Redis handles fewer of them per call. The
 -- client sends an acquire here first when it is one exclusive key, without waiting and
--- without rules, and the key was not found busy lately.
--- KEYS[8..11] the key's lock, shared holders and fencing counter, the owner's pull index
--- ARGV[11] lease in ms (0: none)  ARGV[12] lock key  ARGV[13] Atlantis JSON
--- ARGV[14] owner repo  ARGV[15] owner pull  ARGV[16] path  ARGV[17] workspace
+-- without rules, and the key was not found busy lately. Its call starts with `begin_lean`
+-- (lib.lua): KEYS[1..5] and ARGV[1..4] are the lean layout's.
+-- KEYS[6..9] the key's lock, shared holders and fencing counter, the owner's pull index
+-- ARGV[5] lease in ms (0: none)  ARGV[6] lock key  ARGV[7] Atlantis JSON
+-- ARGV[8] owner repo  ARGV[9] owner pull  ARGV[10] path  ARGV[11] workspace
 -- returns {'took', token, at, exp} as acquire.lua's lean path does (the same writes, the same
 --         reply kept under the call id), or
 --         {'full'}: it cannot serve the call (someone holds or waits for the key, or a name
@@ -13,6 +14,6 @@
 -- decoded by redis_replies.acquire / redis_replies.full
 local refused = guard()
 if refused then return refused end
-if #ARGV ~= 17 or ARGV[10] ~= '' then return {'full'} end
-return lean_acquire(ARGV[12], ARGV[13], ARGV[14], ARGV[15], tonumber(ARGV[11]), ARGV[16],
-                    ARGV[17]) or {'full'}
+if #ARGV ~= 11 then return {'full'} end
+return lean_acquire(ARGV[6], ARGV[7], ARGV[8], ARGV[9], tonumber(ARGV[5]), ARGV[10],
+                    ARGV[11]) or {'full'}

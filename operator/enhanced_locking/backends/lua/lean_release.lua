@@ -1,9 +1,10 @@
 -- the uncontended release on its own: release.lua's lean path (lib.lua: `lean_release`) with
 -- only the keys it needs, so that Redis handles fewer of them per call. The client sends a
 -- release here first when it names the owner, without rules, and nobody of its own waits
--- for the key nor was the key found busy lately.
--- KEYS[8..10] the key's lock and shared holders, the owner's pull index
--- ARGV[11] lock key  ARGV[12] owner repo  ARGV[13] owner pull
+-- for the key nor was the key found busy lately. Its call starts with `begin_lean` (lib.lua):
+-- KEYS[1..5] and ARGV[1..4] are the lean layout's.
+-- KEYS[6..8] the key's lock and shared holders, the owner's pull index
+-- ARGV[5] lock key  ARGV[6] owner repo  ARGV[7] owner pull
 -- returns {'dropped', data, token, at, exp} as release.lua's lean path does (the same writes,
 --         the same reply kept under the call id), or
 --         {'full'}: it cannot serve the call (someone waits for the key, or shares it, the
@@ -12,5 +13,5 @@
 -- decoded by redis_replies.release / redis_replies.full
 local refused = guard()
 if refused then return refused end
-if #ARGV ~= 13 or ARGV[12] == '' or ARGV[10] ~= '' then return {'full'} end
-return lean_release(ARGV[11], ARGV[12], ARGV[13]) or {'full'}
+if #ARGV ~= 7 or ARGV[6] == '' then return {'full'} end
+return lean_release(ARGV[5], ARGV[6], ARGV[7]) or {'full'}

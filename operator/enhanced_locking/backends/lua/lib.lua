@@ -21,7 +21,8 @@
 -- ARGV[7..9] the store's incarnation the caller knows ('' none yet), a fresh id (the call id;
 --            also the id of a new incarnation if one must start), the restart quarantine in ms
 -- ARGV[10] the policy rules compiled by enhanced_locking.policies.compile_rules (JSON, '' none)
--- Script-specific arguments start at ARGV[11].
+-- Script-specific arguments start at ARGV[11]. (The lean functions take a shorter layout:
+-- `begin_lean` below.)
 -- A refused write (guard) replies {'incarnation' | 'quarantine', incarnation id, until ms,
 -- now ms}
 -- (decoded by redis_replies.refusal); a lock is the row `read_lock` answers (redis_replies.lock).
@@ -34,6 +35,7 @@ local base, POLICY, REPLICA_ID, KNOWN_INCARNATION, NEW_INCARNATION, QUARANTINE_M
 local INCARNATION, OP, HELD, FENCED, QUEUED, LIVENESS, SEQ
 local TOKEN_BASE = 0
 local RULES = false
+local LEAN_CALL = false
 local alive = {}
 local fetched = {}
 
@@ -41,6 +43,7 @@ local function begin(keys, args)
   KEYS, ARGV = keys, args
   base = ARGV[1]
   POLICY = false  -- read from ARGV[2..5] when first asked for (`policy`)
+  LEAN_CALL = false
   REPLICA_ID = ARGV[6]
   KNOWN_INCARNATION, NEW_INCARNATION, QUARANTINE_MS = ARGV[7], ARGV[8], ARGV[9]
   local clock = redis.call('TIME')
@@ -53,12 +56,37 @@ local function begin(keys, args)
   fetched = {}
 end
 
+-- `begin` of the lean functions (LEAN_ACQUIRE, LEAN_RELEASE), which take only what their code
+-- reads: KEYS[1..5] incarnation, op:<call id>, held, fenced, queued (the namespace's keys in
+-- `begin`'s order, without the liveness set and seq); ARGV[1] base, ARGV[2..4] the store's
+-- incarnation the caller knows, the call id, the restart quarantine in ms (ARGV[7..9] of
+-- the other scripts); their own arguments start at ARGV[5]. No queue policy, replica id or
+-- rules: the caller sends a call there only without rules, and nothing there serves a queue.
+-- Each argument costs Redis about 2k instructions a call (read, copied into KEYS or ARGV).
+local function begin_lean(keys, args)
+  KEYS, ARGV = keys, args
+  base = ARGV[1]
+  POLICY = false
+  LEAN_CALL = true
+  REPLICA_ID = false
+  KNOWN_INCARNATION, NEW_INCARNATION, QUARANTINE_MS = ARGV[2], ARGV[3], ARGV[4]
+  local clock = redis.call('TIME')
+  NOW = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+  INCARNATION, OP, HELD, FENCED, QUEUED = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+  LIVENESS, SEQ = false, false
+  TOKEN_BASE = 0
+  RULES = false
+  alive = {}
+  fetched = {}
+end
+
 -- Whole numbers as exact text: Lua's own tostring keeps 14 digits, tokens can have 16.
 local function int(x) return string.format('%.0f', x) end
 
 -- The queue policy of ARGV[2..5], read the first time a call needs it (most never do).
 local function policy()
   if not POLICY then
+    if LEAN_CALL then error('a lean function has no queue policy') end
     POLICY = {priority = tonumber(ARGV[2]), threshold = tonumber(ARGV[3]),
               boost = tonumber(ARGV[4]), max_size = tonumber(ARGV[5])}
   end
