@@ -26,6 +26,9 @@ WAIT = "5m"
 """A waiting command's ``--wait`` where the test, not the wait, decides when it is served or
 cancelled: the test's own commands (each a new process, up to 20 s apiece on a busy machine)
 all happen within it (with 30 s a waiter ran out between ``lock queue`` and ``lock cancel``)."""
+STARTED = 60
+"""How long a new CLI process may take to reach the service: as long as ``run`` gives a whole
+command (its start alone, importing the package, took over 10 s on a busy machine)."""
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +37,16 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]
                  "--enhanced-locking-priority-queue",
                  "--enhanced-locking-default-timeout=300ms") as process:
         yield process
+
+
+@pytest.fixture(autouse=True)
+def key_left_free(served: ServiceProcess) -> Iterator[None]:
+    """Whatever a test ends with, the next one starts on a free key with nobody queued: a failed
+    test leaves neither its lock nor its waiter to the tests after it."""
+    yield
+    for waiter in queue(served)["waiters"]:
+        httpx.delete(served.url + "/v1/queue", params={"key": KEY, "id": waiter["id"]})
+    httpx.post(served.url + "/v1/admin/force-unlock", params={"key": KEY})
 
 
 def command(served: ServiceProcess, *args: str) -> list[str]:
@@ -67,7 +80,7 @@ def test_acquire_with_wait_shows_its_queue_position_and_ends_holding_the_lock(
                                env=env(served))
     try:
         wait_for("the CLI to queue", lambda: len(queue(served)["waiters"]) == 1,
-                 timeout=10, pause=0.02)
+                 timeout=STARTED, pause=0.02)
         assert queue(served)["waiters"][0]["priority"] == "high"
         assert queue(served)["waiters"][0]["requestId"].startswith("cli-")
         released = run(served, "lock", "release", "--key", KEY)
@@ -75,6 +88,7 @@ def test_acquire_with_wait_shows_its_queue_position_and_ends_holding_the_lock(
         stdout, stderr = waiting.communicate(timeout=30)
     finally:
         waiting.kill()
+        waiting.communicate()
     assert waiting.returncode == 0, stderr
     assert f"queued on {KEY}: position 1 of 1 (held by pull #1)" in stderr
     answer = json.loads(stdout)
@@ -99,13 +113,14 @@ def test_queue_cancel_and_force_unlock(served: ServiceProcess) -> None:
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(served))
     try:
         wait_for("the CLI to queue", lambda: len(queue(served)["waiters"]) == 1,
-                 timeout=10, pause=0.02)
+                 timeout=STARTED, pause=0.02)
         shown = run(served, "lock", "queue", "--key", KEY)
         assert json.loads(shown.stdout)["waiters"][0]["requestId"] == "job-2"
         assert run(served, "lock", "cancel", "--key", KEY, "--id", "job-2").returncode == 0
         stdout, _ = waiting.communicate(timeout=30)
     finally:
         waiting.kill()
+        waiting.communicate()
     assert waiting.returncode == 1 and json.loads(stdout)["reason"] == "cancelled"
     missing = run(served, "lock", "cancel", "--key", KEY, "--id", "job-2")
     assert missing.returncode == 1 and "no request job-2" in missing.stderr
