@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 import yaml
 from tests.conftest import ServiceFactory
 from tests.support.service import free_port, scrubbed_env
+from tests.support.waiting import wait_for
 
 from enhanced_locking.client import Client
 
@@ -43,20 +43,22 @@ def waiting(service_process: ServiceFactory) -> Iterator[tuple[str, list[subproc
     assert subprocess.run([*command, "--pull", "12", "--user", "alice"], capture_output=True,
                           env=scrubbed_env(), timeout=60).returncode == 0
     waiters = []
-    with Client(url) as client:
-        for pull, user in ((13, "bob"), (14, "carol")):
-            waiters.append(subprocess.Popen(
-                [*command, "--pull", str(pull), "--user", user, "--wait", "60s"],
-                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                env=scrubbed_env()))
-            deadline = time.monotonic() + 20
-            while len(client.queue(KEY)["waiters"]) < pull - 12:
-                assert time.monotonic() < deadline, "the waiter never queued"
-                time.sleep(0.05)
-    yield url, waiters
-    for waiter in waiters:
-        waiter.kill()
-        waiter.communicate()
+    try:
+        with Client(url) as client:
+            for pull, user in ((13, "bob"), (14, "carol")):
+                waiters.append(subprocess.Popen(
+                    [*command, "--pull", str(pull), "--user", user, "--wait", "5m"],
+                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                    env=scrubbed_env()))
+                # a new CLI process's start alone took over 10 s on a busy machine
+                wait_for(f"pull {pull} to queue",
+                         lambda ahead=pull - 12: len(client.queue(KEY)["waiters"]) >= ahead,
+                         timeout=60)
+        yield url, waiters
+    finally:
+        for waiter in waiters:
+            waiter.kill()
+            waiter.communicate()
 
 
 def test_locks_list_shows_holder_age_lease_and_fencing_token(
