@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,10 @@ def plugin(*args: str, url: str | None = None) -> subprocess.CompletedProcess[st
                           timeout=60)
 
 
+def queued(client: Client, waiters: int) -> bool:
+    return len(client.queue(KEY)["waiters"]) >= waiters
+
+
 @pytest.fixture
 def waiting(service_process: ServiceFactory) -> Iterator[tuple[str, list[subprocess.Popen[str]]]]:
     """A service where pull 12 holds KEY and pulls 13 and 14 wait for it, in that order."""
@@ -51,9 +56,7 @@ def waiting(service_process: ServiceFactory) -> Iterator[tuple[str, list[subproc
                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                     env=scrubbed_env()))
                 # a new CLI process's start alone took over 10 s on a busy machine
-                wait_for(f"pull {pull} to queue",
-                         lambda ahead=pull - 12: len(client.queue(KEY)["waiters"]) >= ahead,
-                         timeout=60)
+                wait_for(f"pull {pull} to queue", partial(queued, client, pull - 12), timeout=60)
         yield url, waiters
     finally:
         for waiter in waiters:
