@@ -26,8 +26,8 @@ from enhanced_locking.backends import redis_replies, redis_scripts
 from enhanced_locking.backends.memory import MemoryBackend
 from enhanced_locking.backends.redis_connection import HiredisConnection
 from enhanced_locking.backends.redis_store import RedisBackend
-from enhanced_locking.backends.waiting import QueuePolicy, Status, Wait
-from enhanced_locking.types import LockNotHeld, LockNotOwned
+from enhanced_locking.backends.waiting import Notice, QueuePolicy, Status, Wait
+from enhanced_locking.types import Lock, LockNotHeld, LockNotOwned
 
 pytestmark = pytest.mark.redis
 
@@ -344,42 +344,51 @@ async def test_waiters_granted_together_are_told_in_the_order_they_were_granted(
     # by a call of its own, all at once, and their answers can come back in any order (on a
     # busy machine they did): the callers are still told in the order Redis granted, or a
     # later token is announced before an earlier one. Here the first grant's confirmation is
-    # held up until the others have answered.
+    # held up until the others have answered, and until a waiter on another key, granted
+    # meanwhile, has been told: the order is kept per key, and other keys do not wait.
     granted, _ = await backend.acquire(lock_for(request_for(pull=1)))
-    assert granted
+    other = lock_for(request_for(pull=5, path="other"))
+    assert granted and (await backend.acquire(other))[0]
     heard: list[str] = []
-    futures = []
 
     def hear(name: str) -> Callable[[object], None]:
         return lambda _: heard.append(name)
 
-    for pull in (2, 3, 4):
-        wait = Wait(id=f"w-{pull}", timeout=timedelta(minutes=1))
+    async def enqueue(lock: Lock, waiter_id: str) -> asyncio.Future[Notice]:
+        wait = Wait(id=waiter_id, timeout=timedelta(minutes=1))
         future = backend.grants.expect(wait.id)
         future.add_done_callback(hear(wait.id))
-        futures.append(future)
-        shared = lock_for(request_for(pull=pull)).model_copy(update={"mode": "shared"})
-        queued = await backend.acquire_or_enqueue(shared, ttl=None, wait=wait,
+        queued = await backend.acquire_or_enqueue(lock, ttl=None, wait=wait,
                                                   policy=QueuePolicy())
         assert queued.status is Status.QUEUED
+        return future
+
+    futures = [await enqueue(lock_for(request_for(pull=pull)).model_copy(
+        update={"mode": "shared"}), f"w-{pull}") for pull in (2, 3, 4)]
+    elsewhere = await enqueue(lock_for(request_for(pull=6, path="other")), "w-6")
     confirm = backend._confirm
     confirmed: list[str] = []
-    others_answered = asyncio.Event()
+    go, others_confirmed = asyncio.Event(), asyncio.Event()
 
     async def first_answers_last(waiter_id: str) -> redis_replies.Confirm:
         if waiter_id == "w-2":
-            await others_answered.wait()
+            await go.wait()
         answer = await confirm(waiter_id)
         confirmed.append(waiter_id)
-        if len(confirmed) == 2:
-            others_answered.set()
+        if {"w-3", "w-4"} <= set(confirmed):
+            others_confirmed.set()
         return answer
 
     monkeypatch.setattr(backend, "_confirm", first_answers_last)
     handoff = await backend.release_and_handoff(KEY, owner=("acme/infra", 1))
     assert [g.waiter.id for g in handoff.granted] == ["w-2", "w-3", "w-4"]
+    handoff = await backend.release_and_handoff(other.key, owner=("acme/infra", 5))
+    assert [g.waiter.id for g in handoff.granted] == ["w-6"]
+    await asyncio.wait_for(elsewhere, 10)
+    await asyncio.wait_for(others_confirmed.wait(), 10)
+    go.set()
     notices = await asyncio.wait_for(asyncio.gather(*futures), 10)
     assert confirmed[-1] == "w-2"
-    assert heard == ["w-2", "w-3", "w-4"]
+    assert heard == ["w-6", "w-2", "w-3", "w-4"]
     tokens = [notice.locks[0].fencing_token for notice in notices]
     assert tokens == sorted(tokens) and len(set(tokens)) == 3

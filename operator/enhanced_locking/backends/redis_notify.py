@@ -17,13 +17,6 @@ Two things keep waiters from being lost:
 * **Re-subscription.** A pub/sub connection that drops loses the messages sent meanwhile. After
   every reconnect the replica asks Redis where each of its waiters stands (``STATUS``) and acts
   on the answers as if the messages had arrived.
-
-Messages are handled at once, each by a task of its own (a grant's confirmation is a call to
-Redis, and many can be on their way together), but callers are told in the order the messages
-came: a handler tells its caller only once the handler of the message before has ended. One
-hand-off that grants several waiters (shared requests) publishes their grants in the order of
-their fencing tokens; their confirmations can answer in any order, and told as they answered,
-a later token was announced before an earlier one.
 """
 
 from __future__ import annotations
@@ -40,7 +33,7 @@ from enhanced_locking.backends.redis_connection import RedisConnection
 from enhanced_locking.backends.waiting import LocalNotifier
 from enhanced_locking.types import BackendUnavailable
 
-__all__ = ["WAITER_HEARTBEAT_SECONDS", "Listener", "after"]
+__all__ = ["WAITER_HEARTBEAT_SECONDS", "Listener"]
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +46,8 @@ _IDLE_PING_SECONDS = 30.0
 _SUBSCRIBE_WAIT = 5.0
 _CLOSE_WAIT = 2.0
 
-Handler = Callable[[str, str, "asyncio.Task[None] | None"], Coroutine[Any, Any, None]]
-"""``handler(kind, waiter_id, before)``: act on one notification. ``before`` handles the message
-that came before it, if it is still running: the handler tells its caller only after ``before``
-has ended (:func:`after`)."""
-
-
-async def after(before: asyncio.Task[None] | None) -> None:
-    """Return once ``before`` (the previous message's handler) has ended, however it ended."""
-    if before is not None and not before.done():
-        await asyncio.wait((before,))
+Handler = Callable[[str, str], Coroutine[Any, Any, None]]
+"""``handler(kind, waiter_id)``: act on one notification."""
 
 
 class Listener:
@@ -88,7 +73,6 @@ class Listener:
         self._waiting = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._main: list[asyncio.Task[None]] = []
-        self._last: asyncio.Task[None] | None = None
         self._joining = 0
 
     @property
@@ -149,9 +133,7 @@ class Listener:
 
     def _dispatch(self, data: str) -> None:
         kind, _, waiter_id = data.partition(":")
-        before = self._last if self._last is not None and not self._last.done() else None
-        task: asyncio.Task[None] = asyncio.create_task(self._handle(kind, waiter_id, before))
-        self._last = task
+        task: asyncio.Task[None] = asyncio.create_task(self._handle(kind, waiter_id))
         self._tasks.add(task)
         task.add_done_callback(self._done)
 
@@ -179,5 +161,4 @@ class Listener:
         if tasks:
             await asyncio.wait(tasks, timeout=_CLOSE_WAIT)
         self._main = []
-        self._last = None
         self._tasks.clear()

@@ -38,7 +38,7 @@ from enhanced_locking.backends.redis_connection import (
     is_retryable,
     unavailable,
 )
-from enhanced_locking.backends.redis_notify import Listener, after
+from enhanced_locking.backends.redis_notify import Listener
 from enhanced_locking.backends.redis_replies import LockRow, Served, WaiterRecord
 from enhanced_locking.backends.unreadable import UnreadableLocks
 from enhanced_locking.backends.waiting import (
@@ -235,6 +235,9 @@ class RedisBackend:
         self._waiting_on: dict[str, dict[str, tuple[str, ...]]] = {}
         """By lock key: this replica's waiters queued on it, oldest first, with every name
         a grant to each touches (declared by a hand-off of the key)."""
+        self._telling: dict[str, asyncio.Task[Any]] = {}
+        """By lock key: the task handling the latest message about one of this replica's
+        waiters on it, while it runs (``_notified`` tells callers of one key in order)."""
         self._listener = Listener(
             connection, self.keys.notify(self.replica_id), self._notifier,
             handle=self._notified, heartbeat=self._heartbeat, recheck=self._recheck,
@@ -836,33 +839,64 @@ class RedisBackend:
         return result
 
     # --- notifications ---------------------------------------------------------------------
-    async def _notified(self, kind: str, waiter_id: str,
-                        before: asyncio.Task[None] | None = None) -> None:
-        """A message on this replica's channel: confirm a grant, or pass the reason on; the
-        caller is told once ``before`` (the previous message's handler) has ended."""
+    async def _notified(self, kind: str, waiter_id: str) -> None:
+        """A message on this replica's channel: confirm a grant, or pass the reason on.
+
+        Each message is handled at once in a task of its own (a grant's confirmation is a
+        call to Redis, and many can be on their way together), but a caller is told only after
+        the callers of the earlier messages about waiters on its keys: one hand-off that lets
+        several shared waiters in publishes their grants in the order of their tokens, and
+        their confirmations can answer in any order. Waiters on other keys never wait for
+        each other (a confirmation held up by a master that is down holds up only its keys).
+        """
         self._enqueued.discard(waiter_id)
         if waiter_id not in self._notifier.pending():
             return  # nobody waits here for it (any more): a grant lapses after its claim
-        if kind != "granted":
-            try:
-                reason = Reason(kind)
-            except ValueError:
-                reason = Reason.UNAVAILABLE
-            await after(before)
-            self.grants.deliver(waiter_id, Notice(reason=reason))
-            return
-        answer = await self._confirm(waiter_id)
-        held = tuple(self._lock(row) for row in answer.locks)
-        await after(before)
-        if answer.granted:
-            self.grants.deliver(waiter_id, Notice(locks=held, fresh=answer.fresh))
-            return
-        # A claim lapsed before we could confirm (we were cut off for CLAIM_MS): a batch is
-        # all or nothing, so give back what is left and tell the caller.
-        for lock in held:
-            await self.release_and_handoff(
-                lock.key, owner=(lock.project.repo_full_name, lock.pull.num))
-        self.grants.deliver(waiter_id, Notice(reason=Reason.UNAVAILABLE))
+        keys, ahead = self._take_turn(waiter_id)  # before any await: in the messages' order
+        try:
+            if kind != "granted":
+                try:
+                    reason = Reason(kind)
+                except ValueError:
+                    reason = Reason.UNAVAILABLE
+                if ahead:
+                    await asyncio.wait(ahead)
+                self.grants.deliver(waiter_id, Notice(reason=reason))
+                return
+            answer = await self._confirm(waiter_id)
+            held = tuple(self._lock(row) for row in answer.locks)
+            if ahead:
+                await asyncio.wait(ahead)
+            if answer.granted:
+                self.grants.deliver(waiter_id, Notice(locks=held, fresh=answer.fresh))
+                return
+            # A claim lapsed before we could confirm (we were cut off for CLAIM_MS): a batch
+            # is all or nothing, so give back what is left and tell the caller.
+            for lock in held:
+                await self.release_and_handoff(
+                    lock.key, owner=(lock.project.repo_full_name, lock.pull.num))
+            self.grants.deliver(waiter_id, Notice(reason=Reason.UNAVAILABLE))
+        finally:
+            me = asyncio.current_task()
+            for key in keys:
+                if self._telling.get(key) is me:
+                    del self._telling[key]
+
+    def _take_turn(self, waiter_id: str,
+                   ) -> tuple[tuple[str, ...], tuple[asyncio.Task[Any], ...]]:
+        """The keys of one of this replica's waiters, and the handlers still running of earlier
+        messages about waiters on them; the running task becomes the latest on each key."""
+        me = asyncio.current_task()
+        if me is None:
+            return (), ()
+        keys = tuple(key for key, waiting in self._waiting_on.items() if waiter_id in waiting)
+        ahead: dict[asyncio.Task[Any], None] = {}
+        for key in keys:
+            last = self._telling.get(key)
+            if last is not None and not last.done():
+                ahead[last] = None
+            self._telling[key] = me
+        return keys, tuple(ahead)
 
     async def _confirm(self, waiter_id: str) -> redis_replies.Confirm:
         """CONFIRM, tried again while Redis is briefly away (a restart): the grant is ours
