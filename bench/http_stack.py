@@ -25,8 +25,16 @@ Where a hand-off's time goes (``--steps N``): the product served with timestamps
 of a hand-off (the release reaching the app, the waiter's grant, each audit commit, each
 answer leaving), p50 of each from the release leaving the client; printed, not written.
 
+Instructions per pair (``--count noop|product``): the server (asyncio + httptools) runs
+under callgrind, counting nothing until a warm-up is done; then it counts ``--pairs`` pairs of
+``--clients`` clients and the instructions it ran per pair are printed (its profile is kept
+with ``--profile FILE``, for ``callgrind_annotate``). Instruction counts do not depend on what
+else runs on the machine, so two counts compare where two timings at a high load do not;
+without valgrind installed, ``--count`` prints the server's CPU time per pair instead.
+
 Usage: python bench/http_stack.py [--pairs 1500] [--rounds 3] [--handoffs 200] [--no-write]
        python bench/http_stack.py --steps 200
+       python bench/http_stack.py --count product --pairs 200 [--clients 1] [--profile FILE]
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import sqlite3
 import statistics
 import subprocess
@@ -225,16 +234,18 @@ class Served:
 
 
 @contextmanager
-def server(kind: str, loop: str, http: str, work: Path) -> Iterator[Served]:
+def server(kind: str, loop: str, http: str, work: Path,
+           under: tuple[str, ...] = ()) -> Iterator[Served]:
+    """The ``kind`` server on its own port, run under the command ``under`` if given."""
     port = free_port()
     data = work / f"{kind}-{loop}-{http}"
     data.mkdir(parents=True, exist_ok=True)
     process = subprocess.Popen(
-        [sys.executable, __file__, "--serve", kind, "--port", str(port), "--loop", loop,
+        [*under, sys.executable, __file__, "--serve", kind, "--port", str(port), "--loop", loop,
          "--http", http, "--data-dir", str(data)],
         stdout=subprocess.DEVNULL, stderr=open(data / "stderr", "w"))
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + (600 if under else 30)
         while True:
             try:
                 asyncio.run(_probe(port))
@@ -365,6 +376,57 @@ async def handoffs(served: Served, count: int,
     for connection in (holder, waiter, watcher):
         connection.close()
     return latencies
+
+
+# --- instructions per pair ------------------------------------------------------------------
+
+
+def count_pairs(kind: str, pairs: int, clients: int, profile: Path | None) -> str:
+    """What one server of ``kind`` (asyncio + httptools) runs per pair of ``clients`` clients,
+    after a warm-up: instructions, counted by callgrind (CPU time without valgrind)."""
+    warm_up = max(200, 2 * clients)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        out = work / "callgrind.out"
+        if shutil.which("valgrind") is None:
+            with server(kind, "asyncio", "httptools", work) as served:
+                asyncio.run(pairs_per_second(kind, served, clients, warm_up))
+                block = asyncio.run(pairs_per_second(kind, served, clients, pairs))
+            return f"{kind}: {block.cpu * 1e6:,.0f} µs CPU per pair (no valgrind: CPU time)"
+        under = ("valgrind", "--tool=callgrind", "--instr-atstart=no",
+                 f"--callgrind-out-file={out}")
+        with server(kind, "asyncio", "httptools", work, under) as served:
+            asyncio.run(pairs_per_second(kind, served, clients, warm_up))
+            time.sleep(0.5)  # what the warm-up left behind (the audit batch) is written
+            _control("--instr=on", served.pid)
+            block = asyncio.run(pairs_per_second(kind, served, clients, pairs))
+            time.sleep(0.5)  # and what the counted pairs left behind
+            _control("--dump", served.pid)
+            _control("--instr=off", served.pid)
+        dumps = sorted(work.glob("callgrind.out*"), key=lambda p: p.stat().st_mtime)
+        counted = next(p for p in dumps if _instructions(p))
+        done = max(1, pairs // clients) * clients
+        if profile is not None:
+            shutil.copy(counted, profile)
+        return (f"{kind}: {_instructions(counted) / done:,.0f} instructions per pair "
+                f"({done} pairs, {clients} client{'s' if clients > 1 else ''}, "
+                f"{block.rate:.0f} pairs/s under callgrind)")
+
+
+def _control(command: str, pid: int) -> None:
+    """Send ``command`` to the callgrind run ``pid`` (it answers "OK" when it took it)."""
+    answer = subprocess.run(("callgrind_control", command, str(pid)), check=True,
+                            capture_output=True, text=True).stdout
+    if "OK" not in answer:
+        raise RuntimeError(f"callgrind_control {command} {pid}: {answer}")
+
+
+def _instructions(dump: Path) -> int:
+    """The instructions a callgrind dump counted (its ``totals:`` or ``summary:`` line)."""
+    for line in dump.read_text(errors="replace").splitlines():
+        if line.startswith(("totals:", "summary:")):
+            return int(line.split()[1])
+    return 0
 
 
 # --- SQL per pair ----------------------------------------------------------------------------
@@ -525,6 +587,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, metavar="N",
                         help="only trace N hand-offs on the service's stack and print the p50 "
                              "of each step (where a hand-off's time goes)")
+    parser.add_argument("--count", choices=("noop", "product"),
+                        help="only count the instructions per pair of one server, under "
+                             "callgrind (see the module's docstring)")
+    parser.add_argument("--clients", type=int, default=1, help="with --count")
+    parser.add_argument("--profile", type=Path, help="with --count: keep callgrind's profile")
     parser.add_argument("--serve", choices=("noop", "product", "traced"), help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--loop", default="asyncio", help=argparse.SUPPRESS)
@@ -534,6 +601,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.serve:
         serve(args.serve, args.port, args.loop, args.http, args.data_dir)
+        return
+    if args.count:
+        print(count_pairs(args.count, args.pairs, args.clients, args.profile))
         return
     if args.steps:
         with tempfile.TemporaryDirectory() as tmp:
