@@ -612,7 +612,8 @@ class AcquireResult(_Model):
     def fresh(self) -> bool:
         """Granted by this call: a caller gone before the answer gives it back. A lock the
         pull already held (Atlantis's rule: asked again, it is granted unchanged) is not."""
-        return self.acquired and self._fresh
+        # Read from the private dict: ``self._fresh`` goes through pydantic's __getattr__.
+        return self.acquired and self.__pydantic_private__["_fresh"]  # type: ignore[index]
 
     @classmethod
     def refused(

@@ -7,13 +7,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.routing import APIRoute
 
 from enhanced_locking.api import create_app
 from enhanced_locking.api.access import (
     AccessHolder,
     CallerDep,
+    _credentials,
+    _peer,
     check_routes,
     public,
     public_reason,
@@ -137,3 +139,23 @@ def test_a_lockpolicy_sets_the_access_and_audit_settings_like_any_other() -> Non
         "enhanced-locking", 30)
     assert (config.audit, config.audit_retention.total_seconds(), config.audit_max_entries) == (
         False, 86400, 5000)
+
+
+@pytest.mark.parametrize("headers", [
+    [],
+    [(b"authorization", b"Bearer one"), (b"x-request-id", b"r-1")],
+    [(b"x-request-id", b"first"), (b"authorization", b"Bearer a"), (b"x-request-id", b"second"),
+     (b"authorization", b"Bearer b")],
+    [(b"x-request-id", b"r" * 300), (b"accept", b"*/*")],
+    [(b"x-request-id", b""), (b"authorization", b"")],
+    [(b"authorization", "Bearer caf\u00e9".encode("latin-1"))],
+])
+def test_the_credentials_and_request_id_read_as_the_request_headers_give_them(
+    headers: list[tuple[bytes, bytes]],
+) -> None:
+    request = Request({"type": "http", "headers": headers, "client": ("10.0.0.7", 4711)})
+    request_id = request.headers.get("x-request-id")
+    assert _credentials(request) == (request.headers.get("authorization"),
+                                     request_id[:128] if request_id else None)
+    assert _peer(request) == "10.0.0.7:4711"
+    assert _peer(Request({"type": "http", "headers": headers})) == ""

@@ -19,11 +19,19 @@ import fastapi.routing
 import httpx
 import pytest
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute, request_response
+from starlette.datastructures import QueryParams
 
 from enhanced_locking.api import create_app
 from enhanced_locking.api.access import CallerDep
-from enhanced_locking.api.direct import DirectRoutes, check_direct_routes, serve_directly
+from enhanced_locking.api.direct import (
+    DirectRoutes,
+    check_direct_routes,
+    query_values,
+    serve_directly,
+)
+from enhanced_locking.api.responses import JsonAnswer
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.factory import LockService
 from enhanced_locking.provider import ConfigProvider
@@ -316,3 +324,26 @@ async def test_a_client_gone_before_its_body_arrived_is_answered_by_fastapi_as_b
     assert answers[0] == answers[1]
     assert answers[0][0] == 422
     assert len(handled) == 2
+
+
+@pytest.mark.parametrize("status", [200, 409, 499, 204, 304, 101])
+@pytest.mark.parametrize("content", [b'{"released":true}', b"", {"error": "x"}])
+def test_an_answer_of_json_bytes_has_the_headers_starlette_would_give_it(
+    status: int, content: Any,
+) -> None:
+    class Starlettes(JsonAnswer):
+        __init__ = JSONResponse.__init__
+
+    ours, theirs = JsonAnswer(content, status_code=status), Starlettes(content, status_code=status)
+    assert (ours.status_code, ours.body, ours.raw_headers, ours.background) == (
+        theirs.status_code, theirs.body, theirs.raw_headers, theirs.background)
+
+
+@pytest.mark.parametrize("query", [
+    b"", b"key=a/b/c/default/&pull=1", b"key=a%2Fb%2Fc%2Fdefault%2F&pull=1&pull=2",
+    b"key=x+y&repo=a%2Bb+c", b"&&key=&pull", b"a=b=c&=d&e", b"k%3Dx=v%26w", b"key=%E2%82%AC%zz",
+    b"key=caf\xe9&pull=+7+", b"KEY=1&key=2;pull=3",
+])
+def test_the_query_reads_as_starlette_reads_it(query: bytes) -> None:
+    starlettes = QueryParams(query)
+    assert query_values(query) == {name: starlettes[name] for name in starlettes}

@@ -22,11 +22,11 @@ build an app where a route does neither, so a new route cannot be open by accide
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Annotated, Any, Protocol, TypeVar
 
 from fastapi import Depends, FastAPI, Request
@@ -46,6 +46,7 @@ from enhanced_locking.types import (
     NotAuthenticated,
     NotPermitted,
     Verb,
+    built,
     utcnow,
 )
 
@@ -53,6 +54,7 @@ __all__ = [
     "ANONYMOUS",
     "AccessControl",
     "AuditNote",
+    "Audited",
     "Authenticator",
     "Authorizer",
     "Caller",
@@ -276,49 +278,75 @@ class Caller:
                           outcome="denied", status=403, reason=reason)
         raise NotPermitted(self.identity, verb, repo=repo)
 
-    @contextlib.asynccontextmanager
-    async def audited(
+    def audited(
         self, *, action: str, verb: Verb, key: str | None = None, repo: str | None = None,
         pull: int | None = None, reason: str | None = None,
-    ) -> AsyncIterator[AuditNote]:
+    ) -> Audited:
         """Write one audit row for the call in the block, with the outcome it set (``note``)
         or the refusal it raised. A refusal by :meth:`need` is written there, not twice."""
-        note = AuditNote(key=key, repo=repo, pull=pull)
-        try:
-            yield note
-        except Exception as error:
-            if isinstance(error, NotPermitted):
-                raise
-            outcome, status = next(((o, s) for kind, o, s in _FAILURES
-                                    if isinstance(error, kind)), ("error", 500))
-            await self.record(action=action, verb=verb, key=note.key, repo=note.repo,
-                              pull=note.pull, outcome=outcome, status=status, reason=reason)
-            raise
-        await self.record(action=action, verb=verb, key=note.key, repo=note.repo,
-                          pull=note.pull, outcome=note.outcome, status=note.status,
-                          reason=reason)
+        return Audited(self, action, verb, reason, AuditNote(key=key, repo=repo, pull=pull))
 
     async def record(
         self, *, action: str, verb: Verb, outcome: str, status: int, key: str | None = None,
         repo: str | None = None, pull: int | None = None, reason: str | None = None,
     ) -> None:
-        """Write one row to the audit trail."""
-        await self.audit.record(AuditEntry(
-            time=utcnow(), identity=self.identity.name, groups=self.identity.groups,
-            method=self.identity.method, verb=verb.value, action=action, key=key, repo=repo,
-            pull=pull, outcome=outcome, status=status, reason=reason, peer=self.peer,
-            request_id=self.request_id,
+        """Write one row to the audit trail. (Built, not validated again: every value is of
+        its field's type already, the identity's and the request's checked as they came in.)"""
+        await self.audit.record(built(
+            AuditEntry, time=utcnow(), identity=self.identity.name,
+            groups=self.identity.groups, method=self.identity.method, verb=verb.value,
+            action=action, key=key, repo=repo, pull=pull, outcome=outcome, status=status,
+            reason=reason, peer=self.peer, request_id=self.request_id,
         ))
 
 
+class Audited:
+    """The block of :meth:`Caller.audited`: its note in, one audit row out. (A class rather
+    than a generator-based context manager: the lock routes enter one on every call.)"""
+
+    __slots__ = ("_action", "_caller", "_reason", "_verb", "note")
+
+    def __init__(self, caller: Caller, action: str, verb: Verb, reason: str | None,
+                 note: AuditNote) -> None:
+        self._caller, self._action, self._verb, self._reason = caller, action, verb, reason
+        self.note = note
+
+    async def __aenter__(self) -> AuditNote:
+        return self.note
+
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                        trace: TracebackType | None) -> None:
+        note = self.note
+        if error is None:
+            outcome, status = note.outcome, note.status
+        elif isinstance(error, NotPermitted) or not isinstance(error, Exception):
+            return  # a refusal is written where it is raised; a cancellation is no outcome
+        else:
+            outcome, status = next(((o, s) for kind_, o, s in _FAILURES
+                                    if isinstance(error, kind_)), ("error", 500))
+        await self._caller.record(action=self._action, verb=self._verb, key=note.key,
+                                  repo=note.repo, pull=note.pull, outcome=outcome,
+                                  status=status, reason=self._reason)
+
+
 def _peer(request: Request) -> str:
-    client = request.client
-    return f"{client.host}:{client.port}" if client else ""
+    client = request.scope.get("client")  # what ``request.client`` reads, without its tuple
+    return f"{client[0]}:{client[1]}" if client else ""
 
 
-def _request_id(request: Request) -> str | None:
-    value = request.headers.get("x-request-id")
-    return value[:128] if value else None
+def _credentials(request: Request) -> tuple[str | None, str | None]:
+    """The request's ``Authorization`` and ``X-Request-Id`` (cut to 128 characters), each the
+    first of its name: what ``request.headers.get`` answers, in one pass over the raw headers
+    (ASGI names them in lower case) and without the ``KeyError`` it raises and catches for
+    a header that is not there, on every call."""
+    authorization = request_id = None
+    for name, value in request.scope["headers"]:
+        if name == b"authorization":
+            if authorization is None:
+                authorization = value.decode("latin-1")
+        elif name == b"x-request-id" and request_id is None:
+            request_id = value.decode("latin-1")
+    return authorization, request_id[:128] if request_id else None
 
 
 async def caller_of(request: Request) -> Caller:
@@ -330,16 +358,17 @@ async def caller_of(request: Request) -> Caller:
     state = request.app.state
     access: AccessControl = state.access.current()
     audit: AuditTrail = state.audit
+    authorization, request_id = _credentials(request)
     try:
-        identity = await access.identify(request.headers.get("authorization"))
+        identity = await access.identify(authorization)
     except NotAuthenticated as refusal:
         await audit.record(AuditEntry(
             time=utcnow(), identity="", method=access.mode, verb="", action=_action(request),
             outcome="unauthenticated", status=401, reason=str(refusal), peer=_peer(request),
-            request_id=_request_id(request),
+            request_id=request_id,
         ))
         raise
-    return Caller(identity=identity, peer=_peer(request), request_id=_request_id(request),
+    return Caller(identity=identity, peer=_peer(request), request_id=request_id,
                   access=access, audit=audit)
 
 
@@ -434,14 +463,20 @@ def install_access(app: FastAPI, provider: ConfigProvider, audit: AuditTrail,
     return holder
 
 
-@contextlib.contextmanager
-def rule_override(allowed: bool) -> Iterator[None]:
+class rule_override:  # lower case: a block, `with rule_override(...)`, as a function reads
     """Within the block, the request may ask for a priority above its priority rule's."""
-    token = policies.CALLER_IS_ADMIN.set(allowed)
-    try:
-        yield
-    finally:
-        policies.CALLER_IS_ADMIN.reset(token)
+
+    __slots__ = ("_allowed", "_token")
+
+    def __init__(self, allowed: bool) -> None:
+        self._allowed = allowed
+
+    def __enter__(self) -> None:
+        self._token = policies.CALLER_IS_ADMIN.set(self._allowed)
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        policies.CALLER_IS_ADMIN.reset(self._token)
 
 
 async def overrides_rules(caller: Caller, *, repo: str) -> bool:

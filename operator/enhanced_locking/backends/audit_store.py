@@ -40,7 +40,7 @@ from enhanced_locking.backends.etcd_connection import (
 from enhanced_locking.backends.outbox import Outbox
 from enhanced_locking.backends.redis_connection import RedisConnection, connect
 from enhanced_locking.config import EnhancedLockingConfig
-from enhanced_locking.types import AuditEntry, BackendUnavailable, utcnow
+from enhanced_locking.types import AuditEntry, BackendUnavailable, replaced, utcnow
 
 __all__ = [
     "AuditQuery",
@@ -191,7 +191,7 @@ class SqliteAuditStore:
         if self._next_id > self._last_id:
             self._reserve()
         row_id, self._next_id = self._next_id, self._next_id + 1
-        stored = entry.model_copy(update={"id": str(row_id)})
+        stored = replaced(entry, id=str(row_id))
         if len(self._rows) >= self.capacity:
             self._rows.popleft()
             self.dropped += 1
@@ -312,7 +312,7 @@ class RedisAuditStore:
                 await self._prune()
         except (RedisError, OSError) as error:
             raise BackendUnavailable(f"cannot write the audit trail: {error}") from None
-        return entry.model_copy(update={"id": str(entry_id)})
+        return replaced(entry, id=str(entry_id))
 
     async def read(self, query: AuditQuery) -> list[AuditEntry]:
         found: list[AuditEntry] = []
@@ -385,7 +385,7 @@ class EtcdAuditStore:
 
     async def append(self, entry: AuditEntry) -> AuditEntry:
         self._last = max(_micros(entry.time), self._last + 1)
-        stored = entry.model_copy(update={"id": f"{self._last:016d}-{secrets.token_hex(4)}"})
+        stored = replaced(entry, id=f"{self._last:016d}-{secrets.token_hex(4)}")
         self._outbox.put((self._prefix + stored.id.encode(),
                           stored.model_dump_json(by_alias=True).encode()))
         return stored
@@ -474,7 +474,7 @@ class MemoryAuditStore:
         self._next = 1
 
     async def append(self, entry: AuditEntry) -> AuditEntry:
-        stored = entry.model_copy(update={"id": str(self._next)})
+        stored = replaced(entry, id=str(self._next))
         self._next += 1
         self._entries.append(stored)
         cutoff = utcnow() - self._retention.max_age

@@ -129,6 +129,7 @@ class Router(AtlantisCalls):
         self.metrics = metrics
         self.migration = migration
         self._routed_legacy = metrics.counting(metrics.routing, "legacy")
+        self._routed_enhanced = metrics.counting(metrics.routing, "enhanced")
 
     @property
     def enhanced(self) -> Locker | None:
@@ -223,9 +224,9 @@ class Router(AtlantisCalls):
     async def _route(self, request: LockRequest, plan: RoutingPlan) -> AcquireResult:
         enhanced = self.enhanced
         if enhanced is None:
-            self.metrics.routing.labels("legacy").inc()
+            self._routed_legacy.inc()
             return await self._acquire_on(self.legacy, None, request)
-        self.metrics.routing.labels(plan.side).inc()
+        (self._routed_enhanced if plan.side == "enhanced" else self._routed_legacy).inc()
         try:
             if plan.both:  # the key is moving: old side first, then the new one
                 first, second = ((self.legacy, enhanced) if plan.side == "enhanced"
