@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
+import json
 import re
 import sqlite3
 import time
@@ -25,6 +27,7 @@ from tests.support.etcd_server import EtcdCluster
 from tests.support.redis_fixtures import redis_config
 from tests.support.service import ServiceProcess, ServiceStartError
 
+from enhanced_locking.api.audit import AuditTrail
 from enhanced_locking.api.audit_routes import CURSOR_PATTERN
 from enhanced_locking.backends.audit_store import (
     AuditQuery,
@@ -333,3 +336,26 @@ async def test_stores_sharing_one_file_never_give_an_id_twice_and_closing_leaves
         assert int((await c.append(entry(22))).id) == max(ids) + 1
     finally:
         await c.close()
+
+
+
+async def test_the_stdout_line_is_the_stored_entry_with_its_id(tmp_path: Path) -> None:
+    """The trail's stdout line of an entry is the entry as stored, id included: the text the
+    embedded table keeps of it."""
+    path = tmp_path / "trail.db"
+    stream = io.StringIO()
+    store = SqliteAuditStore(path, Retention(timedelta(days=1), 1000))
+    try:
+        trail = AuditTrail(store, stream=stream)
+        for n in (1, 2):
+            await trail.record(entry(n, reason=f"line {n}"))
+        stored = list(reversed(await store.read(AuditQuery())))
+    finally:
+        await store.close()
+    lines = [json.loads(line)["audit"] for line in stream.getvalue().splitlines()]
+    assert lines == [json.loads(e.model_dump_json(by_alias=True)) for e in stored]
+    assert [line["id"] for line in lines] == [e.id for e in stored]
+    assert all(e.id for e in stored)
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        rows = [json.loads(row[0]) for row in db.execute("SELECT data FROM audit ORDER BY id")]
+    assert rows == lines

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable
 from typing import IO
 
-from enhanced_locking.backends.audit_store import AuditQuery, AuditStore
+from enhanced_locking.backends.audit_store import AuditQuery, AuditStore, entry_json
 from enhanced_locking.types import AuditEntry, BackendUnavailable
 
 __all__ = ["AuditSink", "AuditTrail"]
@@ -53,7 +53,7 @@ class AuditTrail:
             log.error("audit entry not stored: %s", error)
         if self._stdout():
             stream = self._stream or sys.stdout
-            stream.write('{"audit": ' + entry.model_dump_json(by_alias=True) + "}\n")
+            stream.write('{"audit": ' + entry_json(entry) + "}\n")
             stream.flush()
         for sink in self.sinks:
             try:

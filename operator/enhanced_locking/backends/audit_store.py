@@ -50,11 +50,27 @@ __all__ = [
     "RedisAuditStore",
     "SqliteAuditStore",
     "build_audit_store",
+    "entry_json",
 ]
 
 log = logging.getLogger(__name__)
 
 PRUNE_EVERY = 500
+
+_last_encoded: tuple[AuditEntry | None, str] = (None, "")
+
+
+def entry_json(entry: AuditEntry) -> str:
+    """``entry.model_dump_json(by_alias=True)``, the text the trail keeps of an entry. The
+    last one made is kept: a store encodes the entry it stored and returns, and the trail's
+    stdout line is the same text of the same (frozen) object, made once."""
+    global _last_encoded
+    last, text = _last_encoded
+    if last is not entry:
+        text = entry.model_dump_json(by_alias=True)
+        _last_encoded = (entry, text)
+    return text
+
 _SCAN_CHUNK = 500
 
 SCHEMA = """
@@ -197,7 +213,7 @@ class SqliteAuditStore:
             self.dropped += 1
         self._rows.append((row_id, stored.time.isoformat(), stored.identity, stored.verb,
                            stored.action, stored.key, stored.repo, stored.pull, stored.outcome,
-                           stored.model_dump_json(by_alias=True)))
+                           entry_json(stored)))
         self._schedule(self.coalesce)
         return stored
 
@@ -387,7 +403,7 @@ class EtcdAuditStore:
         self._last = max(_micros(entry.time), self._last + 1)
         stored = replaced(entry, id=f"{self._last:016d}-{secrets.token_hex(4)}")
         self._outbox.put((self._prefix + stored.id.encode(),
-                          stored.model_dump_json(by_alias=True).encode()))
+                          entry_json(stored).encode()))
         return stored
 
     async def _write(self, batch: list[tuple[bytes, bytes]]) -> None:
