@@ -266,3 +266,13 @@ def test_locks_that_differ_in_any_written_part_are_written_apart() -> None:
     for lock in [first, *others, first]:
         assert codec.encode(lock) == orjson.dumps(codec.atlantis_dict(lock)).decode()
     assert len({codec.encode(lock) for lock in [first, *others]}) == len(others) + 1
+
+
+@given(time=st.datetimes(timezones=st.just(UTC)) | st.datetimes(timezones=st.just(UTC)).map(
+    lambda time: time.replace(microsecond=0)))
+def test_a_time_is_written_as_isoformat_writes_it_with_z_for_the_zone(time: datetime) -> None:
+    # The text up to the second is kept per second: whatever was kept before, the time
+    # reads as isoformat writes it (no fraction when it has none, as isoformat).
+    assert codec._go_time(time) == time.isoformat().replace("+00:00", "Z")
+    assert codec._go_time(time.replace(microsecond=7)) == time.replace(
+        microsecond=7).isoformat().replace("+00:00", "Z")
