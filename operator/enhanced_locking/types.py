@@ -139,15 +139,21 @@ class _Model(BaseModel):
 
 
 _ModelT = TypeVar("_ModelT", bound=BaseModel)
-_Defaults = tuple[dict[str, Any], dict[str, FieldInfo], dict[str, Any] | None]
+_Defaults = tuple[dict[str, Any], dict[str, FieldInfo], dict[str, Any] | None, bool]
 _DEFAULTS: dict[type[BaseModel], _Defaults] = {}
 _IMMUTABLE = (bool, int, float, str, bytes, type(None))
+
+# Read once: on a model class, ``cls.__new__`` goes through pydantic's metaclass hook (about
+# 400 instructions a read), and a model's own __new__ is object's.
+_new_object = object.__new__
+_set_attribute = object.__setattr__
 
 
 def _defaults_of(cls: type[BaseModel]) -> _Defaults:
     """Each field's default in field order, the fields whose default is made per model (a
-    factory, or a mutable value pydantic copies), and the private attributes' defaults when
-    every one is immutable (copied as they are; else ``None``: made per model)."""
+    factory, or a mutable value pydantic copies), the private attributes' defaults when
+    every one is immutable (copied as they are; else ``None``: made per model), and whether
+    the class has private attributes at all."""
     plain: dict[str, Any] = {}
     fresh: dict[str, FieldInfo] = {}
     for name, field in cls.__pydantic_fields__.items():
@@ -158,45 +164,44 @@ def _defaults_of(cls: type[BaseModel]) -> _Defaults:
     fixed = ({name: attribute.default for name, attribute in privates.items()}
              if all(attribute.default_factory is None and isinstance(attribute.default, _IMMUTABLE)
                     for attribute in privates.values()) else None)
-    _DEFAULTS[cls] = plain, fresh, fixed
-    return plain, fresh, fixed
+    _DEFAULTS[cls] = plain, fresh, fixed, bool(privates)
+    return _DEFAULTS[cls]
 
 
 def built(cls: type[_ModelT], /, **values: Any) -> _ModelT:
     """A model of ``values`` that are already of their types (ours, just checked or read),
     without validating them again: the hot path's ``model_construct``, at a fraction of its
     cost. Fields not given take their defaults; private attributes theirs."""
-    plain, fresh, fixed = _DEFAULTS.get(cls) or _defaults_of(cls)
+    plain, fresh, fixed, private = _DEFAULTS.get(cls) or _defaults_of(cls)
     data = {**plain, **values}
-    for name, field in fresh.items():
-        if name not in values:
-            data[name] = field.get_default(call_default_factory=True, validated_data=None)
-    model = cls.__new__(cls)
-    _set = object.__setattr__
-    _set(model, "__dict__", data)
-    _set(model, "__pydantic_fields_set__", set(values))
-    _set(model, "__pydantic_extra__", None)
-    privates = cls.__private_attributes__
-    if not privates:
-        _set(model, "__pydantic_private__", None)
+    if fresh:
+        for name, field in fresh.items():
+            if name not in values:
+                data[name] = field.get_default(call_default_factory=True, validated_data=None)
+    model = _new_object(cls)
+    _set_attribute(model, "__dict__", data)
+    _set_attribute(model, "__pydantic_fields_set__", set(values))
+    _set_attribute(model, "__pydantic_extra__", None)
+    if not private:
+        _set_attribute(model, "__pydantic_private__", None)
     elif fixed is not None:
-        _set(model, "__pydantic_private__", dict(fixed))
+        _set_attribute(model, "__pydantic_private__", dict(fixed))
     else:
-        _set(model, "__pydantic_private__", {
-            name: attribute.get_default() for name, attribute in privates.items()})
+        _set_attribute(model, "__pydantic_private__", {
+            name: attribute.get_default() for name, attribute in
+            cls.__private_attributes__.items()})
     return model
 
 
 def replaced(model: _ModelT, /, **changes: Any) -> _ModelT:
     """``model`` with ``changes`` (already of their types), not validated again: the hot
     path's ``model_copy(update=...)``."""
-    copy = type(model).__new__(type(model))
-    _set = object.__setattr__
-    _set(copy, "__dict__", {**model.__dict__, **changes})
-    _set(copy, "__pydantic_fields_set__", model.__pydantic_fields_set__ | changes.keys())
-    _set(copy, "__pydantic_extra__", None)
+    copy = _new_object(type(model))
+    _set_attribute(copy, "__dict__", {**model.__dict__, **changes})
+    _set_attribute(copy, "__pydantic_fields_set__", model.__pydantic_fields_set__.union(changes))
+    _set_attribute(copy, "__pydantic_extra__", None)
     private = model.__pydantic_private__
-    _set(copy, "__pydantic_private__", dict(private) if private else None)
+    _set_attribute(copy, "__pydantic_private__", dict(private) if private else None)
     return copy
 
 
@@ -381,7 +386,10 @@ def lock_key(project: Project, workspace: str) -> str:
     The one place a key is made: every entry point builds a :class:`Project` (whose path is
     cleaned as Atlantis cleans it) and asks this function.
     """
-    return f"{project.repo_full_name}/{project.path}/{workspace}/{project.project_name}"
+    # The fields read from the model's __dict__: a pydantic model's attribute is read
+    # through its __getattr__ hook (about 400 instructions each), and every acquire makes a key.
+    fields = project.__dict__
+    return f"{fields['repo_full_name']}/{fields['path']}/{workspace}/{fields['project_name']}"
 
 
 def _wait_value(value: object) -> object:
@@ -527,6 +535,28 @@ class Lock(_Model):
         return self.expires_at is not None and self.expires_at <= now
 
     @classmethod
+    def candidate(cls, request: LockRequest, *, now: datetime, priority: Priority) -> Lock:
+        """The lock ``request`` asks for, as a locker hands it to its store (which stamps its
+        times and token when it grants it): every field from the request, already validated.
+
+        What ``built(Lock, key=request.key, project=..., mode=request.mode)`` makes, written
+        out: every acquire makes one, and reading the request's fields through their model
+        and merging them into the defaults was most of its cost. A test holds the two to the
+        same model."""
+        fields = request.__dict__
+        project, workspace = fields["project"], fields["workspace"]
+        lock = _new_object(cls)
+        _set_attribute(lock, "__dict__", {
+            "key": lock_key(project, workspace), "project": project, "workspace": workspace,
+            "pull": fields["pull"], "user": fields["user"], "priority": priority,
+            "acquired_at": now, "expires_at": None, "fencing_token": 0, "backend": "enhanced",
+            "mode": fields["mode"]})
+        _set_attribute(lock, "__pydantic_fields_set__", _LOCK_FIELDS.copy())
+        _set_attribute(lock, "__pydantic_extra__", None)
+        _set_attribute(lock, "__pydantic_private__", None)
+        return lock
+
+    @classmethod
     def for_request(
         cls, request: LockRequest, *, now: datetime, token: int, backend: Side
     ) -> Lock:
@@ -544,6 +574,8 @@ class Lock(_Model):
             backend=backend,
         )
 
+
+_LOCK_FIELDS = set(Lock.__pydantic_fields__)
 
 Locks = list[Lock]
 """A list of locks (an alias: classes with a ``list`` method shadow the builtin inside them)."""
@@ -602,10 +634,19 @@ class AcquireResult(_Model):
 
     @classmethod
     def granted(cls, lock: Lock, *, fresh: bool = True) -> AcquireResult:
-        """``fresh``: granted by this call (false when the pull already held it)."""
-        result = built(cls, acquired=True, lock_key=lock.key, lock=lock)
-        if not fresh:  # set in place: pydantic's __setattr__ checks more than a grant needs
-            result.__pydantic_private__["_fresh"] = False  # type: ignore[index]
+        """``fresh``: granted by this call (false when the pull already held it).
+
+        What ``built(cls, acquired=True, lock_key=lock.key, lock=lock)`` makes, with the
+        private ``_fresh`` set, written out: every acquire answers one, and the general
+        ``built`` (merging defaults, reading the class's private attributes) cost about as
+        much again as the object itself. A test holds the two to the same model."""
+        result = _new_object(cls)
+        _set_attribute(result, "__dict__", {
+            "acquired": True, "lock_key": lock.__dict__["key"], "lock": lock, "reason": None,
+            "holder": None, "queue_position": None, "cycle": None, "error": None})
+        _set_attribute(result, "__pydantic_fields_set__", {"acquired", "lock_key", "lock"})
+        _set_attribute(result, "__pydantic_extra__", None)
+        _set_attribute(result, "__pydantic_private__", {"_fresh": fresh})
         return result
 
     @property

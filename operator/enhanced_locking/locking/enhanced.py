@@ -63,7 +63,6 @@ from enhanced_locking.types import (
     Priority,
     Reason,
     Side,
-    built,
     utcnow,
 )
 
@@ -74,8 +73,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-# Made on every call and never changed after: not frozen (see Outcome).
-@dataclass
+# Made on every call and never changed after: not frozen, slotted (see Outcome).
+@dataclass(slots=True)
 class Answer:
     """What one acquire (single or batch) came to, before it is shaped for the caller."""
 
@@ -624,11 +623,7 @@ def _candidate(request: LockRequest, now: datetime, priority: Priority) -> Lock:
 
     Built without re-validation: every field comes from the request, already validated.
     """
-    return built(
-        Lock, key=request.key, project=request.project, workspace=request.workspace,
-        pull=request.pull, user=request.user, priority=priority, acquired_at=now,
-        expires_at=None, fencing_token=0, backend="enhanced", mode=request.mode,
-    )
+    return Lock.candidate(request, now=now, priority=priority)
 
 
 def _waiter_id(first: Lock, request_id: str | None) -> str:

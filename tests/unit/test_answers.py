@@ -1,0 +1,67 @@
+"""The hot path's answers, written out field by field, are the models the general way makes."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from enhanced_locking.types import (
+    AcquireResult,
+    Lock,
+    LockRequest,
+    Priority,
+    Project,
+    Pull,
+    User,
+    built,
+)
+
+
+def a_lock() -> Lock:
+    return Lock(key="acme/infra/envs/prod/default/", workspace="default",
+                project=Project(repo_full_name="acme/infra", path="envs/prod"),
+                pull=Pull(num=12, url="https://github.com/acme/infra/pull/12"),
+                user=User(username="alice", teams=["platform"]),
+                acquired_at=datetime(2024, 5, 1, 8, 20, 30, 123456, tzinfo=UTC),
+                fencing_token=41)
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_a_grants_answer_is_the_model_built_from_its_fields(fresh: bool) -> None:
+    # AcquireResult.granted writes its fields out instead of asking built(): the two agree
+    # in every field, in which fields count as set, in the private flag and in the JSON.
+    lock = a_lock()
+    written = AcquireResult.granted(lock, fresh=fresh)
+    general = built(AcquireResult, acquired=True, lock_key=lock.key, lock=lock)
+    general.__pydantic_private__["_fresh"] = fresh  # type: ignore[index]
+    assert written == general
+    assert list(written.__dict__) == list(general.__dict__)
+    assert written.model_fields_set == general.model_fields_set
+    assert written.__pydantic_private__ == general.__pydantic_private__
+    assert written.fresh is fresh
+    assert written.model_dump_json() == general.model_dump_json()
+    assert written.model_dump(exclude_unset=True) == general.model_dump(exclude_unset=True)
+
+
+@pytest.mark.parametrize("mode", ["exclusive", "shared"])
+def test_a_requests_candidate_lock_is_the_model_built_from_its_fields(mode: str) -> None:
+    request = LockRequest(project=Project(repo_full_name="acme/infra", path="envs/prod",
+                                          project_name="prod"),
+                          workspace="staging", pull=Pull(num=12), mode=mode,
+                          user=User(username="alice", teams=["platform"]))
+    now = datetime(2024, 5, 1, 8, 20, 30, 123456, tzinfo=UTC)
+    written = Lock.candidate(request, now=now, priority=Priority.HIGH)
+    general = built(
+        Lock, key=request.key, project=request.project, workspace=request.workspace,
+        pull=request.pull, user=request.user, priority=Priority.HIGH, acquired_at=now,
+        expires_at=None, fencing_token=0, backend="enhanced", mode=request.mode)
+    assert written == general
+    assert list(written.__dict__) == list(general.__dict__)
+    assert written.model_fields_set == general.model_fields_set
+    assert written.__pydantic_private__ == general.__pydantic_private__
+    assert written.__pydantic_extra__ == general.__pydantic_extra__
+    assert written.key == "acme/infra/envs/prod/staging/prod"
+    assert written.model_dump_json() == general.model_dump_json()
+    assert written.model_fields_set is not Lock.candidate(
+        request, now=now, priority=Priority.HIGH).model_fields_set  # each its own set
