@@ -100,11 +100,13 @@ def locker_on(path: Path, **settings: Any) -> EnhancedLocker:
 
 async def locker_pairs(locker: EnhancedLocker, pairs: int) -> float:
     ask = request()
-    owner = ("acme/bench", 1)
+    # The key read once, as a caller keeps the key it holds: ``LockRequest.key`` joins it
+    # anew on each read (about 4k instructions, the bench's own and not the locker's).
+    key, owner = ask.key, ("acme/bench", 1)
     started = time.perf_counter()
     for _ in range(pairs):
         await locker.acquire(ask)
-        await locker.release(ask.key, owner=owner)
+        await locker.release(key, owner=owner)
     return time.perf_counter() - started
 
 
@@ -330,11 +332,11 @@ async def only(case: str, pairs: int, work: Path) -> None:
     else:
         store, ask, owner = locker.backend, request(), ("acme/bench", 1)
         candidate = Lock.for_request(ask, now=utcnow(), token=0, backend="enhanced")
-        policy = QueuePolicy()
+        policy, key = QueuePolicy(), ask.key
         for count in (200, pairs):
             for _ in range(count):
                 await store.acquire_or_enqueue(candidate, ttl=None, wait=None, policy=policy)
-                await store.release_and_handoff(ask.key, owner=owner, policy=policy)
+                await store.release_and_handoff(key, owner=owner, policy=policy)
     await locker.backend.close()
 
 
