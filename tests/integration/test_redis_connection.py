@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import signal
 from datetime import timedelta
 from pathlib import Path
 
@@ -59,22 +57,20 @@ async def test_a_waiter_held_up_by_the_subscription_counts_as_busy(
     # subscription has its enqueue ahead of it, so the listener says it is busy meanwhile.
     # The server is stopped (SIGSTOP): the subscription's new connection waits for its
     # handshake's answer.
-    assert redis_server.process is not None
     backend = RedisBackend.from_config(redis_config(redis_server), "enhanced")
-    os.kill(redis_server.process.pid, signal.SIGSTOP)
     try:
-        enqueue = asyncio.ensure_future(backend.acquire_or_enqueue(
-            lock_for(request_for(pull=2)), ttl=None, policy=QueuePolicy(),
-            wait=Wait(id="joining", timeout=timedelta(seconds=30))))
-        await asyncio.sleep(0.2)
-        assert not enqueue.done() and backend.in_flight == 0
-        assert backend._listener.busy, "a caller waits for the subscription"
-        enqueue.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await enqueue
-        assert not backend._listener.busy
+        with redis_server.paused():
+            enqueue = asyncio.ensure_future(backend.acquire_or_enqueue(
+                lock_for(request_for(pull=2)), ttl=None, policy=QueuePolicy(),
+                wait=Wait(id="joining", timeout=timedelta(seconds=30))))
+            await asyncio.sleep(0.2)
+            assert not enqueue.done() and backend.in_flight == 0
+            assert backend._listener.busy, "a caller waits for the subscription"
+            enqueue.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await enqueue
+            assert not backend._listener.busy
     finally:
-        os.kill(redis_server.process.pid, signal.SIGCONT)
         await backend.close()
 
 
@@ -103,20 +99,16 @@ async def test_a_call_cut_off_before_its_answer_leaves_nothing_for_the_next_call
 ) -> None:
     # An acquire cancelled while Redis is stopped: its answer, if Redis runs it later, must
     # never be read as the answer to the next call on a kept connection.
-    assert redis_server.process is not None
     backend = RedisBackend.from_config(redis_config(redis_server), "enhanced")
     first, second = request_for(project="first", pull=1), request_for(project="second", pull=2)
     try:
         assert (await backend.acquire(lock_for(request_for(project="warm", pull=3))))[0]
-        os.kill(redis_server.process.pid, signal.SIGSTOP)
-        try:
+        with redis_server.paused():
             cut = asyncio.ensure_future(backend.acquire(lock_for(first)))
             await asyncio.sleep(0.2)
             cut.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await cut
-        finally:
-            os.kill(redis_server.process.pid, signal.SIGCONT)
         assert await backend.get(second.key) is None
         granted, held = await backend.acquire(lock_for(second))
         assert granted and held.key == second.key and held.pull.num == 2

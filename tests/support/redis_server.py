@@ -25,7 +25,8 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -223,6 +224,17 @@ class RedisServer:
             process.wait()
         if process.stderr is not None:
             process.stderr.close()
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """The server stopped (SIGSTOP) for the block, its connections open: a call is taken
+        by the kernel and no answer comes, until the block ends (SIGCONT)."""
+        assert self.process is not None, "the server is not running"
+        self.process.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self.process.send_signal(signal.SIGCONT)
 
     def restart(self, *, persistence: Persistence | None = None, kill: bool = False) -> None:
         """Stop (or kill) and start again on the same port, optionally changing persistence."""
