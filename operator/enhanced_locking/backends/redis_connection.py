@@ -230,10 +230,7 @@ class RedisConnection:
             await self._done(connection)
             raise
         except BaseException:
-            # Cut off (cancelled, timed out, the connection broke): an answer may still be on
-            # its way, so the connection is closed before the pool sees it again.
-            await connection.disconnect(nowait=True)
-            await client.connection_pool.release(connection)
+            await self._discard(connection)
             raise
         await self._done(connection)
         return answer
@@ -262,8 +259,7 @@ class RedisConnection:
                     refused = refused or error
                     answers.append(error)
         except BaseException:
-            await connection.disconnect(nowait=True)
-            await client.connection_pool.release(connection)
+            await self._discard(connection)
             raise
         await self._done(connection)
         if refused is not None:
@@ -283,6 +279,13 @@ class RedisConnection:
         else:
             assert isinstance(self.client, aioredis.Redis)
             await self.client.connection_pool.release(connection)
+
+    async def _discard(self, connection: aioredis.Connection) -> None:
+        """A call was cut off (cancelled, timed out, the connection broke): an answer may
+        still be on its way, so the connection is closed before the pool sees it again."""
+        await connection.disconnect(nowait=True)
+        assert isinstance(self.client, aioredis.Redis)
+        await self.client.connection_pool.release(connection)
 
     def _keep(self) -> int:
         """How many connections :meth:`call` keeps: half the pool (none with a pool of 1)."""
