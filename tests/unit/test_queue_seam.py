@@ -161,6 +161,19 @@ async def test_a_full_queue_answers_queue_full(backend: QueueBackend) -> None:
     assert len(await backend.queue(want(4).key)) == 2
 
 
+async def test_a_changed_policy_holds_from_the_next_call(backend: QueueBackend) -> None:
+    # The Redis store keeps the arguments it sends with every call for the policy of the last
+    # one: a new policy object is sent from the call that brings it.
+    roomy, small = QueuePolicy(max_size=3), QueuePolicy(max_size=2)
+    await backend.acquire_or_enqueue(want(1), ttl=None, wait=None, policy=roomy)
+    await queue_up(backend, want(2), roomy)
+    await queue_up(backend, want(3), roomy)
+    full = await backend.acquire_or_enqueue(want(4), ttl=None, wait=offer(), policy=small)
+    assert full.status is Status.QUEUE_FULL
+    queued = await backend.acquire_or_enqueue(want(4), ttl=None, wait=offer(), policy=roomy)
+    assert queued.status is Status.QUEUED and queued.position == 3
+
+
 async def test_enqueueing_is_idempotent_per_waiter_id(backend: QueueBackend) -> None:
     await backend.acquire_or_enqueue(want(1), ttl=None, wait=None, policy=FIFO)
     wait = offer()

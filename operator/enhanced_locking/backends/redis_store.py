@@ -20,6 +20,7 @@ import json
 import logging
 import secrets
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -85,6 +86,23 @@ _HINTS = 64
 
 _HEADS = 4
 """Most of this replica's waiters on one key whose names a hand-off of it declares."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Heads:
+    """The arguments every call sends around its call id, made for one queue policy and one
+    incarnation of the store (``RedisBackend._head``)."""
+
+    policy: QueuePolicy
+    incarnation: str
+    before: tuple[Any, ...]
+    """``ARGV[1..7]`` of every script: base, the queue policy, replica id, incarnation."""
+    after: tuple[Any, ...]
+    """``ARGV[9..10]``: the restart quarantine in ms, the compiled rules."""
+    lean_before: tuple[Any, ...]
+    """The lean functions' ``ARGV[1..2]``: base, incarnation."""
+    lean_after: tuple[Any, ...]
+    """The lean functions' ``ARGV[4]``: the restart quarantine in ms."""
 
 
 class RedisKeys:
@@ -218,8 +236,9 @@ class RedisBackend:
         """Calls waiting for Redis right now (tests use it to know when all is quiet)."""
         self._policy = QueuePolicy()
         self._rules: tuple[policies.PolicyRules, str] = (self._policy.rules, "")
-        self._heads: tuple[QueuePolicy, str, tuple[Any, ...], tuple[Any, ...],
-                           tuple[Any, ...], tuple[Any, ...]] | None = None
+        self._heads: _Heads | None = None
+        """The arguments around each call's id, made for the policy and incarnation of the
+        calls before (``_head``)."""
         self._known: dict[str, tuple[tuple[str, str, str, str], Lock]] = {}
         """By key: the stored JSON, token, grant time and lease end of a lock last answered,
         and the lock made of them (``_lock``)."""
@@ -417,20 +436,21 @@ class RedisBackend:
             marks[key] = None
 
     def _head(self, lean: bool = False) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-        """``ARGV[1..7]`` and ``ARGV[9..10]`` of every script (``ARGV[8]`` is the call id), or
-        with ``lean`` the lean functions' ``ARGV[1..2]`` and ``ARGV[4]`` (``ARGV[3]``), built
-        again only when the policy or the store's incarnation changes."""
+        """What a call sends before and after its call id: ``ARGV[1..7]`` and ``ARGV[9..10]``
+        of every script (``ARGV[8]`` is the call id), or with ``lean`` the lean functions'
+        ``ARGV[1..2]`` and ``ARGV[4]`` (``ARGV[3]``), made again only when the policy or the
+        store's incarnation changes."""
         policy, incarnation = self._policy, self.incarnation
-        cached = self._heads
-        if cached is None or cached[0] is not policy or cached[1] != incarnation:
+        heads = self._heads
+        if heads is None or heads.policy is not policy or heads.incarnation != incarnation:
             quarantine = _duration_ms(self.quarantine)
-            cached = self._heads = (
-                policy, incarnation,
-                (self.keys.base, int(policy.priority), policy.threshold_ms, policy.max_boost,
-                 policy.max_size, self.replica_id, incarnation),
-                (quarantine, self._compiled(policy.rules)),
-                (self.keys.base, incarnation), (quarantine,))
-        return (cached[4], cached[5]) if lean else (cached[2], cached[3])
+            heads = self._heads = _Heads(
+                policy=policy, incarnation=incarnation,
+                before=(self.keys.base, int(policy.priority), policy.threshold_ms,
+                        policy.max_boost, policy.max_size, self.replica_id, incarnation),
+                after=(quarantine, self._compiled(policy.rules)),
+                lean_before=(self.keys.base, incarnation), lean_after=(quarantine,))
+        return (heads.lean_before, heads.lean_after) if lean else (heads.before, heads.after)
 
     def _compiled(self, rules: policies.PolicyRules) -> str:
         """The rules as the scripts read them (compiled once per rules object)."""
