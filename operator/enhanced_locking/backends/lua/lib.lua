@@ -323,12 +323,18 @@ local function fetch_lock(k)
                      v[10], false})
 end
 
-local function read_lock(k)
+-- What this call has read of k's holders so far (`fetched`), started empty.
+local function known_of(k)
   local known = fetched[k]
   if not known then
     known = {}
     fetched[k] = known
   end
+  return known
+end
+
+local function read_lock(k)
+  local known = known_of(k)
   if known.lock == nil then known.lock = fetch_lock(k) or false end
   return known.lock or nil
 end
@@ -360,11 +366,7 @@ end
 
 -- Every shared holder of k (lapsed ones too), oldest grant first (a list of the caller's own).
 local function read_shared(k)
-  local known = fetched[k]
-  if not known then
-    known = {}
-    fetched[k] = known
-  end
+  local known = known_of(k)
   if not known.shared then known.shared = fetch_shared(k) end
   local out = {}
   for i, row in ipairs(known.shared) do out[i] = row end
@@ -408,8 +410,7 @@ local function drop_lock(lock)
     if redis.call('EXISTS', shared_name(k)) == 0 then w('SREM', HELD, k) end
   else
     w('DEL', lock_name(k))
-    fetched[k] = fetched[k] or {}
-    fetched[k].lock = false  -- deleted: known to be free
+    known_of(k).lock = false  -- deleted: known to be free
     if no_shared(k) then w('SREM', HELD, k) end
   end
   w('SREM', pull_index(lock[6], lock[7]), k)
