@@ -12,6 +12,17 @@ fallback acts on.
 A lock step's transaction (every acquire and release) is the one call made on the lock's
 path; :class:`TxnCall` sends it through the client's own channel, below grpc.aio's per-call
 objects where the installed grpcio is one it was checked against (see its docstring).
+
+**Transactions go to the leader.** The client balances its calls over the members, and a
+member that is not the leader forwards a write to the leader and answers only once it has
+applied the entry itself: two more hops between members per call than the leader's own
+answer. So when there are several endpoints, :class:`EtcdConnection` finds the leader
+(``Status`` on each endpoint) and sends the steps' transactions to it alone; everything else
+(watches, leases, reads of the event bus) stays on the balanced channel. Any member gives the
+same answers (etcd's writes and reads are linearizable on every member), so the route is only
+a matter of speed: a call that fails on it drops the route (the step then runs again as after
+any failed call, on the balanced channel), and an answer from a newer raft term looks for the
+leader again.
 """
 
 from __future__ import annotations
@@ -37,6 +48,13 @@ __all__ = ["CALL_TIMEOUT", "DOWN", "EtcdConnection", "EtcdSettings", "Passenger"
 
 CALL_TIMEOUT = 5.0
 """Seconds one call may take, retries included (an election takes about one second)."""
+STATUS_TIMEOUT = 1.0
+"""Seconds a member may take to say whether it leads (looking for the leader)."""
+LEADER_LOOKS = 20
+LEADER_PAUSE = 0.25
+"""Looking for the leader: up to ``LEADER_LOOKS`` rounds over the endpoints, this many seconds
+apart (an election on loopback takes about half a second; past that the balanced channel
+serves until the next answer from a new term)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,14 +152,20 @@ class TxnCall:
     multicallable. A cancelled caller cancels the call, as grpc.aio's does."""
 
     __slots__ = ("_call", "_channel", "_decode", "_encode", "_handle", "_kv", "_method",
-                 "client", "direct")
+                 "client", "direct", "via")
 
-    def __init__(self, client: etcd3aio.Etcd3Client) -> None:
+    def __init__(self, client: etcd3aio.Etcd3Client, *,
+                 via: etcd3aio.Etcd3Client | None = None) -> None:
+        """``via``: a client on one member (the leader) whose channel carries the call;
+        the auth token is still ``client``'s (etcd's tokens are good on every member)."""
         self.client = client
+        self.via = via
         kv = client.kv
         assert kv is not None
         self._kv = kv
-        self._call: Any = kv._stub.Txn
+        carrier = (via or client).kv
+        assert carrier is not None
+        self._call: Any = carrier._stub.Txn
         self.direct = False
         try:
             from grpc._cython import cygrpc
@@ -193,7 +217,8 @@ _CENSUS: Callable[[], Any] = _census_context or (lambda: None)
 
 
 class EtcdConnection:
-    """One client (one gRPC channel) to an etcd cluster, opened on first use."""
+    """One client (one gRPC channel, balanced over the endpoints) to an etcd cluster, opened
+    on first use, and the route of the steps' transactions to the leader (see above)."""
 
     def __init__(self, settings: EtcdSettings) -> None:
         self.settings = settings
@@ -201,7 +226,19 @@ class EtcdConnection:
         self._client: etcd3aio.Etcd3Client | None = None
         self._auth: contextlib.AsyncExitStack | None = None
         self.txn: TxnCall | None = None
-        """The client's ``KV.Txn`` (set with the client)."""
+        """The client's ``KV.Txn`` (set with the client), through the leader once known."""
+        self.leader: str | None = None
+        """The endpoint (address) the transactions go to; ``None``: the balanced channel."""
+        self.leader_changes = 0
+        """Routes taken to a leader (tests and the bench read it)."""
+        self._targets: list[str] = []
+        self._tls: dict[str, Any] = {}
+        self._name: str | None = None
+        self._members: dict[str, etcd3aio.Etcd3Client] = {}
+        """A client per endpoint, to ask it whether it leads and to carry the route."""
+        self._term = 0
+        """The raft term in which the leader was found (or last heard, without one)."""
+        self._looking: asyncio.Task[None] | None = None
 
     async def client(self) -> etcd3aio.Etcd3Client:
         if self._client is not None:
@@ -219,17 +256,99 @@ class EtcdConnection:
                 self._auth = stack
             self.txn = TxnCall(client)
             self._client = client
+            self._targets, self._tls, self._name = targets, tls, name if s.tls else None
+        if len(self._targets) > 1:
+            self._look_for_leader()
         return client
 
+    def transact(self, client: etcd3aio.Etcd3Client, request: Any) -> Awaitable[Any]:
+        """``request`` (a ``TxnRequest``) through :attr:`txn`: to the leader when known."""
+        txn = self.txn
+        if txn is None or txn.client is not client:  # the connection was closed meanwhile
+            txn = TxnCall(client)
+        if txn.via is None and len(self._targets) < 2:
+            return txn(request)  # one endpoint: nothing to route
+        return self._routed(txn, request)
+
+    async def _routed(self, txn: TxnCall, request: Any) -> Any:
+        try:
+            answer = await txn(request)
+        except DOWN:
+            if txn.via is not None and self.txn is txn:
+                # The leader went away, or is cut off: back to the balanced channel (the
+                # step runs again as after any failed call) while the new one is found.
+                self._unroute()
+                self._look_for_leader()
+            raise
+        term = answer.header.raft_term
+        if term != self._term:
+            if txn.via is None or term > self._term:
+                self._look_for_leader()  # a new term may have a new leader
+            self._term = max(self._term, term)
+        return answer
+
+    def _unroute(self) -> None:
+        if self._client is not None:
+            self.txn = TxnCall(self._client)
+        self.leader = None
+
+    def _look_for_leader(self) -> None:
+        if self._client is not None and (self._looking is None or self._looking.done()):
+            with contextlib.suppress(RuntimeError):  # no running loop: closing
+                self._looking = asyncio.ensure_future(self._find_leader())
+
+    async def _find_leader(self) -> None:
+        """Ask each endpoint whether it leads; route the transactions to the one that does."""
+        for attempt in range(LEADER_LOOKS):
+            client = self._client
+            if client is None:
+                return
+            for target in self._targets:
+                try:
+                    member = await self._member(target)
+                    if member.maintenance is None or client.kv is None:
+                        return  # closed meanwhile
+                    member.maintenance._metadata = client.kv._metadata  # the current token
+                    status = await member.maintenance.status(timeout=STATUS_TIMEOUT,
+                                                             max_attempts=1)
+                except DOWN:
+                    continue
+                if status.leader and status.leader == status.header.member_id:
+                    if self._client is client:
+                        if self.leader != target:
+                            self.leader_changes += 1
+                        self.txn, self.leader = TxnCall(client, via=member), target
+                        self._term = max(self._term, int(status.header.raft_term))
+                    return
+            if attempt + 1 < LEADER_LOOKS:
+                await asyncio.sleep(LEADER_PAUSE)
+
+    async def _member(self, target: str) -> etcd3aio.Etcd3Client:
+        member = self._members.get(target)
+        if member is None:
+            member = etcd3aio.Etcd3Client([target], tls_server_name=self._name, **self._tls)
+            await member.connect()
+            self._members[target] = member
+        return member
+
     async def close(self) -> None:
+        client, self._client, self.txn, self.leader = self._client, None, None, None
+        looking, self._looking = self._looking, None
+        if looking is not None:
+            looking.cancel()
+            with contextlib.suppress(BaseException):
+                await looking
         if self._auth is not None:
             with contextlib.suppress(Exception):
                 await self._auth.aclose()
             self._auth = None
-        if self._client is not None:
-            client, self._client, self.txn = self._client, None, None
+        if client is not None:
             with contextlib.suppress(Exception):
                 await client.close()
+        members, self._members = list(self._members.values()), {}
+        for member in members:
+            with contextlib.suppress(Exception):
+                await member.close()
 
 
 @contextlib.asynccontextmanager

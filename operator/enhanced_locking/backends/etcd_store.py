@@ -87,7 +87,6 @@ from enhanced_locking.backends.etcd_connection import (
     EtcdConnection,
     EtcdSettings,
     Passenger,
-    TxnCall,
     unavailable,
     unreachable,
 )
@@ -1510,11 +1509,9 @@ def _put(put: Any, key: bytes, value: bytes, lease: int) -> None:
 
 def _txn_call(connection: EtcdConnection, client: etcd3aio.Etcd3Client,
               request: Any) -> Awaitable[Any]:
-    """A step's transaction, through the client's gRPC method (``TxnCall``): ``KVService.txn``
-    with one attempt, without its request copy, its ``asyncio.timeout`` (the call's own gRPC
-    deadline bounds it) and its error mapping (``unreachable`` maps gRPC's errors as it maps
-    the library's). What is passed is the library's own: its channel and its auth token."""
-    txn = connection.txn
-    if txn is None or txn.client is not client:  # the connection was closed meanwhile
-        txn = TxnCall(client)
-    return txn(request)
+    """A step's transaction, through the client's gRPC method (``TxnCall``, on the route to
+    the leader when there is one: ``EtcdConnection.transact``): ``KVService.txn`` with one
+    attempt, without its request copy, its ``asyncio.timeout`` (the call's own gRPC deadline
+    bounds it) and its error mapping (``unreachable`` maps gRPC's errors as it maps the
+    library's). What is passed is the library's own: its channels and its auth token."""
+    return connection.transact(client, request)

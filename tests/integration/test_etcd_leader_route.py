@@ -1,0 +1,160 @@
+"""The steps' transactions go to the etcd leader, and follow it when it changes.
+
+A member that is not the leader forwards a write to the leader and answers once it has
+applied it itself; the connection finds the leader and sends the lock steps' transactions to
+it. These tests check, on a 3-member cluster, that the answers come from the leader, that a
+hand-over of the leadership is followed (the next answer carries a new raft term), that a
+killed leader's route is dropped at the first failed call and the new leader found, and that
+with one endpoint there is nothing to route.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from etcd3aio._protobuf import TxnRequest
+from tests.support.etcd_server import EtcdCluster, EtcdMember, EtcdServerError
+from tests.support.locks import lock_for, request_for
+
+from enhanced_locking.backends.etcd_connection import EtcdConnection, EtcdSettings
+from enhanced_locking.backends.etcd_store import EtcdBackend
+from enhanced_locking.backends.waiting import QueuePolicy, Status
+from enhanced_locking.types import BackendUnavailable
+
+pytestmark = [pytest.mark.etcd, pytest.mark.timeout(120)]
+
+
+@pytest.fixture
+def three(tmp_path: Path) -> Iterator[EtcdCluster]:
+    try:
+        cluster = EtcdCluster(tmp_path / "etcd", members_count=3, fsync=False).start()
+    except EtcdServerError as error:
+        pytest.fail(str(error), pytrace=False)
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture
+async def backend(three: EtcdCluster) -> AsyncIterator[EtcdBackend]:
+    store = EtcdBackend(EtcdConnection(EtcdSettings(endpoints=tuple(three.endpoints))),
+                        prefix="/route/")
+    yield store
+    await store.close()
+
+
+def member_id(cluster: EtcdCluster, member: EtcdMember) -> int:
+    status = cluster.status(member)
+    assert status is not None, f"{member.name} does not answer"
+    header = status["header"]
+    assert isinstance(header, dict)
+    return int(header["member_id"])
+
+
+def leader_of(cluster: EtcdCluster) -> EtcdMember:
+    deadline = time.monotonic() + 30
+    while (leader := cluster.leader()) is None:
+        assert time.monotonic() < deadline, "no leader elected"
+        time.sleep(0.05)
+    return leader
+
+
+async def routed_to(connection: EtcdConnection, endpoint: str) -> None:
+    deadline = time.monotonic() + 30
+    while connection.leader != endpoint:
+        assert time.monotonic() < deadline, (connection.leader, endpoint)
+        await asyncio.sleep(0.02)
+
+
+async def pair(backend: EtcdBackend, pull: int = 1) -> None:
+    candidate = lock_for(request_for(pull=pull))
+    outcome = await backend.acquire_or_enqueue(candidate, ttl=None, wait=None,
+                                               policy=QueuePolicy())
+    assert outcome.status is Status.GRANTED, outcome
+    released = await backend.release_and_handoff(candidate.key, owner=("acme/infra", pull))
+    assert released.released is not None
+
+
+async def answered_by(connection: EtcdConnection) -> int:
+    """The member that answers the connection's next transaction (a read of nothing)."""
+    client = await connection.client()
+    request = TxnRequest()
+    request.success.add().request_range.key = b"/route/nothing"
+    answer = await connection.transact(client, request)
+    return int(answer.header.member_id)
+
+
+async def test_the_steps_transactions_are_answered_by_the_leader(
+    three: EtcdCluster, backend: EtcdBackend,
+) -> None:
+    await pair(backend)
+    leader = leader_of(three)
+    await routed_to(backend.connection, leader.endpoint)
+    for _ in range(5):  # the balanced channel would have spread them over the members
+        assert await answered_by(backend.connection) == member_id(three, leader)
+    await pair(backend)
+    assert backend.connection.leader_changes == 1
+
+
+async def test_a_leader_that_hands_over_is_followed(
+    three: EtcdCluster, backend: EtcdBackend,
+) -> None:
+    await pair(backend)
+    old = leader_of(three)
+    await routed_to(backend.connection, old.endpoint)
+    heir = next(m for m in three.members if m is not old)
+    member = await backend.connection._member(old.endpoint)  # MoveLeader asks the leader
+    assert member.maintenance is not None
+    await member.maintenance.move_leader(member_id(three, heir), timeout=10)
+    assert leader_of(three) is heir
+    # The old leader still answers (it forwards the writes); its answers carry the new term,
+    # and the route moves to the heir.
+    await pair(backend)
+    await routed_to(backend.connection, heir.endpoint)
+    await pair(backend)
+    assert await answered_by(backend.connection) == member_id(three, heir)
+    assert backend.connection.leader_changes == 2
+
+
+async def test_a_killed_leaders_route_is_dropped_and_the_new_leader_found(
+    three: EtcdCluster, backend: EtcdBackend,
+) -> None:
+    await pair(backend)
+    old = leader_of(three)
+    await routed_to(backend.connection, old.endpoint)
+    three.kill(old)
+    # While the others elect a leader a step may find no one to answer it (as without a
+    # route); then every pair goes through, and the route leads to the new leader.
+    deadline, failures = time.monotonic() + 30, 0
+    while True:
+        try:
+            await pair(backend)
+            break
+        except BackendUnavailable:
+            failures += 1
+            assert time.monotonic() < deadline, "no pair went through after the kill"
+            await asyncio.sleep(0.1)
+    new = leader_of(three)
+    assert new is not old
+    await routed_to(backend.connection, new.endpoint)
+    for n in range(5):
+        await pair(backend, pull=10 + n)
+    assert await answered_by(backend.connection) == member_id(three, new)
+    assert backend.connection.leader_changes == 2
+
+
+async def test_with_one_endpoint_nothing_is_routed(
+    three: EtcdCluster,
+) -> None:
+    store = EtcdBackend(EtcdConnection(EtcdSettings(endpoints=(three.members[0].endpoint,))),
+                        prefix="/route-one/")
+    try:
+        for n in range(3):
+            await pair(store, pull=n + 1)
+        assert store.connection.leader is None and store.connection.leader_changes == 0
+        assert store.connection.txn is not None and store.connection.txn.via is None
+    finally:
+        await store.close()
