@@ -26,7 +26,7 @@ from enhanced_locking.backends import redis_scripts
 from enhanced_locking.backends.redis_store import RedisBackend
 from enhanced_locking.backends.waiting import QueuePolicy, Status, Wait
 from enhanced_locking.policies import ConcurrencyLimit, PolicyRules
-from enhanced_locking.types import Lock
+from enhanced_locking.types import Lock, LockUnreadable
 
 pytestmark = pytest.mark.redis
 
@@ -99,6 +99,8 @@ async def _workload(server: RedisServer) -> None:
             update={"head_commit": "b" * 40})})
         await _enqueue(b, [older], "w-one-9-old")
         await _enqueue(a, [newer], "w-one-9-new")
+        # An index written over by something else: rebuilt (REINDEX) by the list that reads it.
+        await a.connection.client.set(a.keys.held, "not a set")
         # Reads of one snapshot.
         assert await a.queue(k1, policy=POLICY)
         assert await a.wait_graph(policy=POLICY)
@@ -119,6 +121,14 @@ async def _workload(server: RedisServer) -> None:
             ConcurrencyLimit(name="all", limit=1)]))
         await a.wake(policy=limited)
         await a.release_by_pull("acme/infra", 9, policy=limited)
+        # A fencing counter written over: the key is set aside, a force-unlock repairs it.
+        k5 = _lock("five", 10).key
+        await a.connection.client.hset(a.keys.fence(k5), "not", "a counter")
+        with pytest.raises(LockUnreadable):
+            await a.acquire_or_enqueue(_lock("five", 10), ttl=None, wait=None, policy=POLICY)
+        await a.force_unlock(k5, policy=POLICY)
+        assert (await a.acquire_or_enqueue(_lock("five", 10), ttl=None, wait=None,
+                                           policy=POLICY)).status is Status.GRANTED
         # A backend switch: tokens and locks taken over by another namespace.
         locks, tokens = await a.export()
         await other.adopt(locks, tokens)

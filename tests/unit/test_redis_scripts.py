@@ -118,9 +118,11 @@ WRITES = {"SET", "INCR", "HSET", "HDEL", "SADD", "SREM", "ZADD", "ZREM", "ZREMRA
 """Commands that change a key: a script sends them only through the library's ``w``."""
 
 
-def _calls(text: str, pattern: str = r"\b(?:redis\.p?call|w)\(") -> list[tuple[int, list[str]]]:
-    """Every ``redis.call(...)`` / ``redis.pcall(...)`` / ``w(...)``: its line and its top-level
-    arguments (``w(...)`` of the library's own definition excepted)."""
+def _calls(text: str, pattern: str = r"\b(?:redis\.p?call|w|w_try)\(",
+           ) -> list[tuple[int, list[str]]]:
+    """Every ``redis.call(...)`` / ``redis.pcall(...)`` / ``w(...)`` / ``w_try(...)``: its line
+    and its top-level arguments (the library's own definitions of ``w`` and ``w_try``
+    excepted)."""
     found = []
     for match in re.finditer(pattern, text):
         if text[max(0, match.start() - 15):match.start()].endswith("local function "):
@@ -247,7 +249,7 @@ def test_a_script_writes_only_through_w() -> None:
         for line, args in _calls(text, r"\bredis\.p?call\("):
             if args[0].strip("'\"") in WRITES:
                 problems.append(f"{file}:{line}: {args[0]} not through w()")
-        for line, args in _calls(text, r"\bw\("):
+        for line, args in _calls(text, r"\bw(?:_try)?\("):
             command = args[0].strip("'\"")
             assert command in WRITES, f"{file}:{line}: w({command}) is not a write"
     assert not problems, "\n".join(problems)

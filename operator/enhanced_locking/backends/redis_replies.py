@@ -38,6 +38,7 @@ __all__ = [
     "WaitGraph",
     "WaiterRecord",
     "acquire",
+    "broken_index",
     "cancel",
     "confirm",
     "full",
@@ -93,6 +94,8 @@ class Refusal(NamedTuple):
     incarnation: str
     until: int
     now: int
+    replaced: str = ""
+    """Why the incarnation's record was replaced (another Redis type stood there), or ''."""
 
 
 class GrantRow(NamedTuple):
@@ -215,10 +218,12 @@ class Refresh(NamedTuple):
 
 
 class QueueReply(NamedTuple):
-    """``queue.lua``: the server time and the key's waiters (in no particular order)."""
+    """``queue.lua``: the server time and the key's waiters (in no particular order), and
+    why the queue cannot be read ('' when it can: one of its sets is another Redis type)."""
 
     now: int
     waiters: tuple[WaiterRecord, ...]
+    damaged: str = ""
 
 
 class WaitEntry(NamedTuple):
@@ -242,8 +247,17 @@ class WaitGraph(NamedTuple):
 def refusal(answer: Any) -> Refusal | None:
     """A guard's refusal, or ``None`` when ``answer`` is the script's own reply."""
     if isinstance(answer, list) and answer and answer[0] in ("incarnation", "quarantine"):
-        kind, incarnation, until, now = answer
-        return Refusal(str(kind), str(incarnation), int(until), int(now))
+        kind, incarnation, until, now, *replaced = answer
+        return Refusal(str(kind), str(incarnation), int(until), int(now),
+                       str(replaced[0]) if replaced else "")
+    return None
+
+
+def broken_index(answer: Any) -> tuple[str, str] | None:
+    """An index set of another Redis type met before any write (``{'index', name, why}``,
+    ``lua/lib.lua``'s ``members``): its name and why; ``None`` when ``answer`` is the reply."""
+    if isinstance(answer, list) and len(answer) == 3 and answer[0] == "index":
+        return str(answer[1]), str(answer[2])
     return None
 
 
@@ -358,8 +372,8 @@ def refresh(answer: Sequence[Any]) -> Refresh:
 
 
 def queue(answer: Sequence[Any]) -> QueueReply:
-    now, records = answer
-    return QueueReply(int(now), _waiters(records))
+    now, records, *damaged = answer
+    return QueueReply(int(now), _waiters(records), str(damaged[0]) if damaged else "")
 
 
 def wait_graph(answer: Sequence[Any]) -> WaitGraph:

@@ -161,6 +161,7 @@ NAMES = (
     "HEARTBEAT",
     "RAISE_TOKEN",
     "ADOPT",
+    "REINDEX",
     "LEAN_ACQUIRE",
     "LEAN_RELEASE",
 )

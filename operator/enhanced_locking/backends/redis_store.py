@@ -294,7 +294,7 @@ class RedisBackend:
         common = self.keys.lean_common(call_id) if lean else self.keys.common(call_id)
         declared = [*common, *keys, *self._hinted(hint)]
         asked: list[str] = []
-        retried = loaded = False
+        retried = loaded = rebuilt = False
         changes = 0
         self.in_flight += 1
         try:
@@ -326,6 +326,15 @@ class RedisBackend:
                 if refused is not None:
                     changes += 1
                     self._incarnation_changed(refused, key=key)
+                    continue
+                broken = redis_replies.broken_index(answer)
+                if broken is not None:  # it wrote nothing: rebuild the index, call again
+                    if rebuilt:
+                        raise BackendUnavailable(
+                            f"redis {self.connection.where}: the index {broken[0]} is "
+                            f"{broken[1]} again after it was rebuilt", key=key)
+                    rebuilt = True
+                    await self._rebuild_index(*broken, key=key)
                     continue
                 needed = redis_replies.need(answer)
                 if needed is None:
@@ -362,6 +371,49 @@ class RedisBackend:
                                                            replace=True)
         except DOWN as error:
             raise down(self.connection, action, error, key=key) from None
+
+    async def _rebuild_index(self, name: str, why: str, *, key: str | None = None) -> None:
+        """Rebuild index set ``name``, found to be ``why`` (another Redis type: something
+        else wrote there), from the keys of the namespace (``lua/reindex.lua``).
+
+        An index lists the lock keys a reader must look at, and may list more than it needs
+        (each reader checks each key), never fewer: ``held`` and a pull's index get every key
+        with a lock or shared holders, ``queued`` every key with a queue, ``fenced`` every
+        key with a fencing counter. While the index is of another type, the scripts leave
+        their entries out of it, so it is rebuilt twice: a grant between the first scan and
+        its rebuild is found by the second. Logged; what stood there is never read."""
+        keys = self.keys
+        if name in (keys.held, keys.queued, keys.fenced) or name.startswith(keys.base + "pull:{"):
+            kinds = (("lock", "shared") if name != keys.queued and name != keys.fenced else
+                     ("queue0", "queue1", "queue2", "queue3") if name == keys.queued else
+                     ("fence",))
+        else:
+            raise BackendUnavailable(f"redis {self.connection.where}: {name} is {why}", key=key)
+        found: set[str] = set()
+        for _ in range(2):
+            found = await self._scan(kinds)
+            ordered = sorted(found)
+            for start in range(0, max(1, len(ordered)), 1000):
+                await self._run("REINDEX", *ordered[start:start + 1000], keys=[name],
+                                hint="REINDEX")
+        log.warning("redis %s: the index %s was %s (written over by something else?); rebuilt "
+                    "from the %d keys found in the namespace", self.connection.where, name, why,
+                    len(found))
+
+    async def _scan(self, kinds: Sequence[str]) -> set[str]:
+        """The lock keys ``K`` of every ``{base}{kind}:{K}`` in Redis, for each of ``kinds``."""
+        base = self.keys.base
+        pattern = "".join("\\" + c if c in "*?[]\\" else c for c in base)
+        found: set[str] = set()
+        async with unavailable(self.connection, "rebuild an index"):
+            for kind in kinds:
+                start = len(base) + len(kind) + 2
+                async for name in self.connection.client.scan_iter(
+                        match=f"{pattern}{kind}:{{*", count=1000):
+                    text = name.decode() if isinstance(name, bytes) else str(name)
+                    if text.endswith("}"):
+                        found.add(text[start:-1])
+        return found
 
     def _ahead(self, waiter: redis_replies.Ahead) -> list[str]:
         names = [*self.keys.of_waiter(waiter.id)]
@@ -462,7 +514,13 @@ class RedisBackend:
 
     def _incarnation_changed(self, refused: redis_replies.Refusal, *, key: str | None) -> None:
         """A script refused to act: learn the store's incarnation, or report the quarantine."""
-        kind, incarnation, until, now = refused
+        kind, incarnation, until, now = (refused.kind, refused.incarnation, refused.until,
+                                         refused.now)
+        if refused.replaced:
+            log.warning("redis %s: the store's incarnation record %s was %s (written over by "
+                        "something else?); a new incarnation started, whose new fencing "
+                        "counters continue from the clock", self.connection.where,
+                        self.keys.incarnation, refused.replaced)
         lost = kind == "incarnation" and self.incarnation not in ("", incarnation) and until > now
         if lost:
             log.error("redis %s came back without its data: the locks held before are unknown; "
@@ -649,11 +707,27 @@ class RedisBackend:
 
     async def export(self) -> tuple[Locks, dict[str, int]]:
         locks = await self.list()
+        client = self.connection.client
         async with unavailable(self.connection, "export"):
-            client = self.connection.client
+            found = await client.type(self.keys.fenced)
+        kind = found.decode() if isinstance(found, bytes) else str(found)
+        if kind not in ("set", "none"):
+            await self._rebuild_index(self.keys.fenced, f"not a set (Redis type {kind})")
+        async with unavailable(self.connection, "export"):
             keys = sorted(str(k) for k in await client.smembers(self.keys.fenced))
             values = await client.mget([self.keys.fence(k) for k in keys]) if keys else []
-        return locks, {k: int(v) for k, v in zip(keys, values, strict=True) if v is not None}
+            tokens = {k: int(v) for k, v in zip(keys, values, strict=True)
+                      if v is not None and str(v).isdigit()}
+            damaged = [k for k in keys if k not in tokens
+                       and await client.exists(self.keys.fence(k))]
+        if damaged:
+            # Counters that are not numbers (written over): unknown, so the clock's floor, as
+            # a force-unlock restarts them, above any token they handed out.
+            floor = _ms(await self.now()) * 1000
+            log.warning("redis %s: the fencing counters of %s are not numbers; exported as %d",
+                        self.connection.where, ", ".join(damaged), floor)
+            tokens.update(dict.fromkeys(damaged, floor))
+        return locks, tokens
 
     async def adopt(self, locks: Locks, tokens: dict[str, int]) -> Locks:
         conflicts: Locks = []
@@ -813,7 +887,10 @@ class RedisBackend:
         return self._handoff(served, released=released)
 
     async def force_unlock(self, key: str, *, policy: QueuePolicy | None = None) -> Handoff:
-        return await self.release_and_handoff(key, policy=policy)
+        handoff = await self.release_and_handoff(key, policy=policy)
+        # Whatever was wrong with the key (its lock, its fencing counter, a queue) is gone.
+        self.unreadable.cleared(key)
+        return handoff
 
     async def expire(self, key: str, *, policy: QueuePolicy | None = None) -> Handoff:
         return self._handoff(redis_replies.served(await self._run(
@@ -838,6 +915,10 @@ class RedisBackend:
     async def queue(self, key: str, *, policy: QueuePolicy | None = None) -> Waiters:
         answer = redis_replies.queue(await self._run(
             "QUEUE", key, keys=self.keys.of_key(key), policy=policy, key=key))
+        if answer.damaged:  # one of its queues is another Redis type: set aside, like a lock
+            found = codec.unreadable(key, "", None, side=self.namespace, reason=answer.damaged)
+            self.unreadable.found(found)
+            raise LockUnreadable(found)
         return service_order([self._waiter(rec) for rec in answer.waiters], now=_at(answer.now),
                              policy=policy or self._policy)
 

@@ -57,8 +57,10 @@ local function main()
       local k = rec.keys[1]
       return {'queued', rec.flat, k, peek(k) or {}, position(k, wait_id), '', {}}
     end
-    local out = redis.call('HMGET', outcome_name(wait_id), 'kind', 'locks')
-    if out[1] == 'granted' then  -- granted while its caller was away: the retry takes it
+    -- Granted while its caller was away: the retry takes it. (Another type where the outcome
+    -- goes is no outcome of ours.)
+    local out = redis.pcall('HMGET', outcome_name(wait_id), 'kind', 'locks')
+    if not is_error(out) and out[1] == 'granted' then
       local still, all = {}, true
       for _, pair in ipairs(cjson.decode(out[2])) do
         expect(lock_name, pair[1])
@@ -87,7 +89,7 @@ local function main()
   local others = {}
   for _, k in ipairs((scan or mode == 'shared') and keys or {}) do
     for lv = 0, 3 do
-      for _, member in ipairs(redis.call('ZRANGE', queue_name(k, lv), 0, -1)) do
+      for _, member in ipairs(queue_range(k, lv, 0, -1)) do
         local id = string.sub(member, 18)
         if id ~= wait_id and not GONE[id] then
           if mode == 'shared' then expect(waiter_name, id) end  -- exclusive_waiting
@@ -108,6 +110,9 @@ local function main()
   for _, k in ipairs(keys) do expire_lapsed(k, fx.expired) end
   serve(keys, fx)
   local d = verdict(repo, pull, mode, parts, true)
+  -- A key whose fencing counter cannot serve the grant: answered as held by an unreadable
+  -- lock (set aside; a force-unlock repairs it), waiting or not.
+  if d[1] == 'damaged' then return {'held', d[2], set_aside(d[2], d[3])} end
   if d[1] == 'grant' then
     local locks, fresh = {}, 0
     for i, k in ipairs(keys) do
@@ -130,7 +135,7 @@ local function main()
     local stale = {}
     for _, k in ipairs(keys) do
       for lv = 0, 3 do
-        for _, member in ipairs(redis.call('ZRANGE', queue_name(k, lv), 0, -1)) do
+        for _, member in ipairs(queue_range(k, lv, 0, -1)) do
           local id = string.sub(member, 18)
           if id ~= wait_id and not stale[id] then
             local rec = read_waiter(id)
@@ -148,14 +153,25 @@ local function main()
     end
   end
   for _, k in ipairs(keys) do
-    if queue_size(k) >= policy().max_size then
+    local size = queue_size(k)
+    -- A queue of another Redis type (written over): nobody can wait on the key in order, so
+    -- the request is answered as held by an unreadable lock (a force-unlock repairs it).
+    if QUEUE_DAMAGE[k] then
+      return {'held', k, unreadable(k, '', QUEUE_DAMAGE[k], {})}
+    end
+    if size >= policy().max_size then
       return {'queue_full', k, peek(k) or {}, superseded}
     end
   end
-  w('ZADD', LIVENESS, NOW + REPLICA_MS, REPLICA_ID)
-  local seq = w('INCR', SEQ)
+  beat()
+  local seq = w_try('INCR', SEQ)
+  if not seq then  -- another type where the enqueue counter is: it starts again above it
+    seq = int(NOW * 1000)
+    w('SET', SEQ, seq)
+  end
   local deadline = NOW + wait_ms
   local name = waiter_name(wait_id)
+  w('DEL', name)  -- nothing readable is there (read_waiter found none): another type may be
   w('HSET', name, 'id', wait_id, 'keys', cjson.encode(keys), 'repo', repo, 'pull', pull,
              'level', level, 'enq', NOW, 'seq', seq, 'deadline', deadline, 'ttl', ttl,
              'replica', REPLICA_ID, 'rid', rid, 'mode', mode, 'head', head, 'caller', caller)
@@ -167,7 +183,7 @@ local function main()
   local member = string.format('%016d', seq) .. ':' .. wait_id
   for _, k in ipairs(keys) do
     w('ZADD', queue_name(k, level), NOW, member)
-    w('SADD', QUEUED, k)
+    w_try('SADD', QUEUED, k)
   end
   local freeze = ''
   if d[1] == 'frozen' then freeze = d[3]['name'] end

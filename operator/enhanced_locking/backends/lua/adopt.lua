@@ -14,8 +14,9 @@ local function main()
   plan_lapsed(k)
   planned()
   local token = tonumber(ARGV[15])
+  if fence_damage(k) then repair(k, true) end  -- a counter that is not one starts from the clock
   local current = tonumber(redis.call('GET', fence_name(k)) or '0')
-  w('SADD', FENCED, k)
+  w_try('SADD', FENCED, k)
   if token > current then w('SET', fence_name(k), ARGV[15]) end
   expire_lapsed(k, nil)
   local mode = ARGV[18]
@@ -33,8 +34,8 @@ local function main()
                'exp', exp, 'repo', ARGV[12], 'pull', ARGV[13], 'path', ARGV[19], 'ws', ARGV[20])
     collect_after(k, exp)
   end
-  w('SADD', HELD, k)
-  w('SADD', pull_index(ARGV[12], ARGV[13]), k)
+  w_try('SADD', HELD, k)
+  w_try('SADD', pull_index(ARGV[12], ARGV[13]), k)
   return 1
 end
 return run(main, true)

@@ -19,8 +19,8 @@ local function main()
     drop_waiter(id, rec, ARGV[12], nil)
     return {'removed', rec.flat}
   end
-  local out = redis.call('HMGET', outcome_name(id), 'kind', 'waiter', 'locks', 'fresh')
-  if out[1] ~= 'granted' then return {'none'} end
+  local out = redis.pcall('HMGET', outcome_name(id), 'kind', 'waiter', 'locks', 'fresh')
+  if is_error(out) or out[1] ~= 'granted' then return {'none'} end
   local still = {}
   for _, pair in ipairs(cjson.decode(out[3])) do
     expect(lock_name, pair[1])

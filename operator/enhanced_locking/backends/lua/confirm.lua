@@ -7,8 +7,8 @@
 local refused = guard()
 if refused then return refused end
 local function main()
-  local out = redis.call('HMGET', outcome_name(ARGV[11]), 'kind', 'locks', 'fresh')
-  if out[1] ~= 'granted' then return {'lost', {}} end
+  local out = redis.pcall('HMGET', outcome_name(ARGV[11]), 'kind', 'locks', 'fresh')
+  if is_error(out) or out[1] ~= 'granted' then return {'lost', {}} end
   local fresh = tonumber(out[3]) or 1
   for _, pair in ipairs(cjson.decode(out[2])) do
     expect(lock_name, pair[1])

@@ -109,6 +109,12 @@ local PROBE = false  -- inside `declared`: a name is only looked up
 local MEMO = {}  -- by key: the waiter records read_waiter read, until the call's first write
 local VIEW, GONE = {}, {}  -- the discovery's picture of holders and waiters (see `serve`)
 local NEED = {}  -- raised (as an error value) when a name to read is not declared
+-- Found of the store's own keys written over by something else (another Redis type, a
+-- counter that is not a number), by key: DAMAGE[k] why k's fencing counter cannot serve a
+-- grant (false: it can), QUEUE_DAMAGE[k] why one of k's queues cannot be read.
+local DAMAGE, QUEUE_DAMAGE = {}, {}
+local INDEX = {}  -- raised (as an error value) when an index set is of another type
+local BROKEN = false  -- that index: {name, why}
 
 local function call_state()
   if CALL_KEYS ~= KEYS then
@@ -122,6 +128,7 @@ local function call_state()
       DECLARED = {}
     end
     VIEW, GONE, MEMO = {}, {}, {}
+    DAMAGE, QUEUE_DAMAGE, BROKEN = {}, {}, false
     for i = first, #keys do DECLARED[keys[i]] = true end
   end
 end
@@ -175,13 +182,38 @@ local function w(...)
   return redis.call(...)
 end
 
+-- A write that may meet another Redis type where the store keeps one of its own (written over
+-- by something else): its reply, or nil when Redis refused it, having changed nothing. Used
+-- where that is not an error: an index entry added or removed (an index of another type is
+-- rebuilt when it is read: `members`), a member taken out of a set or queue that is not one
+-- (nothing of ours is there), and the fencing counter, which `stamp` takes first.
+local function w_try(...)
+  call_state()
+  local reply = redis.pcall(...)
+  if type(reply) == 'table' and reply['err'] then return nil end
+  WROTE = true
+  if next(MEMO) ~= nil then MEMO = {} end
+  return reply
+end
+
 -- A script that changes anything first asks: did this very call run already (a retry)? does
 -- Redis still have the data the caller knew (the store's incarnation)? Returns nil to go on, else
 -- the reply to send back (nothing changed).
 local function guard()
   local done = redis.call('GET', OP)
   if done then return cjson.decode(done) end  -- this very call ran before: same answer
-  local e = redis.call('HMGET', INCARNATION, 'id', 'base', 'until')
+  local e = redis.pcall('HMGET', INCARNATION, 'id', 'base', 'until')
+  if type(e) == 'table' and e['err'] then
+    -- Another Redis type where the incarnation is kept (written over by something else): the
+    -- locks and counters are where they were, so a new incarnation starts at once, without
+    -- quarantine; counters started from now on continue from the clock, above any token a
+    -- lost counter could have handed out. The reply's fifth field says why (Python logs it).
+    local why = 'not a hash (Redis type ' .. redis.call('TYPE', INCARNATION)['ok'] .. ')'
+    w('DEL', INCARNATION)
+    w('HSET', INCARNATION, 'id', NEW_INCARNATION, 'base', int(NOW * 1000), 'until', 0,
+               'since', NOW, 'replaced', why)
+    return {'incarnation', NEW_INCARNATION, 0, NOW, why}
+  end
   if not e[1] then
     if KNOWN_INCARNATION == '' then  -- a new store: counters start at 0
       w('HSET', INCARNATION, 'id', NEW_INCARNATION, 'base', 0, 'until', 0, 'since', NOW)
@@ -236,12 +268,15 @@ end
 
 -- Run main: its reply (with `remember`, kept under the call id: `finish`), or
 -- {'need', names} when a name it needs is not declared: nothing was written, nothing is kept,
--- and the caller calls again with them declared (decoded by redis_replies.need).
+-- and the caller calls again with them declared (decoded by redis_replies.need); or
+-- {'index', name, why} when an index set it reads is another Redis type (`members`): nothing
+-- was written, and the caller rebuilds the index and calls again (redis_replies.broken_index).
 local function run(main, remember)
   call_state()
   local ok, reply = pcall(main)
   if not ok then
     if reply == NEED then return {'need', MISSING} end
+    if reply == INDEX then return {'index', BROKEN[1], BROKEN[2]} end
     error(reply, 0)
   end
   if remember then return finish(reply) end
@@ -297,6 +332,80 @@ local function not_a(name, wanted)
   return 'not a ' .. wanted .. ' (Redis type ' .. redis.call('TYPE', name)['ok'] .. ')'
 end
 
+-- The members of one of the store's index sets (held, queued, a pull's). Where another Redis
+-- type stands, the call stops before any write and answers {'index', name, why} (`run`): the
+-- caller rebuilds the index from the keys of the namespace and calls again.
+local function members(name)
+  local found = redis.pcall('SMEMBERS', name)
+  if not is_error(found) then return found end
+  BROKEN = {name, 'not a set (Redis type ' .. redis.call('TYPE', name)['ok'] .. ')'}
+  if WROTE then error('the index ' .. name .. ' is ' .. BROKEN[2] .. ' (met after a write)', 0) end
+  error(INDEX)
+end
+
+-- Whether k may have waiters (QUEUED lists it; an index of another type: maybe).
+local function maybe_queued(k)
+  local found = redis.pcall('SISMEMBER', QUEUED, k)
+  return is_error(found) or found == 1
+end
+
+-- Why k's fencing counter cannot serve a grant (another Redis type, or not a whole number
+-- INCR can raise), or false. Asked once per call and key, before a grant's first write.
+local function fence_damage(k)
+  local known = DAMAGE[k]
+  if known == nil then
+    local name = fence_name(k)
+    local v = redis.pcall('GET', name)
+    if is_error(v) then
+      known = 'its fencing counter is ' .. not_a(name, 'number')
+    elseif v and not (string.match(v, '^%d+$') and #v <= 18) then
+      known = 'its fencing counter is not a whole number'
+    else
+      known = false
+    end
+    DAMAGE[k] = known
+  end
+  return known
+end
+
+-- k's queue of one base priority, read where another Redis type may stand: that one reads as
+-- empty (its waiters cannot be told apart) and QUEUE_DAMAGE[k] says why.
+local LEVEL_NAMES = {'low', 'normal', 'high', 'critical'}
+local function queue_broken(k, level, name)
+  QUEUE_DAMAGE[k] = QUEUE_DAMAGE[k] or
+    ('its ' .. LEVEL_NAMES[level + 1] .. ' queue is ' .. not_a(name, 'sorted set'))
+end
+
+local function queue_range(k, level, first, last)
+  local name = queue_name(k, level)
+  local found = redis.pcall('ZRANGE', name, first, last)
+  if is_error(found) then
+    queue_broken(k, level, name)
+    return {}
+  end
+  return found
+end
+
+local function queue_scored(k, level, first, last)
+  local name = queue_name(k, level)
+  local found = redis.pcall('ZRANGE', name, first, last, 'WITHSCORES')
+  if is_error(found) then
+    queue_broken(k, level, name)
+    return {}
+  end
+  return found
+end
+
+local function queue_card(k, level)
+  local name = queue_name(k, level)
+  local found = redis.pcall('ZCARD', name)
+  if is_error(found) then
+    queue_broken(k, level, name)
+    return 0
+  end
+  return found
+end
+
 -- What this call has read of each key's holders, until it writes them: k -> {lock = row, or
 -- false when the hash holds none of our fields; shared = rows}. A grant reads the same key's
 -- holders several times (expire, serve, verdict, take); Redis is asked once.
@@ -307,8 +416,9 @@ end
 local function fetch_lock(k)
   local name = lock_name(k)
   local v = redis.pcall('HMGET', name, 'data', 'token', 'at', 'exp', 'repo', 'pull',
-                        'claim', 'lease', 'path', 'ws')
+                        'claim', 'lease', 'path', 'ws', 'damaged')
   if is_error(v) then return unreadable(k, '', not_a(name, 'hash'), {lock = true}) end
+  if v[11] then return unreadable(k, '', v[11], {lock = true}) end  -- `set_aside`
   if not v[1] then
     if v[2] or v[5] then
       return unreadable(k, '', 'a lock hash without its data field', {lock = true})
@@ -400,20 +510,20 @@ local function drop_lock(lock)
     if lock.bad.shared then w('DEL', shared_name(k)) end
     if lock.bad.field then w('HDEL', shared_name(k), lock.bad.field) end
     if redis.call('EXISTS', lock_name(k), shared_name(k)) == 0 then
-      w('SREM', HELD, k)
+      w_try('SREM', HELD, k)
     end
     return
   end
   if lock[10] == 'shared' then
     forget(k, 'shared')
     w('HDEL', shared_name(k), lock[6] .. '#' .. lock[7])
-    if redis.call('EXISTS', shared_name(k)) == 0 then w('SREM', HELD, k) end
+    if redis.call('EXISTS', shared_name(k)) == 0 then w_try('SREM', HELD, k) end
   else
     w('DEL', lock_name(k))
     known_of(k).lock = false  -- deleted: known to be free
-    if no_shared(k) then w('SREM', HELD, k) end
+    if no_shared(k) then w_try('SREM', HELD, k) end
   end
-  w('SREM', pull_index(lock[6], lock[7]), k)
+  w_try('SREM', pull_index(lock[6], lock[7]), k)
 end
 
 local function collect_after(k, exp)
@@ -485,10 +595,14 @@ local function stamp(k, data, repo, pull, ttl, claim, mode, path, ws)
     w('SET', fence, int(TOKEN_BASE))
     started = true
   end
-  local token = w('INCR', fence)
+  -- The counter is taken first: one that is not a number (written over by something else)
+  -- refuses INCR and nothing of the grant is written (nil; the full paths have asked
+  -- `fence_damage` before, the lean ones go to them).
+  local token = w_try('INCR', fence)
+  if not token then return nil end
   -- FENCED lists every key with a counter; nothing takes a key out of it, so a counter that
   -- was there before this grant is listed already (each write that starts one lists it).
-  if started or token == 1 then w('SADD', FENCED, k) end
+  if started or token == 1 then w_try('SADD', FENCED, k) end
   local lease_end = 0
   if ttl > 0 then lease_end = NOW + ttl end
   local exp = lease_end
@@ -519,8 +633,8 @@ local function stamp(k, data, repo, pull, ttl, claim, mode, path, ws)
     end
     if exp > 0 then w('PEXPIREAT', name, exp + GRACE_MS) end
   end
-  w('SADD', HELD, k)
-  w('SADD', pull_index(repo, pull), k)
+  w_try('SADD', HELD, k)
+  w_try('SADD', pull_index(repo, pull), k)
   return lock
 end
 
@@ -579,7 +693,7 @@ end
 
 local function group_counts()
   local counts = {}
-  local keys, seen = redis.call('SMEMBERS', HELD), {}
+  local keys, seen = members(HELD), {}
   for _, k in ipairs(keys) do seen[k] = true end
   for k, _ in pairs(VIEW) do
     if not seen[k] then table.insert(keys, k) end
@@ -654,7 +768,7 @@ end
 -- Whether an exclusive request of another pull waits on k (new shared requests queue then).
 local function exclusive_waiting(k, repo, pull)
   for level = 0, 3 do
-    for _, member in ipairs(redis.call('ZRANGE', queue_name(k, level), 0, -1)) do
+    for _, member in ipairs(queue_range(k, level, 0, -1)) do
       local rec = not GONE[string.sub(member, 18)] and read_waiter(string.sub(member, 18))
       if rec and rec.mode == 'exclusive' and not (rec.repo == repo and rec.pull == pull)
           and tonumber(rec.deadline) > NOW then
@@ -665,9 +779,19 @@ local function exclusive_waiting(k, repo, pull)
   return false
 end
 
--- {'grant'} | {'held', key} | {'frozen', key, freeze} | {'limited', key}
+-- A grant, unless the fencing counter of a key it would stamp (`stamps`) cannot serve it:
+-- {'damaged', key, why}.
+local function grant_of(stamps)
+  for _, k in ipairs(stamps) do
+    local why = fence_damage(k)
+    if why then return {'damaged', k, why} end
+  end
+  return {'grant'}
+end
+
+-- {'grant'} | {'held', key} | {'frozen', key, freeze} | {'limited', key} | {'damaged', key, why}
 local function verdict(repo, pull, mode, parts, new)
-  local hs, mine, all_mine = {}, {}, true
+  local hs, mine, stamps = {}, {}, {}
   for _, p in ipairs(parts) do
     hs[p.key] = view_holders(p.key)
     mine[p.key] = false
@@ -678,9 +802,9 @@ local function verdict(repo, pull, mode, parts, new)
         if not (mode == 'exclusive' and h[10] == 'shared') then unchanged = true end
       end
     end
-    if not unchanged then all_mine = false end
+    if not unchanged then table.insert(stamps, p.key) end
   end
-  if all_mine then return {'grant'} end
+  if #stamps == 0 then return {'grant'} end
   local frozen = active_freeze(parts)
   if new and frozen and frozen[2]['refuse'] then return {'frozen', frozen[1], frozen[2]} end
   for _, p in ipairs(parts) do
@@ -694,7 +818,7 @@ local function verdict(repo, pull, mode, parts, new)
     end
   end
   if frozen then return {'frozen', frozen[1], frozen[2]} end
-  if #rules()['c'] == 0 then return {'grant'} end
+  if #rules()['c'] == 0 then return grant_of(stamps) end
   local adding, limits, order = {}, {}, {}
   for _, p in ipairs(parts) do
     if not mine[p.key] then
@@ -708,7 +832,7 @@ local function verdict(repo, pull, mode, parts, new)
       end
     end
   end
-  if #order == 0 then return {'grant'} end
+  if #order == 0 then return grant_of(stamps) end
   local counts = group_counts()
   for _, g in ipairs(order) do
     if (counts[g] or 0) + adding[g] > limits[g] then
@@ -719,7 +843,7 @@ local function verdict(repo, pull, mode, parts, new)
       end
     end
   end
-  return {'grant'}
+  return grant_of(stamps)
 end
 
 -- The lock a pull gets on k: the one it holds, or a fresh one (an exclusive request of the
@@ -731,7 +855,50 @@ local function take(k, data, repo, pull, ttl, claim, mode, path, ws)
   end
   if mine and not (mode == 'exclusive' and mine[10] == 'shared') then return mine, false end
   if mine then drop_lock(mine) end
-  return stamp(k, data, repo, pull, ttl, claim, mode, path, ws), true
+  local lock = stamp(k, data, repo, pull, ttl, claim, mode, path, ws)
+  if not lock then error('the fencing counter of ' .. k .. ' failed after its check', 0) end
+  return lock, true
+end
+
+-- A key whose fencing counter cannot serve a grant is set aside: when nobody holds it, a mark
+-- in its lock hash (`damaged`: why) makes it an unreadable holder for every replica and call
+-- (nothing is granted over it, it is listed as unreadable) until a force-unlock repairs the
+-- counter (`repair`). Its row, to answer with (one made for this answer while holders stay).
+local function set_aside(k, why)
+  if #holders(k) == 0 then
+    w('HSET', lock_name(k), 'damaged', why)
+    w_try('SADD', HELD, k)  -- listed (as unreadable) like any held key
+    forget(k, 'lock')
+    return read_lock(k)
+  end
+  return unreadable(k, '', why, {})
+end
+
+-- What a force-unlock finds wrong with k's own keys beside its holders (its fencing counter,
+-- its queues), or false.
+local function damaged_parts(k)
+  for level = 0, 3 do queue_card(k, level) end
+  return fence_damage(k) or QUEUE_DAMAGE[k] or false
+end
+
+-- A force-unlock's repair of k's own keys: with `fence`, its fencing counter, not a number,
+-- starts again from the server clock (ms * 1000, above any token handed out before, as after
+-- a restart without persistence); a queue of another type goes (its waiters were lost with
+-- it: each is answered when its wait ends).
+local function repair(k, fence)
+  if fence then
+    w('SET', fence_name(k), int(math.max(NOW * 1000, TOKEN_BASE)))
+    w_try('SADD', FENCED, k)
+  end
+  DAMAGE[k] = false
+  if QUEUE_DAMAGE[k] then
+    for level = 0, 3 do
+      local name = queue_name(k, level)
+      local kind = redis.call('TYPE', name)['ok']
+      if kind ~= 'zset' and kind ~= 'none' then w('DEL', name) end
+    end
+    QUEUE_DAMAGE[k] = nil
+  end
 end
 
 -- --- waiters ------------------------------------------------------------------------------
@@ -749,7 +916,7 @@ end
 
 local function queue_size(k)
   local n = 0
-  for level = 0, 3 do n = n + redis.call('ZCARD', queue_name(k, level)) end
+  for level = 0, 3 do n = n + queue_card(k, level) end
   return n
 end
 
@@ -766,7 +933,7 @@ local function walker(k)
   local index, heads = {0, 0, 0, 0}, {}
   local function head(level)
     local at = index[level + 1]
-    local r = redis.call('ZRANGE', queue_name(k, level), at, at, 'WITHSCORES')
+    local r = queue_scored(k, level, at, at)
     if #r == 0 then return false end
     return {id = string.sub(r[1], 18), seq = tonumber(string.sub(r[1], 1, 16)),
             enq = tonumber(r[2]), level = level, member = r[1]}
@@ -803,8 +970,8 @@ end
 local function unqueue(id, rec)
   local member = string.format('%016d', tonumber(rec.seq)) .. ':' .. id
   for _, k in ipairs(rec.keys) do
-    w('ZREM', queue_name(k, rec.level), member)
-    if queue_size(k) == 0 then w('SREM', QUEUED, k) end
+    w_try('ZREM', queue_name(k, rec.level), member)
+    if queue_size(k) == 0 then w_try('SREM', QUEUED, k) end
   end
   w('DEL', waiter_name(id))
 end
@@ -813,8 +980,12 @@ local function remember(id, rec, kind, locks, fresh)
   local tokens = {}
   for _, lock in ipairs(locks) do table.insert(tokens, {lock[1], lock[3]}) end
   local name = outcome_name(id)
-  w('HSET', name, 'kind', kind, 'waiter', cjson.encode(rec.flat),
-             'locks', cjson.encode(tokens), 'fresh', fresh or 0)
+  if not w_try('HSET', name, 'kind', kind, 'waiter', cjson.encode(rec.flat),
+               'locks', cjson.encode(tokens), 'fresh', fresh or 0) then
+    w('DEL', name)  -- another type where the outcome goes: this one replaces it
+    w('HSET', name, 'kind', kind, 'waiter', cjson.encode(rec.flat),
+               'locks', cjson.encode(tokens), 'fresh', fresh or 0)
+  end
   w('PEXPIRE', name, OUTCOME_MS)
 end
 
@@ -848,9 +1019,19 @@ local function grant(id, rec, fx)
   return locks
 end
 
+-- This replica is alive for REPLICA_MS more. Another Redis type where the liveness set goes
+-- is replaced by the set (every replica beats every second, so it is whole again at once).
+local function beat()
+  if not w_try('ZADD', LIVENESS, NOW + REPLICA_MS, REPLICA_ID) then
+    w('DEL', LIVENESS)
+    w('ZADD', LIVENESS, NOW + REPLICA_MS, REPLICA_ID)
+  end
+end
+
 local function replica_alive(replica_id)
   if alive[replica_id] == nil then
-    local score = redis.call('ZSCORE', LIVENESS, replica_id)
+    local score = redis.pcall('ZSCORE', LIVENESS, replica_id)
+    if is_error(score) then score = NOW end  -- a liveness set of another type: `beat` mends it
     alive[replica_id] = score ~= false and tonumber(score) >= NOW
   end
   return alive[replica_id]
@@ -976,7 +1157,7 @@ end
 -- deadline or whose replica is gone are dropped, after the walk, with the entries whose
 -- record is missing.
 local function walk_key(k, fx)
-  if redis.call('SISMEMBER', QUEUED, k) == 0 then return end  -- nobody waits: done
+  if not maybe_queued(k) then return end  -- nobody waits: done
   if held_exclusively(k) then return end  -- nobody can be served yet
   local writing = fx ~= PLAN
   local next_waiter, gone = walker(k)
@@ -1000,6 +1181,9 @@ local function walk_key(k, fx)
         if rec.mode ~= 'shared' then break end
       elseif d[1] == 'held' and d[2] == k then
         break
+      elseif d[1] == 'damaged' then
+        if writing then set_aside(d[2], d[3]) end
+        if d[2] == k then break end
       end
     elseif writing then
       table.insert(dropped, {entry, false})
@@ -1010,19 +1194,19 @@ local function walk_key(k, fx)
     if d[2] then
       drop_waiter(d[1].id, d[2], d[3], fx)
     else
-      w('ZREM', queue_name(k, d[1].level), d[1].member)
+      w_try('ZREM', queue_name(k, d[1].level), d[1].member)
     end
   end
-  if queue_size(k) == 0 then w('SREM', QUEUED, k) end
+  if queue_size(k) == 0 then w_try('SREM', QUEUED, k) end
 end
 
 -- Every waiter of every queue (of `queued`, the members of QUEUED when read already), in one
 -- service order, each with its queue entries.
 local function all_entries(queued)
   local entries, by_id = {}, {}
-  for _, k in ipairs(queued or redis.call('SMEMBERS', QUEUED)) do
+  for _, k in ipairs(queued or members(QUEUED)) do
     for level = 0, 3 do
-      local r = redis.call('ZRANGE', queue_name(k, level), 0, -1, 'WITHSCORES')
+      local r = queue_scored(k, level, 0, -1)
       for i = 1, #r, 2 do
         local id = string.sub(r[i], 18)
         local e = by_id[id]
@@ -1048,9 +1232,9 @@ local function walk_all(fx)
   local writing = fx ~= PLAN
   local queued = nil
   if not writing then
-    queued = redis.call('SMEMBERS', QUEUED)
+    queued = members(QUEUED)
     for _, k in ipairs(queued) do expect(key_names, k) end
-    for _, k in ipairs(redis.call('SMEMBERS', HELD)) do
+    for _, k in ipairs(members(HELD)) do
       expect(lock_name, k)
       expect(shared_name, k)
     end
@@ -1082,12 +1266,15 @@ local function walk_all(fx)
           give(e.id, rec, fx)
         elseif d[1] == 'held' then
           stopped[d[2]] = true
+        elseif d[1] == 'damaged' then
+          if writing then set_aside(d[2], d[3]) end
+          stopped[d[2]] = true
         end
       end
     elseif writing then
       for _, ref in ipairs(e.refs) do
-        w('ZREM', queue_name(ref[1], ref[2]), ref[3])
-        if queue_size(ref[1]) == 0 then w('SREM', QUEUED, ref[1]) end
+        w_try('ZREM', queue_name(ref[1], ref[2]), ref[3])
+        if queue_size(ref[1]) == 0 then w_try('SREM', QUEUED, ref[1]) end
       end
     end
   end
@@ -1116,7 +1303,7 @@ end
 -- this call (so a hand-off names the waiter after next, and the one after that by id).
 local function ahead(k)
   local out = {}
-  if redis.call('SISMEMBER', QUEUED, k) == 0 then return out end
+  if not maybe_queued(k) then return out end
   local next_waiter = walker(k)
   while #out < 2 do
     local entry = next_waiter()
@@ -1151,10 +1338,11 @@ local function lean_acquire(k, data, repo, pull, ttl, path, ws)
           and declared(pull_index, repo, pull)) then
     return nil
   end
-  if redis.call('SISMEMBER', QUEUED, k) == 1 then return nil end
+  if maybe_queued(k) then return nil end
   if redis.call('EXISTS', lock_name(k), shared_name(k)) > 0 then return nil end
   fetched[k] = {lock = false, shared = {}}  -- known free, as `main`'s reads would find it
   local lock = stamp(k, data, repo, pull, ttl, false, 'exclusive', path, ws)
+  if not lock then return nil end  -- its fencing counter is not one: nothing written
   return finish_took(lock[3], lock[4], lock[5])
 end
 
@@ -1168,7 +1356,7 @@ local function lean_release(k, repo, pull)
           and declared(pull_index, repo, pull)) then
     return nil
   end
-  if redis.call('SISMEMBER', QUEUED, k) == 1 then return nil end
+  if maybe_queued(k) then return nil end
   local lock = read_lock(k)
   if not lock or lock.bad or lapsed(lock) or not same_owner(lock, repo, pull) then
     return nil

@@ -7,7 +7,7 @@
 local function main()
   local index = HELD
   if ARGV[11] ~= '' then index = pull_index(ARGV[11], ARGV[12]) end
-  local keys = redis.call('SMEMBERS', index)
+  local keys = members(index)
   for _, k in ipairs(keys) do
     expect(lock_name, k)
     expect(shared_name, k)
@@ -26,7 +26,7 @@ local function main()
         table.insert(out, lock)
       end
     end
-    if not kept then w('SREM', index, k) end
+    if not kept then w_try('SREM', index, k) end
   end
   return out
 end

@@ -6,9 +6,11 @@ local refused = guard()
 if refused then return refused end
 local function main()
   expect(fence_name, ARGV[11])
+  ask()
+  if fence_damage(ARGV[11]) then repair(ARGV[11], true) end  -- not a number: from the clock
   local current = tonumber(redis.call('GET', fence_name(ARGV[11])) or '0')
   local wanted = tonumber(ARGV[12])
-  w('SADD', FENCED, ARGV[11])
+  w_try('SADD', FENCED, ARGV[11])
   if wanted > current then
     w('SET', fence_name(ARGV[11]), ARGV[12])
     return ARGV[12]

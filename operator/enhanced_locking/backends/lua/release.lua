@@ -26,6 +26,13 @@ local function main()
   local k = ARGV[11]
   expect(key_names, k)
   if ARGV[12] ~= '' then expect(pull_index, ARGV[12], ARGV[13]) end
+  -- A force-unlock also repairs the key's own keys written over by something else (its
+  -- fencing counter, its queues: `repair`); its discovery plans the serving as after it.
+  local fix, fence = false, false
+  if ARGV[12] == '' then
+    fix, fence = damaged_parts(k), fence_damage(k)
+    DAMAGE[k] = false  -- the serving below is planned as after the repair
+  end
   -- Discovery: the leases it drops (lapsed ones, then the owner's or all), the queue it serves
   -- once they are gone.
   plan_lapsed(k)
@@ -54,6 +61,7 @@ local function main()
     hs = mine
   end
   for _, h in ipairs(hs) do drop_lock(h) end
+  if fix then repair(k, fence) end
   local fx = new_effects()
   serve({k}, fx)
   local others = {}

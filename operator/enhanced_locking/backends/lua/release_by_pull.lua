@@ -21,7 +21,7 @@ end
 
 local function main()
   local index = pull_index(ARGV[11], ARGV[12])
-  local keys = redis.call('SMEMBERS', index)
+  local keys = members(index)
   -- Discovery: the keys of the index, freed first (VIEW), then their queues served.
   for _, k in ipairs(keys) do expect(key_names, k) end
   ask()

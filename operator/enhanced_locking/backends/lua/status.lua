@@ -10,9 +10,11 @@ return run(function()
     if redis.call('EXISTS', waiter_name(ARGV[i])) == 1 then
       table.insert(out, 'queued')
     else
-      table.insert(out, redis.call('HGET', outcome_name(ARGV[i]), 'kind') or 'gone')
+      local kind = redis.pcall('HGET', outcome_name(ARGV[i]), 'kind')
+      if is_error(kind) then kind = false end  -- another type there: no outcome of ours
+      table.insert(out, kind or 'gone')
     end
   end
-  w('ZADD', LIVENESS, NOW + REPLICA_MS, REPLICA_ID)
+  beat()
   return out
 end)

@@ -5,15 +5,15 @@
 --          {{repo, pull} of every holder}}...}, waiter records}
 -- decoded by redis_replies.wait_graph
 local function main()
-  local keys = redis.call('SMEMBERS', QUEUED)
+  local keys = members(QUEUED)
   for _, k in ipairs(keys) do expect(key_names, k) end
   ask()
-  local members = {}
+  local entries_of = {}
   for _, k in ipairs(keys) do
-    members[k] = {}
+    entries_of[k] = {}
     for level = 0, 3 do
-      for _, member in ipairs(redis.call('ZRANGE', queue_name(k, level), 0, -1)) do
-        table.insert(members[k], member)
+      for _, member in ipairs(queue_range(k, level, 0, -1)) do  -- another type: skipped
+        table.insert(entries_of[k], member)
         expect(waiter_name, string.sub(member, 18))
       end
     end
@@ -22,7 +22,7 @@ local function main()
   local entries, records, seen = {}, {}, {}
   for _, k in ipairs(keys) do
     local ids = {}
-    for _, member in ipairs(members[k]) do
+    for _, member in ipairs(entries_of[k]) do
       local id = string.sub(member, 18)
       if not seen[id] then
         local rec = read_waiter(id)

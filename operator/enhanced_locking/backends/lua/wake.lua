@@ -5,7 +5,7 @@
 local refused = guard()
 if refused then return refused end
 local function main()
-  local keys = redis.call('SMEMBERS', QUEUED)
+  local keys = members(QUEUED)
   table.sort(keys)
   for _, k in ipairs(keys) do expect(key_names, k) end
   ask()

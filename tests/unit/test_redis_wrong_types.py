@@ -1,0 +1,261 @@
+"""The Redis store's own keys written over by something else (another Redis type, a counter
+that is not a number) never make a call fail with a Redis error, never grant a key twice and
+never stop the service of other keys. On one Redis and on a Redis Cluster.
+
+* a key's fencing counter or one of its queues: the key is set aside like an unreadable lock
+  (``LockUnreadable``, a 409 over HTTP) until a force-unlock repairs it;
+* an index set (``held``, ``queued``, ``fenced``, a pull's): rebuilt from the namespace's keys
+  the first time a call reads it, and the call answered as if nothing had happened;
+* the liveness set, the enqueue counter, the incarnation: replaced by the call that meets them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from tests.support.backends import BACKEND_KINDS, BackendFactory
+from tests.support.locks import lock_for, request_for
+from tests.support.unreadable import SECRET
+
+from enhanced_locking.backends.redis_store import RedisBackend
+from enhanced_locking.backends.waiting import QueuePolicy, Status, Wait
+from enhanced_locking.types import LockNotOwned, LockUnreadable
+
+REDIS = [pytest.param(name, marks=BACKEND_KINDS[name].marks, id=name)
+         for name in ("redis", "redis-cluster")]
+
+KEY = request_for(path="envs/bad", pull=1)
+GOOD = request_for(path="envs/good", pull=2)
+OTHER = request_for(path="envs/bad", pull=3)
+
+Write = Callable[[Any, str], Awaitable[object]]
+
+
+async def _string(redis: Any, name: str) -> object:
+    await redis.delete(name)
+    return await redis.set(name, f"token={SECRET}")
+
+
+async def _hash(redis: Any, name: str) -> object:
+    await redis.delete(name)
+    return await redis.hset(name, "token", SECRET)
+
+
+async def _list(redis: Any, name: str) -> object:
+    await redis.delete(name)
+    return await redis.rpush(name, SECRET)
+
+
+WRITES: dict[str, Write] = {"string": _string, "hash": _hash, "list": _list}
+
+
+def _redis(backend_factory: BackendFactory) -> RedisBackend:
+    backend = backend_factory()
+    assert isinstance(backend, RedisBackend)
+    return backend
+
+
+def _wait(seconds: float = 30) -> Wait:
+    return Wait(id=f"w-{seconds}-{id(object())}", timeout=timedelta(seconds=seconds))
+
+
+async def _others_still_served(backend: RedisBackend) -> None:
+    """Another key is granted, listed and released as always."""
+    granted, lock = await backend.acquire(lock_for(GOOD))
+    assert granted and lock.pull.num == 2
+    assert GOOD.key in [held.key for held in await backend.list()]
+    assert (await backend.release(GOOD.key, owner=("acme/infra", 2))) is not None
+
+
+@pytest.mark.parametrize("backend_factory", REDIS, indirect=True)
+@pytest.mark.parametrize("write", ["hash", "not-a-number"])
+async def test_a_free_key_whose_fencing_counter_is_not_one_is_set_aside_until_force_unlocked(
+    backend_factory: BackendFactory, write: str
+) -> None:
+    backend = _redis(backend_factory)
+    redis = backend.connection.client
+    assert (await backend.acquire(lock_for(KEY)))[0]
+    assert await backend.release(KEY.key, owner=("acme/infra", 1)) is not None
+    if write == "hash":
+        await _hash(redis, backend.keys.fence(KEY.key))
+    else:
+        await redis.set(backend.keys.fence(KEY.key), f"{SECRET}")
+    policy = QueuePolicy()
+    for request in (KEY, OTHER):  # never granted, waiting or not, to anyone
+        with pytest.raises(LockUnreadable) as caught:
+            await backend.acquire(lock_for(request))
+        assert caught.value.key == KEY.key and "fencing counter" in caught.value.found.reason
+        assert SECRET not in str(caught.value) and SECRET not in caught.value.found.reason
+        with pytest.raises(LockUnreadable):
+            await backend.acquire_or_enqueue(lock_for(request), ttl=None, wait=None,
+                                             policy=policy)
+    with pytest.raises(LockUnreadable):
+        await backend.acquire_batch([lock_for(request_for(path="envs/new", pull=3)),
+                                     lock_for(OTHER)], ttl=None, wait=None, policy=policy)
+    assert await backend.get(request_for(path="envs/new", pull=3).key) is None, "all or nothing"
+    # Set aside like an unreadable lock: every read says so, on this replica and another.
+    with pytest.raises(LockUnreadable):
+        await backend.get(KEY.key)
+    assert [lock.key for lock in await backend.list()] == []
+    assert [entry.key for entry in backend.unreadable.entries()] == [KEY.key]
+    again = _redis(backend_factory)
+    with pytest.raises(LockUnreadable):
+        await again.get(KEY.key)
+    with pytest.raises((LockUnreadable, LockNotOwned)):
+        await backend.release(KEY.key, owner=("acme/infra", 1))
+    assert await backend.release_by_pull("acme/infra", 1) == []
+    await _others_still_served(backend)
+    # A force-unlock repairs the counter: the next token is above every one handed out.
+    before = await backend.now()
+    await backend.force_unlock(KEY.key)
+    assert KEY.key not in backend.unreadable
+    granted, lock = await backend.acquire(lock_for(OTHER))
+    assert granted and lock.fencing_token >= int(before.timestamp() * 1000) * 1000
+    assert await redis.type(backend.keys.fence(KEY.key)) == "string"
+
+
+@pytest.mark.parametrize("backend_factory", REDIS, indirect=True)
+async def test_a_counter_written_over_under_a_held_key_stops_its_hand_off_not_its_release(
+    backend_factory: BackendFactory,
+) -> None:
+    backend = _redis(backend_factory)
+    assert (await backend.acquire(lock_for(KEY)))[0]
+    wait = _wait()
+    told = backend.grants.expect(wait.id)
+    queued = await backend.acquire_or_enqueue(lock_for(OTHER), ttl=None, wait=wait,
+                                              policy=QueuePolicy())
+    assert queued.status is Status.QUEUED
+    await _string(backend.connection.client, backend.keys.fence(KEY.key))
+    released = await backend.release_and_handoff(KEY.key, owner=("acme/infra", 1))
+    assert released.released is not None and released.granted == ()  # nobody granted on it
+    assert not told.done()
+    with pytest.raises(LockUnreadable):
+        await backend.get(KEY.key)
+    assert [w.id for w in await backend.queue(KEY.key)] == [wait.id]  # still waiting, in place
+    await _others_still_served(backend)
+    handoff = await backend.force_unlock(KEY.key)
+    notice = await asyncio.wait_for(told, 10)
+    assert notice.granted and notice.locks[0].pull.num == 3
+    assert [g.waiter.id for g in handoff.granted] in ([wait.id], [])
+
+
+@pytest.mark.parametrize("backend_factory", REDIS, indirect=True)
+@pytest.mark.parametrize("write", list(WRITES))
+@pytest.mark.parametrize("level", [0, 1, 3])
+async def test_a_queue_of_another_type_refuses_waiting_on_its_key_until_force_unlocked(
+    backend_factory: BackendFactory, write: str, level: int
+) -> None:
+    backend = _redis(backend_factory)
+    assert (await backend.acquire(lock_for(KEY)))[0]
+    await WRITES[write](backend.connection.client, backend.keys.queue(KEY.key, level))
+    policy = QueuePolicy()
+    # Not waiting: the truth (held by pull 1). Waiting: nobody can wait on it in order.
+    granted, holder = await backend.acquire(lock_for(OTHER))
+    assert not granted and holder.pull.num == 1
+    with pytest.raises(LockUnreadable) as caught:
+        await backend.acquire_or_enqueue(lock_for(OTHER), ttl=None, wait=_wait(),
+                                         policy=policy)
+    assert "queue is not a sorted set" in caught.value.found.reason
+    assert SECRET not in caught.value.found.reason
+    with pytest.raises(LockUnreadable):
+        await backend.queue(KEY.key)
+    assert [lock.key for lock in await backend.list()] == [KEY.key]
+    assert await backend.wait_graph() == []
+    await _others_still_served(backend)
+    # Its owner releases it as always, and the free key is granted without waiting.
+    assert await backend.release(KEY.key, owner=("acme/infra", 1)) is not None
+    assert (await backend.acquire(lock_for(OTHER)))[0]
+    await backend.force_unlock(KEY.key)
+    assert await backend.connection.client.type(backend.keys.queue(KEY.key, level)) == "none"
+    assert KEY.key not in backend.unreadable
+    assert (await backend.acquire(lock_for(KEY)))[0]
+    queued = await backend.acquire_or_enqueue(lock_for(OTHER), ttl=None, wait=_wait(),
+                                              policy=policy)
+    assert queued.status is Status.QUEUED
+    assert [w.owner[1] for w in await backend.queue(KEY.key)] == [3]
+
+
+INDEXES: dict[str, Callable[[RedisBackend], str]] = {
+    "held": lambda b: b.keys.held,
+    "queued": lambda b: b.keys.queued,
+    "fenced": lambda b: b.keys.fenced,
+    "pull": lambda b: b.keys.pull("acme/infra", 1),
+}
+
+
+@pytest.mark.parametrize("backend_factory", REDIS, indirect=True)
+@pytest.mark.parametrize("index", list(INDEXES))
+@pytest.mark.parametrize("write", ["string", "hash"])
+async def test_an_index_of_another_type_is_rebuilt_and_every_call_answers_as_before(
+    backend_factory: BackendFactory, index: str, write: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    backend = _redis(backend_factory)
+    redis = backend.connection.client
+    waiting = request_for(path="envs/waited", pull=1)
+    assert (await backend.acquire(lock_for(KEY)))[0]
+    assert (await backend.acquire(lock_for(waiting)))[0]
+    wait = _wait()
+    told = backend.grants.expect(wait.id)
+    assert (await backend.acquire_or_enqueue(
+        lock_for(request_for(path="envs/waited", pull=3)), ttl=None, wait=wait,
+        policy=QueuePolicy())).status is Status.QUEUED
+    name = INDEXES[index](backend)
+    await WRITES[write](redis, name)
+    # A grant while the index is of another type: listed all the same after the rebuild.
+    assert (await backend.acquire(lock_for(request_for(path="envs/late", pull=1))))[0]
+    with caplog.at_level(logging.WARNING, logger="enhanced_locking.backends.redis_store"):
+        assert [lock.key for lock in await backend.list()] == sorted(
+            [KEY.key, waiting.key, request_for(path="envs/late", pull=1).key])
+        assert sorted(lock.key for lock in await backend.list(repo="acme/infra", pull=1)) == \
+            sorted([KEY.key, waiting.key, request_for(path="envs/late", pull=1).key])
+        graph = await backend.wait_graph()
+        assert [entry.key for entry in graph] == [waiting.key]
+        _, tokens = await backend.export()
+        assert set(tokens) >= {KEY.key, waiting.key}
+        await _others_still_served(backend)
+        released = await backend.release_by_pull("acme/infra", 1)
+    assert sorted(lock.key for lock in released) == sorted(
+        [KEY.key, waiting.key, request_for(path="envs/late", pull=1).key])
+    notice = await asyncio.wait_for(told, 10)  # its waiter was served by the release
+    assert notice.granted
+    kind = await redis.type(name)
+    assert kind in ("set", "none")
+    rebuilt = [r.getMessage() for r in caplog.records if "rebuilt" in r.getMessage()]
+    if index in ("held", "pull", "fenced", "queued"):
+        assert any(name in message for message in rebuilt), caplog.text
+    assert SECRET not in caplog.text
+
+
+@pytest.mark.parametrize("backend_factory", REDIS, indirect=True)
+@pytest.mark.parametrize("which", ["liveness", "seq", "incarnation"])
+async def test_the_namespace_s_own_records_of_another_type_are_replaced_by_the_call(
+    backend_factory: BackendFactory, which: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    backend = _redis(backend_factory)
+    redis = backend.connection.client
+    granted, first = await backend.acquire(lock_for(KEY))
+    assert granted
+    name = {"liveness": backend.keys.liveness, "seq": backend.keys.seq,
+            "incarnation": backend.keys.incarnation}[which]
+    await _string(redis, name)
+    with caplog.at_level(logging.WARNING, logger="enhanced_locking.backends.redis_store"):
+        wait = _wait()
+        told = backend.grants.expect(wait.id)
+        queued = await backend.acquire_or_enqueue(lock_for(OTHER), ttl=None, wait=wait,
+                                                  policy=QueuePolicy())
+        assert queued.status is Status.QUEUED
+        handoff = await backend.release_and_handoff(KEY.key, owner=("acme/infra", 1))
+        notice = await asyncio.wait_for(told, 10)
+    assert notice.granted and notice.locks[0].fencing_token > first.fencing_token
+    assert [g.waiter.id for g in handoff.granted] == [wait.id]
+    await _others_still_served(backend)
+    expected = {"liveness": "zset", "seq": "string", "incarnation": "hash"}[which]
+    assert await redis.type(name) == expected
+    if which == "incarnation":
+        assert "incarnation record" in caplog.text
+    assert SECRET not in caplog.text
