@@ -247,6 +247,20 @@ class Metrics:
             "enhanced_locking_config_changes", "Configuration changes by result.", ["result"],
             registry=r,
         )
+        self.audit_lost = Counter(
+            "enhanced_locking_audit_entries_lost",
+            "Audit entries the trail's store did not keep (each still went to stdout): "
+            "refused (the store did not take it) or dropped (more waited to be written than "
+            "the store holds while its place refused writes; the oldest went).",
+            ["reason"], registry=r,
+        )
+        for reason in ("refused", "dropped"):  # both shown from the start, at 0
+            self.audit_lost.labels(reason)
+        self.audit_waiting = Gauge(
+            "enhanced_locking_audit_entries_waiting",
+            "Audit entries appended and not yet written to the store (it writes behind; this "
+            "rises while its place refuses writes).", registry=r,
+        )
         self.routing_weight = Gauge(
             "enhanced_locking_routing_weight_percent",
             "Share of lock keys routed to the enhanced locker (0 in shadow mode: legacy "

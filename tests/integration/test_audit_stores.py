@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import io
 import json
+import logging
 import re
 import sqlite3
 import time
@@ -41,6 +42,7 @@ from enhanced_locking.backends.audit_store import (
 )
 from enhanced_locking.backends.etcd_connection import EtcdConnection, EtcdSettings
 from enhanced_locking.config import EnhancedLockingConfig
+from enhanced_locking.metrics import Metrics
 from enhanced_locking.types import AuditEntry, BackendUnavailable, utcnow
 
 StoreMaker = Callable[..., AuditStore]
@@ -337,6 +339,140 @@ async def test_stores_sharing_one_file_never_give_an_id_twice_and_closing_leaves
     finally:
         await c.close()
 
+
+
+def _refuse_writes(path: Path, refuse: bool) -> None:
+    """Make the file refuse (or take again) the audit table's writes, from another
+    connection, as a full disk or a broken file would: every insert fails."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        if refuse:
+            db.execute("CREATE TRIGGER refuse BEFORE INSERT ON audit "
+                       "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
+        else:
+            db.execute("DROP TRIGGER refuse")
+        db.commit()
+
+
+def _trail(store: SqliteAuditStore, stream: io.StringIO) -> tuple[AuditTrail, Metrics]:
+    """A trail counted in metrics as the service counts it."""
+    metrics = Metrics()
+    trail = AuditTrail(store, stream=stream,
+                       lost=lambda reason, n: metrics.audit_lost.labels(reason).inc(n))
+    metrics.audit_waiting.set_function(trail.waiting)
+    return trail, metrics
+
+
+def _counted(metrics: Metrics) -> tuple[float | None, float | None, float | None]:
+    """(waiting, refused, dropped) as /metrics shows them."""
+    value = metrics.registry.get_sample_value
+    return (value("enhanced_locking_audit_entries_waiting"),
+            value("enhanced_locking_audit_entries_lost_total", {"reason": "refused"}),
+            value("enhanced_locking_audit_entries_lost_total", {"reason": "dropped"}))
+
+
+async def test_entries_wait_while_the_file_refuses_writes_and_are_written_after(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An audited call never waits for the table: while the file refuses writes its entries
+    get their ids, go to stdout at once and wait (counted), the store retries, the failure is
+    logged once when it starts; once the file takes writes again every entry is written, in
+    order, and that is logged too. A read of the trail meanwhile says the store is
+    unavailable (the API's 503), it never answers without the waiting entries."""
+    path = tmp_path / "trail.db"
+    stream = io.StringIO()
+    store = SqliteAuditStore(path, Retention(timedelta(days=1), 1000))
+    try:
+        trail, metrics = _trail(store, stream)
+        await trail.record(entry(1))
+        await asyncio.sleep(store.coalesce * 5)
+        assert _pulls_in_file(path) == [1]
+        _refuse_writes(path, True)
+        with caplog.at_level(logging.WARNING, logger="enhanced_locking.backends.audit_store"):
+            started = time.monotonic()
+            for n in (2, 3, 4):
+                await trail.record(entry(n))
+            assert time.monotonic() - started < 0.5
+            await asyncio.sleep(1.0)  # several retries (50 ms, doubling)
+            assert _pulls_in_file(path) == [1]
+            assert store.waiting == 3 and store.dropped == 0
+            assert _counted(metrics) == (3.0, 0.0, 0.0)
+            refused = [r for r in caplog.records if "not written" in r.getMessage()]
+            assert len(refused) == 1, caplog.text
+            assert "database or disk is full" in refused[0].getMessage()
+            assert "3 wait" in refused[0].getMessage()
+            with pytest.raises(BackendUnavailable, match="cannot write the audit trail"):
+                await store.read(AuditQuery())
+            _refuse_writes(path, False)
+            await asyncio.sleep(store.retry_max + 0.5)
+        assert _pulls_in_file(path) == [1, 2, 3, 4]
+        assert "written again" in caplog.text and "3 that waited" in caplog.text
+        assert _counted(metrics) == (0.0, 0.0, 0.0)
+        assert numbers(await store.read(AuditQuery())) == [4, 3, 2, 1]
+    finally:
+        await store.close()
+    lines = [json.loads(line)["audit"] for line in stream.getvalue().splitlines()]
+    assert [line["pull"] for line in lines] == [1, 2, 3, 4] and all(line["id"] for line in lines)
+
+
+async def test_beyond_its_capacity_the_oldest_waiting_entries_go_counted_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The entries waiting for a file that refuses writes are bounded (``capacity``): past
+    it the oldest go from the trail, never an audited call's answer; each went to stdout,
+    each is counted (``dropped``), and the first is logged. The newest are written once the
+    file takes writes again."""
+    path = tmp_path / "trail.db"
+    stream = io.StringIO()
+    store = SqliteAuditStore(path, Retention(timedelta(days=1), 1000))
+    store.capacity = 5
+    try:
+        trail, metrics = _trail(store, stream)
+        _refuse_writes(path, True)
+        with caplog.at_level(logging.WARNING, logger="enhanced_locking.backends.audit_store"):
+            await trail.record(entry(1))
+            await asyncio.sleep(store.coalesce * 5)  # the first write is refused
+            for n in range(2, 9):
+                await trail.record(entry(n))
+            assert store.waiting == 5 and store.dropped == 3
+            assert _counted(metrics) == (5.0, 0.0, 3.0)
+            cut = [r for r in caplog.records if "the oldest go" in r.getMessage()]
+            assert len(cut) == 1 and cut[0].levelno == logging.ERROR
+            _refuse_writes(path, False)
+            await asyncio.sleep(store.retry_max + 0.5)
+        assert _pulls_in_file(path) == [4, 5, 6, 7, 8]
+        assert "3 were dropped meanwhile" in caplog.text
+        assert _counted(metrics) == (0.0, 0.0, 3.0)
+    finally:
+        await store.close()
+    assert [json.loads(line)["audit"]["pull"] for line in stream.getvalue().splitlines()] == [
+        1, 2, 3, 4, 5, 6, 7, 8]
+
+
+async def test_an_entry_the_store_refuses_still_goes_to_stdout_counted_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A store that cannot even give an entry its id (the file is read-only: its block of ids
+    cannot be reserved) refuses it: the audited call still answers, the entry goes to stdout
+    (without an id), and the refusal is logged and counted."""
+    path = tmp_path / "trail.db"
+    stream = io.StringIO()
+    store = SqliteAuditStore(path, Retention(timedelta(days=1), 1000))
+    try:
+        trail, metrics = _trail(store, stream)
+        store._db.execute("PRAGMA query_only = ON")  # what a read-only file answers
+        with caplog.at_level(logging.ERROR, logger="enhanced_locking.api.audit"):
+            await trail.record(entry(1))
+        assert "audit entry not stored" in caplog.text and "readonly" in caplog.text
+        assert trail.failures == 1
+        assert _counted(metrics) == (0.0, 1.0, 0.0)
+        store._db.execute("PRAGMA query_only = OFF")
+        await trail.record(entry(2))
+        assert numbers(await store.read(AuditQuery())) == [2]
+    finally:
+        await store.close()
+    lines = [json.loads(line)["audit"] for line in stream.getvalue().splitlines()]
+    assert [line["pull"] for line in lines] == [1, 2]
+    assert not lines[0]["id"] and lines[1]["id"]
 
 
 async def test_the_stdout_line_is_the_stored_entry_with_its_id(tmp_path: Path) -> None:

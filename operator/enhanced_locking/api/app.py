@@ -91,10 +91,13 @@ def create_app(
     ``access``: builds the access control from a config snapshot; ``exposed``: it listens on
     a non-loopback address.
     """
+    counted = service.metrics
     if audit is None:
         audit = AuditTrail(build_audit_store(service.provider.current.config),
                            enabled=lambda: service.provider.current.config.audit,
-                           stdout=lambda: service.provider.current.config.audit_stdout)
+                           stdout=lambda: service.provider.current.config.audit_stdout,
+                           lost=lambda reason, n: counted.audit_lost.labels(reason).inc(n))
+    counted.audit_waiting.set_function(audit.waiting)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -8,7 +8,9 @@ never a credential: the access seam hands this module identities only.
 
 ``GET /v1/audit`` (the ``admin`` right) reads the trail newest first with filters and paging.
 A store that does not answer never fails the call being audited: the entry still goes to
-stdout and the failure is logged and counted.
+stdout and the failure is logged and counted (``enhanced_locking_audit_entries_lost_total``:
+``refused`` when the store did not take it, ``dropped`` when a store that writes behind held
+more than it can while its place refused writes).
 """
 
 from __future__ import annotations
@@ -21,12 +23,15 @@ from typing import IO
 from enhanced_locking.backends.audit_store import AuditQuery, AuditStore, entry_json
 from enhanced_locking.types import AuditEntry, BackendUnavailable
 
-__all__ = ["AuditSink", "AuditTrail"]
+__all__ = ["AuditSink", "AuditTrail", "Lost"]
 
 log = logging.getLogger(__name__)
 
 AuditSink = Callable[[AuditEntry], None]
 """Something more that hears each entry (the operator posts admin actions as Events)."""
+
+Lost = Callable[[str, int], None]
+"""Told of entries the store will not keep: the reason (``refused``, ``dropped``), how many."""
 
 class AuditTrail:
     """Records entries to the store, stdout and any sinks."""
@@ -34,8 +39,11 @@ class AuditTrail:
     def __init__(
         self, store: AuditStore, *, enabled: Callable[[], bool] = lambda: True,
         stdout: Callable[[], bool] = lambda: True, stream: IO[str] | None = None,
+        lost: Lost | None = None,
     ) -> None:
         self.store = store
+        self._lost = lost
+        self._dropped = store.dropped
         self._enabled = enabled
         self._stdout = stdout
         self._stream = stream
@@ -51,6 +59,13 @@ class AuditTrail:
         except BackendUnavailable as error:
             self.failures += 1
             log.error("audit entry not stored: %s", error)
+            if self._lost is not None:
+                self._lost("refused", 1)
+        dropped = self.store.dropped  # a store that writes behind drops as it appends
+        if dropped != self._dropped:
+            if self._lost is not None:
+                self._lost("dropped", dropped - self._dropped)
+            self._dropped = dropped
         if self._stdout():
             stream = self._stream or sys.stdout
             stream.write('{"audit": ' + entry_json(entry) + "}\n")
@@ -60,6 +75,10 @@ class AuditTrail:
                 sink(entry)
             except Exception:  # a sink must never fail the audited call
                 log.exception("audit sink failed")
+
+    def waiting(self) -> int:
+        """Entries the store has not written yet (it writes behind)."""
+        return self.store.waiting
 
     async def read(self, query: AuditQuery) -> list[AuditEntry]:
         return await self.store.read(query)

@@ -23,6 +23,7 @@ import itertools
 import logging
 import secrets
 import sqlite3
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -118,6 +119,17 @@ class AuditQuery:
 class AuditStore(Protocol):
     """Appends entries durably and reads them back newest first."""
 
+    @property
+    def dropped(self) -> int:
+        """Entries appended and then lost before they were written: more waited than the
+        store holds while its place refused writes (the oldest go)."""
+        ...
+
+    @property
+    def waiting(self) -> int:
+        """Entries appended and not written yet (a store that writes behind)."""
+        ...
+
     async def append(self, entry: AuditEntry) -> AuditEntry: ...
 
     async def read(self, query: AuditQuery) -> list[AuditEntry]: ...
@@ -155,6 +167,7 @@ class SqliteAuditStore:
     capacity = 10_000
     id_block = 100
     retry_first, retry_max = 0.05, 2.0
+    report_every = 60.0
 
     def __init__(self, path: Path, retention: Retention) -> None:
         self._db = open_database(path)
@@ -169,7 +182,14 @@ class SqliteAuditStore:
         self._retry = self.retry_first
         self.dropped = 0
         """Entries lost because the file refused writes longer than :attr:`capacity` lasted."""
+        self._refused: tuple[float, int, float] | None = None
+        """While the file refuses writes: since when (monotonic), the entries dropped before,
+        and when the last line about it was logged."""
         self._prune()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._rows)
 
     def _prune(self) -> None:
         cutoff = (utcnow() - self._retention.max_age).isoformat()
@@ -210,6 +230,10 @@ class SqliteAuditStore:
         stored = replaced(entry, id=str(row_id))
         if len(self._rows) >= self.capacity:
             self._rows.popleft()
+            if self._refused is not None and self.dropped == self._refused[1]:
+                log.error("%d audit entries wait to be written, the most this store holds: "
+                          "the oldest go from the trail from now on (each went to stdout; "
+                          "counted in enhanced_locking_audit_entries_lost_total)", self.capacity)
             self.dropped += 1
         self._rows.append((row_id, stored.time.isoformat(), stored.identity, stored.verb,
                            stored.action, stored.key, stored.repo, stored.pull, stored.outcome,
@@ -225,15 +249,36 @@ class SqliteAuditStore:
 
     def _flush(self) -> None:
         self._timer = None
+        waiting = len(self._rows)
         try:
             self._write_waiting()
         except sqlite3.Error as error:
-            log.warning("audit entries not written yet (%s); retrying", error)
+            self._not_written(error)
             with contextlib.suppress(RuntimeError):
                 self._schedule(self._retry)
             self._retry = min(self.retry_max, self._retry * 2)
             return
         self._retry = self.retry_first
+        if self._refused is not None:
+            since, dropped_before, _ = self._refused
+            self._refused = None
+            log.warning("audit entries written again after %.1f s of refused writes: %d that "
+                        "waited are in the trail, %d were dropped meanwhile", time.monotonic()
+                        - since, waiting, self.dropped - dropped_before)
+
+    def _not_written(self, error: sqlite3.Error) -> None:
+        """A write refused: logged when it starts, then at most every :attr:`report_every`
+        seconds while it lasts (the store retries every :attr:`retry_max` seconds)."""
+        now = time.monotonic()
+        if self._refused is None:
+            self._refused = (now, self.dropped, now)
+            log.warning("audit entries not written (%s): %d wait, written when the file takes "
+                        "writes again (retrying)", error, len(self._rows))
+        elif now - self._refused[2] >= self.report_every:
+            since, dropped_before, _ = self._refused
+            self._refused = (since, dropped_before, now)
+            log.warning("audit entries still not written after %.0f s (%s): %d wait, %d dropped",
+                        now - since, error, len(self._rows), self.dropped - dropped_before)
 
     def _write_waiting(self) -> None:
         """Write every waiting row, up to :attr:`batch_limit` per transaction (rows leave the
@@ -306,6 +351,8 @@ class RedisAuditStore:
     """A stream shared by every replica; its ids (``<ms>-<seq>``) are the cursors."""
 
     kind = "redis"
+    dropped = 0  # written as appended: an entry Redis refuses is refused to the trail
+    waiting = 0
 
     def __init__(self, connection: RedisConnection, stream: str, retention: Retention) -> None:
         self._connection = connection
@@ -396,6 +443,10 @@ class EtcdAuditStore:
         """Entries lost because etcd stayed away longer than the outbox could hold them."""
         return self._outbox.dropped
 
+    @property
+    def waiting(self) -> int:
+        return len(self._outbox)
+
     def _key_at(self, moment: datetime) -> bytes:
         return self._prefix + f"{_micros(moment):016d}".encode()
 
@@ -482,6 +533,8 @@ class MemoryAuditStore:
     """The newest entries in memory (the ``memory`` store keeps nothing after exit either)."""
 
     kind = "memory"
+    dropped = 0
+    waiting = 0
 
     def __init__(self, retention: Retention) -> None:
         self._entries: collections.deque[AuditEntry] = collections.deque(
