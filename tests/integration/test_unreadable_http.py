@@ -7,12 +7,14 @@ Over HTTP: lists and release by pull answer the other locks; the key itself answ
 ``unreadable`` (never 500, never its content); ``/metrics`` counts it; ``/readyz`` stays ready
 and names it; an acquire on it is refused, waiting or not; a restart starts cleanly and finds
 it again; a force-unlock clears it (an event says so) and the next acquire is granted with a
-higher fencing token.
+higher fencing token. On Redis, a key's fencing counter written over sets the key aside the
+same way (``docs/03-redis.md``, "Keys written over by something else").
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +33,7 @@ from tests.support.unreadable import REDIS_SPOILERS, SECRET, Spoiler, spoil, spo
 from enhanced_locking.backends.atlantis_redis import AtlantisRedisBackend
 from enhanced_locking.backends.base import Backend
 from enhanced_locking.backends.etcd_store import EtcdBackend
-from enhanced_locking.backends.redis_store import RedisBackend
+from enhanced_locking.backends.redis_store import RedisBackend, RedisKeys
 
 REPO = "acme/infra"
 BAD, GOOD, OTHER = (f"{REPO}/envs/{name}/default/prod" for name in ("bad", "good", "other"))
@@ -300,3 +302,51 @@ async def test_a_service_started_on_a_store_with_an_unreadable_lock_serves_the_o
     ready = (await http.get("/readyz")).json()
     assert ready["ready"] is True and ready["unreadable"] == {"enhanced": 1}
     assert (await http.post("/v1/locks", json=body("bad", 2))).json()["reason"] == "unreadable"
+
+
+@pytest.mark.redis
+async def test_a_fencing_counter_written_over_sets_its_key_aside_over_http(
+    service_process: ServiceFactory, redis_server: RedisServer,
+    http_of: Callable[[ServiceProcess], httpx.AsyncClient],
+) -> None:
+    """A key's fencing counter in Redis replaced by something that is not a number: an acquire
+    of the key answers 409 ``unreadable`` (never 500, never a grant with a lower token), waiting
+    or not; the key is listed and counted as unreadable; every other key is served; a
+    force-unlock restarts the counter from the clock and the next grant is above it."""
+    flags = ("--enhanced-locking-enabled", "--enhanced-locking-backend=redis",
+             f"--enhanced-locking-redis-addr={redis_server.addr}",
+             "--enhanced-locking-legacy-backend=memory")
+    service = service_process(*flags)
+    http = http_of(service)
+    assert (await http.post("/v1/locks", json=body("bad", 1))).status_code == 200
+    freed = await http.delete("/v1/locks/by-key", params={"key": BAD, "pull": 1})
+    assert freed.status_code == 200, freed.text
+    keys = RedisKeys(redis_config(redis_server).redis_key_prefix, "enhanced")
+    with redis_server.client() as admin:
+        admin.delete(keys.fence(BAD))
+        admin.hset(keys.fence(BAD), "token", SECRET)
+    before_ms = int(time.time() * 1000)
+
+    for extra in ({}, {"wait": "1s"}):
+        refused = await http.post("/v1/locks", json=body("bad", 2, **extra))
+        assert refused.status_code == 409, refused.text
+        assert refused.json()["reason"] == "unreadable"
+        assert "force-unlock" in refused.json()["error"]
+    listed = await http.get("/v1/locks")
+    [entry] = listed.json()["unreadable"]
+    assert entry["key"] == BAD and "fencing counter" in entry["reason"]
+    metrics = await http.get("/metrics")
+    assert metric(metrics.text, "enhanced_locking_unreadable_locks", backend="enhanced") == 1
+    assert (await http.get("/readyz")).json()["ready"] is True
+    good = await http.post("/v1/locks", json=body("good", 2))
+    assert good.status_code == 200, good.text
+    assert SECRET not in refused.text + listed.text + metrics.text
+
+    cleared = await http.post("/v1/admin/force-unlock", params={"key": BAD, "reason": "bad row"})
+    assert cleared.status_code == 200, cleared.text
+    again = await http.post("/v1/locks", json=body("bad", 2))
+    assert again.status_code == 200, again.text
+    assert again.json()["lock"]["fencingToken"] >= before_ms * 1000
+    assert "unreadable" not in (await http.get("/v1/locks")).json()
+    assert service.stop() == 0
+    assert "Traceback" not in service.stderr() and SECRET not in service.output(limit=10**6)
