@@ -10,7 +10,11 @@ etcd the harness builds, ``hack/versions.env``), timed by the Go program in
 2. Hand-off latency: a holder releases while one waiter blocks; from the release call to the
    waiter's acquire returning (p50 / p99). Goal: our p50 within 2x of etcd's Mutex.
 
-Two more rows say what bounds us: the Python client alone (``etcd3aio``, the client the
+The steps' transactions go to the etcd leader (the connection finds it; see
+docs/09-etcd.md, "How an operation runs"), while etcd's Go client spreads the Mutex's calls
+over the members as it does by default; so one more row times the same Mutex given the
+leader's endpoint alone: what the Mutex would do with the same route (not the goal's
+anchor). Two more rows say what bounds us: the Python client alone (``etcd3aio``, the client the
 backend uses: a put and a delete of one key, sequentially, the least two round trips a pair
 can cost from Python), and the Redis backend (on a redis-server on loopback) timed as ours.
 Ours also reports the etcd calls its steps made per pair, and the CPU this process spent per
@@ -86,13 +90,15 @@ transaction (its answer says who is ahead and who holds the key, for the queued 
 one retry when the other replica got in first."""
 
 
-def go_mutex(cluster: EtcdCluster, pairs: int, handoffs: int, run: int = 0) -> dict[str, Any]:
+def go_mutex(cluster: EtcdCluster, pairs: int, handoffs: int, run: int = 0, *,
+             endpoints: list[str] | None = None) -> dict[str, Any]:
     binary = build(REPO / "bench" / "etcd_mutex", "etcdmutex",
                    missing="bench/etcd_locking.py needs Go (1.25 or newer) to build etcd's "
                            "concurrency.Mutex anchor: install Go and put `go` on PATH")
     out = subprocess.run(
-        [str(binary), f"-endpoints={','.join(cluster.endpoints)}", f"-pairs={pairs}",
-         f"-handoffs={handoffs}", f"-prefix=/bench/go-{os.getpid()}-{run}/"],
+        [str(binary), f"-endpoints={','.join(endpoints or cluster.endpoints)}",
+         f"-pairs={pairs}", f"-handoffs={handoffs}",
+         f"-prefix=/bench/go-{os.getpid()}-{run}-{len(endpoints or ())}/"],
         check=True, capture_output=True, text=True, timeout=600)
     result: dict[str, Any] = json.loads(out.stdout)
     return result
@@ -251,6 +257,7 @@ class Run:
 
 MUTEX, RAW, ETCD, REDIS = ("etcd concurrency.Mutex (Go)", "etcd3aio put + delete (Python)",
                            "ours, etcd backend", "ours, Redis backend")
+MUTEX_LEADER = "etcd concurrency.Mutex (Go), the leader's endpoint only"
 
 
 async def one_run(args: argparse.Namespace, cluster: EtcdCluster, redis: RedisServer,
@@ -262,12 +269,16 @@ async def one_run(args: argparse.Namespace, cluster: EtcdCluster, redis: RedisSe
                                          **common))
     on_redis = Ours(EnhancedLockingConfig(backend="redis", redis_addr=redis.addr, **common))
     anchor = await asyncio.to_thread(go_mutex, cluster, args.pairs, args.handoffs, number)
+    leader = cluster.leader()
+    assert leader is not None, "the etcd cluster has no leader"
+    on_leader = await asyncio.to_thread(go_mutex, cluster, args.pairs, 0, number,
+                                        endpoints=[leader.endpoint])
     etcd_pairs, calls, etcd_cpu, etcd_loop = await on_etcd.pairs(args.pairs)
     redis_pairs, _, redis_cpu, redis_loop = await on_redis.pairs(args.pairs)
     raw, raw_cpu, raw_loop = await raw_pairs(cluster, args.pairs)
     return Run(
-        pairs={MUTEX: anchor["pairs_per_second"], RAW: raw, ETCD: etcd_pairs,
-               REDIS: redis_pairs},
+        pairs={MUTEX: anchor["pairs_per_second"], MUTEX_LEADER: on_leader["pairs_per_second"],
+               RAW: raw, ETCD: etcd_pairs, REDIS: redis_pairs},
         cpu={RAW: raw_cpu, ETCD: etcd_cpu, REDIS: redis_cpu},
         loop_cpu={RAW: raw_loop, ETCD: etcd_loop, REDIS: redis_loop},
         handoffs={MUTEX: anchor["handoffs"], ETCD: await on_etcd.handoffs(args.handoffs),
@@ -300,7 +311,7 @@ def report(args: argparse.Namespace, runs: list[Run]) -> str:
         "| p50 x Mutex | goal | met |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name in (MUTEX, RAW, ETCD, REDIS):
+    for name in (MUTEX, MUTEX_LEADER, RAW, ETCD, REDIS):
         pairs = [r.pairs[name] for r in runs]
         goal, met = "", ""
         if name == ETCD:
@@ -321,6 +332,7 @@ def report(args: argparse.Namespace, runs: list[Run]) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     calls = statistics.median(r.calls_per_pair for r in runs)
     raw_share = [r.pairs[ETCD] / r.pairs[RAW] for r in runs]
+    leader_share = [r.pairs[ETCD] / r.pairs[MUTEX_LEADER] for r in runs]
     cpu_share = [r.cpu[ETCD] / r.cpu[RAW] for r in runs]
 
     def cpu_us(name: str) -> str:
@@ -333,7 +345,10 @@ def report(args: argparse.Namespace, runs: list[Run]) -> str:
         "",
         f"Ours on etcd made {calls:.2f} etcd calls per pair (one transaction per acquire and "
         f"per release) and ran at {spread(raw_share, max, '.2f')}x of the Python client's "
-        f"bare put + delete pair. CPU of this process per pair (median run, best run): "
+        f"bare put + delete pair; its transactions go to the etcd leader, and against the "
+        f"Mutex given the leader's endpoint alone it ran at "
+        f"{spread(leader_share, max, '.2f')}x. CPU of this process per pair (median run, "
+        f"best run): "
         f"ours on etcd {cpu_us(ETCD)} µs, the bare client pair {cpu_us(RAW)} µs "
         f"(ours {spread(cpu_share, min, '.2f')}x of it), ours on Redis {cpu_us(REDIS)} µs; "
         f"of which the event loop's thread (the Python, gRPC's own threads apart): ours on "
