@@ -158,3 +158,28 @@ async def test_with_one_endpoint_nothing_is_routed(
         assert store.connection.txn is not None and store.connection.txn.via is None
     finally:
         await store.close()
+
+
+async def test_with_auth_on_the_leader_is_found_and_the_route_carries_the_token(
+    three: EtcdCluster,
+) -> None:
+    leader = leader_of(three)  # asked before auth is on (the gateway's Status then needs it)
+    leader_id = member_id(three, leader)
+    admin = EtcdConnection(EtcdSettings(endpoints=tuple(three.endpoints)))
+    client = await admin.client()
+    assert client.auth is not None
+    await client.auth.user_add("root", "root-secret")
+    await client.auth.user_grant_role("root", "root")
+    await client.auth.auth_enable()
+    await admin.close()
+
+    store = EtcdBackend(EtcdConnection(EtcdSettings(
+        endpoints=tuple(three.endpoints), username="root", password="root-secret")),
+        prefix="/route-auth/")
+    try:
+        await pair(store)
+        await routed_to(store.connection, leader.endpoint)
+        await pair(store, pull=2)  # on the route: etcd refuses a transaction without a token
+        assert await answered_by(store.connection) == leader_id
+    finally:
+        await store.close()
