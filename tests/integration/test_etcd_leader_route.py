@@ -183,3 +183,21 @@ async def test_with_auth_on_the_leader_is_found_and_the_route_carries_the_token(
         assert await answered_by(store.connection) == leader_id
     finally:
         await store.close()
+
+
+async def test_a_connection_that_sends_no_transaction_does_not_look_for_the_leader(
+    three: EtcdCluster,
+) -> None:
+    # The event bus's connection: puts, gets and watches on the balanced channel only.
+    connection = EtcdConnection(EtcdSettings(endpoints=tuple(three.endpoints)))
+    try:
+        client = await connection.client()
+        assert client.kv is not None
+        await client.kv.put(b"/route-none/k", b"v")
+        assert (await client.kv.get(b"/route-none/k")).kvs[0].value == b"v"
+        await asyncio.sleep(0.3)
+        assert connection.leader is None and not connection._members
+        await answered_by(connection)  # its first transaction starts the look
+        await routed_to(connection, leader_of(three).endpoint)
+    finally:
+        await connection.close()

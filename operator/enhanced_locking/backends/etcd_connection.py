@@ -257,8 +257,6 @@ class EtcdConnection:
             self.txn = TxnCall(client)
             self._client = client
             self._targets, self._tls, self._name = targets, tls, name if s.tls else None
-        if len(self._targets) > 1:
-            self._look_for_leader()
         return client
 
     def transact(self, client: etcd3aio.Etcd3Client, request: Any) -> Awaitable[Any]:
@@ -271,6 +269,8 @@ class EtcdConnection:
         return self._routed(txn, request)
 
     async def _routed(self, txn: TxnCall, request: Any) -> Any:
+        """The first answer (its term is new) starts looking for the leader: a connection
+        that sends no transactions (the event bus's) never looks."""
         try:
             answer = await txn(request)
         except DOWN:
