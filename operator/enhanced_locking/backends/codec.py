@@ -40,6 +40,7 @@ from enhanced_locking.types import (
     VcsHostType,
     lock_key,
     strip_credentials,
+    utc_text,
 )
 
 __all__ = [
@@ -90,24 +91,7 @@ def _go_time(value: datetime) -> str:
     """``value`` in UTC as ``isoformat`` writes it, with ``Z`` for the zone."""
     if value.tzinfo is not UTC:  # ours always are UTC: no conversion
         return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
-    # isoformat formats every field with C's sprintf and the zone through the tzinfo's
-    # offset: about 12k instructions, a twentieth of a lock pair. The text up to the second
-    # is kept per second (every lock written in that second shares it) and the fraction added.
-    second = (value.toordinal(), value.hour, value.minute, value.second)
-    head = _SECONDS.get(second)
-    if head is None:
-        if len(_SECONDS) >= _SECONDS_KEPT:
-            _SECONDS.clear()
-        head = _SECONDS[second] = value.replace(microsecond=0, tzinfo=None).isoformat()
-    micro = value.microsecond
-    if not micro:
-        return head + "Z"  # as isoformat: no fraction when it is zero
-    # %-formatting: an f-string's format spec costs about twice as much here.
-    return "%s.%06dZ" % (head, micro)  # noqa: UP031
-
-
-_SECONDS: dict[tuple[int, int, int, int], str] = {}
-_SECONDS_KEPT = 64
+    return utc_text(value)
 
 
 def _parse_time(value: str) -> datetime:
