@@ -22,11 +22,13 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute, request_response
 from starlette.datastructures import QueryParams
+from starlette.requests import Request
 
 from enhanced_locking.api import create_app
 from enhanced_locking.api.access import CallerDep
 from enhanced_locking.api.direct import (
     DirectRoutes,
+    _content_type,
     check_direct_routes,
     query_values,
     serve_directly,
@@ -347,3 +349,17 @@ def test_an_answer_of_json_bytes_has_the_headers_starlette_would_give_it(
 def test_the_query_reads_as_starlette_reads_it(query: bytes) -> None:
     starlettes = QueryParams(query)
     assert query_values(query) == {name: starlettes[name] for name in starlettes}
+
+
+@pytest.mark.parametrize("headers", [
+    [],
+    [(b"host", b"x"), (b"content-type", b"application/json")],
+    [(b"content-type", b"Application/JSON; charset=UTF-8"), (b"content-type", b"text/plain")],
+    [(b"accept", b"application/json"), (b"content-type", b"")],
+    [(b"content-type", "application/json; x=caf\u00e9".encode("latin-1"))],
+])
+def test_the_content_type_reads_as_the_request_headers_give_it(
+    headers: list[tuple[bytes, bytes]],
+) -> None:
+    scope = {"type": "http", "headers": headers}
+    assert _content_type(scope) == Request(scope).headers.get("content-type")

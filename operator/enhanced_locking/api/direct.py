@@ -139,7 +139,7 @@ def serve_directly(app: FastAPI, endpoint: Callable[..., Awaitable[Any]]) -> Non
                     body = await request.body()
                 except Exception:  # the client left mid-body, say: FastAPI's handler says so
                     raise _Refer from None
-                kind = request.headers.get("content-type")
+                kind = _content_type(scope)
                 if kind is None or kind.lower() not in JSON_TYPES:
                     raise _Refer
                 values[body_name] = body_model.model_validate_json(body)  # type: ignore[index]
@@ -189,6 +189,16 @@ def query_values(query: bytes) -> dict[str, str]:
             name, value = unquote(name), unquote(value)
         values[name] = value
     return values
+
+
+def _content_type(scope: Scope) -> str | None:
+    """What ``request.headers.get("content-type")`` answers (the first one), read from the raw
+    headers (ASGI names them in lower case) without building Starlette's ``Headers``, whose
+    ``get`` goes through the mapping's ``__getitem__`` and lower-cases every name it passes."""
+    for name, value in scope["headers"]:
+        if name == b"content-type":
+            return value.decode("latin-1")  # type: ignore[no-any-return]
+    return None
 
 
 def _replaying(body: bytes, receive: Receive) -> Receive:
