@@ -42,7 +42,7 @@ from enhanced_locking.api.errors import (
 )
 from enhanced_locking.api.params import Key, PullNum, Repo
 from enhanced_locking.api.queue_routes import install_queue_routes
-from enhanced_locking.api.responses import JsonAnswer, model_json
+from enhanced_locking.api.responses import JsonAnswer, lock_json, result_json
 from enhanced_locking.api.server import Backpressure
 from enhanced_locking.api.sse import install_event_stream
 from enhanced_locking.api.webhooks import webhook_router
@@ -155,8 +155,8 @@ def create_app(
             note.done("acquired" if result.acquired else str(result.reason),
                       200 if result.acquired else 409)
         if not result.fresh:
-            return JsonAnswer(model_json(result), status_code=200 if result.acquired else 409)
-        return AnswerUnlessGone(model_json(result), status_code=200,
+            return JsonAnswer(result_json(result), status_code=200 if result.acquired else 409)
+        return AnswerUnlessGone(result_json(result), status_code=200,
                                 on_gone=lambda: _give_back(result, request))
 
     async def _give_back(answer: AcquireResult | None, request: LockRequest) -> None:
@@ -245,7 +245,7 @@ def create_app(
             note.done("released")
             note.pull = lock.pull.num
         # Encoded once, by pydantic; nothing for FastAPI to encode.
-        return JsonAnswer(b'{"released":true,"lock":' + model_json(lock) + b"}")
+        return JsonAnswer(b'{"released":true,"lock":' + lock_json(lock) + b"}")
 
     @app.delete("/v1/locks/by-pull", responses=WHO)
     async def release_pull(repo: Repo, pull: PullNum, caller: CallerDep) -> Any:
