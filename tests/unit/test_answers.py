@@ -8,6 +8,7 @@ import pytest
 
 from enhanced_locking.types import (
     AcquireResult,
+    AuditEntry,
     Lock,
     LockRequest,
     Priority,
@@ -15,6 +16,7 @@ from enhanced_locking.types import (
     Pull,
     User,
     built,
+    replaced,
 )
 
 
@@ -65,3 +67,33 @@ def test_a_requests_candidate_lock_is_the_model_built_from_its_fields(mode: str)
     assert written.model_dump_json() == general.model_dump_json()
     assert written.model_fields_set is not Lock.candidate(
         request, now=now, priority=Priority.HIGH).model_fields_set  # each its own set
+
+
+@pytest.mark.parametrize("values", [
+    {"identity": "alice", "groups": ("sre",), "method": "bearer", "verb": "lock",
+     "action": "acquire", "key": "acme/infra/envs/prod/default/", "repo": "acme/infra",
+     "pull": 12, "outcome": "acquired", "status": 200, "reason": None,
+     "peer": "10.0.0.7:5123", "request_id": "r-1"},
+    {"identity": "anonymous", "groups": (), "method": "none", "verb": "release-any",
+     "action": "release-any", "key": None, "repo": None, "pull": None,
+     "outcome": "denied", "status": 403, "reason": "why", "peer": "", "request_id": None},
+])
+def test_an_audit_entry_and_its_stored_copy_are_the_models_built_from_their_fields(
+    values: dict[str, object],
+) -> None:
+    # AuditEntry.recorded and with_id write their fields out instead of asking built() and
+    # replaced(): the models agree in every field, in which count as set, and in the JSON.
+    time = datetime(2024, 5, 1, 8, 20, 30, 123456, tzinfo=UTC)
+    written = AuditEntry.recorded(time=time, **values)  # type: ignore[arg-type]
+    general = built(AuditEntry, time=time, **values)
+    for ours, theirs in ((written, general),
+                         (written.with_id("41"), replaced(general, id="41"))):
+        assert ours == theirs
+        assert list(ours.__dict__) == list(theirs.__dict__)
+        assert ours.model_fields_set == theirs.model_fields_set
+        assert ours.__pydantic_private__ == theirs.__pydantic_private__
+        assert ours.__pydantic_extra__ == theirs.__pydantic_extra__
+        assert ours.model_dump_json() == theirs.model_dump_json()
+    assert written.id == "" and written.with_id("41").id == "41"  # the entry itself unchanged
+    assert written.model_fields_set is not AuditEntry.recorded(
+        time=time, **values).model_fields_set  # type: ignore[arg-type]  # each its own set

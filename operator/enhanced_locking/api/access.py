@@ -47,7 +47,6 @@ from enhanced_locking.types import (
     NotAuthenticated,
     NotPermitted,
     Verb,
-    built,
     utcnow,
 )
 
@@ -293,8 +292,8 @@ class Caller:
     ) -> None:
         """Write one row to the audit trail. (Built, not validated again: every value is of
         its field's type already, the identity's and the request's checked as they came in.)"""
-        await self.audit.record(built(
-            AuditEntry, time=utcnow(), identity=self.identity.name,
+        await self.audit.record(AuditEntry.recorded(
+            time=utcnow(), identity=self.identity.name,
             groups=self.identity.groups, method=self.identity.method, verb=verb.value,
             action=action, key=key, repo=repo, pull=pull, outcome=outcome, status=status,
             reason=reason, peer=self.peer, request_id=self.request_id,

@@ -45,7 +45,6 @@ from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.types import (
     AuditEntry,
     BackendUnavailable,
-    replaced,
     utc_text,
     utcnow,
 )
@@ -260,7 +259,7 @@ class SqliteAuditStore:
         if self._next_id > self._last_id:
             self._reserve()
         row_id, self._next_id = self._next_id, self._next_id + 1
-        stored = replaced(entry, id=str(row_id))
+        stored = entry.with_id(str(row_id))
         if len(self._rows) >= self.capacity:
             self._rows.popleft()
             if self._refused is not None and self.dropped == self._refused[1]:
@@ -409,7 +408,7 @@ class RedisAuditStore:
                 await self._prune()
         except (RedisError, OSError) as error:
             raise BackendUnavailable(f"cannot write the audit trail: {error}") from None
-        return replaced(entry, id=str(entry_id))
+        return entry.with_id(str(entry_id))
 
     async def read(self, query: AuditQuery) -> list[AuditEntry]:
         found: list[AuditEntry] = []
@@ -486,7 +485,7 @@ class EtcdAuditStore:
 
     async def append(self, entry: AuditEntry) -> AuditEntry:
         self._last = max(_micros(entry.time), self._last + 1)
-        stored = replaced(entry, id=f"{self._last:016d}-{secrets.token_hex(4)}")
+        stored = entry.with_id(f"{self._last:016d}-{secrets.token_hex(4)}")
         self._outbox.put((self._prefix + stored.id.encode(),
                           entry_json(stored).encode()))
         return stored
@@ -577,7 +576,7 @@ class MemoryAuditStore:
         self._next = 1
 
     async def append(self, entry: AuditEntry) -> AuditEntry:
-        stored = replaced(entry, id=str(self._next))
+        stored = entry.with_id(str(self._next))
         self._next += 1
         self._entries.append(stored)
         cutoff = utcnow() - self._retention.max_age
