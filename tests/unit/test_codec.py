@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from enhanced_locking.backends import codec
 from enhanced_locking.types import (
     Lock,
+    LockUnreadable,
     Priority,
     Project,
     Pull,
@@ -276,3 +277,66 @@ def test_a_time_is_written_as_isoformat_writes_it_with_z_for_the_zone(time: date
     assert codec._go_time(time) == time.isoformat().replace("+00:00", "Z")
     assert codec._go_time(time.replace(microsecond=7)) == time.replace(
         microsecond=7).isoformat().replace("+00:00", "Z")
+
+
+def test_locks_of_one_pull_share_its_pull_and_user_and_read_as_each_was_written() -> None:
+    # A pull and a user are read once per value: the locks of one pull share them (fewer
+    # models to validate, fewer objects for the collector), and each lock reads back as it was
+    # written, whatever was read before it.
+    first = a_lock()
+    second = a_lock(key="acme/infra/envs/dev/default/dev",
+                    project=Project(repo_full_name="acme/infra", path="envs/dev",
+                                    project_name="dev"))
+    other_pull = a_lock(pull=first.pull.model_copy(update={"num": 13}))
+    other_user = a_lock(user=User(username="bob", teams=["platform"]))
+    read = [codec.decode(codec.encode(lock), key=lock.key)
+            for lock in (first, second, other_pull, other_user, first)]
+    assert read == [first, second, other_pull, other_user, first]
+    assert read[0].pull is read[1].pull and read[0].user is read[1].user
+    assert read[2].pull != read[0].pull and read[3].user != read[0].user
+
+
+@pytest.mark.parametrize(("first", "then", "kind"), [
+    (1, 1.0, "Github"), (1.0, 1, "Gitlab"), (1, True, "Gitlab"), (0, False, "Github")])
+def test_stored_values_that_compare_equal_but_differ_in_type_are_read_as_their_own(
+    first: object, then: object, kind: str,
+) -> None:
+    # 1 == 1.0 == True in Python: a pull kept by the values it was read from must not answer
+    # for values of another type, which the codec reads otherwise (a VCS type is a whole
+    # number; 1.0 is not one).
+    data = json.loads(ATLANTIS_JSON)
+    data["Pull"]["BaseRepo"]["VCSHost"]["Type"] = first
+    codec.decode(json.dumps(data))
+    data["Pull"]["BaseRepo"]["VCSHost"]["Type"] = then
+    host = codec.decode(json.dumps(data)).pull.vcs_host
+    assert host is not None and host.type == kind
+
+
+@pytest.mark.parametrize(("part", "field", "value"), [
+    ("User", "Teams", {"platform": 1}), ("User", "Teams", [["platform"]]),
+    ("User", "Username", ["alice"]), ("Pull", "URL", {"x": 1}), ("Pull", "Author", 7)])
+def test_a_part_of_a_value_no_model_takes_is_still_unreadable(
+    part: str, field: str, value: object,
+) -> None:
+    # Values that cannot key the kept pulls and users (a list, a dict) and values of the wrong
+    # type are validated as before, and refused.
+    data = json.loads(ATLANTIS_JSON)
+    data[part][field] = value
+    with pytest.raises(LockUnreadable) as refused:
+        codec.read(json.dumps(data), key="acme/infra/envs/prod/staging/prod", side="legacy")
+    assert field.lower() in refused.value.found.reason.replace("_", "")
+
+
+@given(time=_times, digits=st.integers(min_value=0, max_value=9),
+       zone=st.sampled_from(["Z", "+00:00", "+02:00", "-07:30"]))
+def test_a_stored_time_reads_as_the_instant_it_names_in_utc(
+    time: datetime, digits: int, zone: str,
+) -> None:
+    # RFC 3339 as Go writes it: up to nine digits of fraction (Python keeps six), any zone.
+    fraction = f"{time.microsecond:06d}000"[:digits]
+    text = time.strftime("%Y-%m-%dT%H:%M:%S") + ("." + fraction if digits else "") + zone
+    offset = {"Z": timedelta(0), "+00:00": timedelta(0), "+02:00": timedelta(hours=2),
+              "-07:30": -timedelta(hours=7, minutes=30)}[zone]
+    expected = time.replace(microsecond=int(fraction[:6].ljust(6, "0")) if digits else 0)
+    parsed = codec._parse_time(text)
+    assert parsed == expected - offset and parsed.tzinfo is UTC

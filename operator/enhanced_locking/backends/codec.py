@@ -22,8 +22,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import pydantic
@@ -77,14 +78,16 @@ def _base_repo(lock: Lock) -> dict[str, Any]:
     }
 
 
-def _vcs_host(pull: dict[str, Any]) -> VcsHost | None:
+def _vcs_host(pull: dict[str, Any]) -> tuple[Any, VcsHostType] | None:
+    """The pull's VCS host as :class:`VcsHost`'s two arguments (hostname as stored, type by
+    Atlantis's number), or ``None`` without one."""
     base = pull.get("BaseRepo")
     host = base.get("VCSHost") if isinstance(base, dict) else None
     if not isinstance(host, dict) or not host.get("Hostname"):
         return None  # written before the host was kept: derived from the URL again
     kind = host.get("Type", 0)
-    return VcsHost(hostname=host["Hostname"],
-                   type=_VCS_TYPES[kind] if isinstance(kind, int) and 0 <= kind < 6 else "Github")
+    return host["Hostname"], (_VCS_TYPES[kind] if isinstance(kind, int) and 0 <= kind < 6
+                              else "Github")
 
 
 def _go_time(value: datetime) -> str:
@@ -95,6 +98,13 @@ def _go_time(value: datetime) -> str:
 
 
 def _parse_time(value: str) -> datetime:
+    try:  # what we and Atlantis write: RFC 3339 in UTC, which fromisoformat reads as it is
+        parsed = datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        pass
+    else:
+        if parsed.tzinfo is UTC:
+            return parsed
     text = value.replace("Z", "+00:00")
     # Go writes nanoseconds; Python keeps microseconds.
     if "." in text:
@@ -144,7 +154,10 @@ def atlantis_dict(lock: Lock) -> dict[str, Any]:
 
 
 def from_atlantis_dict(data: dict[str, Any], *, key: str | None = None) -> Lock:
-    """Read Atlantis's JSON (written by Atlantis itself or by us)."""
+    """Read Atlantis's JSON (written by Atlantis itself or by us).
+
+    A lock's pull and user are read once per value (see :data:`_PARTS_KEPT`): the locks of a
+    pull share both."""
     project = data.get("Project") or {}
     pull = data.get("Pull") or {}
     user = data.get("User") or {}
@@ -160,19 +173,13 @@ def from_atlantis_dict(data: dict[str, Any], *, key: str | None = None) -> Lock:
         key=key or lock_key(lock_project, workspace),
         project=lock_project,
         workspace=workspace,
-        pull=Pull(
-            num=int(pull.get("Num", 0)),
-            url=pull.get("URL", ""),
-            author=pull.get("Author", ""),
-            head_branch=pull.get("HeadBranch", ""),
-            base_branch=pull.get("BaseBranch", ""),
-            head_commit=pull.get("HeadCommit", ""),
-            state="closed" if pull.get("State") == 1 else "open",
-            vcs_host=_vcs_host(pull),
-        ),
+        pull=_kept(_PULLS, _pull, (
+            int(pull.get("Num", 0)), pull.get("URL", ""), pull.get("Author", ""),
+            pull.get("HeadBranch", ""), pull.get("BaseBranch", ""), pull.get("HeadCommit", ""),
+            "closed" if pull.get("State") == 1 else "open", _vcs_host(pull))),
         # Teams were kept under Enhanced before they moved to where Atlantis reads them.
-        user=User(username=user.get("Username", ""),
-                  teams=user.get("Teams") or extra.get("Teams") or []),
+        user=_kept(_USERS, _user, (
+            user.get("Username", ""), _sequence(user.get("Teams") or extra.get("Teams") or []))),
         priority=Priority(extra.get("Priority", "normal")),
         acquired_at=_parse_time(data["Time"]) if data.get("Time") else datetime.now(UTC),
         expires_at=_parse_time(expires) if expires else None,
@@ -180,6 +187,61 @@ def from_atlantis_dict(data: dict[str, Any], *, key: str | None = None) -> Lock:
         backend=extra.get("Backend", "legacy"),
         mode="shared" if extra.get("Mode") == "shared" else "exclusive",
     )
+
+
+_PARTS_KEPT = 4096
+"""How many pulls, and how many users, :func:`from_atlantis_dict` keeps by the values it read
+them from (each forgotten all at once when full, as the encoder's templates).
+
+The locks of one pull share its pull and mostly its user, and each is a model to validate
+(a pull about 54k instructions when its VCS host is derived from its address, a user 11k)
+and objects that Python's collector tracks for as long as the lock is kept: a decoded lock
+was about eleven such objects, six of them its pull's and its user's, and a list of 100,000
+locks set off full collections that walked them all again and again. Kept, a list of locks
+ten to a pull is about five objects per lock.
+
+The key is the arguments the model is made of, after the codec's own conversions (the pull
+number made an int, the VCS type a name): a value that validates is of its field's type,
+and a string never equals a number, so equal arguments make equal models (1, 1.0 and True
+are equal in Python, but never all valid for one field). An argument that cannot be a key
+(a list where a string belongs) is validated without being kept, and fails there. The
+models are frozen and nothing changes a user's teams: sharing one is safe."""
+
+_PULLS: dict[tuple[Any, ...], Pull] = {}
+_USERS: dict[tuple[Any, ...], User] = {}
+_PartT = TypeVar("_PartT", Pull, User)
+
+
+def _pull(args: tuple[Any, ...]) -> Pull:
+    num, url, author, head_branch, base_branch, head_commit, state, host = args
+    return Pull(num=num, url=url, author=author, head_branch=head_branch,
+                base_branch=base_branch, head_commit=head_commit, state=state,
+                vcs_host=None if host is None else VcsHost(hostname=host[0], type=host[1]))
+
+
+def _user(args: tuple[Any, ...]) -> User:
+    username, teams = args
+    return User(username=username, teams=list(teams) if isinstance(teams, tuple) else teams)
+
+
+def _sequence(value: Any) -> Any:
+    """A list as a tuple (a key can hold it); anything else as it is (it fails validation)."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _kept(kept: dict[tuple[Any, ...], _PartT], make: Callable[[tuple[Any, ...]], _PartT],
+          args: tuple[Any, ...]) -> _PartT:
+    """The model ``make`` makes of ``args``, made once while kept (see :data:`_PARTS_KEPT`)."""
+    try:
+        found = kept.get(args)
+    except TypeError:  # an unhashable argument: not a valid one either
+        return make(args)
+    if found is None:
+        found = make(args)
+        if len(kept) >= _PARTS_KEPT:
+            kept.clear()
+        kept[args] = found
+    return found
 
 
 def encode(lock: Lock) -> str:
@@ -236,14 +298,14 @@ def _template(lock: Lock) -> tuple[str, str, str]:
 
 
 def decode(text: str | bytes, *, key: str | None = None) -> Lock:
-    return from_atlantis_dict(json.loads(text), key=key)
+    return from_atlantis_dict(orjson.loads(text), key=key)
 
 
 def read(text: str | bytes, *, key: str, side: str) -> Lock:
     """:func:`decode` for a store: a value that is not a lock raises :class:`LockUnreadable`
     (what it says is safe to log and show: never the value itself)."""
     try:
-        data = json.loads(text)
+        data = orjson.loads(text)
         if not isinstance(data, dict):
             raise _NotALock(f"JSON {type(data).__name__}, not an object")
         return from_atlantis_dict(data, key=key)
