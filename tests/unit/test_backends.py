@@ -7,6 +7,7 @@ outlives the backend object (the embedded file, Redis).
 from __future__ import annotations
 
 import contextlib
+import gc
 import sqlite3
 from datetime import timedelta
 from pathlib import Path
@@ -16,7 +17,7 @@ from tests.support.backends import BACKEND_KINDS, BackendFactory
 from tests.support.leases import Overrun, past, with_leases
 from tests.support.locks import lock_for, request_for
 
-from enhanced_locking.backends import EmbeddedBackend, MemoryBackend, QueueBackend, codec
+from enhanced_locking.backends import EmbeddedBackend, MemoryBackend, QueueBackend, base, codec
 from enhanced_locking.backends.embedded import APPLICATION_ID, FLOOR_AHEAD, SCHEMA_VERSION
 from enhanced_locking.types import BackendUnavailable, Lock, LockNotOwned, StoreRefused, utcnow
 
@@ -182,6 +183,48 @@ async def test_the_embedded_store_is_one_sqlite_file_in_wal_mode(data_dir: Path)
         assert (data_dir / "enhanced-locking.db").is_file()
     finally:
         await backend.close()
+
+
+async def test_a_long_list_of_the_embedded_store_decodes_with_the_collector_paused(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A list of many locks decodes them with Python's cyclic collector paused (its full
+    # collections would walk the whole process again and again as the answer grows), and
+    # leaves it as it found it: running, or off if the process had turned it off.
+    backend = EmbeddedBackend(data_dir / "enhanced-locking.db")
+    read, collector_on = codec.read, []
+
+    def read_watched(text: str | bytes, *, key: str, side: str) -> Lock:
+        collector_on.append(gc.isenabled())
+        return read(text, key=key, side=side)
+
+    monkeypatch.setattr(codec, "read", read_watched)
+    try:
+        held = [lock_for(request_for(path=f"p{n}", pull=n // 10 + 1)).model_copy(
+            update={"fencing_token": 1}) for n in range(base._PAUSE_FROM + 200)]
+        assert await backend.adopt(held, {}) == []
+        listed = await backend.list()
+        assert sorted(listed, key=lambda lock: lock.key) == sorted(held, key=lambda lock: lock.key)
+        assert len(collector_on) == len(held) and not any(collector_on)
+        assert gc.isenabled()
+        collector_on.clear()
+        assert len(await backend.list(repo="acme/infra", pull=3)) == 10
+        assert collector_on == [True] * 10, "a short list leaves the collector running"
+        gc.disable()
+        try:
+            assert len(await backend.list()) == len(held)
+            assert not gc.isenabled(), "a process that turned the collector off keeps it off"
+        finally:
+            gc.enable()
+    finally:
+        await backend.close()
+
+
+def test_the_collector_resumes_whatever_the_decoding_raised() -> None:
+    with pytest.raises(RuntimeError), base._collector_paused(base._PAUSE_FROM):
+        assert not gc.isenabled()
+        raise RuntimeError("a failure while decoding")
+    assert gc.isenabled()
 
 
 async def test_two_writers_of_one_embedded_file_each_store_the_token_they_answer(
