@@ -1,8 +1,13 @@
 """The enhanced locker on the embedded store at scale: 1k, 10k and 100k held locks, 10k waiters.
 
-For each size the store is filled with that many held locks (ten per pull, as a pull holding a
-project per directory would), through the backend's ``adopt`` in one transaction (the rows are
-the ones an acquire writes), and then each call is timed through the locker:
+For each size a store file of its own is filled with that many held locks (ten per pull, as a
+pull holding a project per directory would), through the backend's ``adopt`` in one transaction
+(the rows are the ones an acquire writes), and then each call is timed through the locker of
+each size in turn, in three rounds (the sizes in turn, backwards in the middle round), so that
+what else runs on the machine weighs on every size alike (one size after the other had timed
+the 100,000 column in the minutes after its fill, at whatever load the machine then had). Each
+sample's CPU time (the thread's) and wall time are taken; the table and its ratios are CPU time,
+which a loaded machine moves less; a second table gives the wall times. The calls:
 
 * acquire + release of a free key (the common pair);
 * get of a held key this process has read before (the store keeps the lock it last decoded
@@ -16,9 +21,9 @@ the ones an acquire writes), and then each call is timed through the locker:
 * enqueue one waiter on a held key with ten waiters, read that queue, cancel the waiter;
 * list of every held lock (O(n) by nature: reported per lock, the median of three lists).
 
-Before the calls of a size are timed, the garbage of the fill (its candidate locks, made by
-the bench, not by the store) is collected: otherwise the first calls timed at 100k pay the
-full collection that a write of 90,000 locks in one go left due.
+Before the calls are timed, the garbage of the fills (their candidate locks, made by the
+bench, not by the store) is collected: otherwise the first calls timed pay the full collection
+that a write of 100,000 locks in one go left due.
 
 Bytes per held lock: the store file's growth (after a WAL checkpoint) over the locks added.
 Waiters live in the process (a waiter is a caller with an open connection): 10k waiters on 100
@@ -97,20 +102,27 @@ async def fill(locker: EnhancedLocker, start: int, stop: int) -> None:
         assert await locker.backend.adopt(locks, {}) == []
 
 
-async def timed(samples: int, call: Callable[[int], Awaitable[Any]]) -> list[float]:
-    times = []
+Samples = tuple[list[float], list[float]]
+"""Seconds of wall time and of the thread's CPU time, one of each per sample."""
+
+ROUNDS = 3
+
+
+async def timed(samples: int, call: Callable[[int], Awaitable[Any]]) -> Samples:
+    wall, cpu = [], []
     for i in range(samples):
-        started = time.perf_counter()
+        started, used = time.perf_counter(), time.thread_time()
         await call(i)
-        times.append(time.perf_counter() - started)
-    return times
+        cpu.append(time.thread_time() - used)
+        wall.append(time.perf_counter() - started)
+    return wall, cpu
 
 
 async def calls(locker: EnhancedLocker, size: int, samples: int,
-                path: Path) -> dict[str, float]:
-    """p50 seconds of each call (list: per lock) with ``size`` locks held."""
+                path: Path) -> dict[str, Samples]:
+    """Samples of each call (list: per lock) with ``size`` locks held."""
     free = size + 1_000_000  # keys nobody holds
-    found: dict[str, float] = {}
+    found: dict[str, Samples] = {}
 
     async def pair(i: int) -> None:
         ask = request(free + i, pull=1)
@@ -141,10 +153,15 @@ async def calls(locker: EnhancedLocker, size: int, samples: int,
             raise RuntimeError("a waiter was not queued")
         await asyncio.sleep(0.001)
 
+    # The queue's length before each enqueue: ten, and with the waiters of the last column more
+    # (the enqueue's loop waited for more than ten, so there it read the queue and cancelled a
+    # waiter not yet queued).
+    depth = len(await locker.queue(held.key))
+
     async def enqueue(i: int) -> None:
         waiter = asyncio.create_task(locker.acquire(LockRequest(
             project=held.project, pull=Pull(num=size + 100 + i), wait=timedelta(minutes=4))))
-        while len(await locker.queue(held.key)) <= PER_PULL:
+        while len(await locker.queue(held.key)) <= depth:
             if waiter.done():
                 raise RuntimeError(f"the waiter was not queued: {waiter.result()}")
             await asyncio.sleep(0)
@@ -157,25 +174,22 @@ async def calls(locker: EnhancedLocker, size: int, samples: int,
                               (CALLS[3], by_pull, max(10, samples // 10)),
                               (CALLS[4], enqueue, max(10, samples // 3))):
         await call(0)  # warm
-        found[name] = percentile(await timed(count, call), 0.5)
+        found[name] = await timed(count, call)
     found[CALLS[2]] = await unread_gets(path, size, samples, sampled)
     for task in queued:
         task.cancel()
     await asyncio.gather(*queued, return_exceptions=True)
-    per_lock = []
-    for _ in range(3):
-        started = time.perf_counter()
-        listed = await locker.list()
-        per_lock.append((time.perf_counter() - started) / len(listed))
-        assert len(listed) == size, (len(listed), size)
-        del listed
-    found[CALLS[5]] = percentile(per_lock, 0.5)
+    started, used = time.perf_counter(), time.thread_time()
+    listed = await locker.list()
+    found[CALLS[5]] = ([(time.perf_counter() - started) / size],
+                       [(time.thread_time() - used) / size])
+    assert len(listed) == size, (len(listed), size)
     return found
 
 
 async def unread_gets(path: Path, size: int, samples: int,
-                      sampled: Callable[[int], str]) -> float:
-    """p50 seconds of a get of a key the reading locker has not read: a second locker on the
+                      sampled: Callable[[int], str]) -> Samples:
+    """Samples of a get of a key the reading locker has not read: a second locker on the
     file reads each sampled key once (the first read, ``samples + 1``, warms its code)."""
     reader = locker_on(path)
     try:
@@ -184,14 +198,20 @@ async def unread_gets(path: Path, size: int, samples: int,
         async def get(i: int) -> None:
             assert await reader.get(sampled(i)) is not None
 
-        return percentile(await timed(samples, get), 0.5)
+        return await timed(samples, get)
     finally:
         await reader.close()
         await reader.backend.close()
 
 
+def p50s(found: dict[str, Samples]) -> dict[str, tuple[float, float]]:
+    """Each call's p50 of wall time and of CPU time."""
+    return {name: (percentile(wall, 0.5), percentile(cpu, 0.5))
+            for name, (wall, cpu) in found.items()}
+
+
 async def waiters(locker: EnhancedLocker, size: int, count: int, samples: int,
-                  path: Path) -> dict[str, float]:
+                  path: Path) -> tuple[dict[str, tuple[float, float]], float]:
     """Bytes per waiter and the calls' p50 with ``count`` waiters queued on 100 held keys."""
     keys = 100
     gc.collect()
@@ -207,32 +227,43 @@ async def waiters(locker: EnhancedLocker, size: int, count: int, samples: int,
     gc.collect()
     per_waiter = (tracemalloc.get_traced_memory()[0] - before) / count
     tracemalloc.stop()
-    found = await calls(locker, size, samples, path)
-    found["bytes per waiter"] = per_waiter
+    found = p50s(await calls(locker, size, samples, path))
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    return found
+    return found, per_waiter
 
 
 async def run(sizes: list[int], count: int, samples: int, work: Path) -> dict[str, Any]:
-    path = work / "enhanced-locking.db"
-    locker = locker_on(path)
-    empty = file_bytes(path)
-    results: dict[str, Any] = {"sizes": {}}
-    held = 0
+    stores: dict[int, tuple[EnhancedLocker, Path]] = {}
+    results: dict[str, Any] = {"sizes": {}, "bytes per lock": {}}
     for size in sizes:
-        await fill(locker, held, size)
-        grown = file_bytes(path)
-        held = size
-        gc.collect()  # the fill's garbage (see the module's docstring)
-        found = await calls(locker, size, samples, path)
-        found["bytes per lock"] = (grown - empty) / size
-        results["sizes"][size] = found
-    results["waiters"] = await waiters(locker, held, count, samples, path)
+        path = work / str(size) / "enhanced-locking.db"
+        path.parent.mkdir()
+        locker = locker_on(path)
+        empty = file_bytes(path)
+        await fill(locker, 0, size)
+        results["bytes per lock"][size] = (file_bytes(path) - empty) / size
+        stores[size] = locker, path
+    gc.collect()  # the fills' garbage (see the module's docstring)
+    found: dict[int, dict[str, Samples]] = {size: {} for size in sizes}
+    for round_ in range(ROUNDS):
+        for size in sizes if round_ % 2 == 0 else sizes[::-1]:
+            locker, path = stores[size]
+            for name, (wall, cpu) in (await calls(locker, size, samples // ROUNDS,
+                                                  path)).items():
+                kept = found[size].setdefault(name, ([], []))
+                kept[0].extend(wall)
+                kept[1].extend(cpu)
+    results["sizes"] = {size: p50s(found[size]) for size in sizes}
+    held = sizes[-1]
+    locker, path = stores[held]
+    results["waiters"], results["bytes per waiter"] = await waiters(
+        locker, held, count, samples, path)
     results["held"] = held
-    await locker.close()
-    await locker.backend.close()
+    for locker, _ in stores.values():
+        await locker.close()
+        await locker.backend.close()
     return results
 
 
@@ -245,8 +276,8 @@ def report(results: dict[str, Any], sizes: list[int], count: int, samples: int) 
     bound = math.log(largest) / math.log(smallest)
     header = " | ".join(f"{size:,} held" for size in sizes)
     lines = [
-        f"{samples} samples per call (fewer for by-pull and enqueue), p50 in microseconds "
-        f"(list: the median of three); "
+        f"{samples} samples per call in {ROUNDS} rounds (fewer for by-pull and enqueue), p50 of "
+        f"each call's CPU time in microseconds (list: the median of {ROUNDS}, per lock); "
         f"Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}, "
         f"{len(os.sched_getaffinity(0))} CPUs, load average {os.getloadavg()[0]:.1f} at the "
         f"end. Goal: p50 at {largest:,} at most log({largest:,}) / log({smallest:,}) = "
@@ -257,18 +288,24 @@ def report(results: dict[str, Any], sizes: list[int], count: int, samples: int) 
         "|---|" + "---:|" * (len(sizes) + 2) + "---|---|",
     ]
     for name in CALLS:
-        values = [results["sizes"][size][name] for size in sizes]
+        values = [results["sizes"][size][name][1] for size in sizes]
         growth = values[-1] / values[0]
         goal = f"<= {bound:.2f}x" if name != CALLS[5] else "<= 1.5x (flat)"
         ok = growth <= (bound if name != CALLS[5] else 1.5)
         lines.append(f"| {name} | " + " | ".join(us(v) for v in values)
-                     + f" | {us(results['waiters'][name])} | {growth:.2f}x | {goal} "
+                     + f" | {us(results['waiters'][name][1])} | {growth:.2f}x | {goal} "
                      f"| {verdict(ok)} |")
     lines.append("| bytes per held lock (file) | " + " | ".join(
-        f"{results['sizes'][size]['bytes per lock']:,.0f}" for size in sizes)
-        + " | | | | |")
+        f"{results['bytes per lock'][size]:,.0f}" for size in sizes) + " | | | | |")
     lines.append("| bytes per waiter (process) | " + " | ".join("" for _ in sizes)
-                 + f" | {results['waiters']['bytes per waiter']:,.0f} | | | |")
+                 + f" | {results['bytes per waiter']:,.0f} | | | |")
+    lines += ["", "The same samples' p50 of wall time, in microseconds:", "",
+              f"| call | {header} | {count:,} waiters | {largest:,} / {smallest:,} |",
+              "|---|" + "---:|" * (len(sizes) + 2)]
+    for name in CALLS:
+        values = [results["sizes"][size][name][0] for size in sizes]
+        lines.append(f"| {name} | " + " | ".join(us(v) for v in values)
+                     + f" | {us(results['waiters'][name][0])} | {values[-1] / values[0]:.2f}x |")
     return "\n".join(lines)
 
 
