@@ -11,16 +11,25 @@ with one endpoint there is nothing to route.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 from etcd3aio._protobuf import TxnRequest
 from tests.support.etcd_server import EtcdCluster, EtcdMember, EtcdServerError
 from tests.support.locks import lock_for, request_for
 
-from enhanced_locking.backends.etcd_connection import EtcdConnection, EtcdSettings
+from enhanced_locking.backends.etcd_connection import (
+    CALL_TIMEOUT,
+    ROUTE_TIMEOUT,
+    EtcdConnection,
+    EtcdSettings,
+)
 from enhanced_locking.backends.etcd_store import EtcdBackend
 from enhanced_locking.backends.waiting import QueuePolicy, Status
 from enhanced_locking.types import BackendUnavailable
@@ -201,3 +210,51 @@ async def test_a_connection_that_sends_no_transaction_does_not_look_for_the_lead
         await routed_to(connection, leader_of(three).endpoint)
     finally:
         await connection.close()
+
+
+@contextlib.contextmanager
+def frozen(member: EtcdMember) -> Iterator[None]:
+    """``member`` stopped (SIGSTOP) for the block: its connections stay open, it answers
+    nothing; then SIGCONT, whatever the block did."""
+    assert member.process is not None
+    pid = member.process.popen.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+async def test_a_frozen_leader_is_given_up_after_the_routes_limit_not_the_calls(
+    three: EtcdCluster, backend: EtcdBackend,
+) -> None:
+    for _ in range(5):  # on a loaded machine an election may move the leader meanwhile
+        await pair(backend)  # its answers' term shows the connection a new leader
+        await routed_to(backend.connection, leader_of(three).endpoint)
+        old = next(m for m in three.members if m.endpoint == backend.connection.leader)
+        with frozen(old):
+            if backend.connection.leader != old.endpoint:
+                continue  # the route moved before the freeze: freeze the new leader
+            started = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await answered_by(backend.connection)
+            waited = time.monotonic() - started
+            assert failed.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+            assert ROUTE_TIMEOUT <= waited < CALL_TIMEOUT, waited
+            assert backend.connection.leader is None  # dropped: the balanced channel serves
+            # The others elect a leader; the route leads there, and pairs go on.
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    await pair(backend)
+                    break
+                except BackendUnavailable:
+                    assert time.monotonic() < deadline, "no pair went through, leader frozen"
+            while backend.connection.leader in (None, old.endpoint):
+                assert time.monotonic() < deadline, "the route never led to the new leader"
+                await asyncio.sleep(0.05)
+            new = next(m for m in three.members if m.endpoint == backend.connection.leader)
+            await pair(backend, pull=2)
+            assert await answered_by(backend.connection) == member_id(three, new)
+            return
+    pytest.fail("the leader moved before every one of five freezes")

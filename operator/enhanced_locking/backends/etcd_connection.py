@@ -48,6 +48,12 @@ __all__ = ["CALL_TIMEOUT", "DOWN", "EtcdConnection", "EtcdSettings", "Passenger"
 
 CALL_TIMEOUT = 5.0
 """Seconds one call may take, retries included (an election takes about one second)."""
+ROUTE_TIMEOUT = 2.0
+"""Seconds a transaction sent to the leader may take before the leader counts as gone (a
+frozen process keeps its connections open and answers nothing): the route is dropped and the
+step runs again on the balanced channel, within the call's ``CALL_TIMEOUT`` (etcd elects a
+new leader within about its election timeout, one second by default). A leader that was only
+slow costs a retry."""
 STATUS_TIMEOUT = 1.0
 """Seconds a member may take to say whether it leads (looking for the leader)."""
 LEADER_LOOKS = 20
@@ -141,7 +147,8 @@ direct path reads them); on any other version it takes grpc.aio's public call.""
 class TxnCall:
     """``KV.Txn`` of one client: the library's gRPC method, with its channel and its auth
     token (read at every call: the token refresher replaces it), bounded by a gRPC deadline
-    of ``CALL_TIMEOUT``; failures are gRPC's own errors (``DOWN``).
+    of ``CALL_TIMEOUT`` (``ROUTE_TIMEOUT`` on the route to the leader); failures are gRPC's
+    own errors (``DOWN``).
 
     Sent directly, as grpc.aio's call does it (one call on the channel's Cython layer,
     awaited in the caller's task), without grpc.aio's call object, the task it starts for
@@ -152,7 +159,7 @@ class TxnCall:
     multicallable. A cancelled caller cancels the call, as grpc.aio's does."""
 
     __slots__ = ("_call", "_channel", "_decode", "_encode", "_handle", "_kv", "_method",
-                 "client", "direct", "via")
+                 "client", "direct", "timeout", "via")
 
     def __init__(self, client: etcd3aio.Etcd3Client, *,
                  via: etcd3aio.Etcd3Client | None = None) -> None:
@@ -160,6 +167,8 @@ class TxnCall:
         the auth token is still ``client``'s (etcd's tokens are good on every member)."""
         self.client = client
         self.via = via
+        self.timeout = CALL_TIMEOUT if via is None else ROUTE_TIMEOUT
+        """The call's gRPC deadline, in seconds."""
         kv = client.kv
         assert kv is not None
         self._kv = kv
@@ -189,11 +198,11 @@ class TxnCall:
         if self.direct:
             return self._direct(request, metadata)
         answer: Awaitable[Any] = self._call(request, metadata=metadata or None,
-                                            timeout=CALL_TIMEOUT)
+                                            timeout=self.timeout)
         return answer
 
     async def _direct(self, request: Any, metadata: tuple[tuple[str, str], ...]) -> Any:
-        call = self._channel.call(self._method, time.time() + CALL_TIMEOUT, None, None,
+        call = self._channel.call(self._method, time.time() + self.timeout, None, None,
                                   self._handle)
         try:
             answer = await call.unary_unary(self._encode(request), metadata, _CENSUS())
