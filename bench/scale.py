@@ -144,20 +144,20 @@ async def calls(locker: EnhancedLocker, size: int, samples: int,
             assert (await locker.acquire(request(int(lock.project.path[1:]), pull=pull))).acquired
 
     held = request(0)
-    # Ten waiters on one held key (each asks for key p0 under another pull).
+    # Ten more waiters on one held key (each asks for key p0 under another pull), all queued
+    # before the samples: the waiters column has some there already.
+    depth = len(await locker.queue(held.key)) + PER_PULL
     queued = [asyncio.create_task(locker.acquire(LockRequest(
         project=held.project, pull=Pull(num=size + n + 10), wait=timedelta(minutes=4))))
         for n in range(PER_PULL)]
-    while len(await locker.queue(held.key)) < PER_PULL:
+    while len(await locker.queue(held.key)) < depth:
         if any(task.done() for task in queued):
             raise RuntimeError("a waiter was not queued")
         await asyncio.sleep(0.001)
 
-    # The queue's length before each enqueue: ten, and with the waiters of the last column more
-    # (the enqueue's loop waited for more than ten, so there it read the queue and cancelled a
-    # waiter not yet queued).
-    depth = len(await locker.queue(held.key))
-
+    # An enqueue waits until the queue is longer than ``depth``, its length before: it waited
+    # for more than ten, which the waiters column's queue had already, and there it read the
+    # queue once and cancelled a waiter not yet queued.
     async def enqueue(i: int) -> None:
         waiter = asyncio.create_task(locker.acquire(LockRequest(
             project=held.project, pull=Pull(num=size + 100 + i), wait=timedelta(minutes=4))))
