@@ -22,13 +22,15 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute, request_response
 from starlette.datastructures import QueryParams
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
+from starlette.types import Message
 
 from enhanced_locking.api import create_app
 from enhanced_locking.api.access import CallerDep
 from enhanced_locking.api.direct import (
     DirectRoutes,
     _content_type,
+    _read_body,
     check_direct_routes,
     query_values,
     serve_directly,
@@ -363,3 +365,35 @@ def test_the_content_type_reads_as_the_request_headers_give_it(
 ) -> None:
     scope = {"type": "http", "headers": headers}
     assert _content_type(scope) == Request(scope).headers.get("content-type")
+
+
+@pytest.mark.parametrize("messages", [
+    [{"type": "http.request", "body": b'{"a":1}'}],
+    [{"type": "http.request", "body": b"", "more_body": False}],
+    [{"type": "http.request"}],
+    [{"type": "http.request", "body": b'{"a":', "more_body": True},
+     {"type": "http.request", "body": b"", "more_body": True},
+     {"type": "http.request", "body": b"1}", "more_body": False}],
+    [{"type": "http.request", "body": b'{"a":', "more_body": True}, {"type": "http.disconnect"}],
+    [{"type": "http.disconnect"}],
+])
+async def test_the_body_reads_as_starlette_reads_it(messages: list[Message]) -> None:
+    def request() -> Request:
+        pending = list(messages)
+
+        async def receive() -> Message:
+            return pending.pop(0)
+
+        return Request({"type": "http", "headers": []}, receive)
+
+    ours, theirs = request(), request()
+    try:
+        expected: bytes | type[Exception] = await theirs.body()
+    except ClientDisconnect:
+        expected = ClientDisconnect
+    if expected is ClientDisconnect:
+        with pytest.raises(ClientDisconnect):
+            await _read_body(ours)
+        return
+    assert await _read_body(ours) == expected
+    assert await ours.body() == expected  # kept, as body() keeps it: read again, not received
