@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute, request_response
 from starlette.datastructures import QueryParams
 from starlette.requests import ClientDisconnect, Request
+from starlette.routing import Match
 from starlette.types import Message
 
 from enhanced_locking.api import create_app
@@ -397,3 +398,21 @@ async def test_the_body_reads_as_starlette_reads_it(messages: list[Message]) -> 
         return
     assert await _read_body(ours) == expected
     assert await ours.body() == expected  # kept, as body() keeps it: read again, not received
+
+
+async def test_a_direct_route_is_found_with_the_scope_fastapi_would_give_it(
+    tmp_path: Path,
+) -> None:
+    app = create_app(LockService(ConfigProvider(config(tmp_path))), manage_lifecycle=False)
+    table = app.router.routes[0]
+    assert isinstance(table, DirectRoutes) and table.table
+    for (method, path), route in table.table.items():
+        extras: list[dict[str, Any]] = [{}, {"root_path": "/api"},
+                                         {"path_params": {"x": "1"}}, {"fastapi": {}}]
+        for extra in extras:
+            root = extra.get("root_path", "")
+            scope = {"type": "http", "method": method, "headers": [], "query_string": b"",
+                     "root_path": root, "path": root + path, "app": app, **extra}
+            assert table.matches(scope) == route.matches(scope)
+        assert table.matches({"type": "http", "method": method, "path": path + "/x",
+                              "root_path": ""}) == (Match.NONE, {})
