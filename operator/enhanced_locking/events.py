@@ -85,11 +85,16 @@ class _Recorded:
 
     __slots__ = ("_event", "at", "details", "key", "lock", "mark", "repo", "type")
 
-    def __init__(self, mark: tuple[int, int], at: float, type: str, key: str | None,
-                 repo: str | None, lock: Lock | None, details: dict[str, Any]) -> None:
-        self.mark, self.at, self.type, self.key = mark, at, type, key
-        self.repo, self.lock, self.details = repo, lock, details
-        self._event: Event | None = None
+    # Made by :meth:`EventBus.publish`, which sets every slot itself: a call of an __init__
+    # with seven arguments cost about as much again as the slots' stores.
+    mark: tuple[int, int]
+    at: float
+    type: str
+    key: str | None
+    repo: str | None
+    lock: Lock | None
+    details: dict[str, Any]
+    _event: Event | None
 
     def event(self) -> Event:
         if self._event is None:
@@ -100,6 +105,8 @@ class _Recorded:
                 lock=self.lock, details=self.details)
         return self._event
 
+
+_new_recorded = object.__new__
 
 _Kept = Event | _Recorded
 """What the ring holds: events a shared bus read from its store, and events recorded here."""
@@ -170,7 +177,10 @@ class EventBus:
             repo = lock.project.repo_full_name
         else:
             repo = details.pop("repo", None)
-        recorded = _Recorded(mark, at, type, key, repo, lock, details)
+        recorded = _new_recorded(_Recorded)
+        recorded.mark, recorded.at, recorded.type, recorded.key = mark, at, type, key
+        recorded.repo, recorded.lock, recorded.details = repo, lock, details
+        recorded._event = None
         self._ring.append(recorded)
         if self._subscribers:
             event = recorded.event()

@@ -95,6 +95,7 @@ __all__ = [
     "collision_message",
     "lock_key",
     "replaced",
+    "stamped",
     "strip_credentials",
     "utc_text",
     "utcnow",
@@ -601,7 +602,26 @@ class Lock(_Model):
         )
 
 
+def stamped(lock: Lock, /, *, acquired_at: datetime, expires_at: datetime | None,
+            fencing_token: int) -> Lock:
+    """``lock`` as a store grants it: its times and fencing token set.
+
+    What ``replaced(lock, acquired_at=..., expires_at=..., fencing_token=...)`` makes, written
+    out for a lock (no private attributes, no extra), as :meth:`Lock.candidate` is: every
+    fresh grant makes one. A function, not a method: a method is read through pydantic's
+    ``__getattr__`` hook. A test holds the two to the same model."""
+    granted = _new_object(Lock)
+    _set_attribute(granted, "__dict__", {
+        **lock.__dict__, "acquired_at": acquired_at, "expires_at": expires_at,
+        "fencing_token": fencing_token})
+    _set_attribute(granted, "__pydantic_fields_set__", lock.__pydantic_fields_set__ | _STAMPS)
+    _set_attribute(granted, "__pydantic_extra__", None)
+    _set_attribute(granted, "__pydantic_private__", None)
+    return granted
+
+
 _LOCK_FIELDS = set(Lock.__pydantic_fields__)
+_STAMPS = frozenset({"acquired_at", "expires_at", "fencing_token"})
 
 Locks = list[Lock]
 """A list of locks (an alias: classes with a ``list`` method shadow the builtin inside them)."""

@@ -17,6 +17,7 @@ from enhanced_locking.types import (
     User,
     built,
     replaced,
+    stamped,
 )
 
 
@@ -97,3 +98,25 @@ def test_an_audit_entry_and_its_stored_copy_are_the_models_built_from_their_fiel
     assert written.id == "" and written.with_id("41").id == "41"  # the entry itself unchanged
     assert written.model_fields_set is not AuditEntry.recorded(
         time=time, **values).model_fields_set  # type: ignore[arg-type]  # each its own set
+
+
+@pytest.mark.parametrize("expires", [None, datetime(2024, 5, 1, 9, 0, tzinfo=UTC)])
+def test_a_stamped_grant_is_the_model_replaced_makes(expires: datetime | None) -> None:
+    # stamped() writes the granted lock out instead of asking replaced(): the two agree in
+    # every field, in which fields count as set, and in the JSON; the candidate is unchanged.
+    request = LockRequest(project=Project(repo_full_name="acme/infra", path="envs/prod"),
+                          pull=Pull(num=12), user=User(username="alice"))
+    now = datetime(2024, 5, 1, 8, 20, 30, 123456, tzinfo=UTC)
+    at = datetime(2024, 5, 1, 8, 20, 31, tzinfo=UTC)
+    for candidate in (Lock.candidate(request, now=now, priority=Priority.NORMAL),
+                      Lock.for_request(request, now=now, token=0, backend="enhanced")):
+        written = stamped(candidate, acquired_at=at, expires_at=expires, fencing_token=7)
+        general = replaced(candidate, acquired_at=at, expires_at=expires, fencing_token=7)
+        assert written == general
+        assert list(written.__dict__) == list(general.__dict__)
+        assert written.model_fields_set == general.model_fields_set
+        assert written.model_fields_set is not candidate.model_fields_set
+        assert written.__pydantic_private__ == general.__pydantic_private__
+        assert written.__pydantic_extra__ == general.__pydantic_extra__
+        assert written.model_dump_json() == general.model_dump_json()
+        assert (candidate.acquired_at, candidate.fencing_token) == (now, 0)

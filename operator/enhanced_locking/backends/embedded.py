@@ -56,6 +56,7 @@ from enhanced_locking.types import (
     LockUnreadable,
     StoreRefused,
     replaced,
+    stamped,
     utcnow,
 )
 
@@ -477,7 +478,7 @@ class EmbeddedBackend(StoreBackend):
                 )).fetchone()
             else:
                 token = seen[0] + 1
-                guess = replaced(lock, fencing_token=token) if times is None else replaced(
+                guess = replaced(lock, fencing_token=token) if times is None else stamped(
                     lock, acquired_at=times[0], expires_at=times[1], fencing_token=token)
                 sent = codec.encode(guess)
                 mine = seen[1] == owner

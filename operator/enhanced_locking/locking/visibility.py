@@ -45,8 +45,9 @@ class HoldTimes:
         self._by_key: dict[str, collections.deque[float]] = {}
         self._all: collections.deque[float] = collections.deque(maxlen=200)
 
-    def record(self, key: str, held: timedelta) -> None:
-        seconds = max(0.0, held.total_seconds())
+    def record(self, key: str, seconds: float) -> None:
+        """``key`` was held for ``seconds``."""
+        seconds = max(0.0, seconds)
         recent = self._by_key.get(key)
         if recent is None:
             if len(self._by_key) > 10_000:
