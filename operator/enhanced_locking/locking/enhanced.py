@@ -93,6 +93,27 @@ class Answer:
         return self.reason is None
 
 
+@dataclass(frozen=True, slots=True)
+class _Live:
+    """What every call reads of one config, read from it once: a setting of the config is
+    read through pydantic's ``__getattr__`` hook (about 400 instructions a read), a slot of
+    this record is not. Made anew for each new config (configs are frozen)."""
+
+    config: EnhancedLockingConfig | None
+    """The config it was read from (``None``: none yet)."""
+    policy: QueuePolicy
+    retries: bool
+    priority_rules: bool
+    lock_ttl: timedelta | None
+    """The default lease (``lock-ttl``); ``None``: none."""
+
+    @classmethod
+    def of(cls, config: EnhancedLockingConfig, policy: QueuePolicy) -> _Live:
+        return cls(config=config, policy=policy, retries=config.retries,
+                   priority_rules=bool(config.policies.priority_rules),
+                   lock_ttl=config.lock_ttl if config.lock_ttl > _ZERO else None)
+
+
 class EnhancedLocker(AtlantisCalls):
     side: Side = "enhanced"
 
@@ -115,8 +136,8 @@ class EnhancedLocker(AtlantisCalls):
         self.leases = LeaseTimers(self.expire)
         self.holds = visibility.HoldTimes()
         self.rules = visibility.RuleWatch(self)
-        self._policy_of: EnhancedLockingConfig | None = None
-        self._policy = QueuePolicy()
+        self._live = _Live(config=None, policy=QueuePolicy(), retries=False,
+                           priority_rules=False, lock_ttl=None)  # made on the first call
         # The metric children of each outcome, found once: every call counts one of a few.
         self._acquire_metrics: dict[str, tuple[Count, Timing]] = {}
         self._release_count: dict[str, Count] = {}
@@ -142,9 +163,13 @@ class EnhancedLocker(AtlantisCalls):
         return self._policy_for(self.settings())
 
     def _policy_for(self, config: EnhancedLockingConfig) -> QueuePolicy:
-        if config is not self._policy_of:  # configs are frozen: a new one is a new object
-            self._policy, self._policy_of = QueuePolicy.from_config(config), config
-        return self._policy
+        return self._live_for(config).policy
+
+    def _live_for(self, config: EnhancedLockingConfig) -> _Live:
+        live = self._live
+        if config is not live.config:  # configs are frozen: a new one is a new object
+            live = self._live = _Live.of(config, QueuePolicy.from_config(config))
+        return live
 
     def validate(self, request: LockRequest | BatchLockRequest) -> None:
         """Refuse what cannot be served as asked: never clamp a wait silently."""
@@ -203,21 +228,28 @@ class EnhancedLocker(AtlantisCalls):
         # The live config, read once: nothing awaits before the backend call, so every read
         # of the call would have seen this same object.
         config = self.settings()
+        live = self._live
+        if config is not live.config:
+            live = self._live_for(config)
         # Each step below is the helper named beside it, with the helper's call left out where
         # it would only find nothing to do (a request that does not wait, no priority rules,
-        # the config the policy was made of): the path every acquire takes.
-        if asked.wait is None or asked.wait is False:
+        # the config the policy was made of): the path every acquire takes. The request's
+        # fields are read once each (through pydantic's __getattr__ hook, about 400
+        # instructions a read), the config's settings from ``live``.
+        asked_wait = asked.wait
+        if asked_wait is None or asked_wait is False:
             wait = None  # _wait_for; and _validate has no wait to refuse
         else:
             self._validate(asked, config)
             wait = _wait_for(asked, config)
-        ttl = _lease(asked, config)
-        policy = self._policy if config is self._policy_of else self._policy_for(config)
+        ttl = asked.ttl
+        ttl = live.lock_ttl if ttl is None else ttl if ttl > _ZERO else None  # _lease
+        policy = live.policy
         now = utcnow()
-        priority = (self.priority_for(requests, asked, config) if config.policies.priority_rules
+        priority = (self.priority_for(requests, asked, config) if live.priority_rules
                     else asked.priority)
         if len(requests) == 1:  # no comprehension: in Python 3.11 it is a frame of its own
-            candidates = [_candidate(requests[0], now, priority)]
+            candidates = [_new_candidate(requests[0], now=now, priority=priority)]
         else:
             candidates = [_candidate(r, now, priority) for r in requests]
         offer = None
@@ -230,7 +262,7 @@ class EnhancedLocker(AtlantisCalls):
         future = backend.grants.expect(offer.id) if offer is not None else None
         try:
             try:
-                if len(candidates) == 1 and not config.retries:
+                if len(candidates) == 1 and not live.retries:
                     # What _call's attempt does, inline: no lambda and no coroutine of its own.
                     self.metrics.enhanced_operation()
                     try:
@@ -293,11 +325,16 @@ class EnhancedLocker(AtlantisCalls):
 
     def _immediate(self, outcome: Outcome) -> Answer:
         if outcome.status is Status.GRANTED:
+            locks = outcome.locks
             if outcome.fresh:
-                for lock in outcome.locks:
-                    self.events.publish("acquired", lock=lock)
-                    self.leases.arm(lock.key, lock.expires_at)
-            return Answer(locks=outcome.locks, key=outcome.locks[0].key, fresh=outcome.fresh)
+                for lock in locks:
+                    # Two fields: the lock's __dict__ read once through pydantic's hook.
+                    fields = lock.__dict__
+                    key, expires_at = fields["key"], fields["expires_at"]
+                    self.events.publish("acquired", lock=lock, key=key)
+                    if expires_at is not None:
+                        self.leases.arm(key, expires_at)
+            return Answer(locks=locks, key=locks[0].__dict__["key"], fresh=outcome.fresh)
         key = outcome.key or ""
         if outcome.holder is not None:
             self.leases.arm(key, outcome.holder.expires_at)
@@ -423,14 +460,17 @@ class EnhancedLocker(AtlantisCalls):
     # --- release ------------------------------------------------------------------------------
     async def release(self, key: str, *, owner: Owner | None = None) -> Lock | None:
         config = self.settings()
-        if config.retries:
+        live = self._live
+        if config is not live.config:
+            live = self._live_for(config)
+        if live.retries:
             handoff = await self._call("release", lambda: self.backend.release_and_handoff(
                 key, owner=owner, policy=self.policy()), config)
         else:  # _call's attempt, inline (as in _acquire)
             self.metrics.enhanced_operation()
             try:
                 handoff = await self.backend.release_and_handoff(
-                    key, owner=owner, policy=self._policy_for(config))
+                    key, owner=owner, policy=live.policy)
             except BackendUnavailable:
                 self.metrics.enhanced_error()
                 raise
@@ -627,12 +667,16 @@ def _lease(request: LockRequest | BatchLockRequest,
 _ZERO = timedelta(0)
 
 
+_new_candidate = Lock.candidate
+"""Read once: on a model class, an attribute is read through pydantic's metaclass hook."""
+
+
 def _candidate(request: LockRequest, now: datetime, priority: Priority) -> Lock:
     """The lock a request asks for; the backend stamps its times and token when it grants.
 
     Built without re-validation: every field comes from the request, already validated.
     """
-    return Lock.candidate(request, now=now, priority=priority)
+    return _new_candidate(request, now=now, priority=priority)
 
 
 def _waiter_id(first: Lock, request_id: str | None) -> str:
