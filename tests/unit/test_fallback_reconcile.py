@@ -164,6 +164,46 @@ async def test_a_release_that_missed_enhanced_frees_the_copy_there_on_reconcile(
         assert granted.acquired
 
 
+async def test_a_pull_that_asks_again_after_a_release_that_missed_enhanced_keeps_its_answer(
+    data_dir: Path,
+) -> None:
+    # The release freed legacy and was answered "released"; the copy it left on enhanced is
+    # still the pull's. If the pull asks for the key again before the journal is reconciled,
+    # the release takes effect first: the pull is granted the key anew (or queued), never
+    # handed the leftover copy as its lock for the reconciliation to free under it.
+    registry = MemoryRoutingRegistry()
+    async with ReplicaSet(data_dir, registry) as replicas:
+        service = await replicas.start("a", migration_weight=100)
+        await registry.report(replica_id="lagging", weight=0, generation=1)
+        await replicas.tick()
+        key = request_for().key
+        assert service.migration.transitions.plan(key).both
+        held = await service.router.acquire(request_for(pull=1))
+        assert held.acquired and held.lock is not None
+        first_token = held.lock.fencing_token
+
+        await _down(service)
+        released = await service.router.release(key, owner=("acme/infra", 1))
+        assert released is not None and await service.legacy.get(key) is None
+        assert service.migration.fallback.pending == 1
+
+        _back(service)  # enhanced answers again, the journal not reconciled yet
+        await registry.report(replica_id="lagging", weight=100, generation=1)
+        await replicas.tick()
+        assert not service.migration.transitions.plan(key).both
+        again = await service.router.acquire(request_for(pull=1))
+        assert again.acquired and again.lock is not None
+        assert again.fresh and again.lock.fencing_token > first_token
+
+        await service.migration.fallback.reconcile()
+        assert service.migration.fallback.pending == 0
+        holder = await service.router.get(key)
+        assert holder is not None and holder.pull.num == 1
+        assert holder.fencing_token == again.lock.fencing_token
+        other = await service.router.acquire(request_for(pull=2))
+        assert not other.acquired and other.reason is Reason.HELD
+
+
 @pytest.mark.parametrize("fallback", ["legacy", "fail-closed"])
 async def test_a_moving_key_needs_the_enhanced_side_and_fail_closed_refuses_it(
     data_dir: Path, fallback: str,

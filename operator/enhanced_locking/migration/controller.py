@@ -214,6 +214,16 @@ class MigrationController:
     def admit(self, key: str) -> Admission:
         return self.transitions.admit(key)
 
+    async def before_acquire(self, key: str) -> None:
+        """Apply a journaled release of ``key`` before it is granted again (only called while
+        the journal holds something: :attr:`journal_pending`)."""
+        await self.fallback.before_acquire(key)
+
+    @property
+    def journal_pending(self) -> bool:
+        """The fallback journal holds entries not reconciled yet."""
+        return self.fallback.pending > 0
+
     def after_acquire(self, request: LockRequest, result: AcquireResult) -> None:
         self.shadow.after_acquire(request, result)
 

@@ -43,7 +43,7 @@ from enhanced_locking.locking.base import Locker
 from enhanced_locking.metrics import Metrics
 from enhanced_locking.migration.conflicts import ConflictBook, is_conflict
 from enhanced_locking.migration.handover import backend_of, raise_counter
-from enhanced_locking.types import Lock, LockNotOwned, utcnow
+from enhanced_locking.types import BackendUnavailable, Lock, LockNotOwned, utcnow
 
 __all__ = ["FallbackJournal", "FallbackMode", "FallbackReconciler", "FallbackStatus",
            "ReconcileReport"]
@@ -234,6 +234,34 @@ class FallbackReconciler:
                 counts: dict[str, Any] = report.as_dict()
                 self.events.publish("fallback-reconciled", **counts)
             return report
+
+    async def before_acquire(self, key: str) -> None:
+        """``key`` is asked for: a release of it journaled while the enhanced side was away
+        takes effect first (the copy it left there is freed, as :meth:`reconcile` frees it).
+
+        That release was answered ``released``. Its pull asking again would otherwise be
+        answered the copy as the lock it holds (a pull is given its own lock back unchanged),
+        with the old token, and the next reconciliation would free that copy under it: another
+        pull granted the key while the first still holds it. Applied first, the pull is
+        granted the key anew, with a new token. An enhanced side still away leaves the entry
+        for :meth:`reconcile` (the acquire meets the same outage)."""
+        async with self._lock:
+            journal = self._journal()
+            enhanced = self._enhanced()
+            tombstone = await journal.released.get(key)
+            if enhanced is None or tombstone is None:
+                return
+            try:
+                freed = await self._release(enhanced, tombstone)
+            except BackendUnavailable:
+                return
+            await journal.released.release(key)
+            self.pending = max(0, self.pending - 1)
+            self.metrics.fallback_pending.set(self.pending)
+            if freed:
+                self.reconciled_total += 1
+                log.info("fallback reconciled before %s was acquired again: the copy its "
+                         "journaled release left on the enhanced side is freed", key)
 
     async def _grant(self, journal: FallbackJournal, legacy: Locker, enhanced: Locker,
                      lock: Lock) -> str:

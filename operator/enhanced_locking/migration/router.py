@@ -164,6 +164,9 @@ class Router(AtlantisCalls):
                     await self._holder_if_known(request.key))
                 if refused is not None:
                     return refused
+            migration = self.migration
+            if migration is not None and migration.journal_pending:
+                await migration.before_acquire(request.key)
             result = await self._acquire_routed(request)
         except LockUnreadable as error:
             return AcquireResult.refused(request.key, Reason.UNREADABLE, error=str(error))
@@ -438,6 +441,10 @@ class Router(AtlantisCalls):
                     return BatchResult(acquired=False, lock_key=item.key,
                                        reason=refused.reason, holder=refused.holder,
                                        error=refused.error)
+            migration = self.migration
+            if migration is not None and migration.journal_pending:
+                for item in request.locks:
+                    await migration.before_acquire(item.key)
             return await self._acquire_batch_routed(request)
         except LockUnreadable as error:
             return BatchResult(acquired=False, lock_key=error.found.key,
