@@ -205,6 +205,42 @@ async def test_a_pull_that_asks_again_after_a_release_that_missed_enhanced_keeps
 
 
 @pytest.mark.parametrize("fallback", ["legacy", "fail-closed"])
+async def test_a_pull_that_asks_again_while_enhanced_is_still_away_is_served_as_in_the_outage(
+    data_dir: Path, fallback: str,
+) -> None:
+    # The release's entry cannot be applied yet: the acquire is not sent to the enhanced side
+    # (which could answer with the copy a moment later) but served as the fallback says.
+    registry = MemoryRoutingRegistry()
+    async with ReplicaSet(data_dir, registry) as replicas:
+        service = await replicas.start("a", migration_weight=100, fallback=fallback)
+        await registry.report(replica_id="lagging", weight=0, generation=1)
+        await replicas.tick()
+        key = request_for().key
+        held = await service.router.acquire(request_for(pull=1))
+        assert held.acquired
+
+        await _down(service)
+        assert await service.router.release(key, owner=("acme/infra", 1)) is not None
+        assert service.migration.fallback.pending == 1
+        again = await service.router.acquire(request_for(pull=1))
+        if fallback == "fail-closed":
+            assert not again.acquired and again.reason is Reason.UNAVAILABLE
+        else:
+            assert again.acquired and again.lock is not None and again.lock.backend == "legacy"
+
+        _back(service)
+        await service.migration.fallback.reconcile()
+        assert service.migration.fallback.pending == 0
+        other = await service.router.acquire(request_for(pull=2))
+        if fallback == "fail-closed":  # nobody holds it: the copy was freed
+            assert other.acquired
+        else:  # pull 1 holds it on legacy, as it was told
+            holder = await service.router.get(key)
+            assert holder is not None and holder.pull.num == 1
+            assert not other.acquired and other.reason is Reason.HELD
+
+
+@pytest.mark.parametrize("fallback", ["legacy", "fail-closed"])
 async def test_a_moving_key_needs_the_enhanced_side_and_fail_closed_refuses_it(
     data_dir: Path, fallback: str,
 ) -> None:

@@ -43,7 +43,7 @@ from enhanced_locking.locking.base import Locker
 from enhanced_locking.metrics import Metrics
 from enhanced_locking.migration.conflicts import ConflictBook, is_conflict
 from enhanced_locking.migration.handover import backend_of, raise_counter
-from enhanced_locking.types import BackendUnavailable, Lock, LockNotOwned, utcnow
+from enhanced_locking.types import Lock, LockNotOwned, utcnow
 
 __all__ = ["FallbackJournal", "FallbackMode", "FallbackReconciler", "FallbackStatus",
            "ReconcileReport"]
@@ -243,18 +243,18 @@ class FallbackReconciler:
         answered the copy as the lock it holds (a pull is given its own lock back unchanged),
         with the old token, and the next reconciliation would free that copy under it: another
         pull granted the key while the first still holds it. Applied first, the pull is
-        granted the key anew, with a new token. An enhanced side still away leaves the entry
-        for :meth:`reconcile` (the acquire meets the same outage)."""
+        granted the key anew, with a new token.
+
+        Raises ``BackendUnavailable`` while the enhanced side does not answer (the entry is
+        kept): the acquire is then served as during any outage (the fallback setting), never
+        sent on to an enhanced side that may answer a moment later with the copy."""
         async with self._lock:
             journal = self._journal()
             enhanced = self._enhanced()
             tombstone = await journal.released.get(key)
             if enhanced is None or tombstone is None:
                 return
-            try:
-                freed = await self._release(enhanced, tombstone)
-            except BackendUnavailable:
-                return
+            freed = await self._release(enhanced, tombstone)
             await journal.released.release(key)
             self.pending = max(0, self.pending - 1)
             self.metrics.fallback_pending.set(self.pending)

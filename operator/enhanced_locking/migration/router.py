@@ -164,9 +164,6 @@ class Router(AtlantisCalls):
                     await self._holder_if_known(request.key))
                 if refused is not None:
                     return refused
-            migration = self.migration
-            if migration is not None and migration.journal_pending:
-                await migration.before_acquire(request.key)
             result = await self._acquire_routed(request)
         except LockUnreadable as error:
             return AcquireResult.refused(request.key, Reason.UNREADABLE, error=str(error))
@@ -231,6 +228,11 @@ class Router(AtlantisCalls):
             return await self._acquire_on(self.legacy, None, request)
         (self._routed_enhanced if plan.side == "enhanced" else self._routed_legacy).inc()
         try:
+            migration = self.migration
+            if migration is not None and migration.journal_pending:
+                # A release of the key journaled while enhanced was away takes effect first;
+                # if enhanced is still away, this acquire is served as the outage says.
+                await migration.before_acquire(request.key)
             if plan.both:  # the key is moving: old side first, then the new one
                 first, second = ((self.legacy, enhanced) if plan.side == "enhanced"
                                  else (enhanced, self.legacy))
@@ -441,10 +443,6 @@ class Router(AtlantisCalls):
                     return BatchResult(acquired=False, lock_key=item.key,
                                        reason=refused.reason, holder=refused.holder,
                                        error=refused.error)
-            migration = self.migration
-            if migration is not None and migration.journal_pending:
-                for item in request.locks:
-                    await migration.before_acquire(item.key)
             return await self._acquire_batch_routed(request)
         except LockUnreadable as error:
             return BatchResult(acquired=False, lock_key=error.found.key,
@@ -476,6 +474,10 @@ class Router(AtlantisCalls):
         }
         part = request.model_copy(update={"locks": on_enhanced})
         try:
+            migration = self.migration
+            if migration is not None and migration.journal_pending:
+                for item in on_enhanced:  # as in _route
+                    await migration.before_acquire(item.key)
             first = await enhanced.acquire_batch(part)
         except BackendUnavailable as error:
             if self._fallback_action(on_enhanced[0].key, owner[0], error) == "legacy":
