@@ -536,8 +536,11 @@ def test_fifty_clients_never_share_a_lock_while_kubectl_patch_moves_the_weight_e
 
     script = threading.Thread(target=mover, daemon=True)
     script.start()
-    work = Workload(clients=50, rounds=60, paths=_paths_across_buckets(12), wait=None,
-                    batch_share=0.0, hold_seconds=(0.0, 0.02), seed=17)
+    # The clients lock for as long as the script moves the weight (a second a move), not a
+    # fixed number of rounds: 60 rounds came to under 4 s once the service got faster, too few
+    # for five moves.
+    work = Workload(clients=50, duration=float(len(weights)), paths=_paths_across_buckets(12),
+                    wait=None, batch_share=0.0, hold_seconds=(0.0, 0.02), seed=17)
     try:
         history = asyncio.run(run_clients([first.url, second.url], work))
     finally:
