@@ -94,6 +94,7 @@ __all__ = [
     "clean_path",
     "collision_message",
     "lock_key",
+    "lock_shape",
     "replaced",
     "stamped",
     "strip_credentials",
@@ -929,3 +930,22 @@ class NotPermitted(AccessError):
         self.identity = identity
         self.verb = verb
         self.repo = repo
+
+
+def lock_shape(lock: Lock) -> tuple[object, ...]:
+    """What a grant does not change of ``lock`` (its project, workspace, pull, user, priority,
+    side and mode), as a hashable key: the kept JSON templates of a lock (the stored value,
+    the API's answer) are looked up by it.
+
+    Read from the models' ``__dict__`` (where pydantic keeps them): an attribute of a pydantic
+    model is read through its ``__getattr__`` hook, about 400 instructions each, and the shape
+    takes twenty of them; the models themselves as the key would be hashed and compared by
+    pydantic, in Python."""
+    fields = lock.__dict__
+    project, pull = fields["project"].__dict__, fields["pull"].__dict__
+    user, host = fields["user"].__dict__, pull["vcs_host"]
+    return (project["project_name"], project["repo_full_name"], project["path"],
+            fields["workspace"], pull["num"], pull["head_commit"], pull["url"],
+            pull["head_branch"], pull["base_branch"], pull["author"], pull["state"],
+            None if host is None else (host.hostname, host.type), user["username"],
+            tuple(user["teams"]), fields["priority"], fields["backend"], fields["mode"])

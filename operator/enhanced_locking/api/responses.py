@@ -20,7 +20,7 @@ from pydantic import BaseModel
 from starlette.background import BackgroundTask
 from starlette.responses import JSONResponse
 
-from enhanced_locking.types import AcquireResult, Lock, utc_text
+from enhanced_locking.types import AcquireResult, Lock, lock_shape, utc_text
 
 __all__ = ["JsonAnswer", "lock_json", "model_json", "result_json"]
 
@@ -85,17 +85,8 @@ def _written(lock: Lock) -> tuple[bytes, bytes] | None:
 def _template(lock: Lock) -> tuple[bytes, bytes, bytes]:
     """The kept template of ``lock``'s shape: its JSON before the ``acquiredAt`` value, after
     the ``fencingToken`` value, and its key as JSON."""
-    # The shape read from the models' __dict__, as codec.encode reads it: the models
-    # themselves as the dict's key would be hashed and compared by pydantic, in Python.
-    fields = lock.__dict__
-    project, pull = fields["project"].__dict__, fields["pull"].__dict__
-    user, host = fields["user"].__dict__, pull["vcs_host"]
-    shape = (fields["key"], project["repo_full_name"], project["path"],
-             project["project_name"], fields["workspace"], pull["num"], pull["url"],
-             pull["author"], pull["head_branch"], pull["base_branch"], pull["head_commit"],
-             pull["state"], None if host is None else (host.hostname, host.type),
-             user["username"], tuple(user["teams"]), fields["priority"], fields["backend"],
-             fields["mode"])
+    # The key too: the answer writes it, the stored value does not.
+    shape = (lock.__dict__["key"], lock_shape(lock))
     template = _TEMPLATES.get(shape)
     if template is None:
         if len(_TEMPLATES) >= _TEMPLATES_KEPT:

@@ -40,6 +40,7 @@ from enhanced_locking.types import (
     VcsHost,
     VcsHostType,
     lock_key,
+    lock_shape,
     strip_credentials,
     utc_text,
 )
@@ -253,17 +254,8 @@ def encode(lock: Lock) -> str:
     key again (every acquire of a busy key, every re-plan) reuses the template; building the
     nested dicts and running the JSON encoder was most of what writing a lock cost.
     """
-    # The fields read from the models' __dict__ (where pydantic keeps them): an attribute of
-    # a pydantic model is read through its __getattr__ hook, about 400 instructions each,
-    # and the shape takes twenty of them.
+    shape = lock_shape(lock)
     fields = lock.__dict__
-    project, pull = fields["project"].__dict__, fields["pull"].__dict__
-    user, host = fields["user"].__dict__, pull["vcs_host"]
-    shape = (project["project_name"], project["repo_full_name"], project["path"],
-             fields["workspace"], pull["num"], pull["head_commit"], pull["url"],
-             pull["head_branch"], pull["base_branch"], pull["author"], pull["state"],
-             None if host is None else (host.hostname, host.type), user["username"],
-             tuple(user["teams"]), fields["priority"], fields["backend"], fields["mode"])
     template = _TEMPLATES.get(shape)
     if template is None:
         if len(_TEMPLATES) >= _TEMPLATES_KEPT:
