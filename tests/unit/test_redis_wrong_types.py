@@ -6,13 +6,17 @@ never stop the service of other keys. On one Redis and on a Redis Cluster.
   (``LockUnreadable``, a 409 over HTTP) until a force-unlock repairs it;
 * an index set (``held``, ``queued``, ``fenced``, a pull's): rebuilt from the namespace's keys
   the first time a call reads it, and the call answered as if nothing had happened;
-* the liveness set, the enqueue counter, the incarnation: replaced by the call that meets them.
+* the liveness set, the enqueue counter, the incarnation: replaced by the call that meets them;
+* the answer a write keeps under its call id: taken as none, deleted, and the call runs as a
+  first call.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import secrets
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
@@ -258,4 +262,50 @@ async def test_the_namespace_s_own_records_of_another_type_are_replaced_by_the_c
     assert await redis.type(name) == expected
     if which == "incarnation":
         assert "incarnation record" in caplog.text
+    assert SECRET not in caplog.text
+
+
+ANSWER_WRITES: dict[str, Write] = {  # a string: not JSON
+    **WRITES, "json-object": lambda redis, name: redis.set(name, f'{{"token": "{SECRET}"}}')}
+
+
+@pytest.mark.parametrize("backend_factory", REDIS, indirect=True)
+@pytest.mark.parametrize("write", list(ANSWER_WRITES))
+async def test_a_call_s_kept_answer_of_another_type_is_taken_as_none_and_replaced(
+    backend_factory: BackendFactory, write: str, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # What stands under a call's id before the call runs is not an answer it gave: the call
+    # runs as a first call and keeps its own answer there. (Call ids are random; the test
+    # fixes them, as tests/integration/test_redis_retried_calls.py does.)
+    backend = _redis(backend_factory)
+    redis = backend.connection.client
+
+    async def spoiled(call_id: str) -> str:
+        monkeypatch.setattr(secrets, "token_hex", lambda _: call_id)
+        name = backend.keys.op(call_id)
+        await ANSWER_WRITES[write](redis, name)
+        return name
+
+    async def kept(name: str) -> object:
+        text = await redis.get(name)
+        assert text is not None
+        return json.loads(text)
+
+    with caplog.at_level(logging.WARNING, logger="enhanced_locking.backends.redis_store"):
+        name = await spoiled("00000000000000b1")  # a grant (the lean path)
+        granted, first = await backend.acquire(lock_for(KEY))
+        assert granted and first.pull.num == 1
+        assert isinstance(await kept(name), list)
+        name = await spoiled("00000000000000b2")  # a refusal (the full path)
+        granted, holder = await backend.acquire(lock_for(OTHER))
+        assert not granted and holder == first
+        assert isinstance(await kept(name), list)
+        name = await spoiled("00000000000000b3")  # a release
+        assert await backend.release(KEY.key, owner=("acme/infra", 1)) == first
+        assert isinstance(await kept(name), list)
+    monkeypatch.undo()
+    assert await backend.get(KEY.key) is None
+    await _others_still_served(backend)
+    assert caplog.text.count("not an answer") == 3
     assert SECRET not in caplog.text

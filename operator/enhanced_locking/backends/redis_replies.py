@@ -52,6 +52,7 @@ __all__ = [
     "release",
     "release_by_pull",
     "served",
+    "spoiled_answer",
     "wait_graph",
     "waiter",
 ]
@@ -258,6 +259,15 @@ def broken_index(answer: Any) -> tuple[str, str] | None:
     ``lua/lib.lua``'s ``members``): its name and why; ``None`` when ``answer`` is the reply."""
     if isinstance(answer, list) and len(answer) == 3 and answer[0] == "index":
         return str(answer[1]), str(answer[2])
+    return None
+
+
+def spoiled_answer(answer: Any) -> str | None:
+    """Why what stands under the call's id is not an answer the call kept
+    (``{'spoiled_answer', why}``, ``lua/lib.lua``'s ``guard``; nothing was written), or
+    ``None`` when ``answer`` is the script's reply."""
+    if isinstance(answer, list) and len(answer) == 2 and answer[0] == "spoiled_answer":
+        return str(answer[1])
     return None
 
 

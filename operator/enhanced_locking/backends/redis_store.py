@@ -189,6 +189,11 @@ def _function_missing(error: rexc.ResponseError) -> bool:
     return str(error).startswith("Function not found")
 
 
+def _wrong_type(error: rexc.ResponseError) -> bool:
+    """A script stopped by a command on a key of another Redis type than it expects."""
+    return "WRONGTYPE" in str(error)
+
+
 def _at(ms: Any) -> datetime:
     return _EPOCH + timedelta(milliseconds=int(ms))
 
@@ -294,7 +299,7 @@ class RedisBackend:
         common = self.keys.lean_common(call_id) if lean else self.keys.common(call_id)
         declared = [*common, *keys, *self._hinted(hint)]
         asked: list[str] = []
-        retried = loaded = rebuilt = False
+        retried = loaded = rebuilt = spoiled = False
         changes = 0
         self.in_flight += 1
         try:
@@ -315,6 +320,15 @@ class RedisBackend:
                         self._scripts = {}  # no FCALL: Redis 6.2, scripts by EVALSHA
                         execute, function = self._evalsha, name
                         continue
+                    if not spoiled and _wrong_type(error):
+                        # Maybe the answer kept under this call's id (the first thing a write
+                        # reads): another Redis type stands there.
+                        kind = await self._type(self.keys.op(call_id), action, key)
+                        if kind not in ("string", "none"):
+                            spoiled = True
+                            await self._drop_kept_answer(call_id, f"not a string (Redis type "
+                                                         f"{kind})", action=action, key=key)
+                            continue
                     if loaded or not _function_missing(error):
                         raise
                     # A Redis without our library (new, or restarted without persistence):
@@ -335,6 +349,16 @@ class RedisBackend:
                             f"{broken[1]} again after it was rebuilt", key=key)
                     rebuilt = True
                     await self._rebuild_index(*broken, key=key)
+                    continue
+                why = redis_replies.spoiled_answer(answer)
+                if why is not None:  # it wrote nothing: drop what stands there, call again
+                    if spoiled:
+                        raise BackendUnavailable(
+                            f"redis {self.connection.where}: the answer kept under "
+                            f"{self.keys.op(call_id)} is {why} again after it was deleted",
+                            key=key)
+                    spoiled = True
+                    await self._drop_kept_answer(call_id, why, action=action, key=key)
                     continue
                 needed = redis_replies.need(answer)
                 if needed is None:
@@ -371,6 +395,29 @@ class RedisBackend:
                                                            replace=True)
         except DOWN as error:
             raise down(self.connection, action, error, key=key) from None
+
+    async def _type(self, name: str, action: str, key: str | None) -> str:
+        """The Redis type of ``name`` (``"none"`` when there is no such key)."""
+        try:
+            async with asyncio.timeout(COMMAND_TIMEOUT):
+                return str(await self.connection.client.type(name))
+        except DOWN as error:
+            raise down(self.connection, action, error, key=key) from None
+
+    async def _drop_kept_answer(self, call_id: str, why: str, *, action: str,
+                                key: str | None) -> None:
+        """Delete what stands under ``call_id`` where a write keeps its answer, found to be
+        ``why`` (something else wrote there: it is no answer of this call's). The call then
+        runs as a first call. Logged; what stood there is never read."""
+        name = self.keys.op(call_id)
+        try:
+            async with asyncio.timeout(COMMAND_TIMEOUT):
+                await self.connection.client.delete(name)
+        except DOWN as error:
+            raise down(self.connection, action, error, key=key) from None
+        log.warning("redis %s: the answer kept under %s was %s, not an answer (written over "
+                    "by something else?); deleted, and the call (%s) runs as a first call",
+                    self.connection.where, name, why, action)
 
     async def _rebuild_index(self, name: str, why: str, *, key: str | None = None) -> None:
         """Rebuild index set ``name``, found to be ``why`` (another Redis type: something

@@ -201,7 +201,17 @@ end
 -- the reply to send back (nothing changed).
 local function guard()
   local done = redis.call('GET', OP)
-  if done then return cjson.decode(done) end  -- this very call ran before: same answer
+  if done then  -- this very call ran before: the same answer
+    local ok, kept = pcall(cjson.decode, done)
+    -- Every answer kept is JSON, and a table in it has a list part or nothing (`as_answered`);
+    -- anything else was written over by something else (another type there fails the GET,
+    -- which the caller finds out by itself): the caller deletes it and calls again, and the
+    -- call runs as a first call (redis_replies.spoiled_answer).
+    if ok and not (type(kept) == 'table' and kept[1] == nil and next(kept) ~= nil) then
+      return kept
+    end
+    return {'spoiled_answer', ok and 'a JSON object' or 'not JSON'}
+  end
   local e = redis.pcall('HMGET', INCARNATION, 'id', 'base', 'until')
   if type(e) == 'table' and e['err'] then
     -- Another Redis type where the incarnation is kept (written over by something else): the
