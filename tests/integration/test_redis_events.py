@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from tests.support.following import followed
 from tests.support.locks import request_for
-from tests.support.redis_fixtures import redis_config
+from tests.support.redis_fixtures import redis_cluster_config, redis_config
 from tests.support.redis_server import RedisServer
+from tests.support.unreadable import SECRET
 
 from enhanced_locking.backends.redis_events import RedisEventBus
+from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.events import parse_event_id
 from enhanced_locking.factory import LockService
 from enhanced_locking.provider import ConfigProvider
@@ -99,3 +102,55 @@ async def test_events_published_while_redis_is_away_are_appended_when_it_returns
         assert event.id and bus.dropped == 0
     finally:
         await bus.close()
+
+
+def _where(request: pytest.FixtureRequest, kind: str, **settings: Any) -> EnhancedLockingConfig:
+    if kind == "redis":
+        return redis_config(request.getfixturevalue("redis_server"), **settings)
+    return redis_cluster_config(request.getfixturevalue("redis_cluster"),
+                                request.getfixturevalue("redis_cluster_prefix"), **settings)
+
+
+@pytest.mark.parametrize("kind", ["redis", "redis-cluster"])
+@pytest.mark.parametrize("write", ["string", "hash"])
+async def test_an_event_stream_written_over_by_another_type_is_replaced_and_followed_again(
+    request: pytest.FixtureRequest, kind: str, write: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    config = _where(request, kind, enabled=True, backend="redis", legacy_backend="memory")
+    service = LockService(ConfigProvider(config))
+    await service.start()
+    try:
+        bus = service.events
+        assert isinstance(bus, RedisEventBus)
+        redis = bus.connection.client
+
+        async def spoil() -> None:
+            await redis.delete(bus.stream_key)
+            if write == "string":
+                await redis.set(bus.stream_key, f"token={SECRET}")
+            else:
+                await redis.hset(bus.stream_key, "token", SECRET)
+
+        async def lock_and_release(pull: int) -> None:
+            request = request_for(pull=pull)
+            assert (await service.router.acquire(request)).acquired  # never refused for it
+            assert await service.router.release(request.key) is not None
+
+        with caplog.at_level(logging.WARNING, logger="enhanced_locking.backends"):
+            await spoil()  # before anyone follows: the first read meets it
+            following = await followed(bus)
+            await lock_and_release(1)
+            seen = await take(following, 2)
+            assert [(e.type, e.lock and e.lock.pull.num) for e in seen] == [
+                ("acquired", 1), ("released", 1)]
+            await spoil()  # while a reader follows the stream
+            await lock_and_release(2)
+            seen = await take(following, 2)
+            assert [(e.type, e.lock and e.lock.pull.num) for e in seen] == [
+                ("acquired", 2), ("released", 2)]
+        assert await redis.type(bus.stream_key) == "stream"
+        assert bus.dropped == 0
+        assert f"the event stream {bus.stream_key} was not a stream" in caplog.text
+        assert SECRET not in caplog.text
+    finally:
+        await service.close()

@@ -15,6 +15,9 @@ that reconnects to another replica with ``Last-Event-ID`` resumes where it was.
   (``XREAD BLOCK``) into the in-process ring the SSE stream serves from; it first loads the
   newest ``capacity`` entries, so a resume after a restart still finds them. A client further
   behind than that gets the ``gap`` event.
+* A stream key written over by something else (another Redis type) is replaced by a new,
+  empty stream by the next append, which logs it; a reader meanwhile waits, as for a Redis
+  that does not answer, and goes on from the new stream (nothing of the old one is read).
 * When Redis is unreachable the outbox keeps up to ``capacity`` events and is appended when
   Redis answers again (older ones are dropped and counted in the log); the reader resumes from
   the last id it saw, so it misses nothing the stream still holds.
@@ -23,6 +26,7 @@ that reconnects to another replica with ``Last-Event-ID`` resumes where it was.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -43,12 +47,31 @@ log = logging.getLogger(__name__)
 _BLOCK_MS = 3_000  # below the connection's read timeout: an idle stream is not an error
 _DOWN = (rexc.ConnectionError, rexc.TimeoutError, rexc.BusyLoadingError, OSError)
 
+# -- KEYS[1] the stream
+# -- deletes KEYS[1] if it is another Redis type than a stream; returns that type, or '' when
+# -- it was a stream or there was none (another replica replaced it first: its events stay)
+REPLACE = """
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind == 'stream' or kind == 'none' then return '' end
+redis.call('DEL', KEYS[1])
+return kind
+"""
+
+
+class StreamWrittenOver(Exception):
+    """The stream's key holds another Redis type again right after it was replaced (something
+    else keeps writing there): the outbox retries later, as while Redis is away."""
+
+
+def _wrong_type(error: rexc.ResponseError) -> bool:
+    return "WRONGTYPE" in str(error)
+
 
 class RedisEventBus(SharedEventBus):
     """:class:`~enhanced_locking.events.EventBus` whose ring is fed by a Redis Stream."""
 
     name = "redis"
-    down = _DOWN
+    down = (*_DOWN, StreamWrittenOver)
     coalesce = 0.01
 
     def __init__(
@@ -63,6 +86,9 @@ class RedisEventBus(SharedEventBus):
         self.connection = connection
         self.stream_key = stream
         self._cursor = "0-0"
+        self._replace = connection.client.register_script(REPLACE)
+        self._unreadable = ""
+        """The Redis type the reader last found at the stream's key ('' while it reads)."""
 
     @classmethod
     def from_config(cls, config: EnhancedLockingConfig, *,
@@ -74,9 +100,28 @@ class RedisEventBus(SharedEventBus):
         # One pipelined round trip for the whole batch, the stream trimmed to about capacity
         # (``XADD key MAXLEN ~ capacity * e <event JSON>``, what redis-py's ``xadd`` sends).
         stream, capacity = self.stream_key, self.capacity
-        await self.connection.call_all([
-            ("XADD", stream, "MAXLEN", "~", capacity, "*", "e", event.model_dump_json())
-            for event in batch])
+        commands = [("XADD", stream, "MAXLEN", "~", capacity, "*", "e", event.model_dump_json())
+                    for event in batch]
+        try:
+            await self.connection.call_all(commands)
+        except rexc.ResponseError as error:
+            if not _wrong_type(error):
+                raise
+        else:
+            return
+        # Another Redis type at the stream's key (written over by something else): every
+        # XADD was refused (all name the one key), so the batch is appended to a new stream.
+        kind = str(await self._replace(keys=[stream]))
+        if kind:
+            log.warning("the event stream %s was not a stream (Redis type %s; written over by "
+                        "something else?): replaced by a new stream", stream, kind)
+        try:
+            await self.connection.call_all(commands)
+        except rexc.ResponseError as error:
+            if not _wrong_type(error):
+                raise
+            raise StreamWrittenOver(f"the event stream {stream} is of another Redis type "
+                                    "again") from None
 
     async def _disconnect(self) -> None:
         await self.connection.close()
@@ -115,8 +160,31 @@ class RedisEventBus(SharedEventBus):
                 await asyncio.sleep(backoff)
                 backoff = min(RETRY_MAX, backoff * 2)
                 continue
+            except rexc.ResponseError as error:
+                if not _wrong_type(error):
+                    raise
+                # Written over by something else: the next event appended replaces it. It
+                # holds no events, so a reader that starts now has loaded all there is.
+                await self._written_over()
+                if not self._loaded.is_set():
+                    self._loaded.set()
+                    self._wake()
+                await asyncio.sleep(backoff)
+                backoff = min(RETRY_MAX, backoff * 2)
+                continue
+            self._unreadable = ""
             for _, entries in answer or []:
                 for entry_id, fields in entries:
                     self._take(str(entry_id), fields)
             if answer:
                 self._wake()
+
+    async def _written_over(self) -> None:
+        """Say once (until the stream reads again) that its key holds another type."""
+        with contextlib.suppress(*_DOWN, rexc.ResponseError):
+            kind = str(await self.connection.client.type(self.stream_key))
+            if kind != self._unreadable:
+                self._unreadable = kind
+                log.warning("the event stream %s is not a stream (Redis type %s; written over "
+                            "by something else?): read again once the next event appended "
+                            "replaces it", self.stream_key, kind)
