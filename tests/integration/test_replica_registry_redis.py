@@ -4,14 +4,17 @@ taking every key on both sides until it reports again."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from tests.support.leases import Overrun, past, with_leases
 from tests.support.redis_fixtures import redis_config
 from tests.support.redis_server import RedisServer
+from tests.support.unreadable import SECRET
 
 from enhanced_locking.backends.redis_connection import RedisConnection, connect
 from enhanced_locking.config import EnhancedLockingConfig
@@ -169,3 +172,75 @@ async def test_a_replica_that_loses_redis_takes_every_key_on_both_sides_until_it
     assert not any(transitions.plan(key).both for key in keys)
     assert [e.details["phase"] for e in seen if e.type == "routing-changed"] == [
         "isolated", "rejoined"]
+
+
+@pytest.mark.parametrize("write", ["string", "list", "report"])
+async def test_a_registry_written_over_is_replaced_and_no_move_settles_until_all_report_again(
+    connections: Connect, redis_server: RedisServer, write: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Another Redis type at the registry's key is replaced by the next report; a report that
+    # does not read is left for its replica to write again. Either way some live replica's
+    # weight is not in the registry for a while, so no move settles before every live replica
+    # had its time to report again (one expiry after the loss).
+    async def case(expiry: timedelta) -> None:
+        ms = expiry // timedelta(milliseconds=1)
+        prefix = f"t{ms}:"
+        settings: dict[str, Any] = {"migration_weight": 0, "replica_heartbeat": f"{ms // 4}ms",
+                    "replica_timeout": f"{ms}ms"}
+        a, a_provider, a_seen = _replica("a", RedisRoutingRegistry(connections(), prefix=prefix),
+                                         **settings)
+        b, b_provider, _ = _replica("b", RedisRoutingRegistry(connections(), prefix=prefix),
+                                    **settings)
+        registry = RedisRoutingRegistry(connections(), prefix=prefix)
+        await a.tick()
+        await b.tick()
+        with redis_server.client() as admin:
+            if write == "string":
+                admin.set(registry.key, f"token={SECRET}")
+            elif write == "list":
+                admin.delete(registry.key)
+                admin.rpush(registry.key, SECRET)
+            else:  # b's report, its time as good as the server's
+                seconds, micros = admin.time()
+                admin.hset(registry.key, "b", f"{seconds * 1000 + micros // 1000} {SECRET}")
+        lost = (await registry.read(expiry=expiry)).now if write == "report" else None
+
+        await a_provider.set_layer("cluster", {"migration_weight": 50})
+        status = await a.tick()
+        assert status.last_error is None, status.last_error  # the registry answered
+        view = await registry.read(expiry=expiry)
+        lost = lost or view.now
+        if view.now - lost > expiry.total_seconds():
+            raise Overrun
+        assert status.phase == "moving", "b's weight is not known"
+        await b_provider.set_layer("cluster", {"migration_weight": 50})
+        await b.tick()
+        status = await a.tick()
+        if write == "report":  # b reported again: nothing is missing
+            assert status.phase == "stable"
+        else:
+            if (await registry.read(expiry=expiry)).now - lost > expiry.total_seconds():
+                raise Overrun
+            assert status.phase == "moving", "another replica may not have reported again yet"
+
+            async def now() -> datetime:
+                return datetime.fromtimestamp((await registry.read(expiry=expiry)).now, UTC)
+
+            await past(now, datetime.fromtimestamp(lost, UTC) + expiry)
+            await b.tick()
+            status = await a.tick()
+            assert status.phase == "stable"
+        assert [e.details["phase"] for e in a_seen if e.type == "routing-changed"] == [
+            "moving", "settled"]
+        assert [r.replica_id for r in (await registry.read(expiry=expiry)).reports] == ["a", "b"]
+        with redis_server.client() as admin:
+            assert admin.type(registry.key) == b"hash"
+
+    with caplog.at_level(logging.WARNING, logger="enhanced_locking.migration"):
+        await with_leases(case)
+    if write == "report":
+        assert "the report of replica b in the replica registry" in caplog.text
+    else:
+        assert "the replica registry" in caplog.text and "was not a hash" in caplog.text
+    assert SECRET not in caplog.text

@@ -21,7 +21,13 @@ Two registries behind one small interface:
 * :class:`RedisRoutingRegistry`: one hash ``{key-prefix}replicas`` of replica id to report, on
   the enhanced backend's Redis. A report's time is the Redis server's ``TIME`` and every read
   returns the server's clock with the reports, so replicas' own clocks never matter. Reports
-  silent for ten expiries are pruned by the readers.
+  silent for ten expiries are pruned by the readers. Another Redis type at its key (written
+  over by something else) is replaced by the next report, which carries the moment; a report
+  that does not read is left out of the view until its replica writes it again.
+
+Either way a live replica's weight may be missing for a while: a view says when the registry
+last lost a report (:meth:`RoutingView.may_miss`), and no move settles on it until every live
+replica has had an expiry to report again.
 
 Weights are compared, not generations: each replica's provider numbers its own generations,
 so the same LockMigration change is generation 7 on one pod and 3 on another. The generation
@@ -31,6 +37,7 @@ is reported for people reading the status.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +45,7 @@ from datetime import timedelta
 from typing import Any, Protocol, runtime_checkable
 
 from enhanced_locking.backends.redis_connection import RedisConnection, unavailable
+from enhanced_locking.types import BackendUnavailable
 
 __all__ = [
     "MemoryRoutingRegistry",
@@ -46,6 +54,8 @@ __all__ = [
     "RoutingReport",
     "RoutingView",
 ]
+
+log = logging.getLogger(__name__)
 
 PRUNE_EXPIRIES = 10
 """Reports older than this many expiries are deleted (they are only kept to show who left)."""
@@ -68,6 +78,14 @@ class RoutingView:
 
     now: float
     reports: tuple[RoutingReport, ...] = ()
+    lost: float | None = None
+    """When the registry last lost a report, on its clock: it was replaced (written over by
+    something else), or a report in it does not read (its time)."""
+
+    def may_miss(self, expiry: timedelta) -> bool:
+        """Whether a live replica's report may be missing: the registry lost one less than an
+        expiry ago (every live replica reports again within an expiry)."""
+        return self.lost is not None and self.now - self.lost <= expiry.total_seconds()
 
     def age(self, report: RoutingReport) -> float:
         return max(0.0, self.now - report.seen)
@@ -120,23 +138,37 @@ class MemoryRoutingRegistry:
 
 
 # -- KEYS[1] the replicas hash
-# -- ARGV[1] replica id, ARGV[2] the report (JSON, without its time)
-# -- stores "<server ms> <report>" under the id; returns the server time in ms
+# -- ARGV[1] replica id, ARGV[2] the report (a JSON object, without its time)
+# -- stores "<server ms> <report>" under the id; returns {server time in ms, ''}, or, when
+# -- KEYS[1] was another Redis type (written over by something else), replaces it with a hash
+# -- holding this report, stamped "replaced": <server ms>, and returns {ms, that type}
 REPORT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('HSET', KEYS[1], ARGV[1], now .. ' ' .. ARGV[2])
-return now
+local kind = redis.call('TYPE', KEYS[1])['ok']
+local report = ARGV[2]
+if kind == 'hash' or kind == 'none' then
+  kind = ''
+else
+  redis.call('DEL', KEYS[1])
+  -- the stamp spliced in before the closing brace (the weight stays as Python wrote it)
+  report = string.sub(report, 1, -2) .. ',"replaced":' .. now .. '}'
+end
+redis.call('HSET', KEYS[1], ARGV[1], now .. ' ' .. report)
+return {now, kind}
 """
 
 # -- KEYS[1] the replicas hash
 # -- ARGV[1] prune age in ms: reports older than this are deleted
-# -- returns {server ms, id1, value1, id2, value2, ...} for the reports kept
+# -- returns {server ms, '', id1, value1, id2, value2, ...} for the reports kept, or
+# -- {server ms, type} when KEYS[1] is another Redis type (the next report replaces it)
 READ = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind ~= 'hash' and kind ~= 'none' then return {now, kind} end
 local all = redis.call('HGETALL', KEYS[1])
-local out = {now}
+local out = {now, ''}
 for i = 1, #all, 2 do
   local seen = tonumber(string.match(all[i + 1], '^(%d+) '))
   if seen == nil or now - seen > tonumber(ARGV[1]) then
@@ -159,27 +191,61 @@ class RedisRoutingRegistry:
         client = connection.client
         self._report = client.register_script(REPORT)
         self._read = client.register_script(READ)
+        self._replaced: int | None = None
+        """When this replica last replaced the registry (server ms): its reports say so."""
+        self._unreadable: dict[str, str] = {}
+        """By replica id: the time of its report last found not to read (logged once)."""
 
     def __repr__(self) -> str:
         return f"RedisRoutingRegistry({self.connection.where}, key={self.key!r})"
 
     async def report(self, *, replica_id: str, weight: float, generation: int) -> None:
-        body = json.dumps({"weight": weight, "generation": generation}, separators=(",", ":"))
+        report: dict[str, Any] = {"weight": weight, "generation": generation}
+        if self._replaced is not None:
+            report["replaced"] = self._replaced
+        body = json.dumps(report, separators=(",", ":"))
         with unavailable(self.connection, "replica report"):
-            await self._report(keys=[self.key], args=[replica_id, body])
+            now, kind = await self._report(keys=[self.key], args=[replica_id, body])
+        if kind:
+            self._replaced = int(now)
+            log.warning("the replica registry %s was not a hash (Redis type %s; written over "
+                        "by something else?): replaced, with this replica's report; no move "
+                        "settles until every replica has had its time to report again",
+                        self.key, kind)
 
     async def read(self, *, expiry: timedelta) -> RoutingView:
         prune_ms = int(PRUNE_EXPIRIES * expiry.total_seconds() * 1000)
         with unavailable(self.connection, "replica read"):
             answer: list[Any] = await self._read(keys=[self.key], args=[prune_ms])
         now = int(answer[0]) / 1000
-        reports = []
-        for replica_id, value in zip(answer[1::2], answer[2::2], strict=True):
-            seen, _, body = str(value).partition(" ")
-            data = json.loads(body)
-            reports.append(RoutingReport(str(replica_id), float(data["weight"]),
-                                         int(data["generation"]), int(seen) / 1000))
-        return RoutingView(now, tuple(sorted(reports, key=lambda r: r.replica_id)))
+        if answer[1]:
+            raise BackendUnavailable(
+                f"the replica registry {self.key} is not a hash (Redis type "
+                f"{answer[1]}; written over by something else?): the next report "
+                "replaces it")
+        reports, lost = [], None
+        for replica_id, value in zip(answer[2::2], answer[3::2], strict=True):
+            replica_id = str(replica_id)
+            seen, _, body = str(value).partition(" ")  # the script kept "<digits> ..." only
+            try:
+                data = json.loads(body)
+                report = RoutingReport(replica_id, float(data["weight"]),
+                                       int(data["generation"]), int(seen) / 1000)
+                replaced = data.get("replaced")
+                stamp = None if replaced is None else int(replaced) / 1000
+            except (ValueError, TypeError, KeyError, AttributeError):
+                # Not a report we wrote: its replica's next report writes over it.
+                stamp = int(seen) / 1000
+                if self._unreadable.get(replica_id) != seen:
+                    self._unreadable[replica_id] = seen
+                    log.warning("the report of replica %s in the replica registry %s does not "
+                                "read (written over by something else?): left out until that "
+                                "replica reports again", replica_id, self.key)
+            else:
+                reports.append(report)
+            if stamp is not None and (lost is None or stamp > lost):
+                lost = stamp
+        return RoutingView(now, tuple(sorted(reports, key=lambda r: r.replica_id)), lost)
 
     async def leave(self, replica_id: str) -> None:
         with unavailable(self.connection, "replica leave"):

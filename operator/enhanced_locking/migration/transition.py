@@ -423,6 +423,8 @@ class WeightTransitions:
         wanted = Band.of(self._in_play())
         if wanted == self._band or not self._band.moving:
             return
+        if self._view.may_miss(self._snapshot().config.replica_expiry):
+            return  # a live replica's weight may be missing from the registry: keep it moving
         if self._settle is not None:
             try:
                 await self._settle(self._band.leaving(wanted), self._target)
