@@ -386,19 +386,11 @@ local function queue_broken(k, level, name)
     ('its ' .. LEVEL_NAMES[level + 1] .. ' queue is ' .. not_a(name, 'sorted set'))
 end
 
-local function queue_range(k, level, first, last)
+-- The members of k's queue of one base priority from rank first to last; with 'WITHSCORES'
+-- (`...`), each followed by its score (the enqueue time).
+local function queue_range(k, level, first, last, ...)
   local name = queue_name(k, level)
-  local found = redis.pcall('ZRANGE', name, first, last)
-  if is_error(found) then
-    queue_broken(k, level, name)
-    return {}
-  end
-  return found
-end
-
-local function queue_scored(k, level, first, last)
-  local name = queue_name(k, level)
-  local found = redis.pcall('ZRANGE', name, first, last, 'WITHSCORES')
+  local found = redis.pcall('ZRANGE', name, first, last, ...)
   if is_error(found) then
     queue_broken(k, level, name)
     return {}
@@ -943,7 +935,7 @@ local function walker(k)
   local index, heads = {0, 0, 0, 0}, {}
   local function head(level)
     local at = index[level + 1]
-    local r = queue_scored(k, level, at, at)
+    local r = queue_range(k, level, at, at, 'WITHSCORES')
     if #r == 0 then return false end
     return {id = string.sub(r[1], 18), seq = tonumber(string.sub(r[1], 1, 16)),
             enq = tonumber(r[2]), level = level, member = r[1]}
@@ -1216,7 +1208,7 @@ local function all_entries(queued)
   local entries, by_id = {}, {}
   for _, k in ipairs(queued or members(QUEUED)) do
     for level = 0, 3 do
-      local r = queue_scored(k, level, 0, -1)
+      local r = queue_range(k, level, 0, -1, 'WITHSCORES')
       for i = 1, #r, 2 do
         local id = string.sub(r[i], 18)
         local e = by_id[id]
