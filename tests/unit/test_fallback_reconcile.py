@@ -8,7 +8,9 @@ call then fails as the file being unreachable does), "back" opens it again, as a
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -47,6 +49,30 @@ async def _until(condition: Callable[[], bool]) -> None:
             return
         await asyncio.sleep(0)
     raise AssertionError("the condition never came true")
+
+
+@dataclass(frozen=True)
+class _Moving:
+    """Replica ``a`` at weight 100 while another replica still reports 0: every key is moving
+    (taken on both sides) until the other reports 100 too."""
+
+    service: LockService
+    registry: MemoryRoutingRegistry
+    replicas: ReplicaSet
+
+    async def lagging_reports(self, weight: float) -> None:
+        await self.registry.report(replica_id="lagging", weight=weight, generation=1)
+        await self.replicas.tick()
+
+
+@contextlib.asynccontextmanager
+async def _moving(data_dir: Path, **settings: Any) -> AsyncIterator[_Moving]:
+    registry = MemoryRoutingRegistry()
+    async with ReplicaSet(data_dir, registry) as replicas:
+        moving = _Moving(await replicas.start("a", migration_weight=100, **settings), registry,
+                         replicas)
+        await moving.lagging_reports(0)
+        yield moving
 
 
 def _events(service: LockService) -> list[Event]:
@@ -143,11 +169,8 @@ async def test_the_journal_survives_a_restart_of_the_service(
 async def test_a_release_that_missed_enhanced_frees_the_copy_there_on_reconcile(
     data_dir: Path,
 ) -> None:
-    registry = MemoryRoutingRegistry()
-    async with ReplicaSet(data_dir, registry) as replicas:
-        service = await replicas.start("a", migration_weight=100)
-        await registry.report(replica_id="lagging", weight=0, generation=1)
-        await replicas.tick()
+    async with _moving(data_dir) as moving:
+        service = moving.service
         assert service.migration.transitions.plan(request_for().key).both
         held = await service.router.acquire(request_for(pull=1))
         assert held.acquired and await service.legacy.get(held.lock_key) is not None
@@ -171,11 +194,8 @@ async def test_a_pull_that_asks_again_after_a_release_that_missed_enhanced_keeps
     # still the pull's. If the pull asks for the key again before the journal is reconciled,
     # the release takes effect first: the pull is granted the key anew (or queued), never
     # handed the leftover copy as its lock for the reconciliation to free under it.
-    registry = MemoryRoutingRegistry()
-    async with ReplicaSet(data_dir, registry) as replicas:
-        service = await replicas.start("a", migration_weight=100)
-        await registry.report(replica_id="lagging", weight=0, generation=1)
-        await replicas.tick()
+    async with _moving(data_dir) as moving:
+        service = moving.service
         key = request_for().key
         assert service.migration.transitions.plan(key).both
         held = await service.router.acquire(request_for(pull=1))
@@ -188,8 +208,7 @@ async def test_a_pull_that_asks_again_after_a_release_that_missed_enhanced_keeps
         assert service.migration.fallback.pending == 1
 
         _back(service)  # enhanced answers again, the journal not reconciled yet
-        await registry.report(replica_id="lagging", weight=100, generation=1)
-        await replicas.tick()
+        await moving.lagging_reports(100)
         assert not service.migration.transitions.plan(key).both
         again = await service.router.acquire(request_for(pull=1))
         assert again.acquired and again.lock is not None
@@ -210,11 +229,8 @@ async def test_a_pull_that_asks_again_while_enhanced_is_still_away_is_served_as_
 ) -> None:
     # The release's entry cannot be applied yet: the acquire is not sent to the enhanced side
     # (which could answer with the copy a moment later) but served as the fallback says.
-    registry = MemoryRoutingRegistry()
-    async with ReplicaSet(data_dir, registry) as replicas:
-        service = await replicas.start("a", migration_weight=100, fallback=fallback)
-        await registry.report(replica_id="lagging", weight=0, generation=1)
-        await replicas.tick()
+    async with _moving(data_dir, fallback=fallback) as moving:
+        service = moving.service
         key = request_for().key
         held = await service.router.acquire(request_for(pull=1))
         assert held.acquired
@@ -244,11 +260,8 @@ async def test_a_pull_that_asks_again_while_enhanced_is_still_away_is_served_as_
 async def test_a_moving_key_needs_the_enhanced_side_and_fail_closed_refuses_it(
     data_dir: Path, fallback: str,
 ) -> None:
-    registry = MemoryRoutingRegistry()
-    async with ReplicaSet(data_dir, registry) as replicas:
-        service = await replicas.start("a", migration_weight=100, fallback=fallback)
-        await registry.report(replica_id="lagging", weight=0, generation=1)
-        await replicas.tick()
+    async with _moving(data_dir, fallback=fallback) as moving:
+        service = moving.service
         await _down(service)
         result = await service.router.acquire(request_for(pull=1))
         if fallback == "fail-closed":
