@@ -21,7 +21,8 @@ from pathlib import Path
 import grpc
 import pytest
 from etcd3aio._protobuf import TxnRequest
-from tests.support.etcd_server import EtcdCluster, EtcdMember, EtcdServerError
+from tests.support.etcd_fixtures import auth_on, started
+from tests.support.etcd_server import EtcdCluster, EtcdMember
 from tests.support.locks import lock_for, request_for
 
 from enhanced_locking.backends.etcd_connection import (
@@ -39,12 +40,8 @@ pytestmark = [pytest.mark.etcd, pytest.mark.timeout(120)]
 
 @pytest.fixture
 def three(tmp_path: Path) -> Iterator[EtcdCluster]:
-    try:
-        cluster = EtcdCluster(tmp_path / "etcd", members_count=3, fsync=False).start()
-    except EtcdServerError as error:
-        pytest.fail(str(error), pytrace=False)
-    yield cluster
-    cluster.close()
+    with started(tmp_path / "etcd", members=3) as cluster:
+        yield cluster
 
 
 @pytest.fixture
@@ -87,6 +84,27 @@ async def pair(backend: EtcdBackend, pull: int = 1) -> None:
     assert released.released is not None
 
 
+async def on_the_route(cluster: EtcdCluster, backend: EtcdBackend) -> EtcdMember:
+    """The leader, once a pair has shown it to ``backend`` and its route leads there."""
+    await pair(backend)
+    leader = leader_of(cluster)
+    await routed_to(backend.connection, leader.endpoint)
+    return leader
+
+
+async def pairs_again(backend: EtcdBackend, failing: str) -> None:
+    """Until a pair goes through (for 30 s, else ``failing``): while the others elect a leader
+    a step may find no one to answer it (as without a route)."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            await pair(backend)
+            return
+        except BackendUnavailable:
+            assert time.monotonic() < deadline, failing
+            await asyncio.sleep(0.1)
+
+
 async def answered_by(connection: EtcdConnection) -> int:
     """The member that answers the connection's next transaction (a read of nothing)."""
     client = await connection.client()
@@ -99,9 +117,7 @@ async def answered_by(connection: EtcdConnection) -> int:
 async def test_the_steps_transactions_are_answered_by_the_leader(
     three: EtcdCluster, backend: EtcdBackend,
 ) -> None:
-    await pair(backend)
-    leader = leader_of(three)
-    await routed_to(backend.connection, leader.endpoint)
+    leader = await on_the_route(three, backend)
     for _ in range(5):  # the balanced channel would have spread them over the members
         assert await answered_by(backend.connection) == member_id(three, leader)
     await pair(backend)
@@ -111,9 +127,7 @@ async def test_the_steps_transactions_are_answered_by_the_leader(
 async def test_a_leader_that_hands_over_is_followed(
     three: EtcdCluster, backend: EtcdBackend,
 ) -> None:
-    await pair(backend)
-    old = leader_of(three)
-    await routed_to(backend.connection, old.endpoint)
+    old = await on_the_route(three, backend)
     heir = next(m for m in three.members if m is not old)
     member = await backend.connection._member(old.endpoint)  # MoveLeader asks the leader
     assert member.maintenance is not None
@@ -131,21 +145,10 @@ async def test_a_leader_that_hands_over_is_followed(
 async def test_a_killed_leaders_route_is_dropped_and_the_new_leader_found(
     three: EtcdCluster, backend: EtcdBackend,
 ) -> None:
-    await pair(backend)
-    old = leader_of(three)
-    await routed_to(backend.connection, old.endpoint)
+    old = await on_the_route(three, backend)
     three.kill(old)
-    # While the others elect a leader a step may find no one to answer it (as without a
-    # route); then every pair goes through, and the route leads to the new leader.
-    deadline, failures = time.monotonic() + 30, 0
-    while True:
-        try:
-            await pair(backend)
-            break
-        except BackendUnavailable:
-            failures += 1
-            assert time.monotonic() < deadline, "no pair went through after the kill"
-            await asyncio.sleep(0.1)
+    # Once a pair goes through, every pair does, and the route leads to the new leader.
+    await pairs_again(backend, "no pair went through after the kill")
     new = leader_of(three)
     assert new is not old
     await routed_to(backend.connection, new.endpoint)
@@ -174,13 +177,7 @@ async def test_with_auth_on_the_leader_is_found_and_the_route_carries_the_token(
 ) -> None:
     leader = leader_of(three)  # asked before auth is on (the gateway's Status then needs it)
     leader_id = member_id(three, leader)
-    admin = EtcdConnection(EtcdSettings(endpoints=tuple(three.endpoints)))
-    client = await admin.client()
-    assert client.auth is not None
-    await client.auth.user_add("root", "root-secret")
-    await client.auth.user_grant_role("root", "root")
-    await client.auth.auth_enable()
-    await admin.close()
+    await auth_on(three, password="root-secret")
 
     store = EtcdBackend(EtcdConnection(EtcdSettings(
         endpoints=tuple(three.endpoints), username="root", password="root-secret")),
@@ -229,9 +226,7 @@ async def test_a_frozen_leader_is_given_up_after_the_routes_limit_not_the_calls(
     three: EtcdCluster, backend: EtcdBackend,
 ) -> None:
     for _ in range(5):  # on a loaded machine an election may move the leader meanwhile
-        await pair(backend)  # its answers' term shows the connection a new leader
-        await routed_to(backend.connection, leader_of(three).endpoint)
-        old = next(m for m in three.members if m.endpoint == backend.connection.leader)
+        old = await on_the_route(three, backend)  # a pair's term shows the connection a leader
         with frozen(old):
             if backend.connection.leader != old.endpoint:
                 continue  # the route moved before the freeze: freeze the new leader
@@ -243,13 +238,8 @@ async def test_a_frozen_leader_is_given_up_after_the_routes_limit_not_the_calls(
             assert ROUTE_TIMEOUT <= waited < CALL_TIMEOUT, waited
             assert backend.connection.leader is None  # dropped: the balanced channel serves
             # The others elect a leader; the route leads there, and pairs go on.
+            await pairs_again(backend, "no pair went through, leader frozen")
             deadline = time.monotonic() + 30
-            while True:
-                try:
-                    await pair(backend)
-                    break
-                except BackendUnavailable:
-                    assert time.monotonic() < deadline, "no pair went through, leader frozen"
             while backend.connection.leader in (None, old.endpoint):
                 assert time.monotonic() < deadline, "the route never led to the new leader"
                 await asyncio.sleep(0.05)

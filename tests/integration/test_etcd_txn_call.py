@@ -15,8 +15,8 @@ from pathlib import Path
 import grpc
 import pytest
 from etcd3aio._protobuf import Compare, TxnRequest
-from tests.support.etcd_fixtures import etcd_config
-from tests.support.etcd_server import EtcdCluster, EtcdServerError
+from tests.support.etcd_fixtures import auth_on, etcd_config, started
+from tests.support.etcd_server import EtcdCluster
 from tests.support.locks import lock_for, request_for
 
 from enhanced_locking.backends import etcd_connection
@@ -44,6 +44,14 @@ async def connection(etcd_cluster: EtcdCluster) -> AsyncIterator[EtcdConnection]
     await connection.close()
 
 
+async def txn_of(connection: EtcdConnection, path: str) -> TxnCall:
+    """The connection's transaction call (it connects first), on the test's path."""
+    await connection.client()
+    txn = connection.txn
+    assert txn is not None and txn.direct is (path == "direct")
+    return txn
+
+
 def put_if_absent(key: bytes, value: bytes) -> TxnRequest:
     request = TxnRequest()
     request.compare.add(result=Compare.EQUAL, target=Compare.MOD, key=key, mod_revision=0)
@@ -62,9 +70,7 @@ def test_the_pinned_grpcio_takes_the_direct_path() -> None:
 async def test_a_transaction_answers_as_etcd_decided(
     path: str, connection: EtcdConnection, etcd_prefix: str,
 ) -> None:
-    client = await connection.client()
-    txn = connection.txn
-    assert txn is not None and txn.direct is (path == "direct")
+    txn = await txn_of(connection, path)
     key = f"{etcd_prefix}k".encode()
     first = await txn(put_if_absent(key, b"one"))
     assert first.succeeded and first.header.revision > 0
@@ -72,6 +78,7 @@ async def test_a_transaction_answers_as_etcd_decided(
     assert not second.succeeded
     [found] = second.responses[0].response_range.kvs
     assert (found.value, found.mod_revision) == (b"one", first.header.revision)
+    client = await connection.client()
     assert client.kv is not None
     assert (await client.kv.get(key)).kvs[0].value == b"one"
 
@@ -80,10 +87,9 @@ async def test_a_call_to_an_etcd_that_is_not_there_fails_as_grpc_fails(path: str
     # Nothing listens on port 1 of loopback.
     connection = EtcdConnection(EtcdSettings(endpoints=("127.0.0.1:1",)))
     try:
-        await connection.client()
-        assert connection.txn is not None and connection.txn.direct is (path == "direct")
+        txn = await txn_of(connection, path)
         with pytest.raises(grpc.aio.AioRpcError) as failed:
-            await connection.txn(put_if_absent(b"/nowhere", b"x"))
+            await txn(put_if_absent(b"/nowhere", b"x"))
         assert failed.value.code() is grpc.StatusCode.UNAVAILABLE
         # Through the store: the usual BackendUnavailable naming the endpoint.
         backend = EtcdBackend(connection, prefix="/nowhere/")
@@ -97,9 +103,7 @@ async def test_a_call_to_an_etcd_that_is_not_there_fails_as_grpc_fails(path: str
 async def test_a_cancelled_caller_gives_its_call_up_and_the_channel_goes_on(
     path: str, connection: EtcdConnection, etcd_prefix: str,
 ) -> None:
-    await connection.client()
-    txn = connection.txn
-    assert txn is not None and txn.direct is (path == "direct")
+    txn = await txn_of(connection, path)
     key = f"{etcd_prefix}k".encode()
     # Cancelled before etcd could answer (the task has not run yet), then once it runs.
     for delay in (None, 0.0):
@@ -116,19 +120,8 @@ async def test_a_cancelled_caller_gives_its_call_up_and_the_channel_goes_on(
 async def test_a_cluster_with_auth_on_gets_the_token_with_every_transaction(
     path: str, tmp_path: Path, etcd_prefix: str,
 ) -> None:
-    try:
-        cluster = EtcdCluster(tmp_path / "etcd", members_count=1, fsync=False).start()
-    except EtcdServerError as error:
-        pytest.fail(str(error), pytrace=False)
-    try:
-        admin = EtcdConnection(EtcdSettings(endpoints=tuple(cluster.endpoints)))
-        client = await admin.client()
-        assert client.auth is not None
-        await client.auth.user_add("root", "root-secret")
-        await client.auth.user_grant_role("root", "root")
-        await client.auth.auth_enable()
-        await admin.close()
-
+    with started(tmp_path / "etcd") as cluster:
+        await auth_on(cluster, password="root-secret")
         anonymous = EtcdConnection(EtcdSettings(endpoints=tuple(cluster.endpoints)))
         try:
             await anonymous.client()
@@ -153,5 +146,3 @@ async def test_a_cluster_with_auth_on_gets_the_token_with_every_transaction(
             assert released.released is not None
         finally:
             await backend.close()
-    finally:
-        cluster.close()

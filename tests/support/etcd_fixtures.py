@@ -4,40 +4,69 @@
   never share keys: each gets its own key prefix (``etcd_prefix``).
 * ``etcd_config(cluster, prefix, **settings)``: an :class:`EnhancedLockingConfig` on it.
 * :func:`etcd_backend_maker`: the ``etcd`` entry of the shared ``backend_factory``.
+* :func:`started`: a cluster of a test's own (several members, or one whose auth a test turns
+  on), closed after the test; :func:`auth_on`: auth turned on, with a ``root`` user.
 
 A missing etcd binary fails the test saying how to build it; it never skips.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from tests.support.etcd_server import EtcdCluster, EtcdServerError
 
 from enhanced_locking.backends.base import Backend
+from enhanced_locking.backends.etcd_connection import EtcdConnection, EtcdSettings
 from enhanced_locking.backends.etcd_store import EtcdBackend
 from enhanced_locking.config import EnhancedLockingConfig
 
-__all__ = ["etcd_backend_maker", "etcd_cluster", "etcd_config", "etcd_prefix"]
+__all__ = ["auth_on", "etcd_backend_maker", "etcd_cluster", "etcd_config", "etcd_prefix",
+           "started"]
 
 _PREFIXES = itertools.count(1)
+
+
+@contextlib.contextmanager
+def started(directory: Path, *, members: int = 1) -> Iterator[EtcdCluster]:
+    """An etcd cluster of ``members`` on free loopback ports (no fsync), closed after the
+    block; a missing etcd fails the test saying how to build it."""
+    try:
+        cluster = EtcdCluster(directory, members_count=members, fsync=False).start()
+    except EtcdServerError as error:
+        pytest.fail(str(error), pytrace=False)
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+async def auth_on(cluster: EtcdCluster, *, password: str) -> None:
+    """Turn auth on in ``cluster``, with the user ``root`` (role ``root``) and ``password``:
+    from then on etcd refuses a call without that user's token."""
+    admin = EtcdConnection(EtcdSettings(endpoints=tuple(cluster.endpoints)))
+    try:
+        client = await admin.client()
+        assert client.auth is not None
+        await client.auth.user_add("root", password)
+        await client.auth.user_grant_role("root", "root")
+        await client.auth.auth_enable()
+    finally:
+        await admin.close()
 
 
 @pytest.fixture(scope="session")
 def etcd_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
     """One etcd member on a free loopback port, shared by the session (prefixes keep tests
     apart)."""
-    try:
-        cluster = EtcdCluster(tmp_path_factory.mktemp("etcd"), members_count=1,
-                              fsync=False).start()
-    except EtcdServerError as error:
-        pytest.fail(str(error), pytrace=False)
-    yield cluster
-    cluster.close()
+    with started(tmp_path_factory.mktemp("etcd")) as cluster:
+        yield cluster
 
 
 @pytest.fixture
