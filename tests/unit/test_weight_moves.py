@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.events import EventBus
 from enhanced_locking.hashing import BUCKETS, bucket_of
 from enhanced_locking.metrics import Metrics
-from enhanced_locking.migration.routing_registry import MemoryRoutingRegistry
+from enhanced_locking.migration.routing_registry import MemoryRoutingRegistry, RoutingView
 from enhanced_locking.migration.transition import Band, WeightTransitions, authority_weight
 from enhanced_locking.provider import ConfigProvider
 from enhanced_locking.types import BackendUnavailable, Event, LockRequest, Reason
@@ -349,3 +350,14 @@ async def test_a_replica_whose_registry_stops_answering_is_isolated_and_says_so(
     assert not any(transitions.plan(key).both for key in keys)
     assert _isolated_metric(metrics) == 0
     assert [e.details["phase"] for e in seen if e.type == "routing-changed"][-1] == "rejoined"
+
+
+def test_a_report_lost_by_the_registry_is_doubted_for_one_expiry_from_its_clock() -> None:
+    expiry = timedelta(seconds=3)
+    assert RoutingView(100.0, lost=98.0).may_miss(expiry)  # replicas may not have reported
+    assert RoutingView(100.0, lost=97.0).may_miss(expiry)
+    assert not RoutingView(100.0, lost=96.5).may_miss(expiry)  # every live one has by now
+    assert not RoutingView(100.0).may_miss(expiry)
+    # A time ahead of the registry's clock is garbage in a report, not a loss: it would
+    # otherwise keep every move from settling for as long as it stands there.
+    assert not RoutingView(100.0, lost=1e12).may_miss(expiry)

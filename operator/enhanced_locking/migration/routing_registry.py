@@ -84,8 +84,9 @@ class RoutingView:
 
     def may_miss(self, expiry: timedelta) -> bool:
         """Whether a live replica's report may be missing: the registry lost one less than an
-        expiry ago (every live replica reports again within an expiry)."""
-        return self.lost is not None and self.now - self.lost <= expiry.total_seconds()
+        expiry ago (every live replica reports again within an expiry). A time ahead of the
+        registry's clock was not written by it (garbage in a report): it does not count."""
+        return self.lost is not None and 0 <= self.now - self.lost <= expiry.total_seconds()
 
     def age(self, report: RoutingReport) -> float:
         return max(0.0, self.now - report.seen)
