@@ -1,19 +1,22 @@
--- the uncontended acquire on its own: acquire.lua's lean path (lib.lua: `lean_acquire`) with
+-- the uncontended acquire on its own: acquire.lua's lean path (lib.lua: `grant_free`) with
 -- only the keys and arguments it needs, so that Redis handles fewer of them per call. The
 -- client sends an acquire here first when it is one exclusive key, without waiting and
 -- without rules, and the key was not found busy lately. Its call starts with `begin_lean`
 -- (lib.lua): KEYS[1..5] and ARGV[1..4] are the lean layout's.
--- KEYS[6..9] the key's lock, shared holders and fencing counter, the owner's pull index
+-- KEYS[6..9] the key's lock, shared holders and fencing counter, the owner's pull index, in
+--   this order: taken by position, no name formed here (RedisKeys forms them as lib.lua's
+--   *_name functions do: tests/integration/test_redis_lean_path.py reads what the full
+--   path stored under the names lib.lua formed by RedisKeys' names)
 -- ARGV[5] lease in ms (0: none)  ARGV[6] lock key  ARGV[7] Atlantis JSON
 -- ARGV[8] owner repo  ARGV[9] owner pull  ARGV[10] path  ARGV[11] workspace
 -- returns {'took', token, at, exp} as acquire.lua's lean path does (the same writes, the same
 --         reply kept under the call id), or
---         {'full'}: it cannot serve the call (someone holds or waits for the key, or a name
---          is not declared); nothing was written or kept, and the caller sends the call to
+--         {'full'}: it cannot serve the call (someone holds or waits for the key); nothing
+--          was written or kept, and the caller sends the call to
 --          acquire.lua in full
 -- decoded by redis_replies.acquire / redis_replies.full
 local refused = guard()
 if refused then return refused end
 if #ARGV ~= 11 then return {'full'} end
-return lean_acquire(ARGV[6], ARGV[7], ARGV[8], ARGV[9], tonumber(ARGV[5]), ARGV[10],
-                    ARGV[11]) or {'full'}
+return grant_free(ARGV[6], ARGV[7], ARGV[8], ARGV[9], tonumber(ARGV[5]), ARGV[10], ARGV[11],
+                  KEYS[6], KEYS[7], KEYS[8], KEYS[9]) or {'full'}

@@ -1,17 +1,18 @@
--- the uncontended release on its own: release.lua's lean path (lib.lua: `lean_release`) with
+-- the uncontended release on its own: release.lua's lean path (lib.lua: `release_own`) with
 -- only the keys it needs, so that Redis handles fewer of them per call. The client sends a
 -- release here first when it names the owner, without rules, and nobody of its own waits
 -- for the key nor was the key found busy lately. Its call starts with `begin_lean` (lib.lua):
 -- KEYS[1..5] and ARGV[1..4] are the lean layout's.
--- KEYS[6..8] the key's lock and shared holders, the owner's pull index
+-- KEYS[6..8] the key's lock and shared holders, the owner's pull index, in this order: taken
+--   by position, as in lean_acquire.lua
 -- ARGV[5] lock key  ARGV[6] owner repo  ARGV[7] owner pull
 -- returns {'dropped', data, token, at, exp} as release.lua's lean path does (the same writes,
 --         the same reply kept under the call id), or
 --         {'full'}: it cannot serve the call (someone waits for the key, or shares it, the
---          lock is not the owner's, or a name is not declared); nothing was written or kept,
---          and the caller sends the call to release.lua in full
+--          lock is not the owner's); nothing was written or kept, and the caller sends the
+--          call to release.lua in full
 -- decoded by redis_replies.release / redis_replies.full
 local refused = guard()
 if refused then return refused end
 if #ARGV ~= 7 or ARGV[6] == '' then return {'full'} end
-return lean_release(ARGV[5], ARGV[6], ARGV[7]) or {'full'}
+return release_own(ARGV[5], ARGV[6], ARGV[7], KEYS[6], KEYS[7], KEYS[8]) or {'full'}

@@ -76,8 +76,7 @@ local function begin_lean(keys, args)
   LIVENESS, SEQ = false, false
   TOKEN_BASE = 0
   RULES = false
-  alive = {}
-  fetched = {}
+  fetched = {}  -- (`alive` is not reset: only a queue walk reads it, and no lean call walks)
 end
 
 -- Whole numbers as exact text: Lua's own tostring keeps 14 digits, tokens can have 16.
@@ -118,6 +117,10 @@ local BROKEN = false  -- that index: {name, why}
 
 local function call_state()
   if CALL_KEYS ~= KEYS then
+    if LEAN_CALL then  -- a lean call forms no name (it takes its keys by position): no set
+      CALL_KEYS, WROTE, MEMO = KEYS, false, {}
+      return
+    end
     local keys, first = KEYS, 1
     CALL_KEYS, MISSING, ASKED, WROTE, COLLECT = keys, {}, {}, false, 0
     if #keys >= 7 then  -- the namespace's own keys: one constructor sizes the set at once
@@ -137,6 +140,9 @@ end
 -- touch) that is all, otherwise the key is to be read now, so the script stops and asks.
 local function checked(name)
   call_state()
+  if LEAN_CALL then  -- (no set was built: `call_state`)
+    error('a lean function formed the name ' .. name .. ': it takes its keys by position', 0)
+  end
   if DECLARED[name] then return name end
   if PROBE then return false end
   if WROTE then error('script touched the undeclared key ' .. name .. ' after a write') end
@@ -156,13 +162,13 @@ local function expect(fn, ...)
   COLLECT = COLLECT - 1
 end
 
--- Whether the name fn(...) forms is declared (nothing noted, nothing touched).
+-- The name fn(...) forms if it is declared, else false (nothing noted, nothing touched).
 local function declared(fn, ...)
   call_state()
   PROBE = true
   local found = fn(...)
   PROBE = false
-  return found and true or false
+  return found or false
 end
 
 -- Stop and ask for every name noted so far (the end of a discovery).
@@ -415,8 +421,9 @@ local function forget(k, part)
   if fetched[k] then fetched[k][part] = nil end
 end
 
-local function fetch_lock(k)
-  local name = lock_name(k)
+-- k's exclusive holder as stored in its hash `name` (nil: none; a row whose 13th field says
+-- why: unreadable), path and workspace as stored (see `with_parts`).
+local function lock_row(k, name)
   local v = redis.pcall('HMGET', name, 'data', 'token', 'at', 'exp', 'repo', 'pull',
                         'claim', 'lease', 'path', 'ws', 'damaged')
   if is_error(v) then return unreadable(k, '', not_a(name, 'hash'), {lock = true}) end
@@ -431,8 +438,12 @@ local function fetch_lock(k)
     return unreadable(k, v[1], 'a lock hash whose token, times or owner do not read',
                       {lock = true})
   end
-  return with_parts({k, v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], 'exclusive', v[9],
-                     v[10], false})
+  return {k, v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], 'exclusive', v[9], v[10], false}
+end
+
+local function fetch_lock(k)
+  local row = lock_row(k, lock_name(k))
+  return row and with_parts(row)
 end
 
 -- What this call has read of k's holders so far (`fetched`), started empty.
@@ -504,6 +515,15 @@ end
 
 local function same_owner(lock, repo, pull) return lock[6] == repo and lock[7] == pull end
 
+-- An exclusive lock's hash deleted, its key taken out of the pull's index, and out of the held
+-- index when no shared holder is left (`none_shared`).
+local function drop_exclusive(k, lock_hash, pull_set, none_shared)
+  w('DEL', lock_hash)
+  known_of(k).lock = false  -- deleted: known to be free
+  if none_shared then w_try('SREM', HELD, k) end
+  w_try('SREM', pull_set, k)
+end
+
 local function drop_lock(lock)
   local k = lock[1]
   if lock.bad then  -- an unreadable holder: delete what was found
@@ -520,12 +540,10 @@ local function drop_lock(lock)
     forget(k, 'shared')
     w('HDEL', shared_name(k), lock[6] .. '#' .. lock[7])
     if redis.call('EXISTS', shared_name(k)) == 0 then w_try('SREM', HELD, k) end
+    w_try('SREM', pull_index(lock[6], lock[7]), k)
   else
-    w('DEL', lock_name(k))
-    known_of(k).lock = false  -- deleted: known to be free
-    if no_shared(k) then w_try('SREM', HELD, k) end
+    drop_exclusive(k, lock_name(k), pull_index(lock[6], lock[7]), no_shared(k))
   end
-  w_try('SREM', pull_index(lock[6], lock[7]), k)
 end
 
 local function collect_after(k, exp)
@@ -590,17 +608,19 @@ local function holder_with_token(k, token)
 end
 
 -- Grant k: next fencing token, server time, lease; with `claim` (a waiter id) the grant must
--- be confirmed within CLAIM_MS.
-local function stamp(k, data, repo, pull, ttl, claim, mode, path, ws)
-  local fence, started = fence_name(k), false
-  if TOKEN_BASE > 0 and redis.call('EXISTS', fence) == 0 then
-    w('SET', fence, int(TOKEN_BASE))
+-- be confirmed within CLAIM_MS. The names: k's fencing counter, its lock hash (unused by a
+-- shared grant), the owner's pull index.
+local function stamp(k, data, repo, pull, ttl, claim, mode, path, ws, counter, lock_hash,
+                     pull_set)
+  local started = false
+  if TOKEN_BASE > 0 and redis.call('EXISTS', counter) == 0 then
+    w('SET', counter, int(TOKEN_BASE))
     started = true
   end
   -- The counter is taken first: one that is not a number (written over by something else)
   -- refuses INCR and nothing of the grant is written (nil; the full paths have asked
   -- `fence_damage` before, the lean ones go to them).
-  local token = w_try('INCR', fence)
+  local token = w_try('INCR', counter)
   if not token then return nil end
   -- FENCED lists every key with a counter; nothing takes a key out of it, so a counter that
   -- was there before this grant is listed already (each write that starts one lists it).
@@ -619,24 +639,23 @@ local function stamp(k, data, repo, pull, ttl, claim, mode, path, ws)
   if mode == 'shared' then
     save_shared(lock)
   else
-    local name = lock_name(k)
     -- A lapsed lock's hash may linger (with its expiry): start afresh, unless this call saw
     -- that the hash holds none of our fields (or deleted it).
-    if not (fetched[k] and fetched[k].lock == false) then w('DEL', name) end
+    if not (fetched[k] and fetched[k].lock == false) then w('DEL', lock_hash) end
     forget(k, 'lock')
     -- The numbers as the text made above (lock[3..5]): Redis would format them again.
     if claim then
-      w('HSET', name, 'data', data, 'token', lock[3], 'at', lock[4], 'repo', repo,
+      w('HSET', lock_hash, 'data', data, 'token', lock[3], 'at', lock[4], 'repo', repo,
                  'pull', pull, 'exp', lock[5], 'path', path, 'ws', ws, 'claim', claim,
                  'lease', pending)
     else
-      w('HSET', name, 'data', data, 'token', lock[3], 'at', lock[4], 'repo', repo,
+      w('HSET', lock_hash, 'data', data, 'token', lock[3], 'at', lock[4], 'repo', repo,
                  'pull', pull, 'exp', lock[5], 'path', path, 'ws', ws)
     end
-    if exp > 0 then w('PEXPIREAT', name, exp + GRACE_MS) end
+    if exp > 0 then w('PEXPIREAT', lock_hash, exp + GRACE_MS) end
   end
   w_try('SADD', HELD, k)
-  w_try('SADD', pull_index(repo, pull), k)
+  w_try('SADD', pull_set, k)
   return lock
 end
 
@@ -857,7 +876,8 @@ local function take(k, data, repo, pull, ttl, claim, mode, path, ws)
   end
   if mine and not (mode == 'exclusive' and mine[10] == 'shared') then return mine, false end
   if mine then drop_lock(mine) end
-  local lock = stamp(k, data, repo, pull, ttl, claim, mode, path, ws)
+  local lock = stamp(k, data, repo, pull, ttl, claim, mode, path, ws, fence_name(k),
+                     mode ~= 'shared' and lock_name(k), pull_index(repo, pull))
   if not lock then error('the fencing counter of ' .. k .. ' failed after its check', 0) end
   return lock, true
 end
@@ -1334,38 +1354,51 @@ end
 -- what the caller does not know ({'took', token, at, exp}): a lock row and its copy kept under
 -- the call id cost Redis more than the grant. nil when it cannot serve the call (nothing is
 -- written before that is decided). The caller has checked the rest (one key, exclusive, no
--- waiting, no rules).
-local function lean_acquire(k, data, repo, pull, ttl, path, ws)
-  if not (declared(lock_name, k) and declared(shared_name, k) and declared(fence_name, k)
-          and declared(pull_index, repo, pull)) then
-    return nil
-  end
+-- waiting, no rules). The names it touches are given: the key's lock hash, shared holders'
+-- hash, fencing counter and the owner's pull index (false: one is not declared, and the call
+-- goes to the full path). ACQUIRE's lean path looks them up (`lean_acquire`); the lean
+-- function LEAN_ACQUIRE takes them by position in its KEYS and forms none: forming and
+-- checking each name cost more than a tenth of its call.
+local function grant_free(k, data, repo, pull, ttl, path, ws, lock_hash, shared_hash, counter,
+                          pull_set)
+  if not (lock_hash and shared_hash and counter and pull_set) then return nil end
   if maybe_queued(k) then return nil end
-  if redis.call('EXISTS', lock_name(k), shared_name(k)) > 0 then return nil end
+  if redis.call('EXISTS', lock_hash, shared_hash) > 0 then return nil end
   fetched[k] = {lock = false, shared = {}}  -- known free, as `main`'s reads would find it
-  local lock = stamp(k, data, repo, pull, ttl, false, 'exclusive', path, ws)
+  local lock = stamp(k, data, repo, pull, ttl, false, 'exclusive', path, ws, counter,
+                     lock_hash, pull_set)
   if not lock then return nil end  -- its fencing counter is not one: nothing written
   return finish_took(lock[3], lock[4], lock[5])
 end
 
+local function lean_acquire(k, data, repo, pull, ttl, path, ws)
+  return grant_free(k, data, repo, pull, ttl, path, ws, declared(lock_name, k),
+                    declared(shared_name, k), declared(fence_name, k),
+                    declared(pull_index, repo, pull))
+end
+
 -- The uncontended release, lean: the owner's own exclusive lock of k, readable and live, no
 -- rules, no shared holders and nobody queued on the key. It releases exactly as release.lua's
--- `main` would (`drop_lock`, its reply kept under the call id), without the discovery and the
--- serving, which find nothing to do then, and answers only what the caller does not know
--- ({'dropped', data, token, at, exp}). nil when it cannot serve the call (nothing written).
-local function lean_release(k, repo, pull)
-  if not (declared(lock_name, k) and declared(shared_name, k)
-          and declared(pull_index, repo, pull)) then
-    return nil
-  end
+-- `main` would (`drop_lock`'s `drop_exclusive`, its reply kept under the call id), without
+-- the discovery and the serving, which find nothing to do then, and answers only what the
+-- caller does not know ({'dropped', data, token, at, exp}). nil when it cannot serve the
+-- call (nothing written). The names are given as to `grant_free`: RELEASE's lean path looks
+-- them up (`lean_release`), LEAN_RELEASE takes them by position.
+local function release_own(k, repo, pull, lock_hash, shared_hash, pull_set)
+  if not (lock_hash and shared_hash and pull_set) then return nil end
   if maybe_queued(k) then return nil end
-  local lock = read_lock(k)
+  -- (the row as stored: this path reads neither its path nor its workspace)
+  local lock = lock_row(k, lock_hash)
   if not lock or lock.bad or lapsed(lock) or not same_owner(lock, repo, pull) then
     return nil
   end
-  if not no_shared(k) then return nil end
-  fetched[k].shared = {}  -- known to have none, as `main`'s reads would find it
-  drop_lock(lock)
+  if redis.call('EXISTS', shared_hash) > 0 then return nil end
+  drop_exclusive(k, lock_hash, pull_set, true)
   return finish_flat({'dropped', lock[2], lock[3], lock[4], lock[5]})
+end
+
+local function lean_release(k, repo, pull)
+  return release_own(k, repo, pull, declared(lock_name, k), declared(shared_name, k),
+                     declared(pull_index, repo, pull))
 end
 -- luacheck: pop
