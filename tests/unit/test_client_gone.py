@@ -9,13 +9,21 @@ its own), or the lock is free again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
+import socket
+from collections.abc import AsyncIterator
 from typing import Any
 
+import h11
+import pytest
 from tests.conftest import ServiceMaker
 from tests.support.locks import request_for
+from uvicorn.protocols.http import h11_impl, httptools_impl
+from uvicorn.protocols.http.flow_control import FlowControl
 
-from enhanced_locking.api import create_app
+from enhanced_locking.api import create_app, disconnect
 
 REPO = "acme/gone"
 BODY = {"project": {"repoFullName": REPO, "path": "net", "projectName": "net"},
@@ -164,3 +172,66 @@ async def test_a_batch_whose_client_leaves_before_a_fail_fast_answer_holds_nothi
 ) -> None:
     for steps in range(0, 10):
         await _batch_round(make_service, steps, wait=False, had_dns=steps % 2 == 1)
+
+
+# --- the look at uvicorn's request cycle -----------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def _transport() -> AsyncIterator[asyncio.Transport]:
+    """A real transport over one end of a socket pair (a request cycle writes and pauses it)."""
+    ours, theirs = socket.socketpair()
+    transport, _ = await asyncio.get_running_loop().connect_accepted_socket(
+        asyncio.Protocol, ours)
+    try:
+        yield transport
+    finally:
+        transport.close()
+        theirs.close()
+
+
+def _cycles(transport: asyncio.Transport) -> list[Any]:
+    """A fresh request cycle of each of uvicorn's HTTP protocols, its body already read."""
+    scope: Any = {"type": "http", "method": "POST", "path": "/v1/locks", "headers": []}
+    log = logging.getLogger("uvicorn.error")
+    cycles: list[Any] = [
+        httptools_impl.RequestResponseCycle(
+            scope, transport, FlowControl(transport), log, log, False, [], asyncio.Event(),
+            False, True, lambda: None),
+        h11_impl.RequestResponseCycle(
+            scope, h11.Connection(h11.SERVER), transport, FlowControl(transport), log, log,
+            False, [], asyncio.Event(), lambda: None),
+    ]
+    for cycle in cycles:
+        cycle.more_body = False
+    return cycles
+
+
+@pytest.mark.parametrize("disconnected", [False, True])
+@pytest.mark.parametrize("complete", [False, True])
+@pytest.mark.parametrize("message", [False, True], ids=["quiet", "event-set"])
+async def test_uvicorns_cycle_is_looked_at_by_its_flags_with_the_answer_a_step_of_receive_gives(
+    disconnected: bool, complete: bool, message: bool,
+) -> None:
+    async with _transport() as transport:
+        for cycle in _cycles(transport):
+            cycle.disconnected, cycle.response_complete = disconnected, complete
+            if message:
+                cycle.message_event.set()
+            assert isinstance(cycle.receive.__self__, disconnect._UVICORN_CYCLES)
+            looked = disconnect._gone_already(cycle.receive)
+            assert looked is (disconnected or complete)
+            assert disconnect._gone_by_step(cycle.receive) is looked, type(cycle)
+
+
+async def test_a_receive_that_is_not_uvicorns_is_run_a_step() -> None:
+    gone = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        if not gone.is_set():
+            await gone.wait()
+        return {"type": "http.disconnect"}
+
+    assert disconnect._gone_already(receive) is False
+    gone.set()
+    assert disconnect._gone_already(receive) is True

@@ -23,12 +23,16 @@ from typing import Any, Generic, TypeVar
 
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
+from uvicorn.protocols.http import h11_impl, httptools_impl
 
 from enhanced_locking.api.responses import JsonAnswer
 
 __all__ = ["AnswerUnlessGone", "ClientGone", "answer_unless_gone"]
 
 T = TypeVar("T")
+
+_UVICORN_CYCLES = (httptools_impl.RequestResponseCycle, h11_impl.RequestResponseCycle)
+"""uvicorn's request cycles, one per protocol: their ``receive`` is looked at by its flags."""
 
 
 class ClientGone(Exception, Generic[T]):
@@ -96,9 +100,23 @@ def _gone_already(receive: Receive) -> bool:
     """Whether the server has already seen the client go, looked at without yielding.
 
     ``Request.is_disconnected`` waits one event-loop step for its answer, and a disconnect
-    arriving in that step would be missed. The server's ``receive`` answers a disconnect it
-    has seen at once, so it is run up to its first suspension only: a message by then is the
-    answer; a suspension means nothing has arrived (and the step is dropped, unconsumed)."""
+    arriving in that step would be missed. When ``receive`` is uvicorn's own (a request
+    cycle's, as every request the service serves has it: no middleware of the app wraps it),
+    the cycle's two flags are what it would answer at once: ``http.disconnect`` once the
+    client is gone or the response complete, else a wait or a request message; read directly
+    (about 17k instructions less than running the coroutine a step and closing it). Any other
+    ``receive`` is looked at by :func:`_gone_by_step`."""
+    cycle = getattr(receive, "__self__", None)
+    if isinstance(cycle, _UVICORN_CYCLES):
+        return bool(cycle.disconnected or cycle.response_complete)
+    return _gone_by_step(receive)
+
+
+def _gone_by_step(receive: Receive) -> bool:
+    """Whether ``receive`` answers a disconnect at once. The server's ``receive`` answers a
+    disconnect it has seen at once, so it is run up to its first suspension only: a message by
+    then is the answer; a suspension means nothing has arrived (and the step is dropped,
+    unconsumed)."""
     step = receive()
     if not isinstance(step, Coroutine):
         step.close() if hasattr(step, "close") else None
