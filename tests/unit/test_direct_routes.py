@@ -21,6 +21,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute, request_response
+from pydantic import ValidationError
 from starlette.datastructures import QueryParams
 from starlette.requests import ClientDisconnect, Request
 from starlette.routing import Match
@@ -30,8 +31,10 @@ from enhanced_locking.api import create_app
 from enhanced_locking.api.access import CallerDep
 from enhanced_locking.api.direct import (
     DirectRoutes,
+    _checker,
     _content_type,
     _read_body,
+    _Refer,
     check_direct_routes,
     query_values,
     serve_directly,
@@ -416,3 +419,37 @@ async def test_a_direct_route_is_found_with_the_scope_fastapi_would_give_it(
             assert table.matches(scope) == route.matches(scope)
         assert table.matches({"type": "http", "method": method, "path": path + "/x",
                               "root_path": ""}) == (Match.NONE, {})
+
+
+class _FieldOnly:
+    """A field that offers only ``validate`` (no type adapter): the checker asks it."""
+
+    def __init__(self, field: Any) -> None:
+        self.name, self._field = field.name, field
+
+    def validate(self, value: Any) -> tuple[Any, list[dict[str, Any]]]:
+        return self._field.validate(value)  # type: ignore[no-any-return]
+
+
+QUERY_VALUES = ["", "0", "7", "+7", " 7 ", "-1", "2147483647", "2147483648", "1e3", "0x1",
+                "٣", "abc", "a/b/c/default/", "x" * 4096, "x" * 4097, "x" * 513, "caf\u00e9"]
+
+
+@pytest.mark.parametrize("checked", ["directly", "through validate"])
+def test_a_query_value_is_checked_as_fastapis_field_checks_it(
+    tmp_path: Path, checked: str,
+) -> None:
+    app = create_app(LockService(ConfigProvider(config(tmp_path))), manage_lifecycle=False)
+    table = app.router.routes[0]
+    assert isinstance(table, DirectRoutes)
+    fields = [field for route in table.table.values() for field in route.dependant.query_params]
+    assert {field.name for field in fields} >= {"key", "pull", "repo"}
+    for field in fields:
+        check = _checker(field if checked == "directly" else _FieldOnly(field))
+        for value in QUERY_VALUES:
+            expected, problems = field.validate(value)
+            if problems:
+                with pytest.raises((ValidationError, _Refer)):
+                    check(value)
+            else:
+                assert check(value) == expected and type(check(value)) is type(expected)
