@@ -61,7 +61,7 @@ from enhanced_locking.factory import LockService  # noqa: E402
 from enhanced_locking.locking import EnhancedLocker  # noqa: E402
 from enhanced_locking.metrics import Metrics  # noqa: E402
 from enhanced_locking.provider import ConfigProvider  # noqa: E402
-from enhanced_locking.types import Lock, LockRequest, Project, Pull, utcnow  # noqa: E402
+from enhanced_locking.types import Candidate, LockRequest, Project, Pull  # noqa: E402
 
 HEADING = "## The enhanced locker: throughput, handoff latency, router overhead"
 BLOCK = 250
@@ -331,7 +331,7 @@ async def only(case: str, pairs: int, work: Path) -> None:
         await locker_pairs(locker, pairs)
     else:
         store, ask, owner = locker.backend, request(), ("acme/bench", 1)
-        candidate = Lock.for_request(ask, now=utcnow(), token=0, backend="enhanced")
+        candidate = Candidate.of_request(ask, priority=ask.priority)
         policy, key = QueuePolicy(), ask.key
         for count in (200, pairs):
             for _ in range(count):

@@ -81,7 +81,7 @@ from enhanced_locking.backends.waiting import QueuePolicy  # noqa: E402
 from enhanced_locking.config import EnhancedLockingConfig  # noqa: E402
 from enhanced_locking.locking import EnhancedLocker  # noqa: E402
 from enhanced_locking.metrics import Metrics  # noqa: E402
-from enhanced_locking.types import Lock, Priority, utcnow  # noqa: E402
+from enhanced_locking.types import Candidate, Priority  # noqa: E402
 
 HEADING = "## Redis: our locker against redis-py's and python-redis-lock's locks"
 BLOCK = 250
@@ -190,10 +190,7 @@ class Bench:
         backend = locker.backend
         assert isinstance(backend, RedisBackend)
         ask = request(pull=2)
-        now = utcnow()
-        candidate = Lock(key=ask.key, project=ask.project, workspace=ask.workspace,
-                         pull=ask.pull, user=ask.user, priority=Priority.NORMAL,
-                         acquired_at=now, backend="enhanced")
+        candidate = Candidate.of_request(ask, priority=Priority.NORMAL)
         policy = QueuePolicy.from_config(self.config)
 
         async def run(pairs: int) -> float:

@@ -97,8 +97,9 @@ def file_bytes(path: Path) -> int:
 async def fill(locker: EnhancedLocker, start: int, stop: int) -> None:
     now = utcnow()
     for first in range(start, stop, 5000):
-        locks = [_candidate(request(i), now, request(i).priority).model_copy(
-            update={"fencing_token": 1}) for i in range(first, min(stop, first + 5000))]
+        locks = [_candidate(request(i), priority=request(i).priority).granted(
+            acquired_at=now, expires_at=None, fencing_token=1)
+            for i in range(first, min(stop, first + 5000))]
         assert await locker.backend.adopt(locks, {}) == []
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import enum
 import urllib.parse
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, NamedTuple, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -65,6 +65,7 @@ __all__ = [
     "BatchItem",
     "BatchLockRequest",
     "BatchResult",
+    "Candidate",
     "Event",
     "Identity",
     "InvalidRequest",
@@ -96,7 +97,6 @@ __all__ = [
     "lock_key",
     "lock_shape",
     "replaced",
-    "stamped",
     "strip_credentials",
     "utc_text",
     "utcnow",
@@ -175,6 +175,7 @@ _IMMUTABLE = (bool, int, float, str, bytes, type(None))
 # 400 instructions a read), and a model's own __new__ is object's.
 _new_object = object.__new__
 _set_attribute = object.__setattr__
+_new_tuple = tuple.__new__
 
 
 def _defaults_of(cls: type[BaseModel]) -> _Defaults:
@@ -563,28 +564,6 @@ class Lock(_Model):
         return self.expires_at is not None and self.expires_at <= now
 
     @classmethod
-    def candidate(cls, request: LockRequest, *, now: datetime, priority: Priority) -> Lock:
-        """The lock ``request`` asks for, as a locker hands it to its store (which stamps its
-        times and token when it grants it): every field from the request, already validated.
-
-        What ``built(Lock, key=request.key, project=..., mode=request.mode)`` makes, written
-        out: every acquire makes one, and reading the request's fields through their model
-        and merging them into the defaults was most of its cost. A test holds the two to the
-        same model."""
-        fields = request.__dict__
-        project, workspace = fields["project"], fields["workspace"]
-        lock = _new_object(cls)
-        _set_attribute(lock, "__dict__", {
-            "key": lock_key(project, workspace), "project": project, "workspace": workspace,
-            "pull": fields["pull"], "user": fields["user"], "priority": priority,
-            "acquired_at": now, "expires_at": None, "fencing_token": 0, "backend": "enhanced",
-            "mode": fields["mode"]})
-        _set_attribute(lock, "__pydantic_fields_set__", _LOCK_FIELDS.copy())
-        _set_attribute(lock, "__pydantic_extra__", None)
-        _set_attribute(lock, "__pydantic_private__", None)
-        return lock
-
-    @classmethod
     def for_request(
         cls, request: LockRequest, *, now: datetime, token: int, backend: Side
     ) -> Lock:
@@ -603,26 +582,76 @@ class Lock(_Model):
         )
 
 
-def stamped(lock: Lock, /, *, acquired_at: datetime, expires_at: datetime | None,
-            fencing_token: int) -> Lock:
-    """``lock`` as a store grants it: its times and fencing token set.
+class Candidate(NamedTuple):
+    """What a request asks to hold on one key: a lock's parts that a grant does not change
+    (its key, project, workspace, pull, user, priority, side and mode), without the grant's
+    stamps (its times and fencing token). A locker hands its store one per key; the store
+    makes the one :class:`Lock` model of a grant from it (:meth:`granted`) and keeps it in a
+    waiter while the request waits.
 
-    What ``replaced(lock, acquired_at=..., expires_at=..., fencing_token=...)`` makes, written
-    out for a lock (no private attributes, no extra), as :meth:`Lock.candidate` is: every
-    fresh grant makes one. A function, not a method: a method is read through pydantic's
-    ``__getattr__`` hook. A test holds the two to the same model."""
-    granted = _new_object(Lock)
-    _set_attribute(granted, "__dict__", {
-        **lock.__dict__, "acquired_at": acquired_at, "expires_at": expires_at,
-        "fencing_token": fencing_token})
-    _set_attribute(granted, "__pydantic_fields_set__", lock.__pydantic_fields_set__ | _STAMPS)
-    _set_attribute(granted, "__pydantic_extra__", None)
-    _set_attribute(granted, "__pydantic_private__", None)
-    return granted
+    A plain record, not a pydantic model: a model made and freed on every acquire cost about
+    17k instructions (four ``object.__setattr__`` calls, a fields set, its ``__dict__``), and
+    every read of its fields went through pydantic's ``__getattr__`` hook; a named tuple is
+    one object whose fields are read by name at C speed. Read by name only."""
+
+    key: str
+    project: Project
+    workspace: str
+    pull: Pull
+    user: User
+    priority: Priority = Priority.NORMAL
+    mode: Mode = "exclusive"
+    backend: Side = "enhanced"
+
+    @property
+    def owner(self) -> tuple[str, int]:
+        """(repository, pull number): who will hold the lock (see :attr:`Lock.owner`)."""
+        return self.project.repo_full_name, self.pull.num
+
+    @classmethod
+    def of_request(cls, request: LockRequest, *, priority: Priority) -> Candidate:
+        """The candidate ``request`` asks for, at ``priority`` (the rules may change the
+        request's own): every part from the request, already validated. Its fields read from
+        the request's ``__dict__`` (an attribute of a model is read through pydantic's
+        ``__getattr__`` hook, about 400 instructions each)."""
+        fields = request.__dict__
+        project, workspace = fields["project"], fields["workspace"]
+        # The tuple made directly, its values in the order of the fields above: the named
+        # constructor is a Python function of its own (about half the cost of this call).
+        # A test holds every field, read by name, to the request's.
+        return _new_tuple(cls, (lock_key(project, workspace), project, workspace,
+                                fields["pull"], fields["user"], priority, fields["mode"],
+                                "enhanced"))
+
+    @classmethod
+    def of_lock(cls, lock: Lock) -> Candidate:
+        """What ``lock`` holds, without its stamps (a lock to store that came as a model; a
+        waiter's candidate read back from a stored record)."""
+        fields = lock.__dict__
+        return cls(key=fields["key"], project=fields["project"], workspace=fields["workspace"],
+                   pull=fields["pull"], user=fields["user"], priority=fields["priority"],
+                   mode=fields["mode"], backend=fields["backend"])
+
+    def granted(self, *, acquired_at: datetime, expires_at: datetime | None,
+                fencing_token: int) -> Lock:
+        """The lock a store grants: these parts with its times and fencing token.
+
+        What ``built(Lock, ...)`` of every field makes, written out (every fresh grant makes
+        one; the general ``built`` merges defaults and reads the class's private attributes).
+        A test holds the two to the same model."""
+        lock = _new_object(Lock)
+        _set_attribute(lock, "__dict__", {
+            "key": self.key, "project": self.project, "workspace": self.workspace,
+            "pull": self.pull, "user": self.user, "priority": self.priority,
+            "acquired_at": acquired_at, "expires_at": expires_at,
+            "fencing_token": fencing_token, "backend": self.backend, "mode": self.mode})
+        _set_attribute(lock, "__pydantic_fields_set__", _LOCK_FIELDS.copy())
+        _set_attribute(lock, "__pydantic_extra__", None)
+        _set_attribute(lock, "__pydantic_private__", None)
+        return lock
 
 
 _LOCK_FIELDS = set(Lock.__pydantic_fields__)
-_STAMPS = frozenset({"acquired_at", "expires_at", "fencing_token"})
 
 Locks = list[Lock]
 """A list of locks (an alias: classes with a ``list`` method shadow the builtin inside them)."""

@@ -23,12 +23,12 @@ import etcd3aio
 import pytest
 from tests.support.etcd_fixtures import etcd_config
 from tests.support.etcd_server import EtcdCluster
-from tests.support.locks import lock_for, request_for
+from tests.support.locks import candidate_for, request_for
 
 from enhanced_locking.backends.etcd_connection import EtcdConnection, EtcdSettings
 from enhanced_locking.backends.etcd_store import EtcdBackend
 from enhanced_locking.backends.waiting import QueuePolicy, Status, Wait
-from enhanced_locking.types import BackendUnavailable, Lock, Reason
+from enhanced_locking.types import BackendUnavailable, Candidate, Lock, Reason
 
 pytestmark = [pytest.mark.etcd, pytest.mark.timeout(60)]
 
@@ -36,8 +36,8 @@ POLICY = QueuePolicy(priority=True, starvation_threshold=timedelta(hours=1))
 SHORT = timedelta(seconds=1)
 
 
-def want(pull: int) -> Lock:
-    return lock_for(request_for(repo="acme/infra", path="envs/late", pull=pull))
+def want(pull: int) -> Candidate:
+    return candidate_for(request_for(repo="acme/infra", path="envs/late", pull=pull))
 
 
 Meanwhile = Callable[[], Awaitable[None]]
@@ -98,7 +98,7 @@ async def deleted_by_etcd(raw: etcd3aio.Etcd3Client, key: bytes) -> None:
     raise AssertionError(f"etcd never deleted {key!r}")
 
 
-async def granted(backend: EtcdBackend, candidate: Lock) -> Lock:
+async def granted(backend: EtcdBackend, candidate: Candidate) -> Lock:
     outcome = await backend.acquire_or_enqueue(candidate, ttl=SHORT, wait=None, policy=POLICY)
     assert outcome.status is Status.GRANTED, outcome
     lock: Lock = outcome.locks[0]

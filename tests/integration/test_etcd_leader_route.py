@@ -23,7 +23,7 @@ import pytest
 from etcd3aio._protobuf import TxnRequest
 from tests.support.etcd_fixtures import auth_on, started
 from tests.support.etcd_server import EtcdCluster, EtcdMember
-from tests.support.locks import lock_for, request_for
+from tests.support.locks import candidate_for, request_for
 
 from enhanced_locking.backends.etcd_connection import (
     CALL_TIMEOUT,
@@ -76,7 +76,7 @@ async def routed_to(connection: EtcdConnection, endpoint: str) -> None:
 
 
 async def pair(backend: EtcdBackend, pull: int = 1) -> None:
-    candidate = lock_for(request_for(pull=pull))
+    candidate = candidate_for(request_for(pull=pull))
     outcome = await backend.acquire_or_enqueue(candidate, ttl=None, wait=None,
                                                policy=QueuePolicy())
     assert outcome.status is Status.GRANTED, outcome

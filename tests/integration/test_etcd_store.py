@@ -22,7 +22,7 @@ import pytest
 from tests.support.etcd_fixtures import etcd_config
 from tests.support.etcd_server import EtcdCluster
 from tests.support.grant_history import GrantHistory
-from tests.support.locks import lock_for, request_for
+from tests.support.locks import candidate_for, request_for
 
 from enhanced_locking.backends.etcd_connection import EtcdConnection, EtcdSettings
 from enhanced_locking.backends.etcd_store import EtcdBackend
@@ -30,15 +30,15 @@ from enhanced_locking.backends.waiting import QueuePolicy, Status, Wait
 from enhanced_locking.events import EventBus
 from enhanced_locking.locking import EnhancedLocker
 from enhanced_locking.metrics import Metrics
-from enhanced_locking.types import Event, Lock, LockNotOwned, Priority
+from enhanced_locking.types import Candidate, Event, Lock, LockNotOwned, Priority
 
 pytestmark = [pytest.mark.etcd, pytest.mark.timeout(120)]
 
 POLICY = QueuePolicy(priority=True, starvation_threshold=timedelta(hours=1))
 
 
-def want(pull: int, path: str = "envs/prod") -> Lock:
-    return lock_for(request_for(repo="acme/infra", path=path, pull=pull))
+def want(pull: int, path: str = "envs/prod") -> Candidate:
+    return candidate_for(request_for(repo="acme/infra", path=path, pull=pull))
 
 
 def offer(seconds: float = 30) -> Wait:
@@ -56,7 +56,7 @@ async def two(etcd_cluster: EtcdCluster, etcd_prefix: str) -> AsyncIterator[
     await b.close()
 
 
-async def grant(backend: EtcdBackend, candidate: Lock, ttl: timedelta | None = None) -> Lock:
+async def grant(backend: EtcdBackend, candidate: Candidate, ttl: timedelta | None = None) -> Lock:
     outcome = await backend.acquire_or_enqueue(candidate, ttl=ttl, wait=None, policy=POLICY)
     assert outcome.status is Status.GRANTED, outcome
     lock: Lock = outcome.locks[0]
@@ -95,7 +95,7 @@ async def test_a_lock_answered_from_the_granting_replicas_memory_is_the_one_etcd
     ask = ask.model_copy(update={"pull": ask.pull.model_copy(update={
         "url": "https://gitlab.example/gl/group/sub/-/merge_requests/7",
         "head_commit": "abc123", "state": "closed"})})
-    granted = await grant(a, lock_for(ask), ttl=timedelta(minutes=5))
+    granted = await grant(a, candidate_for(ask), ttl=timedelta(minutes=5))
     read_by_b = await b.get(granted.key)
     assert read_by_b == granted
     handoff = await a.release_and_handoff(granted.key, owner=granted.owner, policy=POLICY)

@@ -17,7 +17,7 @@ import pytest
 from etcd3aio._protobuf import Compare, TxnRequest
 from tests.support.etcd_fixtures import auth_on, etcd_config, started
 from tests.support.etcd_server import EtcdCluster
-from tests.support.locks import lock_for, request_for
+from tests.support.locks import candidate_for, lock_for, request_for
 
 from enhanced_locking.backends import etcd_connection
 from enhanced_locking.backends.etcd_connection import EtcdConnection, EtcdSettings, TxnCall
@@ -94,7 +94,7 @@ async def test_a_call_to_an_etcd_that_is_not_there_fails_as_grpc_fails(path: str
         # Through the store: the usual BackendUnavailable naming the endpoint.
         backend = EtcdBackend(connection, prefix="/nowhere/")
         with pytest.raises(BackendUnavailable, match=r"etcd 127\.0\.0\.1:1: .*UNAVAILABLE"):
-            await backend.acquire_or_enqueue(lock_for(request_for(pull=1)), ttl=None,
+            await backend.acquire_or_enqueue(candidate_for(request_for(pull=1)), ttl=None,
                                              wait=None, policy=QueuePolicy())
     finally:
         await connection.close()
@@ -137,7 +137,7 @@ async def test_a_cluster_with_auth_on_gets_the_token_with_every_transaction(
         backend = EtcdBackend.from_config(config, "enhanced")
         try:
             outcome = await backend.acquire_or_enqueue(
-                lock_for(request_for(pull=1)), ttl=None, wait=None, policy=QueuePolicy())
+                candidate_for(request_for(pull=1)), ttl=None, wait=None, policy=QueuePolicy())
             assert outcome.status is Status.GRANTED
             txn = backend.connection.txn
             assert isinstance(txn, TxnCall) and txn.direct is (path == "direct")

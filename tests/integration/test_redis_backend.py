@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 from redis.crc import key_slot
 from redis.exceptions import DataError
 from tests.support.leases import Overrun, past, with_leases
-from tests.support.locks import lock_for, request_for
+from tests.support.locks import candidate_for, lock_for, request_for
 from tests.support.redis_fixtures import redis_config
 from tests.support.redis_server import RedisServer
 
@@ -27,7 +27,7 @@ from enhanced_locking.backends.memory import MemoryBackend
 from enhanced_locking.backends.redis_connection import HiredisConnection
 from enhanced_locking.backends.redis_store import RedisBackend
 from enhanced_locking.backends.waiting import Notice, QueuePolicy, Status, Wait
-from enhanced_locking.types import Lock, LockNotHeld, LockNotOwned
+from enhanced_locking.types import Candidate, LockNotHeld, LockNotOwned
 
 pytestmark = pytest.mark.redis
 
@@ -320,7 +320,7 @@ async def test_on_a_redis_without_functions_the_scripts_are_called_by_sha(
             assert granted and lock.fencing_token == 1
             wait = Wait(id="w-2", timeout=timedelta(seconds=10))
             heard = backend.grants.expect(wait.id)
-            queued = await backend.acquire_or_enqueue(lock_for(request_for(pull=2)), ttl=None,
+            queued = await backend.acquire_or_enqueue(candidate_for(request_for(pull=2)), ttl=None,
                                                       wait=wait, policy=QueuePolicy())
             assert queued.status is Status.QUEUED
             handoff = await backend.release_and_handoff(KEY, owner=("acme/infra", 1))
@@ -354,18 +354,18 @@ async def test_waiters_granted_together_are_told_in_the_order_they_were_granted(
     def hear(name: str) -> Callable[[object], None]:
         return lambda _: heard.append(name)
 
-    async def enqueue(lock: Lock, waiter_id: str) -> asyncio.Future[Notice]:
+    async def enqueue(candidate: Candidate, waiter_id: str) -> asyncio.Future[Notice]:
         wait = Wait(id=waiter_id, timeout=timedelta(minutes=1))
         future = backend.grants.expect(wait.id)
         future.add_done_callback(hear(wait.id))
-        queued = await backend.acquire_or_enqueue(lock, ttl=None, wait=wait,
+        queued = await backend.acquire_or_enqueue(candidate, ttl=None, wait=wait,
                                                   policy=QueuePolicy())
         assert queued.status is Status.QUEUED
         return future
 
-    futures = [await enqueue(lock_for(request_for(pull=pull)).model_copy(
-        update={"mode": "shared"}), f"w-{pull}") for pull in (2, 3, 4)]
-    elsewhere = await enqueue(lock_for(request_for(pull=6, path="other")), "w-6")
+    futures = [await enqueue(candidate_for(request_for(pull=pull))._replace(mode="shared"),
+                             f"w-{pull}") for pull in (2, 3, 4)]
+    elsewhere = await enqueue(candidate_for(request_for(pull=6, path="other")), "w-6")
     confirm = backend._confirm
     confirmed: list[str] = []
     go, others_confirmed = asyncio.Event(), asyncio.Event()

@@ -18,7 +18,7 @@ import pytest
 import redis
 from redis.asyncio.cluster import ClusterNode
 from redis.crc import key_slot
-from tests.support.locks import lock_for, request_for
+from tests.support.locks import candidate_for, lock_for, request_for
 from tests.support.redis_cluster import RedisClusterNodes
 from tests.support.redis_fixtures import redis_cluster_config, redis_config
 from tests.support.redis_server import RedisServer
@@ -65,7 +65,7 @@ async def test_the_scripts_write_exactly_the_keys_redis_keys_names(
     keys, policy = backend.keys, QueuePolicy()
     held = lock_for(request_for(repo=REPO, pull=1))
     assert (await backend.acquire(held))[0]
-    waiting = lock_for(request_for(repo=REPO, pull=2))
+    waiting = candidate_for(request_for(repo=REPO, pull=2))
     queued = await backend.acquire_or_enqueue(
         waiting, ttl=None, wait=Wait(id="w1", timeout=timedelta(minutes=1)), policy=policy)
     assert queued.status is Status.QUEUED

@@ -11,7 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from tests.support.locks import lock_for, request_for
+from tests.support.locks import candidate_for, lock_for, request_for
 from tests.support.redis_fixtures import ServerMaker, redis_config
 from tests.support.redis_server import RedisSentinel, RedisServer
 
@@ -61,7 +61,7 @@ async def test_a_waiter_held_up_by_the_subscription_counts_as_busy(
     try:
         with redis_server.paused():
             enqueue = asyncio.ensure_future(backend.acquire_or_enqueue(
-                lock_for(request_for(pull=2)), ttl=None, policy=QueuePolicy(),
+                candidate_for(request_for(pull=2)), ttl=None, policy=QueuePolicy(),
                 wait=Wait(id="joining", timeout=timedelta(seconds=30))))
             await asyncio.sleep(0.2)
             assert not enqueue.done() and backend.in_flight == 0
@@ -168,7 +168,7 @@ async def test_an_acl_user_with_the_documented_rights_works_and_one_without_is_r
         assert granted and lock.fencing_token == 1
         wait = Wait(id="w", timeout=timedelta(seconds=10))
         heard = locker.grants.expect(wait.id)
-        queued = await locker.acquire_or_enqueue(lock_for(request_for(pull=2)), ttl=None,
+        queued = await locker.acquire_or_enqueue(candidate_for(request_for(pull=2)), ttl=None,
                                                  wait=wait, policy=QueuePolicy())
         assert queued.status is Status.QUEUED
         await locker.release(lock.key)

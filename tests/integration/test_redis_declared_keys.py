@@ -15,10 +15,11 @@ import asyncio
 import hashlib
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tests.support.key_watch import KeyWatch
-from tests.support.locks import lock_for, request_for
+from tests.support.locks import candidate_for, request_for
 from tests.support.redis_fixtures import redis_config
 from tests.support.redis_server import LOOPBACK, RedisServer
 
@@ -26,7 +27,7 @@ from enhanced_locking.backends import redis_scripts
 from enhanced_locking.backends.redis_store import RedisBackend
 from enhanced_locking.backends.waiting import QueuePolicy, Status, Wait
 from enhanced_locking.policies import ConcurrencyLimit, PolicyRules
-from enhanced_locking.types import Lock, LockUnreadable
+from enhanced_locking.types import Candidate, LockUnreadable
 
 pytestmark = pytest.mark.redis
 
@@ -34,9 +35,9 @@ POLICY = QueuePolicy()
 WAIT = timedelta(seconds=30)
 
 
-def _lock(key: str, pull: int, **changes: object) -> Lock:
-    lock = lock_for(request_for(path=f"envs/{key}", pull=pull))
-    return lock.model_copy(update=changes) if changes else lock
+def _lock(key: str, pull: int, **changes: Any) -> Candidate:
+    candidate = candidate_for(request_for(path=f"envs/{key}", pull=pull))
+    return candidate._replace(**changes) if changes else candidate
 
 
 def _script_names() -> dict[str, str]:
@@ -58,7 +59,7 @@ async def _held_by(backend: RedisBackend, key: str, pull: int) -> None:
         await asyncio.sleep(0.02)
 
 
-async def _enqueue(backend: RedisBackend, locks: list[Lock], waiter_id: str) -> None:
+async def _enqueue(backend: RedisBackend, locks: list[Candidate], waiter_id: str) -> None:
     backend.grants.expect(waiter_id)
     outcome = await backend.acquire_batch(locks, ttl=None, wait=Wait(id=waiter_id, timeout=WAIT),
                                           policy=POLICY)
@@ -93,10 +94,8 @@ async def _workload(server: RedisServer) -> None:
         await _enqueue(a, [_lock("four", 8, mode="shared")], "w-four-8")
         # A newer head commit of pull 9 pushes its older waiter (of the other replica) out.
         older = _lock("one", 9)
-        older = older.model_copy(update={"pull": older.pull.model_copy(
-            update={"head_commit": "a" * 40})})
-        newer = older.model_copy(update={"pull": older.pull.model_copy(
-            update={"head_commit": "b" * 40})})
+        older = older._replace(pull=older.pull.model_copy(update={"head_commit": "a" * 40}))
+        newer = older._replace(pull=older.pull.model_copy(update={"head_commit": "b" * 40}))
         await _enqueue(b, [older], "w-one-9-old")
         await _enqueue(a, [newer], "w-one-9-new")
         # An index written over by something else: rebuilt (REINDEX) by the list that reads it.

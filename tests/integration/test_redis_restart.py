@@ -13,7 +13,7 @@ import asyncio
 from datetime import timedelta
 
 import pytest
-from tests.support.locks import lock_for, request_for
+from tests.support.locks import candidate_for, lock_for, request_for
 from tests.support.redis_fixtures import ServerMaker, redis_config
 
 from enhanced_locking.backends.redis_store import RedisBackend
@@ -34,7 +34,7 @@ async def test_with_persistence_a_restart_keeps_holders_tokens_and_waiters(
         _, held = await backend.acquire(lock_for(request_for(pull=1)))
         wait = Wait(id="w-2", timeout=timedelta(seconds=30))
         future = backend.grants.expect(wait.id)
-        queued = await backend.acquire_or_enqueue(lock_for(request_for(pull=2)), ttl=None,
+        queued = await backend.acquire_or_enqueue(candidate_for(request_for(pull=2)), ttl=None,
                                                   wait=wait, policy=POLICY)
         assert queued.status is Status.QUEUED
         server.restart()
@@ -107,7 +107,7 @@ async def test_a_reconnect_tells_unavailable_only_the_waiters_whose_record_was_l
         _, held = await backend.acquire(lock_for(request_for(pull=1)))
         lost = backend.grants.expect("w-2")
         queued = await backend.acquire_or_enqueue(
-            lock_for(request_for(pull=2)), ttl=None,
+            candidate_for(request_for(pull=2)), ttl=None,
             wait=Wait(id="w-2", timeout=timedelta(seconds=30)), policy=POLICY)
         assert queued.status is Status.QUEUED
         on_its_way = backend.grants.expect("w-3")  # expected first, enqueued below
@@ -123,7 +123,7 @@ async def test_a_reconnect_tells_unavailable_only_the_waiters_whose_record_was_l
         assert not on_its_way.done(), "told unavailable before its enqueue had run"
         _, again = await backend.acquire(lock_for(request_for(pull=1)))
         waiting = await backend.acquire_or_enqueue(
-            lock_for(request_for(pull=3)), ttl=None,
+            candidate_for(request_for(pull=3)), ttl=None,
             wait=Wait(id="w-3", timeout=timedelta(seconds=30)), policy=POLICY)
         assert waiting.status is Status.QUEUED
         await backend.release_and_handoff(again.key, policy=POLICY)

@@ -17,7 +17,7 @@ import pytest
 import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tests.support.locks import lock_for, request_for
+from tests.support.locks import candidate_for, request_for
 from tests.support.redis_fixtures import redis_config
 from tests.support.redis_server import RedisServer
 
@@ -54,7 +54,7 @@ async def _check(server: RedisServer, specs: list[tuple[Priority, int, float]],
                  policy: QueuePolicy) -> None:
     backend = RedisBackend.from_config(redis_config(server), "enhanced")
     try:
-        holder = lock_for(request_for(pull=1000))
+        holder = candidate_for(request_for(pull=1000))
         assert (await backend.acquire_or_enqueue(holder, ttl=None, wait=None,
                                                  policy=policy)).status is Status.GRANTED
         threshold_ms = THRESHOLD // timedelta(milliseconds=1)
@@ -63,7 +63,7 @@ async def _check(server: RedisServer, specs: list[tuple[Priority, int, float]],
                 wait = Wait(id=f"w{n}", timeout=timedelta(hours=1))
                 backend.grants.expect(wait.id)
                 outcome = await backend.acquire_or_enqueue(
-                    lock_for(request_for(pull=n, priority=level)), ttl=None, wait=wait,
+                    candidate_for(request_for(pull=n, priority=level)), ttl=None, wait=wait,
                     policy=policy)
                 assert outcome.status is Status.QUEUED and outcome.waiter is not None
                 age = int((periods + fraction) * threshold_ms)

@@ -1,7 +1,8 @@
 """Small builders of lock requests and locks, so tests read as the behaviour they check.
 
-``request_for`` and ``lock_for`` build the models; ``lock_body`` the JSON body of
-``POST /v1/locks`` that tests of a running service send.
+``request_for`` and ``lock_for`` build the models, ``candidate_for`` what a queue backend is
+asked to grant; ``lock_body`` the JSON body of ``POST /v1/locks`` that tests of a running
+service send.
 """
 
 from __future__ import annotations
@@ -10,9 +11,18 @@ from datetime import timedelta
 from types import EllipsisType
 from typing import Any
 
-from enhanced_locking.types import Lock, LockRequest, Priority, Project, Pull, User, utcnow
+from enhanced_locking.types import (
+    Candidate,
+    Lock,
+    LockRequest,
+    Priority,
+    Project,
+    Pull,
+    User,
+    utcnow,
+)
 
-__all__ = ["lock_body", "lock_for", "request_for"]
+__all__ = ["candidate_for", "lock_body", "lock_for", "request_for"]
 
 
 def request_for(
@@ -51,6 +61,11 @@ def lock_for(request: LockRequest, *, token: int = 0, backend: str = "enhanced")
     return Lock.for_request(
         request, now=utcnow(), token=token, backend="legacy" if backend == "legacy" else "enhanced"
     )
+
+
+def candidate_for(request: LockRequest) -> Candidate:
+    """What the enhanced locker hands a queue backend for ``request`` (its acquire)."""
+    return Candidate.of_request(request, priority=request.priority)
 
 
 def lock_body(repo: str, path: str, pull: Any, *, project: str | EllipsisType | None = ...,

@@ -9,6 +9,7 @@ import pytest
 from enhanced_locking.types import (
     AcquireResult,
     AuditEntry,
+    Candidate,
     Lock,
     LockRequest,
     Priority,
@@ -17,7 +18,6 @@ from enhanced_locking.types import (
     User,
     built,
     replaced,
-    stamped,
 )
 
 
@@ -48,13 +48,22 @@ def test_a_grants_answer_is_the_model_built_from_its_fields(fresh: bool) -> None
 
 
 @pytest.mark.parametrize("mode", ["exclusive", "shared"])
-def test_a_requests_candidate_lock_is_the_model_built_from_its_fields(mode: str) -> None:
+def test_a_requests_candidate_granted_is_the_model_built_from_its_fields(mode: str) -> None:
+    # A candidate is the request's parts as a record; the lock a store grants of it is
+    # written out field by field instead of asking built(): the two agree in every field, in
+    # which count as set, and in the JSON.
     request = LockRequest(project=Project(repo_full_name="acme/infra", path="envs/prod",
                                           project_name="prod"),
                           workspace="staging", pull=Pull(num=12), mode=mode,
                           user=User(username="alice", teams=["platform"]))
     now = datetime(2024, 5, 1, 8, 20, 30, 123456, tzinfo=UTC)
-    written = Lock.candidate(request, now=now, priority=Priority.HIGH)
+    candidate = Candidate.of_request(request, priority=Priority.HIGH)
+    assert (candidate.key, candidate.project, candidate.workspace, candidate.pull,
+            candidate.user, candidate.priority, candidate.mode, candidate.backend) == (
+        request.key, request.project, request.workspace, request.pull, request.user,
+        Priority.HIGH, request.mode, "enhanced")
+    assert candidate.owner == ("acme/infra", 12)
+    written = candidate.granted(acquired_at=now, expires_at=None, fencing_token=0)
     general = built(
         Lock, key=request.key, project=request.project, workspace=request.workspace,
         pull=request.pull, user=request.user, priority=Priority.HIGH, acquired_at=now,
@@ -66,8 +75,8 @@ def test_a_requests_candidate_lock_is_the_model_built_from_its_fields(mode: str)
     assert written.__pydantic_extra__ == general.__pydantic_extra__
     assert written.key == "acme/infra/envs/prod/staging/prod"
     assert written.model_dump_json() == general.model_dump_json()
-    assert written.model_fields_set is not Lock.candidate(
-        request, now=now, priority=Priority.HIGH).model_fields_set  # each its own set
+    assert written.model_fields_set is not candidate.granted(
+        acquired_at=now, expires_at=None, fencing_token=0).model_fields_set  # each its own set
 
 
 @pytest.mark.parametrize("values", [
@@ -101,22 +110,32 @@ def test_an_audit_entry_and_its_stored_copy_are_the_models_built_from_their_fiel
 
 
 @pytest.mark.parametrize("expires", [None, datetime(2024, 5, 1, 9, 0, tzinfo=UTC)])
-def test_a_stamped_grant_is_the_model_replaced_makes(expires: datetime | None) -> None:
-    # stamped() writes the granted lock out instead of asking replaced(): the two agree in
-    # every field, in which fields count as set, and in the JSON; the candidate is unchanged.
+def test_a_granted_lock_is_the_model_replaced_makes_of_its_candidate(
+    expires: datetime | None,
+) -> None:
+    # Candidate.granted writes the granted lock out instead of asking replaced() of the
+    # candidate as a model (every field set): the two agree in every field, in which fields
+    # count as set, and in the JSON, whether the candidate came from a request or from a lock
+    # (a lock to store, a waiter read back); the lock it came from is unchanged.
     request = LockRequest(project=Project(repo_full_name="acme/infra", path="envs/prod"),
                           pull=Pull(num=12), user=User(username="alice"))
     now = datetime(2024, 5, 1, 8, 20, 30, 123456, tzinfo=UTC)
     at = datetime(2024, 5, 1, 8, 20, 31, tzinfo=UTC)
-    for candidate in (Lock.candidate(request, now=now, priority=Priority.NORMAL),
-                      Lock.for_request(request, now=now, token=0, backend="enhanced")):
-        written = stamped(candidate, acquired_at=at, expires_at=expires, fencing_token=7)
-        general = replaced(candidate, acquired_at=at, expires_at=expires, fencing_token=7)
+    source = Lock.for_request(request, now=now, token=0, backend="enhanced")
+    for candidate in (Candidate.of_request(request, priority=Priority.NORMAL),
+                      Candidate.of_lock(source)):
+        as_model = built(Lock, **candidate._asdict(), acquired_at=now, expires_at=None,
+                         fencing_token=0)
+        written = candidate.granted(acquired_at=at, expires_at=expires, fencing_token=7)
+        general = replaced(as_model, acquired_at=at, expires_at=expires, fencing_token=7)
         assert written == general
         assert list(written.__dict__) == list(general.__dict__)
         assert written.model_fields_set == general.model_fields_set
-        assert written.model_fields_set is not candidate.model_fields_set
+        assert written.model_fields_set is not as_model.model_fields_set
         assert written.__pydantic_private__ == general.__pydantic_private__
         assert written.__pydantic_extra__ == general.__pydantic_extra__
         assert written.model_dump_json() == general.model_dump_json()
-        assert (candidate.acquired_at, candidate.fencing_token) == (now, 0)
+        assert (source.acquired_at, source.fencing_token) == (now, 0)
+    assert Candidate.of_lock(replaced(source, backend="legacy", mode="shared")) == (
+        Candidate.of_request(request, priority=Priority.NORMAL)._replace(
+            backend="legacy", mode="shared"))

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
-from tests.support.locks import lock_for, request_for
+from tests.support.locks import candidate_for, request_for
 from tests.support.queues import LockerRig, settle
 
 from enhanced_locking.backends.waiting import KeyWaits, Waiter
@@ -161,8 +161,8 @@ async def test_with_detection_off_a_cycle_just_waits(make: Callable[..., LockerR
 
 def waiter(pull: int, *keys: str) -> Waiter:
     now = utcnow()
-    return Waiter(id=f"w{pull}{''.join(keys)}", locks=tuple(
-        lock_for(request_for(pull=pull, path=key)) for key in keys), ttl=None,
+    return Waiter(id=f"w{pull}{''.join(keys)}", candidates=tuple(
+        candidate_for(request_for(pull=pull, path=key)) for key in keys), ttl=None,
         enqueued_at=now, deadline=now + WAIT, seq=pull)
 
 

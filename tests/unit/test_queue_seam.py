@@ -15,12 +15,12 @@ from datetime import timedelta
 import pytest
 from tests.support.backends import BACKEND_KINDS, BackendFactory
 from tests.support.leases import Overrun, past, with_leases
-from tests.support.locks import lock_for, request_for
+from tests.support.locks import candidate_for, request_for
 from tests.support.queues import QUEUE_BACKEND_KINDS
 
 from enhanced_locking.backends import QueueBackend
 from enhanced_locking.backends.waiting import Notice, QueuePolicy, Status, Wait
-from enhanced_locking.types import Lock, LockNotHeld, LockNotOwned, Priority, Reason
+from enhanced_locking.types import Candidate, LockNotHeld, LockNotOwned, Priority, Reason
 
 FIFO = QueuePolicy(priority=False)
 PRIORITY = QueuePolicy(priority=True, starvation_threshold=timedelta(hours=1))
@@ -28,8 +28,8 @@ LONG = timedelta(seconds=30)
 
 
 def want(pull: int, *, path: str = "envs/prod", priority: Priority = Priority.NORMAL,
-         repo: str = "acme/infra") -> Lock:
-    return lock_for(request_for(repo=repo, path=path, pull=pull, priority=priority))
+         repo: str = "acme/infra") -> Candidate:
+    return candidate_for(request_for(repo=repo, path=path, pull=pull, priority=priority))
 
 
 def offer(timeout: timedelta = LONG) -> Wait:
@@ -43,7 +43,7 @@ def backend(queue_backend_factory: BackendFactory) -> QueueBackend:
     return made
 
 
-async def queue_up(backend: QueueBackend, candidate: Lock, policy: QueuePolicy = FIFO,
+async def queue_up(backend: QueueBackend, candidate: Candidate, policy: QueuePolicy = FIFO,
                    patience: timedelta = LONG) -> tuple[str, asyncio.Future[Notice], int]:
     wait = offer(patience)
     future = backend.grants.expect(wait.id)

@@ -11,7 +11,7 @@ from datetime import timedelta
 
 import pytest
 from tests.support.backends import BACKEND_KINDS, BackendFactory
-from tests.support.locks import lock_for, request_for
+from tests.support.locks import candidate_for, lock_for, request_for
 
 from enhanced_locking.backends.redis_store import RedisBackend
 from enhanced_locking.backends.waiting import QueuePolicy, Status, Wait
@@ -64,7 +64,7 @@ async def test_a_waiter_record_that_does_not_read_is_passed_over(
     good = backend.grants.expect(waits[1].id)
     for pull, wait in zip((2, 3), waits, strict=True):
         queued = await backend.acquire_or_enqueue(
-            lock_for(request_for(path="envs/queued", pull=pull)), ttl=None, wait=wait,
+            candidate_for(request_for(path="envs/queued", pull=pull)), ttl=None, wait=wait,
             policy=policy)
         assert queued.status is Status.QUEUED
     await spoil(backend, backend.keys.waiter(waits[0].id))

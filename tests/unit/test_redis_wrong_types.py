@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 from tests.support.backends import BACKEND_KINDS, BackendFactory
-from tests.support.locks import lock_for, request_for
+from tests.support.locks import candidate_for, lock_for, request_for
 from tests.support.unreadable import SECRET
 
 from enhanced_locking.backends.redis_store import RedisBackend
@@ -96,11 +96,11 @@ async def test_a_free_key_whose_fencing_counter_is_not_one_is_set_aside_until_fo
         assert caught.value.key == KEY.key and "fencing counter" in caught.value.found.reason
         assert SECRET not in str(caught.value) and SECRET not in caught.value.found.reason
         with pytest.raises(LockUnreadable):
-            await backend.acquire_or_enqueue(lock_for(request), ttl=None, wait=None,
+            await backend.acquire_or_enqueue(candidate_for(request), ttl=None, wait=None,
                                              policy=policy)
     with pytest.raises(LockUnreadable):
-        await backend.acquire_batch([lock_for(request_for(path="envs/new", pull=3)),
-                                     lock_for(OTHER)], ttl=None, wait=None, policy=policy)
+        await backend.acquire_batch([candidate_for(request_for(path="envs/new", pull=3)),
+                                     candidate_for(OTHER)], ttl=None, wait=None, policy=policy)
     assert await backend.get(request_for(path="envs/new", pull=3).key) is None, "all or nothing"
     # Set aside like an unreadable lock: every read says so, on this replica and another.
     with pytest.raises(LockUnreadable):
@@ -131,7 +131,7 @@ async def test_a_counter_written_over_under_a_held_key_stops_its_hand_off_not_it
     assert (await backend.acquire(lock_for(KEY)))[0]
     wait = _wait()
     told = backend.grants.expect(wait.id)
-    queued = await backend.acquire_or_enqueue(lock_for(OTHER), ttl=None, wait=wait,
+    queued = await backend.acquire_or_enqueue(candidate_for(OTHER), ttl=None, wait=wait,
                                               policy=QueuePolicy())
     assert queued.status is Status.QUEUED
     await _string(backend.connection.client, backend.keys.fence(KEY.key))
@@ -162,7 +162,7 @@ async def test_a_queue_of_another_type_refuses_waiting_on_its_key_until_force_un
     granted, holder = await backend.acquire(lock_for(OTHER))
     assert not granted and holder.pull.num == 1
     with pytest.raises(LockUnreadable) as caught:
-        await backend.acquire_or_enqueue(lock_for(OTHER), ttl=None, wait=_wait(),
+        await backend.acquire_or_enqueue(candidate_for(OTHER), ttl=None, wait=_wait(),
                                          policy=policy)
     assert "queue is not a sorted set" in caught.value.found.reason
     assert SECRET not in caught.value.found.reason
@@ -178,7 +178,7 @@ async def test_a_queue_of_another_type_refuses_waiting_on_its_key_until_force_un
     assert await backend.connection.client.type(backend.keys.queue(KEY.key, level)) == "none"
     assert KEY.key not in backend.unreadable
     assert (await backend.acquire(lock_for(KEY)))[0]
-    queued = await backend.acquire_or_enqueue(lock_for(OTHER), ttl=None, wait=_wait(),
+    queued = await backend.acquire_or_enqueue(candidate_for(OTHER), ttl=None, wait=_wait(),
                                               policy=policy)
     assert queued.status is Status.QUEUED
     assert [w.owner[1] for w in await backend.queue(KEY.key)] == [3]
@@ -206,7 +206,7 @@ async def test_an_index_of_another_type_is_rebuilt_and_every_call_answers_as_bef
     wait = _wait()
     told = backend.grants.expect(wait.id)
     assert (await backend.acquire_or_enqueue(
-        lock_for(request_for(path="envs/waited", pull=3)), ttl=None, wait=wait,
+        candidate_for(request_for(path="envs/waited", pull=3)), ttl=None, wait=wait,
         policy=QueuePolicy())).status is Status.QUEUED
     name = INDEXES[index](backend)
     await WRITES[write](redis, name)
@@ -250,7 +250,7 @@ async def test_the_namespace_s_own_records_of_another_type_are_replaced_by_the_c
     with caplog.at_level(logging.WARNING, logger="enhanced_locking.backends.redis_store"):
         wait = _wait()
         told = backend.grants.expect(wait.id)
-        queued = await backend.acquire_or_enqueue(lock_for(OTHER), ttl=None, wait=wait,
+        queued = await backend.acquire_or_enqueue(candidate_for(OTHER), ttl=None, wait=wait,
                                                   policy=QueuePolicy())
         assert queued.status is Status.QUEUED
         handoff = await backend.release_and_handoff(KEY.key, owner=("acme/infra", 1))

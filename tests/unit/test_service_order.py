@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from tests.support.locks import lock_for, request_for
+from tests.support.locks import candidate_for, request_for
 from tests.support.ordering_cases import CASES, OrderCase
 
 from enhanced_locking.backends.waiting import QueuePolicy, Waiter, epoch_ms, service_order
@@ -23,8 +23,8 @@ def at(ms: int) -> datetime:
 
 
 def waiter(name: str, priority: str, enqueued_ms: int, seq: int) -> Waiter:
-    lock = lock_for(request_for(pull=seq, priority=Priority(priority)))
-    return Waiter(id=name, locks=(lock,), ttl=None, enqueued_at=at(enqueued_ms),
+    candidate = candidate_for(request_for(pull=seq, priority=Priority(priority)))
+    return Waiter(id=name, candidates=(candidate,), ttl=None, enqueued_at=at(enqueued_ms),
                   deadline=at(enqueued_ms + 3_600_000), seq=seq)
 
 

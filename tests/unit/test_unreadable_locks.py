@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from tests.support.backends import BACKEND_KINDS, BackendFactory
-from tests.support.locks import lock_for, request_for
+from tests.support.locks import candidate_for, lock_for, request_for
 from tests.support.redis_fixtures import redis_config
 from tests.support.redis_server import RedisServer
 from tests.support.unreadable import (
@@ -107,11 +107,11 @@ async def test_nothing_is_granted_over_an_unreadable_lock(
         with pytest.raises(LockUnreadable):
             await backend.acquire(lock_for(request))
         with pytest.raises(LockUnreadable):
-            await backend.acquire_or_enqueue(lock_for(request), ttl=None, wait=None,
+            await backend.acquire_or_enqueue(candidate_for(request), ttl=None, wait=None,
                                              policy=QueuePolicy())
     with pytest.raises(LockUnreadable):
-        await backend.acquire_batch([lock_for(request_for(path="envs/x", pull=2)),
-                                     lock_for(OTHER)], ttl=None, wait=None,
+        await backend.acquire_batch([candidate_for(request_for(path="envs/x", pull=2)),
+                                     candidate_for(OTHER)], ttl=None, wait=None,
                                     policy=QueuePolicy())
     assert await backend.get(request_for(path="envs/x", pull=2).key) is None, "all or nothing"
 
@@ -175,7 +175,7 @@ async def test_a_force_unlock_hands_the_key_to_its_next_waiter(
     assert (await backend.acquire(lock_for(BAD).model_copy(update={"mode": spoiler.mode})))[0]
     wait = Wait(id="w-1", timeout=timedelta(seconds=30))
     future = backend.grants.expect(wait.id)
-    queued = await backend.acquire_or_enqueue(lock_for(OTHER), ttl=None, wait=wait,
+    queued = await backend.acquire_or_enqueue(candidate_for(OTHER), ttl=None, wait=wait,
                                               policy=QueuePolicy())
     assert queued.status is Status.QUEUED
     await spoiler.run(backend, BAD.key)

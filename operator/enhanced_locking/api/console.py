@@ -100,7 +100,7 @@ async def _queues_section(service: LockService, locks: list[Lock], now: datetime
         items = []
         ahead = f"holder {_who(lock)}"
         for position, waiter in enumerate(waiters, start=1):
-            first = waiter.locks[0]
+            first = waiter.candidates[0]
             user = first.user.username
             who = f"#{first.pull.num}" + (f" {user}" if user else "")
             items.append(

@@ -72,7 +72,7 @@ def _waiter(position: int, waiter: Waiter, effective: str, now: datetime) -> dic
         "requestId": waiter.request_id,
         "repo": waiter.owner[0],
         "pull": waiter.owner[1],
-        "user": waiter.locks[0].user.username,
+        "user": waiter.candidates[0].user.username,
         "priority": waiter.priority.value,
         "effectivePriority": effective,
         "enqueuedAt": waiter.enqueued_at.isoformat().replace("+00:00", "Z"),

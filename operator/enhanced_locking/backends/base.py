@@ -58,6 +58,7 @@ from enhanced_locking.backends.waiting import (
     service_order,
 )
 from enhanced_locking.types import (
+    Candidate,
     Lock,
     LockNotHeld,
     LockNotOwned,
@@ -173,14 +174,16 @@ class QueueBackend(Backend, Protocol):
         ...
 
     async def acquire_or_enqueue(
-        self, candidate: Lock, *, ttl: timedelta | None, wait: Wait | None, policy: QueuePolicy
+        self, candidate: Candidate, *, ttl: timedelta | None, wait: Wait | None,
+        policy: QueuePolicy,
     ) -> Outcome:
         """Grant ``candidate``'s key, else queue a waiter for it (with ``wait``), else refuse.
 
         Granted when :func:`enhanced_locking.policies.verdict` says so (after expiring lapsed leases
         and serving grantable waiters first); already held by the same pull, the lock is returned
-        unchanged (``fresh`` false). A grant stamps ``acquired_at`` with the backend's clock, sets
-        ``expires_at = acquired_at + ttl`` (no expiry without ``ttl``) and the next fencing token.
+        unchanged (``fresh`` false). A grant makes the lock of ``candidate`` with
+        ``acquired_at`` the backend's clock, ``expires_at = acquired_at + ttl`` (no expiry
+        without ``ttl``) and the next fencing token (:meth:`Candidate.granted`).
         Not granted and no ``wait`` (or a zero one): ``held``. With ``wait``: ``queued`` at its
         position, deadline ``now + wait.timeout``; ``queue_full`` when the key already has
         ``policy.max_size`` waiters. Idempotent per ``wait.id``: asking again while that waiter
@@ -190,7 +193,7 @@ class QueueBackend(Backend, Protocol):
 
     async def acquire_batch(
         self,
-        candidates: Sequence[Lock],
+        candidates: Sequence[Candidate],
         *,
         ttl: timedelta | None,
         wait: Wait | None,
@@ -340,12 +343,11 @@ class StoreBackend(abc.ABC):
             self._unreadable_change(lambda u: u.scanned(bad, every=every))
         return locks
 
-    def _take_free(self, lock: Lock, times: Times | None = None) -> Lock | None:
-        """Grant ``lock`` (with ``times`` as its acquired and expiry times if given, else its
-        own; token to come) in one atomic step if its key is free (no row, a released one,
-        nobody holding it shared), with the key's next fencing token; ``None`` when the key is
-        held (then the caller takes the general path). A store without such a step answers
-        ``None`` always."""
+    def _take_free(self, candidate: Candidate, times: Times) -> Lock | None:
+        """Grant ``candidate`` (``times`` its acquired and expiry times) in one atomic step if
+        its key is free (no row, a released one, nobody holding it shared), with the key's
+        next fencing token; ``None`` when the key is held (then the caller takes the general
+        path). A store without such a step answers ``None`` always."""
         return None
 
     def _forget_grant(self, waiter_id: str) -> None:
@@ -404,19 +406,17 @@ class StoreBackend(abc.ABC):
         else:
             self._delete(lock.key)
 
-    def _stamp(self, template: Lock, now: datetime, ttl: timedelta | None) -> Lock:
-        lock = template.model_copy(update={
-            "acquired_at": now,
-            "expires_at": now + ttl if ttl else None,
-            "fencing_token": self._next_token(template.key),
-        })
+    def _stamp(self, template: Candidate, now: datetime, ttl: timedelta | None) -> Lock:
+        lock = template.granted(acquired_at=now, expires_at=now + ttl if ttl else None,
+                                fencing_token=self._next_token(template.key))
         if lock.mode == "shared":
             self._store_shared(lock)
         else:
             self._store(lock)
         return lock
 
-    def _take(self, template: Lock, now: datetime, ttl: timedelta | None) -> tuple[Lock, bool]:
+    def _take(self, template: Candidate, now: datetime,
+              ttl: timedelta | None) -> tuple[Lock, bool]:
         """The lock ``template``'s pull gets on its key: the one it holds, or a fresh one
         (an exclusive request of the key's only shared holder is an upgrade: a new token)."""
         mine = [h for h in self._holders(template.key, now) if h.owner == template.owner]
@@ -444,7 +444,7 @@ class StoreBackend(abc.ABC):
 
     # --- the rules ----------------------------------------------------------------------------
     def _decide(
-        self, locks: Sequence[Lock], owner: Owner, mode: Mode, now: datetime,
+        self, locks: Sequence[Candidate], owner: Owner, mode: Mode, now: datetime,
         policy: QueuePolicy, *, new: bool,
     ) -> policies.Decision:
         holders = {
@@ -505,7 +505,7 @@ class StoreBackend(abc.ABC):
                 continue
             if stopped.intersection(waiter.keys):
                 continue
-            decision = self._decide(waiter.locks, waiter.owner, waiter.mode, now, policy,
+            decision = self._decide(waiter.candidates, waiter.owner, waiter.mode, now, policy,
                                     new=False)
             if decision.verdict is policies.Verdict.GRANT:
                 self._grant(waiter, now, fx)
@@ -518,7 +518,7 @@ class StoreBackend(abc.ABC):
                     stopped.add(decision.key)
 
     def _grant(self, waiter: Waiter, now: datetime, fx: _Effects) -> Grant:
-        taken = [self._take(template, now, waiter.ttl) for template in waiter.locks]
+        taken = [self._take(template, now, waiter.ttl) for template in waiter.candidates]
         self._unqueue(waiter)
         grant = Grant(waiter=waiter, locks=tuple(lock for lock, _ in taken),
                       fresh=any(fresh for _, fresh in taken))
@@ -551,7 +551,8 @@ class StoreBackend(abc.ABC):
                        message=message, superseded=superseded, ahead=tuple(ordered[:at]),
                        holders=holders)
 
-    def _supersede(self, candidates: Sequence[Lock], wait_id: str, fx: _Effects) -> list[Waiter]:
+    def _supersede(self, candidates: Sequence[Candidate], wait_id: str,
+                   fx: _Effects) -> list[Waiter]:
         """Push out the queued requests of the same pull made for an older head commit."""
         head = candidates[0].pull.head_commit
         if not head:
@@ -583,7 +584,8 @@ class StoreBackend(abc.ABC):
 
     async def acquire(self, candidate: Lock) -> tuple[bool, Lock]:
         if candidate.key not in self._queues:
-            taken = self._take_free(candidate)
+            taken = self._take_free(Candidate.of_lock(candidate),
+                                    (candidate.acquired_at, candidate.expires_at))
             if taken is not None:
                 return True, taken
         with self._step() as fx:
@@ -676,14 +678,15 @@ class StoreBackend(abc.ABC):
 
     # --- the QueueBackend protocol ------------------------------------------------------------
     def acquire_or_enqueue(
-        self, candidate: Lock, *, ttl: timedelta | None, wait: Wait | None, policy: QueuePolicy
+        self, candidate: Candidate, *, ttl: timedelta | None, wait: Wait | None,
+        policy: QueuePolicy,
     ) -> Coroutine[None, None, Outcome]:
         # The batch's coroutine itself, not one that awaits it: one frame less per acquire.
         return self.acquire_batch([candidate], ttl=ttl, wait=wait, policy=policy)
 
     async def acquire_batch(
         self,
-        candidates: Sequence[Lock],
+        candidates: Sequence[Candidate],
         *,
         ttl: timedelta | None,
         wait: Wait | None,
@@ -741,7 +744,7 @@ class StoreBackend(abc.ABC):
                                    superseded=tuple(superseded))
             self._seq += 1
             waiter = Waiter(
-                id=wait.id, locks=tuple(candidates), ttl=ttl, enqueued_at=now,
+                id=wait.id, candidates=tuple(candidates), ttl=ttl, enqueued_at=now,
                 deadline=now + wait.timeout, seq=self._seq, request_id=wait.request_id,
                 caller=wait.caller,
             )
@@ -877,13 +880,13 @@ def _collector_paused(rows: int) -> Iterator[None]:
         gc.enable()
 
 
-def parts_of(lock: Lock) -> policies.KeyParts:
-    """What the rules see of a lock."""
+def parts_of(lock: Lock | Candidate) -> policies.KeyParts:
+    """What the rules see of a lock (held, or asked for)."""
     return policies.KeyParts(key=lock.key, repo=lock.project.repo_full_name,
                              path=lock.project.path, workspace=lock.workspace)
 
 
-def _plain(candidates: Sequence[Lock], policy: QueuePolicy) -> bool:
+def _plain(candidates: Sequence[Candidate], policy: QueuePolicy) -> bool:
     """One exclusive lock under no freeze or concurrency limit: if its key is free, it is
     granted (:func:`enhanced_locking.policies.verdict` says so for any holders-free key)."""
     rules = policy.rules

@@ -52,11 +52,11 @@ from enhanced_locking.backends.base import Owner, StoreBackend, Times
 from enhanced_locking.backends.waiting import Handoff, QueuePolicy
 from enhanced_locking.types import (
     BackendUnavailable,
+    Candidate,
     Lock,
     LockUnreadable,
     StoreRefused,
     replaced,
-    stamped,
     utcnow,
 )
 
@@ -463,23 +463,25 @@ class EmbeddedBackend(StoreBackend):
         self._remember(lock.key, text, lock)
         self._seen[lock.key] = lock.fencing_token, lock.owner
 
-    def _take_free(self, lock: Lock, times: Times | None = None) -> Lock | None:
+    def _take_free(self, candidate: Candidate, times: Times) -> Lock | None:
         # One statement (so one implicit transaction): see _TAKE_FREE, _TAKE_SEEN, _TAKE_MINE.
-        key = lock.key
-        owner = lock.project.repo_full_name, lock.pull.num
+        key = candidate.key
+        owner = candidate.owner
         seen = self._seen.get(key)
         try:  # what _unavailable says, without a context manager per call
             if seen is None:
-                if times is not None:
-                    lock = replaced(lock, acquired_at=times[0], expires_at=times[1])
+                # The token is the file's to give: the lock is written with 0, json_set puts
+                # the counter in.
                 guess = None
+                lock = candidate.granted(acquired_at=times[0], expires_at=times[1],
+                                         fencing_token=0)
                 row = self._db.execute(_TAKE_FREE, (
                     self.namespace, key, *owner, codec.encode(lock), self._floor + 1,
                 )).fetchone()
             else:
                 token = seen[0] + 1
-                guess = replaced(lock, fencing_token=token) if times is None else stamped(
-                    lock, acquired_at=times[0], expires_at=times[1], fencing_token=token)
+                guess = lock = candidate.granted(acquired_at=times[0], expires_at=times[1],
+                                                 fencing_token=token)
                 sent = codec.encode(guess)
                 mine = seen[1] == owner
                 args = (self.namespace, key, *owner, sent, token)
@@ -498,7 +500,7 @@ class EmbeddedBackend(StoreBackend):
             taken = guess
             text = sent  # the row holds the text sent (the statement answers NULL for it)
         else:
-            taken = replaced(guess or lock, fencing_token=counter)
+            taken = replaced(lock, fencing_token=counter)
         self._remember(key, text, taken)
         self._seen[key] = counter, owner
         return taken

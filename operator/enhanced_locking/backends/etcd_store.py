@@ -102,6 +102,7 @@ from enhanced_locking.backends.waiting import (
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.types import (
     BackendUnavailable,
+    Candidate,
     Lock,
     LockNotHeld,
     Locks,
@@ -572,7 +573,10 @@ class EtcdBackend(StoreBackend):
     @staticmethod
     def record(waiter: Waiter, lease: int) -> bytes:
         return json.dumps({
-            "id": waiter.id, "locks": [codec.encode(lock) for lock in waiter.locks],
+            # Each candidate as a stored lock (the codec's one form), its stamps placeholders.
+            "id": waiter.id, "locks": [codec.encode(candidate.granted(
+                acquired_at=waiter.enqueued_at, expires_at=None, fencing_token=0))
+                for candidate in waiter.candidates],
             "ttl": waiter.ttl // timedelta(milliseconds=1) if waiter.ttl else 0,
             "enq": _ms(waiter.enqueued_at), "deadline": _ms(waiter.deadline),
             "rid": waiter.request_id, "lease": lease, "caller": waiter.caller,
@@ -586,9 +590,9 @@ class EtcdBackend(StoreBackend):
         found = self._waiters_decoded.get((kv.value, kv.create))
         if found is None:
             data = json.loads(kv.value)
-            locks = tuple(codec.decode(text) for text in data["locks"])
+            candidates = tuple(Candidate.of_lock(codec.decode(text)) for text in data["locks"])
             waiter = Waiter(
-                id=data["id"], locks=locks,
+                id=data["id"], candidates=candidates,
                 ttl=timedelta(milliseconds=data["ttl"]) if data["ttl"] else None,
                 enqueued_at=_at(data["enq"]), deadline=_at(data["deadline"]),
                 # The revision that queued it: a global enqueue order (or still to come).
@@ -684,19 +688,17 @@ class EtcdBackend(StoreBackend):
     # step's does) and answer ``None`` for anything but the plain case, where the general
     # step then decides: the same writes and the same answer, without settling, serving an
     # empty queue and the decision around them (about a third of the store's Python per pair).
-    def _take_free(self, lock: Lock, times: tuple[datetime, datetime | None] | None = None,
+    def _take_free(self, candidate: Candidate, times: tuple[datetime, datetime | None],
                    ) -> Lock | None:
-        """Grant ``lock`` if its key has no holder stored (nor shared), and was not kept
+        """Grant ``candidate`` if its key has no holder stored (nor shared), and was not kept
         aside as unreadable."""
-        key = lock.key
+        key = candidate.key
         txn = _txn()
         if (key in self.unreadable or txn.get(self.lock_key(key)).value is not None
                 or any(kv.value is not None for kv in txn.scan(self.shared_prefix(key)).values())):
             return None
-        update: dict[str, Any] = {"fencing_token": self._next_token(key)}
-        if times is not None:
-            update["acquired_at"], update["expires_at"] = times
-        taken = replaced(lock, **update)
+        taken = candidate.granted(acquired_at=times[0], expires_at=times[1],
+                                  fencing_token=self._next_token(key))
         self._store(taken)
         return taken
 
@@ -1392,7 +1394,7 @@ class EtcdBackend(StoreBackend):
             self._watch_deletions(seq if seq < _PENDING_SEQ else 0)
         return outcome
 
-    async def acquire_or_enqueue(self, candidate: Lock, *, ttl: timedelta | None, wait: Any,
+    async def acquire_or_enqueue(self, candidate: Candidate, *, ttl: timedelta | None, wait: Any,
                                  policy: Any) -> Any:
         return await self.acquire_batch([candidate], ttl=ttl, wait=wait, policy=policy)
 

@@ -62,6 +62,7 @@ from enhanced_locking.backends.waiting import (
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.types import (
     BackendUnavailable,
+    Candidate,
     Lock,
     LockingError,
     LockNotHeld,
@@ -70,6 +71,7 @@ from enhanced_locking.types import (
     LockUnreadable,
     Reason,
     UnreadableLock,
+    utcnow,
 )
 
 __all__ = ["RedisBackend", "RedisKeys"]
@@ -658,7 +660,7 @@ class RedisBackend:
         ttl = int(rec["ttl"])
         return Waiter(
             id=rec["id"],
-            locks=tuple(codec.decode(rec["d:" + k], key=k) for k in keys),
+            candidates=tuple(Candidate.of_lock(codec.decode(rec["d:" + k], key=k)) for k in keys),
             ttl=timedelta(milliseconds=ttl) if ttl else None,
             enqueued_at=_at(rec["enq"]),
             deadline=_at(rec["deadline"]),
@@ -676,14 +678,15 @@ class RedisBackend:
             timed_out=tuple(self._waiter(rec) for rec in served.dropped),
             also_released=tuple(self._readable(served.others, deleted=True)))
 
-    def _waiter_names(self, candidates: Sequence[Lock], waiter_id: str) -> tuple[str, ...]:
+    def _waiter_names(self, candidates: Sequence[Candidate],
+                      waiter_id: str) -> tuple[str, ...]:
         """Every key a grant to (or the drop of) a waiter for ``candidates`` touches."""
         first = candidates[0]
         return (*self.keys.of_waiter(waiter_id),
                 self.keys.pull(first.project.repo_full_name, first.pull.num),
                 *(name for c in candidates for name in self.keys.of_key(c.key)))
 
-    def _acquire_names(self, candidates: Sequence[Lock], wait: Wait | None) -> list[str]:
+    def _acquire_names(self, candidates: Sequence[Candidate], wait: Wait | None) -> list[str]:
         """What an acquire declares: each key's keys, the requester's index and waiter, and
         the names a hand-off to this replica's next waiters on its keys touches."""
         first = candidates[0]
@@ -703,7 +706,7 @@ class RedisBackend:
 
     async def acquire(self, candidate: Lock) -> tuple[bool, Lock]:
         ttl = candidate.expires_at - candidate.acquired_at if candidate.expires_at else None
-        outcome = await self.acquire_or_enqueue(candidate, ttl=ttl, wait=None,
+        outcome = await self.acquire_or_enqueue(Candidate.of_lock(candidate), ttl=ttl, wait=None,
                                                 policy=self._policy)
         if outcome.status is Status.GRANTED:
             return True, outcome.locks[0]
@@ -812,13 +815,14 @@ class RedisBackend:
 
     # --- the QueueBackend protocol ---------------------------------------------------------
     async def acquire_or_enqueue(
-        self, candidate: Lock, *, ttl: timedelta | None, wait: Wait | None, policy: QueuePolicy
+        self, candidate: Candidate, *, ttl: timedelta | None, wait: Wait | None,
+        policy: QueuePolicy,
     ) -> Outcome:
         return await self.acquire_batch([candidate], ttl=ttl, wait=wait, policy=policy)
 
     async def acquire_batch(
         self,
-        candidates: Sequence[Lock],
+        candidates: Sequence[Candidate],
         *,
         ttl: timedelta | None,
         wait: Wait | None,
@@ -829,7 +833,12 @@ class RedisBackend:
         if wait is not None:
             await self._listener.ensure()
         first = candidates[0]
-        sent = {c.key: codec.encode(c) for c in candidates}
+        # The lock each candidate is stored as: the scripts keep its JSON and stamp the grant
+        # (token, times) beside it, so its own stamps are placeholders.
+        placed = utcnow()
+        templates = {c.key: c.granted(acquired_at=placed, expires_at=None, fencing_token=0)
+                     for c in candidates}
+        sent = {key: codec.encode(lock) for key, lock in templates.items()}
         if (wait is None and len(candidates) == 1 and first.mode == "exclusive"
                 and self._lean(first.key, policy.rules)):
             keys, repo, pull = self.keys, first.project.repo_full_name, first.pull.num
@@ -843,7 +852,8 @@ class RedisBackend:
                 took = redis_replies.acquire(lean)
                 assert isinstance(took, redis_replies.Took)
                 return Outcome(status=Status.GRANTED, fresh=True, locks=(self._made(
-                    first.key, sent[first.key], took.token, took.at, took.exp, first),))
+                    first.key, sent[first.key], took.token, took.at, took.exp,
+                    templates[first.key]),))
             self._busy_now(first.key, True)
         quads = [item for c in candidates
                  for item in (c.key, sent[c.key], c.project.path, c.workspace)]
@@ -858,9 +868,9 @@ class RedisBackend:
         if isinstance(answer, redis_replies.Took):  # the lean path: as sent, plus the stamp
             self._busy_now(first.key, False)
             return Outcome(status=Status.GRANTED, fresh=True, locks=(self._made(
-                first.key, sent[first.key], answer.token, answer.at, answer.exp, first),))
+                first.key, sent[first.key], answer.token, answer.at, answer.exp,
+                templates[first.key]),))
         if isinstance(answer, redis_replies.Acquired):
-            templates = {c.key: c for c in candidates}
             locks = tuple(
                 self._lock(row, templates[row.key] if row.data == sent[row.key] else None)
                 for row in answer.locks)

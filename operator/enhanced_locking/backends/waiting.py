@@ -41,7 +41,7 @@ from typing import Protocol
 
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.policies import PolicyRules
-from enhanced_locking.types import Lock, Mode, Priority, Reason
+from enhanced_locking.types import Candidate, Lock, Mode, Priority, Reason
 
 __all__ = [
     "MAX_LEVEL",
@@ -119,14 +119,14 @@ class Wait:
 class Waiter:
     """One queued request.
 
-    ``locks`` are the locks it asks for, one per key (a batch waiter has several and is granted
-    all of them at once, never some); they share owner and priority. Their times and fencing
-    tokens are placeholders: the backend stamps them when it grants. ``enqueued_at`` and
+    ``candidates`` are what it asks for, one per key (a batch waiter has several and is
+    granted all of them at once, never some); they share owner and priority. The backend
+    stamps their times and fencing tokens when it grants them. ``enqueued_at`` and
     ``deadline`` are the backend's clock; past its deadline a waiter is never granted.
     """
 
     id: str
-    locks: tuple[Lock, ...]
+    candidates: tuple[Candidate, ...]
     ttl: timedelta | None
     enqueued_at: datetime
     deadline: datetime
@@ -136,24 +136,23 @@ class Waiter:
 
     @property
     def keys(self) -> tuple[str, ...]:
-        return tuple(lock.key for lock in self.locks)
+        return tuple(candidate.key for candidate in self.candidates)
 
     @property
     def owner(self) -> Owner:
-        first = self.locks[0]
-        return first.project.repo_full_name, first.pull.num
+        return self.candidates[0].owner
 
     @property
     def priority(self) -> Priority:
-        return self.locks[0].priority
+        return self.candidates[0].priority
 
     @property
     def mode(self) -> Mode:
-        return self.locks[0].mode
+        return self.candidates[0].mode
 
     @property
     def head_commit(self) -> str:
-        return self.locks[0].pull.head_commit
+        return self.candidates[0].pull.head_commit
 
 
 Waiters = list[Waiter]

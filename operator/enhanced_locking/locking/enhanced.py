@@ -24,7 +24,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any, TypeVar
 
 from enhanced_locking import policies
@@ -54,6 +54,7 @@ from enhanced_locking.types import (
     BackendUnavailable,
     BatchLockRequest,
     BatchResult,
+    Candidate,
     InvalidRequest,
     Lock,
     LockingError,
@@ -245,13 +246,12 @@ class EnhancedLocker(AtlantisCalls):
         ttl = asked.ttl
         ttl = live.lock_ttl if ttl is None else ttl if ttl > _ZERO else None  # _lease
         policy = live.policy
-        now = utcnow()
         priority = (self.priority_for(requests, asked, config) if live.priority_rules
                     else asked.priority)
         if len(requests) == 1:  # no comprehension: in Python 3.11 it is a frame of its own
-            candidates = [_new_candidate(requests[0], now=now, priority=priority)]
+            candidates = [_candidate(requests[0], priority=priority)]
         else:
-            candidates = [_candidate(r, now, priority) for r in requests]
+            candidates = [_candidate(r, priority=priority) for r in requests]
         offer = None
         if wait is not None:
             offer = Wait(id=_waiter_id(candidates[0], asked.request_id), timeout=wait,
@@ -319,7 +319,7 @@ class EnhancedLocker(AtlantisCalls):
             return asked.priority
         admin = policies.CALLER_IS_ADMIN.get()
         given = [policies.assigned_priority(
-            parts_of(_candidate(r, utcnow(), asked.priority)), asked.command, asked.priority,
+            parts_of(_candidate(r, priority=asked.priority)), asked.command, asked.priority,
             rules, admin=admin) for r in requests]
         return min(given, key=lambda p: p.level)
 
@@ -667,19 +667,11 @@ def _lease(request: LockRequest | BatchLockRequest,
 _ZERO = timedelta(0)
 
 
-_new_candidate = Lock.candidate
-"""Read once: on a model class, an attribute is read through pydantic's metaclass hook."""
+_candidate = Candidate.of_request
+"""What a request asks for on its key; the backend makes the lock when it grants it."""
 
 
-def _candidate(request: LockRequest, now: datetime, priority: Priority) -> Lock:
-    """The lock a request asks for; the backend stamps its times and token when it grants.
-
-    Built without re-validation: every field comes from the request, already validated.
-    """
-    return _new_candidate(request, now=now, priority=priority)
-
-
-def _waiter_id(first: Lock, request_id: str | None) -> str:
+def _waiter_id(first: Candidate, request_id: str | None) -> str:
     """A waiter's id: random, or, for a request with a ``requestId``, derived from it and the
     pull, so the same request retried (after a broken connection) finds its waiter again."""
     if request_id is None:
