@@ -759,7 +759,7 @@ class StoreBackend(abc.ABC):
         self, key: str, *, owner: Owner | None = None, policy: QueuePolicy | None = None
     ) -> Handoff:
         policy = policy or QueuePolicy()
-        if key not in self._queues and not policy.rules.concurrency:
+        if key not in self._queues and not policy.limits:
             # Nobody waits here: one step, nothing to hand over.
             popped = self._pop(key, owner)
             if popped is not None:
@@ -889,9 +889,8 @@ def parts_of(lock: Lock | Candidate) -> policies.KeyParts:
 def _plain(candidates: Sequence[Candidate], policy: QueuePolicy) -> bool:
     """One exclusive lock under no freeze or concurrency limit: if its key is free, it is
     granted (:func:`enhanced_locking.policies.verdict` says so for any holders-free key)."""
-    rules = policy.rules
     return (len(candidates) == 1 and candidates[0].mode == "exclusive"
-            and not rules.freezes and not rules.concurrency)
+            and not policy.freezes and not policy.limits)
 
 
 def _waits(wait: Wait | None) -> bool:

@@ -672,7 +672,7 @@ class EmbeddedBackend(StoreBackend):
         # Nothing stored for the key (no lock, no shared lock, not even a lapsed one) and nobody
         # waiting: the general path would find nothing to release, expire or hand over.
         if (self._counter is not None and key not in self._queues
-                and (policy is None or not policy.rules.concurrency)
+                and (policy is None or not policy.limits)
                 and self._known.get(key) == (None, [])
                 and self._unchanged(key, self.clock()) == []):
             return _nothing_handed()

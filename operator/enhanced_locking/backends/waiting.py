@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -101,6 +102,19 @@ class QueuePolicy:
     @property
     def threshold_ms(self) -> int:
         return self.starvation_threshold // timedelta(milliseconds=1)
+
+    # Read by every acquire and release: a field of ``rules`` (a pydantic model) is read
+    # through pydantic's __getattr__ hook, about 400 instructions a read; these are read once
+    # per policy (a policy is made once per config) and then from the instance's __dict__.
+    @functools.cached_property
+    def freezes(self) -> bool:
+        """Whether ``rules`` has any freeze."""
+        return bool(self.rules.freezes)
+
+    @functools.cached_property
+    def limits(self) -> bool:
+        """Whether ``rules`` has any concurrency limit."""
+        return bool(self.rules.concurrency)
 
 
 @dataclass(frozen=True, kw_only=True)

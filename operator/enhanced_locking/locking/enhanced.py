@@ -235,19 +235,21 @@ class EnhancedLocker(AtlantisCalls):
         # Each step below is the helper named beside it, with the helper's call left out where
         # it would only find nothing to do (a request that does not wait, no priority rules,
         # the config the policy was made of): the path every acquire takes. The request's
-        # fields are read once each (through pydantic's __getattr__ hook, about 400
-        # instructions a read), the config's settings from ``live``.
-        asked_wait = asked.wait
+        # fields are read from its __dict__, read once (an attribute of a pydantic model is
+        # read through its __getattr__ hook, about 400 instructions a read), the config's
+        # settings from ``live``.
+        asked_fields = asked.__dict__
+        asked_wait = asked_fields["wait"]
         if asked_wait is None or asked_wait is False:
             wait = None  # _wait_for; and _validate has no wait to refuse
         else:
             self._validate(asked, config)
             wait = _wait_for(asked, config)
-        ttl = asked.ttl
+        ttl = asked_fields["ttl"]
         ttl = live.lock_ttl if ttl is None else ttl if ttl > _ZERO else None  # _lease
         policy = live.policy
         priority = (self.priority_for(requests, asked, config) if live.priority_rules
-                    else asked.priority)
+                    else asked_fields["priority"])
         if len(requests) == 1:  # no comprehension: in Python 3.11 it is a frame of its own
             candidates = [_candidate(requests[0], priority=priority)]
         else:
