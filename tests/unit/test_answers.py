@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 from datetime import UTC, datetime
 
 import pytest
@@ -139,3 +140,20 @@ def test_a_granted_lock_is_the_model_replaced_makes_of_its_candidate(
     assert Candidate.of_lock(replaced(source, backend="legacy", mode="shared")) == (
         Candidate.of_request(request, priority=Priority.NORMAL)._replace(
             backend="legacy", mode="shared"))
+
+
+def test_a_candidate_has_every_field_of_a_lock_but_the_stamps_of_its_grant() -> None:
+    # Candidate repeats the parts of Lock that a grant does not change (a record beside the
+    # model, for speed): the two lists must not drift apart, in names, types or defaults.
+    stamps = {"acquired_at", "expires_at", "fencing_token"}
+    lock_fields = {name: field for name, field in Lock.model_fields.items()
+                   if name not in stamps}
+    assert set(Candidate._fields) == set(lock_fields)
+    hints = typing.get_type_hints(Candidate)
+    lock_hints = typing.get_type_hints(Lock)
+    for name, field in lock_fields.items():
+        assert hints[name] == lock_hints[name], name
+        if not field.is_required():
+            assert Candidate._field_defaults[name] == field.default, name
+        else:
+            assert name not in Candidate._field_defaults, name
