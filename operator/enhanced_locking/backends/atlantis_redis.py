@@ -149,16 +149,16 @@ class AtlantisRedisBackend:
             self.unreadable.cleared(name.removeprefix(KEY_PREFIX))
             return None
 
-    async def acquire(self, candidate: Lock) -> tuple[bool, Lock]:
-        stored = candidate.model_copy(update={"fencing_token": 0, "expires_at": None})
-        name = self._name(candidate.key)
-        async with unavailable(self.connection, "acquire", key=candidate.key):
+    async def acquire(self, lock: Lock) -> tuple[bool, Lock]:
+        stored = lock.model_copy(update={"fencing_token": 0, "expires_at": None})
+        name = self._name(lock.key)
+        async with unavailable(self.connection, "acquire", key=lock.key):
             with self._string_at(name):
                 answer = await self._try_lock(keys=[name], args=[codec.encode(stored)])
         if answer[0] == 1:
             return True, stored
-        holder = self._decode(self._name(candidate.key), answer[1])
-        return holder.owned_by(candidate.project.repo_full_name, candidate.pull.num), holder
+        holder = self._decode(self._name(lock.key), answer[1])
+        return holder.owned_by(lock.project.repo_full_name, lock.pull.num), holder
 
     async def release(self, key: str, *, owner: Owner | None = None) -> Lock | None:
         name = self._name(key)

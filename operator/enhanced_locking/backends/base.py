@@ -90,8 +90,9 @@ class Backend(Protocol):
     raises ``LockUnreadable``, lists skip them, ``force_unlock`` (``release`` without an
     owner) deletes what is stored and clears the entry."""
 
-    async def acquire(self, candidate: Lock) -> tuple[bool, Lock]:
-        """Grant ``candidate`` if its key is free or expired, else report the holder.
+    async def acquire(self, lock: Lock) -> tuple[bool, Lock]:
+        """Grant ``lock`` (stored as given, with the key's next fencing token) if its key is
+        free or expired, else report the holder.
 
         The holder's own pull asking again gets ``(True, holder)`` unchanged (Atlantis's
         rule). A fresh grant gets the key's next fencing token and is returned as stored.
@@ -582,20 +583,19 @@ class StoreBackend(abc.ABC):
     async def now(self) -> datetime:
         return self.clock()
 
-    async def acquire(self, candidate: Lock) -> tuple[bool, Lock]:
-        if candidate.key not in self._queues:
-            taken = self._take_free(Candidate.of_lock(candidate),
-                                    (candidate.acquired_at, candidate.expires_at))
+    async def acquire(self, lock: Lock) -> tuple[bool, Lock]:
+        if lock.key not in self._queues:
+            taken = self._take_free(Candidate.of_lock(lock), (lock.acquired_at, lock.expires_at))
             if taken is not None:
                 return True, taken
         with self._step() as fx:
-            holder = self._settle(candidate.key, candidate.acquired_at, QueuePolicy(), fx)
+            holder = self._settle(lock.key, lock.acquired_at, QueuePolicy(), fx)
             if holder is not None:
-                same = holder.owned_by(candidate.project.repo_full_name, candidate.pull.num)
+                same = holder.owned_by(lock.project.repo_full_name, lock.pull.num)
                 return same, holder
-            lock = candidate.model_copy(update={"fencing_token": self._next_token(candidate.key)})
-            self._store(lock)
-            return True, lock
+            stored = lock.model_copy(update={"fencing_token": self._next_token(lock.key)})
+            self._store(stored)
+            return True, stored
 
     async def release(
         self, key: str, *, owner: Owner | None = None, policy: QueuePolicy | None = None

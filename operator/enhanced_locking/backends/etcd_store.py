@@ -1278,14 +1278,14 @@ class EtcdBackend(StoreBackend):
     def _keys_of(self, key: str) -> tuple[bytes, ...]:
         return (self.lock_key(key), self.fence_key(key))
 
-    async def acquire(self, candidate: Lock) -> tuple[bool, Lock]:
-        granted, lock = await self._atomic(lambda: StoreBackend.acquire(self, candidate),
-                                           keys=self._keys_of(candidate.key),
-                                           prefixes=(self.queue_prefix(candidate.key),),
-                                           key=candidate.key, guess=True)
+    async def acquire(self, lock: Lock) -> tuple[bool, Lock]:
+        granted, held = await self._atomic(lambda: StoreBackend.acquire(self, lock),
+                                           keys=self._keys_of(lock.key),
+                                           prefixes=(self.queue_prefix(lock.key),),
+                                           key=lock.key, guess=True)
         if granted:
-            self._refuse_if_late((lock,))
-        return granted, lock
+            self._refuse_if_late((held,))
+        return granted, held
 
     async def get(self, key: str) -> Lock | None:
         return await self._atomic(lambda: StoreBackend.get(self, key),

@@ -704,9 +704,9 @@ class RedisBackend:
             seconds, micros = await self.connection.client.time()
         return _EPOCH + timedelta(seconds=int(seconds), microseconds=int(micros))
 
-    async def acquire(self, candidate: Lock) -> tuple[bool, Lock]:
-        ttl = candidate.expires_at - candidate.acquired_at if candidate.expires_at else None
-        outcome = await self.acquire_or_enqueue(Candidate.of_lock(candidate), ttl=ttl, wait=None,
+    async def acquire(self, lock: Lock) -> tuple[bool, Lock]:
+        ttl = lock.expires_at - lock.acquired_at if lock.expires_at else None
+        outcome = await self.acquire_or_enqueue(Candidate.of_lock(lock), ttl=ttl, wait=None,
                                                 policy=self._policy)
         if outcome.status is Status.GRANTED:
             return True, outcome.locks[0]

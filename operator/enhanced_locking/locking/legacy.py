@@ -35,15 +35,15 @@ class LegacyLocker(AtlantisCalls):
     async def acquire(self, request: LockRequest) -> AcquireResult:
         # Atlantis has no priorities, waits or leases: they are ignored, not refused, so a
         # request routed here behaves exactly as Atlantis would.
-        candidate = Lock.for_request(
+        asked = Lock.for_request(
             request.model_copy(update={"ttl": None}), now=utcnow(), token=0, backend="legacy"
         )
         try:
-            granted, lock = await self.backend.acquire(candidate)
+            granted, lock = await self.backend.acquire(asked)
         except LockUnreadable as error:  # never granted over what cannot be read
             return AcquireResult.refused(request.key, Reason.UNREADABLE, error=str(error))
         if granted:  # a fresh grant is stored as asked; the pull's own lock is older
-            return AcquireResult.granted(lock, fresh=lock.acquired_at >= candidate.acquired_at)
+            return AcquireResult.granted(lock, fresh=lock.acquired_at >= asked.acquired_at)
         return AcquireResult.refused(request.key, Reason.HELD, lock)
 
     # The store's own coroutines, not ones that await them: the router asks the legacy side

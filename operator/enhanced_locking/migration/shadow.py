@@ -295,9 +295,9 @@ class ShadowReplayer:
                 return  # nothing was decided about the key (unavailable, timeout, ...)
             authoritative = Answer.of_lock(result.acquired,
                                            None if result.acquired else result.holder)
-            candidate = Lock.for_request(job.request.model_copy(update={"ttl": None}),
-                                         now=utcnow(), token=0, backend="enhanced")
-            granted, lock = await backend.acquire(candidate)
+            asked = Lock.for_request(job.request.model_copy(update={"ttl": None}),
+                                     now=utcnow(), token=0, backend="enhanced")
+            granted, lock = await backend.acquire(asked)
             self._compare("acquire", job.request.key, job.request.project.repo_full_name,
                           authoritative, Answer.of_lock(granted, None if granted else lock))
         elif isinstance(job, _Release):
