@@ -37,6 +37,7 @@ pair instead.
 Usage: python bench/http_stack.py [--pairs 1500] [--rounds 3] [--handoffs 200] [--no-write]
        python bench/http_stack.py --steps 200
        python bench/http_stack.py --count product --pairs 200 [--clients 1] [--profile FILE]
+                                  [--audit-window 0.4]
 """
 
 from __future__ import annotations
@@ -98,7 +99,8 @@ def noop_app() -> FastAPI:
     return app
 
 
-def serve(kind: str, port: int, loop: str, http: str, data_dir: str) -> None:
+def serve(kind: str, port: int, loop: str, http: str, data_dir: str,
+          audit_window: float | None = None) -> None:
     import uvicorn
 
     from enhanced_locking.api import server as server_limits
@@ -112,9 +114,12 @@ def serve(kind: str, port: int, loop: str, http: str, data_dir: str) -> None:
         app = traced_app(config, Path(data_dir) / "steps.json")
     else:
         from enhanced_locking.api.app import create_app
+        from enhanced_locking.backends.audit_store import SqliteAuditStore
         from enhanced_locking.factory import LockService
         from enhanced_locking.provider import ConfigProvider
 
+        if audit_window is not None:
+            SqliteAuditStore.coalesce = audit_window
         app = create_app(LockService(ConfigProvider(config)))
     protocol: Any = server_limits.guarded_protocol(config) if http == "httptools" else http
     uvicorn.run(app, host=LOOPBACK, port=port, log_level="warning", loop=loop, http=protocol,
@@ -237,14 +242,15 @@ class Served:
 
 @contextmanager
 def server(kind: str, loop: str, http: str, work: Path,
-           under: tuple[str, ...] = ()) -> Iterator[Served]:
-    """The ``kind`` server on its own port, run under the command ``under`` if given."""
+           under: tuple[str, ...] = (), options: tuple[str, ...] = ()) -> Iterator[Served]:
+    """The ``kind`` server on its own port, run under the command ``under`` if given, with
+    ``options`` added to its command line."""
     port = free_port()
     data = work / f"{kind}-{loop}-{http}"
     data.mkdir(parents=True, exist_ok=True)
     process = subprocess.Popen(
         [*under, sys.executable, __file__, "--serve", kind, "--port", str(port), "--loop", loop,
-         "--http", http, "--data-dir", str(data)],
+         "--http", http, "--data-dir", str(data), *options],
         stdout=subprocess.DEVNULL, stderr=open(data / "stderr", "w"))
     try:
         deadline = time.monotonic() + (600 if under else 30)
@@ -384,7 +390,7 @@ async def handoffs(served: Served, count: int,
 
 
 def count_pairs(kind: str, pairs: int, clients: int, profile: Path | None,
-                idle: float = 10.0) -> str:
+                idle: float = 10.0, audit_window: float | None = None) -> str:
     """What one server of ``kind`` (asyncio + httptools) runs per pair of ``clients`` clients,
     after a warm-up: instructions, counted by callgrind (CPU time without valgrind).
 
@@ -392,7 +398,13 @@ def count_pairs(kind: str, pairs: int, clients: int, profile: Path | None,
     config loops), by the second, not by the pair, and a pair under callgrind takes 30-50
     times as long as at full speed, longer on a busy machine: so the instructions of ``idle``
     seconds without calls are counted first, and that rate times the pairs' duration is taken
-    off the pairs' count (both are printed)."""
+    off the pairs' count (both are printed).
+
+    ``audit_window``: the audit trail's write-behind window in the served product (as shipped
+    when None, 10 ms). Under callgrind that window holds one entry, so each entry has a commit
+    of its own, where at full speed (1,000-2,000 pairs a second) one commit carries the entries
+    of several pairs; a window as many times longer as callgrind is slower (0.4 s) gives each
+    commit about as many entries as at full speed."""
     warm_up = max(200, 2 * clients)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -404,7 +416,8 @@ def count_pairs(kind: str, pairs: int, clients: int, profile: Path | None,
             return f"{kind}: {block.cpu * 1e6:,.0f} µs CPU per pair (no valgrind: CPU time)"
         under = ("valgrind", "--tool=callgrind", "--instr-atstart=no",
                  f"--callgrind-out-file={out}")
-        with server(kind, "asyncio", "httptools", work, under) as served:
+        options = () if audit_window is None else ("--audit-window", str(audit_window))
+        with server(kind, "asyncio", "httptools", work, under, options) as served:
             asyncio.run(pairs_per_second(kind, served, clients, warm_up))
             time.sleep(0.5)  # what the warm-up left behind (the audit batch) is written
             _control("--instr=on", served.pid)
@@ -425,7 +438,8 @@ def count_pairs(kind: str, pairs: int, clients: int, profile: Path | None,
         return (f"{kind}: {(total - rate * took) / done:,.0f} instructions per pair "
                 f"({total / done:,.0f} counted, less {rate * took / done:,.0f} of waiting work "
                 f"at {rate:,.0f} per second; {done} pairs, {clients} "
-                f"client{'s' if clients > 1 else ''}, {block.rate:.1f} pairs/s under callgrind)")
+                f"client{'s' if clients > 1 else ''}, {block.rate:.1f} pairs/s under callgrind"
+                + ("" if audit_window is None else f", audit window {audit_window:g} s") + ")")
 
 
 def _control(command: str, pid: int) -> None:
@@ -607,6 +621,9 @@ def main() -> None:
                              "callgrind (see the module's docstring)")
     parser.add_argument("--clients", type=int, default=1, help="with --count")
     parser.add_argument("--profile", type=Path, help="with --count: keep callgrind's profile")
+    parser.add_argument("--audit-window", type=float, metavar="SECONDS",
+                        help="with --count: the product's audit write-behind window (0.4: "
+                             "about as many entries per commit as at full speed)")
     parser.add_argument("--serve", choices=("noop", "product", "traced"), help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--loop", default="asyncio", help=argparse.SUPPRESS)
@@ -615,10 +632,11 @@ def main() -> None:
     quick_defaults(parser, pairs=640, rounds=2, handoffs=50)
     args = parser.parse_args()
     if args.serve:
-        serve(args.serve, args.port, args.loop, args.http, args.data_dir)
+        serve(args.serve, args.port, args.loop, args.http, args.data_dir, args.audit_window)
         return
     if args.count:
-        print(count_pairs(args.count, args.pairs, args.clients, args.profile))
+        print(count_pairs(args.count, args.pairs, args.clients, args.profile,
+                          audit_window=args.audit_window))
         return
     if args.steps:
         with tempfile.TemporaryDirectory() as tmp:
