@@ -69,6 +69,17 @@ def test_the_two_projects_join_to_one_key() -> None:
     assert first().key == second().key == KEY
 
 
+def test_a_request_makes_its_key_once_and_a_copy_makes_its_own() -> None:
+    request = first()
+    assert request.key == KEY
+    assert request.key is request.key  # made once, kept
+    assert request == first() and hash(request) == hash(first())  # not a field: not compared
+    assert "key" not in request.model_dump() and "key" not in request.model_dump_json()
+    moved = request.model_copy(update={"workspace": "staging"})
+    assert moved.key == "gl/grp/sub/proj/staging/"
+    assert request.key == KEY
+
+
 @pytest.mark.parametrize("pull", [5, 6], ids=["same-pull-number", "other-pull-number"])
 async def test_a_second_project_under_the_same_key_is_refused_naming_the_collision(
     service: LockService, pull: int
