@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import typing
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -13,6 +13,7 @@ from enhanced_locking.types import (
     Candidate,
     Lock,
     LockRequest,
+    Moment,
     Priority,
     Project,
     Pull,
@@ -157,3 +158,34 @@ def test_a_candidate_has_every_field_of_a_lock_but_the_stamps_of_its_grant() -> 
             assert Candidate._field_defaults[name] == field.default, name
         else:
             assert name not in Candidate._field_defaults, name
+
+
+def test_a_lock_lapses_as_it_expires_and_one_without_a_lease_never_reads_the_clock() -> None:
+    ends = datetime(2024, 5, 1, 9, tzinfo=UTC)
+    leased = replaced(a_lock(), expires_at=ends)
+    reads: list[datetime] = []
+
+    def clock(at: datetime) -> typing.Callable[[], datetime]:
+        def read() -> datetime:
+            reads.append(at)
+            return at
+        return read
+
+    for at in (ends - timedelta(microseconds=1), ends, ends + timedelta(hours=1)):
+        assert leased.lapsed(clock(at)) is leased.expired(at)
+    assert len(reads) == 3
+    assert a_lock().lapsed(clock(datetime(2999, 1, 1, tzinfo=UTC))) is False
+    assert len(reads) == 3  # no lease: the clock was not read
+
+
+def test_a_moment_reads_its_clock_once_and_only_when_asked() -> None:
+    reads: list[int] = []
+
+    def clock() -> datetime:
+        reads.append(1)
+        return datetime(2024, 5, 1, 9, len(reads), tzinfo=UTC)
+
+    moment = Moment(clock)
+    assert reads == []
+    first = moment()
+    assert moment() is first and reads == [1]

@@ -55,6 +55,7 @@ from enhanced_locking.types import (
     Candidate,
     Lock,
     LockUnreadable,
+    Moment,
     StoreRefused,
     replaced,
     utcnow,
@@ -611,7 +612,7 @@ class EmbeddedBackend(StoreBackend):
         row = self._db.execute(_CHANGES, (self._counter,)).fetchone()
         return None if row is None else int(row[0])
 
-    def _unchanged(self, key: str, now: datetime) -> list[Lock] | None:
+    def _unchanged(self, key: str, now: Callable[[], datetime]) -> list[Lock] | None:
         """``key``'s live holders as last read, if nothing of the namespace changed since;
         ``None`` when they must be read."""
         known = self._known.get(key)
@@ -624,19 +625,19 @@ class EmbeddedBackend(StoreBackend):
         if changes is None or changes != self._as_of:
             return None
         exclusive, shared = known
-        if exclusive is not None and not exclusive.expired(now):
+        if exclusive is not None and not exclusive.lapsed(now):
             return [exclusive]
         if shared is None:  # not read then: the exclusive lock was live
             return None
-        return [lock for lock in shared if not lock.expired(now)]
+        return [lock for lock in shared if not lock.lapsed(now)]
 
-    def _read_holders(self, key: str, now: datetime) -> list[Lock]:
+    def _read_holders(self, key: str, now: Callable[[], datetime]) -> list[Lock]:
         """``StoreBackend._holders`` in one snapshot with the change counter, remembered."""
         with self._snapshot():
             changes = self._changes()
             exclusive = self._load(key)
             shared = None
-            if exclusive is None or exclusive.expired(now):
+            if exclusive is None or exclusive.lapsed(now):
                 shared = self._load_shared(key)
             if key in self.unreadable:
                 self._unreadable_change(lambda u: u.readable(key))
@@ -645,9 +646,9 @@ class EmbeddedBackend(StoreBackend):
             self._as_of = changes
         if changes is not None:
             self._known[key] = exclusive, shared
-        if exclusive is not None and not exclusive.expired(now):
+        if exclusive is not None and not exclusive.lapsed(now):
             return [exclusive]
-        return [lock for lock in shared or () if not lock.expired(now)]
+        return [lock for lock in shared or () if not lock.lapsed(now)]
 
     async def get(self, key: str) -> Lock | None:
         if self._counter is None:
@@ -657,10 +658,10 @@ class EmbeddedBackend(StoreBackend):
             if not self._depth and key not in self.unreadable:
                 with self._unavailable():
                     lock = self._load(key)
-                if lock is not None and not lock.expired(self.clock()):
+                if lock is not None and not lock.lapsed(self.clock):
                     return lock
             return await super().get(key)
-        now = self.clock()
+        now = Moment(self.clock)  # one moment for the whole read, if a lock asks for it
         holders = self._unchanged(key, now)
         if holders is None:
             holders = self._read_holders(key, now)
@@ -674,7 +675,7 @@ class EmbeddedBackend(StoreBackend):
         if (self._counter is not None and key not in self._queues
                 and (policy is None or not policy.limits)
                 and self._known.get(key) == (None, [])
-                and self._unchanged(key, self.clock()) == []):
+                and self._unchanged(key, Moment(self.clock)) == []):
             return _nothing_handed()
         # The general path's coroutine itself, not one that awaits it: one frame less.
         return super().release_and_handoff(key, owner=owner, policy=policy)
