@@ -26,7 +26,12 @@ from redis.exceptions import ResponseError
 
 from enhanced_locking.backends import codec
 from enhanced_locking.backends.base import Owner
-from enhanced_locking.backends.redis_connection import RedisConnection, connect, unavailable
+from enhanced_locking.backends.redis_connection import (
+    RedisConnection,
+    connect,
+    unavailable,
+    wrong_type,
+)
 from enhanced_locking.backends.unreadable import UnreadableLocks
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.types import (
@@ -131,7 +136,7 @@ class AtlantisRedisBackend:
         try:
             yield
         except ResponseError as error:
-            if "WRONGTYPE" not in str(error):
+            if not wrong_type(error):
                 raise
             raise LockUnreadable(self._foreign(name), where=name) from None
 

@@ -59,6 +59,7 @@ __all__ = [
     "down",
     "is_retryable",
     "unavailable",
+    "wrong_type",
 ]
 
 CONNECT_TIMEOUT = 2.0
@@ -334,6 +335,12 @@ class RedisConnection:
 
 RETRYABLE: tuple[type[BaseException], ...] = (rexc.ConnectionError, rexc.TimeoutError)
 """A broken or stale connection: worth one more try on a fresh one (not a refusal)."""
+
+
+def wrong_type(error: rexc.ResponseError) -> bool:
+    """Redis refused a command on a key of another type than the command's (``WRONGTYPE``):
+    something else wrote there."""
+    return "WRONGTYPE" in str(error)
 
 
 def is_retryable(error: BaseException) -> bool:

@@ -34,7 +34,7 @@ from typing import Any
 import redis.exceptions as rexc
 
 from enhanced_locking.backends.outbox import RETRY_FIRST, RETRY_MAX
-from enhanced_locking.backends.redis_connection import RedisConnection, connect
+from enhanced_locking.backends.redis_connection import RedisConnection, connect, wrong_type
 from enhanced_locking.backends.shared_events import SharedEventBus
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.events import parse_event_id
@@ -61,10 +61,6 @@ return kind
 class StreamWrittenOver(Exception):
     """The stream's key holds another Redis type again right after it was replaced (something
     else keeps writing there): the outbox retries later, as while Redis is away."""
-
-
-def _wrong_type(error: rexc.ResponseError) -> bool:
-    return "WRONGTYPE" in str(error)
 
 
 class RedisEventBus(SharedEventBus):
@@ -105,7 +101,7 @@ class RedisEventBus(SharedEventBus):
         try:
             await self.connection.call_all(commands)
         except rexc.ResponseError as error:
-            if not _wrong_type(error):
+            if not wrong_type(error):
                 raise
         else:
             return
@@ -118,7 +114,7 @@ class RedisEventBus(SharedEventBus):
         try:
             await self.connection.call_all(commands)
         except rexc.ResponseError as error:
-            if not _wrong_type(error):
+            if not wrong_type(error):
                 raise
             raise StreamWrittenOver(f"the event stream {stream} is of another Redis type "
                                     "again") from None
@@ -161,7 +157,7 @@ class RedisEventBus(SharedEventBus):
                 backoff = min(RETRY_MAX, backoff * 2)
                 continue
             except rexc.ResponseError as error:
-                if not _wrong_type(error):
+                if not wrong_type(error):
                     raise
                 # Written over by something else: the next event appended replaces it. It
                 # holds no events, so a reader that starts now has loaded all there is.

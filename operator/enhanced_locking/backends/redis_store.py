@@ -38,6 +38,7 @@ from enhanced_locking.backends.redis_connection import (
     down,
     is_retryable,
     unavailable,
+    wrong_type,
 )
 from enhanced_locking.backends.redis_notify import Listener
 from enhanced_locking.backends.redis_replies import LockRow, Served, WaiterRecord
@@ -191,11 +192,6 @@ def _function_missing(error: rexc.ResponseError) -> bool:
     return str(error).startswith("Function not found")
 
 
-def _wrong_type(error: rexc.ResponseError) -> bool:
-    """A script stopped by a command on a key of another Redis type than it expects."""
-    return "WRONGTYPE" in str(error)
-
-
 def _at(ms: Any) -> datetime:
     return _EPOCH + timedelta(milliseconds=int(ms))
 
@@ -322,7 +318,7 @@ class RedisBackend:
                         self._scripts = {}  # no FCALL: Redis 6.2, scripts by EVALSHA
                         execute, function = self._evalsha, name
                         continue
-                    if not spoiled and _wrong_type(error):
+                    if not spoiled and wrong_type(error):
                         # Maybe the answer kept under this call's id (the first thing a write
                         # reads): another Redis type stands there.
                         kind = await self._type(self.keys.op(call_id), action, key)
@@ -391,20 +387,13 @@ class RedisBackend:
 
     async def _load_functions(self, action: str, key: str | None) -> None:
         """``FUNCTION LOAD REPLACE`` of the scripts' library (on a cluster: on every master)."""
-        try:
-            async with asyncio.timeout(COMMAND_TIMEOUT):
-                await self.connection.client.function_load(redis_scripts.FUNCTIONS,
-                                                           replace=True)
-        except DOWN as error:
-            raise down(self.connection, action, error, key=key) from None
+        async with unavailable(self.connection, action, key=key):
+            await self.connection.client.function_load(redis_scripts.FUNCTIONS, replace=True)
 
     async def _type(self, name: str, action: str, key: str | None) -> str:
         """The Redis type of ``name`` (``"none"`` when there is no such key)."""
-        try:
-            async with asyncio.timeout(COMMAND_TIMEOUT):
-                return str(await self.connection.client.type(name))
-        except DOWN as error:
-            raise down(self.connection, action, error, key=key) from None
+        async with unavailable(self.connection, action, key=key):
+            return str(await self.connection.client.type(name))
 
     async def _drop_kept_answer(self, call_id: str, why: str, *, action: str,
                                 key: str | None) -> None:
@@ -412,11 +401,8 @@ class RedisBackend:
         ``why`` (something else wrote there: it is no answer of this call's). The call then
         runs as a first call. Logged; what stood there is never read."""
         name = self.keys.op(call_id)
-        try:
-            async with asyncio.timeout(COMMAND_TIMEOUT):
-                await self.connection.client.delete(name)
-        except DOWN as error:
-            raise down(self.connection, action, error, key=key) from None
+        async with unavailable(self.connection, action, key=key):
+            await self.connection.client.delete(name)
         log.warning("redis %s: the answer kept under %s was %s, not an answer (written over "
                     "by something else?); deleted, and the call (%s) runs as a first call",
                     self.connection.where, name, why, action)
