@@ -8,6 +8,7 @@ the ones :class:`RedisKeys` writes, and on a cluster every key of a namespace sh
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import subprocess
 from collections.abc import AsyncIterator, Iterator
@@ -79,6 +80,30 @@ async def test_the_scripts_write_exactly_the_keys_redis_keys_names(
     assert admin.exists(keys.outcome("w1")) == 1
     assert admin.exists(keys.pull(REPO, 2)) == 1
     assert admin.exists(keys.waiter("w1")) == 0
+
+
+async def test_a_replica_whose_first_call_waits_is_queued_and_handed_the_key(
+    store: tuple[EnhancedLockingConfig, Any],
+) -> None:
+    # Its first call subscribes to its notifications before any other command: on a cluster
+    # the client learns the slots there (it used to ask a client that knew none, and every
+    # waiting acquire of that replica then answered "did not answer" after 5 s).
+    holder = RedisBackend.from_config(store[0], "enhanced")
+    waiter = RedisBackend.from_config(store[0], "enhanced")
+    try:
+        held = lock_for(request_for(repo=REPO, pull=1))
+        assert (await holder.acquire(held))[0]
+        told = waiter.grants.expect("first")
+        queued = await waiter.acquire_or_enqueue(
+            candidate_for(request_for(repo=REPO, pull=2)), ttl=None,
+            wait=Wait(id="first", timeout=timedelta(minutes=1)), policy=QueuePolicy())
+        assert queued.status is Status.QUEUED
+        await holder.release_and_handoff(held.key, owner=(REPO, 1))
+        notice = await asyncio.wait_for(told, 10)
+        assert notice.granted and notice.locks[0].pull.num == 2
+    finally:
+        await waiter.close()
+        await holder.close()
 
 
 async def test_on_a_cluster_a_namespace_is_one_slot_and_namespaces_are_apart(

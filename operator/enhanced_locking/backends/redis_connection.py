@@ -311,11 +311,14 @@ class RedisConnection:
         pool = self.client.connection_pool
         await pool.disconnect(inuse_connections=False)
 
-    def pubsub(self, channel: str) -> PubSub | ClusterPubSub:
+    async def pubsub(self, channel: str) -> PubSub | ClusterPubSub:
         """A pub/sub connection that hears ``channel``. On a cluster, classic pub/sub is
         cluster-wide (a ``PUBLISH`` on any node reaches subscribers on every node); the
-        subscription goes to the node of the channel's slot."""
+        subscription goes to the node of the channel's slot, which the client knows once it
+        has asked the cluster for its slots (a replica whose first call waits subscribes
+        before any other command)."""
         if isinstance(self.client, RedisCluster):
+            await self.client.initialize()  # at once when it has the slots already
             return self.client.pubsub(node=self.client.get_node_from_key(channel))
         return self.client.pubsub()
 

@@ -28,6 +28,8 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import redis.exceptions as rexc
+from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import ClusterPubSub
 
 from enhanced_locking.backends.redis_connection import RedisConnection
 from enhanced_locking.backends.waiting import LocalNotifier
@@ -103,8 +105,9 @@ class Listener:
         backoff = 0.05
         first = True
         while True:
-            pubsub = self.connection.pubsub(self.channel)
+            pubsub: PubSub | ClusterPubSub | None = None
             try:
+                pubsub = await self.connection.pubsub(self.channel)
                 await pubsub.subscribe(self.channel)
                 self._subscribed.set()
                 if not first:  # messages may have been lost while we were away
@@ -120,16 +123,18 @@ class Listener:
                         self._dispatch(str(message["data"]))
             except asyncio.CancelledError:
                 raise
-            except (rexc.ConnectionError, rexc.TimeoutError, OSError, BackendUnavailable) as error:
+            except (rexc.ConnectionError, rexc.TimeoutError, rexc.RedisClusterException, OSError,
+                    BackendUnavailable) as error:  # (a cluster that cannot name the slot's node)
                 self._subscribed.clear()
                 log.warning("notifications from redis %s interrupted (%s); reconnecting",
                             self.connection.where, type(error).__name__)
                 await asyncio.sleep(backoff)
                 backoff = min(2.0, backoff * 2)
             finally:
-                with contextlib.suppress(Exception):
-                    # Untyped before redis 8.2, typed from it: either version passes.
-                    await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
+                if pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        # Untyped before redis 8.2, typed from it: either version passes.
+                        await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
 
     def _dispatch(self, data: str) -> None:
         kind, _, waiter_id = data.partition(":")
