@@ -16,7 +16,7 @@ import logging
 import re
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -25,9 +25,12 @@ import httpx
 import pytest
 from tests.support.etcd_fixtures import etcd_config
 from tests.support.etcd_server import EtcdCluster
-from tests.support.redis_fixtures import redis_config
+from tests.support.locks import lock_body
+from tests.support.redis_fixtures import redis_cluster_config, redis_config
 from tests.support.service import ServiceProcess, ServiceStartError
+from tests.support.unreadable import SECRET
 
+from enhanced_locking.api import create_app
 from enhanced_locking.api.audit import AuditTrail
 from enhanced_locking.api.audit_routes import CURSOR_PATTERN
 from enhanced_locking.backends.audit_store import (
@@ -41,9 +44,14 @@ from enhanced_locking.backends.audit_store import (
     build_audit_store,
 )
 from enhanced_locking.backends.etcd_connection import EtcdConnection, EtcdSettings
+from enhanced_locking.backends.redis_connection import connect
 from enhanced_locking.config import EnhancedLockingConfig
+from enhanced_locking.factory import LockService
 from enhanced_locking.metrics import Metrics
+from enhanced_locking.provider import ConfigProvider
 from enhanced_locking.types import AuditEntry, BackendUnavailable, utcnow
+
+REPO = "acme/audited"
 
 StoreMaker = Callable[..., AuditStore]
 """``make(max_age=..., max_entries=...)``: a new store on the test's place."""
@@ -203,6 +211,115 @@ async def test_replicas_share_one_trail_in_one_order(make: StoreMaker) -> None:
     on_a, on_b = await a.read(AuditQuery()), await b.read(AuditQuery())
     assert on_a == on_b
     assert numbers(on_a) == [6, 5, 4, 3, 2, 1]
+
+
+async def _plant(store: AuditStore, name: str, fields: dict[str, str]) -> None:
+    """Something else's entry in the trail's place, between the service's own."""
+    if isinstance(store, RedisAuditStore):
+        await store._connection.client.xadd(store._stream, fields)  # type: ignore[arg-type]
+        return
+    assert isinstance(store, EtcdAuditStore)
+    await store._outbox.drained(5)
+    client = await store._connection.client()
+    assert client.kv is not None
+    await client.kv.put(store._prefix + f"{utcnow().timestamp() * 1e6:016.0f}-{name}".encode(),
+                        fields.get("e", "").encode())
+
+
+@kinds(*SHARED)
+async def test_an_entry_that_does_not_read_is_left_out_and_the_trail_reads_on(
+    make: StoreMaker, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Something else wrote into the trail's place: what does not read as an entry is left out
+    of every read (logged, never its content); the pages around it are whole."""
+    store = make()
+    await store.append(entry(1))
+    await _plant(store, "aa", {"e": f"token={SECRET}"})  # not JSON
+    await store.append(entry(2))
+    await _plant(store, "bb", {"e": json.dumps({"token": SECRET})})  # not an entry
+    await _plant(store, "cc", {"token": SECRET})  # no entry field at all (an etcd value: empty)
+    await store.append(entry(3))
+    with caplog.at_level(logging.WARNING, logger="enhanced_locking.backends.audit_store"):
+        assert numbers(await store.read(AuditQuery())) == [3, 2, 1]
+        first = await store.read(AuditQuery(limit=2))
+        assert numbers(first) == [3, 2]
+        assert numbers(await store.read(AuditQuery(limit=2, before=first[-1].id))) == [1]
+        assert numbers(await store.read(AuditQuery(pull=2))) == [2]
+    assert "does not read" in caplog.text
+    assert SECRET not in caplog.text
+
+
+def _redis_where(request: pytest.FixtureRequest, kind: str) -> EnhancedLockingConfig:
+    settings: dict[str, Any] = {"enabled": True, "backend": "redis", "legacy_backend": "memory"}
+    if kind == "redis":
+        return redis_config(request.getfixturevalue("redis_server"), **settings)
+    return redis_cluster_config(request.getfixturevalue("redis_cluster"),
+                                request.getfixturevalue("redis_cluster_prefix"), **settings)
+
+
+WRITTEN_OVER: dict[str, Callable[[Any, str], Awaitable[object]]] = {
+    "string": lambda redis, name: redis.set(name, f"token={SECRET}"),
+    "hash": lambda redis, name: redis.hset(name, "token", SECRET),
+    "list": lambda redis, name: redis.rpush(name, SECRET),
+}
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("kind", ["redis", "redis-cluster"])
+@pytest.mark.parametrize("write", list(WRITTEN_OVER))
+async def test_an_audit_stream_written_over_is_replaced_and_no_call_fails_by_it(
+    request: pytest.FixtureRequest, kind: str, write: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Another Redis type at the trail's key (written over by something else): an audited
+    call answers as always and its entry starts a new stream; a read answers what the new
+    stream holds; what the old one held is gone, and the log says so once per replacement."""
+    config = _redis_where(request, kind)
+    stream = f"{config.redis_key_prefix}audit"
+    service = LockService(ConfigProvider(config))
+    await service.start()
+    app = create_app(service, manage_lifecycle=False)
+    trail: AuditTrail = app.state.audit
+    admin = connect(config)
+
+    async def written_over() -> None:
+        await admin.client.delete(stream)
+        await WRITTEN_OVER[write](admin.client, stream)
+
+    async def actions(http: httpx.AsyncClient) -> list[tuple[str, int]]:
+        answer = await http.get("/v1/audit", params={"repo": REPO})
+        assert answer.status_code == 200, answer.text
+        return [(row["action"], row["pull"]) for row in answer.json()["entries"]]
+
+    transport = httpx.ASGITransport(app=app)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://service") as http:
+            with caplog.at_level(logging.WARNING, logger="enhanced_locking"):
+                answer = await http.post("/v1/locks", json=lock_body(REPO, "envs/audited", 1))
+                assert answer.status_code == 200, answer.text
+                key = answer.json()["lock"]["key"]
+                await written_over()  # the next entry meets it
+                answer = await http.delete("/v1/locks/by-key", params={"key": key, "pull": 1})
+                assert answer.status_code == 200, answer.text
+                assert await actions(http) == [("release", 1)]
+                await written_over()  # a read meets it first
+                assert await actions(http) == []
+                answer = await http.post("/v1/locks", json=lock_body(REPO, "envs/audited", 2))
+                assert answer.status_code == 200, answer.text
+                assert await actions(http) == [("acquire", 2)]
+        assert await admin.client.type(stream) == "stream"
+        assert trail.failures == 0
+        assert service.metrics.registry.get_sample_value(
+            "enhanced_locking_audit_entries_lost_total", {"reason": "refused"}) in (None, 0.0)
+        replaced = [r.getMessage() for r in caplog.records
+                    if f"the audit trail {stream} was not a stream" in r.getMessage()]
+        assert len(replaced) == 2, caplog.text
+        assert all(f"(Redis type {write};" in m and "entries it held are gone" in m
+                   for m in replaced), replaced
+        assert SECRET not in caplog.text
+    finally:
+        await admin.close()
+        await trail.close()
+        await service.close()
 
 
 @pytest.mark.etcd

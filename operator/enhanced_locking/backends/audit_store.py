@@ -24,13 +24,14 @@ import logging
 import secrets
 import sqlite3
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import orjson
-from redis.exceptions import RedisError
+import redis.exceptions as rexc
 
 from enhanced_locking.backends.embedded import open_database
 from enhanced_locking.backends.etcd_connection import (
@@ -40,7 +41,12 @@ from enhanced_locking.backends.etcd_connection import (
     unavailable,
 )
 from enhanced_locking.backends.outbox import Outbox
-from enhanced_locking.backends.redis_connection import RedisConnection, connect
+from enhanced_locking.backends.redis_connection import (
+    REPLACE_WRITTEN_OVER,
+    RedisConnection,
+    connect,
+    wrong_type,
+)
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.types import (
     AuditEntry,
@@ -63,6 +69,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 PRUNE_EVERY = 500
+
+_T = TypeVar("_T")
 
 _last_encoded: tuple[AuditEntry | None, str] = (None, "")
 
@@ -96,6 +104,22 @@ def entry_json(entry: AuditEntry) -> str:
         }).decode()
     _last_encoded = (entry, text)
     return text
+
+
+def _stored(text: str | bytes | None, *, entry_id: str | None, where: str) -> AuditEntry | None:
+    """The entry stored as ``text`` (with ``entry_id``, where the place gives the id), or
+    ``None`` when it does not read: something else wrote into the trail's place. That is
+    logged each time a read meets it, with where it is and never what it holds."""
+    if text is not None:
+        try:
+            entry = AuditEntry.model_validate_json(text)
+        except ValueError:
+            pass
+        else:
+            return entry if entry_id is None else entry.model_copy(update={"id": entry_id})
+    log.warning("an audit entry in %s (id %s) does not read (written by something else?): "
+                "left out of the trail's reads", where, entry_id or "in its key")
+    return None
 
 
 def _column_time(time: datetime) -> str:
@@ -381,7 +405,12 @@ class SqliteAuditStore:
 
 
 class RedisAuditStore:
-    """A stream shared by every replica; its ids (``<ms>-<seq>``) are the cursors."""
+    """A stream shared by every replica; its ids (``<ms>-<seq>``) are the cursors.
+
+    Its key written over by something else (another Redis type) is replaced by a new stream
+    at the first append or read that meets it, which logs it: the entries the old stream held
+    are gone (something else deleted them), the call is served from the new one.
+    """
 
     kind = "redis"
     dropped = 0  # written as appended: an entry Redis refuses is refused to the trail
@@ -392,46 +421,66 @@ class RedisAuditStore:
         self._stream = stream
         self._retention = retention
         self._appended = 0
+        self._replace = connection.client.register_script(REPLACE_WRITTEN_OVER)
+
+    async def _call(self, action: str, call: Callable[[], Awaitable[_T]]) -> _T:
+        """``call``, made again on a new stream when the trail's key holds another Redis type;
+        a failure is ``BackendUnavailable`` saying the trail could not be ``action``."""
+        try:
+            try:
+                return await call()
+            except rexc.ResponseError as error:
+                if not wrong_type(error):
+                    raise
+                kind = str(await self._replace(keys=[self._stream], args=["stream"]))
+                if kind:
+                    log.warning(
+                        "the audit trail %s was not a stream (Redis type %s; written over by "
+                        "something else?): replaced by a new stream; the entries it held are "
+                        "gone (each went to stdout as it was written, with "
+                        "enhanced-locking-audit-stdout on)", self._stream, kind)
+                return await call()
+        except (rexc.RedisError, OSError) as error:
+            why = (f"{self._stream} is of another Redis type again (written over by something "
+                   "else)" if isinstance(error, rexc.ResponseError) and wrong_type(error)
+                   else error)
+            raise BackendUnavailable(f"cannot {action} the audit trail: {why}") from None
 
     async def _prune(self) -> None:
         cutoff = int((utcnow() - self._retention.max_age).timestamp() * 1000)
         await self._connection.client.xtrim(self._stream, minid=cutoff, approximate=False)
 
     async def append(self, entry: AuditEntry) -> AuditEntry:
-        try:
-            entry_id = await self._connection.client.xadd(
-                self._stream, {"e": entry_json(entry)},
-                maxlen=self._retention.max_entries, approximate=True,
-            )
-            self._appended += 1
-            if self._appended % PRUNE_EVERY == 1:
-                await self._prune()
-        except (RedisError, OSError) as error:
-            raise BackendUnavailable(f"cannot write the audit trail: {error}") from None
+        entry_id = await self._call("write", lambda: self._connection.client.xadd(
+            self._stream, {"e": entry_json(entry)},
+            maxlen=self._retention.max_entries, approximate=True,
+        ))
+        self._appended += 1
+        if self._appended % PRUNE_EVERY == 1:
+            await self._call("write", self._prune)
         return entry.with_id(str(entry_id))
 
     async def read(self, query: AuditQuery) -> list[AuditEntry]:
+        return await self._call("read", lambda: self._read(query))
+
+    async def _read(self, query: AuditQuery) -> list[AuditEntry]:
         found: list[AuditEntry] = []
         top = "+" if query.before is None else f"({query.before}"
         bottom = "-" if query.since is None else str(int(query.since.timestamp() * 1000))
-        try:
-            while len(found) < query.limit:
-                chunk = await self._connection.client.xrevrange(
-                    self._stream, max=top, min=bottom, count=_SCAN_CHUNK)
-                if not chunk:
-                    break
-                for entry_id, fields in chunk:
-                    # The connection decodes replies: ids and fields are str.
-                    entry = AuditEntry.model_validate_json(
-                        str((fields or {}).get("e", "{}"))).model_copy(
-                        update={"id": str(entry_id)})
-                    if query.matches(entry):
-                        found.append(entry)
-                        if len(found) == query.limit:
-                            break
-                top = "(" + str(chunk[-1][0])
-        except (RedisError, OSError) as error:
-            raise BackendUnavailable(f"cannot read the audit trail: {error}") from None
+        while len(found) < query.limit:
+            chunk = await self._connection.client.xrevrange(
+                self._stream, max=top, min=bottom, count=_SCAN_CHUNK)
+            if not chunk:
+                break
+            for entry_id, fields in chunk:
+                # The connection decodes replies: ids and fields are str.
+                entry = _stored((fields or {}).get("e"), entry_id=str(entry_id),
+                                where=self._stream)
+                if entry is not None and query.matches(entry):
+                    found.append(entry)
+                    if len(found) == query.limit:
+                        break
+            top = "(" + str(chunk[-1][0])
         return found
 
     async def close(self) -> None:
@@ -538,8 +587,9 @@ class EtcdAuditStore:
                                              sort_order=RangeRequest.DESCEND,
                                              sort_target=RangeRequest.KEY, timeout=CALL_TIMEOUT)
                 for kv in answer.kvs:
-                    entry = AuditEntry.model_validate_json(bytes(kv.value))
-                    if query.matches(entry):
+                    entry = _stored(bytes(kv.value), entry_id=None,
+                                    where=bytes(kv.key).decode(errors="replace"))
+                    if entry is not None and query.matches(entry):
                         found.append(entry)
                         if len(found) == query.limit:
                             break

@@ -50,6 +50,7 @@ from enhanced_locking.types import BackendUnavailable
 __all__ = [
     "COMMAND_TIMEOUT",
     "CONNECT_TIMEOUT",
+    "REPLACE_WRITTEN_OVER",
     "RETRYABLE",
     "Client",
     "HiredisConnection",
@@ -344,6 +345,20 @@ def wrong_type(error: rexc.ResponseError) -> bool:
     """Redis refused a command on a key of another type than the command's (``WRONGTYPE``):
     something else wrote there."""
     return "WRONGTYPE" in str(error)
+
+
+# -- KEYS[1] a key the service keeps one Redis type at  ARGV[1] that type (as TYPE names it)
+# -- deletes KEYS[1] if it holds another Redis type; returns that type, or '' when it held
+# -- ARGV[1] or nothing (another replica replaced it first: what it wrote there stays)
+REPLACE_WRITTEN_OVER = """
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind == ARGV[1] or kind == 'none' then return '' end
+redis.call('DEL', KEYS[1])
+return kind
+"""
+"""Run (``register_script``) after a ``WRONGTYPE`` at a key of the service's own, so that
+the next write there makes it anew; the check and the delete are one step, so a key another
+replica has just made anew is kept."""
 
 
 def is_retryable(error: BaseException) -> bool:

@@ -34,7 +34,12 @@ from typing import Any
 import redis.exceptions as rexc
 
 from enhanced_locking.backends.outbox import RETRY_FIRST, RETRY_MAX
-from enhanced_locking.backends.redis_connection import RedisConnection, connect, wrong_type
+from enhanced_locking.backends.redis_connection import (
+    REPLACE_WRITTEN_OVER,
+    RedisConnection,
+    connect,
+    wrong_type,
+)
 from enhanced_locking.backends.shared_events import SharedEventBus
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.events import parse_event_id
@@ -46,16 +51,6 @@ log = logging.getLogger(__name__)
 
 _BLOCK_MS = 3_000  # below the connection's read timeout: an idle stream is not an error
 _DOWN = (rexc.ConnectionError, rexc.TimeoutError, rexc.BusyLoadingError, OSError)
-
-# -- KEYS[1] the stream
-# -- deletes KEYS[1] if it is another Redis type than a stream; returns that type, or '' when
-# -- it was a stream or there was none (another replica replaced it first: its events stay)
-REPLACE = """
-local kind = redis.call('TYPE', KEYS[1])['ok']
-if kind == 'stream' or kind == 'none' then return '' end
-redis.call('DEL', KEYS[1])
-return kind
-"""
 
 
 class StreamWrittenOver(Exception):
@@ -82,7 +77,7 @@ class RedisEventBus(SharedEventBus):
         self.connection = connection
         self.stream_key = stream
         self._cursor = "0-0"
-        self._replace = connection.client.register_script(REPLACE)
+        self._replace = connection.client.register_script(REPLACE_WRITTEN_OVER)
         self._unreadable = ""
         """The Redis type the reader last found at the stream's key ('' while it reads)."""
 
@@ -107,7 +102,7 @@ class RedisEventBus(SharedEventBus):
             return
         # Another Redis type at the stream's key (written over by something else): every
         # XADD was refused (all name the one key), so the batch is appended to a new stream.
-        kind = str(await self._replace(keys=[stream]))
+        kind = str(await self._replace(keys=[stream], args=["stream"]))
         if kind:
             log.warning("the event stream %s was not a stream (Redis type %s; written over by "
                         "something else?): replaced by a new stream", stream, kind)
