@@ -6,7 +6,8 @@ never stop the service of other keys. On one Redis and on a Redis Cluster.
   (``LockUnreadable``, a 409 over HTTP) until a force-unlock repairs it;
 * an index set (``held``, ``queued``, ``fenced``, a pull's): rebuilt from the namespace's keys
   the first time a call reads it, and the call answered as if nothing had happened;
-* the liveness set, the enqueue counter, the incarnation: replaced by the call that meets them;
+* the liveness set, the enqueue counter, the incarnation: replaced by the call that meets them
+  (the liveness set reads as "every replica alive" until then: no waiter is lost by it);
 * the answer a write keeps under its call id: taken as none, deleted, and the call runs as a
   first call.
 """
@@ -26,6 +27,7 @@ from tests.support.backends import BACKEND_KINDS, BackendFactory
 from tests.support.locks import candidate_for, lock_for, request_for
 from tests.support.unreadable import SECRET
 
+from enhanced_locking.backends import redis_notify, redis_scripts
 from enhanced_locking.backends.redis_store import RedisBackend
 from enhanced_locking.backends.waiting import QueuePolicy, Status, Wait
 from enhanced_locking.types import LockNotOwned, LockUnreadable
@@ -65,7 +67,7 @@ def _redis(backend_factory: BackendFactory) -> RedisBackend:
 
 
 def _wait(seconds: float = 30) -> Wait:
-    return Wait(id=f"w-{seconds}-{id(object())}", timeout=timedelta(seconds=seconds))
+    return Wait(id=f"w-{seconds}-{secrets.token_hex(4)}", timeout=timedelta(seconds=seconds))
 
 
 async def _others_still_served(backend: RedisBackend) -> None:
@@ -263,6 +265,52 @@ async def test_the_namespace_s_own_records_of_another_type_are_replaced_by_the_c
     if which == "incarnation":
         assert "incarnation record" in caplog.text
     assert SECRET not in caplog.text
+
+
+@pytest.mark.parametrize("backend_factory", REDIS, indirect=True)
+@pytest.mark.parametrize("write", ["string", "hash"])
+async def test_a_liveness_set_written_over_loses_no_waiter_and_a_dead_one_s_grant_lapses(
+    backend_factory: BackendFactory, write: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Another Redis type where the liveness set goes reads as "every replica alive" until the
+    # next beat replaces it: a live replica's waiter is granted in its turn (never dropped as
+    # if its replica were gone), and a dead replica's waiter ahead of it is granted a claim
+    # nobody confirms, which lapses; only then the next waiter gets the key, never both at
+    # once. The replicas beat only when the test says (their beat every second would replace
+    # the set at any moment).
+    monkeypatch.setattr(redis_notify, "WAITER_HEARTBEAT_SECONDS", 3600.0)
+    holder, dead, alive = (_redis(backend_factory) for _ in range(3))
+    redis = holder.connection.client
+    granted, first = await holder.acquire(lock_for(KEY))
+    assert granted
+    dead_wait, alive_wait = _wait(), _wait()
+    told = alive.grants.expect(alive_wait.id)
+    for backend, wait, pull in ((dead, dead_wait, 3), (alive, alive_wait, 4)):
+        queued = await backend.acquire_or_enqueue(
+            candidate_for(request_for(path="envs/bad", pull=pull)), ttl=None, wait=wait,
+            policy=QueuePolicy())
+        assert queued.status is Status.QUEUED
+    await dead._listener.close()  # gone without a word: no confirmation, no beat
+    await WRITES[write](redis, holder.keys.liveness)
+    handoff = await holder.release_and_handoff(KEY.key, owner=("acme/infra", 1))
+    assert [g.waiter.id for g in handoff.granted] == [dead_wait.id]  # alive, as far as known
+    assert await redis.type(holder.keys.liveness) == write  # the release does not beat
+    assert [w.id for w in await holder.queue(KEY.key)] == [alive_wait.id]  # kept its place
+    claimed = await holder.get(KEY.key)
+    assert claimed is not None and claimed.pull.num == 3
+    deadline = asyncio.get_running_loop().time() + redis_scripts.CLAIM_MS / 1000 + 10
+    while not (await holder.expire(KEY.key)).granted:
+        current = await holder.get(KEY.key)
+        assert current is not None and current.pull.num == 3, "one holder at a time"
+        assert not told.done()
+        assert asyncio.get_running_loop().time() < deadline, "the claim never lapsed"
+        await asyncio.sleep(0.2)
+    notice = await asyncio.wait_for(told, 10)
+    assert notice.granted and notice.locks[0].pull.num == 4
+    assert notice.locks[0].fencing_token > claimed.fencing_token > first.fencing_token
+    await alive._heartbeat()  # the next beat puts the set back
+    assert await redis.type(holder.keys.liveness) == "zset"
+    await _others_still_served(holder)
 
 
 ANSWER_WRITES: dict[str, Write] = {  # a string: not JSON
