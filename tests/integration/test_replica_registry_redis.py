@@ -1,9 +1,12 @@
 """The replica registry on a real redis-server: reports timed by the server's clock, silent
-replicas excluded then pruned, moves settled across replicas, and a replica that loses Redis
-taking every key on both sides until it reports again."""
+replicas excluded then pruned, moves settled across replicas, a replica that loses Redis
+taking every key on both sides until it reports again, and a registry written over by something
+else (on one server and on a Redis Cluster)."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -11,8 +14,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+import redis
 from tests.support.leases import Overrun, past, with_leases
-from tests.support.redis_fixtures import redis_config
+from tests.support.redis_cluster import RedisClusterNodes
+from tests.support.redis_fixtures import redis_cluster_config, redis_config
 from tests.support.redis_server import RedisServer
 from tests.support.unreadable import SECRET
 
@@ -32,6 +37,8 @@ from enhanced_locking.types import Event
 pytestmark = pytest.mark.redis
 
 Connect = Callable[[], RedisConnection]
+Admin = Callable[[], contextlib.AbstractContextManager[Any]]
+"""A synchronous admin client of the test's Redis (one server or a cluster)."""
 
 
 @pytest.fixture
@@ -174,18 +181,44 @@ async def test_a_replica_that_loses_redis_takes_every_key_on_both_sides_until_it
         "isolated", "rejoined"]
 
 
+@pytest.fixture(params=["redis", "redis-cluster"])
+async def either(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Connect, Admin, str]]:
+    """Connections to the test's Redis, an admin client of it and a key prefix of the test's
+    own: one server, or the session's Redis Cluster (shared: the prefix keeps tests apart)."""
+    config: EnhancedLockingConfig
+    admin: Admin
+    if request.param == "redis":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        config, admin = redis_config(server), server.client
+    else:
+        cluster: RedisClusterNodes = request.getfixturevalue("redis_cluster")
+        config = redis_cluster_config(cluster, request.getfixturevalue("redis_cluster_prefix"))
+        host, port = cluster.addr.split(":")
+        admin = functools.partial(redis.RedisCluster, host=host, port=int(port))
+    opened: list[RedisConnection] = []
+
+    def open_connection() -> RedisConnection:
+        opened.append(connect(config))
+        return opened[-1]
+
+    yield open_connection, admin, config.redis_key_prefix
+    for connection in opened:
+        await connection.close()
+
+
 @pytest.mark.parametrize("write", ["string", "list", "report"])
 async def test_a_registry_written_over_is_replaced_and_no_move_settles_until_all_report_again(
-    connections: Connect, redis_server: RedisServer, write: str,
-    caplog: pytest.LogCaptureFixture,
+    either: tuple[Connect, Admin, str], write: str, caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Another Redis type at the registry's key is replaced by the next report; a report that
     # does not read is left for its replica to write again. Either way some live replica's
     # weight is not in the registry for a while, so no move settles before every live replica
     # had its time to report again (one expiry after the loss).
+    connections, admin_client, base = either
+
     async def case(expiry: timedelta) -> None:
         ms = expiry // timedelta(milliseconds=1)
-        prefix = f"t{ms}:"
+        prefix = f"{base}t{ms}:"
         settings: dict[str, Any] = {"migration_weight": 0, "replica_heartbeat": f"{ms // 4}ms",
                     "replica_timeout": f"{ms}ms"}
         a, a_provider, a_seen = _replica("a", RedisRoutingRegistry(connections(), prefix=prefix),
@@ -195,7 +228,7 @@ async def test_a_registry_written_over_is_replaced_and_no_move_settles_until_all
         registry = RedisRoutingRegistry(connections(), prefix=prefix)
         await a.tick()
         await b.tick()
-        with redis_server.client() as admin:
+        with admin_client() as admin:
             if write == "string":
                 admin.set(registry.key, f"token={SECRET}")
             elif write == "list":
@@ -234,7 +267,7 @@ async def test_a_registry_written_over_is_replaced_and_no_move_settles_until_all
         assert [e.details["phase"] for e in a_seen if e.type == "routing-changed"] == [
             "moving", "settled"]
         assert [r.replica_id for r in (await registry.read(expiry=expiry)).reports] == ["a", "b"]
-        with redis_server.client() as admin:
+        with admin_client() as admin:
             assert admin.type(registry.key) == b"hash"
 
     with caplog.at_level(logging.WARNING, logger="enhanced_locking.migration"):
