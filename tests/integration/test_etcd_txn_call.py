@@ -2,13 +2,14 @@
 
 ``TxnCall`` takes its direct path on the grpcio versions it was checked against (the pinned
 one among them) and grpc.aio's public call otherwise. Both answer a transaction the same,
-fail the same way when etcd is not there, give up a cancelled call, and carry the auth token
-(a cluster with auth on refuses a transaction without it).
+fail the same way when etcd is not there, give up a cancelled call, end with their connection,
+and carry the auth token (a cluster with auth on refuses a transaction without it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -115,6 +116,34 @@ async def test_a_cancelled_caller_gives_its_call_up_and_the_channel_goes_on(
             await call
     answer = await txn(put_if_absent(f"{etcd_prefix}other".encode(), b"x"))
     assert answer.succeeded
+
+
+async def test_a_call_under_way_when_its_connection_closes_ends_with_it(path: str) -> None:
+    # A member that takes the connection and never answers (a frozen process looks the same):
+    # the call waits. Closing the connection ends it then, as closing a channel ends grpc.aio's
+    # calls, rather than at its deadline (5 s) with DEADLINE_EXCEEDED. A direct call ends as
+    # CANCELLED (a DOWN error, so the step answers "unavailable"); grpc.aio's public call
+    # raises CancelledError, grpc.aio's own way.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        connection = EtcdConnection(
+            EtcdSettings(endpoints=(f"127.0.0.1:{silent.getsockname()[1]}",)))
+        try:
+            txn = await txn_of(connection, path)
+            call = asyncio.ensure_future(txn(put_if_absent(b"/silent", b"x")))
+            await asyncio.sleep(0.2)
+            assert not call.done()
+        finally:
+            await connection.close()
+        if path == "direct":
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                await call
+            assert ended.value.code() is grpc.StatusCode.CANCELLED
+            assert ended.value.details() == "the connection was closed"
+        else:
+            with pytest.raises(asyncio.CancelledError):
+                await call
 
 
 async def test_a_cluster_with_auth_on_gets_the_token_with_every_transaction(

@@ -156,17 +156,25 @@ class TxnCall:
     time per call, a tenth of a call's own cost on loopback. Those are private parts of
     grpcio, taken only on the versions in ``_DIRECT_GRPC`` and only for a method without
     interceptors; otherwise (``direct`` is false) the call goes through the method's public
-    multicallable. A cancelled caller cancels the call, as grpc.aio's does."""
+    multicallable. A cancelled caller cancels the call, as grpc.aio's does.
 
-    __slots__ = ("_call", "_channel", "_decode", "_encode", "_handle", "_kv", "_method",
-                 "client", "direct", "timeout", "via")
+    A direct call is not in the channel's registry, so closing the channel would not end it
+    (it would run to its deadline): it is kept in ``flying`` while it runs, and the
+    connection's :meth:`EtcdConnection.close` cancels what is there. Its caller then gets
+    gRPC's ``CANCELLED`` (a ``DOWN`` error: the step answers ``unavailable``); grpc.aio's
+    public call, cancelled by its channel, raises ``asyncio.CancelledError`` instead."""
+
+    __slots__ = ("_call", "_channel", "_decode", "_encode", "_flying", "_handle", "_kv",
+                 "_method", "client", "direct", "timeout", "via")
 
     def __init__(self, client: etcd3aio.Etcd3Client, *,
-                 via: etcd3aio.Etcd3Client | None = None) -> None:
+                 via: etcd3aio.Etcd3Client | None = None, flying: set[Any] | None = None) -> None:
         """``via``: a client on one member (the leader) whose channel carries the call;
-        the auth token is still ``client``'s (etcd's tokens are good on every member)."""
+        the auth token is still ``client``'s (etcd's tokens are good on every member).
+        ``flying``: where the direct calls under way are kept (the connection's)."""
         self.client = client
         self.via = via
+        self._flying: set[Any] = set() if flying is None else flying
         self.timeout = CALL_TIMEOUT if via is None else ROUTE_TIMEOUT
         """The call's gRPC deadline, in seconds."""
         kv = client.kv
@@ -204,12 +212,16 @@ class TxnCall:
     async def _direct(self, request: Any, metadata: tuple[tuple[str, str], ...]) -> Any:
         call = self._channel.call(self._method, time.time() + self.timeout, None, None,
                                   self._handle)
+        flying = self._flying
+        flying.add(call)
         try:
             answer = await call.unary_unary(self._encode(request), metadata, _CENSUS())
         except asyncio.CancelledError:
             if not call.done():
                 call.cancel("Locally cancelled by application!")
             raise
+        finally:
+            flying.discard(call)
         if call.is_ok():
             return self._decode(answer)
         assert _create_rpc_error is not None
@@ -248,6 +260,8 @@ class EtcdConnection:
         self._term = 0
         """The raft term in which the leader was found (or last heard, without one)."""
         self._looking: asyncio.Task[None] | None = None
+        self._flying: set[Any] = set()
+        """The direct transaction calls under way (``TxnCall``), which :meth:`close` ends."""
 
     async def client(self) -> etcd3aio.Etcd3Client:
         if self._client is not None:
@@ -263,7 +277,7 @@ class EtcdConnection:
                 stack = contextlib.AsyncExitStack()
                 await stack.enter_async_context(client.token_refresher(s.username, s.password))
                 self._auth = stack
-            self.txn = TxnCall(client)
+            self.txn = TxnCall(client, flying=self._flying)
             self._client = client
             self._targets, self._tls, self._name = targets, tls, name if s.tls else None
         return client
@@ -272,7 +286,7 @@ class EtcdConnection:
         """``request`` (a ``TxnRequest``) through :attr:`txn`: to the leader when known."""
         txn = self.txn
         if txn is None or txn.client is not client:  # the connection was closed meanwhile
-            txn = TxnCall(client)
+            txn = TxnCall(client, flying=self._flying)
         if txn.via is None and len(self._targets) < 2:
             return txn(request)  # one endpoint: nothing to route
         return self._routed(txn, request)
@@ -298,7 +312,7 @@ class EtcdConnection:
 
     def _unroute(self) -> None:
         if self._client is not None:
-            self.txn = TxnCall(self._client)
+            self.txn = TxnCall(self._client, flying=self._flying)
         self.leader = None
 
     def _look_for_leader(self) -> None:
@@ -326,7 +340,8 @@ class EtcdConnection:
                     if self._client is client:
                         if self.leader != target:
                             self.leader_changes += 1
-                        self.txn, self.leader = TxnCall(client, via=member), target
+                        self.txn, self.leader = TxnCall(
+                            client, via=member, flying=self._flying), target
                         self._term = max(self._term, int(status.header.raft_term))
                     return
             if attempt + 1 < LEADER_LOOKS:
@@ -342,6 +357,9 @@ class EtcdConnection:
 
     async def close(self) -> None:
         client, self._client, self.txn, self.leader = self._client, None, None, None
+        for call in list(self._flying):  # what closing a channel does to grpc.aio's calls
+            if not call.done():
+                call.cancel("the connection was closed")
         looking, self._looking = self._looking, None
         if looking is not None:
             looking.cancel()
