@@ -378,16 +378,24 @@ class SqliteAuditStore:
         if query.until is not None:
             clauses.append("time < ?")
             params.append(query.until.isoformat())
-        if query.before is not None:
-            clauses.append("id < ?")
-            params.append(int(query.before))
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        rows = self._db.execute(
-            f"SELECT id, data FROM audit {where} ORDER BY id DESC LIMIT ?",
-            (*params, query.limit),
-        ).fetchall()
-        return [AuditEntry.model_validate_json(data).model_copy(update={"id": str(row_id)})
-                for row_id, data in rows]
+        before = int(query.before) if query.before is not None else None
+        found: list[AuditEntry] = []
+        while len(found) < query.limit:  # again past rows that do not read, if any
+            bound = ["id < ?"] if before is not None else []
+            where = f"WHERE {' AND '.join(clauses + bound)}" if clauses or bound else ""
+            wanted = query.limit - len(found)
+            rows = self._db.execute(
+                f"SELECT id, data FROM audit {where} ORDER BY id DESC LIMIT ?",
+                (*params, *([before] if before is not None else []), wanted),
+            ).fetchall()
+            for row_id, data in rows:
+                entry = _stored(data, entry_id=str(row_id), where="the audit table")
+                if entry is not None:
+                    found.append(entry)
+            if len(rows) < wanted:
+                break
+            before = rows[-1][0]
+        return found
 
     async def close(self) -> None:
         if self._timer is not None:
