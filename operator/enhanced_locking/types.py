@@ -194,8 +194,17 @@ _IMMUTABLE = (bool, int, float, str, bytes, type(None))
 # Read once: on a model class, ``cls.__new__`` goes through pydantic's metaclass hook (about
 # 400 instructions a read), and a model's own __new__ is object's.
 _new_object = object.__new__
-_set_attribute = object.__setattr__
 _new_tuple = tuple.__new__
+# The four slots of every pydantic model, set through their own descriptors (what
+# ``object.__setattr__`` finds after looking the name up on the model's type, about a third of
+# the cost of a model written out field by field): the ``__dict__`` of its fields, the set of
+# fields given, its extra fields and its private attributes.
+_SLOTS = BaseModel.__dict__
+_set_fields: Callable[[BaseModel, dict[str, Any]], None] = _SLOTS["__dict__"].__set__
+_set_fields_set: Callable[[BaseModel, set[str]], None] = _SLOTS["__pydantic_fields_set__"].__set__
+_set_extra: Callable[[BaseModel, None], None] = _SLOTS["__pydantic_extra__"].__set__
+_set_private: Callable[[BaseModel, dict[str, Any] | None], None] = (
+    _SLOTS["__pydantic_private__"].__set__)
 
 
 def _defaults_of(cls: type[BaseModel]) -> _Defaults:
@@ -228,15 +237,15 @@ def built(cls: type[_ModelT], /, **values: Any) -> _ModelT:
             if name not in values:
                 data[name] = field.get_default(call_default_factory=True, validated_data=None)
     model = _new_object(cls)
-    _set_attribute(model, "__dict__", data)
-    _set_attribute(model, "__pydantic_fields_set__", set(values))
-    _set_attribute(model, "__pydantic_extra__", None)
+    _set_fields(model, data)
+    _set_fields_set(model, set(values))
+    _set_extra(model, None)
     if not private:
-        _set_attribute(model, "__pydantic_private__", None)
+        _set_private(model, None)
     elif fixed is not None:
-        _set_attribute(model, "__pydantic_private__", dict(fixed))
+        _set_private(model, dict(fixed))
     else:
-        _set_attribute(model, "__pydantic_private__", {
+        _set_private(model, {
             name: attribute.get_default() for name, attribute in
             cls.__private_attributes__.items()})
     return model
@@ -246,11 +255,11 @@ def replaced(model: _ModelT, /, **changes: Any) -> _ModelT:
     """``model`` with ``changes`` (already of their types), not validated again: the hot
     path's ``model_copy(update=...)``."""
     copy = _new_object(type(model))
-    _set_attribute(copy, "__dict__", {**model.__dict__, **changes})
-    _set_attribute(copy, "__pydantic_fields_set__", model.__pydantic_fields_set__.union(changes))
-    _set_attribute(copy, "__pydantic_extra__", None)
+    _set_fields(copy, {**model.__dict__, **changes})
+    _set_fields_set(copy, model.__pydantic_fields_set__.union(changes))
+    _set_extra(copy, None)
     private = model.__pydantic_private__
-    _set_attribute(copy, "__pydantic_private__", dict(private) if private else None)
+    _set_private(copy, dict(private) if private else None)
     return copy
 
 
@@ -680,14 +689,14 @@ class Candidate(NamedTuple):
         one; the general ``built`` merges defaults and reads the class's private attributes).
         A test holds the two to the same model."""
         lock = _new_object(Lock)
-        _set_attribute(lock, "__dict__", {
+        _set_fields(lock, {
             "key": self.key, "project": self.project, "workspace": self.workspace,
             "pull": self.pull, "user": self.user, "priority": self.priority,
             "acquired_at": acquired_at, "expires_at": expires_at,
             "fencing_token": fencing_token, "backend": self.backend, "mode": self.mode})
-        _set_attribute(lock, "__pydantic_fields_set__", _LOCK_FIELDS.copy())
-        _set_attribute(lock, "__pydantic_extra__", None)
-        _set_attribute(lock, "__pydantic_private__", None)
+        _set_fields_set(lock, _LOCK_FIELDS.copy())
+        _set_extra(lock, None)
+        _set_private(lock, None)
         return lock
 
 
@@ -757,12 +766,12 @@ class AcquireResult(_Model):
         ``built`` (merging defaults, reading the class's private attributes) cost about as
         much again as the object itself. A test holds the two to the same model."""
         result = _new_object(cls)
-        _set_attribute(result, "__dict__", {
+        _set_fields(result, {
             "acquired": True, "lock_key": lock.__dict__["key"], "lock": lock, "reason": None,
             "holder": None, "queue_position": None, "cycle": None, "error": None})
-        _set_attribute(result, "__pydantic_fields_set__", {"acquired", "lock_key", "lock"})
-        _set_attribute(result, "__pydantic_extra__", None)
-        _set_attribute(result, "__pydantic_private__", {"_fresh": fresh})
+        _set_fields_set(result, {"acquired", "lock_key", "lock"})
+        _set_extra(result, None)
+        _set_private(result, {"_fresh": fresh})
         return result
 
     @property
@@ -946,16 +955,16 @@ class AuditEntry(_Model):
         one; the general ``built`` merges defaults and reads the class's private attributes,
         about 6k instructions more). A test holds the two to the same model."""
         entry = _new_object(cls)
-        _set_attribute(entry, "__dict__", {
+        _set_fields(entry, {
             "id": "", "time": time, "identity": identity, "groups": groups, "method": method,
             "verb": verb, "action": action, "key": key, "repo": repo, "pull": pull,
             "outcome": outcome, "status": status, "reason": reason, "peer": peer,
             "request_id": request_id})
-        _set_attribute(entry, "__pydantic_fields_set__", {
+        _set_fields_set(entry, {
             "time", "identity", "groups", "method", "verb", "action", "key", "repo", "pull",
             "outcome", "status", "reason", "peer", "request_id"})
-        _set_attribute(entry, "__pydantic_extra__", None)
-        _set_attribute(entry, "__pydantic_private__", None)
+        _set_extra(entry, None)
+        _set_private(entry, None)
         return entry
 
     def with_id(self, id: str) -> AuditEntry:
@@ -964,10 +973,10 @@ class AuditEntry(_Model):
         entry = _new_object(type(self))
         data = self.__dict__.copy()
         data["id"] = id
-        _set_attribute(entry, "__dict__", data)
-        _set_attribute(entry, "__pydantic_fields_set__", self.__pydantic_fields_set__ | _ID)
-        _set_attribute(entry, "__pydantic_extra__", None)
-        _set_attribute(entry, "__pydantic_private__", None)
+        _set_fields(entry, data)
+        _set_fields_set(entry, self.__pydantic_fields_set__ | _ID)
+        _set_extra(entry, None)
+        _set_private(entry, None)
         return entry
 
 
