@@ -150,6 +150,11 @@ def traced_app(config: Any, steps_file: Path) -> Any:
         def __init__(self, store: Any) -> None:
             self.store = store
 
+        @property
+        def dropped(self) -> int:
+            count: int = self.store.dropped
+            return count
+
         async def append(self, entry: AuditEntry) -> AuditEntry:
             written: AuditEntry = await self.store.append(entry)
             steps.append((f"{entry.action} audited", time.perf_counter()))
