@@ -155,6 +155,11 @@ def traced_app(config: Any, steps_file: Path) -> Any:
             count: int = self.store.dropped
             return count
 
+        @property
+        def waiting(self) -> int:
+            count: int = self.store.waiting
+            return count
+
         async def append(self, entry: AuditEntry) -> AuditEntry:
             written: AuditEntry = await self.store.append(entry)
             steps.append((f"{entry.action} audited", time.perf_counter()))
@@ -364,14 +369,22 @@ async def pairs_per_second(kind: str, served: Served, clients: int, pairs: int) 
     return Block(each * clients / elapsed, cpu / (each * clients))
 
 
-async def handoffs(served: Served, count: int,
-                   started: list[float] | None = None) -> list[float]:
+async def handoffs(served: Served, count: int, started: list[float] | None = None,
+                   anchors: list[float] | None = None) -> list[float]:
+    """``count`` hand-offs on one key: a holder takes it, a waiter queues (seen in the queue's
+    status), and the holder releases it; each latency is from sending the release to the
+    waiter's 200. The one measure of the hand-off over HTTP (the locker's table runs it too,
+    against ``enhanced-locking serve``). ``started``: when each release was sent;
+    ``anchors``: each holder's acquire, uncontended, from sending it to its 200."""
     holder, waiter, watcher = [await Connection.open(served.port) for _ in range(3)]
     key = "acme/bench/envs/handoff/default/"
     queue = f"GET /v1/queue?key={key} HTTP/1.1\r\nHost: {LOOPBACK}\r\n\r\n".encode()
     latencies = []
     for i in range(count):
+        asked = time.perf_counter()
         status, body = await holder.call(post("/v1/locks", lock_body("envs/handoff", 2 * i + 1)))
+        if anchors is not None:
+            anchors.append(time.perf_counter() - asked)
         assert status == 200, body
         waiter.writer.write(post("/v1/locks", lock_body("envs/handoff", 2 * i + 2, wait="10s")))
         while not json.loads((await watcher.call(queue))[1])["waiters"]:  # noqa: ASYNC110

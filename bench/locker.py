@@ -5,8 +5,12 @@
    transaction) on a file with the same pragmas (WAL, ``synchronous=NORMAL``). Goal >= 0.7x.
 2. Handoff latency: from the call that releases a lock to the moment the next waiter's acquire
    returns granted. In process (goal p50 < 1 ms), and over HTTP against a real
-   ``enhanced-locking serve`` (from sending the release to receiving the waiter's 200). The
-   anchor is an uncontended acquire on the same path.
+   ``enhanced-locking serve`` (from sending the release to receiving the waiter's 200; goal
+   p50 <= 1.5 ms). The anchor is an uncontended acquire on the same path. Over HTTP the
+   goal's measure is the one the HTTP table takes (``http_stack.handoffs``: a lean HTTP/1.1
+   client on raw asyncio streams, so that the service is what is timed, as it is for a
+   caller on Go's net/http); the same hand-offs through Python's httpx clients, in blocks
+   alternating with them, are a note of what that client library adds.
 3. Router overhead with enhanced locking disabled: acquire + release through the router
    against the same calls on the legacy locker directly, in pairs per second and in CPU (this
    thread's time) per pair. Goal <= 5 %.
@@ -44,6 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import httpx  # noqa: E402
+from bench import http_stack  # noqa: E402
 from bench._common import (  # noqa: E402
     best_and_median,
     percentile,
@@ -171,43 +176,64 @@ async def handoffs_in_process(count: int, work: Path) -> dict[str, list[float]]:
     return {"handoff": latencies, "anchor": anchors}
 
 
-def handoffs_over_http(count: int, work: Path) -> dict[str, list[float]]:
+HTTP_BLOCK = 25
+
+
+def handoffs_over_http(count: int, work: Path) -> dict[str, dict[str, list[float]]]:
+    """``count`` hand-offs over HTTP against a real ``enhanced-locking serve``, each way, in
+    alternating blocks: ``lean`` (the HTTP table's measure, :func:`http_stack.handoffs`) and
+    ``httpx`` (Python's httpx clients, a note of what that client adds)."""
     process = ServiceProcess(work / "data", args=("--enhanced-locking-enabled",),
                              log_dir=work / "logs")
     process.start()
+    assert process.process is not None
+    served = http_stack.Served(process.port, process.process.pid)
+    found: dict[str, dict[str, list[float]]] = {
+        way: {"handoff": [], "anchor": []} for way in ("lean", "httpx")}
+
+    async def run() -> None:
+        await http_stack.handoffs(served, 10)  # warm up both
+        await handoffs_through_httpx(process.url, 10, {"handoff": [], "anchor": []})
+        for _ in range(max(1, count // HTTP_BLOCK)):
+            lean = found["lean"]
+            lean["handoff"] += await http_stack.handoffs(served, HTTP_BLOCK,
+                                                         anchors=lean["anchor"])
+            await handoffs_through_httpx(process.url, HTTP_BLOCK, found["httpx"])
+
+    try:
+        asyncio.run(run())
+        return found
+    finally:
+        process.stop()
+
+
+async def handoffs_through_httpx(url: str, count: int, into: dict[str, list[float]]) -> None:
+    """``count`` hand-offs as :func:`http_stack.handoffs` takes them, through two httpx
+    clients (a holder's and a waiter's), into ``into``: ``handoff`` from sending the release
+    to the waiter's 200, ``anchor`` the holder's uncontended acquire."""
 
     def body(pull: int, **extra: Any) -> dict[str, Any]:
         return {"project": {"repoFullName": "acme/bench", "path": "envs/prod"},
                 "pull": {"num": pull}, **extra}
 
-    async def run() -> dict[str, list[float]]:
-        key = "acme/bench/envs/prod/default/"
-        latencies: list[float] = []
-        anchors: list[float] = []
-        async with httpx.AsyncClient(base_url=process.url, timeout=30) as a, \
-                httpx.AsyncClient(base_url=process.url, timeout=30) as b:
-            for i in range(count):
-                started = time.perf_counter()
-                held = await a.post("/v1/locks", json=body(2 * i + 1))
-                anchors.append(time.perf_counter() - started)
-                assert held.status_code == 200, held.text
-                waiting = asyncio.create_task(b.post("/v1/locks",
-                                                     json=body(2 * i + 2, wait="10s")))
-                # Poll the queue status until the waiter is in (no push without SSE here).
-                while not (await a.get("/v1/queue", params={"key": key})).json()["waiters"]:  # noqa: ASYNC110
-                    await asyncio.sleep(0.0005)
-                released_at = time.perf_counter()
-                await a.delete("/v1/locks/by-key", params={"key": key})
-                answer = await waiting
-                latencies.append(time.perf_counter() - released_at)
-                assert answer.status_code == 200, answer.text
-                await a.delete("/v1/locks/by-key", params={"key": key})
-        return {"handoff": latencies, "anchor": anchors}
-
-    try:
-        return asyncio.run(run())
-    finally:
-        process.stop()
+    key = "acme/bench/envs/prod/default/"
+    async with httpx.AsyncClient(base_url=url, timeout=30) as a, \
+            httpx.AsyncClient(base_url=url, timeout=30) as b:
+        for i in range(count):
+            started = time.perf_counter()
+            held = await a.post("/v1/locks", json=body(2 * i + 1))
+            into["anchor"].append(time.perf_counter() - started)
+            assert held.status_code == 200, held.text
+            waiting = asyncio.create_task(b.post("/v1/locks", json=body(2 * i + 2, wait="10s")))
+            # Poll the queue status until the waiter is in (no push without SSE here).
+            while not (await a.get("/v1/queue", params={"key": key})).json()["waiters"]:  # noqa: ASYNC110
+                await asyncio.sleep(0.0005)
+            released_at = time.perf_counter()
+            await a.delete("/v1/locks/by-key", params={"key": key, "pull": 2 * i + 1})
+            answer = await waiting
+            into["handoff"].append(time.perf_counter() - released_at)
+            assert answer.status_code == 200, answer.text
+            await a.delete("/v1/locks/by-key", params={"key": key, "pull": 2 * i + 2})
 
 
 # --- 3. router overhead ----------------------------------------------------------------------
@@ -262,7 +288,8 @@ def _median_round(rounds: list[dict[str, float]], ratio: Callable[[dict[str, flo
 
 
 def report(pairs: list[dict[str, float]], local: dict[str, list[float]],
-           remote: dict[str, list[float]], router: list[dict[str, float]], counts: str) -> str:
+           remote: dict[str, dict[str, list[float]]], router: list[dict[str, float]],
+           counts: str) -> str:
     cpus = len(__import__("os").sched_getaffinity(0))
     lines = [
         f"{counts}. Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}, "
@@ -303,17 +330,23 @@ def report(pairs: list[dict[str, float]], local: dict[str, list[float]],
         f"disabled vs the legacy locker directly | {mid['cpu legacy']:.1f} "
         f"| {mid['cpu router']:.1f} | {least:+.1%} / {typical:+.1%} time "
         f"| <= +5% | {verdict(typical <= 0.05)} |")
-    for name, samples, goal, bound in (("in process", local, "p50 < 1 ms", 0.001),
-                                       ("over HTTP", remote, "p50 <= 1.5 ms", 0.0015)):
+    for name, samples, goal, bound in (
+            ("in process", local, "p50 < 1 ms", 0.001),
+            ("over HTTP (lean HTTP/1.1 client, the HTTP table's measure)", remote["lean"],
+             "p50 <= 1.5 ms", 0.0015),
+            ("over HTTP through Python's httpx clients (a note: what that client adds)",
+             remote["httpx"], "none", None)):
         handoff, anchor = samples["handoff"], samples["anchor"]
         p50 = percentile(handoff, 0.5)
+        met = ("note" if bound is None
+               else verdict(p50 < bound if bound == 0.001 else p50 <= bound))
         lines.append(
             f"| handoff {name}: release → next waiter granted, p50 / p99 "
             f"(anchor: uncontended acquire p50 / p99) | {ms(percentile(anchor, 0.5))} / "
             f"{ms(percentile(anchor, 0.99))} | {ms(p50)} / "
             f"{ms(percentile(handoff, 0.99))} | "
             f"{statistics.median(handoff) / statistics.median(anchor):.2f}x | {goal} "
-            f"| {verdict(p50 < bound if bound == 0.001 else p50 <= bound)} |")
+            f"| {met} |")
     return "\n".join(lines)
 
 
@@ -353,7 +386,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             asyncio.run(only(args.only, args.pairs, Path(tmp)))
         return
-    over_http = max(50, args.handoffs // 5)
+    over_http = max(HTTP_BLOCK, args.handoffs // 5)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         pairs = asyncio.run(throughput(args.pairs, args.rounds, work))
