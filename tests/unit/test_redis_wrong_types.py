@@ -290,6 +290,13 @@ async def test_a_liveness_set_written_over_loses_no_waiter_and_a_dead_one_s_gran
             candidate_for(request_for(path="envs/bad", pull=pull)), ttl=None, wait=wait,
             policy=QueuePolicy())
         assert queued.status is Status.QUEUED
+    # Each waiting replica's first beat runs in a task of its own: let both land before the
+    # set is written over (a beat after it would replace the set with that replica alone).
+    beats = asyncio.get_running_loop().time() + 10
+    while await redis.zscore(holder.keys.liveness, dead.replica_id) is None or \
+            await redis.zscore(holder.keys.liveness, alive.replica_id) is None:
+        assert asyncio.get_running_loop().time() < beats, "a waiting replica never beat"
+        await asyncio.sleep(0.01)
     await dead._listener.close()  # gone without a word: no confirmation, no beat
     await WRITES[write](redis, holder.keys.liveness)
     handoff = await holder.release_and_handoff(KEY.key, owner=("acme/infra", 1))
