@@ -70,13 +70,23 @@ local function begin_lean(keys, args)
   LEAN_CALL = true
   REPLICA_ID = false
   KNOWN_INCARNATION, NEW_INCARNATION, QUARANTINE_MS = ARGV[2], ARGV[3], ARGV[4]
-  local clock = redis.call('TIME')
-  NOW = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+  NOW = false  -- read when first needed (`clock`): a lean release of a lock without a lease
+               -- reads no TIME (in a store without a quarantine in force)
   INCARNATION, OP, HELD, FENCED, QUEUED = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
   LIVENESS, SEQ = false, false
   TOKEN_BASE = 0
   RULES = false
   fetched = {}  -- (`alive` is not reset: only a queue walk reads it, and no lean call walks)
+end
+
+-- The server's time in ms, read once per call: `begin` reads it at once (the full scripts
+-- read NOW everywhere), a lean call when it first needs it (`begin_lean`).
+local function clock()
+  if not NOW then
+    local t = redis.call('TIME')
+    NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  return NOW
 end
 
 -- Whole numbers as exact text: Lua's own tostring keeps 14 digits, tokens can have 16.
@@ -225,25 +235,29 @@ local function guard()
     -- quarantine; counters started from now on continue from the clock, above any token a
     -- lost counter could have handed out. The reply's fifth field says why (Python logs it).
     local why = 'not a hash (Redis type ' .. redis.call('TYPE', INCARNATION)['ok'] .. ')'
+    local now = clock()
     w('DEL', INCARNATION)
-    w('HSET', INCARNATION, 'id', NEW_INCARNATION, 'base', int(NOW * 1000), 'until', 0,
-               'since', NOW, 'replaced', why)
-    return {'incarnation', NEW_INCARNATION, 0, NOW, why}
+    w('HSET', INCARNATION, 'id', NEW_INCARNATION, 'base', int(now * 1000), 'until', 0,
+               'since', now, 'replaced', why)
+    return {'incarnation', NEW_INCARNATION, 0, now, why}
   end
   if not e[1] then
+    local now = clock()
     if KNOWN_INCARNATION == '' then  -- a new store: counters start at 0
-      w('HSET', INCARNATION, 'id', NEW_INCARNATION, 'base', 0, 'until', 0, 'since', NOW)
-      return {'incarnation', NEW_INCARNATION, 0, NOW}
+      w('HSET', INCARNATION, 'id', NEW_INCARNATION, 'base', 0, 'until', 0, 'since', now)
+      return {'incarnation', NEW_INCARNATION, 0, now}
     end
     -- The caller knew this store and it has forgotten everything (a restart without
     -- persistence): tokens continue from the clock, and grants wait out the quarantine.
-    local till = NOW + tonumber(QUARANTINE_MS)
-    w('HSET', INCARNATION, 'id', NEW_INCARNATION, 'base', int(NOW * 1000), 'until', till,
-               'since', NOW, 'lost', KNOWN_INCARNATION)
-    return {'incarnation', NEW_INCARNATION, till, NOW}
+    local till = now + tonumber(QUARANTINE_MS)
+    w('HSET', INCARNATION, 'id', NEW_INCARNATION, 'base', int(now * 1000), 'until', till,
+               'since', now, 'lost', KNOWN_INCARNATION)
+    return {'incarnation', NEW_INCARNATION, till, now}
   end
-  if e[1] ~= KNOWN_INCARNATION then return {'incarnation', e[1], tonumber(e[3]), NOW} end
-  if tonumber(e[3]) > NOW then return {'quarantine', e[1], tonumber(e[3]), NOW} end
+  if e[1] ~= KNOWN_INCARNATION then return {'incarnation', e[1], tonumber(e[3]), clock()} end
+  -- (`until` is 0 unless a quarantine was started: then no clock is needed)
+  local till = tonumber(e[3])
+  if till ~= 0 and till > clock() then return {'quarantine', e[1], till, NOW} end
   TOKEN_BASE = tonumber(e[2])
   return nil
 end
@@ -510,7 +524,7 @@ end
 
 local function lapsed(lock)
   local exp = tonumber(lock[5])
-  return exp > 0 and exp <= NOW
+  return exp > 0 and exp <= clock()
 end
 
 local function same_owner(lock, repo, pull) return lock[6] == repo and lock[7] == pull end
@@ -625,16 +639,17 @@ local function stamp(k, data, repo, pull, ttl, claim, mode, path, ws, counter, l
   -- FENCED lists every key with a counter; nothing takes a key out of it, so a counter that
   -- was there before this grant is listed already (each write that starts one lists it).
   if started or token == 1 then w_try('SADD', FENCED, k) end
+  local now = clock()
   local lease_end = 0
-  if ttl > 0 then lease_end = NOW + ttl end
+  if ttl > 0 then lease_end = now + ttl end
   local exp = lease_end
   if claim then
-    local by = NOW + CLAIM_MS
+    local by = now + CLAIM_MS
     if exp == 0 or by < exp then exp = by end
   end
   local pending = false
   if claim then pending = int(lease_end) end
-  local lock = {k, data, int(token), int(NOW), int(exp), repo, pull, claim or false, pending,
+  local lock = {k, data, int(token), int(now), int(exp), repo, pull, claim or false, pending,
                 mode, path, ws}
   if mode == 'shared' then
     save_shared(lock)
