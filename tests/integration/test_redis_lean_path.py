@@ -141,7 +141,9 @@ async def test_an_uncontended_pair_stores_and_answers_what_the_full_path_does(
         answers = {answer[0]: answer for answer in _answers(admin, keys)}
         assert set(answers) == {"dropped", "released"}
         lean = answers["dropped"]
-        assert lean[1] == data and _alike(lean[2:]) == ["1", "<ms>", "0"]
+        # The data stored is the data this replica granted and sent along with the release:
+        # the answer leaves it out (false), and the lock released is the one granted (above).
+        assert data and lean[1] is False and _alike(lean[2:]) == ["1", "<ms>", "0"]
 
 
 async def test_a_key_with_waiters_or_another_holder_takes_the_full_path(
@@ -231,6 +233,31 @@ async def test_a_call_the_lean_function_cannot_serve_is_sent_in_full_and_answere
         await other.close()
 
 
+async def test_a_lean_release_answers_the_data_stored_when_it_is_not_what_the_replica_granted(
+    backend: RedisBackend, redis_server: RedisServer,
+) -> None:
+    """The lean release sends the data of this replica's own grant and Redis answers the data
+    only when another stands there: here the same pull's lock granted again by another
+    replica, for another user (other data, the same owner)."""
+    keys = backend.keys
+    granted, mine = await backend.acquire(lock_for(request_for(pull=7)))
+    assert granted
+    other = RedisBackend.from_config(redis_config(redis_server), "enhanced")
+    try:
+        assert await other.release(LEAN, owner=OWNER) == mine
+        granted, theirs = await other.acquire(lock_for(request_for(pull=7, user="bob")))
+        assert granted and theirs.user.username == "bob"
+    finally:
+        await other.close()
+    with redis_server.client() as admin:
+        stored = (admin.hget(keys.lock(LEAN), "data") or b"").decode()
+        _answers(admin, keys)
+        released = await backend.release(LEAN, owner=OWNER)
+        assert released == theirs and released.user.username == "bob"
+        [dropped] = _answers(admin, keys)
+        assert dropped[0] == "dropped" and dropped[1] == stored and "bob" in stored
+
+
 def test_the_lean_functions_write_nothing_for_a_call_they_cannot_serve(
     redis_server: RedisServer,
 ) -> None:
@@ -258,7 +285,7 @@ def test_the_lean_functions_write_nothing_for_a_call_they_cannot_serve(
                                *head, 0, LEAN, "{}", *OWNER, ".", "default")
             dropped = admin.fcall(redis_scripts.FUNCTION_NAMES["LEAN_RELEASE"], 8, *common,
                                   keys.lock(LEAN), keys.shared(LEAN), owner, *head, LEAN,
-                                  *OWNER)
+                                  *OWNER, "{}")
             assert took == dropped == [b"full"], busy
             assert {name: admin.dump(name) for name in admin.keys("*")} == before, busy
             admin.delete(keys.lock(LEAN), keys.shared(LEAN), keys.queued)

@@ -139,7 +139,8 @@ class Dropped(NamedTuple):
     waiting): the lock as it was stored (its key and owner are the caller's)."""
 
     data: str
-    """Atlantis's JSON of the lock, as stored."""
+    """Atlantis's JSON of the lock, as stored (``lean_release.lua`` answers nil for the data
+    the caller said it believed stored, its ``ARGV[8]``: :func:`release`'s ``sent``)."""
     token: str
     at: str
     exp: str
@@ -341,10 +342,12 @@ def acquire(answer: Sequence[Any]) -> Took | Acquired | Refused | Queued:
     return Refused(str(status), str(key), maybe_lock(holder))
 
 
-def release(answer: Sequence[Any]) -> Dropped | Release:
+def release(answer: Sequence[Any], *, sent: str = "") -> Dropped | Release:
+    """``sent``: the data a lean release said it believed stored, which its answer leaves out
+    when it is."""
     if answer[0] == "dropped":
         _, data, token, at, exp = answer
-        return Dropped(str(data), str(token), str(at), str(exp))
+        return Dropped(sent if data is None else str(data), str(token), str(at), str(exp))
     if answer[0] == "not_owned":
         return Release(False, lock(answer[1]), Served(None, (), ()))
     _, released, granted, dropped, others, ahead = answer

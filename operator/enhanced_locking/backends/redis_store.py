@@ -889,14 +889,18 @@ class RedisBackend:
         answer: redis_replies.Dropped | redis_replies.Release | None = None
         if owner is not None and self._lean(key, (policy or self._policy).rules):
             keys = self.keys
+            # The data of this replica's own grant of the key, if it made the last one: what
+            # Redis need not send back (nor keep under the call id) when it is what is stored.
+            known = self._known.get(key)
+            believed = known[0][0] if known is not None else ""
             lean = await self._run(
-                "LEAN_RELEASE", key, repo, pull,
+                "LEAN_RELEASE", key, repo, pull, believed,
                 keys=(keys.lock(key), keys.shared(key), keys.pull(repo, pull)),
                 policy=policy, key=key, hint="LEAN_RELEASE")
             if redis_replies.full(lean):
                 self._busy_now(key, True)
             else:
-                answer = redis_replies.release(lean)
+                answer = redis_replies.release(lean, sent=believed)
         if answer is None:
             answer = redis_replies.release(await self._run(
                 "RELEASE", key, repo, pull, keys=self._key_names(key, owner), policy=policy,
@@ -909,7 +913,9 @@ class RedisBackend:
             except LockUnreadable:
                 self.unreadable.cleared(key)  # deleted unread, as below
                 return Handoff()
-            self._known.pop(key, None)
+            # Its entry in ``_known`` stays: a release sent again under the same call id says
+            # again what it believed stored, and its kept answer (without the data) is read
+            # against that; the key's next grant replaces the entry.
             return Handoff(released=gone)
         if answer.owner is not None:
             raise LockNotOwned(key, self._lock(answer.owner))

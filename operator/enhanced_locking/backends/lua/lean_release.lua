@@ -5,14 +5,15 @@
 -- KEYS[1..5] and ARGV[1..4] are the lean layout's.
 -- KEYS[6..8] the key's lock and shared holders, the owner's pull index, in this order: taken
 --   by position, as in lean_acquire.lua
--- ARGV[5] lock key  ARGV[6] owner repo  ARGV[7] owner pull
+-- ARGV[5] lock key  ARGV[6] owner repo  ARGV[7] owner pull  ARGV[8] the Atlantis JSON the
+--   caller believes stored (its own grant's; '' none)
 -- returns {'dropped', data, token, at, exp} as release.lua's lean path does (the same writes,
---         the same reply kept under the call id), or
+--         the same reply kept under the call id), but data false (nil) when it is ARGV[8], or
 --         {'full'}: it cannot serve the call (someone waits for the key, or shares it, the
 --          lock is not the owner's); nothing was written or kept, and the caller sends the
 --          call to release.lua in full
 -- decoded by redis_replies.release / redis_replies.full
 local refused = guard()
 if refused then return refused end
-if #ARGV ~= 7 or ARGV[6] == '' then return {'full'} end
-return release_own(ARGV[5], ARGV[6], ARGV[7], KEYS[6], KEYS[7], KEYS[8]) or {'full'}
+if #ARGV ~= 8 or ARGV[6] == '' then return {'full'} end
+return release_own(ARGV[5], ARGV[6], ARGV[7], KEYS[6], KEYS[7], KEYS[8], ARGV[8]) or {'full'}

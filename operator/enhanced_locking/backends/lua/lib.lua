@@ -1396,10 +1396,11 @@ end
 -- rules, no shared holders and nobody queued on the key. It releases exactly as release.lua's
 -- `main` would (`drop_lock`'s `drop_exclusive`, its reply kept under the call id), without
 -- the discovery and the serving, which find nothing to do then, and answers only what the
--- caller does not know ({'dropped', data, token, at, exp}). nil when it cannot serve the
--- call (nothing written). The names are given as to `grant_free`: RELEASE's lean path looks
--- them up (`lean_release`), LEAN_RELEASE takes them by position.
-local function release_own(k, repo, pull, lock_hash, shared_hash, pull_set)
+-- caller does not know ({'dropped', data, token, at, exp}; data false when it is `sent`, the
+-- data the caller believes stored: its own grant's, which it keeps). nil when it cannot serve
+-- the call (nothing written). The names are given as to `grant_free`: RELEASE's lean path
+-- looks them up (`lean_release`), LEAN_RELEASE takes them by position.
+local function release_own(k, repo, pull, lock_hash, shared_hash, pull_set, sent)
   if not (lock_hash and shared_hash and pull_set) then return nil end
   if maybe_queued(k) then return nil end
   -- (the row as stored: this path reads neither its path nor its workspace)
@@ -1409,11 +1410,16 @@ local function release_own(k, repo, pull, lock_hash, shared_hash, pull_set)
   end
   if redis.call('EXISTS', shared_hash) > 0 then return nil end
   drop_exclusive(k, lock_hash, pull_set, true)
-  return finish_flat({'dropped', lock[2], lock[3], lock[4], lock[5]})
+  -- The data as sent is not sent back: JSON-encoding it for the answer kept under the call id
+  -- cost Redis more than the commands of the release (the same strings compare at once: Lua
+  -- keeps one copy of each).
+  local data = lock[2]
+  if data == sent then data = false end
+  return finish_flat({'dropped', data, lock[3], lock[4], lock[5]})
 end
 
 local function lean_release(k, repo, pull)
   return release_own(k, repo, pull, declared(lock_name, k), declared(shared_name, k),
-                     declared(pull_index, repo, pull))
+                     declared(pull_index, repo, pull), false)
 end
 -- luacheck: pop
