@@ -14,6 +14,7 @@ from tests.support.redis_fixtures import redis_cluster_config, redis_config
 from tests.support.redis_server import RedisServer
 from tests.support.unreadable import SECRET
 
+from enhanced_locking.backends.redis_connection import connect
 from enhanced_locking.backends.redis_events import RedisEventBus
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.events import parse_event_id
@@ -154,3 +155,36 @@ async def test_an_event_stream_written_over_by_another_type_is_replaced_and_foll
         assert SECRET not in caplog.text
     finally:
         await service.close()
+
+
+@pytest.mark.parametrize("kind", ["redis", "redis-cluster"])
+async def test_the_stream_is_trimmed_to_about_its_capacity_by_each_write(
+    request: pytest.FixtureRequest, kind: str,
+) -> None:
+    """Each write appends its events and then trims the stream to about ``capacity`` entries
+    (``XTRIM ... MAXLEN ~``: Redis drops only whole nodes of the stream, of at most 100
+    entries, so up to 99 more may stay); what stays is the newest events, in order."""
+    config = _where(request, kind)
+    bus = RedisEventBus(connect(config), stream=f"{config.redis_key_prefix}events-trim",
+                        capacity=50)
+    redis = bus.connection.client
+    try:
+        await redis.delete(bus.stream_key)
+        for burst in range(8):  # (bursts below the capacity, which the outbox holds too)
+            for n in range(40):
+                bus.publish("fallback", key=f"k{burst}-{n}", action="legacy")
+            for _ in range(200):  # until the burst's last event is in the stream
+                newest: Any = await redis.xrevrange(bus.stream_key, count=1)
+                if newest and Event.model_validate_json(newest[0][1]["e"]).key == f"k{burst}-39":
+                    break
+                await asyncio.sleep(0.02)
+            length = await redis.xlen(bus.stream_key)
+            assert min(50, 40 * (burst + 1)) <= length < 150, (burst, length)
+        kept: Any = await redis.xrange(bus.stream_key)
+        keys = [Event.model_validate_json(fields["e"]).key for _, fields in kept]
+        published = [f"k{burst}-{n}" for burst in range(8) for n in range(40)]
+        assert keys == published[-len(keys):]  # the newest, in order
+        assert bus.dropped == 0
+    finally:
+        await redis.delete(bus.stream_key)
+        await bus.close()

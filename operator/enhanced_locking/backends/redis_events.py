@@ -6,8 +6,10 @@ with the stream's ids (``<ms>-<seq>``, the id form the in-process bus already us
 that reconnects to another replica with ``Last-Event-ID`` resumes where it was.
 
 * ``publish`` is the shared one (:mod:`~enhanced_locking.backends.shared_events`): the outbox
-  is appended with a pipelined ``XADD`` (trimmed to about ``capacity`` entries) up to 10 ms
-  later (``coalesce``), the events of those 10 ms in one round trip. Subscribers in the
+  is appended up to 10 ms later (``coalesce``), one ``XADD`` an event, the events of those
+  10 ms pipelined in one round trip, and the stream trimmed to about ``capacity`` entries by
+  one ``XTRIM`` at the end of the same write (not by each ``XADD``: three arguments fewer an
+  event for Redis to read, one look at the stream's length a write). Subscribers in the
   process hear of an event at once; only other replicas' followers see it that much later.
   With 2 ms, a replica granting and releasing one lock after another paid about one more
   round trip per pair (three where the lock itself takes two).
@@ -50,6 +52,8 @@ __all__ = ["RedisEventBus"]
 log = logging.getLogger(__name__)
 
 _BLOCK_MS = 3_000  # below the connection's read timeout: an idle stream is not an error
+_json = Event.__pydantic_serializer__.to_json
+"""``Event.model_dump_json`` as bytes, without its wrapper (about 0.7 µs an event)."""
 _DOWN = (rexc.ConnectionError, rexc.TimeoutError, rexc.BusyLoadingError, OSError)
 
 
@@ -88,11 +92,13 @@ class RedisEventBus(SharedEventBus):
 
     # --- writing -----------------------------------------------------------------------------
     async def _write(self, batch: list[Event]) -> None:
-        # One pipelined round trip for the whole batch, the stream trimmed to about capacity
-        # (``XADD key MAXLEN ~ capacity * e <event JSON>``, what redis-py's ``xadd`` sends).
-        stream, capacity = self.stream_key, self.capacity
-        commands = [("XADD", stream, "MAXLEN", "~", capacity, "*", "e", event.model_dump_json())
-                    for event in batch]
+        # One pipelined round trip for the whole batch (``XADD key * e <event JSON>`` each,
+        # the JSON as ``model_dump_json`` makes it, as bytes), then the stream trimmed to
+        # about capacity (``XTRIM key MAXLEN ~ capacity``: whole nodes of the stream go).
+        stream = self.stream_key
+        commands: list[tuple[Any, ...]] = [("XADD", stream, "*", "e", _json(event, by_alias=False))
+                                           for event in batch]
+        commands.append(("XTRIM", stream, "MAXLEN", "~", self.capacity))
         try:
             await self.connection.call_all(commands)
         except rexc.ResponseError as error:
@@ -101,7 +107,7 @@ class RedisEventBus(SharedEventBus):
         else:
             return
         # Another Redis type at the stream's key (written over by something else): every
-        # XADD was refused (all name the one key), so the batch is appended to a new stream.
+        # command was refused (all name the one key), so the batch is appended to a new stream.
         kind = str(await self._replace(keys=[stream], args=["stream"]))
         if kind:
             log.warning("the event stream %s was not a stream (Redis type %s; written over by "
