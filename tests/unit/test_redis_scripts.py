@@ -1,4 +1,4 @@
-"""The Redis backend's Lua scripts: one file per script, shipped as package data, lint-clean."""
+"""The service's Lua for Redis: one file per script, shipped as package data, lint-clean."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ import shutil
 import subprocess
 import sys
 import tomllib
-from fnmatch import fnmatch
 from pathlib import Path
 
-from enhanced_locking.backends import redis_scripts
+from enhanced_locking.backends import atlantis_redis, redis_connection, redis_lua, redis_scripts
+from enhanced_locking.migration import routing_registry
 
 REPO = Path(__file__).resolve().parents[2]
 LUA = REPO / "operator/enhanced_locking/backends/lua"
+STANDALONE = LUA / redis_lua.STANDALONE
 
 
 def test_every_named_script_is_a_file_of_its_own_and_every_file_a_named_script() -> None:
@@ -52,10 +53,28 @@ def test_the_library_name_is_a_digest_of_the_library_and_every_script_file() -> 
 
 
 def test_each_script_file_opens_with_its_contract() -> None:
-    for name in redis_scripts.NAMES:
-        head = (LUA / f"{name.lower()}.lua").read_text().split("\nlocal ", 1)[0]
-        assert re.search(r"^-- KEYS", head, re.M), f"{name}: no KEYS line in its header"
-        assert re.search(r"^-- returns", head, re.M), f"{name}: no returns line in its header"
+    files = [LUA / f"{name.lower()}.lua" for name in redis_scripts.NAMES]
+    for path in [*files, *STANDALONE.glob("*.lua")]:
+        head = path.read_text().split("\nlocal ", 1)[0]
+        assert re.search(r"^-- KEYS", head, re.M), f"{path.name}: no KEYS line in its header"
+        assert re.search(r"^-- returns", head, re.M), f"{path.name}: no returns line in its header"
+
+
+def test_each_standalone_script_is_a_file_its_user_reads_from_the_package() -> None:
+    # The scripts sent alone by EVALSHA (not part of the function library): each is read from
+    # lua/standalone/ through importlib.resources, as shipped, and every file there has a user.
+    users = {
+        "try_lock": atlantis_redis.TRY_LOCK,
+        "release_if_owned": atlantis_redis.RELEASE_IF_OWNED,
+        "replace_written_over": redis_connection.REPLACE_WRITTEN_OVER,
+        "routing_report": routing_registry.REPORT,
+        "routing_read": routing_registry.READ,
+    }
+    assert {path.stem for path in STANDALONE.glob("*.lua")} == set(users)
+    for name, text in users.items():
+        assert text == (STANDALONE / f"{name}.lua").read_text(encoding="utf-8"), name
+        assert redis_lua.standalone(name) == text
+        assert "redis.call(" in text, name
 
 
 def test_the_time_constants_reach_lua_from_python() -> None:
@@ -65,12 +84,15 @@ def test_the_time_constants_reach_lua_from_python() -> None:
 
 
 def test_the_wheel_ships_the_lua_files() -> None:
+    # setuptools reads package-data patterns as globs: `*` stays inside one folder.
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     patterns = pyproject["tool"]["setuptools"]["package-data"]["enhanced_locking"]
     package = REPO / "operator/enhanced_locking"
-    for path in LUA.glob("*.lua"):
-        relative = path.relative_to(package).as_posix()
-        assert any(fnmatch(relative, pattern) for pattern in patterns), relative
+    shipped = {path for pattern in patterns for path in package.glob(pattern)}
+    lua = set(LUA.rglob("*.lua"))
+    assert len(lua) == len(redis_scripts.NAMES) + 1 + len(list(STANDALONE.glob("*.lua")))
+    for path in lua:
+        assert path in shipped, path.relative_to(package).as_posix()
 
 
 def test_luacheck_finds_nothing_in_the_scripts() -> None:

@@ -24,7 +24,7 @@ from datetime import timedelta
 from redis.commands.core import AsyncScript
 from redis.exceptions import ResponseError
 
-from enhanced_locking.backends import codec
+from enhanced_locking.backends import codec, redis_lua
 from enhanced_locking.backends.base import Owner
 from enhanced_locking.backends.redis_connection import (
     RedisConnection,
@@ -51,41 +51,12 @@ KEY_PREFIX = "pr/"
 _SCAN_BATCH = 500
 _LIST_TIMEOUT = 60.0  # a scan of every pr/* key takes many calls
 
-TRY_LOCK = """
--- try-lock: Atlantis's TryLock, atomically.
--- KEYS[1] pr/{lockKey}
--- ARGV[1] the new lock as Atlantis's JSON
--- returns {1} granted (stored without expiry), or {0, json} with the current lock
-local current = redis.call('GET', KEYS[1])
-if current then
-  return {0, current}
-end
-redis.call('SET', KEYS[1], ARGV[1])
-return {1}
-"""
+TRY_LOCK = redis_lua.standalone("try_lock")
+"""Atlantis's ``TryLock`` in one step (``lua/standalone/try_lock.lua``)."""
 
-RELEASE_IF_OWNED = """
--- release-if-owned: Atlantis's UnlockIfOwnedByPull, also checking the repository.
--- KEYS[1] pr/{lockKey}
--- ARGV[1] owner repository full name  ARGV[2] owner pull number
--- returns {0} free, {1, json} released, {2, json} held by another pull (kept), {3, json} the
--- stored value is not JSON we can read (kept)
-local current = redis.call('GET', KEYS[1])
-if not current then
-  return {0}
-end
-local ok, lock = pcall(cjson.decode, current)
-if not ok or type(lock) ~= 'table' then
-  return {3, current}
-end
-local project = lock['Project'] or {}
-local pull = lock['Pull'] or {}
-if project['RepoFullName'] ~= ARGV[1] or tonumber(pull['Num']) ~= tonumber(ARGV[2]) then
-  return {2, current}
-end
-redis.call('DEL', KEYS[1])
-return {1, current}
-"""
+RELEASE_IF_OWNED = redis_lua.standalone("release_if_owned")
+"""Atlantis's ``UnlockIfOwnedByPull``, also checking the repository
+(``lua/standalone/release_if_owned.lua``)."""
 
 
 def _glob_escape(text: str) -> str:

@@ -44,6 +44,7 @@ from redis.asyncio.sentinel import (
 )
 from redis.backoff import ExponentialBackoff, NoBackoff
 
+from enhanced_locking.backends import redis_lua
 from enhanced_locking.config import SECRET_MASK, EnhancedLockingConfig
 from enhanced_locking.types import BackendUnavailable
 
@@ -347,18 +348,10 @@ def wrong_type(error: rexc.ResponseError) -> bool:
     return "WRONGTYPE" in str(error)
 
 
-# -- KEYS[1] a key the service keeps one Redis type at  ARGV[1] that type (as TYPE names it)
-# -- deletes KEYS[1] if it holds another Redis type; returns that type, or '' when it held
-# -- ARGV[1] or nothing (another replica replaced it first: what it wrote there stays)
-REPLACE_WRITTEN_OVER = """
-local kind = redis.call('TYPE', KEYS[1])['ok']
-if kind == ARGV[1] or kind == 'none' then return '' end
-redis.call('DEL', KEYS[1])
-return kind
-"""
+REPLACE_WRITTEN_OVER = redis_lua.standalone("replace_written_over")
 """Run (``register_script``) after a ``WRONGTYPE`` at a key of the service's own, so that
 the next write there makes it anew; the check and the delete are one step, so a key another
-replica has just made anew is kept."""
+replica has just made anew is kept (``lua/standalone/replace_written_over.lua``)."""
 
 
 def is_retryable(error: BaseException) -> bool:

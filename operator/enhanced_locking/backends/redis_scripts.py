@@ -3,7 +3,8 @@
 Each script is a file of its own in ``lua/`` (``acquire.lua``, ``release.lua``, ...) with its
 contract at the top (``KEYS``, ``ARGV``, what it returns); ``lua/lib.lua`` is the library they
 share, after one generated line with the time constants below. The files are read once,
-through :mod:`importlib.resources` (they are package data), and assembled into one Redis 7
+by :func:`~enhanced_locking.backends.redis_lua.source` (package data, through
+:mod:`importlib.resources`), and assembled into one Redis 7
 **function library** (:data:`FUNCTIONS`): the library, then each script as a function of it
 (:func:`function_name`) whose call runs ``begin`` and then the script's file. Redis compiles
 and sets up the library once, at ``FUNCTION LOAD``; a call (``FCALL``) runs only its script,
@@ -101,7 +102,8 @@ nobody. The waiter's replica learns of the grant through ``PUBLISH notify:R``.
 from __future__ import annotations
 
 import hashlib
-from importlib import resources
+
+from enhanced_locking.backends.redis_lua import source
 
 __all__ = [
     "CLAIM_MS",
@@ -119,7 +121,6 @@ __all__ = [
     "function_body",
     "function_name",
     "script",
-    "source",
 ]
 
 CLAIM_MS = 5_000
@@ -166,11 +167,6 @@ NAMES = (
     "LEAN_RELEASE",
 )
 """The scripts, by the name of their constant; each is ``lua/<name in lower case>.lua``."""
-
-
-def source(file: str) -> str:
-    """The text of ``lua/<file>`` as shipped in the package."""
-    return resources.files(__package__).joinpath("lua", file).read_text(encoding="utf-8")
 
 
 # One line before the library: Lua reads the time constants from here, not a copy of them.

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Protocol, runtime_checkable
 
+from enhanced_locking.backends import redis_lua
 from enhanced_locking.backends.redis_connection import RedisConnection, unavailable
 from enhanced_locking.types import BackendUnavailable
 
@@ -138,49 +139,13 @@ class MemoryRoutingRegistry:
         self._reports.pop(replica_id, None)
 
 
-# -- KEYS[1] the replicas hash
-# -- ARGV[1] replica id, ARGV[2] the report (a JSON object, without its time)
-# -- stores "<server ms> <report>" under the id; returns {server time in ms, ''}, or, when
-# -- KEYS[1] was another Redis type (written over by something else), replaces it with a hash
-# -- holding this report, stamped "replaced": <server ms>, and returns {ms, that type}
-REPORT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local kind = redis.call('TYPE', KEYS[1])['ok']
-local report = ARGV[2]
-if kind == 'hash' or kind == 'none' then
-  kind = ''
-else
-  redis.call('DEL', KEYS[1])
-  -- the stamp spliced in before the closing brace (the weight stays as Python wrote it)
-  report = string.sub(report, 1, -2) .. ',"replaced":' .. now .. '}'
-end
-redis.call('HSET', KEYS[1], ARGV[1], now .. ' ' .. report)
-return {now, kind}
-"""
+REPORT = redis_lua.standalone("routing_report")
+"""Store one replica's report, stamped with the server's clock
+(``lua/standalone/routing_report.lua``)."""
 
-# -- KEYS[1] the replicas hash
-# -- ARGV[1] prune age in ms: reports older than this are deleted
-# -- returns {server ms, '', id1, value1, id2, value2, ...} for the reports kept, or
-# -- {server ms, type} when KEYS[1] is another Redis type (the next report replaces it)
-READ = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local kind = redis.call('TYPE', KEYS[1])['ok']
-if kind ~= 'hash' and kind ~= 'none' then return {now, kind} end
-local all = redis.call('HGETALL', KEYS[1])
-local out = {now, ''}
-for i = 1, #all, 2 do
-  local seen = tonumber(string.match(all[i + 1], '^(%d+) '))
-  if seen == nil or now - seen > tonumber(ARGV[1]) then
-    redis.call('HDEL', KEYS[1], all[i])
-  else
-    out[#out + 1] = all[i]
-    out[#out + 1] = all[i + 1]
-  end
-end
-return out
-"""
+READ = redis_lua.standalone("routing_read")
+"""Every report kept, with the server's clock, pruning those long gone
+(``lua/standalone/routing_read.lua``)."""
 
 
 class RedisRoutingRegistry:
