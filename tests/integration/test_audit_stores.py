@@ -42,6 +42,7 @@ from enhanced_locking.backends.audit_store import (
     Retention,
     SqliteAuditStore,
     build_audit_store,
+    entry_json,
 )
 from enhanced_locking.backends.etcd_connection import EtcdConnection, EtcdSettings
 from enhanced_locking.backends.redis_connection import connect
@@ -431,6 +432,34 @@ async def test_the_embedded_trail_is_written_behind_and_a_read_sees_every_entry_
         await store.append(entry(4))
         assert numbers(await store.read(AuditQuery())) == [4, 3, 2, 1]
         assert _pulls_in_file(path) == [1, 2, 3, 4]
+    finally:
+        await store.close()
+
+
+async def test_a_batch_of_any_size_reaches_the_file_whole_in_order_each_row_its_own_entry(
+    tmp_path: Path,
+) -> None:
+    """What waits is written by one ``INSERT`` per power of two in its number (23 entries:
+    16, 4, 2 and 1 rows), at most ``batch_limit`` entries a transaction: whatever the sizes,
+    every entry has its row, in the order appended, each row with its own entry's columns and
+    JSON."""
+    path = tmp_path / "trail.db"
+    store = SqliteAuditStore(path, Retention(timedelta(days=1), 1000))
+    written: list[AuditEntry] = []
+    try:
+        for count, limit in ((23, 500), (1, 500), (40, 7), (256, 500), (3, 2)):
+            store.batch_limit = limit
+            first = len(written)
+            written += [await store.append(entry(first + n, outcome=f"outcome {first + n}"))
+                        for n in range(count)]
+            await asyncio.sleep(store.coalesce * 5)  # the store's timer runs first
+            assert store.waiting == 0
+            with contextlib.closing(sqlite3.connect(path)) as db:
+                rows = db.execute("SELECT id, key, pull, outcome, data FROM audit "
+                                  "ORDER BY id").fetchall()
+            assert rows == [(int(str(e.id)), e.key, e.pull, e.outcome, entry_json(e))
+                            for e in written]
+        assert await store.read(AuditQuery(limit=1000)) == written[::-1]
     finally:
         await store.close()
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import itertools
 import logging
 import secrets
@@ -140,7 +141,14 @@ CREATE INDEX IF NOT EXISTS audit_by_time ON audit (time);
 """
 
 _INSERT = ("INSERT INTO audit (id, time, identity, verb, action, key, repo, pull, outcome, "
-           "data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+           "data) VALUES ")
+_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+
+
+@functools.cache
+def _insert(rows: int) -> str:
+    """One ``INSERT`` of ``rows`` rows (see :meth:`SqliteAuditStore._write_waiting`)."""
+    return _INSERT + ", ".join([_ROW] * rows)
 
 
 @dataclass(frozen=True)
@@ -344,8 +352,17 @@ class SqliteAuditStore:
             batch = list(itertools.islice(self._rows, self.batch_limit))
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                for row in batch:
-                    self._db.execute(_INSERT, row)
+                # One INSERT per power of two in the batch's size, largest first (23 rows:
+                # 16, 4, 2, 1): a statement of many rows costs SQLite about a third less per
+                # row than a statement per row (the AUTOINCREMENT sequence is read and
+                # checked once per statement), and any batch uses at most nine statement
+                # texts, which stay prepared in the connection's statement cache.
+                done, rows = 0, len(batch)
+                while done < rows:
+                    size = 1 << ((rows - done).bit_length() - 1)
+                    self._db.execute(_insert(size), batch[done] if size == 1 else
+                                     [value for row in batch[done:done + size] for value in row])
+                    done += size
                 self._db.execute("COMMIT")
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
