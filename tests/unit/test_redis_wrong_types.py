@@ -7,7 +7,8 @@ never stop the service of other keys. On one Redis and on a Redis Cluster.
 * an index set (``held``, ``queued``, ``fenced``, a pull's): rebuilt from the namespace's keys
   the first time a call reads it, and the call answered as if nothing had happened;
 * the liveness set, the enqueue counter, the incarnation: replaced by the call that meets them
-  (the liveness set reads as "every replica alive" until then: no waiter is lost by it);
+  (the liveness set reads as "every replica alive" until then, and a replica not yet heard in
+  the set a beat made anew counts as alive for as long: no waiter is lost by it);
 * the answer a write keeps under its call id: taken as none, deleted, and the call runs as a
   first call.
 """
@@ -269,15 +270,18 @@ async def test_the_namespace_s_own_records_of_another_type_are_replaced_by_the_c
 
 @pytest.mark.parametrize("backend_factory", REDIS, indirect=True)
 @pytest.mark.parametrize("write", ["string", "hash"])
+@pytest.mark.parametrize("mended", [False, True], ids=["unmended", "mended-by-a-beat"])
 async def test_a_liveness_set_written_over_loses_no_waiter_and_a_dead_one_s_grant_lapses(
-    backend_factory: BackendFactory, write: str, monkeypatch: pytest.MonkeyPatch,
+    backend_factory: BackendFactory, write: str, mended: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Another Redis type where the liveness set goes reads as "every replica alive" until the
-    # next beat replaces it: a live replica's waiter is granted in its turn (never dropped as
-    # if its replica were gone), and a dead replica's waiter ahead of it is granted a claim
-    # nobody confirms, which lapses; only then the next waiter gets the key, never both at
-    # once. The replicas beat only when the test says (their beat every second would replace
-    # the set at any moment).
+    # next beat replaces it, and a replica that has not beaten since counts as alive for one
+    # liveness span after it (``mended``): a live replica's waiter is granted in its turn
+    # (never dropped as if its replica were gone), and a dead replica's waiter ahead of it is
+    # granted a claim nobody confirms, which lapses; only then the next waiter gets the key,
+    # never both at once. The replicas beat only when the test says (their beat every second
+    # would replace the set at any moment).
     monkeypatch.setattr(redis_notify, "WAITER_HEARTBEAT_SECONDS", 3600.0)
     holder, dead, alive = (_redis(backend_factory) for _ in range(3))
     redis = holder.connection.client
@@ -299,9 +303,13 @@ async def test_a_liveness_set_written_over_loses_no_waiter_and_a_dead_one_s_gran
         await asyncio.sleep(0.01)
     await dead._listener.close()  # gone without a word: no confirmation, no beat
     await WRITES[write](redis, holder.keys.liveness)
+    if mended:  # the live replica beats first: the set is made anew without the dead one
+        await alive._heartbeat()
+        assert await redis.zscore(holder.keys.liveness, dead.replica_id) is None
     handoff = await holder.release_and_handoff(KEY.key, owner=("acme/infra", 1))
     assert [g.waiter.id for g in handoff.granted] == [dead_wait.id]  # alive, as far as known
-    assert await redis.type(holder.keys.liveness) == write  # the release does not beat
+    # the release does not beat
+    assert await redis.type(holder.keys.liveness) == ("zset" if mended else write)
     assert [w.id for w in await holder.queue(KEY.key)] == [alive_wait.id]  # kept its place
     claimed = await holder.get(KEY.key)
     assert claimed is not None and claimed.pull.num == 3
@@ -311,6 +319,8 @@ async def test_a_liveness_set_written_over_loses_no_waiter_and_a_dead_one_s_gran
         assert current is not None and current.pull.num == 3, "one holder at a time"
         assert not told.done()
         assert asyncio.get_running_loop().time() < deadline, "the claim never lapsed"
+        if mended:  # the live replica goes on beating, as it would every second
+            await alive._heartbeat()
         await asyncio.sleep(0.2)
     notice = await asyncio.wait_for(told, 10)
     assert notice.granted and notice.locks[0].pull.num == 4

@@ -49,7 +49,8 @@ start at ``ARGV[5]`` (``begin_lean`` in ``lua/lib.lua``).
     held, fenced, queued          sets of keys (held, with a counter, with waiters)
     pull:{repo#num} set of the keys a pull may hold
     replicas        the liveness set (RedisKeys.liveness): R scored by the server time until
-                    which R's waiters count as alive
+                    which R's waiters count as alive; "" (in a set made anew over another
+                    type) until when a replica not in the set counts as alive
     seq             the enqueue counter (FIFO tie-break across keys)
     epoch           the incarnation (RedisKeys.incarnation), a hash: id, base (first fencing
                     token - 1 of new counters), until, since

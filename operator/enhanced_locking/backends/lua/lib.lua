@@ -1057,18 +1057,26 @@ local function grant(id, rec, fx)
 end
 
 -- This replica is alive for REPLICA_MS more. Another Redis type where the liveness set goes
--- is replaced by the set (every replica beats every second, so it is whole again at once).
+-- is replaced by a set of this replica and a mark, the empty member (never a replica id: an
+-- empty setting means a generated one), alive as long: until then a replica missing from the
+-- set counts as alive, as it did while the set was of another type. Without the mark, every
+-- other replica's waiters would be dropped as gone until that replica beat again (replicas
+-- with waiters beat every second, well inside REPLICA_MS).
 local function beat()
   if not w_try('ZADD', LIVENESS, NOW + REPLICA_MS, REPLICA_ID) then
     w('DEL', LIVENESS)
-    w('ZADD', LIVENESS, NOW + REPLICA_MS, REPLICA_ID)
+    w('ZADD', LIVENESS, NOW + REPLICA_MS, REPLICA_ID, NOW + REPLICA_MS, '')
   end
 end
 
 local function replica_alive(replica_id)
   if alive[replica_id] == nil then
     local score = redis.pcall('ZSCORE', LIVENESS, replica_id)
-    if is_error(score) then score = NOW end  -- a liveness set of another type: `beat` mends it
+    if is_error(score) then
+      score = NOW  -- a liveness set of another type: `beat` mends it
+    elseif score == false then
+      score = redis.call('ZSCORE', LIVENESS, '')  -- not heard since `beat` mended the set?
+    end
     alive[replica_id] = score ~= false and tonumber(score) >= NOW
   end
   return alive[replica_id]
