@@ -355,11 +355,15 @@ class EtcdConnection:
             self._members[target] = member
         return member
 
-    async def close(self) -> None:
-        client, self._client, self.txn, self.leader = self._client, None, None, None
-        for call in list(self._flying):  # what closing a channel does to grpc.aio's calls
+    def _cancel_flying(self) -> None:
+        """End the direct calls under way, as closing a channel ends grpc.aio's own."""
+        for call in list(self._flying):
             if not call.done():
                 call.cancel("the connection was closed")
+
+    async def close(self) -> None:
+        client, self._client, self.txn, self.leader = self._client, None, None, None
+        self._cancel_flying()
         looking, self._looking = self._looking, None
         if looking is not None:
             looking.cancel()
@@ -369,9 +373,13 @@ class EtcdConnection:
             with contextlib.suppress(Exception):
                 await self._auth.aclose()
             self._auth = None
+        # A step holding the client may have begun a call while the lookup or the token's
+        # refresher was ending: end those too, before and after the channel closes.
+        self._cancel_flying()
         if client is not None:
             with contextlib.suppress(Exception):
                 await client.close()
+        self._cancel_flying()
         members, self._members = list(self._members.values()), {}
         for member in members:
             with contextlib.suppress(Exception):
