@@ -889,8 +889,9 @@ class RedisBackend:
         answer: redis_replies.Dropped | redis_replies.Release | None = None
         if owner is not None and self._lean(key, (policy or self._policy).rules):
             keys = self.keys
-            # The data of this replica's own grant of the key, if it made the last one: what
-            # Redis need not send back (nor keep under the call id) when it is what is stored.
+            # The data of the key's lock as this replica last read or made it (``_known``):
+            # what Redis need not send back (nor keep under the call id) when it is what is
+            # stored.
             known = self._known.get(key)
             believed = known[0][0] if known is not None else ""
             lean = await self._run(
@@ -915,7 +916,7 @@ class RedisBackend:
                 return Handoff()
             # Its entry in ``_known`` stays: a release sent again under the same call id says
             # again what it believed stored, and its kept answer (without the data) is read
-            # against that; the key's next grant replaces the entry.
+            # against that; the key's next grant or read replaces the entry.
             return Handoff(released=gone)
         if answer.owner is not None:
             raise LockNotOwned(key, self._lock(answer.owner))
