@@ -930,6 +930,7 @@ def _serve_locks(url: str, name: str, pull: int, history: History, stop: threadi
                     released = http.delete("/v1/locks/by-key",
                                            params={"key": lock["key"], "pull": pull})
                 except httpx.TransportError:
+                    counts["unreachable"] += 1  # gone while this client held a lock
                     return
                 if released.status_code in (200, 404):
                     break
