@@ -136,29 +136,45 @@ class _HiredisSentinelSSLConnection(_HiredisPacking, SentinelManagedSSLConnectio
 
 
 def _packed(connection: aioredis.Connection, commands: Sequence[tuple[Any, ...]]) -> bytes:
-    """``commands`` in RESP, in one buffer: each packed by hiredis at once when it can (str,
-    bytes, int and float arguments), else as the connection packs it."""
+    """``commands`` in RESP, in one buffer: each packed by hiredis at once when it can (a
+    one-word name; str, bytes, int and float arguments), else as the connection packs it."""
     pack = hiredis.pack_command
     parts: list[bytes] = []
     for command in commands:
-        try:
-            parts.append(pack(command))
-        except TypeError:
-            parts.extend(connection.pack_command(*command))
+        name = command[0]
+        if isinstance(name, str) and " " not in name:
+            try:
+                parts.append(pack(command))
+                continue
+            except TypeError:
+                pass
+        parts.extend(connection.pack_command(*command))
     return b"".join(parts)
 
 
-async def _read_more(connection: aioredis.Connection, parser: _AsyncHiredisParser) -> None:
-    """Feed the connection's hiredis reader what the socket holds next, failing as redis-py's
-    ``read_response`` does: a closed connection or a socket error is ``ConnectionError``."""
-    if not parser._connected:
-        raise rexc.ConnectionError("Connection closed by server.")
-    try:
-        await parser.read_from_socket()  # type: ignore[no-untyped-call]
-    except OSError as error:
-        raise rexc.ConnectionError(
-            f"Error while reading from {connection.host}:{connection.port} : {error.args}"
-        ) from error
+async def _answers(connection: aioredis.Connection, count: int) -> list[Any]:
+    """The next ``count`` answers on ``connection``, taken from its hiredis reader as they
+    come (as many per socket read as have arrived); an error reply is in the list as its
+    ``ResponseError``. Failing as redis-py's ``read_response`` does: a closed connection or a
+    socket error is ``ConnectionError``."""
+    parser = connection._parser
+    assert isinstance(parser, _AsyncHiredisParser)
+    gets = parser._reader.gets  # type: ignore[attr-defined]
+    answers: list[Any] = []
+    for _ in range(count):
+        answer = gets()
+        while answer is NOT_ENOUGH_DATA:
+            if not parser._connected:
+                raise rexc.ConnectionError("Connection closed by server.")
+            try:
+                await parser.read_from_socket()  # type: ignore[no-untyped-call]
+            except OSError as error:
+                raise rexc.ConnectionError(
+                    f"Error while reading from {connection.host}:{connection.port} : "
+                    f"{error.args}") from error
+            answer = gets()
+        answers.append(answer)
+    return answers
 
 
 _COMMAND_TABLES: dict[str, tuple[Any, Any]] = {}
@@ -253,16 +269,15 @@ class RedisConnection:
         idle = self._idle
         connection = idle.pop() if idle else await self._take(client)
         try:
-            await connection.send_packed_command(connection.pack_command(*args),
+            await connection.send_packed_command(_packed(connection, (args,)),
                                                  check_health=False)
-            answer = await connection.read_response()
-        except rexc.ResponseError:  # Redis answered: the connection is as good as before
-            await self._done(connection)
-            raise
+            answer = (await _answers(connection, 1))[0]
         except BaseException:
             await self._discard(connection)
             raise
         await self._done(connection)
+        if isinstance(answer, rexc.ResponseError):  # Redis answered: the connection is good
+            raise answer
         return answer
 
     async def call_all(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
@@ -283,28 +298,17 @@ class RedisConnection:
                 return await pipe.execute()
         idle = self._idle
         connection = idle.pop() if idle else await self._take(client)
-        answers: list[Any] = []
-        refused: rexc.ResponseError | None = None
         try:
             await connection.send_packed_command(_packed(connection, commands),
                                                  check_health=False)
-            parser = connection._parser
-            assert isinstance(parser, _AsyncHiredisParser)
-            gets = parser._reader.gets  # type: ignore[attr-defined]
-            for _ in commands:
-                answer = gets()
-                while answer is NOT_ENOUGH_DATA:
-                    await _read_more(connection, parser)
-                    answer = gets()
-                if isinstance(answer, rexc.ResponseError):
-                    refused = refused or answer
-                answers.append(answer)
+            answers = await _answers(connection, len(commands))
         except BaseException:
             await self._discard(connection)
             raise
         await self._done(connection)
-        if refused is not None:
-            raise refused
+        for answer in answers:
+            if isinstance(answer, rexc.ResponseError):
+                raise answer
         return answers
 
     @staticmethod
