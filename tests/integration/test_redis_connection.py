@@ -11,11 +11,13 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from redis.exceptions import BusyLoadingError, ResponseError
 from tests.support.locks import candidate_for, lock_for, request_for
 from tests.support.redis_fixtures import ServerMaker, redis_config
 from tests.support.redis_server import RedisSentinel, RedisServer
 
 from enhanced_locking.backends.atlantis_redis import AtlantisRedisBackend
+from enhanced_locking.backends.redis_connection import connect
 from enhanced_locking.backends.redis_events import RedisEventBus
 from enhanced_locking.backends.redis_store import RedisBackend
 from enhanced_locking.backends.waiting import QueuePolicy, Status, Wait
@@ -116,6 +118,31 @@ async def test_a_call_cut_off_before_its_answer_leaves_nothing_for_the_next_call
         assert holder is not None and holder.fencing_token == held.fencing_token
     finally:
         await backend.close()
+
+
+@pytest.mark.parametrize("many", [False, True], ids=["call", "call_all"])
+async def test_an_error_reply_that_means_the_connection_is_unusable_is_raised_not_answered(
+    redis_server: RedisServer, many: bool,
+) -> None:
+    # Redis answers LOADING while it loads its data after a restart: redis-py raises that as
+    # BusyLoadingError (a ConnectionError: retried, the connection dropped), never as an
+    # answer; the calls that read answers straight from the connection do the same, and the
+    # connection's next call is answered as always.
+    connection = connect(redis_config(redis_server))
+    loading = ("EVAL", "return redis.error_reply('LOADING Redis is loading the dataset')", "0")
+    refused = ("EVAL", "return redis.error_reply('ERR refused')", "0")
+    try:
+        with pytest.raises(BusyLoadingError, match="loading the dataset"):
+            if many:
+                await connection.call_all([("PING",), loading, ("PING",)])
+            else:
+                await connection.call(*loading)
+        with pytest.raises(ResponseError, match="refused"):  # an answer: the connection stays
+            await connection.call(*refused)
+        assert await connection.call("PING") in ("PONG", True)
+        assert await connection.call_all([("PING",), ("ECHO", "x")]) == ["PONG", "x"]
+    finally:
+        await connection.close()
 
 
 async def test_requirepass_is_used_and_never_shown(

@@ -155,8 +155,9 @@ def _packed(connection: aioredis.Connection, commands: Sequence[tuple[Any, ...]]
 async def _answers(connection: aioredis.Connection, count: int) -> list[Any]:
     """The next ``count`` answers on ``connection``, taken from its hiredis reader as they
     come (as many per socket read as have arrived); an error reply is in the list as its
-    ``ResponseError``. Failing as redis-py's ``read_response`` does: a closed connection or a
-    socket error is ``ConnectionError``."""
+    ``ResponseError``. Failing as redis-py's ``read_response`` does: a closed connection, a
+    socket error or an error reply of redis-py's ``ConnectionError`` kinds (``LOADING``,
+    ``NOAUTH``) is raised."""
     parser = connection._parser
     assert isinstance(parser, _AsyncHiredisParser)
     gets = parser._reader.gets  # type: ignore[attr-defined]
@@ -173,6 +174,13 @@ async def _answers(connection: aioredis.Connection, count: int) -> list[Any]:
                     f"Error while reading from {connection.host}:{connection.port} : "
                     f"{error.args}") from error
             answer = gets()
+        # As read_response: an error reply that means the connection is not usable (LOADING,
+        # NOAUTH: redis-py's ConnectionError kinds) is raised, not answered, and the caller
+        # discards the connection with the answers still unread on it.
+        if isinstance(answer, rexc.ConnectionError):
+            raise answer
+        if isinstance(answer, list) and answer and isinstance(answer[0], rexc.ConnectionError):
+            raise answer[0]
         answers.append(answer)
     return answers
 
