@@ -45,6 +45,7 @@ from enhanced_locking.backends.outbox import Outbox
 from enhanced_locking.backends.redis_connection import (
     REPLACE_WRITTEN_OVER,
     RedisConnection,
+    again_if_written_over,
     connect,
     wrong_type,
 )
@@ -452,24 +453,19 @@ class RedisAuditStore:
         """``call``, made again on a new stream when the trail's key holds another Redis type;
         a failure is ``BackendUnavailable`` saying the trail could not be ``action``."""
         try:
-            try:
-                return await call()
-            except rexc.ResponseError as error:
-                if not wrong_type(error):
-                    raise
-                kind = str(await self._replace(keys=[self._stream], args=["stream"]))
-                if kind:
-                    log.warning(
-                        "the audit trail %s was not a stream (Redis type %s; written over by "
-                        "something else?): replaced by a new stream; the entries it held are "
-                        "gone (each went to stdout as it was written, with "
-                        "enhanced-locking-audit-stdout on)", self._stream, kind)
-                return await call()
+            return await again_if_written_over(self._replace, self._stream, "stream", call,
+                                               self._replaced)
         except (rexc.RedisError, OSError) as error:
             why = (f"{self._stream} is of another Redis type again (written over by something "
                    "else)" if isinstance(error, rexc.ResponseError) and wrong_type(error)
                    else error)
             raise BackendUnavailable(f"cannot {action} the audit trail: {why}") from None
+
+    def _replaced(self, kind: str) -> None:
+        log.warning("the audit trail %s was not a stream (Redis type %s; written over by "
+                    "something else?): replaced by a new stream; the entries it held are gone "
+                    "(each went to stdout as it was written, with enhanced-locking-audit-stdout "
+                    "on)", self._stream, kind)
 
     async def _prune(self) -> None:
         cutoff = int((utcnow() - self._retention.max_age).timestamp() * 1000)

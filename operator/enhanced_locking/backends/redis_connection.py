@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import hiredis
 import redis.asyncio as aioredis
@@ -44,6 +44,7 @@ from redis.asyncio.sentinel import (
     SentinelManagedSSLConnection,
 )
 from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.commands.core import AsyncScript
 
 from enhanced_locking.backends import redis_lua
 from enhanced_locking.config import SECRET_MASK, EnhancedLockingConfig
@@ -58,6 +59,7 @@ __all__ = [
     "HiredisConnection",
     "HiredisSSLConnection",
     "RedisConnection",
+    "again_if_written_over",
     "connect",
     "down",
     "is_retryable",
@@ -402,6 +404,28 @@ REPLACE_WRITTEN_OVER = redis_lua.standalone("replace_written_over")
 """Run (``register_script``) after a ``WRONGTYPE`` at a key of the service's own, so that
 the next write there makes it anew; the check and the delete are one step, so a key another
 replica has just made anew is kept (``lua/standalone/replace_written_over.lua``)."""
+
+
+_T = TypeVar("_T")
+
+
+async def again_if_written_over(replace: AsyncScript, key: str, kind: str,
+                                call: Callable[[], Awaitable[_T]],
+                                replaced: Callable[[str], None]) -> _T:
+    """``call``, made once more when Redis refused it for ``key`` holding another Redis type
+    than ``kind`` (written over by something else): ``replace`` (the registered
+    :data:`REPLACE_WRITTEN_OVER`) deletes what stands there first, and ``replaced`` is told
+    the type it deleted (not when another replica replaced it first). A second such refusal
+    is raised (``wrong_type``), as is any other error."""
+    try:
+        return await call()
+    except rexc.ResponseError as error:
+        if not wrong_type(error):
+            raise
+    found = str(await replace(keys=[key], args=[kind]))
+    if found:
+        replaced(found)
+    return await call()
 
 
 def is_retryable(error: BaseException) -> bool:

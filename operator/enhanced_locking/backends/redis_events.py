@@ -39,6 +39,7 @@ from enhanced_locking.backends.outbox import RETRY_FIRST, RETRY_MAX
 from enhanced_locking.backends.redis_connection import (
     REPLACE_WRITTEN_OVER,
     RedisConnection,
+    again_if_written_over,
     connect,
     wrong_type,
 )
@@ -99,26 +100,21 @@ class RedisEventBus(SharedEventBus):
         commands: list[tuple[Any, ...]] = [("XADD", stream, "*", "e", _json(event, by_alias=False))
                                            for event in batch]
         commands.append(("XTRIM", stream, "MAXLEN", "~", self.capacity))
-        try:
-            await self.connection.call_all(commands)
-        except rexc.ResponseError as error:
-            if not wrong_type(error):
-                raise
-        else:
-            return
         # Another Redis type at the stream's key (written over by something else): every
-        # command was refused (all name the one key), so the batch is appended to a new stream.
-        kind = str(await self._replace(keys=[stream], args=["stream"]))
-        if kind:
-            log.warning("the event stream %s was not a stream (Redis type %s; written over by "
-                        "something else?): replaced by a new stream", stream, kind)
+        # command is refused (all name the one key), so the batch is appended to a new stream.
         try:
-            await self.connection.call_all(commands)
+            await again_if_written_over(self._replace, stream, "stream",
+                                        lambda: self.connection.call_all(commands),
+                                        self._replaced)
         except rexc.ResponseError as error:
             if not wrong_type(error):
                 raise
             raise StreamWrittenOver(f"the event stream {stream} is of another Redis type "
                                     "again") from None
+
+    def _replaced(self, kind: str) -> None:
+        log.warning("the event stream %s was not a stream (Redis type %s; written over by "
+                    "something else?): replaced by a new stream", self.stream_key, kind)
 
     async def _disconnect(self) -> None:
         await self.connection.close()
