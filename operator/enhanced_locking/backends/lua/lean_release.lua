@@ -6,7 +6,7 @@
 -- KEYS[6..8] the key's lock and shared holders, the owner's pull index, in this order: taken
 --   by position, as in lean_acquire.lua
 -- ARGV[5] lock key  ARGV[6] owner repo  ARGV[7] owner pull  ARGV[8] the Atlantis JSON the
---   caller believes stored (its own grant's; '' none)
+--   caller believes stored (the key's lock as it last read or made it; '' none)
 -- returns {'dropped', data, token, at, exp} as release.lua's lean path does (the same writes,
 --         the same reply kept under the call id), but data false (nil) when it is ARGV[8], or
 --         {'full'}: it cannot serve the call (someone waits for the key, or shares it, the

@@ -1405,9 +1405,9 @@ end
 -- `main` would (`drop_lock`'s `drop_exclusive`, its reply kept under the call id), without
 -- the discovery and the serving, which find nothing to do then, and answers only what the
 -- caller does not know ({'dropped', data, token, at, exp}; data false when it is `sent`, the
--- data the caller believes stored: its own grant's, which it keeps). nil when it cannot serve
--- the call (nothing written). The names are given as to `grant_free`: RELEASE's lean path
--- looks them up (`lean_release`), LEAN_RELEASE takes them by position.
+-- data the caller believes stored: the key's lock as it last read or made it). nil when it
+-- cannot serve the call (nothing written). The names are given as to `grant_free`: RELEASE's
+-- lean path looks them up (`lean_release`), LEAN_RELEASE takes them by position.
 local function release_own(k, repo, pull, lock_hash, shared_hash, pull_set, sent)
   if not (lock_hash and shared_hash and pull_set) then return nil end
   if maybe_queued(k) then return nil end
