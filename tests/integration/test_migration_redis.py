@@ -18,7 +18,10 @@ from tests.support.replicas import request_in_buckets
 
 from enhanced_locking.backends.redis_store import RedisBackend
 from enhanced_locking.factory import LockService
-from enhanced_locking.migration.routing_registry import RedisRoutingRegistry
+from enhanced_locking.migration.routing_registry import (
+    MemoryRoutingRegistry,
+    RedisRoutingRegistry,
+)
 from enhanced_locking.provider import ConfigProvider
 from enhanced_locking.types import Event, LockRequest
 
@@ -186,3 +189,53 @@ async def test_a_conflict_planted_while_one_replica_could_not_reach_redis_is_rep
         assert held is not None and held.pull.num == 3
     finally:
         await other.close()
+
+
+async def test_a_pull_that_asks_again_through_another_replica_after_an_outage_is_granted_anew(
+    redis_servers: ServerMaker, services: list[LockService], tmp_path: Path,
+) -> None:
+    # Replicas a and b on one Redis (the enhanced store) and one legacy store file; a third
+    # replica still reports weight 0, so every key is moving (taken on both sides). Pull 1
+    # releases through a while Redis is stopped: legacy frees, a journals the release and
+    # answers "released"; the copy stays in Redis. Once Redis is back the pull asks again
+    # through b: b reads the shared journal, frees the copy and grants the key anew, so a's
+    # reconciliation frees nothing under the pull and pull 2 is refused.
+    server = redis_servers(persistence="aof")
+    registry = MemoryRoutingRegistry()
+    await registry.report(replica_id="lagging", weight=0, generation=1)
+    for name in ("a", "b"):
+        config = redis_config(server, enabled=True, backend="redis", data_dir=str(tmp_path),
+                              legacy_backend="boltdb", migration_weight=100, replica_id=name,
+                              replica_heartbeat="1h")
+        services.append(LockService(ConfigProvider(config), routing_registry=registry))
+        await services[-1].start()
+    a, b = services
+    key = request_for().key
+    for replica in (a, b):
+        await replica.migration.transitions.tick()
+        assert replica.migration.transitions.plan(key).both
+    held = await a.router.acquire(request_for(pull=1))
+    assert held.acquired and held.lock is not None and held.lock.backend == "enhanced"
+
+    server.stop()
+    assert await a.router.release(key, owner=("acme/infra", 1)) is not None
+    assert a.migration.fallback.pending == 1 and await a.legacy.get(key) is None
+    server.start()
+    await registry.report(replica_id="lagging", weight=100, generation=1)
+    for _ in range(2):
+        for replica in (a, b):
+            await replica.migration.transitions.tick()
+    assert not b.migration.transitions.plan(key).both
+
+    again = await b.router.acquire(request_for(pull=1))
+    assert again.acquired and again.lock is not None and again.fresh
+    assert again.lock.fencing_token > held.lock.fencing_token
+    await a.migration.fallback.reconcile()
+    assert a.migration.fallback.pending == 0
+    holder = await b.router.get(key)
+    assert holder is not None and holder.pull.num == 1
+    assert holder.fencing_token == again.lock.fencing_token
+    for replica in (a, b):
+        refused = await replica.router.acquire(request_for(pull=2))
+        assert not refused.acquired and refused.holder is not None
+        assert refused.holder.pull.num == 1

@@ -310,3 +310,124 @@ async def test_a_batch_served_by_legacy_in_fallback_is_journaled_and_adopted(
     for lock in result.locks:
         held = await store(service, "enhanced").get(lock.key)
         assert held is not None and held.pull.num == 5
+
+
+
+@contextlib.asynccontextmanager
+async def _released_on_a(data_dir: Path) -> AsyncIterator[tuple[LockService, LockService]]:
+    """Replicas ``a`` and ``b`` (one store file, one registry; every key moving): pull 1 took
+    the key through ``a`` (on both sides), then released it through ``a`` while ``a`` could not
+    reach the enhanced store: legacy freed, the release journaled by ``a``, its copy still held
+    on the enhanced side. Then ``a`` reaches the store again (its journal not reconciled yet)
+    and the move settles: the key is on the enhanced side alone."""
+    async with _moving(data_dir) as moving:
+        a = moving.service
+        b = await moving.replicas.start("b", migration_weight=100)
+        await moving.replicas.tick()
+        key = request_for().key
+        assert b.migration.transitions.plan(key).both
+        held = await a.router.acquire(request_for(pull=1))
+        assert held.acquired and held.lock is not None
+
+        await _down(a)
+        assert await a.router.release(key, owner=("acme/infra", 1)) is not None
+        assert await a.legacy.get(key) is None and a.migration.fallback.pending == 1
+        assert b.migration.fallback.pending == 0  # b wrote nothing to the journal itself
+        copy = await _enhanced_store(b).get(key)
+        assert copy is not None and copy.pull.num == 1
+        _back(a)
+        await moving.lagging_reports(100)
+        assert not b.migration.transitions.plan(key).both
+        yield a, b
+
+
+async def _held_by_one_pull_after_reconciling(a: LockService, b: LockService,
+                                              again_token: int) -> None:
+    """``a`` reconciles its journal: the lock pull 1 was granted anew through ``b`` stays
+    held (the copy the release left is not freed under it), and pull 2 is refused."""
+    await a.migration.fallback.reconcile()
+    assert a.migration.fallback.pending == 0
+    key = request_for().key
+    holder = await b.router.get(key)
+    assert holder is not None and holder.pull.num == 1
+    assert holder.fencing_token == again_token
+    for replica in (a, b):
+        other = await replica.router.acquire(request_for(pull=2))
+        assert not other.acquired and other.reason is Reason.HELD
+
+
+async def test_a_pull_that_asks_again_through_another_replica_is_granted_anew(
+    data_dir: Path,
+) -> None:
+    # The release was answered "released" by a. b never journaled anything, but reads the
+    # shared journal before answering a pull the lock it already holds: the leftover copy is
+    # freed first and the pull granted the key anew, so a's reconciliation frees nothing
+    # under it.
+    async with _released_on_a(data_dir) as (a, b):
+        copy = await _enhanced_store(b).get(request_for().key)
+        assert copy is not None
+        again = await b.router.acquire(request_for(pull=1))
+        assert again.acquired and again.lock is not None
+        assert again.fresh and again.lock.fencing_token > copy.fencing_token
+        await _held_by_one_pull_after_reconciling(a, b, again.lock.fencing_token)
+
+
+async def test_a_batch_that_asks_again_through_another_replica_is_granted_anew(
+    data_dir: Path,
+) -> None:
+    async with _released_on_a(data_dir) as (a, b):
+        copy = await _enhanced_store(b).get(request_for().key)
+        assert copy is not None
+        pull = request_for(pull=1).pull
+        batch = BatchLockRequest(locks=[BatchItem(project=request_for(path=p).project)
+                                        for p in ("envs/prod", "other")], pull=pull)
+        again = await b.router.acquire_batch(batch)
+        assert again.acquired
+        [lock] = [lock for lock in again.locks if lock.key == copy.key]
+        assert lock.fencing_token > copy.fencing_token
+        await _held_by_one_pull_after_reconciling(a, b, lock.fencing_token)
+
+
+@pytest.mark.parametrize("freed", [True, False])
+async def test_a_release_another_replica_is_applying_is_waited_for_never_handed_out(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch, freed: bool,
+) -> None:
+    # b reads the journaled release; right then a takes it out of the journal to apply it
+    # (an atomic delete: one replica applies it). b does not hand the pull the copy a is about
+    # to free: it waits for the copy to go and asks again (a fresh grant); if the copy is not
+    # gone in time it answers "unavailable", and the pull asking again is served.
+    async with _released_on_a(data_dir) as (a, b):
+        key = request_for().key
+        copy = await _enhanced_store(b).get(key)
+        assert copy is not None
+        journal = b.migration.fallback._journal()
+        read = journal.released.get
+        applying: list[asyncio.Task[None]] = []
+
+        async def a_applies_it() -> None:  # a's claim, then its free of the copy
+            assert await a.migration.fallback._journal().released.release(key) is not None
+            if freed:
+                await asyncio.sleep(0.05)
+                assert await _enhanced_store(a).release(key, owner=("acme/infra", 1))
+
+        async def read_then_a_claims(name: str) -> Any:
+            found = await read(name)
+            applying.append(asyncio.create_task(a_applies_it()))
+            await asyncio.sleep(0)
+            return found
+
+        monkeypatch.setattr(journal.released, "get", read_then_a_claims)
+        again = await b.router.acquire(request_for(pull=1))
+        await asyncio.gather(*applying)
+        monkeypatch.undo()
+        if freed:
+            assert again.acquired and again.lock is not None and again.fresh
+            assert again.lock.fencing_token > copy.fencing_token
+            await _held_by_one_pull_after_reconciling(a, b, again.lock.fencing_token)
+        else:
+            assert not again.acquired and again.reason is Reason.UNAVAILABLE
+            # nobody frees the copy any more: asked again, the pull is given it
+            held = await b.router.acquire(request_for(pull=1))
+            assert held.acquired and held.lock is not None
+            assert held.lock.fencing_token == copy.fencing_token
+            await _held_by_one_pull_after_reconciling(a, b, copy.fencing_token)

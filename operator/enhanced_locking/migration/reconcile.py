@@ -43,10 +43,10 @@ from enhanced_locking.locking.base import Locker
 from enhanced_locking.metrics import Metrics
 from enhanced_locking.migration.conflicts import ConflictBook, is_conflict
 from enhanced_locking.migration.handover import backend_of, raise_counter
-from enhanced_locking.types import Lock, LockNotOwned, utcnow
+from enhanced_locking.types import BackendUnavailable, Lock, LockNotOwned, utcnow
 
 __all__ = ["FallbackJournal", "FallbackMode", "FallbackReconciler", "FallbackStatus",
-           "ReconcileReport"]
+           "ReconcileReport", "Reentry"]
 
 FallbackMode = Literal["legacy", "fail-closed"]
 
@@ -54,6 +54,24 @@ log = logging.getLogger(__name__)
 
 GRANTED, RELEASED = "fallback", "fallback-released"
 """The journal's namespaces in the legacy store."""
+
+Reentry = Literal["hand-out", "again", "busy"]
+"""What to do with an answer of a lock the pull already held (:meth:`FallbackReconciler.
+before_reentrant`)."""
+
+BUSY_WAIT = 1.0
+"""How long an answer waits for the copy a journaled release names to be freed by the replica
+that took the release out of the journal (two calls of the enhanced store)."""
+
+
+def _names(tombstone: Lock, held: Lock) -> bool:
+    """Whether the journaled release ``tombstone`` (``acquired_at``: when it was released)
+    names ``held``: the same pull's hold, taken before that release."""
+    return held.owner == tombstone.owner and held.acquired_at <= tombstone.acquired_at
+
+
+def _same_hold(a: Lock, b: Lock) -> bool:
+    return a.owner == b.owner and a.fencing_token == b.fencing_token
 
 
 class FallbackJournal:
@@ -217,8 +235,7 @@ class FallbackReconciler:
                 adopted += outcome == "adopted"
                 forgotten += outcome == "forgotten"
             for lock in released:
-                freed += await self._release(enhanced, lock)
-                await journal.released.release(lock.key)
+                freed += bool(await self._apply_release(journal, enhanced, lock.key))
             for key in self.conflicts.keys():
                 if not is_conflict(await legacy.get(key), await enhanced.get(key)):
                     self.conflicts.resolve(key)
@@ -251,17 +268,58 @@ class FallbackReconciler:
         async with self._lock:
             journal = self._journal()
             enhanced = self._enhanced()
-            tombstone = await journal.released.get(key)
-            if enhanced is None or tombstone is None:
+            if enhanced is None or await journal.released.get(key) is None:
                 return
-            freed = await self._release(enhanced, tombstone)
-            await journal.released.release(key)
+            freed = await self._apply_release(journal, enhanced, key)
             self.pending = max(0, self.pending - 1)
             self.metrics.fallback_pending.set(self.pending)
             if freed:
                 self.reconciled_total += 1
                 log.info("fallback reconciled before %s was acquired again: the copy its "
                          "journaled release left on the enhanced side is freed", key)
+
+    async def before_reentrant(self, lock: Lock) -> Reentry:
+        """A pull is about to be answered ``lock``, a hold of the enhanced side it already
+        had (asked again, a pull is given its own lock unchanged): unless a journaled release
+        names it.
+
+        Any replica may have journaled that release (the journal is in the legacy store,
+        which the replicas share), and :meth:`before_acquire` only runs on the replica whose
+        own journal holds something; this is read on every such answer instead (one read of
+        the legacy store, on this uncommon path only). The release was answered
+        ``released``: handing the pull the copy now would let a reconciliation free it under
+        the pull. So the release is applied first and the answer is ``"again"``: the copy is
+        freed, the caller asks the store again and the pull is granted the key anew, with a
+        new token. ``"busy"``: another replica took that release out of the journal to apply
+        it and the copy was not gone within :data:`BUSY_WAIT` (answer ``unavailable``: asked
+        again, the pull is served). ``"hand-out"``: nothing names it, answer it as it is.
+
+        Raises ``BackendUnavailable`` if a store does not answer."""
+        journal = self._journal()
+        enhanced = self._enhanced()
+        tombstone = await journal.released.get(lock.key)
+        if enhanced is None or tombstone is None or not _names(tombstone, lock):
+            return "hand-out"
+        async with self._lock:
+            freed = await self._apply_release(journal, enhanced, lock.key)
+        if freed is not None:
+            if freed:
+                self.reconciled_total += 1
+                log.info("fallback reconciled before %s was answered to its pull again: the "
+                         "copy a journaled release left on the enhanced side is freed", lock.key)
+            return "again"
+        # Another replica claimed the release: its free of the copy is on its way.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + BUSY_WAIT
+        pause = 0.01
+        while True:
+            held = await enhanced.get(lock.key)
+            if held is None or not _same_hold(held, lock):
+                return "again"
+            if loop.time() + pause > deadline:
+                return "busy"
+            await asyncio.sleep(pause)
+            pause *= 2
 
     async def _grant(self, journal: FallbackJournal, legacy: Locker, enhanced: Locker,
                      lock: Lock) -> str:
@@ -287,15 +345,35 @@ class FallbackReconciler:
         await journal.granted.release(lock.key)
         return "forgotten"
 
-    async def _release(self, enhanced: Locker, tombstone: Lock) -> bool:
-        held = await enhanced.get(tombstone.key)
-        owner = (tombstone.project.repo_full_name, tombstone.pull.num)
-        if held is None or not held.owned_by(*owner) or held.acquired_at > tombstone.acquired_at:
+    async def _apply_release(self, journal: FallbackJournal, enhanced: Locker,
+                             key: str) -> bool | None:
+        """Apply the journaled release of ``key``: whether it freed the copy it names (only a
+        copy acquired before that release, by the same pull), ``None`` when there was nothing
+        left to apply (another replica applied it).
+
+        The entry is first *claimed*: taken out of the journal by one atomic delete, so of
+        several replicas racing for it exactly one frees the copy, and none frees it once a
+        replica has handed the pull a fresh lock (see :meth:`before_reentrant`). The enhanced
+        side is read before the claim, so while it does not answer the entry stays
+        (``BackendUnavailable``). If it stops answering between the claim and the free, the
+        copy stays held by its pull, as any lock of that pull: shown in the lists, freed by
+        the pull's next release; never freed later under a pull told it holds it anew."""
+        held = await enhanced.get(key)
+        tombstone = await journal.released.release(key)
+        if tombstone is None:
+            return None
+        if held is None or not _names(tombstone, held):
             return False  # gone already, or a newer hold that is not ours to free
         try:
-            return await enhanced.release(tombstone.key, owner=owner) is not None
+            return await enhanced.release(key, owner=tombstone.owner) is not None
         except LockNotOwned:
             return False
+        except BackendUnavailable as error:
+            self.journal_errors += 1
+            log.error("the journaled release of %s was taken from the journal but the copy it "
+                      "names could not be freed (%s): it stays held by pull %s until released "
+                      "again", key, error, tombstone.pull.num)
+            raise
 
     def status(self, *, mode: FallbackMode) -> FallbackStatus:
         return FallbackStatus(mode=mode, pending=self.pending, granted=self.granted_total,

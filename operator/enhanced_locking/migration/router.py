@@ -218,7 +218,24 @@ class Router(AtlantisCalls):
         await migration.transitions.refresh()  # a late view is read again, never guessed at
         with migration.admit(request.key) as plan:
             result = await self._route(request, plan)
+            if result.acquired and not result.fresh:  # the pull held it already (uncommon)
+                result = await self._reentered(request, plan, result)
         migration.after_acquire(request, result)
+        return result
+
+    async def _reentered(self, request: LockRequest, plan: RoutingPlan,
+                         result: AcquireResult) -> AcquireResult:
+        """``result`` gives the pull an enhanced lock it already held: unless a release of it
+        was journaled by any replica (:meth:`.FallbackReconciler.before_reentrant`): then the
+        release takes effect first and the key is asked for again."""
+        lock, migration = result.lock, self.migration
+        if lock is None or lock.backend != "enhanced" or migration is None:
+            return result
+        match await migration.fallback.before_reentrant(lock):
+            case "again":
+                return await self._route(request, plan)
+            case "busy":
+                return AcquireResult.refused(request.key, Reason.UNAVAILABLE)
         return result
 
     async def _route(self, request: LockRequest, plan: RoutingPlan) -> AcquireResult:
@@ -468,10 +485,21 @@ class Router(AtlantisCalls):
         # still held on the legacy side: not free here either
         if (refused := await self._held_on_legacy(on_enhanced, owner)) is not None:
             return refused
-        mine_before = {
-            key for key in request.keys
-            if (lock := (await _peek(enhanced, key))[0]) is not None and lock.owned_by(*owner)
-        }
+        mine_before: set[str] = set()
+        for key in request.keys:
+            lock = (await _peek(enhanced, key))[0]
+            if lock is None or not lock.owned_by(*owner):
+                continue
+            if self.migration is not None and lock.backend == "enhanced":
+                # a lock the pull held already: unless a journaled release names it (as in
+                # _reentered), then freed first and granted anew by this batch
+                match await self.migration.fallback.before_reentrant(lock):
+                    case "again":
+                        continue
+                    case "busy":
+                        return BatchResult(acquired=False, lock_key=key,
+                                           reason=Reason.UNAVAILABLE)
+            mine_before.add(key)
         part = request.model_copy(update={"locks": on_enhanced})
         try:
             migration = self.migration
