@@ -245,3 +245,144 @@ async def test_the_router_never_grants_a_key_another_process_took_on_legacy_mean
     assert released is not None and released.owner == taken.owner
     again = await service.router.acquire(request_for(pull=3))
     assert again.acquired and again.lock is not None and again.lock.backend == "enhanced"
+
+
+# --- the legacy side checked inside the enhanced side's own writes --------------------------
+async def test_a_router_pair_on_one_file_checks_legacy_inside_its_own_two_writes(
+    make_service: ServiceMaker,
+) -> None:
+    """Both sides in one file: the grant and the release each check, in their own statement,
+    that legacy holds nothing for the key; the legacy side's connection runs nothing."""
+    service = await make_service(enabled=True, migration_weight=100)
+    assert isinstance(service.legacy_backend, EmbeddedBackend)
+    assert service.enhanced is not None
+    enhanced = service.enhanced.backend
+    assert isinstance(enhanced, EmbeddedBackend)
+    request = request_for(pull=1)
+    owner = (request.project.repo_full_name, 1)
+    first = await service.router.acquire(request)  # the key's row is made and seen
+    assert first.acquired
+    assert await service.router.release(request.key, owner=owner) is not None
+    on_legacy = Statements(service.legacy_backend._db)
+    on_enhanced = Statements(enhanced._db)
+    result = await service.router.acquire(request)
+    assert result.acquired and result.fresh and result.lock is not None
+    assert result.lock.backend == "enhanced"
+    released = await service.router.release(request.key, owner=owner)
+    assert released == result.lock
+    assert on_legacy.seen == []
+    # SQLite traces a statement again as each of its triggers' programs starts: two statements
+    granted_by, released_by = dict.fromkeys(on_enhanced.seen)
+    assert granted_by.lstrip().startswith("UPDATE locks SET held = 1")
+    assert released_by.startswith("UPDATE locks SET held = 0")
+    for statement in (granted_by, released_by):
+        assert f"WHERE ns = 'legacy' AND key = '{request.key}' AND held = 1" in statement
+
+
+async def test_a_grant_refused_for_a_legacy_hold_changes_nothing_on_the_enhanced_side(
+    make_service: ServiceMaker,
+) -> None:
+    """Legacy holds the key, written by a plain SQLite writer after the router last saw it
+    free (the legacy connection's last answer is stale): the enhanced grant checks the row
+    itself and changes nothing (no token used up), the router refuses as before; the pull
+    that holds it on legacy gets its legacy lock back."""
+    service = await make_service(enabled=True, migration_weight=100)
+    path = service.provider.current.config.data_path
+    request = request_for(pull=1)
+    owner = (request.project.repo_full_name, 1)
+    granted = await service.router.acquire(request)
+    assert granted.acquired and granted.lock is not None
+    token = granted.lock.fencing_token
+    assert await service.router.release(request.key, owner=owner) is not None
+    taken = legacy_lock(2)
+    plain_writer(path, "INSERT INTO locks (ns, key, repo, pull, data, counter, held) "
+                 "VALUES ('legacy', ?, ?, ?, ?, 5, 1)",
+                 taken.key, *taken.owner, codec.encode(taken))
+    refused = await service.router.acquire(request_for(pull=3))
+    assert not refused.acquired and refused.reason is Reason.HELD
+    assert refused.holder is not None and refused.holder.owner == taken.owner
+    assert refused.holder.backend == "legacy"
+    own = await service.router.acquire(request_for(pull=2))
+    assert own.acquired and not own.fresh and own.lock is not None
+    assert own.lock.backend == "legacy"
+    assert service.enhanced is not None
+    assert await service.enhanced.backend.get(request.key) is None
+    # The pull that holds the key on the enhanced side releases there; the legacy hold stays.
+    with pytest.raises(LockNotOwned):
+        await service.router.release(request.key, owner=owner)
+    released = await service.router.release(request.key, owner=taken.owner)
+    assert released is not None and released.backend == "legacy"
+    again = await service.router.acquire(request)
+    assert again.acquired and again.lock is not None
+    assert again.lock.fencing_token == token + 1  # the refused grants used no token
+
+
+async def test_a_grant_on_the_general_path_checks_legacy_too(
+    make_service: ServiceMaker,
+) -> None:
+    """The pull already holds the key on the enhanced side (its grant is the general path's,
+    not the one statement's) and another pull's lock appears on legacy: refused, as the look
+    before the grant refused it."""
+    service = await make_service(enabled=True, migration_weight=100)
+    path = service.provider.current.config.data_path
+    request = request_for(pull=1)
+    first = await service.router.acquire(request)
+    assert first.acquired
+    taken = legacy_lock(2)
+    plain_writer(path, "INSERT INTO locks (ns, key, repo, pull, data, counter, held) "
+                 "VALUES ('legacy', ?, ?, ?, ?, 5, 1)",
+                 taken.key, *taken.owner, codec.encode(taken))
+    again = await service.router.acquire(request)
+    assert not again.acquired and again.reason is Reason.HELD
+    assert again.holder is not None and again.holder.backend == "legacy"
+
+
+async def test_a_release_not_owned_is_refused_and_a_foreign_pull_releases_nothing(
+    make_service: ServiceMaker,
+) -> None:
+    service = await make_service(enabled=True, migration_weight=100)
+    request = request_for(pull=1)
+    held = await service.router.acquire(request)
+    assert held.acquired and held.lock is not None
+    with pytest.raises(LockNotOwned) as refused:
+        await service.router.release(request.key, owner=(request.project.repo_full_name, 9))
+    assert refused.value.holder == held.lock
+    assert await service.router.get(request.key) == held.lock
+    assert await service.router.release(request.key) == held.lock  # by anyone (release-any)
+    assert await service.router.release(request.key) is None
+
+
+async def test_an_enhanced_outage_on_release_still_releases_what_legacy_holds(
+    make_service: ServiceMaker,
+) -> None:
+    """The enhanced store fails the release that was to check legacy: legacy is asked itself
+    and releases its lock; the outage is the answer's error only when legacy released
+    nothing (as when legacy was asked first)."""
+    service = await make_service(enabled=True, migration_weight=100)
+    path = service.provider.current.config.data_path
+    taken = legacy_lock(2)
+    plain_writer(path, "INSERT INTO locks (ns, key, repo, pull, data, counter, held) "
+                 "VALUES ('legacy', ?, ?, ?, ?, 5, 1)",
+                 taken.key, *taken.owner, codec.encode(taken))
+    assert service.enhanced is not None
+    enhanced = service.enhanced.backend
+    assert isinstance(enhanced, EmbeddedBackend)
+    enhanced._db.close()
+    released = await service.router.release(taken.key, owner=taken.owner)
+    assert released is not None and released.owner == taken.owner
+    with pytest.raises(BackendUnavailable):
+        await service.router.release(taken.key, owner=taken.owner)
+
+
+async def test_stores_of_other_files_or_kinds_do_not_check_each_other(data_dir: Path) -> None:
+    one = EmbeddedBackend(data_dir / "one.db", "enhanced")
+    same = EmbeddedBackend(data_dir / "one.db", "legacy")
+    other = EmbeddedBackend(data_dir / "two.db", "legacy")
+    try:
+        assert one.checks_other_side(same) == "legacy"
+        assert one.checks_other_side(other) is None
+        assert one.checks_other_side(one) is None
+        assert one.checks_other_side(object()) is None
+    finally:
+        for backend in (one, same, other):
+            await backend.close()

@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import gc
 from collections.abc import Callable, Coroutine, Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Protocol, runtime_checkable
@@ -70,13 +71,73 @@ from enhanced_locking.types import (
     utcnow,
 )
 
-__all__ = ["Backend", "Owner", "QueueBackend", "StoreBackend", "Times", "parts_of"]
+__all__ = [
+    "Backend",
+    "OtherSideCheck",
+    "OtherSideHolds",
+    "Owner",
+    "QueueBackend",
+    "StoreBackend",
+    "Times",
+    "checking_other_side",
+    "parts_of",
+]
 
 Owner = tuple[str, int]
 """Who may release a lock: (repository full name, pull number), Atlantis's ownership rule."""
 
 Times = tuple[datetime, datetime | None]
 """A grant's stamps: when it was acquired and when its lease ends (``None``: no lease)."""
+
+
+@dataclass(slots=True)
+class OtherSideCheck:
+    """A write of ``key`` in this task that also checks the other side of the same store
+    (``namespace``: its rows in the same file) holds nothing for the key, in the write's own
+    transaction (see :meth:`StoreBackend.checks_other_side`). ``active`` is cleared when the
+    call that asked for it returns: work the call started in the background (a timer, a task:
+    they copy the task's context) never checks on its behalf."""
+
+    namespace: str
+    key: str
+    active: bool = True
+
+
+_OTHER_SIDE: ContextVar[OtherSideCheck | None] = ContextVar("other_side_check", default=None)
+"""The check asked for by the call running in this task (the router's, around one acquire or
+release of one key on the enhanced side)."""
+
+
+class OtherSideHolds(Exception):
+    """The other side holds something for the key (or its row could not be told free): the
+    write that was to check it changed nothing, and the caller asks that side itself."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"{key}: the other side holds it")
+        self.key = key
+
+
+@contextlib.contextmanager
+def checking_other_side(namespace: str, key: str) -> Iterator[None]:
+    """Within the block, this task's writes of ``key`` on a store that
+    :meth:`~StoreBackend.checks_other_side` also check that ``namespace`` holds nothing for
+    it, in the same transaction, and raise :class:`OtherSideHolds` (changing nothing) when it
+    does."""
+    check = OtherSideCheck(namespace, key)
+    token = _OTHER_SIDE.set(check)
+    try:
+        yield
+    finally:
+        check.active = False
+        _OTHER_SIDE.reset(token)
+
+
+def other_side_check(key: str) -> str | None:
+    """The namespace this task's write of ``key`` must also find free, if any."""
+    check = _OTHER_SIDE.get()
+    if check is None or not check.active or check.key != key:
+        return None
+    return check.namespace
 
 
 @runtime_checkable
@@ -350,6 +411,27 @@ class StoreBackend(abc.ABC):
         next fencing token; ``None`` when the key is held (then the caller takes the general
         path). A store without such a step answers ``None`` always."""
         return None
+
+    def checks_other_side(self, other: object) -> str | None:
+        """The namespace of ``other`` (a store) when this store's writes can check, in their own
+        transaction, that ``other`` holds nothing for the key (:func:`checking_other_side`):
+        the two keep their rows in the same file. ``None`` here: a store of its own."""
+        return None
+
+    def _other_side_holds(self, namespace: str, key: str) -> bool:
+        """Whether ``namespace``'s rows (in this store's file) hold anything for ``key``, read
+        inside the current transaction. Only a store that :meth:`checks_other_side` is asked."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no other side's rows")
+
+    def _refuse_if_other_side_holds(self, keys: Sequence[str]) -> None:
+        """Inside a step: raise :class:`OtherSideHolds` (the step changes nothing) when this
+        task asked its writes of one of ``keys`` to check the other side, and it holds one."""
+        if _OTHER_SIDE.get() is None:
+            return
+        for key in keys:
+            namespace = other_side_check(key)
+            if namespace is not None and self._other_side_holds(namespace, key):
+                raise OtherSideHolds(key)
 
     def _forget_grant(self, waiter_id: str) -> None:
         """A retried request took its grant: a later cancel must not give it back."""
@@ -703,6 +785,7 @@ class StoreBackend(abc.ABC):
             if free is not None:
                 return Outcome(status=Status.GRANTED, locks=(free,), fresh=True)
         with self._step() as fx:
+            self._refuse_if_other_side_holds([c.key for c in candidates])
             now = self.clock()
             if wait is not None and (queued := self._waiters.get(wait.id)) is not None:
                 queued = self._reattach(queued, wait)
@@ -767,6 +850,7 @@ class StoreBackend(abc.ABC):
                 lapsed = popped.expires_at is not None and popped.expired(self.clock())
                 return Handoff(released=None if lapsed else popped)
         with self._step() as fx:
+            self._refuse_if_other_side_holds((key,))
             now = self.clock()
             try:
                 self._expire_lapsed(key, now, fx)

@@ -48,7 +48,7 @@ from datetime import datetime
 from pathlib import Path
 
 from enhanced_locking.backends import codec
-from enhanced_locking.backends.base import Owner, StoreBackend, Times
+from enhanced_locking.backends.base import Owner, StoreBackend, Times, other_side_check
 from enhanced_locking.backends.waiting import Handoff, QueuePolicy
 from enhanced_locking.types import (
     BackendUnavailable,
@@ -223,6 +223,39 @@ WHERE ns = ?1 AND key = ?2 AND held = 0 AND counter = ?6 - 1 AND repo = ?3 AND p
 _POP_AS_EXPECTED = "UPDATE locks SET held = 0 WHERE ns = ? AND key = ? AND held = 1 AND data = ?"
 _POP_OWNED_AS_EXPECTED = ("UPDATE locks SET held = 0 WHERE ns = ? AND key = ? AND held = 1 "
                           "AND repo = ? AND pull = ? AND data = ?")
+
+# The other side's rows in the same file hold nothing for the key (?7: its namespace): the
+# condition a grant or release of the router's adds when it answers the router's look at the
+# other side in its own transaction (see EmbeddedBackend.checks_other_side). A legacy row that
+# is held at all, even by this pull or lapsed, fails it: the router then asks that side itself.
+_OTHER_FREE = ("\n    AND NOT EXISTS (SELECT 1 FROM locks WHERE ns = ?7 AND key = ?2 AND held = 1)"
+               "\n    AND NOT EXISTS (SELECT 1 FROM shared_locks WHERE ns = ?7 AND key = ?2)")
+
+
+def _other_free(statement: str, before: str) -> str:
+    """``statement`` with :data:`_OTHER_FREE` added to its condition, just before ``before``."""
+    head, sep, tail = statement.partition(before)
+    assert sep, before
+    return head.rstrip() + _OTHER_FREE + "\n" + sep + tail
+
+
+_TAKE_FREE_CHECKED = _other_free(_TAKE_FREE, "ON CONFLICT")
+_TAKE_SEEN_CHECKED = _other_free(_TAKE_SEEN, "RETURNING")
+_TAKE_MINE_CHECKED = _other_free(_TAKE_MINE, "RETURNING")
+_TAKE_SEEN_AS_EXPECTED_CHECKED = _TAKE_SEEN_AS_EXPECTED.rstrip() + _OTHER_FREE
+_TAKE_MINE_AS_EXPECTED_CHECKED = _TAKE_MINE_AS_EXPECTED.rstrip() + _OTHER_FREE
+
+# The releases with that condition, their parameters numbered to match (?3, ?4: the owner;
+# ?5: the text last seen; ?7: the other side's namespace).
+_POP_CHECKED = ("UPDATE locks SET held = 0 WHERE ns = ?1 AND key = ?2 AND held = 1"
+                + _OTHER_FREE + "\nRETURNING data")
+_POP_OWNED_CHECKED = ("UPDATE locks SET held = 0 WHERE ns = ?1 AND key = ?2 AND held = 1 "
+                      "AND repo = ?3 AND pull = ?4" + _OTHER_FREE + "\nRETURNING data")
+_POP_AS_EXPECTED_CHECKED = ("UPDATE locks SET held = 0 WHERE ns = ?1 AND key = ?2 AND held = 1 "
+                            "AND data = ?5" + _OTHER_FREE)
+_POP_OWNED_AS_EXPECTED_CHECKED = (
+    "UPDATE locks SET held = 0 WHERE ns = ?1 AND key = ?2 AND held = 1 AND repo = ?3 "
+    "AND pull = ?4 AND data = ?5" + _OTHER_FREE)
 
 APPLICATION_ID = 0x454C4B31
 """SQLite's ``application_id`` of our store files ("ELK1"): how a file says it is ours."""
@@ -469,6 +502,8 @@ class EmbeddedBackend(StoreBackend):
         key = candidate.key
         owner = candidate.owner
         seen = self._seen.get(key)
+        # The router's look at the other side, answered in this statement (see _OTHER_FREE).
+        other = other_side_check(key)
         try:  # what _unavailable says, without a context manager per call
             if seen is None:
                 # The token is the file's to give: the lock is written with 0, json_set puts
@@ -476,22 +511,29 @@ class EmbeddedBackend(StoreBackend):
                 guess = None
                 lock = candidate.granted(acquired_at=times[0], expires_at=times[1],
                                          fencing_token=0)
-                row = self._db.execute(_TAKE_FREE, (
-                    self.namespace, key, *owner, codec.encode(lock), self._floor + 1,
-                )).fetchone()
+                first = (self.namespace, key, *owner, codec.encode(lock), self._floor + 1)
+                row = (self._db.execute(_TAKE_FREE, first) if other is None else
+                       self._db.execute(_TAKE_FREE_CHECKED, (*first, other))).fetchone()
             else:
                 token = seen[0] + 1
                 guess = lock = candidate.granted(acquired_at=times[0], expires_at=times[1],
                                                  fencing_token=token)
                 sent = codec.encode(guess)
                 mine = seen[1] == owner
-                args = (self.namespace, key, *owner, sent, token)
-                expected = _TAKE_MINE_AS_EXPECTED if mine else _TAKE_SEEN_AS_EXPECTED
+                if other is None:
+                    args: tuple[object, ...] = (self.namespace, key, *owner, sent, token)
+                    expected = _TAKE_MINE_AS_EXPECTED if mine else _TAKE_SEEN_AS_EXPECTED
+                    general = _TAKE_MINE if mine else _TAKE_SEEN
+                else:
+                    args = (self.namespace, key, *owner, sent, token, other)
+                    expected = (_TAKE_MINE_AS_EXPECTED_CHECKED if mine
+                                else _TAKE_SEEN_AS_EXPECTED_CHECKED)
+                    general = _TAKE_MINE_CHECKED if mine else _TAKE_SEEN_CHECKED
                 if self._db.execute(expected, args).rowcount == 1:
                     self._remember(key, sent, guess)
                     self._seen[key] = token, owner
                     return guess
-                row = self._db.execute(_TAKE_MINE if mine else _TAKE_SEEN, args).fetchone()
+                row = self._db.execute(general, args).fetchone()
         except sqlite3.Error as error:
             raise self._down(error) from None
         if row is None:
@@ -530,16 +572,28 @@ class EmbeddedBackend(StoreBackend):
     def _pop(self, key: str, owner: tuple[str, int] | None) -> Lock | None:
         # One statement, so one implicit transaction: the release of a key nobody waits for.
         known = self._decoded.get(key)
+        other = other_side_check(key)  # as in _take_free
         try:  # what _unavailable says, without a context manager per call
-            if known is not None and self._db.execute(
-                    _POP_AS_EXPECTED if owner is None else _POP_OWNED_AS_EXPECTED,
-                    (self.namespace, key, known[0]) if owner is None
-                    else (self.namespace, key, *owner, known[0])).rowcount == 1:
-                return known[1]  # the row held the text last seen: its lock is released
-            if owner is None:
-                row = self._db.execute(_POP, (self.namespace, key)).fetchone()
-            else:
-                row = self._db.execute(_POP_OWNED, (self.namespace, key, *owner)).fetchone()
+            if other is None:
+                if known is not None and self._db.execute(
+                        _POP_AS_EXPECTED if owner is None else _POP_OWNED_AS_EXPECTED,
+                        (self.namespace, key, known[0]) if owner is None
+                        else (self.namespace, key, *owner, known[0])).rowcount == 1:
+                    return known[1]  # the row held the text last seen: its lock is released
+                if owner is None:
+                    row = self._db.execute(_POP, (self.namespace, key)).fetchone()
+                else:
+                    row = self._db.execute(_POP_OWNED, (self.namespace, key, *owner)).fetchone()
+            else:  # the same, each with the other side's condition (its parameters numbered)
+                repo, pull = (None, None) if owner is None else owner
+                args = (self.namespace, key, repo, pull, None if known is None else known[0],
+                        None, other)
+                if known is not None and self._db.execute(
+                        _POP_AS_EXPECTED_CHECKED if owner is None
+                        else _POP_OWNED_AS_EXPECTED_CHECKED, args).rowcount == 1:
+                    return known[1]
+                row = self._db.execute(_POP_CHECKED if owner is None else _POP_OWNED_CHECKED,
+                                       args).fetchone()
         except sqlite3.Error as error:
             raise self._down(error) from None
         if row is None:
@@ -550,6 +604,21 @@ class EmbeddedBackend(StoreBackend):
             # Freed unread (its owner columns matched): the general path finds it free.
             self.unreadable.cleared(key)
             return None
+
+    def checks_other_side(self, other: object) -> str | None:
+        # The two sides' rows in one file (the same path): a grant or release here can look at
+        # the other's rows in its own statement.
+        if (isinstance(other, EmbeddedBackend) and other.namespace != self.namespace
+                and other.path.resolve() == self.path.resolve()):
+            return other.namespace
+        return None
+
+    def _other_side_holds(self, namespace: str, key: str) -> bool:
+        row = self._db.execute(
+            "SELECT EXISTS (SELECT 1 FROM locks WHERE ns = ?1 AND key = ?2 AND held = 1) "
+            "OR EXISTS (SELECT 1 FROM shared_locks WHERE ns = ?1 AND key = ?2)",
+            (namespace, key)).fetchone()
+        return bool(row[0])
 
     def _delete(self, key: str) -> None:
         self._db.execute("UPDATE locks SET held = 0 WHERE ns = ? AND key = ? AND held = 1",

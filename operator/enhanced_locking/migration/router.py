@@ -35,7 +35,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from enhanced_locking.backends.base import Owner
+from enhanced_locking.backends.base import (
+    OtherSideHolds,
+    Owner,
+    StoreBackend,
+    checking_other_side,
+)
+from enhanced_locking.backends.unreadable import UnreadableLocks
 from enhanced_locking.backends.waiting import Waiters
 from enhanced_locking.events import EventBus
 from enhanced_locking.locking import EnhancedLocker, batch
@@ -130,6 +136,9 @@ class Router(AtlantisCalls):
         self.migration = migration
         self._routed_legacy = metrics.counting(metrics.routing, "legacy")
         self._routed_enhanced = metrics.counting(metrics.routing, "enhanced")
+        # Whether the enhanced locker's store checks the legacy side in its own writes (see
+        # _legacy_checked_by), as last asked, for that locker.
+        self._checks_legacy: tuple[Locker, str | None, UnreadableLocks | None] | None = None
 
     @property
     def enhanced(self) -> Locker | None:
@@ -266,9 +275,42 @@ class Router(AtlantisCalls):
             self.migration.enhanced_answered()
         return result
 
+    def _legacy_checked_by(self, enhanced: Locker, key: str) -> str | None:
+        """The legacy side's namespace when ``enhanced``'s store keeps its rows in the same
+        file as the legacy side's, so that a grant or release of ``key`` there can check, in
+        its own transaction, that legacy holds nothing for the key (the embedded store on both
+        sides): then that check answers the router's looks at the legacy side. ``None``: the
+        router asks the legacy side itself, as it does for a key legacy found unreadable (its
+        look is what clears that)."""
+        known = self._checks_legacy
+        if known is None or known[0] is not enhanced:
+            store, legacy = backend_of(enhanced), backend_of(self.legacy)
+            namespace = (store.checks_other_side(legacy)
+                         if isinstance(store, StoreBackend) and legacy is not None else None)
+            known = self._checks_legacy = (
+                enhanced, namespace, legacy.unreadable if legacy is not None else None)
+        namespace, unreadable = known[1], known[2]
+        if namespace is None or unreadable is None or key in unreadable:
+            return None
+        return namespace
+
     async def _acquire_on(
         self, primary: Locker, other: Locker | None, request: LockRequest
     ) -> AcquireResult:
+        if (other is self.legacy and (request.wait is None or request.wait is False)
+                and (namespace := self._legacy_checked_by(primary, request.key)) is not None):
+            # The grant itself checks that legacy holds nothing for the key, in the grant's
+            # own transaction: what the looks before and after it are for, answered at the
+            # grant's commit (a legacy grant committed before it makes it change nothing; a
+            # router granting on legacy after it sees this grant in its own look after its
+            # grant). When legacy holds anything for the key, nothing was done, and the looks
+            # are made as below. (A request that waits is granted later, by the store, in
+            # another call's transaction: it takes the looks.)
+            try:
+                with checking_other_side(namespace, request.key):
+                    return await primary.acquire(request)
+            except OtherSideHolds:
+                pass
         owner = (request.project.repo_full_name, request.pull.num)
         unchecked = False
         if other is not None:
@@ -337,16 +379,36 @@ class Router(AtlantisCalls):
         return self._release_both(key, owner)
 
     async def _release_both(self, key: str, owner: Owner | None) -> Lock | None:
+        outcomes: list[Lock | LockNotOwned | BackendUnavailable | None] = []
+        enhanced = self.enhanced
+        namespace = None if enhanced is None else self._legacy_checked_by(enhanced, key)
+        if enhanced is not None and namespace is not None:
+            # The enhanced release checks that legacy holds nothing for the key in its own
+            # transaction: legacy's release, asked first, would have released nothing. When
+            # legacy holds anything for the key, nothing was done: each side is asked below.
+            # An outage of the enhanced side is weighed as when legacy was asked first.
+            try:
+                with checking_other_side(namespace, key):
+                    outcomes = [None, await enhanced.release(key, owner=owner)]
+            except OtherSideHolds:
+                pass
+            except (LockNotOwned, BackendUnavailable) as error:
+                if isinstance(error, LockNotOwned):
+                    outcomes = [None, error]  # legacy was found holding nothing
+                else:
+                    outcomes = [await self._released_on(self.legacy, key, owner), error]
+        if not outcomes:
+            outcomes = [await self._released_on(locker, key, owner)
+                        for locker in self._lockers()]
         released: Lock | None = None
         failure: LockNotOwned | BackendUnavailable | None = None
         unreached = False
-        for locker in self._lockers():
-            try:
-                released = await locker.release(key, owner=owner) or released
-            except (LockNotOwned, BackendUnavailable) as error:
-                failure = error
-                unreached = unreached or (isinstance(error, BackendUnavailable)
-                                          and locker is not self.legacy)
+        for side, outcome in enumerate(outcomes):  # legacy's first, then enhanced's
+            if isinstance(outcome, LockNotOwned | BackendUnavailable):
+                failure = outcome
+                unreached = unreached or (isinstance(outcome, BackendUnavailable) and side > 0)
+            else:
+                released = outcome or released
         migration = self.migration
         if released is None and failure is not None:
             if migration is not None and isinstance(failure, LockNotOwned):
@@ -358,6 +420,16 @@ class Router(AtlantisCalls):
                 await migration.record_partial_release(released)
             migration.after_release(key, owner, released=released)
         return released
+
+    @staticmethod
+    async def _released_on(
+        locker: Locker, key: str, owner: Owner | None
+    ) -> Lock | LockNotOwned | BackendUnavailable | None:
+        """What releasing ``key`` on ``locker`` released, or the error it answered."""
+        try:
+            return await locker.release(key, owner=owner)
+        except (LockNotOwned, BackendUnavailable) as error:
+            return error
 
     async def get(self, key: str) -> Lock | None:
         """The lock on ``key``, from whichever side holds it. With the enhanced side away, a
