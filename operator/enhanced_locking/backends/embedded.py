@@ -36,7 +36,10 @@ a key that holds nothing answers "nothing released" without taking the write loc
 of any legacy row moves the counter in the same transaction, so nothing read before it is used
 after it. (SQLite's own ``PRAGMA data_version`` cannot serve: it changes on every commit of
 another connection, and the enhanced side and the audit trail commit on connections of their
-own to the same file, so it would move on every call.)
+own to the same file, so it would move on every call.) The router's looks at the legacy side
+around an enhanced grant or release are mostly not made at all: the enhanced side's statement
+checks the legacy rows of the key itself (see ``_OTHER_FREE``) when the router asks for it
+(:func:`~enhanced_locking.backends.base.checking_other_side`).
 """
 
 from __future__ import annotations

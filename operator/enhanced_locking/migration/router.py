@@ -7,7 +7,10 @@ never called.
 A key may still be held on the side it no longer routes to (the weight moved, or enhanced was
 switched off while holding locks). The router never grants such a key twice: before granting on
 the authoritative side it asks the other side, and after granting it asks again, backing off if
-the other side granted meanwhile. Releases and lookups consult both sides.
+the other side granted meanwhile. Releases and lookups consult both sides. When the enhanced
+store keeps its rows in the legacy side's file (the embedded store on both sides), a grant that
+does not wait and a release there check legacy in their own statement instead
+(:meth:`Router._legacy_checked_by`), and the looks are made only when legacy holds the key.
 
 With a :class:`~enhanced_locking.migration.controller.MigrationController` (the service always
 has one) routing follows its weight transitions: a key whose bucket is moving is taken on both
