@@ -20,9 +20,13 @@ answer. So when there are several endpoints, :class:`EtcdConnection` finds the l
 (``Status`` on each endpoint) and sends the steps' transactions to it alone; everything else
 (watches, leases, reads of the event bus) stays on the balanced channel. Any member gives the
 same answers (etcd's writes and reads are linearizable on every member), so the route is only
-a matter of speed: a call that fails on it drops the route (the step then runs again as after
-any failed call, on the balanced channel), and an answer from a newer raft term looks for the
-leader again.
+a matter of speed: a call that fails on it drops the route and is sent again on the balanced
+channel, and an answer from a newer raft term looks for the leader again.
+
+**A frozen member costs an attempt, not the call.** The balanced channel's round keeps a
+frozen member (its connections stay open); so with several endpoints each attempt there has
+its own deadline (``ATTEMPT_TIMEOUT``) and the call is sent again, to the round's next member,
+within the call's ``CALL_TIMEOUT`` (:func:`on_any_member`).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import etcd3aio
 import grpc
@@ -43,17 +47,26 @@ import grpc
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.types import BackendUnavailable
 
-__all__ = ["CALL_TIMEOUT", "DOWN", "EtcdConnection", "EtcdSettings", "Passenger", "TxnCall",
-           "unavailable", "unreachable"]
+__all__ = ["ATTEMPT_TIMEOUT", "CALL_TIMEOUT", "DOWN", "EtcdConnection", "EtcdSettings",
+           "Passenger", "TxnCall", "on_any_member", "unavailable", "unreachable"]
 
 CALL_TIMEOUT = 5.0
 """Seconds one call may take, retries included (an election takes about one second)."""
+ATTEMPT_TIMEOUT = 1.0
+"""Seconds one attempt of a call on the balanced channel may take when there are other
+members (a frozen process keeps its connections open and answers nothing, and the client's
+keepalive does not take it out of the channel's round): the call is then sent again, and the
+round gives it to the next member, while the next attempt can end within the call's
+``CALL_TIMEOUT`` (:func:`on_any_member`, :meth:`EtcdConnection.transact`). A member that was
+only slow costs a retry."""
 ROUTE_TIMEOUT = 2.0
-"""Seconds a transaction sent to the leader may take before the leader counts as gone (a
-frozen process keeps its connections open and answers nothing): the route is dropped and the
-step runs again on the balanced channel, within the call's ``CALL_TIMEOUT`` (etcd elects a
-new leader within about its election timeout, one second by default). A leader that was only
-slow costs a retry."""
+"""Seconds a transaction sent to the leader may take before the leader counts as gone: the
+route is dropped and the transaction sent again on the balanced channel (etcd elects a new
+leader within about its election timeout, one second by default). Longer than an attempt on
+the balanced channel: by then a new leader is elected, and two attempts on the balanced
+channel still fit in the call's time, the second on another member than the first."""
+AGAIN_PAUSE = 0.1
+"""Seconds between the attempts of a call after a refusal (no leader yet, say)."""
 STATUS_TIMEOUT = 1.0
 """Seconds a member may take to say whether it leads (looking for the leader)."""
 LEADER_LOOKS = 20
@@ -61,6 +74,9 @@ LEADER_PAUSE = 0.25
 """Looking for the leader: up to ``LEADER_LOOKS`` rounds over the endpoints, this many seconds
 apart (an election on loopback takes about half a second; past that the balanced channel
 serves until the next answer from a new term)."""
+
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -168,14 +184,17 @@ class TxnCall:
                  "_method", "client", "direct", "timeout", "via")
 
     def __init__(self, client: etcd3aio.Etcd3Client, *,
-                 via: etcd3aio.Etcd3Client | None = None, flying: set[Any] | None = None) -> None:
+                 via: etcd3aio.Etcd3Client | None = None, flying: set[Any] | None = None,
+                 timeout: float | None = None) -> None:
         """``via``: a client on one member (the leader) whose channel carries the call;
         the auth token is still ``client``'s (etcd's tokens are good on every member).
-        ``flying``: where the direct calls under way are kept (the connection's)."""
+        ``flying``: where the direct calls under way are kept (the connection's).
+        ``timeout``: the call's deadline (default ``ROUTE_TIMEOUT`` on a route,
+        ``CALL_TIMEOUT`` else)."""
         self.client = client
         self.via = via
         self._flying: set[Any] = set() if flying is None else flying
-        self.timeout = CALL_TIMEOUT if via is None else ROUTE_TIMEOUT
+        self.timeout = timeout or (CALL_TIMEOUT if via is None else ROUTE_TIMEOUT)
         """The call's gRPC deadline, in seconds."""
         kv = client.kv
         assert kv is not None
@@ -277,32 +296,44 @@ class EtcdConnection:
                 stack = contextlib.AsyncExitStack()
                 await stack.enter_async_context(client.token_refresher(s.username, s.password))
                 self._auth = stack
-            self.txn = TxnCall(client, flying=self._flying)
-            self._client = client
             self._targets, self._tls, self._name = targets, tls, name if s.tls else None
+            self.txn = self._balanced(client)
+            self._client = client
         return client
+
+    @property
+    def several_members(self) -> bool:
+        """Whether the balanced channel spans several members (known once connected)."""
+        return len(self._targets) > 1
+
+    def _balanced(self, client: etcd3aio.Etcd3Client) -> TxnCall:
+        """``KV.Txn`` on the balanced channel: one attempt of ``ATTEMPT_TIMEOUT`` when there
+        are other members to send it to next, else the whole ``CALL_TIMEOUT``."""
+        return TxnCall(client, flying=self._flying,
+                       timeout=ATTEMPT_TIMEOUT if self.several_members else CALL_TIMEOUT)
 
     def transact(self, client: etcd3aio.Etcd3Client, request: Any) -> Awaitable[Any]:
         """``request`` (a ``TxnRequest``) through :attr:`txn`: to the leader when known."""
         txn = self.txn
         if txn is None or txn.client is not client:  # the connection was closed meanwhile
-            txn = TxnCall(client, flying=self._flying)
+            txn = self._balanced(client)
         if txn.via is None and len(self._targets) < 2:
-            return txn(request)  # one endpoint: nothing to route
+            return txn(request)  # one endpoint: nothing to route, nobody else to ask
         return self._routed(txn, request)
 
     async def _routed(self, txn: TxnCall, request: Any) -> Any:
         """The first answer (its term is new) starts looking for the leader: a connection
-        that sends no transactions (the event bus's) never looks."""
+        that sends no transactions (the event bus's) never looks.
+
+        An attempt that fails (no answer within its deadline: a frozen member; or refused) is
+        sent again while the next attempt can end within ``CALL_TIMEOUT``: on the balanced
+        channel, whose round gives it to the next member. A step's transaction is guarded by
+        what it read, so one whose answer was lost is never applied twice: sent again, its
+        guards fail and the step runs again on what is now there."""
         try:
             answer = await txn(request)
-        except DOWN:
-            if txn.via is not None and self.txn is txn:
-                # The leader went away, or is cut off: back to the balanced channel (the
-                # step runs again as after any failed call) while the new one is found.
-                self._unroute()
-                self._look_for_leader()
-            raise
+        except DOWN as error:
+            txn, answer = await self._again(txn, request, error)
         term = answer.header.raft_term
         if term != self._term:
             if txn.via is None or term > self._term:
@@ -310,9 +341,36 @@ class EtcdConnection:
             self._term = max(self._term, term)
         return answer
 
+    async def _again(self, txn: TxnCall, request: Any,
+                     error: BaseException) -> tuple[TxnCall, Any]:
+        """``request`` failed on ``txn`` with ``error``: sent again (see :meth:`_routed`) as
+        long as the next attempt can end within ``CALL_TIMEOUT`` of the first one's start;
+        the call that answered, and its answer."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + CALL_TIMEOUT - (txn.timeout if _timed_out(error) else 0.0)
+        while True:
+            if txn.via is not None and self.txn is txn:
+                # The leader went away, or is cut off: back to the balanced channel while
+                # the new one is found.
+                self._unroute()
+                self._look_for_leader()
+            timed_out = _timed_out(error)
+            current = self.txn
+            if (not (timed_out or _refused(error)) or current is None
+                    or current.client is not txn.client  # closed meanwhile
+                    or loop.time() + AGAIN_PAUSE + current.timeout > give_up):
+                raise error
+            if not timed_out:
+                await asyncio.sleep(AGAIN_PAUSE)
+            txn = current
+            try:
+                return txn, await txn(request)
+            except DOWN as again:
+                error = again
+
     def _unroute(self) -> None:
         if self._client is not None:
-            self.txn = TxnCall(self._client, flying=self._flying)
+            self.txn = self._balanced(self._client)
         self.leader = None
 
     def _look_for_leader(self) -> None:
@@ -418,3 +476,38 @@ def _reason(error: BaseException) -> str:
         return f"no answer within {CALL_TIMEOUT:g}s"
     text = str(error) or type(error).__name__
     return text.splitlines()[0]
+
+
+def _timed_out(error: BaseException) -> bool:
+    return (isinstance(error, TimeoutError | etcd3aio.EtcdTransientError)
+            or (isinstance(error, grpc.aio.AioRpcError)
+                and error.code() is grpc.StatusCode.DEADLINE_EXCEEDED))
+
+
+def _refused(error: BaseException) -> bool:
+    """A member could not serve the call now (cut off, no leader yet, going away)."""
+    return (isinstance(error, etcd3aio.EtcdConnectionError)
+            or (isinstance(error, grpc.aio.AioRpcError)
+                and error.code() is grpc.StatusCode.UNAVAILABLE))
+
+
+async def on_any_member(connection: EtcdConnection, call: Callable[[float], Awaitable[T]]) -> T:
+    """``call(deadline)``, one of the library's calls on the balanced channel, in attempts of
+    ``ATTEMPT_TIMEOUT`` (each sent by the channel's round to the next member) for as long as
+    ``CALL_TIMEOUT`` lasts: a frozen member costs one attempt, not the whole call. With one
+    endpoint, one attempt of ``CALL_TIMEOUT``. The library's own retries are the caller's to
+    turn off (``max_attempts=1``): they share one deadline."""
+    if not connection.several_members:
+        return await call(CALL_TIMEOUT)
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + CALL_TIMEOUT
+    while True:
+        attempt = min(ATTEMPT_TIMEOUT, max(give_up - loop.time(), 0.1))
+        try:
+            return await call(attempt)
+        except DOWN as error:
+            timed_out = _timed_out(error)
+            if not (timed_out or _refused(error)) or loop.time() >= give_up - AGAIN_PAUSE:
+                raise
+            if not timed_out:
+                await asyncio.sleep(AGAIN_PAUSE)

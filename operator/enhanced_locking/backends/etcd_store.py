@@ -87,6 +87,7 @@ from enhanced_locking.backends.etcd_connection import (
     EtcdConnection,
     EtcdSettings,
     Passenger,
+    on_any_member,
     unavailable,
     unreachable,
 )
@@ -1072,9 +1073,7 @@ class EtcdBackend(StoreBackend):
         if lease is None:
             assert client.lease is not None
             self.round_trips += 1
-            async with unavailable(self.connection, "lease grant", key=key):
-                lease = int((await client.lease.grant(max(1, math.ceil(end - now)),
-                                                      timeout=CALL_TIMEOUT)).ID)
+            lease = await self._grant_lease(client, max(1, math.ceil(end - now)), key=key)
             self._leases[end] = lease
             self._lease_ends[lease] = end
         return lease
@@ -1085,9 +1084,13 @@ class EtcdBackend(StoreBackend):
 
     async def _grant_lease(self, client: etcd3aio.Etcd3Client, ttl: int, *,
                            key: str | None) -> int:
-        assert client.lease is not None
+        leases = client.lease
+        assert leases is not None
         async with unavailable(self.connection, "lease grant", key=key):
-            return int((await client.lease.grant(ttl, timeout=CALL_TIMEOUT)).ID)
+            # A lease granted by a lost answer ends by itself: sending it again is harmless.
+            answer = await on_any_member(self.connection, lambda deadline: leases.grant(
+                ttl, timeout=deadline, max_attempts=1))
+            return int(answer.ID)
 
     async def _revoke(self, lease: int) -> None:
         with contextlib.suppress(Exception):
@@ -1351,9 +1354,11 @@ class EtcdBackend(StoreBackend):
 
     async def ping(self) -> None:
         client = await self.connection.client()
-        assert client.kv is not None
+        kv = client.kv
+        assert kv is not None
         async with unavailable(self.connection, "ping"):
-            await client.kv.get(self.base + b"ping", timeout=CALL_TIMEOUT)
+            await on_any_member(self.connection, lambda deadline: kv.get(
+                self.base + b"ping", timeout=deadline, max_attempts=1))
 
     async def close(self) -> None:
         """Tell this replica's waiters the store is going away, end the session, disconnect."""
