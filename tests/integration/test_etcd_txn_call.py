@@ -21,7 +21,12 @@ from tests.support.etcd_server import EtcdCluster
 from tests.support.locks import candidate_for, lock_for, request_for
 
 from enhanced_locking.backends import etcd_connection
-from enhanced_locking.backends.etcd_connection import EtcdConnection, EtcdSettings, TxnCall
+from enhanced_locking.backends.etcd_connection import (
+    DOWN,
+    EtcdConnection,
+    EtcdSettings,
+    TxnCall,
+)
 from enhanced_locking.backends.etcd_store import EtcdBackend
 from enhanced_locking.backends.waiting import QueuePolicy, Status
 from enhanced_locking.types import BackendUnavailable
@@ -121,9 +126,10 @@ async def test_a_cancelled_caller_gives_its_call_up_and_the_channel_goes_on(
 async def test_a_call_under_way_when_its_connection_closes_ends_with_it(path: str) -> None:
     # A member that takes the connection and never answers (a frozen process looks the same):
     # the call waits. Closing the connection ends it then, as closing a channel ends grpc.aio's
-    # calls, rather than at its deadline (5 s) with DEADLINE_EXCEEDED. A direct call ends as
-    # CANCELLED (a DOWN error, so the step answers "unavailable"); grpc.aio's public call
-    # raises CancelledError, grpc.aio's own way.
+    # calls, rather than at its deadline (5 s) with DEADLINE_EXCEEDED. On both paths it ends
+    # as CANCELLED (a DOWN error, so the step answers "unavailable"): grpc.aio's public call
+    # raises CancelledError in a caller nobody cancelled, which the public path turns into
+    # that same error.
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
@@ -136,14 +142,11 @@ async def test_a_call_under_way_when_its_connection_closes_ends_with_it(path: st
             assert not call.done()
         finally:
             await connection.close()
-        if path == "direct":
-            with pytest.raises(grpc.aio.AioRpcError) as ended:
-                await call
-            assert ended.value.code() is grpc.StatusCode.CANCELLED
-            assert ended.value.details() == "the connection was closed"
-        else:
-            with pytest.raises(asyncio.CancelledError):
-                await call
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await call
+        assert ended.value.code() is grpc.StatusCode.CANCELLED
+        assert ended.value.details() == "the connection was closed"
+        assert isinstance(ended.value, DOWN)
 
 
 async def test_a_cluster_with_auth_on_gets_the_token_with_every_transaction(

@@ -65,6 +65,8 @@ route is dropped and the transaction sent again on the balanced channel (etcd el
 leader within about its election timeout, one second by default). Longer than an attempt on
 the balanced channel: by then a new leader is elected, and two attempts on the balanced
 channel still fit in the call's time, the second on another member than the first."""
+CLOSED = "the connection was closed"
+"""The details of the ``CANCELLED`` error a call under way gets when its connection closes."""
 AGAIN_PAUSE = 0.1
 """Seconds between the attempts of a call after a refusal (no leader yet, say)."""
 STATUS_TIMEOUT = 1.0
@@ -177,8 +179,10 @@ class TxnCall:
     A direct call is not in the channel's registry, so closing the channel would not end it
     (it would run to its deadline): it is kept in ``flying`` while it runs, and the
     connection's :meth:`EtcdConnection.close` cancels what is there. Its caller then gets
-    gRPC's ``CANCELLED`` (a ``DOWN`` error: the step answers ``unavailable``); grpc.aio's
-    public call, cancelled by its channel, raises ``asyncio.CancelledError`` instead."""
+    gRPC's ``CANCELLED`` (a ``DOWN`` error: the step answers ``unavailable``). grpc.aio's
+    public call, cancelled by its closing channel, raises ``asyncio.CancelledError`` in a
+    caller nobody cancelled: the public path turns that into the same ``CANCELLED`` error
+    (a caller that was itself cancelled still gets ``CancelledError``)."""
 
     __slots__ = ("_call", "_channel", "_decode", "_encode", "_flying", "_handle", "_kv",
                  "_method", "client", "direct", "timeout", "via")
@@ -224,9 +228,18 @@ class TxnCall:
         metadata: tuple[tuple[str, str], ...] = self._kv._metadata
         if self.direct:
             return self._direct(request, metadata)
-        answer: Awaitable[Any] = self._call(request, metadata=metadata or None,
-                                            timeout=self.timeout)
-        return answer
+        return self._public(request, metadata)
+
+    async def _public(self, request: Any, metadata: tuple[tuple[str, str], ...]) -> Any:
+        try:
+            return await self._call(request, metadata=metadata or None, timeout=self.timeout)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the caller itself was cancelled
+            # Its channel was closed under it (grpc.aio cancels the call): what the direct
+            # path answers then, so the caller sees "unavailable" on both paths.
+            raise _closed() from None
 
     async def _direct(self, request: Any, metadata: tuple[tuple[str, str], ...]) -> Any:
         call = self._channel.call(self._method, time.time() + self.timeout, None, None,
@@ -417,7 +430,7 @@ class EtcdConnection:
         """End the direct calls under way, as closing a channel ends grpc.aio's own."""
         for call in list(self._flying):
             if not call.done():
-                call.cancel("the connection was closed")
+                call.cancel(CLOSED)
 
     async def close(self) -> None:
         client, self._client, self.txn, self.leader = self._client, None, None, None
@@ -476,6 +489,12 @@ def _reason(error: BaseException) -> str:
         return f"no answer within {CALL_TIMEOUT:g}s"
     text = str(error) or type(error).__name__
     return text.splitlines()[0]
+
+
+def _closed() -> grpc.aio.AioRpcError:
+    """A call ended by the close of its connection: gRPC's ``CANCELLED``, a ``DOWN`` error."""
+    return grpc.aio.AioRpcError(grpc.StatusCode.CANCELLED, grpc.aio.Metadata(),
+                                grpc.aio.Metadata(), details=CLOSED)
 
 
 def _timed_out(error: BaseException) -> bool:
