@@ -48,7 +48,7 @@ from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.types import BackendUnavailable
 
 __all__ = ["ATTEMPT_TIMEOUT", "CALL_TIMEOUT", "DOWN", "EtcdConnection", "EtcdSettings",
-           "Passenger", "TxnCall", "on_any_member", "unavailable", "unreachable"]
+           "Passenger", "TxnCall", "leader_first", "unavailable", "unreachable"]
 
 CALL_TIMEOUT = 5.0
 """Seconds one call may take, retries included (an election takes about one second)."""
@@ -57,7 +57,7 @@ ATTEMPT_TIMEOUT = 1.0
 members (a frozen process keeps its connections open and answers nothing, and the client's
 keepalive does not take it out of the channel's round): the call is then sent again, and the
 round gives it to the next member, while the next attempt can end within the call's
-``CALL_TIMEOUT`` (:func:`on_any_member`, :meth:`EtcdConnection.transact`). A member that was
+``CALL_TIMEOUT`` (:func:`leader_first`, :meth:`EtcdConnection.transact`). A member that was
 only slow costs a retry."""
 ROUTE_TIMEOUT = 2.0
 """Seconds a transaction sent to the leader may take before the leader counts as gone: the
@@ -362,11 +362,7 @@ class EtcdConnection:
         loop = asyncio.get_running_loop()
         give_up = loop.time() + CALL_TIMEOUT - (txn.timeout if _timed_out(error) else 0.0)
         while True:
-            if txn.via is not None and self.txn is txn:
-                # The leader went away, or is cut off: back to the balanced channel while
-                # the new one is found.
-                self._unroute()
-                self._look_for_leader()
+            self.route_failed(txn)
             timed_out = _timed_out(error)
             current = self.txn
             if (not (timed_out or _refused(error)) or current is None
@@ -380,6 +376,25 @@ class EtcdConnection:
                 return txn, await txn(request)
             except DOWN as again:
                 error = again
+
+    def route_failed(self, txn: TxnCall) -> None:
+        """A call on ``txn`` failed: if it was the route to the leader (still), the leader
+        went away or is cut off: back to the balanced channel while the new one is found."""
+        if txn.via is not None and self.txn is txn:
+            self._unroute()
+            self._look_for_leader()
+
+    def carrier(self, member: etcd3aio.Etcd3Client) -> etcd3aio.Etcd3Client:
+        """``member`` (the route's client) with the current auth token on its key-value and
+        lease calls (etcd's tokens are good on every member; the refresher renews the
+        balanced client's)."""
+        client = self._client
+        if client is not None and client.kv is not None:
+            token = client.kv._metadata
+            for service in (member.kv, member.lease):
+                if service is not None:
+                    service._metadata = token
+        return member
 
     def _unroute(self) -> None:
         if self._client is not None:
@@ -510,23 +525,34 @@ def _refused(error: BaseException) -> bool:
                 and error.code() is grpc.StatusCode.UNAVAILABLE))
 
 
-async def on_any_member(connection: EtcdConnection, call: Callable[[float], Awaitable[T]]) -> T:
-    """``call(deadline)``, one of the library's calls on the balanced channel, in attempts of
-    ``ATTEMPT_TIMEOUT`` (each sent by the channel's round to the next member) for as long as
-    ``CALL_TIMEOUT`` lasts: a frozen member costs one attempt, not the whole call. With one
-    endpoint, one attempt of ``CALL_TIMEOUT``. The library's own retries are the caller's to
-    turn off (``max_attempts=1``): they share one deadline."""
+async def leader_first(connection: EtcdConnection,
+                       call: Callable[[etcd3aio.Etcd3Client, float], Awaitable[T]]) -> T:
+    """``call(client, deadline)``, one of the library's unary calls (with ``max_attempts=1``:
+    its own retries share one deadline), sent as the steps' transactions are: to the leader
+    when the route to it is known (a frozen follower is never asked, and a write is served
+    without the hops a follower adds), else on the balanced channel. Each attempt has its
+    own deadline (``ROUTE_TIMEOUT`` on the route, ``ATTEMPT_TIMEOUT`` on the balanced
+    channel, whose round gives the next attempt to the next member); a failed attempt on the
+    route drops it, as a transaction's does. Attempts go on while the next can end within
+    ``CALL_TIMEOUT``. With one endpoint, one attempt of ``CALL_TIMEOUT``."""
+    client = await connection.client()
     if not connection.several_members:
-        return await call(CALL_TIMEOUT)
+        return await call(client, CALL_TIMEOUT)
     loop = asyncio.get_running_loop()
     give_up = loop.time() + CALL_TIMEOUT
     while True:
-        attempt = min(ATTEMPT_TIMEOUT, max(give_up - loop.time(), 0.1))
+        txn = connection.txn
+        via = txn.via if txn is not None and txn.client is client else None
+        timeout = ATTEMPT_TIMEOUT if via is None else ROUTE_TIMEOUT
         try:
-            return await call(attempt)
+            return await call(client if via is None else connection.carrier(via),
+                              min(timeout, max(give_up - loop.time(), 0.1)))
         except DOWN as error:
+            if txn is not None and via is not None:
+                connection.route_failed(txn)
             timed_out = _timed_out(error)
-            if not (timed_out or _refused(error)) or loop.time() >= give_up - AGAIN_PAUSE:
+            if (not (timed_out or _refused(error)) or connection.txn is None
+                    or loop.time() + AGAIN_PAUSE + ATTEMPT_TIMEOUT > give_up):
                 raise
             if not timed_out:
                 await asyncio.sleep(AGAIN_PAUSE)

@@ -87,7 +87,7 @@ from enhanced_locking.backends.etcd_connection import (
     EtcdConnection,
     EtcdSettings,
     Passenger,
-    on_any_member,
+    leader_first,
     unavailable,
     unreachable,
 )
@@ -1073,7 +1073,7 @@ class EtcdBackend(StoreBackend):
         if lease is None:
             assert client.lease is not None
             self.round_trips += 1
-            lease = await self._grant_lease(client, max(1, math.ceil(end - now)), key=key)
+            lease = await self._grant_lease(max(1, math.ceil(end - now)), key=key)
             self._leases[end] = lease
             self._lease_ends[lease] = end
         return lease
@@ -1082,14 +1082,11 @@ class EtcdBackend(StoreBackend):
         for end in [e for e, lease in self._leases.items() if lease in leases]:
             self._lease_ends.pop(self._leases.pop(end), None)
 
-    async def _grant_lease(self, client: etcd3aio.Etcd3Client, ttl: int, *,
-                           key: str | None) -> int:
-        leases = client.lease
-        assert leases is not None
+    async def _grant_lease(self, ttl: int, *, key: str | None) -> int:
         async with unavailable(self.connection, "lease grant", key=key):
             # A lease granted by a lost answer ends by itself: sending it again is harmless.
-            answer = await on_any_member(self.connection, lambda deadline: leases.grant(
-                ttl, timeout=deadline, max_attempts=1))
+            answer = await leader_first(self.connection, lambda member, deadline: _lease_calls(
+                member).grant(ttl, timeout=deadline, max_attempts=1))
             return int(answer.ID)
 
     async def _revoke(self, lease: int) -> None:
@@ -1137,7 +1134,7 @@ class EtcdBackend(StoreBackend):
             if self.session_lease and self._session is not None and not self._session.done():
                 return
             client = await self.connection.client()
-            self.session_lease = await self._grant_lease(client, SESSION_TTL, key=None)
+            self.session_lease = await self._grant_lease(SESSION_TTL, key=None)
             assert client.kv is not None
             async with unavailable(self.connection, "watch"):
                 start = int((await client.kv.get(self.base, timeout=CALL_TIMEOUT))
@@ -1353,11 +1350,8 @@ class EtcdBackend(StoreBackend):
                 key=lapsed.key)
 
     async def ping(self) -> None:
-        client = await self.connection.client()
-        kv = client.kv
-        assert kv is not None
         async with unavailable(self.connection, "ping"):
-            await on_any_member(self.connection, lambda deadline: kv.get(
+            await leader_first(self.connection, lambda member, deadline: _kv_calls(member).get(
                 self.base + b"ping", timeout=deadline, max_attempts=1))
 
     async def close(self) -> None:
@@ -1512,6 +1506,16 @@ def _put(put: Any, key: bytes, value: bytes, lease: int) -> None:
     put.value = value
     if lease:
         put.lease = lease
+
+
+def _lease_calls(client: etcd3aio.Etcd3Client) -> Any:
+    assert client.lease is not None, "a connected client"
+    return client.lease
+
+
+def _kv_calls(client: etcd3aio.Etcd3Client) -> Any:
+    assert client.kv is not None, "a connected client"
+    return client.kv
 
 
 def _txn_call(connection: EtcdConnection, client: etcd3aio.Etcd3Client,
