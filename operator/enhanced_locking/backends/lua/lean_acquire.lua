@@ -18,5 +18,6 @@
 local refused = guard()
 if refused then return refused end
 if #ARGV ~= 11 then return {'full'} end
-return grant_free(ARGV[6], ARGV[7], ARGV[8], ARGV[9], tonumber(ARGV[5]), ARGV[10], ARGV[11],
+local ttl = ARGV[5] == '0' and 0 or tonumber(ARGV[5])  -- (most grants have no lease)
+return grant_free(ARGV[6], ARGV[7], ARGV[8], ARGV[9], ttl, ARGV[10], ARGV[11],
                   KEYS[6], KEYS[7], KEYS[8], KEYS[9]) or {'full'}
