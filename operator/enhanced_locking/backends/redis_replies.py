@@ -1,7 +1,8 @@
 """The Redis scripts' replies as typed values: one decoding function per reply shape.
 
 A Lua script answers with nested arrays whose meaning is positional (see the ``returns`` lines
-at the top of each ``lua/*.lua`` file). Each shape is decoded here, once, into a named tuple,
+at the top of each ``lua/*.lua`` file); a lean function's answer is the JSON text of such an
+array, the text it keeps under the call id. Each shape is decoded here, once, into a named tuple,
 right after the call; nothing else in the backend reads a reply by position. A reply shape
 that changes in a script changes in the function named in its ``returns`` comment, and only
 there.
@@ -319,7 +320,14 @@ def served(answer: Sequence[Any]) -> Served:
     return Served(maybe_lock(released), _grants(granted), _waiters(dropped))
 
 
-def acquire(answer: Sequence[Any]) -> Took | Acquired | Refused | Queued:
+def _kept(answer: Any) -> Any:
+    """A lean function's answer, which is the JSON text it keeps under the call id (one
+    string: ``lean_acquire.lua``, ``lean_release.lua``), as the list the scripts answer."""
+    return json.loads(answer) if isinstance(answer, str) else answer
+
+
+def acquire(answer: Any) -> Took | Acquired | Refused | Queued:
+    answer = _kept(answer)
     status = answer[0]
     if status == "took":
         _, token, at, exp = answer
@@ -342,12 +350,14 @@ def acquire(answer: Sequence[Any]) -> Took | Acquired | Refused | Queued:
     return Refused(str(status), str(key), maybe_lock(holder))
 
 
-def release(answer: Sequence[Any], *, sent: str = "") -> Dropped | Release:
+def release(answer: Any, *, sent: str = "") -> Dropped | Release:
     """``sent``: the data a lean release said it believed stored, which its answer leaves out
-    when it is."""
+    when it is (``false``: ``None`` in a list Redis answered, ``False`` in JSON text)."""
+    answer = _kept(answer)
     if answer[0] == "dropped":
         _, data, token, at, exp = answer
-        return Dropped(sent if data is None else str(data), str(token), str(at), str(exp))
+        return Dropped(sent if data is None or data is False else str(data), str(token),
+                       str(at), str(exp))
     if answer[0] == "not_owned":
         return Release(False, lock(answer[1]), Served(None, (), ()))
     _, released, granted, dropped, others, ahead = answer

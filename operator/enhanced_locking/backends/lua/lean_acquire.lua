@@ -9,8 +9,8 @@
 --   path stored under the names lib.lua formed by RedisKeys' names)
 -- ARGV[5] lease in ms (0: none)  ARGV[6] lock key  ARGV[7] Atlantis JSON
 -- ARGV[8] owner repo  ARGV[9] owner pull  ARGV[10] path  ARGV[11] workspace
--- returns {'took', token, at, exp} as acquire.lua's lean path does (the same writes, the same
---         reply kept under the call id), or
+-- returns the JSON text of {'took', token, at, exp}, one string, as acquire.lua's lean path
+--         keeps it under the call id (the same writes; that path answers the list), or
 --         {'full'}: it cannot serve the call (someone holds or waits for the key); nothing
 --          was written or kept, and the caller sends the call to
 --          acquire.lua in full

@@ -7,8 +7,9 @@
 --   by position, as in lean_acquire.lua
 -- ARGV[5] lock key  ARGV[6] owner repo  ARGV[7] owner pull  ARGV[8] the Atlantis JSON the
 --   caller believes stored (the key's lock as it last read or made it; '' none)
--- returns {'dropped', data, token, at, exp} as release.lua's lean path does (the same writes,
---         the same reply kept under the call id), but data false (nil) when it is ARGV[8], or
+-- returns the JSON text of {'dropped', data, token, at, exp}, one string, as release.lua's
+--         lean path keeps it under the call id (the same writes; that path answers the list),
+--         but data false when it is ARGV[8], or
 --         {'full'}: it cannot serve the call (someone waits for the key, or shares it, the
 --          lock is not the owner's); nothing was written or kept, and the caller sends the
 --          call to release.lua in full

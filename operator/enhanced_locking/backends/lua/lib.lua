@@ -226,6 +226,7 @@ local function guard()
     -- which the caller finds out by itself): the caller deletes it and calls again, and the
     -- call runs as a first call (redis_replies.spoiled_answer).
     if ok and not (type(kept) == 'table' and kept[1] == nil and next(kept) ~= nil) then
+      if LEAN_CALL then return done end  -- (a lean function answers the text it kept)
       return kept
     end
     return {'spoiled_answer', ok and 'a JSON object' or 'not JSON'}
@@ -288,17 +289,26 @@ local function finish(reply)
 end
 
 -- `finish` of the lean paths' answers, which are flat lists of strings made by the call
--- (nothing to leave out: `as_answered` would copy them as they are). A grant's {'took',
--- token, at, exp} holds numbers formatted by `int` (digits, nothing JSON escapes), so its
--- text is the one cjson would make, written without cjson (which costs Redis more than the
--- SET that keeps it).
+-- (nothing to leave out: `as_answered` would copy them as they are). A lean function (LEAN_CALL)
+-- answers the text it keeps, one string, which the caller decodes as JSON: Redis turns a table
+-- answered into a reply element by element, after looking up the marks a table may carry
+-- (`err`, `ok`, `map`...), about 5k instructions for these four or five strings; one string
+-- costs it a few hundred. ACQUIRE's and RELEASE's lean paths answer the table, as the rest
+-- of those scripts do.
 local function finish_flat(reply)
-  w('SET', OP, cjson.encode(reply), 'PX', OP_PX)
+  local text = cjson.encode(reply)
+  w('SET', OP, text, 'PX', OP_PX)
+  if LEAN_CALL then return text end
   return reply
 end
 
+-- A grant's {'took', token, at, exp} holds numbers formatted by `int` (digits, nothing JSON
+-- escapes), so its text is the one cjson would make, written without cjson (which costs
+-- Redis more than the SET that keeps it).
 local function finish_took(token, at, exp)
-  w('SET', OP, '["took","' .. token .. '","' .. at .. '","' .. exp .. '"]', 'PX', OP_PX)
+  local text = '["took","' .. token .. '","' .. at .. '","' .. exp .. '"]'
+  w('SET', OP, text, 'PX', OP_PX)
+  if LEAN_CALL then return text end
   return {'took', token, at, exp}
 end
 
