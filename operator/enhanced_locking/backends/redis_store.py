@@ -102,10 +102,9 @@ class _Heads:
     """``ARGV[1..7]`` of every script: base, the queue policy, replica id, incarnation."""
     after: tuple[Any, ...]
     """``ARGV[9..10]``: the restart quarantine in ms, the compiled rules."""
-    lean_before: tuple[Any, ...]
-    """The lean functions' ``ARGV[1..2]``: base, incarnation."""
-    lean_after: tuple[Any, ...]
-    """The lean functions' ``ARGV[4]``: the restart quarantine in ms."""
+    lean: tuple[Any, ...]
+    """The lean functions' ``ARGV[1..2]``: incarnation, the restart quarantine in ms (no call
+    id: it ends ``KEYS[2]``)."""
 
 
 class RedisKeys:
@@ -302,11 +301,11 @@ class RedisBackend:
         self.in_flight += 1
         try:
             while changes < 4:
-                before, after = self._head(lean)
+                before, after = self._head(call_id, lean)
                 try:
                     async with asyncio.timeout(COMMAND_TIMEOUT):
                         answer = await execute("FCALL", function, len(declared), *declared,
-                                               *before, call_id, *after, *args)
+                                               *before, *after, *args)
                 except DOWN as error:
                     if retried or not is_retryable(error):
                         raise down(self.connection, action, error, key=key) from None
@@ -522,11 +521,12 @@ class RedisBackend:
                 del marks[next(iter(marks))]  # the oldest
             marks[key] = None
 
-    def _head(self, lean: bool = False) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-        """What a call sends before and after its call id: ``ARGV[1..7]`` and ``ARGV[9..10]``
-        of every script (``ARGV[8]`` is the call id), or with ``lean`` the lean functions'
-        ``ARGV[1..2]`` and ``ARGV[4]`` (``ARGV[3]``), made again only when the policy or the
-        store's incarnation changes."""
+    def _head(self, call_id: str,
+              lean: bool = False) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        """What a call sends before its own arguments, in two parts: ``ARGV[1..7]`` of every
+        script, then ``call_id`` (``ARGV[8]``) and ``ARGV[9..10]``; with ``lean`` the lean
+        functions' ``ARGV[1..2]``, then nothing. The parts around the call id are made again
+        only when the policy or the store's incarnation changes."""
         policy, incarnation = self._policy, self.incarnation
         heads = self._heads
         if heads is None or heads.policy is not policy or heads.incarnation != incarnation:
@@ -536,8 +536,8 @@ class RedisBackend:
                 before=(self.keys.base, int(policy.priority), policy.threshold_ms,
                         policy.max_boost, policy.max_size, self.replica_id, incarnation),
                 after=(quarantine, self._compiled(policy.rules)),
-                lean_before=(self.keys.base, incarnation), lean_after=(quarantine,))
-        return (heads.lean_before, heads.lean_after) if lean else (heads.before, heads.after)
+                lean=(incarnation, quarantine))
+        return (heads.lean, ()) if lean else (heads.before, (call_id, *heads.after))
 
     def _compiled(self, rules: policies.PolicyRules) -> str:
         """The rules as the scripts read them (compiled once per rules object)."""

@@ -2,13 +2,13 @@
 -- only the keys and arguments it needs, so that Redis handles fewer of them per call. The
 -- client sends an acquire here first when it is one exclusive key, without waiting and
 -- without rules, and the key was not found busy lately. Its call starts with `begin_lean`
--- (lib.lua): KEYS[1..5] and ARGV[1..4] are the lean layout's.
+-- (lib.lua): KEYS[1..5] and ARGV[1..2] are the lean layout's.
 -- KEYS[6..9] the key's lock, shared holders and fencing counter, the owner's pull index, in
 --   this order: taken by position, no name formed here (RedisKeys forms them as lib.lua's
 --   *_name functions do: tests/integration/test_redis_lean_path.py reads what the full
 --   path stored under the names lib.lua formed by RedisKeys' names)
--- ARGV[5] lease in ms (0: none)  ARGV[6] lock key  ARGV[7] Atlantis JSON
--- ARGV[8] owner repo  ARGV[9] owner pull  ARGV[10] path  ARGV[11] workspace
+-- ARGV[3] lease in ms (0: none)  ARGV[4] lock key  ARGV[5] Atlantis JSON
+-- ARGV[6] owner repo  ARGV[7] owner pull  ARGV[8] path  ARGV[9] workspace
 -- returns the JSON text of {'took', token, at, exp}, one string, as acquire.lua's lean path
 --         keeps it under the call id (the same writes; that path answers the list), or
 --         {'full'}: it cannot serve the call (someone holds or waits for the key); nothing
@@ -17,7 +17,7 @@
 -- decoded by redis_replies.acquire / redis_replies.full
 local refused = guard()
 if refused then return refused end
-if #ARGV ~= 11 then return {'full'} end
-local ttl = ARGV[5] == '0' and 0 or tonumber(ARGV[5])  -- (most grants have no lease)
-return grant_free(ARGV[6], ARGV[7], ARGV[8], ARGV[9], ttl, ARGV[10], ARGV[11],
+if #ARGV ~= 9 then return {'full'} end
+local ttl = ARGV[3] == '0' and 0 or tonumber(ARGV[3])  -- (most grants have no lease)
+return grant_free(ARGV[4], ARGV[5], ARGV[6], ARGV[7], ttl, ARGV[8], ARGV[9],
                   KEYS[6], KEYS[7], KEYS[8], KEYS[9]) or {'full'}

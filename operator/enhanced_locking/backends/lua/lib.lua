@@ -58,18 +58,19 @@ end
 
 -- `begin` of the lean functions (LEAN_ACQUIRE, LEAN_RELEASE), which take only what their code
 -- reads: KEYS[1..5] incarnation, op:<call id>, held, fenced, queued (the namespace's keys in
--- `begin`'s order, without the liveness set and seq); ARGV[1] base, ARGV[2..4] the store's
--- incarnation the caller knows, the call id, the restart quarantine in ms (ARGV[7..9] of
--- the other scripts); their own arguments start at ARGV[5]. No queue policy, replica id or
--- rules: the caller sends a call there only without rules, and nothing there serves a queue.
--- Each argument costs Redis about 2k instructions a call (read, copied into KEYS or ARGV).
+-- `begin`'s order, without the liveness set and seq); ARGV[1..2] the store's incarnation the
+-- caller knows and the restart quarantine in ms (ARGV[7] and ARGV[9] of the other scripts);
+-- their own arguments start at ARGV[3]. No base (they form no name), no call id (it ends
+-- KEYS[2]: `fresh_id`), no queue policy, replica id or rules: the caller sends a call there
+-- only without rules, and nothing there serves a queue. Each argument costs Redis about 0.8k
+-- instructions a call (read, copied into KEYS or ARGV).
 local function begin_lean(keys, args)
   KEYS, ARGV = keys, args
-  base = ARGV[1]
+  base = false
   POLICY = false
   LEAN_CALL = true
   REPLICA_ID = false
-  KNOWN_INCARNATION, NEW_INCARNATION, QUARANTINE_MS = ARGV[2], ARGV[3], ARGV[4]
+  KNOWN_INCARNATION, NEW_INCARNATION, QUARANTINE_MS = ARGV[1], false, ARGV[2]
   NOW = false  -- read when first needed (`clock`): a lean release of a lock without a lease
                -- reads no TIME (in a store without a quarantine in force)
   INCARNATION, OP, HELD, FENCED, QUEUED = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
@@ -217,6 +218,10 @@ end
 -- A script that changes anything first asks: did this very call run already (a retry)? does
 -- Redis still have the data the caller knew (the store's incarnation)? Returns nil to go on, else
 -- the reply to send back (nothing changed).
+-- The id of an incarnation this call starts: its call id (ARGV[8] of a full script; a lean
+-- call's is the end of its KEYS[2], op:<call id>).
+local function fresh_id() return NEW_INCARNATION or string.match(OP, '[^:]*$') end
+
 local function guard()
   local done = redis.call('GET', OP)
   if done then  -- this very call ran before: the same answer
@@ -238,24 +243,24 @@ local function guard()
     -- quarantine; counters started from now on continue from the clock, above any token a
     -- lost counter could have handed out. The reply's fifth field says why (Python logs it).
     local why = 'not a hash (Redis type ' .. redis.call('TYPE', INCARNATION)['ok'] .. ')'
-    local now = clock()
+    local now, id = clock(), fresh_id()
     w('DEL', INCARNATION)
-    w('HSET', INCARNATION, 'id', NEW_INCARNATION, 'base', int(now * 1000), 'until', 0,
+    w('HSET', INCARNATION, 'id', id, 'base', int(now * 1000), 'until', 0,
                'since', now, 'replaced', why)
-    return {'incarnation', NEW_INCARNATION, 0, now, why}
+    return {'incarnation', id, 0, now, why}
   end
   if not e[1] then
-    local now = clock()
+    local now, id = clock(), fresh_id()
     if KNOWN_INCARNATION == '' then  -- a new store: counters start at 0
-      w('HSET', INCARNATION, 'id', NEW_INCARNATION, 'base', 0, 'until', 0, 'since', now)
-      return {'incarnation', NEW_INCARNATION, 0, now}
+      w('HSET', INCARNATION, 'id', id, 'base', 0, 'until', 0, 'since', now)
+      return {'incarnation', id, 0, now}
     end
     -- The caller knew this store and it has forgotten everything (a restart without
     -- persistence): tokens continue from the clock, and grants wait out the quarantine.
     local till = now + tonumber(QUARANTINE_MS)
-    w('HSET', INCARNATION, 'id', NEW_INCARNATION, 'base', int(now * 1000), 'until', till,
+    w('HSET', INCARNATION, 'id', id, 'base', int(now * 1000), 'until', till,
                'since', now, 'lost', KNOWN_INCARNATION)
-    return {'incarnation', NEW_INCARNATION, till, now}
+    return {'incarnation', id, till, now}
   end
   if e[1] ~= KNOWN_INCARNATION then return {'incarnation', e[1], tonumber(e[3]), clock()} end
   -- (`until` is 0 unless a quarantine was started: then no clock is needed; `base` is 0 in a
