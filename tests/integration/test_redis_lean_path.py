@@ -265,7 +265,7 @@ def test_the_lean_functions_write_nothing_for_a_call_they_cannot_serve(
     holds what it held before (no answer kept under the call id either)."""
     keys = RedisKeys("enhanced-locking:", "enhanced")
     common = keys.lean_common("c-1")
-    head = ["e-1", 0]  # the lean layout (begin_lean in lua/lib.lua): incarnation, quarantine
+    head = ["e-1"]  # the lean layout (begin_lean in lua/lib.lua): the incarnation known
     owner = keys.pull(*OWNER)
     with redis_server.client() as admin:
         admin.function_load(redis_scripts.FUNCTIONS)

@@ -31,9 +31,10 @@ answers ``{'need', names}`` before writing anything and is called again with the
 (``docs/03-redis.md``, "Keys found while a script runs"). Everything about one lock key
 carries the key as a hash tag (``{K}``); on a Redis Cluster ``base`` carries the namespace's
 tag instead. The lean functions (:data:`LEAN`) take a shorter layout, only what their code
-reads: ``KEYS[1..5]`` (incarnation, call id's key, held, fenced, queued) and ``ARGV[1..2]``
-the incarnation known and the quarantine (no base: they form no name; the call id is the end of
-``KEYS[2]``); their own arguments start at ``ARGV[3]`` (``begin_lean`` in ``lua/lib.lua``).
+reads: ``KEYS[1..5]`` (incarnation, call id's key, held, fenced, queued) and ``ARGV[1]`` the
+incarnation known (no base: they form no name; the call id is the end of ``KEYS[2]``; no
+quarantine: a store that lost its data is left to the full scripts); their own arguments start
+at ``ARGV[2]`` (``begin_lean`` in ``lua/lib.lua``).
 
 **Keys** (``K`` a lock key, ``W`` a waiter id, ``R`` a replica id)::
 
@@ -182,7 +183,7 @@ LIBRARY = _PREAMBLE + source("lib.lua")
 
 LEAN = ("LEAN_ACQUIRE", "LEAN_RELEASE")
 """The scripts whose calls take the lean layout (``begin_lean`` in ``lua/lib.lua``): only the
-namespace's first five keys and two of the common arguments."""
+namespace's first five keys and one of the common arguments."""
 
 
 def _begin(name: str) -> str:

@@ -103,8 +103,8 @@ class _Heads:
     after: tuple[Any, ...]
     """``ARGV[9..10]``: the restart quarantine in ms, the compiled rules."""
     lean: tuple[Any, ...]
-    """The lean functions' ``ARGV[1..2]``: incarnation, the restart quarantine in ms (no call
-    id: it ends ``KEYS[2]``)."""
+    """The lean functions' ``ARGV[1]``: the incarnation (no call id: it ends ``KEYS[2]``; no
+    quarantine: a store that lost its data is left to the full scripts)."""
 
 
 class RedisKeys:
@@ -525,7 +525,7 @@ class RedisBackend:
               lean: bool = False) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
         """What a call sends before its own arguments, in two parts: ``ARGV[1..7]`` of every
         script, then ``call_id`` (``ARGV[8]``) and ``ARGV[9..10]``; with ``lean`` the lean
-        functions' ``ARGV[1..2]``, then nothing. The parts around the call id are made again
+        functions' ``ARGV[1]``, then nothing. The parts around the call id are made again
         only when the policy or the store's incarnation changes."""
         policy, incarnation = self._policy, self.incarnation
         heads = self._heads
@@ -536,7 +536,7 @@ class RedisBackend:
                 before=(self.keys.base, int(policy.priority), policy.threshold_ms,
                         policy.max_boost, policy.max_size, self.replica_id, incarnation),
                 after=(quarantine, self._compiled(policy.rules)),
-                lean=(incarnation, quarantine))
+                lean=(incarnation,))
         return (heads.lean, ()) if lean else (heads.before, (call_id, *heads.after))
 
     def _compiled(self, rules: policies.PolicyRules) -> str:

@@ -2,19 +2,19 @@
 -- only the keys it needs, so that Redis handles fewer of them per call. The client sends a
 -- release here first when it names the owner, without rules, and nobody of its own waits
 -- for the key nor was the key found busy lately. Its call starts with `begin_lean` (lib.lua):
--- KEYS[1..5] and ARGV[1..2] are the lean layout's.
+-- KEYS[1..5] and ARGV[1] are the lean layout's.
 -- KEYS[6..8] the key's lock and shared holders, the owner's pull index, in this order: taken
 --   by position, as in lean_acquire.lua
--- ARGV[3] lock key  ARGV[4] owner repo  ARGV[5] owner pull  ARGV[6] the Atlantis JSON the
+-- ARGV[2] lock key  ARGV[3] owner repo  ARGV[4] owner pull  ARGV[5] the Atlantis JSON the
 --   caller believes stored (the key's lock as it last read or made it; '' none)
 -- returns the JSON text of {'dropped', data, token, at, exp}, one string, as release.lua's
 --         lean path keeps it under the call id (the same writes; that path answers the list),
---         but data false when it is ARGV[6], or
+--         but data false when it is ARGV[5], or
 --         {'full'}: it cannot serve the call (someone waits for the key, or shares it, the
---          lock is not the owner's); nothing was written or kept, and the caller sends the
---          call to release.lua in full
+--          lock is not the owner's, the store lost its data); nothing was written or kept,
+--          and the caller sends the call to release.lua in full
 -- decoded by redis_replies.release / redis_replies.full
 local refused = guard()
 if refused then return refused end
-if #ARGV ~= 6 or ARGV[4] == '' then return {'full'} end
-return release_own(ARGV[3], ARGV[4], ARGV[5], KEYS[6], KEYS[7], KEYS[8], ARGV[6]) or {'full'}
+if #ARGV ~= 5 or ARGV[3] == '' then return {'full'} end
+return release_own(ARGV[2], ARGV[3], ARGV[4], KEYS[6], KEYS[7], KEYS[8], ARGV[5]) or {'full'}

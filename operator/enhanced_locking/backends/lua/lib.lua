@@ -58,19 +58,20 @@ end
 
 -- `begin` of the lean functions (LEAN_ACQUIRE, LEAN_RELEASE), which take only what their code
 -- reads: KEYS[1..5] incarnation, op:<call id>, held, fenced, queued (the namespace's keys in
--- `begin`'s order, without the liveness set and seq); ARGV[1..2] the store's incarnation the
--- caller knows and the restart quarantine in ms (ARGV[7] and ARGV[9] of the other scripts);
--- their own arguments start at ARGV[3]. No base (they form no name), no call id (it ends
--- KEYS[2]: `fresh_id`), no queue policy, replica id or rules: the caller sends a call there
--- only without rules, and nothing there serves a queue. Each argument costs Redis about 0.8k
--- instructions a call (read, copied into KEYS or ARGV).
+-- `begin`'s order, without the liveness set and seq); ARGV[1] the store's incarnation the
+-- caller knows (ARGV[7] of the other scripts); their own arguments start at ARGV[2]. No base
+-- (they form no name), no call id (it ends KEYS[2]: `fresh_id`), no restart quarantine (a
+-- store that lost its data is left to the full scripts: `guard`), no queue policy, replica id
+-- or rules: the caller sends a call there only without rules, and nothing there serves a
+-- queue. Each argument costs Redis about 0.4k instructions a call (read, copied into KEYS or
+-- ARGV), and about 1.7k more where it makes a ninth (Redis's Lua grows the table then).
 local function begin_lean(keys, args)
   KEYS, ARGV = keys, args
   base = false
   POLICY = false
   LEAN_CALL = true
   REPLICA_ID = false
-  KNOWN_INCARNATION, NEW_INCARNATION, QUARANTINE_MS = ARGV[1], false, ARGV[2]
+  KNOWN_INCARNATION, NEW_INCARNATION, QUARANTINE_MS = ARGV[1], false, false
   NOW = false  -- read when first needed (`clock`): a lean release of a lock without a lease
                -- reads no TIME (in a store without a quarantine in force)
   INCARNATION, OP, HELD, FENCED, QUEUED = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
@@ -256,7 +257,11 @@ local function guard()
       return {'incarnation', id, 0, now}
     end
     -- The caller knew this store and it has forgotten everything (a restart without
-    -- persistence): tokens continue from the clock, and grants wait out the quarantine.
+    -- persistence): tokens continue from the clock, and grants wait out the quarantine. A
+    -- lean call is not told the quarantine (once per lost store, not an argument every call):
+    -- it writes nothing and the caller sends the call to the full script, which starts the
+    -- new incarnation.
+    if not QUARANTINE_MS then return {'full'} end
     local till = now + tonumber(QUARANTINE_MS)
     w('HSET', INCARNATION, 'id', id, 'base', int(now * 1000), 'until', till,
                'since', now, 'lost', KNOWN_INCARNATION)
