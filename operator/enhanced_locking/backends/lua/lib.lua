@@ -216,13 +216,13 @@ local function w_try(...)
   return reply
 end
 
--- A script that changes anything first asks: did this very call run already (a retry)? does
--- Redis still have the data the caller knew (the store's incarnation)? Returns nil to go on, else
--- the reply to send back (nothing changed).
 -- The id of an incarnation this call starts: its call id (ARGV[8] of a full script; a lean
 -- call's is the end of its KEYS[2], op:<call id>).
 local function fresh_id() return NEW_INCARNATION or string.match(OP, '[^:]*$') end
 
+-- A script that changes anything first asks: did this very call run already (a retry)? does
+-- Redis still have the data the caller knew (the store's incarnation)? Returns nil to go on, else
+-- the reply to send back (nothing changed).
 local function guard()
   local done = redis.call('GET', OP)
   if done then  -- this very call ran before: the same answer
