@@ -67,11 +67,12 @@ end
 -- ARGV), and about 1.7k more where it makes a ninth (Redis's Lua grows the table then).
 local function begin_lean(keys, args)
   KEYS, ARGV = keys, args
-  base = false
+  -- (`base` is left as it is: a lean call forms no name, and `checked` fails one that would)
   POLICY = false
   LEAN_CALL = true
   REPLICA_ID = false
-  KNOWN_INCARNATION, NEW_INCARNATION, QUARANTINE_MS = ARGV[1], false, false
+  -- (ARGV[1] is the incarnation here, not base as in `begin`: read as the layout's own)
+  KNOWN_INCARNATION, NEW_INCARNATION, QUARANTINE_MS = args[1], false, false
   NOW = false  -- read when first needed (`clock`): a lean release of a lock without a lease
                -- reads no TIME (in a store without a quarantine in force)
   INCARNATION, OP, HELD, FENCED, QUEUED = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
