@@ -431,3 +431,32 @@ async def test_a_release_another_replica_is_applying_is_waited_for_never_handed_
             assert held.acquired and held.lock is not None
             assert held.lock.fencing_token == copy.fencing_token
             await _held_by_one_pull_after_reconciling(a, b, copy.fencing_token)
+
+
+async def test_a_newer_lock_of_the_pull_freed_by_a_late_release_is_put_back(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a reads the copy its journaled release names; before a's release of it, the pull itself
+    # releases the copy and takes the key again through b (a new lock, a new token). a's
+    # release by owner then frees that new lock: a puts it back at once, so the pull still
+    # holds what it was told it holds and pull 2 is refused.
+    async with _released_on_a(data_dir) as (a, b):
+        key = request_for().key
+        assert a.enhanced is not None
+        read = a.enhanced.get
+        taken_again: list[int] = []
+
+        async def read_then_the_pull_takes_it_again(name: str) -> Any:
+            found = await read(name)
+            if not taken_again:
+                assert await _enhanced_store(b).release(key, owner=("acme/infra", 1))
+                again = await b.router.acquire(request_for(pull=1))
+                assert again.acquired and again.fresh and again.lock is not None
+                taken_again.append(again.lock.fencing_token)
+            return found
+
+        monkeypatch.setattr(a.enhanced, "get", read_then_the_pull_takes_it_again)
+        await a.migration.fallback.reconcile()
+        monkeypatch.undo()
+        assert taken_again and a.migration.fallback.pending == 0
+        await _held_by_one_pull_after_reconciling(a, b, taken_again[0])

@@ -357,7 +357,9 @@ class FallbackReconciler:
         side is read before the claim, so while it does not answer the entry stays
         (``BackendUnavailable``). If it stops answering between the claim and the free, the
         copy stays held by its pull, as any lock of that pull: shown in the lists, freed by
-        the pull's next release; never freed later under a pull told it holds it anew."""
+        the pull's next release; never freed later under a pull told it holds it anew. If the
+        release freed a newer lock of the pull (taken between the read and the release), it
+        is put back (:meth:`_put_back`)."""
         held = await enhanced.get(key)
         tombstone = await journal.released.release(key)
         if tombstone is None:
@@ -365,7 +367,7 @@ class FallbackReconciler:
         if held is None or not _names(tombstone, held):
             return False  # gone already, or a newer hold that is not ours to free
         try:
-            return await enhanced.release(key, owner=tombstone.owner) is not None
+            gone = await enhanced.release(key, owner=tombstone.owner)
         except LockNotOwned:
             return False
         except BackendUnavailable as error:
@@ -374,6 +376,27 @@ class FallbackReconciler:
                       "names could not be freed (%s): it stays held by pull %s until released "
                       "again", key, error, tombstone.pull.num)
             raise
+        if gone is not None and gone.fencing_token != held.fencing_token:
+            await self._put_back(enhanced, gone)
+            return False
+        return gone is not None
+
+    async def _put_back(self, enhanced: Locker, lock: Lock) -> None:
+        """Between the read of the copy and its release (a release by owner, two calls), the
+        pull released the copy itself and took the key again: the release freed that newer
+        lock, which the pull was told it holds. Put back at once; if the key went to someone
+        else meanwhile (a waiter served by that release), say so loudly: two holders."""
+        backend = backend_of(enhanced)
+        refused = [lock] if backend is None else await backend.adopt([lock], {})
+        if not refused:
+            log.warning("the copy of %s was released and taken again by pull %s while its "
+                        "journaled release was applied: the new lock is put back", lock.key,
+                        lock.pull.num)
+            return
+        self.journal_errors += 1
+        log.error("the journaled release of %s freed the newer lock of pull %s (fencing token "
+                  "%s) and could not put it back: the key was taken meanwhile",
+                  lock.key, lock.pull.num, lock.fencing_token)
 
     def status(self, *, mode: FallbackMode) -> FallbackStatus:
         return FallbackStatus(mode=mode, pending=self.pending, granted=self.granted_total,
