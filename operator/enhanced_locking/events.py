@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from enhanced_locking.types import Event, Lock, built
+from enhanced_locking.types import Event, Lock
 
 __all__ = ["EVENT_TYPES", "FOLLOWING_COMMENT", "Bus", "EventBus", "Following", "Gap",
            "parse_event_id"]
@@ -79,45 +79,38 @@ def parse_event_id(event_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-class _Recorded:
-    """An event as :meth:`EventBus.publish` records it, built into an :class:`Event` the first
-    time it is read (and that one object answered from then on)."""
+_Recorded = tuple[tuple[int, int], float, str, str | None, str | None, Lock | None, dict[str, Any]]
+"""An event as :meth:`EventBus.publish` records it: its mark (its id's milliseconds and
+sequence number, as :func:`parse_event_id` reads them), its time (seconds since the epoch),
+its type and key, the repository given for an event without a lock (for one with a lock,
+``None``: the lock's own, read when the event is built), the lock and the details. Built into
+an :class:`Event` by :func:`_built` the first time it is read, and that event kept in its
+place in the ring from then on (every reader gets the one object).
 
-    __slots__ = ("_event", "at", "details", "key", "lock", "mark", "repo", "type")
-
-    # Made by :meth:`EventBus.publish`, which sets every slot itself: a call of an __init__
-    # with seven arguments cost about as much again as the slots' stores.
-    mark: tuple[int, int]
-    at: float
-    type: str
-    key: str | None
-    repo: str | None
-    lock: Lock | None
-    details: dict[str, Any]
-    _event: Event | None
-
-    def event(self) -> Event:
-        if self._event is None:
-            # Built without re-validation: every field is ours and already of its type.
-            self._event = built(
-                Event, id=f"{self.mark[0]}-{self.mark[1]}", type=self.type,
-                time=datetime.fromtimestamp(self.at, UTC), key=self.key, repo=self.repo,
-                lock=self.lock, details=self.details)
-        return self._event
+A plain tuple, made and read in this module only, with its values in a tuple display: one
+object. A class with slots, or a named tuple, made through ``__new__`` cost about twice as
+much to make and to free, on every event (and two of every lock pair's events)."""
 
 
-_new_recorded = object.__new__
+def _built(recorded: _Recorded) -> Event:
+    (ms, seq), at, type, key, repo, lock, details = recorded
+    # Built without re-validation: every field is ours and already of its type.
+    return Event.recorded(id=f"{ms}-{seq}", type=type, time=datetime.fromtimestamp(at, UTC),
+                          key=key, repo=repo if lock is None else lock.project.repo_full_name,
+                          lock=lock, details=details)
+
 
 _Kept = Event | _Recorded
-"""What the ring holds: events a shared bus read from its store, and events recorded here."""
+"""What the ring holds: events built (read once, a shared bus's from its store, or made for a
+subscriber), and events recorded here and not read yet."""
 
 
 def _mark_of(item: _Kept) -> tuple[int, int]:
-    return item.mark if isinstance(item, _Recorded) else parse_event_id(item.id)
+    return item[0] if isinstance(item, tuple) else parse_event_id(item.id)
 
 
 def _event_of(item: _Kept) -> Event:
-    return item.event() if isinstance(item, _Recorded) else item
+    return _built(item) if isinstance(item, tuple) else item
 
 
 def _id_of(item: _Kept) -> str:
@@ -174,18 +167,17 @@ class EventBus:
         mark = self._last = (ms, 0) if ms > last_ms else (last_ms, last_seq + 1)
         if lock is not None:
             key = key or lock.key
-            repo = lock.project.repo_full_name
+            repo = None  # the lock's, read when the event is built (two reads of models)
         else:
             repo = details.pop("repo", None)
-        recorded = _new_recorded(_Recorded)
-        recorded.mark, recorded.at, recorded.type, recorded.key = mark, at, type, key
-        recorded.repo, recorded.lock, recorded.details = repo, lock, details
-        recorded._event = None
-        self._ring.append(recorded)
+        recorded = (mark, at, type, key, repo, lock, details)
         if self._subscribers:
-            event = recorded.event()
+            event = _built(recorded)
+            self._ring.append(event)
             for subscriber in list(self._subscribers):
                 subscriber(event)
+        else:
+            self._ring.append(recorded)
         if self._wakeup is not None:
             self._wake()
 
@@ -208,17 +200,25 @@ class EventBus:
     def recent(self, after: str | None = None) -> list[Event]:
         """Events newer than ``after`` still in the ring (all of them without ``after``)."""
         if after is None:
-            return [_event_of(item) for item in self._ring]
+            return self._newest_built(len(self._ring))
         return self._after(parse_event_id(after))
 
     def _after(self, mark: tuple[int, int]) -> list[Event]:
-        newer: list[Event] = []
+        count = 0
         for item in reversed(self._ring):  # newest first: stop at the first one seen
             if _mark_of(item) <= mark:
                 break
-            newer.append(_event_of(item))
-        newer.reverse()
-        return newer
+            count += 1
+        return self._newest_built(count)
+
+    def _newest_built(self, count: int) -> list[Event]:
+        """The newest ``count`` events, oldest first, each built if it was not yet and kept
+        built in its place: every reader of an event gets the one object."""
+        ring = self._ring
+        newest = [_event_of(ring.pop()) for _ in range(count)]
+        newest.reverse()
+        ring.extend(newest)
+        return newest
 
     def gap_since(self, after: str) -> bool:
         """Whether events after ``after`` may have fallen out of the ring."""

@@ -6,7 +6,15 @@ from __future__ import annotations
 import asyncio
 
 from enhanced_locking.events import EventBus, Following, Gap
-from enhanced_locking.types import Event
+from enhanced_locking.types import (
+    Candidate,
+    Event,
+    Lock,
+    LockRequest,
+    Project,
+    Pull,
+    utcnow,
+)
 
 
 def _publish(bus: EventBus, count: int) -> list[str]:
@@ -111,3 +119,42 @@ async def test_a_reader_that_does_not_ask_is_not_told() -> None:
     await asyncio.sleep(0)
     ids = _publish(bus, 1)
     assert [e.id for e in [await asyncio.wait_for(waiting, 1)] if isinstance(e, Event)] == ids
+
+
+def _lock(repo: str, path: str) -> Lock:
+    request = LockRequest(project=Project(repo_full_name=repo, path=path), pull=Pull(num=7))
+    candidate = Candidate.of_request(request, priority=request.priority)
+    return candidate.granted(acquired_at=utcnow(), expires_at=None, fencing_token=1)
+
+
+async def test_every_reader_of_an_event_gets_the_one_event_built_when_first_read() -> None:
+    bus = EventBus(capacity=10)
+    lock = _lock("acme/infra", "envs/prod")
+    bus.publish("acquired", lock=lock, key=lock.key)
+    bus.publish("released", lock=lock, how="released", handedTo=())
+    bus.publish("timeout", key="other/key", repo="acme/other", waiterId="w1")
+    first = bus.recent(bus.recent()[0].id)  # the two newest, read first
+    everything = bus.recent()
+    assert [e.type for e in everything] == ["acquired", "released", "timeout"]
+    assert everything[1] is first[0] and everything[2] is first[1]
+    assert all(a is b for a, b in zip(bus.recent(), everything, strict=True))
+    stream = bus.follow(everything[0].id)
+    assert await _take(stream, 2) == first
+    assert [e.id for e in everything] == sorted(
+        (e.id for e in everything), key=lambda i: tuple(map(int, i.split("-"))))
+    # A lock's event names the lock's repository and key; one without a lock, what it was told.
+    assert [(e.key, e.repo, e.lock) for e in everything] == [
+        (lock.key, "acme/infra", lock), (lock.key, "acme/infra", lock),
+        ("other/key", "acme/other", None)]
+    assert [e.details for e in everything] == [
+        {}, {"how": "released", "handedTo": ()}, {"waiterId": "w1"}]
+
+
+async def test_a_subscriber_and_a_later_reader_get_the_one_event() -> None:
+    bus = EventBus(capacity=10)
+    seen: list[Event] = []
+    bus.subscribe(seen.append)
+    lock = _lock("acme/infra", "envs/dev")
+    bus.publish("acquired", lock=lock, key=lock.key)
+    assert len(seen) == 1 and seen[0].repo == "acme/infra" and seen[0].lock is lock
+    assert bus.recent() == seen and bus.recent()[0] is seen[0]

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 from enhanced_locking.backends.outbox import Outbox
 from enhanced_locking.events import EventBus, Following, Gap
-from enhanced_locking.types import Event, Lock, built, utcnow
+from enhanced_locking.types import Event, Lock, utcnow
 
 __all__ = ["SharedEventBus"]
 
@@ -82,8 +82,8 @@ class SharedEventBus(EventBus):
             return
         key = key or (lock.key if lock else None)
         repo = lock.project.repo_full_name if lock else details.pop("repo", None)
-        event = built(Event, id="", type=type, time=utcnow(), key=key, repo=repo, lock=lock,
-                      details=details)
+        event = Event.recorded(id="", type=type, time=utcnow(), key=key, repo=repo, lock=lock,
+                               details=details)
         for subscriber in list(self._subscribers):
             subscriber(event)
         self._outbox.put(event)
