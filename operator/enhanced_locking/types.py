@@ -766,12 +766,15 @@ class AcquireResult(_Model):
         ``built`` (merging defaults, reading the class's private attributes) cost about as
         much again as the object itself. A test holds the two to the same model."""
         result = _new_object(cls)
-        _set_fields(result, {
-            "acquired": True, "lock_key": lock.__dict__["key"], "lock": lock, "reason": None,
-            "holder": None, "queue_position": None, "cycle": None, "error": None})
-        _set_fields_set(result, {"acquired", "lock_key", "lock"})
+        # Copies of dicts and a set made once (a copy of a dict is one block copied; a dict
+        # display inserts its items one by one): 8.5k to 7.1k instructions an answer.
+        fields = _GRANTED_FIELDS.copy()
+        fields["lock_key"] = lock.__dict__["key"]
+        fields["lock"] = lock
+        _set_fields(result, fields)
+        _set_fields_set(result, _GRANTED_SET.copy())
         _set_extra(result, None)
-        _set_private(result, {"_fresh": fresh})
+        _set_private(result, (_FRESH if fresh else _NOT_FRESH).copy())
         return result
 
     @property
@@ -786,6 +789,16 @@ class AcquireResult(_Model):
         cls, key: str, reason: Reason, holder: Lock | None = None, **extra: Any
     ) -> AcquireResult:
         return cls(acquired=False, lock_key=key, reason=reason, holder=holder, **extra)
+
+
+_GRANTED_FIELDS: dict[str, Any] = {
+    "acquired": True, "lock_key": "", "lock": None, "reason": None, "holder": None,
+    "queue_position": None, "cycle": None, "error": None}
+"""A granted answer's fields in their order, its ``lock_key`` and ``lock`` to be set (copied
+per answer, never handed out)."""
+_GRANTED_SET = {"acquired", "lock_key", "lock"}
+_FRESH: dict[str, Any] = {"_fresh": True}
+_NOT_FRESH: dict[str, Any] = {"_fresh": False}
 
 
 class BatchResult(_Model):

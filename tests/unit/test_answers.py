@@ -48,6 +48,11 @@ def test_a_grants_answer_is_the_model_built_from_its_fields(fresh: bool) -> None
     assert written.fresh is fresh
     assert written.model_dump_json() == general.model_dump_json()
     assert written.model_dump(exclude_unset=True) == general.model_dump(exclude_unset=True)
+    # Each answer has dicts and a set of its own: a change to one never reaches another.
+    other = AcquireResult.granted(lock, fresh=fresh)
+    assert other.__dict__ is not written.__dict__
+    assert other.model_fields_set is not written.model_fields_set
+    assert other.__pydantic_private__ is not written.__pydantic_private__
 
 
 @pytest.mark.parametrize(("repo", "with_lock", "details"), [
