@@ -307,6 +307,28 @@ async def test_a_release_by_another_pull_is_refused_and_hands_nothing(
     assert await backend.get(held.key) == held
 
 
+async def test_a_release_of_an_earlier_hold_of_the_pull_frees_nothing_and_hands_nothing(
+    backend: QueueBackend,
+) -> None:
+    # Held to a fencing token: the pull's newer lock of the key is not the hold asked for.
+    owner = ("acme/infra", 1)
+    first = (await backend.acquire_or_enqueue(want(1), ttl=None, wait=None, policy=FIFO)).locks[0]
+    await backend.release_and_handoff(first.key, owner=owner, policy=FIFO)
+    held = (await backend.acquire_or_enqueue(want(1), ttl=None, wait=None, policy=FIFO)).locks[0]
+    assert held.fencing_token > first.fencing_token
+    _, future, _ = await queue_up(backend, want(2))
+    with pytest.raises(LockNotOwned):
+        await backend.release_and_handoff(held.key, owner=owner, policy=FIFO,
+                                          token=first.fencing_token)
+    assert not future.done()
+    assert await backend.get(held.key) == held
+    # the hold itself, by its token, goes and the key is handed on
+    handoff = await backend.release_and_handoff(held.key, owner=owner, policy=FIFO,
+                                                token=held.fencing_token)
+    assert handoff.released == held
+    assert (await asyncio.wait_for(future, 5)).locks[0].pull.num == 2
+
+
 # --- batches -----------------------------------------------------------------------------------
 
 

@@ -270,9 +270,11 @@ class QueueBackend(Backend, Protocol):
         ...
 
     async def release_and_handoff(
-        self, key: str, *, owner: Owner | None = None, policy: QueuePolicy | None = None
+        self, key: str, *, owner: Owner | None = None, policy: QueuePolicy | None = None,
+        token: int | None = None,
     ) -> Handoff:
-        """Free ``key`` (with ``owner``: only if that pull holds it, else ``LockNotOwned``)
+        """Free ``key`` (with ``owner``: only if that pull holds it, else ``LockNotOwned``;
+        with ``token`` too: only that hold of the pull, the lock with that fencing token)
         and hand it to the next waiter; say which lock went and who got it."""
         ...
 
@@ -839,10 +841,11 @@ class StoreBackend(abc.ABC):
                                 superseded=tuple(superseded))
 
     async def release_and_handoff(
-        self, key: str, *, owner: Owner | None = None, policy: QueuePolicy | None = None
+        self, key: str, *, owner: Owner | None = None, policy: QueuePolicy | None = None,
+        token: int | None = None,
     ) -> Handoff:
         policy = policy or QueuePolicy()
-        if key not in self._queues and not policy.limits:
+        if key not in self._queues and not policy.limits and token is None:
             # Nobody waits here: one step, nothing to hand over.
             popped = self._pop(key, owner)
             if popped is not None:
@@ -863,7 +866,8 @@ class StoreBackend(abc.ABC):
                 self._unreadable_change(lambda u: u.cleared(key))
                 holders = []
             if owner is not None:
-                mine = [h for h in holders if h.owner == owner]
+                mine = [h for h in holders if h.owner == owner
+                        and (token is None or h.fencing_token == token)]
                 if holders and not mine:
                     raise LockNotOwned(key, holders[0])
                 holders = mine

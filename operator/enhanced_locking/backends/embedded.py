@@ -740,7 +740,8 @@ class EmbeddedBackend(StoreBackend):
         return holders[0] if holders else None
 
     def release_and_handoff(
-        self, key: str, *, owner: Owner | None = None, policy: QueuePolicy | None = None
+        self, key: str, *, owner: Owner | None = None, policy: QueuePolicy | None = None,
+        token: int | None = None,
     ) -> Coroutine[None, None, Handoff]:
         # Nothing stored for the key (no lock, no shared lock, not even a lapsed one) and nobody
         # waiting: the general path would find nothing to release, expire or hand over.
@@ -750,7 +751,7 @@ class EmbeddedBackend(StoreBackend):
                 and self._unchanged(key, Moment(self.clock)) == []):
             return _nothing_handed()
         # The general path's coroutine itself, not one that awaits it: one frame less.
-        return super().release_and_handoff(key, owner=owner, policy=policy)
+        return super().release_and_handoff(key, owner=owner, policy=policy, token=token)
 
     async def ping(self) -> None:
         with self._unavailable():

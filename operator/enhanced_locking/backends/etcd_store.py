@@ -1398,9 +1398,10 @@ class EtcdBackend(StoreBackend):
         return await self.acquire_batch([candidate], ttl=ttl, wait=wait, policy=policy)
 
     async def release_and_handoff(self, key: str, *, owner: Owner | None = None,
-                                  policy: Any = None) -> Any:
+                                  policy: Any = None, token: int | None = None) -> Any:
         return await self._atomic(
-            lambda: StoreBackend.release_and_handoff(self, key, owner=owner, policy=policy),
+            lambda: StoreBackend.release_and_handoff(self, key, owner=owner, policy=policy,
+                                                     token=token),
             keys=self._keys_of(key), prefixes=(self.queue_prefix(key), self.shared_prefix(key)),
             key=key, guess=True)
 

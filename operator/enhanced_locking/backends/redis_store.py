@@ -883,11 +883,13 @@ class RedisBackend:
                        superseded=tuple(self._waiter(rec) for rec in answer.superseded))
 
     async def release_and_handoff(
-        self, key: str, *, owner: Owner | None = None, policy: QueuePolicy | None = None
+        self, key: str, *, owner: Owner | None = None, policy: QueuePolicy | None = None,
+        token: int | None = None,
     ) -> Handoff:
         repo, pull = owner if owner is not None else ("", 0)
         answer: redis_replies.Dropped | redis_replies.Release | None = None
-        if owner is not None and self._lean(key, (policy or self._policy).rules):
+        if (owner is not None and token is None
+                and self._lean(key, (policy or self._policy).rules)):
             keys = self.keys
             # The data of the key's lock as this replica last read or made it (``_known``):
             # what Redis need not send back (nor keep under the call id) when it is what is
@@ -903,9 +905,10 @@ class RedisBackend:
             else:
                 answer = redis_replies.release(lean, sent=believed)
         if answer is None:
+            held = () if token is None else (token,)  # only that hold of the owner's
             answer = redis_replies.release(await self._run(
-                "RELEASE", key, repo, pull, keys=self._key_names(key, owner), policy=policy,
-                key=key))
+                "RELEASE", key, repo, pull, *held, keys=self._key_names(key, owner),
+                policy=policy, key=key))
             if isinstance(answer, redis_replies.Dropped):
                 self._busy_now(key, False)
         if isinstance(answer, redis_replies.Dropped):  # the lean path: nobody waited

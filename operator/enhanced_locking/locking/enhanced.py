@@ -490,19 +490,22 @@ class EnhancedLocker(AtlantisCalls):
             self._handed(handoff, how="abandoned")
 
     # --- release ------------------------------------------------------------------------------
-    async def release(self, key: str, *, owner: Owner | None = None) -> Lock | None:
+    async def release(self, key: str, *, owner: Owner | None = None,
+                      token: int | None = None) -> Lock | None:
+        """Free ``key`` (with ``owner``: only that pull's lock; with ``token`` too: only its
+        hold with that fencing token, else ``LockNotOwned``) and serve its queue."""
         config = self.settings()
         live = self._live
         if config is not live.config:
             live = self._live_for(config)
         if live.retries:
             handoff = await self._call("release", lambda: self.backend.release_and_handoff(
-                key, owner=owner, policy=self.policy()), config)
+                key, owner=owner, policy=self.policy(), token=token), config)
         else:  # _call's attempt, inline (as in _acquire)
             self.metrics.enhanced_operation()
             try:
                 handoff = await self.backend.release_and_handoff(
-                    key, owner=owner, policy=live.policy)
+                    key, owner=owner, policy=live.policy, token=token)
             except BackendUnavailable:
                 self.metrics.enhanced_error()
                 raise

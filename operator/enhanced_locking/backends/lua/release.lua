@@ -3,6 +3,7 @@
 -- KEYS[8..] the key's keys (RedisKeys.of_key), the owner's pull index; more (its next
 --   waiters', a holder's index) it asks for
 -- ARGV[11] lock key  ARGV[12] owner repo ('' = whoever holds it)  ARGV[13] owner pull
+-- ARGV[14] fencing token (optional, with an owner): only the owner's lock with that token goes
 -- returns {'not_owned', lock} (nothing changed), or
 --         {'released', lock or {}, granted, dropped, other locks released} where granted is a
 --         list of {waiter record, {lock...}} and dropped a list of waiter records, then the
@@ -22,6 +23,12 @@ local function uncontended()
 end
 local quick = uncontended()
 if quick then return quick end
+-- Whether h is what the call frees: the owner's lock (with ARGV[14], only its hold of that
+-- token).
+local function mine(h)
+  return same_owner(h, ARGV[12], ARGV[13])
+    and (ARGV[14] == nil or tonumber(h[3]) == tonumber(ARGV[14]))
+end
 local function main()
   local k = ARGV[11]
   expect(key_names, k)
@@ -38,7 +45,7 @@ local function main()
   plan_lapsed(k)
   local now_held, going = holders(k), {}
   for _, h in ipairs(now_held) do
-    if ARGV[12] == '' or same_owner(h, ARGV[12], ARGV[13]) then
+    if ARGV[12] == '' or mine(h) then
       going[h] = true
       if not h.bad then expect(pull_index, h[6], h[7]) end
     end
@@ -53,12 +60,12 @@ local function main()
   expire_lapsed(k, nil)
   local hs = holders(k)
   if ARGV[12] ~= '' then
-    local mine = {}
+    local owned = {}
     for _, h in ipairs(hs) do
-      if same_owner(h, ARGV[12], ARGV[13]) then table.insert(mine, h) end
+      if mine(h) then table.insert(owned, h) end
     end
-    if #hs > 0 and #mine == 0 then return {'not_owned', hs[1]} end
-    hs = mine
+    if #hs > 0 and #owned == 0 then return {'not_owned', hs[1]} end
+    hs = owned
   end
   for _, h in ipairs(hs) do drop_lock(h) end
   if fix then repair(k, fence) end
