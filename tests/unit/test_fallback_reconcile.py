@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, cast
 
@@ -23,7 +24,13 @@ from enhanced_locking.backends import EmbeddedBackend
 from enhanced_locking.backends.embedded import open_database
 from enhanced_locking.factory import LockService
 from enhanced_locking.migration.routing_registry import MemoryRoutingRegistry
-from enhanced_locking.types import BatchItem, BatchLockRequest, Event, Reason
+from enhanced_locking.types import (
+    BackendUnavailable,
+    BatchItem,
+    BatchLockRequest,
+    Event,
+    Reason,
+)
 
 ALL_ENHANCED = {"enabled": True, "backend": "boltdb", "migration_weight": 100}
 
@@ -388,63 +395,82 @@ async def test_a_batch_that_asks_again_through_another_replica_is_granted_anew(
         await _held_by_one_pull_after_reconciling(a, b, lock.fencing_token)
 
 
-@pytest.mark.parametrize("freed", [True, False])
-async def test_a_release_another_replica_is_applying_is_waited_for_never_handed_out(
-    data_dir: Path, monkeypatch: pytest.MonkeyPatch, freed: bool,
+async def test_a_release_applied_between_the_read_of_the_copy_and_the_journal_is_heeded(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # b reads the journaled release; right then a takes it out of the journal to apply it
-    # (an atomic delete: one replica applies it). b does not hand the pull the copy a is about
-    # to free: it waits for the copy to go and asks again (a fresh grant); if the copy is not
-    # gone in time it answers "unavailable", and the pull asking again is served.
+    # b reads the pull's copy (its answer to the pull), then a applies the journaled release
+    # completely (the copy freed, the entry gone), then b reads the journal: it names nothing
+    # any more, and still b does not hand out the freed copy: the pull is granted anew.
     async with _released_on_a(data_dir) as (a, b):
         key = request_for().key
         copy = await _enhanced_store(b).get(key)
         assert copy is not None
         journal = b.migration.fallback._journal()
         read = journal.released.get
-        applying: list[asyncio.Task[None]] = []
 
-        async def a_applies_it() -> None:  # a's claim, then its free of the copy
-            assert await a.migration.fallback._journal().released.release(key) is not None
-            if freed:
-                await asyncio.sleep(0.05)
-                assert await _enhanced_store(a).release(key, owner=("acme/infra", 1))
+        async def a_applies_it_first(name: str) -> Any:
+            await a.migration.fallback.reconcile()
+            return await read(name)
 
-        async def read_then_a_claims(name: str) -> Any:
+        monkeypatch.setattr(journal.released, "get", a_applies_it_first)
+        again = await b.router.acquire(request_for(pull=1))
+        monkeypatch.undo()
+        assert again.acquired and again.lock is not None and again.fresh
+        assert again.lock.fencing_token > copy.fencing_token
+        await _held_by_one_pull_after_reconciling(a, b, again.lock.fencing_token)
+
+
+@pytest.mark.parametrize("a_reaches_the_store", [True, False])
+async def test_a_release_two_replicas_apply_at_once_frees_the_copy_once_never_handed_out(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch, a_reaches_the_store: bool,
+) -> None:
+    # b reads the journaled release; right then a applies it too. If a reaches the store, a
+    # frees the copy and only then takes the entry out of the journal, and b finds the copy
+    # gone; if a cannot, the entry stays and b frees the copy. Either way the pull is granted
+    # the key anew, never handed the copy.
+    async with _released_on_a(data_dir) as (a, b):
+        key = request_for().key
+        copy = await _enhanced_store(b).get(key)
+        assert copy is not None
+        journal = b.migration.fallback._journal()
+        read = journal.released.get
+        applied: list[bool] = []
+
+        async def read_then_a_applies_it(name: str) -> Any:
             found = await read(name)
-            applying.append(asyncio.create_task(a_applies_it()))
-            await asyncio.sleep(0)
+            if not applied:
+                if not a_reaches_the_store:
+                    await _down(a)
+                with contextlib.suppress(BackendUnavailable):
+                    await a.migration.fallback.reconcile()
+                if not a_reaches_the_store:
+                    _back(a)
+                applied.append(await read(name) is None)
             return found
 
-        monkeypatch.setattr(journal.released, "get", read_then_a_claims)
+        monkeypatch.setattr(journal.released, "get", read_then_a_applies_it)
         again = await b.router.acquire(request_for(pull=1))
-        await asyncio.gather(*applying)
         monkeypatch.undo()
-        if freed:
-            assert again.acquired and again.lock is not None and again.fresh
-            assert again.lock.fencing_token > copy.fencing_token
-            await _held_by_one_pull_after_reconciling(a, b, again.lock.fencing_token)
-        else:
-            assert not again.acquired and again.reason is Reason.UNAVAILABLE
-            # nobody frees the copy any more: asked again, the pull is given it
-            held = await b.router.acquire(request_for(pull=1))
-            assert held.acquired and held.lock is not None
-            assert held.lock.fencing_token == copy.fencing_token
-            await _held_by_one_pull_after_reconciling(a, b, copy.fencing_token)
+        assert applied == [a_reaches_the_store]
+        assert again.acquired and again.lock is not None and again.fresh
+        assert again.lock.fencing_token > copy.fencing_token
+        await _held_by_one_pull_after_reconciling(a, b, again.lock.fencing_token)
 
 
-async def test_a_newer_lock_of_the_pull_freed_by_a_late_release_is_put_back(
+async def test_a_late_release_never_frees_a_newer_lock_of_the_pull(
     data_dir: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # a reads the copy its journaled release names; before a's release of it, the pull itself
-    # releases the copy and takes the key again through b (a new lock, a new token). a's
-    # release by owner then frees that new lock: a puts it back at once, so the pull still
-    # holds what it was told it holds and pull 2 is refused.
+    # releases the copy and takes the key again through b (a new lock, a new token), and pull
+    # 2 queues for the key in a's enhanced store. a's release is of the copy's token only: it
+    # frees nothing, so the pull still holds what it was told it holds and pull 2 still waits
+    # (no second holder).
     async with _released_on_a(data_dir) as (a, b):
         key = request_for().key
         assert a.enhanced is not None
         read = a.enhanced.get
         taken_again: list[int] = []
+        waiting: list[asyncio.Task[Any]] = []
 
         async def read_then_the_pull_takes_it_again(name: str) -> Any:
             found = await read(name)
@@ -453,10 +479,24 @@ async def test_a_newer_lock_of_the_pull_freed_by_a_late_release_is_put_back(
                 again = await b.router.acquire(request_for(pull=1))
                 assert again.acquired and again.fresh and again.lock is not None
                 taken_again.append(again.lock.fencing_token)
+                assert a.enhanced is not None  # (a's router waits for the reconciliation)
+                waiting.append(asyncio.create_task(a.enhanced.acquire(
+                    request_for(pull=2, wait=timedelta(seconds=30)))))
+                await _until(lambda: bool(_enhanced_store(a)._queues.get(key)))
             return found
 
         monkeypatch.setattr(a.enhanced, "get", read_then_the_pull_takes_it_again)
         await a.migration.fallback.reconcile()
         monkeypatch.undo()
         assert taken_again and a.migration.fallback.pending == 0
-        await _held_by_one_pull_after_reconciling(a, b, taken_again[0])
+        assert a.migration.fallback.journal_errors == 0
+        await asyncio.sleep(0.05)
+        [waiter] = waiting
+        assert not waiter.done()  # the key was not handed to pull 2
+        holder = await b.router.get(key)
+        assert holder is not None and holder.pull.num == 1
+        assert holder.fencing_token == taken_again[0]
+        # pull 1 lets go: pull 2, waiting all along, gets it
+        assert await a.router.release(key, owner=("acme/infra", 1)) is not None
+        served = await asyncio.wait_for(waiter, 10)
+        assert served.acquired and served.lock is not None and served.lock.pull.num == 2

@@ -40,10 +40,11 @@ from typing import Any, Literal
 from enhanced_locking.backends.base import Backend
 from enhanced_locking.events import EventBus
 from enhanced_locking.locking.base import Locker
+from enhanced_locking.locking.enhanced import EnhancedLocker
 from enhanced_locking.metrics import Metrics
 from enhanced_locking.migration.conflicts import ConflictBook, is_conflict
 from enhanced_locking.migration.handover import backend_of, raise_counter
-from enhanced_locking.types import BackendUnavailable, Lock, LockNotOwned, utcnow
+from enhanced_locking.types import Lock, LockNotOwned, utcnow
 
 __all__ = ["FallbackJournal", "FallbackMode", "FallbackReconciler", "FallbackStatus",
            "ReconcileReport", "Reentry"]
@@ -55,13 +56,9 @@ log = logging.getLogger(__name__)
 GRANTED, RELEASED = "fallback", "fallback-released"
 """The journal's namespaces in the legacy store."""
 
-Reentry = Literal["hand-out", "again", "busy"]
+Reentry = Literal["hand-out", "again"]
 """What to do with an answer of a lock the pull already held (:meth:`FallbackReconciler.
 before_reentrant`)."""
-
-BUSY_WAIT = 1.0
-"""How long an answer waits for the copy a journaled release names to be freed by the replica
-that took the release out of the journal (two calls of the enhanced store)."""
 
 
 def _names(tombstone: Lock, held: Lock) -> bool:
@@ -72,6 +69,15 @@ def _names(tombstone: Lock, held: Lock) -> bool:
 
 def _same_hold(a: Lock, b: Lock) -> bool:
     return a.owner == b.owner and a.fencing_token == b.fencing_token
+
+
+async def _release_hold(enhanced: Locker, held: Lock) -> Lock | None:
+    """Free ``held`` itself: its owner's lock only while it carries ``held``'s fencing token
+    (``LockNotOwned`` otherwise)."""
+    if isinstance(enhanced, EnhancedLocker):
+        return await enhanced.release(held.key, owner=held.owner, token=held.fencing_token)
+    # A locker without an enhanced store of its own has no token to hold the release to.
+    return await enhanced.release(held.key, owner=held.owner)
 
 
 class FallbackJournal:
@@ -285,41 +291,38 @@ class FallbackReconciler:
 
         Any replica may have journaled that release (the journal is in the legacy store,
         which the replicas share), and :meth:`before_acquire` only runs on the replica whose
-        own journal holds something; this is read on every such answer instead (one read of
-        the legacy store, on this uncommon path only). The release was answered
-        ``released``: handing the pull the copy now would let a reconciliation free it under
-        the pull. So the release is applied first and the answer is ``"again"``: the copy is
-        freed, the caller asks the store again and the pull is granted the key anew, with a
-        new token. ``"busy"``: another replica took that release out of the journal to apply
-        it and the copy was not gone within :data:`BUSY_WAIT` (answer ``unavailable``: asked
-        again, the pull is served). ``"hand-out"``: nothing names it, answer it as it is.
+        own journal holds something; so the journal is read on every such answer (one read
+        of the legacy store). That is a frequent path: Atlantis locks the projects of a pull
+        again on every plan, and each is answered the lock the pull holds. The release was
+        answered ``released``: handing the pull the copy now would let a reconciliation free
+        it under the pull. So the release is applied first and the answer is ``"again"``: the
+        copy is freed, the caller asks the store again and the pull is granted the key anew,
+        with a new token. ``"hand-out"``: nothing names it, answer it as it is.
+
+        ``lock`` was read before the journal: another replica may have applied the release in
+        between (its free comes before the entry leaves the journal, :meth:`_apply_release`).
+        So when the journal names nothing the enhanced store is read once more (one more call
+        on this path): ``lock`` is handed out only if that very hold (its fencing token) is
+        still there, else ``"again"``.
 
         Raises ``BackendUnavailable`` if a store does not answer."""
         journal = self._journal()
         enhanced = self._enhanced()
-        tombstone = await journal.released.get(lock.key)
-        if enhanced is None or tombstone is None or not _names(tombstone, lock):
+        if enhanced is None:
             return "hand-out"
+        tombstone = await journal.released.get(lock.key)
+        if tombstone is None:
+            held = await enhanced.get(lock.key)
+            return "hand-out" if held is not None and _same_hold(held, lock) else "again"
+        if not _names(tombstone, lock):
+            return "hand-out"  # a hold taken after that release: not the copy it left
         async with self._lock:
             freed = await self._apply_release(journal, enhanced, lock.key)
-        if freed is not None:
-            if freed:
-                self.reconciled_total += 1
-                log.info("fallback reconciled before %s was answered to its pull again: the "
-                         "copy a journaled release left on the enhanced side is freed", lock.key)
-            return "again"
-        # Another replica claimed the release: its free of the copy is on its way.
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + BUSY_WAIT
-        pause = 0.01
-        while True:
-            held = await enhanced.get(lock.key)
-            if held is None or not _same_hold(held, lock):
-                return "again"
-            if loop.time() + pause > deadline:
-                return "busy"
-            await asyncio.sleep(pause)
-            pause *= 2
+        if freed:
+            self.reconciled_total += 1
+            log.info("fallback reconciled before %s was answered to its pull again: the "
+                     "copy a journaled release left on the enhanced side is freed", lock.key)
+        return "again"
 
     async def _grant(self, journal: FallbackJournal, legacy: Locker, enhanced: Locker,
                      lock: Lock) -> str:
@@ -351,52 +354,25 @@ class FallbackReconciler:
         copy acquired before that release, by the same pull), ``None`` when there was nothing
         left to apply (another replica applied it).
 
-        The entry is first *claimed*: taken out of the journal by one atomic delete, so of
-        several replicas racing for it exactly one frees the copy, and none frees it once a
-        replica has handed the pull a fresh lock (see :meth:`before_reentrant`). The enhanced
-        side is read before the claim, so while it does not answer the entry stays
-        (``BackendUnavailable``). If it stops answering between the claim and the free, the
-        copy stays held by its pull, as any lock of that pull: shown in the lists, freed by
-        the pull's next release; never freed later under a pull told it holds it anew. If the
-        release freed a newer lock of the pull (taken between the read and the release), it
-        is put back (:meth:`_put_back`)."""
-        held = await enhanced.get(key)
-        tombstone = await journal.released.release(key)
+        The copy is freed first, by a release of that very hold (its owner and fencing
+        token): of several replicas applying the entry at once one frees it and the others
+        find it gone; a newer lock of the pull (it released the copy and took the key again
+        meanwhile) is never freed. Only then does the entry leave the journal: a replica that
+        finds no entry knows the copy it names is already freed (see
+        :meth:`before_reentrant`). While the enhanced side does not answer the entry stays
+        (``BackendUnavailable``)."""
+        tombstone = await journal.released.get(key)
         if tombstone is None:
             return None
-        if held is None or not _names(tombstone, held):
-            return False  # gone already, or a newer hold that is not ours to free
-        try:
-            gone = await enhanced.release(key, owner=tombstone.owner)
-        except LockNotOwned:
-            return False
-        except BackendUnavailable as error:
-            self.journal_errors += 1
-            log.error("the journaled release of %s was taken from the journal but the copy it "
-                      "names could not be freed (%s): it stays held by pull %s until released "
-                      "again", key, error, tombstone.pull.num)
-            raise
-        if gone is not None and gone.fencing_token != held.fencing_token:
-            await self._put_back(enhanced, gone)
-            return False
-        return gone is not None
-
-    async def _put_back(self, enhanced: Locker, lock: Lock) -> None:
-        """Between the read of the copy and its release (a release by owner, two calls), the
-        pull released the copy itself and took the key again: the release freed that newer
-        lock, which the pull was told it holds. Put back at once; if the key went to someone
-        else meanwhile (a waiter served by that release), say so loudly: two holders."""
-        backend = backend_of(enhanced)
-        refused = [lock] if backend is None else await backend.adopt([lock], {})
-        if not refused:
-            log.warning("the copy of %s was released and taken again by pull %s while its "
-                        "journaled release was applied: the new lock is put back", lock.key,
-                        lock.pull.num)
-            return
-        self.journal_errors += 1
-        log.error("the journaled release of %s freed the newer lock of pull %s (fencing token "
-                  "%s) and could not put it back: the key was taken meanwhile",
-                  lock.key, lock.pull.num, lock.fencing_token)
+        held = await enhanced.get(key)
+        freed = False
+        if held is not None and _names(tombstone, held):
+            try:
+                freed = await _release_hold(enhanced, held) is not None
+            except LockNotOwned:
+                pass  # gone meanwhile, or a newer hold: not ours to free
+        await journal.released.release(key)
+        return freed
 
     def status(self, *, mode: FallbackMode) -> FallbackStatus:
         return FallbackStatus(mode=mode, pending=self.pending, granted=self.granted_total,

@@ -230,7 +230,9 @@ class Router(AtlantisCalls):
         await migration.transitions.refresh()  # a late view is read again, never guessed at
         with migration.admit(request.key) as plan:
             result = await self._route(request, plan)
-            if result.acquired and not result.fresh:  # the pull held it already (uncommon)
+            # The pull held it already: frequent (Atlantis locks a pull's projects again on
+            # every plan), and each such answer reads the fallback journal first.
+            if result.acquired and not result.fresh:
                 result = await self._reentered(request, plan, result)
         migration.after_acquire(request, result)
         return result
@@ -243,11 +245,8 @@ class Router(AtlantisCalls):
         lock, migration = result.lock, self.migration
         if lock is None or lock.backend != "enhanced" or migration is None:
             return result
-        match await migration.fallback.before_reentrant(lock):
-            case "again":
-                return await self._route(request, plan)
-            case "busy":
-                return AcquireResult.refused(request.key, Reason.UNAVAILABLE)
+        if await migration.fallback.before_reentrant(lock) == "again":
+            return await self._route(request, plan)
         return result
 
     async def _route(self, request: LockRequest, plan: RoutingPlan) -> AcquireResult:
@@ -568,12 +567,12 @@ class Router(AtlantisCalls):
             if self.migration is not None and lock.backend == "enhanced":
                 # a lock the pull held already: unless a journaled release names it (as in
                 # _reentered), then freed first and granted anew by this batch
-                match await self.migration.fallback.before_reentrant(lock):
-                    case "again":
+                if await self.migration.fallback.before_reentrant(lock) == "again":
+                    # The copy is gone; the pull may hold the key anew meanwhile (through
+                    # another replica): that lock is not this batch's to give back.
+                    lock = (await _peek(enhanced, key))[0]
+                    if lock is None or not lock.owned_by(*owner):
                         continue
-                    case "busy":
-                        return BatchResult(acquired=False, lock_key=key,
-                                           reason=Reason.UNAVAILABLE)
             mine_before.add(key)
         part = request.model_copy(update={"locks": on_enhanced})
         try:
