@@ -328,8 +328,19 @@ pattern match, about 10k instructions, more than the decoding itself for so shor
 
 def _kept(answer: Any) -> Any:
     """A lean function's answer, which is the JSON text it keeps under the call id (one
-    string: ``lean_acquire.lua``, ``lean_release.lua``), as the list the scripts answer."""
-    return _scan(answer, 0)[0] if isinstance(answer, str) else answer
+    string: ``lean_acquire.lua``, ``lean_release.lua``), as the list the scripts answer.
+
+    The scanner reads one value from the start and stops: text it cannot start on (leading
+    whitespace, not JSON) or with more after the value (text written under the call id by
+    something else passes the scripts' guard if it is JSON) goes to ``json.loads``, which
+    decodes it or raises its ``JSONDecodeError``, as it would have for the whole text."""
+    if not isinstance(answer, str):
+        return answer
+    try:
+        value, end = _scan(answer, 0)
+    except StopIteration:
+        return json.loads(answer)
+    return value if end == len(answer) else json.loads(answer)
 
 
 def acquire(answer: Any) -> Took | Acquired | Refused | Queued:
