@@ -95,6 +95,8 @@ end
 -- Whole numbers as exact text: Lua's own tostring keeps 14 digits, tokens can have 16.
 -- '%d' prints Redis's Lua numbers (doubles, whole to 2^53) as the 64-bit integers they are;
 -- '%.0f' printed the double itself, which cost Redis about 2.7k instructions more a number.
+-- Only for whole numbers below 2^63 (every caller's: tokens, clock ms, counts): '%d' of a
+-- larger number or of NaN prints a wrong (negative) integer.
 local function int(x) return string.format('%d', x) end
 
 -- The queue policy of ARGV[2..5], read the first time a call needs it (most never do).
