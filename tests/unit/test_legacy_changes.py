@@ -307,7 +307,7 @@ async def test_a_grant_refused_for_a_legacy_hold_changes_nothing_on_the_enhanced
     assert own.lock.backend == "legacy"
     assert service.enhanced is not None
     assert await service.enhanced.backend.get(request.key) is None
-    # The pull that holds the key on the enhanced side releases there; the legacy hold stays.
+    # Pull 1 holds nothing (the key is held on legacy by pull 2): its release is refused.
     with pytest.raises(LockNotOwned):
         await service.router.release(request.key, owner=owner)
     released = await service.router.release(request.key, owner=taken.owner)

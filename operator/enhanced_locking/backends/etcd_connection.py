@@ -198,7 +198,8 @@ class TxnCall:
         self.client = client
         self.via = via
         self._flying: set[Any] = set() if flying is None else flying
-        self.timeout = timeout or (CALL_TIMEOUT if via is None else ROUTE_TIMEOUT)
+        self.timeout = timeout if timeout is not None else (
+            CALL_TIMEOUT if via is None else ROUTE_TIMEOUT)
         """The call's gRPC deadline, in seconds."""
         kv = client.kv
         assert kv is not None
