@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -395,6 +395,32 @@ async def test_a_batch_that_asks_again_through_another_replica_is_granted_anew(
         await _held_by_one_pull_after_reconciling(a, b, lock.fencing_token)
 
 
+Read = Callable[[str], Awaitable[Any]]
+
+
+async def _granted_anew_through_b(
+    a: LockService, b: LockService, monkeypatch: pytest.MonkeyPatch,
+    around_the_read: Callable[[Read, str], Awaitable[Any]],
+) -> None:
+    """Pull 1 asks ``b`` again for the key whose copy a journaled release names, with
+    ``around_the_read`` run around ``b``'s reads of the journal: granted anew, never the copy,
+    and nothing freed under it by ``a``'s reconciliation."""
+    copy = await _enhanced_store(b).get(request_for().key)
+    assert copy is not None
+    journal = b.migration.fallback._journal()
+    read = journal.released.get
+
+    async def patched(name: str) -> Any:
+        return await around_the_read(read, name)
+
+    monkeypatch.setattr(journal.released, "get", patched)
+    again = await b.router.acquire(request_for(pull=1))
+    monkeypatch.undo()
+    assert again.acquired and again.lock is not None and again.fresh
+    assert again.lock.fencing_token > copy.fencing_token
+    await _held_by_one_pull_after_reconciling(a, b, again.lock.fencing_token)
+
+
 async def test_a_release_applied_between_the_read_of_the_copy_and_the_journal_is_heeded(
     data_dir: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -402,22 +428,12 @@ async def test_a_release_applied_between_the_read_of_the_copy_and_the_journal_is
     # completely (the copy freed, the entry gone), then b reads the journal: it names nothing
     # any more, and still b does not hand out the freed copy: the pull is granted anew.
     async with _released_on_a(data_dir) as (a, b):
-        key = request_for().key
-        copy = await _enhanced_store(b).get(key)
-        assert copy is not None
-        journal = b.migration.fallback._journal()
-        read = journal.released.get
 
-        async def a_applies_it_first(name: str) -> Any:
+        async def a_applies_it_first(read: Read, name: str) -> Any:
             await a.migration.fallback.reconcile()
             return await read(name)
 
-        monkeypatch.setattr(journal.released, "get", a_applies_it_first)
-        again = await b.router.acquire(request_for(pull=1))
-        monkeypatch.undo()
-        assert again.acquired and again.lock is not None and again.fresh
-        assert again.lock.fencing_token > copy.fencing_token
-        await _held_by_one_pull_after_reconciling(a, b, again.lock.fencing_token)
+        await _granted_anew_through_b(a, b, monkeypatch, a_applies_it_first)
 
 
 @pytest.mark.parametrize("a_reaches_the_store", [True, False])
@@ -429,14 +445,9 @@ async def test_a_release_two_replicas_apply_at_once_frees_the_copy_once_never_ha
     # gone; if a cannot, the entry stays and b frees the copy. Either way the pull is granted
     # the key anew, never handed the copy.
     async with _released_on_a(data_dir) as (a, b):
-        key = request_for().key
-        copy = await _enhanced_store(b).get(key)
-        assert copy is not None
-        journal = b.migration.fallback._journal()
-        read = journal.released.get
         applied: list[bool] = []
 
-        async def read_then_a_applies_it(name: str) -> Any:
+        async def read_then_a_applies_it(read: Read, name: str) -> Any:
             found = await read(name)
             if not applied:
                 if not a_reaches_the_store:
@@ -448,13 +459,8 @@ async def test_a_release_two_replicas_apply_at_once_frees_the_copy_once_never_ha
                 applied.append(await read(name) is None)
             return found
 
-        monkeypatch.setattr(journal.released, "get", read_then_a_applies_it)
-        again = await b.router.acquire(request_for(pull=1))
-        monkeypatch.undo()
+        await _granted_anew_through_b(a, b, monkeypatch, read_then_a_applies_it)
         assert applied == [a_reaches_the_store]
-        assert again.acquired and again.lock is not None and again.fresh
-        assert again.lock.fencing_token > copy.fencing_token
-        await _held_by_one_pull_after_reconciling(a, b, again.lock.fencing_token)
 
 
 async def test_a_late_release_never_frees_a_newer_lock_of_the_pull(
