@@ -506,3 +506,44 @@ async def test_a_late_release_never_frees_a_newer_lock_of_the_pull(
         assert await a.router.release(key, owner=("acme/infra", 1)) is not None
         served = await asyncio.wait_for(waiter, 10)
         assert served.acquired and served.lock is not None and served.lock.pull.num == 2
+
+
+async def test_a_refused_batch_never_gives_back_a_lock_the_pull_took_anew_meanwhile(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Pull 1's batch through b: the copy of its first key is freed ("again"); right then the
+    # pull takes that key anew through a. The batch is answered that lock (the pull's own),
+    # then refused (pull 2 took its other key on legacy meanwhile): what the batch gives back
+    # is only what it took itself, so the pull keeps the lock a granted it.
+    async with _released_on_a(data_dir) as (a, b):
+        key = request_for().key
+        fallback, enhanced = b.migration.fallback, b.enhanced
+        assert enhanced is not None
+        before_reentrant, acquire_batch = fallback.before_reentrant, enhanced.acquire_batch
+        taken: list[int] = []
+
+        async def then_a_grants_it(lock: Any) -> Any:
+            answer = await before_reentrant(lock)
+            if answer == "again" and not taken:
+                anew = await a.router.acquire(request_for(pull=1))
+                assert anew.acquired and anew.fresh and anew.lock is not None
+                taken.append(anew.lock.fencing_token)
+            return answer
+
+        async def then_legacy_grants_the_other(request: Any) -> Any:
+            answer = await acquire_batch(request)
+            theirs = lock_for(request_for(path="other", pull=2), backend="legacy")
+            granted, _ = await b.legacy.backend.acquire(theirs)
+            assert granted
+            return answer
+
+        monkeypatch.setattr(fallback, "before_reentrant", then_a_grants_it)
+        monkeypatch.setattr(enhanced, "acquire_batch", then_legacy_grants_the_other)
+        pull = request_for(pull=1).pull
+        batch = BatchLockRequest(locks=[BatchItem(project=request_for(path=p).project)
+                                        for p in ("envs/prod", "other")], pull=pull)
+        refused = await b.router.acquire_batch(batch)
+        monkeypatch.undo()
+        assert taken and not refused.acquired and refused.reason is Reason.HELD
+        held = await _enhanced_store(b).get(key)
+        assert held is not None and held.pull.num == 1 and held.fencing_token == taken[0]
