@@ -168,6 +168,20 @@ async def test_a_killed_leaders_route_is_dropped_and_the_new_leader_found(
     assert backend.connection.leader_changes == 2
 
 
+async def test_a_route_whose_client_was_closed_drops_it_and_the_call_is_answered(
+    three: EtcdCluster, backend: EtcdBackend,
+) -> None:
+    # The route's client closed under a call (its calls gone): the call fails as one that
+    # cannot reach etcd (not an assertion), drops the route and goes on the balanced channel.
+    leader = await on_the_route(three, backend)
+    txn = backend.connection.txn
+    assert txn is not None and txn.via is not None
+    await txn.via.close()
+    await backend.ping()
+    assert backend.connection.leader != leader.endpoint or backend.connection.txn is not txn
+    await backend._grant_lease(30, key=None)
+
+
 async def test_with_one_endpoint_nothing_is_routed(
     three: EtcdCluster,
 ) -> None:

@@ -1510,12 +1510,17 @@ def _put(put: Any, key: bytes, value: bytes, lease: int) -> None:
 
 
 def _lease_calls(client: etcd3aio.Etcd3Client) -> Any:
-    assert client.lease is not None, "a connected client"
+    """The client's lease calls; a client not connected (closed meanwhile) fails as a call
+    that cannot reach etcd does (``EtcdConnectionError``: the caller's ``unavailable``)."""
+    if client.lease is None:
+        raise etcd3aio.EtcdConnectionError("the client is not connected")
     return client.lease
 
 
 def _kv_calls(client: etcd3aio.Etcd3Client) -> Any:
-    assert client.kv is not None, "a connected client"
+    """The client's key-value calls (not connected: as :func:`_lease_calls`)."""
+    if client.kv is None:
+        raise etcd3aio.EtcdConnectionError("the client is not connected")
     return client.kv
 
 
