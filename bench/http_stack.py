@@ -34,8 +34,19 @@ counts hardly depend on what else runs on the machine, so two counts compare whe
 at a high load do not; without valgrind installed, ``--count`` prints the server's CPU time per
 pair instead.
 
+Where the server's CPU time goes (``--sample``): the no-op and the product, each served with a
+timer on its own CPU time (``ITIMER_PROF``, every 4 ms of the process's user + system time) that
+records the Python stack it interrupts; over ``--pairs`` pairs after a warm-up, the samples
+are sorted into areas by the innermost frame that names one (the store, the audit trail, the
+framework, the HTTP server and loop, ...) and printed as microseconds per pair, the block's CPU
+per pair shared out by the samples. Time in C (SQLite, pydantic's core, system calls) counts
+for the Python line that called it; a signal is taken at the next bytecode boundary, so a C
+call's time can land on the function entered just after it (pydantic's validators), which the
+areas absorb. Printed, not written.
+
 Usage: python bench/http_stack.py [--pairs 1500] [--rounds 3] [--handoffs 200] [--no-write]
        python bench/http_stack.py --steps 200
+       python bench/http_stack.py --sample --pairs 8000 [--clients 32]
        python bench/http_stack.py --count product --pairs 200 [--clients 1] [--profile FILE]
                                   [--audit-window 0.4]
 """
@@ -48,12 +59,14 @@ import json
 import os
 import platform
 import shutil
+import signal
 import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -100,8 +113,11 @@ def noop_app() -> FastAPI:
 
 
 def serve(kind: str, port: int, loop: str, http: str, data_dir: str,
-          audit_window: float | None = None) -> None:
+          audit_window: float | None = None, sample_out: str | None = None) -> None:
     import uvicorn
+
+    if sample_out is not None:
+        _sample_cpu(Path(sample_out))
 
     from enhanced_locking.api import server as server_limits
     from enhanced_locking.config import EnhancedLockingConfig
@@ -476,6 +492,108 @@ def _instructions(dump: Path) -> int:
     return 0
 
 
+# --- where the CPU time goes (``--sample``) ----------------------------------------------------
+
+SAMPLE_EVERY = 0.004
+"""Seconds of the server's CPU time between samples. A process's CPU timer fires on the
+kernel's tick (4 ms at the common 250 Hz): a shorter interval loses samples, not gains them."""
+
+AREAS = (
+    ("selectors.py", "HTTP server and event loop"),
+    ("enhanced_locking/backends/audit_store", "audit trail"),
+    ("enhanced_locking/api/audit", "audit trail"),
+    ("enhanced_locking/events", "events"),
+    ("enhanced_locking/backends", "embedded store (SQL, codec)"),
+    ("enhanced_locking/locking", "locker"),
+    ("enhanced_locking/migration", "router"),
+    ("enhanced_locking/types", "types (answers, keys, times)"),
+    ("enhanced_locking/api", "direct handler, caller, app"),
+    ("enhanced_locking/", "other of the service"),
+    ("fastapi/", "FastAPI and Starlette"),
+    ("starlette/", "FastAPI and Starlette"),
+    ("uvicorn/", "HTTP server and event loop"),
+    ("asyncio/", "HTTP server and event loop"),
+)
+"""Areas by a piece of a frame's file name, first match wins; a sample goes to the innermost
+frame that names an area. Anything under pydantic's ``model_validate_json`` is the body's
+validation."""
+
+BODY = "body validation (pydantic)"
+
+
+def _sample_cpu(out: Path) -> None:
+    """Sample the Python stack every ``SAMPLE_EVERY`` of this process's CPU time; SIGUSR2
+    starts the count afresh, SIGUSR1 writes it to ``out`` (a stack and its count per line)."""
+    samples: Counter[str] = Counter()
+
+    def take(signum: int, frame: Any) -> None:
+        names = []
+        while frame is not None:
+            names.append(f"{frame.f_code.co_qualname} {frame.f_code.co_filename}")
+            frame = frame.f_back
+        samples[";".join(reversed(names))] += 1
+
+    def write(signum: int, frame: Any) -> None:
+        part = out.with_suffix(".part")
+        part.write_text("".join(f"{stack}\t{count}\n" for stack, count in samples.items()))
+        part.replace(out)  # whole once it is there
+
+    signal.signal(signal.SIGPROF, take)
+    signal.signal(signal.SIGUSR2, lambda signum, frame: samples.clear())
+    signal.signal(signal.SIGUSR1, write)
+    signal.setitimer(signal.ITIMER_PROF, SAMPLE_EVERY, SAMPLE_EVERY)
+
+
+def area_of(stack: str) -> str:
+    """The area a sampled stack (its frames outermost first, ``;`` between) counts for."""
+    frames = stack.split(";")
+    if any("model_validate_json" in frame for frame in frames) \
+            and "asyncio/" not in frames[-1]:
+        return BODY
+    for frame in reversed(frames):
+        for part, area in AREAS:
+            if part in frame:
+                return area
+    return "other"
+
+
+def sample_areas(kind: str, pairs: int, clients: int) -> tuple[dict[str, float], float]:
+    """Microseconds of server CPU per pair by area over ``pairs`` pairs (after a warm-up), and
+    the block's CPU per pair."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "samples"
+        with server(kind, "asyncio", "httptools", Path(tmp),
+                    options=("--sample-out", str(out))) as served:
+            asyncio.run(pairs_per_second(kind, served, clients, 500))
+            os.kill(served.pid, signal.SIGUSR2)
+            block = asyncio.run(pairs_per_second(kind, served, clients, pairs))
+            os.kill(served.pid, signal.SIGUSR1)
+            deadline = time.monotonic() + 10
+            while not out.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            text = out.read_text()
+    found: Counter[str] = Counter()
+    for line in text.splitlines():
+        stack, count = line.rsplit("\t", 1)
+        found[area_of(stack)] += int(count)
+    total = sum(found.values())
+    return {area: count / total * block.cpu * 1e6 for area, count in found.items()}, block.cpu
+
+
+def sample_report(pairs: int, clients: int) -> str:
+    """The no-op's and the product's CPU per pair by area, one after the other, as a table."""
+    noop, noop_cpu = sample_areas("noop", pairs, clients)
+    ours, our_cpu = sample_areas("product", pairs, clients)
+    lines = [f"{pairs} pairs, {clients} client{'s' if clients > 1 else ''}, asyncio + "
+             f"httptools, load average {os.getloadavg()[0]:.1f}: server CPU per pair by area, "
+             f"sampled every {SAMPLE_EVERY * 1000:g} ms of its CPU time", "",
+             "| area | no-op µs/pair | lock API µs/pair |", "|---|---:|---:|"]
+    for area in sorted(set(noop) | set(ours), key=lambda a: -ours.get(a, 0) - noop.get(a, 0)):
+        lines.append(f"| {area} | {noop.get(area, 0):,.0f} | {ours.get(area, 0):,.0f} |")
+    lines.append(f"| all | {noop_cpu * 1e6:,.0f} | {our_cpu * 1e6:,.0f} |")
+    return "\n".join(lines)
+
+
 # --- SQL per pair ----------------------------------------------------------------------------
 
 
@@ -637,7 +755,10 @@ def main() -> None:
     parser.add_argument("--count", choices=("noop", "product"),
                         help="only count the instructions per pair of one server, under "
                              "callgrind (see the module's docstring)")
-    parser.add_argument("--clients", type=int, default=1, help="with --count")
+    parser.add_argument("--sample", action="store_true",
+                        help="only sample where each server's CPU time goes, by area "
+                             "(see the module's docstring)")
+    parser.add_argument("--clients", type=int, default=1, help="with --count or --sample")
     parser.add_argument("--profile", type=Path, help="with --count: keep callgrind's profile")
     parser.add_argument("--audit-window", type=float, metavar="SECONDS",
                         help="with --count: the product's audit write-behind window (0.4: "
@@ -647,10 +768,15 @@ def main() -> None:
     parser.add_argument("--loop", default="asyncio", help=argparse.SUPPRESS)
     parser.add_argument("--http", default="h11", help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--sample-out", help=argparse.SUPPRESS)
     quick_defaults(parser, pairs=640, rounds=2, handoffs=50)
     args = parser.parse_args()
     if args.serve:
-        serve(args.serve, args.port, args.loop, args.http, args.data_dir, args.audit_window)
+        serve(args.serve, args.port, args.loop, args.http, args.data_dir, args.audit_window,
+              args.sample_out)
+        return
+    if args.sample:
+        print(sample_report(args.pairs, args.clients))
         return
     if args.count:
         print(count_pairs(args.count, args.pairs, args.clients, args.profile,
