@@ -11,11 +11,13 @@ A frozen member (SIGSTOP: its connections stay open, it answers nothing) costs a
 attempt, not the call. The client balances its other calls over the members round robin, and
 nothing takes a frozen member out of that round (its keepalive does not, within a test's
 length): every third call went to it and failed after the call's whole 5 s (``unavailable``
-with a healthy majority). Each attempt there now has its own deadline (``ATTEMPT_TIMEOUT``)
-and the call is sent again, which the round gives to the next member; lease grants and the
-readiness check go to the leader first, as the steps' transactions do. The last tests freeze a
-follower and the leader (steps and lease grants under way when it froze) and check that every
-acquire is still granted.
+with a healthy majority). Each attempt of a read there now has its own deadline
+(``ATTEMPT_TIMEOUT``) and the read is sent again, which the round gives to the next member;
+lease grants and the readiness check go to the leader first, as the steps' transactions do,
+and a write with no route waits for the leader search under way. A write is never cut into
+short attempts: one test freezes every member for longer than four of them and checks that a
+write is answered and applied once. The last tests freeze a follower and the leader (steps and
+lease grants under way when it froze) and check that every acquire is still granted.
 """
 
 from __future__ import annotations
@@ -120,7 +122,7 @@ async def answered_by(connection: EtcdConnection) -> int:
     client = await connection.client()
     request = TxnRequest()
     request.success.add().request_range.key = b"/route/nothing"
-    answer = await connection.transact(client, request)
+    answer = await connection.transact(client, request, read=True)
     return int(answer.header.member_id)
 
 
@@ -278,6 +280,30 @@ async def test_a_frozen_leader_is_given_up_after_the_routes_limit_and_another_an
             assert await answered_by(backend.connection) == member_id(three, new)
             return
     pytest.fail("the leader moved before every one of five freezes")
+
+
+async def test_a_write_with_no_route_has_the_calls_whole_time_in_one_attempt(
+    three: EtcdCluster, backend: EtcdBackend,
+) -> None:
+    # A cluster slow everywhere (every member frozen for 4.5 s, then answering, as under a
+    # heavy load): a write sent while no leader is known has the call's 5 s in one attempt
+    # and is applied once. In attempts of 1 s it was sent four times and failed.
+    connection = backend.connection
+    client = await connection.client()
+    assert connection.txn is not None and connection.txn.via is None  # nothing answered yet
+    request = TxnRequest()
+    put = request.success.add().request_put
+    put.key, put.value = b"/route/slow", b"written once"
+    with contextlib.ExitStack() as stack:
+        for member in three.members:
+            stack.enter_context(frozen(member))
+        sent = asyncio.ensure_future(connection.transact(client, request))
+        await asyncio.sleep(4.5)
+    answer = await sent
+    assert answer.succeeded
+    assert client.kv is not None
+    [written] = (await client.kv.get(b"/route/slow")).kvs
+    assert written.version == 1
 
 
 async def granted_in_turn(backend: EtcdBackend, count: int, *, ttl: timedelta | None,

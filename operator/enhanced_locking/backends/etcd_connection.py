@@ -20,13 +20,18 @@ answer. So when there are several endpoints, :class:`EtcdConnection` finds the l
 (``Status`` on each endpoint) and sends the steps' transactions to it alone; everything else
 (watches, leases, reads of the event bus) stays on the balanced channel. Any member gives the
 same answers (etcd's writes and reads are linearizable on every member), so the route is only
-a matter of speed: a call that fails on it drops the route and is sent again on the balanced
-channel, and an answer from a newer raft term looks for the leader again.
+a matter of speed: a call that fails on it drops the route (a read is sent again on the
+balanced channel, a write's step runs again), and an answer from a newer raft term looks for
+the leader again.
 
-**A frozen member costs an attempt, not the call.** The balanced channel's round keeps a
-frozen member (its connections stay open); so with several endpoints each attempt there has
-its own deadline (``ATTEMPT_TIMEOUT``) and the call is sent again, to the round's next member,
-within the call's ``CALL_TIMEOUT`` (:func:`on_any_member`).
+**A frozen member costs a read an attempt, not the call.** The balanced channel's round
+keeps a frozen member (its connections stay open); so with several endpoints each attempt of
+a read there has its own deadline (``ATTEMPT_TIMEOUT``) and the read is sent again, to the
+round's next member, within the call's ``CALL_TIMEOUT`` (:func:`leader_first`,
+:meth:`EtcdConnection.transact`). A write (a transaction that writes, a lease grant) is not cut
+into short attempts: it keeps the call's whole deadline on the balanced channel, and while the
+connection is looking for the leader it waits for the route (``LEADER_WAIT``) rather than be
+sent by the round to a member that may be frozen.
 """
 
 from __future__ import annotations
@@ -53,18 +58,22 @@ __all__ = ["ATTEMPT_TIMEOUT", "CALL_TIMEOUT", "DOWN", "EtcdConnection", "EtcdSet
 CALL_TIMEOUT = 5.0
 """Seconds one call may take, retries included (an election takes about one second)."""
 ATTEMPT_TIMEOUT = 1.0
-"""Seconds one attempt of a call on the balanced channel may take when there are other
+"""Seconds one attempt of a *read* on the balanced channel may take when there are other
 members (a frozen process keeps its connections open and answers nothing, and the client's
-keepalive does not take it out of the channel's round): the call is then sent again, and the
+keepalive does not take it out of the channel's round): the read is then sent again, and the
 round gives it to the next member, while the next attempt can end within the call's
 ``CALL_TIMEOUT`` (:func:`leader_first`, :meth:`EtcdConnection.transact`). A member that was
-only slow costs a retry."""
+only slow costs a read more. Writes are never cut so: an attempt whose answer is lost may have
+been applied, and a step that ran again would meet its own write."""
+LEADER_WAIT = 3.0
+"""Seconds a write with no route waits for the leader search under way (after the route was
+dropped: an election takes about one second) before it goes on the balanced channel."""
 ROUTE_TIMEOUT = 2.0
-"""Seconds a transaction sent to the leader may take before the leader counts as gone: the
-route is dropped and the transaction sent again on the balanced channel (etcd elects a new
-leader within about its election timeout, one second by default). Longer than an attempt on
-the balanced channel: by then a new leader is elected, and two attempts on the balanced
-channel still fit in the call's time, the second on another member than the first."""
+"""Seconds a call sent to the leader may take before the leader counts as gone: the route is
+dropped, a read is sent again on the balanced channel and a write's step runs again (etcd
+elects a new leader within about its election timeout, one second by default). Longer than
+a read's attempt on the balanced channel: by then a new leader is elected, and two attempts
+there still fit in the call's time, the second on another member than the first."""
 CLOSED = "the connection was closed"
 """The details of the ``CANCELLED`` error a call under way gets when its connection closes."""
 AGAIN_PAUSE = 0.1
@@ -225,15 +234,18 @@ class TxnCall:
         except (ImportError, AttributeError):
             self.direct = False
 
-    def __call__(self, request: Any) -> Awaitable[Any]:
+    def __call__(self, request: Any, timeout: float | None = None) -> Awaitable[Any]:
+        """``request`` with the call's deadline, or ``timeout`` seconds if given."""
         metadata: tuple[tuple[str, str], ...] = self._kv._metadata
+        deadline = self.timeout if timeout is None else timeout
         if self.direct:
-            return self._direct(request, metadata)
-        return self._public(request, metadata)
+            return self._direct(request, metadata, deadline)
+        return self._public(request, metadata, deadline)
 
-    async def _public(self, request: Any, metadata: tuple[tuple[str, str], ...]) -> Any:
+    async def _public(self, request: Any, metadata: tuple[tuple[str, str], ...],
+                      seconds: float) -> Any:
         try:
-            return await self._call(request, metadata=metadata or None, timeout=self.timeout)
+            return await self._call(request, metadata=metadata or None, timeout=seconds)
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
@@ -242,8 +254,9 @@ class TxnCall:
             # path answers then, so the caller sees "unavailable" on both paths.
             raise _closed() from None
 
-    async def _direct(self, request: Any, metadata: tuple[tuple[str, str], ...]) -> Any:
-        call = self._channel.call(self._method, time.time() + self.timeout, None, None,
+    async def _direct(self, request: Any, metadata: tuple[tuple[str, str], ...],
+                      seconds: float) -> Any:
+        call = self._channel.call(self._method, time.time() + seconds, None, None,
                                   self._handle)
         flying = self._flying
         flying.add(call)
@@ -321,33 +334,46 @@ class EtcdConnection:
         return len(self._targets) > 1
 
     def _balanced(self, client: etcd3aio.Etcd3Client) -> TxnCall:
-        """``KV.Txn`` on the balanced channel: one attempt of ``ATTEMPT_TIMEOUT`` when there
-        are other members to send it to next, else the whole ``CALL_TIMEOUT``."""
-        return TxnCall(client, flying=self._flying,
-                       timeout=ATTEMPT_TIMEOUT if self.several_members else CALL_TIMEOUT)
+        """``KV.Txn`` on the balanced channel, with the call's whole ``CALL_TIMEOUT`` (a
+        read there with other members to ask is sent in attempts of ``ATTEMPT_TIMEOUT``)."""
+        return TxnCall(client, flying=self._flying)
 
-    def transact(self, client: etcd3aio.Etcd3Client, request: Any) -> Awaitable[Any]:
-        """``request`` (a ``TxnRequest``) through :attr:`txn`: to the leader when known."""
+    def transact(self, client: etcd3aio.Etcd3Client, request: Any, *,
+                 read: bool = False) -> Awaitable[Any]:
+        """``request`` (a ``TxnRequest``) through :attr:`txn`: to the leader when known.
+        ``read``: it writes nothing (it may be sent again, see :meth:`_routed`)."""
         txn = self.txn
         if txn is None or txn.client is not client:  # the connection was closed meanwhile
             txn = self._balanced(client)
         if txn.via is None and len(self._targets) < 2:
             return txn(request)  # one endpoint: nothing to route, nobody else to ask
-        return self._routed(txn, request)
+        return self._routed(txn, request, read)
 
-    async def _routed(self, txn: TxnCall, request: Any) -> Any:
+    async def _routed(self, txn: TxnCall, request: Any, read: bool) -> Any:
         """The first answer (its term is new) starts looking for the leader: a connection
         that sends no transactions (the event bus's) never looks.
 
-        An attempt that fails (no answer within its deadline: a frozen member; or refused) is
-        sent again while the next attempt can end within ``CALL_TIMEOUT``: on the balanced
-        channel, whose round gives it to the next member. A step's transaction is guarded by
-        what it read, so one whose answer was lost is never applied twice: sent again, its
-        guards fail and the step runs again on what is now there."""
+        A read whose attempt fails (no answer within its deadline: a frozen member; or
+        refused) is sent again while the next attempt can end within ``CALL_TIMEOUT``: on the
+        balanced channel, whose round gives it to the next member. A write is sent once: to
+        the leader when the route is known or found within ``LEADER_WAIT`` (a search under
+        way), else on the balanced channel with the whole ``CALL_TIMEOUT``. If it fails, the
+        route is dropped when it failed there and the step runs again on fresh reads (its
+        transaction is guarded by what it read, so a write whose answer was lost never
+        applies twice)."""
+        if read:
+            attempt = ATTEMPT_TIMEOUT if txn.via is None else txn.timeout
+        else:
+            if txn.via is None:
+                txn = await self._route_for_write(txn)
+            attempt = txn.timeout
         try:
-            answer = await txn(request)
+            answer = await txn(request, attempt)
         except DOWN as error:
-            txn, answer = await self._again(txn, request, error)
+            if not read:
+                self.route_failed(txn)
+                raise
+            txn, answer = await self._again(txn, request, error, attempt)
         term = answer.header.raft_term
         if term != self._term:
             if txn.via is None or term > self._term:
@@ -355,28 +381,42 @@ class EtcdConnection:
             self._term = max(self._term, term)
         return answer
 
-    async def _again(self, txn: TxnCall, request: Any,
-                     error: BaseException) -> tuple[TxnCall, Any]:
-        """``request`` failed on ``txn`` with ``error``: sent again (see :meth:`_routed`) as
-        long as the next attempt can end within ``CALL_TIMEOUT`` of the first one's start;
-        the call that answered, and its answer."""
+    async def _again(self, txn: TxnCall, request: Any, error: BaseException,
+                     attempt: float) -> tuple[TxnCall, Any]:
+        """The read ``request`` failed on ``txn`` with ``error`` (an attempt of ``attempt``
+        seconds): sent again (see :meth:`_routed`) as long as the next attempt can end within
+        ``CALL_TIMEOUT`` of the first one's start; the call that answered, and its answer."""
         loop = asyncio.get_running_loop()
-        give_up = loop.time() + CALL_TIMEOUT - (txn.timeout if _timed_out(error) else 0.0)
+        give_up = loop.time() + CALL_TIMEOUT - (attempt if _timed_out(error) else 0.0)
         while True:
             self.route_failed(txn)
             timed_out = _timed_out(error)
             current = self.txn
+            if current is not None:
+                attempt = ATTEMPT_TIMEOUT if current.via is None else current.timeout
             if (not (timed_out or _refused(error)) or current is None
                     or current.client is not txn.client  # closed meanwhile
-                    or loop.time() + AGAIN_PAUSE + current.timeout > give_up):
+                    or loop.time() + AGAIN_PAUSE + attempt > give_up):
                 raise error
             if not timed_out:
                 await asyncio.sleep(AGAIN_PAUSE)
             txn = current
             try:
-                return txn, await txn(request)
+                return txn, await txn(request, attempt)
             except DOWN as again:
                 error = again
+
+    async def _route_for_write(self, txn: TxnCall) -> TxnCall:
+        """``txn`` (the balanced channel), or the route to the leader if the search under way
+        finds it within ``LEADER_WAIT``: a write is not left to the round, which may give it
+        to a frozen member for the whole ``CALL_TIMEOUT``."""
+        looking = self._looking
+        if looking is None or looking.done():
+            return txn
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(looking), LEADER_WAIT)
+        current = self.txn
+        return current if current is not None and current.client is txn.client else txn
 
     def route_failed(self, txn: TxnCall) -> None:
         """A call on ``txn`` failed: if it was the route to the leader (still), the leader
@@ -527,15 +567,18 @@ def _refused(error: BaseException) -> bool:
 
 
 async def leader_first(connection: EtcdConnection,
-                       call: Callable[[etcd3aio.Etcd3Client, float], Awaitable[T]]) -> T:
+                       call: Callable[[etcd3aio.Etcd3Client, float], Awaitable[T]], *,
+                       write: bool = False) -> T:
     """``call(client, deadline)``, one of the library's unary calls (with ``max_attempts=1``:
     its own retries share one deadline), sent as the steps' transactions are: to the leader
     when the route to it is known (a frozen follower is never asked, and a write is served
-    without the hops a follower adds), else on the balanced channel. Each attempt has its
-    own deadline (``ROUTE_TIMEOUT`` on the route, ``ATTEMPT_TIMEOUT`` on the balanced
-    channel, whose round gives the next attempt to the next member); a failed attempt on the
-    route drops it, as a transaction's does. Attempts go on while the next can end within
-    ``CALL_TIMEOUT``. With one endpoint, one attempt of ``CALL_TIMEOUT``."""
+    without the hops a follower adds), else on the balanced channel. An attempt on the route
+    has ``ROUTE_TIMEOUT`` (a failed one drops the route, as a transaction's does). On the
+    balanced channel a read's attempt has ``ATTEMPT_TIMEOUT`` (the round gives the next one
+    to the next member); a ``write`` (a lease grant) first waits for a leader search under way
+    (``LEADER_WAIT``) and then has the rest of the call's time in one attempt, as before
+    there was a route. Attempts go on while the next can end within ``CALL_TIMEOUT``. With
+    one endpoint, one attempt of ``CALL_TIMEOUT``."""
     client = await connection.client()
     if not connection.several_members:
         return await call(client, CALL_TIMEOUT)
@@ -543,16 +586,25 @@ async def leader_first(connection: EtcdConnection,
     give_up = loop.time() + CALL_TIMEOUT
     while True:
         txn = connection.txn
-        via = txn.via if txn is not None and txn.client is client else None
-        timeout = ATTEMPT_TIMEOUT if via is None else ROUTE_TIMEOUT
+        if txn is not None and txn.client is not client:
+            txn = None  # closed meanwhile
+        if write and txn is not None and txn.via is None:
+            txn = await connection._route_for_write(txn)
+        via = txn.via if txn is not None else None
+        left = max(give_up - loop.time(), 0.1)
+        if via is not None:
+            timeout = ROUTE_TIMEOUT
+        else:
+            timeout = left if write else ATTEMPT_TIMEOUT
         try:
             return await call(client if via is None else connection.carrier(via),
-                              min(timeout, max(give_up - loop.time(), 0.1)))
+                              min(timeout, left))
         except DOWN as error:
             if txn is not None and via is not None:
                 connection.route_failed(txn)
             timed_out = _timed_out(error)
             if (not (timed_out or _refused(error)) or connection.txn is None
+                    or (write and via is None)  # it had the whole call
                     or loop.time() + AGAIN_PAUSE + ATTEMPT_TIMEOUT > give_up):
                 raise
             if not timed_out:

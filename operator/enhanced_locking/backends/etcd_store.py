@@ -958,7 +958,7 @@ class EtcdBackend(StoreBackend):
         self.round_trips += 1
         self.reads += 1
         try:
-            answer = await _txn_call(self.connection, client, request)
+            answer = await _txn_call(self.connection, client, request, read=True)
         except DOWN as error:
             raise unreachable(self.connection, "read", error, key=key) from None
         return self._parse_reads(ordered_keys, ordered_prefixes, answer)
@@ -1015,7 +1015,7 @@ class EtcdBackend(StoreBackend):
         self.round_trips += 1
         succeeded = False
         try:
-            answer = await _txn_call(self.connection, client, request)
+            answer = await _txn_call(self.connection, client, request, read=not writes)
             succeeded = answer.succeeded
         except DOWN as error:
             failure = unreachable(self.connection, "write", error, key=key)
@@ -1084,9 +1084,10 @@ class EtcdBackend(StoreBackend):
 
     async def _grant_lease(self, ttl: int, *, key: str | None) -> int:
         async with unavailable(self.connection, "lease grant", key=key):
-            # A lease granted by a lost answer ends by itself: sending it again is harmless.
+            # Sent again only after its attempt on the route failed (the leader gone): a lease
+            # granted by a lost answer is never used and ends at its TTL.
             answer = await leader_first(self.connection, lambda member, deadline: _lease_calls(
-                member).grant(ttl, timeout=deadline, max_attempts=1))
+                member).grant(ttl, timeout=deadline, max_attempts=1), write=True)
             return int(answer.ID)
 
     async def _revoke(self, lease: int) -> None:
@@ -1525,10 +1526,11 @@ def _kv_calls(client: etcd3aio.Etcd3Client) -> Any:
 
 
 def _txn_call(connection: EtcdConnection, client: etcd3aio.Etcd3Client,
-              request: Any) -> Awaitable[Any]:
+              request: Any, *, read: bool) -> Awaitable[Any]:
     """A step's transaction, through the client's gRPC method (``TxnCall``, on the route to
     the leader when there is one: ``EtcdConnection.transact``): ``KVService.txn`` with one
     attempt, without its request copy, its ``asyncio.timeout`` (the call's own gRPC deadline
     bounds it) and its error mapping (``unreachable`` maps gRPC's errors as it maps the
-    library's). What is passed is the library's own: its channels and its auth token."""
-    return connection.transact(client, request)
+    library's). What is passed is the library's own: its channels and its auth token.
+    ``read``: it writes nothing (only a read is sent again after a lost answer)."""
+    return connection.transact(client, request, read=read)
