@@ -14,8 +14,10 @@ served by uvicorn in their own processes with the same options, for each stack c
 The client is a lean HTTP/1.1 keep-alive client on raw asyncio streams (requests prebuilt as
 bytes), so what is timed is the server, not a client library. Pairs per second with 1 and 32
 concurrent clients (each on its own key: no contention); blocks of anchor and measured
-alternate. Hand-off: a holder and a waiter on one key; from sending the release to the
-waiter's 200, p50 and p99.
+alternate, after each server was brought to its steady state (``STEADY_PAIRS`` untimed pairs
+fill the event bus's ring of recent events; until then the ring's growth makes garbage
+collection dearer, the lock API's alone). Hand-off: a holder and a waiter on one key; from
+sending the release to the waiter's 200, p50 and p99.
 
 SQL per pair: the statements and transactions a lock pair runs against the store file, counted
 on every SQLite connection of the product app served in this process, with 1 and 32
@@ -36,7 +38,8 @@ pair instead.
 
 Where the server's CPU time goes (``--sample``): the no-op and the product, each served with a
 timer on its own CPU time (``ITIMER_PROF``, every 4 ms of the process's user + system time) that
-records the Python stack it interrupts; over ``--pairs`` pairs after a warm-up, the samples
+records the Python stack it interrupts; over ``--pairs`` pairs after the same steady-state
+warm-up (and 500 pairs more of ``--clients`` clients), the samples
 are sorted into areas by the innermost frame that names one (the store, the audit trail, the
 framework, the HTTP server and loop, ...) and printed as microseconds per pair, the block's CPU
 per pair shared out by the samples. Time in C (SQLite, pydantic's core, system calls) counts
@@ -55,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import json
 import os
 import platform
@@ -86,12 +90,20 @@ from bench._common import (  # noqa: E402
 from fastapi import FastAPI, Request  # noqa: E402
 from tests.support.service import LOOPBACK, free_port  # noqa: E402
 
+from enhanced_locking.events import EventBus  # noqa: E402
+
 HEADING = "## HTTP: the lock API against a no-op endpoint on the same server stack"
 STACKS = (("asyncio", "h11"), ("uvloop", "h11"), ("asyncio", "httptools"),
           ("uvloop", "httptools"))
 CONCURRENCY = (1, 32)
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SQL_PAIRS = 320
+STEADY_PAIRS = inspect.signature(EventBus).parameters["capacity"].default // 2 + 500
+"""The pairs that bring a fresh server to its steady state before anything is timed: the
+event bus keeps its last ``capacity`` events (two a pair) for readers that resume, and until
+that ring is full every pair's events survive, so garbage collection walks them again and
+again (about 30 µs a pair at first); the margin takes in the full collection that ends that
+phase. The no-op gets the same warm-up."""
 
 
 # --- the servers (run as ``--serve noop|product``) -------------------------------------------
@@ -564,6 +576,7 @@ def sample_areas(kind: str, pairs: int, clients: int) -> tuple[dict[str, float],
         out = Path(tmp) / "samples"
         with server(kind, "asyncio", "httptools", Path(tmp),
                     options=("--sample-out", str(out))) as served:
+            asyncio.run(pairs_per_second(kind, served, 32, STEADY_PAIRS))
             asyncio.run(pairs_per_second(kind, served, clients, 500))
             os.kill(served.pid, signal.SIGUSR2)
             block = asyncio.run(pairs_per_second(kind, served, clients, pairs))
@@ -683,6 +696,9 @@ def measure(loop: str, http: str, pairs: int, rounds: int, count: int,
             work: Path) -> dict[str, Any]:
     found: dict[str, Any] = {}
     with server("noop", loop, http, work) as noop, server("product", loop, http, work) as ours:
+        for served in (noop, ours):  # the steady state: the event ring full (STEADY_PAIRS)
+            asyncio.run(pairs_per_second("noop" if served is noop else "product", served,
+                                         max(CONCURRENCY), STEADY_PAIRS))
         for clients in CONCURRENCY:
             asyncio.run(pairs_per_second("noop", noop, clients, pairs // 5))  # warm up
             asyncio.run(pairs_per_second("product", ours, clients, pairs // 5))
@@ -701,8 +717,10 @@ def report(results: dict[tuple[str, str], dict[str, Any]], counts: str,
     lines = [
         f"{counts}. Python {platform.python_version()}, {len(os.sched_getaffinity(0))} CPUs, "
         f"load average {os.getloadavg()[0]:.1f} at the end; client and servers share the "
-        "machine. Pairs per second (acquire + release) of the round with the median ratio; "
-        "ratio best / median over the rounds. CPU per pair: the server process's user + "
+        f"machine. Each server is first brought to its steady state ({STEADY_PAIRS:,} pairs "
+        "untimed, no-op and lock API alike: the event ring full). Pairs per second (acquire "
+        "+ release) of the round with the median ratio; ratio best / median over the rounds. "
+        "CPU per pair: the server process's user + "
         "system time over the block, per pair (median over the rounds); their ratio (no-op / "
         "lock API) is the pairs/s ratio the two servers would reach with a core each, and "
         "holds still when other work shares the machine. `httptools` is the product's guarded "
