@@ -413,8 +413,9 @@ class EtcdConnection:
         looking = self._looking
         if looking is None or looking.done():
             return txn
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(looking), LEADER_WAIT)
+        # (asyncio.wait neither cancels the search at the timeout nor raises what ended it:
+        # the connection closing cancels it)
+        await asyncio.wait((looking,), timeout=LEADER_WAIT)
         current = self.txn
         return current if current is not None and current.client is txn.client else txn
 
