@@ -39,6 +39,7 @@ from tests.support.locks import candidate_for, request_for
 
 from enhanced_locking.backends.etcd_connection import (
     CALL_TIMEOUT,
+    DOWN,
     ROUTE_TIMEOUT,
     EtcdConnection,
     EtcdSettings,
@@ -254,7 +255,9 @@ def frozen(member: EtcdMember) -> Iterator[None]:
 async def test_a_frozen_leader_is_given_up_after_the_routes_limit_and_another_answers(
     three: EtcdCluster, backend: EtcdBackend,
 ) -> None:
+    slow_elections = 0
     for _ in range(5):  # on a loaded machine an election may move the leader meanwhile
+        await pairs_again(backend, "no pair went through after a freeze")
         old = await on_the_route(three, backend)  # a pair's term shows the connection a leader
         old_id = member_id(three, old)
         with frozen(old):
@@ -264,7 +267,18 @@ async def test_a_frozen_leader_is_given_up_after_the_routes_limit_and_another_an
             # The route's attempt ends after its 2 s, not the call's 5 s; the call is sent
             # again on the balanced channel (ATTEMPT_TIMEOUT each, the round's next member
             # each time) and answered by a member that is not frozen.
-            answered = await answered_by(backend.connection)
+            try:
+                answered = await answered_by(backend.connection)
+            except DOWN:
+                # A read needs a leader: the others answer it once they have elected one.
+                # On a loaded machine that election can outlast the call's time (seen in
+                # whole-suite runs at a load of 4 to 6); the call was still given up on the
+                # route and sent on, and used its whole time doing so. Freeze again.
+                waited = time.monotonic() - started
+                assert ROUTE_TIMEOUT <= waited, waited
+                assert backend.connection.leader != old.endpoint  # dropped
+                slow_elections += 1
+                continue
             waited = time.monotonic() - started
             assert answered != old_id
             assert ROUTE_TIMEOUT <= waited < CALL_TIMEOUT, waited
@@ -279,7 +293,8 @@ async def test_a_frozen_leader_is_given_up_after_the_routes_limit_and_another_an
             await pair(backend, pull=2)
             assert await answered_by(backend.connection) == member_id(three, new)
             return
-    pytest.fail("the leader moved before every one of five freezes")
+    pytest.fail(f"no freeze of five was answered by another member ({slow_elections} with an "
+                "election slower than the call, the others with the leader moved before it)")
 
 
 async def test_a_write_with_no_route_has_the_calls_whole_time_in_one_attempt(
