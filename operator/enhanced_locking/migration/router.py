@@ -394,11 +394,10 @@ class Router(AtlantisCalls):
                     outcomes = [None, await enhanced.release(key, owner=owner)]
             except OtherSideHolds:
                 pass
-            except (LockNotOwned, BackendUnavailable) as error:
-                if isinstance(error, LockNotOwned):
-                    outcomes = [None, error]  # legacy was found holding nothing
-                else:
-                    outcomes = [await self._released_on(self.legacy, key, owner), error]
+            except LockNotOwned as error:
+                outcomes = [None, error]  # legacy was found holding nothing
+            except BackendUnavailable as error:
+                outcomes = [await self._released_on(self.legacy, key, owner), error]
         if not outcomes:
             outcomes = [await self._released_on(locker, key, owner)
                         for locker in self._lockers()]
