@@ -36,7 +36,7 @@ import asyncio
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from enhanced_locking.backends.base import (
     OtherSideHolds,
@@ -110,6 +110,17 @@ def _foreign(held: Lock | None, owner: Owner) -> Lock | None:
     return held if held is not None and not held.owned_by(*owner) else None
 
 
+class _LegacyCheck(NamedTuple):
+    """Whether an enhanced locker's store checks the legacy side in its own writes
+    (:meth:`Router._legacy_checked_by`), as found for that locker."""
+
+    enhanced: Locker
+    namespace: str | None
+    """The legacy side's namespace in the store's file; ``None``: the router makes the looks."""
+    unreadable: UnreadableLocks | None
+    """The legacy side's keys found unreadable (their looks are made by the router)."""
+
+
 class Router(AtlantisCalls):
     """A locker that delegates each key to its authoritative side.
 
@@ -141,7 +152,7 @@ class Router(AtlantisCalls):
         self._routed_enhanced = metrics.counting(metrics.routing, "enhanced")
         # Whether the enhanced locker's store checks the legacy side in its own writes (see
         # _legacy_checked_by), as last asked, for that locker.
-        self._checks_legacy: tuple[Locker, str | None, UnreadableLocks | None] | None = None
+        self._checks_legacy: _LegacyCheck | None = None
 
     @property
     def enhanced(self) -> Locker | None:
@@ -285,16 +296,15 @@ class Router(AtlantisCalls):
         router asks the legacy side itself, as it does for a key legacy found unreadable (its
         look is what clears that)."""
         known = self._checks_legacy
-        if known is None or known[0] is not enhanced:
+        if known is None or known.enhanced is not enhanced:
             store, legacy = backend_of(enhanced), backend_of(self.legacy)
             namespace = (store.checks_other_side(legacy)
                          if isinstance(store, StoreBackend) and legacy is not None else None)
-            known = self._checks_legacy = (
+            known = self._checks_legacy = _LegacyCheck(
                 enhanced, namespace, legacy.unreadable if legacy is not None else None)
-        namespace, unreadable = known[1], known[2]
-        if namespace is None or unreadable is None or key in unreadable:
+        if known.namespace is None or known.unreadable is None or key in known.unreadable:
             return None
-        return namespace
+        return known.namespace
 
     async def _acquire_on(
         self, primary: Locker, other: Locker | None, request: LockRequest
