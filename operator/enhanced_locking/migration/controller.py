@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from enhanced_locking.backends.base import Backend, Owner
+from enhanced_locking.backends.base import Backend, Owner, QueueBackend
 from enhanced_locking.backends.redis_connection import RedisConnection
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.events import EventBus
@@ -57,7 +57,7 @@ from enhanced_locking.migration.transition import (
     WeightTransitions,
 )
 from enhanced_locking.provider import ConfigProvider, Snapshot
-from enhanced_locking.types import AcquireResult, Lock, LockRequest
+from enhanced_locking.types import AcquireResult, BackendUnavailable, Lock, LockRequest
 
 __all__ = ["MigrationController", "MigrationStatus", "default_replica_id"]
 
@@ -153,11 +153,19 @@ class MigrationController:
     def _journal_now(self) -> FallbackJournal:
         if self._journal is None:
             config = self.provider.current.config
-            self._journal = FallbackJournal(
-                granted=self._build(config, config.legacy_backend, GRANTED),
-                released=self._build(config, config.legacy_backend, RELEASED),
-            )
+            self._journal = FallbackJournal(granted=self._journal_store(config, GRANTED),
+                                            released=self._journal_store(config, RELEASED))
         return self._journal
+
+    def _journal_store(self, config: EnhancedLockingConfig, namespace: str) -> QueueBackend:
+        """The journal's part ``namespace`` in the legacy store: a store that can take an
+        entry out only while it is the one read (owner and version, in one step), which every
+        kind but Atlantis's own Redis layout can (that one serves only ``legacy``)."""
+        backend = self._build(config, config.legacy_backend, namespace)
+        if not isinstance(backend, QueueBackend):
+            raise BackendUnavailable(
+                f"the {backend.kind} backend cannot keep the fallback journal")
+        return backend
 
     def _routes_enhanced(self, key: str) -> bool:
         plan = self.transitions.plan(key)

@@ -23,8 +23,12 @@ the periodic probe succeeds) the journal is *reconciled*:
 With ``fallback: fail-closed`` nothing is granted without the enhanced side: such requests are
 refused with ``unavailable``, and so the journal stays empty.
 
-A release journal entry stores the released lock with ``acquiredAt`` set to the time of the
-release (the journal is a lock store; this is the one field it reinterprets).
+The journal is a lock store, and an entry is the lock it journals with two fields
+reinterpreted: a release entry's ``acquiredAt`` is the time of the release, and every entry's
+``fencingToken`` is the entry's *version*, a random number drawn when the entry is written. An
+entry is taken out of the journal only while it is still the one that was read (its pull and
+its version, checked by the store in the same step as the removal): an entry of the same key
+written in between (the pull released the key again) stays and is applied at the next pass.
 """
 
 from __future__ import annotations
@@ -32,12 +36,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from enhanced_locking.backends.base import Backend
+from enhanced_locking.backends.base import QueueBackend
 from enhanced_locking.events import EventBus
 from enhanced_locking.locking.base import Locker
 from enhanced_locking.locking.enhanced import EnhancedLocker
@@ -80,20 +85,46 @@ async def _release_hold(enhanced: Locker, held: Lock) -> Lock | None:
     return await enhanced.release(held.key, owner=held.owner)
 
 
-class FallbackJournal:
-    """Grants and releases legacy made without the enhanced side, one entry per key."""
+_VERSION_BITS = 52
+"""An entry's version is drawn from this many bits: two entries of a key alike once in 2**52
+draws, and a whole number any store keeps exactly (Redis's scripts read it as a double)."""
 
-    def __init__(self, *, granted: Backend, released: Backend) -> None:
+
+def _versioned(entry: Lock) -> Lock:
+    return entry.model_copy(update={"fencing_token": 1 + secrets.randbits(_VERSION_BITS)})
+
+
+class FallbackJournal:
+    """Grants and releases legacy made without the enhanced side, one entry per key, each
+    with a version of its own (its ``fencing_token``, see the module docstring)."""
+
+    def __init__(self, *, granted: QueueBackend, released: QueueBackend) -> None:
         self.granted = granted
         self.released = released
 
     async def record_grant(self, lock: Lock) -> None:
-        await self.granted.release(lock.key)
-        await self.granted.adopt([lock], {})
+        await self._write(self.granted, lock)
 
     async def record_release(self, lock: Lock) -> None:
-        await self.released.release(lock.key)
-        await self.released.adopt([lock.model_copy(update={"acquired_at": utcnow()})], {})
+        await self._write(self.released, lock.model_copy(update={"acquired_at": utcnow()}))
+
+    @staticmethod
+    async def _write(store: QueueBackend, entry: Lock) -> None:
+        await store.release(entry.key)
+        await store.adopt([_versioned(entry)], {})
+
+    @staticmethod
+    async def remove(store: QueueBackend, entry: Lock) -> bool:
+        """Take ``entry`` (as read from ``store``) out of the journal if it is still what is
+        stored for its key: the same pull and the same version, checked by the store in the
+        step that removes it. An entry written since (another release or grant of the key)
+        is left for the next pass. Whether ``entry`` was there to take out."""
+        try:
+            gone = await store.release_and_handoff(entry.key, owner=entry.owner,
+                                                   token=entry.fencing_token)
+        except LockNotOwned:
+            return False  # a newer entry of the key
+        return gone.released is not None
 
     async def entries(self) -> tuple[list[Lock], list[Lock]]:
         return await self.granted.list(), await self.released.list()
@@ -329,8 +360,7 @@ class FallbackReconciler:
         owner = (lock.project.repo_full_name, lock.pull.num)
         current = await legacy.get(lock.key)
         if current is None or not current.owned_by(*owner):
-            await journal.granted.release(lock.key)
-            return "forgotten"
+            return await self._forget(journal, lock)
         held = await enhanced.get(lock.key)
         if is_conflict(current, held):
             assert held is not None
@@ -343,10 +373,15 @@ class FallbackReconciler:
             await raise_counter(enhanced, lock.key, current.fencing_token)
             if await backend.adopt([current], {}):
                 return "kept"  # taken meanwhile by another pull: the next pass reports it
-            await journal.granted.release(lock.key)
+            await journal.remove(journal.granted, lock)  # a newer entry stays for the next pass
             return "adopted"
-        await journal.granted.release(lock.key)
-        return "forgotten"
+        return await self._forget(journal, lock)
+
+    @staticmethod
+    async def _forget(journal: FallbackJournal, lock: Lock) -> str:
+        """Take the grant entry ``lock`` out: ``"forgotten"``, or ``"kept"`` when a newer entry
+        of its key was written since it was read (the next pass looks at that one)."""
+        return "forgotten" if await journal.remove(journal.granted, lock) else "kept"
 
     async def _apply_release(self, journal: FallbackJournal, enhanced: Locker,
                              key: str) -> bool | None:
@@ -359,8 +394,10 @@ class FallbackReconciler:
         find it gone; a newer lock of the pull (it released the copy and took the key again
         meanwhile) is never freed. Only then does the entry leave the journal: a replica that
         finds no entry knows the copy it names is already freed (see
-        :meth:`before_reentrant`). While the enhanced side does not answer the entry stays
-        (``BackendUnavailable``)."""
+        :meth:`before_reentrant`). It leaves only if it is still the entry read here (its
+        version): a release of the key journaled in between, by the same pull, is a newer
+        entry and stays, applied at the next pass. While the enhanced side does not answer
+        the entry stays (``BackendUnavailable``)."""
         tombstone = await journal.released.get(key)
         if tombstone is None:
             return None
@@ -371,7 +408,7 @@ class FallbackReconciler:
                 freed = await _release_hold(enhanced, held) is not None
             except LockNotOwned:
                 pass  # gone meanwhile, or a newer hold: not ours to free
-        await journal.released.release(key)
+        await journal.remove(journal.released, tombstone)
         return freed
 
     def status(self, *, mode: FallbackMode) -> FallbackStatus:
