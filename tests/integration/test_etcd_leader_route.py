@@ -17,7 +17,9 @@ lease grants and the readiness check go to the leader first, as the steps' trans
 and a write with no route waits for the leader search under way. A write is never cut into
 short attempts: one test freezes every member for longer than four of them and checks that a
 write is answered and applied once. The last tests freeze a follower and the leader (steps and
-lease grants under way when it froze) and check that every acquire is still granted.
+lease grants under way when it froze) and check that every acquire is still granted. A lease
+grant whose answer is lost (applied by etcd, the answer dropped on its way) is sent again
+under the same ID and makes one lease; one given up on is revoked.
 """
 
 from __future__ import annotations
@@ -30,13 +32,16 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
 from etcd3aio._protobuf import TxnRequest
 from tests.support.etcd_fixtures import auth_on, started
 from tests.support.etcd_server import EtcdCluster, EtcdMember
 from tests.support.locks import candidate_for, request_for
 
+from enhanced_locking.backends import etcd_store
 from enhanced_locking.backends.etcd_connection import (
     CALL_TIMEOUT,
     DOWN,
@@ -366,3 +371,92 @@ async def test_with_the_leader_frozen_every_acquire_is_granted(
             await backend.ping()
             return
     pytest.fail("the leader moved before every one of five freezes")
+
+
+class LostAnswers:
+    """A member's lease calls whose grants go astray: the first ``applied`` are applied by
+    etcd and their answers lost (a leader frozen after it granted); after those, the next
+    ``unanswered`` reach nothing. Each failure is what a call past its deadline raises."""
+
+    def __init__(self, real: Any, *, applied: int, unanswered: int = 0) -> None:
+        self._real = real
+        self.applied = applied
+        self.unanswered = unanswered
+        self.sent = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    async def grant(self, ttl: int, lease_id: int = 0, **options: Any) -> Any:
+        self.sent += 1
+        if self.applied:
+            self.applied -= 1
+            await self._real.grant(ttl, lease_id, **options)
+        elif self.unanswered:
+            self.unanswered -= 1
+            await asyncio.sleep(0.2)
+        else:
+            return await self._real.grant(ttl, lease_id, **options)
+        raise grpc.aio.AioRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, grpc.aio.Metadata(),
+                                   grpc.aio.Metadata(), details="Deadline Exceeded")
+
+
+def losing(monkeypatch: pytest.MonkeyPatch, lost: LostAnswers) -> None:
+    monkeypatch.setattr(etcd_store, "_lease_calls", lambda client: lost)
+
+
+async def leases(connection: EtcdConnection) -> set[int]:
+    client = await connection.client()
+    assert client.lease is not None
+    return {int(lease.ID) for lease in (await client.lease.leases()).leases}
+
+
+async def test_a_lease_grant_sent_again_after_its_answer_was_lost_grants_one_lease(
+    three: EtcdCluster, backend: EtcdBackend, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The grant on the route is applied and its answer lost; the call drops the route and
+    # sends it again. Under an ID of the replica's choosing, the second grant finds the
+    # first one's lease and the lock is attached to it: one lease, none left unused until
+    # its TTL (etcd chose the ID before, and each grant made a lease of its own).
+    await on_the_route(three, backend)
+    before = await leases(backend.connection)
+    client = await backend.connection.client()
+    assert client.lease is not None
+    lost = LostAnswers(client.lease, applied=1)
+    losing(monkeypatch, lost)
+    candidate = candidate_for(request_for(path="lost-answer"))
+    outcome = await backend.acquire_or_enqueue(candidate, ttl=timedelta(seconds=60), wait=None,
+                                               policy=QueuePolicy())
+    monkeypatch.undo()
+    assert outcome.status is Status.GRANTED, outcome
+    assert lost.sent == 2
+    made = await leases(backend.connection) - before
+    assert len(made) == 1, made
+    [lease] = made
+    attached = await client.lease.time_to_live(lease, keys=True)
+    assert backend.lock_key(candidate.key) in list(attached.keys)
+
+
+async def test_a_lease_grant_given_up_is_revoked_not_left_to_its_ttl(
+    three: EtcdCluster, backend: EtcdBackend, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The first attempt is applied and its answer lost; no later one is answered within the
+    # call's time: the acquire fails ("unavailable"), and the lease the first attempt made,
+    # which nothing uses, is revoked rather than left for its 60 s.
+    await on_the_route(three, backend)
+    before = await leases(backend.connection)
+    client = await backend.connection.client()
+    assert client.lease is not None
+    lost = LostAnswers(client.lease, applied=1, unanswered=1000)
+    losing(monkeypatch, lost)
+    candidate = candidate_for(request_for(path="given-up"))
+    with pytest.raises(BackendUnavailable):
+        await backend.acquire_or_enqueue(candidate, ttl=timedelta(seconds=60), wait=None,
+                                         policy=QueuePolicy())
+    monkeypatch.undo()
+    assert lost.sent >= 2
+    deadline = time.monotonic() + CALL_TIMEOUT
+    while (left := await leases(backend.connection) - before):
+        assert time.monotonic() < deadline, f"leases left: {left}"
+        await asyncio.sleep(0.05)
+    assert await backend.get(candidate.key) is None

@@ -68,6 +68,7 @@ import json
 import logging
 import math
 import random
+import secrets
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -1083,12 +1084,37 @@ class EtcdBackend(StoreBackend):
             self._lease_ends.pop(self._leases.pop(end), None)
 
     async def _grant_lease(self, ttl: int, *, key: str | None) -> int:
-        async with unavailable(self.connection, "lease grant", key=key):
-            # Sent again only after its attempt on the route failed (the leader gone): a lease
-            # granted by a lost answer is never used and ends at its TTL.
-            answer = await leader_first(self.connection, lambda member, deadline: _lease_calls(
-                member).grant(ttl, timeout=deadline, max_attempts=1), write=True)
+        """A lease of ``ttl`` seconds under an ID this replica draws (etcd's ``LeaseGrant``
+        takes one), so the grant is idempotent. It is sent again after an attempt on the
+        route failed (the leader frozen or gone, :func:`leader_first`), and that attempt may
+        have been applied, its answer lost: sent again, the grant then meets "lease already
+        exists" and takes that lease, rather than granting a second one that nothing would
+        use until its TTL. A frozen member that applies the first attempt late meets the
+        same ID and grants nothing either. A grant given up on (the call failed or its caller
+        was cancelled) is revoked in the background: an attempt applied all the same is not
+        left to its TTL, which for a lock's lease is the lock's own end."""
+        lease_id = _lease_id()
+        sent = 0
+
+        async def grant(member: etcd3aio.Etcd3Client, deadline: float) -> int:
+            nonlocal sent
+            sent += 1
+            try:
+                answer = await _lease_calls(member).grant(ttl, lease_id, timeout=deadline,
+                                                          max_attempts=1)
+            except grpc.aio.AioRpcError as error:
+                if sent > 1 and _lease_exists(error):
+                    return lease_id  # granted by an earlier attempt whose answer was lost
+                raise  # (on the first attempt: a lease that is not ours has the ID)
             return int(answer.ID)
+
+        try:
+            async with unavailable(self.connection, "lease grant", key=key):
+                return await leader_first(self.connection, grant, write=True)
+        except (BackendUnavailable, asyncio.CancelledError):
+            if sent:
+                self._spawn(self._revoke(lease_id))
+            raise
 
     async def _revoke(self, lease: int) -> None:
         with contextlib.suppress(Exception):
@@ -1508,6 +1534,19 @@ def _put(put: Any, key: bytes, value: bytes, lease: int) -> None:
     put.value = value
     if lease:
         put.lease = lease
+
+
+def _lease_id() -> int:
+    """A lease ID of this replica's choosing: positive (0 asks etcd to choose), from the
+    system's randomness (replicas forked from one process share the ``random`` module's
+    state), and alike to another lease's once in 2**62 draws."""
+    return 1 + secrets.randbits(62)
+
+
+def _lease_exists(error: grpc.aio.AioRpcError) -> bool:
+    """etcd's answer to a grant of an ID that already has a lease."""
+    return (error.code() is grpc.StatusCode.FAILED_PRECONDITION
+            and "lease already exists" in (error.details() or ""))
 
 
 def _lease_calls(client: etcd3aio.Etcd3Client) -> Any:
