@@ -19,7 +19,8 @@ short attempts: one test freezes every member for longer than four of them and c
 write is answered and applied once. The last tests freeze a follower and the leader (steps and
 lease grants under way when it froze) and check that every acquire is still granted. A lease
 grant whose answer is lost (applied by etcd, the answer dropped on its way) is sent again
-under the same ID and makes one lease; one given up on is revoked.
+under the same ID and makes one lease; one given up on is revoked. With each member frozen in
+turn, a replica with a waiter keeps its session lease and its waiter is told of its grant.
 """
 
 from __future__ import annotations
@@ -49,8 +50,12 @@ from enhanced_locking.backends.etcd_connection import (
     EtcdConnection,
     EtcdSettings,
 )
-from enhanced_locking.backends.etcd_store import EtcdBackend
+from enhanced_locking.backends.etcd_store import NOTICE_CHECK, SESSION_TTL, EtcdBackend
 from enhanced_locking.backends.waiting import QueuePolicy, Status
+from enhanced_locking.config import EnhancedLockingConfig
+from enhanced_locking.events import EventBus
+from enhanced_locking.locking import EnhancedLocker
+from enhanced_locking.metrics import Metrics
 from enhanced_locking.types import BackendUnavailable
 
 pytestmark = [pytest.mark.etcd, pytest.mark.timeout(120)]
@@ -401,14 +406,23 @@ class LostAnswers:
                                    grpc.aio.Metadata(), details="Deadline Exceeded")
 
 
-def losing(monkeypatch: pytest.MonkeyPatch, lost: LostAnswers) -> None:
-    monkeypatch.setattr(etcd_store, "_lease_calls", lambda client: lost)
-
-
 async def leases(connection: EtcdConnection) -> set[int]:
     client = await connection.client()
     assert client.lease is not None
     return {int(lease.ID) for lease in (await client.lease.leases()).leases}
+
+
+async def losing_grants(three: EtcdCluster, backend: EtcdBackend,
+                        monkeypatch: pytest.MonkeyPatch, *, applied: int,
+                        unanswered: int = 0) -> tuple[LostAnswers, set[int]]:
+    """``backend`` on the route, its lease grants going astray from now on (``LostAnswers``),
+    and the leases etcd had before."""
+    await on_the_route(three, backend)
+    before = await leases(backend.connection)
+    client = await backend.connection.client()
+    lost = LostAnswers(client.lease, applied=applied, unanswered=unanswered)
+    monkeypatch.setattr(etcd_store, "_lease_calls", lambda member: lost)
+    return lost, before
 
 
 async def test_a_lease_grant_sent_again_after_its_answer_was_lost_grants_one_lease(
@@ -418,12 +432,7 @@ async def test_a_lease_grant_sent_again_after_its_answer_was_lost_grants_one_lea
     # sends it again. Under an ID of the replica's choosing, the second grant finds the
     # first one's lease and the lock is attached to it: one lease, none left unused until
     # its TTL (etcd chose the ID before, and each grant made a lease of its own).
-    await on_the_route(three, backend)
-    before = await leases(backend.connection)
-    client = await backend.connection.client()
-    assert client.lease is not None
-    lost = LostAnswers(client.lease, applied=1)
-    losing(monkeypatch, lost)
+    lost, before = await losing_grants(three, backend, monkeypatch, applied=1)
     candidate = candidate_for(request_for(path="lost-answer"))
     outcome = await backend.acquire_or_enqueue(candidate, ttl=timedelta(seconds=60), wait=None,
                                                policy=QueuePolicy())
@@ -433,6 +442,8 @@ async def test_a_lease_grant_sent_again_after_its_answer_was_lost_grants_one_lea
     made = await leases(backend.connection) - before
     assert len(made) == 1, made
     [lease] = made
+    client = await backend.connection.client()
+    assert client.lease is not None
     attached = await client.lease.time_to_live(lease, keys=True)
     assert backend.lock_key(candidate.key) in list(attached.keys)
 
@@ -443,12 +454,8 @@ async def test_a_lease_grant_given_up_is_revoked_not_left_to_its_ttl(
     # The first attempt is applied and its answer lost; no later one is answered within the
     # call's time: the acquire fails ("unavailable"), and the lease the first attempt made,
     # which nothing uses, is revoked rather than left for its 60 s.
-    await on_the_route(three, backend)
-    before = await leases(backend.connection)
-    client = await backend.connection.client()
-    assert client.lease is not None
-    lost = LostAnswers(client.lease, applied=1, unanswered=1000)
-    losing(monkeypatch, lost)
+    lost, before = await losing_grants(three, backend, monkeypatch, applied=1,
+                                       unanswered=1000)
     candidate = candidate_for(request_for(path="given-up"))
     with pytest.raises(BackendUnavailable):
         await backend.acquire_or_enqueue(candidate, ttl=timedelta(seconds=60), wait=None,
@@ -460,3 +467,62 @@ async def test_a_lease_grant_given_up_is_revoked_not_left_to_its_ttl(
         assert time.monotonic() < deadline, f"leases left: {left}"
         await asyncio.sleep(0.05)
     assert await backend.get(candidate.key) is None
+
+
+async def released(locker: EnhancedLocker, key: str, pull: int) -> None:
+    """``key`` let go by ``pull`` (for 30 s: while the others elect a leader a step may find
+    no one to answer it)."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            assert await locker.release(key, owner=("acme/infra", pull)) is not None
+            return
+        except BackendUnavailable:
+            assert time.monotonic() < deadline, "the release never went through"
+            await asyncio.sleep(0.1)
+
+
+async def test_with_any_member_frozen_a_waiter_keeps_its_session_and_is_served(
+    three: EtcdCluster, backend: EtcdBackend,
+) -> None:
+    # A waiter's replica keeps a session lease (10 s, renewed every 3.3 s) and watches for
+    # its waiters' notices. Renewals went on the balanced channel, whose round gives some of
+    # them to a frozen member: such a renewal took the call's 5 s, the next came more than
+    # 10 s after the last, and etcd let the lease go under a live replica, whose waiter was
+    # told "unavailable" while two members of three answered (6 of 9 freezes of 15 s). And a
+    # watch served by a frozen member brings nothing until it thaws (3 of 4 waiters not told
+    # of their grant within 20 s). Each member is frozen in turn here, the followers first,
+    # for longer than the session together: the session is kept, and the waiter is served
+    # within a check of the notices once the key is let go.
+    config = EnhancedLockingConfig()
+    holder = EnhancedLocker(backend, settings=lambda: config, events=EventBus(),
+                            metrics=Metrics())
+    other = EtcdBackend(EtcdConnection(EtcdSettings(endpoints=tuple(three.endpoints))),
+                        prefix="/route/")
+    waiting = EnhancedLocker(other, settings=lambda: config, events=EventBus(),
+                             metrics=Metrics())
+    try:
+        leader = await on_the_route(three, backend)
+        session = 0
+        for n, member in enumerate(sorted(three.members, key=lambda m: m is leader)):
+            key = request_for(path=f"session{n}").key
+            held = await holder.acquire(request_for(pull=1, path=f"session{n}"))
+            assert held.acquired
+            waiter = asyncio.ensure_future(waiting.acquire(
+                request_for(pull=2, path=f"session{n}", wait=timedelta(seconds=90))))
+            deadline = time.monotonic() + 30
+            while not other.session_lease or not await other.queue(key):
+                assert time.monotonic() < deadline, "the waiter was never queued"
+                await asyncio.sleep(0.05)
+            session = session or other.session_lease
+            with frozen(member):
+                await asyncio.sleep(0.6 * SESSION_TTL)
+                assert not waiter.done(), waiter.result()
+                await released(holder, key, 1)
+                served = await asyncio.wait_for(waiter, NOTICE_CHECK + CALL_TIMEOUT)
+                assert served.acquired and served.lock is not None, served
+                assert served.lock.pull.num == 2
+                assert other.session_lease == session
+            await released(waiting, key, 2)
+    finally:
+        await other.close()

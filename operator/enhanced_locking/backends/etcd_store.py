@@ -40,7 +40,8 @@ entries never share a prefix with another key's):
   vanish with it and are never granted anything.
 * ``notice/{waiter}``: what a waiter is told (its locks, or why it left), written in the same
   transaction as the grant, attached to the waiter's session lease. The waiting replica hears
-  of it through a watch (no polling) and deletes it once its caller is done.
+  of it through a watch, and deletes it once its caller is done; while it has waiters it also
+  reads the notices every ``NOTICE_CHECK`` seconds, for a watch whose member is frozen.
 
 **Fencing token = the etcd revision of the grant** (plus the key's floor): every grant is a
 new revision of the whole cluster, so tokens rise per key and across keys, replicas, restarts
@@ -123,6 +124,9 @@ T = TypeVar("T")
 
 SESSION_TTL = 10
 """Seconds a replica's waiters outlive it (its session lease, renewed every third of it)."""
+NOTICE_CHECK = 2.0
+"""Seconds between reads of the waiters' notices while this replica has waiters: the delay, at
+most, of a notice whose watch is served by a frozen member (``_follow``)."""
 DELETIONS_LINGER = 5.0
 """Seconds between checks whether this replica still has waiters (``_watch_deletions``):
 a replica whose waiters come and go keeps its watch."""
@@ -1166,33 +1170,26 @@ class EtcdBackend(StoreBackend):
             async with unavailable(self.connection, "watch"):
                 start = int((await client.kv.get(self.base, timeout=CALL_TIMEOUT))
                             .header.revision)
-            self._session = asyncio.create_task(self._keep_alive(client, self.session_lease),
+            self._session = asyncio.create_task(self._keep_alive(self.session_lease),
                                                 name="etcd-session")
             if self._watch is None or self._watch.done():
                 self._watch = asyncio.create_task(self._follow(client, start + 1),
                                                   name="etcd-notices")
 
-    async def _keep_alive(self, client: etcd3aio.Etcd3Client, lease: int) -> None:
-        assert client.lease is not None
+    async def _keep_alive(self, lease: int) -> None:
         failures = 0
         while True:
             await asyncio.sleep(SESSION_TTL / 3)
             try:
-                call = client.lease.keep_alive(lease)
-                try:
-                    answer = await asyncio.wait_for(call.read(), CALL_TIMEOUT)
-                finally:
-                    call.cancel()
-                if answer is grpc.aio.EOF:
-                    raise TimeoutError
-            except (grpc.RpcError, TimeoutError, etcd3aio.EtcdError):
+                ttl: int | None = await self._renew(lease)
+            except (*DOWN, BackendUnavailable):
                 failures += 1
                 if failures * SESSION_TTL / 3 < SESSION_TTL:
                     continue
-                answer = None
+                ttl = None
             else:
                 failures = 0
-            if answer is None or answer.TTL <= 0:
+            if ttl is None or ttl <= 0:
                 log.warning("etcd %s: this replica's session lease lapsed; its waiters are "
                             "told the store is unavailable", self.connection.where)
                 self.session_lease = 0
@@ -1200,14 +1197,87 @@ class EtcdBackend(StoreBackend):
                     self._notifier.deliver(waiter_id, Notice(reason=Reason.UNAVAILABLE))
                 return
 
+    async def _renew(self, lease: int) -> int:
+        """One renewal of ``lease`` (one keep-alive answer): the seconds it has left, 0 when
+        etcd no longer has it.
+
+        Sent as reads are (:func:`leader_first`): to the leader when the route is known, else
+        in attempts of their own on the balanced channel, each given by the round to the next
+        member. On the balanced channel alone (as before), every third renewal could reach a
+        frozen member and take the call's whole 5 s: the next renewal then came 3.3 + 5 + 3.3 s
+        after the last one, past the session's 10 s, and etcd let the lease go under a live
+        replica (its waiters were told ``unavailable`` while two members of three answered).
+        A renewal sent twice only renews twice."""
+        async def once(member: etcd3aio.Etcd3Client, deadline: float) -> int:
+            call = _lease_calls(member).keep_alive(lease)
+            try:
+                answer = await asyncio.wait_for(call.read(), deadline)
+            finally:
+                call.cancel()
+            if answer is grpc.aio.EOF:
+                raise TimeoutError  # the stream ended unanswered: as an attempt past its time
+            return int(answer.TTL)
+
+        return await leader_first(self.connection, once)
+
     async def _follow(self, client: etcd3aio.Etcd3Client, start: int) -> None:
-        """Notices for this replica's waiters."""
+        """Notices for this replica's waiters: watched, and read every ``NOTICE_CHECK``
+        seconds while there are waiters here (:meth:`_missed`).
+
+        A watch is one stream to one member, given by the balanced channel's round. Frozen
+        (SIGSTOP: its connections stay open), that member sends nothing and nothing ends
+        the stream: waiters were not told of their grant until it thawed (3 of 4 freezes of
+        15 s, a member of three frozen). The read is sent as reads are (another member
+        answers it); when it finds a notice the watch has not brought, the notice is
+        delivered and the watch started again, which the round gives to another member."""
         notices = self.base + b"notice/"
 
         def heard(key: bytes, kv: _KV, prev: _KV) -> None:
             self._heard(key[len(notices):].decode(), kv)
 
-        await self._watch_prefix(client, notices, start, heard, etcd3aio.WatchFilter.NODELETE)
+        since = start  # the session's first revision: no notice before it is this session's
+        while True:
+            watch = asyncio.ensure_future(self._watch_prefix(
+                client, notices, start, heard, etcd3aio.WatchFilter.NODELETE))
+            try:
+                start = await self._missed(notices, since=since)
+            finally:
+                watch.cancel()
+                with contextlib.suppress(BaseException):
+                    await watch
+            log.warning("etcd %s: the watch of this replica's notices missed one (its member "
+                        "may be frozen); watching again from revision %d",
+                        self.connection.where, start)
+            with contextlib.suppress(BackendUnavailable):
+                client = await self.connection.client()  # (else the same client again)
+
+    async def _missed(self, notices: bytes, *, since: int) -> int:
+        """Every ``NOTICE_CHECK`` seconds while this replica has waiters, read the notices
+        (written from revision ``since`` on) and deliver those of waiters still waiting
+        here: the watch's delivery had not come. Returns the revision to watch from when
+        one was delivered so (the watch is behind); a read that fails is tried at the next
+        check."""
+        while True:
+            await asyncio.sleep(NOTICE_CHECK)
+            if not self._notifier.local.pending():
+                continue
+            try:
+                async with unavailable(self.connection, "read of notices"):
+                    answer = await leader_first(
+                        self.connection, lambda member, deadline: _kv_calls(member).get(
+                            notices, _prefix_end(notices), timeout=deadline, max_attempts=1))
+            except BackendUnavailable:
+                continue
+            pending = set(self._notifier.local.pending())
+            missed = False
+            for kv in answer.kvs:
+                waiter_id = bytes(kv.key)[len(notices):].decode()
+                if (int(kv.mod_revision) >= since and waiter_id in pending
+                        and waiter_id not in self._telling):
+                    self._heard(waiter_id, _kv(kv))
+                    missed = True
+            if missed:
+                return int(answer.header.revision) + 1
 
     def _watch_deletions(self, start: int) -> None:
         """Follow lock deletions from revision ``start`` (the revision that queued a waiter
