@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
 import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
@@ -39,7 +37,7 @@ import grpc
 import pytest
 from etcd3aio._protobuf import TxnRequest
 from tests.support.etcd_fixtures import auth_on, started
-from tests.support.etcd_server import EtcdCluster, EtcdMember
+from tests.support.etcd_server import EtcdCluster, EtcdMember, frozen
 from tests.support.locks import candidate_for, request_for
 
 from enhanced_locking.backends import etcd_store
@@ -247,19 +245,6 @@ async def test_a_connection_that_sends_no_transaction_does_not_look_for_the_lead
         await routed_to(connection, leader_of(three).endpoint)
     finally:
         await connection.close()
-
-
-@contextlib.contextmanager
-def frozen(member: EtcdMember) -> Iterator[None]:
-    """``member`` stopped (SIGSTOP) for the block: its connections stay open, it answers
-    nothing; then SIGCONT, whatever the block did."""
-    assert member.process is not None
-    pid = member.process.popen.pid
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(pid, signal.SIGCONT)
 
 
 async def test_a_frozen_leader_is_given_up_after_the_routes_limit_and_another_answers(

@@ -5,7 +5,8 @@ same etcd the API server stores in). A missing binary fails the test with how to
 
 * :class:`EtcdCluster` starts ``members`` members (1 or 3) with their own data dirs; a
   member can be killed with SIGKILL and started again (same ports, same data), and the
-  leader is found through the members' status.
+  leader is found through the members' status; :func:`frozen` stops a member (SIGSTOP) for
+  a block.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ import signal
 import subprocess
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.support.controlplane import BinariesMissing, Process, find_binaries, free_ports
 
-__all__ = ["EtcdCluster", "EtcdMember", "EtcdServerError"]
+__all__ = ["EtcdCluster", "EtcdMember", "EtcdServerError", "frozen"]
 
 LOOPBACK = "127.0.0.1"
 
@@ -151,3 +153,16 @@ class EtcdCluster:
         for member in self.members:
             if member.process is not None:
                 member.process.stop(grace=5)
+
+
+@contextlib.contextmanager
+def frozen(member: EtcdMember) -> Iterator[None]:
+    """``member`` stopped (SIGSTOP) for the block: its connections stay open, it answers
+    nothing; then SIGCONT, whatever the block did."""
+    assert member.process is not None
+    pid = member.process.popen.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
