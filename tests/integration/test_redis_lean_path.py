@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import hiredis
 import pytest
 import redis
 from tests.support.key_watch import KeyWatch, Watched
@@ -188,6 +190,46 @@ async def test_an_uncontended_pair_is_one_call_of_each_lean_function(
     watched = watch.stop()
     assert _called(watched) == {"LEAN_ACQUIRE": 1, "LEAN_RELEASE": 1}
     assert watched.undeclared == []
+
+
+async def test_a_lean_call_is_sent_as_hiredis_packs_its_arguments(
+    backend: RedisBackend, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A lean call's parts that do not change from call to call are packed once and kept;
+    what is sent is byte for byte what hiredis makes of the whole call, for a key with
+    characters beyond ASCII, with and without a lease, and after the incarnation moved."""
+    sent: list[tuple[bytes, bytes]] = []
+    pack = backend._lean_packed
+
+    def compared(function: str, declared: Any, head: Any, args: Any, changing: int,
+                 call_id: str) -> bytes:
+        packed = pack(function, declared, head, args, changing, call_id)
+        sent.append((packed, hiredis.pack_command(
+            ("FCALL", function, len(declared), *declared, *head, *args))))
+        return packed
+
+    monkeypatch.setattr(backend, "_lean_packed", compared)
+    plain = request_for(pull=OWNER[1], path="envs/prod", project="prod")
+    wide = request_for(pull=OWNER[1], path="envs/prod-é", project="prod-ü")
+    for _ in range(3):
+        for ask in (plain, wide):
+            for ttl in (None, timedelta(minutes=5)):
+                lock = lock_for(ask)
+                if ttl is not None:
+                    lock = lock.model_copy(update={"expires_at": lock.acquired_at + ttl})
+                granted, held = await backend.acquire(lock)
+                assert granted and (held.expires_at is None) == (ttl is None)
+                assert await backend.release(ask.key, owner=OWNER) == held
+    assert len(sent) == 24 and all(packed == whole for packed, whole in sent)
+    assert len({packed for packed, _ in sent}) == 24  # a call id of its own each time
+    assert len(backend._packs) == 6  # per key: an acquire with and without a lease, a release
+    # Another incarnation is another head: packed anew, and sent as hiredis would (the
+    # acquire refused for it, then sent again with the store's own, as before).
+    backend.incarnation = backend.incarnation + "0"
+    granted, held = await backend.acquire(lock_for(plain))
+    assert granted and await backend.release(plain.key, owner=OWNER) == held
+    assert len(sent) == 27 and all(packed == whole for packed, whole in sent)
+    assert sent[24][0] != sent[25][0] and len(backend._packs) == 7
 
 
 async def test_a_call_the_lean_function_cannot_serve_is_sent_in_full_and_answered_alike(

@@ -93,13 +93,20 @@ async def test_a_lean_call_whose_answer_was_lost_is_sent_again_and_answered_as_i
         try:
             await backend.ping()
             connection = backend.connection
-            send = connection.call
+            send, send_packed = connection.call, connection.call_packed
             sent: list[str] = []  # each lean call's script
             lost: set[str] = set()
 
             async def losing_the_first_answer(*args: Any) -> Any:
                 answer = await send(*args)
-                function = str(args[1])
+                return await lose_the_first(str(args[1]), answer)
+
+            async def losing_the_first_packed(packed: bytes) -> Any:
+                # The lean calls come packed: *<n>, $5, FCALL, $<length>, the function, ...
+                answer = await send_packed(packed)
+                return await lose_the_first(packed.split(b"\r\n")[4].decode(), answer)
+
+            async def lose_the_first(function: str, answer: Any) -> Any:
                 if function in LEAN:
                     sent.append(LEAN[function])
                     if function not in lost:
@@ -115,6 +122,7 @@ async def test_a_lean_call_whose_answer_was_lost_is_sent_again_and_answered_as_i
                 return answer
 
             monkeypatch.setattr(connection, "call", losing_the_first_answer)
+            monkeypatch.setattr(connection, "call_packed", losing_the_first_packed)
             granted, first = await backend.acquire(lock_for(request_for(pull=1)))
             assert granted and first.fencing_token == 1
             assert await backend.get(KEY) is None  # the force-unlock stands: not granted again

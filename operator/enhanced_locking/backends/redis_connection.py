@@ -63,6 +63,7 @@ __all__ = [
     "connect",
     "down",
     "is_retryable",
+    "resp_body",
     "unavailable",
     "wrong_type",
 ]
@@ -135,6 +136,17 @@ class _HiredisSentinelConnection(_HiredisPacking, SentinelManagedConnection):
 
 class _HiredisSentinelSSLConnection(_HiredisPacking, SentinelManagedSSLConnection):
     """The same over TLS."""
+
+
+def resp_body(values: Sequence[Any]) -> bytes:
+    """``values`` as RESP bulk strings, one after the other, without the array header that
+    counts them: the middle of a command whose other parts its caller packs (the bytes
+    ``hiredis.pack_command`` makes of them inside a command)."""
+    if not values:
+        return b""
+    whole: tuple[Any, ...] = tuple(values)  # str, bytes, int (what hiredis packs)
+    packed: bytes = hiredis.pack_command(whole)
+    return packed[packed.index(b"\r\n") + 2:]
 
 
 def _packed(connection: aioredis.Connection, commands: Sequence[tuple[Any, ...]]) -> bytes:
@@ -279,8 +291,27 @@ class RedisConnection:
         idle = self._idle
         connection = idle.pop() if idle else await self._take(client)
         try:
-            await connection.send_packed_command(_packed(connection, (args,)),
-                                                 check_health=False)
+            packed = _packed(connection, (args,))
+        except BaseException:
+            await self._discard(connection)
+            raise
+        return await self._one(connection, packed)
+
+    async def call_packed(self, packed: bytes) -> Any:
+        """:meth:`call` of a command its caller packed in RESP (``hiredis.pack_command``'s
+        bytes; see :func:`resp_body`). One Redis only: a cluster's client finds a command's
+        node from its arguments, so there it is :meth:`call`."""
+        client = self.client
+        assert not isinstance(client, RedisCluster)
+        idle = self._idle
+        connection = idle.pop() if idle else await self._take(client)
+        return await self._one(connection, packed)
+
+    async def _one(self, connection: aioredis.Connection, packed: bytes) -> Any:
+        """Send ``packed`` (one command) on ``connection``, taken from :attr:`_idle` or the
+        pool, and read its answer; the connection is kept or given back (see :meth:`call`)."""
+        try:
+            await connection.send_packed_command(packed, check_health=False)
             answer = (await _answers(connection, 1))[0]
         except BaseException:
             await self._discard(connection)

@@ -37,6 +37,7 @@ from enhanced_locking.backends.redis_connection import (
     connect,
     down,
     is_retryable,
+    resp_body,
     unavailable,
     wrong_type,
 )
@@ -90,6 +91,9 @@ _HINTS = 64
 _HEADS = 4
 """Most of this replica's waiters on one key whose names a hand-off of it declares."""
 
+_CALL_ID_BYTES = 8
+"""Random bytes in a call's id (written as twice as many hex digits)."""
+
 
 @dataclass(frozen=True, slots=True)
 class _Heads:
@@ -105,6 +109,21 @@ class _Heads:
     lean: tuple[Any, ...]
     """The lean functions' ``ARGV[1]``: the incarnation (no call id: it ends ``KEYS[2]``; no
     quarantine: a store that lost its data is left to the full scripts)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Packed:
+    """A lean call packed in RESP around the two values that change from call to call: its
+    call id (the end of ``KEYS[2]``, ``op:<call id>``) and one argument (a lock's JSON), made
+    for one set of the call's other names and arguments (``RedisBackend._lean_packed``)."""
+
+    head: bytes
+    """Up to the call id: the array header, ``FCALL``, the function, the number of keys,
+    ``KEYS[1]``, and ``KEYS[2]``'s length and text before the call id."""
+    middle: bytes
+    """From the end of ``KEYS[2]`` to the changing argument's length."""
+    tail: bytes
+    """From the end of the changing argument to the end of the command."""
 
 
 class RedisKeys:
@@ -239,6 +258,9 @@ class RedisBackend:
         self._policy = QueuePolicy()
         self._rules: tuple[policies.PolicyRules, str] = (self._policy.rules, "")
         self._heads: _Heads | None = None
+        self._packs: dict[tuple[Any, ...], _Packed] = {}
+        """The lean calls lately sent, packed but for their call id and changing argument, by
+        the rest of what they send (``_lean_packed``)."""
         """The arguments around each call's id, made for the policy and incarnation of the
         calls before (``_head``)."""
         self._known: dict[str, tuple[tuple[str, str, str, str], Lock]] = {}
@@ -277,7 +299,7 @@ class RedisBackend:
     # --- calling scripts -----------------------------------------------------------------
     async def _run(
         self, name: str, *args: Any, keys: Sequence[str] = (), policy: QueuePolicy | None = None,
-        key: str | None = None, hint: str | None = None,
+        key: str | None = None, hint: str | None = None, changing: int | None = None,
     ) -> Any:
         if policy is not None:
             self._policy = policy
@@ -288,11 +310,14 @@ class RedisBackend:
             execute, function = self._evalsha, name
         # One id per call: a write's answer is kept under it, so the one retry below (after a
         # connection broke, when we cannot know whether the script ran) never writes twice.
-        call_id = secrets.token_hex(8)
+        call_id = secrets.token_hex(_CALL_ID_BYTES)
         # Every key the script touches is declared (KEYS): what we know, what its last calls
         # about this key asked for, and what this one asks for (it wrote nothing then).
         hint = hint or key or name
         lean = name in redis_scripts.LEAN  # the lean functions' shorter layout
+        # A lean call to one Redis is packed by ``_lean_packed`` (not on a cluster, whose
+        # client finds the node from the arguments, nor by EVALSHA).
+        packs = lean and changing is not None and not self.connection.cluster
         common = self.keys.lean_common(call_id) if lean else self.keys.common(call_id)
         declared = [*common, *keys, *self._hinted(hint)]
         asked: list[str] = []
@@ -304,8 +329,13 @@ class RedisBackend:
                 before, after = self._head(call_id, lean)
                 try:
                     async with asyncio.timeout(COMMAND_TIMEOUT):
-                        answer = await execute("FCALL", function, len(declared), *declared,
-                                               *before, *after, *args)
+                        if packs and self._scripts is None:
+                            assert changing is not None
+                            answer = await self.connection.call_packed(self._lean_packed(
+                                function, declared, before, args, changing, call_id))
+                        else:
+                            answer = await execute("FCALL", function, len(declared),
+                                                   *declared, *before, *after, *args)
                 except DOWN as error:
                     if retried or not is_retryable(error):
                         raise down(self.connection, action, error, key=key) from None
@@ -373,6 +403,39 @@ class RedisBackend:
                                      "keeps changing; try again", key=key)
         finally:
             self.in_flight -= 1
+
+    def _lean_packed(self, function: str, declared: Sequence[str], head: tuple[Any, ...],
+                     args: tuple[Any, ...], changing: int, call_id: str) -> bytes:
+        """The lean call ``FCALL function len(declared) *declared *head *args`` in RESP, the
+        bytes ``hiredis.pack_command`` makes of it (a test holds the two to each other).
+
+        ``declared[1]`` is ``op:<call id>``, new each call, and ``args[changing]`` the one
+        argument that changes from call to call (a lock's JSON, whose time is the request's);
+        everything else a replica sends for one key and owner is the same each time (the
+        names, the incarnation, the lease, the project). Packed once and kept
+        (:attr:`_packs`): hiredis formats each of a lean call's 16 to 20 arguments with
+        ``sprintf``, about 23k instructions a call; finding the kept parts by the rest of the
+        call (a tuple of its 20-odd values, hashed and compared) and packing the two changing
+        values cost about 12k."""
+        before, after = args[:changing], args[changing + 1:]
+        found = (function, *declared[2:], None, *head, None, *before, None, *after)
+        packed = self._packs.get(found)
+        if packed is None:
+            op = (self.keys.base + "op:").encode()
+            total = 3 + len(declared) + len(head) + len(args)
+            packed = _Packed(
+                head=(b"*%d\r\n" % total
+                      + resp_body(("FCALL", function, len(declared), declared[0]))
+                      + b"$%d\r\n" % (len(op) + 2 * _CALL_ID_BYTES) + op),
+                middle=b"\r\n" + resp_body((*declared[2:], *head, *before)),
+                tail=b"\r\n" + resp_body(after))
+            packs = self._packs
+            if len(packs) >= _KNOWN:
+                del packs[next(iter(packs))]  # the oldest
+            packs[found] = packed
+        value = args[changing].encode()
+        return b"".join((packed.head, call_id.encode(), packed.middle,
+                         b"$%d\r\n" % len(value), value, packed.tail))
 
     async def _evalsha(self, command: str, name: str, count: int, *keys_and_args: Any) -> Any:
         """``execute_command("FCALL", ...)``'s stand-in on a Redis without functions."""
@@ -833,7 +896,7 @@ class RedisBackend:
                 first.project.path, first.workspace,
                 keys=(keys.lock(first.key), keys.shared(first.key), keys.fence(first.key),
                       keys.pull(repo, pull)),
-                policy=policy, key=first.key, hint="LEAN_ACQUIRE")
+                policy=policy, key=first.key, hint="LEAN_ACQUIRE", changing=2)
             if not redis_replies.full(lean):
                 took = redis_replies.acquire(lean)
                 assert isinstance(took, redis_replies.Took)
@@ -899,7 +962,7 @@ class RedisBackend:
             lean = await self._run(
                 "LEAN_RELEASE", key, repo, pull, believed,
                 keys=(keys.lock(key), keys.shared(key), keys.pull(repo, pull)),
-                policy=policy, key=key, hint="LEAN_RELEASE")
+                policy=policy, key=key, hint="LEAN_RELEASE", changing=3)
             if redis_replies.full(lean):
                 self._busy_now(key, True)
             else:
