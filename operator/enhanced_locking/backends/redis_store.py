@@ -363,42 +363,46 @@ class RedisBackend:
                     loaded = True
                     await self._load_functions(action, key)
                     continue
-                refused = redis_replies.refusal(answer)
-                if refused is not None:
-                    changes += 1
-                    self._incarnation_changed(refused, key=key)
-                    continue
-                broken = redis_replies.broken_index(answer)
-                if broken is not None:  # it wrote nothing: rebuild the index, call again
-                    if rebuilt:
-                        raise BackendUnavailable(
-                            f"redis {self.connection.where}: the index {broken[0]} is "
-                            f"{broken[1]} again after it was rebuilt", key=key)
-                    rebuilt = True
-                    await self._rebuild_index(*broken, key=key)
-                    continue
-                why = redis_replies.spoiled_answer(answer)
-                if why is not None:  # it wrote nothing: drop what stands there, call again
-                    if spoiled:
-                        raise BackendUnavailable(
-                            f"redis {self.connection.where}: the answer kept under "
-                            f"{self.keys.op(call_id)} is {why} again after it was deleted",
-                            key=key)
-                    spoiled = True
-                    await self._drop_kept_answer(call_id, why, action=action, key=key)
-                    continue
-                needed = redis_replies.need(answer)
-                if needed is None:
-                    if asked:
-                        self._hint(hint, asked)
-                    return answer
-                fresh = [n for n in needed if n not in declared]
-                if not fresh:  # never: a script asks only for names it was not given
-                    raise BackendUnavailable(
-                        f"redis {self.connection.where}: the {action} script asked again for "
-                        f"keys it was given ({', '.join(needed)})", key=key)
-                declared.extend(fresh)
-                asked.extend(fresh)
+                # A refusal, a broken index, a spoiled answer and a call for more names are
+                # lists; a lean function's own answer is the JSON text it keeps (a string).
+                if type(answer) is not str:
+                    refused = redis_replies.refusal(answer)
+                    if refused is not None:
+                        changes += 1
+                        self._incarnation_changed(refused, key=key)
+                        continue
+                    broken = redis_replies.broken_index(answer)
+                    if broken is not None:  # it wrote nothing: rebuild the index, call again
+                        if rebuilt:
+                            raise BackendUnavailable(
+                                f"redis {self.connection.where}: the index {broken[0]} is "
+                                f"{broken[1]} again after it was rebuilt", key=key)
+                        rebuilt = True
+                        await self._rebuild_index(*broken, key=key)
+                        continue
+                    why = redis_replies.spoiled_answer(answer)
+                    if why is not None:  # it wrote nothing: drop what stands there, call again
+                        if spoiled:
+                            raise BackendUnavailable(
+                                f"redis {self.connection.where}: the answer kept under "
+                                f"{self.keys.op(call_id)} is {why} again after it was deleted",
+                                key=key)
+                        spoiled = True
+                        await self._drop_kept_answer(call_id, why, action=action, key=key)
+                        continue
+                    needed = redis_replies.need(answer)
+                    if needed is not None:
+                        fresh = [n for n in needed if n not in declared]
+                        if not fresh:  # never: a script asks only for names it was not given
+                            raise BackendUnavailable(
+                                f"redis {self.connection.where}: the {action} script asked again "
+                                f"for keys it was given ({', '.join(needed)})", key=key)
+                        declared.extend(fresh)
+                        asked.extend(fresh)
+                        continue
+                if asked:
+                    self._hint(hint, asked)
+                return answer
             raise BackendUnavailable(f"redis {self.connection.where}: the store's incarnation "
                                      "keeps changing; try again", key=key)
         finally:
