@@ -636,14 +636,14 @@ class RedisBackend:
                 "longer be in use (enhanced-locking-redis-restart-quarantine)", key=key)
 
     # --- decoding ------------------------------------------------------------------------
-    def _lock(self, row: LockRow, template: Lock | None = None) -> Lock:
+    def _lock(self, row: LockRow, candidate: Candidate | None = None) -> Lock:
         """A lock as the scripts answer it; its JSON not a lock: ``LockUnreadable`` (set
         aside). The scripts decide on the hash's own fields, so such a key stays held.
 
         The locks this backend made last are kept by key (:attr:`_known`): a row with the same
         stored JSON is not parsed again, and one with the same JSON, token, grant time and
-        lease end is that same (frozen) lock. An acquire's answer is built on its candidate
-        (``template``) when Redis stored the JSON the candidate was encoded to."""
+        lease end is that same (frozen) lock. An acquire's answer is its ``candidate`` granted
+        with Redis's stamp when Redis stored the JSON the candidate was encoded to."""
         if row.unreadable:
             # Not even the hash the scripts keep (another Redis type at the key, a shared
             # holder's record that does not decode): set aside like a JSON that is not a lock.
@@ -651,34 +651,41 @@ class RedisBackend:
                                      reason=row.unreadable)
             self.unreadable.found(found)
             raise LockUnreadable(found)
-        return self._made(row.key, row.data, row.token, row.at, row.exp, template)
+        return self._made(row.key, row.data, row.token, row.at, row.exp, candidate)
 
     def _made(self, key: str, data: str, token: str, at: str, exp: str,
-              template: Lock | None = None) -> Lock:
+              candidate: Candidate | None = None) -> Lock:
         """The lock of ``key`` stored as ``data`` with what Redis stamped on it (``_lock``;
-        the lean paths' answers carry only these)."""
+        the lean paths' answers carry only these).
+
+        A grant's lock is made by its candidate (``Candidate.granted``, as the lock whose
+        JSON was sent), not copied from that lock by pydantic's ``model_copy`` (a copy of
+        its dicts and sets, then the update, in Python): 3 µs less a grant by ``timeit``."""
         stamp = (data, token, at, exp)
         known = self._known.get(key)
         if known is not None and known[0] == stamp:
             self.unreadable.readable(key)
             return known[1]
-        if template is not None:
-            base = template
-        elif known is not None and known[0][0] == data:
-            base = known[1]
-            self.unreadable.readable(key)
+        if candidate is not None:
+            lock = candidate.granted(acquired_at=_at(at),
+                                     expires_at=_at(exp) if int(exp) else None,
+                                     fencing_token=int(token))
         else:
-            try:
-                base = codec.read(data, key=key, side=self.namespace)
-            except LockUnreadable as error:
-                self.unreadable.found(error.found)
-                raise
-            self.unreadable.readable(key)
-        lock = base.model_copy(update={
-            "fencing_token": int(token),
-            "acquired_at": _at(at),
-            "expires_at": _at(exp) if int(exp) else None,
-        })
+            if known is not None and known[0][0] == data:
+                base = known[1]
+                self.unreadable.readable(key)
+            else:
+                try:
+                    base = codec.read(data, key=key, side=self.namespace)
+                except LockUnreadable as error:
+                    self.unreadable.found(error.found)
+                    raise
+                self.unreadable.readable(key)
+            lock = base.model_copy(update={
+                "fencing_token": int(token),
+                "acquired_at": _at(at),
+                "expires_at": _at(exp) if int(exp) else None,
+            })
         known_locks = self._known
         if len(known_locks) >= _KNOWN and key not in known_locks:
             del known_locks[next(iter(known_locks))]  # the oldest
@@ -889,9 +896,9 @@ class RedisBackend:
         # The lock each candidate is stored as: the scripts keep its JSON and stamp the grant
         # (token, times) beside it, so its own stamps are placeholders.
         placed = utcnow()
-        templates = {c.key: c.granted(acquired_at=placed, expires_at=None, fencing_token=0)
-                     for c in candidates}
-        sent = {key: codec.encode(lock) for key, lock in templates.items()}
+        asked = {c.key: c for c in candidates}
+        sent = {c.key: codec.encode(c.granted(acquired_at=placed, expires_at=None,
+                                              fencing_token=0)) for c in candidates}
         if (wait is None and len(candidates) == 1 and first.mode == "exclusive"
                 and self._lean(first.key, policy.rules)):
             keys, repo, pull = self.keys, first.project.repo_full_name, first.pull.num
@@ -905,8 +912,7 @@ class RedisBackend:
                 took = redis_replies.acquire(lean)
                 assert isinstance(took, redis_replies.Took)
                 return Outcome(status=Status.GRANTED, fresh=True, locks=(self._made(
-                    first.key, sent[first.key], took.token, took.at, took.exp,
-                    templates[first.key]),))
+                    first.key, sent[first.key], took.token, took.at, took.exp, first),))
             self._busy_now(first.key, True)
         quads = [item for c in candidates
                  for item in (c.key, sent[c.key], c.project.path, c.workspace)]
@@ -921,11 +927,10 @@ class RedisBackend:
         if isinstance(answer, redis_replies.Took):  # the lean path: as sent, plus the stamp
             self._busy_now(first.key, False)
             return Outcome(status=Status.GRANTED, fresh=True, locks=(self._made(
-                first.key, sent[first.key], answer.token, answer.at, answer.exp,
-                templates[first.key]),))
+                first.key, sent[first.key], answer.token, answer.at, answer.exp, first),))
         if isinstance(answer, redis_replies.Acquired):
             locks = tuple(
-                self._lock(row, templates[row.key] if row.data == sent[row.key] else None)
+                self._lock(row, asked[row.key] if row.data == sent[row.key] else None)
                 for row in answer.locks)
             return Outcome(status=Status.GRANTED, locks=locks, fresh=answer.fresh)
         messages = {f.name: f.message for f in policy.rules.freezes}
