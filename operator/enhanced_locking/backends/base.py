@@ -33,9 +33,10 @@ import contextlib
 import dataclasses
 import gc
 from collections.abc import Callable, Coroutine, Iterator, Sequence
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from types import TracebackType
 from typing import Protocol, runtime_checkable
 
 from enhanced_locking import policies
@@ -101,6 +102,16 @@ class OtherSideCheck:
     namespace: str
     key: str
     active: bool = True
+    _token: Token[OtherSideCheck | None] | None = field(default=None, init=False, repr=False)
+
+    def __enter__(self) -> None:
+        self._token = _OTHER_SIDE.set(self)
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        self.active = False
+        if self._token is not None:
+            _OTHER_SIDE.reset(self._token)
 
 
 _OTHER_SIDE: ContextVar[OtherSideCheck | None] = ContextVar("other_side_check", default=None)
@@ -117,19 +128,16 @@ class OtherSideHolds(Exception):
         self.key = key
 
 
-@contextlib.contextmanager
-def checking_other_side(namespace: str, key: str) -> Iterator[None]:
-    """Within the block, this task's writes of ``key`` on a store that
-    :meth:`~StoreBackend.checks_other_side` also check that ``namespace`` holds nothing for
-    it, in the same transaction, and raise :class:`OtherSideHolds` (changing nothing) when it
-    does."""
-    check = OtherSideCheck(namespace, key)
-    token = _OTHER_SIDE.set(check)
-    try:
-        yield
-    finally:
-        check.active = False
-        _OTHER_SIDE.reset(token)
+def checking_other_side(namespace: str, key: str) -> OtherSideCheck:
+    """Within the block (``with checking_other_side(namespace, key):``), this task's writes of
+    ``key`` on a store that :meth:`~StoreBackend.checks_other_side` also check that
+    ``namespace`` holds nothing for it, in the same transaction, and raise
+    :class:`OtherSideHolds` (changing nothing) when it does.
+
+    The check is its own block (``__enter__`` and ``__exit__``), not a generator made into
+    one by ``contextlib.contextmanager``: the router enters one on every acquire and release
+    of the embedded store, and the generator's block cost about 2.5k instructions more."""
+    return OtherSideCheck(namespace, key)
 
 
 def other_side_check(key: str) -> str | None:
