@@ -401,17 +401,23 @@ class Router(AtlantisCalls):
             # An outage of the enhanced side is weighed as when legacy was asked first.
             try:
                 with checking_other_side(namespace, key):
-                    outcomes = [None, await enhanced.release(key, owner=owner)]
+                    released = await enhanced.release(key, owner=owner)
             except OtherSideHolds:
                 pass
             except LockNotOwned as error:
                 outcomes = [None, error]  # legacy was found holding nothing
             except BackendUnavailable as error:
                 outcomes = [await self._released_on(self.legacy, key, owner), error]
+            else:
+                # Legacy held nothing and the enhanced side answered: nothing failed, nothing
+                # is left unreached, so the weighing below comes to this (without its list).
+                if self.migration is not None:
+                    self.migration.after_release(key, owner, released=released)
+                return released
         if not outcomes:
             outcomes = [await self._released_on(locker, key, owner)
                         for locker in self._lockers()]
-        released: Lock | None = None
+        released = None
         failure: LockNotOwned | BackendUnavailable | None = None
         unreached = False
         for side, outcome in enumerate(outcomes):  # legacy's first, then enhanced's
