@@ -74,7 +74,7 @@ PRUNE_EVERY = 500
 
 _T = TypeVar("_T")
 
-_last_encoded: tuple[AuditEntry | None, str] = (None, "")
+_last_encoded: tuple[AuditEntry | None, str, str | None] = (None, "", None)
 
 
 def entry_json(entry: AuditEntry) -> str:
@@ -87,25 +87,33 @@ def entry_json(entry: AuditEntry) -> str:
     kind of value), where pydantic's serializer and its wrapper ran about 24k instructions,
     twice per lock pair. An entry whose time is not in UTC (none the service makes) is
     pydantic's."""
+    return _encoded(entry)[0]
+
+
+def _encoded(entry: AuditEntry) -> tuple[str, str | None]:
+    """:func:`entry_json` of ``entry``, and the text of its time in it (``utc_text``'s; None
+    for a time not in UTC): the store's ``time`` column is the same text with isoformat's
+    ``+00:00`` for the ``Z``, so an entry's time is written out once."""
     global _last_encoded
-    last, text = _last_encoded
+    last, text, time_text = _last_encoded
     if last is entry:
-        return text
+        return text, time_text
     fields = entry.__dict__  # not through the model's attribute hook: fifteen reads
     time = fields["time"]
     if time.tzinfo is not UTC:
-        text = entry.model_dump_json(by_alias=True)
+        text, time_text = entry.model_dump_json(by_alias=True), None
     else:
+        time_text = utc_text(time)
         text = orjson.dumps({
-            "id": fields["id"], "time": utc_text(time), "identity": fields["identity"],
+            "id": fields["id"], "time": time_text, "identity": fields["identity"],
             "groups": fields["groups"], "method": fields["method"], "verb": fields["verb"],
             "action": fields["action"], "key": fields["key"], "repo": fields["repo"],
             "pull": fields["pull"], "outcome": fields["outcome"], "status": fields["status"],
             "reason": fields["reason"], "peer": fields["peer"],
             "requestId": fields["request_id"],
         }).decode()
-    _last_encoded = (entry, text)
-    return text
+    _last_encoded = (entry, text, time_text)
+    return text, time_text
 
 
 def _stored(text: str | bytes | None, *, entry_id: str | None, where: str) -> AuditEntry | None:
@@ -122,12 +130,6 @@ def _stored(text: str | bytes | None, *, entry_id: str | None, where: str) -> Au
     log.warning("an audit entry in %s (id %s) does not read (written by something else?): "
                 "left out of the trail's reads", where, entry_id or "in its key")
     return None
-
-
-def _column_time(time: datetime) -> str:
-    """The ``time`` column's text: ``isoformat``'s (pruning and the time filters compare it
-    as text), by :func:`utc_text` for a time in UTC."""
-    return utc_text(time, zone="+00:00") if time.tzinfo is UTC else time.isoformat()
 
 
 _SCAN_CHUNK = 500
@@ -301,9 +303,13 @@ class SqliteAuditStore:
                           "counted in enhanced_locking_audit_entries_lost_total)", self.capacity)
             self.dropped += 1
         fields = stored.__dict__  # not through the model's attribute hook
-        self._rows.append((row_id, _column_time(fields["time"]), fields["identity"],
-                           fields["verb"], fields["action"], fields["key"], fields["repo"],
-                           fields["pull"], fields["outcome"], entry_json(stored)))
+        text, time_text = _encoded(stored)
+        # The time column is isoformat's text (pruning and the time filters compare it as
+        # text): for a time in UTC, the JSON's time with isoformat's +00:00 for its Z.
+        self._rows.append((row_id, fields["time"].isoformat() if time_text is None
+                           else time_text[:-1] + "+00:00",
+                           fields["identity"], fields["verb"], fields["action"], fields["key"],
+                           fields["repo"], fields["pull"], fields["outcome"], text))
         self._schedule(self.coalesce)
         return stored
 
@@ -361,8 +367,8 @@ class SqliteAuditStore:
                 done, rows = 0, len(batch)
                 while done < rows:
                     size = 1 << ((rows - done).bit_length() - 1)
-                    self._db.execute(_insert(size), batch[done] if size == 1 else
-                                     [value for row in batch[done:done + size] for value in row])
+                    self._db.execute(_insert(size), batch[done] if size == 1 else list(
+                        itertools.chain.from_iterable(batch[done:done + size])))
                     done += size
                 self._db.execute("COMMIT")
             except BaseException:
