@@ -1051,12 +1051,25 @@ def lock_shape(lock: Lock) -> tuple[object, ...]:
     Read from the models' ``__dict__`` (where pydantic keeps them): an attribute of a pydantic
     model is read through its ``__getattr__`` hook, about 400 instructions each, and the shape
     takes twenty of them; the models themselves as the key would be hashed and compared by
-    pydantic, in Python."""
+    pydantic, in Python.
+
+    The last lock's shape is kept (the lock is frozen, and kept alive with it, so no other
+    object can be taken for it): a grant's lock is shaped for its stored value and at once
+    again for its answer. A shape is about 7k instructions, a kept one 0.7k."""
+    global _last_shape
+    last, shape = _last_shape
+    if last is lock:
+        return shape
     fields = lock.__dict__
     project, pull = fields["project"].__dict__, fields["pull"].__dict__
     user, host = fields["user"].__dict__, pull["vcs_host"]
-    return (project["project_name"], project["repo_full_name"], project["path"],
+    shape = (project["project_name"], project["repo_full_name"], project["path"],
             fields["workspace"], pull["num"], pull["head_commit"], pull["url"],
             pull["head_branch"], pull["base_branch"], pull["author"], pull["state"],
             None if host is None else (host.hostname, host.type), user["username"],
             tuple(user["teams"]), fields["priority"], fields["backend"], fields["mode"])
+    _last_shape = (lock, shape)
+    return shape
+
+
+_last_shape: tuple[Lock | None, tuple[object, ...]] = (None, ())
