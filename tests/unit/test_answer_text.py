@@ -104,3 +104,16 @@ def test_the_template_knows_every_field_of_a_lock() -> None:
          "vcs_host"],
         ["username", "teams"],
         ["hostname", "type"])
+
+
+@given(lock=locks(), count=st.integers(min_value=1, max_value=600))
+def test_a_lock_answered_again_is_answered_as_pydantic_writes_it(lock: Lock, count: int) -> None:
+    # A release answers the lock its grant answered: the text kept for that very lock object
+    # is written again, also after other locks (more than are kept) were written between.
+    assert lock_json(lock) == model_json(lock)
+    others = [lock.model_copy(update={"fencing_token": token, "workspace": f"w{token % 3}"})
+              for token in range(lock.fencing_token + 1, lock.fencing_token + 1 + count)]
+    for other in others:
+        assert lock_json(other) == model_json(other)
+    assert lock_json(lock) == model_json(lock)
+    assert [lock_json(other) for other in others] == [model_json(other) for other in others]

@@ -70,16 +70,33 @@ def lock_json(lock: Lock) -> bytes:
 
 def _written(lock: Lock) -> tuple[bytes, bytes] | None:
     """``lock``'s JSON and its key's JSON from its template; ``None`` when a time of it is not
-    in UTC."""
+    in UTC.
+
+    The text of the locks last written is kept with each lock (frozen, and kept alive with
+    it, so no other object can be taken for it): on the embedded store the lock a release
+    answers is the one its grant answered, written again in about 1.6k instructions instead
+    of 22k. Kept by the lock's identity, for the last few hundred locks, so that 32 clients
+    whose grants and releases interleave still find theirs."""
+    kept = _WRITTEN.get(id(lock))
+    if kept is not None and kept[0] is lock:
+        return kept[1]
     fields = lock.__dict__  # not through the model's attribute hook (see codec.encode)
     acquired, expires = fields["acquired_at"], fields["expires_at"]
     if acquired.tzinfo is not UTC or (expires is not None and expires.tzinfo is not UTC):
         return None
     head, tail, key = _template(lock)
-    return b"%s\"%s\",\"expiresAt\":%s,\"fencingToken\":%d%s" % (
+    written = b"%s\"%s\",\"expiresAt\":%s,\"fencingToken\":%d%s" % (
         head, utc_text(acquired).encode(),
         b"null" if expires is None else b'"' + utc_text(expires).encode() + b'"',
         fields["fencing_token"], tail), key
+    if len(_WRITTEN) >= _WRITTEN_KEPT:
+        _WRITTEN.clear()
+    _WRITTEN[id(lock)] = (lock, written)
+    return written
+
+
+_WRITTEN: dict[int, tuple[Lock, tuple[bytes, bytes]]] = {}
+_WRITTEN_KEPT = 256
 
 
 def _template(lock: Lock) -> tuple[bytes, bytes, bytes]:
