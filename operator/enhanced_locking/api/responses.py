@@ -72,12 +72,13 @@ def _written(lock: Lock) -> tuple[bytes, bytes] | None:
     """``lock``'s JSON and its key's JSON from its template; ``None`` when a time of it is not
     in UTC.
 
-    The text of the locks last written is kept with each lock (frozen, and kept alive with
-    it, so no other object can be taken for it): on the embedded store the lock a release
-    answers is the one its grant answered, written again in about 1.6k instructions instead
-    of 22k. Kept by the lock's identity, for the last few hundred locks, so that 32 clients
-    whose grants and releases interleave still find theirs."""
-    kept = _WRITTEN.get(id(lock))
+    The text of a lock written is kept with the lock (frozen, and kept alive with it, so no
+    other object can be taken for it) until it is written again: on the embedded store the
+    lock a release answers is the one its grant answered, written again in about 1.6k
+    instructions instead of 22k, and then let go (a lock kept alive longer is walked by more
+    of the collector's passes). Kept by the lock's identity, for up to a few hundred locks at
+    a time, so that 32 clients whose grants and releases interleave still find theirs."""
+    kept = _WRITTEN.pop(id(lock), None)
     if kept is not None and kept[0] is lock:
         return kept[1]
     fields = lock.__dict__  # not through the model's attribute hook (see codec.encode)
