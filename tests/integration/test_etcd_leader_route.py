@@ -454,6 +454,28 @@ async def test_a_lease_grant_given_up_is_revoked_not_left_to_its_ttl(
     assert await backend.get(candidate.key) is None
 
 
+async def test_a_lease_id_drawn_that_another_lease_has_is_refused_and_that_lease_kept(
+    three: EtcdCluster, backend: EtcdBackend, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The one case where "lease already exists" is not the grant's own lease: its first
+    # attempt meets an ID another lease has (one draw in 2**62). The grant fails, and that
+    # other lease is left alone (revoking it would delete whatever is attached to it).
+    await on_the_route(three, backend)
+    client = await backend.connection.client()
+    assert client.lease is not None and client.kv is not None
+    other = int((await client.lease.grant(60)).ID)
+    await client.kv.put(b"/route/theirs", b"attached", lease=other)
+    monkeypatch.setattr(etcd_store, "_lease_id", lambda: other)
+    candidate = candidate_for(request_for(path="drawn-twice"))
+    with pytest.raises(BackendUnavailable, match="lease already exists"):
+        await backend.acquire_or_enqueue(candidate, ttl=timedelta(seconds=60), wait=None,
+                                         policy=QueuePolicy())
+    monkeypatch.undo()
+    await asyncio.sleep(0.5)  # a revoke would have been sent in the background by now
+    assert other in await leases(backend.connection)
+    assert (await client.kv.get(b"/route/theirs")).kvs
+
+
 async def released(locker: EnhancedLocker, key: str, pull: int) -> None:
     """``key`` let go by ``pull`` (for 30 s: while the others elect a leader a step may find
     no one to answer it)."""

@@ -1099,24 +1099,27 @@ class EtcdBackend(StoreBackend):
         left to its TTL, which for a lock's lease is the lock's own end."""
         lease_id = _lease_id()
         sent = 0
+        theirs = False
 
         async def grant(member: etcd3aio.Etcd3Client, deadline: float) -> int:
-            nonlocal sent
+            nonlocal sent, theirs
             sent += 1
             try:
                 answer = await _lease_calls(member).grant(ttl, lease_id, timeout=deadline,
                                                           max_attempts=1)
             except grpc.aio.AioRpcError as error:
-                if sent > 1 and _lease_exists(error):
-                    return lease_id  # granted by an earlier attempt whose answer was lost
-                raise  # (on the first attempt: a lease that is not ours has the ID)
+                if _lease_exists(error):
+                    if sent > 1:
+                        return lease_id  # granted by an earlier attempt whose answer was lost
+                    theirs = True  # on the first attempt: a lease not ours has the ID
+                raise
             return int(answer.ID)
 
         try:
             async with unavailable(self.connection, "lease grant", key=key):
                 return await leader_first(self.connection, grant, write=True)
         except (BackendUnavailable, asyncio.CancelledError):
-            if sent:
+            if sent and not theirs:
                 self._spawn(self._revoke(lease_id))
             raise
 
