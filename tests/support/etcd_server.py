@@ -158,11 +158,33 @@ class EtcdCluster:
 @contextlib.contextmanager
 def frozen(member: EtcdMember) -> Iterator[None]:
     """``member`` stopped (SIGSTOP) for the block: its connections stay open, it answers
-    nothing; then SIGCONT, whatever the block did."""
+    nothing; then SIGCONT, whatever the block did.
+
+    The block starts once every thread of the process is stopped: the kernel stops a
+    process when one of its threads takes the signal, and until that thread is scheduled
+    the others go on serving (on a loaded machine a read was answered 2 ms after the
+    signal was sent)."""
     assert member.process is not None
     pid = member.process.popen.pid
     os.kill(pid, signal.SIGSTOP)
     try:
+        deadline = time.monotonic() + 10
+        while not _all_stopped(pid):
+            if time.monotonic() > deadline:
+                raise EtcdServerError(f"{member.name} did not stop within 10 s of SIGSTOP")
+            time.sleep(0.001)
         yield
     finally:
         os.kill(pid, signal.SIGCONT)
+
+
+def _all_stopped(pid: int) -> bool:
+    """Whether every thread of ``pid`` is stopped (state ``T`` in its ``stat``)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except FileNotFoundError:
+            continue  # a thread that ended meanwhile
+        if stat.rsplit(")", 1)[1].split()[0] not in ("T", "t"):
+            return False
+    return True
