@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -50,24 +50,49 @@ async def test_a_refresh_while_redis_is_down_is_an_outage_not_a_free_key(
     assert answer.json()["reason"] == "unavailable"
 
 
+@pytest.fixture
+async def backend(redis_server: RedisServer) -> AsyncIterator[RedisBackend]:
+    """A backend on ``redis_server`` that has called it once (its connection is open)."""
+    backend = RedisBackend.from_config(redis_config(redis_server), "enhanced")
+    await backend.ping()
+    yield backend
+    await backend.close()
+
+
 async def test_a_call_redis_takes_and_never_answers_says_it_ran_out_its_time(
-    redis_server: RedisServer,
+    redis_server: RedisServer, backend: RedisBackend,
 ) -> None:
     # The server is stopped (SIGSTOP) with the connection open: the call is sent and no
     # answer comes. The caller is told the call had no answer within its limit, not a bare
     # "TimeoutError".
-    backend = RedisBackend.from_config(redis_config(redis_server), "enhanced")
-    try:
-        await backend.ping()
-        with redis_server.paused(), pytest.raises(BackendUnavailable) as caught:
+    with redis_server.paused(), pytest.raises(BackendUnavailable) as caught:
+        await backend.acquire(lock_for(request_for(pull=1)))
+    message = str(caught.value)
+    where = re.escape(backend.connection.where)
+    assert re.fullmatch(rf"redis {where} did not answer \([a-z ]*acquire\): no answer "
+                        r"within the call's 5 s limit", message), message
+    assert caught.value.key == request_for().key
+
+
+async def test_a_caller_s_own_cancellation_stays_one_and_a_call_s_limit_leaves_none_behind(
+    redis_server: RedisServer, backend: RedisBackend,
+) -> None:
+    # A call's limit cancels the call and says so as a timeout; a caller that cancels its own
+    # call while Redis does not answer gets its cancellation, not a timeout; after a call ran
+    # out its time, the caller's task carries no cancellation of it (its next await runs).
+    with redis_server.paused():
+        call = asyncio.create_task(backend.acquire(lock_for(request_for(pull=1))))
+        await asyncio.sleep(0.3)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        with pytest.raises(BackendUnavailable, match="within the call's 5 s limit"):
             await backend.acquire(lock_for(request_for(pull=1)))
-        message = str(caught.value)
-        where = re.escape(backend.connection.where)
-        assert re.fullmatch(rf"redis {where} did not answer \([a-z ]*acquire\): no answer "
-                            r"within the call's 5 s limit", message), message
-        assert caught.value.key == request_for().key
-    finally:
-        await backend.close()
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0
+    await asyncio.sleep(0.01)  # not cancelled
+    granted, lock = await backend.acquire(lock_for(request_for(pull=1)))
+    assert granted and lock.pull.num == 1
 
 
 # --- fallback legacy: what legacy granted during the outage, legacy lists and releases --------

@@ -72,9 +72,10 @@ CONNECT_TIMEOUT = 2.0
 """Seconds to open a connection; a stopped Redis is refused at once, a lost one times out."""
 
 COMMAND_TIMEOUT = 5.0
-"""Seconds one call may take; our scripts take microseconds. Enforced around each call with
-``asyncio.timeout`` rather than as redis-py's socket timeout, which wraps every send in a task
-of its own (``asyncio.wait_for``) and cost more than the script."""
+"""Seconds one call may take; our scripts take microseconds. Enforced around each call by a
+timer on the event loop (``asyncio.timeout``; the scripts' calls by a leaner timer of their
+own, ``redis_store._limited``) rather than as redis-py's socket timeout, which wraps every
+send in a task of its own (``asyncio.wait_for``) and cost more than the script."""
 
 POOL_WAIT = 5.0
 """Seconds a call waits for a free pooled connection before reporting the pool exhausted."""

@@ -19,7 +19,7 @@ import asyncio
 import json
 import logging
 import secrets
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -205,6 +205,42 @@ class RedisKeys:
         return f"{self.base}notify:{replica_id}"
 
 
+def _expire(task: asyncio.Task[Any], expired: list[bool]) -> None:
+    expired.append(True)
+    task.cancel()
+
+
+async def _limited(call: Coroutine[Any, Any, Any]) -> Any:
+    """``await call`` within ``COMMAND_TIMEOUT``, else ``TimeoutError``: what
+    ``asyncio.timeout`` does (a timer on the loop cancels the task; that cancellation, and
+    only that one, comes out as ``TimeoutError``; a caller's own stays a cancellation), with
+    a plain timer handle instead of its ``Timeout`` object and states: about 17k client
+    instructions a call instead of 35k (2,000 of each around ``asyncio.sleep(0)``, less the
+    loop without them); every call of the scripts takes one."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    expired: list[bool] = []
+    limit = loop.call_at(loop.time() + COMMAND_TIMEOUT, _expire, task, expired)
+    cancelling = task.cancelling()
+    try:
+        answer = await call
+    except asyncio.CancelledError as error:
+        limit.cancel()
+        if expired and task.uncancel() <= cancelling:
+            raise TimeoutError from error
+        raise
+    except BaseException:
+        limit.cancel()
+        if expired:  # (its cancellation is taken back, as asyncio.timeout does)
+            task.uncancel()
+        raise
+    limit.cancel()
+    if expired:
+        task.uncancel()
+    return answer
+
+
 def _function_missing(error: rexc.ResponseError) -> bool:
     """Redis does not have the function called (it lost its library, or never had it)."""
     return str(error).startswith("Function not found")
@@ -328,14 +364,14 @@ class RedisBackend:
             while changes < 4:
                 before, after = self._head(call_id, lean)
                 try:
-                    async with asyncio.timeout(COMMAND_TIMEOUT):
-                        if packs and self._scripts is None:
-                            assert changing is not None
-                            answer = await self.connection.call_packed(self._lean_packed(
-                                function, declared, before, args, changing, call_id))
-                        else:
-                            answer = await execute("FCALL", function, len(declared),
-                                                   *declared, *before, *after, *args)
+                    if packs and self._scripts is None:
+                        assert changing is not None
+                        call = self.connection.call_packed(self._lean_packed(
+                            function, declared, before, args, changing, call_id))
+                    else:
+                        call = execute("FCALL", function, len(declared), *declared, *before,
+                                       *after, *args)
+                    answer = await _limited(call)
                 except DOWN as error:
                     if retried or not is_retryable(error):
                         raise down(self.connection, action, error, key=key) from None
