@@ -66,11 +66,10 @@ class HeldUpNotices(EtcdBackend):
     meanwhile: Meanwhile | None = None
     _later: ClassVar[set[asyncio.Task[None]]] = set()
 
-    def _heard(self, waiter_id: str, kv: Any) -> None:
+    def _heard(self, waiter_id: str, kv: Any) -> bool:
         meanwhile = self.meanwhile
         if meanwhile is None:
-            super()._heard(waiter_id, kv)
-            return
+            return super()._heard(waiter_id, kv)
 
         async def later() -> None:
             await meanwhile()
@@ -79,6 +78,7 @@ class HeldUpNotices(EtcdBackend):
         task = asyncio.ensure_future(later())
         self._later.add(task)
         task.add_done_callback(self._later.discard)
+        return False  # not yet
 
 
 @pytest.fixture

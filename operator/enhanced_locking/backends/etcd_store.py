@@ -40,8 +40,10 @@ entries never share a prefix with another key's):
   vanish with it and are never granted anything.
 * ``notice/{waiter}``: what a waiter is told (its locks, or why it left), written in the same
   transaction as the grant, attached to the waiter's session lease. The waiting replica hears
-  of it through a watch, and deletes it once its caller is done; while it has waiters it also
-  reads the notices every ``NOTICE_CHECK`` seconds, for a watch whose member is frozen.
+  of it through a watch, and deletes it once its caller is done (one written after its caller
+  left is kept for a retry of the same ID, and deleted when that retry is queued again);
+  while it has waiters it also reads the notices every ``NOTICE_CHECK`` seconds, for a watch
+  whose member is frozen. A waiter is told only a notice newer than its own queueing.
 
 **Fencing token = the etcd revision of the grant** (plus the key's floor): every grant is a
 new revision of the whole cluster, so tokens rise per key and across keys, replicas, restarts
@@ -448,17 +450,25 @@ class _Granted:
 
 
 class _Notifier:
-    """This replica's waiting callers; a caller done waiting has its notice deleted."""
+    """This replica's waiting callers, and the revision that queued each; a caller done
+    waiting has its notice deleted."""
 
     def __init__(self, backend: EtcdBackend) -> None:
         self._b = backend
         self.local = LocalNotifier()
+        self.queued_at: dict[str, int] = {}
+        """Per waiter waiting here, the revision that queued it: only a notice written after
+        it is for this waiter (``EtcdBackend._heard``)."""
+        self.early: dict[str, _KV] = {}
+        """A notice brought before its waiter's queueing answered (kept until then)."""
 
     def expect(self, waiter_id: str) -> asyncio.Future[Notice]:
         return self.local.expect(waiter_id)
 
     def forget(self, waiter_id: str) -> None:
         self.local.forget(waiter_id)
+        self.queued_at.pop(waiter_id, None)
+        self.early.pop(waiter_id, None)
         self._b.tidy(waiter_id)
 
     def deliver(self, waiter_id: str, notice: Notice) -> None:
@@ -503,6 +513,10 @@ class EtcdBackend(StoreBackend):
         self._deletions: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._telling: set[str] = set()
+        self._unreadable: set[tuple[str, int]] = set()
+        """Notices (waiter, revision) that could not be read: skipped, logged once."""
+        self._notices_watched = 0
+        """The newest notice the current watch of notices has brought (``_follow``)."""
         self.in_flight = 0
         """Calls waiting for etcd right now (tests use it to know when all is quiet)."""
         self.conflicts = 0
@@ -1047,6 +1061,9 @@ class EtcdBackend(StoreBackend):
                 if waiter.id not in before:
                     _, lease = txn.records.get(waiter.id, (waiter, self.session_lease))
                     txn.put(prefix + waiter.id.encode(), self.record(waiter, lease), lease)
+                    # A retry (same id) queued again: what its earlier waiter was told
+                    # (a grant since taken away, a cancel) is not for this one.
+                    txn.delete(self.notice_key(waiter.id))
         for effects in txn.effects:
             for waiter_id, notice in effects.notices:
                 record = txn.records.get(waiter_id)
@@ -1231,38 +1248,50 @@ class EtcdBackend(StoreBackend):
         (SIGSTOP: its connections stay open), that member sends nothing and nothing ends
         the stream: waiters were not told of their grant until it thawed (3 of 4 freezes of
         15 s, a member of three frozen). The read is sent as reads are (another member
-        answers it); when it finds a notice the watch has not brought, the notice is
-        delivered and the watch started again, which the round gives to another member."""
+        answers it); a notice it finds that the watch has not brought is delivered, and
+        when the watch has still not brought it by the next read, the watch is started
+        again, which the round gives to another member."""
         notices = self.base + b"notice/"
 
         def heard(key: bytes, kv: _KV, prev: _KV) -> None:
+            self._notices_watched = max(self._notices_watched, kv.mod)
             self._heard(key[len(notices):].decode(), kv)
 
-        since = start  # the session's first revision: no notice before it is this session's
         while True:
+            self._notices_watched = 0
             watch = asyncio.ensure_future(self._watch_prefix(
                 client, notices, start, heard, etcd3aio.WatchFilter.NODELETE))
             try:
-                start = await self._missed(notices, since=since)
+                start = await self._missed(notices)
             finally:
                 watch.cancel()
                 with contextlib.suppress(BaseException):
                     await watch
-            log.warning("etcd %s: the watch of this replica's notices missed one (its member "
+            log.warning("etcd %s: the watch of this replica's notices is behind (its member "
                         "may be frozen); watching again from revision %d",
                         self.connection.where, start)
             with contextlib.suppress(BackendUnavailable):
                 client = await self.connection.client()  # (else the same client again)
 
-    async def _missed(self, notices: bytes, *, since: int) -> int:
+    async def _missed(self, notices: bytes) -> int:
         """Every ``NOTICE_CHECK`` seconds while this replica has waiters, read the notices
-        (written from revision ``since`` on) and deliver those of waiters still waiting
-        here: the watch's delivery had not come. Returns the revision to watch from when
-        one was delivered so (the watch is behind); a read that fails is tried at the next
-        check."""
+        and deliver those the watch has not (which notices are a waiter's: :meth:`_heard`).
+
+        Returns the revision to watch from once the watch is behind: it has not brought, by
+        this read, a notice the read before delivered (a whole check later). A notice the
+        read finds a moment before the watch brings it is only delivered: the watch is
+        started again (and a warning logged) only when it is behind. A read that
+        fails is tried at the next check; a notice that cannot be read (a value another
+        release wrote) is logged once and skipped, and the next ones are still delivered
+        (:meth:`_heard`)."""
+        behind = 0  # the newest notice the last read delivered (the watch had not brought it)
         while True:
             await asyncio.sleep(NOTICE_CHECK)
-            if not self._notifier.local.pending():
+            pending = set(self._notifier.local.pending())
+            for known in (self._notifier.queued_at, self._notifier.early):
+                for gone in [w for w in known if w not in pending]:
+                    del known[gone]  # told, or its caller left
+            if not self._notifier.queued_at:
                 continue
             try:
                 async with unavailable(self.connection, "read of notices"):
@@ -1271,16 +1300,13 @@ class EtcdBackend(StoreBackend):
                             notices, _prefix_end(notices), timeout=deadline, max_attempts=1))
             except BackendUnavailable:
                 continue
-            pending = set(self._notifier.local.pending())
-            missed = False
+            missed = 0
             for kv in answer.kvs:
-                waiter_id = bytes(kv.key)[len(notices):].decode()
-                if (int(kv.mod_revision) >= since and waiter_id in pending
-                        and waiter_id not in self._telling):
-                    self._heard(waiter_id, _kv(kv))
-                    missed = True
-            if missed:
+                if self._heard(bytes(kv.key)[len(notices):].decode(), _kv(kv)):
+                    missed = max(missed, int(kv.mod_revision))
+            if behind and self._notices_watched < behind:
                 return int(answer.header.revision) + 1
+            behind = missed
 
     def _watch_deletions(self, start: int) -> None:
         """Follow lock deletions from revision ``start`` (the revision that queued a waiter
@@ -1350,11 +1376,43 @@ class EtcdBackend(StoreBackend):
                             self.connection.where, type(error).__name__, start)
                 await asyncio.sleep(0.2)
 
-    def _heard(self, waiter_id: str, kv: _KV) -> None:
-        if waiter_id in self._telling or waiter_id not in self._notifier.local.pending():
-            return
-        _, notice = self.notice_from(kv)
+    def _heard(self, waiter_id: str, kv: _KV) -> bool:
+        """A notice the watch or the read of notices brought: delivered (``True``) if it is
+        for a waiter waiting here and was written after the revision that queued it. A
+        waiter with a request ID keeps its ID when retried: a notice written for it while its
+        caller was away (a grant since taken back, a cancel) is older than the retry's
+        queueing, and is not the retry's answer. One that comes before the waiter's queueing
+        has answered is kept until then (``_queued_here``). One that cannot be read (a
+        value another release wrote) is logged once and skipped."""
+        if waiter_id in self._telling or not self._notifier.local.waits(waiter_id):
+            return False
+        queued_at = self._notifier.queued_at.get(waiter_id)
+        if queued_at is None:
+            self._notifier.early[waiter_id] = kv
+            return False
+        if kv.mod <= queued_at or (waiter_id, kv.mod) in self._unreadable:
+            return False
+        try:
+            _, notice = self.notice_from(kv)
+        except Exception as error:
+            if len(self._unreadable) >= _Known.LIMIT:
+                self._unreadable.clear()
+            self._unreadable.add((waiter_id, kv.mod))
+            log.warning("etcd %s: a notice for a waiter here cannot be read (%s); skipped",
+                        self.connection.where, type(error).__name__)
+            return False
         self._notifier.deliver(waiter_id, notice)
+        return True
+
+    def _queued_here(self, waiter_id: str, seq: int) -> None:
+        """``waiter_id``, whose caller waits here, was queued at revision ``seq``: only a
+        notice written after it is its answer, one already brought is delivered now."""
+        if seq >= _PENDING_SEQ or not self._notifier.local.waits(waiter_id):
+            return
+        self._notifier.queued_at[waiter_id] = seq
+        early = self._notifier.early.pop(waiter_id, None)
+        if early is not None:
+            self._heard(waiter_id, early)
 
     def _lapsed(self, prev: _KV) -> bool:
         """Whether a deleted lock's time was up (give or take the clock skew of replicas), so
@@ -1490,6 +1548,7 @@ class EtcdBackend(StoreBackend):
             self._refuse_if_late(outcome.locks)
         elif outcome.status is Status.QUEUED and outcome.waiter is not None:
             seq = outcome.waiter.seq  # the revision that queued it
+            self._queued_here(outcome.waiter.id, seq)
             self._watch_deletions(seq if seq < _PENDING_SEQ else 0)
         return outcome
 

@@ -1,0 +1,187 @@
+"""What a waiter is told on etcd by the read of notices every ``NOTICE_CHECK`` seconds.
+
+A waiting replica hears of its waiters' notices through a watch, and, for a watch whose
+member is frozen, reads the notices every 2 s. That read must tell a waiter only what is
+its own: a waiter with a request ID keeps its ID when retried, and what its earlier waiter
+was told while its caller was away (a grant since taken back, a cancel) is not the retry's
+answer. A notice it cannot read is skipped, the next ones still delivered; and a watch that
+keeps up is left alone (the read may find a notice a moment before the watch brings it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import secrets
+from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
+
+import etcd3aio
+import pytest
+from tests.support.etcd_fixtures import etcd_config
+from tests.support.etcd_server import EtcdCluster
+from tests.support.locks import candidate_for, request_for
+
+from enhanced_locking.backends.etcd_store import _KV, NOTICE_CHECK, EtcdBackend
+from enhanced_locking.backends.waiting import Notice, QueuePolicy, Status, Wait
+from enhanced_locking.types import Candidate, Lock
+
+pytestmark = [pytest.mark.etcd, pytest.mark.timeout(90)]
+
+POLICY = QueuePolicy(priority=True, starvation_threshold=timedelta(hours=1))
+CHECKS = 2 * NOTICE_CHECK + 1
+"""Long enough for two reads of the notices."""
+
+
+def want(pull: int, path: str = "envs/notices") -> Candidate:
+    return candidate_for(request_for(repo="acme/infra", path=path, pull=pull))
+
+
+def retried_offer() -> Wait:
+    """A waiter's offer with a request ID: its retry keeps the ID."""
+    request_id = "r" + secrets.token_hex(6)
+    return Wait(id=request_id, timeout=timedelta(seconds=60), request_id=request_id,
+                caller=secrets.token_hex(8))
+
+
+class SlowWatch(EtcdBackend):
+    """A replica whose watch of notices hands each one on ``LAG`` seconds late (its read
+    every ``NOTICE_CHECK`` seconds finds most notices first)."""
+
+    LAG = 0.9 * NOTICE_CHECK
+
+    async def _watch_prefix(self, client: etcd3aio.Etcd3Client, prefix: bytes, start: int,
+                            handle: Callable[[bytes, _KV, _KV], None],
+                            drop: etcd3aio.WatchFilter) -> None:
+        if not prefix.endswith(b"notice/"):
+            return await super()._watch_prefix(client, prefix, start, handle, drop)
+        loop = asyncio.get_running_loop()
+
+        def late(key: bytes, kv: _KV, prev: _KV) -> None:
+            loop.call_later(self.LAG, handle, key, kv, prev)
+
+        return await super()._watch_prefix(client, prefix, start, late, drop)
+
+
+@pytest.fixture
+async def two(etcd_cluster: EtcdCluster, etcd_prefix: str) -> AsyncIterator[
+        tuple[EtcdBackend, EtcdBackend]]:
+    """Two replicas' backends on one etcd key space."""
+    config = etcd_config(etcd_cluster, etcd_prefix)
+    a, b = EtcdBackend.from_config(config, "enhanced"), EtcdBackend.from_config(config, "enhanced")
+    yield a, b
+    await a.close()
+    await b.close()
+
+
+async def grant(backend: EtcdBackend, candidate: Candidate) -> Lock:
+    outcome = await backend.acquire_or_enqueue(candidate, ttl=None, wait=None, policy=POLICY)
+    assert outcome.status is Status.GRANTED, outcome
+    lock: Lock = outcome.locks[0]
+    return lock
+
+
+async def queue(backend: EtcdBackend, candidate: Candidate,
+                offer: Wait) -> asyncio.Future[Notice]:
+    """``offer`` queued through ``backend``, its caller waiting there: what it is told."""
+    told = backend.grants.expect(offer.id)
+    outcome = await backend.acquire_or_enqueue(candidate, ttl=None, wait=offer, policy=POLICY)
+    assert outcome.status is Status.QUEUED, outcome
+    return told
+
+
+async def test_a_retry_queued_again_is_not_told_of_the_grant_its_earlier_waiter_lost(
+    two: tuple[EtcdBackend, EtcdBackend],
+) -> None:
+    a, _ = two
+    first = await grant(a, want(1))
+    offer = retried_offer()
+    await queue(a, want(2), offer)
+    a.grants.forget(offer.id)  # its caller leaves; the waiter stays queued
+    # The key is handed to pull 2 while nobody listens, force-unlocked, and taken by pull 3.
+    await a.release_and_handoff(first.key, owner=first.owner, policy=POLICY)
+    await a.force_unlock(first.key, policy=POLICY)
+    third = await grant(a, want(3))
+    # Pull 2's retry finds its grant gone and is queued again.
+    retry = dataclasses.replace(offer, caller=secrets.token_hex(8))
+    told = await queue(a, want(2), retry)
+    await asyncio.sleep(CHECKS)
+    assert not told.done(), told.result()  # not the grant pull 3 has taken since
+    assert [lock.pull.num for lock in await a.holders(first.key)] == [3]
+    # Its own grant comes once pull 3 lets the key go.
+    await a.release_and_handoff(third.key, owner=third.owner, policy=POLICY)
+    notice = await asyncio.wait_for(told, 10)
+    assert [lock.pull.num for lock in notice.locks] == [2]
+    assert notice.locks[0].fencing_token > third.fencing_token
+
+
+async def test_a_retry_queued_again_is_not_told_its_earlier_waiter_was_cancelled(
+    two: tuple[EtcdBackend, EtcdBackend],
+) -> None:
+    a, _ = two
+    holder = await grant(a, want(1))
+    offer = retried_offer()
+    await queue(a, want(2), offer)
+    a.grants.forget(offer.id)  # its caller leaves
+    cancelled = await a.cancel(holder.key, offer.id)  # an admin cancels the waiter meanwhile
+    assert cancelled.removed
+    retry = dataclasses.replace(offer, caller=secrets.token_hex(8))
+    told = await queue(a, want(2), retry)
+    await asyncio.sleep(CHECKS)
+    assert not told.done(), told.result()  # not the cancel of the waiter before it
+    assert [waiter.id for waiter in await a.queue(holder.key)] == [offer.id]
+    await a.release_and_handoff(holder.key, owner=holder.owner, policy=POLICY)
+    notice = await asyncio.wait_for(told, 10)
+    assert [lock.pull.num for lock in notice.locks] == [2]
+
+
+async def test_a_notice_that_cannot_be_read_is_skipped_and_the_next_one_delivered(
+    two: tuple[EtcdBackend, EtcdBackend], caplog: pytest.LogCaptureFixture,
+) -> None:
+    a, b = two
+    other = await grant(b, want(1, "envs/other"))
+    odd = Wait(id=secrets.token_hex(8), timeout=timedelta(seconds=60))
+    await queue(a, want(2, "envs/other"), odd)
+    holder = await grant(b, want(1))
+    told = await queue(a, want(2), Wait(id=secrets.token_hex(8), timeout=timedelta(seconds=60)))
+    # A notice another release wrote, for a waiter waiting here: neither JSON nor a reason.
+    client = await a.connection.client()
+    assert client.kv is not None
+    with caplog.at_level(logging.WARNING, logger="enhanced_locking.backends.etcd_store"):
+        await client.kv.put(a.notice_key(odd.id), b'{"reason": "from-a-later-release"')
+        await asyncio.sleep(CHECKS)  # the read has met it
+        # Granted by the other replica: this one hears of it only through the watch or read.
+        await b.release_and_handoff(holder.key, owner=holder.owner, policy=POLICY)
+        notice = await asyncio.wait_for(told, NOTICE_CHECK + 5)
+    assert [lock.pull.num for lock in notice.locks] == [2]
+    assert any("cannot be read" in r.getMessage() for r in caplog.records)
+    assert not any(odd.id in r.getMessage() for r in caplog.records)  # no waiter's ids logged
+    a.grants.forget(odd.id)
+    await b.release_and_handoff(other.key, owner=other.owner, policy=POLICY)
+
+
+async def test_a_watch_that_keeps_up_is_not_started_again(
+    etcd_cluster: EtcdCluster, etcd_prefix: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    config = etcd_config(etcd_cluster, etcd_prefix)
+    a = SlowWatch.from_config(config, "enhanced")
+    b = EtcdBackend.from_config(config, "enhanced")
+    try:
+        holder = await grant(b, want(1))
+        with caplog.at_level(logging.WARNING, logger="enhanced_locking.backends.etcd_store"):
+            for pull in range(2, 6):
+                told = await queue(a, want(pull), Wait(id=secrets.token_hex(8),
+                                                       timeout=timedelta(seconds=60)))
+                await b.release_and_handoff(holder.key, owner=holder.owner, policy=POLICY)
+                notice = await asyncio.wait_for(told, NOTICE_CHECK + 5)
+                holder, = notice.locks
+                assert holder.pull.num == pull
+                # Rather some time after the release: the read may come before the watch.
+                await asyncio.sleep(NOTICE_CHECK * (pull % 3) / 3)
+            await asyncio.sleep(CHECKS)
+        assert not any("watching again" in r.getMessage() for r in caplog.records), caplog.text
+    finally:
+        await a.close()
+        await b.close()
+
