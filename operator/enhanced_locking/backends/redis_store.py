@@ -85,6 +85,10 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _KNOWN = 4096
 """Locks kept by key so that answers about them are not decoded again (``_lock``)."""
 
+_PACKS = 4096
+"""Lean calls kept packed, oldest let go first (``RedisBackend._lean_packed``): one per lock
+key and kind of call in use, about as many as the locks kept by key."""
+
 _HINTS = 64
 """Most names remembered per lock key from scripts' asks (``RedisBackend._hinted``)."""
 
@@ -294,11 +298,11 @@ class RedisBackend:
         self._policy = QueuePolicy()
         self._rules: tuple[policies.PolicyRules, str] = (self._policy.rules, "")
         self._heads: _Heads | None = None
-        self._packs: dict[tuple[Any, ...], _Packed] = {}
-        """The lean calls lately sent, packed but for their call id and changing argument, by
-        the rest of what they send (``_lean_packed``)."""
         """The arguments around each call's id, made for the policy and incarnation of the
         calls before (``_head``)."""
+        self._packs: dict[tuple[Any, ...], _Packed] = {}
+        """The lean calls lately sent, packed but for their call id and changing argument, by
+        the rest of what they send (``_lean_packed``); at most ``_PACKS``."""
         self._known: dict[str, tuple[tuple[str, str, str, str], Lock]] = {}
         """By key: the stored JSON, token, grant time and lease end of a lock last answered,
         and the lock made of them (``_lock``)."""
@@ -470,7 +474,7 @@ class RedisBackend:
                 middle=b"\r\n" + resp_body((*declared[2:], *head, *before)),
                 tail=b"\r\n" + resp_body(after))
             packs = self._packs
-            if len(packs) >= _KNOWN:
+            if len(packs) >= _PACKS:
                 del packs[next(iter(packs))]  # the oldest
             packs[found] = packed
         value = args[changing].encode()
