@@ -29,6 +29,12 @@ reinterpreted: a release entry's ``acquiredAt`` is the time of the release, and 
 entry is taken out of the journal only while it is still the one that was read (its pull and
 its version, checked by the store in the same step as the removal): an entry of the same key
 written in between (the pull released the key again) stays and is applied at the next pass.
+The version is kept in ``fencingToken`` rather than a field of its own because an entry is a
+stored lock, the one shape every store and release reads, and the stores' conditional release
+already compares a lock's owner and token in the step that removes it; so in the journal the
+name means the version only, never a lock's fencing token (reconciliation takes that from the
+lock legacy holds). The check holds once every replica runs this release: an earlier release
+takes an entry out by its key alone.
 """
 
 from __future__ import annotations
