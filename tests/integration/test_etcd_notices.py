@@ -14,7 +14,7 @@ import asyncio
 import dataclasses
 import logging
 import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import timedelta
 
 import etcd3aio
@@ -64,17 +64,6 @@ class SlowWatch(EtcdBackend):
         return await super()._watch_prefix(client, prefix, start, late, drop)
 
 
-@pytest.fixture
-async def two(etcd_cluster: EtcdCluster, etcd_prefix: str) -> AsyncIterator[
-        tuple[EtcdBackend, EtcdBackend]]:
-    """Two replicas' backends on one etcd key space."""
-    config = etcd_config(etcd_cluster, etcd_prefix)
-    a, b = EtcdBackend.from_config(config, "enhanced"), EtcdBackend.from_config(config, "enhanced")
-    yield a, b
-    await a.close()
-    await b.close()
-
-
 async def grant(backend: EtcdBackend, candidate: Candidate) -> Lock:
     outcome = await backend.acquire_or_enqueue(candidate, ttl=None, wait=None, policy=POLICY)
     assert outcome.status is Status.GRANTED, outcome
@@ -91,10 +80,19 @@ async def queue(backend: EtcdBackend, candidate: Candidate,
     return told
 
 
+async def queued_again(backend: EtcdBackend, offer: Wait) -> asyncio.Future[Notice]:
+    """``offer``'s retry (pull 2), queued again through ``backend``: what it is told, checked
+    to be nothing while the notices are read twice."""
+    told = await queue(backend, want(2), dataclasses.replace(offer, caller=secrets.token_hex(8)))
+    await asyncio.sleep(CHECKS)
+    assert not told.done(), told.result()
+    return told
+
+
 async def test_a_retry_queued_again_is_not_told_of_the_grant_its_earlier_waiter_lost(
-    two: tuple[EtcdBackend, EtcdBackend],
+    etcd_replicas: tuple[EtcdBackend, EtcdBackend],
 ) -> None:
-    a, _ = two
+    a, _ = etcd_replicas
     first = await grant(a, want(1))
     offer = retried_offer()
     await queue(a, want(2), offer)
@@ -103,11 +101,8 @@ async def test_a_retry_queued_again_is_not_told_of_the_grant_its_earlier_waiter_
     await a.release_and_handoff(first.key, owner=first.owner, policy=POLICY)
     await a.force_unlock(first.key, policy=POLICY)
     third = await grant(a, want(3))
-    # Pull 2's retry finds its grant gone and is queued again.
-    retry = dataclasses.replace(offer, caller=secrets.token_hex(8))
-    told = await queue(a, want(2), retry)
-    await asyncio.sleep(CHECKS)
-    assert not told.done(), told.result()  # not the grant pull 3 has taken since
+    # Pull 2's retry finds its grant gone and is queued again: not told of it.
+    told = await queued_again(a, offer)
     assert [lock.pull.num for lock in await a.holders(first.key)] == [3]
     # Its own grant comes once pull 3 lets the key go.
     await a.release_and_handoff(third.key, owner=third.owner, policy=POLICY)
@@ -117,19 +112,16 @@ async def test_a_retry_queued_again_is_not_told_of_the_grant_its_earlier_waiter_
 
 
 async def test_a_retry_queued_again_is_not_told_its_earlier_waiter_was_cancelled(
-    two: tuple[EtcdBackend, EtcdBackend],
+    etcd_replicas: tuple[EtcdBackend, EtcdBackend],
 ) -> None:
-    a, _ = two
+    a, _ = etcd_replicas
     holder = await grant(a, want(1))
     offer = retried_offer()
     await queue(a, want(2), offer)
     a.grants.forget(offer.id)  # its caller leaves
     cancelled = await a.cancel(holder.key, offer.id)  # an admin cancels the waiter meanwhile
     assert cancelled.removed
-    retry = dataclasses.replace(offer, caller=secrets.token_hex(8))
-    told = await queue(a, want(2), retry)
-    await asyncio.sleep(CHECKS)
-    assert not told.done(), told.result()  # not the cancel of the waiter before it
+    told = await queued_again(a, offer)  # not told of the cancel
     assert [waiter.id for waiter in await a.queue(holder.key)] == [offer.id]
     await a.release_and_handoff(holder.key, owner=holder.owner, policy=POLICY)
     notice = await asyncio.wait_for(told, 10)
@@ -137,9 +129,9 @@ async def test_a_retry_queued_again_is_not_told_its_earlier_waiter_was_cancelled
 
 
 async def test_a_notice_that_cannot_be_read_is_skipped_and_the_next_one_delivered(
-    two: tuple[EtcdBackend, EtcdBackend], caplog: pytest.LogCaptureFixture,
+    etcd_replicas: tuple[EtcdBackend, EtcdBackend], caplog: pytest.LogCaptureFixture,
 ) -> None:
-    a, b = two
+    a, b = etcd_replicas
     other = await grant(b, want(1, "envs/other"))
     odd = Wait(id=secrets.token_hex(8), timeout=timedelta(seconds=60))
     await queue(a, want(2, "envs/other"), odd)

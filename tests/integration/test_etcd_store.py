@@ -15,7 +15,6 @@ import asyncio
 import random
 import secrets
 import time
-from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import pytest
@@ -45,17 +44,6 @@ def offer(seconds: float = 30) -> Wait:
     return Wait(id=secrets.token_hex(8), timeout=timedelta(seconds=seconds))
 
 
-@pytest.fixture
-async def two(etcd_cluster: EtcdCluster, etcd_prefix: str) -> AsyncIterator[
-        tuple[EtcdBackend, EtcdBackend]]:
-    """Two replicas' backends on one etcd key space."""
-    config = etcd_config(etcd_cluster, etcd_prefix)
-    a, b = EtcdBackend.from_config(config, "enhanced"), EtcdBackend.from_config(config, "enhanced")
-    yield a, b
-    await a.close()
-    await b.close()
-
-
 async def grant(backend: EtcdBackend, candidate: Candidate, ttl: timedelta | None = None) -> Lock:
     outcome = await backend.acquire_or_enqueue(candidate, ttl=ttl, wait=None, policy=POLICY)
     assert outcome.status is Status.GRANTED, outcome
@@ -64,9 +52,9 @@ async def grant(backend: EtcdBackend, candidate: Candidate, ttl: timedelta | Non
 
 
 async def test_a_release_on_an_old_view_is_judged_on_etcds(
-    two: tuple[EtcdBackend, EtcdBackend],
+    etcd_replicas: tuple[EtcdBackend, EtcdBackend],
 ) -> None:
-    a, b = two
+    a, b = etcd_replicas
     mine = await grant(a, want(1))
     # Behind a's back: pull 1's lock is force-unlocked and pull 2 takes the key.
     await b.force_unlock(mine.key)
@@ -85,11 +73,11 @@ async def test_a_release_on_an_old_view_is_judged_on_etcds(
 
 
 async def test_a_lock_answered_from_the_granting_replicas_memory_is_the_one_etcd_holds(
-    two: tuple[EtcdBackend, EtcdBackend],
+    etcd_replicas: tuple[EtcdBackend, EtcdBackend],
 ) -> None:
     """The replica that wrote a lock reads it back without decoding it (it keeps the lock it
     encoded): every field must be what another replica decodes from etcd."""
-    a, b = two
+    a, b = etcd_replicas
     ask = request_for(repo="gl/group/sub", path="envs/./prod/", workspace="blue", pull=7,
                       user="carol", priority=Priority.HIGH, ttl=timedelta(minutes=5))
     ask = ask.model_copy(update={"pull": ask.pull.model_copy(update={
@@ -104,9 +92,9 @@ async def test_a_lock_answered_from_the_granting_replicas_memory_is_the_one_etcd
 
 
 async def test_an_acquire_on_an_old_view_neither_refuses_nor_returns_a_lock_that_is_gone(
-    two: tuple[EtcdBackend, EtcdBackend],
+    etcd_replicas: tuple[EtcdBackend, EtcdBackend],
 ) -> None:
-    a, b = two
+    a, b = etcd_replicas
     first = await grant(a, want(1))
     await b.release_and_handoff(first.key, owner=first.owner, policy=POLICY)
     # a last saw its own pull holding the key: asking again must grant anew (a new token),
@@ -122,9 +110,9 @@ async def test_an_acquire_on_an_old_view_neither_refuses_nor_returns_a_lock_that
 
 
 async def test_waiters_queued_through_one_replica_are_served_by_a_release_on_another(
-    two: tuple[EtcdBackend, EtcdBackend],
+    etcd_replicas: tuple[EtcdBackend, EtcdBackend],
 ) -> None:
-    a, b = two
+    a, b = etcd_replicas
     held = await grant(a, want(1))
     await a.release_and_handoff(held.key, owner=held.owner, policy=POLICY)
     held = await grant(a, want(1))  # a now knows the key as held, with an empty queue
@@ -141,11 +129,11 @@ async def test_waiters_queued_through_one_replica_are_served_by_a_release_on_ano
 
 
 async def test_clients_on_two_replicas_never_hold_a_key_together(
-    two: tuple[EtcdBackend, EtcdBackend],
+    etcd_replicas: tuple[EtcdBackend, EtcdBackend],
 ) -> None:
     """16 clients, each on a random replica per call, 3 keys, fail-fast and waiting acquires:
     every replica's knowledge of the keys keeps going stale, and no grant overlaps."""
-    replicas = two
+    replicas = etcd_replicas
     history = GrantHistory()
     paths = ["envs/a", "envs/b", "envs/c"]
     deadline = time.monotonic() + 8
@@ -214,12 +202,12 @@ async def test_locks_ending_together_share_a_lease_that_etcd_ends_after_them(
 
 
 async def test_waiters_queued_at_once_through_one_replica_cost_one_transaction_each(
-    two: tuple[EtcdBackend, EtcdBackend],
+    etcd_replicas: tuple[EtcdBackend, EtcdBackend],
 ) -> None:
     """A hot key: its steps on one replica run in line, each on what the one before it
     committed, so N waiters queued at once are N transactions (together they would fail each
     other's guards, about N*N/2 transactions), and they are served in the order they came."""
-    a, _ = two
+    a, _ = etcd_replicas
     held = await grant(a, want(1))
     waits = [offer() for _ in range(30)]
     told = [a.grants.expect(w.id) for w in waits]
@@ -243,12 +231,12 @@ async def test_waiters_queued_at_once_through_one_replica_cost_one_transaction_e
 
 
 async def test_a_release_costs_no_other_step_and_a_lock_etcd_ends_is_served(
-    two: tuple[EtcdBackend, EtcdBackend],
+    etcd_replicas: tuple[EtcdBackend, EtcdBackend],
 ) -> None:
     """Every replica watches lock deletions for the ones etcd makes when a lock's lease ends
     (the backstop when the replica that granted it is gone). A release by a replica deletes a
     leased lock too: that one is not served again by anyone."""
-    a, b = two
+    a, b = etcd_replicas
     await grant(b, want(1, "envs/warm"))  # b's session and watch are up
     lock = await grant(a, want(1), ttl=timedelta(minutes=5))
     before = (a.round_trips, b.round_trips)

@@ -3,6 +3,7 @@
 * ``etcd_cluster``: one etcd member for the whole test session (started on first use). Tests
   never share keys: each gets its own key prefix (``etcd_prefix``).
 * ``etcd_config(cluster, prefix, **settings)``: an :class:`EnhancedLockingConfig` on it.
+* ``etcd_replicas``: two replicas' backends on one etcd key space (the test's prefix).
 * :func:`etcd_backend_maker`: the ``etcd`` entry of the shared ``backend_factory``.
 * :func:`started`: a cluster of a test's own (several members, or one whose auth a test turns
   on), closed after the test; :func:`auth_on`: auth turned on, with a ``root`` user.
@@ -15,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from enhanced_locking.backends.etcd_store import EtcdBackend
 from enhanced_locking.config import EnhancedLockingConfig
 
 __all__ = ["auth_on", "etcd_backend_maker", "etcd_cluster", "etcd_config", "etcd_prefix",
-           "started"]
+           "etcd_replicas", "started"]
 
 _PREFIXES = itertools.count(1)
 
@@ -73,6 +74,17 @@ def etcd_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdClust
 def etcd_prefix() -> str:
     """A key prefix no other test uses."""
     return f"/t{os.getpid()}-{next(_PREFIXES)}/"
+
+
+@pytest.fixture
+async def etcd_replicas(etcd_cluster: EtcdCluster, etcd_prefix: str) -> AsyncIterator[
+        tuple[EtcdBackend, EtcdBackend]]:
+    """Two replicas' backends on one etcd key space."""
+    config = etcd_config(etcd_cluster, etcd_prefix)
+    a, b = EtcdBackend.from_config(config, "enhanced"), EtcdBackend.from_config(config, "enhanced")
+    yield a, b
+    await a.close()
+    await b.close()
 
 
 def etcd_config(cluster: EtcdCluster, prefix: str, **settings: Any) -> EnhancedLockingConfig:
