@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from enhanced_locking.backends.waiting import Handoff, Outcome, Status
 from enhanced_locking.types import (
     AcquireResult,
     AuditEntry,
@@ -53,6 +54,21 @@ def test_a_grants_answer_is_the_model_built_from_its_fields(fresh: bool) -> None
     assert other.__dict__ is not written.__dict__
     assert other.model_fields_set is not written.model_fields_set
     assert other.__pydantic_private__ is not written.__pydantic_private__
+
+
+def test_a_free_keys_outcome_and_a_plain_releases_handoff_are_the_ones_their_classes_make(
+) -> None:
+    # Outcome.of_grant and Handoff.of_release set every slot themselves: equal (every field
+    # compared) to what the generated __init__ makes, and a field added to either class
+    # without a value here leaves its slot unset, which the comparison meets and fails on.
+    lock = a_lock()
+    granted = Outcome.of_grant(lock)
+    assert granted == Outcome(status=Status.GRANTED, locks=(lock,), fresh=True)
+    assert granted.locks[0] is lock
+    for released in (lock, None):
+        handoff = Handoff.of_release(released)
+        assert handoff == Handoff(released=released)
+        assert handoff.released is released
 
 
 @pytest.mark.parametrize(("repo", "with_lock", "details"), [

@@ -31,13 +31,14 @@ import abc
 import collections
 import contextlib
 import dataclasses
+import enum
 import gc
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from types import TracebackType
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 from enhanced_locking import policies
 from enhanced_locking.backends import codec
@@ -79,6 +80,7 @@ __all__ = [
     "Owner",
     "QueueBackend",
     "StoreBackend",
+    "Stored",
     "Times",
     "checking_other_side",
     "parts_of",
@@ -89,6 +91,14 @@ Owner = tuple[str, int]
 
 Times = tuple[datetime, datetime | None]
 """A grant's stamps: when it was acquired and when its lease ends (``None``: no lease)."""
+
+
+class Stored(enum.Enum):
+    """What a store's one-step release (``StoreBackend._pop``) may know besides a lock."""
+
+    NOTHING = "nothing"
+    """Nothing is stored for the key (no lock, no shared lock, not even a lapsed one), known
+    without a write: the general path would release, expire and hand over nothing."""
 
 
 @dataclass(slots=True)
@@ -447,9 +457,11 @@ class StoreBackend(abc.ABC):
         """A retried request took its grant: a later cancel must not give it back."""
         self._granted.pop(waiter_id, None)
 
-    def _pop(self, key: str, owner: Owner | None) -> Lock | None:
+    def _pop(self, key: str, owner: Owner | None) -> Lock | Literal[Stored.NOTHING] | None:
         """Delete ``key``'s exclusive row if ``owner`` (or anyone, without it) holds it, in one
-        atomic step; the row deleted, or ``None`` (then the caller takes the general path)."""
+        atomic step; the row deleted, :attr:`Stored.NOTHING` (nothing to release), or ``None``
+        (then the caller takes the general path). Asked only when nobody waits for the key
+        and no concurrency limit is set."""
         return None
 
     @contextlib.contextmanager
@@ -769,12 +781,24 @@ class StoreBackend(abc.ABC):
         self._queues.clear()
 
     # --- the QueueBackend protocol ------------------------------------------------------------
-    def acquire_or_enqueue(
+    async def acquire_or_enqueue(
         self, candidate: Candidate, *, ttl: timedelta | None, wait: Wait | None,
         policy: QueuePolicy,
-    ) -> Coroutine[None, None, Outcome]:
-        # The batch's coroutine itself, not one that awaits it: one frame less per acquire.
-        return self.acquire_batch([candidate], ttl=ttl, wait=wait, policy=policy)
+    ) -> Outcome:
+        # One key is a batch of one (acquire_batch), with the free key's step here, in the
+        # coroutine the caller awaits: no batch's list, no second frame, no check of the
+        # batch's keys on the common acquire.
+        if (candidate.mode == "exclusive" and not policy.freezes and not policy.limits
+                and candidate.key not in self._queues
+                and (wait is None
+                     or (wait.id not in self._waiters and wait.id not in self._granted))):
+            # A free key nobody waits for, no rule that could say no: one step, no decision
+            # (enhanced_locking.policies.verdict grants any holders-free key then).
+            now = self.clock()
+            free = self._take_free(candidate, (now, now + ttl if ttl else None))
+            if free is not None:
+                return Outcome.of_grant(free)
+        return await self._acquire_step((candidate,), ttl=ttl, wait=wait, policy=policy)
 
     async def acquire_batch(
         self,
@@ -787,13 +811,17 @@ class StoreBackend(abc.ABC):
         if not candidates or (len(candidates) > 1
                               and len({c.key for c in candidates}) != len(candidates)):
             raise ValueError("a batch needs at least one key and no key twice")
-        if _plain(candidates, policy) and candidates[0].key not in self._queues and (
-                wait is None or (wait.id not in self._waiters and wait.id not in self._granted)):
-            # A free key nobody waits for, no rule that could say no: one step, no decision.
-            now = self.clock()
-            free = self._take_free(candidates[0], (now, now + ttl if ttl else None))
-            if free is not None:
-                return Outcome(status=Status.GRANTED, locks=(free,), fresh=True)
+        if len(candidates) == 1:
+            # This class's own (a store may route its acquire_or_enqueue through here).
+            return await StoreBackend.acquire_or_enqueue(self, candidates[0], ttl=ttl,
+                                                         wait=wait, policy=policy)
+        return await self._acquire_step(candidates, ttl=ttl, wait=wait, policy=policy)
+
+    async def _acquire_step(
+        self, candidates: Sequence[Candidate], *, ttl: timedelta | None, wait: Wait | None,
+        policy: QueuePolicy,
+    ) -> Outcome:
+        """An acquire that may queue, meet rules or holders: one atomic step that decides."""
         with self._step() as fx:
             self._refuse_if_other_side_holds([c.key for c in candidates])
             now = self.clock()
@@ -852,14 +880,18 @@ class StoreBackend(abc.ABC):
         self, key: str, *, owner: Owner | None = None, policy: QueuePolicy | None = None,
         token: int | None = None,
     ) -> Handoff:
-        policy = policy or QueuePolicy()
-        if key not in self._queues and not policy.limits and token is None:
+        if token is None and key not in self._queues and (policy is None or not policy.limits):
             # Nobody waits here: one step, nothing to hand over.
             popped = self._pop(key, owner)
+            if popped is Stored.NOTHING:
+                return Handoff.of_release(None)
             if popped is not None:
-                # No lease, nothing to ask the clock about.
-                lapsed = popped.expires_at is not None and popped.expired(self.clock())
-                return Handoff(released=None if lapsed else popped)
+                # No lease, nothing to ask the clock about (the field read from the model's
+                # __dict__: pydantic's __getattr__ hook is on every read of an attribute).
+                lapsed = (popped.__dict__["expires_at"] is not None
+                          and popped.expired(self.clock()))
+                return Handoff.of_release(None if lapsed else popped)
+        policy = policy or QueuePolicy()
         with self._step() as fx:
             self._refuse_if_other_side_holds((key,))
             now = self.clock()
@@ -980,13 +1012,6 @@ def parts_of(lock: Lock | Candidate) -> policies.KeyParts:
     """What the rules see of a lock (held, or asked for)."""
     return policies.KeyParts(key=lock.key, repo=lock.project.repo_full_name,
                              path=lock.project.path, workspace=lock.workspace)
-
-
-def _plain(candidates: Sequence[Candidate], policy: QueuePolicy) -> bool:
-    """One exclusive lock under no freeze or concurrency limit: if its key is free, it is
-    granted (:func:`enhanced_locking.policies.verdict` says so for any holders-free key)."""
-    return (len(candidates) == 1 and candidates[0].mode == "exclusive"
-            and not policy.freezes and not policy.limits)
 
 
 def _waits(wait: Wait | None) -> bool:

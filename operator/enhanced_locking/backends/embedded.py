@@ -46,13 +46,13 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
+from typing import Literal
 
 from enhanced_locking.backends import codec
-from enhanced_locking.backends.base import Owner, StoreBackend, Times, other_side_check
-from enhanced_locking.backends.waiting import Handoff, QueuePolicy
+from enhanced_locking.backends.base import Owner, StoreBackend, Stored, Times, other_side_check
 from enhanced_locking.types import (
     BackendUnavailable,
     Candidate,
@@ -378,10 +378,6 @@ def _migrate_from_0(connection: sqlite3.Connection, tables: set[str]) -> None:
         connection.execute(statement)
 
 
-async def _nothing_handed() -> Handoff:
-    return Handoff()
-
-
 class EmbeddedBackend(StoreBackend):
     """Locks of one namespace in the shared SQLite file."""
 
@@ -572,8 +568,14 @@ class EmbeddedBackend(StoreBackend):
             (self.namespace, key, *owner),
         )
 
-    def _pop(self, key: str, owner: tuple[str, int] | None) -> Lock | None:
+    def _pop(self, key: str, owner: tuple[str, int] | None
+             ) -> Lock | Literal[Stored.NOTHING] | None:
         # One statement, so one implicit transaction: the release of a key nobody waits for.
+        if (self._counter is not None and self._known.get(key) == (None, [])
+                and self._unchanged(key, Moment(self.clock)) == []):
+            # A counted namespace's key that holds nothing, as last read and not changed
+            # since: nothing to release, and no write (so no wait for the write lock).
+            return Stored.NOTHING
         known = self._decoded.get(key)
         other = other_side_check(key)  # as in _take_free
         try:  # what _unavailable says, without a context manager per call
@@ -738,20 +740,6 @@ class EmbeddedBackend(StoreBackend):
         if holders is None:
             holders = self._read_holders(key, now)
         return holders[0] if holders else None
-
-    def release_and_handoff(
-        self, key: str, *, owner: Owner | None = None, policy: QueuePolicy | None = None,
-        token: int | None = None,
-    ) -> Coroutine[None, None, Handoff]:
-        # Nothing stored for the key (no lock, no shared lock, not even a lapsed one) and nobody
-        # waiting: the general path would find nothing to release, expire or hand over.
-        if (self._counter is not None and key not in self._queues
-                and (policy is None or not policy.limits)
-                and self._known.get(key) == (None, [])
-                and self._unchanged(key, Moment(self.clock)) == []):
-            return _nothing_handed()
-        # The general path's coroutine itself, not one that awaits it: one frame less.
-        return super().release_and_handoff(key, owner=owner, policy=policy, token=token)
 
     async def ping(self) -> None:
         with self._unavailable():

@@ -44,6 +44,8 @@ from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.policies import PolicyRules
 from enhanced_locking.types import Candidate, Lock, Mode, Priority, Reason
 
+_new_object = object.__new__
+
 __all__ = [
     "MAX_LEVEL",
     "Cancelled",
@@ -248,6 +250,26 @@ class Outcome:
     ahead: tuple[Waiter, ...] | None = None
     holders: tuple[Lock, ...] | None = None
 
+    @staticmethod
+    def of_grant(lock: Lock) -> Outcome:
+        """``Outcome(status=Status.GRANTED, locks=(lock,), fresh=True)``, written out: the
+        answer of every acquire that takes a free key. The generated ``__init__`` binds eleven
+        keyword-only parameters, eight of them from their defaults (about 6k instructions a
+        call); setting the slots here is about 2k. A test holds the two equal."""
+        outcome = _new_object(Outcome)
+        outcome.status = Status.GRANTED
+        outcome.locks = (lock,)
+        outcome.fresh = True
+        outcome.key = None
+        outcome.holder = None
+        outcome.waiter = None
+        outcome.position = None
+        outcome.message = None
+        outcome.superseded = ()
+        outcome.ahead = None
+        outcome.holders = None
+        return outcome
+
 
 @dataclass(frozen=True, kw_only=True)
 class Grant:
@@ -271,6 +293,17 @@ class Handoff:
     """Waiters found past their deadline and dropped while looking for the next holder."""
     also_released: tuple[Lock, ...] = ()
     """Other holders freed with ``released`` (a force-unlock of a key held shared)."""
+
+    @staticmethod
+    def of_release(released: Lock | None) -> Handoff:
+        """``Handoff(released=released)``, written out (as :meth:`Outcome.of_grant`): the
+        answer of every release nobody was waiting for. A test holds the two equal."""
+        handoff = _new_object(Handoff)
+        handoff.released = released
+        handoff.granted = ()
+        handoff.timed_out = ()
+        handoff.also_released = ()
+        return handoff
 
 
 @dataclass(frozen=True, kw_only=True)
