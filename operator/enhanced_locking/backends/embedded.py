@@ -397,6 +397,10 @@ class EmbeddedBackend(StoreBackend):
         self._floor = int(self._db.execute(
             "SELECT value FROM meta WHERE name = 'token_floor'").fetchone()[0])
         self._depth = 0
+        # The cursor of the one-statement grant and release as expected (statements that
+        # answer their change count only, so they are done when execute returns): one kept,
+        # not one made and freed per statement. Made anew if the connection was replaced.
+        self._cursor = self._db.cursor()
         # The last row text seen per key and its decoded lock: decoding is most of a read's
         # cost, and a row read back is usually one this backend just wrote. The text is always
         # read from the file, so another writer's change is never missed.
@@ -528,7 +532,10 @@ class EmbeddedBackend(StoreBackend):
                     expected = (_TAKE_MINE_AS_EXPECTED_CHECKED if mine
                                 else _TAKE_SEEN_AS_EXPECTED_CHECKED)
                     general = _TAKE_MINE_CHECKED if mine else _TAKE_SEEN_CHECKED
-                if self._db.execute(expected, args).rowcount == 1:
+                cursor = self._cursor
+                if cursor.connection is not self._db:
+                    cursor = self._cursor = self._db.cursor()
+                if cursor.execute(expected, args).rowcount == 1:
                     self._remember(key, sent, guess)
                     self._seen[key] = token, owner
                     return guess
@@ -579,8 +586,11 @@ class EmbeddedBackend(StoreBackend):
         known = self._decoded.get(key)
         other = other_side_check(key)  # as in _take_free
         try:  # what _unavailable says, without a context manager per call
+            cursor = self._cursor  # as in _take_free
+            if cursor.connection is not self._db:
+                cursor = self._cursor = self._db.cursor()
             if other is None:
-                if known is not None and self._db.execute(
+                if known is not None and cursor.execute(
                         _POP_AS_EXPECTED if owner is None else _POP_OWNED_AS_EXPECTED,
                         (self.namespace, key, known[0]) if owner is None
                         else (self.namespace, key, *owner, known[0])).rowcount == 1:
@@ -593,7 +603,7 @@ class EmbeddedBackend(StoreBackend):
                 repo, pull = (None, None) if owner is None else owner
                 args = (self.namespace, key, repo, pull, None if known is None else known[0],
                         None, other)
-                if known is not None and self._db.execute(
+                if known is not None and cursor.execute(
                         _POP_AS_EXPECTED_CHECKED if owner is None
                         else _POP_OWNED_AS_EXPECTED_CHECKED, args).rowcount == 1:
                     return known[1]
