@@ -1406,10 +1406,11 @@ class EtcdBackend(StoreBackend):
 
     def _queued_here(self, waiter_id: str, seq: int) -> None:
         """``waiter_id``, whose caller waits here, was queued at revision ``seq``: only a
-        notice written after it is its answer, one already brought is delivered now."""
-        if seq >= _PENDING_SEQ or not self._notifier.local.waits(waiter_id):
+        notice written after it is its answer, one already brought is delivered now. (A
+        revision not known, which a committed step does not leave, lets every notice in.)"""
+        if not self._notifier.local.waits(waiter_id):
             return
-        self._notifier.queued_at[waiter_id] = seq
+        self._notifier.queued_at[waiter_id] = seq if seq < _PENDING_SEQ else 0
         early = self._notifier.early.pop(waiter_id, None)
         if early is not None:
             self._heard(waiter_id, early)
