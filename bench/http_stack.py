@@ -630,15 +630,31 @@ class SqlCount:
             self.writes += verb in ("INSERT", "UPDATE", "DELETE", "REPLACE")
 
 
+class CountedCursor(sqlite3.Cursor):
+    """A cursor of a ``CountedConnection`` that counts the statements run through it (a
+    store may keep a cursor and run its statements there rather than through the
+    connection's ``execute``)."""
+
+    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+        if CountedConnection.counting:
+            CountedConnection.counting[0].seen(sql, in_transaction=self.connection.in_transaction)
+        return super().execute(sql, parameters)
+
+
 class CountedConnection(sqlite3.Connection):
-    """A connection that counts the statements run through it into ``counting[0]``."""
+    """A connection that counts the statements run through it, by its ``execute`` or on a
+    cursor it made, into ``counting[0]``."""
 
     counting: list[SqlCount] = []
 
     def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+        # (sqlite3 makes this call's cursor itself, not through ``cursor``: no double count)
         if self.counting:
             self.counting[0].seen(sql, in_transaction=self.in_transaction)
         return super().execute(sql, parameters)
+
+    def cursor(self, factory: Any = CountedCursor) -> Any:
+        return super().cursor(factory)
 
 
 async def _sql_pairs(data_dir: str, pairs: int, clients: int, count: SqlCount) -> None:
