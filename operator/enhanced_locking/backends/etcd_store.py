@@ -139,6 +139,8 @@ _SKEW = timedelta(seconds=1)
 """How far apart replicas' clocks may be for a deleted lock to count as lapsed (etcd ends a
 lock's lease a second or more after the lock)."""
 _PENDING_SEQ = 1 << 62
+_UNREADABLE_KEPT = 4096
+"""Unreadable notices remembered (so each is logged once) before the memory is cleared."""
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 _CURRENT: contextvars.ContextVar[_Txn | None] = contextvars.ContextVar("etcd_txn", default=None)
@@ -1388,14 +1390,16 @@ class EtcdBackend(StoreBackend):
             return False
         queued_at = self._notifier.queued_at.get(waiter_id)
         if queued_at is None:
-            self._notifier.early[waiter_id] = kv
+            held = self._notifier.early.get(waiter_id)
+            if held is None or kv.mod > held.mod:  # (a read answered late brings an older one)
+                self._notifier.early[waiter_id] = kv
             return False
         if kv.mod <= queued_at or (waiter_id, kv.mod) in self._unreadable:
             return False
         try:
             _, notice = self.notice_from(kv)
         except Exception as error:
-            if len(self._unreadable) >= _Known.LIMIT:
+            if len(self._unreadable) >= _UNREADABLE_KEPT:
                 self._unreadable.clear()
             self._unreadable.add((waiter_id, kv.mod))
             log.warning("etcd %s: a notice for a waiter here cannot be read (%s); skipped",
