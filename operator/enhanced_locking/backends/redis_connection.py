@@ -471,9 +471,10 @@ def down(
 ) -> BackendUnavailable:
     """The ``BackendUnavailable`` that says what failed, without the password.
 
-    A call cut off by its own limit (``asyncio.timeout`` of ``seconds``: a bare
-    ``TimeoutError``) says so, rather than a bare timeout: Redis took the call and never
-    answered (stopped, or far too busy), which is not a refused connection."""
+    A call cut off by its own limit (``asyncio.timeout`` of ``seconds``, or the scripts'
+    leaner timer ``redis_store._limited``: a bare ``TimeoutError``) says so, rather than a
+    bare timeout: Redis took the call and never answered (stopped, or far too busy), which
+    is not a refused connection."""
     if type(error) is TimeoutError and not error.args:
         return BackendUnavailable(
             f"redis {connection.where} did not answer ({action}): no answer within the "
