@@ -19,17 +19,17 @@ from datetime import timedelta
 
 import etcd3aio
 import pytest
-from tests.support.etcd_fixtures import etcd_config
+from tests.support.etcd_fixtures import QUEUE_POLICY as POLICY
+from tests.support.etcd_fixtures import etcd_config, grant
 from tests.support.etcd_server import EtcdCluster
 from tests.support.locks import candidate_for, request_for
 
 from enhanced_locking.backends.etcd_store import _KV, NOTICE_CHECK, EtcdBackend
-from enhanced_locking.backends.waiting import Notice, QueuePolicy, Status, Wait
-from enhanced_locking.types import Candidate, Lock
+from enhanced_locking.backends.waiting import Notice, Status, Wait
+from enhanced_locking.types import Candidate
 
 pytestmark = [pytest.mark.etcd, pytest.mark.timeout(90)]
 
-POLICY = QueuePolicy(priority=True, starvation_threshold=timedelta(hours=1))
 CHECKS = 2 * NOTICE_CHECK + 1
 """Long enough for two reads of the notices."""
 
@@ -62,13 +62,6 @@ class SlowWatch(EtcdBackend):
             loop.call_later(self.LAG, handle, key, kv, prev)
 
         return await super()._watch_prefix(client, prefix, start, late, drop)
-
-
-async def grant(backend: EtcdBackend, candidate: Candidate) -> Lock:
-    outcome = await backend.acquire_or_enqueue(candidate, ttl=None, wait=None, policy=POLICY)
-    assert outcome.status is Status.GRANTED, outcome
-    lock: Lock = outcome.locks[0]
-    return lock
 
 
 async def queue(backend: EtcdBackend, candidate: Candidate,

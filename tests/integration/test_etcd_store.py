@@ -18,22 +18,21 @@ import time
 from datetime import timedelta
 
 import pytest
-from tests.support.etcd_fixtures import etcd_config
+from tests.support.etcd_fixtures import QUEUE_POLICY as POLICY
+from tests.support.etcd_fixtures import etcd_config, grant
 from tests.support.etcd_server import EtcdCluster
 from tests.support.grant_history import GrantHistory
 from tests.support.locks import candidate_for, request_for
 
 from enhanced_locking.backends.etcd_connection import EtcdConnection, EtcdSettings
 from enhanced_locking.backends.etcd_store import EtcdBackend
-from enhanced_locking.backends.waiting import QueuePolicy, Status, Wait
+from enhanced_locking.backends.waiting import Status, Wait
 from enhanced_locking.events import EventBus
 from enhanced_locking.locking import EnhancedLocker
 from enhanced_locking.metrics import Metrics
-from enhanced_locking.types import Candidate, Event, Lock, LockNotOwned, Priority
+from enhanced_locking.types import Candidate, Event, LockNotOwned, Priority
 
 pytestmark = [pytest.mark.etcd, pytest.mark.timeout(120)]
-
-POLICY = QueuePolicy(priority=True, starvation_threshold=timedelta(hours=1))
 
 
 def want(pull: int, path: str = "envs/prod") -> Candidate:
@@ -42,13 +41,6 @@ def want(pull: int, path: str = "envs/prod") -> Candidate:
 
 def offer(seconds: float = 30) -> Wait:
     return Wait(id=secrets.token_hex(8), timeout=timedelta(seconds=seconds))
-
-
-async def grant(backend: EtcdBackend, candidate: Candidate, ttl: timedelta | None = None) -> Lock:
-    outcome = await backend.acquire_or_enqueue(candidate, ttl=ttl, wait=None, policy=POLICY)
-    assert outcome.status is Status.GRANTED, outcome
-    lock: Lock = outcome.locks[0]
-    return lock
 
 
 async def test_a_release_on_an_old_view_is_judged_on_etcds(

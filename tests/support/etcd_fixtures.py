@@ -17,6 +17,7 @@ import contextlib
 import itertools
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +27,26 @@ from tests.support.etcd_server import EtcdCluster, EtcdServerError
 from enhanced_locking.backends.base import Backend
 from enhanced_locking.backends.etcd_connection import EtcdConnection, EtcdSettings
 from enhanced_locking.backends.etcd_store import EtcdBackend
+from enhanced_locking.backends.waiting import QueuePolicy, Status
 from enhanced_locking.config import EnhancedLockingConfig
+from enhanced_locking.types import Candidate, Lock
 
 __all__ = ["auth_on", "etcd_backend_maker", "etcd_cluster", "etcd_config", "etcd_prefix",
            "etcd_replicas", "started"]
 
 _PREFIXES = itertools.count(1)
+
+
+QUEUE_POLICY = QueuePolicy(priority=True, starvation_threshold=timedelta(hours=1))
+"""The queue policy the etcd store's tests ask with."""
+
+
+async def grant(backend: EtcdBackend, candidate: Candidate, ttl: timedelta | None = None) -> Lock:
+    """``candidate`` granted through ``backend`` at once (asserted), its lock."""
+    outcome = await backend.acquire_or_enqueue(candidate, ttl=ttl, wait=None, policy=QUEUE_POLICY)
+    assert outcome.status is Status.GRANTED, outcome
+    lock: Lock = outcome.locks[0]
+    return lock
 
 
 @contextlib.contextmanager
