@@ -27,7 +27,7 @@ from enhanced_locking.backends import redis_scripts
 from enhanced_locking.backends.redis_store import RedisBackend
 from enhanced_locking.backends.waiting import QueuePolicy, Status, Wait
 from enhanced_locking.policies import ConcurrencyLimit, PolicyRules
-from enhanced_locking.types import Candidate, LockUnreadable
+from enhanced_locking.types import Candidate, LockUnreadable, utcnow
 
 pytestmark = pytest.mark.redis
 
@@ -131,6 +131,13 @@ async def _workload(server: RedisServer) -> None:
         # A backend switch: tokens and locks taken over by another namespace.
         locks, tokens = await a.export()
         await other.adopt(locks, tokens)
+        # The fallback journal's write: a key's lock replaced by another pull's in one step
+        # (REPLACE drops the holder's index entry, which a replica that did not write it
+        # asks for).
+        assert await b.replace(_lock("five", 11).granted(acquired_at=utcnow(), expires_at=None,
+                                                          fencing_token=99))
+        replaced = await a.get(k5)
+        assert replaced is not None and replaced.pull.num == 11
         await b.release_by_pull("acme/infra", 5, policy=POLICY)
     finally:
         for backend in (a, b, other):

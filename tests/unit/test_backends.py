@@ -153,6 +153,38 @@ async def test_adopting_a_key_held_here_by_another_pull_reports_a_conflict(
     assert await here.get(mine.key) == mine
 
 
+async def test_a_replace_puts_a_lock_in_place_of_whatever_holds_its_key(
+    backend_factory: BackendFactory,
+) -> None:
+    here = backend_factory("enhanced")
+    assert isinstance(here, QueueBackend)
+    _, mine = await here.acquire(lock_for(request_for(pull=1)))
+    theirs = lock_for(request_for(pull=2)).model_copy(update={"fencing_token": 90})
+    assert await here.replace(theirs)
+    stored = await here.get(mine.key)
+    assert stored is not None and (stored.owner, stored.fencing_token) == (theirs.owner, 90)
+    assert await here.list(repo="acme/infra", pull=1) == []
+    assert [lock.fencing_token for lock in await here.list(repo="acme/infra", pull=2)] == [90]
+    # Shared holders go too, and the key's counter rises to the token it was given.
+    other = request_for(path="envs/dev").key
+    readers = [lock_for(request_for(path="envs/dev", pull=pull)).model_copy(
+        update={"mode": "shared", "fencing_token": pull}) for pull in (1, 2)]
+    assert await here.adopt(readers, {}) == []
+    assert len(await here.holders(other)) == 2
+    again = lock_for(request_for(path="envs/dev", pull=3)).model_copy(
+        update={"fencing_token": 50})
+    assert await here.replace(again)
+    assert [(lock.owner, lock.fencing_token) for lock in await here.holders(other)] == [
+        (again.owner, 50)]
+    await here.release(again.key)
+    _, after = await here.acquire(lock_for(request_for(path="envs/dev", pull=4)))
+    assert after.fencing_token > 50
+    # A lock whose lease has ended is not stored; what held the key is gone all the same.
+    ended = theirs.model_copy(update={"expires_at": utcnow() - timedelta(seconds=1)})
+    assert not await here.replace(ended)
+    assert await here.get(mine.key) is None
+
+
 @pytest.mark.parametrize("backend_factory", PERSISTENT, indirect=True)
 async def test_a_new_backend_on_the_same_store_sees_the_locks_and_continues_the_tokens(
     backend_factory: BackendFactory,
@@ -311,6 +343,7 @@ CALLS = {
     "release_by_pull": lambda backend: backend.release_by_pull("acme/infra", 1),
     "export": lambda backend: backend.export(),
     "adopt": lambda backend: backend.adopt([lock_for(request_for())], {}),
+    "replace": lambda backend: backend.replace(lock_for(request_for())),
     "ping": lambda backend: backend.ping(),
 }
 

@@ -58,6 +58,19 @@ def _sides(journal_store: BackendFactory) -> _Sides:
     return _Sides(journal, legacy, enhanced, reconciler)
 
 
+async def _copy_and_its_release(sides: _Sides) -> tuple[Lock, Lock]:
+    """Pull 1's copy on the enhanced side (taken a second ago: a store may keep the release's
+    time to the millisecond), and the journal's entry of its release that reached legacy
+    only."""
+    copy = lock_for(request_for(pull=1)).model_copy(
+        update={"acquired_at": utcnow() - timedelta(seconds=1), "fencing_token": 7})
+    assert not await sides.enhanced.backend.adopt([copy], {})
+    await sides.reconciler.record_release(lock_for(request_for(pull=1), backend="legacy"))
+    entry = await sides.journal.released.get(KEY)
+    assert entry is not None
+    return copy, entry
+
+
 def _once(read: Read, meanwhile: Callable[[], Awaitable[None]], *, first: bool) -> Read:
     """``read`` that, the first time it is called, runs ``meanwhile`` before it reads
     (``first``) or right after, before its caller goes on."""
@@ -82,14 +95,7 @@ async def test_a_release_journaled_between_the_read_of_an_entry_and_its_removal_
 ) -> None:
     sides = _sides(backend_factory)
     journal, reconciler = sides.journal, sides.reconciler
-    # Pull 1's copy on the enhanced side (taken a second ago: a store may keep the release's
-    # time to the millisecond), and its release that reached legacy only.
-    copy = lock_for(request_for(pull=1)).model_copy(
-        update={"acquired_at": utcnow() - timedelta(seconds=1), "fencing_token": 7})
-    assert not await sides.enhanced.backend.adopt([copy], {})
-    await reconciler.record_release(lock_for(request_for(pull=1), backend="legacy"))
-    first = await journal.released.get(KEY)
-    assert first is not None
+    _, first = await _copy_and_its_release(sides)
     # The pass has read that entry; right then the same pull's next release of the key is
     # journaled (it took the key on legacy and let go again while the enhanced side was away).
     second: list[Lock] = []
@@ -151,3 +157,81 @@ async def test_a_grant_journaled_between_the_read_of_an_entry_and_its_removal_is
     assert (report.adopted, report.pending) == (1, 0)
     holder = await sides.enhanced.get(KEY)
     assert holder is not None and holder.pull.num == 2
+
+
+_WRITES = ("release", "release_and_handoff", "release_by_pull", "force_unlock", "expire",
+           "acquire", "refresh", "adopt", "replace")
+"""The calls of a store that change what a key holds: whichever the journal's write uses."""
+
+
+def _read_after_every_write(store: QueueBackend, monkeypatch: pytest.MonkeyPatch,
+                            read: Callable[[], Awaitable[None]]) -> None:
+    """Run ``read`` after each step of ``store`` that writes, before its caller goes on: a
+    replica reading the journal right then (``read`` itself may write: it is not run again
+    while it runs)."""
+    reading: list[bool] = []
+
+    def after(call: Callable[..., Awaitable[object]]) -> Callable[..., Awaitable[object]]:
+        async def writing(*args: object, **kwargs: object) -> object:
+            result = await call(*args, **kwargs)
+            if not reading:
+                reading.append(True)
+                try:
+                    await read()
+                finally:
+                    reading.clear()
+            return result
+        return writing
+
+    for name in _WRITES:
+        if hasattr(store, name):
+            monkeypatch.setattr(store, name, after(getattr(store, name)))
+
+
+async def test_a_release_entry_written_over_an_older_one_is_never_missing_in_between(
+    backend_factory: BackendFactory, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sides = _sides(backend_factory)
+    journal, reconciler = sides.journal, sides.reconciler
+    copy, _ = await _copy_and_its_release(sides)
+    # The pull takes the key on legacy and lets go again: its next release is journaled over
+    # the older one. After every step of the store doing it, another replica reads the
+    # journal (the pull asks for the key again there, and would be answered the copy).
+    found: list[Lock | None] = []
+    answers: list[str] = []
+
+    async def another_replica_reads() -> None:
+        found.append(await journal.released.get(KEY))
+        answers.append(await reconciler.before_reentrant(copy))
+
+    _read_after_every_write(journal.released, monkeypatch, another_replica_reads)
+    await reconciler.record_release(lock_for(request_for(pull=1), backend="legacy"))
+    monkeypatch.undo()
+    assert found and all(entry is not None for entry in found), found
+    # It found a release naming the copy: the copy is freed, never handed out.
+    assert answers and set(answers) == {"again"}, answers
+    assert await sides.enhanced.get(KEY) is None
+
+
+async def test_a_grant_entry_written_over_an_older_one_is_never_missing_in_between(
+    backend_factory: BackendFactory, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sides = _sides(backend_factory)
+    journal, reconciler = sides.journal, sides.reconciler
+    await reconciler.record_grant(lock_for(request_for(pull=1), backend="legacy"))
+    older = await journal.granted.get(KEY)
+    assert older is not None and older.pull.num == 1
+    found: list[Lock | None] = []
+
+    async def another_replica_reads() -> None:
+        found.append(await journal.granted.get(KEY))
+
+    # Pull 2 is granted the key on legacy without the enhanced side (pull 1 let go there).
+    _read_after_every_write(journal.granted, monkeypatch, another_replica_reads)
+    await reconciler.record_grant(lock_for(request_for(pull=2), backend="legacy"))
+    monkeypatch.undo()
+    assert found and all(entry is not None for entry in found), found
+    newer = await journal.granted.get(KEY)
+    assert newer is not None and newer.pull.num == 2
+    assert newer.fencing_token != older.fencing_token  # a version of its own
+    assert found[-1] == newer

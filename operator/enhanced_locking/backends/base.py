@@ -300,6 +300,15 @@ class QueueBackend(Backend, Protocol):
         """Free ``key`` whoever holds it and hand it on (the admin's way out)."""
         ...
 
+    async def replace(self, lock: Lock) -> bool:
+        """Put ``lock`` in place of whatever is stored under its key, in one step: no reader
+        ever finds the key free in between. As :meth:`Backend.adopt` it keeps ``lock``'s
+        fencing token, times and mode (the key's counter rises to the token); a lock whose
+        lease has already ended is not stored (the key is left free). It serves no queue: it
+        is the write of a store nobody waits in (the fallback journal). Whether ``lock`` was
+        stored."""
+        ...
+
     async def expire(self, key: str, *, policy: QueuePolicy | None = None) -> Handoff:
         """If ``key``'s lease has lapsed (backend clock), free it and hand it on.
 
@@ -769,6 +778,29 @@ class StoreBackend(abc.ABC):
                 elif not any(h.owner == lock.owner for h in self._holders(lock.key, now)):
                     self._store(lock)
         return conflicts
+
+    async def replace(self, lock: Lock) -> bool:
+        key = lock.key
+        with self._step() as fx:
+            now = self.clock()
+            try:
+                self._expire_lapsed(key, now, fx)
+                holders = self._holders(key, now)
+            except LockUnreadable:
+                # Whoever it was, what is stored under the key goes, and so does its entry.
+                self._purge(key)
+                self._unreadable_change(lambda u: u.cleared(key))
+                holders = []
+            for held in holders:
+                self._drop(held)
+            self._raise_token(key, lock.fencing_token)
+            if lock.expired(now):
+                return False
+            if lock.mode == "shared":
+                self._store_shared(lock)
+            else:
+                self._store(lock)
+            return True
 
     async def ping(self) -> None:
         return None

@@ -1569,6 +1569,12 @@ class EtcdBackend(StoreBackend):
             keys=self._keys_of(key), prefixes=(self.queue_prefix(key), self.shared_prefix(key)),
             key=key, guess=True)
 
+    async def replace(self, lock: Lock) -> bool:
+        """:meth:`StoreBackend.replace` in one etcd transaction."""
+        return await self._atomic(lambda: StoreBackend.replace(self, lock),
+                                  keys=self._keys_of(lock.key),
+                                  prefixes=(self.shared_prefix(lock.key),), key=lock.key)
+
     async def expire(self, key: str, *, policy: Any = None) -> Any:
         return await self._atomic(lambda: StoreBackend.expire(self, key, policy=policy),
                                   keys=self._keys_of(key),

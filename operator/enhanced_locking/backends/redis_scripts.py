@@ -164,6 +164,7 @@ NAMES = (
     "HEARTBEAT",
     "RAISE_TOKEN",
     "ADOPT",
+    "REPLACE",
     "REINDEX",
     "LEAN_ACQUIRE",
     "LEAN_RELEASE",

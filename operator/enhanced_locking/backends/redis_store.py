@@ -884,16 +884,23 @@ class RedisBackend:
         for key, token in tokens.items():
             await self._run("RAISE_TOKEN", key, token, keys=self.keys.of_key(key), key=key)
         for lock in locks:
-            outcome = await self._run(
-                "ADOPT", lock.key, lock.project.repo_full_name, lock.pull.num,
-                codec.encode(lock), lock.fencing_token, _ms(lock.acquired_at),
-                _ms(lock.expires_at) if lock.expires_at else 0, lock.mode, lock.project.path,
-                lock.workspace, keys=self._key_names(
-                    lock.key, (lock.project.repo_full_name, lock.pull.num)), key=lock.key,
-            )
-            if outcome == 0:
+            if await self._run_given("ADOPT", lock) == 0:
                 conflicts.append(lock)
         return conflicts
+
+    async def replace(self, lock: Lock) -> bool:
+        """Put ``lock`` in place of what is stored under its key, in one script (REPLACE)."""
+        return bool(await self._run_given("REPLACE", lock) == 1)
+
+    async def _run_given(self, name: str, lock: Lock) -> Any:
+        """Run ``name`` (ADOPT or REPLACE) on ``lock`` as given: its token, times and mode."""
+        return await self._run(
+            name, lock.key, lock.project.repo_full_name, lock.pull.num,
+            codec.encode(lock), lock.fencing_token, _ms(lock.acquired_at),
+            _ms(lock.expires_at) if lock.expires_at else 0, lock.mode, lock.project.path,
+            lock.workspace, keys=self._key_names(
+                lock.key, (lock.project.repo_full_name, lock.pull.num)), key=lock.key,
+        )
 
     async def ping(self) -> None:
         """Redis answers, and still has what this replica knew (else: the quarantine)."""

@@ -116,8 +116,10 @@ class FallbackJournal:
 
     @staticmethod
     async def _write(store: QueueBackend, entry: Lock) -> None:
-        await store.release(entry.key)
-        await store.adopt([_versioned(entry)], {})
+        """Journal ``entry`` in place of its key's older entry, in one step of the store: a
+        replica reading the journal meanwhile finds the older entry or the newer, never
+        neither."""
+        await store.replace(_versioned(entry))
 
     @staticmethod
     async def remove(store: QueueBackend, entry: Lock) -> bool:

@@ -13,11 +13,7 @@ local function main()
   expect(pull_index, ARGV[12], ARGV[13])
   plan_lapsed(k)
   planned()
-  local token = tonumber(ARGV[15])
-  if fence_damage(k) then repair(k, true) end  -- a counter that is not one starts from the clock
-  local current = tonumber(redis.call('GET', fence_name(k)) or '0')
-  w_try('SADD', FENCED, k)
-  if token > current then w('SET', fence_name(k), ARGV[15]) end
+  raise_to_given(k)
   expire_lapsed(k, nil)
   local mode = ARGV[18]
   for _, h in ipairs(holders(k)) do
@@ -26,16 +22,7 @@ local function main()
   end
   local exp = tonumber(ARGV[17])
   if exp > 0 and exp <= NOW then return 2 end
-  if mode == 'shared' then
-    save_shared({k, ARGV[14], ARGV[15], ARGV[16], ARGV[17], ARGV[12], ARGV[13], false, false,
-                 'shared', ARGV[19], ARGV[20]})
-  else
-    w('HSET', lock_name(k), 'data', ARGV[14], 'token', ARGV[15], 'at', ARGV[16],
-               'exp', exp, 'repo', ARGV[12], 'pull', ARGV[13], 'path', ARGV[19], 'ws', ARGV[20])
-    collect_after(k, exp)
-  end
-  w_try('SADD', HELD, k)
-  w_try('SADD', pull_index(ARGV[12], ARGV[13]), k)
+  store_given(k, exp)
   return 1
 end
 return run(main, true)

@@ -1459,4 +1459,27 @@ local function lean_release(k, repo, pull)
   return release_own(k, repo, pull, declared(lock_name, k), declared(shared_name, k),
                      declared(pull_index, repo, pull), false)
 end
+
+-- ADOPT and REPLACE: the lock as given (ARGV[11] key .. ARGV[20] workspace, adopt.lua's
+-- layout). `raise_to_given` lifts k's counter to its token (a damaged counter starts from the
+-- clock first); `store_given` stores it, keeping its token, times, lease and mode.
+local function raise_to_given(k)
+  if fence_damage(k) then repair(k, true) end
+  local current = tonumber(redis.call('GET', fence_name(k)) or '0')
+  w_try('SADD', FENCED, k)
+  if tonumber(ARGV[15]) > current then w('SET', fence_name(k), ARGV[15]) end
+end
+
+local function store_given(k, exp)
+  if ARGV[18] == 'shared' then
+    save_shared({k, ARGV[14], ARGV[15], ARGV[16], ARGV[17], ARGV[12], ARGV[13], false, false,
+                 'shared', ARGV[19], ARGV[20]})
+  else
+    w('HSET', lock_name(k), 'data', ARGV[14], 'token', ARGV[15], 'at', ARGV[16],
+               'exp', exp, 'repo', ARGV[12], 'pull', ARGV[13], 'path', ARGV[19], 'ws', ARGV[20])
+    collect_after(k, exp)
+  end
+  w_try('SADD', HELD, k)
+  w_try('SADD', pull_index(ARGV[12], ARGV[13]), k)
+end
 -- luacheck: pop
