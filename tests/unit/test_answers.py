@@ -155,26 +155,6 @@ def test_an_audit_entry_and_its_stored_copy_are_the_models_built_from_their_fiel
         time=time, **values).model_fields_set  # type: ignore[arg-type]  # each its own set
 
 
-def test_an_entry_given_its_id_in_place_is_the_model_with_id_makes() -> None:
-    # A store writes its id into the entry handed to it instead of building a second one.
-    time = datetime(2024, 5, 1, 8, 20, 30, 123456, tzinfo=UTC)
-    values: dict[str, typing.Any] = {
-        "identity": "alice", "groups": ("sre",), "method": "bearer", "verb": "lock",
-        "action": "acquire", "key": "k", "repo": "acme/infra", "pull": 12,
-        "outcome": "acquired", "status": 200, "reason": None, "peer": "10.0.0.7:5123",
-        "request_id": "r-1"}
-    copied = AuditEntry.recorded(time=time, **values).with_id("41")
-    handed = AuditEntry.recorded(time=time, **values)
-    given = handed.given_id("41")
-    assert given is handed and given.id == "41"
-    assert given == copied and hash(given) == hash(copied)
-    assert list(given.__dict__) == list(copied.__dict__)
-    assert given.model_fields_set == copied.model_fields_set
-    assert given.__pydantic_private__ == copied.__pydantic_private__
-    assert given.__pydantic_extra__ == copied.__pydantic_extra__
-    assert given.model_dump_json() == copied.model_dump_json()
-
-
 @pytest.mark.parametrize("expires", [None, datetime(2024, 5, 1, 9, 0, tzinfo=UTC)])
 def test_a_granted_lock_is_the_model_replaced_makes_of_its_candidate(
     expires: datetime | None,

@@ -49,18 +49,6 @@ def test_an_entry_built_on_the_hot_path_is_written_as_pydantic_writes_it() -> No
     assert entry_json(entry) == entry.model_dump_json(by_alias=True)
 
 
-def test_an_entry_written_before_its_id_is_written_again_with_it() -> None:
-    # The Redis store writes the entry's text before the stream gives the id; the text kept
-    # of the last entry written must not stand for the entry once the id is in it.
-    entry = AuditEntry(time=datetime(2026, 3, 1, 12, 0, 5, tzinfo=UTC), identity="alice",
-                       method="bearer", verb="lock", action="acquire", outcome="acquired",
-                       status=200)
-    assert '"id":""' in entry_json(entry)
-    entry.given_id("1700000000000-0")
-    assert entry_json(entry) == entry.model_dump_json(by_alias=True)
-    assert '"id":"1700000000000-0"' in entry_json(entry)
-
-
 @given(time=UTC_TIMES)
 def test_a_utc_time_is_written_as_isoformat_writes_it(time: datetime) -> None:
     # The text up to the second is kept per second: whatever was kept before, the time reads

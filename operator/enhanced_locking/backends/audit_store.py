@@ -74,7 +74,7 @@ PRUNE_EVERY = 500
 
 _T = TypeVar("_T")
 
-_last_encoded: tuple[AuditEntry | None, str, str, str | None] = (None, "", "", None)
+_last_encoded: tuple[AuditEntry | None, str, str | None] = (None, "", None)
 
 
 def entry_json(entry: AuditEntry) -> str:
@@ -95,10 +95,10 @@ def _encoded(entry: AuditEntry) -> tuple[str, str | None]:
     for a time not in UTC): the store's ``time`` column is the same text with isoformat's
     ``+00:00`` for the ``Z``, so an entry's time is written out once."""
     global _last_encoded
-    fields = entry.__dict__  # not through the model's attribute hook: fifteen reads
-    last, last_id, text, time_text = _last_encoded
-    if last is entry and last_id is fields["id"]:  # the Redis store encodes before its id
+    last, text, time_text = _last_encoded
+    if last is entry:
         return text, time_text
+    fields = entry.__dict__  # not through the model's attribute hook: fifteen reads
     time = fields["time"]
     if time.tzinfo is not UTC:
         text, time_text = entry.model_dump_json(by_alias=True), None
@@ -112,7 +112,7 @@ def _encoded(entry: AuditEntry) -> tuple[str, str | None]:
             "reason": fields["reason"], "peer": fields["peer"],
             "requestId": fields["request_id"],
         }).decode()
-    _last_encoded = (entry, fields["id"], text, time_text)
+    _last_encoded = (entry, text, time_text)
     return text, time_text
 
 
@@ -197,12 +197,7 @@ class AuditStore(Protocol):
         """Entries appended and not written yet (a store that writes behind)."""
         ...
 
-    async def append(self, entry: AuditEntry) -> AuditEntry:
-        """Store ``entry`` and answer it with the id the store gave it. The store takes the
-        entry over: the id is written into it (``AuditEntry.given_id``, not a second entry
-        built), so it must be one nothing else holds (the trail builds one per row) and the
-        caller goes on with the entry answered."""
-        ...
+    async def append(self, entry: AuditEntry) -> AuditEntry: ...
 
     async def read(self, query: AuditQuery) -> list[AuditEntry]: ...
 
@@ -299,7 +294,7 @@ class SqliteAuditStore:
         if self._next_id > self._last_id:
             self._reserve()
         row_id, self._next_id = self._next_id, self._next_id + 1
-        stored = entry.given_id(str(row_id))
+        stored = entry.with_id(str(row_id))
         if len(self._rows) >= self.capacity:
             self._rows.popleft()
             if self._refused is not None and self.dropped == self._refused[1]:
@@ -490,7 +485,7 @@ class RedisAuditStore:
         self._appended += 1
         if self._appended % PRUNE_EVERY == 1:
             await self._call("write", self._prune)
-        return entry.given_id(str(entry_id))
+        return entry.with_id(str(entry_id))
 
     async def read(self, query: AuditQuery) -> list[AuditEntry]:
         return await self._call("read", lambda: self._read(query))
@@ -566,7 +561,7 @@ class EtcdAuditStore:
 
     async def append(self, entry: AuditEntry) -> AuditEntry:
         self._last = max(_micros(entry.time), self._last + 1)
-        stored = entry.given_id(f"{self._last:016d}-{secrets.token_hex(4)}")
+        stored = entry.with_id(f"{self._last:016d}-{secrets.token_hex(4)}")
         self._outbox.put((self._prefix + stored.id.encode(),
                           entry_json(stored).encode()))
         return stored
@@ -658,7 +653,7 @@ class MemoryAuditStore:
         self._next = 1
 
     async def append(self, entry: AuditEntry) -> AuditEntry:
-        stored = entry.given_id(str(self._next))
+        stored = entry.with_id(str(self._next))
         self._next += 1
         self._entries.append(stored)
         cutoff = utcnow() - self._retention.max_age
