@@ -17,7 +17,7 @@ counted; the table gives how many were granted and the slowest. Run it ``--runs`
 round of the balanced channel and the elections differ from run to run). It prints the
 table; the numbers in docs/09-etcd.md come from it.
 
-Usage: python bench/etcd_frozen.py [--runs 2] [--hold 15]
+Usage: python bench/etcd_frozen.py [--runs 2] [--hold 15] (``make bench``: one run, 5 s)
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench._common import quick_defaults  # noqa: E402
 from tests.support.etcd_server import EtcdCluster, EtcdMember, frozen  # noqa: E402
 
 from enhanced_locking.backends.etcd_connection import EtcdConnection, EtcdSettings  # noqa: E402
@@ -202,6 +203,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--hold", type=float, default=15.0,
                         help="seconds a member stays frozen under a waiter")
+    quick_defaults(parser, runs=1, hold=5.0)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         cluster = EtcdCluster(Path(tmp) / "etcd", members_count=3, fsync=False).start()
