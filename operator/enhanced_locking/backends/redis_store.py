@@ -19,7 +19,7 @@ import asyncio
 import json
 import logging
 import secrets
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -31,7 +31,6 @@ from enhanced_locking import policies
 from enhanced_locking.backends import codec, redis_replies, redis_scripts
 from enhanced_locking.backends.base import Owner
 from enhanced_locking.backends.redis_connection import (
-    COMMAND_TIMEOUT,
     DOWN,
     RedisConnection,
     connect,
@@ -39,6 +38,7 @@ from enhanced_locking.backends.redis_connection import (
     is_retryable,
     resp_body,
     unavailable,
+    within_limit,
     wrong_type,
 )
 from enhanced_locking.backends.redis_notify import Listener
@@ -209,42 +209,6 @@ class RedisKeys:
         return f"{self.base}notify:{replica_id}"
 
 
-def _expire(task: asyncio.Task[Any], expired: list[bool]) -> None:
-    expired.append(True)
-    task.cancel()
-
-
-async def _limited(call: Coroutine[Any, Any, Any]) -> Any:
-    """``await call`` within ``COMMAND_TIMEOUT``, else ``TimeoutError``: what
-    ``asyncio.timeout`` does (a timer on the loop cancels the task; that cancellation, and
-    only that one, comes out as ``TimeoutError``; a caller's own stays a cancellation), with
-    a plain timer handle instead of its ``Timeout`` object and states: about 17k client
-    instructions a call instead of 35k (2,000 of each around ``asyncio.sleep(0)``, less the
-    loop without them); every call of the scripts takes one."""
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    assert task is not None
-    expired: list[bool] = []
-    limit = loop.call_at(loop.time() + COMMAND_TIMEOUT, _expire, task, expired)
-    cancelling = task.cancelling()
-    try:
-        answer = await call
-    except asyncio.CancelledError as error:
-        limit.cancel()
-        if expired and task.uncancel() <= cancelling:
-            raise TimeoutError from error
-        raise
-    except BaseException:
-        limit.cancel()
-        if expired:  # (its cancellation is taken back, as asyncio.timeout does)
-            task.uncancel()
-        raise
-    limit.cancel()
-    if expired:
-        task.uncancel()
-    return answer
-
-
 def _function_missing(error: rexc.ResponseError) -> bool:
     """Redis does not have the function called (it lost its library, or never had it)."""
     return str(error).startswith("Function not found")
@@ -375,7 +339,7 @@ class RedisBackend:
                     else:
                         call = execute("FCALL", function, len(declared), *declared, *before,
                                        *after, *args)
-                    answer = await _limited(call)
+                    answer = await within_limit(call)
                 except DOWN as error:
                     if retried or not is_retryable(error):
                         raise down(self.connection, action, error, key=key) from None
