@@ -436,6 +436,29 @@ async def test_the_embedded_trail_is_written_behind_and_a_read_sees_every_entry_
         await store.close()
 
 
+def test_a_timer_left_on_a_closed_loop_holds_back_no_entry_of_the_next_loop(
+    tmp_path: Path,
+) -> None:
+    """The store's timer waits on the loop that appended; an entry appended on another loop
+    after that one closed with the timer still waiting is written within its window all the
+    same, with the entry left waiting (the store asks for the running loop again once the
+    timer's loop no longer runs)."""
+    path = tmp_path / "trail.db"
+    store = SqliteAuditStore(path, Retention(timedelta(days=1), 1000))
+
+    async def next_loop() -> list[int]:
+        await store.append(entry(2))
+        await asyncio.sleep(store.coalesce * 5)
+        return _pulls_in_file(path)
+
+    try:
+        asyncio.run(store.append(entry(1)))  # its loop closes, the timer waiting on it
+        assert _pulls_in_file(path) == []
+        assert asyncio.run(next_loop()) == [1, 2]
+    finally:
+        asyncio.run(store.close())
+
+
 async def test_a_batch_of_any_size_reaches_the_file_whole_in_order_each_row_its_own_entry(
     tmp_path: Path,
 ) -> None:

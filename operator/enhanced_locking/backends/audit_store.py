@@ -314,9 +314,16 @@ class SqliteAuditStore:
         return stored
 
     def _schedule(self, delay: float) -> None:
+        # A timer waiting on a loop that runs is the appending loop's (a store is used from
+        # one loop at a time): nothing to ask. Asking for the running loop costs a system call
+        # (Python 3.11 compares the process id on every call, its check for a fork), one per
+        # entry, where a timer is made once per window.
+        waiting_on = self._timer_loop
+        if self._timer is not None and waiting_on is not None and waiting_on.is_running():
+            return
         loop = asyncio.get_running_loop()
         # A timer of a loop that is gone (a test's loop, say) never fires: one on this loop.
-        if self._timer is None or self._timer_loop is not loop or loop.is_closed():
+        if self._timer is None or waiting_on is not loop or loop.is_closed():
             self._timer, self._timer_loop = loop.call_later(delay, self._flush), loop
 
     def _flush(self) -> None:
