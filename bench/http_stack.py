@@ -47,9 +47,16 @@ for the Python line that called it; a signal is taken at the next bytecode bound
 call's time can land on the function entered just after it (pydantic's validators), which the
 areas absorb. Printed, not written.
 
+Garbage collection per pair (``--collections``): the no-op and the product, each served with
+a callback on the collector (``gc.callbacks``) that counts the collections of each generation
+and the thread CPU time they take; over ``--pairs`` pairs after the same steady-state warm-up
+(and 500 pairs more of ``--clients`` clients), printed per 1,000 pairs and as microseconds a
+pair, beside the block's CPU per pair. Printed, not written.
+
 Usage: python bench/http_stack.py [--pairs 1500] [--rounds 3] [--handoffs 200] [--no-write]
        python bench/http_stack.py --steps 200
        python bench/http_stack.py --sample --pairs 8000 [--clients 32]
+       python bench/http_stack.py --collections --pairs 3000 [--clients 32]
        python bench/http_stack.py --count product --pairs 200 [--clients 1] [--profile FILE]
                                   [--audit-window 0.4]
 """
@@ -58,6 +65,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import inspect
 import json
 import os
@@ -125,11 +133,14 @@ def noop_app() -> FastAPI:
 
 
 def serve(kind: str, port: int, loop: str, http: str, data_dir: str,
-          audit_window: float | None = None, sample_out: str | None = None) -> None:
+          audit_window: float | None = None, sample_out: str | None = None,
+          collections_out: str | None = None) -> None:
     import uvicorn
 
     if sample_out is not None:
         _sample_cpu(Path(sample_out))
+    if collections_out is not None:
+        _count_collections(Path(collections_out))
 
     from enhanced_locking.api import server as server_limits
     from enhanced_locking.config import EnhancedLockingConfig
@@ -607,6 +618,74 @@ def sample_report(pairs: int, clients: int) -> str:
     return "\n".join(lines)
 
 
+# --- garbage collection per pair (``--collections``) ----------------------------------------
+
+
+def _count_collections(out: Path) -> None:
+    """Count this process's garbage collections and their thread CPU time, per generation;
+    SIGUSR2 starts the count afresh, SIGUSR1 writes it to ``out`` (JSON: ``count`` and
+    ``seconds``, each a list by generation)."""
+    count = [0, 0, 0]
+    seconds = [0.0, 0.0, 0.0]
+    began = [0.0]
+
+    def heard(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            began[0] = time.thread_time()
+            return
+        generation = info["generation"]
+        count[generation] += 1
+        seconds[generation] += time.thread_time() - began[0]
+
+    def clear(signum: int, frame: Any) -> None:
+        count[:] = [0, 0, 0]
+        seconds[:] = [0.0, 0.0, 0.0]
+
+    def write(signum: int, frame: Any) -> None:
+        part = out.with_suffix(".part")
+        part.write_text(json.dumps({"count": count, "seconds": seconds}))
+        part.replace(out)  # whole once it is there
+
+    gc.callbacks.append(heard)
+    signal.signal(signal.SIGUSR2, clear)
+    signal.signal(signal.SIGUSR1, write)
+
+
+def collections_of(kind: str, pairs: int, clients: int) -> tuple[dict[str, Any], float]:
+    """The collections of one server of ``kind`` over ``pairs`` pairs (after the steady-state
+    warm-up), and the block's CPU per pair."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "collections"
+        with server(kind, "asyncio", "httptools", Path(tmp),
+                    options=("--collections-out", str(out))) as served:
+            asyncio.run(pairs_per_second(kind, served, 32, STEADY_PAIRS))
+            asyncio.run(pairs_per_second(kind, served, clients, 500))
+            os.kill(served.pid, signal.SIGUSR2)
+            block = asyncio.run(pairs_per_second(kind, served, clients, pairs))
+            os.kill(served.pid, signal.SIGUSR1)
+            deadline = time.monotonic() + 10
+            while not out.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            found: dict[str, Any] = json.loads(out.read_text())
+    return found, block.cpu
+
+
+def collections_report(pairs: int, clients: int) -> str:
+    """The no-op's and the product's collections per 1,000 pairs and their time, as a table."""
+    lines = [f"{pairs} pairs, {clients} client{'s' if clients > 1 else ''}, asyncio + "
+             f"httptools, after the event ring is full, load average "
+             f"{os.getloadavg()[0]:.1f}: garbage collections per 1,000 pairs by generation "
+             "and their CPU time", "",
+             "| server | young | middle | full | collections µs/pair | CPU µs/pair |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for kind, label in (("noop", "no-op"), ("product", "lock API")):
+        found, cpu = collections_of(kind, pairs, clients)
+        young, middle, full = (n * 1000 / pairs for n in found["count"])
+        lines.append(f"| {label} | {young:.2f} | {middle:.2f} | {full:.2f} | "
+                     f"{sum(found['seconds']) * 1e6 / pairs:.1f} | {cpu * 1e6:,.0f} |")
+    return "\n".join(lines)
+
+
 # --- SQL per pair ----------------------------------------------------------------------------
 
 
@@ -792,7 +871,11 @@ def main() -> None:
     parser.add_argument("--sample", action="store_true",
                         help="only sample where each server's CPU time goes, by area "
                              "(see the module's docstring)")
-    parser.add_argument("--clients", type=int, default=1, help="with --count or --sample")
+    parser.add_argument("--collections", action="store_true",
+                        help="only count each server's garbage collections per pair "
+                             "(see the module's docstring)")
+    parser.add_argument("--clients", type=int, default=1,
+                        help="with --count, --sample or --collections")
     parser.add_argument("--profile", type=Path, help="with --count: keep callgrind's profile")
     parser.add_argument("--audit-window", type=float, metavar="SECONDS",
                         help="with --count: the product's audit write-behind window (0.4: "
@@ -803,11 +886,15 @@ def main() -> None:
     parser.add_argument("--http", default="h11", help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", help=argparse.SUPPRESS)
     parser.add_argument("--sample-out", help=argparse.SUPPRESS)
+    parser.add_argument("--collections-out", help=argparse.SUPPRESS)
     quick_defaults(parser, pairs=640, rounds=2, handoffs=50)
     args = parser.parse_args()
     if args.serve:
         serve(args.serve, args.port, args.loop, args.http, args.data_dir, args.audit_window,
-              args.sample_out)
+              args.sample_out, args.collections_out)
+        return
+    if args.collections:
+        print(collections_report(args.pairs, args.clients))
         return
     if args.sample:
         print(sample_report(args.pairs, args.clients))
