@@ -580,13 +580,15 @@ def area_of(stack: str) -> str:
     return "other"
 
 
-def sample_areas(kind: str, pairs: int, clients: int) -> tuple[dict[str, float], float]:
-    """Microseconds of server CPU per pair by area over ``pairs`` pairs (after a warm-up), and
-    the block's CPU per pair."""
+def observed_block(kind: str, pairs: int, clients: int, option: str) -> tuple[str, Block]:
+    """One block of ``pairs`` pairs of ``clients`` clients on a server of ``kind`` run with
+    ``option`` (``--sample-out`` or ``--collections-out``: a recorder that SIGUSR2 starts
+    afresh and SIGUSR1 writes to the file the option names), after the steady-state warm-up
+    and 500 pairs more: what the recorder wrote over the block, and the block."""
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "samples"
+        out = Path(tmp) / "recorded"
         with server(kind, "asyncio", "httptools", Path(tmp),
-                    options=("--sample-out", str(out))) as served:
+                    options=(option, str(out))) as served:
             asyncio.run(pairs_per_second(kind, served, 32, STEADY_PAIRS))
             asyncio.run(pairs_per_second(kind, served, clients, 500))
             os.kill(served.pid, signal.SIGUSR2)
@@ -595,7 +597,13 @@ def sample_areas(kind: str, pairs: int, clients: int) -> tuple[dict[str, float],
             deadline = time.monotonic() + 10
             while not out.exists() and time.monotonic() < deadline:
                 time.sleep(0.05)
-            text = out.read_text()
+            return out.read_text(), block
+
+
+def sample_areas(kind: str, pairs: int, clients: int) -> tuple[dict[str, float], float]:
+    """Microseconds of server CPU per pair by area over ``pairs`` pairs (after a warm-up), and
+    the block's CPU per pair."""
+    text, block = observed_block(kind, pairs, clients, "--sample-out")
     found: Counter[str] = Counter()
     for line in text.splitlines():
         stack, count = line.rsplit("\t", 1)
@@ -654,19 +662,8 @@ def _count_collections(out: Path) -> None:
 def collections_of(kind: str, pairs: int, clients: int) -> tuple[dict[str, Any], float]:
     """The collections of one server of ``kind`` over ``pairs`` pairs (after the steady-state
     warm-up), and the block's CPU per pair."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "collections"
-        with server(kind, "asyncio", "httptools", Path(tmp),
-                    options=("--collections-out", str(out))) as served:
-            asyncio.run(pairs_per_second(kind, served, 32, STEADY_PAIRS))
-            asyncio.run(pairs_per_second(kind, served, clients, 500))
-            os.kill(served.pid, signal.SIGUSR2)
-            block = asyncio.run(pairs_per_second(kind, served, clients, pairs))
-            os.kill(served.pid, signal.SIGUSR1)
-            deadline = time.monotonic() + 10
-            while not out.exists() and time.monotonic() < deadline:
-                time.sleep(0.05)
-            found: dict[str, Any] = json.loads(out.read_text())
+    text, block = observed_block(kind, pairs, clients, "--collections-out")
+    found: dict[str, Any] = json.loads(text)
     return found, block.cpu
 
 
