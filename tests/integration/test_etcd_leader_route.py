@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
@@ -36,7 +38,7 @@ from typing import Any
 import grpc
 import pytest
 from etcd3aio._protobuf import TxnRequest
-from tests.support.etcd_fixtures import auth_on, started
+from tests.support.etcd_fixtures import auth_on, grant, started
 from tests.support.etcd_server import EtcdCluster, EtcdMember, frozen
 from tests.support.locks import candidate_for, request_for
 
@@ -45,11 +47,12 @@ from enhanced_locking.backends.etcd_connection import (
     CALL_TIMEOUT,
     DOWN,
     ROUTE_TIMEOUT,
+    WATCH_CHECK,
     EtcdConnection,
     EtcdSettings,
 )
-from enhanced_locking.backends.etcd_store import NOTICE_CHECK, SESSION_TTL, EtcdBackend
-from enhanced_locking.backends.waiting import QueuePolicy, Status
+from enhanced_locking.backends.etcd_store import SESSION_TTL, EtcdBackend
+from enhanced_locking.backends.waiting import QueuePolicy, Status, Wait
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.events import EventBus
 from enhanced_locking.locking import EnhancedLocker
@@ -526,10 +529,74 @@ async def test_with_any_member_frozen_a_waiter_keeps_its_session_and_is_served(
                 await asyncio.sleep(0.6 * SESSION_TTL)
                 assert not waiter.done(), waiter.result()
                 await released(holder, key, 1)
-                served = await asyncio.wait_for(waiter, NOTICE_CHECK + CALL_TIMEOUT)
+                served = await asyncio.wait_for(waiter, WATCH_CHECK + CALL_TIMEOUT)
                 assert served.acquired and served.lock is not None, served
                 assert served.lock.pull.num == 2
                 assert other.session_lease == session
             await released(waiting, key, 2)
     finally:
         await other.close()
+
+
+HOLDER_TTL = timedelta(seconds=2)
+"""The lock of a replica that is gone: etcd deletes it at its lease's end."""
+
+
+async def test_with_any_member_frozen_a_waiter_whose_holders_replica_is_gone_is_served(
+    three: EtcdCluster, backend: EtcdBackend, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The holder's replica is gone (``backend`` grants a lock with a TTL, and nothing expires
+    # it: no locker's timer): etcd deletes the lock at its lease's end, and the waiter's
+    # replica serves the key. It heard of the delete through a watch alone, one stream to one
+    # member: frozen, that member brought nothing and the waiter waited for the thaw. Each
+    # member is frozen in turn, for longer than the lease's end (a second or two after the
+    # lock's; a leader change renews every lease, its TTL and an election more) plus a check
+    # of the waiters' keys and a call: the waiter is granted within that.
+    other = EtcdBackend(EtcdConnection(EtcdSettings(endpoints=tuple(three.endpoints))),
+                        prefix="/route/")
+    caplog.set_level(logging.WARNING, logger="enhanced_locking.backends.etcd_store")
+    ttl = HOLDER_TTL.total_seconds()
+    lease_gone = ttl + 2 + (ttl + 2 + 2)
+    try:
+        leader = await on_the_route(three, backend)
+        for n, member in enumerate(sorted(three.members, key=lambda m: m is leader)):
+            key = request_for(path=f"gone{n}").key
+            await grant(backend, candidate_for(request_for(pull=1, path=f"gone{n}")),
+                        ttl=HOLDER_TTL)
+            offer = Wait(id=secrets.token_hex(8), timeout=timedelta(seconds=90))
+            told = other.grants.expect(offer.id)
+            queued = await other.acquire_or_enqueue(
+                candidate_for(request_for(pull=2, path=f"gone{n}")), ttl=None, wait=offer,
+                policy=QueuePolicy())
+            assert queued.status is Status.QUEUED, queued
+            served = other.served_unheard
+            with frozen(member):
+                notice = await asyncio.wait_for(told, lease_gone + WATCH_CHECK + CALL_TIMEOUT)
+                assert [lock.pull.num for lock in notice.locks] == [2], notice
+                if other.served_unheard > served:
+                    # The read served the key (the watch had not): by the next read the
+                    # watch, still behind, is started again.
+                    deadline = time.monotonic() + 2 * WATCH_CHECK + CALL_TIMEOUT
+                    while time.monotonic() < deadline:
+                        if started_again(caplog):
+                            break
+                        await asyncio.sleep(0.1)
+            other.grants.forget(offer.id)
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    await other.release_and_handoff(key, owner=("acme/infra", 2))
+                    break
+                except BackendUnavailable:
+                    assert time.monotonic() < deadline, "the release never went through"
+                    await asyncio.sleep(0.1)
+        # The member whose stream carried the watch was frozen once: the read served its
+        # key, and the watch was started again.
+        assert other.served_unheard >= 1
+        assert started_again(caplog)
+    finally:
+        await other.close()
+
+
+def started_again(caplog: pytest.LogCaptureFixture) -> bool:
+    return any("lock deletions is behind" in r.getMessage() for r in caplog.records)

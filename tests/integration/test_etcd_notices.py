@@ -1,4 +1,4 @@
-"""What a waiter is told on etcd by the read of notices every ``NOTICE_CHECK`` seconds.
+"""What a waiter is told on etcd by the read of notices every ``WATCH_CHECK`` seconds.
 
 A waiting replica hears of its waiters' notices through a watch, and, for a watch whose
 member is frozen, reads the notices every 2 s. That read must tell a waiter only what is
@@ -24,13 +24,14 @@ from tests.support.etcd_fixtures import etcd_config, grant
 from tests.support.etcd_server import EtcdCluster
 from tests.support.locks import candidate_for, request_for
 
-from enhanced_locking.backends.etcd_store import _KV, NOTICE_CHECK, EtcdBackend
+from enhanced_locking.backends.etcd_connection import WATCH_CHECK
+from enhanced_locking.backends.etcd_store import _KV, EtcdBackend
 from enhanced_locking.backends.waiting import Notice, Status, Wait
 from enhanced_locking.types import Candidate
 
 pytestmark = [pytest.mark.etcd, pytest.mark.timeout(90)]
 
-CHECKS = 2 * NOTICE_CHECK + 1
+CHECKS = 2 * WATCH_CHECK + 1
 """Long enough for two reads of the notices."""
 
 
@@ -47,9 +48,9 @@ def retried_offer() -> Wait:
 
 class SlowWatch(EtcdBackend):
     """A replica whose watch of notices hands each one on ``LAG`` seconds late (its read
-    every ``NOTICE_CHECK`` seconds finds most notices first)."""
+    every ``WATCH_CHECK`` seconds finds most notices first)."""
 
-    LAG = 0.9 * NOTICE_CHECK
+    LAG = 0.9 * WATCH_CHECK
 
     async def _watch_prefix(self, client: etcd3aio.Etcd3Client, prefix: bytes, start: int,
                             handle: Callable[[bytes, _KV, _KV], None],
@@ -138,7 +139,7 @@ async def test_a_notice_that_cannot_be_read_is_skipped_and_the_next_one_delivere
         await asyncio.sleep(CHECKS)  # the read has met it
         # Granted by the other replica: this one hears of it only through the watch or read.
         await b.release_and_handoff(holder.key, owner=holder.owner, policy=POLICY)
-        notice = await asyncio.wait_for(told, NOTICE_CHECK + 5)
+        notice = await asyncio.wait_for(told, WATCH_CHECK + 5)
     assert [lock.pull.num for lock in notice.locks] == [2]
     assert any("cannot be read" in r.getMessage() for r in caplog.records)
     assert not any(odd.id in r.getMessage() for r in caplog.records)  # no waiter's ids logged
@@ -159,11 +160,11 @@ async def test_a_watch_that_keeps_up_is_not_started_again(
                 told = await queue(a, want(pull), Wait(id=secrets.token_hex(8),
                                                        timeout=timedelta(seconds=60)))
                 await b.release_and_handoff(holder.key, owner=holder.owner, policy=POLICY)
-                notice = await asyncio.wait_for(told, NOTICE_CHECK + 5)
+                notice = await asyncio.wait_for(told, WATCH_CHECK + 5)
                 holder, = notice.locks
                 assert holder.pull.num == pull
                 # Rather some time after the release: the read may come before the watch.
-                await asyncio.sleep(NOTICE_CHECK * (pull % 3) / 3)
+                await asyncio.sleep(WATCH_CHECK * (pull % 3) / 3)
             await asyncio.sleep(CHECKS)
         assert not any("watching again" in r.getMessage() for r in caplog.records), caplog.text
     finally:

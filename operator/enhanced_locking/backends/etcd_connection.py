@@ -52,8 +52,9 @@ import grpc
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.types import BackendUnavailable
 
-__all__ = ["ATTEMPT_TIMEOUT", "CALL_TIMEOUT", "DOWN", "EtcdConnection", "EtcdSettings",
-           "Passenger", "TxnCall", "leader_first", "unavailable", "unreachable"]
+__all__ = ["ATTEMPT_TIMEOUT", "CALL_TIMEOUT", "DOWN", "WATCH_CHECK", "EtcdConnection",
+           "EtcdSettings", "Passenger", "TxnCall", "kv_calls", "leader_first", "unavailable",
+           "unreachable"]
 
 CALL_TIMEOUT = 5.0
 """Seconds one call may take, retries included (an election takes about one second)."""
@@ -74,6 +75,12 @@ dropped, a read is sent again on the balanced channel and a write's step runs ag
 elects a new leader within about its election timeout, one second by default). Longer than
 a read's attempt on the balanced channel: by then a new leader is elected, and two attempts
 there still fit in the call's time, the second on another member than the first."""
+WATCH_CHECK = 2.0
+"""Seconds between the reads that back a watch (a watch is one stream to one member, and a
+frozen member sends nothing while its stream stays open): the waiters' notices and the keys
+they wait on (``EtcdBackend._follow``, ``EtcdBackend._unserved``), the events key
+(``EtcdEventBus._checked``). What such a read finds that its watch has not brought by the
+next one starts the watch again."""
 CLOSED = "the connection was closed"
 """The details of the ``CANCELLED`` error a call under way gets when its connection closes."""
 AGAIN_PAUSE = 0.1
@@ -433,10 +440,25 @@ class EtcdConnection:
         client = self._client
         if client is not None and client.kv is not None:
             token = client.kv._metadata
-            for service in (member.kv, member.lease):
+            for service in (member.kv, member.lease, member.watch):
                 if service is not None:
                     service._metadata = token
         return member
+
+    async def watcher(self, turn: int) -> etcd3aio.Etcd3Client:
+        """The client a watch started again for the ``turn``-th time (1, 2, ...) goes
+        through, because it was behind (its member may be frozen): the endpoints' member
+        ``turn`` (counting round them), with the current auth token; with one endpoint, the
+        balanced client. Not the balanced channel: its round gives a watch the member it
+        gives it, and a watch started again after the same number of other calls (a check's
+        reads) went to the same frozen member each time. Taken in turn, the members reach one
+        that answers within two turns while two of three do."""
+        client = await self.client()
+        if not self.several_members:
+            return client
+        async with unavailable(self, "connect"):
+            member = await self._member(self._targets[turn % len(self._targets)])
+        return self.carrier(member)
 
     def _unroute(self) -> None:
         if self._client is not None:
@@ -565,6 +587,14 @@ def _refused(error: BaseException) -> bool:
     return (isinstance(error, etcd3aio.EtcdConnectionError)
             or (isinstance(error, grpc.aio.AioRpcError)
                 and error.code() is grpc.StatusCode.UNAVAILABLE))
+
+
+def kv_calls(client: etcd3aio.Etcd3Client) -> Any:
+    """The client's key-value calls; a client not connected (closed meanwhile) fails as a call
+    that cannot reach etcd does (``EtcdConnectionError``: the caller's ``unavailable``)."""
+    if client.kv is None:
+        raise etcd3aio.EtcdConnectionError("the client is not connected")
+    return client.kv
 
 
 async def leader_first(connection: EtcdConnection,

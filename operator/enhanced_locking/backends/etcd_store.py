@@ -42,7 +42,7 @@ entries never share a prefix with another key's):
   transaction as the grant, attached to the waiter's session lease. The waiting replica hears
   of it through a watch, and deletes it once its caller is done (one written after its caller
   left is kept for a retry of the same ID, and deleted when that retry is queued again);
-  while it has waiters it also reads the notices every ``NOTICE_CHECK`` seconds, for a watch
+  while it has waiters it also reads the notices every ``WATCH_CHECK`` seconds, for a watch
   whose member is frozen. A waiter is told only a notice newer than its own queueing.
 
 **Fencing token = the etcd revision of the grant** (plus the key's floor): every grant is a
@@ -88,9 +88,11 @@ from enhanced_locking.backends.base import Owner, StoreBackend, _Effects
 from enhanced_locking.backends.etcd_connection import (
     CALL_TIMEOUT,
     DOWN,
+    WATCH_CHECK,
     EtcdConnection,
     EtcdSettings,
     Passenger,
+    kv_calls,
     leader_first,
     unavailable,
     unreachable,
@@ -126,14 +128,14 @@ T = TypeVar("T")
 
 SESSION_TTL = 10
 """Seconds a replica's waiters outlive it (its session lease, renewed every third of it)."""
-NOTICE_CHECK = 2.0
-"""Seconds between reads of the waiters' notices while this replica has waiters: the delay, at
-most, of a notice whose watch is served by a frozen member (``_follow``)."""
 DELETIONS_LINGER = 5.0
-"""Seconds between checks whether this replica still has waiters (``_watch_deletions``):
-a replica whose waiters come and go keeps its watch."""
+"""Seconds the watch of lock deletions outlives this replica's last waiter
+(``_watch_deletions``): a replica whose waiters come and go keeps its watch."""
 
 _ATTEMPTS = 200
+_FREE_PER_READ = 60
+"""Keys a read of the waiting keys covers (two operations each: etcd takes 128 in one
+transaction by default)."""
 _EQUAL, _LESS, _MOD = Compare.EQUAL, Compare.LESS, Compare.MOD
 _SKEW = timedelta(seconds=1)
 """How far apart replicas' clocks may be for a deleted lock to count as lapsed (etcd ends a
@@ -463,6 +465,8 @@ class _Notifier:
         it is for this waiter (``EtcdBackend._heard``)."""
         self.early: dict[str, _KV] = {}
         """A notice brought before its waiter's queueing answered (kept until then)."""
+        self.keys: dict[str, tuple[str, ...]] = {}
+        """Per waiter waiting here, the keys it is queued on (``EtcdBackend._unserved``)."""
 
     def expect(self, waiter_id: str) -> asyncio.Future[Notice]:
         return self.local.expect(waiter_id)
@@ -471,6 +475,7 @@ class _Notifier:
         self.local.forget(waiter_id)
         self.queued_at.pop(waiter_id, None)
         self.early.pop(waiter_id, None)
+        self.keys.pop(waiter_id, None)
         self._b.tidy(waiter_id)
 
     def deliver(self, waiter_id: str, notice: Notice) -> None:
@@ -531,6 +536,9 @@ class EtcdBackend(StoreBackend):
         """Steps run again because what this replica knew of their keys was out of date."""
         self.late_grants = 0
         """Grants refused because their answer came after the lock's end (``ran_out``)."""
+        self.served_unheard = 0
+        """Keys the read of the waiting keys served: a lock etcd deleted that the watch of
+        deletions had not served (``_unserved``; for the tests)."""
         self._known = _Known()
         self._names: dict[str, _Names] = {}
         self._decoded: dict[tuple[str, bytes], Lock] = {}
@@ -1243,7 +1251,7 @@ class EtcdBackend(StoreBackend):
         return await leader_first(self.connection, once)
 
     async def _follow(self, client: etcd3aio.Etcd3Client, start: int) -> None:
-        """Notices for this replica's waiters: watched, and read every ``NOTICE_CHECK``
+        """Notices for this replica's waiters: watched, and read every ``WATCH_CHECK``
         seconds while there are waiters here (:meth:`_missed`).
 
         A watch is one stream to one member, given by the balanced channel's round. Frozen
@@ -1252,13 +1260,14 @@ class EtcdBackend(StoreBackend):
         15 s, a member of three frozen). The read is sent as reads are (another member
         answers it); a notice it finds that the watch has not brought is delivered, and
         when the watch has still not brought it by the next read, the watch is started
-        again, which the round gives to another member."""
+        again, on the members in turn (``EtcdConnection.watcher``)."""
         notices = self.base + b"notice/"
 
         def heard(key: bytes, kv: _KV, prev: _KV) -> None:
             self._notices_watched = max(self._notices_watched, kv.mod)
             self._heard(key[len(notices):].decode(), kv)
 
+        turn = 0
         while True:
             self._notices_watched = 0
             watch = asyncio.ensure_future(self._watch_prefix(
@@ -1272,11 +1281,12 @@ class EtcdBackend(StoreBackend):
             log.warning("etcd %s: the watch of this replica's notices is behind (its member "
                         "may be frozen); watching again from revision %d",
                         self.connection.where, start)
+            turn += 1
             with contextlib.suppress(BackendUnavailable):
-                client = await self.connection.client()  # (else the same client again)
+                client = await self.connection.watcher(turn)  # (else the same client again)
 
     async def _missed(self, notices: bytes) -> int:
-        """Every ``NOTICE_CHECK`` seconds while this replica has waiters, read the notices
+        """Every ``WATCH_CHECK`` seconds while this replica has waiters, read the notices
         and deliver those the watch has not (which notices are a waiter's: :meth:`_heard`).
 
         Returns the revision to watch from once the watch is behind: it has not brought, by
@@ -1288,7 +1298,7 @@ class EtcdBackend(StoreBackend):
         (:meth:`_heard`)."""
         behind = 0  # the newest notice the last read delivered (the watch had not brought it)
         while True:
-            await asyncio.sleep(NOTICE_CHECK)
+            await asyncio.sleep(WATCH_CHECK)
             pending = set(self._notifier.local.pending())
             for known in (self._notifier.queued_at, self._notifier.early):
                 for gone in [w for w in known if w not in pending]:
@@ -1298,7 +1308,7 @@ class EtcdBackend(StoreBackend):
             try:
                 async with unavailable(self.connection, "read of notices"):
                     answer = await leader_first(
-                        self.connection, lambda member, deadline: _kv_calls(member).get(
+                        self.connection, lambda member, deadline: kv_calls(member).get(
                             notices, _prefix_end(notices), timeout=deadline, max_attempts=1))
             except BackendUnavailable:
                 continue
@@ -1319,20 +1329,32 @@ class EtcdBackend(StoreBackend):
         are then served by a replica that sees the delete. Every waiter's own replica watches
         from before it was queued, so each waiting key is served; a replica without waiters
         has nobody to serve, and does not hear every release of the cluster (a watch event,
-        with the released lock, per release)."""
+        with the released lock, per release). The watch is backed by a read of the keys
+        its waiters wait on, every ``WATCH_CHECK`` seconds (:meth:`_unserved`)."""
         if self._deletions is None or self._deletions.done():
             self._deletions = asyncio.create_task(self._follow_deletions(start),
                                                   name="etcd-lock-deletions")
 
     async def _follow_deletions(self, start: int) -> None:
+        """The watch of lock deletions, started again when it is behind (:meth:`_unserved`),
+        until this replica has had no waiters for ``DELETIONS_LINGER`` seconds.
+
+        A watch is one stream to one member. Frozen (SIGSTOP), that member brought no delete
+        until it thawed, and a waiter whose holder's replica was gone waited as long: nothing
+        else served the key (the next step on it would have)."""
         locks = self.base + b"lock/"
+        heard: set[str] = set()
+        """Keys whose delete the watch brought since the last read (``_unserved``)."""
 
         def deleted(key: bytes, kv: _KV, prev: _KV) -> None:
+            name = unquote(key[len(locks):].decode())
+            if len(heard) < _Known.LIMIT:
+                heard.add(name)
             # A lock deleted while it still had time left was released by a replica, whose
             # step served the key: serving it again here was one more transaction per release
             # on every replica, racing the next acquire.
             if prev.lease and self._lapsed(prev):
-                self._spawn(self._serve(unquote(key[len(locks):].decode())))
+                self._spawn(self._serve(name))
 
         while True:
             try:
@@ -1340,20 +1362,101 @@ class EtcdBackend(StoreBackend):
                 break
             except BackendUnavailable:  # etcd is away: the watch starts once it is back
                 await asyncio.sleep(0.2)
-        watch = asyncio.ensure_future(self._watch_prefix(
-            client, locks, start, deleted, etcd3aio.WatchFilter.NOPUT))
-        try:
-            while True:
-                await asyncio.sleep(DELETIONS_LINGER)
-                if not self._notifier.local.pending():
-                    # Nobody waits here: stop now (a waiter queued from here on starts a
-                    # new watch from its own revision).
-                    self._deletions = None
-                    return
-        finally:
-            watch.cancel()
-            with contextlib.suppress(BaseException):
-                await watch
+        turn = 0
+        while True:
+            watch = asyncio.ensure_future(self._watch_prefix(
+                client, locks, start, deleted, etcd3aio.WatchFilter.NOPUT))
+            try:
+                again = await self._unserved(heard)
+            finally:
+                watch.cancel()
+                with contextlib.suppress(BaseException):
+                    await watch
+            if again is None:
+                # Nobody has waited here for a while: stop (a waiter queued from here on
+                # starts a new watch from its own revision).
+                self._deletions = None
+                return
+            start = again
+            log.warning("etcd %s: the watch of lock deletions is behind (its member may be "
+                        "frozen); watching again from revision %d", self.connection.where,
+                        start)
+            turn += 1
+            with contextlib.suppress(BackendUnavailable):
+                client = await self.connection.watcher(turn)  # (else the same client again)
+
+    async def _unserved(self, heard: set[str]) -> int | None:
+        """Every ``WATCH_CHECK`` seconds while this replica has waiters, read whether the keys
+        they wait on have a holder, and serve each one that has none (:meth:`_free_keys`).
+
+        A key with a waiter of ours and no holder is one whose lock etcd deleted (a release
+        hands the key on in its own step), or one whose waiters cannot be served yet (a
+        batch waiting for another key, a rule that refuses): the step that serves it is run
+        on fresh reads, so for the second kind it reads and writes nothing. A step that grants
+        something is a delete the watch did not serve. Returns the revision to watch from
+        once the watch is behind: by the next read, it still has not brought the delete of a
+        key the read before served (it was given two checks). ``None`` once this replica has
+        had no waiters for ``DELETIONS_LINGER`` seconds."""
+        behind: set[str] = set()  # keys the last read served (the watch had not)
+        earlier: set[str] = set()  # keys whose delete the watch brought the check before
+        revision = 0  # the last read's
+        idle = 0.0
+        while True:
+            await asyncio.sleep(WATCH_CHECK)
+            brought, earlier = earlier | heard, set(heard)
+            heard.clear()
+            if behind - brought:
+                return revision + 1
+            behind = set()
+            pending = set(self._notifier.local.pending())
+            for gone in [w for w in self._notifier.keys if w not in pending]:
+                del self._notifier.keys[gone]  # told, or its caller left
+            if not pending:
+                idle += WATCH_CHECK
+                if idle >= DELETIONS_LINGER:
+                    return None
+                continue
+            idle = 0.0
+            keys = sorted({k for ks in self._notifier.keys.values() for k in ks})
+            try:
+                revision, free = await self._free_keys(keys)
+            except BackendUnavailable:
+                continue
+            for key in free:
+                try:
+                    handoff = await self._atomic(
+                        functools.partial(StoreBackend.expire, self, key),
+                        keys=self._keys_of(key),
+                        prefixes=(self.queue_prefix(key), self.shared_prefix(key)), key=key)
+                except BackendUnavailable:
+                    continue
+                if handoff.granted:
+                    behind.add(key)
+                    self.served_unheard += 1
+
+    async def _free_keys(self, keys: list[str]) -> tuple[int, list[str]]:
+        """Of ``keys``, those with no holder (no lock, no shared holder), and the revision they
+        were read at (the oldest, when they took several reads): counts only, sent as reads
+        are (:func:`leader_first`: the leader first, else in attempts the balanced channel's
+        round gives to the next member), ``_FREE_PER_READ`` keys a read."""
+        revision, free = 0, []
+        for at in range(0, len(keys), _FREE_PER_READ):
+            chunk = keys[at:at + _FREE_PER_READ]
+            request = _TxnRequest()
+            for key in chunk:
+                names = self._named(key)
+                request.success.extend((_count_op(names.lock),
+                                        _count_op(names.shared, _prefix_end(names.shared))))
+            client = await self.connection.client()
+            try:
+                answer = await _txn_call(self.connection, client, request, read=True)
+            except DOWN as error:
+                raise unreachable(self.connection, "read of the waiting keys", error) from None
+            read_at = int(answer.header.revision)
+            revision = min(revision, read_at) if revision else read_at
+            counts = [int(response.response_range.count) for response in answer.responses]
+            free += [key for n, key in enumerate(chunk) if not counts[2 * n] + counts[2 * n + 1]]
+        return revision, free
 
     async def _watch_prefix(self, client: etcd3aio.Etcd3Client, prefix: bytes, start: int,
                             handle: Callable[[bytes, _KV, _KV], None],
@@ -1408,12 +1511,13 @@ class EtcdBackend(StoreBackend):
         self._notifier.deliver(waiter_id, notice)
         return True
 
-    def _queued_here(self, waiter_id: str, seq: int) -> None:
-        """``waiter_id``, whose caller waits here, was queued at revision ``seq``: only a
-        notice written after it is its answer, one already brought is delivered now. (A
-        revision not known, which a committed step does not leave, lets every notice in.)"""
+    def _queued_here(self, waiter_id: str, seq: int, keys: tuple[str, ...]) -> None:
+        """``waiter_id``, whose caller waits here, was queued on ``keys`` at revision ``seq``:
+        only a notice written after it is its answer, one already brought is delivered now.
+        (A revision not known, which a committed step does not leave, lets every notice in.)"""
         if not self._notifier.local.waits(waiter_id):
             return
+        self._notifier.keys[waiter_id] = keys
         self._notifier.queued_at[waiter_id] = seq if seq < _PENDING_SEQ else 0
         early = self._notifier.early.pop(waiter_id, None)
         if early is not None:
@@ -1514,7 +1618,7 @@ class EtcdBackend(StoreBackend):
 
     async def ping(self) -> None:
         async with unavailable(self.connection, "ping"):
-            await leader_first(self.connection, lambda member, deadline: _kv_calls(member).get(
+            await leader_first(self.connection, lambda member, deadline: kv_calls(member).get(
                 self.base + b"ping", timeout=deadline, max_attempts=1))
 
     async def close(self) -> None:
@@ -1553,7 +1657,7 @@ class EtcdBackend(StoreBackend):
             self._refuse_if_late(outcome.locks)
         elif outcome.status is Status.QUEUED and outcome.waiter is not None:
             seq = outcome.waiter.seq  # the revision that queued it
-            self._queued_here(outcome.waiter.id, seq)
+            self._queued_here(outcome.waiter.id, seq, outcome.waiter.keys)
             self._watch_deletions(seq if seq < _PENDING_SEQ else 0)
         return outcome
 
@@ -1663,6 +1767,14 @@ def _kv(kv: Any) -> _KV:
     return _KV(bytes(kv.value), int(kv.mod_revision), int(kv.create_revision), int(kv.lease))
 
 
+@functools.lru_cache(maxsize=1024)
+def _count_op(key: bytes, range_end: bytes | None = None) -> Any:
+    """A count of ``key`` (or of ``[key, range_end)``): no values read."""
+    op = etcd3aio.kv.KVService.txn_op_get(key, range_end=range_end)
+    op.request_range.count_only = True
+    return op
+
+
 @functools.lru_cache(maxsize=8192)
 def _get_op(key: bytes, range_end: bytes | None = None) -> Any:
     """A read of ``key`` (or of ``[key, range_end)``): the same message each time (a request
@@ -1698,13 +1810,6 @@ def _lease_calls(client: etcd3aio.Etcd3Client) -> Any:
     if client.lease is None:
         raise etcd3aio.EtcdConnectionError("the client is not connected")
     return client.lease
-
-
-def _kv_calls(client: etcd3aio.Etcd3Client) -> Any:
-    """The client's key-value calls (not connected: as :func:`_lease_calls`)."""
-    if client.kv is None:
-        raise etcd3aio.EtcdConnectionError("the client is not connected")
-    return client.kv
 
 
 def _txn_call(connection: EtcdConnection, client: etcd3aio.Etcd3Client,
