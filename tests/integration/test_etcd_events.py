@@ -5,19 +5,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from tests.support.etcd_fixtures import etcd_config
-from tests.support.etcd_server import EtcdCluster
+from tests.support.etcd_fixtures import etcd_config, started
+from tests.support.etcd_server import EtcdCluster, frozen
 from tests.support.following import followed
 from tests.support.locks import request_for
 from tests.support.service import ServiceProcess, services
 
-from enhanced_locking.backends.etcd_connection import EtcdConnection, EtcdSettings
+from enhanced_locking.backends.etcd_connection import (
+    CALL_TIMEOUT,
+    WATCH_CHECK,
+    EtcdConnection,
+    EtcdSettings,
+)
 from enhanced_locking.backends.etcd_events import EtcdEventBus
 from enhanced_locking.events import Gap, parse_event_id
 from enhanced_locking.factory import LockService
@@ -139,6 +145,51 @@ async def test_events_published_while_etcd_is_away_are_written_when_it_returns(
     finally:
         await bus.close()
         cluster.close()
+
+
+async def test_with_any_member_frozen_events_are_streamed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # What an SSE stream serves comes from one watch of the events key per replica, one
+    # stream to one member. Frozen (SIGSTOP: its connections stay open), that member sent
+    # nothing until it thawed, and every stream of the replica stood still as long, its own
+    # events included. Each member is frozen in turn while another replica writes an event:
+    # it is streamed within a write (which may wait the call's time on the frozen member
+    # first), two checks of the watch and a read; the watch is started again (once at least:
+    # the member carrying it was frozen once).
+    caplog.set_level(logging.WARNING, logger="enhanced_locking.backends.etcd_events")
+    with started(tmp_path / "etcd", members=3) as cluster:
+        reading = EtcdEventBus.from_config(etcd_config(cluster, "/frozen/"))
+        try:
+            stream = await followed(reading)
+            for n, member in enumerate(cluster.members):
+                # The writer talks to a member that answers (its put is not what is tested;
+                # with the leader frozen it waits for the election).
+                live = cluster.members[(n + 1) % len(cluster.members)]
+                writing = EtcdEventBus(EtcdConnection(EtcdSettings(endpoints=(live.endpoint,))),
+                                       key="/frozen/events")
+                try:
+                    with frozen(member):
+                        writing.publish("fallback", key=f"frozen{n}", action="legacy",
+                                        error="test")
+                        event = await asyncio.wait_for(
+                            keyed(stream, f"frozen{n}"),
+                            2 * CALL_TIMEOUT + 2 * WATCH_CHECK + CALL_TIMEOUT)
+                        assert event.type == "fallback" and event.details["action"] == "legacy"
+                finally:
+                    await writing.close()
+            assert any("events watch is behind" in r.getMessage() for r in caplog.records)
+        finally:
+            await reading.close()
+
+
+async def keyed(stream: AsyncIterator[Event], key: str) -> Event:
+    """The next event of ``stream`` about ``key`` (others may come first: a put the writer
+    sent again after its first attempt timed out may have been applied twice)."""
+    async for event in stream:
+        if event.key == key:
+            return event
+    raise AssertionError("the stream ended")
 
 
 # --- two serve processes on one etcd ----------------------------------------------------------

@@ -16,7 +16,9 @@ other buses use, so ``Last-Event-ID`` resumes on any replica: the watch starts a
   history into the in-process ring the SSE stream serves from: first the writes of the last
   ``lookback`` revisions (at most ``capacity`` events are kept), then live. A client whose
   ``Last-Event-ID`` is older than what was loaded, or older than etcd's compaction, gets the
-  ``gap`` event.
+  ``gap`` event. A read of the key every ``WATCH_CHECK`` seconds backs the watch (its one
+  member may be frozen): a write the watch has not brought by the next read starts it again,
+  on another member (``_checked``).
 * When etcd is unreachable the outbox keeps up to ``capacity`` events and writes them when etcd
   answers again (older ones are dropped and counted); the watch resumes at the revision after
   the last one it saw, so it misses nothing etcd still holds.
@@ -28,6 +30,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import etcd3aio
 import grpc
@@ -35,14 +38,17 @@ from pydantic import TypeAdapter, ValidationError
 
 from enhanced_locking.backends.etcd_connection import (
     CALL_TIMEOUT,
+    WATCH_CHECK,
     EtcdConnection,
     EtcdSettings,
+    kv_calls,
+    leader_first,
 )
 from enhanced_locking.backends.outbox import RETRY_FIRST, RETRY_MAX
 from enhanced_locking.backends.shared_events import SharedEventBus
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.events import parse_event_id
-from enhanced_locking.types import Event
+from enhanced_locking.types import BackendUnavailable, Event
 
 __all__ = ["EtcdEventBus"]
 
@@ -85,6 +91,9 @@ class EtcdEventBus(SharedEventBus):
         self._next = 0
         """The revision the watch (re)starts at: one past the last write it delivered."""
         self._compacted = False
+        self._answered = False
+        """Whether the current watch has answered (a watch that breaks later starts again
+        at once, one that never answered backs off)."""
 
     @classmethod
     def from_config(cls, config: EnhancedLockingConfig, *,
@@ -98,20 +107,25 @@ class EtcdEventBus(SharedEventBus):
         assert client.kv is not None
         await client.kv.put(self.key, _BATCH_JSON.dump_json(batch), timeout=CALL_TIMEOUT)
 
+    async def _get(self, **options: Any) -> Any:
+        """A read of the events key, sent as the store's reads are (:func:`leader_first`: on
+        the balanced channel in attempts of their own, so a frozen member costs an attempt,
+        not the call)."""
+        return await leader_first(self.connection, lambda member, deadline: kv_calls(
+            member).get(self.key, timeout=deadline, max_attempts=1, **options))
+
     async def _disconnect(self) -> None:
         await self.connection.close()
 
     # --- reading -----------------------------------------------------------------------------
     async def _begin(self, client: etcd3aio.Etcd3Client) -> int:
         """Where the first watch starts; the revision of the newest write to load (0: none)."""
-        assert client.kv is not None
-        answer = await client.kv.get(self.key, timeout=CALL_TIMEOUT)
+        answer = await self._get()
         revision = int(answer.header.revision)
         self._floor = self._next = max(1, revision - self.lookback + 1)
         newest = int(answer.kvs[0].mod_revision) if answer.kvs else 0
         try:  # is the start compacted away? then the watch's first word is the compaction
-            await client.kv.get(self.key, revision=self._next, count_only=True,
-                                timeout=CALL_TIMEOUT)
+            await self._get(revision=self._next, count_only=True)
         except (etcd3aio.EtcdError, grpc.RpcError) as error:
             if "compacted" not in str(error):
                 raise
@@ -121,46 +135,93 @@ class EtcdEventBus(SharedEventBus):
     async def _read(self) -> None:
         backoff = RETRY_FIRST
         newest = -1
+        turn = 0  # the watches started again because they were behind
         while True:
             try:
                 client = await self.connection.client()
                 if newest < 0:
                     newest = await self._begin(client)
-                assert client.watch is not None
-                async for answer in client.watch.watch(self.key, start_revision=self._next,
-                                                       filters=[etcd3aio.WatchFilter.NODELETE]):
-                    backoff = RETRY_FIRST
-                    if answer.compact_revision:
-                        # What the watch asked for is gone: resume at the oldest revision kept.
-                        log.warning("etcd %s compacted the events up to revision %d",
-                                    self.connection.where, answer.compact_revision)
-                        self._next = int(answer.compact_revision) + 1
-                        self._floor = max(self._floor, self._next)
-                        self._compacted = False
-                        break
-                    for event in answer.events:
-                        revision = int(event.kv.mod_revision)
-                        self._take(revision, bytes(event.kv.value))
-                        self._next = max(self._next, revision + 1)
-                    if newest < self._next and not self._compacted:
-                        # The watch runs (past any compaction) and has delivered the newest
-                        # write there was when it began, if any: the history is loaded.
-                        self._loaded.set()
-                    if answer.events:
-                        self._wake()
+                if turn:
+                    client = await self.connection.watcher(turn)
+                self._answered = False
+                watch = asyncio.ensure_future(self._watch(client, newest))
+                try:
+                    behind = await self._checked(watch)
+                finally:
+                    watch.cancel()
+                    with contextlib.suppress(BaseException):
+                        await watch
+                turn += behind
+                backoff = RETRY_FIRST
             except asyncio.CancelledError:
                 raise
             except Exception as error:
+                if self._answered:
+                    backoff = RETRY_FIRST
+                turn = 0  # broken (its member gone?): the balanced channel finds one that is up
                 log.warning("etcd %s: events watch broke (%s); resuming at revision %d",
                             self.connection.where, type(error).__name__, self._next)
                 await asyncio.sleep(backoff)
                 backoff = min(RETRY_MAX, backoff * 2)
 
+    async def _watch(self, client: etcd3aio.Etcd3Client, newest: int) -> None:
+        """The key's writes from ``_next`` into the ring, until the watch breaks (raises) or
+        meets a compaction (returns, to be started again past it)."""
+        assert client.watch is not None
+        async for answer in client.watch.watch(self.key, start_revision=self._next,
+                                               filters=[etcd3aio.WatchFilter.NODELETE]):
+            self._answered = True
+            if answer.compact_revision:
+                # What the watch asked for is gone: resume at the oldest revision kept.
+                log.warning("etcd %s compacted the events up to revision %d",
+                            self.connection.where, answer.compact_revision)
+                self._next = int(answer.compact_revision) + 1
+                self._floor = max(self._floor, self._next)
+                self._compacted = False
+                return
+            for event in answer.events:
+                revision = int(event.kv.mod_revision)
+                self._take(revision, bytes(event.kv.value))
+                self._next = max(self._next, revision + 1)
+            if newest < self._next and not self._compacted:
+                # The watch runs (past any compaction) and has delivered the newest write
+                # there was when it began, if any: the history is loaded.
+                self._loaded.set()
+            if answer.events:
+                self._wake()
+
+    async def _checked(self, watch: asyncio.Future[None]) -> bool:
+        """Wait for ``watch`` to end, reading the key's newest write every ``WATCH_CHECK``
+        seconds meanwhile; return ``True`` (the watch is started again, from ``_next``, on
+        another member: ``EtcdConnection.watcher``) once the watch has not brought, by a
+        check, a write the check before found; ``False`` when the watch met a compaction.
+
+        A watch is one stream to one member, given by the balanced channel's round. Frozen
+        (SIGSTOP: its connections stay open), that member sent nothing until it thawed, and
+        the ring, so every SSE stream of this replica, this replica's own events included,
+        stood still as long. Started again, the watch delivers from ``_next``: nothing is
+        missed or delivered twice. A write the check finds a moment before a watch that
+        keeps up brings it costs nothing."""
+        behind = 0  # the newest write the last check found that the watch had not brought
+        while True:
+            done, _ = await asyncio.wait({watch}, timeout=WATCH_CHECK)
+            if done:
+                watch.result()  # broken (raises), or past a compaction
+                return False
+            try:
+                answer = await self._get()
+            except (*_DOWN, BackendUnavailable):
+                continue  # tried again at the next check
+            if behind and self._next <= behind:
+                log.warning("etcd %s: the events watch is behind (its member may be frozen); "
+                            "watching again from revision %d", self.connection.where,
+                            self._next)
+                return True
+            newest = int(answer.kvs[0].mod_revision) if answer.kvs else 0
+            behind = newest if newest >= self._next else 0
+
     async def _revision_now(self) -> int:
-        client = await self.connection.client()
-        assert client.kv is not None
-        answer = await client.kv.get(self.key, timeout=CALL_TIMEOUT, count_only=True)
-        return int(answer.header.revision)
+        return int((await self._get(count_only=True)).header.revision)
 
     # --- riding in the store's transactions (``etcd_connection.Passenger``) ------------------
     def board(self) -> tuple[bytes, bytes] | None:
