@@ -20,7 +20,9 @@ write is answered and applied once. The last tests freeze a follower and the lea
 lease grants under way when it froze) and check that every acquire is still granted. A lease
 grant whose answer is lost (applied by etcd, the answer dropped on its way) is sent again
 under the same ID and makes one lease; one given up on is revoked. With each member frozen in
-turn, a replica with a waiter keeps its session lease and its waiter is told of its grant.
+turn, a replica with a waiter keeps its session lease and its waiter is told of its grant,
+and a waiter whose holder's replica is gone is granted once etcd deletes the lock (the read
+of the waiting keys behind the watch of lock deletions).
 """
 
 from __future__ import annotations
