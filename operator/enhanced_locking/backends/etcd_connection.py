@@ -54,7 +54,7 @@ from enhanced_locking.types import BackendUnavailable
 
 __all__ = ["ATTEMPT_TIMEOUT", "CALL_TIMEOUT", "DOWN", "WATCH_CHECK", "EtcdConnection",
            "EtcdSettings", "Passenger", "TxnCall", "kv_calls", "leader_first", "unavailable",
-           "unreachable"]
+           "unreachable", "watching"]
 
 CALL_TIMEOUT = 5.0
 """Seconds one call may take, retries included (an election takes about one second)."""
@@ -587,6 +587,19 @@ def _refused(error: BaseException) -> bool:
     return (isinstance(error, etcd3aio.EtcdConnectionError)
             or (isinstance(error, grpc.aio.AioRpcError)
                 and error.code() is grpc.StatusCode.UNAVAILABLE))
+
+
+async def watching(watch: Awaitable[None],
+                   check: Callable[[asyncio.Future[None]], Awaitable[T]]) -> T:
+    """``check(watch)``'s answer, with ``watch`` (the watch it backs, see ``WATCH_CHECK``)
+    running meanwhile: started first, then cancelled and awaited, whatever ``check`` did."""
+    running = asyncio.ensure_future(watch)
+    try:
+        return await check(running)
+    finally:
+        running.cancel()
+        with contextlib.suppress(BaseException):
+            await running
 
 
 def kv_calls(client: etcd3aio.Etcd3Client) -> Any:

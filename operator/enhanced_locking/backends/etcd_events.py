@@ -43,6 +43,7 @@ from enhanced_locking.backends.etcd_connection import (
     EtcdSettings,
     kv_calls,
     leader_first,
+    watching,
 )
 from enhanced_locking.backends.outbox import RETRY_FIRST, RETRY_MAX
 from enhanced_locking.backends.shared_events import SharedEventBus
@@ -144,14 +145,8 @@ class EtcdEventBus(SharedEventBus):
                 if turn:
                     client = await self.connection.watcher(turn)
                 self._answered = False
-                watch = asyncio.ensure_future(self._watch(client, newest))
-                try:
-                    behind = await self._checked(watch)
-                finally:
-                    watch.cancel()
-                    with contextlib.suppress(BaseException):
-                        await watch
-                turn += behind
+                if await watching(self._watch(client, newest), self._checked):
+                    turn += 1  # it was behind: on the next member
                 backoff = RETRY_FIRST
             except asyncio.CancelledError:
                 raise

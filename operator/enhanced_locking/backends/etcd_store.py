@@ -96,6 +96,7 @@ from enhanced_locking.backends.etcd_connection import (
     leader_first,
     unavailable,
     unreachable,
+    watching,
 )
 from enhanced_locking.backends.unreadable import UnreadableLocks
 from enhanced_locking.backends.waiting import (
@@ -1270,14 +1271,10 @@ class EtcdBackend(StoreBackend):
         turn = 0
         while True:
             self._notices_watched = 0
-            watch = asyncio.ensure_future(self._watch_prefix(
-                client, notices, start, heard, etcd3aio.WatchFilter.NODELETE))
-            try:
-                start = await self._missed(notices)
-            finally:
-                watch.cancel()
-                with contextlib.suppress(BaseException):
-                    await watch
+            start = await watching(
+                self._watch_prefix(client, notices, start, heard,
+                                   etcd3aio.WatchFilter.NODELETE),
+                lambda _: self._missed(notices))
             log.warning("etcd %s: the watch of this replica's notices is behind (its member "
                         "may be frozen); watching again from revision %d",
                         self.connection.where, start)
@@ -1364,14 +1361,9 @@ class EtcdBackend(StoreBackend):
                 await asyncio.sleep(0.2)
         turn = 0
         while True:
-            watch = asyncio.ensure_future(self._watch_prefix(
-                client, locks, start, deleted, etcd3aio.WatchFilter.NOPUT))
-            try:
-                again = await self._unserved(heard)
-            finally:
-                watch.cancel()
-                with contextlib.suppress(BaseException):
-                    await watch
+            again = await watching(
+                self._watch_prefix(client, locks, start, deleted, etcd3aio.WatchFilter.NOPUT),
+                lambda _: self._unserved(heard))
             if again is None:
                 # Nobody has waited here for a while: stop (a waiter queued from here on
                 # starts a new watch from its own revision).
