@@ -192,6 +192,36 @@ async def test_an_uncontended_pair_is_one_call_of_each_lean_function(
     assert watched.undeclared == []
 
 
+def _commands_run(admin: redis.Redis) -> dict[str, int]:
+    """Every command Redis ran since its statistics were reset, by name (``INFO
+    commandstats``: those run inside a function counted too), the reset left out."""
+    stats: dict[str, Any] = admin.info("commandstats")
+    ran = {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+    return {name: n for name, n in ran.items() if n and name != "config|resetstat"}
+
+
+async def test_an_uncontended_pair_runs_these_commands_in_redis(
+    backend: RedisBackend, redis_server: RedisServer,
+) -> None:
+    """What one uncontended pair costs Redis, command by command (each command the lean
+    functions run is one promise: docs/03-redis.md, "Scripts"). A first send for a free key
+    asks in one ``EXISTS`` whether an answer is kept under its call id and whether the key
+    has holders; it then sends no ``GET`` of the call id and no second ``EXISTS``."""
+    with redis_server.client() as admin:
+        granted, lock = await backend.acquire(lock_for(_request(LEAN)))  # the key's counter
+        assert granted and await backend.release(LEAN, owner=OWNER) == lock
+        admin.config_resetstat()
+        granted, lock = await backend.acquire(lock_for(_request(LEAN)))
+        assert granted and lock.fencing_token == 2
+        assert _commands_run(admin) == {
+            "fcall": 1, "exists": 1, "hmget": 1, "sismember": 1, "incr": 1, "time": 1,
+            "hset": 1, "sadd": 2, "set": 1}
+        admin.config_resetstat()
+        assert await backend.release(LEAN, owner=OWNER) == lock
+        assert _commands_run(admin) == {
+            "fcall": 1, "exists": 1, "hmget": 2, "sismember": 1, "del": 1, "srem": 2, "set": 1}
+
+
 async def test_a_lean_call_is_sent_as_hiredis_packs_its_arguments(
     backend: RedisBackend, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -225,9 +225,10 @@ local function fresh_id() return NEW_INCARNATION or string.match(OP, '[^:]*$') e
 
 -- A script that changes anything first asks: did this very call run already (a retry)? does
 -- Redis still have the data the caller knew (the store's incarnation)? Returns nil to go on, else
--- the reply to send back (nothing changed).
-local function guard()
-  local done = redis.call('GET', OP)
+-- the reply to send back (nothing changed). With `unsent` the caller has found nothing kept
+-- under the call id (`lean_absent`), and the GET is not sent.
+local function guard(unsent)
+  local done = not unsent and redis.call('GET', OP)
   if done then  -- this very call ran before: the same answer
     local ok, kept = pcall(cjson.decode, done)
     -- Every answer kept is JSON, and a table in it has a list part or nothing (`as_answered`);
@@ -280,6 +281,18 @@ local function guard()
   end
   TOKEN_BASE = e[2] == '0' and 0 or tonumber(e[2])
   return nil
+end
+
+-- The lean functions' first read: one EXISTS of the call id's kept answer and of the key's
+-- holders' hashes (the shared holders', and the lock's when given). On a first send for a
+-- free key, nearly every lean call, none of them is there, and the call sends neither the
+-- GET of its call id (`guard`) nor the EXISTS of the holders (`grant_free`, `release_own`):
+-- one command a call instead of two. Anything found (a retry, a key held, an answer written
+-- over by something else) sends the call down the usual reads, in their usual order, which
+-- tell the cases apart as before.
+local function lean_absent(shared_hash, lock_hash)
+  if lock_hash then return redis.call('EXISTS', OP, lock_hash, shared_hash) == 0 end
+  return redis.call('EXISTS', OP, shared_hash) == 0
 end
 
 -- A reply as Redis answers it: each table's list part only. (A row may carry marks of its
@@ -1412,10 +1425,11 @@ end
 -- function LEAN_ACQUIRE takes them by position in its KEYS and forms none: forming and
 -- checking each name cost more than a tenth of its call.
 local function grant_free(k, data, repo, pull, ttl, path, ws, lock_hash, shared_hash, counter,
-                          pull_set)
+                          pull_set, free)
   if not (lock_hash and shared_hash and counter and pull_set) then return nil end
   if maybe_queued(k) then return nil end
-  if redis.call('EXISTS', lock_hash, shared_hash) > 0 then return nil end
+  -- (`free`: the caller found neither hash (`lean_absent`))
+  if not free and redis.call('EXISTS', lock_hash, shared_hash) > 0 then return nil end
   fetched[k] = {lock = false, shared = {}}  -- known free, as `main`'s reads would find it
   local lock = stamp(k, data, repo, pull, ttl, false, 'exclusive', path, ws, counter,
                      lock_hash, pull_set)
@@ -1437,7 +1451,7 @@ end
 -- data the caller believes stored: the key's lock as it last read or made it). nil when it
 -- cannot serve the call (nothing written). The names are given as to `grant_free`: RELEASE's
 -- lean path looks them up (`lean_release`), LEAN_RELEASE takes them by position.
-local function release_own(k, repo, pull, lock_hash, shared_hash, pull_set, sent)
+local function release_own(k, repo, pull, lock_hash, shared_hash, pull_set, sent, unshared)
   if not (lock_hash and shared_hash and pull_set) then return nil end
   if maybe_queued(k) then return nil end
   -- (the row as stored: this path reads neither its path nor its workspace)
@@ -1445,7 +1459,8 @@ local function release_own(k, repo, pull, lock_hash, shared_hash, pull_set, sent
   if not lock or lock.bad or lapsed(lock) or not same_owner(lock, repo, pull) then
     return nil
   end
-  if redis.call('EXISTS', shared_hash) > 0 then return nil end
+  -- (`unshared`: the caller found no shared holders' hash (`lean_absent`))
+  if not unshared and redis.call('EXISTS', shared_hash) > 0 then return nil end
   drop_exclusive(k, lock_hash, pull_set, true)
   -- The data as sent is not sent back: JSON-encoding it for the answer kept under the call id
   -- cost Redis more than the commands of the release (the same strings compare at once: Lua
