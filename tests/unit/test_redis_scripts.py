@@ -140,11 +140,11 @@ WRITES = {"SET", "INCR", "HSET", "HDEL", "SADD", "SREM", "ZADD", "ZREM", "ZREMRA
 """Commands that change a key: a script sends them only through the library's ``w``."""
 
 
-def _calls(text: str, pattern: str = r"\b(?:redis\.p?call|w|w_try)\(",
+def _calls(text: str, pattern: str = r"\b(?:redis\.p?call|CALL|PCALL|w|w_try)\(",
            ) -> list[tuple[int, list[str]]]:
-    """Every ``redis.call(...)`` / ``redis.pcall(...)`` / ``w(...)`` / ``w_try(...)``: its line
-    and its top-level arguments (the library's own definitions of ``w`` and ``w_try``
-    excepted)."""
+    """Every ``redis.call(...)`` / ``redis.pcall(...)`` (``CALL(...)`` / ``PCALL(...)`` in the
+    library, which keeps the two) / ``w(...)`` / ``w_try(...)``: its line and its top-level
+    arguments (the library's own definitions of ``w`` and ``w_try`` excepted)."""
     found = []
     for match in re.finditer(pattern, text):
         if text[max(0, match.start() - 15):match.start()].endswith("local function "):

@@ -31,6 +31,10 @@
 -- are the running call's. `begin` sets every one of them first (the same values the scripts
 -- computed for themselves when each was a script of its own).
 local KEYS, ARGV
+-- redis.call and redis.pcall, taken once (at the first call's `begin`: loading the library
+-- may not touch them): each `redis.call` reads the global `redis`, then its field, two table
+-- lookups a command.
+local CALL, PCALL = false, false
 local base, POLICY, REPLICA_ID, KNOWN_INCARNATION, NEW_INCARNATION, QUARANTINE_MS, NOW
 local INCARNATION, OP, HELD, FENCED, QUEUED, LIVENESS, SEQ
 local TOKEN_BASE = 0
@@ -41,12 +45,13 @@ local fetched = {}
 
 local function begin(keys, args)
   KEYS, ARGV = keys, args
+  if not CALL then CALL, PCALL = redis.call, redis.pcall end
   base = ARGV[1]
   POLICY = false  -- read from ARGV[2..5] when first asked for (`policy`)
   LEAN_CALL = false
   REPLICA_ID = ARGV[6]
   KNOWN_INCARNATION, NEW_INCARNATION, QUARANTINE_MS = ARGV[7], ARGV[8], ARGV[9]
-  local clock = redis.call('TIME')
+  local clock = CALL('TIME')
   NOW = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
   INCARNATION, OP, HELD, FENCED, QUEUED = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
   LIVENESS, SEQ = KEYS[6], KEYS[7]
@@ -67,6 +72,7 @@ end
 -- ARGV), and about 1.7k more where it makes a ninth (Redis's Lua grows the table then).
 local function begin_lean(keys, args)
   KEYS, ARGV = keys, args
+  if not CALL then CALL, PCALL = redis.call, redis.pcall end
   -- (`base` is left as it is: a lean call forms no name, and `checked` fails one that would)
   POLICY = false
   LEAN_CALL = true
@@ -86,7 +92,7 @@ end
 -- read NOW everywhere), a lean call when it first needs it (`begin_lean`).
 local function clock()
   if not NOW then
-    local t = redis.call('TIME')
+    local t = CALL('TIME')
     NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   end
   return NOW
@@ -202,7 +208,7 @@ local function w(...)
   call_state()
   WROTE = true
   if next(MEMO) ~= nil then MEMO = {} end
-  return redis.call(...)
+  return CALL(...)
 end
 
 -- A write that may meet another Redis type where the store keeps one of its own (written over
@@ -212,7 +218,7 @@ end
 -- (nothing of ours is there), and the fencing counter, which `stamp` takes first.
 local function w_try(...)
   call_state()
-  local reply = redis.pcall(...)
+  local reply = PCALL(...)
   if type(reply) == 'table' and reply['err'] then return nil end
   WROTE = true
   if next(MEMO) ~= nil then MEMO = {} end
@@ -228,7 +234,7 @@ local function fresh_id() return NEW_INCARNATION or string.match(OP, '[^:]*$') e
 -- the reply to send back (nothing changed). With `unsent` the caller has found nothing kept
 -- under the call id (`lean_absent`), and the GET is not sent.
 local function guard(unsent)
-  local done = not unsent and redis.call('GET', OP)
+  local done = not unsent and CALL('GET', OP)
   if done then  -- this very call ran before: the same answer
     local ok, kept = pcall(cjson.decode, done)
     -- Every answer kept is JSON, and a table in it has a list part or nothing (`as_answered`);
@@ -241,13 +247,13 @@ local function guard(unsent)
     end
     return {'spoiled_answer', ok and 'a JSON object' or 'not JSON'}
   end
-  local e = redis.pcall('HMGET', INCARNATION, 'id', 'base', 'until')
+  local e = PCALL('HMGET', INCARNATION, 'id', 'base', 'until')
   if type(e) == 'table' and e['err'] then
     -- Another Redis type where the incarnation is kept (written over by something else): the
     -- locks and counters are where they were, so a new incarnation starts at once, without
     -- quarantine; counters started from now on continue from the clock, above any token a
     -- lost counter could have handed out. The reply's fifth field says why (Python logs it).
-    local why = 'not a hash (Redis type ' .. redis.call('TYPE', INCARNATION)['ok'] .. ')'
+    local why = 'not a hash (Redis type ' .. CALL('TYPE', INCARNATION)['ok'] .. ')'
     local now, id = clock(), fresh_id()
     w('DEL', INCARNATION)
     w('HSET', INCARNATION, 'id', id, 'base', int(now * 1000), 'until', 0,
@@ -291,8 +297,8 @@ end
 -- over by something else) sends the call down the usual reads, in their usual order, which
 -- tell the cases apart as before.
 local function lean_absent(shared_hash, lock_hash)
-  if lock_hash then return redis.call('EXISTS', OP, lock_hash, shared_hash) == 0 end
-  return redis.call('EXISTS', OP, shared_hash) == 0
+  if lock_hash then return CALL('EXISTS', OP, lock_hash, shared_hash) == 0 end
+  return CALL('EXISTS', OP, shared_hash) == 0
 end
 
 -- A reply as Redis answers it: each table's list part only. (A row may carry marks of its
@@ -401,23 +407,23 @@ end
 local function is_error(reply) return type(reply) == 'table' and reply['err'] ~= nil end
 
 local function not_a(name, wanted)
-  return 'not a ' .. wanted .. ' (Redis type ' .. redis.call('TYPE', name)['ok'] .. ')'
+  return 'not a ' .. wanted .. ' (Redis type ' .. CALL('TYPE', name)['ok'] .. ')'
 end
 
 -- The members of one of the store's index sets (held, queued, a pull's). Where another Redis
 -- type stands, the call stops before any write and answers {'index', name, why} (`run`): the
 -- caller rebuilds the index from the keys of the namespace and calls again.
 local function members(name)
-  local found = redis.pcall('SMEMBERS', name)
+  local found = PCALL('SMEMBERS', name)
   if not is_error(found) then return found end
-  BROKEN = {name, 'not a set (Redis type ' .. redis.call('TYPE', name)['ok'] .. ')'}
+  BROKEN = {name, 'not a set (Redis type ' .. CALL('TYPE', name)['ok'] .. ')'}
   if WROTE then error('the index ' .. name .. ' is ' .. BROKEN[2] .. ' (met after a write)', 0) end
   error(INDEX)
 end
 
 -- Whether k may have waiters (QUEUED lists it; an index of another type: maybe).
 local function maybe_queued(k)
-  local found = redis.pcall('SISMEMBER', QUEUED, k)
+  local found = PCALL('SISMEMBER', QUEUED, k)
   return is_error(found) or found == 1
 end
 
@@ -427,7 +433,7 @@ local function fence_damage(k)
   local known = DAMAGE[k]
   if known == nil then
     local name = fence_name(k)
-    local v = redis.pcall('GET', name)
+    local v = PCALL('GET', name)
     if is_error(v) then
       known = 'its fencing counter is ' .. not_a(name, 'number')
     elseif v and not (string.match(v, '^%d+$') and #v <= 18) then
@@ -452,7 +458,7 @@ end
 -- (`...`), each followed by its score (the enqueue time).
 local function queue_range(k, level, first, last, ...)
   local name = queue_name(k, level)
-  local found = redis.pcall('ZRANGE', name, first, last, ...)
+  local found = PCALL('ZRANGE', name, first, last, ...)
   if is_error(found) then
     queue_broken(k, level, name)
     return {}
@@ -462,7 +468,7 @@ end
 
 local function queue_card(k, level)
   local name = queue_name(k, level)
-  local found = redis.pcall('ZCARD', name)
+  local found = PCALL('ZCARD', name)
   if is_error(found) then
     queue_broken(k, level, name)
     return 0
@@ -480,7 +486,7 @@ end
 -- k's exclusive holder as stored in its hash `name` (nil: none; a row whose 13th field says
 -- why: unreadable), path and workspace as stored (see `with_parts`).
 local function lock_row(k, name)
-  local v = redis.pcall('HMGET', name, 'data', 'token', 'at', 'exp', 'repo', 'pull',
+  local v = PCALL('HMGET', name, 'data', 'token', 'at', 'exp', 'repo', 'pull',
                         'claim', 'lease', 'path', 'ws', 'damaged')
   if is_error(v) then return unreadable(k, '', not_a(name, 'hash'), {lock = true}) end
   if v[11] then return unreadable(k, '', v[11], {lock = true}) end  -- `set_aside`
@@ -535,7 +541,7 @@ end
 
 local function fetch_shared(k)
   local name = shared_name(k)
-  local flat = redis.pcall('HGETALL', name)
+  local flat = PCALL('HGETALL', name)
   if is_error(flat) then return {unreadable(k, '', not_a(name, 'hash'), {shared = true})} end
   local out = {}
   for i = 1, #flat, 2 do table.insert(out, shared_row(k, flat[i], flat[i + 1])) end
@@ -556,7 +562,7 @@ end
 local function no_shared(k)
   local known = fetched[k]
   if known and known.shared then return #known.shared == 0 end
-  return redis.call('EXISTS', shared_name(k)) == 0
+  return CALL('EXISTS', shared_name(k)) == 0
 end
 
 local function save_shared(lock)
@@ -587,7 +593,7 @@ local function drop_lock(lock)
     if lock.bad.lock then w('DEL', lock_name(k)) end
     if lock.bad.shared then w('DEL', shared_name(k)) end
     if lock.bad.field then w('HDEL', shared_name(k), lock.bad.field) end
-    if redis.call('EXISTS', lock_name(k), shared_name(k)) == 0 then
+    if CALL('EXISTS', lock_name(k), shared_name(k)) == 0 then
       w_try('SREM', HELD, k)
     end
     return
@@ -595,7 +601,7 @@ local function drop_lock(lock)
   if lock[10] == 'shared' then
     forget(k, 'shared')
     w('HDEL', shared_name(k), lock[6] .. '#' .. lock[7])
-    if redis.call('EXISTS', shared_name(k)) == 0 then w_try('SREM', HELD, k) end
+    if CALL('EXISTS', shared_name(k)) == 0 then w_try('SREM', HELD, k) end
     w_try('SREM', pull_index(lock[6], lock[7]), k)
   else
     drop_exclusive(k, lock_name(k), pull_index(lock[6], lock[7]), no_shared(k))
@@ -669,7 +675,7 @@ end
 local function stamp(k, data, repo, pull, ttl, claim, mode, path, ws, counter, lock_hash,
                      pull_set)
   local started = false
-  if TOKEN_BASE > 0 and redis.call('EXISTS', counter) == 0 then
+  if TOKEN_BASE > 0 and CALL('EXISTS', counter) == 0 then
     w('SET', counter, int(TOKEN_BASE))
     started = true
   end
@@ -808,7 +814,7 @@ local function read_waiter(id)
   local name = waiter_name(id)
   local flat = MEMO[name]
   if flat == nil then
-    flat = redis.pcall('HGETALL', name)
+    flat = PCALL('HGETALL', name)
     MEMO[name] = flat
   end
   if is_error(flat) or #flat == 0 then return nil end
@@ -973,7 +979,7 @@ local function repair(k, fence)
   if QUEUE_DAMAGE[k] then
     for level = 0, 3 do
       local name = queue_name(k, level)
-      local kind = redis.call('TYPE', name)['ok']
+      local kind = CALL('TYPE', name)['ok']
       if kind ~= 'zset' and kind ~= 'none' then w('DEL', name) end
     end
     QUEUE_DAMAGE[k] = nil
@@ -1069,7 +1075,7 @@ local function remember(id, rec, kind, locks, fresh)
 end
 
 local function tell(rec, id, kind)
-  redis.call('PUBLISH', base .. 'notify:' .. rec.replica, kind .. ':' .. id)
+  CALL('PUBLISH', base .. 'notify:' .. rec.replica, kind .. ':' .. id)
 end
 
 local function new_effects() return {expired = {}, granted = {}, dropped = {}} end
@@ -1113,11 +1119,11 @@ end
 
 local function replica_alive(replica_id)
   if alive[replica_id] == nil then
-    local score = redis.pcall('ZSCORE', LIVENESS, replica_id)
+    local score = PCALL('ZSCORE', LIVENESS, replica_id)
     if is_error(score) then
       score = NOW  -- a liveness set of another type: `beat` mends it
     elseif score == false then
-      score = redis.call('ZSCORE', LIVENESS, '')  -- not heard since `beat` mended the set?
+      score = CALL('ZSCORE', LIVENESS, '')  -- not heard since `beat` mended the set?
     end
     alive[replica_id] = score ~= false and tonumber(score) >= NOW
   end
@@ -1429,7 +1435,7 @@ local function grant_free(k, data, repo, pull, ttl, path, ws, lock_hash, shared_
   if not (lock_hash and shared_hash and counter and pull_set) then return nil end
   if maybe_queued(k) then return nil end
   -- (`free`: the caller found neither hash (`lean_absent`))
-  if not free and redis.call('EXISTS', lock_hash, shared_hash) > 0 then return nil end
+  if not free and CALL('EXISTS', lock_hash, shared_hash) > 0 then return nil end
   fetched[k] = {lock = false, shared = {}}  -- known free, as `main`'s reads would find it
   local lock = stamp(k, data, repo, pull, ttl, false, 'exclusive', path, ws, counter,
                      lock_hash, pull_set)
@@ -1460,7 +1466,7 @@ local function release_own(k, repo, pull, lock_hash, shared_hash, pull_set, sent
     return nil
   end
   -- (`unshared`: the caller found no shared holders' hash (`lean_absent`))
-  if not unshared and redis.call('EXISTS', shared_hash) > 0 then return nil end
+  if not unshared and CALL('EXISTS', shared_hash) > 0 then return nil end
   drop_exclusive(k, lock_hash, pull_set, true)
   -- The data as sent is not sent back: JSON-encoding it for the answer kept under the call id
   -- cost Redis more than the commands of the release (the same strings compare at once: Lua
@@ -1480,7 +1486,7 @@ end
 -- clock first); `store_given` stores it, keeping its token, times, lease and mode.
 local function raise_to_given(k)
   if fence_damage(k) then repair(k, true) end
-  local current = tonumber(redis.call('GET', fence_name(k)) or '0')
+  local current = tonumber(CALL('GET', fence_name(k)) or '0')
   w_try('SADD', FENCED, k)
   if tonumber(ARGV[15]) > current then w('SET', fence_name(k), ARGV[15]) end
 end
