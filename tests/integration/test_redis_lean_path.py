@@ -185,11 +185,24 @@ async def test_an_uncontended_pair_is_one_call_of_each_lean_function(
         assert kept == [f'["took","1","{at}","0"]'.encode()]
         admin.delete(*admin.keys(backend.keys.base + "op:*"))
         assert await backend.release(LEAN, owner=OWNER) == lock
+        # The release's answer too (the data the replica sent is not sent back: false).
+        kept = [admin.get(name) for name in admin.keys(backend.keys.base + "op:*")]
+        assert kept == [f'["dropped",false,"1","{at}","0"]'.encode()]
         [dropped] = _answers(admin, backend.keys)
         assert dropped[0] == "dropped" and dropped[2:] == ["1", at, "0"]
     watched = watch.stop()
     assert _called(watched) == {"LEAN_ACQUIRE": 1, "LEAN_RELEASE": 1}
     assert watched.undeclared == []
+    # A token that reads as a number but is not digits alone (written over by something
+    # else) is kept as JSON all the same: cjson writes that answer.
+    with redis_server.client() as admin:
+        granted, lock = await backend.acquire(lock_for(_request(LEAN)))
+        assert granted and lock.fencing_token == 2
+        admin.delete(*admin.keys(backend.keys.base + "op:*"))
+        admin.hset(backend.keys.lock(LEAN), "token", " 2\n")
+        await backend.release(LEAN, owner=OWNER)
+        [dropped] = _answers(admin, backend.keys)
+        assert dropped[:3] == ["dropped", False, " 2\n"]
 
 
 def _commands_run(admin: redis.Redis) -> dict[str, int]:
