@@ -120,6 +120,7 @@ bench: venv redis control-plane
 
 bench-full: venv redis control-plane
 	for script in $(BENCH_SCRIPTS); do $(PY) $$script || exit 1; done
+	$(PY) hack/gen_docs.py
 
 clean:
 	rm -rf $(VENV) build dist operator/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from bench._goals import Report, records
+
 from enhanced_locking.backends.shared_events import SharedEventBus
 from enhanced_locking.locking import EnhancedLocker
 from enhanced_locking.types import LockRequest, Project, Pull
@@ -72,9 +74,13 @@ def best_and_median(ratios: list[float], *, higher_is_better: bool = True) -> tu
     return best, statistics.median(ratios)
 
 
-def write_section(name: str, heading: str, text: str) -> None:
-    """Put ``text`` under ``heading`` in docs/benchmarks.md, replacing this bench's last run."""
+def write_section(name: str, heading: str, table: str | Report) -> None:
+    """Put ``table`` under ``heading`` in docs/benchmarks.md, replacing this bench's last run;
+    a :class:`Report`'s goals are kept beside its table (``bench/_goals.py``: the page's
+    summary of the goals is generated from them by ``make docs``)."""
     begin, end = f"<!-- {name}: begin -->", f"<!-- {name}: end -->"
+    text = table if isinstance(table, str) else "\n".join(
+        [table.text, records(table.goals)] if table.goals else [table.text])
     section = f"{heading}\n\n{begin}\n{text}\n{end}\n"
     current = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
     if begin in current and end in current:

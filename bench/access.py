@@ -26,6 +26,7 @@ sys.path.insert(0, str(REPO))
 
 import httpx  # noqa: E402
 from bench._common import percentile, quick_defaults, write_section  # noqa: E402
+from bench._goals import Goal, Report  # noqa: E402
 from tests.support.service import ServiceProcess  # noqa: E402
 
 HEADING = "## Access control: an acquire over HTTP with authentication and authorization on"
@@ -103,8 +104,10 @@ def main() -> None:
         f"{', met' if overhead <= 0.10 else ', NOT met'}).",
     ])
     print(text)
+    goal = Goal("access control on: acquire p50 over HTTP within 10 % of auth none",
+                f"{overhead * 100:+.1f} %", overhead <= 0.10)
     if not args.no_write:
-        write_section("access", HEADING, text)
+        write_section("access", HEADING, Report(text, (goal,)))
 
 
 if __name__ == "__main__":

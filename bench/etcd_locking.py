@@ -66,6 +66,7 @@ from bench._common import (  # noqa: E402
     verdict,
     write_section,
 )
+from bench._goals import Goal, Report  # noqa: E402
 from tests.support.etcd_server import EtcdCluster  # noqa: E402
 from tests.support.gobuild import build  # noqa: E402
 from tests.support.redis_server import RedisServer  # noqa: E402
@@ -288,7 +289,7 @@ async def one_run(args: argparse.Namespace, cluster: EtcdCluster, redis: RedisSe
     )
 
 
-def report(args: argparse.Namespace, runs: list[Run]) -> str:
+def report(args: argparse.Namespace, runs: list[Run]) -> Report:
     def ratios(name: str) -> list[float]:
         return [r.pairs[name] / r.pairs[MUTEX] for r in runs]
 
@@ -364,9 +365,18 @@ def report(args: argparse.Namespace, runs: list[Run]) -> str:
         "| all queued in ms | ms per hand-off | goal | met |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    pair_ratios, handoff_ratios = ratios(ETCD), p50_ratios(ETCD)
+    goals = [
+        Goal(f"etcd: ours >= {PAIRS_GOAL}x of etcd's `concurrency.Mutex`, pairs/s",
+             f"{statistics.median(pair_ratios):.2f}x (best {max(pair_ratios):.2f}x)",
+             statistics.median(pair_ratios) >= PAIRS_GOAL),
+        Goal(f"etcd: hand-off p50 within {HANDOFF_GOAL:g}x of the Mutex's",
+             f"{statistics.median(handoff_ratios):.2f}x",
+             statistics.median(handoff_ratios) <= HANDOFF_GOAL)]
+    hot_calls: dict[int, float] = {}
     for size in sorted(runs[0].hot):
         hot = [r.hot[size] for r in runs]
-        per_enqueue = statistics.median(h.calls_per_enqueue for h in hot)
+        per_enqueue = hot_calls[size] = statistics.median(h.calls_per_enqueue for h in hot)
         lines.append(
             f"| {size} | {spread([h.calls_per_enqueue for h in hot], min, '.1f')} "
             f"| {statistics.median(h.reads_per_enqueue for h in hot):.1f} "
@@ -374,11 +384,16 @@ def report(args: argparse.Namespace, runs: list[Run]) -> str:
             f"| {spread([h.enqueue_seconds * 1000 for h in hot], min, '.0f')} "
             f"| {spread([h.seconds_per_handoff * 1000 for h in hot], min, '.1f')} "
             f"| <= {HOT_CALLS_GOAL:g} | {verdict(per_enqueue <= HOT_CALLS_GOAL)} |")
-    return "\n".join(lines)
+    sizes = ", ".join(f"{size:,}" for size in hot_calls)
+    goals.append(Goal(
+        f"etcd: a hot key's enqueue, etcd calls: <= {HOT_CALLS_GOAL:g} at any number of waiters",
+        f"{min(hot_calls.values()):.1f} to {max(hot_calls.values()):.1f} at {sizes} waiters",
+        max(hot_calls.values()) <= HOT_CALLS_GOAL))
+    return Report("\n".join(lines), tuple(goals))
 
 
 async def measure(args: argparse.Namespace, cluster: EtcdCluster,
-                  redis: RedisServer) -> str:
+                  redis: RedisServer) -> Report:
     runs = [await one_run(args, cluster, redis, n) for n in range(args.runs)]
     return report(args, runs)
 
@@ -397,12 +412,12 @@ def main() -> None:
         cluster = EtcdCluster(Path(tmp) / "etcd", members_count=3, fsync=False).start()
         try:
             with RedisServer(Path(tmp) / "redis") as redis:
-                text = asyncio.run(measure(args, cluster, redis))
+                found = asyncio.run(measure(args, cluster, redis))
         finally:
             cluster.close()
-    print(text)
+    print(found.text)
     if not args.no_write:
-        write_section("etcd", HEADING, text)
+        write_section("etcd", HEADING, found)
 
 
 if __name__ == "__main__":

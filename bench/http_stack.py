@@ -95,12 +95,14 @@ from bench._common import (  # noqa: E402
     verdict,
     write_section,
 )
+from bench._goals import Goal, Report  # noqa: E402
 from fastapi import FastAPI, Request  # noqa: E402
 from tests.support.service import LOOPBACK, free_port  # noqa: E402
 
 from enhanced_locking.events import EventBus  # noqa: E402
 
 HEADING = "## HTTP: the lock API against a no-op endpoint on the same server stack"
+SERVICE_STACK = ("asyncio", "httptools")  # what `enhanced-locking serve` runs on
 STACKS = (("asyncio", "h11"), ("uvloop", "h11"), ("asyncio", "httptools"),
           ("uvloop", "httptools"))
 CONCURRENCY = (1, 32)
@@ -260,7 +262,7 @@ HANDOFF_STEPS = (
 def handoff_steps(work: Path, count: int) -> list[tuple[str, float]]:
     """The p50 of each step of ``count`` hand-offs, in seconds from the release leaving the
     client, and of the waiter's answer arriving."""
-    with server("traced", "asyncio", "httptools", work) as traced:
+    with server("traced", *SERVICE_STACK, work) as traced:
         asyncio.run(handoffs(traced, 20))  # warm up
         started: list[float] = []
         latencies = asyncio.run(handoffs(traced, count, started=started))
@@ -467,14 +469,14 @@ def count_pairs(kind: str, pairs: int, clients: int, profile: Path | None,
         work = Path(tmp)
         out = work / "callgrind.out"
         if shutil.which("valgrind") is None:
-            with server(kind, "asyncio", "httptools", work) as served:
+            with server(kind, *SERVICE_STACK, work) as served:
                 asyncio.run(pairs_per_second(kind, served, clients, warm_up))
                 block = asyncio.run(pairs_per_second(kind, served, clients, pairs))
             return f"{kind}: {block.cpu * 1e6:,.0f} µs CPU per pair (no valgrind: CPU time)"
         under = ("valgrind", "--tool=callgrind", "--instr-atstart=no",
                  f"--callgrind-out-file={out}")
         options = () if audit_window is None else ("--audit-window", str(audit_window))
-        with server(kind, "asyncio", "httptools", work, under, options) as served:
+        with server(kind, *SERVICE_STACK, work, under, options) as served:
             asyncio.run(pairs_per_second(kind, served, clients, warm_up))
             time.sleep(0.5)  # what the warm-up left behind (the audit batch) is written
             _control("--instr=on", served.pid)
@@ -587,7 +589,7 @@ def observed_block(kind: str, pairs: int, clients: int, option: str) -> tuple[st
     and 500 pairs more: what the recorder wrote over the block, and the block."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "recorded"
-        with server(kind, "asyncio", "httptools", Path(tmp),
+        with server(kind, *SERVICE_STACK, Path(tmp),
                     options=(option, str(out))) as served:
             asyncio.run(pairs_per_second(kind, served, 32, STEADY_PAIRS))
             asyncio.run(pairs_per_second(kind, served, clients, 500))
@@ -805,7 +807,7 @@ def measure(loop: str, http: str, pairs: int, rounds: int, count: int,
 
 
 def report(results: dict[tuple[str, str], dict[str, Any]], counts: str,
-           sql: dict[int, SqlCount]) -> str:
+           sql: dict[int, SqlCount]) -> Report:
     lines = [
         f"{counts}. Python {platform.python_version()}, {len(os.sched_getaffinity(0))} CPUs, "
         f"load average {os.getloadavg()[0]:.1f} at the end; client and servers share the "
@@ -823,6 +825,7 @@ def report(results: dict[tuple[str, str], dict[str, Any]], counts: str,
         "| goal | met |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
+    service: dict[int, tuple[float, float]] = {}  # the service's stack: pairs/s, CPU ratio
     for (loop, http), found in results.items():
         for clients in CONCURRENCY:
             runs = found[f"pairs{clients}"]
@@ -831,6 +834,8 @@ def report(results: dict[tuple[str, str], dict[str, Any]], counts: str,
             anchor, measured = sorted(runs, key=lambda r: r[1].rate / r[0].rate)[len(runs) // 2]
             anchor_cpu = statistics.median(a.cpu for a, _ in runs)
             measured_cpu = statistics.median(m.cpu for _, m in runs)
+            if (loop, http) == SERVICE_STACK:
+                service[clients] = (median, anchor_cpu / measured_cpu)
             lines.append(f"| {loop}, {http} | {clients} | {anchor.rate:,.0f} "
                          f"| {measured.rate:,.0f} | {best:.2f}x / {median:.2f}x "
                          f"| {anchor_cpu * 1e6:,.0f} | {measured_cpu * 1e6:,.0f} "
@@ -843,13 +848,27 @@ def report(results: dict[tuple[str, str], dict[str, Any]], counts: str,
         lines.append(f"| {loop}, {http} | {p50 * 1000:.3f} "
                      f"| {percentile(found['handoff'], 0.99) * 1000:.3f} | p50 <= 1.5 ms "
                      f"| {verdict(p50 <= 0.0015)} |")
+    goals: list[Goal] = []
+    if service:
+        by_rate = " / ".join(f"{rate:.2f}x" for rate, _ in service.values())
+        by_cpu = " / ".join(f"{cpu:.2f}x" for _, cpu in service.values())
+        clients_text = " and ".join(str(clients) for clients in service)
+        goals.append(Goal(
+            f"HTTP: a lock pair >= 0.7x of a no-op pair on the service's stack (asyncio + "
+            f"httptools), {clients_text} clients, by pairs/s and by CPU per pair",
+            f"{by_rate} by pairs/s, {by_cpu} by CPU",
+            all(rate >= 0.7 and cpu >= 0.7 for rate, cpu in service.values())))
+    if SERVICE_STACK in results:
+        p50 = percentile(results[SERVICE_STACK]["handoff"], 0.5)
+        goals.append(Goal("HTTP: hand-off p50 <= 1.5 ms on the service's stack",
+                          f"{p50 * 1000:.2f} ms", p50 <= 0.0015))
     lines += ["", f"| SQL per lock pair ({SQL_PAIRS} pairs, in process) | statements "
               "| transactions | of them writes |", "|---|---:|---:|---:|"]
     for clients, count in sql.items():
         lines.append(f"| {clients} client{'s' if clients > 1 else ''} "
                      f"| {count.statements / SQL_PAIRS:.1f} "
                      f"| {count.transactions / SQL_PAIRS:.1f} | {count.writes / SQL_PAIRS:.1f} |")
-    return "\n".join(lines)
+    return Report("\n".join(lines), tuple(goals))
 
 
 def main() -> None:
@@ -917,11 +936,11 @@ def main() -> None:
             results[(loop, http)] = measure(loop, http, args.pairs, args.rounds, args.handoffs,
                                             Path(tmp))
     sql = {clients: sql_per_pair(SQL_PAIRS, clients) for clients in CONCURRENCY}
-    text = report(results, f"{args.pairs} pairs per case and round, {args.rounds} rounds, "
-                           f"{args.handoffs} hand-offs per stack", sql)
-    print(text)
+    found = report(results, f"{args.pairs} pairs per case and round, {args.rounds} rounds, "
+                            f"{args.handoffs} hand-offs per stack", sql)
+    print(found.text)
     if not args.no_write:
-        write_section("http", HEADING, text)
+        write_section("http", HEADING, found)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ from bench._common import (  # noqa: E402
     verdict,
     write_section,
 )
+from bench._goals import Goal, Report  # noqa: E402
 from tests.support.service import ServiceProcess  # noqa: E402
 
 from enhanced_locking.backends import EmbeddedBackend  # noqa: E402
@@ -289,7 +290,7 @@ def _median_round(rounds: list[dict[str, float]], ratio: Callable[[dict[str, flo
 
 def report(pairs: list[dict[str, float]], local: dict[str, list[float]],
            remote: dict[str, dict[str, list[float]]], router: list[dict[str, float]],
-           counts: str) -> str:
+           counts: str) -> Report:
     cpus = len(__import__("os").sched_getaffinity(0))
     lines = [
         f"{counts}. Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}, "
@@ -301,9 +302,13 @@ def report(pairs: list[dict[str, float]], local: dict[str, list[float]],
         "| measure | anchor | measured | ratio (best / median) | goal | met |",
         "|---|---:|---:|---:|---|---|",
     ]
+    goals: list[Goal] = []
     ratios = [r["locker"] / r["bare"] for r in pairs]
     best, median = best_and_median(ratios)
     mid = _median_round(pairs, lambda r: r["locker"] / r["bare"])
+    goals.append(Goal("the locker on the embedded store, uncontended pairs/s: >= 0.7x of bare "
+                      "SQLite INSERT + DELETE", f"{median:.2f}x (best {best:.2f}x)",
+                      median >= 0.7))
     lines.append(
         f"| uncontended pairs/s: locker on the embedded store vs bare SQLite INSERT + DELETE "
         f"| {mid['bare']:,.0f} | {mid['locker']:,.0f} | {best:.2f}x / {median:.2f}x "
@@ -311,6 +316,9 @@ def report(pairs: list[dict[str, float]], local: dict[str, list[float]],
     cpu_ratios = [r["cpu bare"] / r["cpu locker"] for r in pairs]
     best, median = best_and_median(cpu_ratios)
     mid = _median_round(pairs, lambda r: r["cpu bare"] / r["cpu locker"])
+    goals.append(Goal("the locker on the embedded store, CPU per pair: >= 0.7x of bare "
+                      "SQLite's", f"{median:.2f}x ({mid['cpu locker']:.1f} µs against "
+                      f"{mid['cpu bare']:.1f})", median >= 0.7))
     lines.append(
         f"| CPU per uncontended pair, µs (thread time, lower quartile of the blocks): locker on "
         f"the embedded store vs bare SQLite | {mid['cpu bare']:.1f} | {mid['cpu locker']:.1f} "
@@ -318,6 +326,8 @@ def report(pairs: list[dict[str, float]], local: dict[str, list[float]],
     overheads = [r["legacy"] / r["router"] - 1 for r in router]
     least, typical = best_and_median(overheads, higher_is_better=False)
     mid = _median_round(router, lambda r: r["legacy"] / r["router"])
+    goals.append(Goal("the router with enhanced locking disabled against the legacy locker "
+                      "directly, pairs/s: <= +5 %", f"{typical:+.1%}", typical <= 0.05))
     lines.append(
         f"| router with enhanced disabled vs the legacy locker directly (pairs/s) "
         f"| {mid['legacy']:,.0f} | {mid['router']:,.0f} | {least:+.1%} / {typical:+.1%} time "
@@ -325,21 +335,26 @@ def report(pairs: list[dict[str, float]], local: dict[str, list[float]],
     overheads = [r["cpu router"] / r["cpu legacy"] - 1 for r in router]
     least, typical = best_and_median(overheads, higher_is_better=False)
     mid = _median_round(router, lambda r: r["cpu legacy"] / r["cpu router"])
+    goals.append(Goal("the router with enhanced locking disabled against the legacy locker "
+                      "directly, CPU per pair: <= +5 %", f"{typical:+.1%}", typical <= 0.05))
     lines.append(
         f"| CPU per pair, µs (thread time, lower quartile of the blocks): router with enhanced "
         f"disabled vs the legacy locker directly | {mid['cpu legacy']:.1f} "
         f"| {mid['cpu router']:.1f} | {least:+.1%} / {typical:+.1%} time "
         f"| <= +5% | {verdict(typical <= 0.05)} |")
-    for name, samples, goal, bound in (
-            ("in process", local, "p50 < 1 ms", 0.001),
+    for name, samples, goal, bound, asked in (
+            ("in process", local, "p50 < 1 ms", 0.001, "hand-off in process, p50: < 1 ms"),
             ("over HTTP (lean HTTP/1.1 client, the HTTP table's measure)", remote["lean"],
-             "p50 <= 1.5 ms", 0.0015),
+             "p50 <= 1.5 ms", 0.0015,
+             "hand-off over HTTP against `enhanced-locking serve`, p50: <= 1.5 ms"),
             ("over HTTP through Python's httpx clients (a note: what that client adds)",
-             remote["httpx"], "none", None)):
+             remote["httpx"], "none", None, "")):
         handoff, anchor = samples["handoff"], samples["anchor"]
         p50 = percentile(handoff, 0.5)
-        met = ("note" if bound is None
-               else verdict(p50 < bound if bound == 0.001 else p50 <= bound))
+        ok = None if bound is None else (p50 < bound if bound == 0.001 else p50 <= bound)
+        met = "note" if ok is None else verdict(ok)
+        if ok is not None:
+            goals.append(Goal(asked, f"{ms(p50)} ms", ok))
         lines.append(
             f"| handoff {name}: release → next waiter granted, p50 / p99 "
             f"(anchor: uncontended acquire p50 / p99) | {ms(percentile(anchor, 0.5))} / "
@@ -347,7 +362,7 @@ def report(pairs: list[dict[str, float]], local: dict[str, list[float]],
             f"{ms(percentile(handoff, 0.99))} | "
             f"{statistics.median(handoff) / statistics.median(anchor):.2f}x | {goal} "
             f"| {met} |")
-    return "\n".join(lines)
+    return Report("\n".join(lines), tuple(goals))
 
 
 async def only(case: str, pairs: int, work: Path) -> None:
@@ -395,10 +410,10 @@ def main() -> None:
         router = asyncio.run(router_overhead(args.pairs, args.rounds, work))
     counts = (f"{args.pairs} pairs per throughput case in each of {args.rounds} rounds, "
               f"{args.handoffs} handoffs in process, {over_http} over HTTP")
-    text = report(pairs, local, remote, router, counts)
-    print(text)
+    found = report(pairs, local, remote, router, counts)
+    print(found.text)
     if not args.no_write:
-        write_section("locker", HEADING, text)
+        write_section("locker", HEADING, found)
 
 
 if __name__ == "__main__":

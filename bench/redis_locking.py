@@ -72,6 +72,7 @@ from bench._common import (  # noqa: E402
     verdict,
     write_section,
 )
+from bench._goals import Goal, Report  # noqa: E402
 from tests.support.redis_server import RedisServer  # noqa: E402
 
 from enhanced_locking.backends.redis_connection import HiredisConnection  # noqa: E402
@@ -388,7 +389,7 @@ def _cell(values: list[float], fmt: str) -> str:
 def report(rounds: list[dict[str, float]], commands: tuple[dict[str, float], float],
            server: tuple[dict[str, float], dict[str, float]],
            handoffs: dict[str, list[float]],
-           fairness: dict[str, tuple[list[int], list[float]]], counts: str) -> str:
+           fairness: dict[str, tuple[list[int], list[float]]], counts: str) -> Report:
     cpus = len(os.sched_getaffinity(0))
     load = os.getloadavg()[0]
     lines = [
@@ -410,6 +411,15 @@ def report(rounds: list[dict[str, float]], commands: tuple[dict[str, float], flo
     vs_lock = [r["ours"] / r["redis-py"] for r in rounds]
     vs_floor = [r["ours"] / r["floor"] for r in rounds]
     ours_p50 = percentile(handoffs["ours"], 0.5)
+    goals = (
+        Goal(f"Redis: ours >= {GOAL_VS_REDIS_PY:.1f}x of redis-py's `Lock`, pairs/s",
+             f"{statistics.median(vs_lock):.2f}x (best {max(vs_lock):.2f}x)",
+             statistics.median(vs_lock) >= GOAL_VS_REDIS_PY),
+        Goal(f"Redis: ours >= {GOAL_VS_FLOOR:.1f}x of bare `SET NX PX` + `DEL`, pairs/s",
+             f"{statistics.median(vs_floor):.2f}x (best {max(vs_floor):.2f}x)",
+             statistics.median(vs_floor) >= GOAL_VS_FLOOR),
+        Goal(f"Redis: contended hand-off p50 <= {GOAL_HANDOFF_P50 * 1000:g} ms",
+             f"{ms(ours_p50)} ms", ours_p50 <= GOAL_HANDOFF_P50))
     lines += [
         "",
         "| goal | measured: median round (best round) | goal | met (median round) |",
@@ -456,7 +466,7 @@ def report(rounds: list[dict[str, float]], commands: tuple[dict[str, float], flo
         our_c, our_w = fairness["ours"]
         lines.append(f"| fairness, {CONTENDERS} contenders on one key: {label} | "
                      f"{pick(rp_c, rp_w, seconds)} | | {pick(our_c, our_w, seconds)} | |")
-    return "\n".join(lines)
+    return Report("\n".join(lines), goals)
 
 
 def _faster(theirs: list[float], ours: list[float]) -> str:
@@ -472,7 +482,7 @@ def _server_version() -> str:
 _SERVER_PORT = [0]
 
 
-async def run(args: argparse.Namespace, server: RedisServer) -> str:
+async def run(args: argparse.Namespace, server: RedisServer) -> Report:
     bench = Bench(server)
     try:
         pairs = await bench.throughput(args.pairs, args.rounds)
@@ -533,10 +543,10 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp, RedisServer(Path(tmp)) as server:
         _SERVER_PORT[0] = server.port
-        text = asyncio.run(run(args, server))
-    print(text)
+        found = asyncio.run(run(args, server))
+    print(found.text)
     if not args.no_write:
-        write_section("redis", HEADING, text)
+        write_section("redis", HEADING, found)
 
 
 if __name__ == "__main__":

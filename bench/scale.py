@@ -59,6 +59,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench._common import percentile, quick_defaults, verdict, write_section  # noqa: E402
+from bench._goals import Goal, Report  # noqa: E402
 
 from enhanced_locking.backends import EmbeddedBackend  # noqa: E402
 from enhanced_locking.config import EnhancedLockingConfig  # noqa: E402
@@ -272,7 +273,7 @@ def us(seconds: float) -> str:
     return f"{seconds * 1e6:,.1f}"
 
 
-def report(results: dict[str, Any], sizes: list[int], count: int, samples: int) -> str:
+def report(results: dict[str, Any], sizes: list[int], count: int, samples: int) -> Report:
     smallest, largest = sizes[0], sizes[-1]
     bound = math.log(largest) / math.log(smallest)
     header = " | ".join(f"{size:,} held" for size in sizes)
@@ -288,9 +289,10 @@ def report(results: dict[str, Any], sizes: list[int], count: int, samples: int) 
         f"| {largest:,} / {smallest:,} | goal | met |",
         "|---|" + "---:|" * (len(sizes) + 2) + "---|---|",
     ]
+    growths: dict[str, float] = {}
     for name in CALLS:
         values = [results["sizes"][size][name][1] for size in sizes]
-        growth = values[-1] / values[0]
+        growth = growths[name] = values[-1] / values[0]
         goal = f"<= {bound:.2f}x" if name != CALLS[5] else "<= 1.5x (flat)"
         ok = growth <= (bound if name != CALLS[5] else 1.5)
         lines.append(f"| {name} | " + " | ".join(us(v) for v in values)
@@ -307,7 +309,13 @@ def report(results: dict[str, Any], sizes: list[int], count: int, samples: int) 
         values = [results["sizes"][size][name][0] for size in sizes]
         lines.append(f"| {name} | " + " | ".join(us(v) for v in values)
                      + f" | {us(results['waiters'][name][0])} | {values[-1] / values[0]:.2f}x |")
-    return "\n".join(lines)
+    logarithmic = max(growth for name, growth in growths.items() if name != CALLS[5])
+    goals = (
+        Goal(f"scale: a call's p50 at {largest:,} held locks <= {bound:.2f}x its p50 at "
+             f"{smallest:,} (log n)", f"{logarithmic:.2f}x at most", logarithmic <= bound),
+        Goal("scale: list's cost per lock flat (<= 1.5x)", f"{growths[CALLS[5]]:.2f}x",
+             growths[CALLS[5]] <= 1.5))
+    return Report("\n".join(lines), goals)
 
 
 def main() -> None:
@@ -321,10 +329,10 @@ def main() -> None:
     sizes = sorted(int(size) for size in args.sizes.split(","))
     with tempfile.TemporaryDirectory() as tmp:
         results = asyncio.run(run(sizes, args.waiters, args.samples, Path(tmp)))
-    text = report(results, sizes, args.waiters, args.samples)
-    print(text)
+    found = report(results, sizes, args.waiters, args.samples)
+    print(found.text)
     if not args.no_write:
-        write_section("scale", HEADING, text)
+        write_section("scale", HEADING, found)
 
 
 if __name__ == "__main__":

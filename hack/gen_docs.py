@@ -5,6 +5,8 @@
 * ``docs/api.md``: the endpoint table, from the OpenAPI document of the FastAPI app.
 * ``docs/04-monitoring.md``: the table of metrics, from ``enhanced_locking.metrics``.
 * ``docs/openapi.json``: that OpenAPI document in full (also served at ``/openapi.json``).
+* ``docs/benchmarks.md``: the summary of the goals, from the goals each bench kept in its own
+  section of that page when it last ran (``bench/_goals.py``).
 
 Generated text sits between ``<!-- BEGIN GENERATED: <name> -->`` and
 ``<!-- END GENERATED: <name> -->``; everything outside the markers is written by hand and kept.
@@ -32,7 +34,12 @@ from enhanced_locking.metrics import Metrics
 from enhanced_locking.provider import ConfigProvider
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench._goals import summary  # noqa: E402
+
 DOCS = ROOT / "docs"
+BENCHMARKS = DOCS / "benchmarks.md"
 HTTP_METHODS = ("get", "post", "put", "patch", "delete")
 
 
@@ -122,10 +129,15 @@ def metrics_table() -> str:
     return "\n".join(lines)
 
 
+def goals_table() -> str:
+    return summary(BENCHMARKS.read_text())
+
+
 SECTIONS = [
     Section(DOCS / "01-foundation.md", "config", config_table),
     Section(DOCS / "api.md", "endpoints", endpoint_table),
     Section(DOCS / "04-monitoring.md", "metrics", metrics_table),
+    Section(BENCHMARKS, "goals", goals_table),
 ]
 FILES: dict[Path, Callable[[], str]] = {DOCS / "openapi.json": openapi_json}
 
