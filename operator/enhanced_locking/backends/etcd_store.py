@@ -137,6 +137,10 @@ _ATTEMPTS = 200
 _FREE_PER_READ = 60
 """Keys a read of the waiting keys covers (two operations each: etcd takes 128 in one
 transaction by default)."""
+_STILL_FREE = 5
+"""A waited-on key found free again, whose step found nothing to grant the check before (a
+batch waiting for another key, a freeze), has its step run again every this many checks, not
+at each (``EtcdBackend._unserved``)."""
 _EQUAL, _LESS, _MOD = Compare.EQUAL, Compare.LESS, Compare.MOD
 _SKEW = timedelta(seconds=1)
 """How far apart replicas' clocks may be for a deleted lock to count as lapsed (etcd ends a
@@ -1384,13 +1388,22 @@ class EtcdBackend(StoreBackend):
         A key with a waiter of ours and no holder is one whose lock etcd deleted (a release
         hands the key on in its own step), or one whose waiters cannot be served yet (a
         batch waiting for another key, a rule that refuses): the step that serves it is run
-        on fresh reads, so for the second kind it reads and writes nothing. A step that grants
-        something is a delete the watch did not serve. Returns the revision to watch from
-        once the watch is behind: by the next read, it still has not brought the delete of a
-        key the read before served (it was given two checks). ``None`` once this replica has
-        had no waiters for ``DELETIONS_LINGER`` seconds."""
+        on fresh reads, so for the second kind it writes nothing. It reads the key and what
+        its waiters' other keys need (five reads each, for a batch on two free keys and a
+        held one), so a key still free at the next check, its step having found nothing to
+        grant, is served again only every ``_STILL_FREE`` checks: the step on another key,
+        or ``wake``, serves such a waiter. (A key granted and deleted by etcd between two
+        checks, which a lock's lease ending a second or more after the lock allows only for
+        a lock shorter than the checks' interval, is then served that much later.) A step
+        that grants something is a delete the watch did not serve.
+
+        Returns the revision to watch from once the watch is behind: by the next read, it
+        still has not brought the delete of a key the read before served (it was given two
+        checks). ``None`` once this replica has had no waiters for ``DELETIONS_LINGER``
+        seconds."""
         behind: set[str] = set()  # keys the last read served (the watch had not)
         earlier: set[str] = set()  # keys whose delete the watch brought the check before
+        still: dict[str, int] = {}  # free keys whose step granted nothing: checks since
         revision = 0  # the last read's
         idle = 0.0
         while True:
@@ -1414,7 +1427,10 @@ class EtcdBackend(StoreBackend):
                 revision, free = await self._free_keys(keys)
             except BackendUnavailable:
                 continue
+            still = {key: still[key] + 1 for key in free if key in still}
             for key in free:
+                if still.get(key, 0) % _STILL_FREE:
+                    continue
                 try:
                     handoff = await self._atomic(
                         functools.partial(StoreBackend.expire, self, key),
@@ -1425,6 +1441,9 @@ class EtcdBackend(StoreBackend):
                 if handoff.granted:
                     behind.add(key)
                     self.served_unheard += 1
+                    still.pop(key, None)
+                else:
+                    still.setdefault(key, 0)
 
     async def _free_keys(self, keys: list[str]) -> tuple[int, list[str]]:
         """Of ``keys``, those with no holder (no lock, no shared holder), and the revision they
