@@ -16,6 +16,7 @@ import random
 import secrets
 import time
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from tests.support.etcd_fixtures import QUEUE_POLICY as POLICY
@@ -24,7 +25,8 @@ from tests.support.etcd_server import EtcdCluster
 from tests.support.grant_history import GrantHistory
 from tests.support.locks import candidate_for, request_for
 
-from enhanced_locking.backends.etcd_connection import EtcdConnection, EtcdSettings
+from enhanced_locking.backends.base import StoreBackend
+from enhanced_locking.backends.etcd_connection import WATCH_CHECK, EtcdConnection, EtcdSettings
 from enhanced_locking.backends.etcd_store import EtcdBackend
 from enhanced_locking.backends.waiting import Status, Wait
 from enhanced_locking.events import EventBus
@@ -293,3 +295,39 @@ async def test_a_locker_queuing_a_request_asks_etcd_once_and_its_event_shows_the
     finally:
         await locker.close()
         await backend.close()
+
+
+async def test_a_waited_on_key_that_stays_free_is_not_stepped_on_at_every_check(
+    etcd_replicas: tuple[EtcdBackend, EtcdBackend], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A batch waiter queued on a held key and a free one: the read of the waiting keys every
+    # WATCH_CHECK seconds finds the free key with no holder and runs its step, which cannot
+    # serve the batch (its other key is held) and writes nothing. It read five times each
+    # check; a key still free after a step that granted nothing is stepped on again only
+    # every fifth check. Over five checks: the first step, not one at each.
+    a, b = etcd_replicas
+    held = await grant(b, want(1, "envs/held"))
+    runs: list[float] = []  # when the free key's step ran (a step runs again after a miss)
+    expire = StoreBackend.expire
+    free = want(2, "envs/free").key
+
+    async def counted(self: StoreBackend, key: str, **kwargs: Any) -> Any:
+        if key == free:
+            runs.append(time.monotonic())
+        return await expire(self, key, **kwargs)
+
+    monkeypatch.setattr(StoreBackend, "expire", counted)
+    wait = offer(60)
+    told = a.grants.expect(wait.id)
+    outcome = await a.acquire_batch([want(2, "envs/held"), want(2, "envs/free")], ttl=None,
+                                    wait=wait, policy=POLICY)
+    assert outcome.status is Status.QUEUED, outcome
+    await asyncio.sleep(5 * WATCH_CHECK + 1)
+    # Steps: runs more than a second apart (the runs of one step follow each other at once).
+    steps = [at for n, at in enumerate(runs) if not n or at - runs[n - 1] > 1.0]
+    assert len(steps) in (1, 2), runs
+    assert not told.done()
+    # The batch is still served, by the step on its other key.
+    await b.release_and_handoff(held.key, owner=held.owner, policy=POLICY)
+    notice = await asyncio.wait_for(told, WATCH_CHECK + 5)
+    assert sorted(lock.key for lock in notice.locks) == sorted([held.key, free])
