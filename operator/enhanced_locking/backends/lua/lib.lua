@@ -52,7 +52,7 @@ local function begin(keys, args)
   REPLICA_ID = ARGV[6]
   KNOWN_INCARNATION, NEW_INCARNATION, QUARANTINE_MS = ARGV[7], ARGV[8], ARGV[9]
   local clock = CALL('TIME')
-  NOW = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+  NOW = clock[1] * 1000 + math.floor(clock[2] / 1000)  -- (Lua reads the digits as numbers)
   INCARNATION, OP, HELD, FENCED, QUEUED = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
   LIVENESS, SEQ = KEYS[6], KEYS[7]
   TOKEN_BASE = 0
@@ -93,7 +93,7 @@ end
 local function clock()
   if not NOW then
     local t = CALL('TIME')
-    NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    NOW = t[1] * 1000 + math.floor(t[2] / 1000)  -- (Lua reads the digits as numbers)
   end
   return NOW
 end
@@ -224,7 +224,8 @@ end
 local function w_try(...)
   call_state()
   local reply = PCALL(...)
-  if type(reply) == 'table' and reply['err'] then return nil end
+  -- (0 or 1, the answer of most: known not to be Redis's refusal without a call to `type`)
+  if reply ~= 1 and reply ~= 0 and type(reply) == 'table' and reply['err'] then return nil end
   WROTE = true
   if MEMO ~= NO_MEMO and next(MEMO) ~= nil then MEMO = {} end
   return reply
@@ -253,7 +254,7 @@ local function guard(unsent)
     return {'spoiled_answer', ok and 'a JSON object' or 'not JSON'}
   end
   local e = PCALL('HMGET', INCARNATION, 'id', 'base', 'until')
-  if type(e) == 'table' and e['err'] then
+  if e['err'] then  -- (HMGET answers a list, or Redis's refusal: a table either way)
     -- Another Redis type where the incarnation is kept (written over by something else): the
     -- locks and counters are where they were, so a new incarnation starts at once, without
     -- quarantine; counters started from now on continue from the clock, above any token a
@@ -429,7 +430,8 @@ end
 -- Whether k may have waiters (QUEUED lists it; an index of another type: maybe).
 local function maybe_queued(k)
   local found = PCALL('SISMEMBER', QUEUED, k)
-  return is_error(found) or found == 1
+  -- (0, nearly always: the answer is known without a call to tell an error apart)
+  return found ~= 0 and (found == 1 or is_error(found))
 end
 
 -- Why k's fencing counter cannot serve a grant (another Redis type, or not a whole number
@@ -493,7 +495,8 @@ end
 local function lock_row(k, name)
   local v = PCALL('HMGET', name, 'data', 'token', 'at', 'exp', 'repo', 'pull',
                         'claim', 'lease', 'path', 'ws', 'damaged')
-  if is_error(v) then return unreadable(k, '', not_a(name, 'hash'), {lock = true}) end
+  -- (HMGET answers a list, or Redis's refusal: a table either way)
+  if v['err'] then return unreadable(k, '', not_a(name, 'hash'), {lock = true}) end
   if v[11] then return unreadable(k, '', v[11], {lock = true}) end  -- `set_aside`
   if not v[1] then
     if v[2] or v[5] then
@@ -576,6 +579,7 @@ local function save_shared(lock)
 end
 
 local function lapsed(lock)
+  if lock[5] == '0' then return false end  -- no lease (most locks): no number to read
   local exp = tonumber(lock[5])
   return exp > 0 and exp <= clock()
 end
