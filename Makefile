@@ -111,7 +111,7 @@ kind-e2e: venv
 image-smoke:
 	hack/image-smoke.sh $(ARGS)
 
-BENCH_SCRIPTS = $(filter-out bench/_common.py,$(sort $(wildcard bench/*.py)))
+BENCH_SCRIPTS = $(filter-out bench/_%,$(sort $(wildcard bench/*.py)))
 
 # Every benchmark with small counts (a few minutes in all), each table printed with its goals;
 # docs/benchmarks.md is written by bench-full (the full counts).
