@@ -2,7 +2,8 @@
 
 * ``docs/01-foundation.md``: the config reference (each setting's YAML key, env var, flag,
   default, accepted form and description), from ``enhanced_locking.config.settings()``.
-* ``docs/api.md``: the endpoint table, from the OpenAPI document of the FastAPI app.
+* ``docs/api.md``: the endpoint table, from the OpenAPI document of the FastAPI app, and the
+  event types, from ``enhanced_locking.events.EVENT_TYPES``.
 * ``docs/04-monitoring.md``: the table of metrics, from ``enhanced_locking.metrics``.
 * ``docs/openapi.json``: that OpenAPI document in full (also served at ``/openapi.json``).
 * ``docs/benchmarks.md``: the summary of the goals, from the goals each bench kept in its own
@@ -29,6 +30,7 @@ from typing import Any
 
 from enhanced_locking.api import create_app
 from enhanced_locking.config import EnhancedLockingConfig, settings
+from enhanced_locking.events import EVENT_TYPES
 from enhanced_locking.factory import LockService
 from enhanced_locking.metrics import Metrics
 from enhanced_locking.provider import ConfigProvider
@@ -129,6 +131,10 @@ def metrics_table() -> str:
     return "\n".join(lines)
 
 
+def event_types() -> str:
+    return ", ".join(f"`{name}`" for name in EVENT_TYPES) + "."
+
+
 def goals_table() -> str:
     return summary(BENCHMARKS.read_text())
 
@@ -136,6 +142,7 @@ def goals_table() -> str:
 SECTIONS = [
     Section(DOCS / "01-foundation.md", "config", config_table),
     Section(DOCS / "api.md", "endpoints", endpoint_table),
+    Section(DOCS / "api.md", "event-types", event_types),
     Section(DOCS / "04-monitoring.md", "metrics", metrics_table),
     Section(BENCHMARKS, "goals", goals_table),
 ]

@@ -20,14 +20,14 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, get_args
 
 from enhanced_locking.types import Event, Lock
 
-__all__ = ["EVENT_TYPES", "FOLLOWING_COMMENT", "Bus", "EventBus", "Following", "Gap",
-           "parse_event_id"]
+__all__ = ["EVENT_TYPES", "FOLLOWING_COMMENT", "Bus", "EventBus", "EventType", "Following",
+           "Gap", "parse_event_id"]
 
-EVENT_TYPES = (
+EventType = Literal[
     "acquired",
     "released",
     "queued",
@@ -37,6 +37,10 @@ EVENT_TYPES = (
     "expired",
     "deadlock",
     "force-unlocked",
+    "superseded",
+    "frozen",
+    "freeze-started",
+    "freeze-ended",
     "fallback",
     "routing-changed",
     "config-applied",
@@ -47,7 +51,11 @@ EVENT_TYPES = (
     "rollout-changed",
     "lock-unreadable",
     "lock-unreadable-cleared",
-)
+]
+"""Every type of event the service publishes: ``publish`` takes only these (mypy holds each
+call to them), and ``GET /v1/events?type=`` accepts only these."""
+
+EVENT_TYPES: tuple[EventType, ...] = get_args(EventType)
 
 Subscriber = Callable[[Event], None]
 
@@ -128,7 +136,7 @@ class Bus(Protocol):
     :class:`Following` once the reader's start is fixed.
     """
 
-    def publish(self, type: str, *, lock: Lock | None = None, key: str | None = None,
+    def publish(self, type: EventType, *, lock: Lock | None = None, key: str | None = None,
                 **details: Any) -> None: ...
 
     def subscribe(self, subscriber: Subscriber) -> Callable[[], None]: ...
@@ -156,7 +164,7 @@ class EventBus:
         self._last = (0, 0)
         self._enabled = enabled
 
-    def publish(self, type: str, *, lock: Lock | None = None, key: str | None = None,
+    def publish(self, type: EventType, *, lock: Lock | None = None, key: str | None = None,
                 **details: Any) -> None:
         """Record and fan out one event (nothing when the events flag is off)."""
         if not self._enabled():

@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, ClassVar
 
 from enhanced_locking.backends.outbox import Outbox
-from enhanced_locking.events import EventBus, Following, Gap
+from enhanced_locking.events import EventBus, EventType, Following, Gap
 from enhanced_locking.types import Event, Lock, utcnow
 
 __all__ = ["SharedEventBus"]
@@ -76,7 +76,7 @@ class SharedEventBus(EventBus):
         raise NotImplementedError
 
     # --- publishing --------------------------------------------------------------------------
-    def publish(self, type: str, *, lock: Lock | None = None, key: str | None = None,
+    def publish(self, type: EventType, *, lock: Lock | None = None, key: str | None = None,
                 **details: Any) -> None:
         if not self._enabled():
             return

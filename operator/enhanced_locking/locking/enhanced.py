@@ -25,7 +25,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 from enhanced_locking import policies
 from enhanced_locking.backends.base import Backend, Owner, QueueBackend, parts_of
@@ -43,7 +43,7 @@ from enhanced_locking.backends.waiting import (
 )
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.durations import format_duration
-from enhanced_locking.events import EventBus
+from enhanced_locking.events import EventBus, EventType
 from enhanced_locking.locking import batch, deadlock, queueing, visibility
 from enhanced_locking.locking.base import AtlantisCalls
 from enhanced_locking.locking.leasing import LeaseTimers
@@ -72,6 +72,15 @@ __all__ = ["EnhancedLocker"]
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+ReleaseHow = Literal["released", "abandoned", "rule", "force-unlocked", "expired"]
+"""How a lock left its holder (the ``how`` of the releases metric and of the event's details)."""
+
+_RELEASE_EVENT: dict[ReleaseHow, EventType] = {
+    "released": "released", "abandoned": "released", "rule": "released",
+    "force-unlocked": "force-unlocked", "expired": "expired"}
+"""The event a release publishes: a lock given back (by its holder, by the service for a caller
+that had gone, as a rule changed) is ``released``, its ``how`` saying which."""
 Result = TypeVar("Result", AcquireResult, BatchResult)
 """The caller's answer to an acquire: one key's, or a batch's."""
 _Made = TypeVar("_Made", AcquireResult, BatchResult, covariant=True)
@@ -537,7 +546,7 @@ class EnhancedLocker(AtlantisCalls):
         for holder in holders:
             self.leases.arm(key, holder.expires_at)
 
-    def _handed(self, handoff: Handoff, *, how: str) -> None:
+    def _handed(self, handoff: Handoff, *, how: ReleaseHow) -> None:
         released, also = handoff.released, handoff.also_released
         if released is None and not also and not handoff.granted:
             return  # nothing was held, nothing handed over: nothing to record
@@ -555,7 +564,7 @@ class EnhancedLocker(AtlantisCalls):
             self.holds.record(extra.key, now - extra.acquired_at.timestamp())
         for extra in also:
             self.metrics.releases.labels("enhanced", how).inc()
-            self.events.publish(how, lock=extra, how=how)
+            self.events.publish(_RELEASE_EVENT[how], lock=extra, how=how)
         if released is not None and key is not None:
             self.leases.disarm(key)
             counter = self._release_count.get(how)
@@ -569,7 +578,7 @@ class EnhancedLocker(AtlantisCalls):
             # Nobody handed to (most releases): no comprehension, a frame of its own in 3.11.
             # Nobody handed to: the empty tuple, which the collector does not track (an empty
             # list kept in the event ring was two tracked objects more per release).
-            self.events.publish("released" if how == "abandoned" else how, lock=released,
+            self.events.publish(_RELEASE_EVENT[how], lock=released,
                                 key=key, how=how,
                                 handedTo=[g.waiter.id for g in granted] if granted else ())
         for grant in handoff.granted:
