@@ -8,10 +8,12 @@ is ``<revision>-<index>`` (its write's revision and its place in that write), th
 other buses use, so ``Last-Event-ID`` resumes on any replica: the watch starts at a revision.
 
 * ``publish`` is the shared one (:mod:`~enhanced_locking.backends.shared_events`): the outbox
-  is written up to 10 ms later (``coalesce``), the events of those 10 ms in one put. On a
-  replica whose locks are in the same etcd, the events ride in the next lock step's
-  transaction instead (``board``/``landed``, see ``EtcdBackend.carry``): a busy replica makes
-  no consensus write of its own for them; the outbox writes only what no step took.
+  is written up to 10 ms later (``coalesce``), the events of those 10 ms in one idempotent
+  write (:meth:`EtcdEventBus._put`: a write sent again after its answer was lost puts
+  nothing twice). On a replica whose locks are in the same etcd, the events ride in the next
+  lock step's transaction instead (``board``/``landed``, see ``EtcdBackend.carry``): a busy
+  replica makes no consensus write of its own for them; the outbox writes only what no step
+  took.
 * Once someone follows the events (an SSE client), one watch per replica reads the key's
   history into the in-process ring the SSE stream serves from: first the writes of the last
   ``lookback`` revisions (at most ``capacity`` events are kept), then live. A client whose
@@ -29,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 from collections.abc import Callable
 from typing import Any
 
@@ -37,7 +40,7 @@ import grpc
 from pydantic import TypeAdapter, ValidationError
 
 from enhanced_locking.backends.etcd_connection import (
-    CALL_TIMEOUT,
+    ATTEMPT_TIMEOUT,
     WATCH_CHECK,
     EtcdConnection,
     EtcdSettings,
@@ -61,6 +64,9 @@ _DOWN = (etcd3aio.EtcdError, grpc.RpcError, OSError, TimeoutError)
 _RIDE = 50  # events riding in one lock transaction: keeps the transaction small
 _LAST_INDEX = _BATCH  # above every index in a write: "after all of revision r"
 _BATCH_JSON: TypeAdapter[list[Event]] = TypeAdapter(list[Event])
+_KV = etcd3aio.kv.KVService
+WRITER = "-writer/"
+"""What follows the events key in a writer key's name (before the process's random id)."""
 
 
 class EtcdEventBus(SharedEventBus):
@@ -86,6 +92,14 @@ class EtcdEventBus(SharedEventBus):
         super().__init__(where=connection.where, capacity=capacity, enabled=enabled)
         self.connection = connection
         self.key = key.encode()
+        self.writer = f"{key}{WRITER}{secrets.token_hex(8)}".encode()
+        """This process's writer key (``{key}-writer/{random}``): the tag of its last batch
+        written, which makes its writes idempotent (:meth:`_put`). Never an event: the watch
+        and the reads are of the events key alone."""
+        self._known: bytes | None = None
+        """The writer key's value as this process last knew it (``None``: absent)."""
+        self.writes = 0
+        """Transactions the outbox sent (tests and the bench read it)."""
         self.lookback = lookback
         self._floor = 0
         """The revision from which the ring holds every event (older ones were not loaded)."""
@@ -104,9 +118,46 @@ class EtcdEventBus(SharedEventBus):
 
     # --- writing -----------------------------------------------------------------------------
     async def _write(self, batch: list[Event]) -> None:
-        client = await self.connection.client()
-        assert client.kv is not None
-        await client.kv.put(self.key, _BATCH_JSON.dump_json(batch), timeout=CALL_TIMEOUT)
+        await self._once(batch, self._put)
+
+    async def _put(self, batch: list[Event], tag: bytes) -> None:
+        """``batch`` under ``tag`` (:meth:`SharedEventBus._once`).
+
+        One transaction: if this replica's writer key still holds the tag of its last batch
+        known written (``_known``; absent: not yet written), put the batch on the events key
+        and the writer key to ``tag``; else read the writer key. A writer key that holds
+        ``tag`` says an earlier attempt of this batch was applied and only its answer lost:
+        done, no second copy. Anything else (another process wrote it, or a batch this one gave
+        up on was applied after all) is taken as known and the write sent once more. An
+        attempt applied late, after a later one, finds the writer key moved on and writes
+        nothing. So the write may be sent again freely: as the reads are
+        (:func:`leader_first`, attempts of ``ATTEMPT_TIMEOUT`` on the next member), not in one
+        attempt of the call's whole time."""
+        value = _BATCH_JSON.dump_json(batch)
+        for _ in range(2):
+            if await self._transact(value, tag):
+                return
+        raise etcd3aio.EtcdError(f"the events writer key {self.writer.decode()} changed under "
+                                 "this replica twice")
+
+    async def _transact(self, value: bytes, tag: bytes) -> bool:
+        """One idempotent write (see :meth:`_put`): whether the batch is in the log."""
+        known = self._known
+        compare = (_KV.txn_compare_version(self.writer, 0) if known is None
+                   else _KV.txn_compare_value(self.writer, known))
+        success = [_KV.txn_op_put(self.key, value), _KV.txn_op_put(self.writer, tag)]
+        failure = [_KV.txn_op_get(self.writer)]
+        self.writes += 1
+        answer = await leader_first(self.connection, lambda member, deadline: kv_calls(
+            member).txn([compare], success, failure, timeout=deadline, max_attempts=1))
+        if not answer.succeeded:
+            kvs = answer.responses[0].response_range.kvs
+            now = bytes(kvs[0].value) if kvs else None
+            if now != tag:
+                self._known = now
+                return False
+        self._known = tag
+        return True
 
     async def _get(self, **options: Any) -> Any:
         """A read of the events key, sent as the store's reads are (:func:`leader_first`: on
@@ -116,6 +167,11 @@ class EtcdEventBus(SharedEventBus):
             member).get(self.key, timeout=deadline, max_attempts=1, **options))
 
     async def _disconnect(self) -> None:
+        if self._known is not None:  # the writer key goes with its process (best effort)
+            with contextlib.suppress(*_DOWN, BackendUnavailable):
+                client = await self.connection.client()
+                await kv_calls(client).delete(self.writer, timeout=ATTEMPT_TIMEOUT,
+                                              max_attempts=1)
         await self.connection.close()
 
     # --- reading -----------------------------------------------------------------------------

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, ClassVar
 
 from enhanced_locking.backends.outbox import Outbox
@@ -52,6 +53,31 @@ class SharedEventBus(EventBus):
             coalesce=self.coalesce, batch_limit=self.batch_limit)
         self._loaded = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
+        self._unsure: tuple[bytes, list[Event]] | None = None
+        """The tag and the events of a write that failed (it may have been applied)."""
+
+    async def _once(self, batch: list[Event],
+                    put: Callable[[list[Event], bytes], Awaitable[None]]) -> None:
+        """``batch`` written by ``put`` under a tag of its own (64 bits from the system's
+        randomness), which the store's write keeps in a writer key of this process: a write
+        sent again after its answer was lost finds its tag there and appends nothing. A write
+        that failed may have been applied all the same: when the outbox sends it again (its
+        first events are that write's), that part goes again under its first tag, and only
+        the rest under a new one."""
+        unsure, self._unsure = self._unsure, None
+        pieces: list[tuple[bytes, list[Event]]] = []
+        if (unsure is not None and len(unsure[1]) <= len(batch)
+                and all(a is b for a, b in zip(unsure[1], batch, strict=False))):
+            pieces.append(unsure)
+            batch = batch[len(unsure[1]):]
+        if batch:
+            pieces.append((secrets.token_hex(8).encode(), batch))
+        for tag, piece in pieces:
+            try:
+                await put(piece, tag)
+            except BaseException:
+                self._unsure = (tag, piece)
+                raise
 
     @property
     def dropped(self) -> int:
