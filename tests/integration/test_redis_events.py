@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from redis.crc import key_slot
 from tests.support.following import followed
 from tests.support.locks import request_for
 from tests.support.redis_fixtures import redis_cluster_config, redis_config
@@ -15,7 +17,7 @@ from tests.support.redis_server import RedisServer
 from tests.support.unreadable import SECRET
 
 from enhanced_locking.backends.redis_connection import connect
-from enhanced_locking.backends.redis_events import RedisEventBus
+from enhanced_locking.backends.redis_events import RedisEventBus, writer_key
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.events import parse_event_id
 from enhanced_locking.factory import LockService
@@ -188,3 +190,103 @@ async def test_the_stream_is_trimmed_to_about_its_capacity_by_each_write(
     finally:
         await redis.delete(bus.stream_key)
         await bus.close()
+
+
+# --- a write whose answer is lost -------------------------------------------------------------
+
+
+class AnswerLost:
+    """A loopback proxy to ``server`` that loses one answer: the first request that writes
+    the events (an ``EVALSHA`` or ``XADD``) goes to Redis, which runs it, and its answer is
+    not passed on: the client's connection is closed instead (a connection dropped after Redis
+    applied the write). Everything else passes both ways. An answer Redis refused
+    (``NOSCRIPT``: the script not loaded yet) is passed on: nothing was applied."""
+
+    def __init__(self, server: RedisServer) -> None:
+        self.server = server
+        self.lost = 0
+        self._listener: asyncio.Server | None = None
+        self.addr = ""
+
+    async def __aenter__(self) -> AnswerLost:
+        self._listener = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self._listener.sockets[0].getsockname()[1]
+        self.addr = f"127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._listener is not None
+        self._listener.close()
+
+    async def _serve(self, client_in: asyncio.StreamReader,
+                     client_out: asyncio.StreamWriter) -> None:
+        host, port = self.server.addr.rsplit(":", 1)
+        server_in, server_out = await asyncio.open_connection(host, int(port))
+        answers = asyncio.ensure_future(self._pass(server_in, client_out))
+        try:
+            while data := await client_in.read(65536):
+                writes = b"EVALSHA" in data.upper() or b"XADD" in data.upper()
+                if writes and not self.lost:
+                    answers.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await answers
+                    server_out.write(data)
+                    await server_out.drain()
+                    answer = await server_in.read(65536)
+                    if not answer.startswith(b"-NOSCRIPT"):
+                        self.lost += 1
+                        await asyncio.sleep(0.05)  # every answer of a pipeline is in
+                        return
+                    client_out.write(answer)
+                    await client_out.drain()
+                    answers = asyncio.ensure_future(self._pass(server_in, client_out))
+                    continue
+                server_out.write(data)
+                await server_out.drain()
+        finally:
+            answers.cancel()
+            for out in (server_out, client_out):
+                out.close()
+
+    @staticmethod
+    async def _pass(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        while data := await source.read(65536):
+            sink.write(data)
+            await sink.drain()
+
+
+async def test_a_write_whose_answer_was_lost_is_appended_once(
+    redis_server: RedisServer,
+) -> None:
+    # The connection drops after Redis ran the write, before its answer came back: the outbox
+    # sends the write again on a new connection. It finds its tag in the writer key and
+    # appends nothing: the event is in the stream once. Before, the write was a pipeline of
+    # plain XADDs, and the one sent again appended the events a second time (new ids: every
+    # follower saw them twice).
+    config = redis_config(redis_server)
+    direct = connect(config)
+    async with AnswerLost(redis_server) as proxy:
+        bus = RedisEventBus.from_config(config.model_copy(update={"redis_addr": proxy.addr}))
+        try:
+            bus.publish("fallback", key="once", action="legacy", error="test")
+            await bus._outbox.drained(10)
+            assert proxy.lost == 1
+            entries: Any = await direct.client.xrange(bus.stream_key)
+            assert [Event.model_validate_json(f["e"]).key for _, f in entries] == ["once"]
+            # The next write goes on as before: one more entry.
+            bus.publish("fallback", key="next", action="legacy", error="test")
+            await bus._outbox.drained(10)
+            assert await direct.client.xlen(bus.stream_key) == 2
+        finally:
+            await bus.close()
+            await direct.close()
+
+
+@pytest.mark.parametrize("stream", ["atlantis:enhanced:events", "{locks}:events",
+                                    "a{}b:events", "a}b:events", "a{b:events"])
+def test_the_writer_key_is_in_the_streams_slot(stream: str) -> None:
+    # The append script touches the stream and the writer key: on a Redis Cluster both must
+    # be in one slot, whatever the key prefix (a hash tag of its own, or none).
+    key = writer_key(stream, "0123456789abcdef")
+    assert key.startswith(f"{stream}-writer:")  # ACL key patterns name the prefix
+    assert key_slot(key.encode()) == key_slot(stream.encode())

@@ -12,6 +12,7 @@ after it had written: a script that asks for keys must have written nothing.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import re
 import shutil
@@ -21,6 +22,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from enhanced_locking.backends.redis_events import APPEND_EVENTS
+
 __all__ = ["KeyWatch", "Watched", "check_log"]
 
 _SCRIPT_CALLS = {"evalsha", "eval", "fcall", "evalsha_ro", "eval_ro", "fcall_ro"}
@@ -29,6 +32,9 @@ _NO_KEYS = {"time", "publish", "spublish"}
 _WRITES = {"set", "incr", "incrby", "hset", "hdel", "sadd", "srem", "zadd", "zrem",
            "zremrangebyscore", "pexpireat", "pexpire", "persist", "del", "unlink", "xadd",
            "expire", "getdel", "hincrby"}
+_NO_CALL_ID = {hashlib.sha1(APPEND_EVENTS.encode()).hexdigest()}
+"""Scripts whose ``KEYS[2]`` is no call id (the events' append: its process's writer key, the
+same for each of its writes)."""
 _LINE = re.compile(r"^\+?(?P<at>[\d.]+) \[(?P<db>\d+) (?P<client>[^\]]+)\] (?P<args>.*)$")
 _TOKEN = re.compile(r'"((?:[^"\\]|\\.)*)"')
 _ESCAPES = {"n": "\n", "r": "\r", "t": "\t", "a": "\a", "b": "\b", '"': '"', "\\": "\\"}
@@ -119,7 +125,7 @@ def check_log(text: str) -> Watched:
             for key in _touched(command):
                 if key not in declared:
                     watched.undeclared.append(f"{command[0]} {key} (line {number})")
-        if len(call.keys) >= 2:
+        if len(call.keys) >= 2 and call.script not in _NO_CALL_ID:
             by_id.setdefault(call.keys[1], []).append(call)
     for same in by_id.values():
         for earlier, later in itertools.pairwise(same):

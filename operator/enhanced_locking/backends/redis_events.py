@@ -7,9 +7,11 @@ that reconnects to another replica with ``Last-Event-ID`` resumes where it was.
 
 * ``publish`` is the shared one (:mod:`~enhanced_locking.backends.shared_events`): the outbox
   is appended up to 10 ms later (``coalesce``), one ``XADD`` an event, the events of those
-  10 ms pipelined in one round trip, and the stream trimmed to about ``capacity`` entries by
-  one ``XTRIM`` at the end of the same write (not by each ``XADD``: three arguments fewer an
-  event for Redis to read, one look at the stream's length a write). Subscribers in the
+  10 ms in one script call (one round trip), and the stream trimmed to about ``capacity``
+  entries by one ``XTRIM`` at the end of the same write (not by each ``XADD``: three arguments
+  fewer an event for Redis to read, one look at the stream's length a write). The script
+  appends a write once however often it is sent (:meth:`RedisEventBus._append`): one whose
+  answer was lost, sent again, appends nothing. Subscribers in the
   process hear of an event at once; only other replicas' followers see it that much later.
   With 2 ms, a replica granting and releasing one lock after another paid about one more
   round trip per pair (three where the lock itself takes two).
@@ -29,12 +31,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import secrets
 from collections.abc import Callable
 from typing import Any
 
 import redis.exceptions as rexc
+from redis.crc import key_slot
 
+from enhanced_locking.backends import redis_lua
 from enhanced_locking.backends.outbox import RETRY_FIRST, RETRY_MAX
 from enhanced_locking.backends.redis_connection import (
     REPLACE_WRITTEN_OVER,
@@ -48,14 +54,34 @@ from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.events import parse_event_id
 from enhanced_locking.types import Event
 
-__all__ = ["RedisEventBus"]
+__all__ = ["RedisEventBus", "writer_key"]
 
 log = logging.getLogger(__name__)
 
 _BLOCK_MS = 3_000  # below the connection's read timeout: an idle stream is not an error
 _json = Event.__pydantic_serializer__.to_json
 """``Event.model_dump_json`` as bytes, without its wrapper (about 0.7 µs an event)."""
+APPEND_EVENTS = redis_lua.standalone("append_events")
+WRITER_TTL = 3600
+"""Seconds a writer key is kept after its process's last write (a write is sent again within
+seconds: the outbox's backoff is at most ``RETRY_MAX``; a process gone leaves nothing)."""
 _DOWN = (rexc.ConnectionError, rexc.TimeoutError, rexc.BusyLoadingError, OSError)
+
+
+def writer_key(stream: str, writer: str) -> str:
+    """The writer key of process ``writer`` for ``stream``: it starts with the stream's name
+    (so with the key prefix, which ACL key patterns name) and is in the stream's hash slot (a
+    script's keys must share one on a Redis Cluster): ``{stream}-writer:{writer}`` when the
+    name has a hash tag (the same tag), else ``{stream}-writer:{{stream}}:{writer}`` (the
+    whole name as its tag: the slot is the whole name's); a name that allows neither (a
+    brace in it but no tag) gets a number after the writer's id, the first that gives the
+    slot."""
+    slot = key_slot(stream.encode())
+    for key in (f"{stream}-writer:{writer}", f"{stream}-writer:{{{stream}}}:{writer}"):
+        if key_slot(key.encode()) == slot:
+            return key
+    return next(key for n in itertools.count()
+                if key_slot((key := f"{stream}-writer:{writer}:{n}").encode()) == slot)
 
 
 class StreamWrittenOver(Exception):
@@ -83,6 +109,10 @@ class RedisEventBus(SharedEventBus):
         self.stream_key = stream
         self._cursor = "0-0"
         self._replace = connection.client.register_script(REPLACE_WRITTEN_OVER)
+        self._script = connection.client.register_script(APPEND_EVENTS)
+        self.writer = writer_key(stream, secrets.token_hex(8))
+        """This process's writer key: the tag of its last write, which makes its writes
+        idempotent (:meth:`_append`); kept ``WRITER_TTL`` seconds after each."""
         self._unreadable = ""
         """The Redis type the reader last found at the stream's key ('' while it reads)."""
 
@@ -93,24 +123,40 @@ class RedisEventBus(SharedEventBus):
 
     # --- writing -----------------------------------------------------------------------------
     async def _write(self, batch: list[Event]) -> None:
-        # One pipelined round trip for the whole batch (``XADD key * e <event JSON>`` each,
-        # the JSON as ``model_dump_json`` makes it, as bytes), then the stream trimmed to
-        # about capacity (``XTRIM key MAXLEN ~ capacity``: whole nodes of the stream go).
+        await self._once(batch, self._append)
+
+    async def _append(self, batch: list[Event], tag: bytes) -> None:
+        """``batch`` appended once under ``tag`` (:meth:`SharedEventBus._once`): one script
+        call, one round trip (``lua/standalone/append_events.lua``): unless this process's
+        writer key holds ``tag`` (an earlier attempt was run, its answer lost), ``XADD key *
+        e <event JSON>`` each, the stream trimmed to about capacity (``XTRIM key MAXLEN ~
+        capacity``: whole nodes of the stream go), and the writer key set to ``tag`` for
+        ``WRITER_TTL`` seconds."""
         stream = self.stream_key
-        commands: list[tuple[Any, ...]] = [("XADD", stream, "*", "e", _json(event, by_alias=False))
-                                           for event in batch]
-        commands.append(("XTRIM", stream, "MAXLEN", "~", self.capacity))
-        # Another Redis type at the stream's key (written over by something else): every
-        # command is refused (all name the one key), so the batch is appended to a new stream.
+        args: list[bytes | int] = [tag, self.capacity, WRITER_TTL,
+                                   *(_json(event, by_alias=False) for event in batch)]
+        # Another Redis type at the stream's key (written over by something else): the script
+        # is refused at its first XADD, before it wrote anything, so the batch is appended
+        # to a new stream.
         try:
             await again_if_written_over(self._replace, stream, "stream",
-                                        lambda: self.connection.call_all(commands),
-                                        self._replaced)
+                                        lambda: self._run(stream, args), self._replaced)
         except rexc.ResponseError as error:
             if not wrong_type(error):
                 raise
             raise StreamWrittenOver(f"the event stream {stream} is of another Redis type "
                                     "again") from None
+
+    async def _run(self, stream: str, args: list[bytes | int]) -> Any:
+        """The script by ``EVALSHA`` on the connection's kept connections (as the pipeline
+        before it: redis-py's script object costs about 70 µs more of this process's time a
+        call); a Redis that does not have it (``NOSCRIPT``: new, or restarted) gets it from
+        the script object, which loads it where the keys are and calls it again."""
+        keys = [stream, self.writer]
+        try:
+            return await self.connection.call("EVALSHA", self._script.sha, 2, *keys, *args)
+        except rexc.NoScriptError:
+            return await self._script(keys=keys, args=args)
 
     def _replaced(self, kind: str) -> None:
         log.warning("the event stream %s was not a stream (Redis type %s; written over by "
