@@ -12,8 +12,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import select
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import h11
@@ -36,15 +37,20 @@ BATCH = {"locks": [{"project": {"repoFullName": REPO, "path": name, "projectName
          "pull": BODY["pull"], "user": BODY["user"]}
 
 
+def _scope(raw: bytes, path: str = "/v1/locks") -> dict[str, Any]:
+    """The ASGI scope of a JSON ``POST`` of ``raw`` to ``path``."""
+    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+            "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(),
+            "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1),
+            "server": ("127.0.0.1", 2),
+            "headers": [(b"content-type", b"application/json"),
+                        (b"content-length", str(len(raw)).encode())]}
+
+
 async def _post(app: Any, body: dict[str, Any], gone: asyncio.Event,
                 sent: list[tuple[int, bool]], *, path: str = "/v1/locks") -> None:
     raw = json.dumps(body).encode()
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-             "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(),
-             "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1),
-             "server": ("127.0.0.1", 2),
-             "headers": [(b"content-type", b"application/json"),
-                         (b"content-length", str(len(raw)).encode())]}
+    scope = _scope(raw, path)
     first = True
 
     async def receive() -> dict[str, Any]:
@@ -190,9 +196,9 @@ async def _transport() -> AsyncIterator[asyncio.Transport]:
         theirs.close()
 
 
-def _cycles(transport: asyncio.Transport) -> list[Any]:
+def _cycles(transport: asyncio.Transport, scope: Any = None) -> list[Any]:
     """A fresh request cycle of each of uvicorn's HTTP protocols, its body already read."""
-    scope: Any = {"type": "http", "method": "POST", "path": "/v1/locks", "headers": []}
+    scope = scope or {"type": "http", "method": "POST", "path": "/v1/locks", "headers": []}
     log = logging.getLogger("uvicorn.error")
     cycles: list[Any] = [
         httptools_impl.RequestResponseCycle(
@@ -235,3 +241,75 @@ async def test_a_receive_that_is_not_uvicorns_is_run_a_step() -> None:
     assert disconnect._gone_already(receive) is False
     gone.set()
     assert disconnect._gone_already(receive) is True
+
+
+# --- a close the kernel holds and the event loop has not read ---------------------------------
+
+
+class _Unheard(asyncio.Protocol):
+    """The server's side of a connection whose close its event loop has not passed on: the
+    client's FIN reaches the socket, but no flag of the request's cycle changes, as when a busy
+    loop is still working through the hand-offs that grant the waiter."""
+
+    def eof_received(self) -> bool:
+        return True  # the transport stays open and the cycle is not told
+
+
+@contextlib.contextmanager
+def _tcp_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A connected pair of loopback TCP sockets: (the server's end, the client's end)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+    try:
+        yield server, client
+    finally:
+        client.close()
+        server.close()
+
+
+async def test_a_waiting_client_whose_close_the_loop_has_not_read_holds_nothing(
+    make_service: ServiceMaker, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The client hangs up; its close is on the server's socket before the waiter is granted,
+    but the event loop has not read it (a loaded loop runs milliseconds behind). The grant is
+    given back and no 200 goes out: before the socket was looked at, the 200 was written to the
+    closed connection and the lock stayed held by nobody, with no lease to end it."""
+    caplog.set_level(logging.INFO, logger="enhanced_locking")
+    service = await make_service(enabled=True)
+    app = create_app(service, manage_lifecycle=False)
+    router = service.router
+    holder = request_for(repo=REPO, path="net", project="net", pull=1)
+    assert (await router.acquire(holder)).acquired
+    raw = json.dumps({**BODY, "wait": "30s"}).encode()
+    with _tcp_pair() as (server, client):
+        transport, _ = await asyncio.get_running_loop().connect_accepted_socket(_Unheard,
+                                                                                server)
+        cycle = _cycles(transport, _scope(raw))[0]  # httptools': the protocol the service runs
+        cycle.body = bytearray(raw)
+        cycle.message_event.set()
+        written = list[bytes]()
+        write = transport.write
+
+        def recorded(data: bytes | bytearray | memoryview) -> None:
+            written.append(bytes(data))
+            write(data)
+
+        transport.write = recorded  # type: ignore[method-assign]
+        call = asyncio.ensure_future(cycle.run_asgi(app))
+        for _ in range(500):
+            if await router.queue(holder.key):
+                break
+            await asyncio.sleep(0.001)
+        assert await router.queue(holder.key), "the request never queued"
+        client.close()
+        # The FIN is on the server's socket (the kernel's, not the loop's, knowledge).
+        assert select.select([server], [], [], 5.0)[0], "the close never reached the server"
+        await router.release(holder.key, owner=(REPO, 1))  # grants the waiter
+        await asyncio.wait_for(call, 10.0)
+        assert not cycle.disconnected, "the loop passed the close on: the case is not made"
+        assert await router.get(holder.key) is None, (
+            f"the grant outlived its client; written: {written!r}")
+        assert not any(data.startswith(b"HTTP/1.1 200") for data in written), written
+        assert "gave back acme/gone/net/default/net" in caplog.text
+        transport.close()

@@ -32,7 +32,12 @@ from enhanced_locking.api.audit import AuditTrail
 from enhanced_locking.api.audit_routes import install_audit_routes
 from enhanced_locking.api.console import install_console
 from enhanced_locking.api.direct import check_direct_routes, serve_directly
-from enhanced_locking.api.disconnect import AnswerUnlessGone, ClientGone, answer_unless_gone
+from enhanced_locking.api.disconnect import (
+    AnswerUnlessGone,
+    ClientGone,
+    answer_unless_gone,
+    gone_answer,
+)
 from enhanced_locking.api.errors import (
     UNREADABLE,
     error_answers,
@@ -151,7 +156,7 @@ def create_app(
             except ClientGone as gone:
                 await _give_back(gone.answer, request)
                 note.done("client-gone", 499)
-                return JSONResponse({"error": "client disconnected"}, status_code=499)
+                return gone_answer()
             note.done("acquired" if result.acquired else str(result.reason),
                       200 if result.acquired else 409)
         if not result.fresh:

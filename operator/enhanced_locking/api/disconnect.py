@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import select
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Generic, TypeVar
 
@@ -27,12 +28,17 @@ from uvicorn.protocols.http import h11_impl, httptools_impl
 
 from enhanced_locking.api.responses import JsonAnswer
 
-__all__ = ["AnswerUnlessGone", "ClientGone", "answer_unless_gone"]
+__all__ = ["AnswerUnlessGone", "ClientGone", "answer_unless_gone", "gone_answer"]
 
 T = TypeVar("T")
 
 _UVICORN_CYCLES = (httptools_impl.RequestResponseCycle, h11_impl.RequestResponseCycle)
 """uvicorn's request cycles, one per protocol: their ``receive`` is looked at by its flags."""
+
+_PEER_CLOSED = getattr(select, "POLLRDHUP", 0)
+"""What ``poll`` reports once the client has closed its side (its FIN: ``POLLRDHUP``, a Linux
+flag; 0 where there is none, and then only the flags are looked at). Bytes the client sent are
+not a close; a reset (``POLLHUP``, ``POLLERR``) is reported whatever is asked."""
 
 
 class ClientGone(Exception, Generic[T]):
@@ -92,24 +98,54 @@ class AnswerUnlessGone(JsonAnswer):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if _gone_already(receive):
             await self._on_gone()
+            # Answered all the same: a close the kernel holds is one uvicorn has not read, and a
+            # request that answers nothing is an error to it (a 500 and an error log line).
+            await gone_answer()(scope, receive, send)
             return
         await super().__call__(scope, receive, send)
 
 
+def gone_answer() -> JsonAnswer:
+    """The answer to a client that left before its answer: 499, which nobody reads (uvicorn
+    drops what is sent to a connection it knows is closed)."""
+    return JsonAnswer({"error": "client disconnected"}, status_code=499)
+
+
 def _gone_already(receive: Receive) -> bool:
-    """Whether the server has already seen the client go, looked at without yielding.
+    """Whether the client is known to be gone, looked at without yielding.
 
     ``Request.is_disconnected`` waits one event-loop step for its answer, and a disconnect
     arriving in that step would be missed. When ``receive`` is uvicorn's own (a request
     cycle's, as every request the service serves has it: no middleware of the app wraps it),
     the cycle's two flags are what it would answer at once: ``http.disconnect`` once the
     client is gone or the response complete, else a wait or a request message; read directly
-    (about 17k instructions less than running the coroutine a step and closing it). Any other
-    ``receive`` is looked at by :func:`_gone_by_step`."""
+    (about 17k instructions less than running the coroutine a step and closing it), and when
+    they say nothing, the connection's socket is asked whether the client's close has arrived
+    (:func:`_closed_by_peer`). Any other ``receive`` is looked at by :func:`_gone_by_step`."""
     cycle = getattr(receive, "__self__", None)
     if isinstance(cycle, _UVICORN_CYCLES):
-        return bool(cycle.disconnected or cycle.response_complete)
+        return bool(cycle.disconnected or cycle.response_complete
+                    or _closed_by_peer(cycle.transport))
     return _gone_by_step(receive)
+
+
+def _closed_by_peer(transport: asyncio.BaseTransport) -> bool:
+    """Whether the client's close has reached this host though the event loop has not read it.
+
+    The flags change only when the loop next polls its sockets; a loop that is busy (a flood of
+    requests, a chain of hand-offs on one key) can run many milliseconds behind a client that
+    hung up. The kernel knows at once: its ``poll``, asked without waiting, reports the close
+    (one system call). uvicorn ends the request on that close as soon as it reads it (a half
+    close too), so this answers now what the flags would answer at the loop's next step."""
+    sock = transport.get_extra_info("socket")
+    if not _PEER_CLOSED or sock is None:
+        return False
+    fd = sock.fileno()
+    if fd < 0:
+        return False
+    poller = select.poll()
+    poller.register(fd, _PEER_CLOSED)
+    return bool(poller.poll(0))
 
 
 def _gone_by_step(receive: Receive) -> bool:

@@ -26,7 +26,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from enhanced_locking.api.access import CallerDep, overrides_rules, rule_override
-from enhanced_locking.api.disconnect import AnswerUnlessGone, ClientGone, answer_unless_gone
+from enhanced_locking.api.disconnect import (
+    AnswerUnlessGone,
+    ClientGone,
+    answer_unless_gone,
+    gone_answer,
+)
 from enhanced_locking.api.errors import error_answers, json_error, unreadable_json
 from enhanced_locking.api.params import Key, PullNum
 from enhanced_locking.backends.waiting import Waiter
@@ -113,7 +118,7 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
             except ClientGone as gone:
                 await _give_back(gone.answer, body, before)
                 note.done("client-gone", 499)
-                return JSONResponse({"error": "client disconnected"}, status_code=499)
+                return gone_answer()
             status = 200 if result.acquired else 409
             note.done("acquired" if result.acquired else str(result.reason), status)
         if not result.acquired or all(lock.key in before for lock in result.locks):
