@@ -11,7 +11,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import grpc
 import httpx
 import pytest
 from pydantic import TypeAdapter
@@ -19,6 +18,7 @@ from tests.support.etcd_fixtures import etcd_config, started
 from tests.support.etcd_server import EtcdCluster, frozen
 from tests.support.following import followed
 from tests.support.locks import request_for
+from tests.support.lost_answers import LostAnswers
 from tests.support.service import ServiceProcess, services
 
 from enhanced_locking.backends.etcd_connection import (
@@ -321,42 +321,6 @@ async def test_a_busy_replicas_events_ride_in_its_lock_transactions(
 # --- the bus's own writes: idempotent, in attempts of a second ------------------------------
 
 
-class LostAnswers:
-    """A client's key-value calls whose writes go astray: the first ``applied`` are applied by
-    etcd and their answers lost (a member that applied the write, then froze); the next
-    ``refused`` fail at once, as a call that cannot be served (the caller gives the call up).
-    Each lost answer is what a call past its deadline raises. Reads pass."""
-
-    def __init__(self, real: Any, *, applied: int, refused: int = 0) -> None:
-        self._real = real
-        self.applied = applied
-        self.refused = refused
-        self.sent = 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._real, name)
-
-    async def _astray(self, call: Any) -> Any:
-        self.sent += 1
-        if self.applied:
-            self.applied -= 1
-            await call
-            raise grpc.aio.AioRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, grpc.aio.Metadata(),
-                                       grpc.aio.Metadata(), details="Deadline Exceeded")
-        if self.refused:
-            self.refused -= 1
-            call.close()
-            raise grpc.aio.AioRpcError(grpc.StatusCode.INTERNAL, grpc.aio.Metadata(),
-                                       grpc.aio.Metadata(), details="lost on its way")
-        return await call
-
-    async def put(self, *args: Any, **options: Any) -> Any:  # the write before it was a txn
-        return await self._astray(self._real.put(*args, **options))
-
-    async def txn(self, *args: Any, **options: Any) -> Any:
-        return await self._astray(self._real.txn(*args, **options))
-
-
 async def versions(bus: EtcdEventBus, via: EtcdConnection | None = None) -> int:
     """How many times ``bus``'s events key was written (its version: one per write), read
     through ``via`` (default: the bus's connection)."""
@@ -391,7 +355,7 @@ async def test_a_batch_whose_answer_was_lost_is_in_the_log_once(
         try:
             stream = await followed(reading)
             client = await bus.connection.client()
-            lost = LostAnswers(client.kv, applied=1, refused=refused)
+            lost = LostAnswers(client.kv, losing=("put", "txn"), applied=1, refused=refused)
             monkeypatch.setattr(client, "kv", lost)
             bus.publish("fallback", key="once", action="legacy", error="test")
             event = await asyncio.wait_for(keyed(stream, "once"), 30)

@@ -35,14 +35,13 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
-import grpc
 import pytest
 from etcd3aio._protobuf import TxnRequest
 from tests.support.etcd_fixtures import auth_on, grant, started
 from tests.support.etcd_server import EtcdCluster, EtcdMember, frozen
 from tests.support.locks import candidate_for, request_for
+from tests.support.lost_answers import LostAnswers
 
 from enhanced_locking.backends import etcd_store
 from enhanced_locking.backends.etcd_connection import (
@@ -368,34 +367,6 @@ async def test_with_the_leader_frozen_every_acquire_is_granted(
     pytest.fail("the leader moved before every one of five freezes")
 
 
-class LostAnswers:
-    """A member's lease calls whose grants go astray: the first ``applied`` are applied by
-    etcd and their answers lost (a leader frozen after it granted); after those, the next
-    ``unanswered`` reach nothing. Each failure is what a call past its deadline raises."""
-
-    def __init__(self, real: Any, *, applied: int, unanswered: int = 0) -> None:
-        self._real = real
-        self.applied = applied
-        self.unanswered = unanswered
-        self.sent = 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._real, name)
-
-    async def grant(self, ttl: int, lease_id: int = 0, **options: Any) -> Any:
-        self.sent += 1
-        if self.applied:
-            self.applied -= 1
-            await self._real.grant(ttl, lease_id, **options)
-        elif self.unanswered:
-            self.unanswered -= 1
-            await asyncio.sleep(0.2)
-        else:
-            return await self._real.grant(ttl, lease_id, **options)
-        raise grpc.aio.AioRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, grpc.aio.Metadata(),
-                                   grpc.aio.Metadata(), details="Deadline Exceeded")
-
-
 async def leases(connection: EtcdConnection) -> set[int]:
     client = await connection.client()
     assert client.lease is not None
@@ -410,7 +381,8 @@ async def losing_grants(three: EtcdCluster, backend: EtcdBackend,
     await on_the_route(three, backend)
     before = await leases(backend.connection)
     client = await backend.connection.client()
-    lost = LostAnswers(client.lease, applied=applied, unanswered=unanswered)
+    lost = LostAnswers(client.lease, losing=("grant",), applied=applied,
+                       unanswered=unanswered)
     monkeypatch.setattr(etcd_store, "_lease_calls", lambda member: lost)
     return lost, before
 
