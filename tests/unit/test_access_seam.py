@@ -3,6 +3,7 @@ documented, and a config change never opens the service by accident."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -13,18 +14,22 @@ from fastapi.routing import APIRoute
 from enhanced_locking.api import create_app
 from enhanced_locking.api.access import (
     AccessHolder,
+    Caller,
     CallerDep,
     _credentials,
     _peer,
+    build_access,
     check_routes,
     public,
     public_reason,
 )
+from enhanced_locking.api.audit import AuditTrail
 from enhanced_locking.api.static_access import RoleMap, TokenFileError, parse_tokens
+from enhanced_locking.backends.audit_store import AuditQuery, MemoryAuditStore, Retention
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.factory import LockService
 from enhanced_locking.provider import ConfigProvider
-from enhanced_locking.types import Identity, Verb
+from enhanced_locking.types import BackendUnavailable, Identity, Verb
 
 
 def memory_config(**values: Any) -> EnhancedLockingConfig:
@@ -159,3 +164,30 @@ def test_the_credentials_and_request_id_read_as_the_request_headers_give_them(
                                      request_id[:128] if request_id else None)
     assert _peer(request) == "10.0.0.7:4711"
     assert _peer(Request({"type": "http", "headers": headers})) == ""
+
+
+async def test_a_give_back_writes_the_keys_released_in_one_row_and_each_it_could_not_in_its_own(
+) -> None:
+    """What became of a fresh grant whose client left after its ``acquired`` row: the keys
+    given back read ``client-gone``; a key the store did not release names why, so the trail
+    never says a lock was let go that may still be held."""
+    trail = AuditTrail(MemoryAuditStore(Retention(timedelta(days=1), 100)),
+                       stdout=lambda: False)
+    caller = Caller(identity=Identity(name="atlantis", groups=("bots",), method="static"),
+                    peer="127.0.0.1:4711", request_id="req-7",
+                    access=build_access(memory_config()), audit=trail)
+    await caller.gave_back(action="release-batch", repo="acme/infra", pull=12, tried=[
+        ("acme/infra/net/default/", None),
+        ("acme/infra/dns/default/", BackendUnavailable("the store did not answer")),
+        ("acme/infra/db/default/", None),
+    ])
+    rows = list(reversed(await trail.read(AuditQuery())))
+    assert [(row.action, row.verb, row.key, row.outcome, row.status) for row in rows] == [
+        ("release-batch", "lock", "acme/infra/net/default/,acme/infra/db/default/",
+         "client-gone", 499),
+        ("release-batch", "lock", "acme/infra/dns/default/", "unavailable", 499),
+    ]
+    assert {(row.identity, row.repo, row.pull, row.request_id, row.peer) for row in rows} == {
+        ("atlantis", "acme/infra", 12, "req-7", "127.0.0.1:4711")}
+    await caller.gave_back(action="release", repo="acme/infra", pull=12, tried=[])
+    assert len(await trail.read(AuditQuery())) == 2, "nothing tried, nothing written"

@@ -3,7 +3,7 @@
 The app is driven at its ASGI seam, so the moment the client's disconnect arrives can be
 placed exactly: before, together with, or just after the grant, one event-loop step apart.
 Whatever the order, either the client is still there when the answer is sent (and the lock is
-its own), or the lock is free again.
+its own), or the lock is free again; and the audit trail says which.
 """
 
 from __future__ import annotations
@@ -25,6 +25,10 @@ from uvicorn.protocols.http import h11_impl, httptools_impl
 from uvicorn.protocols.http.flow_control import FlowControl
 
 from enhanced_locking.api import create_app, disconnect
+from enhanced_locking.api.audit import AuditTrail
+from enhanced_locking.backends.audit_store import AuditQuery, build_audit_store
+from enhanced_locking.factory import LockService
+from enhanced_locking.types import AuditEntry
 
 REPO = "acme/gone"
 BODY = {"project": {"repoFullName": REPO, "path": "net", "projectName": "net"},
@@ -45,6 +49,19 @@ def _scope(raw: bytes, path: str = "/v1/locks") -> dict[str, Any]:
             "server": ("127.0.0.1", 2),
             "headers": [(b"content-type", b"application/json"),
                         (b"content-length", str(len(raw)).encode())]}
+
+
+def _trail(service: LockService) -> AuditTrail:
+    """The service's own audit trail (the embedded store's table), stdout left out."""
+    return AuditTrail(build_audit_store(service.provider.current.config),
+                      stdout=lambda: False)
+
+
+async def _last_of_pull_2(trail: AuditTrail) -> AuditEntry:
+    """The newest entry of the requesting pull (each round's calls are its newest)."""
+    entries = await trail.read(AuditQuery(repo=REPO, pull=2, limit=1))
+    assert entries, "the call left no entry in the audit trail"
+    return entries[0]
 
 
 async def _post(app: Any, body: dict[str, Any], gone: asyncio.Event,
@@ -71,8 +88,9 @@ async def _post(app: Any, body: dict[str, Any], gone: asyncio.Event,
 
 async def _round(make: ServiceMaker, steps: int, *, wait: bool) -> None:
     service = await make(enabled=True)
+    trail = _trail(service)
     try:
-        app = create_app(service, manage_lifecycle=False)
+        app = create_app(service, manage_lifecycle=False, audit=trail)
         router = service.router
         holder = request_for(repo=REPO, path="net", project="net", pull=1)
         gone, sent = asyncio.Event(), list[tuple[int, bool]]()
@@ -90,19 +108,25 @@ async def _round(make: ServiceMaker, steps: int, *, wait: bool) -> None:
             await asyncio.sleep(0)
         gone.set()
         await call
+        last = await _last_of_pull_2(trail)
         if not sent:  # nothing went out: the client was gone
             assert await router.get(holder.key) is None, f"{steps} steps: the lock outlived it"
+            assert (last.outcome, last.status) == ("client-gone", 499), (steps, last)
             return
         status, after_gone = sent[0]
         if status == 200 and not after_gone:
             # The answer left before the client did: the lock is the client's to release.
             assert (await router.get(holder.key)) is not None
+            assert (last.action, last.outcome, last.status) == ("acquire", "acquired", 200)
             await router.release(holder.key, owner=(REPO, 2))
             return
         assert status != 200, f"{steps} steps: a granted answer was sent to a client gone"
         assert await router.get(holder.key) is None, (
             f"{steps} steps: the lock outlived its client (answer {status})")
+        # The trail's last word on the request is that its client left, never "acquired".
+        assert (last.outcome, last.status) == ("client-gone", 499), (steps, last)
     finally:
+        await trail.close()
         await service.close()
 
 
@@ -124,8 +148,9 @@ async def _batch_round(make: ServiceMaker, steps: int, *, wait: bool, had_dns: b
     """The batch form: ``net`` held by pull 1 (when it waits), ``dns`` held by the batch's own
     pull before the call when ``had_dns`` (then it keeps it whatever happens)."""
     service = await make(enabled=True)
+    trail = _trail(service)
     try:
-        app = create_app(service, manage_lifecycle=False)
+        app = create_app(service, manage_lifecycle=False, audit=trail)
         router = service.router
         net = request_for(repo=REPO, path="net", project="net", pull=1)
         dns = request_for(repo=REPO, path="dns", project="dns", pull=2)
@@ -151,18 +176,26 @@ async def _batch_round(make: ServiceMaker, steps: int, *, wait: bool, had_dns: b
         if had_dns:
             assert held_dns is not None and held_dns.pull.num == 2, (
                 f"{steps} steps: the pull's own lock from before was given back")
+        last = await _last_of_pull_2(trail)
         if sent and sent[0] == (200, False):
             # The answer left before the client did: the locks are the client's.
             assert (await router.get(net.key)) is not None
+            assert (last.action, last.outcome, last.status) == ("acquire-batch", "acquired",
+                                                                200)
             return
         assert not sent or sent[0][0] != 200, (
             f"{steps} steps: a granted answer was sent to a client gone")
         assert await router.get(net.key) is None, f"{steps} steps: the batch outlived it"
         if not had_dns:
             assert held_dns is None, f"{steps} steps: the batch outlived its client"
+        assert (last.outcome, last.status) == ("client-gone", 499), (steps, last)
+        if last.action == "release-batch":  # given back after its grant was written
+            given = [net.key] if had_dns else [net.key, dns.key]
+            assert sorted((last.key or "").split(",")) == sorted(given), (steps, last)
     finally:
         for pull in (1, 2):  # the next round starts on a free store (the file is the same)
             await service.router.release_by_pull(REPO, pull)
+        await trail.close()
         await service.close()
 
 
@@ -277,7 +310,8 @@ async def test_a_waiting_client_whose_close_the_loop_has_not_read_holds_nothing(
     closed connection and the lock stayed held by nobody, with no lease to end it."""
     caplog.set_level(logging.INFO, logger="enhanced_locking")
     service = await make_service(enabled=True)
-    app = create_app(service, manage_lifecycle=False)
+    trail = _trail(service)
+    app = create_app(service, manage_lifecycle=False, audit=trail)
     router = service.router
     holder = request_for(repo=REPO, path="net", project="net", pull=1)
     assert (await router.acquire(holder)).acquired
@@ -313,3 +347,13 @@ async def test_a_waiting_client_whose_close_the_loop_has_not_read_holds_nothing(
         assert not any(data.startswith(b"HTTP/1.1 200") for data in written), written
         assert "gave back acme/gone/net/default/net" in caplog.text
         transport.close()
+    # The trail says so: the grant's row (written as it was granted), then the give-back's,
+    # for the same request and caller; before, the trail ended at "acquired" with 200.
+    given_back, granted = await trail.read(AuditQuery(repo=REPO, pull=2))
+    await trail.close()
+    assert (granted.action, granted.outcome, granted.status) == ("acquire", "acquired", 200)
+    assert (given_back.action, given_back.verb, given_back.outcome, given_back.status) == (
+        "release", "lock", "client-gone", 499)
+    assert given_back.key == granted.key == holder.key
+    assert (given_back.identity, given_back.peer, given_back.request_id) == (
+        granted.identity, granted.peer, granted.request_id)

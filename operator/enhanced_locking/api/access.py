@@ -250,6 +250,12 @@ _FAILURES: tuple[tuple[type[Exception], str, int], ...] = (
 )
 
 
+def _failure_outcome(error: Exception) -> tuple[str, int]:
+    """The outcome and status an audit row gives a call that failed with ``error``."""
+    return next(((outcome, status) for kind, outcome, status in _FAILURES
+                 if isinstance(error, kind)), ("error", 500))
+
+
 @dataclass(kw_only=True)
 class Caller:
     """Who is calling this request, what it may do, and the audit trail to write to."""
@@ -299,6 +305,26 @@ class Caller:
             reason=reason, peer=self.peer, request_id=self.request_id,
         ))
 
+    async def gave_back(
+        self, *, action: str, repo: str, pull: int,
+        tried: Sequence[tuple[str, Exception | None]],
+    ) -> None:
+        """Write what became of a fresh grant whose client left after its ``acquired`` row was
+        written, as the answer was about to go out (``tried``: each lock given back and why it
+        could not be, or None). The keys given back share one row, outcome ``client-gone`` and
+        status 499 (the answer the request got instead), as a client that left while it waited
+        has; a key that could not be given back gets a row of its own naming why
+        (``not-owned``, ``unavailable``, ...; status 499 too), so the trail never says a lock
+        was let go that may still be held."""
+        released = [key for key, error in tried if error is None]
+        if released:
+            await self.record(action=action, verb=Verb.LOCK, key=",".join(released),
+                              repo=repo, pull=pull, outcome="client-gone", status=499)
+        for key, error in tried:
+            if error is not None:
+                await self.record(action=action, verb=Verb.LOCK, key=key, repo=repo,
+                                  pull=pull, outcome=_failure_outcome(error)[0], status=499)
+
 
 class Audited:
     """The block of :meth:`Caller.audited`: its note in, one audit row out. (A class rather
@@ -322,8 +348,7 @@ class Audited:
         elif isinstance(error, NotPermitted) or not isinstance(error, Exception):
             return  # a refusal is written where it is raised; a cancellation is no outcome
         else:
-            outcome, status = next(((o, s) for kind_, o, s in _FAILURES
-                                    if isinstance(error, kind_)), ("error", 500))
+            outcome, status = _failure_outcome(error)
         await self._caller.record(action=self._action, verb=self._verb, key=note.key,
                                   repo=note.repo, pull=note.pull, outcome=outcome,
                                   status=status, reason=self._reason)

@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from enhanced_locking.api.access import (
     AccessBuilder,
+    Caller,
     CallerDep,
     build_access,
     check_routes,
@@ -162,20 +163,32 @@ def create_app(
         if not result.fresh:
             return JsonAnswer(result_json(result), status_code=200 if result.acquired else 409)
         return AnswerUnlessGone(result_json(result), status_code=200,
-                                on_gone=lambda: _give_back(result, request))
+                                on_gone=lambda: _give_back_granted(result, request, caller))
 
-    async def _give_back(answer: AcquireResult | None, request: LockRequest) -> None:
-        """A grant nobody will read is released, never left held by a caller that is gone."""
+    async def _give_back(answer: AcquireResult | None,
+                         request: LockRequest) -> list[tuple[str, LockingError | None]]:
+        """A grant nobody will read is released, never left held by a caller that is gone.
+        Returns the lock tried and why it could not be given back (None: it was)."""
         if answer is None or not answer.fresh or answer.lock is None:
-            return
+            return []
         owner = (request.project.repo_full_name, request.pull.num)
         try:
             await asyncio.shield(router.release(answer.lock.key, owner=owner))
         except LockingError as error:  # freed or taken meanwhile, or the store failed
             log.warning("could not give back %s (its client left before the answer): %s",
                         answer.lock.key, error)
-            return
+            return [(answer.lock.key, error)]
         log.info("gave back %s: its client left before the answer", answer.lock.key)
+        return [(answer.lock.key, None)]
+
+    async def _give_back_granted(answer: AcquireResult, request: LockRequest,
+                                 caller: Caller) -> None:
+        """The client left as its grant's answer went out, after the grant's ``acquired`` row:
+        the give-back writes a row of its own (action ``release``, see
+        :meth:`~enhanced_locking.api.access.Caller.gave_back`)."""
+        tried = await _give_back(answer, request)
+        await caller.gave_back(action="release", repo=request.project.repo_full_name,
+                               pull=request.pull.num, tried=tried)
 
     @app.get("/v1/locks", responses=WHO)
     async def list_locks(caller: CallerDep, repo: Repo | None = None,

@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from enhanced_locking.api.access import CallerDep, overrides_rules, rule_override
+from enhanced_locking.api.access import Caller, CallerDep, overrides_rules, rule_override
 from enhanced_locking.api.disconnect import (
     AnswerUnlessGone,
     ClientGone,
@@ -124,7 +124,7 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
         if not result.acquired or all(lock.key in before for lock in result.locks):
             return JSONResponse(_dump(result), status_code=status)
         return AnswerUnlessGone(_dump(result), status_code=200,
-                                on_gone=lambda: _give_back(result, body, before))
+                                on_gone=lambda: _give_back_granted(result, body, before, caller))
 
     async def _held_by(body: BatchLockRequest) -> frozenset[str]:
         """The batch's keys its pull holds already: asked again they are granted unchanged,
@@ -142,10 +142,12 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
         return frozenset(held)
 
     async def _give_back(result: BatchResult | None, body: BatchLockRequest,
-                         before: frozenset[str]) -> None:
-        """A batch granted to a client that is gone is released, never left held by nobody."""
+                         before: frozenset[str]) -> list[tuple[str, LockingError | None]]:
+        """A batch granted to a client that is gone is released, never left held by nobody.
+        Returns each lock tried and why it could not be given back (None: it was)."""
+        tried: list[tuple[str, LockingError | None]] = []
         if result is None or not result.acquired:
-            return
+            return tried
         for lock in result.locks:
             if lock.key in before:
                 continue
@@ -154,8 +156,20 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
             except LockingError as error:  # freed or taken meanwhile, or the store failed
                 log.warning("could not give back %s (its client left before the answer): %s",
                             lock.key, error)
+                tried.append((lock.key, error))
                 continue
             log.info("gave back %s: its client left before the answer", lock.key)
+            tried.append((lock.key, None))
+        return tried
+
+    async def _give_back_granted(result: BatchResult, body: BatchLockRequest,
+                                 before: frozenset[str], caller: Caller) -> None:
+        """The client left as its batch's answer went out, after the ``acquired`` row: the
+        give-back writes a row of its own (action ``release-batch``, see
+        :meth:`~enhanced_locking.api.access.Caller.gave_back`)."""
+        repo, pull = body.owner
+        await caller.gave_back(action="release-batch", repo=repo, pull=pull,
+                               tried=await _give_back(result, body, before))
 
     @app.delete("/v1/locks/batch",
                 responses={409: {"description": "A key is held by another pull"}, **WHO})
