@@ -436,7 +436,8 @@ def report(rounds: list[dict[str, float]], commands: tuple[dict[str, float], flo
         f"{SAMPLE} pairs; commands run inside the scripts not counted): "
         + ", ".join(f"{name} {count:.2f}" for name, count in sorted(commands[0].items()))
         + f"; in {commands[1]:.2f} round trips. The events are appended by a write-behind "
-        "outbox on a connection of its own, pipelined (a batch is one round trip). "
+        "outbox on a connection of its own, one script call (`append_events.lua`) a batch, "
+        "one round trip. "
         f"CPU time of the redis-server process per pair (INFO cpu, {SERVER_SAMPLE} pairs "
         f"each, the scripts, commands and network I/O): ours {server[0]['ours']:.0f} µs, "
         f"redis-py Lock {server[0]['redis-py']:.0f} µs, floor {server[0]['floor']:.0f} µs. "
