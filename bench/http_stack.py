@@ -103,6 +103,14 @@ from enhanced_locking.events import EventBus  # noqa: E402
 
 HEADING = "## HTTP: the lock API against a no-op endpoint on the same server stack"
 SERVICE_STACK = ("asyncio", "httptools")  # what `enhanced-locking serve` runs on
+PAIR_GOAL = 0.7
+"""A lock pair's goal against a no-op pair, met only when both the pairs/s ratio (median round)
+and the CPU-per-pair ratio reach it: the CPU ratio is the steadier of the two."""
+
+
+def pair_goal_met(rate: float, cpu: float) -> bool:
+    return rate >= PAIR_GOAL and cpu >= PAIR_GOAL
+
 STACKS = (("asyncio", "h11"), ("uvloop", "h11"), ("asyncio", "httptools"),
           ("uvloop", "httptools"))
 CONCURRENCY = (1, 32)
@@ -818,7 +826,9 @@ def report(results: dict[tuple[str, str], dict[str, Any]], counts: str,
         "system time over the block, per pair (median over the rounds); their ratio (no-op / "
         "lock API) is the pairs/s ratio the two servers would reach with a core each, and "
         "holds still when other work shares the machine. `httptools` is the product's guarded "
-        "protocol (request deadlines, connection limit); `h11` is uvicorn's own (without them).",
+        "protocol (request deadlines, connection limit); `h11` is uvicorn's own (without them). "
+        f"A row meets the goal when both its pairs/s ratio (median round) and its CPU ratio "
+        f"reach {PAIR_GOAL}x.",
         "",
         "| stack (loop, parser) | clients | no-op pairs/s | lock API pairs/s "
         "| ratio (best / median) | no-op CPU µs/pair | lock API CPU µs/pair | CPU ratio "
@@ -839,8 +849,8 @@ def report(results: dict[tuple[str, str], dict[str, Any]], counts: str,
             lines.append(f"| {loop}, {http} | {clients} | {anchor.rate:,.0f} "
                          f"| {measured.rate:,.0f} | {best:.2f}x / {median:.2f}x "
                          f"| {anchor_cpu * 1e6:,.0f} | {measured_cpu * 1e6:,.0f} "
-                         f"| {anchor_cpu / measured_cpu:.2f}x | >= 0.7x "
-                         f"| {verdict(median >= 0.7)} |")
+                         f"| {anchor_cpu / measured_cpu:.2f}x | >= {PAIR_GOAL}x both "
+                         f"| {verdict(pair_goal_met(median, anchor_cpu / measured_cpu))} |")
     lines += ["", "| stack (loop, parser) | hand-off p50 ms | p99 ms | goal | met |",
               "|---|---:|---:|---|---|"]
     for (loop, http), found in results.items():
@@ -854,10 +864,10 @@ def report(results: dict[tuple[str, str], dict[str, Any]], counts: str,
         by_cpu = " / ".join(f"{cpu:.2f}x" for _, cpu in service.values())
         clients_text = " and ".join(str(clients) for clients in service)
         goals.append(Goal(
-            f"HTTP: a lock pair >= 0.7x of a no-op pair on the service's stack (asyncio + "
+            f"HTTP: a lock pair >= {PAIR_GOAL}x of a no-op pair on the service's stack (asyncio + "
             f"httptools), {clients_text} clients, by pairs/s and by CPU per pair",
             f"{by_rate} by pairs/s, {by_cpu} by CPU",
-            all(rate >= 0.7 and cpu >= 0.7 for rate, cpu in service.values())))
+            all(pair_goal_met(rate, cpu) for rate, cpu in service.values())))
     if SERVICE_STACK in results:
         p50 = percentile(results[SERVICE_STACK]["handoff"], 0.5)
         goals.append(Goal("HTTP: hand-off p50 <= 1.5 ms on the service's stack",
@@ -930,6 +940,10 @@ def main() -> None:
         return
     stacks = STACKS if args.stacks == "all" else tuple(
         tuple(name.split("-")) for name in args.stacks.split(","))
+    if SERVICE_STACK not in stacks and not args.no_write:
+        parser.error(f"--stacks without {'-'.join(SERVICE_STACK)} (the service's, which the "
+                     "goals are judged on) would write the section without its goals: add it "
+                     "or pass --no-write")
     results: dict[tuple[str, str], dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for loop, http in stacks:
