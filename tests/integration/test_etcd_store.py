@@ -254,6 +254,39 @@ async def test_a_release_costs_no_other_step_and_a_lock_etcd_ends_is_served(
     assert notice.locks[0].fencing_token > short.fencing_token
 
 
+async def test_a_waiter_queued_as_the_watch_of_deletions_winds_down_gets_a_watch(
+    etcd_replicas: tuple[EtcdBackend, EtcdBackend], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Once a replica has had no waiters for ``DELETIONS_LINGER`` seconds its watch of lock
+    deletions stops; the watch's wind-down is an await. A waiter queued in that moment (right
+    as the check gave up) must still get a watch: with none it would hear no delete etcd makes
+    and have no read backing it, until another waiter came."""
+    a, b = etcd_replicas
+    unserved = b._unserved
+    late: list[asyncio.Task[None] | None] = []
+
+    async def check(heard: set[str]) -> int | None:
+        again = await unserved(heard)
+        if again is None and not late:  # a waiter is queued here, before the watch has ended
+            b._watch_deletions(0)
+            late.append(b._deletions)
+        return again
+
+    monkeypatch.setattr(b, "_unserved", check)
+    held = await grant(a, want(1))
+    wait = offer(20)
+    told = b.grants.expect(wait.id)
+    queued = await b.acquire_or_enqueue(want(2), ttl=None, wait=wait, policy=POLICY)
+    assert queued.status is Status.QUEUED, queued
+    first = b._deletions
+    assert first is not None
+    await a.release_and_handoff(held.key, owner=held.owner, policy=POLICY)
+    await asyncio.wait_for(told, 10)  # b has no waiter left: its watch stops after the linger
+    await asyncio.wait_for(first, 20)
+    assert len(late) == 1 and late[0] is not None and late[0] is not first
+    assert b._deletions is late[0] and not late[0].done()
+
+
 async def test_a_locker_queuing_a_request_asks_etcd_once_and_its_event_shows_the_queue(
     etcd_cluster: EtcdCluster, etcd_prefix: str,
 ) -> None:

@@ -592,14 +592,18 @@ def _refused(error: BaseException) -> bool:
 async def watching(watch: Awaitable[None],
                    check: Callable[[asyncio.Future[None]], Awaitable[T]]) -> T:
     """``check(watch)``'s answer, with ``watch`` (the watch it backs, see ``WATCH_CHECK``)
-    running meanwhile: started first, then cancelled and awaited, whatever ``check`` did."""
+    running meanwhile: started first, then cancelled and awaited, whatever ``check`` did.
+
+    A cancel of the caller arriving while the watch winds down is the caller's own: it is
+    raised (the watch still ends on its own), not taken for the watch's end."""
     running = asyncio.ensure_future(watch)
     try:
         return await check(running)
     finally:
         running.cancel()
-        with contextlib.suppress(BaseException):
-            await running
+        await asyncio.wait([running])
+        if not running.cancelled():
+            running.exception()  # the watch's own failure is its end, not the caller's
 
 
 def kv_calls(client: etcd3aio.Etcd3Client) -> Any:

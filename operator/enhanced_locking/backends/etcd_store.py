@@ -1369,9 +1369,9 @@ class EtcdBackend(StoreBackend):
                 self._watch_prefix(client, locks, start, deleted, etcd3aio.WatchFilter.NOPUT),
                 lambda _: self._unserved(heard))
             if again is None:
-                # Nobody has waited here for a while: stop (a waiter queued from here on
-                # starts a new watch from its own revision).
-                self._deletions = None
+                # Nobody has waited here for a while: stop (``_unserved`` let go of this
+                # task before the watch's wind-down, so a waiter queued meanwhile started a
+                # new one from its own revision).
                 return
             start = again
             log.warning("etcd %s: the watch of lock deletions is behind (its member may be "
@@ -1419,6 +1419,9 @@ class EtcdBackend(StoreBackend):
             if not pending:
                 idle += WATCH_CHECK
                 if idle >= DELETIONS_LINGER:
+                    # Let go of this task before the watch is wound down (an await): a
+                    # waiter queued from here on starts a new task, with its own watch.
+                    self._deletions = None
                     return None
                 continue
             idle = 0.0
