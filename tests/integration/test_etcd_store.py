@@ -12,6 +12,7 @@ left to do it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import secrets
 import time
@@ -285,6 +286,30 @@ async def test_a_waiter_queued_as_the_watch_of_deletions_winds_down_gets_a_watch
     await asyncio.wait_for(first, 20)
     assert len(late) == 1 and late[0] is not None and late[0] is not first
     assert b._deletions is late[0] and not late[0].done()
+
+
+async def test_a_key_freed_by_a_shared_holders_lease_does_not_set_the_deletions_watch_behind(
+    etcd_replicas: tuple[EtcdBackend, EtcdBackend], caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The watch of lock deletions follows ``lock/`` only. A shared holder whose replica is
+    gone is deleted by etcd under ``shared/``: the read of the waiting keys serves its key,
+    and that is no delete the watch missed (no warning, no watch started again)."""
+    a, b = etcd_replicas
+    caplog.set_level(logging.WARNING, logger="enhanced_locking.backends.etcd_store")
+    reader = await grant(a, want(1)._replace(mode="shared"), ttl=timedelta(seconds=2))
+    await a.close()  # its replica is gone: etcd deletes the holder at its lease's end
+    wait = offer(30)
+    told = b.grants.expect(wait.id)
+    queued = await b.acquire_or_enqueue(want(2), ttl=None, wait=wait, policy=POLICY)
+    assert queued.status is Status.QUEUED, queued
+    notice = await asyncio.wait_for(told, 20)
+    assert notice.locks and notice.locks[0].pull.num == 2
+    assert notice.locks[0].fencing_token > reader.fencing_token
+    held = notice.locks[0]
+    await asyncio.sleep(2 * WATCH_CHECK + 1)  # the checks that would find the watch behind
+    assert b.served_unheard == 0
+    assert not [r for r in caplog.records if "lock deletions is behind" in r.getMessage()]
+    await b.release_and_handoff(held.key, owner=held.owner, policy=POLICY)
 
 
 async def test_a_locker_queuing_a_request_asks_etcd_once_and_its_event_shows_the_queue(

@@ -542,8 +542,9 @@ class EtcdBackend(StoreBackend):
         self.late_grants = 0
         """Grants refused because their answer came after the lock's end (``ran_out``)."""
         self.served_unheard = 0
-        """Keys the read of the waiting keys served: a lock etcd deleted that the watch of
-        deletions had not served (``_unserved``; for the tests)."""
+        """Keys the read of the waiting keys served whose lock the read before had found: a
+        lock etcd deleted that the watch of deletions had not served (``_unserved``; for the
+        tests)."""
         self._known = _Known()
         self._names: dict[str, _Names] = {}
         self._decoded: dict[tuple[str, bytes], Lock] = {}
@@ -1395,13 +1396,17 @@ class EtcdBackend(StoreBackend):
         or ``wake``, serves such a waiter. (A key granted and deleted by etcd between two
         checks, which a lock's lease ending a second or more after the lock allows only for
         a lock shorter than the checks' interval, is then served that much later.) A step
-        that grants something is a delete the watch did not serve.
+        that grants something on a key the read before found locked (under ``lock/``) is a
+        delete the watch did not serve; one that grants on a key freed otherwise (a shared
+        holder's lease ended, a rule that refused stopped) is not: the watch follows
+        ``lock/`` only, and has nothing to bring for it.
 
         Returns the revision to watch from once the watch is behind: by the next read, it
         still has not brought the delete of a key the read before served (it was given two
         checks). ``None`` once this replica has had no waiters for ``DELETIONS_LINGER``
         seconds."""
-        behind: set[str] = set()  # keys the last read served (the watch had not)
+        behind: set[str] = set()  # locked keys the last read served (the watch had not)
+        locked: set[str] = set()  # keys the last read found with a lock under ``lock/``
         earlier: set[str] = set()  # keys whose delete the watch brought the check before
         still: dict[str, int] = {}  # free keys whose step granted nothing: checks since
         revision = 0  # the last read's
@@ -1427,9 +1432,10 @@ class EtcdBackend(StoreBackend):
             idle = 0.0
             keys = sorted({k for ks in self._notifier.keys.values() for k in ks})
             try:
-                revision, free = await self._free_keys(keys)
+                revision, free, now_locked = await self._free_keys(keys)
             except BackendUnavailable:
-                continue
+                continue  # (the last read's ``locked`` is kept for the next one)
+            was_locked, locked = locked, now_locked
             still = {key: still[key] + 1 for key in free if key in still}
             for key in free:
                 if still.get(key, 0) % _STILL_FREE:
@@ -1442,18 +1448,21 @@ class EtcdBackend(StoreBackend):
                 except BackendUnavailable:
                     continue
                 if handoff.granted:
-                    behind.add(key)
-                    self.served_unheard += 1
+                    if key in was_locked:  # its lock was deleted: the watch should bring it
+                        behind.add(key)
+                        self.served_unheard += 1
                     still.pop(key, None)
                 else:
                     still.setdefault(key, 0)
 
-    async def _free_keys(self, keys: list[str]) -> tuple[int, list[str]]:
-        """Of ``keys``, those with no holder (no lock, no shared holder), and the revision they
-        were read at (the oldest, when they took several reads): counts only, sent as reads
-        are (:func:`leader_first`: the leader first, else in attempts the balanced channel's
-        round gives to the next member), ``_FREE_PER_READ`` keys a read."""
+    async def _free_keys(self, keys: list[str]) -> tuple[int, list[str], set[str]]:
+        """Of ``keys``, those with no holder (no lock, no shared holder), the revision they
+        were read at (the oldest, when they took several reads), and those with a lock (under
+        ``lock/``): counts only, sent as reads are (:func:`leader_first`: the leader first,
+        else in attempts the balanced channel's round gives to the next member),
+        ``_FREE_PER_READ`` keys a read."""
         revision, free = 0, []
+        locked: set[str] = set()
         for at in range(0, len(keys), _FREE_PER_READ):
             chunk = keys[at:at + _FREE_PER_READ]
             request = _TxnRequest()
@@ -1470,7 +1479,8 @@ class EtcdBackend(StoreBackend):
             revision = min(revision, read_at) if revision else read_at
             counts = [int(response.response_range.count) for response in answer.responses]
             free += [key for n, key in enumerate(chunk) if not counts[2 * n] + counts[2 * n + 1]]
-        return revision, free
+            locked.update(key for n, key in enumerate(chunk) if counts[2 * n])
+        return revision, free, locked
 
     async def _watch_prefix(self, client: etcd3aio.Etcd3Client, prefix: bytes, start: int,
                             handle: Callable[[bytes, _KV, _KV], None],
