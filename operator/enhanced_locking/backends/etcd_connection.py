@@ -53,8 +53,8 @@ from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.types import BackendUnavailable
 
 __all__ = ["ATTEMPT_TIMEOUT", "CALL_TIMEOUT", "DOWN", "WATCH_CHECK", "EtcdConnection",
-           "EtcdSettings", "Passenger", "TxnCall", "kv_calls", "leader_first", "unavailable",
-           "unreachable", "watching"]
+           "EtcdSettings", "Passenger", "TxnCall", "WatchCanceled", "kv_calls", "leader_first",
+           "refused_watch", "unavailable", "unreachable", "watching"]
 
 CALL_TIMEOUT = 5.0
 """Seconds one call may take, retries included (an election takes about one second)."""
@@ -434,9 +434,10 @@ class EtcdConnection:
             self._look_for_leader()
 
     def carrier(self, member: etcd3aio.Etcd3Client) -> etcd3aio.Etcd3Client:
-        """``member`` (the route's client) with the current auth token on its key-value and
-        lease calls (etcd's tokens are good on every member; the refresher renews the
-        balanced client's)."""
+        """``member`` (the route's client, a watch's) with the current auth token on its
+        key-value, lease and watch calls (etcd's tokens are good on every member; the
+        refresher renews the balanced client's). A watch applies it at each start: a token
+        copied once runs out, and etcd answers a watch opened with it canceled."""
         client = self._client
         if client is not None and client.kv is not None:
             token = client.kv._metadata
@@ -587,6 +588,17 @@ def _refused(error: BaseException) -> bool:
     return (isinstance(error, etcd3aio.EtcdConnectionError)
             or (isinstance(error, grpc.aio.AioRpcError)
                 and error.code() is grpc.StatusCode.UNAVAILABLE))
+
+
+class WatchCanceled(Exception):
+    """etcd answered a watch canceled (an auth token it no longer takes, a permission): the
+    stream stays open and brings nothing more, so the watch is broken as if it had failed."""
+
+
+def refused_watch(answer: Any) -> None:
+    """Raise ``WatchCanceled`` (with etcd's reason) when ``answer`` cancels its watch."""
+    if answer.canceled:
+        raise WatchCanceled(str(answer.cancel_reason) or "canceled by etcd")
 
 
 async def watching(watch: Awaitable[None],

@@ -46,6 +46,7 @@ from enhanced_locking.backends.etcd_connection import (
     EtcdSettings,
     kv_calls,
     leader_first,
+    refused_watch,
     watching,
 )
 from enhanced_locking.backends.outbox import RETRY_FIRST, RETRY_MAX
@@ -221,8 +222,8 @@ class EtcdEventBus(SharedEventBus):
         assert client.watch is not None
         async for answer in client.watch.watch(self.key, start_revision=self._next,
                                                filters=[etcd3aio.WatchFilter.NODELETE]):
-            self._answered = True
-            if answer.compact_revision:
+            if answer.compact_revision:  # (etcd cancels such a watch too: this comes first)
+                self._answered = True
                 # What the watch asked for is gone: resume at the oldest revision kept.
                 log.warning("etcd %s compacted the events up to revision %d",
                             self.connection.where, answer.compact_revision)
@@ -230,6 +231,8 @@ class EtcdEventBus(SharedEventBus):
                 self._floor = max(self._floor, self._next)
                 self._compacted = False
                 return
+            refused_watch(answer)  # canceled by etcd (a stale token): broken, started again
+            self._answered = True
             for event in answer.events:
                 revision = int(event.kv.mod_revision)
                 self._take(revision, bytes(event.kv.value))

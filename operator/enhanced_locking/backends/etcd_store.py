@@ -92,8 +92,10 @@ from enhanced_locking.backends.etcd_connection import (
     EtcdConnection,
     EtcdSettings,
     Passenger,
+    WatchCanceled,
     kv_calls,
     leader_first,
+    refused_watch,
     unavailable,
     unreachable,
     watching,
@@ -1485,25 +1487,35 @@ class EtcdBackend(StoreBackend):
     async def _watch_prefix(self, client: etcd3aio.Etcd3Client, prefix: bytes, start: int,
                             handle: Callable[[bytes, _KV, _KV], None],
                             drop: etcd3aio.WatchFilter) -> None:
-        """Follow ``prefix`` from revision ``start`` for good, resuming where it broke."""
-        assert client.watch is not None
+        """Follow ``prefix`` from revision ``start`` for good, resuming where it broke.
+
+        Each start carries the current auth token (``carrier``). A break (a failure, or etcd
+        answering the watch canceled) is logged and the watch resumes on the balanced client,
+        which skips a member that is down; ``client`` (a member's, when the check found the
+        watch behind) is only the first."""
         while True:
             try:
-                async for answer in client.watch.watch(prefix, _prefix_end(prefix),
-                                                       start_revision=start, prev_kv=True,
-                                                       filters=[drop]):
-                    if answer.compact_revision:
+                watch = self.connection.carrier(client).watch
+                assert watch is not None
+                async for answer in watch.watch(prefix, _prefix_end(prefix),
+                                                start_revision=start, prev_kv=True,
+                                                filters=[drop]):
+                    if answer.compact_revision:  # (etcd cancels such a watch too)
                         start = int(answer.compact_revision) + 1
                         break
+                    refused_watch(answer)
                     for event in answer.events:
                         start = max(start, int(event.kv.mod_revision) + 1)
                         handle(bytes(event.kv.key), _kv(event.kv), _kv(event.prev_kv))
             except asyncio.CancelledError:
                 raise
             except Exception as error:
-                log.warning("etcd %s: watch broke (%s); resuming at revision %d",
-                            self.connection.where, type(error).__name__, start)
+                reason = f": {error}" if isinstance(error, WatchCanceled) else ""
+                log.warning("etcd %s: watch broke (%s%s); resuming at revision %d",
+                            self.connection.where, type(error).__name__, reason, start)
                 await asyncio.sleep(0.2)
+                with contextlib.suppress(BackendUnavailable):
+                    client = await self.connection.client()
 
     def _heard(self, waiter_id: str, kv: _KV) -> bool:
         """A notice the watch or the read of notices brought: delivered (``True``) if it is
