@@ -312,6 +312,35 @@ async def test_a_key_freed_by_a_shared_holders_lease_does_not_set_the_deletions_
     await b.release_and_handoff(held.key, owner=held.owner, policy=POLICY)
 
 
+async def test_a_free_key_whose_step_fails_leaves_the_watch_of_deletions_running(
+    etcd_replicas: tuple[EtcdBackend, EtcdBackend], caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The read of the waiting keys serves each free key in turn; a step that fails on one
+    (here a queue entry that cannot be read) is logged, and the watch of deletions and its
+    reads go on for the other keys."""
+    a, b = etcd_replicas
+    caplog.set_level(logging.WARNING, logger="enhanced_locking.backends.etcd_store")
+    held = await grant(a, want(1), ttl=timedelta(seconds=1))
+    await a.close()  # its replica is gone: etcd deletes the lock at its lease's end
+    wait = offer(30)
+    b.grants.expect(wait.id)
+    queued = await b.acquire_or_enqueue(want(2), ttl=None, wait=wait, policy=POLICY)
+    assert queued.status is Status.QUEUED, queued
+    client = await b.connection.client()
+    assert client.kv is not None
+    await client.kv.put(b.queue_prefix(held.key) + b"~unreadable", b"not a waiter")
+    deletions = b._deletions
+    assert deletions is not None
+    deadline = time.monotonic() + 20
+    while not [r for r in caplog.records if "serving the free key" in r.getMessage()]:
+        assert time.monotonic() < deadline, "the free key was never served"
+        assert not deletions.done(), deletions
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(WATCH_CHECK + 0.5)  # the next check runs too
+    assert not deletions.done()
+    assert b._deletions is deletions
+
+
 async def test_a_locker_queuing_a_request_asks_etcd_once_and_its_event_shows_the_queue(
     etcd_cluster: EtcdCluster, etcd_prefix: str,
 ) -> None:

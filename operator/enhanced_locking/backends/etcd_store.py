@@ -1449,6 +1449,11 @@ class EtcdBackend(StoreBackend):
                         prefixes=(self.queue_prefix(key), self.shared_prefix(key)), key=key)
                 except BackendUnavailable:
                     continue
+                except Exception as error:  # this key's step failed: the others are served
+                    log.warning("etcd %s: serving the free key %s failed (%s); tried again at "
+                                "a later check", self.connection.where, key,
+                                type(error).__name__)
+                    continue
                 if handoff.granted:
                     if key in was_locked:  # its lock was deleted: the watch should bring it
                         behind.add(key)
