@@ -10,7 +10,13 @@ import sys
 import tomllib
 from pathlib import Path
 
-from enhanced_locking.backends import atlantis_redis, redis_connection, redis_lua, redis_scripts
+from enhanced_locking.backends import (
+    atlantis_redis,
+    redis_connection,
+    redis_events,
+    redis_lua,
+    redis_scripts,
+)
 from enhanced_locking.migration import routing_registry
 
 REPO = Path(__file__).resolve().parents[2]
@@ -67,6 +73,7 @@ def test_each_standalone_script_is_a_file_its_user_reads_from_the_package() -> N
         "try_lock": atlantis_redis.TRY_LOCK,
         "release_if_owned": atlantis_redis.RELEASE_IF_OWNED,
         "replace_written_over": redis_connection.REPLACE_WRITTEN_OVER,
+        "append_events": redis_events.APPEND_EVENTS,
         "routing_report": routing_registry.REPORT,
         "routing_read": routing_registry.READ,
     }
