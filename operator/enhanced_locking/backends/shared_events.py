@@ -20,13 +20,21 @@ import asyncio
 import contextlib
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from enhanced_locking.backends.outbox import Outbox
 from enhanced_locking.events import EventBus, EventType, Following, Gap
 from enhanced_locking.types import Event, Lock, utcnow
 
 __all__ = ["SharedEventBus"]
+
+
+class _Write(NamedTuple):
+    """Events written together under one tag (:meth:`SharedEventBus._once`)."""
+
+    tag: bytes
+    events: list[Event]
+
 
 _COALESCE = 0.002
 
@@ -53,8 +61,8 @@ class SharedEventBus(EventBus):
             coalesce=self.coalesce, batch_limit=self.batch_limit)
         self._loaded = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
-        self._unsure: tuple[bytes, list[Event]] | None = None
-        """The tag and the events of a write that failed (it may have been applied)."""
+        self._unsure: _Write | None = None
+        """A write that failed (it may have been applied)."""
 
     async def _once(self, batch: list[Event],
                     put: Callable[[list[Event], bytes], Awaitable[None]]) -> None:
@@ -65,18 +73,18 @@ class SharedEventBus(EventBus):
         first events are that write's), that part goes again under its first tag, and only
         the rest under a new one."""
         unsure, self._unsure = self._unsure, None
-        pieces: list[tuple[bytes, list[Event]]] = []
-        if (unsure is not None and len(unsure[1]) <= len(batch)
-                and all(a is b for a, b in zip(unsure[1], batch, strict=False))):
-            pieces.append(unsure)
-            batch = batch[len(unsure[1]):]
+        writes: list[_Write] = []
+        if (unsure is not None and len(unsure.events) <= len(batch)
+                and all(a is b for a, b in zip(unsure.events, batch, strict=False))):
+            writes.append(unsure)
+            batch = batch[len(unsure.events):]
         if batch:
-            pieces.append((secrets.token_hex(8).encode(), batch))
-        for tag, piece in pieces:
+            writes.append(_Write(secrets.token_hex(8).encode(), batch))
+        for write in writes:
             try:
-                await put(piece, tag)
+                await put(write.events, write.tag)
             except BaseException:
-                self._unsure = (tag, piece)
+                self._unsure = write
                 raise
 
     @property
