@@ -1443,10 +1443,7 @@ class EtcdBackend(StoreBackend):
                 if still.get(key, 0) % _STILL_FREE:
                     continue
                 try:
-                    handoff = await self._atomic(
-                        functools.partial(StoreBackend.expire, self, key),
-                        keys=self._keys_of(key),
-                        prefixes=(self.queue_prefix(key), self.shared_prefix(key)), key=key)
+                    handoff = await self._expire_step(key, guess=False)
                 except BackendUnavailable:
                     continue
                 except Exception as error:  # this key's step failed: the others are served
@@ -1721,10 +1718,16 @@ class EtcdBackend(StoreBackend):
                                   prefixes=(self.shared_prefix(lock.key),), key=lock.key)
 
     async def expire(self, key: str, *, policy: Any = None) -> Any:
+        return await self._expire_step(key, policy=policy, guess=True)
+
+    async def _expire_step(self, key: str, *, policy: Any = None, guess: bool) -> Any:
+        """The expiry step on ``key`` (:meth:`StoreBackend.expire`); ``guess`` as ``_atomic``
+        takes it (False: on fresh reads, as the read of waiting keys serves a key it found
+        free)."""
         return await self._atomic(lambda: StoreBackend.expire(self, key, policy=policy),
                                   keys=self._keys_of(key),
                                   prefixes=(self.queue_prefix(key), self.shared_prefix(key)),
-                                  key=key, guess=True)
+                                  key=key, guess=guess)
 
     async def cancel(self, key: str, waiter_id: str, *,
                      reason: Reason = Reason.CANCELLED, caller: str = "") -> Any:
