@@ -15,20 +15,27 @@ import logging
 import select
 import socket
 from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
 from typing import Any
 
 import h11
 import pytest
 from tests.conftest import ServiceMaker
 from tests.support.locks import request_for
+from tests.support.redis_fixtures import ServerMaker
 from uvicorn.protocols.http import h11_impl, httptools_impl
 from uvicorn.protocols.http.flow_control import FlowControl
 
 from enhanced_locking.api import create_app, disconnect
 from enhanced_locking.api.audit import AuditTrail
-from enhanced_locking.backends.audit_store import AuditQuery, build_audit_store
+from enhanced_locking.backends.audit_store import (
+    AuditQuery,
+    MemoryAuditStore,
+    Retention,
+    build_audit_store,
+)
 from enhanced_locking.factory import LockService
-from enhanced_locking.types import AuditEntry
+from enhanced_locking.types import AuditEntry, LockRequest
 
 REPO = "acme/gone"
 BODY = {"project": {"repoFullName": REPO, "path": "net", "projectName": "net"},
@@ -86,6 +93,22 @@ async def _post(app: Any, body: dict[str, Any], gone: asyncio.Event,
     await app(scope, receive, send)
 
 
+async def _granted_as_it_waits(app: Any, service: LockService, holder: LockRequest,
+                               gone: asyncio.Event, sent: list[tuple[int, bool]],
+                               ) -> asyncio.Future[None]:
+    """Pull 2's waiting acquire (``_post``) of the key ``holder`` takes, queued behind it, and
+    granted by the holder's release: the call, still to finish."""
+    router = service.router
+    assert (await router.acquire(holder)).acquired
+    call = asyncio.ensure_future(_post(app, {**BODY, "wait": "30s"}, gone, sent))
+    for _ in range(500):
+        if await router.queue(holder.key):
+            break
+        await asyncio.sleep(0.001)
+    await router.release(holder.key, owner=(REPO, 1))  # grants the waiter
+    return call
+
+
 async def _round(make: ServiceMaker, steps: int, *, wait: bool) -> None:
     service = await make(enabled=True)
     trail = _trail(service)
@@ -95,13 +118,7 @@ async def _round(make: ServiceMaker, steps: int, *, wait: bool) -> None:
         holder = request_for(repo=REPO, path="net", project="net", pull=1)
         gone, sent = asyncio.Event(), list[tuple[int, bool]]()
         if wait:
-            assert (await router.acquire(holder)).acquired
-            call = asyncio.ensure_future(_post(app, {**BODY, "wait": "30s"}, gone, sent))
-            for _ in range(500):
-                if await router.queue(holder.key):
-                    break
-                await asyncio.sleep(0.001)
-            await router.release(holder.key, owner=(REPO, 1))  # grants the waiter
+            call = await _granted_as_it_waits(app, service, holder, gone, sent)
         else:  # the key is free: the answer is a grant, unless the client left first
             call = asyncio.ensure_future(_post(app, BODY, gone, sent))
         for _ in range(steps):
@@ -212,6 +229,55 @@ async def test_a_batch_whose_client_leaves_before_a_fail_fast_answer_holds_nothi
     for steps in range(0, 10):
         await _batch_round(make_service, steps, wait=False, had_dns=steps % 2 == 1)
 
+
+@pytest.mark.redis
+async def test_a_waiting_client_whose_lock_the_store_did_not_let_go_is_audited_as_maybe_held(
+    make_service: ServiceMaker, redis_servers: ServerMaker,
+) -> None:
+    """A waiting client leaves as it is granted, and the store (a real Redis, its data kept on
+    disk) goes away in the same instant: neither taking the waiter out of the queue nor giving
+    back its grant can be done, and the lock stays held by the pull whose client left. The
+    trail's last word on the request then names why (``unavailable``) for the key; before, it
+    ended at ``client-gone``, which says nothing of it is held. (The trail is kept in memory
+    here: it must not go away with the store.)"""
+    server = redis_servers(persistence="aof")
+    service = await make_service(enabled=True, backend="redis", redis_addr=server.addr)
+    trail = AuditTrail(MemoryAuditStore(Retention(timedelta(days=1), 10_000)),
+                       stdout=lambda: False)
+    app = create_app(service, manage_lifecycle=False, audit=trail)
+    router = service.router
+    holder = request_for(repo=REPO, path="net", project="net", pull=1)
+    kept = 0
+    for steps in range(0, 12):
+        gone, sent = asyncio.Event(), list[tuple[int, bool]]()
+        call = await _granted_as_it_waits(app, service, holder, gone, sent)
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        server.stop()  # (the loop waits for it: nothing runs in between)
+        gone.set()
+        await call
+        server.start()
+        lock = await router.get(holder.key)
+        last = await _last_of_pull_2(trail)
+        if sent and sent[0] == (200, False):  # answered before the client left: its own
+            assert lock is not None and lock.pull.num == 2, (steps, lock)
+        elif last.action == "release":  # the trail says it may be held: it is
+            assert (last.verb, last.key, last.outcome, last.status) == (
+                "lock", holder.key, "unavailable", 499), (steps, last)
+            assert lock is not None and lock.pull.num == 2, (steps, lock)
+            kept += 1
+        else:  # "client-gone": nothing is held, or soon (told "unavailable" as the store went,
+            # the waiting acquire's waiter is withdrawn once the store answers again)
+            assert (last.outcome, last.status) == ("client-gone", 499), (steps, last)
+            for _ in range(100):
+                if lock is None:
+                    break
+                await asyncio.sleep(0.1)
+                lock = await router.get(holder.key)
+            assert lock is None, (steps, lock, last)
+        await router.release_by_pull(REPO, 2)
+    await trail.close()
+    assert kept, "no round left the lock held as its client went: the case is not made"
 
 # --- the look at uvicorn's request cycle -----------------------------------------------------
 

@@ -309,13 +309,14 @@ class Caller:
         self, *, action: str, repo: str, pull: int,
         tried: Sequence[tuple[str, Exception | None]],
     ) -> None:
-        """Write what became of a fresh grant whose client left after its ``acquired`` row was
-        written, as the answer was about to go out (``tried``: each lock given back and why it
-        could not be, or None). The keys given back share one row, outcome ``client-gone`` and
-        status 499 (the answer the request got instead), as a client that left while it waited
-        has; a key that could not be given back gets a row of its own naming why
-        (``not-owned``, ``unavailable``, ...; status 499 too), so the trail never says a lock
-        was let go that may still be held."""
+        """Write what became of a fresh grant whose client left (``tried``: each lock given
+        back and why it could not be, or None), after the request's own row: its ``acquired``
+        row when the client was found gone as the answer was about to go out, its
+        ``client-gone`` row when a grant raced with a client that left while it waited. The
+        keys given back share one row, outcome ``client-gone`` and status 499 (the answer the
+        request got instead); a key that could not be given back gets a row of its own naming
+        why (``not-owned``, ``unavailable``, ...; status 499 too), so the trail never says a
+        lock was let go that may still be held."""
         released = [key for key, error in tried if error is None]
         if released:
             await self.record(action=action, verb=Verb.LOCK, key=",".join(released),

@@ -38,6 +38,7 @@ from enhanced_locking.api.disconnect import (
     ClientGone,
     answer_unless_gone,
     gone_answer,
+    not_withdrawn,
 )
 from enhanced_locking.api.errors import (
     UNREADABLE,
@@ -54,6 +55,7 @@ from enhanced_locking.api.sse import install_event_stream
 from enhanced_locking.api.webhooks import webhook_router
 from enhanced_locking.backends.audit_store import build_audit_store
 from enhanced_locking.factory import LockService
+from enhanced_locking.locking.queueing import withdrawals_noted
 from enhanced_locking.types import (
     AcquireResult,
     Lock,
@@ -148,18 +150,27 @@ def create_app(
         repo, key = request.project.repo_full_name, request.key
         await need_lock(caller, action="acquire", repo=repo, pull=request.pull.num, key=key,
                         priority=request.priority)
+        tried: list[tuple[str, Exception | None]] | None = None
         async with caller.audited(action="acquire", verb=Verb.LOCK, key=key, repo=repo,
                                   pull=request.pull.num) as note:
             try:
-                with rule_override(await overrides_rules(caller, repo=repo)):
+                with (rule_override(await overrides_rules(caller, repo=repo)),
+                      withdrawals_noted() as unwithdrawn):
                     work = router.acquire(request)
                     result = await answer_unless_gone(http, work, watch=bool(request.wait))
             except ClientGone as gone:
-                await _give_back(gone.answer, request)
+                tried = [*await _give_back(gone.answer, request), *not_withdrawn(unwithdrawn)]
                 note.done("client-gone", 499)
-                return gone_answer()
-            note.done("acquired" if result.acquired else str(result.reason),
-                      200 if result.acquired else 409)
+            else:
+                note.done("acquired" if result.acquired else str(result.reason),
+                          200 if result.acquired else 409)
+        if tried is not None:
+            # A grant that raced with the client's going, or a wait that could not be left:
+            # what became of it follows the request's row, as for a grant found gone as its
+            # answer went out.
+            await caller.gave_back(action="release", repo=repo, pull=request.pull.num,
+                                   tried=tried)
+            return gone_answer()
         if not result.fresh:
             return JsonAnswer(result_json(result), status_code=200 if result.acquired else 409)
         return AnswerUnlessGone(result_json(result), status_code=200,

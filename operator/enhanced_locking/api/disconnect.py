@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import select
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Generic, TypeVar
 
 from starlette.requests import Request
@@ -27,8 +27,10 @@ from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http import h11_impl, httptools_impl
 
 from enhanced_locking.api.responses import JsonAnswer
+from enhanced_locking.locking.queueing import NotWithdrawn
 
-__all__ = ["AnswerUnlessGone", "ClientGone", "answer_unless_gone", "gone_answer"]
+__all__ = ["AnswerUnlessGone", "ClientGone", "answer_unless_gone", "gone_answer",
+           "not_withdrawn"]
 
 T = TypeVar("T")
 
@@ -103,6 +105,13 @@ class AnswerUnlessGone(JsonAnswer):
             await gone_answer()(scope, receive, send)
             return
         await super().__call__(scope, receive, send)
+
+
+def not_withdrawn(noted: Sequence[NotWithdrawn], *, kept: frozenset[str] = frozenset(),
+                  ) -> list[tuple[str, Exception | None]]:
+    """Each key of a wait its client left that could not be withdrawn (it may be held), and
+    why, as a give-back's tried keys (but those in ``kept``: held before the request)."""
+    return [(key, failed.error) for failed in noted for key in failed.keys if key not in kept]
 
 
 def gone_answer() -> JsonAnswer:

@@ -31,6 +31,7 @@ from enhanced_locking.api.disconnect import (
     ClientGone,
     answer_unless_gone,
     gone_answer,
+    not_withdrawn,
 )
 from enhanced_locking.api.errors import error_answers, json_error, unreadable_json
 from enhanced_locking.api.params import Key, PullNum
@@ -38,6 +39,7 @@ from enhanced_locking.backends.waiting import Waiter
 from enhanced_locking.durations import Lease
 from enhanced_locking.factory import LockService
 from enhanced_locking.locking import EnhancedLocker
+from enhanced_locking.locking.queueing import withdrawals_noted
 from enhanced_locking.types import (
     BatchLockRequest,
     BatchResult,
@@ -108,19 +110,27 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
         if body.priority.level > Priority.NORMAL.level:
             await caller.need(Verb.PRIORITIZE, action="acquire-batch", repo=repo, key=keys,
                               pull=pull)
+        tried: list[tuple[str, Exception | None]] | None = None
         async with caller.audited(action="acquire-batch", verb=Verb.LOCK, key=keys, repo=repo,
                                   pull=pull) as note:
             before = await _held_by(body)
             try:
-                with rule_override(await overrides_rules(caller, repo=repo)):
+                with (rule_override(await overrides_rules(caller, repo=repo)),
+                      withdrawals_noted() as unwithdrawn):
                     work = router.acquire_batch(body)
                     result = await answer_unless_gone(request, work, watch=bool(body.wait))
             except ClientGone as gone:
-                await _give_back(gone.answer, body, before)
+                tried = [*await _give_back(gone.answer, body, before),
+                         *not_withdrawn(unwithdrawn, kept=before)]
                 note.done("client-gone", 499)
-                return gone_answer()
-            status = 200 if result.acquired else 409
-            note.done("acquired" if result.acquired else str(result.reason), status)
+            else:
+                status = 200 if result.acquired else 409
+                note.done("acquired" if result.acquired else str(result.reason), status)
+        if tried is not None:
+            # A batch granted as its client went, or a wait that could not be left: what
+            # became of it follows the request's row.
+            await caller.gave_back(action="release-batch", repo=repo, pull=pull, tried=tried)
+            return gone_answer()
         if not result.acquired or all(lock.key in before for lock in result.locks):
             return JSONResponse(_dump(result), status_code=status)
         return AnswerUnlessGone(_dump(result), status_code=200,

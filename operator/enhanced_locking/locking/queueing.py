@@ -16,20 +16,25 @@ It leaves the queue in one of four ways:
   its waiter and gives back anything granted meanwhile, so nothing stays held by a caller that
   is gone. A request with a ``requestId`` is given :data:`RETRY_GRACE` first: the same
   request sent again (after a broken connection) takes its waiter over, with its place and
-  enqueue time, and then the clean-up leaves it alone.
+  enqueue time, and then the clean-up leaves it alone. When that leaving fails (the store does
+  not answer), whoever waits on the caller's behalf can learn it: :func:`withdrawals_noted`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
 
 from enhanced_locking.backends.base import QueueBackend
 from enhanced_locking.backends.waiting import Notice, Wait, Waiter
 from enhanced_locking.types import BackendUnavailable, Reason
 
-__all__ = ["RETRY_GRACE", "abandon", "await_turn", "withdraw"]
+__all__ = ["RETRY_GRACE", "NotWithdrawn", "abandon", "await_turn", "withdraw",
+           "withdrawals_noted"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +42,31 @@ RETRY_GRACE = 10.0
 """Seconds a waiter with a ``requestId`` outlives its caller, for the retry to take it over."""
 
 _LATER: set[asyncio.Task[None]] = set()
+
+
+@dataclass(frozen=True)
+class NotWithdrawn:
+    """A waiter whose caller went away and that could not be taken out of its queues (or what
+    it was granted meanwhile not given back): its ``keys`` may be held, ``error`` says why."""
+
+    keys: tuple[str, ...]
+    error: Exception
+
+
+_NOTED: ContextVar[list[NotWithdrawn] | None] = ContextVar("not_withdrawn", default=None)
+
+
+@contextlib.contextmanager
+def withdrawals_noted() -> Iterator[list[NotWithdrawn]]:
+    """The block's waits that end by their caller going away and fail to withdraw add a
+    :class:`NotWithdrawn` to the list given (tasks the block starts share it): the HTTP route
+    that gives up on a client says in its audit trail what may still be held."""
+    noted: list[NotWithdrawn] = []
+    token = _NOTED.set(noted)
+    try:
+        yield noted
+    finally:
+        _NOTED.reset(token)
 
 
 async def await_turn(
@@ -162,5 +192,8 @@ async def withdraw(
 
     try:
         await asyncio.shield(clean_up())
-    except Exception:  # the store failed: the lease (if any) or an admin frees it
+    except Exception as error:  # the store failed: the lease (if any) or an admin frees it
         log.exception("could not withdraw waiter %s from %s", waiter.id, waiter.keys)
+        noted = _NOTED.get()
+        if noted is not None:
+            noted.append(NotWithdrawn(waiter.keys, error))
