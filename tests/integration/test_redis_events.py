@@ -199,8 +199,9 @@ class AnswerLost:
     """A loopback proxy to ``server`` that loses one answer: the first request that writes
     the events (an ``EVALSHA`` or ``XADD``) goes to Redis, which runs it, and its answer is
     not passed on: the client's connection is closed instead (a connection dropped after Redis
-    applied the write). Everything else passes both ways. An answer Redis refused
-    (``NOSCRIPT``: the script not loaded yet) is passed on: nothing was applied."""
+    applied the write). Everything else passes both ways (a ``SCRIPT LOAD`` too, though the
+    script's text names ``XADD``). An answer Redis refused (``NOSCRIPT``: the script not
+    loaded yet) is passed on: nothing was applied."""
 
     def __init__(self, server: RedisServer) -> None:
         self.server = server
@@ -225,7 +226,7 @@ class AnswerLost:
         answers = asyncio.ensure_future(self._pass(server_in, client_out))
         try:
             while data := await client_in.read(65536):
-                writes = b"EVALSHA" in data.upper() or b"XADD" in data.upper()
+                writes = _command(data) in (b"EVALSHA", b"XADD")
                 if writes and not self.lost:
                     answers.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
@@ -255,6 +256,36 @@ class AnswerLost:
             await sink.drain()
 
 
+def _command(data: bytes) -> bytes:
+    """The name of the first command in ``data`` (RESP: ``*<n>``, ``$<len>``, the name), upper
+    case: a ``SCRIPT LOAD`` of the append script holds ``XADD`` too, and is not a write."""
+    parts = data.split(b"\r\n", 3)
+    return parts[2].upper() if len(parts) > 2 else b""
+
+
+@contextlib.asynccontextmanager
+async def _bus_losing_an_answer(server: RedisServer, *, capacity: int = 10_000,
+                                ) -> AsyncIterator[tuple[RedisEventBus, AnswerLost, Any]]:
+    """A bus on ``server`` through :class:`AnswerLost`, the proxy, and a client of ``server``'s
+    own (to read the stream as it is)."""
+    config = redis_config(server)
+    direct = connect(config)
+    async with AnswerLost(server) as proxy:
+        bus = RedisEventBus(connect(config.model_copy(update={"redis_addr": proxy.addr})),
+                            stream=f"{config.redis_key_prefix}events", capacity=capacity)
+        try:
+            yield bus, proxy, direct.client
+        finally:
+            await bus.close()
+            await direct.close()
+
+
+async def _keys(client: Any, bus: RedisEventBus) -> list[str | None]:
+    """The keys of the events in the bus's stream, in order."""
+    entries: Any = await client.xrange(bus.stream_key)
+    return [Event.model_validate_json(fields["e"]).key for _, fields in entries]
+
+
 async def test_a_write_whose_answer_was_lost_is_appended_once(
     redis_server: RedisServer,
 ) -> None:
@@ -263,23 +294,37 @@ async def test_a_write_whose_answer_was_lost_is_appended_once(
     # appends nothing: the event is in the stream once. Before, the write was a pipeline of
     # plain XADDs, and the one sent again appended the events a second time (new ids: every
     # follower saw them twice).
-    config = redis_config(redis_server)
-    direct = connect(config)
-    async with AnswerLost(redis_server) as proxy:
-        bus = RedisEventBus.from_config(config.model_copy(update={"redis_addr": proxy.addr}))
-        try:
-            bus.publish("fallback", key="once", action="legacy", error="test")
-            await bus._outbox.drained(10)
-            assert proxy.lost == 1
-            entries: Any = await direct.client.xrange(bus.stream_key)
-            assert [Event.model_validate_json(f["e"]).key for _, f in entries] == ["once"]
-            # The next write goes on as before: one more entry.
-            bus.publish("fallback", key="next", action="legacy", error="test")
-            await bus._outbox.drained(10)
-            assert await direct.client.xlen(bus.stream_key) == 2
-        finally:
-            await bus.close()
-            await direct.close()
+    async with _bus_losing_an_answer(redis_server) as (bus, proxy, client):
+        bus.publish("fallback", key="once", action="legacy", error="test")
+        await bus._outbox.drained(10)
+        assert proxy.lost == 1
+        assert await _keys(client, bus) == ["once"]
+        # The next write goes on as before: one more entry.
+        bus.publish("fallback", key="next", action="legacy", error="test")
+        await bus._outbox.drained(10)
+        assert await client.xlen(bus.stream_key) == 2
+
+
+async def test_a_lost_write_whose_oldest_events_were_dropped_is_not_appended_again(
+    redis_server: RedisServer,
+) -> None:
+    # Redis appends [e1, e2, e3] and the answer is lost; before the outbox (full at 3) sends
+    # the write again, e4 comes and e1 is dropped. What is sent again, [e2, e3, e4], starts with
+    # what is left of the lost write: that part goes under the lost write's tag (found in the
+    # writer key: nothing appended), e4 under a new one. Before, the match of the lost write
+    # looked for e1 at the head, missed, and e2 and e3 were appended a second time.
+    async with _bus_losing_an_answer(redis_server, capacity=3) as (bus, proxy, client):
+        for key in ("e1", "e2", "e3"):
+            bus.publish("fallback", key=key, action="legacy", error="test")
+        for _ in range(5000):
+            if proxy.lost:
+                break
+            await asyncio.sleep(0.001)
+        assert proxy.lost == 1
+        bus.publish("fallback", key="e4", action="legacy", error="test")  # e1 dropped
+        await bus._outbox.drained(10)
+        assert await _keys(client, bus) == ["e1", "e2", "e3", "e4"]
+        assert bus.dropped == 1 and len(bus._outbox) == 0
 
 
 @pytest.mark.parametrize("stream", ["atlantis:enhanced:events", "{locks}:events",

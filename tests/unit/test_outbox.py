@@ -81,3 +81,61 @@ async def test_items_that_come_while_a_write_is_on_its_way_wait_for_their_own_mo
     # One write per coalesce (10 ms) and the write's own 2 ms, at the most.
     assert len(store.written) <= elapsed / 0.012 + 2, (len(store.written), elapsed)
     assert len(box) == 0
+
+
+class GatedStore(Store):
+    """A store whose writes wait for the test's word: each write takes ``opened`` (set by the
+    test), then is made, or fails (``OSError``) when ``fail`` says so."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started = asyncio.Event()
+        self.opened = asyncio.Event()
+        self.fail = False
+
+    async def write(self, batch: list[int]) -> None:
+        self.started.set()
+        await self.opened.wait()
+        self.opened.clear()
+        self.started.clear()
+        if self.fail:
+            raise OSError("the store is away")
+        self.written.append(batch)
+
+
+async def test_an_item_dropped_while_the_task_writes_it_leaves_no_unwritten_item_behind(
+) -> None:
+    """The task writes [1, 2]; the outbox is full and drops 1 (in the write) for 3. The write
+    is made: 2 leaves the outbox, and 3, which no write carried, stays and is written next.
+    (Before, the task took out as many items as its batch had, 3 with them: lost.)"""
+    store = GatedStore()
+    box = outbox(store, capacity=2)
+    box.put(1)
+    box.put(2)
+    await store.started.wait()  # the task writes [1, 2]
+    box.put(3)  # full: the oldest (1, in the write) is dropped
+    store.opened.set()
+    await asyncio.wait_for(store.started.wait(), 1.0)
+    store.opened.set()
+    await box.drained(1.0)
+    assert store.written == [[1, 2], [3]]
+    assert len(box) == 0 and box.dropped == 1
+
+
+async def test_a_write_that_fails_after_its_oldest_items_were_dropped_sends_the_rest_again(
+) -> None:
+    store = GatedStore()
+    box = outbox(store, capacity=3)
+    for item in (1, 2, 3):
+        box.put(item)
+    await store.started.wait()  # the task writes [1, 2, 3]
+    box.put(4)  # 1 dropped
+    box.put(5)  # 2 dropped
+    store.fail = True
+    store.opened.set()  # the write fails: 3, 4, 5 are left, in order
+    await asyncio.wait_for(store.started.wait(), 1.0)
+    store.fail = False
+    store.opened.set()
+    await box.drained(1.0)
+    assert store.written == [[3, 4, 5]]
+    assert len(box) == 0 and box.dropped == 2

@@ -9,6 +9,11 @@ and retries with a doubling backoff while the store is away. The outbox keeps up
 A write the store makes anyway can carry the oldest items instead (:meth:`Outbox.lend`, then
 :meth:`Outbox.repaid`): they stay in the outbox, and the task leaves them alone, until that
 write says whether it was made.
+
+An item dropped while a write carries it (the task's or a lender's) is counted out of that
+write: when the write is made, only what is left of it leaves the outbox, never an item that
+came after it and was not written. (Dropped items are counted whether or not that write is
+made: the store may hold them.)
 """
 
 from __future__ import annotations
@@ -49,6 +54,8 @@ class Outbox(Generic[T]):
         self._drained = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._writing = False
+        self._flight = 0
+        """The oldest items the task's write carries (fewer if some were dropped meanwhile)."""
         self._lent = 0
         self._back = asyncio.Event()
         self._back.set()
@@ -62,7 +69,9 @@ class Outbox(Generic[T]):
         if len(self._items) >= self.capacity:
             self._items.popleft()
             self.dropped += 1
-            self._lent = max(0, self._lent - 1)  # the oldest goes first, lent or not
+            # The oldest goes first, carried by a write or not: that write now carries one less.
+            self._lent = max(0, self._lent - 1)
+            self._flight = max(0, self._flight - 1)
         self._items.append(item)
         self._pending.set()
         self._drained.clear()
@@ -82,7 +91,7 @@ class Outbox(Generic[T]):
                     continue
                 batch = list(itertools.islice(self._items, self.batch_limit))
                 whole = len(batch) == len(self._items)
-                self._writing = True
+                self._writing, self._flight = True, len(batch)
                 try:
                     await self._write(batch)
                 except self._down as error:
@@ -92,7 +101,7 @@ class Outbox(Generic[T]):
                     backoff = min(RETRY_MAX, backoff * 2)
                 else:
                     backoff = RETRY_FIRST
-                    for _ in batch:
+                    for _ in range(self._flight):
                         self._items.popleft()
                     if whole and self._items:
                         # What is left came while this write was on its way: it gets its own
@@ -100,7 +109,7 @@ class Outbox(Generic[T]):
                         # write per operation, not one per ``coalesce``).
                         break
                 finally:
-                    self._writing = False
+                    self._writing, self._flight = False, 0
             if not self._items:
                 self._drained.set()
 

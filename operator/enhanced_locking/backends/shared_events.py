@@ -39,6 +39,16 @@ class _Write(NamedTuple):
 _COALESCE = 0.002
 
 
+def _left_of(events: list[Event], batch: list[Event]) -> int:
+    """How many of ``batch``'s first events are what is left of ``events`` (the same objects,
+    the newest of them: the outbox drops its oldest first); 0 when they are not there."""
+    start = next((i for i, event in enumerate(events) if batch and event is batch[0]), None)
+    if start is None or len(events) - start > len(batch):
+        return 0
+    left = events[start:]
+    return len(left) if all(a is b for a, b in zip(left, batch, strict=False)) else 0
+
+
 class SharedEventBus(EventBus):
     """:class:`~enhanced_locking.events.EventBus` over a store every replica writes and reads."""
 
@@ -63,6 +73,9 @@ class SharedEventBus(EventBus):
         self._reader: asyncio.Task[None] | None = None
         self._unsure: _Write | None = None
         """A write that failed (it may have been applied)."""
+        self._written: list[Event] = []
+        """Events written by a call of :meth:`_once` that failed after them (the outbox still
+        holds them and sends them again)."""
 
     async def _once(self, batch: list[Event],
                     put: Callable[[list[Event], bytes], Awaitable[None]]) -> None:
@@ -70,14 +83,17 @@ class SharedEventBus(EventBus):
         randomness), which the store's write keeps in a writer key of this process: a write
         sent again after its answer was lost finds its tag there and appends nothing. A write
         that failed may have been applied all the same: when the outbox sends it again (its
-        first events are that write's), that part goes again under its first tag, and only
-        the rest under a new one."""
+        first events are what is left of that write: the outbox may have dropped its oldest
+        meanwhile), that part goes again under its first tag, and only the rest under a new
+        one. Events a failed call had written already are not sent again."""
         unsure, self._unsure = self._unsure, None
+        skip = _left_of(self._written, batch)
+        self._written = batch[:skip]  # written, and in the outbox until this call is done
+        batch = batch[skip:]
         writes: list[_Write] = []
-        if (unsure is not None and len(unsure.events) <= len(batch)
-                and all(a is b for a, b in zip(unsure.events, batch, strict=False))):
-            writes.append(unsure)
-            batch = batch[len(unsure.events):]
+        if unsure is not None and (left := _left_of(unsure.events, batch)):
+            writes.append(_Write(unsure.tag, batch[:left]))
+            batch = batch[left:]
         if batch:
             writes.append(_Write(secrets.token_hex(8).encode(), batch))
         for write in writes:
@@ -86,6 +102,8 @@ class SharedEventBus(EventBus):
             except BaseException:
                 self._unsure = write
                 raise
+            self._written.extend(write.events)
+        self._written = []
 
     @property
     def dropped(self) -> int:
