@@ -9,6 +9,7 @@ import logging
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -28,10 +29,11 @@ from enhanced_locking.backends.etcd_connection import (
     EtcdSettings,
 )
 from enhanced_locking.backends.etcd_events import EtcdEventBus
+from enhanced_locking.backends.etcd_store import EtcdBackend
 from enhanced_locking.events import Gap, parse_event_id
 from enhanced_locking.factory import LockService
 from enhanced_locking.provider import ConfigProvider
-from enhanced_locking.types import Event
+from enhanced_locking.types import BackendUnavailable, Event
 
 pytestmark = [pytest.mark.etcd, pytest.mark.timeout(120)]
 
@@ -317,6 +319,68 @@ async def test_a_busy_replicas_events_ride_in_its_lock_transactions(
         for service in (a, b):
             await service.close()
 
+
+def _carries_events(request: Any, key: bytes) -> bool:
+    """Whether a lock step's transaction puts the events key (in a transaction of the bus's
+    own nested in it, or as a put of its own)."""
+    for op in request.success:
+        kind = op.WhichOneof("request")
+        if kind == "request_put" and op.request_put.key == key:
+            return True
+        if kind == "request_txn" and any(inner.request_put.key == key
+                                         for inner in op.request_txn.success):
+            return True
+    return False
+
+
+async def test_events_riding_in_a_lock_step_whose_answer_was_lost_land_once(
+    etcd_cluster: EtcdCluster, etcd_prefix: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A release's transaction carries the acquire's events; etcd applies it and its answer
+    is lost (the member applied it, then froze: ``LostAnswers``). The events stay in the
+    outbox, which sends them again under the tag they rode with: it finds the tag in the
+    writer key and writes nothing, so every event is streamed once. Before, riding events had
+    no tag, and the outbox wrote them a second time (every follower saw them twice)."""
+    a, b = await replicas(etcd_cluster, etcd_prefix, 2)
+    try:
+        bus, backend = a.events, a.enhanced.backend if a.enhanced is not None else None
+        assert isinstance(bus, EtcdEventBus) and isinstance(b.events, EtcdEventBus)
+        assert isinstance(backend, EtcdBackend)
+        connection = backend.connection
+        following = await followed(b.events)
+        assert (await a.router.acquire(request_for(pull=1))).acquired  # warm up: session
+        assert await a.router.release(request_for().key) is not None
+        seen = await take(following, 2)
+        lost = LostAnswers(SimpleNamespace(transact=connection.transact), losing=("transact",),
+                           applied=0)
+        sent = connection.transact
+
+        def transact(client: Any, request: Any, *, read: bool = False) -> Any:
+            if not read and not lost.sent and _carries_events(request, bus.key):
+                lost.applied = 1  # this one: applied, its answer lost
+                return lost.transact(client, request, read=read)
+            return sent(client, request, read=read)
+
+        monkeypatch.setattr(connection, "transact", transact)
+        pairs = 0
+        while not lost.sent:  # until a release carries its acquire's events
+            assert pairs < 20, "no lock step carried events"
+            pairs += 1
+            assert (await a.router.acquire(request_for(pull=1))).acquired
+            with contextlib.suppress(BackendUnavailable):  # (the step may say it is lost)
+                await a.router.release(request_for().key)
+        monkeypatch.undo()
+        assert await a.router.get(request_for().key) is None  # the lost release was applied
+        await bus._outbox.drained(30)
+        with contextlib.suppress(TimeoutError):  # every event there is, until 2 s of quiet
+            while True:
+                seen.append(await asyncio.wait_for(anext(following), 2.0))
+        types = [e.type for e in seen]
+        assert types.count("acquired") == pairs + 1, types
+        assert len({(e.type, e.time) for e in seen}) == len(seen), types
+    finally:
+        for service in (a, b):
+            await service.close()
 
 # --- the bus's own writes: idempotent, in attempts of a second ------------------------------
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import ipaddress
 import socket
 import time
@@ -53,8 +54,8 @@ from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.types import BackendUnavailable
 
 __all__ = ["ATTEMPT_TIMEOUT", "CALL_TIMEOUT", "DOWN", "WATCH_CHECK", "EtcdConnection",
-           "EtcdSettings", "Passenger", "TxnCall", "WatchCanceled", "kv_calls", "leader_first",
-           "refused_watch", "unavailable", "unreachable", "watching"]
+           "EtcdSettings", "Landing", "Passenger", "TxnCall", "WatchCanceled", "kv_calls",
+           "leader_first", "refused_watch", "unavailable", "unreachable", "watching"]
 
 CALL_TIMEOUT = 5.0
 """Seconds one call may take, retries included (an election takes about one second)."""
@@ -126,17 +127,30 @@ class EtcdSettings:
         return ",".join(self.endpoints)
 
 
+class Landing(enum.Enum):
+    """What became of a transaction a :class:`Passenger` rode in."""
+
+    APPLIED = "applied"
+    """Applied: the passenger's own transaction in it answered (``Passenger.landed``)."""
+    REFUSED = "refused"
+    """Not applied (its guards failed, or etcd refused it): nothing of it was written."""
+    UNKNOWN = "unknown"
+    """Its answer was lost: it may have been applied, or may still be."""
+
+
 class Passenger(Protocol):
     """A write behind (the events' outbox) that can ride in a transaction the store sends
     anyway, instead of costing a consensus write of its own (``EtcdBackend.carry``)."""
 
-    def board(self) -> tuple[bytes, bytes] | None:
-        """The key and value to put in the transaction about to be sent, or ``None``."""
+    def board(self) -> Any | None:
+        """A ``TxnRequest`` of the passenger's own, nested in the success branch of the
+        transaction about to be sent (it guards itself: the step's guards are the step's), or
+        ``None``."""
         ...
 
-    def landed(self, *, written: bool) -> None:
-        """Once per boarding: whether that transaction was applied (``False`` also when its
-        answer was lost: the write is made again, as its own lost write would be)."""
+    def landed(self, landing: Landing, *, succeeded: bool = False) -> None:
+        """Once per boarding: what became of that transaction, and when it was applied whether
+        the passenger's nested transaction ``succeeded`` (its own guards held)."""
         ...
 
 

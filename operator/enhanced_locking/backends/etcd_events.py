@@ -11,9 +11,10 @@ other buses use, so ``Last-Event-ID`` resumes on any replica: the watch starts a
   is written up to 10 ms later (``coalesce``), the events of those 10 ms in one idempotent
   write (:meth:`EtcdEventBus._put`: a write sent again after its answer was lost puts
   nothing twice). On a replica whose locks are in the same etcd, the events ride in the next
-  lock step's transaction instead (``board``/``landed``, see ``EtcdBackend.carry``): a busy
+  lock step's transaction instead (``board``/``landed``, see ``EtcdBackend.carry``), tagged
+  and guarded as the outbox's own writes in a transaction nested in the step's: a busy
   replica makes no consensus write of its own for them; the outbox writes only what no step
-  took.
+  took, and sends again under its tag what rode in a step whose answer was lost.
 * Once someone follows the events (an SSE client), one watch per replica reads the key's
   history into the in-process ring the SSE stream serves from: first the writes of the last
   ``lookback`` revisions (at most ``capacity`` events are kept), then live. A client whose
@@ -37,6 +38,7 @@ from typing import Any
 
 import etcd3aio
 import grpc
+from etcd3aio._protobuf import Compare, TxnRequest
 from pydantic import TypeAdapter, ValidationError
 
 from enhanced_locking.backends.etcd_connection import (
@@ -44,13 +46,14 @@ from enhanced_locking.backends.etcd_connection import (
     WATCH_CHECK,
     EtcdConnection,
     EtcdSettings,
+    Landing,
     kv_calls,
     leader_first,
     refused_watch,
     watching,
 )
 from enhanced_locking.backends.outbox import RETRY_FIRST, RETRY_MAX
-from enhanced_locking.backends.shared_events import SharedEventBus
+from enhanced_locking.backends.shared_events import SharedEventBus, _Write
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.events import parse_event_id
 from enhanced_locking.types import BackendUnavailable, Event
@@ -66,6 +69,7 @@ _RIDE = 50  # events riding in one lock transaction: keeps the transaction small
 _LAST_INDEX = _BATCH  # above every index in a write: "after all of revision r"
 _BATCH_JSON: TypeAdapter[list[Event]] = TypeAdapter(list[Event])
 _KV = etcd3aio.kv.KVService
+_EQUAL, _VERSION, _VALUE = Compare.EQUAL, Compare.VERSION, Compare.VALUE
 WRITER = "-writer/"
 """What follows the events key in a writer key's name (before the process's random id)."""
 
@@ -99,6 +103,8 @@ class EtcdEventBus(SharedEventBus):
         and the reads are of the events key alone."""
         self._known: bytes | None = None
         """The writer key's value as this process last knew it (``None``: absent)."""
+        self._riding: _Write | None = None
+        """The events riding in a lock step's transaction, and their tag (:meth:`board`)."""
         self.writes = 0
         """Transactions the outbox sent (tests and the bench read it)."""
         self.lookback = lookback
@@ -278,15 +284,43 @@ class EtcdEventBus(SharedEventBus):
         return int((await self._get(count_only=True)).header.revision)
 
     # --- riding in the store's transactions (``etcd_connection.Passenger``) ------------------
-    def board(self) -> tuple[bytes, bytes] | None:
+    def board(self) -> TxnRequest | None:
         """The outbox's oldest events, to ride in a lock step's transaction: a replica busy
         locking writes its events in the transactions it sends anyway (no consensus write of
-        their own); the outbox writes what no transaction took within ``coalesce``."""
-        batch = self._outbox.lend(_RIDE)
-        return (self.key, _BATCH_JSON.dump_json(batch)) if batch else None
+        their own); the outbox writes what no transaction took within ``coalesce``.
 
-    def landed(self, *, written: bool) -> None:
-        self._outbox.repaid(written=written)
+        They ride as the outbox's own writes go (:meth:`_transact`): under a tag of their own,
+        in a transaction nested in the step's, which puts them and the tag in the writer key
+        only if the writer key holds the tag last known written. A step whose answer is lost
+        leaves them to the outbox as a write that may have been applied (``_unsure``): sent
+        again under that tag, they are not written twice. Until then no step takes events."""
+        if self._unsure is not None:
+            return None
+        batch = self._outbox.lend(_RIDE)
+        if not batch:
+            return None
+        self._riding = _Write(secrets.token_hex(8).encode(), batch)
+        ride = TxnRequest()
+        guard = ride.compare.add()
+        guard.key, guard.result = self.writer, _EQUAL
+        if self._known is None:
+            guard.target, guard.version = _VERSION, 0
+        else:
+            guard.target, guard.value = _VALUE, self._known
+        for key, value in ((self.key, _BATCH_JSON.dump_json(batch)),
+                           (self.writer, self._riding.tag)):
+            put = ride.success.add().request_put
+            put.key, put.value = key, value
+        return ride
+
+    def landed(self, landing: Landing, *, succeeded: bool = False) -> None:
+        ride, self._riding = self._riding, None
+        assert ride is not None, "landed without boarding"
+        if landing is Landing.UNKNOWN:
+            self._unsure = ride  # (the outbox sends it again under its tag)
+        elif succeeded:
+            self._known = ride.tag
+        self._outbox.repaid(written=succeeded)
 
     def _take(self, revision: int, value: bytes) -> None:
         try:

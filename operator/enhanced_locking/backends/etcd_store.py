@@ -91,6 +91,7 @@ from enhanced_locking.backends.etcd_connection import (
     WATCH_CHECK,
     EtcdConnection,
     EtcdSettings,
+    Landing,
     Passenger,
     WatchCanceled,
     kv_calls,
@@ -1040,31 +1041,34 @@ class EtcdBackend(StoreBackend):
                 op().request_delete_range.key = k
             else:
                 _put(op().request_put, k, v[0], v[1])
-        riding = []
+        riding: list[tuple[Passenger, int]] = []  # each with the place of its transaction
         if writes:
             for passenger in self._passengers:
                 ride = passenger.board()
                 if ride is not None:
-                    riding.append(passenger)
-                    _put(op().request_put, ride[0], ride[1], 0)
+                    riding.append((passenger, len(request.success)))
+                    op().request_txn.CopyFrom(ride)
         ordered_keys, ordered_prefixes, reads = self._read_ops(read.keys, read.ranges)
         request.failure.extend(reads)
         self.round_trips += 1
-        succeeded = False
+        landing: Landing = Landing.UNKNOWN
+        answer: Any = None
         try:
             answer = await _txn_call(self.connection, client, request, read=not writes)
-            succeeded = answer.succeeded
+            landing = Landing.APPLIED if answer.succeeded else Landing.REFUSED
         except DOWN as error:
             failure = unreachable(self.connection, "write", error, key=key)
             if "lease not found" in str(failure):
                 # A waiter's replica went away meanwhile, or a lock's lease ended: read again.
+                landing = Landing.REFUSED  # (etcd refused the whole transaction)
                 self._forget_leases(leases or set())
                 return None, None
             raise failure from None
         finally:
-            for passenger in riding:
-                passenger.landed(written=succeeded)
-        if succeeded:
+            for passenger, place in riding:
+                passenger.landed(landing, succeeded=landing is Landing.APPLIED and bool(
+                    answer.responses[place].response_txn.succeeded))
+        if answer.succeeded:
             return answer.header.revision, None
         return None, self._parse_reads(ordered_keys, ordered_prefixes, answer)
 
