@@ -24,7 +24,7 @@ from tests.support.etcd_fixtures import etcd_config, grant
 from tests.support.etcd_server import EtcdCluster
 from tests.support.locks import candidate_for, request_for
 
-from enhanced_locking.backends.etcd_connection import WATCH_CHECK
+from enhanced_locking.backends.etcd_connection import WATCH_CHECK, Watch
 from enhanced_locking.backends.etcd_store import _KV, EtcdBackend
 from enhanced_locking.backends.waiting import Notice, Status, Wait
 from enhanced_locking.types import Candidate
@@ -52,17 +52,16 @@ class SlowWatch(EtcdBackend):
 
     LAG = 0.9 * WATCH_CHECK
 
-    async def _watch_prefix(self, client: etcd3aio.Etcd3Client, prefix: bytes, start: int,
-                            handle: Callable[[bytes, _KV, _KV], None],
-                            drop: etcd3aio.WatchFilter) -> None:
-        if not prefix.endswith(b"notice/"):
-            return await super()._watch_prefix(client, prefix, start, handle, drop)
+    async def _watch_prefix(self, client: etcd3aio.Etcd3Client, watch: Watch,
+                            handle: Callable[[bytes, _KV, _KV], None]) -> None:
+        if not watch.key.endswith(b"notice/"):
+            return await super()._watch_prefix(client, watch, handle)
         loop = asyncio.get_running_loop()
 
         def late(key: bytes, kv: _KV, prev: _KV) -> None:
             loop.call_later(self.LAG, handle, key, kv, prev)
 
-        return await super()._watch_prefix(client, prefix, start, late, drop)
+        return await super()._watch_prefix(client, watch, late)
 
 
 async def queue(backend: EtcdBackend, candidate: Candidate,

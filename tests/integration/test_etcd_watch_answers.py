@@ -53,7 +53,8 @@ async def test_a_watch_on_a_members_client_carries_the_token_and_a_canceled_answ
 
                 revision = int((await client.kv.get(prefix)).header.revision) + 1
                 watch = asyncio.ensure_future(backend._watch_prefix(
-                    member, prefix, revision, handle, etcd3aio.WatchFilter.NODELETE))
+                    member, backend._prefix_watch("test", prefix, revision,
+                                                  etcd3aio.WatchFilter.NODELETE), handle))
                 try:
                     await client.kv.put(prefix + b"one", b"1")
                     await asyncio.wait_for(arrived.wait(), 10)
@@ -94,7 +95,8 @@ async def _resumes_past_a_compaction(cluster: EtcdCluster, etcd_prefix: str) -> 
             arrived.set()
 
         watch = asyncio.ensure_future(backend._watch_prefix(
-            client, prefix, first, handle, etcd3aio.WatchFilter.NODELETE))
+            client, backend._prefix_watch("test", prefix, first, etcd3aio.WatchFilter.NODELETE),
+            handle))
         try:
             await client.kv.put(prefix + b"new", b"3")
             await asyncio.wait_for(arrived.wait(), 10)

@@ -2,8 +2,9 @@
 
 The client is ``etcd3aio`` (asyncio over ``grpc.aio``, typed, maintained): it takes several
 endpoints and balances across them, speaks TLS with client certificates, keeps an auth token
-fresh, and resumes a broken watch from the last revision it delivered. ``docs/09-etcd.md``
-says why it was chosen over the other asyncio clients.
+fresh. ``docs/09-etcd.md`` says why it was chosen over the other asyncio clients. Watches are
+driven here over its ``Watch`` stub (:class:`Watch`), not through its own watch, which resumed
+a broken stream past history it had not delivered.
 
 Every failure of a call is turned into :class:`~enhanced_locking.types.BackendUnavailable`
 naming the endpoints (never the password), which ``/readyz`` reports and the router's
@@ -40,6 +41,7 @@ import asyncio
 import contextlib
 import enum
 import ipaddress
+import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -49,13 +51,17 @@ from typing import Any, Protocol, TypeVar
 
 import etcd3aio
 import grpc
+from etcd3aio._protobuf import WatchCreateRequest, WatchRequest
 
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.types import BackendUnavailable
 
 __all__ = ["ATTEMPT_TIMEOUT", "CALL_TIMEOUT", "DOWN", "WATCH_CHECK", "EtcdConnection",
-           "EtcdSettings", "Landing", "Passenger", "TxnCall", "WatchCanceled", "kv_calls",
-           "leader_first", "refused_watch", "unavailable", "unreachable", "watching"]
+           "EtcdSettings", "Landing", "Passenger", "TxnCall", "Watch", "WatchCanceled",
+           "WatchEnded", "kv_calls", "leader_first", "refused_watch", "unavailable",
+           "unreachable", "watching"]
+
+log = logging.getLogger(__name__)
 
 CALL_TIMEOUT = 5.0
 """Seconds one call may take, retries included (an election takes about one second)."""
@@ -82,6 +88,11 @@ frozen member sends nothing while its stream stays open): the waiters' notices a
 they wait on (``EtcdBackend._follow``, ``EtcdBackend._unserved``), the events key
 (``EtcdEventBus._checked``). What such a read finds that its watch has not brought by the
 next one starts the watch again."""
+WATCH_PAUSE = 0.05
+WATCH_PAUSE_MAX = 2.0
+"""Seconds a broken watch waits before its stream is opened again on the next member: the
+first, after a stream that brought writes; doubled after each stream that broke before it
+brought one, up to the second (every member down, or a stream that fails every time)."""
 CLOSED = "the connection was closed"
 """The details of the ``CANCELLED`` error a call under way gets when its connection closes."""
 AGAIN_PAUSE = 0.1
@@ -630,6 +641,116 @@ async def watching(watch: Awaitable[None],
         await asyncio.wait([running])
         if not running.cancelled():
             running.exception()  # the watch's own failure is its end, not the caller's
+
+
+class WatchEnded(Exception):
+    """A member ended a watch's stream without an error (it is going away): a break."""
+
+
+class Watch:
+    """One watch of a key, or of the keys from ``key`` up to ``range_end``, driven here over
+    etcd's ``Watch`` RPC: one stream at a time, to one member, opened at ``next``.
+
+    The client library's own watch resumed a broken stream inside itself, from the revision
+    in its last answer's header, plus one, and on the same channel. While a watch catches up
+    on history etcd sends the old writes in batches (1,000 revisions each, about 100 ms
+    apart) whose header carries the cluster's current revision: a stream broken after the
+    first batch resumed past the rest of the history (a watch from revision 2 over 3,000
+    writes, its member restarted after the first answer, brought 1,000 of them). And a
+    watch on a member's own client (one started again because it was behind) retried that
+    member for good when it was down: nothing ended it but the check behind it.
+
+    Here ``next`` is one past the newest revision delivered (an answer's events, never its
+    header), and a stream that fails, ends, or is answered canceled (a token etcd no longer
+    takes: :func:`refused_watch`) is a break: after ``WATCH_PAUSE`` (doubled while streams
+    break before they bring a write) the stream is opened again from ``next`` on the next
+    member in turn (:meth:`EtcdConnection.watcher`, with the current auth token). So every
+    write is delivered once, in order, across breaks, and a watch whose member goes down is
+    on another member as soon as its stream fails (on loopback, a killed member's streams
+    fail at once, and a member that is down refuses the stream at once). A compaction of
+    what the watch asked for is delivered (its ``compact_revision``) and the stream opened
+    again past it, on the same member. The stream's member may also be frozen (its connections stay
+    open, it sends nothing): the check that backs each watch (``WATCH_CHECK``) finds that,
+    and its caller moves the watch on with :meth:`moved`."""
+
+    def __init__(self, connection: EtcdConnection, what: str, key: bytes,
+                 range_end: bytes = b"", *, start: int, prev_kv: bool = False,
+                 filters: Sequence[etcd3aio.WatchFilter] = ()) -> None:
+        self.connection = connection
+        self.what = what
+        """What is watched, for the logs (``events``, ``lock deletions``...)."""
+        self.key = key
+        self.range_end = range_end
+        self.prev_kv = prev_kv
+        self.filters = tuple(int(f) for f in filters)
+        self.next = start
+        """The revision the stream (re)starts at: one past the newest one delivered."""
+        self.turn = 0
+        """The streams moved to the next member so far (:meth:`moved`)."""
+        self.breaks = 0
+        """Streams that broke (tests read it)."""
+
+    async def follow(self, client: etcd3aio.Etcd3Client,
+                     deliver: Callable[[Any], None]) -> None:
+        """Call ``deliver`` with each answer of the watch from ``next`` on, for good (until
+        cancelled): the first stream through ``client``, after a break on the next member.
+        ``next`` is already past an answer's events when it is delivered; an answer with
+        a ``compact_revision`` is delivered too. A failure of ``deliver`` is a break."""
+        pause = WATCH_PAUSE
+        while True:
+            try:
+                call = await self._open(client)
+                try:
+                    while True:
+                        answer = await call.read()
+                        if answer is grpc.aio.EOF:
+                            raise WatchEnded("the member ended the watch's stream")
+                        if answer.compact_revision:  # (etcd cancels such a watch too)
+                            self.next = max(self.next, int(answer.compact_revision) + 1)
+                            deliver(answer)
+                            break  # opened again past the compaction
+                        refused_watch(answer)
+                        if answer.events:  # it brought writes: a break later is mended at once
+                            pause = WATCH_PAUSE
+                        for event in answer.events:
+                            self.next = max(self.next, int(event.kv.mod_revision) + 1)
+                        deliver(answer)
+                finally:
+                    call.cancel()
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                self.breaks += 1
+                reason = f": {error}" if isinstance(error, WatchCanceled) else (
+                    f": {error.code().name}" if isinstance(error, grpc.aio.AioRpcError) else "")
+                log.warning("etcd %s: the %s watch broke (%s%s); watching again from revision "
+                            "%d on the next member", self.connection.where, self.what,
+                            type(error).__name__, reason, self.next)
+            await asyncio.sleep(pause)
+            pause = min(WATCH_PAUSE_MAX, pause * 2)
+            with contextlib.suppress(BackendUnavailable):  # (else the same client again)
+                client = await self.moved()
+
+    async def moved(self) -> etcd3aio.Etcd3Client:
+        """The client the watch goes through next: the next member in turn."""
+        self.turn += 1
+        return await self.connection.watcher(self.turn)
+
+    async def _open(self, client: etcd3aio.Etcd3Client) -> Any:
+        """A stream through ``client``, with the current auth token, asked for the watch."""
+        watch = self.connection.carrier(client).watch
+        if watch is None:
+            raise etcd3aio.EtcdConnectionError("the client is not connected")
+        call = watch._stub.Watch(metadata=watch._metadata or None)
+        try:
+            await call.write(WatchRequest(create_request=WatchCreateRequest(
+                key=self.key, range_end=self.range_end, start_revision=self.next,
+                prev_kv=self.prev_kv, filters=self.filters)))
+        except BaseException:
+            call.cancel()
+            raise
+        return call
 
 
 def kv_calls(client: etcd3aio.Etcd3Client) -> Any:

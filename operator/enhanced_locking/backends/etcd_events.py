@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 from collections.abc import Callable
@@ -47,9 +48,9 @@ from enhanced_locking.backends.etcd_connection import (
     EtcdConnection,
     EtcdSettings,
     Landing,
+    Watch,
     kv_calls,
     leader_first,
-    refused_watch,
     watching,
 )
 from enhanced_locking.backends.outbox import RETRY_FIRST, RETRY_MAX
@@ -110,12 +111,10 @@ class EtcdEventBus(SharedEventBus):
         self.lookback = lookback
         self._floor = 0
         """The revision from which the ring holds every event (older ones were not loaded)."""
-        self._next = 0
-        """The revision the watch (re)starts at: one past the last write it delivered."""
+        self.key_watch = Watch(connection, "events", self.key, start=0,
+                               filters=(etcd3aio.WatchFilter.NODELETE,))
+        """The watch of the key: its ``next`` is one past the last write it delivered."""
         self._compacted = False
-        self._answered = False
-        """Whether the current watch has answered (a watch that breaks later starts again
-        at once, one that never answered backs off)."""
 
     @classmethod
     def from_config(cls, config: EnhancedLockingConfig, *,
@@ -182,103 +181,94 @@ class EtcdEventBus(SharedEventBus):
         await self.connection.close()
 
     # --- reading -----------------------------------------------------------------------------
-    async def _begin(self, client: etcd3aio.Etcd3Client) -> int:
+    async def _begin(self) -> int:
         """Where the first watch starts; the revision of the newest write to load (0: none)."""
         answer = await self._get()
         revision = int(answer.header.revision)
-        self._floor = self._next = max(1, revision - self.lookback + 1)
+        self._floor = self.key_watch.next = max(1, revision - self.lookback + 1)
         newest = int(answer.kvs[0].mod_revision) if answer.kvs else 0
         try:  # is the start compacted away? then the watch's first word is the compaction
-            await self._get(revision=self._next, count_only=True)
+            await self._get(revision=self.key_watch.next, count_only=True)
         except (etcd3aio.EtcdError, grpc.RpcError) as error:
             if "compacted" not in str(error):
                 raise
             self._compacted = True
-        return newest if newest >= self._next else 0
+        return newest if newest >= self.key_watch.next else 0
 
     async def _read(self) -> None:
+        """The watch, from where :meth:`_begin` found it starts, for good: a break is the
+        watch's own to mend (:meth:`Watch.follow`: from the revision after the last write it
+        delivered, on the next member); a watch that is behind (:meth:`_checked`) is moved on
+        to the next member here. A start that fails (etcd away) is tried again, backing
+        off."""
         backoff = RETRY_FIRST
         newest = -1
-        turn = 0  # the watches started again because they were behind
         while True:
             try:
                 client = await self.connection.client()
                 if newest < 0:
-                    newest = await self._begin(client)
-                if turn:
-                    client = await self.connection.watcher(turn)
-                self._answered = False
-                if await watching(self._watch(client, newest), self._checked):
-                    turn += 1  # it was behind: on the next member
-                backoff = RETRY_FIRST
+                    newest = await self._begin()
+                deliver = functools.partial(self._answer, newest=newest)
+                while True:
+                    await watching(self.key_watch.follow(client, deliver), self._checked)
+                    client = await self.key_watch.moved()  # it was behind: on the next member
             except asyncio.CancelledError:
                 raise
             except Exception as error:
-                if self._answered:
-                    backoff = RETRY_FIRST
-                turn = 0  # broken (its member gone?): the balanced channel finds one that is up
-                log.warning("etcd %s: events watch broke (%s); resuming at revision %d",
-                            self.connection.where, type(error).__name__, self._next)
+                log.warning("etcd %s: the events watch could not start (%s); trying again",
+                            self.connection.where, type(error).__name__)
                 await asyncio.sleep(backoff)
                 backoff = min(RETRY_MAX, backoff * 2)
 
-    async def _watch(self, client: etcd3aio.Etcd3Client, newest: int) -> None:
-        """The key's writes from ``_next`` into the ring, until the watch breaks (raises) or
-        meets a compaction (returns, to be started again past it)."""
-        assert client.watch is not None
-        async for answer in client.watch.watch(self.key, start_revision=self._next,
-                                               filters=[etcd3aio.WatchFilter.NODELETE]):
-            if answer.compact_revision:  # (etcd cancels such a watch too: this comes first)
-                self._answered = True
-                # What the watch asked for is gone: resume at the oldest revision kept.
-                log.warning("etcd %s compacted the events up to revision %d",
-                            self.connection.where, answer.compact_revision)
-                self._next = int(answer.compact_revision) + 1
-                self._floor = max(self._floor, self._next)
-                self._compacted = False
-                return
-            refused_watch(answer)  # canceled by etcd (a stale token): broken, started again
-            self._answered = True
-            for event in answer.events:
-                revision = int(event.kv.mod_revision)
-                self._take(revision, bytes(event.kv.value))
-                self._next = max(self._next, revision + 1)
-            if newest < self._next and not self._compacted:
-                # The watch runs (past any compaction) and has delivered the newest write
-                # there was when it began, if any: the history is loaded.
-                self._loaded.set()
-            if answer.events:
-                self._wake()
+    def _answer(self, answer: Any, newest: int) -> None:
+        """An answer of the watch: its writes into the ring (``newest``: the newest write
+        there was when the watch began, 0 if none)."""
+        if answer.compact_revision:
+            # What the watch asked for is gone: it resumes at the oldest revision kept.
+            log.warning("etcd %s compacted the events up to revision %d",
+                        self.connection.where, answer.compact_revision)
+            self._floor = max(self._floor, self.key_watch.next)
+            self._compacted = False
+            return
+        for event in answer.events:
+            self._take(int(event.kv.mod_revision), bytes(event.kv.value))
+        if newest < self.key_watch.next and not self._compacted:
+            # The watch runs (past any compaction) and has delivered the newest write there
+            # was when it began, if any: the history is loaded.
+            self._loaded.set()
+        if answer.events:
+            self._wake()
 
-    async def _checked(self, watch: asyncio.Future[None]) -> bool:
-        """Wait for ``watch`` to end, reading the key's newest write every ``WATCH_CHECK``
-        seconds meanwhile; return ``True`` (the watch is started again, from ``_next``, on
-        another member: ``EtcdConnection.watcher``) once the watch has not brought, by a
-        check, a write the check before found; ``False`` when the watch met a compaction.
+    async def _checked(self, watch: asyncio.Future[None]) -> None:
+        """Read the key's newest write every ``WATCH_CHECK`` seconds while ``watch`` runs;
+        return (the watch is started again, from where it is, on another member:
+        ``Watch.moved``) once the watch has not brought, by a check, a write the check
+        before found.
 
-        A watch is one stream to one member, given by the balanced channel's round. Frozen
-        (SIGSTOP: its connections stay open), that member sent nothing until it thawed, and
-        the ring, so every SSE stream of this replica, this replica's own events included,
-        stood still as long. Started again, the watch delivers from ``_next``: nothing is
+        A watch is one stream to one member. Frozen (SIGSTOP: its connections stay open),
+        that member sent nothing until it thawed, and the ring, so every SSE stream of this
+        replica, this replica's own events included, stood still as long. Started again, the
+        watch delivers from the revision after the last write it delivered: nothing is
         missed or delivered twice. A write the check finds a moment before a watch that
-        keeps up brings it costs nothing."""
+        keeps up brings it costs nothing. (A watch never ends by itself: its breaks are its
+        own to mend; should it end, its failure is raised.)"""
         behind = 0  # the newest write the last check found that the watch had not brought
         while True:
             done, _ = await asyncio.wait({watch}, timeout=WATCH_CHECK)
             if done:
-                watch.result()  # broken (raises), or past a compaction
-                return False
+                watch.result()
+                raise etcd3aio.EtcdError("the events watch ended")
             try:
                 answer = await self._get()
             except (*_DOWN, BackendUnavailable):
                 continue  # tried again at the next check
-            if behind and self._next <= behind:
+            if behind and self.key_watch.next <= behind:
                 log.warning("etcd %s: the events watch is behind (its member may be frozen); "
                             "watching again from revision %d", self.connection.where,
-                            self._next)
-                return True
+                            self.key_watch.next)
+                return
             newest = int(answer.kvs[0].mod_revision) if answer.kvs else 0
-            behind = newest if newest >= self._next else 0
+            behind = newest if newest >= self.key_watch.next else 0
 
     async def _revision_now(self) -> int:
         return int((await self._get(count_only=True)).header.revision)

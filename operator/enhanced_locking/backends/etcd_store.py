@@ -93,10 +93,9 @@ from enhanced_locking.backends.etcd_connection import (
     EtcdSettings,
     Landing,
     Passenger,
-    WatchCanceled,
+    Watch,
     kv_calls,
     leader_first,
-    refused_watch,
     unavailable,
     unreachable,
     watching,
@@ -1279,19 +1278,17 @@ class EtcdBackend(StoreBackend):
             self._notices_watched = max(self._notices_watched, kv.mod)
             self._heard(key[len(notices):].decode(), kv)
 
-        turn = 0
+        watch = self._prefix_watch("notices", notices, start, etcd3aio.WatchFilter.NODELETE)
         while True:
             self._notices_watched = 0
-            start = await watching(
-                self._watch_prefix(client, notices, start, heard,
-                                   etcd3aio.WatchFilter.NODELETE),
-                lambda _: self._missed(notices))
+            again = await watching(self._watch_prefix(client, watch, heard),
+                                   lambda _: self._missed(notices))
+            watch.next = max(watch.next, again)
             log.warning("etcd %s: the watch of this replica's notices is behind (its member "
                         "may be frozen); watching again from revision %d",
-                        self.connection.where, start)
-            turn += 1
+                        self.connection.where, watch.next)
             with contextlib.suppress(BackendUnavailable):
-                client = await self.connection.watcher(turn)  # (else the same client again)
+                client = await watch.moved()  # (else the same client again)
 
     async def _missed(self, notices: bytes) -> int:
         """Every ``WATCH_CHECK`` seconds while this replica has waiters, read the notices
@@ -1370,23 +1367,21 @@ class EtcdBackend(StoreBackend):
                 break
             except BackendUnavailable:  # etcd is away: the watch starts once it is back
                 await asyncio.sleep(0.2)
-        turn = 0
+        watch = self._prefix_watch("lock deletions", locks, start, etcd3aio.WatchFilter.NOPUT)
         while True:
-            again = await watching(
-                self._watch_prefix(client, locks, start, deleted, etcd3aio.WatchFilter.NOPUT),
-                lambda _: self._unserved(heard))
+            again = await watching(self._watch_prefix(client, watch, deleted),
+                                   lambda _: self._unserved(heard))
             if again is None:
                 # Nobody has waited here for a while: stop (``_unserved`` let go of this
                 # task before the watch's wind-down, so a waiter queued meanwhile started a
                 # new one from its own revision).
                 return
-            start = again
+            watch.next = max(watch.next, again)
             log.warning("etcd %s: the watch of lock deletions is behind (its member may be "
                         "frozen); watching again from revision %d", self.connection.where,
-                        start)
-            turn += 1
+                        watch.next)
             with contextlib.suppress(BackendUnavailable):
-                client = await self.connection.watcher(turn)  # (else the same client again)
+                client = await watch.moved()  # (else the same client again)
 
     async def _unserved(self, heard: set[str]) -> int | None:
         """Every ``WATCH_CHECK`` seconds while this replica has waiters, read whether the keys
@@ -1490,38 +1485,25 @@ class EtcdBackend(StoreBackend):
             locked.update(key for n, key in enumerate(chunk) if counts[2 * n])
         return revision, free, locked
 
-    async def _watch_prefix(self, client: etcd3aio.Etcd3Client, prefix: bytes, start: int,
-                            handle: Callable[[bytes, _KV, _KV], None],
-                            drop: etcd3aio.WatchFilter) -> None:
-        """Follow ``prefix`` from revision ``start`` for good, resuming where it broke.
+    def _prefix_watch(self, what: str, prefix: bytes, start: int,
+                      drop: etcd3aio.WatchFilter) -> Watch:
+        """A watch of the keys under ``prefix`` from revision ``start``, each write with the
+        key's value before it, without the writes of ``drop``'s kind."""
+        return Watch(self.connection, what, prefix, _prefix_end(prefix), start=start,
+                     prev_kv=True, filters=(drop,))
 
-        Each start carries the current auth token (``carrier``). A break (a failure, or etcd
-        answering the watch canceled) is logged and the watch resumes on the balanced client,
-        which skips a member that is down; ``client`` (a member's, when the check found the
-        watch behind) is only the first."""
-        while True:
-            try:
-                watch = self.connection.carrier(client).watch
-                assert watch is not None
-                async for answer in watch.watch(prefix, _prefix_end(prefix),
-                                                start_revision=start, prev_kv=True,
-                                                filters=[drop]):
-                    if answer.compact_revision:  # (etcd cancels such a watch too)
-                        start = int(answer.compact_revision) + 1
-                        break
-                    refused_watch(answer)
-                    for event in answer.events:
-                        start = max(start, int(event.kv.mod_revision) + 1)
-                        handle(bytes(event.kv.key), _kv(event.kv), _kv(event.prev_kv))
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:
-                reason = f": {error}" if isinstance(error, WatchCanceled) else ""
-                log.warning("etcd %s: watch broke (%s%s); resuming at revision %d",
-                            self.connection.where, type(error).__name__, reason, start)
-                await asyncio.sleep(0.2)
-                with contextlib.suppress(BackendUnavailable):
-                    client = await self.connection.client()
+    async def _watch_prefix(self, client: etcd3aio.Etcd3Client, watch: Watch,
+                            handle: Callable[[bytes, _KV, _KV], None]) -> None:
+        """Follow ``watch`` for good, each write handed to ``handle`` (its key, the key's value
+        and its value before), the first stream through ``client`` (a member's, when the check
+        found the watch behind). A break (a failure, or etcd answering the watch canceled) is
+        logged and the watch resumes from the revision after the last one it delivered, on
+        the next member, with the current auth token (:meth:`Watch.follow`)."""
+        def deliver(answer: Any) -> None:
+            for event in answer.events:
+                handle(bytes(event.kv.key), _kv(event.kv), _kv(event.prev_kv))
+
+        await watch.follow(client, deliver)
 
     def _heard(self, waiter_id: str, kv: _KV) -> bool:
         """A notice the watch or the read of notices brought: delivered (``True``) if it is
