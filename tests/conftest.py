@@ -41,7 +41,7 @@ from enhanced_locking.provider import ConfigProvider  # noqa: E402
 
 pytest_plugins = [
     "tests.support.redis_fixtures",  # redis_server, redis_servers
-    "tests.support.etcd_fixtures",  # etcd_cluster, etcd_prefix
+    "tests.support.etcd_fixtures",  # etcd_cluster, etcd_prefix, three
     "tests.support.queues",  # queue_backend_factory, rigs
     "tests.support.bbolt_writer",  # bolt_writer
 ]

@@ -32,13 +32,12 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 from etcd3aio._protobuf import TxnRequest
-from tests.support.etcd_fixtures import auth_on, grant, started
+from tests.support.etcd_fixtures import auth_on, grant
 from tests.support.etcd_server import EtcdCluster, EtcdMember, frozen
 from tests.support.locks import candidate_for, request_for
 from tests.support.lost_answers import LostAnswers
@@ -64,25 +63,11 @@ pytestmark = [pytest.mark.etcd, pytest.mark.timeout(120)]
 
 
 @pytest.fixture
-def three(tmp_path: Path) -> Iterator[EtcdCluster]:
-    with started(tmp_path / "etcd", members=3) as cluster:
-        yield cluster
-
-
-@pytest.fixture
 async def backend(three: EtcdCluster) -> AsyncIterator[EtcdBackend]:
     store = EtcdBackend(EtcdConnection(EtcdSettings(endpoints=tuple(three.endpoints))),
                         prefix="/route/")
     yield store
     await store.close()
-
-
-def member_id(cluster: EtcdCluster, member: EtcdMember) -> int:
-    status = cluster.status(member)
-    assert status is not None, f"{member.name} does not answer"
-    header = status["header"]
-    assert isinstance(header, dict)
-    return int(header["member_id"])
 
 
 def leader_of(cluster: EtcdCluster) -> EtcdMember:
@@ -144,7 +129,7 @@ async def test_the_steps_transactions_are_answered_by_the_leader(
 ) -> None:
     leader = await on_the_route(three, backend)
     for _ in range(5):  # the balanced channel would have spread them over the members
-        assert await answered_by(backend.connection) == member_id(three, leader)
+        assert await answered_by(backend.connection) == three.member_id(leader)
     await pair(backend)
     assert backend.connection.leader_changes == 1
 
@@ -156,14 +141,14 @@ async def test_a_leader_that_hands_over_is_followed(
     heir = next(m for m in three.members if m is not old)
     member = await backend.connection._member(old.endpoint)  # MoveLeader asks the leader
     assert member.maintenance is not None
-    await member.maintenance.move_leader(member_id(three, heir), timeout=10)
+    await member.maintenance.move_leader(three.member_id(heir), timeout=10)
     assert leader_of(three) is heir
     # The old leader still answers (it forwards the writes); its answers carry the new term,
     # and the route moves to the heir.
     await pair(backend)
     await routed_to(backend.connection, heir.endpoint)
     await pair(backend)
-    assert await answered_by(backend.connection) == member_id(three, heir)
+    assert await answered_by(backend.connection) == three.member_id(heir)
     assert backend.connection.leader_changes == 2
 
 
@@ -179,7 +164,7 @@ async def test_a_killed_leaders_route_is_dropped_and_the_new_leader_found(
     await routed_to(backend.connection, new.endpoint)
     for n in range(5):
         await pair(backend, pull=10 + n)
-    assert await answered_by(backend.connection) == member_id(three, new)
+    assert await answered_by(backend.connection) == three.member_id(new)
     assert backend.connection.leader_changes == 2
 
 
@@ -215,7 +200,7 @@ async def test_with_auth_on_the_leader_is_found_and_the_route_carries_the_token(
     three: EtcdCluster,
 ) -> None:
     leader = leader_of(three)  # asked before auth is on (the gateway's Status then needs it)
-    leader_id = member_id(three, leader)
+    leader_id = three.member_id(leader)
     await auth_on(three, password="root-secret")
 
     store = EtcdBackend(EtcdConnection(EtcdSettings(
@@ -258,7 +243,7 @@ async def test_a_frozen_leader_is_given_up_after_the_routes_limit_and_another_an
     for _ in range(5):  # on a loaded machine an election may move the leader meanwhile
         await pairs_again(backend, "no pair went through after a freeze")
         old = await on_the_route(three, backend)  # a pair's term shows the connection a leader
-        old_id = member_id(three, old)
+        old_id = three.member_id(old)
         with frozen(old):
             if backend.connection.leader != old.endpoint:
                 continue  # the route moved before the freeze: freeze the new leader
@@ -290,7 +275,7 @@ async def test_a_frozen_leader_is_given_up_after_the_routes_limit_and_another_an
                 await asyncio.sleep(0.05)
             new = next(m for m in three.members if m.endpoint == backend.connection.leader)
             await pair(backend, pull=2)
-            assert await answered_by(backend.connection) == member_id(three, new)
+            assert await answered_by(backend.connection) == three.member_id(new)
             return
     pytest.fail(f"no freeze of five was answered by another member ({slow_elections} with an "
                 "election slower than the call, the others with the leader moved before it)")

@@ -19,13 +19,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import etcd3aio
 import pytest
-from tests.support.etcd_fixtures import etcd_config, started
+from tests.support.etcd_fixtures import etcd_config
 from tests.support.etcd_server import EtcdCluster, EtcdMember
 
 from enhanced_locking.backends.etcd_connection import (
@@ -49,12 +48,6 @@ next member in turn is the killed one (refused at once on loopback): about 0.1 t
 measured; the bound leaves room for a loaded machine."""
 
 
-@pytest.fixture
-def three(tmp_path: Path) -> Iterator[EtcdCluster]:
-    with started(tmp_path / "etcd", members=3) as cluster:
-        yield cluster
-
-
 @contextlib.asynccontextmanager
 async def connected(cluster: EtcdCluster) -> AsyncIterator[EtcdConnection]:
     connection = EtcdConnection(EtcdSettings(endpoints=tuple(cluster.endpoints)))
@@ -66,14 +59,7 @@ async def connected(cluster: EtcdCluster) -> AsyncIterator[EtcdConnection]:
 
 def members_by_id(cluster: EtcdCluster) -> dict[int, EtcdMember]:
     """Each member under the id etcd gives it in its answers' headers."""
-    found: dict[int, EtcdMember] = {}
-    for member in cluster.members:
-        status = cluster.status(member)
-        assert status is not None, f"{member.name} does not answer"
-        header = status["header"]
-        assert isinstance(header, dict)
-        found[int(header["member_id"])] = member
-    return found
+    return {cluster.member_id(member): member for member in cluster.members}
 
 
 async def written(client: etcd3aio.Etcd3Client, writes: list[tuple[bytes, bytes]],

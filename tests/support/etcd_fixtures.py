@@ -5,6 +5,7 @@
 * ``etcd_config(cluster, prefix, **settings)``: an :class:`EnhancedLockingConfig` on it.
 * ``etcd_replicas``: two replicas' backends on one etcd key space (the test's prefix).
 * :func:`etcd_backend_maker`: the ``etcd`` entry of the shared ``backend_factory``.
+* ``three``: a cluster of three members of the test's own.
 * :func:`started`: a cluster of a test's own (several members, or one whose auth a test turns
   on), closed after the test; :func:`auth_on`: auth turned on, with a ``root`` user.
 
@@ -32,7 +33,7 @@ from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.types import Candidate, Lock
 
 __all__ = ["auth_on", "etcd_backend_maker", "etcd_cluster", "etcd_config", "etcd_prefix",
-           "etcd_replicas", "started"]
+           "etcd_replicas", "started", "three"]
 
 _PREFIXES = itertools.count(1)
 
@@ -82,6 +83,13 @@ def etcd_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdClust
     """One etcd member on a free loopback port, shared by the session (prefixes keep tests
     apart)."""
     with started(tmp_path_factory.mktemp("etcd")) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def three(tmp_path: Path) -> Iterator[EtcdCluster]:
+    """A cluster of three members of the test's own, closed after it."""
+    with started(tmp_path / "etcd", members=3) as cluster:
         yield cluster
 
 

@@ -123,6 +123,14 @@ class EtcdCluster:
         except (OSError, ValueError):
             return None
 
+    def member_id(self, member: EtcdMember) -> int:
+        """The id etcd gives ``member`` (in its answers' headers); asserted to answer."""
+        status = self.status(member)
+        assert status is not None, f"{member.name} does not answer"
+        header = status["header"]
+        assert isinstance(header, dict)
+        return int(header["member_id"])
+
     def leader(self) -> EtcdMember | None:
         for member in self.members:
             if not member.alive():
