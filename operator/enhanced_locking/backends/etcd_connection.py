@@ -51,7 +51,7 @@ from typing import Any, Protocol, TypeVar
 
 import etcd3aio
 import grpc
-from etcd3aio._protobuf import WatchCreateRequest, WatchRequest
+from etcd3aio._protobuf import WatchCreateRequest, WatchRequest, WatchResponse
 
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.types import BackendUnavailable
@@ -669,7 +669,14 @@ class Watch:
     on another member as soon as its stream fails (on loopback, a killed member's streams
     fail at once, and a member that is down refuses the stream at once). A compaction of
     what the watch asked for is delivered (its ``compact_revision``) and the stream opened
-    again past it, on the same member. The stream's member may also be frozen (its connections stay
+    again past it, on the same member.
+
+    An answer too large for one gRPC message (4 MiB on the client: a catch-up batch of 1,000
+    revisions of large values) failed its stream at every start. The watch asks etcd to
+    split such an answer (``fragment``: parts of up to the server's request limit, 1.5 MiB by
+    default, the last one not marked); the parts are joined before the answer is delivered,
+    so ``next`` never stops inside a revision's writes, and a break between them has the
+    whole answer sent again. The stream's member may also be frozen (its connections stay
     open, it sends nothing): the check that backs each watch (``WATCH_CHECK``) finds that,
     and its caller moves the watch on with :meth:`moved`."""
 
@@ -701,10 +708,16 @@ class Watch:
             try:
                 call = await self._open(client)
                 try:
+                    parts: list[Any] = []  # the fragments of an answer, so far
                     while True:
                         answer = await call.read()
                         if answer is grpc.aio.EOF:
                             raise WatchEnded("the member ended the watch's stream")
+                        if answer.fragment:
+                            parts.append(answer)
+                            continue
+                        if parts:
+                            answer, parts = _joined([*parts, answer]), []
                         if answer.compact_revision:  # (etcd cancels such a watch too)
                             self.next = max(self.next, int(answer.compact_revision) + 1)
                             deliver(answer)
@@ -746,11 +759,21 @@ class Watch:
         try:
             await call.write(WatchRequest(create_request=WatchCreateRequest(
                 key=self.key, range_end=self.range_end, start_revision=self.next,
-                prev_kv=self.prev_kv, filters=self.filters)))
+                prev_kv=self.prev_kv, filters=self.filters, fragment=True)))
         except BaseException:
             call.cancel()
             raise
         return call
+
+
+def _joined(parts: list[Any]) -> Any:
+    """The answer etcd split into ``parts`` (its fragments, the last one not marked so)."""
+    whole = WatchResponse()
+    whole.CopyFrom(parts[-1])
+    del whole.events[:]
+    for part in parts:
+        whole.events.extend(part.events)
+    return whole
 
 
 def kv_calls(client: etcd3aio.Etcd3Client) -> Any:
