@@ -669,16 +669,16 @@ class Watch:
     on another member as soon as its stream fails (on loopback, a killed member's streams
     fail at once, and a member that is down refuses the stream at once). A compaction of
     what the watch asked for is delivered (its ``compact_revision``) and the stream opened
-    again past it, on the same member.
+    again past it, on the same member. The stream's member may also be frozen (its
+    connections stay open, it sends nothing): the check that backs each watch
+    (``WATCH_CHECK``) finds that, and its caller moves the watch on with :meth:`moved`.
 
     An answer too large for one gRPC message (4 MiB on the client: a catch-up batch of 1,000
     revisions of large values) failed its stream at every start. The watch asks etcd to
     split such an answer (``fragment``: parts of up to the server's request limit, 1.5 MiB by
     default, the last one not marked); the parts are joined before the answer is delivered,
     so ``next`` never stops inside a revision's writes, and a break between them has the
-    whole answer sent again. The stream's member may also be frozen (its connections stay
-    open, it sends nothing): the check that backs each watch (``WATCH_CHECK``) finds that,
-    and its caller moves the watch on with :meth:`moved`."""
+    whole answer sent again."""
 
     def __init__(self, connection: EtcdConnection, what: str, key: bytes,
                  range_end: bytes = b"", *, start: int, prev_kv: bool = False,
