@@ -208,6 +208,7 @@ class EtcdEventBus(SharedEventBus):
                 client = await self.connection.client()
                 if newest < 0:
                     newest = await self._begin()
+                backoff = RETRY_FIRST
                 deliver = functools.partial(self._answer, newest=newest)
                 while True:
                     await watching(self.key_watch.follow(client, deliver), self._checked)
