@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 import etcd3aio
@@ -79,6 +79,18 @@ async def written(client: etcd3aio.Etcd3Client, writes: list[tuple[bytes, bytes]
     return sorted(done)
 
 
+async def run_until(following: Coroutine[Any, Any, None], done: asyncio.Event) -> None:
+    """``following`` (a watch) run until ``done`` is set and 0.3 s more (a second copy of
+    anything would come then), then cancelled."""
+    task = asyncio.ensure_future(following)
+    try:
+        await asyncio.wait_for(done.wait(), 60)
+        await asyncio.sleep(0.3)
+    finally:
+        task.cancel()
+        await asyncio.wait([task])
+
+
 class Killer:
     """Kills the member that sent the first answer with events (from its delivery: the
     event loop takes no further answer before the member is gone)."""
@@ -122,12 +134,7 @@ async def test_a_watch_broken_while_it_catches_up_delivers_every_write_once_in_o
                 done.set()
 
         watch = Watch(connection, "history", key, start=history[0][0])
-        following = asyncio.ensure_future(watch.follow(client, deliver))
-        try:
-            await asyncio.wait_for(done.wait(), 60)
-        finally:
-            following.cancel()
-            await asyncio.wait([following])
+        await run_until(watch.follow(client, deliver), done)
     assert killer.killed is not None
     # The stream broke in the middle of the history, and the rest came from another member.
     assert 0 < killer.before < HISTORY, killer.before
@@ -198,13 +205,7 @@ async def test_the_lock_deletions_watch_broken_while_it_catches_up_brings_every_
 
         watch = backend._prefix_watch("lock deletions", locks, history[0][0],
                                       etcd3aio.WatchFilter.NOPUT)
-        following = asyncio.ensure_future(backend._watch_prefix(member, watch, deleted))
-        try:
-            await asyncio.wait_for(done.wait(), 60)
-            await asyncio.sleep(0.3)  # nothing more (a second copy) comes
-        finally:
-            following.cancel()
-            await asyncio.wait([following])
+        await run_until(backend._watch_prefix(member, watch, deleted), done)
     finally:
         await backend.close()
     assert not victim.alive() and watch.breaks >= 1 and watch.turn >= 1
@@ -300,12 +301,6 @@ async def test_a_catch_up_answer_larger_than_a_message_is_delivered_whole(
                 done.set()
 
         watch = Watch(connection, "large", key, start=history[0][0])
-        following = asyncio.ensure_future(watch.follow(client, deliver))
-        try:
-            await asyncio.wait_for(done.wait(), 60)
-            await asyncio.sleep(0.3)  # nothing more (a second copy) comes
-        finally:
-            following.cancel()
-            await asyncio.wait([following])
+        await run_until(watch.follow(client, deliver), done)
     assert watch.breaks == 0
     assert seen == [(revision, value) for revision, _, value in history]
