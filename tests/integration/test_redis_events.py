@@ -16,13 +16,14 @@ from tests.support.redis_fixtures import redis_cluster_config, redis_config
 from tests.support.redis_server import RedisServer
 from tests.support.unreadable import SECRET
 
+from enhanced_locking.backends import shared_events
 from enhanced_locking.backends.redis_connection import connect
 from enhanced_locking.backends.redis_events import RedisEventBus, writer_key
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.events import parse_event_id
 from enhanced_locking.factory import LockService
 from enhanced_locking.provider import ConfigProvider
-from enhanced_locking.types import Event
+from enhanced_locking.types import Candidate, Event, Lock, Priority, utcnow
 
 pytestmark = pytest.mark.redis
 
@@ -325,6 +326,44 @@ async def test_a_lost_write_whose_oldest_events_were_dropped_is_not_appended_aga
         await bus._outbox.drained(10)
         assert await _keys(client, bus) == ["e1", "e2", "e3", "e4"]
         assert bus.dropped == 1 and len(bus._outbox) == 0
+
+
+async def test_a_burst_of_events_is_appended_in_order_each_as_its_json_made_once(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The publish makes no JSON; the outbox's write makes each event's, once, and the stream
+    # holds those bytes in the order published (40 lock events, then 10 without a lock).
+    config = redis_config(redis_server)
+    direct = connect(config)
+    bus = RedisEventBus.from_config(config)
+    seen: list[Event] = []
+    bus.subscribe(seen.append)
+    made: list[bytes] = []
+    real = shared_events._json
+
+    def counted(event: Event, **options: Any) -> bytes:
+        made.append(real(event, **options))
+        return made[-1]
+    monkeypatch.setattr(shared_events, "_json", counted)
+    try:
+        for pull in range(1, 41):
+            bus.publish("acquired", lock=request_lock(pull))
+        assert made == []
+        for n in range(10):
+            bus.publish("fallback", key=f"k{n}", action="legacy", error="test")
+        await bus._outbox.drained(10)
+        entries: Any = await direct.client.xrange(bus.stream_key)
+        assert [fields["e"].encode() for _, fields in entries] == made
+        assert made == [event.model_dump_json().encode() for event in seen]
+        assert len(made) == 50
+    finally:
+        await bus.close()
+        await direct.close()
+
+
+def request_lock(pull: int) -> Lock:
+    candidate = Candidate.of_request(request_for(pull=pull), priority=Priority.NORMAL)
+    return candidate.granted(acquired_at=utcnow(), expires_at=None, fencing_token=pull)
 
 
 @pytest.mark.parametrize("stream", ["atlantis:enhanced:events", "{locks}:events",

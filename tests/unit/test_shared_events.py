@@ -1,0 +1,135 @@
+"""A shared bus's events on their way to the store: the publish makes no JSON; the write
+makes each event's once, in the order published, and a write sent again sends the same bytes."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+import pytest
+from tests.support.locks import request_for
+
+from enhanced_locking.backends import shared_events
+from enhanced_locking.backends.etcd_events import _BATCH_JSON, batch_json
+from enhanced_locking.backends.shared_events import Outgoing, SharedEventBus
+from enhanced_locking.types import Candidate, Event, Lock, Priority
+
+
+class Bus(SharedEventBus):
+    """A shared bus whose store is a list of the writes' bytes; its first ``refuse`` writes
+    fail as a store that is away does."""
+
+    name = "test"
+    down: ClassVar[tuple[type[BaseException], ...]] = (OSError,)
+    coalesce = 0.005
+
+    def __init__(self, *, refuse: int = 0) -> None:
+        super().__init__(where="here", capacity=1000)
+        self.refuse = refuse
+        self.sent: list[tuple[bytes, list[bytes]]] = []
+        """Every write's tag and bytes, refused ones included."""
+
+    async def _write(self, batch: list[Outgoing]) -> None:
+        await self._once(batch, self._put)
+
+    async def _put(self, batch: list[Outgoing], tag: bytes) -> None:
+        self.sent.append((tag, [item.json() for item in batch]))
+        if self.refuse:
+            self.refuse -= 1
+            raise OSError("away")
+
+    async def _disconnect(self) -> None:
+        pass
+
+
+class Serializations:
+    """Calls of the event serializer the shared bus uses (the real one runs)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        real = shared_events._json
+
+        def counted(event: Event, **options: Any) -> bytes:
+            self.count += 1
+            return real(event, **options)
+        monkeypatch.setattr(shared_events, "_json", counted)
+
+
+def lock_of(pull: int) -> Lock:
+    candidate = Candidate.of_request(request_for(pull=pull), priority=Priority.NORMAL)
+    return candidate.granted(acquired_at=datetime.now(UTC), expires_at=None, fencing_token=pull)
+
+
+async def test_a_burst_is_written_in_order_as_each_event_was_published(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 40 events published with no turn of the loop between them, 10 more after one: the
+    # publish makes no JSON (subscribers get the model at once); the store gets each one's
+    # JSON, in the order published, each made once, by the write.
+    serialized = Serializations(monkeypatch)
+    bus = Bus()
+    seen: list[Event] = []
+    bus.subscribe(seen.append)
+    try:
+        for pull in range(1, 41):
+            bus.publish("acquired", lock=lock_of(pull))
+        assert serialized.count == 0 and len(seen) == 40
+        await asyncio.sleep(0)
+        for n in range(10):
+            bus.publish("fallback", key=f"k{n}", action="legacy", error="test")
+        await bus._outbox.drained(5)
+        written = [data for _, batch in bus.sent for data in batch]
+        assert written == [event.model_dump_json().encode() for event in seen]
+        assert len(written) == 50 and serialized.count == 50
+    finally:
+        await bus.close()
+
+
+async def test_an_event_nobody_subscribed_to_is_made_with_the_time_of_its_publish() -> None:
+    # With no subscriber the model is made with its JSON, by the write; its time is still
+    # the publish's, and its fields are what was published.
+    bus = Bus()
+    try:
+        before = datetime.now(UTC)
+        bus.publish("fallback", key="k", repo="acme/app", action="legacy", error="test")
+        after = datetime.now(UTC)
+        await asyncio.sleep(0.05)  # the model and its JSON are made by the write, later
+        await bus._outbox.drained(5)
+        [(_, [data])] = bus.sent
+        event = Event.model_validate_json(data)
+        assert before <= event.time <= after
+        assert (event.type, event.key, event.repo, event.details) == (
+            "fallback", "k", "acme/app", {"action": "legacy", "error": "test"})
+    finally:
+        await bus.close()
+
+
+async def test_a_write_that_failed_is_sent_again_with_the_same_bytes_and_tag(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    serialized = Serializations(monkeypatch)
+    bus = Bus(refuse=1)
+    try:
+        bus.publish("acquired", lock=lock_of(1))
+        bus.publish("released", lock=lock_of(1))
+        await bus._outbox.drained(5)
+        first, again = bus.sent
+        assert again == first and len(first[1]) == 2
+        assert all(a is b for a, b in zip(first[1], again[1], strict=True))  # made once
+        assert serialized.count == 2
+    finally:
+        await bus.close()
+
+
+def test_an_etcd_writes_value_is_the_json_list_of_its_events() -> None:
+    # batch_json joins each event's JSON; the readers parse it as the list adapter's JSON.
+    items = [Outgoing(("acquired", datetime.now(UTC), "k", "acme/app", lock_of(pull), {}))
+             for pull in (1, 2)]
+    items.append(Outgoing(("fallback", datetime.now(UTC), "k", None, None,
+                           {"action": "legacy", "error": "x"})))
+    events = [item.event for item in items]
+    assert batch_json(items) == _BATCH_JSON.dump_json(events)
+    assert _BATCH_JSON.validate_json(batch_json(items)) == events
+    assert batch_json(items[:1]) == _BATCH_JSON.dump_json(events[:1])
+
