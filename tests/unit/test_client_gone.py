@@ -232,14 +232,16 @@ async def test_a_batch_whose_client_leaves_before_a_fail_fast_answer_holds_nothi
 
 @pytest.mark.redis
 async def test_a_waiting_client_whose_lock_the_store_did_not_let_go_is_audited_as_maybe_held(
-    make_service: ServiceMaker, redis_servers: ServerMaker,
+    make_service: ServiceMaker, redis_servers: ServerMaker, caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A waiting client leaves as it is granted, and the store (a real Redis, its data kept on
     disk) goes away in the same instant: neither taking the waiter out of the queue nor giving
     back its grant can be done, and the lock stays held by the pull whose client left. The
     trail's last word on the request then names why (``unavailable``) for the key; before, it
-    ended at ``client-gone``, which says nothing of it is held. (The trail is kept in memory
-    here: it must not go away with the store.)"""
+    ended at ``client-gone``, which says nothing of it is held. Whether a round's withdrawal
+    or give-back failed is read from the service's log (the timing decides which part of the
+    hand-over the store's going meets); a round where none failed ends at ``client-gone``.
+    (The trail is kept in memory here: it must not go away with the store.)"""
     server = redis_servers(persistence="aof")
     service = await make_service(enabled=True, backend="redis", redis_addr=server.addr)
     trail = AuditTrail(MemoryAuditStore(Retention(timedelta(days=1), 10_000)),
@@ -253,28 +255,24 @@ async def test_a_waiting_client_whose_lock_the_store_did_not_let_go_is_audited_a
         call = await _granted_as_it_waits(app, service, holder, gone, sent)
         for _ in range(steps):
             await asyncio.sleep(0)
+        caplog.clear()
         server.stop()  # (the loop waits for it: nothing runs in between)
         gone.set()
         await call
         server.start()
         lock = await router.get(holder.key)
         last = await _last_of_pull_2(trail)
+        failed = any(line in caplog.text for line in (
+            "could not withdraw waiter", f"could not give back {holder.key}"))
         if sent and sent[0] == (200, False):  # answered before the client left: its own
             assert lock is not None and lock.pull.num == 2, (steps, lock)
-        elif last.action == "release":  # the trail says it may be held: it is
-            assert (last.verb, last.key, last.outcome, last.status) == (
-                "lock", holder.key, "unavailable", 499), (steps, last)
+        elif failed:  # the service could not let it go: the trail says it may be held
+            assert (last.action, last.verb, last.key, last.outcome, last.status) == (
+                "release", "lock", holder.key, "unavailable", 499), (steps, last)
             assert lock is not None and lock.pull.num == 2, (steps, lock)
             kept += 1
-        else:  # "client-gone": nothing is held, or soon (told "unavailable" as the store went,
-            # the waiting acquire's waiter is withdrawn once the store answers again)
+        else:
             assert (last.outcome, last.status) == ("client-gone", 499), (steps, last)
-            for _ in range(100):
-                if lock is None:
-                    break
-                await asyncio.sleep(0.1)
-                lock = await router.get(holder.key)
-            assert lock is None, (steps, lock, last)
         await router.release_by_pull(REPO, 2)
     await trail.close()
     assert kept, "no round left the lock held as its client went: the case is not made"
