@@ -12,7 +12,7 @@ from tests.support.locks import request_for
 
 from enhanced_locking.backends import shared_events
 from enhanced_locking.backends.etcd_events import _BATCH_JSON, batch_json
-from enhanced_locking.backends.shared_events import Outgoing, SharedEventBus
+from enhanced_locking.backends.shared_events import Outgoing, Published, SharedEventBus
 from enhanced_locking.types import Candidate, Event, Lock, Priority
 
 
@@ -124,10 +124,11 @@ async def test_a_write_that_failed_is_sent_again_with_the_same_bytes_and_tag(
 
 def test_an_etcd_writes_value_is_the_json_list_of_its_events() -> None:
     # batch_json joins each event's JSON; the readers parse it as the list adapter's JSON.
-    items = [Outgoing(("acquired", datetime.now(UTC), "k", "acme/app", lock_of(pull), {}))
+    items = [Outgoing(Published(type="acquired", time=datetime.now(UTC), key="k",
+                                repo="acme/app", lock=lock_of(pull), details={}))
              for pull in (1, 2)]
-    items.append(Outgoing(("fallback", datetime.now(UTC), "k", None, None,
-                           {"action": "legacy", "error": "x"})))
+    items.append(Outgoing(Published(type="fallback", time=datetime.now(UTC), key="k", repo=None,
+                                    lock=None, details={"action": "legacy", "error": "x"})))
     events = [item.event for item in items]
     assert batch_json(items) == _BATCH_JSON.dump_json(events)
     assert _BATCH_JSON.validate_json(batch_json(items)) == events
