@@ -7,7 +7,11 @@
   one, and skipped the rest of the history (1,000 of 3,000 writes brought).
 * A watch whose member is killed (down, not frozen) moves to another member at once, with
   nothing missed or doubled. The library's watch on a member's own client retried that
-  member for good.
+  member for good. A watch whose stream was on the balanced channel moves with one break:
+  not to the member it broke on (the next in turn could be that one: two breaks).
+* A watch on a member cut off from the others (both killed) is ended by that member once it
+  has no leader (the watch asks for etcd's "require leader"), and is opened again from where
+  it was once they are back. Before, the stream stayed open and brought nothing.
 
 The member carrying a stream is the one named in its answers' headers (``member_id``); it is
 killed from the answer's delivery itself, so the break comes while the rest of the history
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
@@ -29,6 +34,7 @@ from tests.support.etcd_server import EtcdCluster, EtcdMember
 
 from enhanced_locking.backends.etcd_connection import (
     WATCH_PAUSE,
+    WATCH_PAUSE_MAX,
     EtcdConnection,
     EtcdSettings,
     Watch,
@@ -43,9 +49,18 @@ HISTORY = 2500
 """Writes of history a watch catches up on: three of etcd's batches (1,000 revisions each)."""
 MOVE_BOUND = 5.0
 """Seconds within which a watch whose member was killed answers from another member. It
-takes a pause (``WATCH_PAUSE``, 0.05 s) and a stream, or three pauses and streams when the
-next member in turn is the killed one (refused at once on loopback): about 0.1 to 0.4 s
-measured; the bound leaves room for a loaded machine."""
+takes a pause (``WATCH_PAUSE``, 0.05 s), the endpoints asked which member they are (the
+killed one refuses at once on loopback) and a stream: about 0.06 to 0.2 s measured; the
+bound leaves room for a loaded machine."""
+ELECTION = 0.5
+"""The test clusters' election timeout, in seconds (``--election-timeout=500``)."""
+NO_LEADER_BOUND = 8 * ELECTION
+"""Seconds within which a member whose two others were killed ends a watch that requires a
+leader: it finds its leader gone within two election timeouts (a follower's randomized
+timer; a leader steps down after one without a quorum), then ends the stream after three
+election timeouts in a row without one, on a timer of its own of one election timeout: at
+most about six election timeouts (3 s here; 6 s at etcd's default 1 s). The bound leaves two
+more for a loaded machine."""
 
 
 @contextlib.asynccontextmanager
@@ -304,3 +319,134 @@ async def test_a_catch_up_answer_larger_than_a_message_is_delivered_whole(
         await run_until(watch.follow(client, deliver), done)
     assert watch.breaks == 0
     assert seen == [(revision, value) for revision, _, value in history]
+
+
+async def put(client: etcd3aio.Etcd3Client, key: bytes, value: bytes) -> int:
+    """``key`` put, tried again for up to 30 s (members coming back, a new leader being
+    elected): the write's revision."""
+    kv = client.kv
+    assert kv is not None
+    give_up = time.monotonic() + 30
+    while True:
+        try:
+            return int((await kv.put(key, value, timeout=2.0)).header.revision)
+        except (etcd3aio.EtcdError, OSError, TimeoutError):
+            if time.monotonic() > give_up:
+                raise
+            await asyncio.sleep(0.1)
+
+
+class Delivered:
+    """The revisions of the writes a watch delivered, in the order they came, and whether the
+    last one wanted has come."""
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+        self.last = 0
+        self.caught_up = asyncio.Event()
+
+    def add(self, answer: Any) -> None:
+        self.seen.extend(int(e.kv.mod_revision) for e in answer.events)
+        if self.last and self.seen[-1:] == [self.last]:
+            self.caught_up.set()
+
+    async def until(self, last: int) -> None:
+        """Until revision ``last`` is delivered, and 0.3 s more (a second copy would come)."""
+        self.last = last
+        self.caught_up.clear()
+        if self.seen[-1:] == [last]:
+            self.caught_up.set()
+        await asyncio.wait_for(self.caught_up.wait(), 30)
+        await asyncio.sleep(0.3)
+
+
+@contextlib.asynccontextmanager
+async def running(following: Coroutine[Any, Any, None]) -> AsyncIterator[None]:
+    """``following`` (a watch) run for the block, then cancelled."""
+    task = asyncio.ensure_future(following)
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.wait([task])
+
+
+async def test_a_watch_on_a_member_cut_off_from_the_others_ends_and_resumes_when_they_return(
+    three: EtcdCluster, caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with connected(three) as connection:
+        client = await connection.client()
+        key = b"/cut-off/key"
+        revisions = [await put(client, key, b"before %d" % n) for n in range(5)]
+        # The watch on the third member's own client; the two others are killed under it.
+        island = three.members[2]
+        others = [m for m in three.members if m is not island]
+        members: set[int] = set()
+        delivered = Delivered()
+
+        def deliver(answer: Any) -> None:
+            delivered.add(answer)
+            if answer.events:
+                members.add(int(answer.header.member_id))
+
+        watch = Watch(connection, "cut off", key, start=revisions[0])
+        async with running(watch.follow(await connection.watcher(2), deliver)):
+            await delivered.until(revisions[-1])
+            assert members == {three.member_id(island)}
+            killed_at = time.monotonic()
+            for member in others:
+                await asyncio.to_thread(three.kill, member)
+            while not watch.breaks:
+                assert time.monotonic() - killed_at < 30, "the stream never ended"
+                await asyncio.sleep(0.01)
+            took = time.monotonic() - killed_at
+            # The loop tries again (refused: no leader, or the member down) until they return.
+            await asyncio.sleep(2 * WATCH_PAUSE_MAX)
+            tries = watch.breaks
+            for member in others:
+                await asyncio.to_thread(three.start_member, member)
+            await asyncio.to_thread(three.wait_healthy)
+            revisions += [await put(client, key, b"after %d" % n) for n in range(5)]
+            await delivered.until(revisions[-1])
+    print(f"the cut-off member ended the watch {took:.3f} s after the others were killed "
+          f"(election timeout {ELECTION} s); {tries} breaks while they were down")
+    assert took < NO_LEADER_BOUND, took
+    assert tries > 1  # it was tried again while the member had no leader
+    assert [r for r in caplog.records if r.levelno == logging.WARNING
+            and "watch broke" in r.getMessage() and "no leader" in r.getMessage()]
+    assert delivered.seen == revisions  # nothing missed or doubled, in order
+
+
+async def test_a_watch_on_the_balanced_channel_moves_off_a_killed_member_with_one_break(
+    three: EtcdCluster,
+) -> None:
+    async with connected(three) as connection:
+        client = await connection.client()
+        key = b"/balanced/key"
+        by_id = members_by_id(three)
+        revisions = [await put(client, key, b"first")]
+        killed: list[int] = []  # the id of the member killed
+        moved = asyncio.Event()
+        delivered = Delivered()
+        watch = Watch(connection, "balanced", key, start=revisions[0])
+
+        def deliver(answer: Any) -> None:
+            delivered.add(answer)
+            member = int(answer.header.member_id)
+            if answer.events and not killed:
+                # The turns set so that the next member in turn is this one: a move by turns
+                # alone went there first (refused) and took a second break.
+                victim = by_id[member]
+                watch.turn = three.members.index(victim) - 1
+                three.kill(victim)  # (before the event loop takes another answer)
+                killed.append(member)
+            elif killed and member != killed[0]:
+                moved.set()
+
+        async with running(watch.follow(client, deliver)):
+            await asyncio.wait_for(moved.wait(), 30)
+            revisions += [await put(client, key, b"%d" % n) for n in range(5)]
+            await delivered.until(revisions[-1])
+    assert watch.breaks == 1, watch.breaks
+    assert watch.member != killed[0]
+    assert delivered.seen == revisions  # nothing missed or doubled, in order

@@ -99,6 +99,12 @@ AGAIN_PAUSE = 0.1
 """Seconds between the attempts of a call after a refusal (no leader yet, say)."""
 STATUS_TIMEOUT = 1.0
 """Seconds a member may take to say whether it leads (looking for the leader)."""
+REQUIRE_LEADER = ("hasleader", "true")
+"""The gRPC metadata (etcd's ``rpctypes.MetadataRequireLeaderKey`` and ``MetadataHasLeader``,
+what its Go client's ``WithRequireLeader`` sends) with which a member refuses a watch while it
+has no leader, and ends a watch under way once it has had none for three of its election
+timeouts in a row (``no leader``, gRPC's ``UNAVAILABLE``): a member cut off from the others
+keeps serving a watch that can bring nothing, as a frozen one does, but ends it so."""
 LEADER_LOOKS = 20
 LEADER_PAUSE = 0.25
 """Looking for the leader: up to ``LEADER_LOOKS`` rounds over the endpoints, this many seconds
@@ -335,6 +341,8 @@ class EtcdConnection:
         self._name: str | None = None
         self._members: dict[str, etcd3aio.Etcd3Client] = {}
         """A client per endpoint, to ask it whether it leads and to carry the route."""
+        self._ids: dict[str, int] = {}
+        """The member id (as in the answers' headers) of each endpoint that has told it."""
         self._term = 0
         """The raft term in which the leader was found (or last heard, without one)."""
         self._looking: asyncio.Task[None] | None = None
@@ -486,6 +494,39 @@ class EtcdConnection:
             member = await self._member(self._targets[turn % len(self._targets)])
         return self.carrier(member)
 
+    async def turn_besides(self, turn: int, member: int) -> int:
+        """The first turn from ``turn`` on (see :meth:`watcher`) whose endpoint says it is a
+        member other than ``member`` (an id from the answers' headers: the member a watch
+        broke on, or is behind on); ``turn`` itself when none does, with one endpoint, or
+        when ``member`` is not known (0). An endpoint not asked before is asked (``Status``,
+        ``STATUS_TIMEOUT``): one that does not answer is passed over (it is down or frozen).
+        So a watch that broke is not given the member it broke on again, as the turns alone
+        could, when its stream was on the balanced channel (whose member it did not pick)."""
+        if not member or not self.several_members:
+            return turn
+        count = len(self._targets)
+        for step in range(count):
+            if await self._member_id(self._targets[(turn + step) % count]) not in (0, member):
+                return turn + step
+        return turn
+
+    async def _member_id(self, target: str) -> int:
+        """The member id of endpoint ``target`` (asked once), or 0 if it does not answer."""
+        known = self._ids.get(target)
+        if known is not None:
+            return known
+        client = self._client
+        try:
+            member = await self._member(target)
+            if member.maintenance is None or client is None or client.kv is None:
+                return 0  # closed meanwhile
+            member.maintenance._metadata = client.kv._metadata  # the current token
+            status = await member.maintenance.status(timeout=STATUS_TIMEOUT, max_attempts=1)
+        except DOWN:
+            return 0
+        self._ids[target] = int(status.header.member_id)
+        return self._ids[target]
+
     def _unroute(self) -> None:
         if self._client is not None:
             self.txn = self._balanced(self._client)
@@ -512,6 +553,7 @@ class EtcdConnection:
                                                              max_attempts=1)
                 except DOWN:
                     continue
+                self._ids[target] = int(status.header.member_id)
                 if status.leader and status.leader == status.header.member_id:
                     if self._client is client:
                         if self.leader != target:
@@ -664,7 +706,9 @@ class Watch:
     header), and a stream that fails, ends, or is answered canceled (a token etcd no longer
     takes: :func:`refused_watch`) is a break: after ``WATCH_PAUSE`` (doubled while streams
     break before they bring a write) the stream is opened again from ``next`` on the next
-    member in turn (:meth:`EtcdConnection.watcher`, with the current auth token). So every
+    member in turn that is not the one it broke on (``member``, from the answers' headers:
+    :meth:`EtcdConnection.turn_besides`, :meth:`EtcdConnection.watcher`, with the current
+    auth token). So every
     write is delivered once, in order, across breaks, and a watch whose member goes down is
     on another member as soon as its stream fails (on loopback, a killed member's streams
     fail at once, and a member that is down refuses the stream at once). A compaction of
@@ -672,6 +716,12 @@ class Watch:
     again past it, on the same member. The stream's member may also be frozen (its
     connections stay open, it sends nothing): the check that backs each watch
     (``WATCH_CHECK``) finds that, and its caller moves the watch on with :meth:`moved`.
+
+    Every stream asks for etcd's "require leader" (``REQUIRE_LEADER``): a member cut off from
+    the others (its leader lost: the other two down or out of reach) ends the stream within
+    a few of its election timeouts (``no leader``), and refuses a new one while it has no
+    leader, instead of keeping a stream open that brings nothing until the check notices a
+    write it missed. That end is a break like any other.
 
     An answer too large for one gRPC message (4 MiB on the client: a catch-up batch of 1,000
     revisions of large values) failed its stream at every start. The watch asks etcd to
@@ -693,7 +743,9 @@ class Watch:
         self.next = start
         """The revision the stream (re)starts at: one past the newest one delivered."""
         self.turn = 0
-        """The streams moved to the next member so far (:meth:`moved`)."""
+        """The turn of the member the stream goes to (:meth:`moved`)."""
+        self.member = 0
+        """The member (its id) whose answers the stream brought last; 0 before the first."""
         self.breaks = 0
         """Streams that broke (tests read it)."""
 
@@ -713,6 +765,7 @@ class Watch:
                         answer = await call.read()
                         if answer is grpc.aio.EOF:
                             raise WatchEnded("the member ended the watch's stream")
+                        self.member = int(answer.header.member_id)
                         if answer.fragment:
                             parts.append(answer)
                             continue
@@ -736,7 +789,7 @@ class Watch:
             except Exception as error:
                 self.breaks += 1
                 reason = f": {error}" if isinstance(error, WatchCanceled) else (
-                    f": {error.code().name}" if isinstance(error, grpc.aio.AioRpcError) else "")
+                    f": {_reason(error)}" if isinstance(error, grpc.aio.AioRpcError) else "")
                 log.warning("etcd %s: the %s watch broke (%s%s); watching again from revision "
                             "%d on the next member", self.connection.where, self.what,
                             type(error).__name__, reason, self.next)
@@ -746,8 +799,9 @@ class Watch:
                 client = await self.moved()
 
     async def moved(self) -> etcd3aio.Etcd3Client:
-        """The client the watch goes through next: the next member in turn."""
-        self.turn += 1
+        """The client the watch goes through next: the next member in turn that is not the
+        one whose answers it brought last (it broke there, or is behind there)."""
+        self.turn = await self.connection.turn_besides(self.turn + 1, self.member)
         return await self.connection.watcher(self.turn)
 
     async def _open(self, client: etcd3aio.Etcd3Client) -> Any:
@@ -755,7 +809,7 @@ class Watch:
         watch = self.connection.carrier(client).watch
         if watch is None:
             raise etcd3aio.EtcdConnectionError("the client is not connected")
-        call = watch._stub.Watch(metadata=watch._metadata or None)
+        call = watch._stub.Watch(metadata=(*watch._metadata, REQUIRE_LEADER))
         try:
             await call.write(WatchRequest(create_request=WatchCreateRequest(
                 key=self.key, range_end=self.range_end, start_revision=self.next,
