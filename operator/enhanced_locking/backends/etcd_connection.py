@@ -515,17 +515,23 @@ class EtcdConnection:
         known = self._ids.get(target)
         if known is not None:
             return known
-        client = self._client
         try:
-            member = await self._member(target)
-            if member.maintenance is None or client is None or client.kv is None:
-                return 0  # closed meanwhile
-            member.maintenance._metadata = client.kv._metadata  # the current token
-            status = await member.maintenance.status(timeout=STATUS_TIMEOUT, max_attempts=1)
+            status = await self._status(target)
         except DOWN:
             return 0
+        return 0 if status is None else int(status.header.member_id)
+
+    async def _status(self, target: str) -> Any | None:
+        """``Status`` of endpoint ``target`` (with the current token), whose member id is
+        remembered; ``None`` when the connection was closed meanwhile. Fails as calls do."""
+        client = self._client
+        member = await self._member(target)
+        if member.maintenance is None or client is None or client.kv is None:
+            return None
+        member.maintenance._metadata = client.kv._metadata  # the current token
+        status = await member.maintenance.status(timeout=STATUS_TIMEOUT, max_attempts=1)
         self._ids[target] = int(status.header.member_id)
-        return self._ids[target]
+        return status
 
     def _unroute(self) -> None:
         if self._client is not None:
@@ -545,17 +551,14 @@ class EtcdConnection:
                 return
             for target in self._targets:
                 try:
-                    member = await self._member(target)
-                    if member.maintenance is None or client.kv is None:
-                        return  # closed meanwhile
-                    member.maintenance._metadata = client.kv._metadata  # the current token
-                    status = await member.maintenance.status(timeout=STATUS_TIMEOUT,
-                                                             max_attempts=1)
+                    status = await self._status(target)
                 except DOWN:
                     continue
-                self._ids[target] = int(status.header.member_id)
+                if status is None:
+                    return  # closed meanwhile
                 if status.leader and status.leader == status.header.member_id:
-                    if self._client is client:
+                    member = self._members.get(target)
+                    if self._client is client and member is not None:
                         if self.leader != target:
                             self.leader_changes += 1
                         self.txn, self.leader = TxnCall(
