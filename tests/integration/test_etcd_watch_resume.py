@@ -425,28 +425,48 @@ async def test_a_watch_on_the_balanced_channel_moves_off_a_killed_member_with_on
         key = b"/balanced/key"
         by_id = members_by_id(three)
         revisions = [await put(client, key, b"first")]
-        killed: list[int] = []  # the id of the member killed
-        moved = asyncio.Event()
+        killed = 0  # the id of the member killed
+        first, moved = asyncio.Event(), asyncio.Event()
         delivered = Delivered()
         watch = Watch(connection, "balanced", key, start=revisions[0])
 
         def deliver(answer: Any) -> None:
             delivered.add(answer)
-            member = int(answer.header.member_id)
-            if answer.events and not killed:
-                # The turns set so that the next member in turn is this one: a move by turns
-                # alone went there first (refused) and took a second break.
-                victim = by_id[member]
-                watch.turn = three.members.index(victim) - 1
-                three.kill(victim)  # (before the event loop takes another answer)
-                killed.append(member)
-            elif killed and member != killed[0]:
+            if answer.events:
+                first.set()
+            if killed and int(answer.header.member_id) != killed:
                 moved.set()
 
         async with running(watch.follow(client, deliver)):
+            await asyncio.wait_for(first.wait(), 30)
+            victim = by_id[watch.member]  # the member the balanced channel gave the stream
+            await follower(three, victim)
+            # The turns set so that the next member in turn is the victim: a move by turns
+            # alone went there first (refused) and took a second break.
+            watch.turn = three.members.index(victim) - 1
+            killed = watch.member
+            await asyncio.to_thread(three.kill, victim)
             await asyncio.wait_for(moved.wait(), 30)
             revisions += [await put(client, key, b"%d" % n) for n in range(5)]
             await delivered.until(revisions[-1])
     assert watch.breaks == 1, watch.breaks
-    assert watch.member != killed[0]
+    assert watch.member != killed
     assert delivered.seen == revisions  # nothing missed or doubled, in order
+
+
+async def follower(cluster: EtcdCluster, member: EtcdMember) -> None:
+    """``member`` made a follower if it leads (its leadership moved to another member): a
+    leader killed leaves the others without one until they elect one, and a watch that
+    requires a leader is refused meanwhile (a break of its own)."""
+    if cluster.leader() is not member:
+        return
+    other = next(m for m in cluster.members if m is not member)
+    leader = etcd3aio.Etcd3Client([member.endpoint])
+    await leader.connect()
+    try:
+        assert leader.maintenance is not None
+        await leader.maintenance.move_leader(cluster.member_id(other), timeout=10)
+    finally:
+        await leader.close()
+    await asyncio.to_thread(cluster.wait_healthy)
+    assert cluster.leader() is not member
