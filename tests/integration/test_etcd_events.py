@@ -28,7 +28,7 @@ from enhanced_locking.backends.etcd_connection import (
     EtcdConnection,
     EtcdSettings,
 )
-from enhanced_locking.backends.etcd_events import EtcdEventBus
+from enhanced_locking.backends.etcd_events import _LAST_INDEX, EtcdEventBus
 from enhanced_locking.backends.etcd_store import EtcdBackend
 from enhanced_locking.events import Gap, parse_event_id
 from enhanced_locking.factory import LockService
@@ -125,6 +125,9 @@ async def test_history_compacted_away_is_reported_as_a_gap(
         first = await asyncio.wait_for(anext(following), 10)
         assert isinstance(first, Gap) and first.reason == "replay", first
         assert fresh.gap_since(old[0].id) and not fresh.gap_since(f"{revision}-0")
+        # etcd keeps the write at the compaction revision: after all of the one before it,
+        # nothing is missing.
+        assert not fresh.gap_since(f"{revision - 1}-{_LAST_INDEX}")
     finally:
         await fresh.close()
 

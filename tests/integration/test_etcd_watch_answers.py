@@ -9,13 +9,20 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
+from typing import Any
 
 import etcd3aio
 import pytest
 from tests.support.etcd_fixtures import auth_on, etcd_config, started
 from tests.support.etcd_server import EtcdCluster
 
-from enhanced_locking.backends.etcd_connection import WatchCanceled, refused_watch
+from enhanced_locking.backends.etcd_connection import (
+    EtcdConnection,
+    EtcdSettings,
+    Watch,
+    WatchCanceled,
+    refused_watch,
+)
 from enhanced_locking.backends.etcd_store import EtcdBackend
 
 pytestmark = [pytest.mark.etcd, pytest.mark.timeout(120)]
@@ -106,3 +113,86 @@ async def _resumes_past_a_compaction(cluster: EtcdCluster, etcd_prefix: str) -> 
             await asyncio.wait([watch])
     finally:
         await backend.close()
+
+
+async def test_a_watch_resumed_after_a_compaction_brings_the_write_at_its_revision(
+    tmp_path: Path,
+) -> None:
+    # etcd keeps the write at the compaction revision: a watch from before it is answered
+    # with the compaction and resumes at that revision, not one past it.
+    with started(tmp_path / "etcd") as cluster:  # (a compaction of its own)
+        connection = EtcdConnection(EtcdSettings(endpoints=tuple(cluster.endpoints)))
+        try:
+            client = await connection.client()
+            assert client.kv is not None
+            key = b"/compacted/key"
+            first = int((await client.kv.put(key, b"1")).header.revision)
+            kept = int((await client.kv.put(key, b"2")).header.revision)
+            await client.kv.compact(kept)
+            last = int((await client.kv.put(key, b"3")).header.revision)
+            seen: list[int] = []
+            compactions: list[int] = []
+            done = asyncio.Event()
+
+            def deliver(answer: Any) -> None:
+                if answer.compact_revision:
+                    compactions.append(int(answer.compact_revision))
+                seen.extend(int(e.kv.mod_revision) for e in answer.events)
+                if last in seen:
+                    done.set()
+
+            watch = Watch(connection, "compacted", key, start=first)
+            following = asyncio.ensure_future(watch.follow(client, deliver))
+            try:
+                await asyncio.wait_for(done.wait(), 10)
+                await asyncio.sleep(0.3)  # nothing more (a second copy) comes
+            finally:
+                following.cancel()
+                await asyncio.wait([following])
+        finally:
+            await connection.close()
+    assert compactions == [kept]
+    assert seen == [kept, last]
+
+
+async def test_a_write_the_store_cannot_read_is_skipped_and_the_rest_of_its_answer_delivered(
+    tmp_path: Path, etcd_prefix: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A key under ``lock/`` another program wrote that is not UTF-8, then five lock deletes,
+    # watched from before them: one catch-up answer. Its handler failing on the first key was
+    # a break past the whole answer, and the five deletes were never delivered.
+    with started(tmp_path / "etcd") as cluster:
+        backend = EtcdBackend.from_config(etcd_config(cluster, etcd_prefix), "enhanced")
+        try:
+            client = await backend.connection.client()
+            assert client.kv is not None
+            locks = backend.base + b"lock/"
+            bad = int((await client.kv.put(locks + b"\xff\xfe", b"secret-value")).header.revision)
+            await client.kv.delete(locks + b"\xff\xfe")
+            names = [f"held-{n}" for n in range(5)]
+            for name in names:
+                await client.kv.put(locks + name.encode(), b"x")
+            for name in names:
+                await client.kv.delete(locks + name.encode())
+            heard: list[str] = []
+            done = asyncio.Event()
+
+            def deleted(key: bytes, *_: object) -> None:
+                heard.append(key[len(locks):].decode())  # as the store's handlers read keys
+                if len(heard) == len(names):
+                    done.set()
+
+            watch = backend._prefix_watch("lock deletions", locks, bad,
+                                          etcd3aio.WatchFilter.NOPUT)
+            following = asyncio.ensure_future(backend._watch_prefix(client, watch, deleted))
+            try:
+                await asyncio.wait_for(done.wait(), 10)
+                await asyncio.sleep(0.3)  # nothing more (a second copy) comes
+            finally:
+                following.cancel()
+                await asyncio.wait([following])
+        finally:
+            await backend.close()
+    assert heard == names and watch.breaks == 0
+    skipped = [r.getMessage() for r in caplog.records if "could not read" in r.getMessage()]
+    assert len(skipped) == 1 and "secret-value" not in skipped[0], skipped

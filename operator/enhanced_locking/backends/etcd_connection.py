@@ -716,9 +716,10 @@ class Watch:
     on another member as soon as its stream fails (on loopback, a killed member's streams
     fail at once, and a member that is down refuses the stream at once). A compaction of
     what the watch asked for is delivered (its ``compact_revision``) and the stream opened
-    again past it, on the same member. The stream's member may also be frozen (its
-    connections stay open, it sends nothing): the check that backs each watch
-    (``WATCH_CHECK``) finds that, and its caller moves the watch on with :meth:`moved`.
+    again from that revision, the oldest etcd keeps (its write is kept), on the same
+    member. The stream's member may also be frozen (its connections stay open, it sends
+    nothing): the check that backs each watch (``WATCH_CHECK``) finds that, and its caller
+    moves the watch on with :meth:`moved`.
 
     Every stream asks for etcd's "require leader" (``REQUIRE_LEADER``): a member cut off from
     the others (its leader lost: the other two down or out of reach) ends the stream within
@@ -775,9 +776,10 @@ class Watch:
                         if parts:
                             answer, parts = _joined([*parts, answer]), []
                         if answer.compact_revision:  # (etcd cancels such a watch too)
-                            self.next = max(self.next, int(answer.compact_revision) + 1)
+                            # etcd still keeps the write at the compaction revision itself.
+                            self.next = max(self.next, int(answer.compact_revision))
                             deliver(answer)
-                            break  # opened again past the compaction
+                            break  # opened again at the compaction revision
                         refused_watch(answer)
                         if answer.events:  # it brought writes: a break later is mended at once
                             pause = WATCH_PAUSE

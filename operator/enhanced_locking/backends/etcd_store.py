@@ -1498,10 +1498,20 @@ class EtcdBackend(StoreBackend):
         and its value before), the first stream through ``client`` (a member's, when the check
         found the watch behind). A break (a failure, or etcd answering the watch canceled) is
         logged and the watch resumes from the revision after the last one it delivered, on
-        the next member, with the current auth token (:meth:`Watch.follow`)."""
+        the next member, with the current auth token (:meth:`Watch.follow`).
+
+        A write ``handle`` cannot take (a key another program wrote that is not UTF-8) is
+        skipped, logged with its revision only, and the rest of the answer delivered: the
+        watch is already past the whole answer, so a failure here (a break) would lose every
+        write after it in the answer (up to 1,000 revisions in a catch-up)."""
         def deliver(answer: Any) -> None:
             for event in answer.events:
-                handle(bytes(event.kv.key), _kv(event.kv), _kv(event.prev_kv))
+                try:
+                    handle(bytes(event.kv.key), _kv(event.kv), _kv(event.prev_kv))
+                except ValueError as error:  # (UnicodeDecodeError)
+                    log.warning("etcd %s: the %s watch skipped the write at revision %d that "
+                                "it could not read (%s)", self.connection.where, watch.what,
+                                event.kv.mod_revision, type(error).__name__)
 
         await watch.follow(client, deliver)
 
