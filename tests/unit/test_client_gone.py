@@ -35,6 +35,7 @@ from enhanced_locking.backends.audit_store import (
     build_audit_store,
 )
 from enhanced_locking.factory import LockService
+from enhanced_locking.locking import queueing
 from enhanced_locking.types import AuditEntry, LockRequest
 
 REPO = "acme/gone"
@@ -276,6 +277,86 @@ async def test_a_waiting_client_whose_lock_the_store_did_not_let_go_is_audited_a
         await router.release_by_pull(REPO, 2)
     await trail.close()
     assert kept, "no round left the lock held as its client went: the case is not made"
+
+async def _left_waiting_with_a_request_id(
+    make_service: ServiceMaker, redis_servers: ServerMaker, monkeypatch: pytest.MonkeyPatch,
+    wait: str,
+) -> tuple[LockService, AuditTrail, Any, LockRequest]:
+    """Pull 2's acquire with a ``requestId``, waiting behind pull 1 on a real Redis (its data
+    kept on disk), whose client has left: its waiter stays queued for the retry grace. The
+    store is stopped before the grace ends (the caller starts it again)."""
+    waiting = asyncio.Event()
+    await_turn = queueing.await_turn
+
+    async def waits(*args: Any, **kwargs: Any) -> Any:
+        waiting.set()  # (the queued caller's wait, its client not yet gone)
+        return await await_turn(*args, **kwargs)
+
+    monkeypatch.setattr(queueing, "await_turn", waits)
+    server = redis_servers(persistence="aof")
+    service = await make_service(enabled=True, backend="redis", redis_addr=server.addr)
+    trail = AuditTrail(MemoryAuditStore(Retention(timedelta(days=1), 10_000)),
+                       stdout=lambda: False)
+    app = create_app(service, manage_lifecycle=False, audit=trail)
+    router = service.router
+    holder = request_for(repo=REPO, path="net", project="net", pull=1)
+    assert (await router.acquire(holder)).acquired
+    gone, sent = asyncio.Event(), list[tuple[int, bool]]()
+    call = asyncio.ensure_future(_post(app, {**BODY, "wait": wait, "requestId": "r-gone"},
+                                       gone, sent))
+    await asyncio.wait_for(waiting.wait(), 10)
+    gone.set()
+    await call
+    assert (await _last_of_pull_2(trail)).outcome == "client-gone"
+    server.stop()  # before the grace (0.3 s) ends: the withdrawal finds the store away
+    return service, trail, server, holder
+
+
+@pytest.mark.redis
+async def test_a_waiter_with_a_request_id_is_withdrawn_once_the_store_answers_again(
+    make_service: ServiceMaker, redis_servers: ServerMaker, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The withdrawal after the retry grace found the store away, was tried once and only
+    logged: the waiter stayed queued, to be granted to the pull whose client had left. It is
+    tried again until the store answers."""
+    monkeypatch.setattr(queueing, "RETRY_GRACE", 0.3)
+    service, trail, server, holder = await _left_waiting_with_a_request_id(
+        make_service, redis_servers, monkeypatch, "30s")
+    await asyncio.sleep(1.0)
+    server.start()
+    router = service.router
+    for _ in range(100):
+        if not await router.queue(holder.key):
+            break
+        await asyncio.sleep(0.1)
+    assert not await router.queue(holder.key), "the waiter of a client gone stayed queued"
+    await router.release(holder.key, owner=(REPO, 1))
+    await asyncio.sleep(0.2)
+    assert await router.get(holder.key) is None  # nobody holds it: the waiter was withdrawn
+    await trail.close()
+
+
+@pytest.mark.redis
+async def test_a_waiter_with_a_request_id_that_could_not_be_withdrawn_is_audited_as_maybe_held(
+    make_service: ServiceMaker, redis_servers: ServerMaker, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The store stays away past the wait's deadline and the margin: the withdrawal is given
+    up, and the trail, whose last word on the request was ``client-gone``, gets a row naming
+    why for its key (it may be held)."""
+    monkeypatch.setattr(queueing, "RETRY_GRACE", 0.3)
+    monkeypatch.setattr(queueing, "ABANDON_MARGIN", 0.2)
+    _, trail, server, holder = await _left_waiting_with_a_request_id(
+        make_service, redis_servers, monkeypatch, "1s")
+    last = await _last_of_pull_2(trail)
+    for _ in range(200):
+        last = await _last_of_pull_2(trail)
+        if last.outcome != "client-gone":
+            break
+        await asyncio.sleep(0.05)
+    server.start()
+    assert (last.action, last.verb, last.key, last.outcome, last.status) == (
+        "release", "lock", holder.key, "unavailable", 499), last
+    await trail.close()
 
 # --- the look at uvicorn's request cycle -----------------------------------------------------
 

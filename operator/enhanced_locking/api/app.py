@@ -55,7 +55,7 @@ from enhanced_locking.api.sse import install_event_stream
 from enhanced_locking.api.webhooks import webhook_router
 from enhanced_locking.backends.audit_store import build_audit_store
 from enhanced_locking.factory import LockService
-from enhanced_locking.locking.queueing import withdrawals_noted
+from enhanced_locking.locking.queueing import NotWithdrawn, withdrawals_noted
 from enhanced_locking.types import (
     AcquireResult,
     Lock,
@@ -151,11 +151,17 @@ def create_app(
         await need_lock(caller, action="acquire", repo=repo, pull=request.pull.num, key=key,
                         priority=request.priority)
         tried: list[tuple[str, Exception | None]] | None = None
+
+        async def given_up(failed: NotWithdrawn) -> None:
+            # A wait with a requestId, withdrawn after the answer, that could not be.
+            await caller.gave_back(action="release", repo=repo, pull=request.pull.num,
+                                   tried=not_withdrawn([failed]))
+
         async with caller.audited(action="acquire", verb=Verb.LOCK, key=key, repo=repo,
                                   pull=request.pull.num) as note:
             try:
                 with (rule_override(await overrides_rules(caller, repo=repo)),
-                      withdrawals_noted() as unwithdrawn):
+                      withdrawals_noted(late=given_up) as unwithdrawn):
                     work = router.acquire(request)
                     result = await answer_unless_gone(http, work, watch=bool(request.wait))
             except ClientGone as gone:

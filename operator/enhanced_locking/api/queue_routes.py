@@ -39,7 +39,7 @@ from enhanced_locking.backends.waiting import Waiter
 from enhanced_locking.durations import Lease
 from enhanced_locking.factory import LockService
 from enhanced_locking.locking import EnhancedLocker
-from enhanced_locking.locking.queueing import withdrawals_noted
+from enhanced_locking.locking.queueing import NotWithdrawn, withdrawals_noted
 from enhanced_locking.types import (
     BatchLockRequest,
     BatchResult,
@@ -111,12 +111,19 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
             await caller.need(Verb.PRIORITIZE, action="acquire-batch", repo=repo, key=keys,
                               pull=pull)
         tried: list[tuple[str, Exception | None]] | None = None
+        before = frozenset[str]()
+
+        async def given_up(failed: NotWithdrawn) -> None:
+            # A wait with a requestId, withdrawn after the answer, that could not be.
+            await caller.gave_back(action="release-batch", repo=repo, pull=pull,
+                                   tried=not_withdrawn([failed], kept=before))
+
         async with caller.audited(action="acquire-batch", verb=Verb.LOCK, key=keys, repo=repo,
                                   pull=pull) as note:
             before = await _held_by(body)
             try:
                 with (rule_override(await overrides_rules(caller, repo=repo)),
-                      withdrawals_noted() as unwithdrawn):
+                      withdrawals_noted(late=given_up) as unwithdrawn):
                     work = router.acquire_batch(body)
                     result = await answer_unless_gone(request, work, watch=bool(body.wait))
             except ClientGone as gone:

@@ -18,6 +18,9 @@ It leaves the queue in one of four ways:
   request sent again (after a broken connection) takes its waiter over, with its place and
   enqueue time, and then the clean-up leaves it alone. When that leaving fails (the store does
   not answer), whoever waits on the caller's behalf can learn it: :func:`withdrawals_noted`.
+  The later clean-up of a request with a ``requestId`` tries again while the store does not
+  answer, until the wait's deadline plus :data:`ABANDON_MARGIN`; if it gives up, the ``late``
+  hook given to :func:`withdrawals_noted` hears of it (the caller's answer is long gone).
 """
 
 from __future__ import annotations
@@ -53,16 +56,28 @@ class NotWithdrawn:
     error: Exception
 
 
-_NOTED: ContextVar[list[NotWithdrawn] | None] = ContextVar("not_withdrawn", default=None)
+Late = Callable[[NotWithdrawn], Awaitable[None]]
+"""Told of a waiter whose withdrawal, after the caller's answer, was given up."""
+
+
+@dataclass(frozen=True)
+class _Noting:
+    noted: list[NotWithdrawn]
+    late: Late | None
+
+
+_NOTED: ContextVar[_Noting | None] = ContextVar("not_withdrawn", default=None)
 
 
 @contextlib.contextmanager
-def withdrawals_noted() -> Iterator[list[NotWithdrawn]]:
+def withdrawals_noted(late: Late | None = None) -> Iterator[list[NotWithdrawn]]:
     """The block's waits that end by their caller going away and fail to withdraw add a
     :class:`NotWithdrawn` to the list given (tasks the block starts share it): the HTTP route
-    that gives up on a client says in its audit trail what may still be held."""
+    that gives up on a client says in its audit trail what may still be held. A wait with a
+    ``requestId`` is withdrawn later (:data:`RETRY_GRACE`), after the block: ``late`` is
+    told when that withdrawal is given up."""
     noted: list[NotWithdrawn] = []
-    token = _NOTED.set(noted)
+    token = _NOTED.set(_Noting(noted, late))
     try:
         yield noted
     finally:
@@ -112,16 +127,39 @@ async def await_turn(
 
 def _later(backend: QueueBackend, waiter: Waiter,
            give_back: Callable[[Notice], Awaitable[None]], caller: str) -> None:
-    """Withdraw ``waiter`` after the retry grace, unless a retry took it over meanwhile."""
+    """Withdraw ``waiter`` after the retry grace, unless a retry took it over meanwhile.
+    While the store does not answer it is tried again, until the wait's deadline plus
+    ``ABANDON_MARGIN`` (as :func:`abandon`): left queued, the waiter would be granted later
+    and held by a caller that is gone. A give-up is logged and told to the ``late`` hook of
+    :func:`withdrawals_noted` (its keys may be held)."""
+    noting = _NOTED.get()
+
     async def clean_up() -> None:
         await asyncio.sleep(RETRY_GRACE)
-        try:
-            cancelled = await backend.cancel(waiter.keys[0], waiter.id,
-                                             reason=Reason.CANCELLED, caller=caller)
-            if cancelled.granted:
-                await give_back(Notice(locks=cancelled.granted, fresh=cancelled.fresh))
-        except Exception:
-            log.exception("could not withdraw waiter %s from %s", waiter.id, waiter.keys)
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + (waiter.deadline - waiter.enqueued_at).total_seconds() \
+            + ABANDON_MARGIN
+        delay = 0.05
+        while True:
+            try:
+                cancelled = await backend.cancel(waiter.keys[0], waiter.id,
+                                                 reason=Reason.CANCELLED, caller=caller)
+                if cancelled.granted:
+                    await give_back(Notice(locks=cancelled.granted, fresh=cancelled.fresh))
+                return
+            except BackendUnavailable as error:
+                if loop.time() <= give_up:
+                    await asyncio.sleep(delay)
+                    delay = min(1.0, delay * 2)
+                    continue
+                failed: Exception = error
+            except Exception as error:
+                failed = error
+            log.error("could not withdraw waiter %s from %s: gave up", waiter.id, waiter.keys,
+                      exc_info=failed)
+            if noting is not None and noting.late is not None:
+                await noting.late(NotWithdrawn(waiter.keys, failed))
+            return
 
     task = asyncio.get_running_loop().create_task(clean_up())
     _LATER.add(task)
@@ -129,8 +167,9 @@ def _later(backend: QueueBackend, waiter: Waiter,
 
 
 ABANDON_MARGIN = 10.0
-"""Seconds past an abandoned offer's wait that its withdrawal is still tried: a waiter past
-its deadline is never granted, and a grant made just before lapses after its claim."""
+"""Seconds past an abandoned offer's wait (or a waiting request's with a ``requestId``, whose
+caller left) that its withdrawal is still tried: a waiter past its deadline is never granted,
+and a grant made just before lapses after its claim."""
 
 
 def abandon(backend: QueueBackend, key: str, offer: Wait,
@@ -194,6 +233,6 @@ async def withdraw(
         await asyncio.shield(clean_up())
     except Exception as error:  # the store failed: the lease (if any) or an admin frees it
         log.exception("could not withdraw waiter %s from %s", waiter.id, waiter.keys)
-        noted = _NOTED.get()
-        if noted is not None:
-            noted.append(NotWithdrawn(waiter.keys, error))
+        noting = _NOTED.get()
+        if noting is not None:
+            noting.noted.append(NotWithdrawn(waiter.keys, error))
