@@ -13,6 +13,7 @@ from typing import Any
 
 import etcd3aio
 import pytest
+from tests.integration.test_etcd_watch_resume import run_until
 from tests.support.etcd_fixtures import auth_on, etcd_config, started
 from tests.support.etcd_server import EtcdCluster
 
@@ -142,13 +143,7 @@ async def test_a_watch_resumed_after_a_compaction_brings_the_write_at_its_revisi
                     done.set()
 
             watch = Watch(connection, "compacted", key, start=first)
-            following = asyncio.ensure_future(watch.follow(client, deliver))
-            try:
-                await asyncio.wait_for(done.wait(), 10)
-                await asyncio.sleep(0.3)  # nothing more (a second copy) comes
-            finally:
-                following.cancel()
-                await asyncio.wait([following])
+            await run_until(watch.follow(client, deliver), done)
         finally:
             await connection.close()
     assert compactions == [kept]
@@ -184,13 +179,7 @@ async def test_a_write_the_store_cannot_read_is_skipped_and_the_rest_of_its_answ
 
             watch = backend._prefix_watch("lock deletions", locks, bad,
                                           etcd3aio.WatchFilter.NOPUT)
-            following = asyncio.ensure_future(backend._watch_prefix(client, watch, deleted))
-            try:
-                await asyncio.wait_for(done.wait(), 10)
-                await asyncio.sleep(0.3)  # nothing more (a second copy) comes
-            finally:
-                following.cancel()
-                await asyncio.wait([following])
+            await run_until(backend._watch_prefix(client, watch, deleted), done)
         finally:
             await backend.close()
     assert heard == names and watch.breaks == 0

@@ -231,6 +231,18 @@ async def test_a_batch_whose_client_leaves_before_a_fail_fast_answer_holds_nothi
         await _batch_round(make_service, steps, wait=False, had_dns=steps % 2 == 1)
 
 
+async def _on_redis_with_a_trail_in_memory(
+    make_service: ServiceMaker, redis_servers: ServerMaker,
+) -> tuple[Any, LockService, AuditTrail, Any]:
+    """A service on a real Redis (its data kept on disk), its app, and an audit trail kept in
+    memory (it must not go away with the store)."""
+    server = redis_servers(persistence="aof")
+    service = await make_service(enabled=True, backend="redis", redis_addr=server.addr)
+    trail = AuditTrail(MemoryAuditStore(Retention(timedelta(days=1), 10_000)),
+                       stdout=lambda: False)
+    return server, service, trail, create_app(service, manage_lifecycle=False, audit=trail)
+
+
 @pytest.mark.redis
 async def test_a_waiting_client_whose_lock_the_store_did_not_let_go_is_audited_as_maybe_held(
     make_service: ServiceMaker, redis_servers: ServerMaker, caplog: pytest.LogCaptureFixture,
@@ -243,11 +255,8 @@ async def test_a_waiting_client_whose_lock_the_store_did_not_let_go_is_audited_a
     or give-back failed is read from the service's log (the timing decides which part of the
     hand-over the store's going meets); a round where none failed ends at ``client-gone``.
     (The trail is kept in memory here: it must not go away with the store.)"""
-    server = redis_servers(persistence="aof")
-    service = await make_service(enabled=True, backend="redis", redis_addr=server.addr)
-    trail = AuditTrail(MemoryAuditStore(Retention(timedelta(days=1), 10_000)),
-                       stdout=lambda: False)
-    app = create_app(service, manage_lifecycle=False, audit=trail)
+    server, service, trail, app = await _on_redis_with_a_trail_in_memory(make_service,
+                                                                         redis_servers)
     router = service.router
     holder = request_for(repo=REPO, path="net", project="net", pull=1)
     kept = 0
@@ -293,11 +302,8 @@ async def _left_waiting_with_a_request_id(
         return await await_turn(*args, **kwargs)
 
     monkeypatch.setattr(queueing, "await_turn", waits)
-    server = redis_servers(persistence="aof")
-    service = await make_service(enabled=True, backend="redis", redis_addr=server.addr)
-    trail = AuditTrail(MemoryAuditStore(Retention(timedelta(days=1), 10_000)),
-                       stdout=lambda: False)
-    app = create_app(service, manage_lifecycle=False, audit=trail)
+    server, service, trail, app = await _on_redis_with_a_trail_in_memory(make_service,
+                                                                         redis_servers)
     router = service.router
     holder = request_for(repo=REPO, path="net", project="net", pull=1)
     assert (await router.acquire(holder)).acquired
