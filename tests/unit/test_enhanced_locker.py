@@ -117,6 +117,34 @@ async def test_a_caller_that_goes_away_leaves_the_queue_and_is_never_granted(
     assert any(e.type == "cancelled" and e.details["by"] == "client" for e in rig.events)
 
 
+async def test_a_caller_that_goes_away_after_it_is_queued_but_before_it_waits_leaves_the_queue(
+    rigs: Callable[..., LockerRig], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Queued by the store, the caller still reads how long to wait (the store's clock, for a
+    # request with a requestId) before it waits: cancelled there, its waiter stayed queued
+    # with nobody to withdraw it, to be granted to a caller that is gone.
+    rig = rigs()
+    await rig.locker.acquire(ask(1))
+    reading, never = asyncio.Event(), asyncio.Event()
+    seconds_left = rig.locker._seconds_left
+
+    async def held_there(*args: Any) -> float:
+        reading.set()
+        await never.wait()
+        return await seconds_left(*args)
+
+    monkeypatch.setattr(rig.locker, "_seconds_left", held_there)
+    gone = rig.spawn(rig.locker.acquire(ask(2, wait=30 * S)))
+    await asyncio.wait_for(reading.wait(), 5)
+    assert [w.owner[1] for w in await rig.locker.queue(ask(1).key)] == [2]
+    gone.cancel()
+    await settle()
+    assert await rig.locker.queue(ask(1).key) == []
+    await rig.locker.release(ask(1).key)
+    await settle()
+    assert await rig.locker.get(ask(1).key) is None
+
+
 async def test_a_grant_that_reaches_a_caller_gone_meanwhile_is_given_back(
     rigs: Callable[..., LockerRig],
 ) -> None:

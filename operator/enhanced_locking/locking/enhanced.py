@@ -389,37 +389,18 @@ class EnhancedLocker(AtlantisCalls):
         answers: Answers[Result],
     ) -> Result:
         key = outcome.key or waiter.keys[0]
-        if self.settings().deadlock_detection:
-            try:
-                refused = await self._refuse_deadlock(waiter, key, answers)
-            except BaseException:  # cancelled (or failed) before waiting: leave the queue
-                await queueing.withdraw(self.backend, waiter, future, self._give_back)
-                self.backend.grants.forget(waiter.id)
-                raise
-            if refused is not None:
-                return refused
-        if outcome.holder is not None:
-            # Wake the queue when the holder's lease ends, wherever it was granted.
-            self.leases.arm(key, outcome.holder.expires_at)
-        if outcome.ahead is not None and outcome.holders is not None and outcome.position:
-            # The store said who is ahead and who holds the key as it queued the waiter: no
-            # need to read the queue and the holders again for the event.
-            view: visibility.WaitView | None = visibility.WaitView.build(
-                key=key, position=outcome.position, waiter=waiter, ahead=outcome.ahead,
-                holders=outcome.holders, holds=self.holds, now=utcnow())
-        else:
-            view = await self._view(key, waiter.id)
-        seen = {"position": outcome.position, **(view.details() if view is not None else {})}
-        self.events.publish(
-            "queued", key=key, repo=waiter.owner[0], pull=waiter.owner[1],
-            waiterId=waiter.id, requestId=waiter.request_id, priority=waiter.priority.value,
-            mode=waiter.mode, keys=list(waiter.keys), message=outcome.message, **seen,
-        )
+        try:
+            refused, seconds = await self._before_waiting(outcome, waiter, offer, answers)
+        except BaseException:  # cancelled (or failed) before waiting: leave the queue
+            await queueing.withdraw(self.backend, waiter, future, self._give_back)
+            self.backend.grants.forget(waiter.id)
+            raise
+        if refused is not None:
+            return refused
         started = time.perf_counter()
         try:
             notice = await queueing.await_turn(
-                self.backend, waiter, future,
-                seconds=await self._seconds_left(waiter, offer),
+                self.backend, waiter, future, seconds=seconds,
                 give_back=self._give_back, caller=offer.caller,
             )
         except asyncio.CancelledError:  # the caller went away; await_turn withdrew the waiter
@@ -451,6 +432,35 @@ class EnhancedLocker(AtlantisCalls):
                                 **details)
         holder = await self._holder(key)
         return answers.refused(key, reason, holder)
+
+    async def _before_waiting(self, outcome: Outcome, waiter: Waiter, offer: Wait,
+                              answers: Answers[Result]) -> tuple[Result | None, float]:
+        """What a queued waiter does before it waits: the deadlock check (a refusal, if it
+        closes a cycle), the ``queued`` event, and how long it is to wait. The waiter is in
+        its queue already: a caller cancelled here must leave it (:meth:`_queued`)."""
+        key = outcome.key or waiter.keys[0]
+        if self.settings().deadlock_detection:
+            refused = await self._refuse_deadlock(waiter, key, answers)
+            if refused is not None:
+                return refused, 0.0
+        if outcome.holder is not None:
+            # Wake the queue when the holder's lease ends, wherever it was granted.
+            self.leases.arm(key, outcome.holder.expires_at)
+        if outcome.ahead is not None and outcome.holders is not None and outcome.position:
+            # The store said who is ahead and who holds the key as it queued the waiter: no
+            # need to read the queue and the holders again for the event.
+            view: visibility.WaitView | None = visibility.WaitView.build(
+                key=key, position=outcome.position, waiter=waiter, ahead=outcome.ahead,
+                holders=outcome.holders, holds=self.holds, now=utcnow())
+        else:
+            view = await self._view(key, waiter.id)
+        seen = {"position": outcome.position, **(view.details() if view is not None else {})}
+        self.events.publish(
+            "queued", key=key, repo=waiter.owner[0], pull=waiter.owner[1],
+            waiterId=waiter.id, requestId=waiter.request_id, priority=waiter.priority.value,
+            mode=waiter.mode, keys=list(waiter.keys), message=outcome.message, **seen,
+        )
+        return None, await self._seconds_left(waiter, offer)
 
     async def _seconds_left(self, waiter: Waiter, offer: Wait) -> float:
         """How long to wait: the offer, or, for a retried request that found its waiter, what
