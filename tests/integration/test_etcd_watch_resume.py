@@ -50,13 +50,6 @@ HISTORY = 2500
 """Writes of history a watch catches up on: three of etcd's batches (1,000 revisions each)."""
 ELECTION = 0.5
 """The test clusters' election timeout, in seconds (``--election-timeout=500``)."""
-NO_LEADER_BOUND = 8 * ELECTION
-"""Seconds within which a member whose two others were killed ends a watch that requires a
-leader: it finds its leader gone within two election timeouts (a follower's randomized
-timer; a leader steps down after one without a quorum), then ends the stream after three
-election timeouts in a row without one, on a timer of its own of one election timeout: at
-most about six election timeouts (3 s here; 6 s at etcd's default 1 s). The bound leaves two
-more for a loaded machine."""
 
 
 @contextlib.asynccontextmanager
@@ -394,6 +387,8 @@ async def test_a_watch_on_a_member_cut_off_from_the_others_ends_and_resumes_when
             killed_at = time.monotonic()
             for member in others:
                 await asyncio.to_thread(three.kill, member)
+            # Without "require leader" the stream never ends: 30 s tells that apart on any
+            # machine (the time it took is printed, not judged: about six election timeouts).
             while not watch.breaks:
                 assert time.monotonic() - killed_at < 30, "the stream never ended"
                 await asyncio.sleep(0.01)
@@ -408,7 +403,6 @@ async def test_a_watch_on_a_member_cut_off_from_the_others_ends_and_resumes_when
             await delivered.until(revisions[-1])
     print(f"the cut-off member ended the watch {took:.3f} s after the others were killed "
           f"(election timeout {ELECTION} s); {tries} breaks while they were down")
-    assert took < NO_LEADER_BOUND, took
     assert tries > 1  # it was tried again while the member had no leader
     assert [r for r in caplog.records if r.levelno == logging.WARNING
             and "watch broke" in r.getMessage() and "no leader" in r.getMessage()]
