@@ -36,6 +36,7 @@ from enhanced_locking.backends.audit_store import (
 )
 from enhanced_locking.factory import LockService
 from enhanced_locking.locking import queueing
+from enhanced_locking.locking.visibility import WaitView
 from enhanced_locking.types import AuditEntry, LockRequest
 
 REPO = "acme/gone"
@@ -253,7 +254,8 @@ async def test_a_waiting_client_whose_lock_the_store_did_not_let_go_is_audited_a
     trail's last word on the request then names why (``unavailable``) for the key; before, it
     ended at ``client-gone``, which says nothing of it is held. Whether a round's withdrawal
     or give-back failed is read from the service's log (the timing decides which part of the
-    hand-over the store's going meets); a round where none failed ends at ``client-gone``.
+    hand-over the store's going meets); a round where none failed ends at ``client-gone``, and
+    the lock is free once the store answers again.
     (The trail is kept in memory here: it must not go away with the store.)"""
     server, service, trail, app = await _on_redis_with_a_trail_in_memory(make_service,
                                                                          redis_servers)
@@ -281,8 +283,15 @@ async def test_a_waiting_client_whose_lock_the_store_did_not_let_go_is_audited_a
                 "release", "lock", holder.key, "unavailable", 499), (steps, last)
             assert lock is not None and lock.pull.num == 2, (steps, lock)
             kept += 1
-        else:
+        else:  # "client-gone": nothing is held, or soon (told "unavailable" as the store went,
+            # the waiting acquire's waiter is withdrawn once the store answers again)
             assert (last.outcome, last.status) == ("client-gone", 499), (steps, last)
+            for _ in range(100):
+                if lock is None:
+                    break
+                await asyncio.sleep(0.1)
+                lock = await router.get(holder.key)
+            assert lock is None, (steps, lock, last)
         await router.release_by_pull(REPO, 2)
     await trail.close()
     assert kept, "no round left the lock held as its client went: the case is not made"
@@ -362,6 +371,48 @@ async def test_a_waiter_with_a_request_id_that_could_not_be_withdrawn_is_audited
     server.start()
     assert (last.action, last.verb, last.key, last.outcome, last.status) == (
         "release", "lock", holder.key, "unavailable", 499), last
+
+
+@pytest.mark.redis
+async def test_a_waiting_client_that_leaves_before_its_wait_begins_holds_nothing(
+    make_service: ServiceMaker, redis_servers: ServerMaker,
+) -> None:
+    """The waiter is queued, and its acquire is still on its way to the wait (reading the
+    queue for its ``queued`` event: the Redis store's enqueue does not say who is ahead) when
+    the holder's release grants it and the client leaves. The waiter is withdrawn and its grant
+    given back at once, and the trail ends at ``client-gone``; before, the acquire ended
+    without withdrawing it, the replica still expected its notice and confirmed the grant, and
+    the lock stayed held by the pull whose client had left, with no lease to end it. (The
+    step is held by the locker's queue read, the hook the test controls.)"""
+    _, service, trail, app = await _on_redis_with_a_trail_in_memory(make_service,
+                                                                    redis_servers)
+    router, locker = service.router, service.enhanced
+    assert locker is not None
+    holder = request_for(repo=REPO, path="net", project="net", pull=1)
+    viewing = asyncio.Event()
+    view = locker.view
+
+    async def held_up(key: str, waiter_id: str) -> WaitView | None:
+        viewing.set()
+        await asyncio.Event().wait()  # the client leaves here
+        return await view(key, waiter_id)
+
+    locker.view = held_up  # type: ignore[method-assign]
+    assert (await router.acquire(holder)).acquired
+    gone, sent = asyncio.Event(), list[tuple[int, bool]]()
+    call = asyncio.ensure_future(_post(app, {**BODY, "wait": "30s"}, gone, sent))
+    await asyncio.wait_for(viewing.wait(), 10.0)
+    await router.release(holder.key, owner=(REPO, 1))  # grants the waiter
+    lock = await router.get(holder.key)
+    assert lock is not None and lock.pull.num == 2, "the release did not grant the waiter"
+    gone.set()
+    await asyncio.wait_for(call, 10.0)
+    assert not sent or sent[0][0] != 200, sent
+    assert await router.get(holder.key) is None, "the grant outlived its client"
+    last = await _last_of_pull_2(trail)
+    assert (last.action, last.outcome, last.status) == ("acquire", "client-gone", 499), last
+    await asyncio.sleep(0.5)  # (a grant confirmed late for nobody would show here)
+    assert await router.get(holder.key) is None, "the grant was confirmed after its client left"
     await trail.close()
 
 # --- the look at uvicorn's request cycle -----------------------------------------------------
