@@ -37,7 +37,7 @@ from enhanced_locking.backends.audit_store import (
 from enhanced_locking.factory import LockService
 from enhanced_locking.locking import queueing
 from enhanced_locking.locking.visibility import WaitView
-from enhanced_locking.types import AuditEntry, LockRequest
+from enhanced_locking.types import AuditEntry, BackendUnavailable, LockRequest
 
 REPO = "acme/gone"
 BODY = {"project": {"repoFullName": REPO, "path": "net", "projectName": "net"},
@@ -298,11 +298,11 @@ async def test_a_waiting_client_whose_lock_the_store_did_not_let_go_is_audited_a
 
 async def _left_waiting_with_a_request_id(
     make_service: ServiceMaker, redis_servers: ServerMaker, monkeypatch: pytest.MonkeyPatch,
-    wait: str,
+    wait: str, *, stop: bool = True,
 ) -> tuple[LockService, AuditTrail, Any, LockRequest]:
     """Pull 2's acquire with a ``requestId``, waiting behind pull 1 on a real Redis (its data
-    kept on disk), whose client has left: its waiter stays queued for the retry grace. The
-    store is stopped before the grace ends (the caller starts it again)."""
+    kept on disk), whose client has left: its waiter stays queued for the retry grace. With
+    ``stop``, the store is stopped before the grace ends (the caller starts it again)."""
     waiting = asyncio.Event()
     await_turn = queueing.await_turn
 
@@ -323,7 +323,8 @@ async def _left_waiting_with_a_request_id(
     gone.set()
     await call
     assert (await _last_of_pull_2(trail)).outcome == "client-gone"
-    server.stop()  # before the grace (0.3 s) ends: the withdrawal finds the store away
+    if stop:
+        server.stop()  # before the grace (0.3 s) ends: the withdrawal finds the store away
     return service, trail, server, holder
 
 
@@ -413,6 +414,54 @@ async def test_a_waiting_client_that_leaves_before_its_wait_begins_holds_nothing
     assert (last.action, last.outcome, last.status) == ("acquire", "client-gone", 499), last
     await asyncio.sleep(0.5)  # (a grant confirmed late for nobody would show here)
     assert await router.get(holder.key) is None, "the grant was confirmed after its client left"
+    await trail.close()
+
+@pytest.mark.redis
+async def test_a_grant_whose_give_back_found_the_store_away_is_given_back_once_it_answers(
+    make_service: ServiceMaker, redis_servers: ServerMaker, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The client of a request with a ``requestId`` left, and its waiter was granted during
+    the retry grace. The withdrawal's cancel answers with that grant, and the store (a real
+    Redis, its data kept on disk) goes away right after that answer, before the give-back.
+    The give-back is tried again until the store answers; before, the cancel was sent again,
+    and a store whose second cancel finds the waiter gone answers nothing granted: the lock
+    stayed held by the pull whose client had left, with nothing logged."""
+    monkeypatch.setattr(queueing, "RETRY_GRACE", 0.3)
+    service, trail, server, holder = await _left_waiting_with_a_request_id(
+        make_service, redis_servers, monkeypatch, "30s", stop=False)
+    assert service.enhanced is not None
+    backend = service.enhanced.backend
+    cancel = backend.cancel
+    stopped = asyncio.Event()
+    cancels = 0
+
+    async def cancel_then_stop(*args: Any, **kwargs: Any) -> Any:
+        nonlocal cancels
+        cancels += 1
+        answer = await cancel(*args, **kwargs)
+        if answer.granted and not stopped.is_set():
+            server.stop()  # between the cancel's answer and the give-back
+            stopped.set()
+        return answer
+
+    monkeypatch.setattr(backend, "cancel", cancel_then_stop)
+    router = service.router
+    await router.release(holder.key, owner=(REPO, 1))  # grants the waiter of the client gone
+    lock = await backend.get(holder.key)
+    assert lock is not None and lock.pull.num == 2, lock
+    await asyncio.wait_for(stopped.wait(), 10)
+    await asyncio.sleep(0.5)
+    server.start()
+    for _ in range(100):
+        with contextlib.suppress(BackendUnavailable):
+            lock = await backend.get(holder.key)
+            if lock is None:
+                break
+        await asyncio.sleep(0.1)
+    assert lock is None, f"the grant of a client gone stayed held: {lock}"
+    # Once answered, the cancel is not sent again: a store whose cancel forgets the waiter
+    # answers a second one with nothing granted, and the grant would never be given back.
+    assert cancels == 1, f"the cancel was sent {cancels} times"
     await trail.close()
 
 # --- the look at uvicorn's request cycle -----------------------------------------------------

@@ -19,8 +19,10 @@ It leaves the queue in one of four ways:
   enqueue time, and then the clean-up leaves it alone. When that leaving fails (the store does
   not answer), whoever waits on the caller's behalf can learn it: :func:`withdrawals_noted`.
   The later clean-up of a request with a ``requestId`` tries again while the store does not
-  answer, until the wait's deadline plus :data:`ABANDON_MARGIN`; if it gives up, the ``late``
-  hook given to :func:`withdrawals_noted` hears of it (the caller's answer is long gone).
+  answer (once the waiter is cancelled, only the give-back of what it was granted), until the
+  wait's deadline (as far off as it was when the wait began) plus :data:`ABANDON_MARGIN`; if
+  it gives up, the ``late`` hook given to :func:`withdrawals_noted` hears of it (the caller's
+  answer is long gone).
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any
 
 from enhanced_locking.backends.base import QueueBackend
 from enhanced_locking.backends.waiting import Notice, Wait, Waiter
@@ -98,6 +101,7 @@ async def await_turn(
     ``give_back`` releases the locks of a notice nobody will use (the caller went away).
     """
     key = waiter.keys[0]
+    ends = asyncio.get_running_loop().time() + seconds
     try:
         try:
             notice = await asyncio.wait_for(asyncio.shield(future), seconds)
@@ -110,7 +114,7 @@ async def await_turn(
             return Notice(reason=Reason.TIMEOUT)
         except asyncio.CancelledError:
             if waiter.request_id is not None and caller:
-                _later(backend, waiter, give_back, caller)
+                _later(backend, waiter, give_back, caller, ends)
             else:
                 await withdraw(backend, waiter, future, give_back)
             raise
@@ -126,9 +130,10 @@ async def await_turn(
 
 
 def _later(backend: QueueBackend, waiter: Waiter,
-           give_back: Callable[[Notice], Awaitable[None]], caller: str) -> None:
+           give_back: Callable[[Notice], Awaitable[None]], caller: str, ends: float) -> None:
     """Withdraw ``waiter`` after the retry grace, unless a retry took it over meanwhile.
-    While the store does not answer it is tried again, until the wait's deadline plus
+    While the store does not answer it is tried again, until the wait's end ``ends`` (loop
+    time: the seconds its deadline was away on the backend's clock when the wait began) plus
     ``ABANDON_MARGIN`` (as :func:`abandon`): left queued, the waiter would be granted later
     and held by a caller that is gone. A give-up is logged and told to the ``late`` hook of
     :func:`withdrawals_noted` (its keys may be held)."""
@@ -136,34 +141,50 @@ def _later(backend: QueueBackend, waiter: Waiter,
 
     async def clean_up() -> None:
         await asyncio.sleep(RETRY_GRACE)
-        loop = asyncio.get_running_loop()
-        give_up = loop.time() + (waiter.deadline - waiter.enqueued_at).total_seconds() \
-            + ABANDON_MARGIN
-        delay = 0.05
-        while True:
-            try:
-                cancelled = await backend.cancel(waiter.keys[0], waiter.id,
-                                                 reason=Reason.CANCELLED, caller=caller)
-                if cancelled.granted:
-                    await give_back(Notice(locks=cancelled.granted, fresh=cancelled.fresh))
-                return
-            except BackendUnavailable as error:
-                if loop.time() <= give_up:
-                    await asyncio.sleep(delay)
-                    delay = min(1.0, delay * 2)
-                    continue
-                failed: Exception = error
-            except Exception as error:
-                failed = error
-            log.error("could not withdraw waiter %s from %s: gave up", waiter.id, waiter.keys,
-                      exc_info=failed)
-            if noting is not None and noting.late is not None:
-                await noting.late(NotWithdrawn(waiter.keys, failed))
+        failed = await _withdraw_retrying(backend, waiter.keys[0], waiter.id, Reason.CANCELLED,
+                                          caller, give_back, give_up=ends + ABANDON_MARGIN)
+        if failed is None:
             return
+        log.error("could not withdraw waiter %s from %s: gave up", waiter.id, waiter.keys,
+                  exc_info=failed)
+        if noting is not None and noting.late is not None:
+            await noting.late(NotWithdrawn(waiter.keys, failed))
 
-    task = asyncio.get_running_loop().create_task(clean_up())
+    _run_later(clean_up())
+
+
+def _run_later(clean_up: Coroutine[Any, Any, None]) -> None:
+    task = asyncio.get_running_loop().create_task(clean_up)
     _LATER.add(task)
     task.add_done_callback(_LATER.discard)
+
+
+async def _withdraw_retrying(backend: QueueBackend, key: str, waiter_id: str, reason: Reason,
+                             caller: str, give_back: Callable[[Notice], Awaitable[None]], *,
+                             give_up: float) -> Exception | None:
+    """Cancel waiter ``waiter_id`` of ``key`` and give back what it was granted, each step
+    tried again while the store does not answer, until ``give_up`` (loop time). What the
+    cancel returned is kept: once it has answered only the give-back is tried again (a second
+    cancel finds the waiter gone and its grant would never be given back). ``None`` when
+    done; else the error it ended on."""
+    loop = asyncio.get_running_loop()
+    delay = 0.05
+    granted: Notice | None = None
+    while True:
+        try:
+            if granted is None:
+                cancelled = await backend.cancel(key, waiter_id, reason=reason, caller=caller)
+                granted = Notice(locks=cancelled.granted, fresh=cancelled.fresh)
+            if granted.locks:
+                await give_back(granted)
+            return None
+        except BackendUnavailable as error:
+            if loop.time() > give_up:
+                return error
+            await asyncio.sleep(delay)
+            delay = min(1.0, delay * 2)
+        except Exception as error:
+            return error
 
 
 ABANDON_MARGIN = 10.0
@@ -188,28 +209,15 @@ def abandon(backend: QueueBackend, key: str, offer: Wait,
         return
 
     async def clean_up() -> None:
-        loop = asyncio.get_running_loop()
-        give_up = loop.time() + offer.timeout.total_seconds() + ABANDON_MARGIN
-        delay = 0.05
-        while True:
-            try:
-                cancelled = await backend.cancel(key, offer.id, reason=Reason.UNAVAILABLE,
-                                                 caller=offer.caller)
-                if cancelled.granted:
-                    await give_back(Notice(locks=cancelled.granted, fresh=cancelled.fresh))
-                return
-            except BackendUnavailable:
-                if loop.time() > give_up:
-                    return  # its deadline and claim have run out meanwhile
-                await asyncio.sleep(delay)
-                delay = min(1.0, delay * 2)
-            except Exception:
-                log.exception("could not withdraw waiter %s from %s", offer.id, key)
-                return
+        give_up = asyncio.get_running_loop().time() + offer.timeout.total_seconds() \
+            + ABANDON_MARGIN
+        failed = await _withdraw_retrying(backend, key, offer.id, Reason.UNAVAILABLE,
+                                          offer.caller, give_back, give_up=give_up)
+        if failed is not None and not isinstance(failed, BackendUnavailable):
+            # (the store away past the give-up: its deadline and claim have run out meanwhile)
+            log.error("could not withdraw waiter %s from %s", offer.id, key, exc_info=failed)
 
-    task = asyncio.get_running_loop().create_task(clean_up())
-    _LATER.add(task)
-    task.add_done_callback(_LATER.discard)
+    _run_later(clean_up())
 
 
 async def withdraw(
