@@ -446,6 +446,34 @@ async def test_a_watch_on_the_balanced_channel_moves_off_a_killed_member_with_on
     assert delivered.seen == revisions  # nothing missed or doubled, in order
 
 
+async def test_a_move_passes_over_an_endpoint_that_answered_before_and_is_down_now(
+    three: EtcdCluster,
+) -> None:
+    """Every endpoint has said which member it is (earlier moves); then one goes down. A move
+    off another member asks again and passes over it; before, the id it gave once was kept
+    and the move was sent to the endpoint that was down (one more break)."""
+    async with connected(three) as connection:
+        await connection.client()
+        ids = [three.member_id(member) for member in three.members]
+        for turn in range(3):  # each endpoint asked, as the moves off each member do
+            assert await connection.turn_besides(turn, ids[(turn + 2) % 3]) == turn
+        down = three.members[1]
+        await follower(three, down)
+        await asyncio.to_thread(three.kill, down)
+        # From endpoint 1 on, besides member 0: endpoint 1 is down, endpoint 2 is next.
+        assert await connection.turn_besides(1, ids[0]) == 2
+
+
+async def test_a_move_after_close_makes_no_member_client(three: EtcdCluster) -> None:
+    """A move that runs once the connection is closed (it raced ``close()``) asks nobody and
+    makes no client for a member; before, it made one that nothing closed any more."""
+    connection = EtcdConnection(EtcdSettings(endpoints=tuple(three.endpoints)))
+    await connection.client()
+    await connection.close()
+    assert await connection.turn_besides(1, three.member_id(three.members[0])) == 1
+    assert not connection._members, "a member client was made after close()"
+
+
 async def follower(cluster: EtcdCluster, member: EtcdMember) -> None:
     """``member`` made a follower if it leads (its leadership moved to another member): a
     leader killed leaves the others without one until they elect one, and a watch that

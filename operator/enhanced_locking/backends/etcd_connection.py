@@ -98,7 +98,8 @@ CLOSED = "the connection was closed"
 AGAIN_PAUSE = 0.1
 """Seconds between the attempts of a call after a refusal (no leader yet, say)."""
 STATUS_TIMEOUT = 1.0
-"""Seconds a member may take to say whether it leads (looking for the leader)."""
+"""Seconds a member may take to answer ``Status``: whether it leads (looking for the
+leader), and which member it is (a watch's move, :meth:`EtcdConnection.turn_besides`)."""
 REQUIRE_LEADER = ("hasleader", "true")
 """The gRPC metadata (etcd's ``rpctypes.MetadataRequireLeaderKey`` and ``MetadataHasLeader``,
 what its Go client's ``WithRequireLeader`` sends) with which a member refuses a watch while it
@@ -341,8 +342,6 @@ class EtcdConnection:
         self._name: str | None = None
         self._members: dict[str, etcd3aio.Etcd3Client] = {}
         """A client per endpoint, to ask it whether it leads and to carry the route."""
-        self._ids: dict[str, int] = {}
-        """The member id (as in the answers' headers) of each endpoint that has told it."""
         self._term = 0
         """The raft term in which the leader was found (or last heard, without one)."""
         self._looking: asyncio.Task[None] | None = None
@@ -480,13 +479,14 @@ class EtcdConnection:
         return member
 
     async def watcher(self, turn: int) -> etcd3aio.Etcd3Client:
-        """The client a watch started again for the ``turn``-th time (1, 2, ...) goes
-        through, because it was behind (its member may be frozen): the endpoints' member
-        ``turn`` (counting round them), with the current auth token; with one endpoint, the
-        balanced client. Not the balanced channel: its round gives a watch the member it
-        gives it, and a watch started again after the same number of other calls (a check's
-        reads) went to the same frozen member each time. Taken in turn, the members reach one
-        that answers within two turns while two of three do."""
+        """The client a watch started again goes through at turn ``turn`` (it broke, or was
+        behind: its member may be frozen; a move's turn, from :meth:`turn_besides`, skips
+        the member it left): the endpoint ``turn`` (counting round them), with the current
+        auth token; with one endpoint, the balanced client. Not the balanced channel: its
+        round gives a watch the member it gives it, and a watch started again after the same
+        number of other calls (a check's reads) went to the same frozen member each time.
+        Taken in turn, the members reach one that answers within two turns while two of
+        three do."""
         client = await self.client()
         if not self.several_members:
             return client
@@ -494,27 +494,26 @@ class EtcdConnection:
             member = await self._member(self._targets[turn % len(self._targets)])
         return self.carrier(member)
 
-    async def turn_besides(self, turn: int, member: int) -> int:
+    async def turn_besides(self, turn: int, member_id: int) -> int:
         """The first turn from ``turn`` on (see :meth:`watcher`) whose endpoint says it is a
-        member other than ``member`` (an id from the answers' headers: the member a watch
-        broke on, or is behind on); ``turn`` itself when none does, with one endpoint, or
-        when ``member`` is not known (0). An endpoint not asked before is asked (``Status``,
-        ``STATUS_TIMEOUT``): one that does not answer is passed over (it is down or frozen).
-        So a watch that broke is not given the member it broke on again, as the turns alone
-        could, when its stream was on the balanced channel (whose member it did not pick)."""
-        if not member or not self.several_members:
+        member other than ``member_id`` (from the answers' headers: the member a watch broke
+        on, or is behind on); ``turn`` itself when none does, with one endpoint, or when
+        ``member_id`` is not known (0). Each endpoint in turn is asked at every move
+        (``Status``, ``STATUS_TIMEOUT``; moves are rare): one that does not answer is passed
+        over (it is down or frozen), and a member replaced at the same endpoint (a new id) is
+        told apart from the one it replaced. So a watch that broke is not given the member it
+        broke on again, as the turns alone could, when its stream was on the balanced channel
+        (whose member it did not pick)."""
+        if not member_id or not self.several_members:
             return turn
         count = len(self._targets)
         for step in range(count):
-            if await self._member_id(self._targets[(turn + step) % count]) not in (0, member):
+            if await self._member_id(self._targets[(turn + step) % count]) not in (0, member_id):
                 return turn + step
         return turn
 
     async def _member_id(self, target: str) -> int:
-        """The member id of endpoint ``target`` (asked once), or 0 if it does not answer."""
-        known = self._ids.get(target)
-        if known is not None:
-            return known
+        """The member id endpoint ``target`` gives now, or 0 if it does not answer."""
         try:
             status = await self._status(target)
         except DOWN:
@@ -522,15 +521,16 @@ class EtcdConnection:
         return 0 if status is None else int(status.header.member_id)
 
     async def _status(self, target: str) -> Any | None:
-        """``Status`` of endpoint ``target`` (with the current token), whose member id is
-        remembered; ``None`` when the connection was closed meanwhile. Fails as calls do."""
+        """``Status`` of endpoint ``target`` (with the current token); ``None`` when the
+        connection was closed. Fails as calls do."""
         client = self._client
+        if client is None or client.kv is None:
+            return None  # (before any member client is made: close() would not close it)
         member = await self._member(target)
-        if member.maintenance is None or client is None or client.kv is None:
+        if member.maintenance is None:
             return None
         member.maintenance._metadata = client.kv._metadata  # the current token
         status = await member.maintenance.status(timeout=STATUS_TIMEOUT, max_attempts=1)
-        self._ids[target] = int(status.header.member_id)
         return status
 
     def _unroute(self) -> None:
