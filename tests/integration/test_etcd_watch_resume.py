@@ -431,18 +431,18 @@ async def test_a_watch_on_the_balanced_channel_moves_off_a_killed_member_with_on
 
         async with running(watch.follow(client, deliver)):
             await asyncio.wait_for(first.wait(), 30)
-            victim = by_id[watch.member]  # the member the balanced channel gave the stream
+            victim = by_id[watch.member_id]  # the member the balanced channel gave the stream
             await follower(three, victim)
             # The turns set so that the next member in turn is the victim: a move by turns
             # alone went there first (refused) and took a second break.
             watch.turn = three.members.index(victim) - 1
-            killed = watch.member
+            killed = watch.member_id
             await asyncio.to_thread(three.kill, victim)
             await asyncio.wait_for(moved.wait(), 30)
             revisions += [await put(client, key, b"%d" % n) for n in range(5)]
             await delivered.until(revisions[-1])
     assert watch.breaks == 1, watch.breaks
-    assert watch.member != killed
+    assert watch.member_id != killed
     assert delivered.seen == revisions  # nothing missed or doubled, in order
 
 

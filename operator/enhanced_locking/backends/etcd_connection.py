@@ -709,7 +709,7 @@ class Watch:
     header), and a stream that fails, ends, or is answered canceled (a token etcd no longer
     takes: :func:`refused_watch`) is a break: after ``WATCH_PAUSE`` (doubled while streams
     break before they bring a write) the stream is opened again from ``next`` on the next
-    member in turn that is not the one it broke on (``member``, from the answers' headers:
+    member in turn that is not the one it broke on (``member_id``, from the answers' headers:
     :meth:`EtcdConnection.turn_besides`, :meth:`EtcdConnection.watcher`, with the current
     auth token). So every
     write is delivered once, in order, across breaks, and a watch whose member goes down is
@@ -748,8 +748,8 @@ class Watch:
         """The revision the stream (re)starts at: one past the newest one delivered."""
         self.turn = 0
         """The turn of the member the stream goes to (:meth:`moved`)."""
-        self.member = 0
-        """The member (its id) whose answers the stream brought last; 0 before the first."""
+        self.member_id = 0
+        """The id of the member whose answers the stream brought last; 0 before the first."""
         self.breaks = 0
         """Streams that broke (tests read it)."""
 
@@ -769,7 +769,7 @@ class Watch:
                         answer = await call.read()
                         if answer is grpc.aio.EOF:
                             raise WatchEnded("the member ended the watch's stream")
-                        self.member = int(answer.header.member_id)
+                        self.member_id = int(answer.header.member_id)
                         if answer.fragment:
                             parts.append(answer)
                             continue
@@ -806,7 +806,7 @@ class Watch:
     async def moved(self) -> etcd3aio.Etcd3Client:
         """The client the watch goes through next: the next member in turn that is not the
         one whose answers it brought last (it broke there, or is behind there)."""
-        self.turn = await self.connection.turn_besides(self.turn + 1, self.member)
+        self.turn = await self.connection.turn_besides(self.turn + 1, self.member_id)
         return await self.connection.watcher(self.turn)
 
     async def _open(self, client: etcd3aio.Etcd3Client) -> Any:
