@@ -37,6 +37,7 @@ from enhanced_locking.backends.audit_store import (
 from enhanced_locking.factory import LockService
 from enhanced_locking.locking import queueing
 from enhanced_locking.locking.visibility import WaitView
+from enhanced_locking.migration import Router
 from enhanced_locking.types import AuditEntry, BackendUnavailable, LockRequest
 
 REPO = "acme/gone"
@@ -374,6 +375,23 @@ async def test_a_waiter_with_a_request_id_that_could_not_be_withdrawn_is_audited
         "release", "lock", holder.key, "unavailable", 499), last
 
 
+async def _granted_and_gone(app: Any, router: Router, holder: LockRequest,
+                            held: asyncio.Event) -> None:
+    """Pull 2's waiting acquire of the key ``holder`` takes, held by a hook of the test's at
+    some step (``held`` set there); the holder's release grants its waiter, then its client
+    leaves. No granted answer goes out."""
+    assert (await router.acquire(holder)).acquired
+    gone, sent = asyncio.Event(), list[tuple[int, bool]]()
+    call = asyncio.ensure_future(_post(app, {**BODY, "wait": "30s"}, gone, sent))
+    await asyncio.wait_for(held.wait(), 10.0)
+    await router.release(holder.key, owner=(REPO, 1))  # grants the waiter
+    lock = await router.get(holder.key)
+    assert lock is not None and lock.pull.num == 2, "the release did not grant the waiter"
+    gone.set()
+    await asyncio.wait_for(call, 10.0)
+    assert not sent or sent[0][0] != 200, sent
+
+
 @pytest.mark.redis
 async def test_a_waiting_client_that_leaves_before_its_wait_begins_holds_nothing(
     make_service: ServiceMaker, redis_servers: ServerMaker,
@@ -399,16 +417,7 @@ async def test_a_waiting_client_that_leaves_before_its_wait_begins_holds_nothing
         return await view(key, waiter_id)
 
     locker.view = held_up  # type: ignore[method-assign]
-    assert (await router.acquire(holder)).acquired
-    gone, sent = asyncio.Event(), list[tuple[int, bool]]()
-    call = asyncio.ensure_future(_post(app, {**BODY, "wait": "30s"}, gone, sent))
-    await asyncio.wait_for(viewing.wait(), 10.0)
-    await router.release(holder.key, owner=(REPO, 1))  # grants the waiter
-    lock = await router.get(holder.key)
-    assert lock is not None and lock.pull.num == 2, "the release did not grant the waiter"
-    gone.set()
-    await asyncio.wait_for(call, 10.0)
-    assert not sent or sent[0][0] != 200, sent
+    await _granted_and_gone(app, router, holder, viewing)
     assert await router.get(holder.key) is None, "the grant outlived its client"
     last = await _last_of_pull_2(trail)
     assert (last.action, last.outcome, last.status) == ("acquire", "client-gone", 499), last
@@ -462,6 +471,45 @@ async def test_a_grant_whose_give_back_found_the_store_away_is_given_back_once_i
     # Once answered, the cancel is not sent again: a store whose cancel forgets the waiter
     # answers a second one with nothing granted, and the grant would never be given back.
     assert cancels == 1, f"the cancel was sent {cancels} times"
+    await trail.close()
+
+
+@pytest.mark.redis
+async def test_a_waiting_client_that_leaves_before_its_enqueue_is_answered_holds_nothing(
+    make_service: ServiceMaker, redis_servers: ServerMaker,
+) -> None:
+    """The store queued the waiter but its answer was not read yet when the client left (the
+    enqueue's answer is held back: a hook the test controls), and the holder's release granted
+    it. The waiter's grant is given back as soon as the store answers; before, nobody withdrew
+    it: the grant, never confirmed, stayed held by the pull whose client had left (more than
+    8 s, past its claim, with no lease and nobody else asking for the key)."""
+    _, service, trail, app = await _on_redis_with_a_trail_in_memory(make_service,
+                                                                    redis_servers)
+    router, locker = service.router, service.enhanced
+    assert locker is not None
+    backend = locker.backend
+    holder = request_for(repo=REPO, path="net", project="net", pull=1)
+    queued = asyncio.Event()
+    enqueue = backend.acquire_or_enqueue
+
+    async def unanswered(*args: Any, **kwargs: Any) -> Any:
+        outcome = await enqueue(*args, **kwargs)
+        if kwargs.get("wait") is None:
+            return outcome
+        queued.set()
+        await asyncio.Event().wait()  # the client leaves here
+        return outcome
+
+    backend.acquire_or_enqueue = unanswered  # type: ignore[method-assign]
+    await _granted_and_gone(app, router, holder, queued)
+    last = await _last_of_pull_2(trail)
+    assert (last.action, last.outcome, last.status) == ("acquire", "client-gone", 499), last
+    for _ in range(50):
+        if (lock := await router.get(holder.key)) is None:
+            break
+        await asyncio.sleep(0.1)
+    assert lock is None, "the grant outlived its client"
+    assert not await router.queue(holder.key)
     await trail.close()
 
 # --- the look at uvicorn's request cycle -----------------------------------------------------

@@ -317,6 +317,11 @@ class EnhancedLocker(AtlantisCalls):
                     backend.grants.forget(offer.id)
                     if isinstance(error, BackendUnavailable):
                         queueing.abandon(backend, candidates[0].key, offer, self._give_back)
+                    elif isinstance(error, asyncio.CancelledError):
+                        # The caller went away while the store queued it (or before): the
+                        # waiter, if any, is withdrawn and a grant given back.
+                        queueing.abandon(backend, candidates[0].key, offer, self._give_back,
+                                         reason=Reason.CANCELLED)
                 raise
             for stale in outcome.superseded:
                 self.events.publish(

@@ -194,16 +194,17 @@ and a grant made just before lapses after its claim."""
 
 
 def abandon(backend: QueueBackend, key: str, offer: Wait,
-            give_back: Callable[[Notice], Awaitable[None]]) -> None:
+            give_back: Callable[[Notice], Awaitable[None]], *,
+            reason: Reason = Reason.UNAVAILABLE) -> None:
     """Withdraw the waiter an enqueue may have left behind when its answer never came.
 
     The store went away during the call (the script may have run, its answer lost, and the
-    retry found the store still down): the caller is told the store is unavailable, so a
-    waiter queued by that call would wait for nobody, and when its turn came its grant would
-    hold the key until the claim lapsed. Once the store answers again the waiter is cancelled
-    (only if this caller still owns it) and anything it was granted is given back. A request
-    with a ``requestId`` is left alone: sending it again takes its waiter over, which is what
-    that id is for.
+    retry found the store still down), or the caller went away during it (``reason``
+    ``cancelled``: its answer was never read): a waiter queued by that call would wait for
+    nobody, and when its turn came its grant would hold the key until the claim lapsed. Once
+    the store answers the waiter is cancelled (only if this caller still owns it) and anything
+    it was granted is given back. A request with a ``requestId`` is left alone: sending it
+    again takes its waiter over, which is what that id is for.
     """
     if offer.request_id is not None:
         return
@@ -211,7 +212,7 @@ def abandon(backend: QueueBackend, key: str, offer: Wait,
     async def clean_up() -> None:
         give_up = asyncio.get_running_loop().time() + offer.timeout.total_seconds() \
             + ABANDON_MARGIN
-        failed = await _withdraw_retrying(backend, key, offer.id, Reason.UNAVAILABLE,
+        failed = await _withdraw_retrying(backend, key, offer.id, reason,
                                           offer.caller, give_back, give_up=give_up)
         if failed is not None and not isinstance(failed, BackendUnavailable):
             # (the store away past the give-up: its deadline and claim have run out meanwhile)
