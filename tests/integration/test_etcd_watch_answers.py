@@ -185,3 +185,43 @@ async def test_a_write_the_store_cannot_read_is_skipped_and_the_rest_of_its_answ
     assert heard == names and watch.breaks == 0
     skipped = [r.getMessage() for r in caplog.records if "could not read" in r.getMessage()]
     assert len(skipped) == 1 and "secret-value" not in skipped[0], skipped
+
+
+async def test_a_write_the_stores_handler_fails_on_otherwise_is_skipped_and_the_rest_delivered(
+    tmp_path: Path, etcd_prefix: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A handler failing on a write with an error other than ``ValueError`` (the store's
+    # handler caught only that one): a break past the whole answer, the writes after it lost.
+    with started(tmp_path / "etcd") as cluster:
+        backend = EtcdBackend.from_config(etcd_config(cluster, etcd_prefix), "enhanced")
+        try:
+            client = await backend.connection.client()
+            assert client.kv is not None
+            locks = backend.base + b"lock/"
+            names = ["fails", *(f"held-{n}" for n in range(5))]
+            first = 0
+            for name in names:
+                put = await client.kv.put(locks + name.encode(), b"secret-value")
+                first = first or int(put.header.revision)
+            for name in names:
+                await client.kv.delete(locks + name.encode())
+            heard: list[str] = []
+            done = asyncio.Event()
+
+            def deleted(key: bytes, *_: object) -> None:
+                name = key[len(locks):].decode()
+                if name == "fails":
+                    raise RuntimeError("the handler failed")
+                heard.append(name)
+                if len(heard) == len(names) - 1:
+                    done.set()
+
+            watch = backend._prefix_watch("lock deletions", locks, first,
+                                          etcd3aio.WatchFilter.NOPUT)
+            await run_until(backend._watch_prefix(client, watch, deleted), done)
+        finally:
+            await backend.close()
+    assert heard == names[1:] and watch.breaks == 0
+    skipped = [r.getMessage() for r in caplog.records if "could not read" in r.getMessage()]
+    assert len(skipped) == 1 and "secret-value" not in skipped[0], skipped
+    assert "RuntimeError" in skipped[0], skipped

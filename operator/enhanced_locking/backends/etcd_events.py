@@ -239,8 +239,8 @@ class EtcdEventBus(SharedEventBus):
             self._floor = max(self._floor, self.key_watch.next)
             self._compacted = False
             return
-        for event in answer.events:
-            self._take(int(event.kv.mod_revision), bytes(event.kv.value))
+        self.key_watch.each(answer, lambda event: self._take(int(event.kv.mod_revision),
+                                                             bytes(event.kv.value)))
         if newest < self.key_watch.next and not self._compacted:
             # The watch runs (past any compaction) and has delivered the newest write there
             # was when it began, if any: the history is loaded.

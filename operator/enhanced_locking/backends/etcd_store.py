@@ -1500,20 +1500,13 @@ class EtcdBackend(StoreBackend):
         logged and the watch resumes from the revision after the last one it delivered, on
         the next member, with the current auth token (:meth:`Watch.follow`).
 
-        A write ``handle`` cannot take (a key another program wrote that is not UTF-8) is
-        skipped, logged with its revision only, and the rest of the answer delivered: the
-        watch is already past the whole answer, so a failure here (a break) would lose every
-        write after it in the answer (up to 1,000 revisions in a catch-up)."""
-        def deliver(answer: Any) -> None:
-            for event in answer.events:
-                try:
-                    handle(bytes(event.kv.key), _kv(event.kv), _kv(event.prev_kv))
-                except ValueError as error:  # (UnicodeDecodeError)
-                    log.warning("etcd %s: the %s watch skipped the write at revision %d that "
-                                "it could not read (%s)", self.connection.where, watch.what,
-                                event.kv.mod_revision, type(error).__name__)
+        A write ``handle`` fails on (a key another program wrote that is not UTF-8, or any
+        other error) is skipped, logged with its revision only, and the rest of the answer
+        delivered (:meth:`Watch.each`)."""
+        def take(event: Any) -> None:
+            handle(bytes(event.kv.key), _kv(event.kv), _kv(event.prev_kv))
 
-        await watch.follow(client, deliver)
+        await watch.follow(client, lambda answer: watch.each(answer, take))
 
     def _heard(self, waiter_id: str, kv: _KV) -> bool:
         """A notice the watch or the read of notices brought: delivered (``True``) if it is
