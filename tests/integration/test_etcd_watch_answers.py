@@ -150,20 +150,19 @@ async def test_a_watch_resumed_after_a_compaction_brings_the_write_at_its_revisi
     assert seen == [kept, last]
 
 
-async def test_a_write_the_store_cannot_read_is_skipped_and_the_rest_of_its_answer_delivered(
-    tmp_path: Path, etcd_prefix: str, caplog: pytest.LogCaptureFixture,
-) -> None:
-    # A key under ``lock/`` another program wrote that is not UTF-8, then five lock deletes,
-    # watched from before them: one catch-up answer. Its handler failing on the first key was
-    # a break past the whole answer, and the five deletes were never delivered.
+async def _lock_deletes_heard(tmp_path: Path, etcd_prefix: str, first: bytes,
+                              fails: bytes = b"") -> tuple[list[str], Watch]:
+    """Lock ``first`` put and deleted, then five more, watched from ``first``'s put (one
+    catch-up answer) by the store's lock-deletions watch, whose handler reads each key as
+    the store's do and fails on key ``fails`` (``RuntimeError``): the names heard, the watch."""
     with started(tmp_path / "etcd") as cluster:
         backend = EtcdBackend.from_config(etcd_config(cluster, etcd_prefix), "enhanced")
         try:
             client = await backend.connection.client()
             assert client.kv is not None
             locks = backend.base + b"lock/"
-            bad = int((await client.kv.put(locks + b"\xff\xfe", b"secret-value")).header.revision)
-            await client.kv.delete(locks + b"\xff\xfe")
+            start = int((await client.kv.put(locks + first, b"secret-value")).header.revision)
+            await client.kv.delete(locks + first)
             names = [f"held-{n}" for n in range(5)]
             for name in names:
                 await client.kv.put(locks + name.encode(), b"x")
@@ -173,16 +172,28 @@ async def test_a_write_the_store_cannot_read_is_skipped_and_the_rest_of_its_answ
             done = asyncio.Event()
 
             def deleted(key: bytes, *_: object) -> None:
+                if key == locks + fails:
+                    raise RuntimeError("the handler failed")
                 heard.append(key[len(locks):].decode())  # as the store's handlers read keys
                 if len(heard) == len(names):
                     done.set()
 
-            watch = backend._prefix_watch("lock deletions", locks, bad,
+            watch = backend._prefix_watch("lock deletions", locks, start,
                                           etcd3aio.WatchFilter.NOPUT)
             await run_until(backend._watch_prefix(client, watch, deleted), done)
         finally:
             await backend.close()
-    assert heard == names and watch.breaks == 0
+    return heard, watch
+
+
+async def test_a_write_the_store_cannot_read_is_skipped_and_the_rest_of_its_answer_delivered(
+    tmp_path: Path, etcd_prefix: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A key under ``lock/`` another program wrote that is not UTF-8, then five lock deletes,
+    # watched from before them: one catch-up answer. Its handler failing on the first key was
+    # a break past the whole answer, and the five deletes were never delivered.
+    heard, watch = await _lock_deletes_heard(tmp_path, etcd_prefix, b"\xff\xfe")
+    assert heard == [f"held-{n}" for n in range(5)] and watch.breaks == 0
     skipped = [r.getMessage() for r in caplog.records if "could not read" in r.getMessage()]
     assert len(skipped) == 1 and "secret-value" not in skipped[0], skipped
 
@@ -192,36 +203,8 @@ async def test_a_write_the_stores_handler_fails_on_otherwise_is_skipped_and_the_
 ) -> None:
     # A handler failing on a write with an error other than ``ValueError`` (the store's
     # handler caught only that one): a break past the whole answer, the writes after it lost.
-    with started(tmp_path / "etcd") as cluster:
-        backend = EtcdBackend.from_config(etcd_config(cluster, etcd_prefix), "enhanced")
-        try:
-            client = await backend.connection.client()
-            assert client.kv is not None
-            locks = backend.base + b"lock/"
-            names = ["fails", *(f"held-{n}" for n in range(5))]
-            first = 0
-            for name in names:
-                put = await client.kv.put(locks + name.encode(), b"secret-value")
-                first = first or int(put.header.revision)
-            for name in names:
-                await client.kv.delete(locks + name.encode())
-            heard: list[str] = []
-            done = asyncio.Event()
-
-            def deleted(key: bytes, *_: object) -> None:
-                name = key[len(locks):].decode()
-                if name == "fails":
-                    raise RuntimeError("the handler failed")
-                heard.append(name)
-                if len(heard) == len(names) - 1:
-                    done.set()
-
-            watch = backend._prefix_watch("lock deletions", locks, first,
-                                          etcd3aio.WatchFilter.NOPUT)
-            await run_until(backend._watch_prefix(client, watch, deleted), done)
-        finally:
-            await backend.close()
-    assert heard == names[1:] and watch.breaks == 0
+    heard, watch = await _lock_deletes_heard(tmp_path, etcd_prefix, b"fails", fails=b"fails")
+    assert heard == [f"held-{n}" for n in range(5)] and watch.breaks == 0
     skipped = [r.getMessage() for r in caplog.records if "could not read" in r.getMessage()]
     assert len(skipped) == 1 and "secret-value" not in skipped[0], skipped
     assert "RuntimeError" in skipped[0], skipped
