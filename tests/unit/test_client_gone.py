@@ -20,6 +20,7 @@ from typing import Any
 
 import h11
 import pytest
+from starlette.requests import Request
 from tests.conftest import ServiceMaker
 from tests.support.locks import request_for
 from tests.support.redis_fixtures import ServerMaker
@@ -656,3 +657,52 @@ async def test_a_waiting_client_whose_close_the_loop_has_not_read_holds_nothing(
     assert given_back.key == granted.key == holder.key
     assert (given_back.identity, given_back.peer, given_back.request_id) == (
         granted.identity, granted.peer, granted.request_id)
+
+
+async def test_a_route_cancelled_while_its_gone_clients_work_winds_down_is_cancelled() -> None:
+    # The client leaves, so the work is cancelled; while the work winds down (its withdrawal),
+    # the route's own task is cancelled too (the server stopping): the route is cancelled, not
+    # answered as a client gone (before, the second cancel was taken for the first).
+    left = asyncio.Event()
+    winding = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        await left.wait()
+        return {"type": "http.disconnect"}
+
+    async def work() -> str:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            winding.set()
+            await asyncio.shield(asyncio.sleep(0.2))  # the withdrawal, not to be cut short
+            raise
+        return "granted"
+
+    request = Request({"type": "http", "method": "POST", "path": "/", "headers": []}, receive)
+    route = asyncio.ensure_future(disconnect.answer_unless_gone(request, work(), watch=True))
+    await asyncio.sleep(0)
+    left.set()
+    await winding.wait()
+    route.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await route
+
+
+async def test_a_gone_clients_work_cancelled_alone_ends_the_route_as_client_gone() -> None:
+    left = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        await left.wait()
+        return {"type": "http.disconnect"}
+
+    async def work() -> str:
+        await asyncio.sleep(30)
+        return "granted"
+
+    request = Request({"type": "http", "method": "POST", "path": "/", "headers": []}, receive)
+    route = asyncio.ensure_future(disconnect.answer_unless_gone(request, work(), watch=True))
+    await asyncio.sleep(0)
+    left.set()
+    with pytest.raises(disconnect.ClientGone):
+        await route

@@ -17,7 +17,6 @@ server has its answer in flight; the server cannot tell, as with any HTTP servic
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import select
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Generic, TypeVar
@@ -81,10 +80,14 @@ async def answer_unless_gone(request: Request, work: Coroutine[Any, Any, T], *,
             raise ClientGone(task.result())
         return task.result()
     task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
+    try:
         answer = await task  # the work may have finished before the cancel reached it
-        raise ClientGone(answer)
-    raise ClientGone
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise  # this call was cancelled too (the server stopping): not the client's going
+        raise ClientGone from None
+    raise ClientGone(answer)
 
 
 class AnswerUnlessGone(JsonAnswer):
