@@ -330,6 +330,19 @@ async def _left_waiting_with_a_request_id(
     return service, trail, server, holder
 
 
+async def _withdrawn_then_free(router: Router, holder: LockRequest) -> None:
+    """Pull 2's waiter behind ``holder`` leaves the queue within 10 s, and the holder's
+    release then leaves the key free: nobody holds it, the waiter was withdrawn."""
+    for _ in range(100):
+        if not await router.queue(holder.key):
+            break
+        await asyncio.sleep(0.1)
+    assert not await router.queue(holder.key), "the waiter of a client gone stayed queued"
+    await router.release(holder.key, owner=(REPO, 1))
+    await asyncio.sleep(0.2)
+    assert await router.get(holder.key) is None, "the lock went to a client gone"
+
+
 @pytest.mark.redis
 async def test_a_waiter_with_a_request_id_is_withdrawn_once_the_store_answers_again(
     make_service: ServiceMaker, redis_servers: ServerMaker, monkeypatch: pytest.MonkeyPatch,
@@ -342,15 +355,7 @@ async def test_a_waiter_with_a_request_id_is_withdrawn_once_the_store_answers_ag
         make_service, redis_servers, monkeypatch, "30s")
     await asyncio.sleep(1.0)
     server.start()
-    router = service.router
-    for _ in range(100):
-        if not await router.queue(holder.key):
-            break
-        await asyncio.sleep(0.1)
-    assert not await router.queue(holder.key), "the waiter of a client gone stayed queued"
-    await router.release(holder.key, owner=(REPO, 1))
-    await asyncio.sleep(0.2)
-    assert await router.get(holder.key) is None  # nobody holds it: the waiter was withdrawn
+    await _withdrawn_then_free(service.router, holder)
     await trail.close()
 
 
@@ -475,21 +480,12 @@ async def test_a_grant_whose_give_back_found_the_store_away_is_given_back_once_i
     await trail.close()
 
 
-@pytest.mark.redis
-async def test_a_waiting_client_that_leaves_before_its_enqueue_is_answered_holds_nothing(
-    make_service: ServiceMaker, redis_servers: ServerMaker,
-) -> None:
-    """The store queued the waiter but its answer was not read yet when the client left (the
-    enqueue's answer is held back: a hook the test controls), and the holder's release granted
-    it. The waiter's grant is given back as soon as the store answers; before, nobody withdrew
-    it: the grant, never confirmed, stayed held by the pull whose client had left (more than
-    8 s, past its claim, with no lease and nobody else asking for the key)."""
-    _, service, trail, app = await _on_redis_with_a_trail_in_memory(make_service,
-                                                                    redis_servers)
-    router, locker = service.router, service.enhanced
+def _enqueue_unanswered(service: LockService) -> asyncio.Event:
+    """Hold back, for good, the answer of the locker's waiting enqueues (the store has queued
+    the waiter); the event is set when one is held."""
+    locker = service.enhanced
     assert locker is not None
     backend = locker.backend
-    holder = request_for(repo=REPO, path="net", project="net", pull=1)
     queued = asyncio.Event()
     enqueue = backend.acquire_or_enqueue
 
@@ -502,6 +498,23 @@ async def test_a_waiting_client_that_leaves_before_its_enqueue_is_answered_holds
         return outcome
 
     backend.acquire_or_enqueue = unanswered  # type: ignore[method-assign]
+    return queued
+
+
+@pytest.mark.redis
+async def test_a_waiting_client_that_leaves_before_its_enqueue_is_answered_holds_nothing(
+    make_service: ServiceMaker, redis_servers: ServerMaker,
+) -> None:
+    """The store queued the waiter but its answer was not read yet when the client left (the
+    enqueue's answer is held back: a hook the test controls), and the holder's release granted
+    it. The waiter's grant is given back as soon as the store answers; before, nobody withdrew
+    it: the grant, never confirmed, stayed held by the pull whose client had left (more than
+    8 s, past its claim, with no lease and nobody else asking for the key)."""
+    _, service, trail, app = await _on_redis_with_a_trail_in_memory(make_service,
+                                                                    redis_servers)
+    router = service.router
+    holder = request_for(repo=REPO, path="net", project="net", pull=1)
+    queued = _enqueue_unanswered(service)
     await _granted_and_gone(app, router, holder, queued)
     last = await _last_of_pull_2(trail)
     assert (last.action, last.outcome, last.status) == ("acquire", "client-gone", 499), last
@@ -511,6 +524,84 @@ async def test_a_waiting_client_that_leaves_before_its_enqueue_is_answered_holds
         await asyncio.sleep(0.1)
     assert lock is None, "the grant outlived its client"
     assert not await router.queue(holder.key)
+    await trail.close()
+
+@pytest.mark.redis
+async def test_a_retry_that_took_the_waiter_over_keeps_it_when_the_first_client_leaves_early(
+    make_service: ServiceMaker, redis_servers: ServerMaker, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pull 2's acquire with a ``requestId`` is queued and still on its way to its wait (its
+    queue read held by a hook the test controls) when the same request is sent again and takes
+    the waiter over; then the first client leaves. The retry keeps its waiter, and the
+    holder's release grants it; before, the first request cancelled the waiter at once, by its
+    id whoever owned it, and the retry was answered ``cancelled``."""
+    monkeypatch.setattr(queueing, "RETRY_GRACE", 0.3)
+    _, service, trail, app = await _on_redis_with_a_trail_in_memory(make_service,
+                                                                    redis_servers)
+    router, locker = service.router, service.enhanced
+    assert locker is not None
+    holder = request_for(repo=REPO, path="net", project="net", pull=1)
+    assert (await router.acquire(holder)).acquired
+    viewing, views = asyncio.Event(), 0
+    view = locker.view
+
+    async def first_held_up(key: str, waiter_id: str) -> WaitView | None:
+        nonlocal views
+        views += 1
+        if views == 1:
+            viewing.set()
+            await asyncio.Event().wait()  # the first client leaves here
+        return await view(key, waiter_id)
+
+    locker.view = first_held_up  # type: ignore[method-assign]
+    body = {**BODY, "wait": "30s", "requestId": "r-again"}
+    gone, sent = asyncio.Event(), list[tuple[int, bool]]()
+    first = asyncio.ensure_future(_post(app, body, gone, sent))
+    await asyncio.wait_for(viewing.wait(), 10)
+    stays, answered = asyncio.Event(), list[tuple[int, bool]]()
+    retry = asyncio.ensure_future(_post(app, body, stays, answered))
+    for _ in range(500):  # the retry's waiter is the first's, taken over
+        if views >= 2:
+            break
+        await asyncio.sleep(0.01)
+    assert views >= 2, "the retry never reached its wait"
+    gone.set()
+    await asyncio.wait_for(first, 10)
+    await asyncio.sleep(0.8)  # past the grace: the first's withdrawal has run
+    assert not retry.done(), f"the retry's wait ended: {answered}"
+    assert len(await router.queue(holder.key)) == 1, "the retry's waiter was withdrawn"
+    await router.release(holder.key, owner=(REPO, 1))  # grants the retry's waiter
+    lock = await router.get(holder.key)
+    assert lock is not None and lock.pull.num == 2, lock
+    assert not answered, answered
+    stays.set()  # (the retry's client leaves too: its clean-up ends the test's tasks)
+    await asyncio.wait_for(retry, 10)
+    await trail.close()
+
+
+@pytest.mark.redis
+async def test_a_request_id_whose_client_left_before_its_enqueue_was_answered_is_withdrawn(
+    make_service: ServiceMaker, redis_servers: ServerMaker, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The store queued the waiter of an acquire with a ``requestId``, but the answer was not
+    read yet when the client left (a hook the test controls holds it back), and the request is
+    never sent again. After the retry grace the waiter is withdrawn; before, nothing withdrew
+    it, and the holder's release granted it to the pull whose client had left."""
+    monkeypatch.setattr(queueing, "RETRY_GRACE", 0.3)
+    _, service, trail, app = await _on_redis_with_a_trail_in_memory(make_service,
+                                                                    redis_servers)
+    router = service.router
+    holder = request_for(repo=REPO, path="net", project="net", pull=1)
+    assert (await router.acquire(holder)).acquired
+    queued = _enqueue_unanswered(service)
+    gone, sent = asyncio.Event(), list[tuple[int, bool]]()
+    call = asyncio.ensure_future(_post(app, {**BODY, "wait": "30s", "requestId": "r-never"},
+                                       gone, sent))
+    await asyncio.wait_for(queued.wait(), 10)
+    assert len(await router.queue(holder.key)) == 1
+    gone.set()
+    await asyncio.wait_for(call, 10)
+    await _withdrawn_then_free(router, holder)
     await trail.close()
 
 # --- the look at uvicorn's request cycle -----------------------------------------------------

@@ -394,11 +394,19 @@ class EnhancedLocker(AtlantisCalls):
         answers: Answers[Result],
     ) -> Result:
         key = outcome.key or waiter.keys[0]
+        ends = asyncio.get_running_loop().time() + offer.timeout.total_seconds()
         try:
             refused, seconds = await self._before_waiting(outcome, waiter, offer, answers)
-        except BaseException:  # cancelled (or failed) before waiting: leave the queue
-            await queueing.withdraw(self.backend, waiter, future, self._give_back)
-            self.backend.grants.forget(waiter.id)
+        except BaseException as error:  # cancelled (or failed) before waiting: leave the queue
+            try:
+                if isinstance(error, asyncio.CancelledError):  # the caller went away
+                    await queueing.leave(self.backend, waiter, future, self._give_back,
+                                         caller=offer.caller, ends=ends)
+                else:
+                    await queueing.withdraw(self.backend, waiter, future, self._give_back,
+                                            caller=offer.caller)
+            finally:
+                self.backend.grants.forget(waiter.id)
             raise
         if refused is not None:
             return refused

@@ -22,7 +22,10 @@ It leaves the queue in one of four ways:
   answer (once the waiter is cancelled, only the give-back of what it was granted), until the
   wait's deadline (as far off as it was when the wait began) plus :data:`ABANDON_MARGIN`; if
   it gives up, the ``late`` hook given to :func:`withdrawals_noted` hears of it (the caller's
-  answer is long gone).
+  answer is long gone). The same grace holds for a caller that goes away after it was queued
+  but before its wait began (:func:`leave`), and for an enqueue whose answer never came, the
+  caller gone or the store away (:func:`abandon`): either way nothing but that later clean-up
+  would withdraw a waiter whose client never sends the request again.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from enhanced_locking.backends.base import QueueBackend
 from enhanced_locking.backends.waiting import Notice, Wait, Waiter
 from enhanced_locking.types import BackendUnavailable, Reason
 
-__all__ = ["RETRY_GRACE", "NotWithdrawn", "abandon", "await_turn", "withdraw",
+__all__ = ["RETRY_GRACE", "NotWithdrawn", "abandon", "await_turn", "leave", "withdraw",
            "withdrawals_noted"]
 
 log = logging.getLogger(__name__)
@@ -113,10 +116,7 @@ async def await_turn(
                 return future.result()
             return Notice(reason=Reason.TIMEOUT)
         except asyncio.CancelledError:
-            if waiter.request_id is not None and caller:
-                _later(backend, waiter, give_back, caller, ends)
-            else:
-                await withdraw(backend, waiter, future, give_back)
+            await leave(backend, waiter, future, give_back, caller=caller, ends=ends)
             raise
         task = asyncio.current_task()
         if task is not None and task.cancelling():
@@ -129,7 +129,20 @@ async def await_turn(
         backend.grants.forget(waiter.id)
 
 
-def _later(backend: QueueBackend, waiter: Waiter,
+async def leave(backend: QueueBackend, waiter: Waiter, future: asyncio.Future[Notice],
+                give_back: Callable[[Notice], Awaitable[None]], *, caller: str,
+                ends: float) -> None:
+    """The caller of queued ``waiter`` went away (before its wait, or during it): a request
+    with a ``requestId`` is withdrawn after the retry grace, only if ``caller`` still owns
+    its waiter (a retry may have taken it over); any other at once. ``ends``: the wait's end
+    (loop time)."""
+    if waiter.request_id is not None and caller:
+        _later(backend, waiter.keys, waiter.id, give_back, caller, ends)
+    else:
+        await withdraw(backend, waiter, future, give_back, caller=caller)
+
+
+def _later(backend: QueueBackend, keys: tuple[str, ...], waiter_id: str,
            give_back: Callable[[Notice], Awaitable[None]], caller: str, ends: float) -> None:
     """Withdraw ``waiter`` after the retry grace, unless a retry took it over meanwhile.
     While the store does not answer it is tried again, until the wait's end ``ends`` (loop
@@ -141,14 +154,14 @@ def _later(backend: QueueBackend, waiter: Waiter,
 
     async def clean_up() -> None:
         await asyncio.sleep(RETRY_GRACE)
-        failed = await _withdraw_retrying(backend, waiter.keys[0], waiter.id, Reason.CANCELLED,
+        failed = await _withdraw_retrying(backend, keys[0], waiter_id, Reason.CANCELLED,
                                           caller, give_back, give_up=ends + ABANDON_MARGIN)
         if failed is None:
             return
-        log.error("could not withdraw waiter %s from %s: gave up", waiter.id, waiter.keys,
+        log.error("could not withdraw waiter %s from %s: gave up", waiter_id, keys,
                   exc_info=failed)
         if noting is not None and noting.late is not None:
-            await noting.late(NotWithdrawn(waiter.keys, failed))
+            await noting.late(NotWithdrawn(keys, failed))
 
     _run_later(clean_up())
 
@@ -203,15 +216,18 @@ def abandon(backend: QueueBackend, key: str, offer: Wait,
     ``cancelled``: its answer was never read): a waiter queued by that call would wait for
     nobody, and when its turn came its grant would hold the key until the claim lapsed. Once
     the store answers the waiter is cancelled (only if this caller still owns it) and anything
-    it was granted is given back. A request with a ``requestId`` is left alone: sending it
-    again takes its waiter over, which is what that id is for.
+    it was granted is given back. A request with a ``requestId`` is given :data:`RETRY_GRACE`
+    first, whichever way its call ended (its client may send it again, or may not: nothing
+    else would withdraw its waiter): sending it again takes its waiter over, which is what
+    that id is for, and then the clean-up leaves it alone.
     """
+    ends = asyncio.get_running_loop().time() + offer.timeout.total_seconds()
     if offer.request_id is not None:
+        _later(backend, (key,), offer.id, give_back, offer.caller, ends)
         return
 
     async def clean_up() -> None:
-        give_up = asyncio.get_running_loop().time() + offer.timeout.total_seconds() \
-            + ABANDON_MARGIN
+        give_up = ends + ABANDON_MARGIN
         failed = await _withdraw_retrying(backend, key, offer.id, reason,
                                           offer.caller, give_back, give_up=give_up)
         if failed is not None and not isinstance(failed, BackendUnavailable):
@@ -226,12 +242,16 @@ async def withdraw(
     waiter: Waiter,
     future: asyncio.Future[Notice],
     give_back: Callable[[Notice], Awaitable[None]],
+    *,
+    caller: str = "",
 ) -> None:
-    """Take ``waiter`` out of its queues; give back whatever was granted to it meanwhile."""
+    """Take ``waiter`` out of its queues; give back whatever was granted to it meanwhile. With
+    ``caller``, only if that caller still owns the waiter (else a retry took it over)."""
     # Runs while the caller's task is being cancelled: shield the clean-up so a second cancel
     # (the server shutting down) cannot leave a lock granted to nobody.
     async def clean_up() -> None:
-        cancelled = await backend.cancel(waiter.keys[0], waiter.id, reason=Reason.CANCELLED)
+        cancelled = await backend.cancel(waiter.keys[0], waiter.id, reason=Reason.CANCELLED,
+                                         caller=caller)
         notice = Notice(locks=cancelled.granted, fresh=cancelled.fresh)
         if cancelled.waiter is None and future.done():  # the backend no longer remembers it
             notice = future.result()
