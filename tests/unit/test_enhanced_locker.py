@@ -13,10 +13,12 @@ from typing import Any
 import pytest
 from tests.support.backends import BackendFactory
 from tests.support.leases import Overrun, past, until, with_leases
-from tests.support.locks import request_for
+from tests.support.locks import candidate_for, request_for
 from tests.support.queues import LockerRig, rig_for, settle
 
 from enhanced_locking.backends import QueueBackend
+from enhanced_locking.backends.waiting import QueuePolicy, Status, Wait
+from enhanced_locking.locking import queueing
 from enhanced_locking.types import (
     BackendUnavailable,
     BatchItem,
@@ -318,6 +320,62 @@ class LostAnswer(Flaky):
             self.failures -= 1
             raise BackendUnavailable("the store's answer was lost (injected)")
         return answer
+
+
+class GivenBackThenRetaken(Flaky):
+    """A real backend whose next ``failures`` releases act but lose their answer, and whose
+    pull ``again`` takes the key once more before the answer is lost."""
+
+    def __init__(self, inner: QueueBackend, again: LockRequest) -> None:
+        super().__init__(inner, "release_and_handoff", 0)
+        self.again = again
+
+    async def invoke(self, method: Any, *args: Any, **kwargs: Any) -> Any:
+        answer = await method(*args, **kwargs)
+        if self.failures > 0:
+            self.failures -= 1
+            taken = await self._inner.acquire_or_enqueue(
+                candidate_for(self.again), ttl=None, wait=None, policy=QueuePolicy())
+            assert taken.status is Status.GRANTED, taken
+            raise BackendUnavailable("the store's answer was lost (injected)")
+        return answer
+
+
+async def test_a_give_back_tried_again_leaves_the_pulls_new_hold_alone(
+    queue_backend_factory: BackendFactory,
+) -> None:
+    """A waiter whose caller went away was granted; its withdrawal's give-back is applied but
+    its answer lost, and the same pull takes the key again before the give-back is tried
+    again. The repeat finds that hold not its own (another fencing token) and leaves it; before,
+    it released by pull and freed the pull's new lock."""
+    inner = queue_backend_factory()
+    assert isinstance(inner, QueueBackend)
+    again = ask(2)
+    store = GivenBackThenRetaken(inner, again)
+    rig = rig_for(store)
+    try:
+        key = again.key
+        held = await inner.acquire_or_enqueue(candidate_for(ask(1)), ttl=None, wait=None,
+                                              policy=QueuePolicy())
+        wait = Wait(id="gone-waiter", timeout=30 * S, caller="gone")
+        rig.locker.backend.grants.expect(wait.id)
+        queued = await inner.acquire_or_enqueue(candidate_for(ask(2)), ttl=None, wait=wait,
+                                                policy=QueuePolicy())
+        assert queued.status is Status.QUEUED, queued
+        await inner.release_and_handoff(key, owner=held.locks[0].owner, policy=QueuePolicy())
+        granted = await inner.get(key)
+        assert granted is not None and granted.pull.num == 2, granted
+        store.failures = 1
+        failed = await queueing._withdraw_retrying(
+            rig.locker.backend, key, wait.id, Reason.CANCELLED, "gone",
+            rig.locker._give_back, give_up=asyncio.get_running_loop().time() + 5)
+        assert failed is None, failed
+        assert store.calls == 2, store.calls  # the give-back was tried again
+        lock = await inner.get(key)
+        assert lock is not None and lock.pull.num == 2, "the pull's new hold was freed"
+        assert lock.fencing_token > granted.fencing_token, (lock, granted)
+    finally:
+        await rig.close()
 
 
 async def test_an_enqueue_whose_answer_was_lost_leaves_no_waiter_behind(

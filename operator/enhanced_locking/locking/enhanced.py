@@ -58,6 +58,7 @@ from enhanced_locking.types import (
     InvalidRequest,
     Lock,
     LockingError,
+    LockNotOwned,
     LockRequest,
     Locks,
     LockUnreadable,
@@ -512,13 +513,19 @@ class EnhancedLocker(AtlantisCalls):
 
     async def _give_back(self, notice: Notice) -> None:
         """Release locks granted to a caller that went away before it heard of them (not its
-        pull's locks it was answered with unchanged: another request of the pull holds them)."""
+        pull's locks it was answered with unchanged: another request of the pull holds them).
+        Each by its fencing token: a give-back tried again (its first answer lost with the
+        store) must not free a hold the same pull took of the key meanwhile; a lock it finds
+        not held that way was given back already."""
         if not notice.fresh:
             return
         for lock in notice.locks:
             owner = (lock.project.repo_full_name, lock.pull.num)
-            handoff = await self.backend.release_and_handoff(
-                lock.key, owner=owner, policy=self.policy())
+            try:
+                handoff = await self.backend.release_and_handoff(
+                    lock.key, owner=owner, policy=self.policy(), token=lock.fencing_token)
+            except LockNotOwned:
+                continue
             self._handed(handoff, how="abandoned")
 
     # --- release ------------------------------------------------------------------------------

@@ -26,6 +26,9 @@ It leaves the queue in one of four ways:
   but before its wait began (:func:`leave`), and for an enqueue whose answer never came, the
   caller gone or the store away (:func:`abandon`): either way nothing but that later clean-up
   would withdraw a waiter whose client never sends the request again.
+
+A grant is given back by its fencing token (the ``give_back`` the locker passes): a give-back
+tried again after a lost answer finds the hold gone and leaves alone one its pull took since.
 """
 
 from __future__ import annotations
