@@ -25,14 +25,16 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Coroutine
+from pathlib import Path
 from typing import Any
 
 import etcd3aio
 import grpc
 import pytest
-from tests.support.etcd_fixtures import etcd_config
-from tests.support.etcd_server import EtcdCluster, EtcdMember
+from tests.support.etcd_fixtures import etcd_config, started
+from tests.support.etcd_server import EtcdCluster, EtcdMember, frozen
 
+from enhanced_locking.backends import etcd_connection
 from enhanced_locking.backends.etcd_connection import (
     WATCH_PAUSE,
     WATCH_PAUSE_MAX,
@@ -474,13 +476,98 @@ async def test_a_move_after_close_makes_no_member_client(three: EtcdCluster) -> 
     assert not connection._members, "a member client was made after close()"
 
 
-async def follower(cluster: EtcdCluster, member: EtcdMember) -> None:
-    """``member`` made a follower if it leads (its leadership moved to another member): a
-    leader killed leaves the others without one until they elect one, and a watch that
-    requires a leader is refused meanwhile (a break of its own)."""
-    if cluster.leader() is not member:
+class Asking(EtcdConnection):
+    """A connection that keeps each ``Status`` it asks an endpoint, and how it ended, in
+    order: ``("asked", endpoint)``, then ``("answered" | "failed" | "cancelled", endpoint)``."""
+
+    def __init__(self, settings: EtcdSettings) -> None:
+        super().__init__(settings)
+        self.asks: list[tuple[str, str]] = []
+
+    async def _status(self, target: str) -> Any | None:
+        self.asks.append(("asked", target))
+        try:
+            status = await super()._status(target)
+        except asyncio.CancelledError:
+            self.asks.append(("cancelled", target))
+            raise
+        except BaseException:
+            self.asks.append(("failed", target))
+            raise
+        self.asks.append(("answered", target))
+        return status
+
+
+async def test_a_move_asks_every_endpoint_at_once_and_passes_over_a_frozen_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The member under a watch is killed while the next endpoint in turn is frozen. The move
+    asks every endpoint at once and takes a live member without waiting for the frozen one's
+    answer; before, it asked them one after the other and waited ``STATUS_TIMEOUT`` for the
+    frozen one first. Five members: with one frozen and one killed the other three still
+    elect (three of three would have no quorum, and a watch that requires a leader would be
+    refused everywhere)."""
+    # A frozen member's Status ends only by the move's cancel, whatever the machine's load.
+    monkeypatch.setattr(etcd_connection, "STATUS_TIMEOUT", 60.0)
+    with started(tmp_path / "etcd", members=5) as five:
+        killed, stopped, *live = five.members
+        await follower(five, killed, stopped)  # the election the kill would start, had first
+        ids = members_by_id(five)
+        live_ids = {five.member_id(member) for member in live}
+        connection = Asking(EtcdSettings(endpoints=tuple(five.endpoints)))
+        writer = etcd3aio.Etcd3Client([live[0].endpoint])  # never the frozen one
+        await writer.connect()
+        key = b"/frozen-next/key"
+        try:
+            revisions = [await put(writer, key, b"first")]
+            delivered = Delivered()
+            moved = asyncio.Event()
+            watch = Watch(connection, "frozen next", key, start=revisions[0])
+
+            def deliver(answer: Any) -> None:
+                delivered.add(answer)
+                if int(answer.header.member_id) in live_ids:
+                    moved.set()
+
+            # On the killed member's own client (turn 0); the move's first turn, 1, is the
+            # frozen member's endpoint.
+            async with running(watch.follow(await connection.watcher(0), deliver)):
+                await delivered.until(revisions[-1])
+                assert ids[watch.member_id] is killed and not connection.asks
+                with frozen(stopped):
+                    killed_at = time.monotonic()
+                    await asyncio.to_thread(five.kill, killed)
+                    await asyncio.wait_for(moved.wait(), 30)
+                    took = time.monotonic() - killed_at
+                    revisions += [await put(writer, key, b"%d" % n) for n in range(5)]
+                    await delivered.until(revisions[-1])
+                    asks = list(connection.asks)
+        finally:
+            await writer.close()
+            await connection.close()
+    print(f"the watch answered from another member {took:.3f} s after the kill, the next "
+          f"endpoint in turn frozen (asks: {asks})")
+    in_turn = five.endpoints[1:] + five.endpoints[:1]
+    # One move, every endpoint asked at once, in turn order, before any answer came.
+    assert asks[:5] == [("asked", endpoint) for endpoint in in_turn], asks
+    ended = dict((endpoint, how) for how, endpoint in asks[5:])
+    assert len(asks) == 10 and set(ended) == set(in_turn), asks  # each ask ended, once
+    assert ended[stopped.endpoint] == "cancelled"  # not waited for: cancelled by the move
+    assert ended[killed.endpoint] == "failed"
+    assert watch.breaks == 1 and watch.member_id in live_ids
+    assert delivered.seen == revisions  # nothing missed or doubled, in order
+    assert not [r for r in caplog.records if "was destroyed but it is pending" in r.getMessage()]
+
+
+async def follower(cluster: EtcdCluster, *members: EtcdMember) -> None:
+    """``members`` made followers if one of them leads (its leadership moved to a member
+    not among them): a leader killed leaves the others without one until they elect one, and
+    a watch that requires a leader is refused meanwhile (a break of its own)."""
+    member = cluster.leader()
+    if member not in members:
         return
-    other = next(m for m in cluster.members if m is not member)
+    assert member is not None
+    other = next(m for m in cluster.members if m not in members)
     leader = etcd3aio.Etcd3Client([member.endpoint])
     await leader.connect()
     try:
@@ -489,7 +576,7 @@ async def follower(cluster: EtcdCluster, member: EtcdMember) -> None:
     finally:
         await leader.close()
     await asyncio.to_thread(cluster.wait_healthy)
-    assert cluster.leader() is not member
+    assert cluster.leader() not in members
 
 
 class _BrokenAfterFirstFragment(Watch):

@@ -100,6 +100,13 @@ AGAIN_PAUSE = 0.1
 STATUS_TIMEOUT = 1.0
 """Seconds a member may take to answer ``Status``: whether it leads (looking for the
 leader), and which member it is (a watch's move, :meth:`EtcdConnection.turn_besides`)."""
+STATUS_PREFER = 0.1
+"""Seconds a watch's move, once an endpoint later in turn has answered that it can take the
+watch, still waits for the endpoints before it in turn that have not answered yet (every
+endpoint is asked at once, :meth:`EtcdConnection.turn_besides`): a member that answers
+``Status`` this much later than another (on loopback a live member answers within a few
+milliseconds) is passed over as a frozen one is, rather than cost the move its
+``STATUS_TIMEOUT``."""
 REQUIRE_LEADER = ("hasleader", "true")
 """The gRPC metadata (etcd's ``rpctypes.MetadataRequireLeaderKey`` and ``MetadataHasLeader``,
 what its Go client's ``WithRequireLeader`` sends) with which a member refuses a watch while it
@@ -497,28 +504,46 @@ class EtcdConnection:
     async def turn_besides(self, turn: int, member_id: int) -> int:
         """The first turn from ``turn`` on (see :meth:`watcher`) whose endpoint says it is a
         member other than ``member_id`` (from the answers' headers: the member a watch broke
-        on, or is behind on); ``turn`` itself when none does, with one endpoint, or when
-        ``member_id`` is not known (0). Each endpoint in turn is asked at every move
-        (``Status``, ``STATUS_TIMEOUT``; moves are rare): one that does not answer is passed
-        over (it is down or frozen), and a member replaced at the same endpoint (a new id) is
-        told apart from the one it replaced. So a watch that broke is not given the member it
-        broke on again, as the turns alone could, when its stream was on the balanced channel
-        (whose member it did not pick)."""
+        on, or is behind on) and that it has a leader; ``turn`` itself with one endpoint, or
+        when ``member_id`` is not known (0).
+
+        Every endpoint is asked at once at every move (``Status``, ``STATUS_TIMEOUT`` each;
+        moves are rare), and the answers are taken in turn order: the first endpoint in turn
+        that can take the watch is taken as soon as every endpoint before it has answered or
+        failed, or ``STATUS_PREFER`` after its answer came while one of them has not answered
+        yet (frozen, or a host that drops packets: before, each such endpoint cost the move
+        its whole ``STATUS_TIMEOUT``, one after the other). The asks still out are then
+        cancelled and awaited. An endpoint that does not answer (down, frozen) is passed
+        over; a member replaced at the same endpoint (a new id) is told apart from the one
+        it replaced; a member without a leader would refuse the stream (``REQUIRE_LEADER``),
+        so when no endpoint can take the watch the first other member is taken even so,
+        else ``turn``. So a watch that broke is not given the member it broke on again, as
+        the turns alone could, when its stream was on the balanced channel (whose member it
+        did not pick)."""
         if not member_id or not self.several_members:
             return turn
         count = len(self._targets)
-        for step in range(count):
-            if await self._member_id(self._targets[(turn + step) % count]) not in (0, member_id):
-                return turn + step
-        return turn
-
-    async def _member_id(self, target: str) -> int:
-        """The member id endpoint ``target`` gives now, or 0 if it does not answer."""
+        asks = [asyncio.ensure_future(self._answer(self._targets[(turn + step) % count]))
+                for step in range(count)]
         try:
-            status = await self._status(target)
+            step = await _first_in_turn(
+                asks, lambda status: _other(status, member_id) and bool(status.leader))
+            if step is None:  # every ask ended: none has a leader (an election), or none other
+                step = next((step for step, ask in enumerate(asks)
+                             if _other(ask.result(), member_id)), 0)
+        finally:
+            for ask in asks:
+                ask.cancel()
+            await asyncio.wait(asks)
+        return turn + step
+
+    async def _answer(self, target: str) -> Any | None:
+        """``Status`` of endpoint ``target``, or ``None`` if it does not answer (down,
+        frozen: ``STATUS_TIMEOUT``) or the connection was closed."""
+        try:
+            return await self._status(target)
         except DOWN:
-            return 0
-        return 0 if status is None else int(status.header.member_id)
+            return None
 
     async def _status(self, target: str) -> Any | None:
         """``Status`` of endpoint ``target`` (with the current token); ``None`` when the
@@ -849,6 +874,37 @@ def _joined(parts: list[Any]) -> Any:
     for part in parts:
         whole.events.extend(part.events)
     return whole
+
+
+def _other(status: Any | None, member_id: int) -> bool:
+    """Whether ``status`` (an endpoint's answer, ``None``: none) is from a member other than
+    ``member_id``."""
+    return status is not None and int(status.header.member_id) not in (0, member_id)
+
+
+async def _first_in_turn(asks: Sequence[asyncio.Future[Any]],
+                         good: Callable[[Any], bool]) -> int | None:
+    """The index of the first of ``asks`` (in turn order) whose answer is ``good``: once
+    every ask before it has ended, or ``STATUS_PREFER`` seconds after such an answer came
+    while one before it has not; ``None`` once every ask has ended and none is ``good``.
+    Cancels none of them."""
+    loop = asyncio.get_running_loop()
+    until: float | None = None  # when a good answer stops waiting for those before it
+    while True:
+        first = next((step for step, ask in enumerate(asks)
+                      if ask.done() and good(ask.result())), None)
+        if first is not None:
+            if all(ask.done() for ask in asks[:first]):
+                return first
+            if until is None:
+                until = loop.time() + STATUS_PREFER
+            elif loop.time() >= until:
+                return first
+        out = [ask for ask in asks if not ask.done()]
+        if not out:
+            return None
+        await asyncio.wait(out, timeout=None if until is None else max(until - loop.time(), 0),
+                           return_when=asyncio.FIRST_COMPLETED)
 
 
 def kv_calls(client: etcd3aio.Etcd3Client) -> Any:
