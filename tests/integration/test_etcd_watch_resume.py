@@ -45,6 +45,7 @@ from enhanced_locking.backends.etcd_connection import (
 from enhanced_locking.backends.etcd_events import EtcdEventBus
 from enhanced_locking.backends.etcd_store import _KV, EtcdBackend, _prefix_end
 from enhanced_locking.events import parse_event_id
+from enhanced_locking.types import BackendUnavailable
 
 pytestmark = [pytest.mark.etcd, pytest.mark.timeout(180)]
 
@@ -474,6 +475,47 @@ async def test_a_move_after_close_makes_no_member_client(three: EtcdCluster) -> 
     await connection.close()
     assert await connection.turn_besides(1, three.member_id(three.members[0])) == 1
     assert not connection._members, "a member client was made after close()"
+
+
+async def test_a_close_while_a_member_client_connects_leaves_nothing_open(
+    three: EtcdCluster, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``close()`` runs while a member client's ``connect()`` is under way (held here once its
+    channel is made, as a connect that awaits its channel would be). The close closes that
+    client, and the connect, ending after it, keeps nothing and fails as a closed connection's
+    calls do. Before, the close did not know the client, and the connect then stored it
+    among the members of the closed connection: its channel stayed open, for good."""
+    connection = EtcdConnection(EtcdSettings(endpoints=tuple(three.endpoints)))
+    await connection.client()
+    made: list[etcd3aio.Etcd3Client] = []
+    connecting, go_on = asyncio.Event(), asyncio.Event()
+    connect = etcd3aio.Etcd3Client.connect
+
+    async def held(client: etcd3aio.Etcd3Client) -> None:
+        await connect(client)
+        made.append(client)
+        connecting.set()
+        await go_on.wait()
+
+    monkeypatch.setattr(etcd3aio.Etcd3Client, "connect", held)
+    watcher = asyncio.ensure_future(connection.watcher(1))  # a move's member client
+    try:
+        await asyncio.wait_for(connecting.wait(), 10)
+        await connection.close()
+        closed_by_close = made[0].kv is None  # (a client's close clears its calls)
+        go_on.set()
+        await asyncio.wait([watcher])
+        assert closed_by_close, "close() left the client under connect open"
+        assert made[0].kv is None, "the connect that ended after close() kept its client open"
+        assert not connection._members, "a member client was kept after close()"
+        with pytest.raises(BackendUnavailable, match="connect failed"):
+            watcher.result()
+    finally:
+        go_on.set()
+        await asyncio.wait([watcher])
+        for client in made:
+            await client.close()
+        await connection.close()
 
 
 class Asking(EtcdConnection):

@@ -354,6 +354,9 @@ class EtcdConnection:
         self._looking: asyncio.Task[None] | None = None
         self._flying: set[Any] = set()
         """The direct transaction calls under way (``TxnCall``), which :meth:`close` ends."""
+        self._connecting: set[etcd3aio.Etcd3Client] = set()
+        """Member clients whose ``connect()`` is under way (:meth:`_member`), which
+        :meth:`close` closes."""
 
     async def client(self) -> etcd3aio.Etcd3Client:
         if self._client is not None:
@@ -594,12 +597,36 @@ class EtcdConnection:
                 await asyncio.sleep(LEADER_PAUSE)
 
     async def _member(self, target: str) -> etcd3aio.Etcd3Client:
+        """The client of endpoint ``target``, made on first use; :meth:`close` closes it.
+
+        A client whose ``connect()`` is under way is kept in ``_connecting`` meanwhile, so a
+        :meth:`close` that runs then closes it too; the connect, ending after that close (or
+        failing, or cancelled: a move's asks still out), keeps nothing: it closes what it
+        made and fails as a closed connection's calls do (``EtcdConnectionError``). Before, it
+        stored its client among the members of the closed connection, open for good. Two
+        connects to one endpoint at once keep the first client stored."""
         member = self._members.get(target)
-        if member is None:
-            member = etcd3aio.Etcd3Client([target], tls_server_name=self._name, **self._tls)
+        if member is not None:
+            return member
+        client = self._client
+        if client is None:
+            raise etcd3aio.EtcdConnectionError(CLOSED)
+        member = etcd3aio.Etcd3Client([target], tls_server_name=self._name, **self._tls)
+        self._connecting.add(member)
+        try:
             await member.connect()
-            self._members[target] = member
-        return member
+        except BaseException:
+            await _shut(member)
+            raise
+        finally:
+            self._connecting.discard(member)
+        if self._client is not client:  # closed (or opened again) while it connected
+            await _shut(member)
+            raise etcd3aio.EtcdConnectionError(CLOSED)
+        kept = self._members.setdefault(target, member)
+        if kept is not member:
+            await _shut(member)
+        return kept
 
     def _cancel_flying(self) -> None:
         """End the direct calls under way, as closing a channel ends grpc.aio's own."""
@@ -627,9 +654,15 @@ class EtcdConnection:
                 await client.close()
         self._cancel_flying()
         members, self._members = list(self._members.values()), {}
-        for member in members:
-            with contextlib.suppress(Exception):
-                await member.close()
+        connecting, self._connecting = list(self._connecting), set()
+        for member in [*members, *connecting]:
+            await _shut(member)
+
+
+async def _shut(client: etcd3aio.Etcd3Client) -> None:
+    """``client`` closed, whatever its close raises (a closed client closes again quietly)."""
+    with contextlib.suppress(Exception):
+        await client.close()
 
 
 @contextlib.asynccontextmanager
