@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -301,18 +301,12 @@ async def test_a_catch_up_answer_larger_than_a_message_is_delivered_whole(
         key = f"{etcd_prefix}large".encode()
         history = await written(client, [(key, b"%05d" % n + b"x" * 8192)
                                           for n in range(1200)])
-        seen: list[tuple[int, bytes]] = []
-        done = asyncio.Event()
-
-        def deliver(answer: Any) -> None:
-            seen.extend((int(e.kv.mod_revision), bytes(e.kv.value)) for e in answer.events)
-            if len(seen) >= len(history):
-                done.set()
-
+        delivered = Delivered(lambda kv: bytes(kv.value))
         watch = Watch(connection, "large", key, start=history[0][0])
-        await run_until(watch.follow(client, deliver), done)
+        async with running(watch.follow(client, delivered.add)):
+            await delivered.until(history[-1][0])
     assert watch.breaks == 0
-    assert seen == [(revision, value) for revision, _, value in history]
+    assert delivered.writes == [(revision, value) for revision, _, value in history]
 
 
 async def put(client: etcd3aio.Etcd3Client, key: bytes, value: bytes) -> int:
@@ -331,24 +325,35 @@ async def put(client: etcd3aio.Etcd3Client, key: bytes, value: bytes) -> int:
 
 
 class Delivered:
-    """The revisions of the writes a watch delivered, in the order they came, and whether the
-    last one wanted has come."""
+    """The writes a watch delivered, in the order they came: each one's revision and what
+    ``part`` reads of it (its key or its value; nothing unless given), and whether the last
+    one wanted has come."""
 
-    def __init__(self) -> None:
-        self.seen: list[int] = []
+    def __init__(self, part: Callable[[Any], bytes] = lambda kv: b"") -> None:
+        self.part = part
+        self.writes: list[tuple[int, bytes]] = []
+        """(revision, ``part`` of its key-value) of each write delivered, in order."""
         self.last = 0
         self.caught_up = asyncio.Event()
 
+    @property
+    def seen(self) -> list[int]:
+        """The revisions of the writes delivered, in the order they came."""
+        return [revision for revision, _ in self.writes]
+
+    def _newest(self) -> int:
+        return self.writes[-1][0] if self.writes else 0
+
     def add(self, answer: Any) -> None:
-        self.seen.extend(int(e.kv.mod_revision) for e in answer.events)
-        if self.last and self.seen[-1:] == [self.last]:
+        self.writes.extend((int(e.kv.mod_revision), self.part(e.kv)) for e in answer.events)
+        if self.last and self._newest() == self.last:
             self.caught_up.set()
 
     async def until(self, last: int) -> None:
         """Until revision ``last`` is delivered, and 0.3 s more (a second copy would come)."""
         self.last = last
         self.caught_up.clear()
-        if self.seen[-1:] == [last]:
+        if self._newest() == last:
             self.caught_up.set()
         await asyncio.wait_for(self.caught_up.wait(), 30)
         await asyncio.sleep(0.3)
@@ -662,16 +667,10 @@ async def test_a_stream_broken_between_fragments_of_transactions_delivers_each_w
             answer = await kv.txn([], [kv.txn_op_put(key, b"%d" % n + b"x" * 300_000)
                                   for key in keys])
             written.extend((int(answer.header.revision), key) for key in keys)
-        seen: list[tuple[int, bytes]] = []
-        done = asyncio.Event()
-
-        def deliver(answer: Any) -> None:
-            seen.extend((int(e.kv.mod_revision), bytes(e.kv.key)) for e in answer.events)
-            if len(seen) >= len(written):
-                done.set()
-
+        delivered = Delivered(lambda kv: bytes(kv.key))
         watch = _BrokenAfterFirstFragment(connection, "fragments", prefix,
                                           _prefix_end(prefix), start=written[0][0])
-        await run_until(watch.follow(client, deliver), done)
+        async with running(watch.follow(client, delivered.add)):
+            await delivered.until(written[-1][0])
     assert watch.broke and watch.breaks == 1
-    assert seen == written  # each once, in order
+    assert delivered.writes == written  # each once, in order
