@@ -540,7 +540,7 @@ async def test_with_any_member_frozen_a_waiter_whose_holders_replica_is_gone_is_
                         if started_again(caplog):
                             break
                         await asyncio.sleep(0.1)
-            other.grants.forget(offer.id)
+            other.grants.forget(offer.id, told)
             deadline = time.monotonic() + 30
             while True:
                 try:

@@ -88,8 +88,8 @@ async def test_a_retry_queued_again_is_not_told_of_the_grant_its_earlier_waiter_
     a, _ = etcd_replicas
     first = await grant(a, want(1))
     offer = retried_offer()
-    await queue(a, want(2), offer)
-    a.grants.forget(offer.id)  # its caller leaves; the waiter stays queued
+    left = await queue(a, want(2), offer)
+    a.grants.forget(offer.id, left)  # its caller leaves; the waiter stays queued
     # The key is handed to pull 2 while nobody listens, force-unlocked, and taken by pull 3.
     await a.release_and_handoff(first.key, owner=first.owner, policy=POLICY)
     await a.force_unlock(first.key, policy=POLICY)
@@ -110,8 +110,8 @@ async def test_a_retry_queued_again_is_not_told_its_earlier_waiter_was_cancelled
     a, _ = etcd_replicas
     holder = await grant(a, want(1))
     offer = retried_offer()
-    await queue(a, want(2), offer)
-    a.grants.forget(offer.id)  # its caller leaves
+    left = await queue(a, want(2), offer)
+    a.grants.forget(offer.id, left)  # its caller leaves
     cancelled = await a.cancel(holder.key, offer.id)  # an admin cancels the waiter meanwhile
     assert cancelled.removed
     told = await queued_again(a, offer)  # not told of the cancel
@@ -127,7 +127,7 @@ async def test_a_notice_that_cannot_be_read_is_skipped_and_the_next_one_delivere
     a, b = etcd_replicas
     other = await grant(b, want(1, "envs/other"))
     odd = Wait(id=secrets.token_hex(8), timeout=timedelta(seconds=60))
-    await queue(a, want(2, "envs/other"), odd)
+    odd_told = await queue(a, want(2, "envs/other"), odd)
     holder = await grant(b, want(1))
     told = await queue(a, want(2), Wait(id=secrets.token_hex(8), timeout=timedelta(seconds=60)))
     # A notice another release wrote, for a waiter waiting here: neither JSON nor a reason.
@@ -142,7 +142,7 @@ async def test_a_notice_that_cannot_be_read_is_skipped_and_the_next_one_delivere
     assert [lock.pull.num for lock in notice.locks] == [2]
     assert any("cannot be read" in r.getMessage() for r in caplog.records)
     assert not any(odd.id in r.getMessage() for r in caplog.records)  # no waiter's ids logged
-    a.grants.forget(odd.id)
+    a.grants.forget(odd.id, odd_told)
     await b.release_and_handoff(other.key, owner=other.owner, policy=POLICY)
 
 

@@ -165,6 +165,59 @@ async def test_a_grant_that_reaches_a_caller_gone_meanwhile_is_given_back(
     assert gone.cancelled()
 
 
+async def test_a_retry_that_took_its_waiter_over_is_woken_by_its_grant_after_the_first_left(
+    rigs: Callable[..., LockerRig], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pull 2's acquire with a ``requestId`` waits; the same request, sent again (its client's
+    first connection dropped), takes the waiter over while the first still waits. Then the
+    first's caller goes, and its withdrawal after the retry grace leaves the waiter to the
+    retry. The holder's release grants it, and the retry hears of it from that grant. Before,
+    both callers waited on one future, which the first's leaving dropped: the grant was told
+    to nobody, and the retry heard of it only at its deadline, from its timeout's cancel."""
+    monkeypatch.setattr(queueing, "RETRY_GRACE", 0.05)
+    rig = rigs()
+    backend = rig.locker.backend
+    await rig.locker.acquire(ask(1))
+    entered = [asyncio.Event(), asyncio.Event()]
+    await_turn = queueing.await_turn
+
+    async def waits(*args: Any, **kwargs: Any) -> Any:
+        entered[1 if entered[0].is_set() else 0].set()
+        return await await_turn(*args, **kwargs)
+
+    cancel = backend.cancel
+    withdrawn, deadlines = asyncio.Event(), list[str]()
+
+    async def seen(key: str, waiter_id: str, *, reason: Reason = Reason.CANCELLED,
+                   caller: str = "") -> Any:
+        answer = await cancel(key, waiter_id, reason=reason, caller=caller)
+        if reason is Reason.TIMEOUT:
+            deadlines.append(waiter_id)
+        elif caller:
+            withdrawn.set()  # the first caller's withdrawal, after the grace
+        return answer
+
+    monkeypatch.setattr(queueing, "await_turn", waits)
+    monkeypatch.setattr(backend, "cancel", seen)
+    asked = ask(2, wait=30 * S).model_copy(update={"request_id": "job-9"})
+    first = rig.spawn(rig.locker.acquire(asked))
+    await asyncio.wait_for(entered[0].wait(), 10)
+    retry = rig.spawn(rig.locker.acquire(asked))
+    await asyncio.wait_for(entered[1].wait(), 10)
+    first.cancel()  # the first client is gone
+    with contextlib.suppress(asyncio.CancelledError):
+        await first
+    assert first.cancelled()
+    await asyncio.wait_for(withdrawn.wait(), 10)
+    assert [w.owner[1] for w in await rig.locker.queue(ask(1).key)] == [2], "not kept"
+    await rig.locker.release(ask(1).key)  # grants the retry's waiter
+    answer = await asyncio.wait_for(retry, 60)
+    assert answer.acquired and answer.lock is not None and answer.lock.pull.num == 2, answer
+    assert not deadlines, "the retry heard of its grant only at its deadline"
+    held = await rig.locker.get(ask(1).key)
+    assert held is not None and held.pull.num == 2, held
+
+
 async def test_a_lease_that_runs_out_frees_the_lock_and_wakes_the_queue(
     rigs: Callable[..., LockerRig],
 ) -> None:

@@ -478,8 +478,10 @@ class _Notifier:
     def expect(self, waiter_id: str) -> asyncio.Future[Notice]:
         return self.local.expect(waiter_id)
 
-    def forget(self, waiter_id: str) -> None:
-        self.local.forget(waiter_id)
+    def forget(self, waiter_id: str, future: asyncio.Future[Notice]) -> None:
+        self.local.forget(waiter_id, future)
+        if self.local.expected(waiter_id):
+            return  # another caller here still waits on it (a retry that took it over)
         self.queued_at.pop(waiter_id, None)
         self.early.pop(waiter_id, None)
         self.keys.pop(waiter_id, None)

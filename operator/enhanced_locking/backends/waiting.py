@@ -25,6 +25,9 @@ that aged as well.
 **Notifications.** A waiting caller learns of its grant (or of an admin cancel, or of its
 deadline passing) through a :class:`GrantNotifier`: it calls ``expect(waiter_id)`` *before*
 enqueueing and awaits the future; the backend calls ``deliver`` after the grant is durable.
+Each caller gets a future of its own: two callers may wait on one waiter (a request with a
+``requestId`` sent again while the first is still running takes the waiter over), and each
+hears its notice; one that stops waiting forgets only its own future.
 In-process stores resolve the future directly (:class:`LocalNotifier`); a Redis backend keeps a
 ``LocalNotifier`` per replica and feeds ``deliver`` from a pub/sub subscription, because the
 release that grants may run in another replica.
@@ -353,44 +356,67 @@ class Notice:
 class GrantNotifier(Protocol):
     """Where a waiting caller hears of its fate.
 
-    ``expect`` must be called before the waiter is enqueued (so no notice can be missed) and
-    ``forget`` when the caller stops waiting. ``deliver`` is the backend's side: it is called
-    at most once per waiter, after the grant (or removal) is durable; a notice for a waiter
-    nobody expects here is dropped (another replica may be the one waiting).
+    ``expect`` must be called before the waiter is enqueued (so no notice can be missed); it
+    gives the caller a future of its own. The caller passes that future to ``forget`` when it
+    stops waiting (a second ``forget`` of it does nothing). ``deliver`` is the backend's side:
+    it is called at most once per waiter, after the grant (or removal) is durable, and
+    resolves the future of every caller that expects the waiter then (several, when a retry
+    took the waiter over while the first request still runs); a notice for a waiter nobody
+    expects here is dropped (another replica may be the one waiting).
     """
 
     def expect(self, waiter_id: str) -> asyncio.Future[Notice]: ...
 
-    def forget(self, waiter_id: str) -> None: ...
+    def forget(self, waiter_id: str, future: asyncio.Future[Notice]) -> None: ...
 
     def deliver(self, waiter_id: str, notice: Notice) -> None: ...
 
 
 @dataclass
 class LocalNotifier:
-    """An asyncio future per waiter of this process."""
+    """The asyncio futures of this process's callers, per waiter (one per caller)."""
 
-    _futures: dict[str, asyncio.Future[Notice]] = field(default_factory=dict)
+    _futures: dict[str, list[asyncio.Future[Notice]]] = field(default_factory=dict)
 
     def expect(self, waiter_id: str) -> asyncio.Future[Notice]:
-        future = self._futures.get(waiter_id)
-        if future is None:
-            future = asyncio.get_running_loop().create_future()
-            self._futures[waiter_id] = future
+        future: asyncio.Future[Notice] = asyncio.get_running_loop().create_future()
+        futures = self._futures.get(waiter_id)
+        if futures is None:
+            self._futures[waiter_id] = [future]
+        else:
+            futures.append(future)
         return future
 
-    def forget(self, waiter_id: str) -> None:
-        self._futures.pop(waiter_id, None)
+    def forget(self, waiter_id: str, future: asyncio.Future[Notice]) -> None:
+        futures = self._futures.get(waiter_id)
+        if futures is None or future not in futures:
+            return
+        futures.remove(future)
+        if not futures:
+            del self._futures[waiter_id]
 
     def deliver(self, waiter_id: str, notice: Notice) -> None:
-        future = self._futures.get(waiter_id)
-        if future is not None and not future.done():
-            future.set_result(notice)
+        for future in self._futures.get(waiter_id, ()):
+            if not future.done():
+                future.set_result(notice)
 
     def pending(self) -> list[str]:
-        return [waiter_id for waiter_id, f in self._futures.items() if not f.done()]
+        """The waiters a caller here still waits to hear about."""
+        return [waiter_id for waiter_id, futures in self._futures.items()
+                if _undone(futures)]
 
     def waits(self, waiter_id: str) -> bool:
         """Whether a caller here still waits to hear about ``waiter_id``."""
-        future = self._futures.get(waiter_id)
-        return future is not None and not future.done()
+        futures = self._futures.get(waiter_id)
+        return futures is not None and _undone(futures)
+
+    def expected(self, waiter_id: str) -> bool:
+        """Whether a caller here expects ``waiter_id`` (told already or not)."""
+        return waiter_id in self._futures
+
+
+def _undone(futures: list[asyncio.Future[Notice]]) -> bool:
+    for future in futures:
+        if not future.done():
+            return True
+    return False

@@ -314,8 +314,8 @@ class EnhancedLocker(AtlantisCalls):
                     outcome = await self._call("acquire", lambda: backend.acquire_batch(
                         candidates, ttl=ttl, wait=offer, policy=policy), config)
             except BaseException as error:
-                if offer is not None:
-                    backend.grants.forget(offer.id)
+                if offer is not None and future is not None:
+                    backend.grants.forget(offer.id, future)
                     if isinstance(error, BackendUnavailable):
                         queueing.abandon(backend, candidates[0].key, offer, self._give_back)
                     elif isinstance(error, asyncio.CancelledError):
@@ -330,8 +330,8 @@ class EnhancedLocker(AtlantisCalls):
                     waiterId=stale.id, requestId=stale.request_id,
                     headCommit=stale.head_commit, by=candidates[0].pull.head_commit)
             if outcome.status is not Status.QUEUED:
-                if offer is not None:
-                    backend.grants.forget(offer.id)
+                if offer is not None and future is not None:
+                    backend.grants.forget(offer.id, future)
                 answer = self._immediate(
                     outcome, answers, first=candidates[0].key if len(candidates) == 1 else "")
             else:
@@ -397,7 +397,8 @@ class EnhancedLocker(AtlantisCalls):
         key = outcome.key or waiter.keys[0]
         ends = asyncio.get_running_loop().time() + offer.timeout.total_seconds()
         try:
-            refused, seconds = await self._before_waiting(outcome, waiter, offer, answers)
+            refused, seconds = await self._before_waiting(outcome, waiter, future, offer,
+                                                          answers)
         except BaseException as error:  # cancelled (or failed) before waiting: leave the queue
             try:
                 if isinstance(error, asyncio.CancelledError):  # the caller went away
@@ -407,7 +408,7 @@ class EnhancedLocker(AtlantisCalls):
                     await queueing.withdraw(self.backend, waiter, future, self._give_back,
                                             caller=offer.caller)
             finally:
-                self.backend.grants.forget(waiter.id)
+                self.backend.grants.forget(waiter.id, future)
             raise
         if refused is not None:
             return refused
@@ -447,14 +448,15 @@ class EnhancedLocker(AtlantisCalls):
         holder = await self._holder(key)
         return answers.refused(key, reason, holder)
 
-    async def _before_waiting(self, outcome: Outcome, waiter: Waiter, offer: Wait,
+    async def _before_waiting(self, outcome: Outcome, waiter: Waiter,
+                              future: asyncio.Future[Notice], offer: Wait,
                               answers: Answers[Result]) -> tuple[Result | None, float]:
         """What a queued waiter does before it waits: the deadlock check (a refusal, if it
         closes a cycle), the ``queued`` event, and how long it is to wait. The waiter is in
         its queue already: a caller cancelled here must leave it (:meth:`_queued`)."""
         key = outcome.key or waiter.keys[0]
         if self.settings().deadlock_detection:
-            refused = await self._refuse_deadlock(waiter, key, answers)
+            refused = await self._refuse_deadlock(waiter, future, key, answers)
             if refused is not None:
                 return refused, 0.0
         if outcome.holder is not None:
@@ -484,7 +486,7 @@ class EnhancedLocker(AtlantisCalls):
         now = await self._call("now", self.backend.now)
         return max(0.0, (waiter.deadline - now).total_seconds())
 
-    async def _refuse_deadlock(self, waiter: Waiter, key: str,
+    async def _refuse_deadlock(self, waiter: Waiter, future: asyncio.Future[Notice], key: str,
                                answers: Answers[Result]) -> Result | None:
         graph = await self._call("wait_graph", lambda: self.backend.wait_graph(
             policy=self.policy()))
@@ -493,7 +495,7 @@ class EnhancedLocker(AtlantisCalls):
             return None
         cancelled = await self._call("cancel", lambda: self.backend.cancel(
             key, waiter.id, reason=Reason.DEADLOCK))
-        self.backend.grants.forget(waiter.id)
+        self.backend.grants.forget(waiter.id, future)
         if cancelled.granted:  # granted before we could withdraw: no wait, no deadlock
             return answers.granted(cancelled.granted, fresh=cancelled.fresh)
         names = deadlock.describe(cycle)

@@ -129,7 +129,7 @@ async def await_turn(
             raise asyncio.CancelledError
         return notice
     finally:
-        backend.grants.forget(waiter.id)
+        backend.grants.forget(waiter.id, future)
 
 
 async def leave(backend: QueueBackend, waiter: Waiter, future: asyncio.Future[Notice],
