@@ -246,6 +246,17 @@ async def _on_redis_with_a_trail_in_memory(
     return server, service, trail, create_app(service, manage_lifecycle=False, audit=trail)
 
 
+async def _held_on_redis(
+    make_service: ServiceMaker, redis_servers: ServerMaker,
+) -> tuple[Any, LockService, AuditTrail, Any, LockRequest]:
+    """:func:`_on_redis_with_a_trail_in_memory`, and pull 1's request, holding ``net``."""
+    server, service, trail, app = await _on_redis_with_a_trail_in_memory(make_service,
+                                                                         redis_servers)
+    holder = request_for(repo=REPO, path="net", project="net", pull=1)
+    assert (await service.router.acquire(holder)).acquired
+    return server, service, trail, app, holder
+
+
 @pytest.mark.redis
 async def test_a_waiting_client_whose_lock_the_store_did_not_let_go_is_audited_as_maybe_held(
     make_service: ServiceMaker, redis_servers: ServerMaker, caplog: pytest.LogCaptureFixture,
@@ -480,14 +491,14 @@ async def test_a_grant_whose_give_back_found_the_store_away_is_given_back_once_i
     await trail.close()
 
 
-def _enqueue_unanswered(service: LockService) -> asyncio.Event:
+def _enqueue_unanswered(service: LockService, *, batch: bool = False) -> asyncio.Event:
     """Hold back, for good, the answer of the locker's waiting enqueues (the store has queued
-    the waiter); the event is set when one is held."""
+    the waiter; with ``batch``, a batch's); the event is set when one is held."""
     locker = service.enhanced
     assert locker is not None
     backend = locker.backend
     queued = asyncio.Event()
-    enqueue = backend.acquire_or_enqueue
+    enqueue = backend.acquire_batch if batch else backend.acquire_or_enqueue
 
     async def unanswered(*args: Any, **kwargs: Any) -> Any:
         outcome = await enqueue(*args, **kwargs)
@@ -497,7 +508,10 @@ def _enqueue_unanswered(service: LockService) -> asyncio.Event:
         await asyncio.Event().wait()  # the client leaves here
         return outcome
 
-    backend.acquire_or_enqueue = unanswered  # type: ignore[method-assign]
+    if batch:
+        backend.acquire_batch = unanswered  # type: ignore[method-assign]
+    else:
+        backend.acquire_or_enqueue = unanswered  # type: ignore[method-assign]
     return queued
 
 
@@ -589,11 +603,8 @@ async def test_a_request_id_whose_client_left_before_its_enqueue_was_answered_is
     never sent again. After the retry grace the waiter is withdrawn; before, nothing withdrew
     it, and the holder's release granted it to the pull whose client had left."""
     monkeypatch.setattr(queueing, "RETRY_GRACE", 0.3)
-    _, service, trail, app = await _on_redis_with_a_trail_in_memory(make_service,
-                                                                    redis_servers)
+    _, service, trail, app, holder = await _held_on_redis(make_service, redis_servers)
     router = service.router
-    holder = request_for(repo=REPO, path="net", project="net", pull=1)
-    assert (await router.acquire(holder)).acquired
     queued = _enqueue_unanswered(service)
     gone, sent = asyncio.Event(), list[tuple[int, bool]]()
     call = asyncio.ensure_future(_post(app, {**BODY, "wait": "30s", "requestId": "r-never"},
@@ -604,6 +615,46 @@ async def test_a_request_id_whose_client_left_before_its_enqueue_was_answered_is
     await asyncio.wait_for(call, 10)
     await _withdrawn_then_free(router, holder)
     await trail.close()
+
+
+@pytest.mark.redis
+async def test_a_batch_whose_waiter_could_not_be_withdrawn_is_audited_as_maybe_held_on_every_key(
+    make_service: ServiceMaker, redis_servers: ServerMaker, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A waiting batch with a ``requestId`` was queued by the store, but its answer was not
+    read yet when the client left (a hook the test controls holds it back), and the store
+    (a real Redis, its data kept on disk) goes away before the retry grace ends and stays away
+    past the wait's deadline and the margin. The withdrawal is given up, and the trail gets a
+    row naming why for each key of the batch (either may be held); before, only the batch's
+    first key was named."""
+    monkeypatch.setattr(queueing, "RETRY_GRACE", 0.3)
+    monkeypatch.setattr(queueing, "ABANDON_MARGIN", 0.2)
+    server, service, trail, app, _ = await _held_on_redis(make_service, redis_servers)
+    keys = sorted(request_for(repo=REPO, path=name, project=name, pull=2).key
+                  for name in ("net", "dns"))
+    queued = _enqueue_unanswered(service, batch=True)
+    gone, sent = asyncio.Event(), list[tuple[int, bool]]()
+    call = asyncio.ensure_future(_post(
+        app, {**BATCH, "wait": "1s", "requestId": "r-batch"}, gone, sent,
+        path="/v1/locks/batch"))
+    await asyncio.wait_for(queued.wait(), 10)
+    gone.set()
+    await asyncio.wait_for(call, 10)
+    assert (await _last_of_pull_2(trail)).outcome == "client-gone"
+    server.stop()  # before the grace (0.3 s) ends: the withdrawal finds the store away
+    rows: list[AuditEntry] = []
+    for _ in range(200):
+        rows = [entry for entry in await trail.read(AuditQuery(repo=REPO, pull=2, limit=10))
+                if entry.outcome == "unavailable"]
+        if len(rows) >= len(keys):
+            break
+        await asyncio.sleep(0.05)
+    server.start()
+    assert sorted(str(entry.key) for entry in rows) == keys, rows
+    assert {(entry.action, entry.verb, entry.status) for entry in rows} == {
+        ("release-batch", "lock", 499)}, rows
+    await trail.close()
+
 
 # --- the look at uvicorn's request cycle -----------------------------------------------------
 

@@ -317,12 +317,13 @@ class EnhancedLocker(AtlantisCalls):
                 if offer is not None and future is not None:
                     backend.grants.forget(offer.id, future)
                     if isinstance(error, BackendUnavailable):
-                        queueing.abandon(backend, candidates[0].key, offer, self._give_back)
+                        queueing.abandon(backend, tuple(c.key for c in candidates), offer,
+                                         self._give_back)
                     elif isinstance(error, asyncio.CancelledError):
                         # The caller went away while the store queued it (or before): the
                         # waiter, if any, is withdrawn and a grant given back.
-                        queueing.abandon(backend, candidates[0].key, offer, self._give_back,
-                                         reason=Reason.CANCELLED)
+                        queueing.abandon(backend, tuple(c.key for c in candidates), offer,
+                                         self._give_back, reason=Reason.CANCELLED)
                 raise
             for stale in outcome.superseded:
                 self.events.publish(

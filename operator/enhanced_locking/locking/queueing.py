@@ -209,10 +209,11 @@ caller left) that its withdrawal is still tried: a waiter past its deadline is n
 and a grant made just before lapses after its claim."""
 
 
-def abandon(backend: QueueBackend, key: str, offer: Wait,
+def abandon(backend: QueueBackend, keys: tuple[str, ...], offer: Wait,
             give_back: Callable[[Notice], Awaitable[None]], *,
             reason: Reason = Reason.UNAVAILABLE) -> None:
-    """Withdraw the waiter an enqueue may have left behind when its answer never came.
+    """Withdraw the waiter an enqueue of ``keys`` (a batch's every key) may have left behind
+    when its answer never came.
 
     The store went away during the call (the script may have run, its answer lost, and the
     retry found the store still down), or the caller went away during it (``reason``
@@ -222,20 +223,21 @@ def abandon(backend: QueueBackend, key: str, offer: Wait,
     it was granted is given back. A request with a ``requestId`` is given :data:`RETRY_GRACE`
     first, whichever way its call ended (its client may send it again, or may not: nothing
     else would withdraw its waiter): sending it again takes its waiter over, which is what
-    that id is for, and then the clean-up leaves it alone.
+    that id is for, and then the clean-up leaves it alone; a give-up of that one names every
+    key (:func:`_later`).
     """
     ends = asyncio.get_running_loop().time() + offer.timeout.total_seconds()
     if offer.request_id is not None:
-        _later(backend, (key,), offer.id, give_back, offer.caller, ends)
+        _later(backend, keys, offer.id, give_back, offer.caller, ends)
         return
 
     async def clean_up() -> None:
         give_up = ends + ABANDON_MARGIN
-        failed = await _withdraw_retrying(backend, key, offer.id, reason,
+        failed = await _withdraw_retrying(backend, keys[0], offer.id, reason,
                                           offer.caller, give_back, give_up=give_up)
         if failed is not None and not isinstance(failed, BackendUnavailable):
             # (the store away past the give-up: its deadline and claim have run out meanwhile)
-            log.error("could not withdraw waiter %s from %s", offer.id, key, exc_info=failed)
+            log.error("could not withdraw waiter %s from %s", offer.id, keys, exc_info=failed)
 
     _run_later(clean_up())
 
