@@ -316,14 +316,10 @@ class EnhancedLocker(AtlantisCalls):
             except BaseException as error:
                 if offer is not None and future is not None:
                     backend.grants.forget(offer.id, future)
-                    if isinstance(error, BackendUnavailable):
+                    left = _abandoned_for(error)
+                    if left is not None:  # the waiter, if any, is withdrawn, a grant given back
                         queueing.abandon(backend, tuple(c.key for c in candidates), offer,
-                                         self._give_back)
-                    elif isinstance(error, asyncio.CancelledError):
-                        # The caller went away while the store queued it (or before): the
-                        # waiter, if any, is withdrawn and a grant given back.
-                        queueing.abandon(backend, tuple(c.key for c in candidates), offer,
-                                         self._give_back, reason=Reason.CANCELLED)
+                                         self._give_back, reason=left)
                 raise
             for stale in outcome.superseded:
                 self.events.publish(
@@ -755,6 +751,19 @@ def _waiter_id(first: Candidate, request_id: str | None) -> str:
         return secrets.token_hex(12)
     seed = f"{first.project.repo_full_name}#{first.pull.num}#{request_id}"
     return "r" + hashlib.sha256(seed.encode()).hexdigest()[:23]
+
+
+def _abandoned_for(error: BaseException) -> Reason | None:
+    """Why an enqueue that ended in ``error`` may have left a waiter for nobody: the store
+    went away during the call (``unavailable``: the script may have run, its answer lost), or
+    the caller did (``cancelled``: the store may have queued it, the answer never read).
+    ``None``: any other error (the store's own answer, such as a lock it cannot read):
+    nothing to withdraw."""
+    if isinstance(error, BackendUnavailable):
+        return Reason.UNAVAILABLE
+    if isinstance(error, asyncio.CancelledError):
+        return Reason.CANCELLED
+    return None
 
 
 _REASONS = {
