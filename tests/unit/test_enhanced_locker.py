@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -20,6 +21,7 @@ from enhanced_locking.backends import QueueBackend
 from enhanced_locking.backends.waiting import QueuePolicy, Status, Wait
 from enhanced_locking.locking import queueing
 from enhanced_locking.types import (
+    AcquireResult,
     BackendUnavailable,
     BatchItem,
     BatchLockRequest,
@@ -165,40 +167,48 @@ async def test_a_grant_that_reaches_a_caller_gone_meanwhile_is_given_back(
     assert gone.cancelled()
 
 
-async def test_a_retry_that_took_its_waiter_over_is_woken_by_its_grant_after_the_first_left(
-    rigs: Callable[..., LockerRig], monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Pull 2's acquire with a ``requestId`` waits; the same request, sent again (its client's
-    first connection dropped), takes the waiter over while the first still waits. Then the
-    first's caller goes, and its withdrawal after the retry grace leaves the waiter to the
-    retry. The holder's release grants it, and the retry hears of it from that grant. Before,
-    both callers waited on one future, which the first's leaving dropped: the grant was told
-    to nobody, and the retry heard of it only at its deadline, from its timeout's cancel."""
-    monkeypatch.setattr(queueing, "RETRY_GRACE", 0.05)
-    rig = rigs()
-    backend = rig.locker.backend
+@dataclasses.dataclass
+class _TakenOver:
+    retry: asyncio.Task[AcquireResult]
+    withdraw: asyncio.Event
+    """Set by the test: the first caller's withdrawal (after the retry grace) may run."""
+    withdrawn: asyncio.Event
+    """Set once it ran: its cancel, and the give-back of anything that cancel returned."""
+    deadlines: list[str]
+    """Waiters cancelled at their wait's deadline."""
+
+
+async def _taken_over(rig: LockerRig, monkeypatch: pytest.MonkeyPatch) -> _TakenOver:
+    """Pull 2's acquire with a ``requestId`` waits behind pull 1; the same request, sent again
+    (its client's first connection dropped), takes the waiter over while the first still
+    waits; then the first's caller goes. Its withdrawal waits for the test's ``withdraw``."""
+    monkeypatch.setattr(queueing, "RETRY_GRACE", 0.0)
     await rig.locker.acquire(ask(1))
     entered = [asyncio.Event(), asyncio.Event()]
-    await_turn = queueing.await_turn
+    go, went, deadlines = asyncio.Event(), asyncio.Event(), list[str]()
+    await_turn, withdraw = queueing.await_turn, queueing._withdraw_retrying
+    cancel = rig.locker.backend.cancel
 
     async def waits(*args: Any, **kwargs: Any) -> Any:
         entered[1 if entered[0].is_set() else 0].set()
         return await await_turn(*args, **kwargs)
 
-    cancel = backend.cancel
-    withdrawn, deadlines = asyncio.Event(), list[str]()
+    async def withdrawal(*args: Any, **kwargs: Any) -> Any:
+        await go.wait()
+        try:
+            return await withdraw(*args, **kwargs)
+        finally:
+            went.set()
 
     async def seen(key: str, waiter_id: str, *, reason: Reason = Reason.CANCELLED,
                    caller: str = "") -> Any:
-        answer = await cancel(key, waiter_id, reason=reason, caller=caller)
         if reason is Reason.TIMEOUT:
             deadlines.append(waiter_id)
-        elif caller:
-            withdrawn.set()  # the first caller's withdrawal, after the grace
-        return answer
+        return await cancel(key, waiter_id, reason=reason, caller=caller)
 
     monkeypatch.setattr(queueing, "await_turn", waits)
-    monkeypatch.setattr(backend, "cancel", seen)
+    monkeypatch.setattr(queueing, "_withdraw_retrying", withdrawal)
+    monkeypatch.setattr(rig.locker.backend, "cancel", seen)
     asked = ask(2, wait=30 * S).model_copy(update={"request_id": "job-9"})
     first = rig.spawn(rig.locker.acquire(asked))
     await asyncio.wait_for(entered[0].wait(), 10)
@@ -208,14 +218,47 @@ async def test_a_retry_that_took_its_waiter_over_is_woken_by_its_grant_after_the
     with contextlib.suppress(asyncio.CancelledError):
         await first
     assert first.cancelled()
-    await asyncio.wait_for(withdrawn.wait(), 10)
+    return _TakenOver(retry=retry, withdraw=go, withdrawn=went, deadlines=deadlines)
+
+
+async def test_a_retry_that_took_its_waiter_over_is_woken_by_its_grant_after_the_first_left(
+    rigs: Callable[..., LockerRig], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first caller of a waiter taken over by its retry goes, and its withdrawal leaves
+    the waiter to the retry. The holder's release grants it, and the retry hears of it from
+    that grant. Before, both callers waited on one future, which the first's leaving dropped:
+    the grant was told to nobody, and the retry heard of it only at its deadline, from its
+    timeout's cancel."""
+    rig = rigs()
+    taken = await _taken_over(rig, monkeypatch)
+    taken.withdraw.set()
+    await asyncio.wait_for(taken.withdrawn.wait(), 10)
     assert [w.owner[1] for w in await rig.locker.queue(ask(1).key)] == [2], "not kept"
     await rig.locker.release(ask(1).key)  # grants the retry's waiter
-    answer = await asyncio.wait_for(retry, 60)
+    answer = await asyncio.wait_for(taken.retry, 60)
     assert answer.acquired and answer.lock is not None and answer.lock.pull.num == 2, answer
-    assert not deadlines, "the retry heard of its grant only at its deadline"
+    assert not taken.deadlines, "the retry heard of its grant only at its deadline"
     held = await rig.locker.get(ask(1).key)
     assert held is not None and held.pull.num == 2, held
+
+
+async def test_a_retry_granted_before_the_first_callers_withdrawal_keeps_its_grant(
+    rigs: Callable[..., LockerRig], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first caller of a waiter taken over by its retry goes, and the holder's release
+    grants the waiter before the first's withdrawal runs (within the retry grace). The
+    withdrawal leaves the grant to the retry, which holds the lock; before, the cancel of a
+    granted waiter did not look at who owned it, and the withdrawal gave the retry's lock
+    back while the retry was told it held it."""
+    rig = rigs()
+    taken = await _taken_over(rig, monkeypatch)
+    await rig.locker.release(ask(1).key)  # grants the retry's waiter
+    answer = await asyncio.wait_for(taken.retry, 60)
+    assert answer.acquired and answer.lock is not None and answer.lock.pull.num == 2, answer
+    taken.withdraw.set()
+    await asyncio.wait_for(taken.withdrawn.wait(), 10)
+    held = await rig.locker.get(ask(1).key)
+    assert held is not None and held.fencing_token == answer.lock.fencing_token, held
 
 
 async def test_a_lease_that_runs_out_frees_the_lock_and_wakes_the_queue(

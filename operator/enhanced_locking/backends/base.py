@@ -325,7 +325,7 @@ class QueueBackend(Backend, Protocol):
         ``key`` is one of its keys (where to look). If it was granted before this call, the
         answer carries the locks it now holds (``removed`` false): a caller cancelling because
         its client is gone releases them. With ``caller``, only if that caller still owns the
-        waiter (a retried request may have taken it over).
+        waiter (a retried request may have taken it over), or owned it when it was granted.
         """
         ...
 
@@ -978,6 +978,8 @@ class StoreBackend(abc.ABC):
             grant = self._granted.get(waiter_id)
             if grant is None:
                 return Cancelled()
+            if caller and grant.waiter.caller and grant.waiter.caller != caller:
+                return Cancelled(waiter=grant.waiter)  # granted to the retry that took it over
             now = self.clock()
             still = tuple(
                 lock for lock in grant.locks

@@ -1,8 +1,10 @@
 -- cancel: take a waiter out of every queue it is in and tell its replica why.
 -- KEYS[8..] the waiter's record and outcome (and its keys' keys, if known); more it asks for
 -- ARGV[11] waiter id  ARGV[12] reason (cancelled, timeout, deadlock, unavailable)
--- ARGV[13] caller ('': any; else only if that caller still owns the waiter)
--- returns {'removed', waiter record}, {'kept', waiter record} (a retry owns it now),
+-- ARGV[13] caller ('': any; else only if that caller still owns the waiter, or owned it when
+--          it was granted)
+-- returns {'removed', waiter record}, {'kept', waiter record} (a retry owns it now, or was
+--         granted it),
 --         {'none'}, or, when it had been granted already,
 --         {'granted', waiter record, locks it still holds (now confirmed), fresh 0/1}
 -- decoded by redis_replies.cancel
@@ -21,6 +23,14 @@ local function main()
   end
   local out = redis.pcall('HMGET', outcome_name(id), 'kind', 'waiter', 'locks', 'fresh')
   if is_error(out) or out[1] ~= 'granted' then return {'none'} end
+  local granted_to = cjson.decode(out[2])
+  if ARGV[13] ~= '' then
+    for i = 1, #granted_to, 2 do
+      if granted_to[i] == 'caller' and granted_to[i + 1] ~= ARGV[13] then
+        return {'kept', granted_to}  -- granted to the retry that took it over: its own
+      end
+    end
+  end
   local still = {}
   for _, pair in ipairs(cjson.decode(out[3])) do
     expect(lock_name, pair[1])
@@ -34,6 +44,6 @@ local function main()
       table.insert(still, holder)
     end
   end
-  return {'granted', cjson.decode(out[2]), still, tonumber(out[4]) or 1}
+  return {'granted', granted_to, still, tonumber(out[4]) or 1}
 end
 return run(main, true)
