@@ -9,6 +9,7 @@ that never hold a partial set, and the wait-for graph.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
 from datetime import timedelta
 
@@ -205,6 +206,36 @@ async def test_cancel_after_the_grant_won_the_race_returns_the_granted_lock(
     cancelled = await backend.cancel(held.key, waiter_id)
     assert not cancelled.removed
     assert [lock.pull.num for lock in cancelled.granted] == [2]
+
+
+async def test_two_callers_of_one_waiter_each_hear_its_grant_and_forget_only_their_own(
+    backend: QueueBackend,
+) -> None:
+    # A request with a requestId sent again while the first still runs here: the retry takes
+    # the waiter over, and both expect its notice.
+    held = (await backend.acquire_or_enqueue(want(1), ttl=None, wait=None, policy=FIFO)).locks[0]
+    first = Wait(id=secrets.token_hex(8), timeout=LONG, request_id="job-1", caller="first")
+    retry = dataclasses.replace(first, caller="retry")
+    heard = [backend.grants.expect(first.id)]
+    assert (await backend.acquire_or_enqueue(want(2), ttl=None, wait=first,
+                                             policy=FIFO)).status is Status.QUEUED
+    heard.append(backend.grants.expect(retry.id))
+    assert (await backend.acquire_or_enqueue(want(2), ttl=None, wait=retry,
+                                             policy=FIFO)).status is Status.QUEUED
+    both = await backend.acquire_or_enqueue(want(2), ttl=None, wait=retry, policy=FIFO)
+    assert both.status is Status.QUEUED and len(await backend.queue(held.key)) == 1
+    backend.grants.forget(first.id, heard[0])  # the first caller stops waiting
+    backend.grants.forget(first.id, heard[0])  # (again: nothing more)
+    await backend.release_and_handoff(held.key, policy=FIFO)
+    notice = await asyncio.wait_for(heard[1], 10)
+    assert [lock.pull.num for lock in notice.locks] == [2]
+    assert not heard[0].done(), "a caller that forgot its waiter was told of it"
+    # The first caller's withdrawal, late: the grant is the retry's, and stays.
+    late = await backend.cancel(held.key, first.id, caller=first.caller)
+    assert not late.removed and late.granted == (), late
+    lock = await backend.get(held.key)
+    assert lock is not None and lock.fencing_token == notice.locks[0].fencing_token, lock
+    backend.grants.forget(retry.id, heard[1])
 
 
 SHORT = timedelta(seconds=1)

@@ -213,7 +213,7 @@ class _Txn:
         self.effects: list[_Effects] = []
         self.notes: list[Callable[[UnreadableLocks], object]] = []
         """Changes to the unreadable keys this run found, applied once it counts."""
-        self.queues: dict[str, tuple[tuple[str, ...], list[Waiter]]] = {}
+        self.queues: dict[str, tuple[dict[str, Waiter], list[Waiter]]] = {}
         self.records: dict[str, tuple[Waiter, int]] = {}
         """Waiters seen in this step, with the session lease of the replica that waits."""
         self.stamped: set[str] = set()
@@ -377,7 +377,7 @@ class _Queues:
             for kv in txn.scan(self._b.queue_prefix(key)).values():
                 if kv.value is not None:
                     waiters.append(self._b.waiter_from(kv, txn))
-            txn.queues[key] = held = (tuple(w.id for w in waiters), waiters)
+            txn.queues[key] = held = ({w.id: w for w in waiters}, waiters)
         return held[1]
 
     def get(self, key: str, default: Any = None) -> Any:
@@ -1081,9 +1081,15 @@ class EtcdBackend(StoreBackend):
             for waiter_id in set(before) - now_ids:
                 txn.delete(prefix + waiter_id.encode())
             for waiter in waiters:
-                if waiter.id not in before:
-                    _, lease = txn.records.get(waiter.id, (waiter, self.session_lease))
-                    txn.put(prefix + waiter.id.encode(), self.record(waiter, lease), lease)
+                was = before.get(waiter.id)
+                if was is waiter:
+                    continue
+                # New, or taken over by a retry (its caller changed; the entry is put again,
+                # its creation revision, the waiter's place, kept): the grant step reads the
+                # waiter from here, and a late cancel by the caller it had looks at its caller.
+                _, lease = txn.records.get(waiter.id, (waiter, self.session_lease))
+                txn.put(prefix + waiter.id.encode(), self.record(waiter, lease), lease)
+                if was is None:
                     # A retry (same id) queued again: what its earlier waiter was told
                     # (a grant since taken away, a cancel) is not for this one.
                     txn.delete(self.notice_key(waiter.id))
