@@ -7,13 +7,21 @@ import asyncio
 import functools
 from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from tests.support.locks import candidate_for, request_for
 from tests.support.queues import LockerRig, settle
 
-from enhanced_locking.backends.waiting import KeyWaits, Waiter
-from enhanced_locking.locking import deadlock
+from enhanced_locking.backends.waiting import (
+    KeyWaits,
+    KeyWaitsList,
+    QueuePolicy,
+    Status,
+    Wait,
+    Waiter,
+)
+from enhanced_locking.locking import deadlock, queueing
 from enhanced_locking.types import (
     AcquireResult,
     BatchItem,
@@ -190,3 +198,49 @@ def test_the_shortest_cycle_is_reported() -> None:
 def test_a_pull_never_waits_for_itself() -> None:
     graph = [KeyWaits(key="a", holder=owner(1), waiters=(waiter(1, "a"), waiter(1, "a")))]
     assert deadlock.find_cycle(graph, owner(1)) is None
+
+
+async def test_a_deadlock_found_by_a_caller_whose_retry_took_its_waiter_over_leaves_it(
+    make: Callable[..., LockerRig], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pull 2's wait for ``a`` (with a ``requestId``) is checked for a cycle; before the check
+    reads the graph, the same request, sent again, takes the waiter over (its own check finds
+    no cycle) and waits, and then pull 1 queues for ``b``, which pull 2 holds. The first
+    caller's check now finds the cycle: it is refused, but the waiter is the retry's and stays
+    queued for it. Before, that refusal's cancel named no caller: it removed the retry's
+    waiter, and the retry was told ``deadlock`` by a check it never made."""
+    rig = make()
+    backend = rig.locker.backend
+    await holds(rig, 1, "a")
+    await holds(rig, 2, "b")
+    asked = ask(2, "a", wait=WAIT).model_copy(update={"request_id": "job-12"})
+    waiting, checks = asyncio.Event(), list[str]()
+    await_turn, wait_graph = queueing.await_turn, backend.wait_graph
+    retry: list[asyncio.Task[AcquireResult]] = []
+
+    async def waits(*args: Any, **kwargs: Any) -> Any:
+        waiting.set()
+        return await await_turn(*args, **kwargs)
+
+    async def graph(*, policy: QueuePolicy | None = None) -> KeyWaitsList:
+        checks.append("check")
+        if len(checks) == 1:  # the first caller's check: the retry comes, then pull 1 waits
+            retry.append(rig.spawn(rig.locker.acquire(asked)))
+            await asyncio.wait_for(waiting.wait(), 10)
+            wait = Wait(id="pull-1-b", timeout=WAIT)
+            backend.grants.expect(wait.id)  # (expected before it is queued)
+            queued = await backend.acquire_or_enqueue(candidate_for(ask(1, "b")), ttl=None,
+                                                       wait=wait, policy=QueuePolicy())
+            assert queued.status is Status.QUEUED, queued
+        return await wait_graph(policy=policy)
+
+    monkeypatch.setattr(queueing, "await_turn", waits)
+    monkeypatch.setattr(backend, "wait_graph", graph)
+    first = await asyncio.wait_for(rig.locker.acquire(asked), 30)
+    assert first.reason is Reason.DEADLOCK, first
+    await settle()
+    assert not retry[0].done(), retry[0]
+    assert [w.owner[1] for w in await rig.locker.queue(ask(1, "a").key)] == [2], "not kept"
+    await rig.locker.release(ask(1, "a").key)  # the retry's waiter is served
+    answer = await asyncio.wait_for(retry[0], 30)
+    assert answer.acquired and answer.lock is not None and answer.lock.pull.num == 2, answer

@@ -18,7 +18,7 @@ from tests.support.locks import candidate_for, request_for
 from tests.support.queues import LockerRig, rig_for, settle
 
 from enhanced_locking.backends import QueueBackend
-from enhanced_locking.backends.waiting import QueuePolicy, Status, Wait
+from enhanced_locking.backends.waiting import Notice, QueuePolicy, Status, Wait
 from enhanced_locking.locking import queueing
 from enhanced_locking.types import (
     AcquireResult,
@@ -257,6 +257,58 @@ async def test_a_retry_granted_before_the_first_callers_withdrawal_keeps_its_gra
     assert answer.acquired and answer.lock is not None and answer.lock.pull.num == 2, answer
     taken.withdraw.set()
     await asyncio.wait_for(taken.withdrawn.wait(), 10)
+    held = await rig.locker.get(ask(1).key)
+    assert held is not None and held.fencing_token == answer.lock.fencing_token, held
+
+
+async def _both_waiting(rig: LockerRig, monkeypatch: pytest.MonkeyPatch, request_id: str,
+                        ) -> tuple[asyncio.Task[AcquireResult], asyncio.Task[AcquireResult]]:
+    """Pull 2's acquire with ``request_id`` waits behind pull 1, and the same request, sent
+    again, takes the waiter over while the first still waits: both callers await its turn."""
+    entered = [asyncio.Event(), asyncio.Event()]
+    await_turn = queueing.await_turn
+
+    async def waits(*args: Any, **kwargs: Any) -> Any:
+        entered[1 if entered[0].is_set() else 0].set()
+        return await await_turn(*args, **kwargs)
+
+    monkeypatch.setattr(queueing, "await_turn", waits)
+    asked = ask(2, wait=30 * S).model_copy(update={"request_id": request_id})
+    first = rig.spawn(rig.locker.acquire(asked))
+    await asyncio.wait_for(entered[0].wait(), 10)
+    retry = rig.spawn(rig.locker.acquire(asked))
+    await asyncio.wait_for(entered[1].wait(), 10)
+    return first, retry
+
+
+async def test_a_first_caller_cancelled_as_the_retrys_grant_arrives_leaves_it_held(
+    rigs: Callable[..., LockerRig], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Both callers of a waiter taken over by its retry wait; the holder's release grants it,
+    and the first caller's task is cancelled in the same loop turn as its notice comes (from
+    inside the notifier's ``deliver``). ``wait_for`` keeps the grant and the first caller
+    withdraws as it goes: the grant is the retry's, and stays held. Before, that withdrawal
+    named no caller, took the retry's locks back from the cancel and gave them back, while
+    the retry was answered ``acquired``."""
+    rig = rigs()
+    backend = rig.locker.backend
+    await rig.locker.acquire(ask(1))
+    first, retry = await _both_waiting(rig, monkeypatch, "job-11")
+    deliver = backend.grants.deliver
+
+    def told(waiter_id: str, notice: Notice) -> None:
+        deliver(waiter_id, notice)
+        if notice.granted:
+            first.cancel()  # the first client is noticed gone as the grant comes
+
+    monkeypatch.setattr(backend.grants, "deliver", told)
+    await rig.locker.release(ask(1).key)  # grants the retry's waiter
+    answer = await asyncio.wait_for(retry, 60)
+    assert answer.acquired and answer.lock is not None and answer.lock.pull.num == 2, answer
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.wait_for(first, 60)
+    assert first.cancelled()
+    await settle()
     held = await rig.locker.get(ask(1).key)
     assert held is not None and held.fencing_token == answer.lock.fencing_token, held
 

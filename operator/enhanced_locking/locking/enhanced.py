@@ -453,7 +453,8 @@ class EnhancedLocker(AtlantisCalls):
         its queue already: a caller cancelled here must leave it (:meth:`_queued`)."""
         key = outcome.key or waiter.keys[0]
         if self.settings().deadlock_detection:
-            refused = await self._refuse_deadlock(waiter, future, key, answers)
+            refused = await self._refuse_deadlock(waiter, future, key, answers,
+                                                  caller=offer.caller)
             if refused is not None:
                 return refused, 0.0
         if outcome.holder is not None:
@@ -484,14 +485,16 @@ class EnhancedLocker(AtlantisCalls):
         return max(0.0, (waiter.deadline - now).total_seconds())
 
     async def _refuse_deadlock(self, waiter: Waiter, future: asyncio.Future[Notice], key: str,
-                               answers: Answers[Result]) -> Result | None:
+                               answers: Answers[Result], *, caller: str) -> Result | None:
+        """Refuse a waiter that closes a cycle of the wait-for graph: cancel it, only if
+        ``caller`` still owns it (a retry of the request that took it over keeps it)."""
         graph = await self._call("wait_graph", lambda: self.backend.wait_graph(
             policy=self.policy()))
         cycle = deadlock.find_cycle(graph, waiter.owner)
         if cycle is None:
             return None
         cancelled = await self._call("cancel", lambda: self.backend.cancel(
-            key, waiter.id, reason=Reason.DEADLOCK))
+            key, waiter.id, reason=Reason.DEADLOCK, caller=caller))
         self.backend.grants.forget(waiter.id, future)
         if cancelled.granted:  # granted before we could withdraw: no wait, no deadlock
             return answers.granted(cancelled.granted, fresh=cancelled.fresh)

@@ -124,8 +124,9 @@ async def await_turn(
         task = asyncio.current_task()
         if task is not None and task.cancelling():
             # The grant and the caller's cancellation arrived together and wait_for kept the
-            # grant: the caller is still going away, so the grant goes back.
-            await withdraw(backend, waiter, future, give_back)
+            # grant: the caller is still going away, so the grant goes back (only if this
+            # caller owned the waiter when it was granted: a retry may have taken it over).
+            await withdraw(backend, waiter, future, give_back, caller=caller)
             raise asyncio.CancelledError
         return notice
     finally:
