@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import typing
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from enhanced_locking.backends.waiting import Handoff, Outcome, Status
+from enhanced_locking.backends.etcd_store import _replaced, _resolve, _shape
+from enhanced_locking.backends.waiting import (
+    Cancelled,
+    Grant,
+    Handoff,
+    Notice,
+    Outcome,
+    Status,
+    Waiter,
+)
 from enhanced_locking.types import (
     AcquireResult,
     AuditEntry,
@@ -233,3 +243,63 @@ def test_a_moment_reads_its_clock_once_and_only_when_asked() -> None:
     assert reads == []
     first = moment()
     assert moment() is first and reads == [1]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Checked:
+    token: int
+
+    def __post_init__(self) -> None:
+        if self.token == 0:
+            raise ValueError("no token")
+
+
+@pytest.mark.parametrize("kind", [Outcome, Handoff, Grant, Notice, Cancelled, Waiter])
+def test_the_etcd_stores_copy_of_its_answers_is_what_dataclasses_replace_makes(
+        kind: type) -> None:
+    # _resolve copies an answer whose tokens its commit resolved by setting the fields itself
+    # (dataclasses.replace binds each as a keyword of __init__): equal, of the same class, a
+    # new object; a class whose __init__ does more than set its fields goes through replace.
+    lock, resolved = a_lock(), replaced(a_lock(), fencing_token=57)
+    waiter = Waiter(id="w1", candidates=(Candidate.of_lock(lock),), ttl=None,
+                    enqueued_at=lock.acquired_at, deadline=lock.acquired_at, seq=3)
+    cases: dict[type, tuple[typing.Any, dict[str, typing.Any]]] = {
+        Outcome: (Outcome(status=Status.GRANTED, locks=(lock,)), {"locks": (resolved,)}),
+        Handoff: (Handoff(released=lock), {"released": resolved}),
+        Grant: (Grant(waiter=waiter, locks=(lock,)), {"locks": (resolved,)}),
+        Notice: (Notice(locks=(lock,), fresh=False), {"locks": (resolved,)}),
+        Cancelled: (Cancelled(removed=True, granted=(lock,)), {"granted": (resolved,)}),
+        Waiter: (waiter, {"seq": 9}),
+    }
+    value, changes = cases[kind]
+    shape = _shape(kind)
+    assert shape is not None and shape.direct
+    copy = _replaced(value, changes, shape)
+    assert copy == dataclasses.replace(value, **changes)
+    assert type(copy) is kind and copy is not value
+    assert all(getattr(copy, name) is getattr(value, name)
+               for name in shape.names if name not in changes)
+    checked = _shape(_Checked)
+    assert checked is not None and not checked.direct
+    with pytest.raises(ValueError, match="no token"):
+        _replaced(_Checked(token=1), {"token": 0}, checked)
+    assert _shape(Lock) is None and _shape(Status) is None
+
+
+def test_a_grant_resolved_by_its_commit_is_the_answer_with_the_grants_token() -> None:
+    # The acquire's answer carries the pending token -(floor+1) until its commit's revision
+    # is known; resolved, it is the same answer with revision + floor, and an answer with
+    # nothing pending is returned as it is.
+    pending = replaced(a_lock(), fencing_token=-3)
+    granted = Outcome.of_grant(pending)
+    answer = _resolve(granted, 100)
+    assert answer == Outcome.of_grant(replaced(pending, fencing_token=102))
+    assert answer.locks[0].fencing_token == 102
+    assert granted.locks[0].fencing_token == -3  # the step's own answer is not changed
+    settled = Outcome.of_grant(a_lock())
+    assert _resolve(settled, 100) is settled
+    both = (pending, [pending, a_lock()])
+    resolved = _resolve(both, 100)
+    assert type(resolved) is tuple and type(resolved[1]) is list
+    assert [lock.fencing_token for lock in (resolved[0], *resolved[1])] == [102, 102, 41]
+    assert _resolve(both, 0) is both
