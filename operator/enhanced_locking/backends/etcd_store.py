@@ -1688,6 +1688,28 @@ class EtcdBackend(StoreBackend):
             prefixes=tuple(p for c in candidates
                            for p in (self.queue_prefix(c.key), self.shared_prefix(c.key))),
             key=candidates[0].key if candidates else None, guess=True)
+        return self._answered(outcome)
+
+    async def acquire_or_enqueue(self, candidate: Candidate, *, ttl: timedelta | None, wait: Any,
+                                 policy: Any) -> Any:
+        """``acquire_batch`` of one key, its step written for one: the same keys and the same
+        step (``StoreBackend.acquire_batch`` of one candidate is its
+        ``acquire_or_enqueue``), without the batch's lists and its coroutine."""
+        if wait is not None and wait.timeout > timedelta(0):
+            await self._ensure_session()
+        names = self._named(candidate.key)
+        keys: tuple[bytes, ...] = (names.lock, names.fence)
+        if wait is not None:
+            keys += (self.waiter_key(wait.id),)
+        outcome = await self._atomic(
+            lambda: StoreBackend.acquire_or_enqueue(self, candidate, ttl=ttl, wait=wait,
+                                                    policy=policy),
+            keys=keys, prefixes=(names.queue, names.shared), key=candidate.key, guess=True)
+        return self._answered(outcome)
+
+    def _answered(self, outcome: Any) -> Any:
+        """An acquire's ``outcome`` once its step committed: a grant answered after its end
+        refused; a waiter queued here heard of (its notice, the lock deletions it waits on)."""
         if outcome.status is Status.GRANTED:
             self._refuse_if_late(outcome.locks)
         elif outcome.status is Status.QUEUED and outcome.waiter is not None:
@@ -1695,10 +1717,6 @@ class EtcdBackend(StoreBackend):
             self._queued_here(outcome.waiter.id, seq, outcome.waiter.keys)
             self._watch_deletions(seq if seq < _PENDING_SEQ else 0)
         return outcome
-
-    async def acquire_or_enqueue(self, candidate: Candidate, *, ttl: timedelta | None, wait: Any,
-                                 policy: Any) -> Any:
-        return await self.acquire_batch([candidate], ttl=ttl, wait=wait, policy=policy)
 
     async def release_and_handoff(self, key: str, *, owner: Owner | None = None,
                                   policy: Any = None, token: int | None = None) -> Any:
