@@ -72,7 +72,7 @@ import logging
 import math
 import random
 import secrets
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple, TypeVar
@@ -967,15 +967,13 @@ class EtcdBackend(StoreBackend):
         finally:
             self.in_flight -= 1
 
-    def _read_ops(self, keys: Iterable[bytes], prefixes: Iterable[bytes]) -> tuple[
-            list[bytes], list[bytes], list[Any]]:
-        ordered_keys, ordered_prefixes = sorted(keys), sorted(prefixes)
-        ops = [_get_op(k) for k in ordered_keys]
-        ops += [_get_op(p, _prefix_end(p)) for p in ordered_prefixes]
-        return ordered_keys, ordered_prefixes, ops
+    @staticmethod
+    def _read_ops(keys: Iterable[bytes], prefixes: Iterable[bytes]) -> _ReadOps:
+        """The reads of ``keys`` and ``prefixes`` (see :func:`_read_ops_of`)."""
+        return _read_ops_of(tuple(keys), tuple(prefixes))
 
     @staticmethod
-    def _parse_reads(ordered_keys: list[bytes], ordered_prefixes: list[bytes],
+    def _parse_reads(ordered_keys: Sequence[bytes], ordered_prefixes: Sequence[bytes],
                      answer: Any) -> _Reads:
         revision = int(answer.header.revision)
         reads = _Reads()
@@ -1888,6 +1886,25 @@ def _count_op(key: bytes, range_end: bytes | None = None) -> Any:
     op = etcd3aio.kv.KVService.txn_op_get(key, range_end=range_end)
     op.request_range.count_only = True
     return op
+
+
+class _ReadOps(NamedTuple):
+    """A read of keys and key ranges: in the order its ops are sent (and answered in)."""
+
+    keys: tuple[bytes, ...]
+    prefixes: tuple[bytes, ...]
+    ops: tuple[Any, ...]
+
+
+@functools.lru_cache(maxsize=1024)
+def _read_ops_of(keys: tuple[bytes, ...], prefixes: tuple[bytes, ...]) -> _ReadOps:
+    """The ops reading ``keys`` and the ranges of ``prefixes``, keys first, each sorted: made
+    once per set of names (a step on a key sends the same reads each time: its commit's
+    failure branch), as each op is (a request copies them)."""
+    ordered_keys, ordered_prefixes = tuple(sorted(keys)), tuple(sorted(prefixes))
+    ops = [_get_op(k) for k in ordered_keys]
+    ops += [_get_op(p, _prefix_end(p)) for p in ordered_prefixes]
+    return _ReadOps(ordered_keys, ordered_prefixes, tuple(ops))
 
 
 @functools.lru_cache(maxsize=8192)
