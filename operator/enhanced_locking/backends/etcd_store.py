@@ -175,8 +175,10 @@ def _prefix_end(prefix: bytes) -> bytes:
     return etcd3aio.prefix_range_end(prefix)
 
 
-@dataclass(frozen=True)
-class _KV:
+class _KV(NamedTuple):
+    """A key as etcd had it (``value`` ``None``: absent). A named tuple: made several times a
+    step, at about a third of a frozen dataclass's cost."""
+
     value: bytes | None
     mod: int = 0
     create: int = 0
