@@ -1011,7 +1011,8 @@ class EtcdBackend(StoreBackend):
             return 0, None
         # Our own notices are delivered when the commit answers (after the step's effects
         # are in hand), not when the watch echoes them back, which can come first.
-        told = {waiter_id for fx in txn.effects for waiter_id, _ in fx.notices}
+        told = ({waiter_id for fx in txn.effects for waiter_id, _ in fx.notices}
+                if txn.effects else ())  # (a free key's step tells nobody)
         self._telling.update(told)
         try:
             revision, fresh = await self._send(client, txn.reads, txn.writes, key=key,
@@ -1076,6 +1077,8 @@ class EtcdBackend(StoreBackend):
     def _write_effects(self, txn: _Txn) -> None:
         """Queue entries added and removed, and the notices of the step, as writes."""
         for key, (before, waiters) in txn.queues.items():
+            if not before and not waiters:
+                continue  # an empty queue read and left empty (every free key's step)
             now_ids = {w.id for w in waiters}
             prefix = self.queue_prefix(key)
             for waiter_id in set(before) - now_ids:
