@@ -14,6 +14,10 @@
   (``tests/support/backends.py``); calling it gives a backend of that kind on a store private to
   the test (all calls in one test share the store, so namespaces can be checked against each
   other). Add a kind there and every test using ``backend_factory`` runs against it too.
+
+Hypothesis runs under one profile for every tier: no per-example deadline and no "too slow"
+health check, since tests never fail on speed (a loaded machine slowed an example past
+Hypothesis's default 200 ms, and the test failed for it).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(_REPO_ROOT) not in sys.path:  # `tests.support` without installing the tests
@@ -38,6 +43,11 @@ from enhanced_locking.backends import EmbeddedBackend  # noqa: E402
 from enhanced_locking.config import EnhancedLockingConfig  # noqa: E402
 from enhanced_locking.factory import LockService  # noqa: E402
 from enhanced_locking.provider import ConfigProvider  # noqa: E402
+
+settings.register_profile(
+    "enhanced-locking", deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile("enhanced-locking")
 
 pytest_plugins = [
     "tests.support.redis_fixtures",  # redis_server, redis_servers
