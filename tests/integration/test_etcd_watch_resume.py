@@ -31,7 +31,7 @@ from typing import Any
 import etcd3aio
 import grpc
 import pytest
-from tests.support.etcd_fixtures import etcd_config, started
+from tests.support.etcd_fixtures import auth_on, etcd_config, started
 from tests.support.etcd_server import EtcdCluster, EtcdMember, frozen
 
 from enhanced_locking.backends import etcd_connection
@@ -521,6 +521,34 @@ async def test_a_close_while_a_member_client_connects_leaves_nothing_open(
         for client in made:
             await client.close()
         await connection.close()
+
+
+async def test_a_close_while_the_client_logs_in_leaves_nothing_open(tmp_path: Path) -> None:
+    """``close()`` runs while ``client()`` waits for etcd's answer to its login (auth on: the
+    token refresher's first ``Authenticate``). The close closes that client, the ``client()``
+    fails as a closed connection's calls do, and no token refresher is left running.
+    Before, the close found no client to close, and the ``client()`` then stored its client
+    and its refresher in the closed connection: a channel open, and a login every four
+    minutes, for good."""
+    with started(tmp_path / "etcd") as cluster:
+        await auth_on(cluster, password="root-secret")
+        connection = EtcdConnection(EtcdSettings(endpoints=tuple(cluster.endpoints),
+                                                 username="root", password="root-secret"))
+        connecting = asyncio.ensure_future(connection.client())
+        try:
+            await asyncio.sleep(0)  # client() runs up to its first wait: the login's answer
+            assert not connecting.done()
+            await connection.close()
+            await asyncio.wait([connecting])
+            assert connection._client is None, "client() kept its client after close()"
+            assert connection._auth is None
+            assert not [task for task in asyncio.all_tasks()
+                        if task.get_name() == "token-refresher" and not task.done()]
+            with pytest.raises(BackendUnavailable, match="connect failed"):
+                connecting.result()
+        finally:
+            await asyncio.wait([connecting])
+            await connection.close()
 
 
 class Asking(EtcdConnection):

@@ -293,8 +293,7 @@ class TxnCall:
         try:
             return await self._call(request, metadata=metadata or None, timeout=seconds)
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
+            if _cancelled():
                 raise  # the caller itself was cancelled
             # Its channel was closed under it (grpc.aio cancels the call): what the direct
             # path answers then, so the caller sees "unavailable" on both paths.
@@ -355,22 +354,56 @@ class EtcdConnection:
         self._flying: set[Any] = set()
         """The direct transaction calls under way (``TxnCall``), which :meth:`close` ends."""
         self._connecting: set[etcd3aio.Etcd3Client] = set()
-        """Member clients whose ``connect()`` is under way (:meth:`_member`), which
-        :meth:`close` closes."""
+        """Clients whose connect is under way (the balanced one in :meth:`client`, a
+        member's in :meth:`_member`), which :meth:`close` closes."""
+        self._closes = 0
+        """How many times :meth:`close` ran (a connect under way tells a close by it)."""
 
     async def client(self) -> etcd3aio.Etcd3Client:
+        """The client (the balanced channel), connected on first use: with a user, logged in
+        and its token kept fresh (the token refresher).
+
+        The client under way is kept in ``_connecting`` while it connects (the login waits
+        for etcd's answer), so a :meth:`close` that runs then closes it; the connect, ending
+        after that close, keeps nothing (its refresher stopped, its client closed) and fails
+        as a closed connection's calls do (``BackendUnavailable``). Before, the close found no
+        client, and the connect stored its client and refresher in the closed connection,
+        both running for good. Of two connects at once the first to end is kept; the other
+        closes what it made."""
         if self._client is not None:
             return self._client
         s = self.settings
+        closes = self._closes
         async with unavailable(self, "connect"):
             targets, name = _resolve(s.endpoints)
             tls = _tls_files(s) if s.tls else {}
             client = etcd3aio.Etcd3Client(targets, tls_server_name=name if s.tls else None,
                                           **tls)
-            await client.connect()
+            stack = contextlib.AsyncExitStack()
+            self._connecting.add(client)
+            try:
+                await client.connect()
+                if s.username:
+                    await stack.enter_async_context(
+                        client.token_refresher(s.username, s.password))
+            except BaseException as error:
+                await _shut(client)
+                if isinstance(error, asyncio.CancelledError) and not _cancelled():
+                    # Its channel was closed under the login (close()), which grpc.aio's call
+                    # raises as a cancel of a caller nobody cancelled.
+                    raise etcd3aio.EtcdConnectionError(CLOSED) from None
+                raise
+            finally:
+                self._connecting.discard(client)
+            if self._closes != closes or self._client is not None:
+                with contextlib.suppress(Exception):
+                    await stack.aclose()
+                await _shut(client)
+                kept = self._client
+                if self._closes != closes or kept is None:
+                    raise etcd3aio.EtcdConnectionError(CLOSED)
+                return kept  # another connect ended first
             if s.username:
-                stack = contextlib.AsyncExitStack()
-                await stack.enter_async_context(client.token_refresher(s.username, s.password))
                 self._auth = stack
             self._targets, self._tls, self._name = targets, tls, name if s.tls else None
             self.txn = self._balanced(client)
@@ -635,6 +668,7 @@ class EtcdConnection:
                 call.cancel(CLOSED)
 
     async def close(self) -> None:
+        self._closes += 1
         client, self._client, self.txn, self.leader = self._client, None, None, None
         self._cancel_flying()
         looking, self._looking = self._looking, None
@@ -657,6 +691,12 @@ class EtcdConnection:
         connecting, self._connecting = list(self._connecting), set()
         for member in [*members, *connecting]:
             await _shut(member)
+
+
+def _cancelled() -> bool:
+    """Whether the running task itself is being cancelled (not a call cancelled under it)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 async def _shut(client: etcd3aio.Etcd3Client) -> None:
@@ -767,12 +807,13 @@ class Watch:
     header), and a stream that fails, ends, or is answered canceled (a token etcd no longer
     takes: :func:`refused_watch`) is a break: after ``WATCH_PAUSE`` (doubled while streams
     break before they bring a write) the stream is opened again from ``next`` on the next
-    member in turn that is not the one it broke on (``member_id``, from the answers' headers:
-    :meth:`EtcdConnection.turn_besides`, :meth:`EtcdConnection.watcher`, with the current
-    auth token). So every
-    write is delivered once, in order, across breaks, and a watch whose member goes down is
-    on another member as soon as its stream fails (on loopback, a killed member's streams
-    fail at once, and a member that is down refuses the stream at once). A compaction of
+    member in turn that is not the one it broke on (``member_id``, from the answers' headers)
+    and has a leader, every endpoint asked at once, a frozen one passed over within
+    ``STATUS_PREFER`` (:meth:`EtcdConnection.turn_besides`, :meth:`EtcdConnection.watcher`,
+    with the current auth token). So every write is delivered once, in order, across
+    breaks, and a watch whose member goes down is on another member as soon as its stream
+    fails (on loopback, a killed member's streams fail at once, and a member that is down
+    refuses the stream at once). A compaction of
     what the watch asked for is delivered (its ``compact_revision``) and the stream opened
     again from that revision, the oldest etcd keeps (its write is kept), on the same
     member. The stream's member may also be frozen (its connections stay open, it sends
