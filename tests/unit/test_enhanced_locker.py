@@ -313,6 +313,59 @@ async def test_a_first_caller_cancelled_as_the_retrys_grant_arrives_leaves_it_he
     assert held is not None and held.fencing_token == answer.lock.fencing_token, held
 
 
+async def test_a_grant_whose_notice_came_after_its_caller_left_is_given_back_after_the_grace(
+    rigs: Callable[..., LockerRig], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pull 2's acquire with a ``requestId`` waits; the holder's release grants the waiter,
+    and the caller is cancelled before the notice reaches it (its client gone as the watch
+    brings the notice, or the grant made by another replica): its withdrawal is left for the
+    retry grace, and no retry comes. The withdrawal then finds the grant and gives it back.
+    Before, on etcd, the caller's leaving deleted the waiter's unheard notice, the store's
+    only record of the grant: the withdrawal found nothing, and the lock, with no lease, was
+    held for good."""
+    monkeypatch.setattr(queueing, "RETRY_GRACE", 0.0)
+    rig = rigs()
+    backend = rig.locker.backend
+    await rig.locker.acquire(ask(1))
+    entered, go, went = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    await_turn, withdraw = queueing.await_turn, queueing._withdraw_retrying
+
+    async def waits(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        return await await_turn(*args, **kwargs)
+
+    async def withdrawal(*args: Any, **kwargs: Any) -> Any:
+        await go.wait()
+        try:
+            return await withdraw(*args, **kwargs)
+        finally:
+            went.set()
+
+    monkeypatch.setattr(queueing, "await_turn", waits)
+    monkeypatch.setattr(queueing, "_withdraw_retrying", withdrawal)
+    first = rig.spawn(rig.locker.acquire(
+        ask(2, wait=30 * S).model_copy(update={"request_id": "job-13"})))
+    await asyncio.wait_for(entered.wait(), 10)
+
+    def told(waiter_id: str, notice: Notice) -> None:
+        if notice.granted:
+            first.cancel()  # gone before its notice reaches it: never told
+
+    monkeypatch.setattr(backend.grants, "deliver", told)
+    await rig.locker.release(ask(1).key)  # grants the waiter
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.wait_for(first, 60)
+    assert first.cancelled()
+    held = await rig.locker.get(ask(1).key)
+    assert held is not None and held.pull.num == 2, held
+    spawned = set(getattr(backend, "_tasks", ()))  # (the store's clean-ups of the leaving)
+    if spawned:
+        await asyncio.wait(spawned, timeout=10)
+    go.set()
+    await asyncio.wait_for(went.wait(), 10)
+    assert await rig.locker.get(ask(1).key) is None, "the grant outlived its caller"
+
+
 async def test_a_lease_that_runs_out_frees_the_lock_and_wakes_the_queue(
     rigs: Callable[..., LockerRig],
 ) -> None:

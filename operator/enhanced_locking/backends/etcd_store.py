@@ -476,18 +476,28 @@ class _Notifier:
         """A notice brought before its waiter's queueing answered (kept until then)."""
         self.keys: dict[str, tuple[str, ...]] = {}
         """Per waiter waiting here, the keys it is queued on (``EtcdBackend._unserved``)."""
+        self.heard: set[str] = set()
+        """Waiters whose notice a caller here heard and that another caller still expects."""
 
     def expect(self, waiter_id: str) -> asyncio.Future[Notice]:
         return self.local.expect(waiter_id)
 
     def forget(self, waiter_id: str, future: asyncio.Future[Notice]) -> None:
+        """The caller of ``future`` stops waiting. Once no caller here expects the waiter,
+        its notice is deleted if one of them heard it; an unheard one (its caller left before
+        it came) is the store's record of what was granted, kept for the later withdrawal
+        (or a retry) until the session lease ends."""
         self.local.forget(waiter_id, future)
+        if future.done() and not future.cancelled():
+            self.heard.add(waiter_id)
         if self.local.expected(waiter_id):
             return  # another caller here still waits on it (a retry that took it over)
         self.queued_at.pop(waiter_id, None)
         self.early.pop(waiter_id, None)
         self.keys.pop(waiter_id, None)
-        self._b.tidy(waiter_id)
+        if waiter_id in self.heard:
+            self.heard.discard(waiter_id)
+            self._b.tidy(waiter_id)
 
     def deliver(self, waiter_id: str, notice: Notice) -> None:
         if (notice.locks and self.local.waits(waiter_id)
