@@ -313,6 +313,25 @@ async def test_a_first_caller_cancelled_as_the_retrys_grant_arrives_leaves_it_he
     assert held is not None and held.fencing_token == answer.lock.fencing_token, held
 
 
+async def test_of_two_callers_of_one_granted_waiter_only_its_owner_is_answered_fresh(
+    rigs: Callable[..., LockerRig], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Both callers of a waiter taken over by its retry wait, and one release grants it: both
+    are answered with its locks, and only the retry, which owned the waiter when it was
+    granted, with a fresh grant. The first caller's answer gives nothing back if its client is
+    found gone as it goes out. Before, both answers were fresh, and the first one's
+    give-back freed the lock the retry was told it holds."""
+    rig = rigs()
+    await rig.locker.acquire(ask(1))
+    first, retry = await _both_waiting(rig, monkeypatch, "job-14")
+    await rig.locker.release(ask(1).key)  # grants the retry's waiter
+    owned = await asyncio.wait_for(retry, 60)
+    heard = await asyncio.wait_for(first, 60)
+    assert owned.acquired and owned.fresh, owned
+    assert heard.acquired and heard.lock == owned.lock, heard
+    assert not heard.fresh, "the first caller was answered with the retry's grant as its own"
+
+
 async def test_a_grant_whose_notice_came_after_its_caller_left_is_given_back_after_the_grace(
     rigs: Callable[..., LockerRig], monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -640,7 +640,8 @@ class StoreBackend(abc.ABC):
         while len(self._granted) > _GRANTS_REMEMBERED:
             self._granted.popitem(last=False)
         fx.granted.append(grant)
-        fx.notices.append((waiter.id, Notice(locks=grant.locks, fresh=grant.fresh)))
+        fx.notices.append((waiter.id, Notice(locks=grant.locks, fresh=grant.fresh,
+                                             caller=waiter.caller)))
         return grant
 
     def _unqueue(self, waiter: Waiter) -> None:

@@ -668,7 +668,8 @@ class EtcdBackend(StoreBackend):
         if data.get("waiter"):
             waiter = self.waiter_from(_KV(data["waiter"].encode()))
         reason = Reason(data["reason"]) if data.get("reason") else None
-        return waiter, Notice(locks=locks, reason=reason, fresh=data.get("fresh", True))
+        return waiter, Notice(locks=locks, reason=reason, fresh=data.get("fresh", True),
+                              caller=waiter.caller if waiter is not None else "")
 
     # --- primitives of StoreBackend ----------------------------------------------------------
     def _read(self, key: str, text: str | bytes) -> Lock:

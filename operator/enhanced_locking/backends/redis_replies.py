@@ -206,11 +206,13 @@ class Cancel(NamedTuple):
 
 
 class Confirm(NamedTuple):
-    """``confirm.lua``: ``granted`` (with ``fresh``) or ``lost`` (locks to give back)."""
+    """``confirm.lua``: ``granted`` (with ``fresh``, and the ``caller`` that owned the waiter
+    when it was granted) or ``lost`` (locks to give back)."""
 
     granted: bool
     locks: tuple[LockRow, ...]
     fresh: bool
+    caller: str = ""
 
 
 class Refresh(NamedTuple):
@@ -401,8 +403,8 @@ def cancel(answer: Sequence[Any]) -> Cancel:
 
 def confirm(answer: Sequence[Any]) -> Confirm:
     if answer[0] == "granted":
-        _, held, fresh = answer
-        return Confirm(True, locks(held), bool(fresh))
+        _, held, fresh, caller = answer
+        return Confirm(True, locks(held), bool(fresh), str(caller))
     return Confirm(False, locks(answer[1]), True)
 
 

@@ -1105,7 +1105,8 @@ class RedisBackend:
             if ahead:
                 await asyncio.wait(ahead)
             if answer.granted:
-                self.grants.deliver(waiter_id, Notice(locks=held, fresh=answer.fresh))
+                self.grants.deliver(waiter_id, Notice(locks=held, fresh=answer.fresh,
+                                                      caller=answer.caller))
                 return
             # A claim lapsed before we could confirm (we were cut off for CLAIM_MS): a batch
             # is all or nothing, so give back what is left and tell the caller.

@@ -347,6 +347,11 @@ class Notice:
     """With ``locks``: granted to this waiter (a new fencing token). False when its turn came
     while its own pull already held every key (another request of the pull was granted
     first): it is answered with those locks unchanged, which are not its to give back."""
+    caller: str = ""
+    """With ``locks``: the caller that owned the waiter when it was granted (``""``: not
+    known). A waiter has two callers when a retry of its request took it over while the first
+    still runs; both hear the notice, and only this one is answered with a fresh grant (the
+    other gives nothing back: :func:`~enhanced_locking.locking.queueing.await_turn`)."""
 
     @property
     def granted(self) -> bool:

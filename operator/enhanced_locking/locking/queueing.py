@@ -110,13 +110,15 @@ async def await_turn(
     ends = asyncio.get_running_loop().time() + seconds
     try:
         try:
-            notice = await asyncio.wait_for(asyncio.shield(future), seconds)
+            notice = _owned(await asyncio.wait_for(asyncio.shield(future), seconds), caller)
         except TimeoutError:
             cancelled = await backend.cancel(key, waiter.id, reason=Reason.TIMEOUT)
             if cancelled.granted:
-                return Notice(locks=cancelled.granted, fresh=cancelled.fresh)
+                granted_to = cancelled.waiter.caller if cancelled.waiter is not None else ""
+                return _owned(Notice(locks=cancelled.granted, fresh=cancelled.fresh,
+                                     caller=granted_to), caller)
             if future.done():
-                return future.result()
+                return _owned(future.result(), caller)
             return Notice(reason=Reason.TIMEOUT)
         except asyncio.CancelledError:
             await leave(backend, waiter, future, give_back, caller=caller, ends=ends)
@@ -131,6 +133,15 @@ async def await_turn(
         return notice
     finally:
         backend.grants.forget(waiter.id, future)
+
+
+def _owned(notice: Notice, caller: str) -> Notice:
+    """``notice`` as ``caller`` is answered with it: a grant made while another caller owned
+    the waiter (a retry of the request took it over, or the first caller still runs as its
+    retry's grant comes) is that caller's to give back, not this one's: not fresh here."""
+    if notice.fresh and notice.locks and caller and notice.caller and notice.caller != caller:
+        return Notice(locks=notice.locks, fresh=False, caller=notice.caller)
+    return notice
 
 
 async def leave(backend: QueueBackend, waiter: Waiter, future: asyncio.Future[Notice],

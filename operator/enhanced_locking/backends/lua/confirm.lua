@@ -1,13 +1,14 @@
 -- confirm: the waiter's replica takes the locks it was granted (ends the claim).
 -- KEYS[8..] the waiter's record and outcome (and its keys' keys, if known); more it asks for
 -- ARGV[11] waiter id
--- returns {'granted', locks, fresh 0/1} or {'lost', locks it still holds and must give back}
--- (a claim lapsed first; none when its pull held them already: fresh 0)
+-- returns {'granted', locks, fresh 0/1, the caller that owned the waiter when it was granted}
+-- or {'lost', locks it still holds and must give back} (a claim lapsed first; none when its
+-- pull held them already: fresh 0)
 -- decoded by redis_replies.confirm
 local refused = guard()
 if refused then return refused end
 local function main()
-  local out = redis.pcall('HMGET', outcome_name(ARGV[11]), 'kind', 'locks', 'fresh')
+  local out = redis.pcall('HMGET', outcome_name(ARGV[11]), 'kind', 'locks', 'fresh', 'waiter')
   if is_error(out) or out[1] ~= 'granted' then return {'lost', {}} end
   local fresh = tonumber(out[3]) or 1
   for _, pair in ipairs(cjson.decode(out[2])) do
@@ -29,6 +30,10 @@ local function main()
     if fresh == 0 then return {'lost', {}} end
     return {'lost', held}
   end
-  return {'granted', held, fresh}
+  local caller, granted_to = '', out[4] and cjson.decode(out[4]) or {}
+  for i = 1, #granted_to, 2 do
+    if granted_to[i] == 'caller' then caller = granted_to[i + 1] end
+  end
+  return {'granted', held, fresh, caller}
 end
 return run(main, true)
