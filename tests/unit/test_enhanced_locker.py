@@ -332,6 +332,50 @@ async def test_of_two_callers_of_one_granted_waiter_only_its_owner_is_answered_f
     assert not heard.fresh, "the first caller was answered with the retry's grant as its own"
 
 
+@dataclasses.dataclass
+class _Gated:
+    withdraw: asyncio.Event
+    """Set by the test: a withdrawal after the retry grace may run."""
+    withdrawn: asyncio.Event
+    """Set once it ran."""
+
+
+async def _waiting_to_leave(rig: LockerRig, monkeypatch: pytest.MonkeyPatch, request_id: str,
+                            ) -> tuple[asyncio.Task[AcquireResult], _Gated]:
+    """Pull 2's acquire with ``request_id``, waiting behind pull 1; a withdrawal after the
+    retry grace (none: no grace) waits for the test's ``withdraw``."""
+    monkeypatch.setattr(queueing, "RETRY_GRACE", 0.0)
+    gated = _Gated(asyncio.Event(), asyncio.Event())
+    entered = asyncio.Event()
+    await_turn, withdraw = queueing.await_turn, queueing._withdraw_retrying
+
+    async def waits(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        return await await_turn(*args, **kwargs)
+
+    async def withdrawal(*args: Any, **kwargs: Any) -> Any:
+        await gated.withdraw.wait()
+        try:
+            return await withdraw(*args, **kwargs)
+        finally:
+            gated.withdrawn.set()
+
+    monkeypatch.setattr(queueing, "await_turn", waits)
+    monkeypatch.setattr(queueing, "_withdraw_retrying", withdrawal)
+    first = rig.spawn(rig.locker.acquire(
+        ask(2, wait=30 * S).model_copy(update={"request_id": request_id})))
+    await asyncio.wait_for(entered.wait(), 10)
+    return first, gated
+
+
+async def _store_tidied(backend: QueueBackend) -> None:
+    """The store's own clean-ups started so far are done (etcd deletes a heard notice in a
+    task of its own)."""
+    spawned = set(getattr(backend, "_tasks", ()))
+    if spawned:
+        await asyncio.wait(spawned, timeout=10)
+
+
 async def test_a_grant_whose_notice_came_after_its_caller_left_is_given_back_after_the_grace(
     rigs: Callable[..., LockerRig], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -342,29 +386,10 @@ async def test_a_grant_whose_notice_came_after_its_caller_left_is_given_back_aft
     Before, on etcd, the caller's leaving deleted the waiter's unheard notice, the store's
     only record of the grant: the withdrawal found nothing, and the lock, with no lease, was
     held for good."""
-    monkeypatch.setattr(queueing, "RETRY_GRACE", 0.0)
     rig = rigs()
     backend = rig.locker.backend
     await rig.locker.acquire(ask(1))
-    entered, go, went = asyncio.Event(), asyncio.Event(), asyncio.Event()
-    await_turn, withdraw = queueing.await_turn, queueing._withdraw_retrying
-
-    async def waits(*args: Any, **kwargs: Any) -> Any:
-        entered.set()
-        return await await_turn(*args, **kwargs)
-
-    async def withdrawal(*args: Any, **kwargs: Any) -> Any:
-        await go.wait()
-        try:
-            return await withdraw(*args, **kwargs)
-        finally:
-            went.set()
-
-    monkeypatch.setattr(queueing, "await_turn", waits)
-    monkeypatch.setattr(queueing, "_withdraw_retrying", withdrawal)
-    first = rig.spawn(rig.locker.acquire(
-        ask(2, wait=30 * S).model_copy(update={"request_id": "job-13"})))
-    await asyncio.wait_for(entered.wait(), 10)
+    first, withdrawal = await _waiting_to_leave(rig, monkeypatch, "job-13")
 
     def told(waiter_id: str, notice: Notice) -> None:
         if notice.granted:
@@ -377,12 +402,59 @@ async def test_a_grant_whose_notice_came_after_its_caller_left_is_given_back_aft
     assert first.cancelled()
     held = await rig.locker.get(ask(1).key)
     assert held is not None and held.pull.num == 2, held
-    spawned = set(getattr(backend, "_tasks", ()))  # (the store's clean-ups of the leaving)
-    if spawned:
-        await asyncio.wait(spawned, timeout=10)
-    go.set()
-    await asyncio.wait_for(went.wait(), 10)
+    await _store_tidied(backend)
+    withdrawal.withdraw.set()
+    await asyncio.wait_for(withdrawal.withdrawn.wait(), 10)
     assert await rig.locker.get(ask(1).key) is None, "the grant outlived its caller"
+
+
+async def test_a_grant_a_retry_takes_while_its_first_caller_is_away_is_the_retrys_to_give_back(
+    rigs: Callable[..., LockerRig], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pull 2's acquire with a ``requestId`` waits; its client goes, and within the retry
+    grace the holder's release grants the waiter, heard by nobody. The same request, sent
+    again, finds the grant and takes it: it is answered with a fresh grant, so its own route
+    gives it back if its client goes too (and the first caller's withdrawal, later, finds
+    nothing of it). Before, the retry was answered ``fresh: false``: nothing gave the lock
+    back, and with no lease it was held for good."""
+    rig = rigs()
+    await rig.locker.acquire(ask(1))
+    first, withdrawal = await _waiting_to_leave(rig, monkeypatch, "job-15")
+    first.cancel()  # the first client is gone
+    with contextlib.suppress(asyncio.CancelledError):
+        await first
+    await rig.locker.release(ask(1).key)  # grants the waiter while its caller is away
+    await settle()
+    asked = ask(2, wait=30 * S).model_copy(update={"request_id": "job-15"})
+    taken = await asyncio.wait_for(rig.locker.acquire(asked), 30)
+    assert taken.acquired and taken.lock is not None and taken.lock.pull.num == 2, taken
+    assert taken.fresh, "a grant nobody had heard of was not the retry's to give back"
+    withdrawal.withdraw.set()
+    await asyncio.wait_for(withdrawal.withdrawn.wait(), 10)
+    held = await rig.locker.get(ask(1).key)
+    assert held is not None and held.fencing_token == taken.lock.fencing_token, held
+
+
+async def test_a_grant_its_first_caller_heard_is_not_the_retrys_to_give_back(
+    rigs: Callable[..., LockerRig],
+) -> None:
+    """Pull 2's acquire with a ``requestId`` waits and is granted, and answered with a fresh
+    grant; the same request, sent again (its client did not see the answer), finds the grant:
+    it is answered with it as not fresh, since the first caller's answer gives it back if
+    that client is gone."""
+    rig = rigs()
+    backend = rig.locker.backend
+    await rig.locker.acquire(ask(1))
+    asked = ask(2, wait=30 * S).model_copy(update={"request_id": "job-16"})
+    first = rig.spawn(rig.locker.acquire(asked))
+    await settle()
+    await rig.locker.release(ask(1).key)  # grants the waiter, heard by its caller
+    heard = await asyncio.wait_for(first, 30)
+    assert heard.acquired and heard.fresh, heard
+    await _store_tidied(backend)
+    again = await asyncio.wait_for(rig.locker.acquire(asked), 30)
+    assert again.acquired and again.lock == heard.lock, again
+    assert not again.fresh, "the retry was answered with the first caller's grant as its own"
 
 
 async def test_a_lease_that_runs_out_frees_the_lock_and_wakes_the_queue(

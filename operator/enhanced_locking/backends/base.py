@@ -635,7 +635,9 @@ class StoreBackend(abc.ABC):
         taken = [self._take(template, now, waiter.ttl) for template in waiter.candidates]
         self._unqueue(waiter)
         grant = Grant(waiter=waiter, locks=tuple(lock for lock, _ in taken),
-                      fresh=any(fresh for _, fresh in taken))
+                      fresh=any(fresh for _, fresh in taken),
+                      told=(isinstance(self.grants, LocalNotifier)
+                            and self.grants.waits(waiter.id)))
         self._granted[waiter.id] = grant
         while len(self._granted) > _GRANTS_REMEMBERED:
             self._granted.popitem(last=False)
@@ -867,8 +869,11 @@ class StoreBackend(abc.ABC):
                               if any(h.fencing_token == lock.fencing_token
                                      for h in self._holders(lock.key, now)))
                 if len(still) == len(taken.locks):  # granted while its caller was away
+                    # The retry takes the grant over: nobody heard of it yet, so it is the
+                    # retry's to give back if its client goes too (else the first caller's).
                     self._forget_grant(wait.id)
-                    return Outcome(status=Status.GRANTED, locks=still, fresh=False)
+                    return Outcome(status=Status.GRANTED, locks=still,
+                                   fresh=taken.fresh and not taken.told)
             first = candidates[0]
             owner, mode = first.owner, first.mode
             for candidate in candidates:

@@ -283,6 +283,10 @@ class Grant:
     fresh: bool = True
     """Granted by this hand-off (false: the waiter's pull held every key already and kept
     its locks unchanged, as when it asks again for what it holds)."""
+    told: bool = False
+    """A caller of the waiter was waiting here as it was granted, and is told (an in-process
+    store knows; others say false): a retry of the request that takes the grant later is not
+    its first hearer, and is answered with it as not fresh."""
 
 
 # Made on every call and never changed after: not frozen and slotted (see Outcome).

@@ -59,9 +59,9 @@ local function main()
     end
     -- Granted while its caller was away: the retry takes it. (Another type where the outcome
     -- goes is no outcome of ours.)
-    local out = redis.pcall('HMGET', outcome_name(wait_id), 'kind', 'locks')
+    local out = redis.pcall('HMGET', outcome_name(wait_id), 'kind', 'locks', 'fresh')
     if not is_error(out) and out[1] == 'granted' then
-      local still, all = {}, true
+      local still, all, unheard = {}, true, true
       for _, pair in ipairs(cjson.decode(out[2])) do
         expect(lock_name, pair[1])
         expect(shared_name, pair[1])
@@ -70,7 +70,7 @@ local function main()
       for _, pair in ipairs(cjson.decode(out[2])) do
         local h = holder_with_token(pair[1], pair[2])
         if h then
-          if h[8] then settle_claim(h) end
+          if h[8] then settle_claim(h) else unheard = false end  -- (confirmed: a caller heard)
           table.insert(still, h)
         else
           all = false
@@ -78,7 +78,8 @@ local function main()
       end
       if all and #still > 0 then
         w('HSET', outcome_name(wait_id), 'kind', 'taken')
-        return {'granted', still, 0}
+        -- nobody heard of it yet: the retry's to give back, fresh as it was granted
+        return {'granted', still, unheard and (tonumber(out[3]) or 1) or 0}
       end
     end
   end
