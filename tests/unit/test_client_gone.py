@@ -35,6 +35,7 @@ from enhanced_locking.backends.audit_store import (
     Retention,
     build_audit_store,
 )
+from enhanced_locking.backends.waiting import Notice
 from enhanced_locking.factory import LockService
 from enhanced_locking.locking import queueing
 from enhanced_locking.locking.visibility import WaitView
@@ -849,3 +850,55 @@ async def test_a_gone_clients_work_cancelled_alone_ends_the_route_as_client_gone
     left.set()
     with pytest.raises(disconnect.ClientGone):
         await route
+
+
+async def test_a_first_request_whose_client_goes_as_its_retrys_grant_comes_gives_nothing_back(
+    make_service: ServiceMaker, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pull 2's waiting acquire with a ``requestId`` is sent again while the first still
+    waits (its client's first connection dropped, not yet seen): the retry takes the waiter
+    over. The holder's release grants it, and the first request's client is seen gone as
+    the grant comes. The lock is the retry's, answered 200, and stays held: the first
+    request's answer is not a fresh grant, so its route gives nothing back. Before, both
+    answers were fresh, and the first route's give-back freed the retry's lock."""
+    entered = [asyncio.Event(), asyncio.Event()]
+    await_turn = queueing.await_turn
+
+    async def waits(*args: Any, **kwargs: Any) -> Any:
+        entered[1 if entered[0].is_set() else 0].set()
+        return await await_turn(*args, **kwargs)
+
+    monkeypatch.setattr(queueing, "await_turn", waits)
+    service = await make_service(enabled=True)
+    trail = _trail(service)
+    try:
+        app = create_app(service, manage_lifecycle=False, audit=trail)
+        router = service.router
+        holder = request_for(repo=REPO, path="net", project="net", pull=1)
+        assert (await router.acquire(holder)).acquired
+        body = {**BODY, "wait": "30s", "requestId": "r-both"}
+        gone, sent = asyncio.Event(), list[tuple[int, bool]]()
+        first = asyncio.ensure_future(_post(app, body, gone, sent))
+        await asyncio.wait_for(entered[0].wait(), 10)
+        retry_sent = list[tuple[int, bool]]()
+        retry = asyncio.ensure_future(_post(app, body, asyncio.Event(), retry_sent))
+        await asyncio.wait_for(entered[1].wait(), 10)
+        assert service.enhanced is not None
+        grants = service.enhanced.backend.grants
+        deliver = grants.deliver
+
+        def told(waiter_id: str, notice: Notice) -> None:
+            deliver(waiter_id, notice)
+            if notice.granted:
+                gone.set()  # the first client is seen gone as the grant comes
+
+        monkeypatch.setattr(grants, "deliver", told)
+        await router.release(holder.key, owner=(REPO, 1))  # grants the retry's waiter
+        await asyncio.wait_for(first, 30)
+        await asyncio.wait_for(retry, 30)
+        assert retry_sent == [(200, False)], retry_sent
+        held = await router.get(holder.key)
+        assert held is not None and held.pull.num == 2, "the retry's lock was given back"
+    finally:
+        await trail.close()
+        await service.close()
