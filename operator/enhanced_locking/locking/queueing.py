@@ -271,7 +271,7 @@ async def withdraw(
                                          caller=caller)
         notice = Notice(locks=cancelled.granted, fresh=cancelled.fresh)
         if cancelled.waiter is None and future.done():  # the backend no longer remembers it
-            notice = future.result()
+            notice = _owned(future.result(), caller)
         if notice.locks:
             await give_back(notice)
 
