@@ -26,7 +26,7 @@ from enhanced_locking.backends import QueueBackend
 from enhanced_locking.backends.redis_store import RedisBackend
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.events import EventBus
-from enhanced_locking.locking import EnhancedLocker
+from enhanced_locking.locking import EnhancedLocker, queueing
 from enhanced_locking.metrics import Metrics
 from enhanced_locking.types import Event, LockingError, utcnow
 
@@ -38,6 +38,7 @@ __all__ = [
     "rig_for",
     "rigs",
     "settle",
+    "waits_begun",
 ]
 
 T = TypeVar("T")
@@ -198,3 +199,22 @@ async def settle(rounds: int = 5) -> None:
 
 
 Maker = Callable[..., LockerRig]
+
+
+def waits_begun(monkeypatch: pytest.MonkeyPatch, count: int) -> list[asyncio.Event]:
+    """Events set as each of the next ``count`` waits for a turn begins, in order (a wait
+    past them sets the last): a test knows when a caller is waiting on its waiter."""
+    begun = [asyncio.Event() for _ in range(count)]
+    await_turn = queueing.await_turn
+
+    async def waits(*args: Any, **kwargs: Any) -> Any:
+        for event in begun[:-1]:
+            if not event.is_set():
+                event.set()
+                break
+        else:
+            begun[-1].set()
+        return await await_turn(*args, **kwargs)
+
+    monkeypatch.setattr(queueing, "await_turn", waits)
+    return begun

@@ -23,6 +23,7 @@ import pytest
 from starlette.requests import Request
 from tests.conftest import ServiceMaker
 from tests.support.locks import request_for
+from tests.support.queues import waits_begun
 from tests.support.redis_fixtures import ServerMaker
 from uvicorn.protocols.http import h11_impl, httptools_impl
 from uvicorn.protocols.http.flow_control import FlowControl
@@ -114,11 +115,20 @@ async def _granted_as_it_waits(app: Any, service: LockService, holder: LockReque
     return call
 
 
-async def _round(make: ServiceMaker, steps: int, *, wait: bool) -> None:
+@contextlib.asynccontextmanager
+async def _served(make: ServiceMaker) -> AsyncIterator[tuple[LockService, AuditTrail, Any]]:
+    """A service with its own audit trail and its app (closed after the block)."""
     service = await make(enabled=True)
     trail = _trail(service)
     try:
-        app = create_app(service, manage_lifecycle=False, audit=trail)
+        yield service, trail, create_app(service, manage_lifecycle=False, audit=trail)
+    finally:
+        await trail.close()
+        await service.close()
+
+
+async def _round(make: ServiceMaker, steps: int, *, wait: bool) -> None:
+    async with _served(make) as (service, trail, app):
         router = service.router
         holder = request_for(repo=REPO, path="net", project="net", pull=1)
         gone, sent = asyncio.Event(), list[tuple[int, bool]]()
@@ -147,9 +157,6 @@ async def _round(make: ServiceMaker, steps: int, *, wait: bool) -> None:
             f"{steps} steps: the lock outlived its client (answer {status})")
         # The trail's last word on the request is that its client left, never "acquired".
         assert (last.outcome, last.status) == ("client-gone", 499), (steps, last)
-    finally:
-        await trail.close()
-        await service.close()
 
 
 async def test_a_waiting_client_that_leaves_as_it_is_granted_holds_nothing(
@@ -861,18 +868,8 @@ async def test_a_first_request_whose_client_goes_as_its_retrys_grant_comes_gives
     the grant comes. The lock is the retry's, answered 200, and stays held: the first
     request's answer is not a fresh grant, so its route gives nothing back. Before, both
     answers were fresh, and the first route's give-back freed the retry's lock."""
-    entered = [asyncio.Event(), asyncio.Event()]
-    await_turn = queueing.await_turn
-
-    async def waits(*args: Any, **kwargs: Any) -> Any:
-        entered[1 if entered[0].is_set() else 0].set()
-        return await await_turn(*args, **kwargs)
-
-    monkeypatch.setattr(queueing, "await_turn", waits)
-    service = await make_service(enabled=True)
-    trail = _trail(service)
-    try:
-        app = create_app(service, manage_lifecycle=False, audit=trail)
+    entered = waits_begun(monkeypatch, 2)
+    async with _served(make_service) as (service, _, app):
         router = service.router
         holder = request_for(repo=REPO, path="net", project="net", pull=1)
         assert (await router.acquire(holder)).acquired
@@ -899,6 +896,3 @@ async def test_a_first_request_whose_client_goes_as_its_retrys_grant_comes_gives
         assert retry_sent == [(200, False)], retry_sent
         held = await router.get(holder.key)
         assert held is not None and held.pull.num == 2, "the retry's lock was given back"
-    finally:
-        await trail.close()
-        await service.close()

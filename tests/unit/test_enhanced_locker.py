@@ -15,7 +15,7 @@ import pytest
 from tests.support.backends import BackendFactory
 from tests.support.leases import Overrun, past, until, with_leases
 from tests.support.locks import candidate_for, request_for
-from tests.support.queues import LockerRig, rig_for, settle
+from tests.support.queues import LockerRig, rig_for, settle, waits_begun
 
 from enhanced_locking.backends import QueueBackend
 from enhanced_locking.backends.waiting import Notice, QueuePolicy, Status, Wait
@@ -265,14 +265,7 @@ async def _both_waiting(rig: LockerRig, monkeypatch: pytest.MonkeyPatch, request
                         ) -> tuple[asyncio.Task[AcquireResult], asyncio.Task[AcquireResult]]:
     """Pull 2's acquire with ``request_id`` waits behind pull 1, and the same request, sent
     again, takes the waiter over while the first still waits: both callers await its turn."""
-    entered = [asyncio.Event(), asyncio.Event()]
-    await_turn = queueing.await_turn
-
-    async def waits(*args: Any, **kwargs: Any) -> Any:
-        entered[1 if entered[0].is_set() else 0].set()
-        return await await_turn(*args, **kwargs)
-
-    monkeypatch.setattr(queueing, "await_turn", waits)
+    entered = waits_begun(monkeypatch, 2)
     asked = ask(2, wait=30 * S).model_copy(update={"request_id": request_id})
     first = rig.spawn(rig.locker.acquire(asked))
     await asyncio.wait_for(entered[0].wait(), 10)
