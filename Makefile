@@ -8,7 +8,7 @@ ARGS ?=
 GO_TEST_FLAGS ?= -count=1 -p=1 -timeout=30m
 
 .PHONY: help venv constraints run test test-unit test-integration test-e2e test-go atlantis lint typecheck format \
-        redis sandbox luacheck browser control-plane cluster-up docs chart kind-e2e image-smoke bench \
+        redis sandbox luacheck browser etcd control-plane cluster-up docs chart kind-e2e image-smoke bench \
         bench-full clean
 
 help:
@@ -60,13 +60,18 @@ browser:
 control-plane:
 	hack/build-control-plane.sh
 
+# etcd alone, the one binary the unit and integration tests need (cached on its own; the
+# control-plane build reuses it).
+etcd:
+	hack/build-control-plane.sh --etcd
+
 cluster-up: venv control-plane
 	hack/cluster-up.sh
 
-test: venv redis sandbox luacheck browser control-plane atlantis
-	$(PYTEST) tests/unit tests/integration
-	$(PYTEST) tests/e2e
-	$(MAKE) test-go
+# The control plane and Atlantis are built in the background while the unit and integration
+# tiers run (they need only etcd); see hack/test-all.sh for the order.
+test: venv redis sandbox luacheck browser etcd
+	VENV="$(VENV)" MAKE="$(MAKE)" hack/test-all.sh
 
 # The Go module in atlantis/ (the API client and Atlantis's lock database on the service),
 # tested against live `enhanced-locking serve` processes, real redis-server and Atlantis itself.

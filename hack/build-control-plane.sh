@@ -10,6 +10,11 @@
 #   ${ENHANCED_LOCKING_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/enhanced-locking}
 #       /k8s-<K8S>-etcd-<ETCD>-helm-<HELM>/bin
 #
+# etcd is built first and cached on its own as well (/etcd-<ETCD>/bin/etcd): it is all the
+# unit and integration tests need, so `make test` builds it alone (--etcd) before they start
+# and builds the rest while they run; the full build then copies it instead of compiling it
+# again.
+#
 # k8s.io/kubernetes is not meant to be used as a dependency: its go.mod
 # requires its "staging" modules (k8s.io/api, k8s.io/client-go, ...) at
 # v0.0.0 and replaces them with directories of its own source tree. So the
@@ -17,9 +22,11 @@
 # replaces each staging module with its published v0.<minor>.<patch> release.
 # The list of staging modules is derived from the .mod file the proxy serves.
 #
-# Usage: hack/build-control-plane.sh [--print-bin-dir] [--force]
+# Usage: hack/build-control-plane.sh [--etcd] [--print-bin-dir] [--force]
 #   (no flag)        build if needed; print progress on stderr
+#   --etcd           etcd alone (nothing to do when the full build is cached already)
 #   --print-bin-dir  print the directory that holds (or will hold) the binaries
+#                    (with --etcd: the one etcd is used from)
 #   --force          rebuild even if the cache is complete
 #
 # Environment:
@@ -39,12 +46,25 @@ cache_key() {
   printf 'k8s-%s-etcd-%s-helm-%s\n' "${K8S_VERSION}" "${ETCD_VERSION}" "${HELM_VERSION}"
 }
 
+etcd_key() {
+  printf 'etcd-%s\n' "${ETCD_VERSION}"
+}
+
 # The directory the binaries are used from: ENHANCED_LOCKING_K8S_BIN or the cache.
 bin_dir() {
   if [[ -n "${ENHANCED_LOCKING_K8S_BIN:-}" ]]; then
     printf '%s\n' "${ENHANCED_LOCKING_K8S_BIN}"
   else
     printf '%s/%s/bin\n' "$(cache_root)" "$(cache_key)"
+  fi
+}
+
+# The directory etcd is used from: that of the full build if it holds etcd, else etcd's own.
+etcd_bin_dir() {
+  if [[ -n "${ENHANCED_LOCKING_K8S_BIN:-}" || -x "$(bin_dir)/etcd" ]]; then
+    bin_dir
+  else
+    printf '%s/%s/bin\n' "$(cache_root)" "$(etcd_key)"
   fi
 }
 
@@ -76,8 +96,11 @@ write_wrapper() {
   { printf 'module %s\n\n' "$2"; cat; } >"$1/go.mod"
 }
 
+# Compiles etcd in $1 into $2/bin/etcd (etcd's own cache directory) and runs it once.
 build_etcd() {
-  local work="$1/etcd" out="$2" mod="go.etcd.io/etcd/server/v3" v="v${ETCD_VERSION}"
+  local work="$1/etcd" out="$2/bin" mod="go.etcd.io/etcd/server/v3" v="v${ETCD_VERSION}"
+  log "building etcd with $(go env GOVERSION)"
+  mkdir -p "$out"
   log "etcd ${v}: resolving ${mod}"
   {
     upstream_mod "$mod" "$v" | go_directives
@@ -85,6 +108,21 @@ build_etcd() {
   } | write_wrapper "$work" "enhanced-locking.build/etcd"
   log "etcd ${v}: compiling"
   wrapper_build "$work" -ldflags "-s -w" -o "$out/etcd" "$mod"
+  "$out/etcd" --version >/dev/null
+}
+
+# True when the cache directory $1 holds etcd.
+etcd_complete() {
+  [[ -x "$1/bin/etcd" ]]
+}
+
+# etcd, cached on its own (its build holds its own lock: the full build, holding the control
+# plane's, runs this script with --etcd and copies the result).
+ensure_etcd() {
+  if [[ "$FORCE" != 1 ]] && [[ -x "$(etcd_bin_dir)/etcd" ]]; then
+    return
+  fi
+  cached_build etcd "$(cache_root)/$(etcd_key)" etcd_complete build_etcd etcd
 }
 
 build_kubernetes() {
@@ -166,12 +204,15 @@ smoke_test() {
   "$out/helm" version --short >/dev/null
 }
 
-# Compiles every binary in $1 into $2/bin, then runs each once.
+# Compiles every binary in $1 into $2/bin (etcd through its own cache), then runs each once.
 build_all() {
   local src="$1" out="$2/bin"
   log "building with $(go env GOVERSION) (takes many minutes the first time)"
   mkdir -p "$out"
-  build_etcd "$src" "$out"
+  local etcd_only=(--etcd)
+  [[ "$FORCE" != 1 ]] || etcd_only+=(--force)
+  "${BASH_SOURCE[0]}" "${etcd_only[@]}"
+  cp "$(etcd_bin_dir)/etcd" "$out/etcd"
   build_kubernetes "$src" "$out"
   build_helm "$src" "$out"
   smoke_test "$out"
@@ -183,10 +224,11 @@ complete_key() {
 }
 
 main() {
-  local print_only=0
+  local print_only=0 etcd_only=0
   FORCE=0
   while [[ $# -gt 0 ]]; do
     case "$1" in
+      --etcd) etcd_only=1 ;;
       --print-bin-dir) print_only=1 ;;
       --force) FORCE=1 ;;
       -h | --help)
@@ -197,14 +239,27 @@ main() {
     esac
     shift
   done
+  if [[ "$print_only" == 1 && "$etcd_only" == 1 ]]; then
+    etcd_bin_dir
+    return
+  fi
   if [[ "$print_only" == 1 ]]; then
     bin_dir
+    return
+  fi
+  if [[ -n "${ENHANCED_LOCKING_K8S_BIN:-}" && "$etcd_only" == 1 ]]; then
+    [[ -x "${ENHANCED_LOCKING_K8S_BIN}/etcd" ]] ||
+      die "ENHANCED_LOCKING_K8S_BIN=${ENHANCED_LOCKING_K8S_BIN} lacks etcd"
     return
   fi
   if [[ -n "${ENHANCED_LOCKING_K8S_BIN:-}" ]]; then
     complete_in "${ENHANCED_LOCKING_K8S_BIN}" ||
       die "ENHANCED_LOCKING_K8S_BIN=${ENHANCED_LOCKING_K8S_BIN} lacks one of: ${BINARIES[*]}"
     log "using ENHANCED_LOCKING_K8S_BIN=${ENHANCED_LOCKING_K8S_BIN}"
+    return
+  fi
+  if [[ "$etcd_only" == 1 ]]; then
+    ensure_etcd
     return
   fi
   if [[ "$FORCE" != 1 ]] && complete_in "$(bin_dir)"; then

@@ -16,6 +16,7 @@ tests never pass by skipping their real parts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -31,6 +32,11 @@ _REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(_REPO_ROOT) not in sys.path:  # `tests.support` without an installed package
     sys.path.insert(0, str(_REPO_ROOT))
 
+from tests.support.background_builds import (  # noqa: E402
+    BackgroundBuild,
+    BackgroundBuildFailed,
+    await_build,
+)
 from tests.support.controlplane import (  # noqa: E402
     ALL_BINARIES,
     BinariesMissing,
@@ -54,6 +60,28 @@ def _report(config: pytest.Config, message: str) -> None:
         return
     with capture.global_and_fixture_disabled():
         reporter.write_line(message)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Waits here, before any test's time limit runs, for the control-plane build that
+    ``make test`` runs in the background while the earlier tiers run (if it still does).
+
+    A failed build is reported by ``kube_cluster``, which fails each test that needs it.
+    """
+    here = Path(__file__).parent
+    local = os.environ.get("E2E_CLUSTER", "local") == "local"
+    if not local or not any(here in Path(item.path).parents for item in session.items):
+        return
+
+    def waiting(build: BackgroundBuild) -> None:
+        _report(session.config, f"\nwaiting for the control-plane build (log: {build.log})")
+
+    began = time.monotonic()
+    with contextlib.suppress(BackgroundBuildFailed):
+        await_build("control-plane", waiting=waiting)
+    if time.monotonic() - began > 1:
+        _report(session.config, f"waited {time.monotonic() - began:.0f}s for the control plane")
 
 
 def _binaries(names: Sequence[str]) -> Path:

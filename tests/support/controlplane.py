@@ -48,6 +48,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from tests.support.background_builds import BackgroundBuildFailed, await_build
 from tests.support.child import dying_with_parent
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -106,10 +107,32 @@ def bin_dir(env: Mapping[str, str] = os.environ) -> Path:
     return cache_root(env) / key / "bin"
 
 
+def etcd_bin_dir(env: Mapping[str, str] = os.environ) -> Path:
+    """Where etcd is: with the other binaries if they hold it, else etcd's own cache (which
+    ``make etcd`` fills before the rest is built), as ``hack/build-control-plane.sh`` says."""
+    directory = bin_dir(env)
+    if env.get("ENHANCED_LOCKING_K8S_BIN") or os.access(directory / "etcd", os.X_OK):
+        return directory
+    return cache_root(env) / f"etcd-{read_versions()['ETCD_VERSION']}" / "bin"
+
+
+def _missing(directory: Path, required: Iterable[str]) -> list[str]:
+    return [name for name in required if not os.access(directory / name, os.X_OK)]
+
+
 def find_binaries(required: Iterable[str] = CONTROL_PLANE_BINARIES) -> Path:
-    """Returns the binary directory, or raises :class:`BinariesMissing` saying how to build."""
+    """Returns the binary directory, or raises :class:`BinariesMissing` saying how to build.
+
+    While ``make test`` builds the control plane in the background, this waits for that build.
+    """
+    required = tuple(required)
     directory = bin_dir()
-    missing = [name for name in required if not os.access(directory / name, os.X_OK)]
+    if _missing(directory, required) and not os.environ.get("ENHANCED_LOCKING_K8S_BIN"):
+        try:
+            await_build("control-plane")
+        except BackgroundBuildFailed as error:
+            raise BinariesMissing(str(error)) from None
+    missing = _missing(directory, required)
     if missing:
         raise BinariesMissing(
             f"Kubernetes control-plane binaries missing from {directory}: {', '.join(missing)}. "
@@ -118,6 +141,18 @@ def find_binaries(required: Iterable[str] = CONTROL_PLANE_BINARIES) -> Path:
             "or point ENHANCED_LOCKING_K8S_BIN at a directory that holds them."
         )
     return directory
+
+
+def find_etcd() -> Path:
+    """The etcd binary, or raises :class:`BinariesMissing` saying how to build it."""
+    directory = etcd_bin_dir()
+    if not os.access(directory / "etcd", os.X_OK):
+        raise BinariesMissing(
+            f"etcd missing from {directory}. Build it once per machine with `make etcd` "
+            f"(`{BUILD_SCRIPT} --etcd`; `make control-plane` builds it too), or point "
+            "ENHANCED_LOCKING_K8S_BIN at a directory that holds it."
+        )
+    return directory / "etcd"
 
 
 # --------------------------------------------------------------------------

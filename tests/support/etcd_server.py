@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.support.controlplane import BinariesMissing, Process, find_binaries, free_ports
+from tests.support.controlplane import BinariesMissing, Process, find_etcd, free_ports
 
 __all__ = ["EtcdCluster", "EtcdMember", "EtcdServerError", "frozen"]
 
@@ -60,7 +60,7 @@ class EtcdCluster:
 
     def __post_init__(self) -> None:
         try:
-            self.binary = find_binaries(("etcd",)) / "etcd"
+            self.binary = find_etcd()
         except BinariesMissing as error:
             raise EtcdServerError(str(error)) from None
         ports = free_ports(2 * self.members_count)

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# `make test`: every tier, with the slow builds running while the tests that do not need them do.
+#
+# On a fresh machine the Kubernetes binaries and Atlantis take many minutes to compile, and
+# only the e2e tier (the control plane, helm) and the Go tests (Atlantis) need them. So, with
+# etcd already built (a prerequisite of `make test`: the unit and integration tests' store):
+#
+#   1. hack/build-control-plane.sh, then hack/build-atlantis.sh, start in the background,
+#      niced, their output to build/test-builds/<name>.log;
+#   2. the unit and integration tiers run meanwhile;
+#   3. the e2e tier runs: its fixtures wait for the control-plane build if it is still running
+#      (tests/support/background_builds.py) and fail naming its log if it failed;
+#   4. once the Atlantis build is done, the Go tests.
+#
+# A build that fails fails `make test`, its log's tail printed; one that succeeds prints one
+# line. A build still running when a tier fails is stopped. Each build holds its cache's lock
+# (hack/lib.sh), so it never races another build of the same cache: it waits for it.
+#
+# Usage: hack/test-all.sh   (from the Makefile: VENV and MAKE name the venv and make)
+set -euo pipefail
+
+# shellcheck disable=SC2034  # read by lib.sh's log
+LOG_NAME="test"
+# shellcheck source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+cd "$REPO_ROOT"
+PYTEST=("${VENV:-.venv}/bin/python" -m pytest)
+BUILDS=(control-plane atlantis)
+
+# The directory the background builds report in, read by the tests' support code: for each
+# build, <name>.log from the start, then <name>.status with its exit status when it ends.
+export ENHANCED_LOCKING_BUILD_LOGS="${REPO_ROOT}/build/test-builds"
+rm -rf "$ENHANCED_LOCKING_BUILD_LOGS"
+mkdir -p "$ENHANCED_LOCKING_BUILD_LOGS"
+
+# Every build's log exists from the start: a test that needs one waits for it even while an
+# earlier one still runs.
+for name in "${BUILDS[@]}"; do
+  : >"$ENHANCED_LOCKING_BUILD_LOGS/${name}.log"
+done
+# The builds run one after the other (the control plane first: the e2e tier comes before the
+# Go tests) in a process group of their own, so that they can be stopped together.
+setsid nice -n 10 bash -c '
+  for name in "$@"; do
+    started="$SECONDS"
+    status=0
+    "hack/build-${name}.sh" >"$ENHANCED_LOCKING_BUILD_LOGS/${name}.log" 2>&1 || status=$?
+    echo "$((SECONDS - started))" >"$ENHANCED_LOCKING_BUILD_LOGS/${name}.seconds"
+    echo "$status" >"$ENHANCED_LOCKING_BUILD_LOGS/${name}.status"
+  done' background-builds "${BUILDS[@]}" &
+builder=$!
+echo "$builder" >"$ENHANCED_LOCKING_BUILD_LOGS/builder.pid"
+log "building ${BUILDS[*]} in the background (logs: build/test-builds/)"
+
+stop_builder() {
+  if kill -0 "$builder" 2>/dev/null; then
+    log "stopping the background builds (the tests failed or were interrupted)"
+    kill -TERM -- "-$builder" 2>/dev/null || true
+    wait "$builder" 2>/dev/null || true
+  fi
+}
+trap stop_builder EXIT
+
+# await NAME: waits for the background build NAME; one line if it succeeded, else the tail of
+# its log and how to build it by hand, and a failure.
+await() {
+  local name="$1" logfile="$ENHANCED_LOCKING_BUILD_LOGS/$1.log"
+  local status_file="$ENHANCED_LOCKING_BUILD_LOGS/$1.status"
+  if [[ ! -e "$status_file" ]]; then
+    log "waiting for the background build of ${name}"
+    while [[ ! -e "$status_file" ]] && kill -0 "$builder" 2>/dev/null; do
+      sleep 2
+    done
+  fi
+  local status
+  status="$(cat "$status_file" 2>/dev/null || echo "none (the build was killed)")"
+  if [[ "$status" == 0 ]]; then
+    log "${name}: ready (built in $(cat "$ENHANCED_LOCKING_BUILD_LOGS/$1.seconds")s in the background; log: ${logfile#"$REPO_ROOT"/})"
+    return
+  fi
+  tail -n 40 "$logfile" >&2 || true
+  die "the background build of ${name} failed (exit status ${status}); its log: ${logfile#"$REPO_ROOT"/}; build it by hand: make ${name}"
+}
+
+"${PYTEST[@]}" tests/unit tests/integration
+"${PYTEST[@]}" tests/e2e
+for name in "${BUILDS[@]}"; do
+  await "$name"
+done
+"${MAKE:-make}" test-go
