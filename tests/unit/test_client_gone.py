@@ -896,3 +896,40 @@ async def test_a_first_request_whose_client_goes_as_its_retrys_grant_comes_gives
         assert retry_sent == [(200, False)], retry_sent
         held = await router.get(holder.key)
         assert held is not None and held.pull.num == 2, "the retry's lock was given back"
+
+
+async def test_a_grant_given_back_for_a_gone_client_leaves_a_newer_hold_of_its_pull_held(
+    make_service: ServiceMaker, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pull 2's fail-fast acquire is granted, and its client is gone as the answer goes out.
+    Before the route's give-back reaches the store, the grant was let go and the same pull
+    holds the key again under a new fencing token (a retry of the request, say, answered
+    fresh). The give-back frees only the hold it was answered with: the newer one stays, and
+    the trail says the answered one was not held (``not-owned``). Before, the give-back
+    released by owner alone and freed the newer hold."""
+    async with _served(make_service) as (service, trail, app):
+        router = service.router
+        release = router.release
+        newer: list[Any] = []
+
+        async def held_again(key: str, **how: Any) -> Any:
+            # The answered grant goes, and the pull takes the key again, before the give-back.
+            await release(key, owner=(REPO, 2))
+            again = await router.acquire(request_for(repo=REPO, path="net", project="net",
+                                                     pull=2))
+            assert again.acquired and again.fresh and again.lock is not None, again
+            newer.append(again.lock)
+            return await release(key, **how)
+
+        monkeypatch.setattr(router, "release", held_again)
+        gone, sent = asyncio.Event(), list[tuple[int, bool]]()
+        gone.set()  # the client is gone as the answer goes out
+        await asyncio.wait_for(_post(app, BODY, gone, sent), 10)
+        monkeypatch.setattr(router, "release", release)
+        assert newer, "the route gave nothing back"
+        assert sent and sent[0][0] == 499, sent
+        held = await router.get(newer[0].key)
+        assert held is not None and held.fencing_token == newer[0].fencing_token, (
+            "the give-back freed the pull's newer hold")
+        last = await _last_of_pull_2(trail)
+        assert (last.action, last.outcome, last.status) == ("release", "not-owned", 499), last

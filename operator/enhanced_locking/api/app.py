@@ -190,7 +190,10 @@ def create_app(
             return []
         owner = (request.project.repo_full_name, request.pull.num)
         try:
-            await asyncio.shield(router.release(answer.lock.key, owner=owner))
+            # By its fencing token: a retry of the request may hold the key again for the
+            # same pull under a new token, which is not this answer's to free.
+            await asyncio.shield(router.release(answer.lock.key, owner=owner,
+                                                token=answer.lock.fencing_token))
         except LockingError as error:  # freed or taken meanwhile, or the store failed
             log.warning("could not give back %s (its client left before the answer): %s",
                         answer.lock.key, error)

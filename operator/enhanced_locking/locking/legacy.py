@@ -48,7 +48,10 @@ class LegacyLocker(AtlantisCalls):
 
     # The store's own coroutines, not ones that await them: the router asks the legacy side
     # three times per lock pair (before and after a grant, and on release), a frame each.
-    def release(self, key: str, *, owner: Owner | None = None) -> Coroutine[Any, Any, Lock | None]:
+    def release(self, key: str, *, owner: Owner | None = None,
+                token: int | None = None) -> Coroutine[Any, Any, Lock | None]:
+        # Atlantis's locks have no fencing token (each is stored with 0): ``token`` picks out
+        # nothing here, the release is by owner as Atlantis's.
         return self.backend.release(key, owner=owner)
 
     def get(self, key: str) -> Coroutine[Any, Any, Lock | None]:

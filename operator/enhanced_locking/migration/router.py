@@ -384,13 +384,17 @@ class Router(AtlantisCalls):
             return result
         return AcquireResult.refused(request.key, Reason.UNAVAILABLE)
 
-    def release(self, key: str, *, owner: Owner | None = None) -> Coroutine[Any, Any, Lock | None]:
+    def release(self, key: str, *, owner: Owner | None = None,
+                token: int | None = None) -> Coroutine[Any, Any, Lock | None]:
+        """Free ``key`` on whichever side holds it; with ``token`` the enhanced side frees only
+        the hold with that fencing token (legacy's holds have none: released by owner)."""
         if self._enhanced() is None:  # never enabled here: only legacy can hold it
             # Legacy's own coroutine, not one that awaits it: the router adds no frame.
             return self.legacy.release(key, owner=owner)
-        return self._release_both(key, owner)
+        return self._release_both(key, owner, token)
 
-    async def _release_both(self, key: str, owner: Owner | None) -> Lock | None:
+    async def _release_both(self, key: str, owner: Owner | None,
+                            token: int | None = None) -> Lock | None:
         outcomes: list[Lock | LockNotOwned | BackendUnavailable | None] = []
         enhanced = self.enhanced
         namespace = None if enhanced is None else self._legacy_checked_by(enhanced, key)
@@ -401,7 +405,7 @@ class Router(AtlantisCalls):
             # An outage of the enhanced side is weighed as when legacy was asked first.
             try:
                 with checking_other_side(namespace, key):
-                    released = await enhanced.release(key, owner=owner)
+                    released = await enhanced.release(key, owner=owner, token=token)
             except OtherSideHolds:
                 pass
             except LockNotOwned as error:
@@ -415,7 +419,7 @@ class Router(AtlantisCalls):
                     self.migration.after_release(key, owner, released=released)
                 return released
         if not outcomes:
-            outcomes = [await self._released_on(locker, key, owner)
+            outcomes = [await self._released_on(locker, key, owner, token)
                         for locker in self._lockers()]
         released = None
         failure: LockNotOwned | BackendUnavailable | None = None
@@ -440,11 +444,11 @@ class Router(AtlantisCalls):
 
     @staticmethod
     async def _released_on(
-        locker: Locker, key: str, owner: Owner | None
+        locker: Locker, key: str, owner: Owner | None, token: int | None = None
     ) -> Lock | LockNotOwned | BackendUnavailable | None:
         """What releasing ``key`` on ``locker`` released, or the error it answered."""
         try:
-            return await locker.release(key, owner=owner)
+            return await locker.release(key, owner=owner, token=token)
         except (LockNotOwned, BackendUnavailable) as error:
             return error
 
