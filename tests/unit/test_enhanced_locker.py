@@ -306,6 +306,49 @@ async def test_a_first_caller_cancelled_as_the_retrys_grant_arrives_leaves_it_he
     assert held is not None and held.fencing_token == answer.lock.fencing_token, held
 
 
+async def test_a_first_callers_deadline_after_its_retry_took_the_waiter_over_leaves_it_queued(
+    rigs: Callable[..., LockerRig], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pull 2's acquire with a ``requestId`` waits behind pull 1; the same request, sent
+    again, takes the waiter over, and then the first caller's deadline fires (its wait held
+    until the retry's began, then given a twentieth of a second). The first caller is answered
+    ``timeout``; the retry keeps its waiter, and the holder's release grants it. Before, the
+    timeout's cancel named no caller and took the retry's waiter out of the queue."""
+    rig = rigs()
+    await rig.locker.acquire(ask(1))
+    await_turn = queueing.await_turn
+    retry_waits, calls = asyncio.Event(), 0
+
+    async def first_ends_first(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:  # the first caller: its deadline fires once the retry waits
+            await retry_waits.wait()
+            kwargs["seconds"] = 0.05
+        else:
+            retry_waits.set()
+        return await await_turn(*args, **kwargs)
+
+    monkeypatch.setattr(queueing, "await_turn", first_ends_first)
+    asked = ask(2, wait=30 * S).model_copy(update={"request_id": "job-15"})
+    first = rig.spawn(rig.locker.acquire(asked))
+    for _ in range(500):  # the first caller is queued before the retry is sent
+        if await rig.locker.queue(ask(1).key):
+            break
+        await asyncio.sleep(0.01)
+    retry = rig.spawn(rig.locker.acquire(asked))
+    timed_out = await asyncio.wait_for(first, 60)
+    assert not timed_out.acquired and timed_out.reason is Reason.TIMEOUT, timed_out
+    await settle()
+    assert not retry.done(), f"the retry's wait ended: {retry.result()}"
+    assert len(await rig.locker.queue(ask(1).key)) == 1, "the retry's waiter was withdrawn"
+    await rig.locker.release(ask(1).key)  # grants the retry's waiter
+    answer = await asyncio.wait_for(retry, 60)
+    assert answer.acquired and answer.fresh and answer.lock is not None, answer
+    held = await rig.locker.get(ask(1).key)
+    assert held is not None and held.fencing_token == answer.lock.fencing_token, held
+
+
 async def test_of_two_callers_of_one_granted_waiter_only_its_owner_is_answered_fresh(
     rigs: Callable[..., LockerRig], monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -112,7 +112,9 @@ async def await_turn(
         try:
             notice = _owned(await asyncio.wait_for(asyncio.shield(future), seconds), caller)
         except TimeoutError:
-            cancelled = await backend.cancel(key, waiter.id, reason=Reason.TIMEOUT)
+            # Only if this caller still owns the waiter: a retry that took it over keeps it.
+            cancelled = await backend.cancel(key, waiter.id, reason=Reason.TIMEOUT,
+                                             caller=caller)
             if cancelled.granted:
                 granted_to = cancelled.waiter.caller if cancelled.waiter is not None else ""
                 return _owned(Notice(locks=cancelled.granted, fresh=cancelled.fresh,
