@@ -5,12 +5,14 @@ calls) and passes every call to it, except those it is told to lose: the first `
 of them are applied by etcd and their answers lost (a member that applied the write, then
 froze); after those, the next ``unanswered`` reach nothing (each fails 0.2 s later), and the
 next ``refused`` fail at once as a call that cannot be served (not sent again by the call).
-A lost answer is what a call past its deadline raises.
+A lost answer is what a call past its deadline raises. Each call of those it loses is kept
+with its arguments by name (``arguments``), to tell what every attempt carried.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -36,6 +38,8 @@ class LostAnswers:
         self.refused = refused
         self.sent = 0
         """Calls made of those named in ``losing``."""
+        self.arguments: list[dict[str, Any]] = []
+        """Each of those calls' arguments, by parameter name (defaults filled in)."""
 
     def __getattr__(self, name: str) -> Any:
         call = getattr(self._real, name)
@@ -46,6 +50,9 @@ class LostAnswers:
     async def _astray(self, call: Callable[..., Awaitable[Any]], *args: Any,
                       **options: Any) -> Any:
         self.sent += 1
+        bound = inspect.signature(call).bind(*args, **options)
+        bound.apply_defaults()
+        self.arguments.append(dict(bound.arguments))
         if self.applied:
             self.applied -= 1
             await call(*args, **options)
