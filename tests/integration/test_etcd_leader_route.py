@@ -34,9 +34,11 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from etcd3aio._protobuf import TxnRequest
+from etcd3aio.auth import AuthService
 from tests.support.etcd_fixtures import auth_on, grant
 from tests.support.etcd_server import EtcdCluster, EtcdMember, frozen
 from tests.support.locks import candidate_for, request_for
@@ -44,6 +46,7 @@ from tests.support.lost_answers import LostAnswers
 
 from enhanced_locking.backends import etcd_store
 from enhanced_locking.backends.etcd_connection import (
+    ATTEMPT_TIMEOUT,
     CALL_TIMEOUT,
     DOWN,
     ROUTE_TIMEOUT,
@@ -216,6 +219,69 @@ async def test_with_auth_on_the_leader_is_found_and_the_route_carries_the_token(
         await store.ping()
     finally:
         await store.close()
+
+
+def counted_logins(monkeypatch: pytest.MonkeyPatch) -> list[float | None]:
+    """Every ``Authenticate`` sent from now on, by the deadline it was sent with."""
+    sent: list[float | None] = []
+    authenticate = AuthService.authenticate
+
+    async def counted(service: AuthService, name: str, password: str,
+                      **options: Any) -> Any:
+        sent.append(options.get("timeout"))
+        return await authenticate(service, name, password, **options)
+
+    monkeypatch.setattr(AuthService, "authenticate", counted)
+    return sent
+
+
+async def test_a_first_login_sent_to_a_frozen_member_fails_the_connect(
+    three: EtcdCluster, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The login (the first call of a connection with a user) was sent with no deadline: on
+    # a frozen member the connect waited for ever. It has the call's deadline now, and the
+    # connect fails as any call does.
+    await auth_on(three, password="root-secret")
+    member = three.members[0]
+    connection = EtcdConnection(EtcdSettings(endpoints=(member.endpoint,), username="root",
+                                             password="root-secret"))
+    sent = counted_logins(monkeypatch)
+    try:
+        with frozen(member), pytest.raises(BackendUnavailable, match="connect failed"):
+            await connection.client()
+        # one endpoint: one attempt, with the call's time (what is left of it)
+        assert len(sent) == 1 and sent[0] is not None and sent[0] <= CALL_TIMEOUT, sent
+        monkeypatch.undo()
+        client = await connection.client()  # thawed: the next connect logs in
+        assert client.kv is not None
+        await client.kv.get(b"/route/after-login")
+    finally:
+        await connection.close()
+
+
+async def test_a_first_login_with_every_member_frozen_is_sent_again_then_fails(
+    three: EtcdCluster, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # With several members a login is sent as a read is: attempts of ATTEMPT_TIMEOUT, each
+    # one that times out sent again (the round gives it to the next member) within the
+    # call's time. With all of them frozen, every attempt is lost and the connect fails.
+    await auth_on(three, password="root-secret")
+    connection = EtcdConnection(EtcdSettings(endpoints=tuple(three.endpoints),
+                                             username="root", password="root-secret"))
+    sent = counted_logins(monkeypatch)
+    try:
+        with contextlib.ExitStack() as stack:
+            for member in three.members:
+                stack.enter_context(frozen(member))
+            with pytest.raises(BackendUnavailable, match="connect failed"):
+                await connection.client()
+        assert len(sent) >= 2, sent
+        assert all(deadline is not None and deadline <= ATTEMPT_TIMEOUT for deadline in sent)
+        monkeypatch.undo()
+        await pairs_again(EtcdBackend(connection, prefix="/route-login/"),
+                          "no pair after the members thawed")
+    finally:
+        await connection.close()
 
 
 async def test_a_connection_that_sends_no_transaction_does_not_look_for_the_leader(

@@ -385,7 +385,7 @@ class EtcdConnection:
                 await client.connect()
                 if s.username:
                     await stack.enter_async_context(
-                        client.token_refresher(s.username, s.password))
+                        _logged_in(self, client, several=len(targets) > 1))
             except BaseException as error:
                 await _shut(client)
                 if isinstance(error, asyncio.CancelledError) and not _cancelled():
@@ -697,6 +697,68 @@ def _cancelled() -> bool:
     """Whether the running task itself is being cancelled (not a call cancelled under it)."""
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
+
+
+TOKEN_REFRESH = 240.0
+"""Seconds between the logins that keep the auth token fresh (etcd's simple tokens last five
+minutes unless told otherwise)."""
+
+
+@contextlib.asynccontextmanager
+async def _logged_in(connection: EtcdConnection, client: etcd3aio.Etcd3Client, *,
+                     several: bool) -> AsyncIterator[None]:
+    """``client`` logged in as the settings' user for the block, its token renewed every
+    ``TOKEN_REFRESH`` seconds by a task (``token-refresher``), then cleared. etcd3aio's own
+    refresher sends ``Authenticate`` with no deadline: the first login, inside
+    :meth:`EtcdConnection.client`, landing on a frozen member left the connect waiting for
+    ever. Each login here is sent as a read is (:func:`_login`)."""
+    client.set_token(await _login(connection, client, several=several))
+
+    async def refresh() -> None:
+        while True:
+            await asyncio.sleep(TOKEN_REFRESH)
+            try:
+                client.set_token(await _login(connection, client, several=several))
+            except DOWN as error:  # the token had a minute left; the next login may do
+                log.warning("etcd %s: token refresh failed (%s)", connection.where,
+                            _reason(error))
+
+    refresher = asyncio.create_task(refresh(), name="token-refresher")
+    try:
+        yield
+    finally:
+        refresher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await refresher
+        client.set_token(None)
+
+
+async def _login(connection: EtcdConnection, client: etcd3aio.Etcd3Client, *,
+                 several: bool) -> str:
+    """A token for the settings' user, within the call's ``CALL_TIMEOUT``. With ``several``
+    members a login (which writes nothing that matters: each one hands out a token) is sent
+    in attempts of ``ATTEMPT_TIMEOUT``, and one that timed out or was refused is sent again,
+    the round giving it to the next member, as a read is (:func:`leader_first`); with one
+    endpoint, one attempt of ``CALL_TIMEOUT``. A refused password is not sent again."""
+    assert client.auth is not None
+    settings = connection.settings
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + CALL_TIMEOUT
+    while True:
+        left = max(give_up - loop.time(), 0.1)
+        try:
+            answer = await client.auth.authenticate(
+                settings.username, settings.password,
+                timeout=min(ATTEMPT_TIMEOUT if several else CALL_TIMEOUT, left),
+                max_attempts=1)
+            return str(answer.token)
+        except DOWN as error:
+            timed_out = _timed_out(error)
+            if (not several or not (timed_out or _refused(error))
+                    or loop.time() + AGAIN_PAUSE + ATTEMPT_TIMEOUT > give_up):
+                raise
+            if not timed_out:
+                await asyncio.sleep(AGAIN_PAUSE)
 
 
 async def _shut(client: etcd3aio.Etcd3Client) -> None:
