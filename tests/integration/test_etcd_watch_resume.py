@@ -31,6 +31,7 @@ from typing import Any
 import etcd3aio
 import grpc
 import pytest
+from tests.support.etcd_asks import Asking
 from tests.support.etcd_fixtures import auth_on, etcd_config, started
 from tests.support.etcd_server import EtcdCluster, EtcdMember, frozen
 
@@ -549,28 +550,6 @@ async def test_a_close_while_the_client_logs_in_leaves_nothing_open(tmp_path: Pa
         finally:
             await asyncio.wait([connecting])
             await connection.close()
-
-
-class Asking(EtcdConnection):
-    """A connection that keeps each ``Status`` it asks an endpoint, and how it ended, in
-    order: ``("asked", endpoint)``, then ``("answered" | "failed" | "cancelled", endpoint)``."""
-
-    def __init__(self, settings: EtcdSettings) -> None:
-        super().__init__(settings)
-        self.asks: list[tuple[str, str]] = []
-
-    async def _status(self, target: str) -> Any | None:
-        self.asks.append(("asked", target))
-        try:
-            status = await super()._status(target)
-        except asyncio.CancelledError:
-            self.asks.append(("cancelled", target))
-            raise
-        except BaseException:
-            self.asks.append(("failed", target))
-            raise
-        self.asks.append(("answered", target))
-        return status
 
 
 async def test_a_move_asks_every_endpoint_at_once_and_passes_over_a_frozen_one(

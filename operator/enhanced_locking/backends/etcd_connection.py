@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import ipaddress
 import logging
 import socket
@@ -106,7 +107,9 @@ watch, still waits for the endpoints before it in turn that have not answered ye
 endpoint is asked at once, :meth:`EtcdConnection.turn_besides`): a member that answers
 ``Status`` this much later than another (on loopback a live member answers within a few
 milliseconds) is passed over as a frozen one is, rather than cost the move its
-``STATUS_TIMEOUT``."""
+``STATUS_TIMEOUT``. The search for the leader, which also asks every endpoint at once, waits
+this much after the first claim to lead for the endpoints that have not answered yet
+(:meth:`EtcdConnection._find_leader`)."""
 REQUIRE_LEADER = ("hasleader", "true")
 """The gRPC metadata (etcd's ``rpctypes.MetadataRequireLeaderKey`` and ``MetadataHasLeader``,
 what its Go client's ``WithRequireLeader`` sends) with which a member refuses a watch while it
@@ -559,19 +562,27 @@ class EtcdConnection:
         if not member_id or not self.several_members:
             return turn
         count = len(self._targets)
-        asks = [asyncio.ensure_future(self._answer(self._targets[(turn + step) % count]))
-                for step in range(count)]
-        try:
+        async with self._asking([self._targets[(turn + step) % count]
+                                 for step in range(count)]) as asks:
             step = await _first_in_turn(
                 asks, lambda status: _other(status, member_id) and bool(status.leader))
             if step is None:  # every ask ended: none has a leader (an election), or none other
                 step = next((step for step, ask in enumerate(asks)
                              if _other(ask.result(), member_id)), 0)
+        return turn + step
+
+    @contextlib.asynccontextmanager
+    async def _asking(self, targets: Sequence[str]) -> AsyncIterator[list[asyncio.Task[Any]]]:
+        """``Status`` asked of every endpoint of ``targets`` at once (:meth:`_answer`, in
+        that order); the asks still out at the end are cancelled and awaited, so none is left
+        pending (a search or move cancelled by :meth:`close` ends them too)."""
+        asks = [asyncio.ensure_future(self._answer(target)) for target in targets]
+        try:
+            yield asks
         finally:
             for ask in asks:
                 ask.cancel()
             await asyncio.wait(asks)
-        return turn + step
 
     async def _answer(self, target: str) -> Any | None:
         """``Status`` of endpoint ``target``, or ``None`` if it does not answer (down,
@@ -605,27 +616,43 @@ class EtcdConnection:
                 self._looking = asyncio.ensure_future(self._find_leader())
 
     async def _find_leader(self) -> None:
-        """Ask each endpoint whether it leads; route the transactions to the one that does."""
+        """Ask every endpoint at once whether it leads; route the transactions to the one
+        that does.
+
+        A claim counts when the member says it leads (``status.leader`` is its own
+        ``header.member_id``) in a raft term no older than the one already known
+        (``_term``): a former leader cut off from the others may still say it leads, in its
+        old term, while the others have elected a new one. The claims are taken once every
+        ask has answered or failed, or ``STATUS_PREFER`` after the first claim came while an
+        ask is still out (a frozen member, a host that drops packets: before, the endpoints
+        were asked one after the other, and each such endpoint listed before the leader cost
+        the round its whole ``STATUS_TIMEOUT`` while the transactions stayed on the balanced
+        channel); of those, the one in the highest term is routed to (two claims in one
+        term cannot both be true; the first in endpoint order is taken). The asks still out
+        are then cancelled and awaited. Without a claim, up to ``LEADER_LOOKS`` rounds,
+        ``LEADER_PAUSE`` apart."""
         for attempt in range(LEADER_LOOKS):
             client = self._client
             if client is None:
                 return
-            for target in self._targets:
-                try:
-                    status = await self._status(target)
-                except DOWN:
-                    continue
-                if status is None:
-                    return  # closed meanwhile
-                if status.leader and status.leader == status.header.member_id:
-                    member = self._members.get(target)
+            targets = list(self._targets)
+            claims = functools.partial(_leads, term=self._term)
+            async with self._asking(targets) as asks:
+                if await _first_in_turn(asks, claims, in_turn=False) is not None:
+                    claimed = [step for step, ask in enumerate(asks)
+                               if ask.done() and claims(ask.result())]
+                    step = max(claimed, key=lambda step: int(asks[step].result().header.raft_term))
+                    term = int(asks[step].result().header.raft_term)
+                    member = self._members.get(targets[step])
                     if self._client is client and member is not None:
-                        if self.leader != target:
+                        if self.leader != targets[step]:
                             self.leader_changes += 1
                         self.txn, self.leader = TxnCall(
-                            client, via=member, flying=self._flying), target
-                        self._term = max(self._term, int(status.header.raft_term))
+                            client, via=member, flying=self._flying), targets[step]
+                        self._term = max(self._term, term)
                     return
+            if self._client is not client:
+                return  # closed meanwhile
             if attempt + 1 < LEADER_LOOKS:
                 await asyncio.sleep(LEADER_PAUSE)
 
@@ -1018,19 +1045,28 @@ def _other(status: Any | None, member_id: int) -> bool:
     return status is not None and int(status.header.member_id) not in (0, member_id)
 
 
+def _leads(status: Any | None, *, term: int) -> bool:
+    """Whether ``status`` (an endpoint's answer, ``None``: none) says its member leads, in a
+    raft term no older than ``term`` (see :meth:`EtcdConnection._find_leader`)."""
+    return (status is not None and bool(status.leader)
+            and status.leader == status.header.member_id
+            and int(status.header.raft_term) >= term)
+
+
 async def _first_in_turn(asks: Sequence[asyncio.Future[Any]],
-                         good: Callable[[Any], bool]) -> int | None:
+                         good: Callable[[Any], bool], *, in_turn: bool = True) -> int | None:
     """The index of the first of ``asks`` (in turn order) whose answer is ``good``: once
     every ask before it has ended, or ``STATUS_PREFER`` seconds after such an answer came
     while one before it has not; ``None`` once every ask has ended and none is ``good``.
-    Cancels none of them."""
+    Not ``in_turn`` (the leader search, which weighs every good answer): once every ask has
+    ended, or ``STATUS_PREFER`` after the first good answer came. Cancels none of them."""
     loop = asyncio.get_running_loop()
     until: float | None = None  # when a good answer stops waiting for those before it
     while True:
         first = next((step for step, ask in enumerate(asks)
                       if ask.done() and good(ask.result())), None)
         if first is not None:
-            if all(ask.done() for ask in asks[:first]):
+            if all(ask.done() for ask in (asks[:first] if in_turn else asks)):
                 return first
             if until is None:
                 until = loop.time() + STATUS_PREFER
