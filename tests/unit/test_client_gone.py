@@ -16,6 +16,7 @@ import select
 import socket
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import h11
@@ -25,6 +26,7 @@ from tests.conftest import ServiceMaker
 from tests.support.locks import request_for
 from tests.support.queues import waits_begun
 from tests.support.redis_fixtures import ServerMaker
+from tests.support.replicas import ReplicaSet, request_in_buckets
 from uvicorn.protocols.http import h11_impl, httptools_impl
 from uvicorn.protocols.http.flow_control import FlowControl
 
@@ -41,6 +43,7 @@ from enhanced_locking.factory import LockService
 from enhanced_locking.locking import queueing
 from enhanced_locking.locking.visibility import WaitView
 from enhanced_locking.migration import Router
+from enhanced_locking.migration.routing_registry import MemoryRoutingRegistry
 from enhanced_locking.types import AuditEntry, BackendUnavailable, LockRequest
 
 REPO = "acme/gone"
@@ -933,3 +936,37 @@ async def test_a_grant_given_back_for_a_gone_client_leaves_a_newer_hold_of_its_p
             "the give-back freed the pull's newer hold")
         last = await _last_of_pull_2(trail)
         assert (last.action, last.outcome, last.status) == ("release", "not-owned", 499), last
+
+
+async def test_a_grant_on_both_sides_of_a_moving_key_is_given_back_on_both(
+    data_dir: Path,
+) -> None:
+    """A key moving back to legacy (weight 50 to 0, a replica not yet told) is taken on both
+    sides, and the answer is legacy's lock. Its client is gone as the answer goes out: the
+    give-back frees both halves. Before, it released by legacy's fencing token, which the
+    enhanced side refused (not its hold's), and the enhanced half stayed held by a pull
+    whose client was gone."""
+    async with ReplicaSet(data_dir, MemoryRoutingRegistry()) as replicas:
+        a = await replicas.start("a", migration_weight=50)
+        await replicas.start("b", migration_weight=50)  # not yet told of the move below
+        await replicas.tick()
+        moving = request_in_buckets(0, 5000, repo=REPO, pull=2)
+        await replicas.set_weight(0, on=[a])  # b has not heard of it yet
+        await replicas.tick()
+        plan = a.migration.transitions.plan(moving.key)
+        assert plan.side == "legacy" and plan.both
+        trail = _trail(a)
+        try:
+            app = create_app(a, manage_lifecycle=False, audit=trail)
+            body = {"project": moving.project.model_dump(mode="json", by_alias=True),
+                    "workspace": moving.workspace,
+                    "pull": BODY["pull"], "user": BODY["user"]}
+            gone, sent = asyncio.Event(), list[tuple[int, bool]]()
+            gone.set()  # the client is gone as the answer goes out
+            await asyncio.wait_for(_post(app, body, gone, sent), 10)
+        finally:
+            await trail.close()
+        assert sent and sent[0][0] == 499, sent
+        assert await a.legacy.get(moving.key) is None, "legacy's half was left held"
+        assert a.enhanced is not None
+        assert await a.enhanced.get(moving.key) is None, "the enhanced half was left held"
