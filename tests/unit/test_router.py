@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 from tests.conftest import ServiceMaker
 from tests.support.backends import BackendFactory
 from tests.support.locks import request_for
+from tests.support.replicas import ReplicaSet, request_in_buckets
 
 from enhanced_locking.backends import MemoryBackend
 from enhanced_locking.config import EnhancedLockingConfig
@@ -24,8 +26,9 @@ from enhanced_locking.kube.rollout_driver import live_view
 from enhanced_locking.locking import EnhancedLocker, LegacyLocker
 from enhanced_locking.metrics import Metrics
 from enhanced_locking.migration import Router
+from enhanced_locking.migration.routing_registry import MemoryRoutingRegistry
 from enhanced_locking.provider import ConfigProvider
-from enhanced_locking.types import AcquireResult, Event, LockRequest, Reason
+from enhanced_locking.types import AcquireResult, Event, LockNotOwned, LockRequest, Reason
 
 
 def atlantis_keys(count: int) -> list[str]:
@@ -203,6 +206,65 @@ async def test_release_and_release_by_pull_reach_both_sides(make_service: Servic
     released = await service.router.release_by_pull("acme/infra", 5)
     assert sorted(lock.key for lock in released) == [on_enhanced.lock_key, on_legacy.lock_key]
     assert await service.router.list() == []
+
+
+# --- giving back an answered grant whose caller went away ----------------------------------
+
+
+async def test_a_grant_given_back_frees_its_own_enhanced_hold_not_a_newer_one_of_its_pull(
+    make_service: ServiceMaker,
+) -> None:
+    """An enhanced grant answered to a caller that went away is given back by its fencing
+    token: once the pull holds the key again under a new token (a retry of the request,
+    granted after the first hold went), the answer's give-back is refused (``not-owned``) and
+    the newer hold stays; the newer answer's own give-back frees it."""
+    service = await _service_at(make_service, 100)
+    router, owner = service.router, ("acme/infra", 2)
+    answered = await router.acquire(request_for(pull=2))
+    assert answered.acquired and answered.lock is not None, answered
+    assert answered.lock.backend == "enhanced"
+    assert await router.give_back(answered.lock, owner=owner) == answered.lock
+    assert await router.get(answered.lock_key) is None
+    retried = await router.acquire(request_for(pull=2))
+    assert retried.acquired and retried.fresh and retried.lock is not None, retried
+    assert retried.lock.fencing_token > answered.lock.fencing_token
+    with pytest.raises(LockNotOwned):
+        await router.give_back(answered.lock, owner=owner)
+    assert await router.get(answered.lock_key) == retried.lock, "the newer hold was freed"
+    assert await router.give_back(retried.lock, owner=owner) == retried.lock
+    assert await router.get(answered.lock_key) is None
+
+
+@pytest.mark.parametrize(("buckets", "weight", "answered_by"),
+                         [((0, 5000), 0, "legacy"), ((5000, 10_000), 100, "enhanced")],
+                         ids=["back-to-legacy", "on-to-enhanced"])
+async def test_a_grant_of_a_moving_key_given_back_frees_both_sides(
+    data_dir: Path, buckets: tuple[int, int], weight: float, answered_by: str,
+) -> None:
+    """A key moving between the sides (weight 50 to ``weight`` on one replica, the other not
+    yet told) is taken on both, old side first, and answered with the new side's lock. Its
+    give-back frees both halves. When legacy answered, the enhanced half does not carry the
+    answer's token (legacy's): it is freed by owner (by that token it would stay held)."""
+    async with ReplicaSet(data_dir, MemoryRoutingRegistry()) as replicas:
+        a = await replicas.start("a", migration_weight=50)
+        await replicas.start("b", migration_weight=50)  # not yet told of the move below
+        await replicas.tick()
+        moving = request_in_buckets(*buckets, repo="acme/infra", pull=2)
+        await replicas.set_weight(weight, on=[a])
+        await replicas.tick()
+        plan = a.migration.transitions.plan(moving.key)
+        assert plan.side == answered_by and plan.both, plan
+        assert a.enhanced is not None
+        answered = await a.router.acquire(moving)
+        assert answered.acquired and answered.lock is not None, answered
+        assert answered.lock.backend == answered_by
+        on_legacy, on_enhanced = await a.legacy.get(moving.key), await a.enhanced.get(moving.key)
+        assert on_legacy is not None and on_enhanced is not None, "not taken on both sides"
+        if answered_by == "legacy":  # the answer's token is not the enhanced hold's
+            assert on_enhanced.fencing_token != answered.lock.fencing_token
+        await a.router.give_back(answered.lock, owner=("acme/infra", 2))
+        assert await a.legacy.get(moving.key) is None, "legacy's half was left held"
+        assert await a.enhanced.get(moving.key) is None, "the enhanced half was left held"
 
 
 # --- fallback when the enhanced store is down ----------------------------------------------------

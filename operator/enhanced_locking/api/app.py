@@ -190,13 +190,9 @@ def create_app(
             return []
         owner = (request.project.repo_full_name, request.pull.num)
         try:
-            # By its fencing token when the enhanced side issued it: a retry of the request
-            # may hold the key again for the same pull under a new token, which is not this
-            # answer's to free. A legacy lock's token means nothing to the enhanced side: a key
-            # moving back to legacy is taken on both sides and answered with legacy's lock, and
-            # its give-back frees both halves by owner.
-            token = answer.lock.fencing_token if answer.lock.backend == "enhanced" else None
-            await asyncio.shield(router.release(answer.lock.key, owner=owner, token=token))
+            # Each side by what it can judge (Router.give_back): a newer hold of the same pull
+            # is not this answer's to free.
+            await asyncio.shield(router.give_back(answer.lock, owner=owner))
         except LockingError as error:  # freed or taken meanwhile, or the store failed
             log.warning("could not give back %s (its client left before the answer): %s",
                         answer.lock.key, error)

@@ -393,6 +393,19 @@ class Router(AtlantisCalls):
             return self.legacy.release(key, owner=owner)
         return self._release_both(key, owner, token)
 
+    def give_back(self, lock: Lock, *, owner: Owner) -> Coroutine[Any, Any, Lock | None]:
+        """Free the grant answered with ``lock`` to ``owner``'s request, whose caller will never
+        use it (it went away before the answer), each side by what that side can judge. The
+        enhanced side by the lock's fencing token when it issued the lock: a retry of the
+        request may hold the key again for the same pull under a new token, which is not this
+        answer's to free (``LockNotOwned``). By owner when legacy answered: a key moving back to
+        legacy is taken on both sides and answered with legacy's lock, whose token the enhanced
+        hold does not carry. Legacy always by owner (its holds carry no token). (The enhanced
+        locker gives back its own grants by their tokens: every lock it answers is its side's.)
+        """
+        token = lock.fencing_token if lock.backend == "enhanced" else None
+        return self.release(lock.key, owner=owner, token=token)
+
     async def _release_both(self, key: str, owner: Owner | None,
                             token: int | None = None) -> Lock | None:
         outcomes: list[Lock | LockNotOwned | BackendUnavailable | None] = []
