@@ -90,6 +90,30 @@ def test_a_rotated_certificate_is_served_without_a_restart_and_a_broken_one_is_n
     assert "not reloaded" in service.output()
 
 
+def test_a_rotated_pair_whose_key_does_not_match_keeps_the_previous_certificate(
+    tls: tuple[CertificateAuthority, ServiceProcess, Path, Path],
+) -> None:
+    ca, service, cert, key = tls
+    first = x509.load_pem_x509_certificate(cert.read_bytes()).serial_number
+    second = ca.issue("second", "enhanced-locking", server=True, ips=[LOOPBACK])
+    third = ca.issue("third", "enhanced-locking", server=True, ips=[LOOPBACK])
+    # The new certificate loads, but its key is another one's: the pair must be refused whole.
+    mismatched = KeyPair(cert=second.cert, key=third.key)
+    install(mismatched, cert, key)
+    deadline = time.monotonic() + 15
+    while "not reloaded" not in service.output():
+        assert time.monotonic() < deadline, "the mismatched pair was not tried"
+        time.sleep(0.2)
+    assert presented_serial(service.port, ca.pair.cert) == first
+    with httpx.Client(base_url=service.url, verify=trusting(ca), timeout=10) as http:
+        assert http.get("/healthz").status_code == 200
+    install(third, cert, key)
+    deadline = time.monotonic() + 15
+    while presented_serial(service.port, ca.pair.cert) != serial(third):
+        assert time.monotonic() < deadline, "the good pair after a mismatched one was not taken"
+        time.sleep(0.2)
+
+
 def test_a_key_that_does_not_match_exits_2_naming_the_setting(tmp_path: Path) -> None:
     ca = CertificateAuthority(tmp_path)
     one = ca.issue("one", "a", server=True, ips=[LOOPBACK])

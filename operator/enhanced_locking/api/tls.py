@@ -51,6 +51,10 @@ class CertificateReloader:
         if stamp == self._stamp:
             return False
         try:
+            # A certificate that loads with a key that does not match is refused only after
+            # the live context has taken the certificate, leaving it no usable key: every new
+            # handshake would fail. So the pair is tried on a throwaway context first.
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(self.cert_file, self.key_file)
             self.context.load_cert_chain(self.cert_file, self.key_file)
         except (OSError, ssl.SSLError) as error:
             log.error("TLS certificate %s not reloaded, the previous one stays: %s",
