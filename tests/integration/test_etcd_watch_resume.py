@@ -552,6 +552,67 @@ async def test_a_close_while_the_client_logs_in_leaves_nothing_open(tmp_path: Pa
             await connection.close()
 
 
+class SlowToEnd(EtcdConnection):
+    """A connection whose leader search (here: one that waits for good) is slow to end once
+    cancelled: it waits for ``go_on`` first, so a test can act while ``close()`` waits."""
+
+    def __init__(self, settings: EtcdSettings) -> None:
+        super().__init__(settings)
+        self.cancelled, self.go_on = asyncio.Event(), asyncio.Event()
+
+    async def _find_leader(self) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            await self.go_on.wait()
+            raise
+
+
+def refreshers() -> set[asyncio.Task[Any]]:
+    """The token refreshers running."""
+    return {task for task in asyncio.all_tasks()
+            if task.get_name() == "token-refresher" and not task.done()}
+
+
+async def test_a_client_made_again_while_close_waits_keeps_its_refresher_and_the_old_one_stops(
+        tmp_path: Path) -> None:
+    """``close()`` waits for the leader search to end, and meanwhile ``client()`` connects
+    again (a step calling it while the connection closes), with a token refresher of its own.
+    The close stops the refresher of the client it closes, and leaves the new client logged
+    in with its refresher running. Before, the close took the auth stack only after that
+    wait: it stopped the new client's refresher and cleared its token (its calls refused),
+    and nothing but the garbage collector's close of the dropped stack stopped the old
+    refresher."""
+    with started(tmp_path / "etcd") as cluster:
+        await auth_on(cluster, password="root-secret")
+        connection = SlowToEnd(EtcdSettings(endpoints=tuple(cluster.endpoints),
+                                            username="root", password="root-secret"))
+        try:
+            old = await connection.client()
+            (old_refresher,) = refreshers()
+            connection._look_for_leader()
+            closing = asyncio.ensure_future(connection.close())
+            await asyncio.wait_for(connection.cancelled.wait(), 10)
+            new = await connection.client()  # while the close waits for the search
+            assert new is not old
+            (new_refresher,) = refreshers() - {old_refresher}
+            connection.go_on.set()
+            await closing
+            assert old_refresher.done(), "the closed client's token refresher still runs"
+            assert not new_refresher.done(), "the new client's token refresher was stopped"
+            assert refreshers() == {new_refresher}
+            assert old.kv is None  # closed
+            assert connection._client is new and connection._auth is not None
+            assert new.kv is not None
+            await new.kv.put(b"/close-again/k", b"v")  # still logged in: etcd takes the token
+            assert (await new.kv.get(b"/close-again/k")).kvs[0].value == b"v"
+        finally:
+            connection.go_on.set()
+            await connection.close()
+        assert not refreshers()
+
+
 async def test_a_move_asks_every_endpoint_at_once_and_passes_over_a_frozen_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -354,8 +354,9 @@ class EtcdConnection:
         self._term = 0
         """The raft term in which the leader was found (or last heard, without one)."""
         self._looking: asyncio.Task[None] | None = None
-        self._flying: set[Any] = set()
-        """The direct transaction calls under way (``TxnCall``), which :meth:`close` ends."""
+        self._flying: dict[etcd3aio.Etcd3Client, set[Any]] = {}
+        """The direct transaction calls under way (``TxnCall``) on each client's channel: the
+        current client's, and a client's whose :meth:`close` runs, which that close ends."""
         self._connecting: set[etcd3aio.Etcd3Client] = set()
         """Clients whose connect is under way (the balanced one in :meth:`client`, a
         member's in :meth:`_member`), which :meth:`close` closes."""
@@ -409,8 +410,9 @@ class EtcdConnection:
             if s.username:
                 self._auth = stack
             self._targets, self._tls, self._name = targets, tls, name if s.tls else None
-            self.txn = self._balanced(client)
+            self._flying[client] = set()
             self._client = client
+            self.txn = self._balanced(client)
         return client
 
     @property
@@ -421,7 +423,14 @@ class EtcdConnection:
     def _balanced(self, client: etcd3aio.Etcd3Client) -> TxnCall:
         """``KV.Txn`` on the balanced channel, with the call's whole ``CALL_TIMEOUT`` (a
         read there with other members to ask is sent in attempts of ``ATTEMPT_TIMEOUT``)."""
-        return TxnCall(client, flying=self._flying)
+        return TxnCall(client, flying=self._flights(client))
+
+    def _flights(self, client: etcd3aio.Etcd3Client) -> set[Any]:
+        """Where the direct calls on ``client``'s channel are kept while they run: the set its
+        close ends (a new one, kept by nobody, once that close is over: its channel is closed,
+        and a call on it fails at once)."""
+        flying = self._flying.get(client)
+        return set() if flying is None else flying
 
     def transact(self, client: etcd3aio.Etcd3Client, request: Any, *,
                  read: bool = False) -> Awaitable[Any]:
@@ -648,7 +657,7 @@ class EtcdConnection:
                         if self.leader != targets[step]:
                             self.leader_changes += 1
                         self.txn, self.leader = TxnCall(
-                            client, via=member, flying=self._flying), targets[step]
+                            client, via=member, flying=self._flights(client)), targets[step]
                         self._term = max(self._term, term)
                     return
             if self._client is not client:
@@ -688,36 +697,52 @@ class EtcdConnection:
             await _shut(member)
         return kept
 
-    def _cancel_flying(self) -> None:
-        """End the direct calls under way, as closing a channel ends grpc.aio's own."""
-        for call in list(self._flying):
-            if not call.done():
-                call.cancel(CLOSED)
-
     async def close(self) -> None:
+        """Close the client, its token refresher, the leader search and every member's client,
+        and end the direct calls under way on the client's channel.
+
+        Everything it closes is taken from the connection before its first wait: a
+        :meth:`client` called while the close waits (for the search to end, for the
+        refresher, for a channel) connects anew, and what that connect stores (its client,
+        its token refresher, its calls, its members' clients) is the open connection's, which
+        this close leaves alone. Before, the close read the auth stack after waiting for the
+        search: it stopped the new client's refresher and cleared its token (etcd refused its
+        calls), and the old client's refresher was stopped by nobody (only the garbage
+        collector's close of its dropped stack ended it)."""
         self._closes += 1
         client, self._client, self.txn, self.leader = self._client, None, None, None
-        self._cancel_flying()
+        auth, self._auth = self._auth, None
         looking, self._looking = self._looking, None
+        members, self._members = list(self._members.values()), {}
+        connecting, self._connecting = list(self._connecting), set()
+        flying = self._flying.get(client, set()) if client is not None else set()
+        _cancel(flying)
         if looking is not None:
             looking.cancel()
             with contextlib.suppress(BaseException):
                 await looking
-        if self._auth is not None:
+        if auth is not None:
             with contextlib.suppress(Exception):
-                await self._auth.aclose()
-            self._auth = None
+                await auth.aclose()
         # A step holding the client may have begun a call while the lookup or the token's
         # refresher was ending: end those too, before and after the channel closes.
-        self._cancel_flying()
+        _cancel(flying)
         if client is not None:
             with contextlib.suppress(Exception):
                 await client.close()
-        self._cancel_flying()
-        members, self._members = list(self._members.values()), {}
-        connecting, self._connecting = list(self._connecting), set()
+        _cancel(flying)
+        if client is not None:
+            self._flying.pop(client, None)
         for member in [*members, *connecting]:
             await _shut(member)
+
+
+def _cancel(flying: set[Any]) -> None:
+    """End the direct calls under way in ``flying``, as closing a channel ends grpc.aio's
+    own."""
+    for call in list(flying):
+        if not call.done():
+            call.cancel(CLOSED)
 
 
 def _cancelled() -> bool:
