@@ -64,3 +64,14 @@ def test_read_only_when_access_control_is_off(service_process: ServiceFactory) -
                              timeout=10)
         assert refused.status_code == 403 and "read-only" in refused.json()["error"]
         assert client.get(KEY) is not None
+
+
+def test_a_pull_filter_of_other_digits_is_a_422(service_process: ServiceFactory) -> None:
+    # "²" and "٣" are digits to str.isdigit, not to int() or the API: a 422, as "twelve" is.
+    url = service_process().url
+    for route in ("/ui", "/ui/sections"):
+        for pull in ("²", "٣", "+1", "1 "):
+            answer = httpx.get(url + route, params={"pull": pull}, timeout=10)
+            assert answer.status_code == 422, (route, pull, answer.text)
+            assert "pull" in answer.json()["error"]
+        assert httpx.get(url + route, params={"pull": "7"}, timeout=10).status_code == 200

@@ -35,10 +35,13 @@ Pull = Annotated[str | None, Query(max_length=10, description="Pull request numb
 
 
 def _pull(text: str | None) -> int | None:
-    """The pull filter: empty is none; anything but a number is a 422 like the API's."""
+    """The pull filter: empty is none; anything but a number is a 422 like the API's.
+
+    ASCII digits only, as the API's ``pull`` (``api/params.py``): ``str.isdigit`` is true of
+    ``²``, which ``int`` refuses, and of ``٣``, which ``int`` reads as 3."""
     if not text:
         return None
-    if not text.isdigit() or int(text) > 2**31 - 1:
+    if not (text.isascii() and text.isdigit()) or int(text) > 2**31 - 1:
         raise InvalidRequest(f"pull: expected a pull request number, got {text!r}",
                              field="pull")
     return int(text)
