@@ -19,7 +19,8 @@ short attempts: one test freezes every member for longer than four of them and c
 write is answered and applied once. The last tests freeze a follower and the leader (steps and
 lease grants under way when it froze) and check that every acquire is still granted. A lease
 grant whose answer is lost (applied by etcd, the answer dropped on its way) is sent again
-under the same ID and makes one lease; one given up on is revoked. With each member frozen in
+under the same ID and makes one lease; one given up on is revoked. A token refresh that
+fails is tried again within seconds, not a refresh period later. With each member frozen in
 turn, a replica with a waiter keeps its session lease and its waiter is told of its grant,
 and a waiter whose holder's replica is gone is granted once etcd deletes the lock (the read
 of the waiting keys behind the watch of lock deletions).
@@ -29,22 +30,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 from etcd3aio._protobuf import TxnRequest
 from etcd3aio.auth import AuthService
-from tests.support.etcd_fixtures import auth_on, grant
+from tests.support.etcd_fixtures import auth_on, grant, started
 from tests.support.etcd_server import EtcdCluster, EtcdMember, frozen
 from tests.support.locks import candidate_for, request_for
 from tests.support.lost_answers import LostAnswers
 
-from enhanced_locking.backends import etcd_store
+from enhanced_locking.backends import etcd_connection, etcd_store
 from enhanced_locking.backends.etcd_connection import (
     ATTEMPT_TIMEOUT,
     CALL_TIMEOUT,
@@ -282,6 +286,106 @@ async def test_a_first_login_with_every_member_frozen_is_sent_again_then_fails(
                           "no pair after the members thawed")
     finally:
         await connection.close()
+
+
+@dataclass
+class Login:
+    """One ``Authenticate`` a client's auth calls sent: when (the loop's clock) it was sent
+    and when it ended, and whether etcd gave a token."""
+
+    start: float
+    end: float = 0.0
+    ok: bool = False
+
+
+def timed_logins(monkeypatch: pytest.MonkeyPatch,
+                 failed: Callable[[], None]) -> dict[AuthService, list[Login]]:
+    """Every ``Authenticate`` sent from now on, by the auth calls that sent it; ``failed`` is
+    called when one fails, before its failure reaches the caller."""
+    sent: dict[AuthService, list[Login]] = {}
+    authenticate = AuthService.authenticate
+    loop = asyncio.get_running_loop()
+
+    async def timed(service: AuthService, name: str, password: str, **options: Any) -> Any:
+        login = Login(start=loop.time())
+        sent.setdefault(service, []).append(login)
+        try:
+            answer = await authenticate(service, name, password, **options)
+        except BaseException:
+            login.end = loop.time()
+            failed()
+            raise
+        login.end, login.ok = loop.time(), True
+        return answer
+
+    monkeypatch.setattr(AuthService, "authenticate", timed)
+    return sent
+
+
+async def new_password(cluster: EtcdCluster, old: str, new: str) -> None:
+    """``root``'s password changed from ``old`` to ``new`` (etcd then refuses the tokens it
+    gave before)."""
+    admin = EtcdConnection(EtcdSettings(endpoints=tuple(cluster.endpoints), username="root",
+                                        password=old))
+    try:
+        client = await admin.client()
+        assert client.auth is not None
+        await client.auth.user_change_password("root", new)
+    finally:
+        await admin.close()
+
+
+async def test_a_failed_token_refresh_is_tried_again_soon_until_a_login_succeeds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The password changes under a connection logged in (its refreshes fail: a password
+    etcd refuses), and back. The logins after a failed refresh come ``TOKEN_RETRY`` later,
+    then twice as long each, up to ``TOKEN_RETRY_MAX``; once one succeeds, the next waits
+    ``TOKEN_REFRESH`` again, and the client's calls carry the new token. Before, the next
+    try after a failure was a whole ``TOKEN_REFRESH`` later (the token by then expired)."""
+    monkeypatch.setattr(etcd_connection, "TOKEN_RETRY", 0.1)
+    monkeypatch.setattr(etcd_connection, "TOKEN_RETRY_MAX", 0.4)
+    monkeypatch.setattr(etcd_connection, "TOKEN_REFRESH", 1.0)  # till the first failure
+    with started(tmp_path / "etcd") as cluster:
+        await auth_on(cluster, password="root-secret")
+        # From the first failed login on, the refresh period is longer than the test.
+        logins = timed_logins(monkeypatch, lambda: monkeypatch.setattr(
+            etcd_connection, "TOKEN_REFRESH", 600.0))
+        connection = EtcdConnection(EtcdSettings(endpoints=tuple(cluster.endpoints),
+                                                 username="root", password="root-secret"))
+        try:
+            client = await connection.client()
+            assert client.auth is not None
+            sent = logins[client.auth]
+            await new_password(cluster, "root-secret", "changed")
+
+            async def failures(count: int) -> None:
+                deadline = time.monotonic() + 30
+                while sum(not login.ok and login.end > 0 for login in sent) < count:
+                    assert time.monotonic() < deadline, f"not {count} failed logins: {sent}"
+                    await asyncio.sleep(0.02)
+
+            await failures(5)
+            await new_password(cluster, "changed", "root-secret")
+            deadline = time.monotonic() + 30
+            while not sent[-1].ok:
+                assert time.monotonic() < deadline, f"no login succeeded again: {sent}"
+                await asyncio.sleep(0.02)
+            back = len(sent)
+            await asyncio.sleep(1.5)  # retries came every 0.4 s at most: none now
+            assert len(sent) == back, sent
+            assert client.kv is not None
+            await client.kv.put(b"/refresh/k", b"v")  # the new token is taken
+        finally:
+            await connection.close()
+    first = next(at for at, login in enumerate(sent) if not login.ok)
+    tried = sent[first:]
+    assert [login.ok for login in tried[:5]] == [False] * 5, sent
+    pauses = [after.start - before.end for before, after in itertools.pairwise(tried)]
+    print(f"pauses after the failed logins: {[round(p, 3) for p in pauses]}")
+    for pause, least in zip(pauses, (0.1, 0.2, 0.4, 0.4, 0.4), strict=False):
+        assert pause >= least - 0.01, pauses
+    assert all(pause < 30 for pause in pauses), pauses  # (before: the refresh period, 600 s)
 
 
 async def test_a_connection_that_sends_no_transaction_does_not_look_for_the_leader(

@@ -754,6 +754,11 @@ def _cancelled() -> bool:
 TOKEN_REFRESH = 240.0
 """Seconds between the logins that keep the auth token fresh (etcd's simple tokens last five
 minutes unless told otherwise)."""
+TOKEN_RETRY = 1.0
+TOKEN_RETRY_MAX = 30.0
+"""Seconds after a failed refresh before the next login: the first, doubled after each login
+that fails again, up to the second (well under the minute an idle token has left when its
+refresh is due), until one succeeds and the refreshes are ``TOKEN_REFRESH`` apart again."""
 
 
 @contextlib.asynccontextmanager
@@ -763,17 +768,29 @@ async def _logged_in(connection: EtcdConnection, client: etcd3aio.Etcd3Client, *
     ``TOKEN_REFRESH`` seconds by a task (``token-refresher``), then cleared. etcd3aio's own
     refresher sends ``Authenticate`` with no deadline: the first login, inside
     :meth:`EtcdConnection.client`, landing on a frozen member left the connect waiting for
-    ever. Each login here is sent as a read is (:func:`_login`)."""
+    ever. Each login here is sent as a read is (:func:`_login`).
+
+    A refresh that fails is tried again ``TOKEN_RETRY`` seconds later, then after twice as
+    long each time it fails again, up to ``TOKEN_RETRY_MAX``; once a login succeeds the next
+    is ``TOKEN_REFRESH`` later again. Before, the next try after a failure was a whole
+    ``TOKEN_REFRESH`` later, past the life of an idle token (etcd's simple token: five
+    minutes after its last use): after one failed refresh, a client idle for a minute had
+    its calls refused until that next try."""
     client.set_token(await _login(connection, client, several=several))
 
     async def refresh() -> None:
+        pause = TOKEN_REFRESH
+        retry = TOKEN_RETRY  # the pause after the next failed login
         while True:
-            await asyncio.sleep(TOKEN_REFRESH)
+            await asyncio.sleep(pause)
             try:
                 client.set_token(await _login(connection, client, several=several))
-            except DOWN as error:  # the token had a minute left; the next login may do
-                log.warning("etcd %s: token refresh failed (%s)", connection.where,
-                            _reason(error))
+            except DOWN as error:  # an idle token has a minute left: try again soon
+                pause, retry = retry, min(retry * 2, TOKEN_RETRY_MAX)
+                log.warning("etcd %s: token refresh failed (%s); trying again in %gs",
+                            connection.where, _reason(error), pause)
+            else:
+                pause, retry = TOKEN_REFRESH, TOKEN_RETRY
 
     refresher = asyncio.create_task(refresh(), name="token-refresher")
     try:
