@@ -228,6 +228,29 @@ def test_the_pod_is_locked_down(helm: Helm, values: Path) -> None:
     assert container["resources"]["limits"]["memory"]
 
 
+def test_with_tls_every_probe_of_the_api_port_speaks_https(helm: Helm) -> None:
+    """The API port serves only HTTPS once ``tls.secretName`` is set: a plain-HTTP probe of it
+    would never pass (the startup probe would restart the container for ever). kopf's liveness
+    endpoint is a port of its own, always plain HTTP."""
+    (deployment,) = of_kind(helm.template("--set", "tls.secretName=api-tls"), "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    schemes = {
+        name: (container[name]["httpGet"]["port"], container[name]["httpGet"].get("scheme"))
+        for name in ("startupProbe", "livenessProbe", "readinessProbe")
+    }
+    assert schemes == {
+        "startupProbe": ("http", "HTTPS"),
+        "livenessProbe": ("liveness", None),
+        "readinessProbe": ("http", "HTTPS"),
+    }
+    liveness_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "liveness")
+    assert f"--liveness=http://0.0.0.0:{liveness_port}/healthz" in container["args"]
+    (plain,) = of_kind(helm.template(), "Deployment")
+    (container,) = plain["spec"]["template"]["spec"]["containers"]
+    for name in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert "scheme" not in container[name]["httpGet"], name
+
+
 def test_the_pod_can_write_where_the_image_writes(helm: Helm) -> None:
     """The Dockerfile's data dir and HOME are the pod's writable mounts; nothing else is."""
     user, env = image_runtime()
