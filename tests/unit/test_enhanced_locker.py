@@ -12,13 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.support.backends import BackendFactory
+from tests.support.backends import BACKEND_KINDS, BackendFactory
 from tests.support.leases import Overrun, past, until, with_leases
 from tests.support.locks import candidate_for, request_for
 from tests.support.queues import LockerRig, rig_for, settle, waits_begun
 
 from enhanced_locking.backends import QueueBackend
-from enhanced_locking.backends.waiting import Notice, QueuePolicy, Status, Wait
+from enhanced_locking.backends.base import StoreBackend
+from enhanced_locking.backends.redis_store import RedisBackend
+from enhanced_locking.backends.waiting import Cancelled, Notice, QueuePolicy, Status, Wait
 from enhanced_locking.locking import queueing
 from enhanced_locking.types import (
     AcquireResult,
@@ -287,14 +289,8 @@ async def test_a_first_caller_cancelled_as_the_retrys_grant_arrives_leaves_it_he
     backend = rig.locker.backend
     await rig.locker.acquire(ask(1))
     first, retry = await _both_waiting(rig, monkeypatch, "job-11")
-    deliver = backend.grants.deliver
-
-    def told(waiter_id: str, notice: Notice) -> None:
-        deliver(waiter_id, notice)
-        if notice.granted:
-            first.cancel()  # the first client is noticed gone as the grant comes
-
-    monkeypatch.setattr(backend.grants, "deliver", told)
+    # the first client is noticed gone as the grant comes
+    _cancelled_as_granted(backend, monkeypatch, lambda: first)
     await rig.locker.release(ask(1).key)  # grants the retry's waiter
     answer = await asyncio.wait_for(retry, 60)
     assert answer.acquired and answer.lock is not None and answer.lock.pull.num == 2, answer
@@ -302,6 +298,113 @@ async def test_a_first_caller_cancelled_as_the_retrys_grant_arrives_leaves_it_he
         await asyncio.wait_for(first, 60)
     assert first.cancelled()
     await settle()
+    held = await rig.locker.get(ask(1).key)
+    assert held is not None and held.fencing_token == answer.lock.fencing_token, held
+
+
+FORGETFUL_KINDS = [pytest.param(kind, marks=BACKEND_KINDS[kind].marks, id=kind)
+                   for kind in ("memory", "boltdb", "redis", "redis-cluster")]
+"""The queue backends whose store may forget a grant while a caller of it still waits: an
+in-process store's record of it is pushed out by later grants, Redis's outcome record runs
+out of time. (etcd keeps a grant's notice while any caller expects it.)"""
+
+
+async def _forget(backend: QueueBackend, waiter_id: str) -> None:
+    """The store no longer remembers the grant of ``waiter_id``."""
+    if isinstance(backend, RedisBackend):  # its outcome record's time runs out now
+        client, name = backend.connection.client, backend.keys.outcome(waiter_id)
+        assert await client.pexpire(name, 1), "no outcome record of the grant"
+        for _ in range(1000):
+            if not await client.exists(name):
+                return
+            await asyncio.sleep(0.005)
+        raise AssertionError("the outcome record outlived its time")
+    assert isinstance(backend, StoreBackend)
+    # What its bound on grants remembered does to the oldest one (_GRANTS_REMEMBERED).
+    assert backend._granted.pop(waiter_id, None) is not None, "no record of the grant"
+
+
+def _withdrawn_after_forgetting(backend: QueueBackend, monkeypatch: pytest.MonkeyPatch,
+                                ) -> list[Cancelled]:
+    """A withdrawal's cancel (``cancelled``) finds the store has forgotten the waiter's grant;
+    its answers, in order."""
+    cancel, answers = backend.cancel, list[Cancelled]()
+
+    async def forgotten(key: str, waiter_id: str, *, reason: Reason = Reason.CANCELLED,
+                        caller: str = "") -> Cancelled:
+        if reason is Reason.CANCELLED:
+            await _forget(backend, waiter_id)
+        answers.append(await cancel(key, waiter_id, reason=reason, caller=caller))
+        return answers[-1]
+
+    monkeypatch.setattr(backend, "cancel", forgotten)
+    return answers
+
+
+def _cancelled_as_granted(backend: QueueBackend, monkeypatch: pytest.MonkeyPatch,
+                          task: Callable[[], asyncio.Task[AcquireResult]]) -> None:
+    """``task()`` is cancelled in the loop turn its waiter's grant is told (from inside the
+    notifier's ``deliver``): ``wait_for`` keeps the grant and the caller withdraws as it goes."""
+    deliver = backend.grants.deliver
+
+    def told(waiter_id: str, notice: Notice) -> None:
+        deliver(waiter_id, notice)
+        if notice.granted:
+            task().cancel()
+
+    monkeypatch.setattr(backend.grants, "deliver", told)
+
+
+@pytest.mark.parametrize("queue_backend_factory", FORGETFUL_KINDS, indirect=True)
+async def test_a_withdrawal_the_store_forgot_gives_back_its_own_callers_grant(
+    rigs: Callable[..., LockerRig], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pull 2 waits behind pull 1, and its caller is cancelled as the holder's release grants
+    it. Its withdrawal's cancel finds neither waiter nor grant (the store forgot the grant),
+    and it falls back on what its own caller was told: a grant made while the waiter was this
+    caller's, given back. (Without that fallback the lock stays held by a caller that is gone,
+    with no lease to end it.)"""
+    rig = rigs()
+    backend = rig.locker.backend
+    await rig.locker.acquire(ask(1))
+    entered = waits_begun(monkeypatch, 1)
+    gone = rig.spawn(rig.locker.acquire(ask(2, wait=30 * S)))
+    await asyncio.wait_for(entered[0].wait(), 10)
+    _cancelled_as_granted(backend, monkeypatch, lambda: gone)
+    answers = _withdrawn_after_forgetting(backend, monkeypatch)
+    await rig.locker.release(ask(1).key)  # grants pull 2's waiter
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.wait_for(gone, 60)
+    assert gone.cancelled()
+    await settle()
+    assert answers == [Cancelled()], f"the withdrawal's cancel found something: {answers}"
+    assert await rig.locker.get(ask(1).key) is None, "the grant outlived its caller"
+
+
+@pytest.mark.parametrize("queue_backend_factory", FORGETFUL_KINDS, indirect=True)
+async def test_a_withdrawal_the_store_forgot_leaves_the_retrys_grant_held(
+    rigs: Callable[..., LockerRig], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Both callers of a waiter taken over by its retry wait; the holder's release grants it
+    (the retry's), and the first caller is cancelled as the grant is told. Its withdrawal's
+    cancel finds neither waiter nor grant (the store forgot the grant), and it falls back on
+    what the first caller was told: the retry's grant, not this caller's (its caller is the
+    retry), so nothing is given back and the retry holds what it was answered with. (Taking
+    that notice as the first caller's own gave the retry's lock back.)"""
+    rig = rigs()
+    backend = rig.locker.backend
+    await rig.locker.acquire(ask(1))
+    first, retry = await _both_waiting(rig, monkeypatch, "job-16")
+    _cancelled_as_granted(backend, monkeypatch, lambda: first)
+    answers = _withdrawn_after_forgetting(backend, monkeypatch)
+    await rig.locker.release(ask(1).key)  # grants the retry's waiter
+    answer = await asyncio.wait_for(retry, 60)
+    assert answer.acquired and answer.fresh and answer.lock is not None, answer
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.wait_for(first, 60)
+    assert first.cancelled()
+    await settle()
+    assert answers == [Cancelled()], f"the withdrawal's cancel found something: {answers}"
     held = await rig.locker.get(ask(1).key)
     assert held is not None and held.fencing_token == answer.lock.fencing_token, held
 
