@@ -403,6 +403,75 @@ async def test_a_waiter_with_a_request_id_that_could_not_be_withdrawn_is_audited
         "release", "lock", holder.key, "unavailable", 499), last
 
 
+@pytest.mark.redis
+async def test_a_later_withdrawal_is_tried_until_its_bound_then_given_up_and_done(
+    make_service: ServiceMaker, redis_servers: ServerMaker, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The later withdrawal of a waiter with a ``requestId`` whose client left finds the store
+    (a real Redis) stopped, and it stays stopped past the bound: the wait's end plus
+    ``ABANDON_MARGIN``. The withdrawal is tried again, with growing pauses, every attempt
+    but the last failing by the bound; the last fails past it and is the last: the give-up is
+    logged (``could not withdraw waiter ...: gave up``, with the store's error) and audited
+    for the key, after the bound, and the clean-up's task has ended and is not kept."""
+    monkeypatch.setattr(queueing, "RETRY_GRACE", 0.3)
+    # Longer than the longest pause between attempts (1 s): a bound without the margin would
+    # be given up before this one.
+    monkeypatch.setattr(queueing, "ABANDON_MARGIN", 1.5)
+    loop = asyncio.get_running_loop()
+    bounds: list[float] = []
+    tasks: set[asyncio.Task[None]] = set()
+    later = queueing._later
+
+    def noted(backend: Any, keys: tuple[str, ...], waiter_id: str, give_back: Any,
+              caller: str, ends: float) -> None:
+        running = set(queueing._LATER)
+        later(backend, keys, waiter_id, give_back, caller, ends)
+        bounds.append(ends + queueing.ABANDON_MARGIN)
+        tasks.update(queueing._LATER - running)
+
+    monkeypatch.setattr(queueing, "_later", noted)
+    caplog.set_level(logging.ERROR, logger=queueing.__name__)
+    service, trail, server, holder = await _left_waiting_with_a_request_id(
+        make_service, redis_servers, monkeypatch, "1s", stop=False)
+    assert len(bounds) == 1 and len(tasks) == 1, (bounds, tasks)
+    assert service.enhanced is not None
+    backend = service.enhanced.backend
+    cancel, attempts = backend.cancel, list[tuple[float, float]]()
+
+    async def timed(*args: Any, **kwargs: Any) -> Any:
+        began = loop.time()
+        try:
+            return await cancel(*args, **kwargs)
+        finally:
+            attempts.append((began, loop.time()))
+
+    monkeypatch.setattr(backend, "cancel", timed)
+    (task,) = tasks
+    ended: list[float] = []
+    task.add_done_callback(lambda _: ended.append(loop.time()))
+    server.stop()  # before the grace (0.3 s) ends, and until after the give-up
+    try:
+        done, _ = await asyncio.wait(tasks, timeout=30)
+    finally:
+        server.start()
+    assert done == {task} and task.result() is None, "the withdrawal was never given up"
+    assert task not in queueing._LATER, "the ended clean-up is still kept"
+    bound = bounds[0]
+    assert len(attempts) >= 2, f"never tried again: {attempts}"
+    # Each attempt's failure was weighed after it ended: all but the last ended by the bound.
+    assert all(end <= bound for _, end in attempts[:-1]), (bound, attempts)
+    assert ended and ended[0] > bound, f"given up before its bound {bound}: {ended}"
+    gave_up = [r for r in caplog.records if r.getMessage().startswith(
+        "could not withdraw waiter") and r.getMessage().endswith("gave up")]
+    assert len(gave_up) == 1 and holder.key in gave_up[0].getMessage(), caplog.text
+    assert gave_up[0].exc_info and isinstance(gave_up[0].exc_info[1], BackendUnavailable)
+    last = await _last_of_pull_2(trail)
+    assert (last.action, last.verb, last.key, last.outcome, last.status) == (
+        "release", "lock", holder.key, "unavailable", 499), last
+    await trail.close()
+
+
 async def _granted_and_gone(app: Any, router: Router, holder: LockRequest,
                             held: asyncio.Event) -> None:
     """Pull 2's waiting acquire of the key ``holder`` takes, held by a hook of the test's at
