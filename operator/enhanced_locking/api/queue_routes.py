@@ -16,6 +16,7 @@ Owner checks: releasing, refreshing or cancelling what another pull holds or que
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from datetime import datetime, timedelta
 from typing import Annotated, Any
@@ -198,18 +199,28 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
     ) -> Any:
         """Release several locks; with ``pull``, only if that pull holds every held one.
 
-        Needs ``lock`` with ``pull``; ``release-any`` without it."""
-        holders = [lock for k in key if (lock := await router.get(k)) is not None]
-        repo = holders[0].project.repo_full_name if holders else None
+        Needs ``lock`` with ``pull``; ``release-any`` without it: on the repository of every
+        held key, asked for each before anything is released. Each of those repositories gets
+        an audit row naming its held keys and the keys nobody held."""
+        held = {k: lock.project.repo_full_name for k in key
+                if (lock := await router.get(k)) is not None}
+        repos: list[str | None] = list(dict.fromkeys(held.values())) or [None]
         verb = Verb.LOCK if pull is not None else Verb.RELEASE_ANY
         action = "release-batch" if pull is not None else "release-any"
         keys = ",".join(key)
-        await caller.need(verb, action=action, repo=repo, key=keys, pull=pull)
-        async with caller.audited(action=action, verb=verb, key=keys, repo=repo,
-                                  pull=pull) as note:
-            owner = (repo, pull) if pull is not None and repo is not None else None
+        for repo in repos:
+            await caller.need(verb, action=action, repo=repo, key=keys, pull=pull)
+        async with contextlib.AsyncExitStack() as rows:
+            notes = [(repo, await rows.enter_async_context(caller.audited(
+                action=action, verb=verb, repo=repo, pull=pull,
+                key=",".join(k for k in key if held.get(k, repo) == repo))))
+                for repo in reversed(repos)]  # the rows are written in the stack's order
+            first = repos[0]
+            owner = (first, pull) if pull is not None and first is not None else None
             released = await router.release_batch(key, owner=owner)
-            note.done(f"released {len(released)}")
+            for repo, note in notes:
+                note.done(f"released {sum(held.get(lock.key) == repo for lock in released)}"
+                          if len(repos) > 1 else f"released {len(released)}")
         return {"released": [_dump(lock) for lock in released],
                 "notHeld": [k for k in key if k not in {lock.key for lock in released}]}
 

@@ -1,0 +1,149 @@
+"""The lock routes ask for each right on the repository it is about, before they read or change
+anything for a caller that may not: an app served over its own embedded (SQLite) store, with an
+authorizer that grants rights per repository, as Kubernetes mode does with a Role's
+``resourceNames`` (docs/08-access.md)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from enhanced_locking.api import create_app
+from enhanced_locking.api.access import AccessControl
+from enhanced_locking.api.audit import AuditTrail
+from enhanced_locking.backends.audit_store import AuditQuery, MemoryAuditStore, Retention
+from enhanced_locking.config import EnhancedLockingConfig
+from enhanced_locking.factory import LockService
+from enhanced_locking.provider import ConfigProvider
+from enhanced_locking.types import Identity, Verb
+
+INFRA, OTHER = "acme/infra", "acme/other"
+ADMIN = "admin-token"
+SCOPED = "scoped-token"
+"""Holds ``release-any`` and ``lock`` on acme/infra only; ``read`` everywhere."""
+NOBODY = "nobody-token"
+"""Holds no right at all."""
+
+
+class Tokens:
+    def __init__(self, names: Mapping[str, str]) -> None:
+        self._names = names
+
+    async def authenticate(self, token: str) -> Identity | None:
+        name = self._names.get(token)
+        return None if name is None else Identity(name=name, groups=(), method="kubernetes")
+
+
+@dataclass(frozen=True)
+class PerRepository:
+    """Rights as a Role with ``resourceNames`` grants them: ``(verb, repo)`` pairs, a ``None``
+    repository standing for every one (a rule without names)."""
+
+    rights: Mapping[str, frozenset[tuple[Verb, str | None]]]
+
+    async def allowed(self, identity: Identity, verb: Verb, *, repo: str | None) -> bool:
+        held = self.rights.get(identity.name, frozenset())
+        return (verb, None) in held or (repo is not None and (verb, repo) in held)
+
+
+EVERY = frozenset((verb, None) for verb in Verb)
+RIGHTS = {
+    "ada": EVERY,
+    "sam": frozenset({(Verb.READ, None), (Verb.LOCK, INFRA), (Verb.RELEASE_ANY, INFRA)}),
+    "nora": frozenset(),
+}
+
+
+def per_repository(config: EnhancedLockingConfig) -> AccessControl:
+    tokens = Tokens({ADMIN: "ada", SCOPED: "sam", NOBODY: "nora"})
+    return AccessControl("kubernetes", [tokens], PerRepository(RIGHTS))
+
+
+@dataclass
+class Served:
+    service: LockService
+    trail: AuditTrail
+    http: httpx.AsyncClient
+
+    def as_(self, token: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {token}"}
+
+    async def acquire(self, repo: str, *, pull: int = 7, path: str = "p") -> str:
+        answer = await self.http.post("/v1/locks", headers=self.as_(ADMIN), json={
+            "project": {"repoFullName": repo, "path": path}, "pull": {"num": pull},
+            "ttl": "1h"})
+        assert answer.status_code == 200, answer.text
+        return str(answer.json()["lockKey"])
+
+    async def held(self) -> list[str]:
+        return sorted(lock.key for lock in await self.service.router.list())
+
+    async def rows(self) -> list[Any]:
+        return list(reversed(await self.trail.read(AuditQuery())))
+
+
+@pytest.fixture
+async def served(tmp_path: Path) -> AsyncIterator[Served]:
+    config = EnhancedLockingConfig(enabled=True, data_dir=str(tmp_path), audit_stdout=False)
+    service = LockService(ConfigProvider(config))
+    trail = AuditTrail(MemoryAuditStore(Retention(timedelta(days=1), 1000)),
+                       stdout=lambda: False)
+    app = create_app(service, audit=trail, access=per_repository)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as http:
+        yield Served(service, trail, http)
+
+
+async def test_a_batch_release_needs_release_any_on_every_holders_repository(
+    served: Served,
+) -> None:
+    infra, other = await served.acquire(INFRA), await served.acquire(OTHER)
+    alone = await served.http.delete("/v1/locks/by-key", params={"key": other},
+                                     headers=served.as_(SCOPED))
+    assert alone.status_code == 403
+    answer = await served.http.delete("/v1/locks/batch", params={"key": [infra, other]},
+                                      headers=served.as_(SCOPED))
+    assert answer.status_code == 403, answer.text
+    assert answer.json()["verb"] == "release-any" and answer.json()["repo"] == OTHER
+    assert await served.held() == sorted([infra, other]), "a refused batch released a lock"
+    refused = [row for row in await served.rows() if row.action == "release-any"]
+    assert [(row.repo, row.outcome, row.status) for row in refused] == [
+        (OTHER, "denied", 403), (OTHER, "denied", 403)]
+
+
+async def test_a_batch_release_over_two_repositories_writes_a_row_for_each(
+    served: Served,
+) -> None:
+    infra, other = await served.acquire(INFRA), await served.acquire(OTHER)
+    free = f"{INFRA}/free/default/"
+    answer = await served.http.delete("/v1/locks/batch", params={"key": [infra, free, other]},
+                                      headers=served.as_(ADMIN))
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["notHeld"] == [free]
+    assert await served.held() == []
+    rows = [row for row in await served.rows() if row.action == "release-any"]
+    assert [(row.repo, row.key, row.outcome, row.status) for row in rows] == [
+        (INFRA, f"{infra},{free}", "released 1", 200),
+        (OTHER, f"{free},{other}", "released 1", 200),
+    ]
+
+
+async def test_a_batch_release_of_a_pull_needs_lock_on_each_repository_it_holds_in(
+    served: Served,
+) -> None:
+    infra, other = await served.acquire(INFRA), await served.acquire(OTHER)
+    answer = await served.http.delete("/v1/locks/batch",
+                                      params={"key": [infra, other], "pull": 7},
+                                      headers=served.as_(SCOPED))
+    assert answer.status_code == 403, answer.text
+    assert answer.json()["verb"] == "lock" and answer.json()["repo"] == OTHER
+    assert await served.held() == sorted([infra, other])
+    mine = await served.http.delete("/v1/locks/batch", params={"key": [infra], "pull": 7},
+                                    headers=served.as_(SCOPED))
+    assert mine.status_code == 200 and await served.held() == [other]
