@@ -24,6 +24,7 @@ from collections import OrderedDict
 from collections.abc import Hashable
 from typing import Any, Generic, TypeVar
 
+import urllib3
 from kubernetes import client, config
 
 from enhanced_locking.api.access import AccessControl, Authenticator
@@ -45,6 +46,11 @@ GROUP = "locking.runatlantis.io"
 RESOURCE = "locks"
 _TIMEOUT = 5.0
 CACHE_SIZE = 10_000
+
+_NOT_ANSWERED = (client.ApiException, urllib3.exceptions.HTTPError, OSError)
+"""What a review the API server did not answer raises: a refusal of its own, an API server that
+cannot be reached or drops the connection (urllib3 raises its own errors for those, after its
+retries: neither an ``ApiException`` nor an ``OSError``)."""
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -114,7 +120,7 @@ class TokenReviews:
             return identity
         try:
             identity = await asyncio.to_thread(self._review, token)
-        except (client.ApiException, OSError) as error:
+        except _NOT_ANSWERED as error:
             # The message of an ApiException may echo the request: log the status only.
             status = getattr(error, "status", None) or type(error).__name__
             log.error("TokenReview failed (%s): the caller is refused", status)
@@ -152,7 +158,7 @@ class SubjectAccessReviews:
         try:
             self.reviews += 1
             allowed = await asyncio.to_thread(self._review, identity, verb, repo)
-        except (client.ApiException, OSError) as error:
+        except _NOT_ANSWERED as error:
             status = getattr(error, "status", None) or type(error).__name__
             log.error("SubjectAccessReview failed (%s): %s is refused %s", status,
                       identity.name, verb.value)

@@ -1,0 +1,108 @@
+"""Kubernetes mode fails closed when the API server does not answer: a TokenReview that cannot
+be asked is a 401, a SubjectAccessReview a 403, each a JSON answer with its audit row, never a
+500 (docs/08-access.md). The service is built by ``kubernetes_access`` itself from a kubeconfig
+whose API server is a loopback address nobody listens on, or a loopback listener that closes
+every connection it accepts."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from enhanced_locking.api import create_app
+from enhanced_locking.api.audit import AuditTrail
+from enhanced_locking.backends.audit_store import AuditQuery, MemoryAuditStore, Retention
+from enhanced_locking.config import EnhancedLockingConfig
+from enhanced_locking.factory import LockService
+from enhanced_locking.provider import ConfigProvider
+
+STATIC = "tok-static-alice-6b1d"
+"""A static token (tried before the TokenReview): its caller is known, its rights are not."""
+
+
+def closing_listener() -> Iterator[str]:
+    """A loopback listener that accepts each connection and closes it at once."""
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                connection, _ = server.accept()
+            except OSError:
+                return
+            connection.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"https://127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        stop.set()
+        server.close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture(params=["nobody-listens", "closes-at-once"])
+def api_server(request: pytest.FixtureRequest) -> Iterator[str]:
+    if request.param == "nobody-listens":
+        yield "https://127.0.0.1:1"
+    else:
+        yield from closing_listener()
+
+
+@pytest.fixture
+async def served(tmp_path: Path, api_server: str, monkeypatch: pytest.MonkeyPatch
+                 ) -> AsyncIterator[tuple[httpx.AsyncClient, AuditTrail]]:
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "c", "cluster": {"server": api_server,
+                                               "insecure-skip-tls-verify": True}}],
+        "users": [{"name": "u", "user": {"token": "service-token"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
+    }))
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    config = EnhancedLockingConfig(enabled=True, data_dir=str(tmp_path), audit_stdout=False,
+                                   auth="kubernetes", auth_tokens=f"{STATIC},alice,,")
+    service = LockService(ConfigProvider(config))
+    trail = AuditTrail(MemoryAuditStore(Retention(timedelta(days=1), 100)),
+                       stdout=lambda: False)
+    app = create_app(service, audit=trail)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
+            base_url="http://127.0.0.1") as http:
+        yield http, trail
+
+
+async def test_a_token_review_the_api_server_does_not_answer_is_401(
+    served: tuple[httpx.AsyncClient, AuditTrail],
+) -> None:
+    http, trail = served
+    answer = await http.get("/v1/locks", headers={"Authorization": "Bearer not-static"})
+    assert answer.status_code == 401, answer.text
+    assert answer.headers["content-type"] == "application/json"
+    assert answer.headers["www-authenticate"].startswith('Bearer realm="enhanced-locking"')
+    assert "error" in answer.json()
+    rows = await trail.read(AuditQuery())
+    assert [(row.outcome, row.status) for row in rows] == [("unauthenticated", 401)]
+
+
+async def test_a_subject_access_review_the_api_server_does_not_answer_is_403(
+    served: tuple[httpx.AsyncClient, AuditTrail],
+) -> None:
+    http, trail = served
+    answer = await http.get("/v1/locks", headers={"Authorization": f"Bearer {STATIC}"})
+    assert answer.status_code == 403, answer.text
+    assert answer.json()["verb"] == "read" and answer.json()["identity"] == "alice"
+    rows = await trail.read(AuditQuery())
+    assert [(row.identity, row.verb, row.outcome, row.status) for row in rows] == [
+        ("alice", "read", "denied", 403)]
