@@ -81,8 +81,14 @@ def test_a_body_that_is_not_json_answers_422(http: httpx.Client, content: bytes)
 
 
 @pytest.mark.parametrize("pull", ["0.0", "1e3", "+1", "\u0661", "1_0"])
-def test_a_pull_query_that_is_not_ascii_digits_answers_422(http: httpx.Client, pull: str) -> None:
-    answer = http.get("/v1/locks", params={"pull": pull})
+@pytest.mark.parametrize(("method", "path", "params"), [
+    ("GET", "/v1/locks", {}),
+    ("DELETE", "/v1/queue", {"key": "acme/infra/envs/prod/default/", "id": "w-1"}),
+], ids=["list", "cancel"])
+def test_a_pull_query_that_is_not_ascii_digits_answers_422(
+    http: httpx.Client, pull: str, method: str, path: str, params: dict[str, str],
+) -> None:
+    answer = http.request(method, path, params={**params, "pull": pull})
     assert answer.status_code == 422, answer.text
     assert answer.json()["field"] == "pull"
 

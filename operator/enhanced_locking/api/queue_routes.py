@@ -35,7 +35,7 @@ from enhanced_locking.api.disconnect import (
     not_withdrawn,
 )
 from enhanced_locking.api.errors import error_answers, json_error, unreadable_json
-from enhanced_locking.api.params import Key, PullNum
+from enhanced_locking.api.params import Key, OptionalPullNum, PullNum
 from enhanced_locking.backends.waiting import Waiter
 from enhanced_locking.durations import Lease
 from enhanced_locking.factory import LockService
@@ -315,8 +315,7 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
         id: Annotated[str, Query(min_length=1, max_length=128,
                                  description="The waiter id or the request's requestId.")],
         caller: CallerDep,
-        pull: Annotated[int | None, Query(
-            ge=0, le=2**31 - 1,
+        pull: Annotated[OptionalPullNum, Query(
             description="The pull that queued it: cancelling one's own needs lock; without "
                         "it (or for another pull's) release-any.")] = None,
     ) -> Any:
