@@ -24,6 +24,9 @@ import os
 import random
 import secrets
 import signal
+import socket
+import ssl
+import subprocess
 import threading
 import time
 import uuid
@@ -36,7 +39,7 @@ import pytest
 import yaml
 from tests.history import History, Hold
 from tests.support import waiting
-from tests.support.controlplane import KubeCluster
+from tests.support.controlplane import CertificateAuthority, KubeCluster
 from tests.support.etcd_server import EtcdCluster, EtcdServerError
 from tests.support.helm import (
     CHART_DIR,
@@ -47,6 +50,7 @@ from tests.support.helm import (
     service_account_kubeconfig,
 )
 from tests.support.redis_server import RedisServer, RedisServerError
+from tests.support.service import LOOPBACK, ServiceProcess, running
 
 pytestmark = pytest.mark.e2e
 
@@ -249,6 +253,53 @@ def test_with_tls_every_probe_of_the_api_port_speaks_https(helm: Helm) -> None:
     (container,) = plain["spec"]["template"]["spec"]["containers"]
     for name in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert "scheme" not in container[name]["httpGet"], name
+
+
+def test_with_tls_the_test_hook_and_the_service_monitor_speak_https(
+    helm: Helm, tmp_path: Path
+) -> None:
+    """Against a real service serving only HTTPS: the ``helm test`` Pod's curl command passes,
+    and the ServiceMonitor's CA (from the TLS Secret's ``ca.crt``) and server name verify the
+    certificate a cert-manager Certificate for the Service's name would hold."""
+    monitoring = ("--set", "metrics.serviceMonitor.enabled=true")
+    tls = ("--set", "tls.secretName=api-tls")
+    (monitor,) = of_kind(helm.template(*monitoring), "ServiceMonitor")
+    assert "scheme" not in monitor["spec"]["endpoints"][0]
+    assert "tlsConfig" not in monitor["spec"]["endpoints"][0]
+    (plain_pod,) = of_kind(helm.template(), "Pod")
+    assert plain_pod["spec"]["containers"][0]["args"][-1].startswith("http://")
+
+    objects = helm.template(*monitoring, *tls)
+    (monitor,) = of_kind(objects, "ServiceMonitor")
+    (endpoint,) = monitor["spec"]["endpoints"]
+    service_name = "t-enhanced-locking.atlantis.svc"
+    assert endpoint["scheme"] == "https"
+    assert endpoint["tlsConfig"] == {
+        "ca": {"secret": {"name": "api-tls", "key": "ca.crt"}}, "serverName": service_name}
+    (pod,) = of_kind(objects, "Pod")
+    (container,) = pod["spec"]["containers"]
+    assert "volumeMounts" not in container, "the test Pod never mounts the server's key"
+
+    ca = CertificateAuthority(tmp_path)
+    pair = ca.issue("api", "enhanced-locking", server=True, dns_names=[service_name],
+                    ips=[LOOPBACK])
+    service = ServiceProcess(tmp_path / "data", ca_file=ca.pair.cert, args=[
+        f"--enhanced-locking-tls-cert-file={pair.cert}",
+        f"--enhanced-locking-tls-key-file={pair.key}",
+    ])
+    with running(service):
+        (pod,) = of_kind(helm.template("--set", f"service.port={service.port}", *tls), "Pod")
+        (container,) = pod["spec"]["containers"]
+        assert container["args"][-1] == f"https://{service_name}:{service.port}/readyz"
+        to_loopback = f"{service_name}:{service.port}:{LOOPBACK}:{service.port}"
+        curl = subprocess.run([*container["command"], "--connect-to", to_loopback,
+                               *container["args"]], capture_output=True, text=True, timeout=120)
+        assert curl.returncode == 0, curl.stderr
+        assert json.loads(curl.stdout)["ready"] is True
+        context = ssl.create_default_context(cafile=str(ca.pair.cert))
+        with socket.create_connection((LOOPBACK, service.port), timeout=10) as raw, \
+                context.wrap_socket(raw, server_hostname=endpoint["tlsConfig"]["serverName"]):
+            pass  # the handshake verified the certificate for that name
 
 
 def test_the_pod_can_write_where_the_image_writes(helm: Helm) -> None:
