@@ -976,6 +976,51 @@ def test_three_replicas_on_embedded_stores_are_refused_naming_why(helm: Helm) ->
     assert "replicaCount above 1 needs stores" in half.stderr, "the legacy store too"
 
 
+SHARED_STORES = (
+    "--set", "replicaCount=3",
+    "--set", "config.enhanced-locking-backend=redis,config.enhanced-locking-legacy-backend=redis",
+    "--set", "config.enhanced-locking-redis-addr=redis:6379",
+    "--set", "lockPolicy.spec.backend=redis,lockPolicy.spec.redis.addr=redis:6379",
+)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--set", "podDisruptionBudget.minAvailable=3,podDisruptionBudget.maxUnavailable=null"],
+            "podDisruptionBudget.minAvailable=3 with replicaCount=3 would block every node drain",
+        ),
+        (
+            ["--set", "podDisruptionBudget.minAvailable=2,podDisruptionBudget.maxUnavailable=1"],
+            "podDisruptionBudget: set minAvailable or maxUnavailable, not both",
+        ),
+    ],
+)
+def test_the_budget_of_several_replicas_is_checked_as_an_enabled_one(
+    helm: Helm, args: list[str], message: str
+) -> None:
+    """Several replicas get a PodDisruptionBudget without ``podDisruptionBudget.enabled``; its
+    values are checked all the same."""
+    result = helm.run("template", "t", str(CHART_DIR), *SHARED_STORES, *args, check=False)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+
+
+def test_a_budget_given_as_min_available_has_no_default_max_unavailable(helm: Helm) -> None:
+    """The API server refuses a PodDisruptionBudget with both; ``maxUnavailable: 1`` is the
+    default only while ``minAvailable`` is not given."""
+    (pdb,) = of_kind(helm.template(*SHARED_STORES, "--set", "podDisruptionBudget.minAvailable=2"),
+                     "PodDisruptionBudget")
+    assert {k: v for k, v in pdb["spec"].items() if k != "selector"} == {"minAvailable": 2}
+    (pdb,) = of_kind(helm.template(*SHARED_STORES), "PodDisruptionBudget")
+    assert {k: v for k, v in pdb["spec"].items() if k != "selector"} == {"maxUnavailable": 1}
+    (pdb,) = of_kind(helm.template("--set", "podDisruptionBudget.enabled=true,"
+                                   "podDisruptionBudget.minAvailable=50%"), "PodDisruptionBudget")
+    assert {k: v for k, v in pdb["spec"].items() if k != "selector"} == {"minAvailable": "50%"}
+    assert not of_kind(helm.template(), "PodDisruptionBudget"), "one replica: only if enabled"
+
+
 def _serve_locks(url: str, name: str, pull: int, history: History, stop: threading.Event,
                  counts: collections.Counter[str]) -> None:
     """Lock one of four keys, hold it a moment, release; until ``stop``."""

@@ -255,6 +255,15 @@ enhanced-locking-metrics, true by default).
 {{- end }}
 
 {{/*
+enhanced-locking.pdbOn: "true" when the chart renders a PodDisruptionBudget: enabled, or
+several replicas (a drain must evict them one at a time).
+*/}}
+{{- define "enhanced-locking.pdbOn" -}}
+{{- if or .Values.podDisruptionBudget.enabled (gt (int .Values.replicaCount) 1) }}true
+{{- end }}
+{{- end }}
+
+{{/*
 enhanced-locking.validate: refuses value combinations that cannot work, with a message that
 says why and what to set instead. Included by the Deployment, which every render has.
 */}}
@@ -278,12 +287,9 @@ says why and what to set instead. Included by the Deployment, which every render
 {{- fail "etcd.auth.password is only used with etcd.auth.create=true" }}
 {{- end }}
 {{- $pdb := .Values.podDisruptionBudget }}
-{{- if $pdb.enabled }}
+{{- if include "enhanced-locking.pdbOn" . }}
 {{- if and (not (kindIs "invalid" $pdb.minAvailable)) (not (kindIs "invalid" $pdb.maxUnavailable)) }}
 {{- fail "podDisruptionBudget: set minAvailable or maxUnavailable, not both (set the other to null)" }}
-{{- end }}
-{{- if and (kindIs "invalid" $pdb.minAvailable) (kindIs "invalid" $pdb.maxUnavailable) }}
-{{- fail "podDisruptionBudget: set one of minAvailable or maxUnavailable" }}
 {{- end }}
 {{- if and (not (kindIs "invalid" $pdb.minAvailable)) (not (kindIs "string" $pdb.minAvailable)) }}
 {{- if ge (int $pdb.minAvailable) (int .Values.replicaCount) }}
