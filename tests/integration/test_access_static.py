@@ -321,6 +321,72 @@ def test_a_malformed_tokens_file_names_the_line_not_the_token(tmp_path: Path) ->
     assert "tok-secret-bbbb" not in done.stderr
 
 
+# A field longer than the csv module's field limit (128 KiB).
+HUGE = "x" * (128 * 1024 + 1)
+
+
+def test_a_tokens_field_over_the_csv_limit_exits_2_naming_the_setting_and_line(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "tokens.csv"
+    path.write_text(f'tok-good-aaaa,alice\ntok-secret-bbbb,bob,,"{HUGE}"\n')
+    done = run_serve("--host", "127.0.0.1", "--port", str(free_port()), "--data-dir",
+                     str(tmp_path / "data"), "--enhanced-locking-auth=static",
+                     f"--enhanced-locking-auth-tokens-file={path}")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.count("\n") == 1, done.stderr[-2000:]
+    assert "enhanced-locking-auth-tokens-file" in done.stderr and "line 2" in done.stderr
+    assert "tok-secret-bbbb" not in done.stderr and "Traceback" not in done.stderr
+
+    # The same inline: too long for an argument, so from the YAML file.
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps({"enhanced-locking-auth": "static",
+                                  "enhanced-locking-auth-tokens": f"tok-secret-cccc,{HUGE}"}))
+    done = run_serve("--host", "127.0.0.1", "--port", str(free_port()), "--data-dir",
+                     str(tmp_path / "data"), "--config", str(config))
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.count("\n") == 1, done.stderr[-2000:]
+    assert "enhanced-locking-auth-tokens line 1" in done.stderr
+    assert "tok-secret-cccc" not in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_tokens_field_over_the_csv_limit_written_at_runtime_keeps_the_previous_tokens(
+    served: ServiceProcess,
+) -> None:
+    path = Path(served.args[1].split("=", 1)[1])
+    deadline = time.monotonic() + 10
+    while True:  # the answers before the edit (an earlier test's rotation may be settling)
+        with client(served, TOKENS["viewer"]) as http:
+            if http.get("/v1/locks").status_code == 200:
+                break
+        assert time.monotonic() < deadline, "the viewer's token is not taken to begin with"
+        time.sleep(0.1)
+    logged = served.output(limit=10**9).count("not (re)loaded")
+    try:
+        # Replaced whole, as an editor saves: a reload never reads it half written.
+        edited = path.with_name(path.name + ".new")
+        edited.write_text(path.read_text() + f'tok-secret-dddd,dora,,"{HUGE}"\n')
+        edited.replace(path)
+        deadline = time.monotonic() + 10
+        while served.output(limit=10**9).count("not (re)loaded") == logged:
+            assert time.monotonic() < deadline, "the bad edit was not read"
+            with client(served, TOKENS["viewer"]) as http:
+                assert http.get("/v1/locks").status_code == 200
+            time.sleep(0.1)
+        for _ in range(3):  # one reload check a second: each finds the file still bad
+            with client(served, TOKENS["viewer"]) as http:
+                assert http.get("/v1/locks").status_code == 200
+            with client(served, TOKENS["nobody"]) as http:
+                assert http.get("/v1/locks").status_code == 403
+            with client(served, "tok-secret-dddd") as http:
+                assert http.get("/v1/locks").status_code == 401
+            time.sleep(0.6)
+        assert "tok-secret-dddd" not in served.output(limit=10**9)
+    finally:
+        tokens_file(path, TOKENS)
+        time.sleep(1.2)
+
+
 def cli(served: ServiceProcess, token: str | None, *args: str) -> subprocess.CompletedProcess[str]:
     env = {"ENHANCED_LOCKING_URL": served.url}
     if token is not None:

@@ -48,7 +48,16 @@ def _digest(token: str) -> bytes:
 def parse_tokens(text: str, *, source: str) -> dict[bytes, Identity]:
     """Token digest → identity, from the tokens file form."""
     out: dict[bytes, Identity] = {}
-    for number, row in enumerate(csv.reader(text.splitlines()), start=1):
+    rows = csv.reader(text.splitlines())
+    while True:
+        try:
+            row = next(rows, None)
+        except csv.Error as error:
+            # The csv module's own refusals (a field over its 128 KiB limit) name no field.
+            raise TokenFileError(f"{source} line {rows.line_num}: {error}") from None
+        if row is None:
+            break
+        number = rows.line_num
         if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
             continue
         if len(row) < 2 or not row[0].strip() or not row[1].strip():
