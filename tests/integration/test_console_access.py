@@ -75,3 +75,54 @@ def test_a_pull_filter_of_other_digits_is_a_422(service_process: ServiceFactory)
             assert answer.status_code == 422, (route, pull, answer.text)
             assert "pull" in answer.json()["error"]
         assert httpx.get(url + route, params={"pull": "7"}, timeout=10).status_code == 200
+
+
+def test_a_force_unlock_posted_from_another_site_is_refused_and_audited(
+    service_process: ServiceFactory, tmp_path: Path,
+) -> None:
+    # The documented setup: a proxy adds the bearer token for a signed-in user's browser, so
+    # whatever that browser posts carries the token; another site's page can make it post.
+    tokens = tmp_path / "tokens.csv"
+    tokens.write_text(f'{BOT},atlantis,,"bots"\n{ALICE},alice,,"ops"\n')
+    url = service_process("--enhanced-locking-auth=static",
+                          f"--enhanced-locking-auth-tokens-file={tokens}",
+                          "--enhanced-locking-auth-roles=locker=group:bots;admin=group:ops").url
+    host = url.split("://", 1)[1].rstrip("/")
+    admin = {"Authorization": f"Bearer {ALICE}"}
+    form = {"key": KEY, "reason": "from elsewhere"}
+    with Client(url, token=ALICE) as client:
+        assert client.acquire(LockRequest.model_validate(
+            {"project": {"repoFullName": "acme/infra"}, "pull": {"num": 12}})).acquired
+        for headers in ({"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"},
+                        {"Sec-Fetch-Site": "none"},
+                        {"Sec-Fetch-Site": "cross-site", "Origin": f"http://{host}"},
+                        {"Origin": "https://evil.example"}, {"Origin": "null"}):
+            refused = httpx.post(url + "/ui/force-unlock", headers={**admin, **headers},
+                                 data=form, timeout=10)
+            assert refused.status_code == 403, (headers, refused.text)
+            assert "another site" in refused.json()["error"]
+        # Not the console form's content type (a form can send text/plain without a preflight).
+        for content_type in ("text/plain", "multipart/form-data; boundary=x", None):
+            sent = {**admin, "Sec-Fetch-Site": "same-origin"}
+            if content_type:
+                sent["Content-Type"] = content_type
+            wrong = httpx.post(url + "/ui/force-unlock", headers=sent,
+                               content=f"key={KEY}&reason=typed", timeout=10)
+            assert wrong.status_code == 422, (content_type, wrong.text)
+            assert wrong.json()["field"] == "content-type"
+        assert client.get(KEY) is not None  # nothing changed so far
+        rows = client.audit(action="force-unlock")["entries"]
+        assert [(r["outcome"], r["status"], r["key"], r["repo"], r["identity"])
+                for r in rows] == \
+            [("cross-site", 403, KEY, "acme/infra", "alice")] * 6
+
+        # The console's own page (the browser says same-origin), a browser that sends only
+        # Origin (this host), and a client that is no browser (neither header) are taken.
+        for headers in ({"Sec-Fetch-Site": "same-origin", "Origin": f"http://{host}"},
+                        {"Origin": f"http://{host}"}, {}):
+            assert client.acquire(LockRequest.model_validate(
+                {"project": {"repoFullName": "acme/infra"}, "pull": {"num": 12}})).acquired
+            done = httpx.post(url + "/ui/force-unlock", headers={**admin, **headers},
+                              data={"key": KEY, "reason": "plan stuck"}, timeout=10)
+            assert done.status_code == 303, (headers, done.text)
+            assert client.get(KEY) is None

@@ -7,7 +7,10 @@ happens, fetches ``/ui/sections`` (the same HTML, rendered by the same code) and
 
 Reading needs the ``read`` right, as the API does. Actions (force-unlock, with a reason) are
 shown only to a caller who holds ``force-unlock`` while access control is on: with
-``enhanced-locking-auth: none`` everyone is anonymous, and the console stays read-only.
+``enhanced-locking-auth: none`` everyone is anonymous, and the console stays read-only. A
+force-unlock is taken only as the console's form posts it, from its own page (see
+:func:`_cross_site`): behind a proxy that adds a signed-in user's token, another site's page
+could otherwise make that user's browser post one.
 """
 
 from __future__ import annotations
@@ -45,6 +48,28 @@ def _pull(text: str | None) -> int | None:
         raise InvalidRequest(f"pull: expected a pull request number, got {text!r}",
                              field="pull")
     return int(text)
+
+
+FORM_TYPE = "application/x-www-form-urlencoded"
+
+
+def _cross_site(request: Request) -> str | None:
+    """Why a force-unlock post did not come from the console's own page, or None if it did.
+
+    A browser names where a request came from: ``Sec-Fetch-Site`` (every current browser), else
+    ``Origin``. Only ``same-origin`` is the console's page; an ``Origin`` must be the host
+    asked. A client that sends neither is not a browser (the CLI, curl), and cannot be made to
+    post by another site's page."""
+    fetch_site = request.headers.get("sec-fetch-site")
+    if fetch_site is not None:
+        return None if fetch_site == "same-origin" else f"Sec-Fetch-Site is {fetch_site!r}"
+    origin = request.headers.get("origin")
+    if origin is None:
+        return None
+    host = request.headers.get("host", "")
+    if urllib.parse.urlsplit(origin).netloc.lower() == host.lower() and host:
+        return None
+    return f"Origin {origin!r} is not this host"
 
 
 def _e(value: object) -> str:
@@ -206,6 +231,11 @@ def install_console(app: FastAPI, service: LockService) -> None:
         if caller.access.open:
             return json_error(403, "the console is read-only while access control is off "
                                    "(enhanced-locking-auth: none); use the API or the CLI")
+        kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if kind != FORM_TYPE:
+            return json_error(422, f"content-type: the console's force-unlock takes its form "
+                                   f"({FORM_TYPE}), got {kind or 'none'!r}",
+                              field="content-type")
         form = urllib.parse.parse_qs((await request.body()).decode("utf-8", "replace"))
         key = (form.get("key") or [""])[0]
         reason = (form.get("reason") or [""])[0].strip()
@@ -217,6 +247,15 @@ def install_console(app: FastAPI, service: LockService) -> None:
         except LockUnreadable:  # whose it is cannot be read: force-unlock clears it
             holder = None
         repo = holder.project.repo_full_name if holder else None
+        # A page on another site can post a plain form here, and the browser of a signed-in
+        # user would send it with that user's session (a proxy adding the bearer token).
+        refused = _cross_site(request)
+        if refused is not None:
+            await caller.record(action="force-unlock", verb=Verb.FORCE_UNLOCK, key=key,
+                                repo=repo, outcome="cross-site", status=403, reason=reason)
+            return json_error(403, f"a force-unlock from another site's page is refused "
+                                   f"({refused}): use the console's own page, the API or "
+                                   f"the CLI")
         await caller.need(Verb.FORCE_UNLOCK, action="force-unlock", key=key, repo=repo,
                           reason=reason)
         async with caller.audited(action="force-unlock", verb=Verb.FORCE_UNLOCK, key=key,
