@@ -317,8 +317,8 @@ class EnhancedLockingConfig(BaseSettings):
     )
     auth_tokens: SecretStr = Field(
         SecretStr(""),
-        description="Static bearer tokens given inline in the tokens file form (a LockPolicy "
-        "sets it from a Secret); never printed.",
+        description="Static bearer tokens given inline in the tokens file form (from a "
+        "Secret, through this setting's environment variable); never printed.",
     )
     auth_roles: RoleMap = Field(
         default_factory=dict,
