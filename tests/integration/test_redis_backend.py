@@ -308,6 +308,23 @@ async def test_export_and_adopt_move_locks_and_counters_without_lowering_them(
     assert await backend.adopt([other], {}) == [other]
 
 
+async def test_export_counts_a_counter_of_other_digits_as_written_over(
+    backend: RedisBackend,
+) -> None:
+    # "²" and "٣" are digits to str.isdigit, not numbers Redis counts with: export gives them
+    # the clock's floor as it does any counter written over, instead of failing ("²") or
+    # reading 3 ("٣").
+    keys = [f"acme/infra/d{n}/default/prod" for n in range(3)]
+    for n in range(3):
+        await backend.acquire(lock_for(request_for(pull=n + 1, path=f"d{n}")))
+    client = backend.connection.client
+    await client.set(backend.keys.fence(keys[1]), "²")
+    await client.set(backend.keys.fence(keys[2]), "٣")
+    _, tokens = await backend.export()
+    assert tokens[keys[0]] == 1
+    assert tokens[keys[1]] == tokens[keys[2]] > 10**12  # milliseconds since 1970, times 1000
+
+
 async def test_on_a_redis_without_functions_the_scripts_are_called_by_sha(
     tmp_path: Path,
 ) -> None:

@@ -831,7 +831,7 @@ class RedisBackend:
             keys = sorted(str(k) for k in await client.smembers(self.keys.fenced))
             values = await client.mget([self.keys.fence(k) for k in keys]) if keys else []
             tokens = {k: int(v) for k, v in zip(keys, values, strict=True)
-                      if v is not None and str(v).isdigit()}
+                      if v is not None and str(v).isascii() and str(v).isdigit()}
             damaged = [k for k in keys if k not in tokens
                        and await client.exists(self.keys.fence(k))]
         if damaged:
