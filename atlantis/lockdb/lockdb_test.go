@@ -150,6 +150,55 @@ func TestAtlantisLockingClientRunsAgainstTheService(t *testing.T) {
 	})
 }
 
+func TestAtlantisRunsWithoutAPullLockAndReleaseByTheirNegativeNumber(t *testing.T) {
+	// Atlantis's /api/plan, /api/apply and drift runs have no pull request: it numbers each
+	// with a made-up negative pull (api_controller.go, nextNonPRPullNum), as low as -2^30
+	// less a counter. Its own BoltDB and Redis take any number; the service must too.
+	const apiRun = -536870977
+	forEachStore(t, func(t *testing.T, s store) {
+		database := open(t, s.serve(t))
+		locker := locking.NewClient(database)
+		api := models.NewProject("acme/infra", "envs/api", "")
+		got, err := locker.TryLock(api, "default", pullOf("acme/infra", apiRun), alice)
+		must(t, err)
+		if !got.LockAcquired {
+			t.Fatalf("the run without a pull should get its lock, got %+v", got)
+		}
+		// The pull with the same digits is another owner.
+		other, err := locker.TryLock(models.NewProject("acme/infra", "envs/pr", ""), "default",
+			pullOf("acme/infra", -apiRun), alice)
+		must(t, err)
+		if !other.LockAcquired {
+			t.Fatalf("pull %d should get its own lock, got %+v", -apiRun, other)
+		}
+		refused, err := locker.TryLock(api, "default", pullOf("acme/infra", -apiRun), alice)
+		must(t, err)
+		if refused.LockAcquired || refused.CurrLock.Pull.Num != apiRun {
+			t.Fatalf("pull %d should be told the run %d holds it, got %+v", -apiRun, apiRun, refused)
+		}
+		held, err := database.GetLock(api, "default")
+		must(t, err)
+		if held == nil || held.Pull.Num != apiRun {
+			t.Fatalf("GetLock should answer the run's lock, got %+v", held)
+		}
+		all, err := database.List()
+		must(t, err)
+		if len(all) != 2 {
+			t.Fatalf("List should hold both locks, got %+v", all)
+		}
+		released, err := database.UnlockByPull("acme/infra", apiRun)
+		must(t, err)
+		if len(released) != 1 || released[0].Pull.Num != apiRun || released[0].Project.Path != "envs/api" {
+			t.Fatalf("UnlockByPull(%d) should free the run's lock only, freed %+v", apiRun, released)
+		}
+		left, err := database.List()
+		must(t, err)
+		if len(left) != 1 || left[0].Pull.Num != -apiRun {
+			t.Fatalf("pull %d's lock should remain, got %+v", -apiRun, left)
+		}
+	})
+}
+
 func TestEveryFieldOfAProjectLockSurvivesTheRoundTrip(t *testing.T) {
 	forEachStore(t, func(t *testing.T, s store) {
 		database := open(t, s.serve(t))

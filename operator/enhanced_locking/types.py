@@ -59,6 +59,8 @@ from enhanced_locking.durations import (
 
 __all__ = [
     "ADMIN_ACTIONS",
+    "PULL_MAX",
+    "PULL_MIN",
     "AccessError",
     "AcquireResult",
     "AuditEntry",
@@ -401,8 +403,16 @@ def _whole_number(value: object) -> object:
     return value
 
 
-PullNumber = Annotated[int, Field(ge=0, le=2**31 - 1), BeforeValidator(_whole_number)]
-"""A pull request number as a request carries it (strict: ``"12"`` is refused)."""
+PULL_MIN = -(2**31)
+"""The lowest pull number: Atlantis numbers a plan or apply without a pull request (its
+``/api/plan``, ``/api/apply``, drift runs) with a made-up negative one, as low as ``-2**30``
+and a counter; a VCS's own pull numbers start at 1."""
+PULL_MAX = 2**31 - 1
+"""The highest pull number (Atlantis's Go ``int`` as VCS hosts number pulls: 32 bits)."""
+
+PullNumber = Annotated[int, Field(ge=PULL_MIN, le=PULL_MAX), BeforeValidator(_whole_number)]
+"""A pull request number as a request carries it (strict: ``"12"`` is refused); negative for
+Atlantis's runs without a pull request."""
 
 
 class Pull(_Model):

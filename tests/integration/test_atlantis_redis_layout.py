@@ -85,6 +85,21 @@ async def test_a_lock_atlantis_wrote_is_respected_and_read_without_its_token(
         assert admin.exists(f"pr/{KEY}") == 0
 
 
+async def test_a_lock_atlantis_wrote_for_a_run_without_a_pull_is_read_and_released_by_pull(
+    legacy: AtlantisRedisBackend, redis_server: RedisServer
+) -> None:
+    # Atlantis's /api/plan, /api/apply and drift runs number their "pull" below zero.
+    with redis_server.client() as admin:
+        admin.set(f"pr/{KEY}", ATLANTIS_LOCK.replace('"Num":12', '"Num":-536870977'))
+    listed = await legacy.list(repo="acme/infra", pull=-536870977)
+    assert [(lock.key, lock.pull.num) for lock in listed] == [(KEY, -536870977)]
+    assert await legacy.release_by_pull("acme/infra", 536870977) == []
+    released = await legacy.release_by_pull("acme/infra", -536870977)
+    assert [lock.pull.num for lock in released] == [-536870977]
+    with redis_server.client() as admin:
+        assert admin.exists(f"pr/{KEY}") == 0
+
+
 async def test_concurrent_try_locks_from_two_replicas_grant_once(
     redis_server: RedisServer,
 ) -> None:

@@ -288,7 +288,7 @@ def test_the_service_url_can_come_from_the_environment(service_process: ServiceF
 
 @pytest.mark.parametrize("args", [
     ["--pull", "1", "--wait", "soon"],
-    ["--pull", "-1"],
+    ["--pull", "-2147483649"],
 ])
 def test_an_invalid_acquire_exits_2(service_process: ServiceFactory, args: list[str]) -> None:
     url = service_process().url

@@ -141,7 +141,7 @@ INVALID: list[tuple[str, Any]] = [
     ("workspace", ""),
     ("pull", ...),
     ("pull.num", ...),
-    ("pull.num", -1),
+    ("pull.num", -(2**31) - 1),
     ("pull.num", "twelve"),
     ("pull.num", 2**31),
     ("pull.url", "https://git.example/" + "x" * 3000),
@@ -184,7 +184,8 @@ def test_a_body_that_is_not_an_acquire_request_gets_422(http: httpx.Client, cont
 
 @pytest.mark.parametrize(("method", "path", "params", "field"), [
     ("GET", "/v1/locks", {"pull": "abc"}, "pull"),
-    ("GET", "/v1/locks", {"pull": -1}, "pull"),
+    ("GET", "/v1/locks", {"pull": -(2**31) - 1}, "pull"),
+    ("GET", "/v1/locks", {"pull": "--1"}, "pull"),
     ("GET", "/v1/locks/by-key", {}, "key"),
     ("GET", "/v1/locks/by-key", {"key": ""}, "key"),
     ("DELETE", "/v1/locks/by-key", {"key": "k", "pull": "x"}, "pull"),

@@ -160,7 +160,7 @@ async def test_a_batch_is_all_or_nothing_and_409_names_the_key_and_why(
     ({"locks": [{"project": {"repoFullName": "x/y", "path": "a"}}] * 2}, "locks"),
     ({"wait": "forever"}, "wait"),
     ({"priority": "urgent"}, "priority"),
-    ({"pull": {"num": -1}}, "pull.num"),
+    ({"pull": {"num": -(2**31) - 1}}, "pull.num"),
 ])
 async def test_an_invalid_batch_gets_422_naming_the_field(
     http: httpx.AsyncClient, repo: str, change: dict[str, Any], field: str,

@@ -81,6 +81,27 @@ async def test_list_filters_by_repository_and_pull(backend_factory: BackendFacto
         "acme/infra/a/default/prod", "acme/infra/c/default/prod"]
 
 
+async def test_a_negative_pull_is_listed_and_released_by_pull_as_its_own(
+    backend_factory: BackendFactory,
+) -> None:
+    # Atlantis numbers a plan or apply without a pull request (its /api/plan, /api/apply and
+    # drift runs) with a made-up negative pull number: its by-pull index entry is its own, not
+    # that of the pull with the same digits.
+    backend = backend_factory()
+    for path, pull in [("a", -12345), ("b", -12345), ("c", 12345), ("d", -(2**31))]:
+        assert (await backend.acquire(lock_for(request_for(path=path, pull=pull))))[0]
+    assert sorted(lock.key for lock in await backend.list(pull=-12345)) == [
+        "acme/infra/a/default/prod", "acme/infra/b/default/prod"]
+    released = await backend.release_by_pull("acme/infra", -12345)
+    assert sorted((lock.key, lock.pull.num) for lock in released) == [
+        ("acme/infra/a/default/prod", -12345), ("acme/infra/b/default/prod", -12345)]
+    assert sorted((lock.key, lock.pull.num) for lock in await backend.list()) == [
+        ("acme/infra/c/default/prod", 12345), ("acme/infra/d/default/prod", -(2**31))]
+    assert [lock.pull.num for lock in await backend.release_by_pull("acme/infra", -(2**31))] == [
+        -(2**31)]
+    assert [lock.pull.num for lock in await backend.list()] == [12345]
+
+
 async def test_a_lapsed_lease_frees_the_key(backend_factory: BackendFactory) -> None:
     # Real time, briefly: the Redis backend's leases run on the server's clock. The lease ends
     # a fixed time after the test asked, so the grant's own answer must come before that end:

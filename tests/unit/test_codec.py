@@ -129,6 +129,16 @@ def test_json_as_atlantis_writes_it_is_read() -> None:
         "legacy", 0, Priority.NORMAL, None)
 
 
+def test_a_negative_pull_atlantis_wrote_for_a_run_without_a_pull_is_read() -> None:
+    # Atlantis's /api/plan, /api/apply and drift runs number their "pull" below zero.
+    written = json.loads(ATLANTIS_JSON)
+    written["Pull"]["Num"] = -536870977
+    lock = codec.decode(json.dumps(written))
+    assert lock.pull.num == -536870977
+    assert json.loads(codec.encode(lock))["Pull"]["Num"] == -536870977
+    assert codec.decode(codec.encode(lock), key=lock.key) == lock
+
+
 def test_the_key_given_by_the_store_wins_over_the_one_derived_from_the_json() -> None:
     assert codec.decode(ATLANTIS_JSON, key="stored/key").key == "stored/key"
 
@@ -219,7 +229,7 @@ def _locks(draw: st.DrawFn) -> Lock:
                                         project_name=draw(_field_text)),
         workspace=draw(_field_text),
         pull=Pull.model_construct(
-            num=draw(st.integers(min_value=0, max_value=2**31 - 1)), url=draw(_field_text),
+            num=draw(st.integers(min_value=-(2**31), max_value=2**31 - 1)), url=draw(_field_text),
             author=draw(_field_text), head_branch=draw(_field_text),
             base_branch=draw(_field_text), head_commit=draw(_field_text),
             state=draw(st.sampled_from(["open", "closed"])),

@@ -155,6 +155,8 @@ VALID_ACQUIRES: list[tuple[bytes, dict[str, str]]] = [
      b' "pull": {"num": 7}}', JSON),
     (json.dumps(lock(path="./envs//prod/", workspace="w\u00e9", requestId="r-1")).encode(),
      JSON),
+    # Atlantis's runs without a pull request number it below zero
+    (json.dumps(lock(pull=-536870977, path="api")).encode(), JSON),
 ]
 
 REFERRED_ACQUIRES: list[tuple[bytes, dict[str, str]]] = [
@@ -173,7 +175,7 @@ INVALID_ACQUIRES: list[tuple[bytes, dict[str, str]]] = [
     (b"\xff\xfe", JSON),
     (json.dumps(lock()).encode(), {}),
     (json.dumps(lock()).encode(), {"content-type": "text/plain"}),
-    (json.dumps(lock(pull=-1)).encode(), JSON),
+    (json.dumps(lock(pull=-(2**31) - 1)).encode(), JSON),
     (json.dumps(lock(pull=2**31)).encode(), JSON),
     (json.dumps(lock(pull=1.5)).encode(), JSON),
     (json.dumps(lock(pull="7")).encode(), JSON),
@@ -224,7 +226,8 @@ async def test_an_acquire_not_taken_directly_is_answered_by_fastapi_as_before(
 
 @pytest.mark.parametrize("query", [
     "", "key=", "pull=7", f"key={KEY}&pull=", f"key={KEY}&pull=1e3", f"key={KEY}&pull=+1",
-    f"key={KEY}&pull=-1", f"key={KEY}&pull=99999999999", f"key={KEY}&repo=",
+    f"key={KEY}&pull=-2147483649", f"key={KEY}&pull=-", f"key={KEY}&pull=--1",
+    f"key={KEY}&pull=99999999999", f"key={KEY}&repo=",
     f"key={'k' * 4097}", f"key={KEY}&repo={'r' * 513}",
 ])
 async def test_an_invalid_release_is_answered_by_fastapi_as_before(

@@ -28,23 +28,33 @@ from enhanced_locking.api.access import Caller, CallerDep
 from enhanced_locking.api.errors import json_error
 from enhanced_locking.factory import LockService
 from enhanced_locking.rollout_summary import RolloutSummary, remaining_text, summarize
-from enhanced_locking.types import InvalidRequest, Lock, LockUnreadable, Verb, utcnow
+from enhanced_locking.types import (
+    PULL_MAX,
+    PULL_MIN,
+    InvalidRequest,
+    Lock,
+    LockUnreadable,
+    Verb,
+    utcnow,
+)
 
 __all__ = ["install_console"]
 
 Repo = Annotated[str | None, Query(max_length=512, description="owner/name")]
-Pull = Annotated[str | None, Query(max_length=10, description="Pull request number; empty: "
+Pull = Annotated[str | None, Query(max_length=11, description="Pull request number; empty: "
                                    "any (a filter form sends it empty)")]
 
 
 def _pull(text: str | None) -> int | None:
     """The pull filter: empty is none; anything but a number is a 422 like the API's.
 
-    ASCII digits only, as the API's ``pull`` (``api/params.py``): ``str.isdigit`` is true of
-    ``²``, which ``int`` refuses, and of ``٣``, which ``int`` reads as 3."""
+    ASCII digits only, after a ``-`` for a negative number, as the API's ``pull``
+    (``api/params.py``): ``str.isdigit`` is true of ``²``, which ``int`` refuses, and of
+    ``٣``, which ``int`` reads as 3."""
     if not text:
         return None
-    if not (text.isascii() and text.isdigit()) or int(text) > 2**31 - 1:
+    digits = text.removeprefix("-")  # Atlantis's runs without a pull request: below zero
+    if not (digits.isascii() and digits.isdigit()) or not PULL_MIN <= int(text) <= PULL_MAX:
         raise InvalidRequest(f"pull: expected a pull request number, got {text!r}",
                              field="pull")
     return int(text)

@@ -1,7 +1,8 @@
 """Query parameters shared by the routes, strict as the schema says.
 
-A pull number is ASCII digits (``pull=0.0``, ``pull=1e3`` or ``pull=+1`` are not integers and
-answer 422), within Atlantis's range. A time is RFC 3339 text (``2026-01-31T00:00:00Z``), as
+A pull number is ASCII digits, after a ``-`` for Atlantis's runs without a pull request
+(``pull=0.0``, ``pull=1e3`` or ``pull=+1`` are not integers and answer 422), within Atlantis's
+range. A time is RFC 3339 text (``2026-01-31T00:00:00Z``), as
 the schema's ``date-time`` says: a bare number (``until=0.5``) is not read as a Unix time.
 """
 
@@ -14,16 +15,19 @@ from typing import Annotated
 from fastapi import Query
 from pydantic import BeforeValidator
 
+from enhanced_locking.types import PULL_MAX, PULL_MIN
+
 __all__ = ["Key", "OptionalPullNum", "PullNum", "Repo", "Time"]
 
-_DIGITS = re.compile(r"[0-9]{1,10}")
+_DIGITS = re.compile(r"-?[0-9]{1,10}")
 _RFC3339 = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?"
                       r"([Zz]|[+-][0-9]{2}:[0-9]{2})?")
 
 
 def _digits(value: object) -> object:
     if isinstance(value, str) and not _DIGITS.fullmatch(value):
-        raise ValueError(f"expected a whole number of ASCII digits, got {value!r}")
+        raise ValueError("expected a whole number of ASCII digits (a leading - for a negative "
+                         f"one), got {value!r}")
     return value
 
 
@@ -35,7 +39,8 @@ def _rfc3339(value: object) -> object:
 
 Key = Annotated[str, Query(min_length=1, max_length=4096, description="The lock key.")]
 Repo = Annotated[str, Query(min_length=1, max_length=512, description="owner/name")]
-PullNum = Annotated[int, Query(ge=0, le=2**31 - 1, description="Pull request number."),
+PullNum = Annotated[int, Query(ge=PULL_MIN, le=PULL_MAX, description=(
+    "Pull request number (negative: Atlantis's runs without a pull request).")),
                     BeforeValidator(_digits)]
-OptionalPullNum = Annotated[int | None, Query(ge=0, le=2**31 - 1), BeforeValidator(_digits)]
+OptionalPullNum = Annotated[int | None, Query(ge=PULL_MIN, le=PULL_MAX), BeforeValidator(_digits)]
 Time = Annotated[datetime | None, BeforeValidator(_rfc3339)]
