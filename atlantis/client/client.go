@@ -408,10 +408,24 @@ func (c *Client) Get(ctx context.Context, key string) (*Lock, error) {
 }
 
 type locksAnswer struct {
-	Locks []Lock `json:"locks"`
+	Locks       []Lock   `json:"locks"`
+	Unavailable []string `json:"unavailable"`
 }
 
-// List is every held lock, optionally of one repository (exact) and/or pull.
+// partial is the *UnavailableError of an answer that the service gave without the sides
+// (stores) it names in unavailable: a list missing their locks, a release that left theirs
+// held. Nil when every side answered.
+func partial(op string, unavailable []string) error {
+	if len(unavailable) == 0 {
+		return nil
+	}
+	return &UnavailableError{Op: op, Status: http.StatusOK, Sides: unavailable, Message: fmt.Sprintf(
+		"the %s lock store did not answer: the answer is partial", strings.Join(unavailable, " and "))}
+}
+
+// List is every held lock, optionally of one repository (exact) and/or pull. When a lock
+// store behind the service did not answer, the locks of the others come with an
+// *UnavailableError naming it (Sides): the list is partial.
 func (c *Client) List(ctx context.Context, f ListFilter) ([]Lock, error) {
 	q := url.Values{}
 	if f.Repo != "" {
@@ -422,7 +436,10 @@ func (c *Client) List(ctx context.Context, f ListFilter) ([]Lock, error) {
 	}
 	a, err := request[locksAnswer](ctx, c, call{op: "list", method: http.MethodGet,
 		path: "/v1/locks", query: q, idempotent: true})
-	return a.Locks, err
+	if err != nil {
+		return nil, err
+	}
+	return a.Locks, partial("list", a.Unavailable)
 }
 
 type releaseAnswer struct {
@@ -459,16 +476,23 @@ func (c *Client) ForceUnlock(ctx context.Context, key string) (*Lock, error) {
 }
 
 type pullReleaseAnswer struct {
-	Released []Lock `json:"released"`
+	Released    []Lock   `json:"released"`
+	Unavailable []string `json:"unavailable"`
 }
 
 // ReleasePull frees every lock of one pull of one repository (exactly that repository: not
-// another whose name starts the same) and answers them.
+// another whose name starts the same) and answers them. When a lock store behind the
+// service did not answer, the locks freed on the others come with an *UnavailableError
+// naming it (Sides): the pull's locks there are still held, and the call is to be made again
+// once it answers.
 func (c *Client) ReleasePull(ctx context.Context, repo string, pull int) ([]Lock, error) {
 	a, err := request[pullReleaseAnswer](ctx, c, call{op: "release-pull",
 		method: http.MethodDelete, path: "/v1/locks/by-pull",
 		query: url.Values{"repo": {repo}, "pull": {strconv.Itoa(pull)}}})
-	return a.Released, err
+	if err != nil {
+		return nil, err
+	}
+	return a.Released, partial("release-pull", a.Unavailable)
 }
 
 // ReleaseBatch frees several locks; with pull, only if that pull holds every held one.

@@ -14,7 +14,9 @@ import (
 //	├── *InvalidError      the service refused the request as written (4xx: which field, why)
 //	├── *DeniedError       the service does not know or allow the caller (401, 403)
 //	└── *UnavailableError  the service, or the store behind it, did not answer (or is at its
-//	                       limit of event streams: 429); the only error a retry can cure
+//	                       limit of event streams: 429); the only error a retry can cure.
+//	                       A list or a pull's release that one store did not answer returns
+//	                       what the others answered along with it (Sides names the missing)
 //
 // Every error that is about one lock carries its key. Match them with errors.As; a call
 // that was cancelled or ran out of time through its context answers with an
@@ -77,9 +79,13 @@ type UnavailableError struct {
 	// Op is the call ("acquire", "list", ...).
 	Op  string
 	Key string
-	// Status is the HTTP status when the service answered (502, 503, 504, or 409 with
-	// reason "unavailable"); 0 when it could not be reached.
-	Status  int
+	// Status is the HTTP status when the service answered (502, 503, 504, 409 with reason
+	// "unavailable", or 200 for a partial answer: see Sides); 0 when it could not be reached.
+	Status int
+	// Sides names the lock stores ("legacy", "enhanced") that did not answer when the
+	// service answered without them (a list or a pull's release, status 200): what the call
+	// returned along with this error is what the other sides hold or freed.
+	Sides   []string
 	Message string
 	Err     error
 }

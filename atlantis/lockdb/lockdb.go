@@ -165,7 +165,9 @@ func (b *Database) UnlockIfOwnedByPull(p models.Project, workspace string, pullN
 	return optional(lock, err)
 }
 
-// List is every lock the service holds.
+// List is every lock the service holds. A lock store behind the service that did not
+// answer is an error (an *UnavailableError naming it), not a shorter list: Atlantis's lock
+// pages then say the locks could not be read rather than show some of them as all.
 func (b *Database) List() ([]models.ProjectLock, error) {
 	ctx, cancel := b.ctx(0)
 	defer cancel()
@@ -186,13 +188,15 @@ func (b *Database) GetLock(p models.Project, workspace string) (*models.ProjectL
 
 // UnlockByPull frees every lock of the pull of exactly that repository. Atlantis's own
 // databases match the repository by prefix (closing PR 5 of org/app also frees PR 5 of
-// org/app-infra); the service does not.
+// org/app-infra); the service does not. When a lock store behind the service did not
+// answer (the enhanced one during a migration), the locks freed on the other come back with
+// an error (an *UnavailableError naming the store): the pull's locks there are still held.
 func (b *Database) UnlockByPull(repoFullName string, pullNum int) ([]models.ProjectLock, error) {
 	ctx, cancel := b.ctx(0)
 	defer cancel()
 	locks, err := b.service.ReleasePull(ctx, repoFullName, pullNum)
 	if err != nil {
-		return nil, fmt.Errorf("lock service: %w", err)
+		return projectLocks(locks), fmt.Errorf("lock service: %w", err)
 	}
 	return projectLocks(locks), nil
 }

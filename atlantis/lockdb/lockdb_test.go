@@ -1,7 +1,9 @@
 package lockdb_test
 
 import (
+	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -461,6 +463,46 @@ func TestTheServiceUnreachableFailsClosed(t *testing.T) {
 	// The wrapped database still answers what it keeps.
 	if _, err := database.CheckCommandLock(command.Apply); err != nil {
 		t.Fatalf("command locks live in the wrapped database: %v", err)
+	}
+}
+
+func TestAPullsReleaseTheEnhancedStoreDidNotAnswerIsAnError(t *testing.T) {
+	// In a migration the service answers a pull's release and a listing with what legacy
+	// holds when the enhanced store is down, and says so (unavailable: ["enhanced"]). Atlantis
+	// reads only the error: a partial release must not look like a whole one (its close
+	// handler would never ask again, leaving the pull's enhanced locks held).
+	redis := servicetest.RedisServer(t)
+	svc := servicetest.Serve(t, "--enhanced-locking-enabled", "--enhanced-locking-backend=redis",
+		"--enhanced-locking-redis-addr="+redis.Addr, "--enhanced-locking-fallback=legacy")
+	database := open(t, svc, lockdb.WithClientOptions(client.WithRetries(1, 0)))
+	lockAt := func(path string) {
+		t.Helper()
+		ok, _, err := database.TryLock(models.ProjectLock{Project: models.NewProject("acme/infra", path, ""),
+			Workspace: "default", Pull: pullOf("acme/infra", 7), User: alice, Time: time.Now()})
+		must(t, err)
+		if !ok {
+			t.Fatalf("pull 7 should get %s", path)
+		}
+	}
+	lockAt("enhanced")
+	redis.Stop()
+	lockAt("legacy") // granted by legacy while the enhanced store is down (fallback legacy)
+
+	listed, err := database.List()
+	var unavailable *client.UnavailableError
+	if !errors.As(err, &unavailable) || !slices.Equal(unavailable.Sides, []string{"enhanced"}) {
+		t.Fatalf("List must say the enhanced store did not answer, got %+v, %v", listed, err)
+	}
+	released, err := database.UnlockByPull("acme/infra", 7)
+	if !errors.As(err, &unavailable) || !slices.Equal(unavailable.Sides, []string{"enhanced"}) {
+		t.Fatalf("UnlockByPull must say the enhanced store did not answer, got %+v, %v", released, err)
+	}
+	// What legacy held it did free, and says so along with the error.
+	if len(released) != 1 || released[0].Project.Path != "legacy" {
+		t.Fatalf("UnlockByPull should answer legacy's lock it freed, got %+v", released)
+	}
+	if !strings.Contains(err.Error(), "enhanced") {
+		t.Fatalf("the error should name the store that did not answer: %v", err)
 	}
 }
 

@@ -129,6 +129,12 @@ func tail(s string, n int) string {
 // Redis starts a redis-server without persistence on a free loopback port; "host:port".
 func Redis(t testing.TB) string {
 	t.Helper()
+	return RedisServer(t).Addr
+}
+
+// RedisServer is Redis's process, for a test that stops it (a store that goes down).
+func RedisServer(t testing.TB) *Process {
+	t.Helper()
 	bin, err := exec.LookPath("redis-server")
 	if err != nil {
 		t.Fatal("redis-server is not installed: run hack/ensure-redis.sh (Debian's redis-server package)")
@@ -148,7 +154,7 @@ func Redis(t testing.TB) string {
 		return err == nil && strings.HasPrefix(line, "+PONG")
 	})
 	p.Addr = addr
-	return addr
+	return p
 }
 
 // EnhancedLockingCommand is the installed `enhanced-locking` console script: from
