@@ -1,12 +1,17 @@
 // Package client is a typed, context-aware client of the lock service's HTTP API (v1).
 //
 // One Client is safe for concurrent use. Every call takes a context; its deadline bounds the
-// whole call, retries included. Calls that are safe to repeat (reads, an acquire — the same
-// pull asking again for its own lock gets it back unchanged —, a refresh, a release that names
-// its pull) are retried with jittered exponential backoff when the service cannot be reached
-// or answers 502/503/504; the others (a release that names no pull, force-unlock, cancel,
-// releasing a pull's locks) are sent once, because a repeat could free a lock that someone
-// else took in between, or lose the list of what was released.
+// whole call, retries included. Calls that are safe to repeat (reads, a refresh, a release
+// that names its pull) are retried with jittered exponential backoff when the service cannot
+// be reached or answers 502/503/504. An acquire is retried only when the service cannot have
+// acted on it: no connection could be made, or 503 (the service, or a proxy in front of it,
+// turned it away before any work). After a 502 or 504, or a connection lost once the request
+// was sent, the service may have granted it and be giving the grant back because its caller
+// went away: a retry answered with that same lock (the same pull asking again gets it back)
+// would be told it holds a lock that the give-back then frees. The others (a release that
+// names no pull, force-unlock, cancel, releasing a pull's locks) are sent once, because a
+// repeat could free a lock that someone else took in between, or lose the list of what was
+// released.
 //
 // Refusals are typed errors (see errors.go): *HeldError, *NotOwnerError, *InvalidError,
 // *DeniedError and *UnavailableError.
@@ -20,6 +25,7 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
+	"net"
 	"net/http"
 	"net/url"
 	"slices"
@@ -101,6 +107,9 @@ type call struct {
 	body       any
 	key        string
 	idempotent bool
+	// unsentOnly: retried only when the service cannot have acted on the call (no
+	// connection, or 503): an acquire (see the package comment).
+	unsentOnly bool
 	// wait extends the call's own time bound (an acquire that waits in a queue).
 	wait time.Duration
 	// also lists the statuses besides 200 whose body is the answer (409: an acquire refused).
@@ -144,7 +153,7 @@ func (c *Client) do(ctx context.Context, k call) (answer, error) {
 		} else {
 			last = &UnavailableError{Op: k.op, Key: k.key, Status: got.status, Message: errorMessage(got.body)}
 		}
-		if attempt >= attempts || ctx.Err() != nil {
+		if attempt >= attempts || ctx.Err() != nil || (k.unsentOnly && !unsent(got, err)) {
 			return answer{}, last
 		}
 		// Full jitter: a random delay up to the current bound, so clients spread out.
@@ -156,6 +165,16 @@ func (c *Client) do(ctx context.Context, k call) (answer, error) {
 		}
 		delay = min(2*delay, c.maxBackoff)
 	}
+}
+
+// unsent reports whether an attempt that failed (err, or the status of got) cannot have been
+// acted on by the service: no connection was made, or it was turned away with 503.
+func unsent(got answer, err error) bool {
+	if err == nil {
+		return got.status == http.StatusServiceUnavailable
+	}
+	var op *net.OpError
+	return errors.As(err, &op) && op.Op == "dial"
 }
 
 func retryableStatus(status int) bool {
@@ -351,11 +370,12 @@ func (r AcquireRequest) body() acquireBody {
 }
 
 // Acquire asks for one lock. Granted: the lock. Not granted: a *HeldError with the reason
-// and the holder. The same pull asking again for a lock it holds gets it back unchanged,
-// which is why an acquire is retried when the service could not be reached.
+// and the holder. Retried only when the service cannot have acted on it (see the package
+// comment): after a 502, a 504 or a connection lost mid-call it answers an *UnavailableError,
+// and a grant its caller never heard of is given back by the service.
 func (c *Client) Acquire(ctx context.Context, r AcquireRequest) (*Lock, error) {
 	k := call{op: "acquire", method: http.MethodPost, path: "/v1/locks", body: r.body(),
-		key: LockKey(r.Project, r.Workspace), idempotent: true, wait: r.Wait,
+		key: LockKey(r.Project, r.Workspace), idempotent: true, unsentOnly: true, wait: r.Wait,
 		also: []int{http.StatusConflict}}
 	a, err := request[acquireAnswer](ctx, c, k)
 	if err != nil {
@@ -384,7 +404,7 @@ func (c *Client) AcquireBatch(ctx context.Context, r BatchRequest) ([]Lock, erro
 		body.Locks[i] = item
 	}
 	k := call{op: "acquire-batch", method: http.MethodPost, path: "/v1/locks/batch", body: body,
-		idempotent: true, wait: r.Wait, also: []int{http.StatusConflict}}
+		idempotent: true, unsentOnly: true, wait: r.Wait, also: []int{http.StatusConflict}}
 	a, err := request[acquireAnswer](ctx, c, k)
 	if err != nil {
 		return nil, err

@@ -3,9 +3,14 @@ package client_test
 import (
 	"context"
 	"errors"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"net/url"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -336,4 +341,92 @@ func fmtErr(err error) string {
 		return ""
 	}
 	return err.Error()
+}
+
+// proxy is a reverse proxy on loopback in front of the service, as one runs in front of it
+// in a cluster, that counts the acquires it is sent. The first `refuse` of them it answers
+// 503 itself (no upstream ready), without passing them on; it gives up on the service
+// after `patience` (answering 502, as a proxy whose upstream timed out).
+func proxy(t *testing.T, serviceURL string, refuse int, patience time.Duration) (string, *atomic.Int32) {
+	t.Helper()
+	target, err := url.Parse(serviceURL)
+	must(t, err)
+	forward := httputil.NewSingleHostReverseProxy(target)
+	upstream := &http.Transport{ResponseHeaderTimeout: patience}
+	forward.Transport = upstream
+	var acquires atomic.Int32
+	l, err := net.Listen("tcp", servicetest.Loopback+":0")
+	must(t, err)
+	server := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodPost && r.URL.Path == "/v1/locks" {
+			if n := acquires.Add(1); int(n) <= refuse {
+				http.Error(w, "no upstream ready", http.StatusServiceUnavailable)
+				return
+			}
+		}
+		forward.ServeHTTP(w, r)
+	})}
+	go server.Serve(l) //nolint:errcheck
+	t.Cleanup(func() {
+		server.Close() //nolint:errcheck
+		upstream.CloseIdleConnections()
+	})
+	return "http://" + l.Addr().String(), &acquires
+}
+
+func TestAnAcquireIsNotSentAgainAfterTheProxyGaveUpOnTheService(t *testing.T) {
+	// Pull 2 waits behind pull 1; the proxy gives up on the service first (502). The service
+	// may have granted the acquire by then and will give the grant back (its caller is gone):
+	// a retry answered with that same lock would be told it holds what the give-back frees.
+	// So the acquire is not sent again: the caller hears the service was unavailable.
+	svc := servicetest.Serve(t, "--enhanced-locking-enabled", "--enhanced-locking-priority-queue")
+	direct, err := client.New(svc.URL)
+	must(t, err)
+	ctx := context.Background()
+	first, err := direct.Acquire(ctx, request("acme/infra", "envs/prod", 1))
+	must(t, err)
+	through, acquires := proxy(t, svc.URL, 0, 500*time.Millisecond)
+	c, err := client.New(through, client.WithRetries(3, 10*time.Millisecond))
+	must(t, err)
+	waiting := request("acme/infra", "envs/prod", 2)
+	waiting.Wait = 20 * time.Second
+	_, err = c.Acquire(ctx, waiting)
+	var unavailable *client.UnavailableError
+	if !errors.As(err, &unavailable) || unavailable.Status != http.StatusBadGateway {
+		t.Fatalf("the acquire should answer the proxy's 502 as unavailable, got %v", err)
+	}
+	if n := acquires.Load(); n != 1 {
+		t.Fatalf("an acquire the service may have acted on must be sent once, sent %d times", n)
+	}
+	// The service dropped the wait of the caller that went away: pull 1's release leaves the
+	// key free, not held by pull 2, which was never told it got it.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		q, err := direct.Queue(ctx, first.Key)
+		must(t, err)
+		if len(q.Waiters) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the gone caller's wait is still queued: %+v", q.Waiters)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	_, err = direct.ReleaseIfOwned(ctx, first.Key, 1)
+	must(t, err)
+	if held, err := direct.Get(ctx, first.Key); err != nil || held != nil {
+		t.Fatalf("the key should be free, got %+v, %v", held, err)
+	}
+}
+
+func TestAnAcquireTurnedAwayBeforeAnyWorkIsSentAgain(t *testing.T) {
+	svc := servicetest.Serve(t)
+	through, acquires := proxy(t, svc.URL, 2, 10*time.Second)
+	c, err := client.New(through, client.WithRetries(3, 10*time.Millisecond))
+	must(t, err)
+	lock, err := c.Acquire(context.Background(), request("acme/infra", "envs/prod", 1))
+	must(t, err)
+	if n := acquires.Load(); n != 3 || lock.Pull.Num != 1 {
+		t.Fatalf("two 503s then the grant: want 3 attempts and pull 1's lock, got %d and %+v", n, lock)
+	}
 }
