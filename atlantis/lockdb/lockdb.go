@@ -122,7 +122,9 @@ func key(p models.Project, workspace string) string {
 
 // TryLock asks the service for the lock. Granted: (true, lock). Held by another pull:
 // (false, the holder). The same pull asking again gets its lock (true), as Atlantis's
-// project locker expects.
+// project locker expects. Held by a project of another repository whose key is the same
+// (reason collision): an error, never (false, holder) — Atlantis's project locker takes a
+// holder with its own pull number for itself.
 func (b *Database) TryLock(lock models.ProjectLock) (bool, models.ProjectLock, error) {
 	ctx, cancel := b.ctx(b.wait)
 	defer cancel()
@@ -139,6 +141,16 @@ func (b *Database) TryLock(lock models.ProjectLock) (bool, models.ProjectLock, e
 	}
 	var held *client.HeldError
 	if errors.As(err, &held) && held.Holder != nil {
+		if other := held.Holder; held.Reason == client.ReasonCollision ||
+			other.Project.RepoFullName != lock.Project.RepoFullName || other.Pull.Num == lock.Pull.Num {
+			// Atlantis reads "not acquired, held by my pull number" as acquired: a project of
+			// another repository whose parts join to the same key (GitLab's grp/sub + proj/x
+			// and grp/sub/proj + x), whose merge request can have the same number, must not
+			// be read so.
+			return false, models.ProjectLock{}, fmt.Errorf("lock service: %s is held by pull #%d of "+
+				"%s, a project of another repository whose lock key is the same: %w",
+				held.Key, other.Pull.Num, other.Project.RepoFullName, err)
+		}
 		return false, projectLock(*held.Holder), nil
 	}
 	return false, models.ProjectLock{}, fmt.Errorf("lock service: %w", err)

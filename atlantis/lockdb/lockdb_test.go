@@ -296,6 +296,48 @@ func TestAtlantisProjectLockerSaysWhoHoldsTheLock(t *testing.T) {
 	})
 }
 
+func TestAProjectOfAnotherRepositoryWithTheSameKeyIsAnErrorNotAGrant(t *testing.T) {
+	// GitLab's grp/sub with dir proj/x and grp/sub/proj with dir x build the same lock key,
+	// and both can have merge request !5. Atlantis's project locker reads "not acquired, held
+	// by pull 5" as acquired when it asks for pull 5: the refusal must be an error instead.
+	gitlab := func(repo string, num int) models.PullRequest {
+		owner, name := models.SplitRepoFullName(repo)
+		return models.PullRequest{Num: num, URL: fmt.Sprintf("https://gitlab.com/%s/-/merge_requests/%d", repo, num),
+			HeadCommit: "c0ffee", HeadBranch: "feature", BaseBranch: "main", Author: "alice", State: models.OpenPullState,
+			BaseRepo: models.Repo{FullName: repo, Owner: owner, Name: name,
+				VCSHost: models.VCSHost{Hostname: "gitlab.com", Type: models.Gitlab}}}
+	}
+	forEachStore(t, func(t *testing.T, s store) {
+		database := open(t, s.serve(t))
+		locker := &events.DefaultProjectLocker{
+			Locker:         locking.NewClient(database),
+			NoOpLocker:     locking.NewNoOpLocker(),
+			VCSClient:      &github.Client{},
+			ExecutableName: "atlantis",
+		}
+		log := logging.NewNoopLogger(t)
+		mine, theirs := models.NewProject("grp/sub", "proj/x", ""), models.NewProject("grp/sub/proj", "x", "")
+		first, err := locker.TryLock(log, gitlab("grp/sub", 5), alice, "default", mine, true)
+		must(t, err)
+		if !first.LockAcquired {
+			t.Fatalf("grp/sub !5 should get the lock: %+v", first)
+		}
+		second, err := locker.TryLock(log, gitlab("grp/sub/proj", 5), alice, "default", theirs, true)
+		var held *client.HeldError
+		if err == nil || !errors.As(err, &held) || held.Reason != client.ReasonCollision {
+			t.Fatalf("grp/sub/proj !5 must get a collision error, got %+v, %v", second, err)
+		}
+		if !strings.Contains(err.Error(), "grp/sub") {
+			t.Fatalf("the error should name the holder's repository: %v", err)
+		}
+		kept, err := database.GetLock(mine, "default")
+		must(t, err)
+		if kept == nil || kept.Project.RepoFullName != "grp/sub" || kept.Pull.Num != 5 {
+			t.Fatalf("grp/sub !5 should still hold the lock, got %+v", kept)
+		}
+	})
+}
+
 func TestAtlantisApplyLockStaysInTheWrappedDatabase(t *testing.T) {
 	database := open(t, servicetest.Serve(t))
 	apply := locking.NewApplyClient(database, false, false)
