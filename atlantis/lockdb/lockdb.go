@@ -61,7 +61,8 @@ func WithCommandPriorities(m map[command.Name]client.Priority) Option {
 }
 
 // WithTimeout bounds each call (db.Database passes no context); a waiting TryLock gets its
-// wait on top. Default 30s.
+// wait on top. Default 30s; 0: unbounded. It is the client's call bound too (see
+// client.WithCallTimeout), over one given in WithClientOptions.
 func WithTimeout(d time.Duration) Option { return func(b *Database) { b.timeout = d } }
 
 // WithClientOptions configures the HTTP client (bearer token, retries, transport).
@@ -84,7 +85,9 @@ func New(serviceURL string, wrapped db.Database, opts ...Option) (*Database, err
 	for _, opt := range opts {
 		opt(b)
 	}
-	svc, err := client.New(serviceURL, b.clientOpts...)
+	// The client bounds each call by its own call timeout as well: it is this one, or the
+	// client's default would cut a longer WithTimeout short.
+	svc, err := client.New(serviceURL, append(b.clientOpts, client.WithCallTimeout(b.timeout))...)
 	if err != nil {
 		return nil, err
 	}

@@ -1,8 +1,10 @@
 package lockdb_test
 
 import (
+	"context"
 	"errors"
 	"fmt"
+	"net"
 	"slices"
 	"strings"
 	"sync"
@@ -545,6 +547,50 @@ func TestAPullsReleaseTheEnhancedStoreDidNotAnswerIsAnError(t *testing.T) {
 	}
 	if !strings.Contains(err.Error(), "enhanced") {
 		t.Fatalf("the error should name the store that did not answer: %v", err)
+	}
+}
+
+func TestWithTimeoutIsTheBoundOfEachCallOverTheClientsOwn(t *testing.T) {
+	// A service that takes calls and never answers. The client's own call bound, lowered
+	// here to 300ms so as not to wait out its 30s default, must not cut WithTimeout short:
+	// WithTimeout(45s) gave up after the default's 30s.
+	l, err := net.Listen("tcp", servicetest.Loopback+":0")
+	must(t, err)
+	defer l.Close() //nolint:errcheck
+	var held []net.Conn
+	var mu sync.Mutex
+	go func() {
+		for {
+			conn, err := l.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			held = append(held, conn)
+			mu.Unlock()
+		}
+	}()
+	defer func() {
+		mu.Lock()
+		defer mu.Unlock()
+		for _, conn := range held {
+			conn.Close() //nolint:errcheck
+		}
+	}()
+	wrapped, err := boltdb.New(t.TempDir())
+	must(t, err)
+	database, err := lockdb.New("http://"+l.Addr().String(), wrapped, lockdb.WithTimeout(2*time.Second),
+		lockdb.WithClientOptions(client.WithCallTimeout(300*time.Millisecond), client.WithRetries(1, 0)))
+	must(t, err)
+	defer database.Close() //nolint:errcheck
+	started := time.Now()
+	_, err = database.GetLock(models.NewProject("acme/infra", ".", ""), "default")
+	elapsed := time.Since(started)
+	if !client.IsUnavailable(err) || !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("a service that never answers should run out the call's time, got %v", err)
+	}
+	if elapsed < 2*time.Second || elapsed > 10*time.Second {
+		t.Fatalf("the call should give up after WithTimeout's 2s, gave up after %v", elapsed)
 	}
 }
 
