@@ -5,8 +5,24 @@ import (
 	"testing"
 	"time"
 
+	"github.com/runatlantis/atlantis/server/core/locking"
+	"github.com/runatlantis/atlantis/server/events"
+	"github.com/runatlantis/atlantis/server/events/vcs"
+
 	"github.com/runatlantis/enhanced-locking/atlantis/client"
+	"github.com/runatlantis/enhanced-locking/atlantis/lockdb"
 )
+
+// projectLocker is Atlantis's project locker (what its plan and apply ask) over database,
+// linking pulls through vcsClient.
+func projectLocker(database *lockdb.Database, vcsClient vcs.Client) *events.DefaultProjectLocker {
+	return &events.DefaultProjectLocker{
+		Locker:         locking.NewClient(database),
+		NoOpLocker:     locking.NewNoOpLocker(),
+		VCSClient:      vcsClient,
+		ExecutableName: "atlantis",
+	}
+}
 
 func must(t *testing.T, err error) {
 	t.Helper()

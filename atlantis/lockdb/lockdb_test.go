@@ -14,7 +14,6 @@ import (
 
 	"github.com/runatlantis/atlantis/server/core/boltdb"
 	"github.com/runatlantis/atlantis/server/core/locking"
-	"github.com/runatlantis/atlantis/server/events"
 	"github.com/runatlantis/atlantis/server/events/command"
 	"github.com/runatlantis/atlantis/server/events/models"
 	"github.com/runatlantis/atlantis/server/events/vcs/github"
@@ -262,12 +261,7 @@ func TestPathsAreCleanedAsAtlantisCleansThem(t *testing.T) {
 func TestAtlantisProjectLockerSaysWhoHoldsTheLock(t *testing.T) {
 	forEachStore(t, func(t *testing.T, s store) {
 		database := open(t, s.serve(t))
-		locker := &events.DefaultProjectLocker{
-			Locker:         locking.NewClient(database),
-			NoOpLocker:     locking.NewNoOpLocker(),
-			VCSClient:      &github.Client{},
-			ExecutableName: "atlantis",
-		}
+		locker := projectLocker(database, &github.Client{})
 		log := logging.NewNoopLogger(t)
 		project := models.NewProject("acme/infra", "envs/prod", "")
 
@@ -311,12 +305,7 @@ func TestAProjectOfAnotherRepositoryWithTheSameKeyIsAnErrorNotAGrant(t *testing.
 	}
 	forEachStore(t, func(t *testing.T, s store) {
 		database := open(t, s.serve(t))
-		locker := &events.DefaultProjectLocker{
-			Locker:         locking.NewClient(database),
-			NoOpLocker:     locking.NewNoOpLocker(),
-			VCSClient:      &github.Client{},
-			ExecutableName: "atlantis",
-		}
+		locker := projectLocker(database, &github.Client{})
 		log := logging.NewNoopLogger(t)
 		mine, theirs := models.NewProject("grp/sub", "proj/x", ""), models.NewProject("grp/sub/proj", "x", "")
 		first, err := locker.TryLock(log, gitlab("grp/sub", 5), alice, "default", mine, true)
