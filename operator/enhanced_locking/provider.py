@@ -67,7 +67,14 @@ class Snapshot:
 
 
 class ConfigRejected(Exception):
-    """A new configuration could not be applied; the previous one keeps running."""
+    """A new configuration could not be applied; the previous one keeps running.
+
+    An applier may raise it itself to say which config fields the refusal is about
+    (``settings``: their field names, empty when not known)."""
+
+    def __init__(self, message: str, *, settings: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.settings = settings
 
 
 def content_hash(config: EnhancedLockingConfig) -> str:
@@ -137,6 +144,8 @@ class ConfigProvider:
             for applier in self._appliers:
                 try:
                     await applier(candidate)
+                except ConfigRejected:
+                    raise
                 except Exception as error:
                     raise ConfigRejected(str(error) or type(error).__name__) from error
             self._layers = layers

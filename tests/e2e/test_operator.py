@@ -339,6 +339,50 @@ def test_a_policy_the_service_cannot_apply_leaves_the_last_good_config_running(
     settled(kube_cluster, operator, POLICIES, "default", generation)
 
 
+def test_access_settings_the_service_cannot_use_are_rejected_not_reported_applied(
+    kube_cluster: KubeCluster, kube_namespace: str, start_operator: StartOperator,
+    tmp_path: Path,
+) -> None:
+    """``access.mode: static`` whose tokens file cannot be read: the service keeps its access
+    control, so the LockPolicy says ConfigRejected naming access.mode, and ``/v1/config``
+    keeps showing the access in force."""
+    missing = tmp_path / "tokens.csv"
+    operator = start_operator(args=[f"--enhanced-locking-auth-tokens-file={missing}"])
+    apply(kube_cluster, kube_namespace, policy(enabled=True))
+    good = applied(operator, lambda c: c["layers"] == ["static", "cluster"], "the good policy")
+    assert good["config"]["enhanced-locking-auth"] == "none"
+
+    generation = patch(kube_cluster, kube_namespace, POLICIES, "default",
+                       {"access": {"mode": "static"}})
+    body = settled(kube_cluster, operator, POLICIES, "default", generation, ready="False")
+    condition = ready_condition(body)
+    assert condition["reason"] == "ConfigRejected"
+    assert condition["message"].startswith("access.mode: "), condition["message"]
+    assert "enhanced-locking-auth-tokens-file" in condition["message"]
+    assert f"keeps running configuration generation {good['generation']}" in condition["message"]
+    assert body["status"]["appliedConfigHash"] == good["hash"]
+    still = operator.config()
+    assert (still["generation"], still["hash"]) == (good["generation"], good["hash"])
+    assert still["config"]["enhanced-locking-auth"] == "none"
+    # The access in force is the one shown: a call without a token is served.
+    assert acquire(operator, "access/after", pull=1).status_code == 200
+    warnings = json.loads(kube_cluster.kubectl(
+        "get", "events", "-n", kube_namespace, "--field-selector",
+        "type=Warning,reason=ConfigRejected", "-o", "json").stdout)["items"]
+    assert [e["involvedObject"]["name"] for e in warnings] == ["default"]
+
+    # A readable tokens file makes the same spec usable: applied on the next edit.
+    missing.write_text("t-1,alice\n")
+    generation = patch(kube_cluster, kube_namespace, POLICIES, "default",
+                       {"access": {"mode": "static", "roles": [
+                           {"role": "locker", "subjects": ["user:alice"]}]}})
+    settled(kube_cluster, operator, POLICIES, "default", generation)
+    assert httpx.get(operator.url + "/v1/config", timeout=5).status_code == 401
+    shown = httpx.get(operator.url + "/v1/config", timeout=5,
+                      headers={"Authorization": "Bearer t-1"}).json()
+    assert shown["config"]["enhanced-locking-auth"] == "static"
+
+
 def test_the_redis_password_is_read_from_its_secret_and_shown_nowhere(
     kube_cluster: KubeCluster, kube_namespace: str, start_operator: StartOperator,
     redis_server: RedisServer,

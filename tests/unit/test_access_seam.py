@@ -28,7 +28,7 @@ from enhanced_locking.api.static_access import RoleMap, TokenFileError, parse_to
 from enhanced_locking.backends.audit_store import AuditQuery, MemoryAuditStore, Retention
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.factory import LockService
-from enhanced_locking.provider import ConfigProvider
+from enhanced_locking.provider import ConfigProvider, ConfigRejected
 from enhanced_locking.types import BackendUnavailable, Identity, Verb
 
 
@@ -123,6 +123,30 @@ async def test_turning_auth_off_on_an_exposed_address_is_refused_at_runtime(tmp_
     assert holder.current() is first
     await provider.set_layer("cluster", {"auth": "none", "insecure_allow_unauthenticated": True})
     assert holder.current().open
+
+
+async def test_a_served_app_refuses_unusable_access_before_it_is_applied(tmp_path: Path) -> None:
+    """The app's applier refuses what the holder would skip: the snapshot in force (what
+    ``/v1/config`` shows) stays the one whose access control serves."""
+    good = tmp_path / "good.csv"
+    good.write_text("t1,alice\n")
+    service = LockService(ConfigProvider(memory_config(auth="static",
+                                                       auth_tokens_file=str(good))))
+    provider = service.provider
+    create_app(service, manage_lifecycle=False, exposed=True)
+    before = provider.current
+    with pytest.raises(ConfigRejected, match="enhanced-locking-auth: none") as refused:
+        await provider.set_layer("cluster", {"auth": "none"})
+    assert refused.value.settings == ("auth",)
+    missing = str(tmp_path / "missing.csv")
+    with pytest.raises(ConfigRejected, match="enhanced-locking-auth-tokens-file") as refused:
+        await provider.set_layer("cluster", {"auth_tokens_file": missing})
+    assert refused.value.settings == ("auth_tokens_file",)
+    assert provider.current is before
+    opened = await provider.set_layer("cluster", {"auth": "none",
+                                                  "insecure_allow_unauthenticated": True})
+    assert provider.current is opened and opened.config.auth == "none"
+    await service.close()
 
 
 def test_a_lockpolicy_sets_the_access_and_audit_settings_like_any_other() -> None:

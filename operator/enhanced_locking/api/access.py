@@ -37,7 +37,7 @@ from fastapi.routing import APIRoute
 from enhanced_locking import policies
 from enhanced_locking.api.audit import AuditTrail
 from enhanced_locking.config import EnhancedLockingConfig
-from enhanced_locking.provider import ConfigProvider
+from enhanced_locking.provider import ConfigProvider, ConfigRejected, Snapshot
 from enhanced_locking.types import (
     AuditEntry,
     BackendUnavailable,
@@ -485,13 +485,33 @@ def install_access(app: FastAPI, provider: ConfigProvider, audit: AuditTrail,
     """Keep the access control and the audit trail on ``app.state``; answer its refusals.
 
     ``exposed``: the service listens on a non-loopback address (auth ``none`` is refused
-    there unless ``insecure-allow-unauthenticated``)."""
+    there unless ``insecure-allow-unauthenticated``). A new config snapshot whose access
+    settings cannot be used is refused by the provider (:class:`ConfigRejected`, naming the
+    changed settings) rather than applied and then skipped by the holder."""
     global _last_seat
     holder = AccessHolder(provider, build, exposed=exposed)
     app.state.access = holder
     app.state.audit = audit
     _SEATS[app] = (holder, audit)
     _last_seat = (weakref.ref(app), (holder, audit))
+
+    async def refuse_unusable_access(candidate: Snapshot) -> None:
+        """A snapshot whose access settings the holder would not switch to is refused before
+        it is applied, so no one is told of a change that does not happen."""
+        config, running = candidate.config, provider.current.config
+        changed = tuple(name for name in ACCESS_FIELDS
+                        if getattr(config, name) != getattr(running, name))
+        if not changed:
+            return
+        refusal = open_to_network_refusal(config, exposed=exposed)
+        if refusal is not None:
+            raise ConfigRejected(refusal, settings=("auth",))
+        try:
+            build(config).close()
+        except ValueError as error:
+            raise ConfigRejected(str(error), settings=changed) from error
+
+    provider.add_applier(refuse_unusable_access)
 
     @app.exception_handler(NotAuthenticated)
     async def _unauthenticated(request: Request, error: NotAuthenticated) -> JSONResponse:

@@ -50,7 +50,7 @@ from enhanced_locking.kube.cluster import ClusterApi, SecretProblem
 from enhanced_locking.kube.lockmigration import LockMigrationSpec, LockMigrationStatus
 from enhanced_locking.kube.lockpolicy import ActiveFreeze, LockPolicySpec, LockPolicyStatus
 from enhanced_locking.kube.models import Condition, SecretKeyRef
-from enhanced_locking.kube.overrides import ResolvedSecrets, cluster_overrides
+from enhanced_locking.kube.overrides import POLICY_SETTINGS, ResolvedSecrets, cluster_overrides
 from enhanced_locking.kube.rollout import Note, RolloutState
 from enhanced_locking.kube.rollout_driver import RolloutDriver
 from enhanced_locking.provider import ConfigProvider, ConfigRejected, Snapshot
@@ -351,7 +351,10 @@ class Reconciler:
         except ConfigError as error:
             return Verdict(False, "InvalidConfig", f"{error}; {self._kept(running)}")
         except ConfigRejected as error:
-            return Verdict(False, "ConfigRejected", f"{error}; {self._kept(running)}")
+            fields = [path for path, setting in POLICY_SETTINGS.items()
+                      if setting in error.settings]
+            named = f"{', '.join(fields)}: " if fields else ""
+            return Verdict(False, "ConfigRejected", f"{named}{error}; {self._kept(running)}")
         return None
 
     @staticmethod
