@@ -6,7 +6,7 @@ same etcd the API server stores in). A missing binary fails the test with how to
 * :class:`EtcdCluster` starts ``members`` members (1 or 3) with their own data dirs; a
   member can be killed with SIGKILL and started again (same ports, same data), and the
   leader is found through the members' status; :func:`frozen` stops a member (SIGSTOP) for
-  a block.
+  a block. :meth:`EtcdCluster.anew` makes a new cluster on a closed one's ports.
 """
 
 from __future__ import annotations
@@ -56,6 +56,9 @@ class EtcdCluster:
     workdir: Path
     members_count: int = 1
     fsync: bool = True
+    token: str = "enhanced-locking-tests"
+    """The initial cluster token: with the peer addresses, it makes the members' ids and the
+    cluster's id (the same for a cluster made again with the same token on the same ports)."""
     members: list[EtcdMember] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -82,7 +85,7 @@ class EtcdCluster:
             f"--listen-peer-urls=http://{LOOPBACK}:{member.peer_port}",
             f"--initial-advertise-peer-urls=http://{LOOPBACK}:{member.peer_port}",
             f"--initial-cluster={initial}", "--initial-cluster-state=new",
-            "--initial-cluster-token=enhanced-locking-tests",
+            f"--initial-cluster-token={self.token}",
             "--log-level=warn", "--heartbeat-interval=50", "--election-timeout=500",
             "--listen-metrics-urls=",
         ]
@@ -90,6 +93,17 @@ class EtcdCluster:
             # Test speed only: a killed process loses nothing (the page cache survives it).
             argv.append("--unsafe-no-fsync")
         return argv
+
+    def anew(self, workdir: Path, *, token: str) -> EtcdCluster:
+        """A new cluster (not started) on this one's ports, its members' data in ``workdir``
+        (empty: a cluster made anew, its raft terms from the start), with the cluster token
+        ``token`` (this cluster's: the same cluster id; another: another id)."""
+        fresh = EtcdCluster(workdir, members_count=self.members_count, fsync=self.fsync,
+                            token=token)
+        fresh.members = [EtcdMember(name=m.name, client_port=m.client_port,
+                                    peer_port=m.peer_port, data_dir=workdir / m.name)
+                         for m in self.members]
+        return fresh
 
     def start(self, timeout: float = 30.0) -> EtcdCluster:
         for member in self.members:

@@ -352,7 +352,11 @@ class EtcdConnection:
         self._members: dict[str, etcd3aio.Etcd3Client] = {}
         """A client per endpoint, to ask it whether it leads and to carry the route."""
         self._term = 0
-        """The raft term in which the leader was found (or last heard, without one)."""
+        """The raft term in which the leader was found (or last heard, without one), in the
+        cluster ``_cluster_id``."""
+        self._cluster_id = 0
+        """The id of the cluster whose answers gave ``_term`` (0: none heard since the
+        connection was made or closed)."""
         self._looking: asyncio.Task[None] | None = None
         self._flying: dict[etcd3aio.Etcd3Client, set[Any]] = {}
         """The direct transaction calls under way (``TxnCall``) on each client's channel: the
@@ -468,12 +472,22 @@ class EtcdConnection:
                 self.route_failed(txn)
                 raise
             txn, answer = await self._again(txn, request, error, attempt)
+        self._heard(answer.header)
         term = answer.header.raft_term
         if term != self._term:
             if txn.via is None or term > self._term:
                 self._look_for_leader()  # a new term may have a new leader
             self._term = max(self._term, term)
         return answer
+
+    def _heard(self, header: Any) -> None:
+        """An answer's ``header`` from a cluster other than the one the known term is from
+        (restored, or made anew, at the same endpoints: its terms count from its own start)
+        makes its terms the ones known, from none: before, the known term only rose, and
+        every claim to lead in the new cluster's lower terms was passed over as a former
+        leader's, for good (the transactions on the balanced channel)."""
+        if int(header.cluster_id) != self._cluster_id:
+            self._cluster_id, self._term = int(header.cluster_id), 0
 
     async def _again(self, txn: TxnCall, request: Any, error: BaseException,
                      attempt: float) -> tuple[TxnCall, Any]:
@@ -631,7 +645,10 @@ class EtcdConnection:
         A claim counts when the member says it leads (``status.leader`` is its own
         ``header.member_id``) in a raft term no older than the one already known
         (``_term``): a former leader cut off from the others may still say it leads, in its
-        old term, while the others have elected a new one. The claims are taken once every
+        old term, while the others have elected a new one. A claim from a cluster other than
+        the known term's (``header.cluster_id``: a cluster restored or made anew at the same
+        endpoints) counts in any term, and its term becomes the known one (:meth:`_heard`);
+        :meth:`close` forgets the known term too. The claims are taken once every
         ask has answered or failed, or ``STATUS_PREFER`` after the first claim came while an
         ask is still out (a frozen member, a host that drops packets: before, the endpoints
         were asked one after the other, and each such endpoint listed before the leader cost
@@ -645,20 +662,21 @@ class EtcdConnection:
             if client is None:
                 return
             targets = list(self._targets)
-            claims = functools.partial(_leads, term=self._term)
+            claims = functools.partial(_leads, term=self._term, cluster_id=self._cluster_id)
             async with self._asking(targets) as asks:
                 if await _first_in_turn(asks, claims, in_turn=False) is not None:
                     claimed = [step for step, ask in enumerate(asks)
                                if ask.done() and claims(ask.result())]
                     step = max(claimed, key=lambda step: int(asks[step].result().header.raft_term))
-                    term = int(asks[step].result().header.raft_term)
+                    header = asks[step].result().header
                     member = self._members.get(targets[step])
                     if self._client is client and member is not None:
                         if self.leader != targets[step]:
                             self.leader_changes += 1
                         self.txn, self.leader = TxnCall(
                             client, via=member, flying=self._flights(client)), targets[step]
-                        self._term = max(self._term, term)
+                        self._heard(header)
+                        self._term = max(self._term, int(header.raft_term))
                     return
             if self._client is not client:
                 return  # closed meanwhile
@@ -699,7 +717,9 @@ class EtcdConnection:
 
     async def close(self) -> None:
         """Close the client, its token refresher, the leader search and every member's client,
-        and end the direct calls under way on the client's channel.
+        and end the direct calls under way on the client's channel. The known raft term and
+        cluster id are forgotten: the next connect may reach a cluster made anew at the same
+        endpoints with the same id, its terms lower (see :meth:`_find_leader`).
 
         Everything it closes is taken from the connection before its first wait: a
         :meth:`client` called while the close waits (for the search to end, for the
@@ -711,6 +731,7 @@ class EtcdConnection:
         collector's close of its dropped stack ended it)."""
         self._closes += 1
         client, self._client, self.txn, self.leader = self._client, None, None, None
+        self._term, self._cluster_id = 0, 0  # the next connect may reach another cluster
         auth, self._auth = self._auth, None
         looking, self._looking = self._looking, None
         members, self._members = list(self._members.values()), {}
@@ -1087,12 +1108,15 @@ def _other(status: Any | None, member_id: int) -> bool:
     return status is not None and int(status.header.member_id) not in (0, member_id)
 
 
-def _leads(status: Any | None, *, term: int) -> bool:
+def _leads(status: Any | None, *, term: int, cluster_id: int) -> bool:
     """Whether ``status`` (an endpoint's answer, ``None``: none) says its member leads, in a
-    raft term no older than ``term`` (see :meth:`EtcdConnection._find_leader`)."""
+    raft term no older than ``term``; in any term when it is from a cluster other than
+    ``cluster_id``, the known term's (0: none known), see
+    :meth:`EtcdConnection._find_leader`."""
     return (status is not None and bool(status.leader)
             and status.leader == status.header.member_id
-            and int(status.header.raft_term) >= term)
+            and (int(status.header.raft_term) >= term
+                 or cluster_id not in (0, int(status.header.cluster_id))))
 
 
 async def _first_in_turn(asks: Sequence[asyncio.Future[Any]],
