@@ -49,6 +49,21 @@ CONFIG_EXCLUDED = (
     "enhanced-locking-gitlab-webhook-secret", "enhanced-locking-gitea-webhook-secret",
     "data-dir",
 )
+# Settings the Deployment sets through its environment from other values; the environment
+# beats the config file, so in `config` they would reach the ConfigMap and be ignored. The
+# schema refuses them, and a rule below names the value to use instead (the tokens file and
+# the TLS files are set when their Secret is given; without it no such file is in the pod).
+CONFIG_SET_BY_CHART = {
+    "enhanced-locking-auth": "set auth.mode instead",
+    "enhanced-locking-auth-namespace": "the chart sets the release namespace",
+    "enhanced-locking-auth-audience": "set auth.audience instead",
+    "enhanced-locking-auth-cache-ttl": "set auth.cacheTTL instead",
+    "enhanced-locking-insecure-allow-unauthenticated":
+        "set auth.insecureAllowUnauthenticated instead",
+    "enhanced-locking-auth-tokens-file": "set auth.tokensSecret instead",
+    "enhanced-locking-tls-cert-file": "set tls.secretName instead",
+    "enhanced-locking-tls-key-file": "set tls.secretName instead",
+}
 
 # Rules across keys, added to the schema's root. JSON schema has no messages of its own: the
 # rule's `then` asks for a property no values file can have (the root allows no unknown keys),
@@ -78,6 +93,15 @@ ROOT_RULES: list[dict[str, Any]] = [
         ]},
         "then": {"required": [SEVERAL_REPLICAS_NEED_SHARED_STORES]},
     },
+    *(
+        {
+            "if": {"properties": {"config": {"required": [key]}}, "required": ["config"]},
+            "then": {"required": [
+                f"config.{key} would be ignored (the Deployment sets it in the environment): "
+                f"{advice}"]},
+        }
+        for key, advice in CONFIG_SET_BY_CHART.items()
+    ),
 ]
 
 _RELEASE_LABELS = {
@@ -244,7 +268,7 @@ def config_schema() -> dict[str, Any]:
     model = config.EnhancedLockingConfig.model_json_schema(mode="validation")
     properties: dict[str, Any] = {}
     for setting in config.settings():
-        if setting.key in CONFIG_EXCLUDED:
+        if setting.key in CONFIG_EXCLUDED or setting.key in CONFIG_SET_BY_CHART:
             continue
         prop = {
             key: value

@@ -367,6 +367,33 @@ def test_the_values_schema_refuses(helm: Helm, args: list[str], message: str) ->
 
 
 @pytest.mark.parametrize(
+    ("setting", "use"),
+    [
+        ("enhanced-locking-auth=static", "set auth.mode instead"),
+        ("enhanced-locking-auth-namespace=other", "the chart sets the release namespace"),
+        ("enhanced-locking-auth-audience=locks", "set auth.audience instead"),
+        ("enhanced-locking-auth-cache-ttl=30s", "set auth.cacheTTL instead"),
+        ("enhanced-locking-insecure-allow-unauthenticated=true",
+         "set auth.insecureAllowUnauthenticated instead"),
+        ("enhanced-locking-auth-tokens-file=/tokens.csv", "set auth.tokensSecret instead"),
+        ("enhanced-locking-tls-cert-file=/tls.crt", "set tls.secretName instead"),
+        ("enhanced-locking-tls-key-file=/tls.key", "set tls.secretName instead"),
+    ],
+)
+def test_config_settings_the_deployment_environment_sets_are_refused_naming_the_value(
+    helm: Helm, setting: str, use: str
+) -> None:
+    """The Deployment's environment sets these from other values, and the environment beats
+    the config file: in ``config`` they would be ignored, so the values schema refuses them."""
+    result = helm.run("template", "t", str(CHART_DIR), "--set", f"config.{setting}",
+                      check=False)
+    assert result.returncode != 0
+    key = setting.split("=")[0]
+    assert f"config.{key} would be ignored (the Deployment sets it in the environment): {use}" \
+        in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
     ("args", "message"),
     [
         (["--set", "redis.auth.create=true"], "redis.auth.create needs redis.auth.password"),

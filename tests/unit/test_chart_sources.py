@@ -96,4 +96,11 @@ def test_the_config_value_accepts_exactly_the_service_settings(schema: dict[str,
                        "enhanced-locking-auth-tokens", "enhanced-locking-github-webhook-secret",
                        "enhanced-locking-gitlab-webhook-secret",
                        "enhanced-locking-gitea-webhook-secret"}
-    assert accepted == settings - secrets - {"data-dir"}
+    # The Deployment's environment sets these from auth.* and tls.* (it beats the file).
+    set_by_the_chart = {
+        "enhanced-locking-auth", "enhanced-locking-auth-namespace",
+        "enhanced-locking-auth-audience", "enhanced-locking-auth-cache-ttl",
+        "enhanced-locking-insecure-allow-unauthenticated", "enhanced-locking-auth-tokens-file",
+        "enhanced-locking-tls-cert-file", "enhanced-locking-tls-key-file",
+    }
+    assert accepted == settings - secrets - {"data-dir"} - set_by_the_chart
