@@ -7,6 +7,7 @@ same behaviour against a real API server and the operator as a process is in tes
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -179,6 +180,35 @@ async def test_the_etcd_password_and_tls_files_come_from_secrets_and_are_shown_n
     assert {f.stat().st_mode & 0o777 for f in files} == {0o600}
     shown = repr(cluster.objects) + repr(cluster.events) + caplog.text
     assert password not in shown and "k3y" not in shown
+
+
+@pytest.mark.parametrize("left", ["", "-----BEGIN CERT"], ids=["empty", "cut-short"])
+async def test_a_pem_file_a_failed_write_left_is_written_right_on_the_next_reconcile(
+    reconciler: Reconciler, cluster: InMemoryCluster, service: LockService, tmp_path: Path,
+    left: str,
+) -> None:
+    """A write that failed (the runtime directory is small) left a file under the name of the
+    content: the next reconcile does not take it as written."""
+    pem = "-----BEGIN CERTIFICATE-----\nQ0EgUEVN\n-----END CERTIFICATE-----\n"
+    cluster.secrets[(NS, "redis-tls")] = {"ca.crt": pem}
+    digest = hashlib.sha256(pem.encode()).hexdigest()[:16]
+    (tmp_path / f"redis-ca-{digest}.pem").write_text(left)
+    await _put(reconciler, cluster, POLICIES, "default",
+               {**POLICY, "redis": {"tls": {"enabled": True,
+                                            "caSecretRef": {"name": "redis-tls",
+                                                            "key": "ca.crt"}}}})
+    written = service.provider.current.config.redis_tls_ca_file
+    assert written == str(tmp_path / f"redis-ca-{digest}.pem")
+    assert _pem_state(tmp_path, written) == (pem, 0o600, [f"redis-ca-{digest}.pem"]), \
+        "written whole, private, and no partial file kept"
+
+
+def _pem_state(directory: Path, written: str) -> tuple[str, int, list[str]]:
+    """The file's text and mode, and the names of PEM files (or their temporaries) in its
+    directory."""
+    path = Path(written)
+    return (path.read_text(), path.stat().st_mode & 0o777,
+            sorted(p.name for p in directory.iterdir() if "-ca-" in p.name))
 
 
 async def test_a_missing_secret_is_reported_and_nothing_changes(

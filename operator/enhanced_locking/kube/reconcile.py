@@ -36,6 +36,8 @@ import contextlib
 import copy
 import hashlib
 import logging
+import os
+import tempfile
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -478,9 +480,22 @@ class Reconciler:
         text = pem.get_secret_value()
         digest = hashlib.sha256(text.encode()).hexdigest()[:16]
         path = self.runtime_dir / f"{name}-{digest}.pem"
-        if not path.exists():
-            path.touch(mode=0o600)
-            path.write_text(text)
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            if path.read_text() == text:
+                return str(path)
+        # Written whole under a temporary name (0600, from mkstemp), then moved in place: a
+        # write that fails (the directory is small) leaves no file under the content's name
+        # that a later reconcile would take as written.
+        handle, temporary = tempfile.mkstemp(dir=self.runtime_dir, prefix=f".{name}-",
+                                             suffix=".tmp")
+        try:
+            with os.fdopen(handle, "w") as out:
+                out.write(text)
+            os.replace(temporary, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
         return str(path)
 
     # --- telling users ---------------------------------------------------------------------
