@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import sqlite3
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -280,68 +281,110 @@ def test_the_collector_resumes_whatever_the_decoding_raised() -> None:
     assert gc.isenabled()
 
 
+@pytest.fixture
+async def writers(data_dir: Path) -> AsyncIterator[tuple[EmbeddedBackend, EmbeddedBackend]]:
+    """Two services' backends on one embedded file (a connection each), closed after."""
+    path = data_dir / "enhanced-locking.db"
+    one, two = EmbeddedBackend(path), EmbeddedBackend(path)
+    try:
+        yield one, two
+    finally:
+        await one.close()
+        await two.close()
+
+
 async def test_two_writers_of_one_embedded_file_each_store_the_token_they_answer(
-    data_dir: Path,
+    data_dir: Path, writers: tuple[EmbeddedBackend, EmbeddedBackend],
 ) -> None:
     # Two services on one file: each takes a key it has seen with the token it expects, and
     # when the other moved the counter meanwhile, the store writes the counter's token instead;
     # the same pull and another pull, each after the other service took the key or not.
     path = data_dir / "enhanced-locking.db"
-    one, two = EmbeddedBackend(path), EmbeddedBackend(path)
+    one, two = writers
     key = request_for().key
     turns = ((one, 1), (one, 1), (two, 1), (one, 1), (two, 2), (one, 3), (two, 2), (one, 1),
              (one, 2))
-    try:
-        tokens = []
-        for backend, pull in turns:
-            granted, lock = await backend.acquire(lock_for(request_for(pull=pull)))
-            assert granted and lock.pull.num == pull
-            tokens.append(lock.fencing_token)
-            for reader in (one, two):
-                assert await reader.get(key) == lock, "the file holds the lock answered"
-                assert await reader.list(repo="acme/infra", pull=pull) == [lock]
-            with contextlib.closing(sqlite3.connect(path)) as db:
-                data, counter = db.execute(
-                    "SELECT data, counter FROM locks WHERE key = ?", (key,)).fetchone()
-            assert codec.decode(data).fencing_token == counter == lock.fencing_token
-            assert await backend.release(key) == lock
-        assert tokens == list(range(tokens[0], tokens[0] + len(turns)))
-    finally:
-        await one.close()
-        await two.close()
+    tokens = []
+    for backend, pull in turns:
+        granted, lock = await backend.acquire(lock_for(request_for(pull=pull)))
+        assert granted and lock.pull.num == pull
+        tokens.append(lock.fencing_token)
+        for reader in (one, two):
+            assert await reader.get(key) == lock, "the file holds the lock answered"
+            assert await reader.list(repo="acme/infra", pull=pull) == [lock]
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            data, counter = db.execute(
+                "SELECT data, counter FROM locks WHERE key = ?", (key,)).fetchone()
+        assert codec.decode(data).fencing_token == counter == lock.fencing_token
+        assert await backend.release(key) == lock
+    assert tokens == list(range(tokens[0], tokens[0] + len(turns)))
 
 
 async def test_a_release_answers_the_lock_the_file_holds_after_another_writer_changed_it(
-    data_dir: Path,
+    writers: tuple[EmbeddedBackend, EmbeddedBackend],
 ) -> None:
     # The release frees the row without reading it back when the row holds the text this
     # service last saw; when another service on the file changed the lock meanwhile (a lease
     # refreshed, the key released and taken by another pull), it answers what the file held.
-    path = data_dir / "enhanced-locking.db"
-    one, two = EmbeddedBackend(path), EmbeddedBackend(path)
+    one, two = writers
     key = request_for().key
-    try:
-        granted, lock = await one.acquire(lock_for(request_for()))
-        assert granted and lock.expires_at is None
-        refreshed = await two.refresh(key, lock.owner, timedelta(minutes=5))
-        assert refreshed.fencing_token == lock.fencing_token and refreshed != lock
-        assert await one.release(key, owner=lock.owner) == refreshed
-        assert await one.get(key) is None and await two.get(key) is None
+    granted, lock = await one.acquire(lock_for(request_for()))
+    assert granted and lock.expires_at is None
+    refreshed = await two.refresh(key, lock.owner, timedelta(minutes=5))
+    assert refreshed.fencing_token == lock.fencing_token and refreshed != lock
+    assert await one.release(key, owner=lock.owner) == refreshed
+    assert await one.get(key) is None and await two.get(key) is None
 
+    granted, lock = await one.acquire(lock_for(request_for()))
+    assert granted and await two.release(key) == lock
+    granted, other = await two.acquire(lock_for(request_for(pull=2)))
+    assert granted and other.fencing_token == lock.fencing_token + 1
+    with pytest.raises(LockNotOwned):
+        await one.release(key, owner=lock.owner)
+    assert await two.get(key) == other, "a refused release changes nothing"
+    assert await one.release(key) == other
+    assert await two.get(key) is None
+    granted, again = await one.acquire(lock_for(request_for()))
+    assert granted and again.fencing_token == other.fencing_token + 1
+
+
+async def test_a_release_by_the_token_last_seen_frees_nothing_another_writer_took_since(
+    writers: tuple[EmbeddedBackend, EmbeddedBackend],
+) -> None:
+    # The release route's guess (the lock this service last granted or read, no read of the
+    # file) is released by its fencing token: by one statement when the row still holds it,
+    # never when another service on the file released the key and gave it out again since,
+    # to the same pull or another.
+    one, two = writers
+    key = request_for().key
+    statements: list[str] = []
+    assert one.held_as_seen(key) is None
+    granted, lock = await one.acquire(lock_for(request_for()))
+    assert granted and one.held_as_seen(key) == lock
+    one._db.set_trace_callback(statements.append)
+    handoff = await one.release_and_handoff(key, owner=lock.owner,
+                                            token=lock.fencing_token)
+    one._db.set_trace_callback(None)
+    assert handoff.released == lock and await two.get(key) is None
+    assert {s.split()[0] for s in statements} == {"UPDATE"}, "no read, no transaction"
+    assert one.held_as_seen(key) is None
+
+    for pull in (1, 2):  # taken again by the same pull, then by another
         granted, lock = await one.acquire(lock_for(request_for()))
         assert granted and await two.release(key) == lock
-        granted, other = await two.acquire(lock_for(request_for(pull=2)))
-        assert granted and other.fencing_token == lock.fencing_token + 1
+        granted, other = await two.acquire(lock_for(request_for(pull=pull)))
+        assert granted and other.fencing_token > lock.fencing_token
+        assert one.held_as_seen(key) == lock, "a guess: the other writer is not seen"
         with pytest.raises(LockNotOwned):
-            await one.release(key, owner=lock.owner)
+            await one.release_and_handoff(key, owner=lock.owner, token=lock.fencing_token)
         assert await two.get(key) == other, "a refused release changes nothing"
-        assert await one.release(key) == other
-        assert await two.get(key) is None
-        granted, again = await one.acquire(lock_for(request_for()))
-        assert granted and again.fencing_token == other.fencing_token + 1
-    finally:
-        await one.close()
-        await two.close()
+        assert one.held_as_seen(key) == other, "read since: the guess is the file's lock"
+        assert await two.release(key) == other
+    granted, lock = await one.acquire(lock_for(request_for()))
+    assert granted and await two.release(key) == lock
+    assert (await one.release_and_handoff(key, owner=lock.owner,
+                                          token=lock.fencing_token)).released is None
+    assert await one.get(key) is None and one.held_as_seen(key) is None
 
 
 async def test_an_embedded_store_closed_after_use_answers_backend_unavailable(

@@ -9,6 +9,7 @@ request handler on the direct routes, and everything else must (that is where th
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
@@ -26,6 +27,7 @@ from starlette.datastructures import QueryParams
 from starlette.requests import ClientDisconnect, Request
 from starlette.routing import Match
 from starlette.types import Message
+from tests.support.locks import lock_for, request_for
 
 from enhanced_locking.api import create_app
 from enhanced_locking.api.access import CallerDep
@@ -40,6 +42,7 @@ from enhanced_locking.api.direct import (
     serve_directly,
 )
 from enhanced_locking.api.responses import JsonAnswer
+from enhanced_locking.backends import EmbeddedBackend
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.factory import LockService
 from enhanced_locking.provider import ConfigProvider
@@ -259,6 +262,66 @@ async def test_who_may_call_is_answered_as_before(guarded_pair: Pair) -> None:
     released = await same_answer(guarded_pair, "DELETE", f"/v1/locks/by-key?key={KEY}&pull=7",
                                  headers={"authorization": f"Bearer {TOKEN}"})
     assert released.status_code == 200
+
+
+async def test_a_release_of_the_lock_last_seen_answers_as_a_read_of_the_file_would(
+        tmp_path: Path) -> None:
+    # The release route decides on the lock this service last granted or read, without reading
+    # the file, and releases it by its fencing token: when another service on the same file
+    # changed the key since, nothing is released on the guess and the route answers as it did
+    # when it read the holder first; each call writes one audit row, the same either way.
+    data = tmp_path / "store"
+    data.mkdir()
+    services = []
+    async with AsyncExitStack() as stack:
+        for _ in range(2):  # two services on one file
+            app = create_app(LockService(ConfigProvider(config(data))))
+            await stack.enter_async_context(app.router.lifespan_context(app))
+            services.append(await stack.enter_async_context(httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1")))
+        one, two = services
+        other = EmbeddedBackend(config(data).data_path)  # and a writer of its own
+        stack.push_async_callback(other.close)
+        body = json.dumps(lock()).encode()
+        url = f"/v1/locks/by-key?key={KEY}&pull=7"
+
+        async def release_rows() -> list[dict[str, Any]]:
+            await asyncio.sleep(0.05)  # the audit trail is written behind
+            rows = (await one.get("/v1/audit", params={"action": "release"})).json()
+            return [{k: v for k, v in row.items() if k not in STAMPED | {"peer"}}
+                    for row in rows["entries"]]
+
+        # released by the service that took it (its guess) and by one that never saw it (the
+        # holder read first): the same answer, the same audit row
+        for releaser in (one, two):
+            taken = await one.post("/v1/locks", content=body, headers=JSON)
+            assert taken.status_code == 200
+            released = await releaser.delete(url)
+            assert released.status_code == 200
+            assert released.json()["lock"] == taken.json()["lock"]
+        rows = await release_rows()
+        assert len(rows) == 2 and rows[0] == rows[1], "the same audit row"
+
+        for pull in (7, 8):  # taken anew by another writer, for the same pull, then another
+            taken = (await one.post("/v1/locks", content=body, headers=JSON)).json()["lock"]
+            assert await other.release(KEY) is not None
+            granted, now = await other.acquire(lock_for(request_for(
+                repo="acme/direct", path="envs/prod", project="", pull=pull)))
+            assert granted and now.fencing_token == taken["fencingToken"] + 1
+            answer = await one.delete(url)
+            if pull == 7:  # as when the holder was read first: the pull's lock is released
+                assert answer.status_code == 200
+                assert answer.json()["lock"]["fencingToken"] == now.fencing_token
+                assert await other.get(KEY) is None
+            else:
+                assert answer.status_code == 409, answer.text
+                assert await other.get(KEY) == now, "nothing released on the guess"
+                assert (await one.delete(f"/v1/locks/by-key?key={KEY}&pull=8")).status_code \
+                    == 200
+        rows = await release_rows()
+        assert sorted((row["pull"], row["outcome"], row["status"]) for row in rows) == [
+            (7, "not-owned", 409), *[(7, "released", 200)] * 3, (8, "released", 200)
+        ], "one row a call (the two services' rows come in the order they were written)"
 
 
 async def test_the_openapi_document_does_not_see_the_direct_routes(tmp_path: Path) -> None:

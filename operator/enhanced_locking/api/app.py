@@ -253,12 +253,28 @@ def create_app(
 
         Needs ``lock`` with ``pull`` (the holder's own release); ``release-any`` without it.
         """
+        verb = Verb.LOCK if pull is not None else Verb.RELEASE_ANY
+        action = "release" if pull is not None else "release-any"
+        if pull is not None:
+            # The holder as this process last wrote or read it, without reading the store: if
+            # it is the pull's own and the caller may release it, it is released by its
+            # fencing token, which frees nothing unless the store holds exactly that lock (so
+            # a decision made on it is the one a fresh read would have made). Anything else
+            # (another writer changed the key since, nothing known) takes the path below.
+            seen = router.held_as_seen(key)
+            if (seen is not None and seen.pull.num == pull
+                    and (repo is None or seen.project.repo_full_name == repo)
+                    and await caller.may(verb, repo=seen.project.repo_full_name)):
+                released = await _release_exactly(seen)
+                if released is not None:
+                    await caller.record(action=action, verb=verb, key=key,
+                                        repo=seen.project.repo_full_name,
+                                        pull=released.pull.num, outcome="released", status=200)
+                    return JsonAnswer(b'{"released":true,"lock":' + lock_json(released) + b"}")
         # A caller that knows its repository should say it: the key alone can name another
         # repository's project (``gl/grp`` + ``sub/proj`` and ``gl/grp/sub`` + ``proj``).
         holder = await router.get(key)
         held_repo = holder.project.repo_full_name if holder is not None else None
-        verb = Verb.LOCK if pull is not None else Verb.RELEASE_ANY
-        action = "release" if pull is not None else "release-any"
         await caller.need(verb, action=action, repo=held_repo, key=key, pull=pull)
         async with caller.audited(action=action, verb=verb, key=key, repo=held_repo,
                                   pull=pull) as note:
@@ -283,6 +299,15 @@ def create_app(
             note.pull = lock.pull.num
         # Encoded once, by pydantic; nothing for FastAPI to encode.
         return JsonAnswer(b'{"released":true,"lock":' + lock_json(lock) + b"}")
+
+    async def _release_exactly(seen: Lock) -> Lock | None:
+        """``seen`` released if the store holds exactly it (its fencing token); ``None`` when
+        nothing was released (the key changed since, or the store did not answer): the route
+        then reads the holder and decides again, as if this had not been tried."""
+        try:
+            return await router.release(seen.key, owner=seen.owner, token=seen.fencing_token)
+        except LockingError:
+            return None
 
     @app.delete("/v1/locks/by-pull", responses=WHO)
     async def release_pull(repo: Repo, pull: PullNum, caller: CallerDep) -> Any:

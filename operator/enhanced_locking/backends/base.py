@@ -473,6 +473,20 @@ class StoreBackend(abc.ABC):
         and no concurrency limit is set."""
         return None
 
+    def _pop_exactly(self, key: str, owner: Owner, token: int) -> Lock | None:
+        """:meth:`_pop` of the lock ``owner`` holds with fencing token ``token``, only if the
+        store holds exactly that lock: the lock released, or ``None`` (nothing released; the
+        caller takes the general path)."""
+        return None
+
+    def held_as_seen(self, key: str) -> Lock | None:
+        """The lock this store last wrote or read as ``key``'s holder in this process, without
+        asking the store (no I/O), or ``None``. A guess: another writer (another process on
+        the same store) may have changed the key since. Good only for a release by its fencing
+        token (:meth:`release_and_handoff` with ``owner`` and ``token``), which releases
+        nothing unless the store holds exactly that lock."""
+        return None
+
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
         yield
@@ -918,9 +932,10 @@ class StoreBackend(abc.ABC):
         self, key: str, *, owner: Owner | None = None, policy: QueuePolicy | None = None,
         token: int | None = None,
     ) -> Handoff:
-        if token is None and key not in self._queues and (policy is None or not policy.limits):
-            # Nobody waits here: one step, nothing to hand over.
-            popped = self._pop(key, owner)
+        if key not in self._queues and (policy is None or not policy.limits):
+            # Nobody waits here: one step, nothing to hand over (a token's hold: only that one).
+            popped = (self._pop(key, owner) if token is None
+                      else None if owner is None else self._pop_exactly(key, owner, token))
             if popped is Stored.NOTHING:
                 return Handoff.of_release(None)
             if popped is not None:

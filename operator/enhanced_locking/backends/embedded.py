@@ -18,6 +18,15 @@ common release one ``UPDATE``. Neither reads the row back when it holds what thi
 expected (see ``_TAKE_SEEN_AS_EXPECTED``). A released key's last lock stays in its row until
 the key is taken again (it carries no secret: see :mod:`codec`).
 
+The release route's holder without a read: the backend keeps, per key, the lock it last granted
+or read as held (:meth:`EmbeddedBackend.held_as_seen`), and the route decides on it (access
+control, the pull, the repository) without a read transaction, then releases it by its fencing
+token: the one ``UPDATE`` of a release as expected, which frees the row only if it holds that
+lock's text. Another writer of the file (another process, another connection) may have changed
+the key since, and nothing here would see it; then the statement changes nothing, the general
+path finds the row and frees nothing that is not that hold, and the route reads the holder and
+decides again, as it did before.
+
 Schema versions (``PRAGMA user_version``): 0 had the counters in a ``fencing`` table of their
 own beside ``locks``; 2 is the layout below with a fencing floor that followed every token
 exactly; 3 keeps the floor ahead (see :data:`FLOOR_AHEAD`). A file of an older version is
@@ -409,6 +418,10 @@ class EmbeddedBackend(StoreBackend):
         # the next grant of the key most likely gets. A guess only (the statement checks it
         # against the row): see _TAKE_SEEN and _TAKE_MINE.
         self._seen: dict[str, tuple[int, Owner | None]] = {}
+        # The lock per key as this backend last granted or read it held, until it releases
+        # or reads it free (:meth:`held_as_seen`): a guess, never an answer. Another writer
+        # may have changed the row since; a release by its token checks the row's text.
+        self._held: dict[str, Lock] = {}
         # A counted namespace (see the module's docstring): what was last read per key (the
         # exclusive row, and the shared rows when they were read), as of ``_as_of``.
         self._counter = _changes_row(namespace) if namespace in COUNTED else None
@@ -478,13 +491,18 @@ class EmbeddedBackend(StoreBackend):
         if len(self._decoded) >= _DECODED_KEYS:
             self._decoded.clear()
             self._seen.clear()
+            self._held.clear()
         self._decoded[key] = (text, lock)
 
     def _load(self, key: str) -> Lock | None:
         row = self._db.execute(
             "SELECT data FROM locks WHERE ns = ? AND key = ? AND held = 1", (self.namespace, key)
         ).fetchone()
-        return self._decode(key, row[0]) if row else None
+        if not row:
+            self._held.pop(key, None)
+            return None
+        lock = self._held[key] = self._decode(key, row[0])
+        return lock
 
     def _store(self, lock: Lock) -> None:
         text = codec.encode(lock)
@@ -499,6 +517,7 @@ class EmbeddedBackend(StoreBackend):
         )
         self._remember(lock.key, text, lock)
         self._seen[lock.key] = lock.fencing_token, lock.owner
+        self._held[lock.key] = lock
 
     def _take_free(self, candidate: Candidate, times: Times) -> Lock | None:
         # One statement (so one implicit transaction): see _TAKE_FREE, _TAKE_SEEN, _TAKE_MINE.
@@ -538,6 +557,7 @@ class EmbeddedBackend(StoreBackend):
                 if cursor.execute(expected, args).rowcount == 1:
                     self._remember(key, sent, guess)
                     self._seen[key] = token, owner
+                    self._held[key] = guess
                     return guess
                 row = self._db.execute(general, args).fetchone()
         except sqlite3.Error as error:
@@ -552,6 +572,7 @@ class EmbeddedBackend(StoreBackend):
             taken = replaced(lock, fencing_token=counter)
         self._remember(key, text, taken)
         self._seen[key] = counter, owner
+        self._held[key] = taken
         return taken
 
     def _load_shared(self, key: str) -> list[Lock]:
@@ -594,6 +615,7 @@ class EmbeddedBackend(StoreBackend):
                         _POP_AS_EXPECTED if owner is None else _POP_OWNED_AS_EXPECTED,
                         (self.namespace, key, known[0]) if owner is None
                         else (self.namespace, key, *owner, known[0])).rowcount == 1:
+                    self._held.pop(key, None)
                     return known[1]  # the row held the text last seen: its lock is released
                 if owner is None:
                     row = self._db.execute(_POP, (self.namespace, key)).fetchone()
@@ -606,6 +628,7 @@ class EmbeddedBackend(StoreBackend):
                 if known is not None and cursor.execute(
                         _POP_AS_EXPECTED_CHECKED if owner is None
                         else _POP_OWNED_AS_EXPECTED_CHECKED, args).rowcount == 1:
+                    self._held.pop(key, None)
                     return known[1]
                 row = self._db.execute(_POP_CHECKED if owner is None else _POP_OWNED_CHECKED,
                                        args).fetchone()
@@ -613,12 +636,45 @@ class EmbeddedBackend(StoreBackend):
             raise self._down(error) from None
         if row is None:
             return None
+        self._held.pop(key, None)
         try:
             return self._decode(key, row[0])
         except LockUnreadable:
             # Freed unread (its owner columns matched): the general path finds it free.
             self.unreadable.cleared(key)
             return None
+
+    def _pop_exactly(self, key: str, owner: Owner, token: int) -> Lock | None:
+        # The release as expected of _pop, for the lock last seen only if it is the one asked
+        # for: the row's text (which carries the token) must be that lock's, else nothing
+        # changes and the general path decides.
+        known = self._decoded.get(key)
+        if known is None:
+            return None
+        lock = known[1]
+        if lock.fencing_token != token or lock.owner != owner:
+            return None
+        other = other_side_check(key)  # as in _take_free
+        try:
+            cursor = self._cursor  # as in _take_free
+            if cursor.connection is not self._db:
+                cursor = self._cursor = self._db.cursor()
+            if other is None:
+                changed = cursor.execute(_POP_OWNED_AS_EXPECTED,
+                                         (self.namespace, key, *owner, known[0])).rowcount
+            else:
+                changed = cursor.execute(_POP_OWNED_AS_EXPECTED_CHECKED,
+                                         (self.namespace, key, *owner, known[0], None,
+                                          other)).rowcount
+        except sqlite3.Error as error:
+            raise self._down(error) from None
+        if changed != 1:
+            return None
+        self._held.pop(key, None)
+        return lock
+
+    def held_as_seen(self, key: str) -> Lock | None:
+        return self._held.get(key)
 
     def checks_other_side(self, other: object) -> str | None:
         # The two sides' rows in one file (the same path): a grant or release here can look at
@@ -636,6 +692,7 @@ class EmbeddedBackend(StoreBackend):
         return bool(row[0])
 
     def _delete(self, key: str) -> None:
+        self._held.pop(key, None)
         self._db.execute("UPDATE locks SET held = 0 WHERE ns = ? AND key = ? AND held = 1",
                          (self.namespace, key))
 

@@ -484,6 +484,19 @@ class Router(AtlantisCalls):
             raise outage
         return None
 
+    def held_as_seen(self, key: str) -> Lock | None:
+        """The lock the enhanced side's store last wrote or read as ``key``'s holder in this
+        process, without asking the store (:meth:`StoreBackend.held_as_seen`); ``None`` when
+        none is known or the key is the legacy side's. A guess that another writer may have
+        made stale: good for a release by its fencing token (``release(key, owner=...,
+        token=...)``), which frees nothing of the enhanced side unless it still holds
+        exactly that lock, not for an answer."""
+        enhanced = self._enhanced()
+        if enhanced is None or self.side_for(key) != "enhanced":
+            return None
+        store = backend_of(enhanced)
+        return store.held_as_seen(key) if isinstance(store, StoreBackend) else None
+
     def _ordered(self, key: str) -> list[Locker]:
         lockers = self._lockers()
         return lockers if self.side_for(key) == "legacy" else lockers[::-1]
