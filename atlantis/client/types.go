@@ -51,6 +51,10 @@ type Pull struct {
 	// VCSHost is where the pull's repository lives (Atlantis's BaseRepo.VCSHost); left
 	// out, the service derives it from URL.
 	VCSHost *VCSHost `json:"vcsHost,omitempty"`
+	// SanitizedCloneURL is the pull's repository's clone URL (Atlantis's
+	// BaseRepo.SanitizedCloneURL), without credentials: the service strips any
+	// user:password@ from it.
+	SanitizedCloneURL string `json:"sanitizedCloneUrl,omitempty"`
 }
 
 // VCSHost is a VCS host: its hostname and its type by Atlantis's name for it ("Github",

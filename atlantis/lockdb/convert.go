@@ -1,6 +1,8 @@
 package lockdb
 
 import (
+	"strings"
+
 	"github.com/runatlantis/atlantis/server/events/models"
 
 	"github.com/runatlantis/enhanced-locking/atlantis/client"
@@ -9,9 +11,12 @@ import (
 // What crosses to the service and back. Every field Atlantis reads from a lock survives:
 // Project, Workspace, User (name and teams), Time (the service's grant time), and of the
 // pull its number, URL, author, branches, head commit, state and base repository (full
-// name, owner, name, VCS host and type). Not carried, on purpose: BaseRepo.CloneURL (it holds
-// Atlantis's VCS token; locks never store credentials) and SanitizedCloneURL, the pull's
-// Body and HardenedNonPRRefCheckout — Atlantis reads none of them from a lock.
+// name, owner, name, sanitized clone URL, VCS host and type). The sanitized clone URL goes
+// without its user:<redacted>@: Atlantis's Bitbucket Server client reads the project key
+// from its path when it comments on a pull whose lock was deleted from its UI. Not carried,
+// on purpose: BaseRepo.CloneURL (it holds Atlantis's VCS token; locks never store
+// credentials), the pull's Body and HardenedNonPRRefCheckout — Atlantis reads neither from a
+// lock.
 
 func project(p models.Project) client.Project {
 	return client.Project{RepoFullName: p.RepoFullName, Path: client.CleanPath(p.Path), ProjectName: p.ProjectName}
@@ -27,7 +32,26 @@ func pull(p models.PullRequest) client.Pull {
 	if host := p.BaseRepo.VCSHost; host.Hostname != "" {
 		out.VCSHost = &client.VCSHost{Hostname: host.Hostname, Type: host.Type.String()}
 	}
+	out.SanitizedCloneURL = withoutUserinfo(p.BaseRepo.SanitizedCloneURL)
 	return out
+}
+
+// withoutUserinfo is u without the user:password@ of its authority (Atlantis's sanitized
+// clone URL has the VCS user and "<redacted>", which net/url refuses to parse).
+func withoutUserinfo(u string) string {
+	scheme, rest, ok := strings.Cut(u, "://")
+	if !ok {
+		return u
+	}
+	authority, path := rest, ""
+	if i := strings.IndexAny(rest, "/?#"); i >= 0 {
+		authority, path = rest[:i], rest[i:]
+	}
+	at := strings.LastIndex(authority, "@")
+	if at < 0 {
+		return u
+	}
+	return scheme + "://" + authority[at+1:] + path
 }
 
 func user(u models.User) client.User {
@@ -67,7 +91,8 @@ func projectLock(l client.Lock) models.ProjectLock {
 		owner, name := models.SplitRepoFullName(l.Project.RepoFullName)
 		out.Pull.BaseRepo = models.Repo{
 			FullName: l.Project.RepoFullName, Owner: owner, Name: name,
-			VCSHost: models.VCSHost{Hostname: host.Hostname, Type: vcsTypes[host.Type]},
+			SanitizedCloneURL: l.Pull.SanitizedCloneURL,
+			VCSHost:           models.VCSHost{Hostname: host.Hostname, Type: vcsTypes[host.Type]},
 		}
 	}
 	return out

@@ -16,6 +16,7 @@ import (
 	"github.com/runatlantis/atlantis/server/core/locking"
 	"github.com/runatlantis/atlantis/server/events/command"
 	"github.com/runatlantis/atlantis/server/events/models"
+	"github.com/runatlantis/atlantis/server/events/vcs/bitbucketserver"
 	"github.com/runatlantis/atlantis/server/events/vcs/github"
 	"github.com/runatlantis/atlantis/server/logging"
 
@@ -235,6 +236,45 @@ func TestEveryFieldOfAProjectLockSurvivesTheRoundTrip(t *testing.T) {
 		}
 		if d := got.Time.Sub(want.Time); d < -time.Second || d > 5*time.Second {
 			t.Errorf("time: got %v, want about %v (the grant time)", got.Time, want.Time)
+		}
+	})
+}
+
+func TestABitbucketServerLockKeepsItsCloneURLWithoutCredentials(t *testing.T) {
+	// After an unlock from its UI, Atlantis comments on the lock's pull through the client of
+	// its VCS host; Bitbucket Server's finds the project key in BaseRepo.SanitizedCloneURL.
+	// The lock keeps that URL, without the user:<redacted>@ Atlantis puts in it; never the
+	// CloneURL with the token.
+	forEachStore(t, func(t *testing.T, s store) {
+		database := open(t, s.serve(t))
+		lock := models.ProjectLock{Project: models.NewProject("at/infra", ".", ""), Workspace: "default",
+			Pull: pullOf("at/infra", 3), User: alice, Time: time.Now()}
+		lock.Pull.URL = "https://bitbucket.corp:7990/projects/AT/repos/infra/pull-requests/3"
+		lock.Pull.BaseRepo.VCSHost = models.VCSHost{Hostname: "bitbucket.corp", Type: models.BitbucketServer}
+		lock.Pull.BaseRepo.CloneURL = "https://atlantis-bot:s3cret-token@bitbucket.corp:7990/scm/at/infra.git"
+		lock.Pull.BaseRepo.SanitizedCloneURL = "https://atlantis-bot:<redacted>@bitbucket.corp:7990/scm/at/infra.git"
+		ok, _, err := database.TryLock(lock)
+		must(t, err)
+		if !ok {
+			t.Fatal("the lock should be granted")
+		}
+		got, err := database.GetLock(lock.Project, "default")
+		must(t, err)
+		if got == nil || got.Pull.BaseRepo.SanitizedCloneURL != "https://bitbucket.corp:7990/scm/at/infra.git" {
+			t.Fatalf("the clone URL should come back without credentials, got %+v", got)
+		}
+		if got.Pull.BaseRepo.CloneURL != "" {
+			t.Fatalf("the clone URL with the token must not be kept, got %q", got.Pull.BaseRepo.CloneURL)
+		}
+		key, err := (&bitbucketserver.Client{}).GetProjectKey(got.Pull.BaseRepo.Name, got.Pull.BaseRepo.SanitizedCloneURL)
+		must(t, err)
+		if key != "at" {
+			t.Fatalf("Atlantis's Bitbucket Server client should read project key at, read %q", key)
+		}
+		listed, err := database.Client().List(context.Background(), client.ListFilter{})
+		must(t, err)
+		if text := fmt.Sprintf("%+v", listed); strings.Contains(text, "s3cret") || strings.Contains(text, "atlantis-bot") {
+			t.Fatalf("credentials reached the service: %s", text)
 		}
 	})
 }

@@ -419,7 +419,10 @@ class Pull(_Model):
     """The pull request that holds or asks for a lock (Atlantis's ``PullRequest``).
 
     ``vcsHost`` is where its repository lives (Atlantis's ``BaseRepo.VCSHost``); left out, it
-    is derived from ``url`` (:func:`vcs_host_from_url`).
+    is derived from ``url`` (:func:`vcs_host_from_url`). ``sanitizedCloneUrl`` is its
+    repository's clone URL as Atlantis's ``BaseRepo.SanitizedCloneURL`` has it, without any
+    ``user:password@`` (Atlantis's has the VCS user and ``<redacted>``; none is kept): its
+    Bitbucket Server client reads the project key from it, to comment on the pull.
     """
 
     num: PullNumber
@@ -430,6 +433,7 @@ class Pull(_Model):
     head_commit: Text = ""
     state: Literal["open", "closed"] = "open"
     vcs_host: VcsHost | None = None
+    sanitized_clone_url: Url = ""
 
     @model_validator(mode="after")
     def _derive_vcs_host(self) -> Pull:
@@ -1079,7 +1083,8 @@ def lock_shape(lock: Lock) -> tuple[object, ...]:
     shape = (project["project_name"], project["repo_full_name"], project["path"],
             fields["workspace"], pull["num"], pull["head_commit"], pull["url"],
             pull["head_branch"], pull["base_branch"], pull["author"], pull["state"],
-            None if host is None else (host.hostname, host.type), user["username"],
+            None if host is None else (host.hostname, host.type), pull["sanitized_clone_url"],
+            user["username"],
             tuple(user["teams"]), fields["priority"], fields["backend"], fields["mode"])
     _last_shape = (lock, shape)
     return shape

@@ -74,6 +74,7 @@ async def test_a_lock_atlantis_wrote_is_respected_and_read_without_its_token(
     assert holder.pull.num == 12 and holder.user.username == "alice"
     assert holder.acquired_at == datetime(2024, 5, 1, 8, 20, 30, 123456, tzinfo=UTC)
     assert "ghp_tok3n" not in holder.model_dump_json()
+    assert holder.pull.sanitized_clone_url == "https://github.com/acme/infra.git"
     same, again = await legacy.acquire(lock_for(request_for(pull=12), backend="legacy"))
     assert same and again == holder  # Atlantis's rule: the holder's pull gets it back
     assert [lock.key for lock in await legacy.list(repo="acme/infra", pull=12)] == [KEY]

@@ -36,11 +36,12 @@ UTC_TIMES = st.datetimes(timezones=st.just(UTC)) | st.datetimes(
 PROJECTS = st.builds(lambda **fields: Project(**fields), repo_full_name=NAME, path=NAME,
                      project_name=TEXT)
 PULLS = st.builds(
-    lambda **fields: Pull(**fields), num=st.integers(min_value=0, max_value=2**31 - 1),
+    lambda **fields: Pull(**fields), num=st.integers(min_value=-(2**31), max_value=2**31 - 1),
     url=TEXT, author=TEXT, head_branch=TEXT, base_branch=TEXT, head_commit=TEXT,
     state=st.sampled_from(["open", "closed"]),
     vcs_host=st.none() | st.builds(lambda **fields: VcsHost(**fields), hostname=TEXT,
-                                   type=st.sampled_from(["Github", "Gitlab", "Gitea"])))
+                                   type=st.sampled_from(["Github", "Gitlab", "Gitea"])),
+    sanitized_clone_url=TEXT)
 USERS = st.builds(lambda **fields: User(**fields), username=TEXT, teams=st.lists(TEXT, max_size=3))
 
 
@@ -101,7 +102,7 @@ def test_the_template_knows_every_field_of_a_lock() -> None:
          "expires_at", "fencing_token", "backend", "mode"],
         ["repo_full_name", "path", "project_name"],
         ["num", "url", "author", "head_branch", "base_branch", "head_commit", "state",
-         "vcs_host"],
+         "vcs_host", "sanitized_clone_url"],
         ["username", "teams"],
         ["hostname", "type"])
 

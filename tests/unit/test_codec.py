@@ -152,6 +152,17 @@ def test_go_time_forms_are_read_as_utc(time: str) -> None:
     assert parsed.replace(microsecond=0) == datetime(2024, 5, 1, 8, 20, 30, tzinfo=UTC)
 
 
+def test_the_sanitized_clone_url_is_kept_without_its_user() -> None:
+    # Atlantis's Bitbucket Server client reads the project key from it (to comment on a pull
+    # whose lock was deleted from the UI); Atlantis writes it with "user:<redacted>@".
+    lock = codec.decode(ATLANTIS_JSON)
+    assert lock.pull.sanitized_clone_url == "https://github.com/acme/infra.git"
+    written = json.loads(codec.encode(lock))["Pull"]["BaseRepo"]
+    assert written["SanitizedCloneURL"] == "https://github.com/acme/infra.git"
+    assert written["CloneURL"] == "" and "atlantis-bot" not in codec.encode(lock)
+    assert codec.decode(codec.encode(lock), key=lock.key) == lock
+
+
 def test_credentials_never_reach_the_store() -> None:
     # Atlantis's own JSON carries the bot's token in CloneURL; re-encoding drops it.
     assert TOKEN not in codec.encode(codec.decode(ATLANTIS_JSON))
@@ -234,7 +245,8 @@ def _locks(draw: st.DrawFn) -> Lock:
             base_branch=draw(_field_text), head_commit=draw(_field_text),
             state=draw(st.sampled_from(["open", "closed"])),
             vcs_host=draw(st.none() | st.builds(VcsHost, hostname=_field_text,
-                                                type=st.sampled_from(["Github", "Gitea"])))),
+                                                type=st.sampled_from(["Github", "Gitea"]))),
+            sanitized_clone_url=draw(_field_text)),
         user=User.model_construct(username=draw(_field_text),
                                   teams=draw(st.lists(_field_text, max_size=3))),
         priority=draw(st.sampled_from(list(Priority))),
@@ -268,6 +280,8 @@ def test_locks_that_differ_in_any_written_part_are_written_apart() -> None:
         a_lock(pull=first.pull.model_copy(update={"head_commit": "5e3b0d"})),
         a_lock(pull=first.pull.model_copy(update={"vcs_host": VcsHost(hostname="gitlab.com",
                                                                       type="Gitlab")})),
+        a_lock(pull=first.pull.model_copy(update={
+            "sanitized_clone_url": "https://github.com/acme/infra.git"})),
         a_lock(user=User(username="alice", teams=["platform"])),
         a_lock(user=User(username="alice", teams=["platform", "sre", "ops"])),
         a_lock(priority=Priority.LOW),

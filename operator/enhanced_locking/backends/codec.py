@@ -7,14 +7,16 @@ we can read its, and put our additions (priority, expiry, fencing token, side) u
 
 * ``Project`` (name, repository, cleaned path) and ``Workspace``: the lock's identity.
 * ``Pull.Num``, ``URL``, ``Author``: its lock pages and ``GET /api/locks``.
-* ``Pull.BaseRepo`` (``FullName``, ``Owner``, ``Name``, ``VCSHost{Hostname, Type}``): an
-  unlock from its UI marks the pull's plans discarded under ``{Hostname}::{FullName}::{Num}``,
-  deletes the plan from the pull's working directory and comments on the pull through the
-  client of ``VCSHost.Type``. With an empty ``BaseRepo`` it skips all three.
+* ``Pull.BaseRepo`` (``FullName``, ``Owner``, ``Name``, ``SanitizedCloneURL``,
+  ``VCSHost{Hostname, Type}``): an unlock from its UI marks the pull's plans discarded under
+  ``{Hostname}::{FullName}::{Num}``, deletes the plan from the pull's working directory and
+  comments on the pull through the client of ``VCSHost.Type`` (Bitbucket Server's finds the
+  project key in ``SanitizedCloneURL``). With an empty ``BaseRepo`` it skips all three.
 * ``User.Username`` and ``User.Teams``.
 
-Credentials never reach the store: URLs lose their ``user:token@``, and Atlantis's
-``CloneURL`` (which carries its VCS token) is never copied; ours are written empty.
+Credentials never reach the store: URLs lose their ``user:token@`` (``SanitizedCloneURL`` its
+``user:<redacted>@``), and Atlantis's ``CloneURL`` (which carries its VCS token) is never
+copied; ours is written empty.
 """
 
 from __future__ import annotations
@@ -74,7 +76,8 @@ def _base_repo(lock: Lock) -> dict[str, Any]:
     owner, name = split_repo_full_name(repo)
     host = lock.pull.vcs_host or _NO_HOST
     return {
-        "FullName": repo, "Owner": owner, "Name": name, "CloneURL": "", "SanitizedCloneURL": "",
+        "FullName": repo, "Owner": owner, "Name": name, "CloneURL": "",
+        "SanitizedCloneURL": lock.pull.sanitized_clone_url,
         "VCSHost": {"Hostname": host.hostname, "Type": _VCS_TYPES.index(host.type)},
     }
 
@@ -89,6 +92,13 @@ def _vcs_host(pull: dict[str, Any]) -> tuple[Any, VcsHostType] | None:
     kind = host.get("Type", 0)
     return host["Hostname"], (_VCS_TYPES[kind] if isinstance(kind, int) and 0 <= kind < 6
                               else "Github")
+
+
+def _sanitized_clone_url(pull: dict[str, Any]) -> Any:
+    """The pull's ``BaseRepo.SanitizedCloneURL`` ("" without one); its ``user:<redacted>@``
+    is stripped by the model (:data:`~enhanced_locking.types.Url`)."""
+    base = pull.get("BaseRepo")
+    return base.get("SanitizedCloneURL", "") if isinstance(base, dict) else ""
 
 
 def _go_time(value: datetime) -> str:
@@ -177,7 +187,8 @@ def from_atlantis_dict(data: dict[str, Any], *, key: str | None = None) -> Lock:
         pull=_kept(_PULLS, _pull, (
             int(pull.get("Num", 0)), pull.get("URL", ""), pull.get("Author", ""),
             pull.get("HeadBranch", ""), pull.get("BaseBranch", ""), pull.get("HeadCommit", ""),
-            "closed" if pull.get("State") == 1 else "open", _vcs_host(pull))),
+            "closed" if pull.get("State") == 1 else "open", _vcs_host(pull),
+            _sanitized_clone_url(pull))),
         # Teams were kept under Enhanced before they moved to where Atlantis reads them.
         user=_kept(_USERS, _user, (
             user.get("Username", ""), _sequence(user.get("Teams") or extra.get("Teams") or []))),
@@ -214,10 +225,11 @@ _PartT = TypeVar("_PartT", Pull, User)
 
 
 def _pull(args: tuple[Any, ...]) -> Pull:
-    num, url, author, head_branch, base_branch, head_commit, state, host = args
+    num, url, author, head_branch, base_branch, head_commit, state, host, clone_url = args
     return Pull(num=num, url=url, author=author, head_branch=head_branch,
                 base_branch=base_branch, head_commit=head_commit, state=state,
-                vcs_host=None if host is None else VcsHost(hostname=host[0], type=host[1]))
+                vcs_host=None if host is None else VcsHost(hostname=host[0], type=host[1]),
+                sanitized_clone_url=clone_url)
 
 
 def _user(args: tuple[Any, ...]) -> User:
