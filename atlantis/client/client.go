@@ -114,7 +114,7 @@ type call struct {
 	wait time.Duration
 	// also lists the statuses besides 200 whose body is the answer (409: an acquire refused).
 	also []int
-	// absentOK: a 404 means nothing is there (an answer, not an error).
+	// absentOK: the service's 404 for key means nothing is there (an answer, not an error).
 	absentOK bool
 }
 
@@ -274,8 +274,9 @@ func decode[T any](k call, got answer) (T, error) {
 	return out, nil
 }
 
-// exchange sends k and sorts its answer: 200 (or a status in k.also) is found; a 404 where
-// k.absentOK is not found and no error; any other status is its typed refusal.
+// exchange sends k and sorts its answer: 200 (or a status in k.also) is found; the
+// service's own 404 for k.key where k.absentOK is not found and no error; any other status
+// is its typed refusal.
 func (c *Client) exchange(ctx context.Context, k call) (got answer, found bool, err error) {
 	if got, err = c.do(ctx, k); err != nil {
 		return answer{}, false, err
@@ -283,11 +284,24 @@ func (c *Client) exchange(ctx context.Context, k call) (got answer, found bool, 
 	switch {
 	case got.status == http.StatusOK || slices.Contains(k.also, got.status):
 		return got, true, nil
-	case k.absentOK && got.status == http.StatusNotFound:
+	case k.absentOK && got.status == http.StatusNotFound && absent(k, got.body):
 		return got, false, nil
+	case k.absentOK && got.status == http.StatusNotFound:
+		// A 404 that is not the service's answer for the key (a wrong base path, a proxy's
+		// page): nothing is known of the lock, so it is not read as "no lock".
+		return got, false, &UnavailableError{Op: k.op, Key: k.key, Status: got.status,
+			Message: "404 that is not the lock service's answer for the key (is the URL's path " +
+				"the service's?): " + errorMessage(got.body)}
 	default:
 		return got, false, refusal(k, got)
 	}
+}
+
+// absent reports whether body is the service's 404 for k.key: its JSON error naming the key
+// ({"error": "no lock is held on ...", "lockKey": key}).
+func absent(k call, body []byte) bool {
+	var e errorBody
+	return json.Unmarshal(body, &e) == nil && e.Error != "" && e.LockKey == k.key && k.key != ""
 }
 
 // request is one call whose answer is a T (see exchange): the zero T when nothing is there.

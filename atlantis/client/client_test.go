@@ -430,3 +430,38 @@ func TestAnAcquireTurnedAwayBeforeAnyWorkIsSentAgain(t *testing.T) {
 		t.Fatalf("two 503s then the grant: want 3 attempts and pull 1's lock, got %d and %+v", n, lock)
 	}
 }
+
+func TestA404ThatIsNotTheServicesIsNotReadAsNoLock(t *testing.T) {
+	// A wrong base path (or a proxy's page) answers 404 too: only the service's own answer
+	// for the key means the key is free.
+	svc := servicetest.Serve(t)
+	ctx := context.Background()
+	right, err := client.New(svc.URL)
+	must(t, err)
+	lock, err := right.Acquire(ctx, request("acme/infra", "envs/prod", 1))
+	must(t, err)
+	wrong, err := client.New(svc.URL+"/not-the-api", client.WithRetries(1, 0))
+	must(t, err)
+	if got, err := wrong.Get(ctx, lock.Key); !client.IsUnavailable(err) || got != nil {
+		t.Fatalf("Get through a wrong path must be an error, got %+v, %v", got, err)
+	}
+	if got, err := wrong.Release(ctx, lock.Key); !client.IsUnavailable(err) || got != nil {
+		t.Fatalf("Release through a wrong path must be an error, got %+v, %v", got, err)
+	}
+	if got, err := wrong.ReleaseIfOwned(ctx, lock.Key, 1); !client.IsUnavailable(err) || got != nil {
+		t.Fatalf("ReleaseIfOwned through a wrong path must be an error, got %+v, %v", got, err)
+	}
+	// The service's own 404s are still "nothing there".
+	if got, err := right.Get(ctx, "acme/infra/envs/dev/default/"); err != nil || got != nil {
+		t.Fatalf("a free key is nil and no error, got %+v, %v", got, err)
+	}
+	if got, err := right.Release(ctx, "acme/infra/envs/dev/default/"); err != nil || got != nil {
+		t.Fatalf("releasing a free key is nil and no error, got %+v, %v", got, err)
+	}
+	if found, err := right.Cancel(ctx, lock.Key, "no-such-request"); err != nil || found {
+		t.Fatalf("cancelling what is not queued is false and no error, got %v, %v", found, err)
+	}
+	if held, err := right.Get(ctx, lock.Key); err != nil || held == nil || held.Pull.Num != 1 {
+		t.Fatalf("the lock must still be held, got %+v, %v", held, err)
+	}
+}
