@@ -154,7 +154,18 @@ func (b *Database) TryLock(lock models.ProjectLock) (bool, models.ProjectLock, e
 				"%s, a project of another repository whose lock key is the same: %w",
 				held.Key, other.Pull.Num, other.Project.RepoFullName, err)
 		}
-		return false, projectLock(*held.Holder), nil
+		holder := projectLock(*held.Holder)
+		if holder.Pull.BaseRepo.VCSHost.Hostname == "" && lock.Pull.BaseRepo.VCSHost.Hostname != "" {
+			// A holder that came without a VCS host (taken by a caller other than Atlantis)
+			// would have an empty BaseRepo, whose host type reads as GitHub: Atlantis then
+			// links its pull through the GitHub client, an error where GitHub is not set up,
+			// and the plan fails instead of saying who holds the lock. It gets the asking
+			// lock's host: the same key, so the same repository's host.
+			owner, name := models.SplitRepoFullName(holder.Project.RepoFullName)
+			holder.Pull.BaseRepo = models.Repo{FullName: holder.Project.RepoFullName, Owner: owner,
+				Name: name, VCSHost: lock.Pull.BaseRepo.VCSHost}
+		}
+		return false, holder, nil
 	}
 	return false, models.ProjectLock{}, fmt.Errorf("lock service: %w", err)
 }

@@ -16,6 +16,7 @@ import (
 	"github.com/runatlantis/atlantis/server/core/locking"
 	"github.com/runatlantis/atlantis/server/events/command"
 	"github.com/runatlantis/atlantis/server/events/models"
+	"github.com/runatlantis/atlantis/server/events/vcs"
 	"github.com/runatlantis/atlantis/server/events/vcs/bitbucketserver"
 	"github.com/runatlantis/atlantis/server/events/vcs/github"
 	"github.com/runatlantis/atlantis/server/logging"
@@ -367,6 +368,31 @@ func TestAProjectOfAnotherRepositoryWithTheSameKeyIsAnErrorNotAGrant(t *testing.
 			t.Fatalf("grp/sub !5 should still hold the lock, got %+v", kept)
 		}
 	})
+}
+
+func TestAHolderWithoutAVCSHostIsLinkedThroughTheAskingPullsHost(t *testing.T) {
+	// A lock taken by a caller other than Atlantis (the CLI, a pipeline) has no VCS host.
+	// Atlantis links the holder's pull through the client of its BaseRepo's host type: an
+	// empty one reads as GitHub, an error on an Atlantis without GitHub, so the plan failed
+	// instead of saying who holds the lock. The holder gets the asking lock's host.
+	database := open(t, servicetest.Serve(t))
+	other, err := client.New(database.Client().URL())
+	must(t, err)
+	_, err = other.Acquire(context.Background(), client.AcquireRequest{
+		Project: client.Project{RepoFullName: "grp/infra", Path: "."}, Workspace: "default",
+		Pull: client.Pull{Num: 9}, User: client.User{Username: "pipeline"}})
+	must(t, err)
+	// An Atlantis set up for Bitbucket Server only.
+	locker := projectLocker(database, vcs.NewClientProxy(nil, nil, nil, &bitbucketserver.Client{}, nil, nil))
+	mr := models.PullRequest{Num: 5, URL: "https://bitbucket.corp/projects/GRP/repos/infra/pull-requests/5",
+		HeadCommit: "c0ffee", HeadBranch: "feature", BaseBranch: "main", Author: "alice", State: models.OpenPullState,
+		BaseRepo: models.Repo{FullName: "grp/infra", Owner: "grp", Name: "infra",
+			VCSHost: models.VCSHost{Hostname: "bitbucket.corp", Type: models.BitbucketServer}}}
+	got, err := locker.TryLock(logging.NewNoopLogger(t), mr, alice, "default", models.NewProject("grp/infra", ".", ""), true)
+	must(t, err)
+	if got.LockAcquired || !strings.Contains(got.LockFailureReason, "locked by an unapplied plan from pull #9") {
+		t.Fatalf("pull 5 should be told pull 9 holds the lock, got %+v", got)
+	}
 }
 
 func TestAtlantisApplyLockStaysInTheWrappedDatabase(t *testing.T) {
