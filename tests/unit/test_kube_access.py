@@ -106,3 +106,33 @@ async def test_a_subject_access_review_the_api_server_does_not_answer_is_403(
     rows = await trail.read(AuditQuery())
     assert [(row.identity, row.verb, row.outcome, row.status) for row in rows] == [
         ("alice", "read", "denied", 403)]
+
+
+@pytest.mark.parametrize("which", ["api", "kube"])
+def test_the_kubeconfig_named_when_called_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, which: str
+) -> None:
+    """``KUBECONFIG`` is read when the credentials are looked up: the client library's own
+    default is the variable as it was when the library was first imported (here, a file that
+    is not there), which a later setting would not change."""
+    from kubernetes.config import kube_config
+
+    from enhanced_locking.api.kube_access import api_client
+    from enhanced_locking.kube.cluster import client_configuration
+
+    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION",
+                        str(tmp_path / "gone" / "kubeconfig"))
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:6443"}}],
+        "users": [{"name": "u", "user": {"token": "service-token"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
+    }))
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    if which == "api":
+        host = api_client().configuration.host
+    else:
+        host = client_configuration().host
+    assert host == "https://127.0.0.1:6443"

@@ -87,7 +87,10 @@ def api_client() -> client.ApiClient:
         config.load_incluster_config(  # type: ignore[no-untyped-call]
             client_configuration=configuration)
     else:
+        # The file named when called: the library's default is ``KUBECONFIG`` as it was when
+        # the library was first imported.
         config.load_kube_config(  # type: ignore[no-untyped-call]
+            config_file=os.environ.get("KUBECONFIG") or "~/.kube/config",
             client_configuration=configuration, persist_config=False)
     return client.ApiClient(configuration)
 

@@ -87,7 +87,10 @@ def client_configuration() -> client.Configuration:
                 client_configuration=configuration
             )
         else:
+            # The file named when called: the library's default is ``KUBECONFIG`` as it was
+            # when the library was first imported.
             config.load_kube_config(  # type: ignore[no-untyped-call]
+                config_file=os.environ.get("KUBECONFIG") or "~/.kube/config",
                 client_configuration=configuration, persist_config=False
             )
     except (config.ConfigException, OSError) as error:
