@@ -23,9 +23,9 @@ Every event is framed once, whatever the number of readers (:class:`Frames`). St
 capped per client address (429) and in total (503), both with ``Retry-After``.
 
 A caller sees only what its ``read`` right covers: the stream needs ``read`` (on ``repo`` when
-the filter names one), and each event is checked again for its repository before it is sent
-(answers are cached, see ``auth-cache-ttl``), so a right taken away stops the events within
-that time.
+the filter names one), and each event is checked again for its repository before it is sent,
+under the access control in force then (answers are cached, see ``auth-cache-ttl``), so a right
+taken away, in RBAC or by a config change to the role map, stops the events within that time.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.types import Receive, Scope, Send
 
-from enhanced_locking.api.access import CallerDep
+from enhanced_locking.api.access import CallerDep, access_now
 from enhanced_locking.api.errors import error_answers, json_error
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.events import EVENT_TYPES, FOLLOWING_COMMENT, Bus, Following, Gap
@@ -206,6 +206,9 @@ def install_event_stream(app: FastAPI, bus: Bus,
         if refused is not None:
             return refused
         max_lag = settings.events_max_lag
+        # Each event is checked under the access control in force when it is sent, not the
+        # one the stream opened under: a role a config change takes away stops the events.
+        current, identity = access_now(http), caller.identity
 
         async def stream() -> AsyncIterator[bytes]:
             async for item in bus.follow(after, max_lag=max_lag, announce=True):
@@ -221,7 +224,8 @@ def install_event_stream(app: FastAPI, bus: Bus,
                          "reason": item.reason})).encode()
                     continue
                 if (matches(item, repo=repo, key_prefix=key_prefix, types=types)
-                        and await caller.may(Verb.READ, repo=item.repo)):
+                        and await current().authorizer.allowed(identity, Verb.READ,
+                                                               repo=item.repo)):
                     yield frames(item)
 
         return _CountedStream(stream(), closed=streams.opened(client))

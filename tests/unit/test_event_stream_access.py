@@ -1,0 +1,93 @@
+"""An open event stream follows the access control in force, not the one it opened under: the
+app served by uvicorn on a loopback port over its own embedded (SQLite) store, static access
+control, and a config layer (as a LockPolicy sets one) that takes the viewer's role away while
+the viewer's stream is open. From then the stream brings none of the events the viewer may no
+longer read, as ``GET /v1/locks`` refuses it (docs/08-access.md, api/sse.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from tests.support.service import free_port
+
+from enhanced_locking.api import create_app
+from enhanced_locking.config import EnhancedLockingConfig
+from enhanced_locking.events import FOLLOWING_COMMENT
+from enhanced_locking.factory import LockService
+from enhanced_locking.provider import ConfigProvider
+from enhanced_locking.types import LockRequest
+
+VIEWER, ADMIN = "tok-viewer-8d2f6a", "tok-admin-1c7e4b"
+ROLES = "viewer=user:vera;admin=user:ada"
+
+
+def _request(path: str) -> LockRequest:
+    return LockRequest.model_validate({"project": {"repoFullName": "acme/infra", "path": path},
+                                       "pull": {"num": 7}})
+
+
+@contextlib.asynccontextmanager
+async def _serving(tmp_path: Path) -> AsyncIterator[tuple[LockService, str]]:
+    config = EnhancedLockingConfig(
+        enabled=True, data_dir=str(tmp_path), audit_stdout=False, auth="static",
+        auth_tokens=f"{VIEWER},vera,,\n{ADMIN},ada,,", auth_roles=ROLES)
+    service = LockService(ConfigProvider(config))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port,
+                                           log_level="warning", lifespan="on"))
+    serving = asyncio.ensure_future(server.serve())
+    while not server.started:
+        assert not serving.done(), "the server did not start"
+        await asyncio.sleep(0.01)
+    try:
+        yield service, f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await serving
+
+
+async def _events(stream: httpx.Response, into: asyncio.Queue[str],
+                  following: asyncio.Event) -> None:
+    async for line in stream.aiter_lines():
+        if line == f": {FOLLOWING_COMMENT}":
+            following.set()
+        elif line.startswith("event:"):
+            await into.put(line.removeprefix("event:").strip())
+
+
+async def _next(events: asyncio.Queue[str], within: float) -> str | None:
+    try:
+        return await asyncio.wait_for(events.get(), within)
+    except TimeoutError:
+        return None
+
+
+@pytest.mark.timeout(60)
+async def test_a_role_taken_away_stops_the_events_of_an_open_stream(tmp_path: Path) -> None:
+    async with _serving(tmp_path) as (service, url), httpx.AsyncClient(
+            base_url=url, timeout=10, headers={"Authorization": f"Bearer {VIEWER}"}) as viewer:
+        events: asyncio.Queue[str] = asyncio.Queue()
+        following = asyncio.Event()
+        async with viewer.stream("GET", "/v1/events") as stream:
+            assert stream.status_code == 200
+            reader = asyncio.ensure_future(_events(stream, events, following))
+            await asyncio.wait_for(following.wait(), 10)
+            assert (await service.router.acquire(_request("before"))).acquired
+            assert await _next(events, 10) == "acquired", "the viewer reads while it may"
+
+            await service.provider.set_layer("policy", {"auth_roles": "admin=user:ada"})
+            assert (await viewer.get("/v1/locks")).status_code == 403
+            assert (await service.router.acquire(_request("after"))).acquired
+            assert await _next(events, 1.0) is None, "the stream kept the rights it opened with"
+
+            await service.provider.set_layer("policy", None)  # the role is back
+            assert (await service.router.acquire(_request("again"))).acquired
+            seen = [await _next(events, 10), await _next(events, 10)]
+            assert sorted(map(str, seen)) == ["acquired", "config-applied"]
+            reader.cancel()
