@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+from tests.support.unreadable import SECRET, spoil_file
 
 from enhanced_locking.api import create_app
 from enhanced_locking.api.access import AccessControl
@@ -147,3 +148,37 @@ async def test_a_batch_release_of_a_pull_needs_lock_on_each_repository_it_holds_
     mine = await served.http.delete("/v1/locks/batch", params={"key": [infra], "pull": 7},
                                     headers=served.as_(SCOPED))
     assert mine.status_code == 200 and await served.held() == [other]
+
+
+RAW = f"token={SECRET} and no JSON"
+
+
+@pytest.mark.parametrize(("method", "path", "query", "body", "verb"), [
+    ("DELETE", "/v1/locks/by-key", {}, None, "release-any"),
+    ("DELETE", "/v1/locks/by-key", {"pull": 7}, None, "lock"),
+    ("DELETE", "/v1/locks/batch", {}, None, "release-any"),
+    ("POST", "/v1/locks/refresh", None, {"pull": 7, "ttl": "1h"}, "lock"),
+], ids=["release-any", "release-own", "batch", "refresh"])
+async def test_an_unreadable_lock_is_not_described_to_a_caller_without_the_right(
+    served: Served, tmp_path: Path, method: str, path: str, query: dict[str, Any] | None,
+    body: dict[str, Any] | None, verb: str,
+) -> None:
+    """Whose an unreadable lock is cannot be read: the right is asked without a repository
+    before the 409 says what is stored (its key, size and digest)."""
+    key = await served.acquire(INFRA)
+    spoil_file(str(tmp_path / "enhanced-locking.db"), "enhanced", key, RAW)
+    params = None if query is None else {"key": key, **query}
+    content = None if body is None else {"key": key, **body}
+    for token, status in ((NOBODY, 403), (SCOPED, 403), (ADMIN, 409)):
+        answer = await served.http.request(method, path, params=params, json=content,
+                                           headers=served.as_(token))
+        assert answer.status_code == status, (token, answer.text)
+        assert SECRET not in answer.text
+        if status == 403:
+            assert answer.json()["verb"] == verb and "repo" not in answer.json()
+            assert "unreadable" not in answer.text and str(len(RAW)) not in answer.text
+        else:
+            assert answer.json()["reason"] == "unreadable"
+    refusals = [(row.identity, row.verb, row.repo, row.outcome) for row in await served.rows()
+                if row.status == 403]
+    assert refusals == [("nora", verb, None, "denied"), ("sam", verb, None, "denied")]

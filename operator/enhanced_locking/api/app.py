@@ -48,7 +48,7 @@ from enhanced_locking.api.errors import (
     unreadable_json,
 )
 from enhanced_locking.api.params import Key, PullNum, Repo
-from enhanced_locking.api.queue_routes import install_queue_routes
+from enhanced_locking.api.queue_routes import holder_of, install_queue_routes
 from enhanced_locking.api.responses import JsonAnswer, lock_json, result_json
 from enhanced_locking.api.server import Backpressure
 from enhanced_locking.api.sse import install_event_stream
@@ -273,7 +273,7 @@ def create_app(
                     return JsonAnswer(b'{"released":true,"lock":' + lock_json(released) + b"}")
         # A caller that knows its repository should say it: the key alone can name another
         # repository's project (``gl/grp`` + ``sub/proj`` and ``gl/grp/sub`` + ``proj``).
-        holder = await router.get(key)
+        holder = await holder_of(router, caller, key, verb=verb, action=action, pull=pull)
         held_repo = holder.project.repo_full_name if holder is not None else None
         await caller.need(verb, action=action, repo=held_repo, key=key, pull=pull)
         async with caller.audited(action=action, verb=verb, key=key, repo=held_repo,

@@ -41,6 +41,7 @@ from enhanced_locking.durations import Lease
 from enhanced_locking.factory import LockService
 from enhanced_locking.locking import EnhancedLocker
 from enhanced_locking.locking.queueing import NotWithdrawn, withdrawals_noted
+from enhanced_locking.migration import Router
 from enhanced_locking.types import (
     BatchLockRequest,
     BatchResult,
@@ -54,7 +55,7 @@ from enhanced_locking.types import (
     utcnow,
 )
 
-__all__ = ["RefreshRequest", "install_queue_routes"]
+__all__ = ["RefreshRequest", "holder_of", "install_queue_routes"]
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,18 @@ def _waiter(position: int, waiter: Waiter, effective: str, now: datetime) -> dic
         "mode": waiter.mode,
         "headCommit": waiter.head_commit or None,
     }
+
+
+async def holder_of(router: Router, caller: Caller, key: str, *, verb: Verb, action: str,
+                    pull: int | None) -> Lock | None:
+    """The lock held on ``key``, read to judge which repository's right a call needs. A stored
+    lock that cannot be read names no repository: the right is asked without one (as for a
+    force-unlock) before the answer says anything of what is stored (its 409)."""
+    try:
+        return await router.get(key)
+    except LockUnreadable:
+        await caller.need(verb, action=action, key=key, pull=pull)
+        raise
 
 
 WHO = error_answers({401: "No or invalid credentials (see WWW-Authenticate).",
@@ -202,11 +215,11 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
         Needs ``lock`` with ``pull``; ``release-any`` without it: on the repository of every
         held key, asked for each before anything is released. Each of those repositories gets
         an audit row naming its held keys and the keys nobody held."""
-        held = {k: lock.project.repo_full_name for k in key
-                if (lock := await router.get(k)) is not None}
-        repos: list[str | None] = list(dict.fromkeys(held.values())) or [None]
         verb = Verb.LOCK if pull is not None else Verb.RELEASE_ANY
         action = "release-batch" if pull is not None else "release-any"
+        held = {k: lock.project.repo_full_name for k in key if (lock := await holder_of(
+            router, caller, k, verb=verb, action=action, pull=pull)) is not None}
+        repos: list[str | None] = list(dict.fromkeys(held.values())) or [None]
         keys = ",".join(key)
         for repo in repos:
             await caller.need(verb, action=action, repo=repo, key=keys, pull=pull)
@@ -235,7 +248,8 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
         Needs ``lock`` when ``pull`` holds it; refreshing another pull's lock is refused (409)
         whatever the rights. Every request the schema allows is served or answered by the
         lock's state (404, 409); 422 is only for what the schema refuses."""
-        holder = await router.get(body.key)
+        holder = await holder_of(router, caller, body.key, verb=Verb.LOCK, action="refresh",
+                                 pull=body.pull)
         repo = holder.project.repo_full_name if holder is not None else None
         await caller.need(Verb.LOCK, action="refresh", repo=repo, key=body.key, pull=body.pull)
         async with caller.audited(action="refresh", verb=Verb.LOCK, key=body.key, repo=repo,
