@@ -383,6 +383,11 @@ class EnhancedLockingConfig(BaseSettings):
         "answered 503 with Retry-After. Releases, health, readiness and metrics are always "
         "served.",
     )
+    http_max_body: Integer = Field(
+        1_048_576, ge=1024, le=10_000_000,
+        description="Most bytes of a request body the service reads (the VCS webhooks: 25 MB, "
+        "GitHub's cap); a larger body is answered 413 before it is read or its caller checked.",
+    )
 
     # --- event streams (docs/11-overload.md) ------------------------------------------------
     events_max_lag: Integer = Field(

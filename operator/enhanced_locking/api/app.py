@@ -50,9 +50,9 @@ from enhanced_locking.api.errors import (
 from enhanced_locking.api.params import Key, PullNum, Repo
 from enhanced_locking.api.queue_routes import holder_of, install_queue_routes
 from enhanced_locking.api.responses import JsonAnswer, lock_json, result_json
-from enhanced_locking.api.server import Backpressure
+from enhanced_locking.api.server import Backpressure, BodyLimit
 from enhanced_locking.api.sse import install_event_stream
-from enhanced_locking.api.webhooks import webhook_router
+from enhanced_locking.api.webhooks import MAX_BODY, webhook_router
 from enhanced_locking.backends.audit_store import build_audit_store
 from enhanced_locking.factory import LockService
 from enhanced_locking.locking.queueing import NotWithdrawn, withdrawals_noted
@@ -128,6 +128,10 @@ def create_app(
     install_error_handlers(app)
     app.add_middleware(Backpressure,
                        limit=lambda: service.provider.current.config.http_max_in_flight)
+    # Outside Backpressure (added last, run first): a body over the bound is refused unread,
+    # before any route (or the direct handler) or its caller check reads it.
+    app.add_middleware(BodyLimit, webhooks=MAX_BODY,
+                       limit=lambda: service.provider.current.config.http_max_body)
     holder = install_access(app, service.provider, audit, access, exposed=exposed)
     holder.current()  # a bad tokens file stops the start (ValueError), not the first call
     # VCS webhooks authenticate by the VCS's signature, not by the API's credentials.

@@ -51,7 +51,7 @@ from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.factory import LockService
 from enhanced_locking.types import AuditEntry, Verb, utcnow
 
-__all__ = ["ClosedPull", "DeliveryLog", "webhook_router"]
+__all__ = ["MAX_BODY", "ClosedPull", "DeliveryLog", "webhook_router"]
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,9 @@ _SETTING = {
     "gitlab": "enhanced-locking-gitlab-webhook-secret",
     "gitea": "enhanced-locking-gitea-webhook-secret",
 }
-_MAX_BODY = 25 * 1024 * 1024  # GitHub caps payloads at 25 MB
+MAX_BODY = 25 * 1024 * 1024
+"""The most bytes of a webhook's body read (GitHub caps payloads at 25 MB); a larger body is
+answered 413 before it is read (:class:`~enhanced_locking.api.server.BodyLimit`)."""
 
 
 @dataclass(frozen=True)
@@ -223,10 +225,8 @@ def webhook_router(
         secret = secrets[vcs](settings())
         if not secret.get_secret_value():
             return json_error(404, f"the {vcs} webhook is off: set {_SETTING[vcs]}")
-        body = await request.body()
+        body = await request.body()  # at most MAX_BODY bytes: BodyLimit refuses more
         try:
-            if len(body) > _MAX_BODY:
-                raise WebhookRefused(413, f"{vcs} webhook: the body is over 25 MB")
             verify(vcs, secret, request.headers, body)
             delivery = next((request.headers[h] for h in _DELIVERY_HEADERS[vcs]
                              if request.headers.get(h)), None)
