@@ -4,9 +4,13 @@ The static config (defaults < YAML < env < flags) is the bottom layer. Named lay
 on top at runtime, for instance ``cluster`` from a LockPolicy/LockMigration CR. Each change
 produces a new :class:`Snapshot` with a higher generation and a content hash.
 
-Applying a snapshot has two steps. *Appliers* (the factory) make it real, and may refuse it,
-e.g. when a new Redis address does not answer; a refusal leaves the previous snapshot running
-and raises :class:`ConfigRejected`. Then *listeners* are told of the snapshot that took effect.
+Applying a snapshot has three steps. *Checks* (e.g. the access control's) look at it and may
+refuse it; they act on nothing. Only when every check passed do *appliers* (the factory) make
+it real; an applier may still refuse, e.g. when a new Redis address does not answer. A refusal
+leaves the previous snapshot running and raises :class:`ConfigRejected`. Then *listeners* are
+told of the snapshot that took effect. A check never runs after an applier acted: a refusal
+then would leave the service running what the snapshot in force does not say (a new store
+started while the config still names the old one).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from enhanced_locking.hashing import bucket_of, is_enhanced_bucket
 __all__ = ["ConfigProvider", "ConfigRejected", "MigrationConfig", "Snapshot"]
 
 Applier = Callable[["Snapshot"], Awaitable[None]]
+Check = Callable[["Snapshot"], Awaitable[None]]
 Listener = Callable[["Snapshot"], Awaitable[None] | None]
 
 
@@ -84,11 +89,12 @@ def content_hash(config: EnhancedLockingConfig) -> str:
 
 
 class ConfigProvider:
-    """Holds the current snapshot; layers overrides; tells appliers and listeners."""
+    """Holds the current snapshot; layers overrides; asks checks, tells appliers and listeners."""
 
     def __init__(self, static: EnhancedLockingConfig) -> None:
         self._static = static
         self._layers: dict[str, dict[str, Any]] = {}
+        self._checks: list[Check] = []
         self._appliers: list[Applier] = []
         self._listeners: list[Listener] = []
         self._lock = asyncio.Lock()
@@ -112,7 +118,13 @@ class ConfigProvider:
         }
 
     # --- subscriptions -----------------------------------------------------------------------
+    def add_check(self, check: Check) -> None:
+        """``check`` may refuse a candidate (raise) and must change nothing; every check runs
+        before any applier, whenever it was added."""
+        self._checks.append(check)
+
     def add_applier(self, applier: Applier) -> None:
+        """``applier`` makes a candidate real; it runs only once every check passed."""
         self._appliers.append(applier)
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:
@@ -141,9 +153,9 @@ class ConfigProvider:
                 content_hash(config),
                 ("static", *layers),
             )
-            for applier in self._appliers:
+            for step in (*self._checks, *self._appliers):
                 try:
-                    await applier(candidate)
+                    await step(candidate)
                 except ConfigRejected:
                     raise
                 except Exception as error:

@@ -25,6 +25,7 @@ from enhanced_locking.api.access import (
 )
 from enhanced_locking.api.audit import AuditTrail
 from enhanced_locking.api.static_access import RoleMap, TokenFileError, parse_tokens
+from enhanced_locking.backends import EmbeddedBackend, MemoryBackend
 from enhanced_locking.backends.audit_store import AuditQuery, MemoryAuditStore, Retention
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.factory import LockService
@@ -147,6 +148,61 @@ async def test_a_served_app_refuses_unusable_access_before_it_is_applied(tmp_pat
                                                   "insecure_allow_unauthenticated": True})
     assert provider.current is opened and opened.config.auth == "none"
     await service.close()
+
+
+async def test_a_snapshot_refused_for_its_access_switches_and_starts_no_store(
+    tmp_path: Path,
+) -> None:
+    """The access check runs before the store's applier: a policy that changes the store and
+    has an unreadable tokens file is refused with the service still on the store the config
+    in force names, and putting the policy back is then no change at all."""
+    good = tmp_path / "good.csv"
+    good.write_text("t1,alice\n")
+    service = LockService(ConfigProvider(memory_config(
+        enabled=True, auth="static", auth_tokens_file=str(good), data_dir=str(tmp_path))))
+    provider = service.provider
+    create_app(service, manage_lifecycle=False)
+    await service.start()
+    try:
+        assert service.enhanced is not None
+        running = service.enhanced
+        assert isinstance(running.backend, MemoryBackend)
+        before = provider.current
+        missing = str(tmp_path / "missing.csv")
+        with pytest.raises(ConfigRejected, match="enhanced-locking-auth-tokens-file"):
+            await provider.set_layer("cluster", {"backend": "boltdb", "auth_tokens_file": missing})
+        assert provider.current is before and provider.current.config.backend == "memory"
+        assert service.enhanced is running and isinstance(running.backend, MemoryBackend)
+        assert not (tmp_path / "enhanced-locking.db").exists()
+        assert await provider.set_layer("cluster", None) is before
+        assert service.enhanced is running
+        switched = await provider.set_layer("cluster", {"backend": "boltdb"})
+        assert provider.current is switched and isinstance(service.enhanced.backend,
+                                                           EmbeddedBackend)
+    finally:
+        await service.close()
+
+
+async def test_a_snapshot_refused_for_its_access_enables_no_enhanced_locker(
+    tmp_path: Path,
+) -> None:
+    good = tmp_path / "good.csv"
+    good.write_text("t1,alice\n")
+    service = LockService(ConfigProvider(EnhancedLockingConfig(
+        enabled=False, backend="boltdb", legacy_backend="memory", auth="static",
+        auth_tokens_file=str(good), data_dir=str(tmp_path))))
+    provider = service.provider
+    create_app(service, manage_lifecycle=False)
+    await service.start()
+    try:
+        missing = str(tmp_path / "missing.csv")
+        with pytest.raises(ConfigRejected, match="enhanced-locking-auth-tokens-file"):
+            await provider.set_layer("cluster", {"enabled": True, "auth_tokens_file": missing})
+        assert not provider.current.config.enabled
+        assert service.enhanced is None
+        assert not (tmp_path / "enhanced-locking.db").exists()
+    finally:
+        await service.close()
 
 
 def test_a_lockpolicy_sets_the_access_and_audit_settings_like_any_other() -> None:

@@ -1,4 +1,5 @@
-"""ConfigProvider: versioned immutable snapshots, layers, appliers that may refuse, listeners."""
+"""ConfigProvider: versioned immutable snapshots, layers, checks and appliers that may refuse,
+listeners."""
 
 from __future__ import annotations
 
@@ -111,6 +112,29 @@ async def test_an_applier_can_refuse_and_the_old_snapshot_keeps_running() -> Non
     accepted = await p.set_layer("cluster", {"enabled": True})
     assert accepted.generation == before.generation + 1
     assert heard == [accepted]
+
+
+async def test_every_check_runs_before_any_applier_whatever_the_order_they_were_added() -> None:
+    p = provider()
+    before = p.current
+    order: list[str] = []
+
+    async def applier(candidate: Snapshot) -> None:
+        order.append("applier")
+
+    async def check(candidate: Snapshot) -> None:
+        order.append("check")
+        if candidate.config.redis_db == 9:
+            raise ConfigRejected("db 9 is refused", settings=("redis_db",))
+
+    p.add_applier(applier)
+    p.add_check(check)
+    with pytest.raises(ConfigRejected, match="db 9 is refused"):
+        await p.set_layer("cluster", {"redis_db": 9})
+    assert order == ["check"]
+    assert p.current is before
+    await p.set_layer("cluster", {"redis_db": 8})
+    assert order == ["check", "check", "applier"]
 
 
 async def test_appliers_see_the_candidate_before_listeners_see_the_result() -> None:

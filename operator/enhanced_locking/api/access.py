@@ -520,7 +520,7 @@ def install_access(app: FastAPI, provider: ConfigProvider, audit: AuditTrail,
         except ValueError as error:
             raise ConfigRejected(str(error), settings=changed) from error
 
-    provider.add_applier(refuse_unusable_access)
+    provider.add_check(refuse_unusable_access)
 
     @app.exception_handler(NotAuthenticated)
     async def _unauthenticated(request: Request, error: NotAuthenticated) -> JSONResponse:
