@@ -7,14 +7,18 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 from kubernetes import client, config
 from tests.support.controlplane import KubeCluster
+from tests.support.operator import GROUP, apply, cr
 
 from enhanced_locking.kube.cluster import KubernetesApi
 from enhanced_locking.kube.leader import LeaseElection
+from enhanced_locking.kube.reconcile import POLICIES, Binding, Reconciler
 
 pytestmark = pytest.mark.e2e
 
@@ -89,3 +93,39 @@ async def test_replicas_racing_for_a_new_lease_elect_exactly_one(
     holder = contenders[won.index(True)].identity
     again = await asyncio.gather(*(c.round() for c in contenders))
     assert [c.identity for c, w in zip(contenders, again, strict=True) if w] == [holder]
+
+
+async def test_a_status_write_made_from_an_old_read_is_refused_and_the_writer_reads_again(
+    kube_cluster: KubeCluster, kube_namespace: str, lock_crds: None, lease_api: KubernetesApi,
+    make_service: Callable[..., Any], tmp_path: Path,
+) -> None:
+    """A replica that read the LockPolicy before another one wrote its status (the new
+    leader) cannot land its own status on top: the patch carries the old resourceVersion, the
+    API server refuses it, and the replica reads the object again."""
+    apply(kube_cluster, kube_namespace, {
+        "apiVersion": f"{GROUP}/v1alpha1", "kind": "LockPolicy",
+        "metadata": {"name": "default"}, "spec": {"enabled": True}})
+    binding = Binding(kube_namespace, "default", "to-enhanced")
+    stale = await lease_api.get_object(POLICIES, kube_namespace, "default")
+    assert stale is not None
+    old = await make_service(legacy_backend="memory", backend="memory")
+    new = await make_service(legacy_backend="memory", backend="memory", default_timeout="45s")
+    was_leader = Reconciler(old.provider, binding=binding, cluster=lease_api,
+                            runtime_dir=tmp_path / "old")
+    leader = Reconciler(new.provider, binding=binding, cluster=lease_api,
+                        runtime_dir=tmp_path / "new")
+
+    await leader.observed(POLICIES, stale)
+    written = cr(kube_cluster, "lockpolicies", "default", kube_namespace)
+    assert written is not None
+    assert written["status"]["appliedConfigHash"] == new.provider.current.hash
+
+    await was_leader.observed(POLICIES, stale)  # its write, made from the read before
+    after = cr(kube_cluster, "lockpolicies", "default", kube_namespace)
+    assert after is not None
+    assert after["status"] == written["status"], "the new leader's status stays"
+    assert after["metadata"]["resourceVersion"] == written["metadata"]["resourceVersion"]
+    assert was_leader.policy.body is not None
+    assert was_leader.policy.body["metadata"]["resourceVersion"] == \
+        written["metadata"]["resourceVersion"], "it read the object again"
+    assert was_leader.policy.body["status"] == written["status"]

@@ -61,11 +61,14 @@ class InMemoryCluster:
         return copy.deepcopy(found) if found else None
 
     async def patch_status(
-        self, plural: str, namespace: str, name: str, status: Mapping[str, Any]
+        self, plural: str, namespace: str, name: str, status: Mapping[str, Any], *,
+        resource_version: str | None = None,
     ) -> dict[str, Any] | None:
         body = self.objects.get((plural, name))
         if body is None:
             return None
+        # Objects here carry no resourceVersion, so the reconciler sends none.
+        assert resource_version is None, "the stand-in has no resourceVersion to check"
         self.patches += 1
         merged = {**(body.get("status") or {}), **status}
         body["status"] = {k: v for k, v in merged.items() if v is not None}

@@ -27,8 +27,8 @@ from pydantic import SecretStr
 from enhanced_locking.kube.models import GROUP, VERSION
 
 __all__ = [
-    "ClusterApi", "KubernetesApi", "NoCredentials", "SecretProblem", "client_configuration",
-    "new_api_client",
+    "ClusterApi", "KubernetesApi", "NoCredentials", "SecretProblem", "StatusConflict",
+    "client_configuration", "new_api_client",
 ]
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,11 @@ class SecretProblem(Exception):
         self.reason = reason
 
 
+class StatusConflict(Exception):
+    """A status patch carried a ``resourceVersion`` the object no longer has: someone wrote it
+    since it was read (another replica that took over the status, or a spec edit)."""
+
+
 class ClusterApi(Protocol):
     """What the reconciler asks of the cluster."""
 
@@ -58,7 +63,8 @@ class ClusterApi(Protocol):
         ...
 
     async def patch_status(
-        self, plural: str, namespace: str, name: str, status: Mapping[str, Any]
+        self, plural: str, namespace: str, name: str, status: Mapping[str, Any], *,
+        resource_version: str | None = None,
     ) -> dict[str, Any] | None: ...
 
     async def post_event(
@@ -151,12 +157,18 @@ class KubernetesApi:
         return _as_dict(found)
 
     async def patch_status(
-        self, plural: str, namespace: str, name: str, status: Mapping[str, Any]
+        self, plural: str, namespace: str, name: str, status: Mapping[str, Any], *,
+        resource_version: str | None = None,
     ) -> dict[str, Any] | None:
+        """Merge ``status`` in; with ``resource_version`` only onto that version of the object
+        (the API server answers 409 otherwise: :class:`StatusConflict`)."""
+        patch: dict[str, Any] = {"status": dict(status)}
+        if resource_version is not None:
+            patch["metadata"] = {"resourceVersion": resource_version}
         try:
             patched = await asyncio.to_thread(
                 self._custom.patch_namespaced_custom_object_status,
-                GROUP, VERSION, namespace, plural, name, {"status": dict(status)},
+                GROUP, VERSION, namespace, plural, name, patch,
                 field_manager=COMPONENT,
                 _content_type="application/merge-patch+json",
                 _request_timeout=_TIMEOUT,
@@ -164,6 +176,9 @@ class KubernetesApi:
         except client.ApiException as error:
             if error.status == 404:
                 return None  # deleted meanwhile: nothing to report on
+            if error.status == 409:
+                raise StatusConflict(f"{plural}/{name} changed since resourceVersion "
+                                     f"{resource_version}") from None
             raise
         return _as_dict(patched)
 

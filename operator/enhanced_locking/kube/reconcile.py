@@ -48,7 +48,7 @@ from pydantic import BaseModel, ValidationError
 
 from enhanced_locking import policies
 from enhanced_locking.config import ConfigError
-from enhanced_locking.kube.cluster import ClusterApi, SecretProblem
+from enhanced_locking.kube.cluster import ClusterApi, SecretProblem, StatusConflict
 from enhanced_locking.kube.lockmigration import LockMigrationSpec, LockMigrationStatus
 from enhanced_locking.kube.lockpolicy import ActiveFreeze, LockPolicySpec, LockPolicyStatus
 from enhanced_locking.kube.models import Condition, SecretKeyRef
@@ -614,9 +614,26 @@ class Reconciler:
         if {key: current.get(key) for key in status} == status:
             return  # already says so: no write, no new resourceVersion
         meta = body.get("metadata", {})
-        patched = await self.cluster.patch_status(
-            tracked.plural, str(meta.get("namespace")), str(meta.get("name")), status
-        )
+        namespace, name = str(meta.get("namespace")), str(meta.get("name"))
+        try:
+            # Only onto the version this status was made from: a write still under way when
+            # another replica took over the status cannot land on top of that one's.
+            patched = await self.cluster.patch_status(
+                tracked.plural, namespace, name, status,
+                resource_version=meta.get("resourceVersion"),
+            )
+        except StatusConflict as conflict:
+            # Read again; the next resync (soon) writes from what is there now, if this
+            # replica still writes the status.
+            log.info("status not written, reading the object again: %s", conflict)
+            found = await self.cluster.get_object(tracked.plural, namespace, name)
+            if found is not None and tracked.body is body and not _older(found, body):
+                tracked.body = found  # (gone: the watch's deletion says so)
+            self.retry_soon()
+            return
         if patched is not None:
             body["status"] = patched.get("status", status)
+            version = (patched.get("metadata") or {}).get("resourceVersion")
+            if version is not None:
+                meta["resourceVersion"] = version
 
