@@ -5,7 +5,7 @@ authorizer that grants rights per repository, as Kubernetes mode does with a Rol
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -22,7 +22,7 @@ from enhanced_locking.backends.audit_store import AuditQuery, MemoryAuditStore, 
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.factory import LockService
 from enhanced_locking.provider import ConfigProvider
-from enhanced_locking.types import Identity, Verb
+from enhanced_locking.types import Identity, Lock, LockRequest, Project, Pull, Verb
 
 INFRA, OTHER = "acme/infra", "acme/other"
 ADMIN = "admin-token"
@@ -182,3 +182,120 @@ async def test_an_unreadable_lock_is_not_described_to_a_caller_without_the_right
     refusals = [(row.identity, row.verb, row.repo, row.outcome) for row in await served.rows()
                 if row.status == 403]
     assert refusals == [("nora", verb, None, "denied"), ("sam", verb, None, "denied")]
+
+
+SUB = "acme/infra/sub"
+"""A repository whose project ``p`` joins to the key of acme/infra's project ``sub/p``; the
+scoped caller holds no right on it."""
+
+
+def after_reading(served: Served, key: str, change: Callable[[], Awaitable[None]],
+                  monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Run ``change`` once, right after a route reads the holder of ``key``: between the read
+    its rights were asked on and its release. Returns the keys read, to show the hook ran."""
+    router = served.service.router
+    read = router.get
+    seen: list[str] = []
+
+    async def get(k: str) -> Lock | None:
+        lock = await read(k)
+        seen.append(k)
+        if k == key and seen.count(k) == 1:
+            await change()
+        return lock
+
+    monkeypatch.setattr(router, "get", get)
+    return seen
+
+
+async def take(served: Served, repo: str, path: str, *, pull: int = 7) -> Lock:
+    result = await served.service.router.acquire(LockRequest(
+        project=Project(repo_full_name=repo, path=path), pull=Pull(num=pull)))
+    assert result.acquired and result.lock is not None
+    return result.lock
+
+
+async def test_a_batch_release_any_leaves_a_key_taken_after_it_was_read_free(
+    served: Served, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The scoped caller may release acme/infra's locks; a key free when read and taken by
+    acme/other before the release is not acme/infra's to free."""
+    infra = await served.acquire(INFRA)
+    free = f"{OTHER}/q/default/"
+
+    async def other_takes_it() -> None:
+        assert (await take(served, OTHER, "q")).key == free
+
+    seen = after_reading(served, free, other_takes_it, monkeypatch)
+    answer = await served.http.delete("/v1/locks/batch", params={"key": [infra, free]},
+                                      headers=served.as_(SCOPED))
+    assert free in seen
+    assert answer.status_code == 200, answer.text
+    assert [lock["key"] for lock in answer.json()["released"]] == [infra]
+    assert answer.json()["notHeld"] == [free]
+    assert await served.held() == [free]
+    holder = await served.service.router.get(free)
+    assert holder is not None and holder.project.repo_full_name == OTHER
+
+
+async def test_a_batch_release_any_leaves_a_key_whose_holder_changed_after_it_was_read(
+    served: Served, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    infra = await served.acquire(INFRA)
+    joined = await served.acquire(INFRA, path="sub/p")
+
+    async def sub_takes_it() -> None:
+        await served.service.router.release(joined)
+        assert (await take(served, SUB, "p", pull=9)).key == joined
+
+    after_reading(served, joined, sub_takes_it, monkeypatch)
+    answer = await served.http.delete("/v1/locks/batch", params={"key": [infra, joined]},
+                                      headers=served.as_(SCOPED))
+    assert answer.status_code == 200, answer.text
+    assert [lock["key"] for lock in answer.json()["released"]] == [infra]
+    assert answer.json()["notHeld"] == [joined]
+    holder = await served.service.router.get(joined)
+    assert holder is not None and holder.owner == (SUB, 9)
+    rows = [row for row in await served.rows() if row.action == "release-any"]
+    assert [(row.repo, row.outcome, row.status) for row in rows] == [
+        (INFRA, "released 1", 200)]
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["with-repo", "without-repo"])
+async def test_a_release_any_of_one_key_leaves_a_hold_taken_after_it_was_read(
+    served: Served, named: bool, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    joined = await served.acquire(INFRA, path="sub/p")
+
+    async def sub_takes_it() -> None:
+        await served.service.router.release(joined)
+        await take(served, SUB, "p", pull=9)
+
+    after_reading(served, joined, sub_takes_it, monkeypatch)
+    answer = await served.http.delete(
+        "/v1/locks/by-key", params={"key": joined, **({"repo": INFRA} if named else {})},
+        headers=served.as_(SCOPED))
+    assert answer.status_code == 404, answer.text
+    assert answer.json() == {"error": f"no lock is held on {joined}", "lockKey": joined}
+    holder = await served.service.router.get(joined)
+    assert holder is not None and holder.owner == (SUB, 9)
+    rows = [row for row in await served.rows() if row.action == "release-any"]
+    assert [(row.repo, row.outcome, row.status) for row in rows] == [
+        (INFRA, "not-found", 404)]
+
+
+async def test_a_batch_release_of_a_pull_frees_nothing_of_keys_free_when_read(
+    served: Served, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    free = f"{INFRA}/q/default/"
+
+    async def other_pull_takes_it() -> None:
+        await take(served, INFRA, "q", pull=8)
+
+    after_reading(served, free, other_pull_takes_it, monkeypatch)
+    answer = await served.http.delete("/v1/locks/batch", params={"key": [free], "pull": 7},
+                                      headers=served.as_(ADMIN))
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == {"released": [], "notHeld": [free]}
+    holder = await served.service.router.get(free)
+    assert holder is not None and holder.owner == (INFRA, 8)

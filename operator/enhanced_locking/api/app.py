@@ -60,6 +60,7 @@ from enhanced_locking.types import (
     AcquireResult,
     Lock,
     LockingError,
+    LockNotOwned,
     LockRequest,
     Priority,
     Verb,
@@ -282,20 +283,25 @@ def create_app(
         await caller.need(verb, action=action, repo=held_repo, key=key, pull=pull)
         async with caller.audited(action=action, verb=verb, key=key, repo=held_repo,
                                   pull=pull) as note:
-            owner = None
-            if pull is not None or repo is not None:
-                if holder is None:
-                    note.done("not-found", 404)
-                    return json_error(404, f"no lock is held on {key}", lockKey=key)
-                if repo is not None and holder.project.repo_full_name != repo:
-                    note.done("collision", 409)
-                    return json_error(
-                        409, f"lock {key} is held for {holder.project.repo_full_name}, not "
-                        f"{repo}: two projects join to the same key; nothing was released",
-                        lockKey=key, reason="collision", holder=_dump(holder))
-                if pull is not None:
-                    owner = (holder.project.repo_full_name, pull)
-            lock = await router.release(key, owner=owner)
+            if holder is None:
+                note.done("not-found", 404)
+                return json_error(404, f"no lock is held on {key}", lockKey=key)
+            if repo is not None and holder.project.repo_full_name != repo:
+                note.done("collision", 409)
+                return json_error(
+                    409, f"lock {key} is held for {holder.project.repo_full_name}, not "
+                    f"{repo}: two projects join to the same key; nothing was released",
+                    lockKey=key, reason="collision", holder=_dump(holder))
+            if pull is not None:
+                lock = await router.release(key, owner=(holder.project.repo_full_name, pull))
+            else:
+                # The hold read and asked about, not whatever holds the key by now: one taken
+                # since by another pull (maybe of a repository the caller may not release) is
+                # left to it, answered as a hold no longer found.
+                try:
+                    lock = await router.give_back(holder, owner=holder.owner)
+                except LockNotOwned:
+                    lock = None
             if lock is None:
                 note.done("not-found", 404)
                 return json_error(404, f"no lock is held on {key}", lockKey=key)

@@ -48,6 +48,7 @@ from enhanced_locking.types import (
     Lock,
     LockingError,
     LockNotHeld,
+    LockNotOwned,
     LockUnreadable,
     Priority,
     PullNumber,
@@ -214,11 +215,14 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
 
         Needs ``lock`` with ``pull``; ``release-any`` without it: on the repository of every
         held key, asked for each before anything is released. Each of those repositories gets
-        an audit row naming its held keys and the keys nobody held."""
+        an audit row naming its held keys and the keys nobody held. What is released is what
+        was read and asked about: a key free when read is left alone, and without ``pull`` a
+        key whose holder changed since it was read is left to its new holder (``notHeld``)."""
         verb = Verb.LOCK if pull is not None else Verb.RELEASE_ANY
         action = "release-batch" if pull is not None else "release-any"
-        held = {k: lock.project.repo_full_name for k in key if (lock := await holder_of(
+        read = {k: lock for k in key if (lock := await holder_of(
             router, caller, k, verb=verb, action=action, pull=pull)) is not None}
+        held = {k: lock.project.repo_full_name for k, lock in read.items()}
         repos: list[str | None] = list(dict.fromkeys(held.values())) or [None]
         keys = ",".join(key)
         for repo in repos:
@@ -229,13 +233,30 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
                 key=",".join(k for k in key if held.get(k, repo) == repo))))
                 for repo in reversed(repos)]  # the rows are written in the stack's order
             first = repos[0]
-            owner = (first, pull) if pull is not None and first is not None else None
-            released = await router.release_batch(key, owner=owner)
+            if pull is None:
+                released = await _release_read(read)
+            elif first is None:
+                released = []  # nothing was held: nothing was asked about, nothing is freed
+            else:
+                released = await router.release_batch(key, owner=(first, pull))
             for repo, note in notes:
                 note.done(f"released {sum(held.get(lock.key) == repo for lock in released)}"
                           if len(repos) > 1 else f"released {len(released)}")
         return {"released": [_dump(lock) for lock in released],
                 "notHeld": [k for k in key if k not in {lock.key for lock in released}]}
+
+    async def _release_read(read: dict[str, Lock]) -> list[Lock]:
+        """Each lock of ``read`` freed if it is still the hold that was read (the enhanced side
+        by its fencing token, legacy by its owner); one taken by another pull since is left."""
+        released: list[Lock] = []
+        for lock in read.values():
+            try:
+                freed = await router.give_back(lock, owner=lock.owner)
+            except LockNotOwned:
+                continue
+            if freed is not None:
+                released.append(freed)
+        return released
 
     @app.post("/v1/locks/refresh", responses={**error_answers({
         404: "No lock is held on the key.",

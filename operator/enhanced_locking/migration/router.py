@@ -402,6 +402,8 @@ class Router(AtlantisCalls):
         legacy is taken on both sides and answered with legacy's lock, whose token the enhanced
         hold does not carry. Legacy always by owner (its holds carry no token). (The enhanced
         locker gives back its own grants by their tokens: every lock it answers is its side's.)
+        A release without a pull frees a lock it read the same way (``owner``: the lock's own),
+        so a hold taken after the read, which the caller's rights were not asked about, stays.
         """
         token = lock.fencing_token if lock.backend == "enhanced" else None
         return self.release(lock.key, owner=owner, token=token)
