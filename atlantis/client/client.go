@@ -4,11 +4,13 @@
 // whole call, retries included. Calls that are safe to repeat (reads, a refresh, a release
 // that names its pull) are retried with jittered exponential backoff when the service cannot
 // be reached or answers 502/503/504. An acquire is retried only when the service cannot have
-// acted on it: no connection could be made, or 503 (the service, or a proxy in front of it,
-// turned it away before any work). After a 502 or 504, or a connection lost once the request
-// was sent, the service may have granted it and be giving the grant back because its caller
-// went away: a retry answered with that same lock (the same pull asking again gets it back)
-// would be told it holds a lock that the give-back then frees. The others (a release that
+// acted on it: no connection could be made, or the service turned it away before any work
+// (its 503 with reason "overloaded": at its limit of requests in flight). After any other
+// answer that is not the service's (a 502, a 504, a proxy's own 503), the service's 503 with
+// reason "unavailable" (its store dropped, maybe after the step had run), or a connection
+// lost once the request was sent, the service may have granted it and be giving the grant
+// back because its caller went away: a retry answered with that same lock (the same pull
+// asking again gets it back) would be told it holds a lock that the give-back then frees. The others (a release that
 // names no pull, force-unlock, cancel, releasing a pull's locks) are sent once, because a
 // repeat could free a lock that someone else took in between, or lose the list of what was
 // released.
@@ -108,7 +110,7 @@ type call struct {
 	key        string
 	idempotent bool
 	// unsentOnly: retried only when the service cannot have acted on the call (no
-	// connection, or 503): an acquire (see the package comment).
+	// connection, or its overload 503): an acquire (see the package comment).
 	unsentOnly bool
 	// wait extends the call's own time bound (an acquire that waits in a queue).
 	wait time.Duration
@@ -167,15 +169,25 @@ func (c *Client) do(ctx context.Context, k call) (answer, error) {
 	}
 }
 
-// unsent reports whether an attempt that failed (err, or the status of got) cannot have been
-// acted on by the service: no connection was made, or it was turned away with 503.
+// unsent reports whether an attempt that failed (err, or got) cannot have been acted on by the
+// service: no connection was made, or the service shed it before any work (503, reason
+// "overloaded"). A 503 that says less proves nothing: the service's "unavailable" can follow
+// a step that ran, and a proxy may answer 503 after it passed the request on.
 func unsent(got answer, err error) bool {
 	if err == nil {
-		return got.status == http.StatusServiceUnavailable
+		if got.status != http.StatusServiceUnavailable {
+			return false
+		}
+		var e errorBody
+		return json.Unmarshal(got.body, &e) == nil && e.Reason == reasonOverloaded
 	}
 	var op *net.OpError
 	return errors.As(err, &op) && op.Op == "dial"
 }
+
+// reasonOverloaded is the reason of the service's 503 sent before any work (its limit of
+// requests in flight).
+const reasonOverloaded = "overloaded"
 
 func retryableStatus(status int) bool {
 	return status == http.StatusBadGateway || status == http.StatusServiceUnavailable ||

@@ -419,15 +419,93 @@ func TestAnAcquireIsNotSentAgainAfterTheProxyGaveUpOnTheService(t *testing.T) {
 	}
 }
 
-func TestAnAcquireTurnedAwayBeforeAnyWorkIsSentAgain(t *testing.T) {
+func TestAnAcquireTheServiceShedBeforeAnyWorkIsSentAgain(t *testing.T) {
+	// One request in flight at most: pull 2's wait is it, so pull 3's acquire is shed (503,
+	// reason "overloaded") until pull 1's release (a DELETE is always served) ends the wait.
+	svc := servicetest.Serve(t, "--enhanced-locking-enabled", "--enhanced-locking-priority-queue",
+		"--enhanced-locking-http-max-in-flight", "1")
+	direct, err := client.New(svc.URL, client.WithRetries(1, 0))
+	must(t, err)
+	ctx := context.Background()
+	first, err := direct.Acquire(ctx, request("acme/infra", "envs/prod", 1))
+	must(t, err)
+	waiting := request("acme/infra", "envs/prod", 2)
+	waiting.Wait = 20 * time.Second
+	waited := make(chan error, 1)
+	go func() { _, err := direct.Acquire(ctx, waiting); waited <- err }()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if _, err := direct.Get(ctx, first.Key); client.IsUnavailable(err) {
+			break // pull 2's wait is the request in flight: the service sheds the rest
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the service never shed a request beyond its limit of one in flight")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	through, acquires := proxy(t, svc.URL, 0, 10*time.Second)
+	c, err := client.New(through, client.WithRetries(50, 10*time.Millisecond))
+	must(t, err)
+	type outcome struct {
+		lock *client.Lock
+		err  error
+	}
+	third := make(chan outcome, 1)
+	go func() {
+		lock, err := c.Acquire(ctx, request("acme/infra", "envs/dev", 3))
+		third <- outcome{lock, err}
+	}()
+	for acquires.Load() < 2 {
+		if time.Now().After(deadline) {
+			t.Fatalf("pull 3's acquire was sent %d times while shed, want it sent again", acquires.Load())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	_, err = direct.ReleaseIfOwned(ctx, first.Key, 1)
+	must(t, err)
+	must(t, <-waited)
+	got := <-third
+	must(t, got.err)
+	if n := acquires.Load(); n < 3 || got.lock.Pull.Num != 3 {
+		t.Fatalf("shed twice or more, then the grant: got %d attempts and %+v", n, got.lock)
+	}
+}
+
+func TestAnAcquireAProxyAnswered503IsNotSentAgain(t *testing.T) {
+	// The proxy's own 503 does not say whether the service had the request: only the
+	// service's overload answer proves it did no work.
 	svc := servicetest.Serve(t)
-	through, acquires := proxy(t, svc.URL, 2, 10*time.Second)
+	through, acquires := proxy(t, svc.URL, 1, 10*time.Second)
 	c, err := client.New(through, client.WithRetries(3, 10*time.Millisecond))
 	must(t, err)
-	lock, err := c.Acquire(context.Background(), request("acme/infra", "envs/prod", 1))
+	_, err = c.Acquire(context.Background(), request("acme/infra", "envs/prod", 1))
+	var unavailable *client.UnavailableError
+	if !errors.As(err, &unavailable) || unavailable.Status != http.StatusServiceUnavailable {
+		t.Fatalf("the proxy's 503 should be answered as unavailable, got %v", err)
+	}
+	if n := acquires.Load(); n != 1 {
+		t.Fatalf("an acquire a proxy answered 503 must be sent once, sent %d times", n)
+	}
+}
+
+func TestAnAcquireTheServiceAnsweredUnavailableIsNotSentAgain(t *testing.T) {
+	// The service's 503 "unavailable" (its store did not answer) can come after the store ran
+	// the step: the grant may exist and be given back, and a retry answered with it would be
+	// told it holds what the give-back frees.
+	redis := servicetest.RedisServer(t)
+	svc := servicetest.Serve(t, "--enhanced-locking-legacy-backend", "redis",
+		"--enhanced-locking-redis-addr", redis.Addr)
+	through, acquires := proxy(t, svc.URL, 0, 30*time.Second)
+	c, err := client.New(through, client.WithRetries(3, 10*time.Millisecond))
 	must(t, err)
-	if n := acquires.Load(); n != 3 || lock.Pull.Num != 1 {
-		t.Fatalf("two 503s then the grant: want 3 attempts and pull 1's lock, got %d and %+v", n, lock)
+	redis.Stop()
+	_, err = c.Acquire(context.Background(), request("acme/infra", "envs/prod", 1))
+	var unavailable *client.UnavailableError
+	if !errors.As(err, &unavailable) || unavailable.Status != http.StatusServiceUnavailable {
+		t.Fatalf("the acquire should be answered the service's 503, got %v", err)
+	}
+	if n := acquires.Load(); n != 1 {
+		t.Fatalf("an acquire answered 503 unavailable must be sent once, sent %d times", n)
 	}
 }
 

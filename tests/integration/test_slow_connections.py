@@ -166,6 +166,7 @@ async def test_beyond_the_in_flight_limit_requests_are_shed_and_locks_and_queues
         assert {r.status_code for r in shed} == {503}, [r.text for r in shed]
         assert all(r.headers["retry-after"] == "1" for r in shed)
         assert "max-in-flight" in shed[0].json()["error"]
+        assert {r.json()["reason"] for r in shed} == {"overloaded"}, "told apart from a store's 503"
         assert (await http.get("/v1/locks", params={"repo": "acme/shed"})).status_code == 503
         assert (await http.get("/healthz")).status_code == 200, "health is always served"
         released = await http.delete("/v1/locks/by-key", params={"key": key, "pull": 1})

@@ -237,7 +237,7 @@ class Backpressure:
             self.shed(self.in_flight)
             body = (b'{"error":"the service is at its limit of requests in flight '
                     b'(enhanced-locking-http-max-in-flight); retry after the Retry-After '
-                    b'seconds"}')
+                    b'seconds","reason":"overloaded"}')
             await send({"type": "http.response.start", "status": 503, "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
