@@ -970,6 +970,33 @@ async def test_a_first_request_whose_client_goes_as_its_retrys_grant_comes_gives
         assert held is not None and held.pull.num == 2, "the retry's lock was given back"
 
 
+async def _given_back_as_net_is_held_again(
+    app: Any, router: Router, monkeypatch: pytest.MonkeyPatch, body: dict[str, Any], *,
+    path: str = "/v1/locks",
+) -> tuple[list[Any], list[tuple[int, bool]]]:
+    """Pull 2's acquire of ``body`` (fail fast), its client gone as the answer goes out; before
+    the route's give-back reaches ``net``, the answered hold goes and the pull takes ``net``
+    again (a retry of the request, say, answered fresh). The newer hold and what was sent."""
+    release = router.release
+    net = request_for(repo=REPO, path="net", project="net", pull=2)
+    newer: list[Any] = []
+
+    async def held_again(key: str, **how: Any) -> Any:
+        if key == net.key and not newer:
+            await release(key, owner=(REPO, 2))
+            again = await router.acquire(net)
+            assert again.acquired and again.fresh and again.lock is not None, again
+            newer.append(again.lock)
+        return await release(key, **how)
+
+    monkeypatch.setattr(router, "release", held_again)
+    gone, sent = asyncio.Event(), list[tuple[int, bool]]()
+    gone.set()  # the client is gone as the answer goes out
+    await asyncio.wait_for(_post(app, body, gone, sent, path=path), 10)
+    monkeypatch.setattr(router, "release", release)
+    return newer, sent
+
+
 async def test_a_grant_given_back_for_a_gone_client_leaves_a_newer_hold_of_its_pull_held(
     make_service: ServiceMaker, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -981,23 +1008,7 @@ async def test_a_grant_given_back_for_a_gone_client_leaves_a_newer_hold_of_its_p
     released by owner alone and freed the newer hold."""
     async with _served(make_service) as (service, trail, app):
         router = service.router
-        release = router.release
-        newer: list[Any] = []
-
-        async def held_again(key: str, **how: Any) -> Any:
-            # The answered grant goes, and the pull takes the key again, before the give-back.
-            await release(key, owner=(REPO, 2))
-            again = await router.acquire(request_for(repo=REPO, path="net", project="net",
-                                                     pull=2))
-            assert again.acquired and again.fresh and again.lock is not None, again
-            newer.append(again.lock)
-            return await release(key, **how)
-
-        monkeypatch.setattr(router, "release", held_again)
-        gone, sent = asyncio.Event(), list[tuple[int, bool]]()
-        gone.set()  # the client is gone as the answer goes out
-        await asyncio.wait_for(_post(app, BODY, gone, sent), 10)
-        monkeypatch.setattr(router, "release", release)
+        newer, sent = await _given_back_as_net_is_held_again(app, router, monkeypatch, BODY)
         assert newer, "the route gave nothing back"
         assert sent and sent[0][0] == 499, sent
         held = await router.get(newer[0].key)
@@ -1005,6 +1016,32 @@ async def test_a_grant_given_back_for_a_gone_client_leaves_a_newer_hold_of_its_p
             "the give-back freed the pull's newer hold")
         last = await _last_of_pull_2(trail)
         assert (last.action, last.outcome, last.status) == ("release", "not-owned", 499), last
+
+
+async def test_a_batch_given_back_for_a_gone_client_leaves_a_newer_hold_of_its_pull_held(
+    make_service: ServiceMaker, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The batch form: pull 2's batch (``net``, ``dns``) is granted and its client is gone as
+    the answer goes out. Before the give-back reaches ``net``, the answered hold went and the
+    pull holds ``net`` again under a new fencing token: the give-back frees ``dns`` (still the
+    answered hold) and leaves the newer ``net`` held, its row saying ``net`` was not held
+    (``not-owned``). Before, the batch's give-back released by owner alone and freed it."""
+    async with _served(make_service) as (service, trail, app):
+        router = service.router
+        net = request_for(repo=REPO, path="net", project="net", pull=2)
+        dns = request_for(repo=REPO, path="dns", project="dns", pull=2)
+        newer, sent = await _given_back_as_net_is_held_again(app, router, monkeypatch, BATCH,
+                                                             path="/v1/locks/batch")
+        assert newer, "the route gave nothing back"
+        assert sent and sent[0][0] == 499, sent
+        held = await router.get(net.key)
+        assert held is not None and held.fencing_token == newer[0].fencing_token, (
+            "the batch's give-back freed the pull's newer hold")
+        assert await router.get(dns.key) is None, "the answered dns hold was not given back"
+        rows = await trail.read(AuditQuery(repo=REPO, pull=2, limit=5))
+        outcomes = {(row.action, row.key, row.outcome) for row in rows
+                    if row.action == "release-batch"}
+        assert ("release-batch", net.key, "not-owned") in outcomes, rows
 
 
 async def test_a_grant_on_both_sides_of_a_moving_key_is_given_back_on_both(
