@@ -141,7 +141,7 @@ async def _run_service(
     from enhanced_locking.api.tls import CertificateReloader
     from enhanced_locking.factory import LockService
     from enhanced_locking.provider import ConfigProvider
-    from enhanced_locking.types import LockingError, StoreRefused
+    from enhanced_locking.types import LockingError, StoreRefused, UnusableSetting
 
     exposed = not is_loopback(host)
     refusal = open_to_network_refusal(config, exposed=exposed)
@@ -164,7 +164,7 @@ async def _run_service(
         # one-line error like a store that does not answer.
         service = LockService(ConfigProvider(config))
     except LockingError as error:
-        return cannot_start(error, setting=isinstance(error, StoreRefused))
+        return cannot_start(error, setting=isinstance(error, StoreRefused | UnusableSetting))
     try:
         app = create_app(service, manage_lifecycle=False, exposed=exposed)
     except (LockingError, ValueError) as error:
@@ -174,7 +174,7 @@ async def _run_service(
     try:
         await service.start()
     except LockingError as error:
-        return cannot_start(error, setting=isinstance(error, StoreRefused))
+        return cannot_start(error, setting=isinstance(error, StoreRefused | UnusableSetting))
     log.info("config generation 1 hash %s: %s", service.provider.current.hash,
              json.dumps(config.masked()))
     if exposed and config.auth == "none":
@@ -348,7 +348,7 @@ def _migrate_import(args: argparse.Namespace) -> int:
 async def _run_import(config: config_module.EnhancedLockingConfig, args: argparse.Namespace) -> int:
     from enhanced_locking.factory import build_backend
     from enhanced_locking.migration import importers
-    from enhanced_locking.types import LockingError, StoreRefused
+    from enhanced_locking.types import LockingError, StoreRefused, UnusableSetting
 
     backend = None
     try:
@@ -362,7 +362,7 @@ async def _run_import(config: config_module.EnhancedLockingConfig, args: argpars
         report = await importers.import_locks(
             records, backend, source=source, dry_run=args.dry_run, progress=progress
         )
-    except (importers.ImportSourceError, StoreRefused) as error:
+    except (importers.ImportSourceError, StoreRefused, UnusableSetting) as error:
         print(f"enhanced-locking: {error}", file=sys.stderr)
         return EXIT_USAGE
     except LockingError as error:

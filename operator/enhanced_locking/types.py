@@ -14,7 +14,9 @@ The error tree (every error carries the lock key where there is one)::
     ├── BackendUnavailable      the store did not answer; transient, may be retried (HTTP 503)
     ├── LockUnreadable          the stored lock of a key cannot be read: set aside, never
     │                           granted over, cleared by a force-unlock (HTTP 409)
-    └── StoreRefused            an existing store file is empty or not ours: not opened (exit 2)
+    ├── StoreRefused            an existing store file is empty or not ours: not opened (exit 2)
+    └── UnusableSetting         a setting's value the store cannot use (a Redis database it
+                                lacks, a file that cannot be read): names the setting (exit 2)
 
     AccessError                 who is asking, not what (raised by the API's access control)
     ├── NotAuthenticated        no or invalid credentials (HTTP 401)
@@ -93,6 +95,7 @@ __all__ = [
     "Side",
     "StoreRefused",
     "UnreadableLock",
+    "UnusableSetting",
     "User",
     "VcsHost",
     "VcsHostType",
@@ -939,6 +942,12 @@ class LockUnreadable(LockingError):
 class StoreRefused(LockingError):
     """An existing store file is empty or belongs to something else; opening it as a new store
     would lose its locks and send its fencing tokens back to 1, so it is not opened."""
+
+
+class UnusableSetting(LockingError):
+    """A setting's value is well formed but the store cannot use it (a Redis database number
+    the server lacks, a TLS file that cannot be read): the user's to fix, not an outage. The
+    message names the setting."""
 
 
 class Verb(enum.StrEnum):

@@ -48,7 +48,7 @@ from redis.commands.core import AsyncScript
 
 from enhanced_locking.backends import redis_lua
 from enhanced_locking.config import SECRET_MASK, EnhancedLockingConfig
-from enhanced_locking.types import BackendUnavailable
+from enhanced_locking.types import BackendUnavailable, UnusableSetting
 
 __all__ = [
     "COMMAND_TIMEOUT",
@@ -523,6 +523,18 @@ def down(
     )
 
 
+def unusable_db(connection: RedisConnection, error: BaseException | None) -> UnusableSetting | None:
+    """A Redis that refuses the configured database number (its ``SELECT`` when a connection
+    opens): the user's enhanced-locking-redis-db, not an outage; None for any other error."""
+    if isinstance(error, rexc.ResponseError) and str(error).startswith(
+            "DB index is out of range"):
+        return UnusableSetting(
+            f"invalid setting enhanced-locking-redis-db: redis {connection.where}: the server "
+            "has no such database (DB index is out of range; its databases setting says how "
+            "many it has)")
+    return None
+
+
 class unavailable:  # used like contextlib.suppress
     """Redis unreachable, slow, loading, read-only or refusing us: ``BackendUnavailable``.
 
@@ -547,6 +559,8 @@ class unavailable:  # used like contextlib.suppress
         if isinstance(error, DOWN):
             raise down(self.connection, self.action, error, key=self.key,
                        seconds=self.seconds) from None
+        if (unusable := unusable_db(self.connection, error)) is not None:
+            raise unusable from None
         return False
 
     async def __aenter__(self) -> None:

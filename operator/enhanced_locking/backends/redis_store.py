@@ -38,6 +38,7 @@ from enhanced_locking.backends.redis_connection import (
     is_retryable,
     resp_body,
     unavailable,
+    unusable_db,
     within_limit,
     wrong_type,
 )
@@ -347,6 +348,8 @@ class RedisBackend:
                     await self.connection.drop_idle()
                     continue
                 except rexc.ResponseError as error:
+                    if (unusable := unusable_db(self.connection, error)) is not None:
+                        raise unusable from None
                     if self._scripts is None and str(error).startswith("unknown command"):
                         self._scripts = {}  # no FCALL: Redis 6.2, scripts by EVALSHA
                         execute, function = self._evalsha, name
