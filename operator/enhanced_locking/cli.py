@@ -283,6 +283,22 @@ def _k8s_name(value: str) -> str:
     return value
 
 
+def _liveness_url(value: str) -> str:
+    """An argparse type: kopf's liveness endpoint, ``http://HOST:PORT/PATH`` (kopf serves only
+    plain HTTP, on the host and port the URL names)."""
+    import urllib.parse
+
+    try:
+        parts = urllib.parse.urlsplit(value)
+        port = parts.port
+    except ValueError:
+        parts, port = None, None
+    if parts is None or parts.scheme != "http" or not parts.hostname or port == 0:
+        raise argparse.ArgumentTypeError(
+            f"expected an http URL such as http://0.0.0.0:8080/healthz, got {value!r}")
+    return value
+
+
 def _seconds_between(low: float, high: float) -> Callable[[str], float]:
     """An argparse type: a number of seconds from ``low`` to ``high``."""
 
@@ -554,7 +570,7 @@ def _parser() -> argparse.ArgumentParser:
                           help="name of the LockPolicy to apply (default: default)")
     operator.add_argument("--migration", default="to-enhanced", type=_k8s_name,
                           help="name of the LockMigration to apply (default: to-enhanced)")
-    operator.add_argument("--liveness", default=None, metavar="URL",
+    operator.add_argument("--liveness", default=None, metavar="URL", type=_liveness_url,
                           help="kopf's liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
     operator.add_argument("--resync-interval", default=30.0, type=_seconds, metavar="SECONDS",
                           help="re-read the CRs and their Secrets this often; the status's "

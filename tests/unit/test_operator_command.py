@@ -20,6 +20,10 @@ from enhanced_locking import cli
         (["--resync-interval", "0"], "argument --resync-interval: expected seconds from 1"),
         (["--resync-interval", "soon"], "argument --resync-interval: expected seconds from 1"),
         (["--enhanced-locking-max-timeout", "forever"], "enhanced-locking-max-timeout"),
+        (["--liveness", "not a url"], "argument --liveness: expected an http URL"),
+        (["--liveness", "https://127.0.0.1:8080/healthz"], "argument --liveness: expected an"),
+        (["--liveness", "http://127.0.0.1:99999/healthz"], "argument --liveness: expected an"),
+        (["--liveness", "http:///healthz"], "argument --liveness: expected an http URL"),
     ],
 )
 def test_a_bad_flag_exits_2_naming_it(
