@@ -31,7 +31,12 @@ from enhanced_locking.migration.controller import MigrationController, default_r
 from enhanced_locking.migration.rekey import clean_stored_keys
 from enhanced_locking.migration.routing_registry import RoutingRegistry
 from enhanced_locking.provider import ConfigProvider, Snapshot
-from enhanced_locking.types import BackendUnavailable, LockingError, UnreadableLock
+from enhanced_locking.types import (
+    BackendUnavailable,
+    LockingError,
+    UnreadableLock,
+    UnusableSetting,
+)
 
 __all__ = ["BACKEND_BUILDERS", "LockService", "backend_identity", "build_backend"]
 
@@ -82,6 +87,33 @@ _IDENTITY_FIELDS = {
 }
 
 
+_TLS_FILES = {
+    "redis": ("redis_tls", ("redis_tls_ca_file", "redis_tls_cert_file", "redis_tls_key_file")),
+    "etcd": ("etcd_tls", ("etcd_tls_ca_file", "etcd_tls_cert_file", "etcd_tls_key_file")),
+}
+"""Per backend kind: the setting that turns TLS on, and the files it then reads."""
+
+
+def _check_files(config: EnhancedLockingConfig, kind: str) -> None:
+    """The TLS files a backend of ``kind`` will read can be read: else ``UnusableSetting``
+    naming the setting and the path (the connection's own error would blame the address)."""
+    switch, names = _TLS_FILES.get(kind, ("", ()))
+    if not names or not getattr(config, switch):
+        return
+    for name in names:
+        path = getattr(config, name)
+        if not path:
+            continue
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as error:
+            reason = (error.strerror or str(error)).lower()
+            raise UnusableSetting(
+                f"invalid setting enhanced-locking-{name.replace('_', '-')}: cannot read "
+                f"{path}: {reason}") from None
+
+
 def backend_identity(config: EnhancedLockingConfig, kind: str) -> tuple[Any, ...]:
     """What decides which store a backend of ``kind`` talks to: a change means a new one."""
     return (kind, *(getattr(config, name) for name in _IDENTITY_FIELDS.get(kind, ())))
@@ -95,6 +127,7 @@ def build_backend(
         builder = BACKEND_BUILDERS[kind]
     except KeyError:
         raise BackendUnavailable(f"backend {kind!r} is not available in this build") from None
+    _check_files(config, kind)
     return builder(config, namespace, replica_id)
 
 

@@ -60,3 +60,40 @@ def test_a_redis_database_the_server_lacks_exits_2_naming_the_setting(
     line = _one_line(run(*args, *at, *given, env=env), "enhanced-locking-redis-db",
                      "no such database")
     assert "cannot start" not in line
+
+
+# --- a Redis or etcd TLS file that cannot be read ----------------------------------------------
+
+
+@pytest.mark.parametrize("store", ["redis", "etcd"])
+@pytest.mark.parametrize("missing", ["ca-file", "cert-file", "key-file"])
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_a_tls_file_that_cannot_be_read_exits_2_naming_the_setting_and_path(
+    store: str, missing: str, how: str, tmp_path: Path,
+) -> None:
+    present = tmp_path / "present.pem"
+    present.write_text("-----BEGIN CERTIFICATE-----\n")
+    files = {"ca-file": present, "cert-file": present, "key-file": present}
+    files[missing] = tmp_path / "absent" / missing
+    args = ["serve", "--port", str(free_port()), "--data-dir", str(tmp_path / "data"),
+            "--enhanced-locking-enabled", "--enhanced-locking-backend", store,
+            f"--enhanced-locking-{store}-tls"]
+    env: dict[str, str] = {}
+    for name, path in files.items():
+        more, also = _given(how, f"ATLANTIS_ENHANCED_LOCKING_{store.upper()}_TLS_"
+                            f"{name.upper().replace('-', '_')}", f"--enhanced-locking-{store}-tls-"
+                            f"{name}", "", str(path), tmp_path)
+        args += more
+        env |= also
+    line = _one_line(run(*args, env=env), f"enhanced-locking-{store}-tls-{missing}",
+                     str(files[missing]), "no such file")
+    assert "did not answer" not in line and "connect failed" not in line
+
+
+def test_migrate_import_names_an_unreadable_redis_tls_file(
+    redis_server: RedisServer, tmp_path: Path,
+) -> None:
+    _one_line(run("migrate", "import", "--from-redis", f"redis://{redis_server.addr}/0",
+                  "--enhanced-locking-backend", "redis", "--enhanced-locking-redis-tls",
+                  "--enhanced-locking-redis-tls-ca-file", str(tmp_path / "ca.pem")),
+              "enhanced-locking-redis-tls-ca-file", str(tmp_path / "ca.pem"))
