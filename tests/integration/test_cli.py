@@ -210,10 +210,31 @@ def test_serve_offers_every_setting_as_a_flag() -> None:
         assert setting.flag in result.stdout
 
 
-def test_serve_on_a_data_dir_it_cannot_create_exits_1_saying_why(tmp_path: Path) -> None:
+@pytest.mark.parametrize("where", ["under-a-file", "a-file", "proc"])
+def test_serve_on_a_data_dir_it_cannot_create_exits_2_naming_the_setting(
+    tmp_path: Path, where: str,
+) -> None:
+    # The path is the user's mistake (a file where the directory goes, a place that cannot
+    # hold one): a bad setting, exit 2; "cannot start" (exit 1) is left to the disk's errors.
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    result = run("serve", "--port", str(free_port()), "--data-dir", str(blocker / "data"))
+    data_dir = {"under-a-file": str(blocker / "data"), "a-file": str(blocker),
+                "proc": "/proc/enhanced-locking-nope"}[where]
+    result = run("serve", "--port", str(free_port()), "--data-dir", data_dir)
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("enhanced-locking: invalid setting data-dir: ")
+    assert "embedded store" in lines[0] and data_dir in lines[0]
+    assert "cannot start" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_on_a_store_file_it_cannot_open_still_cannot_start(tmp_path: Path) -> None:
+    # A good data dir whose store file cannot be opened (here a directory stands in its
+    # place) is not the setting's fault: exit 1, "cannot start".
+    (tmp_path / "data" / "enhanced-locking.db").mkdir(parents=True)
+    result = run("serve", "--port", str(free_port()), "--data-dir", str(tmp_path / "data"))
     assert result.returncode == 1
     assert "cannot start" in result.stderr and "embedded store" in result.stderr
     assert "Traceback" not in result.stderr

@@ -20,7 +20,14 @@ from tests.support.locks import lock_for, request_for
 
 from enhanced_locking.backends import EmbeddedBackend, MemoryBackend, QueueBackend, base, codec
 from enhanced_locking.backends.embedded import APPLICATION_ID, FLOOR_AHEAD, SCHEMA_VERSION
-from enhanced_locking.types import BackendUnavailable, Lock, LockNotOwned, StoreRefused, utcnow
+from enhanced_locking.types import (
+    BackendUnavailable,
+    Lock,
+    LockNotOwned,
+    StoreRefused,
+    UnusableSetting,
+    utcnow,
+)
 
 PERSISTENT = [name for name, kind in BACKEND_KINDS.items() if kind.persistent]
 
@@ -422,11 +429,21 @@ async def test_a_closed_embedded_store_answers_backend_unavailable(
         await CALLS[call](backend)
 
 
-def test_an_embedded_store_that_cannot_be_created_is_unavailable(tmp_path: Path) -> None:
+def test_an_embedded_store_whose_dir_cannot_be_made_names_the_setting(tmp_path: Path) -> None:
+    # A file where the data dir should be is the user's setting, not the store failing.
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the data dir should be")
-    with pytest.raises(BackendUnavailable, match="cannot open the embedded store"):
+    with pytest.raises(UnusableSetting,
+                       match="invalid setting data-dir: cannot make the embedded store's"):
         EmbeddedBackend(blocker / "enhanced-locking.db")
+    with pytest.raises(UnusableSetting, match="not a directory"):
+        EmbeddedBackend(blocker / "deeper" / "enhanced-locking.db")
+
+
+def test_an_embedded_store_file_that_cannot_be_opened_is_unavailable(tmp_path: Path) -> None:
+    (tmp_path / "enhanced-locking.db").mkdir()  # a good dir; the file itself cannot be opened
+    with pytest.raises(BackendUnavailable, match="cannot open the embedded store"):
+        EmbeddedBackend(tmp_path / "enhanced-locking.db")
 
 
 async def test_a_file_that_is_not_a_database_is_refused(data_dir: Path) -> None:

@@ -54,6 +54,7 @@ checks the legacy rows of the key itself (see ``_OTHER_FREE``) when the router a
 from __future__ import annotations
 
 import contextlib
+import errno
 import sqlite3
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -69,6 +70,7 @@ from enhanced_locking.types import (
     LockUnreadable,
     Moment,
     StoreRefused,
+    UnusableSetting,
     replaced,
     utcnow,
 )
@@ -295,6 +297,14 @@ def _identify(connection: sqlite3.Connection, path: Path) -> str:
     return "it holds other tables (" + ", ".join(sorted(tables)[:5]) + ")"
 
 
+_NOT_A_DIRECTORY = frozenset({
+    errno.ENOTDIR, errno.EEXIST, errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS,
+    errno.ENAMETOOLONG,
+})
+"""Why a data dir cannot be made that are the path's fault (a file where a directory goes, a
+place that cannot hold one): the user's setting. Other errors (EIO, ENOSPC) are the disk's."""
+
+
 def open_database(
     path: Path, *, initialise: bool = False, clock: Callable[[], datetime] = utcnow
 ) -> sqlite3.Connection:
@@ -313,8 +323,17 @@ def open_database(
     above any token handed out before, as the Redis store's new epoch does).
     """
     try:
-        existed = path.exists()
         path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        if error.errno not in _NOT_A_DIRECTORY:
+            raise BackendUnavailable(f"cannot open the embedded store {path}: {error}") from None
+        reason = ("not a directory" if error.errno == errno.EEXIST
+                  else (error.strerror or str(error)).lower())
+        raise UnusableSetting(
+            f"invalid setting data-dir: cannot make the embedded store's directory "
+            f"{path.parent}: {reason}") from None
+    try:
+        existed = path.exists()
         connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     except (OSError, sqlite3.Error) as error:
         raise BackendUnavailable(f"cannot open the embedded store {path}: {error}") from None
