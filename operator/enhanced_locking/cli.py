@@ -32,6 +32,8 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
+from pydantic import ValidationError
+
 from enhanced_locking import config as config_module
 from enhanced_locking import steps, terminal, watching
 from enhanced_locking.client import (
@@ -433,8 +435,8 @@ def _acquire(client: Client, args: argparse.Namespace) -> int:
         body["requestId"] = args.request_id
     try:
         request = LockRequest.model_validate(body)
-    except ValueError as error:
-        print(f"enhanced-locking: invalid request: {error}", file=sys.stderr)
+    except ValidationError as error:
+        print(f"enhanced-locking: {_invalid_flag(error)}", file=sys.stderr)
         return EXIT_USAGE
     if request.wait:  # show the live queue position on stderr while waiting
         result = watching.acquire_showing_position(args.url, request, token=args.token)
@@ -445,6 +447,28 @@ def _acquire(client: Client, args: argparse.Namespace) -> int:
         return terminal.refused(PROG, _why_not(result.lock_key, answer), answer)
     _print(answer)
     return 0
+
+
+_ACQUIRE_FLAGS: dict[tuple[str | int, ...], str] = {
+    ("project", "repoFullName"): "--repo", ("project", "path"): "--path",
+    ("project", "projectName"): "--project", ("workspace",): "--workspace",
+    ("pull", "num"): "--pull", ("pull", "url"): "--pull-url", ("pull", "author"): "--user",
+    ("pull", "headCommit"): "--head-commit", ("user", "username"): "--user",
+    ("priority",): "--priority", ("mode",): "--mode", ("command",): "--command",
+    ("wait",): "--wait", ("ttl",): "--ttl", ("requestId",): "--request-id",
+}
+"""Where each field of the acquire request comes from: the flag a refusal names."""
+
+
+def _invalid_flag(error: ValidationError) -> str:
+    """The first problem of an acquire built from the flags, in one line naming the flag."""
+    first = error.errors()[0]
+    message = str(first["msg"]).removeprefix("Value error, ")
+    message = message[:1].lower() + message[1:]
+    flag = _ACQUIRE_FLAGS.get(tuple(first["loc"]))
+    if flag is None:  # a rule over several fields
+        return f"invalid request: {message}"
+    return f"invalid {flag}: {message}"
 
 
 def _why_not(key: str, answer: dict[str, Any]) -> str:

@@ -318,6 +318,30 @@ def test_an_invalid_acquire_exits_2(service_process: ServiceFactory, args: list[
     assert result.stderr.strip() and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(("args", "flag", "says"), [
+    (["--wait", "abc"], "--wait", "Go duration"),
+    (["--ttl", "soon"], "--ttl", "Go duration"),
+    (["--wait=-5s"], "--wait", "Go duration"),
+    (["--pull", "99999999999999999999"], "--pull", "2147483647"),
+    (["--repo", ""], "--repo", "at least 1 character"),
+    (["--request-id", "r" * 129], "--request-id", "at most 128 characters"),
+    (["--workspace", ""], "--workspace", "at least 1 character"),
+], ids=["wait-abc", "ttl-soon", "wait-negative", "pull-too-big", "repo-empty",
+        "request-id-too-long", "workspace-empty"])
+def test_an_invalid_acquire_is_one_line_naming_the_flag(
+    service_process: ServiceFactory, args: list[str], flag: str, says: str,
+) -> None:
+    url = service_process().url
+    result = run("lock", "--url", url, "acquire", "--repo", "acme/infra", "--pull", "1", *args)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"enhanced-locking: invalid {flag}: "), lines[0]
+    assert says in lines[0] and "pydantic" not in lines[0]
+    assert output(run("lock", "--url", url, "list")) == {"locks": []}
+
+
 def test_a_missing_argument_exits_2() -> None:
     result = run("lock", "acquire", "--repo", "acme/infra")
     assert result.returncode == 2
