@@ -141,7 +141,7 @@ async def _run_service(
     from enhanced_locking.api import server as server_limits
     from enhanced_locking.api.access import is_loopback, open_to_network_refusal
     from enhanced_locking.api.tls import CertificateReloader
-    from enhanced_locking.factory import LockService
+    from enhanced_locking.factory import LockService, check_readable
     from enhanced_locking.provider import ConfigProvider
     from enhanced_locking.types import LockingError, StoreRefused, UnusableSetting
 
@@ -161,6 +161,12 @@ async def _run_service(
         print(f"enhanced-locking: cannot start: {error}", file=sys.stderr)
         return EXIT_REFUSED
 
+    try:
+        # Each file of the TLS pair can be read (else the one that cannot is named, not the
+        # pair as the TLS context's own error would).
+        check_readable(config, ("tls_cert_file", "tls_key_file"))
+    except UnusableSetting as error:
+        return cannot_start(error, setting=True)
     try:
         # Building the service opens the stores: a data dir that cannot be created is a
         # one-line error like a store that does not answer.

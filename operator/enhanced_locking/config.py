@@ -167,6 +167,20 @@ Weight = Annotated[float, Field(ge=0, le=100, multiple_of=0.01), BeforeValidator
 Ratio = Annotated[float, Field(ge=0, le=1), BeforeValidator(_strict_number)]
 
 
+class _Together(ValueError):
+    """A rule over settings that broke: the settings it is about (field names), so the error
+    can say where each value came from, and what is wrong."""
+
+    def __init__(self, fields: tuple[str, ...], message: str) -> None:
+        super().__init__(message)
+        self.fields = fields
+
+
+def _key(field: str) -> str:
+    """A setting's YAML key from its field name (the names the one-line errors use)."""
+    return KEY_PREFIX + field.replace("_", "-")
+
+
 class EnhancedLockingConfig(BaseSettings):
     """Enhanced locking settings; defaults are the seed's (off by default, embedded store)."""
 
@@ -443,67 +457,68 @@ class EnhancedLockingConfig(BaseSettings):
     @model_validator(mode="after")
     def _check_together(self) -> EnhancedLockingConfig:
         if self.max_timeout < self.default_timeout:
-            raise ValueError(
+            raise _Together(
+                ("max_timeout", "default_timeout"),
                 "enhanced-locking-max-timeout must be at least enhanced-locking-default-timeout "
-                f"(got {_fmt(self.max_timeout)} < {_fmt(self.default_timeout)})"
+                f"(got {_fmt(self.max_timeout)} < {_fmt(self.default_timeout)})",
             )
-        if bool(self.redis_tls_cert_file) != bool(self.redis_tls_key_file):
-            raise ValueError(
-                "enhanced-locking-redis-tls-cert-file and enhanced-locking-redis-tls-key-file "
-                "must be set together"
-            )
-        if bool(self.etcd_tls_cert_file) != bool(self.etcd_tls_key_file):
-            raise ValueError(
-                "enhanced-locking-etcd-tls-cert-file and enhanced-locking-etcd-tls-key-file "
-                "must be set together"
-            )
-        for name in ("http_header_timeout", "http_body_timeout"):
+        for side in ("redis_tls", "etcd_tls", "tls"):
+            cert, key = f"{side}_cert_file", f"{side}_key_file"
+            if bool(getattr(self, cert)) != bool(getattr(self, key)):
+                raise _Together(
+                    (cert, key),
+                    f"{_key(cert)} and {_key(key)} must be set together",
+                )
+        for name in ("http_header_timeout", "http_body_timeout", "replica_heartbeat",
+                     "audit_retention"):
             if getattr(self, name) <= timedelta(0):
-                raise ValueError(f"enhanced-locking-{name.replace('_', '-')} must be above 0s")
-        if self.replica_heartbeat <= timedelta(0):
-            raise ValueError("enhanced-locking-replica-heartbeat must be above 0s")
+                raise _Together((name,), f"{_key(name)} must be above 0s")
         if timedelta(0) < self.replica_timeout <= self.replica_heartbeat:
-            raise ValueError(
+            raise _Together(
+                ("replica_timeout", "replica_heartbeat"),
                 "enhanced-locking-replica-timeout must be longer than "
                 f"enhanced-locking-replica-heartbeat (got {_fmt(self.replica_timeout)} <= "
-                f"{_fmt(self.replica_heartbeat)})"
-            )
-        if bool(self.tls_cert_file) != bool(self.tls_key_file):
-            raise ValueError(
-                "enhanced-locking-tls-cert-file and enhanced-locking-tls-key-file must be set "
-                "together"
+                f"{_fmt(self.replica_heartbeat)})",
             )
         if self.auth == "static" and not (self.auth_tokens_file
                                           or self.auth_tokens.get_secret_value()):
-            raise ValueError(
+            raise _Together(
+                ("auth", "auth_tokens_file", "auth_tokens"),
                 "enhanced-locking-auth static needs enhanced-locking-auth-tokens-file (or "
-                "enhanced-locking-auth-tokens)"
+                "enhanced-locking-auth-tokens)",
             )
         if not timedelta(0) < self.auth_cache_ttl <= timedelta(hours=1):
-            raise ValueError(
+            raise _Together(
+                ("auth_cache_ttl",),
                 "enhanced-locking-auth-cache-ttl must be above 0s and at most 1h "
-                f"(got {_fmt(self.auth_cache_ttl)})"
+                f"(got {_fmt(self.auth_cache_ttl)})",
             )
-        if self.audit_retention <= timedelta(0):
-            raise ValueError("enhanced-locking-audit-retention must be above 0s")
         if bool(self.redis_sentinel_addrs) != bool(self.redis_sentinel_master):
-            raise ValueError(
+            raise _Together(
+                ("redis_sentinel_addrs", "redis_sentinel_master"),
                 "enhanced-locking-redis-sentinel-addrs and enhanced-locking-redis-sentinel-master "
-                "must be set together"
+                "must be set together",
             )
         if self.redis_cluster:
             if self.redis_sentinel_addrs:
-                raise ValueError("enhanced-locking-redis-cluster cannot be used with "
-                                 "enhanced-locking-redis-sentinel-addrs (a cluster fails over "
-                                 "by itself)")
+                raise _Together(
+                    ("redis_cluster", "redis_sentinel_addrs"),
+                    "enhanced-locking-redis-cluster cannot be used with "
+                    "enhanced-locking-redis-sentinel-addrs (a cluster fails over by itself)",
+                )
             if self.redis_db != 0:
-                raise ValueError("enhanced-locking-redis-cluster needs enhanced-locking-redis-db "
-                                 f"0 (a Redis Cluster has only database 0; got {self.redis_db})")
+                raise _Together(
+                    ("redis_cluster", "redis_db"),
+                    "enhanced-locking-redis-cluster needs enhanced-locking-redis-db 0 (a Redis "
+                    f"Cluster has only database 0; got {self.redis_db})",
+                )
             if self.legacy_backend == "redis":
-                raise ValueError(
+                raise _Together(
+                    ("redis_cluster", "legacy_backend"),
                     "enhanced-locking-redis-cluster cannot be used with "
                     "enhanced-locking-legacy-backend redis: Atlantis's own Redis layout (pr/ keys, "
-                    "read by Atlantis's non-cluster client) needs a Redis that is not a cluster")
+                    "read by Atlantis's non-cluster client) needs a Redis that is not a cluster",
+                )
         return self
 
     @classmethod
@@ -801,6 +816,12 @@ def _describe(error: ValidationError, values: Mapping[str, Any], origin: Mapping
     by_field = {s.field: s for s in settings()}
     if not loc or loc[0] not in by_field:
         message = str(first["msg"]).removeprefix("Value error, ")
+        broken = (first.get("ctx") or {}).get("error")
+        if isinstance(broken, _Together):
+            sources = ", ".join(
+                f"{by_field[field].key} from {origin.get(field, 'default')}"
+                for field in broken.fields)
+            return f"invalid configuration: {message} ({sources})"
         return f"invalid configuration: {message}"
     setting = by_field[str(loc[0])]
     source = origin.get(setting.field, "default")

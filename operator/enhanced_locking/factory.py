@@ -38,7 +38,9 @@ from enhanced_locking.types import (
     UnusableSetting,
 )
 
-__all__ = ["BACKEND_BUILDERS", "LockService", "backend_identity", "build_backend"]
+__all__ = [
+    "BACKEND_BUILDERS", "LockService", "backend_identity", "build_backend", "check_readable",
+]
 
 log = logging.getLogger(__name__)
 
@@ -94,13 +96,11 @@ _TLS_FILES = {
 """Per backend kind: the setting that turns TLS on, and the files it then reads."""
 
 
-def _check_files(config: EnhancedLockingConfig, kind: str) -> None:
-    """The TLS files a backend of ``kind`` will read can be read: else ``UnusableSetting``
-    naming the setting and the path (the connection's own error would blame the address)."""
-    switch, names = _TLS_FILES.get(kind, ("", ()))
-    if not names or not getattr(config, switch):
-        return
-    for name in names:
+def check_readable(config: EnhancedLockingConfig, fields: tuple[str, ...]) -> None:
+    """Each file these settings (field names) name, where set, can be read: else
+    ``UnusableSetting`` naming the setting and the path (a connection's or TLS context's own
+    error would blame the address, or the other file of a pair)."""
+    for name in fields:
         path = getattr(config, name)
         if not path:
             continue
@@ -112,6 +112,13 @@ def _check_files(config: EnhancedLockingConfig, kind: str) -> None:
             raise UnusableSetting(
                 f"invalid setting enhanced-locking-{name.replace('_', '-')}: cannot read "
                 f"{path}: {reason}") from None
+
+
+def _check_files(config: EnhancedLockingConfig, kind: str) -> None:
+    """The TLS files a backend of ``kind`` will read, when its TLS is on, can be read."""
+    switch, names = _TLS_FILES.get(kind, ("", ()))
+    if names and getattr(config, switch):
+        check_readable(config, names)
 
 
 def backend_identity(config: EnhancedLockingConfig, kind: str) -> tuple[Any, ...]:

@@ -193,6 +193,48 @@ def test_a_bad_value_is_reported_with_where_it_came_from(tmp_path: Path) -> None
     assert "flag --enhanced-locking-redis-db" in result.stderr
 
 
+@pytest.mark.parametrize("how", ["env", "flag", "yaml"])
+def test_a_rule_over_two_settings_says_where_each_value_came_from(
+    how: str, tmp_path: Path,
+) -> None:
+    args, env = ["config", "show"], {"ATLANTIS_ENHANCED_LOCKING_DEFAULT_TIMEOUT": "10m"}
+    if how == "env":
+        env["ATLANTIS_ENHANCED_LOCKING_MAX_TIMEOUT"] = "5m"
+        source = "env ATLANTIS_ENHANCED_LOCKING_MAX_TIMEOUT"
+    elif how == "flag":
+        args.append("--enhanced-locking-max-timeout=5m")
+        source = "flag --enhanced-locking-max-timeout"
+    else:
+        (tmp_path / "c.yaml").write_text("enhanced-locking-max-timeout: 5m\n")
+        args += ["--config", str(tmp_path / "c.yaml")]
+        source = f"YAML key enhanced-locking-max-timeout in {tmp_path / 'c.yaml'}"
+    result = run(*args, env=env)
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "must be at least enhanced-locking-default-timeout (got 5m < 10m)" in lines[0]
+    assert f"enhanced-locking-max-timeout from {source}" in lines[0]
+    assert ("enhanced-locking-default-timeout from env ATLANTIS_ENHANCED_LOCKING_DEFAULT_TIMEOUT"
+            in lines[0])
+    one_set = run("config", "show", "--enhanced-locking-tls-cert-file=cert.pem")
+    assert ("(enhanced-locking-tls-cert-file from flag --enhanced-locking-tls-cert-file, "
+            "enhanced-locking-tls-key-file from default)") in one_set.stderr
+
+
+@pytest.mark.parametrize("missing", ["cert", "key"])
+def test_serve_names_the_tls_file_that_cannot_be_read(missing: str, tmp_path: Path) -> None:
+    files = {"cert": tmp_path / "cert.pem", "key": tmp_path / "key.pem"}
+    files["cert" if missing == "key" else "key"].write_text("-----BEGIN CERTIFICATE-----\n")
+    result = run("serve", "--port", str(free_port()), "--data-dir", str(tmp_path / "data"),
+                 f"--enhanced-locking-tls-cert-file={files['cert']}",
+                 f"--enhanced-locking-tls-key-file={files['key']}")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"enhanced-locking: invalid setting enhanced-locking-tls-{missing}-file: cannot read "
+        f"{files[missing]}: no such file or directory"]
+    assert not (tmp_path / "data").exists()  # refused before any store is opened
+
+
 def test_an_unknown_flag_is_a_usage_error() -> None:
     result = run("config", "show", "--enhanced-locking-enabledd")
     assert result.returncode == 2
