@@ -54,12 +54,15 @@ def _verify() -> ssl.SSLContext | bool:
 
 
 def service_url(value: str) -> str:
-    """``value`` if it is an http(s) URL with a host (trailing ``/`` dropped); else ValueError."""
+    """``value`` if it is an http(s) URL with a host and, if it names one, a port from 1 to
+    65535 (trailing ``/`` dropped); else ValueError."""
     try:
         url = httpx.URL(value)
     except (httpx.InvalidURL, TypeError):
         url = None
-    if url is None or url.scheme not in ("http", "https") or not url.host:
+    # httpx takes any digits as the port (99999): a port is 1 to 65535.
+    if (url is None or url.scheme not in ("http", "https") or not url.host
+            or (url.port is not None and not 0 < url.port < 65536)):
         raise ValueError(f"expected the lock service's URL, such as {DEFAULT_URL}, "
                          f"got {value!r}")
     return value.rstrip("/")

@@ -47,7 +47,9 @@ def test_events_and_queue_take_the_url_after_the_command(service_process: Servic
     assert output(result)["waiters"] == []
 
 
-@pytest.mark.parametrize("bad", ["nope", "ftp://127.0.0.1:4142", "http://"])
+@pytest.mark.parametrize("bad", ["nope", "ftp://127.0.0.1:4142", "http://",
+                                 "http://127.0.0.1:99999", "http://127.0.0.1:65536",
+                                 "http://127.0.0.1:0"])
 def test_a_malformed_url_is_a_usage_error(bad: str) -> None:
     flagged = run("lock", "list", "--url", bad)
     assert flagged.returncode == 2
