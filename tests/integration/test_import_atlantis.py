@@ -468,6 +468,20 @@ def test_a_bad_redis_url_exits_2(tmp_path: Path) -> None:
     result = run_cli("--from-redis", "http://nope", "--data-dir", str(tmp_path))
     assert result.returncode == 2
     assert "invalid Redis URL http://nope" in result.stderr
+    assert "--from-redis" in result.stderr
+
+
+@pytest.mark.redis
+def test_a_redis_url_naming_a_database_the_server_lacks_exits_2(
+    atlantis_redis: RedisServer, tmp_path: Path,
+) -> None:
+    # The URL's /99 is the user's mistake, not an unreachable Redis (exit 3).
+    url = f"redis://{atlantis_redis.addr}/99"
+    result = run_cli("--from-redis", url, "--dry-run", "--data-dir", str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"enhanced-locking: invalid Redis URL {url} (--from-redis): the server has no such "
+        "database (DB index is out of range)"]
 
 
 @pytest.mark.redis

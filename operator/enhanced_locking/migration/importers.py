@@ -118,7 +118,7 @@ async def read_redis(url: str) -> tuple[str, list[SourceRecord]]:
     try:
         client = aioredis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
     except ValueError as error:
-        raise ImportSourceError(f"invalid Redis URL {shown}: {error}") from None
+        raise ImportSourceError(f"invalid Redis URL {shown} (--from-redis): {error}") from None
     records: list[SourceRecord] = []
     try:
         keys = [key async for key in client.scan_iter(match=ATLANTIS_REDIS_PATTERN, count=1000)]
@@ -139,6 +139,12 @@ async def read_redis(url: str) -> tuple[str, list[SourceRecord]]:
                 if isinstance(value, Exception):
                     raise value
                 records.append(SourceRecord(name, value))
+    except ResponseError as error:
+        if str(error).startswith("DB index is out of range"):  # the URL's /N: the user's
+            raise ImportSourceError(
+                f"invalid Redis URL {shown} (--from-redis): the server has no such database "
+                "(DB index is out of range)") from None
+        raise BackendUnavailable(f"cannot read Atlantis's Redis at {shown}: {error}") from None
     except RedisError as error:
         raise BackendUnavailable(f"cannot read Atlantis's Redis at {shown}: {error}") from None
     finally:
