@@ -23,3 +23,20 @@ def test_no_example_empties_or_deletes_a_file_of_the_default_data_dir() -> None:
     for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         for number, line in enumerate(page.read_text().splitlines(), 1):
             assert not clobber.search(line), f"{page.name}:{number}: {line}"
+
+
+def _section(page: str, heading: str) -> str:
+    text = (ROOT / "docs" / page).read_text()
+    start = text.index(f"\n## {heading}\n")
+    end = text.find("\n## ", start + 1)
+    return " ".join(text[start:end if end != -1 else len(text)].split())
+
+
+def test_examples_of_the_enhanced_locker_say_to_turn_it_on() -> None:
+    # On the default service (enhanced locking off) a shared plan, a lease or a refresh goes to
+    # the legacy locker, which ignores them: the pages say so and how to turn it on.
+    for page, heading in [("08-policies.md", "Shared and exclusive locks"),
+                          ("api.md", "Batches, leases, queues and events")]:
+        section = _section(page, heading)
+        assert "--enhanced-locking-enabled" in section, f"{page}: {heading}"
+        assert "legacy locker" in section, f"{page}: {heading}"
