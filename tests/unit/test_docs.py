@@ -40,3 +40,23 @@ def test_examples_of_the_enhanced_locker_say_to_turn_it_on() -> None:
         section = _section(page, heading)
         assert "--enhanced-locking-enabled" in section, f"{page}: {heading}"
         assert "legacy locker" in section, f"{page}: {heading}"
+
+
+def test_the_local_store_examples_start_their_store_on_loopback() -> None:
+    # Pasted as written, each block starts the server the service then uses (make redis and
+    # make etcd only install the binaries), on loopback only.
+    for page, store, starts, port in [
+        ("03-redis.md", "Redis", "redis-server --port 6379 --bind 127.0.0.1 ", "127.0.0.1:6379"),
+        ("09-etcd.md", "etcd", '"$etcd" --data-dir', "127.0.0.1:2379"),
+    ]:
+        text = (ROOT / "docs" / page).read_text()
+        after = text[text.index(f"A service on a local {store}"):]
+        block = re.search(r"```sh\n(.*?)```", after, re.S)
+        assert block is not None, page
+        lines = block.group(1).splitlines()
+        start = next(i for i, line in enumerate(lines) if line.startswith(starts))
+        serve = next(i for i, line in enumerate(lines) if line.startswith("enhanced-locking serve"))
+        assert start < serve, page
+        assert port in block.group(1) and "0.0.0.0" not in block.group(1), page
+        if store == "etcd":
+            assert "--listen-client-urls http://127.0.0.1:2379" in block.group(1)
