@@ -395,6 +395,20 @@ def test_booleans_take_the_words_atlantis_flags_take(word: str, tmp_path: Path) 
     assert load_config(yaml_file=path, env={}).enabled is expected
 
 
+def test_a_quoted_yaml_value_is_read_as_its_text(tmp_path: Path) -> None:
+    # As an env var or flag is (and as Atlantis's viper takes quoted numbers): the text is then
+    # held to the same rules (docs/01-foundation.md, "How values are written").
+    path = tmp_path / "config.yaml"
+    path.write_text('enhanced-locking-redis-db: "12"\nenhanced-locking-enabled: "true"\n'
+                    "enhanced-locking-default-timeout: '45s'\n")
+    config = load_config(yaml_file=path, env={})
+    assert (config.redis_db, config.enabled, config.default_timeout) == (
+        12, True, timedelta(seconds=45))
+    path.write_text('enhanced-locking-max-queue-size: "1_000"\n')
+    with pytest.raises(ConfigError, match="got '1_000';"):
+        load_config(yaml_file=path, env={})
+
+
 def test_a_missing_yaml_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config(yaml_file=tmp_path / "absent.yaml", env={})
