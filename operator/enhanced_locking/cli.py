@@ -44,7 +44,7 @@ from enhanced_locking.client import (
     ServiceError,
     service_url,
 )
-from enhanced_locking.types import LockRequest
+from enhanced_locking.types import LockRequest, UnusableSetting
 
 __all__ = ["main"]
 
@@ -61,13 +61,30 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _load(args: argparse.Namespace) -> config_module.EnhancedLockingConfig:
+    return _load_sourced(args)[0]
+
+
+def _load_sourced(
+    args: argparse.Namespace,
+) -> tuple[config_module.EnhancedLockingConfig, config_module.Sources]:
+    """The config of the flags, env and YAML (a bad one: one line, exit 2), and where each
+    setting's value came from."""
     try:
-        return config_module.load_config(
+        return config_module.load_sourced(
             flags=config_module.flags_from_namespace(args), yaml_file=args.config_file
         )
     except config_module.ConfigError as error:
         print(f"enhanced-locking: {error}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None
+
+
+def _sourced(error: Exception, sources: config_module.Sources | None) -> str:
+    """A setting the store cannot use, in the one line of a bad value: with where it came
+    from (any other error as it is)."""
+    if isinstance(error, UnusableSetting) and sources is not None:
+        return (f"invalid setting {error.setting} (from {sources.of_key(error.setting)}): "
+                f"{error.detail}")
+    return str(error)
 
 
 def _print(data: Any) -> None:
@@ -82,11 +99,11 @@ def listening_url(sock: socket.socket, *, tls: bool = False) -> str:
 
 # --- serve -----------------------------------------------------------------------------------
 def _serve(args: argparse.Namespace) -> int:
-    config = _load(args)
+    config, sources = _load_sourced(args)
     port = _port_setting(args)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return asyncio.run(_run_service(config, args.host, port))
+    return asyncio.run(_run_service(config, args.host, port, sources=sources))
 
 
 def _port(value: str) -> int:
@@ -132,7 +149,8 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 async def _run_service(
-    config: config_module.EnhancedLockingConfig, host: str, port: int, operator: Any = None
+    config: config_module.EnhancedLockingConfig, host: str, port: int, operator: Any = None,
+    sources: config_module.Sources | None = None,
 ) -> int:
     """Serve the lock service; with ``operator`` options, kopf runs in the same loop."""
     import uvicorn
@@ -143,7 +161,7 @@ async def _run_service(
     from enhanced_locking.api.tls import CertificateReloader
     from enhanced_locking.factory import LockService, check_readable
     from enhanced_locking.provider import ConfigProvider
-    from enhanced_locking.types import LockingError, StoreRefused, UnusableSetting
+    from enhanced_locking.types import LockingError, StoreRefused
 
     exposed = not is_loopback(host)
     refusal = open_to_network_refusal(config, exposed=exposed)
@@ -156,7 +174,7 @@ async def _run_service(
         """One line and the exit code: 2 for the user's file or setting, as a bad setting."""
         bound.close()
         if setting:
-            print(f"enhanced-locking: {error}", file=sys.stderr)
+            print(f"enhanced-locking: {_sourced(error, sources)}", file=sys.stderr)
             return EXIT_USAGE
         print(f"enhanced-locking: cannot start: {error}", file=sys.stderr)
         return EXIT_REFUSED
@@ -249,7 +267,7 @@ async def _run_service(
 def _operator(args: argparse.Namespace) -> int:
     from enhanced_locking.kube.operator import OperatorOptions
 
-    config = _load(args)
+    config, sources = _load_sourced(args)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = OperatorOptions(
@@ -258,7 +276,8 @@ def _operator(args: argparse.Namespace) -> int:
         standalone=args.standalone, leader_election=args.leader_election, lease=args.lease,
         lease_duration=args.lease_duration, rollout_interval=args.rollout_interval,
     )
-    return asyncio.run(_run_service(config, args.host, _port_setting(args), operator=options))
+    return asyncio.run(_run_service(config, args.host, _port_setting(args), operator=options,
+                                    sources=sources))
 
 
 def _bound_server(base: Any, bound: socket.socket) -> Any:
@@ -361,18 +380,19 @@ def _config_show(args: argparse.Namespace) -> int:
 
 # --- migrate import --------------------------------------------------------------------------
 def _migrate_import(args: argparse.Namespace) -> int:
-    config = _load(args)
+    config, sources = _load_sourced(args)
     if config.backend == "memory" and not args.dry_run:
         print("enhanced-locking: the memory backend keeps nothing once this command ends; set "
               "--enhanced-locking-backend to boltdb or redis (or use --dry-run)", file=sys.stderr)
         return EXIT_USAGE
-    return asyncio.run(_run_import(config, args))
+    return asyncio.run(_run_import(config, args, sources))
 
 
-async def _run_import(config: config_module.EnhancedLockingConfig, args: argparse.Namespace) -> int:
+async def _run_import(config: config_module.EnhancedLockingConfig, args: argparse.Namespace,
+                      sources: config_module.Sources) -> int:
     from enhanced_locking.factory import build_backend
     from enhanced_locking.migration import importers
-    from enhanced_locking.types import LockingError, StoreRefused, UnusableSetting
+    from enhanced_locking.types import LockingError, StoreRefused
 
     backend = None
     try:
@@ -387,7 +407,7 @@ async def _run_import(config: config_module.EnhancedLockingConfig, args: argpars
             records, backend, source=source, dry_run=args.dry_run, progress=progress
         )
     except (importers.ImportSourceError, StoreRefused, UnusableSetting) as error:
-        print(f"enhanced-locking: {error}", file=sys.stderr)
+        print(f"enhanced-locking: {_sourced(error, sources)}", file=sys.stderr)
         return EXIT_USAGE
     except LockingError as error:
         print(f"enhanced-locking: {error}", file=sys.stderr)

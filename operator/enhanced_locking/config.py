@@ -42,10 +42,12 @@ __all__ = [
     "ConfigError",
     "EnhancedLockingConfig",
     "Setting",
+    "Sources",
     "add_flags",
     "flag_help",
     "flags_from_namespace",
     "load_config",
+    "load_sourced",
     "settings",
 ]
 
@@ -655,6 +657,19 @@ def settings() -> list[Setting]:
     return result
 
 
+@dataclass(frozen=True)
+class Sources:
+    """Where the settings given came from (``flag --x``, ``env X``, ``YAML key x in FILE``),
+    by field name; a setting not given has its default."""
+
+    by_field: Mapping[str, str]
+
+    def of_key(self, key: str) -> str:
+        """Where the setting with YAML key ``key`` came from."""
+        field = next((s.field for s in settings() if s.key == key), "")
+        return self.by_field.get(field, "default")
+
+
 class ConfigError(Exception):
     """Invalid configuration; the message is one line naming the setting."""
 
@@ -782,6 +797,16 @@ def load_config(
     yaml_file: str | os.PathLike[str] | None = None,
 ) -> EnhancedLockingConfig:
     """Merge defaults < YAML < env < flags and validate; raise ``ConfigError`` on bad input."""
+    return load_sourced(flags=flags, env=env, yaml_file=yaml_file)[0]
+
+
+def load_sourced(
+    *,
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    yaml_file: str | os.PathLike[str] | None = None,
+) -> tuple[EnhancedLockingConfig, Sources]:
+    """:func:`load_config`, and where each setting's value came from."""
     env = os.environ if env is None else env
     by_key = {s.key: s for s in settings()}
     values: dict[str, Any] = {}
@@ -805,7 +830,7 @@ def load_config(
         values[field] = _convert(setting, value)
         origin[field] = f"flag {setting.flag}"
     try:
-        return EnhancedLockingConfig(**values)
+        return EnhancedLockingConfig(**values), Sources(origin)
     except ValidationError as error:
         raise ConfigError(_describe(error, values, origin)) from None
 

@@ -109,9 +109,8 @@ def check_readable(config: EnhancedLockingConfig, fields: tuple[str, ...]) -> No
                 pass
         except OSError as error:
             reason = (error.strerror or str(error)).lower()
-            raise UnusableSetting(
-                f"invalid setting enhanced-locking-{name.replace('_', '-')}: cannot read "
-                f"{path}: {reason}") from None
+            raise UnusableSetting(f"enhanced-locking-{name.replace('_', '-')}",
+                                  f"cannot read {path}: {reason}") from None
 
 
 def _check_files(config: EnhancedLockingConfig, kind: str) -> None:

@@ -946,8 +946,15 @@ class StoreRefused(LockingError):
 
 class UnusableSetting(LockingError):
     """A setting's value is well formed but the store cannot use it (a Redis database number
-    the server lacks, a TLS file that cannot be read): the user's to fix, not an outage. The
-    message names the setting."""
+    the server lacks, a TLS file that cannot be read): the user's to fix, not an outage.
+
+    ``setting`` is the setting's YAML key (``enhanced-locking-redis-db``, ``data-dir``) and
+    ``detail`` what is wrong, so the command can add where the value came from."""
+
+    def __init__(self, setting: str, detail: str) -> None:
+        super().__init__(f"invalid setting {setting}: {detail}")
+        self.setting = setting
+        self.detail = detail
 
 
 class Verb(enum.StrEnum):

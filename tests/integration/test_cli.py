@@ -230,8 +230,9 @@ def test_serve_names_the_tls_file_that_cannot_be_read(missing: str, tmp_path: Pa
                  f"--enhanced-locking-tls-key-file={files['key']}")
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
-        f"enhanced-locking: invalid setting enhanced-locking-tls-{missing}-file: cannot read "
-        f"{files[missing]}: no such file or directory"]
+        f"enhanced-locking: invalid setting enhanced-locking-tls-{missing}-file (from flag "
+        f"--enhanced-locking-tls-{missing}-file): cannot read {files[missing]}: no such file "
+        "or directory"]
     assert not (tmp_path / "data").exists()  # refused before any store is opened
 
 
@@ -266,7 +267,8 @@ def test_serve_on_a_data_dir_it_cannot_create_exits_2_naming_the_setting(
     assert result.returncode == 2
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("enhanced-locking: invalid setting data-dir: ")
+    assert lines[0].startswith(
+        "enhanced-locking: invalid setting data-dir (from flag --data-dir): ")
     assert "embedded store" in lines[0] and data_dir in lines[0]
     assert "cannot start" not in result.stderr
     assert "Traceback" not in result.stderr

@@ -38,6 +38,12 @@ def _given(how: str, env_name: str, flag: str, key: str, value: str,
     return ["--config", str(tmp_path / "atlantis.yaml")], {}
 
 
+def _source(how: str, env_name: str, flag: str, key: str, tmp_path: Path) -> str:
+    """How the one line says where a value given by :func:`_given` came from."""
+    return {"flag": f"flag {flag}", "env": f"env {env_name}",
+            "yaml": f"YAML key {key} in {tmp_path / 'atlantis.yaml'}"}[how]
+
+
 # --- a Redis database number the server lacks --------------------------------------------------
 
 
@@ -57,7 +63,10 @@ def test_a_redis_database_the_server_lacks_exits_2_naming_the_setting(
         side = (["--enhanced-locking-enabled", "--enhanced-locking-backend", "redis"]
                 if command == "serve-enhanced" else ["--enhanced-locking-legacy-backend", "redis"])
         args = ["serve", "--port", str(free_port()), "--data-dir", str(tmp_path / "data"), *side]
-    line = _one_line(run(*args, *at, *given, env=env), "enhanced-locking-redis-db",
+    where = _source(how, "ATLANTIS_ENHANCED_LOCKING_REDIS_DB", "--enhanced-locking-redis-db",
+                    "enhanced-locking-redis-db", tmp_path)
+    line = _one_line(run(*args, *at, *given, env=env),
+                     f"invalid setting enhanced-locking-redis-db (from {where}): ",
                      "no such database")
     assert "cannot start" not in line
 
@@ -85,7 +94,10 @@ def test_a_tls_file_that_cannot_be_read_exits_2_naming_the_setting_and_path(
                             f"{name}", "", str(path), tmp_path)
         args += more
         env |= also
-    line = _one_line(run(*args, env=env), f"enhanced-locking-{store}-tls-{missing}",
+    setting = f"enhanced-locking-{store}-tls-{missing}"
+    where = _source(how, f"ATLANTIS_{setting.upper().replace('-', '_')}", f"--{setting}",
+                    setting, tmp_path)
+    line = _one_line(run(*args, env=env), f"invalid setting {setting} (from {where}): ",
                      str(files[missing]), "no such file")
     assert "did not answer" not in line and "connect failed" not in line
 
@@ -96,4 +108,5 @@ def test_migrate_import_names_an_unreadable_redis_tls_file(
     _one_line(run("migrate", "import", "--from-redis", f"redis://{redis_server.addr}/0",
                   "--enhanced-locking-backend", "redis", "--enhanced-locking-redis-tls",
                   "--enhanced-locking-redis-tls-ca-file", str(tmp_path / "ca.pem")),
-              "enhanced-locking-redis-tls-ca-file", str(tmp_path / "ca.pem"))
+              "invalid setting enhanced-locking-redis-tls-ca-file (from flag "
+              "--enhanced-locking-redis-tls-ca-file): ", str(tmp_path / "ca.pem"))

@@ -330,8 +330,8 @@ def open_database(
         reason = ("not a directory" if error.errno == errno.EEXIST
                   else (error.strerror or str(error)).lower())
         raise UnusableSetting(
-            f"invalid setting data-dir: cannot make the embedded store's directory "
-            f"{path.parent}: {reason}") from None
+            "data-dir", f"cannot make the embedded store's directory {path.parent}: {reason}",
+        ) from None
     try:
         existed = path.exists()
         connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)

@@ -529,9 +529,8 @@ def unusable_db(connection: RedisConnection, error: BaseException | None) -> Unu
     if isinstance(error, rexc.ResponseError) and str(error).startswith(
             "DB index is out of range"):
         return UnusableSetting(
-            f"invalid setting enhanced-locking-redis-db: redis {connection.where}: the server "
-            "has no such database (DB index is out of range; its databases setting says how "
-            "many it has)")
+            "enhanced-locking-redis-db", f"redis {connection.where}: the server has no such "
+            "database (DB index is out of range; its databases setting says how many it has)")
     return None
 
 
