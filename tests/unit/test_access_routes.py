@@ -22,7 +22,15 @@ from enhanced_locking.backends.audit_store import AuditQuery, MemoryAuditStore, 
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.factory import LockService
 from enhanced_locking.provider import ConfigProvider
-from enhanced_locking.types import Identity, Lock, LockRequest, Project, Pull, Verb
+from enhanced_locking.types import (
+    BackendUnavailable,
+    Identity,
+    Lock,
+    LockRequest,
+    Project,
+    Pull,
+    Verb,
+)
 
 INFRA, OTHER = "acme/infra", "acme/other"
 ADMIN = "admin-token"
@@ -299,3 +307,35 @@ async def test_a_batch_release_of_a_pull_frees_nothing_of_keys_free_when_read(
     assert answer.json() == {"released": [], "notHeld": [free]}
     holder = await served.service.router.get(free)
     assert holder is not None and holder.owner == (INFRA, 8)
+
+
+async def test_a_batch_release_any_frees_the_keys_it_reaches_and_names_those_it_does_not(
+    served: Served, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Keys a and b held; a is freed, then the store stops answering for b's release: the
+    answer is not a 503 hiding that a was freed, but a 200 naming a as released and b as not
+    reached, and the audit row counts both."""
+    a, b = await served.acquire(INFRA, path="a"), await served.acquire(INFRA, path="b")
+    router = served.service.router
+    release = router.release
+    tried: list[str] = []
+
+    async def stopped_for_b(key: str, *args: Any, **kwargs: Any) -> Lock | None:
+        tried.append(key)
+        if key == b:
+            raise BackendUnavailable("the store stopped answering")
+        return await release(key, *args, **kwargs)
+
+    monkeypatch.setattr(router, "release", stopped_for_b)
+    answer = await served.http.delete("/v1/locks/batch", params={"key": [a, b]},
+                                      headers=served.as_(SCOPED))
+    assert tried == [a, b]
+    assert answer.status_code == 200, answer.text
+    assert [lock["key"] for lock in answer.json()["released"]] == [a]
+    assert answer.json()["notHeld"] == []
+    assert answer.json()["notReached"] == [b]
+    monkeypatch.undo()
+    assert await served.held() == [b]
+    rows = [row for row in await served.rows() if row.action == "release-any"]
+    assert [(row.repo, row.key, row.outcome, row.status) for row in rows] == [
+        (INFRA, f"{a},{b}", "released 1, not reached 1", 200)]

@@ -219,7 +219,9 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
         held key, asked for each before anything is released. Each of those repositories gets
         an audit row naming its held keys and the keys nobody held. What is released is what
         was read and asked about: a key free when read is left alone, and without ``pull`` a
-        key whose holder changed since it was read is left to its new holder (``notHeld``)."""
+        key whose holder changed since it was read is left to its new holder (``notHeld``).
+        Without ``pull`` each key is released on its own: one the store did not answer for is
+        listed in ``notReached`` (still held as far as is known) and the others are released."""
         verb = Verb.LOCK if pull is not None else Verb.RELEASE_ANY
         action = "release-batch" if pull is not None else "release-any"
         read = {k: lock for k in key if (lock := await holder_of(
@@ -235,30 +237,41 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
                 key=",".join(k for k in key if held.get(k, repo) == repo))))
                 for repo in reversed(repos)]  # the rows are written in the stack's order
             first = repos[0]
+            unreached: list[str] = []
             if pull is None:
-                released = await _release_read(read)
+                released, unreached = await _release_read(read)
             elif first is None:
                 released = []  # nothing was held: nothing was asked about, nothing is freed
             else:
                 released = await router.release_batch(key, owner=(first, pull))
             for repo, note in notes:
-                note.done(f"released {sum(held.get(lock.key) == repo for lock in released)}"
-                          if len(repos) > 1 else f"released {len(released)}")
+                alone = len(repos) == 1
+                freed = sum(alone or held.get(lock.key) == repo for lock in released)
+                missed = sum(alone or held[k] == repo for k in unreached)
+                note.done(f"released {freed}" + (f", not reached {missed}" if missed else ""))
+        gone = {lock.key for lock in released}
         return {"released": [_dump(lock) for lock in released],
-                "notHeld": [k for k in key if k not in {lock.key for lock in released}]}
+                "notHeld": [k for k in key if k not in gone and k not in unreached],
+                **({"notReached": unreached} if unreached else {})}
 
-    async def _release_read(read: dict[str, Lock]) -> list[Lock]:
+    async def _release_read(read: dict[str, Lock]) -> tuple[list[Lock], list[str]]:
         """Each lock of ``read`` freed if it is still the hold that was read (the enhanced side
-        by its fencing token, legacy by its owner); one taken by another pull since is left."""
+        by its fencing token, legacy by its owner); one taken by another pull since is left.
+        A key whose release failed otherwise (its store did not answer, ...) does not stop the
+        others: it is returned among the keys not reached, still held as far as is known."""
         released: list[Lock] = []
-        for lock in read.values():
+        unreached: list[str] = []
+        for key, lock in read.items():
             try:
                 freed = await router.give_back(lock, owner=lock.owner)
             except LockNotOwned:
                 continue
+            except LockingError:
+                unreached.append(key)
+                continue
             if freed is not None:
                 released.append(freed)
-        return released
+        return released, unreached
 
     @app.post("/v1/locks/refresh", responses={**error_answers({
         404: "No lock is held on the key.",
