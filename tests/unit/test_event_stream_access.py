@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -52,42 +54,67 @@ async def _serving(tmp_path: Path) -> AsyncIterator[tuple[LockService, str]]:
         await serving
 
 
-async def _events(stream: httpx.Response, into: asyncio.Queue[str],
+@dataclass(frozen=True)
+class Event:
+    type: str
+    key: str | None
+
+
+async def _events(stream: httpx.Response, into: asyncio.Queue[Event],
                   following: asyncio.Event) -> None:
+    """Each event of the stream: its type (``event:``) and the key its ``data:`` names."""
     async for line in stream.aiter_lines():
         if line == f": {FOLLOWING_COMMENT}":
             following.set()
-        elif line.startswith("event:"):
-            await into.put(line.removeprefix("event:").strip())
+        elif line.startswith("data:"):
+            data = json.loads(line.removeprefix("data:"))
+            await into.put(Event(type=data["type"], key=data.get("key")))
 
 
-async def _next(events: asyncio.Queue[str], within: float) -> str | None:
+async def _next(events: asyncio.Queue[Event], within: float) -> Event | None:
     try:
         return await asyncio.wait_for(events.get(), within)
     except TimeoutError:
         return None
 
 
+async def _until(events: asyncio.Queue[Event], key: str, within: float) -> list[Event]:
+    """The events read up to and including the first about ``key`` (fails after ``within``)."""
+    seen: list[Event] = []
+    async with asyncio.timeout(within):
+        while not seen or seen[-1].key != key:
+            seen.append(await events.get())
+    return seen
+
+
 @pytest.mark.timeout(60)
 async def test_a_role_taken_away_stops_the_events_of_an_open_stream(tmp_path: Path) -> None:
     async with _serving(tmp_path) as (service, url), httpx.AsyncClient(
             base_url=url, timeout=10, headers={"Authorization": f"Bearer {VIEWER}"}) as viewer:
-        events: asyncio.Queue[str] = asyncio.Queue()
+        events: asyncio.Queue[Event] = asyncio.Queue()
         following = asyncio.Event()
         async with viewer.stream("GET", "/v1/events") as stream:
             assert stream.status_code == 200
             reader = asyncio.ensure_future(_events(stream, events, following))
             await asyncio.wait_for(following.wait(), 10)
-            assert (await service.router.acquire(_request("before"))).acquired
-            assert await _next(events, 10) == "acquired", "the viewer reads while it may"
+            before = await service.router.acquire(_request("before"))
+            assert before.acquired and before.lock is not None
+            assert await _next(events, 10) == Event("acquired", before.lock.key), (
+                "the viewer reads while it may")
 
             await service.provider.set_layer("policy", {"auth_roles": "admin=user:ada"})
             assert (await viewer.get("/v1/locks")).status_code == 403
-            assert (await service.router.acquire(_request("after"))).acquired
+            after = await service.router.acquire(_request("after"))
+            assert after.acquired and after.lock is not None
             assert await _next(events, 1.0) is None, "the stream kept the rights it opened with"
 
             await service.provider.set_layer("policy", None)  # the role is back
-            assert (await service.router.acquire(_request("again"))).acquired
-            seen = [await _next(events, 10), await _next(events, 10)]
-            assert sorted(map(str, seen)) == ["acquired", "config-applied"]
+            again = await service.router.acquire(_request("again"))
+            assert again.acquired and again.lock is not None
+            # The stream flowed past the lock taken while the role was away (events come in
+            # their order): had that one leaked, however late, it would be among these.
+            seen = await _until(events, again.lock.key, 10)
+            assert after.lock.key not in {event.key for event in seen}, seen
+            assert sorted(event.type for event in seen) == ["acquired", "config-applied"]
+            assert events.empty(), [events.get_nowait() for _ in range(events.qsize())]
             reader.cancel()
