@@ -7,7 +7,8 @@ and the router in front of them, sharing one event bus and one metrics registry.
 Most settings are read live on every call and need no rebuild. A change of *where* the enhanced
 locks live (backend kind, Redis connection, data dir) builds the new backend first, checks that
 it answers (a refusal keeps the old config running), moves every held lock and fencing counter
-across, and only then swaps it in: a reconfiguration never drops a held lock.
+across, starts the new locker on it, and only then swaps it in: a reconfiguration never drops a
+held lock, and one refused at any of these steps leaves the old locker serving as it was.
 """
 
 from __future__ import annotations
@@ -256,8 +257,8 @@ class LockService:
         if identity == self._enhanced_identity:
             return
         backend = self._build(config, config.backend, "enhanced")
-        previous_watch = self._unreadable_watch.get("enhanced")
         self._watch_unreadable("enhanced", backend)
+        locker: EnhancedLocker | None = None
         try:
             await backend.ping()
             await _clean_keys(backend)
@@ -269,24 +270,30 @@ class LockService:
                         f"the new backend holds {len(conflicts)} of the current locks for other "
                         f"pulls (first: {conflicts[0].key}); not switching"
                     )
+            # Started before it serves (its lease timers and rules are its own): a start that
+            # fails leaves the locker in force serving, and the same config can be tried again.
+            locker = EnhancedLocker(
+                backend,
+                settings=lambda: self.provider.current.config,
+                events=self.events,
+                metrics=self.metrics,
+            )
+            await locker.start()
         except Exception:
+            if locker is not None:
+                await locker.close()
             self._unreadable_watch.pop("enhanced")()
-            if previous_watch is not None and self.enhanced is not None:
+            if self.enhanced is not None:
                 self._watch_unreadable("enhanced", self.enhanced.backend)
+            else:
+                self.metrics.unreadable_locks.labels("enhanced").set(0)
             await backend.close()
             raise
         if (isinstance(backend, EtcdBackend) and isinstance(self.events, EtcdEventBus)
                 and backend.connection.settings == self.events.connection.settings):
             backend.carry(self.events)  # the events ride in the lock steps' transactions
-        previous = self.enhanced
-        self.enhanced = EnhancedLocker(
-            backend,
-            settings=lambda: self.provider.current.config,
-            events=self.events,
-            metrics=self.metrics,
-        )
+        previous, self.enhanced = self.enhanced, locker
         self._enhanced_identity = identity
-        await self.enhanced.start()
         if previous is not None:
             await previous.close()
             await previous.backend.close()

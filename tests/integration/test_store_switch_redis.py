@@ -1,0 +1,124 @@
+"""Switching the enhanced store of a running service to a real redis-server: a switch the new
+store refuses after it took the locks over (the new locker cannot start on it) leaves the old
+store serving as it was, and the same change goes through once the cause is gone."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from tests.conftest import ServiceMaker
+from tests.support.locks import request_for
+from tests.support.redis_server import RedisServer
+from tests.support.unreadable import spoil_file
+
+from enhanced_locking.backends import EmbeddedBackend
+from enhanced_locking.backends.redis_store import RedisBackend
+from enhanced_locking.provider import ConfigRejected
+from enhanced_locking.types import Event
+
+pytestmark = pytest.mark.redis
+
+PASSWORD = "switch-pw"
+USER = "locker"
+
+
+async def _connections(server: RedisServer, user: str) -> int:
+    """How many connections ``user`` has on ``server`` once the closed ones are gone (a client
+    that closed its sockets is off the server's list within moments)."""
+    count = -1
+    for _ in range(100):
+        with server.client() as admin:
+            count = sum(1 for client in admin.client_list() if client["user"] == user)
+        if count == 0:
+            break
+        await asyncio.sleep(0.05)
+    return count
+
+
+async def test_a_switch_whose_new_locker_cannot_start_keeps_the_old_store_serving(
+    redis_server: RedisServer, make_service: ServiceMaker,
+) -> None:
+    # Redis answers and takes the locks over, but its ACL refuses the reads of the store's
+    # index (SMEMBERS, and the SCAN that would rebuild it) that the new locker starts with.
+    redis_server.create_acl_user(USER, PASSWORD,
+                                 rules=("~*", "&*", "+@all", "-smembers", "-scan"))
+    service = await make_service(enabled=True, backend="boltdb", legacy_backend="memory")
+    running = service.enhanced
+    assert running is not None and isinstance(running.backend, EmbeddedBackend)
+    old_store = running.backend
+    seen: list[Event] = []
+    service.events.subscribe(seen.append)
+    held = await service.router.acquire(request_for(pull=1))
+    assert held.acquired and held.lock is not None and held.lock.backend == "enhanced"
+    before = service.provider.current
+    switch = {"backend": "redis", "redis_addr": redis_server.addr, "redis_username": USER,
+              "redis_password": PASSWORD}
+
+    with pytest.raises(ConfigRejected, match="NoPermissionError"):
+        await service.provider.set_layer("cluster", switch)
+
+    assert service.provider.current is before
+    assert service.enhanced is running and running.backend is old_store
+    assert await _connections(redis_server, USER) == 0  # the new backend was closed
+    # The old locker serves its locks on the SQLite store.
+    assert [lock.key for lock in await service.router.list()] == [held.lock.key]
+    taken = await service.router.acquire(request_for(pull=1))
+    assert taken.acquired and taken.lock == held.lock  # its holder's again: the same hold
+    refused = await service.router.acquire(request_for(pull=3))
+    assert not refused.acquired and refused.holder == held.lock
+    other = await service.router.acquire(request_for(pull=2, path="envs/other"))
+    assert other.acquired and other.lock is not None and other.lock.backend == "enhanced"
+    assert await old_store.get(other.lock.key) == other.lock
+    assert await service.router.release(other.lock.key, owner=("acme/infra", 2)) == other.lock
+    assert await old_store.get(other.lock.key) is None
+    # Its unreadable locks are reported as the enhanced side's.
+    spoiled = await service.router.acquire(request_for(pull=4, path="envs/spoiled"))
+    assert spoiled.acquired and spoiled.lock is not None
+    spoil_file(str(old_store.path), old_store.namespace, spoiled.lock.key, "not a lock")
+    assert [lock.key for lock in await service.router.list()] == [held.lock.key]
+    [found] = [e for e in seen if e.type == "lock-unreadable"]
+    assert found.key == spoiled.lock.key and found.details["side"] == "enhanced"
+    await service.router.force_unlock(spoiled.lock.key)
+    assert [e.key for e in seen if e.type == "lock-unreadable-cleared"] == [spoiled.lock.key]
+
+    # The cause gone, the same change switches: the held lock moves to Redis as it was.
+    with redis_server.client() as admin:
+        admin.execute_command("ACL", "SETUSER", USER, "+smembers", "+scan")
+    switched = await service.provider.set_layer("cluster", switch)
+    assert service.provider.current is switched and switched.generation == before.generation + 1
+    assert service.enhanced is not None and service.enhanced is not running
+    assert isinstance(service.enhanced.backend, RedisBackend)
+    moved = await service.enhanced.backend.get(held.lock.key)
+    assert moved is not None and (moved.pull, moved.fencing_token) == (
+        held.lock.pull, held.lock.fencing_token)
+    assert [lock.key for lock in await service.router.list()] == [held.lock.key]
+    again = await service.router.acquire(request_for(pull=3))
+    assert not again.acquired and again.holder == moved
+
+
+async def test_enabling_on_a_store_the_new_locker_cannot_start_on_keeps_legacy_serving(
+    redis_server: RedisServer, make_service: ServiceMaker,
+) -> None:
+    redis_server.create_acl_user(USER, PASSWORD,
+                                 rules=("~*", "&*", "+@all", "-smembers", "-scan"))
+    service = await make_service(enabled=False, legacy_backend="memory")
+    before = service.provider.current
+    enable = {"enabled": True, "backend": "redis", "redis_addr": redis_server.addr,
+              "redis_username": USER, "redis_password": PASSWORD}
+
+    with pytest.raises(ConfigRejected, match="NoPermissionError"):
+        await service.provider.set_layer("cluster", enable)
+
+    assert service.provider.current is before and service.enhanced is None
+    assert await _connections(redis_server, USER) == 0
+    held = await service.router.acquire(request_for(pull=1))
+    assert held.acquired and held.lock is not None and held.lock.backend == "legacy"
+
+    with redis_server.client() as admin:
+        admin.execute_command("ACL", "SETUSER", USER, "+smembers", "+scan")
+    enabled = await service.provider.set_layer("cluster", enable)
+    assert service.provider.current is enabled and service.enhanced is not None
+    assert isinstance(service.enhanced.backend, RedisBackend)
+    other = await service.router.acquire(request_for(pull=2, path="envs/other"))
+    assert other.acquired and other.lock is not None and other.lock.backend == "enhanced"
