@@ -13,7 +13,7 @@ from redis.crc import key_slot
 from tests.support.following import followed
 from tests.support.locks import request_for
 from tests.support.redis_fixtures import redis_cluster_config, redis_config
-from tests.support.redis_server import RedisServer
+from tests.support.redis_server import LOOPBACK, RedisServer, free_port
 from tests.support.unreadable import SECRET
 
 from enhanced_locking.backends import shared_events
@@ -105,6 +105,58 @@ async def test_events_published_while_redis_is_away_are_appended_when_it_returns
         assert event.type == "fallback" and event.details["action"] == "legacy"
         assert event.id and bus.dropped == 0
     finally:
+        await bus.close()
+
+
+async def test_the_writer_and_the_reader_go_on_after_errors_they_did_not_expect(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Redis made a replica for a while (a failover): the append is refused (READONLY) and the
+    # reader's XREAD is cut off, then refused (MASTERDOWN: no stale reads). Then made primary
+    # again: the events published meanwhile are appended and followers get them. Before, the
+    # writer task ended on the READONLY (the events stayed in the outbox for good, and later
+    # ones joined them) and the reader task on any refusal but a wrong type.
+    admin = redis_server.client()
+    bus = RedisEventBus.from_config(redis_config(redis_server))
+    try:
+        following = await followed(bus)
+        admin.replicaof(LOOPBACK, free_port())
+        with caplog.at_level(logging.WARNING, logger="enhanced_locking.backends"):
+            bus.publish("fallback", key="while-a-replica", action="legacy", error="test")
+            for _ in range(100):
+                await asyncio.sleep(0.05)
+                if "ReadOnlyError" in caplog.text:
+                    break
+            assert "ReadOnlyError" in caplog.text
+            await asyncio.sleep(0.5)  # the reader refused too
+        admin.replicaof("NO", "ONE")
+        bus.publish("fallback", key="primary-again", action="legacy", error="test")
+        seen = await take(following, 2)
+        assert [e.key for e in seen] == ["while-a-replica", "primary-again"]
+        await bus._outbox.drained(10)
+        assert len(bus._outbox) == 0 and admin.xlen(bus.stream_key) == 2
+    finally:
+        admin.replicaof("NO", "ONE")
+        admin.close()
+        await bus.close()
+
+
+async def test_the_reader_goes_on_after_a_refused_read(redis_server: RedisServer) -> None:
+    # Reads refused for a while (NOPERM: the ACL changed under the replica): the reader waits
+    # and resumes once they are allowed again. Before, it ended on the first refusal, and
+    # this replica's streams stood still for good.
+    admin = redis_server.client()
+    bus = RedisEventBus.from_config(redis_config(redis_server))
+    try:
+        following = await followed(bus)
+        admin.acl_setuser("default", enabled=True, commands=["-xread", "-xrevrange"])
+        await asyncio.sleep(3.5)  # the reader's blocking read ends, the next is refused
+        admin.acl_setuser("default", enabled=True, categories=["+@all"])
+        bus.publish("fallback", key="allowed-again", action="legacy", error="test")
+        assert [e.key for e in await take(following, 1)] == ["allowed-again"]
+    finally:
+        admin.acl_setuser("default", enabled=True, categories=["+@all"])
+        admin.close()
         await bus.close()
 
 

@@ -139,3 +139,24 @@ async def test_a_write_that_fails_after_its_oldest_items_were_dropped_sends_the_
     await box.drained(1.0)
     assert store.written == [[3, 4, 5]]
     assert len(box) == 0 and box.dropped == 2
+
+
+async def test_a_write_failing_in_a_way_not_expected_is_retried_not_the_end() -> None:
+    # An error not in ``down`` (a Redis refusal nobody listed) once ended the task: the items
+    # stayed in the outbox for good, and ``put`` did not start it again.
+    store = Store()
+    failures = [ValueError("refused")]
+
+    async def write(batch: list[int]) -> None:
+        if failures:
+            raise failures.pop()
+        await store.write(batch)
+
+    box = Outbox[int](write, what="items", task_name="outbox-test", down=(OSError,),
+                      capacity=100, coalesce=0.01)
+    box.put(1)
+    await box.drained(5.0)
+    box.put(2)
+    await box.drained(5.0)
+    assert [item for batch in store.written for item in batch] == [1, 2] and len(box) == 0
+    await box.stop()

@@ -3,7 +3,9 @@
 For a caller that must not wait on a shared store's write (an event published, an audit entry
 appended, in the middle of a lock operation). The task waits ``coalesce`` seconds after the
 first item so that a burst shares one write, writes at most ``batch_limit`` items at a time,
-and retries with a doubling backoff while the store is away. The outbox keeps up to
+and retries with a doubling backoff while the store is away (``down``: logged as a warning), or
+when a write fails in a way it did not expect (logged as an error, with its traceback): the
+task never ends on a failed write, so a store that answers again is written. The outbox keeps up to
 ``capacity`` items; older ones are dropped and counted in :attr:`Outbox.dropped`.
 
 A write the store makes anyway can carry the oldest items instead (:meth:`Outbox.lend`, then
@@ -75,7 +77,7 @@ class Outbox(Generic[T]):
         self._items.append(item)
         self._pending.set()
         self._drained.clear()
-        if self._task is None:
+        if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name=self._task_name)
 
     async def _run(self) -> None:
@@ -94,9 +96,13 @@ class Outbox(Generic[T]):
                 self._writing, self._flight = True, len(batch)
                 try:
                     await self._write(batch)
-                except self._down as error:
-                    log.warning("%s not written yet (%s: %s); retrying",
-                                self._what, type(error).__name__, error)
+                except Exception as error:
+                    if isinstance(error, self._down):
+                        log.warning("%s not written yet (%s: %s); retrying",
+                                    self._what, type(error).__name__, error)
+                    else:
+                        log.error("%s not written: unexpected %s; retrying", self._what,
+                                  type(error).__name__, exc_info=True)
                     await asyncio.sleep(backoff)
                     backoff = min(RETRY_MAX, backoff * 2)
                 else:

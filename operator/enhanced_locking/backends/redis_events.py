@@ -22,9 +22,11 @@ that reconnects to another replica with ``Last-Event-ID`` resumes where it was.
 * A stream key written over by something else (another Redis type) is replaced by a new,
   empty stream by the next append, which logs it; a reader meanwhile waits, as for a Redis
   that does not answer, and goes on from the new stream (nothing of the old one is read).
-* When Redis is unreachable the outbox keeps up to ``capacity`` events and is appended when
-  Redis answers again (older ones are dropped and counted in the log); the reader resumes from
-  the last id it saw, so it misses nothing the stream still holds.
+* When Redis is unreachable, or will not take the events (a replica during a failover, an ACL
+  without the rights, a cluster moving, ``maxmemory`` reached), the outbox keeps up to
+  ``capacity`` events and is appended when Redis answers again (older ones are dropped and
+  counted in the log); the reader resumes from the last id it saw, so it misses nothing the
+  stream still holds. Neither ends on an error it did not expect: it logs it and tries again.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from redis.crc import key_slot
 from enhanced_locking.backends import redis_lua
 from enhanced_locking.backends.outbox import RETRY_FIRST, RETRY_MAX
 from enhanced_locking.backends.redis_connection import (
+    DOWN,
     REPLACE_WRITTEN_OVER,
     RedisConnection,
     again_if_written_over,
@@ -63,7 +66,10 @@ APPEND_EVENTS = redis_lua.standalone("append_events")
 WRITER_TTL = 3600
 """Seconds a writer key is kept after its process's last write (a write is sent again within
 seconds: the outbox's backoff is at most ``RETRY_MAX``; a process gone leaves nothing)."""
-_DOWN = (rexc.ConnectionError, rexc.TimeoutError, rexc.BusyLoadingError, OSError)
+_DOWN: tuple[type[BaseException], ...] = (*DOWN, rexc.OutOfMemoryError)
+"""Redis away or not serving this replica's events now (the connection's list: a replica
+during a failover, an ACL without the rights, a cluster moving; and a Redis full up to its
+``maxmemory``): the outbox keeps the events and retries, the reader waits and resumes."""
 
 
 def writer_key(stream: str, writer: str) -> str:
@@ -190,31 +196,36 @@ class RedisEventBus(SharedEventBus):
                     self._wake()
                 answer: Any = await self.connection.client.xread(
                     {self.stream_key: self._cursor}, count=1000, block=_BLOCK_MS)
-                backoff = RETRY_FIRST
             except _DOWN as error:
                 log.warning("reading events from redis %s failed (%s); retrying",
                             self.connection.where, type(error).__name__)
-                await asyncio.sleep(backoff)
-                backoff = min(RETRY_MAX, backoff * 2)
-                continue
-            except rexc.ResponseError as error:
-                if not wrong_type(error):
-                    raise
-                # Written over by something else: the next event appended replaces it. It
-                # holds no events, so a reader that starts now has loaded all there is.
-                await self._written_over()
-                if not self._loaded.is_set():
-                    self._loaded.set()
+            except Exception as error:
+                if not (isinstance(error, rexc.ResponseError) and wrong_type(error)):
+                    self._failed(error)
+                else:
+                    # Written over by something else: the next event appended replaces it.
+                    # It holds no events, so a reader that starts now has loaded all there is.
+                    await self._written_over()
+                    if not self._loaded.is_set():
+                        self._loaded.set()
+                        self._wake()
+            else:
+                backoff = RETRY_FIRST
+                self._unreadable = ""
+                for _, entries in answer or []:
+                    for entry_id, fields in entries:
+                        self._take(str(entry_id), fields)
+                if answer:
                     self._wake()
-                await asyncio.sleep(backoff)
-                backoff = min(RETRY_MAX, backoff * 2)
                 continue
-            self._unreadable = ""
-            for _, entries in answer or []:
-                for entry_id, fields in entries:
-                    self._take(str(entry_id), fields)
-            if answer:
-                self._wake()
+            await asyncio.sleep(backoff)
+            backoff = min(RETRY_MAX, backoff * 2)
+
+    def _failed(self, error: Exception) -> None:
+        """A read failed in a way the reader did not expect: said, and tried again (the
+        reader never ends, or this replica's streams would go silent for good)."""
+        log.error("reading events from redis %s failed: unexpected %s; retrying",
+                  self.connection.where, type(error).__name__, exc_info=error)
 
     async def _written_over(self) -> None:
         """Say once (until the stream reads again) that its key holds another type."""
