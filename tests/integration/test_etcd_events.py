@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 from pydantic import TypeAdapter
-from tests.support.etcd_fixtures import etcd_config, started
+from tests.support.etcd_fixtures import auth_on, etcd_config, started
 from tests.support.etcd_server import EtcdCluster, frozen
 from tests.support.following import followed
 from tests.support.locks import request_for
@@ -153,6 +153,35 @@ async def test_events_published_while_etcd_is_away_are_written_when_it_returns(
     finally:
         await bus.close()
         cluster.close()
+
+
+async def test_with_auth_on_events_published_before_etcd_was_first_reached_are_written(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A replica starting while etcd is away, auth on: its first connect and login fail
+    # (BackendUnavailable). The outbox waits for etcd as for any outage, and writes the
+    # events once it answers. Before, that error was not among the bus's "etcd away" ones:
+    # the writer task ended on it (later: it logged each retry as a failure not expected).
+    with started(tmp_path / "etcd") as cluster:
+        await auth_on(cluster, password="root-secret")
+        (member,) = cluster.members
+        cluster.kill(member)
+        config = etcd_config(cluster, "/auth-first/", etcd_username="root",
+                             etcd_password="root-secret")
+        bus = EtcdEventBus.from_config(config)
+        try:
+            with caplog.at_level(logging.WARNING, logger="enhanced_locking.backends"):
+                bus.publish("fallback", key="before", action="legacy", error="etcd away")
+                await asyncio.sleep(1.0)
+                assert "BackendUnavailable" in caplog.text
+                cluster.start_member(member)
+                await bus._outbox.drained(30)
+            assert len(bus._outbox) == 0
+            events = await take(bus.stream(after="0-0"), 1)
+            assert [e.key for e in events] == ["before"]
+            assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+        finally:
+            await bus.close()
 
 
 async def test_with_any_member_frozen_events_are_streamed(

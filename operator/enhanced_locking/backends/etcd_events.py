@@ -87,7 +87,9 @@ class EtcdEventBus(SharedEventBus):
     """:class:`~enhanced_locking.events.EventBus` whose ring is fed by an etcd key's history."""
 
     name = "etcd"
-    down = _DOWN
+    down = (*_DOWN, BackendUnavailable)
+    """etcd away, or not let in yet: ``EtcdConnection.client()`` raises
+    :class:`BackendUnavailable` when its first connect or its login fails (auth on)."""
     batch_limit = _BATCH
     coalesce = 0.01
     """Every write is a consensus write on every member: the events of 10 ms share one, so a
