@@ -161,7 +161,11 @@ class EventBus:
         # publish: readers wait on the one they saw. No task per event, and a publish with
         # nobody reading makes nothing.
         self._wakeup: asyncio.Event | None = None
-        self._last = (0, 0)
+        self._last = self._floor = (int(time.time() * 1000), 0)
+        """``_last``: the newest event's mark. ``_floor``: the ring holds (or held, until it
+        was full) every event after it; a reader resuming from before it may have missed
+        some. Here, the mark at start: an id from before it is of another incarnation of
+        this process (a restart), whose events this one never had."""
         self._enabled = enabled
 
     def publish(self, type: EventType, *, lock: Lock | None = None, key: str | None = None,
@@ -229,18 +233,42 @@ class EventBus:
         return newest
 
     def gap_since(self, after: str) -> bool:
-        """Whether events after ``after`` may have fallen out of the ring."""
+        """Whether events after ``after`` may be missing here: fallen out of the ring, from
+        before the floor, or ``after`` is not an event this log had (another incarnation's
+        id, or a log that lost entries)."""
+        mark = parse_event_id(after)
+        return self._lost(mark) or self._unknown(mark)
+
+    def _lost(self, mark: tuple[int, int]) -> bool:
+        """Whether events after ``mark`` may have fallen out of the ring, or come before the
+        floor (what the ring holds every event after)."""
+        if mark < self._floor:
+            return True
         if not self._ring or len(self._ring) < (self._ring.maxlen or 0):
             return False
-        return _mark_of(self._ring[0]) > parse_event_id(after)
+        return _mark_of(self._ring[0]) > mark
+
+    def _unknown(self, mark: tuple[int, int]) -> bool:
+        """Whether ``mark`` (at or after the floor) is no event of this log: above the newest
+        one, or not in the ring where the ring holds every event around it."""
+        if mark > self._last:
+            return True
+        if mark == self._floor:
+            return False
+        for item in reversed(self._ring):  # newest first: stop at the first one not after
+            seen = _mark_of(item)
+            if seen <= mark:
+                return seen != mark
+        return True  # older than all the ring holds, and after the floor: never held
 
     def _newest(self) -> tuple[int, int]:
-        return _mark_of(self._ring[-1]) if self._ring else self._last
+        # Nothing kept is older than the floor: "from now" is at least the floor.
+        return max(_mark_of(self._ring[-1]) if self._ring else self._last, self._floor)
 
     def _behind(self, mark: tuple[int, int], limit: int) -> bool:
         """Whether more than ``limit`` events follow ``mark``, or some may have fallen out of
-        the ring (the newest ``limit + 1`` are looked at, no more)."""
-        if self.gap_since(f"{mark[0]}-{mark[1]}"):
+        the ring or come before the floor (the newest ``limit + 1`` are looked at, no more)."""
+        if self._lost(mark):
             return True
         if len(self._ring) <= limit:
             return False
@@ -262,7 +290,8 @@ class EventBus:
         ring, so a stalled reader costs no memory. With ``announce``, :class:`Following` comes
         once the reader's start is fixed (after a replay's gap)."""
         mark = parse_event_id(after) if after else self._newest()
-        if max_lag is not None and after is not None and self._behind(mark, max_lag):
+        if max_lag is not None and after is not None and (
+                self._behind(mark, max_lag) or self._unknown(mark)):
             yield Gap(after=after, oldest=_id_of(self._ring[0]) if self._ring else None,
                       reason="replay")
             mark = self._newest()

@@ -20,7 +20,7 @@ from enhanced_locking.backends import shared_events
 from enhanced_locking.backends.redis_connection import connect
 from enhanced_locking.backends.redis_events import RedisEventBus, writer_key
 from enhanced_locking.config import EnhancedLockingConfig
-from enhanced_locking.events import parse_event_id
+from enhanced_locking.events import Following, Gap, parse_event_id
 from enhanced_locking.factory import LockService
 from enhanced_locking.provider import ConfigProvider
 from enhanced_locking.types import Candidate, Event, Lock, Priority, utcnow
@@ -158,6 +158,86 @@ async def test_the_reader_goes_on_after_a_refused_read(redis_server: RedisServer
         admin.acl_setuser("default", enabled=True, categories=["+@all"])
         admin.close()
         await bus.close()
+
+
+async def _published(bus: RedisEventBus, count: int, key: str) -> None:
+    for n in range(count):
+        bus.publish("fallback", key=f"{key}{n}", action="legacy", error="test")
+    await bus._outbox.drained(10)
+    assert len(bus._outbox) == 0
+
+
+async def test_a_resume_point_the_stream_lost_gets_a_gap(redis_server: RedisServer) -> None:
+    # The stream lost entries after the client's resume point: the key replaced (or a
+    # restart without persistence), or a failover to a replica the last writes had not
+    # reached. A fresh replica (its ring not full) said no gap before, and the client
+    # followed on with a silent hole.
+    admin = redis_server.client()
+    config = redis_config(redis_server)
+    stream = f"{config.redis_key_prefix}events"
+    writer = RedisEventBus.from_config(config)
+    try:
+        await _published(writer, 5, "old")
+        entries: Any = admin.xrange(stream)
+        ids = [entry_id.decode() for entry_id, _ in entries]
+        admin.delete(stream)
+        await _published(writer, 1, "new")
+    finally:
+        await writer.close()
+    fresh = RedisEventBus.from_config(config)
+    try:
+        following = fresh.follow(after=ids[2], max_lag=1000, announce=True)
+        first = await asyncio.wait_for(anext(following), 10)
+        assert isinstance(first, Gap) and first.reason == "replay", first
+        assert fresh.gap_since(ids[2])
+        newest = fresh.recent()[-1].id
+        assert not fresh.gap_since(newest)
+    finally:
+        await fresh.close()
+    # A stream whose newest id is older than the resume point (a failover that lost the
+    # writes after it): a gap too.
+    admin.delete(stream)
+    admin.xadd(stream, {"e": "{}"}, id="1-1")
+    fresh = RedisEventBus.from_config(config)
+    try:
+        following = fresh.follow(after=ids[4], max_lag=1000, announce=True)
+        first = await asyncio.wait_for(anext(following), 10)
+        assert isinstance(first, Gap) and first.reason == "replay", first
+    finally:
+        await fresh.close()
+        admin.close()
+
+
+async def test_a_reader_cut_off_while_the_stream_was_trimmed_past_it_gets_a_gap(
+    redis_server: RedisServer,
+) -> None:
+    # A replica cut off from Redis (here: its reads refused) while another appends more
+    # than the stream keeps: when it reads again, its live readers get a gap ("behind")
+    # before anything after the hole. Before, its ring was not full and the entries after
+    # the hole reached them as if nothing was missing.
+    admin = redis_server.client()
+    redis_server.create_acl_user("other", "other-secret")
+    reading = RedisEventBus.from_config(redis_config(redis_server))
+    other = RedisEventBus.from_config(redis_config(
+        redis_server, redis_username="other", redis_password="other-secret"))
+    other.capacity = other._outbox.capacity = 20  # the stream is trimmed to about 20
+    try:
+        items = reading.follow(max_lag=1000, announce=True)
+        assert isinstance(await asyncio.wait_for(anext(items), 10), Following)
+        admin.acl_setuser("default", enabled=True, commands=["-xread", "-xrevrange", "-xinfo"])
+        await asyncio.sleep(3.5)  # the reader's blocking read ends, the next is refused
+        for burst in range(30):
+            await _published(other, 10, f"while-cut-off-{burst}-")
+        with redis_server.client(username="other", password="other-secret") as client:
+            assert client.xlen(other.stream_key) < 300  # trimmed
+        admin.acl_setuser("default", enabled=True, categories=["+@all"])
+        first = await asyncio.wait_for(anext(items), 10)
+        assert isinstance(first, Gap) and first.reason == "behind", first
+    finally:
+        admin.acl_setuser("default", enabled=True, categories=["+@all"])
+        admin.close()
+        await reading.close()
+        await other.close()
 
 
 def _where(request: pytest.FixtureRequest, kind: str, **settings: Any) -> EnhancedLockingConfig:

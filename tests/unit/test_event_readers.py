@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from enhanced_locking.events import EventBus, Following, Gap
+from enhanced_locking.events import EventBus, Following, Gap, parse_event_id
 from enhanced_locking.types import (
     Candidate,
     Event,
@@ -158,3 +158,25 @@ async def test_a_subscriber_and_a_later_reader_get_the_one_event() -> None:
     bus.publish("acquired", lock=lock, key=lock.key)
     assert len(seen) == 1 and seen[0].repo == "acme/infra" and seen[0].lock is lock
     assert bus.recent() == seen and bus.recent()[0] is seen[0]
+
+
+async def test_a_resume_from_before_a_restart_gets_a_gap() -> None:
+    # The process restarted (a new bus): a client that had read 3 of the old one's 5 events
+    # resumes after the third. Events 4 and 5 are gone with the old process: a gap, then
+    # what the new one publishes. Before, the new ring was not full, so no gap: the client
+    # got "following" and the new event, and never knew of 4 and 5.
+    old = EventBus(capacity=100)
+    ids = _publish(old, 5)
+    await asyncio.sleep(0.002)  # the new process starts in a later millisecond
+    new = EventBus(capacity=100)
+    new.publish("acquired", key="after-restart")
+    assert new.gap_since(ids[2]) and new.gap_since(ids[4])
+    stream = new.follow(ids[2], max_lag=1000, announce=True)
+    gap, following = await _take(stream, 2)
+    assert isinstance(gap, Gap) and gap.reason == "replay" and gap.after == ids[2]
+    assert isinstance(following, Following)
+    # An id the new process never gave (above its newest) is a gap too; its own are not.
+    assert new.gap_since(f"{parse_event_id(ids[4])[0] + 10**9}-0")
+    own = new.recent()[-1].id
+    assert not new.gap_since(own)
+

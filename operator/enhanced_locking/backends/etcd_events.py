@@ -56,7 +56,6 @@ from enhanced_locking.backends.etcd_connection import (
 from enhanced_locking.backends.outbox import RETRY_FIRST, RETRY_MAX
 from enhanced_locking.backends.shared_events import Outgoing, SharedEventBus, _Write
 from enhanced_locking.config import EnhancedLockingConfig
-from enhanced_locking.events import parse_event_id
 from enhanced_locking.types import BackendUnavailable, Event
 
 __all__ = ["EtcdEventBus", "batch_json"]
@@ -119,8 +118,6 @@ class EtcdEventBus(SharedEventBus):
         self.writes = 0
         """Transactions the outbox sent (tests and the bench read it)."""
         self.lookback = lookback
-        self._floor = 0
-        """The revision from which the ring holds every event (older ones were not loaded)."""
         self.key_watch = Watch(connection, "events", self.key, start=0,
                                filters=(etcd3aio.WatchFilter.NODELETE,))
         """The watch of the key: its ``next`` is one past the last write it delivered."""
@@ -195,7 +192,8 @@ class EtcdEventBus(SharedEventBus):
         """Where the first watch starts; the revision of the newest write to load (0: none)."""
         answer = await self._get()
         revision = int(answer.header.revision)
-        self._floor = self.key_watch.next = max(1, revision - self.lookback + 1)
+        self.key_watch.next = max(1, revision - self.lookback + 1)
+        self._floor = (self.key_watch.next - 1, _LAST_INDEX)  # older writes are not loaded
         newest = int(answer.kvs[0].mod_revision) if answer.kvs else 0
         try:  # is the start compacted away? then the watch's first word is the compaction
             await self._get(revision=self.key_watch.next, count_only=True)
@@ -238,7 +236,7 @@ class EtcdEventBus(SharedEventBus):
             # What the watch asked for is gone: it resumes at the oldest revision kept.
             log.warning("etcd %s compacted the events up to revision %d",
                         self.connection.where, answer.compact_revision)
-            self._floor = max(self._floor, self.key_watch.next)
+            self._floor = max(self._floor, (self.key_watch.next - 1, _LAST_INDEX))
             self._compacted = False
             return
         self.key_watch.each(answer, lambda event: self._take(int(event.kv.mod_revision),
@@ -334,15 +332,10 @@ class EtcdEventBus(SharedEventBus):
             self._ring.append(event.model_copy(update={"id": f"{revision}-{index}"}))
             self._last = (revision, index)
 
-    def gap_since(self, after: str) -> bool:
-        """Whether events after ``after`` may be missing: out of the ring, not loaded, or
-        compacted away by etcd."""
-        revision, _ = parse_event_id(after)
-        return super().gap_since(after) or (self._floor > 0 and revision + 1 < self._floor)
-
-    def _newest(self) -> tuple[int, int]:
-        # Nothing kept is older than the floor: "from now" is at least just below it.
-        return max(super()._newest(), (self._floor - 1, _LAST_INDEX))
+    def _unknown(self, mark: tuple[int, int]) -> bool:
+        # An id here is a revision and a place in its write: "after all of revision r" is
+        # ``r-{_LAST_INDEX}``, no event's id; and the watch may be behind another replica's.
+        return False
 
     async def _resume_from(self) -> str | None:
         # "New" is what etcd writes after now, not what the watch has not loaded yet.

@@ -36,6 +36,7 @@ import contextlib
 import itertools
 import logging
 import secrets
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -57,7 +58,7 @@ from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.events import parse_event_id
 from enhanced_locking.types import Event
 
-__all__ = ["RedisEventBus", "writer_key"]
+__all__ = ["RedisEventBus", "stream_floor", "writer_key"]
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,23 @@ def writer_key(stream: str, writer: str) -> str:
             return key
     return next(key for n in itertools.count()
                 if key_slot((key := f"{stream}-writer:{writer}:{n}").encode()) == slot)
+
+
+def stream_floor(info: dict[str, Any]) -> tuple[int, int]:
+    """The mark after which a stream holds every entry it was given, from ``XINFO STREAM``
+    (Redis 7.0 and later; an older one does not say: ``0-0``): ``0-0`` while none was removed
+    (``entries-added`` is its length); else after ``max-deleted-entry-id`` (an ``XDEL``) and
+    just before its first entry (``XTRIM`` does not move ``max-deleted-entry-id``: what it
+    removed is before the first entry), or after ``last-generated-id`` when none is left."""
+    added, length = info.get("entries-added"), int(info.get("length") or 0)
+    if added is None or int(added) <= length:
+        return (0, 0)
+    deleted = parse_event_id(str(info.get("max-deleted-entry-id") or "0-0"))
+    first = info.get("recorded-first-entry-id")
+    if not length or first is None:
+        return max(deleted, parse_event_id(str(info.get("last-generated-id") or "0-0")))
+    ms, seq = parse_event_id(str(first))
+    return max(deleted, (ms, seq - 1) if seq else (ms - 1, sys.maxsize))
 
 
 class StreamWrittenOver(Exception):
@@ -119,6 +137,13 @@ class RedisEventBus(SharedEventBus):
         idempotent (:meth:`_append`); kept ``WRITER_TTL`` seconds after each."""
         self._unreadable = ""
         """The Redis type the reader last found at the stream's key ('' while it reads)."""
+        self._generated = (0, 0)
+        """The stream's ``last-generated-id`` when last looked at (:meth:`_look`): an id
+        above it is of no entry this stream had (another stream, before a restart or a
+        failover that lost writes)."""
+        self._look_again = True
+        """Whether the reader looks at the stream (:meth:`_look`) before its next read: on
+        load and after each failed read (a reconnect)."""
 
     @classmethod
     def from_config(cls, config: EnhancedLockingConfig, *,
@@ -190,6 +215,8 @@ class RedisEventBus(SharedEventBus):
         backoff = RETRY_FIRST
         while True:
             try:
+                if self._look_again:
+                    await self._look()
                 if not self._loaded.is_set():
                     await self._load()
                     self._loaded.set()
@@ -212,14 +239,43 @@ class RedisEventBus(SharedEventBus):
             else:
                 backoff = RETRY_FIRST
                 self._unreadable = ""
+                self._look_again = False
                 for _, entries in answer or []:
                     for entry_id, fields in entries:
                         self._take(str(entry_id), fields)
                 if answer:
                     self._wake()
                 continue
+            self._look_again = True
             await asyncio.sleep(backoff)
             backoff = min(RETRY_MAX, backoff * 2)
+
+    async def _look(self) -> None:
+        """Read where the stream's entries start (:func:`stream_floor`) and its
+        ``last-generated-id``. Entries this reader had not read yet may be among those gone
+        (it was cut off while others appended more than the stream keeps): a reader of this
+        replica still before the floor gets its ``gap``. A stream that is not there has
+        nothing; one of another type is the reader's to see (its XREAD fails)."""
+        try:
+            info: Any = await self.connection.client.xinfo_stream(self.stream_key)
+        except rexc.ResponseError as error:
+            if wrong_type(error):
+                return
+            if "no such key" not in str(error).lower():
+                raise
+            info = {}
+        self._floor = max(self._floor, stream_floor(info))
+        self._generated = parse_event_id(str(info.get("last-generated-id") or "0-0"))
+        self._wake()  # a reader before the floor hears of it now
+
+    def _unknown(self, mark: tuple[int, int]) -> bool:
+        # Known only once loaded; an id after what this reader read is another replica's
+        # it has not read yet, unless the stream never generated it.
+        if not self._loaded.is_set():
+            return False
+        if mark > self._last:
+            return mark > self._generated
+        return super()._unknown(mark)
 
     def _failed(self, error: Exception) -> None:
         """A read failed in a way the reader did not expect: said, and tried again (the
