@@ -66,7 +66,9 @@ FOLLOWING_COMMENT = "following"
 @dataclass(frozen=True)
 class Gap:
     """A stream reader did not get every event after ``after``: it asked to replay more than
-    it may (``reason="replay"``), or it read slower than events came (``"behind"``).
+    it may, or what it no longer may have (``reason="replay"``), it read slower than events
+    came (``"behind"``), or events were dropped before they reached the store (``"dropped"``:
+    a shared bus's outbox was full while the store was away).
     ``oldest`` is the oldest event id still kept. The reader re-reads the state it follows."""
 
     after: str
@@ -166,6 +168,11 @@ class EventBus:
         was full) every event after it; a reader resuming from before it may have missed
         some. Here, the mark at start: an id from before it is of another incarnation of
         this process (a restart), whose events this one never had."""
+        self._hole: tuple[int, int] | None = None
+        """The newest mark when events were last dropped (:meth:`_dropped`): events after it
+        are missing, for a reader that resumes there or before."""
+        self._holes = 0
+        """How many times events were dropped: a reader that saw it move gets a gap."""
         self._enabled = enabled
 
     def publish(self, type: EventType, *, lock: Lock | None = None, key: str | None = None,
@@ -237,7 +244,17 @@ class EventBus:
         before the floor, or ``after`` is not an event this log had (another incarnation's
         id, or a log that lost entries)."""
         mark = parse_event_id(after)
-        return self._lost(mark) or self._unknown(mark)
+        return self._lost(mark) or self._unknown(mark) or self._before_hole(mark)
+
+    def _before_hole(self, mark: tuple[int, int]) -> bool:
+        return self._hole is not None and mark <= self._hole
+
+    def _dropped(self) -> None:
+        """Events were dropped (never to be in the log): every reader now following, and
+        every reader resuming from here or before, gets a gap."""
+        self._hole = self._newest()
+        self._holes += 1
+        self._wake()
 
     def _lost(self, mark: tuple[int, int]) -> bool:
         """Whether events after ``mark`` may have fallen out of the ring, or come before the
@@ -291,14 +308,27 @@ class EventBus:
         once the reader's start is fixed (after a replay's gap)."""
         mark = parse_event_id(after) if after else self._newest()
         if max_lag is not None and after is not None and (
-                self._behind(mark, max_lag) or self._unknown(mark)):
+                self._behind(mark, max_lag) or self._unknown(mark)
+                or self._before_hole(mark)):
             yield Gap(after=after, oldest=_id_of(self._ring[0]) if self._ring else None,
                       reason="replay")
             mark = self._newest()
         if announce:
             yield Following()
+        holes = self._holes
         while True:
             wakeup = self._next_wakeup()  # before looking: no publish in between is missed
+            if max_lag is not None and self._holes != holes:
+                # What came before the hole first, in order; then the gap, and the end.
+                for event in self._after(mark):
+                    if self._hole is not None and parse_event_id(event.id) > self._hole:
+                        break
+                    mark = parse_event_id(event.id)
+                    yield event
+                yield Gap(after=f"{mark[0]}-{mark[1]}",
+                          oldest=_id_of(self._ring[0]) if self._ring else None,
+                          reason="dropped")
+                return
             if max_lag is not None and self._behind(mark, max_lag):
                 yield Gap(after=f"{mark[0]}-{mark[1]}",
                           oldest=_id_of(self._ring[0]) if self._ring else None, reason="behind")

@@ -23,6 +23,7 @@ from enhanced_locking.backends.etcd_events import EtcdEventBus
 from enhanced_locking.backends.etcd_store import EtcdBackend
 from enhanced_locking.backends.redis_events import RedisEventBus
 from enhanced_locking.backends.redis_store import RedisBackend
+from enhanced_locking.backends.shared_events import SharedEventBus
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.events import EventBus
 from enhanced_locking.locking import EnhancedLocker, LegacyLocker
@@ -178,6 +179,8 @@ class LockService:
         """This replica's one identity: in the routing registry, the status it writes, the
         Lease it holds and the Redis store's waiter liveness."""
         self.events = _event_bus(config, enabled=lambda: provider.current.config.events)
+        if isinstance(self.events, SharedEventBus):
+            self.events.count_dropped = self.metrics.events_dropped.inc
         self._unreadable_watch: dict[str, Callable[[], None]] = {}
         self.legacy_backend = self._build(config, config.legacy_backend, "legacy")
         self._watch_unreadable("legacy", self.legacy_backend)

@@ -256,6 +256,13 @@ class Metrics:
         )
         for reason in ("refused", "dropped"):  # both shown from the start, at 0
             self.audit_lost.labels(reason)
+        self.events_dropped = Counter(
+            "enhanced_locking_events_dropped",
+            "Events this replica published and never wrote to the shared event store: more "
+            "waited than it keeps (10,000) while the store was away; the oldest went, and "
+            "this replica's event readers got a gap. Counted when the store takes events "
+            "again.", registry=r,
+        )
         self.audit_waiting = Gauge(
             "enhanced_locking_audit_entries_waiting",
             "Audit entries appended and not yet written to the store (it writes behind; this "

@@ -240,6 +240,51 @@ async def test_a_reader_cut_off_while_the_stream_was_trimmed_past_it_gets_a_gap(
         await other.close()
 
 
+async def test_events_dropped_while_redis_was_away_are_said_counted_and_a_gap(
+    redis_servers: Any, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Redis away longer than the outbox holds (5 here): the oldest events are dropped. Once
+    # Redis takes events again the drop is logged with its count, counted, and this
+    # replica's readers get a gap ("dropped"): their ring is fed from the stream only, so
+    # before they never saw those events nor heard of them.
+    server: RedisServer = redis_servers(persistence="aof")
+    config = redis_config(server)
+    bus = RedisEventBus(connect(config), stream=f"{config.redis_key_prefix}events", capacity=5)
+    counted: list[int] = []
+    bus.count_dropped = counted.append
+    try:
+        items = bus.follow(max_lag=1000, announce=True)
+        assert isinstance(await asyncio.wait_for(anext(items), 10), Following)
+        bus.publish("fallback", key="before", action="legacy", error="test")
+        before = await asyncio.wait_for(anext(items), 10)
+        assert isinstance(before, Event) and before.key == "before"
+        server.stop()
+        with caplog.at_level(logging.WARNING, logger="enhanced_locking.backends"):
+            for n in range(8):
+                bus.publish("fallback", key=f"away{n}", action="legacy", error="test")
+            assert caplog.text.count("the oldest are dropped") == 1  # once, not per event
+            server.start()
+            await bus._outbox.drained(20)
+            seen: list[Event | Gap | Following] = []
+            while not seen or not isinstance(seen[-1], Gap):
+                seen.append(await asyncio.wait_for(anext(items), 10))
+        gap = seen[-1]
+        assert isinstance(gap, Gap) and gap.reason == "dropped", seen
+        # Only events that were written may come before it, in order.
+        kept = [f"away{n}" for n in range(3, 8)]
+        assert [e.key for e in seen[:-1] if isinstance(e, Event)] == kept[:len(seen) - 1]
+        assert "5 dropped while the store did not take them" not in caplog.text
+        assert "3 dropped while the store did not take them" in caplog.text
+        assert counted == [3] and bus.dropped == 3
+        # A reader resuming from before the drop gets a gap too.
+        assert bus.gap_since(before.id)
+        resumed = bus.follow(after=before.id, max_lag=1000)
+        first = await asyncio.wait_for(anext(resumed), 10)
+        assert isinstance(first, Gap) and first.reason == "replay", first
+    finally:
+        await bus.close()
+
+
 def _where(request: pytest.FixtureRequest, kind: str, **settings: Any) -> EnhancedLockingConfig:
     if kind == "redis":
         return redis_config(request.getfixturevalue("redis_server"), **settings)

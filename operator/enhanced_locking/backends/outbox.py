@@ -5,8 +5,10 @@ appended, in the middle of a lock operation). The task waits ``coalesce`` second
 first item so that a burst shares one write, writes at most ``batch_limit`` items at a time,
 and retries with a doubling backoff while the store is away (``down``: logged as a warning), or
 when a write fails in a way it did not expect (logged as an error, with its traceback): the
-task never ends on a failed write, so a store that answers again is written. The outbox keeps up to
-``capacity`` items; older ones are dropped and counted in :attr:`Outbox.dropped`.
+task never ends on a failed write, so a store that answers again is written. The outbox
+keeps up to ``capacity`` items; older ones are dropped and counted in :attr:`Outbox.dropped`.
+The first drop of an outage is logged (a warning), and so is, once the store takes items again,
+how many that outage dropped; ``dropped`` (a callback) is then told that count.
 
 A write the store makes anyway can carry the oldest items instead (:meth:`Outbox.lend`, then
 :meth:`Outbox.repaid`): they stay in the outbox, and the task leaves them alone, until that
@@ -43,7 +45,8 @@ class Outbox(Generic[T]):
 
     def __init__(self, write: Callable[[list[T]], Awaitable[None]], *, what: str,
                  task_name: str, down: tuple[type[BaseException], ...], capacity: int,
-                 coalesce: float, batch_limit: int | None = None) -> None:
+                 coalesce: float, batch_limit: int | None = None,
+                 dropped: Callable[[int], None] | None = None) -> None:
         self._write = write
         self._what = what
         self._task_name = task_name
@@ -63,6 +66,9 @@ class Outbox(Generic[T]):
         self._back.set()
         self.dropped = 0
         """Items lost because the store stayed away longer than the outbox could hold them."""
+        self._dropping = 0
+        """Items dropped since the store last took a write (this outage's)."""
+        self._on_dropped = dropped
 
     def __len__(self) -> int:
         return len(self._items)
@@ -71,6 +77,11 @@ class Outbox(Generic[T]):
         if len(self._items) >= self.capacity:
             self._items.popleft()
             self.dropped += 1
+            if not self._dropping:
+                log.warning("%s: %d wait to be written, as many as are kept: the oldest are "
+                            "dropped until the store takes them again", self._what,
+                            self.capacity)
+            self._dropping += 1
             # The oldest goes first, carried by a write or not: that write now carries one less.
             self._lent = max(0, self._lent - 1)
             self._flight = max(0, self._flight - 1)
@@ -109,6 +120,7 @@ class Outbox(Generic[T]):
                     backoff = RETRY_FIRST
                     for _ in range(self._flight):
                         self._items.popleft()
+                    self._taken()
                     if whole and self._items:
                         # What is left came while this write was on its way: it gets its own
                         # moment too (written back to back, a steady caller would pay one
@@ -138,9 +150,18 @@ class Outbox(Generic[T]):
         if written:
             for _ in range(min(count, len(self._items))):
                 self._items.popleft()
+            self._taken()
             if not self._items:
                 self._drained.set()
         self._back.set()
+
+    def _taken(self) -> None:
+        """The store took a write: an outage that dropped items is over, and said so."""
+        count, self._dropping = self._dropping, 0
+        if count:
+            log.warning("%s: %d dropped while the store did not take them", self._what, count)
+            if self._on_dropped is not None:
+                self._on_dropped(count)
 
     async def drained(self, seconds: float) -> None:
         """Until every item put so far is written (or ``seconds`` have passed)."""

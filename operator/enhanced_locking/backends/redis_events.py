@@ -24,9 +24,10 @@ that reconnects to another replica with ``Last-Event-ID`` resumes where it was.
   that does not answer, and goes on from the new stream (nothing of the old one is read).
 * When Redis is unreachable, or will not take the events (a replica during a failover, an ACL
   without the rights, a cluster moving, ``maxmemory`` reached), the outbox keeps up to
-  ``capacity`` events and is appended when Redis answers again (older ones are dropped and
-  counted in the log); the reader resumes from the last id it saw, so it misses nothing the
-  stream still holds. Neither ends on an error it did not expect: it logs it and tries again.
+  ``capacity`` events and is appended when Redis answers again (older ones are dropped: logged,
+  counted, and this replica's readers get a ``gap``); the reader resumes from the last id it
+  saw, so it misses nothing the stream still holds. Neither ends on an error it did not
+  expect: it logs it and tries again.
 """
 
 from __future__ import annotations

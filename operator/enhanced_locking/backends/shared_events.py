@@ -11,8 +11,9 @@ when someone subscribed, its JSON not at all. The write behind makes both, for i
 in one go, once per event: a write sent again, or a lock transaction's riders refused and
 carried by the next one, sends the same bytes without making them again. The event's time is
 the publish's.
-While the store is away the outbox keeps up to ``capacity`` events (older ones are dropped and
-counted in :attr:`SharedEventBus.dropped`) and the task retries with a doubling backoff.
+While the store is away the outbox keeps up to ``capacity`` events (older ones are dropped,
+logged, counted in :attr:`SharedEventBus.dropped` and by ``count_dropped``, and this replica's
+readers get a ``gap``) and the task retries with a doubling backoff.
 
 Reading is the store's own: a subclass's :meth:`SharedEventBus._read` fills the ring the SSE
 stream serves from, sets ``_loaded`` once what the store held is in, and calls ``_wake``. It
@@ -124,7 +125,10 @@ class SharedEventBus(EventBus):
         self._outbox = Outbox[Outgoing](
             self._write, what=f"events to {self.name} {where}",
             task_name=f"{self.name}-events-append", down=self.down, capacity=capacity,
-            coalesce=self.coalesce, batch_limit=self.batch_limit)
+            coalesce=self.coalesce, batch_limit=self.batch_limit, dropped=self._lost_events)
+        self.count_dropped: Callable[[int], None] = lambda count: None
+        """Told how many events an outage of the store dropped (the service's counter,
+        ``enhanced_locking_events_dropped_total``), once the store takes events again."""
         self._loaded = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
         self._unsure: _Write | None = None
@@ -160,6 +164,13 @@ class SharedEventBus(EventBus):
                 raise
             self._written.extend(write.events)
         self._written = []
+
+    def _lost_events(self, count: int) -> None:
+        """The outbox dropped ``count`` events while the store was away (said in the log):
+        counted, and a gap for this replica's readers, whose ring is fed from the store only
+        (they would never see those events, nor hear they missed them)."""
+        self.count_dropped(count)
+        self._dropped()
 
     @property
     def dropped(self) -> int:
