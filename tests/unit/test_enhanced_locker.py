@@ -901,3 +901,34 @@ async def test_after_a_restart_the_leases_of_stored_locks_still_run_out(tmp_path
     finally:
         await after.close()
         await after.locker.backend.close()
+
+
+async def test_a_queued_caller_is_answered_timeout_at_its_deadline_from_the_enqueue(
+    rigs: Callable[..., LockerRig], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # What the caller does once queued and before it waits (the deadlock check, the view
+    # read for the ``queued`` event; here held up by a hook for a while) counts against its
+    # timeout, as it does for the store's deadline, which runs from the enqueue. Before, the
+    # local timer got the whole timeout after that, and the answer came that much late.
+    rig = rigs()
+    await rig.locker.acquire(ask(1))
+    loop = asyncio.get_running_loop()
+    timeout, held = 0.6, 0.3
+    seconds_left = rig.locker._seconds_left
+    given: list[float] = []
+
+    async def slow_before_waiting(*args: Any) -> float:
+        await asyncio.sleep(held)
+        given.append(await seconds_left(*args))
+        return given[-1]
+
+    monkeypatch.setattr(rig.locker, "_seconds_left", slow_before_waiting)
+    asked = loop.time()
+    answer = await asyncio.wait_for(
+        rig.locker.acquire(ask(2, wait=timedelta(seconds=timeout))), 30)
+    answered = loop.time()
+    assert answer.reason is Reason.TIMEOUT
+    # The timer got what was left after the hold, not the whole timeout...
+    assert len(given) == 1 and given[0] <= timeout - held
+    # ... and the answer came no earlier than the deadline.
+    assert answered - asked >= timeout

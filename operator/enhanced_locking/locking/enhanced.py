@@ -395,7 +395,7 @@ class EnhancedLocker(AtlantisCalls):
         ends = asyncio.get_running_loop().time() + offer.timeout.total_seconds()
         try:
             refused, seconds = await self._before_waiting(outcome, waiter, future, offer,
-                                                          answers)
+                                                          answers, ends=ends)
         except BaseException as error:  # cancelled (or failed) before waiting: leave the queue
             try:
                 if isinstance(error, asyncio.CancelledError):  # the caller went away
@@ -447,7 +447,8 @@ class EnhancedLocker(AtlantisCalls):
 
     async def _before_waiting(self, outcome: Outcome, waiter: Waiter,
                               future: asyncio.Future[Notice], offer: Wait,
-                              answers: Answers[Result]) -> tuple[Result | None, float]:
+                              answers: Answers[Result], *,
+                              ends: float) -> tuple[Result | None, float]:
         """What a queued waiter does before it waits: the deadlock check (a refusal, if it
         closes a cycle), the ``queued`` event, and how long it is to wait. The waiter is in
         its queue already: a caller cancelled here must leave it (:meth:`_queued`)."""
@@ -474,13 +475,16 @@ class EnhancedLocker(AtlantisCalls):
             waiterId=waiter.id, requestId=waiter.request_id, priority=waiter.priority.value,
             mode=waiter.mode, keys=list(waiter.keys), message=outcome.message, **seen,
         )
-        return None, await self._seconds_left(waiter, offer)
+        return None, await self._seconds_left(waiter, ends)
 
-    async def _seconds_left(self, waiter: Waiter, offer: Wait) -> float:
-        """How long to wait: the offer, or, for a retried request that found its waiter, what
-        is left of the waiter's original deadline (it keeps its enqueue time and deadline)."""
+    async def _seconds_left(self, waiter: Waiter, ends: float) -> float:
+        """How long to wait: what is left of the offer since the waiter was queued (``ends``,
+        on the loop's clock: the deadlock check and the view read before the wait count, as
+        they do for the store's deadline), or, for a retried request that found its waiter,
+        what is left of the waiter's original deadline (it keeps its enqueue time and
+        deadline)."""
         if waiter.request_id is None:
-            return offer.timeout.total_seconds()
+            return max(0.0, ends - asyncio.get_running_loop().time())
         now = await self._call("now", self.backend.now)
         return max(0.0, (waiter.deadline - now).total_seconds())
 
