@@ -298,16 +298,19 @@ class EventBus:
             yield item
 
     async def follow(self, after: str | None = None, *, max_lag: int | None = None,
-                     announce: bool = False) -> AsyncIterator[Event | Gap | Following]:
+                     announce: bool = False, resume: bool = True,
+                     ) -> AsyncIterator[Event | Gap | Following]:
         """:meth:`stream` for a reader that may fall behind. With ``max_lag``, a reader that
         asks to replay more than that many events, or whose ``after`` may have fallen out of
         the ring, gets a :class:`Gap` and then follows live from now; a reader that falls more
         than ``max_lag`` behind while following (it reads slower than events come) gets a
         :class:`Gap` and the stream ends. No reader has a buffer of its own: all read the one
         ring, so a stalled reader costs no memory. With ``announce``, :class:`Following` comes
-        once the reader's start is fixed (after a replay's gap)."""
+        once the reader's start is fixed (after a replay's gap). ``resume=False``: ``after``
+        is no reader's resume point but a start the bus fixed itself (its store's "now"),
+        not checked for a gap."""
         mark = parse_event_id(after) if after else self._newest()
-        if max_lag is not None and after is not None and (
+        if max_lag is not None and after is not None and resume and (
                 self._behind(mark, max_lag) or self._unknown(mark)
                 or self._before_hole(mark)):
             yield Gap(after=after, oldest=_id_of(self._ring[0]) if self._ring else None,

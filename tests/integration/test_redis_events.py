@@ -285,6 +285,47 @@ async def test_events_dropped_while_redis_was_away_are_said_counted_and_a_gap(
         await bus.close()
 
 
+class _SlowToLoad(RedisEventBus):
+    """A bus whose first load waits for ``go`` (a store slow to answer, or away)."""
+
+    go: asyncio.Event
+
+    async def _load(self) -> None:
+        await self.go.wait()
+        await super()._load()
+
+
+async def test_a_reader_without_a_resume_point_starts_once_the_history_is_loaded(
+    redis_server: RedisServer,
+) -> None:
+    # The history loads slowly (over 5 s). Before, the reader went on after 5 s with its
+    # start at the empty ring's: "following", and then every event loaded counted as new
+    # (old history replayed as live). Now it says nothing until the load is done (the SSE
+    # keep-alives go on), and then follows from the stream's newest entry.
+    config = redis_config(redis_server)
+    stream = f"{config.redis_key_prefix}events"
+    writer = RedisEventBus.from_config(config)
+    try:
+        await _published(writer, 3, "old")
+    finally:
+        await writer.close()
+    bus = _SlowToLoad(connect(config), stream=stream)
+    bus.go = asyncio.Event()
+    try:
+        items = bus.follow(max_lag=1000, announce=True)
+        first = asyncio.ensure_future(anext(items))
+        await asyncio.sleep(5.5)
+        assert not first.done(), first.result()
+        bus.go.set()
+        assert isinstance(await asyncio.wait_for(first, 10), Following)
+        bus.publish("fallback", key="new", action="legacy", error="test")
+        event = await asyncio.wait_for(anext(items), 10)
+        assert isinstance(event, Event) and event.key == "new", event
+    finally:
+        bus.go.set()
+        await bus.close()
+
+
 def _where(request: pytest.FixtureRequest, kind: str, **settings: Any) -> EnhancedLockingConfig:
     if kind == "redis":
         return redis_config(request.getfixturevalue("redis_server"), **settings)

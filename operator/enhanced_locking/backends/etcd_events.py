@@ -339,6 +339,4 @@ class EtcdEventBus(SharedEventBus):
 
     async def _resume_from(self) -> str | None:
         # "New" is what etcd writes after now, not what the watch has not loaded yet.
-        with contextlib.suppress(*_DOWN):
-            return f"{await self._revision_now()}-{_LAST_INDEX}"
-        return None
+        return f"{await self._revision_now()}-{_LAST_INDEX}"

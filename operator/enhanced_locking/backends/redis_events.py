@@ -269,6 +269,17 @@ class RedisEventBus(SharedEventBus):
         self._generated = parse_event_id(str(info.get("last-generated-id") or "0-0"))
         self._wake()  # a reader before the floor hears of it now
 
+    async def _resume_from(self) -> str | None:
+        # "New" is what is appended to the stream after now, not what the reader has not
+        # read yet: the stream's last id (none yet: 0-0).
+        try:
+            info: Any = await self.connection.client.xinfo_stream(self.stream_key)
+        except rexc.ResponseError as error:
+            if wrong_type(error) or "no such key" in str(error).lower():
+                return None  # no stream (yet): what is newest here
+            raise
+        return str(info.get("last-generated-id") or "0-0")
+
     def _unknown(self, mark: tuple[int, int]) -> bool:
         # Known only once loaded; an id after what this reader read is another replica's
         # it has not read yet, unless the stream never generated it.

@@ -24,17 +24,19 @@ nothing on other replicas' events.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import Any, ClassVar, NamedTuple
 
-from enhanced_locking.backends.outbox import Outbox
+from enhanced_locking.backends.outbox import RETRY_FIRST, RETRY_MAX, Outbox
 from enhanced_locking.events import EventBus, EventType, Following, Gap
 from enhanced_locking.types import Event, Lock, utcnow
 
 __all__ = ["Outgoing", "Published", "SharedEventBus"]
+
+log = logging.getLogger(__name__)
 
 
 _json = Event.__pydantic_serializer__.to_json
@@ -187,7 +189,8 @@ class SharedEventBus(EventBus):
         raise NotImplementedError
 
     async def _resume_from(self) -> str | None:
-        """Where a reader without ``Last-Event-ID`` starts (``None``: what is newest here)."""
+        """Where a reader without ``Last-Event-ID`` starts (``None``: what is newest here);
+        raises one of :attr:`down` while the store is away."""
         return None
 
     async def _disconnect(self) -> None:
@@ -215,18 +218,32 @@ class SharedEventBus(EventBus):
             self._reader = asyncio.create_task(self._read(), name=f"{self.name}-events-read")
 
     async def follow(self, after: str | None = None, *, max_lag: int | None = None,
-                     announce: bool = False) -> AsyncIterator[Event | Gap | Following]:
+                     announce: bool = False, resume: bool = True,
+                     ) -> AsyncIterator[Event | Gap | Following]:
         """Every replica's events after ``after`` (only new ones without it), then live;
-        ``announce``: :class:`Following` once the start is fixed (the store's "now" read and
-        what it held loaded)."""
-        if after is None:
-            after = await self._resume_from()
+        ``announce``: :class:`Following` once the start is fixed: what the store held loaded
+        and, without ``after``, the store's "now" read. Until then nothing is yielded (the
+        SSE stream's keep-alives go on): a start fixed on a ring not loaded yet took every
+        event loaded after it for a new one."""
         self._start_reading()
-        with contextlib.suppress(TimeoutError):
-            # A fresh replica first loads what the store holds, so a resume can find it.
-            await asyncio.wait_for(self._loaded.wait(), 5.0)
-        async for event in super().follow(after, max_lag=max_lag, announce=announce):
+        await self._loaded.wait()  # a resume finds what the store holds; "now" is the store's
+        if after is None:
+            after, resume = await self._now(), False
+        async for event in super().follow(after, max_lag=max_lag, announce=announce,
+                                          resume=resume):
             yield event
+
+    async def _now(self) -> str | None:
+        """:meth:`_resume_from`, tried again (backing off) while the store is away."""
+        backoff = RETRY_FIRST
+        while True:
+            try:
+                return await self._resume_from()
+            except self.down as error:
+                log.info("%s: where the events are now is not known yet (%s); asking again",
+                         self.name, type(error).__name__)
+                await asyncio.sleep(backoff)
+                backoff = min(RETRY_MAX, backoff * 2)
 
     async def close(self) -> None:
         """Write what is still in the outbox (briefly), stop the tasks, disconnect."""
