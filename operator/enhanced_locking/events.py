@@ -163,11 +163,13 @@ class EventBus:
         # publish: readers wait on the one they saw. No task per event, and a publish with
         # nobody reading makes nothing.
         self._wakeup: asyncio.Event | None = None
-        self._last = self._floor = (int(time.time() * 1000), 0)
-        """``_last``: the newest event's mark. ``_floor``: the ring holds (or held, until it
-        was full) every event after it; a reader resuming from before it may have missed
-        some. Here, the mark at start: an id from before it is of another incarnation of
-        this process (a restart), whose events this one never had."""
+        self._last = self._start = (int(time.time() * 1000), 0)
+        """``_last``: the newest event's mark. ``_start``: where this log starts; here, the
+        mark when the process started: an id from before it is of another incarnation (a
+        restart), whose events this one never had."""
+        self._floor = (0, 0)
+        """The ring holds (or held, until it was full) every event after this mark; a reader
+        resuming from before it may have missed some (a shared store's entries removed)."""
         self._hole: tuple[int, int] | None = None
         """The newest mark when events were last dropped (:meth:`_dropped`): events after it
         are missing, for a reader that resumes there or before."""
@@ -266,12 +268,13 @@ class EventBus:
         return _mark_of(self._ring[0]) > mark
 
     def _unknown(self, mark: tuple[int, int]) -> bool:
-        """Whether ``mark`` (at or after the floor) is no event of this log: above the newest
-        one, or not in the ring where the ring holds every event around it."""
-        if mark > self._last:
-            return True
-        if mark == self._floor:
+        """Whether ``mark`` (at or after the floor) is no event of this log: from before its
+        start, above its newest event, or not in the ring where the ring holds every event
+        around it. ``0-0`` is no event: "from the first one kept"."""
+        if mark == (0, 0) or mark == self._floor:
             return False
+        if mark < self._start or mark > self._last:
+            return True
         for item in reversed(self._ring):  # newest first: stop at the first one not after
             seen = _mark_of(item)
             if seen <= mark:

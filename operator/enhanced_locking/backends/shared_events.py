@@ -122,7 +122,7 @@ class SharedEventBus(EventBus):
     def __init__(self, *, where: str, capacity: int,
                  enabled: Callable[[], bool] = lambda: True) -> None:
         super().__init__(capacity=capacity, enabled=enabled)
-        self._last = self._floor = (0, 0)  # the store's, once read
+        self._last = self._start = (0, 0)  # the store's, once read
         self.capacity = capacity
         self._outbox = Outbox[Outgoing](
             self._write, what=f"events to {self.name} {where}",
