@@ -16,7 +16,9 @@ The error tree (every error carries the lock key where there is one)::
     │                           granted over, cleared by a force-unlock (HTTP 409)
     ├── StoreRefused            an existing store file is empty or not ours: not opened (exit 2)
     └── UnusableSetting         a setting's value the store cannot use (a Redis database it
-                                lacks, a file that cannot be read): names the setting (exit 2)
+                                lacks, a file that cannot be read): names the setting (exit 2;
+                                raised at start only: a store that answered once and then
+                                refuses its database raises BackendUnavailable)
 
     AccessError                 who is asking, not what (raised by the API's access control)
     ├── NotAuthenticated        no or invalid credentials (HTTP 401)

@@ -228,6 +228,7 @@ class AtlantisRedisBackend:
     async def ping(self) -> None:
         async with unavailable(self.connection, "ping"):
             await self.connection.client.ping()
+        self.connection.answered = True
 
     async def close(self) -> None:
         await self.connection.close()

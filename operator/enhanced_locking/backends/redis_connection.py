@@ -273,6 +273,9 @@ class RedisConnection:
     where: str
     secret: str
     sentinels: list[aioredis.Redis] = field(default_factory=list)
+    answered: bool = field(default=False, init=False)
+    """Whether a ping of its store was answered: from then it serves, and a refusal of its
+    database is the server changing under it, not the setting (see :func:`unusable_db`)."""
     _idle: list[aioredis.Connection] = field(default_factory=list, init=False, repr=False)
     """Connections taken from the pool by :meth:`call` and kept for its next calls: each
     has read every answer to what was sent on it (a call that fails any other way than by
@@ -523,15 +526,25 @@ def down(
     )
 
 
-def unusable_db(connection: RedisConnection, error: BaseException | None) -> UnusableSetting | None:
+def unusable_db(connection: RedisConnection, error: BaseException | None, *,
+                key: str | None = None) -> UnusableSetting | BackendUnavailable | None:
     """A Redis that refuses the configured database number (its ``SELECT`` when a connection
-    opens): the user's enhanced-locking-redis-db, not an outage; None for any other error."""
-    if isinstance(error, rexc.ResponseError) and str(error).startswith(
-            "DB index is out of range"):
-        return UnusableSetting(
-            "enhanced-locking-redis-db", f"redis {connection.where}: the server has no such "
-            "database (DB index is out of range; its databases setting says how many it has)")
-    return None
+    opens); None for any other error. Before the connection was ever answered (a start, a
+    config applied, an import) it is the user's enhanced-locking-redis-db: ``UnusableSetting``
+    (exit 2). Once it was (:attr:`RedisConnection.answered`), the server changed under the
+    running service (restarted with fewer databases): the store is unusable as configured, an
+    outage like any other, ``BackendUnavailable`` (the fall-back to legacy, else 503)."""
+    if not (isinstance(error, rexc.ResponseError) and str(error).startswith(
+            "DB index is out of range")):
+        return None
+    if connection.answered:
+        return BackendUnavailable(
+            f"redis {connection.where} refused enhanced-locking-redis-db: the server has no "
+            "such database any more (DB index is out of range: restarted with fewer "
+            "databases?)", key=key)
+    return UnusableSetting(
+        "enhanced-locking-redis-db", f"redis {connection.where}: the server has no such "
+        "database (DB index is out of range; its databases setting says how many it has)")
 
 
 class unavailable:  # used like contextlib.suppress
@@ -558,7 +571,7 @@ class unavailable:  # used like contextlib.suppress
         if isinstance(error, DOWN):
             raise down(self.connection, self.action, error, key=self.key,
                        seconds=self.seconds) from None
-        if (unusable := unusable_db(self.connection, error)) is not None:
+        if (unusable := unusable_db(self.connection, error, key=self.key)) is not None:
             raise unusable from None
         return False
 

@@ -348,7 +348,7 @@ class RedisBackend:
                     await self.connection.drop_idle()
                     continue
                 except rexc.ResponseError as error:
-                    if (unusable := unusable_db(self.connection, error)) is not None:
+                    if (unusable := unusable_db(self.connection, error, key=key)) is not None:
                         raise unusable from None
                     if self._scripts is None and str(error).startswith("unknown command"):
                         self._scripts = {}  # no FCALL: Redis 6.2, scripts by EVALSHA
@@ -872,6 +872,7 @@ class RedisBackend:
     async def ping(self) -> None:
         """Redis answers, and still has what this replica knew (else: the quarantine)."""
         await self._run("PING")
+        self.connection.answered = True
 
     async def close(self) -> None:
         """Withdraw this replica's waiters (they are told ``unavailable``) and disconnect."""
