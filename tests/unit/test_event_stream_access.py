@@ -19,6 +19,7 @@ import uvicorn
 from tests.support.service import free_port
 
 from enhanced_locking.api import create_app
+from enhanced_locking.api.static_access import RECHECK_SECONDS
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.events import FOLLOWING_COMMENT
 from enhanced_locking.factory import LockService
@@ -34,11 +35,16 @@ def _request(path: str) -> LockRequest:
                                        "pull": {"num": 7}})
 
 
-@contextlib.asynccontextmanager
-async def _serving(tmp_path: Path) -> AsyncIterator[tuple[LockService, str]]:
-    config = EnhancedLockingConfig(
+def _serving(tmp_path: Path) -> contextlib.AbstractAsyncContextManager[tuple[LockService, str]]:
+    return _serving_config(EnhancedLockingConfig(
         enabled=True, data_dir=str(tmp_path), audit_stdout=False, auth="static",
-        auth_tokens=f"{VIEWER},vera,,\n{ADMIN},ada,,", auth_roles=ROLES)
+        auth_tokens=f"{VIEWER},vera,,\n{ADMIN},ada,,", auth_roles=ROLES))
+
+
+@contextlib.asynccontextmanager
+async def _serving_config(
+    config: EnhancedLockingConfig,
+) -> AsyncIterator[tuple[LockService, str]]:
     service = LockService(ConfigProvider(config))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port,
@@ -60,30 +66,34 @@ class Event:
     key: str | None
 
 
-async def _events(stream: httpx.Response, into: asyncio.Queue[Event],
+async def _events(stream: httpx.Response, into: asyncio.Queue[Event | None],
                   following: asyncio.Event) -> None:
-    """Each event of the stream: its type (``event:``) and the key its ``data:`` names."""
+    """Each event of the stream: its type and the key its ``data:`` names; ``None`` once the
+    stream ended."""
     async for line in stream.aiter_lines():
         if line == f": {FOLLOWING_COMMENT}":
             following.set()
         elif line.startswith("data:"):
             data = json.loads(line.removeprefix("data:"))
             await into.put(Event(type=data["type"], key=data.get("key")))
+    await into.put(None)
 
 
-async def _next(events: asyncio.Queue[Event], within: float) -> Event | None:
+async def _next(events: asyncio.Queue[Event | None], within: float) -> Event | None:
     try:
         return await asyncio.wait_for(events.get(), within)
     except TimeoutError:
         return None
 
 
-async def _until(events: asyncio.Queue[Event], key: str, within: float) -> list[Event]:
+async def _until(events: asyncio.Queue[Event | None], key: str, within: float) -> list[Event]:
     """The events read up to and including the first about ``key`` (fails after ``within``)."""
     seen: list[Event] = []
     async with asyncio.timeout(within):
         while not seen or seen[-1].key != key:
-            seen.append(await events.get())
+            event = await events.get()
+            assert event is not None, f"the stream ended after {seen}"
+            seen.append(event)
     return seen
 
 
@@ -91,7 +101,7 @@ async def _until(events: asyncio.Queue[Event], key: str, within: float) -> list[
 async def test_a_role_taken_away_stops_the_events_of_an_open_stream(tmp_path: Path) -> None:
     async with _serving(tmp_path) as (service, url), httpx.AsyncClient(
             base_url=url, timeout=10, headers={"Authorization": f"Bearer {VIEWER}"}) as viewer:
-        events: asyncio.Queue[Event] = asyncio.Queue()
+        events: asyncio.Queue[Event | None] = asyncio.Queue()
         following = asyncio.Event()
         async with viewer.stream("GET", "/v1/events") as stream:
             assert stream.status_code == 200
@@ -118,3 +128,58 @@ async def test_a_role_taken_away_stops_the_events_of_an_open_stream(tmp_path: Pa
             assert sorted(event.type for event in seen) == ["acquired", "config-applied"]
             assert events.empty(), [events.get_nowait() for _ in range(events.qsize())]
             reader.cancel()
+
+
+CI_OLD, CI_NEW, VERA = "tok-ci-old-5b91c3", "tok-ci-new-0e4d72", "tok-vera-3a6f18"
+
+
+@pytest.mark.timeout(60)
+async def test_a_token_withdrawn_from_the_tokens_file_ends_its_open_stream(
+    tmp_path: Path,
+) -> None:
+    """``ci`` keeps its role under a new token; the token its stream opened with is removed
+    from the tokens file: new requests with it get 401 after the file's recheck, and its open
+    stream ends at the next event, without it. A stream whose token stays keeps flowing."""
+    tokens = tmp_path / "tokens.csv"
+    tokens.write_text(f"{CI_OLD},ci,,\n{VERA},vera,,\n")
+    config = EnhancedLockingConfig(
+        enabled=True, data_dir=str(tmp_path), audit_stdout=False, auth="static",
+        auth_tokens_file=str(tokens), auth_roles="viewer=user:ci,user:vera")
+    async with _serving_config(config) as (service, url), httpx.AsyncClient(
+            base_url=url, timeout=10) as http:
+        ci: asyncio.Queue[Event | None] = asyncio.Queue()
+        vera: asyncio.Queue[Event | None] = asyncio.Queue()
+        ci_following, vera_following = asyncio.Event(), asyncio.Event()
+        as_ci = {"Authorization": f"Bearer {CI_OLD}"}
+        async with (http.stream("GET", "/v1/events", headers=as_ci) as ci_stream,
+                    http.stream("GET", "/v1/events",
+                                headers={"Authorization": f"Bearer {VERA}"}) as vera_stream):
+            assert ci_stream.status_code == vera_stream.status_code == 200
+            readers = [asyncio.ensure_future(_events(ci_stream, ci, ci_following)),
+                       asyncio.ensure_future(_events(vera_stream, vera, vera_following))]
+            await asyncio.wait_for(ci_following.wait(), 10)
+            await asyncio.wait_for(vera_following.wait(), 10)
+            before = await service.router.acquire(_request("before"))
+            assert before.acquired and before.lock is not None
+            for queue in (ci, vera):
+                assert await _next(queue, 10) == Event("acquired", before.lock.key)
+
+            tokens.write_text(f"{CI_NEW},ci,,\n{VERA},vera,,\n{'#' * 8}\n")
+            for _ in range(100):  # the file's recheck (a second) makes the old token unknown
+                if (await http.get("/v1/locks", headers=as_ci)).status_code == 401:
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("the withdrawn token was still accepted")
+            assert (await http.get("/v1/locks", headers={
+                "Authorization": f"Bearer {CI_NEW}"})).status_code == 200, "ci keeps its role"
+            await asyncio.sleep(RECHECK_SECONDS)  # the stream's own recheck time passed too
+
+            after = await service.router.acquire(_request("after"))
+            assert after.acquired and after.lock is not None
+            assert await _next(vera, 10) == Event("acquired", after.lock.key), (
+                "a stream whose token stays keeps flowing")
+            assert await _next(ci, 10) is None, "the stream outlived its withdrawn token"
+            await asyncio.wait_for(readers[0], 10)
+            assert ci.empty()
+            readers[1].cancel()

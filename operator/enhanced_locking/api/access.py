@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -60,6 +61,7 @@ __all__ = [
     "Caller",
     "CallerDep",
     "OpenAccess",
+    "StillCaller",
     "access_now",
     "caller_of",
     "check_routes",
@@ -109,6 +111,10 @@ class AccessControl:
     authenticators: Sequence[Authenticator]
     authorizer: Authorizer
     closers: Sequence[Callable[[], None]] = ()
+    recheck_seconds: float = 1.0
+    """How long a request that outlives its start (an event stream) trusts the identity its
+    credentials gave before it identifies them again: the tokens file's recheck in static
+    mode, ``auth-cache-ttl`` (how long a TokenReview answer is reused) in Kubernetes mode."""
 
     @property
     def open(self) -> bool:
@@ -147,10 +153,11 @@ ACCESS_FIELDS = (
 def build_access(config: EnhancedLockingConfig) -> AccessControl:
     """The access control ``config`` asks for."""
     if config.auth == "static":
-        from enhanced_locking.api.static_access import RoleMap, StaticTokens
+        from enhanced_locking.api.static_access import RECHECK_SECONDS, RoleMap, StaticTokens
 
         tokens = StaticTokens.from_config(config)
-        return AccessControl("static", [tokens], RoleMap(config.auth_roles))
+        return AccessControl("static", [tokens], RoleMap(config.auth_roles),
+                             recheck_seconds=RECHECK_SECONDS)
     if config.auth == "kubernetes":
         from enhanced_locking.api.kube_access import kubernetes_access
 
@@ -417,6 +424,40 @@ one on every call: about 1.6k instructions, against 0.4k to follow the kept one)
 
 _last_seat: tuple[Callable[[], object], tuple[AccessHolder, AuditTrail] | None] = (
     lambda: None, None)
+
+
+class StillCaller:
+    """The caller of a request that outlives its start (an event stream), identified again
+    from the request's credentials when the access control in force is another than the one
+    it was last identified under, or its ``recheck_seconds`` passed: a token withdrawn (from
+    the tokens file, or revoked in Kubernetes) stops being the caller it was.
+
+    The credentials are kept in memory for that, never logged or shown. Between rechecks the
+    cost is a comparison of the access control and of a clock reading."""
+
+    __slots__ = ("_access", "_authorization", "_current", "_due", "identity")
+
+    def __init__(self, request: Request, caller: Caller) -> None:
+        self._current = access_now(request)
+        self._authorization = _credentials(request)[0]
+        self._access = caller.access
+        self._due = time.monotonic() + caller.access.recheck_seconds
+        self.identity = caller.identity
+
+    async def access(self) -> AccessControl | None:
+        """The access control in force, the caller still identified as it was under it; None
+        when its credentials no longer identify it, or identify someone else."""
+        access = self._current()
+        if access is self._access and time.monotonic() < self._due:
+            return access
+        try:
+            identity = await access.identify(self._authorization)
+        except NotAuthenticated:
+            return None
+        if identity != self.identity:
+            return None
+        self._access, self._due = access, time.monotonic() + access.recheck_seconds
+        return access
 
 
 def access_now(request: Request) -> Callable[[], AccessControl]:

@@ -178,12 +178,14 @@ def kubernetes_access(settings: EnhancedLockingConfig) -> AccessControl:
         raise ValueError(
             f"invalid setting enhanced-locking-auth: kubernetes needs Kubernetes credentials "
             f"(KUBECONFIG or a pod's service account): {error}") from None
-    ttl = settings.auth_cache_ttl.total_seconds()
+    ttl = recheck = settings.auth_cache_ttl.total_seconds()
     authenticators: list[Authenticator] = []
     if settings.auth_tokens_file or settings.auth_tokens.get_secret_value():
-        from enhanced_locking.api.static_access import StaticTokens
+        from enhanced_locking.api.static_access import RECHECK_SECONDS, StaticTokens
 
         authenticators.append(StaticTokens.from_config(settings))
+        recheck = min(ttl, RECHECK_SECONDS)
     authenticators.append(TokenReviews(api, audience=settings.auth_audience, ttl=ttl))
     authorizer = SubjectAccessReviews(api, namespace=settings.auth_namespace, ttl=ttl)
-    return AccessControl("kubernetes", authenticators, authorizer, closers=[api.close])
+    return AccessControl("kubernetes", authenticators, authorizer, closers=[api.close],
+                         recheck_seconds=recheck)

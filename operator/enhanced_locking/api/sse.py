@@ -26,6 +26,10 @@ A caller sees only what its ``read`` right covers: the stream needs ``read`` (on
 the filter names one), and each event is checked again for its repository before it is sent,
 under the access control in force then (answers are cached, see ``auth-cache-ttl``), so a right
 taken away, in RBAC or by a config change to the role map, stops the events within that time.
+The request's credentials are identified again when the access control changes, or once its
+recheck time passed (the tokens file's recheck, a second, in static mode; ``auth-cache-ttl`` in
+Kubernetes mode): a token withdrawn, or now naming someone else, ends the stream at its next
+event, which it does not carry.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.types import Receive, Scope, Send
 
-from enhanced_locking.api.access import CallerDep, access_now
+from enhanced_locking.api.access import CallerDep, StillCaller
 from enhanced_locking.api.errors import error_answers, json_error
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.events import EVENT_TYPES, FOLLOWING_COMMENT, Bus, Following, Gap
@@ -208,7 +212,9 @@ def install_event_stream(app: FastAPI, bus: Bus,
         max_lag = settings.events_max_lag
         # Each event is checked under the access control in force when it is sent, not the
         # one the stream opened under: a role a config change takes away stops the events.
-        current, identity = access_now(http), caller.identity
+        # The caller is identified again from the request's credentials when that access
+        # control changes or its recheck time passed: a withdrawn token ends the stream.
+        still = StillCaller(http, caller)
 
         async def stream() -> AsyncIterator[bytes]:
             async for item in bus.follow(after, max_lag=max_lag, announce=True):
@@ -223,9 +229,14 @@ def install_event_stream(app: FastAPI, bus: Bus,
                         {"after": item.after, "oldest": item.oldest,
                          "reason": item.reason})).encode()
                     continue
-                if (matches(item, repo=repo, key_prefix=key_prefix, types=types)
-                        and await current().authorizer.allowed(identity, Verb.READ,
-                                                               repo=item.repo)):
+                if not matches(item, repo=repo, key_prefix=key_prefix, types=types):
+                    continue
+                access = await still.access()
+                if access is None:
+                    log.info("event reader %s: its credentials no longer identify it as "
+                             "%s: stream closed", client, still.identity.name)
+                    return
+                if await access.authorizer.allowed(still.identity, Verb.READ, repo=item.repo):
                     yield frames(item)
 
         return _CountedStream(stream(), closed=streams.opened(client))
