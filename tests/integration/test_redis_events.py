@@ -208,6 +208,50 @@ async def test_a_resume_point_the_stream_lost_gets_a_gap(redis_server: RedisServ
         admin.close()
 
 
+async def test_a_resume_at_an_event_the_reader_has_not_read_yet_waits_for_it(
+    redis_server: RedisServer,
+) -> None:
+    # A client sees an event on replica A, then reconnects to B with its id before B's
+    # reader has read it (B's XREAD answer on the way, a burst, a backoff after a blip).
+    # Before, B judged the id by the stream's last-generated-id of its last look (at load),
+    # called it unknown, and sent a false "replay" gap.
+    config = redis_config(redis_server)
+    a, b = RedisEventBus.from_config(config), RedisEventBus.from_config(config)
+    go, held = asyncio.Event(), asyncio.Event()
+    go.set()
+    xread = b.connection.client.xread
+
+    async def held_back(*args: Any, **kwargs: Any) -> Any:
+        if not go.is_set():
+            held.set()
+            await go.wait()
+        return await xread(*args, **kwargs)
+
+    b.connection.client.xread = held_back  # type: ignore[method-assign]
+    try:
+        on_a = await followed(a)
+        await followed(b)  # B's reader runs, loaded
+        go.clear()
+        await asyncio.wait_for(held.wait(), 10)  # B's blocking read ended; the next waits
+        a.publish("fallback", key="seen-on-a", action="legacy", error="test")
+        seen = await asyncio.wait_for(anext(on_a), 10)
+        assert parse_event_id(seen.id) > b._last  # B has not read it
+        resumed = b.follow(after=seen.id, max_lag=1000, announce=True)
+        first = asyncio.ensure_future(anext(resumed))
+        await asyncio.sleep(0.5)
+        assert not first.done(), first.result()  # no gap: it waits for B's reader
+        go.set()
+        assert isinstance(await asyncio.wait_for(first, 10), Following)
+        assert not b.gap_since(seen.id)
+        a.publish("fallback", key="after", action="legacy", error="test")
+        after = await asyncio.wait_for(anext(resumed), 10)
+        assert isinstance(after, Event) and after.key == "after", after
+    finally:
+        go.set()
+        await a.close()
+        await b.close()
+
+
 async def test_a_reader_cut_off_while_the_stream_was_trimmed_past_it_gets_a_gap(
     redis_server: RedisServer,
 ) -> None:

@@ -65,6 +65,8 @@ log = logging.getLogger(__name__)
 
 _BLOCK_MS = 3_000  # below the connection's read timeout: an idle stream is not an error
 APPEND_EVENTS = redis_lua.standalone("append_events")
+_REACH_WAIT = 1.0
+"""Seconds a resume waits for the reader before it reads the stream's newest id again."""
 WRITER_TTL = 3600
 """Seconds a writer key is kept after its process's last write (a write is sent again within
 seconds: the outbox's backoff is at most ``RETRY_MAX``; a process gone leaves nothing)."""
@@ -279,6 +281,21 @@ class RedisEventBus(SharedEventBus):
                 return None  # no stream (yet): what is newest here
             raise
         return str(info.get("last-generated-id") or "0-0")
+
+    async def _reach(self, mark: tuple[int, int]) -> None:
+        """A resume point after what this reader read may be another replica's event it has
+        not read yet (its ``XREAD`` answer on the way, a burst read 1000 at a time, a backoff
+        after a blip), not only an id the stream never generated: the stream's
+        ``last-generated-id`` is read again (the last look's may be old: a healthy reader
+        does not look), and up to it the resume waits for the reader (a second at a time,
+        reading it again: a stream replaced meanwhile generates other ids)."""
+        while mark > self._last:
+            now = await self._now()
+            self._generated = parse_event_id(now) if now else (0, 0)
+            if mark > self._generated:
+                return  # never generated: :meth:`_unknown` says so
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._next_wakeup().wait(), _REACH_WAIT)
 
     def _unknown(self, mark: tuple[int, int]) -> bool:
         # Known only once loaded; an id after what this reader read is another replica's

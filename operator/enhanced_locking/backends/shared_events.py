@@ -31,7 +31,7 @@ from datetime import datetime
 from typing import Any, ClassVar, NamedTuple
 
 from enhanced_locking.backends.outbox import RETRY_FIRST, RETRY_MAX, Outbox
-from enhanced_locking.events import EventBus, EventType, Following, Gap
+from enhanced_locking.events import EventBus, EventType, Following, Gap, parse_event_id
 from enhanced_locking.types import Event, Lock, utcnow
 
 __all__ = ["Outgoing", "Published", "SharedEventBus"]
@@ -197,6 +197,11 @@ class SharedEventBus(EventBus):
         """Close the store's connection."""
         raise NotImplementedError
 
+    async def _reach(self, mark: tuple[int, int]) -> None:
+        """Before a resume from ``mark`` is checked for a gap: wait until the reader has read
+        up to it when the store has it and the reader has not read it yet (nothing to wait
+        for here)."""
+
     # --- publishing --------------------------------------------------------------------------
     def publish(self, type: EventType, *, lock: Lock | None = None, key: str | None = None,
                 **details: Any) -> None:
@@ -229,6 +234,8 @@ class SharedEventBus(EventBus):
         await self._loaded.wait()  # a resume finds what the store holds; "now" is the store's
         if after is None:
             after, resume = await self._now(), False
+        elif resume:
+            await self._reach(parse_event_id(after))
         async for event in super().follow(after, max_lag=max_lag, announce=announce,
                                           resume=resume):
             yield event
