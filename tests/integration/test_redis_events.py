@@ -290,10 +290,13 @@ async def test_events_dropped_while_redis_was_away_are_said_counted_and_a_gap(
     # Redis away longer than the outbox holds (5 here): the oldest events are dropped. Once
     # Redis takes events again the drop is logged with its count, counted, and this
     # replica's readers get a gap ("dropped"): their ring is fed from the stream only, so
-    # before they never saw those events nor heard of them.
+    # before they never saw those events nor heard of them. Only the outbox is small: the
+    # ring keeps its default capacity, so the resume's gap below can come from the hole only
+    # (with a ring of 5, ``before`` fell out of it and the ring alone gave that gap).
     server: RedisServer = redis_servers(persistence="aof")
     config = redis_config(server)
-    bus = RedisEventBus(connect(config), stream=f"{config.redis_key_prefix}events", capacity=5)
+    bus = RedisEventBus(connect(config), stream=f"{config.redis_key_prefix}events")
+    bus._outbox.capacity = 5
     counted: list[int] = []
     bus.count_dropped = counted.append
     try:
