@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from redis.crc import key_slot
 from tests.support.following import followed
+from tests.support.leases import until
 from tests.support.locks import request_for
 from tests.support.redis_fixtures import redis_cluster_config, redis_config
 from tests.support.redis_server import LOOPBACK, RedisServer, free_port
@@ -282,6 +283,46 @@ async def test_a_reader_cut_off_while_the_stream_was_trimmed_past_it_gets_a_gap(
         admin.close()
         await reading.close()
         await other.close()
+
+
+async def test_a_trim_before_the_readers_cursor_gives_its_readers_no_gap(
+    redis_server: RedisServer,
+) -> None:
+    # The stream trimmed (a normal XTRIM) past the ring's oldest event but not past the
+    # reader's cursor: nothing was lost, and a live reader between the two (a large max lag,
+    # a small ring) still finds all it has not read in the ring. Before, the reader's look
+    # after a reconnect raised the floor anyway: that reader got a false "behind" gap and
+    # its stream ended.
+    admin = redis_server.client()
+    config = redis_config(redis_server)
+    bus = RedisEventBus(connect(config), stream=f"{config.redis_key_prefix}events",
+                        capacity=20)
+    try:
+        items = bus.follow(max_lag=1000, announce=True)
+        assert isinstance(await asyncio.wait_for(anext(items), 10), Following)
+        await _published(bus, 1, "first")
+        first = await asyncio.wait_for(anext(items), 10)
+        assert isinstance(first, Event) and first.key == "first0"
+        await _published(bus, 9, "then")
+        newest = parse_event_id(admin.xinfo_stream(bus.stream_key)["last-generated-id"]
+                                .decode())
+        assert await until(lambda: bus._last >= newest)  # the reader read them all
+        admin.xtrim(bus.stream_key, maxlen=5, approximate=False)  # before the cursor
+        # A reconnect: the reader's connection cut, its reads refused for a while.
+        admin.acl_setuser("default", enabled=True, commands=["-xread"])
+        admin.client_kill_filter(_type="normal", skipme=True)
+        assert await until(lambda: bus._look_again)
+        admin.acl_setuser("default", enabled=True, categories=["+@all"])
+        assert await until(lambda: not bus._look_again)  # looked at it trimmed, read again
+        following = await asyncio.wait_for(anext(items), 10)
+        assert isinstance(following, Event), following  # no gap
+        rest = [following, *[await asyncio.wait_for(anext(items), 10) for _ in range(8)]]
+        assert [e.key for e in rest if isinstance(e, Event)] == [f"then{n}" for n in range(9)]
+        assert not bus.gap_since(first.id)
+    finally:
+        admin.acl_setuser("default", enabled=True, categories=["+@all"])
+        admin.close()
+        await bus.close()
 
 
 async def test_events_dropped_while_redis_was_away_are_said_counted_and_a_gap(

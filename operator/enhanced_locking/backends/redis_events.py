@@ -267,7 +267,11 @@ class RedisEventBus(SharedEventBus):
             if "no such key" not in str(error).lower():
                 raise
             info = {}
-        self._floor = max(self._floor, stream_floor(info))
+        if (floor := stream_floor(info)) > self._last:
+            # Past this reader's cursor only: entries it had not read are gone. A floor at or
+            # before the cursor (a normal trim) took nothing it missed, and the ring still
+            # holds what its readers have not read: raised, it gave them a false gap.
+            self._floor = max(self._floor, floor)
         self._generated = parse_event_id(str(info.get("last-generated-id") or "0-0"))
         self._wake()  # a reader before the floor hears of it now
 
