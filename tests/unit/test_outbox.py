@@ -160,3 +160,22 @@ async def test_a_write_failing_in_a_way_not_expected_is_retried_not_the_end() ->
     await box.drained(5.0)
     assert [item for batch in store.written for item in batch] == [1, 2] and len(box) == 0
     await box.stop()
+
+
+async def test_an_item_put_after_stop_is_dropped_and_counted_with_no_writer_left_running(
+) -> None:
+    # Before, a put after stop (an event published after the bus was closed) started a new
+    # writer task that nothing stopped, writing to a closed connection.
+    store = Store()
+    counted: list[int] = []
+    box = Outbox[int](store.write, what="items", task_name="outbox-after-stop",
+                      down=(OSError,), capacity=100, coalesce=0.01, dropped=counted.append)
+    box.put(1)
+    await box.drained(1.0)
+    await box.stop()
+    box.put(2)
+    box.put(3)
+    await asyncio.sleep(0.05)
+    assert not [task for task in asyncio.all_tasks() if task.get_name() == "outbox-after-stop"]
+    assert store.written == [[1]] and len(box) == 0
+    assert box.dropped == 2 and counted == [1, 1]

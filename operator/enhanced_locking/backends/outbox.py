@@ -69,11 +69,25 @@ class Outbox(Generic[T]):
         self._dropping = 0
         """Items dropped since the store last took a write (this outage's)."""
         self._on_dropped = dropped
+        self._stopped = False
+        """Set by :meth:`stop`: items put after it are dropped (no task writes them)."""
 
     def __len__(self) -> int:
         return len(self._items)
 
     def put(self, item: T) -> None:
+        if self._stopped:
+            # After :meth:`stop` (the bus closed) nothing writes, and a task started now would
+            # never be stopped: the item is dropped, counted, and said once. Not refused: the
+            # caller is a lock operation, which an event must not fail.
+            self.dropped += 1
+            if not self._dropping:
+                log.warning("%s: the writer is stopped: items put after it are dropped",
+                            self._what)
+            self._dropping += 1
+            if self._on_dropped is not None:
+                self._on_dropped(1)
+            return
         if len(self._items) >= self.capacity:
             self._items.popleft()
             self.dropped += 1
@@ -171,6 +185,7 @@ class Outbox(Generic[T]):
 
     async def stop(self) -> None:
         """Stop writing; what is still in the outbox stays unwritten."""
+        self._stopped = True
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
