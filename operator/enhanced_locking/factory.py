@@ -283,14 +283,16 @@ class LockService:
             )
             await locker.start()
         except Exception:
-            if locker is not None:
-                await locker.close()
-            self._unreadable_watch.pop("enhanced")()
-            if self.enhanced is not None:
-                self._watch_unreadable("enhanced", self.enhanced.backend)
-            else:
-                self.metrics.unreadable_locks.labels("enhanced").set(0)
-            await backend.close()
+            try:
+                if locker is not None:
+                    await locker.close()
+            finally:  # a close that fails still restores the watch and closes the backend
+                self._unreadable_watch.pop("enhanced")()
+                if self.enhanced is not None:
+                    self._watch_unreadable("enhanced", self.enhanced.backend)
+                else:
+                    self.metrics.unreadable_locks.labels("enhanced").set(0)
+                await backend.close()
             raise
         if (isinstance(backend, EtcdBackend) and isinstance(self.events, EtcdEventBus)
                 and backend.connection.settings == self.events.connection.settings):

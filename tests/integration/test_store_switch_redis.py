@@ -14,6 +14,7 @@ from tests.support.unreadable import spoil_file
 
 from enhanced_locking.backends import EmbeddedBackend
 from enhanced_locking.backends.redis_store import RedisBackend
+from enhanced_locking.locking import EnhancedLocker
 from enhanced_locking.provider import ConfigRejected
 from enhanced_locking.types import Event
 
@@ -122,3 +123,42 @@ async def test_enabling_on_a_store_the_new_locker_cannot_start_on_keeps_legacy_s
     assert isinstance(service.enhanced.backend, RedisBackend)
     other = await service.router.acquire(request_for(pull=2, path="envs/other"))
     assert other.acquired and other.lock is not None and other.lock.backend == "enhanced"
+
+
+async def test_a_failed_switch_whose_new_locker_fails_to_close_still_closes_the_new_store(
+    redis_server: RedisServer, make_service: ServiceMaker, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The new locker cannot start (as above) and its close fails too (after it let go of
+    # what it holds). Before, that close's error skipped the rest of the failure branch: the
+    # new backend stayed open (its connections to Redis with it) and the old store's
+    # unreadable locks were no longer reported.
+    redis_server.create_acl_user(USER, PASSWORD,
+                                 rules=("~*", "&*", "+@all", "-smembers", "-scan"))
+    service = await make_service(enabled=True, backend="boltdb", legacy_backend="memory")
+    running = service.enhanced
+    assert running is not None and isinstance(running.backend, EmbeddedBackend)
+    old_store = running.backend
+    closing = EnhancedLocker.close
+
+    async def close_failing(locker: EnhancedLocker) -> None:
+        await closing(locker)
+        if locker is not running:
+            raise RuntimeError("close failed")
+
+    monkeypatch.setattr(EnhancedLocker, "close", close_failing)
+    seen: list[Event] = []
+    service.events.subscribe(seen.append)
+    switch = {"backend": "redis", "redis_addr": redis_server.addr, "redis_username": USER,
+              "redis_password": PASSWORD}
+
+    with pytest.raises(ConfigRejected):
+        await service.provider.set_layer("cluster", switch)
+
+    assert service.enhanced is running and running.backend is old_store
+    assert await _connections(redis_server, USER) == 0  # the new backend was closed
+    spoiled = await service.router.acquire(request_for(pull=4, path="envs/spoiled"))
+    assert spoiled.acquired and spoiled.lock is not None
+    spoil_file(str(old_store.path), old_store.namespace, spoiled.lock.key, "not a lock")
+    assert await service.router.list() == []
+    [found] = [e for e in seen if e.type == "lock-unreadable"]
+    assert found.key == spoiled.lock.key and found.details["side"] == "enhanced"
