@@ -14,6 +14,7 @@ from tests.support.unreadable import spoil_file
 
 from enhanced_locking.backends import EmbeddedBackend
 from enhanced_locking.backends.redis_store import RedisBackend
+from enhanced_locking.factory import LockService
 from enhanced_locking.locking import EnhancedLocker
 from enhanced_locking.provider import ConfigRejected
 from enhanced_locking.types import Event
@@ -37,24 +38,30 @@ async def _connections(server: RedisServer, user: str) -> int:
     return count
 
 
-async def test_a_switch_whose_new_locker_cannot_start_keeps_the_old_store_serving(
-    redis_server: RedisServer, make_service: ServiceMaker,
-) -> None:
-    # Redis answers and takes the locks over, but its ACL refuses the reads of the store's
-    # index (SMEMBERS, and the SCAN that would rebuild it) that the new locker starts with.
-    redis_server.create_acl_user(USER, PASSWORD,
-                                 rules=("~*", "&*", "+@all", "-smembers", "-scan"))
+async def _refused_switch(
+    server: RedisServer, make_service: ServiceMaker,
+) -> tuple[LockService, EnhancedLocker, EmbeddedBackend, dict[str, str]]:
+    """A service on its SQLite store, and a switch to ``server``, which answers and takes the
+    locks over, but whose ACL refuses the reads of the store's index (SMEMBERS, and the SCAN
+    that would rebuild it) that the new locker starts with."""
+    server.create_acl_user(USER, PASSWORD, rules=("~*", "&*", "+@all", "-smembers", "-scan"))
     service = await make_service(enabled=True, backend="boltdb", legacy_backend="memory")
     running = service.enhanced
     assert running is not None and isinstance(running.backend, EmbeddedBackend)
-    old_store = running.backend
+    switch = {"backend": "redis", "redis_addr": server.addr, "redis_username": USER,
+              "redis_password": PASSWORD}
+    return service, running, running.backend, switch
+
+
+async def test_a_switch_whose_new_locker_cannot_start_keeps_the_old_store_serving(
+    redis_server: RedisServer, make_service: ServiceMaker,
+) -> None:
+    service, running, old_store, switch = await _refused_switch(redis_server, make_service)
     seen: list[Event] = []
     service.events.subscribe(seen.append)
     held = await service.router.acquire(request_for(pull=1))
     assert held.acquired and held.lock is not None and held.lock.backend == "enhanced"
     before = service.provider.current
-    switch = {"backend": "redis", "redis_addr": redis_server.addr, "redis_username": USER,
-              "redis_password": PASSWORD}
 
     with pytest.raises(ConfigRejected, match="NoPermissionError"):
         await service.provider.set_layer("cluster", switch)
@@ -132,12 +139,7 @@ async def test_a_failed_switch_whose_new_locker_fails_to_close_still_closes_the_
     # what it holds). Before, that close's error skipped the rest of the failure branch: the
     # new backend stayed open (its connections to Redis with it) and the old store's
     # unreadable locks were no longer reported.
-    redis_server.create_acl_user(USER, PASSWORD,
-                                 rules=("~*", "&*", "+@all", "-smembers", "-scan"))
-    service = await make_service(enabled=True, backend="boltdb", legacy_backend="memory")
-    running = service.enhanced
-    assert running is not None and isinstance(running.backend, EmbeddedBackend)
-    old_store = running.backend
+    service, running, old_store, switch = await _refused_switch(redis_server, make_service)
     closing = EnhancedLocker.close
 
     async def close_failing(locker: EnhancedLocker) -> None:
@@ -148,8 +150,6 @@ async def test_a_failed_switch_whose_new_locker_fails_to_close_still_closes_the_
     monkeypatch.setattr(EnhancedLocker, "close", close_failing)
     seen: list[Event] = []
     service.events.subscribe(seen.append)
-    switch = {"backend": "redis", "redis_addr": redis_server.addr, "redis_username": USER,
-              "redis_password": PASSWORD}
 
     with pytest.raises(ConfigRejected):
         await service.provider.set_layer("cluster", switch)
