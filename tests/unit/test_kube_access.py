@@ -11,17 +11,21 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
 import yaml
+from fastapi import FastAPI, Request
 
 from enhanced_locking.api import create_app
+from enhanced_locking.api.access import Caller, StillCaller, Unidentified, build_access
 from enhanced_locking.api.audit import AuditTrail
 from enhanced_locking.backends.audit_store import AuditQuery, MemoryAuditStore, Retention
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.factory import LockService
 from enhanced_locking.provider import ConfigProvider
+from enhanced_locking.types import Identity
 
 STATIC = "tok-static-alice-6b1d"
 """A static token (tried before the TokenReview): its caller is known, its rights are not."""
@@ -58,9 +62,9 @@ def api_server(request: pytest.FixtureRequest) -> Iterator[str]:
         yield from closing_listener()
 
 
-@pytest.fixture
-async def served(tmp_path: Path, api_server: str, monkeypatch: pytest.MonkeyPatch
-                 ) -> AsyncIterator[tuple[httpx.AsyncClient, AuditTrail]]:
+def kubernetes_config(tmp_path: Path, api_server: str, monkeypatch: pytest.MonkeyPatch,
+                      ) -> EnhancedLockingConfig:
+    """Kubernetes mode (and ``alice``'s static token) on a kubeconfig naming ``api_server``."""
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(yaml.safe_dump({
         "apiVersion": "v1", "kind": "Config", "current-context": "c",
@@ -73,6 +77,13 @@ async def served(tmp_path: Path, api_server: str, monkeypatch: pytest.MonkeyPatc
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     config = EnhancedLockingConfig(enabled=True, data_dir=str(tmp_path), audit_stdout=False,
                                    auth="kubernetes", auth_tokens=f"{STATIC},alice,,")
+    return config
+
+
+@pytest.fixture
+async def served(tmp_path: Path, api_server: str, monkeypatch: pytest.MonkeyPatch
+                 ) -> AsyncIterator[tuple[httpx.AsyncClient, AuditTrail]]:
+    config = kubernetes_config(tmp_path, api_server, monkeypatch)
     service = LockService(ConfigProvider(config))
     trail = AuditTrail(MemoryAuditStore(Retention(timedelta(days=1), 100)),
                        stdout=lambda: False)
@@ -136,3 +147,25 @@ def test_the_kubeconfig_named_when_called_is_read(
     else:
         host = client_configuration().host
     assert host == "https://127.0.0.1:6443"
+
+
+async def test_a_stream_due_for_its_recheck_while_the_review_is_not_answered_says_so(
+    tmp_path: Path, api_server: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Fail closed (the stream ends), but not for "credentials that no longer identify it":
+    # the review could not be asked. Before, the two read the same.
+    config = kubernetes_config(tmp_path, api_server, monkeypatch)
+    access = build_access(config)
+    access.recheck_seconds = 0  # due at once
+    app = FastAPI()
+    app.state.access = SimpleNamespace(current=lambda: access)
+    trail = AuditTrail(MemoryAuditStore(Retention(timedelta(days=1), 100)),
+                       stdout=lambda: False)
+    for token, why in (("not-static", Unidentified.NOT_ASKED),
+                       (STATIC, Unidentified.NOT_IDENTIFIED)):  # alice, not bob
+        request = Request({"type": "http", "app": app,
+                           "headers": [(b"authorization", f"Bearer {token}".encode())]})
+        caller = Caller(identity=Identity(name="bob", groups=(), method="kubernetes"),
+                        peer="127.0.0.1:4711", request_id=None, access=access, audit=trail)
+        assert await StillCaller(request, caller).access() is why
+    access.close()

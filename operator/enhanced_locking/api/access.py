@@ -22,6 +22,7 @@ build an app where a route does neither, so a new route cannot be open by accide
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 import logging
 import time
@@ -60,8 +61,11 @@ __all__ = [
     "Authorizer",
     "Caller",
     "CallerDep",
+    "NotAsked",
     "OpenAccess",
     "StillCaller",
+    "Unasked",
+    "Unidentified",
     "access_now",
     "caller_of",
     "check_routes",
@@ -81,8 +85,19 @@ ANONYMOUS = Identity(name="anonymous", groups=(), method="none")
 REALM = "enhanced-locking"
 
 
+class NotAsked(Exception):
+    """An authenticator could not ask whether it knows a token (the API server did not answer
+    its TokenReview): the caller is refused all the same (fail closed)."""
+
+
+class Unasked(NotAuthenticated):
+    """No authenticator knew the token, and one of them could not ask (:class:`NotAsked`):
+    to the caller the same 401; to the log of a stream it ends, another reason."""
+
+
 class Authenticator(Protocol):
-    """Turns a bearer token into an identity; ``None`` when it does not know the token."""
+    """Turns a bearer token into an identity; ``None`` when it does not know the token, and
+    :class:`NotAsked` raised when it could not find out."""
 
     async def authenticate(self, token: str) -> Identity | None: ...
 
@@ -130,11 +145,16 @@ class AccessControl:
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             raise NotAuthenticated("expected Authorization: Bearer TOKEN", invalid_token=True)
+        refused: type[NotAuthenticated] = NotAuthenticated
         for authenticator in self.authenticators:
-            identity = await authenticator.authenticate(token)
+            try:
+                identity = await authenticator.authenticate(token)
+            except NotAsked:
+                refused = Unasked
+                continue
             if identity is not None:
                 return identity
-        raise NotAuthenticated("the bearer token is not valid", invalid_token=True)
+        raise refused("the bearer token is not valid", invalid_token=True)
 
     def close(self) -> None:
         for close in self.closers:
@@ -426,6 +446,15 @@ _last_seat: tuple[Callable[[], object], tuple[AccessHolder, AuditTrail] | None] 
     lambda: None, None)
 
 
+class Unidentified(enum.Enum):
+    """Why a caller identified at a request's start is no longer (:meth:`StillCaller.access`),
+    in the words of a log line."""
+
+    NOT_IDENTIFIED = "its credentials no longer identify it"
+    NOT_ASKED = ("whether its credentials still identify it could not be asked (the token "
+                 "review was not answered)")
+
+
 class StillCaller:
     """The caller of a request that outlives its start (an event stream), identified again
     from the request's credentials when the access control in force is another than the one
@@ -444,18 +473,21 @@ class StillCaller:
         self._due = time.monotonic() + caller.access.recheck_seconds
         self.identity = caller.identity
 
-    async def access(self) -> AccessControl | None:
-        """The access control in force, the caller still identified as it was under it; None
-        when its credentials no longer identify it, or identify someone else."""
+    async def access(self) -> AccessControl | Unidentified:
+        """The access control in force, the caller still identified as it was under it; else
+        why not: its credentials no longer identify it (or identify someone else), or
+        whether they do could not be asked."""
         access = self._current()
         if access is self._access and time.monotonic() < self._due:
             return access
         try:
             identity = await access.identify(self._authorization)
+        except Unasked:
+            return Unidentified.NOT_ASKED
         except NotAuthenticated:
-            return None
+            return Unidentified.NOT_IDENTIFIED
         if identity != self.identity:
-            return None
+            return Unidentified.NOT_IDENTIFIED
         self._access, self._due = access, time.monotonic() + access.recheck_seconds
         return access
 

@@ -27,7 +27,7 @@ from typing import Any, Generic, TypeVar
 import urllib3
 from kubernetes import client, config
 
-from enhanced_locking.api.access import AccessControl, Authenticator
+from enhanced_locking.api.access import AccessControl, Authenticator, NotAsked
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.types import Identity, Verb
 
@@ -127,7 +127,7 @@ class TokenReviews:
             # The message of an ApiException may echo the request: log the status only.
             status = getattr(error, "status", None) or type(error).__name__
             log.error("TokenReview failed (%s): the caller is refused", status)
-            return None
+            raise NotAsked from None
         self._cache.put(digest, identity)
         return identity
 

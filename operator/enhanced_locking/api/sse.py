@@ -46,7 +46,7 @@ from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.types import Receive, Scope, Send
 
-from enhanced_locking.api.access import CallerDep, StillCaller
+from enhanced_locking.api.access import CallerDep, StillCaller, Unidentified
 from enhanced_locking.api.errors import error_answers, json_error
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.events import EVENT_TYPES, FOLLOWING_COMMENT, Bus, Following, Gap
@@ -232,9 +232,9 @@ def install_event_stream(app: FastAPI, bus: Bus,
                 if not matches(item, repo=repo, key_prefix=key_prefix, types=types):
                     continue
                 access = await still.access()
-                if access is None:
-                    log.info("event reader %s: its credentials no longer identify it as "
-                             "%s: stream closed", client, still.identity.name)
+                if isinstance(access, Unidentified):
+                    log.info("event reader %s (%s): %s: stream closed", client,
+                             still.identity.name, access.value)
                     return
                 if await access.authorizer.allowed(still.identity, Verb.READ, repo=item.repo):
                     yield frames(item)
