@@ -132,6 +132,50 @@ async def test_history_compacted_away_is_reported_as_a_gap(
         await fresh.close()
 
 
+async def test_a_resume_from_the_newest_event_written_before_the_lookback_gets_no_gap(
+    etcd_cluster: EtcdCluster, etcd_prefix: str,
+) -> None:
+    # The events key last written more than ``lookback`` revisions ago (a quiet stretch on a
+    # shared etcd), then compacted past that write too. Before, the floor was the lookback's
+    # start (or the compaction): a client resuming from the newest event got a false gap
+    # and the ring started empty, though nothing was missed.
+    config = etcd_config(etcd_cluster, etcd_prefix)
+    key = f"{config.etcd_key_prefix}events"
+    writer = EtcdEventBus.from_config(config)
+    try:
+        live = writer.stream(after="0-0")
+        for n in range(2):
+            writer.publish("fallback", key=f"k{n}", action="legacy")
+        written = await take(live, 2)
+    finally:
+        await writer.close()
+    connection = EtcdConnection(EtcdSettings.from_config(config))
+    try:
+        client = await connection.client()
+        assert client.kv is not None
+        for n in range(10):  # others' writes: the events key's is older than the lookback
+            await client.kv.put(f"{etcd_prefix}other-{n}".encode(), b"x")
+        for compacted in (False, True):
+            if compacted:
+                revision = int((await client.kv.get(b"/")).header.revision)
+                await client.kv.compact(revision)
+            fresh = EtcdEventBus(EtcdConnection(EtcdSettings.from_config(config)), key=key,
+                                 lookback=5)
+            try:
+                following = fresh.follow(after=written[-1].id, max_lag=1000, announce=True)
+                first = await asyncio.wait_for(anext(following), 10)
+                assert not isinstance(first, Gap), (compacted, first)
+                assert not fresh.gap_since(written[-1].id)
+                newest = parse_event_id(written[-1].id)[0]  # its write's events, all there
+                assert [e.id for e in fresh.recent()] == [
+                    e.id for e in written if parse_event_id(e.id)[0] == newest]
+                assert fresh.gap_since("1-0"), "older than the write it holds: a gap"
+            finally:
+                await fresh.close()
+    finally:
+        await connection.close()
+
+
 async def test_events_published_while_etcd_is_away_are_written_when_it_returns(
     tmp_path: Path,
 ) -> None:

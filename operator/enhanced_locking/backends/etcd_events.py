@@ -122,6 +122,9 @@ class EtcdEventBus(SharedEventBus):
                                filters=(etcd3aio.WatchFilter.NODELETE,))
         """The watch of the key: its ``next`` is one past the last write it delivered."""
         self._compacted = False
+        self._began = (0, 0)
+        """The revision when the watch began (:meth:`_begin`) and the key's newest write then
+        (0: none): a floor never passes what the ring holds of that write."""
 
     @classmethod
     def from_config(cls, config: EnhancedLockingConfig, *,
@@ -195,6 +198,13 @@ class EtcdEventBus(SharedEventBus):
         self.key_watch.next = max(1, revision - self.lookback + 1)
         self._floor = (self.key_watch.next - 1, _LAST_INDEX)  # older writes are not loaded
         newest = int(answer.kvs[0].mod_revision) if answer.kvs else 0
+        self._began = (revision, newest)
+        if 0 < newest < self.key_watch.next:
+            # Written last before the lookback (a quiet stretch; a shared or compacting
+            # etcd): the answer holds that write, the newest there is: into the ring, and
+            # nothing after it is missing (a resume from it gets no gap).
+            self._take(newest, bytes(answer.kvs[0].value))
+            self._floor = self._capped(self._floor)
         try:  # is the start compacted away? then the watch's first word is the compaction
             await self._get(revision=self.key_watch.next, count_only=True)
         except (etcd3aio.EtcdError, grpc.RpcError) as error:
@@ -202,6 +212,15 @@ class EtcdEventBus(SharedEventBus):
                 raise
             self._compacted = True
         return newest if newest >= self.key_watch.next else 0
+
+    def _capped(self, floor: tuple[int, int]) -> tuple[int, int]:
+        """``floor`` no later than just before the key's newest write when the watch began,
+        once the ring has that write (:meth:`_begin` took it in): etcd keeps a key's newest
+        write through any compaction, so nothing after it is missing."""
+        newest = self._began[1]
+        if newest and self._last[0] >= newest:
+            return min(floor, (newest - 1, _LAST_INDEX))
+        return floor
 
     async def _read(self) -> None:
         """The watch, from where :meth:`_begin` found it starts, for good: a break is the
@@ -236,7 +255,10 @@ class EtcdEventBus(SharedEventBus):
             # What the watch asked for is gone: it resumes at the oldest revision kept.
             log.warning("etcd %s compacted the events up to revision %d",
                         self.connection.where, answer.compact_revision)
-            self._floor = max(self._floor, (self.key_watch.next - 1, _LAST_INDEX))
+            floor = (self.key_watch.next - 1, _LAST_INDEX)
+            if answer.compact_revision <= self._began[0] + 1:
+                floor = self._capped(floor)  # all it took was written before the watch began
+            self._floor = max(self._floor, floor)
             self._compacted = False
             return
         self.key_watch.each(answer, lambda event: self._take(int(event.kv.mod_revision),
