@@ -30,6 +30,7 @@ from enhanced_locking.backends.etcd_connection import (
 )
 from enhanced_locking.backends.etcd_events import _LAST_INDEX, EtcdEventBus
 from enhanced_locking.backends.etcd_store import EtcdBackend
+from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.events import Gap, parse_event_id
 from enhanced_locking.factory import LockService
 from enhanced_locking.provider import ConfigProvider
@@ -97,19 +98,26 @@ async def test_a_replica_started_later_resumes_from_the_keys_history(
         await late.close()
 
 
+async def published(config: EnhancedLockingConfig, count: int, *, pause: float = 0.0,
+                    ) -> list[Event]:
+    """``count`` events published by a bus of their own, as its watch read them back."""
+    writer = EtcdEventBus.from_config(config)
+    try:
+        live = writer.stream(after="0-0")
+        for n in range(count):
+            writer.publish("fallback", key=f"k{n}", action="legacy")
+            if pause:
+                await asyncio.sleep(pause)
+        return await take(live, count)
+    finally:
+        await writer.close()
+
+
 async def test_history_compacted_away_is_reported_as_a_gap(
     etcd_cluster: EtcdCluster, etcd_prefix: str,
 ) -> None:
     config = etcd_config(etcd_cluster, etcd_prefix)
-    writer = EtcdEventBus.from_config(config)
-    try:
-        live = writer.stream(after="0-0")
-        for n in range(3):
-            writer.publish("fallback", key=f"k{n}", action="legacy")
-            await asyncio.sleep(0.02)
-        old = await take(live, 3)
-    finally:
-        await writer.close()
+    old = await published(config, 3, pause=0.02)
     connection = EtcdConnection(EtcdSettings.from_config(config))
     try:
         client = await connection.client()
@@ -141,14 +149,7 @@ async def test_a_resume_from_the_newest_event_written_before_the_lookback_gets_n
     # and the ring started empty, though nothing was missed.
     config = etcd_config(etcd_cluster, etcd_prefix)
     key = f"{config.etcd_key_prefix}events"
-    writer = EtcdEventBus.from_config(config)
-    try:
-        live = writer.stream(after="0-0")
-        for n in range(2):
-            writer.publish("fallback", key=f"k{n}", action="legacy")
-        written = await take(live, 2)
-    finally:
-        await writer.close()
+    written = await published(config, 2)
     connection = EtcdConnection(EtcdSettings.from_config(config))
     try:
         client = await connection.client()
