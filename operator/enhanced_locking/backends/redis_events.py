@@ -92,21 +92,37 @@ def writer_key(stream: str, writer: str) -> str:
                 if key_slot((key := f"{stream}-writer:{writer}:{n}").encode()) == slot)
 
 
-def stream_floor(info: dict[str, Any]) -> tuple[int, int]:
-    """The mark after which a stream holds every entry it was given, from ``XINFO STREAM``
-    (Redis 7.0 and later; an older one does not say: ``0-0``): ``0-0`` while none was removed
-    (``entries-added`` is its length); else after ``max-deleted-entry-id`` (an ``XDEL``) and
-    just before its first entry (``XTRIM`` does not move ``max-deleted-entry-id``: what it
-    removed is before the first entry), or after ``last-generated-id`` when none is left."""
+def stream_floor(info: dict[str, Any], cursor: tuple[int, int] = (0, 0)) -> tuple[int, int]:
+    """The mark after which a stream holds every entry it was given, from ``XINFO STREAM``:
+    ``0-0`` while none was removed (``entries-added`` is its length); else after
+    ``max-deleted-entry-id`` (an ``XDEL``) and just before its first entry (``XTRIM`` does
+    not move ``max-deleted-entry-id``: what it removed is before the first entry), or after
+    ``last-generated-id`` when none is left. A Redis before 7.0 counts nothing of that
+    (no ``entries-added``): a reader's ``cursor`` (not ``0-0``) before the first entry is
+    taken for entries trimmed after it, so the floor is just before the first entry."""
     added, length = info.get("entries-added"), int(info.get("length") or 0)
-    if added is None or int(added) <= length:
+    if added is None:
+        entry = info.get("first-entry")
+        first = parse_event_id(_text(entry[0])) if entry else None
+        if cursor == (0, 0) or first is None or first <= cursor:
+            return (0, 0)
+        return _just_before(first)
+    if int(added) <= length:
         return (0, 0)
     deleted = parse_event_id(str(info.get("max-deleted-entry-id") or "0-0"))
-    first = info.get("recorded-first-entry-id")
-    if not length or first is None:
+    recorded = info.get("recorded-first-entry-id")
+    if not length or recorded is None:
         return max(deleted, parse_event_id(str(info.get("last-generated-id") or "0-0")))
-    ms, seq = parse_event_id(str(first))
-    return max(deleted, (ms, seq - 1) if seq else (ms - 1, sys.maxsize))
+    return max(deleted, _just_before(parse_event_id(str(recorded))))
+
+
+def _just_before(mark: tuple[int, int]) -> tuple[int, int]:
+    ms, seq = mark
+    return (ms, seq - 1) if seq else (ms - 1, sys.maxsize)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class StreamWrittenOver(Exception):
@@ -267,7 +283,7 @@ class RedisEventBus(SharedEventBus):
             if "no such key" not in str(error).lower():
                 raise
             info = {}
-        if (floor := stream_floor(info)) > self._last:
+        if (floor := stream_floor(info, self._last)) > self._last:
             # Past this reader's cursor only: entries it had not read are gone. A floor at or
             # before the cursor (a normal trim) took nothing it missed, and the ring still
             # holds what its readers have not read: raised, it gave them a false gap.
