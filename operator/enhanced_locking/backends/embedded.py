@@ -513,6 +513,14 @@ class EmbeddedBackend(StoreBackend):
             self._held.clear()
         self._decoded[key] = (text, lock)
 
+    def _kept_cursor(self) -> sqlite3.Cursor:
+        """The kept cursor of the one-statement grant and release, made anew if the
+        connection was replaced since."""
+        cursor = self._cursor
+        if cursor.connection is not self._db:
+            cursor = self._cursor = self._db.cursor()
+        return cursor
+
     def _load(self, key: str) -> Lock | None:
         row = self._db.execute(
             "SELECT data FROM locks WHERE ns = ? AND key = ? AND held = 1", (self.namespace, key)
@@ -570,10 +578,7 @@ class EmbeddedBackend(StoreBackend):
                     expected = (_TAKE_MINE_AS_EXPECTED_CHECKED if mine
                                 else _TAKE_SEEN_AS_EXPECTED_CHECKED)
                     general = _TAKE_MINE_CHECKED if mine else _TAKE_SEEN_CHECKED
-                cursor = self._cursor
-                if cursor.connection is not self._db:
-                    cursor = self._cursor = self._db.cursor()
-                if cursor.execute(expected, args).rowcount == 1:
+                if self._kept_cursor().execute(expected, args).rowcount == 1:
                     self._remember(key, sent, guess)
                     self._seen[key] = token, owner
                     self._held[key] = guess
@@ -626,9 +631,7 @@ class EmbeddedBackend(StoreBackend):
         known = self._decoded.get(key)
         other = other_side_check(key)  # as in _take_free
         try:  # what _unavailable says, without a context manager per call
-            cursor = self._cursor  # as in _take_free
-            if cursor.connection is not self._db:
-                cursor = self._cursor = self._db.cursor()
+            cursor = self._kept_cursor()
             if other is None:
                 if known is not None and cursor.execute(
                         _POP_AS_EXPECTED if owner is None else _POP_OWNED_AS_EXPECTED,
@@ -675,9 +678,7 @@ class EmbeddedBackend(StoreBackend):
             return None
         other = other_side_check(key)  # as in _take_free
         try:
-            cursor = self._cursor  # as in _take_free
-            if cursor.connection is not self._db:
-                cursor = self._cursor = self._db.cursor()
+            cursor = self._kept_cursor()
             if other is None:
                 changed = cursor.execute(_POP_OWNED_AS_EXPECTED,
                                          (self.namespace, key, *owner, known[0])).rowcount
