@@ -28,6 +28,7 @@ from enhanced_locking.backends import Backend
 from enhanced_locking.backends.atlantis_redis import KEY_PREFIX, AtlantisRedisBackend
 from enhanced_locking.backends.base import QueueBackend
 from enhanced_locking.backends.waiting import QueuePolicy, Status, Wait
+from enhanced_locking.policies import ConcurrencyLimit, PolicyRules
 from enhanced_locking.types import LockNotOwned, LockUnreadable, UnreadableLock
 
 REDIS = ("redis", "redis-cluster")
@@ -184,6 +185,42 @@ async def test_a_force_unlock_hands_the_key_to_its_next_waiter(
     assert notice.granted and notice.locks[0].pull.num == 2
     assert [g.waiter.id for g in handoff.granted] in ([wait.id], [])  # told by the store
     assert (await backend.get(BAD.key)) is not None
+
+
+@spoiled_by(SPOILED[:1])
+async def test_a_batch_waiter_on_an_unreadable_key_holds_up_no_other_keys_calls(
+    backend_factory: BackendFactory, spoiler: Spoiler
+) -> None:
+    backend = backend_factory()
+    assert isinstance(backend, QueueBackend)
+    policy = QueuePolicy()
+    # Pull 2 waits for GOOD and BAD together, both held by pull 1; BAD is spoiled under it.
+    assert (await backend.acquire(lock_for(BAD).model_copy(update={"mode": spoiler.mode})))[0]
+    granted, good = await backend.acquire(lock_for(GOOD))
+    assert granted
+    wait = Wait(id="w-batch", timeout=timedelta(seconds=30))
+    queued = await backend.acquire_batch(
+        [candidate_for(request_for(path="envs/good", pull=2)), candidate_for(OTHER)],
+        ttl=None, wait=wait, policy=policy)
+    assert queued.status is Status.QUEUED
+    await spoiler.run(backend, BAD.key)
+    # Pull 1 releases GOOD: the waiter cannot have BAD, so it keeps its place; the release
+    # is GOOD's, whatever is stored under another key of the waiter.
+    handoff = await backend.release_and_handoff(GOOD.key, owner=good.owner, policy=policy)
+    assert handoff.released is not None and handoff.released.key == GOOD.key
+    assert handoff.granted == ()
+    assert [w.id for w in await backend.queue(GOOD.key, policy=policy)] == [wait.id]
+    assert (await backend.wake(policy=policy)).granted == ()
+    # The expiry timer of GOOD and another acquire of it are GOOD's own too.
+    assert (await backend.expire(GOOD.key, policy=policy)).released is None
+    third = await backend.acquire_or_enqueue(
+        candidate_for(request_for(path="envs/good", pull=3)), ttl=None, wait=None,
+        policy=policy)
+    assert third.status in (Status.GRANTED, Status.HELD)
+    # With a concurrency limit every queue is walked at once: the same.
+    limited = QueuePolicy(rules=PolicyRules(concurrency=[ConcurrencyLimit(name="all", limit=9)]))
+    assert (await backend.wake(policy=limited)).granted == ()
+    assert [w.id for w in await backend.queue(GOOD.key, policy=limited)] == [wait.id]
 
 
 @spoiled_by(SPOILED[:1])

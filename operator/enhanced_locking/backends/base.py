@@ -620,8 +620,15 @@ class StoreBackend(abc.ABC):
 
     def _walk(self, waiters: Sequence[Waiter], key: str | None, now: datetime,
               policy: QueuePolicy, fx: _Effects) -> None:
-        if key is not None and any(h.mode == "exclusive" for h in self._holders(key, now)):
-            return  # held exclusively: nobody can be served (nor is anyone dropped) yet
+        # A key whose stored lock cannot be read (here, or another key of a batch waiter) is
+        # as held by someone unknown: nobody is served on it, and the step that walks is left
+        # to do its own work (a release of another key, its expiry, an acquire) instead of
+        # failing on a key it did not ask about.
+        try:
+            if key is not None and any(h.mode == "exclusive" for h in self._holders(key, now)):
+                return  # held exclusively: nobody can be served (nor is anyone dropped) yet
+        except LockUnreadable:
+            return
         stopped: set[str] = set()
         for waiter in service_order(list(waiters), now=now, policy=policy):
             if self._waiters.get(waiter.id) is None:
@@ -633,8 +640,16 @@ class StoreBackend(abc.ABC):
                 continue
             if stopped.intersection(waiter.keys):
                 continue
-            decision = self._decide(waiter.candidates, waiter.owner, waiter.mode, now, policy,
-                                    new=False)
+            try:
+                decision = self._decide(waiter.candidates, waiter.owner, waiter.mode, now,
+                                        policy, new=False)
+            except LockUnreadable as error:
+                # Held back by that key, as by a holder of it: it keeps its place.
+                if error.found.key == key:
+                    return
+                if key is None:
+                    stopped.add(error.found.key)
+                continue
             if decision.verdict is policies.Verdict.GRANT:
                 self._grant(waiter, now, fx)
                 if key is not None and waiter.mode == "exclusive":
