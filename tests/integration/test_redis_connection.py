@@ -211,6 +211,32 @@ async def test_an_acl_user_with_the_documented_rights_works_and_one_without_is_r
             await closing.close()
 
 
+@pytest.mark.parametrize("denied", ["smembers", "zrange"])
+async def test_a_command_the_acl_denies_a_script_is_reported_as_a_refusal_not_as_damage(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture, denied: str,
+) -> None:
+    # Redis 7.0 answers a command an ACL denies inside a script with "The user executing the
+    # script can't run this command" (an ERR, not NOPERM). Read as another Redis type it had
+    # the held index rebuilt and then reported "not a set (Redis type set) again", or the
+    # key's queue reported unreadable ("not a sorted set (Redis type none)"): the wrong cause.
+    redis_server.create_acl_user("locker", PASSWORD, rules=(*LEAST_PRIVILEGE, f"-{denied}"))
+    locker = RedisBackend.from_config(redis_config(
+        redis_server, redis_username="locker", redis_password=PASSWORD), "enhanced")
+    try:
+        granted, lock = await locker.acquire(lock_for(request_for()))  # (the lean path)
+        assert granted
+        read = locker.list() if denied == "smembers" else locker.queue(lock.key)
+        with pytest.raises(BackendUnavailable, match="can't run this command") as caught:
+            await read
+        assert PASSWORD not in str(caught.value)
+        assert "rebuilt" not in caplog.text
+        assert len(locker.unreadable) == 0
+    finally:
+        await locker.close()
+    admin = redis_server.client()
+    assert admin.smembers(locker.keys.held) == {lock.key.encode()}
+
+
 async def test_tls_with_the_ca_and_a_client_certificate(redis_servers: ServerMaker) -> None:
     server = redis_servers(tls=True)
     backend = RedisBackend.from_config(redis_config(server), "enhanced")

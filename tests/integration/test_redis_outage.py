@@ -13,13 +13,14 @@ from pathlib import Path
 import httpx
 import pytest
 from tests.conftest import ServiceMaker
-from tests.support.locks import lock_body, lock_for, request_for
+from tests.support.locks import candidate_for, lock_body, lock_for, request_for
 from tests.support.redis_fixtures import ServerMaker, redis_config
 from tests.support.redis_server import RedisServer
 from tests.support.service import ServiceProcess, running
 
 from enhanced_locking.api import create_app
 from enhanced_locking.backends.redis_store import RedisBackend
+from enhanced_locking.backends.waiting import QueuePolicy, Status, Wait
 from enhanced_locking.types import BackendUnavailable, LockRequest, Project, Pull
 
 pytestmark = pytest.mark.redis
@@ -93,6 +94,60 @@ async def test_a_caller_s_own_cancellation_stays_one_and_a_call_s_limit_leaves_n
     await asyncio.sleep(0.01)  # not cancelled
     granted, lock = await backend.acquire(lock_for(request_for(pull=1)))
     assert granted and lock.pull.num == 1
+
+
+async def test_a_redis_out_of_memory_or_busy_is_an_outage_not_an_error(
+    redis_server: RedisServer, backend: RedisBackend,
+) -> None:
+    # OOM (maxmemory reached) and BUSY (a script past its time limit) are Redis refusing to
+    # serve: BackendUnavailable (503, the fallback), not a bare ResponseError (a 500).
+    granted, lock = await backend.acquire(lock_for(request_for(pull=1)))
+    assert granted
+    admin = redis_server.client()
+    admin.config_set("maxmemory", "1")
+    try:
+        for call in (backend.acquire(lock_for(request_for(pull=2))),
+                     backend.release(lock.key), backend.list()):
+            with pytest.raises(BackendUnavailable, match="OutOfMemoryError"):
+                await call
+    finally:
+        admin.config_set("maxmemory", "0")
+    admin.config_set("busy-reply-threshold", "50")
+    busy = asyncio.get_running_loop().run_in_executor(None, redis_server.client().eval, (
+        "local t = redis.call('TIME')[1] + 2 "
+        "while tonumber(redis.call('TIME')[1]) < t do end"), 0)
+    await asyncio.sleep(0.3)
+    with pytest.raises(BackendUnavailable, match="BUSY"):
+        await backend.acquire(lock_for(request_for(pull=2)))
+    await busy
+    assert (await backend.release(lock.key)) is not None  # served again
+
+
+async def test_the_waiters_heartbeat_outlives_a_redis_that_refused_it(
+    redis_server: RedisServer, backend: RedisBackend,
+) -> None:
+    # While this replica has waiters it beats every second; a beat Redis refused (out of
+    # memory) must not end the beating, or the waiters are dropped as a dead replica's.
+    granted, _ = await backend.acquire(lock_for(request_for(pull=1)))
+    assert granted
+    heard = backend.grants.expect("w")  # a caller waits: the replica beats
+    queued = await backend.acquire_or_enqueue(
+        candidate_for(request_for(pull=2)), ttl=None, policy=QueuePolicy(),
+        wait=Wait(id="w", timeout=timedelta(seconds=30)))
+    assert queued.status is Status.QUEUED
+    admin = redis_server.client()
+
+    def alive_until() -> float:
+        return float(admin.zscore(backend.keys.liveness, backend.replica_id) or 0)
+
+    admin.config_set("maxmemory", "1")
+    await asyncio.sleep(1.5)  # a beat or two refused
+    refused = alive_until()
+    admin.config_set("maxmemory", "0")
+    await asyncio.sleep(1.5)  # a beat or two answered
+    assert alive_until() > refused
+    await backend.cancel(request_for().key, "w")
+    heard.cancel()
 
 
 # --- fallback legacy: what legacy granted during the outage, legacy lists and releases --------

@@ -65,6 +65,7 @@ __all__ = [
     "is_retryable",
     "resp_body",
     "unavailable",
+    "will_not_serve",
     "within_limit",
     "wrong_type",
 ]
@@ -83,6 +84,7 @@ POOL_WAIT = 5.0
 
 # What "Redis is not there (or will not serve us)" looks like. ResponseErrors that are our
 # own mistakes (a script bug) are not in the list: they must surface, not look like an outage.
+# (Refusals redis-py has no class for are told by their text: ``will_not_serve``.)
 DOWN: tuple[type[BaseException], ...] = (
     rexc.ConnectionError,  # also AuthenticationError, MasterNotFoundError
     rexc.TimeoutError,
@@ -430,6 +432,23 @@ RETRYABLE: tuple[type[BaseException], ...] = (rexc.ConnectionError, rexc.Timeout
 """A broken or stale connection: worth one more try on a fresh one (not a refusal)."""
 
 
+def will_not_serve(error: BaseException | None) -> bool:
+    """Redis answered the call with a refusal that is about Redis, not about the call: out of
+    memory under ``maxmemory`` (``OOM``), busy with a script past its time limit (``BUSY``), a
+    master short of replicas under ``min-replicas-to-write`` (``NOREPLICAS``), or an ACL user
+    denied a command or key a script touches (Redis 7.0 answers a script's denied command with
+    "The user executing the script can't ..." rather than ``NOPERM``, which is in
+    :data:`DOWN`). Like :data:`DOWN`, an outage (``BackendUnavailable``), not retried: raised
+    as the bare ``ResponseError`` it would be a 500."""
+    if isinstance(error, rexc.OutOfMemoryError):
+        return True
+    if not isinstance(error, rexc.ResponseError):
+        return False
+    text = str(error)
+    return (text.startswith(("BUSY ", "NOREPLICAS "))
+            or "The user executing the script can't" in text)
+
+
 def wrong_type(error: rexc.ResponseError) -> bool:
     """Redis refused a command on a key of another type than the command's (``WRONGTYPE``):
     something else wrote there."""
@@ -568,7 +587,7 @@ class unavailable:  # used like contextlib.suppress
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  trace: TracebackType | None) -> Literal[False]:
-        if isinstance(error, DOWN):
+        if error is not None and (isinstance(error, DOWN) or will_not_serve(error)):
             raise down(self.connection, self.action, error, key=self.key,
                        seconds=self.seconds) from None
         if (unusable := unusable_db(self.connection, error, key=self.key)) is not None:

@@ -130,6 +130,12 @@ class Listener:
                             self.connection.where, type(error).__name__)
                 await asyncio.sleep(backoff)
                 backoff = min(2.0, backoff * 2)
+            except Exception:  # never ends the subscription: the replica's waiters need it
+                self._subscribed.clear()
+                log.exception("notifications from redis %s failed; reconnecting",
+                              self.connection.where)
+                await asyncio.sleep(backoff)
+                backoff = min(2.0, backoff * 2)
             finally:
                 if pubsub is not None:
                     with contextlib.suppress(Exception):
@@ -157,6 +163,8 @@ class Listener:
                 await self._heartbeat()
             except BackendUnavailable as error:
                 log.warning("heartbeat to redis failed: %s", error)
+            except Exception:  # never ends the beat: without it this replica's waiters are
+                log.exception("heartbeat to redis failed")  # dropped as a dead replica's
             await asyncio.sleep(WAITER_HEARTBEAT_SECONDS)
 
     async def close(self) -> None:

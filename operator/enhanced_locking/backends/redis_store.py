@@ -39,6 +39,7 @@ from enhanced_locking.backends.redis_connection import (
     resp_body,
     unavailable,
     unusable_db,
+    will_not_serve,
     within_limit,
     wrong_type,
 )
@@ -350,6 +351,8 @@ class RedisBackend:
                 except rexc.ResponseError as error:
                     if (unusable := unusable_db(self.connection, error, key=key)) is not None:
                         raise unusable from None
+                    if will_not_serve(error):  # out of memory, busy, an ACL
+                        raise down(self.connection, action, error, key=key) from None
                     if self._scripts is None and str(error).startswith("unknown command"):
                         self._scripts = {}  # no FCALL: Redis 6.2, scripts by EVALSHA
                         execute, function = self._evalsha, name

@@ -105,6 +105,25 @@ end
 -- larger number or of NaN prints a wrong (negative) integer.
 local function int(x) return string.format('%d', x) end
 
+-- Whether reply is Redis's refusal of a command because of what its key holds: another Redis
+-- type (WRONGTYPE), or, for INCR, a value that is not a whole number it can raise. The scripts
+-- read those as a key written over by something else (`redis.pcall`). Any other refusal is not
+-- about the value stored (an ACL user denied the command or the key: Redis 7.0 says "The user
+-- executing the script can't ..."; OOM, READONLY or NOREPLICAS, which Redis 6.2 gives a
+-- script's first write): it is raised, and the call fails with Redis's own error, which the
+-- service reports as Redis refusing it. Read as another type, it would have a readable index
+-- rebuilt (and found "not a set" again), a lock reported unreadable, a counter marked damaged.
+local function is_error(reply)
+  if type(reply) ~= 'table' then return false end
+  local err = reply['err']
+  if err == nil then return false end
+  if string.find(err, '^WRONGTYPE') or string.find(err, '^ERR value is not an integer')
+      or string.find(err, '^ERR increment or decrement would overflow') then
+    return true
+  end
+  error(reply)
+end
+
 -- The queue policy of ARGV[2..5], read the first time a call needs it (most never do).
 local function policy()
   if not POLICY then
@@ -225,7 +244,9 @@ local function w_try(...)
   call_state()
   local reply = PCALL(...)
   -- (0 or 1, the answer of most: known not to be Redis's refusal without a call to `type`)
-  if reply ~= 1 and reply ~= 0 and type(reply) == 'table' and reply['err'] then return nil end
+  if reply ~= 1 and reply ~= 0 and type(reply) == 'table' and reply['err'] and is_error(reply) then
+    return nil
+  end
   WROTE = true
   if MEMO ~= NO_MEMO and next(MEMO) ~= nil then MEMO = {} end
   return reply
@@ -254,7 +275,7 @@ local function guard(unsent)
     return {'spoiled_answer', ok and 'a JSON object' or 'not JSON'}
   end
   local e = PCALL('HMGET', INCARNATION, 'id', 'base', 'until')
-  if e['err'] then  -- (HMGET answers a list, or Redis's refusal: a table either way)
+  if e['err'] and is_error(e) then  -- (HMGET answers a list, or Redis's refusal: a table)
     -- Another Redis type where the incarnation is kept (written over by something else): the
     -- locks and counters are where they were, so a new incarnation starts at once, without
     -- quarantine; counters started from now on continue from the clock, above any token a
@@ -410,8 +431,6 @@ local function unreadable(k, raw, why, bad)
   return row
 end
 
-local function is_error(reply) return type(reply) == 'table' and reply['err'] ~= nil end
-
 local function not_a(name, wanted)
   return 'not a ' .. wanted .. ' (Redis type ' .. CALL('TYPE', name)['ok'] .. ')'
 end
@@ -496,7 +515,9 @@ local function lock_row(k, name)
   local v = PCALL('HMGET', name, 'data', 'token', 'at', 'exp', 'repo', 'pull',
                         'claim', 'lease', 'path', 'ws', 'damaged')
   -- (HMGET answers a list, or Redis's refusal: a table either way)
-  if v['err'] then return unreadable(k, '', not_a(name, 'hash'), {lock = true}) end
+  if v['err'] and is_error(v) then
+    return unreadable(k, '', not_a(name, 'hash'), {lock = true})
+  end
   if v[11] then return unreadable(k, '', v[11], {lock = true}) end  -- `set_aside`
   if not v[1] then
     if v[2] or v[5] then
