@@ -7,7 +7,7 @@
     enhanced-locking operator [--namespace NS] [--policy NAME] [--migration NAME] [serve flags]
     enhanced-locking config show [--config FILE] [--enhanced-locking-* ...]
     enhanced-locking lock acquire|release|list|unlock-pull ...   (talks to a running service)
-    enhanced-locking step acquire|release [--command plan|apply] [--wait D]   (Atlantis steps)
+    enhanced-locking step acquire|release [--command plan|apply|import|state] [--wait D]
     enhanced-locking audit [--identity NAME] [--action A] [--repo R] [--key K] [--limit N] [--all]
     enhanced-locking migrate import (--from-boltdb FILE | --from-redis URL) [--dry-run]
                                     [--output table|json] [--enhanced-locking-* ...]

@@ -8,16 +8,16 @@ and ``USER_NAME``. ``COMMAND_NAME`` is set only for workflow hooks, not for ``ru
 the step says which command it belongs to with ``--command`` (``COMMAND_NAME`` is the
 fallback).
 
-``step acquire`` takes the project's lock for the pull request, waiting in the key's queue up
-to ``--wait`` with a priority by command (``apply`` above ``plan``). While it waits it prints
-its place, the holders and the waiters ahead of it, read from ``GET /v1/queue`` every
-``--poll`` (a poll, not the event stream: it works with events turned off and across replicas,
-and costs one small request per waiting step every few seconds), and, on each line it prints
-(once per change of place, holders or waiters ahead), the estimate of its wait from
-``GET /v1/queue/waiter``. Atlantis puts a step's output in the pull
-request's comment. It exits 0 holding the lock, 1 with one line when it is refused (held with
-no wait, timeout, queue full, deadlock, collision), 2 when the environment or a flag is wrong,
-3 when the service cannot be reached.
+``step acquire`` takes the project's lock for the pull request, waiting in the key's queue up to
+``--wait`` with a priority by command (``apply``, ``import`` and ``state`` above ``plan``).
+While it waits it prints its place, the holders and the waiters ahead of it, read from
+``GET /v1/queue`` every ``--poll`` (a poll, not the event stream: it works with events turned
+off and across replicas, and costs one small request per waiting step every few seconds), and,
+on each line it prints (once per change of place, holders or waiters ahead), the estimate of its
+wait from ``GET /v1/queue/waiter``. Atlantis puts a step's output in the pull request's comment.
+It exits 0 holding the lock, 1 with one line when it is refused (held with no wait, timeout,
+queue full, deadlock, collision), 2 when the environment or a flag is wrong, 3 when the service
+cannot be reached.
 
 ``step release`` gives the project's lock back (only this pull's, only this repository's); a
 lock already gone is not an error.
@@ -45,8 +45,12 @@ __all__ = ["COMMAND_PRIORITY", "add_step_command", "request_from_env"]
 
 EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
 
-COMMAND_PRIORITY = {"plan": Priority.NORMAL, "apply": Priority.HIGH}
-"""An apply waits ahead of plans: it finishes work a plan would have to redo."""
+COMMAND_PRIORITY = {"plan": Priority.NORMAL, "apply": Priority.HIGH, "import": Priority.HIGH,
+                    "state": Priority.HIGH}
+"""An apply waits ahead of plans: it finishes work a plan would have to redo. ``import`` and
+``state`` (``atlantis state rm``) write the state as an apply does, and wait as one. Atlantis
+takes no lock of its own for them when its project locks are off, so their stages need the
+step as much as plan and apply do."""
 
 REQUIRED = ("BASE_REPO_OWNER", "BASE_REPO_NAME", "PULL_NUM")
 
@@ -59,8 +63,9 @@ def _command(args: argparse.Namespace, env: Mapping[str, str]) -> str:
     command = args.command or env.get("COMMAND_NAME", "")
     if command not in COMMAND_PRIORITY:
         raise StepError(
-            "say which command this step runs: --command plan or --command apply "
-            f"(got {command or 'nothing'}; Atlantis sets COMMAND_NAME only in workflow hooks)")
+            "say which command this step runs: --command plan or --command apply (import and "
+            f"state for those stages; got {command or 'nothing'}; Atlantis sets COMMAND_NAME "
+            "only in workflow hooks)")
     return command
 
 
@@ -267,7 +272,8 @@ def add_step_command(commands: Any, *, url_default: str) -> None:
     acquire = sub.add_parser("acquire", help="take the project's lock, waiting in the queue")
     acquire.add_argument("--command", choices=sorted(COMMAND_PRIORITY), default=None,
                          help="the Atlantis command this step belongs to (default: "
-                              "COMMAND_NAME); apply waits ahead of plan")
+                              "COMMAND_NAME): plan, apply, import or state (state rm); apply, "
+                              "import and state wait ahead of plan")
     acquire.add_argument("--wait", default="5m",
                          help="longest wait in the queue, a Go duration (default 5m, the "
                               "service's default max-timeout); 0s fails at once")

@@ -55,7 +55,8 @@ func repoConfig(path string) map[string]any {
 			view.Workflow = repo.Workflow.Name
 			view.Stages = map[string][]stepView{}
 			for name, stage := range map[string]valid.Stage{
-				"plan": repo.Workflow.Plan, "apply": repo.Workflow.Apply} {
+				"plan": repo.Workflow.Plan, "apply": repo.Workflow.Apply,
+				"import": repo.Workflow.Import, "state_rm": repo.Workflow.StateRm} {
 				for _, step := range stage.Steps {
 					view.Stages[name] = append(view.Stages[name],
 						stepView{Name: step.StepName, RunCommand: step.RunCommand})

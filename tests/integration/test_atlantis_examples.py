@@ -82,10 +82,16 @@ def test_atlantis_reads_the_example_repo_config_as_the_guide_says(
     assert repo["id"] == "/.*/" and repo["repoLocks"] == "disabled"
     assert [s["name"] for s in repo["stages"]["plan"]] == ["run", "init", "plan"]
     assert [s["name"] for s in repo["stages"]["apply"]] == ["run", "apply"]
+    # With Atlantis's locks disabled, Atlantis locks neither import nor state rm: their stages
+    # take the service's lock before Atlantis's own step writes the state.
+    assert [s["name"] for s in repo["stages"]["import"]] == ["run", "import"]
+    assert [s["name"] for s in repo["stages"]["state_rm"]] == ["run", "state_rm"]
+    assert "--command import " in repo["stages"]["import"][0]["run"]
+    assert "--command state " in repo["stages"]["state_rm"][0]["run"]
     # The guide shows the same file.
     assert "repo_locks:\n      mode: disabled" in DOC.read_text()
-    for step in (repo["stages"]["plan"][0], repo["stages"]["apply"][0]):
-        assert step["run"] in DOC.read_text()
+    for stage in ("plan", "apply", "import", "state_rm"):
+        assert repo["stages"][stage][0]["run"] in DOC.read_text()
 
 
 def run_as_atlantis(command: str, env: dict[str, str], tmp: Path) -> subprocess.Popen[str]:

@@ -258,6 +258,27 @@ def test_command_name_from_a_workflow_hook_is_enough(service: ServiceProcess) ->
     assert lock["priority"] == "high"
 
 
+@pytest.mark.parametrize("command", ["import", "state"])
+def test_import_and_state_rm_steps_wait_for_the_lock_like_an_apply(
+    service: ServiceProcess, command: str,
+) -> None:
+    """Atlantis takes no lock of its own for ``import`` and ``state rm`` when its locks are
+    off: their step is refused while another pull holds the project, and takes it with the
+    priority of an apply once it is free."""
+    assert run_step(step_env(service.url, 1, "alice"), "acquire", "--command", "plan",
+                    ).returncode == 0
+    refused = run_step(step_env(service.url, 2, "bob"), "acquire", "--command", command,
+                       "--wait", "0s")
+    assert refused.returncode == 1, refused.stderr
+    assert refused.stderr.strip() == (f"enhanced-locking: {KEY} is locked by pull #1 (alice) of "
+                                      "acme/infra (no --wait given)")
+    assert run_step(step_env(service.url, 1, "alice"), "release").returncode == 0
+    taken = run_step(step_env(service.url, 2, "bob"), "acquire", "--command", command)
+    assert taken.returncode == 0, taken.stderr
+    lock = httpx.get(f"{service.url}/v1/locks/by-key", params={"key": KEY}).json()["lock"]
+    assert (lock["pull"]["num"], lock["priority"]) == (2, "high")
+
+
 def test_an_unreachable_service_exits_3(free_port: Callable[[], int]) -> None:
     done = run_step(step_env(f"http://127.0.0.1:{free_port()}", 1, "alice"),
                     "acquire", "--command", "plan")
