@@ -121,3 +121,31 @@ async def test_a_wait_on_a_key_still_held_on_legacy_waits_there_and_is_never_ans
     granted = await asyncio.wait_for(waiting, 5)
     assert granted.acquired and granted.lock is not None
     assert granted.lock.backend == "enhanced" and granted.lock.pull.num == 3
+
+
+async def test_switched_off_the_requests_queued_before_are_listed_cancelled_and_closed(
+    make_service: ServiceMaker,
+) -> None:
+    """Enhanced locking switched off while a request waits in an enhanced queue: the request
+    still waits there (the holder's release grants it), so it stays visible and cancellable,
+    and closing its pull drops it instead of handing the key to a closed pull later."""
+    service = await make_service(enabled=True)
+    key, repo = request_for().key, request_for().project.repo_full_name
+    assert (await service.router.acquire(request_for(pull=1))).acquired
+    closed = asyncio.create_task(service.router.acquire(request_for(pull=2, wait=WAIT)))
+    cancelled = asyncio.create_task(service.router.acquire(request_for(pull=3, wait=WAIT)))
+    await settle()
+    await service.provider.set_layer("cluster", {"enabled": False})
+    assert service.router.side_for(key) == "legacy"
+    queued = await service.router.queue(key)
+    assert [w.owner[1] for w in queued] == [2, 3]
+    assert await service.router.cancel_waiter(key, queued[1].id)
+    assert (await asyncio.wait_for(cancelled, 5)).reason is Reason.CANCELLED
+    done = await service.router.close_pull(repo, 2)
+    assert done.cancelled == [queued[0].id] and done.released == []
+    assert (await asyncio.wait_for(closed, 5)).reason is Reason.CANCELLED
+    assert await service.router.queue(key) == []
+    await service.router.release(key, owner=(repo, 1))
+    assert await service.router.get(key) is None  # nobody was waiting for it any more
+    again = await service.router.acquire(request_for(pull=4))
+    assert again.acquired and again.lock is not None and again.lock.backend == "legacy"

@@ -126,8 +126,9 @@ class Router(AtlantisCalls):
 
     The same rules hold for every call: each key goes to its side; a key held on the other side
     is not free; legacy stays fail fast (Atlantis never waits), so waits, queues and leases
-    exist on the enhanced side only; with enhanced locking disabled nothing reaches the
-    enhanced locker.
+    exist on the enhanced side only; with enhanced locking disabled nothing new is granted or
+    queued on the enhanced locker (what it holds and queues from before is still honoured,
+    released, listed and cancelled), and where it was never enabled nothing reaches it.
     """
 
     side: Side = "enhanced"
@@ -669,10 +670,11 @@ class Router(AtlantisCalls):
 
     # --- queues, leases and admin (the enhanced side only) --------------------------------
     def _queueing(self) -> EnhancedLocker | None:
-        """The enhanced locker, when enhanced locking is on (queues live there only)."""
+        """The enhanced locker, once built (queues live there only). Also while enhanced
+        locking is switched off: requests queued before that still wait there and are
+        granted when the key is released, so they are listed, cancelled and dropped with
+        their closed pull as before (no new request is queued: every key routes to legacy)."""
         locker = self.enhanced
-        if locker is None or not self._snapshot().config.enabled:
-            return None
         return locker if isinstance(locker, EnhancedLocker) else None
 
     async def queue(self, key: str) -> Waiters:
