@@ -149,6 +149,34 @@ async def test_a_value_that_is_not_a_lock_is_reported_with_its_key(
         assert admin.get(f"pr/{KEY}") == b"not json"  # never deleted on a guess
 
 
+@pytest.mark.parametrize(("stored", "pull", "answer"), [
+    ('{"Project":5,"Pull":{"Num":1}}', 1, "cannot read"),
+    ('{"Project":{"RepoFullName":"acme/infra"},"Pull":7}', 1, "cannot read"),
+    ('{"Project":null,"Pull":{"Num":1}}', 1, "cannot read"),
+    ('{"Project":{"RepoFullName":"acme/infra"},"Pull":null}', 1, "held by pull #0 of acme"),
+    ('{"Project":{"RepoFullName":"acme/infra"},"Pull":null}', 0, None),
+])
+async def test_a_release_by_owner_reads_an_odd_json_object_as_the_codec_does(
+    legacy: AtlantisRedisBackend, redis_server: RedisServer, stored: str, pull: int,
+    answer: str | None,
+) -> None:
+    # The release by owner is one script (release_if_owned.lua); a JSON object whose Project
+    # or Pull was null or not an object failed it with a Lua error (a 500). It is read as the
+    # codec reads it (null or missing: empty; a Pull without Num: pull 0): not a lock (409
+    # unreadable), another owner's (kept), or the owner's own (released).
+    with redis_server.client() as admin:
+        admin.set(f"pr/{KEY}", stored)
+    if answer is None:
+        assert await legacy.release(KEY, owner=("acme/infra", pull)) is not None
+        kept = None
+    else:
+        with pytest.raises(LockingError, match=answer):
+            await legacy.release(KEY, owner=("acme/infra", pull))
+        kept = stored.encode()
+    with redis_server.client() as admin:
+        assert admin.get(f"pr/{KEY}") == kept
+
+
 async def test_the_legacy_locker_uses_the_atlantis_layout_when_configured(
     redis_server: RedisServer,
 ) -> None:

@@ -4,7 +4,9 @@
 -- KEYS[1] pr/{lockKey}
 -- ARGV[1] owner repository full name  ARGV[2] owner pull number
 -- returns {0} free, {1, json} released, {2, json} held by another pull (kept), {3, json} the
--- stored value is not JSON we can read (kept)
+-- stored value is not JSON we can read (kept): not a JSON object, or one whose Project or Pull
+-- is not an object. As codec.py reads the value: a Project or Pull that is null or missing is
+-- an empty one, a Pull without Num is pull 0.
 local current = redis.call('GET', KEYS[1])
 if not current then
   return {0}
@@ -13,9 +15,15 @@ local ok, lock = pcall(cjson.decode, current)
 if not ok or type(lock) ~= 'table' then
   return {3, current}
 end
-local project = lock['Project'] or {}
-local pull = lock['Pull'] or {}
-if project['RepoFullName'] ~= ARGV[1] or tonumber(pull['Num']) ~= tonumber(ARGV[2]) then
+local function object(v)
+  if v == nil or v == cjson.null then return {} end
+  return v
+end
+local project, pull = object(lock['Project']), object(lock['Pull'])
+if type(project) ~= 'table' or type(pull) ~= 'table' then
+  return {3, current}
+end
+if project['RepoFullName'] ~= ARGV[1] or tonumber(pull['Num'] or 0) ~= tonumber(ARGV[2]) then
   return {2, current}
 end
 redis.call('DEL', KEYS[1])
