@@ -13,6 +13,8 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+import pytest
+from tests.support.leases import Overrun, until, with_leases
 from tests.support.locks import request_for
 from tests.support.queues import LockerRig, settle
 
@@ -27,6 +29,7 @@ from enhanced_locking.policies import (
 from enhanced_locking.types import AcquireResult, LockRequest, Priority, Pull, Reason, utcnow
 
 WAIT = timedelta(seconds=30)
+S = timedelta(seconds=1)
 
 
 def ask(pull: int, *, path: str = "envs/prod", mode: str = "exclusive", wait: Any = None,
@@ -141,6 +144,43 @@ async def test_a_force_unlock_frees_every_shared_holder(rigs: Callable[..., Lock
     await rig.locker.force_unlock(key)
     assert await rig.locker.holders(key) == []
     assert (await rig.locker.acquire(ask(3))).acquired
+
+
+@pytest.mark.parametrize("by_pull", [False, True], ids=["release", "by-pull"])
+async def test_a_shared_lease_still_runs_out_after_another_shared_holder_left(
+        rigs: Callable[..., LockerRig], by_pull: bool) -> None:
+    """Pulls 1 and 4 (no lease) and 2 (a short lease) hold a key shared, pull 3 waits for it
+    exclusively; pull 1 leaves (its release, or its pull's) before pull 2's lease ends. That
+    lease still ends on time (``expired``), and once pull 4 goes too the writer has the key.
+    Before, pull 1's release put away the key's lease timer (set for pull 2's lease), and
+    the release of its pull set it again only for the key's first holder (pull 4, no lease):
+    nothing looked at the key when the lease ended. Without pull 4 the writer then waited on
+    a free key until its own wait ran out (``timeout``, no holder)."""
+    async def case(lease: timedelta) -> None:
+        rig = rigs()
+        path = f"envs/shared-lease-{lease // timedelta(milliseconds=1)}"
+        reader = ask(2, path=path, mode="shared").model_copy(update={"ttl": lease})
+        for pull in (1, 4):
+            assert (await rig.locker.acquire(ask(pull, path=path, mode="shared"))).acquired
+        leased = await rig.locker.acquire(reader)
+        assert leased.lock is not None and leased.lock.expires_at is not None
+        writer = await queued(rig, ask(3, path=path, wait=lease + 20 * S))
+        if by_pull:
+            await rig.locker.release_by_pull("acme/infra", 1)
+        else:
+            await rig.locker.release(reader.key, owner=("acme/infra", 1))
+        if await rig.locker.backend.now() >= leased.lock.expires_at:
+            raise Overrun  # the release itself may have found the lease over
+        assert await until(lambda: "expired" in rig.types(),
+                           within=lease.total_seconds() + 10), "the lease never ran out"
+        assert {h.pull.num for h in await rig.locker.holders(reader.key)} == {4}
+        assert not writer.done()
+        await rig.locker.release(reader.key, owner=("acme/infra", 4))
+        answer = await asyncio.wait_for(writer, 15)
+        assert answer.acquired and answer.lock is not None, answer
+        assert answer.lock.pull.num == 3
+
+    await with_leases(case)
 
 
 # --- superseded and retried requests -----------------------------------------------------------

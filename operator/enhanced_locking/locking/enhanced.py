@@ -517,6 +517,12 @@ class EnhancedLocker(AtlantisCalls):
         except BackendUnavailable:
             return None
 
+    async def _holders(self, key: str) -> Locks:
+        try:
+            return await self.backend.holders(key)
+        except BackendUnavailable:
+            return []
+
     async def _give_back(self, notice: Notice) -> None:
         """Release locks granted to a caller that went away before it heard of them (not its
         pull's locks it was answered with unchanged: another request of the pull holds them).
@@ -602,7 +608,11 @@ class EnhancedLocker(AtlantisCalls):
             self.metrics.releases.labels("enhanced", how).inc()
             self.events.publish(_RELEASE_EVENT[how], lock=extra, how=how)
         if released is not None and key is not None:
-            self.leases.disarm(key)
+            if fields["mode"] == "exclusive":
+                # The key's only holder left. A shared holder that left may have others
+                # beside it: the key's timer stays (set for the earliest lease known), and
+                # when it fires the expiry is set again for whoever holds the key then.
+                self.leases.disarm(key)
             counter = self._release_count.get(how)
             if counter is None:
                 counter = self._release_count[how] = self.metrics.counting(
@@ -627,13 +637,14 @@ class EnhancedLocker(AtlantisCalls):
         released = await self._call("release_by_pull", lambda: self.backend.release_by_pull(
             repo, pull, policy=policy))
         for lock in released:
-            self.leases.disarm(lock.key)
+            if lock.mode == "exclusive":  # a shared one may leave others' leases (_handed)
+                self.leases.disarm(lock.key)
             self.holds.record(lock.key, time.time() - lock.acquired_at.timestamp())
             self.metrics.releases.labels("enhanced", "by-pull").inc()
             self.events.publish("released", lock=lock, how="by-pull")
-            # Wake whoever the release handed the key to (their lease, if any).
-            holder = await self._holder(lock.key)
-            if holder is not None:
+            # The leases of whoever holds the key now (those the release handed it to, or
+            # other shared holders), each of them.
+            for holder in await self._holders(lock.key):
                 self.leases.arm(holder.key, holder.expires_at)
         return released
 
