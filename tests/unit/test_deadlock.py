@@ -137,6 +137,55 @@ async def test_waiting_behind_someone_who_waits_for_you_is_a_cycle(
     assert answer.cycle == [name(2), name(1), name(2)]
 
 
+def shared(pull: int, key: str, *, wait: timedelta | None = None) -> LockRequest:
+    return ask(pull, key, wait=wait).model_copy(update={"mode": "shared"})
+
+
+async def test_a_cycle_through_any_shared_holder_is_refused(
+    make: Callable[..., LockerRig],
+) -> None:
+    # Pulls 1 and 2 hold k shared (1 first), 3 holds l. 3 waits for k, which it gets only
+    # once 1 and 2 both let go; 2 now asks for l, held by 3: neither 2 nor 3 ever moves.
+    # Before, the graph had 3 wait only for k's first holder (1), and the cycle through 2
+    # was missed: both waited until their waits ran out.
+    rig = make()
+    assert (await rig.locker.acquire(shared(1, "k"))).acquired
+    assert (await rig.locker.acquire(shared(2, "k"))).acquired
+    await holds(rig, 3, "l")
+    writer = rig.spawn(rig.locker.acquire(ask(3, "k", wait=WAIT)))
+    await settle()
+    answer = await rig.locker.acquire(ask(2, "l", wait=timedelta(seconds=5)))
+    assert answer.reason is Reason.DEADLOCK, answer
+    assert answer.cycle == [name(2), name(3), name(2)]
+    assert not writer.done()
+
+
+async def test_shared_waiters_queued_together_wait_for_no_one_but_the_writer(
+    make: Callable[..., LockerRig],
+) -> None:
+    # 9 holds k; 1 and then 2 wait for it shared, and 2 holds m. When 1 now asks for m it
+    # waits for 2, but 2 does not wait for 1: when 9 lets k go both readers get it together,
+    # 2 goes on and frees m. Before, 2 was taken to wait for 1 (queued ahead of it), and 1's
+    # wait for m was refused as a deadlock that was none.
+    rig = make()
+    await holds(rig, 9, "k")
+    await holds(rig, 2, "m")
+    readers = []
+    for pull in (1, 2):
+        readers.append(rig.spawn(rig.locker.acquire(shared(pull, "k", wait=WAIT))))
+        await settle()
+    asking = rig.spawn(rig.locker.acquire(ask(1, "m", wait=WAIT)))
+    await settle()
+    assert not asking.done(), asking.result()
+    await rig.locker.release(ask(9, "k").key)
+    for reader in readers:
+        assert (await asyncio.wait_for(reader, 10)).acquired
+    await rig.locker.release(ask(2, "m").key)
+    answer = await asyncio.wait_for(asking, 10)
+    assert answer.acquired, answer
+    assert "deadlock" not in rig.types()
+
+
 async def test_a_plain_queue_is_never_a_deadlock(make: Callable[..., LockerRig]) -> None:
     rig = make()
     await holds(rig, 1, "k")

@@ -3,9 +3,12 @@
 Nodes are owners (a pull request of a repository: Atlantis's unit of ownership). For every key
 with waiters there are two kinds of edge:
 
-* **holder**: each waiter waits for the owner holding the key;
+* **holder**: each waiter waits for every owner holding the key (all of them, when it is
+  held shared: an exclusive waiter gets it only once each has let go);
 * **queued behind**: each waiter waits for every owner queued ahead of it on that key (the
-  lock will reach them first, and they may never give it up).
+  lock will reach them first, and they may never give it up), except that a shared waiter
+  does not wait for a shared one ahead of it: the two are granted together, and what it
+  waits for through an exclusive waiter between them is reached through that waiter.
 
 A wait closes a cycle when, just after it was queued, its owner can reach itself. The locker
 checks right after enqueueing (not before), so of two waits that close a cycle together the
@@ -47,10 +50,11 @@ def edges(graph: Iterable[KeyWaits]) -> dict[Owner, list[Edge]]:
     for entry in graph:
         for index, waiter in enumerate(entry.waiters):
             me = waiter.owner
-            targets: list[tuple[Owner, str]] = []
-            if entry.holder is not None:
-                targets.append((entry.holder, "holds"))
-            targets.extend((ahead.owner, "ahead") for ahead in entry.waiters[:index])
+            holders = entry.holders or ((entry.holder,) if entry.holder is not None else ())
+            targets: list[tuple[Owner, str]] = [(holder, "holds") for holder in holders]
+            shared = waiter.mode == "shared"
+            targets.extend((ahead.owner, "ahead") for ahead in entry.waiters[:index]
+                           if not (shared and ahead.mode == "shared"))
             for target, why in targets:
                 if target != me:
                     out.setdefault(me, []).append(Edge(me, target, entry.key, why))
