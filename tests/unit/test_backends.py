@@ -394,6 +394,37 @@ async def test_a_release_by_the_token_last_seen_frees_nothing_another_writer_too
     assert await one.get(key) is None and one.held_as_seen(key) is None
 
 
+async def test_a_counter_row_lost_under_running_services_never_hands_a_token_out_again(
+    data_dir: Path, writers: tuple[EmbeddedBackend, EmbeddedBackend],
+) -> None:
+    # The rows of the file deleted by hand while two services run on it (each opened it
+    # before): the key's next token, from either, is above every token it had.
+    path = data_dir / "enhanced-locking.db"
+    one, two = writers
+    tokens = []
+    for pull in (1, 2, 3):
+        granted, lock = await one.acquire(lock_for(request_for(pull=pull)))
+        assert granted and await one.release(lock.key) == lock
+        tokens.append(lock.fencing_token)
+    for backend in (one, two, one):
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            db.execute("DELETE FROM locks")
+            db.commit()
+        granted, lock = await backend.acquire(lock_for(request_for(pull=4)))
+        assert granted and lock.fencing_token > max(tokens), "a lost row's tokens stay given"
+        tokens.append(lock.fencing_token)
+        assert await backend.release(lock.key) == lock
+    # A key never taken before, in a file that lost no row, still starts at the floor read
+    # when the file was opened plus one.
+    fresh = EmbeddedBackend(data_dir / "other.db")
+    try:
+        for path_of in ("a", "b"):
+            granted, lock = await fresh.acquire(lock_for(request_for(path=path_of)))
+            assert granted and lock.fencing_token == 1
+    finally:
+        await fresh.close()
+
+
 async def test_an_embedded_store_closed_after_use_answers_backend_unavailable(
     data_dir: Path,
 ) -> None:

@@ -112,10 +112,23 @@ SCHEMA = (
     WHEN NEW.counter > (SELECT value FROM meta WHERE name = 'token_floor') BEGIN
         UPDATE meta SET value = NEW.counter + {FLOOR_AHEAD} WHERE name = 'token_floor';
     END""",
+    """CREATE TRIGGER IF NOT EXISTS fencing_lost_on_delete AFTER DELETE ON locks
+    WHEN OLD.counter > (SELECT value FROM meta WHERE name = 'lost_floor') BEGIN
+        UPDATE meta SET value = OLD.counter WHERE name = 'lost_floor';
+    END""",
 )
 """The layout of version 3, each statement idempotent. ``meta.token_floor`` is at least the
 highest token the file ever handed out (the triggers keep it :data:`FLOOR_AHEAD` ahead when a
-token passes it), so a lost row never hands a token out again."""
+token passes it), so a lost row never hands a token out again. ``meta.lost_floor`` is the
+highest counter of a row deleted (by hand: the service never deletes one) since the file was
+made: a service that opened the file before then starts a new row above it (see
+:data:`_FIRST_TOKEN`)."""
+
+_FIRST_TOKEN = "max({}, coalesce((SELECT value FROM meta WHERE name = 'lost_floor'), 0) + 1)"
+"""The token of a key's new row: the floor as read when the file was opened plus one (the
+parameter put in ``{}``), or one above the highest counter of a row deleted, whichever is
+higher. A service keeps the floor it read when it opened the file, and a row deleted while it
+runs would otherwise start again below the tokens the key had."""
 
 MIGRATE_FROM_2 = (
     "DROP TRIGGER IF EXISTS fencing_floor_on_insert",
@@ -173,9 +186,10 @@ row; the ``fencing`` table (and its floor triggers) goes."""
 # The common acquire: take the key's row if it is free (or new) and nobody holds the key
 # shared; the counter rises by one (a new key starts above the floor) and the token goes into
 # the lock's JSON. No row back: the key is held (or held shared); the general path decides.
-_TAKE_FREE = """
+_TAKE_FREE = f"""
 INSERT INTO locks (ns, key, repo, pull, data, counter, held)
-SELECT ?1, ?2, ?3, ?4, json_set(?5, '$.Enhanced.FencingToken', ?6), ?6, 1
+SELECT ?1, ?2, ?3, ?4, json_set(?5, '$.Enhanced.FencingToken', new.token), new.token, 1
+FROM (SELECT {_FIRST_TOKEN.format('?6')} AS token) AS new
 WHERE NOT EXISTS (SELECT 1 FROM shared_locks WHERE ns = ?1 AND key = ?2)
 ON CONFLICT (ns, key) DO UPDATE SET
     repo = excluded.repo, pull = excluded.pull, held = 1, counter = locks.counter + 1,
@@ -371,6 +385,8 @@ def open_database(
                 connection.execute(statement)
         for statement in SCHEMA + COUNTING:
             connection.execute(statement)
+        connection.execute(
+            "INSERT INTO meta (name, value) VALUES ('lost_floor', 0) ON CONFLICT DO NOTHING")
         for namespace in COUNTED:
             # Started from the clock (microseconds): a counter row deleted and created again
             # never repeats a value a reader may have seen.
@@ -726,7 +742,7 @@ class EmbeddedBackend(StoreBackend):
     def _next_token(self, key: str) -> int:
         row = self._db.execute(
             "INSERT INTO locks (ns, key, repo, pull, data, counter, held) "
-            "VALUES (?, ?, '', 0, '', ?, 0) "
+            f"VALUES (?, ?, '', 0, '', {_FIRST_TOKEN.format('?')}, 0) "
             "ON CONFLICT (ns, key) DO UPDATE SET counter = counter + 1 RETURNING counter",
             (self.namespace, key, self._floor + 1),
         ).fetchone()
