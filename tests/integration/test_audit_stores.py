@@ -17,7 +17,7 @@ import re
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +163,63 @@ async def test_every_filter_applies_and_they_combine(make: StoreMaker) -> None:
     assert await pulls(until=utcnow() - timedelta(minutes=5)) == [1]
     assert await pulls(outcome="released", identity="ada") == [4]
     assert await pulls(outcome="released", limit=1) == [4]
+
+
+@kinds(*KINDS)
+async def test_a_time_filter_is_an_instant_whatever_its_offset_or_year(make: StoreMaker) -> None:
+    """``GET /v1/audit`` takes RFC 3339 times with any offset, from year 1 to 9999: each is
+    the instant it names, and one beyond what a store can write bounds nothing on its side."""
+    store = make()
+    await store.append(entry(1, age=timedelta(minutes=30)))
+    await store.append(entry(2))
+    cut = utcnow() - timedelta(minutes=5)
+    east, west = timezone(timedelta(hours=1)), timezone(timedelta(hours=-2))
+
+    async def pulls(**filters: Any) -> list[int | None]:
+        return numbers(await store.read(AuditQuery(**filters)))
+
+    for zone in (east, west):
+        assert await pulls(since=cut.astimezone(zone)) == [2], zone
+        assert await pulls(until=cut.astimezone(zone)) == [1], zone
+    assert await pulls(since=cut.replace(tzinfo=None)) == [2], "a time without offset is UTC"
+    early = (datetime(1, 1, 1, tzinfo=east),  # before year 1 in UTC
+             datetime(1969, 12, 31, tzinfo=UTC))
+    late = (datetime(2300, 1, 1, tzinfo=UTC),  # its microseconds are 17 digits
+            datetime(9999, 12, 31, 23, 59, tzinfo=west))  # after 9999 in UTC
+    for moment in early:
+        assert await pulls(since=moment) == [2, 1], moment
+        assert await pulls(until=moment) == [], moment
+    for moment in late:
+        assert await pulls(since=moment) == [], moment
+        assert await pulls(until=moment) == [2, 1], moment
+
+
+FOREIGN_CURSORS = {
+    "sqlite": ["1796540912298-0", "1796540912298000-9f3a2b1c"],
+    "memory": ["1796540912298-0", "1796540912298000-9f3a2b1c"],
+    "redis": ["1796540912298000-9f3a2b1c", "96-69051b"],
+    "etcd": ["42"],
+}
+"""For each store, ``before`` cursors of another store's form (all of them the API's pattern
+allows)."""
+
+
+@kinds(*KINDS)
+async def test_a_cursor_of_another_store_is_refused_as_one_and_the_lowest_reads_nothing(
+    make: StoreMaker, kind: str,
+) -> None:
+    """A ``before`` of another store's form raises ``ValueError`` (the API's 422 naming it),
+    never the store's own error (a 503 saying the trail is out of reach)."""
+    store = make()
+    written = await store.append(entry(1))
+    for cursor in FOREIGN_CURSORS[kind]:
+        assert re.fullmatch(CURSOR_PATTERN, cursor)
+        with pytest.raises(ValueError):
+            await store.read(AuditQuery(before=cursor))
+    assert numbers(await store.read(AuditQuery(before=written.id))) == []
+    if kind == "redis":  # the lowest ids of a stream: nothing is before them
+        assert await store.read(AuditQuery(before="0-0")) == []
+        assert await store.read(AuditQuery(before="0")) == []
 
 
 @kinds(*DURABLE)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Query
@@ -21,12 +20,6 @@ CURSOR_PATTERN = r"^[0-9]{1,18}(-[0-9a-f]{1,18})?$"
 ``<µs>-<hex>`` (etcd)."""
 
 Text = Annotated[str | None, Query(max_length=4096)]
-
-
-def _utc(value: datetime | None) -> datetime | None:
-    if value is None or value.tzinfo is not None:
-        return value
-    return value.replace(tzinfo=UTC)  # a time without an offset is read as UTC
 
 
 def install_audit_routes(app: FastAPI) -> None:
@@ -57,7 +50,7 @@ def install_audit_routes(app: FastAPI) -> None:
         await caller.need(Verb.ADMIN, action="audit-read")
         trail: AuditTrail = app.state.audit
         query = AuditQuery(identity=identity, verb=verb, action=action, key=key, repo=repo,
-                           pull=pull, outcome=outcome, since=_utc(since), until=_utc(until),
+                           pull=pull, outcome=outcome, since=since, until=until,
                            before=before, limit=limit)
         try:
             entries = await trail.read(query)

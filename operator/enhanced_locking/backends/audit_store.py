@@ -22,6 +22,7 @@ import contextlib
 import functools
 import itertools
 import logging
+import re
 import secrets
 import sqlite3
 import time
@@ -133,6 +134,11 @@ def _stored(text: str | bytes | None, *, entry_id: str | None, where: str) -> Au
 
 
 _SCAN_CHUNK = 500
+_REDIS_ID = re.compile(r"[0-9]{1,19}(-[0-9]{1,19})?")
+"""A stream id (``<ms>-<seq>``, or ``<ms>`` alone), each part below 2**64."""
+_ETCD_ID = re.compile(r"[0-9]{16}-[0-9a-f]{1,18}")
+"""An etcd entry's id: its time in µs (16 digits) and a random part in hex."""
+_ETCD_LAST_MICROS = 10**16 - 1
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit (
@@ -170,6 +176,13 @@ class AuditQuery:
     before: str | None = None
     limit: int = 100
 
+    def __post_init__(self) -> None:
+        # Each store is given its time bounds in UTC (the embedded one compares its time
+        # column as text): a time in any offset is the instant it names, one without an
+        # offset is UTC.
+        object.__setattr__(self, "since", _in_utc(self.since, lower=True))
+        object.__setattr__(self, "until", _in_utc(self.until, lower=False))
+
     def matches(self, entry: AuditEntry) -> bool:
         wanted: dict[str, Any] = {
             "identity": self.identity, "verb": self.verb, "action": self.action,
@@ -181,6 +194,23 @@ class AuditQuery:
         if self.since is not None and entry.time < self.since:
             return False
         return self.until is None or entry.time < self.until
+
+
+def _in_utc(moment: datetime | None, *, lower: bool) -> datetime | None:
+    """``moment`` in UTC. Beyond what a UTC time can hold (year 1 east of Greenwich, 9999 west
+    of it): a lower bound before every time bounds nothing (None), one after every time is the
+    last; an upper bound likewise, the other way round."""
+    if moment is None:
+        return None
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:
+        before_all = moment.year == datetime.min.year
+        if before_all == lower:
+            return None
+        return (datetime.min if before_all else datetime.max).replace(tzinfo=UTC)
 
 
 class AuditStore(Protocol):
@@ -499,8 +529,16 @@ class RedisAuditStore:
 
     async def _read(self, query: AuditQuery) -> list[AuditEntry]:
         found: list[AuditEntry] = []
-        top = "+" if query.before is None else f"({query.before}"
-        bottom = "-" if query.since is None else str(int(query.since.timestamp() * 1000))
+        top = "+"
+        if query.before is not None:
+            if not _REDIS_ID.fullmatch(query.before):
+                raise ValueError(f"not a stream id: {query.before!r}")
+            if not query.before.strip("0-"):
+                return found  # nothing is before the lowest id (and Redis refuses "(0-0")
+            top = f"({query.before}"
+        # The stream's ids start at 0 (1970): an earlier bound is no bound.
+        since = 0 if query.since is None else int(query.since.timestamp() * 1000)
+        bottom = "-" if since <= 0 else str(since)
         while len(found) < query.limit:
             chunk = await self._connection.client.xrevrange(
                 self._stream, max=top, min=bottom, count=_SCAN_CHUNK)
@@ -564,7 +602,10 @@ class EtcdAuditStore:
         return len(self._outbox)
 
     def _key_at(self, moment: datetime) -> bytes:
-        return self._prefix + f"{_micros(moment):016d}".encode()
+        """The key of ``moment``'s first entry; a time the key's 16 digits cannot write (before
+        1970, after 2286) is the first or last key they can."""
+        micros = min(max(_micros(moment), 0), _ETCD_LAST_MICROS)
+        return self._prefix + f"{micros:016d}".encode()
 
     async def append(self, entry: AuditEntry) -> AuditEntry:
         self._last = max(_micros(entry.time), self._last + 1)
@@ -611,6 +652,8 @@ class EtcdAuditStore:
         high = self._key_at(query.until) if query.until is not None else _prefix_end(
             self._prefix)
         if query.before is not None:
+            if not _ETCD_ID.fullmatch(query.before):
+                raise ValueError(f"not an etcd audit id: {query.before!r}")
             high = min(high, self._prefix + query.before.encode())
         found: list[AuditEntry] = []
         async with unavailable(self._connection, "audit read"):
