@@ -181,6 +181,16 @@ async def test_lock_conflicts_make_the_migration_degraded_and_an_event_names_bot
     assert _condition(healed, "Degraded")["reason"] == "AsExpected"
 
 
+async def _failing_operations(service: LockService) -> None:
+    """What the enhanced locker counts when its store fails (30 failures in 100 operations),
+    then the time until the next analysis check (every second, on the monotonic clock)."""
+    for failed in range(100):
+        service.metrics.enhanced_operation()
+        if failed < 30:
+            service.metrics.enhanced_error()
+    await asyncio.sleep(1.05)
+
+
 async def test_errors_past_the_threshold_abort_the_rollout_and_a_retry_restarts_it(
     make_service: Callable[..., Any], tmp_path: Path,
 ) -> None:
@@ -192,12 +202,7 @@ async def test_errors_past_the_threshold_abort_the_rollout_and_a_retry_restarts_
     await reconciler.observed(MIGRATIONS, cluster.put(MIGRATIONS, "to-enhanced", migration(
         steps=[{"setWeight": 40}, {"pause": {}}], analysis=analysis)))
     await _tick_until(reconciler, cluster, lambda s: s.get("phase") == "Paused", service)
-    # What the enhanced locker counts when its store fails: 30 failures in 100 operations.
-    for failed in range(100):
-        service.metrics.enhanced_operation()
-        if failed < 30:
-            service.metrics.enhanced_error()
-    await asyncio.sleep(1.05)  # the analysis checks every second (monotonic clock)
+    await _failing_operations(service)
     await reconciler.tick()
     status = cluster.status(MIGRATIONS, "to-enhanced")
     aborted = _condition(status, "Aborted")
@@ -213,6 +218,45 @@ async def test_errors_past_the_threshold_abort_the_rollout_and_a_retry_restarts_
     await _tick_until(reconciler, cluster, lambda s: s.get("phase") == "Paused", service)
     assert service.provider.current.config.effective_weight == 40
     assert cluster.status(MIGRATIONS, "to-enhanced")["retried"] == "1"
+
+
+async def test_removing_the_analysis_clears_its_failing_check_and_a_new_one_counts_afresh(
+    make_service: Callable[..., Any], tmp_path: Path,
+) -> None:
+    service: LockService = await make_service(legacy_backend="memory", backend="memory")
+    cluster, wall = InMemoryCluster(), Wall()
+    reconciler = await _operator(service, cluster, tmp_path, wall)
+    steps = [{"setWeight": 40}, {"pause": {}}]
+    analysis = {"window": "1m", "interval": "1s", "maxErrorRate": 0.05, "failureLimit": 1}
+    await reconciler.observed(POLICIES, cluster.put(POLICIES, "default", POLICY))
+    await reconciler.observed(MIGRATIONS, cluster.put(MIGRATIONS, "to-enhanced", migration(
+        steps=steps, analysis=analysis)))
+    await _tick_until(reconciler, cluster, lambda s: s.get("phase") == "Paused", service)
+
+    async def failing_check() -> dict[str, Any]:
+        await _failing_operations(service)
+        await reconciler.tick()
+        return cluster.status(MIGRATIONS, "to-enhanced")
+
+    status = await failing_check()  # one failed check: tolerated (failureLimit 1)
+    assert (status["phase"], _condition(status, "Degraded")["reason"]) == (
+        "Degraded", "AnalysisFailing")
+    # Removing the analysis is how to stop it: nothing is failing any more.
+    await reconciler.observed(MIGRATIONS, cluster.put(MIGRATIONS, "to-enhanced", migration(
+        steps=steps)))
+    await reconciler.tick()
+    status = cluster.status(MIGRATIONS, "to-enhanced")
+    assert status["phase"] == "Paused"
+    assert _condition(status, "Degraded")["status"] == "False"
+    assert status.get("analysis") is None
+    # Added again, it tolerates one failed check again: the removed one's count is gone.
+    await reconciler.observed(MIGRATIONS, cluster.put(MIGRATIONS, "to-enhanced", migration(
+        steps=steps, analysis=analysis)))
+    await reconciler.tick()  # the first sample of the new analysis
+    status = await failing_check()
+    assert status["analysis"]["consecutiveFailures"] == 1
+    assert status["phase"] == "Degraded" and _condition(status, "Aborted")["status"] == "False"
+    assert service.provider.current.config.effective_weight == 40
 
 
 async def test_a_restarted_operator_resumes_the_rollout_from_its_status(

@@ -28,7 +28,7 @@ from datetime import timedelta
 
 from enhanced_locking.kube.lockmigration import Analysis
 
-__all__ = ["DEFAULT_INTERVAL", "DEFAULT_WINDOW", "Analyzer", "Check", "Totals"]
+__all__ = ["DEFAULT_INTERVAL", "DEFAULT_WINDOW", "Analyzer", "Check", "Totals", "has_thresholds"]
 
 DEFAULT_WINDOW = timedelta(minutes=5)
 DEFAULT_INTERVAL = timedelta(seconds=10)
@@ -105,7 +105,7 @@ class Analyzer:
         # Keep one sample at or before the window's start, so a full window can be measured.
         while len(self._samples) > 1 and self._samples[1][0] <= now - window:
             self._samples.popleft()
-        if spec is None or not _has_thresholds(spec):
+        if spec is None or not has_thresholds(spec):
             return None
         if self._last_check is None:
             self._last_check = now  # the first sample: nothing to compare with yet
@@ -154,6 +154,7 @@ class Analyzer:
         )
 
 
-def _has_thresholds(spec: Analysis) -> bool:
-    return any(value is not None for value in
+def has_thresholds(spec: Analysis | None) -> bool:
+    """Whether ``spec`` sets a threshold to check (without one nothing is judged)."""
+    return spec is not None and any(value is not None for value in
                (spec.max_error_rate, spec.max_mismatch_rate, spec.max_fallbacks))

@@ -29,7 +29,7 @@ from pydantic import ValidationError
 
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.factory import LockService
-from enhanced_locking.kube.analysis import Analyzer, Check, Totals
+from enhanced_locking.kube.analysis import Analyzer, Check, Totals, has_thresholds
 from enhanced_locking.kube.leader import SoleWriter, StatusWriter
 from enhanced_locking.kube.lockmigration import (
     PROMOTE_ANNOTATION,
@@ -205,6 +205,12 @@ class RolloutDriver:
         annotations = (body.get("metadata") or {}).get("annotations") or {}
         # An aborted rollout is not judged (its samples still fill the window).
         analysis = None if self.state.aborted or spec.abort else spec.analysis
+        if not has_thresholds(spec.analysis) and (self.check is not None
+                                                  or self.analyzer.consecutive_failures):
+            # The analysis was removed (the way to stop it): its last check no longer stands
+            # (no Degraded from it), and an analysis added again counts its failures afresh.
+            self.analyzer.reset()
+            self.check = None
         check = self.analyzer.observe(self.view.totals(), analysis)
         if check is not None:
             self.check, self._checked_at = check, self._wall()
