@@ -269,6 +269,33 @@ async def test_the_namespace_s_own_records_of_another_type_are_replaced_by_the_c
 
 
 @pytest.mark.parametrize("backend_factory", REDIS, indirect=True)
+@pytest.mark.parametrize(("field", "value"), [("base", "x"), ("base", None), ("until", "soon")])
+async def test_an_incarnation_hash_whose_numbers_do_not_read_is_replaced_by_the_call(
+    backend_factory: BackendFactory, field: str, value: str | None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The incarnation's base (the first token of new counters) or until (the quarantine's
+    # end) written over with what is not a whole number failed every grant with a Lua error.
+    backend = _redis(backend_factory)
+    redis = backend.connection.client
+    granted, first = await backend.acquire(lock_for(KEY))
+    assert granted
+    name = backend.keys.incarnation
+    if value is None:
+        await redis.hdel(name, field)
+    else:
+        await redis.hset(name, field, value)
+    with caplog.at_level(logging.WARNING, logger="enhanced_locking.backends.redis_store"):
+        assert (await backend.release(KEY.key, owner=("acme/infra", 1))) is not None
+        granted, again = await backend.acquire(lock_for(OTHER))
+    assert granted and again.fencing_token > first.fencing_token
+    await _others_still_served(backend)
+    assert "incarnation record" in caplog.text and "not a whole number" in caplog.text
+    for number in await redis.hmget(name, ["base", "until"]):
+        assert str(number).isdigit()
+
+
+@pytest.mark.parametrize("backend_factory", REDIS, indirect=True)
 @pytest.mark.parametrize("write", ["string", "hash"])
 @pytest.mark.parametrize("mended", [False, True], ids=["unmended", "mended-by-a-beat"])
 async def test_a_liveness_set_written_over_loses_no_waiter_and_a_dead_one_s_grant_lapses(

@@ -124,6 +124,11 @@ local function is_error(reply)
   error(reply)
 end
 
+-- Whether v is stored text that reads as a whole number INCR can raise (digits, at most 18).
+local function whole(v)
+  return type(v) == 'string' and string.match(v, '^%d+$') ~= nil and #v <= 18
+end
+
 -- The queue policy of ARGV[2..5], read the first time a call needs it (most never do).
 local function policy()
   if not POLICY then
@@ -275,12 +280,19 @@ local function guard(unsent)
     return {'spoiled_answer', ok and 'a JSON object' or 'not JSON'}
   end
   local e = PCALL('HMGET', INCARNATION, 'id', 'base', 'until')
+  local why = false
   if e['err'] and is_error(e) then  -- (HMGET answers a list, or Redis's refusal: a table)
-    -- Another Redis type where the incarnation is kept (written over by something else): the
-    -- locks and counters are where they were, so a new incarnation starts at once, without
-    -- quarantine; counters started from now on continue from the clock, above any token a
-    -- lost counter could have handed out. The reply's fifth field says why (Python logs it).
-    local why = 'not a hash (Redis type ' .. CALL('TYPE', INCARNATION)['ok'] .. ')'
+    why = 'not a hash (Redis type ' .. CALL('TYPE', INCARNATION)['ok'] .. ')'
+  elseif e[1] and not ((e[2] == '0' or whole(e[2])) and (e[3] == '0' or whole(e[3]))) then
+    -- (each compared as the text '0' first, which nearly every call finds: no pattern then)
+    why = 'a hash whose base or until is not a whole number'
+  end
+  if why then
+    -- Another Redis type where the incarnation is kept, or a hash of it whose numbers do not
+    -- read (written over by something else): the locks and counters are where they were, so
+    -- a new incarnation starts at once, without quarantine; counters started from now on
+    -- continue from the clock, above any token a lost counter could have handed out. The
+    -- reply's fifth field says why (Python logs it).
     local now, id = clock(), fresh_id()
     w('DEL', INCARNATION)
     w('HSET', INCARNATION, 'id', id, 'base', int(now * 1000), 'until', 0,
@@ -462,7 +474,7 @@ local function fence_damage(k)
     local v = PCALL('GET', name)
     if is_error(v) then
       known = 'its fencing counter is ' .. not_a(name, 'number')
-    elseif v and not (string.match(v, '^%d+$') and #v <= 18) then
+    elseif v and not whole(v) then
       known = 'its fencing counter is not a whole number'
     else
       known = false
