@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 from enhanced_locking.types import Command, Mode, Priority
@@ -145,10 +145,12 @@ class Freeze(_Rule):
     match: KeyPattern = Field(description="The keys it covers.")
     message: Annotated[str, Field(min_length=1, max_length=1024)] = Field(
         description="What a refused request is told.")
-    from_: datetime | None = Field(
+    # Aware: RFC 3339 has an offset, and a time without one names no moment (compared
+    # with the clock, it failed every grant step with a TypeError).
+    from_: AwareDatetime | None = Field(
         None, alias="from", description="When it starts (RFC 3339; none: now).",
         json_schema_extra={"maxLength": 64})
-    until: datetime | None = Field(
+    until: AwareDatetime | None = Field(
         None, description="When it ends (RFC 3339; none: when the rule is removed).",
         json_schema_extra={"maxLength": 64})
     action: Literal["refuse", "wait"] = Field(

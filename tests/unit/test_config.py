@@ -279,7 +279,10 @@ INVALID_BY_KIND: dict[str, list[Any]] = {
     "rules": ['{"freezes": [{"name": "f", "match": {}, "message": "m"}]}',
               '{"concurrency": [{"name": "c", "limit": 0}]}',
               '{"priorityRules": [{"name": "p", "commands": ["deploy"], "priority": "high"}]}',
-              "[not, a, mapping"],
+              "[not, a, mapping",
+              # A freeze's time without its offset (RFC 3339 has one): which moment is it?
+              '{"freezes": [{"name": "f", "match": {"repo": "a/*"}, "message": "m", '
+              '"from": "2026-12-08T00:00:00"}]}'],
 }
 INVALID_STRINGS: dict[str, list[Any]] = {
     "redis_addr": ["nope", "localhost:", ":6379", "localhost:70000", "a b c:1",
