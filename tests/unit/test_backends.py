@@ -19,7 +19,12 @@ from tests.support.leases import Overrun, past, with_leases
 from tests.support.locks import lock_for, request_for
 
 from enhanced_locking.backends import EmbeddedBackend, MemoryBackend, QueueBackend, base, codec
-from enhanced_locking.backends.embedded import APPLICATION_ID, FLOOR_AHEAD, SCHEMA_VERSION
+from enhanced_locking.backends.embedded import (
+    APPLICATION_ID,
+    FLOOR_AHEAD,
+    SCHEMA_VERSION,
+    open_database,
+)
 from enhanced_locking.types import (
     BackendUnavailable,
     Lock,
@@ -646,6 +651,28 @@ async def test_a_version_2_store_is_migrated_in_place_and_its_floor_then_stays_a
         assert _floor(path) >= new_key.fencing_token
     finally:
         await backend.close()
+
+
+async def test_a_file_of_a_newer_layout_is_refused_and_left_as_it_was(data_dir: Path) -> None:
+    # Written by a newer version of the service (a rollback): this version does not know that
+    # layout, and stamping it with its own version would have the newer one skip its own
+    # migration when it opens the file again.
+    path = data_dir / "enhanced-locking.db"
+    backend = EmbeddedBackend(path)
+    assert (await backend.acquire(lock_for(request_for())))[0]
+    await backend.close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    before = path.read_bytes()
+    for opening in (lambda: EmbeddedBackend(path), lambda: EmbeddedBackend(path, "legacy"),
+                    lambda: open_database(path, initialise=True)):
+        with pytest.raises(StoreRefused, match=(
+                f"layout version {SCHEMA_VERSION + 1}, newer than the {SCHEMA_VERSION} of "
+                "this version")):
+            opening()
+    assert path.read_bytes() == before
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
 
 
 async def test_the_fencing_floor_stays_ahead_of_every_token_and_is_written_once_per_stretch(

@@ -362,6 +362,8 @@ def open_database(
                 f"the embedded store {path} exists but is empty ({path.stat().st_size} bytes): "
                 "its locks and fencing tokens would be lost; restore it, or set "
                 "enhanced-locking-init-store=true to start it afresh")
+        if verdict == "ours":
+            _refuse_newer(connection, path)
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("PRAGMA synchronous=NORMAL")
         connection.execute("PRAGMA busy_timeout=5000")
@@ -406,6 +408,18 @@ def open_database(
         connection.close()
         raise BackendUnavailable(f"cannot open the embedded store {path}: {error}") from None
     return connection
+
+
+def _refuse_newer(connection: sqlite3.Connection, path: Path) -> None:
+    """A file of a layout newer than this version's is refused before anything is written:
+    this version cannot read it, and stamping it with its own version would have the newer
+    one skip its migration the next time it opens the file."""
+    version = connection.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise StoreRefused(
+            f"the embedded store {path} has layout version {version}, newer than the "
+            f"{SCHEMA_VERSION} of this version of enhanced-locking: a newer version wrote "
+            "it; run that version, or restore the copy of the file kept from before it")
 
 
 def _migrate_from_0(connection: sqlite3.Connection, tables: set[str]) -> None:
