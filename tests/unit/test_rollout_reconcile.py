@@ -121,6 +121,32 @@ async def test_steps_advance_through_ticks_and_the_status_tells_where_the_rollou
     assert reasons.count("RolloutPromoted") == 1 and reasons.count("RolloutCompleted") == 1
 
 
+async def test_in_shadow_mode_the_status_shows_no_weight_routed_and_says_legacy_decides(
+    replica_set: ReplicaSet, tmp_path: Path,
+) -> None:
+    service = await replica_set.start("a", replica_heartbeat="50ms")
+    cluster, wall = InMemoryCluster(), Wall()
+    reconciler = await _operator(service, cluster, tmp_path, wall)
+    await reconciler.observed(POLICIES, cluster.put(POLICIES, "default", POLICY))
+    await reconciler.observed(MIGRATIONS, cluster.put(MIGRATIONS, "to-enhanced",
+                                                      migration(weight=50, mode="shadow")))
+    await _tick_until(reconciler, cluster, lambda s: s.get("phase") == "Completed", service)
+    status = cluster.status(MIGRATIONS, "to-enhanced")
+    assert (status["mode"], status["currentWeight"]) == ("shadow", 0)
+    assert service.router.side_for(request_for().key) == "legacy"
+    for kind in ("Completed", "Progressing"):
+        assert _condition(status, kind)["message"].startswith(
+            "mode shadow: legacy decides every lock key")
+    assert status["message"] == _condition(status, "Completed")["message"]
+    # Routed: the weight is what the service sends to enhanced, and the message says so alone.
+    await reconciler.observed(MIGRATIONS, cluster.put(MIGRATIONS, "to-enhanced",
+                                                      migration(weight=50, mode="route")))
+    await _tick_until(reconciler, cluster, lambda s: s.get("currentWeight") == 50, service)
+    await _tick_until(reconciler, cluster, lambda s: s.get("phase") == "Completed", service)
+    status = cluster.status(MIGRATIONS, "to-enhanced")
+    assert status["message"] == "weight 50 is in force on every replica"
+
+
 async def test_a_replica_that_does_not_write_the_status_routes_by_it_and_stays_silent(
     replica_set: ReplicaSet, tmp_path: Path,
 ) -> None:

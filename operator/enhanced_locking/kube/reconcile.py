@@ -592,7 +592,8 @@ class Reconciler:
                 fields["current_step_index"] = self._rollout_args()["step_index"]
             model = LockMigrationStatus(
                 **{**common, **fields},
-                current_weight=snapshot.config.effective_weight,
+                # What the service routes to enhanced: 0 in shadow mode (legacy decides).
+                current_weight=snapshot.config.routed_weight,
                 mode=snapshot.config.migration_mode,
             )
         status: dict[str, Any] = model.model_dump(mode="json", by_alias=True)

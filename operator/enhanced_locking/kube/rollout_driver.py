@@ -61,6 +61,10 @@ COUNTER_REFRESH = 2.0
 
 ROLLOUT_CONDITIONS = ("Progressing", "Paused", "Completed", "Aborted", "Degraded")
 
+SHADOW_NOTE = ("mode shadow: legacy decides every lock key and the enhanced locker only "
+               "replays (0% routed to it); the weight takes effect with mode route")
+"""Leads the rollout's message and conditions in shadow mode."""
+
 
 class ServiceView(Protocol):
     """What the driver reads from the service of this process."""
@@ -283,6 +287,10 @@ class RolloutDriver:
         conflicts = migration.conflicts
         routing = migration.routing
         degraded = self._degraded(progress, conflicts, routing)
+        if self.view.config().migration_mode == "shadow":
+            # The steps and the weight are applied, but legacy decides every key: say so
+            # before anything that reads as keys being on the enhanced side.
+            progress = replace(progress, message=f"{SHADOW_NOTE}; {progress.message}")
         phase = progress.phase
         message = progress.message
         if degraded is not None and phase != "Aborted":
