@@ -189,3 +189,26 @@ async def test_starting_shadow_mode_seeds_the_shadow_keyspace_from_legacy(
 
     await service.provider.set_layer("cluster", {"migration_mode": "route"})
     assert not service.migration.shadow.active
+
+
+async def test_a_seed_is_never_dropped_behind_a_full_queue(
+    make_service: ServiceMaker, store: StoreOpener,
+) -> None:
+    """The sampling changes while the replay queue is full: the namespace is seeded anew all
+    the same, so the replays after it compare against legacy's holds, not the old ones."""
+    service = await _shadow_service(make_service, shadow_queue_size=1)
+    shadow = service.migration.shadow
+    held, stale = request_for(path="held", pull=8), request_for(path="stale", pull=9)
+    await store(service, "legacy").acquire(lock_for(held, backend="legacy"))
+    await store(service, "shadow").acquire(lock_for(stale))
+    shadow.after_release(request_for(path="other").key, None, released=None)  # queue full
+    assert shadow.queued() == 1
+    ratio = 1 - 1 / BUCKETS
+    await shadow.configure(service.provider.current.config.model_copy(
+        update={"shadow_sample_ratio": ratio}))
+    assert shadow.sampled(held.key) and shadow.sampled(stale.key)
+    await shadow.drain()
+    assert [(lock.key, lock.pull.num) for lock in await store(service, "shadow").list()] == [
+        (held.key, 8)]
+    assert shadow.stats.dropped == 0
+

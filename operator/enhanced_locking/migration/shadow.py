@@ -212,7 +212,10 @@ class ShadowReplayer:
             changed = True
         self._active = True
         if changed:
-            self._offer(_Seed(self._authoritative()))
+            # Never dropped, even behind a full queue: the replays after it compare against the
+            # state it makes (a dropped one leaves the old namespace in place, so every later
+            # comparison of its keys could be a mismatch that is no difference of the stores).
+            self._offer(_Seed(self._authoritative()), always=True)
 
     async def stop(self) -> None:
         self._active = False
@@ -254,8 +257,8 @@ class ShadowReplayer:
         if self._active:
             self._offer(_ReleaseByPull(repo, pull, released))
 
-    def _offer(self, job: _Job) -> None:
-        if len(self._jobs) >= self._limit:
+    def _offer(self, job: _Job, *, always: bool = False) -> None:
+        if len(self._jobs) >= self._limit and not always:
             self.stats.dropped += 1
             self.metrics.shadow_replays.labels("dropped").inc()
             return
