@@ -48,10 +48,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
-from enhanced_locking.types import Command, Mode, Priority
+from enhanced_locking.types import Command, Mode, Priority, clean_path
 
 __all__ = [
     "CALLER_IS_ADMIN",
@@ -113,8 +113,10 @@ class KeyPattern(_Rule):
         "a pattern needs at least one of repo, pathPrefix, workspace, key"))
 
     repo: Glob | None = Field(None, description="Repository full name, a glob (acme/*).")
-    path_prefix: Glob | None = Field(
+    path_prefix: Annotated[Glob, AfterValidator(clean_path)] | None = Field(
         None, description="Project path; covers the paths below it (envs/prod).")
+    """Cleaned as a project's path is (:func:`~enhanced_locking.types.clean_path`), so
+    ``envs/prod/`` and ``./envs/prod`` cover what ``envs/prod`` covers."""
     workspace: Glob | None = Field(None, description="Terraform workspace, a glob.")
     key: Glob | None = Field(
         None, description="The whole lock key {repo}/{path}/{workspace}/{project}, a glob.")

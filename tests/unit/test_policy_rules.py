@@ -241,6 +241,22 @@ async def test_a_freeze_refuses_with_its_message_and_leaves_held_locks_alone(
     assert "freeze-started" in rig.types()
 
 
+@pytest.mark.parametrize("prefix", ["envs/prod/", "./envs/prod", "envs//prod"])
+async def test_a_path_prefix_is_read_as_atlantis_reads_a_path(
+        rigs: Callable[..., LockerRig], prefix: str) -> None:
+    """A project's path is cleaned (``envs/prod/`` is ``envs/prod``), and so is a pattern's
+    ``pathPrefix``: written with a trailing slash or ``./``, it covers the path and every path
+    below it. Before, it was compared as written, and such a freeze froze nothing."""
+    rig = rigs()
+    freeze = Freeze(name="release-week", match=KeyPattern.model_validate({"pathPrefix": prefix}),
+                    message="prod is frozen")
+    assert freeze.match.path_prefix == "envs/prod"
+    await rules(rig, PolicyRules(freezes=[freeze]))
+    assert (await rig.locker.acquire(ask(2))).reason is Reason.FROZEN
+    assert (await rig.locker.acquire(ask(2, path="envs/prod/eu"))).reason is Reason.FROZEN
+    assert (await rig.locker.acquire(ask(2, path="envs/production"))).acquired
+
+
 async def test_a_waiting_freeze_queues_and_grants_when_it_is_lifted(
         rigs: Callable[..., LockerRig]) -> None:
     rig = rigs()
