@@ -63,6 +63,18 @@ async def _operator(service: LockService, cluster: InMemoryCluster, tmp_path: Pa
                       cluster=cluster, runtime_dir=tmp_path, rollout=driver)
 
 
+async def _migrating(service: LockService, tmp_path: Path,
+                     **spec: Any) -> tuple[InMemoryCluster, Wall, Reconciler]:
+    """The status writer of ``service``, having observed the policy and a LockMigration of
+    ``spec``; the cluster it writes to and its wall clock."""
+    cluster, wall = InMemoryCluster(), Wall()
+    reconciler = await _operator(service, cluster, tmp_path, wall)
+    await reconciler.observed(POLICIES, cluster.put(POLICIES, "default", POLICY))
+    await reconciler.observed(MIGRATIONS, cluster.put(MIGRATIONS, "to-enhanced",
+                                                      migration(**spec)))
+    return cluster, wall, reconciler
+
+
 async def _settle(*services: LockService) -> None:
     async with asyncio.timeout(10):
         for service in services:
@@ -88,11 +100,7 @@ async def test_steps_advance_through_ticks_and_the_status_tells_where_the_rollou
     replica_set: ReplicaSet, tmp_path: Path,
 ) -> None:
     service = await replica_set.start("a", replica_heartbeat="50ms")
-    cluster, wall = InMemoryCluster(), Wall()
-    reconciler = await _operator(service, cluster, tmp_path, wall)
-    await reconciler.observed(POLICIES, cluster.put(POLICIES, "default", POLICY))
-    await reconciler.observed(MIGRATIONS, cluster.put(MIGRATIONS, "to-enhanced",
-                                                      migration(steps=STEPS)))
+    cluster, wall, reconciler = await _migrating(service, tmp_path, steps=STEPS)
     assert service.provider.current.config.effective_weight == 10
     await _tick_until(reconciler, cluster, lambda s: s.get("phase") == "Paused", service)
     status = cluster.status(MIGRATIONS, "to-enhanced")
@@ -125,11 +133,7 @@ async def test_in_shadow_mode_the_status_shows_no_weight_routed_and_says_legacy_
     replica_set: ReplicaSet, tmp_path: Path,
 ) -> None:
     service = await replica_set.start("a", replica_heartbeat="50ms")
-    cluster, wall = InMemoryCluster(), Wall()
-    reconciler = await _operator(service, cluster, tmp_path, wall)
-    await reconciler.observed(POLICIES, cluster.put(POLICIES, "default", POLICY))
-    await reconciler.observed(MIGRATIONS, cluster.put(MIGRATIONS, "to-enhanced",
-                                                      migration(weight=50, mode="shadow")))
+    cluster, _, reconciler = await _migrating(service, tmp_path, weight=50, mode="shadow")
     await _tick_until(reconciler, cluster, lambda s: s.get("phase") == "Completed", service)
     status = cluster.status(MIGRATIONS, "to-enhanced")
     assert (status["mode"], status["currentWeight"]) == ("shadow", 0)
@@ -179,11 +183,7 @@ async def test_lock_conflicts_make_the_migration_degraded_and_an_event_names_bot
     make_service: Callable[..., Any], tmp_path: Path,
 ) -> None:
     service: LockService = await make_service(legacy_backend="memory", backend="memory")
-    cluster, wall = InMemoryCluster(), Wall()
-    reconciler = await _operator(service, cluster, tmp_path, wall)
-    await reconciler.observed(POLICIES, cluster.put(POLICIES, "default", POLICY))
-    await reconciler.observed(MIGRATIONS, cluster.put(MIGRATIONS, "to-enhanced",
-                                                      migration(weight=100)))
+    cluster, _, reconciler = await _migrating(service, tmp_path, weight=100)
     await _tick_until(reconciler, cluster, lambda s: s.get("phase") == "Completed", service)
 
     request = request_for(path="double", pull=3)
@@ -221,12 +221,9 @@ async def test_errors_past_the_threshold_abort_the_rollout_and_a_retry_restarts_
     make_service: Callable[..., Any], tmp_path: Path,
 ) -> None:
     service: LockService = await make_service(legacy_backend="memory", backend="memory")
-    cluster, wall = InMemoryCluster(), Wall()
-    reconciler = await _operator(service, cluster, tmp_path, wall)
     analysis = {"window": "1m", "interval": "1s", "maxErrorRate": 0.05}
-    await reconciler.observed(POLICIES, cluster.put(POLICIES, "default", POLICY))
-    await reconciler.observed(MIGRATIONS, cluster.put(MIGRATIONS, "to-enhanced", migration(
-        steps=[{"setWeight": 40}, {"pause": {}}], analysis=analysis)))
+    cluster, _, reconciler = await _migrating(
+        service, tmp_path, steps=[{"setWeight": 40}, {"pause": {}}], analysis=analysis)
     await _tick_until(reconciler, cluster, lambda s: s.get("phase") == "Paused", service)
     await _failing_operations(service)
     await reconciler.tick()
@@ -250,13 +247,9 @@ async def test_removing_the_analysis_clears_its_failing_check_and_a_new_one_coun
     make_service: Callable[..., Any], tmp_path: Path,
 ) -> None:
     service: LockService = await make_service(legacy_backend="memory", backend="memory")
-    cluster, wall = InMemoryCluster(), Wall()
-    reconciler = await _operator(service, cluster, tmp_path, wall)
     steps = [{"setWeight": 40}, {"pause": {}}]
     analysis = {"window": "1m", "interval": "1s", "maxErrorRate": 0.05, "failureLimit": 1}
-    await reconciler.observed(POLICIES, cluster.put(POLICIES, "default", POLICY))
-    await reconciler.observed(MIGRATIONS, cluster.put(MIGRATIONS, "to-enhanced", migration(
-        steps=steps, analysis=analysis)))
+    cluster, _, reconciler = await _migrating(service, tmp_path, steps=steps, analysis=analysis)
     await _tick_until(reconciler, cluster, lambda s: s.get("phase") == "Paused", service)
 
     async def failing_check() -> dict[str, Any]:
@@ -313,12 +306,8 @@ async def test_a_promote_value_longer_than_a_status_field_is_recorded_as_a_diges
     make_service: Callable[..., Any], tmp_path: Path,
 ) -> None:
     service: LockService = await make_service(legacy_backend="memory", backend="memory")
-    cluster, wall = InMemoryCluster(), Wall()
-    reconciler = await _operator(service, cluster, tmp_path, wall)
-    await reconciler.observed(POLICIES, cluster.put(POLICIES, "default", POLICY))
     steps = [{"setWeight": 10}, {"pause": {}}, {"setWeight": 20}, {"pause": {}}]
-    await reconciler.observed(MIGRATIONS, cluster.put(MIGRATIONS, "to-enhanced",
-                                                      migration(steps=steps)))
+    cluster, _, reconciler = await _migrating(service, tmp_path, steps=steps)
     await _tick_until(reconciler, cluster, lambda s: s.get("phase") == "Paused", service)
     value = "x" * 300
     await reconciler.observed(MIGRATIONS, cluster.annotate(MIGRATIONS, "to-enhanced",
@@ -335,11 +324,7 @@ async def test_steps_that_replace_a_higher_fixed_weight_warn_once_that_keys_move
     replica_set: ReplicaSet, tmp_path: Path,
 ) -> None:
     service = await replica_set.start("a", replica_heartbeat="50ms")
-    cluster, wall = InMemoryCluster(), Wall()
-    reconciler = await _operator(service, cluster, tmp_path, wall)
-    await reconciler.observed(POLICIES, cluster.put(POLICIES, "default", POLICY))
-    await reconciler.observed(MIGRATIONS, cluster.put(MIGRATIONS, "to-enhanced",
-                                                      migration(weight=50)))
+    cluster, _, reconciler = await _migrating(service, tmp_path, weight=50)
     await _tick_until(reconciler, cluster, lambda s: s.get("phase") == "Completed", service)
     assert cluster.status(MIGRATIONS, "to-enhanced")["currentWeight"] == 50
 
@@ -358,11 +343,7 @@ async def test_steps_from_the_current_weight_do_not_warn(
     replica_set: ReplicaSet, tmp_path: Path,
 ) -> None:
     service = await replica_set.start("a", replica_heartbeat="50ms")
-    cluster, wall = InMemoryCluster(), Wall()
-    reconciler = await _operator(service, cluster, tmp_path, wall)
-    await reconciler.observed(POLICIES, cluster.put(POLICIES, "default", POLICY))
-    await reconciler.observed(MIGRATIONS, cluster.put(MIGRATIONS, "to-enhanced",
-                                                      migration(weight=10)))
+    cluster, _, reconciler = await _migrating(service, tmp_path, weight=10)
     await _tick_until(reconciler, cluster, lambda s: s.get("phase") == "Completed", service)
     await reconciler.observed(MIGRATIONS, cluster.put(MIGRATIONS, "to-enhanced",
                                                       migration(steps=STEPS)))
