@@ -7,13 +7,14 @@ import random
 from pathlib import Path
 from typing import Any
 
+import pytest
 from tests.conftest import ServiceMaker, StoreOpener
 from tests.support.locks import lock_for, request_for
 
 from enhanced_locking.factory import LockService
 from enhanced_locking.hashing import BUCKETS
 from enhanced_locking.migration.shadow import sample_bucket
-from enhanced_locking.types import AcquireResult, Event
+from enhanced_locking.types import AcquireResult, BackendUnavailable, Event
 
 SHADOW = {"enabled": True, "backend": "boltdb", "migration_mode": "shadow"}
 
@@ -211,4 +212,26 @@ async def test_a_seed_is_never_dropped_behind_a_full_queue(
     assert [(lock.key, lock.pull.num) for lock in await store(service, "shadow").list()] == [
         (held.key, 8)]
     assert shadow.stats.dropped == 0
+
+
+async def test_a_shadow_store_replaced_by_another_is_closed(
+    make_service: ServiceMaker, tmp_path: Path,
+) -> None:
+    """Settings that name another shadow store (a data dir, a Redis address or pool) make a
+    new backend: the one it replaces is closed once the replays are done with it, not kept
+    open until shadow mode ends (one more open store for every such change)."""
+    service = await _shadow_service(make_service)
+    shadow = service.migration.shadow
+    replaced = shadow.backend
+    assert replaced is not None
+    other = tmp_path / "other"
+    other.mkdir()
+    await shadow.configure(service.provider.current.config.model_copy(
+        update={"data_dir": other}))
+    await shadow.drain()
+    replacing = shadow.backend
+    assert replacing is not None and replacing is not replaced and shadow.active
+    with pytest.raises(BackendUnavailable):
+        await replaced.ping()
+    await replacing.ping()
 

@@ -270,6 +270,8 @@ class ShadowReplayer:
     # --- the background replay -----------------------------------------------------------
     async def _work(self) -> None:
         while True:
+            if self._retired:  # replaced stores: no replay uses them between two jobs
+                await self._close_retired()
             if not self._jobs:
                 self._idle = True
                 self._drained.set()
@@ -287,6 +289,15 @@ class ShadowReplayer:
             # Let requests that arrived meanwhile go first: an in-process store answers
             # without yielding, so a backlog would otherwise run back to back.
             await asyncio.sleep(0)
+
+    async def _close_retired(self) -> None:
+        while self._retired:
+            try:
+                await self._retired[0].close()
+            except Exception as error:
+                log.debug("closing a replaced shadow store failed: %s", error)
+            # Taken out once closed: cancelled before that, stop() closes it.
+            self._retired.pop(0)
 
     async def _replay(self, backend: Backend, job: _Job) -> None:
         if isinstance(job, _Seed):
