@@ -418,3 +418,51 @@ async def test_a_waited_on_key_that_stays_free_is_not_stepped_on_at_every_check(
     await b.release_and_handoff(held.key, owner=held.owner, policy=POLICY)
     notice = await asyncio.wait_for(told, WATCH_CHECK + 5)
     assert sorted(lock.key for lock in notice.locks) == sorted([held.key, free])
+
+
+async def test_a_pull_is_released_among_more_locks_than_one_transaction_may_guard(
+    etcd_replicas: tuple[EtcdBackend, EtcdBackend],
+) -> None:
+    """etcd refuses a transaction with more than 128 compares (``--max-txn-ops``): a release
+    of a pull's locks, which reads every lock, was guarded by every lock of the namespace and
+    failed (``too many operations in txn request``, 503 after 5 s) once 127 were held. It is
+    judged on the locks it releases and on nothing added meanwhile, and commits at once."""
+    a, b = etcd_replicas
+    for i in range(140):
+        await grant(a, want(1 + i % 5, path=f"envs/p{i}"))
+    before = a.conflicts
+    released = await a.release_by_pull("acme/infra", 1)
+    assert sorted(lock.key for lock in released) == sorted(
+        want(1, path=f"envs/p{i}").key for i in range(0, 140, 5))
+    assert a.conflicts == before  # committed the first time
+    left = await b.list()
+    assert len(left) == 112 and {lock.pull.num for lock in left} == {2, 3, 4, 5}
+    # A lock the pull took since, through the other replica, is released by the next one.
+    await grant(b, want(1, path="envs/late"))
+    assert [lock.key for lock in await a.release_by_pull("acme/infra", 1)] == [
+        want(1, path="envs/late").key]
+
+
+async def test_a_key_with_more_waiters_than_one_transaction_may_guard_is_still_served(
+    etcd_replicas: tuple[EtcdBackend, EtcdBackend],
+) -> None:
+    """Every step on a key reads its whole queue: guarded by each entry, a key with about 125
+    waiters took no more steps (etcd's 128 compares a transaction), its holder could not
+    release it, nor a waiter leave. A step is guarded by the entries it writes and by the
+    range (nothing added since), and the key is served in order."""
+    a, b = etcd_replicas
+    held = await grant(a, want(1))
+    waits = [offer() for _ in range(135)]
+    told = {w.id: a.grants.expect(w.id) for w in waits}
+    for i, w in enumerate(waits):
+        outcome = await a.acquire_or_enqueue(want(10 + i), ttl=None, wait=w, policy=POLICY)
+        assert outcome.status is Status.QUEUED and outcome.position == i + 1, (i, outcome)
+    # A waiter in the middle leaves, through the other replica.
+    cancelled = await b.cancel(held.key, waits[60].id)
+    assert cancelled.removed
+    handoff = await a.release_and_handoff(held.key, owner=held.owner, policy=POLICY)
+    assert [g.waiter.id for g in handoff.granted] == [waits[0].id]
+    notice = await asyncio.wait_for(told[waits[0].id], 10)
+    assert notice.locks and notice.locks[0].pull.num == 10
+    queue = await b.queue(held.key, policy=POLICY)
+    assert [w.id for w in queue] == [w.id for w in waits[1:] if w is not waits[60]]

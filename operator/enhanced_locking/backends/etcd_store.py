@@ -144,6 +144,9 @@ _STILL_FREE = 5
 batch waiting for another key, a freeze), has its step run again every this many checks, not
 at each (``EtcdBackend._unserved``)."""
 _EQUAL, _LESS, _MOD = Compare.EQUAL, Compare.LESS, Compare.MOD
+_MAX_OPS = 128
+"""Compares (and operations of each branch) etcd takes in one transaction: its default
+``--max-txn-ops`` (``_entry_guards``)."""
 _SKEW = timedelta(seconds=1)
 """How far apart replicas' clocks may be for a deleted lock to count as lapsed (etcd ends a
 lock's lease a second or more after the lock)."""
@@ -1043,11 +1046,11 @@ class EtcdBackend(StoreBackend):
         guard = request.compare.add
         for k, kv in read.keys.items():
             guard(result=_EQUAL, target=_MOD, key=k, mod_revision=kv.mod)
-        for prefix, (revision, kvs) in read.ranges.items():
+        for prefix, (revision, _) in read.ranges.items():
             guard(result=_LESS, target=_MOD, key=prefix, range_end=_prefix_end(prefix),
                   mod_revision=revision + 1)
-            for k, kv in kvs.items():
-                guard(result=_EQUAL, target=_MOD, key=k, mod_revision=kv.mod)
+        for k, kv in _entry_guards(read, writes):
+            guard(result=_EQUAL, target=_MOD, key=k, mod_revision=kv.mod)
         op = request.success.add
         for k, v in writes.items():
             if v is None:
@@ -1787,6 +1790,31 @@ class EtcdBackend(StoreBackend):
         return await self._atomic(lambda: StoreBackend.wait_graph(self, policy=policy),
                                   prefixes=(self.base + b"queue/", self.base + b"lock/",
                                             self.base + b"shared/"))
+
+
+def _entry_guards(read: _Reads, writes: dict[bytes, tuple[bytes, int] | None],
+                  ) -> list[tuple[bytes, _KV]]:
+    """The entries of ``read``'s ranges a commit guards one by one (``mod_revision`` equal:
+    still there, unchanged), besides its keys and its ranges (nothing added or changed in a
+    range since it was read, which cannot see a delete).
+
+    Every entry, while the transaction stays within etcd's ``--max-txn-ops`` (``_MAX_OPS``
+    compares). Past it (a release of a pull's locks reads every lock; a key with about 125
+    waiters): the entries the commit writes or deletes, then as many of the others as fit.
+    etcd refused the whole transaction (``too many operations in txn request``), so such a
+    step never committed: a pull was not released once 127 locks were held, and a key with
+    that many waiters could be neither released nor left. An entry left unguarded can only
+    have been deleted meanwhile (a put is a change the range's guard sees), and a delete
+    only frees: a step that did not write an entry and took it for present holds back at
+    most what the step that deleted it served itself (a holder gone, a waiter ahead gone),
+    or counts it in a position, never grants a key twice."""
+    entries = [(k, kv) for _, kvs in read.ranges.values() for k, kv in kvs.items()]
+    room = _MAX_OPS - len(read.keys) - len(read.ranges)
+    if len(entries) <= room:
+        return entries
+    written = [(k, kv) for k, kv in entries if k in writes]
+    others = [(k, kv) for k, kv in entries if k not in writes]
+    return written + others[:max(room - len(written), 0)]
 
 
 # --- tokens still to be resolved -------------------------------------------------------------
