@@ -203,6 +203,34 @@ async def test_with_one_endpoint_nothing_is_routed(
         await store.close()
 
 
+async def test_an_endpoint_whose_name_does_not_resolve_leaves_the_others_serving(
+    three: EtcdCluster, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A member that is down may have no address (a Kubernetes headless Service publishes
+    none for a pod that is not ready): the connect fails only when no endpoint resolves.
+    Before, one name that did not resolve failed every connect (503, ``/readyz`` not ready)
+    while the two other members served."""
+    gone = "etcd-gone.invalid:2379"
+    store = EtcdBackend(EtcdConnection(EtcdSettings(
+        endpoints=(three.members[0].endpoint, gone, three.members[1].endpoint))),
+        prefix="/route-named/")
+    try:
+        with caplog.at_level(logging.WARNING, logger=etcd_connection.__name__):
+            await store.ping()
+            for n in range(3):
+                await pair(store, pull=n + 1)
+        assert store.connection.several_members
+        assert any(gone in record.getMessage() for record in caplog.records)
+    finally:
+        await store.close()
+    nowhere = EtcdBackend(EtcdConnection(EtcdSettings(endpoints=(gone,))), prefix="/route-no/")
+    try:
+        with pytest.raises(BackendUnavailable, match=gone):
+            await nowhere.ping()
+    finally:
+        await nowhere.close()
+
+
 async def test_with_auth_on_the_leader_is_found_and_the_route_carries_the_token(
     three: EtcdCluster,
 ) -> None:

@@ -184,9 +184,15 @@ class Passenger(Protocol):
 
 def _resolve(endpoints: Sequence[str]) -> tuple[list[str], str | None]:
     """IPv4 ``host:port`` targets (the client balances over addresses, not names), and the
-    name the server certificates carry when the endpoints were given by name."""
+    name the server certificates carry when the endpoints were given by name.
+
+    A name that does not resolve is left out (logged) while another endpoint gives an
+    address: a member that is down may have none (a Kubernetes headless Service publishes
+    no address for a pod that is not ready), and the others serve. Before, that one name
+    failed every connect. The connect fails, naming each endpoint, only when none resolves."""
     targets: list[str] = []
     name: str | None = None
+    unresolved: list[str] = []
     for endpoint in endpoints:
         host, _, port = endpoint.rpartition(":")
         host = host.strip("[]")
@@ -200,8 +206,13 @@ def _resolve(endpoints: Sequence[str]) -> tuple[list[str], str | None]:
         try:
             infos = socket.getaddrinfo(host, int(port), socket.AF_INET, socket.SOCK_STREAM)
         except OSError as error:
-            raise BackendUnavailable(f"etcd endpoint {endpoint}: {error.strerror}") from None
+            unresolved.append(f"{endpoint}: {error.strerror}")
+            continue
         targets.extend(sorted({f"{info[4][0]}:{port}" for info in infos}))
+    if unresolved and not targets:
+        raise BackendUnavailable(f"etcd endpoint {'; '.join(unresolved)}")
+    for failed in unresolved:
+        log.warning("etcd endpoint %s; connecting to the others", failed)
     return targets, name
 
 
