@@ -156,6 +156,25 @@ _UNREADABLE_KEPT = 4096
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 _CURRENT: contextvars.ContextVar[_Txn | None] = contextvars.ContextVar("etcd_txn", default=None)
+_PULL_PART = 16
+"""Locks of one pull a release by pull frees in one step (``EtcdBackend.release_by_pull``):
+each costs its commit a few compares and writes (its delete, its token floor, its queue, a
+hand-off), and etcd takes 128 of each in one transaction (``_MAX_OPS``)."""
+
+
+class _Part:
+    """A release by pull under way, a part at a time (``EtcdBackend._scan``): the keys the
+    parts before freed (a key one of them handed to a waiter of the same pull is not freed
+    again, as in one step), the keys the last run of this part's step took, and whether it
+    left locks of the pull for the next part."""
+
+    def __init__(self) -> None:
+        self.done: set[str] = set()
+        self.taken: list[str] = []
+        self.left = False
+
+
+_PART: contextvars.ContextVar[_Part | None] = contextvars.ContextVar("etcd_part", default=None)
 
 
 class _Pending(int):
@@ -828,6 +847,13 @@ class EtcdBackend(StoreBackend):
                     locks.append(lock)
         # Every key is read (the pull of an unreadable lock cannot be told before reading it).
         self._unreadable_change(lambda u: u.scanned(unreadable))
+        part = _PART.get()
+        if part is not None:  # a release by pull: this step frees the next part, by key
+            locks = sorted((lock for lock in locks if lock.key not in part.done),
+                           key=lambda lock: lock.key)
+            part.left = len(locks) > _PULL_PART
+            del locks[_PULL_PART:]
+            part.taken = [lock.key for lock in locks]
         return locks
 
     def _unreadable_change(self, change: Callable[[UnreadableLocks], object]) -> None:
@@ -1615,9 +1641,23 @@ class EtcdBackend(StoreBackend):
                                   prefixes=(self.base + b"lock/", self.base + b"shared/"))
 
     async def release_by_pull(self, repo: str, pull: int, *, policy: Any = None) -> Locks:
-        return await self._atomic(
-            lambda: StoreBackend.release_by_pull(self, repo, pull, policy=policy),
-            prefixes=(self.base + b"lock/", self.base + b"shared/"))
+        """The pull's locks released ``_PULL_PART`` at a time (in key order), each part one
+        step, each key handed to its next waiter in the step that frees it. In one step, a
+        pull holding about 60 locks made a transaction etcd refused (past its 128 compares:
+        each key's delete, token floor and queue), and kept them all."""
+        released: Locks = []
+        part = _Part()
+        while True:
+            token = _PART.set(part)
+            try:
+                released += await self._atomic(
+                    lambda: StoreBackend.release_by_pull(self, repo, pull, policy=policy),
+                    prefixes=(self.base + b"lock/", self.base + b"shared/"))
+            finally:
+                _PART.reset(token)
+            if not part.left:
+                return released
+            part.done.update(part.taken)
 
     async def refresh(self, key: str, owner: Owner, ttl: timedelta) -> Lock:
         lock = await self._atomic(lambda: StoreBackend.refresh(self, key, owner, ttl),
