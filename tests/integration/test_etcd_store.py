@@ -12,6 +12,7 @@ left to do it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import secrets
@@ -33,7 +34,7 @@ from enhanced_locking.backends.waiting import Status, Wait
 from enhanced_locking.events import EventBus
 from enhanced_locking.locking import EnhancedLocker
 from enhanced_locking.metrics import Metrics
-from enhanced_locking.types import Candidate, Event, LockNotOwned, Priority
+from enhanced_locking.types import Candidate, Event, InvalidRequest, LockNotOwned, Priority
 
 pytestmark = [pytest.mark.etcd, pytest.mark.timeout(120)]
 
@@ -492,3 +493,34 @@ async def test_a_pull_holding_more_locks_than_one_transaction_may_write_is_relea
     assert {(lock.key, lock.pull.num) for lock in await b.list()} == {
         (other.key, 2), (want(3, path=paths[-1]).key, 3)}
 
+
+
+async def test_a_batch_larger_than_one_transaction_takes_is_refused_naming_the_limit(
+    etcd_replicas: tuple[EtcdBackend, EtcdBackend],
+) -> None:
+    """A batch is one step, and its transaction reads four things a key (the lock, its token
+    floor, its queue, its shared holders): past 31 keys etcd refused it (its 128 operations a
+    transaction), which came back as ``unavailable`` (503, retried, and the router's fallback
+    took it for an outage). It is refused at once as a request this store cannot take (422)."""
+    a, b = etcd_replicas
+    fits = [want(40, path=f"envs/b{i}") for i in range(EtcdBackend.BATCH_MOST)]
+    granted = await a.acquire_batch(fits, ttl=None, wait=None, policy=POLICY)
+    assert granted.status is Status.GRANTED and len(granted.locks) == len(fits)
+    # Queued behind them, then asked again by another caller: its entry in every queue is put
+    # again (and guarded), within the same transaction.
+    behind = [want(42, path=f"envs/b{i}") for i in range(EtcdBackend.BATCH_MOST)]
+    wait = Wait(id=secrets.token_hex(8), timeout=timedelta(seconds=30), request_id="r1",
+                caller="first")
+    queued = await a.acquire_batch(behind, ttl=None, wait=wait, policy=POLICY)
+    assert queued.status is Status.QUEUED
+    again = await b.acquire_batch(behind, ttl=None, wait=dataclasses.replace(
+        wait, caller="second"), policy=POLICY)
+    assert again.status is Status.QUEUED and again.waiter is not None
+    assert again.waiter.caller == "second"
+    more = [want(41, path=f"envs/c{i}") for i in range(EtcdBackend.BATCH_MOST + 1)]
+    before = a.round_trips
+    for asked in (None, offer()):
+        with pytest.raises(InvalidRequest, match=f"at most {EtcdBackend.BATCH_MOST} ") as refused:
+            await a.acquire_batch(more, ttl=None, wait=asked, policy=POLICY)
+        assert refused.value.field == "locks"
+    assert a.round_trips == before

@@ -113,6 +113,7 @@ from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.types import (
     BackendUnavailable,
     Candidate,
+    InvalidRequest,
     Lock,
     LockNotHeld,
     Locks,
@@ -534,6 +535,13 @@ class EtcdBackend(StoreBackend):
     """Locks and queues of one namespace in etcd; any number of replicas may share them."""
 
     kind = "etcd"
+    BATCH_MOST = (_MAX_OPS - 1) // 5
+    """Locks one batch may ask for (``acquire_batch``): its step is one transaction, guarded
+    by four keys of each (the lock, its token floor, its queue, its shared holders), the
+    waiter's record and, for a waiter asked again by another caller, its entry in each
+    queue, and etcd takes ``_MAX_OPS`` compares in one. Past 31 locks etcd refused every such
+    transaction, which came back as ``BackendUnavailable`` (an outage to the locker's
+    retries and the router's fallback)."""
 
     def __init__(
         self,
@@ -1733,6 +1741,12 @@ class EtcdBackend(StoreBackend):
 
     async def acquire_batch(self, candidates: Any, *, ttl: timedelta | None, wait: Any,
                             policy: Any) -> Any:
+        if len(candidates) > self.BATCH_MOST:
+            raise InvalidRequest(
+                f"a batch takes at most {self.BATCH_MOST} locks with the etcd backend, got "
+                f"{len(candidates)} (it is one etcd transaction, guarded by four to five keys for "
+                f"each lock, and etcd takes at most {_MAX_OPS} compares in one): ask for them "
+                "in several batches", field="locks")
         if wait is not None and wait.timeout > timedelta(0):
             await self._ensure_session()
         keys = [k for c in candidates for k in self._keys_of(c.key)]
