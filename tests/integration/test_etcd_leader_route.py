@@ -253,6 +253,35 @@ async def test_with_auth_on_the_leader_is_found_and_the_route_carries_the_token(
         await store.close()
 
 
+async def test_a_token_etcd_no_longer_takes_is_renewed_at_once_and_the_call_answered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """etcd drops a simple token idle for its ``--auth-token-ttl`` (5 minutes unless set) and
+    answers ``invalid auth token``: a replica idle that long under a shorter setting had every
+    call refused (503) until its next refresh, up to ``TOKEN_REFRESH`` (4 minutes) later. A
+    call refused so logs in again at once and is sent again once, with the new token: a
+    step's transaction (written or read), a lease grant, the readiness check."""
+    monkeypatch.setattr(etcd_connection, "TOKEN_REFRESH", 600.0)
+    with started(tmp_path / "etcd", extra=("--auth-token-ttl=1",)) as cluster:
+        await auth_on(cluster, password="root-secret")
+        stores = [EtcdBackend(EtcdConnection(EtcdSettings(
+            endpoints=tuple(cluster.endpoints), username="root", password="root-secret")),
+            prefix="/stale-token/") for _ in range(5)]
+        try:
+            held = await grant(stores[2], candidate_for(request_for(pull=1)))
+            for store in stores:
+                await store.connection.client()  # logged in
+            await asyncio.sleep(2.5)  # idle past the tokens' life in etcd
+            await grant(stores[0], candidate_for(request_for(pull=2, path="b")))
+            await stores[1].list()
+            await stores[2].release_and_handoff(held.key, owner=held.owner)
+            await stores[3]._grant_lease(30, key=None)
+            await stores[4].ping()
+        finally:
+            for store in stores:
+                await store.close()
+
+
 def counted_logins(monkeypatch: pytest.MonkeyPatch) -> list[float | None]:
     """Every ``Authenticate`` sent from now on, by the deadline it was sent with."""
     sent: list[float | None] = []

@@ -51,11 +51,14 @@ async def grant(backend: EtcdBackend, candidate: Candidate, ttl: timedelta | Non
 
 
 @contextlib.contextmanager
-def started(directory: Path, *, members: int = 1) -> Iterator[EtcdCluster]:
-    """An etcd cluster of ``members`` on free loopback ports (no fsync), closed after the
-    block; a missing etcd fails the test saying how to build it."""
+def started(directory: Path, *, members: int = 1,
+            extra: tuple[str, ...] = ()) -> Iterator[EtcdCluster]:
+    """An etcd cluster of ``members`` on free loopback ports (no fsync; ``extra``: more flags
+    for every member), closed after the block; a missing etcd fails the test saying how to
+    build it."""
     try:
-        cluster = EtcdCluster(directory, members_count=members, fsync=False).start()
+        cluster = EtcdCluster(directory, members_count=members, fsync=False,
+                              extra=extra).start()
     except EtcdServerError as error:
         pytest.fail(str(error), pytrace=False)
     try:

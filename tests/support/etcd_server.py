@@ -60,6 +60,8 @@ class EtcdCluster:
     """The initial cluster token: with the peer addresses, it makes the members' ids and the
     cluster's id (the same for a cluster made again with the same token on the same ports)."""
     members: list[EtcdMember] = field(default_factory=list)
+    extra: tuple[str, ...] = ()
+    """More flags for every member (``--auth-token-ttl=2``, say)."""
 
     def __post_init__(self) -> None:
         try:
@@ -92,7 +94,7 @@ class EtcdCluster:
         if not self.fsync:
             # Test speed only: a killed process loses nothing (the page cache survives it).
             argv.append("--unsafe-no-fsync")
-        return argv
+        return [*argv, *self.extra]
 
     def anew(self, workdir: Path, *, token: str) -> EtcdCluster:
         """A new cluster (not started) on this one's ports, its members' data in ``workdir``

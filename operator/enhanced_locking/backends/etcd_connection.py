@@ -377,6 +377,10 @@ class EtcdConnection:
         member's in :meth:`_member`), which :meth:`close` closes."""
         self._closes = 0
         """How many times :meth:`close` ran (a connect under way tells a close by it)."""
+        self._login: Callable[[], Awaitable[None]] | None = None
+        """A login of the client that replaces its token (with a user; :meth:`renewed`)."""
+        self._renewing: asyncio.Task[bool] | None = None
+        """The login under way because etcd refused a token (:meth:`renewed`)."""
 
     async def client(self) -> etcd3aio.Etcd3Client:
         """The client (the balanced channel), connected on first use: with a user, logged in
@@ -424,11 +428,39 @@ class EtcdConnection:
                 return kept  # another connect ended first
             if s.username:
                 self._auth = stack
+                self._login = functools.partial(_renew_token, self, client,
+                                                several=len(targets) > 1)
             self._targets, self._tls, self._name = targets, tls, name if s.tls else None
             self._flying[client] = set()
             self._client = client
             self.txn = self._balanced(client)
         return client
+
+    async def renewed(self, error: BaseException) -> bool:
+        """Whether ``error`` is etcd refusing a call's auth token (:func:`stale_token`) and a
+        login has since given the client a new one: the call, which etcd did not apply, may
+        then be sent again once. The calls refused together share one login."""
+        task = self.renew_token(error)
+        if task is None:
+            return False
+        return await asyncio.shield(task)
+
+    def renew_token(self, error: BaseException) -> asyncio.Task[bool] | None:
+        """The login started (or under way) because etcd refused a call with ``error`` for its
+        auth token, or ``None`` (another error, no user, closed).
+
+        etcd drops a simple token idle for its ``--auth-token-ttl`` (5 minutes by default),
+        a JWT token ends at its own ``ttl``, and a token from before a change of users or
+        roles may be refused as from an old auth revision: before, every call was refused
+        (503) until the next refresh, up to ``TOKEN_REFRESH`` later."""
+        login = self._login
+        if login is None or not stale_token(error):
+            return None
+        task = self._renewing
+        if task is None or task.done():
+            with contextlib.suppress(RuntimeError):  # no running loop: closing
+                task = self._renewing = asyncio.ensure_future(_relogin(self, login))
+        return task
 
     @property
     def several_members(self) -> bool:
@@ -744,6 +776,10 @@ class EtcdConnection:
         client, self._client, self.txn, self.leader = self._client, None, None, None
         self._term, self._cluster_id = 0, 0  # the next connect may reach another cluster
         auth, self._auth = self._auth, None
+        self._login = None
+        renewing, self._renewing = self._renewing, None
+        if renewing is not None:
+            renewing.cancel()
         looking, self._looking = self._looking, None
         members, self._members = list(self._members.values()), {}
         connecting, self._connecting = list(self._connecting), set()
@@ -834,6 +870,44 @@ async def _logged_in(connection: EtcdConnection, client: etcd3aio.Etcd3Client, *
         client.set_token(None)
 
 
+async def _renew_token(connection: EtcdConnection, client: etcd3aio.Etcd3Client, *,
+                       several: bool) -> None:
+    """A login of ``client`` now, its token replaced (:meth:`EtcdConnection.renewed`)."""
+    client.set_token(await _login(connection, client, several=several))
+
+
+async def _relogin(connection: EtcdConnection, login: Callable[[], Awaitable[None]]) -> bool:
+    """``login`` run because etcd refused a token: whether it gave the client a new one."""
+    try:
+        await login()
+    except DOWN as error:
+        log.warning("etcd %s: etcd refused the auth token and a new login failed (%s)",
+                    connection.where, _reason(error))
+        return False
+    log.info("etcd %s: etcd refused the auth token; logged in again", connection.where)
+    return True
+
+
+def stale_token(error: BaseException) -> bool:
+    """Whether etcd refused a call for its auth token, not for its user: a token it no
+    longer has (``invalid auth token``: idle past ``--auth-token-ttl``, or ended) or one
+    from before a change of users or roles (``revision of auth store is old``). etcd checks
+    the token before it proposes a write and the auth revision before it applies it, so such
+    a call was not applied. A refused watch says it in its cancel reason."""
+    texts = [str(error)]
+    if isinstance(error, grpc.aio.AioRpcError):
+        texts.append(error.details() or "")
+    if error.__cause__ is not None:
+        texts.append(str(error.__cause__))
+    return any(_STALE_TOKEN in text or _OLD_AUTH in text for text in texts)
+
+
+_STALE_TOKEN = "invalid auth token"
+_OLD_AUTH = "revision of auth store is old"
+"""etcd's words (``rpctypes.ErrInvalidAuthToken``, ``ErrAuthOldRevision``) for a token it
+refuses (:func:`stale_token`)."""
+
+
 async def _login(connection: EtcdConnection, client: etcd3aio.Etcd3Client, *,
                  several: bool) -> str:
     """A token for the settings' user, within the call's ``CALL_TIMEOUT``. With ``several``
@@ -888,7 +962,10 @@ DOWN = (etcd3aio.EtcdError, grpc.RpcError, OSError, TimeoutError)
 def unreachable(connection: EtcdConnection, action: str, error: BaseException, *,
                 key: str | None = None) -> BackendUnavailable:
     """The ``BackendUnavailable`` a failed call becomes, naming the cluster and the action
-    (``unavailable`` without its context manager, for the calls of every step)."""
+    (``unavailable`` without its context manager, for the calls of every step). A call
+    refused for its auth token starts a new login (:meth:`EtcdConnection.renew_token`), so
+    the next call has a token etcd takes."""
+    connection.renew_token(error)
     return BackendUnavailable(f"etcd {connection.where}: {action} failed ({_reason(error)})",
                               key=key)
 
@@ -1057,6 +1134,7 @@ class Watch:
                 raise
             except Exception as error:
                 self.breaks += 1
+                self.connection.renew_token(error)  # a token etcd refused: a new one
                 reason = f": {error}" if isinstance(error, WatchCanceled) else (
                     f": {_reason(error)}" if isinstance(error, grpc.aio.AioRpcError) else "")
                 log.warning("etcd %s: the %s watch broke (%s%s); watching again from revision "
@@ -1179,9 +1257,15 @@ async def leader_first(connection: EtcdConnection,
     one endpoint, one attempt of ``CALL_TIMEOUT``."""
     client = await connection.client()
     if not connection.several_members:
-        return await call(client, CALL_TIMEOUT)
+        try:
+            return await call(client, CALL_TIMEOUT)
+        except DOWN as error:
+            if not await connection.renewed(error):
+                raise
+        return await call(client, CALL_TIMEOUT)  # with the new token
     loop = asyncio.get_running_loop()
     give_up = loop.time() + CALL_TIMEOUT
+    renewed = False  # sent again once after etcd refused its token and a login renewed it
     while True:
         txn = connection.txn
         if txn is not None and txn.client is not client:
@@ -1198,6 +1282,9 @@ async def leader_first(connection: EtcdConnection,
             return await call(client if via is None else connection.carrier(via),
                               min(timeout, left))
         except DOWN as error:
+            if not renewed and await connection.renewed(error):
+                renewed = True
+                continue
             if txn is not None and via is not None:
                 connection.route_failed(txn)
             timed_out = _timed_out(error)

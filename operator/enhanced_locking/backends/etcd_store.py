@@ -1045,7 +1045,12 @@ class EtcdBackend(StoreBackend):
         self.round_trips += 1
         self.reads += 1
         try:
-            answer = await _txn_call(self.connection, client, request, read=True)
+            try:
+                answer = await _txn_call(self.connection, client, request, read=True)
+            except DOWN as error:
+                if not await self.connection.renewed(error):
+                    raise
+                answer = await _txn_call(self.connection, client, request, read=True)
         except DOWN as error:
             raise unreachable(self.connection, "read", error, key=key) from None
         return self._parse_reads(ordered_keys, ordered_prefixes, answer)
@@ -1104,7 +1109,13 @@ class EtcdBackend(StoreBackend):
         landing: Landing = Landing.UNKNOWN
         answer: Any = None
         try:
-            answer = await _txn_call(self.connection, client, request, read=not writes)
+            try:
+                answer = await _txn_call(self.connection, client, request, read=not writes)
+            except DOWN as error:
+                # A token etcd refused (the transaction not applied), renewed: once more.
+                if not await self.connection.renewed(error):
+                    raise
+                answer = await _txn_call(self.connection, client, request, read=not writes)
             landing = Landing.APPLIED if answer.succeeded else Landing.REFUSED
         except DOWN as error:
             failure = unreachable(self.connection, "write", error, key=key)
