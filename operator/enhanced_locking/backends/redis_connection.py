@@ -445,8 +445,11 @@ def will_not_serve(error: BaseException | None) -> bool:
     if not isinstance(error, rexc.ResponseError):
         return False
     text = str(error)
-    return (text.startswith(("BUSY ", "NOREPLICAS "))
-            or "The user executing the script can't" in text)
+    return text.startswith(("BUSY ", "NOREPLICAS ")) or _SCRIPT_ACL in text
+
+
+_SCRIPT_ACL = "The user executing the script can't"
+"""How Redis 7.0 begins its refusal of a command or key an ACL denies inside a script."""
 
 
 def wrong_type(error: rexc.ResponseError) -> bool:
@@ -539,8 +542,11 @@ def down(
             f"redis {connection.where} did not answer ({action}): no answer within the "
             f"call's {seconds:g} s limit", key=key)
     detail = connection.scrub(str(error) or type(error).__name__)
+    # (an ACL's refusal inside a script is named as redis-py names one outside: see
+    # ``will_not_serve``)
+    kind = "NoPermissionError" if _SCRIPT_ACL in detail else type(error).__name__
     return BackendUnavailable(
-        f"redis {connection.where} did not answer ({action}): {type(error).__name__}: {detail}",
+        f"redis {connection.where} did not answer ({action}): {kind}: {detail}",
         key=key,
     )
 
