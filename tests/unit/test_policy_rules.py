@@ -221,6 +221,31 @@ async def test_a_request_retried_after_its_connection_broke_keeps_its_place(
     assert (await retry).acquired
 
 
+async def test_one_request_id_on_two_keys_is_two_requests(
+        rigs: Callable[..., LockerRig]) -> None:
+    """A client that names two requests of a pull by one ``requestId``, one for each key,
+    has two waiters, and each is answered with its own key's lock. Before, the waiter's id
+    came from the pull and the ``requestId`` alone: the second request found the first's
+    waiter (on the other key) and took it over, and when that key was handed over the
+    request for ``b`` was answered ``acquired`` with the lock of ``a``, while ``b`` was
+    still held by pull 1."""
+    rig = rigs()
+    a, b = ask(1, path="envs/a"), ask(1, path="envs/b")
+    for held in (a, b):
+        assert (await rig.locker.acquire(held)).acquired
+    on_a = await queued(rig, ask(2, path="envs/a", wait=WAIT, request_id="job-7"))
+    on_b = await queued(rig, ask(2, path="envs/b", wait=WAIT, request_id="job-7"))
+    assert [w.owner[1] for w in await rig.locker.queue(b.key)] == [2]
+    await rig.locker.release(a.key)
+    granted = await asyncio.wait_for(on_a, 10)
+    assert granted.acquired and granted.lock_key == a.key
+    await settle()
+    assert not on_b.done(), on_b.result()
+    await rig.locker.release(b.key)
+    answer = await asyncio.wait_for(on_b, 10)
+    assert answer.acquired and answer.lock is not None and answer.lock.key == b.key, answer
+
+
 # --- freezes ----------------------------------------------------------------------------------
 FREEZE = Freeze(name="release-week", match=KeyPattern(path_prefix="envs/prod"),
                 message="prod is frozen for the release; ask #platform")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import secrets
 import time
@@ -290,7 +291,7 @@ class EnhancedLocker(AtlantisCalls):
             candidates = [_candidate(r, priority=priority) for r in requests]
         offer = None
         if wait is not None:
-            offer = Wait(id=_waiter_id(candidates[0], asked.request_id), timeout=wait,
+            offer = Wait(id=_waiter_id(candidates, asked.request_id), timeout=wait,
                          request_id=asked.request_id, caller=secrets.token_hex(8))
         # The attempt, written here rather than as a coroutine of its own: one frame less on
         # every acquire.
@@ -762,12 +763,17 @@ _candidate = Candidate.of_request
 """What a request asks for on its key; the backend makes the lock when it grants it."""
 
 
-def _waiter_id(first: Candidate, request_id: str | None) -> str:
-    """A waiter's id: random, or, for a request with a ``requestId``, derived from it and the
-    pull, so the same request retried (after a broken connection) finds its waiter again."""
+def _waiter_id(candidates: Sequence[Candidate], request_id: str | None) -> str:
+    """A waiter's id: random, or, for a request with a ``requestId``, derived from it, the
+    pull and the keys asked for, so the same request retried (after a broken connection)
+    finds its waiter again, and a request of another key named by the same ``requestId``
+    does not (it would take over a waiter on a key it never asked for, and be answered with
+    that key's lock)."""
     if request_id is None:
         return secrets.token_hex(12)
-    seed = f"{first.project.repo_full_name}#{first.pull.num}#{request_id}"
+    first = candidates[0]
+    seed = json.dumps([first.project.repo_full_name, first.pull.num, request_id,
+                       [candidate.key for candidate in candidates]])
     return "r" + hashlib.sha256(seed.encode()).hexdigest()[:23]
 
 
