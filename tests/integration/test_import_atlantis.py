@@ -31,6 +31,7 @@ from tests.support.bbolt_writer import (  # noqa: E402
     atlantis_lock,
     lock_key,
 )
+from tests.support.redis_cluster import RedisClusterNodes  # noqa: E402
 from tests.support.redis_server import RedisServer, RedisServerError  # noqa: E402
 
 from enhanced_locking.backends import Backend, EmbeddedBackend, MemoryBackend  # noqa: E402
@@ -424,6 +425,42 @@ def test_locks_in_atlantis_redis_are_imported_and_a_second_run_skips_them(
     assert _report(second)["summary"]["skipped"] == len(locks)
     with atlantis_redis.client() as client:  # the source is only read
         assert client.dbsize() == len(locks) + 2
+
+
+@pytest.mark.redis
+def test_locks_in_an_atlantis_redis_cluster_are_read_from_every_master(
+    redis_cluster: RedisClusterNodes, bolt_writer: BoltWriter, tmp_path: Path
+) -> None:
+    """Atlantis's cluster mode spreads its pr/* keys over the masters by slot; the address of
+    one node is enough to read them all (a SCAN of that node alone sees about a third)."""
+    import redis
+
+    locks = _atlantis_locks()[:60]
+    values = _go_values(bolt_writer, tmp_path, locks)
+    host, port = redis_cluster.addr.split(":")
+    with redis.RedisCluster(host=host, port=int(port)) as admin:
+        for key, value in values.items():
+            admin.set(f"pr/{key}", value)
+        try:
+            assert len({redis_cluster.node_of(f"pr/{key}").addr for key in values}) == 3
+            url = f"redis://{redis_cluster.addr}/0"
+            result = run_cli("--from-redis", url, "--dry-run", "--data-dir", str(tmp_path),
+                             "--output", "json")
+            assert result.returncode == 0, result.stderr
+            report = _report(result)
+            assert report["source"] == f"redis {url} (cluster)"
+            assert report["summary"]["read"] == len(locks) == report["summary"]["imported"]
+            assert {row["key"] for row in report["locks"]} == {lock_key(lock) for lock in locks}
+            # A cluster has database 0 only: another is the URL's mistake (exit 2).
+            other = run_cli("--from-redis", f"redis://{redis_cluster.addr}/1", "--dry-run",
+                            "--data-dir", str(tmp_path))
+            assert other.returncode == 2
+            assert other.stderr.splitlines() == [
+                f"enhanced-locking: invalid Redis URL redis://{redis_cluster.addr}/1 "
+                "(--from-redis): the server is a Redis Cluster node, which has database 0 only"]
+        finally:
+            for key in values:
+                admin.delete(f"pr/{key}")
 
 
 @pytest.mark.redis

@@ -3,8 +3,9 @@
 Atlantis keeps its project locks in one of two places: the ``runLocks`` bucket of its BoltDB
 file (``{data-dir}/atlantis.db``; key = lock key, value = ``ProjectLock`` JSON) or, with
 ``--locking-db-type=redis``, one Redis string per lock (``pr/{lockKey}`` → the same JSON, no
-TTL). :func:`read_boltdb` and :func:`read_redis` read those records; :func:`import_locks`
-writes them into a :class:`~enhanced_locking.backends.base.Backend` and reports, per lock:
+TTL), on one server or spread over a Redis Cluster's masters. :func:`read_boltdb` and
+:func:`read_redis` read those records; :func:`import_locks` writes them into a
+:class:`~enhanced_locking.backends.base.Backend` and reports, per lock:
 
 * ``imported``: the key was free; the lock now holds it with a fencing token the target
   backend issued (its ``acquiredAt`` is Atlantis's original ``Time``);
@@ -109,18 +110,41 @@ def read_boltdb(path: str | Path) -> tuple[str, list[SourceRecord]]:
     return f"boltdb file {file}", records
 
 
+async def _cluster_enabled(client: Any) -> bool:
+    """Whether the server at the other end is a Redis Cluster node (``INFO cluster``). A
+    server that refuses INFO (an ACL, a renamed command) is read as the one server it is."""
+    from redis.exceptions import ResponseError
+
+    try:
+        info = await client.info("cluster")
+    except ResponseError as error:
+        if str(error).startswith(("DB index is out of range", "SELECT is not allowed")):
+            raise  # the URL's /N: the caller says so
+        return False
+    return bool(info.get("cluster_enabled"))
+
+
 async def read_redis(url: str) -> tuple[str, list[SourceRecord]]:
-    """Every ``pr/*`` string of Atlantis's Redis at ``url`` (SCAN, then GET in pipelines)."""
+    """Every ``pr/*`` string of Atlantis's Redis at ``url`` (SCAN, then GET in pipelines).
+
+    Atlantis may keep its locks in a Redis Cluster (its ``ClusterAddresses``), spread over
+    the masters by their keys' slots, where a SCAN sees only the node it is sent to: when the
+    node at ``url`` is a cluster node, every master is scanned (through any node's address)."""
     import redis.asyncio as aioredis
+    from redis.asyncio.cluster import RedisCluster
     from redis.exceptions import RedisError, ResponseError
 
     shown = strip_credentials(url)
     try:
-        client = aioredis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+        client: Any = aioredis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
     except ValueError as error:
         raise ImportSourceError(f"invalid Redis URL {shown} (--from-redis): {error}") from None
     records: list[SourceRecord] = []
     try:
+        if await _cluster_enabled(client):
+            await client.aclose()
+            client = RedisCluster.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+            shown = f"{shown} (cluster)"
         keys = [key async for key in client.scan_iter(match=ATLANTIS_REDIS_PATTERN, count=1000)]
         keys = sorted(set(keys))  # SCAN may return a key twice
         for start in range(0, len(keys), _REDIS_BATCH):
@@ -144,6 +168,10 @@ async def read_redis(url: str) -> tuple[str, list[SourceRecord]]:
             raise ImportSourceError(
                 f"invalid Redis URL {shown} (--from-redis): the server has no such database "
                 "(DB index is out of range)") from None
+        if str(error).startswith("SELECT is not allowed"):
+            raise ImportSourceError(
+                f"invalid Redis URL {shown} (--from-redis): the server is a Redis Cluster "
+                "node, which has database 0 only") from None
         raise BackendUnavailable(f"cannot read Atlantis's Redis at {shown}: {error}") from None
     except RedisError as error:
         raise BackendUnavailable(f"cannot read Atlantis's Redis at {shown}: {error}") from None
