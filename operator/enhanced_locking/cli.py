@@ -717,8 +717,8 @@ def _parser() -> argparse.ArgumentParser:
     for subcommand in lock_sub.choices.values():
         add_client_options(subcommand)
     add_client_options(watching.add_events_command(commands))
-    steps.add_step_command(
-        commands, url_default=os.environ.get("ENHANCED_LOCKING_URL", DEFAULT_URL))
+    for step_parser in steps.add_step_command(commands):
+        add_client_options(step_parser)
 
     audit = commands.add_parser(
         "audit", help="read the audit trail (the admin right)",

@@ -161,10 +161,10 @@ async def _show_position(client: AsyncClient, request: LockRequest, every: float
 
 
 async def acquire_with_progress(
-    url: str, request: LockRequest, *, poll: float, out: TextIO
+    url: str, request: LockRequest, *, poll: float, out: TextIO, token: str | None = None,
 ) -> AcquireResult:
     """Acquire (a long poll when it waits), printing the queue position while it waits."""
-    async with AsyncClient(url) as client:
+    async with AsyncClient(url, token=token) as client:
         watcher = None
         if request.wait:
             watcher = asyncio.create_task(_show_position(client, request, poll, out))
@@ -209,7 +209,8 @@ def _acquire(args: argparse.Namespace, env: Mapping[str, str], out: TextIO) -> i
     print(f"enhanced-locking: {command} of pull #{request.pull.num} asks for {request.key} "
           f"({request.priority.value} priority"
           + (f", waiting up to {args.wait})" if args.wait else ")"), file=out, flush=True)
-    result = asyncio.run(acquire_with_progress(args.url, request, poll=args.poll, out=out))
+    result = asyncio.run(acquire_with_progress(args.url, request, poll=args.poll, out=out,
+                                               token=args.token))
     if result.acquired and result.lock is not None:
         print(f"enhanced-locking: locked {result.lock.key} for pull #{result.lock.pull.num} "
               f"(fencing token {result.lock.fencing_token})", file=out, flush=True)
@@ -220,7 +221,7 @@ def _acquire(args: argparse.Namespace, env: Mapping[str, str], out: TextIO) -> i
 
 def _release(args: argparse.Namespace, env: Mapping[str, str], out: TextIO) -> int:
     request = request_from_env(env, command="plan", wait=None, ttl=None, priority=None)
-    with Client(args.url) as client:
+    with Client(args.url, token=args.token) as client:
         try:
             lock = client.release(request.key, pull=request.pull.num,
                                   repo=request.project.repo_full_name)
@@ -259,15 +260,15 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def add_step_command(commands: Any, *, url_default: str) -> None:
+def add_step_command(commands: Any) -> list[argparse.ArgumentParser]:
+    """The ``step`` command; returns its parsers, which the caller gives ``--url`` and
+    ``--token`` as every command has them (before or after any command word)."""
     step = commands.add_parser(
         "step", help="take or give back a project's lock from an Atlantis workflow step",
         description="Reads Atlantis's run-step environment (BASE_REPO_OWNER, BASE_REPO_NAME, "
                     "PULL_NUM, REPO_REL_DIR, WORKSPACE, PROJECT_NAME, ...). Exit codes: 0 "
                     "locked/released; 1 refused or timed out; 2 bad environment or flags; 3 "
                     "service unreachable.")
-    step.add_argument("--url", default=url_default,
-                      help="lock service URL (env ENHANCED_LOCKING_URL)")
     sub = step.add_subparsers(dest="step_command", required=True)
     acquire = sub.add_parser("acquire", help="take the project's lock, waiting in the queue")
     acquire.add_argument("--command", choices=sorted(COMMAND_PRIORITY), default=None,
@@ -287,3 +288,4 @@ def add_step_command(commands: Any, *, url_default: str) -> None:
     acquire.set_defaults(func=_run)
     release = sub.add_parser("release", help="give the project's lock back")
     release.set_defaults(func=_run)
+    return [step, acquire, release]

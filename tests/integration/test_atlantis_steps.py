@@ -13,6 +13,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import IO, Any
 
 import httpx
@@ -277,6 +278,39 @@ def test_import_and_state_rm_steps_wait_for_the_lock_like_an_apply(
     assert taken.returncode == 0, taken.stderr
     lock = httpx.get(f"{service.url}/v1/locks/by-key", params={"key": KEY}).json()["lock"]
     assert (lock["pull"]["num"], lock["priority"]) == (2, "high")
+
+
+def test_url_and_token_work_wherever_they_are_put(
+    service_process: Callable[..., ServiceProcess], tmp_path: Path,
+    free_port: Callable[[], int],
+) -> None:
+    """``--url`` and ``--token`` before ``step`` (as before any command word) are the ones
+    used, not the environment's URL nor no token at all; after the command word too."""
+    token = "tok-step-4d3c2b1a0f9e8d7c"
+    tokens = tmp_path / "tokens.csv"
+    tokens.write_text(f'# token,name,uid,groups\n{token},atlantis,uid-1,"bots"\n')
+    url = service_process("--enhanced-locking-auth=static",
+                          f"--enhanced-locking-auth-tokens-file={tokens}",
+                          "--enhanced-locking-auth-roles=locker=group:bots").url
+    env = step_env(f"http://127.0.0.1:{free_port()}", 1, "alice")  # nothing listens there
+    before = subprocess.run([*enhanced_locking_command(), "--url", url, "--token", token,
+                             "step", "acquire", "--command", "plan"], env=env,
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert before.returncode == 0, before.stderr
+    assert token not in before.stdout + before.stderr
+    lock = httpx.get(f"{url}/v1/locks/by-key", params={"key": KEY},
+                     headers={"Authorization": f"Bearer {token}"}).json()["lock"]
+    assert lock["pull"]["num"] == 1
+    after = run_step(env, "release", "--url", url, "--token", token)
+    assert after.returncode == 0, after.stderr
+    assert f"released {KEY} of pull #1" in after.stdout
+
+
+def test_a_malformed_url_is_a_usage_error() -> None:
+    done = run_step(step_env("http://127.0.0.1:4142", 1, "alice"), "--url", "nope", "acquire",
+                    "--command", "plan")
+    assert done.returncode == 2
+    assert "expected the lock service's URL" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_an_unreachable_service_exits_3(free_port: Callable[[], int]) -> None:
