@@ -42,6 +42,7 @@ from enhanced_locking.api.disconnect import (
 )
 from enhanced_locking.api.errors import (
     UNREADABLE,
+    document_common_answers,
     error_answers,
     install_error_handlers,
     json_error,
@@ -50,7 +51,7 @@ from enhanced_locking.api.errors import (
 from enhanced_locking.api.params import Key, PullNum, Repo
 from enhanced_locking.api.queue_routes import holder_of, install_queue_routes
 from enhanced_locking.api.responses import JsonAnswer, lock_json, result_json
-from enhanced_locking.api.server import Backpressure, BodyLimit
+from enhanced_locking.api.server import ALWAYS_SERVED, Backpressure, BodyLimit
 from enhanced_locking.api.sse import install_event_stream
 from enhanced_locking.api.webhooks import MAX_BODY, webhook_router
 from enhanced_locking.backends.audit_store import build_audit_store
@@ -127,6 +128,8 @@ def create_app(
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    # What the middleware below answers, and the 422 of .errors, in the OpenAPI document.
+    document_common_answers(app, always_served=ALWAYS_SERVED)
     app.add_middleware(Backpressure,
                        limit=lambda: service.provider.current.config.http_max_in_flight)
     # Outside Backpressure (added last, run first): a body over the bound is refused unread,

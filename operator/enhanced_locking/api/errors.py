@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Collection
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -20,8 +22,8 @@ from enhanced_locking.types import (
 )
 
 __all__ = [
-    "UNREADABLE", "ErrorBody", "error_answers", "install_error_handlers", "json_error",
-    "unreadable_json",
+    "UNREADABLE", "ErrorBody", "InvalidBody", "document_common_answers", "error_answers",
+    "install_error_handlers", "json_error", "unreadable_json",
 ]
 
 UNREADABLE = ("The key's stored lock cannot be read: it is set aside, nothing is granted on it "
@@ -35,6 +37,31 @@ class ErrorBody(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     error: str
+
+
+class Problem(BaseModel):
+    """One problem FastAPI found in a request: where (``loc``), what (``msg``), its kind."""
+
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class InvalidBody(ErrorBody):
+    """A 422: ``error`` starts with the name of the refused field, ``field`` names it, and
+    ``detail`` (FastAPI's list of problems) comes when the schema refused the request, not
+    when a rule the schema cannot state did (a ``wait`` above ``enhanced-locking-max-timeout``)."""
+
+    field: str
+    detail: list[Problem] = []
+
+
+INVALID = "Refused: the field it names is not what the operation takes (see the schema)."
+TOO_LARGE = ("The request body is over enhanced-locking-http-max-body (`limit` says how many "
+             "bytes): refused unread, before the caller is checked.")
+NOT_SERVED = ("Not served now: `reason: overloaded`, the service is at its bound of requests in "
+              "flight (enhanced-locking-http-max-in-flight; never a DELETE), sent with "
+              "`Retry-After`, nothing was done; or `reason: unavailable`, a store did not answer.")
 
 
 def error_answers(answers: dict[int, str]) -> dict[int | str, dict[str, Any]]:
@@ -117,3 +144,48 @@ def _allowed(request: Request) -> list[str]:
                 request.url.path):
             methods |= route.methods
     return sorted(methods)
+
+
+def document_common_answers(app: FastAPI, *, always_served: Collection[str]) -> None:
+    """Put in ``app``'s OpenAPI document the answers the layers around its routes give: 413 to
+    an operation with a body, 503 to every one whose path is not in ``always_served``, and the
+    422 this module answers (:class:`InvalidBody`) where FastAPI would document its own."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            _add_common_answers(build(), always_served)
+        assert app.openapi_schema is not None
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _ref(model: type[BaseModel]) -> dict[str, Any]:
+    return {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}
+
+
+def _add_common_answers(document: dict[str, Any], always_served: Collection[str]) -> None:
+    schemas = document.setdefault("components", {}).setdefault("schemas", {})
+    invalid = InvalidBody.model_json_schema(ref_template="#/components/schemas/{model}")
+    schemas.update(invalid.pop("$defs", {}))
+    schemas[InvalidBody.__name__] = invalid
+    fastapis = {"application/json": {"schema": {
+        "$ref": "#/components/schemas/HTTPValidationError"}}}
+    for path, item in document["paths"].items():
+        for operation in item.values():
+            answers = operation["responses"]
+            if answers.get("422", {}).get("content") == fastapis:
+                answers["422"] = {"description": INVALID, "content": _ref(InvalidBody)}
+            if "requestBody" in operation:
+                answers.setdefault("413", {"description": TOO_LARGE, "content": _ref(ErrorBody)})
+            if path not in always_served:
+                answers.setdefault("503", {
+                    "description": NOT_SERVED, "content": _ref(ErrorBody),
+                    "headers": {"Retry-After": {
+                        "description": "With reason overloaded: seconds to wait before "
+                                       "sending the request again.",
+                        "schema": {"type": "integer"}}}})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        if f'"#/components/schemas/{unused}"' not in json.dumps(document):
+            schemas.pop(unused, None)

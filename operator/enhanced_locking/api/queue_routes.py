@@ -34,7 +34,7 @@ from enhanced_locking.api.disconnect import (
     gone_answer,
     not_withdrawn,
 )
-from enhanced_locking.api.errors import error_answers, json_error, unreadable_json
+from enhanced_locking.api.errors import UNREADABLE, error_answers, json_error, unreadable_json
 from enhanced_locking.api.params import Key, OptionalPullNum, PullNum
 from enhanced_locking.backends.waiting import Waiter
 from enhanced_locking.durations import Lease
@@ -205,8 +205,9 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
         await caller.gave_back(action="release-batch", repo=repo, pull=pull,
                                tried=await _give_back(result, body, before))
 
-    @app.delete("/v1/locks/batch",
-                responses={409: {"description": "A key is held by another pull"}, **WHO})
+    @app.delete("/v1/locks/batch", responses={**error_answers({
+        409: "With pull: a key is held by another pull (the body names the holder). Or, for a "
+             "key: " + UNREADABLE}), **WHO})
     async def release_batch(
         caller: CallerDep,
         key: Annotated[list[str], Query(min_length=1, max_length=100,
@@ -314,7 +315,7 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
             note.done("refreshed")
         return {"lock": _dump(lock)}
 
-    @app.get("/v1/queue", responses=WHO)
+    @app.get("/v1/queue", responses={**error_answers({409: UNREADABLE}), **WHO})
     async def queue(key: Key, caller: CallerDep) -> Any:
         """The holder of ``key`` and its waiters in service order (first is served next)."""
         await caller.need(Verb.READ, action="queue", key=key)
@@ -341,8 +342,8 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
         return {"groups": [{"group": g["group"], "limit": g["limit"],
                             "holders": [_dump(lock) for lock in g["holders"]]} for g in found]}
 
-    @app.get("/v1/queue/waiter", responses={404: {"description": "No such request is queued"},
-                                            **WHO})
+    @app.get("/v1/queue/waiter",
+             responses={**error_answers({404: "No such request is queued."}), **WHO})
     async def waiter_view(
         key: Key, caller: CallerDep,
         id: Annotated[str, Query(min_length=1, max_length=128,
@@ -358,8 +359,8 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
         return {"key": key, "id": view.waiter.id, "requestId": view.waiter.request_id,
                 **view.details()}
 
-    @app.delete("/v1/queue", responses={404: {"description": "No such request is queued"},
-                                        **WHO})
+    @app.delete("/v1/queue",
+                responses={**error_answers({404: "No such request is queued."}), **WHO})
     async def cancel(
         key: Key,
         id: Annotated[str, Query(min_length=1, max_length=128,
@@ -385,7 +386,7 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
         return {"cancelled": True, "key": key, "id": id}
 
     @app.post("/v1/admin/force-unlock",
-              responses={404: {"description": "No lock is held on the key"}, **WHO})
+              responses={**error_answers({404: "No lock is held on the key."}), **WHO})
     async def force_unlock(
         key: Key,
         caller: CallerDep,
