@@ -15,9 +15,11 @@ from datetime import timedelta
 import pytest
 from tests.support.locks import candidate_for, lock_for, request_for
 from tests.support.redis_fixtures import ServerMaker, redis_config
+from tests.support.redis_server import RedisServer
 
 from enhanced_locking.backends.redis_store import RedisBackend
 from enhanced_locking.backends.waiting import QueuePolicy, Status, Wait
+from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.types import BackendUnavailable, Reason
 
 pytestmark = pytest.mark.redis
@@ -50,11 +52,16 @@ async def test_with_persistence_a_restart_keeps_holders_tokens_and_waiters(
         await backend.close()
 
 
+def _without_persistence(redis_servers: ServerMaker) -> tuple[RedisServer, EnhancedLockingConfig]:
+    """A server without persistence, and settings for it with a short restart quarantine."""
+    server = redis_servers(persistence="none")
+    return server, redis_config(server, redis_restart_quarantine=timedelta(milliseconds=600))
+
+
 async def test_without_persistence_grants_wait_out_the_quarantine_and_tokens_keep_rising(
     redis_servers: ServerMaker,
 ) -> None:
-    server = redis_servers(persistence="none")
-    config = redis_config(server, redis_restart_quarantine=timedelta(milliseconds=600))
+    server, config = _without_persistence(redis_servers)
     backend = RedisBackend.from_config(config, "enhanced")
     try:
         tokens = []
@@ -89,6 +96,40 @@ async def test_without_persistence_grants_wait_out_the_quarantine_and_tokens_kee
         assert tokens_now == {again.key: again.fencing_token}
     finally:
         await backend.close()
+
+
+async def test_a_replica_that_knew_the_lost_store_starts_the_quarantine_a_new_one_could_not(
+    redis_servers: ServerMaker,
+) -> None:
+    # After a restart without persistence, the first call came from a replica started since
+    # (it knew no incarnation): the store started anew at 0, no quarantine, and the replicas
+    # that knew the old store took the new one as it was: grants at once, tokens from 1
+    # again on keys granted before. The first of those replicas to call now starts the
+    # quarantine, and counters continue from the clock, the one started meanwhile too.
+    server, config = _without_persistence(redis_servers)
+    knew = RedisBackend.from_config(config, "enhanced")
+    new = RedisBackend.from_config(config, "enhanced")
+    try:
+        _, first = await knew.acquire(lock_for(request_for(pull=1)))
+        await knew.release(first.key)
+        _, before = await knew.acquire(lock_for(request_for(pull=2)))
+        server.restart()
+        granted, meanwhile = await new.acquire(lock_for(request_for(pull=3)))
+        assert granted  # (it cannot know: nothing in Redis says the data was lost)
+        assert meanwhile.fencing_token == 1
+        with pytest.raises(BackendUnavailable, match="lost its data"):
+            await knew.acquire(lock_for(request_for(path="envs/other", pull=4)))
+        with pytest.raises(BackendUnavailable, match="grants resume in"):
+            await new.acquire(lock_for(request_for(path="envs/other", pull=4)))
+        await asyncio.sleep(0.7)
+        assert (await new.release(meanwhile.key)) is not None
+        granted, after = await knew.acquire(lock_for(request_for(pull=4)))
+        assert granted and after.fencing_token > before.fencing_token
+        granted, other = await new.acquire(lock_for(request_for(path="envs/other", pull=4)))
+        assert granted and other.fencing_token > before.fencing_token
+    finally:
+        await knew.close()
+        await new.close()
 
 
 async def test_a_reconnect_tells_unavailable_only_the_waiters_whose_record_was_lost(

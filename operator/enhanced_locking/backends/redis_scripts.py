@@ -66,7 +66,9 @@ A Redis that comes back without its data (restarted without persistence) has no 
 first replica that notices starts a new one whose fencing counters continue from the server
 clock (``ms * 1000``, above any token handed out before) and whose grants wait out the
 restart quarantine, so a lock granted before the loss is not granted again at once. A new
-store (no replica knew an incarnation) starts at 0 without quarantine.
+store (no replica knew an incarnation) starts at 0 without quarantine; a replica that knew
+another one and finds such a store starts the quarantine then (the first call after the loss
+came from a replica that knew nothing), and counters continue from the clock.
 
 **Time** is the server's (``TIME``), read once per call. A lock is held while ``exp`` is 0
 or in the future; the hash itself is given a Redis expiry a grace period after ``exp`` so it

@@ -316,7 +316,21 @@ local function guard(unsent)
                'since', now, 'lost', KNOWN_INCARNATION)
     return {'incarnation', id, till, now}
   end
-  if e[1] ~= KNOWN_INCARNATION then return {'incarnation', e[1], tonumber(e[3]), clock()} end
+  if e[1] ~= KNOWN_INCARNATION then
+    if KNOWN_INCARNATION ~= '' and e[2] == '0' then
+      -- A store started anew (counters from 0) by a caller that knew none before it (a
+      -- replica started after Redis lost its data), while this caller knew another one: the
+      -- data was lost and nobody started the quarantine. It starts now, as if this caller had
+      -- been the first: grants wait it out, and counters continue from the clock (those
+      -- started meanwhile too: `stamp`). A lean call leaves it to the full script.
+      if not QUARANTINE_MS then return {'full'} end
+      local now = clock()
+      local till = now + tonumber(QUARANTINE_MS)
+      w('HSET', INCARNATION, 'base', int(now * 1000), 'until', till, 'lost', KNOWN_INCARNATION)
+      return {'incarnation', e[1], till, now}
+    end
+    return {'incarnation', e[1], tonumber(e[3]), clock()}
+  end
   -- (`until` is 0 unless a quarantine was started: then no clock is needed; `base` is 0 in a
   -- store that never lost its data. Each is compared as the text stored before it is read as
   -- a number: a number read from text costs Redis about 1k instructions.)
@@ -717,9 +731,16 @@ end
 local function stamp(k, data, repo, pull, ttl, claim, mode, path, ws, counter, lock_hash,
                      pull_set)
   local started = false
-  if TOKEN_BASE > 0 and CALL('EXISTS', counter) == 0 then
-    w('SET', counter, int(TOKEN_BASE))
-    started = true
+  if TOKEN_BASE > 0 then
+    -- A counter below the incarnation's base was started before the base was set (a store
+    -- started anew at 0 that lost data found later, an incarnation written over): it
+    -- continues from the base, as one started now does. (One of another type or not a number
+    -- is left to INCR's refusal.)
+    local v = PCALL('GET', counter)
+    if not v or (whole(v) and tonumber(v) < TOKEN_BASE) then
+      w('SET', counter, int(TOKEN_BASE))
+      started = true
+    end
   end
   -- The counter is taken first: one that is not a number (written over by something else)
   -- refuses INCR and nothing of the grant is written (nil; the full paths have asked
