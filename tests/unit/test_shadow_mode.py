@@ -235,3 +235,18 @@ async def test_a_shadow_store_replaced_by_another_is_closed(
         await replaced.ping()
     await replacing.ping()
 
+
+async def test_a_force_unlock_is_replayed_as_a_release(make_service: ServiceMaker,
+                                                       store: StoreOpener) -> None:
+    """A lock freed by force-unlock is freed in the shadow namespace too: the next pull's grant
+    matches there instead of being refused by a holder only the shadow side still has."""
+    service = await _shadow_service(make_service)
+    assert (await service.router.acquire(request_for(pull=1))).acquired
+    freed = await service.router.force_unlock(request_for().key)
+    assert freed is not None and freed.pull.num == 1
+    assert (await service.router.acquire(request_for(pull=2))).acquired
+    await service.migration.shadow.drain()
+    stats = service.migration.shadow.stats
+    assert (stats.replayed, stats.matched, stats.mismatches) == (3, 3, 0)
+    assert [lock.pull.num for lock in await store(service, "shadow").list()] == [2]
+

@@ -718,11 +718,14 @@ class Router(AtlantisCalls):
         return PullClosed(released=released, cancelled=cancelled)
 
     async def force_unlock(self, key: str) -> Lock | None:
-        """Free ``key`` on whichever side holds it; the enhanced side serves its queue."""
+        """Free ``key`` on whichever side holds it; the enhanced side serves its queue. Told to
+        the migration as any release without a pull (shadow mode replays it)."""
         released = await self.legacy.release(key)
         enhanced = self.enhanced
         if isinstance(enhanced, EnhancedLocker):
             released = await enhanced.force_unlock(key) or released
+        if self.migration is not None:
+            self.migration.after_release(key, None, released=released)
         return released
 
     async def refresh(self, key: str, *, owner: Owner, ttl: timedelta | None) -> Lock | None:
