@@ -18,8 +18,9 @@ TTL), on one server or spread over a Redis Cluster's masters. :func:`read_boltdb
 The lock key is recomputed from the JSON with :func:`~enhanced_locking.types.lock_key` (the
 path cleaned as Atlantis cleans it), since older Atlantis versions keyed locks without the
 project name. Credentials never cross: the codec keeps the pull's URL with any ``user:token@``
-removed and, of ``BaseRepo``, only the VCS host (its ``CloneURL`` carries Atlantis's VCS
-token). The reader of the source is read-only.
+removed and, of ``BaseRepo``, only the VCS host and the ``SanitizedCloneURL`` without its
+user part (its ``CloneURL`` carries Atlantis's VCS token). The reader of the source is
+read-only.
 """
 
 from __future__ import annotations
