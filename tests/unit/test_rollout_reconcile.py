@@ -151,6 +151,22 @@ async def test_in_shadow_mode_the_status_shows_no_weight_routed_and_says_legacy_
     assert status["message"] == "weight 50 is in force on every replica"
 
 
+async def test_with_enhanced_locking_off_the_rollout_says_no_key_moves(
+    replica_set: ReplicaSet, tmp_path: Path,
+) -> None:
+    service = await replica_set.start("a", replica_heartbeat="50ms")
+    cluster, _, reconciler = await _migrating(service, tmp_path, weight=50)
+    await reconciler.observed(POLICIES, cluster.put(POLICIES, "default",
+                                                    {**POLICY, "enabled": False}))
+    await _tick_until(reconciler, cluster, lambda s: s.get("currentWeight") == 0, service)
+    status = cluster.status(MIGRATIONS, "to-enhanced")
+    assert status["phase"] == "Progressing"  # waits for the weight: nothing moves meanwhile
+    assert status["message"] == (
+        "enhanced locking is off (the LockPolicy's enabled): every lock key goes to the legacy "
+        "locker; the weight takes effect once it is on; moving keys to weight 50")
+    assert _condition(status, "Progressing")["message"] == status["message"]
+
+
 async def test_a_replica_that_does_not_write_the_status_routes_by_it_and_stays_silent(
     replica_set: ReplicaSet, tmp_path: Path,
 ) -> None:

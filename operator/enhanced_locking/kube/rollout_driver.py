@@ -65,6 +65,17 @@ SHADOW_NOTE = ("mode shadow: legacy decides every lock key and the enhanced lock
                "replays (0% routed to it); the weight takes effect with mode route")
 """Leads the rollout's message and conditions in shadow mode."""
 
+OFF_NOTE = ("enhanced locking is off (the LockPolicy's enabled): every lock key goes to the "
+            "legacy locker; the weight takes effect once it is on")
+"""Leads the rollout's message and conditions while enhanced locking is off: no key moves."""
+
+
+def _routing_note(config: EnhancedLockingConfig) -> str | None:
+    """What the rollout's message must say first when its weight routes nothing."""
+    if not config.enabled:
+        return OFF_NOTE
+    return SHADOW_NOTE if config.migration_mode == "shadow" else None
+
 
 class ServiceView(Protocol):
     """What the driver reads from the service of this process."""
@@ -287,10 +298,10 @@ class RolloutDriver:
         conflicts = migration.conflicts
         routing = migration.routing
         degraded = self._degraded(progress, conflicts, routing)
-        if self.view.config().migration_mode == "shadow":
+        if (note := _routing_note(self.view.config())) is not None:
             # The steps and the weight are applied, but legacy decides every key: say so
-            # before anything that reads as keys being on the enhanced side.
-            progress = replace(progress, message=f"{SHADOW_NOTE}; {progress.message}")
+            # before anything that reads as keys being on (or moving to) the enhanced side.
+            progress = replace(progress, message=f"{note}; {progress.message}")
         phase = progress.phase
         message = progress.message
         if degraded is not None and phase != "Aborted":
