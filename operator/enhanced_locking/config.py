@@ -36,7 +36,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from enhanced_locking.durations import DURATION_FORM, Duration, format_duration
 from enhanced_locking.policies import PolicyRules
-from enhanced_locking.types import BackendName
+from enhanced_locking.types import BackendName, UnusableSetting
 
 __all__ = [
     "ConfigError",
@@ -165,6 +165,16 @@ RoleMap = Annotated[
 ]
 
 HostPort = Annotated[str, Field(max_length=253 + 6), AfterValidator(_host_port)]
+
+
+def _path(value: str) -> str:
+    if "\0" in value:
+        raise ValueError("a path cannot hold a NUL character")
+    return value
+
+
+PathSetting = Annotated[str, AfterValidator(_path)]
+"""A file system path: no operating system takes one with a NUL character."""
 Weight = Annotated[float, Field(ge=0, le=100, multiple_of=0.01), BeforeValidator(_strict_number)]
 Ratio = Annotated[float, Field(ge=0, le=1), BeforeValidator(_strict_number)]
 
@@ -449,7 +459,7 @@ class EnhancedLockingConfig(BaseSettings):
         "without tables) afresh instead of refusing it; its fencing tokens then continue from "
         "the clock.",
     )
-    data_dir: str = Field(
+    data_dir: PathSetting = Field(
         "~/.atlantis",
         min_length=1,
         description="Directory of the embedded store (enhanced-locking.db).",
@@ -538,7 +548,14 @@ class EnhancedLockingConfig(BaseSettings):
 
     @property
     def data_path(self) -> Path:
-        return Path(self.data_dir).expanduser() / "enhanced-locking.db"
+        """The embedded store's file; ``UnusableSetting`` (``data-dir``) when a leading ``~``
+        cannot be expanded (no such user, or no home directory known)."""
+        try:
+            return Path(self.data_dir).expanduser() / "enhanced-locking.db"
+        except RuntimeError:
+            raise UnusableSetting(
+                "data-dir", f"cannot find the embedded store's directory {self.data_dir}: "
+                f"{self.data_dir.split('/')[0]} names no user with a home directory") from None
 
     @property
     def replica_expiry(self) -> timedelta:
@@ -599,6 +616,8 @@ def _form(info: FieldInfo, annotation: Any) -> tuple[str, str]:
     # Annotated metadata (HostPort's validator) is moved from the annotation to the field.
     if any(getattr(item, "func", None) is _host_port for item in info.metadata):
         return "host:port such as localhost:6379", "str"
+    if any(getattr(item, "func", None) is _path for item in info.metadata):
+        return "a non-empty path without NUL characters", "str"
     if "timedelta" in text:
         return DURATION_FORM, "duration"
     if annotation is bool:

@@ -118,6 +118,7 @@ INVALID = [
     ("empty key prefix", [], {"ATLANTIS_ENHANCED_LOCKING_REDIS_KEY_PREFIX": ""}, None,
      "enhanced-locking-redis-key-prefix", "non-empty"),
     ("empty data dir", [], {"ATLANTIS_DATA_DIR": ""}, None, "data-dir", "non-empty"),
+    ("NUL in data dir", [], {}, 'data-dir: "data\\0dir"\n', "data-dir", "NUL"),
 ]
 
 
@@ -253,7 +254,7 @@ def test_serve_offers_every_setting_as_a_flag() -> None:
         assert setting.flag in result.stdout
 
 
-@pytest.mark.parametrize("where", ["under-a-file", "a-file", "proc"])
+@pytest.mark.parametrize("where", ["under-a-file", "a-file", "proc", "unknown-user"])
 def test_serve_on_a_data_dir_it_cannot_create_exits_2_naming_the_setting(
     tmp_path: Path, where: str,
 ) -> None:
@@ -262,7 +263,8 @@ def test_serve_on_a_data_dir_it_cannot_create_exits_2_naming_the_setting(
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     data_dir = {"under-a-file": str(blocker / "data"), "a-file": str(blocker),
-                "proc": "/proc/enhanced-locking-nope"}[where]
+                "proc": "/proc/enhanced-locking-nope",
+                "unknown-user": "~enhanced-locking-no-such-user/data"}[where]
     result = run("serve", "--port", str(free_port()), "--data-dir", data_dir)
     assert result.returncode == 2
     lines = result.stderr.splitlines()
