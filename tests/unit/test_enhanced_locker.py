@@ -619,6 +619,34 @@ async def test_a_lease_that_runs_out_frees_the_lock_and_wakes_the_queue(
     await with_leases(case)
 
 
+async def test_every_shared_lease_found_over_is_told_expired(
+    rigs: Callable[..., LockerRig],
+) -> None:
+    """Two shared holders whose leases have both ended when the key's lease check runs: each
+    is freed and told as expired (an ``expired`` event and one lease expiration each), on
+    every store. Before, the in-process stores told only the first (the second went without
+    an event), and no store counted the second one's expiration."""
+    rig = rigs()
+    backend = rig.locker.backend
+    lease = timedelta(milliseconds=100)
+    ends = []
+    for pull in (1, 2):
+        asked = ask(pull, path="envs/shared-ends").model_copy(update={"mode": "shared"})
+        # Straight to the store: no lease timer of the locker's runs before both have ended.
+        outcome = await backend.acquire_or_enqueue(candidate_for(asked), ttl=lease, wait=None,
+                                                   policy=QueuePolicy())
+        assert outcome.status is Status.GRANTED, outcome
+        assert outcome.locks[0].expires_at is not None
+        ends.append(outcome.locks[0].expires_at)
+    await past(backend.now, max(ends))
+    await rig.locker.expire(asked.key)
+    expired = [e for e in rig.events if e.type == "expired"]
+    assert sorted(e.lock.pull.num for e in expired if e.lock is not None) == [1, 2], expired
+    assert count(rig, "enhanced_locking_lease_expirations_total") == 2
+    assert count(rig, "enhanced_locking_releases_total", backend="enhanced", how="expired") == 2
+    assert await rig.locker.holders(asked.key) == []
+
+
 async def test_the_default_lease_comes_from_lock_ttl_and_a_refresh_extends_it(
     rigs: Callable[..., LockerRig],
 ) -> None:

@@ -991,7 +991,10 @@ class StoreBackend(abc.ABC):
     async def expire(self, key: str, *, policy: QueuePolicy | None = None) -> Handoff:
         with self._step() as fx:
             self._settle(key, self.clock(), policy or QueuePolicy(), fx)
-            return fx.handoff(fx.expired[0] if fx.expired else None)
+            handoff = fx.handoff(fx.expired[0] if fx.expired else None)
+            if len(fx.expired) > 1:  # shared holders whose leases all ended: every one told
+                handoff.also_released = tuple(fx.expired[1:])
+            return handoff
 
     async def wake(self, *, policy: QueuePolicy) -> Handoff:
         """Serve every queue (a rule changed, or a freeze started or ended)."""

@@ -317,9 +317,11 @@ def _grants(answer: Sequence[Any]) -> tuple[GrantRow, ...]:
 
 
 def served(answer: Sequence[Any]) -> Served:
-    """``{released or expired lock or {}, granted, dropped}`` (``expire.lua``, ``wake.lua``)."""
-    released, granted, dropped = answer
-    return Served(maybe_lock(released), _grants(granted), _waiters(dropped))
+    """``{released or expired lock or {}, granted, dropped}`` (``wake.lua``), and the other
+    expired locks after them (``expire.lua``)."""
+    released, granted, dropped, *others = answer
+    return Served(maybe_lock(released), _grants(granted), _waiters(dropped),
+                  locks(others[0]) if others else ())
 
 
 # (typeshed does not list the decoder's scanner, which every JSONDecoder sets in __init__)

@@ -607,6 +607,8 @@ class EnhancedLocker(AtlantisCalls):
             self.holds.record(extra.key, now - extra.acquired_at.timestamp())
         for extra in also:
             self.metrics.releases.labels("enhanced", how).inc()
+            if how == "expired":
+                self.metrics.lease_expirations.inc()
             self.events.publish(_RELEASE_EVENT[how], lock=extra, how=how)
         if released is not None and key is not None:
             if fields["mode"] == "exclusive":

@@ -1,7 +1,8 @@
 -- expire: if the key's lease has lapsed, free it; serve the queue of a free key.
 -- KEYS[8..] the key's keys (RedisKeys.of_key); more (its next waiters') it asks for
 -- ARGV[11] lock key
--- returns {expired lock or {}, granted, dropped} (as RELEASE)
+-- returns {expired lock or {}, granted, dropped, the other expired locks} (as RELEASE:
+-- shared holders whose leases all ended are each told)
 -- decoded by redis_replies.served
 local refused = guard()
 if refused then return refused end
@@ -12,6 +13,8 @@ local function main()
   planned()
   local fx = new_effects()
   settle(ARGV[11], fx)
-  return {fx.expired[1] or {}, fx.granted, fx.dropped}
+  local others = {}
+  for i = 2, #fx.expired do table.insert(others, fx.expired[i]) end
+  return {fx.expired[1] or {}, fx.granted, fx.dropped, others}
 end
 return run(main, true)
