@@ -17,7 +17,7 @@ from tests.support.redis_fixtures import ServerMaker, redis_config
 from tests.support.redis_server import RedisSentinel, RedisServer
 
 from enhanced_locking.backends.atlantis_redis import AtlantisRedisBackend
-from enhanced_locking.backends.redis_connection import connect
+from enhanced_locking.backends.redis_connection import connect, unavailable
 from enhanced_locking.backends.redis_events import RedisEventBus
 from enhanced_locking.backends.redis_store import RedisBackend
 from enhanced_locking.backends.waiting import QueuePolicy, Status, Wait
@@ -141,6 +141,28 @@ async def test_an_error_reply_that_means_the_connection_is_unusable_is_raised_no
             await connection.call(*refused)
         assert await connection.call("PING") in ("PONG", True)
         assert await connection.call_all([("PING",), ("ECHO", "x")]) == ["PONG", "x"]
+    finally:
+        await connection.close()
+
+
+@pytest.mark.parametrize("code", ["OOM", "READONLY", "NOREPLICAS", "BUSY"])
+async def test_a_refusal_a_script_met_and_raised_again_is_an_outage(
+    redis_server: RedisServer, code: str,
+) -> None:
+    # The scripts raise again the refusals they meet that are about Redis (lua/lib.lua's
+    # `run`); through Lua's pcall Redis answers them as ERR followed by the code (on Redis 6.2
+    # a script's first write can be refused with OOM, READONLY or NOREPLICAS), a plain
+    # ResponseError: still Redis refusing, BackendUnavailable, never a bare error (a 500).
+    connection = connect(redis_config(redis_server))
+    raised_again = (f"local ok, e = pcall(function() error({{err = '{code} refused'}}) end) "
+                    "error(e, 0)")
+    try:
+        with pytest.raises(BackendUnavailable, match=f"{code} refused"):
+            async with unavailable(connection, "acquire"):
+                await connection.call("EVAL", raised_again, "0")
+        with pytest.raises(ResponseError, match="refused"):  # a script's own error stays one
+            async with unavailable(connection, "acquire"):
+                await connection.call("EVAL", "error({err = 'ERR refused'})", "0")
     finally:
         await connection.close()
 

@@ -439,13 +439,20 @@ def will_not_serve(error: BaseException | None) -> bool:
     denied a command or key a script touches (Redis 7.0 answers a script's denied command with
     "The user executing the script can't ..." rather than ``NOPERM``, which is in
     :data:`DOWN`). Like :data:`DOWN`, an outage (``BackendUnavailable``), not retried: raised
-    as the bare ``ResponseError`` it would be a 500."""
+    as the bare ``ResponseError`` it would be a 500. A refusal a script met and raised again
+    (``lua/lib.lua``'s ``run``) reaches us as ``ERR`` followed by Redis's own code (``ERR OOM
+    command not allowed ...``, on Redis 6.2, where a script's first write can be refused so):
+    redis-py then names no class of its own, and the code is found at the start of the text."""
     if isinstance(error, rexc.OutOfMemoryError):
         return True
     if not isinstance(error, rexc.ResponseError):
         return False
     text = str(error)
-    return text.startswith(("BUSY ", "NOREPLICAS ")) or _SCRIPT_ACL in text
+    return text.startswith(_REFUSALS) or _SCRIPT_ACL in text
+
+
+_REFUSALS = ("BUSY ", "NOREPLICAS ", "OOM ", "READONLY ", "NOPERM ", "MASTERDOWN ", "LOADING ")
+"""Redis's codes of a refusal about itself, as the text of a plain ``ResponseError``."""
 
 
 _SCRIPT_ACL = "The user executing the script can't"
