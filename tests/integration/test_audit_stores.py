@@ -573,6 +573,31 @@ async def test_stores_sharing_one_file_never_give_an_id_twice_and_closing_leaves
 
 
 
+async def test_an_embedded_trail_the_file_cannot_read_is_unavailable(tmp_path: Path) -> None:
+    # The file answers the trail's read with an error (here its table is gone from under the
+    # store, as a damaged file or one restored without it would): the read is the store being
+    # unavailable (503), never an error of the service's own (500); at start, the trail is
+    # not opened.
+    path = tmp_path / "enhanced-locking.db"
+    store = SqliteAuditStore(path, Retention(timedelta(days=1), 1000))
+    try:
+        await store.append(entry(1))
+        assert numbers(await store.read(AuditQuery())) == [1]
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            db.execute("ALTER TABLE audit RENAME TO audit_elsewhere")
+            db.commit()
+        with pytest.raises(BackendUnavailable, match="cannot read the audit trail: no such"):
+            await store.read(AuditQuery())
+    finally:
+        await store.close()
+    # A service started on such a file: the trail cannot be opened, one line (exit 1).
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("CREATE VIEW audit AS SELECT 1 AS id")
+        db.commit()
+    with pytest.raises(BackendUnavailable, match="cannot open the audit trail in "):
+        SqliteAuditStore(path, Retention(timedelta(days=1), 1000))
+
+
 def _refuse_writes(path: Path, refuse: bool) -> None:
     """Make the file refuse (or take again) the audit table's writes, from another
     connection, as a full disk or a broken file would: every insert fails."""

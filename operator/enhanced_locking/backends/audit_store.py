@@ -268,7 +268,11 @@ class SqliteAuditStore:
 
     def __init__(self, path: Path, retention: Retention) -> None:
         self._db = open_database(path)
-        self._db.executescript(SCHEMA)
+        try:
+            self._db.executescript(SCHEMA)
+        except sqlite3.Error as error:
+            self._db.close()
+            raise BackendUnavailable(f"cannot open the audit trail in {path}: {error}") from None
         self._retention = retention
         self._appended = 0
         self._next_id = 1
@@ -282,7 +286,11 @@ class SqliteAuditStore:
         self._refused: tuple[float, int, float] | None = None
         """While the file refuses writes: since when (monotonic), the entries dropped before,
         and when the last line about it was logged."""
-        self._prune()
+        try:
+            self._prune()
+        except sqlite3.Error as error:
+            self._db.close()
+            raise BackendUnavailable(f"cannot open the audit trail in {path}: {error}") from None
 
     @property
     def waiting(self) -> int:
@@ -445,10 +453,13 @@ class SqliteAuditStore:
             bound = ["id < ?"] if before is not None else []
             where = f"WHERE {' AND '.join(clauses + bound)}" if clauses or bound else ""
             wanted = query.limit - len(found)
-            rows = self._db.execute(
-                f"SELECT id, data FROM audit {where} ORDER BY id DESC LIMIT ?",
-                (*params, *([before] if before is not None else []), wanted),
-            ).fetchall()
+            try:
+                rows = self._db.execute(
+                    f"SELECT id, data FROM audit {where} ORDER BY id DESC LIMIT ?",
+                    (*params, *([before] if before is not None else []), wanted),
+                ).fetchall()
+            except sqlite3.Error as error:
+                raise BackendUnavailable(f"cannot read the audit trail: {error}") from None
             for row_id, data in rows:
                 entry = _stored(data, entry_id=str(row_id), where="the audit table")
                 if entry is not None:
