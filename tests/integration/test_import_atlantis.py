@@ -33,6 +33,7 @@ from tests.support.bbolt_writer import (  # noqa: E402
 )
 from tests.support.redis_cluster import RedisClusterNodes  # noqa: E402
 from tests.support.redis_server import RedisServer, RedisServerError  # noqa: E402
+from tests.support.unreadable import SECRET, spoil  # noqa: E402
 
 from enhanced_locking.backends import Backend, EmbeddedBackend, MemoryBackend  # noqa: E402
 from enhanced_locking.migration import importers  # noqa: E402
@@ -165,6 +166,31 @@ async def test_every_atlantis_lock_is_imported_into_the_memory_backend(
     assert secret.user.teams == ["platform", "sre"]
     assert TOKEN not in secret.model_dump_json()
     assert secret.pull.url == "https://github.com/acme/secret/pull/7"
+
+
+async def test_a_key_whose_stored_lock_cannot_be_read_is_a_conflict_and_the_rest_imported(
+    tmp_path: Path,
+) -> None:
+    """The target holds a value under a key that is not a lock it can read: that lock is not
+    imported (nothing is granted over it) and is reported; the import goes on with the rest."""
+    bad, good = (atlantis_lock(repo="acme/infra", pull=4, path=path) for path in ("bad", "good"))
+    backend = EmbeddedBackend(tmp_path / "enhanced-locking.db")
+    try:
+        key = lock_key(bad)
+        assert (await backend.acquire(_pull_lock(key, "acme/infra", 4)))[0]
+        await spoil(backend, key, f"token={SECRET}, not a lock")
+        records = [importers.SourceRecord(lock_key(lock), json.dumps(lock).encode())
+                   for lock in (bad, good)]
+        report = await importers.import_locks(records, backend, source="test")
+        held = await backend.list()
+    finally:
+        await backend.close()
+    assert [(row.key, row.outcome) for row in report.rows] == [
+        (key, importers.Outcome.CONFLICT), (lock_key(good), importers.Outcome.IMPORTED)]
+    assert report.rows[0].detail == ("the target's stored lock of this key cannot be read (set "
+                                     "aside until a force-unlock clears it)")
+    assert not report.clean and SECRET not in report.table()
+    assert [lock.key for lock in held] == [lock_key(good)]
 
 
 def test_the_command_imports_into_the_embedded_backend_and_a_second_run_changes_nothing(

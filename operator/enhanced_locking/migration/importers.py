@@ -39,7 +39,13 @@ from pydantic import ValidationError
 from enhanced_locking.backends import codec
 from enhanced_locking.backends.base import Backend
 from enhanced_locking.migration import bbolt
-from enhanced_locking.types import BackendUnavailable, Lock, strip_credentials, utcnow
+from enhanced_locking.types import (
+    BackendUnavailable,
+    Lock,
+    LockUnreadable,
+    strip_credentials,
+    utcnow,
+)
 
 __all__ = [
     "ATLANTIS_LOCKS_BUCKET",
@@ -394,6 +400,19 @@ async def _import_one(record: SourceRecord, backend: Backend, dry_run: bool,
     if lock.expired(now):
         return _row(Outcome.SKIPPED, record, lock,
                     detail=f"expired at {_go_time(lock.expires_at or now)}")
+    try:
+        return await _take(record, lock, backend, dry_run, planned)
+    except LockUnreadable:
+        # The target holds something under the key that is not a lock it can read: whose it
+        # is cannot be told, so the key is not the import's to take (it is never granted
+        # over); the rest of the import goes on.
+        return _row(Outcome.CONFLICT, record, lock,
+                    detail="the target's stored lock of this key cannot be read (set aside "
+                    "until a force-unlock clears it)")
+
+
+async def _take(record: SourceRecord, lock: Lock, backend: Backend, dry_run: bool,
+                planned: dict[str, Lock]) -> ImportRow:
     owner = (lock.project.repo_full_name, lock.pull.num)
     # get() first: it also clears an expired holder, so the acquire below (which judges expiry
     # at Atlantis's original time) sees the key as it is now.
