@@ -105,15 +105,7 @@ class Client:
         except httpx.HTTPError as error:
             raise ServiceError(0, f"cannot reach the lock service at {self._http.base_url}: "
                                   f"{error}") from None
-        try:
-            body = response.json()
-        except ValueError:
-            body = response.text
-        if response.status_code not in ok:
-            message = body.get("error") if isinstance(body, dict) else None
-            raise ServiceError(response.status_code, message or f"HTTP {response.status_code}",
-                               body)
-        return response.status_code, body
+        return _answer(response, ok)
 
     def acquire(self, request: LockRequest) -> AcquireResult:
         """Acquire (waiting if ``request.wait`` says so); refusals come back as results."""
@@ -246,10 +238,7 @@ class AsyncClient:
         except httpx.HTTPError as error:
             raise ServiceError(0, f"cannot reach the lock service at {self._http.base_url}: "
                                   f"{error}") from None
-        body = response.json() if response.content else None
-        if response.status_code not in ok:
-            raise ServiceError(response.status_code, _error_of(response), body)
-        return response.status_code, body
+        return _answer(response, ok)
 
     async def acquire(self, request: LockRequest) -> AcquireResult:
         _, body = await self._call("POST", "/v1/locks", ok=(200, 409), json=_body(request),
@@ -308,6 +297,18 @@ def _read_timeout(request: LockRequest | BatchLockRequest) -> httpx.Timeout:
         return httpx.Timeout(10.0, read=None)
     seconds = wait.total_seconds() if isinstance(wait, timedelta) else 0.0
     return httpx.Timeout(10.0, read=seconds + 30.0)
+
+
+def _answer(response: httpx.Response, ok: tuple[int, ...]) -> tuple[int, Any]:
+    """The status and the body (its JSON, else its text: a proxy's error page, say) of an
+    answer whose status is in ``ok``; else :class:`ServiceError` with the answer's ``error``."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = response.text
+    if response.status_code not in ok:
+        raise ServiceError(response.status_code, _error_of(response), body)
+    return response.status_code, body
 
 
 def _error_of(response: httpx.Response) -> str:

@@ -6,11 +6,14 @@ Each command runs as a real subprocess against a real ``enhanced-locking serve``
 from __future__ import annotations
 
 import argparse
+import http.server
 import json
 import os
 import socket
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 from tests.conftest import ServiceFactory
@@ -163,3 +166,54 @@ def test_serve_on_a_port_in_use_exits_2_before_opening_its_store(tmp_path: objec
 
 def test_config_show_still_prints_json() -> None:
     assert json.loads(run("config", "show").stdout)["enhanced-locking-enabled"] is False
+
+
+class _ProxyErrorPage(http.server.BaseHTTPRequestHandler):
+    """What an ingress answers while the service behind it is down: an HTML error page."""
+
+    def _page(self) -> None:
+        length = int(self.headers.get("content-length") or 0)
+        self.rfile.read(length)
+        page = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
+        self.send_response(502)
+        self.send_header("content-type", "text/html")
+        self.send_header("content-length", str(len(page)))
+        self.end_headers()
+        self.wfile.write(page)
+
+    do_GET = do_POST = do_DELETE = _page
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def proxy_error_page() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ProxyErrorPage)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("command", [
+    ["lock", "acquire", "--repo", "acme/infra", "--pull", "12", "--wait", "5s"],
+    ["lock", "acquire", "--repo", "acme/infra", "--pull", "12"],
+    ["step", "acquire", "--command", "plan", "--wait", "5s"],
+    ["step", "release"],
+])
+def test_an_answer_that_is_not_json_is_one_line_not_a_traceback(
+    proxy_error_page: str, command: list[str],
+) -> None:
+    """A proxy's HTML error page in place of the service's JSON: the waiting acquire (whose
+    client reads the queue beside it), the plain one and the Atlantis steps end with one
+    line naming the status, as for any refusal."""
+    result = run(*command, "--url", proxy_error_page,
+                 env={"BASE_REPO_OWNER": "acme", "BASE_REPO_NAME": "infra", "PULL_NUM": "12"})
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "HTTP 502" in lines[0], result.stderr
