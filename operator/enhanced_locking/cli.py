@@ -725,8 +725,14 @@ def _parser() -> argparse.ArgumentParser:
         description="Who did what, newest first, as JSON lines. The token comes from "
                     "--token or ENHANCED_LOCKING_TOKEN (docs/08-access.md).")
     add_client_options(audit)
-    for name in ("identity", "verb", "action", "key", "repo", "outcome"):
+    for name in ("identity", "action", "key", "repo"):
         audit.add_argument(f"--{name}", default=None)
+    audit.add_argument("--verb", default=None,
+                       help="the right the call needed (read, lock, prioritize, release-any, "
+                            "force-unlock, admin)")
+    audit.add_argument("--outcome", default=None,
+                       help="how it ended, e.g. acquired, held, released, denied (one the "
+                            "trail never writes exits 2 naming those it does)")
     audit.add_argument("--pull", type=int, default=None)
     audit.add_argument("--since", default=None, help="RFC 3339 time, e.g. 2026-01-31T00:00:00Z")
     audit.add_argument("--until", default=None, help="RFC 3339 time")

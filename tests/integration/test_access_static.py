@@ -417,3 +417,32 @@ def test_the_cli_sends_the_token_and_reads_the_audit_trail(
         ("vera", "force-unlock", "denied"),
         ("ada", "acquire", "acquired"),
     ]
+
+
+def test_an_outcome_or_verb_no_row_can_have_is_named_not_answered_with_nothing(
+    served: ServiceProcess, admin: httpx.Client
+) -> None:
+    """``audit --outcome acquird`` would match no row and print nothing, as if nothing had been
+    acquired: it exits 2 naming the outcomes there are (422 from the API, naming the field)."""
+    case = new_case(admin)
+    typo = cli(served, TOKENS["admin"], "audit", "--repo", case.repo, "--outcome", "acquird")
+    assert typo.returncode == 2 and typo.stdout == ""
+    lines = typo.stderr.splitlines()
+    assert len(lines) == 1 and "not an outcome of the audit trail: 'acquird'" in lines[0]
+    assert "acquired" in lines[0].split("(one of", 1)[1]
+    bad_verb = admin.get("/v1/audit", params={"verb": "lok"})
+    assert bad_verb.status_code == 422 and bad_verb.json()["field"] == "verb"
+    assert "force-unlock" in bad_verb.json()["error"]
+    found = cli(served, TOKENS["admin"], "audit", "--repo", case.repo, "--outcome", "acquired",
+                "--verb", "lock")
+    assert found.returncode == 0, found.stderr
+    assert [json.loads(line)["action"] for line in found.stdout.splitlines()] == ["acquire"]
+    with client(served, TOKENS["admin"]) as http:
+        key = http.post("/v1/locks", json=acquire_body(case.repo, pull=5, path="z")
+                        ).json()["lockKey"]
+        batch = http.delete("/v1/locks/batch", params={"key": [key]})
+    assert batch.status_code == 200, batch.text
+    counted = admin.get("/v1/audit", params={"repo": case.repo, "outcome": "released 1"})
+    assert counted.status_code == 200
+    assert [r["action"] for r in counted.json()["entries"]] == ["release-any"]
+

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Query
@@ -11,15 +12,43 @@ from enhanced_locking.api.audit import AuditTrail
 from enhanced_locking.api.errors import error_answers, json_error
 from enhanced_locking.api.params import OptionalPullNum, Time
 from enhanced_locking.backends.audit_store import AuditQuery
-from enhanced_locking.types import Verb
+from enhanced_locking.types import Reason, Verb
 
-__all__ = ["CURSOR_PATTERN", "install_audit_routes"]
+__all__ = ["AUDIT_OUTCOMES", "CURSOR_PATTERN", "install_audit_routes"]
 
 CURSOR_PATTERN = r"^[0-9]{1,18}(-[0-9a-f]{1,18})?$"
 """Every audit store's entry id: a number (embedded), ``<ms>-<seq>`` (Redis),
 ``<µs>-<hex>`` (etcd)."""
 
 Text = Annotated[str | None, Query(max_length=4096)]
+
+AUDIT_OUTCOMES = frozenset({
+    "ok", "acquired", *(reason.value for reason in Reason), "client-gone", "released",
+    "refreshed", "cancelled", "cleared-unreadable", "pull-closed", "not-found", "collision",
+    "no-lease", "denied", "not-owned", "invalid", "unavailable", "error", "unauthenticated",
+    "cross-site",
+})
+"""Every outcome an audit row is written with, but the counts of a release of several keys."""
+_COUNTED_OUTCOME = re.compile(r"released [0-9]+(, not reached [0-9]+)?")
+"""The outcome of a release of several keys: how many were freed and, if any, not reached."""
+_VERBS = frozenset(verb.value for verb in Verb) | {""}
+"""A row's verb: the right its call needed, none (``""``) for a refused credential."""
+
+
+def _unknown(name: str, value: str | None) -> str | None:
+    """Why the filter ``name`` can match no row (a typo), naming the values it can take; else
+    ``None``. A filter that matches nothing would answer an empty page, as if nothing had
+    happened."""
+    if value is None:
+        return None
+    if name == "verb" and value not in _VERBS:
+        return (f"verb: not a verb of the audit trail: {value!r} (one of "
+                f"{', '.join(sorted(_VERBS - {''}))})")
+    if name == "outcome" and value not in AUDIT_OUTCOMES and not _COUNTED_OUTCOME.fullmatch(value):
+        return (f"outcome: not an outcome of the audit trail: {value!r} (one of "
+                f"{', '.join(sorted(AUDIT_OUTCOMES))}; a release of several keys counts them: "
+                "'released 2', 'released 1, not reached 1')")
+    return None
 
 
 def install_audit_routes(app: FastAPI) -> None:
@@ -44,10 +73,15 @@ def install_audit_routes(app: FastAPI) -> None:
     ) -> Any:
         """The audit trail newest first, filtered; ``next`` is the cursor of the next page.
 
+        A ``verb`` or ``outcome`` that no row can have answers 422 naming the values it takes.
+
         A ``before`` of another store's form answers 422: the cursor is an id of the store that
         keeps the trail, and each store has its own form (a number in the embedded store,
         ``<ms>-<seq>`` in Redis, ``<µs>-<hex>`` on etcd)."""
         await caller.need(Verb.ADMIN, action="audit-read")
+        for name, value in (("verb", verb), ("outcome", outcome)):
+            if (problem := _unknown(name, value)) is not None:
+                return json_error(422, problem, field=name)
         trail: AuditTrail = app.state.audit
         query = AuditQuery(identity=identity, verb=verb, action=action, key=key, repo=repo,
                            pull=pull, outcome=outcome, since=since, until=until,
