@@ -92,8 +92,9 @@ def _events(args: argparse.Namespace) -> int:
                     on_open=lambda: terminal.say(PROG, f"following the events of {args.url}")):
                 print(event.model_dump_json(by_alias=True), flush=True)
     except ServiceError as error:
-        terminal.say(PROG, str(error))
-        return EXIT_UNREACHABLE if error.status == 0 else 2
+        # Unreachable 3, an invalid filter 2, refused (no or a bad token, no right) 1: as for
+        # every command. The answer is not printed: stdout is the events' JSON lines.
+        return terminal.service_failed(PROG, str(error), status=error.status)
     except KeyboardInterrupt:
         return 0
     return 0

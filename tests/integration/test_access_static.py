@@ -446,3 +446,14 @@ def test_an_outcome_or_verb_no_row_can_have_is_named_not_answered_with_nothing(
     assert counted.status_code == 200
     assert [r["action"] for r in counted.json()["entries"]] == ["release-any"]
 
+
+def test_events_refused_exit_1_and_an_invalid_filter_exits_2(served: ServiceProcess) -> None:
+    """``enhanced-locking events`` ends as every command does: no token is a refusal (1, one
+    line), an unknown event type is the user's mistake (2), nothing on stdout either way."""
+    anonymous = cli(served, None, "events")
+    assert anonymous.returncode == 1 and anonymous.stdout == ""
+    assert len(anonymous.stderr.splitlines()) == 1
+    assert "authentication required" in anonymous.stderr
+    unknown = cli(served, TOKENS["admin"], "events", "--type", "lock-grabbed")
+    assert unknown.returncode == 2 and unknown.stdout == ""
+    assert "unknown event type 'lock-grabbed'" in unknown.stderr
