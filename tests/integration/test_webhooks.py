@@ -279,6 +279,18 @@ def test_a_verified_body_that_is_not_an_event_is_422(service: ServiceProcess) ->
     assert answer.status_code == 422 and "pull request number" in answer.json()["error"]
 
 
+def test_a_verified_body_nested_too_deep_to_read_is_422(service: ServiceProcess) -> None:
+    """JSON nested deeper than the parser goes (well within the size a VCS may send) is a body
+    that is not an event: 422, as any other, not a 500."""
+    raw = b'{"action": "closed", "pull_request": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    digest = hmac.new(GITHUB_SECRET.encode(), raw, hashlib.sha256).hexdigest()
+    answer = httpx.post(f"{service.url}/v1/webhooks/github", content=raw, headers={
+        "content-type": "application/json", "X-GitHub-Event": "pull_request",
+        "X-Hub-Signature-256": f"sha256={digest}"})
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["error"] == "github webhook: the body is nested too deep to read"
+
+
 def test_secrets_are_never_shown(service: ServiceProcess, atlantis_testdata: Path) -> None:
     post(service, "github", github_closed(atlantis_testdata), secret="wrong", event="pull_request")
     post(service, "gitlab", gitlab_event(atlantis_testdata, "merge"), secret=GITLAB_SECRET,

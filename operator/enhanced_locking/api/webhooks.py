@@ -236,6 +236,9 @@ def webhook_router(
                 data = json.loads(body)
             except (json.JSONDecodeError, UnicodeDecodeError):
                 raise WebhookRefused(422, f"{vcs} webhook: the body is not JSON") from None
+            except RecursionError:  # no VCS nests an event this deep
+                raise WebhookRefused(422, f"{vcs} webhook: the body is nested too deep to "
+                                          "read") from None
             if not isinstance(data, dict):
                 raise WebhookRefused(422, f"{vcs} webhook: the body is not a JSON object")
             event = request.headers.get(_EVENT_HEADER[vcs], "")
