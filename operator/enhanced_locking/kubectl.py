@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -380,6 +381,22 @@ def _weight(value: str) -> float:
     return weight
 
 
+def _seconds(*, above_zero: bool) -> Callable[[str], float]:
+    """An argparse type: a finite number of seconds, above 0 or at least 0."""
+
+    def seconds(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if not math.isfinite(number) or number < 0 or (above_zero and number == 0):
+            least = "above 0" if above_zero else "0 or more"
+            raise argparse.ArgumentTypeError(f"expected seconds, {least}, got {value!r}")
+        return number
+
+    return seconds
+
+
 def _output(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", choices=["json", "yaml"], default=None,
                         help="print JSON or YAML for scripts instead of the view for people")
@@ -408,10 +425,10 @@ def _parser() -> argparse.ArgumentParser:
                               help="the rollout as a tree: steps, weight, pause, analysis")
     status.add_argument("--watch", "-w", action="store_true",
                         help="keep showing it until the rollout completes, aborts or degrades")
-    status.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
-                        help="with --watch: give up (exit 1) after this long")
-    status.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
-                        help=argparse.SUPPRESS)
+    status.add_argument("--timeout", type=_seconds(above_zero=False), default=None,
+                        metavar="SECONDS", help="with --watch: give up (exit 1) after this long")
+    status.add_argument("--interval", type=_seconds(above_zero=True), default=1.0,
+                        metavar="SECONDS", help=argparse.SUPPRESS)
     _output(status)
     status.set_defaults(func=_with_cluster(_status))
     edits = {

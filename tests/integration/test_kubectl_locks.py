@@ -128,3 +128,17 @@ def test_locks_exit_codes_for_a_bad_url_and_an_absent_service() -> None:
     gone = plugin("locks", "list", "--url", f"http://127.0.0.1:{free_port()}")
     assert gone.returncode == 3
     assert len(gone.stderr.splitlines()) == 1 and "cannot reach" in gone.stderr
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--interval", "-1"), ("--interval", "0"),
+                                             ("--timeout", "-5"), ("--timeout", "nan")])
+def test_rollout_status_seconds_that_cannot_be_waited_are_a_usage_error(
+    flag: str, value: str,
+) -> None:
+    """``--watch --interval -1`` would reach the cluster and fail in its first sleep with a
+    traceback: it is refused before, exit 2 naming the flag."""
+    done = plugin("rollout", "status", "--watch", flag, value, "--kubeconfig", "/nonexistent")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [
+        f"kubectl locking rollout status: error: argument {flag}: expected seconds, "
+        f"{'above 0' if flag == '--interval' else '0 or more'}, got {value!r}"]
