@@ -26,7 +26,15 @@ from enhanced_locking.policies import (
     PolicyRules,
     PriorityRule,
 )
-from enhanced_locking.types import AcquireResult, LockRequest, Priority, Pull, Reason, utcnow
+from enhanced_locking.types import (
+    AcquireResult,
+    LockNotOwned,
+    LockRequest,
+    Priority,
+    Pull,
+    Reason,
+    utcnow,
+)
 
 WAIT = timedelta(seconds=30)
 S = timedelta(seconds=1)
@@ -134,6 +142,27 @@ async def test_the_only_shared_holder_upgrades_to_exclusive_with_a_new_token(
     assert upgraded.lock.mode == "exclusive"
     assert upgraded.lock.fencing_token > shared.lock.fencing_token
     assert (await rig.locker.acquire(ask(2, mode="shared"))).reason is Reason.HELD
+
+
+async def test_a_batch_release_frees_a_pulls_shared_hold_beside_another(
+        rigs: Callable[..., LockerRig]) -> None:
+    """Pull 2 holds ``a`` shared, then pull 1 too, and pull 1 holds ``b``: pull 1's release
+    of both keys at once frees its two holds and leaves pull 2's. Before, the release looked
+    only at each key's first holder (pull 2 on ``a``) and refused the whole call as not
+    pull 1's. A key pull 1 holds nothing of still refuses it, before anything is freed."""
+    rig = rigs()
+    a, b, c = (ask(1, path=p).key for p in ("envs/a", "envs/b", "envs/c"))
+    assert (await rig.locker.acquire(ask(2, path="envs/a", mode="shared"))).acquired
+    assert (await rig.locker.acquire(ask(1, path="envs/a", mode="shared"))).acquired
+    assert (await rig.locker.acquire(ask(1, path="envs/b"))).acquired
+    assert (await rig.locker.acquire(ask(3, path="envs/c", mode="shared"))).acquired
+    with pytest.raises(LockNotOwned):
+        await rig.locker.release_batch([a, b, c], owner=("acme/infra", 1))
+    assert len(await rig.locker.holders(a)) == 2 and await rig.locker.get(b) is not None
+    released = await rig.locker.release_batch([a, b], owner=("acme/infra", 1))
+    assert sorted((lock.key, lock.pull.num) for lock in released) == [(a, 1), (b, 1)]
+    assert [lock.pull.num for lock in await rig.locker.holders(a)] == [2]
+    assert await rig.locker.get(b) is None
 
 
 async def test_a_force_unlock_frees_every_shared_holder(rigs: Callable[..., LockerRig]) -> None:

@@ -53,13 +53,18 @@ async def release_all(
     """Release every key of ``keys`` that is held; keys not held are skipped.
 
     With ``owner``, a key held by another pull refuses the whole call (``LockNotOwned``)
-    before anything is released.
+    before anything is released; a key the pull holds shared beside others (``get`` answers
+    the first holder) is its to release.
     """
     if owner is not None:
+        mine: set[str] | None = None  # the owner's keys, read once if a first holder is not it
         for key in keys:
             holder = await locker.get(key)
             if holder is not None and not holder.owned_by(*owner):
-                raise LockNotOwned(key, holder)
+                if mine is None:
+                    mine = {lock.key for lock in await locker.list(repo=owner[0], pull=owner[1])}
+                if key not in mine:
+                    raise LockNotOwned(key, holder)
     released: Locks = []
     for key in keys:
         lock = await locker.release(key, owner=owner)
