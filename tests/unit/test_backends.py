@@ -465,6 +465,30 @@ async def test_a_closed_embedded_store_answers_backend_unavailable(
         await CALLS[call](backend)
 
 
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+async def test_an_embedded_store_whose_file_goes_from_under_it_is_not_ready(
+    data_dir: Path, how: str
+) -> None:
+    # The file deleted (or moved away and another put in its place) while the service runs:
+    # SQLite keeps writing to the file it opened, which nobody will open again, so every
+    # grant from then on is lost at the next start. The store's ping (/readyz) says so.
+    path = data_dir / "enhanced-locking.db"
+    backend = EmbeddedBackend(path)
+    try:
+        assert (await backend.acquire(lock_for(request_for())))[0]
+        await backend.ping()
+        if how == "deleted":
+            path.unlink()
+        else:
+            path.rename(data_dir / "moved.db")
+            await EmbeddedBackend(path).close()
+        with pytest.raises(BackendUnavailable, match=f"embedded store {path}: the file was "
+                           "deleted or replaced"):
+            await backend.ping()
+    finally:
+        await backend.close()
+
+
 def test_an_embedded_store_whose_dir_cannot_be_made_names_the_setting(tmp_path: Path) -> None:
     # A file where the data dir should be is the user's setting, not the store failing.
     blocker = tmp_path / "not-a-dir"

@@ -422,6 +422,15 @@ def _refuse_newer(connection: sqlite3.Connection, path: Path) -> None:
             "it; run that version, or restore the copy of the file kept from before it")
 
 
+def _file_of(path: Path) -> tuple[int, int] | None:
+    """The device and inode of the file at ``path`` (``None``: no file there now)."""
+    try:
+        found = path.stat()
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
+
+
 def _migrate_from_0(connection: sqlite3.Connection, tables: set[str]) -> None:
     """Version 0 to 2 in the opening transaction: each held lock keeps its key's counter,
     released keys keep theirs in a free row, the ``fencing`` table (and its triggers) goes."""
@@ -452,6 +461,7 @@ class EmbeddedBackend(StoreBackend):
         super().__init__(namespace, clock=clock)
         self.path = path
         self._db = open_database(path, initialise=initialise, clock=clock)
+        self._file = _file_of(path)
         self._floor = int(self._db.execute(
             "SELECT value FROM meta WHERE name = 'token_floor'").fetchone()[0])
         self._depth = 0
@@ -861,6 +871,13 @@ class EmbeddedBackend(StoreBackend):
     async def ping(self) -> None:
         with self._unavailable():
             self._db.execute("SELECT 1").fetchone()
+        if _file_of(self.path) != self._file:
+            # SQLite keeps the file it opened, which no one will open again: every grant
+            # from now on is lost at the next start.
+            raise BackendUnavailable(
+                f"embedded store {self.path}: the file was deleted or replaced while the "
+                "service had it open; what it grants now is lost when it restarts: restart "
+                "it (and restore the file, if it was not meant to go)")
 
     async def close(self) -> None:
         await super().close()
