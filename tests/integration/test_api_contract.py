@@ -144,8 +144,13 @@ def test_a_refresh_the_schema_allows_is_never_answered_422(
     ({"since": "yesterday"}, "since"),
     ({"pull": "+1"}, "pull"),
     ({"pull": "1e3"}, "pull"),
+    ({"limit": "5.0"}, "limit"),
+    ({"limit": "1_0"}, "limit"),
+    ({"limit": "+5"}, "limit"),
+    ({"limit": " 5"}, "limit"),
+    ({"limit": "\u0665"}, "limit"),
 ])
-def test_the_audit_trail_reads_times_as_rfc_3339_and_pulls_as_digits(
+def test_the_audit_trail_reads_times_as_rfc_3339_and_pulls_and_limits_as_digits(
     http: httpx.Client, query: dict[str, str], field: str,
 ) -> None:
     answer = http.get("/v1/audit", params=query)

@@ -10,7 +10,7 @@ from fastapi import FastAPI, Query
 from enhanced_locking.api.access import CallerDep
 from enhanced_locking.api.audit import AuditTrail
 from enhanced_locking.api.errors import error_answers, json_error
-from enhanced_locking.api.params import OptionalPullNum, Time
+from enhanced_locking.api.params import OptionalPullNum, PageSize, Time
 from enhanced_locking.backends.audit_store import AuditQuery
 from enhanced_locking.types import Reason, Verb
 
@@ -69,7 +69,7 @@ def install_audit_routes(app: FastAPI) -> None:
         before: Annotated[str | None, Query(max_length=64, pattern=CURSOR_PATTERN,
                                             description="The next page: the last id seen.")]
         = None,
-        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        limit: PageSize = 100,
     ) -> Any:
         """The audit trail newest first, filtered; ``next`` is the cursor of the next page.
 

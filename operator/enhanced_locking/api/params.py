@@ -2,7 +2,7 @@
 
 A pull number is ASCII digits, after a ``-`` for Atlantis's runs without a pull request
 (``pull=0.0``, ``pull=1e3`` or ``pull=+1`` are not integers and answer 422), within Atlantis's
-range. A time is RFC 3339 text (``2026-01-31T00:00:00Z``), as
+range; so is a page's size (``limit=5.0`` or ``limit=1_0`` answer 422, not 5 or 10). A time is RFC 3339 text (``2026-01-31T00:00:00Z``), as
 the schema's ``date-time`` says: a bare number (``until=0.5``) is not read as a Unix time.
 """
 
@@ -17,7 +17,7 @@ from pydantic import BeforeValidator
 
 from enhanced_locking.types import PULL_MAX, PULL_MIN
 
-__all__ = ["Key", "OptionalPullNum", "PullNum", "Repo", "Time"]
+__all__ = ["Key", "OptionalPullNum", "PageSize", "PullNum", "Repo", "Time"]
 
 _DIGITS = re.compile(r"-?[0-9]{1,10}")
 _RFC3339 = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?"
@@ -43,4 +43,5 @@ PullNum = Annotated[int, Query(ge=PULL_MIN, le=PULL_MAX, description=(
     "Pull request number (negative: Atlantis's runs without a pull request).")),
                     BeforeValidator(_digits)]
 OptionalPullNum = Annotated[int | None, Query(ge=PULL_MIN, le=PULL_MAX), BeforeValidator(_digits)]
+PageSize = Annotated[int, Query(ge=1, le=1000), BeforeValidator(_digits)]
 Time = Annotated[datetime | None, BeforeValidator(_rfc3339)]
