@@ -2,8 +2,9 @@
 
 A pull number is ASCII digits, after a ``-`` for Atlantis's runs without a pull request
 (``pull=0.0``, ``pull=1e3`` or ``pull=+1`` are not integers and answer 422), within Atlantis's
-range; so is a page's size (``limit=5.0`` or ``limit=1_0`` answer 422, not 5 or 10). A time is RFC 3339 text (``2026-01-31T00:00:00Z``), as
-the schema's ``date-time`` says: a bare number (``until=0.5``) is not read as a Unix time.
+range; so is a page's size (``limit=5.0`` or ``limit=1_0`` answer 422, not 5 or 10). A time
+is RFC 3339 text (``2026-01-31T00:00:00Z``), as the schema's ``date-time`` says: a bare number
+(``until=0.5``) is not read as a Unix time.
 """
 
 from __future__ import annotations
