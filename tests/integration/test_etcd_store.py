@@ -34,7 +34,7 @@ from enhanced_locking.backends.waiting import Status, Wait
 from enhanced_locking.events import EventBus
 from enhanced_locking.locking import EnhancedLocker
 from enhanced_locking.metrics import Metrics
-from enhanced_locking.types import Candidate, Event, InvalidRequest, LockNotOwned, Priority
+from enhanced_locking.types import Candidate, Event, InvalidRequest, LockNotOwned, Priority, Reason
 
 pytestmark = [pytest.mark.etcd, pytest.mark.timeout(120)]
 
@@ -524,3 +524,24 @@ async def test_a_batch_larger_than_one_transaction_takes_is_refused_naming_the_l
             await a.acquire_batch(more, ttl=None, wait=asked, policy=POLICY)
         assert refused.value.field == "locks"
     assert a.round_trips == before
+
+
+async def test_a_caller_told_at_close_leaves_the_closed_store_closed(
+    etcd_replicas: tuple[EtcdBackend, EtcdBackend],
+) -> None:
+    """A close tells the waiters here that the store is going away; their callers, done
+    waiting, had their notices deleted, a call that connected the closed store again and
+    kept that connection (and, with auth on, its token refresher) open for good. The
+    session's revoke at the close takes those notices."""
+    a, b = etcd_replicas
+    held = await grant(b, want(1))
+    wait = offer()
+    told = a.grants.expect(wait.id)
+    queued = await a.acquire_or_enqueue(want(2), ttl=None, wait=wait, policy=POLICY)
+    assert queued.status is Status.QUEUED
+    await a.close()
+    assert told.result().reason is Reason.UNAVAILABLE
+    a.grants.forget(wait.id, told)  # the caller's own clean-up, once it has its answer
+    await asyncio.sleep(0.3)
+    assert a.connection._client is None
+    assert await b.queue(held.key, policy=POLICY) == []  # its session's waiters went with it

@@ -605,6 +605,8 @@ class EtcdBackend(StoreBackend):
         """The same leases' ends, by lease."""
         self._passengers: list[Passenger] = []
         """Writes behind that ride in this store's commits (see ``carry``)."""
+        self._closed = False
+        """:meth:`close` ran: nothing more is started in the background (``_spawn``)."""
 
     @classmethod
     def from_config(cls, config: EnhancedLockingConfig, namespace: str) -> EtcdBackend:
@@ -1243,6 +1245,15 @@ class EtcdBackend(StoreBackend):
             await work
 
     def _spawn(self, work: Awaitable[Any]) -> None:
+        """``work`` in the background, cancelled by :meth:`close`; nothing once the store is
+        closed: a notice deleted, a lease revoked or a key served then connected the closed
+        store again and kept that connection (with auth on, its token refresher) for good
+        (the callers a close tells to go away clean up after it). What they would do, the
+        close's revoke of the session does, or etcd's leases."""
+        if self._closed:
+            if asyncio.iscoroutine(work):
+                work.close()
+            return
         task: asyncio.Task[Any] = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -1734,6 +1745,7 @@ class EtcdBackend(StoreBackend):
 
     async def close(self) -> None:
         """Tell this replica's waiters the store is going away, end the session, disconnect."""
+        self._closed = True
         for waiter_id in self._notifier.local.pending():
             self._notifier.deliver(waiter_id, Notice(reason=Reason.UNAVAILABLE))
         for task in (self._session, self._watch, self._deletions, *self._tasks):
