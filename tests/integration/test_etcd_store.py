@@ -20,6 +20,7 @@ import time
 from datetime import timedelta
 from typing import Any
 
+import etcd3aio
 import pytest
 from tests.support.etcd_fixtures import QUEUE_POLICY as POLICY
 from tests.support.etcd_fixtures import etcd_config, grant
@@ -34,7 +35,15 @@ from enhanced_locking.backends.waiting import Status, Wait
 from enhanced_locking.events import EventBus
 from enhanced_locking.locking import EnhancedLocker
 from enhanced_locking.metrics import Metrics
-from enhanced_locking.types import Candidate, Event, InvalidRequest, LockNotOwned, Priority, Reason
+from enhanced_locking.types import (
+    BackendUnavailable,
+    Candidate,
+    Event,
+    InvalidRequest,
+    LockNotOwned,
+    Priority,
+    Reason,
+)
 
 pytestmark = [pytest.mark.etcd, pytest.mark.timeout(120)]
 
@@ -545,3 +554,38 @@ async def test_a_caller_told_at_close_leaves_the_closed_store_closed(
     await asyncio.sleep(0.3)
     assert a.connection._client is None
     assert await b.queue(held.key, policy=POLICY) == []  # its session's waiters went with it
+
+
+async def test_a_waiter_is_never_queued_without_a_session_lease(
+    etcd_replicas: tuple[EtcdBackend, EtcdBackend],
+) -> None:
+    """The replica's session lease is gone from etcd (revoked here; an outage longer than its
+    10 s ends it too) before its renewals notice. A waiter queued then failed on "lease not
+    found" and ran again, about 270 round trips in 3.3 s, until the renewal found the lease
+    gone and set it to none: the waiter was then written without a lease, so it outlived its
+    replica, and no notice was written for it (nobody seemed to wait): granted later, its
+    caller was never told and the lock stayed held. It is answered ``unavailable`` at once,
+    and the next wait opens a new session."""
+    a, b = etcd_replicas
+    held = await grant(b, want(1))
+    first = offer()
+    queued = await a.acquire_or_enqueue(want(2), ttl=None, wait=first, policy=POLICY)
+    assert queued.status is Status.QUEUED
+    client = await a.connection.client()
+    assert client.lease is not None
+    await client.lease.revoke(a.session_lease)
+    before = a.round_trips
+    with pytest.raises(BackendUnavailable, match="session"):
+        await a.acquire_or_enqueue(want(3), ttl=None, wait=offer(), policy=POLICY)
+    assert a.round_trips - before < 10
+    wait = offer()
+    told = a.grants.expect(wait.id)
+    queued = await a.acquire_or_enqueue(want(4), ttl=None, wait=wait, policy=POLICY)
+    assert queued.status is Status.QUEUED
+    assert client.kv is not None
+    prefix = a.queue_prefix(held.key)
+    entries = await client.kv.get(prefix, etcd3aio.prefix_range_end(prefix))
+    assert entries.kvs and all(kv.lease for kv in entries.kvs), entries.kvs
+    await b.release_and_handoff(held.key, owner=held.owner, policy=POLICY)
+    notice = await asyncio.wait_for(told, 10)
+    assert notice.locks and notice.locks[0].pull.num == 4

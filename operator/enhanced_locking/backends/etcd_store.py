@@ -441,6 +441,12 @@ class _Waiters:
     def __setitem__(self, waiter_id: str, waiter: Waiter) -> None:
         txn = _txn()
         lease = self._b.session_lease
+        if not lease:
+            # Its session lease lapsed meanwhile: a waiter without one would outlive this
+            # replica, and no notice is written for it (nobody seems to wait for it).
+            raise BackendUnavailable(
+                f"etcd {self._b.connection.where}: this replica's session lease lapsed while "
+                "the waiter was being queued; ask again", key=waiter.keys[0])
         txn.records[waiter.id] = (waiter, lease)
         txn.put(self._b.waiter_key(waiter_id), self._b.record(waiter, lease), lease)
 
@@ -1125,6 +1131,12 @@ class EtcdBackend(StoreBackend):
                 # A waiter's replica went away meanwhile, or a lock's lease ended: read again.
                 landing = Landing.REFUSED  # (etcd refused the whole transaction)
                 self._forget_leases(leases or set())
+                session = self.session_lease
+                if session and any(w is not None and w[1] == session for w in writes.values()):
+                    # Perhaps this replica's own session: etcd says whether it still has it,
+                    # before the step runs again on it (before, about 270 times in the 3.3 s
+                    # until its next renewal found it gone).
+                    await self._check_session(session)
                 return None, None
             raise failure from None
         finally:
@@ -1312,12 +1324,32 @@ class EtcdBackend(StoreBackend):
             else:
                 failures = 0
             if ttl is None or ttl <= 0:
-                log.warning("etcd %s: this replica's session lease lapsed; its waiters are "
-                            "told the store is unavailable", self.connection.where)
-                self.session_lease = 0
-                for waiter_id in self._notifier.local.pending():
-                    self._notifier.deliver(waiter_id, Notice(reason=Reason.UNAVAILABLE))
+                self._session_lapsed()
                 return
+
+    def _session_lapsed(self) -> None:
+        """The session lease is gone (etcd no longer has it, or it could not be renewed for
+        its whole life): its waiters' entries went with it, so they are told the store is
+        unavailable, and the next wait opens a new session (``_ensure_session``)."""
+        log.warning("etcd %s: this replica's session lease lapsed; its waiters are "
+                    "told the store is unavailable", self.connection.where)
+        self.session_lease = 0
+        for waiter_id in self._notifier.local.pending():
+            self._notifier.deliver(waiter_id, Notice(reason=Reason.UNAVAILABLE))
+
+    async def _check_session(self, lease: int) -> None:
+        """A commit that attached writes to the session ``lease`` was refused for a lease etcd
+        does not have: renewed now, and if etcd no longer has it, the session has lapsed
+        (its renewals go no further)."""
+        try:
+            ttl = await self._renew(lease)
+        except (*DOWN, BackendUnavailable):
+            return  # the renewals decide, as they do for any failure to reach etcd
+        if ttl <= 0 and self.session_lease == lease:
+            session, self._session = self._session, None
+            if session is not None:
+                session.cancel()
+            self._session_lapsed()
 
     async def _renew(self, lease: int) -> int:
         """One renewal of ``lease`` (one keep-alive answer): the seconds it has left, 0 when
