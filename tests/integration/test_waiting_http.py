@@ -124,6 +124,29 @@ async def test_the_queue_is_in_service_order_and_an_admin_can_cancel_a_request(
     assert free.status_code == 404
 
 
+async def test_a_cancel_naming_its_pull_takes_that_pulls_request_of_a_shared_request_id(
+    http: httpx.AsyncClient, repo: str,
+) -> None:
+    """Pulls 2 and 3 each queue a request named ``plan`` on one key; pull 3 cancels its own
+    (``pull=3``): pull 3's request is answered ``cancelled``, pull 2's keeps waiting. Before,
+    the cancel took the first request of that name in the queue, pull 2's."""
+    await http.post("/v1/locks", json=lock_body(repo, "a", 1))
+    tasks = []
+    for pull in (2, 3):
+        tasks.append(asyncio.create_task(http.post("/v1/locks", json=lock_body(
+            repo, "a", pull, wait="20s", requestId="plan"))))
+        await queued(http, repo, "a", len(tasks))
+    cancel = await http.delete("/v1/queue",
+                               params={"key": key(repo, "a"), "id": "plan", "pull": 3})
+    assert cancel.status_code == 200, cancel.json()
+    cancelled = await asyncio.wait_for(tasks[1], 10)
+    assert cancelled.status_code == 409 and cancelled.json()["reason"] == "cancelled"
+    [left] = await queued(http, repo, "a", 1)
+    assert left["pull"] == 2 and not tasks[0].done()
+    await http.delete("/v1/locks/by-key", params={"key": key(repo, "a")})
+    assert (await asyncio.wait_for(tasks[0], 10)).status_code == 200
+
+
 async def test_a_batch_is_all_or_nothing_and_409_names_the_key_and_why(
     http: httpx.AsyncClient, repo: str,
 ) -> None:

@@ -371,7 +371,9 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
                         "it (or for another pull's) release-any.")] = None,
     ) -> Any:
         """Cancel a queued request: it leaves the queue and is answered ``cancelled``."""
-        waiter = next((w for w in await router.queue(key) if id in (w.id, w.request_id)), None)
+        named = [w for w in await router.queue(key) if id in (w.id, w.request_id)]
+        # Several pulls may name requests alike: the one of the pull the call names, if any.
+        waiter = next((w for w in named if w.owner[1] == pull), named[0] if named else None)
         repo, owner_pull = waiter.owner if waiter is not None else (None, None)
         own = pull is not None and (waiter is None or owner_pull == pull)
         verb = Verb.LOCK if own else Verb.RELEASE_ANY
@@ -379,7 +381,7 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
         await caller.need(verb, action=action, repo=repo, key=key, pull=owner_pull)
         async with caller.audited(action=action, verb=verb, key=key, repo=repo,
                                   pull=owner_pull) as note:
-            if waiter is None or not await router.cancel_waiter(key, id):
+            if waiter is None or not await router.cancel_waiter(key, waiter.id):
                 note.done("not-found", 404)
                 return json_error(404, f"no request {id} is queued on {key}", lockKey=key)
             note.done("cancelled")
