@@ -16,6 +16,7 @@ from tests.support.locks import candidate_for, lock_for, request_for
 from tests.support.redis_fixtures import ServerMaker, redis_config
 from tests.support.redis_server import RedisSentinel, RedisServer
 
+from enhanced_locking.backends import redis_notify
 from enhanced_locking.backends.atlantis_redis import AtlantisRedisBackend
 from enhanced_locking.backends.redis_connection import connect, unavailable
 from enhanced_locking.backends.redis_events import RedisEventBus
@@ -258,6 +259,27 @@ async def test_a_command_the_acl_denies_a_script_is_reported_as_a_refusal_not_as
         await locker.close()
     admin = redis_server.client()
     assert admin.smembers(locker.keys.held) == {lock.key.encode()}
+
+
+async def test_a_subscription_the_acl_refuses_is_reported_with_its_cause(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A user without the rights to the notify channel (no &atlantis:enhanced:*): a waiting
+    # acquire cannot subscribe. It is told so, with Redis's refusal, not only "did not
+    # answer"; before, the first refusal also ended the subscription's task for good.
+    monkeypatch.setattr(redis_notify, "_SUBSCRIBE_WAIT", 1.0)
+    rules = tuple(rule for rule in LEAST_PRIVILEGE if not rule.startswith("&"))
+    redis_server.create_acl_user("locker", PASSWORD, rules=(*rules, "resetchannels"))
+    locker = RedisBackend.from_config(redis_config(
+        redis_server, redis_username="locker", redis_password=PASSWORD), "enhanced")
+    try:
+        for _ in range(2):  # (the second asks a subscription that keeps trying)
+            with pytest.raises(BackendUnavailable, match=r"subscribe.*NoPermissionError"):
+                await locker.acquire_or_enqueue(
+                    candidate_for(request_for(pull=2)), ttl=None, policy=QueuePolicy(),
+                    wait=Wait(id="w", timeout=timedelta(seconds=10)))
+    finally:
+        await locker.close()
 
 
 async def test_tls_with_the_ca_and_a_client_certificate(redis_servers: ServerMaker) -> None:

@@ -31,7 +31,7 @@ import redis.exceptions as rexc
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterPubSub
 
-from enhanced_locking.backends.redis_connection import RedisConnection
+from enhanced_locking.backends.redis_connection import DOWN, RedisConnection
 from enhanced_locking.backends.waiting import LocalNotifier
 from enhanced_locking.types import BackendUnavailable
 
@@ -48,8 +48,23 @@ _IDLE_PING_SECONDS = 30.0
 _SUBSCRIBE_WAIT = 5.0
 _CLOSE_WAIT = 2.0
 
+_AWAY: tuple[type[BaseException], ...] = (*DOWN, rexc.RedisClusterException, BackendUnavailable)
+"""A subscription Redis cut off or refused (``DOWN``: an ACL without the channel too), or a
+cluster that cannot name the channel's node: reconnect, with a warning."""
+
 Handler = Callable[[str, str], Coroutine[Any, Any, None]]
 """``handler(kind, waiter_id)``: act on one notification."""
+
+
+async def _confirmed(pubsub: PubSub | ClusterPubSub) -> None:
+    """Wait for Redis's answer to the subscription: ``subscribe`` only sends it, and a refusal
+    (an ACL without the channel: ``NOPERM``) comes as the answer, raised here. Until it has
+    come, the replica is not subscribed: a waiter queued meanwhile could miss its grant."""
+    async with asyncio.timeout(_SUBSCRIBE_WAIT):
+        while True:
+            message = await pubsub.get_message(timeout=_SUBSCRIBE_WAIT)
+            if message is not None and message["type"] == "subscribe":
+                return
 
 
 class Listener:
@@ -76,6 +91,8 @@ class Listener:
         self._tasks: set[asyncio.Task[None]] = set()
         self._main: list[asyncio.Task[None]] = []
         self._joining = 0
+        self._failed: BaseException | None = None
+        """Why the latest attempt to subscribe failed (None once subscribed)."""
 
     @property
     def busy(self) -> bool:
@@ -95,9 +112,12 @@ class Listener:
         try:
             await asyncio.wait_for(self._subscribed.wait(), _SUBSCRIBE_WAIT)
         except TimeoutError:
+            failed = self._failed
+            why = "" if failed is None else ": " + self.connection.scrub(
+                f"{type(failed).__name__}: {failed}")
             raise BackendUnavailable(
                 f"redis {self.connection.where} did not answer (subscribe to notifications)"
-            ) from None
+                f"{why}") from None
         finally:
             self._joining -= 1
 
@@ -109,6 +129,8 @@ class Listener:
             try:
                 pubsub = await self.connection.pubsub(self.channel)
                 await pubsub.subscribe(self.channel)
+                await _confirmed(pubsub)
+                self._failed = None
                 self._subscribed.set()
                 if not first:  # messages may have been lost while we were away
                     await self._recheck(self.notifier.pending())
@@ -123,15 +145,16 @@ class Listener:
                         self._dispatch(str(message["data"]))
             except asyncio.CancelledError:
                 raise
-            except (rexc.ConnectionError, rexc.TimeoutError, rexc.RedisClusterException, OSError,
-                    BackendUnavailable) as error:  # (a cluster that cannot name the slot's node)
+            except _AWAY as error:
                 self._subscribed.clear()
+                self._failed = error
                 log.warning("notifications from redis %s interrupted (%s); reconnecting",
                             self.connection.where, type(error).__name__)
                 await asyncio.sleep(backoff)
                 backoff = min(2.0, backoff * 2)
-            except Exception:  # never ends the subscription: the replica's waiters need it
+            except Exception as error:  # never ends the subscription: the waiters need it
                 self._subscribed.clear()
+                self._failed = error
                 log.exception("notifications from redis %s failed; reconnecting",
                               self.connection.where)
                 await asyncio.sleep(backoff)
