@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import sqlite3
+import threading
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -487,6 +488,35 @@ async def test_an_embedded_store_whose_file_goes_from_under_it_is_not_ready(
             await backend.ping()
     finally:
         await backend.close()
+
+
+def test_services_opening_a_new_store_file_at_once_all_open_it(tmp_path: Path) -> None:
+    # Several openers of one data dir that has no store yet, at the same moment (services
+    # started together on a new volume): each opens the one store. A file made in place
+    # could be seen by another opener before it held its tables (refused as "exists but is
+    # empty"), or while it was turned to WAL mode ("database is locked").
+    for attempt in range(15):
+        path = tmp_path / str(attempt) / "enhanced-locking.db"
+        start = threading.Barrier(3)
+        opened: list[str] = []
+
+        def open_it(path: Path = path, start: threading.Barrier = start,
+                    opened: list[str] = opened) -> None:
+            start.wait()
+            try:
+                with contextlib.closing(open_database(path)) as db:
+                    version = db.execute("PRAGMA user_version").fetchone()[0]
+                opened.append(f"version {version}")
+            except Exception as error:  # what the test reports
+                opened.append(f"{type(error).__name__}: {error}")
+
+        openers = [threading.Thread(target=open_it) for _ in range(3)]
+        for opener in openers:
+            opener.start()
+        for opener in openers:
+            opener.join()
+        assert opened == [f"version {SCHEMA_VERSION}"] * 3, opened
+        assert sorted(p.name for p in path.parent.iterdir()) == ["enhanced-locking.db"]
 
 
 def test_an_embedded_store_whose_dir_cannot_be_made_names_the_setting(tmp_path: Path) -> None:

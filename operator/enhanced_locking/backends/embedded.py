@@ -55,6 +55,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
+import secrets
 import sqlite3
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -324,7 +326,8 @@ def open_database(
 ) -> sqlite3.Connection:
     """Open (creating if needed) the store file with the settings every user of it shares.
 
-    A file that does not exist is created. An existing file must be ours: one that is empty
+    A file that does not exist is made (whole, then linked into place: :func:`_create`). An
+    existing file must be ours: one that is empty
     (0 bytes, or an SQLite database without tables) is refused unless ``initialise``
     (``enhanced-locking-init-store``), and one that belongs to anything else is always refused
     (:class:`StoreRefused`); taking either as a new store would silently lose its locks and
@@ -346,24 +349,60 @@ def open_database(
         raise UnusableSetting(
             "data-dir", f"cannot make the embedded store's directory {path.parent}: {reason}",
         ) from None
+    if not path.exists():
+        _create(path, clock)
+    return _open(path, path, initialise=initialise, clock=clock)
+
+
+def _create(path: Path, clock: Callable[[], datetime]) -> None:
+    """A new store file at ``path``, made whole under a name of its own in the same directory
+    and then linked into place: another opener (a service started at the same moment) never
+    finds the file at ``path`` without its tables (which it would refuse as emptied) nor
+    while it is turned to WAL mode. If another opener linked its file first, that one is
+    the store."""
+    made = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.new")
+    try:
+        _open(made, path, initialise=False, clock=clock).close()
+        try:
+            os.link(made, path)
+        except FileExistsError:
+            pass  # another opener's file is in place: it is the store
+        except OSError:
+            # A file system without hard links: moved into place unless a file is there by now.
+            if not path.exists():
+                os.replace(made, path)
+    except OSError as error:
+        raise BackendUnavailable(f"cannot open the embedded store {path}: {error}") from None
+    finally:
+        for leftover in (made, made.with_name(made.name + "-wal"),
+                         made.with_name(made.name + "-shm")):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+
+
+def _open(
+    path: Path, shown: Path, *, initialise: bool, clock: Callable[[], datetime]
+) -> sqlite3.Connection:
+    """:func:`open_database` of the file at ``path`` (``shown``: the store's path, as errors
+    name it), made if it does not exist."""
     try:
         existed = path.exists()
         connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     except (OSError, sqlite3.Error) as error:
-        raise BackendUnavailable(f"cannot open the embedded store {path}: {error}") from None
+        raise BackendUnavailable(f"cannot open the embedded store {shown}: {error}") from None
     try:
         verdict = _identify(connection, path) if existed else "new"
         if verdict not in ("new", "ours", "unstamped", "empty"):
             raise StoreRefused(
-                f"the embedded store {path} is not an enhanced-locking store: {verdict}; "
+                f"the embedded store {shown} is not an enhanced-locking store: {verdict}; "
                 "move it away or choose another --data-dir")
         if verdict == "empty" and not initialise:
             raise StoreRefused(
-                f"the embedded store {path} exists but is empty ({path.stat().st_size} bytes): "
+                f"the embedded store {shown} exists but is empty ({path.stat().st_size} bytes): "
                 "its locks and fencing tokens would be lost; restore it, or set "
                 "enhanced-locking-init-store=true to start it afresh")
         if verdict == "ours":
-            _refuse_newer(connection, path)
+            _refuse_newer(connection, shown)
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("PRAGMA synchronous=NORMAL")
         connection.execute("PRAGMA busy_timeout=5000")
@@ -406,7 +445,7 @@ def open_database(
         raise
     except (OSError, sqlite3.Error) as error:
         connection.close()
-        raise BackendUnavailable(f"cannot open the embedded store {path}: {error}") from None
+        raise BackendUnavailable(f"cannot open the embedded store {shown}: {error}") from None
     return connection
 
 
