@@ -18,12 +18,14 @@ import random
 import secrets
 import time
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import etcd3aio
 import pytest
+from etcd3aio.auth import PermissionType
 from tests.support.etcd_fixtures import QUEUE_POLICY as POLICY
-from tests.support.etcd_fixtures import etcd_config, grant
+from tests.support.etcd_fixtures import auth_on, etcd_config, grant, started
 from tests.support.etcd_server import EtcdCluster
 from tests.support.grant_history import GrantHistory
 from tests.support.locks import candidate_for, request_for
@@ -589,3 +591,36 @@ async def test_a_waiter_is_never_queued_without_a_session_lease(
     await b.release_and_handoff(held.key, owner=held.owner, policy=POLICY)
     notice = await asyncio.wait_for(told, 10)
     assert notice.locks and notice.locks[0].pull.num == 4
+
+
+async def test_a_user_without_write_rights_is_answered_at_once(tmp_path: Path) -> None:
+    """A user etcd lets read the prefix but not write it: every commit is refused
+    (``PERMISSION_DENIED``), which the step took for a lost answer and ran again for the
+    call's 5 s (85 round trips) before answering ``unavailable``. etcd applied nothing it
+    refused so, and asking again changes nothing: the step answers at once, naming it."""
+    with started(tmp_path / "etcd") as cluster:
+        await auth_on(cluster, password="root-secret")
+        admin = EtcdConnection(EtcdSettings(endpoints=tuple(cluster.endpoints),
+                                            username="root", password="root-secret"))
+        try:
+            client = await admin.client()
+            assert client.auth is not None
+            await client.auth.user_add("reader", "reader-secret")
+            await client.auth.role_add("reader")
+            await client.auth.role_grant_permission(
+                "reader", b"/read-only/", etcd3aio.prefix_range_end(b"/read-only/"),
+                perm_type=PermissionType.READ)
+            await client.auth.user_grant_role("reader", "reader")
+        finally:
+            await admin.close()
+        store = EtcdBackend(EtcdConnection(EtcdSettings(
+            endpoints=tuple(cluster.endpoints), username="reader", password="reader-secret")),
+            prefix="/read-only/")
+        try:
+            await store.ping()  # reading is allowed
+            before = store.round_trips
+            with pytest.raises(BackendUnavailable, match="PERMISSION_DENIED"):
+                await grant(store, want(1))
+            assert store.round_trips - before <= 3
+        finally:
+            await store.close()

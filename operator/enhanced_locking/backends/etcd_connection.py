@@ -59,8 +59,8 @@ from enhanced_locking.types import BackendUnavailable
 
 __all__ = ["ATTEMPT_TIMEOUT", "CALL_TIMEOUT", "DOWN", "WATCH_CHECK", "EtcdConnection",
            "EtcdSettings", "Landing", "Passenger", "TxnCall", "Watch", "WatchCanceled",
-           "WatchEnded", "kv_calls", "leader_first", "refused_watch", "unavailable",
-           "unreachable", "watching"]
+           "WatchEnded", "kv_calls", "leader_first", "refused_watch", "stale_token",
+           "unavailable", "unreachable", "watching"]
 
 log = logging.getLogger(__name__)
 

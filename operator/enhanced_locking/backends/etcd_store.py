@@ -96,6 +96,7 @@ from enhanced_locking.backends.etcd_connection import (
     Watch,
     kv_calls,
     leader_first,
+    stale_token,
     unavailable,
     unreachable,
     watching,
@@ -225,6 +226,21 @@ class _Miss(Exception):
         self.keys = keys
         self.prefixes = prefixes
         self.lease = lease
+
+
+class _Refused(BackendUnavailable):
+    """etcd refused a step's transaction for good (``PERMISSION_DENIED``: a user without
+    write rights on the prefix; ``INVALID_ARGUMENT``: a request it never takes): nothing was
+    applied, and sending it again changes nothing, so the step is not run again."""
+
+
+def _refused_for_good(error: BaseException) -> bool:
+    """Whether ``error`` is etcd refusing a transaction as it would refuse it again (not a
+    token to renew: :func:`~enhanced_locking.backends.etcd_connection.stale_token`)."""
+    return (isinstance(error, grpc.aio.AioRpcError)
+            and error.code() in (grpc.StatusCode.PERMISSION_DENIED,
+                                 grpc.StatusCode.INVALID_ARGUMENT)
+            and not stale_token(error))
 
 
 class _Txn:
@@ -990,6 +1006,8 @@ class EtcdBackend(StoreBackend):
                 try:
                     revision, fresh = await self._commit(client, txn, key=key,
                                                          verified=verified)
+                except _Refused:
+                    raise  # refused for good: running the step again changes nothing
                 except BackendUnavailable:
                     # Through a leader change the answer can be lost: whether it was written
                     # or not, the step runs again on fresh reads (guards keep it from applying
@@ -1138,6 +1156,9 @@ class EtcdBackend(StoreBackend):
                     # until its next renewal found it gone).
                     await self._check_session(session)
                 return None, None
+            if _refused_for_good(error):
+                landing = Landing.REFUSED  # (nothing of it was applied)
+                raise _Refused(str(failure), key=key) from None
             raise failure from None
         finally:
             for passenger, place in riding:
