@@ -23,9 +23,8 @@ from typing import Any
 
 import etcd3aio
 import pytest
-from etcd3aio.auth import PermissionType
 from tests.support.etcd_fixtures import QUEUE_POLICY as POLICY
-from tests.support.etcd_fixtures import auth_on, etcd_config, grant, started
+from tests.support.etcd_fixtures import auth_on, etcd_config, grant, reader, started
 from tests.support.etcd_server import EtcdCluster
 from tests.support.grant_history import GrantHistory
 from tests.support.locks import candidate_for, request_for
@@ -600,19 +599,8 @@ async def test_a_user_without_write_rights_is_answered_at_once(tmp_path: Path) -
     refused so, and asking again changes nothing: the step answers at once, naming it."""
     with started(tmp_path / "etcd") as cluster:
         await auth_on(cluster, password="root-secret")
-        admin = EtcdConnection(EtcdSettings(endpoints=tuple(cluster.endpoints),
-                                            username="root", password="root-secret"))
-        try:
-            client = await admin.client()
-            assert client.auth is not None
-            await client.auth.user_add("reader", "reader-secret")
-            await client.auth.role_add("reader")
-            await client.auth.role_grant_permission(
-                "reader", b"/read-only/", etcd3aio.prefix_range_end(b"/read-only/"),
-                perm_type=PermissionType.READ)
-            await client.auth.user_grant_role("reader", "reader")
-        finally:
-            await admin.close()
+        await reader(cluster, root_password="root-secret", name="reader",
+                     password="reader-secret", prefix=b"/read-only/")
         store = EtcdBackend(EtcdConnection(EtcdSettings(
             endpoints=tuple(cluster.endpoints), username="reader", password="reader-secret")),
             prefix="/read-only/")

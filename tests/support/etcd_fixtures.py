@@ -7,7 +7,8 @@
 * :func:`etcd_backend_maker`: the ``etcd`` entry of the shared ``backend_factory``.
 * ``three``: a cluster of three members of the test's own.
 * :func:`started`: a cluster of a test's own (several members, or one whose auth a test turns
-  on), closed after the test; :func:`auth_on`: auth turned on, with a ``root`` user.
+  on), closed after the test; :func:`auth_on`: auth turned on, with a ``root`` user;
+  :func:`reader`: a user that may only read a prefix.
 
 A missing etcd binary fails the test saying how to build it; it never skips.
 """
@@ -22,7 +23,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import etcd3aio
 import pytest
+from etcd3aio.auth import PermissionType
 from tests.support.etcd_server import EtcdCluster, EtcdServerError
 
 from enhanced_locking.backends.base import Backend
@@ -33,7 +36,7 @@ from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.types import Candidate, Lock
 
 __all__ = ["auth_on", "etcd_backend_maker", "etcd_cluster", "etcd_config", "etcd_prefix",
-           "etcd_replicas", "started", "three"]
+           "etcd_replicas", "reader", "started", "three"]
 
 _PREFIXES = itertools.count(1)
 
@@ -77,6 +80,24 @@ async def auth_on(cluster: EtcdCluster, *, password: str) -> None:
         await client.auth.user_add("root", password)
         await client.auth.user_grant_role("root", "root")
         await client.auth.auth_enable()
+    finally:
+        await admin.close()
+
+
+async def reader(cluster: EtcdCluster, *, root_password: str, name: str, password: str,
+                 prefix: bytes) -> None:
+    """Add the user ``name`` to ``cluster`` (auth on, ``root`` with ``root_password``), with
+    a role that may read the keys under ``prefix`` and nothing else."""
+    admin = EtcdConnection(EtcdSettings(endpoints=tuple(cluster.endpoints), username="root",
+                                        password=root_password))
+    try:
+        client = await admin.client()
+        assert client.auth is not None
+        await client.auth.user_add(name, password)
+        await client.auth.role_add(name)
+        await client.auth.role_grant_permission(name, prefix, etcd3aio.prefix_range_end(prefix),
+                                                perm_type=PermissionType.READ)
+        await client.auth.user_grant_role(name, name)
     finally:
         await admin.close()
 
