@@ -6,7 +6,10 @@ The password must never show: not in errors, not in logs, not in a repr.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -22,6 +25,7 @@ from enhanced_locking.backends.redis_connection import connect, unavailable
 from enhanced_locking.backends.redis_events import RedisEventBus
 from enhanced_locking.backends.redis_store import RedisBackend
 from enhanced_locking.backends.waiting import QueuePolicy, Status, Wait
+from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.types import BackendUnavailable
 
 pytestmark = pytest.mark.redis
@@ -309,6 +313,77 @@ async def test_tls_skip_verify_connects_without_the_ca_and_verification_refuses_
     finally:
         await skipping.close()
         await verifying.close()
+
+
+@dataclass
+class _Forward:
+    """Where :func:`_forwarding` sends each new connection (``target``), and its address."""
+
+    target: RedisServer
+    addr: str = ""
+
+
+@contextlib.asynccontextmanager
+async def _forwarding(target: RedisServer) -> AsyncIterator[_Forward]:
+    """A loopback TCP forwarder to one Redis, whose target can be moved, as a DNS name or a
+    virtual IP moves to a new master in a failover: connections opened before stay with the
+    old one."""
+    forward = _Forward(target)
+
+    async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        try:
+            while data := await source.read(65536):
+                sink.write(data)
+                await sink.drain()
+        finally:
+            sink.close()
+
+    async def serve(client_in: asyncio.StreamReader, client_out: asyncio.StreamWriter) -> None:
+        to = forward.target
+        server_in, server_out = await asyncio.open_connection(to.host, to.port)
+        await asyncio.gather(pipe(client_in, server_out), pipe(server_in, client_out),
+                             return_exceptions=True)
+
+    listener = await asyncio.start_server(serve, "127.0.0.1", 0)
+    forward.addr = f"127.0.0.1:{listener.sockets[0].getsockname()[1]}"
+    try:
+        yield forward
+    finally:
+        listener.close()
+
+
+async def test_a_call_refused_read_only_is_sent_again_on_a_new_connection(
+    redis_servers: ServerMaker,
+) -> None:
+    # A failover behind the address: it now leads to the new master, while the connections
+    # the store keeps still reach the old one, now a replica (REPLICAOF closes no client's
+    # connection), which answers READONLY. A write refused so did not run: it is sent once
+    # more on a new connection, as redis-py's Sentinel connections do, instead of every call
+    # answered unavailable on the kept ones until the service restarts.
+    old, new = redis_servers(), redis_servers()
+    async with _forwarding(old) as forward:
+        backend = RedisBackend.from_config(EnhancedLockingConfig(redis_addr=forward.addr),
+                                           "enhanced")
+        try:
+            granted, lock = await backend.acquire(lock_for(request_for(pull=1)))
+            assert granted
+            promoted, demoted = new.client(), old.client()
+            demoted.config_set("repl-diskless-sync-delay", "0")  # (5 s by default)
+            promoted.replicaof(old.host, str(old.port))
+            for _ in range(400):  # (the new master has what the old one had)
+                if promoted.exists(backend.keys.lock(lock.key), backend.keys.incarnation) == 2:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                pytest.fail("the replica did not sync within 20 s")
+            promoted.replicaof("NO", "ONE")
+            demoted.replicaof(new.host, str(new.port))
+            forward.target = new
+            assert await backend.release(lock.key, owner=("acme/infra", 1)) == lock
+            granted, again = await backend.acquire(lock_for(request_for(pull=2)))
+            assert granted and again.fencing_token == lock.fencing_token + 1
+        finally:
+            await backend.close()
 
 
 async def test_sentinel_finds_the_master(redis_server: RedisServer, tmp_path: Path) -> None:

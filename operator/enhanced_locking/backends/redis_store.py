@@ -343,7 +343,11 @@ class RedisBackend:
                                        *after, *args)
                     answer = await within_limit(call)
                 except DOWN as error:
-                    if retried or not is_retryable(error):
+                    # (READONLY: a connection kept from before a failover reaches the old
+                    # master, now a replica; the address may lead to the new one. The call
+                    # did not run: sent once more on a new connection.)
+                    if retried or not (is_retryable(error)
+                                       or isinstance(error, rexc.ReadOnlyError)):
                         raise down(self.connection, action, error, key=key) from None
                     retried = True
                     await self.connection.drop_idle()
