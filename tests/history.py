@@ -35,6 +35,7 @@ import asyncio
 import collections
 import heapq
 import itertools
+import math
 import random
 import time
 from collections.abc import Sequence
@@ -242,6 +243,10 @@ class Workload:
     """Share of acquires (single or batch) that ask for shared locks."""
     duration: float | None = None
     """Keep going for this many seconds instead of ``rounds`` rounds."""
+    min_holds: int = 0
+    """With ``duration``: keep going past it until the clients together recorded this many
+    holds (a loaded machine grants fewer a second; the checker wants the same coverage), but
+    never past ten times ``duration`` (a service that stopped granting fails the count)."""
 
 
 def _project(repo: str, path: str) -> dict[str, str]:
@@ -259,9 +264,14 @@ async def _client(number: int, urls: Sequence[str], work: Workload, history: His
     }
     url = urls[number % len(urls)]
     deadline = None if work.duration is None else time.monotonic() + work.duration
+    give_up = math.inf if work.duration is None else time.monotonic() + 10 * work.duration
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(60.0)) as http:
         for round_ in itertools.count():
-            if (round_ >= work.rounds if deadline is None else time.monotonic() >= deadline):
+            if deadline is None:
+                if round_ >= work.rounds:
+                    break
+            elif time.monotonic() >= deadline and (
+                    len(history.holds) >= work.min_holds or time.monotonic() >= give_up):
                 break
             body = {**common, "priority": rng.choice(list(work.priorities))}
             if work.wait is not None and rng.random() >= work.fail_fast_share:

@@ -10,6 +10,7 @@ drives the steps, the other applies the rollout state it reads there. Users act 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import threading
 import time
@@ -527,7 +528,7 @@ def test_fifty_clients_never_share_a_lock_while_kubectl_patch_moves_the_weight_e
     moved: list[float] = []
 
     def mover() -> None:  # a script moving the weight up and down every second
-        for weight in weights:
+        for weight in itertools.cycle(weights):
             if stop.is_set():
                 return
             patch(kube_cluster, kube_namespace, {"weight": weight})
@@ -538,9 +539,11 @@ def test_fifty_clients_never_share_a_lock_while_kubectl_patch_moves_the_weight_e
     script.start()
     # The clients lock for as long as the script moves the weight (a second a move), not a
     # fixed number of rounds: 60 rounds came to under 4 s once the service got faster, too few
-    # for five moves.
+    # for five moves. On a loaded machine they go on (the script still moving the weight)
+    # until the 500 grants the checker wants are recorded.
     work = Workload(clients=50, duration=float(len(weights)), paths=_paths_across_buckets(12),
-                    wait=None, batch_share=0.0, hold_seconds=(0.0, 0.02), seed=17)
+                    wait=None, batch_share=0.0, hold_seconds=(0.0, 0.02), seed=17,
+                    min_holds=500)
     try:
         history = asyncio.run(run_clients([first.url, second.url], work))
     finally:
