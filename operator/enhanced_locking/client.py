@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from datetime import timedelta
@@ -30,7 +31,7 @@ from enhanced_locking.types import (
 )
 
 __all__ = ["DEFAULT_URL", "TOKEN_ENV", "URL_ENV", "AsyncClient", "Client", "ServiceError",
-           "parse_sse", "service_url"]
+           "parse_sse", "service_url", "shown_url"]
 
 DEFAULT_URL = "http://127.0.0.1:4142"
 _FOLLOWING_LINE = f": {FOLLOWING_COMMENT}"
@@ -53,6 +54,12 @@ def _verify() -> ssl.SSLContext | bool:
     return ssl.create_default_context(cafile=ca_file) if ca_file else True
 
 
+def shown_url(url: object) -> str:
+    """``url`` as a message may show it: without the user and password it may carry
+    (``https://user:password@host``), which a step's output would put in a pull request."""
+    return re.sub(r"(?<=//)[^/?#@]*@", "", str(url))
+
+
 def service_url(value: str) -> str:
     """``value`` if it is an http(s) URL with a host and, if it names one, a port from 1 to
     65535 (trailing ``/`` dropped); else ValueError."""
@@ -64,7 +71,7 @@ def service_url(value: str) -> str:
     if (url is None or url.scheme not in ("http", "https") or not url.host
             or (url.port is not None and not 0 < url.port < 65536)):
         raise ValueError(f"expected the lock service's URL, such as {DEFAULT_URL}, "
-                         f"got {value!r}")
+                         f"got {shown_url(value)!r}")
     return value.rstrip("/")
 
 
@@ -103,8 +110,8 @@ class Client:
                 kwargs["timeout"] = timeout
             response = self._http.request(method, path, **kwargs)
         except httpx.HTTPError as error:
-            raise ServiceError(0, f"cannot reach the lock service at {self._http.base_url}: "
-                                  f"{error}") from None
+            raise ServiceError(0, f"cannot reach the lock service at "
+                                  f"{shown_url(self._http.base_url)}: {error}") from None
         return _answer(response, ok)
 
     def acquire(self, request: LockRequest) -> AcquireResult:
@@ -184,8 +191,8 @@ class Client:
 
                 yield from (e for e in parse_sse(lines()) if e is not None)
         except httpx.HTTPError as error:
-            raise ServiceError(0, f"lost the event stream of {self._http.base_url}: "
-                                  f"{error}") from None
+            raise ServiceError(0, f"lost the event stream of "
+                                  f"{shown_url(self._http.base_url)}: {error}") from None
 
     def get(self, key: str) -> Lock | None:
         status, body = self._call("GET", "/v1/locks/by-key", ok=(200, 404), params={"key": key})
@@ -236,8 +243,8 @@ class AsyncClient:
         try:
             response = await self._http.request(method, path, **kwargs)
         except httpx.HTTPError as error:
-            raise ServiceError(0, f"cannot reach the lock service at {self._http.base_url}: "
-                                  f"{error}") from None
+            raise ServiceError(0, f"cannot reach the lock service at "
+                                  f"{shown_url(self._http.base_url)}: {error}") from None
         return _answer(response, ok)
 
     async def acquire(self, request: LockRequest) -> AcquireResult:
@@ -282,8 +289,8 @@ class AsyncClient:
                                 yield event
                         lines = []
         except httpx.HTTPError as error:
-            raise ServiceError(0, f"lost the event stream of {self._http.base_url}: "
-                                  f"{error}") from None
+            raise ServiceError(0, f"lost the event stream of "
+                                  f"{shown_url(self._http.base_url)}: {error}") from None
 
 
 def _body(request: LockRequest | BatchLockRequest) -> Any:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from enhanced_locking import terminal
-from enhanced_locking.client import AsyncClient, Client, ServiceError
+from enhanced_locking.client import AsyncClient, Client, ServiceError, shown_url
 from enhanced_locking.types import AcquireResult, LockRequest, UnreadableLock
 
 __all__ = ["acquire_showing_position", "add_events_command", "add_queue_commands"]
@@ -89,7 +89,8 @@ def _events(args: argparse.Namespace) -> int:
             for event in client.events(
                     repo=args.repo, key_prefix=args.key_prefix, types=types,
                     last_event_id=args.last_event_id,
-                    on_open=lambda: terminal.say(PROG, f"following the events of {args.url}")):
+                    on_open=lambda: terminal.say(
+                        PROG, f"following the events of {shown_url(args.url)}")):
                 print(event.model_dump_json(by_alias=True), flush=True)
     except ServiceError as error:
         # Unreachable 3, an invalid filter 2, refused (no or a bad token, no right) 1: as for

@@ -217,3 +217,21 @@ def test_an_answer_that_is_not_json_is_one_line_not_a_traceback(
     assert result.returncode == 1
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and "HTTP 502" in lines[0], result.stderr
+
+
+def test_a_password_in_the_url_is_never_shown() -> None:
+    """A URL carrying a user and password (for a proxy asking basic authentication) is not
+    repeated in a message: an Atlantis step's output goes into the pull request."""
+    url = f"http://atlantis:pw-s3cret-77@127.0.0.1:{free_port()}"  # nothing listens there
+    step = run("step", "acquire", "--command", "plan", "--wait", "0s", env={
+        "ENHANCED_LOCKING_URL": url, "BASE_REPO_OWNER": "acme", "BASE_REPO_NAME": "infra",
+        "PULL_NUM": "12"})
+    listing = run("lock", "list", "--url", url)
+    for result in (step, listing):
+        assert result.returncode == 3, result.stderr
+        assert "cannot reach the lock service at http://127.0.0.1:" in result.stderr
+    malformed = run("lock", "list", "--url", "http://atlantis:pw-s3cret-77@127.0.0.1:99999")
+    assert malformed.returncode == 2
+    assert "got 'http://127.0.0.1:99999'" in malformed.stderr
+    for result in (step, listing, malformed):
+        assert "pw-s3cret-77" not in result.stdout + result.stderr
