@@ -13,7 +13,8 @@
                                     [--output table|json] [--enhanced-locking-* ...]
 
 Exit codes: 0 done; 1 refused (lock held, not found, not owned); 2 invalid usage, config or
-URL; 3 the service could not be reached (or, for ``serve``, its address could not be bound).
+URL; 3 the service could not be reached or could not serve the call now (its 503 or 429: a
+store did not answer, it is overloaded; or, for ``serve``, its address could not be bound).
 What goes to stdout and stderr is :mod:`enhanced_locking.terminal`'s one convention. ``--url``
 and ``--token`` may stand before or after any command word.
 """

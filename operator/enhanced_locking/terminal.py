@@ -70,10 +70,12 @@ def refused(program: str, message: str, answer: Any | None = None) -> int:
 
 
 def service_failed(program: str, message: str, *, status: int, answer: Any | None = None) -> int:
-    """How a command ends when the lock service did not do what it asked: not reached
-    (``status`` 0: exit 3), the request invalid (422: exit 2), or refused (404, 409, 401/403:
-    the service's answer on stdout, one line on stderr, exit 1)."""
-    if status == 0:
+    """How a command ends when the lock service did not do what it asked: not reached, or
+    it could not serve the call now (``status`` 0, 503 or 429: its store did not answer, it
+    is overloaded; exit 3, nothing is known of the lock), the request invalid (422: exit 2),
+    or refused (404, 409, 401/403, any other status: the service's answer on stdout, one line
+    on stderr, exit 1)."""
+    if status in (0, 503, 429):
         say(program, message)
         return EXIT_UNREACHABLE
     if status == 422:

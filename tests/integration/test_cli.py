@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from tests.conftest import ServiceFactory
+from tests.support.redis_server import RedisServer
 from tests.support.service import enhanced_locking_command, free_port, scrubbed_env
 
 from enhanced_locking.config import settings
@@ -405,3 +406,23 @@ def test_an_unreachable_service_exits_3(args: list[str]) -> None:
     assert result.returncode == 3
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and "cannot reach the lock service" in lines[0]
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("args", [
+    ["release", "--key", "acme/infra/./default/", "--pull", "1"],
+    ["queue", "--key", "acme/infra/./default/"],
+    ["force-unlock", "--key", "acme/infra/./default/", "--reason", "stuck"],
+])
+def test_a_service_whose_store_does_not_answer_exits_3_not_as_a_refusal(
+    redis_server: RedisServer, service_process: ServiceFactory, args: list[str],
+) -> None:
+    """Its 503 (`reason: unavailable`) says nothing about the lock: not 1, which a script
+    reads as held, not found or not owned."""
+    url = service_process("--enhanced-locking-enabled", "--enhanced-locking-backend=redis",
+                          f"--enhanced-locking-redis-addr={redis_server.addr}").url
+    redis_server.stop()
+    result = run("lock", "--url", url, *args)
+    assert result.returncode == 3, result.stdout + result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "did not answer" in lines[0], result.stderr
