@@ -36,6 +36,7 @@ from enhanced_locking.backends.waiting import Status, Wait
 from enhanced_locking.events import EventBus
 from enhanced_locking.locking import EnhancedLocker
 from enhanced_locking.metrics import Metrics
+from enhanced_locking.policies import ConcurrencyLimit, KeyPattern, PolicyRules
 from enhanced_locking.types import (
     BackendUnavailable,
     Candidate,
@@ -502,6 +503,31 @@ async def test_a_pull_holding_more_locks_than_one_transaction_may_write_is_relea
     assert notice.locks and notice.locks[0].pull.num == 3
     assert {(lock.key, lock.pull.num) for lock in await b.list()} == {
         (other.key, 2), (want(3, path=paths[-1]).key, 3)}
+
+
+async def test_a_release_by_pull_in_parts_counts_every_lock_a_concurrency_limit_covers(
+    etcd_replicas: tuple[EtcdBackend, EtcdBackend],
+) -> None:
+    """A release by pull frees a part of the pull's locks in each step; the grant step of a
+    part still counts every lock held in a concurrency limit's group, not only the first of
+    them by key (nor leaves out those an earlier part freed)."""
+    a, b = etcd_replicas
+    limited = dataclasses.replace(POLICY, rules=PolicyRules(concurrency=[
+        ConcurrencyLimit(name="g", match=KeyPattern(path_prefix="g"), limit=1)]))
+    await grant(a, want(1, path="g/2"))
+    for i in range(40):  # after g/2 by key: the first part frees g/2 and 15 of them
+        await grant(a, want(1, path=f"p{i:02}"))
+    # The group's other lock, of a repository after pull 1's keys.
+    other = await grant(a, candidate_for(request_for(repo="zeta/infra", path="g/1", pull=2)))
+    wait = offer()
+    queued = await b.acquire_or_enqueue(want(3, path="g/2"), ttl=None, wait=wait,
+                                        policy=limited)
+    assert queued.status is Status.QUEUED
+    released = await a.release_by_pull("acme/infra", 1, policy=limited)
+    assert len(released) == 41
+    # The group holds zeta's g/1 (its limit is 1): pull 3 still waits for g/2.
+    assert {(lock.key, lock.pull.num) for lock in await b.list()} == {(other.key, 2)}
+    assert [w.id for w in await b.queue(want(3, path="g/2").key, policy=limited)] == [wait.id]
 
 
 

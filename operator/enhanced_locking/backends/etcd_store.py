@@ -168,9 +168,11 @@ class _Part:
     """A release by pull under way, a part at a time (``EtcdBackend._scan``): the keys the
     parts before freed (a key one of them handed to a waiter of the same pull is not freed
     again, as in one step), the keys the last run of this part's step took, and whether it
-    left locks of the pull for the next part."""
+    left locks of the pull for the next part. Only the scan of the pull's locks is cut to a
+    part: the step's other scans (the locks a concurrency limit counts) read every lock."""
 
-    def __init__(self) -> None:
+    def __init__(self, repo: str, pull: int) -> None:
+        self.owner = (repo, pull)
         self.done: set[str] = set()
         self.taken: list[str] = []
         self.left = False
@@ -880,7 +882,8 @@ class EtcdBackend(StoreBackend):
         # Every key is read (the pull of an unreadable lock cannot be told before reading it).
         self._unreadable_change(lambda u: u.scanned(unreadable))
         part = _PART.get()
-        if part is not None:  # a release by pull: this step frees the next part, by key
+        if part is not None and part.owner == (repo, pull):
+            # A release by pull: this step frees the next part of the pull's locks, by key.
             locks = sorted((lock for lock in locks if lock.key not in part.done),
                            key=lambda lock: lock.key)
             part.left = len(locks) > _PULL_PART
@@ -1729,7 +1732,7 @@ class EtcdBackend(StoreBackend):
         pull holding about 60 locks made a transaction etcd refused (past its 128 compares:
         each key's delete, token floor and queue), and kept them all."""
         released: Locks = []
-        part = _Part()
+        part = _Part(repo, pull)
         while True:
             token = _PART.set(part)
             try:
