@@ -9,6 +9,7 @@ import ssl
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -16,6 +17,8 @@ from cryptography import x509
 from tests.support.access_matrix import acquire_body
 from tests.support.controlplane import CertificateAuthority, KeyPair
 from tests.support.service import LOOPBACK, ServiceProcess, running
+
+from enhanced_locking.api.tls import CertificateReloader
 
 
 def presented_serial(port: int, ca: Path) -> int:
@@ -126,3 +129,60 @@ def test_a_key_that_does_not_match_exits_2_naming_the_setting(tmp_path: Path) ->
         service.start()
     assert "enhanced-locking-tls-cert-file" in str(raised.value)
     assert "Traceback" not in str(raised.value)
+
+
+def _presented_by(context: ssl.SSLContext, ca: CertificateAuthority) -> int:
+    """The serial of the certificate a handshake with ``context`` presents (in memory)."""
+    client_in, client_out, server_in, server_out = (ssl.MemoryBIO() for _ in range(4))
+    client = trusting(ca).wrap_bio(client_in, client_out, server_hostname=LOOPBACK)
+    server = context.wrap_bio(server_in, server_out, server_side=True)
+    done: set[int] = set()
+    for _ in range(10):
+        for number, side in enumerate((client, server)):
+            if number in done:
+                continue
+            try:
+                side.do_handshake()
+                done.add(number)
+            except ssl.SSLWantReadError:
+                pass
+        server_in.write(client_out.read())
+        client_in.write(server_out.read())
+        if done == {0, 1}:
+            break
+    der = client.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def test_files_rotated_between_the_trial_load_and_the_live_one_never_reach_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The pair is tried on a spare context, then loaded live: a rotation landing between the
+    # two (here a pair whose key does not match) must not be what the live context loads.
+    ca = CertificateAuthority(tmp_path)
+    first, second, third = (ca.issue(name, "enhanced-locking", server=True, ips=[LOOPBACK])
+                            for name in ("first", "second", "third"))
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    install(first, cert, key)
+    live = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    live.load_cert_chain(cert, key)
+    reloader = CertificateReloader(live, str(cert), str(key))
+    assert _presented_by(live, ca) == serial(first)
+    install(second, cert, key)
+    loading = ssl.SSLContext.load_cert_chain
+    rotated: list[ssl.SSLContext] = []
+
+    def load_then_rotate(context: ssl.SSLContext, certfile: Any, keyfile: Any = None,
+                         password: Any = None) -> None:
+        loading(context, certfile, keyfile, password)
+        if context is not live and not rotated:  # the trial load passed: the files change
+            rotated.append(context)
+            install(KeyPair(cert=third.cert, key=second.key), cert, key)
+
+    monkeypatch.setattr(ssl.SSLContext, "load_cert_chain", load_then_rotate)
+    assert reloader.check()
+    monkeypatch.undo()
+    assert rotated  # the rotation did land between the two loads
+    assert _presented_by(live, ca) == serial(second)  # the pair tried, whole
+    assert reloader.loads == 1
