@@ -55,6 +55,7 @@ class PerRepository:
     repository standing for every one (a rule without names)."""
 
     rights: Mapping[str, frozenset[tuple[Verb, str | None]]]
+    per_repository = True
 
     async def allowed(self, identity: Identity, verb: Verb, *, repo: str | None) -> bool:
         held = self.rights.get(identity.name, frozenset())

@@ -27,7 +27,7 @@ import ipaddress
 import logging
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Annotated, Any, Protocol, TypeVar
@@ -51,6 +51,8 @@ from enhanced_locking.types import (
     Verb,
     utcnow,
 )
+
+_Read = TypeVar("_Read")
 
 __all__ = [
     "ANONYMOUS",
@@ -105,11 +107,20 @@ class Authenticator(Protocol):
 class Authorizer(Protocol):
     """Whether ``identity`` holds ``verb`` (on ``repo``, when the call is about one)."""
 
+    per_repository: bool
+    """Whether a right can be held on some repositories only (Kubernetes RBAC with resource
+    names): then a call about a held lock needs the store's read, naming the lock's
+    repository, before its right can be judged. Otherwise the right is the same for every
+    repository and is asked without one when that read cannot be made
+    (:meth:`Caller.read_for_right`)."""
+
     async def allowed(self, identity: Identity, verb: Verb, *, repo: str | None) -> bool: ...
 
 
 class OpenAccess:
     """``auth: none``: everyone is ``anonymous`` and may do everything."""
+
+    per_repository = False
 
     async def authenticate(self, token: str) -> Identity | None:
         return ANONYMOUS
@@ -298,6 +309,22 @@ class Caller:
     async def may(self, verb: Verb, *, repo: str | None = None) -> bool:
         """Whether the caller holds ``verb`` (no audit row: for filtering what it sees)."""
         return await self.access.authorizer.allowed(self.identity, verb, repo=repo)
+
+    async def read_for_right(
+        self, read: Awaitable[_Read], verb: Verb, *, action: str, key: str | None = None,
+        pull: int | None = None, reason: str | None = None,
+    ) -> _Read:
+        """``read``'s answer: a read of the store that names the repository whose ``verb``
+        the call then needs. When the store does not answer, a caller whose rights are the
+        same on every repository is asked for ``verb`` now, so one without it hears 403, not
+        that the store is down (503). (With rights per repository the repository is not
+        known: the outage is the answer.)"""
+        try:
+            return await read
+        except BackendUnavailable:
+            if not self.access.authorizer.per_repository:
+                await self.need(verb, action=action, key=key, pull=pull, reason=reason)
+            raise
 
     async def need(
         self, verb: Verb, *, action: str, repo: str | None = None, key: str | None = None,

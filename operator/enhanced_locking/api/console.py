@@ -253,7 +253,8 @@ def install_console(app: FastAPI, service: LockService) -> None:
             return json_error(422, "key and reason: a force-unlock needs both (the reason is "
                                    "audited)", field="reason")
         try:
-            holder = await service.router.get(key)
+            holder = await caller.read_for_right(service.router.get(key), Verb.FORCE_UNLOCK,
+                                                 action="force-unlock", key=key, reason=reason)
         except LockUnreadable:  # whose it is cannot be read: force-unlock clears it
             holder = None
         repo = holder.project.repo_full_name if holder else None

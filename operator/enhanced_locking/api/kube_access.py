@@ -135,6 +135,8 @@ class TokenReviews:
 class SubjectAccessReviews:
     """An authorizer asking the API server whether an identity holds a verb on ``locks``."""
 
+    per_repository = True
+
     def __init__(self, api: client.ApiClient, *, namespace: str, ttl: float) -> None:
         self._api = client.AuthorizationV1Api(api)
         self._namespace = namespace or None

@@ -98,9 +98,11 @@ async def holder_of(router: Router, caller: Caller, key: str, *, verb: Verb, act
                     pull: int | None) -> Lock | None:
     """The lock held on ``key``, read to judge which repository's right a call needs. A stored
     lock that cannot be read names no repository: the right is asked without one (as for a
-    force-unlock) before the answer says anything of what is stored (its 409)."""
+    force-unlock) before the answer says anything of what is stored (its 409). A store that
+    does not answer is a 503 only to a caller the right is not refused to without the read."""
     try:
-        return await router.get(key)
+        return await caller.read_for_right(router.get(key), verb, action=action, key=key,
+                                           pull=pull)
     except LockUnreadable:
         await caller.need(verb, action=action, key=key, pull=pull)
         raise
@@ -371,7 +373,12 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
                         "it (or for another pull's) release-any.")] = None,
     ) -> Any:
         """Cancel a queued request: it leaves the queue and is answered ``cancelled``."""
-        named = [w for w in await router.queue(key) if id in (w.id, w.request_id)]
+        # Without the queue's answer whose request it is is unknown: the right asked is the
+        # one the call claims (lock with ``pull``: its own; release-any without).
+        queued = await caller.read_for_right(
+            router.queue(key), Verb.LOCK if pull is not None else Verb.RELEASE_ANY,
+            action="cancel" if pull is not None else "cancel-any", key=key, pull=pull)
+        named = [w for w in queued if id in (w.id, w.request_id)]
         # Several pulls may name requests alike: the one of the pull the call names, if any.
         waiter = next((w for w in named if w.owner[1] == pull), named[0] if named else None)
         repo, owner_pull = waiter.owner if waiter is not None else (None, None)
@@ -403,7 +410,9 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
         stored lock cannot be read is cleared: whatever is stored goes (``lock`` null,
         ``unreadable`` what it was)."""
         try:
-            holder, unreadable = await router.get(key), None
+            holder, unreadable = await caller.read_for_right(
+                router.get(key), Verb.FORCE_UNLOCK, action="force-unlock", key=key,
+                reason=reason), None
         except LockUnreadable as error:  # whose it is cannot be read: the right is checked
             holder, unreadable = None, error.found  # without a repository
         repo = holder.project.repo_full_name if holder is not None else None

@@ -143,6 +143,8 @@ class StaticTokens:
 class RoleMap:
     """An authorizer over the config's role map (static mode grants no per-repo scopes)."""
 
+    per_repository = False
+
     def __init__(self, roles: Mapping[str, Iterable[str]]) -> None:
         self._verbs: dict[str, set[Verb]] = {}
         for role, subjects in roles.items():
