@@ -32,6 +32,7 @@ from enhanced_locking.migration import Router
 from enhanced_locking.migration.controller import MigrationController, default_replica_id
 from enhanced_locking.migration.rekey import clean_stored_keys
 from enhanced_locking.migration.routing_registry import RoutingRegistry
+from enhanced_locking.migration.switch_gate import SwitchGate
 from enhanced_locking.provider import ConfigProvider, Snapshot
 from enhanced_locking.types import (
     BackendUnavailable,
@@ -186,6 +187,9 @@ class LockService:
         self._watch_unreadable("legacy", self.legacy_backend)
         self.legacy = LegacyLocker(self.legacy_backend)
         self.enhanced: EnhancedLocker | None = None
+        self.switch_gate = SwitchGate()
+        """Closed by a switch of the enhanced store from its export to its swap: the router's
+        writes of the enhanced side wait there (see :mod:`.migration.switch_gate`)."""
         self._enhanced_identity: tuple[Any, ...] | None = None
         provider.add_applier(self._apply)
         provider.subscribe(self._applied)
@@ -207,6 +211,7 @@ class LockService:
             events=self.events,
             metrics=self.metrics,
             migration=self.migration,
+            gate=self.switch_gate,
         )
 
     def _build(self, config: EnhancedLockingConfig, kind: str, namespace: str) -> Backend:
@@ -265,23 +270,25 @@ class LockService:
         try:
             await backend.ping()
             await _clean_keys(backend)
-            if self.enhanced is not None:
-                locks, tokens = await self.enhanced.backend.export()
-                conflicts = await backend.adopt(locks, tokens)
-                if conflicts:
-                    raise BackendUnavailable(
-                        f"the new backend holds {len(conflicts)} of the current locks for other "
-                        f"pulls (first: {conflicts[0].key}); not switching"
-                    )
-            # Started before it serves (its lease timers and rules are its own): a start that
-            # fails leaves the locker in force serving, and the same config can be tried again.
-            locker = EnhancedLocker(
-                backend,
-                settings=lambda: self.provider.current.config,
-                events=self.events,
-                metrics=self.metrics,
-            )
-            await locker.start()
+            if self.enhanced is None:
+                locker = self._locker(backend)
+                await locker.start()
+                previous = self._swap(config, backend, locker, identity)
+            else:
+                # From the export to the swap the old locker must not change its store (a grant
+                # made then would never reach the new one, a release would leave its copy held):
+                # the router's writes wait at the gate meanwhile, then go to the locker in force.
+                async with self.switch_gate.switching():
+                    locks, tokens = await self.enhanced.backend.export()
+                    conflicts = await backend.adopt(locks, tokens)
+                    if conflicts:
+                        raise BackendUnavailable(
+                            f"the new backend holds {len(conflicts)} of the current locks for "
+                            f"other pulls (first: {conflicts[0].key}); not switching"
+                        )
+                    locker = self._locker(backend)
+                    await locker.start()
+                    previous = self._swap(config, backend, locker, identity)
         except Exception:
             try:
                 if locker is not None:
@@ -294,15 +301,30 @@ class LockService:
                     self.metrics.unreadable_locks.labels("enhanced").set(0)
                 await backend.close()
             raise
+        if previous is not None:
+            await previous.close()
+            await previous.backend.close()
+        log.info("enhanced locker now on the %s backend", config.backend)
+
+    def _locker(self, backend: Backend) -> EnhancedLocker:
+        # Started before it serves (its lease timers and rules are its own): a start that
+        # fails leaves the locker in force serving, and the same config can be tried again.
+        return EnhancedLocker(
+            backend,
+            settings=lambda: self.provider.current.config,
+            events=self.events,
+            metrics=self.metrics,
+        )
+
+    def _swap(self, config: EnhancedLockingConfig, backend: Backend, locker: EnhancedLocker,
+              identity: tuple[Any, ...]) -> EnhancedLocker | None:
+        """Put ``locker`` (on ``backend``) in force; the locker it replaces, if any."""
         if (isinstance(backend, EtcdBackend) and isinstance(self.events, EtcdEventBus)
                 and backend.connection.settings == self.events.connection.settings):
             backend.carry(self.events)  # the events ride in the lock steps' transactions
         previous, self.enhanced = self.enhanced, locker
         self._enhanced_identity = identity
-        if previous is not None:
-            await previous.close()
-            await previous.backend.close()
-        log.info("enhanced locker now on the %s backend", config.backend)
+        return previous
 
     def _applied(self, snapshot: Snapshot) -> None:
         if self.enhanced is not None:

@@ -36,7 +36,7 @@ import asyncio
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from enhanced_locking.backends.base import (
     OtherSideHolds,
@@ -53,6 +53,7 @@ from enhanced_locking.metrics import FallbackAction, Metrics
 from enhanced_locking.migration import identity
 from enhanced_locking.migration.controller import MigrationController
 from enhanced_locking.migration.handover import acquire_both, backend_of
+from enhanced_locking.migration.switch_gate import Pass, SwitchGate
 from enhanced_locking.migration.transition import RoutingPlan
 from enhanced_locking.provider import Snapshot
 from enhanced_locking.types import (
@@ -78,6 +79,10 @@ Sides = list[Side]
 """Sides of a call (an alias: the router's ``list`` method shadows the builtin inside it)."""
 
 WaiterIds = list[str]
+
+_Asked = TypeVar("_Asked", LockRequest, BatchLockRequest)
+_Answer = TypeVar("_Answer", AcquireResult, BatchResult)
+_Done = TypeVar("_Done")
 
 OTHER_SIDE_POLL = (0.05, 1.0)
 """A waiting request held on the other side looks again after 50 ms, doubling up to 1 s."""
@@ -142,8 +147,12 @@ class Router(AtlantisCalls):
         events: EventBus,
         metrics: Metrics,
         migration: MigrationController | None = None,
+        gate: SwitchGate | None = None,
     ) -> None:
+        """``gate``: the one a switch of the enhanced store closes (:mod:`.switch_gate`);
+        every call that writes the enhanced side passes it."""
         self.legacy = legacy
+        self.gate = gate
         self._enhanced = enhanced
         self._snapshot = snapshot
         self.events = events
@@ -175,6 +184,61 @@ class Router(AtlantisCalls):
         """Route the acquire; a lock of another project under the same key is a ``collision``
         (:mod:`.identity`), never a grant, and an unreadable stored lock on either side is
         ``unreadable`` (:mod:`enhanced_locking.backends.unreadable`), never a grant."""
+        gate = self.gate
+        if gate is None or self._enhanced() is None:
+            return await self._acquire(request)
+        passed = await gate.enter()
+        try:
+            if passed.switching is None or self._wait_seconds(request) is None:
+                return await self._acquire(request)
+            return await self._across_switch(request, passed, self._acquire)
+        finally:
+            gate.leave(passed)
+
+    async def _across_switch(
+        self, request: _Asked, passed: Pass,
+        acquire: Callable[[_Asked], Coroutine[Any, Any, _Answer]],
+    ) -> _Answer:
+        """``acquire(request)``, a request that waits, through the gate: when a switch of
+        the enhanced store begins while it waits, it leaves the old store's queue and asks
+        again, once the switch is done, on the locker then in force, for what is left of its
+        wait (:mod:`.switch_gate`)."""
+        gate = self.gate
+        assert gate is not None and passed.switching is not None
+        wait = self._wait_seconds(request)
+        assert wait is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            asked = asyncio.ensure_future(acquire(request))
+            assert passed.switching is not None
+            told = asyncio.ensure_future(passed.switching.wait())
+            try:
+                await asyncio.wait((asked, told), return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                # The caller went away: the acquire is cancelled as it would have been had it
+                # run in the caller's own task. An answer it had already, or reached before the
+                # cancel did, is the caller's to give back (as the acquire's own is).
+                told.cancel()
+                asked.cancel()
+                await asyncio.gather(asked, return_exceptions=True)
+                if asked.cancelled():
+                    raise
+                return asked.result()
+            told.cancel()
+            if not asked.done():
+                asked.cancel()  # leaves the old store's queue, gives back a late grant
+                await asyncio.gather(asked, return_exceptions=True)
+            if not asked.cancelled():
+                return asked.result()  # answered before it had to leave: that answer stands
+            # A switch began: this call leaves the gate so the switch can go on, then passes
+            # it again once the switch is done.
+            gate.leave(passed)
+            passed = await gate.enter()
+            left = max(deadline - loop.time(), 0.001)  # as a wait cut short by the other side
+            request = request.model_copy(update={"wait": timedelta(seconds=left)})
+
+    async def _acquire(self, request: LockRequest) -> AcquireResult:
         try:
             if self._enhanced() is None and not request.wait:
                 # Enhanced locking was never enabled here: Atlantis's locking and nothing else
@@ -227,7 +291,7 @@ class Router(AtlantisCalls):
             request = request.model_copy(
                 update={"wait": timedelta(seconds=max(deadline - loop.time(), 0.001))})
 
-    def _wait_seconds(self, request: LockRequest) -> float | None:
+    def _wait_seconds(self, request: LockRequest | BatchLockRequest) -> float | None:
         wait = request.wait
         if wait is True:
             wait = self._snapshot().config.default_timeout
@@ -392,7 +456,22 @@ class Router(AtlantisCalls):
         if self._enhanced() is None:  # never enabled here: only legacy can hold it
             # Legacy's own coroutine, not one that awaits it: the router adds no frame.
             return self.legacy.release(key, owner=owner)
-        return self._release_both(key, owner, token)
+        return self._gated(self._release_both(key, owner, token))
+
+    async def _gated(self, call: Coroutine[Any, Any, _Done]) -> _Done:
+        """``call``, run through the switch gate (:mod:`.switch_gate`), when there is one."""
+        gate = self.gate
+        if gate is None:
+            return await call
+        try:
+            passed = await gate.enter()
+        except BaseException:
+            call.close()  # never started: nothing to undo
+            raise
+        try:
+            return await call
+        finally:
+            gate.leave(passed)
 
     def give_back(self, lock: Lock, *, owner: Owner) -> Coroutine[Any, Any, Lock | None]:
         """Free the grant answered with ``lock`` to ``owner``'s request, whose caller will never
@@ -540,14 +619,19 @@ class Router(AtlantisCalls):
             raise BackendUnavailable("the enhanced store did not answer (release by pull)")
         return locks
 
-    async def release_by_pull_reachable(
+    def release_by_pull_reachable(
         self, repo: str, pull: int
-    ) -> tuple[Locks, Sides]:
+    ) -> Coroutine[Any, Any, tuple[Locks, Sides]]:
         """Release the pull's locks on every side that answers; say which sides did not.
 
         With the enhanced side away, what legacy holds (what it granted in fallback) is
         released now and journaled, so reconciling never adopts it into enhanced; locks the
         pull held on the enhanced side stay held there until it is asked again."""
+        return self._gated(self._release_by_pull_reachable(repo, pull))
+
+    async def _release_by_pull_reachable(
+        self, repo: str, pull: int
+    ) -> tuple[Locks, Sides]:
         released: Locks = []
         unreached: Sides = []
         for locker in self._lockers():
@@ -574,6 +658,18 @@ class Router(AtlantisCalls):
         gives the enhanced part back if the legacy part is refused: it never holds a partial set
         while it waits. A key whose stored lock cannot be read refuses the batch
         (``unreadable``)."""
+        gate = self.gate
+        if gate is None or self._enhanced() is None:
+            return await self._acquire_batch(request)
+        passed = await gate.enter()
+        try:
+            if passed.switching is None or self._wait_seconds(request) is None:
+                return await self._acquire_batch(request)
+            return await self._across_switch(request, passed, self._acquire_batch)
+        finally:
+            gate.leave(passed)
+
+    async def _acquire_batch(self, request: BatchLockRequest) -> BatchResult:
         try:
             for item in request.locks:
                 refused = identity.refuse_ambiguous(item.key, item.project, item.workspace,
@@ -665,8 +761,9 @@ class Router(AtlantisCalls):
         by_key = {lock.key: lock for lock in [*first.locks, *rest.locks]}
         return BatchResult(acquired=True, locks=[by_key[key] for key in request.keys])
 
-    async def release_batch(self, keys: Sequence[str], *, owner: Owner | None = None) -> Locks:
-        return await batch.release_all(self, keys, owner=owner)
+    def release_batch(self, keys: Sequence[str], *,
+                      owner: Owner | None = None) -> Coroutine[Any, Any, Locks]:
+        return self._gated(batch.release_all(self, keys, owner=owner))
 
     # --- queues, leases and admin (the enhanced side only) --------------------------------
     def _queueing(self) -> EnhancedLocker | None:
@@ -682,17 +779,25 @@ class Router(AtlantisCalls):
         enhanced = self._queueing()
         return [] if enhanced is None else await enhanced.queue(key)
 
-    async def cancel_waiter(self, key: str, waiter_id: str) -> bool:
+    def cancel_waiter(self, key: str, waiter_id: str) -> Coroutine[Any, Any, bool]:
+        return self._gated(self._cancel_waiter(key, waiter_id))
+
+    async def _cancel_waiter(self, key: str, waiter_id: str) -> bool:
         enhanced = self._queueing()
         return enhanced is not None and await enhanced.cancel_waiter(key, waiter_id) is not None
 
-    async def close_pull(
+    def close_pull(
         self, repo: str, pull: int, *, closed_at: datetime | None = None
-    ) -> PullClosed:
+    ) -> Coroutine[Any, Any, PullClosed]:
         """A pull request was closed or merged: drop its queued requests, then release its
         locks (both sides). With ``closed_at`` only what it asked for or took by then (plus
         :data:`CLOSE_TOLERANCE`) goes: a close told again after the pull was reopened and
         locked anew changes nothing."""
+        return self._gated(self._close_pull(repo, pull, closed_at=closed_at))
+
+    async def _close_pull(
+        self, repo: str, pull: int, *, closed_at: datetime | None = None
+    ) -> PullClosed:
         if closed_at is not None:  # VCS times are whole seconds, and clocks differ a little
             closed_at += CLOSE_TOLERANCE
         cancelled: WaiterIds = []
@@ -717,9 +822,12 @@ class Router(AtlantisCalls):
                 continue  # taken by another pull since the list: not this pull's to release
         return PullClosed(released=released, cancelled=cancelled)
 
-    async def force_unlock(self, key: str) -> Lock | None:
+    def force_unlock(self, key: str) -> Coroutine[Any, Any, Lock | None]:
         """Free ``key`` on whichever side holds it; the enhanced side serves its queue. Told to
         the migration as any release without a pull (shadow mode replays it)."""
+        return self._gated(self._force_unlock(key))
+
+    async def _force_unlock(self, key: str) -> Lock | None:
         released = await self.legacy.release(key)
         enhanced = self.enhanced
         if isinstance(enhanced, EnhancedLocker):
@@ -728,12 +836,16 @@ class Router(AtlantisCalls):
             self.migration.after_release(key, None, released=released)
         return released
 
-    async def refresh(self, key: str, *, owner: Owner, ttl: timedelta | None) -> Lock | None:
+    def refresh(self, key: str, *, owner: Owner,
+                ttl: timedelta | None) -> Coroutine[Any, Any, Lock | None]:
         """Extend the lease of ``key``; ``None`` when nothing holds it.
 
         An enhanced store that does not answer is an outage (``BackendUnavailable``, 503),
         never "not held": a lease is only on the enhanced side, so nothing else can say.
         """
+        return self._gated(self._refresh(key, owner=owner, ttl=ttl))
+
+    async def _refresh(self, key: str, *, owner: Owner, ttl: timedelta | None) -> Lock | None:
         enhanced = self.enhanced
         if isinstance(enhanced, EnhancedLocker):
             try:

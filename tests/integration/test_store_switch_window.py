@@ -1,0 +1,169 @@
+"""Requests in flight while the enhanced store moves (a SQLite file → a real redis-server):
+between the export of the old store's locks and the swap to the new locker, the old locker
+makes no grant and no release (they wait at the switch gate, then go to the new locker), so no
+key is granted twice across the switch and no released lock is left held in the new store."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from tests.conftest import ServiceMaker
+from tests.history import Workload, run_clients
+from tests.support.locks import request_for
+from tests.support.redis_server import RedisServer
+from tests.support.service import LOOPBACK, free_port
+
+from enhanced_locking.api import create_app
+from enhanced_locking.backends import EmbeddedBackend
+from enhanced_locking.backends.redis_store import RedisBackend
+from enhanced_locking.factory import LockService
+from enhanced_locking.types import Lock, Locks
+
+pytestmark = pytest.mark.redis
+
+
+@contextlib.asynccontextmanager
+async def _served(service: LockService) -> AsyncIterator[str]:
+    """``service``'s HTTP API on a loopback port of this process (its URL)."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(service, manage_lifecycle=False),
+                                           host=LOOPBACK, port=port, log_level="warning"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        assert not task.done(), "the server did not start"
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://{LOOPBACK}:{port}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+def _on_redis(server: RedisServer, db: int) -> dict[str, Any]:
+    return {"backend": "redis", "redis_addr": server.addr, "redis_db": db}
+
+
+async def test_clients_acquiring_and_releasing_across_switches_never_share_a_lock(
+    redis_server: RedisServer, make_service: ServiceMaker,
+) -> None:
+    service = await make_service(enabled=True, backend="boltdb", legacy_backend="memory",
+                                 max_timeout=timedelta(minutes=1))
+    assert isinstance(service.enhanced and service.enhanced.backend, EmbeddedBackend)
+    work = Workload(clients=30, rounds=40, wait="20s", hold_seconds=(0.0, 0.004), seed=7)
+    switched: list[int] = []
+
+    async def switch() -> None:
+        # The SQLite file, then one Redis database after another (each a store of its own).
+        for db in range(4):
+            await asyncio.sleep(0.3)
+            await service.provider.set_layer("cluster", _on_redis(redis_server, db))
+            switched.append(db)
+
+    async with _served(service) as url:
+        history, _ = await asyncio.gather(run_clients(url, work), switch())
+        async with httpx.AsyncClient(base_url=url) as http:
+            left = (await http.get("/v1/locks", params={"repo": work.repo})).json()
+
+    assert switched == [0, 1, 2, 3]
+    # No key granted twice, tokens rising across the stores (before the gate: tokens handed
+    # out twice, overlapping holds, releases answered 404/409 by the new store).
+    history.assert_consistent(min_holds=work.clients * work.rounds // 2)
+    assert history.errors == []
+    # Every lock was released by its client: none is left held in the store now in force.
+    assert left == {"locks": []}
+    store = service.enhanced.backend if service.enhanced is not None else None
+    assert isinstance(store, RedisBackend) and await store.list() == []
+    assert service.switch_gate.through == 0
+
+
+async def _pause_adopt(monkeypatch: pytest.MonkeyPatch,
+                       during: Callable[[], Awaitable[None]]) -> None:
+    """Have the new Redis store run ``during`` right after it adopted the old store's locks:
+    inside the switch's window, before the new locker is swapped in."""
+    adopt = RedisBackend.adopt
+
+    async def adopt_then(backend: RedisBackend, locks: Locks,
+                         tokens: dict[str, int]) -> Locks:
+        conflicts = await adopt(backend, locks, tokens)
+        await during()
+        return conflicts
+
+    monkeypatch.setattr(RedisBackend, "adopt", adopt_then)
+
+
+async def test_a_release_and_a_grant_asked_during_the_switch_land_on_the_new_store(
+    redis_server: RedisServer, make_service: ServiceMaker, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    service = await make_service(enabled=True, backend="boltdb", legacy_backend="memory")
+    held = await service.router.acquire(request_for(pull=1))
+    assert held.acquired and held.lock is not None
+    key = held.lock.key
+    asked: list[asyncio.Task[Any]] = []
+
+    async def in_the_window() -> None:
+        asked.append(asyncio.create_task(
+            service.router.release(key, owner=("acme/infra", 1))))
+        asked.append(asyncio.create_task(
+            service.router.acquire(request_for(pull=2, path="envs/other"))))
+        await asyncio.sleep(0.2)  # time enough for both to reach the old store, were it open
+        assert not any(task.done() for task in asked)  # they wait at the gate
+
+    await _pause_adopt(monkeypatch, in_the_window)
+    await service.provider.set_layer("cluster", _on_redis(redis_server, 0))
+    released, granted = await asyncio.gather(*asked)
+
+    new = service.enhanced.backend if service.enhanced is not None else None
+    assert isinstance(new, RedisBackend)
+    assert isinstance(released, Lock) and released.key == held.lock.key
+    assert await new.get(held.lock.key) is None  # the release reached the new store
+    assert granted.acquired and granted.lock is not None
+    assert await new.get(granted.lock.key) == granted.lock  # so did the grant
+    # And the key released in the window is free for another pull on the new store.
+    again = await service.router.acquire(request_for(pull=3))
+    assert again.acquired and again.lock is not None
+    assert again.lock.fencing_token > held.lock.fencing_token
+
+
+async def test_a_waiter_queued_on_the_old_store_is_served_by_the_new_one(
+    redis_server: RedisServer, make_service: ServiceMaker, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    service = await make_service(enabled=True, backend="boltdb", legacy_backend="memory")
+    held = await service.router.acquire(request_for(pull=1))
+    assert held.acquired and held.lock is not None
+    key = held.lock.key
+    old = service.enhanced.backend if service.enhanced is not None else None
+    assert isinstance(old, EmbeddedBackend)
+    waiting = asyncio.create_task(
+        service.router.acquire(request_for(pull=2, wait=timedelta(seconds=30))))
+    for _ in range(200):
+        if await old.queue(key):
+            break
+        await asyncio.sleep(0.01)
+    assert [w.owner for w in await old.queue(key)] == [("acme/infra", 2)]
+
+    async def in_the_window() -> None:
+        # The waiter left the old store's queue before the export (the switch waits for it).
+        assert await old.queue(key) == []
+        assert not waiting.done()
+
+    await _pause_adopt(monkeypatch, in_the_window)
+    await service.provider.set_layer("cluster", _on_redis(redis_server, 0))
+    new = service.enhanced.backend if service.enhanced is not None else None
+    assert isinstance(new, RedisBackend)
+    for _ in range(200):
+        if await new.queue(key):
+            break
+        await asyncio.sleep(0.01)
+    assert [w.owner for w in await new.queue(key)] == [("acme/infra", 2)]
+    assert not waiting.done()
+    assert await service.router.release(key, owner=("acme/infra", 1)) is not None
+    result = await asyncio.wait_for(waiting, 10)
+    assert result.acquired and result.lock is not None and result.lock.pull.num == 2
+    assert await new.get(key) == result.lock
