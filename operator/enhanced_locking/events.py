@@ -68,7 +68,8 @@ class Gap:
     """A stream reader did not get every event after ``after``: it asked to replay more than
     it may, or what it no longer may have (``reason="replay"``), it read slower than events
     came (``"behind"``), or events were dropped before they reached the store (``"dropped"``:
-    a shared bus's outbox was full while the store was away).
+    a shared bus's outbox was full while the store was away), or a resume could not be checked
+    (``"unavailable"``: a shared bus's store did not answer within ``RESUME_WAIT``).
     ``oldest`` is the oldest event id still kept. The reader re-reads the state it follows."""
 
     after: str

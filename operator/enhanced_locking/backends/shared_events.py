@@ -19,6 +19,12 @@ Reading is the store's own: a subclass's :meth:`SharedEventBus._read` fills the 
 stream serves from, sets ``_loaded`` once what the store held is in, and calls ``_wake``. It
 runs only once someone follows the events (an SSE client): a replica nobody watches spends
 nothing on other replicas' events.
+
+A resume (``Last-Event-ID``) waits for what the store holds to be loaded, and for the reader to
+reach the resume point, at most :data:`RESUME_WAIT` seconds: a store away longer gives the
+reader a ``gap`` with ``reason: "unavailable"`` (whether events after its id were lost is not
+known), and the stream then follows from that id whatever the reader reads once the store
+answers again.
 """
 
 from __future__ import annotations
@@ -34,9 +40,13 @@ from enhanced_locking.backends.outbox import RETRY_FIRST, RETRY_MAX, Outbox
 from enhanced_locking.events import EventBus, EventType, Following, Gap, parse_event_id
 from enhanced_locking.types import Event, Lock, utcnow
 
-__all__ = ["Outgoing", "Published", "SharedEventBus"]
+__all__ = ["RESUME_WAIT", "Outgoing", "Published", "SharedEventBus"]
 
 log = logging.getLogger(__name__)
+
+RESUME_WAIT = 10.0
+"""Seconds a resume waits for the store (its events loaded, the reader at the resume point)
+before the reader is given a ``gap`` with ``reason: "unavailable"``."""
 
 
 _json = Event.__pydantic_serializer__.to_json
@@ -231,11 +241,20 @@ class SharedEventBus(EventBus):
         SSE stream's keep-alives go on): a start fixed on a ring not loaded yet took every
         event loaded after it for a new one."""
         self._start_reading()
-        await self._loaded.wait()  # a resume finds what the store holds; "now" is the store's
-        if after is None:
+        if after is not None and resume:
+            try:
+                # A resume finds what the store holds, up to its point; not without bound.
+                async with asyncio.timeout(RESUME_WAIT):
+                    await self._loaded.wait()
+                    await self._reach(parse_event_id(after))
+            except TimeoutError:
+                log.info("%s: a resume after %s waited %.0f s for the store: gap", self.name,
+                         after, RESUME_WAIT)
+                yield Gap(after=after, oldest=None, reason="unavailable")
+                resume = False  # said: from its id on, whatever the store gives when back
+        else:
+            await self._loaded.wait()  # "now" is the store's
             after, resume = await self._now(), False
-        elif resume:
-            await self._reach(parse_event_id(after))
         async for event in super().follow(after, max_lag=max_lag, announce=announce,
                                           resume=resume):
             yield event
