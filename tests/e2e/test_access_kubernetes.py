@@ -11,6 +11,7 @@ ClusterRoles with RoleBindings in the service's namespace.
 from __future__ import annotations
 
 import json
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from tests.support.access_matrix import CALLS, ROLE_VERBS, Call, acquire_body, h
 from tests.support.controlplane import KubeCluster
 from tests.support.helm import CHART_DIR, Helm, service_account_kubeconfig
 from tests.support.service import ServiceProcess, running
+
+from enhanced_locking.events import FOLLOWING_COMMENT
 
 pytestmark = pytest.mark.e2e
 
@@ -270,3 +273,42 @@ def test_the_rendered_roles_are_the_documented_ones(setup: Setup, tmp_path: Path
     assert locker["rules"] == [{"apiGroups": ["locking.runatlantis.io"], "resources": ["locks"],
                                 "verbs": ["read", "lock"]}]
     assert locker["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+
+
+def test_an_idle_event_stream_ends_once_its_serviceaccount_is_deleted(setup: Setup) -> None:
+    # A token the API server stops accepting (its ServiceAccount deleted) ends the stream it
+    # opened at the stream's own recheck (auth-cache-ttl: 2s here), with no event published
+    # meanwhile to carry the recheck: the TokenReview answer, asked again, refuses it.
+    name = f"streamer-{uuid.uuid4().hex[:6]}"
+    setup.cluster.kubectl("create", "serviceaccount", name, "-n", setup.namespace)
+    setup.cluster.kubectl("create", "rolebinding", name, f"--clusterrole={setup.fullname}-viewer",
+                          f"--serviceaccount={setup.namespace}:{name}", "-n", setup.namespace)
+    streamer = token(setup.cluster, setup.namespace, name)
+    following, ended = threading.Event(), threading.Event()
+    lines: list[str] = []
+
+    def read() -> None:
+        with httpx.Client(base_url=setup.service.url, timeout=httpx.Timeout(15, read=60),
+                          headers={"Authorization": f"Bearer {streamer}"}) as http, \
+                http.stream("GET", "/v1/events") as stream:
+            assert stream.status_code == 200
+            for line in stream.iter_lines():
+                lines.append(line)
+                if line == f": {FOLLOWING_COMMENT}":
+                    following.set()
+        ended.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert following.wait(15), f"the stream did not start: {lines}"
+    with setup.client(None) as anonymous:
+        assert anonymous.get("/v1/locks", headers={
+            "Authorization": f"Bearer {streamer}"}).status_code == 200
+    setup.cluster.kubectl("delete", "serviceaccount", name, "-n", setup.namespace)
+    # The API server's token check, then the cached review (2s), then the stream's recheck.
+    assert ended.wait(20), "the idle stream outlived its deleted ServiceAccount"
+    assert [line for line in lines if line.startswith("data:")] == []
+    with setup.client(None) as anonymous:
+        assert anonymous.get("/v1/locks", headers={
+            "Authorization": f"Bearer {streamer}"}).status_code == 401
+    assert "stream closed" in setup.service.output()

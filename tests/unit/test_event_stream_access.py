@@ -183,3 +183,38 @@ async def test_a_token_withdrawn_from_the_tokens_file_ends_its_open_stream(
             await asyncio.wait_for(readers[0], 10)
             assert ci.empty()
             readers[1].cancel()
+
+
+@pytest.mark.timeout(60)
+async def test_an_idle_stream_ends_once_its_token_is_withdrawn_without_waiting_for_an_event(
+    tmp_path: Path,
+) -> None:
+    """No event is published after ``ci``'s token leaves the tokens file: its stream still
+    ends, at the stream's own recheck, while a stream whose token stays stays open."""
+    tokens = tmp_path / "tokens.csv"
+    tokens.write_text(f"{CI_OLD},ci,,\n{VERA},vera,,\n")
+    config = EnhancedLockingConfig(
+        enabled=True, data_dir=str(tmp_path), audit_stdout=False, auth="static",
+        auth_tokens_file=str(tokens), auth_roles="viewer=user:ci,user:vera")
+    async with _serving_config(config) as (_, url), httpx.AsyncClient(
+            base_url=url, timeout=30) as http:
+        ci: asyncio.Queue[Event | None] = asyncio.Queue()
+        vera: asyncio.Queue[Event | None] = asyncio.Queue()
+        ci_following, vera_following = asyncio.Event(), asyncio.Event()
+        async with (http.stream("GET", "/v1/events",
+                                headers={"Authorization": f"Bearer {CI_OLD}"}) as ci_stream,
+                    http.stream("GET", "/v1/events",
+                                headers={"Authorization": f"Bearer {VERA}"}) as vera_stream):
+            assert ci_stream.status_code == vera_stream.status_code == 200
+            readers = [asyncio.ensure_future(_events(ci_stream, ci, ci_following)),
+                       asyncio.ensure_future(_events(vera_stream, vera, vera_following))]
+            await asyncio.wait_for(ci_following.wait(), 10)
+            await asyncio.wait_for(vera_following.wait(), 10)
+
+            tokens.write_text(f"{CI_NEW},ci,,\n{VERA},vera,,\n")
+            # The file's recheck (a second), then the stream's own (a second, at most every
+            # half second): well within ten seconds, with no event to carry the recheck.
+            await asyncio.wait_for(readers[0], 10)
+            assert await ci.get() is None and ci.empty()
+            assert not readers[1].done(), "a stream whose token stays stays open"
+            readers[1].cancel()

@@ -500,6 +500,10 @@ class StillCaller:
         self._due = time.monotonic() + caller.access.recheck_seconds
         self.identity = caller.identity
 
+    def due_in(self) -> float:
+        """Seconds until the caller is due to be identified again (0: it is now)."""
+        return max(0.0, self._due - time.monotonic())
+
     async def access(self) -> AccessControl | Unidentified:
         """The access control in force, the caller still identified as it was under it; else
         why not: its credentials no longer identify it (or identify someone else), or

@@ -12,7 +12,10 @@ A reader never loses events silently. When it cannot have them all it gets a ``g
   fell out of the bus's ring; the stream then follows live events from now;
 * ``reason: "behind"``: it reads slower than events come and fell more than the bound behind;
   the stream then ends (reconnect, re-read, follow again). A reader that reads nothing at all
-  is cut off once a send has waited ``SEND_TIMEOUT``.
+  is cut off once a send has waited ``SEND_TIMEOUT``;
+* ``reason: "unavailable"``: a resume on a shared bus whose store did not answer in time
+  (``RESUME_WAIT`` in :mod:`~enhanced_locking.backends.shared_events`); the stream then goes
+  on from its ``Last-Event-ID``.
 
 The stream's first line is the comment ``: following``, sent once the reader's start is fixed:
 every event published after it is on the stream (a client that reads some state and then
@@ -29,11 +32,14 @@ taken away, in RBAC or by a config change to the role map, stops the events with
 The request's credentials are identified again when the access control changes, or once its
 recheck time passed (the tokens file's recheck, a second, in static mode; ``auth-cache-ttl`` in
 Kubernetes mode): a token withdrawn, or now naming someone else, ends the stream at its next
-event, which it does not carry.
+event, which it does not carry. A stream with no events is not left open meanwhile: the caller is
+also identified again on a timer, each time its recheck time passed (at most every
+``RECHECK_FLOOR_SECONDS``), and a stream whose caller is no longer identified ends then.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import json
 import logging
@@ -58,6 +64,9 @@ log = logging.getLogger(__name__)
 
 KEEPALIVE_SECONDS = 15
 SEND_TIMEOUT = 30.0
+RECHECK_FLOOR_SECONDS = 0.5
+"""An idle stream's caller is identified again at most this often (its recheck time is what
+decides; this keeps a recheck time of zero from spinning)."""
 """Seconds one send to a reader may wait (its socket full) before the stream is cut off."""
 RETRY_AFTER_SECONDS = 5
 FOLLOWING = ServerSentEvent(comment=FOLLOWING_COMMENT).encode()
@@ -217,26 +226,55 @@ def install_event_stream(app: FastAPI, bus: Bus,
         still = StillCaller(http, caller)
 
         async def stream() -> AsyncIterator[bytes]:
-            async for item in bus.follow(after, max_lag=max_lag, announce=True):
-                if isinstance(item, Following):
-                    yield FOLLOWING
-                    continue
-                if isinstance(item, Gap):
-                    if item.reason == "behind":
-                        log.info("event reader %s fell more than %d events behind: gap, "
-                                 "stream closed", client, max_lag)
-                    yield ServerSentEvent(event="gap", data=json.dumps(
-                        {"after": item.after, "oldest": item.oldest,
-                         "reason": item.reason})).encode()
-                    continue
-                if not matches(item, repo=repo, key_prefix=key_prefix, types=types):
-                    continue
-                access = await still.access()
-                if isinstance(access, Unidentified):
-                    log.info("event reader %s (%s): %s: stream closed", client,
-                             still.identity.name, access.value)
-                    return
-                if await access.authorizer.allowed(still.identity, Verb.READ, repo=item.repo):
-                    yield frames(item)
+            # The caller is identified again on a timer too, so a stream with no events does
+            # not outlive a withdrawn token: the timer ends the stream while it waits for the
+            # bus (``parked``: cancelled there, the stream ends cleanly), or marks it ended
+            # for the stream to see as soon as its send is done.
+            task = asyncio.current_task()
+            assert task is not None
+            ended: list[Unidentified] = []
+            parked = True
+
+            async def recheck() -> None:
+                while True:
+                    await asyncio.sleep(max(still.due_in(), RECHECK_FLOOR_SECONDS))
+                    access = await still.access()
+                    if isinstance(access, Unidentified):
+                        ended.append(access)
+                        if parked:
+                            task.cancel()
+                        return
+
+            timer = asyncio.ensure_future(recheck())
+            try:
+                async for item in bus.follow(after, max_lag=max_lag, announce=True):
+                    parked = False
+                    if isinstance(item, Following):
+                        yield FOLLOWING
+                    elif isinstance(item, Gap):
+                        if item.reason == "behind":
+                            log.info("event reader %s fell more than %d events behind: gap, "
+                                     "stream closed", client, max_lag)
+                        yield ServerSentEvent(event="gap", data=json.dumps(
+                            {"after": item.after, "oldest": item.oldest,
+                             "reason": item.reason})).encode()
+                    elif matches(item, repo=repo, key_prefix=key_prefix, types=types):
+                        access = await still.access()
+                        if isinstance(access, Unidentified):
+                            ended.append(access)
+                        elif await access.authorizer.allowed(still.identity, Verb.READ,
+                                                             repo=item.repo):
+                            yield frames(item)
+                    if ended:
+                        break
+                    parked = True
+            except asyncio.CancelledError:
+                if not ended or task.uncancel() > 0:
+                    raise  # cancelled by someone else too (the client left, shutdown)
+            finally:
+                timer.cancel()
+            if ended:
+                log.info("event reader %s (%s): %s: stream closed", client,
+                         still.identity.name, ended[0].value)
 
         return _CountedStream(stream(), closed=streams.opened(client))
