@@ -76,6 +76,7 @@ __all__ = [
     "BatchResult",
     "Candidate",
     "Event",
+    "HoldAnsweredAgain",
     "Identity",
     "InvalidRequest",
     "Lock",
@@ -903,6 +904,18 @@ class LockNotOwned(LockingError):
             key=key,
         )
         self.holder = holder
+
+
+class HoldAnsweredAgain(LockingError):
+    """A give-back of a grant whose caller went away found the same hold answered to another
+    request of its pull (Atlantis's re-entry: the pull holds the key already) since: it stays
+    held, for that request."""
+
+    def __init__(self, lock: Lock) -> None:
+        super().__init__(
+            f"lock {lock.key} was answered to another request of pull #{lock.pull.num} of "
+            f"{lock.project.repo_full_name} too: kept for it", key=lock.key)
+        self.lock = lock
 
 
 class BackendUnavailable(LockingError):

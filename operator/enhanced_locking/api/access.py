@@ -43,6 +43,7 @@ from enhanced_locking.provider import ConfigProvider, ConfigRejected, Snapshot
 from enhanced_locking.types import (
     AuditEntry,
     BackendUnavailable,
+    HoldAnsweredAgain,
     Identity,
     InvalidRequest,
     LockNotOwned,
@@ -284,6 +285,7 @@ class AuditNote:
 _FAILURES: tuple[tuple[type[Exception], str, int], ...] = (
     (NotPermitted, "denied", 403),
     (LockNotOwned, "not-owned", 409),
+    (HoldAnsweredAgain, "kept", 409),
     (InvalidRequest, "invalid", 422),
     (BackendUnavailable, "unavailable", 503),
 )

@@ -200,7 +200,7 @@ def create_app(
         try:
             # Each side by what it can judge (Router.give_back): a newer hold of the same pull
             # is not this answer's to free.
-            await asyncio.shield(router.give_back(answer.lock, owner=owner))
+            await asyncio.shield(router.give_back_answer(answer.lock, owner=owner))
         except LockingError as error:  # freed or taken meanwhile, or the store failed
             log.warning("could not give back %s (its client left before the answer): %s",
                         answer.lock.key, error)

@@ -188,7 +188,7 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
             try:
                 # By what answered it (Router.give_back): a newer hold of the same pull (a
                 # retry's) is not this answer's to free.
-                await asyncio.shield(router.give_back(lock, owner=body.owner))
+                await asyncio.shield(router.give_back_answer(lock, owner=body.owner))
             except LockingError as error:  # freed or taken meanwhile, or the store failed
                 log.warning("could not give back %s (its client left before the answer): %s",
                             lock.key, error)

@@ -33,6 +33,7 @@ by another pull) and :meth:`Router._fallback_action` (what the fallback setting 
 from __future__ import annotations
 
 import asyncio
+import collections
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -62,6 +63,7 @@ from enhanced_locking.types import (
     BatchItem,
     BatchLockRequest,
     BatchResult,
+    HoldAnsweredAgain,
     InvalidRequest,
     Lock,
     LockNotHeld,
@@ -79,6 +81,66 @@ Sides = list[Side]
 """Sides of a call (an alias: the router's ``list`` method shadows the builtin inside it)."""
 
 WaiterIds = list[str]
+
+_Hold = tuple[str, str, str, int, int, datetime]
+"""One hold of a key: its key, side, repository, pull, fencing token and grant time."""
+
+ANSWERS_KEPT = 4096
+"""How many holds' answers a router counts at most (the oldest are forgotten first: a hold
+answered that long ago is past any give-back)."""
+
+
+def _hold(lock: Lock) -> _Hold:
+    # Read from the models' __dict__: an attribute of a pydantic model is read through its
+    # __getattr__ hook (about 400 instructions a read), and this runs on every grant.
+    fields = lock.__dict__
+    return (fields["key"], fields["backend"], fields["project"].__dict__["repo_full_name"],
+            fields["pull"].__dict__["num"], fields["fencing_token"], fields["acquired_at"])
+
+
+class _Answers:
+    """How many requests each hold was answered to, in this process, and the holds a
+    give-back is freeing: a pull asking again for a key it holds is answered with the same
+    hold (Atlantis's re-entry), so the give-back of one answer whose caller went away frees
+    the hold only when no other request was answered with it; and an answer that comes while
+    its hold is being given back waits for that and asks again."""
+
+    def __init__(self) -> None:
+        self._counts: collections.OrderedDict[_Hold, int] = collections.OrderedDict()
+        self._leaving: dict[_Hold, asyncio.Event] = {}
+
+    def answered(self, locks: Sequence[Lock]) -> asyncio.Event | None:
+        """Count an answer of ``locks``; or, when one of them is being given back, count
+        nothing and return what to wait for before asking again."""
+        holds = [_hold(lock) for lock in locks]
+        for hold in holds:
+            if (leaving := self._leaving.get(hold)) is not None:
+                return leaving
+        for hold in holds:
+            self._counts[hold] = self._counts.pop(hold, 0) + 1
+        while len(self._counts) > ANSWERS_KEPT:
+            self._counts.popitem(last=False)
+        return None
+
+    def leave(self, lock: Lock) -> asyncio.Event | None:
+        """One answer of ``lock`` will not be used: ``None`` when others were answered with
+        it (it stays theirs), else the mark of its give-back (pass it to :meth:`left`)."""
+        hold = _hold(lock)
+        count = self._counts.get(hold, 1)
+        if count > 1:
+            self._counts[hold] = count - 1
+            return None
+        self._counts.pop(hold, None)
+        leaving = self._leaving[hold] = asyncio.Event()
+        return leaving
+
+    def left(self, lock: Lock, leaving: asyncio.Event) -> None:
+        """The give-back :meth:`leave` marked is done."""
+        hold = _hold(lock)
+        if self._leaving.get(hold) is leaving:
+            del self._leaving[hold]
+        leaving.set()
+
 
 _Asked = TypeVar("_Asked", LockRequest, BatchLockRequest)
 _Answer = TypeVar("_Answer", AcquireResult, BatchResult)
@@ -158,6 +220,7 @@ class Router(AtlantisCalls):
         self.events = events
         self.metrics = metrics
         self.migration = migration
+        self._answers = _Answers()
         self._routed_legacy = metrics.counting(metrics.routing, "legacy")
         self._routed_enhanced = metrics.counting(metrics.routing, "enhanced")
         # Whether the enhanced locker's store checks the legacy side in its own writes (see
@@ -186,12 +249,12 @@ class Router(AtlantisCalls):
         ``unreadable`` (:mod:`enhanced_locking.backends.unreadable`), never a grant."""
         gate = self.gate
         if gate is None or self._enhanced() is None:
-            return await self._acquire(request)
+            return await self._acquire_answered(request)
         passed = await gate.enter()
         try:
             if passed.switching is None or self._wait_seconds(request) is None:
-                return await self._acquire(request)
-            return await self._across_switch(request, passed, self._acquire)
+                return await self._acquire_answered(request)
+            return await self._across_switch(request, passed, self._acquire_answered)
         finally:
             gate.leave(passed)
 
@@ -237,6 +300,29 @@ class Router(AtlantisCalls):
             passed = await gate.enter()
             left = max(deadline - loop.time(), 0.001)  # as a wait cut short by the other side
             request = request.model_copy(update={"wait": timedelta(seconds=left)})
+
+    async def _acquire_answered(self, request: LockRequest) -> AcquireResult:
+        """:meth:`_acquire`, its grant counted as answered (see :class:`_Answers`)."""
+        while True:
+            result = await self._acquire(request)
+            lock = result.lock
+            if not result.acquired or lock is None:
+                return result
+            leaving = self._answers.answered((lock,))
+            if leaving is None:
+                return result
+            await leaving.wait()  # the hold was being given back as this answer came
+
+    async def _acquire_batch_answered(self, request: BatchLockRequest) -> BatchResult:
+        """:meth:`_acquire_batch`, its grant counted as answered (see :class:`_Answers`)."""
+        while True:
+            result = await self._acquire_batch(request)
+            if not result.acquired:
+                return result
+            leaving = self._answers.answered(result.locks)
+            if leaving is None:
+                return result
+            await leaving.wait()
 
     async def _acquire(self, request: LockRequest) -> AcquireResult:
         try:
@@ -488,6 +574,19 @@ class Router(AtlantisCalls):
         token = lock.fencing_token if lock.backend == "enhanced" else None
         return self.release(lock.key, owner=owner, token=token)
 
+    async def give_back_answer(self, lock: Lock, *, owner: Owner) -> Lock | None:
+        """:meth:`give_back` for a grant answered to a caller that went away, unless another
+        request of the same pull was answered with the same hold meanwhile (in this process):
+        then ``HoldAnsweredAgain``, the hold staying theirs. An answer of the hold coming while
+        it is given back waits for the give-back and asks again."""
+        leaving = self._answers.leave(lock)
+        if leaving is None:
+            raise HoldAnsweredAgain(lock)
+        try:
+            return await self.give_back(lock, owner=owner)
+        finally:
+            self._answers.left(lock, leaving)
+
     async def _release_both(self, key: str, owner: Owner | None,
                             token: int | None = None) -> Lock | None:
         outcomes: list[Lock | LockNotOwned | BackendUnavailable | None] = []
@@ -660,12 +759,12 @@ class Router(AtlantisCalls):
         (``unreadable``)."""
         gate = self.gate
         if gate is None or self._enhanced() is None:
-            return await self._acquire_batch(request)
+            return await self._acquire_batch_answered(request)
         passed = await gate.enter()
         try:
             if passed.switching is None or self._wait_seconds(request) is None:
-                return await self._acquire_batch(request)
-            return await self._across_switch(request, passed, self._acquire_batch)
+                return await self._acquire_batch_answered(request)
+            return await self._across_switch(request, passed, self._acquire_batch_answered)
         finally:
             gate.leave(passed)
 

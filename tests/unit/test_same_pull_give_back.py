@@ -1,0 +1,109 @@
+"""Two requests of the same pull for the same key: the first's client goes away as its fresh
+grant is answered, the second was answered in between with the same hold (the pull holds the
+key already: Atlantis's re-entry). The first's give-back must not free the lock the second was
+told it holds. The app driven at its ASGI seam over its own embedded (SQLite) store, the
+moment of the disconnect placed after the second answer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+from tests.conftest import ServiceMaker
+
+from enhanced_locking.api import create_app
+from enhanced_locking.api.audit import AuditTrail
+from enhanced_locking.backends.audit_store import AuditQuery, build_audit_store
+from enhanced_locking.types import AcquireResult, BatchLockRequest, BatchResult, LockRequest
+
+REPO = "acme/twice"
+PULL = {"num": 2, "url": "https://git.example/acme/twice/pull/2", "author": "bob"}
+ONE = {"project": {"repoFullName": REPO, "path": "net", "projectName": "net"}, "pull": PULL,
+       "user": {"username": "bob"}}
+BATCH = {"locks": [{"project": {"repoFullName": REPO, "path": name, "projectName": name}}
+                   for name in ("net", "dns")], "pull": PULL, "user": {"username": "bob"}}
+
+
+async def _post(app: Any, path: str, body: dict[str, Any], gone: asyncio.Event,
+                sent: list[int]) -> None:
+    """``POST path`` at the app's ASGI seam; its client is gone once ``gone`` is set."""
+    raw = json.dumps(body).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(),
+             "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1),
+             "server": ("127.0.0.1", 2),
+             "headers": [(b"content-type", b"application/json"),
+                         (b"content-length", str(len(raw)).encode())]}
+    first = True
+
+    async def receive() -> dict[str, Any]:
+        nonlocal first
+        if first:
+            first = False
+            return {"type": "http.request", "body": raw, "more_body": False}
+        if not gone.is_set():
+            await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            sent.append(message["status"])
+
+    await app(scope, receive, send)
+
+
+@pytest.mark.parametrize("path", ["/v1/locks", "/v1/locks/batch"])
+async def test_a_give_back_keeps_the_hold_another_request_of_the_pull_was_answered_with(
+    make_service: ServiceMaker, monkeypatch: pytest.MonkeyPatch, path: str,
+) -> None:
+    service = await make_service(enabled=True)
+    trail = AuditTrail(build_audit_store(service.provider.current.config),
+                       stdout=lambda: False)
+    try:
+        app = create_app(service, manage_lifecycle=False, audit=trail)
+        router = service.router
+        body = ONE if path == "/v1/locks" else BATCH
+        first_gone, second_gone = asyncio.Event(), asyncio.Event()
+        first_sent: list[int] = []
+        second_sent: list[int] = []
+        calls = 0
+        acquire, acquire_batch = router.acquire, router.acquire_batch
+
+        async def in_between() -> None:
+            # The first request was granted; before its answer goes out the second request
+            # of the pull is answered, then the first's client goes away.
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                await _post(app, path, body, second_gone, second_sent)
+                first_gone.set()
+
+        async def acquire_then(request: LockRequest) -> AcquireResult:
+            result = await acquire(request)
+            await in_between()
+            return result
+
+        async def acquire_batch_then(request: BatchLockRequest) -> BatchResult:
+            result = await acquire_batch(request)
+            await in_between()
+            return result
+
+        monkeypatch.setattr(router, "acquire", acquire_then)
+        monkeypatch.setattr(router, "acquire_batch", acquire_batch_then)
+        await _post(app, path, body, first_gone, first_sent)
+
+        assert second_sent == [200], "the second request was answered as holding the lock"
+        assert first_sent != [200], "the first request's client was gone as it was answered"
+        keys = [f"{REPO}/net/default/net"]
+        if path == "/v1/locks/batch":
+            keys.append(f"{REPO}/dns/default/dns")
+        for key in keys:
+            held = await router.get(key)
+            assert held is not None and held.pull.num == 2, (
+                f"{key}: the first request's give-back freed the second's lock")
+        rows = await trail.read(AuditQuery(repo=REPO, limit=10))
+        assert "kept" in [row.outcome for row in rows], rows
+    finally:
+        await trail.close()
