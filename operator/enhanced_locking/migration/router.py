@@ -33,7 +33,6 @@ by another pull) and :meth:`Router._fallback_action` (what the fallback setting 
 from __future__ import annotations
 
 import asyncio
-import collections
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -85,60 +84,61 @@ WaiterIds = list[str]
 _Hold = tuple[str, str, str, int, int, datetime]
 """One hold of a key: its key, side, repository, pull, fencing token and grant time."""
 
-ANSWERS_KEPT = 4096
-"""How many holds' answers a router counts at most (the oldest are forgotten first: a hold
-answered that long ago is past any give-back)."""
+ANSWERS_KEPT = 16384
+"""How many holds answered again a router remembers at most (the oldest are forgotten first:
+a give-back comes right after its grant, long before that many others)."""
 
 
 def _hold(lock: Lock) -> _Hold:
     # Read from the models' __dict__: an attribute of a pydantic model is read through its
-    # __getattr__ hook (about 400 instructions a read), and this runs on every grant.
+    # __getattr__ hook (about 400 instructions a read).
     fields = lock.__dict__
     return (fields["key"], fields["backend"], fields["project"].__dict__["repo_full_name"],
             fields["pull"].__dict__["num"], fields["fencing_token"], fields["acquired_at"])
 
 
 class _Answers:
-    """How many requests each hold was answered to, in this process, and the holds a
-    give-back is freeing: a pull asking again for a key it holds is answered with the same
-    hold (Atlantis's re-entry), so the give-back of one answer whose caller went away frees
-    the hold only when no other request was answered with it; and an answer that comes while
-    its hold is being given back waits for that and asks again."""
+    """The holds answered again, in this process, to a request of a pull that held them
+    already (Atlantis's re-entry), and the holds a give-back is freeing. The give-back of a
+    grant whose caller went away frees the hold only when it was not answered again (it is
+    then the other request's as much); an answer again that comes while its hold is being
+    given back waits for that and asks again. (A fresh grant is a new hold: nothing to note.)"""
 
     def __init__(self) -> None:
-        self._counts: collections.OrderedDict[_Hold, int] = collections.OrderedDict()
-        self._leaving: dict[_Hold, asyncio.Event] = {}
+        self._again: dict[_Hold, None] = {}  # insertion-ordered: the oldest first
+        self.leaving: dict[_Hold, asyncio.Event] = {}
 
-    def answered(self, locks: Sequence[Lock]) -> asyncio.Event | None:
-        """Count an answer of ``locks``; or, when one of them is being given back, count
-        nothing and return what to wait for before asking again."""
-        holds = [_hold(lock) for lock in locks]
-        for hold in holds:
-            if (leaving := self._leaving.get(hold)) is not None:
-                return leaving
-        for hold in holds:
-            self._counts[hold] = self._counts.pop(hold, 0) + 1
-        while len(self._counts) > ANSWERS_KEPT:
-            self._counts.popitem(last=False)
+    def leaving_of(self, locks: Sequence[Lock]) -> asyncio.Event | None:
+        """What to wait for before asking again, when one of ``locks`` is being given back."""
+        leaving = self.leaving
+        if leaving:
+            for lock in locks:
+                if (event := leaving.get(_hold(lock))) is not None:
+                    return event
         return None
 
+    def again(self, lock: Lock) -> None:
+        """``lock`` was answered to a request of a pull that held it already."""
+        again = self._again
+        again[_hold(lock)] = None
+        if len(again) > ANSWERS_KEPT:
+            del again[next(iter(again))]
+
     def leave(self, lock: Lock) -> asyncio.Event | None:
-        """One answer of ``lock`` will not be used: ``None`` when others were answered with
-        it (it stays theirs), else the mark of its give-back (pass it to :meth:`left`)."""
+        """The answer of fresh grant ``lock`` will not be used: ``None`` when the hold was
+        answered again (it stays the other request's), else the mark of its give-back (pass
+        it to :meth:`left`)."""
         hold = _hold(lock)
-        count = self._counts.get(hold, 1)
-        if count > 1:
-            self._counts[hold] = count - 1
+        if hold in self._again:
             return None
-        self._counts.pop(hold, None)
-        leaving = self._leaving[hold] = asyncio.Event()
+        leaving = self.leaving[hold] = asyncio.Event()
         return leaving
 
     def left(self, lock: Lock, leaving: asyncio.Event) -> None:
         """The give-back :meth:`leave` marked is done."""
         hold = _hold(lock)
-        if self._leaving.get(hold) is leaving:
-            del self._leaving[hold]
+        if self.leaving.get(hold) is leaving:
+            del self.leaving[hold]
         leaving.set()
 
 
@@ -248,15 +248,30 @@ class Router(AtlantisCalls):
         (:mod:`.identity`), never a grant, and an unreadable stored lock on either side is
         ``unreadable`` (:mod:`enhanced_locking.backends.unreadable`), never a grant."""
         gate = self.gate
-        if gate is None or self._enhanced() is None:
-            return await self._acquire_answered(request)
-        passed = await gate.enter()
+        passed = None
+        if gate is not None and self._enhanced() is not None:
+            passed = gate.passing() or await gate.enter()
+            wait = request.__dict__["wait"]  # (a model's attribute is read through its hook)
+            if (passed.switching is not None and wait is not None and wait is not False
+                    and self._wait_seconds(request) is not None):
+                try:
+                    return await self._across_switch(request, passed, self._acquire_answered)
+                finally:
+                    gate.leave(passed)
         try:
-            if passed.switching is None or self._wait_seconds(request) is None:
-                return await self._acquire_answered(request)
-            return await self._across_switch(request, passed, self._acquire_answered)
+            # _acquire_answered, written here: one frame less on every acquire.
+            while True:
+                result = await self._acquire(request)
+                lock = result.__dict__["lock"]
+                if lock is None or result.fresh:
+                    return result
+                if (leaving := self._answers.leaving_of((lock,))) is None:
+                    self._answers.again(lock)
+                    return result
+                await leaving.wait()
         finally:
-            gate.leave(passed)
+            if passed is not None and gate is not None:
+                gate.leave(passed)
 
     async def _across_switch(
         self, request: _Asked, passed: Pass,
@@ -302,25 +317,26 @@ class Router(AtlantisCalls):
             request = request.model_copy(update={"wait": timedelta(seconds=left)})
 
     async def _acquire_answered(self, request: LockRequest) -> AcquireResult:
-        """:meth:`_acquire`, its grant counted as answered (see :class:`_Answers`)."""
+        """:meth:`_acquire`; a hold the pull had already is noted as answered again, unless it
+        is being given back: then asked again once that is done (see :class:`_Answers`)."""
         while True:
             result = await self._acquire(request)
-            lock = result.lock
-            if not result.acquired or lock is None:
+            lock = result.__dict__["lock"]  # (a model's attribute is read through its hook)
+            if lock is None or result.fresh:
                 return result
-            leaving = self._answers.answered((lock,))
-            if leaving is None:
+            if (leaving := self._answers.leaving_of((lock,))) is None:
+                self._answers.again(lock)
                 return result
-            await leaving.wait()  # the hold was being given back as this answer came
+            await leaving.wait()
 
     async def _acquire_batch_answered(self, request: BatchLockRequest) -> BatchResult:
-        """:meth:`_acquire_batch`, its grant counted as answered (see :class:`_Answers`)."""
+        """:meth:`_acquire_batch`, asked again once done when one of its holds was being given
+        back as it was answered (see :class:`_Answers`)."""
         while True:
             result = await self._acquire_batch(request)
             if not result.acquired:
                 return result
-            leaving = self._answers.answered(result.locks)
-            if leaving is None:
+            if (leaving := self._answers.leaving_of(result.locks)) is None:
                 return result
             await leaving.wait()
 
@@ -542,7 +558,7 @@ class Router(AtlantisCalls):
         if self._enhanced() is None:  # never enabled here: only legacy can hold it
             # Legacy's own coroutine, not one that awaits it: the router adds no frame.
             return self.legacy.release(key, owner=owner)
-        return self._gated(self._release_both(key, owner, token))
+        return self._release_both(key, owner, token)
 
     async def _gated(self, call: Coroutine[Any, Any, _Done]) -> _Done:
         """``call``, run through the switch gate (:mod:`.switch_gate`), when there is one."""
@@ -589,6 +605,17 @@ class Router(AtlantisCalls):
 
     async def _release_both(self, key: str, owner: Owner | None,
                             token: int | None = None) -> Lock | None:
+        gate = self.gate
+        if gate is None:
+            return await self._release_on_both(key, owner, token)
+        passed = gate.passing() or await gate.enter()  # the switch gate (:mod:`.switch_gate`)
+        try:
+            return await self._release_on_both(key, owner, token)
+        finally:
+            gate.leave(passed)
+
+    async def _release_on_both(self, key: str, owner: Owner | None,
+                               token: int | None = None) -> Lock | None:
         outcomes: list[Lock | LockNotOwned | BackendUnavailable | None] = []
         enhanced = self.enhanced
         namespace = None if enhanced is None else self._legacy_checked_by(enhanced, key)
@@ -834,6 +861,9 @@ class Router(AtlantisCalls):
                                reason=Reason.UNAVAILABLE)
         if not first.acquired:
             return first
+        for lock in first.locks:
+            if lock.key in mine_before:  # its pull's already: answered again
+                self._answers.again(lock)
 
         async def give_back() -> None:
             for lock in first.locks:

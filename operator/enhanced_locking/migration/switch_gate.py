@@ -16,8 +16,9 @@ the swap (:meth:`SwitchGate.switching`):
   away does), and asks again through the gate, for what is left of its wait, on the locker in
   force after the switch (at the back of the new store's queue).
 
-A call made inside another (a batch's keys one by one, a close's releases) is part of the one
-that let it in: it does not pass again, so a switch never waits for a call that waits for it.
+A call made inside another (a batch's keys one by one, a close's releases, in its task or
+a task it started) is part of the one that let it in: it does not pass again, so a switch never
+waits for a call that waits for it.
 """
 
 from __future__ import annotations
@@ -30,9 +31,6 @@ from dataclasses import dataclass
 
 __all__ = ["Pass", "SwitchGate"]
 
-_INSIDE: ContextVar[bool] = ContextVar("inside_switch_gate", default=False)
-"""Set while a call that passed the gate runs (in its task and the tasks it starts)."""
-
 
 @dataclass(frozen=True)
 class Pass:
@@ -44,6 +42,10 @@ class Pass:
 
 _NESTED = Pass(switching=None)
 
+_INSIDE: ContextVar[bool] = ContextVar("inside_switch_gate", default=False)
+"""Set while a call through the gate runs in this task (a context variable: cheaper to read
+than the current task, and copied into the tasks the call starts)."""
+
 
 class SwitchGate:
     """Counts the calls through; closed, holds new ones until the switch is done."""
@@ -52,6 +54,7 @@ class SwitchGate:
         self._open = asyncio.Event()
         self._open.set()
         self._switching = asyncio.Event()
+        self._pass = Pass(switching=self._switching)  # one per switch: made once, not per call
         self._through = 0
         self._drained: asyncio.Event | None = None
 
@@ -59,6 +62,17 @@ class SwitchGate:
     def through(self) -> int:
         """How many calls are through the gate now."""
         return self._through
+
+    def passing(self) -> Pass | None:
+        """:meth:`enter` when it would not wait (no switch under way), without a coroutine
+        of its own; ``None``: await :meth:`enter`."""
+        if _INSIDE.get():
+            return _NESTED
+        if not self._open.is_set():
+            return None
+        self._through += 1
+        _INSIDE.set(True)
+        return self._pass
 
     async def enter(self) -> Pass:
         """Let a call through (waiting while a switch is under way); pair with :meth:`leave`."""
@@ -68,7 +82,7 @@ class SwitchGate:
             await self._open.wait()
         self._through += 1
         _INSIDE.set(True)
-        return Pass(switching=self._switching)
+        return self._pass
 
     def leave(self, passed: Pass) -> None:
         """The call ``passed`` let through is done."""
@@ -87,6 +101,7 @@ class SwitchGate:
             raise RuntimeError("a store switch cannot start inside a call through its gate")
         self._open.clear()
         told, self._switching = self._switching, asyncio.Event()
+        self._pass = Pass(switching=self._switching)
         told.set()
         try:
             if self._through:
