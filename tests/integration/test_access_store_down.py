@@ -76,13 +76,22 @@ def _calls(key: str) -> list[tuple[str, str, dict[str, object]]]:
     ]
 
 
+async def _answers(http: httpx.AsyncClient, key: str,
+                   role: str) -> list[tuple[str, str, dict[str, object], httpx.Response]]:
+    """Each call of :func:`_calls` made as ``role``, with its answer."""
+    made = []
+    for method, path, options in _calls(key):
+        headers = {**_as(role), **options.pop("headers", {})}  # type: ignore[dict-item]
+        answer = await http.request(method, path, headers=headers, **options)  # type: ignore[arg-type]
+        made.append((method, path, options, answer))
+    return made
+
+
 async def test_a_caller_without_the_right_hears_403_while_the_store_is_down(
     down: tuple[httpx.AsyncClient, AuditTrail, str],
 ) -> None:
     http, trail, key = down
-    for method, path, options in _calls(key):
-        headers = {**_as("nobody"), **options.pop("headers", {})}  # type: ignore[dict-item]
-        answer = await http.request(method, path, headers=headers, **options)  # type: ignore[arg-type]
+    for method, path, options, answer in await _answers(http, key, "nobody"):
         assert answer.status_code == 403, (method, path, options, answer.text)
         assert answer.json()["error"]
     denied = [row for row in await trail.read(AuditQuery()) if row.outcome == "denied"]
@@ -94,9 +103,7 @@ async def test_a_caller_with_the_right_still_hears_that_the_store_is_down(
     down: tuple[httpx.AsyncClient, AuditTrail, str],
 ) -> None:
     http, _, key = down
-    for method, path, options in _calls(key):
-        headers = {**_as("admin"), **options.pop("headers", {})}  # type: ignore[dict-item]
-        answer = await http.request(method, path, headers=headers, **options)  # type: ignore[arg-type]
+    for method, path, options, answer in await _answers(http, key, "admin"):
         if path == "/v1/locks/batch" and "pull" not in options["params"]:  # type: ignore[operator]
             # Each key on its own: the one not read is not released, and said so.
             assert answer.status_code in (200, 503), answer.text

@@ -98,13 +98,19 @@ async def _pause_adopt(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(RedisBackend, "adopt", adopt_then)
 
 
-async def test_a_release_and_a_grant_asked_during_the_switch_land_on_the_new_store(
-    redis_server: RedisServer, make_service: ServiceMaker, monkeypatch: pytest.MonkeyPatch,
-) -> None:
+async def _holding(make_service: ServiceMaker) -> tuple[LockService, Lock]:
+    """A service on its SQLite store, and the lock pull 1 holds there."""
     service = await make_service(enabled=True, backend="boltdb", legacy_backend="memory")
     held = await service.router.acquire(request_for(pull=1))
     assert held.acquired and held.lock is not None
-    key = held.lock.key
+    return service, held.lock
+
+
+async def test_a_release_and_a_grant_asked_during_the_switch_land_on_the_new_store(
+    redis_server: RedisServer, make_service: ServiceMaker, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    service, lock = await _holding(make_service)
+    key = lock.key
     asked: list[asyncio.Task[Any]] = []
 
     async def in_the_window() -> None:
@@ -121,23 +127,21 @@ async def test_a_release_and_a_grant_asked_during_the_switch_land_on_the_new_sto
 
     new = service.enhanced.backend if service.enhanced is not None else None
     assert isinstance(new, RedisBackend)
-    assert isinstance(released, Lock) and released.key == held.lock.key
-    assert await new.get(held.lock.key) is None  # the release reached the new store
+    assert isinstance(released, Lock) and released.key == key
+    assert await new.get(key) is None  # the release reached the new store
     assert granted.acquired and granted.lock is not None
     assert await new.get(granted.lock.key) == granted.lock  # so did the grant
     # And the key released in the window is free for another pull on the new store.
     again = await service.router.acquire(request_for(pull=3))
     assert again.acquired and again.lock is not None
-    assert again.lock.fencing_token > held.lock.fencing_token
+    assert again.lock.fencing_token > lock.fencing_token
 
 
 async def test_a_waiter_queued_on_the_old_store_is_served_by_the_new_one(
     redis_server: RedisServer, make_service: ServiceMaker, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    service = await make_service(enabled=True, backend="boltdb", legacy_backend="memory")
-    held = await service.router.acquire(request_for(pull=1))
-    assert held.acquired and held.lock is not None
-    key = held.lock.key
+    service, lock = await _holding(make_service)
+    key = lock.key
     old = service.enhanced.backend if service.enhanced is not None else None
     assert isinstance(old, EmbeddedBackend)
     waiting = asyncio.create_task(

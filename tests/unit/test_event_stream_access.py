@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,13 +133,22 @@ async def test_a_role_taken_away_stops_the_events_of_an_open_stream(tmp_path: Pa
 CI_OLD, CI_NEW, VERA = "tok-ci-old-5b91c3", "tok-ci-new-0e4d72", "tok-vera-3a6f18"
 
 
-@pytest.mark.timeout(60)
-async def test_a_token_withdrawn_from_the_tokens_file_ends_its_open_stream(
-    tmp_path: Path,
-) -> None:
-    """``ci`` keeps its role under a new token; the token its stream opened with is removed
-    from the tokens file: new requests with it get 401 after the file's recheck, and its open
-    stream ends at the next event, without it. A stream whose token stays keeps flowing."""
+@dataclass
+class TwoStreams:
+    """The service, a client of it, the tokens file it reads, and the open streams of ``ci``
+    (opened with ``CI_OLD``) and ``vera``: their events, and the tasks reading them."""
+
+    service: LockService
+    http: httpx.AsyncClient
+    tokens: Path
+    ci: asyncio.Queue[Event | None]
+    vera: asyncio.Queue[Event | None]
+    readers: Sequence[asyncio.Future[None]]
+
+
+@contextlib.asynccontextmanager
+async def _ci_and_vera(tmp_path: Path) -> AsyncIterator[TwoStreams]:
+    """Viewers ``ci`` and ``vera`` from a tokens file, each with a stream following."""
     tokens = tmp_path / "tokens.csv"
     tokens.write_text(f"{CI_OLD},ci,,\n{VERA},vera,,\n")
     config = EnhancedLockingConfig(
@@ -147,57 +156,6 @@ async def test_a_token_withdrawn_from_the_tokens_file_ends_its_open_stream(
         auth_tokens_file=str(tokens), auth_roles="viewer=user:ci,user:vera")
     async with _serving_config(config) as (service, url), httpx.AsyncClient(
             base_url=url, timeout=10) as http:
-        ci: asyncio.Queue[Event | None] = asyncio.Queue()
-        vera: asyncio.Queue[Event | None] = asyncio.Queue()
-        ci_following, vera_following = asyncio.Event(), asyncio.Event()
-        as_ci = {"Authorization": f"Bearer {CI_OLD}"}
-        async with (http.stream("GET", "/v1/events", headers=as_ci) as ci_stream,
-                    http.stream("GET", "/v1/events",
-                                headers={"Authorization": f"Bearer {VERA}"}) as vera_stream):
-            assert ci_stream.status_code == vera_stream.status_code == 200
-            readers = [asyncio.ensure_future(_events(ci_stream, ci, ci_following)),
-                       asyncio.ensure_future(_events(vera_stream, vera, vera_following))]
-            await asyncio.wait_for(ci_following.wait(), 10)
-            await asyncio.wait_for(vera_following.wait(), 10)
-            before = await service.router.acquire(_request("before"))
-            assert before.acquired and before.lock is not None
-            for queue in (ci, vera):
-                assert await _next(queue, 10) == Event("acquired", before.lock.key)
-
-            tokens.write_text(f"{CI_NEW},ci,,\n{VERA},vera,,\n{'#' * 8}\n")
-            for _ in range(100):  # the file's recheck (a second) makes the old token unknown
-                if (await http.get("/v1/locks", headers=as_ci)).status_code == 401:
-                    break
-                await asyncio.sleep(0.1)
-            else:
-                raise AssertionError("the withdrawn token was still accepted")
-            assert (await http.get("/v1/locks", headers={
-                "Authorization": f"Bearer {CI_NEW}"})).status_code == 200, "ci keeps its role"
-            await asyncio.sleep(RECHECK_SECONDS)  # the stream's own recheck time passed too
-
-            after = await service.router.acquire(_request("after"))
-            assert after.acquired and after.lock is not None
-            assert await _next(vera, 10) == Event("acquired", after.lock.key), (
-                "a stream whose token stays keeps flowing")
-            assert await _next(ci, 10) is None, "the stream outlived its withdrawn token"
-            await asyncio.wait_for(readers[0], 10)
-            assert ci.empty()
-            readers[1].cancel()
-
-
-@pytest.mark.timeout(60)
-async def test_an_idle_stream_ends_once_its_token_is_withdrawn_without_waiting_for_an_event(
-    tmp_path: Path,
-) -> None:
-    """No event is published after ``ci``'s token leaves the tokens file: its stream still
-    ends, at the stream's own recheck, while a stream whose token stays stays open."""
-    tokens = tmp_path / "tokens.csv"
-    tokens.write_text(f"{CI_OLD},ci,,\n{VERA},vera,,\n")
-    config = EnhancedLockingConfig(
-        enabled=True, data_dir=str(tmp_path), audit_stdout=False, auth="static",
-        auth_tokens_file=str(tokens), auth_roles="viewer=user:ci,user:vera")
-    async with _serving_config(config) as (_, url), httpx.AsyncClient(
-            base_url=url, timeout=30) as http:
         ci: asyncio.Queue[Event | None] = asyncio.Queue()
         vera: asyncio.Queue[Event | None] = asyncio.Queue()
         ci_following, vera_following = asyncio.Event(), asyncio.Event()
@@ -210,11 +168,57 @@ async def test_an_idle_stream_ends_once_its_token_is_withdrawn_without_waiting_f
                        asyncio.ensure_future(_events(vera_stream, vera, vera_following))]
             await asyncio.wait_for(ci_following.wait(), 10)
             await asyncio.wait_for(vera_following.wait(), 10)
+            yield TwoStreams(service, http, tokens, ci, vera, readers)
 
-            tokens.write_text(f"{CI_NEW},ci,,\n{VERA},vera,,\n")
-            # The file's recheck (a second), then the stream's own (a second, at most every
-            # half second): well within ten seconds, with no event to carry the recheck.
-            await asyncio.wait_for(readers[0], 10)
-            assert await ci.get() is None and ci.empty()
-            assert not readers[1].done(), "a stream whose token stays stays open"
-            readers[1].cancel()
+
+@pytest.mark.timeout(60)
+async def test_a_token_withdrawn_from_the_tokens_file_ends_its_open_stream(
+    tmp_path: Path,
+) -> None:
+    """``ci`` keeps its role under a new token; the token its stream opened with is removed
+    from the tokens file: new requests with it get 401 after the file's recheck, and its open
+    stream ends at the next event, without it. A stream whose token stays keeps flowing."""
+    async with _ci_and_vera(tmp_path) as on:
+        service, http, tokens, ci, vera, readers = (
+            on.service, on.http, on.tokens, on.ci, on.vera, on.readers)
+        as_ci = {"Authorization": f"Bearer {CI_OLD}"}
+        before = await service.router.acquire(_request("before"))
+        assert before.acquired and before.lock is not None
+        for queue in (ci, vera):
+            assert await _next(queue, 10) == Event("acquired", before.lock.key)
+
+        tokens.write_text(f"{CI_NEW},ci,,\n{VERA},vera,,\n{'#' * 8}\n")
+        for _ in range(100):  # the file's recheck (a second) makes the old token unknown
+            if (await http.get("/v1/locks", headers=as_ci)).status_code == 401:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the withdrawn token was still accepted")
+        assert (await http.get("/v1/locks", headers={
+            "Authorization": f"Bearer {CI_NEW}"})).status_code == 200, "ci keeps its role"
+        await asyncio.sleep(RECHECK_SECONDS)  # the stream's own recheck time passed too
+
+        after = await service.router.acquire(_request("after"))
+        assert after.acquired and after.lock is not None
+        assert await _next(vera, 10) == Event("acquired", after.lock.key), (
+            "a stream whose token stays keeps flowing")
+        assert await _next(ci, 10) is None, "the stream outlived its withdrawn token"
+        await asyncio.wait_for(readers[0], 10)
+        assert ci.empty()
+        readers[1].cancel()
+
+
+@pytest.mark.timeout(60)
+async def test_an_idle_stream_ends_once_its_token_is_withdrawn_without_waiting_for_an_event(
+    tmp_path: Path,
+) -> None:
+    """No event is published after ``ci``'s token leaves the tokens file: its stream still
+    ends, at the stream's own recheck, while a stream whose token stays stays open."""
+    async with _ci_and_vera(tmp_path) as on:
+        on.tokens.write_text(f"{CI_NEW},ci,,\n{VERA},vera,,\n")
+        # The file's recheck (a second), then the stream's own (a second, at most every half
+        # second): well within ten seconds, with no event to carry the recheck.
+        await asyncio.wait_for(on.readers[0], 10)
+        assert await on.ci.get() is None and on.ci.empty()
+        assert not on.readers[1].done(), "a stream whose token stays stays open"
+        on.readers[1].cancel()

@@ -7,11 +7,10 @@ moment of the disconnect placed after the second answer."""
 from __future__ import annotations
 
 import asyncio
-import json
-from typing import Any
 
 import pytest
 from tests.conftest import ServiceMaker
+from tests.unit.test_client_gone import _post
 
 from enhanced_locking.api import create_app
 from enhanced_locking.api.audit import AuditTrail
@@ -26,34 +25,6 @@ BATCH = {"locks": [{"project": {"repoFullName": REPO, "path": name, "projectName
                    for name in ("net", "dns")], "pull": PULL, "user": {"username": "bob"}}
 
 
-async def _post(app: Any, path: str, body: dict[str, Any], gone: asyncio.Event,
-                sent: list[int]) -> None:
-    """``POST path`` at the app's ASGI seam; its client is gone once ``gone`` is set."""
-    raw = json.dumps(body).encode()
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-             "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(),
-             "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1),
-             "server": ("127.0.0.1", 2),
-             "headers": [(b"content-type", b"application/json"),
-                         (b"content-length", str(len(raw)).encode())]}
-    first = True
-
-    async def receive() -> dict[str, Any]:
-        nonlocal first
-        if first:
-            first = False
-            return {"type": "http.request", "body": raw, "more_body": False}
-        if not gone.is_set():
-            await gone.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.start":
-            sent.append(message["status"])
-
-    await app(scope, receive, send)
-
-
 @pytest.mark.parametrize("path", ["/v1/locks", "/v1/locks/batch"])
 async def test_a_give_back_keeps_the_hold_another_request_of_the_pull_was_answered_with(
     make_service: ServiceMaker, monkeypatch: pytest.MonkeyPatch, path: str,
@@ -66,8 +37,8 @@ async def test_a_give_back_keeps_the_hold_another_request_of_the_pull_was_answer
         router = service.router
         body = ONE if path == "/v1/locks" else BATCH
         first_gone, second_gone = asyncio.Event(), asyncio.Event()
-        first_sent: list[int] = []
-        second_sent: list[int] = []
+        first_sent: list[tuple[int, bool]] = []
+        second_sent: list[tuple[int, bool]] = []
         calls = 0
         acquire, acquire_batch = router.acquire, router.acquire_batch
 
@@ -77,7 +48,7 @@ async def test_a_give_back_keeps_the_hold_another_request_of_the_pull_was_answer
             nonlocal calls
             calls += 1
             if calls == 1:
-                await _post(app, path, body, second_gone, second_sent)
+                await _post(app, body, second_gone, second_sent, path=path)
                 first_gone.set()
 
         async def acquire_then(request: LockRequest) -> AcquireResult:
@@ -92,10 +63,11 @@ async def test_a_give_back_keeps_the_hold_another_request_of_the_pull_was_answer
 
         monkeypatch.setattr(router, "acquire", acquire_then)
         monkeypatch.setattr(router, "acquire_batch", acquire_batch_then)
-        await _post(app, path, body, first_gone, first_sent)
+        await _post(app, body, first_gone, first_sent, path=path)
 
-        assert second_sent == [200], "the second request was answered as holding the lock"
-        assert first_sent != [200], "the first request's client was gone as it was answered"
+        assert second_sent == [(200, False)], "the second request was answered as holding it"
+        assert [status for status, _ in first_sent] != [200], (
+            "the first request's client was gone as it was answered")
         keys = [f"{REPO}/net/default/net"]
         if path == "/v1/locks/batch":
             keys.append(f"{REPO}/dns/default/dns")

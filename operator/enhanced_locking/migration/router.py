@@ -259,16 +259,7 @@ class Router(AtlantisCalls):
                 finally:
                     gate.leave(passed)
         try:
-            # _acquire_answered, written here: one frame less on every acquire.
-            while True:
-                result = await self._acquire(request)
-                lock = result.__dict__["lock"]
-                if lock is None or result.fresh:
-                    return result
-                if (leaving := self._answers.leaving_of((lock,))) is None:
-                    self._answers.again(lock)
-                    return result
-                await leaving.wait()
+            return await self._acquire_answered(request)
         finally:
             if passed is not None and gate is not None:
                 gate.leave(passed)
