@@ -18,10 +18,18 @@ from tests.support.locks import lock_for, request_for
 from tests.support.redis_fixtures import redis_config
 from tests.support.redis_server import RedisServer
 
+from enhanced_locking.backends import codec
 from enhanced_locking.backends.atlantis_redis import AtlantisRedisBackend
 from enhanced_locking.factory import LockService
 from enhanced_locking.provider import ConfigProvider
-from enhanced_locking.types import LockingError, LockNotOwned, Project, Pull, User
+from enhanced_locking.types import (
+    LockingError,
+    LockNotOwned,
+    LockUnreadable,
+    Project,
+    Pull,
+    User,
+)
 
 pytestmark = pytest.mark.redis
 
@@ -153,6 +161,8 @@ async def test_a_value_that_is_not_a_lock_is_reported_with_its_key(
     ('{"Project":5,"Pull":{"Num":1}}', 1, "cannot read"),
     ('{"Project":{"RepoFullName":"acme/infra"},"Pull":7}', 1, "cannot read"),
     ('{"Project":null,"Pull":{"Num":1}}', 1, "cannot read"),
+    ('{"Project":{"RepoFullName":"acme/infra"},"Pull":{"Num":null}}', 1, "cannot read"),
+    ('{"Project":{"RepoFullName":"acme/infra"},"Pull":{"Num":null}}', 0, "cannot read"),
     ('{"Project":{"RepoFullName":"acme/infra"},"Pull":null}', 1, "held by pull #0 of acme"),
     ('{"Project":{"RepoFullName":"acme/infra"},"Pull":null}', 0, None),
 ])
@@ -162,8 +172,9 @@ async def test_a_release_by_owner_reads_an_odd_json_object_as_the_codec_does(
 ) -> None:
     # The release by owner is one script (release_if_owned.lua); a JSON object whose Project
     # or Pull was null or not an object failed it with a Lua error (a 500). It is read as the
-    # codec reads it (null or missing: empty; a Pull without Num: pull 0): not a lock (409
-    # unreadable), another owner's (kept), or the owner's own (released).
+    # codec reads it (null or missing: empty; a Pull without Num: pull 0; a Num that is null:
+    # not a lock, where cjson's null read as another pull's): not a lock (409 unreadable),
+    # another owner's (kept), or the owner's own (released).
     with redis_server.client() as admin:
         admin.set(f"pr/{KEY}", stored)
     if answer is None:
@@ -175,6 +186,24 @@ async def test_a_release_by_owner_reads_an_odd_json_object_as_the_codec_does(
         kept = stored.encode()
     with redis_server.client() as admin:
         assert admin.get(f"pr/{KEY}") == kept
+
+
+@pytest.mark.parametrize("pull", [0, 1])
+async def test_the_release_script_reads_a_null_pull_number_as_not_a_lock(
+    legacy: AtlantisRedisBackend, redis_server: RedisServer, pull: int,
+) -> None:
+    # cjson decodes a JSON null to cjson.null, which Lua holds truthy: a Num of null was read
+    # as another pull's number (2, kept by another), where the codec cannot read the value at
+    # all. The script answers 3 (not a lock we can read), as the codec does.
+    stored = '{"Project":{"RepoFullName":"acme/infra"},"Pull":{"Num":null}}'
+    with redis_server.client() as admin:
+        admin.set(f"pr/{KEY}", stored)
+    answer = await legacy._release_if_owned(keys=[f"pr/{KEY}"], args=["acme/infra", pull])
+    assert [int(answer[0]), answer[1]] == [3, stored]
+    with pytest.raises(LockUnreadable):
+        codec.read(stored, key=KEY, side="legacy")
+    with redis_server.client() as admin:
+        assert admin.get(f"pr/{KEY}") == stored.encode()
 
 
 async def test_the_legacy_locker_uses_the_atlantis_layout_when_configured(
