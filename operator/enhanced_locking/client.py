@@ -307,14 +307,20 @@ def _read_timeout(request: LockRequest | BatchLockRequest) -> httpx.Timeout:
 
 
 def _answer(response: httpx.Response, ok: tuple[int, ...]) -> tuple[int, Any]:
-    """The status and the body (its JSON, else its text: a proxy's error page, say) of an
-    answer whose status is in ``ok``; else :class:`ServiceError` with the answer's ``error``."""
+    """The status and the JSON object of an answer whose status is in ``ok``; else
+    :class:`ServiceError`: with the answer's ``error`` and its body (its JSON, else its text:
+    a proxy's error page, say), or, for an answer in ``ok`` that is not a JSON object (a
+    sign-in page), status 0: what answered is not the lock service."""
     try:
         body = response.json()
     except ValueError:
         body = response.text
     if response.status_code not in ok:
         raise ServiceError(response.status_code, _error_of(response), body)
+    if not isinstance(body, dict):  # every answer of the service is a JSON object
+        kind = response.headers.get("content-type", "no content type").split(";")[0]
+        raise ServiceError(0, f"{shown_url(response.request.url)} did not answer as the lock "
+                              f"service: HTTP {response.status_code} {kind}, not a JSON object")
     return response.status_code, body
 
 

@@ -171,11 +171,13 @@ def test_config_show_still_prints_json() -> None:
 class _ProxyErrorPage(http.server.BaseHTTPRequestHandler):
     """What an ingress answers while the service behind it is down: an HTML error page."""
 
+    status, page = 502, b"<html><body><h1>502 Bad Gateway</h1></body></html>"
+
     def _page(self) -> None:
         length = int(self.headers.get("content-length") or 0)
         self.rfile.read(length)
-        page = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
-        self.send_response(502)
+        page = self.page
+        self.send_response(self.status)
         self.send_header("content-type", "text/html")
         self.send_header("content-length", str(len(page)))
         self.end_headers()
@@ -187,9 +189,15 @@ class _ProxyErrorPage(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def proxy_error_page() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ProxyErrorPage)
+class _SignInPage(_ProxyErrorPage):
+    """What a proxy asking its users to sign in (or a URL that is not the service) answers to
+    any path: a page with 200."""
+
+    status, page = 200, b"<html><body><form>Sign in</form></body></html>"
+
+
+def _serving(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -197,6 +205,16 @@ def proxy_error_page() -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def proxy_error_page() -> Iterator[str]:
+    yield from _serving(_ProxyErrorPage)
+
+
+@pytest.fixture
+def sign_in_page() -> Iterator[str]:
+    yield from _serving(_SignInPage)
 
 
 @pytest.mark.parametrize("command", [
@@ -217,6 +235,26 @@ def test_an_answer_that_is_not_json_is_one_line_not_a_traceback(
     assert result.returncode == 1
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and "HTTP 502" in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("command", [
+    ["lock", "list"],
+    ["lock", "acquire", "--repo", "acme/infra", "--pull", "12", "--wait", "5s"],
+    ["step", "acquire", "--command", "plan", "--wait", "5s"],
+    ["step", "release"],
+])
+def test_a_page_that_is_not_the_services_answer_is_one_line_exit_3(
+    sign_in_page: str, command: list[str],
+) -> None:
+    """A 200 that is not the service's JSON (a sign-in page, or a URL that names another web
+    server) is not the lock service answering: exit 3 with one line, not a traceback."""
+    result = run(*command, "--url", sign_in_page,
+                 env={"BASE_REPO_OWNER": "acme", "BASE_REPO_NAME": "infra", "PULL_NUM": "12"})
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 3
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "did not answer as the lock service: HTTP 200 text/html" in lines[0]
 
 
 def test_a_password_in_the_url_is_never_shown() -> None:
