@@ -64,10 +64,10 @@ log = logging.getLogger(__name__)
 
 KEEPALIVE_SECONDS = 15
 SEND_TIMEOUT = 30.0
+"""Seconds one send to a reader may wait (its socket full) before the stream is cut off."""
 RECHECK_FLOOR_SECONDS = 0.5
 """An idle stream's caller is identified again at most this often (its recheck time is what
 decides; this keeps a recheck time of zero from spinning)."""
-"""Seconds one send to a reader may wait (its socket full) before the stream is cut off."""
 RETRY_AFTER_SECONDS = 5
 FOLLOWING = ServerSentEvent(comment=FOLLOWING_COMMENT).encode()
 """The comment a stream sends once it follows the bus: every event published after it is
