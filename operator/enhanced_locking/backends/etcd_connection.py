@@ -57,10 +57,10 @@ from etcd3aio._protobuf import WatchCreateRequest, WatchRequest, WatchResponse
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.types import BackendUnavailable
 
-__all__ = ["ATTEMPT_TIMEOUT", "CALL_TIMEOUT", "DOWN", "WATCH_CHECK", "EtcdConnection",
-           "EtcdSettings", "Landing", "Passenger", "TxnCall", "Watch", "WatchCanceled",
-           "WatchEnded", "kv_calls", "leader_first", "refused_watch", "stale_token",
-           "unavailable", "unreachable", "watching"]
+__all__ = ["ATTEMPT_TIMEOUT", "CALL_TIMEOUT", "DOWN", "MAX_RECEIVE", "WATCH_CHECK",
+           "EtcdConnection", "EtcdSettings", "Landing", "Passenger", "TxnCall", "Watch",
+           "WatchCanceled", "WatchEnded", "kv_calls", "leader_first", "refused_watch",
+           "stale_token", "unavailable", "unreachable", "watching"]
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +224,24 @@ def _tls_files(settings: EtcdSettings) -> dict[str, Any]:
         files["cert_chain"] = Path(settings.cert_file).read_bytes()
         files["cert_key"] = Path(settings.key_file).read_bytes()
     return files
+
+
+MAX_RECEIVE = 2**31 - 1
+"""Bytes of one answer the client takes: etcd's own Go client's default
+(``MaxCallRecvMsgSize``, ``math.MaxInt32``), since a range's answer can be far larger than
+what etcd takes in a request. gRPC's default, 4 MiB, failed every read of a namespace's whole
+lock range (a list, an export, a release by pull) past about 7,000 locks of 600 bytes
+(``RESOURCE_EXHAUSTED``, answered unavailable), for good."""
+
+
+def _new_client(targets: Sequence[str], *, tls_server_name: str | None,
+                **tls: Any) -> etcd3aio.Etcd3Client:
+    """A client of ``targets`` whose channel takes answers of up to ``MAX_RECEIVE`` bytes
+    (the library has no setting for it: its channel options are added to, before
+    ``connect`` makes the channel)."""
+    client = etcd3aio.Etcd3Client(targets, tls_server_name=tls_server_name, **tls)
+    client._manager.grpc_options.append(("grpc.max_receive_message_length", MAX_RECEIVE))
+    return client
 
 
 _DIRECT_GRPC = ("1.85.",)
@@ -400,8 +418,7 @@ class EtcdConnection:
         async with unavailable(self, "connect"):
             targets, name = _resolve(s.endpoints)
             tls = _tls_files(s) if s.tls else {}
-            client = etcd3aio.Etcd3Client(targets, tls_server_name=name if s.tls else None,
-                                          **tls)
+            client = _new_client(targets, tls_server_name=name if s.tls else None, **tls)
             stack = contextlib.AsyncExitStack()
             self._connecting.add(client)
             try:
@@ -741,7 +758,7 @@ class EtcdConnection:
         client = self._client
         if client is None:
             raise etcd3aio.EtcdConnectionError(CLOSED)
-        member = etcd3aio.Etcd3Client([target], tls_server_name=self._name, **self._tls)
+        member = _new_client([target], tls_server_name=self._name, **self._tls)
         self._connecting.add(member)
         try:
             await member.connect()
