@@ -17,7 +17,7 @@ on each line it prints (once per change of place, holders or waiters ahead), the
 wait from ``GET /v1/queue/waiter``. Atlantis puts a step's output in the pull request's comment.
 It exits 0 holding the lock, 1 with one line when it is refused (held with no wait, timeout,
 queue full, deadlock, collision), 2 when the environment or a flag is wrong, 3 when the service
-cannot be reached.
+cannot be reached or could not serve the call now (its 503 or 429).
 
 ``step release`` gives the project's lock back (only this pull's, only this repository's); a
 lock already gone is not an error.
@@ -39,6 +39,7 @@ from pydantic import ValidationError
 
 from enhanced_locking.client import AsyncClient, Client, ServiceError
 from enhanced_locking.durations import format_duration, parse_duration
+from enhanced_locking.terminal import NOT_SERVED
 from enhanced_locking.types import AcquireResult, LockRequest, Priority, Reason
 
 __all__ = ["COMMAND_PRIORITY", "add_step_command", "request_from_env"]
@@ -248,7 +249,7 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     except ServiceError as error:
         print(f"enhanced-locking step: {error}", file=sys.stderr)
-        if error.status == 0:
+        if error.status in NOT_SERVED:  # not reached, or its 503 or 429: as the lock commands
             return EXIT_UNREACHABLE
         return EXIT_USAGE if error.status == 422 else EXIT_REFUSED
 

@@ -26,6 +26,7 @@ __all__ = [
     "EXIT_REFUSED",
     "EXIT_UNREACHABLE",
     "EXIT_USAGE",
+    "NOT_SERVED",
     "Style",
     "emit",
     "print_json",
@@ -38,6 +39,9 @@ __all__ = [
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 EXIT_PIPE = 141
 """128 + SIGPIPE: what a shell reports for a writer whose reader went away."""
+NOT_SERVED = frozenset({0, 503, 429})
+"""The statuses of a call the lock service was not reached for (0) or could not serve now (its
+store did not answer, it is overloaded): nothing is known of the lock, exit 3."""
 
 
 def print_json(data: Any, *, out: TextIO | None = None) -> None:
@@ -75,7 +79,7 @@ def service_failed(program: str, message: str, *, status: int, answer: Any | Non
     is overloaded; exit 3, nothing is known of the lock), the request invalid (422: exit 2),
     or refused (404, 409, 401/403, any other status: the service's answer on stdout, one line
     on stderr, exit 1)."""
-    if status in (0, 503, 429):
+    if status in NOT_SERVED:
         say(program, message)
         return EXIT_UNREACHABLE
     if status == 422:

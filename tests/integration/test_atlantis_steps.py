@@ -18,6 +18,7 @@ from typing import IO, Any
 
 import httpx
 import pytest
+from tests.support.redis_server import RedisServer
 from tests.support.service import ServiceProcess, enhanced_locking_command, scrubbed_env
 
 KEY = "acme/infra/envs/prod/default/prod"
@@ -318,3 +319,19 @@ def test_an_unreachable_service_exits_3(free_port: Callable[[], int]) -> None:
                     "acquire", "--command", "plan")
     assert done.returncode == 3 and len(done.stderr.splitlines()) == 1
     assert "cannot reach the lock service" in done.stderr
+
+
+@pytest.mark.redis
+def test_a_release_whose_store_does_not_answer_exits_3_not_as_a_refusal(
+    redis_server: RedisServer, service_process: Callable[..., ServiceProcess],
+) -> None:
+    """Its 503 (``reason: unavailable``) says nothing about the lock: not 1, a refusal (held,
+    timed out), as for the ``lock`` commands."""
+    url = service_process("--enhanced-locking-enabled", "--enhanced-locking-backend=redis",
+                          f"--enhanced-locking-redis-addr={redis_server.addr}",
+                          "--enhanced-locking-fallback=fail-closed").url
+    redis_server.stop()
+    done = run_step(step_env(url, 1, "alice"), "release")
+    assert done.returncode == 3, done.stdout + done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and "did not answer" in lines[0], done.stderr
