@@ -12,6 +12,8 @@ The error tree (every error carries the lock key where there is one)::
     ├── LockNotHeld             the named lock is not held (expired or released) (HTTP 404)
     ├── LockNotOwned            release by a pull that does not hold the lock (HTTP 409)
     ├── BackendUnavailable      the store did not answer; transient, may be retried (HTTP 503)
+    │   └── PartlyReleased      a release by pull stopped after some of its parts committed:
+    │                           carries the locks those parts released
     ├── LockUnreadable          the stored lock of a key cannot be read: set aside, never
     │                           granted over, cleared by a force-unlock (HTTP 409)
     ├── StoreRefused            an existing store file is empty or not ours: not opened (exit 2)
@@ -90,6 +92,7 @@ __all__ = [
     "Moment",
     "NotAuthenticated",
     "NotPermitted",
+    "PartlyReleased",
     "Priority",
     "Project",
     "Pull",
@@ -920,6 +923,16 @@ class HoldAnsweredAgain(LockingError):
 
 class BackendUnavailable(LockingError):
     """The store did not answer; the operation may be retried."""
+
+
+class PartlyReleased(BackendUnavailable):
+    """A release by pull done a part at a time (etcd) stopped when a later part's step failed:
+    the parts before it committed, and ``released`` holds the locks they freed (released for
+    good: the error is about the rest of the pull's locks, still held)."""
+
+    def __init__(self, message: str, *, released: list[Lock]) -> None:
+        super().__init__(message)
+        self.released = released
 
 
 class UnreadableLock(_Model):

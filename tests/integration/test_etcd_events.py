@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -22,6 +22,8 @@ from tests.support.locks import request_for
 from tests.support.lost_answers import LostAnswers
 from tests.support.service import ServiceProcess, services
 
+from enhanced_locking.backends import etcd_store
+from enhanced_locking.backends.base import StoreBackend
 from enhanced_locking.backends.etcd_connection import (
     CALL_TIMEOUT,
     WATCH_CHECK,
@@ -34,7 +36,7 @@ from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.events import Gap, parse_event_id
 from enhanced_locking.factory import LockService
 from enhanced_locking.provider import ConfigProvider
-from enhanced_locking.types import BackendUnavailable, Event
+from enhanced_locking.types import BackendUnavailable, Event, PartlyReleased
 
 pytestmark = [pytest.mark.etcd, pytest.mark.timeout(120)]
 
@@ -584,3 +586,73 @@ async def test_with_a_member_frozen_a_write_lands_in_about_an_attempt(
         print(f"writes with a follower frozen took {[round(t, 2) for t in taken]} s")
         # The one bound: less than the whole call the single attempt took before.
         assert max(taken) < CALL_TIMEOUT, taken
+
+
+@pytest.mark.parametrize("retries", [False, True])
+async def test_a_release_by_pull_failing_in_its_second_part_reports_the_first(
+    etcd_cluster: EtcdCluster, etcd_prefix: str, monkeypatch: pytest.MonkeyPatch,
+    retries: bool,
+) -> None:
+    """etcd releases a pull's locks 16 at a time, each part one step. A step failing after
+    the first part committed raised with the first 16 released and nothing said of them: no
+    release events, their lease timers left armed. They are reported as they commit, and
+    carried by the error (PartlyReleased); a retry that then succeeds answers every lock."""
+    config = etcd_config(etcd_cluster, etcd_prefix, enabled=True, backend="etcd",
+                         legacy_backend="memory", retries=retries, fallback="legacy")
+    service = LockService(ConfigProvider(config))
+    await service.start()
+    try:
+        locker = service.enhanced
+        assert locker is not None
+        keys = []
+        for i in range(20):
+            asked = request_for(path=f"envs/p{i:02}", ttl=timedelta(minutes=5))
+            assert (await service.router.acquire(asked)).acquired
+            keys.append(asked.key)
+        assert set(keys) <= set(locker.leases.armed())
+        failed = False
+        step = StoreBackend.release_by_pull
+
+        async def second_part_fails(self: Any, *args: Any, **kwargs: Any) -> Any:
+            # The step of a part runs (and may run again) inside etcd_store's part: the first
+            # run of a step after the first part committed fails, once.
+            nonlocal failed
+            part = etcd_store._PART.get()
+            if part is not None and part.done and not failed:
+                failed = True
+                raise BackendUnavailable("etcd did not answer (a fault in the second part)")
+            return await step(self, *args, **kwargs)
+
+        monkeypatch.setattr(StoreBackend, "release_by_pull", second_part_fails)
+        stream = await followed(service.events)
+        if retries:
+            released = await locker.release_by_pull("acme/infra", 1)
+            assert sorted(lock.key for lock in released) == sorted(keys)
+            first = released[:16]
+        else:
+            with pytest.raises(PartlyReleased) as raised:
+                await locker.release_by_pull("acme/infra", 1)
+            first = raised.value.released
+            assert len(first) == 16
+            held = {lock.key for lock in await locker.backend.list()}
+            assert held == set(keys) - {lock.key for lock in first}
+        events = await take(stream, len(keys) if retries else 16)
+        assert [e.type for e in events] == ["released"] * len(events)
+        assert {e.key for e in events} >= {lock.key for lock in first}
+        armed = set(locker.leases.armed())
+        assert not armed & {lock.key for lock in first}
+        if not retries:
+            assert armed == set(keys) - {lock.key for lock in first}
+            # Through the router, with a legacy side: the answer names what the parts before
+            # the fault released, and the enhanced side as not reached (the rest still held).
+            failed = False
+            for i in range(20):
+                assert (await service.router.acquire(request_for(path=f"envs/q{i:02}"))).acquired
+            before = {lock.key for lock in await locker.backend.list()}
+            answered, unreached = await service.router.release_by_pull_reachable(
+                "acme/infra", 1)
+            after = {lock.key for lock in await locker.backend.list()}
+            assert unreached == ["enhanced"]
+            assert {lock.key for lock in answered} == before - after and len(after) == 8
+    finally:
+        await service.close()

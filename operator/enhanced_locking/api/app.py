@@ -326,7 +326,8 @@ def create_app(
     async def release_pull(repo: Repo, pull: PullNum, caller: CallerDep) -> Any:
         """Release every lock of a pull request (Atlantis does this when a PR closes). When the
         enhanced store does not answer, what legacy holds is released and the answer says
-        ``unavailable: ["enhanced"]`` (the pull's enhanced locks, if any, are not released)."""
+        ``unavailable: ["enhanced"]`` (the pull's enhanced locks, if any, are not released,
+        but for those a store releasing in parts freed before it failed: they are listed)."""
         await caller.need(Verb.LOCK, action="release-pull", repo=repo, pull=pull)
         async with caller.audited(action="release-pull", verb=Verb.LOCK, repo=repo,
                                   pull=pull) as note:

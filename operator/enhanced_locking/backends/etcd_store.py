@@ -119,6 +119,7 @@ from enhanced_locking.types import (
     LockNotHeld,
     Locks,
     LockUnreadable,
+    PartlyReleased,
     Reason,
     UnreadableLock,
     replaced,
@@ -1757,7 +1758,11 @@ class EtcdBackend(StoreBackend):
         """The pull's locks released ``_PULL_PART`` at a time (in key order), each part one
         step, each key handed to its next waiter in the step that frees it. In one step, a
         pull holding about 60 locks made a transaction etcd refused (past its 128 compares:
-        each key's delete, token floor and queue), and kept them all."""
+        each key's delete, token floor and queue), and kept them all.
+
+        A part's step that fails after earlier parts committed raises
+        :class:`PartlyReleased` carrying the locks those parts freed: they are released, and
+        the caller reports them (their events, their lease timers) before the error."""
         released: Locks = []
         part = _Part(repo, pull)
         while True:
@@ -1766,6 +1771,11 @@ class EtcdBackend(StoreBackend):
                 released += await self._atomic(
                     lambda: StoreBackend.release_by_pull(self, repo, pull, policy=policy),
                     prefixes=(self.base + b"lock/", self.base + b"shared/"))
+            except BackendUnavailable as error:
+                if not released:
+                    raise
+                raise PartlyReleased(f"{error} (after releasing {len(released)} of the pull's "
+                                     "locks)", released=released) from error
             finally:
                 _PART.reset(token)
             if not part.left:

@@ -63,6 +63,7 @@ from enhanced_locking.types import (
     LockRequest,
     Locks,
     LockUnreadable,
+    PartlyReleased,
     Priority,
     Reason,
     Side,
@@ -636,9 +637,31 @@ class EnhancedLocker(AtlantisCalls):
                 self.leases.arm(lock.key, lock.expires_at)
 
     async def release_by_pull(self, repo: str, pull: int) -> Locks:
+        """The pull's locks released, each reported (its event, its lease timer). A store that
+        releases in parts and fails after some committed (:class:`PartlyReleased`) has those
+        reported as they commit, and they are in the error raised at the end (a retry that
+        then succeeds answers them with its own)."""
         policy = self.policy()
-        released = await self._call("release_by_pull", lambda: self.backend.release_by_pull(
-            repo, pull, policy=policy))
+        freed: Locks = []
+
+        async def attempt() -> Locks:
+            try:
+                return await self.backend.release_by_pull(repo, pull, policy=policy)
+            except PartlyReleased as error:
+                freed.extend(error.released)
+                await self._released_by_pull(error.released)
+                raise
+
+        try:
+            released = await self._call("release_by_pull", attempt)
+        except BackendUnavailable as error:
+            if freed:
+                raise PartlyReleased(str(error), released=freed) from error
+            raise
+        await self._released_by_pull(released)
+        return freed + released
+
+    async def _released_by_pull(self, released: Locks) -> None:
         for lock in released:
             if lock.mode == "exclusive":  # a shared one may leave others' leases (_handed)
                 self.leases.disarm(lock.key)
@@ -649,7 +672,6 @@ class EnhancedLocker(AtlantisCalls):
             # other shared holders), each of them.
             for holder in await self._holders(lock.key):
                 self.leases.arm(holder.key, holder.expires_at)
-        return released
 
     async def refresh(self, key: str, *, owner: Owner, ttl: timedelta | None) -> Lock:
         """Move the lease of a held lock to ``now + ttl`` (default: ``lock-ttl``)."""

@@ -70,6 +70,7 @@ from enhanced_locking.types import (
     LockRequest,
     Locks,
     LockUnreadable,
+    PartlyReleased,
     Reason,
     Side,
 )
@@ -754,13 +755,15 @@ class Router(AtlantisCalls):
         for locker in self._lockers():
             try:
                 released += await locker.release_by_pull(repo, pull)
-            except BackendUnavailable:
+            except BackendUnavailable as error:
                 if locker is self.legacy or self.migration is None:
                     raise
                 unreached.append("enhanced")
                 # Legacy's part is done; copies left on enhanced are freed on reconcile.
                 for lock in released:
                     await self.migration.record_partial_release(lock)
+                if isinstance(error, PartlyReleased):  # its first parts did commit
+                    released += error.released
         locks = self._one_per_key(released)
         if self.migration is not None:
             self.migration.after_release_by_pull(repo, pull, locks)
