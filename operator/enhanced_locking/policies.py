@@ -261,13 +261,16 @@ _LUA_MAGIC = set("^$()%.[]*+-?")
 
 
 def glob_to_lua(glob: str) -> str:
-    """The same glob as a Lua pattern, anchored (the Redis scripts match with it)."""
+    """The same glob as a Lua pattern, anchored (the Redis scripts match with it). A ``?`` is
+    written ``%?``, which the scripts make one UTF-8 character (``lua/lib.lua``): ``.`` is
+    one byte in Lua, where Python's ``?`` is one character, so a key holding a multi-byte
+    character matched differently per store."""
     out = []
     for char in glob:
         if char == "*":
             out.append(".*")
         elif char == "?":
-            out.append(".")
+            out.append("%?")
         elif char in _LUA_MAGIC:
             out.append("%" + char)
         elif char == "\0":

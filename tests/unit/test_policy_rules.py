@@ -360,6 +360,25 @@ async def test_a_limit_of_two_holds_five_waiters_to_two_at_a_time_in_queue_order
     assert order == [1, 2, 3, 4, 5]
 
 
+async def test_a_glob_question_mark_is_one_character_on_every_store(
+        rigs: Callable[..., LockerRig]) -> None:
+    """``?`` in a policy glob is one character: Python's matcher read it so, the Redis scripts
+    as one byte, so a key holding a multi-byte character was in a group on one store and out
+    of it on another. ``d?`` covers the workspace ``dé`` (two bytes, one character) and not
+    ``dée``, on each store."""
+    rig = rigs()
+    await rules(rig, PolicyRules(concurrency=[
+        ConcurrencyLimit(name="d", match=KeyPattern(workspace="d?"), limit=1)]))
+    one, other = (request_for(pull=pull, workspace="dé", path=path)
+                  for pull, path in ((1, "envs/a"), (2, "envs/b")))
+    assert (await rig.locker.acquire(one)).acquired
+    assert (await rig.locker.acquire(other)).reason is Reason.LIMITED  # dé is in the group
+    beyond = request_for(pull=3, workspace="dée", path="envs/c")
+    assert (await rig.locker.acquire(beyond)).acquired  # three characters: outside it
+    assert (await rig.locker.acquire(request_for(pull=4, workspace="d€", path="envs/d"))
+            ).reason is Reason.LIMITED  # three bytes, one character
+
+
 async def test_per_repository_limits_count_each_repository_apart(
         rigs: Callable[..., LockerRig]) -> None:
     rig = rigs()

@@ -801,12 +801,33 @@ local function settle_claim(lock)
 end
 
 -- --- the rules (mirror enhanced_locking.policies.verdict) --------------------------------
+-- A glob's ? is one character, as in Python, not one byte: policies.glob_to_lua writes it
+-- '%?' (which it writes for nothing else: in a glob ? is always the wildcard), made here the
+-- bytes of one UTF-8 character (a pattern cannot travel in JSON with bytes past 127 alone).
+-- Every % of such a pattern begins a two-byte escape, so a scan of the pairs finds them all.
+local ONE_CHAR = '[%z\1-\127\194-\244][\128-\191]*'
+local function one_char(escape)
+  if escape == '?' then return ONE_CHAR end
+  return '%' .. escape
+end
+
+local function utf8_globs(list)
+  for _, rule in ipairs(list) do
+    local m = rule['m']
+    for _, field in ipairs({'repo', 'ws', 'key'}) do
+      if m[field] then m[field] = string.gsub(m[field], '%%(.)', one_char) end
+    end
+  end
+end
+
 local function rules()
   if not RULES then
     if not ARGV[10] or ARGV[10] == '' then
       RULES = {f = {}, c = {}}
     else
       RULES = cjson.decode(ARGV[10])
+      utf8_globs(RULES['f'])
+      utf8_globs(RULES['c'])
     end
   end
   return RULES
