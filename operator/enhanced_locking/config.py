@@ -34,7 +34,7 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from enhanced_locking.durations import DURATION_FORM, Duration, format_duration
+from enhanced_locking.durations import DURATION_FORM, Duration, Ttl, format_duration
 from enhanced_locking.policies import PolicyRules
 from enhanced_locking.types import BackendName, UnusableSetting
 
@@ -229,7 +229,8 @@ class EnhancedLockingConfig(BaseSettings):
         1000, ge=1, le=1_000_000, description="Most waiters queued on one lock key."
     )
     starvation_threshold: Duration = Field(
-        timedelta(minutes=2), description="Wait after which a waiter is raised one priority level."
+        timedelta(minutes=2), description="Wait after which a waiter is raised one priority "
+        "level (at least 1ms: waits are counted in whole ms)."
     )
     max_priority_boost: Integer = Field(
         3, ge=0, le=3, description="Most levels aging may raise a waiter."
@@ -240,7 +241,7 @@ class EnhancedLockingConfig(BaseSettings):
         False, description="Refuse a wait that would close a cycle in the wait-for graph."
     )
     events: Flag = Field(True, description="Publish lock events (GET /v1/events).")
-    lock_ttl: Duration = Field(
+    lock_ttl: Ttl = Field(
         timedelta(0), description="Default lease of an enhanced lock; 0 means no expiry."
     )
     retry_max_attempts: Integer = Field(
@@ -481,6 +482,13 @@ class EnhancedLockingConfig(BaseSettings):
                     (cert, key),
                     f"{_key(cert)} and {_key(key)} must be set together",
                 )
+        if self.starvation_threshold < timedelta(milliseconds=1):
+            raise _Together(
+                ("starvation_threshold",),
+                "enhanced-locking-starvation-threshold must be at least 1ms (waits are counted "
+                "in whole ms: under it aging would be off; enhanced-locking-max-priority-boost "
+                f"0 turns aging off) (got {_fmt(self.starvation_threshold)})",
+            )
         for name in ("http_header_timeout", "http_body_timeout", "replica_heartbeat",
                      "audit_retention"):
             if getattr(self, name) <= timedelta(0):

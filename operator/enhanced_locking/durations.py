@@ -16,7 +16,7 @@ from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
 
 __all__ = [
     "DURATION_FORM", "DURATION_PATTERN", "LEASE_FORM", "LEASE_PATTERN", "MAX_LENGTH", "Duration",
-    "Lease", "format_duration", "parse_duration",
+    "Lease", "Ttl", "format_duration", "parse_duration",
 ]
 
 DURATION_FORM = "a Go duration such as 500ms, 30s, 2m or 1h30m"
@@ -118,6 +118,19 @@ Duration = Annotated[
     WithJsonSchema({"type": "string", "pattern": DURATION_PATTERN, "maxLength": MAX_LENGTH}),
 ]
 """A ``timedelta`` read from and written as a Go duration string."""
+
+
+def _no_vanishing_lease(value: object) -> object:
+    if (isinstance(value, str) and any(digit in value for digit in "123456789")
+            and _coerce(value) == timedelta(0)):
+        raise ValueError(f"{value!r} is under half a microsecond, which rounds to no lease at "
+                         "all: write 0 for none, or at least 1µs")
+    return value
+
+
+Ttl = Annotated[Duration, BeforeValidator(_no_vanishing_lease)]
+"""A lock's lease as a :data:`Duration` (0 for none), refusing a written non-zero one that
+rounds to 0 at the microsecond (``400ns``): it read as no lease at all."""
 
 
 _ANY_PART = r"[0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h)"

@@ -55,7 +55,7 @@ from pydantic.fields import FieldInfo
 from enhanced_locking.durations import (
     DURATION_FORM,
     DURATION_PATTERN,
-    Duration,
+    Ttl,
     format_duration,
     parse_duration,
 )
@@ -517,7 +517,7 @@ class LockRequest(_Model):
     mode: Mode = "exclusive"
     command: Command | None = None
     wait: WaitFor | None = None
-    ttl: Duration | None = None
+    ttl: Ttl | None = None
     request_id: RequestId | None = None
 
     @cached_property
@@ -562,7 +562,7 @@ class BatchLockRequest(_Model):
     mode: Mode = "exclusive"
     command: Command | None = None
     wait: WaitFor | None = None
-    ttl: Duration | None = None
+    ttl: Ttl | None = None
     request_id: RequestId | None = None
 
     @field_validator("locks")

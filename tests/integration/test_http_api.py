@@ -152,6 +152,7 @@ INVALID: list[tuple[str, Any]] = [
     ("wait", 30),
     ("wait", "-5s"),
     ("ttl", "forever"),
+    ("ttl", "400ns"),  # under half a microsecond: it rounded to no lease at all
     ("requestId", "r" * 200),
     ("colour", "blue"),
     ("pull.colour", "blue"),

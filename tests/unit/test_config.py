@@ -442,6 +442,33 @@ def test_settings_that_go_together_are_checked_together(
         assert f"enhanced-locking-{name}" in str(raised.value)
 
 
+@pytest.mark.parametrize(("field", "value", "problem"), [
+    # Waits are counted in whole ms: a threshold under 1ms was 0, and aging silently off.
+    ("starvation_threshold", "999us", "must be at least 1ms"),
+    ("starvation_threshold", "0", "must be at least 1ms"),
+    # A lease under half a microsecond rounded to 0: no lease at all.
+    ("lock_ttl", "400ns", "got '400ns'"),
+    ("lock_ttl", "0.0000004s", "got '0.0000004s'"),
+])
+def test_a_duration_that_reads_as_off_is_refused_naming_the_setting(
+    field: str, value: str, problem: str
+) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_config(env={BY_FIELD[field].env: value})
+    assert BY_FIELD[field].env in str(raised.value) or BY_FIELD[field].key in str(raised.value)
+    assert problem in str(raised.value)
+
+
+@pytest.mark.parametrize(("field", "value", "micros"), [
+    ("starvation_threshold", "1ms", 1000), ("lock_ttl", "0", 0), ("lock_ttl", "0s", 0),
+    ("lock_ttl", "600ns", 1),
+])
+def test_the_durations_next_to_those_refused_are_taken(field: str, value: str,
+                                                        micros: int) -> None:
+    config = load_config(env={BY_FIELD[field].env: value})
+    assert getattr(config, field) // timedelta(microseconds=1) == micros
+
+
 def test_max_timeout_may_equal_default_timeout() -> None:
     config = load_config(env={"ATLANTIS_ENHANCED_LOCKING_DEFAULT_TIMEOUT": "5m"})
     assert config.max_timeout == config.default_timeout
