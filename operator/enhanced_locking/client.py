@@ -182,6 +182,7 @@ class Client:
                 if response.status_code != 200:
                     response.read()
                     raise ServiceError(response.status_code, _error_of(response), None)
+                _event_stream(response)
 
                 def lines() -> Iterator[str]:
                     for line in response.iter_lines():
@@ -277,6 +278,7 @@ class AsyncClient:
                 if response.status_code != 200:
                     await response.aread()
                     raise ServiceError(response.status_code, _error_of(response), None)
+                _event_stream(response)
                 lines: list[str] = []
                 async for line in response.aiter_lines():
                     if line == _FOLLOWING_LINE and on_open is not None:
@@ -322,6 +324,17 @@ def _answer(response: httpx.Response, ok: tuple[int, ...]) -> tuple[int, Any]:
         raise ServiceError(0, f"{shown_url(response.request.url)} did not answer as the lock "
                               f"service: HTTP {response.status_code} {kind}, not a JSON object")
     return response.status_code, body
+
+
+def _event_stream(response: httpx.Response) -> None:
+    """Nothing if ``response`` (a 200) is an event stream; else :class:`ServiceError` 0, as
+    for any answer that is not the lock service's (a sign-in page would otherwise be read as
+    a stream without events until it ends)."""
+    kind = response.headers.get("content-type", "no content type").split(";")[0].strip()
+    if kind != "text/event-stream":
+        raise ServiceError(0, f"{shown_url(response.request.url)} did not answer as the lock "
+                              f"service: HTTP {response.status_code} {kind}, not an event "
+                              "stream")
 
 
 def _error_of(response: httpx.Response) -> str:

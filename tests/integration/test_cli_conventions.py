@@ -239,6 +239,7 @@ def test_an_answer_that_is_not_json_is_one_line_not_a_traceback(
 
 @pytest.mark.parametrize("command", [
     ["lock", "list"],
+    ["events"],
     ["lock", "acquire", "--repo", "acme/infra", "--pull", "12", "--wait", "5s"],
     ["step", "acquire", "--command", "plan", "--wait", "5s"],
     ["step", "release"],
@@ -254,7 +255,7 @@ def test_a_page_that_is_not_the_services_answer_is_one_line_exit_3(
     assert result.returncode == 3
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
-    assert "did not answer as the lock service: HTTP 200 text/html" in lines[0]
+    assert "did not answer as the lock service: HTTP 200 text/html, not " in lines[0]
 
 
 def test_a_password_in_the_url_is_never_shown() -> None:
