@@ -40,6 +40,7 @@ from redis.asyncio.cluster import ClusterNode, ClusterPubSub, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import (
     Sentinel,
+    SentinelConnectionPool,
     SentinelManagedConnection,
     SentinelManagedSSLConnection,
 )
@@ -244,14 +245,32 @@ class _Cluster(RedisCluster):
     "movable"), a round trip more per call. Its command table is shared
     (:class:`_SharedCommands`)."""
 
-    def __init__(self, *, host: str, port: int, **kwargs: Any) -> None:
-        super().__init__(host=host, port=port, **kwargs)
+    def __init__(self, *, host: str, port: int, calls: int, **kwargs: Any) -> None:
+        # A node's pool holds the subscription's connection besides the calls' (a client
+        # subscribes at most once at a time): the calls, at most ``calls`` at once and each on
+        # one connection of a node, never find a node's connections all in use.
+        super().__init__(host=host, port=port, max_connections=calls + 1, **kwargs)
         self.commands_parser = _SharedCommands(f"{host}:{port}")
+        self.calls = asyncio.Semaphore(calls)
+        """The calls under way at once; one beyond waits for its turn (redis-py's cluster
+        nodes have no waiting pool: a node whose connections are all in use refuses a call
+        at once, ``MaxConnectionsError``, which read as the store being away)."""
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        async with self.calls:
+            return await super().execute_command(*args, **kwargs)
 
     async def _determine_slot(self, command: str, *args: Any) -> int:
         if command.upper() in ("FCALL", "FCALL_RO") and len(args) > 2 and int(args[1]) > 0:
             return self.keyslot(args[2])  # every key of a call shares one slot
         return await super()._determine_slot(command, *args)
+
+
+class _WaitingSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
+    """The pool of the master Sentinel names, which waits for a free connection (up to
+    ``timeout``) as the pool of one Redis does; redis-py's own refuses a call at once when
+    its connections are all in use (``MaxConnectionsError``), which read as the store being
+    away."""
 
 
 def _host_port(addr: str) -> tuple[str, int]:
@@ -339,11 +358,12 @@ class RedisConnection:
         as much again as packing and parsing them. On a Redis Cluster, redis-py's pipeline
         (it finds each command's node and follows a slot that moved)."""
         client = self.client
-        if isinstance(client, RedisCluster):
-            async with client.pipeline(transaction=False) as pipe:
+        if isinstance(client, _Cluster):
+            async with client.calls, client.pipeline(transaction=False) as pipe:
                 for command in commands:
                     pipe.execute_command(*command)
                 return await pipe.execute()
+        assert not isinstance(client, RedisCluster)
         idle = self._idle
         connection = idle.pop() if idle else await self._take(client)
         try:
@@ -671,7 +691,8 @@ def connect(config: EnhancedLockingConfig) -> RedisConnection:
             **kwargs,
         )
         client = sentinel.master_for(
-            config.redis_sentinel_master, max_connections=config.redis_pool_size,
+            config.redis_sentinel_master, connection_pool_class=_WaitingSentinelPool,
+            max_connections=config.redis_pool_size, timeout=POOL_WAIT,
             connection_class=_HiredisSentinelSSLConnection if config.redis_tls
             else _HiredisSentinelConnection,
         )
@@ -683,7 +704,7 @@ def connect(config: EnhancedLockingConfig) -> RedisConnection:
         # Nodes are found from this one (CLUSTER SLOTS); a MOVED answer updates the slot map.
         # Only db 0 exists on a cluster (the config refuses another).
         cluster = _Cluster(
-            host=host, port=port, max_connections=config.redis_pool_size,
+            host=host, port=port, calls=config.redis_pool_size,
             **{k: v for k, v in kwargs.items() if k not in ("db", "retry")},
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
         )
