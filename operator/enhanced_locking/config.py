@@ -883,7 +883,12 @@ def _describe(error: ValidationError, values: Mapping[str, Any], origin: Mapping
         return (f"invalid setting {setting.key} (from {source}): {where}: {message}; "
                 f"expected {setting.form}")
     shown = "(hidden)" if setting.secret else repr(values.get(setting.field))
+    # A duration of the right form refused for its value (a lease that rounds to none) says
+    # why; a value of the wrong form is told the form.
+    message = str(first["msg"]).removeprefix("Value error, ")
+    why = ("" if setting.secret or setting.kind != "duration" or message.startswith("expected")
+           else f" ({message})")
     return (
-        f"invalid setting {setting.key} (from {source}): got {shown}; "
+        f"invalid setting {setting.key} (from {source}): got {shown}{why}; "
         f"expected {setting.form}"
     )
