@@ -359,6 +359,7 @@ type acquireAnswer struct {
 	Holder        *Lock    `json:"holder"`
 	QueuePosition *int     `json:"queuePosition"`
 	Cycle         []string `json:"cycle"`
+	Error         string   `json:"error"`
 }
 
 func (a acquireAnswer) refused(op string) error {
@@ -366,7 +367,8 @@ func (a acquireAnswer) refused(op string) error {
 		return &UnavailableError{Op: op, Key: a.LockKey, Status: http.StatusConflict,
 			Message: "the lock store did not answer and the service fails closed"}
 	}
-	held := &HeldError{Key: a.LockKey, Reason: a.Reason, Holder: a.Holder, Cycle: a.Cycle}
+	held := &HeldError{Key: a.LockKey, Reason: a.Reason, Holder: a.Holder, Cycle: a.Cycle,
+		Message: a.Error}
 	if a.QueuePosition != nil {
 		held.QueuePosition = *a.QueuePosition
 	}
@@ -523,22 +525,37 @@ func (c *Client) ForceUnlock(ctx context.Context, key string) (*Lock, error) {
 
 type pullReleaseAnswer struct {
 	Released    []Lock   `json:"released"`
+	Cancelled   []string `json:"cancelled"`
 	Unavailable []string `json:"unavailable"`
 }
 
+// PullRelease is what releasing a pull's locks did: the locks it freed and the pull's queued
+// requests it dropped (their waiter ids; each waiting caller is answered ReasonCancelled).
+type PullRelease struct {
+	Released  []Lock
+	Cancelled []string
+}
+
 // ReleasePull frees every lock of one pull of one repository (exactly that repository: not
-// another whose name starts the same) and answers them. When a lock store behind the
-// service did not answer, the locks freed on the others come with an *UnavailableError
-// naming it (Sides): the pull's locks there are still held, and the call is to be made again
-// once it answers.
+// another whose name starts the same) and answers them. The pull's requests still queued are
+// dropped first (ReleasePullQueued says which). When a lock store behind the service did not
+// answer, the locks freed on the others come with an *UnavailableError naming it (Sides):
+// the pull's locks there are still held, and the call is to be made again once it answers.
 func (c *Client) ReleasePull(ctx context.Context, repo string, pull int) ([]Lock, error) {
+	done, err := c.ReleasePullQueued(ctx, repo, pull)
+	return done.Released, err
+}
+
+// ReleasePullQueued is ReleasePull answering also the queued requests it dropped.
+func (c *Client) ReleasePullQueued(ctx context.Context, repo string, pull int) (PullRelease, error) {
 	a, err := request[pullReleaseAnswer](ctx, c, call{op: "release-pull",
 		method: http.MethodDelete, path: "/v1/locks/by-pull",
 		query: url.Values{"repo": {repo}, "pull": {strconv.Itoa(pull)}}})
 	if err != nil {
-		return nil, err
+		return PullRelease{}, err
 	}
-	return a.Released, partial("release-pull", a.Unavailable)
+	return PullRelease{Released: a.Released, Cancelled: a.Cancelled},
+		partial("release-pull", a.Unavailable)
 }
 
 // ReleaseBatch frees several locks; with pull, only if that pull holds every held one.

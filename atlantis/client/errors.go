@@ -34,14 +34,21 @@ type HeldError struct {
 	QueuePosition int
 	// Cycle lists the keys of a deadlock, when Reason is ReasonDeadlock.
 	Cycle []string
+	// Message is the service's own word on it, when it said one (a cancelled request: by
+	// what it was taken out of the queue).
+	Message string
 }
 
 func (e *HeldError) Error() string {
-	if e.Holder != nil {
-		return fmt.Sprintf("lock %s not acquired (%s): held by pull #%d of %s",
-			e.Key, e.Reason, e.Holder.Pull.Num, e.Holder.Project.RepoFullName)
+	said := ""
+	if e.Message != "" {
+		said = ": " + e.Message
 	}
-	return fmt.Sprintf("lock %s not acquired (%s)", e.Key, e.Reason)
+	if e.Holder != nil {
+		return fmt.Sprintf("lock %s not acquired (%s): held by pull #%d of %s%s",
+			e.Key, e.Reason, e.Holder.Pull.Num, e.Holder.Project.RepoFullName, said)
+	}
+	return fmt.Sprintf("lock %s not acquired (%s)%s", e.Key, e.Reason, said)
 }
 
 // NotOwnerError says a release or refresh named a pull that does not hold the lock.

@@ -127,7 +127,10 @@ func key(p models.Project, workspace string) string {
 // (false, the holder). The same pull asking again gets its lock (true), as Atlantis's
 // project locker expects. Held by a project of another repository whose key is the same
 // (reason collision): an error, never (false, holder) — Atlantis's project locker takes a
-// holder with its own pull number for itself.
+// holder with its own pull number for itself. A request taken out of the queue while it
+// waited (reason cancelled: its pull's locks were released by UnlockByPull, on a close or an
+// `atlantis unlock`, or an admin cancelled it) is an error too, saying so: "locked by" the
+// holder would tell the user to wait for a lock nobody is waiting for any more.
 func (b *Database) TryLock(lock models.ProjectLock) (bool, models.ProjectLock, error) {
 	ctx, cancel := b.ctx(b.wait)
 	defer cancel()
@@ -143,6 +146,9 @@ func (b *Database) TryLock(lock models.ProjectLock) (bool, models.ProjectLock, e
 		return true, lock, nil
 	}
 	var held *client.HeldError
+	if errors.As(err, &held) && held.Reason == client.ReasonCancelled {
+		return false, models.ProjectLock{}, fmt.Errorf("lock service: %w", err)
+	}
 	if errors.As(err, &held) && held.Holder != nil {
 		if other := held.Holder; held.Reason == client.ReasonCollision ||
 			other.Project.RepoFullName != lock.Project.RepoFullName || other.Pull.Num == lock.Pull.Num {

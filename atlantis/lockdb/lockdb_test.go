@@ -698,6 +698,71 @@ func TestTryLockWaitsInTheQueueAndApplyGoesBeforePlan(t *testing.T) {
 	})
 }
 
+func TestUnlockByPullDropsThePullsWaitingTryLock(t *testing.T) {
+	forEachStore(t, func(t *testing.T, s store) {
+		svc := s.serve(t, "--enhanced-locking-enabled")
+		database := open(t, svc, lockdb.WithWait(20*time.Second))
+		project := models.NewProject("acme/infra", "envs/prod", "")
+		other := models.NewProject("acme/infra", "envs/dev", "")
+		lockFor := func(p models.Project, num int) models.ProjectLock {
+			return models.ProjectLock{Project: p, Workspace: "default", Pull: pullOf("acme/infra", num), User: alice, Time: time.Now()}
+		}
+		for _, l := range []models.ProjectLock{lockFor(project, 1), lockFor(other, 2)} {
+			ok, _, err := database.TryLock(l)
+			must(t, err)
+			if !ok {
+				t.Fatalf("pull %d should get the free lock at once", l.Pull.Num)
+			}
+		}
+		key := models.GenerateLockKey(project, "default")
+		type answer struct {
+			ok     bool
+			holder models.ProjectLock
+			err    error
+		}
+		waiting := make(chan answer, 1)
+		go func() { // pull 2's plan of envs/prod, waiting for pull 1
+			ok, holder, err := database.TryLock(lockFor(project, 2))
+			waiting <- answer{ok, holder, err}
+		}()
+		waitForWaiters(t, database.Client(), key, 1)
+
+		// Pull 2 closes (or is unlocked with `atlantis unlock`): Atlantis calls UnlockByPull.
+		freed, err := database.UnlockByPull("acme/infra", 2)
+		must(t, err)
+		if len(freed) != 1 || freed[0].Project.Path != "envs/dev" {
+			t.Fatalf("UnlockByPull(acme/infra, 2) should free envs/dev, freed %+v", freed)
+		}
+		var got answer
+		select {
+		case got = <-waiting:
+		case <-time.After(15 * time.Second):
+			t.Fatal("the waiting TryLock of pull 2 should return once its pull's locks are released")
+		}
+		var held *client.HeldError
+		if got.ok || got.err == nil || !errors.As(got.err, &held) || held.Reason != client.ReasonCancelled ||
+			!strings.Contains(got.err.Error(), "its pull's locks were released") {
+			t.Fatalf("the waiting TryLock should fail saying its request was dropped, got %v %+v %v", got.ok, got.holder, got.err)
+		}
+		// Pull 1 lets go: the key is free, not handed to the released pull 2.
+		_, err = database.UnlockIfOwnedByPull(project, "default", 1)
+		must(t, err)
+		lock, err := database.GetLock(project, "default")
+		must(t, err)
+		if lock != nil {
+			t.Fatalf("envs/prod should be free after pull 1 let go, it is held by pull #%d", lock.Pull.Num)
+		}
+		// Released again: nothing held, nothing queued.
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		again, err := database.Client().ReleasePullQueued(ctx, "acme/infra", 2)
+		must(t, err)
+		if len(again.Released) != 0 || len(again.Cancelled) != 0 {
+			t.Fatalf("pull 2 holds and waits for nothing any more, its release did %+v", again)
+		}
+	})
+}
+
 func TestPingChecksTheWrappedDatabaseToo(t *testing.T) {
 	database := open(t, servicetest.Serve(t))
 	must(t, database.Ping())

@@ -324,16 +324,20 @@ def create_app(
 
     @app.delete("/v1/locks/by-pull", responses=WHO)
     async def release_pull(repo: Repo, pull: PullNum, caller: CallerDep) -> Any:
-        """Release every lock of a pull request (Atlantis does this when a PR closes). When the
-        enhanced store does not answer, what legacy holds is released and the answer says
-        ``unavailable: ["enhanced"]`` (the pull's enhanced locks, if any, are not released,
-        but for those a store releasing in parts freed before it failed: they are listed)."""
+        """Release every lock of a pull request (Atlantis does this when a PR closes, and on an
+        ``atlantis unlock`` comment) and drop its queued requests, as a close does: each is
+        answered ``cancelled`` and listed by waiter id in ``cancelled``. When the enhanced
+        store does not answer, what legacy holds is released and the answer says
+        ``unavailable: ["enhanced"]`` (the pull's enhanced locks and queued requests, if any,
+        stay, but for locks a store releasing in parts freed before it failed: they are
+        listed)."""
         await caller.need(Verb.LOCK, action="release-pull", repo=repo, pull=pull)
         async with caller.audited(action="release-pull", verb=Verb.LOCK, repo=repo,
                                   pull=pull) as note:
-            released, unreached = await router.release_by_pull_reachable(repo, pull)
-            note.done(f"released {len(released)}")
-        return {"released": _locks(released),
+            done, unreached = await router.release_by_pull_reachable(repo, pull)
+            dropped = f", dropped {len(done.cancelled)} queued" if done.cancelled else ""
+            note.done(f"released {len(done.released)}{dropped}")
+        return {"released": _locks(done.released), "cancelled": done.cancelled,
                 **({"unavailable": unreached} if unreached else {})}
 
     @app.get("/v1/config", responses=WHO)

@@ -29,8 +29,9 @@ AUDIT_OUTCOMES = frozenset({
     "unauthenticated", "cross-site",
 })
 """Every outcome an audit row is written with, but the counts of a release of several keys."""
-_COUNTED_OUTCOME = re.compile(r"released [0-9]+(, not reached [0-9]+)?")
-"""The outcome of a release of several keys: how many were freed and, if any, not reached."""
+_COUNTED_OUTCOME = re.compile(r"released [0-9]+(, not reached [0-9]+|, dropped [0-9]+ queued)?")
+"""The outcome of a release of several keys: how many were freed and, if any, not reached (a
+batch) or the queued requests dropped (by pull)."""
 _VERBS = frozenset(verb.value for verb in Verb) | {""}
 """A row's verb: the right its call needed, none (``""``) for a refused credential."""
 
@@ -47,7 +48,7 @@ def _unknown(name: str, value: str | None) -> str | None:
     if name == "outcome" and value not in AUDIT_OUTCOMES and not _COUNTED_OUTCOME.fullmatch(value):
         return (f"outcome: not an outcome of the audit trail: {value!r} (one of "
                 f"{', '.join(sorted(AUDIT_OUTCOMES))}; a release of several keys counts them: "
-                "'released 2', 'released 1, not reached 1')")
+                "'released 2', 'released 1, not reached 1', 'released 1, dropped 1 queued')")
     return None
 
 

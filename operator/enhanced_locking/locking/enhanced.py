@@ -445,7 +445,8 @@ class EnhancedLocker(AtlantisCalls):
             self.events.publish("cancelled", key=key, repo=waiter.owner[0], by="admin",
                                 **details)
         holder = await self._holder(key)
-        return answers.refused(key, reason, holder)
+        return answers.refused(key, reason, holder,
+                               message=_CANCELLED_MESSAGE if reason is Reason.CANCELLED else None)
 
     async def _before_waiting(self, outcome: Outcome, waiter: Waiter,
                               future: asyncio.Future[Notice], offer: Wait,
@@ -813,6 +814,14 @@ def _abandoned_for(error: BaseException) -> Reason | None:
         return Reason.CANCELLED
     return None
 
+
+_CANCELLED_MESSAGE = (
+    "this request was taken out of the queue while it waited: its pull's locks were released "
+    "(the pull was closed, or unlocked with `atlantis unlock`) or an admin cancelled it; "
+    "nothing was granted: run it again if it is still wanted")
+"""What a queued request taken out of its queue by someone else is told (``error``). The
+store tells the waiting replica only ``cancelled``, not by what: the message names each way
+it happens."""
 
 _REASONS = {
     Status.QUEUE_FULL: Reason.QUEUE_FULL,

@@ -157,8 +157,8 @@ VCS timestamps are whole seconds and its clock is not ours."""
 
 @dataclass(frozen=True)
 class PullClosed:
-    """What closing a pull request did: the locks it released and the queued requests (waiter
-    ids) it dropped."""
+    """What closing a pull request (or releasing its locks by pull) did: the locks it released
+    and the queued requests (waiter ids) it dropped."""
 
     released: Locks
     cancelled: WaiterIds
@@ -732,24 +732,33 @@ class Router(AtlantisCalls):
         return sorted(chosen.values(), key=lambda lock: lock.key)
 
     async def release_by_pull(self, repo: str, pull: int) -> Locks:
-        locks, unreached = await self.release_by_pull_reachable(repo, pull)
+        done, unreached = await self.release_by_pull_reachable(repo, pull)
         if unreached:
             raise BackendUnavailable("the enhanced store did not answer (release by pull)")
-        return locks
+        return done.released
 
     def release_by_pull_reachable(
         self, repo: str, pull: int
-    ) -> Coroutine[Any, Any, tuple[Locks, Sides]]:
-        """Release the pull's locks on every side that answers; say which sides did not.
+    ) -> Coroutine[Any, Any, tuple[PullClosed, Sides]]:
+        """Drop the pull's queued requests, then release its locks on every side that
+        answers; say which sides did not.
 
-        With the enhanced side away, what legacy holds (what it granted in fallback) is
-        released now and journaled, so reconciling never adopts it into enhanced; locks the
-        pull held on the enhanced side stay held there until it is asked again."""
+        Queued requests go first, as when the pull closes (:meth:`close_pull`): a request of
+        the pull still waiting would otherwise be granted later and hold its key for a pull
+        whose locks were let go, and nobody would release it again. Its caller is answered
+        ``cancelled``. With the enhanced side away, what legacy holds (what it granted in
+        fallback) is released now and journaled, so reconciling never adopts it into enhanced;
+        locks the pull held on the enhanced side, and its requests queued there, stay until it
+        is asked again."""
         return self._gated(self._release_by_pull_reachable(repo, pull))
 
     async def _release_by_pull_reachable(
         self, repo: str, pull: int
-    ) -> tuple[Locks, Sides]:
+    ) -> tuple[PullClosed, Sides]:
+        try:
+            cancelled, _ = await self._drop_queued(repo, pull, closed_at=None)
+        except BackendUnavailable:
+            cancelled = []  # the enhanced side's release below says it did not answer
         released: Locks = []
         unreached: Sides = []
         for locker in self._lockers():
@@ -767,7 +776,7 @@ class Router(AtlantisCalls):
         locks = self._one_per_key(released)
         if self.migration is not None:
             self.migration.after_release_by_pull(repo, pull, locks)
-        return locks, unreached
+        return PullClosed(released=locks, cancelled=cancelled), unreached
 
     # --- batches ---------------------------------------------------------------------------
     async def acquire_batch(self, request: BatchLockRequest) -> BatchResult:
@@ -923,16 +932,8 @@ class Router(AtlantisCalls):
     ) -> PullClosed:
         if closed_at is not None:  # VCS times are whole seconds, and clocks differ a little
             closed_at += CLOSE_TOLERANCE
-        cancelled: WaiterIds = []
-        granted_meanwhile: set[str] = set()
-        enhanced = self._queueing()
-        if enhanced is not None:  # first the queue, so no release hands a key to this pull
-            for key, waiter in await enhanced.waiting_for(repo, pull):
-                if closed_at is None or waiter.enqueued_at <= closed_at:
-                    if await enhanced.cancel_waiter(key, waiter.id) is not None:
-                        cancelled.append(waiter.id)
-                    else:  # granted between the look and the cancel: its locks go too
-                        granted_meanwhile.update(waiter.keys)
+        # first the queue, so no release hands a key to this pull
+        cancelled, granted_meanwhile = await self._drop_queued(repo, pull, closed_at=closed_at)
         released: Locks = []
         for lock in await self.list(repo=repo, pull=pull):
             if (closed_at is not None and lock.acquired_at > closed_at
@@ -944,6 +945,26 @@ class Router(AtlantisCalls):
             except LockNotOwned:
                 continue  # taken by another pull since the list: not this pull's to release
         return PullClosed(released=released, cancelled=cancelled)
+
+    async def _drop_queued(
+        self, repo: str, pull: int, *, closed_at: datetime | None
+    ) -> tuple[WaiterIds, set[str]]:
+        """Cancel the pull's queued requests (those queued by ``closed_at``, when given),
+        wherever they wait: the store tells the replica each one waits on. Answers the waiter
+        ids cancelled and the keys of those granted between the look and the cancel (their
+        locks are the pull's now)."""
+        cancelled: WaiterIds = []
+        granted_meanwhile: set[str] = set()
+        enhanced = self._queueing()
+        if enhanced is None:
+            return cancelled, granted_meanwhile
+        for key, waiter in await enhanced.waiting_for(repo, pull):
+            if closed_at is None or waiter.enqueued_at <= closed_at:
+                if await enhanced.cancel_waiter(key, waiter.id) is not None:
+                    cancelled.append(waiter.id)
+                else:  # granted between the look and the cancel: its locks go too
+                    granted_meanwhile.update(waiter.keys)
+        return cancelled, granted_meanwhile
 
     def force_unlock(self, key: str) -> Coroutine[Any, Any, Lock | None]:
         """Free ``key`` on whichever side holds it; the enhanced side serves its queue. Told to
