@@ -17,7 +17,8 @@ on each line it prints (once per change of place, holders or waiters ahead), the
 wait from ``GET /v1/queue/waiter``. Atlantis puts a step's output in the pull request's comment.
 It exits 0 holding the lock, 1 with one line when it is refused (held with no wait, timeout,
 queue full, deadlock, collision), 2 when the environment or a flag is wrong, 3 when the service
-cannot be reached or could not serve the call now (its 503 or 429).
+cannot be reached or cannot serve the call now (503: its store did not answer, or it is
+overloaded; 429), as every command does (:func:`terminal.service_failed`).
 
 ``step release`` gives the project's lock back (only this pull's, only this repository's); a
 lock already gone is not an error.
@@ -37,14 +38,14 @@ from typing import Any, TextIO
 
 from pydantic import ValidationError
 
+from enhanced_locking import terminal
 from enhanced_locking.client import AsyncClient, Client, ServiceError
 from enhanced_locking.durations import format_duration, parse_duration
-from enhanced_locking.terminal import NOT_SERVED
 from enhanced_locking.types import AcquireResult, LockRequest, Priority, Reason
 
 __all__ = ["COMMAND_PRIORITY", "add_step_command", "request_from_env"]
 
-EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
+PROG = "enhanced-locking step"
 
 COMMAND_PRIORITY = {"plan": Priority.NORMAL, "apply": Priority.HIGH, "import": Priority.HIGH,
                     "state": Priority.HIGH}
@@ -217,7 +218,7 @@ def _acquire(args: argparse.Namespace, env: Mapping[str, str], out: TextIO) -> i
               f"(fencing token {result.lock.fencing_token})", file=out, flush=True)
         return 0
     print(f"enhanced-locking: {refusal_line(result, request)}", file=sys.stderr, flush=True)
-    return EXIT_REFUSED
+    return terminal.EXIT_REFUSED
 
 
 def _release(args: argparse.Namespace, env: Mapping[str, str], out: TextIO) -> int:
@@ -230,7 +231,7 @@ def _release(args: argparse.Namespace, env: Mapping[str, str], out: TextIO) -> i
             if error.status != 409:
                 raise
             print(f"enhanced-locking: not released: {error}", file=sys.stderr, flush=True)
-            return EXIT_REFUSED
+            return terminal.EXIT_REFUSED
     if lock is None:
         print(f"enhanced-locking: {request.key} was not locked; nothing to release", file=out)
     else:
@@ -245,13 +246,10 @@ def _run(args: argparse.Namespace) -> int:
         action = _acquire if args.step_command == "acquire" else _release
         return action(args, os.environ, sys.stdout)
     except StepError as error:
-        print(f"enhanced-locking step: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        terminal.say(PROG, str(error))
+        return terminal.EXIT_USAGE
     except ServiceError as error:
-        print(f"enhanced-locking step: {error}", file=sys.stderr)
-        if error.status in NOT_SERVED:  # not reached, or its 503 or 429: as the lock commands
-            return EXIT_UNREACHABLE
-        return EXIT_USAGE if error.status == 422 else EXIT_REFUSED
+        return terminal.service_failed(PROG, str(error), status=error.status)
 
 
 def _seconds(text: str) -> float:
@@ -269,7 +267,7 @@ def add_step_command(commands: Any) -> list[argparse.ArgumentParser]:
         description="Reads Atlantis's run-step environment (BASE_REPO_OWNER, BASE_REPO_NAME, "
                     "PULL_NUM, REPO_REL_DIR, WORKSPACE, PROJECT_NAME, ...). Exit codes: 0 "
                     "locked/released; 1 refused or timed out; 2 bad environment or flags; 3 "
-                    "service unreachable.")
+                    "service unreachable or unable to serve now (503, 429).")
     sub = step.add_subparsers(dest="step_command", required=True)
     acquire = sub.add_parser("acquire", help="take the project's lock, waiting in the queue")
     acquire.add_argument("--command", choices=sorted(COMMAND_PRIORITY), default=None,
