@@ -38,6 +38,8 @@ SCOPED = "scoped-token"
 """Holds ``release-any`` and ``lock`` on acme/infra only; ``read`` everywhere."""
 NOBODY = "nobody-token"
 """Holds no right at all."""
+READER = "reader-token"
+"""Holds ``read`` on acme/infra only."""
 
 
 class Tokens:
@@ -67,11 +69,12 @@ RIGHTS = {
     "ada": EVERY,
     "sam": frozenset({(Verb.READ, None), (Verb.LOCK, INFRA), (Verb.RELEASE_ANY, INFRA)}),
     "nora": frozenset(),
+    "rita": frozenset({(Verb.READ, INFRA)}),
 }
 
 
 def per_repository(config: EnhancedLockingConfig) -> AccessControl:
-    tokens = Tokens({ADMIN: "ada", SCOPED: "sam", NOBODY: "nora"})
+    tokens = Tokens({ADMIN: "ada", SCOPED: "sam", NOBODY: "nora", READER: "rita"})
     return AccessControl("kubernetes", [tokens], PerRepository(RIGHTS))
 
 
@@ -340,3 +343,41 @@ async def test_a_batch_release_any_frees_the_keys_it_reaches_and_names_those_it_
     rows = [row for row in await served.rows() if row.action == "release-any"]
     assert [(row.repo, row.key, row.outcome, row.status) for row in rows] == [
         (INFRA, f"{a},{b}", "released 1, not reached 1", 200)]
+
+
+async def test_unreadable_keys_under_a_repository_are_listed_only_to_who_reads_every_one(
+    served: Served, tmp_path: Path,
+) -> None:
+    """An unreadable key of acme/infra/sub starts with ``acme/infra/`` as acme/infra's keys do,
+    and which repository it is of cannot be read: a caller who may read acme/infra only lists
+    acme/infra's locks but none of the unreadable keys; one who may read every repository lists
+    them under the filter."""
+    infra, sub = await served.acquire(INFRA), await served.acquire(SUB)
+    store = str(tmp_path / "enhanced-locking.db")
+    for key in (infra, sub):
+        spoil_file(store, "enhanced", key, RAW)
+    readable = await served.acquire(INFRA, path="q")
+    everything = await served.http.get("/v1/locks", headers=served.as_(ADMIN))  # finds both
+    assert sorted(entry["key"] for entry in everything.json()["unreadable"]) == sorted(
+        [infra, sub])
+
+    def listed(answer: httpx.Response) -> tuple[list[str], list[str]]:
+        assert answer.status_code == 200, answer.text
+        assert SECRET not in answer.text
+        return ([lock["key"] for lock in answer.json()["locks"]],
+                sorted(entry["key"] for entry in answer.json().get("unreadable", [])))
+
+    for token in (ADMIN, SCOPED):  # read on every repository
+        assert listed(await served.http.get("/v1/locks", params={"repo": INFRA},
+                                            headers=served.as_(token))) == (
+            [readable], sorted([infra, sub]))
+        assert listed(await served.http.get("/v1/locks", params={"repo": SUB},
+                                            headers=served.as_(token))) == ([], [sub])
+    mine = await served.http.get("/v1/locks", params={"repo": INFRA},
+                                 headers=served.as_(READER))
+    assert listed(mine) == ([readable], [])
+    assert "unreadable" not in mine.json() and sub not in mine.text
+    for repo, status in ((SUB, 403), (None, 403)):
+        answer = await served.http.get("/v1/locks", params={"repo": repo} if repo else None,
+                                       headers=served.as_(READER))
+        assert answer.status_code == status, answer.text

@@ -222,12 +222,16 @@ def create_app(
                          pull: PullNum | None = None) -> Any:
         """Every held lock, optionally of one repository and/or pull request. When the
         enhanced store does not answer, legacy's locks with ``unavailable: ["enhanced"]``.
-        Stored locks that cannot be read are not in ``locks``; ``unreadable`` lists them (those
-        of the repository with ``repo``: whose pull they are cannot be read)."""
+        Stored locks that cannot be read are not in ``locks``; ``unreadable`` lists them (with
+        ``repo``, those whose key starts with it, and only to a caller who may read every
+        repository: whose repository and pull they are cannot be read, and a key of
+        ``acme/infra`` may as well be one of ``acme/infra/sub``'s)."""
         await caller.need(Verb.READ, action="list", repo=repo, pull=pull)
         locks, unreached = await router.list_reachable(repo=repo, pull=pull)
         unreadable = [unreadable_json(entry) for entry in service.unreadable()
                       if repo is None or entry.key.startswith(repo + "/")]
+        if repo is not None and unreadable and not await caller.may(Verb.READ):
+            unreadable = []
         return {"locks": _locks(locks), **({"unavailable": unreached} if unreached else {}),
                 **({"unreadable": unreadable} if unreadable else {})}
 
