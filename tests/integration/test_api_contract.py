@@ -72,6 +72,26 @@ def test_a_405_names_every_method_the_path_allows(
     assert answer.json()["error"]
 
 
+@pytest.mark.parametrize(("method", "path"), [
+    ("GET", "/v1/locks/"), ("POST", "/v1/locks/"), ("DELETE", "/v1/locks/by-key/"),
+    ("GET", "/healthz/"), ("GET", "/ui/"),
+])
+def test_a_trailing_slash_is_a_404_naming_the_path_never_a_redirect(
+    http: httpx.Client, method: str, path: str,
+) -> None:
+    """A redirect's absolute Location would be built from Host as http://: behind a proxy
+    that ends TLS, a client following it would send its token in plain text."""
+    answer = http.request(method, path, headers={
+        "Host": "locks.example", "X-Forwarded-Proto": "https",
+        "Authorization": "Bearer not-to-be-sent-anywhere"})
+    assert answer.status_code == 404, answer.text
+    assert "location" not in answer.headers
+    assert answer.json() == {"error": f"no such path {path}: the path is {path[:-1]}, without "
+                                      "the trailing slash"}
+    unknown = http.get("/v1/nothing/")
+    assert unknown.status_code == 404 and unknown.json() == {"error": "Not Found"}
+
+
 @pytest.mark.parametrize("content", [b"{bad", b"\xc3\x28{}", b""], ids=["syntax", "not-utf8",
                                                                          "empty"])
 def test_a_body_that_is_not_json_answers_422(http: httpx.Client, content: bytes) -> None:

@@ -126,6 +126,10 @@ def create_app(
         version="v1",
         summary="Atlantis's lock service: queues, priorities, timeouts and gradual migration.",
         lifespan=lifespan,
+        # No 307 from /v1/locks/ to /v1/locks: Starlette builds its absolute Location from the
+        # Host header as http://, so behind a TLS-terminating proxy a client would follow it in
+        # plain text with its token. The 404 names the path without the slash instead.
+        redirect_slashes=False,
     )
     install_error_handlers(app)
     # What the middleware below answers, and the 422 of .errors, in the OpenAPI document.

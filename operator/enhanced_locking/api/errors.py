@@ -128,6 +128,9 @@ def install_error_handlers(app: FastAPI) -> None:
             return json_error(422, f"body: not valid JSON ({error.detail})", field="body",
                               detail=[{"loc": ["body"], "msg": str(error.detail),
                                        "type": "json_invalid"}])
+        if error.status_code == 404 and (served := _without_slash(request)) is not None:
+            return json_error(404, f"no such path {request.url.path}: the path is {served}, "
+                                   "without the trailing slash")
         answer = json_error(error.status_code, str(error.detail))
         answer.headers.update(error.headers or {})
         if error.status_code == 405:
@@ -135,6 +138,19 @@ def install_error_handlers(app: FastAPI) -> None:
             # several routes (GET and DELETE /v1/locks/by-key) allows all of theirs.
             answer.headers["Allow"] = ", ".join(_allowed(request))
         return answer
+
+
+def _without_slash(request: Request) -> str | None:
+    """The path a request ending in ``/`` names without it, when a route serves that path
+    (the app answers no redirect to it: see ``redirect_slashes`` in ``create_app``)."""
+    path = request.url.path
+    if len(path) < 2 or not path.endswith("/"):
+        return None
+    bare = path.rstrip("/") or "/"
+    for route in request.app.router.routes:
+        if isinstance(route, Route) and route.path_regex.fullmatch(bare):
+            return bare
+    return None
 
 
 def _allowed(request: Request) -> list[str]:
