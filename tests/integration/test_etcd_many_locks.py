@@ -16,7 +16,7 @@ from tests.support.etcd_fixtures import grant
 from tests.support.locks import candidate_for, request_for
 
 from enhanced_locking.backends.etcd_connection import kv_calls
-from enhanced_locking.backends.etcd_store import _PULL_PART, EtcdBackend
+from enhanced_locking.backends.etcd_store import _PAGE, _PULL_PART, EtcdBackend
 
 pytestmark = [pytest.mark.etcd, pytest.mark.timeout(120)]
 
@@ -56,8 +56,10 @@ async def test_ten_thousand_locks_are_listed_exported_and_released_by_pull(
             puts.append(etcd3aio.kv.KVService.txn_op_put(
                 a.lock_key(key), raw.replace(path(0).encode(), path(i).encode())))
         await kv.txn([], puts)
+    pages = b.pages
     locks = await b.list()
     assert len(locks) == LOCKS
+    assert b.pages - pages == LOCKS // _PAGE - 1  # past the first (one of 7 MB before)
     assert sum(lock.pull.num == 7 for lock in locks) == PULLED
     exported, _tokens = await b.export()
     assert len(exported) == LOCKS
