@@ -7,6 +7,7 @@ moment of the disconnect placed after the second answer."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import pytest
 from tests.conftest import ServiceMaker
@@ -15,7 +16,13 @@ from tests.unit.test_client_gone import _post
 from enhanced_locking.api import create_app
 from enhanced_locking.api.audit import AuditTrail
 from enhanced_locking.backends.audit_store import AuditQuery, build_audit_store
-from enhanced_locking.types import AcquireResult, BatchLockRequest, BatchResult, LockRequest
+from enhanced_locking.types import (
+    AcquireResult,
+    BatchLockRequest,
+    BatchResult,
+    Lock,
+    LockRequest,
+)
 
 REPO = "acme/twice"
 PULL = {"num": 2, "url": "https://git.example/acme/twice/pull/2", "author": "bob"}
@@ -23,6 +30,17 @@ ONE = {"project": {"repoFullName": REPO, "path": "net", "projectName": "net"}, "
        "user": {"username": "bob"}}
 BATCH = {"locks": [{"project": {"repoFullName": REPO, "path": name, "projectName": name}}
                    for name in ("net", "dns")], "pull": PULL, "user": {"username": "bob"}}
+
+
+async def _kept(keys: list[str], get: Callable[[str], Awaitable[Lock | None]],
+                trail: AuditTrail) -> None:
+    """Every key of ``keys`` is still the pull's, and the audit trail says a give-back kept."""
+    for key in keys:
+        held = await get(key)
+        assert held is not None and held.pull.num == 2, (
+            f"{key}: the first request's give-back freed the lock the other was answered with")
+    rows = await trail.read(AuditQuery(repo=REPO, limit=10))
+    assert "kept" in [row.outcome for row in rows], rows
 
 
 @pytest.mark.parametrize("path", ["/v1/locks", "/v1/locks/batch"])
@@ -71,11 +89,52 @@ async def test_a_give_back_keeps_the_hold_another_request_of_the_pull_was_answer
         keys = [f"{REPO}/net/default/net"]
         if path == "/v1/locks/batch":
             keys.append(f"{REPO}/dns/default/dns")
-        for key in keys:
-            held = await router.get(key)
-            assert held is not None and held.pull.num == 2, (
-                f"{key}: the first request's give-back freed the second's lock")
-        rows = await trail.read(AuditQuery(repo=REPO, limit=10))
-        assert "kept" in [row.outcome for row in rows], rows
+        await _kept(keys, router.get, trail)
+    finally:
+        await trail.close()
+
+
+async def test_a_batch_served_by_legacy_while_the_enhanced_store_is_down_keeps_the_hold(
+    make_service: ServiceMaker, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The single request's fresh grant comes from the legacy store (the enhanced store's
+    # connection is closed, the fallback is legacy); before its answer goes out a batch of the
+    # same pull is served by the legacy store too, answered with the same hold of "net" and a
+    # fresh one of "dns"; then the single request's client goes away.
+    service = await make_service(enabled=True, backend="boltdb", fallback="legacy")
+    assert service.enhanced is not None
+    await service.enhanced.backend.close()
+    trail = AuditTrail(build_audit_store(service.provider.current.config),
+                       stdout=lambda: False)
+    try:
+        app = create_app(service, manage_lifecycle=False, audit=trail)
+        router = service.router
+        first_gone, second_gone = asyncio.Event(), asyncio.Event()
+        first_sent: list[tuple[int, bool]] = []
+        second_sent: list[tuple[int, bool]] = []
+        batches: list[BatchResult] = []
+        acquire, acquire_batch = router.acquire, router.acquire_batch
+
+        async def acquire_then(request: LockRequest) -> AcquireResult:
+            result = await acquire(request)
+            assert result.lock is not None and result.lock.backend == "legacy", result
+            await _post(app, BATCH, second_gone, second_sent, path="/v1/locks/batch")
+            first_gone.set()
+            return result
+
+        async def acquire_batch_then(request: BatchLockRequest) -> BatchResult:
+            batches.append(await acquire_batch(request))
+            return batches[-1]
+
+        monkeypatch.setattr(router, "acquire", acquire_then)
+        monkeypatch.setattr(router, "acquire_batch", acquire_batch_then)
+        await _post(app, ONE, first_gone, first_sent)
+
+        assert second_sent == [(200, False)], "the batch was answered as holding both keys"
+        assert [lock.backend for lock in batches[0].locks] == ["legacy", "legacy"], batches
+        assert [status for status, _ in first_sent] != [200], (
+            "the single request's client was gone as it was answered")
+        await _kept([f"{REPO}/net/default/net", f"{REPO}/dns/default/dns"], service.legacy.get,
+                    trail)
     finally:
         await trail.close()

@@ -9,13 +9,14 @@ and releasing several keys.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from enhanced_locking.backends.base import Owner
 from enhanced_locking.locking.base import Locker
 from enhanced_locking.types import (
     BatchLockRequest,
     BatchResult,
+    Lock,
     LockNotOwned,
     Locks,
     Reason,
@@ -24,14 +25,20 @@ from enhanced_locking.types import (
 __all__ = ["acquire_one_by_one", "release_all"]
 
 
-async def acquire_one_by_one(locker: Locker, batch: BatchLockRequest) -> BatchResult:
+async def acquire_one_by_one(
+    locker: Locker, batch: BatchLockRequest, *,
+    held_already: Callable[[Lock], object] | None = None,
+) -> BatchResult:
     """All of ``batch`` or none on a fail-fast locker: roll back at the first refusal.
 
     Nothing waits here, so the partial set exists only between two store calls.
+    ``held_already`` is told each lock granted that the pull held before the batch (answered
+    again, not granted anew), once the whole batch is granted.
     """
     owner = batch.owner
     locks: Locks = []
     taken: Locks = []  # the fresh ones, given back on a refusal
+    again: Locks = []  # the pull's before the batch
     for request in batch.requests():
         before = await locker.get(request.key)
         result = await locker.acquire(request.model_copy(update={"wait": None}))
@@ -39,11 +46,16 @@ async def acquire_one_by_one(locker: Locker, batch: BatchLockRequest) -> BatchRe
             locks.append(result.lock)
             if before is None or not before.owned_by(*owner):  # ours before the batch: keep
                 taken.append(result.lock)
+            else:
+                again.append(result.lock)
             continue
         for lock in taken:
             await locker.release(lock.key, owner=owner)
         return BatchResult(acquired=False, lock_key=request.key,
                            reason=result.reason or Reason.HELD, holder=result.holder)
+    if held_already is not None:
+        for lock in again:
+            held_already(lock)
     return BatchResult(acquired=True, locks=locks)
 
 

@@ -856,7 +856,9 @@ class Router(AtlantisCalls):
             first = await enhanced.acquire_batch(part)
         except BackendUnavailable as error:
             if self._fallback_action(on_enhanced[0].key, owner[0], error) == "legacy":
-                served = await batch.acquire_one_by_one(self.legacy, request)
+                # a hold the pull had already is noted as answered again (see _Answers)
+                served = await batch.acquire_one_by_one(self.legacy, request,
+                                                        held_already=self._answers.again)
                 for lock in served.locks:  # reconciled into enhanced when it answers again
                     await self._journal_grant(lock)
                 return served
