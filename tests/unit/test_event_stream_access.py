@@ -18,7 +18,7 @@ import pytest
 import uvicorn
 from tests.support.service import free_port
 
-from enhanced_locking.api import create_app
+from enhanced_locking.api import create_app, sse
 from enhanced_locking.api.static_access import RECHECK_SECONDS
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.events import FOLLOWING_COMMENT
@@ -173,11 +173,14 @@ async def _ci_and_vera(tmp_path: Path) -> AsyncIterator[TwoStreams]:
 
 @pytest.mark.timeout(60)
 async def test_a_token_withdrawn_from_the_tokens_file_ends_its_open_stream(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """``ci`` keeps its role under a new token; the token its stream opened with is removed
     from the tokens file: new requests with it get 401 after the file's recheck, and its open
-    stream ends at the next event, without it. A stream whose token stays keeps flowing."""
+    stream ends at the next event, without it. A stream whose token stays keeps flowing.
+    The streams' recheck timer is held off (its floor an hour), so only the event can end it:
+    the timer's path is the idle stream's test below."""
+    monkeypatch.setattr(sse, "RECHECK_FLOOR_SECONDS", 3600.0)
     async with _ci_and_vera(tmp_path) as on:
         service, http, tokens, ci, vera, readers = (
             on.service, on.http, on.tokens, on.ci, on.vera, on.readers)
@@ -197,6 +200,7 @@ async def test_a_token_withdrawn_from_the_tokens_file_ends_its_open_stream(
         assert (await http.get("/v1/locks", headers={
             "Authorization": f"Bearer {CI_NEW}"})).status_code == 200, "ci keeps its role"
         await asyncio.sleep(RECHECK_SECONDS)  # the stream's own recheck time passed too
+        assert not readers[0].done(), "the stream ended before an event (the timer is off)"
 
         after = await service.router.acquire(_request("after"))
         assert after.acquired and after.lock is not None
