@@ -56,12 +56,18 @@ class SwitchGate:
         self._switching = asyncio.Event()
         self._pass = Pass(switching=self._switching)  # one per switch: made once, not per call
         self._through = 0
+        self._waiting = 0
         self._drained: asyncio.Event | None = None
 
     @property
     def through(self) -> int:
         """How many calls are through the gate now."""
         return self._through
+
+    @property
+    def waiting(self) -> int:
+        """How many calls wait at the closed gate now."""
+        return self._waiting
 
     def passing(self) -> Pass | None:
         """:meth:`enter` when it would not wait (no switch under way), without a coroutine
@@ -79,7 +85,11 @@ class SwitchGate:
         if _INSIDE.get():
             return _NESTED
         while not self._open.is_set():
-            await self._open.wait()
+            self._waiting += 1
+            try:
+                await self._open.wait()
+            finally:
+                self._waiting -= 1
         self._through += 1
         _INSIDE.set(True)
         return self._pass
