@@ -117,6 +117,48 @@ def test_a_rotated_pair_whose_key_does_not_match_keeps_the_previous_certificate(
         time.sleep(0.2)
 
 
+def presented_to_rsa_only(port: int, ca: Path) -> int | None:
+    """The serial of the certificate a client that takes an RSA one only (TLS 1.2, RSA-signed
+    key exchanges) is presented; None when the service has none for it (the handshake fails)."""
+    context = ssl.create_default_context(cafile=str(ca))
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers("ECDHE-RSA-AES128-GCM-SHA256:ECDHE-RSA-AES256-GCM-SHA384")
+    try:
+        with socket.create_connection((LOOPBACK, port), timeout=5) as raw, \
+                context.wrap_socket(raw, server_hostname=LOOPBACK) as tls:
+            der = tls.getpeercert(binary_form=True)
+    except ssl.SSLError:
+        return None
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def test_a_pair_rotated_to_another_key_type_leaves_no_client_the_replaced_certificate(
+    tmp_path: Path,
+) -> None:
+    # OpenSSL keeps one certificate per key type in a context: an EC pair loaded over an RSA
+    # one leaves the RSA certificate and key in place, presented to every client that can
+    # take only RSA, after a rotation meant to retire them.
+    ca = CertificateAuthority(tmp_path)
+    first = ca.issue("first", "enhanced-locking", server=True, ips=[LOOPBACK], rsa_key=True)
+    second = ca.issue("second", "enhanced-locking", server=True, ips=[LOOPBACK])
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    install(first, cert, key)
+    service = ServiceProcess(tmp_path / "data", ca_file=ca.pair.cert, args=[
+        f"--enhanced-locking-tls-cert-file={cert}", f"--enhanced-locking-tls-key-file={key}",
+    ])
+    with running(service):
+        assert presented_to_rsa_only(service.port, ca.pair.cert) == serial(first)
+        install(second, cert, key)
+        deadline = time.monotonic() + 15
+        while presented_serial(service.port, ca.pair.cert) != serial(second):
+            assert time.monotonic() < deadline, "the rotated certificate was not picked up"
+            time.sleep(0.2)
+        assert presented_to_rsa_only(service.port, ca.pair.cert) is None
+        with httpx.Client(base_url=service.url, verify=trusting(ca), timeout=10) as http:
+            assert http.get("/healthz").status_code == 200
+
+
 def test_a_key_that_does_not_match_exits_2_naming_the_setting(tmp_path: Path) -> None:
     ca = CertificateAuthority(tmp_path)
     one = ca.issue("one", "a", server=True, ips=[LOOPBACK])
@@ -158,8 +200,8 @@ def _presented_by(context: ssl.SSLContext, ca: CertificateAuthority) -> int:
 def test_files_rotated_between_the_trial_load_and_the_live_one_never_reach_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # The pair is tried on a spare context, then loaded live: a rotation landing between the
-    # two (here a pair whose key does not match) must not be what the live context loads.
+    # The pair is read once and loaded on a context of its own, which then serves: a rotation
+    # landing after that load (here a pair whose key does not match) must not be what serves.
     ca = CertificateAuthority(tmp_path)
     first, second, third = (ca.issue(name, "enhanced-locking", server=True, ips=[LOOPBACK])
                             for name in ("first", "second", "third"))

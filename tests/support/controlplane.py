@@ -46,7 +46,7 @@ from typing import IO
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from tests.support.background_builds import BackgroundBuildFailed, await_build
 from tests.support.child import dying_with_parent
@@ -213,7 +213,10 @@ def _new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+
+
+def _key_pem(key: PrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.TraditionalOpenSSL,
@@ -263,7 +266,7 @@ class CertificateAuthority:
         )
         self.pair = self._write("ca", self._cert, self._key)
 
-    def _write(self, stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> KeyPair:
+    def _write(self, stem: str, cert: x509.Certificate, key: PrivateKey) -> KeyPair:
         pair = KeyPair(self.directory / f"{stem}.crt", self.directory / f"{stem}.key")
         pair.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         pair.key.write_bytes(_key_pem(key))
@@ -279,9 +282,12 @@ class CertificateAuthority:
         server: bool = False,
         dns_names: Sequence[str] = (),
         ips: Sequence[str] = (),
+        rsa_key: bool = False,
     ) -> KeyPair:
-        """Signs a new leaf certificate: a server one (with SANs) or a client one."""
-        key = _new_key()
+        """Signs a new leaf certificate: a server one (with SANs) or a client one; its key is
+        an EC P-256 one, or a 2048-bit RSA one with ``rsa_key``."""
+        key: PrivateKey = (rsa.generate_private_key(public_exponent=65537, key_size=2048)
+                           if rsa_key else _new_key())
         now = datetime.datetime.now(datetime.UTC)
         usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
         builder = (

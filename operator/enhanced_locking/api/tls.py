@@ -1,13 +1,19 @@
 """HTTPS serving with a certificate that can be rotated without a restart.
 
-uvicorn builds one :class:`ssl.SSLContext` from ``tls-cert-file`` and ``tls-key-file``. Loading
-a new chain into that same context changes what *new* handshakes present (open connections keep
-theirs), so rotating the files (cert-manager renewing a Secret mounted into the pod) takes
-effect within :data:`CHECK_SECONDS` without dropping a connection. A pair that does not load
-(a half-written file, a key that does not match) keeps the previous certificate and is logged.
+uvicorn builds one :class:`ssl.SSLContext` from ``tls-cert-file`` and ``tls-key-file``. A pair
+that changed is loaded into a context of its own, and every new handshake on uvicorn's context
+is switched to the newest such context (its ``sni_callback``, called for every handshake, with
+or without a server name), so rotating the files (cert-manager renewing a Secret mounted into
+the pod) takes effect within :data:`CHECK_SECONDS` without dropping a connection (open ones
+keep theirs). A pair that does not load (a half-written file, a key that does not match) keeps
+the previous certificate and is logged.
 
-The pair is read once per reload and the same bytes are tried and then loaded: files rotated
-between the two loads cannot put into the live context a pair that was never tried.
+Not loaded into uvicorn's context itself: OpenSSL keeps one certificate and key per key type
+there, so an EC pair loaded over an RSA one left the RSA certificate and key in place, still
+presented to every client that takes only RSA. A context of its own holds the one pair.
+
+The pair is read once per reload and those bytes are loaded, whole or not at all: files rotated
+meanwhile cannot put a pair that was never tried in front of a handshake.
 """
 
 from __future__ import annotations
@@ -74,7 +80,8 @@ def _load_pair(context: ssl.SSLContext, cert: bytes, key: bytes) -> None:
 
 
 class CertificateReloader:
-    """Watches the certificate and key files and loads them again into ``context``."""
+    """Watches the certificate and key files; each pair that loads whole serves every handshake
+    on ``context`` from then on."""
 
     def __init__(self, context: ssl.SSLContext, cert_file: str, key_file: str, *,
                  interval: float = CHECK_SECONDS) -> None:
@@ -83,7 +90,16 @@ class CertificateReloader:
         self.key_file = key_file
         self.interval = interval
         self.loads = 0
+        self.serving: ssl.SSLContext | None = None
+        """The context of the newest pair that loaded (None: ``context``'s own pair serves)."""
         self._stamp = _stamp(cert_file, key_file)
+        context.sni_callback = self._serve
+
+    def _serve(self, connection: ssl.SSLObject | ssl.SSLSocket, server_name: str | None,
+               context: ssl.SSLContext) -> None:
+        """A handshake's start: it presents the newest pair that loaded."""
+        if self.serving is not None:
+            connection.context = self.serving
 
     def check(self) -> bool:
         """Load the pair again if either file changed; whether it was loaded."""
@@ -91,18 +107,18 @@ class CertificateReloader:
         if stamp == self._stamp:
             return False
         try:
-            # A certificate that loads with a key that does not match is refused only after
-            # the live context has taken the certificate, leaving it no usable key: every new
-            # handshake would fail. So the pair is tried on a throwaway context first, and the
-            # very bytes tried are the ones loaded live (read once: a rotation between the two
-            # loads would otherwise load live a pair never tried).
+            # A context of its own (see the module's docstring), which serves only once the
+            # pair loaded whole: a certificate that loads with a key that does not match is
+            # refused after the context took the certificate, leaving it no usable key. The
+            # files are read once: the bytes loaded are the bytes tried.
             cert, key = _read(self.cert_file), _read(self.key_file)
-            _load_pair(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), cert, key)
-            _load_pair(self.context, cert, key)
+            fresh = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            _load_pair(fresh, cert, key)
         except (OSError, ssl.SSLError) as error:
             log.error("TLS certificate %s not reloaded, the previous one stays: %s",
                       self.cert_file, error)
             return False
+        self.serving = fresh
         self._stamp = stamp
         self.loads += 1
         log.info("TLS certificate %s reloaded", self.cert_file)
