@@ -222,8 +222,12 @@ def _edit(cluster: Cluster, args: argparse.Namespace) -> int:
     spec = current.get("spec") or {}
     patch: dict[str, Any]
     if action == "promote" and args.full:
-        patch, said = {"spec": {"promote": True}}, "full promotion requested (spec.promote: " \
-            "true): every key to enhanced, the steps left skipped"
+        # spec.abort and spec.promote cannot both be true (the CRD refuses it): the one asked
+        # for last wins, as a user editing by hand would clear the other.
+        patch = {"spec": {"promote": True, **({"abort": None} if spec.get("abort") else {})}}
+        cleared = ", spec.abort cleared" if spec.get("abort") else ""
+        said = (f"full promotion requested (spec.promote: true{cleared}): every key to "
+                "enhanced, the steps left skipped")
     elif action == "promote":
         value = _token()
         patch = {"metadata": {"annotations": {PROMOTE_ANNOTATION: value}}}
@@ -233,8 +237,11 @@ def _edit(cluster: Cluster, args: argparse.Namespace) -> int:
     elif action == "resume":
         patch, said = {"spec": {"paused": False}}, "resumed (spec.paused: false)"
     elif action == "abort":
-        patch, said = {"spec": {"abort": True}}, \
-            "abort requested (spec.abort: true): every key goes back to legacy"
+        # After a full promotion most of all: an abort that the CRD refused would leave every
+        # key on enhanced.
+        patch = {"spec": {"abort": True, **({"promote": None} if spec.get("promote") else {})}}
+        cleared = ", spec.promote cleared" if spec.get("promote") else ""
+        said = f"abort requested (spec.abort: true{cleared}): every key goes back to legacy"
     elif action == "retry" and spec.get("abort"):
         patch, said = {"spec": {"abort": False}}, \
             "restarted from step 1 (spec.abort: false)"

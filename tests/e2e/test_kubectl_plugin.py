@@ -161,3 +161,29 @@ def test_status_watch_follows_the_rollout_until_it_completes(
     last = trees[-1].splitlines()
     assert last[1].startswith("├── Phase:    Completed")
     assert "│   └── ✔ 3. setWeight 100" in last
+
+
+def test_abort_takes_back_a_full_promotion_and_a_full_promotion_an_abort(
+    kube_cluster: KubeCluster, kube_namespace: str, lock_crds: None,
+) -> None:
+    """spec.abort and spec.promote cannot both be true (the CRD's rule): an abort of a fully
+    promoted migration (the moment one is most needed) clears spec.promote instead of being
+    refused, and a full promotion clears spec.abort."""
+    apply(kube_cluster, kube_namespace, "LockMigration", "promoted",
+          {"policyRef": {"name": "default"}, "steps": STEPS, "promote": True})
+    ns = ("-n", kube_namespace)
+    where = f"lockmigration {kube_namespace}/promoted"
+
+    aborted = plugin(kube_cluster, "rollout", "abort", "promoted", *ns)
+    assert aborted.returncode == 0, aborted.stderr
+    assert aborted.stdout == (f"{where}: abort requested (spec.abort: true, spec.promote "
+                              "cleared): every key goes back to legacy\n")
+    spec = (cr(kube_cluster, "lockmigrations", "promoted", kube_namespace) or {})["spec"]
+    assert spec["abort"] is True and "promote" not in spec
+
+    promoted = plugin(kube_cluster, "rollout", "promote", "--full", "promoted", *ns,
+                      "-o", "json")
+    assert promoted.returncode == 0, promoted.stderr
+    assert json.loads(promoted.stdout)["patch"] == {"spec": {"promote": True, "abort": None}}
+    spec = (cr(kube_cluster, "lockmigrations", "promoted", kube_namespace) or {})["spec"]
+    assert spec["promote"] is True and "abort" not in spec
