@@ -75,9 +75,16 @@ class RolloutSummary:
         return self.phase not in ("Aborted", "Degraded")
 
     @property
+    def behind(self) -> bool:
+        """The status is of an older generation of the spec (the operator has not acted on
+        the last edit yet): its phase is not the edited rollout's."""
+        return _behind(self.generation, self.observed_generation)
+
+    @property
     def done(self) -> bool:
-        """Nothing left to do: completed, aborted or degraded (``--watch`` stops there)."""
-        return self.phase in ("Completed", "Aborted", "Degraded")
+        """Nothing left to do: completed, aborted or degraded (``--watch`` stops there), as
+        the status of the spec's latest generation says (as ``kubectl rollout status``)."""
+        return not self.behind and self.phase in ("Completed", "Aborted", "Degraded")
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready, camelCase like the CR."""
@@ -101,6 +108,10 @@ class RolloutSummary:
                          "lastSeenAt": self.last_seen_at},
             "generation": self.generation, "observedGeneration": self.observed_generation,
         }
+
+
+def _behind(generation: object, observed: object) -> bool:
+    return isinstance(generation, int) and isinstance(observed, int) and observed < generation
 
 
 def _time(text: object) -> datetime | None:
@@ -189,11 +200,16 @@ def summarize(body: Mapping[str, Any], *, now: datetime) -> RolloutSummary:
     transition = status.get("transition") or {}
     weight = status.get("currentWeight")
     analysis = status.get("analysis") or {}
+    message = str(status.get("message") or "the operator has not reported yet")
+    generation, observed = meta.get("generation"), status.get("observedGeneration")
+    if _behind(generation, observed):
+        message += (f" (the status is of generation {observed}; the operator has not acted "
+                    f"on generation {generation} yet)")
     return RolloutSummary(
         namespace=str(meta.get("namespace") or ""),
         name=str(meta.get("name") or ""),
         phase=str(status.get("phase") or "Pending"),
-        message=str(status.get("message") or "the operator has not reported yet"),
+        message=message,
         mode=str(status.get("mode") or spec.get("mode") or "route"),
         fallback=str(spec.get("fallback") or "legacy"),
         weight_now=float(weight) if isinstance(weight, int | float) else None,
@@ -211,8 +227,8 @@ def summarize(body: Mapping[str, Any], *, now: datetime) -> RolloutSummary:
         excluded_replicas=list(transition.get("excludedReplicas") or []),
         status_writer=status.get("statusWriter"),
         last_seen_at=status.get("lastSeenAt"),
-        generation=meta.get("generation"),
-        observed_generation=status.get("observedGeneration"),
+        generation=generation,
+        observed_generation=observed,
     )
 
 

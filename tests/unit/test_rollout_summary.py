@@ -92,3 +92,19 @@ def test_the_tree_shows_steps_weight_analysis_conditions_and_replicas() -> None:
 
 def test_colour_only_when_asked() -> None:
     assert "\033[" in render_tree(summarize(migration(), now=NOW), Style(enabled=True))
+
+
+def test_a_status_of_an_older_generation_is_not_done_and_says_so() -> None:
+    """Right after an edit the status is still the last generation's: a rollout that was
+    Completed is not done (``rollout status --watch`` waits, as ``kubectl rollout status``
+    waits for the observed generation) and the message says the status is behind."""
+    body = migration(phase="Completed", message="all 5 steps done at weight 100",
+                     observedGeneration=2)
+    summary = summarize(body, now=NOW)
+    assert not summary.done and summary.healthy
+    assert summary.message == ("all 5 steps done at weight 100 (the status is of generation "
+                               "2; the operator has not acted on generation 3 yet)")
+    assert summary.as_dict()["observedGeneration"] == 2
+    assert summarize(migration(phase="Completed"), now=NOW).done
+    aborted = summarize(migration(phase="Aborted", observedGeneration=2), now=NOW)
+    assert not aborted.done and not aborted.healthy
