@@ -203,10 +203,10 @@ async def _taken_over(rig: LockerRig, monkeypatch: pytest.MonkeyPatch) -> _Taken
             went.set()
 
     async def seen(key: str, waiter_id: str, *, reason: Reason = Reason.CANCELLED,
-                   caller: str = "") -> Any:
+                   caller: str = "", policy: QueuePolicy | None = None) -> Any:
         if reason is Reason.TIMEOUT:
             deadlines.append(waiter_id)
-        return await cancel(key, waiter_id, reason=reason, caller=caller)
+        return await cancel(key, waiter_id, reason=reason, caller=caller, policy=policy)
 
     monkeypatch.setattr(queueing, "await_turn", waits)
     monkeypatch.setattr(queueing, "_withdraw_retrying", withdrawal)
@@ -331,10 +331,11 @@ def _withdrawn_after_forgetting(backend: QueueBackend, monkeypatch: pytest.Monke
     cancel, answers = backend.cancel, list[Cancelled]()
 
     async def forgotten(key: str, waiter_id: str, *, reason: Reason = Reason.CANCELLED,
-                        caller: str = "") -> Cancelled:
+                        caller: str = "", policy: QueuePolicy | None = None) -> Cancelled:
         if reason is Reason.CANCELLED:
             await _forget(backend, waiter_id)
-        answers.append(await cancel(key, waiter_id, reason=reason, caller=caller))
+        answers.append(await cancel(key, waiter_id, reason=reason, caller=caller,
+                                    policy=policy))
         return answers[-1]
 
     monkeypatch.setattr(backend, "cancel", forgotten)

@@ -109,6 +109,52 @@ async def test_a_waiting_exclusive_request_stops_new_shared_grants(
     assert {lock.pull.num for lock in await rig.locker.holders(key)} == {3, 4}
 
 
+@pytest.mark.parametrize("leaves", ["goes-away", "times-out"])
+async def test_readers_behind_a_writer_that_leaves_join_the_shared_holders_at_once(
+        rigs: Callable[..., LockerRig], leaves: str) -> None:
+    """Pull 1 holds a key shared, pull 2 waits for it exclusively and pulls 3 and 4 shared
+    behind it. When pull 2 leaves the queue (its caller goes away, or its wait runs out) the
+    readers have nobody to wait for but a shared holder: they join it then. Before, leaving
+    served nobody, and they waited for pull 1 to let go (or for their own waits to end)."""
+    rig = rigs()
+    key = ask(1).key
+    assert (await rig.locker.acquire(ask(1, mode="shared"))).acquired
+    writer = await queued(rig, ask(2, wait=2 * S if leaves == "times-out" else WAIT))
+    readers = [await queued(rig, ask(pull, mode="shared", wait=WAIT)) for pull in (3, 4)]
+    if leaves == "goes-away":
+        writer.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await writer
+    else:
+        assert (await writer).reason is Reason.TIMEOUT
+    await settle()
+    for reader in readers:
+        answer = await asyncio.wait_for(reader, 5)
+        assert answer.acquired and answer.lock is not None and answer.lock.mode == "shared"
+    assert {lock.pull.num for lock in await rig.locker.holders(key)} == {1, 3, 4}
+    assert await rig.locker.queue(key) == []
+
+
+async def test_a_shared_request_served_before_every_waiting_writer_joins_the_readers_at_once(
+        rigs: Callable[..., LockerRig]) -> None:
+    """With the priority queue on, pull 1 holds a key shared and pull 2 waits for it
+    exclusively at ``low``: a ``critical`` shared request of pull 3 is served before pull 2,
+    so it joins pull 1 at once; a ``low`` one of pull 4 comes after pull 2 and waits. Before,
+    pull 3 was queued first in line, held back by pull 1 alone until a step walked the
+    queue (pull 1's release, say: never, if pull 1 waited for something of pull 3's)."""
+    rig = rigs(priority_queue=True)
+    key = ask(1).key
+    assert (await rig.locker.acquire(ask(1, mode="shared"))).acquired
+    writer = await queued(rig, ask(2, wait=WAIT, priority=Priority.LOW))
+    first = await asyncio.wait_for(rig.locker.acquire(
+        ask(3, mode="shared", wait=WAIT, priority=Priority.CRITICAL)), 5)
+    assert first.acquired and first.lock is not None and first.lock.mode == "shared", first
+    late = await queued(rig, ask(4, mode="shared", wait=WAIT, priority=Priority.LOW))
+    assert {lock.pull.num for lock in await rig.locker.holders(key)} == {1, 3}
+    assert [w.owner[1] for w in await rig.locker.queue(key)] == [2, 4]
+    assert not writer.done() and not late.done()
+
+
 async def test_shared_waiters_served_together_each_get_a_new_higher_token(
         rigs: Callable[..., LockerRig]) -> None:
     """One release hands a key to several shared waiters in one step: each gets its own

@@ -58,6 +58,8 @@ from enhanced_locking.backends.waiting import (
     Wait,
     Waiter,
     Waiters,
+    effective_level,
+    epoch_ms,
     service_order,
 )
 from enhanced_locking.types import (
@@ -318,7 +320,8 @@ class QueueBackend(Backend, Protocol):
         ...
 
     async def cancel(
-        self, key: str, waiter_id: str, *, reason: Reason = Reason.CANCELLED, caller: str = ""
+        self, key: str, waiter_id: str, *, reason: Reason = Reason.CANCELLED, caller: str = "",
+        policy: QueuePolicy | None = None,
     ) -> Cancelled:
         """Take a waiter out of every queue it is in and tell it ``reason``.
 
@@ -326,6 +329,9 @@ class QueueBackend(Backend, Protocol):
         answer carries the locks it now holds (``removed`` false): a caller cancelling because
         its client is gone releases them. With ``caller``, only if that caller still owns the
         waiter (a retried request may have taken it over), or owned it when it was granted.
+        A waiter removed has its keys' queues served in the same step, with ``policy``: the
+        shared requests an exclusive one kept waiting behind it join the key's shared
+        holders then (their grants are told to them, as a release's are).
         """
         ...
 
@@ -581,8 +587,16 @@ class StoreBackend(abc.ABC):
         }
         waiting: dict[str, bool] = {}
         if new and mode == "shared":
+            # Only an exclusive request served before this one keeps it back: behind one of
+            # a lower level (a priority queue) it would be first in line, held back by shared
+            # holders alone until the next step walked the queue.
+            level = effective_level(base=locks[0].priority.level, waited_ms=0, policy=policy)
+            now_ms = epoch_ms(now)
             waiting = {lock.key: any(
                 w.mode == "exclusive" and w.owner != owner and w.deadline > now
+                and effective_level(base=w.priority.level,
+                                    waited_ms=now_ms - epoch_ms(w.enqueued_at),
+                                    policy=policy) >= level
                 for w in self._queues.get(lock.key, ())) for lock in locks}
         counts: dict[str, int] = {}
         if policy.rules.concurrency:
@@ -1004,7 +1018,8 @@ class StoreBackend(abc.ABC):
             return fx.handoff(None)
 
     async def cancel(
-        self, key: str, waiter_id: str, *, reason: Reason = Reason.CANCELLED, caller: str = ""
+        self, key: str, waiter_id: str, *, reason: Reason = Reason.CANCELLED, caller: str = "",
+        policy: QueuePolicy | None = None,
     ) -> Cancelled:
         with self._step() as fx:
             waiter = self._waiters.get(waiter_id)
@@ -1013,6 +1028,8 @@ class StoreBackend(abc.ABC):
                     return Cancelled(waiter=waiter)  # a retry took it over: it stays
                 self._unqueue(waiter)
                 fx.notices.append((waiter_id, Notice(reason=reason)))
+                # Whoever it held back (shared requests behind an exclusive one) is served.
+                self._serve_queues(waiter.keys, self.clock(), policy or QueuePolicy(), fx)
                 return Cancelled(removed=True, waiter=waiter)
             grant = self._granted.get(waiter_id)
             if grant is None:

@@ -1968,9 +1968,11 @@ class EtcdBackend(StoreBackend):
                                   key=key, guess=guess)
 
     async def cancel(self, key: str, waiter_id: str, *,
-                     reason: Reason = Reason.CANCELLED, caller: str = "") -> Any:
+                     reason: Reason = Reason.CANCELLED, caller: str = "",
+                     policy: Any = None) -> Any:
         cancelled = await self._atomic(
-            lambda: StoreBackend.cancel(self, key, waiter_id, reason=reason, caller=caller),
+            lambda: StoreBackend.cancel(self, key, waiter_id, reason=reason, caller=caller,
+                                        policy=policy),
             keys=(self.waiter_key(waiter_id), self.notice_key(waiter_id), self.lock_key(key)),
             prefixes=(self.queue_prefix(key), self.shared_prefix(key)), key=key, guess=True)
         if cancelled.granted and self.ran_out(cancelled.granted, waiter=waiter_id) is not None:

@@ -1047,12 +1047,13 @@ class RedisBackend:
         return self._handoff(redis_replies.served(await self._run("WAKE", policy=policy)))
 
     async def cancel(
-        self, key: str, waiter_id: str, *, reason: Reason = Reason.CANCELLED, caller: str = ""
+        self, key: str, waiter_id: str, *, reason: Reason = Reason.CANCELLED, caller: str = "",
+        policy: QueuePolicy | None = None,
     ) -> Cancelled:
         answer = redis_replies.cancel(
             await self._run("CANCEL", waiter_id, reason.value, caller,
                             keys=[*self._own_names(waiter_id), *self._key_names(key)],
-                            key=key))
+                            policy=policy, key=key))
         if answer.waiter is None:
             return Cancelled()
         return Cancelled(removed=answer.status == "removed", waiter=self._waiter(answer.waiter),

@@ -321,7 +321,7 @@ class EnhancedLocker(AtlantisCalls):
                     left = _abandoned_for(error)
                     if left is not None:  # the waiter, if any, is withdrawn, a grant given back
                         queueing.abandon(backend, tuple(c.key for c in candidates), offer,
-                                         self._give_back, reason=left)
+                                         self._give_back, reason=left, policy=self.policy)
                 raise
             for stale in outcome.superseded:
                 self.events.publish(
@@ -402,10 +402,10 @@ class EnhancedLocker(AtlantisCalls):
             try:
                 if isinstance(error, asyncio.CancelledError):  # the caller went away
                     await queueing.leave(self.backend, waiter, future, self._give_back,
-                                         caller=offer.caller, ends=ends)
+                                         caller=offer.caller, ends=ends, policy=self.policy)
                 else:
                     await queueing.withdraw(self.backend, waiter, future, self._give_back,
-                                            caller=offer.caller)
+                                            caller=offer.caller, policy=self.policy)
             finally:
                 self.backend.grants.forget(waiter.id, future)
             raise
@@ -415,7 +415,7 @@ class EnhancedLocker(AtlantisCalls):
         try:
             notice = await queueing.await_turn(
                 self.backend, waiter, future, seconds=seconds,
-                give_back=self._give_back, caller=offer.caller,
+                give_back=self._give_back, caller=offer.caller, policy=self.policy,
             )
         except asyncio.CancelledError:  # the caller went away; await_turn withdrew the waiter
             waited = time.perf_counter() - started
@@ -501,7 +501,7 @@ class EnhancedLocker(AtlantisCalls):
         if cycle is None:
             return None
         cancelled = await self._call("cancel", lambda: self.backend.cancel(
-            key, waiter.id, reason=Reason.DEADLOCK, caller=caller))
+            key, waiter.id, reason=Reason.DEADLOCK, caller=caller, policy=self.policy()))
         self.backend.grants.forget(waiter.id, future)
         if cancelled.granted:  # granted before we could withdraw: no wait, no deadlock
             return answers.granted(cancelled.granted, fresh=cancelled.fresh)
@@ -737,7 +737,7 @@ class EnhancedLocker(AtlantisCalls):
         if found is None:
             return None
         cancelled = await self._call("cancel", lambda: self.backend.cancel(
-            key, found.id, reason=Reason.CANCELLED))
+            key, found.id, reason=Reason.CANCELLED, policy=self.policy()))
         return found if cancelled.removed else None
 
     async def waiting_for(self, repo: str, pull: int) -> list[tuple[str, Waiter]]:

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from enhanced_locking.backends.base import QueueBackend
-from enhanced_locking.backends.waiting import Notice, Wait, Waiter
+from enhanced_locking.backends.waiting import Notice, QueuePolicy, Wait, Waiter
 from enhanced_locking.types import BackendUnavailable, Reason
 
 __all__ = ["RETRY_GRACE", "NotWithdrawn", "abandon", "await_turn", "leave", "withdraw",
@@ -67,6 +67,10 @@ class NotWithdrawn:
 
 Late = Callable[[NotWithdrawn], Awaitable[None]]
 """Told of a waiter whose withdrawal, after the caller's answer, was given up."""
+
+PolicyOf = Callable[[], QueuePolicy]
+"""The queue policy in force when a waiter leaves: the store serves the queues it was in with
+it (whom the waiter held back is granted in the same step)."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,7 @@ async def await_turn(
     seconds: float,
     give_back: Callable[[Notice], Awaitable[None]],
     caller: str = "",
+    policy: PolicyOf = QueuePolicy,
 ) -> Notice:
     """Wait for ``waiter``'s notice for at most ``seconds``; see the module docstring.
 
@@ -114,7 +119,7 @@ async def await_turn(
         except TimeoutError:
             # Only if this caller still owns the waiter: a retry that took it over keeps it.
             cancelled = await backend.cancel(key, waiter.id, reason=Reason.TIMEOUT,
-                                             caller=caller)
+                                             caller=caller, policy=policy())
             if cancelled.granted:
                 granted_to = cancelled.waiter.caller if cancelled.waiter is not None else ""
                 return _owned(Notice(locks=cancelled.granted, fresh=cancelled.fresh,
@@ -123,14 +128,15 @@ async def await_turn(
                 return _owned(future.result(), caller)
             return Notice(reason=Reason.TIMEOUT)
         except asyncio.CancelledError:
-            await leave(backend, waiter, future, give_back, caller=caller, ends=ends)
+            await leave(backend, waiter, future, give_back, caller=caller, ends=ends,
+                        policy=policy)
             raise
         task = asyncio.current_task()
         if task is not None and task.cancelling():
             # The grant and the caller's cancellation arrived together and wait_for kept the
             # grant: the caller is still going away, so the grant goes back (only if this
             # caller owned the waiter when it was granted: a retry may have taken it over).
-            await withdraw(backend, waiter, future, give_back, caller=caller)
+            await withdraw(backend, waiter, future, give_back, caller=caller, policy=policy)
             raise asyncio.CancelledError
         return notice
     finally:
@@ -148,19 +154,20 @@ def _owned(notice: Notice, caller: str) -> Notice:
 
 async def leave(backend: QueueBackend, waiter: Waiter, future: asyncio.Future[Notice],
                 give_back: Callable[[Notice], Awaitable[None]], *, caller: str,
-                ends: float) -> None:
+                ends: float, policy: PolicyOf = QueuePolicy) -> None:
     """The caller of queued ``waiter`` went away (before its wait, or during it): a request
     with a ``requestId`` is withdrawn after the retry grace, only if ``caller`` still owns
     its waiter (a retry may have taken it over); any other at once. ``ends``: the wait's end
     (loop time)."""
     if waiter.request_id is not None and caller:
-        _later(backend, waiter.keys, waiter.id, give_back, caller, ends)
+        _later(backend, waiter.keys, waiter.id, give_back, caller, ends, policy=policy)
     else:
-        await withdraw(backend, waiter, future, give_back, caller=caller)
+        await withdraw(backend, waiter, future, give_back, caller=caller, policy=policy)
 
 
 def _later(backend: QueueBackend, keys: tuple[str, ...], waiter_id: str,
-           give_back: Callable[[Notice], Awaitable[None]], caller: str, ends: float) -> None:
+           give_back: Callable[[Notice], Awaitable[None]], caller: str, ends: float, *,
+           policy: PolicyOf = QueuePolicy) -> None:
     """Withdraw ``waiter`` after the retry grace, unless a retry took it over meanwhile.
     While the store does not answer it is tried again, until the wait's end ``ends`` (loop
     time: the seconds its deadline was away on the backend's clock when the wait began) plus
@@ -172,7 +179,8 @@ def _later(backend: QueueBackend, keys: tuple[str, ...], waiter_id: str,
     async def clean_up() -> None:
         await asyncio.sleep(RETRY_GRACE)
         failed = await _withdraw_retrying(backend, keys[0], waiter_id, Reason.CANCELLED,
-                                          caller, give_back, give_up=ends + ABANDON_MARGIN)
+                                          caller, give_back, give_up=ends + ABANDON_MARGIN,
+                                          policy=policy)
         if failed is None:
             return
         log.error("could not withdraw waiter %s from %s: gave up", waiter_id, keys,
@@ -191,7 +199,8 @@ def _run_later(clean_up: Coroutine[Any, Any, None]) -> None:
 
 async def _withdraw_retrying(backend: QueueBackend, key: str, waiter_id: str, reason: Reason,
                              caller: str, give_back: Callable[[Notice], Awaitable[None]], *,
-                             give_up: float) -> Exception | None:
+                             give_up: float,
+                             policy: PolicyOf = QueuePolicy) -> Exception | None:
     """Cancel waiter ``waiter_id`` of ``key`` and give back what it was granted, each step
     tried again while the store does not answer, until ``give_up`` (loop time). What the
     cancel returned is kept: once it has answered only the give-back is tried again (a second
@@ -203,7 +212,8 @@ async def _withdraw_retrying(backend: QueueBackend, key: str, waiter_id: str, re
     while True:
         try:
             if granted is None:
-                cancelled = await backend.cancel(key, waiter_id, reason=reason, caller=caller)
+                cancelled = await backend.cancel(key, waiter_id, reason=reason, caller=caller,
+                                                 policy=policy())
                 granted = Notice(locks=cancelled.granted, fresh=cancelled.fresh)
             if granted.locks:
                 await give_back(granted)
@@ -225,7 +235,7 @@ and a grant made just before lapses after its claim."""
 
 def abandon(backend: QueueBackend, keys: tuple[str, ...], offer: Wait,
             give_back: Callable[[Notice], Awaitable[None]], *,
-            reason: Reason = Reason.UNAVAILABLE) -> None:
+            reason: Reason = Reason.UNAVAILABLE, policy: PolicyOf = QueuePolicy) -> None:
     """Withdraw the waiter an enqueue of ``keys`` (a batch's every key) may have left behind
     when its answer never came.
 
@@ -242,13 +252,14 @@ def abandon(backend: QueueBackend, keys: tuple[str, ...], offer: Wait,
     """
     ends = asyncio.get_running_loop().time() + offer.timeout.total_seconds()
     if offer.request_id is not None:
-        _later(backend, keys, offer.id, give_back, offer.caller, ends)
+        _later(backend, keys, offer.id, give_back, offer.caller, ends, policy=policy)
         return
 
     async def clean_up() -> None:
         give_up = ends + ABANDON_MARGIN
         failed = await _withdraw_retrying(backend, keys[0], offer.id, reason,
-                                          offer.caller, give_back, give_up=give_up)
+                                          offer.caller, give_back, give_up=give_up,
+                                          policy=policy)
         if failed is not None and not isinstance(failed, BackendUnavailable):
             # (the store away past the give-up: its deadline and claim have run out meanwhile)
             log.error("could not withdraw waiter %s from %s", offer.id, keys, exc_info=failed)
@@ -263,6 +274,7 @@ async def withdraw(
     give_back: Callable[[Notice], Awaitable[None]],
     *,
     caller: str = "",
+    policy: PolicyOf = QueuePolicy,
 ) -> None:
     """Take ``waiter`` out of its queues; give back whatever was granted to it meanwhile. With
     ``caller``, only if that caller still owns the waiter (else a retry took it over)."""
@@ -270,7 +282,7 @@ async def withdraw(
     # (the server shutting down) cannot leave a lock granted to nobody.
     async def clean_up() -> None:
         cancelled = await backend.cancel(waiter.keys[0], waiter.id, reason=Reason.CANCELLED,
-                                         caller=caller)
+                                         caller=caller, policy=policy())
         notice = Notice(locks=cancelled.granted, fresh=cancelled.fresh)
         if cancelled.waiter is None and future.done():  # the backend no longer remembers it
             notice = _owned(future.result(), caller)

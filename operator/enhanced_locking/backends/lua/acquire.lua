@@ -110,7 +110,7 @@ local function main()
   local fx = new_effects()
   for _, k in ipairs(keys) do expire_lapsed(k, fx.expired) end
   serve(keys, fx)
-  local d = verdict(repo, pull, mode, parts, true)
+  local d = verdict(repo, pull, mode, parts, true, tonumber(level))
   -- A key whose fencing counter cannot serve the grant: answered as held by an unreadable
   -- lock (set aside; a force-unlock repairs it), waiting or not.
   if d[1] == 'damaged' then return {'held', d[2], set_aside(d[2], d[3])} end

@@ -1,4 +1,5 @@
--- cancel: take a waiter out of every queue it is in and tell its replica why.
+-- cancel: take a waiter out of every queue it is in and tell its replica why; then serve the
+-- queues of its keys (the shared requests an exclusive one held back join the shared holders).
 -- KEYS[8..] the waiter's record and outcome (and its keys' keys, if known); more it asks for
 -- ARGV[11] waiter id  ARGV[12] reason (cancelled, timeout, deadlock, unavailable)
 -- ARGV[13] caller ('': any; else only if that caller still owns the waiter, or owned it when
@@ -17,8 +18,11 @@ local function main()
   if rec then
     if ARGV[13] ~= '' and rec['caller'] ~= ARGV[13] then return {'kept', rec.flat} end
     expect(waiter_names, id, rec)
+    GONE[id] = true  -- the serving is planned as after it left
+    serve(rec.keys, PLAN)
     planned()
     drop_waiter(id, rec, ARGV[12], nil)
+    serve(rec.keys, new_effects())
     return {'removed', rec.flat}
   end
   local out = redis.pcall('HMGET', outcome_name(id), 'kind', 'waiter', 'locks', 'fresh')

@@ -933,11 +933,30 @@ local function waiter_parts(rec)
   return parts
 end
 
--- Whether an exclusive request of another pull waits on k (new shared requests queue then).
-local function exclusive_waiting(k, repo, pull)
+-- A waiter's level after aging: its base `level`, raised by how long it waited since `enq`.
+local function effective(level, enq)
+  local p = policy()
+  if p.priority == 0 then return 0 end
+  local boost = 0
+  if p.threshold > 0 and p.boost > 0 then
+    local waited = NOW - enq
+    if waited < 0 then waited = 0 end
+    boost = math.min(p.boost, math.floor(waited / p.threshold))
+  end
+  return math.min(3, level + boost)
+end
+
+-- Whether an exclusive request of another pull waits on k ahead of a new one of base level
+-- `mine` (new shared requests queue then): one served after it (a lower level, a priority
+-- queue) does not keep it back.
+local function exclusive_waiting(k, repo, pull, mine)
+  local least = effective(mine, NOW)
   for level = 0, 3 do
-    for _, member in ipairs(queue_range(k, level, 0, -1)) do
-      local rec = not GONE[string.sub(member, 18)] and read_waiter(string.sub(member, 18))
+    local r = queue_range(k, level, 0, -1, 'WITHSCORES')
+    for i = 1, #r, 2 do
+      local id = string.sub(r[i], 18)
+      local rec = not GONE[id] and effective(level, tonumber(r[i + 1])) >= least
+        and read_waiter(id)
       if rec and rec.mode == 'exclusive' and not (rec.repo == repo and rec.pull == pull)
           and tonumber(rec.deadline) > NOW then
         return true
@@ -958,7 +977,8 @@ local function grant_of(stamps)
 end
 
 -- {'grant'} | {'held', key} | {'frozen', key, freeze} | {'limited', key} | {'damaged', key, why}
-local function verdict(repo, pull, mode, parts, new)
+-- `new`: a request not queued yet, of base priority level `level` (a queued waiter: false)
+local function verdict(repo, pull, mode, parts, new, level)
   local hs, mine, stamps = {}, {}, {}
   for _, p in ipairs(parts) do
     hs[p.key] = view_holders(p.key)
@@ -981,7 +1001,7 @@ local function verdict(repo, pull, mode, parts, new)
         return {'held', p.key}
       end
     end
-    if new and mode == 'shared' and exclusive_waiting(p.key, repo, pull) then
+    if new and mode == 'shared' and exclusive_waiting(p.key, repo, pull, level) then
       return {'held', p.key}
     end
   end
@@ -1071,18 +1091,6 @@ local function repair(k, fence)
 end
 
 -- --- waiters ------------------------------------------------------------------------------
-local function effective(level, enq)
-  local p = policy()
-  if p.priority == 0 then return 0 end
-  local boost = 0
-  if p.threshold > 0 and p.boost > 0 then
-    local waited = NOW - enq
-    if waited < 0 then waited = 0 end
-    boost = math.min(p.boost, math.floor(waited / p.threshold))
-  end
-  return math.min(3, level + boost)
-end
-
 local function queue_size(k)
   local n = 0
   for level = 0, 3 do n = n + queue_card(k, level) end
