@@ -242,7 +242,8 @@ class EnhancedLockingConfig(BaseSettings):
     )
     events: Flag = Field(True, description="Publish lock events (GET /v1/events).")
     lock_ttl: Ttl = Field(
-        timedelta(0), description="Default lease of an enhanced lock; 0 means no expiry."
+        timedelta(0),
+        description="Default lease of an enhanced lock; 0 means no expiry, else at least 1ms.",
     )
     retry_max_attempts: Integer = Field(
         3, ge=1, le=20, description="Attempts per operation when retries are on."

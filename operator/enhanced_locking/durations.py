@@ -12,11 +12,11 @@ from datetime import timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Annotated
 
-from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
+from pydantic import AfterValidator, BeforeValidator, PlainSerializer, WithJsonSchema
 
 __all__ = [
-    "DURATION_FORM", "DURATION_PATTERN", "LEASE_FORM", "LEASE_PATTERN", "MAX_LENGTH", "Duration",
-    "Lease", "Ttl", "format_duration", "parse_duration",
+    "DURATION_FORM", "DURATION_PATTERN", "LEASE_FORM", "LEASE_PATTERN", "LEAST_LEASE",
+    "MAX_LENGTH", "Duration", "Lease", "LeaseOrNone", "Ttl", "format_duration", "parse_duration",
 ]
 
 DURATION_FORM = "a Go duration such as 500ms, 30s, 2m or 1h30m"
@@ -124,13 +124,28 @@ def _no_vanishing_lease(value: object) -> object:
     if (isinstance(value, str) and any(digit in value for digit in "123456789")
             and _coerce(value) == timedelta(0)):
         raise ValueError(f"{value!r} is under half a microsecond, which rounds to no lease at "
-                         "all: write 0 for none, or at least 1µs")
+                         "all: write 0 for none, or at least 1ms")
     return value
 
 
-Ttl = Annotated[Duration, BeforeValidator(_no_vanishing_lease)]
-"""A lock's lease as a :data:`Duration` (0 for none), refusing a written non-zero one that
-rounds to 0 at the microsecond (``400ns``): it read as no lease at all."""
+LEAST_LEASE = timedelta(milliseconds=1)
+"""The shortest lease a lock may have (0 is none): the stores count leases in whole ms."""
+
+
+def _lease_in_ms(value: timedelta) -> timedelta:
+    if timedelta(0) < value < LEAST_LEASE:
+        raise ValueError(f"{format_duration(value)} is under 1ms, and leases are counted in "
+                         "whole ms: write 0 for none, or at least 1ms")
+    return value
+
+
+Ttl = Annotated[Duration, BeforeValidator(_no_vanishing_lease), AfterValidator(_lease_in_ms)]
+"""A lock's lease as a :data:`Duration`: 0 for none, else at least :data:`LEAST_LEASE`. A
+written non-zero one that rounds to 0 at the microsecond (``400ns``) is refused as such: it
+read as no lease at all."""
+
+LeaseOrNone = (BeforeValidator(_no_vanishing_lease), AfterValidator(_lease_in_ms))
+"""The checks of :data:`Ttl`, for another duration type to add (a CR's lease)."""
 
 
 _ANY_PART = r"[0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h)"

@@ -153,6 +153,7 @@ INVALID: list[tuple[str, Any]] = [
     ("wait", "-5s"),
     ("ttl", "forever"),
     ("ttl", "400ns"),  # under half a microsecond: it rounded to no lease at all
+    ("ttl", "400us"),  # under 1ms: leases are counted in whole ms
     ("requestId", "r" * 200),
     ("colour", "blue"),
     ("pull.colour", "blue"),

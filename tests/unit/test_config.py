@@ -449,6 +449,10 @@ def test_settings_that_go_together_are_checked_together(
     # A lease under half a microsecond rounded to 0: no lease at all.
     ("lock_ttl", "400ns", "rounds to no lease at all"),
     ("lock_ttl", "0.0000004s", "rounds to no lease at all"),
+    # Leases are counted in whole ms: one under 1ms was 1ms on Redis, shorter elsewhere.
+    ("lock_ttl", "400us", "is under 1ms"),
+    ("lock_ttl", "999us", "write 0 for none, or at least 1ms"),
+    ("lock_ttl", "600ns", "is under 1ms"),  # (taken as 1µs before)
 ])
 def test_a_duration_that_reads_as_off_is_refused_naming_the_setting(
     field: str, value: str, problem: str
@@ -461,7 +465,7 @@ def test_a_duration_that_reads_as_off_is_refused_naming_the_setting(
 
 @pytest.mark.parametrize(("field", "value", "micros"), [
     ("starvation_threshold", "1ms", 1000), ("lock_ttl", "0", 0), ("lock_ttl", "0s", 0),
-    ("lock_ttl", "600ns", 1),
+    ("lock_ttl", "1ms", 1000), ("lock_ttl", "1001us", 1001),
 ])
 def test_the_durations_next_to_those_refused_are_taken(field: str, value: str,
                                                         micros: int) -> None:

@@ -106,6 +106,9 @@ def test_models_are_frozen() -> None:
         ({"timeouts": {"default": "-5s"}}, "timeouts.default: Value error, expected a Go duration"),
         ({"timeouts": {"max": "5 minutes"}}, "timeouts.max: Value error, expected a Go duration"),
         ({"lockTTL": "9000h"}, "lockTTL: Value error, must be at most 8760h"),
+        # Leases are counted in whole ms: a shorter one read as none (400ns) or as 1ms.
+        ({"lockTTL": "400ns"}, "lockTTL: Value error, '400ns' is under half a microsecond"),
+        ({"lockTTL": "999us"}, "lockTTL: Value error, 999µs is under 1ms"),
         ({"queue": {"maxPriorityBoost": 4}}, "queue.maxPriorityBoost: Input should be less than"),
         ({"redis": {"keyPrefix": "x" * 129}}, "redis.keyPrefix: String should have at most 128"),
         ({"redis": {"cluster": True, "db": 2}},

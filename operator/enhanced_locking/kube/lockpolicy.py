@@ -19,6 +19,7 @@ from pydantic import AfterValidator, ConfigDict, Field, model_validator
 from enhanced_locking.kube.models import (
     Condition,
     CRDuration,
+    CRLease,
     ReplicaName,
     SecretKeyRef,
     SpecModel,
@@ -362,10 +363,10 @@ class LockPolicySpec(SpecModel):
     timeouts: Timeouts | None = Field(None, description="How long lock requests may wait.")
     queue: Queue | None = Field(None, description="The waiters' queue of each lock key.")
     retries: Retries | None = Field(None, description="Retries of transient backend errors.")
-    lock_ttl: CRDuration | None = Field(
+    lock_ttl: CRLease | None = Field(
         None,
         alias="lockTTL",
-        description="Default lease of an enhanced lock; 0 means no expiry.",
+        description="Default lease of an enhanced lock; 0 means no expiry, else at least 1ms.",
     )
     redis: Redis | None = Field(None, description="The Redis connection (backend: redis).")
     etcd: Etcd | None = Field(None, description="The etcd connection (backend: etcd).")

@@ -16,13 +16,14 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
 from pydantic.alias_generators import to_camel
 
-from enhanced_locking.durations import DURATION_PATTERN, Duration, format_duration
+from enhanced_locking.durations import DURATION_PATTERN, Duration, LeaseOrNone, format_duration
 
 __all__ = [
     "GROUP",
     "MAX_DURATION",
     "VERSION",
     "CRDuration",
+    "CRLease",
     "Condition",
     "ConditionStatus",
     "DnsName",
@@ -92,6 +93,32 @@ CRDuration = Annotated[
     ),
 ]
 """A Go duration in a CR: non-negative (the pattern has no sign), at most a year."""
+
+CRLease = Annotated[
+    Duration,
+    *LeaseOrNone,
+    AfterValidator(_at_most_a_year),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "maxLength": 32,
+            "pattern": DURATION_PATTERN,
+            "x-kubernetes-validations": [
+                cel(
+                    f"!{valid_duration('self')} || "
+                    f"duration(self) <= duration('{_MAX_DURATION_TEXT}')",
+                    f"must be at most {_MAX_DURATION_TEXT} (a year)",
+                ),
+                cel(
+                    f"!{valid_duration('self')} || duration(self) == duration('0s') || "
+                    "duration(self) >= duration('1ms')",
+                    "must be 0 (no lease) or at least 1ms: leases are counted in whole ms",
+                ),
+            ],
+        }
+    ),
+]
+"""A lock's lease in a CR: a :data:`CRDuration` that is 0 (none) or at least 1ms."""
 
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 
