@@ -74,49 +74,36 @@ def _at_most_a_year(value: timedelta) -> timedelta:
     return value
 
 
+def _duration_schema(*rules: dict[str, str]) -> dict[str, Any]:
+    """The schema of a CR's duration: a Go duration of at most a year, and ``rules``."""
+    return {
+        "type": "string",
+        "maxLength": 32,
+        "pattern": DURATION_PATTERN,
+        "x-kubernetes-validations": [
+            cel(
+                f"!{valid_duration('self')} || "
+                f"duration(self) <= duration('{_MAX_DURATION_TEXT}')",
+                f"must be at most {_MAX_DURATION_TEXT} (a year)",
+            ),
+            *rules,
+        ],
+    }
+
+
 CRDuration = Annotated[
-    Duration,
-    AfterValidator(_at_most_a_year),
-    WithJsonSchema(
-        {
-            "type": "string",
-            "maxLength": 32,
-            "pattern": DURATION_PATTERN,
-            "x-kubernetes-validations": [
-                cel(
-                    f"!{valid_duration('self')} || "
-                    f"duration(self) <= duration('{_MAX_DURATION_TEXT}')",
-                    f"must be at most {_MAX_DURATION_TEXT} (a year)",
-                )
-            ],
-        }
-    ),
-]
+    Duration, AfterValidator(_at_most_a_year), WithJsonSchema(_duration_schema())]
 """A Go duration in a CR: non-negative (the pattern has no sign), at most a year."""
 
 CRLease = Annotated[
     Duration,
     *LeaseOrNone,
     AfterValidator(_at_most_a_year),
-    WithJsonSchema(
-        {
-            "type": "string",
-            "maxLength": 32,
-            "pattern": DURATION_PATTERN,
-            "x-kubernetes-validations": [
-                cel(
-                    f"!{valid_duration('self')} || "
-                    f"duration(self) <= duration('{_MAX_DURATION_TEXT}')",
-                    f"must be at most {_MAX_DURATION_TEXT} (a year)",
-                ),
-                cel(
-                    f"!{valid_duration('self')} || duration(self) == duration('0s') || "
-                    "duration(self) >= duration('1ms')",
-                    "must be 0 (no lease) or at least 1ms: leases are counted in whole ms",
-                ),
-            ],
-        }
-    ),
+    WithJsonSchema(_duration_schema(cel(
+        f"!{valid_duration('self')} || duration(self) == duration('0s') || "
+        "duration(self) >= duration('1ms')",
+        "must be 0 (no lease) or at least 1ms: leases are counted in whole ms",
+    ))),
 ]
 """A lock's lease in a CR: a :data:`CRDuration` that is 0 (none) or at least 1ms."""
 
