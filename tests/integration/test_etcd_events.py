@@ -142,6 +142,33 @@ async def test_history_compacted_away_is_reported_as_a_gap(
         await fresh.close()
 
 
+async def test_a_resume_id_etcd_never_generated_gets_a_gap_and_then_the_events(
+    etcd_cluster: EtcdCluster, etcd_prefix: str,
+) -> None:
+    # An id from another event store (the in-process bus's or a Redis stream's: milliseconds
+    # since the epoch), or from another etcd cluster further on, names a revision this etcd
+    # has not reached. Taken for one the watch had not delivered yet, it was followed from
+    # there without a gap, and no event came until the revisions passed it: never.
+    config = etcd_config(etcd_cluster, etcd_prefix)
+    written = await published(config, 1)
+    bus = EtcdEventBus.from_config(config)
+    try:
+        foreign = f"{int(datetime.now(UTC).timestamp() * 1000)}-0"
+        following = bus.follow(after=foreign, max_lag=1000, announce=True)
+        first = await asyncio.wait_for(anext(following), 10)
+        assert isinstance(first, Gap) and first.reason == "replay", first
+        assert first.after == foreign
+        await asyncio.wait_for(anext(following), 10)  # following from now
+        bus.publish("fallback", key="after-the-gap", action="legacy")
+        event = await asyncio.wait_for(anext(following), 10)
+        assert isinstance(event, Event) and event.key == "after-the-gap", event
+        # An id this etcd did generate resumes with no gap.
+        again = bus.follow(after=written[0].id, max_lag=1000, announce=True)
+        assert not isinstance(await asyncio.wait_for(anext(again), 10), Gap)
+    finally:
+        await bus.close()
+
+
 async def test_a_resume_from_the_newest_event_written_before_the_lookback_gets_no_gap(
     etcd_cluster: EtcdCluster, etcd_prefix: str,
 ) -> None:

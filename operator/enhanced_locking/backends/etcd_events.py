@@ -56,6 +56,7 @@ from enhanced_locking.backends.etcd_connection import (
 from enhanced_locking.backends.outbox import RETRY_FIRST, RETRY_MAX
 from enhanced_locking.backends.shared_events import Outgoing, SharedEventBus, _Write
 from enhanced_locking.config import EnhancedLockingConfig
+from enhanced_locking.events import parse_event_id
 from enhanced_locking.types import BackendUnavailable, Event
 
 __all__ = ["EtcdEventBus", "batch_json"]
@@ -125,6 +126,8 @@ class EtcdEventBus(SharedEventBus):
         self._began = (0, 0)
         """The revision when the watch began (:meth:`_begin`) and the key's newest write then
         (0: none): a floor never passes what the ring holds of that write."""
+        self._generated = 0
+        """The revision etcd was at when a resume last read it (:meth:`_reach`)."""
 
     @classmethod
     def from_config(cls, config: EnhancedLockingConfig, *,
@@ -354,10 +357,23 @@ class EtcdEventBus(SharedEventBus):
             self._ring.append(event.model_copy(update={"id": f"{revision}-{index}"}))
             self._last = (revision, index)
 
+    async def _reach(self, mark: tuple[int, int]) -> None:
+        """A resume point after what the watch delivered may be a write it has not brought
+        yet, or a revision this etcd never reached (an id of another event store: the
+        in-process bus's and a Redis stream's are milliseconds since the epoch; or of
+        another etcd): the revision now is read (:meth:`_unknown` tells the two apart)."""
+        if mark[0] > self._last[0]:
+            now = await self._now()
+            self._generated = max(self._generated,
+                                  parse_event_id(now)[0] if now is not None else 0)
+
     def _unknown(self, mark: tuple[int, int]) -> bool:
         # An id here is a revision and a place in its write: "after all of revision r" is
         # ``r-{_LAST_INDEX}``, no event's id; and the watch may be behind another replica's.
-        return False
+        # Only a revision etcd had not reached when last read (:meth:`_reach`) is no event
+        # of this log: followed from there, the stream would stay silent until the
+        # revisions passed it.
+        return self._loaded.is_set() and mark[0] > max(self._generated, self._last[0])
 
     async def _resume_from(self) -> str | None:
         # "New" is what etcd writes after now, not what the watch has not loaded yet.
