@@ -648,6 +648,48 @@ async def test_every_shared_lease_found_over_is_told_expired(
     assert await rig.locker.holders(asked.key) == []
 
 
+async def _lapsed_hold(rig: LockerRig, pull: int, path: str) -> LockRequest:
+    """Pull ``pull`` holds ``path``'s key with a lease that has run out, taken straight from
+    the store: no lease timer of the locker's is set for it (a replica that granted it and
+    then died, or one whose clock is behind the store's)."""
+    backend = rig.locker.backend
+    asked = ask(pull, path=path)
+    outcome = await backend.acquire_or_enqueue(candidate_for(asked), ttl=timedelta(
+        milliseconds=100), wait=None, policy=QueuePolicy())
+    assert outcome.status is Status.GRANTED and outcome.locks[0].expires_at is not None
+    await past(backend.now, outcome.locks[0].expires_at)
+    return asked
+
+
+async def test_a_lapsed_lease_the_next_call_frees_is_told_expired(
+    rigs: Callable[..., LockerRig],
+) -> None:
+    """A lease that ran out and is freed by the next acquire or release of its key (no lease
+    timer got there first) is told as the timer tells it: an ``expired`` event before what
+    the call did, one lease expiration and one release ``how="expired"``, on every store.
+    Before, the store freed it in the call's step and said nothing: no event, no count."""
+    rig = rigs()
+    first = await _lapsed_hold(rig, 1, "envs/lapsed-acquire")
+    taken = await rig.locker.acquire(ask(2, path="envs/lapsed-acquire"))
+    assert taken.acquired and taken.lock is not None and taken.lock.pull.num == 2, taken
+    assert rig.types() == ["expired", "acquired"], rig.types()
+    gone = rig.events[0]
+    assert gone.key == first.key and gone.lock is not None and gone.lock.pull.num == 1
+    assert gone.details["how"] == "expired"
+    assert count(rig, "enhanced_locking_lease_expirations_total") == 1
+    assert count(rig, "enhanced_locking_releases_total", backend="enhanced", how="expired") == 1
+
+    rig.events.clear()
+    mine = await _lapsed_hold(rig, 3, "envs/lapsed-release")
+    assert await rig.locker.release(mine.key, owner=(mine.project.repo_full_name, 3)) is None
+    assert rig.types() == ["expired"], rig.types()
+    assert rig.events[0].lock is not None and rig.events[0].lock.pull.num == 3
+    assert count(rig, "enhanced_locking_lease_expirations_total") == 2
+    assert count(rig, "enhanced_locking_releases_total", backend="enhanced", how="expired") == 2
+    assert count(rig, "enhanced_locking_releases_total", backend="enhanced",
+                 how="released") == 0
+
+
 async def test_the_default_lease_comes_from_lock_ttl_and_a_refresh_extends_it(
     rigs: Callable[..., LockerRig],
 ) -> None:

@@ -901,61 +901,71 @@ class StoreBackend(abc.ABC):
     ) -> Outcome:
         """An acquire that may queue, meet rules or holders: one atomic step that decides."""
         with self._step() as fx:
-            self._refuse_if_other_side_holds([c.key for c in candidates])
-            now = self.clock()
-            if wait is not None and (queued := self._waiters.get(wait.id)) is not None:
-                queued = self._reattach(queued, wait)
-                key = queued.keys[0]
-                return self._queued(key, queued, now, policy)
-            if wait is not None and (taken := self._granted.get(wait.id)) is not None:
-                still = tuple(lock for lock in taken.locks
-                              if any(h.fencing_token == lock.fencing_token
-                                     for h in self._holders(lock.key, now)))
-                if len(still) == len(taken.locks):  # granted while its caller was away
-                    # The retry takes the grant over: nobody heard of it yet, so it is the
-                    # retry's to give back if its client goes too (else the first caller's).
-                    self._forget_grant(wait.id)
-                    return Outcome(status=Status.GRANTED, locks=still,
-                                   fresh=taken.fresh and not taken.told)
-            first = candidates[0]
-            owner, mode = first.owner, first.mode
-            for candidate in candidates:
-                self._expire_lapsed(candidate.key, now, fx)
-            self._serve_queues([c.key for c in candidates], now, policy, fx)
-            decision = self._decide(candidates, owner, mode, now, policy, new=True)
-            if decision.verdict is policies.Verdict.GRANT:
-                taken_now = [self._take(c, now, ttl) for c in candidates]
-                return Outcome(status=Status.GRANTED, locks=tuple(lock for lock, _ in taken_now),
-                               fresh=any(fresh for _, fresh in taken_now))
-            key = decision.key or first.key
-            holder = self._live(key, now)
-            freeze = decision.freeze
-            if freeze is not None and (freeze.action == "refuse" or not _waits(wait)):
-                return Outcome(status=Status.FROZEN, key=key, holder=holder,
-                               message=freeze.message)
-            if not _waits(wait):
-                status = (Status.LIMITED if decision.verdict is policies.Verdict.LIMITED
-                          else Status.HELD)
-                return Outcome(status=status, key=key, holder=holder)
-            assert wait is not None
-            superseded = self._supersede(candidates, wait.id, fx)
-            for candidate in candidates:
-                if len(self._queues.get(candidate.key, ())) >= policy.max_size:
-                    return Outcome(status=Status.QUEUE_FULL, key=candidate.key,
-                                   holder=self._live(candidate.key, now),
-                                   superseded=tuple(superseded))
-            self._seq += 1
-            waiter = Waiter(
-                id=wait.id, candidates=tuple(candidates), ttl=ttl, enqueued_at=now,
-                deadline=now + wait.timeout, seq=self._seq, request_id=wait.request_id,
-                caller=wait.caller,
-            )
-            self._waiters[waiter.id] = waiter
-            for candidate in candidates:
-                self._queues.setdefault(candidate.key, []).append(waiter)
-            return self._queued(key, waiter, now, policy,
-                                message=freeze.message if freeze is not None else None,
-                                superseded=tuple(superseded))
+            outcome = self._acquire_in(fx, candidates, ttl=ttl, wait=wait, policy=policy)
+            if fx.expired:  # leases found run out and freed: the caller tells them expired
+                outcome.expired = tuple(fx.expired)
+            return outcome
+
+    def _acquire_in(
+        self, fx: _Effects, candidates: Sequence[Candidate], *, ttl: timedelta | None,
+        wait: Wait | None, policy: QueuePolicy,
+    ) -> Outcome:
+        """The decision of :meth:`_acquire_step`, within its step (``fx``: its effects)."""
+        self._refuse_if_other_side_holds([c.key for c in candidates])
+        now = self.clock()
+        if wait is not None and (queued := self._waiters.get(wait.id)) is not None:
+            queued = self._reattach(queued, wait)
+            key = queued.keys[0]
+            return self._queued(key, queued, now, policy)
+        if wait is not None and (taken := self._granted.get(wait.id)) is not None:
+            still = tuple(lock for lock in taken.locks
+                          if any(h.fencing_token == lock.fencing_token
+                                 for h in self._holders(lock.key, now)))
+            if len(still) == len(taken.locks):  # granted while its caller was away
+                # The retry takes the grant over: nobody heard of it yet, so it is the
+                # retry's to give back if its client goes too (else the first caller's).
+                self._forget_grant(wait.id)
+                return Outcome(status=Status.GRANTED, locks=still,
+                               fresh=taken.fresh and not taken.told)
+        first = candidates[0]
+        owner, mode = first.owner, first.mode
+        for candidate in candidates:
+            self._expire_lapsed(candidate.key, now, fx)
+        self._serve_queues([c.key for c in candidates], now, policy, fx)
+        decision = self._decide(candidates, owner, mode, now, policy, new=True)
+        if decision.verdict is policies.Verdict.GRANT:
+            taken_now = [self._take(c, now, ttl) for c in candidates]
+            return Outcome(status=Status.GRANTED, locks=tuple(lock for lock, _ in taken_now),
+                           fresh=any(fresh for _, fresh in taken_now))
+        key = decision.key or first.key
+        holder = self._live(key, now)
+        freeze = decision.freeze
+        if freeze is not None and (freeze.action == "refuse" or not _waits(wait)):
+            return Outcome(status=Status.FROZEN, key=key, holder=holder,
+                           message=freeze.message)
+        if not _waits(wait):
+            status = (Status.LIMITED if decision.verdict is policies.Verdict.LIMITED
+                      else Status.HELD)
+            return Outcome(status=status, key=key, holder=holder)
+        assert wait is not None
+        superseded = self._supersede(candidates, wait.id, fx)
+        for candidate in candidates:
+            if len(self._queues.get(candidate.key, ())) >= policy.max_size:
+                return Outcome(status=Status.QUEUE_FULL, key=candidate.key,
+                               holder=self._live(candidate.key, now),
+                               superseded=tuple(superseded))
+        self._seq += 1
+        waiter = Waiter(
+            id=wait.id, candidates=tuple(candidates), ttl=ttl, enqueued_at=now,
+            deadline=now + wait.timeout, seq=self._seq, request_id=wait.request_id,
+            caller=wait.caller,
+        )
+        self._waiters[waiter.id] = waiter
+        for candidate in candidates:
+            self._queues.setdefault(candidate.key, []).append(waiter)
+        return self._queued(key, waiter, now, policy,
+                            message=freeze.message if freeze is not None else None,
+                            superseded=tuple(superseded))
 
     async def release_and_handoff(
         self, key: str, *, owner: Owner | None = None, policy: QueuePolicy | None = None,
@@ -972,7 +982,9 @@ class StoreBackend(abc.ABC):
                 # __dict__: pydantic's __getattr__ hook is on every read of an attribute).
                 lapsed = (popped.__dict__["expires_at"] is not None
                           and popped.expired(self.clock()))
-                return Handoff.of_release(None if lapsed else popped)
+                if lapsed:  # its lease had run out: freed, and told as expired
+                    return Handoff(released=None, expired=(popped,))
+                return Handoff.of_release(popped)
         policy = policy or QueuePolicy()
         with self._step() as fx:
             self._refuse_if_other_side_holds((key,))
@@ -997,7 +1009,8 @@ class StoreBackend(abc.ABC):
                 self._drop(lock)
             self._serve_queues([key], now, policy, fx)
             handoff = fx.handoff(holders[0] if holders else None)
-            return dataclasses.replace(handoff, also_released=tuple(holders[1:]))
+            return dataclasses.replace(handoff, also_released=tuple(holders[1:]),
+                                       expired=tuple(fx.expired))
 
     async def force_unlock(self, key: str, *, policy: QueuePolicy | None = None) -> Handoff:
         return await self.release_and_handoff(key, policy=policy)

@@ -122,6 +122,8 @@ class Acquired(NamedTuple):
 
     locks: tuple[LockRow, ...]
     fresh: bool
+    expired: tuple[LockRow, ...] = ()
+    """The locks whose lease had run out, dropped by the call before it decided."""
 
 
 class Took(NamedTuple):
@@ -155,6 +157,8 @@ class Refused(NamedTuple):
     holder: LockRow | None
     freeze: str = ""
     superseded: tuple[WaiterRecord, ...] = ()
+    expired: tuple[LockRow, ...] = ()
+    """The locks whose lease had run out, dropped by the call before it decided."""
 
 
 class Queued(NamedTuple):
@@ -166,6 +170,8 @@ class Queued(NamedTuple):
     position: int
     freeze: str
     superseded: tuple[WaiterRecord, ...]
+    expired: tuple[LockRow, ...] = ()
+    """The locks whose lease had run out, dropped by the call before it decided."""
 
 
 class Release(NamedTuple):
@@ -177,6 +183,8 @@ class Release(NamedTuple):
     served: Served
     ahead: tuple[Ahead, ...] = ()
     """The key's next waiters after the hand-off (``lib.lua``'s ``ahead``)."""
+    expired: tuple[LockRow, ...] = ()
+    """The key's locks whose lease had run out, dropped by the call before it released."""
 
 
 class Ahead(NamedTuple):
@@ -353,22 +361,29 @@ def acquire(answer: Any) -> Took | Acquired | Refused | Queued:
     if status == "took":
         _, token, at, exp = answer
         return Took(str(token), str(at), str(exp))
+    # Each answer but ``took`` may end with the locks whose lease had run out (``expired``).
     if status == "granted":
-        _, held, fresh = answer
-        return Acquired(locks(held), bool(fresh))
+        _, held, fresh, *expired = answer
+        return Acquired(locks(held), bool(fresh), _expired(expired))
     if status == "queued":
-        _, record, key, holder, position, freeze, superseded = answer
+        _, record, key, holder, position, freeze, superseded, *expired = answer
         return Queued(waiter(record), str(key), maybe_lock(holder), int(position), str(freeze),
-                      _waiters(superseded))
+                      _waiters(superseded), _expired(expired))
     if status == "frozen":
-        _, key, holder, freeze = answer
-        return Refused(str(status), str(key), maybe_lock(holder), freeze=str(freeze))
+        _, key, holder, freeze, *expired = answer
+        return Refused(str(status), str(key), maybe_lock(holder), freeze=str(freeze),
+                       expired=_expired(expired))
     if status == "queue_full":
-        _, key, holder, superseded = answer
+        _, key, holder, superseded, *expired = answer
         return Refused(str(status), str(key), maybe_lock(holder),
-                       superseded=_waiters(superseded))
-    _, key, holder = answer  # held, limited
-    return Refused(str(status), str(key), maybe_lock(holder))
+                       superseded=_waiters(superseded), expired=_expired(expired))
+    _, key, holder, *expired = answer  # held, limited
+    return Refused(str(status), str(key), maybe_lock(holder), expired=_expired(expired))
+
+
+def _expired(after: list[Any]) -> tuple[LockRow, ...]:
+    """The locks an answer lists after its own fields, if it does (none: none expired)."""
+    return locks(after[0]) if after else ()
 
 
 def release(answer: Any, *, sent: str = "") -> Dropped | Release:
@@ -381,11 +396,11 @@ def release(answer: Any, *, sent: str = "") -> Dropped | Release:
                        str(at), str(exp))
     if answer[0] == "not_owned":
         return Release(False, lock(answer[1]), Served(None, (), ()))
-    _, released, granted, dropped, others, ahead = answer
+    _, released, granted, dropped, others, ahead, *expired = answer
     return Release(True, None, Served(maybe_lock(released), _grants(granted), _waiters(dropped),
                                       locks(others)),
                    tuple(Ahead(str(i), str(repo), str(pull), tuple(json.loads(keys or "[]")))
-                         for i, repo, pull, keys in ahead))
+                         for i, repo, pull, keys in ahead), _expired(expired))
 
 
 def release_by_pull(answer: Sequence[Any]) -> PullReleased:

@@ -954,13 +954,15 @@ class RedisBackend:
             locks = tuple(
                 self._lock(row, asked[row.key] if row.data == sent[row.key] else None)
                 for row in answer.locks)
-            return Outcome(status=Status.GRANTED, locks=locks, fresh=answer.fresh)
+            return Outcome(status=Status.GRANTED, locks=locks, fresh=answer.fresh,
+                           expired=tuple(self._readable(answer.expired, deleted=True)))
         messages = {f.name: f.message for f in policy.rules.freezes}
         if isinstance(answer, redis_replies.Refused):
             return Outcome(status=Status(answer.status), key=answer.key,
                            holder=self._maybe_lock(answer.holder),
                            message=messages.get(answer.freeze) if answer.freeze else None,
-                           superseded=tuple(self._waiter(rec) for rec in answer.superseded))
+                           superseded=tuple(self._waiter(rec) for rec in answer.superseded),
+                           expired=tuple(self._readable(answer.expired, deleted=True)))
         assert wait is not None
         self._enqueued.add(wait.id)
         names = self._waiter_names(candidates, wait.id)
@@ -974,7 +976,8 @@ class RedisBackend:
         return Outcome(status=Status.QUEUED, waiter=self._waiter(answer.waiter),
                        key=answer.key, holder=self._maybe_lock(answer.holder),
                        position=answer.position, message=messages.get(answer.freeze),
-                       superseded=tuple(self._waiter(rec) for rec in answer.superseded))
+                       superseded=tuple(self._waiter(rec) for rec in answer.superseded),
+                       expired=tuple(self._readable(answer.expired, deleted=True)))
 
     async def release_and_handoff(
         self, key: str, *, owner: Owner | None = None, policy: QueuePolicy | None = None,
@@ -1031,7 +1034,10 @@ class RedisBackend:
                 served = served._replace(released=None)
             else:
                 self._known.pop(key, None)  # it is gone; its next holder's lock is new
-        return self._handoff(served, released=released)
+        handoff = self._handoff(served, released=released)
+        if answer.expired:
+            handoff.expired = tuple(self._readable(answer.expired, deleted=True))
+        return handoff
 
     async def force_unlock(self, key: str, *, policy: QueuePolicy | None = None) -> Handoff:
         handoff = await self.release_and_handoff(key, policy=policy)

@@ -252,6 +252,9 @@ class Outcome:
     superseded: tuple[Waiter, ...] = ()
     ahead: tuple[Waiter, ...] | None = None
     holders: tuple[Lock, ...] | None = None
+    expired: tuple[Lock, ...] = ()
+    """Locks of the keys asked for whose lease had run out, freed by this step before it
+    decided (no lease timer got there first): each is told as expired."""
 
     @staticmethod
     def of_grant(lock: Lock) -> Outcome:
@@ -271,6 +274,7 @@ class Outcome:
         outcome.superseded = ()
         outcome.ahead = None
         outcome.holders = None
+        outcome.expired = ()
         return outcome
 
 
@@ -300,6 +304,9 @@ class Handoff:
     """Waiters found past their deadline and dropped while looking for the next holder."""
     also_released: tuple[Lock, ...] = ()
     """Other holders freed with ``released`` (a force-unlock of a key held shared)."""
+    expired: tuple[Lock, ...] = ()
+    """Holders of the key whose lease had run out, freed by this release before it released
+    (no lease timer got there first): each is told as expired, not as released."""
 
     @staticmethod
     def of_release(released: Lock | None) -> Handoff:
@@ -310,6 +317,7 @@ class Handoff:
         handoff.granted = ()
         handoff.timed_out = ()
         handoff.also_released = ()
+        handoff.expired = ()
         return handoff
 
 

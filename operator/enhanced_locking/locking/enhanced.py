@@ -323,6 +323,8 @@ class EnhancedLocker(AtlantisCalls):
                         queueing.abandon(backend, tuple(c.key for c in candidates), offer,
                                          self._give_back, reason=left, policy=self.policy)
                 raise
+            if outcome.expired:  # leases the step found run out and freed: told first
+                self._told_expired(outcome.expired)
             for stale in outcome.superseded:
                 self.events.publish(
                     "superseded", key=stale.keys[0], repo=stale.owner[0], pull=stale.owner[1],
@@ -591,8 +593,22 @@ class EnhancedLocker(AtlantisCalls):
         for holder in holders:
             self.leases.arm(key, holder.expires_at)
 
+    def _told_expired(self, locks: tuple[Lock, ...]) -> None:
+        """Locks whose lease had run out, freed by a call's step before it did its own (an
+        acquire or a release of the key came before any lease timer): each told as the timer
+        tells it (:meth:`expire`), its event, its release ``how="expired"`` and its lease
+        expiration counted."""
+        now = time.time()
+        for lock in locks:
+            self.holds.record(lock.key, now - lock.acquired_at.timestamp())
+            self.metrics.releases.labels("enhanced", "expired").inc()
+            self.metrics.lease_expirations.inc()
+            self.events.publish("expired", lock=lock, key=lock.key, how="expired", handedTo=())
+
     def _handed(self, handoff: Handoff, *, how: ReleaseHow) -> None:
         released, also = handoff.released, handoff.also_released
+        if handoff.expired:
+            self._told_expired(handoff.expired)
         if released is None and not also and not handoff.granted:
             return  # nothing was held, nothing handed over: nothing to record
         # The wall clock utcnow reads, as seconds: a datetime read and a subtraction cost

@@ -14,6 +14,8 @@
 --         {'queue_full', key, lock or {}, superseded waiter records}
 --         {'queued', waiter record (flat), key, its holder or {}, position, freeze name or '',
 --          superseded waiter records}
+--         each but 'took' with, after it, the locks whose lease had run out and that the call
+--         dropped before it decided, when there are any
 -- decoded by redis_replies.acquire
 local refused = guard()
 if refused then return refused end
@@ -109,11 +111,17 @@ local function main()
   planned()
   local fx = new_effects()
   for _, k in ipairs(keys) do expire_lapsed(k, fx.expired) end
+  -- The answer, with the leases that ran out and were dropped above after it (if any): the
+  -- caller tells each as expired.
+  local function told(reply)
+    if #fx.expired > 0 then table.insert(reply, fx.expired) end
+    return reply
+  end
   serve(keys, fx)
   local d = verdict(repo, pull, mode, parts, true, tonumber(level))
   -- A key whose fencing counter cannot serve the grant: answered as held by an unreadable
   -- lock (set aside; a force-unlock repairs it), waiting or not.
-  if d[1] == 'damaged' then return {'held', d[2], set_aside(d[2], d[3])} end
+  if d[1] == 'damaged' then return told({'held', d[2], set_aside(d[2], d[3])}) end
   if d[1] == 'grant' then
     local locks, fresh = {}, 0
     for i, k in ipairs(keys) do
@@ -121,15 +129,15 @@ local function main()
       table.insert(locks, lock)
       if new then fresh = 1 end
     end
-    return {'granted', locks, fresh}
+    return told({'granted', locks, fresh})
   end
   local blocked = d[2]
   local holder = peek(blocked) or {}
   local waits = wait_id ~= '' and wait_ms > 0
   if d[1] == 'frozen' and (d[3]['refuse'] or not waits) then
-    return {'frozen', blocked, holder, d[3]['name']}
+    return told({'frozen', blocked, holder, d[3]['name']})
   end
-  if not waits then return {d[1], blocked, holder} end
+  if not waits then return told({d[1], blocked, holder}) end
   -- A newer head commit of the same pull pushes its older queued requests out.
   local superseded = {}
   if head ~= '' then
@@ -158,10 +166,10 @@ local function main()
     -- A queue of another Redis type (written over): nobody can wait on the key in order, so
     -- the request is answered as held by an unreadable lock (a force-unlock repairs it).
     if QUEUE_DAMAGE[k] then
-      return {'held', k, unreadable(k, '', QUEUE_DAMAGE[k], {})}
+      return told({'held', k, unreadable(k, '', QUEUE_DAMAGE[k], {})})
     end
     if size >= policy().max_size then
-      return {'queue_full', k, peek(k) or {}, superseded}
+      return told({'queue_full', k, peek(k) or {}, superseded})
     end
   end
   beat()
@@ -188,7 +196,7 @@ local function main()
   end
   local freeze = ''
   if d[1] == 'frozen' then freeze = d[3]['name'] end
-  return {'queued', read_waiter(wait_id).flat, blocked, holder, position(blocked, wait_id), freeze,
-          superseded}
+  return told({'queued', read_waiter(wait_id).flat, blocked, holder, position(blocked, wait_id),
+               freeze, superseded})
 end
 return run(main, true)

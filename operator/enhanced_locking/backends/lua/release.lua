@@ -7,7 +7,8 @@
 -- returns {'not_owned', lock} (nothing changed), or
 --         {'released', lock or {}, granted, dropped, other locks released} where granted is a
 --         list of {waiter record, {lock...}} and dropped a list of waiter records, then the
---         key's next waiters (lib.lua: `ahead`), or
+--         key's next waiters (lib.lua: `ahead`), then the locks whose lease had run out and
+--         that the call dropped before it released, or
 --         {'dropped', data, token, at, exp}: released by the lean path (`uncontended`), nobody
 --          waiting (the lock's owner and key are the caller's)
 -- decoded by redis_replies.release
@@ -57,7 +58,8 @@ local function main()
   VIEW[k] = rest
   serve({k}, PLAN)
   planned()
-  expire_lapsed(k, nil)
+  local expired = {}
+  expire_lapsed(k, expired)
   local hs = holders(k)
   if ARGV[12] ~= '' then
     local owned = {}
@@ -73,6 +75,6 @@ local function main()
   serve({k}, fx)
   local others = {}
   for i = 2, #hs do table.insert(others, hs[i]) end
-  return {'released', hs[1] or {}, fx.granted, fx.dropped, others, ahead(k)}
+  return {'released', hs[1] or {}, fx.granted, fx.dropped, others, ahead(k), expired}
 end
 return run(main, true)
