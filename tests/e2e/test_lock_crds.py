@@ -102,6 +102,8 @@ REFUSED = [
                  id="step-of-two-kinds"),
     pytest.param("LockMigration", {"mode": "canary"},
                  ['spec.mode: Unsupported value: "canary"'], id="unknown-mode"),
+    pytest.param("LockMigration", {"analysis": {"window": "0s", "maxErrorRate": 0.01}},
+                 ["spec.analysis.window", "must be above 0"], id="empty-analysis-window"),
     pytest.param("LockMigration", {"abort": True, "promote": True},
                  ["spec.abort and spec.promote cannot both be true"], id="abort-and-promote"),
 ]

@@ -155,6 +155,10 @@ def test_a_bad_policy_is_refused_naming_the_field(data: dict[str, Any], expected
         ({"mode": "canary"}, "mode: Input should be 'route' or 'shadow'"),
         ({"abort": True, "promote": True}, "Value error, spec.abort and spec.promote cannot"),
         ({"analysis": {"maxErrorRate": 2}}, "analysis.maxErrorRate: Input should be less than"),
+        ({"analysis": {"window": "0s", "maxErrorRate": 0.01}},
+         "analysis.window: Value error, must be above 0, got 0s"),
+        ({"analysis": {"interval": "0s", "maxErrorRate": 0.01}},
+         "analysis.interval: Value error, must be above 0, got 0s"),
     ],
 )
 def test_a_bad_migration_is_refused_naming_the_field(data: dict[str, Any], expected: str) -> None:

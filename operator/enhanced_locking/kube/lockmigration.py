@@ -26,6 +26,7 @@ from enhanced_locking.kube.models import (
     Condition,
     CRDuration,
     LocalObjectReference,
+    PositiveCRDuration,
     ReplicaName,
     SpecModel,
     StatusModel,
@@ -104,7 +105,9 @@ class Step(SpecModel):
 class Analysis(SpecModel):
     """Thresholds that roll the migration back automatically when passed."""
 
-    window: CRDuration | None = Field(None, description="Window the rates are measured over.")
+    window: PositiveCRDuration | None = Field(
+        None, description="Window the rates are measured over (above 0; default 5m)."
+    )
     max_error_rate: Rate | None = Field(
         None, description="Largest share of enhanced requests that may fail (0..1)."
     )
@@ -114,8 +117,8 @@ class Analysis(SpecModel):
     max_fallbacks: int | None = Field(
         None, ge=0, le=1_000_000, description="Most fallbacks to legacy within the window."
     )
-    interval: CRDuration | None = Field(
-        None, description="How often the thresholds are checked (default 10s)."
+    interval: PositiveCRDuration | None = Field(
+        None, description="How often the thresholds are checked (above 0; default 10s)."
     )
     failure_limit: int | None = Field(
         None, ge=0, le=100,

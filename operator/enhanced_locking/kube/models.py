@@ -28,6 +28,7 @@ __all__ = [
     "ConditionStatus",
     "DnsName",
     "LocalObjectReference",
+    "PositiveCRDuration",
     "ReplicaName",
     "SecretKeyRef",
     "SpecModel",
@@ -106,6 +107,23 @@ CRLease = Annotated[
     ))),
 ]
 """A lock's lease in a CR: a :data:`CRDuration` that is 0 (none) or at least 1ms."""
+
+
+def _above_zero(value: timedelta) -> timedelta:
+    if value <= timedelta(0):
+        raise ValueError(f"must be above 0, got {format_duration(value)}")
+    return value
+
+
+PositiveCRDuration = Annotated[
+    Duration,
+    AfterValidator(_at_most_a_year),
+    AfterValidator(_above_zero),
+    WithJsonSchema(_duration_schema(
+        cel(f"!{valid_duration('self')} || duration(self) > duration('0s')", "must be above 0")
+    )),
+]
+"""A :data:`CRDuration` that must be above 0 (a span that 0 would make empty)."""
 
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 
