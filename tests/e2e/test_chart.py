@@ -487,6 +487,29 @@ def test_default_crs_wait_for_the_kinds_to_be_served(helm: Helm) -> None:
         "CRDs managed elsewhere are assumed served"
 
 
+def test_steps_in_the_values_replace_the_default_weight(
+    helm: Helm, kube_cluster: KubeCluster, namespace: str, crds_present: None, tmp_path: Path,
+) -> None:
+    """Helm merges a values file into the chart's values: ``lockMigration.spec.steps`` written
+    as docs/02-migration.md shows them came with the default ``weight: 0``, and the API server
+    refused the LockMigration (weight and steps are exclusive) for a weight the user never
+    wrote. The default weight gives way to steps; a weight the user did write stays, and is
+    refused with steps as before."""
+    steps = [{"setWeight": 10}, {"pause": {"duration": "10m"}}, {"setWeight": 100}]
+    values = tmp_path / "steps.yaml"
+    values.write_text(yaml.safe_dump({"lockMigration": {"spec": {"steps": steps}}}))
+    (migration,) = of_kind(helm.template("-f", str(values)), "LockMigration")
+    assert migration["spec"] == {"policyRef": {"name": "default"}, "mode": "route",
+                                 "fallback": "legacy", "steps": steps}
+    applied = {**migration, "metadata": {"name": "to-enhanced"}}
+    applied.pop("_source")
+    kube_cluster.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", "-",
+                         input=json.dumps(applied))
+    (both,) = of_kind(helm.template("-f", str(values), "--set", "lockMigration.spec.weight=30"),
+                      "LockMigration")
+    assert both["spec"]["weight"] == 30 and both["spec"]["steps"] == steps
+
+
 def test_the_chart_crds_are_the_repository_crds(helm: Helm) -> None:
     crds = of_kind(helm.template(), "CustomResourceDefinition")
     rendered = {crd["metadata"]["name"]: crd for crd in crds}

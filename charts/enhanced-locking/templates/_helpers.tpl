@@ -223,6 +223,12 @@ enhanced-locking.lockMigration: the default LockMigration as YAML; called with (
 {{- define "enhanced-locking.lockMigration" -}}
 {{- $ctx := .ctx }}
 {{- $spec := deepCopy $ctx.Values.lockMigration.spec }}
+{{- /* Helm merges the user's values into the chart's: steps written in a values file come with
+the default `weight: 0`, which the CRD refuses next to them. A weight of 0 gives way to steps; any
+other weight stays (and is refused with them: which one was meant cannot be told). */}}
+{{- if and (get $spec "steps") (hasKey $spec "weight") (eq (toString (get $spec "weight")) "0") }}
+{{- $_ := unset $spec "weight" }}
+{{- end }}
 {{- if not (hasKey $spec "policyRef") }}
 {{- $_ := set $spec "policyRef" (dict "name" $ctx.Values.operator.policyName) }}
 {{- end }}
