@@ -7,6 +7,8 @@ same behaviour against a real API server and the operator as a process is in tes
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import logging
 from collections.abc import Callable
@@ -17,6 +19,7 @@ import pytest
 from tests.support.kube_cluster import NS, InMemoryCluster
 
 from enhanced_locking.factory import LockService
+from enhanced_locking.kube import reconcile
 from enhanced_locking.kube.reconcile import MIGRATIONS, POLICIES, Binding, Reconciler
 from enhanced_locking.provider import Snapshot
 
@@ -312,3 +315,42 @@ async def test_an_older_copy_of_an_object_never_flaps_the_config_back(
     recreated["metadata"]["uid"] = "uid-recreated"
     await reconciler.observed(MIGRATIONS, recreated)
     assert service.provider.current.config.effective_weight == 10
+
+
+class _AwayCluster(InMemoryCluster):
+    """The API server answers nothing: every read fails, as with a connection refused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    async def get_object(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+        self.reads += 1
+        raise ConnectionRefusedError("connection refused")
+
+
+async def test_a_failing_resync_backs_off_instead_of_retrying_at_a_fixed_pace(
+    service: LockService, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each failed resync in a row doubles the wait before the next (up to the resync
+    interval), as kopf's own retries do: at a fixed 2 s an API server that stays away (or a
+    Role without a verb the operator uses) took a read of both objects and a warning every 2 s
+    for as long as it lasted. The first wait is still short, so a passing blip costs little."""
+    monkeypatch.setattr(reconcile, "RETRY_BACKOFF", 0.02)
+    away = _AwayCluster()
+    reconciler = Reconciler(service.provider, binding=Binding(NS, "default", "to-enhanced"),
+                            cluster=away, runtime_dir=tmp_path)
+    caplog.set_level(logging.WARNING, logger="enhanced_locking.kube.reconcile")
+    reconciler.retry_soon()
+    running = asyncio.create_task(reconciler.resync_forever(interval=0.64))
+    await asyncio.sleep(1.5)
+    running.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await running
+    # Waits of 0.02, 0.04, ... 0.64 s (then 0.64 s, the interval): about 7 reads in 1.5 s;
+    # a fixed 0.02 s would make about 70.
+    assert 4 <= away.reads <= 10, away.reads
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == away.reads
+    assert warnings[1].startswith("resync failed 2 times in a row, retrying in 0.08s: ")

@@ -64,7 +64,8 @@ log = logging.getLogger(__name__)
 POLICIES, MIGRATIONS = "lockpolicies", "lockmigrations"
 
 RETRY_BACKOFF = 2.0
-"""Seconds before a failed reconcile is tried again."""
+"""Seconds before a failed reconcile is first tried again; each further failure in a row
+doubles the wait, up to the resync interval."""
 
 
 @dataclass(frozen=True)
@@ -257,8 +258,14 @@ class Reconciler:
             await self._converge()
 
     async def resync_forever(self, interval: float) -> None:
-        """Resync every ``interval`` seconds, or :data:`RETRY_BACKOFF` after a failure; errors
-        are logged and the next round tries again."""
+        """Resync every ``interval`` seconds, or sooner after a failure: :data:`RETRY_BACKOFF`,
+        doubled by each failure in a row up to ``interval``; errors are logged and the next
+        round tries again."""
+        failures = 0
+
+        def backoff() -> float:
+            return min(RETRY_BACKOFF * 2.0 ** min(failures, 32), max(interval, RETRY_BACKOFF))
+
         while True:
             # A freeze starting or ending is a change of status: look again then.
             edges = policies.freeze_edges(self.provider.current.config.policies,
@@ -270,12 +277,16 @@ class Reconciler:
                 await asyncio.wait_for(self._retry.wait(), wait)
             if self._retry.is_set():
                 self._retry.clear()
-                await asyncio.sleep(RETRY_BACKOFF)
+                await asyncio.sleep(backoff())
             try:
                 await self.resync()
             except Exception as error:  # the API may be briefly away; never stop resyncing
-                log.warning("resync failed, retrying in %.0fs: %s", RETRY_BACKOFF, error)
+                failures += 1
+                times = f" {failures} times in a row" if failures > 1 else ""
+                log.warning("resync failed%s, retrying in %gs: %s", times, backoff(), error)
                 self._retry.set()
+            else:
+                failures = 0
 
     # --- converging ------------------------------------------------------------------------
     async def _converge(
