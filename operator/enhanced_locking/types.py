@@ -99,6 +99,7 @@ __all__ = [
     "PullNumber",
     "Reason",
     "Side",
+    "StoreBusy",
     "StoreRefused",
     "UnreadableLock",
     "UnusableSetting",
@@ -923,6 +924,15 @@ class HoldAnsweredAgain(LockingError):
 
 class BackendUnavailable(LockingError):
     """The store did not answer; the operation may be retried."""
+
+
+class StoreBusy(BackendUnavailable):
+    """The store answers, but this replica had no free connection to it within the bound of a
+    call's wait for one (every connection of its pool was busy with other calls): the
+    service is overloaded, the store is not away. Nothing of the call was sent. Answered as
+    the service's other overload (503 ``overloaded`` with ``Retry-After``); a router does not
+    fall back to legacy for it. What was done before it, in a call of several steps, is
+    undone as after an outage (a ``BackendUnavailable``)."""
 
 
 class PartlyReleased(BackendUnavailable):

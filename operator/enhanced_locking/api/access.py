@@ -49,6 +49,7 @@ from enhanced_locking.types import (
     LockNotOwned,
     NotAuthenticated,
     NotPermitted,
+    StoreBusy,
     Verb,
     utcnow,
 )
@@ -287,6 +288,7 @@ _FAILURES: tuple[tuple[type[Exception], str, int], ...] = (
     (LockNotOwned, "not-owned", 409),
     (HoldAnsweredAgain, "kept", 409),
     (InvalidRequest, "invalid", 422),
+    (StoreBusy, "overloaded", 503),
     (BackendUnavailable, "unavailable", 503),
 )
 

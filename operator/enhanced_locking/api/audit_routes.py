@@ -25,7 +25,8 @@ Text = Annotated[str | None, Query(max_length=4096)]
 AUDIT_OUTCOMES = frozenset({
     "ok", "acquired", *(reason.value for reason in Reason), "client-gone", "released",
     "refreshed", "cancelled", "cleared-unreadable", "pull-closed", "not-found", "collision",
-    "no-lease", "denied", "not-owned", "kept", "invalid", "unavailable", "error",
+    "no-lease", "denied", "not-owned", "kept", "invalid", "overloaded", "unavailable",
+    "error",
     "unauthenticated", "cross-site",
 })
 """Every outcome an audit row is written with, but the counts of a release of several keys."""

@@ -18,6 +18,7 @@ from enhanced_locking.types import (
     InvalidRequest,
     LockNotOwned,
     LockUnreadable,
+    StoreBusy,
     UnreadableLock,
 )
 
@@ -60,8 +61,9 @@ INVALID = "Refused: the field it names is not what the operation takes (see the 
 TOO_LARGE = ("The request body is over enhanced-locking-http-max-body (`limit` says how many "
              "bytes): refused unread, before the caller is checked.")
 NOT_SERVED = ("Not served now: `reason: overloaded`, the service is at its bound of requests in "
-              "flight (enhanced-locking-http-max-in-flight; never a DELETE), sent with "
-              "`Retry-After`, nothing was done; or `reason: unavailable`, a store did not answer.")
+              "flight (enhanced-locking-http-max-in-flight; never a DELETE) or had no free "
+              "connection to its store in time, sent with `Retry-After`, nothing of the "
+              "request is left; or `reason: unavailable`, a store did not answer.")
 
 
 def error_answers(answers: dict[int, str]) -> dict[int | str, dict[str, Any]]:
@@ -119,6 +121,13 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(BackendUnavailable)
     async def _unavailable(request: Request, error: BackendUnavailable) -> JSONResponse:
         return json_error(503, str(error), reason="unavailable")
+
+    @app.exception_handler(StoreBusy)
+    async def _busy(request: Request, error: StoreBusy) -> JSONResponse:
+        # The service's overload, as its bound of requests in flight answers it.
+        answer = json_error(503, str(error), reason="overloaded")
+        answer.headers["Retry-After"] = "1"
+        return answer
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, error: HTTPException) -> JSONResponse:

@@ -24,8 +24,9 @@ masked in every error message we build (even if a library put it there), and the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal, TypeVar
@@ -49,7 +50,7 @@ from redis.commands.core import AsyncScript
 
 from enhanced_locking.backends import redis_lua
 from enhanced_locking.config import SECRET_MASK, EnhancedLockingConfig
-from enhanced_locking.types import BackendUnavailable, UnusableSetting
+from enhanced_locking.types import BackendUnavailable, StoreBusy, UnusableSetting
 
 __all__ = [
     "COMMAND_TIMEOUT",
@@ -64,6 +65,7 @@ __all__ = [
     "connect",
     "down",
     "is_retryable",
+    "pool_exhausted",
     "resp_body",
     "unavailable",
     "will_not_serve",
@@ -80,8 +82,16 @@ timer on the event loop (``asyncio.timeout``; the scripts' calls by a leaner tim
 :func:`within_limit`) rather than as redis-py's socket timeout, which wraps every
 send in a task of its own (``asyncio.wait_for``) and cost more than the script."""
 
-POOL_WAIT = 5.0
-"""Seconds a call waits for a free pooled connection before reporting the pool exhausted."""
+POOL_WAIT = 4.0
+"""Seconds a call waits for a free pooled connection; past it the call is answered
+``StoreBusy`` (the service is overloaded: every connection is busy with other calls, Redis
+itself answers). Shorter than ``COMMAND_TIMEOUT``, which counts from the call's start, the wait
+for a connection included: at 5 s each the call's own limit ran out first, and a flood larger
+than the pool was told the store did not answer (``unavailable``: a router fell back to
+legacy)."""
+
+POOL_EXHAUSTED = "No connection available."
+"""redis-py's text when a waiting pool's ``timeout`` ran out (its ``ConnectionError``)."""
 
 # What "Redis is not there (or will not serve us)" looks like. ResponseErrors that are our
 # own mistakes (a script bug) are not in the list: they must surface, not look like an outage.
@@ -257,8 +267,22 @@ class _Cluster(RedisCluster):
         at once, ``MaxConnectionsError``, which read as the store being away)."""
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
-        async with self.calls:
+        async with self.turn():
             return await super().execute_command(*args, **kwargs)
+
+    @contextlib.asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        """A place among the calls under way, waited for up to ``POOL_WAIT`` (past it the
+        pool's own ``ConnectionError``, as a waiting pool of one Redis raises)."""
+        try:
+            async with asyncio.timeout(POOL_WAIT):
+                await self.calls.acquire()
+        except TimeoutError:
+            raise rexc.ConnectionError(POOL_EXHAUSTED) from None
+        try:
+            yield
+        finally:
+            self.calls.release()
 
     async def _determine_slot(self, command: str, *args: Any) -> int:
         if command.upper() in ("FCALL", "FCALL_RO") and len(args) > 2 and int(args[1]) > 0:
@@ -359,7 +383,7 @@ class RedisConnection:
         (it finds each command's node and follows a slot that moved)."""
         client = self.client
         if isinstance(client, _Cluster):
-            async with client.calls, client.pipeline(transaction=False) as pipe:
+            async with client.turn(), client.pipeline(transaction=False) as pipe:
                 for command in commands:
                     pipe.execute_command(*command)
                 return await pipe.execute()
@@ -515,7 +539,14 @@ async def again_if_written_over(replace: AsyncScript, key: str, kind: str,
 
 def is_retryable(error: BaseException) -> bool:
     return isinstance(error, RETRYABLE) and not isinstance(
-        error, rexc.AuthenticationError | rexc.AuthenticationWrongNumberOfArgsError)
+        error, rexc.AuthenticationError | rexc.AuthenticationWrongNumberOfArgsError,
+    ) and not pool_exhausted(error)
+
+
+def pool_exhausted(error: BaseException) -> bool:
+    """Whether ``error`` is the pool's: no connection was free within ``POOL_WAIT`` (the call
+    was never sent; nothing is wrong with a connection, so none is dropped or tried again)."""
+    return type(error) is rexc.ConnectionError and str(error) == POOL_EXHAUSTED
 
 
 def _expire(task: asyncio.Task[Any], expired: list[bool]) -> None:
@@ -563,7 +594,13 @@ def down(
     A call cut off by its own limit (``asyncio.timeout`` of ``seconds``, or
     :func:`within_limit`'s: a bare ``TimeoutError``) says so, rather than a
     bare timeout: Redis took the call and never answered (stopped, or far too busy), which
-    is not a refused connection."""
+    is not a refused connection. The pool's wait for a free connection past ``POOL_WAIT`` is
+    ``StoreBusy``: the service is overloaded, Redis answers."""
+    if pool_exhausted(error):
+        return StoreBusy(
+            f"redis {connection.where}: no free connection within {POOL_WAIT:g} s (all "
+            "enhanced-locking-redis-pool-size connections are busy with other calls); retry "
+            "after the Retry-After seconds", key=key)
     if type(error) is TimeoutError and not error.args:
         return BackendUnavailable(
             f"redis {connection.where} did not answer ({action}): no answer within the "

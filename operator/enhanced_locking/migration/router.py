@@ -73,6 +73,7 @@ from enhanced_locking.types import (
     PartlyReleased,
     Reason,
     Side,
+    StoreBusy,
 )
 
 __all__ = ["PullClosed", "Router"]
@@ -439,6 +440,8 @@ class Router(AtlantisCalls):
                 result = await self._acquire_on(enhanced, self.legacy, request)
             else:
                 result = await self._acquire_on(self.legacy, enhanced, request)
+        except StoreBusy:
+            raise  # the service is overloaded, the store answers: no fall-back (a 503)
         except BackendUnavailable as error:
             if not await _unreachable(enhanced):
                 raise  # legacy itself failed: there is nothing to fall back to
@@ -854,6 +857,8 @@ class Router(AtlantisCalls):
                 for item in on_enhanced:  # as in _route
                     await migration.before_acquire(item.key)
             first = await enhanced.acquire_batch(part)
+        except StoreBusy:
+            raise  # as in _route: overloaded, no fall-back
         except BackendUnavailable as error:
             if self._fallback_action(on_enhanced[0].key, owner[0], error) == "legacy":
                 # a hold the pull had already is noted as answered again (see _Answers)
