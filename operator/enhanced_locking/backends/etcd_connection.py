@@ -57,7 +57,8 @@ from etcd3aio._protobuf import WatchCreateRequest, WatchRequest, WatchResponse
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.types import BackendUnavailable
 
-__all__ = ["ATTEMPT_TIMEOUT", "CALL_TIMEOUT", "DOWN", "MAX_RECEIVE", "WATCH_CHECK",
+__all__ = ["ATTEMPT_TIMEOUT", "CALL_TIMEOUT", "DOWN", "MAX_RECEIVE", "RIDE_OPS",
+           "WATCH_CHECK",
            "EtcdConnection", "EtcdSettings", "Landing", "Passenger", "TxnCall", "Watch",
            "WatchCanceled", "WatchEnded", "kv_calls", "leader_first", "refused_watch",
            "stale_token", "unavailable", "unreachable", "watching"]
@@ -166,14 +167,20 @@ class Landing(enum.Enum):
     """Its answer was lost: it may have been applied, or may still be."""
 
 
+RIDE_OPS = 2
+"""The most operations a passenger's own transaction has in any of its lists (compares,
+success, failure): etcd takes a nested transaction only within what the outer one leaves of
+its ``--max-txn-ops``, so a transaction boards passengers only while that much is left."""
+
+
 class Passenger(Protocol):
     """A write behind (the events' outbox) that can ride in a transaction the store sends
     anyway, instead of costing a consensus write of its own (``EtcdBackend.carry``)."""
 
     def board(self) -> Any | None:
         """A ``TxnRequest`` of the passenger's own, nested in the success branch of the
-        transaction about to be sent (it guards itself: the step's guards are the step's), or
-        ``None``."""
+        transaction about to be sent (it guards itself: the step's guards are the step's;
+        at most ``RIDE_OPS`` operations in each of its lists), or ``None``."""
         ...
 
     def landed(self, landing: Landing, *, succeeded: bool = False) -> None:

@@ -88,6 +88,7 @@ from enhanced_locking.backends.base import Owner, StoreBackend, _Effects
 from enhanced_locking.backends.etcd_connection import (
     CALL_TIMEOUT,
     DOWN,
+    RIDE_OPS,
     WATCH_CHECK,
     EtcdConnection,
     EtcdSettings,
@@ -1189,6 +1190,12 @@ class EtcdBackend(StoreBackend):
         riding: list[tuple[Passenger, int]] = []  # each with the place of its transaction
         if writes:
             for passenger in self._passengers:
+                # etcd counts a nested transaction's operations against what this one leaves
+                # of --max-txn-ops (its largest list: compares or writes, the ride's place
+                # counted): a step whose guards filled it was refused whole, once a key had
+                # about 125 waiters. Such a step takes no passenger (its outbox writes it).
+                if _MAX_OPS - max(len(request.compare), len(request.success) + 1) < RIDE_OPS:
+                    break
                 ride = passenger.board()
                 if ride is not None:
                     riding.append((passenger, len(request.success)))
