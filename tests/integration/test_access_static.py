@@ -149,6 +149,34 @@ def test_force_unlock_needs_a_reason_and_records_it(
         ("ada", "released", "stuck apply, ticket OPS-12", 7)]
 
 
+def test_an_api_force_unlock_posted_from_another_site_is_refused_and_audited(
+    served: ServiceProcess, admin: httpx.Client
+) -> None:
+    # The console's setup: a proxy adds the bearer token for a signed-in user's browser. The
+    # API's force-unlock takes its key and reason in the query, so another site's page can
+    # make that browser post it as a plain form, no preflight asked.
+    case = new_case(admin)
+    before = held(admin, case.key)
+    host = served.url.split("://", 1)[1]
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    for headers in ({"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"},
+                    {"Origin": "https://evil.example"}, {"Origin": "null"}):
+        refused = admin.post("/v1/admin/force-unlock", headers={**form, **headers},
+                             params={"key": case.key, "reason": "from elsewhere"})
+        assert refused.status_code == 403, (headers, refused.text)
+        assert "another site" in refused.json()["error"]
+        assert held(admin, case.key) == before
+    rows = admin.get("/v1/audit", params={"key": case.key, "action": "force-unlock"}).json()
+    assert [(r["identity"], r["outcome"], r["status"], r["repo"]) for r in rows["entries"]] == [
+        ("ada", "cross-site", 403, case.repo)] * 4
+    # A page of the service itself (its API docs), and a client that is no browser, are taken.
+    done = admin.post("/v1/admin/force-unlock",
+                      headers={"Sec-Fetch-Site": "same-origin", "Origin": f"http://{host}"},
+                      params={"key": case.key, "reason": "stuck"})
+    assert done.status_code == 200, done.text
+    assert held(admin, case.key) is None
+
+
 def test_a_pull_releases_its_own_lock_with_the_lock_right_but_not_anothers(
     served: ServiceProcess, admin: httpx.Client
 ) -> None:

@@ -26,6 +26,7 @@ import enum
 import ipaddress
 import logging
 import time
+import urllib.parse
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from fastapi.routing import APIRoute
 
 from enhanced_locking import policies
 from enhanced_locking.api.audit import AuditTrail
+from enhanced_locking.api.errors import json_error
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.provider import ConfigProvider, ConfigRejected, Snapshot
 from enhanced_locking.types import (
@@ -73,6 +75,8 @@ __all__ = [
     "access_now",
     "caller_of",
     "check_routes",
+    "cross_site",
+    "cross_site_refusal",
     "install_access",
     "is_loopback",
     "open_to_network_refusal",
@@ -412,6 +416,41 @@ class Audited:
         await self._caller.record(action=self._action, verb=self._verb, key=note.key,
                                   repo=note.repo, pull=note.pull, outcome=outcome,
                                   status=status, reason=self._reason)
+
+
+def cross_site(request: Request) -> str | None:
+    """Why a post did not come from one of the service's own pages, or None if it did.
+
+    A browser names where a request came from: ``Sec-Fetch-Site`` (every current browser), else
+    ``Origin``. Only ``same-origin`` is a page of the service; an ``Origin`` must be the host
+    asked. A client that sends neither is not a browser (the CLI, curl), and cannot be made to
+    post by another site's page."""
+    fetch_site = request.headers.get("sec-fetch-site")
+    if fetch_site is not None:
+        return None if fetch_site == "same-origin" else f"Sec-Fetch-Site is {fetch_site!r}"
+    origin = request.headers.get("origin")
+    if origin is None:
+        return None
+    host = request.headers.get("host", "")
+    if urllib.parse.urlsplit(origin).netloc.lower() == host.lower() and host:
+        return None
+    return f"Origin {origin!r} is not this host"
+
+
+async def cross_site_refusal(caller: Caller, request: Request, *, key: str, repo: str | None,
+                             reason: str | None, instead: str) -> JSONResponse | None:
+    """The 403 of a force-unlock posted from another site's page (audited, outcome
+    ``cross-site``), or None when it came from no browser or the service's own page. Behind a
+    proxy that adds a signed-in user's token, another site's page can make that user's browser
+    post a plain form (no preflight) to the console's form or to the API's force-unlock, whose
+    key and reason are in the query; ``instead`` says where such a call is taken."""
+    why = cross_site(request)
+    if why is None:
+        return None
+    await caller.record(action="force-unlock", verb=Verb.FORCE_UNLOCK, key=key, repo=repo,
+                        outcome="cross-site", status=403, reason=reason)
+    return json_error(403, f"a force-unlock from another site's page is refused ({why}): "
+                           f"{instead}")
 
 
 def _peer(request: Request) -> str:

@@ -9,8 +9,8 @@ Reading needs the ``read`` right, as the API does. Actions (force-unlock, with a
 shown only to a caller who holds ``force-unlock`` while access control is on: with
 ``enhanced-locking-auth: none`` everyone is anonymous, and the console stays read-only. A
 force-unlock is taken only as the console's form posts it, from its own page (see
-:func:`_cross_site`): behind a proxy that adds a signed-in user's token, another site's page
-could otherwise make that user's browser post one.
+:func:`~enhanced_locking.api.access.cross_site`): behind a proxy that adds a signed-in user's
+token, another site's page could otherwise make that user's browser post one.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Annotated
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from enhanced_locking.api.access import Caller, CallerDep
+from enhanced_locking.api.access import Caller, CallerDep, cross_site_refusal
 from enhanced_locking.api.errors import json_error
 from enhanced_locking.factory import LockService
 from enhanced_locking.rollout_summary import RolloutSummary, remaining_text, summarize
@@ -61,25 +61,6 @@ def _pull(text: str | None) -> int | None:
 
 
 FORM_TYPE = "application/x-www-form-urlencoded"
-
-
-def _cross_site(request: Request) -> str | None:
-    """Why a force-unlock post did not come from the console's own page, or None if it did.
-
-    A browser names where a request came from: ``Sec-Fetch-Site`` (every current browser), else
-    ``Origin``. Only ``same-origin`` is the console's page; an ``Origin`` must be the host
-    asked. A client that sends neither is not a browser (the CLI, curl), and cannot be made to
-    post by another site's page."""
-    fetch_site = request.headers.get("sec-fetch-site")
-    if fetch_site is not None:
-        return None if fetch_site == "same-origin" else f"Sec-Fetch-Site is {fetch_site!r}"
-    origin = request.headers.get("origin")
-    if origin is None:
-        return None
-    host = request.headers.get("host", "")
-    if urllib.parse.urlsplit(origin).netloc.lower() == host.lower() and host:
-        return None
-    return f"Origin {origin!r} is not this host"
 
 
 def _e(value: object) -> str:
@@ -260,13 +241,11 @@ def install_console(app: FastAPI, service: LockService) -> None:
         repo = holder.project.repo_full_name if holder else None
         # A page on another site can post a plain form here, and the browser of a signed-in
         # user would send it with that user's session (a proxy adding the bearer token).
-        refused = _cross_site(request)
+        refused = await cross_site_refusal(caller, request, key=key, repo=repo, reason=reason,
+                                           instead="use the console's own page, the API or "
+                                                   "the CLI")
         if refused is not None:
-            await caller.record(action="force-unlock", verb=Verb.FORCE_UNLOCK, key=key,
-                                repo=repo, outcome="cross-site", status=403, reason=reason)
-            return json_error(403, f"a force-unlock from another site's page is refused "
-                                   f"({refused}): use the console's own page, the API or "
-                                   f"the CLI")
+            return refused
         await caller.need(Verb.FORCE_UNLOCK, action="force-unlock", key=key, repo=repo,
                           reason=reason)
         async with caller.audited(action="force-unlock", verb=Verb.FORCE_UNLOCK, key=key,

@@ -26,7 +26,13 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from enhanced_locking.api.access import Caller, CallerDep, overrides_rules, rule_override
+from enhanced_locking.api.access import (
+    Caller,
+    CallerDep,
+    cross_site_refusal,
+    overrides_rules,
+    rule_override,
+)
 from enhanced_locking.api.disconnect import (
     AnswerUnlessGone,
     ClientGone,
@@ -399,6 +405,7 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
     async def force_unlock(
         key: Key,
         caller: CallerDep,
+        request: Request,
         reason: Annotated[str | None, Query(
             min_length=1, max_length=1024,
             description="Why (kept in the audit trail); required when access control is on.")]
@@ -408,7 +415,9 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
 
         Needs ``force-unlock``, and a ``reason`` unless access control is off. A key whose
         stored lock cannot be read is cleared: whatever is stored goes (``lock`` null,
-        ``unreadable`` what it was)."""
+        ``unreadable`` what it was). A post a browser says comes from another site's page
+        is refused (403): behind a proxy that adds a signed-in user's token, such a page could
+        make that user's browser post one as a plain form."""
         try:
             holder, unreadable = await caller.read_for_right(
                 router.get(key), Verb.FORCE_UNLOCK, action="force-unlock", key=key,
@@ -416,6 +425,12 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
         except LockUnreadable as error:  # whose it is cannot be read: the right is checked
             holder, unreadable = None, error.found  # without a repository
         repo = holder.project.repo_full_name if holder is not None else None
+        refused = await cross_site_refusal(
+            caller, request, key=key, repo=repo, reason=reason,
+            instead="send it from a client that is no browser (the CLI, curl) or from the "
+                    "service's own pages")
+        if refused is not None:
+            return refused
         await caller.need(Verb.FORCE_UNLOCK, action="force-unlock", repo=repo, key=key,
                           reason=reason)
         if not caller.access.open and not (reason or "").strip():
