@@ -744,10 +744,12 @@ def flags_from_namespace(namespace: argparse.Namespace) -> dict[str, str]:
 
 def _convert(setting: Setting, value: Any) -> Any:
     if setting.kind == "rules" and isinstance(value, str):
+        # Read as the config file is (YAML 1.2: `yes` is text, `010` is ten).
         try:
-            return yaml.safe_load(value) or {}
-        except yaml.YAMLError:
+            rules = yaml.load(value, Loader=_StrictLoader)  # a SafeLoader
+        except (yaml.YAMLError, RecursionError):
             return value  # validation names the setting
+        return {} if rules is None else rules
     if setting.kind == "list" and isinstance(value, str):
         return [item.strip() for item in value.split(",") if item.strip()]
     return value
@@ -756,8 +758,11 @@ def _convert(setting: Setting, value: Any) -> Any:
 class _StrictLoader(yaml.SafeLoader):
     """YAML as YAML 1.2 (and Go's YAML, which Atlantis reads its config with) resolves it:
     only ``true``/``false`` are booleans (not 1.1's ``yes``/``no``/``on``/``off``), integers
-    are plain digits (not ``1_000`` or sexagesimal ``1:30``), and a key given twice is an
-    error instead of the last one silently winning."""
+    are plain decimal digits (not ``1_000`` or sexagesimal ``1:30``, and ``010`` is ten, as
+    in an environment variable or a flag, not 1.1's octal eight), and a key given twice is an
+    error instead of the last one silently winning. Whatever cannot be built (a key that is a
+    list, ``!!int 0x1f``, ``!!bool maybe``) is a ``ConstructorError`` saying where, never an
+    exception of another kind."""
 
     yaml_implicit_resolvers = {
         first: [(tag, rx) for tag, rx in resolvers
@@ -770,6 +775,12 @@ class _StrictLoader(yaml.SafeLoader):
         seen: dict[Any, yaml.Node] = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a key is a list or a mapping (a setting's name is text)",
+                    key_node.start_mark) from None
             if key in seen:
                 first = seen[key].start_mark.line + 1
                 raise yaml.constructor.ConstructorError(
@@ -778,7 +789,28 @@ class _StrictLoader(yaml.SafeLoader):
             seen[key] = key_node
         return super().construct_mapping(node, deep=deep)
 
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError):
+            # PyYAML's constructors of explicit tags raise these on a value they cannot take
+            # (`!!float abc`, `!!bool maybe`); the value itself is not repeated (it may be a
+            # password).
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a value cannot be read as {node.tag.rsplit(':', 1)[-1]}",
+                node.start_mark) from None
 
+
+def _decimal(loader: yaml.SafeLoader, node: yaml.Node) -> int:
+    """An integer in decimal, whatever its leading zeros (YAML 1.2's core schema)."""
+    text = loader.construct_scalar(node)  # type: ignore[arg-type]
+    if not isinstance(text, str) or not _INTEGER.fullmatch(text):
+        raise yaml.constructor.ConstructorError(
+            None, None, "an integer is written in decimal digits", node.start_mark)
+    return int(text)
+
+
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _decimal)
 _StrictLoader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
     list("tTfF"))
@@ -804,7 +836,7 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
 def _read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as handle:
-            data = yaml.load(handle, Loader=_StrictLoader) or {}  # a SafeLoader
+            data = yaml.load(handle, Loader=_StrictLoader)  # a SafeLoader
     except OSError as error:
         raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
     except UnicodeDecodeError as error:
@@ -813,6 +845,10 @@ def _read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     except yaml.YAMLError as error:
         raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(error)}"
                           ) from None
+    except RecursionError:
+        raise ConfigError(f"config file {path} is nested too deeply to be a config") from None
+    if data is None:  # empty, or only comments
+        return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must be a mapping of setting: value")
     return data

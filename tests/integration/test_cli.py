@@ -120,6 +120,10 @@ INVALID = [
      "enhanced-locking-redis-key-prefix", "non-empty"),
     ("empty data dir", [], {"ATLANTIS_DATA_DIR": ""}, None, "data-dir", "non-empty"),
     ("NUL in data dir", [], {}, 'data-dir: "data\\0dir"\n', "data-dir", "NUL"),
+    ("YAML key that is a list", [], {}, "? [enhanced-locking-enabled]\n: true\n",
+     "a key is a list or a mapping", "line 1"),
+    ("YAML value its tag cannot build", [], {}, "enhanced-locking-enabled: !!bool maybe\n",
+     "not valid YAML", "line 1"),
 ]
 
 

@@ -335,14 +335,77 @@ def test_an_unknown_enhanced_locking_yaml_key_is_refused(tmp_path: Path) -> None
 @pytest.mark.parametrize(("text", "problem"), [
     ("- a\n- b\n", "must be a mapping"),
     ("enhanced-locking-enabled: [true\n", "not valid YAML"),
+    # Documents that are not mappings although false-like: not an empty config.
+    ("[]\n", "must be a mapping"),
+    ("false\n", "must be a mapping"),
+    ("0\n", "must be a mapping"),
+    ('""\n', "must be a mapping"),
+    # PyYAML raised TypeError, ValueError or KeyError for these: a traceback and exit 1.
+    ("? [a, b]\n: 1\n", "a key is a list or a mapping \\(a setting's name is text\\) at line 1"),
+    ("? {a: 1}\n: 1\n", "a key is a list or a mapping"),
+    ("x: &k [1]\n*k : 1\n", "a key is a list or a mapping"),
+    ("enhanced-locking-redis-db: !!int 0x1f\n", "an integer is written in decimal digits at line"),
+    ("enhanced-locking-enabled: !!bool maybe\n", "a value cannot be read as bool at line 1"),
+    ("enhanced-locking-migration-weight: !!float abc\n", "a value cannot be read as float"),
+    ("enhanced-locking-replica-id: !!timestamp now\n", "a value cannot be read as timestamp"),
 ])
 def test_a_yaml_file_that_is_not_a_mapping_is_refused(
     text: str, problem: str, tmp_path: Path
 ) -> None:
     path = tmp_path / "config.yaml"
     path.write_text(text)
-    with pytest.raises(ConfigError, match=problem):
+    with pytest.raises(ConfigError, match=problem) as raised:
         load_config(yaml_file=path, env={})
+    assert "\n" not in str(raised.value) and str(path) in str(raised.value)
+
+
+@pytest.mark.parametrize("text", ["", "# nothing set here\n", "~\n"])
+def test_an_empty_yaml_file_sets_nothing(text: str, tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    assert load_config(yaml_file=path, env={}) == EnhancedLockingConfig()
+
+
+def test_yaml_nested_too_deeply_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("enhanced-locking-policies: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError, match="nested too deeply") as raised:
+        load_config(yaml_file=path, env={})
+    assert "\n" not in str(raised.value) and str(path) in str(raised.value)
+    deep = "[" * 5000 + "]" * 5000
+    for source in ({"env": {"ATLANTIS_ENHANCED_LOCKING_POLICIES": deep}},
+                   {"flags": {"policies": deep}, "env": {}}):
+        with pytest.raises(ConfigError, match="invalid setting enhanced-locking-policies"):
+            load_config(**source)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("text", "value"), [
+    ("010", 10), ("09", 9), ("0", 0), ("-0", 0), ("0100", 100), ("+3", 3),
+])
+def test_a_yaml_integer_is_decimal_as_in_env_and_flags(
+    text: str, value: int, tmp_path: Path
+) -> None:
+    # YAML 1.1 (PyYAML's default) read 010 as octal 8 and failed on 09 with a traceback.
+    path = tmp_path / "config.yaml"
+    path.write_text(f"enhanced-locking-redis-db: {text}\n")
+    in_yaml = load_config(yaml_file=path, env={}).redis_db
+    in_env = load_config(env={"ATLANTIS_ENHANCED_LOCKING_REDIS_DB": text}).redis_db
+    in_flag = load_config(flags=_flags({"redis_db": text}), env={}).redis_db
+    assert in_yaml == in_env == in_flag == value
+
+
+def test_policies_from_env_and_flags_are_read_as_the_config_file_is(tmp_path: Path) -> None:
+    rules = ('{concurrency: [{name: prod, match: {repo: "acme/*"}, limit: 010}]}')
+    path = tmp_path / "config.yaml"
+    path.write_text(f"enhanced-locking-policies: {rules}\n")
+    from_yaml = load_config(yaml_file=path, env={}).policies
+    from_env = load_config(env={"ATLANTIS_ENHANCED_LOCKING_POLICIES": rules}).policies
+    from_flag = load_config(flags=_flags({"policies": rules}), env={}).policies
+    assert from_yaml == from_env == from_flag
+    assert from_env.concurrency[0].limit == 10
+    for refused in ("false", "- a\n- b", "{freezes: [], freezes: []}"):
+        with pytest.raises(ConfigError, match="invalid setting enhanced-locking-policies"):
+            load_config(env={"ATLANTIS_ENHANCED_LOCKING_POLICIES": refused})
 
 
 def test_a_yaml_syntax_error_is_one_line_saying_where(tmp_path: Path) -> None:
