@@ -459,6 +459,36 @@ def test_the_etcd_password_goes_through_one_secret(helm: Helm) -> None:
     assert secrets_rule["resourceNames"] == [name]
 
 
+def test_the_etcd_user_of_the_static_settings_goes_with_the_policy_s_password(
+    helm: Helm, kube_cluster: KubeCluster, namespace: str, crds_present: None,
+) -> None:
+    """values.yaml says the etcd user is lockPolicy.spec.etcd.username or the static
+    enhanced-locking-etcd-username; with the latter the chart filled in passwordSecretRef
+    alone and the API server refused the LockPolicy (passwordSecretRef needs etcd.username).
+    The static user goes into the policy with the password; with no user anywhere the
+    render fails naming both places."""
+    etcd = ("--set", "etcd.auth.existingSecret=etcd-auth",
+            "--set", "lockPolicy.spec.backend=etcd",
+            "--set", "lockPolicy.spec.etcd.endpoints={etcd-0.etcd:2379}")
+    objects = helm.template(*etcd, "--set", "config.enhanced-locking-etcd-username=locks")
+    (policy,) = of_kind(objects, "LockPolicy")
+    assert policy["spec"]["etcd"] == {
+        "endpoints": ["etcd-0.etcd:2379"], "username": "locks",
+        "passwordSecretRef": {"name": "etcd-auth", "key": "password"}}
+    applied = {**policy, "metadata": {"name": "default"}}
+    applied.pop("_source")
+    kube_cluster.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", "-",
+                         input=json.dumps(applied))
+    own = helm.template(*etcd, "--set", "config.enhanced-locking-etcd-username=locks",
+                        "--set", "lockPolicy.spec.etcd.username=policy-user")
+    (policy,) = of_kind(own, "LockPolicy")
+    assert policy["spec"]["etcd"]["username"] == "policy-user"
+    refused = helm.run("template", "t", str(CHART_DIR), *etcd, check=False)
+    assert refused.returncode != 0
+    assert ("etcd.auth needs an etcd user: set lockPolicy.spec.etcd.username or "
+            "config.enhanced-locking-etcd-username") in refused.stderr, refused.stderr
+
+
 def test_default_crs_wait_for_the_kinds_to_be_served(helm: Helm) -> None:
     """In the install that brings the CRDs Helm could not map a LockPolicy in the manifest:
     the default CRs are created by a hook, after the CRDs, owned by the release."""

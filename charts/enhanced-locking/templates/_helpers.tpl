@@ -205,6 +205,14 @@ enhanced-locking.lockPolicy: the default LockPolicy as YAML; called with (dict "
 {{- $etcd := get $spec "etcd" | default dict }}
 {{- if not (hasKey $etcd "passwordSecretRef") }}
 {{- $_ := set $etcd "passwordSecretRef" (dict "name" $etcdSecret "key" $ctx.Values.etcd.auth.key) }}
+{{- /* The CRD refuses a password without its user: a user of the static settings goes with it. */}}
+{{- if not (get $etcd "username") }}
+{{- $user := get $ctx.Values.config "enhanced-locking-etcd-username" | default "" }}
+{{- if not $user }}
+{{- fail "etcd.auth needs an etcd user: set lockPolicy.spec.etcd.username or config.enhanced-locking-etcd-username" }}
+{{- end }}
+{{- $_ := set $etcd "username" $user }}
+{{- end }}
 {{- end }}
 {{- $_ := set $spec "etcd" $etcd }}
 {{- end }}
