@@ -354,3 +354,30 @@ async def test_a_failing_resync_backs_off_instead_of_retrying_at_a_fixed_pace(
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == away.reads
     assert warnings[1].startswith("resync failed 2 times in a row, retrying in 0.08s: ")
+
+
+async def test_a_restarted_operator_announces_only_the_freezes_that_changed_meanwhile(
+    service: LockService, cluster: InMemoryCluster, tmp_path: Path,
+) -> None:
+    """FreezeStarted and FreezeEnded say when a freeze began and ended. A restarted operator
+    took every freeze in force for one that had just started (a FreezeStarted at each restart,
+    days after it began) and never said FreezeEnded for one that ended while it was down: it
+    now starts from the freezes the policy's status showed in force."""
+    freeze = {"name": "release", "match": {"repo": "acme/*"}, "message": "release freeze"}
+    ended = {**freeze, "name": "window", "until": "2030-01-01T00:00:00Z"}
+    binding = Binding(NS, "default", "to-enhanced")
+    first = Reconciler(service.provider, binding=binding, cluster=cluster, runtime_dir=tmp_path)
+    await first.observed(POLICIES, cluster.put(POLICIES, "default",
+                                               {**POLICY, "freezes": [freeze, ended]}))
+    started = [e["message"] for e in cluster.events if e["reason"] == "FreezeStarted"]
+    assert started == ["freeze release started (refuse): release freeze",
+                       "freeze window started (refuse): release freeze"]
+    cluster.events.clear()
+    # Down while the window freeze ends (here: while the edit dropping it lands).
+    cluster.put(POLICIES, "default", {**POLICY, "freezes": [freeze]})
+    restarted = Reconciler(service.provider, binding=binding, cluster=cluster,
+                           runtime_dir=tmp_path)
+    await restarted.resync()
+    freezes = [(e["reason"], e["message"]) for e in cluster.events
+               if e["reason"].startswith("Freeze")]
+    assert freezes == [("FreezeEnded", "freeze window ended")]

@@ -175,8 +175,10 @@ class Reconciler:
         self._secrets = ResolvedSecrets()
         self._lock = asyncio.Lock()
         self._retry = asyncio.Event()
-        self._freezes: set[str] = set()
-        """The freezes in force at the last converge (their start and end are announced)."""
+        self._freezes: set[str] | None = None
+        """The freezes in force at the last converge (their start and end are announced);
+        before the first, those the policy's status showed (a restart announces only what
+        changed while the operator was down)."""
 
     def _tracked(self, plural: str) -> _Tracked:
         return self.policy if plural == POLICIES else self.migration
@@ -530,10 +532,13 @@ class Reconciler:
     def _freeze_events(self) -> list[_Event]:
         """FreezeStarted / FreezeEnded on the policy, once per change of the freezes in force."""
         active = {freeze.name: freeze for freeze in self._active_freezes()}
+        body = self.policy.body
+        if self._freezes is None:
+            shown = ((body or {}).get("status") or {}).get("activeFreezes") or []
+            self._freezes = {str(f.get("name")) for f in shown if isinstance(f, dict)}
         started = sorted(set(active) - self._freezes)
         ended = sorted(self._freezes - set(active))
         self._freezes = set(active)
-        body = self.policy.body
         if body is None or not self._writes():
             return []
         return [
