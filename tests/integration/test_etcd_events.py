@@ -638,7 +638,7 @@ async def test_a_release_by_pull_failing_in_its_second_part_reports_the_first(
             keys.append(asked.key)
         assert set(keys) <= set(locker.leases.armed())
         failed = False
-        step = StoreBackend.release_by_pull
+        step = StoreBackend.release_pull
 
         async def second_part_fails(self: Any, *args: Any, **kwargs: Any) -> Any:
             # The step of a part runs (and may run again) inside etcd_store's part: the first
@@ -650,7 +650,7 @@ async def test_a_release_by_pull_failing_in_its_second_part_reports_the_first(
                 raise BackendUnavailable("etcd did not answer (a fault in the second part)")
             return await step(self, *args, **kwargs)
 
-        monkeypatch.setattr(StoreBackend, "release_by_pull", second_part_fails)
+        monkeypatch.setattr(StoreBackend, "release_pull", second_part_fails)
         stream = await followed(service.events)
         if retries:
             released = await locker.release_by_pull("acme/infra", 1)

@@ -690,6 +690,27 @@ async def test_a_lapsed_lease_the_next_call_frees_is_told_expired(
                  how="released") == 0
 
 
+async def test_a_lapsed_lease_a_release_by_pull_frees_is_told_expired(
+    rigs: Callable[..., LockerRig],
+) -> None:
+    """A pull whose lease on one key had run out (no lease timer got there first) and who
+    holds another key: its release by pull frees both, answers the one still held, and tells
+    the other as expired (its event, one lease expiration, one release ``how="expired"``), not
+    as released. Before, the stores freed it and said nothing, on every store."""
+    rig = rigs()
+    lapsed = await _lapsed_hold(rig, 5, "envs/by-pull-lapsed")
+    held = await rig.locker.acquire(ask(5, path="envs/by-pull-held"))
+    assert held.acquired and held.lock is not None
+    rig.events.clear()
+    released = await rig.locker.release_by_pull(lapsed.project.repo_full_name, 5)
+    assert [lock.key for lock in released] == [held.lock.key], released
+    assert [(e.type, e.key, e.details["how"]) for e in rig.events] == [
+        ("expired", lapsed.key, "expired"), ("released", held.lock.key, "by-pull")]
+    assert count(rig, "enhanced_locking_lease_expirations_total") == 1
+    assert count(rig, "enhanced_locking_releases_total", backend="enhanced", how="expired") == 1
+    assert count(rig, "enhanced_locking_releases_total", backend="enhanced", how="by-pull") == 1
+
+
 async def test_the_default_lease_comes_from_lock_ttl_and_a_refresh_extends_it(
     rigs: Callable[..., LockerRig],
 ) -> None:

@@ -53,6 +53,7 @@ from enhanced_locking.backends.waiting import (
     LocalNotifier,
     Notice,
     Outcome,
+    PullRelease,
     QueuePolicy,
     Status,
     Wait,
@@ -249,6 +250,13 @@ class QueueBackend(Backend, Protocol):
         self, repo: str, pull: int, *, policy: QueuePolicy | None = None
     ) -> Locks:
         """As :meth:`Backend.release_by_pull`, and every key goes to its next waiter."""
+        ...
+
+    async def release_pull(
+        self, repo: str, pull: int, *, policy: QueuePolicy | None = None
+    ) -> PullRelease:
+        """:meth:`release_by_pull`, with the pull's locks whose lease had run out (freed by
+        the same step, not in the locks it answers) beside them."""
         ...
 
     async def now(self) -> datetime:
@@ -777,6 +785,11 @@ class StoreBackend(abc.ABC):
     async def release_by_pull(
         self, repo: str, pull: int, *, policy: QueuePolicy | None = None
     ) -> Locks:
+        return list((await self.release_pull(repo, pull, policy=policy)).released)
+
+    async def release_pull(
+        self, repo: str, pull: int, *, policy: QueuePolicy | None = None
+    ) -> PullRelease:
         policy = policy or QueuePolicy()
         with self._step() as fx:
             now = self.clock()
@@ -785,7 +798,8 @@ class StoreBackend(abc.ABC):
                 self._drop(lock)
             # In key order, so who gets what does not depend on storage.
             self._serve_queues([lock.key for lock in released], now, policy, fx)
-        return [lock for lock in released if not lock.expired(now)]
+        return PullRelease(released=tuple(lock for lock in released if not lock.expired(now)),
+                           expired=tuple(lock for lock in released if lock.expired(now)))
 
     async def refresh(self, key: str, owner: Owner, ttl: timedelta) -> Lock:
         with self._transaction():

@@ -108,6 +108,7 @@ from enhanced_locking.backends.waiting import (
     GrantNotifier,
     LocalNotifier,
     Notice,
+    PullRelease,
     Status,
     Waiter,
 )
@@ -1798,6 +1799,9 @@ class EtcdBackend(StoreBackend):
                                   prefixes=(self.base + b"lock/", self.base + b"shared/"))
 
     async def release_by_pull(self, repo: str, pull: int, *, policy: Any = None) -> Locks:
+        return list((await self.release_pull(repo, pull, policy=policy)).released)
+
+    async def release_pull(self, repo: str, pull: int, *, policy: Any = None) -> PullRelease:
         """The pull's locks released ``_PULL_PART`` at a time (in key order), each part one
         step, each key handed to its next waiter in the step that frees it. In one step, a
         pull holding about 60 locks made a transaction etcd refused (past its 128 compares:
@@ -1805,14 +1809,16 @@ class EtcdBackend(StoreBackend):
 
         A part's step that fails after earlier parts committed raises
         :class:`PartlyReleased` carrying the locks those parts freed: they are released, and
-        the caller reports them (their events, their lease timers) before the error."""
+        the caller reports them (their events, their lease timers) before the error (the
+        parts' locks whose lease had run out are not in it: freed, not told)."""
         released: Locks = []
+        expired: Locks = []
         part = _Part(repo, pull)
         while True:
             token = _PART.set(part)
             try:
-                released += await self._atomic(
-                    lambda: StoreBackend.release_by_pull(self, repo, pull, policy=policy),
+                freed = await self._atomic(
+                    lambda: StoreBackend.release_pull(self, repo, pull, policy=policy),
                     prefixes=(self.base + b"lock/", self.base + b"shared/"))
             except BackendUnavailable as error:
                 if not released:
@@ -1821,8 +1827,10 @@ class EtcdBackend(StoreBackend):
                                      "locks)", released=released) from error
             finally:
                 _PART.reset(token)
+            released += freed.released
+            expired += freed.expired
             if not part.left:
-                return released
+                return PullRelease(released=tuple(released), expired=tuple(expired))
             part.done.update(part.taken)
 
     async def refresh(self, key: str, owner: Owner, ttl: timedelta) -> Lock:

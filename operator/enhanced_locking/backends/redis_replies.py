@@ -202,6 +202,8 @@ class PullReleased(NamedTuple):
 
     released: tuple[LockRow, ...]
     served: Served
+    expired: tuple[LockRow, ...] = ()
+    """The pull's locks whose lease had run out, freed by the same call."""
 
 
 class Cancel(NamedTuple):
@@ -404,8 +406,9 @@ def release(answer: Any, *, sent: str = "") -> Dropped | Release:
 
 
 def release_by_pull(answer: Sequence[Any]) -> PullReleased:
-    released, granted, dropped = answer
-    return PullReleased(locks(released), Served(None, _grants(granted), _waiters(dropped)))
+    released, granted, dropped, *expired = answer
+    return PullReleased(locks(released), Served(None, _grants(granted), _waiters(dropped)),
+                        _expired(expired))
 
 
 def cancel(answer: Sequence[Any]) -> Cancel:

@@ -56,6 +56,7 @@ from enhanced_locking.backends.waiting import (
     LocalNotifier,
     Notice,
     Outcome,
+    PullRelease,
     QueuePolicy,
     Status,
     Wait,
@@ -813,11 +814,17 @@ class RedisBackend:
     async def release_by_pull(
         self, repo: str, pull: int, *, policy: QueuePolicy | None = None
     ) -> Locks:
+        return list((await self.release_pull(repo, pull, policy=policy)).released)
+
+    async def release_pull(
+        self, repo: str, pull: int, *, policy: QueuePolicy | None = None
+    ) -> PullRelease:
         answer = redis_replies.release_by_pull(
             await self._run("RELEASE_BY_PULL", repo, pull, keys=[self.keys.pull(repo, pull)],
                             policy=policy, hint=f"RELEASE_BY_PULL {repo}#{pull}"))
         # The hash keeps its owner beside the JSON: the pull's unreadable locks went too.
-        return self._readable(answer.released, deleted=True)
+        return PullRelease(released=tuple(self._readable(answer.released, deleted=True)),
+                           expired=tuple(self._readable(answer.expired, deleted=True)))
 
     async def refresh(self, key: str, owner: Owner, ttl: timedelta) -> Lock:
         answer = redis_replies.refresh(await self._run(

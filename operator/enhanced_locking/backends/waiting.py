@@ -322,6 +322,15 @@ class Handoff:
 
 
 @dataclass(frozen=True, kw_only=True)
+class PullRelease:
+    """What a release by pull freed: its locks whose lease still ran, and those whose lease
+    had run out (no lease timer got there first), each told as expired."""
+
+    released: tuple[Lock, ...] = ()
+    expired: tuple[Lock, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
 class Cancelled:
     """The answer of ``cancel``: removed from the queue, or already granted (or neither)."""
 

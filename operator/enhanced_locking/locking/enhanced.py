@@ -34,6 +34,7 @@ from enhanced_locking.backends.waiting import (
     Handoff,
     Notice,
     Outcome,
+    PullRelease,
     QueuePolicy,
     Status,
     Wait,
@@ -661,20 +662,23 @@ class EnhancedLocker(AtlantisCalls):
         policy = self.policy()
         freed: Locks = []
 
-        async def attempt() -> Locks:
+        async def attempt() -> PullRelease:
             try:
-                return await self.backend.release_by_pull(repo, pull, policy=policy)
+                return await self.backend.release_pull(repo, pull, policy=policy)
             except PartlyReleased as error:
                 freed.extend(error.released)
                 await self._released_by_pull(error.released)
                 raise
 
         try:
-            released = await self._call("release_by_pull", attempt)
+            done = await self._call("release_by_pull", attempt)
         except BackendUnavailable as error:
             if freed:
                 raise PartlyReleased(str(error), released=freed) from error
             raise
+        if done.expired:  # its locks whose lease had run out: told as the lease timer tells
+            self._told_expired(done.expired)
+        released = list(done.released)
         await self._released_by_pull(released)
         return freed + released
 

@@ -1,7 +1,8 @@
 -- release-by-pull: free every lock a pull holds and serve each key's queue.
 -- KEYS[8..] the pull's index; the keys of the locks in it, and of their waiters, it asks for
 -- ARGV[11] repo  ARGV[12] pull number
--- returns {released locks (leases still running), granted, dropped}
+-- returns {released locks (leases still running), granted, dropped, locks whose lease had run
+--   out}
 -- decoded by redis_replies.release_by_pull
 local refused = guard()
 if refused then return refused end
@@ -40,12 +41,12 @@ local function main()
   table.sort(freeing)
   serve(freeing, PLAN)
   planned()
-  local released, freed = {}, {}
+  local released, freed, expired = {}, {}, {}
   for _, k in ipairs(keys) do
     for _, lock in ipairs(own(k)) do
       drop_lock(lock)
       table.insert(freed, k)
-      if not lapsed(lock) then table.insert(released, lock) end
+      if lapsed(lock) then table.insert(expired, lock) else table.insert(released, lock) end
     end
   end
   w('DEL', index)
@@ -53,6 +54,6 @@ local function main()
   table.sort(freed)
   local fx = new_effects()
   serve(freed, fx)
-  return {released, fx.granted, fx.dropped}
+  return {released, fx.granted, fx.dropped, expired}
 end
 return run(main, true)
