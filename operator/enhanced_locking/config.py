@@ -68,10 +68,22 @@ _HOST_PORT = re.compile(
 )
 
 
+def _without_credentials(address: str) -> str:
+    """``address`` as an error may show it: what stands before an ``@`` (the user and password
+    of a URL such as ``redis://:PASSWORD@host:6379``, given where a host:port belongs) is
+    replaced by ``***``."""
+    if "@" not in address:
+        return address
+    head, _, tail = address.rpartition("@")
+    scheme = head.partition("://")[0] + "://" if "://" in head else ""
+    return f"{scheme}***@{tail}"
+
+
 def _host_port(value: str) -> str:
     match = _HOST_PORT.fullmatch(value)
     if match is None or not 0 < int(match.group(1)) < 65536:
-        raise ValueError(f"expected host:port such as localhost:6379, got {value!r}")
+        raise ValueError(f"expected host:port such as localhost:6379, got "
+                         f"{_without_credentials(value)!r}")
     return value
 
 
@@ -919,7 +931,11 @@ def _describe(error: ValidationError, values: Mapping[str, Any], origin: Mapping
         message = str(first["msg"]).removeprefix("Value error, ")
         return (f"invalid setting {setting.key} (from {source}): {where}: {message}; "
                 f"expected {setting.form}")
-    shown = "(hidden)" if setting.secret else repr(values.get(setting.field))
+    value = values.get(setting.field)
+    if "host:port" in setting.form and isinstance(value, str | list):  # an address or a list
+        value = ([_without_credentials(v) if isinstance(v, str) else v for v in value]
+                 if isinstance(value, list) else _without_credentials(value))
+    shown = "(hidden)" if setting.secret else repr(value)
     # A duration of the right form refused for its value (a lease that rounds to none) says
     # why; a value of the wrong form is told the form.
     message = str(first["msg"]).removeprefix("Value error, ")

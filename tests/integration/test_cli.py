@@ -76,6 +76,20 @@ def test_config_show_masks_the_redis_password(how: str, tmp_path: Path) -> None:
     assert SECRET not in result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("command", [["config", "show"], ["serve"]], ids=["config-show", "serve"])
+def test_a_password_in_a_redis_address_is_never_shown(command: list[str], tmp_path: Path) -> None:
+    args = [*command, f"--enhanced-locking-redis-addr=redis://:{SECRET}@127.0.0.1:6379/0"]
+    if command == ["serve"]:
+        args += ["--port", "0", "--data-dir", str(tmp_path / "data")]
+    result = run(*args)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "enhanced-locking: invalid setting enhanced-locking-redis-addr (from flag "
+        "--enhanced-locking-redis-addr): got 'redis://***@127.0.0.1:6379/0'; expected host:port "
+        "such as localhost:6379"]
+    assert SECRET not in result.stdout + result.stderr
+
+
 INVALID = [
     # what is wrong, how it is given, the setting the one line must name, and the accepted form
     ("bad bool", ["--enhanced-locking-enabled=maybe"], {}, None,

@@ -562,6 +562,28 @@ def test_a_config_error_never_shows_the_password(tmp_path: Path) -> None:
     assert secret not in str(raised.value)
 
 
+@pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.parametrize(("field", "address"), [
+    ("redis_addr", "redis://:hunter2-s3cret@redis.example:6379/0"),
+    ("redis_addr", "atlantis:hunter2-s3cret@redis.example:6379"),
+    ("etcd_endpoints", "https://root:hunter2/s3cret@etcd.example:2379"),
+    ("redis_sentinel_addrs", "redis://:hunter2-s3cret@sentinel.example:26379"),
+])
+def test_a_password_in_an_address_is_never_shown(
+    field: str, address: str, source: str, tmp_path: Path
+) -> None:
+    # A URL with credentials given where host:port belongs (a habit from REDIS_URL): the
+    # error named the setting and echoed the password.
+    setting = BY_FIELD[field]
+    value: Any = [address] if setting.kind == "list" else address
+    with pytest.raises(ConfigError) as raised:
+        load_from(source, tmp_path, {field: value, **COMPANIONS.get(field, {})})
+    message = str(raised.value)
+    assert "s3cret" not in message and "hunter2" not in message
+    assert setting.key in message and "***@" in message
+    assert address.rpartition("@")[2] in message
+
+
 # --- derived values ----------------------------------------------------------------------------
 
 def test_the_embedded_store_lives_in_the_data_dir(tmp_path: Path) -> None:

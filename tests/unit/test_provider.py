@@ -93,6 +93,14 @@ async def test_an_invalid_layer_is_a_config_error_naming_the_setting_and_changes
     assert p.layer("cluster") is None
 
 
+async def test_an_invalid_address_in_a_layer_never_shows_its_password() -> None:
+    p = provider()
+    with pytest.raises(ConfigError, match="enhanced-locking-redis-addr") as raised:
+        await p.set_layer("cluster", {"redis_addr": f"redis://:{SECRET}@redis.example:6379"})
+    assert SECRET not in str(raised.value) and "redis://***@redis.example:6379" in str(
+        raised.value)
+
+
 async def test_an_applier_can_refuse_and_the_old_snapshot_keeps_running() -> None:
     p = provider()
     before = p.current
