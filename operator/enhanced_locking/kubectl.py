@@ -255,6 +255,10 @@ def _edit(cluster: Cluster, args: argparse.Namespace) -> int:
                 PROG, f"{where} has spec.steps, which drive the weight: edit the steps, or "
                 "promote/abort; set-weight is for a migration with a fixed weight")
         patch, said = {"spec": {"weight": args.weight}}, f"weight set to {args.weight:g}"
+        if spec.get("abort"):  # abort and promote win over the weight (docs/02-migration.md)
+            said += "; spec.abort is true: every key stays on legacy until it is cleared"
+        elif spec.get("promote"):
+            said += "; spec.promote is true: every key stays on enhanced until it is cleared"
     edited = cluster.patch(args.namespace, args.name, patch)
     if args.output:
         terminal.emit({"object": where, "action": action, "patch": patch,

@@ -139,6 +139,14 @@ def test_set_weight_on_a_fixed_weight_migration_and_refusals(
     spec = (cr(kube_cluster, "lockmigrations", "fixed", kube_namespace) or {})["spec"]
     assert spec["weight"] == 37.5
 
+    # abort wins over the weight: the line says the weight does not take effect yet.
+    kube_cluster.kubectl("patch", "lockmigration", "fixed", "-n", kube_namespace,
+                         "--type=merge", "-p", '{"spec": {"abort": true}}')
+    held = plugin(kube_cluster, "rollout", "set-weight", "40", "fixed", "-n", kube_namespace)
+    assert held.returncode == 0, held.stderr
+    assert held.stdout == (f"lockmigration {kube_namespace}/fixed: weight set to 40; "
+                           "spec.abort is true: every key stays on legacy until it is cleared\n")
+
     missing = plugin(kube_cluster, "rollout", "status", "nope", "-n", kube_namespace)
     assert missing.returncode == 1
     assert missing.stderr.startswith(f"kubectl-locking: lockmigration {kube_namespace}/nope: ")
