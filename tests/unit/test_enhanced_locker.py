@@ -74,6 +74,30 @@ async def test_a_waiter_gets_the_lock_when_it_is_released(rigs: Callable[..., Lo
     assert count(rig, "enhanced_locking_handoffs_total") == 1
 
 
+async def test_a_waiter_handed_a_lock_by_a_release_by_pull_is_counted_and_named(
+    rigs: Callable[..., LockerRig],
+) -> None:
+    """A release by pull (Atlantis's unlock when a pull request closes) that hands a key to
+    its next waiter counts the hand-off and names the waiter in its ``released`` event, as a
+    release of the one key does. Before, no store's hand-off by pull was counted, and the
+    event had no ``handedTo``."""
+    rig = rigs()
+    first = await rig.locker.acquire(ask(1))
+    assert first.lock is not None
+    waiting = rig.spawn(rig.locker.acquire(ask(2, wait=30 * S)))
+    await settle()
+    queued = [e for e in rig.events if e.type == "queued"]
+    assert len(queued) == 1
+    await rig.locker.release_by_pull(first.lock.project.repo_full_name, 1)
+    granted = await asyncio.wait_for(waiting, 5)
+    assert granted.acquired and granted.lock is not None and granted.lock.pull.num == 2
+    assert rig.types() == ["acquired", "queued", "released", "granted-from-queue"]
+    released = rig.events[2]
+    assert released.details["how"] == "by-pull"
+    assert list(released.details["handedTo"]) == [queued[0].details["waiterId"]]
+    assert count(rig, "enhanced_locking_handoffs_total") == 1
+
+
 async def test_wait_true_waits_up_to_the_default_timeout(rigs: Callable[..., LockerRig]) -> None:
     rig = rigs(default_timeout=timedelta(milliseconds=50))
     await rig.locker.acquire(ask(1))

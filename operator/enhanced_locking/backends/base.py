@@ -799,7 +799,8 @@ class StoreBackend(abc.ABC):
             # In key order, so who gets what does not depend on storage.
             self._serve_queues([lock.key for lock in released], now, policy, fx)
         return PullRelease(released=tuple(lock for lock in released if not lock.expired(now)),
-                           expired=tuple(lock for lock in released if lock.expired(now)))
+                           expired=tuple(lock for lock in released if lock.expired(now)),
+                           granted=tuple(fx.granted))
 
     async def refresh(self, key: str, owner: Owner, ttl: timedelta) -> Lock:
         with self._transaction():

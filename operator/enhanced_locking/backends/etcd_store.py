@@ -1813,6 +1813,7 @@ class EtcdBackend(StoreBackend):
         parts' locks whose lease had run out are not in it: freed, not told)."""
         released: Locks = []
         expired: Locks = []
+        granted: list[Grant] = []
         part = _Part(repo, pull)
         while True:
             token = _PART.set(part)
@@ -1829,8 +1830,10 @@ class EtcdBackend(StoreBackend):
                 _PART.reset(token)
             released += freed.released
             expired += freed.expired
+            granted += freed.granted
             if not part.left:
-                return PullRelease(released=tuple(released), expired=tuple(expired))
+                return PullRelease(released=tuple(released), expired=tuple(expired),
+                                   granted=tuple(granted))
             part.done.update(part.taken)
 
     async def refresh(self, key: str, owner: Owner, ttl: timedelta) -> Lock:

@@ -824,7 +824,8 @@ class RedisBackend:
                             policy=policy, hint=f"RELEASE_BY_PULL {repo}#{pull}"))
         # The hash keeps its owner beside the JSON: the pull's unreadable locks went too.
         return PullRelease(released=tuple(self._readable(answer.released, deleted=True)),
-                           expired=tuple(self._readable(answer.expired, deleted=True)))
+                           expired=tuple(self._readable(answer.expired, deleted=True)),
+                           granted=self._handoff(answer.served).granted)
 
     async def refresh(self, key: str, owner: Owner, ttl: timedelta) -> Lock:
         answer = redis_replies.refresh(await self._run(

@@ -328,6 +328,8 @@ class PullRelease:
 
     released: tuple[Lock, ...] = ()
     expired: tuple[Lock, ...] = ()
+    granted: tuple[Grant, ...] = ()
+    """The waiters the freed keys were handed to."""
 
 
 @dataclass(frozen=True, kw_only=True)

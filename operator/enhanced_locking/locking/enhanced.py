@@ -31,6 +31,7 @@ from typing import Any, Literal, Protocol, TypeVar
 from enhanced_locking import policies
 from enhanced_locking.backends.base import Backend, Owner, QueueBackend, parts_of
 from enhanced_locking.backends.waiting import (
+    Grant,
     Handoff,
     Notice,
     Outcome,
@@ -679,16 +680,24 @@ class EnhancedLocker(AtlantisCalls):
         if done.expired:  # its locks whose lease had run out: told as the lease timer tells
             self._told_expired(done.expired)
         released = list(done.released)
-        await self._released_by_pull(released)
+        await self._released_by_pull(released, done.granted)
         return freed + released
 
-    async def _released_by_pull(self, released: Locks) -> None:
+    async def _released_by_pull(self, released: Locks, granted: tuple[Grant, ...] = ()) -> None:
+        """Each lock's release told (``granted``: the waiters the keys were handed to, each
+        hand-off counted and named in its key's event, as :meth:`_handed` does)."""
+        handed: dict[str, list[str]] = {}
+        for grant in granted:
+            self.metrics.handoffs.inc()
+            for lock in grant.locks:
+                handed.setdefault(lock.key, []).append(grant.waiter.id)
         for lock in released:
             if lock.mode == "exclusive":  # a shared one may leave others' leases (_handed)
                 self.leases.disarm(lock.key)
             self.holds.record(lock.key, time.time() - lock.acquired_at.timestamp())
             self.metrics.releases.labels("enhanced", "by-pull").inc()
-            self.events.publish("released", lock=lock, how="by-pull")
+            self.events.publish("released", lock=lock, key=lock.key, how="by-pull",
+                                handedTo=handed.get(lock.key, ()))
             # The leases of whoever holds the key now (those the release handed it to, or
             # other shared holders), each of them.
             for holder in await self._holders(lock.key):
