@@ -33,7 +33,7 @@ from enhanced_locking.migration.controller import MigrationController, default_r
 from enhanced_locking.migration.rekey import clean_stored_keys
 from enhanced_locking.migration.routing_registry import RoutingRegistry
 from enhanced_locking.migration.switch_gate import SwitchGate
-from enhanced_locking.provider import ConfigProvider, Snapshot
+from enhanced_locking.provider import ConfigProvider, Refusal, Snapshot
 from enhanced_locking.types import (
     BackendUnavailable,
     LockingError,
@@ -193,6 +193,7 @@ class LockService:
         self._enhanced_identity: tuple[Any, ...] | None = None
         provider.add_applier(self._apply)
         provider.subscribe(self._applied)
+        provider.on_refused(self._refused)
         self.migration = MigrationController(
             provider=provider,
             legacy=lambda: self.legacy,
@@ -338,6 +339,12 @@ class LockService:
                 "config-applied", generation=snapshot.generation, hash=snapshot.hash,
                 weight=snapshot.config.effective_weight, mode=snapshot.config.migration_mode,
             )
+
+    def _refused(self, refusal: Refusal) -> None:
+        self.metrics.config_changes.labels("rejected").inc()
+        self.events.publish("config-rejected", generation=refusal.generation,
+                            layer=refusal.layer, message=refusal.message,
+                            settings=list(refusal.settings))
 
     # --- stored locks that cannot be read (see backends.unreadable) ---------------------------
     def _watch_unreadable(self, side: str, backend: Backend) -> None:

@@ -247,9 +247,13 @@ class Metrics:
             registry=r,
         )
         self.config_changes = Counter(
-            "enhanced_locking_config_changes", "Configuration changes by result.", ["result"],
-            registry=r,
+            "enhanced_locking_config_changes",
+            "Configuration changes by result: applied, or rejected (refused: an invalid "
+            "layer, or a check or an applier said no; the configuration in force keeps "
+            "running).", ["result"], registry=r,
         )
+        for result in ("applied", "rejected"):  # both shown from the start, at 0
+            self.config_changes.labels(result)
         self.audit_lost = Counter(
             "enhanced_locking_audit_entries_lost",
             "Audit entries the trail's store did not keep (each still went to stdout): "

@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from enhanced_locking.config import ConfigError, EnhancedLockingConfig, settings
 from enhanced_locking.hashing import bucket_of, is_enhanced_bucket
 
-__all__ = ["ConfigProvider", "ConfigRejected", "MigrationConfig", "Snapshot"]
+__all__ = ["ConfigProvider", "ConfigRejected", "MigrationConfig", "Refusal", "Snapshot"]
 
 Applier = Callable[["Snapshot"], Awaitable[None]]
 Check = Callable[["Snapshot"], Awaitable[None]]
@@ -82,6 +82,19 @@ class ConfigRejected(Exception):
         self.settings = settings
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """A change :meth:`ConfigProvider.set_layer` refused; the snapshot in force keeps running."""
+
+    layer: str
+    """The layer whose change was refused."""
+    generation: int
+    """The generation in force, which keeps running."""
+    message: str
+    settings: tuple[str, ...] = ()
+    """The config fields the refusal is about, when an applier named them."""
+
+
 def content_hash(config: EnhancedLockingConfig) -> str:
     """Hash of what the config says, secrets masked (the hash must not reveal a password)."""
     text = json.dumps(config.masked(), sort_keys=True, separators=(",", ":"))
@@ -97,6 +110,7 @@ class ConfigProvider:
         self._checks: list[Check] = []
         self._appliers: list[Applier] = []
         self._listeners: list[Listener] = []
+        self._refused: list[Callable[[Refusal], None]] = []
         self._lock = asyncio.Lock()
         self.current = Snapshot(static, 1, content_hash(static), ("static",))
         """The snapshot in force; only :meth:`set_layer` replaces it. A plain attribute, not a
@@ -131,6 +145,12 @@ class ConfigProvider:
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener)
 
+    def on_refused(self, listener: Callable[[Refusal], None]) -> Callable[[], None]:
+        """``listener`` is told of every change :meth:`set_layer` refuses (an invalid layer,
+        a check's or an applier's refusal), before the refusal is raised."""
+        self._refused.append(listener)
+        return lambda: self._refused.remove(listener)
+
     # --- changes -----------------------------------------------------------------------------
     def layer(self, name: str) -> Mapping[str, Any] | None:
         return self._layers.get(name)
@@ -138,34 +158,52 @@ class ConfigProvider:
     async def set_layer(self, name: str, overrides: Mapping[str, Any] | None) -> Snapshot:
         """Put (or with ``None`` remove) a named layer of field overrides; apply the result."""
         async with self._lock:
-            layers = dict(self._layers)
-            if overrides is None:
-                layers.pop(name, None)
-            else:
-                layers[name] = dict(overrides)
-            config = self._merge(layers)
-            if config == self.current.config:
-                self._layers = layers
+            try:
+                candidate = await self._changed(name, overrides)
+            except (ConfigError, ConfigRejected) as error:
+                refusal = Refusal(layer=name, generation=self.current.generation,
+                                  message=str(error),
+                                  settings=error.settings if isinstance(error, ConfigRejected)
+                                  else ())
+                for refused in list(self._refused):
+                    refused(refusal)
+                raise
+            if candidate is None:
                 return self.current
-            candidate = Snapshot(
-                config,
-                self.current.generation + 1,
-                content_hash(config),
-                ("static", *layers),
-            )
-            for step in (*self._checks, *self._appliers):
-                try:
-                    await step(candidate)
-                except ConfigRejected:
-                    raise
-                except Exception as error:
-                    raise ConfigRejected(str(error) or type(error).__name__) from error
-            self._layers = layers
-            self.current = candidate
         for listener in list(self._listeners):
             outcome = listener(candidate)
             if inspect.isawaitable(outcome):
                 await outcome
+        return candidate
+
+    async def _changed(self, name: str,
+                       overrides: Mapping[str, Any] | None) -> Snapshot | None:
+        """:meth:`set_layer`'s change, under its lock: the snapshot now in force, or ``None``
+        when the layers make the same config (they are kept, nothing else changes)."""
+        layers = dict(self._layers)
+        if overrides is None:
+            layers.pop(name, None)
+        else:
+            layers[name] = dict(overrides)
+        config = self._merge(layers)
+        if config == self.current.config:
+            self._layers = layers
+            return None
+        candidate = Snapshot(
+            config,
+            self.current.generation + 1,
+            content_hash(config),
+            ("static", *layers),
+        )
+        for step in (*self._checks, *self._appliers):
+            try:
+                await step(candidate)
+            except ConfigRejected:
+                raise
+            except Exception as error:
+                raise ConfigRejected(str(error) or type(error).__name__) from error
+        self._layers = layers
+        self.current = candidate
         return candidate
 
     def _merge(self, layers: Mapping[str, Mapping[str, Any]]) -> EnhancedLockingConfig:
