@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -381,3 +381,45 @@ async def test_a_restarted_operator_announces_only_the_freezes_that_changed_mean
     freezes = [(e["reason"], e["message"]) for e in cluster.events
                if e["reason"].startswith("Freeze")]
     assert freezes == [("FreezeEnded", "freeze window ended")]
+
+
+class _StatusRefused(InMemoryCluster):
+    """Every status write fails, as with a Role that lacks ``patch`` on the status."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attempts = 0
+
+    async def patch_status(
+        self, plural: str, namespace: str, name: str, status: Mapping[str, Any], *,
+        resource_version: str | None = None,
+    ) -> dict[str, Any] | None:
+        self.attempts += 1
+        raise PermissionError("lockmigrations/status is forbidden")
+
+
+async def test_a_failing_rollout_tick_backs_off_and_keeps_its_pace_once_it_works(
+    service: LockService, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The rollout timer ticks every interval; while its status write fails it waits twice as
+    long after each failure in a row (it tried the write at every tick, 2 a second by
+    default, for as long as the failure lasted), and said so once."""
+    refused = _StatusRefused()
+    reconciler = Reconciler(service.provider, binding=Binding(NS, "default", "to-enhanced"),
+                            cluster=refused, runtime_dir=tmp_path)
+    refused.put(POLICIES, "default", POLICY)
+    refused.put(MIGRATIONS, "to-enhanced", MIGRATION)
+    with pytest.raises(PermissionError):
+        await reconciler.resync()
+    caplog.set_level(logging.WARNING, logger="enhanced_locking.kube.reconcile")
+    refused.attempts = 0
+    ticking = asyncio.create_task(reconciler.tick_forever(0.01))
+    await asyncio.sleep(0.7)
+    ticking.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await ticking
+    # Waits of 0.01, 0.02, ... 0.32 s: about 6 writes in 0.7 s; at a fixed 0.01 s about 70.
+    assert 3 <= refused.attempts <= 12, refused.attempts
+    assert [r.getMessage() for r in caplog.records] == [
+        "rollout tick failed, retrying with a doubling wait (up to 8s): "
+        "lockmigrations/status is forbidden"]

@@ -63,6 +63,9 @@ log = logging.getLogger(__name__)
 
 POLICIES, MIGRATIONS = "lockpolicies", "lockmigrations"
 
+TICK_BACKOFF_LIMIT = 8.0
+"""The longest wait between rollout ticks while they fail (their status write, say)."""
+
 RETRY_BACKOFF = 2.0
 """Seconds before a failed reconcile is first tried again; each further failure in a row
 doubles the wait, up to the resync interval."""
@@ -232,21 +235,24 @@ class Reconciler:
             await self._converge(policy=False)
 
     async def tick_forever(self, interval: float) -> None:
-        """:meth:`tick` every ``interval`` seconds while the migration exists; errors are
-        logged and the next tick tries again."""
-        failing = False
+        """:meth:`tick` every ``interval`` seconds while the migration exists; an error is
+        logged once and the next tick tries again, after twice as long at each failure in a
+        row (up to :data:`TICK_BACKOFF_LIMIT`)."""
+        failures = 0
+        limit = max(interval, TICK_BACKOFF_LIMIT)
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(min(interval * 2.0 ** min(failures, 32), limit))
             if self.migration.body is None:
                 continue
             try:
                 await self.tick()
             except Exception as error:  # the API may be briefly away; never stop ticking
-                if not failing:
-                    log.warning("rollout tick failed, retrying every %.1fs: %s", interval, error)
-                failing = True
+                if not failures:
+                    log.warning("rollout tick failed, retrying with a doubling wait (up to "
+                                "%gs): %s", limit, error)
+                failures += 1
             else:
-                failing = False
+                failures = 0
 
     async def resync(self) -> None:
         """Read both objects afresh and converge (start-up, drift, Secret rotation, retries)."""
