@@ -57,8 +57,39 @@ PROG = "enhanced-locking"
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # A flag is taken only as written, as Go's flags (Atlantis's) take it: argparse's
+        # default took any unambiguous prefix (--enhanced-locking-enable turned the system on).
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                   namespace: argparse.Namespace | None = None) -> argparse.Namespace:
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            self.error(f"unrecognized arguments: {_unknown(unknown)}")
+        return parsed
+
     def error(self, message: str) -> NoReturn:  # argparse's default exit code is already 2
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _unknown(arguments: Sequence[str]) -> str:
+    """Unrecognized arguments as an error may show them: a misspelled flag's value (which may
+    be a password, ``--enhanced-locking-redis-pasword=...``) is left out."""
+    shown: list[str] = []
+    after_flag = False
+    for argument in arguments:
+        if argument.startswith("-"):
+            flag, sep, _ = argument.partition("=")
+            shown.append(f"{flag}=(value not shown)" if sep else flag)
+            after_flag = not sep
+        elif after_flag:
+            shown.append("(value not shown)")
+            after_flag = False
+        else:
+            shown.append(argument)
+    return " ".join(shown)
 
 
 def _load(args: argparse.Namespace) -> config_module.EnhancedLockingConfig:

@@ -263,6 +263,38 @@ def test_an_unknown_flag_is_a_usage_error() -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(("args", "shown"), [
+    (["config", "show", "--enhanced-locking-enable"], "--enhanced-locking-enable"),
+    (["config", "show", "--enhanced-locking-max-t", "10m"],
+     "--enhanced-locking-max-t (value not shown)"),
+    (["serve", "--port", "0", "--enhanced-locking-redis-pass=x"],
+     "--enhanced-locking-redis-pass=(value not shown)"),
+], ids=["bool", "duration", "serve"])
+def test_a_flag_is_taken_only_as_written_not_by_a_prefix(
+    args: list[str], shown: str, tmp_path: Path
+) -> None:
+    # As Go's flags (Atlantis's): argparse took any unambiguous prefix, so a misspelling of a
+    # flag could set a setting (--enhanced-locking-enable turned the system on).
+    result = run(*args, "--data-dir", str(tmp_path / "data"))
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"enhanced-locking: error: unrecognized arguments: {shown}"]
+
+
+@pytest.mark.parametrize("spelled", ["=", " "], ids=["joined", "separate"])
+def test_a_misspelled_flag_never_shows_its_value(spelled: str) -> None:
+    # The value of a flag nobody knows may be a password (here a misspelled
+    # --enhanced-locking-redis-password): the usage error printed it to the log.
+    flag = "--enhanced-locking-redis-pasword"
+    result = run("config", "show", *f"{flag}{spelled}{SECRET}".split(" "), "extra")
+    assert result.returncode == 2
+    assert SECRET not in result.stdout + result.stderr
+    assert result.stderr.splitlines() == [
+        f"enhanced-locking: error: unrecognized arguments: {flag}"
+        + ("=(value not shown)" if spelled == "=" else " (value not shown)") + " extra"]
+
+
 # --- serve -------------------------------------------------------------------------------------
 
 
