@@ -169,7 +169,17 @@ def test_the_watch_catches_a_key_touched_undeclared_and_a_write_before_an_ask(
         with server.client() as client:
             touch = "redis.call('SET', KEYS[2], 'x'); return redis.call('GET', 'not-declared')"
             client.eval(touch, 2, "incarnation", "op:1")
-            client.eval(touch.replace("not-declared", "op:1"), 2, "incarnation", "op:1")
+            client.eval(touch.replace("not-declared", "op:1"), 3, "incarnation", "op:1",
+                        "asked-for")
+            # A call sent again with the keys it had after its connection broke is no ask:
+            # answered from its call id (the clock, then one GET), or a script that keeps no
+            # answer (the heartbeat) run again.
+            client.eval("redis.call('SET', KEYS[2], 'x')", 2, "incarnation", "op:2")
+            client.eval("redis.call('TIME'); return redis.call('GET', KEYS[2])", 2,
+                        "incarnation", "op:2")
+            beat = "redis.call('TIME'); return redis.call('ZADD', KEYS[3], 1, 'r')"
+            client.eval(beat, 3, "incarnation", "op:3", "beats")
+            client.eval(beat, 3, "incarnation", "op:3", "beats")
         watched = watch.stop()
     finally:
         server.close()

@@ -7,7 +7,9 @@ monitor`` beside the server: Redis shows each script call (``EVALSHA``/``EVAL``/
 its ``KEYS``) and, right after it, every command the script ran (from the client ``lua``).
 :meth:`KeyWatch.stop` reads that log and reports each command whose key was not declared by
 its call, and each call that was asked again with more keys (the same call id, ``KEYS[2]``)
-after it had written: a script that asks for keys must have written nothing.
+after it had written: a script that asks for keys must have written nothing. (A call sent
+again with the keys it had is no ask: its connection broke, or the store's incarnation
+changed under it.)
 """
 
 from __future__ import annotations
@@ -133,9 +135,11 @@ def check_log(text: str) -> Watched:
             incarnation = earlier.keys[0]
             writes = [c for _, c in earlier.commands
                       if c[0].lower() in _WRITES and _touched(c) != [incarnation]]
-            # A call that finished is answered again from its call id (one GET): a retry
-            # after a broken connection. One that runs again had asked for keys.
-            if writes and len(later.commands) > 1:
+            # A call made again with the keys it had is the same call sent again (its
+            # connection broke: answered from its call id, or run again by a script that keeps
+            # no answer, the heartbeat; or the store's incarnation changed under it). One made
+            # again with more keys had asked for them.
+            if writes and len(later.keys) > len(earlier.keys):
                 watched.wrote_then_asked.append(
                     f"line {earlier.line}: {' '.join(writes[0][:2])} before its call was made "
                     "again")
