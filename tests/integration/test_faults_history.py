@@ -1,0 +1,135 @@
+"""No lock granted twice while a replica or the store fails under many clients.
+
+Three ``enhanced-locking serve`` replicas on one store (a redis-server, or an etcd member),
+24 clients spread over them (``tests/support/fault_load.py``), the history checker over every
+answer. The faults:
+
+* a replica frozen (SIGSTOP) past what marks it alive, then let go (SIGCONT): on Redis past
+  its waiters' heartbeat and the claim window (5 s each), on etcd past its session lease
+  (10 s). Its waiters were dropped or their claims lapsed and the keys went on to others;
+  whatever the zombie answers when it wakes must not be a second holder, and a grant made to
+  one of its waiters must not stay held by nobody;
+* a replica killed (SIGKILL) mid-acquire and mid-release, then started again;
+* the store frozen past the call's limit, then let go: calls answered ``unavailable`` run
+  late when it wakes;
+* the connections to the store cut mid-reply (a loopback proxy resets one now and then as an
+  answer passes): the store did the work, its caller never heard.
+
+After each: every replica grants again, and once every client released its pull, no lock is
+held and no key has a waiter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from tests.support.cutting_proxy import cutting_proxy
+from tests.support.etcd_fixtures import started
+from tests.support.etcd_server import frozen
+from tests.support.fault_load import (
+    assert_recovered,
+    frozen_for,
+    killed_and_started,
+    replicas_on,
+    report,
+    run_under,
+)
+from tests.support.redis_server import RedisServer
+from tests.support.service import ServiceProcess, services
+
+pytestmark = pytest.mark.timeout(150)
+
+REPO = "acme/faults"
+
+
+@dataclass(frozen=True)
+class Store:
+    """The store under the replicas, and how to fail it."""
+
+    replicas: Callable[..., list[ServiceProcess]]
+    """``replicas(3)``: serve processes on it (``via``: through another address)."""
+    address: tuple[str, int]
+    frozen: Callable[[], AbstractAsyncContextManager[None]]
+    """The store stopped (SIGSTOP) for the block."""
+    zombie_seconds: float
+    """How long a frozen replica is past what marks it alive."""
+
+
+@pytest.fixture(params=[pytest.param("redis", marks=pytest.mark.redis),
+                        pytest.param("etcd", marks=pytest.mark.etcd)])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    with contextlib.ExitStack() as stack, services() as group:
+        if request.param == "redis":
+            server: RedisServer = request.getfixturevalue("redis_server")
+
+            @contextlib.asynccontextmanager
+            async def redis_frozen() -> AsyncIterator[None]:
+                with server.paused():
+                    yield
+
+            yield Store(lambda count, via=server.addr: replicas_on(
+                group, tmp_path, count, "--enhanced-locking-backend=redis",
+                f"--enhanced-locking-redis-addr={via}"),
+                (server.host, server.port), redis_frozen, 7.5)
+            return
+        etcd = stack.enter_context(started(tmp_path / "etcd"))
+        member = etcd.members[0]
+
+        @contextlib.asynccontextmanager
+        async def etcd_frozen() -> AsyncIterator[None]:
+            with frozen(member):
+                yield
+
+        yield Store(lambda count, via=member.endpoint: replicas_on(
+            group, tmp_path, count, "--enhanced-locking-backend=etcd",
+            f"--enhanced-locking-etcd-endpoints={via}"),
+            ("127.0.0.1", member.client_port), etcd_frozen, 12.0)
+
+
+async def test_a_replica_frozen_past_its_liveness_and_let_go_grants_nothing_twice(
+    store: Store,
+) -> None:
+    group = store.replicas(3)
+    run = await run_under(group, REPO, lambda: frozen_for(group[0], store.zombie_seconds))
+    report(run)
+    await assert_recovered(run, group)
+
+
+async def test_a_replica_killed_mid_call_and_started_again_grants_nothing_twice(
+    store: Store,
+) -> None:
+    group = store.replicas(3)
+    run = await run_under(group, REPO, lambda: killed_and_started(group[0]))
+    report(run)
+    await assert_recovered(run, group)
+
+
+async def test_the_store_frozen_past_the_call_limit_and_let_go_grants_nothing_twice(
+    store: Store,
+) -> None:
+    group = store.replicas(3)
+
+    async def freeze() -> None:
+        async with store.frozen():
+            await asyncio.sleep(6.5)
+
+    run = await run_under(group, REPO, freeze)
+    report(run)
+    await assert_recovered(run, group)
+
+
+async def test_connections_to_the_store_cut_mid_reply_grant_nothing_twice(
+    store: Store,
+) -> None:
+    with cutting_proxy(store.address) as proxy:
+        group = store.replicas(3, proxy.addr)
+        run = await run_under(group, REPO, lambda: proxy.cutting_for(6.0))
+        report(run, f"cut {proxy.cut}")
+        await assert_recovered(run, group)
+
