@@ -44,6 +44,7 @@ from enhanced_locking.backends.etcd_connection import (
 )
 from enhanced_locking.backends.outbox import Outbox
 from enhanced_locking.backends.redis_connection import (
+    COMMAND_TIMEOUT,
     REPLACE_WRITTEN_OVER,
     RedisConnection,
     again_if_written_over,
@@ -505,10 +506,17 @@ class RedisAuditStore:
 
     async def _call(self, action: str, call: Callable[[], Awaitable[_T]]) -> _T:
         """``call``, made again on a new stream when the trail's key holds another Redis type;
-        a failure is ``BackendUnavailable`` saying the trail could not be ``action``."""
+        a failure is ``BackendUnavailable`` saying the trail could not be ``action``, and so
+        is no answer within the call's limit (the connections have no timeout of their own:
+        a Redis that took the call and never answers, stopped or on a hung host, held the
+        audited call's answer until it woke)."""
         try:
-            return await again_if_written_over(self._replace, self._stream, "stream", call,
-                                               self._replaced)
+            async with asyncio.timeout(COMMAND_TIMEOUT):
+                return await again_if_written_over(self._replace, self._stream, "stream", call,
+                                                   self._replaced)
+        except TimeoutError:
+            raise BackendUnavailable(f"cannot {action} the audit trail: no answer within the "
+                                     f"call's {COMMAND_TIMEOUT:g} s limit") from None
         except (rexc.RedisError, OSError) as error:
             why = (f"{self._stream} is of another Redis type again (written over by something "
                    "else)" if isinstance(error, rexc.ResponseError) and wrong_type(error)
