@@ -136,25 +136,45 @@ async def test_connections_to_the_store_cut_mid_reply_grant_nothing_twice(
         await assert_recovered(run, group)
 
 
+
+async def _acquire_with_redis_frozen(server: RedisServer, root: Path, *,
+                                     after: float) -> httpx.Response:
+    """A fail-fast acquire sent to one replica ``after`` seconds into a freeze of ``server``
+    (lasting until it is answered, at most 60 s): its answer."""
+    with services() as group:
+        replica, = replicas_on(group, root, 1, "--enhanced-locking-backend=redis",
+                               f"--enhanced-locking-redis-addr={server.addr}")
+        body = {"project": {"repoFullName": REPO, "path": "p", "projectName": "p"},
+                "pull": {"num": 1}, "user": {"username": "user-1"}}
+        async with httpx.AsyncClient(base_url=replica.url, timeout=60) as http:
+            with server.paused():
+                await asyncio.sleep(after)
+                began = time.monotonic()
+                answer = await http.post("/v1/locks", json=body)
+                took = time.monotonic() - began
+    print(f"answered after {took:.1f} s")
+    return answer
+
+
 @pytest.mark.redis
 async def test_with_redis_frozen_a_call_is_answered_within_the_call_limit(
     redis_server: RedisServer, tmp_path: Path,
 ) -> None:
     # Redis holds the audit trail too: an entry it never takes must not hold up the answer
-    # of the call it records (before, every audited call waited for Redis to wake up).
-    with services() as group:
-        replica, = replicas_on(group, tmp_path, 1, "--enhanced-locking-backend=redis",
-                               f"--enhanced-locking-redis-addr={redis_server.addr}")
-        body = {"project": {"repoFullName": REPO, "path": "p", "projectName": "p"},
-                "pull": {"num": 1}, "user": {"username": "user-1"}}
-        async with httpx.AsyncClient(base_url=replica.url, timeout=45) as http:
-            with redis_server.paused():
-                began = time.monotonic()
-                answer = await http.post("/v1/locks", json=body)
-                took = time.monotonic() - began
+    # of the call it records. Answered while Redis is still frozen, each call the service
+    # made given up at its 5 s limit (the acquire, a ping that tells an outage, the audit
+    # entry: about 15 s); before, no answer came until Redis woke up.
+    answer = await _acquire_with_redis_frozen(redis_server, tmp_path, after=0.0)
     assert answer.status_code == 409 and answer.json()["reason"] == "unavailable", answer.text
-    # Answered while Redis was still frozen, each call the service made given up at its 5 s
-    # limit (the acquire, a ping that tells an outage, the audit entry: about 15 s); before,
-    # no answer came until Redis woke up.
-    print(f"answered after {took:.1f} s")
 
+
+@pytest.mark.redis
+async def test_with_redis_frozen_past_the_replica_timeout_a_call_is_answered(
+    redis_server: RedisServer, tmp_path: Path,
+) -> None:
+    # The replica registry is in Redis too. A registry round that Redis never answers must
+    # fail at the call's limit: the round holds the registry's lock, and once the view is
+    # older than the replica timeout (6 s by default) every acquire reads the registry first,
+    # behind that lock (before, every acquire then waited for Redis to wake up).
+    answer = await _acquire_with_redis_frozen(redis_server, tmp_path, after=7.0)
+    assert answer.status_code == 409 and answer.json()["reason"] == "unavailable", answer.text

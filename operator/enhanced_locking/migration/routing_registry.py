@@ -170,7 +170,7 @@ class RedisRoutingRegistry:
         if self._replaced is not None:
             report["replaced"] = self._replaced
         body = json.dumps(report, separators=(",", ":"))
-        with unavailable(self.connection, "replica report"):
+        async with unavailable(self.connection, "replica report"):
             now, kind = await self._report(keys=[self.key], args=[replica_id, body])
         if kind:
             self._replaced = int(now)
@@ -181,7 +181,7 @@ class RedisRoutingRegistry:
 
     async def read(self, *, expiry: timedelta) -> RoutingView:
         prune_ms = int(PRUNE_EXPIRIES * expiry.total_seconds() * 1000)
-        with unavailable(self.connection, "replica read"):
+        async with unavailable(self.connection, "replica read"):
             answer: list[Any] = await self._read(keys=[self.key], args=[prune_ms])
         now = int(answer[0]) / 1000
         if answer[1]:
@@ -214,5 +214,5 @@ class RedisRoutingRegistry:
         return RoutingView(now, tuple(sorted(reports, key=lambda r: r.replica_id)), lost)
 
     async def leave(self, replica_id: str) -> None:
-        with unavailable(self.connection, "replica leave"):
+        async with unavailable(self.connection, "replica leave"):
             await self.connection.client.hdel(self.key, replica_id)
