@@ -1,8 +1,9 @@
 """No lock granted twice while a replica or the store fails under many clients.
 
-Three ``enhanced-locking serve`` replicas on one store (a redis-server, or an etcd member),
-24 clients spread over them (``tests/support/fault_load.py``), the history checker over every
-answer. The faults:
+Three ``enhanced-locking serve`` replicas on one store (a redis-server, an etcd member, or a
+Redis Cluster for the replicas' faults), or the one of an embedded store's file, 24 clients
+spread over them (``tests/support/fault_load.py``), the history checker over every answer.
+The faults:
 
 * a replica frozen (SIGSTOP) past what marks it alive, then let go (SIGCONT): on Redis past
   its waiters' heartbeat and the claim window (5 s each), on etcd past its session lease
@@ -56,17 +57,36 @@ class Store:
 
     replicas: Callable[..., list[ServiceProcess]]
     """``replicas(3)``: serve processes on it (``via``: through another address)."""
-    address: tuple[str, int]
-    frozen: Callable[[], AbstractAsyncContextManager[None]]
-    """The store stopped (SIGSTOP) for the block."""
+    address: tuple[str, int] | None
+    """Its one node's (None: a cluster)."""
+    frozen: Callable[[], AbstractAsyncContextManager[None]] | None
+    """The store stopped (SIGSTOP) for the block (None: a cluster)."""
     zombie_seconds: float
     """How long a frozen replica is past what marks it alive."""
 
 
-@pytest.fixture(params=[pytest.param("redis", marks=pytest.mark.redis),
-                        pytest.param("etcd", marks=pytest.mark.etcd)])
+REDIS = pytest.param("redis", marks=pytest.mark.redis)
+ETCD = pytest.param("etcd", marks=pytest.mark.etcd)
+CLUSTER = pytest.param("redis-cluster", marks=pytest.mark.redis)
+ONE_NODE = pytest.mark.parametrize("store", [REDIS, ETCD], indirect=True)
+"""The stores a test freezes or cuts off: one node."""
+EVERY_STORE = pytest.mark.parametrize("store", [REDIS, ETCD, CLUSTER], indirect=True)
+"""And a Redis Cluster of three masters (the session's, under a prefix of the test's own)."""
+
+
+@pytest.fixture
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     with contextlib.ExitStack() as stack, services() as group:
+        if request.param == "redis-cluster":
+            cluster = request.getfixturevalue("redis_cluster")
+            prefix = request.getfixturevalue("redis_cluster_prefix")
+
+            yield Store(lambda count: replicas_on(
+                group, tmp_path, count, "--enhanced-locking-backend=redis",
+                f"--enhanced-locking-redis-addr={cluster.addr}", "--enhanced-locking-redis-cluster",
+                f"--enhanced-locking-redis-key-prefix={prefix}"),
+                None, None, 7.5)
+            return
         if request.param == "redis":
             server: RedisServer = request.getfixturevalue("redis_server")
 
@@ -94,6 +114,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
             ("127.0.0.1", member.client_port), etcd_frozen, 12.0)
 
 
+@EVERY_STORE
 async def test_a_replica_frozen_past_its_liveness_and_let_go_grants_nothing_twice(
     store: Store,
 ) -> None:
@@ -103,6 +124,7 @@ async def test_a_replica_frozen_past_its_liveness_and_let_go_grants_nothing_twic
     await assert_recovered(run, group)
 
 
+@EVERY_STORE
 async def test_a_replica_killed_mid_call_and_started_again_grants_nothing_twice(
     store: Store,
 ) -> None:
@@ -112,13 +134,17 @@ async def test_a_replica_killed_mid_call_and_started_again_grants_nothing_twice(
     await assert_recovered(run, group)
 
 
+@ONE_NODE
 async def test_the_store_frozen_past_the_call_limit_and_let_go_grants_nothing_twice(
     store: Store,
 ) -> None:
     group = store.replicas(3)
 
+    frozen = store.frozen
+    assert frozen is not None
+
     async def freeze() -> None:
-        async with store.frozen():
+        async with frozen():
             await asyncio.sleep(6.5)
 
     run = await run_under(group, REPO, freeze)
@@ -126,15 +152,30 @@ async def test_the_store_frozen_past_the_call_limit_and_let_go_grants_nothing_tw
     await assert_recovered(run, group)
 
 
+@ONE_NODE
 async def test_connections_to_the_store_cut_mid_reply_grant_nothing_twice(
     store: Store,
 ) -> None:
+    assert store.address is not None
     with cutting_proxy(store.address) as proxy:
         group = store.replicas(3, proxy.addr)
         run = await run_under(group, REPO, lambda: proxy.cutting_for(6.0))
         report(run, f"cut {proxy.cut}")
         await assert_recovered(run, group)
 
+
+
+
+async def test_the_embedded_store_s_service_killed_mid_call_and_started_again_grants_nothing_twice(
+    tmp_path: Path,
+) -> None:
+    # One replica (the embedded store is one service's file): its clients wait for it to come
+    # back; what it granted before the kill holds, and tokens go on rising over the restart.
+    with services() as group:
+        replica, = replicas_on(group, tmp_path, 1, "--enhanced-locking-backend=boltdb")
+        run = await run_under([replica], REPO, lambda: killed_and_started(replica))
+        report(run)
+        await assert_recovered(run, [replica])
 
 
 async def _acquire_with_redis_frozen(server: RedisServer, root: Path, *,
