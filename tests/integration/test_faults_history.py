@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
@@ -219,3 +220,41 @@ async def test_with_redis_frozen_past_the_replica_timeout_a_call_is_answered(
     # behind that lock (before, every acquire then waited for Redis to wake up).
     answer = await _acquire_with_redis_frozen(redis_server, tmp_path, after=7.0)
     assert answer.status_code == 409 and answer.json()["reason"] == "unavailable", answer.text
+
+
+@pytest.mark.redis
+async def test_a_release_its_client_gave_up_on_is_not_made_when_its_frozen_replica_wakes(
+    redis_server: RedisServer, tmp_path: Path,
+) -> None:
+    # A client's release reaches a replica that is frozen; the client gives up on it (its
+    # timeout), releases through another replica and takes the key again. When the frozen
+    # replica wakes, the old release must not free the new hold (before, it did: the client
+    # held a lock the store had let go, and the next acquire of another pull was granted).
+    with services() as group:
+        frozen_one, other = replicas_on(group, tmp_path, 2, "--enhanced-locking-backend=redis",
+                                        f"--enhanced-locking-redis-addr={redis_server.addr}")
+        body = {"project": {"repoFullName": REPO, "path": "p", "projectName": "p"},
+                "pull": {"num": 1}, "user": {"username": "user-1"}}
+        key = f"{REPO}/p/default/p"
+        async with httpx.AsyncClient(base_url=other.url, timeout=10) as http, \
+                httpx.AsyncClient(base_url=frozen_one.url, timeout=1) as impatient:
+            assert (await http.post("/v1/locks", json=body)).status_code == 200
+            assert frozen_one.process is not None
+            frozen_one.process.send_signal(signal.SIGSTOP)
+            try:
+                with pytest.raises(httpx.TimeoutException):
+                    await impatient.delete("/v1/locks/by-key", params={"key": key, "pull": 1})
+                released = await http.delete("/v1/locks/by-key", params={"key": key, "pull": 1})
+                assert released.status_code == 200
+                again = (await http.post("/v1/locks", json=body)).json()["lock"]
+            finally:
+                frozen_one.process.send_signal(signal.SIGCONT)
+            # The woken replica answers again, and has had a moment for the old release.
+            assert (await impatient.get("/healthz")).status_code == 200
+            await asyncio.sleep(1.0)
+            held = await http.get("/v1/locks/by-key", params={"key": key})
+            assert held.status_code == 200, held.text
+            assert held.json()["lock"]["fencingToken"] == again["fencingToken"]
+            other_pull = {**body, "pull": {"num": 2}}
+            refused = await http.post("/v1/locks", json=other_pull)
+            assert refused.status_code == 409 and refused.json()["reason"] == "held"

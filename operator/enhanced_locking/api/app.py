@@ -36,6 +36,7 @@ from enhanced_locking.api.direct import check_direct_routes, serve_directly
 from enhanced_locking.api.disconnect import (
     AnswerUnlessGone,
     ClientGone,
+    NotForTheGone,
     answer_unless_gone,
     gone_answer,
     not_withdrawn,
@@ -426,4 +427,6 @@ def create_app(
     serve_directly(app, release_lock)
     check_routes(app)
     check_direct_routes(app)
+    # Outermost (added last): it looks at uvicorn's own receive.
+    app.add_middleware(NotForTheGone)
     return app
