@@ -16,6 +16,15 @@ BOT, ALICE = "tok-bot-5c1e", "tok-alice-9d20"
 KEY = "acme/infra/./default/"
 
 
+def with_tokens(service_process: ServiceFactory, tmp_path: Path) -> str:
+    """The URL of a service with static tokens: ``BOT`` a locker, ``ALICE`` an admin."""
+    tokens = tmp_path / "tokens.csv"
+    tokens.write_text(f'{BOT},atlantis,,"bots"\n{ALICE},alice,,"ops"\n')
+    return service_process("--enhanced-locking-auth=static",
+                           f"--enhanced-locking-auth-tokens-file={tokens}",
+                           "--enhanced-locking-auth-roles=locker=group:bots;admin=group:ops").url
+
+
 def test_actions_only_for_a_caller_with_the_right(service_process: ServiceFactory,
                                                   tmp_path: Path) -> None:
     tokens = tmp_path / "tokens.csv"
@@ -52,6 +61,25 @@ def test_actions_only_for_a_caller_with_the_right(service_process: ServiceFactor
         assert client.get(KEY) is None
 
 
+def test_the_pages_with_the_force_unlock_form_are_not_shown_in_another_sites_frame(
+    service_process: ServiceFactory, tmp_path: Path,
+) -> None:
+    # Behind the proxy that adds a signed-in user's token, another site's page could show the
+    # console in a frame under its own page and have the user click Force unlock there: the
+    # post then comes from the console's own page, which the cross-site check takes.
+    url = with_tokens(service_process, tmp_path)
+    with Client(url, token=ALICE) as client:
+        assert client.acquire(LockRequest.model_validate(
+            {"project": {"repoFullName": "acme/infra"}, "pull": {"num": 12}})).acquired
+    admin = {"Authorization": f"Bearer {ALICE}"}
+    for path in ("/ui", "/ui/sections"):
+        page = httpx.get(url + path, headers=admin, timeout=10)
+        assert page.status_code == 200 and "Force unlock" in page.text, path
+        assert page.headers.get("x-frame-options") == "DENY", path
+        policy = page.headers.get("content-security-policy", "")
+        assert "frame-ancestors 'none'" in policy, path
+
+
 def test_read_only_when_access_control_is_off(service_process: ServiceFactory) -> None:
     url = service_process().url
     page = httpx.get(url + "/ui", timeout=10)
@@ -82,11 +110,7 @@ def test_a_force_unlock_posted_from_another_site_is_refused_and_audited(
 ) -> None:
     # The documented setup: a proxy adds the bearer token for a signed-in user's browser, so
     # whatever that browser posts carries the token; another site's page can make it post.
-    tokens = tmp_path / "tokens.csv"
-    tokens.write_text(f'{BOT},atlantis,,"bots"\n{ALICE},alice,,"ops"\n')
-    url = service_process("--enhanced-locking-auth=static",
-                          f"--enhanced-locking-auth-tokens-file={tokens}",
-                          "--enhanced-locking-auth-roles=locker=group:bots;admin=group:ops").url
+    url = with_tokens(service_process, tmp_path)
     host = url.split("://", 1)[1].rstrip("/")
     admin = {"Authorization": f"Bearer {ALICE}"}
     form = {"key": KEY, "reason": "from elsewhere"}

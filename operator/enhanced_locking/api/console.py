@@ -62,6 +62,12 @@ def _pull(text: str | None) -> int | None:
 
 FORM_TYPE = "application/x-www-form-urlencoded"
 
+NOT_FRAMED = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'"}
+"""The headers of the pages that carry the force-unlock form: no browser shows them in a frame
+(``X-Frame-Options`` for browsers older than ``frame-ancestors``). Behind a proxy that adds a
+signed-in user's token, another site could otherwise frame the console under a page of its own
+and have the user click Force unlock there: that post comes from the console's own page."""
+
 
 def _e(value: object) -> str:
     return html.escape(str(value), quote=True)
@@ -205,14 +211,16 @@ def install_console(app: FastAPI, service: LockService) -> None:
         number = _pull(pull)
         await caller.need(Verb.READ, action="console", repo=repo or None, pull=number)
         sections = await _sections(service, caller, repo or None, number)
-        return HTMLResponse(_page(sections, repo, number, caller.identity.name))
+        return HTMLResponse(_page(sections, repo, number, caller.identity.name),
+                            headers=NOT_FRAMED)
 
     @app.get("/ui/sections", response_class=HTMLResponse, include_in_schema=False)
     async def sections(caller: CallerDep, repo: Repo = None, pull: Pull = None) -> HTMLResponse:
         """The page's data sections, for the script to swap in."""
         number = _pull(pull)
         await caller.need(Verb.READ, action="console", repo=repo or None, pull=number)
-        return HTMLResponse(await _sections(service, caller, repo or None, number))
+        return HTMLResponse(await _sections(service, caller, repo or None, number),
+                            headers=NOT_FRAMED)
 
     @app.post("/ui/force-unlock", include_in_schema=False)
     async def force_unlock(caller: CallerDep, request: Request) -> Response:
