@@ -8,6 +8,7 @@ rewrite (the service picks the change up without a restart).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -253,6 +254,33 @@ def test_a_rewritten_tokens_file_is_picked_up_without_a_restart(
     finally:
         tokens_file(path, TOKENS)
         time.sleep(1.2)
+
+
+def test_a_token_withdrawn_by_a_rewrite_of_the_same_size_and_time_is_refused(
+    tmp_path: Path,
+) -> None:
+    # A revoked token replaced by one of the same length, copied in by a tool that keeps the
+    # file's modification time (cp -p, rsync -t, a tar): the size and time are as they were.
+    path = tokens_file(tmp_path / "tokens.csv", TOKENS)
+    process = ServiceProcess(tmp_path / "data", log_dir=tmp_path / "logs", args=[
+        "--enhanced-locking-auth=static", f"--enhanced-locking-auth-tokens-file={path}",
+        f"--enhanced-locking-auth-roles={ROLES}",
+    ])
+    rotated = {**TOKENS, "viewer": TOKENS["viewer"][::-1]}
+    with running(process), client(process, TOKENS["viewer"]) as viewer:
+        assert viewer.get("/v1/locks").status_code == 200
+        before = path.stat()
+        tokens_file(path, rotated)
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        assert (path.stat().st_size, path.stat().st_mtime_ns) == (before.st_size,
+                                                                  before.st_mtime_ns)
+        deadline = time.monotonic() + 10
+        while viewer.get("/v1/locks").status_code == 200:
+            assert time.monotonic() < deadline, "the withdrawn token is still taken"
+            time.sleep(0.2)
+        assert viewer.get("/v1/locks").status_code == 401
+        with client(process, rotated["viewer"]) as successor:
+            assert successor.get("/v1/locks").status_code == 200
 
 
 def test_no_token_shows_in_logs_audit_rows_metrics_events_or_the_store(

@@ -4,13 +4,13 @@ The tokens file has Kubernetes' static token file form, one token per line::
 
     token,name,uid,"group1,group2"
 
-(``uid`` and the groups may be left out; blank lines and lines starting with ``#`` are
-skipped). The file is read again when its modification time or size changes, checked at most
-once a second, so a rotated token takes effect without a restart; a file that cannot be read or
-parsed keeps the tokens read last and logs why (naming the line, never the token). Tokens are
-kept as SHA-256 digests, each compared with :func:`hmac.compare_digest` (all of them, so the
-time taken does not depend on which matched); the token itself is never stored, logged or
-audited.
+(``uid`` and the groups may be left out; blank lines and lines starting with ``#`` are skipped).
+The file is read again when its status changes (its inode, change or modification time, or
+size), checked at most once a second, so a rotated token takes effect without a restart; a file
+that cannot be read or parsed keeps the tokens read last and logs why (naming the line, never
+the token). Tokens are kept as SHA-256 digests, each compared with :func:`hmac.compare_digest`
+(all of them, so the time taken does not depend on which matched); the token itself is never
+stored, logged or audited.
 
 The role map grants roles (``viewer``, ``locker``, ``admin``) or single verbs to subjects
 ``user:NAME`` and ``group:NAME``.
@@ -74,9 +74,16 @@ def parse_tokens(text: str, *, source: str) -> dict[bytes, Identity]:
 
 @dataclass
 class _FileState:
-    mtime_ns: int = -1
-    size: int = -1
+    stamp: tuple[int, ...] = ()
+    """What the file's status said when it was read last: device and inode, change and
+    modification times, size. The change time too: a copy that keeps the modification time
+    (``cp -p``, ``rsync -t``, a tar) of a file whose revoked token was replaced by one of the
+    same length leaves time and size as they were, and the revoked token would be taken on."""
     checked: float = 0.0
+
+
+def _stamp(stat: os.stat_result) -> tuple[int, ...]:
+    return (stat.st_dev, stat.st_ino, stat.st_ctime_ns, stat.st_mtime_ns, stat.st_size)
 
 
 class StaticTokens:
@@ -107,7 +114,8 @@ class StaticTokens:
                 raise TokenFileError(f"invalid setting enhanced-locking-auth-tokens-file: "
                                      f"cannot read {self._path}: {error.strerror}") from None
             return
-        if (stat.st_mtime_ns, stat.st_size) == (self._state.mtime_ns, self._state.size):
+        stamp = _stamp(stat)
+        if stamp == self._state.stamp:
             return
         try:
             with open(self._path, encoding="utf-8") as handle:
@@ -120,7 +128,7 @@ class StaticTokens:
                       self._path, error)
             return
         self._from_file = tokens
-        self._state.mtime_ns, self._state.size = stat.st_mtime_ns, stat.st_size
+        self._state.stamp = stamp
         log.info("tokens file %s loaded: %d tokens", self._path, len(tokens))
 
     def _lookup(self, token: str) -> Identity | None:
