@@ -44,6 +44,7 @@ from enhanced_locking.client import (
     Client,
     ServiceError,
     service_url,
+    token_problem,
 )
 from enhanced_locking.types import LockRequest, UnusableSetting
 
@@ -600,15 +601,20 @@ def add_client_options(parser: argparse.ArgumentParser) -> None:
 
 def resolve_client_options(args: argparse.Namespace, *, program: str = PROG) -> None:
     """Fill ``args.url`` and ``args.token`` from the flags, else the environment, else the
-    default; a malformed URL from the environment is a usage error (exit 2)."""
+    default; a malformed URL from the environment, or a token no header can carry, is a usage
+    error (exit 2)."""
     if getattr(args, "url", None) is None:
         try:
             args.url = service_url(os.environ.get(URL_ENV) or DEFAULT_URL)
         except ValueError as error:
             terminal.say(program, f"{URL_ENV}: {error}")
             raise SystemExit(EXIT_USAGE) from None
+    setting = "--token"
     if getattr(args, "token", None) is None:
-        args.token = os.environ.get(TOKEN_ENV) or None
+        args.token, setting = os.environ.get(TOKEN_ENV) or None, TOKEN_ENV
+    if args.token and (problem := token_problem(args.token)) is not None:
+        terminal.say(program, f"{setting}: {problem}")
+        raise SystemExit(EXIT_USAGE)
 
 
 def _version() -> str:

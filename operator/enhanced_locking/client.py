@@ -31,7 +31,7 @@ from enhanced_locking.types import (
 )
 
 __all__ = ["DEFAULT_URL", "TOKEN_ENV", "URL_ENV", "AsyncClient", "Client", "ServiceError",
-           "parse_sse", "service_url", "shown_url"]
+           "parse_sse", "service_url", "shown_url", "token_problem"]
 
 DEFAULT_URL = "http://127.0.0.1:4142"
 _FOLLOWING_LINE = f": {FOLLOWING_COMMENT}"
@@ -44,8 +44,22 @@ TOKEN_ENV = "ENHANCED_LOCKING_TOKEN"
 CA_FILE_ENV = "ENHANCED_LOCKING_CA_FILE"
 
 
+def token_problem(token: str) -> str | None:
+    """Why ``token`` cannot be sent as a bearer token, naming no part of it; None if it can.
+
+    An HTTP header carries printable ASCII: a token holding a line break (pasted with a second
+    line, say), another control character or a non-ASCII one is refused by the HTTP library,
+    whose message quotes the whole header, token and all."""
+    if all(" " <= character <= "~" for character in token.strip()):
+        return None
+    return ("not a bearer token: it holds a line break, a control character or a non-ASCII "
+            "character, which no HTTP header carries (the token is not shown)")
+
+
 def _auth_headers(token: str | None) -> dict[str, str]:
     token = token if token is not None else os.environ.get(TOKEN_ENV, "")
+    if token and (problem := token_problem(token)) is not None:
+        raise ValueError(f"the bearer token is {problem}")
     return {"Authorization": f"Bearer {token.strip()}"} if token and token.strip() else {}
 
 

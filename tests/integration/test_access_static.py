@@ -475,6 +475,25 @@ def test_the_cli_sends_the_token_and_reads_the_audit_trail(
     ]
 
 
+@pytest.mark.parametrize("token", [
+    TOKENS["admin"] + "\nkept-secret-0d1e", "kept-secret-0d1e\r" + TOKENS["admin"],
+    "kept-secret-0d1e-\u00f6-" + TOKENS["admin"], "kept-secret-0d1e\x01" + TOKENS["admin"],
+], ids=["line-feed", "carriage-return", "non-ascii", "control"])
+def test_a_token_no_header_can_carry_exits_2_naming_the_setting_never_the_token(
+    served: ServiceProcess, token: str,
+) -> None:
+    # Pasted with a second line, say: no HTTP header carries it. The HTTP library's refusal
+    # quoted the whole header, token and all, into the one line a pipeline's log keeps.
+    secrets = ("kept-secret-0d1e", TOKENS["admin"])
+    for run, setting in ((cli(served, token, "lock", "list"), "ENHANCED_LOCKING_TOKEN"),
+                         (cli(served, None, "lock", "list", "--token", token), "--token")):
+        assert run.returncode == 2, run.stderr
+        assert run.stdout == ""
+        lines = run.stderr.splitlines()
+        assert len(lines) == 1 and setting in lines[0], run.stderr
+        assert not any(secret in run.stderr for secret in secrets), run.stderr
+
+
 def test_an_outcome_or_verb_no_row_can_have_is_named_not_answered_with_nothing(
     served: ServiceProcess, admin: httpx.Client
 ) -> None:
