@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 from tests.conftest import ServiceFactory
 from tests.history import History, Hold
+from tests.support.raw_http import parse
 
 REPO = "acme/flood"
 KEY = f"{REPO}/net/default/net"
@@ -108,24 +109,13 @@ async def _leaver(http: httpx.AsyncClient, pull: int, after: float, history: His
         writer.write_eof()
         await asyncio.wait_for(reading, timeout=30)
     writer.close()
-    response = _response(bytes(received)) if received else None
+    response = parse(bytes(received)) if received else None
     if not done:
         late.append(response.status_code if response is not None else 0)
     if response is None or response.status_code == 499:  # the server saw it go first
         answers["left"] = answers.get("left", 0) + 1
         return
     await _settle(http, pull, response, history, answers)
-
-
-def _response(raw: bytes) -> httpx.Response:
-    """The HTTP/1.1 answer in ``raw`` (all of it: the server closed after it)."""
-    head, _, content = raw.partition(b"\r\n\r\n")
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    headers = [(name.strip(), value.strip())
-               for name, _, value in (line.partition(":") for line in lines)]
-    response = httpx.Response(int(status_line.split()[1]), headers=headers, content=content)
-    assert len(content) == int(response.headers["content-length"]), raw
-    return response
 
 
 async def test_a_flood_of_waiting_acquires_waits_or_is_refused_honestly(
