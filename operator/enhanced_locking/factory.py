@@ -279,17 +279,30 @@ class LockService:
                 # From the export to the swap the old locker must not change its store (a grant
                 # made then would never reach the new one, a release would leave its copy held):
                 # the router's writes wait at the gate meanwhile, then go to the locker in force.
-                async with self.switch_gate.switching():
-                    locks, tokens = await self.enhanced.backend.export()
-                    conflicts = await backend.adopt(locks, tokens)
-                    if conflicts:
-                        raise BackendUnavailable(
-                            f"the new backend holds {len(conflicts)} of the current locks for "
-                            f"other pulls (first: {conflicts[0].key}); not switching"
-                        )
-                    locker = self._locker(backend)
-                    await locker.start()
-                    previous = self._swap(config, backend, locker, identity)
+                # So do its lease timers: a lease ending meanwhile, freed in the old store, was
+                # freed again in the new one, and told expired twice. They wait until the switch
+                # failed, or are dropped with the old locker.
+                old = self.enhanced
+                old.leases.hold()
+                try:
+                    async with self.switch_gate.switching():
+                        locks, tokens = await old.backend.export()
+                        conflicts = await backend.adopt(locks, tokens)
+                        if conflicts:
+                            raise BackendUnavailable(
+                                f"the new backend holds {len(conflicts)} of the current locks "
+                                f"for other pulls (first: {conflicts[0].key}); not switching"
+                            )
+                        locker = self._locker(backend)
+                        await locker.start()
+                        # Each adopted lease, also one that ended since the export (the new
+                        # store's list, which its start arms, leaves a lapsed lock out).
+                        for lock in locks:
+                            locker.leases.arm(lock.key, lock.expires_at)
+                        previous = self._swap(config, backend, locker, identity)
+                except BaseException:
+                    old.leases.release()
+                    raise
         except Exception:
             try:
                 if locker is not None:

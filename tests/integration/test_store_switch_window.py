@@ -16,6 +16,7 @@ import pytest
 import uvicorn
 from tests.conftest import ServiceMaker
 from tests.history import Workload, run_clients
+from tests.support.leases import Overrun, until, with_leases
 from tests.support.locks import request_for
 from tests.support.redis_server import RedisServer
 from tests.support.service import LOOPBACK, free_port
@@ -24,7 +25,7 @@ from enhanced_locking.api import create_app
 from enhanced_locking.backends import EmbeddedBackend
 from enhanced_locking.backends.redis_store import RedisBackend
 from enhanced_locking.factory import LockService
-from enhanced_locking.types import Lock, Locks
+from enhanced_locking.types import Event, Lock, Locks, utcnow
 
 pytestmark = pytest.mark.redis
 
@@ -178,3 +179,44 @@ async def test_a_waiter_queued_on_the_old_store_is_served_by_the_new_one(
     result = await asyncio.wait_for(waiting, 10)
     assert result.acquired and result.lock is not None and result.lock.pull.num == 2
     assert await new.get(key) == result.lock
+
+
+async def test_a_lease_that_ends_in_the_switch_window_is_told_expired_once(
+    redis_server: RedisServer, make_service: ServiceMaker, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A lease that ends between the export of the old store's locks and the swap: the old
+    locker's lease timer freed it in the old store (its expired event, its count), and the
+    new store, which had adopted it, freed it again at the new locker's timer: two expired
+    events and two lease expirations for one lease. Lease timers were the one writer of the
+    old locker the switch gate did not hold; now they wait out the switch (the old locker is
+    closed after it, its waiting timers with it) and the new locker tells the end once."""
+
+    async def case(lease: timedelta) -> None:
+        service = await make_service(enabled=True, backend="boltdb", legacy_backend="memory")
+        seen: list[Event] = []
+        service.events.subscribe(seen.append)
+        held = await service.router.acquire(request_for(pull=1, ttl=lease))
+        assert held.acquired and held.lock is not None and held.lock.expires_at is not None
+        ends = held.lock.expires_at
+
+        async def in_the_window() -> None:
+            if utcnow() >= ends:
+                raise Overrun  # exported after its end: nothing of it to adopt
+            # The old locker's timer comes due in the window.
+            await asyncio.sleep((ends - utcnow()).total_seconds() + 0.3)
+
+        await _pause_adopt(monkeypatch, in_the_window)
+        await service.provider.set_layer("cluster", _on_redis(redis_server, 0))
+        new = service.enhanced.backend if service.enhanced is not None else None
+        assert isinstance(new, RedisBackend)
+        assert await until(lambda: any(e.type == "expired" for e in seen))
+        await asyncio.sleep(0.3)  # a second telling, if any, has come by now
+        assert await new.get(held.lock.key) is None
+        # The next pull to take the key on the new store finds no lapsed copy to tell of.
+        taken = await service.router.acquire(request_for(pull=2))
+        assert taken.acquired, taken
+        assert [e.type for e in seen].count("expired") == 1, [e.type for e in seen]
+        assert service.metrics.registry.get_sample_value(
+            "enhanced_locking_lease_expirations_total") == 1
+
+    await with_leases(case)

@@ -35,6 +35,9 @@ class LeaseTimers:
         self._clock = clock
         self._timers: dict[str, tuple[datetime, asyncio.TimerHandle]] = {}
         self._running: set[asyncio.Task[None]] = set()
+        self._free = asyncio.Event()
+        """Clear while :meth:`hold` holds the timers: one that comes due waits for it."""
+        self._free.set()
 
     def arm(self, key: str, expires_at: datetime | None) -> None:
         """Make sure ``key`` is looked at no later than ``expires_at``."""
@@ -59,9 +62,22 @@ class LeaseTimers:
 
     def _fire(self, key: str) -> None:
         self._timers.pop(key, None)
-        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(self._on_due(key))
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(self._due(key))
         self._running.add(task)
         task.add_done_callback(self._running.discard)
+
+    async def _due(self, key: str) -> None:
+        await self._free.wait()
+        await self._on_due(key)
+
+    def hold(self) -> None:
+        """Timers that come due from now on wait (until :meth:`release`, or are dropped by
+        :meth:`close`): a store switch holds the old locker's, whose store is being copied."""
+        self._free.clear()
+
+    def release(self) -> None:
+        """What :meth:`hold` held goes on: the keys that came due are looked at now."""
+        self._free.set()
 
     async def close(self) -> None:
         for _, handle in self._timers.values():
