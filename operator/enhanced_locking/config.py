@@ -906,9 +906,36 @@ def load_sourced(
         values[field] = _convert(setting, value)
         origin[field] = f"flag {setting.flag}"
     try:
-        return EnhancedLockingConfig(**values), Sources(origin)
+        config = EnhancedLockingConfig(**values)
     except ValidationError as error:
         raise ConfigError(_describe(error, values, origin)) from None
+    _check_tls_switches(config, origin)
+    return config, Sources(origin)
+
+
+_TLS_SWITCHES = {
+    "redis_tls": ("redis_tls_ca_file", "redis_tls_cert_file", "redis_tls_key_file",
+                  "redis_tls_skip_verify"),
+    "etcd_tls": ("etcd_tls_ca_file", "etcd_tls_cert_file", "etcd_tls_key_file"),
+}
+"""Per TLS switch, the settings that mean something only with it on."""
+
+
+def _check_tls_switches(config: EnhancedLockingConfig, origin: Mapping[str, str]) -> None:
+    """A TLS setting given with its TLS off is refused, as a LockPolicy refuses it
+    (``redis.tls.caSecretRef needs redis.tls.enabled: true``): the connection would be plain
+    TCP, the password sent in clear where a TLS one was meant. Only for what the static sources
+    give: a cluster layer may turn TLS off over them."""
+    for switch, names in _TLS_SWITCHES.items():
+        if getattr(config, switch):
+            continue
+        for name in names:
+            if getattr(config, name):
+                raise ConfigError(
+                    f"invalid configuration: {_key(name)} needs {_key(switch)} true (without "
+                    "it the connection is plain TCP: no certificate, the password in clear) "
+                    f"({_key(name)} from {origin.get(name, 'default')}, {_key(switch)} from "
+                    f"{origin.get(switch, 'default')})")
 
 
 def _describe(error: ValidationError, values: Mapping[str, Any], origin: Mapping[str, str]) -> str:

@@ -31,6 +31,7 @@ from enhanced_locking.config import (
 )
 from enhanced_locking.durations import parse_duration
 from enhanced_locking.policies import PolicyRules
+from enhanced_locking.provider import ConfigProvider
 
 SETTINGS = settings()
 BY_FIELD = {s.field: s for s in SETTINGS}
@@ -94,11 +95,14 @@ class Sample:
 
 COMPANIONS: dict[str, dict[str, Any]] = {
     # Cross-field rules: these settings only make sense together.
-    "redis_tls_cert_file": {"redis_tls_key_file": "client.key"},
-    "redis_tls_key_file": {"redis_tls_cert_file": "client.crt"},
+    "redis_tls_ca_file": {"redis_tls": True},
+    "redis_tls_cert_file": {"redis_tls_key_file": "client.key", "redis_tls": True},
+    "redis_tls_key_file": {"redis_tls_cert_file": "client.crt", "redis_tls": True},
+    "redis_tls_skip_verify": {"redis_tls": True},
     "redis_sentinel_addrs": {"redis_sentinel_master": "mymaster"},
-    "etcd_tls_cert_file": {"etcd_tls_key_file": "client.key"},
-    "etcd_tls_key_file": {"etcd_tls_cert_file": "client.crt"},
+    "etcd_tls_ca_file": {"etcd_tls": True},
+    "etcd_tls_cert_file": {"etcd_tls_key_file": "client.key", "etcd_tls": True},
+    "etcd_tls_key_file": {"etcd_tls_cert_file": "client.crt", "etcd_tls": True},
     "redis_sentinel_master": {"redis_sentinel_addrs": "s1.example:26379"},
     "tls_cert_file": {"tls_key_file": "server.key"},
     "tls_key_file": {"tls_cert_file": "server.crt"},
@@ -582,6 +586,36 @@ def test_a_password_in_an_address_is_never_shown(
     assert "s3cret" not in message and "hunter2" not in message
     assert setting.key in message and "***@" in message
     assert address.rpartition("@")[2] in message
+
+
+@pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.parametrize(("field", "value", "switch"), [
+    ("redis_tls_ca_file", "ca.pem", "redis_tls"),
+    ("redis_tls_skip_verify", True, "redis_tls"),
+    ("etcd_tls_ca_file", "ca.pem", "etcd_tls"),
+])
+def test_a_tls_setting_without_its_tls_switch_is_refused(
+    field: str, value: Any, switch: str, source: str, tmp_path: Path
+) -> None:
+    # It was ignored: a plain TCP connection, the password in clear, where TLS was meant (a
+    # LockPolicy refuses the same: redis.tls.caSecretRef needs redis.tls.enabled).
+    with pytest.raises(ConfigError) as raised:
+        load_from(source, tmp_path, {field: value})
+    key, switched = BY_FIELD[field].key, BY_FIELD[switch].key
+    spelled = {"env": BY_FIELD[field].env, "flag": BY_FIELD[field].flag, "yaml": key}[source]
+    message = str(raised.value)
+    assert message.startswith(f"invalid configuration: {key} needs {switched} true")
+    assert spelled in message and f"{switched} from default" in message
+    assert "\n" not in message
+    assert getattr(load_from(source, tmp_path, {field: value, switch: True}), field)
+
+
+async def test_a_cluster_layer_may_turn_tls_off_over_static_tls_files() -> None:
+    static = load_config(env={"ATLANTIS_ENHANCED_LOCKING_REDIS_TLS": "true",
+                              "ATLANTIS_ENHANCED_LOCKING_REDIS_TLS_CA_FILE": "ca.pem"})
+    provider = ConfigProvider(static)
+    snapshot = await provider.set_layer("cluster", {"redis_tls": False})
+    assert not snapshot.config.redis_tls
 
 
 # --- derived values ----------------------------------------------------------------------------
