@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import httpx
+
+from enhanced_locking.api import create_app
+from enhanced_locking.config import EnhancedLockingConfig
+from enhanced_locking.factory import LockService
+from enhanced_locking.provider import ConfigProvider
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -60,3 +68,28 @@ def test_the_local_store_examples_start_their_store_on_loopback() -> None:
         assert port in block.group(1) and "0.0.0.0" not in block.group(1), page
         if store == "etcd":
             assert "--listen-client-urls http://127.0.0.1:2379" in block.group(1)
+
+
+async def test_the_config_example_is_what_a_default_service_answers(tmp_path: Path) -> None:
+    # api.md shows GET /v1/config of a service started with the defaults (make run): each value
+    # it spells out is that service's, a secret included ("" while it is not set).
+    section = _section("api.md", "Configuration: `GET /v1/config`")
+    start = section.index("```json") + len("```json")
+    example = section[start:section.index("```", start)]
+    config = EnhancedLockingConfig(data_dir=str(tmp_path), audit_stdout=False)
+    app = create_app(LockService(ConfigProvider(config)))
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as client:
+        answer = (await client.get("/v1/config")).json()
+    for part in ("featureFlags", "routing"):
+        shown = re.search(rf'"{part}": (\{{[^}}]*\}})', example)
+        assert shown is not None, part
+        assert json.loads(shown.group(1)) == answer[part], part
+    shown_config = re.search(r'"config": \{(.*?), \.\.\.\}', example)
+    assert shown_config is not None
+    pairs = json.loads("{" + shown_config.group(1) + "}")
+    assert pairs and {key: answer["config"][key] for key in pairs} == pairs
+    generation = re.search(r'"generation": (\d+)', example)
+    assert generation is not None and answer["generation"] == int(generation.group(1))
+    assert answer["layers"] == ["static"] and '"layers": ["static"]' in example
+
