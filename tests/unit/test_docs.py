@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
+from enhanced_locking import cli
 from enhanced_locking.api import create_app
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.factory import LockService
@@ -93,3 +98,41 @@ async def test_the_config_example_is_what_a_default_service_answers(tmp_path: Pa
     assert generation is not None and answer["generation"] == int(generation.group(1))
     assert answer["layers"] == ["static"] and '"layers": ["static"]' in example
 
+
+def test_the_console_examples_print_what_they_show(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    # Each `$ ` line of a console block, pasted into a shell in a directory of its own, prints
+    # the lines the page shows under it (the refusals end with exit code 2). The command's own
+    # lines run in this process (a process each would take seconds), the shell's in bash.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in [k for k in os.environ if k.startswith(("ATLANTIS_", "ENHANCED_LOCKING_"))]:
+        monkeypatch.delenv(name)
+    blocks = re.findall(r"```console\n(.*?)```", (ROOT / "docs" / "01-foundation.md").read_text(),
+                        re.S)
+    assert len(blocks) == 2
+    for block in blocks:
+        steps: list[tuple[str, list[str]]] = []
+        for line in block.splitlines():
+            if line.startswith("$ "):
+                steps.append((line[2:], []))
+            else:
+                steps[-1][1].append(line)
+        for command, shown in steps:
+            words = shlex.split(command, comments=True)
+            env = dict(w.split("=", 1) for w in itertools.takewhile(lambda w: "=" in w, words))
+            words = words[len(env):]
+            if words[:1] != ["enhanced-locking"]:
+                assert not shown and subprocess.run(["bash", "-c", command]).returncode == 0
+                continue
+            with monkeypatch.context() as scoped:
+                for name, value in env.items():
+                    scoped.setenv(name, value)
+                code: object
+                try:
+                    code = cli.main(words[1:])
+                except SystemExit as stop:
+                    code = stop.code
+            printed = capsys.readouterr()
+            assert (printed.out + printed.err).splitlines() == shown, command
+            assert code == 2, command
