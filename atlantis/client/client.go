@@ -516,6 +516,15 @@ func (c *Client) ReleaseIfOwned(ctx context.Context, key string, pull int) (*Loc
 		query: url.Values{"key": {key}, "pull": {strconv.Itoa(pull)}}, key: key, idempotent: true})
 }
 
+// ReleaseIfOwnedIn is ReleaseIfOwned of a pull of repo: a lock of another repository's
+// project whose parts join to the same key (GitLab's grp/sub + proj/x and grp/sub/proj + x),
+// whose pull can have the same number, answers a *NotOwnerError and stays held.
+func (c *Client) ReleaseIfOwnedIn(ctx context.Context, key, repo string, pull int) (*Lock, error) {
+	return c.release(ctx, call{op: "release", method: http.MethodDelete, path: "/v1/locks/by-key",
+		query: url.Values{"key": {key}, "pull": {strconv.Itoa(pull)}, "repo": {repo}}, key: key,
+		idempotent: true})
+}
+
 // ForceUnlock frees the lock on key whoever holds it and serves its queue (an admin call).
 // Nil when the key was free.
 func (c *Client) ForceUnlock(ctx context.Context, key string) (*Lock, error) {

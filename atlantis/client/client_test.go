@@ -97,6 +97,29 @@ func TestAcquireReleaseAndTypedRefusals(t *testing.T) {
 	}
 }
 
+func TestReleaseIfOwnedInLeavesAnotherRepositorysLockOfTheSameKey(t *testing.T) {
+	// gl/grp + sub/proj and gl/grp/sub + proj join to one key; both can have pull 5.
+	c := enhanced(t)
+	ctx := context.Background()
+	lock, err := c.Acquire(ctx, request("gl/grp", "sub/proj", 5))
+	must(t, err)
+	_, err = c.ReleaseIfOwnedIn(ctx, lock.Key, "gl/grp/sub", 5)
+	var notOwner *client.NotOwnerError
+	if !errors.As(err, &notOwner) || notOwner.Holder.Project.RepoFullName != "gl/grp" || notOwner.Key != lock.Key {
+		t.Fatalf("pull 5 of gl/grp/sub releasing gl/grp's lock should get NotOwnerError, got %v", err)
+	}
+	kept, err := c.Get(ctx, lock.Key)
+	must(t, err)
+	if kept == nil || kept.FencingToken != lock.FencingToken {
+		t.Fatalf("gl/grp's lock should stay held, got %+v", kept)
+	}
+	freed, err := c.ReleaseIfOwnedIn(ctx, lock.Key, "gl/grp", 5)
+	must(t, err)
+	if freed == nil || freed.Project.RepoFullName != "gl/grp" || freed.Pull.Num != 5 {
+		t.Fatalf("pull 5 of gl/grp should free its lock, got %+v", freed)
+	}
+}
+
 func TestListByPullBatchAndForceUnlock(t *testing.T) {
 	c := enhanced(t)
 	ctx := context.Background()

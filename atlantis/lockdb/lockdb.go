@@ -184,12 +184,14 @@ func (b *Database) Unlock(p models.Project, workspace string) (*models.ProjectLo
 	return optional(lock, err)
 }
 
-// UnlockIfOwnedByPull frees the lock only if pullNum (of the project's repository) holds it;
-// nil, and the lock kept, otherwise.
+// UnlockIfOwnedByPull frees the lock only if pullNum of the project's repository holds it;
+// nil, and the lock kept, otherwise — also when the key's holder is a project of another
+// repository whose pull has that number (Atlantis calls this for every project of a pull
+// before each plan).
 func (b *Database) UnlockIfOwnedByPull(p models.Project, workspace string, pullNum int) (*models.ProjectLock, error) {
 	ctx, cancel := b.ctx(0)
 	defer cancel()
-	lock, err := b.service.ReleaseIfOwned(ctx, key(p, workspace), pullNum)
+	lock, err := b.service.ReleaseIfOwnedIn(ctx, key(p, workspace), p.RepoFullName, pullNum)
 	var notOwner *client.NotOwnerError
 	if errors.As(err, &notOwner) {
 		return nil, nil

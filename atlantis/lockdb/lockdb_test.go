@@ -333,28 +333,30 @@ func TestAtlantisProjectLockerSaysWhoHoldsTheLock(t *testing.T) {
 	})
 }
 
+// gitlabPull is merge request num of a GitLab repository, as Atlantis builds it.
+func gitlabPull(repo string, num int) models.PullRequest {
+	owner, name := models.SplitRepoFullName(repo)
+	return models.PullRequest{Num: num, URL: fmt.Sprintf("https://gitlab.com/%s/-/merge_requests/%d", repo, num),
+		HeadCommit: "c0ffee", HeadBranch: "feature", BaseBranch: "main", Author: "alice", State: models.OpenPullState,
+		BaseRepo: models.Repo{FullName: repo, Owner: owner, Name: name,
+			VCSHost: models.VCSHost{Hostname: "gitlab.com", Type: models.Gitlab}}}
+}
+
 func TestAProjectOfAnotherRepositoryWithTheSameKeyIsAnErrorNotAGrant(t *testing.T) {
 	// GitLab's grp/sub with dir proj/x and grp/sub/proj with dir x build the same lock key,
 	// and both can have merge request !5. Atlantis's project locker reads "not acquired, held
 	// by pull 5" as acquired when it asks for pull 5: the refusal must be an error instead.
-	gitlab := func(repo string, num int) models.PullRequest {
-		owner, name := models.SplitRepoFullName(repo)
-		return models.PullRequest{Num: num, URL: fmt.Sprintf("https://gitlab.com/%s/-/merge_requests/%d", repo, num),
-			HeadCommit: "c0ffee", HeadBranch: "feature", BaseBranch: "main", Author: "alice", State: models.OpenPullState,
-			BaseRepo: models.Repo{FullName: repo, Owner: owner, Name: name,
-				VCSHost: models.VCSHost{Hostname: "gitlab.com", Type: models.Gitlab}}}
-	}
 	forEachStore(t, func(t *testing.T, s store) {
 		database := open(t, s.serve(t))
 		locker := projectLocker(database, &github.Client{})
 		log := logging.NewNoopLogger(t)
 		mine, theirs := models.NewProject("grp/sub", "proj/x", ""), models.NewProject("grp/sub/proj", "x", "")
-		first, err := locker.TryLock(log, gitlab("grp/sub", 5), alice, "default", mine, true)
+		first, err := locker.TryLock(log, gitlabPull("grp/sub", 5), alice, "default", mine, true)
 		must(t, err)
 		if !first.LockAcquired {
 			t.Fatalf("grp/sub !5 should get the lock: %+v", first)
 		}
-		second, err := locker.TryLock(log, gitlab("grp/sub/proj", 5), alice, "default", theirs, true)
+		second, err := locker.TryLock(log, gitlabPull("grp/sub/proj", 5), alice, "default", theirs, true)
 		var held *client.HeldError
 		if err == nil || !errors.As(err, &held) || held.Reason != client.ReasonCollision {
 			t.Fatalf("grp/sub/proj !5 must get a collision error, got %+v, %v", second, err)
@@ -366,6 +368,44 @@ func TestAProjectOfAnotherRepositoryWithTheSameKeyIsAnErrorNotAGrant(t *testing.
 		must(t, err)
 		if kept == nil || kept.Project.RepoFullName != "grp/sub" || kept.Pull.Num != 5 {
 			t.Fatalf("grp/sub !5 should still hold the lock, got %+v", kept)
+		}
+	})
+}
+
+func TestAPlanOfAnotherRepositoryWithTheSameKeyLeavesTheHoldersLock(t *testing.T) {
+	// Every plan first drops the pull's earlier plan locks (plan_command_runner.go,
+	// deletePlansAndPlanLocks): UnlockIfOwnedByPull of each of its projects with its own pull
+	// number. The project x of grp/sub/proj !5 has the key of grp/sub !5's project proj/x:
+	// that call must leave grp/sub's lock held, or the plan that follows it is granted the key
+	// while grp/sub !5 still holds its plan.
+	forEachStore(t, func(t *testing.T, s store) {
+		database := open(t, s.serve(t))
+		locker := locking.NewClient(database)
+		mine, theirs := models.NewProject("grp/sub", "proj/x", ""), models.NewProject("grp/sub/proj", "x", "")
+		first, err := locker.TryLock(mine, "default", gitlabPull("grp/sub", 5), alice)
+		must(t, err)
+		if !first.LockAcquired {
+			t.Fatalf("grp/sub !5 should get the lock: %+v", first)
+		}
+		freed, err := locker.UnlockIfOwnedByPull(theirs, "default", 5)
+		must(t, err)
+		if freed != nil {
+			t.Fatalf("grp/sub/proj !5 must not free grp/sub !5's lock, freed %+v", freed)
+		}
+		kept, err := database.GetLock(mine, "default")
+		must(t, err)
+		if kept == nil || kept.Project.RepoFullName != "grp/sub" || kept.Pull.Num != 5 {
+			t.Fatalf("grp/sub !5 should still hold the lock, got %+v", kept)
+		}
+		again, err := locker.TryLock(theirs, "default", gitlabPull("grp/sub/proj", 5), alice)
+		if err == nil || again.LockAcquired {
+			t.Fatalf("grp/sub/proj !5 must still be refused the key, got %+v, %v", again, err)
+		}
+		// The holder's own call frees it.
+		freed, err = locker.UnlockIfOwnedByPull(mine, "default", 5)
+		must(t, err)
+		if freed == nil || freed.Project.RepoFullName != "grp/sub" || freed.Pull.Num != 5 {
+			t.Fatalf("grp/sub !5's own call should free its lock, got %+v", freed)
 		}
 	})
 }
