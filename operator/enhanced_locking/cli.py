@@ -46,7 +46,7 @@ from enhanced_locking.client import (
     service_url,
     token_problem,
 )
-from enhanced_locking.types import LockRequest, UnusableSetting
+from enhanced_locking.types import LockRequest, Reason, UnusableSetting
 
 __all__ = ["main"]
 
@@ -503,7 +503,8 @@ def _acquire(client: Client, args: argparse.Namespace) -> int:
         result = client.acquire(request)
     answer = result.model_dump(mode="json", by_alias=True)
     if not result.acquired:
-        return terminal.refused(PROG, _why_not(result.lock_key, answer), answer)
+        return terminal.not_granted(PROG, _why_not(result.lock_key, answer), answer,
+                                    unavailable=result.reason is Reason.UNAVAILABLE)
     _print(answer)
     return 0
 

@@ -18,7 +18,8 @@ wait from ``GET /v1/queue/waiter``. Atlantis puts a step's output in the pull re
 It exits 0 holding the lock, 1 with one line when it is refused (held with no wait, timeout,
 queue full, deadlock, collision), 2 when the environment or a flag is wrong, 3 when the service
 cannot be reached or cannot serve the call now (503: its store did not answer, or it is
-overloaded; 429), as every command does (:func:`terminal.service_failed`).
+overloaded; 429; an acquire answered ``unavailable``), as every command does
+(:func:`terminal.service_failed`, :func:`terminal.not_granted`).
 
 ``step release`` gives the project's lock back (only this pull's, only this repository's); a
 lock already gone is not an error.
@@ -195,6 +196,9 @@ def refusal_line(result: AcquireResult, request: LockRequest) -> str:
         return f"refused {request.key}: waiting would deadlock ({' -> '.join(result.cycle or [])})"
     if reason is Reason.COLLISION and result.error:
         return result.error
+    if reason is Reason.UNAVAILABLE:
+        return (f"{request.key}: the lock store behind the service did not answer; nothing is "
+                "known of the lock")
     return f"refused {request.key}: {reason}{by}"
 
 
@@ -217,8 +221,8 @@ def _acquire(args: argparse.Namespace, env: Mapping[str, str], out: TextIO) -> i
         print(f"enhanced-locking: locked {result.lock.key} for pull #{result.lock.pull.num} "
               f"(fencing token {result.lock.fencing_token})", file=out, flush=True)
         return 0
-    print(f"enhanced-locking: {refusal_line(result, request)}", file=sys.stderr, flush=True)
-    return terminal.EXIT_REFUSED
+    return terminal.not_granted("enhanced-locking", refusal_line(result, request),
+                                unavailable=result.reason is Reason.UNAVAILABLE)
 
 
 def _release(args: argparse.Namespace, env: Mapping[str, str], out: TextIO) -> int:

@@ -29,6 +29,7 @@ __all__ = [
     "NOT_SERVED",
     "Style",
     "emit",
+    "not_granted",
     "print_json",
     "refused",
     "say",
@@ -71,6 +72,19 @@ def refused(program: str, message: str, answer: Any | None = None) -> int:
         print_json(answer)
     say(program, message)
     return EXIT_REFUSED
+
+
+def not_granted(program: str, message: str, answer: Any | None = None, *,
+                unavailable: bool) -> int:
+    """An acquire the service answered without a grant: a refusal (exit 1: held, timed out,
+    queue full, ...), but one of reason ``unavailable`` (a store did not answer and the service
+    fails closed) is exit 3, as its 503 is: nothing is known of the lock."""
+    if not unavailable:
+        return refused(program, message, answer)
+    if answer is not None:
+        print_json(answer)
+    say(program, message)
+    return EXIT_UNREACHABLE
 
 
 def service_failed(program: str, message: str, *, status: int, answer: Any | None = None) -> int:

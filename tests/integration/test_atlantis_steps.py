@@ -335,3 +335,20 @@ def test_a_release_whose_store_does_not_answer_exits_3_not_as_a_refusal(
     assert done.returncode == 3, done.stdout + done.stderr
     lines = done.stderr.splitlines()
     assert len(lines) == 1 and "did not answer" in lines[0], done.stderr
+
+
+@pytest.mark.redis
+def test_an_acquire_whose_store_does_not_answer_exits_3_not_as_a_refusal(
+    redis_server: RedisServer, service_process: Callable[..., ServiceProcess],
+) -> None:
+    """With ``fallback: fail-closed`` the service answers the acquire 409 with reason
+    ``unavailable``: the store did not answer and nothing is known of the lock, so 3 as for
+    its 503, not 1, which says the lock is held."""
+    url = service_process("--enhanced-locking-enabled", "--enhanced-locking-backend=redis",
+                          f"--enhanced-locking-redis-addr={redis_server.addr}",
+                          "--enhanced-locking-fallback=fail-closed").url
+    redis_server.stop()
+    done = run_step(step_env(url, 1, "alice"), "acquire", "--command", "plan")
+    assert done.returncode == 3, done.stdout + done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and "did not answer" in lines[0] and KEY in lines[0], done.stderr

@@ -479,3 +479,20 @@ def test_a_service_whose_store_does_not_answer_exits_3_not_as_a_refusal(
     assert result.returncode == 3, result.stdout + result.stderr
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and "did not answer" in lines[0], result.stderr
+
+
+@pytest.mark.redis
+def test_an_acquire_its_store_did_not_answer_exits_3_not_as_a_refusal(
+    redis_server: RedisServer, service_process: ServiceFactory,
+) -> None:
+    """With `fallback: fail-closed` the acquire is answered 409 with reason `unavailable`:
+    nothing is known of the lock, so 3 as for a 503, not 1, which a script reads as held."""
+    url = service_process("--enhanced-locking-enabled", "--enhanced-locking-backend=redis",
+                          f"--enhanced-locking-redis-addr={redis_server.addr}",
+                          "--enhanced-locking-fallback=fail-closed").url
+    redis_server.stop()
+    result = run("lock", "--url", url, "acquire", "--repo", "acme/infra", "--pull", "1")
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert json.loads(result.stdout)["reason"] == "unavailable"
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "unavailable" in lines[0], result.stderr
