@@ -19,6 +19,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"strings"
 	"time"
 
 	"github.com/runatlantis/atlantis/server/core/db"
@@ -123,6 +124,20 @@ func key(p models.Project, workspace string) string {
 	return client.LockKey(project(p), workspace)
 }
 
+// splitKey is the key of a project that locking.Client split out of a key, as it does for
+// Unlock and GetLock (Atlantis's lock pages, the discard button): at the key's second slash
+// (locking.go, keyRegex). A repository of more parts (GitLab's grp/sub/proj, Azure DevOps's
+// org/project/repo) then comes with the rest of its name at the front of the path, which is
+// "proj/." for its root project; cleaning that path would drop the "." and name another key.
+// The rest goes back to the repository's name, at path "."; any other path is cleaned.
+func splitKey(p models.Project, workspace string) string {
+	if rest, ok := strings.CutSuffix(p.Path, "/."); ok && rest != "" && client.CleanPath(rest) == rest &&
+		!strings.HasPrefix(rest, "/") && !strings.HasPrefix(rest, "..") {
+		p.RepoFullName, p.Path = p.RepoFullName+"/"+rest, "."
+	}
+	return key(p, workspace)
+}
+
 // TryLock asks the service for the lock. Granted: (true, lock). Held by another pull:
 // (false, the holder). The same pull asking again gets its lock (true), as Atlantis's
 // project locker expects. Held by a project of another repository whose key is the same
@@ -176,11 +191,12 @@ func (b *Database) TryLock(lock models.ProjectLock) (bool, models.ProjectLock, e
 	return false, models.ProjectLock{}, fmt.Errorf("lock service: %w", err)
 }
 
-// Unlock frees the lock whoever holds it; nil when there was none.
+// Unlock frees the lock whoever holds it; nil when there was none. Atlantis gives it the
+// parts of a key its lock page split (see splitKey).
 func (b *Database) Unlock(p models.Project, workspace string) (*models.ProjectLock, error) {
 	ctx, cancel := b.ctx(0)
 	defer cancel()
-	lock, err := b.service.Release(ctx, key(p, workspace))
+	lock, err := b.service.Release(ctx, splitKey(p, workspace))
 	return optional(lock, err)
 }
 
@@ -212,11 +228,12 @@ func (b *Database) List() ([]models.ProjectLock, error) {
 	return projectLocks(locks), nil
 }
 
-// GetLock is the lock on the project and workspace; nil when there is none.
+// GetLock is the lock on the project and workspace; nil when there is none. Atlantis gives it
+// the parts of a key its lock page split (see splitKey).
 func (b *Database) GetLock(p models.Project, workspace string) (*models.ProjectLock, error) {
 	ctx, cancel := b.ctx(0)
 	defer cancel()
-	lock, err := b.service.Get(ctx, key(p, workspace))
+	lock, err := b.service.Get(ctx, splitKey(p, workspace))
 	return optional(lock, err)
 }
 

@@ -410,6 +410,43 @@ func TestAPlanOfAnotherRepositoryWithTheSameKeyLeavesTheHoldersLock(t *testing.T
 	})
 }
 
+func TestAtlantisLockPagesFindTheRootProjectOfARepositoryOfThreeParts(t *testing.T) {
+	// Atlantis's lock pages (GET /lock?id=, the discard button's DELETE /locks?id=) hand the
+	// key to locking.Client, which splits it at the second slash (locking.go, keyRegex): the
+	// root project of GitLab's grp/sub/proj (or Azure DevOps's org/project/repo), key
+	// grp/sub/proj/./default/, comes to GetLock and Unlock as repository grp/sub with path
+	// proj/. — which must name that key again, not grp/sub/proj/default/.
+	forEachStore(t, func(t *testing.T, s store) {
+		database := open(t, s.serve(t))
+		locker := locking.NewClient(database)
+		got, err := locker.TryLock(models.NewProject("grp/sub/proj", ".", ""), "default", gitlabPull("grp/sub/proj", 7), alice)
+		must(t, err)
+		if !got.LockAcquired || got.LockKey != "grp/sub/proj/./default/" {
+			t.Fatalf("!7 should get grp/sub/proj/./default/, got %+v", got)
+		}
+		all, err := locker.List()
+		must(t, err)
+		if _, ok := all[got.LockKey]; len(all) != 1 || !ok {
+			t.Fatalf("the lock page should list %s, got %v", got.LockKey, all)
+		}
+		page, err := locker.GetLock(got.LockKey)
+		must(t, err)
+		if page == nil || page.Pull.Num != 7 || page.Project.RepoFullName != "grp/sub/proj" {
+			t.Fatalf("the lock's page should find !7's lock, got %+v", page)
+		}
+		freed, err := locker.Unlock(got.LockKey)
+		must(t, err)
+		if freed == nil || freed.Pull.Num != 7 || freed.Project.Path != "." {
+			t.Fatalf("discarding the lock should free !7's lock, got %+v", freed)
+		}
+		gone, err := locker.GetLock(got.LockKey)
+		must(t, err)
+		if gone != nil {
+			t.Fatalf("the lock should be gone, got %+v", gone)
+		}
+	})
+}
+
 func TestAHolderWithoutAVCSHostIsLinkedThroughTheAskingPullsHost(t *testing.T) {
 	// A lock taken by a caller other than Atlantis (the CLI, a pipeline) has no VCS host.
 	// Atlantis links the holder's pull through the client of its BaseRepo's host type: an
