@@ -7,6 +7,7 @@ import (
 
 	"github.com/runatlantis/atlantis/server/core/locking"
 	"github.com/runatlantis/atlantis/server/events"
+	"github.com/runatlantis/atlantis/server/events/models"
 	"github.com/runatlantis/atlantis/server/events/vcs"
 
 	"github.com/runatlantis/enhanced-locking/atlantis/client"
@@ -44,4 +45,14 @@ func waitForWaiters(t *testing.T, c *client.Client, key string, n int) {
 		time.Sleep(20 * time.Millisecond)
 	}
 	t.Fatalf("%s never had %d waiters", key, n)
+}
+
+// stillHeldBy fails t unless pull num of repo holds project's lock in workspace default.
+func stillHeldBy(t *testing.T, database *lockdb.Database, project models.Project, repo string, num int) {
+	t.Helper()
+	kept, err := database.GetLock(project, "default")
+	must(t, err)
+	if kept == nil || kept.Project.RepoFullName != repo || kept.Pull.Num != num {
+		t.Fatalf("%s !%d should still hold the lock, got %+v", repo, num, kept)
+	}
 }

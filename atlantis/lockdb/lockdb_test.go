@@ -364,11 +364,7 @@ func TestAProjectOfAnotherRepositoryWithTheSameKeyIsAnErrorNotAGrant(t *testing.
 		if !strings.Contains(err.Error(), "grp/sub") {
 			t.Fatalf("the error should name the holder's repository: %v", err)
 		}
-		kept, err := database.GetLock(mine, "default")
-		must(t, err)
-		if kept == nil || kept.Project.RepoFullName != "grp/sub" || kept.Pull.Num != 5 {
-			t.Fatalf("grp/sub !5 should still hold the lock, got %+v", kept)
-		}
+		stillHeldBy(t, database, mine, "grp/sub", 5)
 	})
 }
 
@@ -392,11 +388,7 @@ func TestAPlanOfAnotherRepositoryWithTheSameKeyLeavesTheHoldersLock(t *testing.T
 		if freed != nil {
 			t.Fatalf("grp/sub/proj !5 must not free grp/sub !5's lock, freed %+v", freed)
 		}
-		kept, err := database.GetLock(mine, "default")
-		must(t, err)
-		if kept == nil || kept.Project.RepoFullName != "grp/sub" || kept.Pull.Num != 5 {
-			t.Fatalf("grp/sub !5 should still hold the lock, got %+v", kept)
-		}
+		stillHeldBy(t, database, mine, "grp/sub", 5)
 		again, err := locker.TryLock(theirs, "default", gitlabPull("grp/sub/proj", 5), alice)
 		if err == nil || again.LockAcquired {
 			t.Fatalf("grp/sub/proj !5 must still be refused the key, got %+v, %v", again, err)
