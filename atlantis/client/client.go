@@ -122,8 +122,9 @@ type call struct {
 
 // answer is the service's reply: the status and the raw JSON body.
 type answer struct {
-	status int
-	body   []byte
+	status      int
+	body        []byte
+	contentType string
 }
 
 func (c *Client) do(ctx context.Context, k call) (answer, error) {
@@ -228,7 +229,7 @@ func (c *Client) send(ctx context.Context, k call, payload []byte) (answer, erro
 	if err != nil {
 		return answer{}, err
 	}
-	return answer{status: resp.StatusCode, body: data}, nil
+	return answer{status: resp.StatusCode, body: data, contentType: resp.Header.Get("Content-Type")}, nil
 }
 
 // errorBody is every error answer: a human-readable "error" and what it is about.
@@ -613,7 +614,9 @@ func (c *Client) Cancel(ctx context.Context, key, id string) (bool, error) {
 	return found, err
 }
 
-// Ready checks that the service and every store it uses answer (GET /readyz).
+// Ready checks that the service and every store it uses answer (GET /readyz). A 200 that is
+// not the service's JSON answer (a proxy's sign-in page, another web server at the URL) is an
+// *UnavailableError: the lock calls would all fail there.
 func (c *Client) Ready(ctx context.Context) error {
 	k := call{op: "ready", method: http.MethodGet, path: "/readyz", idempotent: true}
 	if c.callTimeout > 0 {
@@ -631,7 +634,22 @@ func (c *Client) Ready(ctx context.Context) error {
 		}
 		return refusal(k, got)
 	}
+	var answer map[string]any
+	if json.Unmarshal(got.body, &answer) != nil {
+		return &UnavailableError{Op: k.op, Status: got.status, Message: fmt.Sprintf(
+			"GET %s answered 200 with %s, not the lock service's JSON: is the URL the service's?",
+			k.path, contentType(got.contentType))}
+	}
 	return nil
+}
+
+// contentType is a response's media type without its parameters, or "no content type".
+func contentType(header string) string {
+	kind, _, _ := strings.Cut(header, ";")
+	if kind = strings.TrimSpace(kind); kind == "" {
+		return "no content type"
+	}
+	return kind
 }
 
 var errStreamClosed = errors.New("event stream closed")

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"net/http/httputil"
 	"net/url"
 	"strconv"
@@ -530,6 +531,38 @@ func TestAnAcquireTheServiceAnsweredUnavailableIsNotSentAgain(t *testing.T) {
 	if n := acquires.Load(); n != 1 {
 		t.Fatalf("an acquire answered 503 unavailable must be sent once, sent %d times", n)
 	}
+}
+
+func TestAPageThatIsNotTheServicesIsNotReadyAndNoEventStream(t *testing.T) {
+	// A proxy's sign-in page (or a URL naming another web server) answers every path 200
+	// with HTML: Ready must not call that ready, nor Events open it as a stream that then
+	// has no events.
+	page := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "text/html; charset=utf-8")
+		_, _ = w.Write([]byte("<html><body>Sign in</body></html>\n\n"))
+	}))
+	t.Cleanup(page.Close)
+	c, err := client.New(page.URL, client.WithRetries(1, 0))
+	must(t, err)
+	ctx := context.Background()
+	var unavailable *client.UnavailableError
+	if err := c.Ready(ctx); !errors.As(err, &unavailable) || !strings.Contains(err.Error(), "not the lock service") {
+		t.Fatalf("a sign-in page is not a ready service, got %v", err)
+	}
+	stream, err := c.Events(ctx, client.EventFilter{})
+	if err == nil {
+		stream.Close() //nolint:errcheck
+	}
+	if !errors.As(err, &unavailable) || !strings.Contains(err.Error(), "text/html") {
+		t.Fatalf("a sign-in page is not an event stream, got %v", err)
+	}
+	// The service itself is both.
+	svc, err := client.New(servicetest.Serve(t).URL)
+	must(t, err)
+	must(t, svc.Ready(ctx))
+	events, err := svc.Events(ctx, client.EventFilter{})
+	must(t, err)
+	must(t, events.Close())
 }
 
 func TestA404ThatIsNotTheServicesIsNotReadAsNoLock(t *testing.T) {

@@ -113,6 +113,14 @@ func (s *EventStream) connect() error {
 		resp.Body.Close() //nolint:errcheck
 		return refusal(call{op: "events"}, answer{status: resp.StatusCode, body: data})
 	}
+	if kind := contentType(resp.Header.Get("Content-Type")); kind != "text/event-stream" {
+		// A sign-in page or another web server at the URL: read as a stream it would have no
+		// events until it ends.
+		resp.Body.Close() //nolint:errcheck
+		return &UnavailableError{Op: "events", Status: resp.StatusCode, Message: fmt.Sprintf(
+			"GET /v1/events answered %d with %s, not an event stream: is the URL the lock "+
+				"service's?", resp.StatusCode, kind)}
+	}
 	s.mu.Lock()
 	s.body, s.reader = resp.Body, bufio.NewReader(resp.Body)
 	s.mu.Unlock()
