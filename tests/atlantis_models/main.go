@@ -65,7 +65,16 @@ func repoConfig(path string) map[string]any {
 		}
 		repos = append(repos, view)
 	}
-	return map[string]any{"repos": repos}
+	// Atlantis's own stages, which a workflow that does not name a stage runs.
+	defaults := map[string][]stepView{}
+	for name, stage := range map[string]valid.Stage{
+		"plan": valid.DefaultPlanStage, "apply": valid.DefaultApplyStage,
+		"import": valid.DefaultImportStage, "state_rm": valid.DefaultStateRmStage} {
+		for _, step := range stage.Steps {
+			defaults[name] = append(defaults[name], stepView{Name: step.StepName})
+		}
+	}
+	return map[string]any{"repos": repos, "defaultStages": defaults}
 }
 
 type lockView struct {

@@ -75,6 +75,19 @@ def workflow(atlantis: AtlantisModels) -> dict[str, Any]:
     return ours
 
 
+def test_each_stage_is_the_lock_step_then_atlantiss_own_stage(atlantis: AtlantisModels) -> None:
+    """A workflow's stage replaces Atlantis's: one that left out its ``init`` would run
+    ``terraform import`` (or ``state rm``) in a working directory never initialised (a plan
+    whose lock step timed out stops before its ``init``; a directory cloned again for an
+    external plan store has none) and fail asking for ``terraform init``."""
+    defaults = atlantis.repo_config(REPOS_YAML)["defaultStages"]
+    stages = workflow(atlantis)["stages"]
+    assert set(stages) == set(defaults) == {"plan", "apply", "import", "state_rm"}
+    for name, steps in stages.items():
+        assert steps[0]["name"] == "run" and "enhanced-locking step acquire" in steps[0]["run"]
+        assert [s["name"] for s in steps[1:]] == [s["name"] for s in defaults[name]], name
+
+
 def test_atlantis_reads_the_example_repo_config_as_the_guide_says(
     atlantis: AtlantisModels,
 ) -> None:
@@ -84,8 +97,8 @@ def test_atlantis_reads_the_example_repo_config_as_the_guide_says(
     assert [s["name"] for s in repo["stages"]["apply"]] == ["run", "apply"]
     # With Atlantis's locks disabled, Atlantis locks neither import nor state rm: their stages
     # take the service's lock before Atlantis's own step writes the state.
-    assert [s["name"] for s in repo["stages"]["import"]] == ["run", "import"]
-    assert [s["name"] for s in repo["stages"]["state_rm"]] == ["run", "state_rm"]
+    assert [s["name"] for s in repo["stages"]["import"]] == ["run", "init", "import"]
+    assert [s["name"] for s in repo["stages"]["state_rm"]] == ["run", "init", "state_rm"]
     assert "--command import " in repo["stages"]["import"][0]["run"]
     assert "--command state " in repo["stages"]["state_rm"][0]["run"]
     # The guide shows the same file.

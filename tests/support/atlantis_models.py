@@ -48,8 +48,8 @@ class AtlantisModels:
 
     def repo_config(self, path: Path) -> dict[str, Any]:
         """What Atlantis's ``config.ParserValidator`` makes of a server-side repo config file:
-        ``{"repos": [{"id", "repoLocks", "workflow", "stages": {"plan": [...]}}]}`` or
-        ``{"error": ...}``."""
+        ``{"repos": [{"id", "repoLocks", "workflow", "stages": {"plan": [...]}}],
+        "defaultStages": {"plan": [...]}}`` (Atlantis's own stages) or ``{"error": ...}``."""
         parsed: dict[str, Any] = self._ask({"repoConfig": str(path)})["repoConfig"]
         return parsed
 
