@@ -889,11 +889,16 @@ def load_sourced(
     origin: dict[str, str] = {}
     if yaml_file is not None:
         for key, value in _read_yaml(yaml_file).items():
-            setting = by_key.get(str(key))
+            # In any case, as Atlantis reads its config (viper's keys are case-insensitive):
+            # Enhanced-Locking-Enabled was left to Atlantis, and enhanced locking stayed off.
+            setting = by_key.get(str(key).lower())
             if setting is None:
-                if str(key).startswith(KEY_PREFIX):
+                if str(key).lower().startswith(KEY_PREFIX):
                     raise ConfigError(f"unknown setting {key} in {yaml_file}")
                 continue  # the rest of Atlantis's server config is not ours
+            if setting.field in origin:
+                raise ConfigError(f"config file {yaml_file} is not valid YAML: {setting.key} is "
+                                  f"set twice ({origin[setting.field].split()[2]} and {key})")
             values[setting.field] = _convert(setting, value)
             origin[setting.field] = f"YAML key {key} in {yaml_file}"
     for setting in settings():

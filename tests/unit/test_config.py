@@ -430,6 +430,24 @@ def test_a_config_file_that_is_not_utf8_is_refused_in_one_line(tmp_path: Path) -
     assert "\n" not in str(raised.value) and str(path) in str(raised.value)
 
 
+def test_a_yaml_key_is_read_in_any_case_as_atlantis_reads_it(tmp_path: Path) -> None:
+    # Atlantis's viper reads keys case-insensitively: Enhanced-Locking-Enabled was left to
+    # Atlantis as not ours, and enhanced locking stayed off.
+    path = tmp_path / "config.yaml"
+    path.write_text("Enhanced-Locking-Enabled: true\nDATA-DIR: /srv/atlantis\n")
+    config = load_config(yaml_file=path, env={})
+    assert config.enabled and config.data_dir == "/srv/atlantis"
+    path.write_text("Enhanced-Locking-Enabld: true\n")
+    with pytest.raises(ConfigError, match="unknown setting Enhanced-Locking-Enabld in"):
+        load_config(yaml_file=path, env={})
+    path.write_text("enhanced-locking-enabled: true\nEnhanced-Locking-Enabled: false\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config(yaml_file=path, env={})
+    assert str(raised.value) == (
+        f"config file {path} is not valid YAML: enhanced-locking-enabled is set twice "
+        "(enhanced-locking-enabled and Enhanced-Locking-Enabled)")
+
+
 def test_a_setting_given_twice_in_yaml_is_refused_naming_it(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
     path.write_text("enhanced-locking-enabled: true\nport: 4141\nenhanced-locking-enabled: false\n")
