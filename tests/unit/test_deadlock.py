@@ -293,3 +293,39 @@ async def test_a_deadlock_found_by_a_caller_whose_retry_took_its_waiter_over_lea
     await rig.locker.release(ask(1, "a").key)  # the retry's waiter is served
     answer = await asyncio.wait_for(retry[0], 30)
     assert answer.acquired and answer.lock is not None and answer.lock.pull.num == 2, answer
+
+
+async def test_a_wait_granted_before_its_deadlock_refusal_could_withdraw_it_is_told_granted(
+    make: Callable[..., LockerRig], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pull 2 closes a cycle, but pull 1 lets go of the key pull 2 waits for between the check
+    and the withdrawal: pull 2 is answered with the grant, as the store made it. That grant
+    was a state change nobody was told of (no ``granted-from-queue`` event, where every other
+    grant from the queue has one) and its lease had no timer of this locker."""
+    rig = make()
+    await holds(rig, 1, "a")
+    await holds(rig, 2, "b")
+    first = rig.spawn(rig.locker.acquire(ask(1, "b", wait=WAIT)))
+    await settle()
+    backend = rig.locker.backend
+    graph = backend.wait_graph
+
+    async def then_pull_1_lets_go(**kwargs: Any) -> KeyWaitsList:
+        found = await graph(**kwargs)
+        await rig.locker.release(ask(1, "a").key, owner=("acme/infra", 1))
+        return found
+
+    monkeypatch.setattr(backend, "wait_graph", then_pull_1_lets_go)
+    asked = request_for(pull=2, path="a", wait=WAIT, ttl=timedelta(minutes=5))
+    answer = await rig.locker.acquire(asked)
+    monkeypatch.undo()
+    assert answer.acquired and answer.lock is not None and answer.lock.pull.num == 2, answer
+    granted = [e for e in rig.events if e.type == "granted-from-queue"]
+    assert [(e.key, e.lock.pull.num if e.lock else None) for e in granted] == [
+        (asked.key, 2)], rig.types()
+    released = next(e for e in rig.events if e.type == "released")
+    assert list(released.details["handedTo"]) == [granted[0].details["waiterId"]]
+    assert asked.key in rig.locker.leases.armed()
+    assert rig.types().count("deadlock") == 0
+    await rig.locker.release(ask(2, "b").key)
+    assert (await asyncio.wait_for(first, 5)).acquired

@@ -508,6 +508,12 @@ class EnhancedLocker(AtlantisCalls):
             key, waiter.id, reason=Reason.DEADLOCK, caller=caller, policy=self.policy()))
         self.backend.grants.forget(waiter.id, future)
         if cancelled.granted:  # granted before we could withdraw: no wait, no deadlock
+            # Told and timed as every grant from the queue is (:meth:`_queued`).
+            for lock in cancelled.granted:
+                if cancelled.fresh:  # else its pull's locks, unchanged: nothing was granted
+                    self.events.publish("granted-from-queue", lock=lock, waiterId=waiter.id,
+                                        requestId=waiter.request_id, waitedMs=0.0)
+                self.leases.arm(lock.key, lock.expires_at)
             return answers.granted(cancelled.granted, fresh=cancelled.fresh)
         names = deadlock.describe(cycle)
         self.metrics.deadlocks.inc()
