@@ -98,6 +98,43 @@ async def test_a_waiter_handed_a_lock_by_a_release_by_pull_is_counted_and_named(
     assert count(rig, "enhanced_locking_handoffs_total") == 1
 
 
+async def test_a_caller_gone_just_after_its_queued_event_is_told_cancelled(
+    rigs: Callable[..., LockerRig], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A caller with a request id goes away after its ``queued`` event, while the locker
+    reads the store's clock for what is left of its wait: it is told ``cancelled`` (by the
+    client) and counted, and leaves the queue, as a caller gone while it waits does. Before, the
+    queued event was the last word of that request: no cancelled event, no count."""
+    rig = rigs()
+    await rig.locker.acquire(ask(1))
+    backend = rig.locker.backend
+    clock = backend.now
+    reading = asyncio.Event()
+
+    async def slow_clock() -> Any:
+        reading.set()
+        await asyncio.sleep(30)
+        return await clock()
+
+    monkeypatch.setattr(backend, "now", slow_clock)
+    asked = ask(2, wait=30 * S).model_copy(update={"request_id": "job-gone"})
+    task = rig.spawn(rig.locker.acquire(asked))
+    await asyncio.wait_for(reading.wait(), 10)
+    assert rig.types() == ["acquired", "queued"]
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    monkeypatch.undo()
+    assert rig.types() == ["acquired", "queued", "cancelled"], rig.types()
+    assert rig.events[-1].details["by"] == "client"
+    assert rig.events[-1].details["requestId"] == "job-gone"
+    assert count(rig, "enhanced_locking_acquire_total", backend="enhanced",
+                 outcome="cancelled") == 1
+    assert count(rig, "enhanced_locking_wait_duration_seconds_count", outcome="cancelled") == 1
+    # (Its waiter leaves the queue after the retry grace, as any gone caller's with a
+    # request id does: a retry may take it over meanwhile.)
+
+
 async def test_wait_true_waits_up_to_the_default_timeout(rigs: Callable[..., LockerRig]) -> None:
     rig = rigs(default_timeout=timedelta(milliseconds=50))
     await rig.locker.acquire(ask(1))

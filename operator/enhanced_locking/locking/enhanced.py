@@ -399,9 +399,15 @@ class EnhancedLocker(AtlantisCalls):
     ) -> Result:
         key = outcome.key or waiter.keys[0]
         ends = asyncio.get_running_loop().time() + offer.timeout.total_seconds()
+        told = False  # the queued event went out: a caller gone from here on is told cancelled
+        started = time.perf_counter()
         try:
-            refused, seconds = await self._before_waiting(outcome, waiter, future, offer,
-                                                          answers, ends=ends)
+            refused = await self._before_waiting(outcome, waiter, future, offer, answers)
+            if refused is not None:
+                return refused
+            told, started = True, time.perf_counter()
+            seconds = await self._seconds_left(waiter, ends)
+            started = time.perf_counter()  # the wait is timed from here, as before the check
         except BaseException as error:  # cancelled (or failed) before waiting: leave the queue
             try:
                 if isinstance(error, asyncio.CancelledError):  # the caller went away
@@ -412,22 +418,16 @@ class EnhancedLocker(AtlantisCalls):
                                             caller=offer.caller, policy=self.policy)
             finally:
                 self.backend.grants.forget(waiter.id, future)
+                if told and isinstance(error, asyncio.CancelledError):
+                    self._gone(key, waiter, time.perf_counter() - started)
             raise
-        if refused is not None:
-            return refused
-        started = time.perf_counter()
         try:
             notice = await queueing.await_turn(
                 self.backend, waiter, future, seconds=seconds,
                 give_back=self._give_back, caller=offer.caller, policy=self.policy,
             )
         except asyncio.CancelledError:  # the caller went away; await_turn withdrew the waiter
-            waited = time.perf_counter() - started
-            self.metrics.wait_seconds.labels("cancelled").observe(waited)
-            self.metrics.acquires.labels("enhanced", "cancelled").inc()
-            self.events.publish("cancelled", key=key, repo=waiter.owner[0], by="client",
-                                waiterId=waiter.id, requestId=waiter.request_id,
-                                waitedMs=round(waited * 1000, 3))
+            self._gone(key, waiter, time.perf_counter() - started)
             raise
         waited = time.perf_counter() - started
         details: dict[str, Any] = {
@@ -452,19 +452,26 @@ class EnhancedLocker(AtlantisCalls):
         return answers.refused(key, reason, holder,
                                message=_CANCELLED_MESSAGE if reason is Reason.CANCELLED else None)
 
+    def _gone(self, key: str, waiter: Waiter, waited: float) -> None:
+        """A queued caller went away (its waiter has left the queue): told and counted."""
+        self.metrics.wait_seconds.labels("cancelled").observe(waited)
+        self.metrics.acquires.labels("enhanced", "cancelled").inc()
+        self.events.publish("cancelled", key=key, repo=waiter.owner[0], by="client",
+                            waiterId=waiter.id, requestId=waiter.request_id,
+                            waitedMs=round(waited * 1000, 3))
+
     async def _before_waiting(self, outcome: Outcome, waiter: Waiter,
                               future: asyncio.Future[Notice], offer: Wait,
-                              answers: Answers[Result], *,
-                              ends: float) -> tuple[Result | None, float]:
+                              answers: Answers[Result]) -> Result | None:
         """What a queued waiter does before it waits: the deadlock check (a refusal, if it
-        closes a cycle), the ``queued`` event, and how long it is to wait. The waiter is in
-        its queue already: a caller cancelled here must leave it (:meth:`_queued`)."""
+        closes a cycle) and the ``queued`` event. The waiter is in its queue already: a
+        caller cancelled here must leave it (:meth:`_queued`)."""
         key = outcome.key or waiter.keys[0]
         if self.settings().deadlock_detection:
             refused = await self._refuse_deadlock(waiter, future, key, answers,
                                                   caller=offer.caller)
             if refused is not None:
-                return refused, 0.0
+                return refused
         if outcome.holder is not None:
             # Wake the queue when the holder's lease ends, wherever it was granted.
             self.leases.arm(key, outcome.holder.expires_at)
@@ -482,7 +489,7 @@ class EnhancedLocker(AtlantisCalls):
             waiterId=waiter.id, requestId=waiter.request_id, priority=waiter.priority.value,
             mode=waiter.mode, keys=list(waiter.keys), message=outcome.message, **seen,
         )
-        return None, await self._seconds_left(waiter, ends)
+        return None
 
     async def _seconds_left(self, waiter: Waiter, ends: float) -> float:
         """How long to wait: what is left of the offer since the waiter was queued (``ends``,
