@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -58,15 +59,49 @@ class Unreachable(Exception):
     """The cluster did not answer (or no credentials say how to reach it)."""
 
 
+class BadSetting(Exception):
+    """``--kubeconfig``, ``--context`` or ``KUBECONFIG`` names what is not there or not YAML."""
+
+
 class Refused(Exception):
     """The API server refused a read or an edit; the message says why."""
 
 
 # --- the cluster -----------------------------------------------------------------------------
+def _kubeconfig_source(kubeconfig: str | None) -> str:
+    """Where the kubeconfig came from, as the user gave it."""
+    if kubeconfig is not None:
+        return f"--kubeconfig {kubeconfig}"
+    return f"KUBECONFIG {os.environ['KUBECONFIG']}" if os.environ.get("KUBECONFIG") else (
+        "~/.kube/config")
+
+
+def _check_names(kubeconfig: str | None, context: str | None) -> None:
+    """Raise :class:`BadSetting` when ``--kubeconfig`` or ``--context`` names what is not there
+    (the client library says only that no configuration was found)."""
+    from kubernetes import config
+
+    if kubeconfig is not None and not os.path.isfile(kubeconfig):
+        raise BadSetting(f"--kubeconfig {kubeconfig}: no such file")
+    if context is None:
+        return
+    try:
+        contexts, _ = config.list_kube_config_contexts(  # type: ignore[no-untyped-call]
+            config_file=kubeconfig)
+    except (config.ConfigException, OSError):
+        return
+    names = [str(c.get("name")) for c in contexts or []]
+    if context not in names:
+        where = kubeconfig if kubeconfig is not None else _kubeconfig_source(None)
+        raise BadSetting(f"--context {context}: no such context in {where} "
+                         f"(its contexts: {', '.join(names) or 'none'})")
+
+
 class Cluster:
     """The LockMigration calls, with the credentials and namespace kubectl would use."""
 
     def __init__(self, kubeconfig: str | None, context: str | None) -> None:
+        import yaml
         from kubernetes import client, config
 
         configuration = client.Configuration()
@@ -76,7 +111,15 @@ class Cluster:
                 persist_config=False)
             _, active = config.list_kube_config_contexts(  # type: ignore[no-untyped-call]
                 config_file=kubeconfig)
+        except (yaml.YAMLError, TypeError, AttributeError, KeyError, ValueError) as error:
+            # YAML that does not parse, or parses to something else than a kubeconfig's
+            # mapping (the client library then fails on it with a TypeError and the like)
+            why = ("its YAML does not parse" if isinstance(error, yaml.YAMLError)
+                   else f"not a kubeconfig's mapping, {type(error).__name__}")
+            raise BadSetting(f"{_kubeconfig_source(kubeconfig)}: not a kubeconfig file ({why}): "
+                             f"{' '.join(str(error).split())}") from None
         except (config.ConfigException, OSError) as error:
+            _check_names(kubeconfig, context)
             raise Unreachable(f"no Kubernetes credentials: {error}") from None
         if context is not None:
             contexts, _ = config.list_kube_config_contexts(  # type: ignore[no-untyped-call]
@@ -373,6 +416,9 @@ def _with_cluster(action: Callable[[Cluster, argparse.Namespace], int]) -> Calla
         except Unreachable as error:
             terminal.say(PROG, str(error))
             return terminal.EXIT_UNREACHABLE
+        except BadSetting as error:
+            terminal.say(PROG, str(error))
+            return terminal.EXIT_USAGE
         except Refused as error:
             return terminal.refused(PROG, str(error))
     return run
