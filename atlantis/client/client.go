@@ -459,6 +459,9 @@ func (c *Client) Get(ctx context.Context, key string) (*Lock, error) {
 type locksAnswer struct {
 	Locks       []Lock   `json:"locks"`
 	Unavailable []string `json:"unavailable"`
+	Unreadable  []struct {
+		Key string `json:"key"`
+	} `json:"unreadable"`
 }
 
 // partial is the *UnavailableError of an answer that the service gave without the sides
@@ -474,7 +477,9 @@ func partial(op string, unavailable []string) error {
 
 // List is every held lock, optionally of one repository (exact) and/or pull. When a lock
 // store behind the service did not answer, the locks of the others come with an
-// *UnavailableError naming it (Sides): the list is partial.
+// *UnavailableError naming it (Sides): the list is partial. Stored locks that cannot be read
+// (held until a force-unlock clears them) make it an *UnreadableError naming their keys,
+// with the readable locks.
 func (c *Client) List(ctx context.Context, f ListFilter) ([]Lock, error) {
 	q := url.Values{}
 	if f.Repo != "" {
@@ -488,7 +493,15 @@ func (c *Client) List(ctx context.Context, f ListFilter) ([]Lock, error) {
 	if err != nil {
 		return nil, err
 	}
-	return a.Locks, partial("list", a.Unavailable)
+	var unreadable error
+	if len(a.Unreadable) > 0 {
+		keys := make([]string, 0, len(a.Unreadable))
+		for _, entry := range a.Unreadable {
+			keys = append(keys, entry.Key)
+		}
+		unreadable = &UnreadableError{Keys: keys}
+	}
+	return a.Locks, errors.Join(partial("list", a.Unavailable), unreadable)
 }
 
 type releaseAnswer struct {

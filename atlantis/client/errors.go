@@ -3,6 +3,7 @@ package client
 import (
 	"errors"
 	"fmt"
+	"strings"
 )
 
 // The errors a call can return, as a tree:
@@ -13,10 +14,13 @@ import (
 //	├── *NotOwnerError     a release or refresh named a pull that does not hold the lock
 //	├── *InvalidError      the service refused the request as written (4xx: which field, why)
 //	├── *DeniedError       the service does not know or allow the caller (401, 403)
-//	└── *UnavailableError  the service, or the store behind it, did not answer (or is at its
-//	                       limit of event streams: 429); the only error a retry can cure.
-//	                       A list or a pull's release that one store did not answer returns
-//	                       what the others answered along with it (Sides names the missing)
+//	├── *UnavailableError  the service, or the store behind it, did not answer (or is at its
+//	│                      limit of event streams: 429); the only error a retry can cure.
+//	│                      A list or a pull's release that one store did not answer returns
+//	│                      what the others answered along with it (Sides names the missing)
+//	└── *UnreadableError   a list found stored locks that cannot be read (they still hold
+//	                       their keys until a force-unlock clears them); the readable locks
+//	                       come along with it
 //
 // Every error that is about one lock carries its key. Match them with errors.As; a call
 // that was cancelled or ran out of time through its context answers with an
@@ -113,6 +117,18 @@ func (e *UnavailableError) Error() string {
 }
 
 func (e *UnavailableError) Unwrap() error { return e.Err }
+
+// UnreadableError says a list found stored locks that cannot be read: their keys are held
+// (nothing is granted on them) until a force-unlock clears them, but whose they are is not
+// known. The call returns the readable locks along with it.
+type UnreadableError struct {
+	Keys []string
+}
+
+func (e *UnreadableError) Error() string {
+	return fmt.Sprintf("stored locks that cannot be read hold %s (a force-unlock of each clears it): "+
+		"the list is not whole", strings.Join(e.Keys, ", "))
+}
 
 // IsHeld reports whether err says an acquire was not granted, whatever the reason.
 func IsHeld(err error) bool {

@@ -217,7 +217,9 @@ func (b *Database) UnlockIfOwnedByPull(p models.Project, workspace string, pullN
 
 // List is every lock the service holds. A lock store behind the service that did not
 // answer is an error (an *UnavailableError naming it), not a shorter list: Atlantis's lock
-// pages then say the locks could not be read rather than show some of them as all.
+// pages then say the locks could not be read rather than show some of them as all. So is a
+// stored lock that cannot be read (an *UnreadableError naming its key), as Atlantis's own
+// databases fail a List on a lock they cannot decode.
 func (b *Database) List() ([]models.ProjectLock, error) {
 	ctx, cancel := b.ctx(0)
 	defer cancel()

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"slices"
 	"strings"
@@ -631,6 +632,44 @@ func TestTheServiceUnreachableFailsClosed(t *testing.T) {
 	// The wrapped database still answers what it keeps.
 	if _, err := database.CheckCommandLock(command.Apply); err != nil {
 		t.Fatalf("command locks live in the wrapped database: %v", err)
+	}
+}
+
+func TestAStoredLockThatCannotBeReadMakesListAnError(t *testing.T) {
+	// A lock stored in a form nobody can read (a foreign or torn value at pr/{key} of the
+	// Redis an Atlantis shares) still holds its key: nothing is granted on it until a
+	// force-unlock clears it. The service lists it apart (unreadable); a List without it
+	// would show the key free on Atlantis's lock pages, as Atlantis's own databases never do
+	// (their List fails on a lock they cannot decode).
+	addr := servicetest.Redis(t)
+	database := open(t, servicetest.Serve(t, servicetest.RedisArgs(addr)...))
+	ok, _, err := database.TryLock(models.ProjectLock{Project: models.NewProject("acme/infra", "readable", ""),
+		Workspace: "default", Pull: pullOf("acme/infra", 1), User: alice, Time: time.Now()})
+	must(t, err)
+	if !ok {
+		t.Fatal("pull 1 should get acme/infra/readable")
+	}
+	conn, err := net.Dial("tcp", addr)
+	must(t, err)
+	defer conn.Close() //nolint:errcheck
+	_, err = conn.Write([]byte("SET pr/acme/infra/torn/default/ {not-a-lock\r\n"))
+	must(t, err)
+	reply := make([]byte, 5)
+	_, err = io.ReadFull(conn, reply)
+	must(t, err)
+	if string(reply) != "+OK\r\n" {
+		t.Fatalf("redis refused the SET: %q", reply)
+	}
+	listed, err := database.List()
+	var unreadable *client.UnreadableError
+	if !errors.As(err, &unreadable) || !slices.Equal(unreadable.Keys, []string{"acme/infra/torn/default/"}) ||
+		!strings.Contains(err.Error(), "acme/infra/torn/default/") || !strings.Contains(err.Error(), "force-unlock") {
+		t.Fatalf("List must be an error naming the unreadable lock, got %+v, %v", listed, err)
+	}
+	// The client's List answers the readable locks along with it.
+	locks, err := database.Client().List(context.Background(), client.ListFilter{})
+	if !errors.As(err, &unreadable) || len(locks) != 1 || locks[0].Project.Path != "readable" {
+		t.Fatalf("the readable locks come along with the error, got %+v, %v", locks, err)
 	}
 }
 
