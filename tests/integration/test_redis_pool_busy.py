@@ -11,15 +11,19 @@ legacy, under a flood larger than the pool.
 
 from __future__ import annotations
 
+import asyncio
 import time
+from datetime import timedelta
 
 import httpx
 import pytest
 import redis.asyncio as aioredis
 from tests.conftest import ServiceMaker
+from tests.support.locks import request_for
 from tests.support.redis_server import RedisServer
 
 from enhanced_locking.api import create_app
+from enhanced_locking.backends.redis_scripts import REPLICA_MS
 from enhanced_locking.backends.redis_store import RedisBackend
 
 pytestmark = pytest.mark.redis
@@ -70,3 +74,46 @@ async def test_a_call_with_no_free_pooled_connection_is_answered_overloaded(
         assert again.status_code == 200, again.text
         assert again.json()["lock"]["backend"] == "enhanced"
         assert (await http.get("/v1/locks", params={"repo": REPO})).json()["locks"] != []
+
+
+async def test_a_replica_whose_pool_is_busy_still_keeps_its_waiters_alive(
+    make_service: ServiceMaker, redis_server: RedisServer,
+) -> None:
+    """Its waiter heartbeat does not wait behind the pool: with every pooled connection
+    busy for longer than a replica counts as alive without a heartbeat (5 s), its waiter is
+    still granted when the key is released. Before, the heartbeat waited out the pool's bound
+    every second, and the release passed the waiter over as a dead replica's."""
+    service = await make_service(enabled=True, backend="redis", redis_addr=redis_server.addr,
+                                 redis_pool_size=2, legacy_backend="memory")
+    assert service.enhanced is not None
+    backend = service.enhanced.backend
+    assert isinstance(backend, RedisBackend)
+    router = service.router
+    held = await router.acquire(request_for(repo=REPO, path="w", pull=1))
+    assert held.acquired, held
+    waiting = asyncio.ensure_future(router.acquire(
+        request_for(repo=REPO, path="w", pull=2, wait=timedelta(seconds=30))))
+    for _ in range(100):
+        if len(await router.queue(held.lock_key)) == 1:
+            break
+        await asyncio.sleep(0.05)
+    await backend.connection.drop_idle()
+    client = backend.connection.client
+    assert isinstance(client, aioredis.Redis)
+    pool = client.connection_pool
+    taken = []  # every connection the pool has left (the subscription holds one)
+    try:
+        while True:
+            try:
+                taken.append(await asyncio.wait_for(
+                    pool.get_connection(), timeout=0.5))  # type: ignore[no-untyped-call]
+            except TimeoutError:
+                break
+        assert taken
+        await asyncio.sleep(REPLICA_MS / 1000 + 1.5)
+    finally:
+        for connection in taken:
+            await pool.release(connection)
+    await router.release(held.lock_key, owner=(REPO, 1))
+    granted = await asyncio.wait_for(waiting, timeout=15)
+    assert granted.acquired, granted

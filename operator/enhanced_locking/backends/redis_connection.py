@@ -318,6 +318,10 @@ class RedisConnection:
     where: str
     secret: str
     sentinels: list[aioredis.Redis] = field(default_factory=list)
+    _reserved: aioredis.Connection | None = field(default=None, init=False, repr=False)
+    """The connection of :meth:`call_reserved`, made by the pool's connection class but
+    never in the pool (so no flood of other calls can take it)."""
+    _reserving: asyncio.Lock = field(default_factory=asyncio.Lock, init=False, repr=False)
     answered: bool = field(default=False, init=False)
     """Whether a ping of its store was answered: from then it serves, and a refusal of its
     database is the server changing under it, not the setting (see :func:`unusable_db`)."""
@@ -346,6 +350,35 @@ class RedisConnection:
             await self._discard(connection)
             raise
         return await self._one(connection, packed)
+
+    async def call_reserved(self, *args: Any) -> Any:
+        """:meth:`call` on a connection of its own, outside the pool, for the calls that
+        must not wait behind a flood of others (the waiter heartbeat: a replica whose
+        heartbeat waited out the pool's bound for 5 s had its own waiters passed over as a
+        dead replica's). One Redis only; on a cluster, :meth:`call`."""
+        client = self.client
+        if isinstance(client, RedisCluster):
+            return await client.execute_command(*args)
+        async with self._reserving:
+            connection = self._reserved
+            if connection is None:
+                connection = self._reserved = (
+                    client.connection_pool.make_connection())  # type: ignore[no-untyped-call]
+            try:
+                if not connection.is_connected:
+                    await connection.connect()
+                await connection.send_packed_command(_packed(connection, (args,)),
+                                                     check_health=False)
+                answer = (await _answers(connection, 1))[0]
+            except BaseException:
+                await connection.disconnect(nowait=True)
+                raise
+            if isinstance(answer, rexc.ResponseError):
+                # (a refusal such as READONLY, from a master that became a replica: the next
+                # call connects anew, to wherever the address or Sentinel leads now)
+                await connection.disconnect(nowait=True)
+                raise answer
+        return answer
 
     async def call_packed(self, packed: bytes) -> Any:
         """:meth:`call` of a command its caller packed in RESP (``hiredis.pack_command``'s
@@ -467,6 +500,8 @@ class RedisConnection:
             await self.client.aclose()
         else:
             await self._release_idle()
+            if self._reserved is not None:
+                await self._reserved.disconnect()
             await self.client.aclose(close_connection_pool=True)
         for sentinel in self.sentinels:
             await sentinel.aclose(close_connection_pool=True)

@@ -307,12 +307,13 @@ class RedisBackend:
     async def _run(
         self, name: str, *args: Any, keys: Sequence[str] = (), policy: QueuePolicy | None = None,
         key: str | None = None, hint: str | None = None, changing: int | None = None,
+        reserved: bool = False,
     ) -> Any:
         if policy is not None:
             self._policy = policy
         action = name.lower().replace("_", " ")
         function = redis_scripts.FUNCTION_NAMES[name]
-        execute = self.connection.call
+        execute = self.connection.call_reserved if reserved else self.connection.call
         if self._scripts is not None:  # a Redis before 7.0
             execute, function = self._evalsha, name
         # One id per call: a write's answer is kept under it, so the one retry below (after a
@@ -1177,7 +1178,9 @@ class RedisBackend:
                 delay = min(1.0, delay * 2)
 
     async def _heartbeat(self) -> None:
-        await self._run("HEARTBEAT")
+        # On its own connection: a flood that keeps every pooled connection busy must not
+        # make this replica's waiters look like a dead replica's.
+        await self._run("HEARTBEAT", reserved=True)
 
     async def _recheck(self, waiter_ids: Sequence[str]) -> None:
         """After a reconnect: act on what happened to our waiters while we were away.
