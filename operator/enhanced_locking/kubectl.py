@@ -38,6 +38,7 @@ from typing import Any, NoReturn
 from enhanced_locking import terminal
 from enhanced_locking.cli import add_client_options, resolve_client_options, with_client
 from enhanced_locking.client import Client
+from enhanced_locking.kubeconfig import NOT_A_KUBECONFIG, not_a_kubeconfig
 from enhanced_locking.rollout_summary import RolloutSummary, remaining_text, summarize
 from enhanced_locking.types import UnreadableLock
 
@@ -101,7 +102,6 @@ class Cluster:
     """The LockMigration calls, with the credentials and namespace kubectl would use."""
 
     def __init__(self, kubeconfig: str | None, context: str | None) -> None:
-        import yaml
         from kubernetes import client, config
 
         configuration = client.Configuration()
@@ -111,13 +111,8 @@ class Cluster:
                 persist_config=False)
             _, active = config.list_kube_config_contexts(  # type: ignore[no-untyped-call]
                 config_file=kubeconfig)
-        except (yaml.YAMLError, TypeError, AttributeError, KeyError, ValueError) as error:
-            # YAML that does not parse, or parses to something else than a kubeconfig's
-            # mapping (the client library then fails on it with a TypeError and the like)
-            why = ("its YAML does not parse" if isinstance(error, yaml.YAMLError)
-                   else f"not a kubeconfig's mapping, {type(error).__name__}")
-            raise BadSetting(f"{_kubeconfig_source(kubeconfig)}: not a kubeconfig file ({why}): "
-                             f"{' '.join(str(error).split())}") from None
+        except NOT_A_KUBECONFIG as error:
+            raise BadSetting(not_a_kubeconfig(_kubeconfig_source(kubeconfig), error)) from None
         except (config.ConfigException, OSError) as error:
             _check_names(kubeconfig, context)
             raise Unreachable(f"no Kubernetes credentials: {error}") from None

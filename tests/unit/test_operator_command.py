@@ -58,3 +58,24 @@ def test_without_kubernetes_credentials_it_exits_2_saying_so(tmp_path: Path) -> 
     assert result.returncode == 2
     assert f"no Kubernetes credentials: kubeconfig {tmp_path / 'absent'}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["operator", "serve"])
+def test_a_kubeconfig_that_is_not_one_exits_2_saying_so(tmp_path: Path, command: str) -> None:
+    # YAML that does not parse, or parses to something else than a kubeconfig's mapping: the
+    # operator, and serve with access control by Kubernetes, name the file in one line.
+    for number, text in enumerate(["clusters: [\n", "- a list\n"]):
+        kubeconfig = tmp_path / f"kubeconfig-{number}"
+        kubeconfig.write_text(text)
+        env = scrubbed_env({"KUBECONFIG": str(kubeconfig), "HOME": str(tmp_path)})
+        env.pop("KUBERNETES_SERVICE_HOST", None)
+        extra = (["--namespace", "atlantis"] if command == "operator"
+                 else ["--enhanced-locking-auth", "kubernetes"])
+        result = subprocess.run(
+            [*enhanced_locking_command(), command, *extra, "--port", str(free_port()),
+             "--data-dir", str(tmp_path / "data")],
+            capture_output=True, text=True, env=env, timeout=60,
+        )
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr
+        assert f"kubeconfig {kubeconfig}: not a kubeconfig file" in result.stderr

@@ -29,6 +29,7 @@ from kubernetes import client, config
 
 from enhanced_locking.api.access import AccessControl, Authenticator, NotAsked
 from enhanced_locking.config import EnhancedLockingConfig
+from enhanced_locking.kubeconfig import NOT_A_KUBECONFIG, not_a_kubeconfig
 from enhanced_locking.types import Identity, Verb
 
 __all__ = [
@@ -176,6 +177,11 @@ def kubernetes_access(settings: EnhancedLockingConfig) -> AccessControl:
     """TokenReview (after the static tokens, when there are any) and SubjectAccessReview."""
     try:
         api = api_client()
+    except NOT_A_KUBECONFIG as error:
+        raise ValueError("invalid setting enhanced-locking-auth: kubernetes needs Kubernetes "
+                         "credentials: " + not_a_kubeconfig(
+                             f"kubeconfig {os.environ.get('KUBECONFIG') or '~/.kube/config'}",
+                             error)) from None
     except (config.ConfigException, OSError) as error:
         raise ValueError(
             f"invalid setting enhanced-locking-auth: kubernetes needs Kubernetes credentials "

@@ -25,6 +25,7 @@ from kubernetes import client, config
 from pydantic import SecretStr
 
 from enhanced_locking.kube.models import GROUP, VERSION
+from enhanced_locking.kubeconfig import NOT_A_KUBECONFIG, not_a_kubeconfig
 
 __all__ = [
     "ClusterApi", "KubernetesApi", "NoCredentials", "SecretProblem", "StatusConflict",
@@ -99,6 +100,9 @@ def client_configuration() -> client.Configuration:
                 config_file=os.environ.get("KUBECONFIG") or "~/.kube/config",
                 client_configuration=configuration, persist_config=False
             )
+    except NOT_A_KUBECONFIG as error:
+        raise NoCredentials(not_a_kubeconfig(
+            f"kubeconfig {os.environ.get('KUBECONFIG') or '~/.kube/config'}", error)) from None
     except (config.ConfigException, OSError) as error:
         where = os.environ.get("KUBECONFIG") or "~/.kube/config (KUBECONFIG is not set)"
         raise NoCredentials(
