@@ -70,6 +70,10 @@ __all__ = [
     "verdict",
 ]
 
+_ROOT_PATH = "."
+"""The root project's path (``clean_path`` of ``""``, ``./`` or ``/``): as a ``pathPrefix``,
+it covers the whole repository."""
+
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 CALLER_IS_ADMIN: contextvars.ContextVar[bool] = contextvars.ContextVar(
@@ -105,7 +109,8 @@ class KeyPattern(_Rule):
     ``repo``, ``workspace`` and ``key`` are globs (``*`` any run of characters, ``/``
     included; ``?`` one character; nothing else is special). ``pathPrefix`` matches the
     project's path and every path below it (``envs/prod`` covers ``envs/prod/eu``, not
-    ``envs/production``).
+    ``envs/production``); ``.``, Atlantis's path of a repository's root project, covers every
+    project of the repository.
     """
 
     model_config = ConfigDict(json_schema_extra=_cel(
@@ -114,7 +119,8 @@ class KeyPattern(_Rule):
 
     repo: Glob | None = Field(None, description="Repository full name, a glob (acme/*).")
     path_prefix: Annotated[Glob, AfterValidator(clean_path)] | None = Field(
-        None, description="Project path; covers the paths below it (envs/prod).")
+        None, description="Project path; covers the paths below it (envs/prod); . (the root "
+        "project) covers the whole repository.")
     """Cleaned as a project's path is (:func:`~enhanced_locking.types.clean_path`), so
     ``envs/prod/`` and ``./envs/prod`` cover what ``envs/prod`` covers."""
     workspace: Glob | None = Field(None, description="Terraform workspace, a glob.")
@@ -293,7 +299,8 @@ def _matches(glob: str, text: str) -> bool:
 
 
 def _under(path: str, prefix: str) -> bool:
-    return path == prefix or path.startswith(prefix.rstrip("/") + "/")
+    # The root project's path "." is above every path of the repository (they are relative).
+    return prefix == _ROOT_PATH or path == prefix or path.startswith(prefix.rstrip("/") + "/")
 
 
 def groups_of(parts: KeyParts, rules: PolicyRules) -> dict[str, int]:
@@ -435,7 +442,8 @@ def _lua_pattern(pattern: KeyPattern | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if pattern.repo is not None:
         out["repo"] = glob_to_lua(pattern.repo)
-    if pattern.path_prefix is not None:
+    if pattern.path_prefix is not None and pattern.path_prefix != _ROOT_PATH:
+        # (the root covers every path: no selector, as _under)
         out["path"] = pattern.path_prefix.rstrip("/") or pattern.path_prefix
         out["pathx"] = pattern.path_prefix
     if pattern.workspace is not None:

@@ -357,6 +357,23 @@ async def test_a_path_prefix_is_read_as_atlantis_reads_a_path(
     assert (await rig.locker.acquire(ask(2, path="envs/production"))).acquired
 
 
+@pytest.mark.parametrize("prefix", [".", "./", "/"])
+async def test_the_root_path_prefix_covers_every_project_of_the_repository(
+        rigs: Callable[..., LockerRig], prefix: str) -> None:
+    """``pathPrefix: .`` (as Atlantis names a repository's root project; ``./`` and ``/``
+    clean to it) covers the root project and every path below it, as any prefix covers the
+    paths below it: the whole repository, on every store. Before, it covered the root
+    project alone, and a freeze of a repository by its root froze none of its projects."""
+    rig = rigs()
+    freeze = Freeze(name="repo-freeze", message="acme/infra is frozen",
+                    match=KeyPattern.model_validate({"pathPrefix": prefix, "repo": "acme/infra"}))
+    assert freeze.match.path_prefix == "."
+    await rules(rig, PolicyRules(freezes=[freeze]))
+    for path in (".", "envs/prod", "modules/net/eu"):
+        assert (await rig.locker.acquire(ask(2, path=path))).reason is Reason.FROZEN, path
+    assert (await rig.locker.acquire(ask(2, path="envs/prod", repo="acme/other"))).acquired
+
+
 async def test_a_waiting_freeze_queues_and_grants_when_it_is_lifted(
         rigs: Callable[..., LockerRig]) -> None:
     rig = rigs()
