@@ -160,6 +160,32 @@ async def test_a_cycle_through_any_shared_holder_is_refused(
     assert not writer.done()
 
 
+async def test_a_shared_waiter_does_not_wait_for_the_keys_shared_holders(
+    make: Callable[..., LockerRig],
+) -> None:
+    # 1 holds k shared and 3 holds m; 2 asks for k and m together, shared, and waits (for 3's
+    # m only: it would join 1 on k). 2 holds l, and 1 now asks for l: it waits for 2, who waits
+    # for 3, who waits for no one. Before, 2 was taken to wait for 1 (k's shared holder), and
+    # 1's wait for l was refused as a deadlock that was none.
+    rig = make()
+    assert (await rig.locker.acquire(shared(1, "k"))).acquired
+    await holds(rig, 3, "m")
+    await holds(rig, 2, "l")
+    both = batch(2, "k", "m").model_copy(update={"mode": "shared"})
+    reader = rig.spawn(rig.locker.acquire_batch(both))
+    await settle()
+    assert not reader.done(), reader.result()
+    asking = rig.spawn(rig.locker.acquire(ask(1, "l", wait=WAIT)))
+    await settle()
+    assert not asking.done(), asking.result()
+    await rig.locker.release(ask(3, "m").key)
+    assert (await asyncio.wait_for(reader, 10)).acquired
+    await rig.locker.release(ask(2, "l").key)
+    answer = await asyncio.wait_for(asking, 10)
+    assert answer.acquired, answer
+    assert "deadlock" not in rig.types()
+
+
 async def test_shared_waiters_queued_together_wait_for_no_one_but_the_writer(
     make: Callable[..., LockerRig],
 ) -> None:

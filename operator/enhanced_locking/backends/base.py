@@ -1083,12 +1083,14 @@ class StoreBackend(abc.ABC):
             graph = []
             for key, queue in self._queues.items():
                 try:
-                    owners = tuple(h.owner for h in self._holders(key, now))
+                    held = self._holders(key, now)
                 except LockUnreadable:
-                    owners = ()  # its holder is unknown; nothing is granted on it meanwhile
+                    held = []  # its holder is unknown; nothing is granted on it meanwhile
+                owners = tuple(h.owner for h in held)
                 graph.append(KeyWaits(
                     key=key, holder=owners[0] if owners else None, holders=owners,
                     waiters=tuple(service_order(queue, now=now, policy=policy)),
+                    shared=bool(held) and all(h.mode == "shared" for h in held),
                 ))
             return graph
 

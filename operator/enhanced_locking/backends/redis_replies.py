@@ -248,6 +248,8 @@ class WaitEntry(NamedTuple):
     owners: tuple[tuple[str, str], ...]
     """``(repo, pull)`` of every live holder, the first holder first."""
     waiter_ids: tuple[str, ...]
+    shared: bool = False
+    """Every holder holds the key shared."""
 
 
 class WaitGraph(NamedTuple):
@@ -443,7 +445,7 @@ def wait_graph(answer: Sequence[Any]) -> WaitGraph:
     return WaitGraph(
         int(now),
         tuple(WaitEntry(str(key), tuple((str(r), str(p)) for r, p in owners),
-                        tuple(str(i) for i in ids))
-              for key, _repo, _pull, ids, owners in entries),
+                        tuple(str(i) for i in ids), int(shared) == 1)
+              for key, _repo, _pull, ids, owners, shared in entries),
         _waiters(records),
     )

@@ -1099,6 +1099,7 @@ class RedisBackend:
                 waiters=tuple(service_order(
                     [waiters[i] for i in entry.waiter_ids if i in waiters], now=now,
                     policy=policy or self._policy)),
+                shared=entry.shared,
             ))
         return result
 

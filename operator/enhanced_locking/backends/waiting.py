@@ -355,6 +355,8 @@ class KeyWaits:
     waiters: tuple[Waiter, ...]
     holders: tuple[Owner, ...] = ()
     """Every holder's owner (several when the key is held shared); ``holder`` is the first."""
+    shared: bool = False
+    """The key is held shared (by every holder): a shared waiter does not wait for them."""
 
 
 KeyWaitsList = list[KeyWaits]

@@ -4,7 +4,10 @@ Nodes are owners (a pull request of a repository: Atlantis's unit of ownership).
 with waiters there are two kinds of edge:
 
 * **holder**: each waiter waits for every owner holding the key (all of them, when it is
-  held shared: an exclusive waiter gets it only once each has let go);
+  held shared: an exclusive waiter gets it only once each has let go), except that a shared
+  waiter does not wait for shared holders: it would join them, and what keeps it waiting is
+  a writer served before it (the edge ahead below, and that writer's own edges), another
+  key of its batch, a freeze or a limit;
 * **queued behind**: each waiter waits for every owner queued ahead of it on that key (the
   lock will reach them first, and they may never give it up), except that a shared waiter
   does not wait for a shared one ahead of it: the two are granted together, and what it
@@ -50,9 +53,11 @@ def edges(graph: Iterable[KeyWaits]) -> dict[Owner, list[Edge]]:
     for entry in graph:
         for index, waiter in enumerate(entry.waiters):
             me = waiter.owner
-            holders = entry.holders or ((entry.holder,) if entry.holder is not None else ())
-            targets: list[tuple[Owner, str]] = [(holder, "holds") for holder in holders]
             shared = waiter.mode == "shared"
+            holders = entry.holders or ((entry.holder,) if entry.holder is not None else ())
+            if shared and entry.shared:
+                holders = ()
+            targets: list[tuple[Owner, str]] = [(holder, "holds") for holder in holders]
             targets.extend((ahead.owner, "ahead") for ahead in entry.waiters[:index]
                            if not (shared and ahead.mode == "shared"))
             for target, why in targets:

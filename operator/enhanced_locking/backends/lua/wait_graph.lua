@@ -2,7 +2,7 @@
 -- (so deadlock detection sees the waits of every replica at once).
 -- KEYS   the seven of lib.lua; every queued key's keys and its waiters it asks for
 -- returns {now ms, {{key, first holder repo or '', its pull or '', {waiter ids},
---          {{repo, pull} of every holder}}...}, waiter records}
+--          {{repo, pull} of every holder}, 1 if it is held shared else 0}...}, waiter records}
 -- decoded by redis_replies.wait_graph
 local function main()
   local keys = members(QUEUED)
@@ -32,14 +32,15 @@ local function main()
       if seen[id] then table.insert(ids, id) end
     end
     if #ids > 0 then
-      local owners = {}
+      local owners, shared = {}, 1
       for _, h in ipairs(holders(k)) do
         if not h.bad then table.insert(owners, {h[6], h[7]}) end  -- an unreadable one: unknown
+        if h.bad or h[10] ~= 'shared' then shared = 0 end
       end
       if #owners > 0 then
-        table.insert(entries, {k, owners[1][1], owners[1][2], ids, owners})
+        table.insert(entries, {k, owners[1][1], owners[1][2], ids, owners, shared})
       else
-        table.insert(entries, {k, '', '', ids, owners})
+        table.insert(entries, {k, '', '', ids, owners, 0})
       end
     end
   end
