@@ -31,7 +31,7 @@ from enhanced_locking.types import (
 )
 
 __all__ = ["DEFAULT_URL", "TOKEN_ENV", "URL_ENV", "AsyncClient", "Client", "ServiceError",
-           "parse_sse", "service_url", "shown_url", "token_problem"]
+           "StreamCut", "parse_sse", "service_url", "shown_url", "token_problem"]
 
 DEFAULT_URL = "http://127.0.0.1:4142"
 _FOLLOWING_LINE = f": {FOLLOWING_COMMENT}"
@@ -205,7 +205,7 @@ class Client:
                         yield line
 
                 yield from (e for e in parse_sse(lines()) if e is not None)
-        except httpx.HTTPError as error:
+        except (httpx.HTTPError, StreamCut) as error:
             raise ServiceError(0, f"lost the event stream of "
                                   f"{shown_url(self._http.base_url)}: {error}") from None
 
@@ -304,7 +304,9 @@ class AsyncClient:
                             if event is not None:
                                 yield event
                         lines = []
-        except httpx.HTTPError as error:
+                for _ in parse_sse(lines):  # what is left is no whole event: StreamCut, if any
+                    pass
+        except (httpx.HTTPError, StreamCut) as error:
             raise ServiceError(0, f"lost the event stream of "
                                   f"{shown_url(self._http.base_url)}: {error}") from None
 
@@ -374,6 +376,10 @@ def parse_sse(lines: Iterable[str]) -> Iterator[Event | None]:
 
     A ``gap`` event (the server's ring no longer holds everything after ``Last-Event-ID``)
     comes out as an :class:`Event` of type ``gap``.
+
+    An event is whole only once the blank line after it has come: a stream that ends before
+    it (the connection cut part way through an event) raises :class:`StreamCut`, and the part
+    is not read as an event (its JSON may stop half way; whole, it was still not sent whole).
     """
     fields: dict[str, str] = {}
     for raw in lines:
@@ -388,8 +394,12 @@ def parse_sse(lines: Iterable[str]) -> Iterator[Event | None]:
         name, _, value = line.partition(":")
         value = value[1:] if value.startswith(" ") else value
         fields[name] = fields[name] + "\n" + value if name in fields else value
-    if "data" in fields:
-        yield _event(fields)
+    if fields:
+        raise StreamCut("it ended in the middle of an event")
+
+
+class StreamCut(ValueError):
+    """An event stream ended part way through an event (:func:`parse_sse`)."""
 
 
 def _event(fields: dict[str, str]) -> Event | None:
