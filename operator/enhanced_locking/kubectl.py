@@ -361,14 +361,21 @@ def _locks_queue(client: Client, args: argparse.Namespace) -> int:
         terminal.emit(queue, args.output)
         return terminal.EXIT_OK
     holder = queue.get("holder")
+    # Every holder: several pulls hold a key shared (``holder`` is only the first of them).
+    holders = queue.get("holders") or ([holder] if holder else [])
     style = terminal.Style()
-    print(f"{args.key}: " + (f"held by pull {_who(holder)}, fencing token "
-                             f"{holder['fencingToken']}" if holder else "free"))
+    if len(holders) > 1:
+        print(f"{args.key}: held shared by pulls " + ", ".join(
+            f"{_who(h)} (fencing token {h['fencingToken']})" for h in holders))
+    else:
+        print(f"{args.key}: " + (f"held by pull {_who(holder)}, fencing token "
+                                 f"{holder['fencingToken']}" if holder else "free"))
     waiters = queue.get("waiters") or []
     if not waiters:
         print("no waiters")
         return terminal.EXIT_OK
-    ahead = [f"holder {_who(holder)}" if holder else "the key's release"]
+    ahead = [("holders " if len(holders) > 1 else "holder ")
+             + ", ".join(_who(h) for h in holders) if holders else "the key's release"]
     ahead += [f"#{w['pull']} (position {w['position']})" for w in waiters]
     rows = [[str(w["position"]), f"#{w['pull']} {w['user']}".strip(), w["effectivePriority"],
              f"{w['waitedMs'] / 1000:.0f}s", w["deadline"], ahead[number]]

@@ -95,6 +95,35 @@ def test_locks_queue_shows_positions_and_who_blocks_whom(
     assert [w["pull"] for w in answer["waiters"]] == [13, 14]
 
 
+def test_locks_queue_shows_every_shared_holder(service_process: ServiceFactory) -> None:
+    """Pulls 12 and 13 hold the key shared and pull 14 waits for it: the queue names both
+    holders, and the waiter waits for both. Before, it showed pull 12 alone (the answer's
+    ``holder``, its first), as if the key were pull 12's."""
+    url = service_process("--enhanced-locking-enabled").url
+    command = [str(Path(sys.executable).parent / "enhanced-locking"), "lock", "--url", url,
+               "acquire", "--repo", "acme/infra"]
+    for pull, user in ((12, "alice"), (13, "bob")):
+        assert subprocess.run([*command, "--pull", str(pull), "--user", user, "--mode",
+                               "shared"], capture_output=True, env=scrubbed_env(),
+                              timeout=60).returncode == 0
+    waiter = subprocess.Popen([*command, "--pull", "14", "--user", "carol", "--wait", "5m"],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                              env=scrubbed_env())
+    try:
+        with Client(url) as client:
+            wait_for("pull 14 to queue", partial(queued, client, 1), timeout=60)
+        result = plugin("locks", "queue", KEY, url=url)
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.splitlines()
+        assert lines[0] == (f"{KEY}: held shared by pulls #12 alice (fencing token 1), "
+                            "#13 bob (fencing token 2)"), lines[0]
+        assert lines[2].split()[:3] == ["1", "#14", "carol"]
+        assert lines[2].endswith("holders #12 alice, #13 bob"), lines[2]
+    finally:
+        waiter.kill()
+        waiter.communicate()
+
+
 def test_locks_unlock_needs_a_reason_and_hands_the_lock_to_the_first_waiter(
     waiting: tuple[str, list[subprocess.Popen[str]]],
 ) -> None:
