@@ -165,9 +165,13 @@ class Client:
         _, body = self._call("GET", "/v1/queue", params={"key": key})
         return dict(body)
 
-    def cancel_waiter(self, key: str, waiter_id: str) -> bool:
-        status, _ = self._call("DELETE", "/v1/queue", ok=(200, 404),
-                               params={"key": key, "id": waiter_id})
+    def cancel_waiter(self, key: str, waiter_id: str, *, pull: int | None = None) -> bool:
+        """Cancel a queued request by waiter id or request id; with ``pull``, that pull's
+        (its own: the ``lock`` right is enough), else whoever's (``release-any``)."""
+        params: dict[str, Any] = {"key": key, "id": waiter_id}
+        if pull is not None:
+            params["pull"] = pull
+        status, _ = self._call("DELETE", "/v1/queue", ok=(200, 404), params=params)
         return status == 200
 
     def force_unlock(

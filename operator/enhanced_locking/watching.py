@@ -125,7 +125,7 @@ def _queue(client: Client, args: argparse.Namespace) -> int:
 
 
 def _cancel(client: Client, args: argparse.Namespace) -> int:
-    if not client.cancel_waiter(args.key, args.id):
+    if not client.cancel_waiter(args.key, args.id, pull=args.pull):
         message = f"no request {args.id} is queued on {args.key}"
         return terminal.refused(PROG, message, {"cancelled": False, "key": args.key,
                                                 "id": args.id, "error": message})
@@ -164,6 +164,9 @@ def add_queue_commands(
     cancel = lock_sub.add_parser("cancel", help="cancel a queued request")
     cancel.add_argument("--key", required=True, help="lock key the request waits on")
     cancel.add_argument("--id", required=True, help="waiter id or request id")
+    cancel.add_argument("--pull", type=int, default=None,
+                        help="the pull that queued it: its request of that id, and cancelling "
+                             "one's own needs only the lock right (without it: release-any)")
     cancel.set_defaults(func=with_client(_cancel))
 
     force = lock_sub.add_parser("force-unlock", help="free a lock whoever holds it (admin)")

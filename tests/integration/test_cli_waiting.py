@@ -106,6 +106,30 @@ def test_a_bare_wait_waits_up_to_the_default_timeout(served: ServiceProcess) -> 
     assert run(served, "lock", "release", "--key", KEY).returncode == 0
 
 
+def test_a_cancel_naming_its_pull_takes_that_pulls_request(served: ServiceProcess) -> None:
+    """Pulls 2 and 3 wait with the same requestId: ``lock cancel --pull 3`` cancels pull 3's
+    (as ``DELETE /v1/queue?pull=3`` does, which needs only the lock right for one's own),
+    and pull 2's stays queued. Before, the command had no ``--pull`` (exit 2)."""
+    assert run(served, *acquire_args(1)).returncode == 0
+    waiting = [subprocess.Popen(
+        command(served, *acquire_args(pull, "--wait", WAIT, "--request-id", "job-7")),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(served))
+        for pull in (2, 3)]
+    try:
+        wait_for("both to queue", lambda: len(queue(served)["waiters"]) == 2,
+                 timeout=STARTED, pause=0.02)
+        cancelled = run(served, "lock", "cancel", "--key", KEY, "--id", "job-7", "--pull", "3")
+        assert cancelled.returncode == 0, cancelled.stderr
+        assert json.loads(cancelled.stdout)["cancelled"] is True
+        stdout, _ = waiting[1].communicate(timeout=30)
+        assert waiting[1].returncode == 1 and json.loads(stdout)["reason"] == "cancelled"
+        assert [w["pull"] for w in queue(served)["waiters"]] == [2]
+    finally:
+        for process in waiting:
+            process.kill()
+            process.communicate()
+
+
 def test_queue_cancel_and_force_unlock(served: ServiceProcess) -> None:
     assert run(served, *acquire_args(1)).returncode == 0
     waiting = subprocess.Popen(
