@@ -7,6 +7,7 @@ service could not be reached. A user's mistake is one line on stderr, never a tr
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 from collections.abc import Mapping
@@ -18,6 +19,7 @@ from tests.conftest import ServiceFactory
 from tests.support.redis_server import RedisServer
 from tests.support.service import enhanced_locking_command, free_port, scrubbed_env
 
+from enhanced_locking.backends.embedded import open_database
 from enhanced_locking.config import settings
 
 SECRET = "hunter2-s3cret"
@@ -327,6 +329,39 @@ def test_serve_on_a_data_dir_it_cannot_create_exits_2_naming_the_setting(
         "enhanced-locking: invalid setting data-dir (from flag --data-dir): ")
     assert "embedded store" in lines[0] and data_dir in lines[0]
     assert "cannot start" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("made", ["new", "existing", "file-read-only"])
+def test_serve_on_a_data_dir_it_cannot_write_exits_2_naming_the_setting(
+    tmp_path: Path, made: str,
+) -> None:
+    """The data dir (or the store file in it) is bound read-only, as a volume mounted
+    read-only would be: a bad setting (exit 2, one line naming data-dir), whether the store
+    is still to be made or exists. Before, a new store exited 1 ("cannot start ... unable to
+    open database file"), a read-only store file too, and an existing store in a read-only
+    dir was refused as "not an enhanced-locking store" (exit 2, naming no setting, and
+    wrong)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    store = data / "enhanced-locking.db"
+    if made != "new":
+        open_database(store).close()
+    bound = store if made == "file-read-only" else data
+    bwrap = shutil.which("bwrap")
+    assert bwrap is not None, "bubblewrap is missing: make sandbox"
+    result = subprocess.run(
+        [bwrap, "--bind", "/", "/", "--ro-bind", str(bound), str(bound), "--dev", "/dev",
+         "--proc", "/proc", "--die-with-parent", "--", *enhanced_locking_command(), "serve",
+         "--port", str(free_port()), "--data-dir", str(data)],
+        capture_output=True, text=True, env=scrubbed_env(None), timeout=60)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(
+        "enhanced-locking: invalid setting data-dir (from flag --data-dir): "), lines[0]
+    assert "embedded store" in lines[0] and str(bound) in lines[0]
+    assert "not writable" in lines[0] and "read-only file system" in lines[0], lines[0]
     assert "Traceback" not in result.stderr
 
 

@@ -349,9 +349,25 @@ def open_database(
         raise UnusableSetting(
             "data-dir", f"cannot make the embedded store's directory {path.parent}: {reason}",
         ) from None
+    unwritable = _unwritable(path)
+    if unwritable is not None:
+        raise UnusableSetting("data-dir", f"cannot write the embedded store {path}: "
+                                          f"{unwritable}")
     if not path.exists():
         _create(path, clock)
     return _open(path, path, initialise=initialise, clock=clock)
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why this process cannot write the store file ``path``, or its directory (SQLite keeps
+    the store's WAL files beside it, and a new store is made there), if it cannot: the data
+    dir's fault (a volume mounted read-only, another user's directory), not the disk's."""
+    for place in (path.parent, path):
+        if place.exists() and not os.access(place, os.W_OK):
+            read_only = os.statvfs(place).f_flag & os.ST_RDONLY
+            return (f"{place} is not writable by this process "
+                    f"({'a read-only file system' if read_only else 'permission denied'})")
+    return None
 
 
 def _create(path: Path, clock: Callable[[], datetime]) -> None:
