@@ -11,13 +11,13 @@ import json
 import os
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 from tests.conftest import ServiceFactory
 from tests.integration.test_cli import output, run
+from tests.support.loopback_http import serving
 from tests.support.service import enhanced_locking_command, free_port, scrubbed_env
 
 from enhanced_locking import cli
@@ -196,25 +196,14 @@ class _SignInPage(_ProxyErrorPage):
     status, page = 200, b"<html><body><form>Sign in</form></body></html>"
 
 
-def _serving(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 @pytest.fixture
 def proxy_error_page() -> Iterator[str]:
-    yield from _serving(_ProxyErrorPage)
+    yield from serving(_ProxyErrorPage)
 
 
 @pytest.fixture
 def sign_in_page() -> Iterator[str]:
-    yield from _serving(_SignInPage)
+    yield from serving(_SignInPage)
 
 
 @pytest.mark.parametrize("command", [

@@ -8,11 +8,11 @@ proxy or a restarted service may."""
 from __future__ import annotations
 
 import contextlib
-import socket
-import threading
+import http.server
 from collections.abc import Iterator
 
 import pytest
+from tests.support.loopback_http import serving
 
 from enhanced_locking.client import AsyncClient, Client, ServiceError, StreamCut, parse_sse
 from enhanced_locking.events import EventBus
@@ -30,26 +30,20 @@ def _whole(bus: EventBus, key: str) -> tuple[Event, str]:
 def _cut_stream(body: str) -> Iterator[str]:
     """A loopback HTTP server that answers every request with an event stream of ``body`` and
     then closes the connection; its base URL."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
 
-    def serve() -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                connection, _ = listener.accept()
-                with connection:
-                    connection.recv(65536)
-                    connection.sendall(
-                        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-                        b"connection: close\r\n\r\n" + body.encode())
+    class Cut(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream")
+            self.send_header("connection", "close")
+            self.end_headers()
+            self.wfile.write(body.encode())
+            self.close_connection = True
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        listener.close()
-        thread.join(5)
+        def log_message(self, *_: object) -> None:
+            pass
+
+    yield from serving(Cut)
 
 
 @pytest.mark.parametrize("cut", ["in-its-data", "before-the-blank-line"])
