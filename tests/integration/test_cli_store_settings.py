@@ -8,6 +8,7 @@ naming the setting, not a traceback and not "cannot start" (which blames the sto
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,44 @@ def test_migrate_import_names_an_unreadable_redis_tls_file(
                   "--enhanced-locking-redis-tls-ca-file", str(tmp_path / "ca.pem")),
               "invalid setting enhanced-locking-redis-tls-ca-file (from flag "
               "--enhanced-locking-redis-tls-ca-file): ", str(tmp_path / "ca.pem"))
+
+
+# --- a Redis login refused at start ------------------------------------------------------------
+
+_SECRET = "hunter2-s3cret"
+
+
+@pytest.fixture(scope="module")
+def locked_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A redis-server of this module's own that requires a password and has an ACL user."""
+    with RedisServer(tmp_path_factory.mktemp("redis-auth")) as server:
+        server.start()
+        server.create_acl_user("atlantis", "atlantis-password")
+        server.set_requirepass("the-right-password")
+        yield server
+
+
+@pytest.mark.parametrize(("side", "login", "refused"), [
+    ("enhanced", ["--enhanced-locking-redis-password", _SECRET], "refused this password"),
+    ("legacy", ["--enhanced-locking-redis-password", _SECRET], "refused this password"),
+    ("enhanced", [], "refused a login without a password"),
+    ("enhanced", ["--enhanced-locking-redis-username", "nobody",
+                  "--enhanced-locking-redis-password", "atlantis-password"],
+     "refused the login of user 'nobody' (enhanced-locking-redis-username)"),
+    ("legacy", ["--enhanced-locking-redis-username", "atlantis",
+                "--enhanced-locking-redis-password", _SECRET],
+     "refused the login of user 'atlantis' (enhanced-locking-redis-username)"),
+], ids=["wrong-password", "wrong-password-legacy", "no-password", "unknown-user",
+        "wrong-user-password-legacy"])
+def test_a_redis_login_refused_at_start_exits_2_naming_the_password_setting(
+    locked_redis: RedisServer, side: str, login: list[str], refused: str, tmp_path: Path,
+) -> None:
+    # Before, "cannot start: ... AuthenticationError" and exit 1, as if Redis were down.
+    store = (["--enhanced-locking-enabled", "--enhanced-locking-backend", "redis"]
+             if side == "enhanced" else ["--enhanced-locking-legacy-backend", "redis"])
+    where = "flag --enhanced-locking-redis-password" if login else "default"
+    result = run("serve", "--port", str(free_port()), "--data-dir", str(tmp_path / "data"),
+                 "--enhanced-locking-redis-addr", locked_redis.addr, *store, *login)
+    line = _one_line(result, f"invalid setting enhanced-locking-redis-password (from {where}): ",
+                     f"redis {locked_redis.addr} db 0 {refused}")
+    assert _SECRET not in result.stdout + result.stderr and "cannot start" not in line

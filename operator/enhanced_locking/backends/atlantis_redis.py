@@ -226,7 +226,7 @@ class AtlantisRedisBackend:
         return conflicts
 
     async def ping(self) -> None:
-        async with unavailable(self.connection, "ping"):
+        async with unavailable(self.connection, "ping", login=True):
             await self.connection.client.ping()
         self.connection.answered = True
 

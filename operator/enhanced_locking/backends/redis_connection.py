@@ -66,6 +66,7 @@ __all__ = [
     "down",
     "is_retryable",
     "pool_exhausted",
+    "refused_login",
     "resp_body",
     "unavailable",
     "will_not_serve",
@@ -318,6 +319,8 @@ class RedisConnection:
     where: str
     secret: str
     sentinels: list[aioredis.Redis] = field(default_factory=list)
+    username: str = ""
+    """The ACL user it logs in as (``enhanced-locking-redis-username``; empty: ``default``)."""
     _reserved: aioredis.Connection | None = field(default=None, init=False, repr=False)
     """The connection of :meth:`call_reserved`, made by the pool's connection class but
     never in the pool (so no flood of other calls can take it)."""
@@ -671,6 +674,28 @@ def unusable_db(connection: RedisConnection, error: BaseException | None, *,
         "database (DB index is out of range; its databases setting says how many it has)")
 
 
+def refused_login(connection: RedisConnection,
+                  error: BaseException | None) -> UnusableSetting | None:
+    """Redis refusing the login of a connection as it opens (its ``AUTH``/``HELLO``: a wrong
+    password, a user it lacks or has disabled, a password it needs and was not given) before
+    the connection was ever answered (a start, a config applied, an import): the user's
+    ``enhanced-locking-redis-password`` (and ``-username``), ``UnusableSetting`` (exit 2),
+    never with the password's value. None for any other error, and once the connection was
+    answered (:attr:`RedisConnection.answered`): a password changed under the running service
+    is an outage like any other (``down``)."""
+    if connection.answered or not isinstance(
+            error, rexc.AuthenticationError | rexc.AuthenticationWrongNumberOfArgsError):
+        return None
+    reason = connection.scrub(str(error) or type(error).__name__)
+    if connection.username:
+        login = (f"the login of user {connection.username!r} "
+                 "(enhanced-locking-redis-username) with this password")
+    else:
+        login = "this password" if connection.secret else "a login without a password"
+    return UnusableSetting("enhanced-locking-redis-password",
+                           f"redis {connection.where} refused {login}: {reason}")
+
+
 class unavailable:  # used like contextlib.suppress
     """Redis unreachable, slow, loading, read-only or refusing us: ``BackendUnavailable``.
 
@@ -680,8 +705,11 @@ class unavailable:  # used like contextlib.suppress
     """
 
     def __init__(self, connection: RedisConnection, action: str, *, key: str | None = None,
-                 seconds: float = COMMAND_TIMEOUT) -> None:
+                 seconds: float = COMMAND_TIMEOUT, login: bool = False) -> None:
+        """``login``: the call is a store's first (its ping), where a refused login is the
+        user's setting (:func:`refused_login`)."""
         self.connection = connection
+        self.login = login
         self.action = action
         self.key = key
         self.seconds = seconds
@@ -692,6 +720,8 @@ class unavailable:  # used like contextlib.suppress
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  trace: TracebackType | None) -> Literal[False]:
+        if self.login and (refused := refused_login(self.connection, error)) is not None:
+            raise refused from None
         if error is not None and (isinstance(error, DOWN) or will_not_serve(error)):
             raise down(self.connection, self.action, error, key=self.key,
                        seconds=self.seconds) from None
@@ -770,7 +800,8 @@ def connect(config: EnhancedLockingConfig) -> RedisConnection:
         )
         where = (f"master {config.redis_sentinel_master!r} via sentinels "
                  f"{','.join(config.redis_sentinel_addrs)} db {config.redis_db}")
-        return RedisConnection(client, where, secret, sentinels=list(sentinel.sentinels))
+        return RedisConnection(client, where, secret, sentinels=list(sentinel.sentinels),
+                               username=config.redis_username)
     host, port = _host_port(config.redis_addr)
     if config.redis_cluster:
         # Nodes are found from this one (CLUSTER SLOTS); a MOVED answer updates the slot map.
@@ -780,11 +811,13 @@ def connect(config: EnhancedLockingConfig) -> RedisConnection:
             **{k: v for k, v in kwargs.items() if k not in ("db", "retry")},
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
         )
-        return RedisConnection(cluster, f"cluster via {config.redis_addr}", secret)
+        return RedisConnection(cluster, f"cluster via {config.redis_addr}", secret,
+                               username=config.redis_username)
     pool = aioredis.BlockingConnectionPool(
         host=host, port=port, max_connections=config.redis_pool_size, timeout=POOL_WAIT,
         connection_class=HiredisSSLConnection if config.redis_tls else HiredisConnection,
         **{k: v for k, v in kwargs.items() if k != "ssl"},
     )
     client = aioredis.Redis(connection_pool=pool)
-    return RedisConnection(client, f"{config.redis_addr} db {config.redis_db}", secret)
+    return RedisConnection(client, f"{config.redis_addr} db {config.redis_db}", secret,
+                           username=config.redis_username)

@@ -36,6 +36,7 @@ from enhanced_locking.backends.redis_connection import (
     connect,
     down,
     is_retryable,
+    refused_login,
     resp_body,
     unavailable,
     unusable_db,
@@ -345,6 +346,10 @@ class RedisBackend:
                                        *after, *args)
                     answer = await within_limit(call)
                 except DOWN as error:
+                    # (the ping of a start or a switch: a refused login is the setting's)
+                    if name == "PING" and (bad_login := refused_login(self.connection,
+                                                                      error)) is not None:
+                        raise bad_login from None
                     # (READONLY: a connection kept from before a failover reaches the old
                     # master, now a replica; the address may lead to the new one. The call
                     # did not run: sent once more on a new connection.)
