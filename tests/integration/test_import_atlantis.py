@@ -534,6 +534,18 @@ def test_a_bad_redis_url_exits_2(tmp_path: Path) -> None:
     assert "--from-redis" in result.stderr
 
 
+def test_a_redis_url_with_a_password_that_does_not_parse_exits_2_without_showing_it(
+    tmp_path: Path,
+) -> None:
+    # An unclosed IPv6 bracket: the URL cannot be split to take the password out, so no part
+    # of it is shown.
+    result = run_cli("--from-redis", "redis://:s3cret@[::1:6379/0", "--data-dir", str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "enhanced-locking: invalid Redis URL (--from-redis; not shown, it may hold a password): "
+        "Invalid IPv6 URL"]
+
+
 @pytest.mark.redis
 def test_a_redis_url_naming_a_database_the_server_lacks_exits_2(
     atlantis_redis: RedisServer, tmp_path: Path,

@@ -141,7 +141,11 @@ async def read_redis(url: str) -> tuple[str, list[SourceRecord]]:
     from redis.asyncio.cluster import RedisCluster
     from redis.exceptions import RedisError, ResponseError
 
-    shown = strip_credentials(url)
+    try:
+        shown = strip_credentials(url)
+    except ValueError as error:  # cannot be split (an unclosed IPv6 bracket): show none of it
+        raise ImportSourceError(f"invalid Redis URL (--from-redis; not shown, it may hold a "
+                                f"password): {error}") from None
     try:
         client: Any = aioredis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
     except ValueError as error:
