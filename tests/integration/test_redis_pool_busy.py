@@ -117,3 +117,24 @@ async def test_a_replica_whose_pool_is_busy_still_keeps_its_waiters_alive(
     await router.release(held.lock_key, owner=(REPO, 1))
     granted = await asyncio.wait_for(waiting, timeout=15)
     assert granted.acquired, granted
+
+
+async def test_with_redis_frozen_a_flood_larger_than_the_pool_falls_back_to_legacy(
+    make_service: ServiceMaker, redis_server: RedisServer,
+) -> None:
+    # Redis does not answer: every pooled connection is held by a call Redis never answers,
+    # and the calls beyond the pool find none free. That is an outage, not an overload of the
+    # replica: each call is answered as the fall-back says (legacy here), none 503 overloaded.
+    service = await make_service(enabled=True, backend="redis", redis_addr=redis_server.addr,
+                                 redis_pool_size=2, fallback="legacy", legacy_backend="memory")
+    transport = httpx.ASGITransport(app=create_app(service, manage_lifecycle=False))
+    async with httpx.AsyncClient(transport=transport, base_url="http://service",
+                                 timeout=60) as http:
+        first = await http.post("/v1/locks", json=_body("a", 1))
+        assert first.status_code == 200 and first.json()["lock"]["backend"] == "enhanced"
+        with redis_server.paused():
+            answers = await asyncio.gather(*(http.post("/v1/locks", json=_body(f"f{n}", 10 + n))
+                                             for n in range(4)))
+    for answer in answers:
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["lock"]["backend"] == "legacy", answer.text

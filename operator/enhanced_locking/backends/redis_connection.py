@@ -333,6 +333,13 @@ class RedisConnection:
     has read every answer to what was sent on it (a call that fails any other way than by
     Redis's own error reply closes its connection and gives it back to the pool). At most
     half the pool (:meth:`_keep`), so other users of the client always find connections."""
+    sent: int = field(default=0, init=False, repr=False)
+    """How many calls were sent on a kept connection (see :meth:`_take`)."""
+    answers: int = field(default=0, init=False, repr=False)
+    """How many of them Redis answered."""
+    failed: int = field(default=0, init=False, repr=False)
+    """How many of them failed otherwise (cut off, the connection broke): the rest,
+    ``sent - answers - failed``, are under way."""
 
     @property
     def cluster(self) -> bool:
@@ -396,12 +403,15 @@ class RedisConnection:
     async def _one(self, connection: aioredis.Connection, packed: bytes) -> Any:
         """Send ``packed`` (one command) on ``connection``, taken from :attr:`_idle` or the
         pool, and read its answer; the connection is kept or given back (see :meth:`call`)."""
+        self.sent += 1
         try:
             await connection.send_packed_command(packed, check_health=False)
             answer = (await _answers(connection, 1))[0]
         except BaseException:
+            self.failed += 1
             await self._discard(connection)
             raise
+        self.answers += 1
         await self._done(connection)
         if isinstance(answer, rexc.ResponseError):  # Redis answered: the connection is good
             raise answer
@@ -426,24 +436,41 @@ class RedisConnection:
         assert not isinstance(client, RedisCluster)
         idle = self._idle
         connection = idle.pop() if idle else await self._take(client)
+        self.sent += 1
         try:
             await connection.send_packed_command(_packed(connection, commands),
                                                  check_health=False)
             answers = await _answers(connection, len(commands))
         except BaseException:
+            self.failed += 1
             await self._discard(connection)
             raise
+        self.answers += 1
         await self._done(connection)
         for answer in answers:
             if isinstance(answer, rexc.ResponseError):
                 raise answer
         return answers
 
-    @staticmethod
-    async def _take(client: aioredis.Redis) -> aioredis.Connection:
-        """A connection from the pool (waiting for one, up to the pool's own limit)."""
+    async def _take(self, client: aioredis.Redis) -> aioredis.Connection:
+        """A connection from the pool (waiting for one, up to the pool's own limit).
+
+        No connection free within ``POOL_WAIT`` is the replica's overload (``StoreBusy``, see
+        :func:`down`) only while Redis answers. When calls on kept connections are under way
+        and Redis answered none of them while this call waited, the connections are held by
+        calls Redis does not answer (it is stopped, frozen or cut off): an outage, told as a
+        call Redis did not answer (a router falls back to legacy for it, as for any other)."""
         pool = client.connection_pool
-        taken: aioredis.Connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        answers = self.answers
+        try:
+            taken: aioredis.Connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        except rexc.ConnectionError as error:
+            under_way = self.sent - self.answers - self.failed
+            if pool_exhausted(error) and under_way and self.answers == answers:
+                raise TimeoutError(
+                    f"no connection free within {POOL_WAIT:g} s, and none of the "
+                    f"{under_way} calls under way on them answered meanwhile") from None
+            raise
         return taken
 
     async def _done(self, connection: aioredis.Connection) -> None:
