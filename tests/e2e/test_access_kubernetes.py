@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -44,6 +47,7 @@ class Setup:
     fullname: str
     service: ServiceProcess
     tokens: dict[str, str]
+    kubeconfig: Path
 
     def sa(self, name: str) -> str:
         return f"system:serviceaccount:{self.namespace}:{name}"
@@ -101,7 +105,7 @@ def setup(kube_cluster: KubeCluster, tmp_path_factory: pytest.TempPathFactory
     with running(service):
         tokens = {name: token(cluster, namespace, name)
                   for name in ("nobody", "viewer", "locker", "admin", "atlantis", "team")}
-        yield Setup(cluster, namespace, fullname, service, tokens)
+        yield Setup(cluster, namespace, fullname, service, tokens, kubeconfig)
     cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
     cluster.kubectl("delete", "clusterrole", f"{fullname}-viewer", f"{fullname}-locker",
                     f"{fullname}-admin", check=False)
@@ -206,6 +210,68 @@ def test_a_role_with_resource_names_scopes_a_caller_to_its_repositories(setup: S
             assert stream.status_code == 200
         with team.stream("GET", "/v1/events", params={"repo": "acme/other"}) as stream:
             assert stream.status_code == 403
+
+
+def deadlock_event(http: httpx.Client) -> dict[str, Any]:
+    """The first ``deadlock`` event this reader's stream (of ``acme/team-infra``) carries."""
+    with http.stream("GET", "/v1/events", params={"repo": "acme/team-infra",
+                                                  "type": "deadlock", "lastEventId": "0-0"},
+                     timeout=15) as stream:
+        assert stream.status_code == 200, stream.read()
+        for line in stream.iter_lines():
+            if line.startswith("data:"):
+                data: dict[str, Any] = json.loads(line.removeprefix("data:"))
+                return data
+    raise AssertionError("the stream ended without a deadlock event")
+
+
+def test_a_deadlock_across_repositories_shows_a_reader_only_its_repositories(
+    setup: Setup, tmp_path: Path,
+) -> None:
+    # Two repositories whose projects join to the same keys (GitLab subgroups), queued
+    # together behind a waiting freeze: acme/team-infra#1 and acme/team-infra/sub#2 each wait
+    # behind the other on one key, a cycle across repositories.
+    freeze = json.dumps({"freezes": [{"name": "hold", "match": {"workspace": "frozen"},
+                                      "message": "frozen", "action": "wait"}]})
+    service = ServiceProcess(tmp_path / "data", log_dir=tmp_path / "logs", env={
+        "KUBECONFIG": str(setup.kubeconfig),
+    }, args=[
+        "--enhanced-locking-auth=kubernetes",
+        f"--enhanced-locking-auth-namespace={setup.namespace}",
+        "--enhanced-locking-enabled", "--enhanced-locking-deadlock-detection",
+        f"--enhanced-locking-policies={freeze}",
+    ])
+    mine, theirs = "acme/team-infra", "acme/team-infra/sub"
+
+    def body(repo: str, path: str, pull: int) -> dict[str, Any]:
+        return acquire_body(repo, pull=pull, path=path, workspace="frozen", wait="6s")
+
+    with running(service), ThreadPoolExecutor(4) as pool, \
+            httpx.Client(base_url=service.url, timeout=30, headers={
+                "Authorization": f"Bearer {setup.tokens['admin']}"}) as admin:
+        waits = [pool.submit(admin.post, "/v1/locks", json=body(mine, "sub/a", 1))]
+        for repo, path, pull in ((theirs, "a", 2), (theirs, "b", 2)):
+            time.sleep(0.5)
+            waits.append(pool.submit(admin.post, "/v1/locks", json=body(repo, path, pull)))
+        time.sleep(0.5)
+        closing = admin.post("/v1/locks", json=body(mine, "sub/b", 1))
+        assert closing.json()["reason"] == "deadlock", closing.text
+        key_a, key_b = (f"{mine}/sub/{p}/frozen/p" for p in "ab")
+        everything = deadlock_event(admin)
+        assert everything["details"]["cycle"] == [f"{mine}#1", f"{theirs}#2", f"{mine}#1"]
+        assert {e["key"] for e in everything["details"]["edges"]} == {key_a, key_b}
+        with httpx.Client(base_url=service.url, timeout=30, headers={
+                "Authorization": f"Bearer {setup.tokens['team']}"}) as team:
+            scoped = deadlock_event(team)
+        assert scoped["repo"] == mine
+        assert f"{theirs}#2" not in json.dumps(scoped)  # (the keys of both join to one)
+        assert theirs not in {value for edge in scoped["details"]["edges"]
+                              for value in edge.values()}
+        assert scoped["details"]["cycle"] == [f"{mine}#1", "(other repository)", f"{mine}#1"]
+        assert scoped["details"]["hiddenOwners"] == 1
+        assert [e["key"] for e in scoped["details"]["edges"]] == [None, None]
+        for wait in waits:
+            wait.result()
 
 
 def test_the_audit_trail_names_serviceaccounts_and_holds_no_token(

@@ -275,6 +275,54 @@ def test_a_pull_never_waits_for_itself() -> None:
     assert deadlock.find_cycle(graph, owner(1)) is None
 
 
+def in_repo(owner: tuple[str, int], key: str) -> Waiter:
+    now = utcnow()
+    return Waiter(id=f"w{owner}{key}", candidates=(candidate_for(request_for(
+        repo=owner[0], pull=owner[1], path=key)),), ttl=None, enqueued_at=now,
+        deadline=now + WAIT, seq=owner[1])
+
+
+def test_a_reader_gets_only_the_parts_of_a_cycle_in_repositories_it_may_read() -> None:
+    mine, theirs, third = ("acme/infra", 1), ("acme/infra/sub", 2), ("other/net", 3)
+    graph = [
+        KeyWaits(key="a", holder=None, waiters=(in_repo(mine, "a"),
+                                                in_repo(theirs, "a"))),
+        KeyWaits(key="b", holder=None, waiters=(in_repo(theirs, "b"),
+                                                in_repo(third, "b"))),
+        KeyWaits(key="c", holder=None, waiters=(in_repo(third, "c"),
+                                                in_repo(mine, "c"))),
+    ]
+    cycle = deadlock.find_cycle(graph, mine)
+    assert cycle is not None
+    details: dict[str, Any] = {"cycle": deadlock.describe(cycle),
+                               "edges": deadlock.edge_details(cycle)}
+    assert details["edges"][0] == {
+        "waiter": "acme/infra#1", "waiterRepo": "acme/infra", "waiterPull": 1,
+        "target": "other/net#3", "targetRepo": "other/net", "targetPull": 3,
+        "key": "c", "why": "ahead"}
+    assert deadlock.cycle_repos(details) == {"acme/infra", "acme/infra/sub", "other/net"}
+    everything = {"acme/infra", "acme/infra/sub", "other/net"}
+    assert deadlock.for_reader(details, everything) is details
+    shown = deadlock.for_reader(details, {"acme/infra", "other/net"})
+    assert shown["cycle"] == ["acme/infra#1", "other/net#3", deadlock.OTHER_REPOSITORY,
+                              "acme/infra#1"]
+    assert [e["key"] for e in shown["edges"]] == ["c", None, None]
+    assert shown["hiddenOwners"] == 1
+    assert "acme/infra/sub" not in repr(shown)
+    alone = deadlock.for_reader(details, {"acme/infra"})
+    assert alone["cycle"] == ["acme/infra#1", *[deadlock.OTHER_REPOSITORY] * 2, "acme/infra#1"]
+    assert alone["hiddenOwners"] == 2
+    assert not {"acme/infra/sub", "other/net", "b"} & {str(v) for e in alone["edges"]
+                                                       for v in e.values()}
+    # An edge that does not name its ends' repositories (an older replica's event) is shown
+    # only to a reader of every repository (``None``: the right without a repository).
+    old = {"cycle": details["cycle"], "edges": [
+        {k: e[k] for k in ("waiter", "target", "key", "why")} for e in details["edges"]]}
+    assert deadlock.cycle_repos(old) == {None}
+    assert deadlock.for_reader(old, {"acme/infra", None}) is old
+    assert deadlock.for_reader(old, {"acme/infra"})["hiddenOwners"] == 3
+
+
 async def test_a_deadlock_found_by_a_caller_whose_retry_took_its_waiter_over_leaves_it(
     make: Callable[..., LockerRig], monkeypatch: pytest.MonkeyPatch,
 ) -> None:

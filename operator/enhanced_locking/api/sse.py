@@ -29,6 +29,9 @@ A caller sees only what its ``read`` right covers: the stream needs ``read`` (on
 the filter names one), and each event is checked again for its repository before it is sent,
 under the access control in force then (answers are cached, see ``auth-cache-ttl``), so a right
 taken away, in RBAC or by a config change to the role map, stops the events within that time.
+A ``deadlock`` event whose cycle crosses into repositories the caller may not read is sent
+with those owners, and the keys of their edges, left out
+(:func:`~enhanced_locking.locking.deadlock.for_reader`).
 The request's credentials are identified again when the access control changes, or once its
 recheck time passed (the tokens file's recheck, a second, in static mode; ``auth-cache-ttl`` in
 Kubernetes mode): a token withdrawn, or now naming someone else, ends the stream at its next
@@ -52,10 +55,11 @@ from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.types import Receive, Scope, Send
 
-from enhanced_locking.api.access import CallerDep, StillCaller, Unidentified
+from enhanced_locking.api.access import AccessControl, CallerDep, StillCaller, Unidentified
 from enhanced_locking.api.errors import error_answers, json_error
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.events import EVENT_TYPES, FOLLOWING_COMMENT, Bus, Following, Gap
+from enhanced_locking.locking import deadlock
 from enhanced_locking.types import Event, Verb
 
 __all__ = ["Frames", "install_event_stream", "matches"]
@@ -102,6 +106,25 @@ class Frames:
             if len(self._frames) > self._size:
                 self._frames.popitem(last=False)
         return frame
+
+
+async def _readable_frame(event: Event, frames: Frames, access: AccessControl,
+                          still: StillCaller) -> bytes:
+    """``event``'s frame as this reader may have it: a ``deadlock`` event whose cycle crosses
+    into repositories it may not read is sent with those parts left out
+    (:func:`~enhanced_locking.locking.deadlock.for_reader`), in a frame of its own."""
+    if event.type != "deadlock":
+        return frames(event)
+    readable = {event.repo}
+    for repo in deadlock.cycle_repos(event.details) - readable:
+        if await access.authorizer.allowed(still.identity, Verb.READ, repo=repo):
+            readable.add(repo)
+    details = deadlock.for_reader(event.details, readable)
+    if details is event.details:
+        return frames(event)
+    shown = event.model_copy(update={"details": details})
+    return ServerSentEvent(id=shown.id, event=shown.type,
+                           data=shown.model_dump_json(by_alias=True)).encode()
 
 
 class _Streams:
@@ -264,7 +287,7 @@ def install_event_stream(app: FastAPI, bus: Bus,
                             ended.append(access)
                         elif await access.authorizer.allowed(still.identity, Verb.READ,
                                                              repo=item.repo):
-                            yield frames(item)
+                            yield await _readable_frame(item, frames, access, still)
                     if ended:
                         break
                     parked = True

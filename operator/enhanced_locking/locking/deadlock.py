@@ -20,17 +20,25 @@ one leaves the queue and gets a ``deadlock`` answer naming the cycle.
 
 Edges between waiters and holders of the same owner are left out: a pull never waits for
 itself (the same pull asking again for its own lock gets it).
+
+A cycle can cross repositories (two repositories' projects joining to the same keys, queued
+together behind a waiting freeze), so each edge of the ``deadlock`` event names its ends'
+repositories and pulls as data of their own (``waiterRepo``, ``waiterPull``, ``targetRepo``,
+``targetPull``: never parsed back from the names), and :func:`for_reader` gives a reader only
+the parts of the cycle in repositories it may read.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from enhanced_locking.backends.base import Owner
 from enhanced_locking.backends.waiting import KeyWaits
 
-__all__ = ["Edge", "describe", "edges", "find_cycle", "owner_name"]
+__all__ = ["OTHER_REPOSITORY", "Edge", "cycle_repos", "describe", "edge_details", "edges",
+           "find_cycle", "for_reader", "owner_name"]
 
 
 @dataclass(frozen=True)
@@ -88,3 +96,56 @@ def find_cycle(graph: Iterable[KeyWaits], start: Owner) -> list[Edge] | None:
 def describe(cycle: list[Edge]) -> list[str]:
     """The cycle as owner names, starting and ending with the requester."""
     return [owner_name(cycle[0].waiter), *(owner_name(edge.target) for edge in cycle)]
+
+
+OTHER_REPOSITORY = "(other repository)"
+"""What a reader of a ``deadlock`` event sees in place of an owner of a repository it may not
+read: its name, repository and pull, and the key of every edge that touches it, are left out."""
+
+
+def edge_details(cycle: list[Edge]) -> list[dict[str, Any]]:
+    """The ``edges`` of a ``deadlock`` event: each end by name, repository and pull."""
+    return [{"waiter": owner_name(e.waiter), "waiterRepo": e.waiter[0], "waiterPull": e.waiter[1],
+             "target": owner_name(e.target), "targetRepo": e.target[0],
+             "targetPull": e.target[1], "key": e.key, "why": e.why} for e in cycle]
+
+
+def cycle_repos(details: dict[str, Any]) -> set[str | None]:
+    """The repositories a ``deadlock`` event's cycle names (``None`` for an edge end that does
+    not say: an event from before the repositories were data of their own)."""
+    out: set[str | None] = set()
+    for edge in details.get("edges") or ():
+        out.add(edge.get("waiterRepo"))
+        out.add(edge.get("targetRepo"))
+    return out
+
+
+def for_reader(details: dict[str, Any], readable: Collection[str | None]) -> dict[str, Any]:
+    """A ``deadlock`` event's details as a reader who may read only the repositories in
+    ``readable`` gets them: an owner elsewhere is :data:`OTHER_REPOSITORY` (no repository, no
+    pull), an edge's key is kept only when both its ends are shown, and ``hiddenOwners`` counts
+    the owners of the cycle left out. ``details`` itself when nothing is left out."""
+    edges_in = details.get("edges") or []
+    if all(e.get("waiterRepo") in readable and e.get("targetRepo") in readable
+           for e in edges_in):
+        return details
+    hidden: set[tuple[Any, Any]] = set()
+
+    def end(edge: dict[str, Any], side: str) -> tuple[bool, dict[str, Any]]:
+        repo = edge.get(f"{side}Repo")
+        if repo in readable:
+            return True, {side: edge.get(side), f"{side}Repo": repo,
+                          f"{side}Pull": edge.get(f"{side}Pull")}
+        hidden.add((repo, edge.get(f"{side}Pull") if repo is not None else edge.get(side)))
+        return False, {side: OTHER_REPOSITORY, f"{side}Repo": None, f"{side}Pull": None}
+
+    shown_edges = []
+    for edge in edges_in:
+        waiter_shown, waiter = end(edge, "waiter")
+        target_shown, target = end(edge, "target")
+        shown_edges.append({**waiter, **target,
+                            "key": edge.get("key") if waiter_shown and target_shown else None,
+                            "why": edge.get("why")})
+    cycle = ([shown_edges[0]["waiter"], *(e["target"] for e in shown_edges)]
+             if shown_edges else [])
+    return {**details, "cycle": cycle, "edges": shown_edges, "hiddenOwners": len(hidden)}

@@ -526,8 +526,7 @@ class EnhancedLocker(AtlantisCalls):
         self.metrics.deadlocks.inc()
         self.events.publish(
             "deadlock", key=key, repo=waiter.owner[0], cycle=names,
-            edges=[{"waiter": deadlock.owner_name(e.waiter), "target": deadlock.owner_name(
-                e.target), "key": e.key, "why": e.why} for e in cycle],
+            edges=deadlock.edge_details(cycle),
         )
         return answers.refused(key, Reason.DEADLOCK, await self._holder(key), cycle=names)
 
