@@ -546,6 +546,15 @@ def test_a_redis_url_with_a_password_that_does_not_parse_exits_2_without_showing
         "Invalid IPv6 URL"]
 
 
+def test_a_redis_url_whose_database_is_not_a_number_exits_2(tmp_path: Path) -> None:
+    # redis-py ignores such a path and reads database 0: the wrong locks, not the user's.
+    result = run_cli("--from-redis", "redis://127.0.0.1:1/1x", "--data-dir", str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "enhanced-locking: invalid Redis URL redis://127.0.0.1:1/1x (--from-redis): the "
+        "database '1x' is not a number (redis://HOST:PORT/N)"]
+
+
 @pytest.mark.redis
 def test_a_redis_url_naming_a_database_the_server_lacks_exits_2(
     atlantis_redis: RedisServer, tmp_path: Path,

@@ -28,6 +28,7 @@ from __future__ import annotations
 import enum
 import json
 import time
+import urllib.parse
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -146,6 +147,13 @@ async def read_redis(url: str) -> tuple[str, list[SourceRecord]]:
     except ValueError as error:  # cannot be split (an unclosed IPv6 bracket): show none of it
         raise ImportSourceError(f"invalid Redis URL (--from-redis; not shown, it may hold a "
                                 f"password): {error}") from None
+    parts = urllib.parse.urlsplit(url)
+    database = urllib.parse.unquote(parts.path).replace("/", "")
+    if parts.scheme in ("redis", "rediss") and database and not (
+            database.isascii() and database.isdigit()):
+        # redis-py ignores a path that is not a number, and would read database 0 instead
+        raise ImportSourceError(f"invalid Redis URL {shown} (--from-redis): the database "
+                                f"{database!r} is not a number (redis://HOST:PORT/N)")
     try:
         client: Any = aioredis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
     except ValueError as error:
