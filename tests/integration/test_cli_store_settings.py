@@ -7,12 +7,15 @@ naming the setting, not a traceback and not "cannot start" (which blames the sto
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from tests.integration.test_cli import run
+from tests.support.etcd_fixtures import auth_on, started
+from tests.support.etcd_server import EtcdCluster
 from tests.support.redis_server import RedisServer
 from tests.support.service import free_port
 
@@ -151,4 +154,39 @@ def test_a_redis_login_refused_at_start_exits_2_naming_the_password_setting(
                  "--enhanced-locking-redis-addr", locked_redis.addr, *store, *login)
     line = _one_line(result, f"invalid setting enhanced-locking-redis-password (from {where}): ",
                      f"redis {locked_redis.addr} db 0 {refused}")
+    assert _SECRET not in result.stdout + result.stderr and "cannot start" not in line
+
+
+# --- an etcd user refused at start -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def locked_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+    """An etcd member of this module's own with auth on (user ``root``)."""
+    with started(tmp_path_factory.mktemp("etcd-auth")) as cluster:
+        asyncio.run(auth_on(cluster, password="the-right-password"))
+        yield cluster
+
+
+@pytest.mark.parametrize(("login", "setting", "refused"), [
+    (["--enhanced-locking-etcd-username", "root", "--enhanced-locking-etcd-password", _SECRET],
+     "enhanced-locking-etcd-password",
+     "refused the login of user 'root' (enhanced-locking-etcd-username) with this password"),
+    (["--enhanced-locking-etcd-username", "nobody",
+      "--enhanced-locking-etcd-password", "the-right-password"],
+     "enhanced-locking-etcd-password",
+     "refused the login of user 'nobody' (enhanced-locking-etcd-username) with this password"),
+    ([], "enhanced-locking-etcd-username", "has auth on and needs a user and its password"),
+], ids=["wrong-password", "unknown-user", "no-user"])
+def test_an_etcd_login_refused_at_start_exits_2_naming_the_setting(
+    locked_etcd: EtcdCluster, login: list[str], setting: str, refused: str, tmp_path: Path,
+) -> None:
+    # Before, "cannot start: etcd ...: connect failed (INVALID_ARGUMENT: ...)" and exit 1.
+    endpoint = locked_etcd.endpoints[0]
+    result = run("serve", "--port", str(free_port()), "--data-dir", str(tmp_path / "data"),
+                 "--enhanced-locking-enabled", "--enhanced-locking-backend", "etcd",
+                 "--enhanced-locking-etcd-endpoints", endpoint, *login)
+    where = f"flag --{setting}" if login else "default"
+    line = _one_line(result, f"invalid setting {setting} (from {where}): ",
+                     f"etcd {endpoint} {refused}")
     assert _SECRET not in result.stdout + result.stderr and "cannot start" not in line

@@ -59,7 +59,8 @@ from enhanced_locking.types import BackendUnavailable
 
 __all__ = ["ATTEMPT_TIMEOUT", "CALL_TIMEOUT", "DOWN", "MAX_RECEIVE", "RIDE_OPS",
            "WATCH_CHECK",
-           "EtcdConnection", "EtcdSettings", "Landing", "Passenger", "TxnCall", "Watch",
+           "EtcdConnection", "EtcdSettings", "Landing", "LoginRefused", "Passenger", "TxnCall",
+           "Watch",
            "WatchCanceled", "WatchEnded", "kv_calls", "leader_first", "refused_watch",
            "stale_token", "unavailable", "unreachable", "watching"]
 
@@ -983,15 +984,45 @@ DOWN = (etcd3aio.EtcdError, grpc.RpcError, OSError, TimeoutError)
 """What a call to etcd raises when etcd cannot answer it (the library's errors and gRPC's)."""
 
 
+class LoginRefused(BackendUnavailable):
+    """etcd refused the settings' user: a login with a user it lacks or a wrong password, or a
+    call without a user where its auth is on. ``setting`` and ``detail``: the setting at fault
+    and what etcd said, for a store's first ping to tell the user (``UnusableSetting``);
+    elsewhere an outage like any other."""
+
+    def __init__(self, message: str, *, setting: str, detail: str,
+                 key: str | None = None) -> None:
+        super().__init__(message, key=key)
+        self.setting = setting
+        self.detail = detail
+
+
+_LOGIN_FAILED = "authentication failed"
+_NO_USER = "user name is empty"
+"""etcd's words (``rpctypes.ErrAuthFailed``, ``ErrUserEmpty``) for a login it refused and
+for a call without a user while its auth is on."""
+
+
 def unreachable(connection: EtcdConnection, action: str, error: BaseException, *,
                 key: str | None = None) -> BackendUnavailable:
     """The ``BackendUnavailable`` a failed call becomes, naming the cluster and the action
     (``unavailable`` without its context manager, for the calls of every step). A call
     refused for its auth token starts a new login (:meth:`EtcdConnection.renew_token`), so
-    the next call has a token etcd takes."""
+    the next call has a token etcd takes. A refused user is :class:`LoginRefused`."""
     connection.renew_token(error)
-    return BackendUnavailable(f"etcd {connection.where}: {action} failed ({_reason(error)})",
-                              key=key)
+    reason = _reason(error)
+    message = f"etcd {connection.where}: {action} failed ({reason})"
+    if reason.startswith("INVALID_ARGUMENT") and _LOGIN_FAILED in reason:
+        user = connection.settings.username
+        return LoginRefused(message, setting="enhanced-locking-etcd-password", key=key,
+                            detail=f"etcd {connection.where} refused the login of user "
+                            f"{user!r} (enhanced-locking-etcd-username) with this password "
+                            f"({reason})")
+    if reason.startswith("INVALID_ARGUMENT") and _NO_USER in reason:
+        return LoginRefused(message, setting="enhanced-locking-etcd-username", key=key,
+                            detail=f"etcd {connection.where} has auth on and needs a user and "
+                            f"its password ({reason})")
+    return BackendUnavailable(message, key=key)
 
 
 def _reason(error: BaseException) -> str:

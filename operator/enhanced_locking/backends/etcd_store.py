@@ -93,6 +93,7 @@ from enhanced_locking.backends.etcd_connection import (
     EtcdConnection,
     EtcdSettings,
     Landing,
+    LoginRefused,
     Passenger,
     Watch,
     kv_calls,
@@ -124,6 +125,7 @@ from enhanced_locking.types import (
     PartlyReleased,
     Reason,
     UnreadableLock,
+    UnusableSetting,
     replaced,
     utcnow,
 )
@@ -601,6 +603,8 @@ class EtcdBackend(StoreBackend):
         super().__init__(namespace, clock=clock)
         self.lease_backstop = lease_backstop
         self.connection = connection
+        self._pinged = False
+        """Whether a ping was answered: from then a refused user is an outage (:meth:`ping`)."""
         self.base = f"{prefix}{namespace}/".encode()
         self._queues = _Queues(self)  # type: ignore[assignment]
         self._waiters = _Waiters(self)  # type: ignore[assignment]
@@ -1886,9 +1890,18 @@ class EtcdBackend(StoreBackend):
                 key=lapsed.key)
 
     async def ping(self) -> None:
-        async with unavailable(self.connection, "ping"):
-            await leader_first(self.connection, lambda member, deadline: kv_calls(member).get(
-                self.base + b"ping", timeout=deadline, max_attempts=1))
+        """etcd answers. Its first ping (a start, a switch, an import) refused for the user is
+        the user's setting (``UnusableSetting``, exit 2), not an outage; once answered, an
+        outage like any other."""
+        try:
+            async with unavailable(self.connection, "ping"):
+                await leader_first(self.connection, lambda member, deadline: kv_calls(
+                    member).get(self.base + b"ping", timeout=deadline, max_attempts=1))
+        except LoginRefused as refused:
+            if self._pinged:
+                raise
+            raise UnusableSetting(refused.setting, refused.detail) from None
+        self._pinged = True
 
     async def close(self) -> None:
         """Tell this replica's waiters the store is going away, end the session, disconnect."""
