@@ -24,9 +24,8 @@ masked in every error message we build (even if a library put it there), and the
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal, TypeVar
@@ -268,22 +267,27 @@ class _Cluster(RedisCluster):
         at once, ``MaxConnectionsError``, which read as the store being away)."""
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
-        async with self.turn():
+        await self.take_turn()
+        try:
             return await super().execute_command(*args, **kwargs)
-
-    @contextlib.asynccontextmanager
-    async def turn(self) -> AsyncIterator[None]:
-        """A place among the calls under way, waited for up to ``POOL_WAIT`` (past it the
-        pool's own ``ConnectionError``, as a waiting pool of one Redis raises)."""
-        try:
-            async with asyncio.timeout(POOL_WAIT):
-                await self.calls.acquire()
-        except TimeoutError:
-            raise rexc.ConnectionError(POOL_EXHAUSTED) from None
-        try:
-            yield
         finally:
             self.calls.release()
+
+    async def take_turn(self) -> None:
+        """A place among the calls under way (given back by ``calls.release()``): taken at
+        once when one is free; else waited for up to ``POOL_WAIT`` (past it the pool's own
+        ``ConnectionError``, as a waiting pool of one Redis raises). The wait's timer is armed
+        only for a wait: an ``asyncio.timeout`` (and a context manager of its own) around
+        every call cost about 46k instructions a call, 55.7k against 9.3k."""
+        calls = self.calls
+        if not calls.locked():
+            await calls.acquire()
+            return
+        try:
+            async with asyncio.timeout(POOL_WAIT):
+                await calls.acquire()
+        except TimeoutError:
+            raise rexc.ConnectionError(POOL_EXHAUSTED) from None
 
     async def _determine_slot(self, command: str, *args: Any) -> int:
         if command.upper() in ("FCALL", "FCALL_RO") and len(args) > 2 and int(args[1]) > 0:
@@ -429,10 +433,14 @@ class RedisConnection:
         (it finds each command's node and follows a slot that moved)."""
         client = self.client
         if isinstance(client, _Cluster):
-            async with client.turn(), client.pipeline(transaction=False) as pipe:
-                for command in commands:
-                    pipe.execute_command(*command)
-                return await pipe.execute()
+            await client.take_turn()
+            try:
+                async with client.pipeline(transaction=False) as pipe:
+                    for command in commands:
+                        pipe.execute_command(*command)
+                    return await pipe.execute()
+            finally:
+                client.calls.release()
         assert not isinstance(client, RedisCluster)
         idle = self._idle
         connection = idle.pop() if idle else await self._take(client)
