@@ -36,9 +36,9 @@ from enhanced_locking.api.direct import check_direct_routes, serve_directly
 from enhanced_locking.api.disconnect import (
     AnswerUnlessGone,
     ClientGone,
-    NotForTheGone,
     answer_unless_gone,
     gone_answer,
+    left_before_it_began,
     not_withdrawn,
 )
 from enhanced_locking.api.errors import (
@@ -259,7 +259,7 @@ def create_app(
              + " A release cannot tell whose it is: use force-unlock.",
     }), **WHO})
     async def release_lock(
-        key: Key, caller: CallerDep, pull: PullNum | None = None,
+        key: Key, http: Request, caller: CallerDep, pull: PullNum | None = None,
         repo: Annotated[str | None, Query(
             min_length=1, max_length=512,
             description="Only a lock of this repository (two projects of different "
@@ -270,6 +270,8 @@ def create_app(
 
         Needs ``lock`` with ``pull`` (the holder's own release); ``release-any`` without it.
         """
+        if (gone := left_before_it_began(http)) is not None:
+            return gone
         verb = Verb.LOCK if pull is not None else Verb.RELEASE_ANY
         action = "release" if pull is not None else "release-any"
         if pull is not None:
@@ -427,6 +429,4 @@ def create_app(
     serve_directly(app, release_lock)
     check_routes(app)
     check_direct_routes(app)
-    # Outermost (added last): it looks at uvicorn's own receive.
-    app.add_middleware(NotForTheGone)
     return app

@@ -23,14 +23,14 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Generic, TypeVar
 
 from starlette.requests import Request
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http import h11_impl, httptools_impl
 
 from enhanced_locking.api.responses import JsonAnswer
 from enhanced_locking.locking.queueing import NotWithdrawn
 
-__all__ = ["AnswerUnlessGone", "ClientGone", "NotForTheGone", "answer_unless_gone",
-           "gone_answer", "not_withdrawn"]
+__all__ = ["AnswerUnlessGone", "ClientGone", "answer_unless_gone", "gone_answer",
+           "left_before_it_began", "not_withdrawn"]
 
 T = TypeVar("T")
 
@@ -113,32 +113,28 @@ class AnswerUnlessGone(JsonAnswer):
         await super().__call__(scope, receive, send)
 
 
-class NotForTheGone:
-    """A release whose client is gone before it starts is not made (ASGI middleware).
+def left_before_it_began(request: Request) -> JsonAnswer | None:
+    """The 499 for a release whose client is gone before it is made, else None.
 
-    Every ``DELETE`` of the API lets go of something: a lock, a pull's locks, a batch, a
-    waiter. One that reaches the service late (its replica was frozen, or far too busy,
-    while the request waited in the socket) may find its client gone: it gave up on the
-    answer and, as a client does, released through another replica and perhaps took the key
-    again. Made now, the old release would free that new hold, and the client would hold a
-    lock the store let go (the next pull granted beside it). A client that left never reads
-    the answer, so nothing is done for it: it is answered 499, as a gone client is, and the
-    log says so. Only uvicorn's own ``receive`` is looked at (its flags and the socket, see
-    :func:`_gone_already`); a connection kept open by a proxy in between is not seen to go.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (scope["type"] == "http" and scope["method"] == "DELETE"
-                and isinstance(getattr(receive, "__self__", None), _UVICORN_CYCLES)
-                and _gone_already(receive)):
-            log.warning("not made: %s %s, its client left before it began", scope["method"],
-                        scope["path"])
-            await gone_answer()(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
+    A release that reaches the service late (its replica was frozen, or far too busy, while
+    the request waited in the socket) may find its client gone: it gave up on the answer and,
+    as a client does, released through another replica and perhaps took the key again. Made
+    now, the old release would free that new hold, and the client would hold a lock the store
+    let go (the next pull granted beside it). A client that left never reads the answer, so
+    nothing is done for it: the release by key and the batch release answer this 499 instead
+    (logged). A pull's release (`DELETE /v1/locks/by-pull`, sent when a pull closes, often
+    once and with a deadline) and a waiter's cancel are made all the same: leaving a closed
+    pull's locks held for want of a reader is worse than the late release, which cannot meet
+    a new hold of a closed pull. Only uvicorn's own ``receive`` is looked at (its flags and
+    the socket, see :func:`_gone_already`); a connection kept open by a proxy in between is
+    not seen to go."""
+    receive = request.receive
+    if (isinstance(getattr(receive, "__self__", None), _UVICORN_CYCLES)
+            and _gone_already(receive)):
+        log.warning("not made: %s %s, its client left before it began",
+                    request.scope["method"], request.scope["path"])
+        return gone_answer()
+    return None
 
 
 def not_withdrawn(noted: Sequence[NotWithdrawn], *, kept: frozenset[str] = frozenset(),

@@ -38,6 +38,7 @@ from enhanced_locking.api.disconnect import (
     ClientGone,
     answer_unless_gone,
     gone_answer,
+    left_before_it_began,
     not_withdrawn,
 )
 from enhanced_locking.api.errors import UNREADABLE, error_answers, json_error, unreadable_json
@@ -217,6 +218,7 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
         409: "With pull: a key is held by another pull (the body names the holder). Or, for a "
              "key: " + UNREADABLE}), **WHO})
     async def release_batch(
+        http: Request,
         caller: CallerDep,
         key: Annotated[list[str], Query(min_length=1, max_length=100,
                                         description="The lock keys (repeat the parameter).")],
@@ -231,6 +233,8 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
         key whose holder changed since it was read is left to its new holder (``notHeld``).
         Without ``pull`` each key is released on its own: one the store did not answer for is
         listed in ``notReached`` (still held as far as is known) and the others are released."""
+        if (late := left_before_it_began(http)) is not None:
+            return late
         verb = Verb.LOCK if pull is not None else Verb.RELEASE_ANY
         action = "release-batch" if pull is not None else "release-any"
         read = {k: lock for k in key if (lock := await holder_of(
