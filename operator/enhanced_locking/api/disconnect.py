@@ -126,11 +126,10 @@ def left_before_it_began(request: Request) -> JsonAnswer | None:
     once and with a deadline) and a waiter's cancel are made all the same: leaving a closed
     pull's locks held for want of a reader is worse than the late release, which cannot meet
     a new hold of a closed pull. Only uvicorn's own ``receive`` is looked at (its flags and
-    the socket, see :func:`_gone_already`); a connection kept open by a proxy in between is
+    the socket, see :func:`_cycle_gone`); a connection kept open by a proxy in between is
     not seen to go."""
-    receive = request.receive
-    if (isinstance(getattr(receive, "__self__", None), _UVICORN_CYCLES)
-            and _gone_already(receive)):
+    cycle = getattr(request.receive, "__self__", None)
+    if isinstance(cycle, _UVICORN_CYCLES) and _cycle_gone(cycle):
         log.warning("not made: %s %s, its client left before it began",
                     request.scope["method"], request.scope["path"])
         return gone_answer()
@@ -163,9 +162,16 @@ def _gone_already(receive: Receive) -> bool:
     (:func:`_closed_by_peer`). Any other ``receive`` is looked at by :func:`_gone_by_step`."""
     cycle = getattr(receive, "__self__", None)
     if isinstance(cycle, _UVICORN_CYCLES):
-        return bool(cycle.disconnected or cycle.response_complete
-                    or _closed_by_peer(cycle.transport))
+        return _cycle_gone(cycle)
     return _gone_by_step(receive)
+
+
+def _cycle_gone(cycle: httptools_impl.RequestResponseCycle | h11_impl.RequestResponseCycle,
+                ) -> bool:
+    """Whether the client of uvicorn's request ``cycle`` is gone: its flags, else its socket
+    (see :func:`_gone_already`)."""
+    return bool(cycle.disconnected or cycle.response_complete
+                or _closed_by_peer(cycle.transport))
 
 
 def _closed_by_peer(transport: asyncio.BaseTransport) -> bool:
