@@ -25,7 +25,9 @@ LOG_NAME="test"
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 cd "$REPO_ROOT"
-PYTEST=("${VENV:-.venv}/bin/python" -m pytest)
+# Every tier's log ends with its 30 slowest tests (setup, call and teardown each) and the test
+# files that took longest in all: where the time of `make test` goes, in every CI log.
+PYTEST=("${VENV:-.venv}/bin/python" -m pytest --durations=30 --durations-by-file=20)
 BUILDS=(control-plane atlantis)
 
 # The directory the background builds report in, read by the tests' support code: for each

@@ -22,6 +22,7 @@ Hypothesis's default 200 ms, and the test failed for it).
 
 from __future__ import annotations
 
+import collections
 import gc
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
@@ -55,6 +56,37 @@ pytest_plugins = [
     "tests.support.queues",  # queue_backend_factory, rigs
     "tests.support.bbolt_writer",  # bolt_writer
 ]
+
+# --- where the time goes ----------------------------------------------------------------------
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--durations-by-file", type=int, default=0, metavar="N",
+        help="list the N test files that took longest (their tests' setup, call and teardown, "
+             "module fixtures included)")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter,
+                            config: pytest.Config) -> None:
+    """With ``--durations-by-file=N``: the N test files that took longest, and their tests."""
+    count: int = config.getoption("durations_by_file")
+    if count <= 0:
+        return
+    seconds: collections.defaultdict[str, float] = collections.defaultdict(float)
+    tests: collections.Counter[str] = collections.Counter()
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            if isinstance(report, pytest.TestReport):
+                path = report.nodeid.split("::", 1)[0]
+                seconds[path] += report.duration
+                tests[path] += report.when == "call"
+    terminalreporter.write_sep("=", f"slowest {count} test files")
+    for path, took in sorted(seconds.items(), key=lambda item: -item[1])[:count]:
+        terminalreporter.write_line(f"{took:9.1f}s {tests[path]:6d} tests  {path}")
+    terminalreporter.write_line(f"{sum(seconds.values()):9.1f}s {sum(tests.values()):6d} tests  "
+                                f"in {len(seconds)} files")
+
 
 # --- garbage collection ------------------------------------------------------------------------
 
