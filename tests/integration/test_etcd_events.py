@@ -18,7 +18,7 @@ from pydantic import TypeAdapter
 from tests.support.etcd_fixtures import auth_on, etcd_config, started
 from tests.support.etcd_server import EtcdCluster, frozen
 from tests.support.following import followed
-from tests.support.locks import request_for
+from tests.support.locks import candidate_for, request_for
 from tests.support.lost_answers import LostAnswers
 from tests.support.service import ServiceProcess, services
 
@@ -32,6 +32,7 @@ from enhanced_locking.backends.etcd_connection import (
 )
 from enhanced_locking.backends.etcd_events import _LAST_INDEX, EtcdEventBus
 from enhanced_locking.backends.etcd_store import EtcdBackend
+from enhanced_locking.backends.waiting import Status
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.events import Gap, parse_event_id
 from enhanced_locking.factory import LockService
@@ -615,6 +616,25 @@ async def test_with_a_member_frozen_a_write_lands_in_about_an_attempt(
         assert max(taken) < CALL_TIMEOUT, taken
 
 
+class SecondPartFault:
+    """The store's release by pull fails in its second part, once (``failed`` set back to
+    ``False``: once more). The step of a part runs (and may run again) inside etcd_store's
+    part: the first run of a step after the first part committed fails."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.failed = False
+        step = StoreBackend.release_pull
+
+        async def second_part_fails(backend: Any, *args: Any, **kwargs: Any) -> Any:
+            part = etcd_store._PART.get()
+            if part is not None and part.done and not self.failed:
+                self.failed = True
+                raise BackendUnavailable("etcd did not answer (a fault in the second part)")
+            return await step(backend, *args, **kwargs)
+
+        monkeypatch.setattr(StoreBackend, "release_pull", second_part_fails)
+
+
 @pytest.mark.parametrize("retries", [False, True])
 async def test_a_release_by_pull_failing_in_its_second_part_reports_the_first(
     etcd_cluster: EtcdCluster, etcd_prefix: str, monkeypatch: pytest.MonkeyPatch,
@@ -637,20 +657,7 @@ async def test_a_release_by_pull_failing_in_its_second_part_reports_the_first(
             assert (await service.router.acquire(asked)).acquired
             keys.append(asked.key)
         assert set(keys) <= set(locker.leases.armed())
-        failed = False
-        step = StoreBackend.release_pull
-
-        async def second_part_fails(self: Any, *args: Any, **kwargs: Any) -> Any:
-            # The step of a part runs (and may run again) inside etcd_store's part: the first
-            # run of a step after the first part committed fails, once.
-            nonlocal failed
-            part = etcd_store._PART.get()
-            if part is not None and part.done and not failed:
-                failed = True
-                raise BackendUnavailable("etcd did not answer (a fault in the second part)")
-            return await step(self, *args, **kwargs)
-
-        monkeypatch.setattr(StoreBackend, "release_pull", second_part_fails)
+        fault = SecondPartFault(monkeypatch)
         stream = await followed(service.events)
         if retries:
             released = await locker.release_by_pull("acme/infra", 1)
@@ -672,7 +679,7 @@ async def test_a_release_by_pull_failing_in_its_second_part_reports_the_first(
             assert armed == set(keys) - {lock.key for lock in first}
             # Through the router, with a legacy side: the answer names what the parts before
             # the fault released, and the enhanced side as not reached (the rest still held).
-            failed = False
+            fault.failed = False
             for i in range(20):
                 assert (await service.router.acquire(request_for(path=f"envs/q{i:02}"))).acquired
             before = {lock.key for lock in await locker.backend.list()}
@@ -681,5 +688,57 @@ async def test_a_release_by_pull_failing_in_its_second_part_reports_the_first(
             after = {lock.key for lock in await locker.backend.list()}
             assert unreached == ["enhanced"]
             assert {lock.key for lock in answered.released} == before - after and len(after) == 8
+    finally:
+        await service.close()
+
+
+async def test_a_release_by_pull_failing_in_its_second_part_tells_the_firsts_expiries_and_handoffs(
+    etcd_cluster: EtcdCluster, etcd_prefix: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first part of a release by pull frees a lock whose lease had run out (no timer got
+    there first) and hands another key to a waiter; the second part fails. The part's lapsed
+    lock is told ``expired`` (its event, its counts) and its hand-off counted and named in
+    the key's ``released`` event, as when the release finishes. Before, the error carried
+    the released locks alone: the expiry went untold, the hand-off uncounted and unnamed."""
+    config = etcd_config(etcd_cluster, etcd_prefix, enabled=True, backend="etcd",
+                         legacy_backend="memory", fallback="legacy")
+    service = LockService(ConfigProvider(config))
+    await service.start()
+    try:
+        locker = service.enhanced
+        assert locker is not None
+        backend = locker.backend
+        assert isinstance(backend, EtcdBackend)
+        keys = []
+        for i in range(20):
+            asked = request_for(path=f"envs/p{i:02}", ttl=timedelta(minutes=5))
+            if i == 1:  # taken in the store alone (no lease timer), its lease soon run out
+                backend.lease_backstop = False  # (nor etcd's lease: it stays to be found)
+                outcome = await backend.acquire_or_enqueue(
+                    candidate_for(asked), ttl=timedelta(milliseconds=200), wait=None,
+                    policy=locker.policy())
+                assert outcome.status is Status.GRANTED
+            else:
+                assert (await service.router.acquire(asked)).acquired
+            keys.append(asked.key)
+        stream = await followed(service.events)
+        waiting = asyncio.ensure_future(locker.acquire(request_for(
+            path="envs/p02", pull=2).model_copy(update={"wait": timedelta(seconds=30)})))
+        assert [e.type for e in await take(stream, 1)] == ["queued"]
+        await asyncio.sleep(0.3)  # the lapsed lock's end has passed
+        SecondPartFault(monkeypatch)
+        with pytest.raises(PartlyReleased):
+            await locker.release_by_pull("acme/infra", 1)
+        granted = await asyncio.wait_for(waiting, 10)
+        assert granted.acquired and granted.lock is not None and granted.lock.pull.num == 2
+        events = {e.key: e for e in await take(stream, 17) if e.type != "granted-from-queue"}
+        assert events[keys[1]].type == "expired"
+        handed = events[keys[2]]
+        assert handed.type == "released" and len(handed.details["handedTo"]) == 1
+        registry = locker.metrics.registry
+        assert registry.get_sample_value("enhanced_locking_handoffs_total") == 1
+        assert registry.get_sample_value("enhanced_locking_lease_expirations_total") == 1
+        assert registry.get_sample_value("enhanced_locking_releases_total",
+                                         {"backend": "enhanced", "how": "expired"}) == 1
     finally:
         await service.close()

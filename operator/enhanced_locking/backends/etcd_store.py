@@ -109,6 +109,7 @@ from enhanced_locking.backends.waiting import (
     GrantNotifier,
     LocalNotifier,
     Notice,
+    PullPartlyReleased,
     PullRelease,
     Status,
     Waiter,
@@ -122,7 +123,6 @@ from enhanced_locking.types import (
     LockNotHeld,
     Locks,
     LockUnreadable,
-    PartlyReleased,
     Reason,
     UnreadableLock,
     UnusableSetting,
@@ -1812,9 +1812,12 @@ class EtcdBackend(StoreBackend):
         each key's delete, token floor and queue), and kept them all.
 
         A part's step that fails after earlier parts committed raises
-        :class:`PartlyReleased` carrying the locks those parts freed: they are released, and
-        the caller reports them (their events, their lease timers) before the error (the
-        parts' locks whose lease had run out are not in it: freed, not told)."""
+        :class:`PullPartlyReleased` carrying what those parts did: the locks they released,
+        those whose lease had run out and the waiters their keys were handed to, which the
+        caller tells (events, counts, lease timers) before the error, as it tells a release
+        that finished. Before, the error carried the released locks alone: the parts' lapsed
+        locks were freed and never told expired, and their hand-offs were neither counted nor
+        named in the keys' events."""
         released: Locks = []
         expired: Locks = []
         granted: list[Grant] = []
@@ -1826,10 +1829,12 @@ class EtcdBackend(StoreBackend):
                     lambda: StoreBackend.release_pull(self, repo, pull, policy=policy),
                     prefixes=(self.base + b"lock/", self.base + b"shared/"))
             except BackendUnavailable as error:
-                if not released:
+                if not (released or expired or granted):
                     raise
-                raise PartlyReleased(f"{error} (after releasing {len(released)} of the pull's "
-                                     "locks)", released=released) from error
+                raise PullPartlyReleased(
+                    f"{error} (after releasing {len(released) + len(expired)} of the pull's "
+                    "locks)", done=PullRelease(released=tuple(released), expired=tuple(expired),
+                                               granted=tuple(granted))) from error
             finally:
                 _PART.reset(token)
             released += freed.released

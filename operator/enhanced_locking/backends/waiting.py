@@ -45,7 +45,7 @@ from typing import Protocol
 
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.policies import PolicyRules
-from enhanced_locking.types import Candidate, Lock, Mode, Priority, Reason
+from enhanced_locking.types import Candidate, Lock, Mode, PartlyReleased, Priority, Reason
 
 _new_object = object.__new__
 
@@ -60,6 +60,8 @@ __all__ = [
     "LocalNotifier",
     "Notice",
     "Outcome",
+    "PullPartlyReleased",
+    "PullRelease",
     "QueuePolicy",
     "Status",
     "Wait",
@@ -330,6 +332,17 @@ class PullRelease:
     expired: tuple[Lock, ...] = ()
     granted: tuple[Grant, ...] = ()
     """The waiters the freed keys were handed to."""
+
+
+class PullPartlyReleased(PartlyReleased):
+    """:class:`PartlyReleased` of a store that releases a pull's locks a part at a time
+    (etcd): ``done`` is what the parts that committed did, all of it (their locks released,
+    those whose lease had run out, the waiters their keys were handed to), so the caller
+    tells each as a release that finished would (``released`` is ``done.released``)."""
+
+    def __init__(self, message: str, *, done: PullRelease) -> None:
+        super().__init__(message, released=list(done.released))
+        self.done = done
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -35,6 +35,7 @@ from enhanced_locking.backends.waiting import (
     Handoff,
     Notice,
     Outcome,
+    PullPartlyReleased,
     PullRelease,
     QueuePolicy,
     Status,
@@ -680,7 +681,13 @@ class EnhancedLocker(AtlantisCalls):
                 return await self.backend.release_pull(repo, pull, policy=policy)
             except PartlyReleased as error:
                 freed.extend(error.released)
-                await self._released_by_pull(error.released)
+                if isinstance(error, PullPartlyReleased):
+                    # Its parts' lapsed locks and hand-offs too, told as a finished one's are.
+                    if error.done.expired:
+                        self._told_expired(error.done.expired)
+                    await self._released_by_pull(error.released, error.done.granted)
+                else:
+                    await self._released_by_pull(error.released)
                 raise
 
         try:
