@@ -32,19 +32,20 @@ func must(t *testing.T, err error) {
 	}
 }
 
-// waitForWaiters waits until key has n requests queued.
-func waitForWaiters(t *testing.T, c *client.Client, key string, n int) {
+// waitForWaiters waits until key has n requests queued, and answers its queue then.
+func waitForWaiters(t *testing.T, c *client.Client, key string, n int) *client.Queue {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for time.Now().Before(deadline) {
 		q, err := c.Queue(context.Background(), key)
 		must(t, err)
 		if len(q.Waiters) >= n {
-			return
+			return q
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
 	t.Fatalf("%s never had %d waiters", key, n)
+	return nil
 }
 
 // stillHeldBy fails t unless pull num of repo holds project's lock in workspace default.

@@ -56,7 +56,8 @@ func WithWait(d time.Duration) Option { return func(b *Database) { b.wait = d } 
 func WithPriority(p client.Priority) Option { return func(b *Database) { b.priority = p } }
 
 // WithCommandPriorities sets the priority of each command's view (see ForCommand); the
-// default puts apply above plan: {apply: high, plan: normal}.
+// default puts the commands that write the state above plan: {apply: high, import: high,
+// state: high, plan: normal}. A command the map does not name asks with WithPriority's.
 func WithCommandPriorities(m map[command.Name]client.Priority) Option {
 	return func(b *Database) { b.byCmd = maps.Clone(m) }
 }
@@ -80,7 +81,7 @@ func New(serviceURL string, wrapped db.Database, opts ...Option) (*Database, err
 	b := &Database{
 		wrapped:  wrapped,
 		priority: client.PriorityNormal,
-		byCmd:    map[command.Name]client.Priority{command.Apply: client.PriorityHigh, command.Plan: client.PriorityNormal},
+		byCmd:    defaultCommandPriorities(),
 		timeout:  30 * time.Second,
 	}
 	for _, opt := range opts {
@@ -97,8 +98,20 @@ func New(serviceURL string, wrapped db.Database, opts ...Option) (*Database, err
 	return b, nil
 }
 
+// defaultCommandPriorities puts apply above plan, and with it `atlantis import` and
+// `atlantis state rm`: they write the state as apply does, and take the project lock
+// whenever repository locks are on (Atlantis v0.47.1, project_command_runner.go doImport
+// and doStateRm).
+func defaultCommandPriorities() map[command.Name]client.Priority {
+	return map[command.Name]client.Priority{
+		command.Apply: client.PriorityHigh, command.Import: client.PriorityHigh,
+		command.State: client.PriorityHigh, command.Plan: client.PriorityNormal,
+	}
+}
+
 // ForCommand is a view of the same database whose TryLock asks with the command's priority
-// (apply above plan by default): an Atlantis build gives each command runner its view.
+// (apply, import and state above plan by default): an Atlantis build gives each command
+// runner its view.
 func (b *Database) ForCommand(name command.Name) *Database {
 	view := *b
 	if p, ok := b.byCmd[name]; ok {

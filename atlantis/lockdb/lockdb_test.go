@@ -757,20 +757,27 @@ func TestWithTimeoutIsTheBoundOfEachCallOverTheClientsOwn(t *testing.T) {
 	}
 }
 
+// heldByPull1 is acme/infra's envs/prod, whose lock in workspace default pull 1 of acme/infra
+// holds now, with the lock a pull of acme/infra asks for on it, and its key.
+func heldByPull1(t *testing.T, database *lockdb.Database) (models.Project, func(num int) models.ProjectLock, string) {
+	t.Helper()
+	project := models.NewProject("acme/infra", "envs/prod", "")
+	lockFor := func(num int) models.ProjectLock {
+		return models.ProjectLock{Project: project, Workspace: "default", Pull: pullOf("acme/infra", num), User: alice, Time: time.Now()}
+	}
+	ok, _, err := database.TryLock(lockFor(1))
+	must(t, err)
+	if !ok {
+		t.Fatal("pull 1 should get the free lock at once")
+	}
+	return project, lockFor, models.GenerateLockKey(project, "default")
+}
+
 func TestTryLockWaitsInTheQueueAndApplyGoesBeforePlan(t *testing.T) {
 	forEachStore(t, func(t *testing.T, s store) {
 		svc := s.serve(t, "--enhanced-locking-enabled", "--enhanced-locking-priority-queue")
 		database := open(t, svc, lockdb.WithWait(20*time.Second))
-		project := models.NewProject("acme/infra", "envs/prod", "")
-		lockFor := func(num int) models.ProjectLock {
-			return models.ProjectLock{Project: project, Workspace: "default", Pull: pullOf("acme/infra", num), User: alice, Time: time.Now()}
-		}
-		ok, _, err := database.TryLock(lockFor(1))
-		must(t, err)
-		if !ok {
-			t.Fatal("pull 1 should get the free lock at once")
-		}
-		key := models.GenerateLockKey(project, "default")
+		project, lockFor, key := heldByPull1(t, database)
 		order := make(chan int, 2)
 		var wg sync.WaitGroup
 		wait := func(view *lockdb.Database, num int) {
@@ -792,7 +799,7 @@ func TestTryLockWaitsInTheQueueAndApplyGoesBeforePlan(t *testing.T) {
 		wg.Add(1)
 		go wait(database.ForCommand(command.Apply), 3)
 		waitForWaiters(t, database.Client(), key, 2)
-		_, err = database.UnlockIfOwnedByPull(project, "default", 1)
+		_, err := database.UnlockIfOwnedByPull(project, "default", 1)
 		must(t, err)
 		wg.Wait()
 		close(order)
@@ -804,6 +811,31 @@ func TestTryLockWaitsInTheQueueAndApplyGoesBeforePlan(t *testing.T) {
 			t.Fatalf("apply (pull 3, queued second) should be served before plan (pull 2): got %v", got)
 		}
 	})
+}
+
+func TestImportAndStateAskWithApplysPriority(t *testing.T) {
+	// `atlantis import` and `atlantis state rm` write the state as apply does, and take the
+	// project lock as apply does: their views ask with apply's priority, not plan's.
+	svc := servicetest.Serve(t, "--enhanced-locking-enabled", "--enhanced-locking-priority-queue")
+	database := open(t, svc, lockdb.WithWait(20*time.Second))
+	_, lockFor, key := heldByPull1(t, database)
+	for i, name := range []command.Name{command.Import, command.State} {
+		num := 2 + i
+		answered := make(chan error, 1)
+		go func() {
+			_, _, err := database.ForCommand(name).TryLock(lockFor(num))
+			answered <- err
+		}()
+		q := waitForWaiters(t, database.Client(), key, 1)
+		if got := q.Waiters[0].Priority; got != client.PriorityHigh {
+			t.Errorf("%s's view should ask with apply's priority (high), asked with %q", name, got)
+		}
+		cancelled, err := database.Client().Cancel(context.Background(), key, q.Waiters[0].ID)
+		must(t, err)
+		if !cancelled || <-answered == nil {
+			t.Fatalf("%s's queued request should be cancelled", name)
+		}
+	}
 }
 
 func TestUnlockByPullDropsThePullsWaitingTryLock(t *testing.T) {
