@@ -98,6 +98,15 @@ def _check_names(kubeconfig: str | None, context: str | None) -> None:
                          f"(its contexts: {', '.join(names) or 'none'})")
 
 
+def _written_wrong(kubeconfig: str | None, error: Exception) -> bool:
+    """Whether ``error`` is the client library's word on a kubeconfig file that is there but
+    empty or without what it needs (a current context): the file the user named is wrong,
+    where no file at all means no credentials."""
+    named = kubeconfig or (os.environ.get("KUBECONFIG") or "").split(os.pathsep)[0] or (
+        os.path.expanduser("~/.kube/config"))
+    return os.path.isfile(named) and str(error).startswith("Invalid kube-config")
+
+
 class Cluster:
     """The LockMigration calls, with the credentials and namespace kubectl would use."""
 
@@ -115,6 +124,9 @@ class Cluster:
             raise BadSetting(not_a_kubeconfig(_kubeconfig_source(kubeconfig), error)) from None
         except (config.ConfigException, OSError) as error:
             _check_names(kubeconfig, context)
+            if _written_wrong(kubeconfig, error):
+                raise BadSetting(f"{_kubeconfig_source(kubeconfig)}: not a kubeconfig file: "
+                                 f"{' '.join(str(error).split())}") from None
             raise Unreachable(f"no Kubernetes credentials: {error}") from None
         if context is not None:
             contexts, _ = config.list_kube_config_contexts(  # type: ignore[no-untyped-call]

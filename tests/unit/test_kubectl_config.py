@@ -51,7 +51,10 @@ def test_a_kubeconfig_file_that_is_not_yaml(tmp_path: Path,
     assert "YAML" in lines[0]
 
 
-@pytest.mark.parametrize("text", ["- a list\n", "a word\n", "clusters: 5\n"])
+# The last two: an empty file, and one that names no current context (and no --context):
+# a kubeconfig the user got wrong, not a cluster that did not answer.
+@pytest.mark.parametrize("text", ["- a list\n", "a word\n", "clusters: 5\n", "",
+                                  "apiVersion: v1\nkind: Config\n"])
 def test_a_kubeconfig_file_of_yaml_that_is_not_a_kubeconfig(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str) -> None:
     other = tmp_path / "other"
@@ -89,13 +92,24 @@ def in_a_process(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]
              "PYTHONPATH": str(Path(kubectl.__file__).parents[1]), **env})
 
 
-def test_a_kubeconfig_variable_naming_a_file_that_is_not_yaml(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("text", "why"), [("users: {a: [\n", ""),
+                                           ("", "not a kubeconfig file: Invalid kube-config")])
+def test_a_kubeconfig_variable_naming_a_file_that_is_not_yaml_or_empty(
+        tmp_path: Path, text: str, why: str) -> None:
     broken = tmp_path / "broken"
-    broken.write_text("users: {a: [\n")
+    broken.write_text(text)
     result = in_a_process(tmp_path, KUBECONFIG=str(broken))
     assert result.returncode == 2, result.stderr
     lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"kubectl-locking: KUBECONFIG {broken}: ")
+    assert len(lines) == 1 and lines[0].startswith(f"kubectl-locking: KUBECONFIG {broken}: {why}")
+
+
+def test_no_kubeconfig_at_all_is_no_credentials(tmp_path: Path) -> None:
+    """No KUBECONFIG and no ~/.kube/config: nothing the user wrote is wrong; the cluster
+    cannot be reached (exit 3), as before."""
+    result = in_a_process(tmp_path)
+    assert result.returncode == 3, result.stderr
+    assert "no Kubernetes credentials" in result.stderr
 
 
 def test_a_good_kubeconfig_whose_server_does_not_answer_is_unreachable(
