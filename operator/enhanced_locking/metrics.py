@@ -231,7 +231,8 @@ class Metrics:
         )
         self.handoffs = Counter(
             "enhanced_locking_handoffs",
-            "Locks handed straight from a release (or expiry) to a queued waiter.", registry=r,
+            "Locks handed straight to a queued waiter by the step that freed them (a release, "
+            "an expiry, a cancel, an acquire that freed a lapsed lease).", registry=r,
         )
         self.backend_errors = Counter(
             "enhanced_locking_backend_errors", "Backend operations that failed.", ["backend"],

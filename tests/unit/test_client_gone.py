@@ -424,9 +424,9 @@ async def test_a_later_withdrawal_is_tried_until_its_bound_then_given_up_and_don
     later = queueing._later
 
     def noted(backend: Any, keys: tuple[str, ...], waiter_id: str, give_back: Any,
-              caller: str, ends: float, **policy: Any) -> None:
+              handed: Any, caller: str, ends: float, **policy: Any) -> None:
         running = set(queueing._LATER)
-        later(backend, keys, waiter_id, give_back, caller, ends, **policy)
+        later(backend, keys, waiter_id, give_back, handed, caller, ends, **policy)
         bounds.append(ends + queueing.ABANDON_MARGIN)
         tasks.update(queueing._LATER - running)
 

@@ -772,6 +772,74 @@ async def test_a_lapsed_lease_a_release_by_pull_frees_is_told_expired(
     assert count(rig, "enhanced_locking_releases_total", backend="enhanced", how="by-pull") == 1
 
 
+def _handoffs_uncounted_on_redis(rig: LockerRig, request: pytest.FixtureRequest) -> None:
+    """On Redis, the acquire and cancel scripts do not answer the waiters they served (their
+    replies carry no grants but the caller's own): those hand-offs are not counted yet, and
+    the test is expected to fail there (strict: it says so once they are)."""
+    if isinstance(rig.locker.backend, RedisBackend):
+        request.applymarker(pytest.mark.xfail(
+            strict=True, reason="the Redis acquire and cancel scripts do not answer the "
+                                "waiters they serve"))
+
+
+async def test_a_waiter_an_acquire_serves_after_freeing_a_lapsed_lease_is_a_counted_handoff(
+    rigs: Callable[..., LockerRig], request: pytest.FixtureRequest,
+) -> None:
+    """Pull 1's lease ran out with pull 2 queued behind it and no lease timer of the locker's
+    set (taken and queued straight in the store: a replica that did so and died). Pull 3's
+    acquire frees the lapsed lock and, in the same step, hands the key to pull 2 before it
+    decides (pull 3 is refused). The hand-off is counted and the ``expired`` event names
+    pull 2's waiter, as when a release or the lease timer hands a key on. Before, such a
+    hand-off was not counted and the event named nobody."""
+    rig = rigs()
+    _handoffs_uncounted_on_redis(rig, request)
+    backend = rig.locker.backend
+    asked = ask(1, path="envs/lapsed-handed")
+    held = await backend.acquire_or_enqueue(candidate_for(asked), ttl=timedelta(
+        milliseconds=300), wait=None, policy=QueuePolicy())
+    assert held.status is Status.GRANTED and held.locks[0].expires_at is not None
+    wait = Wait(id="pull-2-waits", timeout=30 * S)
+    queued = await backend.acquire_or_enqueue(candidate_for(ask(2, path="envs/lapsed-handed")),
+                                              ttl=None, wait=wait, policy=QueuePolicy())
+    assert queued.status is Status.QUEUED, queued
+    await past(backend.now, held.locks[0].expires_at)
+    refused = await rig.locker.acquire(ask(3, path="envs/lapsed-handed"))
+    assert refused.reason is Reason.HELD and refused.holder is not None, refused
+    assert refused.holder.pull.num == 2
+    assert rig.types() == ["expired"], rig.types()
+    assert list(rig.events[0].details["handedTo"]) == [wait.id]
+    assert count(rig, "enhanced_locking_handoffs_total") == 1
+
+
+async def test_a_waiter_a_cancel_lets_through_is_a_counted_handoff(
+    rigs: Callable[..., LockerRig], request: pytest.FixtureRequest,
+) -> None:
+    """Pull 1 holds a key shared; pull 2 waits for it exclusive and pull 3, shared, waits
+    behind pull 2. An admin cancel of pull 2 lets pull 3 through in its step: pull 3 is
+    granted, and the hand-off is counted as a release's is. Before, a hand-off made by a
+    cancel was never counted."""
+    rig = rigs()
+    _handoffs_uncounted_on_redis(rig, request)
+
+    def shared(pull: int, **more: Any) -> LockRequest:
+        return ask(pull, path="envs/cancel-lets-through", **more).model_copy(
+            update={"mode": "shared"})
+
+    assert (await rig.locker.acquire(shared(1))).acquired
+    ahead = rig.spawn(rig.locker.acquire(ask(2, path="envs/cancel-lets-through", wait=30 * S)
+                                         .model_copy(update={"request_id": "job-2"})))
+    await settle()
+    behind = rig.spawn(rig.locker.acquire(shared(3, wait=30 * S)))
+    await settle()
+    key = shared(1).key
+    assert [w.owner[1] for w in await rig.locker.queue(key)] == [2, 3]
+    assert await rig.locker.cancel_waiter(key, "job-2") is not None
+    assert (await asyncio.wait_for(ahead, 5)).reason is Reason.CANCELLED
+    granted = await asyncio.wait_for(behind, 5)
+    assert granted.acquired and granted.lock is not None and granted.lock.pull.num == 3
+    assert count(rig, "enhanced_locking_handoffs_total") == 1
+
+
 async def test_the_default_lease_comes_from_lock_ttl_and_a_refresh_extends_it(
     rigs: Callable[..., LockerRig],
 ) -> None:
@@ -952,7 +1020,8 @@ async def test_a_give_back_tried_again_leaves_the_pulls_new_hold_alone(
         store.failures = 1
         failed = await queueing._withdraw_retrying(
             rig.locker.backend, key, wait.id, Reason.CANCELLED, "gone",
-            rig.locker._give_back, give_up=asyncio.get_running_loop().time() + 5)
+            rig.locker._give_back, rig.locker._handed_on,
+            give_up=asyncio.get_running_loop().time() + 5)
         assert failed is None, failed
         assert store.calls == 2, store.calls  # the give-back was tried again
         lock = await inner.get(key)

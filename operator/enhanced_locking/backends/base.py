@@ -919,6 +919,8 @@ class StoreBackend(abc.ABC):
             outcome = self._acquire_in(fx, candidates, ttl=ttl, wait=wait, policy=policy)
             if fx.expired:  # leases found run out and freed: the caller tells them expired
                 outcome.expired = tuple(fx.expired)
+            if fx.granted:  # waiters served on the way: the caller counts the hand-offs
+                outcome.handed = tuple(fx.granted)
             return outcome
 
     def _acquire_in(
@@ -1058,7 +1060,7 @@ class StoreBackend(abc.ABC):
                 fx.notices.append((waiter_id, Notice(reason=reason)))
                 # Whoever it held back (shared requests behind an exclusive one) is served.
                 self._serve_queues(waiter.keys, self.clock(), policy or QueuePolicy(), fx)
-                return Cancelled(removed=True, waiter=waiter)
+                return Cancelled(removed=True, waiter=waiter, handed=tuple(fx.granted))
             grant = self._granted.get(waiter_id)
             if grant is None:
                 return Cancelled()

@@ -257,6 +257,10 @@ class Outcome:
     expired: tuple[Lock, ...] = ()
     """Locks of the keys asked for whose lease had run out, freed by this step before it
     decided (no lease timer got there first): each is told as expired."""
+    handed: tuple[Grant, ...] = ()
+    """Other waiters this step handed keys to before it decided (a key it freed of a lapsed
+    lease, or found free with a waiter no step had served): each hand-off is counted as a
+    release's is."""
 
     @staticmethod
     def of_grant(lock: Lock) -> Outcome:
@@ -277,6 +281,7 @@ class Outcome:
         outcome.ahead = None
         outcome.holders = None
         outcome.expired = ()
+        outcome.handed = ()
         return outcome
 
 
@@ -357,6 +362,9 @@ class Cancelled:
     fresh: bool = True
     """The grant was new to the waiter; false: its pull held the locks already (another of
     its requests did), so they are not the waiter's to give back."""
+    handed: tuple[Grant, ...] = ()
+    """The waiters behind it that the cancel served (shared requests an exclusive one kept
+    back, a batch's other keys): each hand-off is counted as a release's is."""
 
 
 @dataclass(frozen=True, kw_only=True)

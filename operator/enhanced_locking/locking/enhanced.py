@@ -324,10 +324,13 @@ class EnhancedLocker(AtlantisCalls):
                     left = _abandoned_for(error)
                     if left is not None:  # the waiter, if any, is withdrawn, a grant given back
                         queueing.abandon(backend, tuple(c.key for c in candidates), offer,
-                                         self._give_back, reason=left, policy=self.policy)
+                                         self._give_back, self._handed_on, reason=left,
+                                         policy=self.policy)
                 raise
             if outcome.expired:  # leases the step found run out and freed: told first
-                self._told_expired(outcome.expired)
+                self._told_expired(outcome.expired, outcome.handed)
+            if outcome.handed:  # waiters the step served before it decided
+                self._handed_on(outcome.handed)
             for stale in outcome.superseded:
                 self.events.publish(
                     "superseded", key=stale.keys[0], repo=stale.owner[0], pull=stale.owner[1],
@@ -413,10 +416,12 @@ class EnhancedLocker(AtlantisCalls):
             try:
                 if isinstance(error, asyncio.CancelledError):  # the caller went away
                     await queueing.leave(self.backend, waiter, future, self._give_back,
-                                         caller=offer.caller, ends=ends, policy=self.policy)
+                                         self._handed_on, caller=offer.caller, ends=ends,
+                                         policy=self.policy)
                 else:
                     await queueing.withdraw(self.backend, waiter, future, self._give_back,
-                                            caller=offer.caller, policy=self.policy)
+                                            self._handed_on, caller=offer.caller,
+                                            policy=self.policy)
             finally:
                 self.backend.grants.forget(waiter.id, future)
                 if told and isinstance(error, asyncio.CancelledError):
@@ -425,7 +430,8 @@ class EnhancedLocker(AtlantisCalls):
         try:
             notice = await queueing.await_turn(
                 self.backend, waiter, future, seconds=seconds,
-                give_back=self._give_back, caller=offer.caller, policy=self.policy,
+                give_back=self._give_back, handed=self._handed_on, caller=offer.caller,
+                policy=self.policy,
             )
         except asyncio.CancelledError:  # the caller went away; await_turn withdrew the waiter
             self._gone(key, waiter, time.perf_counter() - started)
@@ -515,6 +521,7 @@ class EnhancedLocker(AtlantisCalls):
         cancelled = await self._call("cancel", lambda: self.backend.cancel(
             key, waiter.id, reason=Reason.DEADLOCK, caller=caller, policy=self.policy()))
         self.backend.grants.forget(waiter.id, future)
+        self._handed_on(cancelled.handed)
         if cancelled.granted:  # granted before we could withdraw: no wait, no deadlock
             # Told and timed as every grant from the queue is (:meth:`_queued`).
             for lock in cancelled.granted:
@@ -608,17 +615,28 @@ class EnhancedLocker(AtlantisCalls):
         for holder in holders:
             self.leases.arm(key, holder.expires_at)
 
-    def _told_expired(self, locks: tuple[Lock, ...]) -> None:
+    def _told_expired(self, locks: tuple[Lock, ...], handed: tuple[Grant, ...] = ()) -> None:
         """Locks whose lease had run out, freed by a call's step before it did its own (an
         acquire or a release of the key came before any lease timer): each told as the timer
         tells it (:meth:`expire`), its event, its release ``how="expired"`` and its lease
-        expiration counted."""
+        expiration counted. ``handed``: the waiters the step served, each named in the event
+        of the key it was handed (counted by :meth:`_handed_on`)."""
         now = time.time()
         for lock in locks:
             self.holds.record(lock.key, now - lock.acquired_at.timestamp())
             self.metrics.releases.labels("enhanced", "expired").inc()
             self.metrics.lease_expirations.inc()
-            self.events.publish("expired", lock=lock, key=lock.key, how="expired", handedTo=())
+            self.events.publish("expired", lock=lock, key=lock.key, how="expired", handedTo=[
+                grant.waiter.id for grant in handed
+                if any(held.key == lock.key for held in grant.locks)])
+
+    def _handed_on(self, handed: tuple[Grant, ...]) -> None:
+        """Waiters a step handed keys to: each hand-off counted, the lease timers of their
+        locks armed (here too: the waiter's own replica may be gone before it hears)."""
+        for grant in handed:
+            self.metrics.handoffs.inc()
+            for lock in grant.locks:
+                self.leases.arm(lock.key, lock.expires_at)
 
     def _handed(self, handoff: Handoff, *, how: ReleaseHow) -> None:
         released, also = handoff.released, handoff.also_released
@@ -663,10 +681,7 @@ class EnhancedLocker(AtlantisCalls):
             self.events.publish(_RELEASE_EVENT[how], lock=released,
                                 key=key, how=how,
                                 handedTo=[g.waiter.id for g in granted] if granted else ())
-        for grant in handoff.granted:
-            self.metrics.handoffs.inc()
-            for lock in grant.locks:
-                self.leases.arm(lock.key, lock.expires_at)
+        self._handed_on(handoff.granted)
 
     async def release_by_pull(self, repo: str, pull: int) -> Locks:
         """The pull's locks released, each reported (its event, its lease timer). A store that
@@ -786,6 +801,7 @@ class EnhancedLocker(AtlantisCalls):
             return None
         cancelled = await self._call("cancel", lambda: self.backend.cancel(
             key, found.id, reason=Reason.CANCELLED, policy=self.policy()))
+        self._handed_on(cancelled.handed)
         return found if cancelled.removed else None
 
     async def waiting_for(self, repo: str, pull: int) -> list[tuple[str, Waiter]]:

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from enhanced_locking.backends.base import QueueBackend
-from enhanced_locking.backends.waiting import Notice, QueuePolicy, Wait, Waiter
+from enhanced_locking.backends.waiting import Grant, Notice, QueuePolicy, Wait, Waiter
 from enhanced_locking.types import BackendUnavailable, Reason
 
 __all__ = ["RETRY_GRACE", "NotWithdrawn", "abandon", "await_turn", "leave", "withdraw",
@@ -71,6 +71,10 @@ Late = Callable[[NotWithdrawn], Awaitable[None]]
 PolicyOf = Callable[[], QueuePolicy]
 """The queue policy in force when a waiter leaves: the store serves the queues it was in with
 it (whom the waiter held back is granted in the same step)."""
+
+Handed = Callable[[tuple[Grant, ...]], None]
+"""Told the waiters a cancel served (the waiters behind the one it took out): the locker
+counts each hand-off, as it counts a release's."""
 
 
 @dataclass(frozen=True)
@@ -104,12 +108,14 @@ async def await_turn(
     *,
     seconds: float,
     give_back: Callable[[Notice], Awaitable[None]],
+    handed: Handed,
     caller: str = "",
     policy: PolicyOf = QueuePolicy,
 ) -> Notice:
     """Wait for ``waiter``'s notice for at most ``seconds``; see the module docstring.
 
-    ``give_back`` releases the locks of a notice nobody will use (the caller went away).
+    ``give_back`` releases the locks of a notice nobody will use (the caller went away);
+    ``handed`` is told the waiters a cancel of it served (see :data:`Handed`).
     """
     key = waiter.keys[0]
     ends = asyncio.get_running_loop().time() + seconds
@@ -120,6 +126,8 @@ async def await_turn(
             # Only if this caller still owns the waiter: a retry that took it over keeps it.
             cancelled = await backend.cancel(key, waiter.id, reason=Reason.TIMEOUT,
                                              caller=caller, policy=policy())
+            if cancelled.handed:
+                handed(cancelled.handed)
             if cancelled.granted:
                 granted_to = cancelled.waiter.caller if cancelled.waiter is not None else ""
                 return _owned(Notice(locks=cancelled.granted, fresh=cancelled.fresh,
@@ -128,7 +136,7 @@ async def await_turn(
                 return _owned(future.result(), caller)
             return Notice(reason=Reason.TIMEOUT)
         except asyncio.CancelledError:
-            await leave(backend, waiter, future, give_back, caller=caller, ends=ends,
+            await leave(backend, waiter, future, give_back, handed, caller=caller, ends=ends,
                         policy=policy)
             raise
         task = asyncio.current_task()
@@ -136,7 +144,8 @@ async def await_turn(
             # The grant and the caller's cancellation arrived together and wait_for kept the
             # grant: the caller is still going away, so the grant goes back (only if this
             # caller owned the waiter when it was granted: a retry may have taken it over).
-            await withdraw(backend, waiter, future, give_back, caller=caller, policy=policy)
+            await withdraw(backend, waiter, future, give_back, handed, caller=caller,
+                           policy=policy)
             raise asyncio.CancelledError
         return notice
     finally:
@@ -153,21 +162,23 @@ def _owned(notice: Notice, caller: str) -> Notice:
 
 
 async def leave(backend: QueueBackend, waiter: Waiter, future: asyncio.Future[Notice],
-                give_back: Callable[[Notice], Awaitable[None]], *, caller: str,
-                ends: float, policy: PolicyOf = QueuePolicy) -> None:
+                give_back: Callable[[Notice], Awaitable[None]], handed: Handed, *,
+                caller: str, ends: float, policy: PolicyOf = QueuePolicy) -> None:
     """The caller of queued ``waiter`` went away (before its wait, or during it): a request
     with a ``requestId`` is withdrawn after the retry grace, only if ``caller`` still owns
     its waiter (a retry may have taken it over); any other at once. ``ends``: the wait's end
     (loop time)."""
     if waiter.request_id is not None and caller:
-        _later(backend, waiter.keys, waiter.id, give_back, caller, ends, policy=policy)
+        _later(backend, waiter.keys, waiter.id, give_back, handed, caller, ends,
+               policy=policy)
     else:
-        await withdraw(backend, waiter, future, give_back, caller=caller, policy=policy)
+        await withdraw(backend, waiter, future, give_back, handed, caller=caller,
+                       policy=policy)
 
 
 def _later(backend: QueueBackend, keys: tuple[str, ...], waiter_id: str,
-           give_back: Callable[[Notice], Awaitable[None]], caller: str, ends: float, *,
-           policy: PolicyOf = QueuePolicy) -> None:
+           give_back: Callable[[Notice], Awaitable[None]], handed: Handed, caller: str,
+           ends: float, *, policy: PolicyOf = QueuePolicy) -> None:
     """Withdraw ``waiter`` after the retry grace, unless a retry took it over meanwhile.
     While the store does not answer it is tried again, until the wait's end ``ends`` (loop
     time: the seconds its deadline was away on the backend's clock when the wait began) plus
@@ -179,8 +190,8 @@ def _later(backend: QueueBackend, keys: tuple[str, ...], waiter_id: str,
     async def clean_up() -> None:
         await asyncio.sleep(RETRY_GRACE)
         failed = await _withdraw_retrying(backend, keys[0], waiter_id, Reason.CANCELLED,
-                                          caller, give_back, give_up=ends + ABANDON_MARGIN,
-                                          policy=policy)
+                                          caller, give_back, handed,
+                                          give_up=ends + ABANDON_MARGIN, policy=policy)
         if failed is None:
             return
         log.error("could not withdraw waiter %s from %s: gave up", waiter_id, keys,
@@ -198,8 +209,8 @@ def _run_later(clean_up: Coroutine[Any, Any, None]) -> None:
 
 
 async def _withdraw_retrying(backend: QueueBackend, key: str, waiter_id: str, reason: Reason,
-                             caller: str, give_back: Callable[[Notice], Awaitable[None]], *,
-                             give_up: float,
+                             caller: str, give_back: Callable[[Notice], Awaitable[None]],
+                             handed: Handed, *, give_up: float,
                              policy: PolicyOf = QueuePolicy) -> Exception | None:
     """Cancel waiter ``waiter_id`` of ``key`` and give back what it was granted, each step
     tried again while the store does not answer, until ``give_up`` (loop time). What the
@@ -215,6 +226,8 @@ async def _withdraw_retrying(backend: QueueBackend, key: str, waiter_id: str, re
                 cancelled = await backend.cancel(key, waiter_id, reason=reason, caller=caller,
                                                  policy=policy())
                 granted = Notice(locks=cancelled.granted, fresh=cancelled.fresh)
+                if cancelled.handed:
+                    handed(cancelled.handed)
             if granted.locks:
                 await give_back(granted)
             return None
@@ -234,7 +247,7 @@ and a grant made just before lapses after its claim."""
 
 
 def abandon(backend: QueueBackend, keys: tuple[str, ...], offer: Wait,
-            give_back: Callable[[Notice], Awaitable[None]], *,
+            give_back: Callable[[Notice], Awaitable[None]], handed: Handed, *,
             reason: Reason = Reason.UNAVAILABLE, policy: PolicyOf = QueuePolicy) -> None:
     """Withdraw the waiter an enqueue of ``keys`` (a batch's every key) may have left behind
     when its answer never came.
@@ -252,13 +265,13 @@ def abandon(backend: QueueBackend, keys: tuple[str, ...], offer: Wait,
     """
     ends = asyncio.get_running_loop().time() + offer.timeout.total_seconds()
     if offer.request_id is not None:
-        _later(backend, keys, offer.id, give_back, offer.caller, ends, policy=policy)
+        _later(backend, keys, offer.id, give_back, handed, offer.caller, ends, policy=policy)
         return
 
     async def clean_up() -> None:
         give_up = ends + ABANDON_MARGIN
         failed = await _withdraw_retrying(backend, keys[0], offer.id, reason,
-                                          offer.caller, give_back, give_up=give_up,
+                                          offer.caller, give_back, handed, give_up=give_up,
                                           policy=policy)
         if failed is not None and not isinstance(failed, BackendUnavailable):
             # (the store away past the give-up: its deadline and claim have run out meanwhile)
@@ -272,6 +285,7 @@ async def withdraw(
     waiter: Waiter,
     future: asyncio.Future[Notice],
     give_back: Callable[[Notice], Awaitable[None]],
+    handed: Handed,
     *,
     caller: str = "",
     policy: PolicyOf = QueuePolicy,
@@ -283,6 +297,8 @@ async def withdraw(
     async def clean_up() -> None:
         cancelled = await backend.cancel(waiter.keys[0], waiter.id, reason=Reason.CANCELLED,
                                          caller=caller, policy=policy())
+        if cancelled.handed:
+            handed(cancelled.handed)
         notice = Notice(locks=cancelled.granted, fresh=cancelled.fresh)
         if cancelled.waiter is None and future.done():  # the backend no longer remembers it
             notice = _owned(future.result(), caller)
