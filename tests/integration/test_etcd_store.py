@@ -19,6 +19,7 @@ import secrets
 import time
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import etcd3aio
@@ -28,11 +29,13 @@ from tests.support.etcd_fixtures import auth_on, etcd_config, grant, reader, sta
 from tests.support.etcd_server import EtcdCluster
 from tests.support.grant_history import GrantHistory
 from tests.support.locks import candidate_for, request_for
+from tests.support.lost_answers import LostAnswers
 
 from enhanced_locking.backends.base import StoreBackend
 from enhanced_locking.backends.etcd_connection import WATCH_CHECK, EtcdConnection, EtcdSettings
 from enhanced_locking.backends.etcd_store import EtcdBackend
 from enhanced_locking.backends.waiting import Status, Wait
+from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.events import EventBus
 from enhanced_locking.locking import EnhancedLocker
 from enhanced_locking.metrics import Metrics
@@ -353,35 +356,44 @@ async def test_a_free_key_whose_step_fails_leaves_the_watch_of_deletions_running
     assert b._deletions is deletions
 
 
+class Heard:
+    """An enhanced locker over a new etcd backend of ``config``, every event it publishes kept
+    in ``seen`` and ``queued`` set at each ``queued`` one."""
+
+    def __init__(self, config: EnhancedLockingConfig) -> None:
+        self.backend = EtcdBackend.from_config(config, "enhanced")
+        self.seen: list[Event] = []
+        self.queued = asyncio.Event()
+        self.metrics = Metrics()
+        events = EventBus()
+        events.subscribe(self._hear)
+        self.locker = EnhancedLocker(self.backend, settings=lambda: config, events=events,
+                                     metrics=self.metrics)
+
+    def _hear(self, event: Event) -> None:
+        self.seen.append(event)
+        if event.type == "queued":
+            self.queued.set()
+
+
 async def test_a_locker_queuing_a_request_asks_etcd_once_and_its_event_shows_the_queue(
     etcd_cluster: EtcdCluster, etcd_prefix: str,
 ) -> None:
     """The enqueue's own transaction says who is ahead and who holds the key: the ``queued``
     event needs no read of the queue or the holders after it."""
-    config = etcd_config(etcd_cluster, etcd_prefix, enabled=True)
-    backend = EtcdBackend.from_config(config, "enhanced")
-    events = EventBus()
-    queued: list[Event] = []
-    heard = asyncio.Event()
-
-    def hear(event: Event) -> None:
-        if event.type == "queued":
-            queued.append(event)
-            heard.set()
-
-    events.subscribe(hear)
-    locker = EnhancedLocker(backend, settings=lambda: config, events=events, metrics=Metrics())
+    heard = Heard(etcd_config(etcd_cluster, etcd_prefix, enabled=True))
+    backend, locker = heard.backend, heard.locker
     wait = timedelta(seconds=30)
     try:
         assert (await locker.acquire(request_for(pull=1))).acquired
         second = asyncio.ensure_future(locker.acquire(request_for(pull=2, wait=wait)))
-        await asyncio.wait_for(heard.wait(), 10)
-        heard.clear()
+        await asyncio.wait_for(heard.queued.wait(), 10)
+        heard.queued.clear()
         before = (backend.round_trips, backend.reads)
         third = asyncio.ensure_future(locker.acquire(request_for(pull=3, wait=wait)))
-        await asyncio.wait_for(heard.wait(), 10)
+        await asyncio.wait_for(heard.queued.wait(), 10)
         assert (backend.round_trips - before[0], backend.reads - before[1]) == (1, 0)
-        details = queued[-1].details
+        details = [e for e in heard.seen if e.type == "queued"][-1].details
         assert details["position"] == 2
         assert [h["owner"] for h in details["holders"]] == ["acme/infra#1"]
         assert [w["owner"] for w in details["ahead"]] == ["acme/infra#2"]
@@ -638,3 +650,52 @@ async def test_a_user_without_write_rights_is_answered_at_once(tmp_path: Path) -
             assert store.round_trips - before <= 3
         finally:
             await store.close()
+
+
+async def test_a_step_whose_answer_was_lost_after_etcd_applied_it_answers_what_it_did(
+    etcd_cluster: EtcdCluster, etcd_prefix: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """etcd applies a step's transaction and its answer is lost (the member applied it, then
+    froze): the step runs again on fresh reads, which show what the first attempt did. It
+    answers that: an acquire is a fresh grant (its ``acquired`` event, its lease timer set),
+    a release that handed the key to a waiter released the lock (its event names the waiter,
+    the hand-off counted), one with nobody waiting released the lock. Before, the rerun took
+    the grant for the pull's earlier hold (not fresh: no event, no lease timer), the release
+    for another pull's key (``LockNotOwned``, 409, for a lock it had released) and the plain
+    release for nothing released."""
+    heard = Heard(etcd_config(etcd_cluster, etcd_prefix, enabled=True))
+    backend, locker, seen, metrics = heard.backend, heard.locker, heard.seen, heard.metrics
+    connection = backend.connection
+    sent = connection.transact
+    lost = LostAnswers(SimpleNamespace(transact=sent), losing=("transact",), applied=0)
+
+    def transact(client: Any, request: Any, *, read: bool = False) -> Any:
+        if not read and lost.applied:  # the next write: applied, its answer lost
+            return lost.transact(client, request, read=read)
+        return sent(client, request, read=read)
+
+    monkeypatch.setattr(connection, "transact", transact)
+    try:
+        asked = request_for(pull=1, ttl=timedelta(minutes=5))
+        lost.applied = 1
+        taken = await locker.acquire(asked)
+        assert lost.sent == 1 and not lost.applied
+        assert taken.acquired and taken.lock is not None and taken.fresh, taken
+        assert [e.type for e in seen] == ["acquired"], seen
+        assert asked.key in locker.leases.armed()
+        waiting = asyncio.ensure_future(locker.acquire(request_for(
+            pull=2, wait=timedelta(seconds=30))))
+        await asyncio.wait_for(heard.queued.wait(), 10)
+        lost.applied = 1
+        released = await locker.release(asked.key, owner=("acme/infra", 1))
+        assert lost.sent == 2 and released == taken.lock
+        handed = await asyncio.wait_for(waiting, 10)
+        assert handed.acquired and handed.lock is not None and handed.lock.pull.num == 2
+        release = next(e for e in seen if e.type == "released")
+        assert len(release.details["handedTo"]) == 1
+        assert metrics.registry.get_sample_value("enhanced_locking_handoffs_total") == 1
+        lost.applied = 1  # a release nobody waits behind: it released the lock, not nothing
+        assert await locker.release(asked.key, owner=("acme/infra", 2)) == handed.lock
+        assert lost.sent == 3 and await locker.get(asked.key) is None
+    finally:
+        await backend.close()

@@ -1003,6 +1003,9 @@ class EtcdBackend(StoreBackend):
         want_keys, want_prefixes = set(keys), set(prefixes)
         loop = asyncio.get_running_loop()
         give_up = loop.time() + CALL_TIMEOUT
+        lost: tuple[_Txn, T] | None = None
+        """The run whose commit's answer was lost (etcd may have applied it), and its
+        result: what the step answers if the fresh reads show it applied (``_landed``)."""
         self.in_flight += 1
         try:
             if guess:
@@ -1032,6 +1035,10 @@ class EtcdBackend(StoreBackend):
                 except Exception:
                     if verified:
                         self._noted(txn)
+                        if lost is not None and (landed := _landed(lost[0], reads)) is not None:
+                            # (a release whose first attempt handed the key on finds it held
+                            # by the waiter: its answer is the first attempt's)
+                            return self._answer_landed(lost, landed)
                         raise
                     # A refusal (not held, not owned) decided on a guess: only etcd can say
                     # whether it stands. If the guards hold it does; else run on what is.
@@ -1056,6 +1063,8 @@ class EtcdBackend(StoreBackend):
                     # or not, the step runs again on fresh reads (guards keep it from applying
                     # twice), for as long as a call may take.
                     self._known.forget(want_keys, want_prefixes)
+                    if txn.writes:
+                        lost = (txn, result)
                     if loop.time() > give_up:
                         raise
                     await asyncio.sleep(0.1)
@@ -1075,6 +1084,9 @@ class EtcdBackend(StoreBackend):
                     continue
                 if guess:
                     self._known.learn(txn.reads, txn.writes, revision)
+                if (lost is not None and not txn.writes
+                        and (landed := _landed(lost[0], txn.reads)) is not None):
+                    return self._answer_landed(lost, landed)
                 self._after_commit(txn, revision)
                 if not (txn.stamped or txn.records):
                     return result  # no token nor waiter to resolve: nothing was granted/queued
@@ -1085,6 +1097,16 @@ class EtcdBackend(StoreBackend):
                 key=key)
         finally:
             self.in_flight -= 1
+
+    def _answer_landed(self, lost: tuple[_Txn, T], revision: int) -> T:
+        """The answer of a run whose commit etcd applied at ``revision`` (0: it only deleted)
+        though its answer was lost: its result, its notices delivered, as if it had come."""
+        txn, result = lost
+        self._after_commit(txn, revision)
+        if not (txn.stamped or txn.records):
+            return result
+        resolved: T = _resolve(result, revision)
+        return resolved
 
     @staticmethod
     def _read_ops(keys: Iterable[bytes], prefixes: Iterable[bytes]) -> _ReadOps:
@@ -2034,6 +2056,40 @@ class EtcdBackend(StoreBackend):
         return await self._atomic(lambda: StoreBackend.wait_graph(self, policy=policy),
                                   prefixes=(self.base + b"queue/", self.base + b"lock/",
                                             self.base + b"shared/"))
+
+
+def _landed(lost: _Txn, reads: _Reads) -> int | None:
+    """Whether the run ``lost``, whose commit's answer was lost, was applied, as ``reads`` (on
+    which the step ran again) show it: every key it put that they hold has the value it put,
+    all at one revision newer than anything it read (returned), and every key it deleted that
+    they hold is absent (0 when it only deleted). ``None`` when not, or when they hold none
+    of its writes.
+
+    Without it, the step run again answered as if the first attempt had not been made: a
+    grant it made was taken for the pull's earlier hold (not fresh: no ``acquired`` event, no
+    lease timer), a release that had handed the key on found it held by the waiter
+    (``LockNotOwned``) or a plain one found nothing to release (``None``). A delete only that
+    another step made at the same moment (a force-unlock) is taken for this one's: the lock
+    is gone either way."""
+    newest = max([kv.mod for kv in lost.reads.keys.values()]
+                 + [seen for seen, _ in lost.reads.ranges.values()], default=0)
+    revision, found = 0, False
+    for key, written in lost.writes.items():
+        kv = reads.keys.get(key)
+        if kv is None:
+            kv = next((kvs.get(key, _KV(None)) for prefix, (_, kvs) in reads.ranges.items()
+                       if key.startswith(prefix)), None)
+            if kv is None:
+                continue  # not read again (a notice, a waiter's record)
+        found = True
+        if written is None:
+            if kv.value is not None:
+                return None
+        elif kv.value != written[0] or kv.mod <= newest or (revision and kv.mod != revision):
+            return None
+        else:
+            revision = kv.mod
+    return revision if found else None
 
 
 def _entry_guards(read: _Reads, writes: dict[bytes, tuple[bytes, int] | None],
