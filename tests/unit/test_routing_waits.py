@@ -34,6 +34,14 @@ def paths_on(service: LockService, side: str, count: int) -> list[str]:
     raise AssertionError(f"no {count} keys on {side}")
 
 
+async def _half_routed(make_service: ServiceMaker) -> tuple[LockService, str, str]:
+    """A service routing half the keys to enhanced, a path routed there and one to legacy."""
+    service = await make_service(enabled=True, migration_weight=50)
+    [enhanced_path] = paths_on(service, "enhanced", 1)
+    [legacy_path] = paths_on(service, "legacy", 1)
+    return service, enhanced_path, legacy_path
+
+
 async def test_disabled_a_wait_is_ignored_and_a_held_key_fails_fast(
     make_service: ServiceMaker,
 ) -> None:
@@ -81,9 +89,7 @@ async def test_disabled_a_batch_is_all_or_nothing_on_legacy(make_service: Servic
 async def test_a_batch_across_both_sides_gives_back_the_enhanced_part_on_a_legacy_refusal(
     make_service: ServiceMaker,
 ) -> None:
-    service = await make_service(enabled=True, migration_weight=50)
-    [enhanced_path] = paths_on(service, "enhanced", 1)
-    [legacy_path] = paths_on(service, "legacy", 1)
+    service, enhanced_path, legacy_path = await _half_routed(make_service)
     assert (await service.router.acquire(request_for(path=legacy_path, pull=9))).acquired
     refused = await service.router.acquire_batch(batch(1, enhanced_path, legacy_path, wait=WAIT))
     assert not refused.acquired and refused.reason is Reason.HELD
@@ -97,6 +103,29 @@ async def test_a_batch_across_both_sides_gives_back_the_enhanced_part_on_a_legac
     released = await service.router.release_batch(
         [lock.key for lock in granted.locks], owner=("acme/infra", 1))
     assert len(released) == 2 and await service.router.list() == []
+
+
+async def test_a_batch_granted_after_a_weight_move_holds_every_key_it_names(
+    make_service: ServiceMaker,
+) -> None:
+    service, enhanced_path, legacy_path = await _half_routed(make_service)
+    assert (await service.router.acquire(request_for(path=enhanced_path, pull=9))).acquired
+    waiting = asyncio.ensure_future(
+        service.router.acquire_batch(batch(1, enhanced_path, legacy_path, wait=WAIT)))
+    await settle()
+    assert not waiting.done()
+    # While the batch waits on its enhanced part, its legacy key moves to enhanced.
+    await service.provider.set_layer("cluster", {"migration_weight": 100})
+    assert service.router.side_for(request_for(path=legacy_path).key) == "enhanced"
+    await service.router.release(request_for(path=enhanced_path).key)
+    granted = await asyncio.wait_for(waiting, 5)
+    assert granted.acquired
+    assert [lock.key for lock in granted.locks] == [request_for(path=enhanced_path).key,
+                                                    request_for(path=legacy_path).key]
+    held = await service.router.get(request_for(path=legacy_path).key)
+    assert held is not None and held.pull.num == 1, "every key answered is held"
+    refused = await service.router.acquire(request_for(path=legacy_path, pull=2))
+    assert not refused.acquired and refused.holder is not None and refused.holder.pull.num == 1
 
 
 async def test_a_wait_on_a_key_still_held_on_legacy_waits_there_and_is_never_answered_held(

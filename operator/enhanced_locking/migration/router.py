@@ -828,7 +828,10 @@ class Router(AtlantisCalls):
 
     async def _acquire_batch_routed(self, request: BatchLockRequest) -> BatchResult:
         enhanced = self._queueing()
-        on_enhanced = [i for i in request.locks if self.side_for(i.key) == "enhanced"]
+        on_enhanced: list[BatchItem] = []
+        on_legacy: list[BatchItem] = []
+        for item in request.locks:
+            (on_enhanced if self.side_for(item.key) == "enhanced" else on_legacy).append(item)
         if enhanced is None or not on_enhanced:
             return await batch.acquire_one_by_one(self, request)
         owner = request.owner
@@ -889,7 +892,8 @@ class Router(AtlantisCalls):
         if refused is not None:
             await give_back()
             return refused
-        on_legacy = [i for i in request.locks if self.side_for(i.key) != "enhanced"]
+        # The keys not in the enhanced part, as split before it: a weight move while it
+        # waited may route one of them to enhanced now, and it still has to be taken.
         if not on_legacy:
             return first
         rest = await batch.acquire_one_by_one(
