@@ -699,3 +699,36 @@ async def test_a_step_whose_answer_was_lost_after_etcd_applied_it_answers_what_i
         assert lost.sent == 3 and await locker.get(asked.key) is None
     finally:
         await backend.close()
+
+
+async def test_a_lock_its_lease_deleted_is_told_expired_by_the_replica_that_hands_its_key_on(
+    etcd_cluster: EtcdCluster, etcd_prefix: str,
+) -> None:
+    """Replica A grants a lock with a lease and is gone (nothing of it expires the lock);
+    replica B has a waiter on the key and no lease timer for the lock (queued in the store
+    alone). etcd deletes the lock when its lease ends; B's watch of deletions hands the key
+    to its waiter, and B's locker tells it as the lease timer would: an ``expired`` event
+    naming the waiter, a lease expiration and a hand-off counted. Before, that hand-off and
+    the lock's end were told nowhere."""
+    config = etcd_config(etcd_cluster, etcd_prefix, enabled=True)
+    a = EtcdBackend.from_config(config, "enhanced")
+    heard = Heard(config)
+    b = heard.backend
+    try:
+        held = await grant(a, want(1), ttl=timedelta(milliseconds=500))
+        wait = offer()
+        told = b.grants.expect(wait.id)
+        queued = await b.acquire_or_enqueue(want(2), ttl=None, wait=wait, policy=POLICY)
+        assert queued.status is Status.QUEUED
+        notice = await asyncio.wait_for(told, 10)  # etcd's lease ends a second or two after
+        assert notice.locks and notice.locks[0].pull.num == 2
+        expired = [e for e in heard.seen if e.type == "expired"]
+        assert len(expired) == 1 and expired[0].lock == held, heard.seen
+        assert list(expired[0].details["handedTo"]) == [wait.id]
+        registry = heard.metrics.registry
+        assert registry.get_sample_value("enhanced_locking_handoffs_total") == 1
+        assert registry.get_sample_value("enhanced_locking_lease_expirations_total") == 1
+    finally:
+        await a.close()
+        await heard.locker.close()
+        await b.close()

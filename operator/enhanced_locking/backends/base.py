@@ -380,6 +380,10 @@ class StoreBackend(abc.ABC):
         # Recent grants to waiters, so a cancel that lost the race to a grant can say so.
         self._granted: collections.OrderedDict[str, Grant] = collections.OrderedDict()
         self._seq = 0
+        self.served_unasked: Callable[[Handoff], None] = _untold
+        """Told of a hand-off this store made on its own, not as the answer to a call (etcd:
+        a key whose lock its lease deleted, served by the watch of deletions or the read of
+        the waiting keys): the locker tells and counts it as an expiry (set by it)."""
 
     # --- primitives ---------------------------------------------------------------------------
     @abc.abstractmethod
@@ -1128,6 +1132,10 @@ def _collector_paused(rows: int) -> Iterator[None]:
         yield
     finally:
         gc.enable()
+
+
+def _untold(handoff: Handoff) -> None:
+    """``StoreBackend.served_unasked`` until a locker takes it: nobody to tell."""
 
 
 def parts_of(lock: Lock | Candidate) -> policies.KeyParts:

@@ -1594,7 +1594,7 @@ class EtcdBackend(StoreBackend):
             # step served the key: serving it again here was one more transaction per release
             # on every replica, racing the next acquire.
             if prev.lease and self._lapsed(prev):
-                self._spawn(self._serve(name))
+                self._spawn(self._serve(name, prev))
 
         while True:
             try:
@@ -1678,6 +1678,7 @@ class EtcdBackend(StoreBackend):
                     continue
                 try:
                     handoff = await self._expire_step(key, guess=False)
+                    self.served_unasked(handoff)
                 except BackendUnavailable:
                     continue
                 except Exception as error:  # this key's step failed: the others are served
@@ -1798,10 +1799,21 @@ class EtcdBackend(StoreBackend):
             return True
         return expires_at is None or expires_at <= now + _SKEW
 
-    async def _serve(self, key: str) -> None:
-        """A leased lock was deleted by etcd (its lease ran out): hand the key on."""
+    async def _serve(self, key: str, prev: _KV) -> None:
+        """A leased lock was deleted by etcd (its lease ran out; ``prev``: its value): hand
+        the key on, and tell it (``served_unasked``). The deleted lock is told expired by the
+        replica whose step handed the key on (one step can, so it is told once); a step that
+        finds the key already served says nothing (the replica that served it told it)."""
         with contextlib.suppress(BackendUnavailable):
-            await self.expire(key)
+            handoff = await self.expire(key)
+            if handoff.granted and handoff.released is None and not handoff.expired:
+                try:
+                    gone = _resolve_lock(codec.decode(prev.value or b""), prev.mod)
+                except Exception:  # (a value not a lock: nothing to tell of it)
+                    gone = None
+                if gone is not None and gone.key == key:
+                    handoff.expired = (gone,)
+            self.served_unasked(handoff)
 
     # --- the protocols -----------------------------------------------------------------------
     def _keys_of(self, key: str) -> tuple[bytes, ...]:

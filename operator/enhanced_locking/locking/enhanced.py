@@ -29,7 +29,7 @@ from datetime import timedelta
 from typing import Any, Literal, Protocol, TypeVar
 
 from enhanced_locking import policies
-from enhanced_locking.backends.base import Backend, Owner, QueueBackend, parts_of
+from enhanced_locking.backends.base import Backend, Owner, QueueBackend, StoreBackend, parts_of
 from enhanced_locking.backends.waiting import (
     Grant,
     Handoff,
@@ -179,6 +179,8 @@ class EnhancedLocker(AtlantisCalls):
                 f"the {backend.kind} backend keeps no queues; the enhanced locker needs one"
             )
         self.backend: QueueBackend = backend
+        if isinstance(backend, StoreBackend):  # its hand-offs made on its own, told here
+            backend.served_unasked = self._served_unasked
         self.settings = settings
         self.events = events
         self.metrics = metrics
@@ -638,10 +640,16 @@ class EnhancedLocker(AtlantisCalls):
             for lock in grant.locks:
                 self.leases.arm(lock.key, lock.expires_at)
 
+    def _served_unasked(self, handoff: Handoff) -> None:
+        """A hand-off the store made on its own (etcd: a lock its lease deleted, whose key a
+        watch served): told and counted as the lease timer's expiry is."""
+        self._handed(handoff, how="expired")
+
     def _handed(self, handoff: Handoff, *, how: ReleaseHow) -> None:
         released, also = handoff.released, handoff.also_released
         if handoff.expired:
-            self._told_expired(handoff.expired)
+            # With nothing released, the key went from the expired lock to whom it was handed.
+            self._told_expired(handoff.expired, handoff.granted if released is None else ())
         if released is None and not also and not handoff.granted:
             return  # nothing was held, nothing handed over: nothing to record
         # The wall clock utcnow reads, as seconds: a datetime read and a subtraction cost
