@@ -772,18 +772,8 @@ async def test_a_lapsed_lease_a_release_by_pull_frees_is_told_expired(
     assert count(rig, "enhanced_locking_releases_total", backend="enhanced", how="by-pull") == 1
 
 
-def _handoffs_uncounted_on_redis(rig: LockerRig, request: pytest.FixtureRequest) -> None:
-    """On Redis, the acquire and cancel scripts do not answer the waiters they served (their
-    replies carry no grants but the caller's own): those hand-offs are not counted yet, and
-    the test is expected to fail there (strict: it says so once they are)."""
-    if isinstance(rig.locker.backend, RedisBackend):
-        request.applymarker(pytest.mark.xfail(
-            strict=True, reason="the Redis acquire and cancel scripts do not answer the "
-                                "waiters they serve"))
-
-
 async def test_a_waiter_an_acquire_serves_after_freeing_a_lapsed_lease_is_a_counted_handoff(
-    rigs: Callable[..., LockerRig], request: pytest.FixtureRequest,
+    rigs: Callable[..., LockerRig],
 ) -> None:
     """Pull 1's lease ran out with pull 2 queued behind it and no lease timer of the locker's
     set (taken and queued straight in the store: a replica that did so and died). Pull 3's
@@ -792,7 +782,6 @@ async def test_a_waiter_an_acquire_serves_after_freeing_a_lapsed_lease_is_a_coun
     pull 2's waiter, as when a release or the lease timer hands a key on. Before, such a
     hand-off was not counted and the event named nobody."""
     rig = rigs()
-    _handoffs_uncounted_on_redis(rig, request)
     backend = rig.locker.backend
     asked = ask(1, path="envs/lapsed-handed")
     held = await backend.acquire_or_enqueue(candidate_for(asked), ttl=timedelta(
@@ -812,14 +801,13 @@ async def test_a_waiter_an_acquire_serves_after_freeing_a_lapsed_lease_is_a_coun
 
 
 async def test_a_waiter_a_cancel_lets_through_is_a_counted_handoff(
-    rigs: Callable[..., LockerRig], request: pytest.FixtureRequest,
+    rigs: Callable[..., LockerRig],
 ) -> None:
     """Pull 1 holds a key shared; pull 2 waits for it exclusive and pull 3, shared, waits
     behind pull 2. An admin cancel of pull 2 lets pull 3 through in its step: pull 3 is
     granted, and the hand-off is counted as a release's is. Before, a hand-off made by a
     cancel was never counted."""
     rig = rigs()
-    _handoffs_uncounted_on_redis(rig, request)
 
     def shared(pull: int, **more: Any) -> LockRequest:
         return ask(pull, path="envs/cancel-lets-through", **more).model_copy(

@@ -124,6 +124,8 @@ class Acquired(NamedTuple):
     fresh: bool
     expired: tuple[LockRow, ...] = ()
     """The locks whose lease had run out, dropped by the call before it decided."""
+    handed: tuple[GrantRow, ...] = ()
+    """The waiters the call served before it decided."""
 
 
 class Took(NamedTuple):
@@ -159,6 +161,8 @@ class Refused(NamedTuple):
     superseded: tuple[WaiterRecord, ...] = ()
     expired: tuple[LockRow, ...] = ()
     """The locks whose lease had run out, dropped by the call before it decided."""
+    handed: tuple[GrantRow, ...] = ()
+    """The waiters the call served before it decided."""
 
 
 class Queued(NamedTuple):
@@ -172,6 +176,8 @@ class Queued(NamedTuple):
     superseded: tuple[WaiterRecord, ...]
     expired: tuple[LockRow, ...] = ()
     """The locks whose lease had run out, dropped by the call before it decided."""
+    handed: tuple[GrantRow, ...] = ()
+    """The waiters the call served before it decided."""
 
 
 class Release(NamedTuple):
@@ -207,12 +213,14 @@ class PullReleased(NamedTuple):
 
 
 class Cancel(NamedTuple):
-    """``cancel.lua``: ``removed``, ``kept``, ``none`` or ``granted`` (``locks``, ``fresh``)."""
+    """``cancel.lua``: ``removed`` (``handed``: the waiters its leaving served), ``kept``,
+    ``none`` or ``granted`` (``locks``, ``fresh``)."""
 
     status: str
     waiter: WaiterRecord | None
     locks: tuple[LockRow, ...] = ()
     fresh: bool = True
+    handed: tuple[GrantRow, ...] = ()
 
 
 class Confirm(NamedTuple):
@@ -365,29 +373,37 @@ def acquire(answer: Any) -> Took | Acquired | Refused | Queued:
     if status == "took":
         _, token, at, exp = answer
         return Took(str(token), str(at), str(exp))
-    # Each answer but ``took`` may end with the locks whose lease had run out (``expired``).
+    # Each answer but ``took`` may end with the locks whose lease had run out (``expired``),
+    # and after them the waiters it served before it decided (``_handed``).
     if status == "granted":
         _, held, fresh, *expired = answer
-        return Acquired(locks(held), bool(fresh), _expired(expired))
+        return Acquired(locks(held), bool(fresh), _expired(expired), _handed(expired))
     if status == "queued":
         _, record, key, holder, position, freeze, superseded, *expired = answer
         return Queued(waiter(record), str(key), maybe_lock(holder), int(position), str(freeze),
-                      _waiters(superseded), _expired(expired))
+                      _waiters(superseded), _expired(expired), _handed(expired))
     if status == "frozen":
         _, key, holder, freeze, *expired = answer
         return Refused(str(status), str(key), maybe_lock(holder), freeze=str(freeze),
-                       expired=_expired(expired))
+                       expired=_expired(expired), handed=_handed(expired))
     if status == "queue_full":
         _, key, holder, superseded, *expired = answer
         return Refused(str(status), str(key), maybe_lock(holder),
-                       superseded=_waiters(superseded), expired=_expired(expired))
+                       superseded=_waiters(superseded), expired=_expired(expired),
+                       handed=_handed(expired))
     _, key, holder, *expired = answer  # held, limited
-    return Refused(str(status), str(key), maybe_lock(holder), expired=_expired(expired))
+    return Refused(str(status), str(key), maybe_lock(holder), expired=_expired(expired),
+                   handed=_handed(expired))
 
 
 def _expired(after: list[Any]) -> tuple[LockRow, ...]:
     """The locks an answer lists after its own fields, if it does (none: none expired)."""
     return locks(after[0]) if after else ()
+
+
+def _handed(after: list[Any]) -> tuple[GrantRow, ...]:
+    """The waiters an acquire's answer lists after its expired locks, if it does."""
+    return _grants(after[1]) if len(after) > 1 else ()
 
 
 def release(answer: Any, *, sent: str = "") -> Dropped | Release:
@@ -418,7 +434,10 @@ def cancel(answer: Sequence[Any]) -> Cancel:
     if status == "granted":
         _, record, held, fresh = answer
         return Cancel(status, waiter(record), locks(held), bool(fresh))
-    if status in ("removed", "kept"):
+    if status == "removed":
+        return Cancel(status, waiter(answer[1]),
+                      handed=_grants(answer[2]) if len(answer) > 2 else ())
+    if status == "kept":
         return Cancel(status, waiter(answer[1]))
     return Cancel(status, None)
 

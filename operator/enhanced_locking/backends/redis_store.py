@@ -45,7 +45,7 @@ from enhanced_locking.backends.redis_connection import (
     wrong_type,
 )
 from enhanced_locking.backends.redis_notify import Listener
-from enhanced_locking.backends.redis_replies import LockRow, Served, WaiterRecord
+from enhanced_locking.backends.redis_replies import GrantRow, LockRow, Served, WaiterRecord
 from enhanced_locking.backends.unreadable import UnreadableLocks
 from enhanced_locking.backends.waiting import (
     Cancelled,
@@ -750,12 +750,16 @@ class RedisBackend:
             caller=rec.get("caller", ""),
         )
 
+    def _grants(self, rows: Sequence[GrantRow]) -> tuple[Grant, ...]:
+        """The waiters a script served (``fx.granted`` in ``lib.lua``), each with its locks."""
+        return tuple(Grant(waiter=self._waiter(g.waiter),
+                           locks=tuple(self._lock(row) for row in g.locks), fresh=g.fresh)
+                     for g in rows)
+
     def _handoff(self, served: Served, *, released: Lock | None = None) -> Handoff:
         return Handoff(
             released=released if released is not None else self._maybe_lock(served.released),
-            granted=tuple(Grant(waiter=self._waiter(g.waiter),
-                                locks=tuple(self._lock(row) for row in g.locks), fresh=g.fresh)
-                          for g in served.granted),
+            granted=self._grants(served.granted),
             timed_out=tuple(self._waiter(rec) for rec in served.dropped),
             also_released=tuple(self._readable(served.others, deleted=True)))
 
@@ -969,14 +973,16 @@ class RedisBackend:
                 self._lock(row, asked[row.key] if row.data == sent[row.key] else None)
                 for row in answer.locks)
             return Outcome(status=Status.GRANTED, locks=locks, fresh=answer.fresh,
-                           expired=tuple(self._readable(answer.expired, deleted=True)))
+                           expired=tuple(self._readable(answer.expired, deleted=True)),
+                           handed=self._grants(answer.handed))
         messages = {f.name: f.message for f in policy.rules.freezes}
         if isinstance(answer, redis_replies.Refused):
             return Outcome(status=Status(answer.status), key=answer.key,
                            holder=self._maybe_lock(answer.holder),
                            message=messages.get(answer.freeze) if answer.freeze else None,
                            superseded=tuple(self._waiter(rec) for rec in answer.superseded),
-                           expired=tuple(self._readable(answer.expired, deleted=True)))
+                           expired=tuple(self._readable(answer.expired, deleted=True)),
+                           handed=self._grants(answer.handed))
         assert wait is not None
         self._enqueued.add(wait.id)
         names = self._waiter_names(candidates, wait.id)
@@ -991,7 +997,8 @@ class RedisBackend:
                        key=answer.key, holder=self._maybe_lock(answer.holder),
                        position=answer.position, message=messages.get(answer.freeze),
                        superseded=tuple(self._waiter(rec) for rec in answer.superseded),
-                       expired=tuple(self._readable(answer.expired, deleted=True)))
+                       expired=tuple(self._readable(answer.expired, deleted=True)),
+                       handed=self._grants(answer.handed))
 
     async def release_and_handoff(
         self, key: str, *, owner: Owner | None = None, policy: QueuePolicy | None = None,
@@ -1078,7 +1085,7 @@ class RedisBackend:
             return Cancelled()
         return Cancelled(removed=answer.status == "removed", waiter=self._waiter(answer.waiter),
                          granted=tuple(self._lock(row) for row in answer.locks),
-                         fresh=answer.fresh)
+                         fresh=answer.fresh, handed=self._grants(answer.handed))
 
     async def queue(self, key: str, *, policy: QueuePolicy | None = None) -> Waiters:
         answer = redis_replies.queue(await self._run(

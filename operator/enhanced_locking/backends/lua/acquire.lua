@@ -15,7 +15,9 @@
 --         {'queued', waiter record (flat), key, its holder or {}, position, freeze name or '',
 --          superseded waiter records}
 --         each but 'took' with, after it, the locks whose lease had run out and that the call
---         dropped before it decided, when there are any
+--         dropped before it decided, when there are any or it served a waiter, and after them
+--         the waiters it served before it decided ({waiter record, locks, fresh} each), when
+--         there are any
 -- decoded by redis_replies.acquire
 local refused = guard()
 if refused then return refused end
@@ -112,9 +114,11 @@ local function main()
   local fx = new_effects()
   for _, k in ipairs(keys) do expire_lapsed(k, fx.expired) end
   -- The answer, with the leases that ran out and were dropped above after it (if any): the
-  -- caller tells each as expired.
+  -- caller tells each as expired; then the waiters served on the way (if any): the caller
+  -- counts each hand-off.
   local function told(reply)
-    if #fx.expired > 0 then table.insert(reply, fx.expired) end
+    if #fx.expired > 0 or #fx.granted > 0 then table.insert(reply, fx.expired) end
+    if #fx.granted > 0 then table.insert(reply, fx.granted) end
     return reply
   end
   serve(keys, fx)

@@ -4,8 +4,8 @@
 -- ARGV[11] waiter id  ARGV[12] reason (cancelled, timeout, deadlock, unavailable)
 -- ARGV[13] caller ('': any; else only if that caller still owns the waiter, or owned it when
 --          it was granted)
--- returns {'removed', waiter record}, {'kept', waiter record} (a retry owns it now, or was
---         granted it),
+-- returns {'removed', waiter record, the waiters its leaving served ({waiter record, locks,
+--         fresh} each)}, {'kept', waiter record} (a retry owns it now, or was granted it),
 --         {'none'}, or, when it had been granted already,
 --         {'granted', waiter record, locks it still holds (now confirmed), fresh 0/1}
 -- decoded by redis_replies.cancel
@@ -22,8 +22,9 @@ local function main()
     serve(rec.keys, PLAN)
     planned()
     drop_waiter(id, rec, ARGV[12], nil)
-    serve(rec.keys, new_effects())
-    return {'removed', rec.flat}
+    local fx = new_effects()
+    serve(rec.keys, fx)
+    return {'removed', rec.flat, fx.granted}
   end
   local out = redis.pcall('HMGET', outcome_name(id), 'kind', 'waiter', 'locks', 'fresh')
   if is_error(out) or out[1] ~= 'granted' then return {'none'} end
