@@ -38,26 +38,23 @@ _NO_CALL_ID = {hashlib.sha1(APPEND_EVENTS.encode()).hexdigest()}
 """Scripts whose ``KEYS[2]`` is no call id (the events' append: its process's writer key, the
 same for each of its writes)."""
 _LINE = re.compile(r"^\+?(?P<at>[\d.]+) \[(?P<db>\d+) (?P<client>[^\]]+)\] (?P<args>.*)$")
-_TOKEN = re.compile(r'"((?:[^"\\]|\\.)*)"')
+_TOKEN = re.compile(r'"([^"\\]*(?:\\.[^"\\]*)*)"')
 _ESCAPES = {"n": "\n", "r": "\r", "t": "\t", "a": "\a", "b": "\b", '"': '"', "\\": "\\"}
 
 
+_ESCAPE = re.compile(r"\\(x[0-9a-fA-F]{2}|.)", re.DOTALL)
+
+
+def _unescaped(match: re.Match[str]) -> str:
+    escaped = match.group(1)
+    if len(escaped) == 3:  # \xHH
+        return chr(int(escaped[1:], 16))
+    return _ESCAPES.get(escaped, escaped)
+
+
 def _unquote(text: str) -> str:
-    out, i = [], 0
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\" and i + 1 < len(text):
-            nxt = text[i + 1]
-            if nxt == "x" and i + 3 < len(text):
-                out.append(chr(int(text[i + 2:i + 4], 16)))
-                i += 4
-                continue
-            out.append(_ESCAPES.get(nxt, nxt))
-            i += 2
-            continue
-        out.append(ch)
-        i += 1
-    return "".join(out)
+    """A token of a ``MONITOR`` line as Redis wrote it (its quotes gone), escapes undone."""
+    return _ESCAPE.sub(_unescaped, text) if "\\" in text else text
 
 
 @dataclass
@@ -87,6 +84,12 @@ class Watched:
     call id (a script that asks for keys must have written nothing)."""
 
 
+def _words(text: str, count: int | None = None) -> list[str]:
+    """The first ``count`` words (None: all) of a ``MONITOR`` line's command, unquoted."""
+    return [_unquote(found.group(1))
+            for found in itertools.islice(_TOKEN.finditer(text), count)]
+
+
 def _touched(command: list[str]) -> list[str]:
     name = command[0].lower()
     if name in _NO_KEYS or len(command) < 2:
@@ -105,17 +108,25 @@ def check_log(text: str) -> Watched:
         match = _LINE.match(raw.strip())
         if match is None:
             continue
-        args = [_unquote(t) for t in _TOKEN.findall(match.group("args"))]
-        if not args:
-            continue
+        # Only the words the checks read are unquoted (a call's values and a library's load
+        # are long): a script's command's name and keys, a call's script and keys.
+        text = match.group("args")
         if match.group("client") == "lua":
+            command = _words(text, 2)
+            if not command:
+                continue
             if current is not None:
-                current.commands.append((number, args))
+                if command[0].lower() in _KEYS_ALL:
+                    command = _words(text)
+                current.commands.append((number, command))
+            continue
+        head = _words(text, 3)
+        if not head:
             continue
         current = None
-        if args[0].lower() in _SCRIPT_CALLS and len(args) >= 3:
-            count = int(args[2])
-            current = _Call(number, args[1], args[3:3 + count])
+        if head[0].lower() in _SCRIPT_CALLS and len(head) >= 3:
+            count = int(head[2])
+            current = _Call(number, head[1], _words(text, 3 + count)[3:])
             calls.append(current)
     by_id: dict[str, list[_Call]] = {}
     for call in calls:
