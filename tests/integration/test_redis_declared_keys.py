@@ -187,6 +187,23 @@ def test_the_watch_catches_a_key_touched_undeclared_and_a_write_before_an_ask(
     assert len(watched.wrote_then_asked) == 1
 
 
+def test_the_watch_reads_every_call_made_before_it_stops(tmp_path: Path) -> None:
+    # A burst just before the stop: the log must hold its last call too (the watch waits for
+    # a marker it sends, not a fixed moment).
+    server = RedisServer(tmp_path).start()
+    try:
+        watch = KeyWatch(LOOPBACK, server.port, tmp_path / "burst.log")
+        with server.client() as client:
+            burst = client.pipeline(transaction=False)
+            for n in range(3000):
+                burst.eval("return redis.call('GET', KEYS[1])", 1, f"k{n}")
+            burst.execute()
+        watched = watch.stop()
+    finally:
+        server.close()
+    assert (watched.calls, watched.commands, watched.undeclared) == (3000, 3000, [])
+
+
 async def _hand_offs(server: RedisServer, waiters: int) -> None:
     config = redis_config(server)
     a = RedisBackend.from_config(config, "enhanced", replica_id="replica-a")

@@ -24,6 +24,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import redis
+
 from enhanced_locking.backends.redis_events import APPEND_EVENTS
 
 __all__ = ["KeyWatch", "Watched", "check_log"]
@@ -34,6 +36,7 @@ _NO_KEYS = {"time", "publish", "spublish"}
 _WRITES = {"set", "incr", "incrby", "hset", "hdel", "sadd", "srem", "zadd", "zrem",
            "zremrangebyscore", "pexpireat", "pexpire", "persist", "del", "unlink", "xadd",
            "expire", "getdel", "hincrby"}
+_MARKERS = itertools.count(1)
 _NO_CALL_ID = {hashlib.sha1(APPEND_EVENTS.encode()).hexdigest()}
 """Scripts whose ``KEYS[2]`` is no call id (the events' append: its process's writer key, the
 same for each of its writes)."""
@@ -166,6 +169,7 @@ class KeyWatch:
             raise RuntimeError("redis-cli is not installed: install Debian's redis-tools "
                                "(make redis)")
         self.log = log
+        self._server = (host, port, password)
         command = [cli, "-h", host, "-p", str(port)]
         if password is not None:
             command += ["--no-auth-warning", "-a", password]
@@ -178,8 +182,32 @@ class KeyWatch:
 
     def stop(self) -> Watched:
         """Stop watching; what the log shows."""
-        time.sleep(0.1)  # the last lines on their way
+        self._drain()
         self._process.terminate()
         self._process.wait(timeout=5)
         self._out.close()
         return check_log(self.log.read_text(encoding="utf-8", errors="replace"))
+
+    def _drain(self) -> None:
+        """Wait until the lines on their way are in the log: a marker sent to the server now
+        is shown after them (at most 5 s). A server that does not answer it (stopped, or its
+        password changed): a moment instead."""
+        host, port, password = self._server
+        marker = f"key-watch-end-{next(_MARKERS)}".encode()
+        start = self.log.stat().st_size
+        try:
+            with redis.Redis(host=host, port=port, password=password, socket_timeout=1,
+                             socket_connect_timeout=1) as client:
+                client.echo(marker)
+        except redis.RedisError:
+            time.sleep(0.1)
+            return
+        deadline = time.monotonic() + 5
+        with self.log.open("rb") as log:
+            log.seek(start)
+            seen = b""
+            while time.monotonic() < deadline:
+                seen = seen[-len(marker):] + log.read()
+                if marker in seen:
+                    return
+                time.sleep(0.005)
