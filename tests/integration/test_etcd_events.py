@@ -315,8 +315,8 @@ def two_serves(etcd_cluster: EtcdCluster, etcd_prefix: str,
              f"--enhanced-locking-etcd-key-prefix={etcd_prefix}",
              "--enhanced-locking-legacy-backend=memory")
     with services() as group:
-        yield [group.start(ServiceProcess(tmp_path / f"replica-{n}", args=flags,
-                                          log_dir=tmp_path)) for n in range(2)]
+        yield group.start_all([ServiceProcess(tmp_path / f"replica-{n}", args=flags,
+                                              log_dir=tmp_path) for n in range(2)])
 
 
 async def _follow(url: str, into: list[tuple[str, str]], ready: asyncio.Event,

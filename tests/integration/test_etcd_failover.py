@@ -63,8 +63,8 @@ def _flags(cluster: EtcdCluster) -> tuple[str, ...]:
 @pytest.fixture
 def replicas(cluster: EtcdCluster, tmp_path: Path) -> Iterator[list[ServiceProcess]]:
     with services() as group:
-        yield [group.start(ServiceProcess(tmp_path / f"replica-{n}", args=_flags(cluster),
-                                          log_dir=tmp_path / "logs")) for n in range(2)]
+        yield group.start_all([ServiceProcess(tmp_path / f"replica-{n}", args=_flags(cluster),
+                                              log_dir=tmp_path / "logs") for n in range(2)])
 
 
 def _body(path: str, pull: int) -> dict[str, Any]:

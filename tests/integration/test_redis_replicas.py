@@ -68,10 +68,11 @@ def replicas(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Replica
         def start(count: int, *extra: str,
                   server: RedisServer | None = None) -> list[ServiceProcess]:
             redis = _redis_flags(request, server)
-            return [group.start(ServiceProcess(tmp_path / f"replica-{len(group.started)}",
-                                               args=flags(redis, *extra),
-                                               log_dir=tmp_path / "logs"))
-                    for _ in range(count)]
+            first = len(group.started)
+            return group.start_all([ServiceProcess(tmp_path / f"replica-{first + n}",
+                                                   args=flags(redis, *extra),
+                                                   log_dir=tmp_path / "logs")
+                                    for n in range(count)])
 
         yield start
 

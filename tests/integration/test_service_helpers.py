@@ -35,6 +35,35 @@ def test_every_process_a_group_started_is_stopped_even_when_the_body_raises(
         assert process not in ServiceProcess.running
 
 
+def test_a_group_starts_processes_side_by_side_and_stops_each_with_its_sigterm(
+    tmp_path: Path,
+) -> None:
+    with services() as group:
+        first, second = group.start_all([ServiceProcess(tmp_path / "a"),
+                                         ServiceProcess(tmp_path / "b")])
+        assert first.port != second.port
+        for process in (first, second):
+            assert httpx.get(f"{process.url}/healthz").status_code == 200
+    for process in (first, second):
+        # Shut down in order (exit 0), not killed after the grace.
+        assert process.process is not None and process.process.returncode == 0
+        assert process not in ServiceProcess.running
+
+
+def test_a_process_of_a_group_that_does_not_come_up_fails_the_test_and_the_rest_are_stopped(
+    tmp_path: Path,
+) -> None:
+    broken = ServiceProcess(tmp_path / "broken", args=("--enhanced-locking-max-timeout=soon",))
+    spawned = ServiceProcess(tmp_path / "spawned")
+    with pytest.raises(pytest.fail.Exception) as failed, services() as group:
+        group.start_all([broken, spawned])
+        pytest.fail("the body ran although a service did not start")
+    assert "exited with 2 before serving" in str(failed.value)
+    assert "max-timeout" in str(failed.value)
+    assert spawned.process is not None and spawned.process.poll() is not None
+    assert spawned not in ServiceProcess.running
+
+
 class _Impostor(BaseHTTPRequestHandler):
     """Another run's server on the port: it answers every health check."""
 

@@ -228,13 +228,14 @@ async def assert_recovered(run: Run, replicas: Sequence[ServiceProcess]) -> None
 
 def replicas_on(group: Services, root: Path, count: int, *store: str) -> list[ServiceProcess]:
     """``count`` serve processes on the store ``store`` (its flags) names, started in
-    ``group``: fail-closed (an outage is answered ``unavailable``), priority queues."""
-    return [group.start(ServiceProcess(
+    ``group`` side by side: fail-closed (an outage is answered ``unavailable``), priority
+    queues."""
+    return group.start_all([ServiceProcess(
         root / f"replica-{n}", log_dir=root / "logs",
         args=("--enhanced-locking-enabled", *store, "--enhanced-locking-priority-queue",
               "--enhanced-locking-max-timeout=1m", "--enhanced-locking-fallback=fail-closed",
-              "--enhanced-locking-legacy-backend=memory")))
-        for n in range(count)]
+              "--enhanced-locking-legacy-backend=memory"))
+        for n in range(count)])
 
 
 async def frozen_for(replica: ServiceProcess, seconds: float) -> None:

@@ -130,6 +130,8 @@ class ServiceProcess:
         self._port = port
         self.log_dir = log_dir or data_dir.parent
         self.process: subprocess.Popen[bytes] | None = None
+        self._terminated = False
+        """The running process was sent SIGTERM (by :meth:`terminate`)."""
         self.starts = 0
         self._number = next(_NUMBERS)
 
@@ -175,6 +177,13 @@ class ServiceProcess:
 
     def start(self, *, deadline: float = START_DEADLINE) -> Self:
         """Start the process and wait until ``/healthz`` answers 200."""
+        self.spawn()
+        self.wait_started(deadline=deadline)
+        return self
+
+    def spawn(self) -> None:
+        """Start the process without waiting for it (:meth:`wait_started` waits): several
+        spawned before the first is awaited start side by side."""
         if self.process is not None and self.process.poll() is None:
             raise ServiceStartError(f"the {self.name} is already running")
         self.starts += 1
@@ -188,9 +197,13 @@ class ServiceProcess:
                 env=scrubbed_env(self.env),
                 start_new_session=True,
             )
+        self._terminated = False
         ServiceProcess.running.append(self)
+
+    def wait_started(self, *, deadline: float = START_DEADLINE) -> None:
+        """Wait until the spawned process answers ``/healthz`` 200 (killed if it does not
+        within ``deadline`` seconds)."""
         self._wait_healthy(deadline)
-        return self
 
     def bound_port(self) -> int | None:
         """The port this start's process says it bound (its ``listening on`` line), if yet."""
@@ -231,11 +244,18 @@ class ServiceProcess:
         raise ServiceStartError(
             f"`{argv}` did not answer /healthz within {deadline}s ({last}):\n{self.output()}")
 
+    def terminate(self) -> None:
+        """SIGTERM without waiting (:meth:`stop` then waits, and sends no second one)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self._terminated = True
+
     def _signal(self, sig: signal.Signals, wait: float) -> int | None:
         if self.process is None:
             return None
         if self.process.poll() is None:
-            self.process.send_signal(sig)
+            if not (sig == signal.SIGTERM and self._terminated):
+                self.process.send_signal(sig)
             try:
                 self.process.wait(timeout=wait)
             except subprocess.TimeoutExpired:
@@ -308,14 +328,27 @@ class Services:
 
     def start(self, process: P, *, deadline: float = START_DEADLINE) -> P:
         """Start ``process``; one that does not come up fails the test with its output."""
-        self.started.append(process)
+        return self.start_all([process], deadline=deadline)[0]
+
+    def start_all(self, processes: Sequence[P], *,
+                  deadline: float = START_DEADLINE) -> list[P]:
+        """Start ``processes`` side by side (each spawned, then each awaited); one that does not
+        come up fails the test with its output."""
+        self.started.extend(processes)
         try:
-            process.start(deadline=deadline)
+            for process in processes:
+                process.spawn()
+            for process in processes:
+                process.wait_started(deadline=deadline)
         except (ServiceStartError, OSError) as error:
             pytest.fail(str(error), pytrace=False)
-        return process
+        return list(processes)
 
     def stop(self) -> None:
+        """Every process told to stop (SIGTERM), then each awaited: they wind down side by
+        side."""
+        for process in self.started:
+            process.terminate()
         for process in self.started:
             process.stop()
 
