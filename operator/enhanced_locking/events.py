@@ -16,16 +16,17 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal, Protocol, get_args
+from typing import Any, ClassVar, Literal, Protocol, get_args
 
 from enhanced_locking.types import Event, Lock
 
 __all__ = ["EVENT_TYPES", "FOLLOWING_COMMENT", "Bus", "EventBus", "EventType", "Following",
-           "Gap", "parse_event_id"]
+           "Gap", "SwitchingBus", "parse_event_id"]
 
 EventType = Literal[
     "acquired",
@@ -69,19 +70,28 @@ class Gap:
     it may, or what it no longer may have (``reason="replay"``), it read slower than events
     came (``"behind"``), or events were dropped before they reached the store (``"dropped"``:
     a shared bus's outbox was full while the store was away), or a resume could not be checked
-    (``"unavailable"``: a shared bus's store did not answer within ``RESUME_WAIT``).
-    ``oldest`` is the oldest event id still kept. The reader re-reads the state it follows."""
+    (``"unavailable"``: a shared bus's store did not answer within ``RESUME_WAIT``), or the
+    bus it read was replaced by another (``"switched"``: a switch of the enhanced store moved
+    the events to the new store's bus; see :class:`SwitchingBus`).
+    ``oldest`` is the oldest event id still kept. The reader re-reads the state it follows.
+    ``resume`` (a switch's gap only): the new bus's id the reader follows from, its
+    ``Last-Event-ID`` from then on; ``None`` when the new bus had no event yet (its start,
+    ``0-0``, means "from the first event kept" on any bus)."""
 
     after: str
     oldest: str | None
     reason: str
+    resume: str | None = None
 
 
 @dataclass(frozen=True)
 class Following:
     """A reader's start is fixed (``follow(announce=True)`` says so once, before any event
     after it): every event published from now on reaches this reader. A client that reads
-    some state and then follows its changes reads the state after this, and misses none."""
+    some state and then follows its changes reads the state after this, and misses none.
+    ``at``: the id the reader follows from (every event after it reaches the reader)."""
+
+    at: str | None = None
 
 
 def parse_event_id(event_id: str) -> tuple[int, int]:
@@ -157,6 +167,10 @@ class Bus(Protocol):
 class EventBus:
     """Publish events; keep the last ``capacity`` for resume; wake stream readers."""
 
+    name: ClassVar[str] = "process"
+    """Where the events are: ``"process"`` here (this process's own), else the shared store's
+    name (``"redis"``, ``"etcd"``), in task names, log lines, ``/readyz`` and the metrics."""
+
     def __init__(self, *, capacity: int = 10_000, enabled: Callable[[], bool] = lambda: True):
         self._ring: collections.deque[_Kept] = collections.deque(maxlen=capacity)
         self._subscribers: list[Subscriber] = []
@@ -177,6 +191,8 @@ class EventBus:
         self._holes = 0
         """How many times events were dropped: a reader that saw it move gets a gap."""
         self._enabled = enabled
+        self.retired = asyncio.Event()
+        """Set by :meth:`retire`: another bus serves the events from now on."""
 
     def publish(self, type: EventType, *, lock: Lock | None = None, key: str | None = None,
                 **details: Any) -> None:
@@ -214,6 +230,15 @@ class EventBus:
         if self._wakeup is None:
             self._wakeup = asyncio.Event()
         return self._wakeup
+
+    def retire(self) -> None:
+        """Another bus serves the events from now on: each reader following this one gets
+        what it holds still and then its stream ends (:meth:`follow`)."""
+        self.retired.set()
+        self._wake()
+
+    async def close(self) -> None:
+        """Stop what the bus runs (nothing here: it is the process's memory)."""
 
     def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
         self._subscribers.append(subscriber)
@@ -271,8 +296,9 @@ class EventBus:
     def _unknown(self, mark: tuple[int, int]) -> bool:
         """Whether ``mark`` (at or after the floor) is no event of this log: from before its
         start, above its newest event, or not in the ring where the ring holds every event
-        around it. ``0-0`` is no event: "from the first one kept"."""
-        if mark == (0, 0) or mark == self._floor:
+        around it. ``0-0`` is no event: "from the first one kept"; nor is the log's start (a
+        reader that followed from there before any event, and resumes)."""
+        if mark == (0, 0) or mark == self._floor or mark == self._start:
             return False
         if mark < self._start or mark > self._last:
             return True
@@ -303,7 +329,7 @@ class EventBus:
 
     async def follow(self, after: str | None = None, *, max_lag: int | None = None,
                      announce: bool = False, resume: bool = True,
-                     ) -> AsyncIterator[Event | Gap | Following]:
+                     ) -> AsyncGenerator[Event | Gap | Following, None]:
         """:meth:`stream` for a reader that may fall behind. With ``max_lag``, a reader that
         asks to replay more than that many events, or whose ``after`` may have fallen out of
         the ring, gets a :class:`Gap` and then follows live from now; a reader that falls more
@@ -312,7 +338,8 @@ class EventBus:
         ring, so a stalled reader costs no memory. With ``announce``, :class:`Following` comes
         once the reader's start is fixed (after a replay's gap). ``resume=False``: ``after``
         is no reader's resume point but a start the bus fixed itself (its store's "now"),
-        not checked for a gap."""
+        not checked for a gap. A bus retired (:meth:`retire`) gives each reader what it still
+        holds after the reader's place, then ends the stream."""
         mark = parse_event_id(after) if after else self._newest()
         if max_lag is not None and after is not None and resume and (
                 self._behind(mark, max_lag) or self._unknown(mark)
@@ -321,7 +348,7 @@ class EventBus:
                       reason="replay")
             mark = self._newest()
         if announce:
-            yield Following()
+            yield Following(at=f"{mark[0]}-{mark[1]}")
         holes = self._holes
         while True:
             wakeup = self._next_wakeup()  # before looking: no publish in between is missed
@@ -345,4 +372,147 @@ class EventBus:
                 mark = parse_event_id(event.id)
                 yield event
             if not fresh:
+                if self.retired.is_set():
+                    return
                 await wakeup.wait()
+
+
+class Publish(Protocol):
+    """A bus's ``publish``, as :class:`SwitchingBus` hands it on."""
+
+    def __call__(self, type: EventType, *, lock: Lock | None = None, key: str | None = None,
+                 **details: Any) -> None: ...
+
+
+class _Subscription:
+    """A subscriber of a :class:`SwitchingBus`, and how to take it off the bus serving now."""
+
+    __slots__ = ("off", "subscriber")
+
+    def __init__(self, subscriber: Subscriber, off: Callable[[], None]) -> None:
+        self.subscriber = subscriber
+        self.off = off
+
+
+_Item = Event | Gap | Following
+
+
+class SwitchingBus:
+    """The event bus the service's parts hold: they publish to it, the SSE stream follows it,
+    and it hands each call to the bus serving now (:attr:`bus`), which a switch of the
+    enhanced store replaces (:meth:`switch`): the new store's shared bus (a Redis stream, an
+    etcd key's history), or a bus of this process's own for a store of its own.
+
+    ``publish`` is the serving bus's own method (no call in between); subscribers move to the
+    new bus. A reader following the old bus gets what that bus still holds after its place,
+    then a :class:`Gap` with ``reason="switched"`` (``after``: its place on the old bus;
+    ``resume``: where it follows the new bus from, an id of the new bus), then the new bus's
+    events. The gap comes once the new bus fixed that start (its store's "now"). A reader whose
+    start was not fixed yet when the bus was replaced gets the gap only if it resumes (it
+    gave ``after``); one that follows from now simply follows the new bus."""
+
+    def __init__(self, bus: EventBus) -> None:
+        self.bus = bus
+        """The bus serving the events now."""
+        self.publish: Publish = bus.publish
+        self._subscriptions: list[_Subscription] = []
+
+    def switch(self, bus: EventBus) -> EventBus:
+        """``bus`` serves the events from now on; the bus it replaces (retired: its readers
+        move to ``bus``; the caller closes it)."""
+        old, self.bus = self.bus, bus
+        self.publish = bus.publish
+        for entry in self._subscriptions:
+            entry.off()
+            entry.off = bus.subscribe(entry.subscriber)
+        old.retire()
+        return old
+
+    def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
+        entry = _Subscription(subscriber, self.bus.subscribe(subscriber))
+        self._subscriptions.append(entry)
+
+        def unsubscribe() -> None:
+            self._subscriptions.remove(entry)
+            entry.off()
+
+        return unsubscribe
+
+    def recent(self, after: str | None = None) -> list[Event]:
+        return self.bus.recent(after)
+
+    def gap_since(self, after: str) -> bool:
+        return self.bus.gap_since(after)
+
+    async def close(self) -> None:
+        await self.bus.close()
+
+    async def stream(self, after: str | None = None) -> AsyncIterator[Event]:
+        """The serving bus's events after ``after``, then live, across switches (a switch's
+        gap is not an event: a reader that must know of it follows)."""
+        async for item in self.follow(after):
+            if isinstance(item, Event):
+                yield item
+
+    async def follow(self, after: str | None = None, *, max_lag: int | None = None,
+                     announce: bool = False) -> AsyncIterator[Event | Gap | Following]:
+        """:meth:`EventBus.follow` of the serving bus, carried across switches (see the
+        class)."""
+        place = after  # where the reader is, in the ids of the bus it reads
+        started = False  # its start is fixed (a Following came)
+        switched = False  # its bus was replaced: the new bus's start comes with a gap
+        while True:
+            bus = self.bus
+            inner = bus.follow(None if switched else place, max_lag=max_lag, announce=True)
+            try:
+                first = await _first(inner, bus)
+                if first is None:  # replaced before it fixed the reader's start
+                    if bus is self.bus:
+                        return  # (ended, not replaced: only a retired bus ends so)
+                    switched = switched or place is not None
+                    continue
+                if switched:
+                    assert isinstance(first, Following) and place is not None
+                    # "0-0" (a store with no event yet) means "from the first event kept"
+                    # on every bus: no resume id then (the old bus's id stays the client's).
+                    resume = first.at if first.at != "0-0" else None
+                    yield Gap(after=place, oldest=None, reason="switched", resume=resume)
+                    switched = False
+                item, step = first, inner.__anext__
+                with contextlib.suppress(StopAsyncIteration):
+                    while True:
+                        if isinstance(item, Event):
+                            place = item.id
+                            yield item
+                        elif isinstance(item, Following):
+                            place = item.at
+                            if announce and not started:
+                                yield item
+                            started = True
+                        else:
+                            yield item
+                            if item.reason in ("behind", "dropped"):
+                                return  # the stream ends after these
+                        item = await step()
+                # Its bus ended the stream: retired, another serves now.
+                if bus is self.bus:
+                    return  # (ended, not replaced: only a retired bus ends so)
+                switched = started or place is not None
+            finally:
+                await inner.aclose()
+
+
+async def _first(inner: AsyncGenerator[_Item, None], bus: EventBus) -> _Item | None:
+    """``inner``'s first item, or ``None`` when ``bus`` is retired first (or it ends)."""
+    if bus.retired.is_set():
+        return None
+    step = asyncio.ensure_future(anext(inner, None))
+    retired = asyncio.ensure_future(bus.retired.wait())
+    try:
+        await asyncio.wait((step, retired), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        retired.cancel()
+        if not step.done():
+            step.cancel()
+            await asyncio.wait((step,))
+    return None if step.cancelled() else step.result()

@@ -25,7 +25,7 @@ from enhanced_locking.backends.redis_events import RedisEventBus
 from enhanced_locking.backends.redis_store import RedisBackend
 from enhanced_locking.backends.shared_events import SharedEventBus
 from enhanced_locking.config import EnhancedLockingConfig
-from enhanced_locking.events import EventBus
+from enhanced_locking.events import EventBus, SwitchingBus
 from enhanced_locking.locking import EnhancedLocker, LegacyLocker
 from enhanced_locking.metrics import Metrics
 from enhanced_locking.migration import Router
@@ -140,13 +140,24 @@ def build_backend(
     return builder(config, namespace, replica_id)
 
 
-def _event_bus(config: EnhancedLockingConfig, *, enabled: Callable[[], bool]) -> EventBus:
+_SHARED_BUSES = ("redis", "etcd")
+"""Stores whose events every replica on them shares (a Redis stream, an etcd key's history)."""
+
+
+def _bus_identity(config: EnhancedLockingConfig, kind: str | None) -> tuple[Any, ...]:
+    """What decides which bus serves the events of a ``kind`` store (``None``: no enhanced
+    store): the store's own for a shared one, else the process's own (every such store's)."""
+    return backend_identity(config, kind) if kind in _SHARED_BUSES else ("process",)
+
+
+def _event_bus(config: EnhancedLockingConfig, kind: str | None, *,
+               enabled: Callable[[], bool]) -> EventBus:
     # With the enhanced locks in Redis (etcd), events go through a Redis Stream (an etcd key's
-    # history) so every replica's GET /v1/events shows every replica's events (chosen at
-    # start, like the replica id).
-    if config.enabled and config.backend == "redis":
+    # history) so every replica's GET /v1/events shows every replica's events; the bus follows
+    # the store in force (``LockService._swap``).
+    if kind == "redis":
         return RedisEventBus.from_config(config, enabled=enabled)
-    if config.enabled and config.backend == "etcd":
+    if kind == "etcd":
         return EtcdEventBus.from_config(config, enabled=enabled)
     return EventBus(enabled=enabled)
 
@@ -179,9 +190,12 @@ class LockService:
         self.replica_id = config.replica_id or default_replica_id()
         """This replica's one identity: in the routing registry, the status it writes, the
         Lease it holds and the Redis store's waiter liveness."""
-        self.events = _event_bus(config, enabled=lambda: provider.current.config.events)
-        if isinstance(self.events, SharedEventBus):
-            self.events.count_dropped = self.metrics.events_dropped.inc
+        kind = config.backend if config.enabled else None
+        self._bus_identity = _bus_identity(config, kind)
+        self.events = SwitchingBus(self._event_bus(config, kind))
+        """The events of the enhanced store in force: its shared bus (Redis, etcd), else this
+        process's own; a switch of the store moves them (:meth:`_swap`)."""
+        self._serving(self.events.bus)
         self._unreadable_watch: dict[str, Callable[[], None]] = {}
         self.legacy_backend = self._build(config, config.legacy_backend, "legacy")
         self._watch_unreadable("legacy", self.legacy_backend)
@@ -255,8 +269,7 @@ class LockService:
             await self.enhanced.close()
             await self.enhanced.backend.close()
         await self.legacy_backend.close()
-        if isinstance(self.events, RedisEventBus | EtcdEventBus):
-            await self.events.close()
+        await self.events.close()
 
     async def _apply(self, snapshot: Snapshot) -> None:
         config = snapshot.config
@@ -274,7 +287,7 @@ class LockService:
             if self.enhanced is None:
                 locker = self._locker(backend)
                 await locker.start()
-                previous = self._swap(config, backend, locker, identity)
+                previous, retired = self._swap(config, backend, locker, identity)
             else:
                 # From the export to the swap the old locker must not change its store (a grant
                 # made then would never reach the new one, a release would leave its copy held):
@@ -299,7 +312,7 @@ class LockService:
                         # store's list, which its start arms, leaves a lapsed lock out).
                         for lock in locks:
                             locker.leases.arm(lock.key, lock.expires_at)
-                        previous = self._swap(config, backend, locker, identity)
+                        previous, retired = self._swap(config, backend, locker, identity)
                 except BaseException:
                     old.leases.release()
                     raise
@@ -318,6 +331,8 @@ class LockService:
         if previous is not None:
             await previous.close()
             await previous.backend.close()
+        if retired is not None:
+            await retired.close()
         log.info("enhanced locker now on the %s backend", config.backend)
 
     def _locker(self, backend: Backend) -> EnhancedLocker:
@@ -330,15 +345,37 @@ class LockService:
             metrics=self.metrics,
         )
 
+    def _event_bus(self, config: EnhancedLockingConfig, kind: str | None) -> EventBus:
+        bus = _event_bus(config, kind, enabled=lambda: self.provider.current.config.events)
+        if isinstance(bus, SharedEventBus):
+            bus.count_dropped = self.metrics.events_dropped.inc
+        return bus
+
+    def _serving(self, bus: EventBus) -> None:
+        """Say which bus serves the events now (``enhanced_locking_event_bus``)."""
+        for name in ("process", *_SHARED_BUSES):
+            self.metrics.event_bus.labels(name).set(1 if name == bus.name else 0)
+
     def _swap(self, config: EnhancedLockingConfig, backend: Backend, locker: EnhancedLocker,
-              identity: tuple[Any, ...]) -> EnhancedLocker | None:
-        """Put ``locker`` (on ``backend``) in force; the locker it replaces, if any."""
-        if (isinstance(backend, EtcdBackend) and isinstance(self.events, EtcdEventBus)
-                and backend.connection.settings == self.events.connection.settings):
-            backend.carry(self.events)  # the events ride in the lock steps' transactions
+              identity: tuple[Any, ...]) -> tuple[EnhancedLocker | None, EventBus | None]:
+        """Put ``locker`` (on ``backend``) in force, and the events on its store's bus when that
+        is another bus than the one serving (its readers are moved, told ``gap``); the locker
+        and the bus it replaces, if any (for the caller to close)."""
+        bus_identity = _bus_identity(config, config.backend)
+        retired = None
+        if bus_identity != self._bus_identity:
+            retired = self.events.switch(self._event_bus(config, config.backend))
+            self._bus_identity = bus_identity
+            self._serving(self.events.bus)
+            log.info("events now on the %s bus (were on the %s bus)", self.events.bus.name,
+                     retired.name)
+        bus = self.events.bus
+        if (isinstance(backend, EtcdBackend) and isinstance(bus, EtcdEventBus)
+                and backend.connection.settings == bus.connection.settings):
+            backend.carry(bus)  # the events ride in the lock steps' transactions
         previous, self.enhanced = self.enhanced, locker
         self._enhanced_identity = identity
-        return previous
+        return previous, retired
 
     def _applied(self, snapshot: Snapshot) -> None:
         if self.enhanced is not None:

@@ -271,6 +271,13 @@ class Metrics:
             "this replica's event readers got a gap. Counted when the store takes events "
             "again.", registry=r,
         )
+        self.event_bus = Gauge(
+            "enhanced_locking_event_bus",
+            "1 for the event bus that serves this replica's events, 0 for the others: process "
+            "(its own), or the enhanced store's shared one (redis, etcd), which every replica "
+            "on that store reads. It follows a switch of the enhanced store.",
+            ["bus"], registry=r,
+        )
         self.audit_waiting = Gauge(
             "enhanced_locking_audit_entries_waiting",
             "Audit entries appended and not yet written to the store (it writes behind; this "

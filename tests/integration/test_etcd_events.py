@@ -62,7 +62,7 @@ async def test_each_replica_streams_every_replicas_events_in_one_order(
 ) -> None:
     a, b = await replicas(etcd_cluster, etcd_prefix, 2)
     try:
-        assert isinstance(a.events, EtcdEventBus) and isinstance(b.events, EtcdEventBus)
+        assert isinstance(a.events.bus, EtcdEventBus) and isinstance(b.events.bus, EtcdEventBus)
         on_a, on_b = await followed(a.events), await followed(b.events)
         assert (await a.router.acquire(request_for(pull=1))).acquired
         # The acquire's event is written first: a's watch has read it back from etcd.
@@ -402,7 +402,7 @@ async def test_a_busy_replicas_events_ride_in_its_lock_transactions(
     raw = EtcdConnection(EtcdSettings(endpoints=tuple(etcd_cluster.endpoints)))
     pairs = 20
     try:
-        assert isinstance(b.events, EtcdEventBus)
+        assert isinstance(b.events.bus, EtcdEventBus)
         following = await followed(b.events)
         assert (await a.router.acquire(request_for(pull=1))).acquired  # warm up: session
         assert await a.router.release(request_for().key) is not None
@@ -450,8 +450,8 @@ async def test_events_riding_in_a_lock_step_whose_answer_was_lost_land_once(
     no tag, and the outbox wrote them a second time (every follower saw them twice)."""
     a, b = await replicas(etcd_cluster, etcd_prefix, 2)
     try:
-        bus, backend = a.events, a.enhanced.backend if a.enhanced is not None else None
-        assert isinstance(bus, EtcdEventBus) and isinstance(b.events, EtcdEventBus)
+        bus, backend = a.events.bus, a.enhanced.backend if a.enhanced is not None else None
+        assert isinstance(bus, EtcdEventBus) and isinstance(b.events.bus, EtcdEventBus)
         assert isinstance(backend, EtcdBackend)
         connection = backend.connection
         following = await followed(b.events)

@@ -41,7 +41,7 @@ async def service(redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch,
 
 async def _acquired(service: LockService, *pulls: int) -> tuple[RedisEventBus, list[Event]]:
     """The service's bus and the ``acquired`` events of the pulls' grants, as read live."""
-    bus = service.events
+    bus = service.events.bus
     assert isinstance(bus, RedisEventBus)
     live = bus.follow(announce=True)
     assert isinstance(await asyncio.wait_for(anext(live), 10), Following)

@@ -49,7 +49,7 @@ async def test_each_replica_streams_every_replicas_events_in_one_order(
 ) -> None:
     a, b = await replicas(redis_server, 2)
     try:
-        assert isinstance(a.events, RedisEventBus) and isinstance(b.events, RedisEventBus)
+        assert isinstance(a.events.bus, RedisEventBus) and isinstance(b.events.bus, RedisEventBus)
         on_a, on_b = await followed(a.events), await followed(b.events)
         assert (await a.router.acquire(request_for(pull=1))).acquired
         assert await b.router.release(request_for().key) is not None
@@ -431,7 +431,7 @@ async def test_an_event_stream_written_over_by_another_type_is_replaced_and_foll
     service = LockService(ConfigProvider(config))
     await service.start()
     try:
-        bus = service.events
+        bus = service.events.bus
         assert isinstance(bus, RedisEventBus)
         redis = bus.connection.client
 

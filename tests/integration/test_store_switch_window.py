@@ -6,45 +6,25 @@ key is granted twice across the switch and no released lock is left held in the 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from tests.conftest import ServiceMaker
 from tests.history import Workload, run_clients
 from tests.support.leases import Overrun, until, with_leases
 from tests.support.locks import request_for
 from tests.support.redis_server import RedisServer
-from tests.support.service import LOOPBACK, free_port
+from tests.support.served import served
 
-from enhanced_locking.api import create_app
 from enhanced_locking.backends import EmbeddedBackend
 from enhanced_locking.backends.redis_store import RedisBackend
 from enhanced_locking.factory import LockService
 from enhanced_locking.types import Event, Lock, Locks, utcnow
 
 pytestmark = pytest.mark.redis
-
-
-@contextlib.asynccontextmanager
-async def _served(service: LockService) -> AsyncIterator[str]:
-    """``service``'s HTTP API on a loopback port of this process (its URL)."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(service, manage_lifecycle=False),
-                                           host=LOOPBACK, port=port, log_level="warning"))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        assert not task.done(), "the server did not start"
-        await asyncio.sleep(0.01)
-    try:
-        yield f"http://{LOOPBACK}:{port}"
-    finally:
-        server.should_exit = True
-        await task
 
 
 def _on_redis(server: RedisServer, db: int) -> dict[str, Any]:
@@ -70,7 +50,7 @@ async def test_clients_acquiring_and_releasing_across_switches_never_share_a_loc
             await service.provider.set_layer("cluster", _on_redis(redis_server, db))
             switched.append(db)
 
-    async with _served(service) as url:
+    async with served(service) as url:
         history, _ = await asyncio.gather(run_clients(url, work), switch())
         async with httpx.AsyncClient(base_url=url) as http:
             left = (await http.get("/v1/locks", params={"repo": work.repo})).json()

@@ -393,10 +393,13 @@ def create_app(
 
         Stored locks that cannot be read do not make the service unready (it serves every
         other key): ``unreadable`` counts them by side, and while access control is off
-        ``unreadableKeys`` names them (with it on, ``GET /v1/locks`` does, for readers)."""
+        ``unreadableKeys`` names them (with it on, ``GET /v1/locks`` does, for readers).
+        ``events`` names the bus serving the events: ``process`` (this replica's own), or the
+        enhanced store's shared one, ``redis`` or ``etcd``."""
         backends = await service.ready()
         ready = all(state == "ok" for state in backends.values())
-        body: dict[str, Any] = {"ready": ready, "backends": backends}
+        body: dict[str, Any] = {"ready": ready, "backends": backends,
+                                "events": service.events.bus.name}
         found = service.unreadable()
         if found:
             counts: dict[str, int] = {}

@@ -15,7 +15,11 @@ A reader never loses events silently. When it cannot have them all it gets a ``g
   is cut off once a send has waited ``SEND_TIMEOUT``;
 * ``reason: "unavailable"``: a resume on a shared bus whose store did not answer in time
   (``RESUME_WAIT`` in :mod:`~enhanced_locking.backends.shared_events`); the stream then goes
-  on from its ``Last-Event-ID``.
+  on from its ``Last-Event-ID``;
+* ``reason: "switched"``: a switch of the enhanced store moved the events to another bus (the
+  new store's shared one, or this replica's own): events of the old bus after ``after`` may
+  be missing; the gap carries ``resume``, the new bus's id the stream follows from, also as
+  its SSE id (the client's ``Last-Event-ID`` from then on), and the stream goes on there.
 
 The stream's first line is the comment ``: following``, sent once the reader's start is fixed:
 every event published after it is on the stream (a client that reads some state and then
@@ -106,6 +110,16 @@ class Frames:
             if len(self._frames) > self._size:
                 self._frames.popitem(last=False)
         return frame
+
+
+def _gap_frame(gap: Gap) -> bytes:
+    """A ``gap`` event; a switch's (``resume`` set) carries the new bus's id it resumes from
+    as its SSE id, so the client's ``Last-Event-ID`` is one of the bus that serves now."""
+    data: dict[str, str | None] = {"after": gap.after, "oldest": gap.oldest,
+                                   "reason": gap.reason}
+    if gap.resume is not None:
+        data["resume"] = gap.resume
+    return ServerSentEvent(id=gap.resume, event="gap", data=json.dumps(data)).encode()
 
 
 async def _readable_frame(event: Event, frames: Frames, access: AccessControl,
@@ -278,9 +292,7 @@ def install_event_stream(app: FastAPI, bus: Bus,
                         if item.reason == "behind":
                             log.info("event reader %s fell more than %d events behind: gap, "
                                      "stream closed", client, max_lag)
-                        yield ServerSentEvent(event="gap", data=json.dumps(
-                            {"after": item.after, "oldest": item.oldest,
-                             "reason": item.reason})).encode()
+                        yield _gap_frame(item)
                     elif matches(item, repo=repo, key_prefix=key_prefix, types=types):
                         access = await still.access()
                         if isinstance(access, Unidentified):

@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from datetime import datetime
 from typing import Any, ClassVar, NamedTuple
 
@@ -234,7 +234,7 @@ class SharedEventBus(EventBus):
 
     async def follow(self, after: str | None = None, *, max_lag: int | None = None,
                      announce: bool = False, resume: bool = True,
-                     ) -> AsyncIterator[Event | Gap | Following]:
+                     ) -> AsyncGenerator[Event | Gap | Following, None]:
         """Every replica's events after ``after`` (only new ones without it), then live;
         ``announce``: :class:`Following` once the start is fixed: what the store held loaded
         and, without ``after``, the store's "now" read. Until then nothing is yielded (the

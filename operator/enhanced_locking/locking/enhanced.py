@@ -47,7 +47,7 @@ from enhanced_locking.backends.waiting import (
 )
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.durations import format_duration
-from enhanced_locking.events import EventBus, EventType
+from enhanced_locking.events import Bus, EventType
 from enhanced_locking.locking import batch, deadlock, queueing, visibility
 from enhanced_locking.locking.base import AtlantisCalls
 from enhanced_locking.locking.leasing import LeaseTimers
@@ -171,7 +171,7 @@ class EnhancedLocker(AtlantisCalls):
         backend: Backend,
         *,
         settings: Callable[[], EnhancedLockingConfig],
-        events: EventBus,
+        events: Bus,
         metrics: Metrics,
     ) -> None:
         if not isinstance(backend, QueueBackend):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from enhanced_locking.events import EventBus
+from enhanced_locking.events import Bus
 from enhanced_locking.metrics import Metrics
 from enhanced_locking.types import Lock, utcnow
 
@@ -70,7 +70,7 @@ def is_conflict(legacy: Lock | None, enhanced: Lock | None) -> bool:
 class ConflictBook:
     """The conflicts known now, keyed by lock key."""
 
-    def __init__(self, *, events: EventBus, metrics: Metrics) -> None:
+    def __init__(self, *, events: Bus, metrics: Metrics) -> None:
         self.events = events
         self.metrics = metrics
         self._open: dict[str, LockConflict] = {}

@@ -33,7 +33,7 @@ from typing import Any
 from enhanced_locking.backends.base import Backend, Owner, QueueBackend
 from enhanced_locking.backends.redis_connection import RedisConnection
 from enhanced_locking.config import EnhancedLockingConfig
-from enhanced_locking.events import EventBus
+from enhanced_locking.events import Bus
 from enhanced_locking.locking.base import Locker
 from enhanced_locking.metrics import Metrics
 from enhanced_locking.migration.conflicts import ConflictBook, LockConflict
@@ -83,7 +83,7 @@ class MigrationController:
         enhanced: Callable[[], Locker | None],
         build: Build,
         identity: Identity,
-        events: EventBus,
+        events: Bus,
         metrics: Metrics,
         replica_id: str,
         routing_registry: RoutingRegistry | None = None,

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from enhanced_locking.backends.base import QueueBackend
-from enhanced_locking.events import EventBus
+from enhanced_locking.events import Bus
 from enhanced_locking.locking.base import Locker
 from enhanced_locking.locking.enhanced import EnhancedLocker
 from enhanced_locking.metrics import Metrics
@@ -192,7 +192,7 @@ class FallbackReconciler:
         routes_enhanced: Callable[[str], bool],
         min_interval: Callable[[], float],
         conflicts: ConflictBook,
-        events: EventBus,
+        events: Bus,
         metrics: Metrics,
     ) -> None:
         self._journal = journal

@@ -46,7 +46,7 @@ from enhanced_locking.backends.base import (
 )
 from enhanced_locking.backends.unreadable import UnreadableLocks
 from enhanced_locking.backends.waiting import Waiters
-from enhanced_locking.events import EventBus
+from enhanced_locking.events import Bus
 from enhanced_locking.locking import EnhancedLocker, batch
 from enhanced_locking.locking.base import AtlantisCalls, Locker
 from enhanced_locking.metrics import FallbackAction, Metrics
@@ -208,7 +208,7 @@ class Router(AtlantisCalls):
         legacy: Locker,
         enhanced: Callable[[], Locker | None],
         snapshot: Callable[[], Snapshot],
-        events: EventBus,
+        events: Bus,
         metrics: Metrics,
         migration: MigrationController | None = None,
         gate: SwitchGate | None = None,

@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 
 from enhanced_locking.backends.base import Backend
 from enhanced_locking.config import EnhancedLockingConfig
-from enhanced_locking.events import EventBus
+from enhanced_locking.events import Bus
 from enhanced_locking.hashing import BUCKETS
 from enhanced_locking.metrics import Metrics
 from enhanced_locking.types import (
@@ -150,7 +150,7 @@ class ShadowReplayer:
         build: Callable[[EnhancedLockingConfig], Backend],
         identity: Callable[[EnhancedLockingConfig], tuple[Any, ...]],
         authoritative: Callable[[], Backend],
-        events: EventBus,
+        events: Bus,
         metrics: Metrics,
     ) -> None:
         self._build = build

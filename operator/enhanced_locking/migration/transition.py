@@ -44,7 +44,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from enhanced_locking.config import EnhancedLockingConfig
-from enhanced_locking.events import EventBus
+from enhanced_locking.events import Bus
 from enhanced_locking.hashing import bucket_of, is_enhanced_bucket
 from enhanced_locking.metrics import Metrics
 from enhanced_locking.migration.routing_registry import RoutingRegistry, RoutingView
@@ -220,7 +220,7 @@ class WeightTransitions:
         replica_id: str,
         snapshot: Callable[[], Snapshot],
         registry: Callable[[], RoutingRegistry],
-        events: EventBus,
+        events: Bus,
         metrics: Metrics,
         settle: Settle | None = None,
         clock: Callable[[], float] = time.monotonic,
