@@ -599,3 +599,37 @@ func TestA404ThatIsNotTheServicesIsNotReadAsNoLock(t *testing.T) {
 		t.Fatalf("the lock must still be held, got %+v, %v", held, err)
 	}
 }
+
+func TestASwitchGapMovesTheStreamToTheNewBusAndOtherGapsDoNot(t *testing.T) {
+	// The frames the service sends (api/sse.py): an event, a store switch's gap (its id is
+	// the new event bus's), then a replay gap (no id: no place to resume from).
+	frames := "id: 17-0\r\nevent: acquired\r\ndata: {\"id\":\"17-0\",\"type\":\"acquired\"," +
+		"\"time\":\"2026-01-01T00:00:00Z\"}\r\n\r\n" +
+		"id: 42-0\r\nevent: gap\r\ndata: {\"after\": \"17-0\", \"oldest\": null, " +
+		"\"reason\": \"switched\", \"resume\": \"42-0\"}\r\n\r\n" +
+		"event: gap\r\ndata: {\"after\": \"42-0\", \"oldest\": \"40-0\", \"reason\": \"replay\"}\r\n\r\n"
+	stream := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/event-stream")
+		_, _ = w.Write([]byte(frames))
+		w.(http.Flusher).Flush()
+		<-r.Context().Done() // open until the client leaves
+	}))
+	t.Cleanup(stream.Close)
+	c, err := client.New(stream.URL, client.WithRetries(1, 0))
+	must(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	events, err := c.Events(ctx, client.EventFilter{})
+	must(t, err)
+	defer events.Close() //nolint:errcheck
+	var got []string
+	for range 3 {
+		ev, err := events.Next()
+		must(t, err)
+		got = append(got, ev.Type+"@"+ev.ID+"->"+events.LastEventID())
+	}
+	want := "acquired@17-0->17-0 gap@42-0->42-0 gap@42-0->42-0"
+	if strings.Join(got, " ") != want {
+		t.Fatalf("want %s, got %s", want, strings.Join(got, " "))
+	}
+}

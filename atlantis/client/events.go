@@ -27,7 +27,9 @@ type Event struct {
 }
 
 // EventGap is the type of the event a resumed stream starts with when some events after
-// Last-Event-ID are no longer kept: re-read the state rather than trust the replay.
+// Last-Event-ID are no longer kept: re-read the state rather than trust the replay. A switch
+// of the enhanced store moves the events to another bus and tells a stream so by a gap
+// whose ID is the new bus's, where the stream resumes from then on.
 const EventGap = "gap"
 
 // EventFilter narrows a stream; LastEventID resumes after that event.
@@ -199,8 +201,9 @@ func (s *EventStream) read() (Event, error) {
 			if ev.ID == "" {
 				ev.ID = id
 			}
-			if kind == EventGap {
-				// A gap is not a place to resume from: the stream stays where it was.
+			if kind == EventGap && id == "" {
+				// A gap is not a place to resume from: the stream stays where it was. A
+				// store switch's gap names the new event bus's id: the stream resumes there.
 				ev.ID = s.LastEventID()
 			}
 			return ev, nil

@@ -379,7 +379,8 @@ def parse_sse(lines: Iterable[str]) -> Iterator[Event | None]:
     """Events of a Server-Sent Events text stream (keep-alive comments yield nothing).
 
     A ``gap`` event (the server's ring no longer holds everything after ``Last-Event-ID``)
-    comes out as an :class:`Event` of type ``gap``.
+    comes out as an :class:`Event` of type ``gap``; a store switch's gap has the id of the
+    new event bus to resume from (``Last-Event-ID`` from then on), others none.
 
     An event is whole only once the blank line after it has come: a stream that ends before
     it (the connection cut part way through an event) raises :class:`StreamCut`, and the part
@@ -409,8 +410,8 @@ class StreamCut(ValueError):
 def _event(fields: dict[str, str]) -> Event | None:
     data = json.loads(fields["data"])
     if fields.get("event") == "gap":
-        return Event.model_validate({"type": "gap", "time": "1970-01-01T00:00:00Z",
-                                     "details": data})
+        return Event.model_validate({"id": fields.get("id", ""), "type": "gap",
+                                     "time": "1970-01-01T00:00:00Z", "details": data})
     return Event.model_validate(data)
 
 

@@ -14,8 +14,9 @@ from collections.abc import Iterator
 import pytest
 from tests.support.loopback_http import serving
 
+from enhanced_locking.api.sse import _gap_frame
 from enhanced_locking.client import AsyncClient, Client, ServiceError, StreamCut, parse_sse
-from enhanced_locking.events import EventBus
+from enhanced_locking.events import EventBus, Gap
 from enhanced_locking.types import Event
 
 
@@ -95,3 +96,15 @@ def test_a_stream_that_ends_between_events_ends_quietly() -> None:
     first, text = _whole(bus, "k1")
     with _cut_stream(text + ": keep-alive\n\n") as url, Client(url) as client:
         assert [e.id for e in client.events()] == [first.id]
+
+
+def test_a_switch_gap_carries_the_new_bus_id_to_resume_from_and_other_gaps_none() -> None:
+    """The service's own gap frames: a store switch's names the new bus's id (the client's
+    ``Last-Event-ID`` from then on, so the ``events`` command prints it for a resume); a
+    replay's is no place to resume from."""
+    switched = _gap_frame(Gap(after="17-0", oldest=None, reason="switched", resume="42-0"))
+    replay = _gap_frame(Gap(after="17-0", oldest="20-0", reason="replay"))
+    got = [e for e in parse_sse((switched + replay).decode().split("\r\n")) if e is not None]
+    assert [(e.type, e.id, e.details.get("reason")) for e in got] == [
+        ("gap", "42-0", "switched"), ("gap", "", "replay")]
+    assert got[0].details["resume"] == "42-0" and "resume" not in got[1].details
