@@ -10,10 +10,10 @@
 // reason "unavailable" (its store dropped, maybe after the step had run), or a connection
 // lost once the request was sent, the service may have granted it and be giving the grant
 // back because its caller went away: a retry answered with that same lock (the same pull
-// asking again gets it back) would be told it holds a lock that the give-back then frees. The others (a release that
-// names no pull, force-unlock, cancel, releasing a pull's locks) are sent once, because a
-// repeat could free a lock that someone else took in between, or lose the list of what was
-// released.
+// asking again gets it back) would be told it holds a lock that the give-back then frees. The
+// others (a release that names no pull, force-unlock, cancel, releasing a pull's locks) are
+// sent once, because a repeat could free a lock that someone else took in between, or lose
+// the list of what was released.
 //
 // Refusals are typed errors (see errors.go): *HeldError, *NotOwnerError, *InvalidError,
 // *DeniedError and *UnavailableError.
@@ -581,11 +581,18 @@ func (c *Client) ReleasePullQueued(ctx context.Context, repo string, pull int) (
 		partial("release-pull", a.Unavailable)
 }
 
-// ReleaseBatch frees several locks; with pull, only if that pull holds every held one.
-func (c *Client) ReleaseBatch(ctx context.Context, keys []string, pull *int) (BatchRelease, error) {
+// ReleaseBatch frees several locks; with pull, only if that pull holds every held one; with
+// repo (not ""), only if each held one is that repository's: a lock of another repository's
+// project whose parts join to the same key answers a *NotOwnerError and nothing is freed.
+// The repository is also what the call is judged on when no key is held (per-repository
+// rights).
+func (c *Client) ReleaseBatch(ctx context.Context, keys []string, repo string, pull *int) (BatchRelease, error) {
 	q := url.Values{"key": keys}
 	if pull != nil {
 		q.Set("pull", strconv.Itoa(*pull))
+	}
+	if repo != "" {
+		q.Set("repo", repo)
 	}
 	return request[BatchRelease](ctx, c, call{op: "release-batch", method: http.MethodDelete,
 		path: "/v1/locks/batch", query: q, idempotent: pull != nil})
@@ -593,14 +600,17 @@ func (c *Client) ReleaseBatch(ctx context.Context, keys []string, pull *int) (Ba
 
 type refreshBody struct {
 	Key  string `json:"key"`
+	Repo string `json:"repo,omitempty"`
 	Pull int    `json:"pull"`
 	TTL  string `json:"ttl,omitempty"`
 }
 
-// Refresh extends the lease of the lock on key, held by pull, to now + ttl (0: the service's
-// lock-ttl). A free key answers nil and no error; another pull's lock a *NotOwnerError.
-func (c *Client) Refresh(ctx context.Context, key string, pull int, ttl time.Duration) (*Lock, error) {
-	body := refreshBody{Key: key, Pull: pull}
+// Refresh extends the lease of the lock on key, held by pull of repo, to now + ttl (0: the
+// service's lock-ttl). A free key answers nil and no error; another pull's lock, or a lock of
+// another repository's project whose parts join to the same key, a *NotOwnerError. (repo ""
+// sends none: the holder's repository is taken for the pull's.)
+func (c *Client) Refresh(ctx context.Context, key, repo string, pull int, ttl time.Duration) (*Lock, error) {
+	body := refreshBody{Key: key, Repo: repo, Pull: pull}
 	if ttl > 0 {
 		body.TTL = goDuration(ttl)
 	}

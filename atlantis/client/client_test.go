@@ -121,6 +121,41 @@ func TestReleaseIfOwnedInLeavesAnotherRepositorysLockOfTheSameKey(t *testing.T) 
 	}
 }
 
+func TestRefreshAndReleaseBatchLeaveAnotherRepositorysLockOfTheSameKey(t *testing.T) {
+	// gl/grp + sub/proj and gl/grp/sub + proj join to one key; both can have pull 5: the
+	// repository each call sends keeps gl/grp/sub's pull 5 off gl/grp's lock.
+	c := enhanced(t)
+	ctx := context.Background()
+	req := request("gl/grp", "sub/proj", 5)
+	req.TTL = time.Minute
+	lock, err := c.Acquire(ctx, req)
+	must(t, err)
+	five := 5
+	_, refreshErr := c.Refresh(ctx, lock.Key, "gl/grp/sub", 5, time.Hour)
+	_, releaseErr := c.ReleaseBatch(ctx, []string{lock.Key}, "gl/grp/sub", &five)
+	for _, err := range []error{refreshErr, releaseErr} {
+		var notOwner *client.NotOwnerError
+		if !errors.As(err, &notOwner) || notOwner.Holder.Project.RepoFullName != "gl/grp" || notOwner.Key != lock.Key {
+			t.Fatalf("pull 5 of gl/grp/sub on gl/grp's lock should get NotOwnerError, got %v", err)
+		}
+	}
+	kept, err := c.Get(ctx, lock.Key)
+	must(t, err)
+	if kept == nil || kept.FencingToken != lock.FencingToken || !kept.ExpiresAt.Equal(*lock.ExpiresAt) {
+		t.Fatalf("gl/grp's lock should stay held with its lease, got %+v", kept)
+	}
+	refreshed, err := c.Refresh(ctx, lock.Key, "gl/grp", 5, time.Hour)
+	must(t, err)
+	if refreshed == nil || !refreshed.ExpiresAt.After(lock.ExpiresAt.Add(50*time.Minute)) {
+		t.Fatalf("pull 5 of gl/grp should refresh its lock, got %+v", refreshed)
+	}
+	out, err := c.ReleaseBatch(ctx, []string{lock.Key}, "gl/grp", &five)
+	must(t, err)
+	if len(out.Released) != 1 || out.Released[0].Project.RepoFullName != "gl/grp" {
+		t.Fatalf("pull 5 of gl/grp should free its lock, got %+v", out)
+	}
+}
+
 func TestListByPullBatchAndForceUnlock(t *testing.T) {
 	c := enhanced(t)
 	ctx := context.Background()
@@ -161,7 +196,7 @@ func TestListByPullBatchAndForceUnlock(t *testing.T) {
 	if len(released) != 1 || released[0].Key != "acme/infra/b/default/" {
 		t.Fatalf("ReleasePull should free the one left, got %+v", released)
 	}
-	out, err := c.ReleaseBatch(ctx, []string{"acme/infra/a/default/"}, nil)
+	out, err := c.ReleaseBatch(ctx, []string{"acme/infra/a/default/"}, "", nil)
 	must(t, err)
 	if len(out.Released) != 0 || len(out.NotHeld) != 1 {
 		t.Fatalf("releasing a free key: %+v", out)
@@ -178,12 +213,12 @@ func TestRefreshExtendsALease(t *testing.T) {
 	if lock.ExpiresAt == nil {
 		t.Fatal("a lock with a TTL has an expiry")
 	}
-	refreshed, err := c.Refresh(ctx, lock.Key, 1, time.Hour)
+	refreshed, err := c.Refresh(ctx, lock.Key, "acme/infra", 1, time.Hour)
 	must(t, err)
 	if refreshed == nil || refreshed.ExpiresAt == nil || !refreshed.ExpiresAt.After(lock.ExpiresAt.Add(50*time.Minute)) {
 		t.Fatalf("refresh should move the expiry an hour out, got %+v", refreshed)
 	}
-	_, err = c.Refresh(ctx, lock.Key, 2, time.Hour)
+	_, err = c.Refresh(ctx, lock.Key, "acme/infra", 2, time.Hour)
 	var notOwner *client.NotOwnerError
 	if !errors.As(err, &notOwner) {
 		t.Fatalf("another pull refreshing should get NotOwnerError, got %v", err)

@@ -381,3 +381,58 @@ async def test_unreadable_keys_under_a_repository_are_listed_only_to_who_reads_e
         answer = await served.http.get("/v1/locks", params={"repo": repo} if repo else None,
                                        headers=served.as_(READER))
         assert answer.status_code == status, answer.text
+
+
+# Two repositories whose project paths join to the same key (GitLab's groups), both pull 7.
+GROUP, SUBGROUP = "gl/grp", "gl/grp/sub"
+
+
+async def test_a_refresh_naming_its_repository_is_judged_on_it_and_leaves_another_repositorys_lock(
+    served: Served,
+) -> None:
+    free = await served.http.post("/v1/locks/refresh", headers=served.as_(SCOPED), json={
+        "key": f"{INFRA}/p/default/", "repo": INFRA, "pull": 7, "ttl": "1h"})
+    assert free.status_code == 404, free.text  # asked on acme/infra, where it holds lock
+    held = await take(served, GROUP, "sub/proj")
+    answer = await served.http.post("/v1/locks/refresh", headers=served.as_(ADMIN), json={
+        "key": held.key, "repo": SUBGROUP, "pull": 7, "ttl": "2h"})
+    assert answer.status_code == 409, answer.text
+    assert answer.json()["reason"] == "collision"
+    assert answer.json()["holder"]["project"]["repoFullName"] == GROUP
+    kept = await served.service.router.get(held.key)
+    assert kept is not None and kept.expires_at == held.expires_at, "another repository's lease"
+    own = await served.http.post("/v1/locks/refresh", headers=served.as_(ADMIN), json={
+        "key": held.key, "repo": GROUP, "pull": 7, "ttl": "2h"})
+    assert own.status_code == 200, own.text
+
+
+async def test_a_batch_release_naming_its_repository_is_judged_on_it_and_frees_only_its_locks(
+    served: Served,
+) -> None:
+    free = await served.http.delete("/v1/locks/batch", headers=served.as_(SCOPED), params={
+        "key": [f"{INFRA}/p/default/"], "repo": INFRA, "pull": 7})
+    assert free.status_code == 200, free.text  # asked on acme/infra, where it holds lock
+    assert free.json()["notHeld"] == [f"{INFRA}/p/default/"]
+    held = await take(served, GROUP, "sub/proj")
+    for pull in ({"pull": 7}, {}):
+        answer = await served.http.delete("/v1/locks/batch", headers=served.as_(ADMIN), params={
+            "key": [held.key], "repo": SUBGROUP, **pull})
+        assert answer.status_code == 409, answer.text
+        assert answer.json()["reason"] == "collision"
+        assert await served.held() == [held.key], "another repository's lock was released"
+    own = await served.http.delete("/v1/locks/batch", headers=served.as_(ADMIN), params={
+        "key": [held.key], "repo": GROUP, "pull": 7})
+    assert own.status_code == 200 and await served.held() == []
+
+
+async def test_a_release_of_a_free_key_naming_its_repository_is_judged_on_it(
+    served: Served,
+) -> None:
+    """Atlantis asks this of each of a pull's projects before every plan, mostly of free keys:
+    a caller that may lock acme/infra only hears the key is free, not 403."""
+    free = await served.http.delete("/v1/locks/by-key", headers=served.as_(SCOPED), params={
+        "key": f"{INFRA}/p/default/", "repo": INFRA, "pull": 7})
+    assert free.status_code == 404, free.text
+    elsewhere = await served.http.delete("/v1/locks/by-key", headers=served.as_(SCOPED), params={
+        "key": f"{OTHER}/p/default/", "repo": OTHER, "pull": 7})
+    assert elsewhere.status_code == 403, elsewhere.text

@@ -12,9 +12,9 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import FastAPI, Query, Request, Response
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel
 
@@ -43,13 +43,14 @@ from enhanced_locking.api.disconnect import (
 )
 from enhanced_locking.api.errors import (
     UNREADABLE,
+    collision_json,
     document_common_answers,
     error_answers,
     install_error_handlers,
     json_error,
     unreadable_json,
 )
-from enhanced_locking.api.params import Key, PullNum, Repo
+from enhanced_locking.api.params import Key, OnlyRepo, PullNum, Repo
 from enhanced_locking.api.queue_routes import holder_of, install_queue_routes
 from enhanced_locking.api.responses import JsonAnswer, lock_json, result_json
 from enhanced_locking.api.server import ALWAYS_SERVED, Backpressure, BodyLimit
@@ -260,10 +261,7 @@ def create_app(
     }), **WHO})
     async def release_lock(
         key: Key, http: Request, caller: CallerDep, pull: PullNum | None = None,
-        repo: Annotated[str | None, Query(
-            min_length=1, max_length=512,
-            description="Only a lock of this repository (two projects of different "
-                        "repositories can join to one key).")] = None,
+        repo: OnlyRepo = None,
     ) -> Any:
         """Release a lock; with ``pull`` only if that pull holds it, with ``repo`` only if it is
         that repository's (else 409).
@@ -293,7 +291,7 @@ def create_app(
         # A caller that knows its repository should say it: the key alone can name another
         # repository's project (``gl/grp`` + ``sub/proj`` and ``gl/grp/sub`` + ``proj``).
         holder = await holder_of(router, caller, key, verb=verb, action=action, pull=pull)
-        held_repo = holder.project.repo_full_name if holder is not None else None
+        held_repo = holder.project.repo_full_name if holder is not None else repo
         await caller.need(verb, action=action, repo=held_repo, key=key, pull=pull)
         async with caller.audited(action=action, verb=verb, key=key, repo=held_repo,
                                   pull=pull) as note:
@@ -302,10 +300,7 @@ def create_app(
                 return json_error(404, f"no lock is held on {key}", lockKey=key)
             if repo is not None and holder.project.repo_full_name != repo:
                 note.done("collision", 409)
-                return json_error(
-                    409, f"lock {key} is held for {holder.project.repo_full_name}, not "
-                    f"{repo}: two projects join to the same key; nothing was released",
-                    lockKey=key, reason="collision", holder=_dump(holder))
+                return collision_json(key, holder, repo)
             if pull is not None:
                 lock = await router.release(key, owner=(holder.project.repo_full_name, pull))
             else:

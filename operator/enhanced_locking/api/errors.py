@@ -75,6 +75,17 @@ def json_error(status: int, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": message, **extra}, status_code=status)
 
 
+def collision_json(key: str, holder: BaseModel, repo: str) -> JSONResponse:
+    """409: ``key`` is held for a project of another repository than ``repo``, whose parts join
+    to the same key (``gl/grp`` + ``sub/proj`` and ``gl/grp/sub`` + ``proj``); nothing was
+    done to it."""
+    held = holder.model_dump(mode="json", by_alias=True)
+    return json_error(
+        409, f"lock {key} is held for {held['project']['repoFullName']}, not {repo}: two "
+        "projects join to the same key; nothing was done to it", lockKey=key,
+        reason="collision", holder=held)
+
+
 def unreadable_json(entry: UnreadableLock) -> Any:
     return entry.model_dump(mode="json", by_alias=True)
 

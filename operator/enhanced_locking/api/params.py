@@ -18,7 +18,7 @@ from pydantic import BeforeValidator
 
 from enhanced_locking.types import PULL_MAX, PULL_MIN
 
-__all__ = ["Key", "OptionalPullNum", "PageSize", "PullNum", "Repo", "Time"]
+__all__ = ["Key", "OnlyRepo", "OptionalPullNum", "PageSize", "PullNum", "Repo", "Time"]
 
 _DIGITS = re.compile(r"-?[0-9]{1,10}")
 _RFC3339 = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?"
@@ -40,6 +40,10 @@ def _rfc3339(value: object) -> object:
 
 Key = Annotated[str, Query(min_length=1, max_length=4096, description="The lock key.")]
 Repo = Annotated[str, Query(min_length=1, max_length=512, description="owner/name")]
+OnlyRepo = Annotated[str | None, Query(
+    min_length=1, max_length=512,
+    description="Only a lock of this repository (two projects of different repositories can "
+                "join to one key).")]
 PullNum = Annotated[int, Query(ge=PULL_MIN, le=PULL_MAX, description=(
     "Pull request number (negative: Atlantis's runs without a pull request).")),
                     BeforeValidator(_digits)]

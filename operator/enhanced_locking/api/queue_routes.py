@@ -2,7 +2,7 @@
 
 * ``POST /v1/locks/batch``: acquire several locks all or nothing (200 · 409 naming the key
   and the reason · 422).
-* ``DELETE /v1/locks/batch?key=..&key=..[&pull=N]``: release several locks.
+* ``DELETE /v1/locks/batch?key=..&key=..[&pull=N][&repo=R]``: release several locks.
 * ``POST /v1/locks/refresh``: extend the lease of a held lock.
 * ``GET /v1/queue?key=``: the key's holder and waiters in service order.
 * ``DELETE /v1/queue?key=&id=``: cancel a queued request (by waiter id or request id).
@@ -41,8 +41,14 @@ from enhanced_locking.api.disconnect import (
     left_before_it_began,
     not_withdrawn,
 )
-from enhanced_locking.api.errors import UNREADABLE, error_answers, json_error, unreadable_json
-from enhanced_locking.api.params import Key, OptionalPullNum, PullNum
+from enhanced_locking.api.errors import (
+    UNREADABLE,
+    collision_json,
+    error_answers,
+    json_error,
+    unreadable_json,
+)
+from enhanced_locking.api.params import Key, OnlyRepo, OptionalPullNum, PullNum
 from enhanced_locking.backends.waiting import Waiter
 from enhanced_locking.durations import Lease
 from enhanced_locking.factory import LockService
@@ -74,6 +80,9 @@ class RefreshRequest(BaseModel):
                               frozen=True)
 
     key: Annotated[str, Field(min_length=1, max_length=4096)]
+    repo: Annotated[str | None, Field(min_length=1, max_length=512, description=(
+        "The pull's repository: only a lock of it is refreshed (two projects of different "
+        "repositories can join to one key), and a free key is judged on it."))] = None
     pull: PullNumber
     ttl: Lease | None = None
 
@@ -215,7 +224,8 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
                                tried=await _give_back(result, body, before))
 
     @app.delete("/v1/locks/batch", responses={**error_answers({
-        409: "With pull: a key is held by another pull (the body names the holder). Or, for a "
+        409: "With pull: a key is held by another pull (the body names the holder); with "
+             "repo: by a project of another repository whose key is the same. Or, for a "
              "key: " + UNREADABLE}), **WHO})
     async def release_batch(
         http: Request,
@@ -223,8 +233,10 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
         key: Annotated[list[str], Query(min_length=1, max_length=100,
                                         description="The lock keys (repeat the parameter).")],
         pull: PullNum | None = None,
+        repo: OnlyRepo = None,
     ) -> Any:
-        """Release several locks; with ``pull``, only if that pull holds every held one.
+        """Release several locks; with ``pull``, only if that pull holds every held one; with
+        ``repo``, only if every held one is that repository's (else 409, nothing released).
 
         Needs ``lock`` with ``pull``; ``release-any`` without it: on the repository of every
         held key, asked for each before anything is released. Each of those repositories gets
@@ -240,27 +252,32 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
         read = {k: lock for k in key if (lock := await holder_of(
             router, caller, k, verb=verb, action=action, pull=pull)) is not None}
         held = {k: lock.project.repo_full_name for k, lock in read.items()}
-        repos: list[str | None] = list(dict.fromkeys(held.values())) or [None]
+        repos: list[str | None] = list(dict.fromkeys(held.values())) or [repo]
         keys = ",".join(key)
-        for repo in repos:
-            await caller.need(verb, action=action, repo=repo, key=keys, pull=pull)
+        for owner_repo in repos:
+            await caller.need(verb, action=action, repo=owner_repo, key=keys, pull=pull)
         async with contextlib.AsyncExitStack() as rows:
-            notes = [(repo, await rows.enter_async_context(caller.audited(
-                action=action, verb=verb, repo=repo, pull=pull,
-                key=",".join(k for k in key if held.get(k, repo) == repo))))
-                for repo in reversed(repos)]  # the rows are written in the stack's order
-            first = repos[0]
+            notes = [(owner_repo, await rows.enter_async_context(caller.audited(
+                action=action, verb=verb, repo=owner_repo, pull=pull,
+                key=",".join(k for k in key if held.get(k, owner_repo) == owner_repo))))
+                for owner_repo in reversed(repos)]  # the rows are written in the stack's order
+            stranger = next((k for k, r in held.items() if repo is not None and r != repo),
+                            None)
+            if stranger is not None and repo is not None:
+                for _, note in notes:
+                    note.done("collision", 409)
+                return collision_json(stranger, read[stranger], repo)
             unreached: list[str] = []
             if pull is None:
                 released, unreached = await _release_read(read)
-            elif first is None:
+            elif not held:
                 released = []  # nothing was held: nothing was asked about, nothing is freed
             else:
-                released = await router.release_batch(key, owner=(first, pull))
-            for repo, note in notes:
+                released = await router.release_batch(key, owner=(held[next(iter(held))], pull))
+            for owner_repo, note in notes:
                 alone = len(repos) == 1
-                freed = sum(alone or held.get(lock.key) == repo for lock in released)
-                missed = sum(alone or held[k] == repo for k in unreached)
+                freed = sum(alone or held.get(lock.key) == owner_repo for lock in released)
+                missed = sum(alone or held[k] == owner_repo for k in unreached)
                 note.done(f"released {freed}" + (f", not reached {missed}" if missed else ""))
         gone = {lock.key for lock in released}
         return {"released": [_dump(lock) for lock in released],
@@ -288,8 +305,9 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
 
     @app.post("/v1/locks/refresh", responses={**error_answers({
         404: "No lock is held on the key.",
-        409: "Held by another pull; or held on the legacy side, whose locks have no lease; or "
-             "no ttl given and no enhanced-locking-lock-ttl configured.",
+        409: "Held by another pull; with repo, by a project of another repository whose key is "
+             "the same; or held on the legacy side, whose locks have no lease; or no ttl given "
+             "and no enhanced-locking-lock-ttl configured.",
     }), **WHO})
     async def refresh(body: RefreshRequest, caller: CallerDep) -> Any:
         """Extend the lease of a held lock to ``now + ttl`` (default ``lock-ttl``).
@@ -299,13 +317,16 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
         lock's state (404, 409); 422 is only for what the schema refuses."""
         holder = await holder_of(router, caller, body.key, verb=Verb.LOCK, action="refresh",
                                  pull=body.pull)
-        repo = holder.project.repo_full_name if holder is not None else None
+        repo = holder.project.repo_full_name if holder is not None else body.repo
         await caller.need(Verb.LOCK, action="refresh", repo=repo, key=body.key, pull=body.pull)
         async with caller.audited(action="refresh", verb=Verb.LOCK, key=body.key, repo=repo,
                                   pull=body.pull) as note:
             if holder is None:
                 note.done("not-found", 404)
                 return json_error(404, f"no lock is held on {body.key}", lockKey=body.key)
+            if body.repo is not None and holder.project.repo_full_name != body.repo:
+                note.done("collision", 409)
+                return collision_json(body.key, holder, body.repo)
             if holder.backend == "legacy":
                 note.done("no-lease", 409)
                 return json_error(409, f"lock {body.key} is held on the legacy side, whose "
