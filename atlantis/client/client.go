@@ -15,6 +15,12 @@
 // sent once, because a repeat could free a lock that someone else took in between, or lose
 // the list of what was released.
 //
+// A retry waits at least the answer's Retry-After (the overload 503 says 1s), and is not
+// made when that wait would outrun the context's deadline: the call then answers the
+// service's 503 at once, not a context error after the wait. A refusal (409, 4xx) is an
+// answer and never retried, so a retry cannot hide one; a retried overload was not acted on,
+// so it cannot double a grant.
+//
 // Refusals are typed errors (see errors.go): *HeldError, *NotOwnerError, *InvalidError,
 // *DeniedError and *UnavailableError.
 package client
@@ -125,6 +131,8 @@ type answer struct {
 	status      int
 	body        []byte
 	contentType string
+	// retryAfter is the answer's Retry-After (0: none said).
+	retryAfter time.Duration
 }
 
 func (c *Client) do(ctx context.Context, k call) (answer, error) {
@@ -159,8 +167,14 @@ func (c *Client) do(ctx context.Context, k call) (answer, error) {
 		if attempt >= attempts || ctx.Err() != nil || (k.unsentOnly && !unsent(got, err)) {
 			return answer{}, last
 		}
-		// Full jitter: a random delay up to the current bound, so clients spread out.
-		pause := time.Duration(rand.Int64N(int64(delay) + 1))
+		// Full jitter: a random delay up to the current bound, so clients spread out; never
+		// sooner than the answer's Retry-After (the service's overload 503 says 1s).
+		pause := max(time.Duration(rand.Int64N(int64(delay)+1)), got.retryAfter)
+		if deadline, ok := ctx.Deadline(); ok && time.Until(deadline) < pause {
+			// The pause would outrun the call's time: what the service said now, not a
+			// context error later.
+			return answer{}, last
+		}
 		select {
 		case <-ctx.Done():
 			return answer{}, &UnavailableError{Op: k.op, Key: k.key, Err: ctx.Err()}
@@ -229,7 +243,23 @@ func (c *Client) send(ctx context.Context, k call, payload []byte) (answer, erro
 	if err != nil {
 		return answer{}, err
 	}
-	return answer{status: resp.StatusCode, body: data, contentType: resp.Header.Get("Content-Type")}, nil
+	return answer{status: resp.StatusCode, body: data, contentType: resp.Header.Get("Content-Type"),
+		retryAfter: retryAfter(resp.Header.Get("Retry-After"))}, nil
+}
+
+// retryAfter is a Retry-After header's delay: whole seconds (what the service sends) or an
+// HTTP date; 0 when there is none or it cannot be read.
+func retryAfter(header string) time.Duration {
+	if header == "" {
+		return 0
+	}
+	if seconds, err := strconv.Atoi(strings.TrimSpace(header)); err == nil {
+		return max(time.Duration(seconds)*time.Second, 0)
+	}
+	if when, err := http.ParseTime(header); err == nil {
+		return max(time.Until(when), 0)
+	}
+	return 0
 }
 
 // errorBody is every error answer: a human-readable "error" and what it is about.

@@ -530,6 +530,61 @@ func TestAnAcquireTheServiceShedBeforeAnyWorkIsSentAgain(t *testing.T) {
 	}
 }
 
+func TestAShedCallWaitsTheRetryAfterWithinItsContext(t *testing.T) {
+	// One request in flight at most, taken by pull 2's wait: every other call is shed (503,
+	// reason "overloaded", Retry-After: 1). A retry waits that second, however short the
+	// client's own backoff, and a call whose context ends before the next try could be made
+	// answers the service's 503 at once.
+	svc := servicetest.Serve(t, "--enhanced-locking-enabled", "--enhanced-locking-priority-queue",
+		"--enhanced-locking-http-max-in-flight", "1")
+	direct, err := client.New(svc.URL, client.WithRetries(1, 0))
+	must(t, err)
+	ctx := context.Background()
+	first, err := direct.Acquire(ctx, request("acme/infra", "envs/prod", 1))
+	must(t, err)
+	waiting := request("acme/infra", "envs/prod", 2)
+	waiting.Wait = 20 * time.Second
+	waited := make(chan error, 1)
+	go func() { _, err := direct.Acquire(ctx, waiting); waited <- err }()
+	t.Cleanup(func() {
+		_, err := direct.ReleaseIfOwned(ctx, first.Key, 1)
+		must(t, err)
+		must(t, <-waited)
+	})
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if _, err := direct.Get(ctx, first.Key); client.IsUnavailable(err) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the service never shed a request beyond its limit of one in flight")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	through, acquires := proxy(t, svc.URL, 0, 10*time.Second)
+	c, err := client.New(through, client.WithRetries(50, time.Millisecond))
+	must(t, err)
+	for _, within := range []time.Duration{800 * time.Millisecond, 2500 * time.Millisecond} {
+		acquires.Store(0)
+		bounded, cancel := context.WithTimeout(ctx, within)
+		_, err = c.Acquire(bounded, request("acme/infra", "envs/dev", 3))
+		cancel()
+		var unavailable *client.UnavailableError
+		if !errors.As(err, &unavailable) {
+			t.Fatalf("a shed acquire should answer unavailable, got %v", err)
+		}
+		// A Retry-After of 1s allows one try per second of the context, and one at its start.
+		if most := 1 + int(within/time.Second); int(acquires.Load()) > most {
+			t.Fatalf("within %v the acquire was sent %d times; the Retry-After allows %d",
+				within, acquires.Load(), most)
+		}
+		if within < time.Second && (unavailable.Status != http.StatusServiceUnavailable ||
+			errors.Is(err, context.DeadlineExceeded)) {
+			t.Fatalf("a context shorter than the Retry-After should answer the service's 503, got %v", err)
+		}
+	}
+}
+
 func TestAnAcquireAProxyAnswered503IsNotSentAgain(t *testing.T) {
 	// The proxy's own 503 does not say whether the service had the request: only the
 	// service's overload answer proves it did no work.
