@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -78,6 +80,16 @@ async def test_a_call_with_no_free_pooled_connection_is_answered_overloaded(
         assert (await http.get("/v1/locks", params={"repo": REPO})).json()["locks"] != []
 
 
+async def _take_the_rest(pool: Any, taken: list[Any]) -> None:
+    """Every connection ``pool`` has left, into ``taken`` (to be released by the caller)."""
+    while True:
+        try:
+            taken.append(await asyncio.wait_for(pool.get_connection(), timeout=0.5))
+        except TimeoutError:
+            break
+    assert taken
+
+
 async def test_a_replica_whose_pool_is_busy_still_keeps_its_waiters_alive(
     make_service: ServiceMaker, redis_server: RedisServer,
 ) -> None:
@@ -103,15 +115,9 @@ async def test_a_replica_whose_pool_is_busy_still_keeps_its_waiters_alive(
     client = backend.connection.client
     assert isinstance(client, aioredis.Redis)
     pool = client.connection_pool
-    taken = []  # every connection the pool has left (the subscription holds one)
+    taken: list[Any] = []  # every connection the pool has left (the subscription holds one)
     try:
-        while True:
-            try:
-                taken.append(await asyncio.wait_for(
-                    pool.get_connection(), timeout=0.5))  # type: ignore[no-untyped-call]
-            except TimeoutError:
-                break
-        assert taken
+        await _take_the_rest(pool, taken)
         await asyncio.sleep(REPLICA_MS / 1000 + 1.5)
     finally:
         for connection in taken:
@@ -140,3 +146,34 @@ async def test_with_redis_frozen_a_flood_larger_than_the_pool_falls_back_to_lega
     for answer in answers:
         assert answer.status_code == 200, answer.text
         assert answer.json()["lock"]["backend"] == "legacy", answer.text
+
+
+async def test_on_a_redis_without_functions_the_heartbeat_does_not_wait_behind_the_pool(
+    make_service: ServiceMaker, tmp_path: Path,
+) -> None:
+    """A Redis before 7.0 (a 7.0 server with FCALL renamed away answers as 6.2 does) runs the
+    heartbeat script by EVALSHA: on the heartbeat's own connection too, so with every pooled
+    connection busy it is still made. Before, it went through the pool there, waited out the
+    pool's bound and failed (StoreBusy), and the replica's waiters looked like a dead one's."""
+    with RedisServer(tmp_path / "old", extra_args=["--rename-command", "FCALL", ""]) as server:
+        service = await make_service(enabled=True, backend="redis", redis_addr=server.addr,
+                                     redis_pool_size=2, legacy_backend="memory")
+        assert service.enhanced is not None
+        backend = service.enhanced.backend
+        assert isinstance(backend, RedisBackend)
+        held = await service.router.acquire(request_for(repo=REPO, path="h", pull=1))
+        assert held.acquired, held
+        await backend.connection.drop_idle()
+        client = backend.connection.client
+        assert isinstance(client, aioredis.Redis)
+        pool = client.connection_pool
+        taken: list[Any] = []
+        try:
+            await _take_the_rest(pool, taken)
+            server.client().script_flush()  # the reserved connection loads it again
+            await asyncio.wait_for(backend._heartbeat(), timeout=POOL_WAIT + 10)
+        finally:
+            for connection in taken:
+                await pool.release(connection)
+        stats = server.client().info("commandstats")
+        assert "cmdstat_fcall" not in stats and stats["cmdstat_evalsha"]["calls"] >= 2

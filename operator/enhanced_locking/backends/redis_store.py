@@ -315,8 +315,9 @@ class RedisBackend:
         action = name.lower().replace("_", " ")
         function = redis_scripts.FUNCTION_NAMES[name]
         execute = self.connection.call_reserved if reserved else self.connection.call
+        evalsha = self._evalsha_reserved if reserved else self._evalsha
         if self._scripts is not None:  # a Redis before 7.0
-            execute, function = self._evalsha, name
+            execute, function = evalsha, name
         # One id per call: a write's answer is kept under it, so the one retry below (after a
         # connection broke, when we cannot know whether the script ran) never writes twice.
         call_id = secrets.token_hex(_CALL_ID_BYTES)
@@ -366,7 +367,7 @@ class RedisBackend:
                         raise down(self.connection, action, error, key=key) from None
                     if self._scripts is None and str(error).startswith("unknown command"):
                         self._scripts = {}  # no FCALL: Redis 6.2, scripts by EVALSHA
-                        execute, function = self._evalsha, name
+                        execute, function = evalsha, name
                         continue
                     if not spoiled and wrong_type(error):
                         # Maybe the answer kept under this call's id (the first thing a write
@@ -462,15 +463,32 @@ class RedisBackend:
         return b"".join((packed.head, call_id.encode(), packed.middle,
                          b"$%d\r\n" % len(value), value, packed.tail))
 
-    async def _evalsha(self, command: str, name: str, count: int, *keys_and_args: Any) -> Any:
-        """``execute_command("FCALL", ...)``'s stand-in on a Redis without functions."""
+    def _script(self, name: str) -> AsyncScript:
         scripts = self._scripts
         assert scripts is not None
         script = scripts.get(name)
         if script is None:
             script = scripts[name] = self.connection.client.register_script(
                 redis_scripts.script(name))
-        return await script(keys=keys_and_args[:count], args=keys_and_args[count:])
+        return script
+
+    async def _evalsha(self, command: str, name: str, count: int, *keys_and_args: Any) -> Any:
+        """``execute_command("FCALL", ...)``'s stand-in on a Redis without functions."""
+        return await self._script(name)(keys=keys_and_args[:count], args=keys_and_args[count:])
+
+    async def _evalsha_reserved(self, command: str, name: str, count: int,
+                                *keys_and_args: Any) -> Any:
+        """:meth:`_evalsha` on the reserved connection (``call_reserved``, outside the pool):
+        the heartbeat on a Redis without functions must not wait behind a flood either. A
+        server that does not have the script yet (``NOSCRIPT``) is sent it first, there too."""
+        script = self._script(name)
+        try:
+            return await self.connection.call_reserved("EVALSHA", script.sha, count,
+                                                       *keys_and_args)
+        except rexc.NoScriptError:
+            await self.connection.call_reserved("SCRIPT", "LOAD", script.script)
+            return await self.connection.call_reserved("EVALSHA", script.sha, count,
+                                                       *keys_and_args)
 
     async def _load_functions(self, action: str, key: str | None) -> None:
         """``FUNCTION LOAD REPLACE`` of the scripts' library (on a cluster: on every master)."""
