@@ -121,15 +121,21 @@ func TestReleaseIfOwnedInLeavesAnotherRepositorysLockOfTheSameKey(t *testing.T) 
 	}
 }
 
+// leased is the lock r asks for, granted with a lease of a minute.
+func leased(t *testing.T, c *client.Client, r client.AcquireRequest) *client.Lock {
+	t.Helper()
+	r.TTL = time.Minute
+	lock, err := c.Acquire(context.Background(), r)
+	must(t, err)
+	return lock
+}
+
 func TestRefreshAndReleaseBatchLeaveAnotherRepositorysLockOfTheSameKey(t *testing.T) {
 	// gl/grp + sub/proj and gl/grp/sub + proj join to one key; both can have pull 5: the
 	// repository each call sends keeps gl/grp/sub's pull 5 off gl/grp's lock.
 	c := enhanced(t)
 	ctx := context.Background()
-	req := request("gl/grp", "sub/proj", 5)
-	req.TTL = time.Minute
-	lock, err := c.Acquire(ctx, req)
-	must(t, err)
+	lock := leased(t, c, request("gl/grp", "sub/proj", 5))
 	five := 5
 	_, refreshErr := c.Refresh(ctx, lock.Key, "gl/grp/sub", 5, time.Hour)
 	_, releaseErr := c.ReleaseBatch(ctx, []string{lock.Key}, "gl/grp/sub", &five)
@@ -206,10 +212,7 @@ func TestListByPullBatchAndForceUnlock(t *testing.T) {
 func TestRefreshExtendsALease(t *testing.T) {
 	c := enhanced(t)
 	ctx := context.Background()
-	req := request("acme/infra", "envs/prod", 1)
-	req.TTL = time.Minute
-	lock, err := c.Acquire(ctx, req)
-	must(t, err)
+	lock := leased(t, c, request("acme/infra", "envs/prod", 1))
 	if lock.ExpiresAt == nil {
 		t.Fatal("a lock with a TTL has an expiry")
 	}
@@ -478,9 +481,12 @@ func TestAnAcquireIsNotSentAgainAfterTheProxyGaveUpOnTheService(t *testing.T) {
 	}
 }
 
-func TestAnAcquireTheServiceShedBeforeAnyWorkIsSentAgain(t *testing.T) {
-	// One request in flight at most: pull 2's wait is it, so pull 3's acquire is shed (503,
-	// reason "overloaded") until pull 1's release (a DELETE is always served) ends the wait.
+// shedding is a service of one request in flight at most, taken by pull 2's wait behind
+// pull 1's lock: every other call is shed (503, reason "overloaded", Retry-After: 1) until
+// pull 1's release (a DELETE is always served) ends the wait. It answers the service, a
+// client of it without retries, pull 1's lock and the wait's end.
+func shedding(t *testing.T) (*servicetest.Service, *client.Client, *client.Lock, chan error) {
+	t.Helper()
 	svc := servicetest.Serve(t, "--enhanced-locking-enabled", "--enhanced-locking-priority-queue",
 		"--enhanced-locking-http-max-in-flight", "1")
 	direct, err := client.New(svc.URL, client.WithRetries(1, 0))
@@ -495,13 +501,20 @@ func TestAnAcquireTheServiceShedBeforeAnyWorkIsSentAgain(t *testing.T) {
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		if _, err := direct.Get(ctx, first.Key); client.IsUnavailable(err) {
-			break // pull 2's wait is the request in flight: the service sheds the rest
+			return svc, direct, first, waited // pull 2's wait is the request in flight
 		}
 		if time.Now().After(deadline) {
 			t.Fatal("the service never shed a request beyond its limit of one in flight")
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+}
+
+func TestAnAcquireTheServiceShedBeforeAnyWorkIsSentAgain(t *testing.T) {
+	// Pull 3's acquire is shed until pull 1's release ends pull 2's wait, then granted.
+	svc, direct, first, waited := shedding(t)
+	ctx := context.Background()
+	deadline := time.Now().Add(10 * time.Second)
 	through, acquires := proxy(t, svc.URL, 0, 10*time.Second)
 	c, err := client.New(through, client.WithRetries(50, 10*time.Millisecond))
 	must(t, err)
@@ -535,32 +548,13 @@ func TestAShedCallWaitsTheRetryAfterWithinItsContext(t *testing.T) {
 	// reason "overloaded", Retry-After: 1). A retry waits that second, however short the
 	// client's own backoff, and a call whose context ends before the next try could be made
 	// answers the service's 503 at once.
-	svc := servicetest.Serve(t, "--enhanced-locking-enabled", "--enhanced-locking-priority-queue",
-		"--enhanced-locking-http-max-in-flight", "1")
-	direct, err := client.New(svc.URL, client.WithRetries(1, 0))
-	must(t, err)
+	svc, direct, first, waited := shedding(t)
 	ctx := context.Background()
-	first, err := direct.Acquire(ctx, request("acme/infra", "envs/prod", 1))
-	must(t, err)
-	waiting := request("acme/infra", "envs/prod", 2)
-	waiting.Wait = 20 * time.Second
-	waited := make(chan error, 1)
-	go func() { _, err := direct.Acquire(ctx, waiting); waited <- err }()
 	t.Cleanup(func() {
 		_, err := direct.ReleaseIfOwned(ctx, first.Key, 1)
 		must(t, err)
 		must(t, <-waited)
 	})
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		if _, err := direct.Get(ctx, first.Key); client.IsUnavailable(err) {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the service never shed a request beyond its limit of one in flight")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
 	through, acquires := proxy(t, svc.URL, 0, 10*time.Second)
 	c, err := client.New(through, client.WithRetries(50, time.Millisecond))
 	must(t, err)
