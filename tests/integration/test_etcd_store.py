@@ -732,3 +732,34 @@ async def test_a_lock_its_lease_deleted_is_told_expired_by_the_replica_that_hand
         await a.close()
         await heard.locker.close()
         await b.close()
+
+
+async def test_a_waiter_granted_just_before_its_session_lapsed_is_answered_with_its_grant(
+    etcd_cluster: EtcdCluster, etcd_prefix: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Replica A's caller waits; replica B releases the key and hands it to A's waiter, and
+    A's session lease ends before A hears of the grant (A cut off from etcd meanwhile: here
+    its deliveries are dropped and the lease revoked), taking the grant's notice with it. The
+    lock itself stays: the caller is answered with it. Before, it was told ``unavailable``
+    and the lock (no TTL) stayed held by a pull that was never told."""
+    config = etcd_config(etcd_cluster, etcd_prefix, enabled=True)
+    heard = Heard(config)
+    a, b = heard.backend, EtcdBackend.from_config(config, "enhanced")
+    try:
+        mine = await grant(b, want(1))
+        waiting = asyncio.ensure_future(heard.locker.acquire(request_for(
+            pull=2, wait=timedelta(seconds=30))))
+        await asyncio.wait_for(heard.queued.wait(), 10)
+        monkeypatch.setattr(a, "_heard", lambda waiter_id, kv: False)  # A hears nothing
+        handoff = await b.release_and_handoff(mine.key, owner=mine.owner, policy=POLICY)
+        assert len(handoff.granted) == 1
+        client = await b.connection.client()
+        assert client.lease is not None
+        await client.lease.revoke(a.session_lease)
+        answer = await asyncio.wait_for(waiting, 15)  # the next renewal finds it gone
+        assert answer.acquired and answer.lock is not None, answer
+        assert answer.lock == handoff.granted[0].locks[0]
+    finally:
+        await heard.locker.close()
+        await a.close()
+        await b.close()

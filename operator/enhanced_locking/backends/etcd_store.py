@@ -545,6 +545,9 @@ class _Notifier:
         """A notice brought before its waiter's queueing answered (kept until then)."""
         self.keys: dict[str, tuple[str, ...]] = {}
         """Per waiter waiting here, the keys it is queued on (``EtcdBackend._unserved``)."""
+        self.waiters: dict[str, Waiter] = {}
+        """Per waiter waiting here, the waiter as its queueing answered it
+        (``EtcdBackend._told_lapsed``)."""
         self.heard: set[str] = set()
         """Waiters whose notice a caller here heard and that another caller still expects."""
 
@@ -564,6 +567,7 @@ class _Notifier:
         self.queued_at.pop(waiter_id, None)
         self.early.pop(waiter_id, None)
         self.keys.pop(waiter_id, None)
+        self.waiters.pop(waiter_id, None)
         if waiter_id in self.heard:
             self.heard.discard(waiter_id)
             self._b.tidy(waiter_id)
@@ -1457,7 +1461,33 @@ class EtcdBackend(StoreBackend):
                     "told the store is unavailable", self.connection.where)
         self.session_lease = 0
         for waiter_id in self._notifier.local.pending():
-            self._notifier.deliver(waiter_id, Notice(reason=Reason.UNAVAILABLE))
+            self._spawn(self._told_lapsed(waiter_id))
+
+    async def _told_lapsed(self, waiter_id: str) -> None:
+        """Tell ``waiter_id``, whose session lapsed, what it has: the locks of its grant if
+        one was made before the lapse (its notice went with the session lease; the locks did
+        not), else that the store is unavailable.
+
+        A grant is its keys each held by its pull, with a token above the revision that
+        queued it and granted since its queueing (read from etcd now). Before, the caller was
+        told ``unavailable`` whatever happened, and a grant made to it in the moments before
+        (its replica cut off from etcd, or its notice not yet heard) stayed held by a pull
+        that was never told: for good, for a lock without a TTL."""
+        notice = Notice(reason=Reason.UNAVAILABLE)
+        waiter = self._notifier.waiters.get(waiter_id)
+        seq = self._notifier.queued_at.get(waiter_id, 0)
+        if waiter is not None and seq:
+            found: list[Lock] = []
+            try:
+                for key in waiter.keys:
+                    found += [lock for lock in await self.holders(key)
+                              if lock.owner == waiter.owner and lock.fencing_token > seq
+                              and lock.acquired_at >= waiter.enqueued_at]
+            except Exception:  # etcd away (or a lock not readable): nothing can be told
+                found = []
+            if found and {lock.key for lock in found} == set(waiter.keys):
+                notice = Notice(locks=tuple(found), fresh=True, caller=waiter.caller)
+        self._notifier.deliver(waiter_id, notice)
 
     async def _check_session(self, lease: int) -> None:
         """A commit that attached writes to the session ``lease`` was refused for a lease etcd
@@ -1774,13 +1804,15 @@ class EtcdBackend(StoreBackend):
         self._notifier.deliver(waiter_id, notice)
         return True
 
-    def _queued_here(self, waiter_id: str, seq: int, keys: tuple[str, ...]) -> None:
-        """``waiter_id``, whose caller waits here, was queued on ``keys`` at revision ``seq``:
+    def _queued_here(self, waiter: Waiter, seq: int) -> None:
+        """``waiter``, whose caller waits here, was queued on its keys at revision ``seq``:
         only a notice written after it is its answer, one already brought is delivered now.
         (A revision not known, which a committed step does not leave, lets every notice in.)"""
+        waiter_id = waiter.id
         if not self._notifier.local.waits(waiter_id):
             return
-        self._notifier.keys[waiter_id] = keys
+        self._notifier.keys[waiter_id] = waiter.keys
+        self._notifier.waiters[waiter_id] = waiter
         self._notifier.queued_at[waiter_id] = seq if seq < _PENDING_SEQ else 0
         early = self._notifier.early.pop(waiter_id, None)
         if early is not None:
@@ -2007,7 +2039,7 @@ class EtcdBackend(StoreBackend):
             self._refuse_if_late(outcome.locks)
         elif outcome.status is Status.QUEUED and outcome.waiter is not None:
             seq = outcome.waiter.seq  # the revision that queued it
-            self._queued_here(outcome.waiter.id, seq, outcome.waiter.keys)
+            self._queued_here(outcome.waiter, seq)
             self._watch_deletions(seq if seq < _PENDING_SEQ else 0)
         return outcome
 
