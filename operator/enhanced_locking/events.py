@@ -193,6 +193,8 @@ class EventBus:
         self._enabled = enabled
         self.retired = asyncio.Event()
         """Set by :meth:`retire`: another bus serves the events from now on."""
+        self.carried_on = False
+        """Set by :meth:`retire`: the bus that serves now has this one's log."""
 
     def publish(self, type: EventType, *, lock: Lock | None = None, key: str | None = None,
                 **details: Any) -> None:
@@ -231,9 +233,12 @@ class EventBus:
             self._wakeup = asyncio.Event()
         return self._wakeup
 
-    def retire(self) -> None:
+    def retire(self, *, carried_on: bool = False) -> None:
         """Another bus serves the events from now on: each reader following this one gets
-        what it holds still and then its stream ends (:meth:`follow`)."""
+        what it holds still and then its stream ends (:meth:`follow`). ``carried_on``: the
+        other bus reads and writes the same log (the same store's, on a new connection), so
+        an id of this bus is one of that bus too."""
+        self.carried_on = carried_on
         self.retired.set()
         self._wake()
 
@@ -407,9 +412,10 @@ class SwitchingBus:
     new bus. A reader following the old bus gets what that bus still holds after its place,
     then a :class:`Gap` with ``reason="switched"`` (``after``: its place on the old bus;
     ``resume``: where it follows the new bus from, an id of the new bus), then the new bus's
-    events. The gap comes once the new bus fixed that start (its store's "now"). A reader whose
-    start was not fixed yet when the bus was replaced gets the gap only if it resumes (it
-    gave ``after``); one that follows from now simply follows the new bus."""
+    events; a new bus over the same log (``switch(same_log=True)``) resumes it from its place
+    instead, no gap. The gap comes once the new bus fixed that start (its store's "now"). A
+    reader whose start was not fixed yet when the bus was replaced gets the gap only if it
+    resumes (it gave ``after``); one that follows from now simply follows the new bus."""
 
     def __init__(self, bus: EventBus) -> None:
         self.bus = bus
@@ -417,15 +423,17 @@ class SwitchingBus:
         self.publish: Publish = bus.publish
         self._subscriptions: list[_Subscription] = []
 
-    def switch(self, bus: EventBus) -> EventBus:
+    def switch(self, bus: EventBus, *, same_log: bool = False) -> EventBus:
         """``bus`` serves the events from now on; the bus it replaces (retired: its readers
-        move to ``bus``; the caller closes it)."""
+        move to ``bus``; the caller closes it). ``same_log``: ``bus`` reads and writes the
+        log the old bus did (the same store's, through a new connection: new credentials, a
+        new pool): its readers resume there from their place, no gap."""
         old, self.bus = self.bus, bus
         self.publish = bus.publish
         for entry in self._subscriptions:
             entry.off()
             entry.off = bus.subscribe(entry.subscriber)
-        old.retire()
+        old.retire(carried_on=same_log)
         return old
 
     def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
@@ -469,7 +477,7 @@ class SwitchingBus:
                 if first is None:  # replaced before it fixed the reader's start
                     if bus is self.bus:
                         return  # (ended, not replaced: only a retired bus ends so)
-                    switched = switched or place is not None
+                    switched = switched or (place is not None and not bus.carried_on)
                     continue
                 if switched:
                     assert isinstance(first, Following) and place is not None
@@ -494,10 +502,11 @@ class SwitchingBus:
                             if item.reason in ("behind", "dropped"):
                                 return  # the stream ends after these
                         item = await step()
-                # Its bus ended the stream: retired, another serves now.
+                # Its bus ended the stream: retired, another serves now (with the same
+                # log: resumed there from its place; else from the new bus's start, after a gap).
                 if bus is self.bus:
                     return  # (ended, not replaced: only a retired bus ends so)
-                switched = started or place is not None
+                switched = (started or place is not None) and not bus.carried_on
             finally:
                 await inner.aclose()
 

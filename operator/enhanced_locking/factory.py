@@ -144,6 +144,19 @@ _SHARED_BUSES = ("redis", "etcd")
 """Stores whose events every replica on them shares (a Redis stream, an etcd key's history)."""
 
 
+_LOG_FIELDS = {
+    "redis": ("redis_addr", "redis_db", "redis_sentinel_addrs", "redis_sentinel_master",
+              "redis_cluster", "redis_key_prefix"),
+    "etcd": ("etcd_endpoints", "etcd_key_prefix"),
+}
+"""Per shared bus: the settings that say where its log is (the rest, how it connects)."""
+
+
+def _bus_log(config: EnhancedLockingConfig, kind: str | None) -> tuple[Any, ...]:
+    """Where the events of a ``kind`` store are: a new bus with the same is on the same log."""
+    return (kind, *(getattr(config, name) for name in _LOG_FIELDS.get(kind or "", ())))
+
+
 def _bus_identity(config: EnhancedLockingConfig, kind: str | None) -> tuple[Any, ...]:
     """What decides which bus serves the events of a ``kind`` store (``None``: no enhanced
     store): the store's own for a shared one, else the process's own (every such store's)."""
@@ -192,6 +205,7 @@ class LockService:
         Lease it holds and the Redis store's waiter liveness."""
         kind = config.backend if config.enabled else None
         self._bus_identity = _bus_identity(config, kind)
+        self._bus_log = _bus_log(config, kind)
         self.events = SwitchingBus(self._event_bus(config, kind))
         """The events of the enhanced store in force: its shared bus (Redis, etcd), else this
         process's own; a switch of the store moves them (:meth:`_swap`)."""
@@ -364,8 +378,10 @@ class LockService:
         bus_identity = _bus_identity(config, config.backend)
         retired = None
         if bus_identity != self._bus_identity:
-            retired = self.events.switch(self._event_bus(config, config.backend))
-            self._bus_identity = bus_identity
+            log_now = _bus_log(config, config.backend)
+            retired = self.events.switch(self._event_bus(config, config.backend),
+                                         same_log=log_now == self._bus_log)
+            self._bus_identity, self._bus_log = bus_identity, log_now
             self._serving(self.events.bus)
             log.info("events now on the %s bus (were on the %s bus)", self.events.bus.name,
                      retired.name)

@@ -24,7 +24,7 @@ from tests.support.served import served
 
 from enhanced_locking.backends.etcd_events import EtcdEventBus
 from enhanced_locking.backends.redis_events import RedisEventBus
-from enhanced_locking.events import EventBus, Following, Gap
+from enhanced_locking.events import EventBus, Following, Gap, parse_event_id
 from enhanced_locking.factory import LockService
 from enhanced_locking.provider import ConfigRejected
 from enhanced_locking.types import Event
@@ -287,3 +287,31 @@ async def test_a_refused_switch_leaves_the_bus_and_its_readers_as_they_were(
     assert isinstance(rejected, Event) and rejected.type == "config-rejected"
     event = await asyncio.wait_for(anext(reader), DEADLINE)
     assert isinstance(event, Event) and event.type == "acquired"
+
+
+@pytest.mark.redis
+async def test_a_new_connection_to_the_same_stream_carries_readers_on_without_a_gap(
+    redis_server: RedisServer, make_service: ServiceMaker,
+) -> None:
+    """A LockPolicy that changes how the store is reached, not where (here its pool size; a
+    password rotated, TLS files renewed alike), builds a new store and a new bus on the same
+    stream: readers resume there from their place, with no gap (the stream's ids are the same
+    ids)."""
+    service = await make_service(enabled=True, backend="redis", legacy_backend="memory",
+                                 redis_addr=redis_server.addr)
+    first_bus = service.events.bus
+    assert isinstance(first_bus, RedisEventBus)
+    reader = service.events.follow(max_lag=100, announce=True)
+    assert isinstance(await asyncio.wait_for(anext(reader), DEADLINE), Following)
+    assert (await service.router.acquire(request_for(pull=1))).acquired
+    before = await _item(reader)
+    assert isinstance(before, Event) and before.type == "acquired"
+
+    await service.provider.set_layer("cluster", {"redis_pool_size": 3})
+    assert service.events.bus is not first_bus and first_bus.retired.is_set()
+    assert isinstance(service.events.bus, RedisEventBus)
+
+    assert (await service.router.acquire(request_for(pull=2, path="envs/b"))).acquired
+    after = await _item(reader)  # no gap first
+    assert isinstance(after, Event) and after.type == "acquired"
+    assert parse_event_id(after.id) > parse_event_id(before.id)
