@@ -15,6 +15,7 @@ import asyncio
 import hashlib
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -23,7 +24,7 @@ from tests.support.locks import candidate_for, request_for
 from tests.support.redis_fixtures import redis_config
 from tests.support.redis_server import LOOPBACK, RedisServer
 
-from enhanced_locking.backends import redis_scripts
+from enhanced_locking.backends import redis_scripts, redis_store
 from enhanced_locking.backends.redis_store import RedisBackend
 from enhanced_locking.backends.waiting import QueuePolicy, Status, Wait
 from enhanced_locking.policies import ConcurrencyLimit, PolicyRules
@@ -139,6 +140,18 @@ async def _workload(server: RedisServer) -> None:
         replaced = await a.get(k5)
         assert replaced is not None and replaced.pull.num == 11
         await b.release_by_pull("acme/infra", 5, policy=POLICY)
+        # A give-back of an acquire whose caller was told unavailable (Redis ran it): replica B
+        # hands the key on to a waiter of replica A, whose names it asks for.
+        k6 = _lock("six", 12).key
+        taken = "c0" * 8
+        with pytest.MonkeyPatch.context() as patch:  # (the call's id, as if it went unheard)
+            patch.setattr(redis_store, "secrets", SimpleNamespace(token_hex=lambda _n: taken))
+            assert (await b.acquire_or_enqueue(_lock("six", 12), ttl=None, wait=None,
+                                               policy=POLICY)).status is Status.GRANTED
+        await _enqueue(a, [_lock("six", 13)], "w-six-13")
+        given = await b._give_back(redis_store._GiveBack(taken, "acme/infra", 12, (k6,)))
+        assert [grant.waiter.id for grant in given.granted] == ["w-six-13"]
+        await _held_by(a, k6, 13)
     finally:
         for backend in (a, b, other):
             await backend.close()

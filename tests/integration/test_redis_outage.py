@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -14,7 +14,7 @@ import httpx
 import pytest
 from tests.conftest import ServiceMaker
 from tests.support.locks import candidate_for, lock_body, lock_for, request_for
-from tests.support.redis_fixtures import ServerMaker, redis_config
+from tests.support.redis_fixtures import ServerMaker
 from tests.support.redis_server import RedisServer
 from tests.support.service import ServiceProcess, running
 
@@ -52,12 +52,9 @@ async def test_a_refresh_while_redis_is_down_is_an_outage_not_a_free_key(
 
 
 @pytest.fixture
-async def backend(redis_server: RedisServer) -> AsyncIterator[RedisBackend]:
+def backend(redis_backend: RedisBackend) -> RedisBackend:
     """A backend on ``redis_server`` that has called it once (its connection is open)."""
-    backend = RedisBackend.from_config(redis_config(redis_server), "enhanced")
-    await backend.ping()
-    yield backend
-    await backend.close()
+    return redis_backend
 
 
 async def test_a_call_redis_takes_and_never_answers_says_it_ran_out_its_time(

@@ -7,6 +7,7 @@
   TLS ones): a script that touched a key its call did not declare in ``KEYS``, or that wrote
   and was then called again with more keys, fails the test that ran it. So every Redis test
   also checks Redis Cluster's rule for the scripts it runs.
+* ``redis_backend``: a :class:`RedisBackend` on ``redis_server`` that has called it once.
 * ``redis_config(server, **settings)``: an :class:`EnhancedLockingConfig` pointed at a server.
 * :func:`redis_backend_maker`: the ``redis`` entry of the shared ``backend_factory``.
 * ``redis_cluster``: a real Redis Cluster (three masters on loopback) for the whole session;
@@ -20,7 +21,7 @@ A missing ``redis-server`` fails the test with how to install it; it never skips
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -33,8 +34,15 @@ from enhanced_locking.backends.redis_store import RedisBackend
 from enhanced_locking.config import EnhancedLockingConfig
 
 __all__ = [
-    "ServerMaker", "redis_backend_maker", "redis_cluster", "redis_cluster_backend_maker",
-    "redis_cluster_config", "redis_cluster_prefix", "redis_config", "redis_server",
+    "ServerMaker",
+    "redis_backend",
+    "redis_backend_maker",
+    "redis_cluster",
+    "redis_cluster_backend_maker",
+    "redis_cluster_config",
+    "redis_cluster_prefix",
+    "redis_config",
+    "redis_server",
     "redis_servers",
 ]
 
@@ -77,6 +85,15 @@ def redis_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerMa
 def redis_server(redis_servers: ServerMaker) -> RedisServer:
     """A running redis-server on a free loopback port, empty, private to this test."""
     return redis_servers()
+
+
+@pytest.fixture
+async def redis_backend(redis_server: RedisServer) -> AsyncIterator[RedisBackend]:
+    """A backend on ``redis_server`` that has called it once (its connection is open)."""
+    backend = RedisBackend.from_config(redis_config(redis_server), "enhanced")
+    await backend.ping()
+    yield backend
+    await backend.close()
 
 
 def redis_config(server: RedisServer, **settings: Any) -> EnhancedLockingConfig:

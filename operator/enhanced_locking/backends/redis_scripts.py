@@ -55,7 +55,8 @@ at ``ARGV[2]`` (``begin_lean`` in ``lua/lib.lua``).
     seq             the enqueue counter (FIFO tie-break across keys)
     epoch           the incarnation (RedisKeys.incarnation), a hash: id, base (first fencing
                     token - 1 of new counters), until, since
-    op:C            a write's answer under its call id C (kept OP_MS, for a retried call)
+    op:C            a write's answer under its call id C (kept OP_MS, for a retried call);
+                    ["given_back"] once a give-back of C ran (GIVE_BACK)
     notify:R        pub/sub channel: "kind:W" when one of R's waiters is granted or dropped
 
 **Incarnations.** Every script that changes something first checks the store's incarnation
@@ -170,6 +171,7 @@ NAMES = (
     "REINDEX",
     "LEAN_ACQUIRE",
     "LEAN_RELEASE",
+    "GIVE_BACK",
 )
 """The scripts, by the name of their constant; each is ``lua/<name in lower case>.lua``."""
 

@@ -76,6 +76,7 @@ from enhanced_locking.types import (
     Locks,
     LockUnreadable,
     Reason,
+    StoreBusy,
     UnreadableLock,
     utcnow,
 )
@@ -101,6 +102,25 @@ _HEADS = 4
 
 _CALL_ID_BYTES = 8
 """Random bytes in a call's id (written as twice as many hex digits)."""
+
+_OWED = 4096
+"""Most give-backs waiting for Redis to answer (``RedisBackend._owe``); past it the oldest is
+let go (logged)."""
+
+_GIVE_BACK_PAUSE = 1.0
+"""Seconds between a give-back Redis did not answer and the next try."""
+
+
+@dataclass(frozen=True, slots=True)
+class _GiveBack:
+    """An acquire that did not wait, answered ``unavailable`` (Redis did not answer it in time,
+    or its connection broke): Redis may run it yet, and grant. Given back by its call id
+    (``lua/give_back.lua``) once Redis answers."""
+
+    call_id: str
+    repo: str
+    pull: int
+    keys: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,6 +306,10 @@ class RedisBackend:
         self._waiting_on: dict[str, dict[str, tuple[str, ...]]] = {}
         """By lock key: this replica's waiters queued on it, oldest first, with every name
         a grant to each touches (declared by a hand-off of the key)."""
+        self._owed: dict[str, _GiveBack] = {}
+        """By call id, oldest first: the give-backs not yet answered (``_owe``)."""
+        self._giving: asyncio.Task[None] | None = None
+        """The task that sends them until Redis answers, while there are any."""
         self._telling: dict[str, asyncio.Task[Any]] = {}
         """By lock key: the task handling the latest message about one of this replica's
         waiters on it, while it runs (``_notified`` tells callers of one key in order)."""
@@ -308,7 +332,7 @@ class RedisBackend:
     async def _run(
         self, name: str, *args: Any, keys: Sequence[str] = (), policy: QueuePolicy | None = None,
         key: str | None = None, hint: str | None = None, changing: int | None = None,
-        reserved: bool = False,
+        reserved: bool = False, call_id: str | None = None,
     ) -> Any:
         if policy is not None:
             self._policy = policy
@@ -320,7 +344,8 @@ class RedisBackend:
             execute, function = evalsha, name
         # One id per call: a write's answer is kept under it, so the one retry below (after a
         # connection broke, when we cannot know whether the script ran) never writes twice.
-        call_id = secrets.token_hex(_CALL_ID_BYTES)
+        # (Given by a caller that may have to give the call back: ``_owe``.)
+        call_id = call_id or secrets.token_hex(_CALL_ID_BYTES)
         # Every key the script touches is declared (KEYS): what we know, what its last calls
         # about this key asked for, and what this one asks for (it wrote nothing then).
         hint = hint or key or name
@@ -918,7 +943,22 @@ class RedisBackend:
         self.connection.answered = True
 
     async def close(self) -> None:
-        """Withdraw this replica's waiters (they are told ``unavailable``) and disconnect."""
+        """Withdraw this replica's waiters (they are told ``unavailable``), send the owed
+        give-backs once more, and disconnect."""
+        if self._giving is not None:
+            self._giving.cancel()
+            await asyncio.gather(self._giving, return_exceptions=True)
+        for entry in list(self._owed.values()):
+            try:
+                await self._give_back(entry)
+            except LockingError:
+                break
+            del self._owed[entry.call_id]
+        for entry in self._owed.values():
+            log.warning("redis %s: closed before Redis answered the give-back of the acquire "
+                        "of %s by %s#%d answered unavailable: what it may have granted stays "
+                        "held", self.connection.where, ", ".join(entry.keys), entry.repo,
+                        entry.pull)
         pending = self._notifier.pending()
         for waiter_id in pending:
             try:
@@ -960,12 +1000,18 @@ class RedisBackend:
         if (wait is None and len(candidates) == 1 and first.mode == "exclusive"
                 and self._lean(first.key, policy.rules)):
             keys, repo, pull = self.keys, first.project.repo_full_name, first.pull.num
-            lean = await self._run(
-                "LEAN_ACQUIRE", _duration_ms(ttl), first.key, sent[first.key], repo, pull,
-                first.project.path, first.workspace,
-                keys=(keys.lock(first.key), keys.shared(first.key), keys.fence(first.key),
-                      keys.pull(repo, pull)),
-                policy=policy, key=first.key, hint="LEAN_ACQUIRE", changing=2)
+            lean_id = secrets.token_hex(_CALL_ID_BYTES)
+            try:
+                lean = await self._run(
+                    "LEAN_ACQUIRE", _duration_ms(ttl), first.key, sent[first.key], repo, pull,
+                    first.project.path, first.workspace,
+                    keys=(keys.lock(first.key), keys.shared(first.key), keys.fence(first.key),
+                          keys.pull(repo, pull)),
+                    policy=policy, key=first.key, hint="LEAN_ACQUIRE", changing=2,
+                    call_id=lean_id)
+            except BackendUnavailable as error:
+                self._owe(lean_id, candidates, error)
+                raise
             if not redis_replies.full(lean):
                 took = redis_replies.acquire(lean)
                 assert isinstance(took, redis_replies.Took)
@@ -974,14 +1020,23 @@ class RedisBackend:
             self._busy_now(first.key, True)
         quads = [item for c in candidates
                  for item in (c.key, sent[c.key], c.project.path, c.workspace)]
-        answer = redis_replies.acquire(await self._run(
-            "ACQUIRE", _duration_ms(ttl), wait.id if wait else "",
-            _duration_ms(wait.timeout) if wait else 0,
-            (wait.request_id or "") if wait else "", first.project.repo_full_name,
-            first.pull.num, first.priority.level, first.mode, first.pull.head_commit,
-            wait.caller if wait else "", *quads,
-            keys=self._acquire_names(candidates, wait), policy=policy, key=first.key,
-        ))
+        # (A call that does not wait is given back if its caller is told Redis did not answer:
+        # ``_owe``.)
+        owed = None if wait is not None else secrets.token_hex(_CALL_ID_BYTES)
+        try:
+            answer = redis_replies.acquire(await self._run(
+                "ACQUIRE", _duration_ms(ttl), wait.id if wait else "",
+                _duration_ms(wait.timeout) if wait else 0,
+                (wait.request_id or "") if wait else "", first.project.repo_full_name,
+                first.pull.num, first.priority.level, first.mode, first.pull.head_commit,
+                wait.caller if wait else "", *quads,
+                keys=self._acquire_names(candidates, wait), policy=policy, key=first.key,
+                call_id=owed,
+            ))
+        except BackendUnavailable as error:
+            if owed is not None:
+                self._owe(owed, candidates, error)
+            raise
         if isinstance(answer, redis_replies.Took):  # the lean path: as sent, plus the stamp
             self._busy_now(first.key, False)
             return Outcome(status=Status.GRANTED, fresh=True, locks=(self._made(
@@ -1134,6 +1189,73 @@ class RedisBackend:
         return result
 
     # --- notifications ---------------------------------------------------------------------
+    # --- giving back an acquire answered unavailable ---------------------------------------
+    def _owe(self, call_id: str, candidates: Sequence[Candidate],
+             error: BackendUnavailable) -> None:
+        """The acquire ``call_id`` of ``candidates`` did not wait and its caller is told Redis
+        did not answer (``error``): Redis may still run it (a frozen or slow Redis runs what it
+        took when it wakes, however late) and grant the pull a lock it was told it did not get,
+        held for good without a lease (and, after a router's fall-back, held on legacy as
+        well). Its give-back is sent until Redis answers (``_give_back_owed``). A call never
+        sent (``StoreBusy``: no connection was free) owes nothing."""
+        if isinstance(error, StoreBusy):
+            return
+        owed = self._owed
+        if len(owed) >= _OWED:
+            oldest = owed.pop(next(iter(owed)))
+            log.warning("redis %s: more than %d acquires answered unavailable wait to be given "
+                        "back; %s of %s#%d let go (what it may have granted stays held)",
+                        self.connection.where, _OWED, ", ".join(oldest.keys), oldest.repo,
+                        oldest.pull)
+        first = candidates[0]
+        owed[call_id] = _GiveBack(call_id, first.project.repo_full_name, first.pull.num,
+                                  tuple(c.key for c in candidates))
+        if self._giving is None or self._giving.done():
+            self._giving = asyncio.create_task(self._give_back_owed(),
+                                               name="redis give-backs")
+
+    @property
+    def owed(self) -> int:
+        """Give-backs Redis has not answered yet (``_owe``)."""
+        return len(self._owed)
+
+    async def _give_back_owed(self) -> None:
+        """Send each owed give-back, oldest first, until Redis answers it."""
+        owed = self._owed
+        while owed:
+            entry = next(iter(owed.values()))
+            try:
+                await self._give_back(entry)
+            except BackendUnavailable:
+                await asyncio.sleep(_GIVE_BACK_PAUSE)
+                continue
+            except Exception as error:  # (an answer it cannot use: not sent again)
+                log.warning("redis %s: could not give back the acquire of %s by %s#%d "
+                            "answered unavailable: %s", self.connection.where,
+                            ", ".join(entry.keys), entry.repo, entry.pull,
+                            self.connection.scrub(str(error) or type(error).__name__))
+            owed.pop(entry.call_id, None)
+
+    async def _give_back(self, entry: _GiveBack) -> Handoff:
+        """Undo what the acquire ``entry`` granted, if it ran and nothing later relied on it
+        (``lua/give_back.lua``); if it has not run yet, it will write nothing when it does."""
+        keys = self.keys
+        op = keys.op(entry.call_id)
+        answer = redis_replies.release(await self._run(
+            "GIVE_BACK", entry.repo, entry.pull, *entry.keys,
+            keys=[op, *(name for k in entry.keys for name in keys.of_key(k)),
+                  keys.pull(entry.repo, entry.pull)],
+            key=entry.keys[0]))
+        assert isinstance(answer, redis_replies.Release)
+        served = answer.served
+        gone = [row for row in (served.released, *served.others) if row is not None]
+        for row in gone:
+            self._known.pop(row.key, None)
+            log.warning("redis %s: gave back %s, granted to %s#%d by an acquire whose caller "
+                        "was told Redis did not answer (Redis ran it when it answered again)",
+                        self.connection.where, row.key, entry.repo, entry.pull)
+        return self._handoff(served)
+
     async def _notified(self, kind: str, waiter_id: str) -> None:
         """A message on this replica's channel: confirm a grant, or pass the reason on.
 

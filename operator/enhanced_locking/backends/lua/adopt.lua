@@ -17,7 +17,10 @@ local function main()
   expire_lapsed(k, nil)
   local mode = ARGV[18]
   for _, h in ipairs(holders(k)) do
-    if same_owner(h, ARGV[12], ARGV[13]) then return 1 end
+    if same_owner(h, ARGV[12], ARGV[13]) then
+      relied_on(h)
+      return 1
+    end
     if mode ~= 'shared' or h[10] ~= 'shared' then return 0 end
   end
   local exp = tonumber(ARGV[17])

@@ -1036,12 +1036,22 @@ end
 
 -- The lock a pull gets on k: the one it holds, or a fresh one (an exclusive request of the
 -- key's only shared holder is an upgrade: a new token).
+-- A call answered its owner with the exclusive lock h it held already (the owner asked for it
+-- again, or a store adopted it as the owner's): someone now knows of the hold, and a give-back
+-- of the call that granted it leaves it (`told`, give_back.lua; REFRESH marks it too).
+local function relied_on(h)
+  if h[10] ~= 'shared' and not h.bad then w('HSET', lock_name(h[1]), 'told', '1') end
+end
+
 local function take(k, data, repo, pull, ttl, claim, mode, path, ws)
   local mine = false
   for _, h in ipairs(holders(k)) do
     if same_owner(h, repo, pull) then mine = h end
   end
-  if mine and not (mode == 'exclusive' and mine[10] == 'shared') then return mine, false end
+  if mine and not (mode == 'exclusive' and mine[10] == 'shared') then
+    relied_on(mine)
+    return mine, false
+  end
   if mine then drop_lock(mine) end
   local lock = stamp(k, data, repo, pull, ttl, claim, mode, path, ws, fence_name(k),
                      mode ~= 'shared' and lock_name(k), pull_index(repo, pull))

@@ -20,7 +20,8 @@ local function main()
     save_shared(lock)
   else
     w('HDEL', lock_name(ARGV[11]), 'claim', 'lease')
-    w('HSET', lock_name(ARGV[11]), 'exp', exp)
+    -- (`told`: its owner acts on it, see lib.lua's `relied_on`)
+    w('HSET', lock_name(ARGV[11]), 'exp', exp, 'told', '1')
     collect_after(ARGV[11], exp)
   end
   return {'refreshed', lock}

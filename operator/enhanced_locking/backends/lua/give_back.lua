@@ -1,0 +1,66 @@
+-- give-back: undo an acquire that did not wait and whose caller was told the store did not
+-- answer (`unavailable`: Redis took the call and answered too late, or the connection broke),
+-- by that call's id C. Redis runs a call it took however late, so the call may have granted.
+-- What C granted, as the answer kept under op:<C> says (the lean path's {'took', token, ...}
+-- for the one key asked, or the rows of {'granted', locks, fresh}), is released and its key's
+-- queue served, as RELEASE does, but only an exclusive lock that is still that grant (same
+-- owner, same token, live) and that no later call was answered with (`take` and REFRESH mark
+-- it `told`): a later request of the same pull that was told it holds the lock keeps it.
+-- Nothing is kept under op:<C> when C has not run yet (still on its way, or in a frozen
+-- Redis's input): a mark is kept there instead, which C answers as its kept answer when it
+-- runs, writing nothing. (After OP_MS the answer C kept is gone too: what C granted then
+-- stays held.)
+-- KEYS[8] op:<C>, taken by position (no name function forms it); KEYS[9..] each asked lock
+--   key's keys (RedisKeys.of_key), the owner's pull index; the names serving the queues
+--   touches it asks for
+-- ARGV[11] owner repo  ARGV[12] owner pull  ARGV[13..] the lock keys C asked for
+-- returns {'released', lock or {}, granted, dropped, other locks released, {}, expired} as
+--         RELEASE (the locks given back: the first, then the rest)
+-- decoded by redis_replies.release
+local refused = guard()
+if refused then return refused end
+local function main()
+  local op, repo, pull = KEYS[8], ARGV[11], ARGV[12]
+  local granted = {}  -- by lock key: the token C granted it with
+  local kept = PCALL('GET', op)
+  if type(kept) == 'string' then
+    local ok, answer = pcall(cjson.decode, kept)
+    if ok and type(answer) == 'table' then
+      if answer[1] == 'took' then
+        granted[ARGV[13]] = answer[2]
+      elseif answer[1] == 'granted' and type(answer[2]) == 'table' then
+        for _, row in ipairs(answer[2]) do
+          if type(row) == 'table' and row[10] == 'exclusive' then granted[row[1]] = row[3] end
+        end
+      end
+    end
+  end
+  local going, keys = {}, {}
+  for i = 13, #ARGV do
+    local k = ARGV[i]
+    if granted[k] then
+      expect(key_names, k)
+      expect(pull_index, repo, pull)
+      plan_lapsed(k)
+      local h = read_lock(k)
+      if h and not h.bad and not lapsed(h) and same_owner(h, repo, pull)
+          and h[3] == granted[k] and not CALL('HGET', lock_name(k), 'told') then
+        table.insert(going, h)
+        table.insert(keys, k)
+        VIEW[k] = {}
+      end
+    end
+  end
+  serve(keys, PLAN)
+  planned()
+  local expired = {}
+  for _, k in ipairs(keys) do expire_lapsed(k, expired) end
+  for _, h in ipairs(going) do drop_lock(h) end
+  local fx = new_effects()
+  serve(keys, fx)
+  w('SET', op, '["given_back"]', 'PX', OP_PX)
+  local others = {}
+  for i = 2, #going do table.insert(others, going[i]) end
+  return {'released', going[1] or {}, fx.granted, fx.dropped, others, {}, expired}
+end
+return run(main, true)

@@ -1,0 +1,202 @@
+"""An acquire that does not wait, answered ``unavailable`` because Redis took it and did not
+answer in time (a frozen Redis: SIGSTOP, its connections open), is given back once Redis
+answers: Redis runs the call when it wakes, and without the give-back the pull whose caller was
+told it did not get the lock held it for good, without a lease (another pull was answered
+``held``). The give-back, keyed by the call's id, releases only the hold that call granted, and
+leaves it when a later request was told it holds it; sent before the call runs, it makes the
+call write nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import timedelta
+from types import SimpleNamespace
+
+import pytest
+from tests.conftest import ServiceMaker
+from tests.support.locks import candidate_for, request_for
+from tests.support.redis_server import RedisServer
+
+from enhanced_locking.backends import redis_store
+from enhanced_locking.backends.redis_store import RedisBackend
+from enhanced_locking.backends.waiting import QueuePolicy, Status, Wait
+from enhanced_locking.types import (
+    BackendUnavailable,
+    Candidate,
+    Lock,
+    LockRequest,
+    Project,
+    Pull,
+)
+
+pytestmark = pytest.mark.redis
+
+A = request_for(path="a", project="a", pull=1)
+B = request_for(path="b", project="b", pull=1)
+A2 = request_for(path="a", project="a", pull=2)
+B2 = request_for(path="b", project="b", pull=2)
+
+
+@pytest.fixture
+def backend(redis_backend: RedisBackend) -> RedisBackend:
+    """A backend on ``redis_server`` that has called it once (its connection is open)."""
+    return redis_backend
+
+
+async def _settled(backend: RedisBackend, within: float = 8.0) -> None:
+    """Until the backend owes no give-back (Redis answered them all)."""
+    end = time.monotonic() + within
+    while backend.owed:
+        assert time.monotonic() < end, f"{backend.owed} give-backs not answered"
+        await asyncio.sleep(0.05)
+
+
+async def _fail_fast(backend: RedisBackend, *asked: Candidate) -> None:
+    await backend.acquire_batch(asked, ttl=None, wait=None, policy=QueuePolicy())
+
+
+async def test_with_redis_frozen_a_fail_fast_acquire_answered_unavailable_does_not_hold_the_key(
+    redis_server: RedisServer, backend: RedisBackend,
+) -> None:
+    # One key, no wait, no rules: the lean function. Before, when Redis woke it granted pull 1
+    # (told unavailable) and pull 2 was answered `held`, with no lease to end it.
+    with redis_server.paused():
+        with pytest.raises(BackendUnavailable, match="within the call's 5 s limit"):
+            await _fail_fast(backend, candidate_for(A))
+    await _settled(backend)
+    assert await backend.get(A.key) is None
+    other = await backend.acquire_batch([candidate_for(A2)], ttl=None, wait=None,
+                                        policy=QueuePolicy())
+    assert other.status is Status.GRANTED, other
+
+
+async def test_with_redis_frozen_a_fail_fast_batch_is_given_back_but_what_the_pull_held_before(
+    redis_server: RedisServer, backend: RedisBackend,
+) -> None:
+    # A batch goes to the full script ('granted' with lock rows). Key a was the pull's before
+    # the batch (its earlier request was told so): it stays; key b, granted by the batch
+    # nobody heard, is given back.
+    before = await backend.acquire_batch([candidate_for(A)], ttl=None, wait=None,
+                                         policy=QueuePolicy())
+    assert before.status is Status.GRANTED
+    with redis_server.paused():
+        with pytest.raises(BackendUnavailable, match="within the call's 5 s limit"):
+            await _fail_fast(backend, candidate_for(A), candidate_for(B))
+    await _settled(backend)
+    held = await backend.get(A.key)
+    assert held is not None and held.fencing_token == before.locks[0].fencing_token
+    assert await backend.get(B.key) is None
+
+
+async def _granted_unheard(backend: RedisBackend, monkeypatch: pytest.MonkeyPatch,
+                           call_id: str, *asked: Candidate) -> None:
+    """An acquire under ``call_id`` that Redis ran and whose answer nobody heard (as when
+    its caller was told unavailable): the backend owes its give-back, not yet sent."""
+    monkeypatch.setattr(redis_store, "secrets", SimpleNamespace(token_hex=lambda _n: call_id))
+    try:
+        await _fail_fast(backend, *asked)
+    finally:
+        monkeypatch.undo()
+
+
+def _owed(call_id: str, *asked: Candidate) -> redis_store._GiveBack:
+    first = asked[0]
+    return redis_store._GiveBack(call_id, first.project.repo_full_name, first.pull.num,
+                                 tuple(c.key for c in asked))
+
+
+async def test_a_give_back_leaves_a_hold_a_later_request_was_told_it_has(
+    backend: RedisBackend, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Pull 1's retry (here or on another replica) is answered with the lock the unheard call
+    # granted: the give-back must not take it from under it. A refresh is answered with it
+    # too. Without a later answer, the same give-back releases it.
+    await _granted_unheard(backend, monkeypatch, "a1" * 8, candidate_for(A))
+    again = await backend.acquire_batch([candidate_for(A)], ttl=None, wait=None,
+                                        policy=QueuePolicy())
+    assert again.status is Status.GRANTED and not again.fresh
+    await backend._give_back(_owed("a1" * 8, candidate_for(A)))
+    held = await backend.get(A.key)
+    assert held is not None and held.fencing_token == again.locks[0].fencing_token
+
+    await _granted_unheard(backend, monkeypatch, "b2" * 8, candidate_for(B))
+    await backend.refresh(B.key, (B.project.repo_full_name, 1), timedelta(minutes=5))
+    await backend._give_back(_owed("b2" * 8, candidate_for(B)))
+    assert await backend.get(B.key) is not None
+
+    await backend.release(B.key, owner=(B.project.repo_full_name, 1))
+    await _granted_unheard(backend, monkeypatch, "c3" * 8, candidate_for(B))
+    assert await backend.get(B.key) is not None
+    handoff = await backend._give_back(_owed("c3" * 8, candidate_for(B)))
+    assert handoff.released is not None and handoff.released.key == B.key
+    assert await backend.get(B.key) is None
+    # Sent again (its answer was lost): nothing more is released.
+    granted = await backend.acquire_batch([candidate_for(B2)], ttl=None, wait=None,
+                                          policy=QueuePolicy())
+    assert granted.status is Status.GRANTED
+    again_back = await backend._give_back(_owed("c3" * 8, candidate_for(B)))
+    assert again_back.released is None
+    held = await backend.get(B.key)
+    assert held is not None and held.pull.num == 2
+
+
+async def test_a_give_back_that_reaches_redis_before_its_call_makes_the_call_write_nothing(
+    backend: RedisBackend, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # After a freeze, Redis may run the give-back (sent on a new connection) before the call
+    # it gives back: the call, when it runs, answers what the give-back kept and grants
+    # nothing. (A full call and a lean one.)
+    for call_id, asked in (("d4" * 8, (candidate_for(A),)),
+                           ("e5" * 8, (candidate_for(A), candidate_for(B)))):
+        handoff = await backend._give_back(_owed(call_id, *asked))
+        assert handoff.released is None
+        # (it answers the mark the give-back kept, which no acquire's caller can read: its
+        # caller was told unavailable long before)
+        with pytest.raises(ValueError, match="not enough values to unpack"):
+            await _granted_unheard(backend, monkeypatch, call_id, *asked)
+        assert await backend.get(A.key) is None
+        assert await backend.get(B.key) is None
+
+
+async def test_a_give_back_hands_the_key_to_its_next_waiter(
+    backend: RedisBackend, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Pull 2 queued behind the hold nobody heard of: the give-back serves it, as a release.
+    await _granted_unheard(backend, monkeypatch, "f6" * 8, candidate_for(A))
+    heard = backend.grants.expect("w2")
+    queued = await backend.acquire_or_enqueue(
+        candidate_for(A2), ttl=None, policy=QueuePolicy(),
+        wait=Wait(id="w2", timeout=timedelta(seconds=10)))
+    assert queued.status is Status.QUEUED
+    handoff = await backend._give_back(_owed("f6" * 8, candidate_for(A)))
+    assert [grant.waiter.id for grant in handoff.granted] == ["w2"]
+    notice = await asyncio.wait_for(heard, 5)
+    assert notice.reason is None, notice
+    held: Lock | None = await backend.get(A.key)
+    assert held is not None and held.pull.num == 2
+
+
+async def test_with_fallback_legacy_a_frozen_redis_s_late_grant_does_not_outlive_the_release(
+    make_service: ServiceMaker, redis_server: RedisServer,
+) -> None:
+    # The router answered pull 1 from legacy (the fall-back) while Redis was frozen, and pull
+    # 1 released it; when Redis woke it ran the acquire it had taken. Before, that late grant
+    # held the key on Redis for good (two holds across the stores until the release; then
+    # one nobody knew of) and pull 2 was answered `held`.
+    service = await make_service(enabled=True, backend="redis", redis_addr=redis_server.addr)
+    request = LockRequest(project=Project(repo_full_name="acme/late", path="p"), pull=Pull(num=1))
+    await service.router.acquire(request)  # (Redis's connection is open)
+    await service.router.release(request.key, owner=("acme/late", 1))
+    with redis_server.paused():
+        granted = await service.router.acquire(request)
+        assert granted.acquired and granted.lock is not None
+        assert granted.lock.backend == "legacy"
+        await service.router.release(request.key, owner=("acme/late", 1))
+    end = time.monotonic() + 10
+    other = request.model_copy(update={"pull": Pull(num=2)})
+    while not (answer := await service.router.acquire(other)).acquired:
+        assert time.monotonic() < end, answer
+        await asyncio.sleep(0.2)
+    assert answer.lock is not None and answer.lock.pull.num == 2
