@@ -5,12 +5,14 @@ request with its message (and shows in the LockPolicy's status, with an Event); 
 the waiter it held back is granted. A concurrency limit of 2 holds 5 waiters to 2 at a time.
 Two replicas on one real Redis both take a rule edit: both refuse while a freeze is on, the
 held locks and the queued request stay through the edits, and patched off, the waiter the
-freeze held back is granted. The API server refuses bad rules naming the field, and accepts
-the examples of docs/08-policies.md.
+freeze held back is granted. Two replicas the LockPolicy moves from their own stores to one
+Redis share their events from then on. The API server refuses bad rules naming the field, and
+accepts the examples of docs/08-policies.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import threading
@@ -23,6 +25,7 @@ import yaml
 from tests.support.controlplane import KubeCluster
 from tests.support.operator import OperatorProcess, cr
 from tests.support.redis_server import RedisServer
+from tests.support.sse_frames import Frame, Frames
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -200,6 +203,61 @@ def test_two_replicas_on_one_redis_both_take_a_freeze_and_keep_held_locks_and_wa
         assert holder(replica, prod)["pull"]["num"] == 2
         assert holder(replica, dev)["fencingToken"] == kept["lock"]["fencingToken"]
         assert waiters(replica) == []
+
+
+def _events_into(url: str, frames: list[Frame | str]) -> None:
+    """Follow ``url``'s ``GET /v1/events`` in a thread: each frame, and each comment's text
+    (``following`` for the stream's start), into ``frames`` (until the stream ends)."""
+    def run() -> None:
+        # The stream is cut when the replica stops, after the test.
+        with contextlib.suppress(httpx.HTTPError), httpx.stream(
+                "GET", url + "/v1/events", timeout=httpx.Timeout(10, read=None)) as answer:
+            reader = Frames()
+            for line in answer.iter_lines():
+                if (item := reader.feed(line)) is not None:
+                    frames.append(item)
+    threading.Thread(target=run, daemon=True).start()
+
+
+def test_two_replicas_moved_to_one_redis_by_the_lock_policy_share_their_events(
+    kube_cluster: KubeCluster, kube_namespace: str, start_operator: Any,
+    redis_server: RedisServer,
+) -> None:
+    """The LockPolicy moves the store of two replicas from their own memory to one Redis: the
+    events move with it. A reader on one replica gets a gap (switched) at the move, then the
+    other replica's grant. Before, each replica kept the bus it started with (its own), and
+    the reader never saw the other's grant, nor a gap."""
+    _apply(kube_cluster, kube_namespace, {"enabled": True, "backend": "memory"})
+    first: OperatorProcess = start_operator(data="replica-a")
+    second: OperatorProcess = start_operator(data="replica-b")
+
+    def on(bus: str, replica: OperatorProcess) -> None:
+        wait_for(f"the events of {replica.url} on the {bus} bus", lambda: httpx.get(
+            replica.url + "/readyz", timeout=5).json().get("events") == bus,
+            details=replica.output)
+
+    for replica in (first, second):
+        on("process", replica)
+    frames: list[Frame | str] = []
+    _events_into(first.url, frames)
+    wait_for("the reader to follow", lambda: "following" in frames)
+
+    _patch(kube_cluster, kube_namespace, {"backend": "redis",
+                                          "redis": {"addr": redis_server.addr}})
+    for replica in (first, second):
+        on("redis", replica)
+    gap = wait_for("the reader's gap", lambda: next(
+        (f for f in frames if isinstance(f, Frame) and f.event == "gap"), None),
+        details=first.output)
+    assert gap.data["reason"] == "switched", gap
+
+    taken = httpx.post(second.url + "/v1/locks", json=_body("envs/events", 7), timeout=10)
+    assert taken.status_code == 200, taken.text
+    key = taken.json()["lock"]["key"]
+    seen = wait_for("the other replica's grant on this reader", lambda: next(
+        (f for f in frames if isinstance(f, Frame) and f.event == "acquired"
+         and f.data.get("key") == key), None), details=first.output)
+    assert frames.index(seen) > frames.index(gap)
 
 
 BAD_RULES = [

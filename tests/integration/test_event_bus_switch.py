@@ -7,11 +7,8 @@ say which bus serves, and a switch back moves the events back to the process's o
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -21,6 +18,7 @@ from tests.support.etcd_server import EtcdCluster
 from tests.support.locks import request_for
 from tests.support.redis_server import RedisServer
 from tests.support.served import served
+from tests.support.sse_frames import Frame, Frames
 
 from enhanced_locking.backends.etcd_events import EtcdEventBus
 from enhanced_locking.backends.redis_events import RedisEventBus
@@ -32,15 +30,6 @@ from enhanced_locking.types import Event
 DEADLINE = 10.0
 
 
-@dataclass(frozen=True)
-class Frame:
-    """One SSE event as a client reads it."""
-
-    id: str
-    event: str
-    data: dict[str, Any]
-
-
 async def _read(http: httpx.AsyncClient, into: asyncio.Queue[Frame | str],
                 last_event_id: str = "") -> None:
     """``GET /v1/events`` on ``http``, its frames (and its ``following`` comment) into
@@ -48,19 +37,10 @@ async def _read(http: httpx.AsyncClient, into: asyncio.Queue[Frame | str],
     headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
     async with http.stream("GET", "/v1/events", headers=headers) as answer:
         assert answer.status_code == 200
-        event_id = kind = data = ""
+        frames = Frames()
         async for line in answer.aiter_lines():
-            if line.startswith(":"):
-                into.put_nowait(line[1:].strip())
-            elif line.startswith("id:"):
-                event_id = line[3:].strip()
-            elif line.startswith("event:"):
-                kind = line[6:].strip()
-            elif line.startswith("data:"):
-                data = line[5:].strip()
-            elif line == "" and kind:
-                into.put_nowait(Frame(event_id, kind, json.loads(data)))
-                event_id = kind = data = ""
+            if (item := frames.feed(line)) is not None:
+                into.put_nowait(item)
 
 
 async def _next(frames: asyncio.Queue[Frame | str]) -> Frame:
