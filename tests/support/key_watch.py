@@ -113,23 +113,23 @@ def check_log(text: str) -> Watched:
             continue
         # Only the words the checks read are unquoted (a call's values and a library's load
         # are long): a script's command's name and keys, a call's script and keys.
-        text = match.group("args")
+        said = match.group("args")
         if match.group("client") == "lua":
-            command = _words(text, 2)
+            command = _words(said, 2)
             if not command:
                 continue
             if current is not None:
                 if command[0].lower() in _KEYS_ALL:
-                    command = _words(text)
+                    command = _words(said)
                 current.commands.append((number, command))
             continue
-        head = _words(text, 3)
+        head = _words(said, 3)
         if not head:
             continue
         current = None
         if head[0].lower() in _SCRIPT_CALLS and len(head) >= 3:
             count = int(head[2])
-            current = _Call(number, head[1], _words(text, 3 + count)[3:])
+            current = _Call(number, head[1], _words(said, 3 + count)[3:])
             calls.append(current)
     by_id: dict[str, list[_Call]] = {}
     for call in calls:
