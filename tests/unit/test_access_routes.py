@@ -40,6 +40,8 @@ NOBODY = "nobody-token"
 """Holds no right at all."""
 READER = "reader-token"
 """Holds ``read`` on acme/infra only."""
+FORCER = "forcer-token"
+"""Holds ``read`` and ``force-unlock`` on acme/infra only."""
 
 
 class Tokens:
@@ -70,11 +72,13 @@ RIGHTS = {
     "sam": frozenset({(Verb.READ, None), (Verb.LOCK, INFRA), (Verb.RELEASE_ANY, INFRA)}),
     "nora": frozenset(),
     "rita": frozenset({(Verb.READ, INFRA)}),
+    "fay": frozenset({(Verb.READ, INFRA), (Verb.FORCE_UNLOCK, INFRA)}),
 }
 
 
 def per_repository(config: EnhancedLockingConfig) -> AccessControl:
-    tokens = Tokens({ADMIN: "ada", SCOPED: "sam", NOBODY: "nora", READER: "rita"})
+    tokens = Tokens({ADMIN: "ada", SCOPED: "sam", NOBODY: "nora", READER: "rita",
+                     FORCER: "fay"})
     return AccessControl("kubernetes", [tokens], PerRepository(RIGHTS))
 
 
@@ -294,6 +298,45 @@ async def test_a_release_any_of_one_key_leaves_a_hold_taken_after_it_was_read(
     rows = [row for row in await served.rows() if row.action == "release-any"]
     assert [(row.repo, row.outcome, row.status) for row in rows] == [
         (INFRA, "not-found", 404)]
+
+
+@pytest.mark.parametrize("route", ["api", "console"])
+async def test_a_force_unlock_leaves_a_hold_taken_after_it_was_read(
+    served: Served, route: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The caller may force-unlock acme/infra's locks only; acme/infra/sub takes the key (one
+    key for both) between the read its right was asked on and the force-unlock: that hold is
+    not freed, and the answer is a 409 that names nobody."""
+    joined = await served.acquire(INFRA, path="sub/p")
+
+    async def sub_takes_it() -> None:
+        await served.service.router.release(joined)
+        await take(served, SUB, "p", pull=9)
+
+    seen = after_reading(served, joined, sub_takes_it, monkeypatch)
+    if route == "api":
+        answer = await served.http.post("/v1/admin/force-unlock", params={
+            "key": joined, "reason": "stuck"}, headers=served.as_(FORCER))
+    else:
+        answer = await served.http.post("/ui/force-unlock", data={
+            "key": joined, "reason": "stuck"}, headers=served.as_(FORCER))
+    assert joined in seen
+    assert answer.status_code == 409, answer.text
+    assert answer.json()["reason"] == "changed"
+    assert set(answer.json()) == {"error", "lockKey", "reason"}  # no holder named
+    holder = await served.service.router.get(joined)
+    assert holder is not None and holder.owner == (SUB, 9)
+    rows = [row for row in await served.rows() if row.action == "force-unlock"]
+    assert [(row.repo, row.outcome, row.status) for row in rows] == [(INFRA, "changed", 409)]
+
+
+async def test_a_force_unlock_of_a_hold_still_held_frees_it(served: Served) -> None:
+    joined = await served.acquire(INFRA, path="sub/p")
+    answer = await served.http.post("/v1/admin/force-unlock", params={
+        "key": joined, "reason": "stuck"}, headers=served.as_(FORCER))
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["lock"]["project"]["repoFullName"] == INFRA
+    assert await served.service.router.get(joined) is None
 
 
 async def test_a_batch_release_of_a_pull_frees_nothing_of_keys_free_when_read(

@@ -29,6 +29,7 @@ from enhanced_locking.types import (
     BatchLockRequest,
     InvalidRequest,
     LockNotHeld,
+    LockNotOwned,
     LockRequest,
     Priority,
     Pull,
@@ -871,6 +872,38 @@ async def test_priority_queue_off_serves_fifo_and_on_serves_by_priority_live(
     holder = await rig.locker.get(ask(1).key)
     assert holder is not None and holder.pull.num == 3
     assert "force-unlocked" in rig.types()
+
+
+async def test_a_force_unlock_of_the_holds_it_checked_leaves_a_hold_taken_since(
+    rigs: Callable[..., LockerRig],
+) -> None:
+    """A force-unlock names the holds its caller's right was asked about (their fencing
+    tokens): a hold another pull took after that read is not freed (``LockNotOwned``), the
+    checked hold is, and so is every shared holder when all of them were checked."""
+    rig = rigs()
+    key = ask(1).key
+    read = (await rig.locker.acquire(ask(1))).lock
+    assert read is not None
+    await rig.locker.release(key, owner=read.owner)
+    taken = (await rig.locker.acquire(ask(2))).lock
+    assert taken is not None
+    with pytest.raises(LockNotOwned):
+        await rig.locker.force_unlock(key, checked=frozenset({read.fencing_token}))
+    still = await rig.locker.get(key)
+    assert still is not None and still.fencing_token == taken.fencing_token
+    freed = await rig.locker.force_unlock(key, checked=frozenset({taken.fencing_token}))
+    assert freed is not None and freed.fencing_token == taken.fencing_token
+    assert await rig.locker.get(key) is None
+    shared = [(await rig.locker.acquire(ask(pull, path="envs/forced").model_copy(
+        update={"mode": "shared"}))).lock for pull in (3, 4)]
+    tokens = frozenset(lock.fencing_token for lock in shared if lock is not None)
+    assert len(tokens) == 2
+    with pytest.raises(LockNotOwned):  # one of the two holders was not checked
+        await rig.locker.force_unlock(shared[0].key if shared[0] else "", checked=tokens
+                                      - {min(tokens)})
+    assert len(await rig.locker.holders(ask(3, path="envs/forced").key)) == 2
+    await rig.locker.force_unlock(ask(3, path="envs/forced").key, checked=tokens)
+    assert await rig.locker.holders(ask(3, path="envs/forced").key) == []
 
 
 async def test_a_full_queue_answers_queue_full(rigs: Callable[..., LockerRig]) -> None:

@@ -26,6 +26,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from enhanced_locking.api.access import Caller, CallerDep, cross_site_refusal
 from enhanced_locking.api.errors import json_error
+from enhanced_locking.api.queue_routes import forced_holds, hold_changed
 from enhanced_locking.factory import LockService
 from enhanced_locking.rollout_summary import RolloutSummary, remaining_text, summarize
 from enhanced_locking.types import (
@@ -33,6 +34,7 @@ from enhanced_locking.types import (
     PULL_MIN,
     InvalidRequest,
     Lock,
+    LockNotOwned,
     LockUnreadable,
     Verb,
     utcnow,
@@ -256,9 +258,14 @@ def install_console(app: FastAPI, service: LockService) -> None:
             return refused
         await caller.need(Verb.FORCE_UNLOCK, action="force-unlock", key=key, repo=repo,
                           reason=reason)
+        checked = await forced_holds(service, caller, key, holder, reason=reason)
         async with caller.audited(action="force-unlock", verb=Verb.FORCE_UNLOCK, key=key,
                                   repo=repo, reason=reason) as note:
-            lock = await service.router.force_unlock(key)
+            try:
+                lock = await service.router.force_unlock(key, checked=checked)
+            except LockNotOwned:  # taken after the read by a hold the right was not asked of
+                note.done("changed", 409)
+                return hold_changed(key)
             if lock is None:
                 note.done("not-found", 404)
             else:

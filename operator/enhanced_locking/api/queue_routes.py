@@ -69,7 +69,7 @@ from enhanced_locking.types import (
     utcnow,
 )
 
-__all__ = ["RefreshRequest", "holder_of", "install_queue_routes"]
+__all__ = ["RefreshRequest", "forced_holds", "hold_changed", "holder_of", "install_queue_routes"]
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,36 @@ async def holder_of(router: Router, caller: Caller, key: str, *, verb: Verb, act
     except LockUnreadable:
         await caller.need(verb, action=action, key=key, pull=pull)
         raise
+
+
+async def forced_holds(service: LockService, caller: Caller, key: str, holder: Lock | None,
+                       *, reason: str | None) -> tuple[Lock, ...]:
+    """The holds a force-unlock of ``key`` frees, as read (``holder``: the one whose
+    repository's right was asked): with the key held shared on the enhanced side, every
+    holder, the right asked on each one's repository too. Nothing when the key was free or
+    unreadable (the right was asked on every repository: whatever holds it goes)."""
+    if holder is None:
+        return ()
+    holds = [holder]
+    enhanced = service.enhanced
+    if (holder.backend == "enhanced" and holder.mode == "shared"
+            and isinstance(enhanced, EnhancedLocker)):
+        holds = [*await caller.read_for_right(enhanced.holders(key), Verb.FORCE_UNLOCK,
+                                              action="force-unlock", key=key, reason=reason)]
+        holds = holds if holder in holds else [holder, *holds]
+    for repo in dict.fromkeys(h.project.repo_full_name for h in holds):
+        if repo != holder.project.repo_full_name:
+            await caller.need(Verb.FORCE_UNLOCK, action="force-unlock", repo=repo, key=key,
+                              reason=reason)
+    return tuple(holds)
+
+
+def hold_changed(key: str) -> JSONResponse:
+    """The 409 of a force-unlock whose key another hold took after it was read: nothing was
+    freed (the answer names no holder: the caller's right was not asked about it)."""
+    return json_error(409, f"the lock on {key} changed after it was read (another hold took "
+                      "it, which this force-unlock did not check): nothing was freed; read it "
+                      "again and force-unlock what holds it now", lockKey=key, reason="changed")
 
 
 WHO = error_answers({401: "No or invalid credentials (see WWW-Authenticate).",
@@ -426,7 +456,10 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
         return {"cancelled": True, "key": key, "id": id}
 
     @app.post("/v1/admin/force-unlock",
-              responses={**error_answers({404: "No lock is held on the key."}), **WHO})
+              responses={**error_answers({
+                  404: "No lock is held on the key.",
+                  409: "Another hold took the key after it was read (reason `changed`): "
+                       "nothing was freed. Or, for a key: " + UNREADABLE}), **WHO})
     async def force_unlock(
         key: Key,
         caller: CallerDep,
@@ -440,7 +473,10 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
 
         Needs ``force-unlock``, and a ``reason`` unless access control is off. A key whose
         stored lock cannot be read is cleared: whatever is stored goes (``lock`` null,
-        ``unreadable`` what it was). A post a browser says comes from another site's page
+        ``unreadable`` what it was). What is freed is the hold read and asked about (every
+        holder of a key held shared, the right asked on each one's repository): another
+        hold that took the key since is left, answered 409 ``changed`` naming no holder.
+        A post a browser says comes from another site's page
         is refused (403): behind a proxy that adds a signed-in user's token, such a page could
         make that user's browser post one as a plain form."""
         try:
@@ -461,9 +497,14 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
         if not caller.access.open and not (reason or "").strip():
             return json_error(422, "reason: a force-unlock needs a reason (it is audited)",
                               field="reason")
+        checked = await forced_holds(service, caller, key, holder, reason=reason)
         async with caller.audited(action="force-unlock", verb=Verb.FORCE_UNLOCK, key=key,
                                   repo=repo, reason=reason) as note:
-            lock: Lock | None = await router.force_unlock(key)
+            try:
+                lock: Lock | None = await router.force_unlock(key, checked=checked)
+            except LockNotOwned:  # taken after the read by a hold the right was not asked of
+                note.done("changed", 409)
+                return hold_changed(key)
             if lock is None and unreadable is not None:
                 note.done("cleared-unreadable")
                 return {"released": True, "lock": None, "unreadable": unreadable_json(unreadable)}

@@ -299,15 +299,20 @@ class QueueBackend(Backend, Protocol):
 
     async def release_and_handoff(
         self, key: str, *, owner: Owner | None = None, policy: QueuePolicy | None = None,
-        token: int | None = None,
+        token: int | None = None, checked: frozenset[int] | None = None,
     ) -> Handoff:
         """Free ``key`` (with ``owner``: only if that pull holds it, else ``LockNotOwned``;
         with ``token`` too: only that hold of the pull, the lock with that fencing token)
-        and hand it to the next waiter; say which lock went and who got it."""
+        and hand it to the next waiter; say which lock went and who got it. ``checked``
+        (without ``owner``: a force-unlock's): the fencing tokens of the holds the caller's
+        right was asked about; a holder not among them (it took the key since) is
+        ``LockNotOwned`` and nothing is freed."""
         ...
 
-    async def force_unlock(self, key: str, *, policy: QueuePolicy | None = None) -> Handoff:
-        """Free ``key`` whoever holds it and hand it on (the admin's way out)."""
+    async def force_unlock(self, key: str, *, policy: QueuePolicy | None = None,
+                           checked: frozenset[int] | None = None) -> Handoff:
+        """Free ``key`` whoever holds it and hand it on (the admin's way out); with
+        ``checked``, only if every holder is one of those holds (else ``LockNotOwned``)."""
         ...
 
     async def replace(self, lock: Lock) -> bool:
@@ -990,9 +995,10 @@ class StoreBackend(abc.ABC):
 
     async def release_and_handoff(
         self, key: str, *, owner: Owner | None = None, policy: QueuePolicy | None = None,
-        token: int | None = None,
+        token: int | None = None, checked: frozenset[int] | None = None,
     ) -> Handoff:
-        if key not in self._queues and (policy is None or not policy.limits):
+        if (key not in self._queues and (policy is None or not policy.limits)
+                and (checked is None or owner is not None)):
             # Nobody waits here: one step, nothing to hand over (a token's hold: only that one).
             popped = (self._pop(key, owner) if token is None
                       else None if owner is None else self._pop_exactly(key, owner, token))
@@ -1014,7 +1020,7 @@ class StoreBackend(abc.ABC):
                 self._expire_lapsed(key, now, fx)
                 holders = self._holders(key, now)
             except LockUnreadable:
-                if owner is not None:
+                if owner is not None or checked is not None:
                     raise  # whose it is cannot be told: only a force-unlock frees it
                 # Whoever it was, what is stored under the key goes, and so does its entry.
                 self._purge(key)
@@ -1026,6 +1032,11 @@ class StoreBackend(abc.ABC):
                 if holders and not mine:
                     raise LockNotOwned(key, holders[0])
                 holders = mine
+            elif checked is not None:
+                # A force-unlock frees only the holds its caller's right was asked about.
+                unchecked = [h for h in holders if h.fencing_token not in checked]
+                if unchecked:
+                    raise LockNotOwned(key, unchecked[0])
             for lock in holders:
                 self._drop(lock)
             self._serve_queues([key], now, policy, fx)
@@ -1033,8 +1044,9 @@ class StoreBackend(abc.ABC):
             return dataclasses.replace(handoff, also_released=tuple(holders[1:]),
                                        expired=tuple(fx.expired))
 
-    async def force_unlock(self, key: str, *, policy: QueuePolicy | None = None) -> Handoff:
-        return await self.release_and_handoff(key, policy=policy)
+    async def force_unlock(self, key: str, *, policy: QueuePolicy | None = None,
+                           checked: frozenset[int] | None = None) -> Handoff:
+        return await self.release_and_handoff(key, policy=policy, checked=checked)
 
     async def expire(self, key: str, *, policy: QueuePolicy | None = None) -> Handoff:
         with self._step() as fx:

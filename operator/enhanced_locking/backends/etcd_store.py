@@ -2044,10 +2044,11 @@ class EtcdBackend(StoreBackend):
         return outcome
 
     async def release_and_handoff(self, key: str, *, owner: Owner | None = None,
-                                  policy: Any = None, token: int | None = None) -> Any:
+                                  policy: Any = None, token: int | None = None,
+                                  checked: frozenset[int] | None = None) -> Any:
         return await self._atomic(
             lambda: StoreBackend.release_and_handoff(self, key, owner=owner, policy=policy,
-                                                     token=token),
+                                                     token=token, checked=checked),
             keys=self._keys_of(key), prefixes=(self.queue_prefix(key), self.shared_prefix(key)),
             key=key, guess=True)
 

@@ -1075,7 +1075,7 @@ class RedisBackend:
 
     async def release_and_handoff(
         self, key: str, *, owner: Owner | None = None, policy: QueuePolicy | None = None,
-        token: int | None = None,
+        token: int | None = None, checked: frozenset[int] | None = None,
     ) -> Handoff:
         repo, pull = owner if owner is not None else ("", 0)
         answer: redis_replies.Dropped | redis_replies.Release | None = None
@@ -1096,7 +1096,10 @@ class RedisBackend:
             else:
                 answer = redis_replies.release(lean, sent=believed)
         if answer is None:
-            held = () if token is None else (token,)  # only that hold of the owner's
+            # Only that hold of the owner's; a force-unlock's checked holds, by their tokens.
+            held = ((token,) if token is not None
+                    else (",".join(map(str, sorted(checked))),) if checked is not None
+                    and owner is None else ())
             answer = redis_replies.release(await self._run(
                 "RELEASE", key, repo, pull, *held, keys=self._key_names(key, owner),
                 policy=policy, key=key))
@@ -1133,8 +1136,9 @@ class RedisBackend:
             handoff.expired = tuple(self._readable(answer.expired, deleted=True))
         return handoff
 
-    async def force_unlock(self, key: str, *, policy: QueuePolicy | None = None) -> Handoff:
-        handoff = await self.release_and_handoff(key, policy=policy)
+    async def force_unlock(self, key: str, *, policy: QueuePolicy | None = None,
+                           checked: frozenset[int] | None = None) -> Handoff:
+        handoff = await self.release_and_handoff(key, policy=policy, checked=checked)
         # Whatever was wrong with the key (its lock, its fencing counter, a queue) is gone.
         self.unreadable.cleared(key)
         return handoff

@@ -596,10 +596,13 @@ class EnhancedLocker(AtlantisCalls):
         """Release several keys (see :func:`.batch.release_all`)."""
         return await batch.release_all(self, keys, owner=owner)
 
-    async def force_unlock(self, key: str) -> Lock | None:
-        """Free ``key`` whoever holds it (the admin's way out) and serve its queue."""
+    async def force_unlock(self, key: str, *, checked: frozenset[int] | None = None
+                           ) -> Lock | None:
+        """Free ``key`` whoever holds it (the admin's way out) and serve its queue; with
+        ``checked`` (fencing tokens), only if every holder is one of those holds, else
+        ``LockNotOwned`` and nothing is freed."""
         handoff = await self._call("force_unlock", lambda: self.backend.force_unlock(
-            key, policy=self.policy()))
+            key, policy=self.policy(), checked=checked))
         self._handed(handoff, how="force-unlocked")
         return handoff.released
 

@@ -977,18 +977,53 @@ class Router(AtlantisCalls):
                     granted_meanwhile.update(waiter.keys)
         return cancelled, granted_meanwhile
 
-    def force_unlock(self, key: str) -> Coroutine[Any, Any, Lock | None]:
+    def force_unlock(self, key: str, *,
+                     checked: Sequence[Lock] = ()) -> Coroutine[Any, Any, Lock | None]:
         """Free ``key`` on whichever side holds it; the enhanced side serves its queue. Told to
-        the migration as any release without a pull (shadow mode replays it)."""
-        return self._gated(self._force_unlock(key))
+        the migration as any release without a pull (shadow mode replays it).
 
-    async def _force_unlock(self, key: str) -> Lock | None:
-        released = await self.legacy.release(key)
-        enhanced = self.enhanced
-        if isinstance(enhanced, EnhancedLocker):
-            released = await enhanced.force_unlock(key) or released
+        ``checked``: the holds the caller's right was asked about, as read. Only those go:
+        the enhanced side's by their fencing tokens, legacy's by their owners (its holds carry
+        no token). A hold taken since the read, which the caller's right was not asked about,
+        stays; when nothing was freed for that, ``LockNotOwned``. Without ``checked`` (the
+        key was free or unreadable when read, and the right was asked on every repository),
+        whatever holds the key goes."""
+        return self._gated(self._force_unlock(key, tuple(checked)))
+
+    async def _force_unlock(self, key: str, checked: tuple[Lock, ...] = ()) -> Lock | None:
+        if not checked:
+            released = await self.legacy.release(key)
+            enhanced = self.enhanced
+            if isinstance(enhanced, EnhancedLocker):
+                released = await enhanced.force_unlock(key) or released
+        else:
+            released = await self._force_unlock_checked(key, checked)
         if self.migration is not None:
             self.migration.after_release(key, None, released=released)
+        return released
+
+    async def _force_unlock_checked(self, key: str, checked: tuple[Lock, ...]) -> Lock | None:
+        owners = list(dict.fromkeys(lock.owner for lock in checked))
+        tokens = frozenset(lock.fencing_token for lock in checked if lock.backend == "enhanced")
+        released: Lock | None = None
+        changed: LockNotOwned | None = None
+        for owner in owners:
+            try:
+                released = await self.legacy.release(key, owner=owner) or released
+            except LockNotOwned as error:
+                changed = error
+        enhanced = self.enhanced
+        if isinstance(enhanced, EnhancedLocker):
+            try:
+                if tokens:
+                    released = await enhanced.force_unlock(key, checked=tokens) or released
+                else:  # a legacy hold was read: the enhanced side's copy of it, by owner
+                    for owner in owners:
+                        released = await enhanced.release(key, owner=owner) or released
+            except LockNotOwned as error:
+                changed = error
+        if released is None and changed is not None:
+            raise changed
         return released
 
     def refresh(self, key: str, *, owner: Owner,

@@ -3,7 +3,9 @@
 -- KEYS[8..] the key's keys (RedisKeys.of_key), the owner's pull index; more (its next
 --   waiters', a holder's index) it asks for
 -- ARGV[11] lock key  ARGV[12] owner repo ('' = whoever holds it)  ARGV[13] owner pull
--- ARGV[14] fencing token (optional, with an owner): only the owner's lock with that token goes
+-- ARGV[14] fencing token (optional, with an owner): only the owner's lock with that token goes;
+--   without an owner (a force-unlock): the tokens of the holds the caller's right was asked
+--   about, joined by commas ('' none): a holder with another token is 'not_owned'
 -- returns {'not_owned', lock} (nothing changed), or
 --         {'released', lock or {}, granted, dropped, other locks released} where granted is a
 --         list of {waiter record, {lock...}} and dropped a list of waiter records, then the
@@ -29,6 +31,13 @@ if quick then return quick end
 local function mine(h)
   return same_owner(h, ARGV[12], ARGV[13])
     and (ARGV[14] == nil or tonumber(h[3]) == tonumber(ARGV[14]))
+end
+-- A force-unlock's checked holds (ARGV[14] without an owner), by fencing token.
+local function checked_tokens()
+  if ARGV[12] ~= '' or ARGV[14] == nil then return nil end
+  local set = {}
+  for t in string.gmatch(ARGV[14], '[^,]+') do set[tonumber(t)] = true end
+  return set
 end
 local function main()
   local k = ARGV[11]
@@ -68,6 +77,13 @@ local function main()
     end
     if #hs > 0 and #owned == 0 then return {'not_owned', hs[1]} end
     hs = owned
+  else
+    local asked = checked_tokens()
+    if asked then
+      for _, h in ipairs(hs) do
+        if h.bad or not asked[tonumber(h[3])] then return {'not_owned', h} end
+      end
+    end
   end
   for _, h in ipairs(hs) do drop_lock(h) end
   if fix then repair(k, fence) end
