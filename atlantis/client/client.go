@@ -382,15 +382,17 @@ type batchBody struct {
 }
 
 type acquireAnswer struct {
-	Acquired      bool     `json:"acquired"`
-	LockKey       string   `json:"lockKey"`
-	Lock          *Lock    `json:"lock"`
-	Locks         []Lock   `json:"locks"`
-	Reason        Reason   `json:"reason"`
-	Holder        *Lock    `json:"holder"`
-	QueuePosition *int     `json:"queuePosition"`
-	Cycle         []string `json:"cycle"`
-	Error         string   `json:"error"`
+	Acquired      bool         `json:"acquired"`
+	LockKey       string       `json:"lockKey"`
+	Lock          *Lock        `json:"lock"`
+	Locks         []Lock       `json:"locks"`
+	Reason        Reason       `json:"reason"`
+	Holder        *Lock        `json:"holder"`
+	QueuePosition *int         `json:"queuePosition"`
+	Cycle         []string     `json:"cycle"`
+	CycleOwners   []CycleOwner `json:"cycleOwners"`
+	HiddenOwners  *int         `json:"hiddenOwners"`
+	Error         string       `json:"error"`
 }
 
 func (a acquireAnswer) refused(op string) error {
@@ -399,9 +401,12 @@ func (a acquireAnswer) refused(op string) error {
 			Message: "the lock store did not answer and the service fails closed"}
 	}
 	held := &HeldError{Key: a.LockKey, Reason: a.Reason, Holder: a.Holder, Cycle: a.Cycle,
-		Message: a.Error}
+		CycleOwners: a.CycleOwners, Message: a.Error}
 	if a.QueuePosition != nil {
 		held.QueuePosition = *a.QueuePosition
+	}
+	if a.HiddenOwners != nil {
+		held.HiddenOwners = *a.HiddenOwners
 	}
 	return held
 }

@@ -209,6 +209,54 @@ func TestListByPullBatchAndForceUnlock(t *testing.T) {
 	}
 }
 
+func TestADeadlockNamesItsCycleOwnerByOwner(t *testing.T) {
+	svc := servicetest.Serve(t, "--enhanced-locking-enabled", "--enhanced-locking-deadlock-detection")
+	c, err := client.New(svc.URL)
+	must(t, err)
+	ctx := context.Background()
+	_, err = c.Acquire(ctx, request("acme/infra", "a", 1))
+	must(t, err)
+	_, err = c.Acquire(ctx, request("acme/infra", "b", 2))
+	must(t, err)
+	waiting := make(chan error, 1)
+	go func() {
+		first := request("acme/infra", "b", 1)
+		first.Wait = 20 * time.Second
+		_, err := c.Acquire(ctx, first)
+		waiting <- err
+	}()
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		queue, err := c.Queue(ctx, "acme/infra/b/default/")
+		must(t, err)
+		if len(queue.Waiters) == 1 {
+			break // pull 1 waits for b
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("pull 1's wait for b was never queued")
+		}
+	}
+	closing := request("acme/infra", "a", 2)
+	closing.Wait = 20 * time.Second
+	_, err = c.Acquire(ctx, closing)
+	var held *client.HeldError
+	if !errors.As(err, &held) || held.Reason != client.ReasonDeadlock {
+		t.Fatalf("pull 2 waiting for a should close a cycle, got %v", err)
+	}
+	want := []client.CycleOwner{{Name: "acme/infra#2", Repo: "acme/infra", Pull: 2},
+		{Name: "acme/infra#1", Repo: "acme/infra", Pull: 1}, {Name: "acme/infra#2", Repo: "acme/infra", Pull: 2}}
+	if len(held.CycleOwners) != len(want) || held.HiddenOwners != 0 {
+		t.Fatalf("the cycle should be %+v with nothing hidden, got %+v (%d hidden)", want, held.CycleOwners, held.HiddenOwners)
+	}
+	for i, owner := range want {
+		if held.CycleOwners[i] != owner || held.Cycle[i] != owner.Name {
+			t.Fatalf("owner %d should be %+v, got %+v (%q)", i, owner, held.CycleOwners[i], held.Cycle[i])
+		}
+	}
+	_, err = c.ReleaseIfOwned(ctx, "acme/infra/b/default/", 2)
+	must(t, err)
+	must(t, <-waiting)
+}
+
 func TestRefreshExtendsALease(t *testing.T) {
 	c := enhanced(t)
 	ctx := context.Background()

@@ -36,8 +36,13 @@ type HeldError struct {
 	Holder *Lock
 	// QueuePosition is the request's place in the key's queue when it gave up (0: none).
 	QueuePosition int
-	// Cycle lists the keys of a deadlock, when Reason is ReasonDeadlock.
-	Cycle []string
+	// Cycle names the owners ("repo#pull") of a deadlock's cycle, from the caller's pull back
+	// to it, when Reason is ReasonDeadlock; CycleOwners gives the same owners with their
+	// repository and pull as fields of their own. An owner in a repository the caller may not
+	// read is OtherRepository in both (no repository, no pull), and HiddenOwners counts them.
+	Cycle        []string
+	CycleOwners  []CycleOwner
+	HiddenOwners int
 	// Message is the service's own word on it, when it said one (a cancelled request: by
 	// what it was taken out of the queue).
 	Message string

@@ -70,6 +70,18 @@ type User struct {
 	Teams    []string `json:"teams"`
 }
 
+// CycleOwner is one owner (a pull request of a repository) of a deadlock's cycle, as the
+// service shows it to the caller. An owner in a repository the caller may not read is named
+// "(other repository)" (OtherRepository), with an empty Repo and a zero Pull.
+type CycleOwner struct {
+	Name string `json:"name"`
+	Repo string `json:"repo"`
+	Pull int    `json:"pull"`
+}
+
+// OtherRepository is the Name of a CycleOwner in a repository the caller may not read.
+const OtherRepository = "(other repository)"
+
 // Lock is a held lock, as the service reports it.
 type Lock struct {
 	Key        string    `json:"key"`

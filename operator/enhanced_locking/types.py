@@ -77,6 +77,7 @@ __all__ = [
     "BatchLockRequest",
     "BatchResult",
     "Candidate",
+    "CycleOwner",
     "Event",
     "HoldAnsweredAgain",
     "Identity",
@@ -769,6 +770,16 @@ def collision_message(key: str, project: Project, workspace: str, holder: Lock) 
             "one lock; rename one of the projects (e.g. give it a project name)")
 
 
+class CycleOwner(_Model):
+    """One owner of a deadlock's cycle as the caller is shown it: its name (``repo#pull``) with
+    its repository and pull as data of their own; an owner in a repository the caller may not
+    read is ``(other repository)``, with neither."""
+
+    name: str
+    repo: str | None = None
+    pull: int | None = None
+
+
 class AcquireResult(_Model):
     """The answer to an acquire: granted with the lock, or refused with the reason and holder."""
 
@@ -779,6 +790,11 @@ class AcquireResult(_Model):
     holder: Lock | None = None
     queue_position: int | None = None
     cycle: list[str] | None = None
+    cycle_owners: list[CycleOwner] | None = None
+    """A ``deadlock``'s cycle, owner by owner (``cycle``'s names, typed)."""
+    hidden_owners: int | None = None
+    """How many owners of the cycle are in repositories the caller may not read (shown as
+    ``(other repository)``); null when none is."""
     error: str | None = None
     """Why, in words, where the reason alone does not say it (a ``collision``; a freeze's
     message for ``frozen``)."""
@@ -820,7 +836,8 @@ class AcquireResult(_Model):
 
 _GRANTED_FIELDS: dict[str, Any] = {
     "acquired": True, "lock_key": "", "lock": None, "reason": None, "holder": None,
-    "queue_position": None, "cycle": None, "error": None}
+    "queue_position": None, "cycle": None, "cycle_owners": None, "hidden_owners": None,
+    "error": None}
 """A granted answer's fields in their order, its ``lock_key`` and ``lock`` to be set (copied
 per answer, never handed out)."""
 _GRANTED_SET = {"acquired", "lock_key", "lock"}
@@ -838,6 +855,11 @@ class BatchResult(_Model):
     holder: Lock | None = None
     queue_position: int | None = None
     cycle: list[str] | None = None
+    cycle_owners: list[CycleOwner] | None = None
+    """A ``deadlock``'s cycle, owner by owner (``cycle``'s names, typed)."""
+    hidden_owners: int | None = None
+    """How many owners of the cycle are in repositories the caller may not read (shown as
+    ``(other repository)``); null when none is."""
     error: str | None = None
     """Why, in words, where the reason alone does not say it (a ``collision``; a freeze's
     message for ``frozen``)."""

@@ -254,8 +254,17 @@ def test_a_deadlock_across_repositories_shows_a_reader_only_its_repositories(
             time.sleep(0.5)
             waits.append(pool.submit(admin.post, "/v1/locks", json=body(repo, path, pull)))
         time.sleep(0.5)
-        closing = admin.post("/v1/locks", json=body(mine, "sub/b", 1))
+        # The wait that closes the cycle is the team's own (it may lock acme/team-infra):
+        # its 409 names the other repository's pull only as "(other repository)".
+        with httpx.Client(base_url=service.url, timeout=30, headers={
+                "Authorization": f"Bearer {setup.tokens['team']}"}) as team:
+            closing = team.post("/v1/locks", json=body(mine, "sub/b", 1))
         assert closing.json()["reason"] == "deadlock", closing.text
+        assert closing.json()["cycle"] == [f"{mine}#1", "(other repository)", f"{mine}#1"]
+        assert closing.json()["cycleOwners"][1] == {"name": "(other repository)", "repo": None,
+                                                   "pull": None}
+        assert closing.json()["hiddenOwners"] == 1
+        assert f"{theirs}#2" not in closing.text
         key_a, key_b = (f"{mine}/sub/{p}/frozen/p" for p in "ab")
         everything = deadlock_event(admin)
         assert everything["details"]["cycle"] == [f"{mine}#1", f"{theirs}#2", f"{mine}#1"]

@@ -5,6 +5,7 @@ authorizer that grants rights per repository, as Kubernetes mode does with a Rol
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -40,6 +41,8 @@ NOBODY = "nobody-token"
 """Holds no right at all."""
 READER = "reader-token"
 """Holds ``read`` on acme/infra only."""
+TEAM = "team-token"
+"""Holds ``read`` and ``lock`` on acme/infra only."""
 FORCER = "forcer-token"
 """Holds ``read`` and ``force-unlock`` on acme/infra only."""
 
@@ -73,12 +76,13 @@ RIGHTS = {
     "nora": frozenset(),
     "rita": frozenset({(Verb.READ, INFRA)}),
     "fay": frozenset({(Verb.READ, INFRA), (Verb.FORCE_UNLOCK, INFRA)}),
+    "tim": frozenset({(Verb.READ, INFRA), (Verb.LOCK, INFRA)}),
 }
 
 
 def per_repository(config: EnhancedLockingConfig) -> AccessControl:
     tokens = Tokens({ADMIN: "ada", SCOPED: "sam", NOBODY: "nora", READER: "rita",
-                     FORCER: "fay"})
+                     FORCER: "fay", TEAM: "tim"})
     return AccessControl("kubernetes", [tokens], PerRepository(RIGHTS))
 
 
@@ -479,3 +483,76 @@ async def test_a_release_of_a_free_key_naming_its_repository_is_judged_on_it(
     elsewhere = await served.http.delete("/v1/locks/by-key", headers=served.as_(SCOPED), params={
         "key": f"{OTHER}/p/default/", "repo": OTHER, "pull": 7})
     assert elsewhere.status_code == 403, elsewhere.text
+@pytest.fixture
+async def frozen(tmp_path: Path) -> AsyncIterator[Served]:
+    """An app whose requests for workspace ``frozen`` wait behind a freeze, with deadlock
+    detection on: requests of two repositories whose projects join to the same keys queue
+    together and can close a cycle across repositories."""
+    config = EnhancedLockingConfig(
+        enabled=True, data_dir=str(tmp_path), audit_stdout=False, deadlock_detection=True,
+        policies={"freezes": [{"name": "hold", "match": {"workspace": "frozen"},
+                               "message": "frozen", "action": "wait"}]})
+    service = LockService(ConfigProvider(config))
+    trail = AuditTrail(MemoryAuditStore(Retention(timedelta(days=1), 1000)),
+                       stdout=lambda: False)
+    app = create_app(service, audit=trail, access=per_repository)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as http:
+        yield Served(service, trail, http)
+
+
+def frozen_body(repo: str, path: str, pull: int) -> dict[str, Any]:
+    return {"project": {"repoFullName": repo, "path": path}, "workspace": "frozen",
+            "pull": {"num": pull}, "wait": "5s"}
+
+
+async def queued(served: Served, key: str, count: int) -> None:
+    for _ in range(200):
+        if len(await served.service.router.queue(key)) >= count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{key} never had {count} waiters")
+
+
+@pytest.mark.parametrize("batch", [False, True], ids=["one-key", "batch"])
+@pytest.mark.parametrize("who", [TEAM, ADMIN], ids=["team", "admin"])
+async def test_a_deadlock_answer_shows_the_caller_only_the_owners_it_may_read(
+    frozen: Served, batch: bool, who: str,
+) -> None:
+    """acme/infra#1 and acme/infra/sub#2 each wait behind the other on one key (their projects
+    join to the same keys): the 409 that refuses the closing wait names the other repository's
+    pull only to a caller who may read it."""
+    key_a, key_b = (f"{INFRA}/sub/{p}/frozen/" for p in "ab")
+    admin = frozen.as_(ADMIN)
+    waits = [asyncio.create_task(frozen.http.post(
+        "/v1/locks", headers=admin, json=frozen_body(INFRA, "sub/a", 1)))]
+    await queued(frozen, key_a, 1)
+    for path, count in (("a", 2), ("b", 1)):
+        waits.append(asyncio.create_task(frozen.http.post(
+            "/v1/locks", headers=admin, json=frozen_body(SUB, path, 2))))
+        await queued(frozen, key_a if path == "a" else key_b, count)
+    if batch:
+        closing = await frozen.http.post("/v1/locks/batch", headers=frozen.as_(who), json={
+            "locks": [{"project": {"repoFullName": INFRA, "path": "sub/b"},
+                       "workspace": "frozen"}], "pull": {"num": 1}, "wait": "5s"})
+    else:
+        closing = await frozen.http.post("/v1/locks", headers=frozen.as_(who),
+                                         json=frozen_body(INFRA, "sub/b", 1))
+    assert closing.status_code == 409, closing.text
+    answer = closing.json()
+    assert answer["reason"] == "deadlock"
+    mine = {"name": f"{INFRA}#1", "repo": INFRA, "pull": 1}
+    if who == ADMIN:
+        assert answer["cycle"] == [f"{INFRA}#1", f"{SUB}#2", f"{INFRA}#1"]
+        assert answer["cycleOwners"] == [mine, {"name": f"{SUB}#2", "repo": SUB, "pull": 2},
+                                         mine]
+        assert answer["hiddenOwners"] is None
+    else:
+        assert answer["cycle"] == [f"{INFRA}#1", "(other repository)", f"{INFRA}#1"]
+        assert answer["cycleOwners"] == [
+            mine, {"name": "(other repository)", "repo": None, "pull": None}, mine]
+        assert answer["hiddenOwners"] == 1
+        assert f"{SUB}#2" not in closing.text
+    for wait in waits:
+        wait.cancel()
+    await asyncio.gather(*waits, return_exceptions=True)

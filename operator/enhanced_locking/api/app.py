@@ -51,7 +51,7 @@ from enhanced_locking.api.errors import (
     unreadable_json,
 )
 from enhanced_locking.api.params import Key, OnlyRepo, PullNum, Repo
-from enhanced_locking.api.queue_routes import holder_of, install_queue_routes
+from enhanced_locking.api.queue_routes import holder_of, install_queue_routes, shown_to
 from enhanced_locking.api.responses import JsonAnswer, lock_json, result_json
 from enhanced_locking.api.server import ALWAYS_SERVED, Backpressure, BodyLimit
 from enhanced_locking.api.sse import install_event_stream
@@ -184,6 +184,8 @@ def create_app(
             else:
                 note.done("acquired" if result.acquired else str(result.reason),
                           200 if result.acquired else 409)
+                if result.cycle_owners is not None:  # a deadlock: shown as the caller may read it
+                    result = await shown_to(caller, result, repo=repo)
         if tried is not None:
             # A grant that raced with the client's going, or a wait that could not be left:
             # what became of it follows the request's row, as for a grant found gone as its

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 from datetime import datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse
@@ -52,10 +52,11 @@ from enhanced_locking.api.params import Key, OnlyRepo, OptionalPullNum, PullNum
 from enhanced_locking.backends.waiting import Waiter
 from enhanced_locking.durations import Lease
 from enhanced_locking.factory import LockService
-from enhanced_locking.locking import EnhancedLocker
+from enhanced_locking.locking import EnhancedLocker, deadlock
 from enhanced_locking.locking.queueing import NotWithdrawn, withdrawals_noted
 from enhanced_locking.migration import Router
 from enhanced_locking.types import (
+    AcquireResult,
     BatchLockRequest,
     BatchResult,
     Lock,
@@ -69,7 +70,8 @@ from enhanced_locking.types import (
     utcnow,
 )
 
-__all__ = ["RefreshRequest", "forced_holds", "hold_changed", "holder_of", "install_queue_routes"]
+__all__ = ["RefreshRequest", "forced_holds", "hold_changed", "holder_of", "install_queue_routes",
+           "shown_to"]
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +124,30 @@ async def holder_of(router: Router, caller: Caller, key: str, *, verb: Verb, act
     except LockUnreadable:
         await caller.need(verb, action=action, key=key, pull=pull)
         raise
+
+
+_Answer = TypeVar("_Answer", AcquireResult, BatchResult)
+
+
+async def shown_to(caller: Caller, result: _Answer, *, repo: str) -> _Answer:
+    """``result`` as ``caller`` may read it: a ``deadlock`` refusal's cycle can cross into
+    repositories (projects of two repositories joining to the same keys) the caller may not
+    read; each owner there is ``(other repository)`` with no repository or pull, and
+    ``hiddenOwners`` counts them. The caller's own ``repo`` (the one it was allowed to lock)
+    is shown. ``result`` itself when nothing is left out (every answer but such a one)."""
+    owners = result.cycle_owners
+    if owners is None:
+        return result
+    readable: set[str | None] = {repo}
+    for other in dict.fromkeys(owner.repo for owner in owners):
+        if other not in readable and other is not None and await caller.may(
+                Verb.READ, repo=other):
+            readable.add(other)
+    shown, hidden = deadlock.owners_for_reader(owners, readable)
+    if not hidden:
+        return result
+    return result.model_copy(update={"cycle": [owner.name for owner in shown],
+                                     "cycle_owners": shown, "hidden_owners": hidden})
 
 
 async def forced_holds(service: LockService, caller: Caller, key: str, holder: Lock | None,
@@ -196,6 +222,8 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
             else:
                 status = 200 if result.acquired else 409
                 note.done("acquired" if result.acquired else str(result.reason), status)
+                if result.cycle_owners is not None:  # a deadlock: shown as the caller may read it
+                    result = await shown_to(caller, result, repo=repo)
         if tried is not None:
             # A batch granted as its client went, or a wait that could not be left: what
             # became of it follows the request's row.

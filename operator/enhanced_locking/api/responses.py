@@ -135,7 +135,8 @@ def result_json(result: AcquireResult) -> bytes:
     lock = fields["lock"]
     if (lock is None or not fields["acquired"] or fields["reason"] is not None
             or fields["holder"] is not None or fields["queue_position"] is not None
-            or fields["cycle"] is not None or fields["error"] is not None
+            or fields["cycle"] is not None or fields["cycle_owners"] is not None
+            or fields["hidden_owners"] is not None or fields["error"] is not None
             or fields["lock_key"] != lock.__dict__["key"]):
         return model_json(result)
     written = _written(lock)
@@ -143,4 +144,5 @@ def result_json(result: AcquireResult) -> bytes:
         return model_json(result)
     body, key = written
     return (b'{"acquired":true,"lockKey":' + key + b',"lock":' + body
-            + b',"reason":null,"holder":null,"queuePosition":null,"cycle":null,"error":null}')
+            + b',"reason":null,"holder":null,"queuePosition":null,"cycle":null,'
+            b'"cycleOwners":null,"hiddenOwners":null,"error":null}')

@@ -36,9 +36,10 @@ from typing import Any
 
 from enhanced_locking.backends.base import Owner
 from enhanced_locking.backends.waiting import KeyWaits
+from enhanced_locking.types import CycleOwner
 
 __all__ = ["OTHER_REPOSITORY", "Edge", "cycle_repos", "describe", "edge_details", "edges",
-           "find_cycle", "for_reader", "owner_name"]
+           "find_cycle", "for_reader", "owner_name", "owners", "owners_for_reader"]
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,24 @@ def find_cycle(graph: Iterable[KeyWaits], start: Owner) -> list[Edge] | None:
 def describe(cycle: list[Edge]) -> list[str]:
     """The cycle as owner names, starting and ending with the requester."""
     return [owner_name(cycle[0].waiter), *(owner_name(edge.target) for edge in cycle)]
+
+
+def owners(cycle: list[Edge]) -> list[CycleOwner]:
+    """The cycle as typed owners (name, repository, pull), in :func:`describe`'s order."""
+    return [CycleOwner(name=owner_name(owner), repo=owner[0], pull=owner[1])
+            for owner in (cycle[0].waiter, *(edge.target for edge in cycle))]
+
+
+def owners_for_reader(shown: list[CycleOwner], readable: Collection[str | None]
+                      ) -> tuple[list[CycleOwner], int]:
+    """A refusal's cycle owners as a caller who may read only the repositories in
+    ``readable`` gets them: an owner elsewhere is :data:`OTHER_REPOSITORY` (no repository, no
+    pull), as in :func:`for_reader`; and how many owners were left out."""
+    hidden = {(owner.repo, owner.pull) for owner in shown if owner.repo not in readable}
+    if not hidden:
+        return shown, 0
+    return [owner if owner.repo in readable else CycleOwner(name=OTHER_REPOSITORY)
+            for owner in shown], len(hidden)
 
 
 OTHER_REPOSITORY = "(other repository)"

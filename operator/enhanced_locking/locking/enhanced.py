@@ -59,6 +59,7 @@ from enhanced_locking.types import (
     BatchLockRequest,
     BatchResult,
     Candidate,
+    CycleOwner,
     InvalidRequest,
     Lock,
     LockingError,
@@ -102,10 +103,17 @@ class Answers(Protocol[_Made]):
         ...
 
     def refused(self, key: str, reason: Reason, holder: Lock | None = None, *,
-                position: int | None = None, cycle: list[str] | None = None,
+                position: int | None = None, cycle: list[CycleOwner] | None = None,
                 message: str | None = None) -> _Made:
         """Not granted on ``key`` (the first blocked key), for ``reason``."""
         ...
+
+
+def _cycle(owners: list[CycleOwner] | None) -> dict[str, Any]:
+    """A refusal's cycle fields: the owners' names, and the owners typed."""
+    if owners is None:
+        return {}
+    return {"cycle": [owner.name for owner in owners], "cycle_owners": owners}
 
 
 class _OneKey:
@@ -117,10 +125,10 @@ class _OneKey:
 
     @staticmethod
     def refused(key: str, reason: Reason, holder: Lock | None = None, *,
-                position: int | None = None, cycle: list[str] | None = None,
+                position: int | None = None, cycle: list[CycleOwner] | None = None,
                 message: str | None = None) -> AcquireResult:
         return AcquireResult.refused(key, reason, holder, queue_position=position,
-                                     cycle=cycle, error=message)
+                                     **_cycle(cycle), error=message)
 
 
 class _Batch:
@@ -132,10 +140,10 @@ class _Batch:
 
     @staticmethod
     def refused(key: str, reason: Reason, holder: Lock | None = None, *,
-                position: int | None = None, cycle: list[str] | None = None,
+                position: int | None = None, cycle: list[CycleOwner] | None = None,
                 message: str | None = None) -> BatchResult:
         return BatchResult(acquired=False, lock_key=key, reason=reason, holder=holder,
-                           queue_position=position, cycle=cycle, error=message)
+                           queue_position=position, **_cycle(cycle), error=message)
 
 
 _ONE_KEY: Answers[AcquireResult] = _OneKey()
@@ -538,7 +546,8 @@ class EnhancedLocker(AtlantisCalls):
             "deadlock", key=key, repo=waiter.owner[0], cycle=names,
             edges=deadlock.edge_details(cycle),
         )
-        return answers.refused(key, Reason.DEADLOCK, await self._holder(key), cycle=names)
+        return answers.refused(key, Reason.DEADLOCK, await self._holder(key),
+                               cycle=deadlock.owners(cycle))
 
     async def _holder(self, key: str) -> Lock | None:
         try:
