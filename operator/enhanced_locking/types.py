@@ -111,6 +111,7 @@ __all__ = [
     "built",
     "clean_path",
     "collision_message",
+    "hidden_collision_message",
     "lock_key",
     "lock_shape",
     "replaced",
@@ -768,6 +769,14 @@ def collision_message(key: str, project: Project, workspace: str, holder: Lock) 
             f"{describe_project(holder.project, holder.workspace)} (held by pull "
             f"#{holder.pull.num}) join to the same key, which Atlantis's lock layout keeps as "
             "one lock; rename one of the projects (e.g. give it a project name)")
+
+
+def hidden_collision_message(key: str) -> str:
+    """:func:`collision_message` for a caller who may not read the holder's repository: the
+    other project is not described."""
+    return (f"lock key {key} is ambiguous: a project of another repository (one this caller "
+            "may not read) joins to the same key, which Atlantis's lock layout keeps as one "
+            "lock; rename one of the projects (e.g. give it a project name)")
 
 
 class CycleOwner(_Model):

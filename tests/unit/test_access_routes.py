@@ -556,3 +556,33 @@ async def test_a_deadlock_answer_shows_the_caller_only_the_owners_it_may_read(
     for wait in waits:
         wait.cancel()
     await asyncio.gather(*waits, return_exceptions=True)
+
+
+@pytest.mark.parametrize("batch", [False, True], ids=["one-key", "batch"])
+@pytest.mark.parametrize("who", [TEAM, ADMIN], ids=["team", "admin"])
+async def test_a_collision_describes_the_holder_only_to_a_caller_who_may_read_it(
+    served: Served, batch: bool, who: str,
+) -> None:
+    """acme/infra/sub#7 holds its project p; acme/infra's project sub/p joins to the same key.
+    The 409 that refuses acme/infra's request names the holder (its pull, user, project) only
+    to a caller who may read acme/infra/sub."""
+    key = await served.acquire(SUB, pull=7)
+    if batch:
+        refused = await served.http.post("/v1/locks/batch", headers=served.as_(who), json={
+            "locks": [{"project": {"repoFullName": INFRA, "path": "sub/p"}}],
+            "pull": {"num": 1}})
+    else:
+        refused = await served.http.post("/v1/locks", headers=served.as_(who), json={
+            "project": {"repoFullName": INFRA, "path": "sub/p"}, "pull": {"num": 1}})
+    assert refused.status_code == 409, refused.text
+    answer = refused.json()
+    assert answer["reason"] == "collision"
+    assert answer["lockKey"] == key
+    if who == ADMIN:
+        assert answer["holder"]["project"]["repoFullName"] == SUB
+        assert f"repository {SUB}, path p" in answer["error"]
+    else:
+        assert answer["holder"] is None
+        assert answer["error"].startswith(f"lock key {key} is ambiguous: a project of another")
+        assert f"repository {SUB}" not in refused.text and "pull #7" not in refused.text
+        assert "/pull/" not in refused.text  # no pull URL of the holder either

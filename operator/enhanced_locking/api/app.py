@@ -184,7 +184,7 @@ def create_app(
             else:
                 note.done("acquired" if result.acquired else str(result.reason),
                           200 if result.acquired else 409)
-                if result.cycle_owners is not None:  # a deadlock: shown as the caller may read it
+                if not result.acquired:  # a refusal: shown as the caller may read it
                     result = await shown_to(caller, result, repo=repo)
         if tried is not None:
             # A grant that raced with the client's going, or a wait that could not be left:

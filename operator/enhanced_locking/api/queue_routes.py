@@ -59,6 +59,7 @@ from enhanced_locking.types import (
     AcquireResult,
     BatchLockRequest,
     BatchResult,
+    CycleOwner,
     Lock,
     LockingError,
     LockNotHeld,
@@ -66,7 +67,9 @@ from enhanced_locking.types import (
     LockUnreadable,
     Priority,
     PullNumber,
+    Reason,
     Verb,
+    hidden_collision_message,
     utcnow,
 )
 
@@ -130,24 +133,32 @@ _Answer = TypeVar("_Answer", AcquireResult, BatchResult)
 
 
 async def shown_to(caller: Caller, result: _Answer, *, repo: str) -> _Answer:
-    """``result`` as ``caller`` may read it: a ``deadlock`` refusal's cycle can cross into
-    repositories (projects of two repositories joining to the same keys) the caller may not
-    read; each owner there is ``(other repository)`` with no repository or pull, and
-    ``hiddenOwners`` counts them. The caller's own ``repo`` (the one it was allowed to lock)
-    is shown. ``result`` itself when nothing is left out (every answer but such a one)."""
-    owners = result.cycle_owners
-    if owners is None:
-        return result
+    """``result`` as ``caller`` may read it. A refusal can name another repository than the
+    caller's own ``repo`` (the one it was allowed to lock): projects of two repositories can
+    join to the same keys. A ``deadlock``'s cycle owner there that the caller may not read is
+    ``(other repository)`` with no repository or pull, and ``hiddenOwners`` counts them; such
+    a holder is left out (``null``), and a ``collision``'s words do not describe it.
+    ``result`` itself when nothing is left out (every answer but such a one)."""
+    owners: list[CycleOwner] | None = result.cycle_owners
+    holder = result.holder
+    held_in = holder.project.repo_full_name if holder is not None else repo
+    named = [*(owner.repo for owner in owners or ()), held_in]
     readable: set[str | None] = {repo}
-    for other in dict.fromkeys(owner.repo for owner in owners):
+    for other in dict.fromkeys(named):
         if other not in readable and other is not None and await caller.may(
                 Verb.READ, repo=other):
             readable.add(other)
-    shown, hidden = deadlock.owners_for_reader(owners, readable)
-    if not hidden:
-        return result
-    return result.model_copy(update={"cycle": [owner.name for owner in shown],
-                                     "cycle_owners": shown, "hidden_owners": hidden})
+    update: dict[str, Any] = {}
+    if owners is not None:
+        shown, hidden = deadlock.owners_for_reader(owners, readable)
+        if hidden:
+            update.update(cycle=[owner.name for owner in shown], cycle_owners=shown,
+                          hidden_owners=hidden)
+    if held_in not in readable:
+        update["holder"] = None
+        if result.reason is Reason.COLLISION:
+            update["error"] = hidden_collision_message(result.lock_key or "")
+    return result.model_copy(update=update) if update else result
 
 
 async def forced_holds(service: LockService, caller: Caller, key: str, holder: Lock | None,
@@ -222,7 +233,7 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
             else:
                 status = 200 if result.acquired else 409
                 note.done("acquired" if result.acquired else str(result.reason), status)
-                if result.cycle_owners is not None:  # a deadlock: shown as the caller may read it
+                if not result.acquired:  # a refusal: shown as the caller may read it
                     result = await shown_to(caller, result, repo=repo)
         if tried is not None:
             # A batch granted as its client went, or a wait that could not be left: what
