@@ -586,3 +586,36 @@ async def test_a_collision_describes_the_holder_only_to_a_caller_who_may_read_it
         assert answer["error"].startswith(f"lock key {key} is ambiguous: a project of another")
         assert f"repository {SUB}" not in refused.text and "pull #7" not in refused.text
         assert "/pull/" not in refused.text  # no pull URL of the holder either
+
+
+@pytest.mark.parametrize("call", ["release", "refresh", "batch-release"])
+async def test_a_holder_of_another_repository_found_at_a_release_is_named_only_to_a_reader(
+    served: Served, call: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The team may lock acme/infra only. It names pull 8 for a key acme/infra#7 holds (read,
+    and its right asked on acme/infra); acme/infra/sub#9 takes the key (one key for both)
+    before the release or refresh: the 409 does not describe acme/infra/sub's hold."""
+    joined = await served.acquire(INFRA, path="sub/p")
+
+    async def sub_takes_it() -> None:
+        await served.service.router.release(joined)
+        await take(served, SUB, "p", pull=9)
+
+    after_reading(served, joined, sub_takes_it, monkeypatch)
+    team = served.as_(TEAM)
+    if call == "release":
+        answer = await served.http.delete("/v1/locks/by-key", params={"key": joined, "pull": 8},
+                                          headers=team)
+    elif call == "refresh":
+        answer = await served.http.post("/v1/locks/refresh", headers=team,
+                                        json={"key": joined, "pull": 8, "ttl": "1h"})
+    else:
+        answer = await served.http.delete("/v1/locks/batch", params={"key": [joined], "pull": 8},
+                                          headers=team)
+    assert answer.status_code == 409, answer.text
+    assert answer.json()["holder"] is None
+    assert "#9" not in answer.text and f"of {SUB}" not in answer.text
+    holder = await served.service.router.get(joined)
+    assert holder is not None and holder.owner == (SUB, 9)
+    rows = [row for row in await served.rows() if row.repo == INFRA and row.status == 409]
+    assert [row.outcome for row in rows] == ["not-owned"]

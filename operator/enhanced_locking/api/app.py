@@ -51,7 +51,12 @@ from enhanced_locking.api.errors import (
     unreadable_json,
 )
 from enhanced_locking.api.params import Key, OnlyRepo, PullNum, Repo
-from enhanced_locking.api.queue_routes import holder_of, install_queue_routes, shown_to
+from enhanced_locking.api.queue_routes import (
+    holder_of,
+    install_queue_routes,
+    not_owned,
+    shown_to,
+)
 from enhanced_locking.api.responses import JsonAnswer, lock_json, result_json
 from enhanced_locking.api.server import ALWAYS_SERVED, Backpressure, BodyLimit
 from enhanced_locking.api.sse import install_event_stream
@@ -304,7 +309,11 @@ def create_app(
                 note.done("collision", 409)
                 return collision_json(key, holder, repo)
             if pull is not None:
-                lock = await router.release(key, owner=(holder.project.repo_full_name, pull))
+                try:
+                    lock = await router.release(key, owner=(holder.project.repo_full_name, pull))
+                except LockNotOwned as error:
+                    note.done("not-owned", 409)
+                    return await not_owned(caller, error, asked={held_repo})
             else:
                 # The hold read and asked about, not whatever holds the key by now: one taken
                 # since by another pull (maybe of a repository the caller may not release) is

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Collection
 from datetime import datetime, timedelta
 from typing import Annotated, Any, TypeVar
 
@@ -74,6 +75,7 @@ from enhanced_locking.types import (
 )
 
 __all__ = ["RefreshRequest", "forced_holds", "hold_changed", "holder_of", "install_queue_routes",
+           "not_owned",
            "shown_to"]
 
 log = logging.getLogger(__name__)
@@ -159,6 +161,19 @@ async def shown_to(caller: Caller, result: _Answer, *, repo: str) -> _Answer:
         if result.reason is Reason.COLLISION:
             update["error"] = hidden_collision_message(result.lock_key or "")
     return result.model_copy(update=update) if update else result
+
+
+async def not_owned(caller: Caller, error: LockNotOwned, *,
+                    asked: Collection[str | None]) -> JSONResponse:
+    """The 409 of a release or refresh whose pull does not hold the lock, naming the holder;
+    but a holder of a repository the call's right was not asked on (``asked``; another
+    repository's project can take a key that joins to the same name between the read and the
+    release) only to a caller who may read that repository."""
+    repo = error.holder.project.repo_full_name
+    if repo in asked or await caller.may(Verb.READ, repo=repo):
+        return json_error(409, str(error), lockKey=error.key, holder=_dump(error.holder))
+    return json_error(409, f"lock {error.key} is held by a project of another repository (one "
+                      "this caller may not read)", lockKey=error.key, holder=None)
 
 
 async def forced_holds(service: LockService, caller: Caller, key: str, holder: Lock | None,
@@ -342,7 +357,13 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
             elif not held:
                 released = []  # nothing was held: nothing was asked about, nothing is freed
             else:
-                released = await router.release_batch(key, owner=(held[next(iter(held))], pull))
+                try:
+                    released = await router.release_batch(
+                        key, owner=(held[next(iter(held))], pull))
+                except LockNotOwned as error:
+                    for _, note in notes:
+                        note.done("not-owned", 409)
+                    return await not_owned(caller, error, asked=repos)
             for owner_repo, note in notes:
                 alone = len(repos) == 1
                 freed = sum(alone or held.get(lock.key) == owner_repo for lock in released)
@@ -411,6 +432,9 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
                 lock = await router.refresh(body.key, owner=owner, ttl=body.ttl)
             except LockNotHeld:  # it expired or was released between the two calls
                 lock = None
+            except LockNotOwned as error:
+                note.done("not-owned", 409)
+                return await not_owned(caller, error, asked={repo})
             if lock is None:
                 note.done("not-found", 404)
                 return json_error(404, f"no lock is held on {body.key}", lockKey=body.key)
