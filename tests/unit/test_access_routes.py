@@ -6,6 +6,7 @@ authorizer that grants rights per repository, as Kubernetes mode does with a Rol
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -109,9 +110,9 @@ class Served:
         return list(reversed(await self.trail.read(AuditQuery())))
 
 
-@pytest.fixture
-async def served(tmp_path: Path) -> AsyncIterator[Served]:
-    config = EnhancedLockingConfig(enabled=True, data_dir=str(tmp_path), audit_stdout=False)
+@contextlib.asynccontextmanager
+async def serving(config: EnhancedLockingConfig) -> AsyncIterator[Served]:
+    """An app over ``config``'s store with the per-repository rights, and a client of it."""
     service = LockService(ConfigProvider(config))
     trail = AuditTrail(MemoryAuditStore(Retention(timedelta(days=1), 1000)),
                        stdout=lambda: False)
@@ -119,6 +120,13 @@ async def served(tmp_path: Path) -> AsyncIterator[Served]:
     async with app.router.lifespan_context(app), httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as http:
         yield Served(service, trail, http)
+
+
+@pytest.fixture
+async def served(tmp_path: Path) -> AsyncIterator[Served]:
+    async with serving(EnhancedLockingConfig(enabled=True, data_dir=str(tmp_path),
+                                             audit_stdout=False)) as served:
+        yield served
 
 
 async def test_a_batch_release_needs_release_any_on_every_holders_repository(
@@ -488,17 +496,11 @@ async def frozen(tmp_path: Path) -> AsyncIterator[Served]:
     """An app whose requests for workspace ``frozen`` wait behind a freeze, with deadlock
     detection on: requests of two repositories whose projects join to the same keys queue
     together and can close a cycle across repositories."""
-    config = EnhancedLockingConfig(
-        enabled=True, data_dir=str(tmp_path), audit_stdout=False, deadlock_detection=True,
-        policies={"freezes": [{"name": "hold", "match": {"workspace": "frozen"},
-                               "message": "frozen", "action": "wait"}]})
-    service = LockService(ConfigProvider(config))
-    trail = AuditTrail(MemoryAuditStore(Retention(timedelta(days=1), 1000)),
-                       stdout=lambda: False)
-    app = create_app(service, audit=trail, access=per_repository)
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as http:
-        yield Served(service, trail, http)
+    async with serving(EnhancedLockingConfig(
+            enabled=True, data_dir=str(tmp_path), audit_stdout=False, deadlock_detection=True,
+            policies={"freezes": [{"name": "hold", "match": {"workspace": "frozen"},
+                                   "message": "frozen", "action": "wait"}]})) as served:
+        yield served
 
 
 def frozen_body(repo: str, path: str, pull: int) -> dict[str, Any]:
