@@ -35,3 +35,19 @@ func TestADeadlockOwnerInAnotherRepositoryIsDecodedWithoutRepositoryOrPull(t *te
 		t.Fatalf("the caller's own owner should be whole, got %+v", held.CycleOwners[0])
 	}
 }
+
+// The 409s that name no holder: a release whose key a project of a repository the caller may
+// not read took, and a force-unlock that found the key taken by a hold it did not check.
+func TestA409WithoutAHolderIsStillANotOwnerError(t *testing.T) {
+	for _, body := range []string{
+		`{"error":"lock acme/infra/sub/p/default/ is held by a project of another repository (one this caller may not read)","lockKey":"acme/infra/sub/p/default/","holder":null,"reason":"not-owned"}`,
+		`{"error":"the lock on acme/infra/sub/p/default/ changed after it was read","lockKey":"acme/infra/sub/p/default/","reason":"changed"}`,
+	} {
+		err := refusal(call{op: "release", key: "acme/infra/sub/p/default/"},
+			answer{status: 409, body: []byte(body)})
+		var notOwner *NotOwnerError
+		if !errors.As(err, &notOwner) || notOwner.Holder != nil || notOwner.Key != "acme/infra/sub/p/default/" {
+			t.Fatalf("%s should be a NotOwnerError without a holder, got %#v", body, err)
+		}
+	}
+}

@@ -299,7 +299,9 @@ func refusal(k call, got answer) error {
 	switch {
 	case got.status == http.StatusUnauthorized || got.status == http.StatusForbidden:
 		return &DeniedError{Status: got.status, Message: message}
-	case got.status == http.StatusConflict && e.Holder != nil:
+	case got.status == http.StatusConflict && (e.Holder != nil || e.Reason == "not-owned" || e.Reason == "changed"):
+		// Held by another pull; without Holder when it is a repository the caller may not
+		// read, or when a force-unlock found the key taken by a hold it did not check.
 		return &NotOwnerError{Key: key, Holder: e.Holder, Message: message}
 	case got.status >= 500 || got.status == http.StatusTooManyRequests || e.Reason == string(ReasonUnavailable):
 		return &UnavailableError{Op: k.op, Key: key, Status: got.status, Message: message}

@@ -60,9 +60,13 @@ func (e *HeldError) Error() string {
 	return fmt.Sprintf("lock %s not acquired (%s)%s", e.Key, e.Reason, said)
 }
 
-// NotOwnerError says a release or refresh named a pull that does not hold the lock.
+// NotOwnerError says a release or refresh named a pull that does not hold the lock, or that a
+// force-unlock found the key held by another hold than the one it read and checked (nothing
+// was freed: read the key again).
 type NotOwnerError struct {
-	Key     string
+	Key string
+	// Holder is the lock's holder; nil when it is a project of a repository the caller may
+	// not read, and for a force-unlock's.
 	Holder  *Lock
 	Message string
 }

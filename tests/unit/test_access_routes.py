@@ -616,6 +616,7 @@ async def test_a_holder_of_another_repository_found_at_a_release_is_named_only_t
                                           headers=team)
     assert answer.status_code == 409, answer.text
     assert answer.json()["holder"] is None
+    assert answer.json()["reason"] == "not-owned"
     assert "#9" not in answer.text and f"of {SUB}" not in answer.text
     holder = await served.service.router.get(joined)
     assert holder is not None and holder.owner == (SUB, 9)

@@ -173,7 +173,8 @@ async def not_owned(caller: Caller, error: LockNotOwned, *,
     if repo in asked or await caller.may(Verb.READ, repo=repo):
         return json_error(409, str(error), lockKey=error.key, holder=_dump(error.holder))
     return json_error(409, f"lock {error.key} is held by a project of another repository (one "
-                      "this caller may not read)", lockKey=error.key, holder=None)
+                      "this caller may not read)", lockKey=error.key, holder=None,
+                      reason="not-owned")
 
 
 async def forced_holds(service: LockService, caller: Caller, key: str, holder: Lock | None,
