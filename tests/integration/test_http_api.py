@@ -375,7 +375,8 @@ def test_enhanced_locks_carry_leases_and_refuse_waits_above_the_maximum(
         assert config["routing"] == {"enabled": True, "weight": 100.0, "mode": "route",
                                      "fallback": "legacy", "configuredWeight": 100.0}
         assert http.get("/readyz").json() == {"ready": True,
-                                              "backends": {"legacy": "ok", "enhanced": "ok"}}
+                                              "backends": {"legacy": "ok", "enhanced": "ok"},
+                                              "events": "process"}
 
 
 def test_metrics_off_answers_404(service_process: ServiceFactory) -> None:
