@@ -115,7 +115,7 @@ async def test_a_replica_whose_pool_is_busy_still_keeps_its_waiters_alive(
     client = backend.connection.client
     assert isinstance(client, aioredis.Redis)
     pool = client.connection_pool
-    taken: list[Any] = []  # every connection the pool has left (the subscription holds one)
+    taken: list[Any] = []  # every connection the pool has
     try:
         await _take_the_rest(pool, taken)
         await asyncio.sleep(REPLICA_MS / 1000 + 1.5)

@@ -24,6 +24,7 @@ masked in every error message we build (even if a library put it there), and the
 from __future__ import annotations
 
 import asyncio
+import collections
 import ssl
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -295,7 +296,148 @@ class _Cluster(RedisCluster):
         return await super()._determine_slot(command, *args)
 
 
-class _WaitingSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
+def _no_turn(turn: asyncio.Future[aioredis.Connection | None]) -> None:
+    if not turn.done():
+        turn.set_exception(rexc.ConnectionError(POOL_EXHAUSTED))
+
+
+class _TurnsPool(aioredis.BlockingConnectionPool):
+    """A waiting pool whose callers are served in the order they came.
+
+    redis-py's waiting pool wakes one waiter when a connection comes back, and a caller
+    arriving meanwhile takes the connection first; the woken waiter finds none and waits
+    again, at the back. Under a flood larger than the pool, new callers kept passing the old
+    ones, which waited out the pool's bound and were answered ``overloaded`` while the pool
+    served others. Here a caller that finds no free connection, or others waiting before
+    it, takes a turn (a future, in a queue), and is served when its turn comes:
+
+    * with the connection a call of the client finished with (:meth:`hand_over`: clean,
+      connected, passed on as it is, at no cost; the scripts' calls give theirs so), or
+    * with a free place: a connection given back to the pool (or never opened), promised to
+      it, which no caller after it may take; it takes it as redis-py does (its checks, its
+      counts), at once.
+
+    :attr:`waiting` is told when a caller has to wait: the connections the client keeps
+    between calls (:attr:`RedisConnection._idle`) are handed to the turns then."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._turns: collections.deque[asyncio.Future[aioredis.Connection | None]] = (
+            collections.deque())
+        self._promised = 0
+        """Free places promised to callers that have not taken them yet."""
+        self.waiting: Callable[[], None] | None = None
+        self._giving_back: set[asyncio.Task[None]] = set()
+        """Connections being given back for callers that went away before they took them."""
+
+    def _free(self) -> int:
+        """Places a caller may take now: connections given back or never opened, less those
+        promised."""
+        return self.max_connections - len(self._in_use_connections) - self._promised
+
+    @property
+    def queued(self) -> bool:
+        """Whether a caller waits for its turn."""
+        return bool(self._turns)
+
+    async def get_connection(self, command_name: Any = None, *keys: Any,
+                             **options: Any) -> Any:
+        if self._turns or self._free() <= 0:
+            handed = await self._turn()
+            if handed is not None:
+                return handed
+        else:
+            self._promised += 1
+        try:
+            # (one is free and promised to this caller: redis-py's own waiting does not wait)
+            return await super().get_connection()  # type: ignore[no-untyped-call]
+        finally:
+            self._promised -= 1
+            if self._turns:
+                self._serve()
+
+    async def _turn(self) -> aioredis.Connection | None:
+        """Wait, after the callers that came before, for a connection handed over (returned)
+        or a free place promised (None); past ``timeout`` the pool's ``ConnectionError``
+        (``POOL_EXHAUSTED``)."""
+        loop = asyncio.get_running_loop()
+        turn: asyncio.Future[aioredis.Connection | None] = loop.create_future()
+        self._turns.append(turn)
+        timer = None if self.timeout is None else loop.call_later(self.timeout, _no_turn,
+                                                                    turn)
+        if self.waiting is not None:
+            self.waiting()
+        self._serve()  # (a place may be free: a turn before this one was given up)
+        try:
+            return await turn
+        except BaseException:
+            if turn.done() and not turn.cancelled() and turn.exception() is None:
+                self._pass_on(turn.result())  # served, and its caller is gone
+            else:
+                turn.cancel()  # (left in the queue, passed over)
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _next_turn(self) -> asyncio.Future[aioredis.Connection | None] | None:
+        turns = self._turns
+        while turns:
+            turn = turns.popleft()
+            if not turn.done():
+                return turn
+        return None
+
+    def _serve(self) -> None:
+        """Promise the free places to the oldest turns still waiting."""
+        while self._turns and self._free() > 0:
+            turn = self._next_turn()
+            if turn is None:
+                return
+            self._promised += 1
+            turn.set_result(None)
+
+    def hand_over(self, connection: aioredis.Connection) -> bool:
+        """Give ``connection`` (connected, every answer on it read) to the oldest caller
+        waiting for its turn, as it is; False when none waits."""
+        turn = self._next_turn()
+        if turn is None:
+            return False
+        turn.set_result(connection)
+        return True
+
+    def _pass_on(self, served: aioredis.Connection | None) -> None:
+        """What a turn whose caller went away was served with goes to the next turn."""
+        if served is None:
+            self._promised -= 1
+            self._serve()
+        elif not self.hand_over(served):
+            task = asyncio.get_running_loop().create_task(self.release(served))
+            self._giving_back.add(task)
+            task.add_done_callback(self._giving_back.discard)
+
+    async def release(self, connection: Any) -> None:
+        try:
+            await super().release(connection)
+        finally:
+            self._serve()
+
+
+class _SubscriptionPool(aioredis.ConnectionPool):
+    """Where a subscription takes its connection: made as the calls' pool makes them (its
+    address, login and TLS; through Sentinel, to the master Sentinel names), never one of
+    theirs. Sharing the calls' pool, the subscription held one of its connections for good,
+    and one made again after a cut waited behind every call of a flood."""
+
+    def __init__(self, calls: aioredis.ConnectionPool) -> None:
+        super().__init__(connection_class=calls.connection_class, **calls.connection_kwargs)
+        self._calls = calls
+
+    def make_connection(self) -> Any:
+        return self._calls.make_connection()  # type: ignore[no-untyped-call]
+
+
+class _WaitingSentinelPool(SentinelConnectionPool, _TurnsPool):
     """The pool of the master Sentinel names, which waits for a free connection (up to
     ``timeout``) as the pool of one Redis does; redis-py's own refuses a call at once when
     its connections are all in use (``MaxConnectionsError``), which read as the store being
@@ -344,6 +486,28 @@ class RedisConnection:
     failed: int = field(default=0, init=False, repr=False)
     """How many of them failed otherwise (cut off, the connection broke): the rest,
     ``sent - answers - failed``, are under way."""
+    _subscriptions: _SubscriptionPool | None = field(default=None, init=False, repr=False)
+    """Where :meth:`pubsub`'s subscriptions take their connections (one Redis)."""
+
+    def __post_init__(self) -> None:
+        pool = self._pool()
+        if pool is not None:
+            pool.waiting = self._give_idle_back
+
+    def _pool(self) -> _TurnsPool | None:
+        """The waiting pool of one Redis (direct or through Sentinel)."""
+        client = self.client
+        if isinstance(client, aioredis.Redis) and isinstance(client.connection_pool, _TurnsPool):
+            return client.connection_pool
+        return None
+
+    def _give_idle_back(self) -> None:
+        """A caller waits for a pooled connection: the kept ones are handed to the callers
+        waiting, oldest first, rather than wait idle for this client's next call."""
+        pool = self._pool()
+        idle = self._idle
+        while idle and pool is not None and pool.hand_over(idle[-1]):
+            idle.pop()
 
     @property
     def cluster(self) -> bool:
@@ -482,11 +646,17 @@ class RedisConnection:
         return taken
 
     async def _done(self, connection: aioredis.Connection) -> None:
+        """Hand ``connection`` to the oldest caller waiting in the pool, if one waits; else
+        keep it for the next call, or give it back (as many kept already as :meth:`_keep`
+        allows)."""
+        assert isinstance(self.client, aioredis.Redis)
+        pool = self.client.connection_pool
+        if isinstance(pool, _TurnsPool) and pool.hand_over(connection):
+            return
         if len(self._idle) < self._keep():
             self._idle.append(connection)
         else:
-            assert isinstance(self.client, aioredis.Redis)
-            await self.client.connection_pool.release(connection)
+            await pool.release(connection)
 
     async def _discard(self, connection: aioredis.Connection) -> None:
         """A call was cut off (cancelled, timed out, the connection broke): an answer may
@@ -527,7 +697,28 @@ class RedisConnection:
         if isinstance(self.client, RedisCluster):
             await self.client.initialize()  # at once when it has the slots already
             return self.client.pubsub(node=self.client.get_node_from_key(channel))
-        return self.client.pubsub()
+        # On one Redis, on a connection of its own, beside the pool (see _SubscriptionPool).
+        return PubSub(self._subscription_pool())
+
+    def _subscription_pool(self) -> _SubscriptionPool:
+        assert isinstance(self.client, aioredis.Redis)
+        if self._subscriptions is None:
+            self._subscriptions = _SubscriptionPool(self.client.connection_pool)
+        return self._subscriptions
+
+    async def open_subscription(self) -> None:
+        """Open the subscription's connection ahead of the first waiter (one Redis; once):
+        opened by the first waiter of a flood, its handshake waited behind the flood's
+        requests on the event loop and could run past ``CONNECT_TIMEOUT``. Best effort:
+        one that fails to open is opened again when it is needed."""
+        if isinstance(self.client, RedisCluster) or self._subscriptions is not None:
+            return
+        pool = self._subscription_pool()
+        try:
+            connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        except DOWN:
+            return
+        await pool.release(connection)
 
     def scrub(self, text: str) -> str:
         """``text`` with the password masked (belt and braces: libraries should not echo it)."""
@@ -540,6 +731,8 @@ class RedisConnection:
             await self._release_idle()
             if self._reserved is not None:
                 await self._reserved.disconnect()
+            if self._subscriptions is not None:
+                await self._subscriptions.disconnect()
             await self.client.aclose(close_connection_pool=True)
         for sentinel in self.sentinels:
             await sentinel.aclose(close_connection_pool=True)
@@ -848,7 +1041,7 @@ def connect(config: EnhancedLockingConfig) -> RedisConnection:
         )
         return RedisConnection(cluster, f"cluster via {config.redis_addr}", secret,
                                username=config.redis_username)
-    pool = aioredis.BlockingConnectionPool(
+    pool = _TurnsPool(
         host=host, port=port, max_connections=config.redis_pool_size, timeout=POOL_WAIT,
         connection_class=HiredisSSLConnection if config.redis_tls else HiredisConnection,
         **{k: v for k, v in kwargs.items() if k != "ssl"},

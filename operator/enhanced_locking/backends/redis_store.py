@@ -941,6 +941,7 @@ class RedisBackend:
         """Redis answers, and still has what this replica knew (else: the quarantine)."""
         await self._run("PING")
         self.connection.answered = True
+        await self.connection.open_subscription()
 
     async def close(self) -> None:
         """Withdraw this replica's waiters (they are told ``unavailable``), send the owed
