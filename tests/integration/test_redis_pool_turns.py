@@ -108,3 +108,29 @@ async def test_the_subscription_takes_no_connection_of_the_pool(
             await pool.release(connection)
     finally:
         await backend.close()
+
+
+async def test_a_call_that_waited_for_a_connection_has_its_whole_limit_for_the_answer(
+    redis_server: RedisServer,
+) -> None:
+    """Pool of 1, its connection taken by another user for 3.2 s (less than the pool's 4 s
+    bound); the call is then sent to a Redis stopped for 2.3 s. It is answered 5.5 s after it
+    began, 2.3 s after it was sent: granted. Before, the wait counted inside the call's 5 s
+    limit, and the call was told Redis did not answer (``unavailable``: a router fell back to
+    legacy) though Redis answered it 2.3 s after it was sent."""
+    backend = RedisBackend.from_config(redis_config(redis_server, redis_pool_size=1), "turns")
+    pool = _pool(backend)
+    try:
+        assert (await backend.acquire(lock_for(request_for(project="warm", pull=1))))[0]
+        await backend.connection.drop_idle()
+        other = await pool.get_connection()  # type: ignore[no-untyped-call]
+        call = asyncio.ensure_future(backend.acquire(lock_for(request_for(project="a", pull=2))))
+        await asyncio.sleep(3.2)
+        assert not call.done()
+        with redis_server.paused():
+            await pool.release(other)  # the call takes it and is sent at once
+            await asyncio.sleep(2.3)
+        granted, _ = await asyncio.wait_for(call, 3.0)
+        assert granted
+    finally:
+        await backend.close()

@@ -27,6 +27,7 @@ import asyncio
 import collections
 import ssl
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal, TypeVar
@@ -289,6 +290,7 @@ class _Cluster(RedisCluster):
                 await calls.acquire()
         except TimeoutError:
             raise rexc.ConnectionError(POOL_EXHAUSTED) from None
+        _sent_now()
 
     async def _determine_slot(self, command: str, *args: Any) -> int:
         if command.upper() in ("FCALL", "FCALL_RO") and len(args) > 2 and int(args[1]) > 0:
@@ -339,6 +341,11 @@ class _TurnsPool(aioredis.BlockingConnectionPool):
     def queued(self) -> bool:
         """Whether a caller waits for its turn."""
         return bool(self._turns)
+
+    @property
+    def full(self) -> bool:
+        """Whether no place is free (a caller now waits for its turn)."""
+        return self._free() <= 0
 
     async def get_connection(self, command_name: Any = None, *keys: Any,
                              **options: Any) -> Any:
@@ -634,8 +641,11 @@ class RedisConnection:
         call Redis did not answer (a router falls back to legacy for it, as for any other)."""
         pool = client.connection_pool
         answers = self.answers
+        waits = isinstance(pool, _TurnsPool) and (pool.queued or pool.full)
         try:
             taken: aioredis.Connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+            if waits:
+                _sent_now()
         except rexc.ConnectionError as error:
             under_way = self.sent - self.answers - self.failed
             if pool_exhausted(error) and under_way and self.answers == answers:
@@ -820,32 +830,66 @@ def _expire(task: asyncio.Task[Any], expired: list[bool]) -> None:
     task.cancel()
 
 
+class _Limit:
+    """The timer of one :func:`within_limit` call, which :func:`_sent_now` arms again."""
+
+    __slots__ = ("expired", "handle", "seconds", "task")
+
+    def __init__(self, handle: asyncio.TimerHandle, seconds: float, task: asyncio.Task[Any],
+                 expired: list[bool]) -> None:
+        self.handle, self.seconds, self.task, self.expired = handle, seconds, task, expired
+
+
+_LIMIT: ContextVar[_Limit | None] = ContextVar("redis_call_limit", default=None)
+
+
+def _sent_now() -> None:
+    """The call under :func:`within_limit` waited for a pooled connection and is sent now:
+    its limit counts from here. The wait has its own bound (``POOL_WAIT``, an overload);
+    counted inside the call's limit, a call that waited most of it was left too little for
+    Redis's answer on an event loop a flood keeps busy, and was told Redis did not answer
+    (``unavailable``: a router fell back to legacy) while Redis answered every call."""
+    limit = _LIMIT.get()
+    if limit is None or limit.expired:
+        return
+    limit.handle.cancel()
+    loop = asyncio.get_running_loop()
+    limit.handle = loop.call_at(loop.time() + limit.seconds, _expire, limit.task,
+                                limit.expired)
+
+
 async def within_limit(call: Coroutine[Any, Any, _T], seconds: float = COMMAND_TIMEOUT) -> _T:
     """``await call`` within ``seconds``, else ``TimeoutError``: what
     ``asyncio.timeout`` does (a timer on the loop cancels the task; that cancellation, and
     only that one, comes out as ``TimeoutError``; a caller's own stays a cancellation), with
     a plain timer handle instead of its ``Timeout`` object and states: about 17k client
     instructions a call instead of 35k (2,000 of each around ``asyncio.sleep(0)``, less the
-    loop without them); every call of the store's scripts takes one."""
+    loop without them); every call of the store's scripts takes one. A call that waits for
+    a pooled connection has its ``seconds`` counted again from when it is sent
+    (:func:`_sent_now`)."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
     expired: list[bool] = []
-    limit = loop.call_at(loop.time() + seconds, _expire, task, expired)
+    limit = _Limit(loop.call_at(loop.time() + seconds, _expire, task, expired), seconds, task,
+                   expired)
+    token = _LIMIT.set(limit)
     cancelling = task.cancelling()
     try:
         answer = await call
     except asyncio.CancelledError as error:
-        limit.cancel()
+        limit.handle.cancel()
         if expired and task.uncancel() <= cancelling:
             raise TimeoutError from error
         raise
     except BaseException:
-        limit.cancel()
+        limit.handle.cancel()
         if expired:  # (its cancellation is taken back, as asyncio.timeout does)
             task.uncancel()
         raise
-    limit.cancel()
+    finally:
+        _LIMIT.reset(token)
+    limit.handle.cancel()
     if expired:
         task.uncancel()
     return answer
