@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -28,6 +29,14 @@ def _pool(backend: RedisBackend) -> aioredis.ConnectionPool:
     client = backend.connection.client
     assert isinstance(client, aioredis.Redis)
     return client.connection_pool
+
+
+async def _one_taken(backend: RedisBackend) -> Any:
+    """After one call (its connection no longer kept), a pooled connection taken by hand, as
+    another user of the client takes one (to be given back by the caller)."""
+    assert (await backend.acquire(lock_for(request_for(project="warm", pull=1))))[0]
+    await backend.connection.drop_idle()
+    return await _pool(backend).get_connection()  # type: ignore[no-untyped-call]
 
 
 async def test_a_connection_given_back_goes_to_the_caller_that_waited_longest(
@@ -65,9 +74,7 @@ async def test_a_call_waiting_for_a_connection_is_given_the_one_a_call_finishes_
     backend = RedisBackend.from_config(redis_config(redis_server, redis_pool_size=2), "turns")
     pool = _pool(backend)
     try:
-        assert (await backend.acquire(lock_for(request_for(project="warm", pull=1))))[0]
-        await backend.connection.drop_idle()
-        other = await pool.get_connection()  # type: ignore[no-untyped-call]
+        other = await _one_taken(backend)
         try:
             with redis_server.paused():
                 under_way = asyncio.ensure_future(
@@ -121,9 +128,7 @@ async def test_a_call_that_waited_for_a_connection_has_its_whole_limit_for_the_a
     backend = RedisBackend.from_config(redis_config(redis_server, redis_pool_size=1), "turns")
     pool = _pool(backend)
     try:
-        assert (await backend.acquire(lock_for(request_for(project="warm", pull=1))))[0]
-        await backend.connection.drop_idle()
-        other = await pool.get_connection()  # type: ignore[no-untyped-call]
+        other = await _one_taken(backend)
         call = asyncio.ensure_future(backend.acquire(lock_for(request_for(project="a", pull=2))))
         await asyncio.sleep(3.2)
         assert not call.done()
