@@ -16,12 +16,20 @@ from tests.support.replicas import ReplicaSet, request_in_buckets
 
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.events import EventBus
+from enhanced_locking.factory import LockService
 from enhanced_locking.hashing import BUCKETS, bucket_of
 from enhanced_locking.metrics import Metrics
 from enhanced_locking.migration.routing_registry import MemoryRoutingRegistry, RoutingView
 from enhanced_locking.migration.transition import Band, WeightTransitions, authority_weight
 from enhanced_locking.provider import ConfigProvider
-from enhanced_locking.types import BackendUnavailable, Event, LockRequest, Reason
+from enhanced_locking.types import (
+    BackendUnavailable,
+    BatchItem,
+    BatchLockRequest,
+    Event,
+    LockRequest,
+    Reason,
+)
 
 
 class FakeClock:
@@ -46,9 +54,7 @@ async def replicas(data_dir: Path) -> AsyncIterator[ReplicaSet]:
 async def test_a_moving_key_is_taken_on_both_sides_while_a_replica_still_routes_the_old_way(
     replicas: ReplicaSet,
 ) -> None:
-    a = await replicas.start("a", migration_weight=0)
-    b = await replicas.start("b", migration_weight=0)
-    await replicas.tick()
+    a, b = await _two_at_weight_zero(replicas)
     moving = request_in_buckets(0, 5000)
     first = await a.router.acquire(_by(moving, pull=1))
     assert first.acquired and first.lock is not None and first.lock.backend == "legacy"
@@ -130,6 +136,35 @@ async def test_fencing_tokens_keep_rising_when_a_key_changes_side_without_being_
             assert result.lock.backend == ("enhanced" if weight else "legacy")
             tokens.append(result.lock.fencing_token)
             await service.router.release(key.key)
+    assert tokens == sorted(set(tokens)), f"tokens fell: {tokens}"
+
+
+async def test_a_batch_of_a_moving_key_gets_a_token_above_the_old_sides(
+    replicas: ReplicaSet,
+) -> None:
+    a, b = await _two_at_weight_zero(replicas)
+    moving = request_in_buckets(0, BUCKETS)
+    tokens = []
+    for pull in (1, 2, 3):  # legacy's counter for the key climbs to 3
+        held = await a.router.acquire(_by(moving, pull=pull))
+        assert held.acquired and held.lock is not None and held.lock.backend == "legacy"
+        tokens.append(held.lock.fencing_token)
+        await a.router.release(moving.key, owner=("acme/infra", pull))
+
+    await replicas.set_weight(100, on=[a])  # b still routes the key to legacy
+    await replicas.tick()
+    assert a.migration.transitions.plan(moving.key).both
+    taken = await a.router.acquire_batch(_batch(moving, pull=4))
+    assert taken.acquired and taken.locks[0].backend == "enhanced"
+    tokens.append(taken.locks[0].fencing_token)
+    refused = await b.router.acquire(_by(moving, pull=5))
+    assert not refused.acquired and refused.holder == taken.locks[0]
+    assert await a.legacy.get(moving.key) is None, "the batch holds nothing on legacy"
+    await a.router.release_batch([moving.key], owner=("acme/infra", 4))
+
+    after = await b.router.acquire(_by(moving, pull=5))  # b, still at weight 0: on legacy
+    assert after.acquired and after.lock is not None and after.lock.backend == "legacy"
+    tokens.append(after.lock.fencing_token)
     assert tokens == sorted(set(tokens)), f"tokens fell: {tokens}"
 
 
@@ -270,6 +305,21 @@ def test_shadow_mode_and_disabled_leave_every_key_to_legacy() -> None:
 def _by(request: LockRequest, *, pull: int) -> LockRequest:
     """The same project and workspace, asked for by another pull of the same repository."""
     return request.model_copy(update={"pull": request_for(pull=pull).pull})
+
+
+async def _two_at_weight_zero(replicas: ReplicaSet) -> tuple[LockService, LockService]:
+    """Replicas ``a`` and ``b``, both routing every key to legacy, each seen by the other."""
+    a = await replicas.start("a", migration_weight=0)
+    b = await replicas.start("b", migration_weight=0)
+    await replicas.tick()
+    return a, b
+
+
+def _batch(request: LockRequest, *, pull: int) -> BatchLockRequest:
+    """``request``'s lock alone, as a batch of another pull of the same repository."""
+    return BatchLockRequest(
+        locks=[BatchItem(project=request.project, workspace=request.workspace)],
+        pull=request_for(pull=pull).pull)
 
 
 # --- a slow replica is not an isolated one ---------------------------------------------------

@@ -26,9 +26,10 @@ from enhanced_locking.backends.base import Backend
 from enhanced_locking.hashing import bucket_of
 from enhanced_locking.locking.base import Locker
 from enhanced_locking.migration.conflicts import ConflictBook, is_conflict
-from enhanced_locking.types import AcquireResult, BackendUnavailable, LockRequest
+from enhanced_locking.types import AcquireResult, BackendUnavailable, Lock, LockRequest
 
-__all__ = ["acquire_both", "backend_of", "raise_counter", "settle_counters"]
+__all__ = ["acquire_both", "backend_of", "raise_counter", "raise_counter_after",
+           "settle_counters"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,17 @@ async def raise_counter(locker: Locker, key: str, token: int) -> None:
     backend = backend_of(locker)
     if backend is not None and token > 0:
         await backend.adopt([], {key: token})
+
+
+async def raise_counter_after(old_side: Locker, lock: Lock) -> None:
+    """Raise ``old_side``'s fencing counter of ``lock``'s key past ``lock``'s token, ``lock``
+    being the grant of a moving key on its new side. If the old side does not answer, only
+    its counter lags (the key is granted already), and the move settling raises it again."""
+    try:
+        await raise_counter(old_side, lock.key, lock.fencing_token)
+    except BackendUnavailable as error:
+        log.warning("could not raise the %s fencing counter of %s: %s", old_side.side,
+                    lock.key, error)
 
 
 async def acquire_both(first: Locker, second: Locker, request: LockRequest) -> AcquireResult:
@@ -76,11 +88,7 @@ async def acquire_both(first: Locker, second: Locker, request: LockRequest) -> A
         await _undo(first, key, owner)
         return second_result
     try:
-        await raise_counter(first, key, second_result.lock.fencing_token)
-    except BackendUnavailable as error:
-        # Granted on both sides already; only the old side's counter lags, and the next move
-        # settling raises it again.
-        log.warning("could not raise the %s fencing counter of %s: %s", first.side, key, error)
+        await raise_counter_after(first, second_result.lock)
     except asyncio.CancelledError:  # the caller went away: nobody will use either half
         await asyncio.shield(_undo_both(first, second, key, owner))
         raise

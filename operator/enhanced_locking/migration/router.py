@@ -33,10 +33,11 @@ by another pull) and :meth:`Router._fallback_action` (what the fallback setting 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 from enhanced_locking.backends.base import (
     OtherSideHolds,
@@ -52,7 +53,12 @@ from enhanced_locking.locking.base import AtlantisCalls, Locker
 from enhanced_locking.metrics import FallbackAction, Metrics
 from enhanced_locking.migration import identity
 from enhanced_locking.migration.controller import MigrationController
-from enhanced_locking.migration.handover import acquire_both, backend_of
+from enhanced_locking.migration.handover import (
+    acquire_both,
+    backend_of,
+    raise_counter,
+    raise_counter_after,
+)
 from enhanced_locking.migration.switch_gate import Pass, SwitchGate
 from enhanced_locking.migration.transition import RoutingPlan
 from enhanced_locking.provider import Snapshot
@@ -827,6 +833,27 @@ class Router(AtlantisCalls):
         return None
 
     async def _acquire_batch_routed(self, request: BatchLockRequest) -> BatchResult:
+        migration = self.migration
+        loop = asyncio.get_running_loop()
+        wait = self._wait_seconds(request)
+        deadline = None if wait is None else loop.time() + wait
+        while True:
+            if migration is not None:
+                await migration.transitions.refresh()  # as for an acquire: a late view is read
+            # Counted as running in this routing round, as an acquire is: a move does not
+            # settle (its counters aligned) while a batch routed by the weight before it runs.
+            with (migration.admit(request.locks[0].key) if migration is not None
+                  else contextlib.nullcontext()):
+                result = await self._acquire_batch_planned(request)
+            if result is not None:
+                return result
+            if deadline is not None:  # what is left of its wait
+                left = max(deadline - loop.time(), 0.001)
+                request = request.model_copy(update={"wait": timedelta(seconds=left)})
+
+    async def _acquire_batch_planned(self, request: BatchLockRequest) -> BatchResult | None:
+        """:meth:`_acquire_batch_routed` once; ``None``: a token of a moving key fell below
+        legacy's, the grant was given back, ask again (:meth:`_above_legacy`)."""
         enhanced = self._queueing()
         on_enhanced: list[BatchItem] = []
         on_legacy: list[BatchItem] = []
@@ -834,6 +861,9 @@ class Router(AtlantisCalls):
             (on_enhanced if self.side_for(item.key) == "enhanced" else on_legacy).append(item)
         if enhanced is None or not on_enhanced:
             return await batch.acquire_one_by_one(self, request)
+        migration = self.migration
+        moving = ({i.key for i in on_enhanced if migration.transitions.plan(i.key).both}
+                  if migration is not None else set[str]())
         owner = request.owner
         # still held on the legacy side: not free here either
         if (refused := await self._held_on_legacy(on_enhanced, owner)) is not None:
@@ -855,7 +885,6 @@ class Router(AtlantisCalls):
             mine_before.add(key)
         part = request.model_copy(update={"locks": on_enhanced})
         try:
-            migration = self.migration
             if migration is not None and migration.journal_pending:
                 for item in on_enhanced:  # as in _route
                     await migration.before_acquire(item.key)
@@ -863,6 +892,8 @@ class Router(AtlantisCalls):
         except StoreBusy:
             raise  # as in _route: overloaded, no fall-back
         except BackendUnavailable as error:
+            if not await _unreachable(enhanced):
+                raise  # as in _route: legacy itself failed, there is nothing to fall back to
             if self._fallback_action(on_enhanced[0].key, owner[0], error) == "legacy":
                 # a hold the pull had already is noted as answered again (see _Answers)
                 served = await batch.acquire_one_by_one(self.legacy, request,
@@ -892,6 +923,16 @@ class Router(AtlantisCalls):
         if refused is not None:
             await give_back()
             return refused
+        fresh = [lock for lock in first.locks if lock.key in moving - mine_before]
+        if fresh:
+            try:
+                above = await self._above_legacy(enhanced, request, fresh)
+            except BaseException:
+                await asyncio.shield(give_back())
+                raise
+            if above is not True:
+                await give_back()
+                return above
         # The keys not in the enhanced part, as split before it: a weight move while it
         # waited may route one of them to enhanced now, and it still has to be taken.
         if not on_legacy:
@@ -903,6 +944,42 @@ class Router(AtlantisCalls):
             return rest
         by_key = {lock.key: lock for lock in [*first.locks, *rest.locks]}
         return BatchResult(acquired=True, locks=[by_key[key] for key in request.keys])
+
+    async def _above_legacy(self, enhanced: Locker, request: BatchLockRequest,
+                            locks: Locks) -> BatchResult | Literal[True] | None:
+        """Whether the fresh enhanced grants ``locks`` of moving keys (legacy served them
+        until the move) carry tokens above every token legacy handed out for their keys, as
+        a single acquire's do (:func:`.handover.acquire_both`). Legacy keeps no counter to
+        read: each key is taken there fail fast (the batch holds it on enhanced, so legacy
+        hands it to nobody else), and the token it gets is above every one legacy handed out
+        before; the grant is given back at once (a hold the pull had there stays). ``True``:
+        every token is above, and legacy's counter is raised past each, as after a single
+        acquire. ``None``: one is not, the enhanced counter of its key is raised past legacy's
+        and the batch is to give its grants back and ask again. The refusal when another pull
+        took one of them on legacy meanwhile (the batch backs off, as after its own look)."""
+        owner = request.owner
+        mine = {lock.key: lock for lock in locks}
+        above: Literal[True] | None = True
+        for asked in request.requests():
+            if (lock := mine.get(asked.key)) is None:
+                continue
+            taken = await self.legacy.acquire(asked.model_copy(update={"wait": None}))
+            legacy = taken.lock
+            if not taken.acquired or legacy is None:
+                return BatchResult(acquired=False, lock_key=asked.key,
+                                   reason=taken.reason or Reason.HELD, holder=taken.holder)
+            # the highest token legacy handed out: before this fresh grant's, or the pull's own
+            issued = legacy.fencing_token - 1 if taken.fresh else legacy.fencing_token
+            try:
+                if issued >= lock.fencing_token:
+                    await raise_counter(enhanced, asked.key, legacy.fencing_token)
+                    above = None
+                else:
+                    await raise_counter_after(self.legacy, lock)
+            finally:
+                if taken.fresh:
+                    await asyncio.shield(self.legacy.release(asked.key, owner=owner))
+        return above
 
     def release_batch(self, keys: Sequence[str], *,
                       owner: Owner | None = None) -> Coroutine[Any, Any, Locks]:
