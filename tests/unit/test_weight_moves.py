@@ -3,6 +3,7 @@ applied the move; held locks are honoured during and after it; silent replicas a
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -20,7 +21,12 @@ from enhanced_locking.factory import LockService
 from enhanced_locking.hashing import BUCKETS, bucket_of
 from enhanced_locking.metrics import Metrics
 from enhanced_locking.migration.routing_registry import MemoryRoutingRegistry, RoutingView
-from enhanced_locking.migration.transition import Band, WeightTransitions, authority_weight
+from enhanced_locking.migration.transition import (
+    Band,
+    RoutingPlan,
+    WeightTransitions,
+    authority_weight,
+)
 from enhanced_locking.provider import ConfigProvider
 from enhanced_locking.types import (
     BackendUnavailable,
@@ -54,8 +60,7 @@ async def replicas(data_dir: Path) -> AsyncIterator[ReplicaSet]:
 async def test_a_moving_key_is_taken_on_both_sides_while_a_replica_still_routes_the_old_way(
     replicas: ReplicaSet,
 ) -> None:
-    a, b = await _two_at_weight_zero(replicas)
-    moving = request_in_buckets(0, 5000)
+    a, b, moving = await _two_at(replicas, 0, below=5000)
     first = await a.router.acquire(_by(moving, pull=1))
     assert first.acquired and first.lock is not None and first.lock.backend == "legacy"
 
@@ -142,8 +147,7 @@ async def test_fencing_tokens_keep_rising_when_a_key_changes_side_without_being_
 async def test_a_batch_of_a_moving_key_gets_a_token_above_the_old_sides(
     replicas: ReplicaSet,
 ) -> None:
-    a, b = await _two_at_weight_zero(replicas)
-    moving = request_in_buckets(0, BUCKETS)
+    a, b, moving = await _two_at(replicas, 0)
     tokens = []
     for pull in (1, 2, 3):  # legacy's counter for the key climbs to 3
         held = await a.router.acquire(_by(moving, pull=pull))
@@ -166,6 +170,37 @@ async def test_a_batch_of_a_moving_key_gets_a_token_above_the_old_sides(
     assert after.acquired and after.lock is not None and after.lock.backend == "legacy"
     tokens.append(after.lock.fencing_token)
     assert tokens == sorted(set(tokens)), f"tokens fell: {tokens}"
+
+
+async def test_a_holder_asking_again_is_given_its_lock_while_another_waits_for_the_moving_key(
+    replicas: ReplicaSet,
+) -> None:
+    a, b, key = await _two_at(replicas, 100)
+    held = await a.router.acquire(_by(key, pull=1))
+    assert held.acquired and held.lock is not None and held.lock.backend == "enhanced"
+    await replicas.set_weight(0)
+    await replicas.tick()
+    await replicas.set_weight(100, on=[a])  # back to enhanced, b has not heard of it yet
+    await replicas.tick()
+    assert a.migration.transitions.plan(key.key) == RoutingPlan("enhanced", both=True)
+
+    waiting = asyncio.ensure_future(
+        a.router.acquire(_by(key, pull=2).model_copy(update={"wait": timedelta(seconds=30)})))
+    for _ in range(1000):  # until queued on enhanced, its key taken on legacy meanwhile
+        if await a.router.queue(key.key):
+            break
+        await asyncio.sleep(0.01)
+    assert not waiting.done()
+    assert (holds := await a.legacy.get(key.key)) is not None and holds.pull.num == 2
+    for replica in (a, b):  # pull 1 plans again: its own lock, unchanged
+        again = await replica.router.acquire(_by(key, pull=1))
+        assert again.acquired and again.lock == held.lock, again
+        refused = await replica.router.acquire(_by(key, pull=3))
+        assert not refused.acquired and refused.reason == Reason.HELD
+
+    await a.router.release(key.key, owner=("acme/infra", 1))
+    granted = await asyncio.wait_for(waiting, 20)
+    assert granted.acquired and granted.lock is not None and granted.lock.pull.num == 2
 
 
 async def test_abort_goes_back_to_weight_zero_through_the_same_handover(
@@ -307,12 +342,14 @@ def _by(request: LockRequest, *, pull: int) -> LockRequest:
     return request.model_copy(update={"pull": request_for(pull=pull).pull})
 
 
-async def _two_at_weight_zero(replicas: ReplicaSet) -> tuple[LockService, LockService]:
-    """Replicas ``a`` and ``b``, both routing every key to legacy, each seen by the other."""
-    a = await replicas.start("a", migration_weight=0)
-    b = await replicas.start("b", migration_weight=0)
+async def _two_at(replicas: ReplicaSet, weight: float, *,
+                  below: int = BUCKETS) -> tuple[LockService, LockService, LockRequest]:
+    """Replicas ``a`` and ``b``, both routing by ``weight``, each seen by the other, and a
+    request whose key's bucket is below ``below``."""
+    a = await replicas.start("a", migration_weight=weight)
+    b = await replicas.start("b", migration_weight=weight)
     await replicas.tick()
-    return a, b
+    return a, b, request_in_buckets(0, below)
 
 
 def _batch(request: LockRequest, *, pull: int) -> BatchLockRequest:

@@ -63,7 +63,8 @@ async def acquire_both(first: Locker, second: Locker, request: LockRequest) -> A
     """Take ``request``'s key on ``first`` (the old side), then on ``second`` (the new one).
 
     Answers with the second side's answer. A refusal or error on the second side undoes the
-    first step. A pull that already holds the key gets its lock back unchanged.
+    first step. A pull that already holds the key, on either side, gets its lock back
+    unchanged.
     """
     key = request.key
     owner = (request.project.repo_full_name, request.pull.num)
@@ -75,6 +76,11 @@ async def acquire_both(first: Locker, second: Locker, request: LockRequest) -> A
         mine = await second.get(key)
         return AcquireResult.granted(mine if mine is not None and mine.owned_by(*owner)
                                      else before, fresh=False)
+    # Its lock on the new side alone (taken before the move began, or by another replica):
+    # its lock too, answered without the old side, where a request waiting on the new side
+    # may hold the key for the time of its wait.
+    if (mine := await second.get(key)) is not None and mine.owned_by(*owner):
+        return AcquireResult.granted(mine, fresh=False)
     first_result = await first.acquire(request)
     if not first_result.acquired or first_result.lock is None:
         return first_result
