@@ -18,8 +18,10 @@
 // A retry waits at least the answer's Retry-After (the overload 503 says 1s), and is not
 // made when that wait would outrun the context's deadline: the call then answers the
 // service's 503 at once, not a context error after the wait. A refusal (409, 4xx) is an
-// answer and never retried, so a retry cannot hide one; a retried overload was not acted on,
-// so it cannot double a grant.
+// answer and never retried, so a retry cannot hide one. The service answers "overloaded"
+// for a call it turned away before any work, or whose work so far (a waiter it queued, when
+// its store's pool ran out mid-call) it undoes as after an outage: no grant is left for the
+// retry to meet twice.
 //
 // Refusals are typed errors (see errors.go): *HeldError, *NotOwnerError, *InvalidError,
 // *DeniedError and *UnavailableError.
