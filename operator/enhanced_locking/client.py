@@ -140,15 +140,25 @@ class Client:
                              timeout=_read_timeout(request), json=_body(request))
         return BatchResult.model_validate(body)
 
-    def release_batch(self, keys: Iterable[str], *, pull: int | None = None) -> Locks:
+    def release_batch(self, keys: Iterable[str], *, pull: int | None = None,
+                      repo: str | None = None) -> Locks:
+        """With ``pull``, only if that pull holds every held key; with ``repo``, only if each
+        held key is that repository's (a lock of another repository's project whose key is
+        the same: 409, nothing released)."""
         params: dict[str, Any] = {"key": list(keys)}
         if pull is not None:
             params["pull"] = pull
+        if repo is not None:
+            params["repo"] = repo
         _, body = self._call("DELETE", "/v1/locks/batch", params=params)
         return [Lock.model_validate(item) for item in body["released"]]
 
-    def refresh(self, key: str, *, pull: int, ttl: str | None = None) -> Lock | None:
+    def refresh(self, key: str, *, pull: int, ttl: str | None = None,
+                repo: str | None = None) -> Lock | None:
+        """With ``repo``, only a lock of that repository (another's of the same key: 409)."""
         payload: dict[str, Any] = {"key": key, "pull": pull}
+        if repo is not None:
+            payload["repo"] = repo
         if ttl is not None:
             payload["ttl"] = ttl
         status, body = self._call("POST", "/v1/locks/refresh", ok=(200, 404), json=payload)

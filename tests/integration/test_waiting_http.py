@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -14,9 +15,9 @@ import pytest
 from tests.support.locks import lock_body
 from tests.support.service import ServiceProcess, serving
 
-from enhanced_locking.client import AsyncClient
+from enhanced_locking.client import AsyncClient, Client, ServiceError
 from enhanced_locking.events import FOLLOWING_COMMENT
-from enhanced_locking.types import Event
+from enhanced_locking.types import Event, LockRequest, Project, Pull
 
 FLAGS = ("--enhanced-locking-enabled", "--enhanced-locking-priority-queue",
          "--enhanced-locking-deadlock-detection", "--enhanced-locking-max-timeout=1m")
@@ -323,3 +324,27 @@ async def test_an_event_stream_says_it_follows_before_its_first_event(
                 seen.append(line.partition(":")[2].strip())
                 break
     assert seen == ["acquired"]
+
+
+def test_the_client_names_the_repository_of_a_refresh_and_a_batch_release(
+    served: ServiceProcess,
+) -> None:
+    """gl/grp + sub/proj and gl/grp/sub + proj join to one key, both pull 5: the repository
+    the client sends keeps gl/grp/sub's pull 5 off gl/grp's lock."""
+    group = f"gl/grp-{uuid.uuid4().hex[:8]}"
+    with Client(served.url) as client:
+        lock = client.acquire(LockRequest(project=Project(repo_full_name=group, path="sub/proj"),
+                                          pull=Pull(num=5), ttl=timedelta(hours=1))).lock
+        assert lock is not None
+        for call in (lambda: client.refresh(lock.key, pull=5, ttl="2h", repo=f"{group}/sub"),
+                     lambda: client.release_batch([lock.key], pull=5, repo=f"{group}/sub")):
+            with pytest.raises(ServiceError) as refused:
+                call()
+            assert refused.value.status == 409
+            assert refused.value.body["reason"] == "collision"
+        kept = client.get(lock.key)
+        assert kept is not None and kept.expires_at == lock.expires_at
+        refreshed = client.refresh(lock.key, pull=5, ttl="2h", repo=group)
+        assert refreshed is not None and refreshed.expires_at != lock.expires_at
+        assert [gone.key for gone in client.release_batch([lock.key], pull=5, repo=group)] == [
+            lock.key]
