@@ -23,7 +23,7 @@ from enhanced_locking.migration.routing_registry import (
     RedisRoutingRegistry,
 )
 from enhanced_locking.provider import ConfigProvider
-from enhanced_locking.types import Event, LockRequest
+from enhanced_locking.types import BatchItem, BatchLockRequest, Event, LockRequest
 
 pytestmark = pytest.mark.redis
 
@@ -125,6 +125,36 @@ async def test_replicas_on_redis_settle_a_move_through_the_redis_registry(
         "moving", "settled"]
     with redis_server.client() as admin:
         assert sorted(admin.hkeys("atlantis:enhanced:replicas")) == [b"a", b"b"]
+
+
+async def test_a_batch_of_a_key_moving_to_redis_gets_a_token_above_the_embedded_legacys(
+    redis_server: RedisServer, services: list[LockService], tmp_path: Path,
+) -> None:
+    common = {"legacy_backend": "boltdb", "migration_weight": 0, "replica_heartbeat": "1h"}
+    a = await _start(services, redis_server, tmp_path, replica_id="a", **common)
+    b = await _start(services, redis_server, tmp_path, replica_id="b", **common)
+    await b.migration.transitions.tick()
+    moving = request_in_buckets(0, 10_000)
+    tokens = []
+    for pull in (1, 2, 3):  # the embedded legacy store's counter for the key climbs to 3
+        held = await b.router.acquire(_by(moving, pull=pull))
+        assert held.acquired and held.lock is not None and held.lock.backend == "legacy"
+        tokens.append(held.lock.fencing_token)
+        await b.router.release(moving.key, owner=("acme/infra", pull))
+
+    await a.provider.set_layer("cluster", {"migration_weight": 100})
+    status = await a.migration.transitions.tick()
+    assert status.phase == "moving" and a.migration.transitions.plan(moving.key).both
+    taken = await a.router.acquire_batch(BatchLockRequest(
+        locks=[BatchItem(project=moving.project, workspace=moving.workspace)],
+        pull=request_for(pull=4).pull))
+    assert taken.acquired and taken.locks[0].backend == "enhanced"
+    tokens.append(taken.locks[0].fencing_token)
+    await a.router.release_batch([moving.key], owner=("acme/infra", 4))
+    after = await b.router.acquire(_by(moving, pull=5))  # b still routes it to legacy
+    assert after.acquired and after.lock is not None and after.lock.backend == "legacy"
+    tokens.append(after.lock.fencing_token)
+    assert tokens == sorted(set(tokens)), f"tokens fell: {tokens}"
 
 
 async def test_grants_made_while_redis_is_stopped_are_adopted_when_it_is_back(
