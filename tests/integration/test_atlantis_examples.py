@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -124,10 +125,18 @@ def test_the_example_workflow_queues_plans_and_puts_applies_first(
     first_out, _ = first.communicate(timeout=60)
     assert first.returncode == 0, first_out
     plan = run_as_atlantis(plan_step, atlantis_step_env(service.url, 13, "bob"), tmp_path)
+    plan_lines = Printed(plan)
     waiting(service, 1)
     apply = run_as_atlantis(apply_step, atlantis_step_env(service.url, 14, "carol"), tmp_path)
     assert [w["pull"] for w in waiting(service, 2)] == [14, 13]
-    time.sleep(5.5)  # one poll of the steps (every 5s by default): they print their place
+    # On its next poll (every 5s by default) the plan step prints its place behind both.
+    behind_both = (f"waiting for {KEY}: position 2 of 2, behind pull #12 (alice) of acme/infra, "
+                   "which holds it; pull #14 (carol), high; no estimate yet (no release of this "
+                   "key seen)")
+    deadline = time.monotonic() + 60
+    while behind_both not in plan_lines:
+        assert time.monotonic() < deadline, f"the plan step never printed: {behind_both}"
+        time.sleep(0.05)
 
     # Pull #12 is merged: GitHub tells the service, which hands the project to the apply.
     closed = signed_github_close(service, 12)
@@ -136,11 +145,31 @@ def test_the_example_workflow_queues_plans_and_puts_applies_first(
     assert apply.returncode == 0, apply_out
     assert f"locked {KEY} for pull #14" in apply_out
     closed = signed_github_close(service, 14)
-    plan_out, _ = plan.communicate(timeout=60)
+    plan.wait(timeout=60)
+    plan_out = "\n".join(plan_lines.finished())
     assert plan.returncode == 0, plan_out
-    assert (f"waiting for {KEY}: position 2 of 2, behind pull #12 (alice) of acme/infra, which "
-            "holds it; pull #14 (carol), high; no estimate yet (no release of this key seen)"
-            ) in plan_out.splitlines()
+    assert behind_both in plan_out.splitlines()
+
+
+class Printed(list[str]):
+    """A running step's output lines, read as it prints them."""
+
+    def __init__(self, step: subprocess.Popen[str]) -> None:
+        super().__init__()
+        assert step.stdout is not None
+        self._stream = step.stdout
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        with self._stream:
+            for line in self._stream:
+                self.append(line.rstrip("\n"))
+
+    def finished(self) -> list[str]:
+        """Every line, once the step's output has ended."""
+        self._reader.join(60)
+        return list(self)
 
 
 def waiting(service: ServiceProcess, count: int) -> list[dict[str, Any]]:
