@@ -304,7 +304,7 @@ def test_health_and_readiness(http: httpx.Client) -> None:
     assert http.get("/healthz").json() == {"status": "ok"}
     ready = http.get("/readyz")
     assert ready.status_code == 200
-    assert ready.json() == {"ready": True, "backends": {"legacy": "ok"}}
+    assert ready.json() == {"ready": True, "backends": {"legacy": "ok"}, "events": "process"}
 
 
 def test_metrics_are_prometheus_text_that_counts_requests(http: httpx.Client, repo: str) -> None:
