@@ -212,6 +212,21 @@ def test_a_role_with_resource_names_scopes_a_caller_to_its_repositories(setup: S
             assert stream.status_code == 403
 
 
+def queued_behind(http: httpx.Client, pull: int) -> dict[str, Any]:
+    """The first ``queued`` event of ``pull`` this reader's stream (of ``acme/team-infra``)
+    carries."""
+    with http.stream("GET", "/v1/events", params={"repo": "acme/team-infra",
+                                                  "type": "queued", "lastEventId": "0-0"},
+                     timeout=15) as stream:
+        assert stream.status_code == 200, stream.read()
+        for line in stream.iter_lines():
+            if line.startswith("data:"):
+                data: dict[str, Any] = json.loads(line.removeprefix("data:"))
+                if data["details"]["pull"] == pull:
+                    return data
+    raise AssertionError(f"the stream ended without a queued event of pull {pull}")
+
+
 def deadlock_event(http: httpx.Client) -> dict[str, Any]:
     """The first ``deadlock`` event this reader's stream (of ``acme/team-infra``) carries."""
     with http.stream("GET", "/v1/events", params={"repo": "acme/team-infra",
@@ -250,7 +265,7 @@ def test_a_deadlock_across_repositories_shows_a_reader_only_its_repositories(
             httpx.Client(base_url=service.url, timeout=30, headers={
                 "Authorization": f"Bearer {setup.tokens['admin']}"}) as admin:
         waits = [pool.submit(admin.post, "/v1/locks", json=body(mine, "sub/a", 1))]
-        for repo, path, pull in ((theirs, "a", 2), (theirs, "b", 2)):
+        for repo, path, pull in ((theirs, "a", 2), (theirs, "b", 2), (mine, "sub/a", 3)):
             time.sleep(0.5)
             waits.append(pool.submit(admin.post, "/v1/locks", json=body(repo, path, pull)))
         time.sleep(0.5)
@@ -279,6 +294,19 @@ def test_a_deadlock_across_repositories_shows_a_reader_only_its_repositories(
         assert scoped["details"]["cycle"] == [f"{mine}#1", "(other repository)", f"{mine}#1"]
         assert scoped["details"]["hiddenOwners"] == 1
         assert [e["key"] for e in scoped["details"]["edges"]] == [None, None]
+        # acme/team-infra#3 queued behind acme/team-infra#1 and acme/team-infra/sub#2 on a
+        # joined key: its queued event names the second only to who may read its repository.
+        everywhere = queued_behind(admin, 3)
+        assert [w["owner"] for w in everywhere["details"]["ahead"]] == [f"{mine}#1",
+                                                                       f"{theirs}#2"]
+        with httpx.Client(base_url=service.url, timeout=30, headers={
+                "Authorization": f"Bearer {setup.tokens['team']}"}) as team:
+            own = queued_behind(team, 3)
+        assert f"{theirs}#2" not in json.dumps(own)
+        assert [(w["owner"], w["repo"], w["pull"]) for w in own["details"]["ahead"]] == [
+            (f"{mine}#1", mine, 1), ("(other repository)", None, None)]
+        assert own["details"]["ahead"][1]["id"] is None
+        assert own["details"]["hiddenOwners"] == 1
         for wait in waits:
             wait.result()
 

@@ -21,7 +21,7 @@ from enhanced_locking.backends.waiting import (
     Wait,
     Waiter,
 )
-from enhanced_locking.locking import deadlock, queueing
+from enhanced_locking.locking import deadlock, queueing, visibility
 from enhanced_locking.types import (
     AcquireResult,
     BatchItem,
@@ -403,3 +403,28 @@ async def test_a_wait_granted_before_its_deadlock_refusal_could_withdraw_it_is_t
     assert rig.types().count("deadlock") == 0
     await rig.locker.release(ask(2, "b").key)
     assert (await asyncio.wait_for(first, 5)).acquired
+
+
+def test_a_reader_gets_only_the_holders_and_waiters_ahead_in_repositories_it_may_read() -> None:
+    """A ``queued`` event's view of the key can name another repository's pull (projects of two
+    repositories can join to the same keys): each is kept only for a reader of its repository."""
+    details: dict[str, Any] = {
+        "position": 2, "estimateSeconds": None,
+        "holders": [{"owner": "acme/infra/sub#2", "repo": "acme/infra/sub", "pull": 2,
+                     "mode": "exclusive", "since": "2026-01-01T00:00:00Z"}],
+        "ahead": [{"id": "w-1", "requestId": "r-1", "owner": "acme/infra/sub#3",
+                   "repo": "acme/infra/sub", "pull": 3, "mode": "exclusive",
+                   "priority": "normal"},
+                  {"id": "w-2", "requestId": None, "owner": "acme/infra#4", "repo": "acme/infra",
+                   "pull": 4, "mode": "exclusive", "priority": "normal"}]}
+    assert visibility.wait_repos(details) == {"acme/infra/sub", "acme/infra"}
+    assert visibility.wait_for_reader(details, {"acme/infra", "acme/infra/sub"}) is details
+    shown = visibility.wait_for_reader(details, {"acme/infra"})
+    assert shown["hiddenOwners"] == 2
+    assert shown["holders"][0] == {"owner": "(other repository)", "repo": None, "pull": None,
+                                   "mode": "exclusive", "since": "2026-01-01T00:00:00Z"}
+    assert shown["ahead"][0] == {"id": None, "requestId": None, "owner": "(other repository)",
+                                 "repo": None, "pull": None, "mode": "exclusive",
+                                 "priority": "normal"}
+    assert shown["ahead"][1] == details["ahead"][1]
+    assert "acme/infra/sub" not in str(shown)

@@ -35,7 +35,9 @@ under the access control in force then (answers are cached, see ``auth-cache-ttl
 taken away, in RBAC or by a config change to the role map, stops the events within that time.
 A ``deadlock`` event whose cycle crosses into repositories the caller may not read is sent
 with those owners, and the keys of their edges, left out
-(:func:`~enhanced_locking.locking.deadlock.for_reader`).
+(:func:`~enhanced_locking.locking.deadlock.for_reader`); so is a ``queued`` event whose
+holders or waiters ahead are of such repositories
+(:func:`~enhanced_locking.locking.visibility.wait_for_reader`).
 The request's credentials are identified again when the access control changes, or once its
 recheck time passed (the tokens file's recheck, a second, in static mode; ``auth-cache-ttl`` in
 Kubernetes mode): a token withdrawn, or now naming someone else, ends the stream at its next
@@ -63,7 +65,7 @@ from enhanced_locking.api.access import AccessControl, CallerDep, StillCaller, U
 from enhanced_locking.api.errors import error_answers, json_error
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.events import EVENT_TYPES, FOLLOWING_COMMENT, Bus, Following, Gap
-from enhanced_locking.locking import deadlock
+from enhanced_locking.locking import deadlock, visibility
 from enhanced_locking.types import Event, Verb
 
 __all__ = ["Frames", "install_event_stream", "matches"]
@@ -127,13 +129,17 @@ async def _readable_frame(event: Event, frames: Frames, access: AccessControl,
     """``event``'s frame as this reader may have it: a ``deadlock`` event whose cycle crosses
     into repositories it may not read is sent with those parts left out
     (:func:`~enhanced_locking.locking.deadlock.for_reader`), in a frame of its own."""
-    if event.type != "deadlock":
+    if event.type == "deadlock":
+        named, for_reader = deadlock.cycle_repos(event.details), deadlock.for_reader
+    elif event.type == "queued":
+        named, for_reader = visibility.wait_repos(event.details), visibility.wait_for_reader
+    else:
         return frames(event)
     readable = {event.repo}
-    for repo in deadlock.cycle_repos(event.details) - readable:
+    for repo in named - readable:
         if await access.authorizer.allowed(still.identity, Verb.READ, repo=repo):
             readable.add(repo)
-    details = deadlock.for_reader(event.details, readable)
+    details = for_reader(event.details, readable)
     if details is event.details:
         return frames(event)
     shown = event.model_copy(update={"details": details})

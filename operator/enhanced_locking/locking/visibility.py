@@ -18,7 +18,7 @@ import collections
 import contextlib
 import logging
 import statistics
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -30,7 +30,7 @@ from enhanced_locking.types import Lock, utcnow
 if TYPE_CHECKING:
     from enhanced_locking.locking.enhanced import EnhancedLocker
 
-__all__ = ["HISTORY", "HoldTimes", "RuleWatch", "WaitView"]
+__all__ = ["HISTORY", "HoldTimes", "RuleWatch", "WaitView", "wait_for_reader", "wait_repos"]
 
 log = logging.getLogger(__name__)
 
@@ -101,14 +101,51 @@ class WaitView:
         """The view as JSON-ready data (events and the API use the same names)."""
         return {
             "position": self.position,
-            "holders": [{"owner": _owner(h), "mode": h.mode,
+            "holders": [{"owner": _owner(h), "repo": h.project.repo_full_name,
+                         "pull": h.pull.num, "mode": h.mode,
                          "since": h.acquired_at.isoformat().replace("+00:00", "Z")}
                         for h in self.holders],
             "ahead": [{"id": w.id, "requestId": w.request_id, "owner": _owner(w),
-                       "mode": w.mode, "priority": w.priority.value} for w in self.ahead],
+                       "repo": w.owner[0], "pull": w.owner[1], "mode": w.mode,
+                       "priority": w.priority.value} for w in self.ahead],
             "estimateSeconds": (round(self.estimate.total_seconds(), 3)
                                 if self.estimate is not None else None),
         }
+
+
+_HIDDEN_OWNER = {"owner": "(other repository)", "repo": None, "pull": None}
+"""What an owner of a repository the reader may not read becomes in a wait's view (its
+request's ids too, for a waiter ahead)."""
+
+
+def wait_repos(details: dict[str, Any]) -> set[str | None]:
+    """The repositories a ``queued`` event's holders and waiters ahead are of (``None`` for
+    one that does not say: an event from before they were data of their own)."""
+    return {item.get("repo") for part in ("holders", "ahead")
+            for item in details.get(part) or ()}
+
+
+def wait_for_reader(details: dict[str, Any], readable: Collection[str | None]
+                    ) -> dict[str, Any]:
+    """A ``queued`` event's details as a reader who may read only the repositories in
+    ``readable`` gets them: a holder or a waiter ahead of another repository (projects of two
+    repositories can join to the same keys) is ``(other repository)`` with no repository,
+    pull or request ids, and ``hiddenOwners`` counts those owners. ``details`` itself when
+    nothing is left out."""
+    hidden: set[tuple[Any, Any]] = set()
+
+    def shown(item: dict[str, Any], ids: tuple[str, ...]) -> dict[str, Any]:
+        repo = item.get("repo")
+        if repo in readable:
+            return item
+        hidden.add((repo, item.get("pull") if repo is not None else item.get("owner")))
+        return {**item, **_HIDDEN_OWNER, **dict.fromkeys(ids)}
+
+    holders = [shown(item, ()) for item in details.get("holders") or ()]
+    ahead = [shown(item, ("id", "requestId")) for item in details.get("ahead") or ()]
+    if not hidden:
+        return details
+    return {**details, "holders": holders, "ahead": ahead, "hiddenOwners": len(hidden)}
 
 
 class RuleWatch:
