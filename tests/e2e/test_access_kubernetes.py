@@ -212,32 +212,19 @@ def test_a_role_with_resource_names_scopes_a_caller_to_its_repositories(setup: S
             assert stream.status_code == 403
 
 
-def queued_behind(http: httpx.Client, pull: int) -> dict[str, Any]:
-    """The first ``queued`` event of ``pull`` this reader's stream (of ``acme/team-infra``)
-    carries."""
+def first_event(http: httpx.Client, kind: str, *, pull: int | None = None) -> dict[str, Any]:
+    """The first ``kind`` event (of ``pull``, when given) this reader's stream (of
+    ``acme/team-infra``) carries."""
     with http.stream("GET", "/v1/events", params={"repo": "acme/team-infra",
-                                                  "type": "queued", "lastEventId": "0-0"},
+                                                  "type": kind, "lastEventId": "0-0"},
                      timeout=15) as stream:
         assert stream.status_code == 200, stream.read()
         for line in stream.iter_lines():
             if line.startswith("data:"):
                 data: dict[str, Any] = json.loads(line.removeprefix("data:"))
-                if data["details"]["pull"] == pull:
+                if pull is None or data["details"]["pull"] == pull:
                     return data
-    raise AssertionError(f"the stream ended without a queued event of pull {pull}")
-
-
-def deadlock_event(http: httpx.Client) -> dict[str, Any]:
-    """The first ``deadlock`` event this reader's stream (of ``acme/team-infra``) carries."""
-    with http.stream("GET", "/v1/events", params={"repo": "acme/team-infra",
-                                                  "type": "deadlock", "lastEventId": "0-0"},
-                     timeout=15) as stream:
-        assert stream.status_code == 200, stream.read()
-        for line in stream.iter_lines():
-            if line.startswith("data:"):
-                data: dict[str, Any] = json.loads(line.removeprefix("data:"))
-                return data
-    raise AssertionError("the stream ended without a deadlock event")
+    raise AssertionError(f"the stream ended without a {kind} event")
 
 
 def test_a_deadlock_across_repositories_shows_a_reader_only_its_repositories(
@@ -281,12 +268,12 @@ def test_a_deadlock_across_repositories_shows_a_reader_only_its_repositories(
         assert closing.json()["hiddenOwners"] == 1
         assert f"{theirs}#2" not in closing.text
         key_a, key_b = (f"{mine}/sub/{p}/frozen/p" for p in "ab")
-        everything = deadlock_event(admin)
+        everything = first_event(admin, "deadlock")
         assert everything["details"]["cycle"] == [f"{mine}#1", f"{theirs}#2", f"{mine}#1"]
         assert {e["key"] for e in everything["details"]["edges"]} == {key_a, key_b}
         with httpx.Client(base_url=service.url, timeout=30, headers={
                 "Authorization": f"Bearer {setup.tokens['team']}"}) as team:
-            scoped = deadlock_event(team)
+            scoped = first_event(team, "deadlock")
         assert scoped["repo"] == mine
         assert f"{theirs}#2" not in json.dumps(scoped)  # (the keys of both join to one)
         assert theirs not in {value for edge in scoped["details"]["edges"]
@@ -296,12 +283,12 @@ def test_a_deadlock_across_repositories_shows_a_reader_only_its_repositories(
         assert [e["key"] for e in scoped["details"]["edges"]] == [None, None]
         # acme/team-infra#3 queued behind acme/team-infra#1 and acme/team-infra/sub#2 on a
         # joined key: its queued event names the second only to who may read its repository.
-        everywhere = queued_behind(admin, 3)
+        everywhere = first_event(admin, "queued", pull=3)
         assert [w["owner"] for w in everywhere["details"]["ahead"]] == [f"{mine}#1",
                                                                        f"{theirs}#2"]
         with httpx.Client(base_url=service.url, timeout=30, headers={
                 "Authorization": f"Bearer {setup.tokens['team']}"}) as team:
-            own = queued_behind(team, 3)
+            own = first_event(team, "queued", pull=3)
         assert f"{theirs}#2" not in json.dumps(own)
         assert [(w["owner"], w["repo"], w["pull"]) for w in own["details"]["ahead"]] == [
             (f"{mine}#1", mine, 1), ("(other repository)", None, None)]
