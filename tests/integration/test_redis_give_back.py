@@ -200,3 +200,26 @@ async def test_with_fallback_legacy_a_frozen_redis_s_late_grant_does_not_outlive
         assert time.monotonic() < end, answer
         await asyncio.sleep(0.2)
     assert answer.lock is not None and answer.lock.pull.num == 2
+
+
+async def test_a_hold_answered_only_to_requests_told_unavailable_is_given_back(
+    backend: RedisBackend, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Pull 1 asked again while Redis was frozen (the router fell back to legacy each time):
+    # Redis ran both calls when it woke, the second answered with the lock the first granted,
+    # and neither answer was heard. Before, the second marked the lock told and both
+    # give-backs left it: held for good by a pull told twice it did not get it. In either
+    # order of the give-backs it is freed; a call that was heard keeps it.
+    for first, second, ids in ((0, 1, ("a7" * 8, "b8" * 8)), (1, 0, ("a8" * 8, "b9" * 8))):
+        await _granted_unheard(backend, monkeypatch, ids[0], candidate_for(A))
+        await _granted_unheard(backend, monkeypatch, ids[1], candidate_for(A))
+        await backend._give_back(_owed(ids[first], candidate_for(A)))
+        await backend._give_back(_owed(ids[second], candidate_for(A)))
+        assert await backend.get(A.key) is None, (first, second)
+    heard = await backend.acquire_batch([candidate_for(B)], ttl=None, wait=None,
+                                        policy=QueuePolicy())
+    assert heard.status is Status.GRANTED
+    await _granted_unheard(backend, monkeypatch, "c9" * 8, candidate_for(B))
+    await backend._give_back(_owed("c9" * 8, candidate_for(B)))
+    held = await backend.get(B.key)
+    assert held is not None and held.fencing_token == heard.locks[0].fencing_token

@@ -35,7 +35,12 @@ local function main()
       end
     end
   end
-  local going, keys = {}, {}
+  -- A lock C answered as held already (`told:<op>`, lib.lua's `relied_on`) takes C's count
+  -- back from `told`; C's own grant (no such mark) left for a later answer is marked
+  -- `unheard`. Either goes once no answer that may have been heard is left (`told` 0) and
+  -- its grant was unheard too (C granted it, or `unheard`).
+  local going, keys, untold, unheard = {}, {}, {}, {}
+  local mine = 'told:' .. op
   for i = 13, #ARGV do
     local k = ARGV[i]
     if granted[k] then
@@ -44,15 +49,31 @@ local function main()
       plan_lapsed(k)
       local h = read_lock(k)
       if h and not h.bad and not lapsed(h) and same_owner(h, repo, pull)
-          and h[3] == granted[k] and not CALL('HGET', lock_name(k), 'told') then
-        table.insert(going, h)
-        table.insert(keys, k)
-        VIEW[k] = {}
+          and h[3] == granted[k] then
+        local name = lock_name(k)
+        local teller = CALL('HGET', name, mine) ~= false
+        local told = tonumber(CALL('HGET', name, 'told') or '0') or 1
+        if teller then
+          told = told - 1
+          table.insert(untold, name)
+        end
+        if told <= 0 and (not teller or CALL('HGET', name, 'unheard') ~= false) then
+          table.insert(going, h)
+          table.insert(keys, k)
+          VIEW[k] = {}
+        elseif not teller then
+          table.insert(unheard, name)
+        end
       end
     end
   end
   serve(keys, PLAN)
   planned()
+  for _, name in ipairs(untold) do
+    w('HDEL', name, mine)
+    w('HINCRBY', name, 'told', -1)
+  end
+  for _, name in ipairs(unheard) do w('HSET', name, 'unheard', '1') end
   local expired = {}
   for _, k in ipairs(keys) do expire_lapsed(k, expired) end
   for _, h in ipairs(going) do drop_lock(h) end

@@ -1038,9 +1038,16 @@ end
 -- key's only shared holder is an upgrade: a new token).
 -- A call answered its owner with the exclusive lock h it held already (the owner asked for it
 -- again, or a store adopted it as the owner's): someone now knows of the hold, and a give-back
--- of the call that granted it leaves it (`told`, give_back.lua; REFRESH marks it too).
+-- of the call that granted it leaves it. `told` counts those answers (REFRESH's too), and
+-- `told:<this call's op name>` names this one: its own give-back (its caller told unavailable
+-- too, as when the pull asked again while Redis was frozen) takes its count back
+-- (give_back.lua).
 local function relied_on(h)
-  if h[10] ~= 'shared' and not h.bad then w('HSET', lock_name(h[1]), 'told', '1') end
+  if h[10] ~= 'shared' and not h.bad then
+    local name = lock_name(h[1])
+    w('HINCRBY', name, 'told', 1)
+    w('HSET', name, 'told:' .. OP, '1')
+  end
 end
 
 local function take(k, data, repo, pull, ttl, claim, mode, path, ws)

@@ -21,7 +21,8 @@ local function main()
   else
     w('HDEL', lock_name(ARGV[11]), 'claim', 'lease')
     -- (`told`: its owner acts on it, see lib.lua's `relied_on`)
-    w('HSET', lock_name(ARGV[11]), 'exp', exp, 'told', '1')
+    w('HSET', lock_name(ARGV[11]), 'exp', exp)
+    w('HINCRBY', lock_name(ARGV[11]), 'told', 1)
     collect_after(ARGV[11], exp)
   end
   return {'refreshed', lock}
