@@ -58,6 +58,7 @@ __all__ = [
     "CONNECT_TIMEOUT",
     "REPLACE_WRITTEN_OVER",
     "RETRYABLE",
+    "CallCount",
     "Client",
     "HiredisConnection",
     "HiredisSSLConnection",
@@ -113,6 +114,8 @@ DOWN: tuple[type[BaseException], ...] = (
     OSError,
 )
 
+
+_T = TypeVar("_T")
 
 Client = aioredis.Redis | RedisCluster
 """A client of one Redis (direct or through Sentinel), or of a Redis Cluster."""
@@ -251,6 +254,75 @@ class _SharedCommands(AsyncCommandsParser):
         self._encoder = node.get_encoder()
 
 
+@dataclass(slots=True)
+class CallCount:
+    """The calls one client sent to Redis, by every path (the store's kept connections,
+    redis-py's own commands: the audit trail, the replica registry; a cluster's calls), and
+    what came of them: answered (an error reply is an answer) or failed otherwise (cut off,
+    the connection broke); the rest are under way.
+
+    A call that found no connection (or, on a cluster, no turn) free within ``POOL_WAIT`` is
+    the replica's overload (``StoreBusy``) only while Redis answers. When calls were under way
+    and Redis answered none of them while it waited, the connections are held by calls Redis
+    does not answer (it is stopped, frozen or cut off): an outage, told as a call Redis did not
+    answer (:meth:`stuck`; a router falls back to legacy for it, as for any other)."""
+
+    sent: int = 0
+    answers: int = 0
+    failed: int = 0
+
+    async def of(self, call: Coroutine[Any, Any, _T]) -> _T:
+        """``await call``, counted: sent, then answered (an error reply too) or failed."""
+        self.sent += 1
+        try:
+            answer = await call
+        except rexc.ResponseError:
+            self.answers += 1
+            raise
+        except BaseException:
+            self.failed += 1
+            raise
+        self.answers += 1
+        return answer
+
+    def stuck(self, answers: int) -> TimeoutError | None:
+        """The outage a wait for a connection ran into, ``answers`` being :attr:`answers`
+        when it began (None: Redis answered meanwhile, or nothing was under way)."""
+        under_way = self.sent - self.answers - self.failed
+        if under_way and self.answers == answers:
+            return TimeoutError(f"no connection free within {POOL_WAIT:g} s, and none of the "
+                                f"{under_way} calls under way on them answered meanwhile")
+        return None
+
+
+class _CountedRedis(aioredis.Redis):
+    """The client of one Redis (direct or through Sentinel) whose own commands (redis-py's
+    ``execute_command``: the audit trail, the replica registry, the store's reads outside its
+    scripts) are counted (:class:`CallCount`), so that a wait for a connection behind calls a
+    frozen Redis does not answer is told as an outage, not as an overload."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.counted = CallCount()
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        answers = self.counted.answers
+        try:
+            return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+        except rexc.ConnectionError as error:
+            stuck = self.counted.stuck(answers) if pool_exhausted(error) else None
+            if stuck is None:
+                raise
+            raise stuck from None
+
+    async def _send_command_parse_response(self, conn: aioredis.Connection, command_name: str,
+                                           *args: Any, **options: Any) -> Any:
+        # (redis-py's step once the command has a connection: a command still waiting for
+        # one is not under way)
+        return await self.counted.of(super()._send_command_parse_response(  # type: ignore[no-untyped-call]
+            conn, command_name, *args, **options))
+
+
 class _Cluster(RedisCluster):
     """A cluster client that finds an ``FCALL``'s slot from its first key, as redis-py does for
     ``EVALSHA``; otherwise it asks a node with ``COMMAND GETKEYS`` first (``FCALL``'s keys are
@@ -267,28 +339,45 @@ class _Cluster(RedisCluster):
         """The calls under way at once; one beyond waits for its turn (redis-py's cluster
         nodes have no waiting pool: a node whose connections are all in use refuses a call
         at once, ``MaxConnectionsError``, which read as the store being away)."""
+        self.counted = CallCount()
+        """Every call taken and what came of it (a turn waited for too long behind calls no
+        node answered is an outage: :meth:`take_turn`)."""
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
-        await self.take_turn()
+        return await self.in_turn(super().execute_command(*args, **kwargs))
+
+    async def in_turn(self, call: Coroutine[Any, Any, _T]) -> _T:
+        """``await call`` in a turn of its own (:meth:`take_turn`), counted
+        (:attr:`counted`)."""
         try:
-            return await super().execute_command(*args, **kwargs)
+            await self.take_turn()
+        except BaseException:
+            call.close()  # (never started)
+            raise
+        try:
+            return await self.counted.of(call)
         finally:
             self.calls.release()
 
     async def take_turn(self) -> None:
         """A place among the calls under way (given back by ``calls.release()``): taken at
         once when one is free; else waited for up to ``POOL_WAIT`` (past it the pool's own
-        ``ConnectionError``, as a waiting pool of one Redis raises). The wait's timer is armed
-        only for a wait: an ``asyncio.timeout`` (and a context manager of its own) around
-        every call cost about 46k instructions a call, 55.7k against 9.3k."""
+        ``ConnectionError``, as a waiting pool of one Redis raises; or, when none of the calls
+        under way was answered meanwhile, the outage :meth:`CallCount.stuck` says). The wait's
+        timer is armed only for a wait: an ``asyncio.timeout`` (and a context manager of its
+        own) around every call cost about 46k instructions a call, 55.7k against 9.3k."""
         calls = self.calls
         if not calls.locked():
             await calls.acquire()
             return
+        answers = self.counted.answers
         try:
             async with asyncio.timeout(POOL_WAIT):
                 await calls.acquire()
         except TimeoutError:
+            stuck = self.counted.stuck(answers)
+            if stuck is not None:
+                raise stuck from None
             raise rexc.ConnectionError(POOL_EXHAUSTED) from None
         _sent_now()
 
@@ -486,17 +575,16 @@ class RedisConnection:
     has read every answer to what was sent on it (a call that fails any other way than by
     Redis's own error reply closes its connection and gives it back to the pool). At most
     half the pool (:meth:`_keep`), so other users of the client always find connections."""
-    sent: int = field(default=0, init=False, repr=False)
-    """How many calls were sent on a kept connection (see :meth:`_take`)."""
-    answers: int = field(default=0, init=False, repr=False)
-    """How many of them Redis answered."""
-    failed: int = field(default=0, init=False, repr=False)
-    """How many of them failed otherwise (cut off, the connection broke): the rest,
-    ``sent - answers - failed``, are under way."""
+    counted: CallCount = field(init=False, repr=False)
+    """The calls sent on a kept connection and what came of them, counted with the client's
+    own commands (see :meth:`_take`)."""
     _subscriptions: _SubscriptionPool | None = field(default=None, init=False, repr=False)
     """Where :meth:`pubsub`'s subscriptions take their connections (one Redis)."""
 
     def __post_init__(self) -> None:
+        client = self.client
+        self.counted = (client.counted if isinstance(client, _CountedRedis | _Cluster)
+                        else CallCount())
         pool = self._pool()
         if pool is not None:
             pool.waiting = self._give_idle_back
@@ -578,15 +666,16 @@ class RedisConnection:
     async def _one(self, connection: aioredis.Connection, packed: bytes) -> Any:
         """Send ``packed`` (one command) on ``connection``, taken from :attr:`_idle` or the
         pool, and read its answer; the connection is kept or given back (see :meth:`call`)."""
-        self.sent += 1
+        counted = self.counted
+        counted.sent += 1
         try:
             await connection.send_packed_command(packed, check_health=False)
             answer = (await _answers(connection, 1))[0]
         except BaseException:
-            self.failed += 1
+            counted.failed += 1
             await self._discard(connection)
             raise
-        self.answers += 1
+        counted.answers += 1
         await self._done(connection)
         if isinstance(answer, rexc.ResponseError):  # Redis answered: the connection is good
             raise answer
@@ -604,54 +693,51 @@ class RedisConnection:
         (it finds each command's node and follows a slot that moved)."""
         client = self.client
         if isinstance(client, _Cluster):
-            await client.take_turn()
-            try:
-                async with client.pipeline(transaction=False) as pipe:
-                    for command in commands:
-                        pipe.execute_command(*command)
-                    return await pipe.execute()
-            finally:
-                client.calls.release()
+            return await client.in_turn(self._pipelined(client, commands))
         assert not isinstance(client, RedisCluster)
         idle = self._idle
         connection = idle.pop() if idle else await self._take(client)
-        self.sent += 1
+        counted = self.counted
+        counted.sent += 1
         try:
             await connection.send_packed_command(_packed(connection, commands),
                                                  check_health=False)
             answers = await _answers(connection, len(commands))
         except BaseException:
-            self.failed += 1
+            counted.failed += 1
             await self._discard(connection)
             raise
-        self.answers += 1
+        counted.answers += 1
         await self._done(connection)
         for answer in answers:
             if isinstance(answer, rexc.ResponseError):
                 raise answer
         return answers
 
+    @staticmethod
+    async def _pipelined(client: RedisCluster, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        async with client.pipeline(transaction=False) as pipe:
+            for command in commands:
+                pipe.execute_command(*command)
+            return await pipe.execute()
+
     async def _take(self, client: aioredis.Redis) -> aioredis.Connection:
         """A connection from the pool (waiting for one, up to the pool's own limit).
 
         No connection free within ``POOL_WAIT`` is the replica's overload (``StoreBusy``, see
-        :func:`down`) only while Redis answers. When calls on kept connections are under way
-        and Redis answered none of them while this call waited, the connections are held by
-        calls Redis does not answer (it is stopped, frozen or cut off): an outage, told as a
-        call Redis did not answer (a router falls back to legacy for it, as for any other)."""
+        :func:`down`) only while Redis answers: see :class:`CallCount` (the calls on kept
+        connections and the client's own commands are counted together)."""
         pool = client.connection_pool
-        answers = self.answers
+        answers = self.counted.answers
         waits = isinstance(pool, _TurnsPool) and (pool.queued or pool.full)
         try:
             taken: aioredis.Connection = await pool.get_connection()  # type: ignore[no-untyped-call]
             if waits:
                 _sent_now()
         except rexc.ConnectionError as error:
-            under_way = self.sent - self.answers - self.failed
-            if pool_exhausted(error) and under_way and self.answers == answers:
-                raise TimeoutError(
-                    f"no connection free within {POOL_WAIT:g} s, and none of the "
-                    f"{under_way} calls under way on them answered meanwhile") from None
+            stuck = self.counted.stuck(answers) if pool_exhausted(error) else None
+            if stuck is not None:
+                raise stuck from None
             raise
         return taken
 
@@ -791,7 +877,6 @@ the next write there makes it anew; the check and the delete are one step, so a 
 replica has just made anew is kept (``lua/standalone/replace_written_over.lua``)."""
 
 
-_T = TypeVar("_T")
 
 
 async def again_if_written_over(replace: AsyncScript, key: str, kind: str,
@@ -1065,7 +1150,8 @@ def connect(config: EnhancedLockingConfig) -> RedisConnection:
             **kwargs,
         )
         client = sentinel.master_for(
-            config.redis_sentinel_master, connection_pool_class=_WaitingSentinelPool,
+            config.redis_sentinel_master, redis_class=_CountedRedis,
+            connection_pool_class=_WaitingSentinelPool,
             max_connections=config.redis_pool_size, timeout=POOL_WAIT,
             connection_class=_HiredisSentinelSSLConnection if config.redis_tls
             else _HiredisSentinelConnection,
@@ -1090,6 +1176,6 @@ def connect(config: EnhancedLockingConfig) -> RedisConnection:
         connection_class=HiredisSSLConnection if config.redis_tls else HiredisConnection,
         **{k: v for k, v in kwargs.items() if k != "ssl"},
     )
-    client = aioredis.Redis(connection_pool=pool)
+    client = _CountedRedis(connection_pool=pool)
     return RedisConnection(client, f"{config.redis_addr} db {config.redis_db}", secret,
                            username=config.redis_username)
