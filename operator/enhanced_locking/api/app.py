@@ -41,6 +41,7 @@ from enhanced_locking.api.disconnect import (
     left_before_it_began,
     not_withdrawn,
 )
+from enhanced_locking.api.docs_pages import install_docs_pages
 from enhanced_locking.api.errors import (
     UNREADABLE,
     collision_json,
@@ -137,7 +138,10 @@ def create_app(
         # Host header as http://, so behind a TLS-terminating proxy a client would follow it in
         # plain text with its token. The 404 names the path without the slash instead.
         redirect_slashes=False,
+        # /docs and /redoc with their assets served here, not from a CDN (.docs_pages)
+        docs_url=None, redoc_url=None,
     )
+    install_docs_pages(app)
     install_error_handlers(app)
     # What the middleware below answers, and the 422 of .errors, in the OpenAPI document.
     document_common_answers(app, always_served=ALWAYS_SERVED)
