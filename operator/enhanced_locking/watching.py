@@ -146,7 +146,7 @@ def _force_unlock(client: Client, args: argparse.Namespace) -> int:
 
 
 def _refresh(client: Client, args: argparse.Namespace) -> int:
-    lock = client.refresh(args.key, pull=args.pull, ttl=args.ttl)
+    lock = client.refresh(args.key, pull=args.pull, ttl=args.ttl, repo=args.repo)
     if lock is None:
         return _not_held(args.key, {"lock": None})
     _print({"lock": lock.model_dump(mode="json", by_alias=True)})
@@ -179,4 +179,7 @@ def add_queue_commands(
     refresh.add_argument("--key", required=True, help="lock key whose lease to extend")
     refresh.add_argument("--pull", type=int, required=True, help="the pull that holds it")
     refresh.add_argument("--ttl", default=None, help="new lease from now, e.g. 1h")
+    refresh.add_argument("--repo", default=None,
+                         help="only if it is this repository's lock (keys of two repositories "
+                              "can be the same)")
     refresh.set_defaults(func=with_client(_refresh))

@@ -175,3 +175,27 @@ def test_events_tails_the_stream_as_json_lines(served: ServiceProcess) -> None:
     assert event["type"] == "acquired" and event["key"] == KEY
     assert event["lock"]["pull"]["num"] == 7
     assert run(served, "lock", "release", "--key", KEY).returncode == 0
+
+
+def test_refresh_names_the_repository_of_the_lock(served: ServiceProcess) -> None:
+    # gl/grp + sub/proj and gl/grp/sub + proj join to one key, both pull 5: `lock refresh
+    # --repo` of the second repository leaves the first's lock as it was (409 collision), as
+    # `lock release --repo` does; of the lock's own repository, it refreshes.
+    group = f"{REPO}-grp"
+    body = {"project": {"repoFullName": group, "path": "sub/proj"}, "pull": {"num": 5},
+            "ttl": "1h"}
+    lock = httpx.post(served.url + "/v1/locks", json=body).json()["lock"]
+    try:
+        other = run(served, "lock", "refresh", "--key", lock["key"], "--pull", "5",
+                    "--repo", f"{group}/sub", "--ttl", "2h")
+        assert other.returncode == 1, other.stderr
+        assert json.loads(other.stdout)["reason"] == "collision"
+        kept = httpx.get(served.url + "/v1/locks/by-key",
+                         params={"key": lock["key"]}).json()["lock"]
+        assert kept["expiresAt"] == lock["expiresAt"]
+        own = run(served, "lock", "refresh", "--key", lock["key"], "--pull", "5",
+                  "--repo", group, "--ttl", "2h")
+        assert own.returncode == 0, own.stderr
+        assert json.loads(own.stdout)["lock"]["expiresAt"] != lock["expiresAt"]
+    finally:
+        httpx.post(served.url + "/v1/admin/force-unlock", params={"key": lock["key"]})
