@@ -27,6 +27,8 @@ from enhanced_locking.api import create_app
 from enhanced_locking.backends.redis_connection import COMMAND_TIMEOUT, POOL_WAIT
 from enhanced_locking.backends.redis_scripts import REPLICA_MS
 from enhanced_locking.backends.redis_store import RedisBackend
+from enhanced_locking.factory import LockService
+from enhanced_locking.types import Lock
 
 pytestmark = pytest.mark.redis
 
@@ -51,21 +53,7 @@ async def test_a_call_with_no_free_pooled_connection_is_answered_overloaded(
         assert first.status_code == 200, first.text
         assert first.json()["lock"]["backend"] == "enhanced"
         # Every connection of the pool taken by other users (Redis answers all along).
-        await backend.connection.drop_idle()
-        client = backend.connection.client
-        assert isinstance(client, aioredis.Redis)
-        pool = client.connection_pool
-        taken = [await pool.get_connection()  # type: ignore[no-untyped-call]
-                 for _ in range(2)]
-        try:
-            busy = await http.post("/v1/locks", json=_body("b", 2))
-            on_legacy = await service.legacy.get(f"{REPO}/b/default/")  # (no project name)
-        finally:
-            for connection in taken:
-                await pool.release(connection)
-        assert busy.status_code == 503, busy.text
-        assert busy.json()["reason"] == "overloaded", busy.text
-        assert busy.headers["retry-after"] == "1"
+        busy, on_legacy = await _asked_with_the_pool_taken(http, service, backend, "b", 2)
         assert "enhanced-locking-redis-pool-size" in busy.json()["error"], busy.text
         assert on_legacy is None, f"fell back to legacy: {on_legacy}"
         # The pool's own bound ended the wait, before the call's limit: had the limit come
@@ -78,6 +66,36 @@ async def test_a_call_with_no_free_pooled_connection_is_answered_overloaded(
         assert again.status_code == 200, again.text
         assert again.json()["lock"]["backend"] == "enhanced"
         assert (await http.get("/v1/locks", params={"repo": REPO})).json()["locks"] != []
+
+
+async def _asked_with_the_pool_taken(
+    http: httpx.AsyncClient, service: LockService, backend: RedisBackend, path: str, pull: int,
+) -> tuple[httpx.Response, Lock | None]:
+    """``POST /v1/locks`` of ``path`` for ``pull`` while every pooled connection is taken
+    (Redis answers all along), held to be ``503 overloaded``, and what legacy holds for its
+    key just after."""
+    pool = await _idle_pool(backend)
+    taken: list[Any] = []
+    try:
+        await _take_the_rest(pool, taken)
+        busy = await http.post("/v1/locks", json=_body(path, pull))
+        on_legacy = await service.legacy.get(f"{REPO}/{path}/default/")  # (no project name)
+    finally:
+        for connection in taken:
+            await pool.release(connection)
+    assert busy.status_code == 503, busy.text
+    assert busy.json()["reason"] == "overloaded", busy.text
+    assert busy.headers["retry-after"] == "1"
+    return busy, on_legacy
+
+
+async def _idle_pool(backend: RedisBackend) -> Any:
+    """``backend``'s connection pool, with no connection kept aside by its scripts' calls
+    (every connection it has is in the pool, to be taken)."""
+    await backend.connection.drop_idle()
+    client = backend.connection.client
+    assert isinstance(client, aioredis.Redis)
+    return client.connection_pool
 
 
 async def _take_the_rest(pool: Any, taken: list[Any]) -> None:
@@ -111,10 +129,7 @@ async def test_a_replica_whose_pool_is_busy_still_keeps_its_waiters_alive(
         if len(await router.queue(held.lock_key)) == 1:
             break
         await asyncio.sleep(0.05)
-    await backend.connection.drop_idle()
-    client = backend.connection.client
-    assert isinstance(client, aioredis.Redis)
-    pool = client.connection_pool
+    pool = await _idle_pool(backend)
     taken: list[Any] = []  # every connection the pool has
     try:
         await _take_the_rest(pool, taken)
@@ -163,10 +178,7 @@ async def test_on_a_redis_without_functions_the_heartbeat_does_not_wait_behind_t
         assert isinstance(backend, RedisBackend)
         held = await service.router.acquire(request_for(repo=REPO, path="h", pull=1))
         assert held.acquired, held
-        await backend.connection.drop_idle()
-        client = backend.connection.client
-        assert isinstance(client, aioredis.Redis)
-        pool = client.connection_pool
+        pool = await _idle_pool(backend)
         taken: list[Any] = []
         try:
             await _take_the_rest(pool, taken)
@@ -177,3 +189,35 @@ async def test_on_a_redis_without_functions_the_heartbeat_does_not_wait_behind_t
                 await pool.release(connection)
         stats = server.client().info("commandstats")
         assert "cmdstat_fcall" not in stats and stats["cmdstat_evalsha"]["calls"] >= 2
+
+
+async def test_a_legacy_key_whose_enhanced_check_finds_the_pool_busy_is_answered_overloaded(
+    make_service: ServiceMaker, redis_server: RedisServer,
+) -> None:
+    """A key routed to legacy is checked on the enhanced side before it is granted there (a
+    hold left from before a weight move). That check waiting past the pool's bound is the
+    overload it is on the enhanced path: ``503 overloaded``, nothing granted on legacy, no
+    fall-back counted or journaled. Before, it was taken for the enhanced store not
+    answering: the key was granted on legacy unchecked, counted in
+    ``enhanced_locking_fallbacks_total{action="unchecked"}`` (and so toward a rollout's
+    ``maxFallbacks``) and journaled for reconciling."""
+    service = await make_service(enabled=True, backend="redis", redis_addr=redis_server.addr,
+                                 redis_pool_size=2, fallback="legacy", legacy_backend="memory",
+                                 migration_weight=0)
+    assert service.enhanced is not None
+    backend = service.enhanced.backend
+    assert isinstance(backend, RedisBackend)
+    key = f"{REPO}/c/default/"
+    assert service.router.side_for(key) == "legacy"
+    transport = httpx.ASGITransport(app=create_app(service, manage_lifecycle=False))
+    async with httpx.AsyncClient(transport=transport, base_url="http://service") as http:
+        _, on_legacy = await _asked_with_the_pool_taken(http, service, backend, "c", 3)
+        assert on_legacy is None, f"granted on legacy unchecked: {on_legacy}"
+        assert service.metrics.tallies().fallbacks == 0
+        assert service.migration.fallback.pending == 0
+        # Once a connection is free the same request is served, on legacy, checked.
+        again = await http.post("/v1/locks", json=_body("c", 3))
+        assert again.status_code == 200, again.text
+        assert again.json()["lock"]["backend"] == "legacy"
+        assert service.metrics.tallies().fallbacks == 0
+        assert service.migration.fallback.pending == 0

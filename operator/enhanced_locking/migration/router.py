@@ -173,9 +173,14 @@ class PullClosed:
 
 async def _peek(locker: Locker, key: str) -> tuple[Lock | None, bool]:
     """Who holds ``key`` on ``locker``, and whether it answered: a store that does not answer
-    gives ``(None, False)``, "unknown", which each caller weighs (never "free" unsaid)."""
+    gives ``(None, False)``, "unknown", which each caller weighs (never "free" unsaid). An
+    overloaded one (``StoreBusy``: no free connection to it in time, while it answers) is no
+    outage: it is raised, so the request is answered 503 ``overloaded``, as on the enhanced
+    path, never served as if the store were away (a fall-back, an unchecked grant)."""
     try:
         return await locker.get(key), True
+    except StoreBusy:
+        raise
     except BackendUnavailable:
         return None, False
 
@@ -507,7 +512,8 @@ class Router(AtlantisCalls):
             # meanwhile (cancelled) gets its fresh grant given back.
             try:
                 held, missed = await self._holder_on(other, request.key)
-            except (asyncio.CancelledError, LockUnreadable):
+            except (asyncio.CancelledError, LockUnreadable, StoreBusy):
+                # (an overloaded check is answered 503 overloaded: its grant is undone first)
                 if result.fresh:
                     await asyncio.shield(primary.release(request.key, owner=owner))
                 raise
@@ -527,7 +533,8 @@ class Router(AtlantisCalls):
         if locker is self.legacy:
             return await locker.get(key), False
         # The enhanced side is down while checking a legacy key: legacy keeps serving its own
-        # keys (in both fallback modes); the grant is journaled and reconciled.
+        # keys (in both fallback modes); the grant is journaled and reconciled. An overloaded
+        # check is raised (see _peek): a 503 overloaded, no fall-back.
         held, answered = await _peek(locker, key)
         return held, not answered
 
@@ -937,8 +944,12 @@ class Router(AtlantisCalls):
         # waited may route one of them to enhanced now, and it still has to be taken.
         if not on_legacy:
             return first
-        rest = await batch.acquire_one_by_one(
-            self, request.model_copy(update={"locks": on_legacy, "wait": None}))
+        try:
+            rest = await batch.acquire_one_by_one(
+                self, request.model_copy(update={"locks": on_legacy, "wait": None}))
+        except StoreBusy:  # a legacy key's check of enhanced: overloaded, undone (a 503)
+            await asyncio.shield(give_back())
+            raise
         if not rest.acquired:
             await give_back()
             return rest
