@@ -27,7 +27,6 @@ import asyncio
 import collections
 import ssl
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal, TypeVar
@@ -910,22 +909,22 @@ def pool_exhausted(error: BaseException) -> bool:
     return type(error) is rexc.ConnectionError and str(error) == POOL_EXHAUSTED
 
 
-def _expire(task: asyncio.Task[Any], expired: list[bool]) -> None:
+_SENT: dict[asyncio.Task[Any], list[Any]] = {}
+"""By task: when its call under :func:`within_limit`, which waited for a pooled connection,
+was sent, and the timer armed again from then (see :func:`_sent_now`; both None once the
+call ended). Only tasks whose calls waited are here, until they end."""
+
+
+def _expire(task: asyncio.Task[Any], expired: list[bool], seconds: float) -> None:
+    sent = _SENT.get(task)
+    if sent is not None and sent[0] is not None and sent[1] is None:
+        loop = task.get_loop()
+        due = sent[0] + seconds
+        if due > loop.time():  # it waited for a connection: its limit counts from the send
+            sent[1] = loop.call_at(due, _expire, task, expired, seconds)
+            return
     expired.append(True)
     task.cancel()
-
-
-class _Limit:
-    """The timer of one :func:`within_limit` call, which :func:`_sent_now` arms again."""
-
-    __slots__ = ("expired", "handle", "seconds", "task")
-
-    def __init__(self, handle: asyncio.TimerHandle, seconds: float, task: asyncio.Task[Any],
-                 expired: list[bool]) -> None:
-        self.handle, self.seconds, self.task, self.expired = handle, seconds, task, expired
-
-
-_LIMIT: ContextVar[_Limit | None] = ContextVar("redis_call_limit", default=None)
 
 
 def _sent_now() -> None:
@@ -934,13 +933,27 @@ def _sent_now() -> None:
     counted inside the call's limit, a call that waited most of it was left too little for
     Redis's answer on an event loop a flood keeps busy, and was told Redis did not answer
     (``unavailable``: a router fell back to legacy) while Redis answered every call."""
-    limit = _LIMIT.get()
-    if limit is None or limit.expired:
+    task = asyncio.current_task()
+    if task is None:
         return
-    limit.handle.cancel()
-    loop = asyncio.get_running_loop()
-    limit.handle = loop.call_at(loop.time() + limit.seconds, _expire, limit.task,
-                                limit.expired)
+    sent = _SENT.get(task)
+    if sent is None:  # (kept, cleared, while the task lives; gone with it)
+        task.add_done_callback(_forget_sent)
+        _SENT[task] = [task.get_loop().time(), None]
+    else:
+        sent[0], sent[1] = task.get_loop().time(), None
+
+
+def _forget_sent(task: asyncio.Task[Any]) -> None:
+    _SENT.pop(task, None)
+
+
+def _unsent(task: asyncio.Task[Any]) -> None:
+    sent = _SENT.get(task)
+    if sent is not None and sent[0] is not None:
+        if sent[1] is not None:
+            sent[1].cancel()
+        sent[0] = sent[1] = None
 
 
 async def within_limit(call: Coroutine[Any, Any, _T], seconds: float = COMMAND_TIMEOUT) -> _T:
@@ -949,32 +962,33 @@ async def within_limit(call: Coroutine[Any, Any, _T], seconds: float = COMMAND_T
     only that one, comes out as ``TimeoutError``; a caller's own stays a cancellation), with
     a plain timer handle instead of its ``Timeout`` object and states: about 17k client
     instructions a call instead of 35k (2,000 of each around ``asyncio.sleep(0)``, less the
-    loop without them); every call of the store's scripts takes one. A call that waits for
-    a pooled connection has its ``seconds`` counted again from when it is sent
-    (:func:`_sent_now`)."""
+    loop without them); every call of the store's scripts takes one. A call that waited for
+    a pooled connection has its ``seconds`` counted from when it was sent (:func:`_sent_now`)."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
     expired: list[bool] = []
-    limit = _Limit(loop.call_at(loop.time() + seconds, _expire, task, expired), seconds, task,
-                   expired)
-    token = _LIMIT.set(limit)
+    limit = loop.call_at(loop.time() + seconds, _expire, task, expired, seconds)
     cancelling = task.cancelling()
     try:
         answer = await call
     except asyncio.CancelledError as error:
-        limit.handle.cancel()
+        limit.cancel()
+        if _SENT:
+            _unsent(task)
         if expired and task.uncancel() <= cancelling:
             raise TimeoutError from error
         raise
     except BaseException:
-        limit.handle.cancel()
+        limit.cancel()
+        if _SENT:
+            _unsent(task)
         if expired:  # (its cancellation is taken back, as asyncio.timeout does)
             task.uncancel()
         raise
-    finally:
-        _LIMIT.reset(token)
-    limit.handle.cancel()
+    limit.cancel()
+    if _SENT:
+        _unsent(task)
     if expired:
         task.uncancel()
     return answer
