@@ -909,19 +909,30 @@ def pool_exhausted(error: BaseException) -> bool:
     return type(error) is rexc.ConnectionError and str(error) == POOL_EXHAUSTED
 
 
-_SENT: dict[asyncio.Task[Any], list[Any]] = {}
-"""By task: when its call under :func:`within_limit`, which waited for a pooled connection,
-was sent, and the timer armed again from then (see :func:`_sent_now`; both None once the
-call ended). Only tasks whose calls waited are here, until they end."""
+class _Sent:
+    """When a call under :func:`within_limit` that waited for a pooled connection was sent
+    (:attr:`at`, the loop's time), and the timer armed again from then (:attr:`timer`); both
+    None once the call ended."""
+
+    __slots__ = ("at", "timer")
+
+    def __init__(self, at: float) -> None:
+        self.at: float | None = at
+        self.timer: asyncio.TimerHandle | None = None
+
+
+_SENT: dict[asyncio.Task[Any], _Sent] = {}
+"""By task: its call's :class:`_Sent` (see :func:`_sent_now`). Only tasks whose calls waited
+are here, until they end."""
 
 
 def _expire(task: asyncio.Task[Any], expired: list[bool], seconds: float) -> None:
     sent = _SENT.get(task)
-    if sent is not None and sent[0] is not None and sent[1] is None:
+    if sent is not None and sent.at is not None and sent.timer is None:
         loop = task.get_loop()
-        due = sent[0] + seconds
+        due = sent.at + seconds
         if due > loop.time():  # it waited for a connection: its limit counts from the send
-            sent[1] = loop.call_at(due, _expire, task, expired, seconds)
+            sent.timer = loop.call_at(due, _expire, task, expired, seconds)
             return
     expired.append(True)
     task.cancel()
@@ -939,9 +950,9 @@ def _sent_now() -> None:
     sent = _SENT.get(task)
     if sent is None:  # (kept, cleared, while the task lives; gone with it)
         task.add_done_callback(_forget_sent)
-        _SENT[task] = [task.get_loop().time(), None]
+        _SENT[task] = _Sent(task.get_loop().time())
     else:
-        sent[0], sent[1] = task.get_loop().time(), None
+        sent.at, sent.timer = task.get_loop().time(), None
 
 
 def _forget_sent(task: asyncio.Task[Any]) -> None:
@@ -950,10 +961,10 @@ def _forget_sent(task: asyncio.Task[Any]) -> None:
 
 def _unsent(task: asyncio.Task[Any]) -> None:
     sent = _SENT.get(task)
-    if sent is not None and sent[0] is not None:
-        if sent[1] is not None:
-            sent[1].cancel()
-        sent[0] = sent[1] = None
+    if sent is not None and sent.at is not None:
+        if sent.timer is not None:
+            sent.timer.cancel()
+        sent.at = sent.timer = None
 
 
 async def within_limit(call: Coroutine[Any, Any, _T], seconds: float = COMMAND_TIMEOUT) -> _T:
