@@ -1193,7 +1193,6 @@ class RedisBackend:
             ))
         return result
 
-    # --- notifications ---------------------------------------------------------------------
     # --- giving back an acquire answered unavailable ---------------------------------------
     def _owe(self, call_id: str, candidates: Sequence[Candidate],
              error: BackendUnavailable) -> None:
@@ -1261,6 +1260,7 @@ class RedisBackend:
                         self.connection.where, row.key, entry.repo, entry.pull)
         return self._handoff(served)
 
+    # --- notifications ---------------------------------------------------------------------
     async def _notified(self, kind: str, waiter_id: str) -> None:
         """A message on this replica's channel: confirm a grant, or pass the reason on.
 
