@@ -911,30 +911,75 @@ def pool_exhausted(error: BaseException) -> bool:
 
 class _Sent:
     """When a call under :func:`within_limit` that waited for a pooled connection was sent
-    (:attr:`at`, the loop's time), and the timer armed again from then (:attr:`timer`); both
-    None once the call ended."""
+    (:attr:`at`, the loop's time; None once the call ended), and whether its limit was armed
+    again from then (:attr:`rearmed`)."""
 
-    __slots__ = ("at", "timer")
+    __slots__ = ("at", "rearmed")
 
     def __init__(self, at: float) -> None:
         self.at: float | None = at
-        self.timer: asyncio.TimerHandle | None = None
+        self.rearmed = False
 
 
 _SENT: dict[asyncio.Task[Any], _Sent] = {}
 """By task: its call's :class:`_Sent` (see :func:`_sent_now`). Only tasks whose calls waited
 are here, until they end."""
 
+BUSY_LIMIT = 3 * COMMAND_TIMEOUT
+"""Seconds, from its send, a call waits for its answer while Redis answers the client's other
+calls (:class:`_Limit`): Redis is there and busy (or this process's event loop is), not
+stopped. Past it the call is given up as one Redis did not answer."""
 
-def _expire(task: asyncio.Task[Any], expired: list[bool], seconds: float) -> None:
+
+class _Limit:
+    """The limit of one call under :func:`within_limit`: the timer armed now, whether it ran
+    out (:attr:`expired`), and how it tells a Redis that does not answer from one that is slow.
+
+    When the ``seconds`` run out the call is not given up at once: first the loop turns once
+    (an answer read in the turn that ran the timer wakes the call only in the next: after an
+    event loop stalled past the limit, by a flood of requests on a loaded machine, the answer
+    and the timer come due together, and the call was told Redis did not answer though its
+    answer lay read); then, if Redis answered any of the client's calls (:class:`CallCount`)
+    since the limit was armed, it is armed again, up to :data:`BUSY_LIMIT` from the send. Only
+    a Redis that answers nothing for ``seconds`` (stopped, frozen, cut off) ends the call at
+    its ``seconds``."""
+
+    __slots__ = ("answers", "counted", "expired", "since", "timer")
+
+    def __init__(self, counted: CallCount | None, since: float) -> None:
+        self.timer: asyncio.TimerHandle | asyncio.Handle | None = None
+        self.expired = False
+        self.counted = counted
+        self.answers = counted.answers if counted is not None else 0
+        self.since = since
+        """The loop's time the call counts from (its send)."""
+
+
+def _expire(task: asyncio.Task[Any], limit: _Limit, seconds: float) -> None:
+    loop = task.get_loop()
     sent = _SENT.get(task)
-    if sent is not None and sent.at is not None and sent.timer is None:
-        loop = task.get_loop()
+    if sent is not None and sent.at is not None and not sent.rearmed:
+        sent.rearmed = True
         due = sent.at + seconds
         if due > loop.time():  # it waited for a connection: its limit counts from the send
-            sent.timer = loop.call_at(due, _expire, task, expired, seconds)
+            limit.since = sent.at
+            limit.timer = loop.call_at(due, _expire, task, limit, seconds)
             return
-    expired.append(True)
+    limit.timer = loop.call_soon(_expire_after_turn, task, limit, seconds)
+
+
+def _expire_after_turn(task: asyncio.Task[Any], limit: _Limit, seconds: float) -> None:
+    counted = limit.counted
+    if counted is not None and counted.answers != limit.answers:
+        now = task.get_loop().time()
+        most = limit.since + BUSY_LIMIT
+        if now < most:  # Redis answers other calls: it is there, this one is behind them
+            limit.answers = counted.answers
+            limit.timer = task.get_loop().call_at(min(now + seconds, most), _expire_after_turn,
+                                                  task, limit, seconds)
+            return
+    limit.timer = None
+    limit.expired = True
     task.cancel()
 
 
@@ -952,7 +997,7 @@ def _sent_now() -> None:
         task.add_done_callback(_forget_sent)
         _SENT[task] = _Sent(task.get_loop().time())
     else:
-        sent.at, sent.timer = task.get_loop().time(), None
+        sent.at, sent.rearmed = task.get_loop().time(), False
 
 
 def _forget_sent(task: asyncio.Task[Any]) -> None:
@@ -961,48 +1006,51 @@ def _forget_sent(task: asyncio.Task[Any]) -> None:
 
 def _unsent(task: asyncio.Task[Any]) -> None:
     sent = _SENT.get(task)
-    if sent is not None and sent.at is not None:
-        if sent.timer is not None:
-            sent.timer.cancel()
-        sent.at = sent.timer = None
+    if sent is not None:
+        sent.at = None
 
 
-async def within_limit(call: Coroutine[Any, Any, _T], seconds: float = COMMAND_TIMEOUT) -> _T:
+async def within_limit(call: Coroutine[Any, Any, _T], seconds: float = COMMAND_TIMEOUT, *,
+                       counted: CallCount | None = None) -> _T:
     """``await call`` within ``seconds``, else ``TimeoutError``: what
     ``asyncio.timeout`` does (a timer on the loop cancels the task; that cancellation, and
     only that one, comes out as ``TimeoutError``; a caller's own stays a cancellation), with
     a plain timer handle instead of its ``Timeout`` object and states: about 17k client
     instructions a call instead of 35k (2,000 of each around ``asyncio.sleep(0)``, less the
     loop without them); every call of the store's scripts takes one. A call that waited for
-    a pooled connection has its ``seconds`` counted from when it was sent (:func:`_sent_now`)."""
+    a pooled connection has its ``seconds`` counted from when it was sent (:func:`_sent_now`).
+    Given the client's ``counted`` calls, a call whose Redis answers others is waited for
+    longer (:class:`_Limit`)."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
-    expired: list[bool] = []
-    limit = loop.call_at(loop.time() + seconds, _expire, task, expired, seconds)
+    now = loop.time()
+    limit = _Limit(counted, now)
+    limit.timer = loop.call_at(now + seconds, _expire, task, limit, seconds)
     cancelling = task.cancelling()
     try:
         answer = await call
     except asyncio.CancelledError as error:
-        limit.cancel()
-        if _SENT:
-            _unsent(task)
-        if expired and task.uncancel() <= cancelling:
+        _end(task, limit)
+        if limit.expired and task.uncancel() <= cancelling:
             raise TimeoutError from error
         raise
     except BaseException:
-        limit.cancel()
-        if _SENT:
-            _unsent(task)
-        if expired:  # (its cancellation is taken back, as asyncio.timeout does)
+        _end(task, limit)
+        if limit.expired:  # (its cancellation is taken back, as asyncio.timeout does)
             task.uncancel()
         raise
-    limit.cancel()
-    if _SENT:
-        _unsent(task)
-    if expired:
+    _end(task, limit)
+    if limit.expired:
         task.uncancel()
     return answer
+
+
+def _end(task: asyncio.Task[Any], limit: _Limit) -> None:
+    if limit.timer is not None:
+        limit.timer.cancel()
+    if _SENT:
+        _unsent(task)
 
 
 def down(

@@ -370,7 +370,7 @@ class RedisBackend:
                     else:
                         call = execute("FCALL", function, len(declared), *declared, *before,
                                        *after, *args)
-                    answer = await within_limit(call)
+                    answer = await within_limit(call, counted=self.connection.counted)
                 except DOWN as error:
                     # (the ping of a start or a switch: a refused login is the setting's)
                     if name == "PING" and (bad_login := refused_login(self.connection,

@@ -1,0 +1,92 @@
+"""A call whose answer is late because Redis, or this process, is busy — not because Redis
+stopped — is waited for, not told ``unavailable``: that answer makes a router fall back to
+legacy (or a client give up) while Redis runs the call. Under a flood of waiting acquires on a
+loaded machine the service's event loop stalled past a call's 5 s limit; the answer and the
+limit's timer came due in one turn of the loop, and the call was cut off with its answer read.
+A Redis that answers nothing (stopped, frozen) still ends the call at its limit
+(``test_redis_outage``)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+import time
+
+import pytest
+from tests.support.locks import lock_for, request_for
+from tests.support.redis_server import RedisServer
+
+from enhanced_locking.backends.redis_connection import BUSY_LIMIT, COMMAND_TIMEOUT
+from enhanced_locking.backends.redis_store import RedisBackend
+from enhanced_locking.types import BackendUnavailable
+
+pytestmark = pytest.mark.redis
+
+SPIN = ("local t = redis.call('TIME') local stop = t[1] * 1000000 + t[2] + ARGV[1] "
+        "repeat for _ = 1, 100000 do end t = redis.call('TIME') "
+        "until t[1] * 1000000 + t[2] >= stop return 1")
+"""A script that keeps Redis busy for ARGV[1] microseconds, then answers (it reads the time
+every 100,000 turns of an empty loop: few calls for the command log)."""
+
+
+async def test_an_answer_that_came_while_the_event_loop_stalled_past_the_limit_is_taken(
+    redis_server: RedisServer, redis_backend: RedisBackend,
+) -> None:
+    # Redis is stopped while the acquire is sent, and let go 1 s later, while this process's
+    # event loop is held (a blocking 6 s: past the call's 5 s limit). When the loop runs
+    # again the answer has come and the limit is due, both in one turn.
+    assert redis_server.process is not None
+    redis_server.process.send_signal(signal.SIGSTOP)
+    cont = threading.Timer(1.0, redis_server.process.send_signal, (signal.SIGCONT,))
+    try:
+        call = asyncio.create_task(redis_backend.acquire(lock_for(request_for(pull=1))))
+        await asyncio.sleep(0.3)  # sent, not answered
+        cont.start()
+        # The loop stalls, on purpose: what a flood on a loaded machine does.
+        time.sleep(COMMAND_TIMEOUT + 1)  # noqa: ASYNC251
+        granted, lock = await call
+    finally:
+        cont.cancel()
+        redis_server.process.send_signal(signal.SIGCONT)
+    assert granted and lock.pull.num == 1
+
+
+async def test_a_call_behind_a_busy_redis_that_answers_other_calls_is_waited_for(
+    redis_server: RedisServer, redis_backend: RedisBackend,
+) -> None:
+    # Twelve calls keep Redis busy 0.6 s each, one after another (7.2 s in all); the acquire
+    # sent after them is answered after them, past its 5 s limit, while Redis answers the
+    # others every 0.6 s.
+    connection = redis_backend.connection
+    # (the connections open first: opening one is a call of its own, in turn behind the busy)
+    assert await asyncio.gather(*(connection.call("PING") for _ in range(16))) == ["PONG"] * 16
+    busy = [asyncio.create_task(connection.call("EVAL", SPIN, 0, 600_000)) for _ in range(12)]
+    await asyncio.sleep(0.2)  # all sent, the first running
+    started = time.monotonic()
+    granted, lock = await redis_backend.acquire(lock_for(request_for(pull=1)))
+    took = time.monotonic() - started
+    assert granted and lock.pull.num == 1
+    assert COMMAND_TIMEOUT < took < BUSY_LIMIT, took
+    assert await asyncio.gather(*busy) == [1] * 12
+
+
+async def test_a_call_behind_calls_that_redis_never_finishes_still_ends_at_its_limit(
+    redis_server: RedisServer, redis_backend: RedisBackend,
+) -> None:
+    # One script keeps Redis busy past the call's limit (no other answer comes meanwhile):
+    # a Redis that answers nothing, told as one at the 5 s limit, not waited for up to the
+    # longer bound. (Past the busy-reply threshold Redis would answer BUSY: it is raised.)
+    admin = redis_server.client()
+    admin.config_set("busy-reply-threshold", "60000")
+    spin = asyncio.create_task(redis_backend.connection.call("EVAL", SPIN, 0, 7_000_000))
+    await asyncio.sleep(0.2)
+    started = time.monotonic()
+    try:
+        with pytest.raises(BackendUnavailable, match="within the call's 5 s limit"):
+            await redis_backend.acquire(lock_for(request_for(pull=1)))
+        took = time.monotonic() - started
+        assert COMMAND_TIMEOUT - 0.5 < took < COMMAND_TIMEOUT + 1.5, took
+    finally:
+        await asyncio.gather(spin, return_exceptions=True)
+        redis_server.client().config_set("busy-reply-threshold", "5000")
