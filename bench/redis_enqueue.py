@@ -1,0 +1,149 @@
+"""What one enqueue costs on the Redis store as the key's queue grows.
+
+A key is held; waiters are queued behind it (a third each of low, normal and high priority,
+the priority queue on, as Atlantis runs it) until the queue is 10, 100, 1,000 and 10,000
+long. At each length a sample of waiting acquires joins the queue (``acquire_or_enqueue``
+with a wait, the store alone), then the locker builds the ``queued`` event of each the way it
+does after an enqueue. Reported per call:
+
+* Redis: the microseconds the functions took inside redis-server (``INFO commandstats``,
+  ``usec_per_call`` of ``FCALL``, over the sample: CPU time spent in the call, so the load of
+  the machine moves it less than wall time; the replica's heartbeat, one small call a second,
+  is in it too);
+* client: the CPU time (user + system) of this process for the call (``time.process_time``),
+  the asyncio loop and the reply's decoding included;
+* the same two for the ``queued`` event's own reads, when the locker makes them (a store whose
+  enqueue does not say who is ahead and who holds the key: the locker reads the queue and the
+  holders).
+
+An O(1) enqueue keeps its column flat from 10 to 10,000; an O(n) one grows a hundredfold.
+A real ``redis-server`` is started on a free loopback port.
+
+Usage: python bench/redis_enqueue.py [--lengths 10,100,1000,10000] [--sample 30]
+(prints the table; docs/benchmarks.md keeps what it found in its prose.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import redis.asyncio as aioredis  # noqa: E402
+from bench._common import quick_defaults  # noqa: E402
+from tests.support.redis_server import RedisServer  # noqa: E402
+
+from enhanced_locking.backends.redis_store import RedisBackend  # noqa: E402
+from enhanced_locking.backends.waiting import QueuePolicy, Status, Wait  # noqa: E402
+from enhanced_locking.config import EnhancedLockingConfig  # noqa: E402
+from enhanced_locking.events import EventBus  # noqa: E402
+from enhanced_locking.locking import EnhancedLocker  # noqa: E402
+from enhanced_locking.metrics import Metrics  # noqa: E402
+from enhanced_locking.types import Candidate, LockRequest, Priority, Project, Pull  # noqa: E402
+
+LEVELS = (Priority.LOW, Priority.NORMAL, Priority.HIGH)
+WAIT = timedelta(hours=1)
+
+
+def _request(pull: int) -> LockRequest:
+    return LockRequest(project=Project(repo_full_name="acme/bench", path="envs/prod"),
+                       pull=Pull(num=pull), priority=LEVELS[pull % len(LEVELS)])
+
+
+class Rig:
+    def __init__(self, server: RedisServer) -> None:
+        config = EnhancedLockingConfig(
+            enabled=True, backend="redis", redis_addr=server.addr, priority_queue=True,
+            events=False, metrics=True, max_timeout="2h", max_queue_size=1_000_000)
+        self.policy = QueuePolicy.from_config(config)
+        self.backend = RedisBackend.from_config(config, "enhanced")
+        self.locker = EnhancedLocker(self.backend, settings=lambda: config, events=EventBus(),
+                                    metrics=Metrics())
+        self.admin = aioredis.Redis(host=server.host, port=server.port)
+        self.queued = 0
+
+    async def enqueue(self) -> str:
+        self.queued += 1
+        request = _request(self.queued)
+        waiter_id = f"w-{self.queued}"
+        self.backend.grants.expect(waiter_id)  # a caller waits to hear, as the locker's does
+        outcome = await self.backend.acquire_or_enqueue(
+            Candidate.of_request(request, priority=request.priority), ttl=None,
+            wait=Wait(id=waiter_id, timeout=WAIT), policy=self.policy)
+        assert outcome.status is Status.QUEUED, outcome
+        return waiter_id
+
+    async def server_usec(self) -> float:
+        stats: Any = await self.admin.info("commandstats")
+        return sum(float(entry["usec"]) for name, entry in stats.items()
+                   if name in ("cmdstat_fcall", "cmdstat_fcall_ro", "cmdstat_evalsha"))
+
+    async def measure(self, length: int, sample: int) -> dict[str, float]:
+        while self.queued < length:
+            await self.enqueue()
+        key = _request(0).key
+        await self.admin.config_resetstat()
+        cpu = time.process_time()
+        ids = [await self.enqueue() for _ in range(sample)]
+        enqueue_cpu = (time.process_time() - cpu) / sample
+        enqueue_server = await self.server_usec() / sample
+        views = max(3, sample // 3)
+        await self.admin.config_resetstat()
+        cpu = time.process_time()
+        for waiter_id in ids[:views]:
+            assert await self.locker.view(key, waiter_id) is not None
+        view_cpu = (time.process_time() - cpu) / views
+        view_server = await self.server_usec() / views
+        return {"length": length, "enqueue_server": enqueue_server,
+                "enqueue_client": enqueue_cpu * 1e6, "view_server": view_server,
+                "view_client": view_cpu * 1e6}
+
+
+async def run(lengths: list[int], sample: int) -> list[dict[str, float]]:
+    with tempfile.TemporaryDirectory() as tmp, RedisServer(Path(tmp)) as server:
+        rig = Rig(server)
+        try:
+            holder = _request(0)
+            first = await rig.backend.acquire_or_enqueue(
+                Candidate.of_request(holder, priority=holder.priority), ttl=None, wait=None,
+                policy=rig.policy)
+            assert first.status is Status.GRANTED
+            rows = []
+            for length in lengths:
+                rows.append(await rig.measure(length, sample))
+                print(_row(rows[-1]), flush=True)
+            return rows
+        finally:
+            await rig.backend.close()
+            await rig.admin.aclose()
+
+
+def _row(row: dict[str, float]) -> str:
+    return (f"| {int(row['length']):,} | {row['enqueue_server']:.1f} | "
+            f"{row['enqueue_client']:.0f} | {row['view_server']:.1f} | "
+            f"{row['view_client']:.0f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lengths", default="10,100,1000,10000")
+    parser.add_argument("--sample", type=int, default=30)
+    parser.add_argument("--no-write", action="store_true")  # (this bench writes no table)
+    quick_defaults(parser, lengths="10,100,1000", sample=10)
+    args = parser.parse_args()
+    print("| queue length | enqueue: Redis µs | enqueue: client CPU µs | "
+          "event reads: Redis µs | event reads: client CPU µs |")
+    print("|---:|---:|---:|---:|---:|")
+    asyncio.run(run([int(n) for n in args.lengths.split(",")], args.sample))
+
+
+if __name__ == "__main__":
+    main()
