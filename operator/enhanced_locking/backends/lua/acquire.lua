@@ -59,7 +59,7 @@ local function main()
         rec = read_waiter(wait_id)
       end
       local k = rec.keys[1]
-      return {'queued', rec.flat, k, peek(k) or {}, position(k, wait_id), '', {}}
+      return {'queued', rec.flat, k, peek(k) or {}, position(k, rec), '', {}}
     end
     -- Granted while its caller was away: the retry takes it. (Another type where the outcome
     -- goes is no outcome of ours.)
@@ -200,7 +200,7 @@ local function main()
   end
   local freeze = ''
   if d[1] == 'frozen' then freeze = d[3]['name'] end
-  return told({'queued', read_waiter(wait_id).flat, blocked, holder, position(blocked, wait_id),
-               freeze, superseded})
+  local rec = read_waiter(wait_id)
+  return told({'queued', rec.flat, blocked, holder, position(blocked, rec), freeze, superseded})
 end
 return run(main, true)
