@@ -68,6 +68,19 @@ async def test_a_call_with_no_free_pooled_connection_is_answered_overloaded(
         assert (await http.get("/v1/locks", params={"repo": REPO})).json()["locks"] != []
 
 
+async def _on_redis(make_service: ServiceMaker, redis_server: RedisServer,
+                    **settings: Any) -> tuple[LockService, RedisBackend]:
+    """A service on ``redis_server`` with a pool of two, falling back to a memory legacy
+    store, and its Redis store."""
+    service = await make_service(enabled=True, backend="redis", redis_addr=redis_server.addr,
+                                 redis_pool_size=2, fallback="legacy", legacy_backend="memory",
+                                 **settings)
+    assert service.enhanced is not None
+    backend = service.enhanced.backend
+    assert isinstance(backend, RedisBackend)
+    return service, backend
+
+
 async def _asked_with_the_pool_taken(
     http: httpx.AsyncClient, service: LockService, backend: RedisBackend, path: str, pull: int,
 ) -> tuple[httpx.Response, Lock | None]:
@@ -201,12 +214,7 @@ async def test_a_legacy_key_whose_enhanced_check_finds_the_pool_busy_is_answered
     answering: the key was granted on legacy unchecked, counted in
     ``enhanced_locking_fallbacks_total{action="unchecked"}`` (and so toward a rollout's
     ``maxFallbacks``) and journaled for reconciling."""
-    service = await make_service(enabled=True, backend="redis", redis_addr=redis_server.addr,
-                                 redis_pool_size=2, fallback="legacy", legacy_backend="memory",
-                                 migration_weight=0)
-    assert service.enhanced is not None
-    backend = service.enhanced.backend
-    assert isinstance(backend, RedisBackend)
+    service, backend = await _on_redis(make_service, redis_server, migration_weight=0)
     key = f"{REPO}/c/default/"
     assert service.router.side_for(key) == "legacy"
     transport = httpx.ASGITransport(app=create_app(service, manage_lifecycle=False))
@@ -221,3 +229,69 @@ async def test_a_legacy_key_whose_enhanced_check_finds_the_pool_busy_is_answered
         assert again.json()["lock"]["backend"] == "legacy"
         assert service.metrics.tallies().fallbacks == 0
         assert service.migration.fallback.pending == 0
+
+
+async def test_a_legacy_batch_answered_overloaded_midway_gives_back_what_it_took(
+    make_service: ServiceMaker, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch whose keys all route to legacy takes them there one at a time, each checked on
+    the enhanced side first. The pool busy from the second key's check on is answered
+    ``503 overloaded``, and the first key, taken on legacy already, is given back: a batch
+    told it failed holds nothing. Before, the first key stayed held on legacy, for good (a
+    legacy lock has no lease)."""
+    service, backend = await _on_redis(make_service, redis_server, migration_weight=0)
+    first, second = f"{REPO}/x1/default/", f"{REPO}/x2/default/"
+    assert service.router.side_for(first) == service.router.side_for(second) == "legacy"
+    legacy = service.router.legacy
+    pool = await _idle_pool(backend)
+    taken: list[Any] = []
+    acquire, get = legacy.acquire, legacy.get
+    granted: list[str] = []
+    made_busy: list[str] = []
+
+    async def acquire_noted(request: Any) -> Any:
+        result = await acquire(request)
+        if result.acquired:
+            granted.append(request.key)
+        return result
+
+    async def get_then_busy(key: str) -> Any:
+        # Other calls take every pooled connection once the first key is granted on legacy:
+        # the batch's look at the second key finds none free.
+        if key == second and granted == [first] and not made_busy:
+            made_busy.append(key)
+            await _take_the_rest(pool, taken)
+        return await get(key)
+
+    release = legacy.release
+    given_back: list[str] = []
+
+    async def release_then_free(key: str, **kwargs: Any) -> Any:
+        # The give-back frees the legacy hold first, then asks the enhanced side: the other
+        # calls are done with the pool by then (the enhanced release is not kept waiting).
+        released = await release(key, **kwargs)
+        given_back.append(key)
+        while taken:
+            await pool.release(taken.pop())
+        return released
+
+    monkeypatch.setattr(legacy, "acquire", acquire_noted)
+    monkeypatch.setattr(legacy, "get", get_then_busy)
+    monkeypatch.setattr(legacy, "release", release_then_free)
+    body = {"locks": [{"project": {"repoFullName": REPO, "path": path}} for path in ("x1", "x2")],
+            "pull": {"num": 4}}
+    transport = httpx.ASGITransport(app=create_app(service, manage_lifecycle=False))
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://service") as http:
+            busy = await http.post("/v1/locks/batch", json=body)
+    finally:
+        for connection in taken:
+            await pool.release(connection)
+    assert granted == [first], "the batch did not reach its second key"
+    assert busy.status_code == 503, busy.text
+    assert busy.json()["reason"] == "overloaded", busy.text
+    assert given_back == [first]
+    assert await get(first) is None, "the batch answered 503 left its first key held on legacy"
+    assert await get(second) is None
+    assert service.metrics.tallies().fallbacks == 0
+

@@ -9,6 +9,8 @@ and releasing several keys.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Callable, Sequence
 
 from enhanced_locking.backends.base import Owner
@@ -24,6 +26,8 @@ from enhanced_locking.types import (
 
 __all__ = ["acquire_one_by_one", "release_all"]
 
+log = logging.getLogger(__name__)
+
 
 async def acquire_one_by_one(
     locker: Locker, batch: BatchLockRequest, *,
@@ -31,17 +35,23 @@ async def acquire_one_by_one(
 ) -> BatchResult:
     """All of ``batch`` or none on a fail-fast locker: roll back at the first refusal.
 
-    Nothing waits here, so the partial set exists only between two store calls.
-    ``held_already`` is told each lock granted that the pull held before the batch (answered
-    again, not granted anew), once the whole batch is granted.
+    Nothing waits here, so the partial set exists only between two store calls. A step that
+    fails (the service overloaded, a store that does not answer, the caller gone) gives back
+    what the batch took before it too, then raises: a batch answered with an error holds
+    nothing it took. ``held_already`` is told each lock granted that the pull held before the
+    batch (answered again, not granted anew), once the whole batch is granted.
     """
     owner = batch.owner
     locks: Locks = []
-    taken: Locks = []  # the fresh ones, given back on a refusal
+    taken: Locks = []  # the fresh ones, given back on a refusal or a failure
     again: Locks = []  # the pull's before the batch
     for request in batch.requests():
-        before = await locker.get(request.key)
-        result = await locker.acquire(request.model_copy(update={"wait": None}))
+        try:
+            before = await locker.get(request.key)
+            result = await locker.acquire(request.model_copy(update={"wait": None}))
+        except BaseException:
+            await asyncio.shield(_give_back(locker, taken, owner))
+            raise
         if result.acquired and result.lock is not None:
             locks.append(result.lock)
             if before is None or not before.owned_by(*owner):  # ours before the batch: keep
@@ -57,6 +67,17 @@ async def acquire_one_by_one(
         for lock in again:
             held_already(lock)
     return BatchResult(acquired=True, locks=locks)
+
+
+async def _give_back(locker: Locker, taken: Locks, owner: Owner) -> None:
+    """Release ``taken``, the fresh grants of a batch whose next step failed, each tried once
+    (all at once: under overload each may wait for its store); one that fails is logged."""
+    outcomes = await asyncio.gather(*(locker.release(lock.key, owner=owner) for lock in taken),
+                                    return_exceptions=True)
+    for lock, outcome in zip(taken, outcomes, strict=True):
+        if isinstance(outcome, BaseException):
+            log.warning("could not give back %s, taken by a batch whose next step failed: %s",
+                        lock.key, outcome)
 
 
 async def release_all(
