@@ -5,6 +5,7 @@ else (on one server and on a Redis Cluster)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import logging
@@ -15,12 +16,14 @@ from typing import Any
 
 import pytest
 import redis
+import redis.asyncio as aioredis
 from tests.support.leases import Overrun, past, with_leases
 from tests.support.redis_cluster import RedisClusterNodes
 from tests.support.redis_fixtures import redis_cluster_config, redis_config
 from tests.support.redis_server import RedisServer
 from tests.support.unreadable import SECRET
 
+from enhanced_locking.backends import redis_connection
 from enhanced_locking.backends.redis_connection import RedisConnection, connect
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.events import EventBus
@@ -32,7 +35,7 @@ from enhanced_locking.migration.routing_registry import (
 )
 from enhanced_locking.migration.transition import WeightTransitions
 from enhanced_locking.provider import ConfigProvider
-from enhanced_locking.types import Event
+from enhanced_locking.types import Event, StoreBusy
 
 pytestmark = pytest.mark.redis
 
@@ -179,6 +182,56 @@ async def test_a_replica_that_loses_redis_takes_every_key_on_both_sides_until_it
     assert not any(transitions.plan(key).both for key in keys)
     assert [e.details["phase"] for e in seen if e.type == "routing-changed"] == [
         "isolated", "rejoined"]
+
+
+async def test_a_replica_whose_pool_is_busy_past_the_bound_is_not_isolated(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Rounds that found no free pooled connection (``StoreBusy``: the replica is overloaded,
+    Redis answers) are no evidence that the registry refuses its reports: however long they
+    last, the replica is not isolated (which would take every key on both sides, the legacy
+    half of a waiting request failing fast with ``held``); once its last report is older than
+    the expiry, a request is answered overloaded rather than routed on its old view. The
+    round after them reports again. Before, the busy rounds past the bound isolated the
+    replica."""
+    monkeypatch.setattr(redis_connection, "POOL_WAIT", 0.3)  # (the pool's bound, shortened)
+    connection = connect(redis_config(redis_server, redis_pool_size=1))
+    try:
+        now = [100.0]
+        transitions, _, seen = _replica(
+            "a", RedisRoutingRegistry(connection, prefix="t:"), clock=lambda: now[0],
+            migration_weight=30, replica_heartbeat="1s", replica_timeout="3s")
+        await transitions.tick()
+        keys = [f"repo/k{i}" for i in range(40)]
+        assert not any(transitions.plan(key).both for key in keys)
+        await connection.drop_idle()
+        client = connection.client
+        assert isinstance(client, aioredis.Redis)
+        pool: Any = client.connection_pool
+        taken = await asyncio.wait_for(pool.get_connection(), timeout=5)
+        try:
+            for _ in range(3):
+                now[0] += 1.0
+                status = await transitions.tick()
+                assert status.last_error is not None, "the round found a connection free"
+                assert "no free connection" in status.last_error, status.last_error
+            await transitions.refresh()  # the router's step before each acquire
+            assert transitions.status().phase == "stable"
+            assert not any(transitions.plan(key).both for key in keys)
+            # Past the expiry the others may have left it out: a request is not routed on
+            # that view, it is answered overloaded (still no isolation).
+            now[0] += 0.5
+            with pytest.raises(StoreBusy, match="no free connection"):
+                await transitions.refresh()
+            assert transitions.status().phase == "stable"
+        finally:
+            await pool.release(taken)
+        now[0] += 1.0
+        status = await transitions.tick()
+        assert status.phase == "stable" and status.last_error is None
+        assert [e.details["phase"] for e in seen if e.type == "routing-changed"] == []
+    finally:
+        await connection.close()
 
 
 @pytest.fixture(params=["redis", "redis-cluster"])

@@ -21,6 +21,8 @@ sides is safe whatever weight the others use. Isolation is decided from evidence
 registry (reports that failed), never from the replica's own slowness: a replica whose rounds
 ran late (a saturated event loop, a paused pod) reports and reads the registry again before it
 routes the next request (:meth:`WeightTransitions.refresh`), and routes by what it reads then.
+A round that found no pooled connection free in time (``StoreBusy``, the replica's overload)
+did not ask the registry at all: it is no such evidence either.
 A replica starts isolated until its first report. Entering and leaving isolation is said in
 the status (phase ``isolated``), a ``routing-changed`` event, the
 ``enhanced_locking_replica_isolated`` metric and a log line.
@@ -49,7 +51,7 @@ from enhanced_locking.hashing import bucket_of, is_enhanced_bucket
 from enhanced_locking.metrics import Metrics
 from enhanced_locking.migration.routing_registry import RoutingRegistry, RoutingView
 from enhanced_locking.provider import Snapshot
-from enhanced_locking.types import Side, utcnow
+from enhanced_locking.types import Side, StoreBusy, utcnow
 
 __all__ = [
     "Band",
@@ -248,6 +250,8 @@ class WeightTransitions:
         self._isolated = True  # until the first report: see the module docstring
         self._isolate_after = authority_isolation(current.config)
         self._registry_failing = False
+        self._busy: StoreBusy | None = None
+        """The last round's overload (``StoreBusy``: it found no pooled connection free)."""
         self._started: float | None = None
         self._started_at: datetime | None = None
         self._last_settle: float | None = None
@@ -286,13 +290,22 @@ class WeightTransitions:
         a fresh report and read says where the others are (their weights widen the moving band
         if they moved meanwhile). Only a registry that does not answer isolates the replica.
         Requests arriving together share one round; an isolated replica already takes every
-        key on both sides, and its own rounds tell when it may rejoin."""
+        key on both sides, and its own rounds tell when it may rejoin.
+
+        A round that found no pooled connection free (``StoreBusy``) asked nothing: no
+        isolation, but once the last report is older than the replica expiry the others may
+        have left this replica out and moved on, so the request is not routed on that view:
+        the ``StoreBusy`` is raised (503 ``overloaded``, nothing done for it)."""
         if self._isolated or not self.stale:
             return
         async with self._tick_lock:
             pass  # a round already under way answers for this request too
         if self.stale:
             await self.tick()
+        busy, last_ok = self._busy, self._last_ok
+        if busy is not None and last_ok is not None and (
+                self._clock() - last_ok > self._snapshot().config.replica_expiry.total_seconds()):
+            raise StoreBusy(str(busy))
 
     def admit(self, key: str) -> Admission:
         """Plan one acquire and count it as running until it returns (moves wait for it):
@@ -360,10 +373,18 @@ class WeightTransitions:
                 await registry.report(replica_id=self.replica_id, weight=reported,
                                       generation=self._generation)
                 view = await registry.read(expiry=expiry)
+            except StoreBusy as error:
+                # The replica's own overload (no pooled connection free in time): the registry
+                # was not asked, so this is no evidence that it refuses the reports, and no
+                # isolation; the view stays as old as it is (see refresh).
+                self._busy = error
+                self._fail(f"replica registry: {error}")
             except Exception as error:
+                self._busy = None
                 self._registry_failing = True
                 self._fail(f"replica registry: {error}")
             else:
+                self._busy = None
                 self._reported, self._last_ok, self._view = reported, now, view
                 self._registry_failing = False
                 self._last_error = None
