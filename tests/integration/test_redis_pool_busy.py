@@ -295,3 +295,32 @@ async def test_a_legacy_batch_answered_overloaded_midway_gives_back_what_it_took
     assert await get(second) is None
     assert service.metrics.tallies().fallbacks == 0
 
+
+
+async def test_an_overload_is_not_retried_nor_counted_as_an_enhanced_error(
+    make_service: ServiceMaker, redis_server: RedisServer,
+) -> None:
+    """With retries on, a call that found no free pooled connection is answered
+    ``503 overloaded`` after one wait for the pool, not tried again (each try would wait out
+    the pool's bound again and add to the load it is), and it counts neither as an enhanced
+    operation nor as an error: a LockMigration's ``maxErrorRate`` judges how the enhanced
+    store serves, not this replica's overload. Before, it was tried ``retry-max-attempts``
+    times and every try counted as a failed enhanced operation."""
+    service, backend = await _on_redis(make_service, redis_server, retries=True,
+                                       retry_max_attempts=3, retry_backoff="10ms")
+    transport = httpx.ASGITransport(app=create_app(service, manage_lifecycle=False))
+    async with httpx.AsyncClient(transport=transport, base_url="http://service") as http:
+        first = await http.post("/v1/locks", json=_body("r", 1))
+        assert first.status_code == 200, first.text
+        before = service.metrics.tallies()
+        retried = service.metrics.retries.labels("acquire")._value.get()
+        await _asked_with_the_pool_taken(http, service, backend, "s", 2)
+        after = service.metrics.tallies()
+        assert service.metrics.retries.labels("acquire")._value.get() == retried
+        assert after.enhanced_errors == before.enhanced_errors, (before, after)
+        assert after.enhanced_operations == before.enhanced_operations, (before, after)
+        assert after.fallbacks == before.fallbacks == 0
+        # The next call is counted as ever.
+        again = await http.post("/v1/locks", json=_body("s", 2))
+        assert again.status_code == 200, again.text
+        assert service.metrics.tallies().enhanced_operations > after.enhanced_operations

@@ -1,10 +1,13 @@
 """Retrying: jittered exponential backoff on transient backend errors, and nothing else.
 
 Only :class:`~enhanced_locking.types.BackendUnavailable` is retried (the store did not answer).
-A definite answer (held, not owned, invalid) is never retried: it would not change. The delay
-before attempt ``n + 1`` is drawn uniformly from ``[d/2, d]`` with ``d = backoff * 2**(n-1)``
-("equal jitter"), so a crowd of callers that failed together does not retry together, and
-every caller still backs off at least half the nominal delay.
+A definite answer (held, not owned, invalid) is never retried: it would not change. Nor is the
+replica's own overload (:class:`~enhanced_locking.types.StoreBusy`: no pooled connection free
+in time, the store answering): trying again at once adds to the load it is; the caller is
+answered 503 ``overloaded`` with ``Retry-After`` instead, and may send it again after that.
+The delay before attempt ``n + 1`` is drawn uniformly from ``[d/2, d]`` with
+``d = backoff * 2**(n-1)`` ("equal jitter"), so a crowd of callers that failed together does
+not retry together, and every caller still backs off at least half the nominal delay.
 
 Retrying an operation whose reply was lost is safe because every backend operation the locker
 retries is idempotent in effect: an acquire by the pull that now holds the key gets it back
@@ -21,7 +24,7 @@ from typing import TypeVar
 
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.metrics import Metrics
-from enhanced_locking.types import BackendUnavailable
+from enhanced_locking.types import BackendUnavailable, StoreBusy
 
 __all__ = ["attempt", "backoff_delays", "retrying"]
 
@@ -41,14 +44,22 @@ async def attempt(operation: Callable[[], Awaitable[T]], metrics: Metrics) -> T:
     """Run ``operation`` once, counted: an enhanced operation, and an error if it failed.
 
     Every attempt counts (:class:`~enhanced_locking.metrics.Tallies`): the ratio of errors to
-    operations is the error rate a LockMigration's analysis checks.
+    operations is the error rate a LockMigration's analysis checks. An attempt the replica's
+    overload stopped (``StoreBusy``: nothing was sent to the store) counts as neither: it says
+    nothing of how the enhanced store serves, and must not roll a migration back.
     """
-    metrics.enhanced_operation()
+    busy = False
     try:
         return await operation()
+    except StoreBusy:
+        busy = True
+        raise
     except BackendUnavailable:
         metrics.enhanced_error()
         raise
+    finally:
+        if not busy:
+            metrics.enhanced_operation()
 
 
 async def retrying(
@@ -61,12 +72,15 @@ async def retrying(
     """Run ``operation`` up to ``retry_max_attempts`` times while it raises ``BackendUnavailable``.
 
     Each try is an :func:`attempt` (counted); each failed one but the last is also a retry of
-    ``name``, followed by a backoff sleep.
+    ``name``, followed by a backoff sleep. ``StoreBusy`` (the replica overloaded) is raised at
+    once, never retried.
     """
     delays = backoff_delays(attempts=config.retry_max_attempts, backoff=config.retry_backoff)
     for delay in delays:
         try:
             return await attempt(operation, metrics)
+        except StoreBusy:
+            raise
         except BackendUnavailable:
             metrics.retries.labels(name).inc()
         await asyncio.sleep(delay)
