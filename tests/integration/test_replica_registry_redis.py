@@ -330,3 +330,47 @@ async def test_a_registry_written_over_is_replaced_and_no_move_settles_until_all
     else:
         assert "the replica registry" in caplog.text and "was not a hash" in caplog.text
     assert SECRET not in caplog.text
+
+
+class _SlowRounds(RedisRoutingRegistry):
+    """The registry of a replica whose event loop is saturated: the replica's clock (``now``)
+    moves on ``step`` seconds during each report. Counts the reports begun."""
+
+    def __init__(self, connection: RedisConnection, *, prefix: str, now: list[float],
+                 step: float) -> None:
+        super().__init__(connection, prefix=prefix)
+        self.now, self.step, self.begun = now, step, 0
+
+    async def report(self, *, replica_id: str, weight: float, generation: int) -> None:
+        self.begun += 1
+        await super().report(replica_id=replica_id, weight=weight, generation=generation)
+        self.now[0] += self.step
+
+
+async def test_late_acquires_share_one_registry_round_begun_after_they_looked(
+    connections: Connect,
+) -> None:
+    now = [1000.0]
+    expiry = EnhancedLockingConfig().replica_expiry
+    # Each round takes longer than the view stays fresh after it (the replica expiry less a
+    # heartbeat): the view is late again as soon as the round ends.
+    registry = _SlowRounds(connections(), prefix="test-shared:", now=now,
+                           step=expiry.total_seconds())
+    transitions, _, _ = _replica("a", registry, clock=lambda: now[0])
+    await transitions.tick()
+    assert not transitions.isolated and transitions.stale
+    rounds = registry.begun
+
+    async def acquire() -> tuple[int, int]:  # an acquire's refresh, before it routes
+        looked = registry.begun
+        await transitions.refresh()
+        return looked, registry.begun
+
+    seen = await asyncio.gather(*(acquire() for _ in range(50)))
+    # Every acquire routes by a round begun after it looked (a round under way when it
+    # looked, which left the view late, does not answer for it) ...
+    assert all(routed > looked for looked, routed in seen), seen
+    # ... and they share it: two rounds in all (the one the first began, and the one after
+    # it for those that came while it ran), not one each, one after another.
+    assert registry.begun - rounds == 2, registry.begun - rounds
+    assert not transitions.isolated
