@@ -485,6 +485,12 @@ class StoreBackend(abc.ABC):
             if namespace is not None and self._other_side_holds(namespace, key):
                 raise OtherSideHolds(key)
 
+    def _gone(self, waiter: Waiter) -> bool:
+        """Whether the process ``waiter``'s caller waits in is gone (a store whose queues
+        outlive a process: etcd's, see the protocol's invariants), so that it is passed over
+        rather than granted. Asked only of a waiter the step would grant."""
+        return False
+
     def _forget_grant(self, waiter_id: str) -> None:
         """A retried request took its grant: a later cancel must not give it back."""
         self._granted.pop(waiter_id, None)
@@ -682,6 +688,12 @@ class StoreBackend(abc.ABC):
                     stopped.add(error.found.key)
                 continue
             if decision.verdict is policies.Verdict.GRANT:
+                if self._gone(waiter):
+                    # Its caller's process is gone: passed over, as one past its deadline.
+                    self._unqueue(waiter)
+                    fx.timed_out.append(waiter)
+                    fx.notices.append((waiter.id, Notice(reason=Reason.UNAVAILABLE)))
+                    continue
                 self._grant(waiter, now, fx)
                 if key is not None and waiter.mode == "exclusive":
                     return

@@ -36,8 +36,10 @@ entries never share a prefix with another key's):
   tokens); its existence also lists the key for ``export``.
 * ``queue/{key}/{waiter}``: one entry per waiter and key (a batch waiter has one per key), and
   ``waiter/{waiter}``: the waiter by id. Both are attached to the *session lease* of the
-  replica that waits (kept alive while it runs), so the waiters of a replica that is gone
-  vanish with it and are never granted anything.
+  replica that waits (renewed every ``RENEW_EVERY`` seconds while it runs), so the waiters
+  of a replica that is gone vanish with it; until then (``SESSION_TTL``), a waiter whose
+  replica has not renewed it for ``GONE_AFTER`` seconds is passed over, not granted
+  (``EtcdBackend._gone``).
 * ``notice/{waiter}``: what a waiter is told (its locks, or why it left), written in the same
   transaction as the grant, attached to the waiter's session lease. The waiting replica hears
   of it through a watch, and deletes it once its caller is done (one written after its caller
@@ -72,6 +74,7 @@ import logging
 import math
 import random
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -137,7 +140,16 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SESSION_TTL = 10
-"""Seconds a replica's waiters outlive it (its session lease, renewed every third of it)."""
+"""Seconds a replica's waiters stay in etcd after it is gone (its session lease's TTL)."""
+RENEW_EVERY = 1.0
+"""Seconds between the renewals of a replica's session lease."""
+GONE_AFTER = 5
+"""Seconds a replica's session lease may go unrenewed (as etcd tells its time left), while
+etcd answered the replica that asks all along, before its waiters count as a dead replica's
+and are passed over (``EtcdBackend._gone``)."""
+_STEADY_GAP = 2 * RENEW_EVERY + 1
+"""A pause between two renewals of this replica's session longer than this (etcd away, or
+this process stalled) starts its count of steady seconds again (``_steady_for``)."""
 DELETIONS_LINGER = 5.0
 """Seconds the watch of lock deletions outlives this replica's last waiter
 (``_watch_deletions``): a replica whose waiters come and go keeps its watch."""
@@ -241,11 +253,13 @@ class _Miss(Exception):
     """The step needs something it has not got; fetch it and run the step again."""
 
     def __init__(self, *, keys: tuple[bytes, ...] = (), prefixes: tuple[bytes, ...] = (),
-                 lease: int = 0) -> None:
+                 lease: int = 0, alive: int = 0) -> None:
         super().__init__("miss")
         self.keys = keys
         self.prefixes = prefixes
         self.lease = lease
+        self.alive = alive
+        """A waiter's session lease whose renewals etcd must be asked of (``_gone``)."""
 
 
 class _Refused(BackendUnavailable):
@@ -266,8 +280,14 @@ def _refused_for_good(error: BaseException) -> bool:
 class _Txn:
     """One run of a step: reads from the snapshot, writes buffered until the commit."""
 
-    def __init__(self, reads: _Reads, leases: dict[int, int]) -> None:
+    def __init__(self, reads: _Reads, leases: dict[int, int],
+                 checked: dict[int, bool] | None = None) -> None:
         self.reads = reads
+        self.checked: dict[int, bool] = {} if checked is None else checked
+        """Waiters' session leases etcd was asked of in this step: whether each is a dead
+        replica's (``EtcdBackend._gone``); kept across the step's runs."""
+        self.gone: list[str] = []
+        """Waiters this run passed over, their replica gone."""
         self.writes: dict[bytes, tuple[bytes, int] | None] = {}
         self.leases = leases
         self.used: set[int] = set()
@@ -640,6 +660,16 @@ class EtcdBackend(StoreBackend):
         self.missed_guesses = 0
         """Steps run again because what this replica knew of their keys was out of date."""
         self.late_grants = 0
+        self.passed_over = 0
+        """Waiters passed over because their replica was gone (``_gone``)."""
+        self._renewed: dict[int, float] = {}
+        self._steady = 0.0
+        """Since when (``time.monotonic``) etcd has renewed this replica's session without a
+        pause longer than ``_STEADY_GAP`` (0: no session)."""
+        self._renewal = 0.0
+        """When etcd last renewed it."""
+        """Other replicas' session leases: by when (``time.monotonic``) each had last been
+        renewed at the latest, as etcd told it (``_gone``)."""
         """Grants refused because their answer came after the lock's end (``ran_out``)."""
         self.served_unheard = 0
         """Keys the read of the waiting keys served whose lock the read before had found: a
@@ -819,6 +849,73 @@ class EtcdBackend(StoreBackend):
 
     def _forget_grant(self, waiter_id: str) -> None:
         _txn().delete(self.notice_key(waiter_id))
+
+    def _gone(self, waiter: Waiter) -> bool:
+        """Whether ``waiter``'s replica is gone: its session lease (the waiter's record holds
+        it) has not been renewed for more than ``GONE_AFTER`` seconds while etcd renewed this
+        replica's own all along (``_steady_for``), and still has time left (``SESSION_TTL``),
+        so its entries are still queued. A replica renews its session every ``RENEW_EVERY``
+        seconds, so a live one never comes near that.
+
+        Before, such a waiter stayed first in line until its session lapsed, up to 10 s
+        after the replica died: a release meanwhile granted the key to a pull whose caller
+        was gone, told nobody, and the lock stayed held until its TTL (for good without
+        one), while the live waiters behind it waited on. Now it is passed over (told
+        ``unavailable`` through its notice, should its replica be alive after all) and the
+        key goes to the next waiter, or stays free.
+
+        This replica's own waiters are never passed over; another replica's session is
+        asked of etcd (a lease's time left) at most once a step, and not again while what
+        etcd said keeps it within ``GONE_AFTER``."""
+        txn = _txn()
+        record = txn.records.get(waiter.id)
+        lease = record[1] if record is not None else 0
+        if not lease or lease == self.session_lease:
+            return False
+        renewed = self._renewed.get(lease)
+        if renewed is not None and time.monotonic() - renewed <= GONE_AFTER:
+            return False
+        gone = txn.checked.get(lease)
+        if gone is None:
+            raise _Miss(alive=lease)
+        if gone:
+            txn.gone.append(waiter.id)
+        return gone
+
+    async def _renewals(self, lease: int, *, key: str | None) -> bool:
+        """Ask etcd how long another replica's session ``lease`` has gone unrenewed: whether
+        more than ``GONE_AFTER`` seconds (or etcd has it no more). etcd tells a lease's time
+        left in whole seconds, cut down: the time since its renewal is at most the TTL it was
+        granted less that, and is taken as that (so its renewal as that much earlier than it
+        may have been). An answer that does not come counts the replica alive for this step
+        (nobody is passed over on a guess)."""
+        asked = time.monotonic()
+        try:
+            async with unavailable(self.connection, "lease check", key=key):
+                answer = await leader_first(
+                    self.connection, lambda member, deadline: _lease_calls(member).time_to_live(
+                        lease, timeout=deadline, max_attempts=1))
+        except BackendUnavailable:
+            return False
+        self.round_trips += 1
+        if len(self._renewed) >= _Known.LIMIT:
+            self._renewed.clear()
+        if int(answer.TTL) < 0:
+            self._renewed.pop(lease, None)
+            return True
+        since = max(0, int(answer.grantedTTL) - int(answer.TTL))
+        self._renewed[lease] = asked - since
+        return min(since, self._steady_for(asked)) > GONE_AFTER
+
+    def _steady_for(self, at: float) -> float:
+        """Seconds up to ``at`` that etcd has renewed this replica's session without a pause
+        (0 if it is in one): a replica whose session went unrenewed longer than that is not
+        judged by it. After etcd itself was away (stopped, or cut off from every replica)
+        every session looks unrenewed for as long; the replicas renew within a second or two
+        of its return, and were passed over meanwhile without this."""
+        if not self._steady or at - self._renewal > _STEADY_GAP:
+            return 0.0
+        return at - self._steady
 
     # --- the uncontended key: StoreBackend's shortcuts ---------------------------------------
     # The shared step calls them for a key nobody waits for, under no rule that could say no
@@ -1007,6 +1104,7 @@ class EtcdBackend(StoreBackend):
         want_keys, want_prefixes = set(keys), set(prefixes)
         loop = asyncio.get_running_loop()
         give_up = loop.time() + CALL_TIMEOUT
+        checked: dict[int, bool] = {}
         lost: tuple[_Txn, T] | None = None
         """The run whose commit's answer was lost (etcd may have applied it), and its
         result: what the step answers if the fresh reads show it applied (``_landed``)."""
@@ -1018,7 +1116,7 @@ class EtcdBackend(StoreBackend):
                 reads, verified = await self._fetch(client, want_keys, want_prefixes,
                                                     key=key), True
             for attempt in range(_ATTEMPTS):
-                txn = _Txn(reads, self._leases)
+                txn = _Txn(reads, self._leases, checked)
                 token = _CURRENT.set(txn)
                 try:
                     result = await run()
@@ -1027,6 +1125,8 @@ class EtcdBackend(StoreBackend):
                     want_prefixes.update(miss.prefixes)
                     if miss.lease:
                         await self._lease_for(client, miss.lease, key=key)
+                    if miss.alive:
+                        checked[miss.alive] = await self._renewals(miss.alive, key=key)
                     if miss.keys or miss.prefixes:
                         if verified:
                             more = await self._fetch(client, set(miss.keys),
@@ -1309,6 +1409,11 @@ class EtcdBackend(StoreBackend):
 
     def _after_commit(self, txn: _Txn, revision: int) -> None:
         self._noted(txn)
+        for waiter_id in txn.gone:
+            self.passed_over += 1
+            log.warning("etcd %s: waiter %s was passed over: its replica has not renewed its "
+                        "session for more than %d s (gone); told unavailable",
+                        self.connection.where, waiter_id, GONE_AFTER)
         for effects in txn.effects:
             for waiter_id, notice in effects.notices:
                 self._notifier.deliver(waiter_id, _resolve(notice, revision))
@@ -1426,6 +1531,7 @@ class EtcdBackend(StoreBackend):
                 return
             client = await self.connection.client()
             self.session_lease = await self._grant_lease(SESSION_TTL, key=None)
+            self._steady = self._renewal = time.monotonic()
             assert client.kv is not None
             async with unavailable(self.connection, "watch"):
                 start = int((await client.kv.get(self.base, timeout=CALL_TIMEOUT))
@@ -1437,18 +1543,23 @@ class EtcdBackend(StoreBackend):
                                                   name="etcd-notices")
 
     async def _keep_alive(self, lease: int) -> None:
-        failures = 0
+        """Renew the session every ``RENEW_EVERY`` seconds (another replica takes one not
+        renewed for ``GONE_AFTER`` for a dead one's); given up on once it could not be
+        renewed for its whole life, or etcd no longer has it."""
+        renewed = time.monotonic()
         while True:
-            await asyncio.sleep(SESSION_TTL / 3)
+            await asyncio.sleep(RENEW_EVERY)
             try:
                 ttl: int | None = await self._renew(lease)
             except (*DOWN, BackendUnavailable):
-                failures += 1
-                if failures * SESSION_TTL / 3 < SESSION_TTL:
+                if time.monotonic() - renewed < SESSION_TTL:
                     continue
                 ttl = None
             else:
-                failures = 0
+                renewed = time.monotonic()
+                if renewed - self._renewal > _STEADY_GAP:
+                    self._steady = renewed  # etcd (or this process) paused: count again
+                self._renewal = renewed
             if ttl is None or ttl <= 0:
                 self._session_lapsed()
                 return
@@ -1460,6 +1571,7 @@ class EtcdBackend(StoreBackend):
         log.warning("etcd %s: this replica's session lease lapsed; its waiters are "
                     "told the store is unavailable", self.connection.where)
         self.session_lease = 0
+        self._steady = self._renewal = 0.0
         for waiter_id in self._notifier.local.pending():
             self._spawn(self._told_lapsed(waiter_id))
 
