@@ -18,9 +18,13 @@ from tests.support.etcd_fixtures import etcd_config, grant
 from tests.support.etcd_server import EtcdCluster
 from tests.support.locks import candidate_for, request_for
 
-from enhanced_locking.backends.etcd_store import GONE_AFTER, EtcdBackend
+from enhanced_locking.backends.etcd_store import GONE_AFTER, SESSION_TTL, EtcdBackend
 from enhanced_locking.backends.waiting import Status, Wait
-from enhanced_locking.types import Candidate, Reason
+from enhanced_locking.config import EnhancedLockingConfig
+from enhanced_locking.events import EventBus
+from enhanced_locking.locking import EnhancedLocker
+from enhanced_locking.metrics import Metrics
+from enhanced_locking.types import Candidate, Event, Reason
 
 pytestmark = [pytest.mark.etcd, pytest.mark.timeout(60)]
 
@@ -122,6 +126,105 @@ async def test_a_dead_replicas_only_waiter_is_passed_over_and_the_key_stays_free
         assert notice["reason"] == Reason.UNAVAILABLE.value and notice["locks"] == []
         again = await grant(b, want(4))
         assert again.fencing_token > held.fencing_token
+    finally:
+        await a.close()
+        await b.close()
+
+
+class Told:
+    """An enhanced locker over a new etcd backend of ``config``: every event it publishes
+    kept in ``seen``, its metrics in ``metrics``."""
+
+    def __init__(self, config: EnhancedLockingConfig) -> None:
+        self.backend = EtcdBackend.from_config(config, "enhanced")
+        self.seen: list[Event] = []
+        self.metrics = Metrics()
+        events = EventBus()
+        events.subscribe(self.seen.append)
+        self.locker = EnhancedLocker(self.backend, settings=lambda: config, events=events,
+                                     metrics=self.metrics)
+
+    def count(self, name: str, **labels: str) -> float:
+        return self.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+async def test_a_grant_to_a_replica_that_died_a_moment_before_is_taken_back_and_told(
+    etcd_cluster: EtcdCluster, etcd_prefix: str,
+) -> None:
+    """A releases too soon after the waiter's replica died for it to be passed over: the
+    key is handed to the dead replica's waiter. Once that replica's session has gone
+    unrenewed past ``GONE_AFTER`` and not since the grant, the replica that made the grant
+    takes it back: the key goes to the live waiter behind, told as a lock whose lease ran
+    out (its ``expired`` event naming the waiter it went to, counted). Before, the lock
+    stayed held by a pull whose caller was gone (here, with no TTL, for good)."""
+    config = etcd_config(etcd_cluster, etcd_prefix, enabled=True)
+    a = EtcdBackend.from_config(config, "enhanced")
+    told = Told(config)
+    b = told.backend
+    try:
+        held = await grant(b, want(1))
+        dead = offer()
+        a.grants.expect(dead.id)
+        queued = await a.acquire_or_enqueue(want(2), ttl=None, wait=dead, policy=POLICY)
+        assert queued.status is Status.QUEUED
+        live = offer()
+        heard = b.grants.expect(live.id)
+        queued = await b.acquire_or_enqueue(want(3), ttl=None, wait=live, policy=POLICY)
+        assert queued.status is Status.QUEUED
+        await killed(a)
+        handoff = await b.release_and_handoff(held.key, owner=held.owner, policy=POLICY)
+        assert [g.waiter.id for g in handoff.granted] == [dead.id]
+        given = handoff.granted[0].locks[0]
+        notice = await asyncio.wait_for(heard, 2 * SESSION_TTL)
+        assert notice.locks and notice.locks[0].pull.num == 3
+        assert notice.locks[0].fencing_token > given.fencing_token
+        assert b.taken_back == 1
+        expired = [e for e in told.seen if e.type == "expired"]
+        assert len(expired) == 1 and expired[0].lock == given, told.seen
+        assert list(expired[0].details["handedTo"]) == [live.id]
+        assert told.count("enhanced_locking_lease_expirations_total") == 1
+        assert told.count("enhanced_locking_handoffs_total") == 1
+        holder = await b.get(held.key)
+        assert holder is not None and holder.pull.num == 3
+    finally:
+        await told.locker.close()
+        await a.close()
+        await b.close()
+
+
+async def test_a_grant_its_replica_took_is_not_taken_back_when_its_renewals_stop(
+    etcd_cluster: EtcdCluster, etcd_prefix: str,
+) -> None:
+    """A's renewals stop just before another replica grants its waiter the key (as a replica
+    cut off from etcd's leader, or stopped, after it heard), and A takes the grant: its
+    caller is told it, and the replica that made the grant, finding A's session unrenewed
+    past ``GONE_AFTER`` since, does not take back what A took (the caller holds it)."""
+    config = etcd_config(etcd_cluster, etcd_prefix)
+    a = EtcdBackend.from_config(config, "enhanced")
+    b = EtcdBackend.from_config(config, "enhanced")
+    try:
+        held = await grant(b, want(1))
+        wait = offer()
+        heard = a.grants.expect(wait.id)
+        queued = await a.acquire_or_enqueue(want(2), ttl=None, wait=wait, policy=POLICY)
+        assert queued.status is Status.QUEUED
+        lease, session = a.session_lease, a._session
+        assert session is not None
+        session.cancel()  # no renewal from here on
+        await asyncio.gather(session, return_exceptions=True)
+        handoff = await b.release_and_handoff(held.key, owner=held.owner, policy=POLICY)
+        assert [g.waiter.id for g in handoff.granted] == [wait.id]
+        assert b._claims, "the grant to another replica's waiter is not followed"
+        notice = await asyncio.wait_for(heard, 10)
+        assert notice.locks and notice.locks[0].pull.num == 2
+        await unrenewed(b, lease)
+        for _ in range(100):  # the follow-up has looked past GONE_AFTER and let it go
+            if not b._claims:
+                break
+            await asyncio.sleep(0.1)
+        assert not b._claims
+        assert b.taken_back == 0
+        assert await b.get(held.key) == notice.locks[0]
     finally:
         await a.close()
         await b.close()

@@ -45,7 +45,9 @@ entries never share a prefix with another key's):
   of it through a watch, and deletes it once its caller is done (one written after its caller
   left is kept for a retry of the same ID, and deleted when that retry is queued again);
   while it has waiters it also reads the notices every ``WATCH_CHECK`` seconds, for a watch
-  whose member is frozen. A waiter is told only a notice newer than its own queueing.
+  whose member is frozen. A waiter is told only a notice newer than its own queueing. A
+  grant another replica made is *taken* (its notice marked) before its caller is told; one
+  its replica does not take, that replica gone, is taken back (``EtcdBackend._claims_of``).
 
 **Fencing token = the etcd revision of the grant** (plus the key's floor): every grant is a
 new revision of the whole cluster, so tokens rise per key and across keys, replicas, restarts
@@ -124,6 +126,7 @@ from enhanced_locking.types import (
     InvalidRequest,
     Lock,
     LockNotHeld,
+    LockNotOwned,
     Locks,
     LockUnreadable,
     Reason,
@@ -662,6 +665,15 @@ class EtcdBackend(StoreBackend):
         self.late_grants = 0
         self.passed_over = 0
         """Waiters passed over because their replica was gone (``_gone``)."""
+        self.taken_back = 0
+        """Locks granted to another replica's waiter and taken back, that replica gone
+        before it took them (``_claims_of``)."""
+        self._claims: dict[int, list[tuple[Grant, int, float]]] = {}
+        """Grants this replica made to other replicas' waiters that their replica has not yet
+        shown itself alive after, by its session lease: each with the revision of its notice
+        and when its commit answered (``_claims_of``)."""
+        self._taking: set[str] = set()
+        """Waiters here whose grant is being taken (``_take_grant``)."""
         self._renewed: dict[int, float] = {}
         self._steady = 0.0
         """Since when (``time.monotonic``) etcd has renewed this replica's session without a
@@ -916,6 +928,93 @@ class EtcdBackend(StoreBackend):
         if not self._steady or at - self._renewal > _STEADY_GAP:
             return 0.0
         return at - self._steady
+
+    def _claim(self, grant: Grant, lease: int, revision: int) -> None:
+        """``grant`` was made to a waiter of the replica of session ``lease`` (its notice
+        written at ``revision``): followed until that replica shows itself alive after it
+        (``_claims_of``)."""
+        entry = (grant, revision, time.monotonic())
+        claims = self._claims.get(lease)
+        if claims is not None:
+            claims.append(entry)
+            return
+        self._claims[lease] = [entry]
+        self._spawn(self._claims_of(lease))
+
+    async def _claims_of(self, lease: int) -> None:
+        """The grants made here to waiters of the replica of session ``lease``, until it
+        renews its session after each (it is alive: it takes its grants, see
+        ``_take_grant``), or etcd no longer has the lease (its notices went with it, and the
+        replica, if it is alive, answers from the holders: ``_told_lapsed``).
+
+        A replica that has not renewed its session for more than ``GONE_AFTER`` seconds,
+        and not since a grant, is gone (``_gone``, which keeps such a waiter from being
+        granted at all, needs those seconds to tell): the grant is taken back
+        (``_take_back``). Before, it stayed held by a pull whose caller was gone, until the
+        lock's TTL (for good without one), and nobody was told. One lease check a second
+        per replica with such grants."""
+        try:
+            while claims := self._claims.get(lease):
+                await asyncio.sleep(RENEW_EVERY)
+                asked = time.monotonic()
+                try:
+                    async with unavailable(self.connection, "lease check"):
+                        answer = await leader_first(
+                            self.connection, lambda member, deadline: _lease_calls(
+                                member).time_to_live(lease, timeout=deadline, max_attempts=1))
+                except BackendUnavailable:
+                    continue
+                if int(answer.TTL) < 0:
+                    return
+                since = max(0, int(answer.grantedTTL) - int(answer.TTL))
+                renewed = asked - since  # its renewal was no sooner than this
+                claims[:] = [claim for claim in claims if claim[2] >= renewed]
+                if min(since, self._steady_for(asked)) > GONE_AFTER and claims:
+                    taken, claims[:] = list(claims), []
+                    for grant, revision, _ in taken:
+                        await self._take_back(grant, revision)
+        finally:
+            self._claims.pop(lease, None)
+
+    async def _take_back(self, grant: Grant, revision: int) -> None:
+        """Take back ``grant``, made to a waiter whose replica is gone, if its notice is still
+        the one written with it (its replica has not taken it: ``_take_grant``): in one step,
+        the notice deleted and each of its locks released and handed to the key's next
+        waiter, each told as a lock whose lease ran out (``served_unasked``: its ``expired``
+        event naming whom the key went to, counted)."""
+        notice = self.notice_key(grant.waiter.id)
+
+        async def run() -> tuple[Any, ...]:
+            kv = _txn().get(notice)
+            if kv.value is None or kv.mod != revision:
+                return ()  # taken by its replica, or gone with its session
+            _txn().delete(notice)
+            handoffs = []
+            for lock in grant.locks:
+                try:
+                    handoffs.append(await StoreBackend.release_and_handoff(
+                        self, lock.key, owner=lock.owner, token=lock.fencing_token))
+                except (LockNotOwned, LockNotHeld, LockUnreadable):
+                    continue  # that hold is gone already
+            return tuple(handoffs)
+
+        names = [self._named(lock.key) for lock in grant.locks]
+        try:
+            handoffs = await self._atomic(
+                run, keys=(notice, *(k for n in names for k in (n.lock, n.fence))),
+                prefixes=tuple(p for n in names for p in (n.queue, n.shared)))
+        except Exception as error:  # etcd away, or a key another store holds: left as it is
+            log.warning("etcd %s: the grant to waiter %s, whose replica is gone, could not be "
+                        "taken back (%s)", self.connection.where, grant.waiter.id,
+                        type(error).__name__)
+            return
+        for handoff in handoffs:
+            if handoff.released is not None:
+                self.taken_back += 1
+                log.warning("etcd %s: the grant of %s to waiter %s was taken back: its "
+                            "replica has not renewed its session since (gone)",
+                            self.connection.where, handoff.released.key, grant.waiter.id)
+            self.served_unasked(handoff)
 
     # --- the uncontended key: StoreBackend's shortcuts ---------------------------------------
     # The shared step calls them for a key nobody waits for, under no rule that could say no
@@ -1409,6 +1508,12 @@ class EtcdBackend(StoreBackend):
 
     def _after_commit(self, txn: _Txn, revision: int) -> None:
         self._noted(txn)
+        if revision > 0:
+            for effects in txn.effects:
+                for grant in effects.granted:
+                    record = txn.records.get(grant.waiter.id)
+                    if record is not None and record[1] and record[1] != self.session_lease:
+                        self._claim(_resolve(grant, revision), record[1], revision)
         for waiter_id in txn.gone:
             self.passed_over += 1
             log.warning("etcd %s: waiter %s was passed over: its replica has not renewed its "
@@ -1913,8 +2018,55 @@ class EtcdBackend(StoreBackend):
             log.warning("etcd %s: a notice for a waiter here cannot be read (%s); skipped",
                         self.connection.where, type(error).__name__)
             return False
+        if notice.locks and not json.loads(kv.value or b"{}").get("taken"):
+            # Another replica's grant: taken first, so that it cannot be taken back.
+            if waiter_id not in self._taking:
+                self._taking.add(waiter_id)
+                self._spawn(self._take_grant(waiter_id, kv, notice))
+            return True
         self._notifier.deliver(waiter_id, notice)
         return True
+
+    async def _take_grant(self, waiter_id: str, kv: _KV, notice: Notice) -> None:
+        """Take the grant ``notice`` (``kv``: its notice as etcd has it) before its caller
+        is told: the notice is marked taken, if it is still the one written with the grant.
+        A replica whose session goes unrenewed past ``GONE_AFTER`` (stopped, or cut off) has
+        the grants it did not take taken back by the replica that made them
+        (``_take_back``); whichever of the two comes first, the other finds the notice
+        changed, so a caller is never told a grant that was taken back. Not taken (taken
+        back, or gone with the session): the caller is answered as the holders of its keys
+        say (``_told_lapsed``). Tried again while etcd is away and the caller waits."""
+        try:
+            key = self.notice_key(waiter_id)
+            data = json.loads(kv.value or b"{}")
+            # Its locks with their tokens resolved (against the grant's revision, which the
+            # notice no longer has once marked): anyone who reads it later reads these.
+            data["locks"] = [codec.encode(lock) for lock in notice.locks]
+            data["taken"] = True
+            request = _TxnRequest()
+            request.compare.add(result=_EQUAL, target=_MOD, key=key, mod_revision=kv.mod)
+            _put(request.success.add().request_put, key, json.dumps(data).encode(), kv.lease)
+            delay = 0.05
+            while self._notifier.local.waits(waiter_id):
+                try:
+                    client = await self.connection.client()
+                    answer = await _txn_call(self.connection, client, request, read=False)
+                except DOWN as error:
+                    if not await self.connection.renewed(error):
+                        await asyncio.sleep(delay)
+                        delay = min(1.0, delay * 2)
+                    continue
+                except BackendUnavailable:
+                    await asyncio.sleep(delay)
+                    delay = min(1.0, delay * 2)
+                    continue
+                if answer.succeeded:
+                    self._notifier.deliver(waiter_id, notice)
+                else:
+                    await self._told_lapsed(waiter_id)
+                return
+        finally:
+            self._taking.discard(waiter_id)
 
     def _queued_here(self, waiter: Waiter, seq: int) -> None:
         """``waiter``, whose caller waits here, was queued on its keys at revision ``seq``:
