@@ -19,12 +19,12 @@ from tests.support.etcd_server import EtcdCluster
 from tests.support.locks import candidate_for, request_for
 
 from enhanced_locking.backends.etcd_store import GONE_AFTER, SESSION_TTL, EtcdBackend
-from enhanced_locking.backends.waiting import Status, Wait
+from enhanced_locking.backends.waiting import Notice, Status, Wait
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.events import EventBus
 from enhanced_locking.locking import EnhancedLocker
 from enhanced_locking.metrics import Metrics
-from enhanced_locking.types import Candidate, Event, Reason
+from enhanced_locking.types import Candidate, Event, Lock, Reason
 
 pytestmark = [pytest.mark.etcd, pytest.mark.timeout(60)]
 
@@ -37,6 +37,17 @@ def offer() -> Wait:
     return Wait(id=secrets.token_hex(8), timeout=timedelta(seconds=60))
 
 
+async def queued(backend: EtcdBackend, pull: int, position: int = 1,
+                 ) -> tuple[Wait, asyncio.Future[Notice]]:
+    """A caller of ``backend`` waiting for pull ``pull``'s lock, queued at ``position``: its
+    wait, and the future it hears on."""
+    wait = offer()
+    heard = backend.grants.expect(wait.id)
+    outcome = await backend.acquire_or_enqueue(want(pull), ttl=None, wait=wait, policy=POLICY)
+    assert outcome.status is Status.QUEUED and outcome.position == position, outcome
+    return wait, heard
+
+
 async def killed(backend: EtcdBackend) -> None:
     """``backend`` as a SIGKILL of its process leaves it: its renewals, watches and other
     work stop and its connection closes, with nothing revoked or deleted in etcd."""
@@ -47,6 +58,16 @@ async def killed(backend: EtcdBackend) -> None:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     await backend.connection.close()
+
+
+async def a_dead_waiter(a: EtcdBackend, b: EtcdBackend) -> tuple[Lock, Wait, int]:
+    """``b`` holds pull 1's lock, a caller of ``a`` waits for it (pull 2), and ``a`` is gone
+    (``killed``): the lock, the dead replica's wait and its session lease."""
+    held = await grant(b, want(1))
+    dead, _ = await queued(a, 2)
+    lease = a.session_lease
+    await killed(a)
+    return held, dead, lease
 
 
 async def unrenewed(witness: EtcdBackend, lease: int) -> None:
@@ -63,72 +84,45 @@ async def unrenewed(witness: EtcdBackend, lease: int) -> None:
 
 
 async def test_a_dead_replicas_waiter_is_passed_over_and_the_key_goes_to_the_live_one(
-    etcd_cluster: EtcdCluster, etcd_prefix: str,
+    etcd_replicas: tuple[EtcdBackend, EtcdBackend],
 ) -> None:
-    config = etcd_config(etcd_cluster, etcd_prefix)
-    a = EtcdBackend.from_config(config, "enhanced")
-    b = EtcdBackend.from_config(config, "enhanced")
-    try:
-        held = await grant(b, want(1))
-        dead = offer()
-        a.grants.expect(dead.id)
-        queued = await a.acquire_or_enqueue(want(2), ttl=None, wait=dead, policy=POLICY)
-        assert queued.status is Status.QUEUED
-        live = offer()
-        told = b.grants.expect(live.id)
-        queued = await b.acquire_or_enqueue(want(3), ttl=None, wait=live, policy=POLICY)
-        assert queued.status is Status.QUEUED and queued.position == 2
-        lease = a.session_lease
-        await killed(a)
-        await unrenewed(b, lease)
-        # Still within the session lease's window: the dead replica's waiter is first in line.
-        assert [w.id for w in await b.queue(held.key, policy=POLICY)] == [dead.id, live.id]
-        handoff = await b.release_and_handoff(held.key, owner=held.owner, policy=POLICY)
-        assert [g.waiter.id for g in handoff.granted] == [live.id]
-        assert [w.id for w in handoff.timed_out] == [dead.id]
-        assert b.passed_over == 1
-        notice = await asyncio.wait_for(told, 10)
-        assert notice.locks and notice.locks[0].pull.num == 3
-        assert await b.queue(held.key, policy=POLICY) == []
-        holder = await b.get(held.key)
-        assert holder is not None and holder.pull.num == 3
-    finally:
-        await a.close()
-        await b.close()
+    a, b = etcd_replicas
+    held, dead, lease = await a_dead_waiter(a, b)
+    live, told = await queued(b, 3, position=2)
+    await unrenewed(b, lease)
+    # Still within the session lease's window: the dead replica's waiter is first in line.
+    assert [w.id for w in await b.queue(held.key, policy=POLICY)] == [dead.id, live.id]
+    handoff = await b.release_and_handoff(held.key, owner=held.owner, policy=POLICY)
+    assert [g.waiter.id for g in handoff.granted] == [live.id]
+    assert [w.id for w in handoff.timed_out] == [dead.id]
+    assert b.passed_over == 1
+    notice = await asyncio.wait_for(told, 10)
+    assert notice.locks and notice.locks[0].pull.num == 3
+    assert await b.queue(held.key, policy=POLICY) == []
+    holder = await b.get(held.key)
+    assert holder is not None and holder.pull.num == 3
 
 
 async def test_a_dead_replicas_only_waiter_is_passed_over_and_the_key_stays_free(
-    etcd_cluster: EtcdCluster, etcd_prefix: str,
+    etcd_replicas: tuple[EtcdBackend, EtcdBackend],
 ) -> None:
-    config = etcd_config(etcd_cluster, etcd_prefix)
-    a = EtcdBackend.from_config(config, "enhanced")
-    b = EtcdBackend.from_config(config, "enhanced")
-    try:
-        held = await grant(b, want(1))
-        dead = offer()
-        a.grants.expect(dead.id)
-        queued = await a.acquire_or_enqueue(want(2), ttl=None, wait=dead, policy=POLICY)
-        assert queued.status is Status.QUEUED
-        lease = a.session_lease
-        await killed(a)
-        await unrenewed(b, lease)
-        assert [w.id for w in await b.queue(held.key, policy=POLICY)] == [dead.id]
-        handoff = await b.release_and_handoff(held.key, owner=held.owner, policy=POLICY)
-        assert handoff.released == held and handoff.granted == ()
-        assert [w.id for w in handoff.timed_out] == [dead.id]
-        assert await b.get(held.key) is None
-        # Told, should its replica be alive after all (only slow): the store went away.
-        client = await b.connection.client()
-        assert client.kv is not None
-        stored = await client.kv.get(b.notice_key(dead.id))
-        assert stored.kvs, "no notice for the waiter passed over"
-        notice = json.loads(stored.kvs[0].value)
-        assert notice["reason"] == Reason.UNAVAILABLE.value and notice["locks"] == []
-        again = await grant(b, want(4))
-        assert again.fencing_token > held.fencing_token
-    finally:
-        await a.close()
-        await b.close()
+    a, b = etcd_replicas
+    held, dead, lease = await a_dead_waiter(a, b)
+    await unrenewed(b, lease)
+    assert [w.id for w in await b.queue(held.key, policy=POLICY)] == [dead.id]
+    handoff = await b.release_and_handoff(held.key, owner=held.owner, policy=POLICY)
+    assert handoff.released == held and handoff.granted == ()
+    assert [w.id for w in handoff.timed_out] == [dead.id]
+    assert await b.get(held.key) is None
+    # Told, should its replica be alive after all (only slow): the store went away.
+    client = await b.connection.client()
+    assert client.kv is not None
+    stored = await client.kv.get(b.notice_key(dead.id))
+    assert stored.kvs, "no notice for the waiter passed over"
+    notice = json.loads(stored.kvs[0].value)
+    assert notice["reason"] == Reason.UNAVAILABLE.value and notice["locks"] == []
+    again = await grant(b, want(4))
+    assert again.fencing_token > held.fencing_token
 
 
 class Told:
@@ -163,14 +157,8 @@ async def test_a_grant_to_a_replica_that_died_a_moment_before_is_taken_back_and_
     b = told.backend
     try:
         held = await grant(b, want(1))
-        dead = offer()
-        a.grants.expect(dead.id)
-        queued = await a.acquire_or_enqueue(want(2), ttl=None, wait=dead, policy=POLICY)
-        assert queued.status is Status.QUEUED
-        live = offer()
-        heard = b.grants.expect(live.id)
-        queued = await b.acquire_or_enqueue(want(3), ttl=None, wait=live, policy=POLICY)
-        assert queued.status is Status.QUEUED
+        dead, _ = await queued(a, 2)
+        live, heard = await queued(b, 3, position=2)
         await killed(a)
         handoff = await b.release_and_handoff(held.key, owner=held.owner, policy=POLICY)
         assert [g.waiter.id for g in handoff.granted] == [dead.id]
@@ -193,38 +181,29 @@ async def test_a_grant_to_a_replica_that_died_a_moment_before_is_taken_back_and_
 
 
 async def test_a_grant_its_replica_took_is_not_taken_back_when_its_renewals_stop(
-    etcd_cluster: EtcdCluster, etcd_prefix: str,
+    etcd_replicas: tuple[EtcdBackend, EtcdBackend],
 ) -> None:
     """A's renewals stop just before another replica grants its waiter the key (as a replica
     cut off from etcd's leader, or stopped, after it heard), and A takes the grant: its
     caller is told it, and the replica that made the grant, finding A's session unrenewed
     past ``GONE_AFTER`` since, does not take back what A took (the caller holds it)."""
-    config = etcd_config(etcd_cluster, etcd_prefix)
-    a = EtcdBackend.from_config(config, "enhanced")
-    b = EtcdBackend.from_config(config, "enhanced")
-    try:
-        held = await grant(b, want(1))
-        wait = offer()
-        heard = a.grants.expect(wait.id)
-        queued = await a.acquire_or_enqueue(want(2), ttl=None, wait=wait, policy=POLICY)
-        assert queued.status is Status.QUEUED
-        lease, session = a.session_lease, a._session
-        assert session is not None
-        session.cancel()  # no renewal from here on
-        await asyncio.gather(session, return_exceptions=True)
-        handoff = await b.release_and_handoff(held.key, owner=held.owner, policy=POLICY)
-        assert [g.waiter.id for g in handoff.granted] == [wait.id]
-        assert b._claims, "the grant to another replica's waiter is not followed"
-        notice = await asyncio.wait_for(heard, 10)
-        assert notice.locks and notice.locks[0].pull.num == 2
-        await unrenewed(b, lease)
-        for _ in range(100):  # the follow-up has looked past GONE_AFTER and let it go
-            if not b._claims:
-                break
-            await asyncio.sleep(0.1)
-        assert not b._claims
-        assert b.taken_back == 0
-        assert await b.get(held.key) == notice.locks[0]
-    finally:
-        await a.close()
-        await b.close()
+    a, b = etcd_replicas
+    held = await grant(b, want(1))
+    wait, heard = await queued(a, 2)
+    lease, session = a.session_lease, a._session
+    assert session is not None
+    session.cancel()  # no renewal from here on
+    await asyncio.gather(session, return_exceptions=True)
+    handoff = await b.release_and_handoff(held.key, owner=held.owner, policy=POLICY)
+    assert [g.waiter.id for g in handoff.granted] == [wait.id]
+    assert b._claims, "the grant to another replica's waiter is not followed"
+    notice = await asyncio.wait_for(heard, 10)
+    assert notice.locks and notice.locks[0].pull.num == 2
+    await unrenewed(b, lease)
+    for _ in range(100):  # the follow-up has looked past GONE_AFTER and let it go
+        if not b._claims:
+            break
+        await asyncio.sleep(0.1)
+    assert not b._claims
+    assert b.taken_back == 0
+    assert await b.get(held.key) == notice.locks[0]
