@@ -21,7 +21,7 @@ from tests.support.redis_server import RedisServer
 
 from enhanced_locking.backends import redis_store
 from enhanced_locking.backends.redis_store import RedisBackend
-from enhanced_locking.backends.waiting import QueuePolicy, Status, Wait
+from enhanced_locking.backends.waiting import Outcome, QueuePolicy, Status, Wait
 from enhanced_locking.types import (
     BackendUnavailable,
     Candidate,
@@ -37,6 +37,8 @@ A = request_for(path="a", project="a", pull=1)
 B = request_for(path="b", project="b", pull=1)
 A2 = request_for(path="a", project="a", pull=2)
 B2 = request_for(path="b", project="b", pull=2)
+C = request_for(path="c", project="c", pull=1)
+C2 = request_for(path="c", project="c", pull=2)
 
 
 @pytest.fixture
@@ -57,15 +59,22 @@ async def _fail_fast(backend: RedisBackend, *asked: Candidate) -> None:
     await backend.acquire_batch(asked, ttl=None, wait=None, policy=QueuePolicy())
 
 
+async def _told_unavailable(redis_server: RedisServer, backend: RedisBackend,
+                            *asked: Candidate) -> None:
+    """A fail-fast acquire of ``asked`` sent to a frozen Redis, its caller told Redis did not
+    answer; then Redis wakes, runs it, and answers its give-back."""
+    with redis_server.paused():
+        with pytest.raises(BackendUnavailable, match="within the call's 5 s limit"):
+            await _fail_fast(backend, *asked)
+    await _settled(backend)
+
+
 async def test_with_redis_frozen_a_fail_fast_acquire_answered_unavailable_does_not_hold_the_key(
     redis_server: RedisServer, backend: RedisBackend,
 ) -> None:
     # One key, no wait, no rules: the lean function. Before, when Redis woke it granted pull 1
     # (told unavailable) and pull 2 was answered `held`, with no lease to end it.
-    with redis_server.paused():
-        with pytest.raises(BackendUnavailable, match="within the call's 5 s limit"):
-            await _fail_fast(backend, candidate_for(A))
-    await _settled(backend)
+    await _told_unavailable(redis_server, backend, candidate_for(A))
     assert await backend.get(A.key) is None
     other = await backend.acquire_batch([candidate_for(A2)], ttl=None, wait=None,
                                         policy=QueuePolicy())
@@ -81,10 +90,7 @@ async def test_with_redis_frozen_a_fail_fast_batch_is_given_back_but_what_the_pu
     before = await backend.acquire_batch([candidate_for(A)], ttl=None, wait=None,
                                          policy=QueuePolicy())
     assert before.status is Status.GRANTED
-    with redis_server.paused():
-        with pytest.raises(BackendUnavailable, match="within the call's 5 s limit"):
-            await _fail_fast(backend, candidate_for(A), candidate_for(B))
-    await _settled(backend)
+    await _told_unavailable(redis_server, backend, candidate_for(A), candidate_for(B))
     held = await backend.get(A.key)
     assert held is not None and held.fencing_token == before.locks[0].fencing_token
     assert await backend.get(B.key) is None
@@ -107,17 +113,25 @@ def _owed(call_id: str, *asked: Candidate) -> redis_store._GiveBack:
                                  tuple(c.key for c in asked))
 
 
+async def _answered_again_then_given_back(
+    backend: RedisBackend, monkeypatch: pytest.MonkeyPatch, asked: Candidate,
+) -> Outcome:
+    """An acquire of ``asked`` nobody heard, the same pull's acquire of it again (answered,
+    with the hold the first granted), then the first one's give-back: the second's answer."""
+    await _granted_unheard(backend, monkeypatch, "a1" * 8, asked)
+    again = await backend.acquire_batch([asked], ttl=None, wait=None, policy=QueuePolicy())
+    assert again.status is Status.GRANTED and not again.fresh
+    await backend._give_back(_owed("a1" * 8, asked))
+    return again
+
+
 async def test_a_give_back_leaves_a_hold_a_later_request_was_told_it_has(
     backend: RedisBackend, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Pull 1's retry (here or on another replica) is answered with the lock the unheard call
     # granted: the give-back must not take it from under it. A refresh is answered with it
     # too. Without a later answer, the same give-back releases it.
-    await _granted_unheard(backend, monkeypatch, "a1" * 8, candidate_for(A))
-    again = await backend.acquire_batch([candidate_for(A)], ttl=None, wait=None,
-                                        policy=QueuePolicy())
-    assert again.status is Status.GRANTED and not again.fresh
-    await backend._give_back(_owed("a1" * 8, candidate_for(A)))
+    again = await _answered_again_then_given_back(backend, monkeypatch, candidate_for(A))
     held = await backend.get(A.key)
     assert held is not None and held.fencing_token == again.locks[0].fencing_token
 
@@ -223,3 +237,52 @@ async def test_a_hold_answered_only_to_requests_told_unavailable_is_given_back(
     await backend._give_back(_owed("c9" * 8, candidate_for(B)))
     held = await backend.get(B.key)
     assert held is not None and held.fencing_token == heard.locks[0].fencing_token
+
+
+def _shared(request: LockRequest) -> Candidate:
+    return candidate_for(request)._replace(mode="shared")
+
+
+async def test_with_redis_frozen_a_shared_fail_fast_acquire_answered_unavailable_is_given_back(
+    redis_server: RedisServer, backend: RedisBackend,
+) -> None:
+    # A shared acquire is given back as an exclusive one is: only its own hold goes, the
+    # key's other shared holder (pull 2, heard) stays. Before, pull 1 (told unavailable)
+    # held the key shared for good, without a lease, and no exclusive request was granted.
+    other = await backend.acquire_batch([_shared(A2)], ttl=None, wait=None,
+                                        policy=QueuePolicy())
+    assert other.status is Status.GRANTED
+    await _told_unavailable(redis_server, backend, _shared(A))
+    assert [lock.pull.num for lock in await backend.holders(A.key)] == [2]
+    await backend.release(A.key, owner=(A.project.repo_full_name, 2))
+    taken = await backend.acquire_batch([candidate_for(A2)], ttl=None, wait=None,
+                                        policy=QueuePolicy())
+    assert taken.status is Status.GRANTED, taken
+
+
+async def test_a_shared_give_back_leaves_a_hold_a_later_request_was_told_it_has(
+    backend: RedisBackend, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # As for an exclusive hold: a later shared request of the pull answered with it, or a
+    # refresh of it, keeps it; without one the give-back frees it and serves the key's queue.
+    await _answered_again_then_given_back(backend, monkeypatch, _shared(A))
+    assert [lock.pull.num for lock in await backend.holders(A.key)] == [1]
+
+    await _granted_unheard(backend, monkeypatch, "b2" * 8, _shared(B))
+    await backend.refresh(B.key, (B.project.repo_full_name, 1), timedelta(minutes=5))
+    await backend._give_back(_owed("b2" * 8, _shared(B)))
+    assert [lock.pull.num for lock in await backend.holders(B.key)] == [1]
+
+    await _granted_unheard(backend, monkeypatch, "c3" * 8, _shared(C))
+    heard = backend.grants.expect("w2")
+    queued = await backend.acquire_or_enqueue(
+        candidate_for(C2), ttl=None, policy=QueuePolicy(),
+        wait=Wait(id="w2", timeout=timedelta(seconds=10)))
+    assert queued.status is Status.QUEUED
+    handoff = await backend._give_back(_owed("c3" * 8, _shared(C)))
+    assert handoff.released is not None and handoff.released.mode == "shared"
+    assert [grant.waiter.id for grant in handoff.granted] == ["w2"]
+    notice = await asyncio.wait_for(heard, 5)
+    assert notice.reason is None, notice
+    held = await backend.get(C.key)
+    assert held is not None and held.pull.num == 2 and held.mode == "exclusive"

@@ -22,6 +22,7 @@ if refused then return refused end
 local function main()
   local op, repo, pull = KEYS[8], ARGV[11], ARGV[12]
   local granted = {}  -- by lock key: the token C granted it with
+  local shared = {}  -- the same, of the shared holds C answered
   local kept = PCALL('GET', op)
   if type(kept) == 'string' then
     local ok, answer = pcall(cjson.decode, kept)
@@ -31,6 +32,7 @@ local function main()
       elseif answer[1] == 'granted' and type(answer[2]) == 'table' then
         for _, row in ipairs(answer[2]) do
           if type(row) == 'table' and row[10] == 'exclusive' then granted[row[1]] = row[3] end
+          if type(row) == 'table' and row[10] == 'shared' then shared[row[1]] = row[3] end
         end
       end
     end
@@ -64,6 +66,27 @@ local function main()
         elseif not teller then
           table.insert(unheard, name)
         end
+      end
+    elseif shared[k] then
+      -- C's shared hold of k goes if it is still C's (live, same token) and no answer told
+      -- its owner it holds it (`told_shared`: C's own, when C found it held already); the
+      -- key's other shared holders stay.
+      expect(key_names, k)
+      expect(pull_index, repo, pull)
+      plan_lapsed(k)
+      local rest, mine_now = {}, nil
+      for _, h in ipairs(holders(k)) do
+        if not h.bad and h[10] == 'shared' and same_owner(h, repo, pull)
+            and h[3] == shared[k] and not shared_told(h) then
+          mine_now = h
+        else
+          table.insert(rest, h)
+        end
+      end
+      if mine_now then
+        table.insert(going, mine_now)
+        table.insert(keys, k)
+        VIEW[k] = rest
       end
     end
   end

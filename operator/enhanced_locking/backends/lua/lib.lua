@@ -579,6 +579,10 @@ local function read_lock(k)
   return known.lock or nil
 end
 
+-- How many answers told a shared holder's owner it holds it (`relied_on`), by its row as read:
+-- kept in its record's 13th place (which a row read leaves for why it is unreadable, false).
+local SHARED_TOLD = {}
+
 -- One shared holder's record (the JSON of its lock row), or its unreadable row.
 local function shared_row(k, field, text)
   local ok, row = pcall(cjson.decode, text)
@@ -590,6 +594,7 @@ local function shared_row(k, field, text)
       or type(row[6]) ~= 'string' or type(row[7]) ~= 'string' or row[10] ~= 'shared' then
     return unreadable(k, text, 'a shared holder\'s record is not a lock', {field = field})
   end
+  SHARED_TOLD[row] = tonumber(row[13])
   row[13] = false
   return row
 end
@@ -622,8 +627,20 @@ end
 
 local function save_shared(lock)
   forget(lock[1], 'shared')
-  w('HSET', shared_name(lock[1]), lock[6] .. '#' .. lock[7], cjson.encode(lock))
+  local record = {}
+  for i = 1, 12 do record[i] = lock[i] end
+  record[13] = SHARED_TOLD[lock] or lock[13]
+  w('HSET', shared_name(lock[1]), lock[6] .. '#' .. lock[7], cjson.encode(record))
 end
+
+-- A shared holder's owner was answered that it holds it (`relied_on`): counted in its record.
+local function told_shared(lock)
+  SHARED_TOLD[lock] = (SHARED_TOLD[lock] or 0) + 1
+  save_shared(lock)
+end
+
+-- Whether an answer told a shared holder's owner it holds it (`told_shared`).
+local function shared_told(lock) return (SHARED_TOLD[lock] or 0) > 0 end
 
 local function lapsed(lock)
   if lock[5] == '0' then return false end  -- no lease (most locks): no number to read
@@ -1041,9 +1058,13 @@ end
 -- of the call that granted it leaves it. `told` counts those answers (REFRESH's too), and
 -- `told:<this call's op name>` names this one: its own give-back (its caller told unavailable
 -- too, as when the pull asked again while Redis was frozen) takes its count back
--- (give_back.lua).
+-- (give_back.lua). A shared hold counts such answers in its record (`told_shared`); its
+-- give-back leaves it once any was made.
 local function relied_on(h)
-  if h[10] ~= 'shared' and not h.bad then
+  if h.bad then return end
+  if h[10] == 'shared' then
+    told_shared(h)
+  else
     local name = lock_name(h[1])
     w('HINCRBY', name, 'told', 1)
     w('HSET', name, 'told:' .. OP, '1')

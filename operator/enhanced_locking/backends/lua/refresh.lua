@@ -17,7 +17,7 @@ local function main()
   local exp = NOW + tonumber(ARGV[14])
   lock[5], lock[8], lock[9] = int(exp), false, false
   if lock[10] == 'shared' then
-    save_shared(lock)
+    told_shared(lock)  -- (its owner acts on it, as below)
   else
     w('HDEL', lock_name(ARGV[11]), 'claim', 'lease')
     -- (`told`: its owner acts on it, see lib.lua's `relied_on`)
