@@ -291,6 +291,10 @@ class LockerModel(RuleBasedStateMachine):
         waiter.told = "cancelled"
         self.waiting.remove(waiter)
         self.done.append(waiter)
+        # Whoever it held back is served: on a key whose holder's lease has run out (its timer
+        # not yet fired), the next waiter is granted now.
+        for path in waiter.paths:
+            self.settle_key(path)
         self.run(self.settle())
 
     @rule(ms=st.sampled_from([1, 200, 999, 1000, 1500]))
