@@ -272,6 +272,7 @@ type errorBody struct {
 	Holder  *Lock  `json:"holder"`
 	Reason  string `json:"reason"`
 	Detail  any    `json:"detail"`
+	Verb    string `json:"verb"`
 }
 
 func errorMessage(body []byte) string {
@@ -300,7 +301,7 @@ func refusal(k call, got answer) error {
 	}
 	switch {
 	case got.status == http.StatusUnauthorized || got.status == http.StatusForbidden:
-		return &DeniedError{Status: got.status, Message: message}
+		return &DeniedError{Status: got.status, Message: message, Verb: e.Verb}
 	case got.status == http.StatusConflict && (e.Holder != nil || e.Reason == "not-owned" || e.Reason == "changed"):
 		// Held by another pull; without Holder when it is a repository the caller may not
 		// read, or when a force-unlock found the key taken by a hold it did not check.

@@ -88,6 +88,9 @@ func (e *InvalidError) Error() string { return fmt.Sprintf("invalid request: %s"
 type DeniedError struct {
 	Status  int
 	Message string
+	// Verb is the right the caller lacks ("lock", "prioritize", ...), when the service named
+	// it (its 403 does).
+	Verb string
 }
 
 func (e *DeniedError) Error() string {

@@ -37,6 +37,9 @@ type Database struct {
 	priority client.Priority
 	byCmd    map[command.Name]client.Priority
 	timeout  time.Duration
+	// chosen: priority is one the operator set (WithPriority, WithCommandPriorities), not the
+	// adapter's default for the command; cmdChosen: byCmd is the operator's.
+	chosen, cmdChosen bool
 
 	clientOpts []client.Option
 }
@@ -53,13 +56,18 @@ func WithWait(d time.Duration) Option { return func(b *Database) { b.wait = d } 
 
 // WithPriority is TryLock's priority in the queue when no command says otherwise
 // (default normal).
-func WithPriority(p client.Priority) Option { return func(b *Database) { b.priority = p } }
+func WithPriority(p client.Priority) Option {
+	return func(b *Database) { b.priority, b.chosen = p, true }
+}
 
 // WithCommandPriorities sets the priority of each command's view (see ForCommand); the
 // default puts the commands that write the state above plan: {apply: high, import: high,
 // state: high, plan: normal}. A command the map does not name asks with WithPriority's.
+// Asking above normal needs the service's prioritize right, which its locker role has not:
+// a default priority the service refuses for it is asked again at normal; one set here or
+// with WithPriority is refused as it came (a *client.DeniedError whose Verb is "prioritize").
 func WithCommandPriorities(m map[command.Name]client.Priority) Option {
-	return func(b *Database) { b.byCmd = maps.Clone(m) }
+	return func(b *Database) { b.byCmd, b.cmdChosen = maps.Clone(m), true }
 }
 
 // WithTimeout bounds each call (db.Database passes no context); a waiting TryLock gets its
@@ -115,7 +123,7 @@ func defaultCommandPriorities() map[command.Name]client.Priority {
 func (b *Database) ForCommand(name command.Name) *Database {
 	view := *b
 	if p, ok := b.byCmd[name]; ok {
-		view.priority = p
+		view.priority, view.chosen = p, b.cmdChosen
 	}
 	return &view
 }
@@ -132,6 +140,9 @@ func (b *Database) ctx(extra time.Duration) (context.Context, context.CancelFunc
 	}
 	return context.WithTimeout(context.Background(), b.timeout+extra)
 }
+
+// verbPrioritize is the right to ask above normal priority (the service's 403 names it).
+const verbPrioritize = "prioritize"
 
 func key(p models.Project, workspace string) string {
 	return client.LockKey(project(p), workspace)
@@ -162,14 +173,25 @@ func splitKey(p models.Project, workspace string) string {
 func (b *Database) TryLock(lock models.ProjectLock) (bool, models.ProjectLock, error) {
 	ctx, cancel := b.ctx(b.wait)
 	defer cancel()
-	_, err := b.service.Acquire(ctx, client.AcquireRequest{
+	request := client.AcquireRequest{
 		Project:   project(lock.Project),
 		Workspace: lock.Workspace,
 		Pull:      pull(lock.Pull),
 		User:      user(lock.User),
 		Priority:  b.priority,
 		Wait:      b.wait,
-	})
+	}
+	_, err := b.service.Acquire(ctx, request)
+	var denied *client.DeniedError
+	if errors.As(err, &denied) && denied.Verb == verbPrioritize && !b.chosen &&
+		b.priority != client.PriorityNormal {
+		// The command's default priority (apply, import, state: high) needs the prioritize
+		// right, which the locker role Atlantis is given has not: ask at normal, as a
+		// caller without it can. The 403 came before the service did anything with the
+		// request. A priority the operator chose is refused as it came.
+		request.Priority = client.PriorityNormal
+		_, err = b.service.Acquire(ctx, request)
+	}
 	if err == nil {
 		return true, lock, nil
 	}

@@ -911,3 +911,39 @@ func TestPingChecksTheWrappedDatabaseToo(t *testing.T) {
 		t.Fatal("Ping must fail when the wrapped database is closed")
 	}
 }
+
+func TestApplyOnTheLockerRoleAsksWithNormalPriority(t *testing.T) {
+	// The locker role ("what Atlantis needs", the one the chart binds Atlantis to) may lock
+	// but not ask above normal. Apply's default priority (high) must not make every apply
+	// fail with a 403: the view asks again at normal. A priority the operator chose is
+	// refused as it came.
+	svc := servicetest.Serve(t, "--enhanced-locking-enabled", "--enhanced-locking-priority-queue",
+		"--enhanced-locking-auth", "static", "--enhanced-locking-auth-tokens", "atlantis-token,atlantis,1",
+		"--enhanced-locking-auth-roles", "locker=user:atlantis")
+	token := lockdb.WithClientOptions(client.WithToken("atlantis-token"))
+	database := open(t, svc, token)
+	lockFor := func(path string) models.ProjectLock {
+		return models.ProjectLock{Project: models.NewProject("acme/infra", path, ""), Workspace: "default",
+			Pull: pullOf("acme/infra", 1), User: alice, Time: time.Now()}
+	}
+	ok, _, err := database.ForCommand(command.Apply).TryLock(lockFor("envs/prod"))
+	if err != nil || !ok {
+		t.Fatalf("apply on the locker role should get the free lock, got %v %v", ok, err)
+	}
+	held, err := database.Client().Get(context.Background(), "acme/infra/envs/prod/default/")
+	must(t, err)
+	if held == nil || held.Priority != client.PriorityNormal {
+		t.Fatalf("the lock should be held at normal priority, got %+v", held)
+	}
+	chosen := open(t, svc, token, lockdb.WithCommandPriorities(map[command.Name]client.Priority{
+		command.Apply: client.PriorityHigh}))
+	ok, _, err = chosen.ForCommand(command.Apply).TryLock(lockFor("envs/stage"))
+	var denied *client.DeniedError
+	if ok || !errors.As(err, &denied) || denied.Status != 403 || denied.Verb != "prioritize" {
+		t.Fatalf("a priority the operator chose should be refused as it came, got %v %v", ok, err)
+	}
+	ok, _, err = open(t, svc, token, lockdb.WithPriority(client.PriorityHigh)).TryLock(lockFor("envs/stage"))
+	if ok || !errors.As(err, &denied) || denied.Verb != "prioritize" {
+		t.Fatalf("WithPriority(high) should be refused as it came, got %v %v", ok, err)
+	}
+}

@@ -215,14 +215,32 @@ def _acquire(args: argparse.Namespace, env: Mapping[str, str], out: TextIO) -> i
     print(f"enhanced-locking: {command} of pull #{request.pull.num} asks for {request.key} "
           f"({request.priority.value} priority"
           + (f", waiting up to {args.wait})" if args.wait else ")"), file=out, flush=True)
-    result = asyncio.run(acquire_with_progress(args.url, request, poll=args.poll, out=out,
-                                               token=args.token))
+    try:
+        result = asyncio.run(acquire_with_progress(args.url, request, poll=args.poll, out=out,
+                                                   token=args.token))
+    except ServiceError as error:
+        if args.priority is not None or not _may_not_prioritize(error):
+            raise
+        # The command's own priority, not one the user asked for: a caller without the
+        # prioritize right (the locker role Atlantis is given) asks again at normal. The 403
+        # came before the service did anything with the request.
+        request = request.model_copy(update={"priority": Priority.NORMAL})
+        print(f"enhanced-locking: no 'prioritize' right, so {command} asks with normal "
+              "priority", file=out, flush=True)
+        result = asyncio.run(acquire_with_progress(args.url, request, poll=args.poll, out=out,
+                                                   token=args.token))
     if result.acquired and result.lock is not None:
         print(f"enhanced-locking: locked {result.lock.key} for pull #{result.lock.pull.num} "
               f"(fencing token {result.lock.fencing_token})", file=out, flush=True)
         return 0
     return terminal.not_granted("enhanced-locking", refusal_line(result, request),
                                 unavailable=result.reason is Reason.UNAVAILABLE)
+
+
+def _may_not_prioritize(error: ServiceError) -> bool:
+    """Whether ``error`` is the service's 403 for a caller without the ``prioritize`` right."""
+    return (error.status == 403 and isinstance(error.body, dict)
+            and error.body.get("verb") == "prioritize")
 
 
 def _release(args: argparse.Namespace, env: Mapping[str, str], out: TextIO) -> int:

@@ -307,6 +307,33 @@ def test_url_and_token_work_wherever_they_are_put(
     assert f"released {KEY} of pull #1" in after.stdout
 
 
+def test_an_apply_step_on_the_locker_role_asks_with_normal_priority(
+    service_process: Callable[..., ServiceProcess], tmp_path: Path,
+) -> None:
+    """The locker role ("what Atlantis needs", the one the chart binds Atlantis to) has no
+    ``prioritize`` right: an apply step, whose command asks ``high``, is not refused for it
+    but asks again at normal, saying so. A ``--priority`` the user gave is refused as asked."""
+    token = "tok-step-locker-9a8b7c6d5e"
+    tokens = tmp_path / "tokens.csv"
+    tokens.write_text(f'# token,name,uid,groups\n{token},atlantis,uid-1,"bots"\n')
+    url = service_process("--enhanced-locking-enabled=true",
+                          "--enhanced-locking-priority-queue=true",
+                          "--enhanced-locking-auth=static",
+                          f"--enhanced-locking-auth-tokens-file={tokens}",
+                          "--enhanced-locking-auth-roles=locker=group:bots").url
+    env = step_env(url, 1, "alice", ENHANCED_LOCKING_TOKEN=token)
+    done = run_step(env, "acquire", "--command", "apply", "--wait", "0s")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "no 'prioritize' right, so apply asks with normal priority" in done.stdout
+    assert f"locked {KEY} for pull #1" in done.stdout
+    lock = httpx.get(f"{url}/v1/locks/by-key", params={"key": KEY},
+                     headers={"Authorization": f"Bearer {token}"}).json()["lock"]
+    assert lock["pull"]["num"] == 1 and lock["priority"] == "normal"
+    asked = run_step(env, "acquire", "--command", "apply", "--priority", "high")
+    assert asked.returncode == 1, asked.stdout + asked.stderr
+    assert "prioritize" in asked.stderr and len(asked.stderr.splitlines()) == 1
+
+
 def test_a_malformed_url_is_a_usage_error() -> None:
     done = run_step(step_env("http://127.0.0.1:4142", 1, "alice"), "--url", "nope", "acquire",
                     "--command", "plan")
