@@ -117,7 +117,7 @@ class Client:
         self._http.close()
 
     def _call(self, method: str, path: str, *, ok: tuple[int, ...] = (200,),
-              timeout: float | httpx.Timeout | None = None,
+              timeout: float | httpx.Timeout | None = None, absent: str | None = None,
               **kwargs: Any) -> tuple[int, Any]:
         try:
             if timeout is not None:
@@ -126,7 +126,7 @@ class Client:
         except httpx.HTTPError as error:
             raise ServiceError(0, f"cannot reach the lock service at "
                                   f"{shown_url(self._http.base_url)}: {error}") from None
-        return _answer(response, ok)
+        return _answer(response, ok, absent=absent)
 
     def acquire(self, request: LockRequest) -> AcquireResult:
         """Acquire (waiting if ``request.wait`` says so); refusals come back as results."""
@@ -161,7 +161,8 @@ class Client:
             payload["repo"] = repo
         if ttl is not None:
             payload["ttl"] = ttl
-        status, body = self._call("POST", "/v1/locks/refresh", ok=(200, 404), json=payload)
+        status, body = self._call("POST", "/v1/locks/refresh", ok=(200, 404), absent=key,
+                                  json=payload)
         return Lock.model_validate(body["lock"]) if status == 200 else None
 
     def audit(self, **filters: Any) -> dict[str, Any]:
@@ -181,7 +182,7 @@ class Client:
         params: dict[str, Any] = {"key": key, "id": waiter_id}
         if pull is not None:
             params["pull"] = pull
-        status, _ = self._call("DELETE", "/v1/queue", ok=(200, 404), params=params)
+        status, _ = self._call("DELETE", "/v1/queue", ok=(200, 404), absent=key, params=params)
         return status == 200
 
     def force_unlock(
@@ -191,7 +192,7 @@ class Client:
         when nothing was held."""
         params = {"key": key, **({"reason": reason} if reason else {})}
         status, body = self._call("POST", "/v1/admin/force-unlock", ok=(200, 404),
-                                  params=params)
+                                  absent=key, params=params)
         if status != 200:
             return None
         if body.get("lock") is None and body.get("unreadable") is not None:
@@ -224,7 +225,8 @@ class Client:
                                   f"{shown_url(self._http.base_url)}: {error}") from None
 
     def get(self, key: str) -> Lock | None:
-        status, body = self._call("GET", "/v1/locks/by-key", ok=(200, 404), params={"key": key})
+        status, body = self._call("GET", "/v1/locks/by-key", ok=(200, 404), absent=key,
+                                  params={"key": key})
         return Lock.model_validate(body["lock"]) if status == 200 else None
 
     def release(self, key: str, *, pull: int | None = None,
@@ -236,7 +238,8 @@ class Client:
             params["pull"] = pull
         if repo is not None:
             params["repo"] = repo
-        status, body = self._call("DELETE", "/v1/locks/by-key", ok=(200, 404), params=params)
+        status, body = self._call("DELETE", "/v1/locks/by-key", ok=(200, 404), absent=key,
+                                  params=params)
         return Lock.model_validate(body["lock"]) if status == 200 else None
 
     def list(self, *, repo: str | None = None, pull: int | None = None) -> Locks:
@@ -268,13 +271,13 @@ class AsyncClient:
         await self._http.aclose()
 
     async def _call(self, method: str, path: str, *, ok: tuple[int, ...] = (200,),
-                    **kwargs: Any) -> tuple[int, Any]:
+                    absent: str | None = None, **kwargs: Any) -> tuple[int, Any]:
         try:
             response = await self._http.request(method, path, **kwargs)
         except httpx.HTTPError as error:
             raise ServiceError(0, f"cannot reach the lock service at "
                                   f"{shown_url(self._http.base_url)}: {error}") from None
-        return _answer(response, ok)
+        return _answer(response, ok, absent=absent)
 
     async def acquire(self, request: LockRequest) -> AcquireResult:
         _, body = await self._call("POST", "/v1/locks", ok=(200, 409), json=_body(request),
@@ -288,7 +291,7 @@ class AsyncClient:
     async def waiter(self, key: str, waiter_id: str) -> dict[str, Any] | None:
         """Where one queued request stands (``GET /v1/queue/waiter``: position, holders, who
         is ahead, ``estimateSeconds``); ``None`` when it is not queued (any more)."""
-        status, body = await self._call("GET", "/v1/queue/waiter", ok=(200, 404),
+        status, body = await self._call("GET", "/v1/queue/waiter", ok=(200, 404), absent=key,
                                         params={"key": key, "id": waiter_id})
         return dict(body) if status == 200 else None
 
@@ -338,11 +341,16 @@ def _read_timeout(request: LockRequest | BatchLockRequest) -> httpx.Timeout:
     return httpx.Timeout(10.0, read=seconds + 30.0)
 
 
-def _answer(response: httpx.Response, ok: tuple[int, ...]) -> tuple[int, Any]:
+def _answer(response: httpx.Response, ok: tuple[int, ...], *,
+            absent: str | None = None) -> tuple[int, Any]:
     """The status and the JSON object of an answer whose status is in ``ok``; else
     :class:`ServiceError`: with the answer's ``error`` and its body (its JSON, else its text:
     a proxy's error page, say), or, for an answer in ``ok`` that is not a JSON object (a
-    sign-in page), status 0: what answered is not the lock service."""
+    sign-in page), status 0: what answered is not the lock service.
+
+    ``absent``: the key whose 404 means nothing is there. Only the service's own 404 for it
+    (naming it as ``lockKey``) is that answer; another 404 (a base URL whose path is not the
+    service's, a proxy's) says nothing of the lock and is status 0 as well."""
     try:
         body = response.json()
     except ValueError:
@@ -353,6 +361,10 @@ def _answer(response: httpx.Response, ok: tuple[int, ...]) -> tuple[int, Any]:
         kind = response.headers.get("content-type", "no content type").split(";")[0]
         raise ServiceError(0, f"{shown_url(response.request.url)} did not answer as the lock "
                               f"service: HTTP {response.status_code} {kind}, not a JSON object")
+    if absent is not None and response.status_code == 404 and body.get("lockKey") != absent:
+        raise ServiceError(0, f"{shown_url(response.request.url)} did not answer as the lock "
+                              f"service: HTTP 404 that is not its answer for {absent} (is the "
+                              "URL's path the service's?)")
     return response.status_code, body
 
 

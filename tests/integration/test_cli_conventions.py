@@ -247,6 +247,27 @@ def test_a_page_that_is_not_the_services_answer_is_one_line_exit_3(
     assert "did not answer as the lock service: HTTP 200 text/html, not " in lines[0]
 
 
+def test_a_404_that_is_not_the_services_answer_is_not_read_as_nothing_there(
+    service_process: ServiceFactory,
+) -> None:
+    """A URL whose path is not the service's (``/locks`` before ``/v1``) is answered 404 by
+    every route: that says nothing of the lock. Not "was not locked; nothing to release"
+    (exit 0: a release step that freed nothing passed) nor "no lock is held" (exit 1), but
+    one line and exit 3, as for any answer that is not the service's."""
+    url = service_process().url + "/locks"
+    for command in (["step", "release"],
+                    ["lock", "release", "--key", "acme/infra/./default/", "--pull", "12"],
+                    ["lock", "refresh", "--key", "acme/infra/./default/", "--pull", "12"],
+                    ["lock", "force-unlock", "--key", "acme/infra/./default/"],
+                    ["lock", "cancel", "--key", "acme/infra/./default/", "--id", "r-1"]):
+        result = run(*command, "--url", url, env={
+            "BASE_REPO_OWNER": "acme", "BASE_REPO_NAME": "infra", "PULL_NUM": "12"})
+        assert result.returncode == 3, (command, result.stdout + result.stderr)
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1, (command, result.stderr)
+        assert "HTTP 404 that is not its answer for acme/infra/./default/" in lines[0]
+
+
 def test_a_password_in_the_url_is_never_shown() -> None:
     """A URL carrying a user and password (for a proxy asking basic authentication) is not
     repeated in a message: an Atlantis step's output goes into the pull request."""
