@@ -3,6 +3,7 @@ package client
 import (
 	"encoding/json"
 	"errors"
+	"strings"
 	"testing"
 )
 
@@ -51,3 +52,18 @@ func TestA409WithoutAHolderIsStillANotOwnerError(t *testing.T) {
 		}
 	}
 }
+
+func TestAURLThatIsRefusedIsNotShownWithItsPassword(t *testing.T) {
+	for _, bad := range []string{"ftp://atlantis:pw-s3cret-77@127.0.0.1:4142",
+		"http://atlantis:pw-s3cret-77@", "atlantis:pw-s3cret-77@127.0.0.1:4142"} {
+		_, err := New(bad)
+		var invalid *InvalidError
+		if !errors.As(err, &invalid) || strings.Contains(err.Error(), "pw-s3cret-77") {
+			t.Fatalf("New(%q) should refuse the URL without showing its password, got %v", bad, err)
+		}
+		if !strings.Contains(err.Error(), "127.0.0.1") && !strings.HasSuffix(bad, "@") {
+			t.Fatalf("the refusal should still name the host: %v", err)
+		}
+	}
+}
+

@@ -89,7 +89,7 @@ func New(baseURL string, opts ...Option) (*Client, error) {
 	base, err := url.Parse(strings.TrimRight(baseURL, "/"))
 	if err != nil || (base.Scheme != "http" && base.Scheme != "https") || base.Host == "" {
 		return nil, &InvalidError{Field: "url", Message: fmt.Sprintf(
-			"url: expected http(s)://host:port of the lock service, got %q", baseURL)}
+			"url: expected http(s)://host:port of the lock service, got %q", withoutUserinfo(baseURL))}
 	}
 	c := &Client{
 		base:        base,
@@ -103,6 +103,23 @@ func New(baseURL string, opts ...Option) (*Client, error) {
 		opt(c)
 	}
 	return c, nil
+}
+
+// withoutUserinfo is u without the user:password@ it may carry before its host, so that a
+// refused URL can be shown (Atlantis logs the error) without the password.
+func withoutUserinfo(u string) string {
+	prefix, rest := "", u
+	if i := strings.Index(u, "://"); i >= 0 {
+		prefix, rest = u[:i+3], u[i+3:]
+	}
+	end := len(rest)
+	if j := strings.IndexAny(rest, "/?#"); j >= 0 {
+		end = j
+	}
+	if at := strings.LastIndex(rest[:end], "@"); at >= 0 {
+		rest = rest[at+1:]
+	}
+	return prefix + rest
 }
 
 // URL is the service's base URL.
