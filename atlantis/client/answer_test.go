@@ -1,10 +1,13 @@
 package client
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
+	"net"
 	"strings"
 	"testing"
+	"time"
 )
 
 // A deadlock answer as the service sends it to a caller who may not read one of the cycle's
@@ -67,3 +70,21 @@ func TestAURLThatIsRefusedIsNotShownWithItsPassword(t *testing.T) {
 	}
 }
 
+func TestANegativeBackoffRetriesWithoutWaitingInsteadOfPanicking(t *testing.T) {
+	// Nothing listens at the address: a read is retried after each refused connection.
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close() //nolint:errcheck
+	c, err := New("http://"+addr, WithRetries(3, -time.Second))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := c.Get(ctx, "acme/infra/./default/"); !IsUnavailable(err) {
+		t.Fatalf("an unreachable service should be unavailable after the retries, got %v", err)
+	}
+}

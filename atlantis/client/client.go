@@ -70,13 +70,10 @@ func WithHTTPClient(hc *http.Client) Option { return func(c *Client) { c.http = 
 func WithToken(token string) Option { return func(c *Client) { c.token = token } }
 
 // WithRetries sets how many attempts a call that is safe to repeat gets (1: no retry), and
-// the first delay between them (doubled each time, with jitter, up to 2s).
+// the first delay between them (doubled each time, with jitter, up to 2s; below 0: none).
 func WithRetries(attempts int, backoff time.Duration) Option {
 	return func(c *Client) {
-		if attempts < 1 {
-			attempts = 1
-		}
-		c.attempts, c.backoff = attempts, backoff
+		c.attempts, c.backoff = max(attempts, 1), max(backoff, 0)
 	}
 }
 
