@@ -946,4 +946,15 @@ func TestApplyOnTheLockerRoleAsksWithNormalPriority(t *testing.T) {
 	if ok || !errors.As(err, &denied) || denied.Verb != "prioritize" {
 		t.Fatalf("WithPriority(high) should be refused as it came, got %v %v", ok, err)
 	}
+	// Atlantis's lock page frees a key whoever holds it: release-any, which the locker role
+	// has not (docs/07-atlantis-go.md says so). The lock stays; the pull's own release goes.
+	prod := models.NewProject("acme/infra", "envs/prod", "")
+	if _, err := database.Unlock(prod, "default"); !errors.As(err, &denied) || denied.Verb != "release-any" {
+		t.Fatalf("Unlock on the locker role should be refused for release-any, got %v", err)
+	}
+	freed, err := database.UnlockByPull("acme/infra", 1)
+	must(t, err)
+	if len(freed) != 1 || freed[0].Project.Path != "envs/prod" {
+		t.Fatalf("the pull's own release should free its lock, freed %+v", freed)
+	}
 }
