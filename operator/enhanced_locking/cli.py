@@ -12,9 +12,10 @@
     enhanced-locking migrate import (--from-boltdb FILE | --from-redis URL) [--dry-run]
                                     [--output table|json] [--enhanced-locking-* ...]
 
-Exit codes: 0 done; 1 refused (lock held, not found, not owned); 2 invalid usage, config or
-URL; 3 the service could not be reached or could not serve the call now (its 503 or 429: a
-store did not answer, it is overloaded; or, for ``serve``, its address could not be bound).
+Exit codes: 0 done; 1 refused (lock held, not found, not owned; ``serve``: its store could not
+be opened); 2 invalid usage, config or URL (``serve``: also an address it cannot listen on);
+3 the service could not be reached or could not serve the call now (its 503 or 429: a store
+did not answer, it is overloaded), or what answered is not the service.
 What goes to stdout and stderr is :mod:`enhanced_locking.terminal`'s one convention. ``--url``
 and ``--token`` may stand before or after any command word.
 """
