@@ -13,15 +13,20 @@ import contextlib
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from tests.support.locks import lock_for, request_for
 from tests.support.redis_server import RedisServer
 
+from enhanced_locking.backends.atlantis_redis import AtlantisRedisBackend
+from enhanced_locking.backends.audit_store import RedisAuditStore, Retention
 from enhanced_locking.backends.redis_connection import BUSY_LIMIT, COMMAND_TIMEOUT
 from enhanced_locking.backends.redis_store import RedisBackend
-from enhanced_locking.types import BackendUnavailable
+from enhanced_locking.migration.routing_registry import RedisRoutingRegistry
+from enhanced_locking.types import AuditEntry, BackendUnavailable
 
 pytestmark = pytest.mark.redis
 
@@ -116,3 +121,75 @@ async def test_a_call_behind_calls_that_redis_never_finishes_still_ends_at_its_l
     finally:
         await asyncio.gather(spin, return_exceptions=True)
         redis_server.client().config_set("busy-reply-threshold", "5000")
+
+
+Call = Callable[[], Coroutine[Any, Any, object]]
+
+
+def _redis_py_paths(backend: RedisBackend) -> dict[str, Call]:
+    """One call on each path through redis-py's own commands, each under the call's limit:
+    the store's reads outside its scripts, Atlantis's layout, the audit trail, the replica
+    registry."""
+    connection = backend.connection
+    audit = RedisAuditStore(connection, "t:audit", Retention(timedelta(days=1), 100))
+    registry = RedisRoutingRegistry(connection, prefix="t:")
+    atlantis = AtlantisRedisBackend(connection)
+    return {
+        "store time": backend.now,
+        "atlantis acquire": lambda: atlantis.acquire(lock_for(request_for(pull=2))),
+        "audit append": lambda: audit.append(AuditEntry(
+            time=datetime.now(UTC), identity="ada", method="static", verb="lock",
+            action="acquire", key="acme/infra/1/default", repo="acme/infra", pull=1,
+            outcome="acquired", status=200)),
+        "replica report": lambda: registry.report(replica_id="a", weight=10, generation=1),
+    }
+
+
+async def _open_connections(backend: RedisBackend, count: int) -> None:
+    """``count`` pooled connections opened (opening one is a call of its own)."""
+    client = backend.connection.client
+    assert await asyncio.gather(*(client.ping() for _ in range(count))) == [True] * count
+
+
+async def test_answers_that_came_while_the_loop_stalled_are_taken_on_redis_py_paths(
+    redis_server: RedisServer, redis_backend: RedisBackend,
+) -> None:
+    # As the first test, for every path that calls Redis through redis-py's own commands.
+    paths = _redis_py_paths(redis_backend)
+    await _open_connections(redis_backend, 8)
+    assert redis_server.process is not None
+    redis_server.process.send_signal(signal.SIGSTOP)
+    cont = threading.Timer(1.0, redis_server.process.send_signal, (signal.SIGCONT,))
+    try:
+        calls = {name: asyncio.create_task(call()) for name, call in paths.items()}
+        await asyncio.sleep(0.3)  # sent, not answered
+        cont.start()
+        time.sleep(COMMAND_TIMEOUT + 1)  # noqa: ASYNC251
+        answers = dict(zip(calls, await asyncio.gather(*calls.values(),
+                                                       return_exceptions=True), strict=True))
+    finally:
+        cont.cancel()
+        redis_server.process.send_signal(signal.SIGCONT)
+    failed = {name: answer for name, answer in answers.items()
+              if isinstance(answer, BaseException)}
+    assert not failed, failed
+    atlantis = answers["atlantis acquire"]
+    assert isinstance(atlantis, tuple) and atlantis[0] is True, atlantis
+
+
+async def test_calls_on_redis_py_paths_behind_a_busy_redis_that_answers_others_are_waited_for(
+    redis_server: RedisServer, redis_backend: RedisBackend,
+) -> None:
+    # As the second test, for the paths through redis-py's own commands (their writes are
+    # held; the store's time, a read, is answered at once).
+    paths = _redis_py_paths(redis_backend)
+    await _open_connections(redis_backend, 8)
+    started = time.monotonic()
+    async with _writes_held(redis_server, redis_backend):
+        answers = await asyncio.gather(*(call() for call in paths.values()),
+                                       return_exceptions=True)
+        took = time.monotonic() - started
+    failed = {name: answer for name, answer in zip(paths, answers, strict=True)
+              if isinstance(answer, BaseException)}
+    assert not failed, failed
+    assert COMMAND_TIMEOUT < took < BUSY_LIMIT, took

@@ -49,6 +49,7 @@ from enhanced_locking.backends.redis_connection import (
     RedisConnection,
     again_if_written_over,
     connect,
+    within_limit,
     wrong_type,
 )
 from enhanced_locking.config import EnhancedLockingConfig
@@ -511,9 +512,9 @@ class RedisAuditStore:
         a Redis that took the call and never answers, stopped or on a hung host, held the
         audited call's answer until it woke)."""
         try:
-            async with asyncio.timeout(COMMAND_TIMEOUT):
-                return await again_if_written_over(self._replace, self._stream, "stream", call,
-                                                   self._replaced)
+            return await within_limit(
+                again_if_written_over(self._replace, self._stream, "stream", call,
+                                      self._replaced), counted=self._connection.counted)
         except TimeoutError:
             raise BackendUnavailable(f"cannot {action} the audit trail: no answer within the "
                                      f"call's {COMMAND_TIMEOUT:g} s limit") from None

@@ -80,9 +80,9 @@ CONNECT_TIMEOUT = 2.0
 
 COMMAND_TIMEOUT = 5.0
 """Seconds one call may take; our scripts take microseconds. Enforced around each call by a
-timer on the event loop (``asyncio.timeout``; the scripts' calls by a leaner timer,
-:func:`within_limit`) rather than as redis-py's socket timeout, which wraps every
-send in a task of its own (``asyncio.wait_for``) and cost more than the script."""
+timer on the event loop (:func:`within_limit`; :class:`unavailable` around redis-py's own
+commands) rather than as redis-py's socket timeout, which wraps every send in a task of its
+own (``asyncio.wait_for``) and cost more than the script."""
 
 POOL_WAIT = 4.0
 """Seconds a call waits for a free pooled connection; past it the call is answered
@@ -937,7 +937,8 @@ stopped. Past it the call is given up as one Redis did not answer."""
 
 
 class _Limit:
-    """The limit of one call under :func:`within_limit`: the timer armed now, whether it ran
+    """The limit of one call under :func:`within_limit` (or of the calls of an
+    :class:`unavailable` block): the timer armed now, whether it ran
     out (:attr:`expired`), and how it tells a Redis that does not answer from one that is slow.
 
     When the ``seconds`` run out the call is not given up at once: first the loop turns once
@@ -1025,30 +1026,44 @@ async def within_limit(call: Coroutine[Any, Any, _T], seconds: float = COMMAND_T
     loop without them); every call of the store's scripts takes one. A call that waited for
     a pooled connection has its ``seconds`` counted from when it was sent (:func:`_sent_now`).
     Given the client's ``counted`` calls, a call whose Redis answers others is waited for
-    longer (:class:`_Limit`)."""
-    loop = asyncio.get_running_loop()
+    longer (:class:`_Limit`). The calls through redis-py's own commands take the same limit
+    as a block (:class:`unavailable`)."""
     task = asyncio.current_task()
     assert task is not None
-    now = loop.time()
-    limit = _Limit(counted, now)
-    limit.timer = loop.call_at(now + seconds, _expire, task, limit, seconds)
+    limit = _armed(task, seconds, counted)
     cancelling = task.cancelling()
     try:
         answer = await call
-    except asyncio.CancelledError as error:
-        _end(task, limit)
-        if limit.expired and task.uncancel() <= cancelling:
+    except BaseException as error:
+        if _ended(task, limit, cancelling, error):
             raise TimeoutError from error
         raise
-    except BaseException:
-        _end(task, limit)
-        if limit.expired:  # (its cancellation is taken back, as asyncio.timeout does)
-            task.uncancel()
-        raise
     _end(task, limit)
-    if limit.expired:
+    if limit.expired:  # (answered in its turn of grace: its cancellation is taken back)
         task.uncancel()
     return answer
+
+
+def _armed(task: asyncio.Task[Any], seconds: float, counted: CallCount | None) -> _Limit:
+    """The limit of a call of ``task`` starting now (see :class:`_Limit`), armed."""
+    loop = task.get_loop()
+    now = loop.time()
+    limit = _Limit(counted, now)
+    limit.timer = loop.call_at(now + seconds, _expire, task, limit, seconds)
+    return limit
+
+
+def _ended(task: asyncio.Task[Any], limit: _Limit, cancelling: int,
+           error: BaseException | None) -> bool:
+    """``limit`` disarmed, its call of ``task`` ended (raising ``error``; None: answered),
+    ``cancelling`` being the task's count of cancellations when it was armed: whether
+    ``error`` is the limit's own cancellation (the call did not end in time: to be raised as
+    ``TimeoutError``). A cancellation of the limit's that the call did not end on is taken
+    back, as ``asyncio.timeout`` does."""
+    _end(task, limit)
+    if not limit.expired:
+        return False
+    return task.uncancel() <= cancelling and isinstance(error, asyncio.CancelledError)
 
 
 def _end(task: asyncio.Task[Any], limit: _Limit) -> None:
@@ -1135,8 +1150,10 @@ class unavailable:  # used like contextlib.suppress
     """Redis unreachable, slow, loading, read-only or refusing us: ``BackendUnavailable``.
 
     ``async with unavailable(connection, "acquire", key=k):`` also bounds the calls inside to
-    ``seconds`` (connections have no socket timeout of their own, see ``COMMAND_TIMEOUT``);
-    plain ``with`` only translates the errors.
+    ``seconds`` (connections have no socket timeout of their own, see ``COMMAND_TIMEOUT``),
+    as :func:`within_limit` bounds a script's call: an answer read in the turn the limit came
+    due is taken, and while Redis answers the client's other calls the block is waited for
+    up to ``BUSY_LIMIT`` (:class:`_Limit`); plain ``with`` only translates the errors.
     """
 
     def __init__(self, connection: RedisConnection, action: str, *, key: str | None = None,
@@ -1148,7 +1165,9 @@ class unavailable:  # used like contextlib.suppress
         self.action = action
         self.key = key
         self.seconds = seconds
-        self._deadline: asyncio.Timeout | None = None
+        self._task: asyncio.Task[Any] | None = None
+        self._limit: _Limit | None = None
+        self._cancelling = 0
 
     def __enter__(self) -> None:
         return None
@@ -1165,16 +1184,16 @@ class unavailable:  # used like contextlib.suppress
         return False
 
     async def __aenter__(self) -> None:
-        self._deadline = asyncio.timeout(self.seconds)
-        await self._deadline.__aenter__()
+        task = asyncio.current_task()
+        assert task is not None
+        self._task, self._cancelling = task, task.cancelling()
+        self._limit = _armed(task, self.seconds, self.connection.counted)
 
     async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
                         trace: TracebackType | None) -> Literal[False]:
-        assert self._deadline is not None
-        try:
-            await self._deadline.__aexit__(kind, error, trace)
-        except TimeoutError as expired:  # the deadline passed: the call was cancelled
-            error = expired
+        assert self._task is not None and self._limit is not None
+        if _ended(self._task, self._limit, self._cancelling, error):
+            error = TimeoutError()  # the limit passed: the calls were cut off
         return self.__exit__(kind, error, trace)
 
 
