@@ -1,10 +1,13 @@
-"""The place the Redis store answers a queued request with, counted in the queues (a few
-``ZCOUNT`` a call, whatever the queue's length) rather than found by walking them: it is the
-request's place in the service order the store reads back (``queue``), with priorities,
-aging and FIFO within a priority, for a new request and for a retry that finds its waiter."""
+"""An enqueue on the Redis store as its queue grows: the place it answers a queued request
+with is counted in the queues (a few ``ZCOUNT`` a call, whatever the queue's length) rather
+than found by walking them, and is the request's place in the service order the store reads
+back (``queue``), with priorities, aging and FIFO within a priority, for a new request and
+for a retry that finds its waiter; and the call looks at a few of this replica's waiters on
+the key, not at all of them."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -15,8 +18,9 @@ from tests.support.locks import candidate_for, lock_for, request_for
 from tests.support.redis_fixtures import redis_config
 from tests.support.redis_server import RedisServer
 
+from enhanced_locking.backends import waiting
 from enhanced_locking.backends.redis_store import RedisBackend
-from enhanced_locking.backends.waiting import QueuePolicy, Status, Wait
+from enhanced_locking.backends.waiting import Notice, QueuePolicy, Status, Wait
 from enhanced_locking.types import Priority
 
 pytestmark = pytest.mark.redis
@@ -95,17 +99,49 @@ async def test_an_enqueue_reads_the_queue_a_few_times_whatever_its_length(
     backend: RedisBackend, redis_server: RedisServer,
 ) -> None:
     # Counted in Redis's own command statistics: the place of a request joining a queue of
-    # 300 takes a few reads of the queues, as in a queue of 3 (walking it took one ZRANGE an
+    # 200 takes a few reads of the queues, as in a queue of 3 (walking it took one ZRANGE an
     # entry ahead).
     policy = QueuePolicy(priority=True, max_size=1000)
     reads: list[int] = []
     with redis_server.client() as admin:
-        for pull in range(10, 310):
-            if pull in (13, 309):
+        for pull in range(10, 210):
+            if pull in (13, 209):
                 admin.config_resetstat()
             await _enqueue(backend, pull, LEVELS[pull % 4], policy)
-            if pull in (13, 309):
+            if pull in (13, 209):
                 stats = admin.info("commandstats")
                 reads.append(sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0))
                                  for c in ("zrange", "zcount", "zrangebyscore", "zscore")))
     assert reads[0] <= 16 and reads[1] == reads[0], reads
+
+
+async def test_an_enqueue_looks_at_a_few_of_this_replicas_waiters_on_its_key(
+    backend: RedisBackend, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Each call of a key declares what a grant to this replica's oldest waiters on it touches:
+    # the oldest whose callers still wait, those met whose callers left forgotten. Joining a
+    # queue of 200 of this replica's waiters looks at a few of them, as joining one of 3 does
+    # (each looked up in the list of every pending waiter, it was O(n²) in them).
+    policy = QueuePolicy(max_size=1000)
+    futures = {}
+    for pull in range(10, 210):
+        futures[pull] = backend.grants.expect(f"w-{pull}")
+        await _enqueue(backend, pull, Priority.NORMAL, policy)
+    for pull in (10, 11):  # their callers went away
+        backend.grants.forget(f"w-{pull}", futures[pull])
+    declared = backend._queued_names(KEY)
+    assert [backend.keys.waiter(f"w-{pull}") in declared for pull in range(10, 16)] == [
+        False, False, True, True, True, True]
+    assert "w-10" not in backend._waiting_on[KEY] and "w-209" in backend._waiting_on[KEY]
+    looked = [0]
+    undone = waiting._undone
+
+    def counted(found: list[asyncio.Future[Notice]]) -> bool:
+        looked[0] += 1
+        return undone(found)
+
+    monkeypatch.setattr(waiting, "_undone", counted)
+    futures[210] = backend.grants.expect("w-210")
+    await _enqueue(backend, 210, Priority.NORMAL, policy)
+    assert looked[0] <= 8, looked
+

@@ -599,17 +599,42 @@ class RedisBackend:
         hints[hint] = names
 
     def _queued_names(self, key: str) -> list[str]:
-        """The names a grant of ``key`` to this replica's oldest waiters on it touches."""
+        """The names a grant of ``key`` to this replica's oldest waiters on it touches (the
+        first :data:`_HEADS` whose callers still wait; those met whose callers do not are
+        forgotten). Only the oldest are looked at: each call of the key declares them, and
+        reading every waiter of the key, each looked up in the pending list, cost a call
+        O(n²) in this replica's waiters on it (6 ms of CPU an enqueue at 1,000)."""
         waiting = self._waiting_on.get(key)
         if not waiting:
             return []
-        pending = self._notifier.pending()
-        for gone in [w for w in waiting if w not in pending]:
-            del waiting[gone]
+        waits = self._notifier.waits
+        names: list[str] = []
+        gone: list[str] = []
+        heads = 0
+        for waiter_id, its in waiting.items():
+            if not waits(waiter_id):
+                gone.append(waiter_id)
+                continue
+            names += its
+            heads += 1
+            if heads == _HEADS:
+                break
+        for waiter_id in gone:
+            del waiting[waiter_id]
         if not waiting:
             del self._waiting_on[key]
-            return []
-        return [name for names in list(waiting.values())[:_HEADS] for name in names]
+        return names
+
+    def _forget_unheard(self) -> None:
+        """Forget every waiter whose caller here no longer waits (now and then: the calls of
+        a key forget only those among its oldest)."""
+        self._enqueued.intersection_update(self._notifier.pending())
+        waits = self._notifier.waits
+        for key, waiting in list(self._waiting_on.items()):
+            for waiter_id in [w for w in waiting if not waits(w)]:
+                del waiting[waiter_id]
+            if not waiting:
+                del self._waiting_on[key]
 
     def _own_names(self, waiter_id: str) -> tuple[str, ...]:
         """Every name a grant to (or the drop of) one of this replica's waiters touches."""
@@ -1064,9 +1089,7 @@ class RedisBackend:
             self._waiting_on.setdefault(c.key, {})[wait.id] = names
         self._enqueues += 1
         if self._enqueues % 1024 == 0:  # drop those whose end this replica never heard of
-            self._enqueued.intersection_update(self._notifier.pending())
-            for key in list(self._waiting_on):
-                self._queued_names(key)
+            self._forget_unheard()
         return Outcome(status=Status.QUEUED, waiter=self._waiter(answer.waiter),
                        key=answer.key, holder=self._maybe_lock(answer.holder),
                        position=answer.position, message=messages.get(answer.freeze),
