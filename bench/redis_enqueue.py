@@ -12,9 +12,9 @@ does after an enqueue. Reported per call:
   is in it too);
 * client: the CPU time (user + system) of this process for the call (``time.process_time``),
   the asyncio loop and the reply's decoding included;
-* the same two for the ``queued`` event's own reads, when the locker makes them (a store whose
-  enqueue does not say who is ahead and who holds the key: the locker reads the queue and the
-  holders).
+* the same two for the ``queued`` event's own reads (``EnhancedLocker.queued_view``: the
+  store's enqueue does not say who is ahead and who holds the key, so the locker reads the
+  first in line and the holders; it read the whole queue before).
 
 An O(1) enqueue keeps its column flat from 10 to 10,000; an O(n) one grows a hundredfold.
 A real ``redis-server`` is started on a free loopback port.
@@ -42,7 +42,7 @@ from bench._common import quick_defaults  # noqa: E402
 from tests.support.redis_server import RedisServer  # noqa: E402
 
 from enhanced_locking.backends.redis_store import RedisBackend  # noqa: E402
-from enhanced_locking.backends.waiting import QueuePolicy, Status, Wait  # noqa: E402
+from enhanced_locking.backends.waiting import Outcome, QueuePolicy, Status, Wait  # noqa: E402
 from enhanced_locking.config import EnhancedLockingConfig  # noqa: E402
 from enhanced_locking.events import EventBus  # noqa: E402
 from enhanced_locking.locking import EnhancedLocker  # noqa: E402
@@ -70,7 +70,7 @@ class Rig:
         self.admin = aioredis.Redis(host=server.host, port=server.port)
         self.queued = 0
 
-    async def enqueue(self) -> str:
+    async def enqueue(self) -> Outcome:
         self.queued += 1
         request = _request(self.queued)
         waiter_id = f"w-{self.queued}"
@@ -79,7 +79,7 @@ class Rig:
             Candidate.of_request(request, priority=request.priority), ttl=None,
             wait=Wait(id=waiter_id, timeout=WAIT), policy=self.policy)
         assert outcome.status is Status.QUEUED, outcome
-        return waiter_id
+        return outcome
 
     async def server_usec(self) -> float:
         stats: Any = await self.admin.info("commandstats")
@@ -92,14 +92,15 @@ class Rig:
         key = _request(0).key
         await self.admin.config_resetstat()
         cpu = time.process_time()
-        ids = [await self.enqueue() for _ in range(sample)]
+        queued = [await self.enqueue() for _ in range(sample)]
         enqueue_cpu = (time.process_time() - cpu) / sample
         enqueue_server = await self.server_usec() / sample
         views = max(3, sample // 3)
         await self.admin.config_resetstat()
         cpu = time.process_time()
-        for waiter_id in ids[:views]:
-            assert await self.locker.view(key, waiter_id) is not None
+        for outcome in queued[:views]:
+            assert outcome.waiter is not None and outcome.position is not None
+            assert await self.locker.queued_view(key, outcome.waiter, outcome.position)
         view_cpu = (time.process_time() - cpu) / views
         view_server = await self.server_usec() / views
         return {"length": length, "enqueue_server": enqueue_server,

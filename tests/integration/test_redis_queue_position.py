@@ -8,6 +8,7 @@ the key, not at all of them."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -21,7 +22,12 @@ from tests.support.redis_server import RedisServer
 from enhanced_locking.backends import waiting
 from enhanced_locking.backends.redis_store import RedisBackend
 from enhanced_locking.backends.waiting import Notice, QueuePolicy, Status, Wait
-from enhanced_locking.types import Priority
+from enhanced_locking.config import EnhancedLockingConfig
+from enhanced_locking.events import EventBus
+from enhanced_locking.locking import EnhancedLocker
+from enhanced_locking.locking.visibility import AHEAD_SHOWN
+from enhanced_locking.metrics import Metrics
+from enhanced_locking.types import Event, Priority
 
 pytestmark = pytest.mark.redis
 
@@ -145,3 +151,40 @@ async def test_an_enqueue_looks_at_a_few_of_this_replicas_waiters_on_its_key(
     await _enqueue(backend, 210, Priority.NORMAL, policy)
     assert looked[0] <= 8, looked
 
+
+async def test_the_queued_event_lists_the_first_in_line_and_counts_the_rest(
+    backend: RedisBackend, redis_server: RedisServer,
+) -> None:
+    # 60 waiters queued (three priorities): the 61st request's queued event lists the 20
+    # first in line, in the service order, and says 60 are ahead; reading them read 20 waiter
+    # records, not 60 (the whole queue, read for the event before: O(n) an enqueue).
+    config = EnhancedLockingConfig(enabled=True, backend="redis", redis_addr=redis_server.addr,
+                                   priority_queue=True, deadlock_detection=False)
+    locker = EnhancedLocker(backend, settings=lambda: config, events=EventBus(),
+                            metrics=Metrics())
+    policy = QueuePolicy.from_config(config)
+    for pull in range(10, 70):
+        await _enqueue(backend, pull, LEVELS[pull % 3], policy)
+    seen: list[Event] = []
+    locker.events.subscribe(lambda e: seen.append(e) if e.type == "queued" else None)
+    with redis_server.client() as admin:
+        admin.config_resetstat()
+        waiting = asyncio.ensure_future(locker.acquire(request_for(
+            pull=70, priority=Priority.LOW, wait=timedelta(minutes=1))))
+        for _ in range(500):
+            if seen:
+                break
+            await asyncio.sleep(0.01)
+        records = int(admin.info("commandstats").get("cmdstat_hgetall", {}).get("calls", 0))
+    try:
+        assert seen, "no queued event"
+        details = seen[0].details
+        order = await backend.queue(KEY, policy=policy)
+        assert details["position"] == 61 and details["aheadCount"] == 60
+        assert [w["id"] for w in details["ahead"]] == [w.id for w in order[:AHEAD_SHOWN]]
+        assert [h["pull"] for h in details["holders"]] == [1]
+        assert records <= AHEAD_SHOWN + 5, records
+    finally:
+        waiting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiting

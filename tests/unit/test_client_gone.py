@@ -38,7 +38,7 @@ from enhanced_locking.backends.audit_store import (
     Retention,
     build_audit_store,
 )
-from enhanced_locking.backends.waiting import Notice
+from enhanced_locking.backends.waiting import Notice, Waiter
 from enhanced_locking.factory import LockService
 from enhanced_locking.locking import queueing
 from enhanced_locking.locking.visibility import WaitView
@@ -506,14 +506,14 @@ async def test_a_waiting_client_that_leaves_before_its_wait_begins_holds_nothing
     assert locker is not None
     holder = request_for(repo=REPO, path="net", project="net", pull=1)
     viewing = asyncio.Event()
-    view = locker.view
+    view = locker.queued_view
 
-    async def held_up(key: str, waiter_id: str) -> WaitView | None:
+    async def held_up(key: str, waiter: Waiter, position: int) -> WaitView | None:
         viewing.set()
         await asyncio.Event().wait()  # the client leaves here
-        return await view(key, waiter_id)
+        return await view(key, waiter, position)
 
-    locker.view = held_up  # type: ignore[method-assign]
+    locker.queued_view = held_up  # type: ignore[method-assign]
     await _granted_and_gone(app, router, holder, viewing)
     assert await router.get(holder.key) is None, "the grant outlived its client"
     last = await _last_of_pull_2(trail)
@@ -639,17 +639,17 @@ async def test_a_retry_that_took_the_waiter_over_keeps_it_when_the_first_client_
     holder = request_for(repo=REPO, path="net", project="net", pull=1)
     assert (await router.acquire(holder)).acquired
     viewing, views = asyncio.Event(), 0
-    view = locker.view
+    view = locker.queued_view
 
-    async def first_held_up(key: str, waiter_id: str) -> WaitView | None:
+    async def first_held_up(key: str, waiter: Waiter, position: int) -> WaitView | None:
         nonlocal views
         views += 1
         if views == 1:
             viewing.set()
             await asyncio.Event().wait()  # the first client leaves here
-        return await view(key, waiter_id)
+        return await view(key, waiter, position)
 
-    locker.view = first_held_up  # type: ignore[method-assign]
+    locker.queued_view = first_held_up  # type: ignore[method-assign]
     body = {**BODY, "wait": "30s", "requestId": "r-again"}
     gone, sent = asyncio.Event(), list[tuple[int, bool]]()
     first = asyncio.ensure_future(_post(app, body, gone, sent))

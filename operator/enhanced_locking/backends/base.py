@@ -356,8 +356,10 @@ class QueueBackend(Backend, Protocol):
         """Serve every queue under ``policy`` (its rules changed, or a freeze ended)."""
         ...
 
-    async def queue(self, key: str, *, policy: QueuePolicy | None = None) -> Waiters:
-        """``key``'s waiters in service order (first is served next)."""
+    async def queue(self, key: str, *, policy: QueuePolicy | None = None,
+                    limit: int | None = None) -> Waiters:
+        """``key``'s waiters in service order (first is served next); with ``limit``, only
+        the first ``limit`` of them."""
         ...
 
     async def wait_graph(self, *, policy: QueuePolicy | None = None) -> KeyWaitsList:
@@ -1102,9 +1104,10 @@ class StoreBackend(abc.ABC):
             )
             return Cancelled(waiter=grant.waiter, granted=still, fresh=grant.fresh)
 
-    async def queue(self, key: str, *, policy: QueuePolicy | None = None) -> Waiters:
+    async def queue(self, key: str, *, policy: QueuePolicy | None = None,
+                    limit: int | None = None) -> Waiters:
         return service_order(self._queues.get(key, ()), now=self.clock(),
-                             policy=policy or QueuePolicy())
+                             policy=policy or QueuePolicy())[:limit]
 
     async def wait_graph(self, *, policy: QueuePolicy | None = None) -> KeyWaitsList:
         policy = policy or QueuePolicy()

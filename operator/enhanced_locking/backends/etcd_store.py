@@ -2357,9 +2357,10 @@ class EtcdBackend(StoreBackend):
                                   prefixes=(self.base + b"queue/", self.base + b"lock/",
                                             self.base + b"shared/"))
 
-    async def queue(self, key: str, *, policy: Any = None) -> Any:
-        return await self._atomic(lambda: StoreBackend.queue(self, key, policy=policy),
-                                  prefixes=(self.queue_prefix(key),), key=key)
+    async def queue(self, key: str, *, policy: Any = None, limit: int | None = None) -> Any:
+        return await self._atomic(
+            lambda: StoreBackend.queue(self, key, policy=policy, limit=limit),
+            prefixes=(self.queue_prefix(key),), key=key)
 
     async def wait_graph(self, *, policy: Any = None) -> Any:
         return await self._atomic(lambda: StoreBackend.wait_graph(self, policy=policy),

@@ -1188,9 +1188,13 @@ class RedisBackend:
                          granted=tuple(self._lock(row) for row in answer.locks),
                          fresh=answer.fresh, handed=self._grants(answer.handed))
 
-    async def queue(self, key: str, *, policy: QueuePolicy | None = None) -> Waiters:
+    async def queue(self, key: str, *, policy: QueuePolicy | None = None,
+                    limit: int | None = None) -> Waiters:
+        # (the first ``limit`` are read as a hand-off reads the head of the line: O(limit log
+        # n) in Redis, where the whole queue is O(n))
         answer = redis_replies.queue(await self._run(
-            "QUEUE", key, keys=self.keys.of_key(key), policy=policy, key=key))
+            "QUEUE", key, *(() if limit is None else (limit,)), keys=self.keys.of_key(key),
+            policy=policy, key=key))
         if answer.damaged:  # one of its queues is another Redis type: set aside, like a lock
             found = codec.unreadable(key, "", None, side=self.namespace, reason=answer.damaged)
             self.unreadable.found(found)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import json
 import logging
 import secrets
@@ -524,12 +525,16 @@ class EnhancedLocker(AtlantisCalls):
         if outcome.holder is not None:
             # Wake the queue when the holder's lease ends, wherever it was granted.
             self.leases.arm(key, outcome.holder.expires_at)
+        shown = visibility.AHEAD_SHOWN
         if outcome.ahead is not None and outcome.holders is not None and outcome.position:
             # The store said who is ahead and who holds the key as it queued the waiter: no
             # need to read the queue and the holders again for the event.
             view: visibility.WaitView | None = visibility.WaitView.build(
-                key=key, position=outcome.position, waiter=waiter, ahead=outcome.ahead,
-                holders=outcome.holders, holds=self.holds, now=utcnow())
+                key=key, position=outcome.position, waiter=waiter, ahead=outcome.ahead[:shown],
+                ahead_count=len(outcome.ahead), holders=outcome.holders, holds=self.holds,
+                now=utcnow())
+        elif outcome.position:
+            view = await self.queued_view(key, waiter, outcome.position)
         else:
             view = await self._view(key, waiter.id)
         seen = {"position": outcome.position, **(view.details() if view is not None else {})}
@@ -828,6 +833,24 @@ class EnhancedLocker(AtlantisCalls):
                 entry = found.setdefault(group, {"group": group, "limit": limit, "holders": []})
                 entry["holders"].append(lock)
         return [found[name] for name in sorted(found)]
+
+    async def queued_view(self, key: str, waiter: Waiter,
+                          position: int) -> visibility.WaitView | None:
+        """A ``queued`` event's view of a waiter the store placed at ``position``: the first
+        waiters in line (:data:`~.visibility.AHEAD_SHOWN` at most) and the holders: on Redis
+        O(log n) in the queue's length, not the whole queue (``None``: the store did not
+        answer)."""
+        try:
+            first = await self._call("queue", lambda: self.backend.queue(
+                key, policy=self.policy(), limit=min(position - 1, visibility.AHEAD_SHOWN))
+            ) if position > 1 else []
+            holders = await self.holders(key)
+        except LockingError:
+            return None
+        ahead = list(itertools.takewhile(lambda w: w.id != waiter.id, first))
+        return visibility.WaitView.build(
+            key=key, position=position, waiter=waiter, ahead=ahead, ahead_count=position - 1,
+            holders=holders, holds=self.holds, now=utcnow())
 
     async def _view(self, key: str, waiter_id: str) -> visibility.WaitView | None:
         try:

@@ -30,12 +30,18 @@ from enhanced_locking.types import Lock, utcnow
 if TYPE_CHECKING:
     from enhanced_locking.locking.enhanced import EnhancedLocker
 
-__all__ = ["HISTORY", "HoldTimes", "RuleWatch", "WaitView", "wait_for_reader", "wait_repos"]
+__all__ = ["AHEAD_SHOWN", "HISTORY", "HoldTimes", "RuleWatch", "WaitView", "wait_for_reader",
+           "wait_repos"]
 
 log = logging.getLogger(__name__)
 
 HISTORY = 20
 """Hold times remembered per key."""
+
+AHEAD_SHOWN = 20
+"""Most waiters ahead a ``queued`` event lists (the first in line: those served next);
+``aheadCount`` says how many are ahead in all. Listing all of them made each enqueue read and
+send the whole queue, O(n) a request and O(n²) for a flood of them."""
 
 
 class HoldTimes:
@@ -77,14 +83,21 @@ class WaitView:
     waiter: Waiter
     holders: tuple[Lock, ...]
     ahead: tuple[Waiter, ...]
+    """The waiters ahead of it, in service order: all of them, or the first of them (a
+    ``queued`` event's: :data:`AHEAD_SHOWN`)."""
+    ahead_count: int
+    """How many waiters are ahead of it in all."""
     estimate: timedelta | None
     """When it may expect the lock: what is left of the holders' typical hold, plus a typical
-    hold per exclusive waiter ahead (shared ones ahead go together); ``None`` with no
-    history."""
+    hold per exclusive waiter ahead (shared ones ahead go together), and one per waiter ahead
+    that ``ahead`` leaves out; ``None`` with no history."""
 
     @classmethod
     def build(cls, *, key: str, position: int, waiter: Waiter, ahead: Sequence[Waiter],
-              holders: Sequence[Lock], holds: HoldTimes, now: datetime) -> WaitView:
+              holders: Sequence[Lock], holds: HoldTimes, now: datetime,
+              ahead_count: int | None = None) -> WaitView:
+        """``ahead_count``: how many are ahead in all, when ``ahead`` is the first of them."""
+        count = len(ahead) if ahead_count is None else max(ahead_count, len(ahead))
         typical = holds.typical(key)
         estimate = None
         if typical is not None:
@@ -93,9 +106,10 @@ class WaitView:
             turns = sum(1 for w in ahead if w.mode == "exclusive")
             if any(w.mode == "shared" for w in ahead):
                 turns += 1
+            turns += count - len(ahead)
             estimate = timedelta(seconds=left + turns * typical)
         return cls(key=key, position=position, waiter=waiter, holders=tuple(holders),
-                   ahead=tuple(ahead), estimate=estimate)
+                   ahead=tuple(ahead), ahead_count=count, estimate=estimate)
 
     def details(self) -> dict[str, Any]:
         """The view as JSON-ready data (events and the API use the same names)."""
@@ -108,6 +122,7 @@ class WaitView:
             "ahead": [{"id": w.id, "requestId": w.request_id, "owner": _owner(w),
                        "repo": w.owner[0], "pull": w.owner[1], "mode": w.mode,
                        "priority": w.priority.value} for w in self.ahead],
+            "aheadCount": self.ahead_count,
             "estimateSeconds": (round(self.estimate.total_seconds(), 3)
                                 if self.estimate is not None else None),
         }

@@ -1,17 +1,27 @@
 -- queue: the waiters of one key (the caller orders them with the shared service order).
 -- KEYS[8..] the key's keys (RedisKeys.of_key); its waiters' records it asks for
--- ARGV[11] lock key
+-- ARGV[11] lock key  ARGV[12] (optional) only the first this many in the service order
 -- returns {now ms, waiter records}, and a third field, why, when one of the key's queues is
 --         another Redis type (its waiters cannot be read: the key is answered unreadable)
 -- decoded by redis_replies.queue
 return run(function()
   expect(key_names, ARGV[11])
   ask()
-  local ids = {}
-  for level = 0, 3 do
-    for _, member in ipairs(queue_range(ARGV[11], level, 0, -1)) do
-      table.insert(ids, string.sub(member, 18))
-      expect(waiter_name, ids[#ids])
+  local ids, limit = {}, tonumber(ARGV[12] or '')
+  if limit then  -- the head of the line: read as a hand-off reads it, O(limit log n)
+    local next_waiter = walker(ARGV[11])
+    while #ids < limit do
+      local entry = next_waiter()
+      if not entry then break end
+      table.insert(ids, entry.id)
+      expect(waiter_name, entry.id)
+    end
+  else
+    for level = 0, 3 do
+      for _, member in ipairs(queue_range(ARGV[11], level, 0, -1)) do
+        table.insert(ids, string.sub(member, 18))
+        expect(waiter_name, ids[#ids])
+      end
     end
   end
   ask()
