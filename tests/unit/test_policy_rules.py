@@ -546,6 +546,29 @@ async def test_a_waiter_sees_its_position_who_blocks_it_and_an_estimate(
     assert queued_events[-1].details["holders"][0]["owner"] == "acme/infra#1"
 
 
+async def test_a_queued_event_lists_the_first_in_line_and_counts_every_waiter_ahead(
+        rigs: Callable[..., LockerRig]) -> None:
+    # 24 ahead: the event lists the first 20 (AHEAD_SHOWN) and says 24; its estimate counts a
+    # turn for each of the 4 it leaves out, as the full view counts one for each it lists.
+    rig = rigs()
+    key = ask(1).key
+    await rig.locker.acquire(ask(1))
+    await rig.locker.release(key)  # one hold time on record
+    await rig.locker.acquire(ask(1))
+    for pull in range(2, 26):
+        await queued(rig, ask(pull, wait=WAIT))
+    await queued(rig, ask(26, wait=WAIT, request_id="mine"))
+    event = [e for e in rig.events if e.type == "queued"][-1].details
+    view = await rig.locker.view(key, "mine")
+    assert view is not None
+    seen = view.details()
+    assert event["position"] == seen["position"] == 25
+    assert event["aheadCount"] == seen["aheadCount"] == 24
+    assert len(seen["ahead"]) == 24
+    assert [w["owner"] for w in event["ahead"]] == [w["owner"] for w in seen["ahead"][:20]]
+    assert event["estimateSeconds"] == pytest.approx(seen["estimateSeconds"], rel=0.05, abs=0.01)
+
+
 def test_pull_has_a_head_commit_for_supersede() -> None:
     assert Pull(num=1, head_commit="abc").head_commit == "abc"
 
