@@ -525,15 +525,23 @@ async def test_priority_rules_assign_the_priority_and_a_client_may_only_ask_for_
 
 
 # --- visible waiting --------------------------------------------------------------------------
-async def test_a_waiter_sees_its_position_who_blocks_it_and_an_estimate(
-        rigs: Callable[..., LockerRig]) -> None:
-    rig = rigs()
+async def queued_behind(rig: LockerRig, pulls: range) -> str:
+    """Pull 1 holds the key (one hold time on record before), ``pulls`` wait in turn behind it,
+    then the request ``mine`` (pull 26); the key."""
     key = ask(1).key
     await rig.locker.acquire(ask(1))
     await rig.locker.release(key)  # one hold time on record
     await rig.locker.acquire(ask(1))
-    await queued(rig, ask(2, wait=WAIT))
-    await queued(rig, ask(3, wait=WAIT, request_id="mine"))
+    for pull in pulls:
+        await queued(rig, ask(pull, wait=WAIT))
+    await queued(rig, ask(26, wait=WAIT, request_id="mine"))
+    return key
+
+
+async def test_a_waiter_sees_its_position_who_blocks_it_and_an_estimate(
+        rigs: Callable[..., LockerRig]) -> None:
+    rig = rigs()
+    key = await queued_behind(rig, range(2, 3))
     view = await rig.locker.view(key, "mine")
     assert view is not None
     seen = view.details()
@@ -551,13 +559,7 @@ async def test_a_queued_event_lists_the_first_in_line_and_counts_every_waiter_ah
     # 24 ahead: the event lists the first 20 (AHEAD_SHOWN) and says 24; its estimate counts a
     # turn for each of the 4 it leaves out, as the full view counts one for each it lists.
     rig = rigs()
-    key = ask(1).key
-    await rig.locker.acquire(ask(1))
-    await rig.locker.release(key)  # one hold time on record
-    await rig.locker.acquire(ask(1))
-    for pull in range(2, 26):
-        await queued(rig, ask(pull, wait=WAIT))
-    await queued(rig, ask(26, wait=WAIT, request_id="mine"))
+    key = await queued_behind(rig, range(2, 26))
     event = [e for e in rig.events if e.type == "queued"][-1].details
     view = await rig.locker.view(key, "mine")
     assert view is not None
