@@ -19,7 +19,11 @@ does after an enqueue. Reported per call:
 An O(1) enqueue keeps its column flat from 10 to 10,000; an O(n) one grows a hundredfold.
 A real ``redis-server`` is started on a free loopback port.
 
+``--head-commits``: every request names its pull's head commit (Atlantis's do), so each
+enqueue also looks for its pull's older requests to supersede.
+
 Usage: python bench/redis_enqueue.py [--lengths 10,100,1000,10000] [--sample 30]
+       [--head-commits]
 (prints the table; docs/benchmarks.md keeps what it found in its prose.)
 """
 
@@ -53,9 +57,14 @@ LEVELS = (Priority.LOW, Priority.NORMAL, Priority.HIGH)
 WAIT = timedelta(hours=1)
 
 
+HEADS = [False]
+"""``--head-commits``: each request names its pull's head commit, as Atlantis's do."""
+
+
 def _request(pull: int) -> LockRequest:
     return LockRequest(project=Project(repo_full_name="acme/bench", path="envs/prod"),
-                       pull=Pull(num=pull), priority=LEVELS[pull % len(LEVELS)])
+                       pull=Pull(num=pull, head_commit=f"c{pull}" if HEADS[0] else ""),
+                       priority=LEVELS[pull % len(LEVELS)])
 
 
 class Rig:
@@ -137,12 +146,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", default="10,100,1000,10000")
     parser.add_argument("--sample", type=int, default=30)
+    parser.add_argument("--head-commits", action="store_true")
     parser.add_argument("--no-write", action="store_true")  # (this bench writes no table)
     quick_defaults(parser, lengths="10,100,1000", sample=10)
     args = parser.parse_args()
     print("| queue length | enqueue: Redis µs | enqueue: client CPU µs | "
           "event reads: Redis µs | event reads: client CPU µs |")
     print("|---:|---:|---:|---:|---:|")
+    HEADS[0] = args.head_commits
     asyncio.run(run([int(n) for n in args.lengths.split(",")], args.sample))
 
 
