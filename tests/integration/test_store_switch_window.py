@@ -22,6 +22,7 @@ from tests.support.served import served
 from enhanced_locking.backends import EmbeddedBackend
 from enhanced_locking.backends.redis_store import RedisBackend
 from enhanced_locking.factory import LockService
+from enhanced_locking.provider import ConfigRejected
 from enhanced_locking.types import Event, Lock, Locks, utcnow
 
 pytestmark = pytest.mark.redis
@@ -186,7 +187,12 @@ async def test_a_lease_that_ends_in_the_switch_window_is_told_expired_once(
             await asyncio.sleep((ends - utcnow()).total_seconds() + 0.3)
 
         await _pause_adopt(monkeypatch, in_the_window)
-        await service.provider.set_layer("cluster", _on_redis(redis_server, 0))
+        try:
+            await service.provider.set_layer("cluster", _on_redis(redis_server, 0))
+        except ConfigRejected as rejected:  # the switch's adopt raised it: its cause says why
+            if isinstance(rejected.__cause__, Overrun):
+                raise Overrun from rejected  # (the case runs again with a longer lease)
+            raise
         new = service.enhanced.backend if service.enhanced is not None else None
         assert isinstance(new, RedisBackend)
         assert await until(lambda: any(e.type == "expired" for e in seen))
