@@ -62,9 +62,8 @@ TOO_LARGE = ("The request body is over enhanced-locking-http-max-body (`limit` s
              "bytes): refused unread, before the caller is checked.")
 NOT_SERVED = ("Not served now: `reason: overloaded`, the service is at its bound of requests in "
               "flight (enhanced-locking-http-max-in-flight; never a DELETE) or had no free "
-              "connection to its store (or place among the acquires entering it) in time, sent "
-              "with `Retry-After`, nothing of the request is left; or `reason: unavailable`, a "
-              "store did not answer.")
+              "connection to its store in time, sent with `Retry-After`, nothing of the "
+              "request is left; or `reason: unavailable`, a store did not answer.")
 
 
 def error_answers(answers: dict[int, str]) -> dict[int | str, dict[str, Any]]:

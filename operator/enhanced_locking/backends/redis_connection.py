@@ -431,11 +431,6 @@ class _TurnsPool(aioredis.BlockingConnectionPool):
         return bool(self._turns)
 
     @property
-    def in_line(self) -> int:
-        """Callers waiting for their turn."""
-        return len(self._turns)
-
-    @property
     def full(self) -> bool:
         """Whether no place is free (a caller now waits for its turn)."""
         return self._free() <= 0

@@ -7,9 +7,7 @@ changed through the provider applies to the next request without rebuilding anyt
 * ``retries`` wraps every backend call in jittered backoff (:mod:`.retrying`);
 * ``deadlock-detection`` checks the wait-for graph after each enqueue (:mod:`.deadlock`);
 * ``default-timeout`` / ``max-timeout`` bound waits, ``lock-ttl`` is the default lease;
-* ``max-queue-size``, ``starvation-threshold``, ``max-priority-boost`` shape queues;
-* ``redis-pool-size`` bounds, on Redis, how many acquires are in their store steps at once
-  (:mod:`.intake`; :data:`UNPOOLED_INTAKE` on the other stores).
+* ``max-queue-size``, ``starvation-threshold``, ``max-priority-boost`` shape queues.
 
 Waiting is opt-in per request, as in Atlantis: no ``wait`` fails fast; ``wait: true`` waits up
 to ``default-timeout``; a duration waits that long, and more than ``max-timeout`` is refused.
@@ -52,9 +50,7 @@ from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.durations import format_duration
 from enhanced_locking.events import Bus, EventType
 from enhanced_locking.locking import batch, deadlock, queueing, visibility
-from enhanced_locking.locking import intake as intake_of
 from enhanced_locking.locking.base import AtlantisCalls
-from enhanced_locking.locking.intake import Intake, Place
 from enhanced_locking.locking.leasing import LeaseTimers
 from enhanced_locking.locking.retrying import attempt, retrying
 from enhanced_locking.metrics import Count, Metrics, Timing
@@ -84,10 +80,6 @@ __all__ = ["EnhancedLocker"]
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-UNPOOLED_INTAKE = 256
-"""Acquires in their store steps at once on a store without a pool of connections (embedded,
-memory, etcd's one multiplexed channel); on Redis, its pool's size (:mod:`.intake`)."""
 
 ReleaseHow = Literal["released", "abandoned", "rule", "force-unlocked", "expired"]
 """How a lock left its holder (the ``how`` of the releases metric and of the event's details)."""
@@ -209,11 +201,6 @@ class EnhancedLocker(AtlantisCalls):
         # The metric children of each outcome, found once: every call counts one of a few.
         self._acquire_metrics: dict[str, tuple[Count, Timing]] = {}
         self._release_count: dict[str, Count] = {}
-        pooled = backend.kind == "redis"
-        self.intake = Intake(
-            (lambda: self.settings().redis_pool_size) if pooled else (lambda: UNPOOLED_INTAKE),
-            setting="enhanced-locking-redis-pool-size" if pooled else "a fixed bound")
-        """Acquires in their store steps at once: as many as the pool has connections."""
 
     # --- life ---------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -287,23 +274,6 @@ class EnhancedLocker(AtlantisCalls):
     async def _acquire(
         self, requests: Sequence[LockRequest], asked: LockRequest | BatchLockRequest,
         answers: Answers[Result],
-    ) -> Result:
-        # A place in the intake first (StoreBusy past its wait: nothing was done yet), unless
-        # the router took one for this acquire. It is given up once the acquire is answered,
-        # or queued and told so (see _queued).
-        intake = self.intake
-        place = intake_of.current()
-        if place is not None and place.of is intake:
-            return await self._acquire_in(place, requests, asked, answers)
-        place = await intake.entered()
-        try:
-            return await self._acquire_in(place, requests, asked, answers)
-        finally:
-            place.leave()
-
-    async def _acquire_in(
-        self, place: Place, requests: Sequence[LockRequest],
-        asked: LockRequest | BatchLockRequest, answers: Answers[Result],
     ) -> Result:
         started = time.perf_counter()
         # The live config, read once: nothing awaits before the backend call, so every read
@@ -384,8 +354,7 @@ class EnhancedLocker(AtlantisCalls):
                     outcome, answers, first=candidates[0].key if len(candidates) == 1 else "")
             else:
                 assert future is not None and outcome.waiter is not None and offer is not None
-                answer = await self._queued(outcome, outcome.waiter, future, offer, answers,
-                                            place)
+                answer = await self._queued(outcome, outcome.waiter, future, offer, answers)
         except LockUnreadable as error:  # never granted over what cannot be read
             answer = answers.refused(error.found.key, Reason.UNREADABLE, message=str(error))
         # The answer's reason read from its __dict__ (a field of a model is read through
@@ -441,7 +410,7 @@ class EnhancedLocker(AtlantisCalls):
 
     async def _queued(
         self, outcome: Outcome, waiter: Waiter, future: asyncio.Future[Notice], offer: Wait,
-        answers: Answers[Result], place: Place,
+        answers: Answers[Result],
     ) -> Result:
         key = outcome.key or waiter.keys[0]
         ends = asyncio.get_running_loop().time() + offer.timeout.total_seconds()
@@ -469,7 +438,6 @@ class EnhancedLocker(AtlantisCalls):
                 if told and isinstance(error, asyncio.CancelledError):
                     self._gone(key, waiter, time.perf_counter() - started)
             raise
-        place.leave()  # the wait for its turn holds no place in the intake
         try:
             notice = await queueing.await_turn(
                 self.backend, waiter, future, seconds=seconds,

@@ -48,7 +48,7 @@ from enhanced_locking.backends.base import (
 from enhanced_locking.backends.unreadable import UnreadableLocks
 from enhanced_locking.backends.waiting import Waiters
 from enhanced_locking.events import Bus
-from enhanced_locking.locking import EnhancedLocker, batch, intake
+from enhanced_locking.locking import EnhancedLocker, batch
 from enhanced_locking.locking.base import AtlantisCalls, Locker
 from enhanced_locking.metrics import FallbackAction, Metrics
 from enhanced_locking.migration import identity
@@ -344,29 +344,7 @@ class Router(AtlantisCalls):
                 return result
             await leaving.wait()
 
-    async def _entered(self, acquire: Coroutine[Any, Any, _Answer]) -> _Answer:
-        """``await acquire`` with a place in the enhanced locker's intake (see
-        :mod:`.locking.intake`): from before the router's own looks at the stores, given up
-        by the locker once its waiter is queued. A task that holds a place in it already (a
-        batch served one key at a time) takes no second one."""
-        enhanced = self._queueing()
-        held = intake.current()
-        if enhanced is None or (held is not None and held.of is enhanced.intake):
-            return await acquire
-        try:
-            token = await intake.take(enhanced.intake)
-        except BaseException:
-            acquire.close()  # never started
-            raise
-        try:
-            return await acquire
-        finally:
-            intake.give_up(token)
-
-    def _acquire(self, request: LockRequest) -> Coroutine[Any, Any, AcquireResult]:
-        return self._entered(self._acquire_in(request))
-
-    async def _acquire_in(self, request: LockRequest) -> AcquireResult:
+    async def _acquire(self, request: LockRequest) -> AcquireResult:
         try:
             if self._enhanced() is None and not request.wait:
                 # Enhanced locking was never enabled here: Atlantis's locking and nothing else
@@ -414,9 +392,7 @@ class Router(AtlantisCalls):
             left = deadline - loop.time()
             if left <= pause:
                 return AcquireResult.refused(request.key, Reason.TIMEOUT, holder)
-            stepped_out = intake.step_out()  # a pause holds no place in the intake
             await asyncio.sleep(pause)
-            await intake.step_in(stepped_out)
             pause = min(pause * 2, OTHER_SIDE_POLL[1])
             request = request.model_copy(
                 update={"wait": timedelta(seconds=max(deadline - loop.time(), 0.001))})
@@ -838,10 +814,7 @@ class Router(AtlantisCalls):
         finally:
             gate.leave(passed)
 
-    def _acquire_batch(self, request: BatchLockRequest) -> Coroutine[Any, Any, BatchResult]:
-        return self._entered(self._acquire_batch_in(request))
-
-    async def _acquire_batch_in(self, request: BatchLockRequest) -> BatchResult:
+    async def _acquire_batch(self, request: BatchLockRequest) -> BatchResult:
         try:
             for item in request.locks:
                 refused = identity.refuse_ambiguous(item.key, item.project, item.workspace,

@@ -257,8 +257,6 @@ class WeightTransitions:
         self._last_settle: float | None = None
         self._last_error: str | None = None
         self._tick_lock = asyncio.Lock()
-        self._shared_round: asyncio.Future[None] | None = None
-        """The round :meth:`refresh` runs for the requests that found the view late."""
         self._wake = asyncio.Event()
         self._settled = asyncio.Event()
         self._settled.set()
@@ -300,33 +298,14 @@ class WeightTransitions:
         the ``StoreBusy`` is raised (503 ``overloaded``, nothing done for it)."""
         if self._isolated or not self.stale:
             return
-        under_way = self._shared_round
-        if under_way is not None:
-            # Begun before this request looked: it answers for this one too if it leaves the
-            # view fresh; else one round more, begun after this request looked.
-            await asyncio.shield(under_way)
-        if not self._isolated and self.stale:
-            # One round for every request that waits for it: the one begun after this request
-            # looked (by it, or by another that came later), not one each, one after another.
-            round_ = self._shared_round
-            if round_ is None:
-                round_ = self._shared_round = asyncio.ensure_future(self._one_round())
-            await asyncio.shield(round_)
+        async with self._tick_lock:
+            pass  # a round already under way answers for this request too
+        if self.stale:
+            await self.tick()
         busy, last_ok = self._busy, self._last_ok
         if busy is not None and last_ok is not None and (
                 self._clock() - last_ok > self._snapshot().config.replica_expiry.total_seconds()):
             raise StoreBusy(str(busy))
-
-    async def _one_round(self) -> None:
-        """The round :meth:`refresh` shares among the requests that wait for it (unless one
-        under way already, the heartbeat's, leaves the view fresh)."""
-        try:
-            async with self._tick_lock:
-                pass
-            if not self._isolated and self.stale:
-                await self.tick()
-        finally:
-            self._shared_round = None
 
     def admit(self, key: str) -> Admission:
         """Plan one acquire and count it as running until it returns (moves wait for it):
@@ -511,13 +490,7 @@ class WeightTransitions:
         return self.status()
 
     async def leave(self) -> None:
-        """Tell the registry this replica is gone (a clean shutdown); a round shared by
-        requests (:meth:`refresh`) is ended first."""
-        shared = self._shared_round
-        if shared is not None:
-            shared.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await shared
+        """Tell the registry this replica is gone (a clean shutdown)."""
         with contextlib.suppress(Exception):
             await self._registry().leave(self.replica_id)
 
