@@ -229,6 +229,19 @@ def _acquire(args: argparse.Namespace, env: Mapping[str, str], out: TextIO) -> i
               "priority", file=out, flush=True)
         result = asyncio.run(acquire_with_progress(args.url, request, poll=args.poll, out=out,
                                                    token=args.token))
+    if (args.ttl and result.acquired and result.lock is not None
+            and result.lock.expires_at is not None):
+        # The pull that already holds the lock gets it back unchanged, lease and all: an apply
+        # step after the plan's would run on what is left of the plan's lease, and the lock
+        # could expire (and go to the next waiter) part way through the apply. --ttl is the
+        # lease from this step on (the legacy locker's locks have none to renew).
+        with Client(args.url, token=args.token) as client:
+            renewed = client.refresh(request.key, pull=request.pull.num, ttl=args.ttl,
+                                     repo=request.project.repo_full_name)
+        if renewed is None:
+            return terminal.refused("enhanced-locking", f"the lease of {request.key} ended "
+                                    "before this step could renew it: not locked")
+        result = result.model_copy(update={"lock": renewed})
     if result.acquired and result.lock is not None:
         print(f"enhanced-locking: locked {result.lock.key} for pull #{result.lock.pull.num} "
               f"(fencing token {result.lock.fencing_token})", file=out, flush=True)

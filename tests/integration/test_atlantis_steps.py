@@ -13,6 +13,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
 
@@ -332,6 +333,23 @@ def test_an_apply_step_on_the_locker_role_asks_with_normal_priority(
     asked = run_step(env, "acquire", "--command", "apply", "--priority", "high")
     assert asked.returncode == 1, asked.stdout + asked.stderr
     assert "prioritize" in asked.stderr and len(asked.stderr.splitlines()) == 1
+
+
+def test_a_steps_ttl_is_the_lease_from_that_step_on(service: ServiceProcess) -> None:
+    """The pull that holds the lock gets it back unchanged: an apply step's ``--ttl`` renews
+    the lease from the apply on, so the lock cannot expire part way through the apply on
+    what was left of the plan's lease."""
+    env = step_env(service.url, 1, "alice")
+    plan = run_step(env, "acquire", "--command", "plan", "--ttl", "1m")
+    assert plan.returncode == 0, plan.stdout + plan.stderr
+    planned = httpx.get(f"{service.url}/v1/locks/by-key", params={"key": KEY}).json()["lock"]
+    apply = run_step(env, "acquire", "--command", "apply", "--ttl", "2h")
+    assert apply.returncode == 0, apply.stdout + apply.stderr
+    applied = httpx.get(f"{service.url}/v1/locks/by-key", params={"key": KEY}).json()["lock"]
+    assert applied["fencingToken"] == planned["fencingToken"]  # the same hold, not a new one
+    lease = (datetime.fromisoformat(applied["expiresAt"])
+             - datetime.fromisoformat(planned["expiresAt"]))
+    assert lease > timedelta(minutes=59), (planned["expiresAt"], applied["expiresAt"])
 
 
 def test_a_malformed_url_is_a_usage_error() -> None:
