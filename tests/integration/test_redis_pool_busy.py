@@ -19,16 +19,23 @@ from typing import Any
 import httpx
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from tests.conftest import ServiceMaker
 from tests.support.locks import request_for
+from tests.support.redis_cluster import RedisClusterNodes
+from tests.support.redis_fixtures import redis_cluster_config
 from tests.support.redis_server import RedisServer
 
 from enhanced_locking.api import create_app
 from enhanced_locking.backends.redis_connection import COMMAND_TIMEOUT, POOL_WAIT
 from enhanced_locking.backends.redis_scripts import REPLICA_MS
 from enhanced_locking.backends.redis_store import RedisBackend
+from enhanced_locking.events import EventBus
 from enhanced_locking.factory import LockService
-from enhanced_locking.types import Lock
+from enhanced_locking.locking import EnhancedLocker
+from enhanced_locking.metrics import Metrics
+from enhanced_locking.migration.router import Router
+from enhanced_locking.types import AcquireResult, Lock
 
 pytestmark = pytest.mark.redis
 
@@ -134,14 +141,7 @@ async def test_a_replica_whose_pool_is_busy_still_keeps_its_waiters_alive(
     backend = service.enhanced.backend
     assert isinstance(backend, RedisBackend)
     router = service.router
-    held = await router.acquire(request_for(repo=REPO, path="w", pull=1))
-    assert held.acquired, held
-    waiting = asyncio.ensure_future(router.acquire(
-        request_for(repo=REPO, path="w", pull=2, wait=timedelta(seconds=30))))
-    for _ in range(100):
-        if len(await router.queue(held.lock_key)) == 1:
-            break
-        await asyncio.sleep(0.05)
+    held, waiting = await _held_and_waited_for(router)
     pool = await _idle_pool(backend)
     taken: list[Any] = []  # every connection the pool has
     try:
@@ -153,6 +153,21 @@ async def test_a_replica_whose_pool_is_busy_still_keeps_its_waiters_alive(
     await router.release(held.lock_key, owner=(REPO, 1))
     granted = await asyncio.wait_for(waiting, timeout=15)
     assert granted.acquired, granted
+
+
+async def _held_and_waited_for(
+    locker: Router | EnhancedLocker,
+) -> tuple[AcquireResult, asyncio.Future[AcquireResult]]:
+    """Key ``w`` held by pull 1, and pull 2's acquire waiting for it (up to 30 s), queued."""
+    held = await locker.acquire(request_for(repo=REPO, path="w", pull=1))
+    assert held.acquired, held
+    waiting = asyncio.ensure_future(locker.acquire(
+        request_for(repo=REPO, path="w", pull=2, wait=timedelta(seconds=30))))
+    for _ in range(100):
+        if len(await locker.queue(held.lock_key)) == 1:
+            break
+        await asyncio.sleep(0.05)
+    return held, waiting
 
 
 async def test_with_redis_frozen_a_flood_larger_than_the_pool_falls_back_to_legacy(
@@ -324,3 +339,47 @@ async def test_an_overload_is_not_retried_nor_counted_as_an_enhanced_error(
         again = await http.post("/v1/locks", json=_body("s", 2))
         assert again.status_code == 200, again.text
         assert service.metrics.tallies().enhanced_operations > after.enhanced_operations
+
+
+async def test_on_a_cluster_a_replica_whose_calls_all_wait_still_keeps_its_waiters_alive(
+    redis_cluster: RedisClusterNodes, redis_cluster_prefix: str,
+) -> None:
+    """As ``test_a_replica_whose_pool_is_busy_still_keeps_its_waiters_alive``, on a Redis
+    Cluster: there the calls take turns (at most the pool's size at
+    once) rather than pooled connections, and the heartbeat does not wait for one. Before, it
+    waited out ``POOL_WAIT`` behind the flood's calls every second, failed, and the release
+    passed the waiter over as a dead replica's (a flood of 300 waiting acquires on a loaded
+    machine: 239 told ``unavailable``)."""
+    config = redis_cluster_config(redis_cluster, redis_cluster_prefix, enabled=True,
+                                  redis_pool_size=2, max_timeout=timedelta(minutes=1))
+    backend = RedisBackend.from_config(config, "enhanced")
+    locker = EnhancedLocker(backend, settings=lambda: config, events=EventBus(),
+                            metrics=Metrics())
+    client = backend.connection.client
+    assert isinstance(client, RedisCluster)
+    turns = client.calls  # type: ignore[attr-defined]
+    taken = 0
+    try:
+        held, waiting = await _held_and_waited_for(locker)
+        # Every turn taken, for longer than a replica counts as alive without a heartbeat.
+        while not turns.locked():
+            await turns.acquire()
+            taken += 1
+        await asyncio.sleep(REPLICA_MS / 1000 + 1.5)
+        # Released meanwhile by another replica: the waiter's replica is alive, and granted.
+        other = RedisBackend.from_config(config, "enhanced")
+        try:
+            await other.release(held.lock_key, owner=(REPO, 1))
+        finally:
+            await other.close()
+        for _ in range(taken):
+            turns.release()
+        taken = 0
+        granted = await asyncio.wait_for(waiting, timeout=15)
+        assert granted.acquired, granted
+        await locker.release(held.lock_key, owner=(REPO, 2))
+    finally:
+        for _ in range(taken):
+            turns.release()
+        await locker.close()
+        await backend.close()

@@ -329,10 +329,11 @@ class _Cluster(RedisCluster):
     (:class:`_SharedCommands`)."""
 
     def __init__(self, *, host: str, port: int, calls: int, **kwargs: Any) -> None:
-        # A node's pool holds the subscription's connection besides the calls' (a client
-        # subscribes at most once at a time): the calls, at most ``calls`` at once and each on
-        # one connection of a node, never find a node's connections all in use.
-        super().__init__(host=host, port=port, max_connections=calls + 1, **kwargs)
+        # A node's pool holds the subscription's connection and the call out of turn's
+        # (:meth:`out_of_turn`) besides the calls' (a client subscribes at most once at a
+        # time): the calls, at most ``calls`` at once and each on one connection of a node,
+        # never find a node's connections all in use.
+        super().__init__(host=host, port=port, max_connections=calls + 2, **kwargs)
         self.commands_parser = _SharedCommands(f"{host}:{port}")
         self.calls = asyncio.Semaphore(calls)
         """The calls under way at once; one beyond waits for its turn (redis-py's cluster
@@ -357,6 +358,13 @@ class _Cluster(RedisCluster):
             return await self.counted.of(call)
         finally:
             self.calls.release()
+
+    async def out_of_turn(self, *args: Any) -> Any:
+        """A command sent at once, without a turn (counted, :attr:`counted`), for the calls
+        that must not wait behind a flood of others (the waiter heartbeat: see
+        :meth:`RedisConnection.call_reserved`). One at a time (its caller's lock): a node
+        keeps a connection for it (``max_connections``)."""
+        return await self.counted.of(super().execute_command(*args))
 
     async def take_turn(self) -> None:
         """A place among the calls under way (given back by ``calls.release()``): taken at
@@ -627,8 +635,13 @@ class RedisConnection:
         """:meth:`call` on a connection of its own, outside the pool, for the calls that
         must not wait behind a flood of others (the waiter heartbeat: a replica whose
         heartbeat waited out the pool's bound for 5 s had its own waiters passed over as a
-        dead replica's). One Redis only; on a cluster, :meth:`call`."""
+        dead replica's). On a cluster, sent without a turn (:meth:`_Cluster.out_of_turn`):
+        taking one, it waited out ``POOL_WAIT`` behind the flood every second, and after 5 s
+        the replica's waiters were passed over."""
         client = self.client
+        if isinstance(client, _Cluster):
+            async with self._reserving:
+                return await client.out_of_turn(*args)
         if isinstance(client, RedisCluster):
             return await client.execute_command(*args)
         async with self._reserving:
