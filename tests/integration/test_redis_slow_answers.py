@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import UTC, datetime, timedelta
@@ -20,6 +19,7 @@ from typing import Any
 import pytest
 from tests.support.locks import lock_for, request_for
 from tests.support.redis_server import RedisServer
+from tests.support.stalls import answered_across_a_stall
 
 from enhanced_locking.backends.atlantis_redis import AtlantisRedisBackend
 from enhanced_locking.backends.audit_store import RedisAuditStore, Retention
@@ -41,21 +41,16 @@ async def test_an_answer_that_came_while_the_event_loop_stalled_past_the_limit_i
     redis_server: RedisServer, redis_backend: RedisBackend,
 ) -> None:
     # Redis is stopped while the acquire is sent, and let go 1 s later, while this process's
-    # event loop is held (a blocking 6 s: past the call's 5 s limit). When the loop runs
-    # again the answer has come and the limit is due, both in one turn.
+    # event loop is held (past the call's 5 s limit).
     assert redis_server.process is not None
-    redis_server.process.send_signal(signal.SIGSTOP)
-    cont = threading.Timer(1.0, redis_server.process.send_signal, (signal.SIGCONT,))
+    process = redis_server.process
+    process.send_signal(signal.SIGSTOP)
     try:
-        call = asyncio.create_task(redis_backend.acquire(lock_for(request_for(pull=1))))
-        await asyncio.sleep(0.3)  # sent, not answered
-        cont.start()
-        # The loop stalls, on purpose: what a flood on a loaded machine does.
-        time.sleep(COMMAND_TIMEOUT + 1)  # noqa: ASYNC251
-        granted, lock = await call
+        granted, lock = await answered_across_a_stall(
+            redis_backend.acquire(lock_for(request_for(pull=1))),
+            lambda: process.send_signal(signal.SIGCONT), COMMAND_TIMEOUT)
     finally:
-        cont.cancel()
-        redis_server.process.send_signal(signal.SIGCONT)
+        process.send_signal(signal.SIGCONT)
     assert granted and lock.pull.num == 1
 
 
@@ -158,18 +153,18 @@ async def test_answers_that_came_while_the_loop_stalled_are_taken_on_redis_py_pa
     paths = _redis_py_paths(redis_backend)
     await _open_connections(redis_backend, 8)
     assert redis_server.process is not None
-    redis_server.process.send_signal(signal.SIGSTOP)
-    cont = threading.Timer(1.0, redis_server.process.send_signal, (signal.SIGCONT,))
+    process = redis_server.process
+
+    async def every_path() -> list[object]:
+        return await asyncio.gather(*(call() for call in paths.values()), return_exceptions=True)
+
+    process.send_signal(signal.SIGSTOP)
     try:
-        calls = {name: asyncio.create_task(call()) for name, call in paths.items()}
-        await asyncio.sleep(0.3)  # sent, not answered
-        cont.start()
-        time.sleep(COMMAND_TIMEOUT + 1)  # noqa: ASYNC251
-        answers = dict(zip(calls, await asyncio.gather(*calls.values(),
-                                                       return_exceptions=True), strict=True))
+        answers = dict(zip(paths, await answered_across_a_stall(
+            every_path(), lambda: process.send_signal(signal.SIGCONT), COMMAND_TIMEOUT),
+            strict=True))
     finally:
-        cont.cancel()
-        redis_server.process.send_signal(signal.SIGCONT)
+        process.send_signal(signal.SIGCONT)
     failed = {name: answer for name, answer in answers.items()
               if isinstance(answer, BaseException)}
     assert not failed, failed
