@@ -32,22 +32,25 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from pydantic import ValidationError
 
-from enhanced_locking import config as config_module
 from enhanced_locking import steps, terminal, watching
-from enhanced_locking.client import (
+from enhanced_locking.service_address import (
     DEFAULT_URL,
     TOKEN_ENV,
     URL_ENV,
-    Client,
-    ServiceError,
     service_url,
     token_problem,
 )
 from enhanced_locking.types import LockRequest, Reason, UnusableSetting
+
+if TYPE_CHECKING:
+    # Loaded by the commands that use them: a command that only calls the service never reads
+    # the settings' model, one that never calls it never loads the HTTP client.
+    from enhanced_locking import config as config_module
+    from enhanced_locking.client import Client
 
 __all__ = ["main"]
 
@@ -64,6 +67,38 @@ class _Parser(argparse.ArgumentParser):
         # default took any unambiguous prefix (--enhanced-locking-enable turned the system on).
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+        self._later: list[Callable[[argparse.ArgumentParser], None]] = []
+
+    def add_later(self, add: Callable[[argparse.ArgumentParser], None]) -> None:
+        """Have ``add`` put its arguments on this parser when it is first used (it parses or
+        shows its help), not when the command's parsers are built: the settings' ~80 flags
+        are built from the config model, which only a few commands load."""
+        self._later.append(add)
+
+    def _add_left(self) -> None:
+        while self._later:
+            self._later.pop(0)(self)
+
+    def complete(self) -> None:
+        """Add every argument left for later, now (also each subcommand's parser's)."""
+        self._add_left()
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for parser in action.choices.values():
+                    if isinstance(parser, _Parser):
+                        parser.complete()
+
+    def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                         namespace: argparse.Namespace | None = None,
+                         ) -> tuple[argparse.Namespace, list[str]]:
+        # argparse hands a subcommand's words to that parser's parse_known_args: only the
+        # command that runs gets its arguments added.
+        self._add_left()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._add_left()
+        return super().format_help()
 
     def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
                    namespace: argparse.Namespace | None = None) -> argparse.Namespace:
@@ -103,6 +138,8 @@ def _load_sourced(
 ) -> tuple[config_module.EnhancedLockingConfig, config_module.Sources]:
     """The config of the flags, env and YAML (a bad one: one line, exit 2), and where each
     setting's value came from."""
+    from enhanced_locking import config as config_module
+
     try:
         return config_module.load_sourced(
             flags=config_module.flags_from_namespace(args), yaml_file=args.config_file
@@ -403,6 +440,13 @@ def _settings_last(parser: argparse.ArgumentParser) -> None:
     usage = formatter.format_help().strip().removeprefix("usage: ")
     indent = " " * (len(parser.prog) + len("usage:  "))
     parser.usage = f"{usage}\n{indent}[--config FILE] [--enhanced-locking-SETTING VALUE ...]"
+    assert isinstance(parser, _Parser)
+    parser.add_later(_add_setting_flags)
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    from enhanced_locking import config as config_module
+
     config_module.add_flags(parser)
 
 
@@ -462,6 +506,8 @@ def with_client(action: Callable[[Client, argparse.Namespace], int], *,
     """A command that calls the service: ``action`` gets a client of ``--url`` with
     ``--token``; a refusal or an unreachable service ends it as terminal.service_failed says."""
     def run(args: argparse.Namespace) -> int:
+        from enhanced_locking.client import Client, ServiceError
+
         try:
             with Client(args.url, token=args.token) as client:
                 return action(client, args)
@@ -607,7 +653,8 @@ def resolve_client_options(args: argparse.Namespace, *, program: str = PROG) -> 
     error (exit 2)."""
     if getattr(args, "url", None) is None:
         try:
-            args.url = service_url(os.environ.get(URL_ENV) or DEFAULT_URL)
+            given = os.environ.get(URL_ENV)
+            args.url = service_url(given) if given else DEFAULT_URL  # the default is one
         except ValueError as error:
             terminal.say(program, f"{URL_ENV}: {error}")
             raise SystemExit(EXIT_USAGE) from None
@@ -628,7 +675,9 @@ def _version() -> str:
         return "unknown"
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(*, complete: bool = True) -> _Parser:
+    """The command's parser; with ``complete=False`` each subcommand's settings flags are added
+    only when that subcommand is run (or its help shown), as :func:`main` runs it."""
     parser = _Parser(prog=PROG, description="Atlantis's enhanced locking service.",
                      epilog="Exit codes: 0 done; 1 refused; 2 invalid usage, config or URL; "
                             "3 the service could not be reached. Docs: docs/01-foundation.md.")
@@ -799,11 +848,13 @@ def _parser() -> argparse.ArgumentParser:
                            help="the report as a table or as JSON (default: table)")
     _settings_last(importing)
     importing.set_defaults(func=_migrate_import)
+    if complete:
+        parser.complete()
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser(complete=False).parse_args(argv)
     resolve_client_options(args)
     try:
         return terminal.survive_closed_pipe(lambda: int(args.func(args)))

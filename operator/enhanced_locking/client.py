@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from datetime import timedelta
@@ -19,6 +18,14 @@ from typing import Any
 import httpx
 
 from enhanced_locking.events import FOLLOWING_COMMENT
+from enhanced_locking.service_address import (
+    DEFAULT_URL,
+    TOKEN_ENV,
+    URL_ENV,
+    service_url,
+    shown_url,
+    token_problem,
+)
 from enhanced_locking.types import (
     AcquireResult,
     BatchLockRequest,
@@ -33,27 +40,9 @@ from enhanced_locking.types import (
 __all__ = ["DEFAULT_URL", "TOKEN_ENV", "URL_ENV", "AsyncClient", "Client", "ServiceError",
            "StreamCut", "parse_sse", "service_url", "shown_url", "token_problem"]
 
-DEFAULT_URL = "http://127.0.0.1:4142"
 _FOLLOWING_LINE = f": {FOLLOWING_COMMENT}"
 """The event stream's line saying the service follows the events for it."""
-URL_ENV = "ENHANCED_LOCKING_URL"
-"""The variable the command-line tools read the service's URL from (``--url`` wins)."""
-
-TOKEN_ENV = "ENHANCED_LOCKING_TOKEN"
-"""The bearer token's variable (``--token`` and ``token=`` win)."""
 CA_FILE_ENV = "ENHANCED_LOCKING_CA_FILE"
-
-
-def token_problem(token: str) -> str | None:
-    """Why ``token`` cannot be sent as a bearer token, naming no part of it; None if it can.
-
-    An HTTP header carries printable ASCII: a token holding a line break (pasted with a second
-    line, say), another control character or a non-ASCII one is refused by the HTTP library,
-    whose message quotes the whole header, token and all."""
-    if all(" " <= character <= "~" for character in token.strip()):
-        return None
-    return ("not a bearer token: it holds a line break, a control character or a non-ASCII "
-            "character, which no HTTP header carries (the token is not shown)")
 
 
 def _auth_headers(token: str | None) -> dict[str, str]:
@@ -66,27 +55,6 @@ def _auth_headers(token: str | None) -> dict[str, str]:
 def _verify() -> ssl.SSLContext | bool:
     ca_file = os.environ.get(CA_FILE_ENV)
     return ssl.create_default_context(cafile=ca_file) if ca_file else True
-
-
-def shown_url(url: object) -> str:
-    """``url`` as a message may show it: without the user and password it may carry
-    (``https://user:password@host``), which a step's output would put in a pull request."""
-    return re.sub(r"(?<=//)[^/?#@]*@", "", str(url))
-
-
-def service_url(value: str) -> str:
-    """``value`` if it is an http(s) URL with a host and, if it names one, a port from 1 to
-    65535 (trailing ``/`` dropped); else ValueError."""
-    try:
-        url = httpx.URL(value)
-    except (httpx.InvalidURL, TypeError):
-        url = None
-    # httpx takes any digits as the port (99999): a port is 1 to 65535.
-    if (url is None or url.scheme not in ("http", "https") or not url.host
-            or (url.port is not None and not 0 < url.port < 65536)):
-        raise ValueError(f"expected the lock service's URL, such as {DEFAULT_URL}, "
-                         f"got {shown_url(value)!r}")
-    return value.rstrip("/")
 
 
 class ServiceError(Exception):

@@ -35,14 +35,16 @@ import secrets
 import sys
 from collections.abc import Mapping
 from datetime import timedelta
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from pydantic import ValidationError
 
 from enhanced_locking import terminal
-from enhanced_locking.client import AsyncClient, Client, ServiceError
 from enhanced_locking.durations import format_duration, parse_duration
 from enhanced_locking.types import AcquireResult, LockRequest, Priority, Reason
+
+if TYPE_CHECKING:  # the HTTP client is loaded by the commands that call the service
+    from enhanced_locking.client import AsyncClient, ServiceError
 
 __all__ = ["COMMAND_PRIORITY", "add_step_command", "request_from_env"]
 
@@ -151,6 +153,8 @@ def describe_estimate(view: dict[str, Any] | None) -> str:
 
 async def _show_position(client: AsyncClient, request: LockRequest, every: float,
                          out: TextIO) -> None:
+    from enhanced_locking.client import ServiceError
+
     last = None
     assert request.request_id is not None
     while True:
@@ -167,6 +171,8 @@ async def acquire_with_progress(
     url: str, request: LockRequest, *, poll: float, out: TextIO, token: str | None = None,
 ) -> AcquireResult:
     """Acquire (a long poll when it waits), printing the queue position while it waits."""
+    from enhanced_locking.client import AsyncClient
+
     async with AsyncClient(url, token=token) as client:
         watcher = None
         if request.wait:
@@ -209,6 +215,8 @@ def _fmt_wait(request: LockRequest) -> str:
 
 
 def _acquire(args: argparse.Namespace, env: Mapping[str, str], out: TextIO) -> int:
+    from enhanced_locking.client import Client, ServiceError
+
     command = _command(args, env)
     request = request_from_env(env, command=command, wait=args.wait, ttl=args.ttl,
                                priority=args.priority)
@@ -257,6 +265,8 @@ def _may_not_prioritize(error: ServiceError) -> bool:
 
 
 def _release(args: argparse.Namespace, env: Mapping[str, str], out: TextIO) -> int:
+    from enhanced_locking.client import Client, ServiceError
+
     request = request_from_env(env, command="plan", wait=None, ttl=None, priority=None)
     with Client(args.url, token=args.token) as client:
         try:
@@ -275,6 +285,8 @@ def _release(args: argparse.Namespace, env: Mapping[str, str], out: TextIO) -> i
 
 
 def _run(args: argparse.Namespace) -> int:
+    from enhanced_locking.client import ServiceError
+
     try:
         if getattr(args, "poll", 1.0) <= 0:
             raise StepError("--poll must be above 0s")

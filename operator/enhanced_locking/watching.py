@@ -17,11 +17,14 @@ import asyncio
 import contextlib
 import sys
 from collections.abc import Callable
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from enhanced_locking import terminal
-from enhanced_locking.client import AsyncClient, Client, ServiceError, shown_url
+from enhanced_locking.service_address import shown_url
 from enhanced_locking.types import AcquireResult, LockRequest, UnreadableLock
+
+if TYPE_CHECKING:  # the HTTP client is loaded by the commands that call the service
+    from enhanced_locking.client import AsyncClient, Client
 
 __all__ = ["acquire_showing_position", "add_events_command", "add_queue_commands"]
 
@@ -60,6 +63,8 @@ async def _watch(client: AsyncClient, request: LockRequest, out: TextIO) -> None
 
 async def _acquire(url: str, request: LockRequest, out: TextIO,
                    token: str | None) -> AcquireResult:
+    from enhanced_locking.client import AsyncClient, ServiceError
+
     async with AsyncClient(url, token=token) as client:
         watcher = asyncio.create_task(_watch(client, request, out))
         try:
@@ -83,6 +88,8 @@ def acquire_showing_position(
 
 # --- events ----------------------------------------------------------------------------------
 def _events(args: argparse.Namespace) -> int:
+    from enhanced_locking.client import Client, ServiceError
+
     types = [t for t in (args.type or "").split(",") if t]
     try:
         with Client(args.url, token=args.token) as client:
