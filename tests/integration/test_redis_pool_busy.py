@@ -12,6 +12,7 @@ legacy, under a flood larger than the pool.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from tests.support.redis_server import RedisServer
 
 from enhanced_locking.api import create_app
 from enhanced_locking.backends.redis_connection import COMMAND_TIMEOUT, POOL_WAIT
-from enhanced_locking.backends.redis_scripts import REPLICA_MS
+from enhanced_locking.backends.redis_scripts import CLAIM_MS, REPLICA_MS
 from enhanced_locking.backends.redis_store import RedisBackend
 from enhanced_locking.events import EventBus
 from enhanced_locking.factory import LockService
@@ -142,17 +143,52 @@ async def test_a_replica_whose_pool_is_busy_still_keeps_its_waiters_alive(
     assert isinstance(backend, RedisBackend)
     router = service.router
     held, waiting = await _held_and_waited_for(router)
-    pool = await _idle_pool(backend)
-    taken: list[Any] = []  # every connection the pool has
-    try:
-        await _take_the_rest(pool, taken)
-        await asyncio.sleep(REPLICA_MS / 1000 + 1.5)
-    finally:
-        for connection in taken:
-            await pool.release(connection)
+    await _with_the_pool_taken(backend, REPLICA_MS / 1000 + 1.5)
     await router.release(held.lock_key, owner=(REPO, 1))
     granted = await asyncio.wait_for(waiting, timeout=15)
     assert granted.acquired, granted
+
+
+async def test_a_grant_from_the_queue_is_confirmed_while_the_pool_is_busy(
+    make_service: ServiceMaker, redis_server: RedisServer,
+) -> None:
+    """A grant from the queue is the waiter's once its replica confirms it, within the claim
+    window (5 s): that confirmation does not wait behind the pool. With every pooled
+    connection busy for longer than the window while another replica hands the key over, the
+    waiter is still granted. Before, the confirmation waited for a pooled connection (and
+    again, at the back, after each wait past the pool's bound), the claim lapsed, and the
+    waiter was told ``unavailable`` while Redis answered all along: under a flood larger than
+    the pool, a waiter answered ``409 unavailable`` naming the key's holder."""
+    service = await make_service(enabled=True, backend="redis", redis_addr=redis_server.addr,
+                                 redis_pool_size=2, legacy_backend="memory")
+    other = await make_service(enabled=True, backend="redis", redis_addr=redis_server.addr,
+                               legacy_backend="memory")
+    assert service.enhanced is not None
+    backend = service.enhanced.backend
+    assert isinstance(backend, RedisBackend)
+    held, waiting = await _held_and_waited_for(service.router)
+    # The other replica's release hands the key to the waiter, claimed for 5 s.
+    await _with_the_pool_taken(backend, CLAIM_MS / 1000 + 1.5,
+                               other.router.release(held.lock_key, owner=(REPO, 1)))
+    granted = await asyncio.wait_for(waiting, timeout=15)
+    assert granted.acquired, granted
+    assert (await other.router.get(held.lock_key)) == granted.lock
+
+
+async def _with_the_pool_taken(backend: RedisBackend, seconds: float,
+                               meanwhile: Awaitable[object] | None = None) -> None:
+    """Every pooled connection of ``backend`` taken for ``seconds`` (Redis answers all
+    along); ``meanwhile`` is awaited first, while they are taken."""
+    pool = await _idle_pool(backend)
+    taken: list[Any] = []
+    try:
+        await _take_the_rest(pool, taken)
+        if meanwhile is not None:
+            await meanwhile
+        await asyncio.sleep(seconds)
+    finally:
+        for connection in taken:
+            await pool.release(connection)
 
 
 async def _held_and_waited_for(

@@ -635,8 +635,9 @@ class RedisConnection:
         """:meth:`call` on a connection of its own, outside the pool, for the calls that
         must not wait behind a flood of others (the waiter heartbeat: a replica whose
         heartbeat waited out the pool's bound for 5 s had its own waiters passed over as a
-        dead replica's). On a cluster, sent without a turn (:meth:`_Cluster.out_of_turn`):
-        taking one, it waited out ``POOL_WAIT`` behind the flood every second, and after 5 s
+        dead replica's; a waiter's confirmation of its grant, which lapses 5 s after it is
+        made). On a cluster, sent without a turn (:meth:`_Cluster.out_of_turn`): taking one,
+        the heartbeat waited out ``POOL_WAIT`` behind the flood every second, and after 5 s
         the replica's waiters were passed over."""
         client = self.client
         if isinstance(client, _Cluster):

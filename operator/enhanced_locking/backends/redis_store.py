@@ -1350,12 +1350,19 @@ class RedisBackend:
 
     async def _confirm(self, waiter_id: str) -> redis_replies.Confirm:
         """CONFIRM, tried again while Redis is briefly away (a restart): the grant is ours
-        until its claim lapses, and the caller is waiting for it."""
+        until its claim lapses, and the caller is waiting for it.
+
+        On the reserved connection, as the heartbeat: the claim lapses 5 s after the grant
+        (``CLAIM_MS``, Redis's clock), and under a flood larger than the pool a call waits
+        for a pooled connection behind every call that came before it, up to the pool's 4 s
+        bound, and then again at the back. A confirmation that waited there past the claim
+        found its grant lapsed, and the waiter was told ``unavailable`` while Redis answered
+        all along."""
         delay = 0.05
         while True:
             try:
                 return redis_replies.confirm(await self._run(
-                    "CONFIRM", waiter_id, keys=self._own_names(waiter_id)))
+                    "CONFIRM", waiter_id, keys=self._own_names(waiter_id), reserved=True))
             except BackendUnavailable:
                 if waiter_id not in self._notifier.pending():
                     raise  # the caller gave up; its cancel took (or gave back) the grant
