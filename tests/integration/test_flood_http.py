@@ -2,15 +2,16 @@
 
 1,500 clients ask at once, each on a connection of its own, for one of a few keys that are
 held when they arrive, with waits of 50 ms, 3 s and 20 s, against the real ``enhanced-locking
-serve`` process: on the embedded store, on etcd and on Redis. Each is answered granted in
-its turn (it then releases) or ``timeout`` at the end of its wait, and nothing else (the checks also
-take ``503 overloaded`` with ``Retry-After``, and ``held`` on a key routed to legacy, which
-ignores ``wait``, for the stores and modes where those are honest answers): not
-``unavailable``, no other 5xx. A hundred more clients wait on a key held throughout and
-hang up while they wait; once its holder releases, the key is free (no grant was made to a
-client already gone). At the end no lock is held, no queue holds a waiter, and the server has
-given back the descriptors it opened for the flood. The history checker finds no key granted
-twice and the tokens rising.
+serve`` process: on the embedded store, on etcd, on Redis, and through the router of a
+migration at weight 50 (Redis the enhanced store, the fall-back to legacy on). Each is
+answered granted in its turn (it then releases) or ``timeout`` at the end of its wait, and
+nothing else (the checks also take ``503 overloaded`` with ``Retry-After``, and ``held`` on
+a key routed to legacy, which ignores ``wait``, for the stores and modes where those are
+honest answers): not ``unavailable``, no other 5xx. A hundred more clients wait on a key held
+throughout and hang up while they wait; once its holder releases, the key is free (no grant
+was made to a client already gone). At the end no lock is held, no queue holds a waiter, and
+the server has given back the descriptors it opened for the flood. The history checker finds
+no key granted twice and the tokens rising.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from tests.support.etcd_server import EtcdCluster
 from tests.support.locks import lock_body
 from tests.support.redis_server import RedisServer, RedisServerError
 from tests.support.service import LOOPBACK, ServiceProcess
+
+from enhanced_locking.hashing import bucket_of, is_enhanced_bucket
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -226,6 +229,8 @@ async def _flood(served: ServiceProcess, paths: Sequence[str] = PATHS,
 
 def _assert_clean(flood: Flood, report: dict[str, Any], *, sides: Sequence[str] = ("enhanced",),
                   legacy_paths: Sequence[str] = ()) -> None:
+    """``legacy_paths``: the flood's keys routed to legacy (they answer ``held`` at once);
+    the others are served on the enhanced side, in their turn, each at least 20 times."""
     summary = f"{dict(flood.answers)}; {report}"
     assert not flood.odd, f"{summary}\n" + "\n".join(flood.odd[:15])
     assert flood.answers["left"] == LEAVERS, summary
@@ -245,9 +250,10 @@ def _assert_clean(flood: Flood, report: dict[str, Any], *, sides: Sequence[str] 
     # audit trail's, at most ``redis-pool-size`` (50) each.
     assert others_after <= others_before + 3 * 50 + 5, summary
     # The 50 ms waiters time out; the 20 s ones are served in their turn, by hundreds.
+    queued = len(PATHS) - len(legacy_paths)
     assert sum(n for answer, n in flood.answers.items()
-               if answer.startswith("granted")) >= len(PATHS) * 20, summary
-    flood.history.assert_consistent(min_holds=len(PATHS) * 20)
+               if answer.startswith("granted")) >= queued * 20, summary
+    flood.history.assert_consistent(min_holds=queued * 20)
 
 
 def _serve(service_process: ServiceFactory, *flags: str) -> ServiceProcess:
@@ -292,3 +298,22 @@ async def test_a_flood_over_http_on_redis(service_process: ServiceFactory,
         f"--enhanced-locking-redis-addr={plain_redis.addr}"))
     _assert_clean(flood, report)
 
+
+ROUTED_LEGACY = ("net", "iam", "vpc")
+"""The flood's keys a weight of 50 routes to legacy (their buckets are 50 and up; ``dns``,
+``db`` and the leavers' ``left`` route to enhanced)."""
+
+
+@pytest.mark.redis
+async def test_a_flood_over_http_through_the_router_at_weight_50(
+        service_process: ServiceFactory, plain_redis: RedisServer) -> None:
+    """A migration half way, the fall-back to legacy on: the keys routed to enhanced (on
+    Redis) are served in their turn or time out; those routed to legacy answer ``held`` at
+    once, as Atlantis does."""
+    assert {path for path in (*PATHS, GONE_PATH)
+            if not is_enhanced_bucket(bucket_of(_key(path)), 50)} == set(ROUTED_LEGACY)
+    flood, report = await _flood(_serve(
+        service_process, "--enhanced-locking-backend=redis",
+        f"--enhanced-locking-redis-addr={plain_redis.addr}",
+        "--enhanced-locking-migration-weight=50", "--enhanced-locking-fallback=legacy"))
+    _assert_clean(flood, report, sides=("enhanced", "legacy"), legacy_paths=ROUTED_LEGACY)
