@@ -284,13 +284,18 @@ class CallCount:
         self.answers += 1
         return answer
 
-    def stuck(self, answers: int) -> TimeoutError | None:
-        """The outage a wait for a connection ran into, ``answers`` being :attr:`answers`
-        when it began (None: Redis answered meanwhile, or nothing was under way)."""
+    def stuck(self, answers: int, failed: int) -> TimeoutError | None:
+        """The outage a wait for a connection ran into, ``answers`` and ``failed`` being
+        :attr:`answers` and :attr:`failed` when it began (None: Redis answered meanwhile, or
+        nothing was under way or failed). Calls that failed meanwhile, none answered, count as
+        calls Redis did not answer: a Redis frozen through the wait had the calls holding the
+        connections cut off at their limit, and the connections, given to calls that had not
+        been sent yet, left none under way as the wait ended (told overloaded, no fall-back)."""
         under_way = self.sent - self.answers - self.failed
-        if under_way and self.answers == answers:
+        cut = self.failed - failed
+        if (under_way or cut) and self.answers == answers:
             return TimeoutError(f"no connection free within {POOL_WAIT:g} s, and none of the "
-                                f"{under_way} calls under way on them answered meanwhile")
+                                f"{under_way + cut} calls under way on them answered meanwhile")
         return None
 
 
@@ -305,11 +310,11 @@ class _CountedRedis(aioredis.Redis):
         self.counted = CallCount()
 
     async def execute_command(self, *args: Any, **options: Any) -> Any:
-        answers = self.counted.answers
+        answers, failed = self.counted.answers, self.counted.failed
         try:
             return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
         except rexc.ConnectionError as error:
-            stuck = self.counted.stuck(answers) if pool_exhausted(error) else None
+            stuck = self.counted.stuck(answers, failed) if pool_exhausted(error) else None
             if stuck is None:
                 raise
             raise stuck from None
@@ -377,12 +382,12 @@ class _Cluster(RedisCluster):
         if not calls.locked():
             await calls.acquire()
             return
-        answers = self.counted.answers
+        answers, failed = self.counted.answers, self.counted.failed
         try:
             async with asyncio.timeout(POOL_WAIT):
                 await calls.acquire()
         except TimeoutError:
-            stuck = self.counted.stuck(answers)
+            stuck = self.counted.stuck(answers, failed)
             if stuck is not None:
                 raise stuck from None
             raise rexc.ConnectionError(POOL_EXHAUSTED) from None
@@ -741,14 +746,14 @@ class RedisConnection:
         :func:`down`) only while Redis answers: see :class:`CallCount` (the calls on kept
         connections and the client's own commands are counted together)."""
         pool = client.connection_pool
-        answers = self.counted.answers
+        answers, failed = self.counted.answers, self.counted.failed
         waits = isinstance(pool, _TurnsPool) and (pool.queued or pool.full)
         try:
             taken: aioredis.Connection = await pool.get_connection()  # type: ignore[no-untyped-call]
             if waits:
                 _sent_now()
         except rexc.ConnectionError as error:
-            stuck = self.counted.stuck(answers) if pool_exhausted(error) else None
+            stuck = self.counted.stuck(answers, failed) if pool_exhausted(error) else None
             if stuck is not None:
                 raise stuck from None
             raise
