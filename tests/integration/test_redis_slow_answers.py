@@ -188,3 +188,31 @@ async def test_calls_on_redis_py_paths_behind_a_busy_redis_that_answers_others_a
               if isinstance(answer, BaseException)}
     assert not failed, failed
     assert COMMAND_TIMEOUT < took < BUSY_LIMIT, took
+
+
+async def test_a_call_whose_redis_stops_just_after_answering_another_still_ends_at_its_limit(
+    redis_server: RedisServer, redis_backend: RedisBackend,
+) -> None:
+    # The acquire is sent and held (writes paused); Redis answers a ping sent after it, then
+    # stops. Redis has answered nothing since: the acquire ends 5 s after that answer, not
+    # waited for a second 5 s because an answer came while it was under way (it ended at
+    # 10 s).
+    assert redis_server.process is not None
+    with redis_server.client() as admin:
+        admin.execute_command("CLIENT", "PAUSE", int(HELD * 1000), "WRITE")
+    started = time.monotonic()
+    try:
+        call = asyncio.create_task(redis_backend.acquire(lock_for(request_for(pull=1))))
+        await asyncio.sleep(0.2)  # sent, held
+        assert not call.done()
+        assert await redis_backend.connection.call("PING") == "PONG"
+        redis_server.process.send_signal(signal.SIGSTOP)
+        with pytest.raises(BackendUnavailable, match="within the call's 5 s limit"):
+            await call
+        took = time.monotonic() - started
+    finally:
+        redis_server.process.send_signal(signal.SIGCONT)
+        with redis_server.client() as admin:
+            admin.execute_command("CLIENT", "UNPAUSE")
+    # (5 s after the ping's answer; a second 5 s would end it at 10 s)
+    assert COMMAND_TIMEOUT - 0.5 < took < COMMAND_TIMEOUT + 2.5, took

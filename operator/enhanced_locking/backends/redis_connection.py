@@ -28,6 +28,7 @@ import collections
 import ssl
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from time import monotonic
 from types import TracebackType
 from typing import Any, Literal, TypeVar
 
@@ -269,6 +270,8 @@ class CallCount:
     sent: int = 0
     answers: int = 0
     failed: int = 0
+    answered_at: float = 0.0
+    """When (``time.monotonic``) the latest answer was read (see :class:`_Limit`)."""
 
     async def of(self, call: Coroutine[Any, Any, _T]) -> _T:
         """``await call``, counted: sent, then answered (an error reply too) or failed."""
@@ -277,11 +280,13 @@ class CallCount:
             answer = await call
         except rexc.ResponseError:
             self.answers += 1
+            self.answered_at = monotonic()
             raise
         except BaseException:
             self.failed += 1
             raise
         self.answers += 1
+        self.answered_at = monotonic()
         return answer
 
     def stuck(self, answers: int, failed: int) -> TimeoutError | None:
@@ -694,6 +699,7 @@ class RedisConnection:
             await self._discard(connection)
             raise
         counted.answers += 1
+        counted.answered_at = monotonic()
         await self._done(connection)
         if isinstance(answer, rexc.ResponseError):  # Redis answered: the connection is good
             raise answer
@@ -726,6 +732,7 @@ class RedisConnection:
             await self._discard(connection)
             raise
         counted.answers += 1
+        counted.answered_at = monotonic()
         await self._done(connection)
         for answer in answers:
             if isinstance(answer, rexc.ResponseError):
@@ -960,9 +967,11 @@ class _Limit:
     event loop stalled past the limit, by a flood of requests on a loaded machine, the answer
     and the timer come due together, and the call was told Redis did not answer though its
     answer lay read); then, if Redis answered any of the client's calls (:class:`CallCount`)
-    since the limit was armed, it is armed again, up to :data:`BUSY_LIMIT` from the send. Only
-    a Redis that answers nothing for ``seconds`` (stopped, frozen, cut off) ends the call at
-    its ``seconds``."""
+    since the limit was armed, and its latest answer is less than ``seconds`` old, it is armed
+    again to ``seconds`` after that answer, up to :data:`BUSY_LIMIT` from the send. A Redis
+    that answers nothing for ``seconds`` (stopped, frozen, cut off) ends the call ``seconds``
+    after its last answer (at the call's ``seconds`` when that came before the send), not a
+    second ``seconds`` later because an answer came while the call was under way."""
 
     __slots__ = ("answers", "counted", "expired", "since", "timer")
 
@@ -988,15 +997,24 @@ def _expire(task: asyncio.Task[Any], limit: _Limit, seconds: float) -> None:
     limit.timer = loop.call_soon(_expire_after_turn, task, limit, seconds)
 
 
+def _after_turn(task: asyncio.Task[Any], limit: _Limit, seconds: float) -> None:
+    # (answers read in the turn that ran the timer are counted in the next, by their calls)
+    limit.timer = task.get_loop().call_soon(_expire_after_turn, task, limit, seconds)
+
+
 def _expire_after_turn(task: asyncio.Task[Any], limit: _Limit, seconds: float) -> None:
     counted = limit.counted
     if counted is not None and counted.answers != limit.answers:
         now = task.get_loop().time()
         most = limit.since + BUSY_LIMIT
-        if now < most:  # Redis answers other calls: it is there, this one is behind them
+        quiet = monotonic() - counted.answered_at  # since Redis last answered any call
+        if now < most and quiet < seconds:
+            # Redis answers other calls: it is there, this one is behind them. Waited for
+            # until Redis has answered nothing for ``seconds``: an answer that came just
+            # before Redis stopped buys this call no second ``seconds``.
             limit.answers = counted.answers
-            limit.timer = task.get_loop().call_at(min(now + seconds, most), _expire_after_turn,
-                                                  task, limit, seconds)
+            limit.timer = task.get_loop().call_at(min(now + seconds - quiet, most),
+                                                  _after_turn, task, limit, seconds)
             return
     limit.timer = None
     limit.expired = True
