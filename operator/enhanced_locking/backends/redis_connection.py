@@ -1070,9 +1070,7 @@ async def within_limit(call: Coroutine[Any, Any, _T], seconds: float = COMMAND_T
         if _ended(task, limit, cancelling, error):
             raise TimeoutError from error
         raise
-    _end(task, limit)
-    if limit.expired:  # (answered in its turn of grace: its cancellation is taken back)
-        task.uncancel()
+    _ended(task, limit, cancelling, None)  # (answered in its turn of grace: taken back)
     return answer
 
 
