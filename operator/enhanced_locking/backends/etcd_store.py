@@ -663,6 +663,7 @@ class EtcdBackend(StoreBackend):
         self.missed_guesses = 0
         """Steps run again because what this replica knew of their keys was out of date."""
         self.late_grants = 0
+        """Grants refused because their answer came after the lock's end (``ran_out``)."""
         self.passed_over = 0
         """Waiters passed over because their replica was gone (``_gone``)."""
         self.taken_back = 0
@@ -675,14 +676,13 @@ class EtcdBackend(StoreBackend):
         self._taking: set[str] = set()
         """Waiters here whose grant is being taken (``_take_grant``)."""
         self._renewed: dict[int, float] = {}
+        """Other replicas' session leases: by when (``time.monotonic``) each had last been
+        renewed at the latest, as etcd told it (``_gone``)."""
         self._steady = 0.0
         """Since when (``time.monotonic``) etcd has renewed this replica's session without a
         pause longer than ``_STEADY_GAP`` (0: no session)."""
         self._renewal = 0.0
         """When etcd last renewed it."""
-        """Other replicas' session leases: by when (``time.monotonic``) each had last been
-        renewed at the latest, as etcd told it (``_gone``)."""
-        """Grants refused because their answer came after the lock's end (``ran_out``)."""
         self.served_unheard = 0
         """Keys the read of the waiting keys served whose lock the read before had found: a
         lock etcd deleted that the watch of deletions had not served (``_unserved``; for the
@@ -895,29 +895,38 @@ class EtcdBackend(StoreBackend):
         return gone
 
     async def _renewals(self, lease: int, *, key: str | None) -> bool:
-        """Ask etcd how long another replica's session ``lease`` has gone unrenewed: whether
-        more than ``GONE_AFTER`` seconds (or etcd has it no more). etcd tells a lease's time
-        left in whole seconds, cut down: the time since its renewal is at most the TTL it was
-        granted less that, and is taken as that (so its renewal as that much earlier than it
-        may have been). An answer that does not come counts the replica alive for this step
+        """Ask etcd how long another replica's session ``lease`` has gone unrenewed
+        (``_unrenewed``): whether more than ``GONE_AFTER`` seconds (or etcd has it no more).
+        The most it may have gone unrenewed is taken (so its renewal as that much earlier than
+        it may have been). An answer that does not come counts the replica alive for this step
         (nobody is passed over on a guess)."""
-        asked = time.monotonic()
         try:
-            async with unavailable(self.connection, "lease check", key=key):
-                answer = await leader_first(
-                    self.connection, lambda member, deadline: _lease_calls(member).time_to_live(
-                        lease, timeout=deadline, max_attempts=1))
+            asked, since = await self._unrenewed(lease, key=key)
         except BackendUnavailable:
             return False
         self.round_trips += 1
         if len(self._renewed) >= _Known.LIMIT:
             self._renewed.clear()
-        if int(answer.TTL) < 0:
+        if since is None:
             self._renewed.pop(lease, None)
             return True
-        since = max(0, int(answer.grantedTTL) - int(answer.TTL))
         self._renewed[lease] = asked - since
         return min(since, self._steady_for(asked)) > GONE_AFTER
+
+    async def _unrenewed(self, lease: int, *, key: str | None) -> tuple[float, int | None]:
+        """When etcd was asked about another replica's session ``lease`` (``time.monotonic``),
+        and for how many seconds at most it has gone unrenewed (None: etcd has it no more).
+        etcd tells a lease's time left in whole seconds, cut down: the time since its renewal
+        is at most the TTL it was granted less that. ``BackendUnavailable`` when etcd does not
+        answer."""
+        asked = time.monotonic()
+        async with unavailable(self.connection, "lease check", key=key):
+            answer = await leader_first(
+                self.connection, lambda member, deadline: _lease_calls(member).time_to_live(
+                    lease, timeout=deadline, max_attempts=1))
+        if int(answer.TTL) < 0:
+            return asked, None
+        return asked, max(0, int(answer.grantedTTL) - int(answer.TTL))
 
     def _steady_for(self, at: float) -> float:
         """Seconds up to ``at`` that etcd has renewed this replica's session without a pause
@@ -956,17 +965,12 @@ class EtcdBackend(StoreBackend):
         try:
             while claims := self._claims.get(lease):
                 await asyncio.sleep(RENEW_EVERY)
-                asked = time.monotonic()
                 try:
-                    async with unavailable(self.connection, "lease check"):
-                        answer = await leader_first(
-                            self.connection, lambda member, deadline: _lease_calls(
-                                member).time_to_live(lease, timeout=deadline, max_attempts=1))
+                    asked, since = await self._unrenewed(lease, key=None)
                 except BackendUnavailable:
                     continue
-                if int(answer.TTL) < 0:
+                if since is None:
                     return
-                since = max(0, int(answer.grantedTTL) - int(answer.TTL))
                 renewed = asked - since  # its renewal was no sooner than this
                 claims[:] = [claim for claim in claims if claim[2] >= renewed]
                 if min(since, self._steady_for(asked)) > GONE_AFTER and claims:
