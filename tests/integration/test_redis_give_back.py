@@ -55,8 +55,8 @@ async def _settled(backend: RedisBackend, within: float = 8.0) -> None:
         await asyncio.sleep(0.05)
 
 
-async def _fail_fast(backend: RedisBackend, *asked: Candidate) -> None:
-    await backend.acquire_batch(asked, ttl=None, wait=None, policy=QueuePolicy())
+async def _fail_fast(backend: RedisBackend, *asked: Candidate) -> Outcome:
+    return await backend.acquire_batch(asked, ttl=None, wait=None, policy=QueuePolicy())
 
 
 async def _told_unavailable(redis_server: RedisServer, backend: RedisBackend,
@@ -76,8 +76,7 @@ async def test_with_redis_frozen_a_fail_fast_acquire_answered_unavailable_does_n
     # (told unavailable) and pull 2 was answered `held`, with no lease to end it.
     await _told_unavailable(redis_server, backend, candidate_for(A))
     assert await backend.get(A.key) is None
-    other = await backend.acquire_batch([candidate_for(A2)], ttl=None, wait=None,
-                                        policy=QueuePolicy())
+    other = await _fail_fast(backend, candidate_for(A2))
     assert other.status is Status.GRANTED, other
 
 
@@ -87,8 +86,7 @@ async def test_with_redis_frozen_a_fail_fast_batch_is_given_back_but_what_the_pu
     # A batch goes to the full script ('granted' with lock rows). Key a was the pull's before
     # the batch (its earlier request was told so): it stays; key b, granted by the batch
     # nobody heard, is given back.
-    before = await backend.acquire_batch([candidate_for(A)], ttl=None, wait=None,
-                                         policy=QueuePolicy())
+    before = await _fail_fast(backend, candidate_for(A))
     assert before.status is Status.GRANTED
     await _told_unavailable(redis_server, backend, candidate_for(A), candidate_for(B))
     held = await backend.get(A.key)
@@ -119,7 +117,7 @@ async def _answered_again_then_given_back(
     """An acquire of ``asked`` nobody heard, the same pull's acquire of it again (answered,
     with the hold the first granted), then the first one's give-back: the second's answer."""
     await _granted_unheard(backend, monkeypatch, "a1" * 8, asked)
-    again = await backend.acquire_batch([asked], ttl=None, wait=None, policy=QueuePolicy())
+    again = await _fail_fast(backend, asked)
     assert again.status is Status.GRANTED and not again.fresh
     await backend._give_back(_owed("a1" * 8, asked))
     return again
@@ -147,8 +145,7 @@ async def test_a_give_back_leaves_a_hold_a_later_request_was_told_it_has(
     assert handoff.released is not None and handoff.released.key == B.key
     assert await backend.get(B.key) is None
     # Sent again (its answer was lost): nothing more is released.
-    granted = await backend.acquire_batch([candidate_for(B2)], ttl=None, wait=None,
-                                          policy=QueuePolicy())
+    granted = await _fail_fast(backend, candidate_for(B2))
     assert granted.status is Status.GRANTED
     again_back = await backend._give_back(_owed("c3" * 8, candidate_for(B)))
     assert again_back.released is None
@@ -230,8 +227,7 @@ async def test_a_hold_answered_only_to_requests_told_unavailable_is_given_back(
         await backend._give_back(_owed(ids[first], candidate_for(A)))
         await backend._give_back(_owed(ids[second], candidate_for(A)))
         assert await backend.get(A.key) is None, (first, second)
-    heard = await backend.acquire_batch([candidate_for(B)], ttl=None, wait=None,
-                                        policy=QueuePolicy())
+    heard = await _fail_fast(backend, candidate_for(B))
     assert heard.status is Status.GRANTED
     await _granted_unheard(backend, monkeypatch, "c9" * 8, candidate_for(B))
     await backend._give_back(_owed("c9" * 8, candidate_for(B)))
@@ -249,14 +245,12 @@ async def test_with_redis_frozen_a_shared_fail_fast_acquire_answered_unavailable
     # A shared acquire is given back as an exclusive one is: only its own hold goes, the
     # key's other shared holder (pull 2, heard) stays. Before, pull 1 (told unavailable)
     # held the key shared for good, without a lease, and no exclusive request was granted.
-    other = await backend.acquire_batch([_shared(A2)], ttl=None, wait=None,
-                                        policy=QueuePolicy())
+    other = await _fail_fast(backend, _shared(A2))
     assert other.status is Status.GRANTED
     await _told_unavailable(redis_server, backend, _shared(A))
     assert [lock.pull.num for lock in await backend.holders(A.key)] == [2]
     await backend.release(A.key, owner=(A.project.repo_full_name, 2))
-    taken = await backend.acquire_batch([candidate_for(A2)], ttl=None, wait=None,
-                                        policy=QueuePolicy())
+    taken = await _fail_fast(backend, candidate_for(A2))
     assert taken.status is Status.GRANTED, taken
 
 
