@@ -21,7 +21,7 @@ from tests.support.redis_server import RedisServer
 
 from enhanced_locking.backends import redis_store
 from enhanced_locking.backends.redis_store import RedisBackend
-from enhanced_locking.backends.waiting import Outcome, QueuePolicy, Status, Wait
+from enhanced_locking.backends.waiting import Handoff, Outcome, QueuePolicy, Status, Wait
 from enhanced_locking.types import (
     BackendUnavailable,
     Candidate,
@@ -171,20 +171,31 @@ async def test_a_give_back_that_reaches_redis_before_its_call_makes_the_call_wri
         assert await backend.get(B.key) is None
 
 
+async def _given_back_to_a_waiter(backend: RedisBackend, monkeypatch: pytest.MonkeyPatch,
+                                  call_id: str, unheard: Candidate,
+                                  waiting: Candidate) -> Handoff:
+    """``unheard`` granted by call ``call_id`` nobody heard of, ``waiting`` queued behind it
+    (waiter ``w2``), then the call given back: its hand-off, which served ``w2`` (told it is
+    granted)."""
+    await _granted_unheard(backend, monkeypatch, call_id, unheard)
+    heard = backend.grants.expect("w2")
+    queued = await backend.acquire_or_enqueue(
+        waiting, ttl=None, policy=QueuePolicy(),
+        wait=Wait(id="w2", timeout=timedelta(seconds=10)))
+    assert queued.status is Status.QUEUED
+    handoff = await backend._give_back(_owed(call_id, unheard))
+    assert [grant.waiter.id for grant in handoff.granted] == ["w2"]
+    notice = await asyncio.wait_for(heard, 5)
+    assert notice.reason is None, notice
+    return handoff
+
+
 async def test_a_give_back_hands_the_key_to_its_next_waiter(
     backend: RedisBackend, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Pull 2 queued behind the hold nobody heard of: the give-back serves it, as a release.
-    await _granted_unheard(backend, monkeypatch, "f6" * 8, candidate_for(A))
-    heard = backend.grants.expect("w2")
-    queued = await backend.acquire_or_enqueue(
-        candidate_for(A2), ttl=None, policy=QueuePolicy(),
-        wait=Wait(id="w2", timeout=timedelta(seconds=10)))
-    assert queued.status is Status.QUEUED
-    handoff = await backend._give_back(_owed("f6" * 8, candidate_for(A)))
-    assert [grant.waiter.id for grant in handoff.granted] == ["w2"]
-    notice = await asyncio.wait_for(heard, 5)
-    assert notice.reason is None, notice
+    await _given_back_to_a_waiter(backend, monkeypatch, "f6" * 8, candidate_for(A),
+                                  candidate_for(A2))
     held: Lock | None = await backend.get(A.key)
     assert held is not None and held.pull.num == 2
 
@@ -267,16 +278,8 @@ async def test_a_shared_give_back_leaves_a_hold_a_later_request_was_told_it_has(
     await backend._give_back(_owed("b2" * 8, _shared(B)))
     assert [lock.pull.num for lock in await backend.holders(B.key)] == [1]
 
-    await _granted_unheard(backend, monkeypatch, "c3" * 8, _shared(C))
-    heard = backend.grants.expect("w2")
-    queued = await backend.acquire_or_enqueue(
-        candidate_for(C2), ttl=None, policy=QueuePolicy(),
-        wait=Wait(id="w2", timeout=timedelta(seconds=10)))
-    assert queued.status is Status.QUEUED
-    handoff = await backend._give_back(_owed("c3" * 8, _shared(C)))
+    handoff = await _given_back_to_a_waiter(backend, monkeypatch, "c3" * 8, _shared(C),
+                                            candidate_for(C2))
     assert handoff.released is not None and handoff.released.mode == "shared"
-    assert [grant.waiter.id for grant in handoff.granted] == ["w2"]
-    notice = await asyncio.wait_for(heard, 5)
-    assert notice.reason is None, notice
     held = await backend.get(C.key)
     assert held is not None and held.pull.num == 2 and held.mode == "exclusive"
