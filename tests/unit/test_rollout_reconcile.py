@@ -388,3 +388,32 @@ async def test_the_status_names_the_replica_that_applied_it_and_when_it_was_last
     first = status["lastSeenAt"]
     await reconciler.resync()  # each resync renews it: an old time means nobody serves it
     assert cluster.status(POLICIES, "default")["lastSeenAt"] > first
+
+
+async def test_steps_given_again_after_a_fixed_weight_start_from_their_first_step(
+    replica_set: ReplicaSet, tmp_path: Path,
+) -> None:
+    service = await replica_set.start("a", replica_heartbeat="50ms")
+    steps = [{"setWeight": 10}, {"pause": {}}, {"setWeight": 30}]
+    cluster, _, reconciler = await _migrating(service, tmp_path, steps=steps)
+    await _tick_until(reconciler, cluster, lambda s: s.get("phase") == "Paused", service)
+    await reconciler.observed(MIGRATIONS, cluster.annotate(MIGRATIONS, "to-enhanced",
+                                                           PROMOTE_ANNOTATION, "go"))
+    await _tick_until(reconciler, cluster, lambda s: s.get("phase") == "Completed", service)
+    assert cluster.status(MIGRATIONS, "to-enhanced")["currentStepIndex"] == 3
+    # A fixed weight in their place (a `helm rollback` to a revision without steps, say): the
+    # status no longer shows a step.
+    await reconciler.observed(MIGRATIONS, cluster.put(MIGRATIONS, "to-enhanced",
+                                                      migration(weight=5)))
+    await _tick_until(reconciler, cluster, lambda s: s.get("phase") == "Completed", service)
+    assert "currentStepIndex" not in cluster.status(MIGRATIONS, "to-enhanced")
+    # Steps again: a new rollout, from its first step, as a restarted operator would run it
+    # from this status; not the old rollout's end (weight 100 at once, the pause skipped).
+    again = [{"setWeight": 10}, {"pause": {}}, {"setWeight": 100}]
+    await reconciler.observed(MIGRATIONS, cluster.put(MIGRATIONS, "to-enhanced",
+                                                      migration(steps=again)))
+    assert service.provider.current.config.effective_weight == 10
+    await _tick_until(reconciler, cluster, lambda s: s.get("phase") == "Paused", service)
+    status = cluster.status(MIGRATIONS, "to-enhanced")
+    assert (status["currentStepIndex"], status["step"], status["currentWeight"]) == (1, "2/3", 10)
+    assert _condition(status, "Paused")["reason"] == "WaitingForPromote"

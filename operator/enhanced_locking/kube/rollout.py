@@ -23,6 +23,8 @@ The rules:
 * ``spec.promote: true`` is a full promotion: weight 100 now, every step left skipped.
 * Past the last step (or, without steps, once the fixed weight has settled) the rollout is
   ``Completed``. Editing the steps keeps the step index: the steps after it are the ones left.
+  Replacing the steps with a fixed ``weight`` ends their rollout: steps given again later
+  start from their first step.
 """
 
 from __future__ import annotations
@@ -140,6 +142,11 @@ def advance(
     ``analysis_failure`` says why the analysis asks for an abort (None: it does not).
     """
     notes: list[Note] = []
+    if spec.steps is None and (state.step_index or state.step_started_at is not None):
+        # A fixed weight in the steps' place ends their rollout: the status shows no step
+        # then, and steps given again start from their first one, as a restarted operator
+        # (or another status writer) reading that status would start them.
+        state = replace(state, step_index=0, step_started_at=None)
 
     # --- aborting and lifting an abort ---------------------------------------------------
     if spec.abort:
