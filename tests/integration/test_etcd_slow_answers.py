@@ -37,3 +37,27 @@ async def test_an_answer_that_came_while_the_event_loop_stalled_past_the_limit_i
         assert granted and lock.pull.num == 1
     finally:
         await backend.close()
+
+
+async def test_a_session_renewal_answered_while_the_event_loop_stalled_past_its_limit_is_taken(
+    etcd_cluster: EtcdCluster, etcd_prefix: str,
+) -> None:
+    """The renewal's limit is gRPC's deadline too. Before, it was a timer on the loop
+    (``asyncio.wait_for`` around the keep-alive stream's read), due in the same turn as the
+    answer read after the stall: the renewal etcd had applied was taken for one that failed,
+    and two such in a row (10 s unanswered) made the replica tell its waiters ``unavailable``
+    while etcd still had their session."""
+    backend = EtcdBackend.from_config(etcd_config(etcd_cluster, etcd_prefix), "enhanced")
+    try:
+        await backend._ensure_session()
+        lease = backend.session_lease
+        member = etcd_cluster.members[0]
+        assert member.process is not None
+        pid = member.process.popen.pid
+        with frozen(member):
+            left = await answered_across_a_stall(
+                backend._renew(lease), lambda: os.kill(pid, signal.SIGCONT), CALL_TIMEOUT)
+        assert left > 0
+        assert backend.session_lease == lease
+    finally:
+        await backend.close()

@@ -85,7 +85,7 @@ from urllib.parse import quote, unquote
 
 import etcd3aio
 import grpc
-from etcd3aio._protobuf import Compare
+from etcd3aio._protobuf import Compare, LeaseKeepAliveRequest, LeaseKeepAliveResponse
 from etcd3aio._protobuf import TxnRequest as _TxnRequest
 
 from enhanced_locking.backends import codec
@@ -157,6 +157,8 @@ DELETIONS_LINGER = 5.0
 """Seconds the watch of lock deletions outlives this replica's last waiter
 (``_watch_deletions``): a replica whose waiters come and go keeps its watch."""
 
+_KEEP_ALIVE = "/etcdserverpb.Lease/LeaseKeepAlive"
+"""etcd's keep-alive method, called as a unary call (``EtcdBackend._renew``)."""
 _ATTEMPTS = 200
 _FREE_PER_READ = 60
 """Keys a read of the waiting keys covers (two operations each: etcd takes 128 in one
@@ -1734,15 +1736,31 @@ class EtcdBackend(StoreBackend):
         frozen member and take the call's whole 5 s: the next renewal then came 3.3 + 5 + 3.3 s
         after the last one, past the session's 10 s, and etcd let the lease go under a live
         replica (its waiters were told ``unavailable`` while two members of three answered).
-        A renewal sent twice only renews twice."""
+        A renewal sent twice only renews twice.
+
+        It is sent as a unary call of the keep-alive method (one request, one answer: what
+        etcd's stream does with a request followed by the end of the stream), so its limit
+        is the call's gRPC deadline, kept by gRPC's core off the event loop as a step's
+        transaction's is: an answer that came within it is taken however late the loop reads
+        it. Before, the stream's read was bounded by a timer on the loop
+        (``asyncio.wait_for``): after the loop stalled past it (a loaded machine), the timer
+        and the answer came due in one turn and the renewal etcd had applied was taken for a
+        failed one; two such in a row (10 s without an answer taken) told this replica's
+        waiters the store was unavailable while etcd still had their session. (A stream's own
+        deadline does not do it: its answer is read in several turns of the loop, and the
+        deadline passes between them.)"""
+        request = LeaseKeepAliveRequest(ID=lease)
+
         async def once(member: etcd3aio.Etcd3Client, deadline: float) -> int:
-            call = _lease_calls(member).keep_alive(lease)
-            try:
-                answer = await asyncio.wait_for(call.read(), deadline)
-            finally:
-                call.cancel()
-            if answer is grpc.aio.EOF:
-                raise TimeoutError  # the stream ended unanswered: as an attempt past its time
+            service, channel = _lease_calls(member), member._channel
+            if channel is None:  # (closed meanwhile)
+                raise etcd3aio.EtcdConnectionError("the client is not connected")
+            # The library's channel and auth token (its private attributes, as the steps'
+            # transactions use them); its keep_alive opens a stream, with no deadline.
+            call = channel.unary_unary(
+                _KEEP_ALIVE, request_serializer=LeaseKeepAliveRequest.SerializeToString,
+                response_deserializer=LeaseKeepAliveResponse.FromString)
+            answer = await call(request, metadata=service._metadata or None, timeout=deadline)
             return int(answer.TTL)
 
         return await leader_first(self.connection, once)
