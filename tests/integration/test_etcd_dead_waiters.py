@@ -24,13 +24,14 @@ from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.events import EventBus
 from enhanced_locking.locking import EnhancedLocker
 from enhanced_locking.metrics import Metrics
-from enhanced_locking.types import Candidate, Event, Lock, Reason
+from enhanced_locking.types import Candidate, Event, Lock, Priority, Reason
 
 pytestmark = [pytest.mark.etcd, pytest.mark.timeout(60)]
 
 
-def want(pull: int) -> Candidate:
-    return candidate_for(request_for(repo="acme/infra", path="envs/prod", pull=pull))
+def want(pull: int, priority: Priority = Priority.NORMAL) -> Candidate:
+    return candidate_for(request_for(repo="acme/infra", path="envs/prod", pull=pull,
+                                     priority=priority))
 
 
 def offer() -> Wait:
@@ -38,12 +39,14 @@ def offer() -> Wait:
 
 
 async def queued(backend: EtcdBackend, pull: int, position: int = 1,
+                 priority: Priority = Priority.NORMAL,
                  ) -> tuple[Wait, asyncio.Future[Notice]]:
-    """A caller of ``backend`` waiting for pull ``pull``'s lock, queued at ``position``: its
-    wait, and the future it hears on."""
+    """A caller of ``backend`` waiting for pull ``pull``'s lock (at ``priority``), queued at
+    ``position``: its wait, and the future it hears on."""
     wait = offer()
     heard = backend.grants.expect(wait.id)
-    outcome = await backend.acquire_or_enqueue(want(pull), ttl=None, wait=wait, policy=POLICY)
+    outcome = await backend.acquire_or_enqueue(want(pull, priority), ttl=None, wait=wait,
+                                               policy=POLICY)
     assert outcome.status is Status.QUEUED and outcome.position == position, outcome
     return wait, heard
 
@@ -174,6 +177,42 @@ async def test_a_grant_to_a_replica_that_died_a_moment_before_is_taken_back_and_
         assert told.count("enhanced_locking_handoffs_total") == 1
         holder = await b.get(held.key)
         assert holder is not None and holder.pull.num == 3
+    finally:
+        await told.locker.close()
+        await a.close()
+        await b.close()
+
+
+async def test_a_grant_taken_back_goes_on_in_the_order_of_the_configured_queue_policy(
+    etcd_cluster: EtcdCluster, etcd_prefix: str,
+) -> None:
+    """With the priority queue on, a grant taken back goes to the high-priority waiter
+    queued after a normal one, as every other hand-off of the key would. Before, the
+    take-back served the queue under the default policy (first come, first served): the
+    normal waiter got the key."""
+    config = etcd_config(etcd_cluster, etcd_prefix, enabled=True, priority_queue=True)
+    a = EtcdBackend.from_config(config, "enhanced")
+    told = Told(config)
+    b = told.backend
+    try:
+        held = await grant(b, want(1))
+        dead, _ = await queued(a, 2, priority=Priority.HIGH)
+        normal, later = await queued(b, 3, position=2)
+        _, heard = await queued(b, 4, position=2, priority=Priority.HIGH)
+        await killed(a)
+        handoff = await b.release_and_handoff(held.key, owner=held.owner,
+                                              policy=told.locker.policy())
+        assert [g.waiter.id for g in handoff.granted] == [dead.id]
+        first, _ = await asyncio.wait((heard, later), timeout=2 * SESSION_TTL,
+                                      return_when=asyncio.FIRST_COMPLETED)
+        assert first == {heard}, "the grant taken back went to the normal waiter"
+        notice = heard.result()
+        assert notice.locks and notice.locks[0].pull.num == 4
+        assert b.taken_back == 1
+        holder = await b.get(held.key)
+        assert holder is not None and holder.pull.num == 4
+        assert [w.id for w in await b.queue(held.key, policy=told.locker.policy())] == [
+            normal.id]
     finally:
         await told.locker.close()
         await a.close()

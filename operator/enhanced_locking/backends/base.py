@@ -391,6 +391,12 @@ class StoreBackend(abc.ABC):
         """Told of a hand-off this store made on its own, not as the answer to a call (etcd:
         a key whose lock its lease deleted, served by the watch of deletions or the read of
         the waiting keys): the locker tells and counts it as an expiry (set by it)."""
+        self.queue_policy: Callable[[], QueuePolicy] = QueuePolicy
+        """The queue policy in force (set by the locker: its ``policy``), for the steps this
+        store runs on its own (etcd: a grant taken back, a key served by the watch of
+        deletions or the read of the waiting keys), which no caller passes one to. Before,
+        those steps served the key's queue under the default policy (first come, first
+        served, no freeze or limit), whatever the service's settings said."""
 
     # --- primitives ---------------------------------------------------------------------------
     @abc.abstractmethod

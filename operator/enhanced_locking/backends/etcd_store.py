@@ -999,12 +999,14 @@ class EtcdBackend(StoreBackend):
             for lock in grant.locks:
                 try:
                     handoffs.append(await StoreBackend.release_and_handoff(
-                        self, lock.key, owner=lock.owner, token=lock.fencing_token))
+                        self, lock.key, owner=lock.owner, policy=policy,
+                        token=lock.fencing_token))
                 except (LockNotOwned, LockNotHeld, LockUnreadable):
                     continue  # that hold is gone already
             return tuple(handoffs)
 
         names = [self._named(lock.key) for lock in grant.locks]
+        policy = self.queue_policy()
         try:
             handoffs = await self._atomic(
                 run, keys=(notice, *(k for n in names for k in (n.lock, n.fence))),
@@ -1946,7 +1948,8 @@ class EtcdBackend(StoreBackend):
                 if still.get(key, 0) % _STILL_FREE:
                     continue
                 try:
-                    handoff = await self._expire_step(key, guess=False)
+                    handoff = await self._expire_step(key, policy=self.queue_policy(),
+                                                      guess=False)
                     self.served_unasked(handoff)
                 except BackendUnavailable:
                     continue
@@ -2123,7 +2126,7 @@ class EtcdBackend(StoreBackend):
         replica whose step handed the key on (one step can, so it is told once); a step that
         finds the key already served says nothing (the replica that served it told it)."""
         with contextlib.suppress(BackendUnavailable):
-            handoff = await self.expire(key)
+            handoff = await self.expire(key, policy=self.queue_policy())
             if handoff.granted and handoff.released is None and not handoff.expired:
                 try:
                     gone = _resolve_lock(codec.decode(prev.value or b""), prev.mod)

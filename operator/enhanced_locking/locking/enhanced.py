@@ -190,6 +190,7 @@ class EnhancedLocker(AtlantisCalls):
         self.backend: QueueBackend = backend
         if isinstance(backend, StoreBackend):  # its hand-offs made on its own, told here
             backend.served_unasked = self._served_unasked
+            backend.queue_policy = self.policy
         self.settings = settings
         self.events = events
         self.metrics = metrics
