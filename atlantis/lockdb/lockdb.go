@@ -19,6 +19,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"net/http"
 	"strings"
 	"time"
 
@@ -169,7 +170,8 @@ func splitKey(p models.Project, workspace string) string {
 // holder with its own pull number for itself. A request taken out of the queue while it
 // waited (reason cancelled: its pull's locks were released by UnlockByPull, on a close or an
 // `atlantis unlock`, or an admin cancelled it) is an error too, saying so: "locked by" the
-// holder would tell the user to wait for a lock nobody is waiting for any more.
+// holder would tell the user to wait for a lock nobody is waiting for any more. A lock with
+// a lease (the service's lock-ttl) is renewed to lock-ttl from now once granted (see renew).
 func (b *Database) TryLock(lock models.ProjectLock) (bool, models.ProjectLock, error) {
 	ctx, cancel := b.ctx(b.wait)
 	defer cancel()
@@ -181,7 +183,7 @@ func (b *Database) TryLock(lock models.ProjectLock) (bool, models.ProjectLock, e
 		Priority:  b.priority,
 		Wait:      b.wait,
 	}
-	_, err := b.service.Acquire(ctx, request)
+	granted, err := b.service.Acquire(ctx, request)
 	var denied *client.DeniedError
 	if errors.As(err, &denied) && denied.Verb == verbPrioritize && !b.chosen &&
 		b.priority != client.PriorityNormal {
@@ -190,7 +192,10 @@ func (b *Database) TryLock(lock models.ProjectLock) (bool, models.ProjectLock, e
 		// caller without it can. The 403 came before the service did anything with the
 		// request. A priority the operator chose is refused as it came.
 		request.Priority = client.PriorityNormal
-		_, err = b.service.Acquire(ctx, request)
+		granted, err = b.service.Acquire(ctx, request)
+	}
+	if err == nil && granted.ExpiresAt != nil {
+		err = b.renew(ctx, granted, lock.Project.RepoFullName)
 	}
 	if err == nil {
 		return true, lock, nil
@@ -224,6 +229,37 @@ func (b *Database) TryLock(lock models.ProjectLock) (bool, models.ProjectLock, e
 		return false, holder, nil
 	}
 	return false, models.ProjectLock{}, fmt.Errorf("lock service: %w", err)
+}
+
+// renew moves the lease of a lock just granted to lock-ttl from now. The pull that holds a
+// lock gets it back as it was, lease and all: Atlantis's apply after its plan would run on
+// what is left of the plan's lease, and the lock could expire under the apply and go to the
+// next waiter. A fresh grant is renewed as well (a few milliseconds of lease): the answer
+// does not say which it was, and the service's grant time cannot be set against this clock.
+// The lease ended in between (the key free): an error, nothing is held. Taken by another
+// pull since: a *client.HeldError naming it, as a refusal. Nothing to renew (the service's
+// lock-ttl set to 0 since the grant, a 409 without a holder; the key moved to the legacy
+// side, whose locks have no lease, a 409 naming this pull): the grant stands as it came.
+func (b *Database) renew(ctx context.Context, granted *client.Lock, repo string) error {
+	renewed, err := b.service.Refresh(ctx, granted.Key, repo, granted.Pull.Num, 0)
+	var notOwner *client.NotOwnerError
+	var invalid *client.InvalidError
+	switch {
+	case errors.As(err, &notOwner) && notOwner.Holder != nil &&
+		notOwner.Holder.Project.RepoFullName == repo && notOwner.Holder.Pull.Num == granted.Pull.Num:
+		return nil
+	case errors.As(err, &notOwner):
+		return &client.HeldError{Key: granted.Key, Reason: client.ReasonHeld, Holder: notOwner.Holder,
+			Message: "the lease ended before it could be renewed, and another pull took the lock"}
+	case errors.As(err, &invalid) && invalid.Status == http.StatusConflict:
+		return nil
+	case err != nil:
+		return fmt.Errorf("renewing the lease of %s: %w", granted.Key, err)
+	case renewed == nil:
+		return fmt.Errorf("the lease of %s ended before it could be renewed: not locked (run the "+
+			"command again)", granted.Key)
+	}
+	return nil
 }
 
 // Unlock frees the lock whoever holds it; nil when there was none. Atlantis gives it the

@@ -958,3 +958,40 @@ func TestApplyOnTheLockerRoleAsksWithNormalPriority(t *testing.T) {
 		t.Fatalf("the pull's own release should free its lock, freed %+v", freed)
 	}
 }
+
+func TestTheHoldersTryLockRenewsTheLeaseFromNow(t *testing.T) {
+	// With lock-ttl set the service's locks expire, and the pull that holds a lock gets it
+	// back as it was, lease and all: Atlantis's apply after its plan must not run on what is
+	// left of the plan's lease, or the lock could expire under the apply and go to the next
+	// waiter. The plan's lease here is one minute (what is left of it, as if an hour went
+	// by); the apply's TryLock renews it to lock-ttl from now, on the same hold.
+	forEachStore(t, func(t *testing.T, s store) {
+		svc := s.serve(t, "--enhanced-locking-enabled", "--enhanced-locking-lock-ttl", "2h")
+		database := open(t, svc)
+		project := models.NewProject("acme/infra", "envs/prod", "prod")
+		ctx := context.Background()
+		planned, err := database.Client().Acquire(ctx, client.AcquireRequest{
+			Project:   client.Project{RepoFullName: "acme/infra", Path: "envs/prod", ProjectName: "prod"},
+			Workspace: "default", Pull: client.Pull{Num: 1}, User: client.User{Username: "alice"},
+			TTL: time.Minute})
+		must(t, err)
+		if planned.ExpiresAt == nil {
+			t.Fatalf("the plan's lock should have a lease, got %+v", planned)
+		}
+		ok, _, err := database.ForCommand(command.Apply).TryLock(models.ProjectLock{Project: project,
+			Workspace: "default", Pull: pullOf("acme/infra", 1), User: alice, Time: time.Now()})
+		if err != nil || !ok {
+			t.Fatalf("the holder's apply should get its lock, got %v %v", ok, err)
+		}
+		applied, err := database.Client().Get(ctx, planned.Key)
+		must(t, err)
+		if applied == nil || applied.FencingToken != planned.FencingToken || applied.ExpiresAt == nil {
+			t.Fatalf("the apply should hold the plan's lock (token %d) with a lease, got %+v",
+				planned.FencingToken, applied)
+		}
+		if renewed := applied.ExpiresAt.Sub(*planned.ExpiresAt); renewed < 118*time.Minute {
+			t.Fatalf("the apply's lease should be lock-ttl (2h) from the apply on, it moved by %v "+
+				"(plan's ended %v, apply's ends %v)", renewed, planned.ExpiresAt, applied.ExpiresAt)
+		}
+	})
+}
