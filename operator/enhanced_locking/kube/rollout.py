@@ -36,6 +36,7 @@ from typing import Any, Literal
 
 from enhanced_locking.durations import format_duration
 from enhanced_locking.kube.lockmigration import LockMigrationSpec, Phase, Step, step_weight
+from enhanced_locking.kube.overrides import migration_weight
 
 __all__ = ["ABORT_REQUESTED", "ANALYSIS_FAILED", "Note", "Progress", "RolloutState", "advance",
            "parse_time", "weight_of"]
@@ -106,14 +107,9 @@ class Progress:
 
 
 def weight_of(spec: LockMigrationSpec, state: RolloutState) -> float | None:
-    """The weight the service should route by for this spec and rollout state."""
-    if spec.abort or state.aborted:
-        return 0.0
-    if spec.promote:
-        return 100.0
-    if spec.steps is not None:
-        return round(step_weight(spec.steps, state.step_index), 2)
-    return None if spec.weight is None else round(spec.weight, 2)
+    """The weight the service should route by for this spec and rollout state (what the
+    operator applies: :func:`~enhanced_locking.kube.overrides.migration_weight`)."""
+    return migration_weight(spec, step_index=state.step_index, aborted=state.aborted)
 
 
 def _describe(step: Step) -> str:
