@@ -203,6 +203,21 @@ def test_editing_the_steps_keeps_the_index_and_appending_steps_resumes_a_complet
     assert shrunk.state.step_index == 1 and shrunk.phase == "Progressing"
 
 
+def test_a_fixed_weight_in_place_of_the_steps_ends_them_and_steps_again_start_afresh() -> None:
+    rollout = Rollout(spec(steps=[{"setWeight": 20}, {"setWeight": 60}]))
+    rollout.step()
+    rollout.step()
+    assert rollout.step().phase == "Completed" and rollout.state.step_index == 2
+    rollout.spec = spec(weight=5)
+    fixed = rollout.step()
+    assert (fixed.state.step_index, fixed.state.step_started_at) == (0, None)
+    rollout.spec = spec(steps=[{"setWeight": 10}, {"pause": {}}, {"setWeight": 100}])
+    again = rollout.step()
+    assert (again.reason, again.state.step_index) == ("StepInProgress", 0)
+    assert weight_of(rollout.spec, again.state) == 10
+    assert rollout.step().reason == "WaitingForPromote"
+
+
 def test_the_state_reads_back_from_the_status_it_is_written_to() -> None:
     status = {
         "currentStepIndex": 3, "stepStartedAt": "2030-01-01T00:05:00.250Z",
