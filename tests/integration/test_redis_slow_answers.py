@@ -18,12 +18,20 @@ from typing import Any
 
 import pytest
 from tests.support.locks import lock_for, request_for
+from tests.support.redis_cluster import RedisClusterNodes
+from tests.support.redis_fixtures import redis_cluster_config, redis_config
 from tests.support.redis_server import RedisServer
 from tests.support.stalls import answered_across_a_stall
 
 from enhanced_locking.backends.atlantis_redis import AtlantisRedisBackend
 from enhanced_locking.backends.audit_store import RedisAuditStore, Retention
-from enhanced_locking.backends.redis_connection import BUSY_LIMIT, COMMAND_TIMEOUT
+from enhanced_locking.backends.redis_connection import (
+    BUSY_LIMIT,
+    COMMAND_TIMEOUT,
+    POOL_WAIT,
+    RedisConnection,
+    connect,
+)
 from enhanced_locking.backends.redis_store import RedisBackend
 from enhanced_locking.migration.routing_registry import RedisRoutingRegistry
 from enhanced_locking.types import AuditEntry, BackendUnavailable
@@ -216,3 +224,80 @@ async def test_a_call_whose_redis_stops_just_after_answering_another_still_ends_
             admin.execute_command("CLIENT", "UNPAUSE")
     # (5 s after the ping's answer; a second 5 s would end it at 10 s)
     assert COMMAND_TIMEOUT - 0.5 < took < COMMAND_TIMEOUT + 2.5, took
+
+
+async def _two_on_one_connection(call: Call, resume: Callable[[], None]) -> list[object]:
+    """``call`` twice at once on a pool of one connection (on a cluster, one turn), the store
+    stopped by the caller: the first is sent and holds the connection, the second waits for
+    it. The store is let go while the loop is held past the pool's wait, so when the loop runs
+    again the first call's answer has come and the second's wait is due, both in one turn."""
+    async def both() -> list[object]:
+        return list(await asyncio.gather(call(), call(), return_exceptions=True))
+
+    return await answered_across_a_stall(both(), resume, POOL_WAIT)
+
+
+ON_ONE_REDIS: dict[str, Callable[[RedisConnection], Coroutine[Any, Any, object]]] = {
+    "a script's call": lambda connection: connection.call("INCR", "k"),
+    "redis-py's own command": lambda connection: connection.client.execute_command("INCR", "k"),
+}
+
+
+@pytest.mark.parametrize("path", list(ON_ONE_REDIS))
+async def test_a_connection_handed_over_after_the_loop_stalled_past_the_pool_wait_is_used(
+    redis_server: RedisServer, path: str,
+) -> None:
+    # Before: the first call read its answer in the turn after the wait's timer and handed its
+    # connection over to a wait already given up; the second was answered StoreBusy (503
+    # overloaded) while Redis answered every call.
+    connection = connect(redis_config(redis_server, redis_pool_size=1))
+    assert redis_server.process is not None
+    process = redis_server.process
+    try:
+        assert await connection.call("PING") == "PONG"  # (its connection is open)
+        process.send_signal(signal.SIGSTOP)
+        try:
+            answers = await _two_on_one_connection(
+                lambda: ON_ONE_REDIS[path](connection),
+                lambda: process.send_signal(signal.SIGCONT))
+        finally:
+            process.send_signal(signal.SIGCONT)
+    finally:
+        await connection.close()
+    assert answers == [1, 2], answers
+
+
+ON_A_CLUSTER: dict[str, Callable[[RedisConnection, str], Coroutine[Any, Any, object]]] = {
+    "a call": lambda connection, key: connection.call("INCR", key),
+    "a pipeline": lambda connection, key: connection.call_all([("INCR", key)]),
+}
+
+
+@pytest.mark.parametrize("path", list(ON_A_CLUSTER))
+async def test_a_cluster_turn_handed_over_after_the_loop_stalled_past_the_pool_wait_is_taken(
+    redis_cluster: RedisClusterNodes, redis_cluster_prefix: str, path: str,
+) -> None:
+    # As above, on a Redis Cluster: the second call waits for the one turn among the calls.
+    connection = connect(redis_cluster_config(redis_cluster, redis_cluster_prefix,
+                                              redis_pool_size=1))
+    key = f"{redis_cluster_prefix}k"
+    node = redis_cluster.node_of(key)
+    assert node.process is not None
+    process = node.process
+    try:
+        await connection.call("GET", key)  # (the slots are known, the connection open)
+        process.send_signal(signal.SIGSTOP)
+        try:
+            answers = await _two_on_one_connection(
+                lambda: ON_A_CLUSTER[path](connection, key),
+                lambda: process.send_signal(signal.SIGCONT))
+        finally:
+            process.send_signal(signal.SIGCONT)
+    finally:
+        await connection.close()
+    assert sorted(map(repr, answers)) == sorted(map(repr, _counted(path))), answers
+
+
+def _counted(path: str) -> list[object]:
+    """What the two calls of ``path`` answer on a fresh counter."""
+    return [1, 2] if path == "a call" else [[1], [2]]

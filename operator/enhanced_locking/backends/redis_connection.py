@@ -96,6 +96,17 @@ legacy)."""
 POOL_EXHAUSTED = "No connection available."
 """redis-py's text when a waiting pool's ``timeout`` ran out (its ``ConnectionError``)."""
 
+GRACE_TURNS = 3
+"""Turns of the event loop a bound that came due (a call's limit, a wait for a pooled
+connection or a cluster's turn) lets pass before it gives its call up. After the loop stalled
+past the bound (a flood on a loaded machine), the answer Redis sent meanwhile and the bound's
+timer come due in one turn, and the answer reaches its caller only turns later: the next for a
+call that reads its own answer, the third for a cluster's pipeline (read in a task per node,
+gathered, then its caller). The caller then hands its connection (or turn) over to the oldest
+waiter in the same step. Given up in the timer's own turn, a call was told Redis did not
+answer with its answer read, and a waiter was answered ``overloaded`` while the connection it
+waited for was on its way to it."""
+
 # What "Redis is not there (or will not serve us)" looks like. ResponseErrors that are our
 # own mistakes (a script bug) are not in the list: they must surface, not look like an outage.
 # (Refusals redis-py has no class for are told by their text: ``will_not_serve``.)
@@ -345,7 +356,7 @@ class _Cluster(RedisCluster):
         # never find a node's connections all in use.
         super().__init__(host=host, port=port, max_connections=calls + 2, **kwargs)
         self.commands_parser = _SharedCommands(f"{host}:{port}")
-        self.calls = asyncio.Semaphore(calls)
+        self.calls = _Turns(calls)
         """The calls under way at once; one beyond waits for its turn (redis-py's cluster
         nodes have no waiting pool: a node whose connections are all in use refuses a call
         at once, ``MaxConnectionsError``, which read as the store being away)."""
@@ -378,24 +389,24 @@ class _Cluster(RedisCluster):
 
     async def take_turn(self) -> None:
         """A place among the calls under way (given back by ``calls.release()``): taken at
-        once when one is free; else waited for up to ``POOL_WAIT`` (past it the pool's own
-        ``ConnectionError``, as a waiting pool of one Redis raises; or, when none of the calls
-        under way was answered meanwhile, the outage :meth:`CallCount.stuck` says). The wait's
-        timer is armed only for a wait: an ``asyncio.timeout`` (and a context manager of its
-        own) around every call cost about 46k instructions a call, 55.7k against 9.3k."""
+        once when one is free and no call waits; else waited for, in the order the calls came,
+        up to ``POOL_WAIT`` (past it the pool's own ``ConnectionError``, as a waiting pool of
+        one Redis raises; or, when none of the calls under way was answered meanwhile, the
+        outage :meth:`CallCount.stuck` says). The wait's timer is armed only for a wait: an
+        ``asyncio.timeout`` (and a context manager of its own) around every call cost about
+        46k instructions a call, 55.7k against 9.3k."""
         calls = self.calls
         if not calls.locked():
-            await calls.acquire()
+            calls.take()
             return
         answers, failed = self.counted.answers, self.counted.failed
         try:
-            async with asyncio.timeout(POOL_WAIT):
-                await calls.acquire()
-        except TimeoutError:
-            stuck = self.counted.stuck(answers, failed)
+            await calls.wait()
+        except rexc.ConnectionError as error:
+            stuck = self.counted.stuck(answers, failed) if pool_exhausted(error) else None
             if stuck is not None:
                 raise stuck from None
-            raise rexc.ConnectionError(POOL_EXHAUSTED) from None
+            raise
         _sent_now()
 
     async def _determine_slot(self, command: str, *args: Any) -> int:
@@ -404,9 +415,96 @@ class _Cluster(RedisCluster):
         return await super()._determine_slot(command, *args)
 
 
-def _no_turn(turn: asyncio.Future[aioredis.Connection | None]) -> None:
+def _no_turn(turn: asyncio.Future[Any]) -> None:
     if not turn.done():
         turn.set_exception(rexc.ConnectionError(POOL_EXHAUSTED))
+
+
+def _next_waiting(turns: collections.deque[asyncio.Future[_T]]) -> asyncio.Future[_T] | None:
+    """The oldest turn of ``turns`` still waiting, taken out (those given up are dropped)."""
+    while turns:
+        turn = turns.popleft()
+        if not turn.done():
+            return turn
+    return None
+
+
+class _Bound:
+    """``callback(*args)`` once ``seconds`` have passed and then :data:`GRACE_TURNS` turns of
+    the event loop, unless cancelled first: the bound of a wait for a turn, so that a turn
+    handed over in the turns after a stalled loop's timer is taken, not given up."""
+
+    __slots__ = ("handle",)
+
+    def __init__(self, seconds: float, callback: Callable[..., None], *args: Any) -> None:
+        self.handle: asyncio.TimerHandle | asyncio.Handle = asyncio.get_running_loop().call_later(
+            seconds, self._turn, GRACE_TURNS, callback, args)
+
+    def _turn(self, turns: int, callback: Callable[..., None], args: tuple[Any, ...]) -> None:
+        if turns:
+            self.handle = asyncio.get_running_loop().call_soon(self._turn, turns - 1,
+                                                               callback, args)
+        else:
+            callback(*args)
+
+    def cancel(self) -> None:
+        self.handle.cancel()
+
+
+class _Turns:
+    """The calls of a Redis Cluster's client under way at once: at most ``count``; one beyond
+    waits its turn, after those that came before it, for a place given back (handed to it,
+    so no caller arriving meanwhile takes it), up to ``POOL_WAIT`` (:class:`_Bound`). Read
+    as an ``asyncio.Semaphore`` (``locked``, ``acquire``, ``release``), whose waiter, given up
+    by its ``asyncio.timeout`` in the turn a stalled loop ran it, passed on a place handed to
+    it in the turns after."""
+
+    __slots__ = ("_turns", "free")
+
+    def __init__(self, count: int) -> None:
+        self.free = count
+        """Places no call holds and no turn was handed."""
+        self._turns: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    def locked(self) -> bool:
+        """Whether a call would wait for its turn."""
+        return self.free <= 0 or bool(self._turns)
+
+    def take(self) -> None:
+        """Take a free place (:meth:`locked` being False)."""
+        self.free -= 1
+
+    async def acquire(self) -> None:
+        """A place: taken at once when :meth:`take` may, else waited for (:meth:`wait`)."""
+        if self.locked():
+            await self.wait()
+        else:
+            self.take()
+
+    async def wait(self) -> None:
+        """A place handed over, after the turns before this one; past ``POOL_WAIT`` (and
+        :data:`GRACE_TURNS`) the pool's ``ConnectionError`` (``POOL_EXHAUSTED``)."""
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._turns.append(turn)
+        bound = _Bound(POOL_WAIT, _no_turn, turn)
+        try:
+            await turn
+        except BaseException:
+            if turn.done() and not turn.cancelled() and turn.exception() is None:
+                self.release()  # handed the place, and its caller is gone
+            else:
+                turn.cancel()  # (left in the queue, passed over)
+            raise
+        finally:
+            bound.cancel()
+
+    def release(self) -> None:
+        """A place given back: handed to the oldest turn waiting, else free."""
+        turn = _next_waiting(self._turns)
+        if turn is None:
+            self.free += 1
+        else:
+            turn.set_result(None)
 
 
 class _TurnsPool(aioredis.BlockingConnectionPool):
@@ -471,13 +569,12 @@ class _TurnsPool(aioredis.BlockingConnectionPool):
 
     async def _turn(self) -> aioredis.Connection | None:
         """Wait, after the callers that came before, for a connection handed over (returned)
-        or a free place promised (None); past ``timeout`` the pool's ``ConnectionError``
-        (``POOL_EXHAUSTED``)."""
+        or a free place promised (None); past ``timeout`` (and :data:`GRACE_TURNS`) the pool's
+        ``ConnectionError`` (``POOL_EXHAUSTED``)."""
         loop = asyncio.get_running_loop()
         turn: asyncio.Future[aioredis.Connection | None] = loop.create_future()
         self._turns.append(turn)
-        timer = None if self.timeout is None else loop.call_later(self.timeout, _no_turn,
-                                                                    turn)
+        timer = None if self.timeout is None else _Bound(self.timeout, _no_turn, turn)
         if self.waiting is not None:
             self.waiting()
         self._serve()  # (a place may be free: a turn before this one was given up)
@@ -493,18 +590,10 @@ class _TurnsPool(aioredis.BlockingConnectionPool):
             if timer is not None:
                 timer.cancel()
 
-    def _next_turn(self) -> asyncio.Future[aioredis.Connection | None] | None:
-        turns = self._turns
-        while turns:
-            turn = turns.popleft()
-            if not turn.done():
-                return turn
-        return None
-
     def _serve(self) -> None:
         """Promise the free places to the oldest turns still waiting."""
         while self._turns and self._free() > 0:
-            turn = self._next_turn()
+            turn = _next_waiting(self._turns)
             if turn is None:
                 return
             self._promised += 1
@@ -513,7 +602,7 @@ class _TurnsPool(aioredis.BlockingConnectionPool):
     def hand_over(self, connection: aioredis.Connection) -> bool:
         """Give ``connection`` (connected, every answer on it read) to the oldest caller
         waiting for its turn, as it is; False when none waits."""
-        turn = self._next_turn()
+        turn = _next_waiting(self._turns)
         if turn is None:
             return False
         turn.set_result(connection)
@@ -962,13 +1051,14 @@ class _Limit:
     :class:`unavailable` block): the timer armed now, whether it ran
     out (:attr:`expired`), and how it tells a Redis that does not answer from one that is slow.
 
-    When the ``seconds`` run out the call is not given up at once: first the loop turns once
-    (an answer read in the turn that ran the timer wakes the call only in the next: after an
-    event loop stalled past the limit, by a flood of requests on a loaded machine, the answer
-    and the timer come due together, and the call was told Redis did not answer though its
-    answer lay read); then, if Redis answered any of the client's calls (:class:`CallCount`)
-    since the limit was armed, and its latest answer is less than ``seconds`` old, it is armed
-    again to ``seconds`` after that answer, up to :data:`BUSY_LIMIT` from the send. A Redis
+    When the ``seconds`` run out the call is not given up at once: first the loop turns
+    :data:`GRACE_TURNS` times (an answer read in the turn that ran the timer reaches the call
+    only in a later one: after an event loop stalled past the limit, by a flood of requests on
+    a loaded machine, the answer and the timer come due together, and the call was told Redis
+    did not answer though its answer lay read); then, if Redis answered any of the client's
+    calls (:class:`CallCount`) since the limit was armed, and its latest answer is less than
+    ``seconds`` old, it is armed again to ``seconds`` after that answer, up to
+    :data:`BUSY_LIMIT` from the send. A Redis
     that answers nothing for ``seconds`` (stopped, frozen, cut off) ends the call ``seconds``
     after its last answer (at the call's ``seconds`` when that came before the send), not a
     second ``seconds`` later because an answer came while the call was under way."""
@@ -994,15 +1084,21 @@ def _expire(task: asyncio.Task[Any], limit: _Limit, seconds: float) -> None:
             limit.since = sent.at
             limit.timer = loop.call_at(due, _expire, task, limit, seconds)
             return
-    limit.timer = loop.call_soon(_expire_after_turn, task, limit, seconds)
+    _after_turn(task, limit, seconds)
 
 
-def _after_turn(task: asyncio.Task[Any], limit: _Limit, seconds: float) -> None:
-    # (answers read in the turn that ran the timer are counted in the next, by their calls)
-    limit.timer = task.get_loop().call_soon(_expire_after_turn, task, limit, seconds)
+def _after_turn(task: asyncio.Task[Any], limit: _Limit, seconds: float,
+                turns: int = GRACE_TURNS) -> None:
+    # (answers read in the turn that ran the timer reach their calls, and are counted by
+    # them, in the turns after it)
+    limit.timer = task.get_loop().call_soon(_expire_after_turn, task, limit, seconds, turns - 1)
 
 
-def _expire_after_turn(task: asyncio.Task[Any], limit: _Limit, seconds: float) -> None:
+def _expire_after_turn(task: asyncio.Task[Any], limit: _Limit, seconds: float,
+                       turns: int) -> None:
+    if turns:
+        _after_turn(task, limit, seconds, turns)
+        return
     counted = limit.counted
     if counted is not None and counted.answers != limit.answers:
         now = task.get_loop().time()
