@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import resource
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import httpx
+import pytest
 from tests.conftest import ServiceFactory
 from tests.support.service import ServiceProcess
 
@@ -236,3 +238,50 @@ def _closed_by_server_blocking(sock: socket.socket) -> bool:
     finally:
         sock.setblocking(True)
         sock.settimeout(5)
+
+
+def _accepted(sock: socket.socket) -> None:
+    """Wait (up to 20 s) until the server has accepted ``sock``'s connection, its header
+    deadline running: the kernel's table of TCP sockets (``/proc/net/tcp``) gives the server's
+    end a file (an inode) only once the server took it from its queue of connections."""
+    server = f"{sock.getpeername()[1]:04X}"
+    client = f"{sock.getsockname()[1]:04X}"
+    deadline = time.monotonic() + 20
+    while True:
+        with open("/proc/net/tcp") as table:
+            for row in table.read().splitlines()[1:]:
+                fields = row.split()
+                if (fields[1].endswith(f":{server}") and fields[2].endswith(f":{client}")
+                        and fields[9] != "0"):
+                    return
+        assert time.monotonic() < deadline, "the connection was not accepted within 20 s"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("before_the_stall", [b"", b"GET /healthz HTTP/1.1\r\n"])
+def test_a_request_that_arrived_while_the_server_stalled_past_the_header_deadline_is_served(
+    service_process: ServiceFactory, before_the_stall: bytes,
+) -> None:
+    """The header deadline bounds a slow client, not a slow server: a request whose bytes
+    arrived within it (all of them, or the rest after its first line) but which the server
+    reads only once the deadline's time has passed (its process stopped, as a stalled event
+    loop or a hung host is) is answered, not cut. The deadline counts from the connection's
+    accept (or the request's first byte); on waking, the server reads what arrived before it
+    runs the deadline's timer."""
+    served = service_process("--enhanced-locking-http-header-timeout=1s")
+    assert served.process is not None
+    process = served.process
+    host, port = served.url.removeprefix("http://").split(":")
+    request = b"GET /healthz HTTP/1.1\r\nHost: lo\r\n\r\n"
+    with socket.create_connection((host, int(port))) as sock:
+        sock.settimeout(30)
+        _accepted(sock)
+        sock.sendall(before_the_stall)
+        time.sleep(0.2)
+        process.send_signal(signal.SIGSTOP)
+        try:
+            sock.sendall(request.removeprefix(before_the_stall))
+            time.sleep(2.5)  # the deadline's time passes, the bytes unread in the socket
+        finally:
+            process.send_signal(signal.SIGCONT)
+        assert _answer(sock).startswith(b"HTTP/1.1 200")
