@@ -14,8 +14,9 @@
    Several rounds; each reports the median round and the best one (the machine may be
    shared), the ratios taken within a round. Then the commands a pair sends to Redis, read with
    ``MONITOR`` over a sample of pairs (commands a script runs inside Redis not counted), the
-   round trips they take, the CPU time redis-server spends per pair (``INFO cpu``) and the
-   commands it runs for one, those the scripts call inside Redis included (``INFO commandstats``).
+   round trips they take, the CPU time redis-server spends per pair (``INFO cpu``), the
+   commands it runs for one, those the scripts call inside Redis included (``INFO commandstats``),
+   and the CPU time the bench's own process, the client, spends per pair (``time.process_time``).
 
 2. Contended hand-off latency: a holder releases while one waiter blocks in acquire; from the
    release call to the waiter's acquire returning. redis-py's ``Lock`` polls (``sleep=0.1``
@@ -226,23 +227,28 @@ class Bench:
             await close_locker(done)
         return results
 
-    async def server_time(self) -> tuple[dict[str, float], dict[str, float]]:
+    async def server_time(self) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
         """Microseconds of CPU the redis-server process spends on one uncontended pair
         (``INFO cpu``, user + system, over :data:`SERVER_SAMPLE` pairs: the commands, the
         scripts they run and the network I/O; CPU time, so a machine busy with other work
-        does not inflate it the way it does wall-clock command times), and the commands
+        does not inflate it the way it does wall-clock command times), the commands
         Redis runs for one pair, those the scripts call inside Redis included
-        (``INFO commandstats`` over the same pairs)."""
+        (``INFO commandstats`` over the same pairs), and the microseconds of CPU this process
+        (the client) spends on one pair over the same pairs (``time.process_time``: the
+        Python, the event loop and the socket calls; for ours the events' write behind too,
+        with the pause after the sample in which it finishes)."""
         locker = self.locker()
         cases = {"floor": self.floor(), "redis-py": self.redis_py(), "ours": self.ours(locker)}
-        spent, commands = {}, {}
+        spent, commands, client = {}, {}, {}
         for name, run in cases.items():
             await run(10)
             await asyncio.sleep(0.05)  # the warm-up's events written
             await self.client.config_resetstat()
             before = await self._server_cpu()
+            started = time.process_time()
             await run(SERVER_SAMPLE)
             await asyncio.sleep(0.05)  # the sample's events written
+            client[name] = (time.process_time() - started) / SERVER_SAMPLE * 1e6
             spent[name] = (await self._server_cpu() - before) / SERVER_SAMPLE * 1e6
             stats: Any = await self.client.info("commandstats")
             commands[name] = sum(
@@ -250,7 +256,7 @@ class Bench:
                 if command not in ("cmdstat_info", "cmdstat_config|resetstat")
             ) / SERVER_SAMPLE
         await close_locker(locker)
-        return spent, commands
+        return spent, commands, client
 
     async def _server_cpu(self) -> float:
         cpu: Any = await self.client.info("cpu")
@@ -387,7 +393,7 @@ def _cell(values: list[float], fmt: str) -> str:
 
 
 def report(rounds: list[dict[str, float]], commands: tuple[dict[str, float], float],
-           server: tuple[dict[str, float], dict[str, float]],
+           server: tuple[dict[str, float], dict[str, float], dict[str, float]],
            handoffs: dict[str, list[float]],
            fairness: dict[str, tuple[list[int], list[float]]], counts: str) -> Report:
     cpus = len(os.sched_getaffinity(0))
@@ -443,7 +449,11 @@ def report(rounds: list[dict[str, float]], commands: tuple[dict[str, float], flo
         f"redis-py Lock {server[0]['redis-py']:.0f} µs, floor {server[0]['floor']:.0f} µs. "
         "Commands Redis runs per pair, those called inside scripts and functions included "
         f"(INFO commandstats): ours {server[1]['ours']:.1f}, redis-py Lock "
-        f"{server[1]['redis-py']:.1f}, floor {server[1]['floor']:.1f}.",
+        f"{server[1]['redis-py']:.1f}, floor {server[1]['floor']:.1f}. "
+        "CPU time of the bench's own process per pair over the same pairs (the client: "
+        "its Python, event loop and socket calls, for ours the events' write behind too; "
+        f"time.process_time): ours {server[2]['ours']:.0f} µs, redis-py Lock "
+        f"{server[2]['redis-py']:.0f} µs, floor {server[2]['floor']:.0f} µs.",
         "",
         "| contended | redis-py Lock | python-redis-lock | ours | ours vs redis-py / vs "
         "python-redis-lock |",
