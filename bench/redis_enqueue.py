@@ -19,8 +19,11 @@ does after an enqueue. Reported per call:
 An O(1) enqueue keeps its column flat from 10 to 10,000; an O(n) one grows a hundredfold.
 A real ``redis-server`` is started on a free loopback port.
 
-``--head-commits``: every request names its pull's head commit (Atlantis's do), so each
-enqueue also looks for its pull's older requests to supersede.
+``--head-commits``: every request of the sample names its pull's head commit (Atlantis's
+do), so each enqueue also looks for its pull's older requests to supersede. The queue is filled
+with requests that name none: what the waiters ahead name does not change what that look
+costs (it read every waiter's record before the store kept its waiters by pull, and reads the
+pull's own since), and a fill whose every enqueue read every record took hours at 10,000.
 
 Usage: python bench/redis_enqueue.py [--lengths 10,100,1000,10000] [--sample 30]
        [--head-commits]
@@ -58,12 +61,13 @@ WAIT = timedelta(hours=1)
 
 
 HEADS = [False]
-"""``--head-commits``: each request names its pull's head commit, as Atlantis's do."""
+"""``--head-commits``: each request of the sample names its pull's head commit, as Atlantis's
+do."""
 
 
-def _request(pull: int) -> LockRequest:
+def _request(pull: int, *, head: bool = False) -> LockRequest:
     return LockRequest(project=Project(repo_full_name="acme/bench", path="envs/prod"),
-                       pull=Pull(num=pull, head_commit=f"c{pull}" if HEADS[0] else ""),
+                       pull=Pull(num=pull, head_commit=f"c{pull}" if head else ""),
                        priority=LEVELS[pull % len(LEVELS)])
 
 
@@ -79,9 +83,9 @@ class Rig:
         self.admin = aioredis.Redis(host=server.host, port=server.port)
         self.queued = 0
 
-    async def enqueue(self) -> Outcome:
+    async def enqueue(self, *, head: bool = False) -> Outcome:
         self.queued += 1
-        request = _request(self.queued)
+        request = _request(self.queued, head=head)
         waiter_id = f"w-{self.queued}"
         self.backend.grants.expect(waiter_id)  # a caller waits to hear, as the locker's does
         outcome = await self.backend.acquire_or_enqueue(
@@ -101,7 +105,7 @@ class Rig:
         key = _request(0).key
         await self.admin.config_resetstat()
         cpu = time.process_time()
-        queued = [await self.enqueue() for _ in range(sample)]
+        queued = [await self.enqueue(head=HEADS[0]) for _ in range(sample)]
         enqueue_cpu = (time.process_time() - cpu) / sample
         enqueue_server = await self.server_usec() / sample
         views = max(3, sample // 3)
