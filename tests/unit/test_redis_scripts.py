@@ -127,6 +127,7 @@ FORMED_INSIDE = {
     "shared_name": "the shared holders of such a key",
     "fence_name": "the fencing counter of such a key",
     "queue_name": "the queues of such a key",
+    "by_pull_name": "the index by pull of the waiters of such a key",
     "waiter_name": "the record of a waiter named by a queue entry",
     "outcome_name": "the outcome of such a waiter",
     "pull_index": "the index of the pull a waiter's grant is for",
@@ -138,7 +139,7 @@ KEYS_CONSTANTS = {"INCARNATION", "OP", "HELD", "FENCED", "QUEUED", "LIVENESS", "
 KEY_COMMANDS_FIRST = {
     "GET", "SET", "INCR", "HINCRBY", "HGET", "HSET", "HDEL", "HMGET", "HGETALL", "HVALS",
     "SADD", "SREM", "SMEMBERS", "SISMEMBER", "ZADD", "ZREM", "ZRANGE", "ZCARD", "ZSCORE",
-    "ZCOUNT", "ZRANGEBYSCORE",
+    "ZCOUNT", "ZRANGEBYSCORE", "ZRANGEBYLEX",
     "ZREMRANGEBYSCORE", "PEXPIREAT", "PEXPIRE", "PERSIST", "TYPE",
 }
 KEY_COMMANDS_ALL = {"DEL", "EXISTS"}

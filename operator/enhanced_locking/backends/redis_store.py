@@ -187,9 +187,10 @@ class RedisKeys:
         self.seq = self.base + "seq"
 
     def of_key(self, key: str) -> tuple[str, ...]:
-        """Every key of lock key ``key``: its lock, shared holders, fencing counter, queues."""
+        """Every key of lock key ``key``: its lock, shared holders, fencing counter, queues,
+        and its waiters' index by pull."""
         return (self.lock(key), self.shared(key), self.fence(key),
-                *(self.queue(key, level) for level in range(4)))
+                *(self.queue(key, level) for level in range(4)), self.by_pull(key))
 
     def of_waiter(self, waiter_id: str) -> tuple[str, str]:
         """A waiter's record and outcome."""
@@ -218,6 +219,12 @@ class RedisKeys:
 
     def queue(self, key: str, level: int) -> str:
         return f"{self.base}queue{level}:{{{key}}}"
+
+    def by_pull(self, key: str) -> str:
+        """``key``'s waiters by pull: a sorted set of one entry per entry of its queues,
+        ``repo#pull\\nW`` (``\\nW`` for a waiter whose record is gone), all of score 0, so a
+        pull's own waiters are one range of it (``lua/lib.lua``, ``pull_waiters``)."""
+        return f"{self.base}bypull:{{{key}}}"
 
     def waiter(self, waiter_id: str) -> str:
         return f"{self.base}waiter:{waiter_id}"

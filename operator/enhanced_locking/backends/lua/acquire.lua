@@ -1,7 +1,8 @@
 -- acquire-or-enqueue: grant every key of a batch (one key is a batch of one) as the rules
 -- allow, or queue one waiter on every key, or refuse.
--- KEYS[8..] every key of each lock key (RedisKeys.of_key), the owner's pull index, the waiter's
---   record and outcome; what it finds while it runs it asks for (lib.lua: `run`)
+-- KEYS[8..] every key of each lock key (RedisKeys.of_key, its index by pull among them), the
+--   owner's pull index, the waiter's record and outcome; what it finds while it runs it asks
+--   for (lib.lua: `run`)
 -- ARGV[11] lease in ms (0: none)  ARGV[12] waiter id ('' = fail fast)  ARGV[13] wait in ms
 -- ARGV[14] request id ('' none)  ARGV[15] owner repo  ARGV[16] owner pull
 -- ARGV[17] base priority level 0..3  ARGV[18] mode  ARGV[19] head commit ('' unknown)
@@ -90,18 +91,32 @@ local function main()
   -- Discovery: the lapsed leases it drops, the queues it serves, the waiters it reads.
   for _, k in ipairs(keys) do plan_lapsed(k) end
   serve(keys, PLAN)
-  local scan = head ~= '' and wait_id ~= '' and wait_ms > 0  -- superseded ones, if it waits
-  local others = {}
-  for _, k in ipairs((scan or mode == 'shared') and keys or {}) do
-    for lv = 0, 3 do
-      for _, member in ipairs(queue_range(k, lv, 0, -1)) do
-        local id = string.sub(member, 18)
-        if id ~= wait_id and not GONE[id] then
-          if mode == 'shared' then expect(waiter_name, id) end  -- exclusive_waiting
-          if scan then
-            expect(waiter_names, id, nil)
-            table.insert(others, id)
+  -- Its pull's older requests it supersedes, if it waits: those its keys' indexes by pull
+  -- list; every waiter of a key whose index lists fewer or more than its queues (written by
+  -- an earlier release: made again below, `reindex_pulls`).
+  local scan = head ~= '' and wait_id ~= '' and wait_ms > 0
+  local others, unindexed = {}, {}
+  for _, k in ipairs(keys) do
+    if scan and not pulls_indexed(k) then unindexed[k] = true end
+    if mode == 'shared' or unindexed[k] then
+      for lv = 0, 3 do
+        for _, member in ipairs(queue_range(k, lv, 0, -1)) do
+          local id = string.sub(member, 18)
+          if id ~= wait_id and not GONE[id] then
+            if mode == 'shared' then expect(waiter_name, id) end  -- exclusive_waiting
+            if unindexed[k] then
+              expect(waiter_names, id, nil)
+              table.insert(others, id)
+            end
           end
+        end
+      end
+    end
+    if scan and not unindexed[k] then
+      for _, id in ipairs(pull_waiters(k, repo, pull)) do
+        if id ~= wait_id and not GONE[id] then
+          expect(waiter_names, id, nil)
+          table.insert(others, id)
         end
       end
     end
@@ -147,15 +162,13 @@ local function main()
   if head ~= '' then
     local stale = {}
     for _, k in ipairs(keys) do
-      for lv = 0, 3 do
-        for _, member in ipairs(queue_range(k, lv, 0, -1)) do
-          local id = string.sub(member, 18)
-          if id ~= wait_id and not stale[id] then
-            local rec = read_waiter(id)
-            if rec and rec.repo == repo and rec.pull == pull and (rec['head'] or '') ~= ''
-                and rec['head'] ~= head then
-              stale[id] = rec
-            end
+      if unindexed[k] then reindex_pulls(k) end
+      for _, id in ipairs(pull_waiters(k, repo, pull)) do
+        if id ~= wait_id and not stale[id] then
+          local rec = read_waiter(id)
+          if rec and rec.repo == repo and rec.pull == pull and (rec['head'] or '') ~= ''
+              and rec['head'] ~= head then
+            stale[id] = rec
           end
         end
       end
@@ -194,8 +207,10 @@ local function main()
   end
   w('PEXPIREAT', name, deadline + GRACE_MS)
   local member = string.format('%016d', seq) .. ':' .. wait_id
+  local entry = pull_entry(repo, pull, wait_id)
   for _, k in ipairs(keys) do
     w('ZADD', queue_name(k, level), NOW, member)
+    w_try('ZADD', by_pull_name(k), 0, entry)
     w_try('SADD', QUEUED, k)
   end
   local freeze = ''

@@ -427,6 +427,7 @@ local function outcome_name(id) return checked(base .. 'outcome:' .. id) end
 local function pull_index(repo, pull)
   return checked(base .. 'pull:{' .. repo .. '#' .. pull .. '}')
 end
+local function by_pull_name(k) return checked(base .. 'bypull:{' .. k .. '}') end
 
 -- A lock is answered as {key, data, token, at, exp, repo, pull, claim, lease, mode, path, ws}
 -- (strings; claim and lease false unless a grant from the queue awaits confirmation; mode
@@ -1135,6 +1136,65 @@ local function queue_size(k)
   return n
 end
 
+-- --- k's waiters by pull -------------------------------------------------------------------
+-- `by_pull_name(k)` keeps one entry for each entry of k's queues, "repo#pull\nW", all of score
+-- 0: a pull's own waiters on k are one range of it by text (`pull_waiters`), read in
+-- O(log n), where finding them in the queues read every waiter's record. Every write that
+-- queues a waiter adds its entry (acquire.lua), every one that takes it out of the queues
+-- takes it out (`unqueue`). An entry whose record is gone or does not read is kept as "\nW"
+-- (no pull: it is nobody's); a queue entry a walk takes out because its record is gone takes
+-- that one out too.
+local function pull_entry(repo, pull, id) return repo .. '#' .. pull .. '\n' .. id end
+
+-- The ids in k's index by pull of the waiters of repo#pull (each one's record still to be
+-- read: an id whose record is gone may be listed).
+local function pull_waiters(k, repo, pull)
+  local owner = repo .. '#' .. pull
+  local found = CALL('ZRANGEBYLEX', by_pull_name(k), '[' .. owner .. '\n', '(' .. owner .. '\v')
+  local ids, from = {}, #owner + 2
+  for i, entry in ipairs(found) do ids[i] = string.sub(entry, from) end
+  return ids
+end
+
+-- Whether k's index by pull can be read for its waiters: it holds as many entries as k's
+-- queues do. A store written by an earlier release has none for the waiters that release
+-- queued (and a replica of that release, during a rolling upgrade, queues and takes out
+-- waiters without it); a queue entry whose record expired and was then taken out leaves its
+-- entry behind; another Redis type there reads as none. Such an index is made again from the
+-- queues by the call that needs it (`reindex_pulls`), which reads every waiter's record once.
+local function pulls_indexed(k)
+  local n = PCALL('ZCARD', by_pull_name(k))
+  if type(n) ~= 'number' then
+    is_error(n)  -- (anything but another Redis type there is raised)
+    return false
+  end
+  return n == queue_size(k)
+end
+
+-- Make k's index by pull again from its queues: each entry's record (declared to the call,
+-- read by its discovery) gives its pull; one whose record is gone or does not read is listed
+-- as nobody's ("\nW").
+local function reindex_pulls(k)
+  local entries = {}
+  for level = 0, 3 do
+    for _, member in ipairs(queue_range(k, level, 0, -1)) do
+      local id = string.sub(member, 18)
+      local rec = read_waiter(id)
+      table.insert(entries, rec and pull_entry(rec.repo, rec.pull, id) or '\n' .. id)
+    end
+  end
+  local name = by_pull_name(k)
+  w('DEL', name)
+  for i = 1, #entries, 500 do  -- (a few hundred arguments a command: Lua's stack is bounded)
+    local args = {}
+    for j = i, math.min(i + 499, #entries) do
+      table.insert(args, 0)
+      table.insert(args, entries[j])
+    end
+    w('ZADD', name, unpack(args))
+  end
+end
+
 local function before(a, b)
   local ea, eb = effective(a.level, a.enq), effective(b.level, b.enq)
   if ea ~= eb then return ea > eb end
@@ -1226,8 +1286,10 @@ end
 
 local function unqueue(id, rec)
   local member = string.format('%016d', tonumber(rec.seq)) .. ':' .. id
+  local entry = pull_entry(rec.repo, rec.pull, id)
   for _, k in ipairs(rec.keys) do
     w_try('ZREM', queue_name(k, rec.level), member)
+    w_try('ZREM', by_pull_name(k), entry)
     if queue_size(k) == 0 then w_try('SREM', QUEUED, k) end
   end
   w('DEL', waiter_name(id))
@@ -1316,6 +1378,7 @@ local function key_names(k)
   shared_name(k)
   fence_name(k)
   for level = 0, 3 do queue_name(k, level) end
+  by_pull_name(k)
 end
 
 -- Every key a grant to waiter id, or its drop, touches (rec: its record, once read).
@@ -1460,6 +1523,7 @@ local function walk_key(k, fx)
       drop_waiter(d[1].id, d[2], d[3], fx)
     else
       w_try('ZREM', queue_name(k, d[1].level), d[1].member)
+      w_try('ZREM', by_pull_name(k), '\n' .. d[1].id)
     end
   end
   if queue_size(k) == 0 then w_try('SREM', QUEUED, k) end
@@ -1539,6 +1603,7 @@ local function walk_all(fx)
     elseif writing then
       for _, ref in ipairs(e.refs) do
         w_try('ZREM', queue_name(ref[1], ref[2]), ref[3])
+        w_try('ZREM', by_pull_name(ref[1]), '\n' .. e.id)
         if queue_size(ref[1]) == 0 then w_try('SREM', QUEUED, ref[1]) end
       end
     end

@@ -1,0 +1,309 @@
+"""Each key's waiters by pull (``B bypull:{K}``) on Redis: what a request naming its pull's
+head commit reads to find its pull's older requests to supersede, instead of every waiter's
+record on its keys.
+
+The index must list exactly the entries of the key's queues, each under its waiter's pull,
+whatever writes the queues: an enqueue, a grant in a hand-off, a cancel, a release by pull, a
+drop of a waiter past its deadline, a wake. A state machine (hypothesis, against a real
+redis-server) runs random sequences of them, with batches and shared requests, and after
+every step compares each key's index with its queues and the records they name; each request
+naming a head commit checks that no older request of its pull is left waiting on its keys.
+
+A store written by the release before the index has waiters and no index: the first request
+naming a head commit on such a key finds the index short of the queues, reads the key's
+waiters as before, supersedes what it must and makes the index again (``reindex_pulls`` in
+``lua/lib.lua``); the machine plays that release too (it queues a waiter and leaves its index
+entries out), and the tests at the end play it key by key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
+from pathlib import Path
+from tempfile import mkdtemp
+
+import pytest
+import redis
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from tests.support.locks import candidate_for, request_for
+from tests.support.redis_fixtures import redis_config
+from tests.support.redis_server import RedisServer, RedisServerError
+
+from enhanced_locking.backends.redis_store import RedisBackend
+from enhanced_locking.backends.waiting import Outcome, QueuePolicy, Status, Wait
+from enhanced_locking.types import Candidate, Priority
+
+pytestmark = pytest.mark.redis
+
+PATHS = ("envs/a", "envs/b", "envs/c")
+PULLS = (1, 2, 3)
+HEADS = ("", "c1", "c2")
+HOUR = timedelta(hours=1)
+POLICY = QueuePolicy(priority=True, max_size=1000)
+
+
+def _candidate(pull: int, path: str, head: str, *, level: Priority = Priority.NORMAL,
+               shared: bool = False) -> Candidate:
+    request = request_for(pull=pull, path=path, project=path, priority=level)
+    request = request.model_copy(update={
+        "pull": request.pull.model_copy(update={"head_commit": head}),
+        **({"mode": "shared"} if shared else {})})
+    return candidate_for(request)
+
+
+def _key(path: str) -> str:
+    return _candidate(1, path, "").key
+
+
+class Store:
+    """What Redis holds of one namespace's queues, read as the test sees it."""
+
+    def __init__(self, admin: redis.Redis, backend: RedisBackend) -> None:
+        self.admin, self.keys = admin, backend.keys
+
+    def queued(self, key: str) -> list[str]:
+        """The waiter ids of ``key``'s queue entries (every priority)."""
+        ids = []
+        for level in range(4):
+            members: list[bytes] = self.admin.zrange(  # type: ignore[assignment]
+                self.keys.queue(key, level), 0, -1)
+            ids += [m.decode()[17:] for m in members]
+        return ids
+
+    def record(self, waiter_id: str) -> dict[str, str]:
+        raw: dict[bytes, bytes] = self.admin.hgetall(  # type: ignore[assignment]
+            self.keys.waiter(waiter_id))
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    def index(self, key: str) -> set[str]:
+        members: list[bytes] = self.admin.zrange(  # type: ignore[assignment]
+            self.keys.by_pull(key), 0, -1)
+        return {m.decode() for m in members}
+
+    def expected(self, key: str) -> set[str]:
+        """The index ``key``'s queues call for: each entry under its waiter's pull."""
+        out = set()
+        for waiter_id in self.queued(key):
+            rec = self.record(waiter_id)
+            assert rec, f"{waiter_id} is queued on {key} without a record"
+            out.add(f"{rec['repo']}#{rec['pull']}\n{waiter_id}")
+        return out
+
+    def older(self, keys: list[str], pull: int, head: str) -> set[str]:
+        """The waiters on ``keys`` of ``pull`` whose head commit is another, named one."""
+        found = set()
+        for key in keys:
+            for waiter_id in self.queued(key):
+                rec = self.record(waiter_id)
+                if rec["pull"] == str(pull) and rec.get("head", "") not in ("", head):
+                    found.add(waiter_id)
+        return found
+
+    def leave_out_of_index(self, waiter_id: str) -> None:
+        """What a replica of the release before the index leaves: the waiter, no entry."""
+        rec = self.record(waiter_id)
+        for key in _keys_of(rec):
+            self.admin.zrem(self.keys.by_pull(key), f"{rec['repo']}#{rec['pull']}\n{waiter_id}")
+
+
+def _keys_of(rec: dict[str, str]) -> list[str]:
+    keys: list[str] = json.loads(rec["keys"])
+    return keys
+
+
+_SERVER: list[RedisServer] = []
+_EXAMPLES = itertools.count(1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_server() -> Iterator[None]:
+    yield
+    while _SERVER:
+        _SERVER.pop().close()
+
+
+def _server() -> RedisServer:
+    if not _SERVER:
+        try:
+            _SERVER.append(RedisServer(Path(mkdtemp(prefix="redis-pull-index-"))).start())
+        except RedisServerError as error:
+            pytest.fail(str(error), pytrace=False)
+    return _SERVER[0]
+
+
+class PullIndexModel(RuleBasedStateMachine):
+    """Random waits, hand-offs, cancels and releases; each key's index against its queues."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        server = _server()
+        self.loop = asyncio.new_event_loop()
+        config = redis_config(server, redis_key_prefix=f"pulls{next(_EXAMPLES)}:")
+        self.backend = RedisBackend.from_config(config, "enhanced")
+        self.admin = server.client()
+        self.store = Store(self.admin, self.backend)
+        self.waiters = itertools.count(1)
+        self.short: set[str] = set()
+        """Keys whose index an earlier release left short (until a request reads it whole)."""
+
+    def run(self, work: object) -> object:
+        return self.loop.run_until_complete(work)  # type: ignore[arg-type]
+
+    def teardown(self) -> None:
+        try:
+            self.run(self.backend.close())
+        finally:
+            self.loop.close()
+            self.admin.close()
+
+    def _enqueue(self, pull: int, paths: list[str], head: str, level: Priority,
+                 shared: bool) -> tuple[Outcome, set[str]]:
+        keys = [_key(p) for p in paths]
+        older = self.store.older(keys, pull, head) if head else set()
+        outcome = self.run(self.backend.acquire_batch(
+            [_candidate(pull, p, head, level=level, shared=shared) for p in paths], ttl=HOUR,
+            wait=Wait(id=f"w{next(self.waiters)}", timeout=HOUR), policy=POLICY))
+        assert isinstance(outcome, Outcome)
+        if head and outcome.status is Status.QUEUED:
+            # No older request of the pull waits on its keys: each was superseded (or served
+            # on the way, before the request was found blocked).
+            assert not self.store.older(keys, pull, head)
+            assert {w.id for w in outcome.superseded} <= older
+            self.short -= set(keys)  # (read whole and made again)
+        return outcome, older
+
+    @rule(pull=st.sampled_from(PULLS), paths=st.lists(st.sampled_from(PATHS), min_size=1,
+                                                      max_size=2, unique=True),
+          head=st.sampled_from(HEADS), level=st.sampled_from(list(Priority)),
+          shared=st.booleans())
+    def acquire(self, pull: int, paths: list[str], head: str, level: Priority,
+                shared: bool) -> None:
+        self._enqueue(pull, paths, head, level, shared)
+
+    @rule(pull=st.sampled_from(PULLS), path=st.sampled_from(PATHS), head=st.sampled_from(HEADS))
+    def earlier_release_queues(self, pull: int, path: str, head: str) -> None:
+        outcome, _ = self._enqueue(pull, [path], head, Priority.NORMAL, False)
+        if outcome.status is Status.QUEUED and outcome.waiter is not None:
+            self.store.leave_out_of_index(outcome.waiter.id)
+            self.short.add(_key(path))
+
+    @rule(path=st.sampled_from(PATHS))
+    def release(self, path: str) -> None:
+        self.run(self.backend.release_and_handoff(_key(path), policy=POLICY))
+
+    @rule(pull=st.sampled_from(PULLS))
+    def release_by_pull(self, pull: int) -> None:
+        self.run(self.backend.release_pull("acme/infra", pull, policy=POLICY))
+
+    @precondition(lambda self: any(self.store.queued(_key(p)) for p in PATHS))
+    @rule(data=st.data())
+    def cancel(self, data: st.DataObject) -> None:
+        queued = sorted({(w, _key(p)) for p in PATHS for w in self.store.queued(_key(p))})
+        waiter_id, key = data.draw(st.sampled_from(queued))
+        self.run(self.backend.cancel(key, waiter_id, policy=POLICY))
+
+    @rule(path=st.sampled_from(PATHS))
+    def expire(self, path: str) -> None:
+        self.run(self.backend.expire(_key(path), policy=POLICY))
+
+    @rule()
+    def wake(self) -> None:
+        self.run(self.backend.wake(policy=POLICY))
+
+    @invariant()
+    def each_index_lists_its_queues(self) -> None:
+        for path in PATHS:
+            key = _key(path)
+            index, expected = self.store.index(key), self.store.expected(key)
+            if key in self.short:
+                assert index <= expected, key
+            else:
+                assert index == expected, key
+
+
+PullIndexModel.TestCase.settings = settings(
+    max_examples=25, stateful_step_count=30, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestPullIndexOnRedis = PullIndexModel.TestCase
+
+
+# --- a store written by the release before the index ----------------------------------------------
+KEY = _key("envs/a")
+
+
+@pytest.fixture
+async def held(redis_server: RedisServer) -> AsyncIterator[RedisBackend]:
+    """A backend on ``redis_server`` with ``KEY`` held by pull 9 (so requests queue)."""
+    backend = RedisBackend.from_config(redis_config(redis_server), "enhanced")
+    granted = await backend.acquire_or_enqueue(_candidate(9, "envs/a", ""), ttl=None,
+                                               wait=None, policy=POLICY)
+    assert granted.status is Status.GRANTED
+    yield backend
+    await backend.close()
+
+
+async def _queue(backend: RedisBackend, pull: int, head: str, waiter_id: str) -> Outcome:
+    outcome = await backend.acquire_or_enqueue(
+        _candidate(pull, "envs/a", head), ttl=None, wait=Wait(id=waiter_id, timeout=HOUR),
+        policy=POLICY)
+    assert outcome.status is Status.QUEUED, outcome
+    return outcome
+
+
+async def test_a_store_without_the_index_supersedes_and_gets_its_index(
+        held: RedisBackend, redis_server: RedisServer) -> None:
+    await _queue(held, 1, "c1", "old-1")
+    await _queue(held, 2, "c1", "other-2")
+    await _queue(held, 1, "", "no-head-1")
+    with redis_server.client() as admin:
+        store = Store(admin, held)
+        # The release before kept no index: the store has the waiters alone.
+        admin.delete(held.keys.by_pull(KEY))
+        new = await _queue(held, 1, "c2", "new-1")
+        assert [w.id for w in new.superseded] == ["old-1"]
+        assert store.queued(KEY) == ["other-2", "no-head-1", "new-1"]
+        assert store.index(KEY) == store.expected(KEY) == {
+            "acme/infra#2\nother-2", "acme/infra#1\nno-head-1", "acme/infra#1\nnew-1"}
+        # From now on the index is read: pull 1's next commit supersedes its last.
+        newer = await _queue(held, 1, "c3", "newer-1")
+        assert [w.id for w in newer.superseded] == ["new-1"]
+        assert store.index(KEY) == store.expected(KEY)
+
+
+async def test_a_waiter_queued_without_its_entry_is_found_and_indexed(
+        held: RedisBackend, redis_server: RedisServer) -> None:
+    # A replica of the release before, during a rolling upgrade, queues a waiter on a key whose
+    # index this release keeps: the index is one short of the queues, and is read whole.
+    await _queue(held, 2, "c1", "other-2")
+    await _queue(held, 1, "c1", "old-1")
+    with redis_server.client() as admin:
+        store = Store(admin, held)
+        store.leave_out_of_index("old-1")
+        assert store.index(KEY) == {"acme/infra#2\nother-2"}
+        new = await _queue(held, 1, "c2", "new-1")
+        assert [w.id for w in new.superseded] == ["old-1"]
+        assert store.index(KEY) == store.expected(KEY) == {
+            "acme/infra#2\nother-2", "acme/infra#1\nnew-1"}
+
+
+async def test_a_waiter_whose_record_is_gone_is_indexed_as_nobodys_and_leaves_with_its_entry(
+        held: RedisBackend, redis_server: RedisServer) -> None:
+    await _queue(held, 2, "c1", "lost-2")
+    await _queue(held, 1, "c1", "old-1")
+    with redis_server.client() as admin:
+        store = Store(admin, held)
+        admin.delete(held.keys.by_pull(KEY), held.keys.waiter("lost-2"))
+        new = await _queue(held, 1, "c2", "new-1")
+        assert [w.id for w in new.superseded] == ["old-1"]
+        assert store.index(KEY) == {"\nlost-2", "acme/infra#1\nnew-1"}
+        # The walk that meets the entry without a record takes both out.
+        await held.release_and_handoff(KEY, policy=POLICY)
+        assert store.queued(KEY) == []
+        assert store.index(KEY) == set()
