@@ -43,8 +43,14 @@ def step_env(url: str, pull: int, user: str, **extra: str) -> dict[str, str]:
     })
 
 
+STEP_START = 120.0
+"""Seconds a test gives a new step process to start and reach the service: a second on a quiet
+machine, over 20 at a load average of 25 (the interpreter and its imports, on a share of a
+core), which a 20 s wait for its waiter to queue did not allow."""
+
+
 def run_step(
-    env: dict[str, str], *args: str, timeout: float = 60
+    env: dict[str, str], *args: str, timeout: float = STEP_START
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*enhanced_locking_command(), "step", *args], env=env,
                           capture_output=True, text=True, timeout=timeout, check=False)
@@ -76,7 +82,7 @@ class Lines:
         for line in stream:
             self.lines.append(line.rstrip("\n"))
 
-    def wait_for(self, pattern: str, deadline: float = 60.0) -> None:
+    def wait_for(self, pattern: str, deadline: float = STEP_START) -> None:
         end = time.monotonic() + deadline
         while time.monotonic() < end:
             if any(re.fullmatch(pattern, line) for line in list(self.lines)):
@@ -105,7 +111,8 @@ def queue(url: str) -> dict[str, Any]:
     return body
 
 
-def wait_for_waiters(url: str, count: int, deadline: float = 20.0) -> list[dict[str, Any]]:
+def wait_for_waiters(url: str, count: int, deadline: float = STEP_START
+                     ) -> list[dict[str, Any]]:
     end = time.monotonic() + deadline
     while time.monotonic() < end:
         waiters: list[dict[str, Any]] = queue(url)["waiters"]
@@ -297,7 +304,7 @@ def test_url_and_token_work_wherever_they_are_put(
     env = step_env(f"http://127.0.0.1:{free_port()}", 1, "alice")  # nothing listens there
     before = subprocess.run([*enhanced_locking_command(), "--url", url, "--token", token,
                              "step", "acquire", "--command", "plan"], env=env,
-                            capture_output=True, text=True, timeout=60, check=False)
+                            capture_output=True, text=True, timeout=STEP_START, check=False)
     assert before.returncode == 0, before.stderr
     assert token not in before.stdout + before.stderr
     lock = httpx.get(f"{url}/v1/locks/by-key", params={"key": KEY},

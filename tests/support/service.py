@@ -57,7 +57,9 @@ __all__ = [
 ]
 
 LOOPBACK = "127.0.0.1"
-START_DEADLINE = 20.0
+START_DEADLINE = 60.0
+"""Seconds a service process is given to answer ``/healthz``: about one on a quiet machine, but
+its interpreter and imports on a share of a core at a load average of 25 took close to 20."""
 STOP_GRACE = 10.0
 LISTENING = re.compile(r"listening on https?://127\.0\.0\.1:(?P<port>[0-9]+)[ \n]")
 """The service's log line naming the address it bound (shown at every log level but error)."""
