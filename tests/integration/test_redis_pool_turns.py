@@ -24,6 +24,11 @@ from enhanced_locking.backends.waiting import QueuePolicy, Status, Wait
 
 pytestmark = pytest.mark.redis
 
+ANSWERED = 30.0
+"""Seconds a test waits for a call or a connection it expects: the store's own limits (the
+pool's 4 s, a call's 5 s) decide what it gets, a loaded machine can stall the loop for seconds,
+and a wait of 1 to 3 s here was the test's guess, not a bound of the store."""
+
 
 def _pool(backend: RedisBackend) -> aioredis.ConnectionPool:
     client = backend.connection.client
@@ -52,13 +57,13 @@ async def test_a_connection_given_back_goes_to_the_caller_that_waited_longest(
         # The later caller is on its way when a connection comes back: redis-py's pool woke
         # the first and let the later one, which ran before it, take the connection.
         await pool.release(taken.pop())
-        done, _ = await asyncio.wait({first, later}, timeout=1.0,
+        done, _ = await asyncio.wait({first, later}, timeout=ANSWERED,
                                      return_when=asyncio.FIRST_COMPLETED)
         assert done == {first}, "the connection went to a caller that came later"
         await asyncio.sleep(0.05)
         assert not later.done()
         await pool.release(first.result())
-        await pool.release(await asyncio.wait_for(later, 1.0))
+        await pool.release(await asyncio.wait_for(later, ANSWERED))
         await pool.release(taken.pop())
     finally:
         await backend.close()
@@ -84,9 +89,9 @@ async def test_a_call_waiting_for_a_connection_is_given_the_one_a_call_finishes_
                     backend.acquire(lock_for(request_for(project="b", pull=3))))
                 await asyncio.sleep(0.1)  # no connection free: it waits in the pool
                 assert not waiting.done()
-            granted, _ = await asyncio.wait_for(under_way, 2.0)
+            granted, _ = await asyncio.wait_for(under_way, ANSWERED)
             assert granted
-            granted, _ = await asyncio.wait_for(waiting, 2.0)
+            granted, _ = await asyncio.wait_for(waiting, ANSWERED)
             assert granted
         finally:
             await pool.release(other)
@@ -109,7 +114,7 @@ async def test_the_subscription_takes_no_connection_of_the_pool(
         await backend.connection.drop_idle()
         # Both pooled connections are there for calls; before, the subscription held one
         # and the second wait ran out.
-        taken = [await asyncio.wait_for(pool.get_connection(), 1.0)  # type: ignore[no-untyped-call]
+        taken = [await asyncio.wait_for(pool.get_connection(), ANSWERED)  # type: ignore[no-untyped-call]
                  for _ in range(2)]
         for connection in taken:
             await pool.release(connection)
@@ -135,7 +140,7 @@ async def test_a_call_that_waited_for_a_connection_has_its_whole_limit_for_the_a
         with redis_server.paused():
             await pool.release(other)  # the call takes it and is sent at once
             await asyncio.sleep(2.3)
-        granted, _ = await asyncio.wait_for(call, 3.0)
+        granted, _ = await asyncio.wait_for(call, ANSWERED)
         assert granted
     finally:
         await backend.close()

@@ -47,7 +47,7 @@ async def past(now: Callable[[], Awaitable[datetime]], moment: datetime, *,
     raise AssertionError(f"the store's clock never passed {moment}")
 
 
-async def until(check: Callable[[], bool], *, within: float = 10.0) -> bool:
+async def until(check: Callable[[], bool], *, within: float = 60.0) -> bool:
     """Wait until ``check()`` holds, for at most ``within`` seconds of the test's own time:
     whether it held (the caller asserts on what it waited for)."""
     loop = asyncio.get_running_loop()
