@@ -519,3 +519,38 @@ def test_a_query_value_is_checked_as_fastapis_field_checks_it(
                     check(value)
             else:
                 assert check(value) == expected and type(check(value)) is type(expected)
+
+
+async def test_a_request_served_directly_sees_the_scope_the_router_would_give_it() -> None:
+    # Handed to the direct handler by the lane inside FastAPI's exception handling, a request
+    # carries what the router and the exception middleware put in its scope, as one found by
+    # the router does; only the exit stack FastAPI's own handler needs is not made for it.
+    seen: dict[str, dict[str, Any]] = {}
+
+    def built(name: str, direct: bool) -> FastAPI:
+        app = FastAPI()
+
+        @app.post("/v1/scoped")
+        async def scoped(http: Request) -> JsonAnswer:
+            seen[name] = dict(http.scope)
+            return JsonAnswer(b"{}")
+
+        if direct:
+            serve_directly(app, scoped)
+        return app
+
+    apps = {"direct": built("direct", True), "fastapi": built("fastapi", False)}
+    for app in apps.values():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://127.0.0.1") as client:
+            assert (await client.post("/v1/scoped")).status_code == 200
+    file_stacks = {"fastapi_middleware_astack", "fastapi_inner_astack", "fastapi_function_astack"}
+    direct, fastapi_ = seen["direct"], seen["fastapi"]
+    assert direct.keys() - file_stacks == fastapi_.keys() - file_stacks
+    assert not direct.keys() & file_stacks, "served by the lane, past the exit stack"
+    for app, scope in zip(apps.values(), (direct, fastapi_), strict=True):
+        assert scope["router"] is app.router and scope["app"] is app
+        assert scope["route"].path == "/v1/scoped" and scope["endpoint"].__name__ == "scoped"
+        assert scope["path_params"] == {}
+        handlers, _ = scope["starlette.exception_handlers"]
+        assert handlers.keys() >= app.exception_handlers.keys() - {500, Exception}

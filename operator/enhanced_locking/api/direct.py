@@ -9,7 +9,9 @@ lock routes that machinery cost more server time than the lock itself (docs/benc
 the same) and puts a direct handler in front of FastAPI's own:
 
 * the route is found by its method and path in one look-up, ahead of the linear search
-  (:class:`DirectRoutes`; only a route no earlier route could match is found this way);
+  (:class:`DirectRoutes`; only a route no earlier route could match is found this way), and
+  handed its request right inside FastAPI's exception handling (:class:`DirectLane`), without
+  the rest of the way down to it (the exit stack, the router, the route's wrappers);
 * the JSON body is validated from its bytes by the body model (``model_validate_json``,
   pydantic's parser), the query parameters each by FastAPI's own field for it (the same
   constraints, validators and defaults);
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from types import UnionType
 from typing import Annotated, Any, Union, get_args, get_origin
@@ -36,13 +39,16 @@ from urllib.parse import unquote
 from fastapi import FastAPI
 from fastapi.routing import _FASTAPI_SCOPE_KEY, APIRoute
 from pydantic import BaseModel, ValidationError
+from starlette._exception_handler import wrap_app_handling_exceptions
 from starlette._utils import get_route_path
+from starlette.middleware import Middleware
+from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Match, compile_path
-from starlette.types import Message, Receive, Scope, Send
+from starlette.routing import BaseRoute, Match, Router, compile_path
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["DirectRoutes", "query_values", "serve_directly"]
+__all__ = ["DirectLane", "DirectRoutes", "query_values", "serve_directly"]
 
 JSON_TYPES = frozenset({"application/json", "application/json; charset=utf-8"})
 """The content types read directly (case aside); any other goes to FastAPI's handler, which
@@ -183,7 +189,8 @@ def serve_directly(app: FastAPI, endpoint: Callable[..., Awaitable[Any]]) -> Non
                         continue
                     values[query.name] = query.check(raw)  # raises when FastAPI's would refuse it
         except (_Refer, ValidationError):
-            await referred(scope, receive if body is None else _replaying(body, receive), send)
+            await _with_file_stack(referred, scope,
+                                   receive if body is None else _replaying(body, receive), send)
             return
         if request_name is not None:
             values[request_name] = request
@@ -197,6 +204,23 @@ def serve_directly(app: FastAPI, endpoint: Callable[..., Awaitable[Any]]) -> Non
 
     route.app = direct
     _direct_routes(app).add(route)
+
+
+FILE_STACK = "fastapi_middleware_astack"
+"""Where FastAPI's exit stack middleware puts the request's exit stack, which FastAPI's
+handler requires (it closes the files of a form there)."""
+
+
+async def _with_file_stack(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+    """``app`` (FastAPI's handler of a direct route) run as under FastAPI's exit stack
+    middleware: a request handed over by :class:`DirectLane` passed none, and gets its exit
+    stack here, only when FastAPI's handler is to answer it."""
+    if FILE_STACK in scope:
+        await app(scope, receive, send)
+        return
+    async with AsyncExitStack() as stack:
+        scope[FILE_STACK] = stack
+        await app(scope, receive, send)
 
 
 def query_values(query: bytes) -> dict[str, str]:
@@ -309,12 +333,64 @@ class DirectRoutes(BaseRoute):
         await scope["route"].handle(scope, receive, send)
 
 
+class DirectLane:
+    """ASGI middleware, the innermost of the app's own, right outside FastAPI's exception
+    middleware: a request of a direct route is handed to its direct handler here, inside the
+    exception handling that middleware gives every request (the app's handlers, the same
+    ``Request``), without the rest of the way down, which does nothing for it: the exit stack
+    middleware (its stack closes a form's files; FastAPI's handler, when a direct route refers
+    a request to it, gets one, see :func:`_with_file_stack`), the router's search (its
+    ``router`` and the route's ``endpoint``, ``route`` and ``path_params`` go in the scope as
+    it puts them there) and three frames of route wrappers, each a frame every suspension of
+    the request passes through. Everything else passes on as before: another route, and a
+    request in a context the router reads (a mount's or an included router's, FastAPI's
+    telemetry of the request, which notes the route found).
+
+    Not a coroutine, as :class:`~enhanced_locking.api.server.BodyLimit`: either way the
+    request gets the next app's awaitable, with no frame of this one's in the chain."""
+
+    def __init__(self, app: ASGIApp, *, router: Router) -> None:
+        self.app = app
+        self.router = router
+        routes = router.routes
+        table = routes[0] if routes and isinstance(routes[0], DirectRoutes) else None
+        # Only where the way skipped is as described: FastAPI's exception middleware right
+        # inside, and a router without form limits (it would note them in the scope).
+        self.handling = app if isinstance(app, ExceptionMiddleware) else None
+        usable = table is not None and self.handling is not None \
+            and not getattr(router, "form_limits", None)
+        self.table: dict[tuple[str, str], APIRoute] = table.table if usable and table else {}
+
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        if (scope["type"] == "http" and self.handling is not None and "fastapi" not in scope
+                and "path_params" not in scope and "fastapi.telemetry" not in scope):
+            route = self.table.get((scope["method"], get_route_path(scope)))
+            if route is not None:
+                # What ExceptionMiddleware, the router and the route would do for it.
+                scope["starlette.exception_handlers"] = (self.handling._exception_handlers,
+                                                         self.handling._status_handlers)
+                if "router" not in scope:
+                    scope["router"] = self.router
+                scope["endpoint"] = route.endpoint
+                scope["path_params"] = {}
+                scope["route"] = route
+                handled = wrap_app_handling_exceptions(route.app, Request(scope, receive, send))
+                return handled(scope, receive, send)
+        return self.app(scope, receive, send)
+
+
 def _direct_routes(app: FastAPI) -> DirectRoutes:
     routes = app.router.routes
     if routes and isinstance(routes[0], DirectRoutes):
         return routes[0]
+    if app.middleware_stack is not None:
+        raise RuntimeError("routes are served directly only before the app has started")
     table = DirectRoutes()
     routes.insert(0, table)
+    # The innermost of the app's own middleware (add_middleware puts each one outside those
+    # added before), so every other one (the body limit, the bound of requests in flight)
+    # sees the request first, as before.
+    app.user_middleware.append(Middleware(DirectLane, router=app.router))
     return table
 
 
