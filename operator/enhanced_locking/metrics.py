@@ -64,7 +64,9 @@ class Count:
 
     __slots__ = ("_child", "_moved", "total")
 
-    def __init__(self, child: Counter) -> None:
+    def __init__(self, child: Counter | None = None) -> None:
+        """``child``: the exported counter it moves into (None: counted here only, as a
+        store's own counts are until a locker gives it the exported ones)."""
         self._child = child
         self.total = 0.0
         self._moved = 0.0
@@ -74,9 +76,9 @@ class Count:
 
     def _flush(self) -> None:
         # Only this moves _moved; the event loop only adds to total: nothing is lost.
-        total = self.total
-        if total != self._moved:
-            self._child.inc(total - self._moved)
+        total, child = self.total, self._child
+        if total != self._moved and child is not None:
+            child.inc(total - self._moved)
             self._moved = total
 
 
@@ -234,6 +236,18 @@ class Metrics:
             "Locks handed straight to a queued waiter by the step that freed them (a release, "
             "an expiry, a cancel, an acquire that freed a lapsed lease).", registry=r,
         )
+        self.waiters_passed_over = Counter(
+            "enhanced_locking_waiters_passed_over",
+            "Waiters passed over when the key came to them because the replica they wait in "
+            "was gone (etcd: its session unrenewed for more than 5 s); each was told "
+            "unavailable and the key went to the next waiter.", registry=r,
+        )
+        self.grants_taken_back = Counter(
+            "enhanced_locking_grants_taken_back",
+            "Locks granted to another replica's waiter and taken back because that replica "
+            "was gone before it took them (etcd); each key went to its next waiter, told as "
+            "an expiry.", registry=r,
+        )
         self.backend_errors = Counter(
             "enhanced_locking_backend_errors", "Backend operations that failed.", ["backend"],
             registry=r,
@@ -319,7 +333,8 @@ class Metrics:
         key = (id(metric), values)
         child = self._children.get(key)
         if child is None:
-            child = self._children[key] = metric.labels(*values)
+            # (a metric without labels is its own only child)
+            child = self._children[key] = metric.labels(*values) if values else metric
         return child
 
     def counting(self, metric: Counter, *values: str) -> Count:

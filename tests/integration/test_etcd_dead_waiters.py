@@ -8,9 +8,12 @@ passed over."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
+from collections.abc import AsyncIterator
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from tests.support.etcd_fixtures import QUEUE_POLICY as POLICY
@@ -86,24 +89,61 @@ async def unrenewed(witness: EtcdBackend, lease: int) -> None:
         await asyncio.sleep(0.1)
 
 
+class Told:
+    """An enhanced locker over a new etcd backend of ``config``: every event it publishes
+    kept in ``seen``, its metrics in ``metrics``."""
+
+    def __init__(self, config: EnhancedLockingConfig) -> None:
+        self.backend = EtcdBackend.from_config(config, "enhanced")
+        self.seen: list[Event] = []
+        self.metrics = Metrics()
+        events = EventBus()
+        events.subscribe(self.seen.append)
+        self.locker = EnhancedLocker(self.backend, settings=lambda: config, events=events,
+                                     metrics=self.metrics)
+
+    def count(self, name: str, **labels: str) -> float:
+        return self.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+@contextlib.asynccontextmanager
+async def replicas(cluster: EtcdCluster, prefix: str, **settings: Any,
+                   ) -> AsyncIterator[tuple[EtcdBackend, Told]]:
+    """Two replicas on ``cluster`` under ``prefix`` with ``settings``: a bare store (the
+    one to die) and a store under a locker (what it tells and counts kept), closed after."""
+    config = etcd_config(cluster, prefix, enabled=True, **settings)
+    a = EtcdBackend.from_config(config, "enhanced")
+    told = Told(config)
+    try:
+        yield a, told
+    finally:
+        await told.locker.close()
+        await a.close()
+        await told.backend.close()
+
+
 async def test_a_dead_replicas_waiter_is_passed_over_and_the_key_goes_to_the_live_one(
-    etcd_replicas: tuple[EtcdBackend, EtcdBackend],
+    etcd_cluster: EtcdCluster, etcd_prefix: str,
 ) -> None:
-    a, b = etcd_replicas
-    held, dead, lease = await a_dead_waiter(a, b)
-    live, told = await queued(b, 3, position=2)
-    await unrenewed(b, lease)
-    # Still within the session lease's window: the dead replica's waiter is first in line.
-    assert [w.id for w in await b.queue(held.key, policy=POLICY)] == [dead.id, live.id]
-    handoff = await b.release_and_handoff(held.key, owner=held.owner, policy=POLICY)
-    assert [g.waiter.id for g in handoff.granted] == [live.id]
-    assert [w.id for w in handoff.timed_out] == [dead.id]
-    assert b.passed_over == 1
-    notice = await asyncio.wait_for(told, 10)
-    assert notice.locks and notice.locks[0].pull.num == 3
-    assert await b.queue(held.key, policy=POLICY) == []
-    holder = await b.get(held.key)
-    assert holder is not None and holder.pull.num == 3
+    """The dead replica's waiter, first in line, is passed over (and counted in
+    ``enhanced_locking_waiters_passed_over_total``): the key goes to the live one."""
+    async with replicas(etcd_cluster, etcd_prefix) as (a, seen):
+        b = seen.backend
+        held, dead, lease = await a_dead_waiter(a, b)
+        live, told = await queued(b, 3, position=2)
+        await unrenewed(b, lease)
+        # Still within the session lease's window: the dead replica's waiter is first in line.
+        assert [w.id for w in await b.queue(held.key, policy=POLICY)] == [dead.id, live.id]
+        handoff = await b.release_and_handoff(held.key, owner=held.owner, policy=POLICY)
+        assert [g.waiter.id for g in handoff.granted] == [live.id]
+        assert [w.id for w in handoff.timed_out] == [dead.id]
+        assert b.passed_over.total == 1
+        assert seen.count("enhanced_locking_waiters_passed_over_total") == 1
+        notice = await asyncio.wait_for(told, 10)
+        assert notice.locks and notice.locks[0].pull.num == 3
+        assert await b.queue(held.key, policy=POLICY) == []
+        holder = await b.get(held.key)
+        assert holder is not None and holder.pull.num == 3
 
 
 async def test_a_dead_replicas_only_waiter_is_passed_over_and_the_key_stays_free(
@@ -128,23 +168,6 @@ async def test_a_dead_replicas_only_waiter_is_passed_over_and_the_key_stays_free
     assert again.fencing_token > held.fencing_token
 
 
-class Told:
-    """An enhanced locker over a new etcd backend of ``config``: every event it publishes
-    kept in ``seen``, its metrics in ``metrics``."""
-
-    def __init__(self, config: EnhancedLockingConfig) -> None:
-        self.backend = EtcdBackend.from_config(config, "enhanced")
-        self.seen: list[Event] = []
-        self.metrics = Metrics()
-        events = EventBus()
-        events.subscribe(self.seen.append)
-        self.locker = EnhancedLocker(self.backend, settings=lambda: config, events=events,
-                                     metrics=self.metrics)
-
-    def count(self, name: str, **labels: str) -> float:
-        return self.metrics.registry.get_sample_value(name, labels) or 0.0
-
-
 async def test_a_grant_to_a_replica_that_died_a_moment_before_is_taken_back_and_told(
     etcd_cluster: EtcdCluster, etcd_prefix: str,
 ) -> None:
@@ -154,11 +177,8 @@ async def test_a_grant_to_a_replica_that_died_a_moment_before_is_taken_back_and_
     takes it back: the key goes to the live waiter behind, told as a lock whose lease ran
     out (its ``expired`` event naming the waiter it went to, counted). Before, the lock
     stayed held by a pull whose caller was gone (here, with no TTL, for good)."""
-    config = etcd_config(etcd_cluster, etcd_prefix, enabled=True)
-    a = EtcdBackend.from_config(config, "enhanced")
-    told = Told(config)
-    b = told.backend
-    try:
+    async with replicas(etcd_cluster, etcd_prefix) as (a, told):
+        b = told.backend
         held = await grant(b, want(1))
         dead, _ = await queued(a, 2)
         live, heard = await queued(b, 3, position=2)
@@ -169,7 +189,8 @@ async def test_a_grant_to_a_replica_that_died_a_moment_before_is_taken_back_and_
         notice = await asyncio.wait_for(heard, 2 * SESSION_TTL)
         assert notice.locks and notice.locks[0].pull.num == 3
         assert notice.locks[0].fencing_token > given.fencing_token
-        assert b.taken_back == 1
+        assert b.taken_back.total == 1
+        assert told.count("enhanced_locking_grants_taken_back_total") == 1
         expired = [e for e in told.seen if e.type == "expired"]
         assert len(expired) == 1 and expired[0].lock == given, told.seen
         assert list(expired[0].details["handedTo"]) == [live.id]
@@ -177,10 +198,6 @@ async def test_a_grant_to_a_replica_that_died_a_moment_before_is_taken_back_and_
         assert told.count("enhanced_locking_handoffs_total") == 1
         holder = await b.get(held.key)
         assert holder is not None and holder.pull.num == 3
-    finally:
-        await told.locker.close()
-        await a.close()
-        await b.close()
 
 
 async def test_a_grant_taken_back_goes_on_in_the_order_of_the_configured_queue_policy(
@@ -190,11 +207,8 @@ async def test_a_grant_taken_back_goes_on_in_the_order_of_the_configured_queue_p
     queued after a normal one, as every other hand-off of the key would. Before, the
     take-back served the queue under the default policy (first come, first served): the
     normal waiter got the key."""
-    config = etcd_config(etcd_cluster, etcd_prefix, enabled=True, priority_queue=True)
-    a = EtcdBackend.from_config(config, "enhanced")
-    told = Told(config)
-    b = told.backend
-    try:
+    async with replicas(etcd_cluster, etcd_prefix, priority_queue=True) as (a, told):
+        b = told.backend
         held = await grant(b, want(1))
         dead, _ = await queued(a, 2, priority=Priority.HIGH)
         normal, later = await queued(b, 3, position=2)
@@ -208,15 +222,11 @@ async def test_a_grant_taken_back_goes_on_in_the_order_of_the_configured_queue_p
         assert first == {heard}, "the grant taken back went to the normal waiter"
         notice = heard.result()
         assert notice.locks and notice.locks[0].pull.num == 4
-        assert b.taken_back == 1
+        assert b.taken_back.total == 1
         holder = await b.get(held.key)
         assert holder is not None and holder.pull.num == 4
         assert [w.id for w in await b.queue(held.key, policy=told.locker.policy())] == [
             normal.id]
-    finally:
-        await told.locker.close()
-        await a.close()
-        await b.close()
 
 
 async def test_a_grant_its_replica_took_is_not_taken_back_when_its_renewals_stop(
@@ -233,16 +243,22 @@ async def test_a_grant_its_replica_took_is_not_taken_back_when_its_renewals_stop
     assert session is not None
     session.cancel()  # no renewal from here on
     await asyncio.gather(session, return_exceptions=True)
+    calls = (a.round_trips, b.round_trips)
     handoff = await b.release_and_handoff(held.key, owner=held.owner, policy=POLICY)
     assert [g.waiter.id for g in handoff.granted] == [wait.id]
     assert b._claims, "the grant to another replica's waiter is not followed"
     notice = await asyncio.wait_for(heard, 10)
     assert notice.locks and notice.locks[0].pull.num == 2
+    assert a.round_trips - calls[0] == 1  # its take of the grant
     await unrenewed(b, lease)
     for _ in range(100):  # the follow-up has looked past GONE_AFTER and let it go
         if not b._claims:
             break
         await asyncio.sleep(0.1)
     assert not b._claims
-    assert b.taken_back == 0
+    assert b.taken_back.total == 0
+    # The release, the lease checks that followed the grant (one a second, until its replica
+    # had gone unrenewed past GONE_AFTER) and the take-back's step that found it taken: 4
+    # before those checks were counted.
+    assert b.round_trips - calls[1] >= 1 + GONE_AFTER
     assert await b.get(held.key) == notice.locks[0]

@@ -63,6 +63,7 @@ from enhanced_locking.backends.waiting import (
     epoch_ms,
     service_order,
 )
+from enhanced_locking.metrics import Count
 from enhanced_locking.types import (
     Candidate,
     Lock,
@@ -391,6 +392,12 @@ class StoreBackend(abc.ABC):
         """Told of a hand-off this store made on its own, not as the answer to a call (etcd:
         a key whose lock its lease deleted, served by the watch of deletions or the read of
         the waiting keys): the locker tells and counts it as an expiry (set by it)."""
+        self.passed_over = Count()
+        """Waiters passed over because their caller's process was gone (``_gone``); the
+        locker gives it ``enhanced_locking_waiters_passed_over_total``."""
+        self.taken_back = Count()
+        """Locks granted to another process's waiter and taken back, that process gone before
+        it took them (etcd); the locker gives it ``enhanced_locking_grants_taken_back_total``."""
         self.queue_policy: Callable[[], QueuePolicy] = QueuePolicy
         """The queue policy in force (set by the locker: its ``policy``), for the steps this
         store runs on its own (etcd: a grant taken back, a key served by the watch of

@@ -657,7 +657,9 @@ class EtcdBackend(StoreBackend):
         self.conflicts = 0
         """Steps run again because another writer changed what they read (for the bench)."""
         self.round_trips = 0
-        """etcd calls made by steps: reads, commits, lease grants (for the bench)."""
+        """etcd calls made by steps (reads, commits, lease grants, lease checks of other
+        replicas' sessions) and by grants to other replicas' waiters (their takes, and the
+        lease checks that follow them: ``_claims_of``), for the bench."""
         self.reads = 0
         """Of those, the read-only ones (a step that reads first: queue, holders, list...)."""
         self.pages = 0
@@ -666,11 +668,6 @@ class EtcdBackend(StoreBackend):
         """Steps run again because what this replica knew of their keys was out of date."""
         self.late_grants = 0
         """Grants refused because their answer came after the lock's end (``ran_out``)."""
-        self.passed_over = 0
-        """Waiters passed over because their replica was gone (``_gone``)."""
-        self.taken_back = 0
-        """Locks granted to another replica's waiter and taken back, that replica gone
-        before it took them (``_claims_of``)."""
         self._claims: dict[int, list[tuple[Grant, int, float]]] = {}
         """Grants this replica made to other replicas' waiters that their replica has not yet
         shown itself alive after, by its session lease: each with the revision of its notice
@@ -906,7 +903,6 @@ class EtcdBackend(StoreBackend):
             asked, since = await self._unrenewed(lease, key=key)
         except BackendUnavailable:
             return False
-        self.round_trips += 1
         if len(self._renewed) >= _Known.LIMIT:
             self._renewed.clear()
         if since is None:
@@ -922,6 +918,7 @@ class EtcdBackend(StoreBackend):
         is at most the TTL it was granted less that. ``BackendUnavailable`` when etcd does not
         answer."""
         asked = time.monotonic()
+        self.round_trips += 1
         async with unavailable(self.connection, "lease check", key=key):
             answer = await leader_first(
                 self.connection, lambda member, deadline: _lease_calls(member).time_to_live(
@@ -1018,7 +1015,7 @@ class EtcdBackend(StoreBackend):
             return
         for handoff in handoffs:
             if handoff.released is not None:
-                self.taken_back += 1
+                self.taken_back.inc()
                 log.warning("etcd %s: the grant of %s to waiter %s was taken back: its "
                             "replica has not renewed its session since (gone)",
                             self.connection.where, handoff.released.key, grant.waiter.id)
@@ -1523,7 +1520,7 @@ class EtcdBackend(StoreBackend):
                     if record is not None and record[1] and record[1] != self.session_lease:
                         self._claim(_resolve(grant, revision), record[1], revision)
         for waiter_id in txn.gone:
-            self.passed_over += 1
+            self.passed_over.inc()
             log.warning("etcd %s: waiter %s was passed over: its replica has not renewed its "
                         "session for more than %d s (gone); told unavailable",
                         self.connection.where, waiter_id, GONE_AFTER)
@@ -2075,6 +2072,7 @@ class EtcdBackend(StoreBackend):
             while self._notifier.local.waits(waiter_id):
                 try:
                     client = await self.connection.client()
+                    self.round_trips += 1
                     answer = await _txn_call(self.connection, client, request, read=False)
                 except DOWN as error:
                     if not await self.connection.renewed(error):

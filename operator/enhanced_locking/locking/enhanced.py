@@ -191,6 +191,8 @@ class EnhancedLocker(AtlantisCalls):
         if isinstance(backend, StoreBackend):  # its hand-offs made on its own, told here
             backend.served_unasked = self._served_unasked
             backend.queue_policy = self.policy
+            backend.passed_over = metrics.counting(metrics.waiters_passed_over)
+            backend.taken_back = metrics.counting(metrics.grants_taken_back)
         self.settings = settings
         self.events = events
         self.metrics = metrics
