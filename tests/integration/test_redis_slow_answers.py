@@ -14,13 +14,14 @@ import signal
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 from tests.support.locks import lock_for, request_for
 from tests.support.redis_cluster import RedisClusterNodes
 from tests.support.redis_fixtures import redis_cluster_config, redis_config
-from tests.support.redis_server import RedisServer
+from tests.support.redis_server import RedisSentinel, RedisServer
 from tests.support.stalls import answered_across_a_stall
 
 from enhanced_locking.backends.atlantis_redis import AtlantisRedisBackend
@@ -29,6 +30,7 @@ from enhanced_locking.backends.redis_connection import (
     BUSY_LIMIT,
     COMMAND_TIMEOUT,
     POOL_WAIT,
+    SENTINEL_WAIT,
     RedisConnection,
     connect,
 )
@@ -301,3 +303,62 @@ async def test_a_cluster_turn_handed_over_after_the_loop_stalled_past_the_pool_w
 def _counted(path: str) -> list[object]:
     """What the two calls of ``path`` answer on a fresh counter."""
     return [1, 2] if path == "a call" else [[1], [2]]
+
+
+async def test_a_sentinel_answer_that_came_while_the_loop_stalled_past_its_limit_is_taken(
+    redis_server: RedisServer, tmp_path: Path,
+) -> None:
+    # A connection to the master is opened once a Sentinel has named it. The Sentinel is
+    # stopped while it is asked, and let go 1 s later while this process's event loop is held
+    # past the limit of a Sentinel's answer (SENTINEL_WAIT): the answer is taken, the master
+    # answers.
+    # Before: the Sentinel's answer and redis-py's socket timeout came due in one turn, the
+    # answer was dropped, and with no other Sentinel the call was told Redis did not answer
+    # (MasterNotFoundError) while the master and the Sentinel both answered.
+    sentinel = RedisSentinel(tmp_path / "sentinel", redis_server).start()
+    connection = connect(redis_config(redis_server, redis_addr="localhost:1",
+                                      redis_sentinel_addrs=[sentinel.addr],
+                                      redis_sentinel_master=sentinel.name))
+    assert sentinel.process is not None
+    process = sentinel.process
+    try:
+        process.send_signal(signal.SIGSTOP)
+        try:
+            answer = await answered_across_a_stall(
+                connection.call("PING"), lambda: process.send_signal(signal.SIGCONT),
+                SENTINEL_WAIT)
+        finally:
+            process.send_signal(signal.SIGCONT)
+    finally:
+        await connection.close()
+        sentinel.close()
+    assert answer == "PONG"
+
+
+async def test_a_stopped_first_sentinel_is_passed_over_within_the_call_s_limit(
+    redis_server: RedisServer, tmp_path: Path,
+) -> None:
+    # The first Sentinel listed is stopped for good (a hung host): it is given SENTINEL_WAIT
+    # to answer, then the next is asked, within the acquire's 5 s limit. Before, it was given
+    # 5 s, the call's limit ran out first, and every acquire that opened a connection was
+    # told Redis did not answer, for as long as that Sentinel hung (the order of the
+    # Sentinels changes only when one answers).
+    stopped = RedisSentinel(tmp_path / "stopped", redis_server).start()
+    answering = RedisSentinel(tmp_path / "answering", redis_server).start()
+    backend = RedisBackend.from_config(redis_config(
+        redis_server, redis_addr="localhost:1", redis_sentinel_addrs=[stopped.addr, answering.addr],
+        redis_sentinel_master=stopped.name), "enhanced")
+    assert stopped.process is not None
+    started = time.monotonic()
+    try:
+        with contextlib.ExitStack() as paused:
+            stopped.process.send_signal(signal.SIGSTOP)
+            paused.callback(stopped.process.send_signal, signal.SIGCONT)
+            granted, lock = await backend.acquire(lock_for(request_for(pull=1)))
+            took = time.monotonic() - started
+    finally:
+        await backend.close()
+        stopped.close()
+        answering.close()
+    assert granted and lock.pull.num == 1
+    assert SENTINEL_WAIT - 0.5 < took < COMMAND_TIMEOUT, took

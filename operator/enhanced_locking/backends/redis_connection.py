@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import ssl
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -58,6 +59,7 @@ __all__ = [
     "CONNECT_TIMEOUT",
     "REPLACE_WRITTEN_OVER",
     "RETRYABLE",
+    "SENTINEL_WAIT",
     "CallCount",
     "Client",
     "HiredisConnection",
@@ -84,6 +86,14 @@ COMMAND_TIMEOUT = 5.0
 timer on the event loop (:func:`within_limit`; :class:`unavailable` around redis-py's own
 commands) rather than as redis-py's socket timeout, which wraps every send in a task of its
 own (``asyncio.wait_for``) and cost more than the script."""
+
+SENTINEL_WAIT = 1.0
+"""Seconds a Sentinel has to take a connection, and again to answer where the master is
+(microseconds of its work), before the next Sentinel is asked. Asked as a connection to the
+master opens, inside a call's ``COMMAND_TIMEOUT``: at 2 s and 5 s (the calls' own bounds) a
+first-listed Sentinel that was stopped (a hung host) used up the call's limit before the next
+was asked, so every call that opened a connection was told Redis did not answer, for as long
+as that Sentinel hung, while the master and the other Sentinels answered."""
 
 POOL_WAIT = 4.0
 """Seconds a call waits for a free pooled connection; past it the call is answered
@@ -159,6 +169,43 @@ class HiredisConnection(_HiredisPacking, aioredis.Connection):
 
 class HiredisSSLConnection(_HiredisPacking, aioredis.SSLConnection):
     """A TLS connection whose commands hiredis packs."""
+
+
+class _SentinelAsking:
+    """A connection to a Sentinel (asked where the master is) whose answer is waited for as a
+    call's is (:func:`within_limit`: its ``socket_timeout`` and then :data:`GRACE_TURNS`
+    turns of the event loop), not under redis-py's ``asyncio.timeout``. That timeout cancelled
+    the read in the turn it came due: after the loop stalled past it (a flood on a loaded
+    machine), a Sentinel's answer read in that same turn was dropped as a timeout, and with no
+    Sentinel left to ask, a connection to the master was refused as Redis not answering
+    (``MasterNotFoundError``) while the master and the Sentinels answered. Past the limit the
+    read still fails as redis-py's (``TimeoutError``, the connection closed), so the next
+    Sentinel is asked."""
+
+    socket_timeout: float | None
+
+    async def read_response(  # (redis-py's signature, its timeout included)
+        self, disable_decoding: bool = False, timeout: float | None = None,  # noqa: ASYNC109
+        **options: Any,
+    ) -> Any:
+        seconds = self.socket_timeout
+        read = super().read_response  # type: ignore[misc]
+        if timeout is not None or seconds is None:  # (a caller's own timeout: redis-py's)
+            return await read(disable_decoding, timeout, **options)
+        try:
+            return await within_limit(read(disable_decoding, math.inf, **options), seconds)
+        except TimeoutError:
+            await self.disconnect(nowait=True)  # type: ignore[attr-defined]
+            where = self._host_error()  # type: ignore[attr-defined]
+            raise rexc.TimeoutError(f"Timeout reading from {where}") from None
+
+
+class _SentinelConnection(_SentinelAsking, aioredis.Connection):
+    """A connection to a Sentinel."""
+
+
+class _SentinelSSLConnection(_SentinelAsking, aioredis.SSLConnection):
+    """The same over TLS."""
 
 
 class _HiredisSentinelConnection(_HiredisPacking, SentinelManagedConnection):
@@ -1365,13 +1412,16 @@ def connect(config: EnhancedLockingConfig) -> RedisConnection:
         sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
             [_host_port(addr) for addr in config.redis_sentinel_addrs],
             sentinel_kwargs={
-                "socket_connect_timeout": CONNECT_TIMEOUT,
-                "socket_timeout": COMMAND_TIMEOUT,
+                "socket_connect_timeout": SENTINEL_WAIT,
+                "socket_timeout": SENTINEL_WAIT,
                 "retry": Retry(NoBackoff(), 0),
                 **_tls_kwargs(config),
             },
             **kwargs,
         )
+        for asked in sentinel.sentinels:
+            asked.connection_pool.connection_class = (
+                _SentinelSSLConnection if config.redis_tls else _SentinelConnection)
         client = sentinel.master_for(
             config.redis_sentinel_master, redis_class=_CountedRedis,
             connection_pool_class=_WaitingSentinelPool,
