@@ -195,7 +195,7 @@ def refusal_line(result: AcquireResult, request: LockRequest) -> str:
     if reason is Reason.TIMEOUT:
         return f"gave up waiting for {request.key} after {_fmt_wait(request)}: still held{by}"
     if reason is Reason.HELD:
-        return f"{request.key} is locked{by} (no --wait given)"
+        return f"{request.key} is locked{by} ({_not_waited(request)})"
     if reason is Reason.QUEUE_FULL:
         return f"the queue for {request.key} is full{'; held' + by if by else ''}"
     if reason is Reason.DEADLOCK:
@@ -206,6 +206,16 @@ def refusal_line(result: AcquireResult, request: LockRequest) -> str:
         return (f"{request.key}: the lock store behind the service did not answer; nothing is "
                 "known of the lock")
     return f"refused {request.key}: {reason}{by}"
+
+
+def _not_waited(request: LockRequest) -> str:
+    """Why a step was refused at once: the ``--wait`` it was given asked for no wait, or the
+    legacy locker answered (it keeps no queue, whatever the wait: Atlantis's semantics)."""
+    wait = request.wait
+    if wait is True or (isinstance(wait, timedelta) and wait > timedelta(0)):
+        return (f"--wait {_fmt_wait(request)}, but the legacy locker answered at once: it keeps "
+                "no queue; waiting needs the key on the enhanced locker, enhanced-locking-enabled")
+    return f"--wait {format_duration(timedelta(0))}: no waiting"
 
 
 def _fmt_wait(request: LockRequest) -> str:

@@ -233,7 +233,23 @@ def test_a_step_without_wait_is_refused_at_once_naming_the_holder(
                     "--wait", "0s")
     assert done.returncode == 1
     assert done.stderr.splitlines() == [
-        f"enhanced-locking: {KEY} is locked by pull #1 (alice) of acme/infra (no --wait given)"]
+        f"enhanced-locking: {KEY} is locked by pull #1 (alice) of acme/infra (--wait 0s: no "
+        "waiting)"]
+
+
+def test_a_step_whose_wait_the_legacy_locker_cannot_queue_says_so(
+    service_process: Callable[..., ServiceProcess],
+) -> None:
+    """Enhanced locking off: the legacy locker answers at once, as Atlantis does, whatever
+    ``--wait`` asked; the line says the wait was given and why it was not waited."""
+    url = service_process().url
+    assert run_step(step_env(url, 1, "alice"), "acquire", "--command", "plan").returncode == 0
+    done = run_step(step_env(url, 2, "bob"), "acquire", "--command", "apply", "--wait", "5m")
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        f"enhanced-locking: {KEY} is locked by pull #1 (alice) of acme/infra (--wait 5m, but "
+        "the legacy locker answered at once: it keeps no queue; waiting needs the key on the "
+        "enhanced locker, enhanced-locking-enabled)"]
 
 
 def test_another_pulls_release_step_frees_nothing(service: ServiceProcess) -> None:
@@ -281,7 +297,7 @@ def test_import_and_state_rm_steps_wait_for_the_lock_like_an_apply(
                        "--wait", "0s")
     assert refused.returncode == 1, refused.stderr
     assert refused.stderr.strip() == (f"enhanced-locking: {KEY} is locked by pull #1 (alice) of "
-                                      "acme/infra (no --wait given)")
+                                      "acme/infra (--wait 0s: no waiting)")
     assert run_step(step_env(service.url, 1, "alice"), "release").returncode == 0
     taken = run_step(step_env(service.url, 2, "bob"), "acquire", "--command", command)
     assert taken.returncode == 0, taken.stderr
