@@ -72,14 +72,15 @@ async def test_the_scripts_write_exactly_the_keys_redis_keys_names(
     assert queued.status is Status.QUEUED
     level = waiting.priority.level  # one queue per base priority
     for name in (keys.lock(held.key), keys.fence(held.key), keys.queue(held.key, level),
-                 keys.waiter("w1"), keys.pull(REPO, 1), keys.incarnation, keys.held, keys.fenced,
-                 keys.queued, keys.seq, keys.liveness):
+                 keys.by_pull(held.key), keys.waiter("w1"), keys.pull(REPO, 1), keys.incarnation,
+                 keys.held, keys.fenced, keys.queued, keys.seq, keys.liveness):
         assert admin.exists(name) == 1, f"{name} is not where RedisKeys says"
     handoff = await backend.release_and_handoff(held.key, owner=(REPO, 1))
     assert [g.waiter.id for g in handoff.granted] == ["w1"]
     assert admin.exists(keys.outcome("w1")) == 1
     assert admin.exists(keys.pull(REPO, 2)) == 1
     assert admin.exists(keys.waiter("w1")) == 0
+    assert admin.exists(keys.by_pull(held.key)) == 0  # (its one member went with the waiter)
 
 
 async def test_a_replica_whose_first_call_waits_is_queued_and_handed_the_key(
