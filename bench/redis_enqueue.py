@@ -25,8 +25,12 @@ with requests that name none: what the waiters ahead name does not change what t
 costs (it read every waiter's record before the store kept its waiters by pull, and reads the
 pull's own since), and a fill whose every enqueue read every record took hours at 10,000.
 
+``--shared``: the sample's requests are shared ones, which look for an exclusive request
+waiting ahead of them on the key. ``--wait-graph``: each enqueue of the sample is followed by
+the read of the wait-for graph the locker makes with ``deadlock-detection`` on, counted in it.
+
 Usage: python bench/redis_enqueue.py [--lengths 10,100,1000,10000] [--sample 30]
-       [--head-commits]
+       [--head-commits] [--shared] [--wait-graph]
 (prints the table; docs/benchmarks.md keeps what it found in its prose.)
 """
 
@@ -63,12 +67,17 @@ WAIT = timedelta(hours=1)
 HEADS = [False]
 """``--head-commits``: each request of the sample names its pull's head commit, as Atlantis's
 do."""
+SHARED = [False]
+"""``--shared``: the sample's requests are shared ones."""
+GRAPH = [False]
+"""``--wait-graph``: each enqueue of the sample reads the wait-for graph too."""
 
 
-def _request(pull: int, *, head: bool = False) -> LockRequest:
+def _request(pull: int, *, head: bool = False, shared: bool = False) -> LockRequest:
     return LockRequest(project=Project(repo_full_name="acme/bench", path="envs/prod"),
                        pull=Pull(num=pull, head_commit=f"c{pull}" if head else ""),
-                       priority=LEVELS[pull % len(LEVELS)])
+                       priority=LEVELS[pull % len(LEVELS)],
+                       mode="shared" if shared else "exclusive")
 
 
 class Rig:
@@ -83,15 +92,18 @@ class Rig:
         self.admin = aioredis.Redis(host=server.host, port=server.port)
         self.queued = 0
 
-    async def enqueue(self, *, head: bool = False) -> Outcome:
+    async def enqueue(self, *, sampled: bool = False) -> Outcome:
         self.queued += 1
-        request = _request(self.queued, head=head)
+        request = _request(self.queued, head=sampled and HEADS[0],
+                           shared=sampled and SHARED[0])
         waiter_id = f"w-{self.queued}"
         self.backend.grants.expect(waiter_id)  # a caller waits to hear, as the locker's does
         outcome = await self.backend.acquire_or_enqueue(
             Candidate.of_request(request, priority=request.priority), ttl=None,
             wait=Wait(id=waiter_id, timeout=WAIT), policy=self.policy)
         assert outcome.status is Status.QUEUED, outcome
+        if sampled and GRAPH[0]:
+            assert await self.backend.wait_graph(policy=self.policy)
         return outcome
 
     async def server_usec(self) -> float:
@@ -105,7 +117,7 @@ class Rig:
         key = _request(0).key
         await self.admin.config_resetstat()
         cpu = time.process_time()
-        queued = [await self.enqueue(head=HEADS[0]) for _ in range(sample)]
+        queued = [await self.enqueue(sampled=True) for _ in range(sample)]
         enqueue_cpu = (time.process_time() - cpu) / sample
         enqueue_server = await self.server_usec() / sample
         views = max(3, sample // 3)
@@ -151,13 +163,15 @@ def main() -> None:
     parser.add_argument("--lengths", default="10,100,1000,10000")
     parser.add_argument("--sample", type=int, default=30)
     parser.add_argument("--head-commits", action="store_true")
+    parser.add_argument("--shared", action="store_true")
+    parser.add_argument("--wait-graph", action="store_true")
     parser.add_argument("--no-write", action="store_true")  # (this bench writes no table)
     quick_defaults(parser, lengths="10,100,1000", sample=10)
     args = parser.parse_args()
     print("| queue length | enqueue: Redis µs | enqueue: client CPU µs | "
           "event reads: Redis µs | event reads: client CPU µs |")
     print("|---:|---:|---:|---:|---:|")
-    HEADS[0] = args.head_commits
+    HEADS[0], SHARED[0], GRAPH[0] = args.head_commits, args.shared, args.wait_graph
     asyncio.run(run([int(n) for n in args.lengths.split(",")], args.sample))
 
 
