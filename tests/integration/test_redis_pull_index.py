@@ -307,3 +307,42 @@ async def test_a_waiter_whose_record_is_gone_is_indexed_as_nobodys_and_leaves_wi
         await held.release_and_handoff(KEY, policy=POLICY)
         assert store.queued(KEY) == []
         assert store.index(KEY) == set()
+
+
+async def test_an_index_written_over_with_another_type_is_made_again(
+        held: RedisBackend, redis_server: RedisServer) -> None:
+    await _queue(held, 1, "c1", "old-1")
+    with redis_server.client() as admin:
+        store = Store(admin, held)
+        admin.set(held.keys.by_pull(KEY), "not an index")
+        # A request naming no head commit reads no index: its member is left out, and
+        # nothing fails.
+        await _queue(held, 2, "", "other-2")
+        assert admin.type(held.keys.by_pull(KEY)) == b"string"
+        new = await _queue(held, 1, "c2", "new-1")
+        assert [w.id for w in new.superseded] == ["old-1"]
+        assert store.index(KEY) == store.expected(KEY) == {
+            "acme/infra#2\nother-2", "acme/infra#1\nnew-1"}
+
+
+# --- a shared request's look for an exclusive one ahead ----------------------------------------
+def _calls(admin: redis.Redis) -> int:
+    """How many function calls Redis has run."""
+    stats: dict[str, dict[str, int]] = admin.info("commandstats")
+    return int(stats.get("cmdstat_fcall", {}).get("calls", 0))
+
+
+async def test_a_shared_request_kept_out_by_the_holder_names_no_waiter_of_the_key(
+        held: RedisBackend, redis_server: RedisServer) -> None:
+    # Its verdict answers 'held' on the exclusive holder before it would look for an
+    # exclusive request waiting ahead: the call names none of the key's 30 waiters' records
+    # (it asked for them all, one call more of 30 names), and queues behind them.
+    for pull in range(10, 40):
+        await _queue(held, pull, "", f"w-{pull}")
+    with redis_server.client() as admin:
+        before = _calls(admin)
+        outcome = await held.acquire_or_enqueue(
+            _candidate(2, "envs/a", "", shared=True), ttl=None,
+            wait=Wait(id="shared-2", timeout=HOUR), policy=POLICY)
+        assert outcome.status is Status.QUEUED and outcome.position == 31
+        assert _calls(admin) - before == 1

@@ -94,16 +94,21 @@ local function main()
   -- Its pull's older requests it supersedes, if it waits: those its keys' indexes by pull
   -- list; every waiter of a key whose index lists fewer or more than its queues (written by
   -- an earlier release: made again below, `reindex_pulls`).
+  -- A shared request: the records of the queues its verdict may look at for an exclusive
+  -- request ahead (`exclusive_waiting`; none where a holder keeps it out first).
   local scan = head ~= '' and wait_id ~= '' and wait_ms > 0
-  local others, unindexed = {}, {}
+  local others, unindexed, looks = {}, {}, {}
+  if mode == 'shared' then
+    for _, k in ipairs(may_look_behind(parts, repo, pull)) do looks[k] = true end
+  end
   for _, k in ipairs(keys) do
     if scan and not pulls_indexed(k) then unindexed[k] = true end
-    if mode == 'shared' or unindexed[k] then
+    if looks[k] or unindexed[k] then
       for lv = 0, 3 do
         for _, member in ipairs(queue_range(k, lv, 0, -1)) do
           local id = string.sub(member, 18)
           if id ~= wait_id and not GONE[id] then
-            if mode == 'shared' then expect(waiter_name, id) end  -- exclusive_waiting
+            if looks[k] then expect(waiter_name, id) end
             if unindexed[k] then
               expect(waiter_names, id, nil)
               table.insert(others, id)

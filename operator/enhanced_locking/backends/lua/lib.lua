@@ -984,6 +984,26 @@ local function exclusive_waiting(k, repo, pull, mine)
   return false
 end
 
+-- Whether holder h keeps a request of repo#pull in `mode` out of its key.
+local function keeps_out(h, repo, pull, mode)
+  return not same_owner(h, repo, pull) and (h[10] ~= 'shared' or mode == 'exclusive')
+end
+
+-- The keys of a new shared request's `parts` whose queues its verdict may look at for an
+-- exclusive request waiting ahead (`exclusive_waiting`), in order: every key up to the first
+-- whose holders keep it out (the verdict answers 'held' there, before it looks), read on the
+-- holders as pictured (VIEW). The discovery of acquire.lua names those queues' records only.
+local function may_look_behind(parts, repo, pull)
+  local out = {}
+  for _, p in ipairs(parts) do
+    for _, h in ipairs(view_holders(p.key)) do
+      if keeps_out(h, repo, pull, 'shared') then return out end
+    end
+    table.insert(out, p.key)
+  end
+  return out
+end
+
 -- A grant, unless the fencing counter of a key it would stamp (`stamps`) cannot serve it:
 -- {'damaged', key, why}.
 local function grant_of(stamps)
@@ -1015,7 +1035,7 @@ local function verdict(repo, pull, mode, parts, new, level)
   if new and frozen and frozen[2]['refuse'] then return {'frozen', frozen[1], frozen[2]} end
   for _, p in ipairs(parts) do
     for _, h in ipairs(hs[p.key]) do
-      if not same_owner(h, repo, pull) and (h[10] ~= 'shared' or mode == 'exclusive') then
+      if keeps_out(h, repo, pull, mode) then
         return {'held', p.key}
       end
     end
