@@ -98,15 +98,15 @@ class Client:
 
     def acquire(self, request: LockRequest) -> AcquireResult:
         """Acquire (waiting if ``request.wait`` says so); refusals come back as results."""
-        _, body = self._call("POST", "/v1/locks", ok=(200, 409), timeout=_read_timeout(request),
-                             json=_body(request))
-        return AcquireResult.model_validate(body)
+        status, body = self._call("POST", "/v1/locks", ok=_ACQUIRE_ANSWERS,
+                                  timeout=_read_timeout(request), json=_body(request))
+        return AcquireResult.model_validate(_acquire_answer(status, body))
 
     def acquire_batch(self, request: BatchLockRequest) -> BatchResult:
         """Acquire several locks all or nothing; refusals come back as results."""
-        _, body = self._call("POST", "/v1/locks/batch", ok=(200, 409),
-                             timeout=_read_timeout(request), json=_body(request))
-        return BatchResult.model_validate(body)
+        status, body = self._call("POST", "/v1/locks/batch", ok=_ACQUIRE_ANSWERS,
+                                  timeout=_read_timeout(request), json=_body(request))
+        return BatchResult.model_validate(_acquire_answer(status, body))
 
     def release_batch(self, keys: Iterable[str], *, pull: int | None = None,
                       repo: str | None = None) -> Locks:
@@ -248,9 +248,9 @@ class AsyncClient:
         return _answer(response, ok, absent=absent)
 
     async def acquire(self, request: LockRequest) -> AcquireResult:
-        _, body = await self._call("POST", "/v1/locks", ok=(200, 409), json=_body(request),
-                                   timeout=_read_timeout(request))
-        return AcquireResult.model_validate(body)
+        status, body = await self._call("POST", "/v1/locks", ok=_ACQUIRE_ANSWERS,
+                                        json=_body(request), timeout=_read_timeout(request))
+        return AcquireResult.model_validate(_acquire_answer(status, body))
 
     async def queue(self, key: str) -> dict[str, Any]:
         _, body = await self._call("GET", "/v1/queue", params={"key": key})
@@ -345,6 +345,20 @@ def _event_stream(response: httpx.Response) -> None:
         raise ServiceError(0, f"{shown_url(response.request.url)} did not answer as the lock "
                               f"service: HTTP {response.status_code} {kind}, not an event "
                               "stream")
+
+
+_ACQUIRE_ANSWERS = (200, 409, 503)
+"""The statuses whose body is an acquire's answer: granted, refused by the locks' state, and
+refused because a store did not answer (503 with reason ``unavailable``, the acquire's answer;
+the service's other 503, ``overloaded``, is not one: :func:`_acquire_answer`)."""
+
+
+def _acquire_answer(status: int, body: dict[str, Any]) -> dict[str, Any]:
+    """``body``, an acquire's answer (see :data:`_ACQUIRE_ANSWERS`); a 503 that is not one
+    (``overloaded``, nothing done) is :class:`ServiceError`, as any other error answer."""
+    if status == 503 and "acquired" not in body:
+        raise ServiceError(503, str(body.get("error") or "HTTP 503"), body)
+    return body
 
 
 def _error_of(response: httpx.Response) -> str:

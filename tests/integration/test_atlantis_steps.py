@@ -409,9 +409,9 @@ def test_a_release_whose_store_does_not_answer_exits_3_not_as_a_refusal(
 def test_an_acquire_whose_store_does_not_answer_exits_3_not_as_a_refusal(
     redis_server: RedisServer, service_process: Callable[..., ServiceProcess],
 ) -> None:
-    """With ``fallback: fail-closed`` the service answers the acquire 409 with reason
+    """With ``fallback: fail-closed`` the service answers the acquire 503 with reason
     ``unavailable``: the store did not answer and nothing is known of the lock, so 3 as for
-    its 503, not 1, which says the lock is held."""
+    its other 503, not 1, which says the lock is held."""
     url = service_process("--enhanced-locking-enabled", "--enhanced-locking-backend=redis",
                           f"--enhanced-locking-redis-addr={redis_server.addr}",
                           "--enhanced-locking-fallback=fail-closed").url

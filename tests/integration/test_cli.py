@@ -520,8 +520,9 @@ def test_a_service_whose_store_does_not_answer_exits_3_not_as_a_refusal(
 def test_an_acquire_its_store_did_not_answer_exits_3_not_as_a_refusal(
     redis_server: RedisServer, service_process: ServiceFactory,
 ) -> None:
-    """With `fallback: fail-closed` the acquire is answered 409 with reason `unavailable`:
-    nothing is known of the lock, so 3 as for a 503, not 1, which a script reads as held."""
+    """With `fallback: fail-closed` the acquire is answered 503 with reason `unavailable` and
+    the acquire's answer: nothing is known of the lock, so 3 as for any 503, not 1, which a
+    script reads as held."""
     url = service_process("--enhanced-locking-enabled", "--enhanced-locking-backend=redis",
                           f"--enhanced-locking-redis-addr={redis_server.addr}",
                           "--enhanced-locking-fallback=fail-closed").url

@@ -207,7 +207,7 @@ async def test_with_redis_frozen_a_call_is_answered_within_the_call_limit(
     # made given up at its 5 s limit (the acquire, a ping that tells an outage, the audit
     # entry: about 15 s); before, no answer came until Redis woke up.
     answer = await _acquire_with_redis_frozen(redis_server, tmp_path, after=0.0)
-    assert answer.status_code == 409 and answer.json()["reason"] == "unavailable", answer.text
+    assert answer.status_code == 503 and answer.json()["reason"] == "unavailable", answer.text
 
 
 @pytest.mark.redis
@@ -219,7 +219,7 @@ async def test_with_redis_frozen_past_the_replica_timeout_a_call_is_answered(
     # older than the replica timeout (6 s by default) every acquire reads the registry first,
     # behind that lock (before, every acquire then waited for Redis to wake up).
     answer = await _acquire_with_redis_frozen(redis_server, tmp_path, after=7.0)
-    assert answer.status_code == 409 and answer.json()["reason"] == "unavailable", answer.text
+    assert answer.status_code == 503 and answer.json()["reason"] == "unavailable", answer.text
 
 
 async def _dealt_with_the_old_release(replica: ServiceProcess) -> None:

@@ -248,7 +248,7 @@ async def _client(number: int, urls: list[str], history: History, stop: asyncio.
                 await asyncio.sleep(0.05)
                 continue
             if answer.status_code != 200:
-                reason = answer.json().get("reason") if answer.status_code == 409 else None
+                reason = answer.json().get("reason") if answer.status_code in (409, 503) else None
                 tally.seen[f"refused {reason or answer.status_code}"] += 1
                 await asyncio.sleep(0.05)
                 continue

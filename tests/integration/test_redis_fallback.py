@@ -99,8 +99,15 @@ async def test_with_fail_closed_a_stopped_redis_answers_unavailable(
     async with httpx.AsyncClient(base_url=service.url, timeout=30) as http:
         secured.stop()
         answer = await http.post("/v1/locks", json=lock_body(REPO, "b", 1, project=None))
-        assert answer.status_code == 409
+        # (503, not 409: nothing is known of the lock; a client tries again later)
+        assert answer.status_code == 503, answer.text
         assert answer.json()["reason"] == "unavailable"
+        assert answer.json()["acquired"] is False and answer.json()["error"], answer.text
+        batch = await http.post("/v1/locks/batch", json={
+            "locks": [{"project": {"repoFullName": REPO, "path": path}} for path in ("c", "d")],
+            "pull": {"num": 1}})
+        assert batch.status_code == 503, batch.text
+        assert batch.json()["reason"] == "unavailable" and batch.json()["error"], batch.text
         metrics = (await http.get("/metrics")).text
         assert metric(metrics, "enhanced_locking_fallbacks_total", action="refused") >= 1
         assert metric(metrics, "enhanced_locking_fallbacks_total", action="legacy") == 0

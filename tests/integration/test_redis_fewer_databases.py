@@ -60,7 +60,7 @@ async def test_an_enhanced_redis_restarted_without_its_database_is_an_outage(
                 assert answer.status_code == 200, answer.text
                 assert answer.json()["lock"]["backend"] == "legacy"
             else:  # the acquire's answer when the enhanced store does not answer (docs/api.md)
-                assert answer.status_code == 409, answer.text
+                assert answer.status_code == 503, answer.text
                 assert answer.json()["reason"] == "unavailable"
             ready = await http.get("/readyz")
             assert ready.status_code == 503, ready.text

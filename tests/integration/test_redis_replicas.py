@@ -255,7 +255,7 @@ async def steady_client(number: int, https: list[httpx.AsyncClient], history: Hi
         path = rng.choice("abcd")
         answer = await http.post("/v1/locks", json=body(path, pull, wait="5s"))
         if answer.status_code != 200:
-            reason = answer.json().get("reason") if answer.status_code == 409 else None
+            reason = answer.json().get("reason") if answer.status_code in (409, 503) else None
             seen[f"refused {reason or answer.status_code}"] += 1
             await asyncio.sleep(0.02)
             continue

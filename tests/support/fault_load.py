@@ -138,7 +138,7 @@ async def _client(number: int, https: Sequence[httpx.AsyncClient], run: Run,
             await asyncio.sleep(0.05)
             continue
         if answer.status_code != 200:
-            reason = answer.json().get("reason") if answer.status_code == 409 else None
+            reason = answer.json().get("reason") if answer.status_code in (409, 503) else None
             run.seen[f"refused {reason or answer.status_code}"] += 1
             await asyncio.sleep(0.02)
             continue

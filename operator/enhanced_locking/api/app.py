@@ -58,7 +58,7 @@ from enhanced_locking.api.queue_routes import (
     not_owned,
     shown_to,
 )
-from enhanced_locking.api.responses import JsonAnswer, lock_json, result_json
+from enhanced_locking.api.responses import JsonAnswer, lock_json, refusal, result_json
 from enhanced_locking.api.server import ALWAYS_SERVED, Backpressure, BodyLimit
 from enhanced_locking.api.sse import install_event_stream
 from enhanced_locking.api.webhooks import MAX_BODY, webhook_router
@@ -164,7 +164,8 @@ def create_app(
     @app.post("/v1/locks", response_model=AcquireResult, response_model_by_alias=True,
               responses={409: {"model": AcquireResult}, **WHO})
     async def acquire(request: LockRequest, http: Request, caller: CallerDep) -> JSONResponse:
-        """Acquire one lock: 200 acquired, 409 not acquired (reason and holder), 422 invalid.
+        """Acquire one lock: 200 acquired, 409 not acquired (reason and holder), 503 not
+        acquired because a store did not answer (reason ``unavailable``), 422 invalid.
 
         With ``wait`` the request waits in the key's queue; if the client disconnects while
         waiting, its place in the queue is given up (nothing is granted to it afterwards).
@@ -191,8 +192,10 @@ def create_app(
                 tried = [*await _give_back(gone.answer, request), *not_withdrawn(unwithdrawn)]
                 note.done("client-gone", 499)
             else:
-                note.done("acquired" if result.acquired else str(result.reason),
-                          200 if result.acquired else 409)
+                status = 200
+                if not result.acquired:
+                    result, status = refusal(result)
+                note.done("acquired" if result.acquired else str(result.reason), status)
                 if not result.acquired:  # a refusal: shown as the caller may read it
                     result = await shown_to(caller, result, repo=repo)
         if tried is not None:
@@ -203,7 +206,7 @@ def create_app(
                                    tried=tried)
             return gone_answer()
         if not result.fresh:
-            return JsonAnswer(result_json(result), status_code=200 if result.acquired else 409)
+            return JsonAnswer(result_json(result), status_code=status)
         return AnswerUnlessGone(result_json(result), status_code=200,
                                 on_gone=lambda: _give_back_granted(result, request, caller))
 

@@ -50,6 +50,7 @@ from enhanced_locking.api.errors import (
     unreadable_json,
 )
 from enhanced_locking.api.params import Key, OnlyRepo, OptionalPullNum, PullNum
+from enhanced_locking.api.responses import refusal
 from enhanced_locking.backends.waiting import Waiter
 from enhanced_locking.durations import Lease
 from enhanced_locking.factory import LockService
@@ -247,7 +248,9 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
                          *not_withdrawn(unwithdrawn, kept=before)]
                 note.done("client-gone", 499)
             else:
-                status = 200 if result.acquired else 409
+                status = 200
+                if not result.acquired:
+                    result, status = refusal(result)
                 note.done("acquired" if result.acquired else str(result.reason), status)
                 if not result.acquired:  # a refusal: shown as the caller may read it
                     result = await shown_to(caller, result, repo=repo)

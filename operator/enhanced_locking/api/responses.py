@@ -13,16 +13,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import UTC
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from pydantic import BaseModel
 from starlette.background import BackgroundTask
 from starlette.responses import JSONResponse
 
-from enhanced_locking.types import AcquireResult, Lock, lock_shape, utc_text
+from enhanced_locking.types import AcquireResult, BatchResult, Lock, Reason, lock_shape, utc_text
 
-__all__ = ["JsonAnswer", "lock_json", "model_json", "result_json"]
+__all__ = ["STORE_DID_NOT_ANSWER", "JsonAnswer", "lock_json", "model_json", "refusal",
+           "result_json"]
 
 
 _JSON_TYPE = (b"content-type", b"application/json")
@@ -146,3 +147,23 @@ def result_json(result: AcquireResult) -> bytes:
     return (b'{"acquired":true,"lockKey":' + key + b',"lock":' + body
             + b',"reason":null,"holder":null,"queuePosition":null,"cycle":null,'
             b'"cycleOwners":null,"hiddenOwners":null,"error":null}')
+
+
+STORE_DID_NOT_ANSWER = ("the lock store did not answer, so nothing is known of the lock; send "
+                        "the request again later")
+"""The ``error`` of an acquire refused with reason ``unavailable`` that carries none."""
+
+_Refused = TypeVar("_Refused", AcquireResult, BatchResult)
+
+
+def refusal(result: _Refused) -> tuple[_Refused, int]:
+    """An acquire's (or a batch's) refusal as answered, and its status: 503 when its store did
+    not answer (reason ``unavailable``; ``error`` says so, and ``holder`` names the key's
+    holder where it is known), as every answer of a store that did not answer is, so that a
+    client tells "try again later" from "the lock is taken"; else 409, the locks' state
+    refused it."""
+    if result.reason is not Reason.UNAVAILABLE:
+        return result, 409
+    if result.error is None:
+        result = result.model_copy(update={"error": STORE_DID_NOT_ANSWER})
+    return result, 503
