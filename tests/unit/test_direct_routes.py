@@ -46,6 +46,7 @@ from enhanced_locking.backends import EmbeddedBackend
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.factory import LockService
 from enhanced_locking.provider import ConfigProvider
+from enhanced_locking.types import LockRequest
 
 TOKEN = "direct-route-token"
 STAMPED = {"acquiredAt", "expiresAt", "fencingToken", "requestId", "id", "time", "waitedFor"}
@@ -343,6 +344,24 @@ def test_only_a_route_of_a_body_model_query_scalars_and_the_caller_is_served_dir
     for endpoint in (by_path, listed):
         with pytest.raises(TypeError, match=r"route .* (only|query parameter key)"):
             serve_directly(app, endpoint)
+
+
+async def test_a_route_with_a_body_limit_of_fastapi_s_own_is_not_served_directly() -> None:
+    # FastAPI bounds such a route's body in the wrapper the direct handler takes the place
+    # of: served directly, a body over the route's bound was read and answered 200, not 413.
+    app = FastAPI()
+
+    @app.post("/v1/bounded", max_body_size=16)
+    async def bounded(request: LockRequest) -> JSONResponse:
+        return JSONResponse({})
+
+    with pytest.raises(TypeError, match=r"route \['POST'\] /v1/bounded: .*max_body_size"):
+        serve_directly(app, bounded)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://127.0.0.1") as client:
+        answer = await client.post("/v1/bounded", content=json.dumps(lock()).encode(),
+                                   headers=JSON)
+    assert answer.status_code == 413, "the route is still FastAPI's, its bound kept"
 
 
 def test_a_direct_route_another_route_would_answer_first_is_refused() -> None:

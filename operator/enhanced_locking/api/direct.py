@@ -113,6 +113,12 @@ def _plan(route: APIRoute) -> tuple[type[BaseModel] | None, str | None, str | No
             or route._embed_body_fields or len(dependant.body_params) > 1):
         raise TypeError(f"route {where}: only a body model, query parameters, the request and "
                         "request-only dependencies can be served directly")
+    if getattr(route, "max_body_size", None) is not None:
+        # FastAPI bounds the body in the wrapper of the route's app, which the direct handler
+        # takes the place of: served directly, a body over the bound would be read.
+        raise TypeError(f"route {where}: a route with a body bound of FastAPI's own "
+                        "(max_body_size) is not served directly; the service bounds bodies in "
+                        "its middleware")
     body_model: type[BaseModel] | None = None
     body_name: str | None = None
     if dependant.body_params:
