@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from enhanced_locking.events import FOLLOWING_COMMENT
+from enhanced_locking.events import FOLLOWING_COMMENT, KEEPALIVE_SECONDS, STREAM_SILENCE_SECONDS
 from enhanced_locking.service_address import (
     DEFAULT_URL,
     TOKEN_ENV,
@@ -169,13 +169,18 @@ class Client:
 
     def events(self, *, repo: str | None = None, key_prefix: str | None = None,
                types: Iterable[str] = (), last_event_id: str | None = None,
-               on_open: Callable[[], None] | None = None) -> Iterator[Event]:
+               on_open: Callable[[], None] | None = None,
+               silence: float | None = None) -> Iterator[Event]:
         """Follow ``GET /v1/events`` (blocking; stop by leaving the loop); ``on_open`` runs
-        once the service follows the events for this stream (its ``: following`` comment)."""
+        once the service follows the events for this stream (its ``: following`` comment).
+        A stream that sends nothing for ``silence`` seconds (default
+        :data:`STREAM_SILENCE_SECONDS`, a few of its keep-alives) is given up:
+        :class:`ServiceError` 0."""
         params, headers = _event_params(repo, key_prefix, types, last_event_id)
+        silence = STREAM_SILENCE_SECONDS if silence is None else silence
         try:
             with self._http.stream("GET", "/v1/events", params=params, headers=headers,
-                                   timeout=httpx.Timeout(10.0, read=None)) as response:
+                                   timeout=httpx.Timeout(10.0, read=silence)) as response:
                 if response.status_code != 200:
                     response.read()
                     raise ServiceError(response.status_code, _error_of(response), None)
@@ -188,6 +193,8 @@ class Client:
                         yield line
 
                 yield from (e for e in parse_sse(lines()) if e is not None)
+        except httpx.ReadTimeout:
+            raise ServiceError(0, _silent(self._http.base_url, silence)) from None
         except (httpx.HTTPError, StreamCut) as error:
             raise ServiceError(0, f"lost the event stream of "
                                   f"{shown_url(self._http.base_url)}: {error}") from None
@@ -266,14 +273,17 @@ class AsyncClient:
     async def events(
         self, *, repo: str | None = None, key_prefix: str | None = None,
         types: Iterable[str] = (), on_open: Callable[[], Awaitable[None]] | None = None,
+        silence: float | None = None,
     ) -> AsyncIterator[Event]:
         """Follow ``GET /v1/events``; ``on_open`` runs once the service follows the events for
         this stream (its ``: following`` comment): every event published after that is
-        yielded, so state read in ``on_open`` misses no change."""
+        yielded, so state read in ``on_open`` misses no change. A stream silent for
+        ``silence`` seconds is given up, as :meth:`Client.events` gives it up."""
         params, headers = _event_params(repo, key_prefix, types, None)
+        silence = STREAM_SILENCE_SECONDS if silence is None else silence
         try:
             async with self._http.stream("GET", "/v1/events", params=params, headers=headers,
-                                         timeout=httpx.Timeout(10.0, read=None)) as response:
+                                         timeout=httpx.Timeout(10.0, read=silence)) as response:
                 if response.status_code != 200:
                     await response.aread()
                     raise ServiceError(response.status_code, _error_of(response), None)
@@ -291,6 +301,8 @@ class AsyncClient:
                         lines = []
                 for _ in parse_sse(lines):  # what is left is no whole event: StreamCut, if any
                     pass
+        except httpx.ReadTimeout:
+            raise ServiceError(0, _silent(self._http.base_url, silence)) from None
         except (httpx.HTTPError, StreamCut) as error:
             raise ServiceError(0, f"lost the event stream of "
                                   f"{shown_url(self._http.base_url)}: {error}") from None
@@ -359,6 +371,13 @@ def _acquire_answer(status: int, body: dict[str, Any]) -> dict[str, Any]:
     if status == 503 and "acquired" not in body:
         raise ServiceError(503, str(body.get("error") or "HTTP 503"), body)
     return body
+
+
+def _silent(base_url: httpx.URL, silence: float) -> str:
+    """The message of an event stream given up for its silence."""
+    return (f"the event stream of {shown_url(base_url)} sent nothing for {silence:g}s, not even "
+            f"the keep-alive the service sends every {KEEPALIVE_SECONDS}s: given up (the "
+            "service or a proxy between stopped sending without closing it)")
 
 
 def _error_of(response: httpx.Response) -> str:

@@ -25,8 +25,8 @@ from typing import Any, ClassVar, Literal, Protocol, get_args
 
 from enhanced_locking.types import Event, Lock
 
-__all__ = ["EVENT_TYPES", "FOLLOWING_COMMENT", "Bus", "EventBus", "EventType", "Following",
-           "Gap", "SwitchingBus", "parse_event_id"]
+__all__ = ["EVENT_TYPES", "FOLLOWING_COMMENT", "KEEPALIVE_SECONDS", "STREAM_SILENCE_SECONDS",
+           "Bus", "EventBus", "EventType", "Following", "Gap", "SwitchingBus", "parse_event_id"]
 
 EventType = Literal[
     "acquired",
@@ -62,6 +62,12 @@ Subscriber = Callable[[Event], None]
 
 FOLLOWING_COMMENT = "following"
 """The SSE comment (``: following``) an event stream sends for :class:`Following`."""
+
+KEEPALIVE_SECONDS = 15
+"""An event stream with nothing to send sends a keep-alive comment this often."""
+STREAM_SILENCE_SECONDS = 4 * KEEPALIVE_SECONDS
+"""How long a client reads nothing at all from an event stream, not even a keep-alive,
+before it gives the stream up: a service (or a proxy) that stopped sending without closing."""
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,14 @@ from starlette.types import Receive, Scope, Send
 from enhanced_locking.api.access import AccessControl, CallerDep, StillCaller, Unidentified
 from enhanced_locking.api.errors import error_answers, json_error
 from enhanced_locking.config import EnhancedLockingConfig
-from enhanced_locking.events import EVENT_TYPES, FOLLOWING_COMMENT, Bus, Following, Gap
+from enhanced_locking.events import (
+    EVENT_TYPES,
+    FOLLOWING_COMMENT,
+    KEEPALIVE_SECONDS,
+    Bus,
+    Following,
+    Gap,
+)
 from enhanced_locking.locking import deadlock, visibility
 from enhanced_locking.types import Event, Verb
 
@@ -72,7 +79,6 @@ __all__ = ["Frames", "install_event_stream", "matches"]
 
 log = logging.getLogger(__name__)
 
-KEEPALIVE_SECONDS = 15
 SEND_TIMEOUT = 30.0
 """Seconds one send to a reader may wait (its socket full) before the stream is cut off."""
 RECHECK_FLOOR_SECONDS = 0.5
