@@ -86,8 +86,9 @@ async def guarded_pair(tmp_path: Path) -> AsyncIterator[Pair]:
 
 
 class _pair:
-    def __init__(self, root: Path, values: dict[str, Any]) -> None:
+    def __init__(self, root: Path, values: dict[str, Any], *, root_path: str = "") -> None:
         self.root, self.values, self.stack = root, values, AsyncExitStack()
+        self.root_path = root_path
         self.apps: list[FastAPI] = []
 
     async def __aenter__(self) -> Pair:
@@ -99,7 +100,8 @@ class _pair:
             self.apps.append(app)
             await self.stack.enter_async_context(app.router.lifespan_context(app))
             clients.append(await self.stack.enter_async_context(httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1")))
+                transport=httpx.ASGITransport(app=app, root_path=self.root_path),
+                base_url="http://127.0.0.1")))
         return clients[0], clients[1]
 
     async def __aexit__(self, *exc: object) -> None:
@@ -226,6 +228,49 @@ async def test_an_acquire_not_taken_directly_is_answered_by_fastapi_as_before(
         answer = await same_answer(pair, "POST", "/v1/locks", content=content, headers=headers)
         assert answer.status_code == 200, answer.text
         assert len(handled) == 2
+
+
+FORM = b'--x\r\nContent-Disposition: form-data; name="pull"\r\n\r\n7\r\n--x--\r\n'
+
+
+@pytest.mark.parametrize("root_path", ["", "/locking"])
+async def test_the_lock_paths_answer_every_method_path_and_body_as_fastapi_does(
+        tmp_path: Path, handled: list[str], root_path: str) -> None:
+    # The lane hands a direct route's request over before the router: whatever it does not
+    # serve (another method, a trailing slash, a form) must reach the router as before, and
+    # the path it serves is the one the router would match, behind a root path too.
+    take = json.dumps(lock()).encode()
+    cases: list[tuple[str, str, bytes | None, dict[str, str]]] = [
+        ("POST", "/v1/locks", take, JSON),
+        ("POST", "/v1/%6Cocks", take, JSON),  # the path the server decoded
+        ("POST", "/v1/locks/", take, JSON),
+        ("POST", "//v1/locks", take, JSON),
+        ("PUT", "/v1/locks", take, JSON),
+        ("PATCH", "/v1/locks/by-key?key=" + KEY, None, {}),
+        ("HEAD", "/v1/locks", None, {}),
+        ("HEAD", "/v1/locks/by-key?key=" + KEY, None, {}),
+        ("OPTIONS", "/v1/locks", None, {}),
+        ("POST", "/v1/locks", FORM, {"content-type": "multipart/form-data; boundary=x"}),
+        ("POST", "/v1/locks", b"pull=7", {"content-type": "application/x-www-form-urlencoded"}),
+        ("DELETE", "/v1/locks/by-key/?pull=7&key=" + KEY, None, {}),
+        ("DELETE", "/v1/locks/by-key?pull=7&key=" + KEY.replace("/", "%2F"), None, {}),
+    ]
+    async with _pair(tmp_path, {}, root_path=root_path) as clients:
+        for method, path, content, headers in cases:
+            for url in {path, root_path + path}:
+                handled.clear()
+                direct, fastapi_ = [await client.request(method, url, content=content,
+                                                         headers=headers)
+                                    for client in clients]
+                where = (method, url, direct.text, fastapi_.text)
+                assert direct.status_code == fastapi_.status_code, where
+                for header in ("content-type", "allow", "location"):
+                    assert direct.headers.get(header) == fastapi_.headers.get(header), where
+                if method != "HEAD":
+                    assert unstamped(direct.json()) == unstamped(fastapi_.json()), where
+                if (method, path) == ("POST", "/v1/locks") and headers is JSON:
+                    assert direct.status_code == 200, where
+                    assert handled == ["acquire"], "served directly by one app only"
 
 
 @pytest.mark.parametrize("query", [
