@@ -270,6 +270,37 @@ async def test_a_release_costs_no_other_step_and_a_lock_etcd_ends_is_served(
     assert notice.locks[0].fencing_token > short.fencing_token
 
 
+async def test_a_key_whose_lock_its_lease_ended_goes_on_in_the_order_of_the_queue_policy(
+    etcd_replicas: tuple[EtcdBackend, EtcdBackend],
+) -> None:
+    """A key the store serves on its own (its lock deleted by etcd at its lease's end, which
+    the watch of deletions or the read of the waiting keys brings) goes on in the order of
+    the service's queue policy (``queue_policy``, which the locker sets): here the priority
+    queue, so the high-priority waiter queued after a normal one. Before, those steps served
+    the queue under the default policy: the normal waiter got the key."""
+    a, b = etcd_replicas
+    b.queue_policy = lambda: POLICY
+    short = await grant(a, want(1), ttl=timedelta(seconds=1))
+    await a.close()  # nobody's lease timer: etcd deletes the lock at its lease's end
+    normal = offer(30)
+    later = b.grants.expect(normal.id)
+    queued = await b.acquire_or_enqueue(want(2), ttl=None, wait=normal, policy=POLICY)
+    assert queued.status is Status.QUEUED and queued.position == 1, queued
+    high = offer(30)
+    heard = b.grants.expect(high.id)
+    queued = await b.acquire_or_enqueue(
+        candidate_for(request_for(repo="acme/infra", path="envs/prod", pull=3,
+                                  priority=Priority.HIGH)),
+        ttl=None, wait=high, policy=POLICY)
+    assert queued.status is Status.QUEUED and queued.position == 1, queued
+    first, _ = await asyncio.wait((heard, later), timeout=20,
+                                  return_when=asyncio.FIRST_COMPLETED)
+    assert first == {heard}, "the key went to the normal waiter"
+    notice = heard.result()
+    assert notice.locks and notice.locks[0].pull.num == 3
+    assert notice.locks[0].fencing_token > short.fencing_token
+
+
 async def test_a_waiter_queued_as_the_watch_of_deletions_winds_down_gets_a_watch(
     etcd_replicas: tuple[EtcdBackend, EtcdBackend], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
