@@ -693,7 +693,9 @@ func (c *Client) Cancel(ctx context.Context, key, id string) (bool, error) {
 
 // Ready checks that the service and every store it uses answer (GET /readyz). A 200 that is
 // not the service's JSON answer (a proxy's sign-in page, another web server at the URL) is an
-// *UnavailableError: the lock calls would all fail there.
+// *UnavailableError: the lock calls would all fail there. The service's own 503, a store that
+// did not answer, is an *UnavailableError whose Sides names the stores ("legacy",
+// "enhanced"): the service itself answered.
 func (c *Client) Ready(ctx context.Context) error {
 	k := call{op: "ready", method: http.MethodGet, path: "/readyz", idempotent: true}
 	if c.callTimeout > 0 {
@@ -707,7 +709,8 @@ func (c *Client) Ready(ctx context.Context) error {
 	}
 	if got.status != http.StatusOK {
 		if got.status == http.StatusServiceUnavailable {
-			return &UnavailableError{Op: k.op, Status: got.status, Message: string(bytes.TrimSpace(got.body))}
+			return &UnavailableError{Op: k.op, Status: got.status, Sides: notReady(got.body),
+				Message: string(bytes.TrimSpace(got.body))}
 		}
 		return refusal(k, got)
 	}
@@ -718,6 +721,25 @@ func (c *Client) Ready(ctx context.Context) error {
 			k.path, contentType(got.contentType))}
 	}
 	return nil
+}
+
+// notReady is the stores a /readyz answer names as not answering, in order; nil when the
+// body is not the service's readiness (a proxy's 503 page).
+func notReady(body []byte) []string {
+	var answer struct {
+		Backends map[string]string `json:"backends"`
+	}
+	if json.Unmarshal(body, &answer) != nil {
+		return nil
+	}
+	var sides []string
+	for side, state := range answer.Backends {
+		if state != "ok" {
+			sides = append(sides, side)
+		}
+	}
+	slices.Sort(sides)
+	return sides
 }
 
 // contentType is a response's media type without its parameters, or "no content type".

@@ -107,7 +107,8 @@ type UnavailableError struct {
 	Status int
 	// Sides names the lock stores ("legacy", "enhanced") that did not answer when the
 	// service answered without them (a list or a pull's release, status 200): what the call
-	// returned along with this error is what the other sides hold or freed.
+	// returned along with this error is what the other sides hold or freed. From Ready: the
+	// stores its 503 names (the service answered; they did not).
 	Sides   []string
 	Message string
 	Err     error

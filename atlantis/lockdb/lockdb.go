@@ -353,11 +353,17 @@ func (b *Database) CheckCommandLock(cmdName command.Name) (*command.Lock, error)
 	return b.wrapped.CheckCommandLock(cmdName)
 }
 
-// Ping checks both: the service and its stores (readiness), then the wrapped database.
+// Ping checks that the service answers (GET /readyz), then the wrapped database. Atlantis's
+// /readyz is this Ping: a store of the service that does not answer (the service's 503
+// naming it) is not an error here. Every Atlantis replica shares the service, so that
+// would mark them all not ready at once — no webhook taken, no page shown — while the
+// fall-back serves the locks, and each lock call fails closed on its own where nothing can.
+// The stores' state is the service's own readiness (client.Ready).
 func (b *Database) Ping() error {
 	ctx, cancel := b.ctx(0)
 	defer cancel()
-	if err := b.service.Ready(ctx); err != nil {
+	var unavailable *client.UnavailableError
+	if err := b.service.Ready(ctx); err != nil && !(errors.As(err, &unavailable) && len(unavailable.Sides) > 0) {
 		return fmt.Errorf("lock service: %w", err)
 	}
 	return b.wrapped.Ping()

@@ -995,3 +995,33 @@ func TestTheHoldersTryLockRenewsTheLeaseFromNow(t *testing.T) {
 		}
 	})
 }
+
+func TestPingIsReadyWhileTheServiceAnswersWithoutAStore(t *testing.T) {
+	// Atlantis's /readyz is its database's Ping (server.go, Readyz). Every Atlantis replica
+	// shares the service: a store of the service that does not answer would mark them all
+	// not ready at once, and Atlantis would take no webhook and show no page, while the
+	// fall-back serves the locks (and each lock call fails closed on its own where it
+	// cannot). Ping says whether this Atlantis reaches the service and its own database;
+	// the stores are the service's own readiness (client.Ready names the missing one).
+	redis := servicetest.RedisServer(t)
+	svc := servicetest.Serve(t, "--enhanced-locking-enabled", "--enhanced-locking-backend=redis",
+		"--enhanced-locking-redis-addr="+redis.Addr, "--enhanced-locking-fallback=legacy")
+	database := open(t, svc, lockdb.WithClientOptions(client.WithRetries(1, 0)))
+	redis.Stop()
+	var unavailable *client.UnavailableError
+	err := database.Client().Ready(context.Background())
+	if !errors.As(err, &unavailable) || unavailable.Status != 503 ||
+		!slices.Equal(unavailable.Sides, []string{"enhanced"}) {
+		t.Fatalf("the service's readiness should name the enhanced store, got %v", err)
+	}
+	must(t, database.Ping())
+	ok, _, err := database.TryLock(models.ProjectLock{Project: models.NewProject("acme/infra", ".", ""),
+		Workspace: "default", Pull: pullOf("acme/infra", 1), User: alice, Time: time.Now()})
+	if err != nil || !ok {
+		t.Fatalf("the fall-back should serve the lock meanwhile, got %v %v", ok, err)
+	}
+	svc.Stop()
+	if err := database.Ping(); !client.IsUnavailable(err) {
+		t.Fatalf("Ping must fail once the service cannot be reached, got %v", err)
+	}
+}
