@@ -108,6 +108,9 @@ def test_the_console_examples_print_what_they_show(tmp_path: Path, monkeypatch: 
     monkeypatch.setenv("HOME", str(tmp_path))
     for name in [k for k in os.environ if k.startswith(("ATLANTIS_", "ENHANCED_LOCKING_"))]:
         monkeypatch.delenv(name)
+    # Any free port: a service on the machine serving on the default 4142 (`make run`) must not
+    # turn these refusals into "cannot listen".
+    monkeypatch.setenv("ENHANCED_LOCKING_PORT", "0")
     blocks = re.findall(r"```console\n(.*?)```", (ROOT / "docs" / "01-foundation.md").read_text(),
                         re.S)
     assert len(blocks) == 2
