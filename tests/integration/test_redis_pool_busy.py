@@ -12,6 +12,7 @@ legacy, under a flood larger than the pool.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable
 from datetime import timedelta
 from pathlib import Path
@@ -199,9 +200,9 @@ async def _held_and_waited_for(
     assert held.acquired, held
     waiting = asyncio.ensure_future(locker.acquire(
         request_for(repo=REPO, path="w", pull=2, wait=timedelta(seconds=30))))
-    for _ in range(100):
-        if len(await locker.queue(held.lock_key)) == 1:
-            break
+    give_up = time.monotonic() + 60
+    while len(await locker.queue(held.lock_key)) != 1:
+        assert time.monotonic() < give_up, "the waiter never queued"
         await asyncio.sleep(0.05)
     return held, waiting
 
