@@ -186,6 +186,20 @@ class PullIndexModel(RuleBasedStateMachine):
                 shared: bool) -> None:
         self._enqueue(pull, paths, head, level, shared)
 
+    def _named(self) -> list[tuple[str, str]]:
+        """Every queued (waiter, path) whose request named a head commit."""
+        return sorted({(w, p) for p in PATHS for w in self.store.queued(_key(p))
+                       if self.store.record(w).get("head")})
+
+    @precondition(lambda self: bool(self._named()))
+    @rule(data=st.data(), shared=st.booleans())
+    def next_commit(self, data: st.DataObject, shared: bool) -> None:
+        """A queued request's pull asks again for one of its keys with its next commit."""
+        waiter_id, path = data.draw(st.sampled_from(self._named()))
+        rec = self.store.record(waiter_id)
+        head = "c1" if rec["head"] != "c1" else "c2"
+        self._enqueue(int(rec["pull"]), [path], head, Priority.NORMAL, shared)
+
     @rule(pull=st.sampled_from(PULLS), path=st.sampled_from(PATHS), head=st.sampled_from(HEADS))
     def earlier_release_queues(self, pull: int, path: str, head: str) -> None:
         outcome, _ = self._enqueue(pull, [path], head, Priority.NORMAL, False)
@@ -228,7 +242,7 @@ class PullIndexModel(RuleBasedStateMachine):
 
 
 PullIndexModel.TestCase.settings = settings(
-    max_examples=25, stateful_step_count=30, deadline=None,
+    max_examples=30, stateful_step_count=30, deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestPullIndexOnRedis = PullIndexModel.TestCase
