@@ -56,6 +56,8 @@ type Client struct {
 	backoff     time.Duration
 	maxBackoff  time.Duration
 	callTimeout time.Duration
+	// streamSilence: how long an event stream may send nothing (WithStreamSilence).
+	streamSilence time.Duration
 }
 
 // Option configures a Client.
@@ -81,6 +83,17 @@ func WithRetries(attempts int, backoff time.Duration) Option {
 // Wait plus this bound), when the caller's context has no earlier deadline. 0: unbounded.
 func WithCallTimeout(d time.Duration) Option { return func(c *Client) { c.callTimeout = d } }
 
+// KeepAlive is how often the service's event stream sends a keep-alive comment when it has
+// nothing else to send.
+const KeepAlive = 15 * time.Second
+
+// WithStreamSilence is how long the event stream may send nothing at all, not even the
+// service's keep-alive (every KeepAlive), before it is taken for broken: dropped and reopened
+// as a broken connection is (EventStream.Next). Default four keep-alives (60s); 0: no bound.
+func WithStreamSilence(d time.Duration) Option {
+	return func(c *Client) { c.streamSilence = max(d, 0) }
+}
+
 // New returns a client of the service at baseURL (e.g. "http://127.0.0.1:4142").
 func New(baseURL string, opts ...Option) (*Client, error) {
 	base, err := url.Parse(strings.TrimRight(baseURL, "/"))
@@ -89,12 +102,13 @@ func New(baseURL string, opts ...Option) (*Client, error) {
 			"url: expected http(s)://host:port of the lock service, got %q", withoutUserinfo(baseURL))}
 	}
 	c := &Client{
-		base:        base,
-		http:        &http.Client{Transport: http.DefaultTransport},
-		attempts:    3,
-		backoff:     100 * time.Millisecond,
-		maxBackoff:  2 * time.Second,
-		callTimeout: 30 * time.Second,
+		base:          base,
+		http:          &http.Client{Transport: http.DefaultTransport},
+		attempts:      3,
+		backoff:       100 * time.Millisecond,
+		maxBackoff:    2 * time.Second,
+		callTimeout:   30 * time.Second,
+		streamSilence: 4 * KeepAlive,
 	}
 	for _, opt := range opts {
 		opt(c)

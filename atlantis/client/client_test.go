@@ -765,3 +765,35 @@ func TestASwitchGapMovesTheStreamToTheNewBusAndOtherGapsDoNot(t *testing.T) {
 		t.Fatalf("want %s, got %s", want, strings.Join(got, " "))
 	}
 }
+
+func TestAStreamThatFallsSilentIsReopenedThenGivenUp(t *testing.T) {
+	// A service (or a proxy) that stops sending without closing: Next must not block for
+	// good. Silent past WithStreamSilence (default a minute, four of the service's 15s
+	// keep-alives), the connection is dropped and reopened as a broken one is, and after the
+	// client's attempts Next answers an *UnavailableError saying so.
+	var opened atomic.Int32
+	silent := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		opened.Add(1)
+		w.Header().Set("Content-Type", "text/event-stream")
+		_, _ = w.Write([]byte(": following\n\n"))
+		w.(http.Flusher).Flush()
+		<-r.Context().Done() // nothing more, and open until the client leaves
+	}))
+	t.Cleanup(silent.Close)
+	c, err := client.New(silent.URL, client.WithRetries(2, 0),
+		client.WithStreamSilence(200*time.Millisecond))
+	must(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	events, err := c.Events(ctx, client.EventFilter{})
+	must(t, err)
+	defer events.Close() //nolint:errcheck
+	_, err = events.Next()
+	if !client.IsUnavailable(err) || errors.Is(err, context.DeadlineExceeded) ||
+		!strings.Contains(err.Error(), "sent nothing for 200ms") {
+		t.Fatalf("a silent stream should be given up, got %v", err)
+	}
+	if n := opened.Load(); n != 3 {
+		t.Fatalf("the stream should be opened once and reopened twice, was opened %d times", n)
+	}
+}

@@ -10,6 +10,7 @@ import (
 	"net/url"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -172,20 +173,39 @@ func (s *EventStream) reconnect() error {
 	return s.connect()
 }
 
-// read parses one SSE event (lines up to a blank line); comments and pings are skipped.
+// read parses one SSE event (lines up to a blank line); comments and pings are skipped. A
+// stream that sends no line for the client's stream silence is closed: an error, as a
+// broken connection is.
 func (s *EventStream) read() (Event, error) {
 	s.mu.Lock()
-	reader := s.reader
+	reader, body := s.reader, s.body
 	s.mu.Unlock()
 	if reader == nil {
 		return Event{}, errStreamClosed
+	}
+	silence := s.c.streamSilence
+	var silent atomic.Bool
+	var timer *time.Timer
+	if silence > 0 {
+		timer = time.AfterFunc(silence, func() {
+			silent.Store(true)
+			body.Close() //nolint:errcheck
+		})
+		defer timer.Stop()
 	}
 	var id, kind string
 	var data strings.Builder
 	for {
 		line, err := reader.ReadString('\n')
+		if err != nil && silent.Load() {
+			return Event{}, fmt.Errorf("the event stream sent nothing for %v, not even the "+
+				"keep-alive the service sends every %v: given up", silence, KeepAlive)
+		}
 		if err != nil {
 			return Event{}, err
+		}
+		if timer != nil {
+			timer.Reset(silence)
 		}
 		line = strings.TrimRight(line, "\r\n")
 		if line == "" {
