@@ -747,13 +747,7 @@ func TestASwitchGapMovesTheStreamToTheNewBusAndOtherGapsDoNot(t *testing.T) {
 		<-r.Context().Done() // open until the client leaves
 	}))
 	t.Cleanup(stream.Close)
-	c, err := client.New(stream.URL, client.WithRetries(1, 0))
-	must(t, err)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	events, err := c.Events(ctx, client.EventFilter{})
-	must(t, err)
-	defer events.Close() //nolint:errcheck
+	events := streamOf(t, stream.URL, 10*time.Second, client.WithRetries(1, 0))
 	var got []string
 	for range 3 {
 		ev, err := events.Next()
@@ -780,15 +774,9 @@ func TestAStreamThatFallsSilentIsReopenedThenGivenUp(t *testing.T) {
 		<-r.Context().Done() // nothing more, and open until the client leaves
 	}))
 	t.Cleanup(silent.Close)
-	c, err := client.New(silent.URL, client.WithRetries(2, 0),
+	events := streamOf(t, silent.URL, 60*time.Second, client.WithRetries(2, 0),
 		client.WithStreamSilence(200*time.Millisecond))
-	must(t, err)
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	events, err := c.Events(ctx, client.EventFilter{})
-	must(t, err)
-	defer events.Close() //nolint:errcheck
-	_, err = events.Next()
+	_, err := events.Next()
 	if !client.IsUnavailable(err) || errors.Is(err, context.DeadlineExceeded) ||
 		!strings.Contains(err.Error(), "sent nothing for 200ms") {
 		t.Fatalf("a silent stream should be given up, got %v", err)
@@ -796,4 +784,18 @@ func TestAStreamThatFallsSilentIsReopenedThenGivenUp(t *testing.T) {
 	if n := opened.Load(); n != 3 {
 		t.Fatalf("the stream should be opened once and reopened twice, was opened %d times", n)
 	}
+}
+
+// streamOf is the event stream of the server at url, every event, open for at most within
+// and closed when the test ends.
+func streamOf(t *testing.T, url string, within time.Duration, opts ...client.Option) *client.EventStream {
+	t.Helper()
+	c, err := client.New(url, opts...)
+	must(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), within)
+	t.Cleanup(cancel)
+	events, err := c.Events(ctx, client.EventFilter{})
+	must(t, err)
+	t.Cleanup(func() { events.Close() }) //nolint:errcheck
+	return events
 }
