@@ -104,6 +104,13 @@ REFUSED = [
                  ['spec.mode: Unsupported value: "canary"'], id="unknown-mode"),
     pytest.param("LockMigration", {"analysis": {"window": "0s", "maxErrorRate": 0.01}},
                  ["spec.analysis.window", "must be above 0"], id="empty-analysis-window"),
+    # Under half a microsecond: the operator reads it as 0, so the API server refuses it too.
+    pytest.param("LockMigration", {"analysis": {"interval": "400ns", "maxErrorRate": 0.01}},
+                 ["spec.analysis.interval", "must be at least 1us"],
+                 id="analysis-interval-under-a-microsecond"),
+    pytest.param("LockMigration", {"analysis": {"window": "999ns", "maxErrorRate": 0.01}},
+                 ["spec.analysis.window", "must be at least 1us"],
+                 id="analysis-window-under-a-microsecond"),
     pytest.param("LockMigration", {"abort": True, "promote": True},
                  ["spec.abort and spec.promote cannot both be true"], id="abort-and-promote"),
 ]
@@ -167,3 +174,4 @@ def test_short_names_and_the_category_list_both_kinds(
     assert sorted(listed) == [f"lockmigration.{GROUP}/to-enhanced", f"lockpolicy.{GROUP}/default"]
     assert "default" in kube_cluster.kubectl("get", "lockpol", "-n", kube_namespace).stdout
     assert "to-enhanced" in kube_cluster.kubectl("get", "lockmig", "-n", kube_namespace).stdout
+

@@ -159,6 +159,10 @@ def test_a_bad_policy_is_refused_naming_the_field(data: dict[str, Any], expected
          "analysis.window: Value error, must be above 0, got 0s"),
         ({"analysis": {"interval": "0s", "maxErrorRate": 0.01}},
          "analysis.interval: Value error, must be above 0, got 0s"),
+        # Under half a microsecond rounds to 0: refused as what was written, as the CRD does.
+        ({"analysis": {"interval": "400ns", "maxErrorRate": 0.01}},
+         "analysis.interval: Value error, must be at least 1us: durations are counted in "
+         "whole microseconds, got '400ns'"),
     ],
 )
 def test_a_bad_migration_is_refused_naming_the_field(data: dict[str, Any], expected: str) -> None:

@@ -13,10 +13,16 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 from pydantic.alias_generators import to_camel
 
-from enhanced_locking.durations import DURATION_PATTERN, Duration, LeaseOrNone, format_duration
+from enhanced_locking.durations import (
+    DURATION_PATTERN,
+    Duration,
+    LeaseOrNone,
+    format_duration,
+    parse_duration,
+)
 
 __all__ = [
     "GROUP",
@@ -115,15 +121,35 @@ def _above_zero(value: timedelta) -> timedelta:
     return value
 
 
+_UNDER_A_MICROSECOND = "must be at least 1us: durations are counted in whole microseconds"
+
+
+def _no_vanishing_span(value: object) -> object:
+    """A written span under half a microsecond (``400ns``) is refused as such: it rounds to 0."""
+    if not isinstance(value, str) or not any(digit in value for digit in "123456789"):
+        return value
+    try:
+        vanishes = parse_duration(value) == timedelta(0)
+    except ValueError:
+        return value  # malformed: the duration's own check names it
+    if vanishes:
+        raise ValueError(f"{_UNDER_A_MICROSECOND}, got {value!r}")
+    return value
+
+
 PositiveCRDuration = Annotated[
     Duration,
+    BeforeValidator(_no_vanishing_span),
     AfterValidator(_at_most_a_year),
     AfterValidator(_above_zero),
     WithJsonSchema(_duration_schema(
-        cel(f"!{valid_duration('self')} || duration(self) > duration('0s')", "must be above 0")
+        cel(f"!{valid_duration('self')} || duration(self) > duration('0s')", "must be above 0"),
+        cel(f"!{valid_duration('self')} || duration(self) == duration('0s') || "
+            "duration(self) >= duration('1us')", _UNDER_A_MICROSECOND),
     )),
 ]
-"""A :data:`CRDuration` that must be above 0 (a span that 0 would make empty)."""
+"""A :data:`CRDuration` that must be above 0 (a span that 0 would make empty), and at least a
+microsecond (the finest a duration is counted in: a shorter one would read as 0)."""
 
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 
