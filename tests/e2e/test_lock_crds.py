@@ -7,6 +7,7 @@ meets them with ``kubectl apply`` (strict field validation, kubectl's default).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -175,3 +176,25 @@ def test_short_names_and_the_category_list_both_kinds(
     assert "default" in kube_cluster.kubectl("get", "lockpol", "-n", kube_namespace).stdout
     assert "to-enhanced" in kube_cluster.kubectl("get", "lockmig", "-n", kube_namespace).stdout
 
+
+def test_the_mode_column_shows_the_mode_in_force_not_the_one_asked_for(
+    kube_cluster: KubeCluster, kube_namespace: str, lock_crds: None
+) -> None:
+    # Asked for shadow; the service still routes (the status says so: the policy is not
+    # applied yet, say). `kubectl get` shows what is in force, as the Weight column does.
+    manifest = json.dumps({
+        "apiVersion": f"{GROUP}/v1alpha1", "kind": "LockMigration",
+        "metadata": {"name": "to-enhanced", "namespace": kube_namespace},
+        "spec": {"policyRef": {"name": "default"}, "mode": "shadow", "weight": 20},
+    })
+    kube_cluster.kubectl("apply", "-f", "-", input=manifest)
+    kube_cluster.kubectl("patch", "lockmigration", "to-enhanced", "-n", kube_namespace,
+                         "--subresource=status", "--type=merge",
+                         "-p", json.dumps({"status": {"mode": "route", "currentWeight": 0}}))
+    header, row = kube_cluster.kubectl("get", "lockmig", "to-enhanced", "-n",
+                                       kube_namespace).stdout.splitlines()
+    # Columns are cut where their titles start (empty cells leave no word to split on).
+    starts = [match.start() for match in re.finditer(r"\S+", header)]
+    shown = {header[a:b].strip(): row[a:b].strip()
+             for a, b in zip(starts, [*starts[1:], None], strict=True)}
+    assert (shown["MODE"], shown["WEIGHT"]) == ("route", "0")

@@ -219,7 +219,7 @@ def test_steps_advance_on_their_own_a_pause_holds_promote_skips_and_kubectl_wait
     assert list(row) == ["NAME", "PHASE", "MODE", "WEIGHT", "STEP", "MISMATCHES", "CONFLICTS",
                          "READY", "AGE"]
     assert {k: row[k] for k in list(row)[:8]} == {
-        "NAME": MIGRATION, "PHASE": "Completed", "MODE": "", "WEIGHT": "100", "STEP": "5/5",
+        "NAME": MIGRATION, "PHASE": "Completed", "MODE": "route", "WEIGHT": "100", "STEP": "5/5",
         "MISMATCHES": "0", "CONFLICTS": "0", "READY": "True"}
 
 

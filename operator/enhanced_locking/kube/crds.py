@@ -106,7 +106,12 @@ LOCK_MIGRATION = Kind(
     ),
     columns=(
         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
-        {"name": "Mode", "type": "string", "jsonPath": ".spec.mode"},
+        {
+            "name": "Mode",
+            "type": "string",
+            "jsonPath": ".status.mode",
+            "description": "The routing mode the service runs now (route or shadow).",
+        },
         {
             "name": "Weight",
             "type": "number",
