@@ -110,6 +110,12 @@ def test_models_are_frozen() -> None:
         ({"lockTTL": "400ns"}, "lockTTL: Value error, '400ns' is under half a microsecond"),
         ({"lockTTL": "999us"}, "lockTTL: Value error, 999µs is under 1ms"),
         ({"queue": {"maxPriorityBoost": 4}}, "queue.maxPriorityBoost: Input should be less than"),
+        # The service's own bounds of these settings, refused here rather than by the service.
+        ({"queue": {"starvationThreshold": "0s"}},
+         "queue.starvationThreshold: Value error, must be at least 1ms, got 0s"),
+        ({"access": {"cacheTTL": "2h"}}, "access.cacheTTL: Value error, must be at most 1h"),
+        ({"access": {"cacheTTL": "0s"}}, "access.cacheTTL: Value error, must be above 0"),
+        ({"audit": {"retention": "0s"}}, "audit.retention: Value error, must be above 0"),
         ({"redis": {"keyPrefix": "x" * 129}}, "redis.keyPrefix: String should have at most 128"),
         ({"redis": {"cluster": True, "db": 2}},
          "redis: Value error, redis.cluster needs redis.db 0"),

@@ -20,6 +20,9 @@ from enhanced_locking.kube.models import (
     Condition,
     CRDuration,
     CRLease,
+    HourCRDuration,
+    MillisecondsCRDuration,
+    PositiveCRDuration,
     ReplicaName,
     SecretKeyRef,
     SpecModel,
@@ -117,8 +120,9 @@ class Queue(SpecModel):
     max_size: int | None = Field(
         None, ge=1, le=1_000_000, description="Most waiters queued on one lock key."
     )
-    starvation_threshold: CRDuration | None = Field(
-        None, description="Wait after which a waiter is raised one priority level."
+    starvation_threshold: MillisecondsCRDuration | None = Field(
+        None, description="Wait after which a waiter is raised one priority level (at least "
+        "1ms; maxPriorityBoost 0 turns aging off)."
     )
     max_priority_boost: int | None = Field(
         None, ge=0, le=3, description="Most levels aging may raise a waiter."
@@ -321,16 +325,18 @@ class Access(SpecModel):
         None, description="Static mode: the role map, as role and subjects.")
     audience: str | None = Field(
         None, max_length=253, description="Kubernetes mode: the audience tokens must have.")
-    cache_ttl: CRDuration | None = Field(
+    cache_ttl: HourCRDuration | None = Field(
         None, alias="cacheTTL",
-        description="How long an authentication or authorization answer is reused.")
+        description="How long an authentication or authorization answer is reused (above 0, "
+        "at most 1h).")
 
 
 class Audit(SpecModel):
     """The audit trail of mutating calls and refusals."""
 
     enabled: bool | None = Field(None, description="Keep the audit trail.")
-    retention: CRDuration | None = Field(None, description="How long entries are kept.")
+    retention: PositiveCRDuration | None = Field(
+        None, description="How long entries are kept (above 0).")
     max_entries: int | None = Field(
         None, ge=100, le=10_000_000, description="Most entries kept (oldest go first).")
 

@@ -33,7 +33,9 @@ __all__ = [
     "Condition",
     "ConditionStatus",
     "DnsName",
+    "HourCRDuration",
     "LocalObjectReference",
+    "MillisecondsCRDuration",
     "PositiveCRDuration",
     "ReplicaName",
     "SecretKeyRef",
@@ -137,19 +139,58 @@ def _no_vanishing_span(value: object) -> object:
     return value
 
 
+_POSITIVE_SPAN = (
+    cel(f"!{valid_duration('self')} || duration(self) > duration('0s')", "must be above 0"),
+    cel(f"!{valid_duration('self')} || duration(self) == duration('0s') || "
+        "duration(self) >= duration('1us')", _UNDER_A_MICROSECOND),
+)
+"""The API server's rules of a span above 0 (and so at least the microsecond it is counted in)."""
+
 PositiveCRDuration = Annotated[
     Duration,
     BeforeValidator(_no_vanishing_span),
     AfterValidator(_at_most_a_year),
     AfterValidator(_above_zero),
-    WithJsonSchema(_duration_schema(
-        cel(f"!{valid_duration('self')} || duration(self) > duration('0s')", "must be above 0"),
-        cel(f"!{valid_duration('self')} || duration(self) == duration('0s') || "
-            "duration(self) >= duration('1us')", _UNDER_A_MICROSECOND),
-    )),
+    WithJsonSchema(_duration_schema(*_POSITIVE_SPAN)),
 ]
 """A :data:`CRDuration` that must be above 0 (a span that 0 would make empty), and at least a
 microsecond (the finest a duration is counted in: a shorter one would read as 0)."""
+
+
+def _bound(limit: str, *, most: bool) -> tuple[AfterValidator, dict[str, str]]:
+    """A duration's bound ``limit`` (at most, else at least), as the operator's check and the
+    API server's rule, saying the same."""
+    bound, said = parse_duration(limit), f"must be at {'most' if most else 'least'} {limit}"
+
+    def check(value: timedelta) -> timedelta:
+        if value > bound if most else value < bound:
+            raise ValueError(f"{said}, got {format_duration(value)}")
+        return value
+
+    rule = f"!{valid_duration('self')} || duration(self) {'<=' if most else '>='} " \
+           f"duration('{limit}')"
+    return AfterValidator(check), cel(rule, said)
+
+
+_AT_LEAST_1MS = _bound("1ms", most=False)
+_AT_MOST_1H = _bound("1h", most=True)
+
+MillisecondsCRDuration = Annotated[
+    Duration,
+    AfterValidator(_at_most_a_year),
+    _AT_LEAST_1MS[0],
+    WithJsonSchema(_duration_schema(_AT_LEAST_1MS[1])),
+]
+"""A :data:`CRDuration` of at least 1ms (a wait counted in whole milliseconds)."""
+
+HourCRDuration = Annotated[
+    Duration,
+    BeforeValidator(_no_vanishing_span),
+    _AT_MOST_1H[0],
+    AfterValidator(_above_zero),
+    WithJsonSchema(_duration_schema(*_POSITIVE_SPAN, _AT_MOST_1H[1])),
+]
+"""A :data:`PositiveCRDuration` of at most an hour (how long an answer may be reused)."""
 
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 
