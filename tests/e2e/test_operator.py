@@ -483,3 +483,26 @@ def test_the_status_names_the_serving_replica_and_when_it_was_last_seen(
         return status["lastSeenAt"] if status["lastSeenAt"] > seen else None
 
     wait_for("lastSeenAt renewed by a resync", renewed, timeout=30)
+
+
+def test_a_stopped_operator_leaves_ready_unknown_and_a_started_one_sets_it_again(
+    kube_cluster: KubeCluster, kube_namespace: str, lock_crds: None,
+    start_operator: StartOperator,
+) -> None:
+    apply(kube_cluster, kube_namespace, policy(enabled=True, backend="memory"),
+          migration(weight=30))
+    operator = start_operator()
+    settled(kube_cluster, operator, MIGRATIONS, "to-enhanced", 1)
+    assert operator.stop() == 0
+
+    # Nobody serves the objects now: their status does not say Ready.
+    for plural, name in ((POLICIES, "default"), (MIGRATIONS, "to-enhanced")):
+        body = cr(kube_cluster, plural, name, kube_namespace)
+        ready = ready_condition(body)
+        assert (ready["status"], ready["reason"]) == ("Unknown", "OperatorStopped"), body
+    shown = kube_cluster.kubectl("get", "lockmig", "to-enhanced", "-n", kube_namespace).stdout
+    assert "Unknown" in shown
+
+    operator.start(deadline=60)
+    settled(kube_cluster, operator, POLICIES, "default", 1)
+    settled(kube_cluster, operator, MIGRATIONS, "to-enhanced", 1)

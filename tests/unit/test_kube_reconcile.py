@@ -298,6 +298,27 @@ async def test_the_transition_time_moves_only_when_ready_flips(
     assert cluster.ready(POLICIES, "default")["lastTransitionTime"] == "2100-01-01T00:00:00Z"
 
 
+async def test_a_stopping_operator_leaves_ready_unknown_and_the_next_one_sets_it_again(
+    reconciler: Reconciler, cluster: InMemoryCluster, service: LockService, tmp_path: Path,
+) -> None:
+    await _put(reconciler, cluster, POLICIES, "default", POLICY)
+    await _put(reconciler, cluster, MIGRATIONS, "to-enhanced", MIGRATION)
+    await reconciler.stopping()
+    for plural, name in ((POLICIES, "default"), (MIGRATIONS, "to-enhanced")):
+        ready = cluster.ready(plural, name)
+        assert (ready["status"], ready["reason"]) == ("Unknown", "OperatorStopped")
+        assert "stopped" in ready["message"] and "Applied" in ready["message"]
+        assert cluster.status(plural, name)["observedGeneration"] == 1
+    assert cluster.status(MIGRATIONS, "to-enhanced")["currentWeight"] == 25
+
+    restarted = Reconciler(service.provider, binding=Binding(NS, "default", "to-enhanced"),
+                           cluster=cluster, runtime_dir=tmp_path)
+    await restarted.resync()
+    for plural, name in ((POLICIES, "default"), (MIGRATIONS, "to-enhanced")):
+        ready = cluster.ready(plural, name)
+        assert (ready["status"], ready["reason"]) == ("True", "Applied")
+
+
 async def test_an_older_copy_of_an_object_never_flaps_the_config_back(
     reconciler: Reconciler, cluster: InMemoryCluster, service: LockService
 ) -> None:

@@ -11,8 +11,9 @@ The order of things:
    renewed at each resync), so a status left by a process that is gone shows its age;
 3. the HTTP server listens on the bound socket, then the periodic resync and kopf run
    beside it;
-4. on SIGTERM/SIGINT the HTTP server drains first, then kopf stops, then the caller closes
-   the service.
+4. on SIGTERM/SIGINT the HTTP server drains first, then kopf stops; the status of both
+   objects then says ``Ready: Unknown`` (reason ``OperatorStopped``) unless another replica
+   takes the status over (``--leader-election``); then the caller closes the service.
 
 kopf reacts to watch events only (see :mod:`.handlers`), so it writes nothing on the objects;
 should a handler kind that keeps state be added, kopf keeps it in annotations under the API
@@ -136,6 +137,19 @@ async def _serve(http: HttpServer) -> int:
     return 0
 
 
+STOPPED_STATUS_TIMEOUT = 5.0
+"""Seconds a stopping operator gives the API server to take its last status write."""
+
+
+async def _mark_stopped(reconciler: Reconciler) -> None:
+    """The last status write of a sole status writer: Ready Unknown, nobody serves now."""
+    try:
+        async with asyncio.timeout(STOPPED_STATUS_TIMEOUT):
+            await reconciler.stopping()
+    except Exception as error:  # the API server may be gone too: lastSeenAt still ages
+        log.warning("could not mark the status as stopped: %s", error)
+
+
 async def run(
     service: LockService, options: OperatorOptions, *, http: HttpServer,
     audit_sinks: list[Callable[[AuditEntry], None]] | None = None,
@@ -186,6 +200,8 @@ async def run(
     while not http.started and not server.done():  # noqa: ASYNC110 (a flag, no event)
         await asyncio.sleep(0.01)  # uvicorn says it listens with a flag only
     if server.done():  # it could not start (a port in use): kopf never starts either
+        if election is None:
+            await _mark_stopped(reconciler)
         if electing is not None:
             electing.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -248,6 +264,8 @@ async def run(
             background.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await background
+        if election is None:  # with a Lease, the next holder writes the status (release)
+            await _mark_stopped(reconciler)
         if electing is not None:
             electing.cancel()
             with contextlib.suppress(asyncio.CancelledError):

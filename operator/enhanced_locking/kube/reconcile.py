@@ -66,6 +66,9 @@ POLICIES, MIGRATIONS = "lockpolicies", "lockmigrations"
 TICK_BACKOFF_LIMIT = 8.0
 """The longest wait between rollout ticks while they fail (their status write, say)."""
 
+OPERATOR_STOPPED = "OperatorStopped"
+"""The ``Ready`` reason of an object whose operator stopped (its status is ``Unknown``)."""
+
 RETRY_BACKOFF = 2.0
 """Seconds before a failed reconcile is first tried again; each further failure in a row
 doubles the wait, up to the resync interval."""
@@ -214,6 +217,17 @@ class Reconciler:
     def retry_soon(self) -> None:
         """Resync after a short backoff instead of the full interval (a reconcile failed)."""
         self._retry.set()
+
+    async def stopping(self) -> None:
+        """The process stops and no other replica takes its place as the status writer: each
+        object's ``Ready`` becomes ``Unknown`` (reason :data:`OPERATOR_STOPPED`), so the status
+        never claims a service that is gone. The next operator to start sets it again."""
+        async with self._lock:
+            if not self._writes():
+                return
+            await _all([self._report(tracked, tracked.verdict, stopped=True)
+                        for tracked in (self.policy, self.migration)
+                        if tracked.body is not None and tracked.verdict is not None])
 
     async def observed_status(self, plural: str, body: Mapping[str, Any]) -> None:
         """Any watch event of a bound object: a replica that does not write the status applies
@@ -574,8 +588,12 @@ class Reconciler:
         await self.cluster.post_event(body, kind=tracked.kind, type=type_, reason=reason,
                                       message=message)
 
-    def status_of(self, tracked: _Tracked, verdict: Verdict) -> dict[str, Any]:
-        """The status the object should show now (a JSON merge patch: None deletes)."""
+    def status_of(self, tracked: _Tracked, verdict: Verdict, *,
+                  stopped: bool = False) -> dict[str, Any]:
+        """The status the object should show now (a JSON merge patch: None deletes).
+
+        ``stopped``: the process is stopping, and no other replica takes the status over; its
+        ``Ready`` becomes ``Unknown`` (see :meth:`stopping`)."""
         previous = (tracked.body or {}).get("status") or {}
         snapshot = self.provider.current
         ready = Condition(
@@ -586,6 +604,15 @@ class Reconciler:
             last_transition_time=self._transition_time(previous, verdict),
             observed_generation=tracked.generation,
         )
+        if stopped:
+            ready = ready.model_copy(update={
+                "status": "Unknown",
+                "reason": OPERATOR_STOPPED,
+                "message": f"the operator that applied this ({self.replica or 'this process'}) "
+                           "stopped, and the lock service it ran with it; it was: "
+                           f"{ready.reason}: {ready.message}"[:32768],
+                "last_transition_time": self._now(),
+            })
         common: dict[str, Any] = {
             "observed_generation": tracked.generation,
             "conditions": [ready],
@@ -628,11 +655,12 @@ class Reconciler:
                 return str(condition.get("lastTransitionTime") or self._now())
         return self._now()
 
-    async def _report(self, tracked: _Tracked, verdict: Verdict) -> None:
+    async def _report(self, tracked: _Tracked, verdict: Verdict, *,
+                      stopped: bool = False) -> None:
         body = tracked.body
         if body is None or not self._writes():
             return
-        status = self.status_of(tracked, verdict)
+        status = self.status_of(tracked, verdict, stopped=stopped)
         current = body.get("status") or {}
         if {key: current.get(key) for key in status} == status:
             return  # already says so: no write, no new resourceVersion
