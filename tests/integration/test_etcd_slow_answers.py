@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import pytest
 from tests.support.etcd_fixtures import etcd_config
@@ -16,9 +18,22 @@ from tests.support.locks import lock_for, request_for
 from tests.support.stalls import answered_across_a_stall
 
 from enhanced_locking.backends.etcd_connection import CALL_TIMEOUT
-from enhanced_locking.backends.etcd_store import EtcdBackend
+from enhanced_locking.backends.etcd_store import GONE_AFTER, EtcdBackend
 
 pytestmark = pytest.mark.etcd
+
+T = TypeVar("T")
+
+
+async def stalled(cluster: EtcdCluster, call: Coroutine[Any, Any, T]) -> T:
+    """``call``'s answer, sent while the cluster's (first) member is frozen: the member goes
+    on 1 s later while this process's event loop is held past the call's limit."""
+    member = cluster.members[0]
+    assert member.process is not None
+    pid = member.process.popen.pid
+    with frozen(member):
+        return await answered_across_a_stall(call, lambda: os.kill(pid, signal.SIGCONT),
+                                             CALL_TIMEOUT)
 
 
 async def test_an_answer_that_came_while_the_event_loop_stalled_past_the_limit_is_taken(
@@ -27,13 +42,7 @@ async def test_an_answer_that_came_while_the_event_loop_stalled_past_the_limit_i
     backend = EtcdBackend.from_config(etcd_config(etcd_cluster, etcd_prefix), "enhanced")
     try:
         await backend.ping()
-        member = etcd_cluster.members[0]
-        assert member.process is not None
-        pid = member.process.popen.pid
-        with frozen(member):
-            granted, lock = await answered_across_a_stall(
-                backend.acquire(lock_for(request_for(pull=1))),
-                lambda: os.kill(pid, signal.SIGCONT), CALL_TIMEOUT)
+        granted, lock = await stalled(etcd_cluster, backend.acquire(lock_for(request_for(pull=1))))
         assert granted and lock.pull.num == 1
     finally:
         await backend.close()
@@ -51,13 +60,27 @@ async def test_a_session_renewal_answered_while_the_event_loop_stalled_past_its_
     try:
         await backend._ensure_session()
         lease = backend.session_lease
-        member = etcd_cluster.members[0]
-        assert member.process is not None
-        pid = member.process.popen.pid
-        with frozen(member):
-            left = await answered_across_a_stall(
-                backend._renew(lease), lambda: os.kill(pid, signal.SIGCONT), CALL_TIMEOUT)
+        left = await stalled(etcd_cluster, backend._renew(lease))
         assert left > 0
         assert backend.session_lease == lease
     finally:
+        await backend.close()
+
+
+async def test_a_lease_check_answered_while_the_event_loop_stalled_past_its_limit_is_taken(
+    etcd_cluster: EtcdCluster, etcd_prefix: str,
+) -> None:
+    """The lease check of another replica's session (whether its waiters are a dead
+    replica's, and its grants to be taken back) is bounded by gRPC's deadline too. Before,
+    the library's call was bounded by a timer on the loop as well: the answer was lost, and
+    the check counted the replica alive for that step (a grant's take-back a second later)."""
+    config = etcd_config(etcd_cluster, etcd_prefix)
+    other, backend = (EtcdBackend.from_config(config, "enhanced") for _ in range(2))
+    try:
+        await other._ensure_session()
+        await backend.ping()
+        _, since = await stalled(etcd_cluster, backend._unrenewed(other.session_lease, key=None))
+        assert since is not None and since <= GONE_AFTER
+    finally:
+        await other.close()
         await backend.close()

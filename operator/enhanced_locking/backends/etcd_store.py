@@ -85,7 +85,12 @@ from urllib.parse import quote, unquote
 
 import etcd3aio
 import grpc
-from etcd3aio._protobuf import Compare, LeaseKeepAliveRequest, LeaseKeepAliveResponse
+from etcd3aio._protobuf import (
+    Compare,
+    LeaseKeepAliveRequest,
+    LeaseKeepAliveResponse,
+    LeaseTimeToLiveRequest,
+)
 from etcd3aio._protobuf import TxnRequest as _TxnRequest
 
 from enhanced_locking.backends import codec
@@ -916,13 +921,24 @@ class EtcdBackend(StoreBackend):
         and for how many seconds at most it has gone unrenewed (None: etcd has it no more).
         etcd tells a lease's time left in whole seconds, cut down: the time since its renewal
         is at most the TTL it was granted less that. ``BackendUnavailable`` when etcd does not
-        answer."""
+        answer.
+
+        Sent through the library's gRPC method (its stub and auth token), bounded by the
+        call's gRPC deadline alone, which gRPC's core keeps off the event loop: an answer that
+        came within it is taken however late the loop reads it (as a renewal's, ``_renew``).
+        The library's call adds a timer on the loop (``asyncio.timeout``): after the loop
+        stalled past it, the answer was lost and the replica counted alive for that step."""
         asked = time.monotonic()
         self.round_trips += 1
+        request = LeaseTimeToLiveRequest(ID=lease)
+
+        def check(member: etcd3aio.Etcd3Client, deadline: float) -> Awaitable[Any]:
+            service = _lease_calls(member)
+            return service._stub.LeaseTimeToLive(  # type: ignore[no-any-return]
+                request, metadata=service._metadata or None, timeout=deadline)
+
         async with unavailable(self.connection, "lease check", key=key):
-            answer = await leader_first(
-                self.connection, lambda member, deadline: _lease_calls(member).time_to_live(
-                    lease, timeout=deadline, max_attempts=1))
+            answer = await leader_first(self.connection, check)
         if int(answer.TTL) < 0:
             return asked, None
         return asked, max(0, int(answer.grantedTTL) - int(answer.TTL))
