@@ -805,10 +805,10 @@ class RedisConnection:
         the heartbeat waited out ``POOL_WAIT`` behind the flood every second, and after 5 s
         the replica's waiters were passed over."""
         client = self.client
-        if isinstance(client, _Cluster):
-            async with self._reserving:
-                return await client.out_of_turn(*args)
-        if isinstance(client, RedisCluster):
+        if not one_redis(client):  # (asked first: a waiter's confirmation of its grant)
+            if isinstance(client, _Cluster):
+                async with self._reserving:
+                    return await client.out_of_turn(*args)
             return await client.execute_command(*args)
         async with self._reserving:
             connection = self._reserved
