@@ -22,6 +22,7 @@ import collections
 import json
 import os
 import random
+import re
 import secrets
 import signal
 import socket
@@ -230,6 +231,31 @@ def test_the_pod_is_locked_down(helm: Helm, values: Path) -> None:
     assert f"--liveness=http://0.0.0.0:{liveness_port}/healthz" in container["args"]
     assert container["args"][0] == "operator"
     assert container["resources"]["limits"]["memory"]
+
+
+def test_the_atlantis_guides_values_pass_the_webhook_secret_and_admit_the_ingress(
+    helm: Helm, tmp_path: Path,
+) -> None:
+    """docs/07-atlantis.md's values, pasted: the secret reaches the container from its Secret,
+    and the NetworkPolicy admits the ingress controller besides the default peers, which the
+    snippet repeats as the chart has them (a list given in values replaces the default)."""
+    page = (REPO_ROOT / "docs" / "07-atlantis.md").read_text()
+    (snippet,) = re.findall(r"```yaml\n(operator:\n.*?)```", page, re.DOTALL)
+    values = tmp_path / "values.yaml"
+    values.write_text(snippet)
+    given = yaml.safe_load(snippet)["networkPolicy"]["ingressFrom"]
+    chart = yaml.safe_load((CHART_DIR / "values.yaml").read_text())
+    default = chart["networkPolicy"]["ingressFrom"]
+    assert given[:len(default)] == default
+
+    objects = helm.template("-f", str(values))
+    (deployment,) = of_kind(objects, "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert {"name": "ATLANTIS_ENHANCED_LOCKING_GITHUB_WEBHOOK_SECRET", "valueFrom": {
+        "secretKeyRef": {"name": "enhanced-locking-webhooks", "key": "github"}}} in container["env"]
+    (policy,) = of_kind(objects, "NetworkPolicy")
+    peers = [peer for rule in policy["spec"]["ingress"] for peer in rule["from"]]
+    assert all(peer in peers for peer in given), peers
 
 
 def test_with_tls_every_probe_of_the_api_port_speaks_https(helm: Helm) -> None:
