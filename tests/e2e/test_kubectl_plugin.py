@@ -7,10 +7,10 @@ import json
 import os
 import subprocess
 import sys
-import time
+import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 from tests.support.controlplane import KubeCluster
@@ -160,9 +160,24 @@ def test_status_watch_follows_the_rollout_until_it_completes(
         [str(VENV_BIN / "kubectl-locking"), "rollout", "status", "--watch", "--timeout", "90",
          "-n", kube_namespace], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=kube_cluster.env())
-    time.sleep(2)  # it has shown the pause
+    assert watching.stdout is not None and watching.stderr is not None
+    printed: list[str] = []
+
+    def read(stream: IO[str]) -> None:
+        for line in stream:
+            printed.append(line)
+
+    reader = threading.Thread(target=read, args=(watching.stdout,), daemon=True)
+    reader.start()
+    # Promoted only once the watch has shown the pause: a new process takes over 20 s to start
+    # at a load average of 25, and a promote after a fixed 2 s could come before its first tree.
+    wait_for("the watch to show the pause", lambda: any(
+        "▶ 2. pause until promoted" in line for line in list(printed)), timeout=90)
     assert plugin(kube_cluster, "rollout", "promote", "-n", kube_namespace).returncode == 0
-    out, err = watching.communicate(timeout=90)
+    watching.wait(90)
+    reader.join(90)
+    with watching.stdout, watching.stderr:
+        out, err = "".join(printed), watching.stderr.read()
     assert watching.returncode == 0, err
     trees = out.strip().split("\n\n")
     assert "▶ 2. pause until promoted" in trees[0]
