@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from tests.support.access_matrix import CALLS, ROLE_VERBS, Call, acquire_body, h
 from tests.support.controlplane import KubeCluster
 from tests.support.helm import CHART_DIR, Helm, service_account_kubeconfig
 from tests.support.service import ServiceProcess, running
+from tests.support.waiting import wait_for
 
 from enhanced_locking.events import FOLLOWING_COMMENT
 
@@ -246,16 +247,26 @@ def test_a_deadlock_across_repositories_shows_a_reader_only_its_repositories(
     mine, theirs = "acme/team-infra", "acme/team-infra/sub"
 
     def body(repo: str, path: str, pull: int) -> dict[str, Any]:
-        return acquire_body(repo, pull=pull, path=path, workspace="frozen", wait="6s")
+        return acquire_body(repo, pull=pull, path=path, workspace="frozen", wait="2m")
 
+    key_a, key_b = (f"{mine}/sub/{p}/frozen/p" for p in "ab")
     with running(service), ThreadPoolExecutor(4) as pool, \
             httpx.Client(base_url=service.url, timeout=30, headers={
                 "Authorization": f"Bearer {setup.tokens['admin']}"}) as admin:
-        waits = [pool.submit(admin.post, "/v1/locks", json=body(mine, "sub/a", 1))]
-        for repo, path, pull in ((theirs, "a", 2), (theirs, "b", 2), (mine, "sub/a", 3)):
-            time.sleep(0.5)
+
+        def in_line(key: str, pulls: list[int]) -> bool:
+            waiters = admin.get("/v1/queue", params={"key": key}).json()["waiters"]
+            return [w["pull"] for w in waiters] == pulls
+
+        # Each wait queued before the next is sent (a fixed half second between them did not
+        # order them on a loaded machine), all of them well within their wait.
+        waits: list[Future[httpx.Response]] = []
+        for repo, path, pull, key, line in ((mine, "sub/a", 1, key_a, [1]),
+                                            (theirs, "a", 2, key_a, [1, 2]),
+                                            (theirs, "b", 2, key_b, [2]),
+                                            (mine, "sub/a", 3, key_a, [1, 2, 3])):
             waits.append(pool.submit(admin.post, "/v1/locks", json=body(repo, path, pull)))
-        time.sleep(0.5)
+            wait_for(f"{repo}#{pull} queued on {key}", partial(in_line, key, line), timeout=60)
         # The wait that closes the cycle is the team's own (it may lock acme/team-infra):
         # its 409 names the other repository's pull only as "(other repository)".
         with httpx.Client(base_url=service.url, timeout=30, headers={
@@ -267,7 +278,6 @@ def test_a_deadlock_across_repositories_shows_a_reader_only_its_repositories(
                                                    "pull": None}
         assert closing.json()["hiddenOwners"] == 1
         assert f"{theirs}#2" not in closing.text
-        key_a, key_b = (f"{mine}/sub/{p}/frozen/p" for p in "ab")
         everything = first_event(admin, "deadlock")
         assert everything["details"]["cycle"] == [f"{mine}#1", f"{theirs}#2", f"{mine}#1"]
         assert {e["key"] for e in everything["details"]["edges"]} == {key_a, key_b}
@@ -294,6 +304,9 @@ def test_a_deadlock_across_repositories_shows_a_reader_only_its_repositories(
             (f"{mine}#1", mine, 1), ("(other repository)", None, None)]
         assert own["details"]["ahead"][1]["id"] is None
         assert own["details"]["hiddenOwners"] == 1
+        for repo, pull in ((mine, 1), (theirs, 2), (mine, 3)):  # their waits end here
+            assert admin.delete("/v1/locks/by-pull", params={"repo": repo, "pull": pull}
+                                ).status_code == 200
         for wait in waits:
             wait.result()
 
