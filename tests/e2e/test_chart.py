@@ -32,6 +32,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -1146,9 +1147,13 @@ def _serve_locks(url: str, name: str, pull: int, history: History, stop: threadi
                 time.sleep(0.01)
                 continue
             lock = answer.json()["lock"]
-            start = time.monotonic()
+            start, now = time.monotonic(), datetime.now(UTC)
+            # Held until its lease's end (2 s) at the latest, released or not: a client stalled
+            # past it on a loaded machine held nothing from then on.
+            lease_end = start + (datetime.fromisoformat(lock["expiresAt"]) - now).total_seconds()
             time.sleep(rng.uniform(0, 0.01))
-            history.record(Hold(name, lock["key"], lock["fencingToken"], start, time.monotonic()))
+            history.record(Hold(name, lock["key"], lock["fencingToken"], start, time.monotonic(),
+                                lease_end=lease_end))
             counts["granted"] += 1
             for _ in range(50):
                 try:
@@ -1285,10 +1290,13 @@ def test_three_replicas_install_and_serve_locks_through_a_replica_kill(
             for n in range(9)]
         for client in clients:
             client.start()
-        time.sleep(3)
+        # Waits for what the clients did, not fixed seconds: on a loaded machine 3 s could pass
+        # before the first grant, and 5 s after the kill before the next.
+        wait_for("the clients to take locks", lambda: counts["granted"] >= 30)
         before = counts["granted"]
         os.killpg(victim.process.pid, signal.SIGKILL)  # type: ignore[union-attr]
-        time.sleep(5)  # the killed replica's clients' locks run out (2 s) meanwhile
+        # The killed replica's clients' locks run out (2 s) meanwhile.
+        wait_for("grants after the kill", lambda: counts["granted"] > before + 30)
         after_kill = counts["granted"] - before
         # Another replica takes the Lease once it runs out (--lease-duration=3).
         survivors = {i for i in ids if i != leader}
