@@ -37,6 +37,7 @@ import collections
 import json
 import logging
 import resource
+import select
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -125,6 +126,23 @@ def guarded_protocol(config: EnhancedLockingConfig) -> type[HttpToolsProtocol]:
 HEAD, BODY = "head", "body"
 """The part of a request that is arriving: its line and headers, or its body."""
 
+UNREAD_TURNS = 3
+"""Turns of the event loop a request deadline that came due waits while bytes of the
+connection lie unread in its socket: they arrived, and are read before the deadline is looked
+at again (an event loop reads a turn's ready sockets before it runs the turn's timers, so one
+turn is enough for a read that is due)."""
+
+
+def _unread(transport: asyncio.BaseTransport) -> bool:
+    """Whether bytes (or the client's end of the connection) lie unread in ``transport``'s
+    socket. ``poll``, not ``select``: a connection's descriptor may be above 1023."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return False
+    watch = select.poll()
+    watch.register(sock.fileno(), select.POLLIN)
+    return bool(watch.poll(0))
+
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     """One connection: refused beyond the limit; the request's head must arrive within the
@@ -138,6 +156,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     _arriving: str | None = HEAD
     _deadline: asyncio.TimerHandle | None = None
     _timing: str | None = None  # the part the deadline is for
+    _unread_turns = 0  # turns the deadline came due with bytes unread (UNREAD_TURNS)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         if len(self.connections) >= self.limits.connections:
@@ -184,7 +203,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         elif self._timing != part or self._deadline is None:
             # the deadline runs from the part's start, not from its last byte
             self._disarm()
-            self._timing = part
+            self._timing, self._unread_turns = part, 0
             seconds = self.limits.header_timeout if part == HEAD else self.limits.body_timeout
             self._deadline = self.loop.call_later(seconds, self._too_late)
 
@@ -200,6 +219,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return
         if part == HEAD and self.cycle is not None and not self.cycle.response_complete:
             return  # a response is still being written (pipelining): not ours to cut
+        if self._unread_turns < UNREAD_TURNS and _unread(self.transport):
+            # Bytes that arrived before now are still unread: the process was stopped, or its
+            # loop stalled, past the deadline, and came back with the timer due in a turn whose
+            # look at the sockets came before they arrived. The deadline bounds a slow client,
+            # not a slow server: they are read first (the next turn), then it is looked at again.
+            self._unread_turns += 1
+            self._deadline = self.loop.call_later(0, self._too_late)
+            return
         self.limits.late(f"{self.limits.header_timeout:g}s", f"{self.limits.body_timeout:g}s")
         self.transport.close()
 
