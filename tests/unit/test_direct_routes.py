@@ -19,6 +19,7 @@ from typing import Annotated, Any
 import fastapi.routing
 import httpx
 import pytest
+import starlette
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute, request_response
@@ -29,15 +30,18 @@ from starlette.routing import Match
 from starlette.types import Message
 from tests.support.locks import lock_for, request_for
 
-from enhanced_locking.api import create_app
+from enhanced_locking.api import create_app, direct
 from enhanced_locking.api.access import CallerDep
 from enhanced_locking.api.direct import (
+    CHECKED_RELEASES,
+    DirectLane,
     DirectRoutes,
     _checker,
     _content_type,
     _read_body,
     _Refer,
     check_direct_routes,
+    checked_release,
     query_values,
     serve_directly,
 )
@@ -51,11 +55,16 @@ from enhanced_locking.types import LockRequest
 TOKEN = "direct-route-token"
 STAMPED = {"acquiredAt", "expiresAt", "fencingToken", "requestId", "id", "time", "waitedFor"}
 
+NOT_CHECKED = (f"fastapi {fastapi.__version__} / starlette {starlette.__version__} may not be a "
+               f"release the direct handler was checked against ({CHECKED_RELEASES}): check "
+               "it on this release, then add it to "
+               "enhanced_locking.api.direct.CHECKED_RELEASES")
+
 
 def undirected(app: FastAPI) -> FastAPI:
     """``app`` with every direct route on FastAPI's own handler again, found as before."""
     table = app.router.routes[0]
-    assert isinstance(table, DirectRoutes)
+    assert isinstance(table, DirectRoutes), "no route is served directly: " + NOT_CHECKED
     for route in {id(r): r for r in table.table.values()}.values():
         route.app = request_response(route.get_route_handler())
     del app.router.routes[0]
@@ -618,3 +627,37 @@ async def test_a_request_served_directly_sees_the_scope_the_router_would_give_it
         assert scope["path_params"] == {}
         handlers, _ = scope["starlette.exception_handlers"]
         assert handlers.keys() >= app.exception_handlers.keys() - {500, Exception}
+
+
+def test_the_pinned_fastapi_and_starlette_are_releases_the_direct_handler_was_checked_against(
+) -> None:
+    # The direct handler reads private parts of both: on a release it was not checked against
+    # it steps aside (the next test), and the lock routes lose its speed without a word. A new
+    # pin in constraints.txt fails here until the handler is checked on it (this file's tests,
+    # and the parts named in api/direct.py's docstring) and its prefix is added to
+    # CHECKED_RELEASES.
+    assert checked_release(), NOT_CHECKED
+
+
+async def test_on_a_release_not_checked_the_lock_routes_are_fastapi_s_own_and_answer_the_same(
+        tmp_path: Path, handled: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(direct, "CHECKED_RELEASES", {"fastapi": ("0.0.",),
+                                                    "starlette": ("0.0.",)})
+    assert not checked_release()
+    (tmp_path / "data").mkdir()
+    app = create_app(LockService(ConfigProvider(config(tmp_path / "data"))))
+    assert not any(isinstance(route, DirectRoutes) for route in app.router.routes)
+    assert not any(getattr(middleware, "cls", None) is DirectLane
+                   for middleware in app.user_middleware)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as client:
+        acquired = await client.post("/v1/locks", content=json.dumps(lock()).encode(),
+                                     headers=JSON)
+        assert acquired.status_code == 200, acquired.text
+        assert acquired.json()["lockKey"] == KEY
+        refused = await client.post("/v1/locks", content=json.dumps(lock(pull=8)).encode(),
+                                    headers=JSON)
+        assert refused.status_code == 409, refused.text
+        released = await client.delete(f"/v1/locks/by-key?key={KEY}")
+        assert released.json()["released"] is True
+    assert handled == ["acquire", "acquire", "release_lock"], "FastAPI's handler answered each"

@@ -24,6 +24,13 @@ Whatever the direct handler does not take as it is — a body that does not vali
 body it read, and is answered exactly as before: the 422s keep FastAPI's and
 :mod:`.errors`'s shape, built in one place. So the direct handler serves only requests that
 FastAPI would have served with the same values.
+
+The direct handler reads FastAPI's and Starlette's private parts (a route's dependant, a
+field's type adapter, the exception middleware's handlers, the keys they put in the scope), so
+it is used only on the releases it was checked against (:data:`CHECKED_RELEASES`): on any
+other, :func:`serve_directly` leaves the route to FastAPI's own handler, which answers the same
+(slower). ``tests/unit/test_direct_routes.py`` fails when the pinned FastAPI or Starlette
+(``constraints.txt``) is not one of them, so an upgrade checks the direct handler again.
 """
 
 from __future__ import annotations
@@ -36,11 +43,11 @@ from types import UnionType
 from typing import Annotated, Any, Union, get_args, get_origin
 from urllib.parse import unquote
 
+import fastapi
+import starlette
 from fastapi import FastAPI
-from fastapi.routing import _FASTAPI_SCOPE_KEY, APIRoute
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
-from starlette._exception_handler import wrap_app_handling_exceptions
-from starlette._utils import get_route_path
 from starlette.middleware import Middleware
 from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.requests import ClientDisconnect, Request
@@ -48,7 +55,30 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Match, Router, compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["DirectLane", "DirectRoutes", "query_values", "serve_directly"]
+try:
+    from fastapi.routing import _FASTAPI_SCOPE_KEY
+    from starlette._exception_handler import wrap_app_handling_exceptions
+    from starlette._utils import get_route_path
+except ImportError:  # another release: its routes are FastAPI's alone (see CHECKED_RELEASES)
+    _INTERNALS = False
+else:
+    _INTERNALS = True
+
+__all__ = ["CHECKED_RELEASES", "DirectLane", "DirectRoutes", "checked_release", "query_values",
+           "serve_directly"]
+
+CHECKED_RELEASES = {"fastapi": ("0.165.",), "starlette": ("1.10.",)}
+"""The FastAPI and Starlette releases (version prefixes) whose private parts the direct
+handler was checked against; with any other installed, no route is served directly. To allow
+a new one: run ``tests/unit/test_direct_routes.py`` on it, read the parts named in this
+module's docstring in its source, then add its prefix here."""
+
+
+def checked_release() -> bool:
+    """Whether the installed FastAPI and Starlette are releases the direct handler was checked
+    against (:data:`CHECKED_RELEASES`)."""
+    return (_INTERNALS and fastapi.__version__.startswith(CHECKED_RELEASES["fastapi"])
+            and starlette.__version__.startswith(CHECKED_RELEASES["starlette"]))
 
 JSON_TYPES = frozenset({"application/json", "application/json; charset=utf-8"})
 """The content types read directly (case aside); any other goes to FastAPI's handler, which
@@ -164,7 +194,11 @@ def _scalar(annotation: Any) -> bool:
 
 def serve_directly(app: FastAPI, endpoint: Callable[..., Awaitable[Any]]) -> None:
     """Serve the route of ``endpoint`` (already added to ``app``) by a direct handler, in front
-    of FastAPI's, and find it by method and path first (see the module's docstring)."""
+    of FastAPI's, and find it by method and path first (see the module's docstring). On a
+    FastAPI or Starlette the direct handler was not checked against, the route stays FastAPI's
+    alone (see :data:`CHECKED_RELEASES`)."""
+    if not checked_release():
+        return
     route = next(r for r in app.router.routes
                  if isinstance(r, APIRoute) and r.endpoint is endpoint)
     body_model, body_name, request_name, queries, dependencies = _plan(route)
