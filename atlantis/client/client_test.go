@@ -786,6 +786,77 @@ func TestAStreamThatFallsSilentIsReopenedThenGivenUp(t *testing.T) {
 	}
 }
 
+func TestAStreamWhoseServerNeverAnswersIsGivenUpBeforeItsHeaders(t *testing.T) {
+	// A server (or a proxy) that accepts the connection and never answers: neither Events nor
+	// Next may block for good. No headers within the call timeout (WithCallTimeout): Events
+	// answers an *UnavailableError saying so, and a stream whose reconnection meets such a
+	// server gives up after the client's attempts, as on a silent stream.
+	l, err := net.Listen("tcp", servicetest.Loopback+":0")
+	must(t, err)
+	var accepted atomic.Int32
+	var mu sync.Mutex
+	var held []net.Conn
+	go func() {
+		for {
+			conn, err := l.Accept()
+			if err != nil {
+				return
+			}
+			accepted.Add(1)
+			mu.Lock()
+			held = append(held, conn) // read nothing, answer nothing, close nothing
+			mu.Unlock()
+		}
+	}()
+	t.Cleanup(func() {
+		l.Close() //nolint:errcheck
+		mu.Lock()
+		defer mu.Unlock()
+		for _, conn := range held {
+			conn.Close() //nolint:errcheck
+		}
+	})
+	c, err := client.New("http://"+l.Addr().String(), client.WithRetries(2, 0),
+		client.WithCallTimeout(200*time.Millisecond))
+	must(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	_, err = c.Events(ctx, client.EventFilter{})
+	if !client.IsUnavailable(err) || errors.Is(err, context.DeadlineExceeded) ||
+		!strings.Contains(err.Error(), "no answer") || !strings.Contains(err.Error(), "200ms") {
+		t.Fatalf("a server that never answers should be given up, got %v", err)
+	}
+	if n := accepted.Load(); n != 1 {
+		t.Fatalf("Events should connect once, connected %d times", n)
+	}
+
+	// A stream that was answered, then broke, and whose service then accepts and never
+	// answers: Next reconnects within the silence each time, then gives up.
+	var opened atomic.Int32
+	once := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if opened.Add(1) > 1 {
+			<-r.Context().Done() // headers never sent
+			return
+		}
+		w.Header().Set("Content-Type", "text/event-stream")
+		_, _ = w.Write([]byte(": following\n\n"))
+		w.(http.Flusher).Flush()
+		panic(http.ErrAbortHandler) // the connection breaks
+	}))
+	t.Cleanup(once.Close)
+	// The first connection is answered at once; a loaded machine gets 2s for it.
+	events := streamOf(t, once.URL, 60*time.Second, client.WithRetries(2, 0),
+		client.WithCallTimeout(2*time.Second))
+	_, err = events.Next()
+	if !client.IsUnavailable(err) || errors.Is(err, context.DeadlineExceeded) ||
+		!strings.Contains(err.Error(), "no answer within 2s") {
+		t.Fatalf("a reconnection that is never answered should be given up, got %v", err)
+	}
+	if n := opened.Load(); n != 3 {
+		t.Fatalf("the stream should be opened once and reopened twice, was opened %d times", n)
+	}
+}
+
 // streamOf is the event stream of the server at url, every event, open for at most within
 // and closed when the test ends.
 func streamOf(t *testing.T, url string, within time.Duration, opts ...client.Option) *client.EventStream {

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -53,10 +54,13 @@ type EventStream struct {
 	mu     sync.Mutex
 	body   io.ReadCloser
 	reader *bufio.Reader
+	// hangUp ends the open connection's request (its context, a child of ctx).
+	hangUp context.CancelFunc
 }
 
 // Events opens the event stream. The first connection is made before it returns, so an
-// invalid filter or an unreachable service is an error here. Close it when done.
+// invalid filter, an unreachable service or one that sends no answer within the client's
+// call timeout (WithCallTimeout) is an error here. Close it when done.
 func (c *Client) Events(ctx context.Context, f EventFilter) (*EventStream, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	s := &EventStream{c: c, ctx: ctx, cancel: cancel, filter: f}
@@ -79,6 +83,9 @@ func (s *EventStream) Close() error {
 	s.cancel()
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.hangUp != nil {
+		s.hangUp()
+	}
 	if s.body != nil {
 		return s.body.Close()
 	}
@@ -96,8 +103,13 @@ func (s *EventStream) connect() error {
 	if len(s.filter.Types) > 0 {
 		q.Set("type", strings.Join(s.filter.Types, ","))
 	}
-	req, err := http.NewRequestWithContext(s.ctx, http.MethodGet, s.c.endpoint("/v1/events", q), nil)
+	// Until its headers arrive, a connection is a call like any other, bound by the call
+	// timeout (its body is then bound by the stream's silence, in read): a server or proxy
+	// that accepts and never answers is given up, not waited on.
+	ctx, hangUp := context.WithCancel(s.ctx)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, s.c.endpoint("/v1/events", q), nil)
 	if err != nil {
+		hangUp()
 		return &InvalidError{Message: err.Error()}
 	}
 	req.Header.Set("Accept", "text/event-stream")
@@ -107,25 +119,41 @@ func (s *EventStream) connect() error {
 	if s.c.token != "" {
 		req.Header.Set("Authorization", "Bearer "+s.c.token)
 	}
+	bound := s.c.callTimeout
+	var unanswered *time.Timer
+	if bound > 0 {
+		unanswered = time.AfterFunc(bound, hangUp)
+	}
 	resp, err := s.c.http.Do(req)
+	if unanswered != nil && !unanswered.Stop() && s.ctx.Err() == nil {
+		if err == nil {
+			resp.Body.Close() //nolint:errcheck
+		}
+		hangUp()
+		return &UnavailableError{Op: "events", Message: fmt.Sprintf("GET /v1/events had no "+
+			"answer within %v, the call timeout (the service answers at once): given up", bound)}
+	}
 	if err != nil {
+		hangUp()
 		return &UnavailableError{Op: "events", Err: err}
 	}
 	if resp.StatusCode != http.StatusOK {
 		data, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
 		resp.Body.Close() //nolint:errcheck
+		hangUp()
 		return refusal(call{op: "events"}, answer{status: resp.StatusCode, body: data})
 	}
 	if kind := contentType(resp.Header.Get("Content-Type")); kind != "text/event-stream" {
 		// A sign-in page or another web server at the URL: read as a stream it would have no
 		// events until it ends.
 		resp.Body.Close() //nolint:errcheck
+		hangUp()
 		return &UnavailableError{Op: "events", Status: resp.StatusCode, Message: fmt.Sprintf(
 			"GET /v1/events answered %d with %s, not an event stream: is the URL the lock "+
 				"service's?", resp.StatusCode, kind)}
 	}
 	s.mu.Lock()
-	s.body, s.reader = resp.Body, bufio.NewReader(resp.Body)
+	s.body, s.reader, s.hangUp = resp.Body, bufio.NewReader(resp.Body), hangUp
 	s.mu.Unlock()
 	return nil
 }
@@ -136,6 +164,8 @@ func (s *EventStream) connect() error {
 func (s *EventStream) Next() (Event, error) {
 	failures := 0
 	delay := s.c.backoff
+	// unopened: why the last reconnection failed (the stream then has no connection to read).
+	var unopened error
 	for {
 		ev, err := s.read()
 		if err == nil {
@@ -149,6 +179,9 @@ func (s *EventStream) Next() (Event, error) {
 		}
 		failures++
 		if failures > s.c.attempts {
+			if errors.Is(err, errStreamClosed) && unopened != nil {
+				return Event{}, unopened
+			}
 			return Event{}, &UnavailableError{Op: "events", Err: err}
 		}
 		select {
@@ -157,8 +190,9 @@ func (s *EventStream) Next() (Event, error) {
 		case <-time.After(delay):
 		}
 		delay = min(2*delay, s.c.maxBackoff)
-		if cerr := s.reconnect(); cerr != nil && !IsUnavailable(cerr) {
-			return Event{}, cerr
+		unopened = s.reconnect()
+		if unopened != nil && !IsUnavailable(unopened) {
+			return Event{}, unopened
 		}
 	}
 }
@@ -167,7 +201,8 @@ func (s *EventStream) reconnect() error {
 	s.mu.Lock()
 	if s.body != nil {
 		s.body.Close() //nolint:errcheck
-		s.body, s.reader = nil, nil
+		s.hangUp()
+		s.body, s.reader, s.hangUp = nil, nil, nil
 	}
 	s.mu.Unlock()
 	return s.connect()
