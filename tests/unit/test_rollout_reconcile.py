@@ -318,6 +318,37 @@ async def test_a_restarted_operator_resumes_the_rollout_from_its_status(
     assert cluster.status(MIGRATIONS, "to-enhanced")["currentStepIndex"] == 3
 
 
+async def test_a_restarted_operator_counts_failed_checks_on_from_the_status(
+    make_service: Callable[..., Any], tmp_path: Path,
+) -> None:
+    service: LockService = await make_service(legacy_backend="memory", backend="memory")
+    steps = [{"setWeight": 40}, {"pause": {}}]
+    analysis = {"window": "1m", "interval": "1s", "maxErrorRate": 0.05, "failureLimit": 1}
+    cluster, wall, first = await _migrating(service, tmp_path, steps=steps, analysis=analysis)
+    await _tick_until(first, cluster, lambda s: s.get("phase") == "Paused", service)
+    await _failing_operations(service)
+    await first.tick()
+    status = cluster.status(MIGRATIONS, "to-enhanced")
+    assert (status["phase"], status["analysis"]["consecutiveFailures"]) == ("Degraded", 1)
+    assert first.rollout is not None
+    first.rollout.close()
+
+    # The next writer reads the count back from the status (not a fresh 0): one more failed
+    # check is the second in a row, past failureLimit 1, and aborts.
+    restarted: LockService = await make_service(legacy_backend="memory", backend="memory",
+                                                data_dir=str(tmp_path / "other"))
+    second = await _operator(restarted, cluster, tmp_path, wall)
+    await second.resync()
+    await second.tick()  # the first sample of this process's totals
+    await _failing_operations(restarted)
+    await second.tick()
+    status = cluster.status(MIGRATIONS, "to-enhanced")
+    assert status["analysis"]["consecutiveFailures"] == 2
+    assert (status["phase"], _condition(status, "Aborted")["reason"]) == (
+        "Aborted", "AnalysisFailed")
+    assert restarted.provider.current.config.effective_weight == 0
+
+
 async def test_a_promote_value_longer_than_a_status_field_is_recorded_as_a_digest_once(
     make_service: Callable[..., Any], tmp_path: Path,
 ) -> None:

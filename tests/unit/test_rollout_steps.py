@@ -9,7 +9,14 @@ from typing import Any
 
 import pytest
 
-from enhanced_locking.kube.lockmigration import LockMigrationSpec
+from enhanced_locking.kube.lockmigration import (
+    LockMigrationSpec,
+    LockMigrationStatus,
+    Pause,
+    Step,
+    read_status,
+)
+from enhanced_locking.kube.models import Condition
 from enhanced_locking.kube.rollout import (
     ABORT_REQUESTED,
     ANALYSIS_FAILED,
@@ -218,18 +225,64 @@ def test_a_fixed_weight_in_place_of_the_steps_ends_them_and_steps_again_start_af
     assert rollout.step().reason == "WaitingForPromote"
 
 
+def read(status: dict[str, Any] | None) -> RolloutState:
+    return RolloutState.from_status(read_status(status)[0])
+
+
 def test_the_state_reads_back_from_the_status_it_is_written_to() -> None:
     status = {
         "currentStepIndex": 3, "stepStartedAt": "2030-01-01T00:05:00.250Z",
         "promoted": "p", "retried": "r",
         "conditions": [{"type": "Aborted", "status": "True", "reason": ANALYSIS_FAILED,
-                        "message": "analysis failed: x"}],
+                        "message": "analysis failed: x",
+                        "lastTransitionTime": "2030-01-01T00:05:00Z"}],
     }
-    state = RolloutState.from_status(status)
+    state = read(status)
     assert state == RolloutState(step_index=3,
                                  step_started_at=T0 + timedelta(minutes=5, milliseconds=250),
                                  promoted="p", retried="r", abort_reason=ANALYSIS_FAILED,
                                  abort_message="analysis failed: x")
-    assert RolloutState.from_status(None) == RolloutState()
-    assert RolloutState.from_status({"currentStepIndex": -1, "stepStartedAt": "x"}) == \
-        RolloutState()
+    assert read(None) == RolloutState()
+    assert read({"currentStepIndex": -1, "stepStartedAt": "x"}) == RolloutState()
+
+
+@pytest.mark.parametrize("state", [
+    RolloutState(),
+    RolloutState(step_index=2, step_started_at=T0 + timedelta(seconds=1, milliseconds=5),
+                 promoted="p", retried="sha256:" + "0" * 32),
+    RolloutState(step_index=4, step_started_at=T0, abort_reason=ABORT_REQUESTED,
+                 abort_message="spec.abort is true"),
+])
+def test_a_state_written_to_the_status_reads_back_the_same(state: RolloutState) -> None:
+    # Written and read through the one model: a field renamed in it is renamed on both sides.
+    steps = [Step(set_weight=10), Step(pause=Pause()), Step(set_weight=50), Step(pause=Pause()),
+             Step(set_weight=100)]
+    aborted = [Condition(type="Aborted", status="True", reason=state.abort_reason,
+                         message=state.abort_message or "", last_transition_time="t")
+               ] if state.abort_reason else []
+    written = LockMigrationStatus(**state.status_fields(steps), conditions=aborted)
+    status = written.model_dump(mode="json", by_alias=True, exclude_none=True)
+    read_back, problems = read_status(status)
+    assert problems == []
+    assert RolloutState.from_status(read_back) == state
+    assert status["step"] == f"{state.step_index + 1}/5"
+
+
+def test_a_status_field_renamed_or_unreadable_is_named_and_read_as_left_out() -> None:
+    status, problems = read_status({
+        "currentStep": 3,  # another version's name for currentStepIndex
+        "currentWeight": 150,
+        "analysis": {"measuredAt": "2030-01-01T00:00:00Z", "windowSeconds": 60,
+                     "consecutiveFailure": 2},
+        "promoted": "p",
+    })
+    assert problems == [
+        "currentStep: not a field of the status (read as left out)",
+        "analysis.consecutiveFailure: not a field of the status (read as left out)",
+        "currentWeight: Input should be less than or equal to 100 (currentWeight read as "
+        "left out)",
+    ]
+    # Read as left out: the model's defaults, which say "none known", and the rest stands.
+    assert (status.current_step_index, status.current_weight) == (None, None)
+    assert status.analysis is not None and status.analysis.consecutive_failures == 0
+    assert status.promoted == "p"

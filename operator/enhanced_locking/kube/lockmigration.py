@@ -8,8 +8,10 @@ to enhanced (weight 100). ``mode: shadow`` keeps legacy authoritative while enha
 
 The rollout's progress (step, phase, when the step started, the last promote handled) lives in
 the status, so a restarted operator carries on where the last one stopped; :mod:`.rollout` is
-the state machine that advances it. Two annotations are one-shot requests (a new value is a new
-request; the status records the last value handled): ``PROMOTE_ANNOTATION`` skips the pause in
+the state machine that advances it. The status is read back only through
+:func:`read_status`, into :class:`LockMigrationStatus`, the model it is written from. Two
+annotations are one-shot requests (a new value is a new request; the status records the last
+value handled): ``PROMOTE_ANNOTATION`` skips the pause in
 progress, ``RETRY_ANNOTATION`` restarts an aborted rollout from its first step.
 
 Fields left out keep the service's own settings, as for the LockPolicy.
@@ -17,9 +19,10 @@ Fields left out keep the service's own settings, as for the LockPolicy.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from enhanced_locking.kube.models import (
     GROUP,
@@ -49,6 +52,7 @@ __all__ = [
     "Shadow",
     "Step",
     "TransitionState",
+    "read_status",
     "step_weight",
 ]
 
@@ -312,3 +316,61 @@ class LockMigrationStatus(StatusModel):
         None, description="When that replica last confirmed it is alive and serving (renewed "
         "at each resync, 30s by default); an old time means the status may be stale."
     )
+
+
+def read_status(raw: Mapping[str, Any] | None) -> tuple[LockMigrationStatus, list[str]]:
+    """A LockMigration's status read back into the model it is written from, and what of it
+    could not be read.
+
+    The one way the operator reads a status (a restarted operator, a new status writer): every
+    field by its model's name, so a field renamed in the model is renamed where it is read.
+    The API server checks a status against the CRD's schema, made from this model, so a status
+    it stored reads whole; what it cannot check is said, never guessed at: a field the model
+    does not know (another version's, a renamed one) and a field that does not validate read as
+    left out (the model's default: no step, no counters, no analysis check), and each is named
+    in the list, for the log."""
+    data = dict(raw or {})
+    problems = [f"{path}: not a field of the status (read as left out)"
+                for path in _unknown(LockMigrationStatus, data, "")]
+    while True:
+        try:
+            return LockMigrationStatus.model_validate(data), problems
+        except ValidationError as error:
+            dropped = False
+            for detail in error.errors():
+                key = detail["loc"][0] if detail["loc"] else None
+                if isinstance(key, str) and key in data:
+                    del data[key]
+                    dropped = True
+                    where = ".".join(str(part) for part in detail["loc"])
+                    problems.append(f"{where}: {detail['msg']} ({key} read as left out)")
+            if not dropped:  # (not reached: every field of the status may be left out)
+                return LockMigrationStatus(), problems
+
+
+def _unknown(model: type[BaseModel], data: Mapping[str, Any], where: str) -> list[str]:
+    """The paths of the keys of ``data`` (and of the models in it) that ``model`` does not
+    know: the status models drop them unsaid (``extra="ignore"``)."""
+    fields = model.model_fields
+    by_key = {**fields, **{f.alias: f for f in fields.values() if f.alias}}
+    found = []
+    for key, value in data.items():
+        field = by_key.get(key)
+        if field is None:
+            found.append(f"{where}{key}")
+            continue
+        inner = _model_in(field.annotation)
+        for item in value if isinstance(value, list) else [value]:
+            if inner is not None and isinstance(item, Mapping):
+                found += _unknown(inner, item, f"{where}{key}.")
+    return found
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The model an annotation holds (``Model``, ``Model | None``, ``list[Model]``), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        if (inner := _model_in(arg)) is not None:
+            return inner
+    return None

@@ -49,7 +49,11 @@ from pydantic import BaseModel, ValidationError
 from enhanced_locking import policies
 from enhanced_locking.config import ConfigError
 from enhanced_locking.kube.cluster import ClusterApi, SecretProblem, StatusConflict
-from enhanced_locking.kube.lockmigration import LockMigrationSpec, LockMigrationStatus
+from enhanced_locking.kube.lockmigration import (
+    LockMigrationSpec,
+    LockMigrationStatus,
+    read_status,
+)
 from enhanced_locking.kube.lockpolicy import ActiveFreeze, LockPolicySpec, LockPolicyStatus
 from enhanced_locking.kube.models import Condition, SecretKeyRef
 from enhanced_locking.kube.overrides import POLICY_SETTINGS, ResolvedSecrets, cluster_overrides
@@ -374,7 +378,7 @@ class Reconciler:
         if self.rollout is not None:
             index, aborted = self.rollout.weight(body)
         else:
-            state = RolloutState.from_status((body or {}).get("status"))
+            state = RolloutState.from_status(read_status((body or {}).get("status"))[0])
             index, aborted = state.step_index, state.aborted
         return {"step_index": index, "aborted": aborted}
 

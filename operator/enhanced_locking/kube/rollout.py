@@ -29,17 +29,22 @@ The rules:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from enhanced_locking.durations import format_duration
-from enhanced_locking.kube.lockmigration import LockMigrationSpec, Phase, Step, step_weight
+from enhanced_locking.kube.lockmigration import (
+    LockMigrationSpec,
+    LockMigrationStatus,
+    Phase,
+    Step,
+    step_weight,
+)
 from enhanced_locking.kube.overrides import migration_weight
 
 __all__ = ["ABORT_REQUESTED", "ANALYSIS_FAILED", "Note", "Progress", "RolloutState", "advance",
-           "parse_time", "weight_of"]
+           "format_time", "parse_time", "weight_of"]
 
 ABORT_REQUESTED = "AbortRequested"
 ANALYSIS_FAILED = "AnalysisFailed"
@@ -53,6 +58,11 @@ def parse_time(text: object) -> datetime | None:
         return datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         return None
+
+
+def format_time(at: datetime) -> str:
+    """A time as the status keeps it: RFC 3339 in UTC, to the millisecond."""
+    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 @dataclass(frozen=True)
@@ -80,19 +90,35 @@ class RolloutState:
         return self.abort_reason is not None
 
     @classmethod
-    def from_status(cls, status: Mapping[str, Any] | None) -> RolloutState:
-        status = status or {}
-        index = status.get("currentStepIndex")
-        aborted = next((c for c in status.get("conditions") or []
-                        if c.get("type") == "Aborted" and c.get("status") == "True"), None)
+    def from_status(cls, status: LockMigrationStatus) -> RolloutState:
+        """The state a status keeps (read by :func:`~.lockmigration.read_status`): the fields
+        :meth:`status_fields` writes, and the ``Aborted`` condition."""
+        aborted = next((c for c in status.conditions
+                        if c.type == "Aborted" and c.status == "True"), None)
         return cls(
-            step_index=index if isinstance(index, int) and index >= 0 else 0,
-            step_started_at=parse_time(status.get("stepStartedAt")),
-            promoted=status.get("promoted") or None,
-            retried=status.get("retried") or None,
-            abort_reason=str(aborted.get("reason")) if aborted else None,
-            abort_message=str(aborted.get("message") or "") if aborted else None,
+            step_index=status.current_step_index or 0,
+            step_started_at=parse_time(status.step_started_at),
+            promoted=status.promoted or None,
+            retried=status.retried or None,
+            abort_reason=aborted.reason if aborted else None,
+            abort_message=aborted.message if aborted else None,
         )
+
+    def status_fields(self, steps: list[Step] | None) -> dict[str, Any]:
+        """The fields of :class:`~.lockmigration.LockMigrationStatus` this state is kept in,
+        for a spec with ``steps`` (None: a fixed weight, no step to show). Its abort is the
+        ``Aborted`` condition, written with the rollout's other conditions."""
+        if steps is None:
+            return {"current_step_index": None, "step": None, "step_started_at": None,
+                    "promoted": self.promoted, "retried": self.retried}
+        index, started = self.step_index, self.step_started_at
+        return {
+            "current_step_index": index,
+            "step": f"{min(index + 1, len(steps))}/{len(steps)}",
+            "step_started_at": format_time(started) if started is not None else None,
+            "promoted": self.promoted,
+            "retried": self.retried,
+        }
 
 
 @dataclass(frozen=True)

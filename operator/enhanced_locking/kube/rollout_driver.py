@@ -19,13 +19,12 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
-
-from pydantic import ValidationError
 
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.factory import LockService
@@ -39,6 +38,7 @@ from enhanced_locking.kube.lockmigration import (
     LockMigrationSpec,
     LockMigrationStatus,
     TransitionState,
+    read_status,
     step_weight,
 )
 from enhanced_locking.kube.models import Condition, ConditionStatus
@@ -53,6 +53,8 @@ from enhanced_locking.migration.conflicts import LockConflict
 from enhanced_locking.migration.controller import MigrationStatus
 from enhanced_locking.migration.transition import TransitionStatus, authority_weight
 from enhanced_locking.types import Event
+
+log = logging.getLogger(__name__)
 
 __all__ = ["COUNTER_REFRESH", "RolloutDriver", "ServiceView", "live_view", "request_token"]
 
@@ -140,10 +142,6 @@ def _iso(at: datetime) -> str:
     return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _iso_ms(at: datetime) -> str:
-    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-
-
 def _wall() -> datetime:
     return datetime.now(UTC)
 
@@ -189,7 +187,7 @@ class RolloutDriver:
         """The rollout state in force: this writer's own, else what the status says."""
         if self.writes and self.state is not None and self._uid == _uid(body):
             return self.state
-        return RolloutState.from_status((body or {}).get("status"))
+        return RolloutState.from_status(read_status((body or {}).get("status"))[0])
 
     def weight(self, body: Mapping[str, Any] | None) -> tuple[int, bool]:
         """``(step index, aborted)`` to build the config layer from."""
@@ -197,16 +195,22 @@ class RolloutDriver:
         return state.step_index, state.aborted
 
     def _take_over(self, body: Mapping[str, Any]) -> None:
-        """Become the writer of this object: start from what its status says."""
-        status = body.get("status") or {}
+        """Become the writer of this object: start from what its status says (what of it
+        cannot be read is logged, and read as left out: see :func:`read_status`)."""
+        status, problems = read_status(body.get("status"))
+        if problems:
+            meta = body.get("metadata") or {}
+            log.warning("LockMigration %s/%s: status fields not read: %s",
+                        meta.get("namespace"), meta.get("name"), "; ".join(problems))
         self.state = RolloutState.from_status(status)
         self._term, self._uid = self.writer.term, _uid(body)
-        counters = Counters.model_validate(status.get("counters") or {})
+        counters = status.counters or Counters()
         self._carried = Totals(counters.operations, counters.errors, counters.replayed,
                                counters.mismatches, counters.fallbacks)
         self._base = self.view.totals()
-        failures = (status.get("analysis") or {}).get("consecutiveFailures")
-        self.analyzer.reset(consecutive_failures=failures if isinstance(failures, int) else 0)
+        analysis = status.analysis
+        self.analyzer.reset(
+            consecutive_failures=analysis.consecutive_failures if analysis is not None else 0)
         self._published = None
 
     def advance(self, spec: LockMigrationSpec, body: Mapping[str, Any]) -> Progress | None:
@@ -240,8 +244,8 @@ class RolloutDriver:
             self.analyzer.reset()  # a restarted rollout is judged afresh
             self.check = None
         self.state, self.progress = progress.state, progress
-        status = body.get("status") or {}
-        was = previous.phase if previous else status.get("phase")
+        status, _ = read_status(body.get("status"))
+        was = previous.phase if previous else status.phase
         if (drop := _steps_start_lower(spec, status)) is not None:
             progress.notes.append(drop)
         if progress.phase == "Completed" and was != "Completed":
@@ -306,18 +310,10 @@ class RolloutDriver:
         message = progress.message
         if degraded is not None and phase != "Aborted":
             phase, message = "Degraded", f"{degraded[1]}; {message}"
-        steps = spec.steps
-        index = progress.state.step_index if steps is not None else None
         fields: dict[str, Any] = {
+            **progress.state.status_fields(spec.steps),
             "phase": phase,
             "message": message[:1024],
-            "current_step_index": index,
-            "step": f"{min(index + 1, len(steps))}/{len(steps)}"
-            if steps is not None and index is not None else None,
-            "step_started_at": _iso_ms(progress.state.step_started_at)
-            if steps is not None and progress.state.step_started_at else None,
-            "promoted": progress.state.promoted,
-            "retried": progress.state.retried,
             "counters": self._counters(len(conflicts)),
             "transition": _transition(routing),
             "analysis": self._analysis(),
@@ -409,7 +405,7 @@ ROLLOUT_FIELDS = ("phase", "message", "current_step_index", "step", "step_starte
                   "promoted", "retried", "counters", "transition", "analysis", "status_writer")
 
 
-def _steps_start_lower(spec: LockMigrationSpec, status: Mapping[str, Any]) -> Note | None:
+def _steps_start_lower(spec: LockMigrationSpec, status: LockMigrationStatus) -> Note | None:
     """A warning when ``steps`` replace a fixed weight higher than their first step's.
 
     The steps start from their first step whatever weight was in force (a user who set
@@ -417,11 +413,11 @@ def _steps_start_lower(spec: LockMigrationSpec, status: Mapping[str, Any]) -> No
     has no step index yet while it still shows the old weight. docs/02-migration.md says how
     to start from the current weight instead (make it the first ``setWeight``).
     """
-    if not spec.steps or status.get("currentStepIndex") is not None:
+    if not spec.steps or status.current_step_index is not None:
         return None
-    current = status.get("currentWeight")
+    current = status.current_weight
     first = step_weight(spec.steps, 0)
-    if spec.abort or spec.promote or not isinstance(current, int | float) or current <= first:
+    if spec.abort or spec.promote or current is None or current <= first:
         return None
     return Note("Warning", "StepsStartBelowCurrentWeight",
                 f"spec.steps replaces weight {current:g}: step 1 moves keys back to weight "
@@ -432,10 +428,7 @@ def _steps_start_lower(spec: LockMigrationSpec, status: Mapping[str, Any]) -> No
 def _kept(previous: Mapping[str, Any]) -> tuple[dict[str, Any], list[Condition]]:
     """The rollout's part of the status as it is (nothing advanced it yet: a status written
     now must not erase the state the next writer resumes from)."""
-    try:
-        status = LockMigrationStatus.model_validate(previous)
-    except ValidationError:
-        return {}, []
+    status, _ = read_status(previous)
     fields = {name: getattr(status, name) for name in ROLLOUT_FIELDS}
     return fields, [c for c in status.conditions if c.type in ROLLOUT_CONDITIONS]
 
