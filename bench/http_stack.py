@@ -53,10 +53,22 @@ and the thread CPU time they take; over ``--pairs`` pairs after the same steady-
 (and 500 pairs more of ``--clients`` clients), printed per 1,000 pairs and as microseconds a
 pair, beside the block's CPU per pair. Printed, not written.
 
+Where the CPU time per pair goes between the kernel and the process, and how it moves from 1
+client to 32 (``--split``): the no-op and the product served side by side, brought to the same
+steady state, then alternating blocks of ``--pairs`` pairs (``--rounds`` of each, 1 and 32
+clients): each server's user and system time per pair, and its context switches per pair
+(voluntary: its loop slept in ``epoll_wait`` for want of a request; involuntary: another process
+took its core), medians over the rounds; and the lock pair's CPU over the no-op's (what the
+lock API adds), by user and system time. The same work a pair at 1 and 32 clients (instructions,
+SQL, system calls and collections per pair, above) can still cost less time at 32, where a loop
+turn serves several sockets and rarely sleeps: this shows how much less, for each server.
+Printed, not written.
+
 Usage: python bench/http_stack.py [--pairs 1500] [--rounds 3] [--handoffs 200] [--no-write]
        python bench/http_stack.py --steps 200
        python bench/http_stack.py --sample --pairs 8000 [--clients 32]
        python bench/http_stack.py --collections --pairs 3000 [--clients 32]
+       python bench/http_stack.py --split [--pairs 3200] [--rounds 4]
        python bench/http_stack.py --count product --pairs 200 [--clients 1] [--profile FILE]
                                   [--audit-window 0.4]
 """
@@ -295,8 +307,29 @@ class Served:
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of the process so far (every thread)."""
+        user, system = self.cpu_split()
+        return user + system
+
+    def cpu_split(self) -> tuple[float, float]:
+        """User and system CPU time of the process so far (every thread), in seconds."""
         fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
+
+    def switches(self) -> tuple[int, int]:
+        """Voluntary and involuntary context switches of the process so far (every thread)."""
+        voluntary = involuntary = 0
+        for status in Path(f"/proc/{self.pid}/task").glob("*/status"):
+            try:
+                lines = status.read_text().splitlines()
+            except FileNotFoundError:  # a thread that ended meanwhile
+                continue
+            for line in lines:
+                name, _, value = line.partition(":")
+                if name == "voluntary_ctxt_switches":
+                    voluntary += int(value)
+                elif name == "nonvoluntary_ctxt_switches":
+                    involuntary += int(value)
+        return voluntary, involuntary
 
 
 @contextmanager
@@ -693,6 +726,72 @@ def collections_report(pairs: int, clients: int) -> str:
     return "\n".join(lines)
 
 
+# --- user and system time per pair, 1 and 32 clients (``--split``) -------------------------
+
+
+@dataclass(frozen=True)
+class Split:
+    """One block of a server, per pair: user and system CPU (seconds), voluntary and
+    involuntary context switches."""
+
+    user: float
+    system: float
+    voluntary: float
+    involuntary: float
+
+
+def split_block(kind: str, served: Served, clients: int, pairs: int) -> Split:
+    """One block of ``pairs`` pairs of ``clients`` clients, split as :class:`Split` says."""
+    user, system = served.cpu_split()
+    voluntary, involuntary = served.switches()
+    asyncio.run(pairs_per_second(kind, served, clients, pairs))
+    done = max(1, pairs // clients) * clients
+    user_after, system_after = served.cpu_split()
+    voluntary_after, involuntary_after = served.switches()
+    return Split((user_after - user) / done, (system_after - system) / done,
+                 (voluntary_after - voluntary) / done, (involuntary_after - involuntary) / done)
+
+
+def split_report(pairs: int, rounds: int) -> str:
+    """The no-op's and the product's CPU per pair by user and system time, and their context
+    switches per pair, at 1 and 32 clients (alternating blocks), as a table."""
+    found: dict[tuple[str, int], list[Split]] = {}
+    with tempfile.TemporaryDirectory() as tmp, \
+            server("noop", *SERVICE_STACK, Path(tmp)) as noop, \
+            server("product", *SERVICE_STACK, Path(tmp)) as ours:
+        servers = (("noop", noop), ("product", ours))
+        for kind, served in servers:  # the steady state, as the table's run
+            asyncio.run(pairs_per_second(kind, served, max(CONCURRENCY), STEADY_PAIRS))
+        for clients in CONCURRENCY:
+            for kind, served in servers:
+                asyncio.run(pairs_per_second(kind, served, clients, pairs // 5))  # warm up
+            for _ in range(rounds):
+                for kind, served in servers:
+                    found.setdefault((kind, clients), []).append(
+                        split_block(kind, served, clients, pairs))
+    lines = [f"{pairs} pairs per block, {rounds} alternating rounds, asyncio + httptools, "
+             f"load average {os.getloadavg()[0]:.1f}: the server's CPU per pair by user and "
+             "system time, and its context switches per pair (medians over the rounds); "
+             "\"added\" is the lock pair's less the no-op's", "",
+             "| clients | server | user µs/pair | system µs/pair | voluntary switches/pair "
+             "| involuntary switches/pair |", "|---:|---|---:|---:|---:|---:|"]
+    for clients in CONCURRENCY:
+        medians = {}
+        for kind, label in (("noop", "no-op"), ("product", "lock API")):
+            blocks = found[(kind, clients)]
+            median = Split(*(statistics.median(getattr(b, name) for b in blocks)
+                             for name in ("user", "system", "voluntary", "involuntary")))
+            medians[kind] = median
+            lines.append(f"| {clients} | {label} | {median.user * 1e6:,.0f} "
+                         f"| {median.system * 1e6:,.0f} | {median.voluntary:.2f} "
+                         f"| {median.involuntary:.2f} |")
+        added_user = medians["product"].user - medians["noop"].user
+        added_system = medians["product"].system - medians["noop"].system
+        lines.append(f"| {clients} | added | {added_user * 1e6:,.0f} "
+                     f"| {added_system * 1e6:,.0f} | | |")
+    return "\n".join(lines)
+
+
 # --- SQL per pair ----------------------------------------------------------------------------
 
 
@@ -900,6 +999,9 @@ def main() -> None:
     parser.add_argument("--collections", action="store_true",
                         help="only count each server's garbage collections per pair "
                              "(see the module's docstring)")
+    parser.add_argument("--split", action="store_true",
+                        help="only measure each server's user and system time and context "
+                             "switches per pair, 1 and 32 clients (see the module's docstring)")
     parser.add_argument("--clients", type=int, default=1,
                         help="with --count, --sample or --collections")
     parser.add_argument("--profile", type=Path, help="with --count: keep callgrind's profile")
@@ -921,6 +1023,9 @@ def main() -> None:
         return
     if args.collections:
         print(collections_report(args.pairs, args.clients))
+        return
+    if args.split:
+        print(split_report(args.pairs, args.rounds))
         return
     if args.sample:
         print(sample_report(args.pairs, args.clients))
