@@ -342,6 +342,13 @@ class EnhancedLockingConfig(BaseSettings):
         description="A replica silent this long is left out of weight moves (0: three "
         "heartbeats).",
     )
+    peers: Annotated[list[str], AfterValidator(_host_ports)] = Field(
+        default_factory=list,
+        description="The other replicas' API addresses (comma-separated host:port; a host name "
+        "stands for every address it resolves to), asked by GET /serving when a store does "
+        "not answer here: while one of them reaches every store, this replica is not serving "
+        "(empty: no peers).",
+    )
 
     # --- who may do what (docs/08-access.md) ----------------------------------------------
     auth: Literal["none", "static", "kubernetes"] = Field(

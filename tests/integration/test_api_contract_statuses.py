@@ -49,6 +49,7 @@ CALLS: list[tuple[str, str, dict[str, str], Any]] = [
     ("GET", "/v1/migration", {}, None),
     ("GET", "/healthz", {}, None),
     ("GET", "/readyz", {}, None),
+    ("GET", "/serving", {}, None),
     ("GET", "/metrics", {}, None),
 ]
 """A schema-valid call of every operation but the webhooks (their own tests) and the event

@@ -333,7 +333,8 @@ def test_the_openapi_document_describes_the_v1_endpoints(http: httpx.Client) -> 
     paths = document["paths"]
     for path, methods in {"/v1/locks": {"post", "get"}, "/v1/locks/by-key": {"get", "delete"},
                           "/v1/locks/by-pull": {"delete"}, "/v1/config": {"get"},
-                          "/healthz": {"get"}, "/readyz": {"get"}, "/metrics": {"get"}}.items():
+                          "/healthz": {"get"}, "/readyz": {"get"}, "/serving": {"get"},
+                          "/metrics": {"get"}}.items():
         assert methods <= set(paths[path]), path
     schemas = document["components"]["schemas"]
     assert {"repoFullName", "path", "projectName"} <= set(schemas["Project"]["properties"])

@@ -35,7 +35,7 @@ ROLE_VERBS: Mapping[str, frozenset[str]] = {
 }
 """The rights of each role (the static role map's and the chart's ClusterRoles')."""
 
-PUBLIC_PATHS = ("/healthz", "/readyz", "/metrics")
+PUBLIC_PATHS = ("/healthz", "/readyz", "/serving", "/metrics")
 
 
 def held(admin: httpx.Client, key: str) -> dict[str, Any] | None:

@@ -60,6 +60,11 @@ class CuttingProxy:
         return self
 
     def close(self) -> None:
+        """Stop listening and reset every connection (the upstream cut off); once only, later
+        calls do nothing."""
+        if self._loop.is_closed():
+            return
+
         async def stop() -> None:
             if self._server is not None:
                 self._server.close()

@@ -69,7 +69,7 @@ def test_the_services_only_public_routes_are_health_and_metrics() -> None:
     app = create_app(LockService(ConfigProvider(memory_config())), manage_lifecycle=False)
     public_paths = sorted(route.path for route in app.routes
                           if isinstance(route, APIRoute) and public_reason(route) is not None)
-    assert public_paths == ["/healthz", "/metrics", "/readyz"]
+    assert public_paths == ["/healthz", "/metrics", "/readyz", "/serving"]
 
 
 def test_tokens_parse_with_groups_and_skip_comments() -> None:

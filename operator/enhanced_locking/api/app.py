@@ -52,6 +52,7 @@ from enhanced_locking.api.errors import (
     unreadable_json,
 )
 from enhanced_locking.api.params import Key, OnlyRepo, PullNum, Repo
+from enhanced_locking.api.peers import peer_that_serves
 from enhanced_locking.api.queue_routes import (
     holder_of,
     install_queue_routes,
@@ -423,6 +424,28 @@ def create_app(
                 body["unreadableKeys"] = [
                     {"key": e.key, "side": e.side, "reason": e.reason} for e in found]
         return JSONResponse(body, status_code=200 if ready else 503)
+
+    @app.get("/serving", responses={503: {"description": "A store does not answer here, "
+                                          "and a peer reaches every store."}})
+    @public("the kubelet's readiness probe: says whether this replica should take traffic, "
+            "and which stores answer")
+    async def serving() -> JSONResponse:
+        """Readiness for the kubelet: 503 only while a store does not answer here and a peer
+        reaches every store.
+
+        A store down for every replica keeps each serving: the fall-back answers alike on all
+        of them (see :mod:`.peers`). ``ready`` and ``backends`` are this replica's stores, as
+        in ``/readyz``; ``readyPeer`` names the peer (``enhanced-locking-peers``) that reaches
+        them, when one does."""
+        backends = await service.ready()
+        ready = all(state == "ok" for state in backends.values())
+        body: dict[str, Any] = {"serving": True, "ready": ready, "backends": backends}
+        if not ready:
+            config = service.provider.current.config
+            peer = await peer_that_serves(config.peers, tls=bool(config.tls_cert_file))
+            body["serving"] = peer is None
+            body["readyPeer"] = peer
+        return JSONResponse(body, status_code=200 if body["serving"] else 503)
 
     @app.get("/metrics", response_class=PlainTextResponse,
              responses={200: {"description": "Prometheus text exposition format 0.0.4.",

@@ -57,7 +57,7 @@ FD_RESERVE = 64
 """Open files kept for everything but client connections."""
 LOG_INTERVAL = 10.0
 RETRY_AFTER_SECONDS = 1
-ALWAYS_SERVED = ("/healthz", "/readyz", "/metrics")
+ALWAYS_SERVED = ("/healthz", "/readyz", "/serving", "/metrics")
 
 
 class EveryInterval:

@@ -1,0 +1,110 @@
+"""GET /serving, the chart's readiness probe: a replica that alone lost Redis stops serving
+while its peer reaches Redis, and with Redis stopped for every replica each keeps serving and
+answers through the fall-back (``legacy`` grants there, ``fail-closed`` refuses with
+``unavailable``).
+
+Two ``serve`` processes on one real redis-server: replica A reaches it through a loopback
+proxy (closing the proxy cuts A alone off), replica B directly. A's peer is B
+(``enhanced-locking-peers``); B has none, so it answers as a replica alone does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from tests.support.cutting_proxy import CuttingProxy, cutting_proxy
+from tests.support.locks import lock_body
+from tests.support.redis_server import RedisServer
+from tests.support.service import ServiceProcess, services
+
+pytestmark = pytest.mark.redis
+
+REPO = "acme/serving"
+
+
+def _service(root: Path, name: str, redis_addr: str, fallback: str,
+             *extra: str) -> ServiceProcess:
+    return ServiceProcess(
+        root / f"data-{name}",
+        args=("--enhanced-locking-enabled", "--enhanced-locking-backend=redis",
+              f"--enhanced-locking-redis-addr={redis_addr}",
+              f"--enhanced-locking-fallback={fallback}", *extra),
+        log_dir=root / "logs",
+    )
+
+
+@pytest.fixture
+def proxy(redis_server: RedisServer) -> Iterator[CuttingProxy]:
+    """The proxy replica A reaches Redis through; closed by the test to cut A alone off."""
+    host, port = redis_server.addr.rsplit(":", 1)
+    with cutting_proxy((host, int(port))) as cut:
+        yield cut
+
+
+def _serving(http: httpx.Client, url: str) -> httpx.Response:
+    return http.get(url + "/serving")
+
+
+@pytest.mark.parametrize("fallback", ["legacy", "fail-closed"])
+def test_a_replica_alone_cut_from_redis_stops_serving_and_all_cut_keep_serving(
+    redis_server: RedisServer, proxy: CuttingProxy, tmp_path: Path, fallback: str,
+) -> None:
+    with services() as group, httpx.Client(timeout=30) as http:
+        b = group.start(_service(tmp_path, "b", redis_server.addr, fallback))
+        a = group.start(_service(tmp_path, "a", proxy.addr, fallback,
+                                 f"--enhanced-locking-peers=127.0.0.1:{b.port}"))
+        for replica in (a, b):
+            answer = _serving(http, replica.url)
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["serving"] is True and answer.json()["ready"] is True
+
+        # A alone loses Redis: B still grants on it, so A must not take traffic (its
+        # fall-back grants would split keys across the sides).
+        proxy.close()
+        assert http.get(a.url + "/readyz").status_code == 503
+        cut = _serving(http, a.url)
+        assert cut.status_code == 503, cut.text
+        assert cut.json()["serving"] is False and cut.json()["ready"] is False
+        assert cut.json()["readyPeer"] == f"127.0.0.1:{b.port}"
+        assert _serving(http, b.url).status_code == 200
+
+        # Redis down for every replica: both keep serving, and answer alike.
+        redis_server.stop()
+        for replica in (a, b):
+            assert http.get(replica.url + "/readyz").status_code == 503
+            answer = _serving(http, replica.url)
+            assert answer.status_code == 200, answer.text
+            body = answer.json()
+            assert body["serving"] is True and body["ready"] is False
+            assert body["readyPeer"] is None
+            assert body["backends"]["legacy"] == "ok" and body["backends"]["enhanced"] != "ok"
+        for pull, replica in enumerate((a, b), start=1):
+            lock = http.post(replica.url + "/v1/locks",
+                             json=lock_body(REPO, f"envs/{pull}", pull, project=None))
+            if fallback == "legacy":
+                assert lock.status_code == 200, lock.text
+                assert lock.json()["lock"]["backend"] == "legacy"
+            else:
+                assert lock.status_code == 503, lock.text
+                assert lock.json()["reason"] == "unavailable"
+
+
+def test_a_peer_that_does_not_answer_counts_as_not_serving(
+    redis_server: RedisServer, tmp_path: Path,
+) -> None:
+    """A peer gone (nothing listens at its address) or a name that does not resolve stands
+    for nobody: the replica, its Redis stopped, keeps serving."""
+    with services() as group, httpx.Client(timeout=30) as http:
+        gone = group.start(_service(tmp_path, "gone", redis_server.addr, "legacy"))
+        gone_port = gone.port
+        gone.stop()
+        a = group.start(_service(
+            tmp_path, "a", redis_server.addr, "legacy",
+            f"--enhanced-locking-peers=127.0.0.1:{gone_port},peers.invalid:4142"))
+        redis_server.stop()
+        answer = _serving(http, a.url)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["readyPeer"] is None
