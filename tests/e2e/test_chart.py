@@ -226,12 +226,17 @@ def test_the_pod_is_locked_down(helm: Helm, values: Path) -> None:
     assert probes == {
         "startupProbe": ("/healthz", "http"),
         "livenessProbe": ("/healthz", "liveness"),  # kopf's liveness endpoint
-        "readinessProbe": ("/readyz", "http"),
+        # /serving, not /readyz: a store down for the one replica keeps it ready (it answers
+        # through the fall-back; docs/06-kubernetes.md, "Readiness").
+        "readinessProbe": ("/serving", "http"),
     }
+    # A store that does not answer takes 5 s to say so, the peers asked then 2 s more.
+    assert container["readinessProbe"]["timeoutSeconds"] >= 8
     liveness_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "liveness")
     assert f"--liveness=http://0.0.0.0:{liveness_port}/healthz" in container["args"]
     assert container["args"][0] == "operator"
     assert container["resources"]["limits"]["memory"]
+    assert not [a for a in container["args"] if a.startswith("--enhanced-locking-peers")]
 
 
 def test_the_atlantis_guides_values_pass_the_webhook_secret_and_admit_the_ingress(
@@ -1128,6 +1133,37 @@ def test_a_budget_given_as_min_available_has_no_default_max_unavailable(helm: He
     assert not of_kind(helm.template(), "PodDisruptionBudget"), "one replica: only if enabled"
 
 
+def test_several_replicas_find_each_other_through_a_headless_service_of_every_pod(
+    helm: Helm,
+) -> None:
+    """A replica whose stores do not answer asks the others whether they reach them: through a
+    headless Service that lists every pod, ready or not (its answer must not depend on the
+    readiness it decides), named in ``enhanced-locking-peers``, and let through by the
+    NetworkPolicy both ways."""
+    objects = helm.template(*SHARED_STORES, "--set", "networkPolicy.enabled=true")
+    (deployment,) = of_kind(objects, "Deployment")
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/serving"
+    (peers,) = [o for o in of_kind(objects, "Service") if o["spec"].get("clusterIP") == "None"]
+    assert peers["spec"]["publishNotReadyAddresses"] is True
+    assert peers["spec"]["selector"] == selector
+    (port,) = peers["spec"]["ports"]
+    assert port["targetPort"] == "http"
+    name = peers["metadata"]["name"]
+    assert f"--enhanced-locking-peers={name}.atlantis.svc:{port['port']}" in container["args"]
+    (policy,) = of_kind(objects, "NetworkPolicy")
+    assert {"podSelector": {"matchLabels": selector}} in [
+        peer for rule in policy["spec"]["ingress"] for peer in rule["from"]]
+    assert {"to": [{"podSelector": {"matchLabels": selector}}],
+            "ports": [{"port": "http", "protocol": "TCP"}]} in policy["spec"]["egress"]
+    long = helm.template(*SHARED_STORES, "--set", "fullnameOverride=" + "x" * 63)
+    (peers,) = [o for o in of_kind(long, "Service") if o["spec"].get("clusterIP") == "None"]
+    assert len(peers["metadata"]["name"]) <= 63, "a Service name is a DNS label"
+    assert not [o for o in of_kind(helm.template(), "Service")
+                if o["spec"].get("clusterIP") == "None"], "one replica has no peers"
+
+
 def _serve_locks(url: str, name: str, pull: int, history: History, stop: threading.Event,
                  counts: collections.Counter[str]) -> None:
     """Lock one of four keys, hold it a moment, release; until ``stop``."""
@@ -1227,6 +1263,10 @@ def test_three_replicas_install_and_serve_locks_through_a_replica_kill(
             spec["selector"]["matchLabels"]
         (container,) = pod["containers"]
         assert "--leader-election" in container["args"]
+        # The replicas' headless Service, of every pod ready or not, was stored too (above).
+        (peers,) = [o for o in of_kind(manifest, "Service") if o["spec"].get("clusterIP") == "None"]
+        assert peers["spec"]["publishNotReadyAddresses"] is True
+        assert container["readinessProbe"]["httpGet"]["path"] == "/serving"
         assert "emptyDir" in next(v for v in pod["volumes"] if v["name"] == "data")
         assert not of_kind(manifest, "PersistentVolumeClaim"), "one pod's disk is not shared"
         (pdb,) = of_kind(manifest, "PodDisruptionBudget")

@@ -86,6 +86,14 @@ its Role, the default CRs and the Redis Secret live.
 {{- end }}
 
 {{/*
+enhanced-locking.peersName: the headless Service that lists every replica, ready or not (the
+replicas ask each other whether they reach the stores, docs/06-kubernetes.md); a DNS label.
+*/}}
+{{- define "enhanced-locking.peersName" -}}
+{{- printf "%s-peers" (include "enhanced-locking.fullname" . | trunc 57 | trimSuffix "-") }}
+{{- end }}
+
+{{/*
 enhanced-locking.redisSecretName: the Secret with the Redis password, or "" when none.
 */}}
 {{- define "enhanced-locking.redisSecretName" -}}
