@@ -73,7 +73,8 @@ async def test_the_scripts_write_exactly_the_keys_redis_keys_names(
     level = waiting.priority.level  # one queue per base priority
     for name in (keys.lock(held.key), keys.fence(held.key), keys.queue(held.key, level),
                  keys.by_pull(held.key), keys.waiter("w1"), keys.pull(REPO, 1), keys.incarnation,
-                 keys.held, keys.fenced, keys.queued, keys.seq, keys.liveness):
+                 keys.held, keys.fenced, keys.queued, keys.seq, keys.liveness,
+                 keys.by_pull_mark):
         assert admin.exists(name) == 1, f"{name} is not where RedisKeys says"
     handoff = await backend.release_and_handoff(held.key, owner=(REPO, 1))
     assert [g.waiter.id for g in handoff.granted] == ["w1"]

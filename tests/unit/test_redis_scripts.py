@@ -128,6 +128,7 @@ FORMED_INSIDE = {
     "fence_name": "the fencing counter of such a key",
     "queue_name": "the queues of such a key",
     "by_pull_name": "the index by pull of the waiters of such a key",
+    "by_pull_mark": "the indexes' mark (their generation), declared by every acquire that waits",
     "waiter_name": "the record of a waiter named by a queue entry",
     "outcome_name": "the outcome of such a waiter",
     "pull_index": "the index of the pull a waiter's grant is for",

@@ -185,6 +185,11 @@ class RedisKeys:
         """Until when each replica id's waiters count as alive (a sorted set; stored under its
         earlier name ``replicas``)."""
         self.seq = self.base + "seq"
+        self.by_pull_mark = self.base + "bypull"
+        """Whether the indexes by pull (:meth:`by_pull`) can be trusted (a hash): ``seq``, the
+        enqueue counter as the last enqueue that kept its entries left it, and ``gen``, the
+        generation each index is stamped with; an enqueue by a release that keeps no index
+        moves it on (``lua/lib.lua``, ``pull_generation``). Declared by an acquire that waits."""
 
     def of_key(self, key: str) -> tuple[str, ...]:
         """Every key of lock key ``key``: its lock, shared holders, fencing counter, queues,
@@ -223,7 +228,8 @@ class RedisKeys:
     def by_pull(self, key: str) -> str:
         """``key``'s waiters by pull: a sorted set of one entry per entry of its queues,
         ``repo#pull\\nW`` (``\\nW`` for a waiter whose record is gone), all of score 0, so a
-        pull's own waiters are one range of it (``lua/lib.lua``, ``pull_waiters``)."""
+        pull's own waiters are one range of it (``lua/lib.lua``, ``pull_waiters``); and, first,
+        its stamp, ``\\t<generation>`` (:attr:`by_pull_mark`)."""
         return f"{self.base}bypull:{{{key}}}"
 
     def waiter(self, waiter_id: str) -> str:
@@ -856,6 +862,7 @@ class RedisBackend:
         names.append(self.keys.pull(first.project.repo_full_name, first.pull.num))
         if wait is not None:
             names.extend(self.keys.of_waiter(wait.id))
+            names.append(self.keys.by_pull_mark)
         return names
 
     # --- the Backend protocol --------------------------------------------------------------

@@ -51,6 +51,7 @@ local function main()
   expect(pull_index, repo, pull)
   if wait_id ~= '' then
     expect(waiter_names, wait_id, nil)
+    expect(by_pull_mark)
     local rec = read_waiter(wait_id)
     if rec then  -- the same waiter asking again (a retry takes it over): where it stands
       expect(key_names, rec.keys[1])
@@ -92,17 +93,21 @@ local function main()
   for _, k in ipairs(keys) do plan_lapsed(k) end
   serve(keys, PLAN)
   -- Its pull's older requests it supersedes, if it waits: those its keys' indexes by pull
-  -- list; every waiter of a key whose index lists fewer or more than its queues (written by
-  -- an earlier release: made again below, `reindex_pulls`).
+  -- list; every waiter of a key whose index is not of the current generation or lists fewer
+  -- or more than its queues (written by an earlier release: made again below,
+  -- `reindex_pulls`).
   -- A shared request: the records of the queues its verdict may look at for an exclusive
   -- request ahead (`exclusive_waiting`; none where a holder keeps it out first).
   local scan = head ~= '' and wait_id ~= '' and wait_ms > 0
+  -- The indexes' generation (`pull_generation`), for a call that may queue.
+  local gen, moved = 0, false
+  if wait_id ~= '' and wait_ms > 0 then gen, moved = pull_generation() end
   local others, unindexed, looks = {}, {}, {}
   if mode == 'shared' then
     for _, k in ipairs(may_look_behind(parts, repo, pull)) do looks[k] = true end
   end
   for _, k in ipairs(keys) do
-    if scan and not pulls_indexed(k) then unindexed[k] = true end
+    if scan and not pulls_indexed(k, gen) then unindexed[k] = true end
     if looks[k] or unindexed[k] then
       for lv = 0, 3 do
         for _, member in ipairs(queue_range(k, lv, 0, -1)) do
@@ -162,12 +167,14 @@ local function main()
     return told({'frozen', blocked, holder, d[3]['name']})
   end
   if not waits then return told({d[1], blocked, holder}) end
+  -- A generation moved on is kept before an index is stamped with it.
+  if moved then keep_pull_mark(moved, gen) end
   -- A newer head commit of the same pull pushes its older queued requests out.
   local superseded = {}
   if head ~= '' then
     local stale = {}
     for _, k in ipairs(keys) do
-      if unindexed[k] then reindex_pulls(k) end
+      if unindexed[k] then reindex_pulls(k, gen) end
       for _, id in ipairs(pull_waiters(k, repo, pull)) do
         if id ~= wait_id and not stale[id] then
           local rec = read_waiter(id)
@@ -183,8 +190,10 @@ local function main()
       table.insert(superseded, rec.flat)
     end
   end
+  local sizes = {}
   for _, k in ipairs(keys) do
     local size = queue_size(k)
+    sizes[k] = size
     -- A queue of another Redis type (written over): nobody can wait on the key in order, so
     -- the request is answered as held by an unreadable lock (a force-unlock repairs it).
     if QUEUE_DAMAGE[k] then
@@ -200,6 +209,7 @@ local function main()
     seq = int(NOW * 1000)
     w('SET', SEQ, seq)
   end
+  keep_pull_mark(seq, gen)  -- (this enqueue keeps its entries)
   local deadline = NOW + wait_ms
   local name = waiter_name(wait_id)
   w('DEL', name)  -- nothing readable is there (read_waiter found none): another type may be
@@ -215,7 +225,12 @@ local function main()
   local entry = pull_entry(repo, pull, wait_id)
   for _, k in ipairs(keys) do
     w('ZADD', queue_name(k, level), NOW, member)
-    w_try('ZADD', by_pull_name(k), 0, entry)
+    if sizes[k] == 0 then  -- the first waiter: the index is made anew, stamped
+      w('DEL', by_pull_name(k))
+      w('ZADD', by_pull_name(k), 0, pull_stamp(gen), 0, entry)
+    else
+      w_try('ZADD', by_pull_name(k), 0, entry)
+    end
     w_try('SADD', QUEUED, k)
   end
   local freeze = ''

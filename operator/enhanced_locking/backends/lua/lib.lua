@@ -428,6 +428,7 @@ local function pull_index(repo, pull)
   return checked(base .. 'pull:{' .. repo .. '#' .. pull .. '}')
 end
 local function by_pull_name(k) return checked(base .. 'bypull:{' .. k .. '}') end
+local function by_pull_mark() return checked(base .. 'bypull') end
 
 -- A lock is answered as {key, data, token, at, exp, repo, pull, claim, lease, mode, path, ws}
 -- (strings; claim and lease false unless a grant from the queue awaits confirmation; mode
@@ -1176,26 +1177,68 @@ local function pull_waiters(k, repo, pull)
   return ids
 end
 
--- Whether k's index by pull can be read for its waiters: it holds as many entries as k's
--- queues do. A store written by an earlier release has none for the waiters that release
--- queued (and a replica of that release, during a rolling upgrade, queues and takes out
--- waiters without it); a queue entry whose record expired and was then taken out leaves its
--- entry behind; another Redis type there reads as none. Such an index is made again from the
--- queues by the call that needs it (`reindex_pulls`), which reads every waiter's record once.
-local function pulls_indexed(k)
-  local n = PCALL('ZCARD', by_pull_name(k))
+-- Whether the indexes by pull can be trusted, store-wide: the mark `by_pull_mark()` (a hash)
+-- keeps `seq`, the enqueue counter as the last enqueue that kept its entries left it, and
+-- `gen`, the indexes' generation. A replica of a release that keeps no index (or keeps it
+-- without this mark), during a rolling upgrade, queues a waiter without its entries and
+-- raises the counter without the mark: the counter is then not the mark's `seq`, and the
+-- generation moves on (to the server's clock in ms, or one past the last, whichever is
+-- higher: a mark deleted or written over starts a generation no index was stamped with).
+-- Each key's index is stamped with the generation in which it was last made whole
+-- (`pull_stamp`), so every index made before such an enqueue reads as untrusted, whichever
+-- key that waiter queued on, and is made again by the call that needs it; a waiter such a
+-- replica takes out of the queues leaves the sizes apart (or, with one it queued, equal: the
+-- hole the mark closes). Returns the generation, and, when it moved on, the counter as read
+-- (the caller keeps both before it stamps an index: `keep_pull_mark`).
+local function pull_generation()
+  local mark = PCALL('HMGET', by_pull_mark(), 'seq', 'gen')
+  local seq, gen = '0', 0
+  if not is_error(mark) then seq, gen = mark[1] or '0', tonumber(mark[2]) or 0 end
+  local enqueues = PCALL('GET', SEQ)
+  if is_error(enqueues) then  -- another type there: no enqueue can be told from another
+    enqueues = ''
+  elseif (enqueues or '0') == seq then
+    return gen, false
+  end
+  return math.max(gen + 1, NOW), enqueues or '0'
+end
+
+-- Keep the mark: the counter `seq` as this call leaves it, the generation `gen`.
+local function keep_pull_mark(seq, gen)
+  local name = by_pull_mark()
+  if not w_try('HSET', name, 'seq', seq, 'gen', int(gen)) then
+    w('DEL', name)  -- another type where the mark goes: this one replaces it
+    w('HSET', name, 'seq', seq, 'gen', int(gen))
+  end
+end
+
+-- The member that stamps k's index with generation gen: first in the index's order (a tab
+-- comes before every entry: "\nW" and "repo#pull\nW"), and in no pull's range.
+local function pull_stamp(gen) return '\t' .. int(gen) end
+
+-- Whether k's index by pull can be read for its waiters: it is stamped with the current
+-- generation `gen` and holds one entry for each entry of k's queues. A store written by an
+-- earlier release has none for the waiters that release queued (and a replica of that
+-- release, during a rolling upgrade, queues and takes out waiters without it: the generation
+-- moves on, `pull_generation`); a queue entry whose record expired and was then taken out
+-- leaves its entry behind; another Redis type there reads as none. Such an index is made
+-- again from the queues by the call that needs it (`reindex_pulls`), which reads every
+-- waiter's record once.
+local function pulls_indexed(k, gen)
+  local name = by_pull_name(k)
+  local n = PCALL('ZCARD', name)
   if type(n) ~= 'number' then
     is_error(n)  -- (anything but another Redis type there is raised)
     return false
   end
-  return n == queue_size(k)
+  return n == queue_size(k) + 1 and CALL('ZRANGE', name, 0, 0)[1] == pull_stamp(gen)
 end
 
--- Make k's index by pull again from its queues: each entry's record (declared to the call,
--- read by its discovery) gives its pull; one whose record is gone or does not read is listed
--- as nobody's ("\nW").
-local function reindex_pulls(k)
-  local entries = {}
+-- Make k's index by pull again from its queues, stamped with generation gen: each entry's
+-- record (declared to the call, read by its discovery) gives its pull; one whose record is
+-- gone or does not read is listed as nobody's ("\nW").
+local function reindex_pulls(k, gen)
+  local entries = {pull_stamp(gen)}
   for level = 0, 3 do
     for _, member in ipairs(queue_range(k, level, 0, -1)) do
       local id = string.sub(member, 18)
@@ -1212,6 +1255,15 @@ local function reindex_pulls(k)
       table.insert(args, entries[j])
     end
     w('ZADD', name, unpack(args))
+  end
+end
+
+-- After a waiter left k's queues: a key nobody waits on leaves the `queued` index, and its
+-- index by pull goes (its stamp, and any entry left behind).
+local function queue_left(k)
+  if queue_size(k) == 0 then
+    w_try('SREM', QUEUED, k)
+    w('DEL', by_pull_name(k))
   end
 end
 
@@ -1310,7 +1362,7 @@ local function unqueue(id, rec)
   for _, k in ipairs(rec.keys) do
     w_try('ZREM', queue_name(k, rec.level), member)
     w_try('ZREM', by_pull_name(k), entry)
-    if queue_size(k) == 0 then w_try('SREM', QUEUED, k) end
+    queue_left(k)
   end
   w('DEL', waiter_name(id))
 end
@@ -1546,7 +1598,7 @@ local function walk_key(k, fx)
       w_try('ZREM', by_pull_name(k), '\n' .. d[1].id)
     end
   end
-  if queue_size(k) == 0 then w_try('SREM', QUEUED, k) end
+  queue_left(k)
 end
 
 -- Every waiter of every queue (of `queued`, the members of QUEUED when read already), in one
@@ -1624,7 +1676,7 @@ local function walk_all(fx)
       for _, ref in ipairs(e.refs) do
         w_try('ZREM', queue_name(ref[1], ref[2]), ref[3])
         w_try('ZREM', by_pull_name(ref[1]), '\n' .. e.id)
-        if queue_size(ref[1]) == 0 then w_try('SREM', QUEUED, ref[1]) end
+        queue_left(ref[1])
       end
     end
   end
