@@ -526,8 +526,9 @@ async def test_a_batch_whose_answer_was_lost_is_in_the_log_once(
         try:
             stream = await followed(reading)
             client = await bus.connection.client()
-            lost = LostAnswers(client.kv, losing=("put", "txn"), applied=1, refused=refused)
-            monkeypatch.setattr(client, "kv", lost)
+            assert client.kv is not None
+            lost = LostAnswers(client.kv._stub, losing=("Txn",), applied=1, refused=refused)
+            monkeypatch.setattr(client.kv, "_stub", lost)
             bus.publish("fallback", key="once", action="legacy", error="test")
             event = await asyncio.wait_for(keyed(stream, "once"), 30)
             await bus._outbox.drained(30)

@@ -38,13 +38,14 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from etcd3aio._protobuf import TxnRequest
 from etcd3aio.auth import AuthService
 from tests.support.etcd_fixtures import auth_on, grant, started
-from tests.support.etcd_server import EtcdCluster, EtcdMember, frozen
+from tests.support.etcd_server import EtcdCluster, EtcdMember, frozen, leader_of
 from tests.support.locks import candidate_for, request_for
 from tests.support.lost_answers import LostAnswers
 
@@ -75,14 +76,6 @@ async def backend(three: EtcdCluster) -> AsyncIterator[EtcdBackend]:
                         prefix="/route/")
     yield store
     await store.close()
-
-
-def leader_of(cluster: EtcdCluster) -> EtcdMember:
-    deadline = time.monotonic() + 30
-    while (leader := cluster.leader()) is None:
-        assert time.monotonic() < deadline, "no leader elected"
-        time.sleep(0.05)
-    return leader
 
 
 async def routed_to(connection: EtcdConnection, endpoint: str) -> None:
@@ -605,9 +598,12 @@ async def losing_grants(three: EtcdCluster, backend: EtcdBackend,
     await on_the_route(three, backend)
     before = await leases(three)
     client = await backend.connection.client()
-    lost = LostAnswers(client.lease, losing=("grant",), applied=applied,
+    lease = client.lease
+    assert lease is not None
+    lost = LostAnswers(lease._stub, losing=("LeaseGrant",), applied=applied,
                        unanswered=unanswered)
-    monkeypatch.setattr(etcd_store, "_lease_calls", lambda member: lost)
+    monkeypatch.setattr(etcd_store, "_lease_calls",
+                        lambda member: SimpleNamespace(_stub=lost, _metadata=lease._metadata))
     return lost, before
 
 
@@ -630,7 +626,7 @@ async def test_a_lease_grant_sent_again_after_its_answer_was_lost_grants_one_lea
     # Sent again at least once; more under load (an attempt on the route found again can
     # outlast its ROUTE_TIMEOUT), each time the same grant: one ID, the lease made.
     assert lost.sent >= 2
-    assert [sent["lease_id"] for sent in lost.arguments] == [lease] * lost.sent
+    assert [sent["request"].ID for sent in lost.arguments] == [lease] * lost.sent
     client = await backend.connection.client()
     assert client.lease is not None
     attached = await client.lease.time_to_live(lease, keys=True)

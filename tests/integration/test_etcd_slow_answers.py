@@ -6,19 +6,25 @@ is a timer on the loop, which came due in the same turn as the answer read after
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import time
 from collections.abc import Coroutine
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import pytest
+from tests.support.cutting_proxy import CuttingProxy, cutting_proxy
 from tests.support.etcd_fixtures import etcd_config
-from tests.support.etcd_server import EtcdCluster, frozen
-from tests.support.locks import lock_for, request_for
+from tests.support.etcd_server import LOOPBACK, EtcdCluster, frozen, leader_of
+from tests.support.locks import candidate_for, lock_for, request_for
 from tests.support.stalls import answered_across_a_stall
 
-from enhanced_locking.backends.etcd_connection import CALL_TIMEOUT
+from enhanced_locking.backends import etcd_connection
+from enhanced_locking.backends.etcd_connection import CALL_TIMEOUT, EtcdConnection, EtcdSettings
 from enhanced_locking.backends.etcd_store import GONE_AFTER, EtcdBackend
+from enhanced_locking.backends.waiting import QueuePolicy, Status
 
 pytestmark = pytest.mark.etcd
 
@@ -84,3 +90,81 @@ async def test_a_lease_check_answered_while_the_event_loop_stalled_past_its_limi
     finally:
         await other.close()
         await backend.close()
+
+
+HELD = 4.0
+"""The limit of the calls the tests below hold across a stall (their answers come about
+1.3 s after they were sent: well within it on a loaded machine)."""
+
+
+async def held(proxy: CuttingProxy, call: Coroutine[Any, Any, T]) -> T:
+    """``call``'s answer, sent while the proxy holds its member's answers: they pass 1 s later
+    while this process's event loop is held past the call's limit (``HELD``). The member
+    itself goes on serving (frozen, a leader would be voted out meanwhile)."""
+    with proxy.holding() as release:
+        return await answered_across_a_stall(call, release, HELD)
+
+
+async def test_calls_on_the_route_answered_while_the_event_loop_stalled_keep_the_route(
+    three: EtcdCluster, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A read (the ping) and a lease grant (a lock with a TTL) sent to the leader, their
+    answers come within the route's limit while the loop is held past it: both are taken, and
+    the route stays (no search for a leader that never went). Before, the library's call
+    added a timer on the loop: the answers were lost, the route dropped, and the call sent
+    again on the balanced channel."""
+    monkeypatch.setattr(etcd_connection, "ROUTE_TIMEOUT", HELD)
+    for _ in range(3):  # on a loaded machine an election may move the leader meanwhile
+        leader = leader_of(three)
+        with cutting_proxy((LOOPBACK, leader.client_port)) as proxy:
+            endpoints = (proxy.addr, *(m.endpoint for m in three.members if m is not leader))
+            backend = EtcdBackend(EtcdConnection(EtcdSettings(endpoints=endpoints)),
+                                  prefix="/held-route/")
+            try:
+                await routed(backend, proxy.addr)
+                changes = backend.connection.leader_changes
+                await held(proxy, backend.ping())
+                candidate = candidate_for(request_for(pull=7))
+                outcome = await held(proxy, backend.acquire_or_enqueue(
+                    candidate, ttl=timedelta(seconds=60), wait=None, policy=QueuePolicy()))
+                if three.leader() is not leader:
+                    continue  # the leader moved: its route was rightly dropped
+                assert outcome.status is Status.GRANTED, outcome
+                assert backend.connection.leader == proxy.addr
+                assert backend.connection.leader_changes == changes
+                return
+            finally:
+                await backend.close()
+    pytest.fail("the leader moved in each of three tries")
+
+
+async def routed(backend: EtcdBackend, endpoint: str) -> None:
+    """Pairs until the backend's route leads to ``endpoint`` (30 s at most)."""
+    deadline = time.monotonic() + 30
+    pull = 100
+    while backend.connection.leader != endpoint:
+        assert time.monotonic() < deadline, (backend.connection.leader, endpoint)
+        pull += 1
+        granted, _ = await backend.acquire(lock_for(request_for(path=f"envs/{pull}", pull=pull)))
+        assert granted
+        await asyncio.sleep(0.05)
+
+
+async def test_a_status_answered_while_the_event_loop_stalled_is_taken(
+    three: EtcdCluster, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``Status`` (a watch's move, the search for the leader) is bounded by gRPC's deadline
+    alone too: the move from the first member takes the second, whose answer came within its
+    limit while the loop was held past it. Before, the library's timer lost that answer,
+    and the move went back to the member the watch had left."""
+    monkeypatch.setattr(etcd_connection, "STATUS_TIMEOUT", HELD)
+    first, second, _ = three.members
+    with cutting_proxy((LOOPBACK, second.client_port)) as proxy:
+        connection = EtcdConnection(EtcdSettings(endpoints=(first.endpoint, proxy.addr)))
+        try:
+            await connection.client()
+            left = three.member_id(first)
+            assert await connection.turn_besides(0, left) == 1  # (its clients made)
+            assert await held(proxy, connection.turn_besides(0, left)) == 1
+        finally:
+            await connection.close()

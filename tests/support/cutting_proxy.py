@@ -5,7 +5,9 @@ loop of its own thread (the test's loop may be busy with its clients). While ``c
 on, each chunk of an answer coming back from the upstream is, with the probability
 ``chance``, not passed on: both sides of that connection are reset instead. So the store ran
 the request (its answer was on its way) and the caller never hears it: the connection cut
-mid-reply. ``cut`` counts those.
+mid-reply. ``cut`` counts those. While :meth:`CuttingProxy.holding`, the answers are held
+(nothing passed on, nothing cut) until it is let go: the store answered in time, and the
+caller hears it only then.
 
 Nothing listens anywhere but 127.0.0.1.
 """
@@ -18,7 +20,7 @@ import random
 import socket
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 __all__ = ["CuttingProxy", "cutting_proxy"]
@@ -47,6 +49,8 @@ class CuttingProxy:
         self._server: asyncio.Server | None = None
         self.port = 0
         self._writers: set[asyncio.StreamWriter] = set()
+        self._passing: asyncio.Event | None = None
+        """Set while answers are passed on (made on the proxy's loop, :meth:`start`)."""
 
     @property
     def addr(self) -> str:
@@ -57,7 +61,27 @@ class CuttingProxy:
         self._server = asyncio.run_coroutine_threadsafe(
             asyncio.start_server(self._serve, LOOPBACK, 0), self._loop).result(10)
         self.port = int(self._server.sockets[0].getsockname()[1])
+        self._passing = asyncio.run_coroutine_threadsafe(_open(), self._loop).result(10)
         return self
+
+    @contextmanager
+    def holding(self) -> Iterator[Callable[[], None]]:
+        """Answers held for the block (every one read from the upstream from its start),
+        until the function it gives is called (from any thread) or the block ends."""
+        passing = self._passing
+        assert passing is not None, "start() the proxy first"
+
+        async def hold() -> None:
+            passing.clear()
+
+        def release() -> None:
+            self._loop.call_soon_threadsafe(passing.set)
+
+        asyncio.run_coroutine_threadsafe(hold(), self._loop).result(10)
+        try:
+            yield release
+        finally:
+            release()
 
     def close(self) -> None:
         """Stop listening and reset every connection (the upstream cut off); once only, later
@@ -100,6 +124,8 @@ class CuttingProxy:
                        answers: bool) -> None:
             try:
                 while chunk := await reader.read(65536):
+                    if answers and self._passing is not None:
+                        await self._passing.wait()
                     if answers and self.cutting and self._rng.random() < self.chance:
                         self.cut += 1
                         _reset(down_w)
@@ -121,6 +147,12 @@ class CuttingProxy:
             _reset(up_w)
         finally:
             self._writers -= {down_w, up_w}
+
+
+async def _open() -> asyncio.Event:
+    passing = asyncio.Event()
+    passing.set()
+    return passing
 
 
 @contextmanager

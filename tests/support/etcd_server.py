@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tests.support.controlplane import BinariesMissing, Process, find_etcd, free_ports
 
-__all__ = ["EtcdCluster", "EtcdMember", "EtcdServerError", "frozen"]
+__all__ = ["EtcdCluster", "EtcdMember", "EtcdServerError", "frozen", "leader_of"]
 
 LOOPBACK = "127.0.0.1"
 
@@ -177,6 +177,15 @@ class EtcdCluster:
         for member in self.members:
             if member.process is not None:
                 member.process.stop(grace=5)
+
+
+def leader_of(cluster: EtcdCluster) -> EtcdMember:
+    """The member that leads ``cluster``, once one does (30 s at most)."""
+    deadline = time.monotonic() + 30
+    while (leader := cluster.leader()) is None:
+        assert time.monotonic() < deadline, "no leader elected"
+        time.sleep(0.05)
+    return leader
 
 
 @contextlib.contextmanager

@@ -52,7 +52,7 @@ from typing import Any, Protocol, TypeVar
 
 import etcd3aio
 import grpc
-from etcd3aio._protobuf import WatchCreateRequest, WatchRequest, WatchResponse
+from etcd3aio._protobuf import StatusRequest, WatchCreateRequest, WatchRequest, WatchResponse
 
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.types import BackendUnavailable
@@ -62,7 +62,7 @@ __all__ = ["ATTEMPT_TIMEOUT", "CALL_TIMEOUT", "DOWN", "MAX_RECEIVE", "RIDE_OPS",
            "EtcdConnection", "EtcdSettings", "Landing", "LoginRefused", "Passenger", "TxnCall",
            "Watch",
            "WatchCanceled", "WatchEnded", "kv_calls", "leader_first", "refused_watch",
-           "stale_token", "unavailable", "unreachable", "watching"]
+           "stale_token", "unary", "unavailable", "unreachable", "watching"]
 
 log = logging.getLogger(__name__)
 
@@ -693,8 +693,7 @@ class EtcdConnection:
         if member.maintenance is None:
             return None
         member.maintenance._metadata = client.kv._metadata  # the current token
-        status = await member.maintenance.status(timeout=STATUS_TIMEOUT, max_attempts=1)
-        return status
+        return await unary(_maintenance_calls, "Status", _STATUS)(member, STATUS_TIMEOUT)
 
     def _unroute(self) -> None:
         if self._client is not None:
@@ -1297,11 +1296,45 @@ def kv_calls(client: etcd3aio.Etcd3Client) -> Any:
     return client.kv
 
 
+def _maintenance_calls(client: etcd3aio.Etcd3Client) -> Any:
+    """The client's maintenance calls (``Status``); see :func:`kv_calls`."""
+    if client.maintenance is None:
+        raise etcd3aio.EtcdConnectionError("the client is not connected")
+    return client.maintenance
+
+
+_STATUS = StatusRequest()
+
+
+def unary(calls: Callable[[etcd3aio.Etcd3Client], Any], method: str,
+          request: Any) -> Callable[[etcd3aio.Etcd3Client, float], Awaitable[Any]]:
+    """``request`` to the gRPC ``method`` of a client's service (``calls(client)``:
+    :func:`kv_calls`...), as a call :func:`leader_first` sends (``call(client, deadline)``):
+    the library's own method (its stub on the client's channel, with the service's auth
+    token), bounded by the call's gRPC deadline alone.
+
+    gRPC's core keeps that deadline off the event loop: an answer that came within it is
+    taken however late the loop reads it. The library's calls add a timer on the loop
+    (``asyncio.timeout``): after the loop stalled past it (a loaded machine), the timer and
+    the answer came due in one turn and the answer was lost. A read on the route to the
+    leader then dropped the route (for a leader that never went) and failed, or was sent
+    again; a member's ``Status`` was taken for no answer. Failures are gRPC's own errors
+    (``DOWN``; :func:`unreachable` maps them as it maps the library's)."""
+
+    def call(client: etcd3aio.Etcd3Client, deadline: float) -> Awaitable[Any]:
+        service = calls(client)
+        send = getattr(service._stub, method)
+        return send(request, metadata=service._metadata or None,  # type: ignore[no-any-return]
+                    timeout=deadline)
+
+    return call
+
+
 async def leader_first(connection: EtcdConnection,
                        call: Callable[[etcd3aio.Etcd3Client, float], Awaitable[T]], *,
                        write: bool = False) -> T:
-    """``call(client, deadline)``, one of the library's unary calls (with ``max_attempts=1``:
-    its own retries share one deadline), sent as the steps' transactions are: to the leader
+    """``call(client, deadline)``, a unary call bounded by its gRPC deadline alone
+    (:func:`unary`), sent as the steps' transactions are: to the leader
     when the route to it is known (a frozen follower is never asked, and a write is served
     without the hops a follower adds), else on the balanced channel. An attempt on the route
     has ``ROUTE_TIMEOUT`` (a failed one drops the route, as a transaction's does). On the

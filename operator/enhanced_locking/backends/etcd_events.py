@@ -39,7 +39,7 @@ from typing import Any
 
 import etcd3aio
 import grpc
-from etcd3aio._protobuf import Compare, TxnRequest
+from etcd3aio._protobuf import Compare, DeleteRangeRequest, RangeRequest, TxnRequest
 from pydantic import TypeAdapter, ValidationError
 
 from enhanced_locking.backends.etcd_connection import (
@@ -51,6 +51,7 @@ from enhanced_locking.backends.etcd_connection import (
     Watch,
     kv_calls,
     leader_first,
+    unary,
     watching,
 )
 from enhanced_locking.backends.outbox import RETRY_FIRST, RETRY_MAX
@@ -167,8 +168,8 @@ class EtcdEventBus(SharedEventBus):
         success = [_KV.txn_op_put(self.key, value), _KV.txn_op_put(self.writer, tag)]
         failure = [_KV.txn_op_get(self.writer)]
         self.writes += 1
-        answer = await leader_first(self.connection, lambda member, deadline: kv_calls(
-            member).txn([compare], success, failure, timeout=deadline, max_attempts=1))
+        answer = await leader_first(self.connection, unary(kv_calls, "Txn", TxnRequest(
+            compare=[compare], success=success, failure=failure)))
         if not answer.succeeded:
             kvs = answer.responses[0].response_range.kvs
             now = bytes(kvs[0].value) if kvs else None
@@ -182,15 +183,15 @@ class EtcdEventBus(SharedEventBus):
         """A read of the events key, sent as the store's reads are (:func:`leader_first`: on
         the balanced channel in attempts of their own, so a frozen member costs an attempt,
         not the call)."""
-        return await leader_first(self.connection, lambda member, deadline: kv_calls(
-            member).get(self.key, timeout=deadline, max_attempts=1, **options))
+        return await leader_first(self.connection, unary(
+            kv_calls, "Range", RangeRequest(key=self.key, **options)))
 
     async def _disconnect(self) -> None:
         if self._known is not None:  # the writer key goes with its process (best effort)
             with contextlib.suppress(*_DOWN, BackendUnavailable):
                 client = await self.connection.client()
-                await kv_calls(client).delete(self.writer, timeout=ATTEMPT_TIMEOUT,
-                                              max_attempts=1)
+                await unary(kv_calls, "DeleteRange", DeleteRangeRequest(key=self.writer))(
+                    client, ATTEMPT_TIMEOUT)
         await self.connection.close()
 
     # --- reading -----------------------------------------------------------------------------

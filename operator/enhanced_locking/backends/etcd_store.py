@@ -87,9 +87,13 @@ import etcd3aio
 import grpc
 from etcd3aio._protobuf import (
     Compare,
+    DeleteRangeRequest,
+    LeaseGrantRequest,
     LeaseKeepAliveRequest,
     LeaseKeepAliveResponse,
+    LeaseRevokeRequest,
     LeaseTimeToLiveRequest,
+    RangeRequest,
 )
 from etcd3aio._protobuf import TxnRequest as _TxnRequest
 
@@ -109,6 +113,7 @@ from enhanced_locking.backends.etcd_connection import (
     kv_calls,
     leader_first,
     stale_token,
+    unary,
     unavailable,
     unreachable,
     watching,
@@ -923,20 +928,13 @@ class EtcdBackend(StoreBackend):
         is at most the TTL it was granted less that. ``BackendUnavailable`` when etcd does not
         answer.
 
-        Sent through the library's gRPC method (its stub and auth token), bounded by the
-        call's gRPC deadline alone, which gRPC's core keeps off the event loop: an answer that
-        came within it is taken however late the loop reads it (as a renewal's, ``_renew``).
-        The library's call adds a timer on the loop (``asyncio.timeout``): after the loop
-        stalled past it, the answer was lost and the replica counted alive for that step."""
+        Bounded by the call's gRPC deadline alone (:func:`unary`): an answer that came within
+        it is taken however late the loop reads it (as a renewal's, ``_renew``). With the
+        library's call (a timer on the loop), after the loop stalled past it the answer was
+        lost and the replica counted alive for that step."""
         asked = time.monotonic()
         self.round_trips += 1
-        request = LeaseTimeToLiveRequest(ID=lease)
-
-        def check(member: etcd3aio.Etcd3Client, deadline: float) -> Awaitable[Any]:
-            service = _lease_calls(member)
-            return service._stub.LeaseTimeToLive(  # type: ignore[no-any-return]
-                request, metadata=service._metadata or None, timeout=deadline)
-
+        check = unary(_lease_calls, "LeaseTimeToLive", LeaseTimeToLiveRequest(ID=lease))
         async with unavailable(self.connection, "lease check", key=key):
             answer = await leader_first(self.connection, check)
         if int(answer.TTL) < 0:
@@ -1579,13 +1577,13 @@ class EtcdBackend(StoreBackend):
         lease_id = _lease_id()
         sent = 0
         theirs = False
+        once = unary(_lease_calls, "LeaseGrant", LeaseGrantRequest(TTL=ttl, ID=lease_id))
 
         async def grant(member: etcd3aio.Etcd3Client, deadline: float) -> int:
             nonlocal sent, theirs
             sent += 1
             try:
-                answer = await _lease_calls(member).grant(ttl, lease_id, timeout=deadline,
-                                                          max_attempts=1)
+                answer = await once(member, deadline)
             except grpc.aio.AioRpcError as error:
                 if _lease_exists(error):
                     if sent > 1:
@@ -1605,8 +1603,8 @@ class EtcdBackend(StoreBackend):
     async def _revoke(self, lease: int) -> None:
         with contextlib.suppress(Exception):
             client = await self.connection.client()
-            assert client.lease is not None
-            await client.lease.revoke(lease, timeout=CALL_TIMEOUT)
+            await unary(_lease_calls, "LeaseRevoke", LeaseRevokeRequest(ID=lease))(
+                client, CALL_TIMEOUT)
 
     @staticmethod
     async def _quietly(work: Awaitable[Any]) -> None:
@@ -1633,8 +1631,8 @@ class EtcdBackend(StoreBackend):
         async def delete() -> None:
             with contextlib.suppress(Exception):
                 client = await self.connection.client()
-                assert client.kv is not None
-                await client.kv.delete(self.notice_key(waiter_id), timeout=CALL_TIMEOUT)
+                await unary(kv_calls, "DeleteRange", DeleteRangeRequest(
+                    key=self.notice_key(waiter_id)))(client, CALL_TIMEOUT)
 
         with contextlib.suppress(RuntimeError):
             self._spawn(delete())
@@ -1658,10 +1656,9 @@ class EtcdBackend(StoreBackend):
             client = await self.connection.client()
             self.session_lease = await self._grant_lease(SESSION_TTL, key=None)
             self._steady = self._renewal = time.monotonic()
-            assert client.kv is not None
             async with unavailable(self.connection, "watch"):
-                start = int((await client.kv.get(self.base, timeout=CALL_TIMEOUT))
-                            .header.revision)
+                start = int((await unary(kv_calls, "Range", RangeRequest(key=self.base))(
+                    client, CALL_TIMEOUT)).header.revision)
             self._session = asyncio.create_task(self._keep_alive(self.session_lease),
                                                 name="etcd-session")
             if self._watch is None or self._watch.done():
@@ -1821,6 +1818,7 @@ class EtcdBackend(StoreBackend):
         release wrote) is logged once and skipped, and the next ones are still delivered
         (:meth:`_heard`)."""
         behind = 0  # the newest notice the last read delivered (the watch had not brought it)
+        read = unary(kv_calls, "Range", RangeRequest(key=notices, range_end=_prefix_end(notices)))
         while True:
             await asyncio.sleep(WATCH_CHECK)
             pending = set(self._notifier.local.pending())
@@ -1831,9 +1829,7 @@ class EtcdBackend(StoreBackend):
                 continue
             try:
                 async with unavailable(self.connection, "read of notices"):
-                    answer = await leader_first(
-                        self.connection, lambda member, deadline: kv_calls(member).get(
-                            notices, _prefix_end(notices), timeout=deadline, max_attempts=1))
+                    answer = await leader_first(self.connection, read)
             except BackendUnavailable:
                 continue
             missed = 0
@@ -2269,8 +2265,8 @@ class EtcdBackend(StoreBackend):
         outage like any other."""
         try:
             async with unavailable(self.connection, "ping"):
-                await leader_first(self.connection, lambda member, deadline: kv_calls(
-                    member).get(self.base + b"ping", timeout=deadline, max_attempts=1))
+                await leader_first(self.connection, unary(
+                    kv_calls, "Range", RangeRequest(key=self.base + b"ping")))
         except LoginRefused as refused:
             if self._pinged:
                 raise
