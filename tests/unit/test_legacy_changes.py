@@ -25,9 +25,11 @@ from tests.support.locks import lock_for, request_for
 from enhanced_locking.backends import EmbeddedBackend, codec
 from enhanced_locking.backends.embedded import open_database
 from enhanced_locking.types import (
+    AcquireResult,
     BackendUnavailable,
     Lock,
     LockNotOwned,
+    LockRequest,
     LockUnreadable,
     Reason,
     utcnow,
@@ -335,6 +337,47 @@ async def test_a_grant_on_the_general_path_checks_legacy_too(
     again = await service.router.acquire(request)
     assert not again.acquired and again.reason is Reason.HELD
     assert again.holder is not None and again.holder.backend == "legacy"
+
+
+async def test_a_pull_asking_again_keeps_its_hold_when_legacy_is_taken_between_the_looks(
+    make_service: ServiceMaker, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The pull holds the key on the enhanced side and asks again (a request that waits: the
+    looks' path); another writer takes the key on legacy after the look before the grant and
+    before the look after it. The router refuses, naming legacy's holder, as it would have
+    refused a fresh grant; the hold the pull had before this request stays (the request did
+    not make it, so backing off does not undo it) and the double hold is reported."""
+    service = await make_service(enabled=True, migration_weight=100)
+    path = service.provider.current.config.data_path
+    request = request_for(pull=1)
+    held = await service.router.acquire(request)
+    assert held.acquired and held.lock is not None and held.lock.backend == "enhanced"
+    enhanced = service.enhanced
+    assert enhanced is not None
+    taken = legacy_lock(2)
+    grant = enhanced.acquire
+
+    async def granted_then_taken_on_legacy(asked: LockRequest) -> AcquireResult:
+        result = await grant(asked)
+        plain_writer(path, "INSERT INTO locks (ns, key, repo, pull, data, counter, held) "
+                     "VALUES ('legacy', ?, ?, ?, ?, 5, 1) ON CONFLICT DO NOTHING",
+                     taken.key, *taken.owner, codec.encode(taken))
+        return result
+
+    monkeypatch.setattr(enhanced, "acquire", granted_then_taken_on_legacy)
+    again = await service.router.acquire(request_for(pull=1, wait=timedelta(seconds=0.3)))
+    assert not again.acquired
+    assert again.holder is not None and again.holder.owner == taken.owner
+    assert await enhanced.backend.get(request.key) == held.lock, "the pull's hold was lost"
+    assert [(c.key, c.source) for c in service.migration.conflicts.items()] == [
+        (request.key, "acquire")]
+    # Once one of the two lets go, reconciliation forgets the report.
+    monkeypatch.undo()
+    assert await service.router.release(request.key, owner=taken.owner) is not None
+    await service.migration.fallback.reconcile()
+    assert service.migration.conflicts.items() == []
+    mine = await service.router.acquire(request)
+    assert mine.acquired and not mine.fresh and mine.lock == held.lock
 
 
 async def test_a_release_not_owned_is_refused_and_a_foreign_pull_releases_nothing(

@@ -45,7 +45,8 @@ class LockConflict:
     legacy: Lock
     enhanced: Lock
     source: str
-    """Who found it: ``fallback`` (reconciliation) or ``weight-move`` (a move settling)."""
+    """Who found it: ``fallback`` (reconciliation), ``weight-move`` (a move settling) or
+    ``acquire`` (a pull asking again for its hold found another pull's on the other side)."""
     found_at: datetime
 
     def as_dict(self) -> dict[str, Any]:

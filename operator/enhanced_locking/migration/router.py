@@ -519,13 +519,27 @@ class Router(AtlantisCalls):
                 raise
             unchecked = unchecked or missed
             if (foreign := _foreign(held, owner)) is not None:
-                # the other side granted meanwhile: back off, never share
-                await primary.release(request.key, owner=owner)
+                # The other side granted meanwhile: back off, never share. Only a grant this
+                # request made is undone: a hold its pull had before it (asked again) is not
+                # this request's to drop (its pull would lose a lock it holds); both sides now
+                # hold the key for different pulls, which is reported.
+                if result.fresh:
+                    await primary.release(request.key, owner=owner)
+                elif result.lock is not None:
+                    self._double_held(result.lock, foreign)
                 return AcquireResult.refused(request.key, Reason.HELD, foreign)
         if unchecked and result.acquired and result.lock is not None:
             self.metrics.fallback("unchecked")
             await self._journal_grant(result.lock)
         return result
+
+    def _double_held(self, mine: Lock, other: Lock) -> None:
+        """Report ``mine`` and ``other``, holds of one key by different pulls on the two
+        sides (reconciliation forgets the report once one of them is released)."""
+        if self.migration is not None:
+            legacy, enhanced = (mine, other) if mine.backend == "legacy" else (other, mine)
+            self.migration.conflicts.report(key=mine.key, legacy=legacy, enhanced=enhanced,
+                                            source="acquire")
 
     async def _holder_on(self, locker: Locker, key: str) -> tuple[Lock | None, bool]:
         """Who holds ``key`` on ``locker``, and whether the answer is missing because the
