@@ -19,8 +19,6 @@ from typing import Any
 
 from enhanced_locking.backends import Backend, EmbeddedBackend, MemoryBackend
 from enhanced_locking.backends.atlantis_redis import AtlantisRedisBackend
-from enhanced_locking.backends.etcd_events import EtcdEventBus
-from enhanced_locking.backends.etcd_store import EtcdBackend
 from enhanced_locking.backends.redis_events import RedisEventBus
 from enhanced_locking.backends.redis_store import RedisBackend
 from enhanced_locking.backends.shared_events import SharedEventBus
@@ -68,6 +66,9 @@ def _redis(config: EnhancedLockingConfig, namespace: str, replica_id: str | None
 
 
 def _etcd(config: EnhancedLockingConfig, namespace: str, replica_id: str | None) -> Backend:
+    # etcd's modules (its client, gRPC) are loaded only by a service that uses etcd.
+    from enhanced_locking.backends.etcd_store import EtcdBackend
+
     return EtcdBackend.from_config(config, namespace)
 
 
@@ -171,6 +172,8 @@ def _event_bus(config: EnhancedLockingConfig, kind: str | None, *,
     if kind == "redis":
         return RedisEventBus.from_config(config, enabled=enabled)
     if kind == "etcd":
+        from enhanced_locking.backends.etcd_events import EtcdEventBus
+
         return EtcdEventBus.from_config(config, enabled=enabled)
     return EventBus(enabled=enabled)
 
@@ -386,9 +389,13 @@ class LockService:
             log.info("events now on the %s bus (were on the %s bus)", self.events.bus.name,
                      retired.name)
         bus = self.events.bus
-        if (isinstance(backend, EtcdBackend) and isinstance(bus, EtcdEventBus)
-                and backend.connection.settings == bus.connection.settings):
-            backend.carry(bus)  # the events ride in the lock steps' transactions
+        if bus.name == "etcd":  # (an etcd bus: the etcd modules are loaded)
+            from enhanced_locking.backends.etcd_events import EtcdEventBus
+            from enhanced_locking.backends.etcd_store import EtcdBackend
+
+            if (isinstance(backend, EtcdBackend) and isinstance(bus, EtcdEventBus)
+                    and backend.connection.settings == bus.connection.settings):
+                backend.carry(bus)  # the events ride in the lock steps' transactions
         previous, self.enhanced = self.enhanced, locker
         self._enhanced_identity = identity
         return previous, retired

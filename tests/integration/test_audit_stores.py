@@ -36,7 +36,6 @@ from enhanced_locking.api.audit_routes import CURSOR_PATTERN
 from enhanced_locking.backends.audit_store import (
     AuditQuery,
     AuditStore,
-    EtcdAuditStore,
     MemoryAuditStore,
     RedisAuditStore,
     Retention,
@@ -44,6 +43,7 @@ from enhanced_locking.backends.audit_store import (
     build_audit_store,
     entry_json,
 )
+from enhanced_locking.backends.etcd_audit import EtcdAuditStore
 from enhanced_locking.backends.etcd_connection import EtcdConnection, EtcdSettings
 from enhanced_locking.backends.redis_connection import connect
 from enhanced_locking.config import EnhancedLockingConfig

@@ -1,0 +1,147 @@
+"""The audit trail on etcd (see :mod:`~enhanced_locking.backends.audit_store`): a module of
+its own, so a service that does not use etcd never loads etcd's client and gRPC."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import datetime
+
+from enhanced_locking.backends.audit_store import (
+    _ETCD_ID,
+    _ETCD_LAST_MICROS,
+    _SCAN_CHUNK,
+    PRUNE_EVERY,
+    AuditQuery,
+    Retention,
+    _micros,
+    _prefix_end,
+    _stored,
+    entry_json,
+)
+from enhanced_locking.backends.etcd_connection import CALL_TIMEOUT, EtcdConnection, unavailable
+from enhanced_locking.backends.outbox import Outbox
+from enhanced_locking.types import AuditEntry, BackendUnavailable, utcnow
+
+__all__ = ["EtcdAuditStore"]
+
+
+class EtcdAuditStore:
+    """One key per entry under ``{etcd-key-prefix}audit/``, shared by every replica.
+
+    The key is ``audit/{time in µs, 16 digits}-{random}``, and its last part is the entry's id:
+    keys sort by time (strictly rising within a replica), so pages are read newest first by
+    key, ``before`` is a key bound, and the entries older than the retention are one range
+    delete.
+
+    Written behind, like the events: an entry joins an outbox and one task writes the entries
+    of up to 10 ms in one transaction. The audited call never waits for etcd (a consensus
+    write, which takes seconds while a leader is elected, would hold up the lock's answer);
+    a read on this replica first waits, for as long as a call may take, until what it wrote
+    is in. While etcd is away the outbox keeps up to ``capacity`` entries (older ones are
+    dropped and counted in :attr:`dropped`); a replica killed outright loses the entries of
+    its last 10 ms from the trail (they were written to stdout already).
+    """
+
+    kind = "etcd"
+    coalesce = 0.01
+    batch_limit = 100  # puts in one transaction: below etcd's default --max-txn-ops (128)
+    capacity = 10_000
+
+    def __init__(self, connection: EtcdConnection, prefix: str, retention: Retention) -> None:
+        self._connection = connection
+        self._prefix = f"{prefix}audit/".encode()
+        self._retention = retention
+        self._appended = 0
+        self._last = 0
+        self._outbox = Outbox[tuple[bytes, bytes]](
+            self._write, what="audit entries", task_name="etcd-audit-write",
+            down=(BackendUnavailable,), capacity=self.capacity, coalesce=self.coalesce,
+            batch_limit=self.batch_limit)
+
+    @property
+    def dropped(self) -> int:
+        """Entries lost because etcd stayed away longer than the outbox could hold them."""
+        return self._outbox.dropped
+
+    @property
+    def waiting(self) -> int:
+        return len(self._outbox)
+
+    def _key_at(self, moment: datetime) -> bytes:
+        """The key of ``moment``'s first entry; a time the key's 16 digits cannot write (before
+        1970, after 2286) is the first or last key they can."""
+        micros = min(max(_micros(moment), 0), _ETCD_LAST_MICROS)
+        return self._prefix + f"{micros:016d}".encode()
+
+    async def append(self, entry: AuditEntry) -> AuditEntry:
+        self._last = max(_micros(entry.time), self._last + 1)
+        stored = entry.with_id(f"{self._last:016d}-{secrets.token_hex(4)}")
+        self._outbox.put((self._prefix + stored.id.encode(),
+                          entry_json(stored).encode()))
+        return stored
+
+    async def _write(self, batch: list[tuple[bytes, bytes]]) -> None:
+        async with unavailable(self._connection, "audit write"):
+            client = await self._connection.client()
+            assert client.kv is not None
+            await client.kv.txn(
+                [], [client.kv.txn_op_put(key, value) for key, value in batch],
+                timeout=CALL_TIMEOUT)
+            if self._appended % PRUNE_EVERY + len(batch) >= PRUNE_EVERY or not self._appended:
+                await self._prune()
+        self._appended += len(batch)
+
+    async def _prune(self) -> None:
+        from etcd3aio._protobuf import RangeRequest
+
+        client = await self._connection.client()
+        assert client.kv is not None
+        await client.kv.delete(self._prefix, self._key_at(utcnow() - self._retention.max_age),
+                               timeout=CALL_TIMEOUT)
+        end = _prefix_end(self._prefix)
+        count = (await client.kv.get(self._prefix, end, count_only=True,
+                                     timeout=CALL_TIMEOUT)).count
+        extra = int(count) - self._retention.max_entries
+        if extra > 0:
+            oldest = await client.kv.get(self._prefix, end, limit=extra, keys_only=True,
+                                         sort_order=RangeRequest.ASCEND,
+                                         sort_target=RangeRequest.KEY, timeout=CALL_TIMEOUT)
+            if oldest.kvs:
+                await client.kv.delete(self._prefix, bytes(oldest.kvs[-1].key) + b"\0",
+                                       timeout=CALL_TIMEOUT)
+
+    async def read(self, query: AuditQuery) -> list[AuditEntry]:
+        from etcd3aio._protobuf import RangeRequest
+
+        await self._outbox.drained(CALL_TIMEOUT)
+        low = self._key_at(query.since) if query.since is not None else self._prefix
+        high = self._key_at(query.until) if query.until is not None else _prefix_end(
+            self._prefix)
+        if query.before is not None:
+            if not _ETCD_ID.fullmatch(query.before):
+                raise ValueError(f"not an etcd audit id: {query.before!r}")
+            high = min(high, self._prefix + query.before.encode())
+        found: list[AuditEntry] = []
+        async with unavailable(self._connection, "audit read"):
+            client = await self._connection.client()
+            assert client.kv is not None
+            while len(found) < query.limit and low < high:
+                answer = await client.kv.get(low, high, limit=_SCAN_CHUNK,
+                                             sort_order=RangeRequest.DESCEND,
+                                             sort_target=RangeRequest.KEY, timeout=CALL_TIMEOUT)
+                for kv in answer.kvs:
+                    entry = _stored(bytes(kv.value), entry_id=None,
+                                    where=bytes(kv.key).decode(errors="replace"))
+                    if entry is not None and query.matches(entry):
+                        found.append(entry)
+                        if len(found) == query.limit:
+                            break
+                if len(answer.kvs) < _SCAN_CHUNK:
+                    break
+                high = bytes(answer.kvs[-1].key)
+        return found
+
+    async def close(self) -> None:
+        await self._outbox.drained(2.0)
+        await self._outbox.stop()
+        await self._connection.close()
