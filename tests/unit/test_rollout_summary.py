@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from enhanced_locking.kube.lockmigration import LockMigrationSpec, read_status
 from enhanced_locking.kubectl import render_tree
 from enhanced_locking.rollout_summary import summarize
 from enhanced_locking.terminal import Style
@@ -30,13 +31,24 @@ def migration(**status: Any) -> dict[str, Any]:
             "analysis": {"measuredAt": "2030-01-01T00:09:50Z", "windowSeconds": 300,
                          "errorRate": 0.02, "fallbacks": 0},
             "conditions": [
-                {"type": "Ready", "status": "True", "reason": "Applied", "message": ""},
-                {"type": "Paused", "status": "True", "reason": "PauseStep", "message": "m"},
+                {"type": "Ready", "status": "True", "reason": "Applied", "message": "",
+                 "lastTransitionTime": "2030-01-01T00:00:00Z"},
+                {"type": "Paused", "status": "True", "reason": "PauseStep", "message": "m",
+                 "lastTransitionTime": "2030-01-01T00:04:00Z"},
             ],
             "statusWriter": "replica-a", "lastSeenAt": "2030-01-01T00:09:30Z",
             **status,
         },
     }
+
+
+def test_the_object_read_here_is_one_the_operator_s_models_read_whole() -> None:
+    # The summary reads the JSON, not the operator's models (the plugin may be another
+    # version than the operator); the names it reads are the models' all the same, so a field
+    # renamed there fails here rather than showing as missing.
+    body = migration()
+    LockMigrationSpec.model_validate(body["spec"])
+    assert read_status(body["status"])[1] == []
 
 
 def test_the_step_in_force_is_marked_with_the_time_left_of_its_pause() -> None:
