@@ -15,7 +15,8 @@
 Exit codes: 0 done; 1 refused (lock held, not found, not owned; ``serve``: its store could not
 be opened); 2 invalid usage, config or URL (``serve``: also an address it cannot listen on);
 3 the service could not be reached or could not serve the call now (its 503 or 429: a store
-did not answer, it is overloaded), or what answered is not the service.
+did not answer, it is overloaded), took the call and sent no answer in time, or what answered
+is not the service.
 What goes to stdout and stderr is :mod:`enhanced_locking.terminal`'s one convention. ``--url``
 and ``--token`` may stand before or after any command word.
 """

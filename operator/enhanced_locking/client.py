@@ -7,6 +7,7 @@ verified against ``ENHANCED_LOCKING_CA_FILE`` when set (else the system's CAs).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import ssl
@@ -17,6 +18,7 @@ from typing import Any
 
 import httpx
 
+from enhanced_locking.durations import DEFAULT_MAX_TIMEOUT, parse_duration
 from enhanced_locking.events import FOLLOWING_COMMENT, KEEPALIVE_SECONDS, STREAM_SILENCE_SECONDS
 from enhanced_locking.service_address import (
     DEFAULT_URL,
@@ -91,21 +93,32 @@ class Client:
             if timeout is not None:
                 kwargs["timeout"] = timeout
             response = self._http.request(method, path, **kwargs)
+        except httpx.ReadTimeout as error:
+            raise ServiceError(0, _no_answer(self._http.base_url, error)) from None
         except httpx.HTTPError as error:
             raise ServiceError(0, f"cannot reach the lock service at "
                                   f"{shown_url(self._http.base_url)}: {error}") from None
         return _answer(response, ok, absent=absent)
 
+    def _default_wait(self, request: LockRequest | BatchLockRequest) -> float | None:
+        """For a request that waits without a duration, the service's default timeout in
+        seconds (:func:`_default_wait_of`); else None."""
+        if request.wait is not True:
+            return None
+        return _default_wait_of(*self._call("GET", "/v1/config", ok=_CONFIG_ANSWERS))
+
     def acquire(self, request: LockRequest) -> AcquireResult:
         """Acquire (waiting if ``request.wait`` says so); refusals come back as results."""
         status, body = self._call("POST", "/v1/locks", ok=_ACQUIRE_ANSWERS,
-                                  timeout=_read_timeout(request), json=_body(request))
+                                  timeout=_read_timeout(request, self._default_wait(request)),
+                                  json=_body(request))
         return AcquireResult.model_validate(_acquire_answer(status, body))
 
     def acquire_batch(self, request: BatchLockRequest) -> BatchResult:
         """Acquire several locks all or nothing; refusals come back as results."""
         status, body = self._call("POST", "/v1/locks/batch", ok=_ACQUIRE_ANSWERS,
-                                  timeout=_read_timeout(request), json=_body(request))
+                                  timeout=_read_timeout(request, self._default_wait(request)),
+                                  json=_body(request))
         return BatchResult.model_validate(_acquire_answer(status, body))
 
     def release_batch(self, keys: Iterable[str], *, pull: int | None = None,
@@ -249,14 +262,21 @@ class AsyncClient:
                     absent: str | None = None, **kwargs: Any) -> tuple[int, Any]:
         try:
             response = await self._http.request(method, path, **kwargs)
+        except httpx.ReadTimeout as error:
+            raise ServiceError(0, _no_answer(self._http.base_url, error)) from None
         except httpx.HTTPError as error:
             raise ServiceError(0, f"cannot reach the lock service at "
                                   f"{shown_url(self._http.base_url)}: {error}") from None
         return _answer(response, ok, absent=absent)
 
     async def acquire(self, request: LockRequest) -> AcquireResult:
+        default_wait = None
+        if request.wait is True:  # see Client._default_wait
+            default_wait = _default_wait_of(
+                *await self._call("GET", "/v1/config", ok=_CONFIG_ANSWERS))
         status, body = await self._call("POST", "/v1/locks", ok=_ACQUIRE_ANSWERS,
-                                        json=_body(request), timeout=_read_timeout(request))
+                                        json=_body(request),
+                                        timeout=_read_timeout(request, default_wait))
         return AcquireResult.model_validate(_acquire_answer(status, body))
 
     async def queue(self, key: str) -> dict[str, Any]:
@@ -312,13 +332,52 @@ def _body(request: LockRequest | BatchLockRequest) -> Any:
     return request.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
-def _read_timeout(request: LockRequest | BatchLockRequest) -> httpx.Timeout:
-    """Wait at least as long as the request may wait in the queue, plus a margin."""
+WAIT_MARGIN = 30.0
+"""Seconds an acquire's answer may take past its wait in the queue: the service's own work."""
+
+_DEFAULT_TIMEOUT = "enhanced-locking-default-timeout"
+"""The setting, in ``GET /v1/config``'s ``config``, that a wait without a duration waits."""
+
+_CONFIG_ANSWERS = (200, 401, 403)
+"""``GET /v1/config``'s statuses a waiting acquire goes on after (see :func:`_default_wait_of`)."""
+
+
+def _default_wait_of(status: int, body: dict[str, Any]) -> float:
+    """How long a request that waits without a duration (``wait: true``) waits, in seconds:
+    the service's ``enhanced-locking-default-timeout``, from its ``GET /v1/config`` answer.
+    Only the service knows it. A caller that may not read the configuration (401, 403: a
+    Role narrowed to its repositories), or a service that does not say, is given the longest
+    wait of a service with default settings, its ``enhanced-locking-max-timeout``: a longer
+    default needs the wait's duration written out."""
+    config = body.get("config") if status == 200 else None
+    said = config.get(_DEFAULT_TIMEOUT) if isinstance(config, dict) else None
+    if isinstance(said, str):
+        with contextlib.suppress(ValueError):
+            return parse_duration(said).total_seconds()
+    return DEFAULT_MAX_TIMEOUT.total_seconds()
+
+
+def _read_timeout(request: LockRequest | BatchLockRequest,
+                  default_wait: float | None = None) -> httpx.Timeout:
+    """As long as the request may wait in the queue, plus :data:`WAIT_MARGIN`; a wait without
+    a duration waits ``default_wait`` (the service's, :func:`_default_wait_of`)."""
     wait = request.wait
-    if wait is True:  # up to the server's default-timeout, which only the server knows
-        return httpx.Timeout(10.0, read=None)
-    seconds = wait.total_seconds() if isinstance(wait, timedelta) else 0.0
-    return httpx.Timeout(10.0, read=seconds + 30.0)
+    if wait is True:
+        seconds = default_wait if default_wait is not None else DEFAULT_MAX_TIMEOUT.total_seconds()
+    else:
+        seconds = wait.total_seconds() if isinstance(wait, timedelta) else 0.0
+    return httpx.Timeout(10.0, read=seconds + WAIT_MARGIN)
+
+
+def _no_answer(base_url: httpx.URL, error: httpx.ReadTimeout) -> str:
+    """The message of a call whose answer did not come within its read timeout."""
+    try:
+        read = error.request.extensions.get("timeout", {}).get("read")
+    except RuntimeError:  # no request on the error
+        read = None
+    within = f" within {read:g}s" if isinstance(read, int | float) else ""
+    return (f"the lock service at {shown_url(base_url)} did not answer{within}: given up (it, "
+            "or a proxy between, took the call and sent nothing back)")
 
 
 def _answer(response: httpx.Response, ok: tuple[int, ...], *,

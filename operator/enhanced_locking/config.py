@@ -34,7 +34,13 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from enhanced_locking.durations import DURATION_FORM, Duration, Ttl, format_duration
+from enhanced_locking.durations import (
+    DEFAULT_MAX_TIMEOUT,
+    DURATION_FORM,
+    Duration,
+    Ttl,
+    format_duration,
+)
 from enhanced_locking.policies import PolicyRules
 from enhanced_locking.types import BackendName, UnusableSetting
 
@@ -235,7 +241,7 @@ class EnhancedLockingConfig(BaseSettings):
         "waits; a request without wait fails fast.",
     )
     max_timeout: Duration = Field(
-        timedelta(minutes=5), description="Longest wait a request may ask for (more is refused)."
+        DEFAULT_MAX_TIMEOUT, description="Longest wait a request may ask for (more is refused)."
     )
     max_queue_size: Integer = Field(
         1000, ge=1, le=1_000_000, description="Most waiters queued on one lock key."

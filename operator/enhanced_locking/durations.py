@@ -37,6 +37,10 @@ _MAX_MICROS = (2**63 - 1) // 1000  # Go's time.Duration is int64 nanoseconds
 # and with digits: exactly what ``DURATION_PATTERN`` publishes, so schema and parser agree.
 _PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ns|us|µs|ms|s|m|h)")
 MAX_LENGTH = 32
+DEFAULT_MAX_TIMEOUT = timedelta(minutes=5)
+"""``enhanced-locking-max-timeout`` unless set: the longest wait of a service with default
+settings (a client that may not read a service's configuration bounds a wait by it)."""
+
 # Written once for both Python and the CRD schemas (a JSON-schema `pattern`).
 DURATION_PATTERN = r"^(0|([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+)$"
 

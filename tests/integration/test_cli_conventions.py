@@ -6,11 +6,13 @@ Each command runs as a real subprocess against a real ``enhanced-locking serve``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.server
 import json
 import os
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 
@@ -21,7 +23,9 @@ from tests.support.loopback_http import serving
 from tests.support.service import enhanced_locking_command, free_port, scrubbed_env
 
 from enhanced_locking import cli
+from enhanced_locking.client import Client, ServiceError
 from enhanced_locking.config import settings
+from enhanced_locking.types import LockRequest
 
 
 def test_version_names_the_package_version() -> None:
@@ -284,3 +288,63 @@ def test_a_password_in_the_url_is_never_shown() -> None:
     assert "got 'http://127.0.0.1:99999'" in malformed.stderr
     for result in (step, listing, malformed):
         assert "pw-s3cret-77" not in result.stdout + result.stderr
+
+
+def test_a_bare_wait_on_a_server_that_never_answers_ends_with_one_line_exit_3() -> None:
+    """``lock acquire --wait`` without a duration waits the service's default timeout, which
+    only the service knows: its answer is bounded by what the service says it is. A server
+    that accepts the connection and never answers (a stopped process, a stuck proxy) ends the
+    command with one line and exit 3, not a hang."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)  # connections are accepted by the kernel, never answered
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        result = run("lock", "acquire", "--repo", "acme/infra", "--pull", "12", "--wait",
+                     "--url", url)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 3, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "did not answer within 10s" in lines[0], result.stderr
+
+
+class _StalledAcquires(http.server.BaseHTTPRequestHandler):
+    """A service whose configuration answers (a default timeout of 1s) and whose acquires
+    never do: the process stalled as it began the wait."""
+
+    stalled = threading.Event()
+
+    def do_GET(self) -> None:
+        body = json.dumps({"config": {"enhanced-locking-default-timeout": "1s"}}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length") or 0))
+        self.stalled.wait(120)  # until the test ends
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_a_bare_wait_is_bounded_by_the_services_default_timeout_and_a_margin() -> None:
+    """The client reads the service's ``enhanced-locking-default-timeout`` (1s here) and gives
+    the answer that long plus the margin every waiting acquire gets (30s): then it gives up
+    with a message naming the bound, status 0 (exit 3), never sooner. (The test takes that
+    bound, ~31s: it is the behaviour under test.)"""
+    with contextlib.contextmanager(serving)(_StalledAcquires) as url:
+        try:
+            with Client(url) as client:
+                started = time.monotonic()
+                with pytest.raises(ServiceError) as raised:
+                    client.acquire(LockRequest.model_validate(
+                        {"project": {"repoFullName": "acme/infra"}, "pull": {"num": 12},
+                         "wait": True}))
+                waited = time.monotonic() - started
+        finally:
+            _StalledAcquires.stalled.set()
+    assert raised.value.status == 0
+    assert "did not answer within 31s" in str(raised.value), raised.value
+    assert waited >= 31
