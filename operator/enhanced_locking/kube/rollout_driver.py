@@ -296,8 +296,9 @@ class RolloutDriver:
     ) -> tuple[dict[str, Any], list[Condition]]:
         """The rollout's status fields and conditions (the writer's, with a spec)."""
         progress = self.progress
+        shown, _ = read_status(previous)
         if spec is None or progress is None:
-            return _kept(previous)
+            return _kept(shown)
         migration = self.view.migration()
         conflicts = migration.conflicts
         routing = migration.routing
@@ -319,7 +320,7 @@ class RolloutDriver:
             "analysis": self._analysis(),
             "status_writer": self.view.replica_id,
         }
-        conditions = self._conditions(progress, degraded, previous, generation)
+        conditions = self._conditions(progress, degraded, shown, generation)
         return fields, conditions
 
     def _counters(self, conflicts: int) -> Counters:
@@ -367,7 +368,8 @@ class RolloutDriver:
         return None
 
     def _conditions(self, progress: Progress, degraded: tuple[str, str] | None,
-                    previous: Mapping[str, Any], generation: int | None) -> list[Condition]:
+                    previous: LockMigrationStatus,
+                    generation: int | None) -> list[Condition]:
         phase = progress.phase
         wanted: dict[str, tuple[ConditionStatus, str, str]] = {
             "Progressing": ("True", progress.reason, progress.message) if phase == "Progressing"
@@ -381,12 +383,13 @@ class RolloutDriver:
             "Degraded": ("True", *degraded) if degraded is not None
             else ("False", "AsExpected", ""),
         }
-        before = {c.get("type"): c for c in previous.get("conditions") or []}
+        before = {c.type: c for c in previous.conditions}
         out = []
         for kind in ROLLOUT_CONDITIONS:
             status, reason, message = wanted[kind]
-            old = before.get(kind) or {}
-            since = old.get("lastTransitionTime") if old.get("status") == status else None
+            old = before.get(kind)
+            since = old.last_transition_time if old is not None and old.status == status \
+                else None
             out.append(Condition(type=kind, status=status, reason=reason,
                                  message=message[:32768], last_transition_time=since
                                  or _iso(self._wall()), observed_generation=generation))
@@ -425,10 +428,9 @@ def _steps_start_lower(spec: LockMigrationSpec, status: LockMigrationStatus) -> 
                 "step")
 
 
-def _kept(previous: Mapping[str, Any]) -> tuple[dict[str, Any], list[Condition]]:
+def _kept(status: LockMigrationStatus) -> tuple[dict[str, Any], list[Condition]]:
     """The rollout's part of the status as it is (nothing advanced it yet: a status written
     now must not erase the state the next writer resumes from)."""
-    status, _ = read_status(previous)
     fields = {name: getattr(status, name) for name in ROLLOUT_FIELDS}
     return fields, [c for c in status.conditions if c.type in ROLLOUT_CONDITIONS]
 
