@@ -1,8 +1,14 @@
-"""schemathesis against ``/openapi.json`` with authentication on: every generated request, sent
-with an admin's token and without one, gets a documented answer and never a server error; and
-with an admin's token on the Redis store (a real redis-server), every check of the embedded
-store's run in test_api_contract.py passes too (the audit trail, the queues and the locks are
-Redis's there)."""
+"""schemathesis against ``/openapi.json`` with authentication on: every generated request sent
+without a token gets a documented answer and never a server error; and with an admin's token on
+the Redis store (a real redis-server), every check of the embedded store's run in
+test_api_contract.py passes too (the audit trail, the queues and the locks are Redis's there).
+
+An admin's generated requests run once, on Redis, with every check. They are the same requests
+(one schema, one seed) as the embedded store's run in test_api_contract.py, where authentication
+is off and every check, "no server error" among them, runs too. A third run of them, on the
+embedded store with an admin's token and the server-error check alone, checked nothing these two
+do not (a store is not told who asks, beyond the identity an audit row keeps as text).
+"""
 
 from __future__ import annotations
 
@@ -51,12 +57,10 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("headers", [["-H", f"Authorization: Bearer {TOKEN}"], []],
-                         ids=["admin", "no-token"])
-def test_no_generated_request_gets_a_server_error(
-    served: ServiceProcess, tmp_path: Path, headers: list[str],
+def test_no_generated_request_without_a_token_gets_a_server_error(
+    served: ServiceProcess, tmp_path: Path,
 ) -> None:
-    _passed(_schemathesis(served.url, tmp_path, checks="not_a_server_error", headers=headers))
+    _passed(_schemathesis(served.url, tmp_path, checks="not_a_server_error", headers=[]))
     assert "500 Internal Server Error" not in served.output()
 
 
