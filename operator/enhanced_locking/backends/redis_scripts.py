@@ -44,7 +44,11 @@ at ``ARGV[2]`` (``begin_lean`` in ``lua/lib.lua``).
     fence:{K}       the key's fencing counter (INCR; never lowered)
     queue0..3:{K}   sorted sets, one per base priority: member "%016d(seq):W", score enqueue ms
     bypull:{K}      sorted set, all scores 0: member "repo#pull\\nW" for each entry of K's
-                    queues ("\\nW": its record gone), so a pull's own are one ZRANGEBYLEX range
+                    queues ("\\nW": its record gone), so a pull's own are one ZRANGEBYLEX range;
+                    first, "\\t<gen>", the generation it was made whole in
+    bypull          hash: seq (the enqueue counter as the last enqueue that kept its entries
+                    left it), gen (the indexes' generation; moves on when seq is not the
+                    counter: a release that keeps no index queued a waiter)
     waiter:W        hash: id, keys (JSON), repo, pull, level, enq, seq, deadline, ttl,
                     replica (the replica id R of its caller), rid, and "d:K" = the Atlantis
                     JSON to store for each key K
