@@ -26,11 +26,14 @@ costs (it read every waiter's record before the store kept its waiters by pull, 
 pull's own since), and a fill whose every enqueue read every record took hours at 10,000.
 
 ``--shared``: the sample's requests are shared ones, which look for an exclusive request
-waiting ahead of them on the key. ``--wait-graph``: each enqueue of the sample is followed by
-the read of the wait-for graph the locker makes with ``deadlock-detection`` on, counted in it.
+waiting ahead of them on the key. ``--held-shared``: as ``--shared``, with the key held
+shared, so the holder lets the sample's requests in and each looks at the queue (the first
+in line is an exclusive request of another pull, as behind a shared holder it would be).
+``--wait-graph``: each enqueue of the sample is followed by the read of the wait-for graph the
+locker makes with ``deadlock-detection`` on, counted in it.
 
 Usage: python bench/redis_enqueue.py [--lengths 10,100,1000,10000] [--sample 30]
-       [--head-commits] [--shared] [--wait-graph]
+       [--head-commits] [--shared] [--held-shared] [--wait-graph]
 (prints the table; docs/benchmarks.md keeps what it found in its prose.)
 """
 
@@ -71,6 +74,8 @@ SHARED = [False]
 """``--shared``: the sample's requests are shared ones."""
 GRAPH = [False]
 """``--wait-graph``: each enqueue of the sample reads the wait-for graph too."""
+HELD_SHARED = [False]
+"""``--held-shared``: the key is held shared (and the sample's requests are shared)."""
 
 
 def _request(pull: int, *, head: bool = False, shared: bool = False) -> LockRequest:
@@ -137,7 +142,7 @@ async def run(lengths: list[int], sample: int) -> list[dict[str, float]]:
     with tempfile.TemporaryDirectory() as tmp, RedisServer(Path(tmp)) as server:
         rig = Rig(server)
         try:
-            holder = _request(0)
+            holder = _request(0, shared=HELD_SHARED[0])
             first = await rig.backend.acquire_or_enqueue(
                 Candidate.of_request(holder, priority=holder.priority), ttl=None, wait=None,
                 policy=rig.policy)
@@ -164,6 +169,7 @@ def main() -> None:
     parser.add_argument("--sample", type=int, default=30)
     parser.add_argument("--head-commits", action="store_true")
     parser.add_argument("--shared", action="store_true")
+    parser.add_argument("--held-shared", action="store_true")
     parser.add_argument("--wait-graph", action="store_true")
     parser.add_argument("--no-write", action="store_true")  # (this bench writes no table)
     quick_defaults(parser, lengths="10,100,1000", sample=10)
@@ -171,7 +177,9 @@ def main() -> None:
     print("| queue length | enqueue: Redis µs | enqueue: client CPU µs | "
           "event reads: Redis µs | event reads: client CPU µs |")
     print("|---:|---:|---:|---:|---:|")
-    HEADS[0], SHARED[0], GRAPH[0] = args.head_commits, args.shared, args.wait_graph
+    HEADS[0], GRAPH[0] = args.head_commits, args.wait_graph
+    HELD_SHARED[0] = args.held_shared
+    SHARED[0] = args.shared or args.held_shared
     asyncio.run(run([int(n) for n in args.lengths.split(",")], args.sample))
 
 

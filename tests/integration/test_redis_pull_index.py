@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from pathlib import Path
 from tempfile import mkdtemp
+from typing import Any
 
 import pytest
 import redis
@@ -426,3 +427,53 @@ async def test_a_shared_request_kept_out_by_the_holder_names_no_waiter_of_the_ke
             wait=Wait(id="shared-2", timeout=HOUR), policy=POLICY)
         assert outcome.status is Status.QUEUED and outcome.position == 31
         assert _calls(admin) - before == 1
+
+
+def _widest_call(admin: redis.Redis) -> int:
+    """The most keys one function call named since the slow log was last reset (every
+    command is logged: ``slowlog-log-slower-than 0``)."""
+    entries: list[dict[str, Any]] = admin.slowlog_get(1000)
+    return max((int(e["command"].split()[2]) for e in entries
+                if e["command"].startswith(b"FCALL ")), default=0)
+
+
+async def test_a_shared_request_let_in_by_the_holders_names_the_records_up_to_an_exclusive_one(
+        redis_server: RedisServer) -> None:
+    # The key is held shared, so a shared request is let in by its holders and looks for an
+    # exclusive request waiting ahead: it names the records its look reads (up to the first
+    # exclusive one of another pull, a few at a time), not every waiter of the key.
+    backend = RedisBackend.from_config(redis_config(redis_server), "enhanced")
+    try:
+        granted = await backend.acquire_or_enqueue(_candidate(9, "envs/a", "", shared=True),
+                                                   ttl=None, wait=None, policy=POLICY)
+        assert granted.status is Status.GRANTED
+        first = await _queue(backend, 10, "", "exclusive-10")
+        assert first.position == 1
+        with redis_server.client() as admin:
+            for pull in range(11, 31):  # shared requests of other pulls, behind it
+                outcome = await backend.acquire_or_enqueue(
+                    _candidate(pull, "envs/a", "", shared=True), ttl=None,
+                    wait=Wait(id=f"shared-{pull}", timeout=HOUR), policy=POLICY)
+                assert outcome.status is Status.QUEUED
+            for pull in range(31, 231):  # and exclusive ones
+                await _queue(backend, pull, "", f"w-{pull}")
+            admin.config_set("slowlog-log-slower-than", 0)
+            admin.config_set("slowlog-max-len", 1000)
+            admin.slowlog_reset()
+            outcome = await backend.acquire_or_enqueue(
+                _candidate(2, "envs/a", "", shared=True), ttl=None,
+                wait=Wait(id="shared-2", timeout=HOUR), policy=POLICY)
+            assert outcome.status is Status.QUEUED and outcome.position == 222
+            # (its key's own keys, the namespace's, its waiter's and a chunk of records)
+            assert _widest_call(admin) < 60
+            # A shared request of pull 10 itself is held back by no exclusive request of its
+            # own pull: its look reads past it, to the first exclusive one of another pull,
+            # behind the 20 shared ones (two chunks more of names).
+            admin.slowlog_reset()
+            own = await backend.acquire_or_enqueue(
+                _candidate(10, "envs/a", "", shared=True), ttl=None,
+                wait=Wait(id="shared-10", timeout=HOUR), policy=POLICY)
+            assert own.status is Status.QUEUED
+            assert _widest_call(admin) < 60
+    finally:
+        await backend.close()

@@ -96,28 +96,28 @@ local function main()
   -- list; every waiter of a key whose index is not of the current generation or lists fewer
   -- or more than its queues (written by an earlier release: made again below,
   -- `reindex_pulls`).
-  -- A shared request: the records of the queues its verdict may look at for an exclusive
-  -- request ahead (`exclusive_waiting`; none where a holder keeps it out first).
+  -- A shared request: the records its verdict may read looking for an exclusive request
+  -- ahead on each key (`exclusive_waiting`, named by `expect_exclusive_look`; none where a
+  -- holder keeps it out first).
   local scan = head ~= '' and wait_id ~= '' and wait_ms > 0
   -- The indexes' generation (`pull_generation`), for a call that may queue.
   local gen, moved = 0, false
   if wait_id ~= '' and wait_ms > 0 then gen, moved = pull_generation() end
-  local others, unindexed, looks = {}, {}, {}
+  local others, unindexed = {}, {}
   if mode == 'shared' then
-    for _, k in ipairs(may_look_behind(parts, repo, pull)) do looks[k] = true end
+    for _, k in ipairs(may_look_behind(parts, repo, pull)) do
+      expect_exclusive_look(k, repo, pull, tonumber(level))
+    end
   end
   for _, k in ipairs(keys) do
     if scan and not pulls_indexed(k, gen) then unindexed[k] = true end
-    if looks[k] or unindexed[k] then
+    if unindexed[k] then
       for lv = 0, 3 do
         for _, member in ipairs(queue_range(k, lv, 0, -1)) do
           local id = string.sub(member, 18)
           if id ~= wait_id and not GONE[id] then
-            if looks[k] then expect(waiter_name, id) end
-            if unindexed[k] then
-              expect(waiter_names, id, nil)
-              table.insert(others, id)
-            end
+            expect(waiter_names, id, nil)
+            table.insert(others, id)
           end
         end
       end

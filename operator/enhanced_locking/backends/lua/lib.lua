@@ -965,24 +965,65 @@ local function effective(level, enq)
   return math.min(3, level + boost)
 end
 
--- Whether an exclusive request of another pull waits on k ahead of a new one of base level
--- `mine` (new shared requests queue then): one served after it (a lower level, a priority
--- queue) does not keep it back.
-local function exclusive_waiting(k, repo, pull, mine)
+-- A walk over the entries of k's queues that a new request of base level `mine` would wait
+-- behind, from the head of each queue of a base priority, a few at a time (LOOK_CHUNK a
+-- `ZRANGE`): those of an effective level at or above its own now, a prefix of each queue
+-- (`aged_by`), less those this call's plan takes out (GONE). `visit(id)` is called on each
+-- in turn; the walk stops when it answers true, and answers whether it did.
+local LOOK_CHUNK = 16
+local function walk_ahead(k, mine, visit)
   local least = effective(mine, NOW)
   for level = 0, 3 do
-    local r = queue_range(k, level, 0, -1, 'WITHSCORES')
-    for i = 1, #r, 2 do
-      local id = string.sub(r[i], 18)
-      local rec = not GONE[id] and effective(level, tonumber(r[i + 1])) >= least
-        and read_waiter(id)
-      if rec and rec.mode == 'exclusive' and not (rec.repo == repo and rec.pull == pull)
-          and tonumber(rec.deadline) > NOW then
-        return true
+    local from, more = 0, true
+    while more do
+      local r = queue_range(k, level, from, from + LOOK_CHUNK - 1, 'WITHSCORES')
+      more = #r == 2 * LOOK_CHUNK
+      from = from + LOOK_CHUNK
+      for i = 1, #r, 2 do
+        if effective(level, tonumber(r[i + 1])) < least then
+          more = false
+          break
+        end
+        local id = string.sub(r[i], 18)
+        if not GONE[id] and visit(id) then return true end
       end
     end
   end
   return false
+end
+
+-- Whether waiter record rec keeps a new shared request of repo#pull waiting behind it: an
+-- exclusive request of another pull, before its deadline.
+local function keeps_shared_waiting(rec, repo, pull)
+  return rec and rec.mode == 'exclusive' and not (rec.repo == repo and rec.pull == pull)
+    and tonumber(rec.deadline) > NOW
+end
+
+-- Whether an exclusive request of another pull waits on k ahead of a new one of base level
+-- `mine` (a shared request waits behind it, as the walk would serve it first): the records
+-- `walk_ahead` meets, read until one keeps it waiting.
+local function exclusive_waiting(k, repo, pull, mine)
+  return walk_ahead(k, mine, function(id)
+    return keeps_shared_waiting(read_waiter(id), repo, pull)
+  end)
+end
+
+-- The discovery's half of `exclusive_waiting`: the same walk, naming the records it reads.
+-- A record declared is read, and one that keeps the request waiting ends the walk, as it
+-- ends the verdict's there or before; one not declared is asked for, with the next ones up
+-- to LOOK_CHUNK in all (whether the walk stops at it is known only once it is read), and
+-- the call, made again with them, walks on. So a walk that meets an exclusive request near
+-- the head names a few records, not every waiter of k.
+local function expect_exclusive_look(k, repo, pull, mine)
+  local asked = 0
+  walk_ahead(k, mine, function(id)
+    if declared(waiter_name, id) then
+      return keeps_shared_waiting(read_waiter(id), repo, pull)
+    end
+    expect(waiter_name, id)
+    asked = asked + 1
+    return asked >= LOOK_CHUNK
+  end)
 end
 
 -- Whether holder h keeps a request of repo#pull in `mode` out of its key.
