@@ -23,6 +23,7 @@ from tests.support.stalls import answered_across_a_stall
 
 from enhanced_locking.backends import etcd_connection
 from enhanced_locking.backends.etcd_connection import CALL_TIMEOUT, EtcdConnection, EtcdSettings
+from enhanced_locking.backends.etcd_events import EtcdEventBus
 from enhanced_locking.backends.etcd_store import GONE_AFTER, EtcdBackend
 from enhanced_locking.backends.waiting import QueuePolicy, Status
 
@@ -168,3 +169,30 @@ async def test_a_status_answered_while_the_event_loop_stalled_is_taken(
             assert await held(proxy, connection.turn_besides(0, left)) == 1
         finally:
             await connection.close()
+
+
+async def test_an_events_write_answered_while_the_event_loop_stalled_is_sent_once(
+    etcd_cluster: EtcdCluster, etcd_prefix: str,
+) -> None:
+    """The outbox's write of a replica's events (no lock step carried them) is bounded by
+    gRPC's deadline alone: answered while the loop was held past the call's limit, it is
+    taken, and the events are written with one transaction. Before, the library's timer lost
+    the answer, and the outbox sent the write again (its tag found it applied)."""
+    member = etcd_cluster.members[0]
+    with cutting_proxy((LOOPBACK, member.client_port)) as proxy:
+        bus = EtcdEventBus(EtcdConnection(EtcdSettings(endpoints=(proxy.addr,))),
+                           key=f"{etcd_prefix}events")
+        try:
+            bus.publish("fallback", key="first", action="legacy")
+            await bus._outbox.drained(30)  # (connected, the writer key known)
+            assert bus.writes == 1
+
+            async def published() -> None:
+                bus.publish("fallback", key="second", action="legacy")
+                await bus._outbox.drained(30)
+
+            with proxy.holding() as release:
+                await answered_across_a_stall(published(), release, CALL_TIMEOUT)
+            assert bus.writes == 2
+        finally:
+            await bus.close()
