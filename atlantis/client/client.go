@@ -610,10 +610,15 @@ func (c *Client) ReleaseIfOwnedIn(ctx context.Context, key, repo string, pull in
 }
 
 // ForceUnlock frees the lock on key whoever holds it and serves its queue (an admin call).
-// Nil when the key was free.
-func (c *Client) ForceUnlock(ctx context.Context, key string) (*Lock, error) {
+// Nil when the key was free. reason says why, and is kept in the audit trail: a service with
+// access control on refuses a force-unlock without one (an *InvalidError naming "reason").
+func (c *Client) ForceUnlock(ctx context.Context, key, reason string) (*Lock, error) {
+	query := url.Values{"key": {key}}
+	if reason != "" {
+		query.Set("reason", reason)
+	}
 	return c.release(ctx, call{op: "force-unlock", method: http.MethodPost,
-		path: "/v1/admin/force-unlock", query: url.Values{"key": {key}}, key: key})
+		path: "/v1/admin/force-unlock", query: query, key: key})
 }
 
 type pullReleaseAnswer struct {

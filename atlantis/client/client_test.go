@@ -192,7 +192,7 @@ func TestListByPullBatchAndForceUnlock(t *testing.T) {
 	if len(listed) != 2 {
 		t.Fatalf("List(acme/infra, 7) should give 2, got %+v", listed)
 	}
-	forced, err := c.ForceUnlock(ctx, "acme/infra/a/default/")
+	forced, err := c.ForceUnlock(ctx, "acme/infra/a/default/", "")
 	must(t, err)
 	if forced == nil || forced.Pull.Num != 7 {
 		t.Fatalf("force-unlock should free pull 7's lock, got %+v", forced)

@@ -133,7 +133,7 @@ func adapter(wrapped db.Database, store string) *lockdb.Database {
 		panic(err)
 	}
 	for _, l := range locks {
-		if _, err := database.Client().ForceUnlock(ctx, l.Key); err != nil {
+		if _, err := database.Client().ForceUnlock(ctx, l.Key, "ownsuite: clear between cases"); err != nil {
 			panic(err)
 		}
 	}
