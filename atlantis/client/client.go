@@ -115,7 +115,55 @@ func New(baseURL string, opts ...Option) (*Client, error) {
 	for _, opt := range opts {
 		opt(c)
 	}
+	c.http = sameOriginRedirects(c.http)
 	return c, nil
+}
+
+// sameOriginRedirects is hc (a copy: the caller's client is left as it was) following a
+// redirect only within the origin (scheme, host and port) of the call it answers. Go's client
+// keeps the Authorization header on a redirect to the same host name whatever its port or
+// scheme, and to a subdomain: a redirect from whatever stands at the service's URL would carry
+// the bearer token to another server of the host, or in plain http. The service itself never
+// redirects; a redirect elsewhere is answered as an error naming where it points, unfollowed.
+func sameOriginRedirects(hc *http.Client) *http.Client {
+	guarded := *hc
+	next := hc.CheckRedirect
+	guarded.CheckRedirect = func(req *http.Request, via []*http.Request) error {
+		if from := via[0].URL; !sameOrigin(req.URL, from) {
+			return fmt.Errorf("%w: %s://%s redirects to %s://%s; set the service's URL to "+
+				"where it points", errOtherOrigin, from.Scheme, from.Host, req.URL.Scheme,
+				req.URL.Host)
+		}
+		if next != nil {
+			return next(req, via)
+		}
+		if len(via) >= 10 { // what Go's client does without a CheckRedirect of its own
+			return errors.New("stopped after 10 redirects")
+		}
+		return nil
+	}
+	return &guarded
+}
+
+// errOtherOrigin is a redirect to another origin than the call's, not followed.
+var errOtherOrigin = errors.New("a redirect to another origin is not followed (it would " +
+	"carry the bearer token there)")
+
+// sameOrigin reports whether a and b have the same scheme, host and port (a port left out
+// is the scheme's own).
+func sameOrigin(a, b *url.URL) bool {
+	return strings.EqualFold(a.Scheme, b.Scheme) && strings.EqualFold(a.Hostname(), b.Hostname()) &&
+		originPort(a) == originPort(b)
+}
+
+func originPort(u *url.URL) string {
+	if port := u.Port(); port != "" {
+		return port
+	}
+	if strings.EqualFold(u.Scheme, "https") {
+		return "443"
+	}
+	return "80"
 }
 
 // withoutUserinfo is u without the user:password@ it may carry before its host, so that a
@@ -196,7 +244,8 @@ func (c *Client) do(ctx context.Context, k call) (answer, error) {
 		} else {
 			last = &UnavailableError{Op: k.op, Key: k.key, Status: got.status, Message: errorMessage(got.body)}
 		}
-		if attempt >= attempts || ctx.Err() != nil || (k.unsentOnly && !unsent(got, err)) {
+		if attempt >= attempts || ctx.Err() != nil || (k.unsentOnly && !unsent(got, err)) ||
+			errors.Is(err, errOtherOrigin) { // the same redirect again: no retry cures it
 			return answer{}, last
 		}
 		// Full jitter: a random delay up to the current bound, so clients spread out; never
