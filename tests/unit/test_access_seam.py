@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fastapi import FastAPI, Request
-from fastapi.routing import APIRoute
+from fastapi import APIRouter, Depends, FastAPI, Request
 
 from enhanced_locking.api import create_app
 from enhanced_locking.api.access import (
@@ -18,7 +17,9 @@ from enhanced_locking.api.access import (
     CallerDep,
     _credentials,
     _peer,
+    api_routes,
     build_access,
+    caller_of,
     check_routes,
     public,
     public_reason,
@@ -47,6 +48,31 @@ def test_an_app_with_a_route_that_neither_takes_the_caller_nor_is_public_is_refu
         check_routes(app)
 
 
+def test_an_unguarded_route_of_an_included_router_is_refused() -> None:
+    """A route added through a router (as the webhooks' are) is checked as one of the app's:
+    FastAPI keeps an included router as one entry of ``app.routes``, its routes inside it."""
+    app = FastAPI()
+    router = APIRouter(prefix="/v1/plugin")
+
+    @router.delete("/locks")
+    async def forgotten() -> None: ...
+
+    app.include_router(router)
+    with pytest.raises(RuntimeError, match=r"\['DELETE'\] /v1/plugin/locks .*CallerDep"):
+        check_routes(app)
+
+
+def test_a_router_included_with_the_caller_as_its_dependency_passes() -> None:
+    app = FastAPI()
+    router = APIRouter(prefix="/v1/plugin")
+
+    @router.get("/things")
+    async def things() -> None: ...
+
+    app.include_router(router, dependencies=[Depends(caller_of)])
+    check_routes(app)
+
+
 def test_a_route_marked_public_or_taking_the_caller_passes() -> None:
     app = FastAPI()
 
@@ -65,11 +91,15 @@ def test_public_needs_a_reason() -> None:
         public(" ")
 
 
-def test_the_services_only_public_routes_are_health_and_metrics() -> None:
+def test_the_services_only_public_routes_are_the_probes_metrics_and_the_webhooks() -> None:
     app = create_app(LockService(ConfigProvider(memory_config())), manage_lifecycle=False)
-    public_paths = sorted(route.path for route in app.routes
-                          if isinstance(route, APIRoute) and public_reason(route) is not None)
-    assert public_paths == ["/healthz", "/metrics", "/readyz", "/serving"]
+    public_paths = sorted(route.path for route in api_routes(app)
+                          if public_reason(route) is not None)
+    # The webhooks' routes (a router of their own): each authenticated by its VCS's proof.
+    assert public_paths == ["/healthz", "/metrics", "/readyz", "/serving", "/v1/webhooks/gitea",
+                            "/v1/webhooks/github", "/v1/webhooks/gitlab"]
+    assert {route.path for route in api_routes(app)} >= {"/v1/locks", "/v1/admin/force-unlock",
+                                                         "/v1/audit", "/ui/force-unlock"}
 
 
 def test_tokens_parse_with_groups_and_skip_comments() -> None:

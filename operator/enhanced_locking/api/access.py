@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Annotated, Any, Protocol, TypeVar
 
+import fastapi.routing
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -69,10 +70,12 @@ __all__ = [
     "CallerDep",
     "NotAsked",
     "OpenAccess",
+    "RouteView",
     "StillCaller",
     "Unasked",
     "Unidentified",
     "access_now",
+    "api_routes",
     "caller_of",
     "check_routes",
     "cross_site",
@@ -605,12 +608,37 @@ def public(why: str) -> Callable[[F], F]:
     return mark
 
 
-def public_reason(route: APIRoute) -> str | None:
+class RouteView(Protocol):
+    """What the access checks read of a route: the path and methods it answers, its endpoint
+    and the dependencies it is called with (its router's included)."""
+
+    @property
+    def path(self) -> str: ...
+    @property
+    def methods(self) -> set[str] | None: ...
+    @property
+    def endpoint(self) -> Callable[..., Any]: ...
+    @property
+    def dependant(self) -> Any: ...
+
+
+def api_routes(app: FastAPI) -> list[RouteView]:
+    """Every API route ``app`` answers, those of included routers too, each as it is served
+    (its router's prefix and dependencies applied). FastAPI keeps an included router as one
+    entry of ``app.routes`` with its routes inside; an older one copies them there."""
+    contexts = getattr(fastapi.routing, "iter_route_contexts", None)
+    if contexts is None:
+        return [route for route in app.routes if isinstance(route, APIRoute)]
+    return [context for context in contexts(app.routes)
+            if isinstance(context.original_route, APIRoute)]
+
+
+def public_reason(route: RouteView) -> str | None:
     reason = getattr(route.endpoint, _PUBLIC_ATTRIBUTE, None)
     return reason if isinstance(reason, str) else None
 
 
-def _depends_on_caller(route: APIRoute) -> bool:
+def _depends_on_caller(route: RouteView) -> bool:
     stack = list(route.dependant.dependencies)
     while stack:
         dependant = stack.pop()
@@ -625,9 +653,10 @@ UNGUARDED_PATHS = ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
 
 
 def check_routes(app: FastAPI) -> None:
-    """Refuse an app with a route that neither takes the caller nor is marked :func:`public`."""
-    for route in app.routes:
-        if not isinstance(route, APIRoute) or route.path in UNGUARDED_PATHS:
+    """Refuse an app with a route (its own, or an included router's) that neither takes the
+    caller nor is marked :func:`public`."""
+    for route in api_routes(app):
+        if route.path in UNGUARDED_PATHS:
             continue
         if public_reason(route) is None and not _depends_on_caller(route):
             raise RuntimeError(
