@@ -351,9 +351,9 @@ class EnhancedLockingConfig(BaseSettings):
     peers: Annotated[list[str], AfterValidator(_host_ports)] = Field(
         default_factory=list,
         description="The other replicas' API addresses (comma-separated host:port; a host name "
-        "stands for every address it resolves to), asked by GET /serving when a store does "
-        "not answer here: while one of them reaches every store, this replica is not serving "
-        "(empty: no peers).",
+        "stands for every address it resolves to), asked when a store does not answer here: "
+        "while one of them reaches every store, GET /serving is 503, and while one reaches the "
+        "enhanced store, the fallback to legacy refuses (empty: no peers).",
     )
 
     # --- who may do what (docs/08-access.md) ----------------------------------------------

@@ -31,6 +31,7 @@ from enhanced_locking.migration.controller import MigrationController, default_r
 from enhanced_locking.migration.rekey import clean_stored_keys
 from enhanced_locking.migration.routing_registry import RoutingRegistry
 from enhanced_locking.migration.switch_gate import SwitchGate
+from enhanced_locking.peers import Peers
 from enhanced_locking.provider import ConfigProvider, Refusal, Snapshot
 from enhanced_locking.types import (
     BackendUnavailable,
@@ -236,6 +237,7 @@ class LockService:
             replica_id=self.replica_id,
             routing_registry=routing_registry,
         )
+        self.peers = Peers(self._peer_settings)
         self.router = Router(
             legacy=self.legacy,
             enhanced=lambda: self.enhanced,
@@ -244,7 +246,13 @@ class LockService:
             metrics=self.metrics,
             migration=self.migration,
             gate=self.switch_gate,
+            peer_on_enhanced=lambda: self.peers.one_reaching("enhanced"),
         )
+
+    def _peer_settings(self) -> tuple[list[str], bool]:
+        """The other replicas (``enhanced-locking-peers``) and whether they speak HTTPS."""
+        config = self.provider.current.config
+        return config.peers, bool(config.tls_cert_file)
 
     def _build(self, config: EnhancedLockingConfig, kind: str, namespace: str) -> Backend:
         return build_backend(config, kind, namespace, replica_id=self.replica_id)

@@ -1,5 +1,6 @@
 """GET /serving, the chart's readiness probe: a replica that alone lost Redis stops serving
-while its peer reaches Redis, and with Redis stopped for every replica each keeps serving and
+while its peer reaches Redis (and its fall-back refuses rather than grant on legacy what the
+peer may grant on Redis), and with Redis stopped for every replica each keeps serving and
 answers through the fall-back (``legacy`` grants there, ``fail-closed`` refuses with
 ``unavailable``).
 
@@ -10,6 +11,7 @@ proxy (closing the proxy cuts A alone off), replica B directly. A's peer is B
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,6 +50,18 @@ def _serving(http: httpx.Client, url: str) -> httpx.Response:
     return http.get(url + "/serving")
 
 
+def _wait_serving(http: httpx.Client, url: str, *, within: float = 30.0) -> httpx.Response:
+    """``/serving`` once it is 200 (the peers' answers are kept a second); fails after
+    ``within`` seconds with the last answer."""
+    deadline = time.monotonic() + within
+    while True:
+        answer = _serving(http, url)
+        if answer.status_code == 200 or time.monotonic() > deadline:
+            assert answer.status_code == 200, answer.text
+            return answer
+        time.sleep(0.2)
+
+
 @pytest.mark.parametrize("fallback", ["legacy", "fail-closed"])
 def test_a_replica_alone_cut_from_redis_stops_serving_and_all_cut_keep_serving(
     redis_server: RedisServer, proxy: CuttingProxy, tmp_path: Path, fallback: str,
@@ -70,13 +84,19 @@ def test_a_replica_alone_cut_from_redis_stops_serving_and_all_cut_keep_serving(
         assert cut.json()["serving"] is False and cut.json()["ready"] is False
         assert cut.json()["readyPeer"] == f"127.0.0.1:{b.port}"
         assert _serving(http, b.url).status_code == 200
+        # Until the kubelet acts, A's fall-back refuses: B may grant the key on Redis.
+        refused = http.post(a.url + "/v1/locks", json=lock_body(REPO, "envs/0", 9, project=None))
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["reason"] == "unavailable"
+        granted = http.post(b.url + "/v1/locks", json=lock_body(REPO, "envs/0", 8, project=None))
+        assert granted.status_code == 200 and granted.json()["lock"]["backend"] == "enhanced"
 
-        # Redis down for every replica: both keep serving, and answer alike.
+        # Redis down for every replica: both keep serving, and answer alike. (A's last look
+        # at B is up to a second old: it is asked again after that.)
         redis_server.stop()
         for replica in (a, b):
             assert http.get(replica.url + "/readyz").status_code == 503
-            answer = _serving(http, replica.url)
-            assert answer.status_code == 200, answer.text
+            answer = _wait_serving(http, replica.url)
             body = answer.json()
             assert body["serving"] is True and body["ready"] is False
             assert body["readyPeer"] is None

@@ -52,7 +52,6 @@ from enhanced_locking.api.errors import (
     unreadable_json,
 )
 from enhanced_locking.api.params import Key, OnlyRepo, PullNum, Repo
-from enhanced_locking.api.peers import peer_that_serves
 from enhanced_locking.api.queue_routes import (
     holder_of,
     install_queue_routes,
@@ -434,15 +433,14 @@ def create_app(
         reaches every store.
 
         A store down for every replica keeps each serving: the fall-back answers alike on all
-        of them (see :mod:`.peers`). ``ready`` and ``backends`` are this replica's stores, as
-        in ``/readyz``; ``readyPeer`` names the peer (``enhanced-locking-peers``) that reaches
-        them, when one does."""
+        of them (see :mod:`enhanced_locking.peers`). ``ready`` and ``backends`` are this
+        replica's stores, as in ``/readyz``; ``readyPeer`` names the peer
+        (``enhanced-locking-peers``) that reaches them, when one does."""
         backends = await service.ready()
         ready = all(state == "ok" for state in backends.values())
         body: dict[str, Any] = {"serving": True, "ready": ready, "backends": backends}
         if not ready:
-            config = service.provider.current.config
-            peer = await peer_that_serves(config.peers, tls=bool(config.tls_cert_file))
+            peer = await service.peers.one_ready()
             body["serving"] = peer is None
             body["readyPeer"] = peer
         return JSONResponse(body, status_code=200 if body["serving"] else 503)

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal, NamedTuple, TypeVar
@@ -223,11 +223,15 @@ class Router(AtlantisCalls):
         metrics: Metrics,
         migration: MigrationController | None = None,
         gate: SwitchGate | None = None,
+        peer_on_enhanced: Callable[[], Awaitable[str | None]] | None = None,
     ) -> None:
         """``gate``: the one a switch of the enhanced store closes (:mod:`.switch_gate`);
-        every call that writes the enhanced side passes it."""
+        every call that writes the enhanced side passes it. ``peer_on_enhanced``: another
+        replica that the enhanced store answers, if any (:mod:`enhanced_locking.peers`); while
+        one does, the fall-back to legacy refuses instead of granting there."""
         self.legacy = legacy
         self.gate = gate
+        self._peer_on_enhanced = peer_on_enhanced
         self._enhanced = enhanced
         self._snapshot = snapshot
         self.events = events
@@ -556,17 +560,30 @@ class Router(AtlantisCalls):
         if self.migration is not None:
             await self.migration.record_fallback_grant(lock)
 
-    def _fallback_action(self, key: str, repo: str, error: BackendUnavailable) -> FallbackAction:
+    async def _fallback_action(self, key: str, repo: str,
+                               error: BackendUnavailable) -> FallbackAction:
         """The enhanced side did not answer: count and announce what the fallback setting does
-        (``legacy`` serves the request there, ``refused`` answers ``unavailable``)."""
+        (``legacy`` serves the request there, ``refused`` answers ``unavailable``).
+
+        ``legacy`` refuses too while another replica reaches the enhanced store: that replica
+        grants the key there, and a grant on legacy here would split it across the sides (the
+        outage is this replica's alone; the readiness probe takes it out of its Service)."""
         action: FallbackAction = ("legacy" if self._snapshot().config.fallback == "legacy"
                                   else "refused")
+        peer = None
+        if action == "legacy" and self._peer_on_enhanced is not None:
+            peer = await self._peer_on_enhanced()
+            if peer is not None:
+                action = "refused"
         self.metrics.fallback(action)
-        self.events.publish("fallback", key=key, action=action, error=str(error), repo=repo)
+        seen: dict[str, Any] = {} if peer is None else {"peer": peer}  # whom the store answers
+        self.events.publish("fallback", key=key, action=action, error=str(error), repo=repo,
+                            **seen)
         return action
 
     async def _fall_back(self, request: LockRequest, error: BackendUnavailable) -> AcquireResult:
-        if self._fallback_action(request.key, request.project.repo_full_name, error) == "legacy":
+        if await self._fallback_action(request.key, request.project.repo_full_name,
+                                       error) == "legacy":
             result = await self._acquire_on(self.legacy, None, request)
             if result.acquired and result.lock is not None:
                 await self._journal_grant(result.lock)
@@ -915,7 +932,7 @@ class Router(AtlantisCalls):
         except BackendUnavailable as error:
             if not await _unreachable(enhanced):
                 raise  # as in _route: legacy itself failed, there is nothing to fall back to
-            if self._fallback_action(on_enhanced[0].key, owner[0], error) == "legacy":
+            if await self._fallback_action(on_enhanced[0].key, owner[0], error) == "legacy":
                 # a hold the pull had already is noted as answered again (see _Answers)
                 served = await batch.acquire_one_by_one(self.legacy, request,
                                                         held_already=self._answers.again)

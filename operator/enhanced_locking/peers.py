@@ -1,0 +1,151 @@
+"""What the other replicas' stores answer them: for the readiness probe and the fall-back.
+
+``GET /readyz`` says whether this replica's stores answer. That is the wrong question for the
+kubelet when a store every replica shares is down: each replica's ``/readyz`` is 503 at once,
+every pod leaves the Service, and lock calls fail as unreachable while ``fallback: legacy``
+could have served them. It is the right question when this replica alone lost a store: the
+others still grant on it, and a grant this one made through the fall-back would split a key
+across the sides (two pulls told they hold one lock).
+
+So when a store does not answer here, the replica asks the others (``enhanced-locking-peers``;
+in the chart, a headless Service that lists every pod, ready or not, so that the answer never
+depends on the very readiness it decides) for their ``/readyz``, the service's own JSON:
+
+- ``GET /serving``, which the chart's readiness probe reads, is 503 while a peer reaches every
+  store (its ``/readyz`` is 200): that peer serves better, and the kubelet takes this replica
+  out. When none does, the outage is everyone's and this replica keeps serving.
+- the fall-back to legacy (``fallback: legacy``) refuses with ``unavailable`` instead while a
+  peer reaches the enhanced store: that peer grants there, and a legacy grant here could split
+  the key. It covers the time until the kubelet acts.
+
+A peer that does not answer within :data:`PEER_TIMEOUT` (gone, restarting, its stores frozen)
+counts as reaching nothing. The answer depends on the peers' stores, never on their
+readiness, so it does not flap: with a store down for all, each stays in; back for some, the
+others leave. Answers are kept :data:`FRESH` seconds, and callers meanwhile share one round.
+
+A peer's certificate is not checked: a false peer can only claim to reach the stores, which
+takes this replica out of the Service and refuses its fall-back (what a peer able to drop its
+traffic could do anyway); it can never put a replica in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import httpx
+
+__all__ = ["FRESH", "PEER_TIMEOUT", "PeerStores", "Peers"]
+
+PEER_TIMEOUT = 2.0
+"""Seconds a peer has to answer its ``/readyz``."""
+FRESH = 1.0
+"""Seconds a round's answers are used before the peers are asked again."""
+
+
+@dataclass(frozen=True)
+class PeerStores:
+    """One peer's answer: its address and each of its stores' state (``ok`` or why not)."""
+
+    address: str
+    backends: Mapping[str, str]
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.backends) and all(s == "ok" for s in self.backends.values())
+
+
+def _split(address: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` (already checked by the config model)."""
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+async def _addresses(peers: Sequence[str]) -> list[str]:
+    """Every address the peers stand for: a host name (a headless Service) resolves to each of
+    its records. A name that does not resolve stands for nobody."""
+    loop = asyncio.get_running_loop()
+    found: list[str] = []
+    for peer in peers:
+        host, port = _split(peer)
+        try:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError:
+            continue
+        for family, _, _, _, sockaddr in infos:
+            ip = str(sockaddr[0])
+            address = f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}"
+            if address not in found:
+                found.append(address)
+    return found
+
+
+async def _stores(client: httpx.AsyncClient, scheme: str, address: str) -> PeerStores | None:
+    try:
+        answer = await client.get(f"{scheme}://{address}/readyz")
+        body = answer.json()
+    except (httpx.HTTPError, ValueError):
+        return None
+    if answer.status_code not in (200, 503) or not isinstance(body, dict):
+        return None
+    backends = body.get("backends")
+    if not isinstance(backends, dict):
+        return None
+    return PeerStores(address, {str(k): str(v) for k, v in backends.items()})
+
+
+async def ask(peers: Sequence[str], *, tls: bool) -> list[PeerStores]:
+    """Every peer's stores, asked at once, each within :data:`PEER_TIMEOUT`; the peers that did
+    not answer (as the service: a 200 or 503 with its JSON) are left out."""
+    addresses = await _addresses(peers)
+    if not addresses:
+        return []
+    scheme = "https" if tls else "http"
+    async with httpx.AsyncClient(timeout=PEER_TIMEOUT, verify=False, trust_env=False) as client:
+        answers = await asyncio.gather(*(_stores(client, scheme, a) for a in addresses))
+    return [answer for answer in answers if answer is not None]
+
+
+class Peers:
+    """The peers' stores as last asked, asked again once older than :data:`FRESH`.
+
+    ``settings``: the peers and whether they speak HTTPS, read at each round (the config in
+    force)."""
+
+    def __init__(self, settings: Callable[[], tuple[Sequence[str], bool]],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._settings = settings
+        self._clock = clock
+        self._asked: tuple[float, tuple[str, ...], list[PeerStores]] | None = None
+        self._round: asyncio.Future[list[PeerStores]] | None = None
+
+    async def stores(self) -> list[PeerStores]:
+        peers, tls = self._settings()
+        if not peers:
+            return []
+        key = (*peers, "https" if tls else "http")
+        if self._asked is not None:
+            when, asked_key, answers = self._asked
+            if asked_key == key and self._clock() - when < FRESH:
+                return answers
+        if self._round is None:
+            self._round = asyncio.ensure_future(ask(peers, tls=tls))
+            self._round.add_done_callback(lambda done: self._finish(done, key))
+        return await asyncio.shield(self._round)
+
+    def _finish(self, done: asyncio.Future[list[PeerStores]], key: tuple[str, ...]) -> None:
+        self._round = None
+        if not done.cancelled() and done.exception() is None:
+            self._asked = (self._clock(), key, done.result())
+
+    async def one_ready(self) -> str | None:
+        """The address of a peer whose stores all answer it, or ``None``."""
+        return next((p.address for p in await self.stores() if p.ready), None)
+
+    async def one_reaching(self, side: str) -> str | None:
+        """The address of a peer that ``side``'s store (``enhanced``, ``legacy``) answers."""
+        return next((p.address for p in await self.stores()
+                     if p.backends.get(side) == "ok"), None)

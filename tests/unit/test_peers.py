@@ -1,0 +1,99 @@
+"""What the other replicas say of their stores (enhanced_locking.peers): which answers count,
+and that callers share one round of questions, asked again once a second old."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http.server
+import json
+from collections.abc import Iterator
+from typing import ClassVar
+
+import pytest
+from tests.support.loopback_http import serving
+
+from enhanced_locking.peers import FRESH, Peers
+
+
+class _Peer(http.server.BaseHTTPRequestHandler):
+    """A peer's /readyz: ``answer`` (status, body) as the class holds it; counts the asks."""
+
+    answer: ClassVar[tuple[int, bytes]] = (200, b"")
+    asked: ClassVar[int] = 0
+
+    def do_GET(self) -> None:
+        type(self).asked += 1
+        status, body = self.answer
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def _body(**backends: str) -> bytes:
+    return json.dumps({"ready": all(v == "ok" for v in backends.values()),
+                       "backends": backends}).encode()
+
+
+@pytest.fixture
+def peer() -> Iterator[str]:
+    _Peer.answer, _Peer.asked = (200, _body(legacy="ok", enhanced="ok")), 0
+    with contextlib.contextmanager(serving)(_Peer) as url:
+        yield url.removeprefix("http://")
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_a_peer_that_reaches_every_store_is_named_for_each_question(peer: str) -> None:
+    peers = Peers(lambda: ([peer], False))
+    assert await peers.one_ready() == peer
+    assert await peers.one_reaching("enhanced") == peer
+
+
+async def test_a_peer_that_reaches_only_legacy_is_ready_for_neither(peer: str) -> None:
+    _Peer.answer = (503, _body(legacy="ok", enhanced="Redis at 127.0.0.1:1 did not answer"))
+    peers = Peers(lambda: ([peer], False))
+    assert await peers.one_ready() is None
+    assert await peers.one_reaching("enhanced") is None
+    assert await peers.one_reaching("legacy") == peer
+
+
+@pytest.mark.parametrize("answer", [
+    (200, b"<html>sign in</html>"),  # not the service's JSON: a proxy's page
+    (200, b'{"ready": true}'),  # JSON without the stores
+    (404, _body(enhanced="ok")),  # not /readyz's status
+])
+async def test_an_answer_that_is_not_the_service_s_counts_as_no_peer(
+    peer: str, answer: tuple[int, bytes],
+) -> None:
+    _Peer.answer = answer
+    peers = Peers(lambda: ([peer], False))
+    assert await peers.one_ready() is None and await peers.one_reaching("enhanced") is None
+
+
+async def test_callers_share_one_round_and_ask_again_once_it_is_a_second_old(
+    peer: str,
+) -> None:
+    clock = _Clock()
+    peers = Peers(lambda: ([peer], False), clock=clock)
+    answers = await asyncio.gather(*(peers.one_reaching("enhanced") for _ in range(20)))
+    assert answers == [peer] * 20 and _Peer.asked == 1
+    assert await peers.one_ready() == peer and _Peer.asked == 1, "kept while fresh"
+    _Peer.answer = (503, _body(legacy="ok", enhanced="no answer"))
+    clock.now += FRESH
+    assert await peers.one_reaching("enhanced") is None and _Peer.asked == 2
+
+
+async def test_no_peers_and_peers_that_stand_for_nobody_are_asked_nothing() -> None:
+    assert await Peers(lambda: ([], False)).one_ready() is None
+    assert await Peers(lambda: (["peers.invalid:4142"], False)).one_ready() is None
