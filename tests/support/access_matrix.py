@@ -133,4 +133,17 @@ CALLS: list[Call] = [
     _call("force-unlock", {"force-unlock"},
           lambda h, c: h.post("/v1/admin/force-unlock",
                               params={"key": c.key, "reason": "matrix test"})),
+    _call("groups", {"read"}, lambda h, c: h.get("/v1/groups"), mutates=False),
+    _call("queue-waiter", {"read"},
+          lambda h, c: h.get("/v1/queue/waiter", params={"key": c.key, "id": "w-1"}),
+          mutates=False),
+    _call("console", {"read"}, lambda h, c: h.get("/ui", params={"repo": c.repo}),
+          mutates=False),
+    _call("console-sections", {"read"},
+          lambda h, c: h.get("/ui/sections", params={"repo": c.repo}), mutates=False),
+    _call("console-js", {"read"}, lambda h, c: h.get("/ui/console.js"), mutates=False),
+    _call("console-css", {"read"}, lambda h, c: h.get("/ui/console.css"), mutates=False),
+    _call("console-force-unlock", {"force-unlock"},
+          lambda h, c: h.post("/ui/force-unlock", data={"key": c.key, "reason": "matrix test"})),
 ]
+"""Every route that asks for a right (``test_access_seam`` checks that none is left out)."""

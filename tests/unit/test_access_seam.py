@@ -7,11 +7,14 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fastapi import APIRouter, Depends, FastAPI, Request
+from tests.support.access_matrix import CALLS, PUBLIC_PATHS, Case
 
 from enhanced_locking.api import create_app
 from enhanced_locking.api.access import (
+    UNGUARDED_PATHS,
     AccessHolder,
     Caller,
     CallerDep,
@@ -100,6 +103,30 @@ def test_the_services_only_public_routes_are_the_probes_metrics_and_the_webhooks
                             "/v1/webhooks/github", "/v1/webhooks/gitlab"]
     assert {route.path for route in api_routes(app)} >= {"/v1/locks", "/v1/admin/force-unlock",
                                                          "/v1/audit", "/ui/force-unlock"}
+
+
+def test_the_access_matrix_calls_every_route_that_asks_for_a_right() -> None:
+    """The static and Kubernetes matrices (every call x every role) walk ``CALLS``: a route
+    the app serves and the matrix does not call would go untried with real tokens. Read from
+    the app's routes, not from the docs."""
+    app = create_app(LockService(ConfigProvider(memory_config())), manage_lifecycle=False)
+    guarded = {(method, route.path) for route in api_routes(app)
+               if public_reason(route) is None and route.path not in UNGUARDED_PATHS
+               for method in route.methods or ()}
+    called: set[tuple[str, str]] = set()
+
+    def note(request: httpx.Request) -> httpx.Response:
+        called.add((request.method, request.url.path))
+        return httpx.Response(200, json={})
+
+    case = Case(repo="acme/infra", key="acme/infra/envs/prod/default/")
+    with httpx.Client(base_url="http://lock-service", transport=httpx.MockTransport(note)) as http:
+        for call in CALLS:
+            call.run(http, case)
+    assert guarded - called == set(), "routes the access matrix never calls"
+    assert called - guarded == set(), "calls of the access matrix to no route"
+    public = {route.path for route in api_routes(app) if public_reason(route) is not None}
+    assert public - {p for p in public if p.startswith("/v1/webhooks/")} == set(PUBLIC_PATHS)
 
 
 def test_tokens_parse_with_groups_and_skip_comments() -> None:
@@ -301,3 +328,4 @@ async def test_a_give_back_writes_the_keys_released_in_one_row_and_each_it_could
         ("atlantis", "acme/infra", 12, "req-7", "127.0.0.1:4711")}
     await caller.gave_back(action="release", repo="acme/infra", pull=12, tried=[])
     assert len(await trail.read(AuditQuery())) == 2, "nothing tried, nothing written"
+
