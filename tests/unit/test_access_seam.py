@@ -3,6 +3,7 @@ documented, and a config change never opens the service by accident."""
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ import pytest
 from fastapi import APIRouter, Depends, FastAPI, Request
 from tests.support.access_matrix import CALLS, PUBLIC_PATHS, Case
 
-from enhanced_locking.api import create_app
+from enhanced_locking.api import create_app, static_access
 from enhanced_locking.api.access import (
     UNGUARDED_PATHS,
     AccessHolder,
@@ -28,7 +29,12 @@ from enhanced_locking.api.access import (
     public_reason,
 )
 from enhanced_locking.api.audit import AuditTrail
-from enhanced_locking.api.static_access import RoleMap, TokenFileError, parse_tokens
+from enhanced_locking.api.static_access import (
+    RoleMap,
+    StaticTokens,
+    TokenFileError,
+    parse_tokens,
+)
 from enhanced_locking.backends import EmbeddedBackend, MemoryBackend
 from enhanced_locking.backends.audit_store import AuditQuery, MemoryAuditStore, Retention
 from enhanced_locking.config import EnhancedLockingConfig
@@ -329,3 +335,31 @@ async def test_a_give_back_writes_the_keys_released_in_one_row_and_each_it_could
     await caller.gave_back(action="release", repo="acme/infra", pull=12, tried=[])
     assert len(await trail.read(AuditQuery())) == 2, "nothing tried, nothing written"
 
+
+async def test_a_tokens_file_that_goes_away_keeps_its_tokens_and_says_so_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A tokens file removed (or unreadable) while the service runs keeps the tokens read last,
+    as a file that does not parse does, and the log says so: once, not at every recheck, and
+    again the next time it goes away."""
+    monkeypatch.setattr(static_access, "RECHECK_SECONDS", 0.0)
+    path = tmp_path / "tokens.csv"
+    path.write_text("tok-kept-4f1e9a,alice\n")
+    tokens = StaticTokens(path=str(path))
+    path.unlink()
+    with caplog.at_level(logging.INFO, logger=static_access.__name__):
+        for _ in range(3):
+            kept = await tokens.authenticate("tok-kept-4f1e9a")
+            assert kept is not None and kept.name == "alice"
+        said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(said) == 1, said
+        assert str(path) in said[0] and "keeping the previous tokens" in said[0]
+        path.write_text("tok-next-77c2d0,bob\n")
+        taken = await tokens.authenticate("tok-next-77c2d0")
+        assert taken is not None and taken.name == "bob"
+        assert await tokens.authenticate("tok-kept-4f1e9a") is None
+        path.unlink()
+        assert await tokens.authenticate("tok-next-77c2d0") is not None
+        said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(said) == 2, said
+    assert not any("tok-" in r.getMessage() for r in caplog.records)

@@ -80,6 +80,9 @@ class _FileState:
     (``cp -p``, ``rsync -t``, a tar) of a file whose revoked token was replaced by one of the
     same length leaves time and size as they were, and the revoked token would be taken on."""
     checked: float = 0.0
+    unread: bool = False
+    """Whether the last look found the file unreadable (said once in the log, not at every
+    recheck while it stays so)."""
 
 
 def _stamp(stat: os.stat_result) -> tuple[int, ...]:
@@ -113,7 +116,12 @@ class StaticTokens:
             if force:
                 raise TokenFileError(f"invalid setting enhanced-locking-auth-tokens-file: "
                                      f"cannot read {self._path}: {error.strerror}") from None
+            if not self._state.unread:
+                self._state.unread = True
+                log.error("tokens file %s not (re)loaded, keeping the previous tokens: cannot "
+                          "read it: %s", self._path, error.strerror)
             return
+        self._state.unread = False
         stamp = _stamp(stat)
         if stamp == self._state.stamp:
             return
