@@ -29,6 +29,7 @@ from enhanced_locking.migration.transition import (
 )
 from enhanced_locking.provider import ConfigProvider
 from enhanced_locking.types import (
+    AcquireResult,
     BackendUnavailable,
     BatchItem,
     BatchLockRequest,
@@ -100,6 +101,36 @@ async def test_a_moving_key_is_taken_on_both_sides_while_a_replica_still_routes_
     after = await b.router.acquire(_by(moving, pull=4))
     assert after.acquired and after.lock is not None and after.lock.backend == "enhanced"
     assert after.lock.fencing_token > taken.lock.fencing_token
+
+
+async def test_a_moving_key_refused_on_its_new_side_keeps_the_old_side_hold_it_did_not_take(
+    replicas: ReplicaSet, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The key is held on the new side by pull 9 (written there behind the router's back), and
+    # pull 1's own hold appears on the old side between the two-sided acquire's look and its
+    # first step (the pull's other request, through the legacy store itself): the first step
+    # answers that hold, the second is refused, and undoing the first must not drop a hold
+    # this request did not take.
+    a, _, moving = await _two_at(replicas, 0, below=5000)
+    await replicas.set_weight(50, on=[a])
+    await replicas.tick()
+    assert a.migration.transitions.plan(moving.key).both
+    assert a.enhanced is not None
+    planted = await a.enhanced.acquire(_by(moving, pull=9))
+    assert planted.acquired
+    take = a.legacy.acquire
+
+    async def taken_by_the_pull_first(request: LockRequest) -> AcquireResult:
+        own = await take(request)  # the pull's other request
+        assert own.acquired and own.fresh
+        return await take(request)
+
+    monkeypatch.setattr(a.legacy, "acquire", taken_by_the_pull_first)
+    refused = await a.router.acquire(_by(moving, pull=1))
+    assert not refused.acquired and refused.holder == planted.lock
+    monkeypatch.undo()
+    held = await a.legacy.get(moving.key)
+    assert held is not None and held.pull.num == 1, "the pull's old-side hold was dropped"
 
 
 async def test_a_hold_on_the_old_side_is_honoured_after_the_move_settles(

@@ -4,8 +4,9 @@ While a key's bucket is *moving* (some replica may still route it by the old wei
 acquire takes it on both sides, the side it is moving from first. A hold on the old side is
 therefore honoured (the first step is refused), and nobody can hold the key on the new side
 alone while another replica could still grant it on the old one. If the second step is refused
-or fails, the first is undone, so a refusal never leaves a lock behind. Releases already free
-both sides (the router releases everywhere).
+or fails, the first is undone, so a refusal never leaves a lock behind (undone is what the step
+granted: a hold the pull already had there stays). Releases already free both sides (the router
+releases everywhere).
 
 Fencing tokens are per side, so a key changing side could see its token fall. Each step first
 raises the next side's counter to the token the previous step got, and the answer is the new
@@ -84,26 +85,36 @@ async def acquire_both(first: Locker, second: Locker, request: LockRequest) -> A
     first_result = await first.acquire(request)
     if not first_result.acquired or first_result.lock is None:
         return first_result
+    # Undoing a step frees only what it granted: a hold of the pull it answered (its other
+    # request took the key on that side since the look above) is not this request's to drop.
+    undo_first = first_result.fresh
     try:
         await raise_counter(second, key, first_result.lock.fencing_token)
         second_result = await second.acquire(request)
     except BaseException:
-        await _undo(first, key, owner)
+        if undo_first:
+            await _undo(first, key, owner)
         raise
     if not second_result.acquired or second_result.lock is None:
-        await _undo(first, key, owner)
+        if undo_first:
+            await _undo(first, key, owner)
         return second_result
     try:
         await raise_counter_after(first, second_result.lock)
     except asyncio.CancelledError:  # the caller went away: nobody will use either half
-        await asyncio.shield(_undo_both(first, second, key, owner))
+        await asyncio.shield(_undo_both(first if undo_first else None,
+                                        second if second_result.fresh else None, key, owner))
         raise
     return second_result
 
 
-async def _undo_both(first: Locker, second: Locker, key: str, owner: tuple[str, int]) -> None:
-    await _undo(second, key, owner)
-    await _undo(first, key, owner)
+async def _undo_both(first: Locker | None, second: Locker | None, key: str,
+                     owner: tuple[str, int]) -> None:
+    """Undo the steps given (``None``: a step that granted nothing new)."""
+    if second is not None:
+        await _undo(second, key, owner)
+    if first is not None:
+        await _undo(first, key, owner)
 
 
 async def _undo(locker: Locker, key: str, owner: tuple[str, int]) -> None:
