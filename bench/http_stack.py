@@ -64,11 +64,20 @@ SQL, system calls and collections per pair, above) can still cost less time at 3
 turn serves several sockets and rarely sleeps: this shows how much less, for each server.
 Printed, not written.
 
+What the served product's SQL statements cost (``--statements``): the product served with
+every statement on its SQLite connections timed by the serving thread's CPU clock
+(``time.thread_time``, the statement alone: SQLite's work and its system calls), over ``--pairs``
+pairs after the same steady-state warm-up, with 1 and 32 clients: each statement's count and CPU
+per pair, beside the block's CPU per pair (which the timing itself adds a little to). A
+statement served between the Python of requests costs several times what it costs run back to
+back (``bench/sqlite_batching.py``). Printed, not written.
+
 Usage: python bench/http_stack.py [--pairs 1500] [--rounds 3] [--handoffs 200] [--no-write]
        python bench/http_stack.py --steps 200
        python bench/http_stack.py --sample --pairs 8000 [--clients 32]
        python bench/http_stack.py --collections --pairs 3000 [--clients 32]
        python bench/http_stack.py --split [--pairs 3200] [--rounds 4]
+       python bench/http_stack.py --statements [--pairs 4800]
        python bench/http_stack.py --count product --pairs 200 [--clients 1] [--profile FILE]
                                   [--audit-window 0.4]
 """
@@ -156,13 +165,15 @@ def noop_app() -> FastAPI:
 
 def serve(kind: str, port: int, loop: str, http: str, data_dir: str,
           audit_window: float | None = None, sample_out: str | None = None,
-          collections_out: str | None = None) -> None:
+          collections_out: str | None = None, statements_out: str | None = None) -> None:
     import uvicorn
 
     if sample_out is not None:
         _sample_cpu(Path(sample_out))
     if collections_out is not None:
         _count_collections(Path(collections_out))
+    if statements_out is not None:
+        _time_statements(Path(statements_out))
 
     from enhanced_locking.api import server as server_limits
     from enhanced_locking.config import EnhancedLockingConfig
@@ -792,6 +803,75 @@ def split_report(pairs: int, rounds: int) -> str:
     return "\n".join(lines)
 
 
+# --- what the served statements cost (``--statements``) ------------------------------------
+
+
+def _time_statements(out: Path) -> None:
+    """Time every statement on the SQLite connections this process opens from now on, by the
+    thread's CPU clock, per statement text; SIGUSR2 starts afresh, SIGUSR1 writes to ``out``
+    (JSON: text -> [count, seconds])."""
+    spent: dict[str, list[float]] = {}
+    timing = [False]
+
+    def timed(sql: str, run: Any) -> Any:
+        if not timing[0]:
+            return run()
+        began = time.thread_time()
+        result = run()
+        entry = spent.setdefault(" ".join(sql.split()), [0, 0.0])
+        entry[0] += 1
+        entry[1] += time.thread_time() - began
+        return result
+
+    class TimedCursor(sqlite3.Cursor):
+        def execute(self, sql: str, parameters: Any = (), /) -> Any:
+            return timed(sql, lambda: super(TimedCursor, self).execute(sql, parameters))
+
+    class TimedConnection(sqlite3.Connection):
+        def execute(self, sql: str, parameters: Any = (), /) -> Any:
+            return self.cursor().execute(sql, parameters)
+
+        def cursor(self, factory: Any = TimedCursor) -> Any:
+            return super().cursor(factory)
+
+    connect = sqlite3.connect
+
+    def connected(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        return connect(*args, **kwargs, factory=TimedConnection)
+
+    def start(signum: int, frame: Any) -> None:
+        spent.clear()
+        timing[0] = True
+
+    def write(signum: int, frame: Any) -> None:
+        timing[0] = False
+        part = out.with_suffix(".part")
+        part.write_text(json.dumps(spent))
+        part.replace(out)  # whole once it is there
+
+    sqlite3.connect = connected  # type: ignore[assignment]
+    signal.signal(signal.SIGUSR2, start)
+    signal.signal(signal.SIGUSR1, write)
+
+
+def statements_report(pairs: int, shown: int = 6) -> str:
+    """The served product's costliest statements per pair, 1 and 32 clients, as a table."""
+    lines = [f"{pairs} pairs, asyncio + httptools, after the event ring is full, load average "
+             f"{os.getloadavg()[0]:.1f}: the product's SQL statements, CPU of the serving "
+             "thread in each (its {shown} costliest)".replace("{shown}", str(shown)), "",
+             "| clients | statement | a pair | µs each | µs a pair | server CPU µs/pair |",
+             "|---:|---|---:|---:|---:|---:|"]
+    for clients in CONCURRENCY:
+        text, block = observed_block("product", pairs, clients, "--statements-out")
+        done = max(1, pairs // clients) * clients
+        found = sorted(json.loads(text).items(), key=lambda item: -item[1][1])[:shown]
+        for sql, (count, seconds) in found:
+            lines.append(f"| {clients} | `{sql[:60]}` | {count / done:.2f} "
+                         f"| {seconds / max(count, 1) * 1e6:.1f} | {seconds / done * 1e6:.1f} "
+                         f"| {block.cpu * 1e6:,.0f} |")
+    return "\n".join(lines)
+
+
 # --- SQL per pair ----------------------------------------------------------------------------
 
 
@@ -1002,6 +1082,9 @@ def main() -> None:
     parser.add_argument("--split", action="store_true",
                         help="only measure each server's user and system time and context "
                              "switches per pair, 1 and 32 clients (see the module's docstring)")
+    parser.add_argument("--statements", action="store_true",
+                        help="only time the served product's SQL statements per pair, 1 and 32 "
+                             "clients (see the module's docstring)")
     parser.add_argument("--clients", type=int, default=1,
                         help="with --count, --sample or --collections")
     parser.add_argument("--profile", type=Path, help="with --count: keep callgrind's profile")
@@ -1015,17 +1098,21 @@ def main() -> None:
     parser.add_argument("--data-dir", help=argparse.SUPPRESS)
     parser.add_argument("--sample-out", help=argparse.SUPPRESS)
     parser.add_argument("--collections-out", help=argparse.SUPPRESS)
+    parser.add_argument("--statements-out", help=argparse.SUPPRESS)
     quick_defaults(parser, pairs=640, rounds=2, handoffs=50)
     args = parser.parse_args()
     if args.serve:
         serve(args.serve, args.port, args.loop, args.http, args.data_dir, args.audit_window,
-              args.sample_out, args.collections_out)
+              args.sample_out, args.collections_out, args.statements_out)
         return
     if args.collections:
         print(collections_report(args.pairs, args.clients))
         return
     if args.split:
         print(split_report(args.pairs, args.rounds))
+        return
+    if args.statements:
+        print(statements_report(args.pairs))
         return
     if args.sample:
         print(sample_report(args.pairs, args.clients))
