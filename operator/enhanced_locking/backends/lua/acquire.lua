@@ -1,8 +1,8 @@
 -- acquire-or-enqueue: grant every key of a batch (one key is a batch of one) as the rules
 -- allow, or queue one waiter on every key, or refuse.
 -- KEYS[8..] every key of each lock key (RedisKeys.of_key, its index by pull among them), the
---   owner's pull index, the waiter's record and outcome; what it finds while it runs it asks
---   for (lib.lua: `run`)
+--   owner's pull index, the waiter's record and outcome and, with them, the indexes' mark
+--   (RedisKeys.by_pull_mark); what it finds while it runs it asks for (lib.lua: `run`)
 -- ARGV[11] lease in ms (0: none)  ARGV[12] waiter id ('' = fail fast)  ARGV[13] wait in ms
 -- ARGV[14] request id ('' none)  ARGV[15] owner repo  ARGV[16] owner pull
 -- ARGV[17] base priority level 0..3  ARGV[18] mode  ARGV[19] head commit ('' unknown)
