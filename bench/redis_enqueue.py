@@ -29,8 +29,9 @@ pull's own since), and a fill whose every enqueue read every record took hours a
 waiting ahead of them on the key. ``--held-shared``: as ``--shared``, with the key held
 shared, so the holder lets the sample's requests in and each looks at the queue (the first
 in line is an exclusive request of another pull, as behind a shared holder it would be).
-``--wait-graph``: each enqueue of the sample is followed by the read of the wait-for graph the
-locker makes with ``deadlock-detection`` on, counted in it.
+``--wait-graph``: each enqueue of the sample is followed by what the locker does with
+``deadlock-detection`` on, counted in it: the read of the wait-for graph and the search for a
+cycle through the new waiter's pull (``deadlock.find_cycle``, in the client column).
 
 Usage: python bench/redis_enqueue.py [--lengths 10,100,1000,10000] [--sample 30]
        [--head-commits] [--shared] [--held-shared] [--wait-graph]
@@ -59,7 +60,7 @@ from enhanced_locking.backends.redis_store import RedisBackend  # noqa: E402
 from enhanced_locking.backends.waiting import Outcome, QueuePolicy, Status, Wait  # noqa: E402
 from enhanced_locking.config import EnhancedLockingConfig  # noqa: E402
 from enhanced_locking.events import EventBus  # noqa: E402
-from enhanced_locking.locking import EnhancedLocker  # noqa: E402
+from enhanced_locking.locking import EnhancedLocker, deadlock  # noqa: E402
 from enhanced_locking.metrics import Metrics  # noqa: E402
 from enhanced_locking.types import Candidate, LockRequest, Priority, Project, Pull  # noqa: E402
 
@@ -108,7 +109,9 @@ class Rig:
             wait=Wait(id=waiter_id, timeout=WAIT), policy=self.policy)
         assert outcome.status is Status.QUEUED, outcome
         if sampled and GRAPH[0]:
-            assert await self.backend.wait_graph(policy=self.policy)
+            graph = await self.backend.wait_graph(policy=self.policy)
+            assert outcome.waiter is not None
+            assert deadlock.find_cycle(graph, outcome.waiter.owner) is None
         return outcome
 
     async def server_usec(self) -> float:

@@ -76,20 +76,72 @@ def edges(graph: Iterable[KeyWaits]) -> dict[Owner, list[Edge]]:
 
 
 def find_cycle(graph: Iterable[KeyWaits], start: Owner) -> list[Edge] | None:
-    """A shortest-first path of edges from ``start`` back to ``start``, if there is one."""
-    adjacency = edges(graph)
-    # Breadth first, so the cycle reported is a shortest one (the clearest to read).
-    frontier: list[tuple[Owner, list[Edge]]] = [(start, [])]
+    """A shortest-first path of edges from ``start`` back to ``start``, if there is one.
+
+    Breadth first over the owners, so the cycle reported is a shortest one (the clearest to
+    read), visiting each owner's edges in :func:`edges`' order: the same cycle a search over
+    :func:`edges` finds, without making them. A waiter waits for every owner ahead of it on
+    its key, so :func:`edges` holds O(n²) edges for a queue of n (1.6 s of CPU for one queue
+    of 1,000, 12.5 s for 3,000). Here each key keeps how far its queue has been looked along
+    for an exclusive waiter and for a shared one (which waits for no shared waiter ahead):
+    every owner before that point is already reached (or was ``start``, and the search ended
+    there), so the edges to it change nothing and are passed over, and each waiter and each
+    holder is looked at a bounded number of times: O(waiters + holders) in all. ``start``'s
+    own edges are looked at in full and move no mark: they leave out ``start``'s own waiters
+    and holds, which a later owner's edges reach it by.
+    """
+    entries = list(graph)
+    mine: dict[Owner, list[tuple[int, int]]] = {}
+    for at, entry in enumerate(entries):
+        for index, waiter in enumerate(entry.waiters):
+            mine.setdefault(waiter.owner, []).append((at, index))
+    looked_all = [0] * len(entries)  # every waiter before it looked at, for an exclusive one
+    looked_excl = [0] * len(entries)  # every exclusive waiter before it, for a shared one
+    held_looked = [[False, False] for _ in entries]  # the holders, for [exclusive, shared]
     seen = {start}
+    came: dict[Owner, tuple[Owner, Edge]] = {}
+
+    def path_to(node: Owner, last: Edge) -> list[Edge]:
+        out = [last]
+        while node != start:
+            node, edge = came[node]
+            out.append(edge)
+        return out[::-1]
+
+    frontier = [start]
     while frontier:
-        next_frontier: list[tuple[Owner, list[Edge]]] = []
-        for node, path in frontier:
-            for edge in adjacency.get(node, ()):
-                if edge.target == start:
-                    return [*path, edge]
-                if edge.target not in seen:
-                    seen.add(edge.target)
-                    next_frontier.append((edge.target, [*path, edge]))
+        next_frontier: list[Owner] = []
+        for node in frontier:
+            marking = node != start
+            for at, index in mine.get(node, ()):
+                entry = entries[at]
+                waiter = entry.waiters[index]
+                shared = waiter.mode == "shared"
+                holders = entry.holders or ((entry.holder,) if entry.holder is not None else ())
+                if shared and entry.shared:
+                    holders = ()
+                targets: list[tuple[Owner, str]] = []
+                if not held_looked[at][shared]:
+                    targets = [(holder, "holds") for holder in holders]
+                    if marking:
+                        held_looked[at][shared] = True
+                first = looked_excl[at] if shared else looked_all[at]
+                targets.extend((ahead.owner, "ahead") for ahead in entry.waiters[first:index]
+                               if not (shared and ahead.mode == "shared"))
+                if marking:
+                    looked_excl[at] = max(looked_excl[at], index)
+                    if not shared:
+                        looked_all[at] = max(looked_all[at], index)
+                for target, why in targets:
+                    if target == node:
+                        continue
+                    edge = Edge(node, target, entry.key, why)
+                    if target == start:
+                        return path_to(node, edge)
+                    if target not in seen:
+                        seen.add(target)
+                        came[target] = (node, edge)
+                        next_frontier.append(target)
         frontier = next_frontier
     return None
 
