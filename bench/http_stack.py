@@ -858,7 +858,7 @@ def statements_report(pairs: int, shown: int = 6) -> str:
     """The served product's costliest statements per pair, 1 and 32 clients, as a table."""
     lines = [f"{pairs} pairs, asyncio + httptools, after the event ring is full, load average "
              f"{os.getloadavg()[0]:.1f}: the product's SQL statements, CPU of the serving "
-             "thread in each (its {shown} costliest)".replace("{shown}", str(shown)), "",
+             f"thread in each (its {shown} costliest)", "",
              "| clients | statement | a pair | µs each | µs a pair | server CPU µs/pair |",
              "|---:|---|---:|---:|---:|---:|"]
     for clients in CONCURRENCY:
