@@ -87,7 +87,11 @@ def _without_credentials(address: str) -> str:
 
 def _host_port(value: str) -> str:
     match = _HOST_PORT.fullmatch(value)
-    if match is None or not 0 < int(match.group(1)) < 65536:
+    # A host name's labels (between its dots) are 1 to 63 characters: a resolver refuses any
+    # other name before it looks it up.
+    labels = [] if value.startswith("[") else value.rpartition(":")[0].split(".")
+    if (match is None or not 0 < int(match.group(1)) < 65536
+            or any(not 0 < len(label) < 64 for label in labels)):
         raise ValueError(f"expected host:port such as localhost:6379, got "
                          f"{_without_credentials(value)!r}")
     return value

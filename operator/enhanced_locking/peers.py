@@ -66,14 +66,15 @@ def _split(address: str) -> tuple[str, int]:
 
 async def _addresses(peers: Sequence[str]) -> list[str]:
     """Every address the peers stand for: a host name (a headless Service) resolves to each of
-    its records. A name that does not resolve stands for nobody."""
+    its records. A name that does not resolve, or that the resolver refuses to look up (an empty
+    label, one longer than 63 characters: the config refuses those), stands for nobody."""
     loop = asyncio.get_running_loop()
     found: list[str] = []
     for peer in peers:
         host, port = _split(peer)
         try:
             infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except OSError:
+        except (OSError, UnicodeError):
             continue
         for family, _, _, _, sockaddr in infos:
             ip = str(sockaddr[0])

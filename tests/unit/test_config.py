@@ -278,7 +278,7 @@ INVALID_BY_KIND: dict[str, list[Any]] = {
     "int": ["ten", "1.5", -1, 10_000_001, "1_000", "1000.0", 1000.0, True, "\u0661\u0660"],
     "duration": ["30", "soon", "-5s", "5 minutes", " 30s", "\u0663s"],
     "float": ["lots", 101, -1, 12.345, "1_0", True, "\u0661\u0662"],
-    "list": ["no-port", "a:1,b:notaport"],
+    "list": ["no-port", "a:1,b:notaport", "a:1,b..example:1", "a:1," + "b" * 64 + ":1"],
     "map": ["nope", "owner=user:alice", "admin=alice", "locker=robot:x"],
     # Rules: an empty pattern, a limit of 0, an unknown command, not a mapping at all.
     "rules": ['{"freezes": [{"name": "f", "match": {}, "message": "m"}]}',
@@ -290,8 +290,10 @@ INVALID_BY_KIND: dict[str, list[Any]] = {
               '"from": "2026-12-08T00:00:00"}]}'],
 }
 INVALID_STRINGS: dict[str, list[Any]] = {
+    # (a name with an empty label or one longer than 63: no resolver takes it)
     "redis_addr": ["nope", "localhost:", ":6379", "localhost:70000", "a b c:1",
-                   "localhost:\uff16\uff13\uff17\uff19", "local\thost:1"],
+                   "localhost:\uff16\uff13\uff17\uff19", "local\thost:1", "redis..example:1",
+                   "r" * 64 + ".example:1"],
     "redis_username": ["u" * 257],
     "redis_key_prefix": ["p" * 129, ""],
     "data_dir": [""],

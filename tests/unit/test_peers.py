@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import http.server
 import json
 from collections.abc import Iterator
@@ -97,3 +98,7 @@ async def test_callers_share_one_round_and_ask_again_once_it_is_a_second_old(
 async def test_no_peers_and_peers_that_stand_for_nobody_are_asked_nothing() -> None:
     assert await Peers(lambda: ([], False)).one_ready() is None
     assert await Peers(lambda: (["peers.invalid:4142"], False)).one_ready() is None
+    # a name no resolver takes (an empty label, one over 63 characters): the config refuses it,
+    # and here too it stands for nobody rather than failing the question
+    for name in ("peers..invalid:4142", "p" * 64 + ".invalid:4142"):
+        assert await Peers(functools.partial(lambda n: ([n], False), name)).one_ready() is None
