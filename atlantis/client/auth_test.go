@@ -7,10 +7,13 @@ import (
 	"net/http/httptest"
 	"net/http/httputil"
 	"net/url"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/runatlantis/enhanced-locking/atlantis/client"
 	"github.com/runatlantis/enhanced-locking/atlantis/internal/servicetest"
@@ -149,5 +152,66 @@ func TestForceUnlockSendsItsReasonToAServiceWithAccessControl(t *testing.T) {
 	must(t, err)
 	if _, err := atlantis.ForceUnlock(ctx, again.Key, "not mine to free"); !errors.As(err, &denied) || denied.Status != 403 || denied.Verb != "force-unlock" {
 		t.Fatalf("a locker's force-unlock: want a 403 naming force-unlock, got %v", err)
+	}
+}
+
+func TestATokenFileRotatedWhileRunningIsReadAgain(t *testing.T) {
+	// A Kubernetes projected ServiceAccount token (one minted for the service's audience
+	// expires within hours) is rotated by the kubelet while Atlantis runs: a token read once
+	// at start is refused from its rotation on.
+	dir := t.TempDir()
+	served := filepath.Join(dir, "tokens.csv")
+	must(t, os.WriteFile(served, []byte("tok-first-4f1e9a,atlantis,1\n"), 0o600))
+	svc := servicetest.Serve(t, "--enhanced-locking-auth", "static",
+		"--enhanced-locking-auth-tokens-file", served,
+		"--enhanced-locking-auth-roles", "locker=user:atlantis")
+	mounted := filepath.Join(dir, "token")
+	must(t, os.WriteFile(mounted, []byte("tok-first-4f1e9a\n"), 0o600))
+	ctx := context.Background()
+	once, err := client.New(svc.URL, client.WithToken("tok-first-4f1e9a"))
+	must(t, err)
+	following, err := client.New(svc.URL, client.WithTokenFile(mounted))
+	must(t, err)
+	_, err = following.Acquire(ctx, request("acme/infra", "envs/prod", 1))
+	must(t, err)
+
+	// The rotation: the service takes the new token only, the mounted file holds it.
+	must(t, os.WriteFile(served, []byte("tok-second-77c2d0,atlantis,1\n"), 0o600))
+	must(t, os.WriteFile(mounted, []byte("tok-second-77c2d0\n"), 0o600))
+	var denied *client.DeniedError
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		_, err := once.List(ctx, client.ListFilter{})
+		if errors.As(err, &denied) && denied.Status == 401 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the service should refuse the rotated-out token within a minute, got %v", err)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	for {
+		locks, err := following.List(ctx, client.ListFilter{})
+		if err == nil {
+			if len(locks) != 1 || locks[0].Pull.Num != 1 {
+				t.Fatalf("the lock taken before the rotation should be listed, got %+v", locks)
+			}
+			break
+		}
+		if !errors.As(err, &denied) || time.Now().After(deadline) {
+			t.Fatalf("a client following the token file should be let in with the new token, got %v", err)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	// A file that cannot be read keeps the token read last; one that is missing at the start
+	// is refused by New, naming the file and never a token.
+	must(t, os.Remove(mounted))
+	time.Sleep(1100 * time.Millisecond)
+	_, err = following.List(ctx, client.ListFilter{})
+	must(t, err)
+	_, err = client.New(svc.URL, client.WithTokenFile(mounted))
+	var invalid *client.InvalidError
+	if !errors.As(err, &invalid) || !strings.Contains(err.Error(), mounted) {
+		t.Fatalf("a token file that cannot be read at New: want an *InvalidError naming it, got %v", err)
 	}
 }

@@ -38,9 +38,11 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -52,6 +54,7 @@ type Client struct {
 	base        *url.URL
 	http        *http.Client
 	token       string
+	tokenFile   *tokenFile
 	attempts    int
 	backoff     time.Duration
 	maxBackoff  time.Duration
@@ -70,6 +73,81 @@ func WithHTTPClient(hc *http.Client) Option { return func(c *Client) { c.http = 
 // WithToken sends "Authorization: Bearer <token>" with every call. The token is never part
 // of an error message.
 func WithToken(token string) Option { return func(c *Client) { c.token = token } }
+
+// WithTokenFile sends the token the file at path holds (surrounding whitespace trimmed), read
+// again when the file changes (looked at most once a second): a Kubernetes ServiceAccount
+// token mounted in the pod, which the kubelet rotates before it expires, keeps being the
+// caller's. A file that cannot be read (or is empty) later keeps the token read last; New
+// refuses one it cannot read at all (an *InvalidError naming the file, never a token).
+// It takes the place of WithToken.
+func WithTokenFile(path string) Option {
+	return func(c *Client) { c.tokenFile = &tokenFile{path: path} }
+}
+
+// tokenFile is the token of WithTokenFile: what the file held when it was last read.
+type tokenFile struct {
+	path    string
+	mu      sync.Mutex
+	token   string
+	stamp   tokenStamp
+	checked time.Time
+}
+
+// tokenStamp is what a file's status said when it was read: a rewrite (or a Kubernetes
+// volume's swap of its files) changes one of them.
+type tokenStamp struct {
+	modified time.Time
+	size     int64
+}
+
+// tokenRecheck is how often a token file is looked at again, at most.
+const tokenRecheck = time.Second
+
+// current is the token to send: the file's, read again when it changed since the last look.
+func (f *tokenFile) current() string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if now := time.Now(); now.Sub(f.checked) >= tokenRecheck {
+		f.checked = now
+		_ = f.read() // a file that cannot be read now keeps the token read last
+	}
+	return f.token
+}
+
+// read takes the file's token if the file changed since it was last read; an error (naming
+// the file, never its content) when it cannot be read or holds no token.
+func (f *tokenFile) read() error {
+	info, err := os.Stat(f.path)
+	if err != nil {
+		return fmt.Errorf("token file %s: %w", f.path, errors.Unwrap(err))
+	}
+	stamp := tokenStamp{modified: info.ModTime(), size: info.Size()}
+	if stamp == f.stamp && f.token != "" {
+		return nil
+	}
+	data, err := os.ReadFile(f.path)
+	if err != nil {
+		return fmt.Errorf("token file %s: %w", f.path, errors.Unwrap(err))
+	}
+	token := strings.TrimSpace(string(data))
+	if token == "" {
+		return fmt.Errorf("token file %s holds no token", f.path)
+	}
+	f.token, f.stamp = token, stamp
+	return nil
+}
+
+// bearer is the Authorization header's value, "" when the client sends none.
+func (c *Client) bearer() string {
+	token := c.token
+	if c.tokenFile != nil {
+		token = c.tokenFile.current()
+	}
+	if token == "" {
+		return ""
+	}
+	return "Bearer " + token
+}
 
 // WithRetries sets how many attempts a call that is safe to repeat gets (1: no retry), and
 // the first delay between them (doubled each time, with jitter, up to 2s; below 0: none).
@@ -114,6 +192,12 @@ func New(baseURL string, opts ...Option) (*Client, error) {
 	}
 	for _, opt := range opts {
 		opt(c)
+	}
+	if c.tokenFile != nil {
+		c.tokenFile.checked = time.Now()
+		if err := c.tokenFile.read(); err != nil {
+			return nil, &InvalidError{Field: "token-file", Message: err.Error()}
+		}
 	}
 	c.http = sameOriginRedirects(c.http)
 	return c, nil
@@ -312,8 +396,8 @@ func (c *Client) send(ctx context.Context, k call, payload []byte) (answer, erro
 	if payload != nil {
 		req.Header.Set("Content-Type", "application/json")
 	}
-	if c.token != "" {
-		req.Header.Set("Authorization", "Bearer "+c.token)
+	if bearer := c.bearer(); bearer != "" {
+		req.Header.Set("Authorization", bearer)
 	}
 	resp, err := c.http.Do(req)
 	if err != nil {

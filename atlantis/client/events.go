@@ -116,8 +116,8 @@ func (s *EventStream) connect() error {
 	if s.filter.LastEventID != "" {
 		req.Header.Set("Last-Event-ID", s.filter.LastEventID)
 	}
-	if s.c.token != "" {
-		req.Header.Set("Authorization", "Bearer "+s.c.token)
+	if bearer := s.c.bearer(); bearer != "" {
+		req.Header.Set("Authorization", bearer)
 	}
 	bound := s.c.callTimeout
 	var unanswered *time.Timer
