@@ -32,7 +32,7 @@ from __future__ import annotations
 import enum
 import functools
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from typing import Annotated, Any, Literal, NamedTuple, Self, TypeVar
@@ -872,6 +872,21 @@ class BatchResult(_Model):
     error: str | None = None
     """Why, in words, where the reason alone does not say it (a ``collision``; a freeze's
     message for ``frozen``)."""
+    _kept: frozenset[str] | None = PrivateAttr(default=None)
+
+    @classmethod
+    def granted(cls, locks: Sequence[Lock], *, kept: frozenset[str] | None) -> BatchResult:
+        """Every lock of the batch held now; ``kept``: see :attr:`kept`."""
+        result = cls(acquired=True, locks=list(locks))
+        result._kept = kept
+        return result
+
+    @property
+    def kept(self) -> frozenset[str] | None:
+        """Granted: the keys whose locks the pull held already, answered unchanged (not this
+        call's to give back: only the other keys were granted by it). ``None``: not said key
+        by key (a batch answered by a locker or a store path that does not tell)."""
+        return self._kept if self.acquired else None
 
 
 class Event(_Model):

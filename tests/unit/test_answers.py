@@ -73,7 +73,8 @@ def test_a_free_keys_outcome_and_a_plain_releases_handoff_are_the_ones_their_cla
     # without a value here leaves its slot unset, which the comparison meets and fails on.
     lock = a_lock()
     granted = Outcome.of_grant(lock)
-    assert granted == Outcome(status=Status.GRANTED, locks=(lock,), fresh=True)
+    assert granted == Outcome(status=Status.GRANTED, locks=(lock,), fresh=True,
+                             kept=frozenset())
     assert granted.locks[0] is lock
     for released in (lock, None):
         handoff = Handoff.of_release(released)

@@ -27,6 +27,9 @@ from enhanced_locking.backends.embedded import open_database
 from enhanced_locking.types import (
     AcquireResult,
     BackendUnavailable,
+    BatchItem,
+    BatchLockRequest,
+    BatchResult,
     Lock,
     LockNotOwned,
     LockRequest,
@@ -68,6 +71,13 @@ def plain_writer(path: Path, statement: str, *args: object) -> None:
     with contextlib.closing(sqlite3.connect(path)) as db:
         db.execute(statement, args)
         db.commit()
+
+
+def planted_on_legacy(path: Path, lock: Lock) -> None:
+    """``lock`` held on the legacy side, written by a plain writer (unless the key is held)."""
+    plain_writer(path, "INSERT INTO locks (ns, key, repo, pull, data, counter, held) "
+                 "VALUES ('legacy', ?, ?, ?, ?, 5, 1) ON CONFLICT DO NOTHING",
+                 lock.key, *lock.owner, codec.encode(lock))
 
 
 def legacy_lock(pull: int, *, path: str = "envs/prod") -> Lock:
@@ -359,9 +369,7 @@ async def test_a_pull_asking_again_keeps_its_hold_when_legacy_is_taken_between_t
 
     async def granted_then_taken_on_legacy(asked: LockRequest) -> AcquireResult:
         result = await grant(asked)
-        plain_writer(path, "INSERT INTO locks (ns, key, repo, pull, data, counter, held) "
-                     "VALUES ('legacy', ?, ?, ?, ?, 5, 1) ON CONFLICT DO NOTHING",
-                     taken.key, *taken.owner, codec.encode(taken))
+        planted_on_legacy(path, taken)
         return result
 
     monkeypatch.setattr(enhanced, "acquire", granted_then_taken_on_legacy)
@@ -378,6 +386,42 @@ async def test_a_pull_asking_again_keeps_its_hold_when_legacy_is_taken_between_t
     assert service.migration.conflicts.items() == []
     mine = await service.router.acquire(request)
     assert mine.acquired and not mine.fresh and mine.lock == held.lock
+
+
+async def test_a_batch_backing_off_keeps_a_hold_its_pull_took_after_the_look(
+    make_service: ServiceMaker, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pull 1 asks for keys ``a`` and ``b`` in a batch. After the router's look at who holds
+    them (``a``: nobody), the pull's other request takes ``a``, so the batch's grant answers
+    ``a`` with that hold, unchanged; then another writer takes ``b`` on legacy, and the batch
+    backs off. It gives back only what it granted: ``b``, and never the pull's hold of ``a``,
+    which this batch did not take."""
+    service = await make_service(enabled=True, migration_weight=100)
+    path = service.provider.current.config.data_path
+    enhanced = service.enhanced
+    assert enhanced is not None
+    pull = request_for(pull=1).pull
+    batch = BatchLockRequest(locks=[BatchItem(project=request_for(path=p).project)
+                                    for p in ("envs/a", "envs/b")], pull=pull)
+    a, b = batch.keys
+    taken = legacy_lock(2, path="envs/b")
+    grant = enhanced.acquire_batch
+    other: list[AcquireResult] = []
+
+    async def taken_by_the_pull_then_on_legacy(asked: BatchLockRequest) -> BatchResult:
+        other.append(await enhanced.acquire(request_for(pull=1, path="envs/a")))
+        result = await grant(asked)
+        planted_on_legacy(path, taken)
+        return result
+
+    monkeypatch.setattr(enhanced, "acquire_batch", taken_by_the_pull_then_on_legacy)
+    refused = await service.router.acquire_batch(batch)
+    assert not refused.acquired and refused.lock_key == b
+    assert refused.holder is not None and refused.holder.owner == taken.owner
+    [own] = other
+    assert own.acquired and own.fresh and own.lock is not None
+    assert await enhanced.backend.get(a) == own.lock, "the pull's hold of a was dropped"
+    assert await enhanced.backend.get(b) is None, "the batch's grant of b was left behind"
 
 
 async def test_a_release_not_owned_is_refused_and_a_foreign_pull_releases_nothing(

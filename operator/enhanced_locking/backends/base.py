@@ -989,7 +989,8 @@ class StoreBackend(abc.ABC):
         if decision.verdict is policies.Verdict.GRANT:
             taken_now = [self._take(c, now, ttl) for c in candidates]
             return Outcome(status=Status.GRANTED, locks=tuple(lock for lock, _ in taken_now),
-                           fresh=any(fresh for _, fresh in taken_now))
+                           fresh=any(fresh for _, fresh in taken_now),
+                           kept=frozenset(lock.key for lock, fresh in taken_now if not fresh))
         key = decision.key or first.key
         holder = self._live(key, now)
         freeze = decision.freeze

@@ -48,6 +48,8 @@ from enhanced_locking.policies import PolicyRules
 from enhanced_locking.types import Candidate, Lock, Mode, PartlyReleased, Priority, Reason
 
 _new_object = object.__new__
+_NONE_KEPT: frozenset[str] = frozenset()
+"""A grant's ``kept`` when the pull held none of its keys before (every lock granted anew)."""
 
 __all__ = [
     "MAX_LEVEL",
@@ -224,7 +226,8 @@ class Outcome:
     """The answer of ``acquire_or_enqueue`` / ``acquire_batch``.
 
     * ``granted``: ``locks`` are held now (one per key asked). ``fresh`` is false when the
-      same pull already held every key and got its locks back unchanged.
+      same pull already held every key and got its locks back unchanged; ``kept`` names the
+      keys it held already, key by key (``None``: the store does not say).
     * ``held``: not granted and not queued (no wait offered); ``key`` is the first blocked key
       and ``holder`` its holder (``None`` when only a waiter ahead blocks it).
     * ``queued``: ``waiter`` is in the queue of every key it asked for, at 1-based ``position``
@@ -261,13 +264,18 @@ class Outcome:
     """Other waiters this step handed keys to before it decided (a key it freed of a lapsed
     lease, or found free with a waiter no step had served): each hand-off is counted as a
     release's is."""
+    kept: frozenset[str] | None = None
+    """``granted``: the keys whose locks the pull held already when the step decided, answered
+    unchanged (not this call's to give back; the others it granted). ``None``: the store does
+    not say key by key (then ``fresh`` alone tells: false when the pull held every key)."""
 
     @staticmethod
     def of_grant(lock: Lock) -> Outcome:
-        """``Outcome(status=Status.GRANTED, locks=(lock,), fresh=True)``, written out: the
-        answer of every acquire that takes a free key. The generated ``__init__`` binds eleven
-        keyword-only parameters, eight of them from their defaults (about 6k instructions a
-        call); setting the slots here is about 2k. A test holds the two equal."""
+        """``Outcome(status=Status.GRANTED, locks=(lock,), fresh=True, kept=frozenset())``,
+        written out: the answer of every acquire that takes a free key. The generated
+        ``__init__`` binds twelve keyword-only parameters, nine of them from their defaults
+        (about 6k instructions a call); setting the slots here is about 2k. A test holds the
+        two equal."""
         outcome = _new_object(Outcome)
         outcome.status = Status.GRANTED
         outcome.locks = (lock,)
@@ -282,6 +290,7 @@ class Outcome:
         outcome.holders = None
         outcome.expired = ()
         outcome.handed = ()
+        outcome.kept = _NONE_KEPT
         return outcome
 
 

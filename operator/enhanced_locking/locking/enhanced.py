@@ -98,9 +98,11 @@ class Answers(Protocol[_Made]):
     """How an acquire's answer is made, in the caller's own shape: the acquire's steps make
     that answer where they decide (no record of their own in between, shaped afterwards)."""
 
-    def granted(self, locks: tuple[Lock, ...], *, fresh: bool) -> _Made:
+    def granted(self, locks: tuple[Lock, ...], *, fresh: bool,
+                kept: frozenset[str] | None = None) -> _Made:
         """``locks`` are held now; ``fresh``: granted by this call (false: the pull's own
-        locks, asked for again)."""
+        locks, asked for again); ``kept``: the keys of those the pull held already, key by key
+        (``None``: not said)."""
         ...
 
     def refused(self, key: str, reason: Reason, holder: Lock | None = None, *,
@@ -121,7 +123,8 @@ class _OneKey:
     """One key's answer (:class:`AcquireResult`)."""
 
     @staticmethod
-    def granted(locks: tuple[Lock, ...], *, fresh: bool) -> AcquireResult:
+    def granted(locks: tuple[Lock, ...], *, fresh: bool,
+                kept: frozenset[str] | None = None) -> AcquireResult:
         return AcquireResult.granted(locks[0], fresh=fresh)
 
     @staticmethod
@@ -136,8 +139,11 @@ class _Batch:
     """A batch's answer (:class:`BatchResult`): every lock, or the key that blocked it."""
 
     @staticmethod
-    def granted(locks: tuple[Lock, ...], *, fresh: bool) -> BatchResult:
-        return BatchResult(acquired=True, locks=list(locks))
+    def granted(locks: tuple[Lock, ...], *, fresh: bool,
+                kept: frozenset[str] | None = None) -> BatchResult:
+        # Not fresh: the pull held every key already.
+        return BatchResult.granted(
+            locks, kept=kept if fresh else frozenset(lock.key for lock in locks))
 
     @staticmethod
     def refused(key: str, reason: Reason, holder: Lock | None = None, *,
@@ -402,7 +408,7 @@ class EnhancedLocker(AtlantisCalls):
                     self.events.publish("acquired", lock=lock, key=key)
                     if expires_at is not None:
                         self.leases.arm(key, expires_at)
-            return answers.granted(locks, fresh=outcome.fresh)
+            return answers.granted(locks, fresh=outcome.fresh, kept=outcome.kept)
         key = outcome.key or first
         if outcome.holder is not None:
             self.leases.arm(key, outcome.holder.expires_at)

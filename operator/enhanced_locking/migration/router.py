@@ -943,13 +943,18 @@ class Router(AtlantisCalls):
                                reason=Reason.UNAVAILABLE)
         if not first.acquired:
             return first
+        # The keys the pull held already when the store granted, as the store tells: the
+        # look above is older, and the pull's other request may have taken one of them since
+        # (or let one go). Only a store that does not say key by key is answered by the look.
+        kept = mine_before if first.kept is None else first.kept
         for lock in first.locks:
-            if lock.key in mine_before:  # its pull's already: answered again
+            if lock.key in kept:  # its pull's already: answered again
                 self._answers.again(lock)
 
         async def give_back() -> None:
+            """Undo what this batch granted on enhanced: a hold its pull had there stays."""
             for lock in first.locks:
-                if lock.key not in mine_before:
+                if lock.key not in kept:
                     await enhanced.release(lock.key, owner=owner)
 
         # the legacy side granted one of them meanwhile: back off
@@ -961,7 +966,7 @@ class Router(AtlantisCalls):
         if refused is not None:
             await give_back()
             return refused
-        fresh = [lock for lock in first.locks if lock.key in moving - mine_before]
+        fresh = [lock for lock in first.locks if lock.key in moving - kept]
         if fresh:
             try:
                 above = await self._above_legacy(enhanced, request, fresh)
