@@ -35,6 +35,7 @@ import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 
@@ -64,18 +65,26 @@ def _split(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+async def _resolved(peer: str) -> list[Any]:
+    """``peer``'s records; none when its name does not resolve within :data:`PEER_TIMEOUT`, or
+    the resolver refuses to look it up (an empty label, one longer than 63 characters: the
+    config refuses those)."""
+    host, port = _split(peer)
+    try:
+        async with asyncio.timeout(PEER_TIMEOUT):
+            return await asyncio.get_running_loop().getaddrinfo(
+                host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError, TimeoutError):
+        return []
+
+
 async def _addresses(peers: Sequence[str]) -> list[str]:
     """Every address the peers stand for: a host name (a headless Service) resolves to each of
-    its records. A name that does not resolve, or that the resolver refuses to look up (an empty
-    label, one longer than 63 characters: the config refuses those), stands for nobody."""
-    loop = asyncio.get_running_loop()
+    its records, the names looked up at once. A name that does not resolve (in time) stands
+    for nobody."""
     found: list[str] = []
-    for peer in peers:
-        host, port = _split(peer)
-        try:
-            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except (OSError, UnicodeError):
-            continue
+    for peer, infos in zip(peers, await asyncio.gather(*map(_resolved, peers)), strict=True):
+        port = _split(peer)[1]
         for family, _, _, _, sockaddr in infos:
             ip = str(sockaddr[0])
             address = f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}"
@@ -85,10 +94,13 @@ async def _addresses(peers: Sequence[str]) -> list[str]:
 
 
 async def _stores(client: httpx.AsyncClient, scheme: str, address: str) -> PeerStores | None:
+    """``address``'s answer, whole within :data:`PEER_TIMEOUT` (the client's own timeout bounds
+    each read: a peer sending its answer a little at a time would restart it), or None."""
     try:
-        answer = await client.get(f"{scheme}://{address}/readyz")
+        async with asyncio.timeout(PEER_TIMEOUT):
+            answer = await client.get(f"{scheme}://{address}/readyz")
         body = answer.json()
-    except (httpx.HTTPError, ValueError):
+    except (httpx.HTTPError, ValueError, TimeoutError):
         return None
     if answer.status_code not in (200, 503) or not isinstance(body, dict):
         return None
@@ -99,8 +111,9 @@ async def _stores(client: httpx.AsyncClient, scheme: str, address: str) -> PeerS
 
 
 async def ask(peers: Sequence[str], *, tls: bool) -> list[PeerStores]:
-    """Every peer's stores, asked at once, each within :data:`PEER_TIMEOUT`; the peers that did
-    not answer (as the service: a 200 or 503 with its JSON) are left out."""
+    """Every peer's stores, asked at once, each answer whole within :data:`PEER_TIMEOUT` (the
+    names looked up first, within it too); the peers that did not answer (as the service: a
+    200 or 503 with its JSON) are left out."""
     addresses = await _addresses(peers)
     if not addresses:
         return []

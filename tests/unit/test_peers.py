@@ -8,6 +8,7 @@ import contextlib
 import functools
 import http.server
 import json
+import threading
 from collections.abc import Iterator
 from typing import ClassVar
 
@@ -102,3 +103,36 @@ async def test_no_peers_and_peers_that_stand_for_nobody_are_asked_nothing() -> N
     # and here too it stands for nobody rather than failing the question
     for name in ("peers..invalid:4142", "p" * 64 + ".invalid:4142"):
         assert await Peers(functools.partial(lambda n: ([n], False), name)).one_ready() is None
+
+
+class _Trickling(http.server.BaseHTTPRequestHandler):
+    """A peer that answers a byte of its headers every half second and never ends them (its
+    event loop all but stalled): each read waits less than the client's read timeout."""
+
+    stop: ClassVar[threading.Event] = threading.Event()
+
+    def do_GET(self) -> None:
+        self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+        while not self.stop.wait(0.5):
+            self.wfile.write(b"x")
+            self.wfile.flush()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+async def test_a_peer_that_never_finishes_its_answer_is_given_up_on(peer: str) -> None:
+    # Each peer's answer is bounded whole, not each read of it: the answer of the peer that
+    # does answer is used, and the question ends (the readiness probe and a fall-back wait on
+    # it). Before, a peer that kept sending held both for good.
+    _Trickling.stop.clear()
+    with contextlib.contextmanager(serving)(_Trickling) as slow:
+        asked = asyncio.ensure_future(
+            Peers(lambda: ([slow.removeprefix("http://"), peer], False)).one_ready())
+        try:
+            done, _ = await asyncio.wait([asked], timeout=60)
+            assert asked in done, "the question did not end with a peer that never finishes"
+            assert asked.result() == peer
+        finally:
+            asked.cancel()
+            _Trickling.stop.set()
