@@ -208,3 +208,22 @@ def test_the_mode_column_shows_the_mode_in_force_not_the_one_asked_for(
     shown = {header[a:b].strip(): row[a:b].strip()
              for a, b in zip(starts, [*starts[1:], None], strict=True)}
     assert (shown["MODE"], shown["WEIGHT"]) == ("route", "0")
+
+
+def test_the_migration_pages_messages_are_the_api_servers(
+    kube_cluster: KubeCluster, kube_namespace: str, lock_crds: None
+) -> None:
+    # docs/02-migration.md shows what `kubectl apply` prints for three bad objects: pasted here.
+    page = " ".join((EXAMPLES.parent / "docs" / "02-migration.md").read_text().split())
+    told = page[page.index("prints the field, for example"):page.index("2. **The operator")]
+    messages = re.findall(r"`([^`]+)`", told)
+    bad: dict[str, tuple[str, dict[str, Any]]] = {
+        "spec.weight": ("LockMigration", {"weight": 150}),
+        "spec.timeouts.max": ("LockPolicy", {"timeouts": {"default": "10m", "max": "1m"}}),
+        "strict decoding error": ("LockPolicy", {"features": {"turbo": True}})}
+    assert len(messages) == len(bad), messages
+    for message in messages:
+        kind, spec = next(bad[start] for start in bad if message.startswith(start))
+        result = kube_cluster.kubectl("apply", "-f", "-", check=False,
+                                      input=_manifest(kind, kube_namespace, spec))
+        assert message in result.stderr, (message, result.stderr)
