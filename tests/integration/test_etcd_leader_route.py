@@ -275,17 +275,34 @@ async def test_a_token_etcd_no_longer_takes_is_renewed_at_once_and_the_call_answ
                 await store.close()
 
 
+Send = Callable[..., Any]
+
+
+def logins_through(monkeypatch: pytest.MonkeyPatch,
+                   wrap: Callable[[AuthService, Send], Send]) -> None:
+    """Every ``Authenticate`` sent from now on goes through ``wrap(service, send)``: the
+    client's auth calls and their gRPC method, which it calls with the request as sent."""
+    auth_calls = etcd_connection._auth_calls
+
+    def calls(client: Any) -> Any:
+        service = auth_calls(client)
+        return SimpleNamespace(_stub=SimpleNamespace(
+            Authenticate=wrap(service, service._stub.Authenticate)), _metadata=service._metadata)
+
+    monkeypatch.setattr(etcd_connection, "_auth_calls", calls)
+
+
 def counted_logins(monkeypatch: pytest.MonkeyPatch) -> list[float | None]:
     """Every ``Authenticate`` sent from now on, by the deadline it was sent with."""
     sent: list[float | None] = []
-    authenticate = AuthService.authenticate
 
-    async def counted(service: AuthService, name: str, password: str,
-                      **options: Any) -> Any:
-        sent.append(options.get("timeout"))
-        return await authenticate(service, name, password, **options)
+    def wrap(service: AuthService, send: Send) -> Send:
+        def counted(request: Any, **options: Any) -> Any:
+            sent.append(options.get("timeout"))
+            return send(request, **options)
+        return counted
 
-    monkeypatch.setattr(AuthService, "authenticate", counted)
+    logins_through(monkeypatch, wrap)
     return sent
 
 
@@ -353,22 +370,23 @@ def timed_logins(monkeypatch: pytest.MonkeyPatch,
     """Every ``Authenticate`` sent from now on, by the auth calls that sent it; ``failed`` is
     called when one fails, before its failure reaches the caller."""
     sent: dict[AuthService, list[Login]] = {}
-    authenticate = AuthService.authenticate
     loop = asyncio.get_running_loop()
 
-    async def timed(service: AuthService, name: str, password: str, **options: Any) -> Any:
-        login = Login(start=loop.time())
-        sent.setdefault(service, []).append(login)
-        try:
-            answer = await authenticate(service, name, password, **options)
-        except BaseException:
-            login.end = loop.time()
-            failed()
-            raise
-        login.end, login.ok = loop.time(), True
-        return answer
+    def wrap(service: AuthService, send: Send) -> Send:
+        async def timed(request: Any, **options: Any) -> Any:
+            login = Login(start=loop.time())
+            sent.setdefault(service, []).append(login)
+            try:
+                answer = await send(request, **options)
+            except BaseException:
+                login.end = loop.time()
+                failed()
+                raise
+            login.end, login.ok = loop.time(), True
+            return answer
+        return timed
 
-    monkeypatch.setattr(AuthService, "authenticate", timed)
+    logins_through(monkeypatch, wrap)
     return sent
 
 

@@ -12,11 +12,12 @@ import signal
 import time
 from collections.abc import Coroutine
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 from tests.support.cutting_proxy import CuttingProxy, cutting_proxy
-from tests.support.etcd_fixtures import etcd_config
+from tests.support.etcd_fixtures import auth_on, etcd_config, started
 from tests.support.etcd_server import LOOPBACK, EtcdCluster, frozen, leader_of
 from tests.support.locks import candidate_for, lock_for, request_for
 from tests.support.stalls import answered_across_a_stall
@@ -196,3 +197,24 @@ async def test_an_events_write_answered_while_the_event_loop_stalled_is_sent_onc
             assert bus.writes == 2
         finally:
             await bus.close()
+
+
+async def test_a_login_answered_while_the_event_loop_stalled_is_taken(tmp_path: Path) -> None:
+    """The login (``Authenticate``: a connection's first call with auth on, then its token's
+    refreshes) is bounded by gRPC's deadline alone: answered while the loop was held past the
+    call's limit, the token is taken and the replica's first call (the readiness check)
+    answered. Before, the library's call added a timer on the loop: the answer was lost, and
+    with one endpoint the connect failed (``unavailable``)."""
+    with started(tmp_path / "etcd") as cluster:
+        await auth_on(cluster, password="root-secret")
+        with cutting_proxy((LOOPBACK, cluster.members[0].client_port)) as proxy:
+            backend = EtcdBackend(EtcdConnection(EtcdSettings(
+                endpoints=(proxy.addr,), username="root", password="root-secret")),
+                prefix="/held-login/")
+            try:
+                with proxy.holding() as release:
+                    await answered_across_a_stall(backend.ping(), release, CALL_TIMEOUT)
+                granted, _ = await backend.acquire(lock_for(request_for(pull=1)))
+                assert granted  # (with the token the login gave)
+            finally:
+                await backend.close()

@@ -52,7 +52,13 @@ from typing import Any, Protocol, TypeVar
 
 import etcd3aio
 import grpc
-from etcd3aio._protobuf import StatusRequest, WatchCreateRequest, WatchRequest, WatchResponse
+from etcd3aio._protobuf import (
+    AuthenticateRequest,
+    StatusRequest,
+    WatchCreateRequest,
+    WatchRequest,
+    WatchResponse,
+)
 
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.types import BackendUnavailable
@@ -938,18 +944,21 @@ async def _login(connection: EtcdConnection, client: etcd3aio.Etcd3Client, *,
     members a login (which writes nothing that matters: each one hands out a token) is sent
     in attempts of ``ATTEMPT_TIMEOUT``, and one that timed out or was refused is sent again,
     the round giving it to the next member, as a read is (:func:`leader_first`); with one
-    endpoint, one attempt of ``CALL_TIMEOUT``. A refused password is not sent again."""
-    assert client.auth is not None
+    endpoint, one attempt of ``CALL_TIMEOUT``. A refused password is not sent again.
+
+    Each attempt is bounded by its gRPC deadline alone (:func:`unary`). The library's call
+    added a timer on the loop: a login answered while the loop stalled past it was lost, and
+    with one endpoint the connect failed."""
     settings = connection.settings
+    login = unary(_auth_calls, "Authenticate", AuthenticateRequest(
+        name=settings.username, password=settings.password))
     loop = asyncio.get_running_loop()
     give_up = loop.time() + CALL_TIMEOUT
     while True:
         left = max(give_up - loop.time(), 0.1)
         try:
-            answer = await client.auth.authenticate(
-                settings.username, settings.password,
-                timeout=min(ATTEMPT_TIMEOUT if several else CALL_TIMEOUT, left),
-                max_attempts=1)
+            answer = await login(client, min(ATTEMPT_TIMEOUT if several else CALL_TIMEOUT,
+                                             left))
             return str(answer.token)
         except DOWN as error:
             timed_out = _timed_out(error)
@@ -1294,6 +1303,13 @@ def kv_calls(client: etcd3aio.Etcd3Client) -> Any:
     if client.kv is None:
         raise etcd3aio.EtcdConnectionError("the client is not connected")
     return client.kv
+
+
+def _auth_calls(client: etcd3aio.Etcd3Client) -> Any:
+    """The client's auth calls (``Authenticate``); see :func:`kv_calls`."""
+    if client.auth is None:
+        raise etcd3aio.EtcdConnectionError("the client is not connected")
+    return client.auth
 
 
 def _maintenance_calls(client: etcd3aio.Etcd3Client) -> Any:
