@@ -10,7 +10,8 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,10 +24,13 @@ from tests.support.locks import candidate_for, lock_for, request_for
 from tests.support.stalls import answered_across_a_stall
 
 from enhanced_locking.backends import etcd_connection
+from enhanced_locking.backends.audit_store import AuditQuery, Retention
+from enhanced_locking.backends.etcd_audit import EtcdAuditStore
 from enhanced_locking.backends.etcd_connection import CALL_TIMEOUT, EtcdConnection, EtcdSettings
 from enhanced_locking.backends.etcd_events import EtcdEventBus
 from enhanced_locking.backends.etcd_store import GONE_AFTER, EtcdBackend
 from enhanced_locking.backends.waiting import QueuePolicy, Status
+from enhanced_locking.types import AuditEntry, utcnow
 
 pytestmark = pytest.mark.etcd
 
@@ -218,3 +222,61 @@ async def test_a_login_answered_while_the_event_loop_stalled_is_taken(tmp_path: 
                 assert granted  # (with the token the login gave)
             finally:
                 await backend.close()
+
+
+def audit_entry(pull: int) -> AuditEntry:
+    return AuditEntry(time=utcnow(), identity="ada", method="static", verb="lock",
+                      action="acquire", key=f"acme/infra/{pull}/default", repo="acme/infra",
+                      pull=pull, outcome="acquired", status=200)
+
+
+@asynccontextmanager
+async def audit_trail(cluster: EtcdCluster, prefix: str) -> AsyncIterator[
+        tuple[EtcdAuditStore, CuttingProxy]]:
+    """The audit trail on ``cluster``'s first member through a proxy, one entry written (its
+    connection made, the first write's prune done)."""
+    with cutting_proxy((LOOPBACK, cluster.members[0].client_port)) as proxy:
+        store = EtcdAuditStore(EtcdConnection(EtcdSettings(endpoints=(proxy.addr,))), prefix,
+                               Retention(timedelta(days=1), 1000))
+        try:
+            await store.append(audit_entry(1))
+            assert [e.pull for e in await store.read(AuditQuery())] == [1]
+            yield store, proxy
+        finally:
+            await store.close()
+
+
+async def test_an_audit_read_answered_while_the_event_loop_stalled_is_taken(
+    etcd_cluster: EtcdCluster, etcd_prefix: str,
+) -> None:
+    """A read of the audit trail (``GET /v1/audit``) is bounded by gRPC's deadline alone:
+    answered while the loop was held past the call's limit, its entries are given. Before,
+    the library's timer lost the answer, and the read failed (``unavailable``, 503)."""
+    async with audit_trail(etcd_cluster, etcd_prefix) as (store, proxy):
+        with proxy.holding() as release:
+            read = await answered_across_a_stall(store.read(AuditQuery()), release,
+                                                 CALL_TIMEOUT)
+        assert [e.pull for e in read] == [1]
+
+
+async def test_an_audit_write_answered_while_the_event_loop_stalled_is_sent_once(
+    etcd_cluster: EtcdCluster, etcd_prefix: str,
+) -> None:
+    """The audit trail's write of a batch is bounded by gRPC's deadline alone: answered while
+    the loop was held past the call's limit, it is taken, and each entry is written once
+    (its key's version 1). Before, the library's timer lost the answer, and the outbox wrote
+    the batch again."""
+    async with audit_trail(etcd_cluster, etcd_prefix) as (store, proxy):
+
+        async def appended() -> AuditEntry:
+            stored = await store.append(audit_entry(2))
+            await store._outbox.drained(30)
+            return stored
+
+        with proxy.holding() as release:
+            stored = await answered_across_a_stall(appended(), release, CALL_TIMEOUT)
+        assert [e.pull for e in await store.read(AuditQuery())] == [2, 1]
+        client = await store._connection.client()
+        assert client.kv is not None
+        written = (await client.kv.get(store._prefix + stored.id.encode())).kvs
+        assert [kv.version for kv in written] == [1]

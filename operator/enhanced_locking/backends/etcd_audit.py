@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import secrets
 from datetime import datetime
+from typing import Any
+
+from etcd3aio._protobuf import DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest
 
 from enhanced_locking.backends.audit_store import (
     _ETCD_ID,
@@ -18,7 +21,14 @@ from enhanced_locking.backends.audit_store import (
     _stored,
     entry_json,
 )
-from enhanced_locking.backends.etcd_connection import CALL_TIMEOUT, EtcdConnection, unavailable
+from enhanced_locking.backends.etcd_connection import (
+    CALL_TIMEOUT,
+    EtcdConnection,
+    kv_calls,
+    leader_first,
+    unary,
+    unavailable,
+)
 from enhanced_locking.backends.outbox import Outbox
 from enhanced_locking.types import AuditEntry, BackendUnavailable, utcnow
 
@@ -40,6 +50,13 @@ class EtcdAuditStore:
     is in. While etcd is away the outbox keeps up to ``capacity`` entries (older ones are
     dropped and counted in :attr:`dropped`); a replica killed outright loses the entries of
     its last 10 ms from the trail (they were written to stdout already).
+
+    Its calls are sent as the event bus's are (:func:`leader_first`), each bounded by its
+    gRPC deadline alone (:func:`unary`), so an answer that came while the event loop stalled
+    is taken: a read on several members in attempts of its own, a write (the batch, the
+    prune's deletes) with the call's whole time in one attempt. The library's calls added a
+    timer on the loop: after such a stall a read's answer was lost (the read failed, 503),
+    and so was a write's (the outbox wrote the batch again).
     """
 
     kind = "etcd"
@@ -81,38 +98,37 @@ class EtcdAuditStore:
         return stored
 
     async def _write(self, batch: list[tuple[bytes, bytes]]) -> None:
+        puts = [RequestOp(request_put=PutRequest(key=key, value=value)) for key, value in batch]
         async with unavailable(self._connection, "audit write"):
-            client = await self._connection.client()
-            assert client.kv is not None
-            await client.kv.txn(
-                [], [client.kv.txn_op_put(key, value) for key, value in batch],
-                timeout=CALL_TIMEOUT)
+            await leader_first(self._connection, unary(kv_calls, "Txn", TxnRequest(
+                success=puts)), write=True)
             if self._appended % PRUNE_EVERY + len(batch) >= PRUNE_EVERY or not self._appended:
                 await self._prune()
         self._appended += len(batch)
 
     async def _prune(self) -> None:
-        from etcd3aio._protobuf import RangeRequest
-
-        client = await self._connection.client()
-        assert client.kv is not None
-        await client.kv.delete(self._prefix, self._key_at(utcnow() - self._retention.max_age),
-                               timeout=CALL_TIMEOUT)
-        end = _prefix_end(self._prefix)
-        count = (await client.kv.get(self._prefix, end, count_only=True,
-                                     timeout=CALL_TIMEOUT)).count
+        await self._delete(self._key_at(utcnow() - self._retention.max_age))
+        count = (await self._range(count_only=True)).count
         extra = int(count) - self._retention.max_entries
         if extra > 0:
-            oldest = await client.kv.get(self._prefix, end, limit=extra, keys_only=True,
-                                         sort_order=RangeRequest.ASCEND,
-                                         sort_target=RangeRequest.KEY, timeout=CALL_TIMEOUT)
+            oldest = await self._range(limit=extra, keys_only=True,
+                                       sort_order=RangeRequest.ASCEND,
+                                       sort_target=RangeRequest.KEY)
             if oldest.kvs:
-                await client.kv.delete(self._prefix, bytes(oldest.kvs[-1].key) + b"\0",
-                                       timeout=CALL_TIMEOUT)
+                await self._delete(bytes(oldest.kvs[-1].key) + b"\0")
+
+    async def _range(self, low: bytes | None = None, high: bytes | None = None,
+                     **options: Any) -> Any:
+        """The entries' keys from ``low`` (the first) up to ``high`` (past the last)."""
+        return await leader_first(self._connection, unary(kv_calls, "Range", RangeRequest(
+            key=low or self._prefix, range_end=high or _prefix_end(self._prefix), **options)))
+
+    async def _delete(self, high: bytes) -> None:
+        """The entries before the key ``high``."""
+        await leader_first(self._connection, unary(kv_calls, "DeleteRange", DeleteRangeRequest(
+            key=self._prefix, range_end=high)), write=True)
 
     async def read(self, query: AuditQuery) -> list[AuditEntry]:
-        from etcd3aio._protobuf import RangeRequest
-
         await self._outbox.drained(CALL_TIMEOUT)
         low = self._key_at(query.since) if query.since is not None else self._prefix
         high = self._key_at(query.until) if query.until is not None else _prefix_end(
@@ -123,12 +139,10 @@ class EtcdAuditStore:
             high = min(high, self._prefix + query.before.encode())
         found: list[AuditEntry] = []
         async with unavailable(self._connection, "audit read"):
-            client = await self._connection.client()
-            assert client.kv is not None
             while len(found) < query.limit and low < high:
-                answer = await client.kv.get(low, high, limit=_SCAN_CHUNK,
-                                             sort_order=RangeRequest.DESCEND,
-                                             sort_target=RangeRequest.KEY, timeout=CALL_TIMEOUT)
+                answer = await self._range(low, high, limit=_SCAN_CHUNK,
+                                           sort_order=RangeRequest.DESCEND,
+                                           sort_target=RangeRequest.KEY)
                 for kv in answer.kvs:
                     entry = _stored(bytes(kv.value), entry_id=None,
                                     where=bytes(kv.key).decode(errors="replace"))
