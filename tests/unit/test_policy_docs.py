@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import shlex
+import subprocess
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 import yaml
 from tests.support.locks import request_for
 from tests.support.queues import rig_for, settle
+from tests.support.service import enhanced_locking_command, scrubbed_env
 
 from enhanced_locking import cli
 from enhanced_locking.backends import MemoryBackend
@@ -57,6 +59,19 @@ def test_the_yaml_config_example_loads(tmp_path: Path) -> None:
     config = load_config(yaml_file=path, env={})
     assert [f.name for f in config.policies.freezes] == ["weekend"]
     assert config.policies.concurrency[0].limit == 10
+
+
+def test_a_bad_rule_in_the_yaml_config_stops_the_service_as_the_page_shows(
+    tmp_path: Path,
+) -> None:
+    [text] = [t for t in blocks("yaml") if "enhanced-locking-policies" in t]
+    [shown] = blocks("text")
+    (tmp_path / "config.yaml").write_text(text.replace("limit: 10", "limit: 0"))
+    result = subprocess.run([*enhanced_locking_command(), "serve", "--config", "config.yaml",
+                             "--data-dir", "data", "--port", "0"], cwd=tmp_path,
+                            env=scrubbed_env(), capture_output=True, text=True, timeout=60,
+                            check=False)
+    assert (result.returncode, result.stderr, result.stdout) == (2, shown, "")
 
 
 def test_the_cli_examples_parse() -> None:
