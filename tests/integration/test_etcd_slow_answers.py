@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import signal
 import time
 from collections.abc import AsyncIterator, Coroutine
@@ -18,18 +19,18 @@ from typing import Any, TypeVar
 
 import pytest
 from tests.support.cutting_proxy import CuttingProxy, cutting_proxy
-from tests.support.etcd_fixtures import auth_on, etcd_config, started
+from tests.support.etcd_fixtures import auth_on, etcd_config, grant, started
 from tests.support.etcd_server import LOOPBACK, EtcdCluster, frozen, leader_of
 from tests.support.locks import candidate_for, lock_for, request_for
 from tests.support.stalls import answered_across_a_stall
 
-from enhanced_locking.backends import etcd_connection
+from enhanced_locking.backends import etcd_connection, etcd_store
 from enhanced_locking.backends.audit_store import AuditQuery, Retention
 from enhanced_locking.backends.etcd_audit import EtcdAuditStore
 from enhanced_locking.backends.etcd_connection import CALL_TIMEOUT, EtcdConnection, EtcdSettings
 from enhanced_locking.backends.etcd_events import EtcdEventBus
 from enhanced_locking.backends.etcd_store import GONE_AFTER, EtcdBackend
-from enhanced_locking.backends.waiting import QueuePolicy, Status
+from enhanced_locking.backends.waiting import QueuePolicy, Status, Wait
 from enhanced_locking.types import AuditEntry, utcnow
 
 pytestmark = pytest.mark.etcd
@@ -60,23 +61,40 @@ async def test_an_answer_that_came_while_the_event_loop_stalled_past_the_limit_i
         await backend.close()
 
 
-async def test_a_session_renewal_answered_while_the_event_loop_stalled_past_its_limit_is_taken(
-    etcd_cluster: EtcdCluster, etcd_prefix: str,
+async def test_session_renewals_answered_while_the_event_loop_stalled_keep_the_waiter(
+    etcd_cluster: EtcdCluster, etcd_prefix: str, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The renewal's limit is gRPC's deadline too. Before, it was a timer on the loop
-    (``asyncio.wait_for`` around the keep-alive stream's read), due in the same turn as the
-    answer read after the stall: the renewal etcd had applied was taken for one that failed,
-    and two such in a row (10 s unanswered) made the replica tell its waiters ``unavailable``
-    while etcd still had their session."""
-    backend = EtcdBackend.from_config(etcd_config(etcd_cluster, etcd_prefix), "enhanced")
-    try:
-        await backend._ensure_session()
-        lease = backend.session_lease
-        left = await stalled(etcd_cluster, backend._renew(lease))
-        assert left > 0
-        assert backend.session_lease == lease
-    finally:
-        await backend.close()
+    """A replica's session renewals are bounded by gRPC's deadline too. Renewed here every
+    0.05 s (so one is under way whenever the loop stalls), two answered while the loop was
+    held past the call's limit, one stall after the other: both are taken, the session stays
+    and its waiter is granted at the release. Before, the renewal's limit was a timer on the
+    loop (``asyncio.wait_for`` around the keep-alive stream's read), due in the same turn as
+    the answer read after the stall: a renewal etcd had applied was taken for one that
+    failed, and two such in a row (over the session's 10 s without an answer taken) made the
+    replica tell its waiter ``unavailable`` while etcd still had their session."""
+    monkeypatch.setattr(etcd_store, "RENEW_EVERY", 0.05)
+    holder = EtcdBackend.from_config(etcd_config(etcd_cluster, etcd_prefix), "enhanced")
+    with cutting_proxy((LOOPBACK, etcd_cluster.members[0].client_port)) as proxy:
+        waiting = EtcdBackend.from_config(etcd_config(
+            etcd_cluster, etcd_prefix, etcd_endpoints=[proxy.addr]), "enhanced")
+        try:
+            held = await grant(holder, candidate_for(request_for(pull=1)))
+            offer = Wait(id=secrets.token_hex(8), timeout=timedelta(seconds=90))
+            told = waiting.grants.expect(offer.id)
+            queued = await waiting.acquire_or_enqueue(
+                candidate_for(request_for(pull=2)), ttl=None, wait=offer, policy=QueuePolicy())
+            assert queued.status is Status.QUEUED, queued
+            lease = waiting.session_lease
+            for _ in range(2):
+                with proxy.holding() as release:
+                    await answered_across_a_stall(asyncio.sleep(0), release, CALL_TIMEOUT)
+            await holder.release_and_handoff(held.key, owner=held.owner)
+            notice = await asyncio.wait_for(told, 30)
+            assert [lock.pull.num for lock in notice.locks] == [2], notice
+            assert waiting.session_lease == lease
+        finally:
+            await waiting.close()
+            await holder.close()
 
 
 async def test_a_lease_check_answered_while_the_event_loop_stalled_past_its_limit_is_taken(
