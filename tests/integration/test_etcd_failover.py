@@ -50,7 +50,7 @@ def cluster(tmp_path: Path) -> Iterator[EtcdCluster]:
     except EtcdServerError as error:
         pytest.fail(str(error), pytrace=False)
     yield started
-    started.close()
+    started.discard()
 
 
 def _flags(cluster: EtcdCluster) -> tuple[str, ...]:

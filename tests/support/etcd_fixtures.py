@@ -57,7 +57,7 @@ async def grant(backend: EtcdBackend, candidate: Candidate, ttl: timedelta | Non
 def started(directory: Path, *, members: int = 1,
             extra: tuple[str, ...] = ()) -> Iterator[EtcdCluster]:
     """An etcd cluster of ``members`` on free loopback ports (no fsync; ``extra``: more flags
-    for every member), closed after the block; a missing etcd fails the test saying how to
+    for every member), killed after the block; a missing etcd fails the test saying how to
     build it."""
     try:
         cluster = EtcdCluster(directory, members_count=members, fsync=False,
@@ -67,7 +67,7 @@ def started(directory: Path, *, members: int = 1,
     try:
         yield cluster
     finally:
-        cluster.close()
+        cluster.discard()
 
 
 async def auth_on(cluster: EtcdCluster, *, password: str) -> None:
