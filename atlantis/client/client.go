@@ -297,6 +297,8 @@ type answer struct {
 	contentType string
 	// retryAfter is the answer's Retry-After (0: none said).
 	retryAfter time.Duration
+	// grant is the answer's Lock-Grant (an acquire's 200: "new" or "again").
+	grant Grant
 }
 
 func (c *Client) do(ctx context.Context, k call) (answer, error) {
@@ -409,7 +411,7 @@ func (c *Client) send(ctx context.Context, k call, payload []byte) (answer, erro
 		return answer{}, err
 	}
 	return answer{status: resp.StatusCode, body: data, contentType: resp.Header.Get("Content-Type"),
-		retryAfter: retryAfter(resp.Header.Get("Retry-After"))}, nil
+		retryAfter: retryAfter(resp.Header.Get("Retry-After")), grant: Grant(resp.Header.Get(grantHeader))}, nil
 }
 
 // retryAfter is a Retry-After header's delay: whole seconds (what the service sends) or an
@@ -609,13 +611,18 @@ func (c *Client) Acquire(ctx context.Context, r AcquireRequest) (*Lock, error) {
 	k := call{op: "acquire", method: http.MethodPost, path: "/v1/locks", body: r.body(),
 		key: LockKey(r.Project, r.Workspace), idempotent: true, unsentOnly: true, wait: r.Wait,
 		also: []int{http.StatusConflict}}
-	a, err := request[acquireAnswer](ctx, c, k)
+	got, _, err := c.exchange(ctx, k)
+	if err != nil {
+		return nil, err
+	}
+	a, err := decode[acquireAnswer](k, got)
 	if err != nil {
 		return nil, err
 	}
 	if !a.Acquired || a.Lock == nil {
 		return nil, a.refused(k.op)
 	}
+	a.Lock.Grant = got.grant
 	return a.Lock, nil
 }
 

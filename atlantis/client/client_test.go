@@ -6,8 +6,6 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
-	"net/http/httputil"
-	"net/url"
 	"strconv"
 	"strings"
 	"sync"
@@ -459,29 +457,17 @@ func fmtErr(err error) string {
 // after `patience` (answering 502, as a proxy whose upstream timed out).
 func proxy(t *testing.T, serviceURL string, refuse int, patience time.Duration) (string, *atomic.Int32) {
 	t.Helper()
-	target, err := url.Parse(serviceURL)
-	must(t, err)
-	forward := httputil.NewSingleHostReverseProxy(target)
-	upstream := &http.Transport{ResponseHeaderTimeout: patience}
-	forward.Transport = upstream
 	var acquires atomic.Int32
-	l, err := net.Listen("tcp", servicetest.Loopback+":0")
-	must(t, err)
-	server := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	through := servicetest.Proxy(t, serviceURL, patience, func(w http.ResponseWriter, r *http.Request) bool {
 		if r.Method == http.MethodPost && r.URL.Path == "/v1/locks" {
 			if n := acquires.Add(1); int(n) <= refuse {
 				http.Error(w, "no upstream ready", http.StatusServiceUnavailable)
-				return
+				return true
 			}
 		}
-		forward.ServeHTTP(w, r)
-	})}
-	go server.Serve(l) //nolint:errcheck
-	t.Cleanup(func() {
-		server.Close() //nolint:errcheck
-		upstream.CloseIdleConnections()
+		return false
 	})
-	return "http://" + l.Addr().String(), &acquires
+	return through, &acquires
 }
 
 func TestAnAcquireIsNotSentAgainAfterTheProxyGaveUpOnTheService(t *testing.T) {

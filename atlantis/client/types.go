@@ -98,7 +98,25 @@ type Lock struct {
 	FencingToken int64 `json:"fencingToken"`
 	// Backend is the side that granted it: "legacy" or "enhanced".
 	Backend string `json:"backend"`
+	// Grant says, of the lock Acquire answered, whether that call granted it (GrantNew: its
+	// lease, if it has one, starts now) or answered the lock its pull held already
+	// (GrantAgain: unchanged, lease and all). "" for locks other calls answer, and where the
+	// service did not say (a release before it said so, or a proxy that drops the header).
+	Grant Grant `json:"-"`
 }
+
+// Grant is how an acquire's lock came to its pull (the answer's Lock-Grant header).
+type Grant string
+
+const (
+	// GrantNew: the call granted the lock.
+	GrantNew Grant = "new"
+	// GrantAgain: the call's pull held the lock already; it is answered unchanged.
+	GrantAgain Grant = "again"
+)
+
+// grantHeader is the header of an acquire's 200 that says which Grant it is.
+const grantHeader = "Lock-Grant"
 
 // AcquireRequest asks for one lock. Without Wait it fails fast, as Atlantis does.
 type AcquireRequest struct {

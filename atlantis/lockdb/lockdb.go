@@ -171,7 +171,10 @@ func splitKey(p models.Project, workspace string) string {
 // waited (reason cancelled: its pull's locks were released by UnlockByPull, on a close or an
 // `atlantis unlock`, or an admin cancelled it) is an error too, saying so: "locked by" the
 // holder would tell the user to wait for a lock nobody is waiting for any more. A lock with
-// a lease (the service's lock-ttl) is renewed to lock-ttl from now once granted (see renew).
+// a lease (the service's lock-ttl) that the pull held already is renewed to lock-ttl from
+// now (see renew). An error leaves the locks as they were before the call, as Atlantis's own
+// databases do (Atlantis reads it as "not locked" and unlocks nothing): a fresh grant is not
+// renewed, so nothing can fail after it.
 func (b *Database) TryLock(lock models.ProjectLock) (bool, models.ProjectLock, error) {
 	ctx, cancel := b.ctx(b.wait)
 	defer cancel()
@@ -194,7 +197,7 @@ func (b *Database) TryLock(lock models.ProjectLock) (bool, models.ProjectLock, e
 		request.Priority = client.PriorityNormal
 		granted, err = b.service.Acquire(ctx, request)
 	}
-	if err == nil && granted.ExpiresAt != nil {
+	if err == nil && granted.ExpiresAt != nil && granted.Grant != client.GrantNew {
 		err = b.renew(ctx, granted, lock.Project.RepoFullName)
 	}
 	if err == nil {
@@ -231,15 +234,17 @@ func (b *Database) TryLock(lock models.ProjectLock) (bool, models.ProjectLock, e
 	return false, models.ProjectLock{}, fmt.Errorf("lock service: %w", err)
 }
 
-// renew moves the lease of a lock just granted to lock-ttl from now. The pull that holds a
-// lock gets it back as it was, lease and all: Atlantis's apply after its plan would run on
-// what is left of the plan's lease, and the lock could expire under the apply and go to the
-// next waiter. A fresh grant is renewed as well (a few milliseconds of lease): the answer
-// does not say which it was, and the service's grant time cannot be set against this clock.
-// The lease ended in between (the key free): an error, nothing is held. Taken by another
-// pull since: a *client.HeldError naming it, as a refusal. Nothing to renew (the service's
-// lock-ttl set to 0 since the grant, a 409 without a holder; the key moved to the legacy
-// side, whose locks have no lease, a 409 naming this pull): the grant stands as it came.
+// renew moves the lease of a lock its pull held already to lock-ttl from now. The pull that
+// holds a lock gets it back as it was, lease and all: Atlantis's apply after its plan would
+// run on what is left of the plan's lease, and the lock could expire under the apply and go
+// to the next waiter. A fresh grant (client.GrantNew) has its whole lease and is not renewed;
+// one the service did not say of (an older service, a proxy that drops the header) is
+// renewed as well. The renewal not answered (the service unreachable, a 503): an error, and
+// the lock as it was, the pull's, with the lease it had. The lease ended in between (the key
+// free): an error, nothing is held. Taken by another pull since: a *client.HeldError naming
+// it, as a refusal. Nothing to renew (the service's lock-ttl set to 0 since the grant, a 409
+// without a holder; the key moved to the legacy side, whose locks have no lease, a 409
+// naming this pull): the grant stands as it came.
 func (b *Database) renew(ctx context.Context, granted *client.Lock, repo string) error {
 	renewed, err := b.service.Refresh(ctx, granted.Key, repo, granted.Pull.Num, 0)
 	var notOwner *client.NotOwnerError

@@ -91,6 +91,22 @@ def test_the_same_pull_asking_again_gets_200_and_the_same_lock(
     assert again.json()["lock"] == first
 
 
+def test_a_grant_says_whether_this_call_granted_it_or_its_pull_held_it_already(
+    http: httpx.Client, repo: str
+) -> None:
+    """``Lock-Grant``: ``new`` when the call granted the lock (a lease starts now), ``again``
+    when its pull held it already (unchanged, lease and all); a refusal says nothing."""
+    first = http.post("/v1/locks", json=body(repo))
+    assert first.status_code == 200 and first.headers["lock-grant"] == "new"
+    again = http.post("/v1/locks", json=body(repo))
+    assert again.status_code == 200 and again.headers["lock-grant"] == "again"
+    refused = http.post("/v1/locks", json=body(repo, pull=13))
+    assert refused.status_code == 409 and "lock-grant" not in refused.headers
+    assert http.delete("/v1/locks/by-key", params={"key": first.json()["lockKey"]}).is_success
+    afresh = http.post("/v1/locks", json=body(repo, pull=13))
+    assert afresh.status_code == 200 and afresh.headers["lock-grant"] == "new"
+
+
 def test_another_pull_gets_409_held_naming_the_holder(http: httpx.Client, repo: str) -> None:
     holder = http.post("/v1/locks", json=body(repo, pull=1)).json()["lock"]
     response = http.post("/v1/locks", json=body(repo, pull=2))

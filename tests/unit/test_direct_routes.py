@@ -45,7 +45,7 @@ from enhanced_locking.api.direct import (
     query_values,
     serve_directly,
 )
-from enhanced_locking.api.responses import JsonAnswer
+from enhanced_locking.api.responses import GRANT_AGAIN, GRANT_HEADER, NEW_GRANT, JsonAnswer
 from enhanced_locking.backends import EmbeddedBackend
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.factory import LockService
@@ -473,15 +473,18 @@ async def test_a_client_gone_before_its_body_arrived_is_answered_by_fastapi_as_b
     assert len(handled) == 2
 
 
+@pytest.mark.parametrize("grant", [None, NEW_GRANT, GRANT_AGAIN])
 @pytest.mark.parametrize("status", [200, 409, 499, 204, 304, 101])
 @pytest.mark.parametrize("content", [b'{"released":true}', b"", {"error": "x"}])
 def test_an_answer_of_json_bytes_has_the_headers_starlette_would_give_it(
-    status: int, content: Any,
+    status: int, content: Any, grant: tuple[bytes, bytes] | None,
 ) -> None:
     class Starlettes(JsonAnswer):
         __init__ = JSONResponse.__init__
 
-    ours, theirs = JsonAnswer(content, status_code=status), Starlettes(content, status_code=status)
+    given = None if grant is None else {GRANT_HEADER: grant[1].decode()}
+    ours = JsonAnswer(content, status_code=status, raw_header=grant)
+    theirs = Starlettes(content, status_code=status, headers=given)
     assert (ours.status_code, ours.body, ours.raw_headers, ours.background) == (
         theirs.status_code, theirs.body, theirs.raw_headers, theirs.background)
 

@@ -10,6 +10,8 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/http/httputil"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -235,4 +237,36 @@ func waitFor(t testing.TB, p *Process, ready func() bool) {
 	}
 	p.Stop()
 	t.Fatalf("%s did not become ready within 30s:\n%s", p.Name, tail(p.Output(), 4000))
+}
+
+// Proxy is a reverse proxy on loopback in front of the service at serviceURL, as one runs in
+// front of it in a cluster; it answers its own URL. Each request goes to answer first, which
+// may answer it itself (and return true) instead of passing it on. The proxy gives up on the
+// service after patience (answering 502, as a proxy whose upstream timed out; 0: no bound).
+// Closed when the test ends.
+func Proxy(t testing.TB, serviceURL string, patience time.Duration,
+	answer func(w http.ResponseWriter, r *http.Request) bool) string {
+	t.Helper()
+	target, err := url.Parse(serviceURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	forward := httputil.NewSingleHostReverseProxy(target)
+	upstream := &http.Transport{ResponseHeaderTimeout: patience}
+	forward.Transport = upstream
+	l, err := net.Listen("tcp", Loopback+":0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	server := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !answer(w, r) {
+			forward.ServeHTTP(w, r)
+		}
+	})}
+	go server.Serve(l) //nolint:errcheck
+	t.Cleanup(func() {
+		server.Close() //nolint:errcheck
+		upstream.CloseIdleConnections()
+	})
+	return "http://" + l.Addr().String()
 }

@@ -58,7 +58,15 @@ from enhanced_locking.api.queue_routes import (
     not_owned,
     shown_to,
 )
-from enhanced_locking.api.responses import JsonAnswer, lock_json, refusal, result_json
+from enhanced_locking.api.responses import (
+    GRANT_AGAIN,
+    GRANT_HEADER,
+    NEW_GRANT,
+    JsonAnswer,
+    lock_json,
+    refusal,
+    result_json,
+)
 from enhanced_locking.api.server import ALWAYS_SERVED, Backpressure, BodyLimit
 from enhanced_locking.api.sse import install_event_stream
 from enhanced_locking.api.webhooks import MAX_BODY, webhook_router
@@ -162,7 +170,11 @@ def create_app(
     router = service.router
 
     @app.post("/v1/locks", response_model=AcquireResult, response_model_by_alias=True,
-              responses={409: {"model": AcquireResult}, **WHO})
+              responses={200: {"headers": {GRANT_HEADER: {
+                  "description": "new: this call granted the lock (a lease starts now); "
+                                 "again: its pull held it already (unchanged, lease and all).",
+                  "schema": {"type": "string", "enum": ["new", "again"]}}}},
+                  409: {"model": AcquireResult}, **WHO})
     async def acquire(request: LockRequest, http: Request, caller: CallerDep) -> JSONResponse:
         """Acquire one lock: 200 acquired, 409 not acquired (reason and holder), 503 not
         acquired because a store did not answer (reason ``unavailable``), 422 invalid.
@@ -206,8 +218,9 @@ def create_app(
                                    tried=tried)
             return gone_answer()
         if not result.fresh:
-            return JsonAnswer(result_json(result), status_code=status)
-        return AnswerUnlessGone(result_json(result), status_code=200,
+            return JsonAnswer(result_json(result), status_code=status,
+                              raw_header=GRANT_AGAIN if result.acquired else None)
+        return AnswerUnlessGone(result_json(result), status_code=200, raw_header=NEW_GRANT,
                                 on_gone=lambda: _give_back_granted(result, request, caller))
 
     async def _give_back(answer: AcquireResult | None,

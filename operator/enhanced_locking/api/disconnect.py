@@ -99,8 +99,9 @@ class AnswerUnlessGone(JsonAnswer):
     the first byte is sent, so no await separates the look from the send."""
 
     def __init__(self, content: Any, *, status_code: int,
-                 on_gone: Callable[[], Awaitable[None]]) -> None:
-        super().__init__(content, status_code=status_code)
+                 on_gone: Callable[[], Awaitable[None]],
+                 raw_header: tuple[bytes, bytes] | None = None) -> None:
+        super().__init__(content, status_code=status_code, raw_header=raw_header)
         self._on_gone = on_gone
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -22,8 +22,8 @@ from starlette.responses import JSONResponse
 
 from enhanced_locking.types import AcquireResult, BatchResult, Lock, Reason, lock_shape, utc_text
 
-__all__ = ["STORE_DID_NOT_ANSWER", "JsonAnswer", "lock_json", "model_json", "refusal",
-           "result_json"]
+__all__ = ["GRANT_AGAIN", "GRANT_HEADER", "NEW_GRANT", "STORE_DID_NOT_ANSWER", "JsonAnswer",
+           "lock_json", "model_json", "refusal", "result_json"]
 
 
 _JSON_TYPE = (b"content-type", b"application/json")
@@ -34,20 +34,34 @@ class JsonAnswer(JSONResponse):
 
     def __init__(self, content: Any, status_code: int = 200,
                  headers: Mapping[str, str] | None = None, media_type: str | None = None,
-                 background: BackgroundTask | None = None) -> None:
+                 background: BackgroundTask | None = None, *,
+                 raw_header: tuple[bytes, bytes] | None = None) -> None:
         if (headers is None and media_type is None and background is None
                 and isinstance(content, bytes) and 200 <= status_code < 600
                 and status_code not in (204, 304)):
             # The lock routes' answer, already JSON: the body and the two headers Starlette's
-            # ``init_headers`` would make of it, in its order, without going through it.
+            # ``init_headers`` would make of it, in its order, without going through it
+            # (``raw_header``, one of the route's own, first, as Starlette puts given ones).
             self.status_code, self.background, self.body = status_code, None, content
-            self.raw_headers = [(b"content-length", str(len(content)).encode("latin-1")),
-                                _JSON_TYPE]
+            length = (b"content-length", str(len(content)).encode("latin-1"))
+            self.raw_headers = ([raw_header, length, _JSON_TYPE] if raw_header is not None
+                                else [length, _JSON_TYPE])
             return
+        if raw_header is not None:
+            headers = {**(headers or {}), raw_header[0].decode("latin-1"):
+                       raw_header[1].decode("latin-1")}
         super().__init__(content, status_code, headers, media_type, background)
 
     def render(self, content: Any) -> bytes:
         return content if isinstance(content, bytes) else orjson.dumps(content)
+
+
+GRANT_HEADER = "Lock-Grant"
+"""The header of an acquire's 200 that says whether the call granted the lock (``new``: its
+lease, if it has one, starts now) or answered the lock its pull already held (``again``:
+unchanged, lease and all). A client that renews a held lock's lease renews only the latter."""
+NEW_GRANT = (GRANT_HEADER.lower().encode("latin-1"), b"new")
+GRANT_AGAIN = (GRANT_HEADER.lower().encode("latin-1"), b"again")
 
 
 def model_json(model: BaseModel) -> bytes:
