@@ -29,6 +29,8 @@ from enhanced_locking.service_address import (
     token_problem,
 )
 from enhanced_locking.types import (
+    GRANT_HEADER,
+    NEW_GRANT,
     AcquireResult,
     BatchLockRequest,
     BatchResult,
@@ -89,16 +91,18 @@ class Client:
     def _call(self, method: str, path: str, *, ok: tuple[int, ...] = (200,),
               timeout: float | httpx.Timeout | None = None, absent: str | None = None,
               **kwargs: Any) -> tuple[int, Any]:
+        if timeout is not None:
+            kwargs["timeout"] = timeout
+        return _answer(self._request(method, path, **kwargs), ok, absent=absent)
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
-            if timeout is not None:
-                kwargs["timeout"] = timeout
-            response = self._http.request(method, path, **kwargs)
+            return self._http.request(method, path, **kwargs)
         except httpx.ReadTimeout as error:
             raise ServiceError(0, _no_answer(self._http.base_url, error)) from None
         except httpx.HTTPError as error:
             raise ServiceError(0, f"cannot reach the lock service at "
                                   f"{shown_url(self._http.base_url)}: {error}") from None
-        return _answer(response, ok, absent=absent)
 
     def _default_wait(self, request: LockRequest | BatchLockRequest) -> float | None:
         """For a request that waits without a duration, the service's default timeout in
@@ -108,11 +112,12 @@ class Client:
         return _default_wait_of(*self._call("GET", "/v1/config", ok=_CONFIG_ANSWERS))
 
     def acquire(self, request: LockRequest) -> AcquireResult:
-        """Acquire (waiting if ``request.wait`` says so); refusals come back as results."""
-        status, body = self._call("POST", "/v1/locks", ok=_ACQUIRE_ANSWERS,
-                                  timeout=_read_timeout(request, self._default_wait(request)),
-                                  json=_body(request))
-        return AcquireResult.model_validate(_acquire_answer(status, body))
+        """Acquire (waiting if ``request.wait`` says so); refusals come back as results. A
+        grant is ``fresh`` only when the service said this call granted it (its
+        ``Lock-Grant: new``)."""
+        return _acquire_result(self._request(
+            "POST", "/v1/locks", timeout=_read_timeout(request, self._default_wait(request)),
+            json=_body(request)))
 
     def acquire_batch(self, request: BatchLockRequest) -> BatchResult:
         """Acquire several locks all or nothing; refusals come back as results."""
@@ -260,24 +265,25 @@ class AsyncClient:
 
     async def _call(self, method: str, path: str, *, ok: tuple[int, ...] = (200,),
                     absent: str | None = None, **kwargs: Any) -> tuple[int, Any]:
+        return _answer(await self._request(method, path, **kwargs), ok, absent=absent)
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
-            response = await self._http.request(method, path, **kwargs)
+            return await self._http.request(method, path, **kwargs)
         except httpx.ReadTimeout as error:
             raise ServiceError(0, _no_answer(self._http.base_url, error)) from None
         except httpx.HTTPError as error:
             raise ServiceError(0, f"cannot reach the lock service at "
                                   f"{shown_url(self._http.base_url)}: {error}") from None
-        return _answer(response, ok, absent=absent)
 
     async def acquire(self, request: LockRequest) -> AcquireResult:
         default_wait = None
         if request.wait is True:  # see Client._default_wait
             default_wait = _default_wait_of(
                 *await self._call("GET", "/v1/config", ok=_CONFIG_ANSWERS))
-        status, body = await self._call("POST", "/v1/locks", ok=_ACQUIRE_ANSWERS,
-                                        json=_body(request),
-                                        timeout=_read_timeout(request, default_wait))
-        return AcquireResult.model_validate(_acquire_answer(status, body))
+        return _acquire_result(await self._request(
+            "POST", "/v1/locks", json=_body(request),
+            timeout=_read_timeout(request, default_wait)))
 
     async def queue(self, key: str) -> dict[str, Any]:
         _, body = await self._call("GET", "/v1/queue", params={"key": key})
@@ -422,6 +428,17 @@ _ACQUIRE_ANSWERS = (200, 409, 503)
 """The statuses whose body is an acquire's answer: granted, refused by the locks' state, and
 refused because a store did not answer (503 with reason ``unavailable``, the acquire's answer;
 the service's other 503, ``overloaded``, is not one: :func:`_acquire_answer`)."""
+
+
+def _acquire_result(response: httpx.Response) -> AcquireResult:
+    """An acquire's answer; a grant is ``fresh`` (granted by this call) only when the service
+    said so (``Lock-Grant: new``): one it did not say of may be the lock its pull held."""
+    result = AcquireResult.model_validate(
+        _acquire_answer(*_answer(response, _ACQUIRE_ANSWERS)))
+    if (result.acquired and result.lock is not None
+            and response.headers.get(GRANT_HEADER) != NEW_GRANT):
+        return AcquireResult.granted(result.lock, fresh=False)
+    return result
 
 
 def _acquire_answer(status: int, body: dict[str, Any]) -> dict[str, Any]:

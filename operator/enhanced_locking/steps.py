@@ -248,11 +248,15 @@ def _acquire(args: argparse.Namespace, env: Mapping[str, str], out: TextIO) -> i
         result = asyncio.run(acquire_with_progress(args.url, request, poll=args.poll, out=out,
                                                    token=args.token))
     if (args.ttl and result.acquired and result.lock is not None
-            and result.lock.expires_at is not None):
+            and result.lock.expires_at is not None and not result.fresh):
         # The pull that already holds the lock gets it back unchanged, lease and all: an apply
         # step after the plan's would run on what is left of the plan's lease, and the lock
         # could expire (and go to the next waiter) part way through the apply. --ttl is the
-        # lease from this step on (the legacy locker's locks have none to renew).
+        # lease from this step on (the legacy locker's locks have none to renew). A fresh
+        # grant (the service's Lock-Grant: new) has it already and is not renewed: a renewal
+        # that failed after it would fail the step with the lock held, and Atlantis runs no
+        # later step (no release) of a failed one. A failed renewal of a held lock leaves it
+        # as it was, the pull's with its lease.
         with Client(args.url, token=args.token) as client:
             renewed = client.refresh(request.key, pull=request.pull.num, ttl=args.ttl,
                                      repo=request.project.repo_full_name)

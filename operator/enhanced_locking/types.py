@@ -789,6 +789,13 @@ class CycleOwner(_Model):
     pull: int | None = None
 
 
+GRANT_HEADER = "Lock-Grant"
+"""The header of an acquire's 200 that says whether the call granted the lock (``new``: its
+lease, if it has one, starts now) or answered the lock its pull already held (``again``:
+unchanged, lease and all). A client that renews a held lock's lease renews only the latter."""
+NEW_GRANT, GRANT_AGAIN = "new", "again"
+
+
 class AcquireResult(_Model):
     """The answer to an acquire: granted with the lock, or refused with the reason and holder."""
 

@@ -8,6 +8,8 @@ and ends refused or timed out with one line and a non-zero exit.
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import re
 import subprocess
 import threading
@@ -19,6 +21,7 @@ from typing import IO, Any
 
 import httpx
 import pytest
+from tests.support.loopback_http import serving
 from tests.support.redis_server import RedisServer
 from tests.support.service import ServiceProcess, enhanced_locking_command, scrubbed_env
 
@@ -373,6 +376,63 @@ def test_a_steps_ttl_is_the_lease_from_that_step_on(service: ServiceProcess) -> 
     lease = (datetime.fromisoformat(applied["expiresAt"])
              - datetime.fromisoformat(planned["expiresAt"]))
     assert lease > timedelta(minutes=59), (planned["expiresAt"], applied["expiresAt"])
+
+
+class _RefreshRefused(http.server.BaseHTTPRequestHandler):
+    """A proxy in front of the service that passes every call on, headers and all, but a
+    lease renewal (``POST /v1/locks/refresh``), which it answers 503 itself: its upstream went
+    away between two calls. ``upstream`` is the service's URL; ``refreshes`` counts them."""
+
+    upstream = ""
+    refreshes = 0
+
+    def _forward(self) -> None:
+        body = self.rfile.read(int(self.headers.get("content-length") or 0))
+        if self.command == "POST" and self.path.startswith("/v1/locks/refresh"):
+            type(self).refreshes += 1
+            self.send_error(503, "no upstream ready")
+            return
+        headers = {k: v for k, v in self.headers.items()
+                   if k.lower() not in ("host", "content-length", "connection")}
+        answer = httpx.request(self.command, self.upstream + self.path, content=body,
+                               headers=headers, timeout=60)
+        self.send_response(answer.status_code)
+        for name, value in answer.headers.items():
+            if name.lower() not in ("content-length", "transfer-encoding", "connection",
+                                    "content-encoding"):
+                self.send_header(name, value)
+        self.send_header("content-length", str(len(answer.content)))
+        self.end_headers()
+        self.wfile.write(answer.content)
+
+    do_GET = do_POST = do_DELETE = _forward
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_a_step_that_fails_leaves_the_locks_as_they_were(service: ServiceProcess) -> None:
+    """A step's ``--ttl`` renews only the lock its pull held already (the service's
+    ``Lock-Grant: again``): a fresh grant has its whole lease. So a renewal that fails (the
+    service gone between two calls) fails the step with the lock as it was, the pull's with
+    its lease, and a step that was granted afresh does not fail after the grant with the lock
+    held and nobody to release it (Atlantis runs no later step of a failed one)."""
+    _RefreshRefused.upstream, _RefreshRefused.refreshes = service.url, 0
+    with contextlib.contextmanager(serving)(_RefreshRefused) as through:
+        plan = run_step(step_env(through, 1, "alice"), "acquire", "--command", "plan",
+                        "--ttl", "1h")
+        assert plan.returncode == 0, plan.stdout + plan.stderr
+        assert _RefreshRefused.refreshes == 0
+        planned = httpx.get(f"{service.url}/v1/locks/by-key", params={"key": KEY}).json()["lock"]
+        assert planned["pull"]["num"] == 1 and planned["expiresAt"] is not None
+        apply = run_step(step_env(through, 1, "alice"), "acquire", "--command", "apply",
+                         "--ttl", "2h")
+    assert apply.returncode == 3, apply.stdout + apply.stderr
+    assert len(apply.stderr.splitlines()) == 1 and "Traceback" not in apply.stderr
+    assert _RefreshRefused.refreshes >= 1
+    after = httpx.get(f"{service.url}/v1/locks/by-key", params={"key": KEY}).json()["lock"]
+    assert (after["fencingToken"], after["expiresAt"]) == (
+        planned["fencingToken"], planned["expiresAt"])
 
 
 def test_a_malformed_url_is_a_usage_error() -> None:

@@ -45,12 +45,12 @@ from enhanced_locking.api.direct import (
     query_values,
     serve_directly,
 )
-from enhanced_locking.api.responses import GRANT_AGAIN, GRANT_HEADER, NEW_GRANT, JsonAnswer
+from enhanced_locking.api.responses import GRANT_AGAIN, NEW_GRANT, JsonAnswer
 from enhanced_locking.backends import EmbeddedBackend
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.factory import LockService
 from enhanced_locking.provider import ConfigProvider
-from enhanced_locking.types import LockRequest
+from enhanced_locking.types import GRANT_HEADER, LockRequest
 
 TOKEN = "direct-route-token"
 STAMPED = {"acquiredAt", "expiresAt", "fencingToken", "requestId", "id", "time", "waitedFor"}

@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel
 
+from enhanced_locking import types
 from enhanced_locking.api.access import (
     AccessBuilder,
     Caller,
@@ -60,7 +61,6 @@ from enhanced_locking.api.queue_routes import (
 )
 from enhanced_locking.api.responses import (
     GRANT_AGAIN,
-    GRANT_HEADER,
     NEW_GRANT,
     JsonAnswer,
     lock_json,
@@ -170,10 +170,10 @@ def create_app(
     router = service.router
 
     @app.post("/v1/locks", response_model=AcquireResult, response_model_by_alias=True,
-              responses={200: {"headers": {GRANT_HEADER: {
+              responses={200: {"headers": {types.GRANT_HEADER: {
                   "description": "new: this call granted the lock (a lease starts now); "
                                  "again: its pull held it already (unchanged, lease and all).",
-                  "schema": {"type": "string", "enum": ["new", "again"]}}}},
+                  "schema": {"type": "string", "enum": [types.NEW_GRANT, types.GRANT_AGAIN]}}}},
                   409: {"model": AcquireResult}, **WHO})
     async def acquire(request: LockRequest, http: Request, caller: CallerDep) -> JSONResponse:
         """Acquire one lock: 200 acquired, 409 not acquired (reason and holder), 503 not

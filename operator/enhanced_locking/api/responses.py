@@ -20,9 +20,10 @@ from pydantic import BaseModel
 from starlette.background import BackgroundTask
 from starlette.responses import JSONResponse
 
+from enhanced_locking import types
 from enhanced_locking.types import AcquireResult, BatchResult, Lock, Reason, lock_shape, utc_text
 
-__all__ = ["GRANT_AGAIN", "GRANT_HEADER", "NEW_GRANT", "STORE_DID_NOT_ANSWER", "JsonAnswer",
+__all__ = ["GRANT_AGAIN", "NEW_GRANT", "STORE_DID_NOT_ANSWER", "JsonAnswer",
            "lock_json", "model_json", "refusal", "result_json"]
 
 
@@ -56,12 +57,9 @@ class JsonAnswer(JSONResponse):
         return content if isinstance(content, bytes) else orjson.dumps(content)
 
 
-GRANT_HEADER = "Lock-Grant"
-"""The header of an acquire's 200 that says whether the call granted the lock (``new``: its
-lease, if it has one, starts now) or answered the lock its pull already held (``again``:
-unchanged, lease and all). A client that renews a held lock's lease renews only the latter."""
-NEW_GRANT = (GRANT_HEADER.lower().encode("latin-1"), b"new")
-GRANT_AGAIN = (GRANT_HEADER.lower().encode("latin-1"), b"again")
+NEW_GRANT = (types.GRANT_HEADER.lower().encode("latin-1"), types.NEW_GRANT.encode("latin-1"))
+GRANT_AGAIN = (types.GRANT_HEADER.lower().encode("latin-1"), types.GRANT_AGAIN.encode("latin-1"))
+"""An acquire's 200's ``Lock-Grant`` (:data:`~enhanced_locking.types.GRANT_HEADER`), raw."""
 
 
 def model_json(model: BaseModel) -> bytes:
