@@ -357,7 +357,8 @@ class EnhancedLockingConfig(BaseSettings):
         description="The other replicas' API addresses (comma-separated host:port; a host name "
         "stands for every address it resolves to), asked when a store does not answer here: "
         "while one of them reaches every store, GET /serving is 503, and while one reaches the "
-        "enhanced store, the fallback to legacy refuses (empty: no peers).",
+        "enhanced store, the fallback to legacy refuses (empty: no peers). With tls-cert-file "
+        "they are asked over HTTPS and must present that same certificate.",
     )
 
     # --- who may do what (docs/08-access.md) ----------------------------------------------

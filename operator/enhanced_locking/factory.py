@@ -249,10 +249,11 @@ class LockService:
             peer_on_enhanced=lambda: self.peers.one_reaching("enhanced"),
         )
 
-    def _peer_settings(self) -> tuple[list[str], bool]:
-        """The other replicas (``enhanced-locking-peers``) and whether they speak HTTPS."""
+    def _peer_settings(self) -> tuple[list[str], str]:
+        """The other replicas (``enhanced-locking-peers``) and the certificate they present
+        (``tls-cert-file``, shared by the replicas; ``""``: they speak plain HTTP)."""
         config = self.provider.current.config
-        return config.peers, bool(config.tls_cert_file)
+        return config.peers, config.tls_cert_file
 
     def _build(self, config: EnhancedLockingConfig, kind: str, namespace: str) -> Backend:
         return build_backend(config, kind, namespace, replica_id=self.replica_id)

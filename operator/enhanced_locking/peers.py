@@ -23,15 +23,22 @@ counts as reaching nothing. The answer depends on the peers' stores, never on th
 readiness, so it does not flap: with a store down for all, each stays in; back for some, the
 others leave. Answers are kept :data:`FRESH` seconds, and callers meanwhile share one round.
 
-A peer's certificate is not checked: a false peer can only claim to reach the stores, which
-takes this replica out of the Service and refuses its fall-back (what a peer able to drop its
-traffic could do anyway); it can never put a replica in.
+With HTTPS (``tls-cert-file``), a peer is believed only when it presents the certificate this
+replica serves, the first of ``tls-cert-file``, read at each round: the replicas share one
+(the chart's ``tls.secretName``), and the peers are asked by address, which that certificate
+need not name. A peer presenting any other (a false one, or a renewed certificate that one of
+the two has not read yet) counts as reaching nothing, as one that does not answer: it is
+never sent the request. A false peer believed could take this replica out of its Service and
+refuse its fall-back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 import socket
+import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -40,6 +47,8 @@ from typing import Any
 import httpx
 
 __all__ = ["FRESH", "PEER_TIMEOUT", "PeerStores", "Peers"]
+
+log = logging.getLogger(__name__)
 
 PEER_TIMEOUT = 2.0
 """Seconds a peer has to answer its ``/readyz``."""
@@ -110,15 +119,44 @@ async def _stores(client: httpx.AsyncClient, scheme: str, address: str) -> PeerS
     return PeerStores(address, {str(k): str(v) for k, v in backends.items()})
 
 
-async def ask(peers: Sequence[str], *, tls: bool) -> list[PeerStores]:
+_PEM_CERTIFICATE = re.compile(
+    rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL)
+
+
+def trusting_own(cert_file: str) -> ssl.SSLContext:
+    """A client context that accepts only the certificate of ``cert_file`` (its first; the
+    rest is the chain, which would let in any certificate its issuer signed): that exact
+    certificate is the one trust anchor, and no name is checked (peers are asked by address).
+    Raises :class:`OSError` or :class:`ssl.SSLError` when the file does not read."""
+    with open(cert_file, "rb") as file:
+        found = _PEM_CERTIFICATE.search(file.read())
+    if found is None:
+        raise ssl.SSLError(f"no PEM certificate in {cert_file}")
+    context = ssl.create_default_context(cadata=found.group(0).decode("ascii"))
+    context.check_hostname = False
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # the anchor is a leaf, not a CA
+    return context
+
+
+async def ask(peers: Sequence[str], *, cert_file: str) -> list[PeerStores]:
     """Every peer's stores, asked at once, each answer whole within :data:`PEER_TIMEOUT` (the
     names looked up first, within it too); the peers that did not answer (as the service: a
-    200 or 503 with its JSON) are left out."""
+    200 or 503 with its JSON) are left out. ``cert_file``: this
+    replica's ``tls-cert-file`` (HTTPS, the certificate every peer must present), or ``""``
+    (plain HTTP)."""
+    verify: ssl.SSLContext | bool = False
+    if cert_file:
+        try:
+            verify = trusting_own(cert_file)
+        except (OSError, ssl.SSLError, ValueError) as error:
+            log.warning("peers not asked: the certificate they must present, %s, does not "
+                        "read (%s); each counts as reaching no store", cert_file, error)
+            return []
     addresses = await _addresses(peers)
     if not addresses:
         return []
-    scheme = "https" if tls else "http"
-    async with httpx.AsyncClient(timeout=PEER_TIMEOUT, verify=False, trust_env=False) as client:
+    scheme = "https" if cert_file else "http"
+    async with httpx.AsyncClient(timeout=PEER_TIMEOUT, verify=verify, trust_env=False) as client:
         answers = await asyncio.gather(*(_stores(client, scheme, a) for a in addresses))
     return [answer for answer in answers if answer is not None]
 
@@ -126,10 +164,10 @@ async def ask(peers: Sequence[str], *, tls: bool) -> list[PeerStores]:
 class Peers:
     """The peers' stores as last asked, asked again once older than :data:`FRESH`.
 
-    ``settings``: the peers and whether they speak HTTPS, read at each round (the config in
-    force)."""
+    ``settings``: the peers and this replica's ``tls-cert-file`` (``""``: plain HTTP), read at
+    each round (the config in force)."""
 
-    def __init__(self, settings: Callable[[], tuple[Sequence[str], bool]],
+    def __init__(self, settings: Callable[[], tuple[Sequence[str], str]],
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._settings = settings
         self._clock = clock
@@ -137,16 +175,16 @@ class Peers:
         self._round: asyncio.Future[list[PeerStores]] | None = None
 
     async def stores(self) -> list[PeerStores]:
-        peers, tls = self._settings()
+        peers, cert_file = self._settings()
         if not peers:
             return []
-        key = (*peers, "https" if tls else "http")
+        key = (*peers, cert_file)
         if self._asked is not None:
             when, asked_key, answers = self._asked
             if asked_key == key and self._clock() - when < FRESH:
                 return answers
         if self._round is None:
-            self._round = asyncio.ensure_future(ask(peers, tls=tls))
+            self._round = asyncio.ensure_future(ask(peers, cert_file=cert_file))
             self._round.add_done_callback(lambda done: self._finish(done, key))
         return await asyncio.shield(self._round)
 

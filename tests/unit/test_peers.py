@@ -8,11 +8,14 @@ import contextlib
 import functools
 import http.server
 import json
+import ssl
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import ClassVar
 
 import pytest
+from tests.support.controlplane import CertificateAuthority, KeyPair
 from tests.support.loopback_http import serving
 
 from enhanced_locking.peers import FRESH, Peers
@@ -57,14 +60,14 @@ class _Clock:
 
 
 async def test_a_peer_that_reaches_every_store_is_named_for_each_question(peer: str) -> None:
-    peers = Peers(lambda: ([peer], False))
+    peers = Peers(lambda: ([peer], ""))
     assert await peers.one_ready() == peer
     assert await peers.one_reaching("enhanced") == peer
 
 
 async def test_a_peer_that_reaches_only_legacy_is_ready_for_neither(peer: str) -> None:
     _Peer.answer = (503, _body(legacy="ok", enhanced="Redis at 127.0.0.1:1 did not answer"))
-    peers = Peers(lambda: ([peer], False))
+    peers = Peers(lambda: ([peer], ""))
     assert await peers.one_ready() is None
     assert await peers.one_reaching("enhanced") is None
     assert await peers.one_reaching("legacy") == peer
@@ -79,7 +82,7 @@ async def test_an_answer_that_is_not_the_service_s_counts_as_no_peer(
     peer: str, answer: tuple[int, bytes],
 ) -> None:
     _Peer.answer = answer
-    peers = Peers(lambda: ([peer], False))
+    peers = Peers(lambda: ([peer], ""))
     assert await peers.one_ready() is None and await peers.one_reaching("enhanced") is None
 
 
@@ -87,7 +90,7 @@ async def test_callers_share_one_round_and_ask_again_once_it_is_a_second_old(
     peer: str,
 ) -> None:
     clock = _Clock()
-    peers = Peers(lambda: ([peer], False), clock=clock)
+    peers = Peers(lambda: ([peer], ""), clock=clock)
     answers = await asyncio.gather(*(peers.one_reaching("enhanced") for _ in range(20)))
     assert answers == [peer] * 20 and _Peer.asked == 1
     assert await peers.one_ready() == peer and _Peer.asked == 1, "kept while fresh"
@@ -97,12 +100,12 @@ async def test_callers_share_one_round_and_ask_again_once_it_is_a_second_old(
 
 
 async def test_no_peers_and_peers_that_stand_for_nobody_are_asked_nothing() -> None:
-    assert await Peers(lambda: ([], False)).one_ready() is None
-    assert await Peers(lambda: (["peers.invalid:4142"], False)).one_ready() is None
+    assert await Peers(lambda: ([], "")).one_ready() is None
+    assert await Peers(lambda: (["peers.invalid:4142"], "")).one_ready() is None
     # a name no resolver takes (an empty label, one over 63 characters): the config refuses it,
     # and here too it stands for nobody rather than failing the question
     for name in ("peers..invalid:4142", "p" * 64 + ".invalid:4142"):
-        assert await Peers(functools.partial(lambda n: ([n], False), name)).one_ready() is None
+        assert await Peers(functools.partial(lambda n: ([n], ""), name)).one_ready() is None
 
 
 class _Trickling(http.server.BaseHTTPRequestHandler):
@@ -128,7 +131,7 @@ async def test_a_peer_that_never_finishes_its_answer_is_given_up_on(peer: str) -
     _Trickling.stop.clear()
     with contextlib.contextmanager(serving)(_Trickling) as slow:
         asked = asyncio.ensure_future(
-            Peers(lambda: ([slow.removeprefix("http://"), peer], False)).one_ready())
+            Peers(lambda: ([slow.removeprefix("http://"), peer], "")).one_ready())
         try:
             done, _ = await asyncio.wait([asked], timeout=60)
             assert asked in done, "the question did not end with a peer that never finishes"
@@ -136,3 +139,68 @@ async def test_a_peer_that_never_finishes_its_answer_is_given_up_on(peer: str) -
         finally:
             asked.cancel()
             _Trickling.stop.set()
+
+
+def _tls_peer(pair: KeyPair) -> contextlib.AbstractContextManager[str]:
+    """A peer answering /readyz over HTTPS with ``pair``'s certificate."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pair.cert, pair.key)
+    return contextlib.contextmanager(serving)(_Peer, context)
+
+
+@pytest.fixture
+def certificates(tmp_path: Path) -> tuple[KeyPair, KeyPair, KeyPair]:
+    """The replicas' certificate, another from the same CA, and one from another CA."""
+    (tmp_path / "ca").mkdir()
+    (tmp_path / "other").mkdir()
+    ca, other_ca = CertificateAuthority(tmp_path / "ca"), CertificateAuthority(tmp_path / "other")
+    ours = ca.issue("ours", "enhanced-locking", server=True, dns_names=["el.atlantis.svc"])
+    renewed = ca.issue("renewed", "enhanced-locking", server=True,
+                       dns_names=["el.atlantis.svc"])
+    forged = other_ca.issue("forged", "enhanced-locking", server=True, ips=["127.0.0.1"],
+                            dns_names=["el.atlantis.svc"])
+    return ours, renewed, forged
+
+
+async def test_a_peer_over_https_counts_when_it_serves_this_replica_s_certificate(
+    certificates: tuple[KeyPair, KeyPair, KeyPair],
+) -> None:
+    """The replicas share one certificate (the chart's tls.secretName): a peer that presents
+    it, addressed by its IP (which the certificate need not hold), is believed."""
+    _Peer.answer, _Peer.asked = (200, _body(legacy="ok", enhanced="ok")), 0
+    ours, _, _ = certificates
+    with _tls_peer(ours) as url:
+        peer = url.removeprefix("https://")
+        peers = Peers(lambda: ([peer], str(ours.cert)))
+        assert await peers.one_ready() == peer
+        assert await peers.one_reaching("enhanced") == peer
+
+
+@pytest.mark.parametrize("presented", ["renewed", "forged"])
+async def test_a_peer_with_another_certificate_counts_as_nobody(
+    certificates: tuple[KeyPair, KeyPair, KeyPair], presented: str,
+) -> None:
+    """A peer that does not present this replica's certificate (one of another CA, or even
+    another of the same CA) is not asked further: it cannot take this replica out of its
+    Service or refuse its fall-back."""
+    _Peer.answer, _Peer.asked = (200, _body(legacy="ok", enhanced="ok")), 0
+    ours, renewed, forged = certificates
+    with _tls_peer(renewed if presented == "renewed" else forged) as url:
+        peer = url.removeprefix("https://")
+        peers = Peers(lambda: ([peer], str(ours.cert)))
+        assert await peers.one_ready() is None
+        assert await peers.one_reaching("enhanced") is None
+    assert _Peer.asked == 0, "no request went past the handshake"
+
+
+async def test_a_certificate_file_that_does_not_read_stands_for_no_peer(
+    certificates: tuple[KeyPair, KeyPair, KeyPair], tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    _Peer.answer, _Peer.asked = (200, _body(legacy="ok", enhanced="ok")), 0
+    ours, _, _ = certificates
+    with _tls_peer(ours) as url:
+        peer = url.removeprefix("https://")
+        missing = tmp_path / "gone.crt"
+        assert await Peers(lambda: ([peer], str(missing))).one_ready() is None
+    assert str(missing) in caplog.text
