@@ -74,6 +74,10 @@ SEVERAL_REPLICAS_NEED_SHARED_STORES = (
     "config.enhanced-locking-legacy-backend redis or etcd (the embedded file is on one pod's "
     "disk)"
 )
+SEVERAL_REPLICAS_SET_THEIR_PEERS = (
+    "config.enhanced-locking-peers would be ignored with replicaCount above 1 (the Deployment "
+    "sets it to the headless Service of the replicas): leave it out"
+)
 ROOT_RULES: list[dict[str, Any]] = [
     {
         "if": {"allOf": [
@@ -92,6 +96,12 @@ ROOT_RULES: list[dict[str, Any]] = [
             ]},
         ]},
         "then": {"required": [SEVERAL_REPLICAS_NEED_SHARED_STORES]},
+    },
+    {
+        "if": {"properties": {"replicaCount": {"minimum": 2},
+                              "config": {"required": ["enhanced-locking-peers"]}},
+               "required": ["replicaCount", "config"]},
+        "then": {"required": [SEVERAL_REPLICAS_SET_THEIR_PEERS]},
     },
     *(
         {

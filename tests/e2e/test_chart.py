@@ -1164,6 +1164,21 @@ def test_several_replicas_find_each_other_through_a_headless_service_of_every_po
                 if o["spec"].get("clusterIP") == "None"], "one replica has no peers"
 
 
+def test_several_replicas_refuse_peers_in_config_naming_the_setting(helm: Helm) -> None:
+    """With several replicas the Deployment's own flag names the peers and beats the config
+    file: ``config.enhanced-locking-peers`` would be ignored, so the values schema refuses it;
+    one replica has no flag of the chart's and takes it."""
+    peers = ("--set", "config.enhanced-locking-peers=elsewhere.atlantis.svc:4142")
+    result = helm.run("template", "t", str(CHART_DIR), *SHARED_STORES, *peers, check=False)
+    assert result.returncode != 0
+    assert ("config.enhanced-locking-peers would be ignored with replicaCount above 1 (the "
+            "Deployment sets it to the headless Service of the replicas)") in result.stderr, \
+        result.stderr
+    (deployment,) = of_kind(helm.template(*peers), "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert not [a for a in container["args"] if a.startswith("--enhanced-locking-peers")]
+
+
 def _serve_locks(url: str, name: str, pull: int, history: History, stop: threading.Event,
                  counts: collections.Counter[str]) -> None:
     """Lock one of four keys, hold it a moment, release; until ``stop``."""
