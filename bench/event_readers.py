@@ -36,7 +36,7 @@ READERS_SCRIPT = """
 import asyncio, sys
 async def reader(port):
     r, w = await asyncio.open_connection("127.0.0.1", port)
-    w.write(b"GET /v1/events HTTP/1.1\\r\\nHost: bench\\r\\n\\r\\n")
+    w.write(b"GET /v1/events HTTP/1.1\\r\\nHost: 127.0.0.1\\r\\n\\r\\n")
     while await r.read(65536):
         pass
 async def main(port, count):

@@ -264,7 +264,8 @@ async def _run_service(
     except LockingError as error:
         return cannot_start(error, setting=isinstance(error, StoreRefused | UnusableSetting))
     try:
-        app = create_app(service, manage_lifecycle=False, exposed=exposed)
+        app = create_app(service, manage_lifecycle=False, exposed=exposed,
+                         loopback_hosts=not exposed)
     except (LockingError, ValueError) as error:
         # A ValueError: access settings that cannot be used (a bad tokens file).
         await service.close()

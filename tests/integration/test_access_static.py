@@ -532,3 +532,34 @@ def test_events_refused_exit_1_and_an_invalid_filter_exits_2(served: ServiceProc
     unknown = cli(served, TOKENS["admin"], "events", "--type", "lock-grabbed")
     assert unknown.returncode == 2 and unknown.stdout == ""
     assert "unknown event type 'lock-grabbed'" in unknown.stderr
+
+
+def test_open_access_on_loopback_answers_only_requests_naming_a_loopback_host(
+    tmp_path: Path,
+) -> None:
+    """``auth: none`` on 127.0.0.1 is open to whoever reaches the port: a page on another site
+    reaches it through the user's browser by DNS rebinding (its own name made to resolve to
+    127.0.0.1), and to the browser the page and the service are then one origin, so neither
+    the cross-site check nor CORS stops its posts. Its requests name its host (``Host``): a
+    host that is not loopback is refused before anything changes."""
+    process = ServiceProcess(tmp_path / "data", log_dir=tmp_path / "logs")
+    with running(process), httpx.Client(base_url=process.url, timeout=10) as http:
+        answer = http.post("/v1/locks", json=acquire_body("acme/infra", pull=12))
+        assert answer.status_code == 200, answer.text
+        key = answer.json()["lockKey"]
+        port = process.url.rsplit(":", 1)[1]
+        rebound = {"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}",
+                   "Sec-Fetch-Site": "same-origin"}
+        forced = http.post("/v1/admin/force-unlock", params={"key": key, "reason": "x"},
+                           headers=rebound)
+        assert forced.status_code == 403, forced.text
+        assert "evil.example" in forced.json()["error"]
+        released = http.delete("/v1/locks/by-key", params={"key": key}, headers=rebound)
+        assert released.status_code == 403, released.text
+        assert http.get("/v1/locks/by-key", params={"key": key}).json()["lock"]["pull"]["num"] == 12
+        for host in (f"localhost:{port}", f"127.0.0.1:{port}", "localhost"):
+            assert http.get("/v1/locks", headers={"Host": host}).status_code == 200, host
+        rows = [json.loads(line)["audit"] for line in process.output().splitlines()
+                if line.startswith('{"audit": ')]
+        assert [row["outcome"] for row in rows if row["status"] == 403] == [
+            "foreign-host", "foreign-host"]

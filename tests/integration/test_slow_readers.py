@@ -76,7 +76,7 @@ async def test_a_stalled_reader_gets_a_gap_and_is_cut_off_never_silent_holes(
     stalled = socket.socket()
     stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     stalled.connect((host, int(port)))
-    stalled.sendall(f"GET /v1/events?repo={REPO} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    stalled.sendall(f"GET /v1/events?repo={REPO} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
     stalled.settimeout(30)
     head = b""  # up to the line saying it follows the bus; then it reads nothing
     while FOLLOWING.encode() not in head:

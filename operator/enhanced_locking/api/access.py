@@ -34,7 +34,7 @@ from types import TracebackType
 from typing import Annotated, Any, Protocol, TypeVar
 
 import fastapi.routing
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
@@ -80,6 +80,7 @@ __all__ = [
     "check_routes",
     "cross_site",
     "cross_site_refusal",
+    "foreign_host",
     "install_access",
     "is_loopback",
     "open_to_network_refusal",
@@ -234,10 +235,13 @@ class AccessHolder:
     """
 
     def __init__(self, provider: ConfigProvider, build: AccessBuilder = build_access, *,
-                 exposed: bool = False) -> None:
+                 exposed: bool = False, loopback_hosts: bool = False) -> None:
         self._provider = provider
         self._build = build
         self._exposed = exposed
+        self.loopback_hosts = loopback_hosts
+        """Whether open access (``auth: none``) answers only requests that name a loopback
+        host (:func:`foreign_host`): the service listens on loopback alone."""
         self._generation = -1
         self._identity: tuple[Any, ...] = ()
         self._current: AccessControl | None = None
@@ -456,6 +460,16 @@ async def cross_site_refusal(caller: Caller, request: Request, *, key: str, repo
                            f"{instead}")
 
 
+def foreign_host(request: Request) -> str | None:
+    """The host a request names (``Host``), when it is not a loopback name or address; else
+    None. A page of another site can reach a service on 127.0.0.1 through its reader's browser
+    by DNS rebinding (its own name made to resolve to 127.0.0.1): to the browser, the page and
+    the service are then one origin, and the requests name the page's host."""
+    host = request.headers.get("host", "")
+    name = urllib.parse.urlsplit(f"//{host}").hostname if host else None
+    return None if name is not None and is_loopback(name) else host
+
+
 def _peer(request: Request) -> str:
     client = request.scope.get("client")  # what ``request.client`` reads, without its tuple
     return f"{client[0]}:{client[1]}" if client else ""
@@ -494,6 +508,16 @@ async def caller_of(request: Request) -> Caller:
     holder, audit = seat
     access = holder.current()
     authorization, request_id = _credentials(request)
+    if access.open and holder.loopback_hosts and (named := foreign_host(request)) is not None:
+        refusal = (f"this service, open to every caller (enhanced-locking-auth: none), answers "
+                   f"only requests to a loopback address; this one names the host {named!r} "
+                   "(another site's page reaching it by DNS rebinding, say)")
+        await audit.record(AuditEntry(
+            time=utcnow(), identity=ANONYMOUS.name, method=access.mode, verb="",
+            action=_action(request), outcome="foreign-host", status=403, reason=refusal,
+            peer=_peer(request), request_id=request_id,
+        ))
+        raise HTTPException(403, refusal)
     try:
         identity = await access.identify(authorization)
     except NotAuthenticated as refusal:
@@ -666,15 +690,18 @@ def check_routes(app: FastAPI) -> None:
 
 
 def install_access(app: FastAPI, provider: ConfigProvider, audit: AuditTrail,
-                   build: AccessBuilder = build_access, *, exposed: bool = False) -> AccessHolder:
+                   build: AccessBuilder = build_access, *, exposed: bool = False,
+                   loopback_hosts: bool = False) -> AccessHolder:
     """Keep the access control and the audit trail on ``app.state``; answer its refusals.
 
     ``exposed``: the service listens on a non-loopback address (auth ``none`` is refused
-    there unless ``insecure-allow-unauthenticated``). A new config snapshot whose access
+    there unless ``insecure-allow-unauthenticated``); ``loopback_hosts``: it listens on loopback
+    alone, and open access answers only requests that name a loopback host. A new config
+    snapshot whose access
     settings cannot be used is refused by the provider (:class:`ConfigRejected`, naming the
     changed settings) rather than applied and then skipped by the holder."""
     global _last_seat
-    holder = AccessHolder(provider, build, exposed=exposed)
+    holder = AccessHolder(provider, build, exposed=exposed, loopback_hosts=loopback_hosts)
     app.state.access = holder
     app.state.audit = audit
     _SEATS[app] = (holder, audit)

@@ -109,13 +109,14 @@ async def need_lock(caller: CallerDep, *, action: str, repo: str, pull: int, key
 
 def create_app(
     service: LockService, *, manage_lifecycle: bool = True, audit: AuditTrail | None = None,
-    access: AccessBuilder = build_access, exposed: bool = False,
+    access: AccessBuilder = build_access, exposed: bool = False, loopback_hosts: bool = False,
 ) -> FastAPI:
     """The FastAPI app over ``service``; with ``manage_lifecycle`` it starts and closes it.
 
     ``audit``: where the trail goes (default: the active store, see :mod:`.audit`);
     ``access``: builds the access control from a config snapshot; ``exposed``: it listens on
-    a non-loopback address.
+    a non-loopback address; ``loopback_hosts``: it listens on loopback alone, so with access
+    control off it answers only requests that name a loopback host (no DNS rebinding).
     """
     counted = service.metrics
     if audit is None:
@@ -159,7 +160,8 @@ def create_app(
     # before any route (or the direct handler) or its caller check reads it.
     app.add_middleware(BodyLimit, webhooks=MAX_BODY,
                        limit=lambda: service.provider.current.config.http_max_body)
-    holder = install_access(app, service.provider, audit, access, exposed=exposed)
+    holder = install_access(app, service.provider, audit, access, exposed=exposed,
+                            loopback_hosts=loopback_hosts)
     holder.current()  # a bad tokens file stops the start (ValueError), not the first call
     # VCS webhooks authenticate by the VCS's signature, not by the API's credentials.
     app.include_router(webhook_router(service, settings=lambda: service.provider.current.config))

@@ -27,7 +27,7 @@ AUDIT_OUTCOMES = frozenset({
     "refreshed", "cancelled", "cleared-unreadable", "pull-closed", "not-found", "collision",
     "no-lease", "denied", "not-owned", "kept", "invalid", "overloaded", "unavailable",
     "error",
-    "unauthenticated", "cross-site", "changed",
+    "unauthenticated", "cross-site", "changed", "foreign-host",
 })
 """Every outcome an audit row is written with, but the counts of a release of several keys."""
 _COUNTED_OUTCOME = re.compile(r"released [0-9]+(, not reached [0-9]+|, dropped [0-9]+ queued)?")
