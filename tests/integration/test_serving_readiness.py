@@ -11,6 +11,7 @@ proxy (closing the proxy cuts A alone off), replica B directly. A's peer is B
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -117,10 +118,11 @@ def test_a_peer_that_does_not_answer_counts_as_not_serving(
 ) -> None:
     """A peer gone (nothing listens at its address) or a name that does not resolve stands
     for nobody: the replica, its Redis stopped, keeps serving."""
-    with services() as group, httpx.Client(timeout=30) as http:
-        gone = group.start(_service(tmp_path, "gone", redis_server.addr, "legacy"))
-        gone_port = gone.port
-        gone.stop()
+    # A port bound and not listening, held for the test: a connection to it is refused, and
+    # no other process can start listening there meanwhile.
+    with socket.socket() as gone, services() as group, httpx.Client(timeout=30) as http:
+        gone.bind(("127.0.0.1", 0))
+        gone_port = gone.getsockname()[1]
         a = group.start(_service(
             tmp_path, "a", redis_server.addr, "legacy",
             f"--enhanced-locking-peers=127.0.0.1:{gone_port},peers.invalid:4142"))
