@@ -245,6 +245,41 @@ async def test_a_batch_whose_client_leaves_before_a_fail_fast_answer_holds_nothi
         await _batch_round(make_service, steps, wait=False, had_dns=steps % 2 == 1)
 
 
+async def test_a_batch_whose_client_leaves_keeps_a_hold_its_pull_took_after_the_look(
+    make_service: ServiceMaker, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The client of pull 2's batch leaves as its grant is answered. After the route's look
+    at what the pull held (nothing), the pull's other request took ``dns``: the batch answered
+    that hold unchanged, and giving back what the batch granted leaves it."""
+    service = await make_service(enabled=True)
+    router, trail = service.router, _trail(service)
+    dns = request_for(repo=REPO, path="dns", project="dns", pull=2)
+    gone, sent, other = asyncio.Event(), list[tuple[int, bool]](), list[Any]()
+    acquire_batch = router.acquire_batch
+
+    async def taken_by_the_pull_first(asked: Any) -> Any:
+        other.append(await router.acquire(dns))  # the pull's other request
+        result = await acquire_batch(asked)
+        gone.set()
+        return result
+
+    monkeypatch.setattr(router, "acquire_batch", taken_by_the_pull_first)
+    try:
+        await _post(create_app(service, manage_lifecycle=False, audit=trail), BATCH, gone, sent,
+                    path="/v1/locks/batch")
+        monkeypatch.undo()
+        [own] = other
+        assert own.acquired and own.fresh
+        assert sent == [] or sent[0][0] != 200, sent
+        assert await router.get(f"{REPO}/net/default/net") is None, "the batch outlived it"
+        held = await router.get(dns.key)
+        assert held == own.lock, "the pull's hold of dns, taken by its other request, was lost"
+    finally:
+        await service.router.release_by_pull(REPO, 2)
+        await trail.close()
+        await service.close()
+
+
 async def _on_redis_with_a_trail_in_memory(
     make_service: ServiceMaker, redis_servers: ServerMaker,
 ) -> tuple[Any, LockService, AuditTrail, Any]:

@@ -424,6 +424,41 @@ async def test_a_batch_backing_off_keeps_a_hold_its_pull_took_after_the_look(
     assert await enhanced.backend.get(b) is None, "the batch's grant of b was left behind"
 
 
+async def test_a_legacy_batch_refused_keeps_a_hold_its_pull_took_after_the_look(
+    make_service: ServiceMaker, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every key on legacy: the batch takes its keys one by one, fail fast. Between its look
+    at ``a`` and its grant of it, the pull's other request takes ``a``; ``b`` is another
+    pull's, so the batch is refused and gives back what it took: never the pull's hold of
+    ``a``, which this batch did not take."""
+    service = await make_service(enabled=True, migration_weight=0)
+    path = service.provider.current.config.data_path
+    router = service.router
+    pull = request_for(pull=1).pull
+    batch = BatchLockRequest(locks=[BatchItem(project=request_for(path=p).project)
+                                    for p in ("envs/a", "envs/b")], pull=pull)
+    a, b = batch.keys
+    taken = legacy_lock(2, path="envs/b")
+    planted_on_legacy(path, taken)
+    acquire = router.acquire
+    other: list[AcquireResult] = []
+
+    async def taken_by_the_pull_first(asked: LockRequest) -> AcquireResult:
+        if asked.key == a:
+            other.append(await acquire(request_for(pull=1, path="envs/a")))
+        return await acquire(asked)
+
+    monkeypatch.setattr(router, "acquire", taken_by_the_pull_first)
+    refused = await router.acquire_batch(batch)
+    monkeypatch.undo()
+    assert not refused.acquired and refused.lock_key == b
+    assert refused.holder is not None and refused.holder.owner == taken.owner
+    [own] = other
+    assert own.acquired and own.fresh and own.lock is not None
+    held = await router.get(a)
+    assert held is not None and held.owner == own.lock.owner, "the pull's hold of a was dropped"
+
+
 async def test_a_release_not_owned_is_refused_and_a_foreign_pull_releases_nothing(
     make_service: ServiceMaker,
 ) -> None:

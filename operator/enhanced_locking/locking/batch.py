@@ -38,26 +38,25 @@ async def acquire_one_by_one(
     Nothing waits here, so the partial set exists only between two store calls. A step that
     fails (the service overloaded, a store that does not answer, the caller gone) gives back
     what the batch took before it too, then raises: a batch answered with an error holds
-    nothing it took. ``held_already`` is told each lock granted that the pull held before the
-    batch (answered again, not granted anew), once the whole batch is granted.
+    nothing it took. Taken is what each grant says it granted (``fresh``): a lock the pull
+    held already is answered unchanged and never given back. ``held_already`` is told each
+    of those (answered again, not granted anew), once the whole batch is granted.
     """
     owner = batch.owner
     locks: Locks = []
     taken: Locks = []  # the fresh ones, given back on a refusal or a failure
-    again: Locks = []  # the pull's before the batch
+    again: Locks = []  # the pull's already when granted (answered unchanged): kept
     for request in batch.requests():
         try:
-            before = await locker.get(request.key)
             result = await locker.acquire(request.model_copy(update={"wait": None}))
         except BaseException:
             await asyncio.shield(_give_back(locker, taken, owner))
             raise
         if result.acquired and result.lock is not None:
             locks.append(result.lock)
-            if before is None or not before.owned_by(*owner):  # ours before the batch: keep
-                taken.append(result.lock)
-            else:
-                again.append(result.lock)
+            # As the grant tells, not as a look before it saw: the pull's other request may
+            # take the key in between, and that hold is not this batch's to give back.
+            (taken if result.fresh else again).append(result.lock)
             continue
         for lock in taken:
             await locker.release(lock.key, owner=owner)
@@ -66,7 +65,7 @@ async def acquire_one_by_one(
     if held_already is not None:
         for lock in again:
             held_already(lock)
-    return BatchResult(acquired=True, locks=locks)
+    return BatchResult.granted(locks, kept=frozenset(lock.key for lock in again))
 
 
 async def _give_back(locker: Locker, taken: Locks, owner: Owner) -> None:

@@ -946,7 +946,7 @@ class Router(AtlantisCalls):
         # The keys the pull held already when the store granted, as the store tells: the
         # look above is older, and the pull's other request may have taken one of them since
         # (or let one go). Only a store that does not say key by key is answered by the look.
-        kept = mine_before if first.kept is None else first.kept
+        kept = frozenset(mine_before) if first.kept is None else first.kept
         for lock in first.locks:
             if lock.key in kept:  # its pull's already: answered again
                 self._answers.again(lock)
@@ -990,7 +990,8 @@ class Router(AtlantisCalls):
             await give_back()
             return rest
         by_key = {lock.key: lock for lock in [*first.locks, *rest.locks]}
-        return BatchResult(acquired=True, locks=[by_key[key] for key in request.keys])
+        return BatchResult.granted([by_key[key] for key in request.keys],
+                                   kept=None if rest.kept is None else kept | rest.kept)
 
     async def _above_legacy(self, enhanced: Locker, request: BatchLockRequest,
                             locks: Locks) -> BatchResult | Literal[True] | None:
