@@ -103,12 +103,22 @@ async def test_a_lease_check_answered_while_the_event_loop_stalled_past_its_limi
     """The lease check of another replica's session (whether its waiters are a dead
     replica's, and its grants to be taken back) is bounded by gRPC's deadline too. Before,
     the library's call was bounded by a timer on the loop as well: the answer was lost, and
-    the check counted the replica alive for that step (a grant's take-back a second later)."""
+    the check counted the replica alive for that step (a grant's take-back a second later).
+
+    The check is called by itself (the other replica's session opened by a waiter): a step
+    makes it only where its view leads it, and its public effect needs a replica gone for
+    between 5 and 10 s. A release held across the stall, the first waiter's replica cut off,
+    sent a transaction first and the check only after the stall, past the session's end: it
+    passed with the timer put back, so it could not tell."""
     config = etcd_config(etcd_cluster, etcd_prefix)
     other, backend = (EtcdBackend.from_config(config, "enhanced") for _ in range(2))
     try:
-        await other._ensure_session()
-        await backend.ping()
+        await grant(backend, candidate_for(request_for(pull=1)))
+        queued = await other.acquire_or_enqueue(  # (the other replica's session opened)
+            candidate_for(request_for(pull=2)), ttl=None,
+            wait=Wait(id=secrets.token_hex(8), timeout=timedelta(seconds=90)),
+            policy=QueuePolicy())
+        assert queued.status is Status.QUEUED, queued
         _, since = await stalled(etcd_cluster, backend._unrenewed(other.session_lease, key=None))
         assert since is not None and since <= GONE_AFTER
     finally:
