@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
+import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -17,7 +19,7 @@ import pytest
 from redis.exceptions import BusyLoadingError, ResponseError
 from tests.support.locks import candidate_for, lock_for, request_for
 from tests.support.redis_fixtures import ServerMaker, redis_config
-from tests.support.redis_server import RedisSentinel, RedisServer
+from tests.support.redis_server import RedisSentinel, RedisServer, find_redis_server
 
 from enhanced_locking.backends import redis_notify
 from enhanced_locking.backends.atlantis_redis import AtlantisRedisBackend
@@ -205,12 +207,34 @@ LEAST_PRIVILEGE = (
 )
 
 
+def paste_the_documented_acl(redis_server: RedisServer) -> None:
+    """docs/03-redis.md's ``ACL SETUSER`` command, run with bash as written (only the server's
+    port and the password are this test's): it makes the user ``atlantis-locks``."""
+    page = (Path(__file__).resolve().parents[2] / "docs" / "03-redis.md").read_text()
+    found = re.search(r"```sh\n(redis-cli ACL SETUSER .*?)```", page, re.S)
+    assert found is not None, "docs/03-redis.md: no ACL SETUSER block"
+    cli = Path(find_redis_server()).with_name("redis-cli")
+    if not cli.exists():
+        pytest.fail(f"{cli} is missing: install Debian's redis-tools (make redis)", pytrace=False)
+    script = found.group(1).replace("redis-cli", f"{cli} -p {redis_server.port}", 1)
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c",
+                             script.replace("PASSWORD", PASSWORD)],
+                            capture_output=True, text=True, timeout=30, check=False)
+    assert (result.returncode, result.stdout.strip()) == (0, "OK"), result
+
+
 async def test_an_acl_user_with_the_documented_rights_works_and_one_without_is_reported(
     redis_server: RedisServer,
 ) -> None:
+    paste_the_documented_acl(redis_server)
     redis_server.create_acl_user("locker", PASSWORD, rules=LEAST_PRIVILEGE)
+    with redis_server.client() as admin:  # the rules the other tests take away from
+        pasted, copied = (admin.execute_command("ACL", "GETUSER", user)
+                          for user in ("atlantis-locks", "locker"))
+    rights = [b"commands", b"keys", b"channels", b"selectors"]  # not flags: reset sanitizes
+    assert [pasted[name] for name in rights] == [copied[name] for name in rights]
     redis_server.create_acl_user("outsider", PASSWORD, rules=("~elsewhere:*", "&*", "+@all"))
-    config = redis_config(redis_server, redis_username="locker", redis_password=PASSWORD)
+    config = redis_config(redis_server, redis_username="atlantis-locks", redis_password=PASSWORD)
     locker = RedisBackend.from_config(config, "enhanced")
     legacy = AtlantisRedisBackend.from_config(config, "legacy")
     events = RedisEventBus.from_config(config)
