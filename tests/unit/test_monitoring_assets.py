@@ -143,3 +143,13 @@ def test_the_monitoring_docs_name_every_alert() -> None:
     docs = (REPO_ROOT / "docs" / "04-monitoring.md").read_text()
     missing = [rule["alert"] for rule in alert_rules() if rule["alert"] not in docs]
     assert not missing, f"docs/04-monitoring.md does not explain {missing}"
+
+
+def test_every_metric_the_docs_name_is_exported() -> None:
+    # A reader pastes these names into Prometheus: each is a scraped series, or a histogram's
+    # name (its series add `_bucket`, `_sum` and `_count`).
+    series = exposed_series()
+    known = set(series) | {family for family in series.values() if f"{family}_bucket" in series}
+    for page in [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]:
+        unknown = sorted(set(SERIES.findall(page.read_text())) - known)
+        assert not unknown, f"{page.name} names metrics the service does not export: {unknown}"
