@@ -547,3 +547,34 @@ async def test_a_refused_batch_never_gives_back_a_lock_the_pull_took_anew_meanwh
         assert taken and not refused.acquired and refused.reason is Reason.HELD
         held = await _enhanced_store(b).get(key)
         assert held is not None and held.pull.num == 1 and held.fencing_token == taken[0]
+
+
+async def test_the_readiness_check_asks_both_stores_at_once(
+    make_service: ServiceMaker, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A store that does not answer takes its call's whole limit to say so; one Redis serving
+    both sides, not answering, took that limit twice in a row, past the readiness probe's
+    timeout (docs/06-kubernetes.md, Readiness), and every replica left the Service."""
+    service = await make_service(**ALL_ENHANCED)
+    assert service.enhanced is not None
+    started: list[str] = []
+    answer = asyncio.Event()
+    for side, backend in (("legacy", service.legacy_backend),
+                          ("enhanced", service.enhanced.backend)):
+        ping = backend.ping
+
+        async def held(side: str = side, ping: Callable[[], Awaitable[None]] = ping) -> None:
+            started.append(side)
+            await answer.wait()
+            await ping()
+
+        monkeypatch.setattr(backend, "ping", held)
+    checking = asyncio.ensure_future(service.ready())
+    try:
+        await _until(lambda: len(started) == 2)
+        assert sorted(started) == ["enhanced", "legacy"]
+        answer.set()
+        assert await checking == {"legacy": "ok", "enhanced": "ok"}
+    finally:
+        answer.set()
+        await asyncio.gather(checking, return_exceptions=True)
