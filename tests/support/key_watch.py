@@ -191,7 +191,9 @@ class KeyWatch:
     def _drain(self) -> None:
         """Wait until the lines on their way are in the log: a marker sent to the server now
         is shown after them (at most 5 s). A server that does not answer it (stopped, or its
-        password changed): a moment instead."""
+        password changed): a moment instead. A ``redis-cli monitor`` that has ended (its
+        connection lost: the server restarted, or the test killed its clients) has written
+        all it will: what is in the log then is all there is."""
         host, port, password = self._server
         marker = f"key-watch-end-{next(_MARKERS)}".encode()
         start = self.log.stat().st_size
@@ -207,7 +209,8 @@ class KeyWatch:
             log.seek(start)
             seen = b""
             while time.monotonic() < deadline:
+                ended = self._process.poll() is not None  # before the read: nothing after it
                 seen = seen[-len(marker):] + log.read()
-                if marker in seen:
+                if marker in seen or ended:
                     return
                 time.sleep(0.005)
