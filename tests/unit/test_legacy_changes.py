@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from tests.conftest import ServiceMaker
 from tests.support.locks import lock_for, request_for
+from tests.support.queues import waits_begun
 
 from enhanced_locking.backends import EmbeddedBackend, codec
 from enhanced_locking.backends.embedded import open_database
@@ -388,29 +389,43 @@ async def test_a_pull_asking_again_keeps_its_hold_when_legacy_is_taken_between_t
     assert mine.acquired and not mine.fresh and mine.lock == held.lock
 
 
+@pytest.mark.parametrize("waits", [False, True], ids=["at-once", "from-the-queue"])
 async def test_a_batch_backing_off_keeps_a_hold_its_pull_took_after_the_look(
-    make_service: ServiceMaker, monkeypatch: pytest.MonkeyPatch,
+    make_service: ServiceMaker, monkeypatch: pytest.MonkeyPatch, waits: bool,
 ) -> None:
     """Pull 1 asks for keys ``a`` and ``b`` in a batch. After the router's look at who holds
-    them (``a``: nobody), the pull's other request takes ``a``, so the batch's grant answers
-    ``a`` with that hold, unchanged; then another writer takes ``b`` on legacy, and the batch
-    backs off. It gives back only what it granted: ``b``, and never the pull's hold of ``a``,
-    which this batch did not take."""
+    them (``a``: nobody), the pull's other request takes ``a`` (at once; or, when ``waits``,
+    while the batch waits for pull 2 to let ``b`` go), so the batch's grant answers ``a``
+    with that hold, unchanged; then another writer takes ``b`` on legacy, and the batch backs
+    off. It gives back only what it granted: ``b``, and never the pull's hold of ``a``, which
+    this batch did not take."""
     service = await make_service(enabled=True, migration_weight=100)
     path = service.provider.current.config.data_path
     enhanced = service.enhanced
     assert enhanced is not None
     pull = request_for(pull=1).pull
     batch = BatchLockRequest(locks=[BatchItem(project=request_for(path=p).project)
-                                    for p in ("envs/a", "envs/b")], pull=pull)
+                                    for p in ("envs/a", "envs/b")], pull=pull,
+                             wait=timedelta(seconds=30) if waits else None)
     a, b = batch.keys
-    taken = legacy_lock(2, path="envs/b")
+    if waits:
+        assert (await enhanced.acquire(request_for(pull=2, path="envs/b"))).acquired
+    [begun] = waits_begun(monkeypatch, 1)
+    taken = legacy_lock(3, path="envs/b")
     grant = enhanced.acquire_batch
     other: list[AcquireResult] = []
 
     async def taken_by_the_pull_then_on_legacy(asked: BatchLockRequest) -> BatchResult:
-        other.append(await enhanced.acquire(request_for(pull=1, path="envs/a")))
-        result = await grant(asked)
+        if not waits:
+            other.append(await enhanced.acquire(request_for(pull=1, path="envs/a")))
+        granting = asyncio.ensure_future(grant(asked))
+        if waits:
+            async with asyncio.timeout(30):
+                await begun.wait()
+            assert [w.owner for w in await enhanced.queue(a)] == [("acme/infra", 1)]
+            other.append(await enhanced.acquire(request_for(pull=1, path="envs/a")))
+            assert await enhanced.release(b, owner=("acme/infra", 2)) is not None
+        result = await granting
         planted_on_legacy(path, taken)
         return result
 

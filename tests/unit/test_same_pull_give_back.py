@@ -7,10 +7,13 @@ moment of the disconnect placed after the second answer."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 
 import pytest
 from tests.conftest import ServiceMaker
+from tests.support.locks import request_for
+from tests.support.queues import waits_begun
 from tests.unit.test_client_gone import _post
 
 from enhanced_locking.api import create_app
@@ -138,3 +141,31 @@ async def test_a_batch_served_by_legacy_while_the_enhanced_store_is_down_keeps_t
                     trail)
     finally:
         await trail.close()
+
+
+async def test_a_batch_granted_from_the_queue_as_its_caller_leaves_keeps_what_its_pull_held(
+    make_service: ServiceMaker, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pull 2's batch of ``net`` and ``dns`` waits (pull 1 holds ``dns``); meanwhile the
+    pull's other request takes ``net``. Pull 1 lets go, the batch is granted from the queue
+    (``net`` answered with the pull's hold, unchanged) and its caller leaves at that moment:
+    the give-back frees ``dns``, the key the batch was granted, and not ``net``."""
+    service = await make_service(enabled=True, migration_weight=100)
+    enhanced = service.enhanced
+    assert enhanced is not None
+    batch = BatchLockRequest.model_validate({**BATCH, "wait": "30s"})
+    net, dns = batch.keys
+    [begun] = waits_begun(monkeypatch, 1)
+    holder = await enhanced.acquire(request_for(repo=REPO, path="dns", project="dns", pull=1))
+    assert holder.acquired
+    waiting = asyncio.ensure_future(enhanced.acquire_batch(batch))
+    async with asyncio.timeout(30):
+        await begun.wait()
+    own = await enhanced.acquire(request_for(repo=REPO, path="net", project="net", pull=2))
+    assert own.acquired and own.fresh
+    assert await enhanced.release(dns, owner=(REPO, 1)) is not None  # grants the batch
+    waiting.cancel()  # its caller leaves as the grant comes
+    with contextlib.suppress(asyncio.CancelledError):
+        await waiting
+    assert await enhanced.backend.get(net) == own.lock, "the pull's hold of net was dropped"
+    assert await enhanced.backend.get(dns) is None, "the batch's grant of dns was left behind"

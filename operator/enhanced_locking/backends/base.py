@@ -723,6 +723,7 @@ class StoreBackend(abc.ABC):
         self._unqueue(waiter)
         grant = Grant(waiter=waiter, locks=tuple(lock for lock, _ in taken),
                       fresh=any(fresh for _, fresh in taken),
+                      kept=frozenset(lock.key for lock, fresh in taken if not fresh),
                       told=(isinstance(self.grants, LocalNotifier)
                             and self.grants.waits(waiter.id)))
         self._granted[waiter.id] = grant
@@ -730,6 +731,7 @@ class StoreBackend(abc.ABC):
             self._granted.popitem(last=False)
         fx.granted.append(grant)
         fx.notices.append((waiter.id, Notice(locks=grant.locks, fresh=grant.fresh,
+                                             kept=grant.kept,
                                              caller=waiter.caller)))
         return grant
 
@@ -979,7 +981,7 @@ class StoreBackend(abc.ABC):
                 # retry's to give back if its client goes too (else the first caller's).
                 self._forget_grant(wait.id)
                 return Outcome(status=Status.GRANTED, locks=still,
-                               fresh=taken.fresh and not taken.told)
+                               fresh=taken.fresh and not taken.told, kept=taken.kept)
         first = candidates[0]
         owner, mode = first.owner, first.mode
         for candidate in candidates:
@@ -1116,7 +1118,8 @@ class StoreBackend(abc.ABC):
                 if any(h.fencing_token == lock.fencing_token
                        for h in self._holders(lock.key, now))
             )
-            return Cancelled(waiter=grant.waiter, granted=still, fresh=grant.fresh)
+            return Cancelled(waiter=grant.waiter, granted=still, fresh=grant.fresh,
+                             kept=grant.kept)
 
     async def queue(self, key: str, *, policy: QueuePolicy | None = None,
                     limit: int | None = None) -> Waiters:

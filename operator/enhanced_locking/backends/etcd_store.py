@@ -560,7 +560,7 @@ class _Granted:
         waiter, notice = self._b.notice_from(kv)
         if waiter is None or not notice.locks:
             return default
-        return Grant(waiter=waiter, locks=notice.locks, fresh=notice.fresh)
+        return Grant(waiter=waiter, locks=notice.locks, fresh=notice.fresh, kept=notice.kept)
 
     def __contains__(self, waiter_id: object) -> bool:
         return isinstance(waiter_id, str) and self.get(waiter_id) is not None

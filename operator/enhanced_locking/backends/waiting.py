@@ -303,6 +303,9 @@ class Grant:
     fresh: bool = True
     """Granted by this hand-off (false: the waiter's pull held every key already and kept
     its locks unchanged, as when it asks again for what it holds)."""
+    kept: frozenset[str] | None = None
+    """The keys of those its pull held already, key by key (see
+    :attr:`Outcome.kept`; ``None``: not said)."""
     told: bool = False
     """A caller of the waiter was waiting here as it was granted, and is told (an in-process
     store knows; others say false): a retry of the request that takes the grant later is not
@@ -371,6 +374,9 @@ class Cancelled:
     fresh: bool = True
     """The grant was new to the waiter; false: its pull held the locks already (another of
     its requests did), so they are not the waiter's to give back."""
+    kept: frozenset[str] | None = None
+    """With ``granted``: the keys of those its pull held already, key by key (see
+    :attr:`Outcome.kept`; ``None``: not said)."""
     handed: tuple[Grant, ...] = ()
     """The waiters behind it that the cancel served (shared requests an exclusive one kept
     back, a batch's other keys): each hand-off is counted as a release's is."""
@@ -402,6 +408,9 @@ class Notice:
     """With ``locks``: granted to this waiter (a new fencing token). False when its turn came
     while its own pull already held every key (another request of the pull was granted
     first): it is answered with those locks unchanged, which are not its to give back."""
+    kept: frozenset[str] | None = None
+    """With ``locks``: the keys of those its pull held already, key by key (see
+    :attr:`Outcome.kept`; ``None``: not said)."""
     caller: str = ""
     """With ``locks``: the caller that owned the waiter when it was granted (``""``: not
     known). A waiter has two callers when a retry of its request took it over while the first

@@ -467,7 +467,7 @@ class EnhancedLocker(AtlantisCalls):
                 if notice.fresh:  # else its pull's locks, unchanged: nothing was granted
                     self.events.publish("granted-from-queue", lock=lock, **details)
                 self.leases.arm(lock.key, lock.expires_at)
-            return answers.granted(notice.locks, fresh=notice.fresh)
+            return answers.granted(notice.locks, fresh=notice.fresh, kept=notice.kept)
         reason = notice.reason or Reason.UNAVAILABLE
         self.metrics.wait_seconds.labels(str(reason)).observe(waited)
         if reason is Reason.TIMEOUT:
@@ -553,7 +553,8 @@ class EnhancedLocker(AtlantisCalls):
                     self.events.publish("granted-from-queue", lock=lock, waiterId=waiter.id,
                                         requestId=waiter.request_id, waitedMs=0.0)
                 self.leases.arm(lock.key, lock.expires_at)
-            return answers.granted(cancelled.granted, fresh=cancelled.fresh)
+            return answers.granted(cancelled.granted, fresh=cancelled.fresh,
+                                   kept=cancelled.kept)
         names = deadlock.describe(cycle)
         self.metrics.deadlocks.inc()
         self.events.publish(
@@ -583,7 +584,10 @@ class EnhancedLocker(AtlantisCalls):
         not held that way was given back already."""
         if not notice.fresh:
             return
+        kept = notice.kept or frozenset()
         for lock in notice.locks:
+            if lock.key in kept:  # its pull's already when granted: not this grant's
+                continue
             owner = (lock.project.repo_full_name, lock.pull.num)
             try:
                 handoff = await self.backend.release_and_handoff(

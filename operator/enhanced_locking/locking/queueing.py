@@ -131,7 +131,7 @@ async def await_turn(
             if cancelled.granted:
                 granted_to = cancelled.waiter.caller if cancelled.waiter is not None else ""
                 return _owned(Notice(locks=cancelled.granted, fresh=cancelled.fresh,
-                                     caller=granted_to), caller)
+                                     kept=cancelled.kept, caller=granted_to), caller)
             if future.done():
                 return _owned(future.result(), caller)
             return Notice(reason=Reason.TIMEOUT)
@@ -225,7 +225,8 @@ async def _withdraw_retrying(backend: QueueBackend, key: str, waiter_id: str, re
             if granted is None:
                 cancelled = await backend.cancel(key, waiter_id, reason=reason, caller=caller,
                                                  policy=policy())
-                granted = Notice(locks=cancelled.granted, fresh=cancelled.fresh)
+                granted = Notice(locks=cancelled.granted, fresh=cancelled.fresh,
+                                 kept=cancelled.kept)
                 if cancelled.handed:
                     handed(cancelled.handed)
             if granted.locks:
@@ -299,7 +300,7 @@ async def withdraw(
                                          caller=caller, policy=policy())
         if cancelled.handed:
             handed(cancelled.handed)
-        notice = Notice(locks=cancelled.granted, fresh=cancelled.fresh)
+        notice = Notice(locks=cancelled.granted, fresh=cancelled.fresh, kept=cancelled.kept)
         if cancelled.waiter is None and future.done():  # the backend no longer remembers it
             notice = _owned(future.result(), caller)
         if notice.locks:
