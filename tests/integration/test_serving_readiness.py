@@ -12,12 +12,14 @@ proxy (closing the proxy cuts A alone off), replica B directly. A's peer is B
 from __future__ import annotations
 
 import socket
+import ssl
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from tests.support.controlplane import CertificateAuthority, KeyPair
 from tests.support.cutting_proxy import CuttingProxy, cutting_proxy
 from tests.support.locks import lock_body
 from tests.support.redis_server import RedisServer
@@ -29,13 +31,13 @@ REPO = "acme/serving"
 
 
 def _service(root: Path, name: str, redis_addr: str, fallback: str,
-             *extra: str) -> ServiceProcess:
+             *extra: str, ca_file: Path | None = None) -> ServiceProcess:
     return ServiceProcess(
         root / f"data-{name}",
         args=("--enhanced-locking-enabled", "--enhanced-locking-backend=redis",
               f"--enhanced-locking-redis-addr={redis_addr}",
               f"--enhanced-locking-fallback={fallback}", *extra),
-        log_dir=root / "logs",
+        log_dir=root / "logs", ca_file=ca_file,
     )
 
 
@@ -130,3 +132,53 @@ def test_a_peer_that_does_not_answer_counts_as_not_serving(
         answer = _serving(http, a.url)
         assert answer.status_code == 200, answer.text
         assert answer.json()["readyPeer"] is None
+
+
+def _serving_files(directory: Path, pair: KeyPair) -> tuple[str, str]:
+    """``pair`` copied where a Secret volume would hold it: the settings that serve it."""
+    directory.mkdir()
+    cert, key = directory / "tls.crt", directory / "tls.key"
+    _install(pair, cert, key)
+    return f"--enhanced-locking-tls-cert-file={cert}", f"--enhanced-locking-tls-key-file={key}"
+
+
+def _install(pair: KeyPair, cert: Path, key: Path) -> None:
+    # As a Secret volume does: the new files replace the old ones whole.
+    for source, target in ((pair.key, key), (pair.cert, cert)):
+        new = target.with_name(target.name + ".new")
+        new.write_bytes(source.read_bytes())
+        new.replace(target)
+
+
+def test_over_https_a_peer_counts_only_with_the_replicas_certificate(
+    redis_server: RedisServer, proxy: CuttingProxy, tmp_path: Path,
+) -> None:
+    """With tls-cert-file the replicas ask each other over HTTPS and believe only a peer that
+    presents their own certificate: B, serving another CA's certificate, does not take A (cut
+    off from Redis) out; once B serves the replicas' certificate, it does."""
+    (tmp_path / "ca").mkdir()
+    (tmp_path / "other").mkdir()
+    ca, other = CertificateAuthority(tmp_path / "ca"), CertificateAuthority(tmp_path / "other")
+    ours = ca.issue("ours", "enhanced-locking", server=True, ips=["127.0.0.1"])
+    forged = other.issue("forged", "enhanced-locking", server=True, ips=["127.0.0.1"])
+    b_files = _serving_files(tmp_path / "tls-b", forged)
+    with services() as group, httpx.Client(
+            timeout=30, verify=ssl.create_default_context(cafile=ca.pair.cert)) as http:
+        b = group.start(_service(tmp_path, "b", redis_server.addr, "legacy", *b_files,
+                                 ca_file=other.pair.cert))
+        a = group.start(_service(tmp_path, "a", proxy.addr, "legacy",
+                                 *_serving_files(tmp_path / "tls-a", ours),
+                                 f"--enhanced-locking-peers=127.0.0.1:{b.port}",
+                                 ca_file=ca.pair.cert))
+        proxy.close()
+        answer = _serving(http, a.url)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["ready"] is False and answer.json()["readyPeer"] is None
+
+        # B serves the replicas' certificate (read within 2 s of the change): A goes out.
+        _install(ours, *(Path(f.split("=", 1)[1]) for f in b_files))
+        deadline = time.monotonic() + 60
+        while (answer := _serving(http, a.url)).status_code != 503:
+            assert time.monotonic() < deadline, answer.text
+            time.sleep(0.2)
+        assert answer.json()["readyPeer"] == f"127.0.0.1:{b.port}"
