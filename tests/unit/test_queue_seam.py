@@ -83,6 +83,23 @@ async def test_the_holder_asking_again_gets_its_lock_back_unchanged(
     assert again.locks == first.locks
 
 
+async def test_a_batch_grant_names_the_keys_its_pull_held_already(
+    backend: QueueBackend,
+) -> None:
+    # Key by key: the pull's hold of ``a`` is answered unchanged (not the batch's to give
+    # back), ``b`` is granted by this call; every key held already is not fresh at all.
+    a, b = want(1, path="envs/a"), want(1, path="envs/b")
+    held = await backend.acquire_or_enqueue(a, ttl=None, wait=None, policy=FIFO)
+    assert held.status is Status.GRANTED and held.kept == frozenset()
+    both = await backend.acquire_batch((a, b), ttl=None, wait=None, policy=FIFO)
+    assert both.status is Status.GRANTED and both.fresh
+    assert both.locks[0] == held.locks[0]
+    assert both.kept == frozenset({a.key})
+    again = await backend.acquire_batch((b, a), ttl=None, wait=None, policy=FIFO)
+    assert again.status is Status.GRANTED and not again.fresh
+    assert again.kept == frozenset({a.key, b.key}) and again.locks == (both.locks[1], both.locks[0])
+
+
 async def test_without_a_wait_a_held_key_answers_held_naming_the_holder(
     backend: QueueBackend,
 ) -> None:

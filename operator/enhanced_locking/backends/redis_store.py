@@ -1063,7 +1063,8 @@ class RedisBackend:
                 took = redis_replies.acquire(lean)
                 assert isinstance(took, redis_replies.Took)
                 return Outcome(status=Status.GRANTED, fresh=True, locks=(self._made(
-                    first.key, sent[first.key], took.token, took.at, took.exp, first),))
+                    first.key, sent[first.key], took.token, took.at, took.exp, first),),
+                    kept=frozenset())
             self._busy_now(first.key, True)
         quads = [item for c in candidates
                  for item in (c.key, sent[c.key], c.project.path, c.workspace)]
@@ -1087,15 +1088,21 @@ class RedisBackend:
         if isinstance(answer, redis_replies.Took):  # the lean path: as sent, plus the stamp
             self._busy_now(first.key, False)
             return Outcome(status=Status.GRANTED, fresh=True, locks=(self._made(
-                first.key, sent[first.key], answer.token, answer.at, answer.exp, first),))
+                first.key, sent[first.key], answer.token, answer.at, answer.exp, first),),
+                kept=frozenset())
         if isinstance(answer, redis_replies.Acquired):
             asked = {c.key: c for c in candidates}
             locks = tuple(
                 self._lock(row, asked[row.key] if row.data == sent[row.key] else None)
                 for row in answer.locks)
+            # A lock stored as this call sent it is this call's grant; any other is the pull's
+            # hold, kept. Said only by a call that does not wait: one that waits may be
+            # answered with the grant a first call of its request was made (sent by that one).
+            kept = (frozenset(row.key for row in answer.locks if row.data != sent[row.key])
+                    if wait is None else None)
             return Outcome(status=Status.GRANTED, locks=locks, fresh=answer.fresh,
                            expired=tuple(self._readable(answer.expired, deleted=True)),
-                           handed=self._grants(answer.handed))
+                           handed=self._grants(answer.handed), kept=kept)
         messages = {f.name: f.message for f in policy.rules.freezes}
         if isinstance(answer, redis_replies.Refused):
             return Outcome(status=Status(answer.status), key=answer.key,
