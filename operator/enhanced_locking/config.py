@@ -413,7 +413,9 @@ class EnhancedLockingConfig(BaseSettings):
         timedelta(days=30), description="How long audit entries are kept."
     )
     audit_max_entries: Integer = Field(
-        100_000, ge=100, le=10_000_000, description="Most audit entries kept (oldest go first)."
+        100_000, ge=100, le=10_000_000,
+        description="Most audit entries kept of each kind, refusals (401, 403) and the others "
+        "(the oldest of a kind go first).",
     )
     audit_stdout: Flag = Field(
         True, description="Also print each audit entry as a JSON line on stdout."

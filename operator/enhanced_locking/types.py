@@ -1082,6 +1082,12 @@ class Identity(_Model):
     uid: Annotated[str, Field(max_length=256)] = ""
 
 
+REFUSALS = frozenset({"unauthenticated", "denied", "cross-site", "foreign-host"})
+"""The outcomes of a call refused for who made it or where it came from (401, 403): the audit
+trail keeps these within a bound of their own, so a flood of them never pushes out the
+entries of calls that were served (see :mod:`enhanced_locking.backends.audit_store`)."""
+
+
 class AuditEntry(_Model):
     """One row of the audit trail: who did what, why, when, from where, and how it ended."""
 
@@ -1100,6 +1106,11 @@ class AuditEntry(_Model):
     reason: str | None = None
     peer: str = ""
     request_id: str | None = None
+
+    @property
+    def refusal(self) -> bool:
+        """Whether this is the entry of a refused call (its outcome one of :data:`REFUSALS`)."""
+        return self.outcome in REFUSALS
 
     @classmethod
     def recorded(

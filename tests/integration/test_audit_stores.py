@@ -261,6 +261,48 @@ async def test_at_most_max_entries_are_kept_the_oldest_go_first(make: StoreMaker
     assert kept in (list(range(107, 6, -1)), list(range(107, 7, -1))), kept
 
 
+@kinds(*KINDS)
+async def test_a_flood_of_refusals_never_pushes_out_the_other_entries(make: StoreMaker) -> None:
+    """Refusals (401, 403) are kept within a bound of their own: with max-entries 100, a
+    force-unlock followed by 1,200 calls with no token keeps the force-unlock and the newest
+    100 refusals; 105 more entries of calls served then keep the newest 100 of those. (A
+    durable store prunes when it starts again, or at its first entry: the prune runs before
+    or after the entry after a restart.)"""
+    store = make(max_entries=100)
+
+    async def restarted(n: int, **fields: Any) -> AuditStore:
+        if not isinstance(store, MemoryAuditStore):
+            await store.close()
+            again = make(max_entries=100)
+        else:
+            again = store
+        await again.append(entry(n, **fields))
+        return again
+
+    def refused(entries: list[AuditEntry]) -> list[int | None]:
+        return numbers([e for e in entries if e.status in (401, 403)])
+
+    await store.append(entry(0, verb="admin", action="force-unlock", outcome="ok"))
+    for n in range(1, 1201):
+        await store.append(entry(n, identity="anonymous", outcome="unauthenticated",
+                                 status=401, verb="read", action="list-locks"))
+    store = await restarted(1201, outcome="denied", status=403)
+    assert numbers(await store.read(AuditQuery(action="force-unlock"))) == [0]
+    kept = refused(await store.read(AuditQuery(limit=2000)))
+    assert kept in ([1201, *range(1200, 1100, -1)], [1201, *range(1200, 1101, -1)]), kept
+
+    for n in range(1202, 1307):
+        await store.append(entry(n))
+    store = await restarted(1307)
+    served = numbers(await store.read(AuditQuery(outcome="acquired", limit=2000)))
+    if isinstance(store, RedisAuditStore):  # MAXLEN ~: at least the newest 100
+        assert served[:100] == list(range(1307, 1207, -1)) and len(served) <= 200, served
+    else:
+        assert served in (list(range(1307, 1207, -1)), list(range(1307, 1206, -1))), served
+        assert numbers(await store.read(AuditQuery(action="force-unlock"))) == []
+    assert refused(await store.read(AuditQuery(limit=2000)))[:2] == [1201, 1200]
+
+
 @kinds(*SHARED)
 async def test_replicas_share_one_trail_in_one_order(make: StoreMaker) -> None:
     a, b = make(), make()

@@ -10,9 +10,11 @@
 * memory: a bounded list (nothing survives the process, like the locks of that store).
 
 Retention is bounded twice: entries older than ``audit-retention`` are dropped, and at most
-``audit-max-entries`` are kept (the oldest go first). Pruning runs every
-:data:`PRUNE_EVERY` appends and once at start. Entries are read newest first, filtered, in pages:
-a page's last ``id`` is the ``before`` cursor of the next page.
+``audit-max-entries`` are kept of each of two kinds, the oldest of a kind going first: the
+entries of refused calls (:data:`~enhanced_locking.types.REFUSALS`: 401 and 403) and all
+others, so a flood of refusals (callers with no token) never pushes out what was done.
+Pruning runs every :data:`PRUNE_EVERY` appends and once at start. Entries are read newest
+first, filtered, in pages: a page's last ``id`` is the ``before`` cursor of the next page.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import asyncio
 import collections
 import contextlib
 import functools
+import heapq
 import itertools
 import logging
 import re
@@ -35,6 +38,7 @@ from typing import Any, Protocol, TypeVar
 import orjson
 import redis.exceptions as rexc
 
+from enhanced_locking.backends import redis_lua
 from enhanced_locking.backends.embedded import open_database
 from enhanced_locking.backends.redis_connection import (
     COMMAND_TIMEOUT,
@@ -42,11 +46,13 @@ from enhanced_locking.backends.redis_connection import (
     RedisConnection,
     again_if_written_over,
     connect,
+    key_beside,
     within_limit,
     wrong_type,
 )
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.types import (
+    REFUSALS,
     AuditEntry,
     BackendUnavailable,
     utc_text,
@@ -134,13 +140,17 @@ _ETCD_ID = re.compile(r"[0-9]{16}-[0-9a-f]{1,18}")
 """An etcd entry's id: its time in µs (16 digits) and a random part in hex."""
 _ETCD_LAST_MICROS = 10**16 - 1
 
-SCHEMA = """
+_REFUSAL = f"outcome IN ({', '.join(repr(outcome) for outcome in sorted(REFUSALS))})"
+"""The rows of refusals (:data:`~enhanced_locking.types.REFUSALS`), as SQL."""
+
+SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL, identity TEXT NOT NULL,
     verb TEXT NOT NULL, action TEXT NOT NULL, key TEXT, repo TEXT, pull INTEGER,
     outcome TEXT NOT NULL, data TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS audit_by_time ON audit (time);
+CREATE INDEX IF NOT EXISTS audit_refusals ON audit (id) WHERE {_REFUSAL};
 """
 
 _INSERT = ("INSERT INTO audit (id, time, identity, verb, action, key, repo, pull, outcome, "
@@ -248,8 +258,7 @@ class SqliteAuditStore:
     :attr:`id_block` ahead in one small write), so an id is known before its row is written
     and never given twice, also with several processes on one file (their entries then
     interleave by blocks, not one by one). Closing gives the block's unused ids back; a
-    process killed outright leaves them unused, and the trail then keeps up to that many
-    fewer than ``audit-max-entries`` (pruning counts by ids) until they age out.
+    process killed outright leaves them unused (a gap in the ids, nothing more).
     """
 
     kind = "sqlite"
@@ -293,10 +302,10 @@ class SqliteAuditStore:
     def _prune(self) -> None:
         cutoff = (utcnow() - self._retention.max_age).isoformat()
         self._db.execute("DELETE FROM audit WHERE time < ?", (cutoff,))
-        self._db.execute(
-            "DELETE FROM audit WHERE id <= (SELECT MAX(id) FROM audit) - ?",
-            (self._retention.max_entries,),
-        )
+        for rows in (_REFUSAL, f"NOT {_REFUSAL}"):  # each kind within its own bound
+            self._db.execute(
+                f"DELETE FROM audit WHERE {rows} AND id <= (SELECT id FROM audit WHERE {rows} "
+                "ORDER BY id DESC LIMIT 1 OFFSET ?)", (self._retention.max_entries,))
 
     def _reserve(self) -> None:
         """Move the file's id sequence a block ahead and take that block."""
@@ -478,8 +487,17 @@ class SqliteAuditStore:
         self._db.close()
 
 
+APPEND_AUDIT_ENTRY = redis_lua.standalone("append_audit_entry")
+"""An entry appended to the stream, which is trimmed so that refusals never push out the
+other entries (``lua/standalone/append_audit_entry.lua``)."""
+
+
 class RedisAuditStore:
     """A stream shared by every replica; its ids (``<ms>-<seq>``) are the cursors.
+
+    The ids of the refusals it holds are listed beside it (:func:`key_beside`), so that an
+    append keeps at most ``audit-max-entries`` of them and trims the stream to that many more
+    than the list holds: at least ``audit-max-entries`` of the other entries stay.
 
     Its key written over by something else (another Redis type) is replaced by a new stream
     at the first append or read that meets it, which logs it: the entries the old stream held
@@ -494,8 +512,10 @@ class RedisAuditStore:
         self._connection = connection
         self._stream = stream
         self._retention = retention
+        self._refusals = key_beside(stream, "refusals", "ids")
         self._appended = 0
         self._replace = connection.client.register_script(REPLACE_WRITTEN_OVER)
+        self._append = connection.client.register_script(APPEND_AUDIT_ENTRY)
 
     async def _call(self, action: str, call: Callable[[], Awaitable[_T]]) -> _T:
         """``call``, made again on a new stream when the trail's key holds another Redis type;
@@ -527,10 +547,11 @@ class RedisAuditStore:
         await self._connection.client.xtrim(self._stream, minid=cutoff, approximate=False)
 
     async def append(self, entry: AuditEntry) -> AuditEntry:
-        entry_id = await self._call("write", lambda: self._connection.client.xadd(
-            self._stream, {"e": entry_json(entry)},
-            maxlen=self._retention.max_entries, approximate=True,
-        ))
+        """The entry appended by :data:`APPEND_AUDIT_ENTRY` (one round trip)."""
+        args: list[str | int] = [entry_json(entry), self._retention.max_entries,
+                                 int(entry.refusal)]
+        entry_id = await self._call("write", lambda: self._append(
+            keys=[self._stream, self._refusals], args=args))
         self._appended += 1
         if self._appended % PRUNE_EVERY == 1:
             await self._call("write", self._prune)
@@ -587,24 +608,26 @@ class MemoryAuditStore:
     waiting = 0
 
     def __init__(self, retention: Retention) -> None:
-        self._entries: collections.deque[AuditEntry] = collections.deque(
-            maxlen=retention.max_entries)
+        self._kinds: tuple[collections.deque[AuditEntry], ...] = tuple(
+            collections.deque(maxlen=retention.max_entries) for _ in range(2))
+        """The other entries, then the refusals: each kind within its own bound."""
         self._retention = retention
         self._next = 1
 
     async def append(self, entry: AuditEntry) -> AuditEntry:
         stored = entry.with_id(str(self._next))
         self._next += 1
-        self._entries.append(stored)
+        self._kinds[stored.refusal].append(stored)
         cutoff = utcnow() - self._retention.max_age
-        while self._entries and self._entries[0].time < cutoff:
-            self._entries.popleft()
+        for entries in self._kinds:
+            while entries and entries[0].time < cutoff:
+                entries.popleft()
         return stored
 
     async def read(self, query: AuditQuery) -> list[AuditEntry]:
         before = int(query.before) if query.before is not None else None
         out = []
-        for entry in reversed(self._entries):
+        for entry in heapq.merge(*map(reversed, self._kinds), key=lambda e: -int(e.id)):
             if before is not None and int(entry.id) >= before:
                 continue
             if query.matches(entry):

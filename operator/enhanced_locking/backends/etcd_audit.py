@@ -3,6 +3,8 @@ its own, so a service that does not use etcd never loads etcd's client and gRPC.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import secrets
 from datetime import datetime
 from typing import Any
@@ -41,7 +43,9 @@ class EtcdAuditStore:
     The key is ``audit/{time in µs, 16 digits}-{random}``, and its last part is the entry's id:
     keys sort by time (strictly rising within a replica), so pages are read newest first by
     key, ``before`` is a key bound, and the entries older than the retention are one range
-    delete.
+    delete. The refusals' entries are under ``{etcd-key-prefix}audit-refusals/`` in the same
+    way, pruned to ``audit-max-entries`` on their own (so they never push out the others); a
+    read merges the two by id.
 
     Written behind, like the events: an entry joins an outbox and one task writes the entries
     of up to 10 ms in one transaction. The audited call never waits for etcd (a consensus
@@ -67,6 +71,7 @@ class EtcdAuditStore:
     def __init__(self, connection: EtcdConnection, prefix: str, retention: Retention) -> None:
         self._connection = connection
         self._prefix = f"{prefix}audit/".encode()
+        self._refusals = f"{prefix}audit-refusals/".encode()
         self._retention = retention
         self._appended = 0
         self._last = 0
@@ -84,17 +89,17 @@ class EtcdAuditStore:
     def waiting(self) -> int:
         return len(self._outbox)
 
-    def _key_at(self, moment: datetime) -> bytes:
-        """The key of ``moment``'s first entry; a time the key's 16 digits cannot write (before
-        1970, after 2286) is the first or last key they can."""
+    def _key_at(self, prefix: bytes, moment: datetime) -> bytes:
+        """The key under ``prefix`` of ``moment``'s first entry; a time the key's 16 digits
+        cannot write (before 1970, after 2286) is the first or last key they can."""
         micros = min(max(_micros(moment), 0), _ETCD_LAST_MICROS)
-        return self._prefix + f"{micros:016d}".encode()
+        return prefix + f"{micros:016d}".encode()
 
     async def append(self, entry: AuditEntry) -> AuditEntry:
         self._last = max(_micros(entry.time), self._last + 1)
         stored = entry.with_id(f"{self._last:016d}-{secrets.token_hex(4)}")
-        self._outbox.put((self._prefix + stored.id.encode(),
-                          entry_json(stored).encode()))
+        prefix = self._refusals if stored.refusal else self._prefix
+        self._outbox.put((prefix + stored.id.encode(), entry_json(stored).encode()))
         return stored
 
     async def _write(self, batch: list[tuple[bytes, bytes]]) -> None:
@@ -103,56 +108,67 @@ class EtcdAuditStore:
             await leader_first(self._connection, unary(kv_calls, "Txn", TxnRequest(
                 success=puts)), write=True)
             if self._appended % PRUNE_EVERY + len(batch) >= PRUNE_EVERY or not self._appended:
-                await self._prune()
+                for prefix in (self._prefix, self._refusals):
+                    await self._prune(prefix)
         self._appended += len(batch)
 
-    async def _prune(self) -> None:
-        await self._delete(self._key_at(utcnow() - self._retention.max_age))
-        count = (await self._range(count_only=True)).count
+    async def _prune(self, prefix: bytes) -> None:
+        """The entries under ``prefix`` (one kind) past the retention's age and count."""
+        await self._delete(prefix, self._key_at(prefix, utcnow() - self._retention.max_age))
+        count = (await self._range(prefix, count_only=True)).count
         extra = int(count) - self._retention.max_entries
         if extra > 0:
-            oldest = await self._range(limit=extra, keys_only=True,
+            oldest = await self._range(prefix, limit=extra, keys_only=True,
                                        sort_order=RangeRequest.ASCEND,
                                        sort_target=RangeRequest.KEY)
             if oldest.kvs:
-                await self._delete(bytes(oldest.kvs[-1].key) + b"\0")
+                await self._delete(prefix, bytes(oldest.kvs[-1].key) + b"\0")
 
-    async def _range(self, low: bytes | None = None, high: bytes | None = None,
+    async def _range(self, prefix: bytes, low: bytes | None = None, high: bytes | None = None,
                      **options: Any) -> Any:
-        """The entries' keys from ``low`` (the first) up to ``high`` (past the last)."""
+        """The keys under ``prefix`` from ``low`` (the first) up to ``high`` (past the last)."""
         return await leader_first(self._connection, unary(kv_calls, "Range", RangeRequest(
-            key=low or self._prefix, range_end=high or _prefix_end(self._prefix), **options)))
+            key=low or prefix, range_end=high or _prefix_end(prefix), **options)))
 
-    async def _delete(self, high: bytes) -> None:
-        """The entries before the key ``high``."""
+    async def _delete(self, prefix: bytes, high: bytes) -> None:
+        """The keys under ``prefix`` before the key ``high``."""
         await leader_first(self._connection, unary(kv_calls, "DeleteRange", DeleteRangeRequest(
-            key=self._prefix, range_end=high)), write=True)
+            key=prefix, range_end=high)), write=True)
 
     async def read(self, query: AuditQuery) -> list[AuditEntry]:
+        """The newest entries of both kinds that match, merged by id (the ids of both share
+        one order: each one's time, then its random part)."""
         await self._outbox.drained(CALL_TIMEOUT)
-        low = self._key_at(query.since) if query.since is not None else self._prefix
-        high = self._key_at(query.until) if query.until is not None else _prefix_end(
-            self._prefix)
-        if query.before is not None:
-            if not _ETCD_ID.fullmatch(query.before):
-                raise ValueError(f"not an etcd audit id: {query.before!r}")
-            high = min(high, self._prefix + query.before.encode())
-        found: list[AuditEntry] = []
+        if query.before is not None and not _ETCD_ID.fullmatch(query.before):
+            raise ValueError(f"not an etcd audit id: {query.before!r}")
         async with unavailable(self._connection, "audit read"):
-            while len(found) < query.limit and low < high:
-                answer = await self._range(low, high, limit=_SCAN_CHUNK,
-                                           sort_order=RangeRequest.DESCEND,
-                                           sort_target=RangeRequest.KEY)
-                for kv in answer.kvs:
-                    entry = _stored(bytes(kv.value), entry_id=None,
-                                    where=bytes(kv.key).decode(errors="replace"))
-                    if entry is not None and query.matches(entry):
-                        found.append(entry)
-                        if len(found) == query.limit:
-                            break
-                if len(answer.kvs) < _SCAN_CHUNK:
-                    break
-                high = bytes(answer.kvs[-1].key)
+            kinds = [await self._read(prefix, query) for prefix in (self._prefix,
+                                                                     self._refusals)]
+        merged = heapq.merge(*kinds, key=lambda entry: entry.id, reverse=True)
+        return list(itertools.islice(merged, query.limit))
+
+    async def _read(self, prefix: bytes, query: AuditQuery) -> list[AuditEntry]:
+        """The newest entries under ``prefix`` (one kind) that match, newest first."""
+        low = self._key_at(prefix, query.since) if query.since is not None else prefix
+        high = self._key_at(prefix, query.until) if query.until is not None else _prefix_end(
+            prefix)
+        if query.before is not None:
+            high = min(high, prefix + query.before.encode())
+        found: list[AuditEntry] = []
+        while len(found) < query.limit and low < high:
+            answer = await self._range(prefix, low, high, limit=_SCAN_CHUNK,
+                                       sort_order=RangeRequest.DESCEND,
+                                       sort_target=RangeRequest.KEY)
+            for kv in answer.kvs:
+                entry = _stored(bytes(kv.value), entry_id=None,
+                                where=bytes(kv.key).decode(errors="replace"))
+                if entry is not None and query.matches(entry):
+                    found.append(entry)
+                    if len(found) == query.limit:
+                        break
+            if len(answer.kvs) < _SCAN_CHUNK:
+                break
+            high = bytes(answer.kvs[-1].key)
         return found
 
     async def close(self) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import math
 import ssl
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -49,6 +50,7 @@ from redis.asyncio.sentinel import (
 )
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.commands.core import AsyncScript
+from redis.crc import key_slot
 
 from enhanced_locking.backends import redis_lua
 from enhanced_locking.config import SECRET_MASK, EnhancedLockingConfig
@@ -69,6 +71,7 @@ __all__ = [
     "connect",
     "down",
     "is_retryable",
+    "key_beside",
     "pool_exhausted",
     "refused_login",
     "resp_body",
@@ -1049,6 +1052,22 @@ def wrong_type(error: rexc.ResponseError) -> bool:
     """Redis refused a command on a key of another type than the command's (``WRONGTYPE``):
     something else wrote there."""
     return "WRONGTYPE" in str(error)
+
+
+def key_beside(stream: str, kind: str, name: str) -> str:
+    """A key that goes with ``stream`` (a writer key of the events, the audit trail's list of
+    refusals): it starts with the stream's name (so with the key prefix, which ACL key
+    patterns name) and is in the stream's hash slot (a script's keys must share one on a
+    Redis Cluster): ``{stream}-{kind}:{name}`` when the name has a hash tag (the same tag),
+    else ``{stream}-{kind}:{{stream}}:{name}`` (the whole name as its tag: the slot is the
+    whole name's); a name that allows neither (a brace in it but no tag) gets a number after
+    ``name``, the first that gives the slot."""
+    slot = key_slot(stream.encode())
+    for key in (f"{stream}-{kind}:{name}", f"{stream}-{kind}:{{{stream}}}:{name}"):
+        if key_slot(key.encode()) == slot:
+            return key
+    return next(key for n in itertools.count()
+                if key_slot((key := f"{stream}-{kind}:{name}:{n}").encode()) == slot)
 
 
 REPLACE_WRITTEN_OVER = redis_lua.standalone("replace_written_over")

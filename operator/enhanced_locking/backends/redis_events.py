@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import secrets
 import sys
@@ -42,7 +41,6 @@ from collections.abc import Callable
 from typing import Any
 
 import redis.exceptions as rexc
-from redis.crc import key_slot
 
 from enhanced_locking.backends import redis_lua
 from enhanced_locking.backends.outbox import RETRY_FIRST, RETRY_MAX
@@ -52,6 +50,7 @@ from enhanced_locking.backends.redis_connection import (
     RedisConnection,
     again_if_written_over,
     connect,
+    key_beside,
     wrong_type,
 )
 from enhanced_locking.backends.shared_events import Outgoing, SharedEventBus
@@ -77,19 +76,9 @@ during a failover, an ACL without the rights, a cluster moving; and a Redis full
 
 
 def writer_key(stream: str, writer: str) -> str:
-    """The writer key of process ``writer`` for ``stream``: it starts with the stream's name
-    (so with the key prefix, which ACL key patterns name) and is in the stream's hash slot (a
-    script's keys must share one on a Redis Cluster): ``{stream}-writer:{writer}`` when the
-    name has a hash tag (the same tag), else ``{stream}-writer:{{stream}}:{writer}`` (the
-    whole name as its tag: the slot is the whole name's); a name that allows neither (a
-    brace in it but no tag) gets a number after the writer's id, the first that gives the
-    slot."""
-    slot = key_slot(stream.encode())
-    for key in (f"{stream}-writer:{writer}", f"{stream}-writer:{{{stream}}}:{writer}"):
-        if key_slot(key.encode()) == slot:
-            return key
-    return next(key for n in itertools.count()
-                if key_slot((key := f"{stream}-writer:{writer}:{n}").encode()) == slot)
+    """The writer key of process ``writer`` for ``stream`` (:func:`key_beside`, of kind
+    ``writer``)."""
+    return key_beside(stream, "writer", writer)
 
 
 def stream_floor(info: dict[str, Any], cursor: tuple[int, int] = (0, 0)) -> tuple[int, int]:

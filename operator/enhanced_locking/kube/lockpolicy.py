@@ -338,7 +338,8 @@ class Audit(SpecModel):
     retention: PositiveCRDuration | None = Field(
         None, description="How long entries are kept (above 0).")
     max_entries: int | None = Field(
-        None, ge=100, le=10_000_000, description="Most entries kept (oldest go first).")
+        None, ge=100, le=10_000_000, description="Most entries kept of each kind, refusals "
+        "(401, 403) and the others (the oldest of a kind go first).")
 
 
 class LockPolicySpec(SpecModel):
