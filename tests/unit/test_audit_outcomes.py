@@ -13,7 +13,7 @@ from pathlib import Path
 
 from enhanced_locking.api import access
 from enhanced_locking.api.audit_routes import AUDIT_OUTCOMES
-from enhanced_locking.types import Reason
+from enhanced_locking.types import REFUSALS, Reason
 
 API = Path(access.__file__).resolve().parent
 
@@ -52,3 +52,25 @@ def test_every_outcome_written_is_one_the_filter_takes() -> None:
 def test_the_filter_takes_no_outcome_that_is_never_written() -> None:
     written = written_outcomes() | {reason.value for reason in Reason}  # str(result.reason)
     assert AUDIT_OUTCOMES - written == set()
+
+
+def _refusal_status(node: ast.expr | None) -> bool:
+    return isinstance(node, ast.Constant) and node.value in (401, 403)
+
+
+def test_the_refusals_the_trail_bounds_apart_are_the_outcomes_written_with_401_or_403() -> None:
+    """The audit trail keeps :data:`REFUSALS` within a bound of their own (a flood of them
+    never pushes out the others): each outcome written with a 401 or 403 is one of them, and
+    each of them is written with one."""
+    found = {outcome for _, outcome, status in access._FAILURES if status in (401, 403)}
+    for path in sorted(API.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.Call):
+                continue
+            keywords = {keyword.arg: keyword.value for keyword in node.keywords}
+            if "outcome" in keywords and _refusal_status(keywords.get("status")):
+                found |= _strings(keywords["outcome"])
+            if (isinstance(node.func, ast.Attribute) and node.func.attr == "done"
+                    and len(node.args) > 1 and _refusal_status(node.args[1])):
+                found |= _strings(node.args[0])
+    assert found == REFUSALS
