@@ -938,6 +938,23 @@ async def test_a_batch_is_all_or_nothing_and_a_waiting_batch_holds_nothing(
     assert sorted(lock.key for lock in released) == sorted(batch.keys)
 
 
+async def test_a_batch_tells_acquired_only_for_the_keys_it_granted(
+    rigs: Callable[..., LockerRig],
+) -> None:
+    # The pull holds ``a``: its batch of ``a`` and ``b`` answers ``a`` unchanged (kept, not
+    # acquired again: no event) and grants ``b``.
+    rig = rigs()
+    a, b = ask(1, path="a").key, ask(1, path="b").key
+    assert (await rig.locker.acquire(ask(1, path="a"))).acquired
+    batch = BatchLockRequest(
+        locks=[BatchItem(project=ask(1, path=p).project) for p in ("a", "b")], pull=Pull(num=1))
+    granted = await rig.locker.acquire_batch(batch)
+    assert granted.acquired and granted.kept == frozenset({a})
+    await settle()
+    assert [(event.type, event.key) for event in rig.events] == [
+        ("acquired", a), ("acquired", b)]
+
+
 # --- retries -----------------------------------------------------------------------------------
 
 

@@ -401,11 +401,13 @@ class EnhancedLocker(AtlantisCalls):
         if outcome.status is Status.GRANTED:
             locks = outcome.locks
             if outcome.fresh:
+                kept = outcome.kept
                 for lock in locks:
                     # Two fields: the lock's __dict__ read once through pydantic's hook.
                     fields = lock.__dict__
                     key, expires_at = fields["key"], fields["expires_at"]
-                    self.events.publish("acquired", lock=lock, key=key)
+                    if not (kept and key in kept):  # else its pull's already: not acquired
+                        self.events.publish("acquired", lock=lock, key=key)
                     if expires_at is not None:
                         self.leases.arm(key, expires_at)
             return answers.granted(locks, fresh=outcome.fresh, kept=outcome.kept)
@@ -464,7 +466,8 @@ class EnhancedLocker(AtlantisCalls):
         if notice.granted:
             self.metrics.wait_seconds.labels("granted").observe(waited)
             for lock in notice.locks:
-                if notice.fresh:  # else its pull's locks, unchanged: nothing was granted
+                # else its pull's locks, unchanged: nothing was granted
+                if notice.fresh and not (notice.kept and lock.key in notice.kept):
                     self.events.publish("granted-from-queue", lock=lock, **details)
                 self.leases.arm(lock.key, lock.expires_at)
             return answers.granted(notice.locks, fresh=notice.fresh, kept=notice.kept)
@@ -549,7 +552,8 @@ class EnhancedLocker(AtlantisCalls):
         if cancelled.granted:  # granted before we could withdraw: no wait, no deadlock
             # Told and timed as every grant from the queue is (:meth:`_queued`).
             for lock in cancelled.granted:
-                if cancelled.fresh:  # else its pull's locks, unchanged: nothing was granted
+                # else its pull's locks, unchanged: nothing was granted
+                if cancelled.fresh and not (cancelled.kept and lock.key in cancelled.kept):
                     self.events.publish("granted-from-queue", lock=lock, waiterId=waiter.id,
                                         requestId=waiter.request_id, waitedMs=0.0)
                 self.leases.arm(lock.key, lock.expires_at)
