@@ -74,25 +74,26 @@ def _split(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-async def _resolved(peer: str) -> list[Any]:
-    """``peer``'s records; none when its name does not resolve within :data:`PEER_TIMEOUT`, or
-    the resolver refuses to look it up (an empty label, one longer than 63 characters: the
-    config refuses those)."""
+async def _resolved(peer: str, deadline: float) -> list[Any]:
+    """``peer``'s records; none when its name does not resolve by ``deadline`` (the loop's
+    clock), or the resolver refuses to look it up (an empty label, one longer than 63
+    characters: the config refuses those)."""
     host, port = _split(peer)
     try:
-        async with asyncio.timeout(PEER_TIMEOUT):
+        async with asyncio.timeout_at(deadline):
             return await asyncio.get_running_loop().getaddrinfo(
                 host, port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError, TimeoutError):
         return []
 
 
-async def _addresses(peers: Sequence[str]) -> list[str]:
+async def _addresses(peers: Sequence[str], deadline: float) -> list[str]:
     """Every address the peers stand for: a host name (a headless Service) resolves to each of
     its records, the names looked up at once. A name that does not resolve (in time) stands
     for nobody."""
     found: list[str] = []
-    for peer, infos in zip(peers, await asyncio.gather(*map(_resolved, peers)), strict=True):
+    for peer, infos in zip(peers, await asyncio.gather(
+            *(_resolved(p, deadline) for p in peers)), strict=True):
         port = _split(peer)[1]
         for family, _, _, _, sockaddr in infos:
             ip = str(sockaddr[0])
@@ -102,11 +103,12 @@ async def _addresses(peers: Sequence[str]) -> list[str]:
     return found
 
 
-async def _stores(client: httpx.AsyncClient, scheme: str, address: str) -> PeerStores | None:
-    """``address``'s answer, whole within :data:`PEER_TIMEOUT` (the client's own timeout bounds
-    each read: a peer sending its answer a little at a time would restart it), or None."""
+async def _stores(client: httpx.AsyncClient, scheme: str, address: str,
+                  deadline: float) -> PeerStores | None:
+    """``address``'s answer, whole by ``deadline`` (the client's own timeout bounds each read:
+    a peer sending its answer a little at a time would restart it), or None."""
     try:
-        async with asyncio.timeout(PEER_TIMEOUT):
+        async with asyncio.timeout_at(deadline):
             answer = await client.get(f"{scheme}://{address}/readyz")
         body = answer.json()
     except (httpx.HTTPError, ValueError, TimeoutError):
@@ -139,9 +141,10 @@ def trusting_own(cert_file: str) -> ssl.SSLContext:
 
 
 async def ask(peers: Sequence[str], *, cert_file: str) -> list[PeerStores]:
-    """Every peer's stores, asked at once, each answer whole within :data:`PEER_TIMEOUT` (the
-    names looked up first, within it too); the peers that did not answer (as the service: a
-    200 or 503 with its JSON) are left out. ``cert_file``: this
+    """Every peer's stores, asked at once, the names looked up and the answers read whole within
+    one :data:`PEER_TIMEOUT` (the readiness probe's time out covers a store's call limit and
+    this, once: a slow look-up leaves the answers less time, not more); the peers that did not
+    answer (as the service: a 200 or 503 with its JSON) are left out. ``cert_file``: this
     replica's ``tls-cert-file`` (HTTPS, the certificate every peer must present), or ``""``
     (plain HTTP)."""
     verify: ssl.SSLContext | bool = False
@@ -152,12 +155,13 @@ async def ask(peers: Sequence[str], *, cert_file: str) -> list[PeerStores]:
             log.warning("peers not asked: the certificate they must present, %s, does not "
                         "read (%s); each counts as reaching no store", cert_file, error)
             return []
-    addresses = await _addresses(peers)
+    deadline = asyncio.get_running_loop().time() + PEER_TIMEOUT
+    addresses = await _addresses(peers, deadline)
     if not addresses:
         return []
     scheme = "https" if cert_file else "http"
     async with httpx.AsyncClient(timeout=PEER_TIMEOUT, verify=verify, trust_env=False) as client:
-        answers = await asyncio.gather(*(_stores(client, scheme, a) for a in addresses))
+        answers = await asyncio.gather(*(_stores(client, scheme, a, deadline) for a in addresses))
     return [answer for answer in answers if answer is not None]
 
 

@@ -204,3 +204,32 @@ async def test_a_certificate_file_that_does_not_read_stands_for_no_peer(
         missing = tmp_path / "gone.crt"
         assert await Peers(lambda: ([peer], str(missing))).one_ready() is None
     assert str(missing) in caplog.text
+
+
+class _Slow(_Peer):
+    """A peer that answers its /readyz after ``delay`` seconds."""
+
+    delay: ClassVar[float] = 1.2
+
+    def do_GET(self) -> None:
+        threading.Event().wait(self.delay)
+        super().do_GET()
+
+
+async def test_a_slow_name_and_a_slow_answer_share_one_budget(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The readiness probe's time out covers a store's call limit and the peers' question once:
+    # the name's look-up and the answer share the 2 s. Before, each had 2 s of its own, and a
+    # look-up of 1.2 s then an answer of 1.2 s counted (the probe's /serving at up to 9 s
+    # against its 10 s time out). Each delay is a floor, so this holds whatever the load.
+    loop = asyncio.get_running_loop()
+    resolve = loop.getaddrinfo
+
+    async def slow_lookup(*args: object, **kwargs: object) -> object:
+        await asyncio.sleep(1.2)
+        return await resolve(*args, **kwargs)  # type: ignore[arg-type]
+
+    _Slow.answer, _Slow.asked = (200, _body(legacy="ok", enhanced="ok")), 0
+    with contextlib.contextmanager(serving)(_Slow) as url:
+        monkeypatch.setattr(loop, "getaddrinfo", slow_lookup)
+        assert await Peers(lambda: ([url.removeprefix("http://")], "")).one_ready() is None
