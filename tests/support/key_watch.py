@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from enhanced_locking.backends.redis_events import APPEND_EVENTS
 
@@ -198,8 +200,10 @@ class KeyWatch:
         marker = f"key-watch-end-{next(_MARKERS)}".encode()
         start = self.log.stat().st_size
         try:
+            # One try: redis-py's default retries a refused connection three times with
+            # backoff, which held every test that stopped its server some 4.5 s in teardown.
             with redis.Redis(host=host, port=port, password=password, socket_timeout=1,
-                             socket_connect_timeout=1) as client:
+                             socket_connect_timeout=1, retry=Retry(NoBackoff(), 0)) as client:
                 client.echo(marker)
         except redis.RedisError:
             time.sleep(0.1)
