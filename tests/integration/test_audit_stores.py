@@ -45,7 +45,7 @@ from enhanced_locking.backends.audit_store import (
 )
 from enhanced_locking.backends.etcd_audit import EtcdAuditStore
 from enhanced_locking.backends.etcd_connection import EtcdConnection, EtcdSettings
-from enhanced_locking.backends.redis_connection import connect
+from enhanced_locking.backends.redis_connection import connect, key_beside
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.factory import LockService
 from enhanced_locking.metrics import Metrics
@@ -301,6 +301,31 @@ async def test_a_flood_of_refusals_never_pushes_out_the_other_entries(make: Stor
         assert served in (list(range(1307, 1207, -1)), list(range(1307, 1206, -1))), served
         assert numbers(await store.read(AuditQuery(action="force-unlock"))) == []
     assert refused(await store.read(AuditQuery(limit=2000)))[:2] == [1201, 1200]
+
+
+@kinds("redis")
+async def test_the_redis_list_of_refusals_written_over_is_dropped_and_the_bound_holds(
+    make: StoreMaker, request: pytest.FixtureRequest,
+) -> None:
+    """The list of the refusals' ids beside the stream, written over by another type, is
+    dropped by the next append (it is an index only): no append fails by it, and the
+    refusals are bounded again from there; the one it listed stays (until it ages out)."""
+    config = redis_config(request.getfixturevalue("redis_server"))
+    admin = connect(config)
+    listed = key_beside(f"{config.redis_key_prefix}audit", "refusals", "ids")
+    store = make(max_entries=100)
+    refusal: dict[str, Any] = {"outcome": "denied", "status": 403}
+    try:
+        await store.append(entry(1, **refusal))
+        await admin.client.delete(listed)
+        await admin.client.set(listed, f"token={SECRET}")
+        for n in range(2, 151):
+            await store.append(entry(n, **refusal))
+        assert await admin.client.type(listed) == "list"
+    finally:
+        await admin.close()
+    kept = numbers(await store.read(AuditQuery(outcome="denied", limit=1000)))
+    assert kept == [*range(150, 50, -1), 1], kept
 
 
 @kinds(*SHARED)
