@@ -389,16 +389,17 @@ async def test_a_pull_asking_again_keeps_its_hold_when_legacy_is_taken_between_t
     assert mine.acquired and not mine.fresh and mine.lock == held.lock
 
 
-@pytest.mark.parametrize("waits", [False, True], ids=["at-once", "from-the-queue"])
+@pytest.mark.parametrize("when", ["before-the-grant", "while-it-waits", "after-the-grant"])
 async def test_a_batch_backing_off_keeps_a_hold_its_pull_took_after_the_look(
-    make_service: ServiceMaker, monkeypatch: pytest.MonkeyPatch, waits: bool,
+    make_service: ServiceMaker, monkeypatch: pytest.MonkeyPatch, when: str,
 ) -> None:
     """Pull 1 asks for keys ``a`` and ``b`` in a batch. After the router's look at who holds
-    them (``a``: nobody), the pull's other request takes ``a`` (at once; or, when ``waits``,
-    while the batch waits for pull 2 to let ``b`` go), so the batch's grant answers ``a``
-    with that hold, unchanged; then another writer takes ``b`` on legacy, and the batch backs
-    off. It gives back only what it granted: ``b``, and never the pull's hold of ``a``, which
-    this batch did not take."""
+    them (``a``: nobody), the pull's other request takes ``a`` before the batch's grant (or
+    while the batch waits for pull 2 to let ``b`` go), so the grant answers ``a`` with that
+    hold, unchanged; or it asks for ``a`` after the grant and is answered with the batch's
+    hold. Then another writer takes ``b`` on legacy, and the batch backs off. It gives back
+    only what it granted and nobody else was told they hold: ``b``, never ``a``."""
+    waits = when == "while-it-waits"
     service = await make_service(enabled=True, migration_weight=100)
     path = service.provider.current.config.data_path
     enhanced = service.enhanced
@@ -416,7 +417,7 @@ async def test_a_batch_backing_off_keeps_a_hold_its_pull_took_after_the_look(
     other: list[AcquireResult] = []
 
     async def taken_by_the_pull_then_on_legacy(asked: BatchLockRequest) -> BatchResult:
-        if not waits:
+        if when == "before-the-grant":
             other.append(await enhanced.acquire(request_for(pull=1, path="envs/a")))
         granting = asyncio.ensure_future(grant(asked))
         if waits:
@@ -426,6 +427,8 @@ async def test_a_batch_backing_off_keeps_a_hold_its_pull_took_after_the_look(
             other.append(await enhanced.acquire(request_for(pull=1, path="envs/a")))
             assert await enhanced.release(b, owner=("acme/infra", 2)) is not None
         result = await granting
+        if when == "after-the-grant":
+            other.append(await service.router.acquire(request_for(pull=1, path="envs/a")))
         planted_on_legacy(path, taken)
         return result
 
@@ -434,7 +437,8 @@ async def test_a_batch_backing_off_keeps_a_hold_its_pull_took_after_the_look(
     assert not refused.acquired and refused.lock_key == b
     assert refused.holder is not None and refused.holder.owner == taken.owner
     [own] = other
-    assert own.acquired and own.fresh and own.lock is not None
+    assert own.acquired and own.lock is not None
+    assert own.fresh == (when != "after-the-grant")
     assert await enhanced.backend.get(a) == own.lock, "the pull's hold of a was dropped"
     assert await enhanced.backend.get(b) is None, "the batch's grant of b was left behind"
 

@@ -952,10 +952,16 @@ class Router(AtlantisCalls):
                 self._answers.again(lock)
 
         async def give_back() -> None:
-            """Undo what this batch granted on enhanced: a hold its pull had there stays."""
+            """Undo what this batch granted on enhanced: a hold its pull had there stays, and
+            so does one answered since to the pull's other request (theirs now, as after a
+            caller gone: :meth:`give_back_answer`)."""
             for lock in first.locks:
-                if lock.key not in kept:
+                if lock.key in kept or (leaving := self._answers.leave(lock)) is None:
+                    continue
+                try:
                     await enhanced.release(lock.key, owner=owner)
+                finally:
+                    self._answers.left(lock, leaving)
 
         # the legacy side granted one of them meanwhile: back off
         try:
