@@ -132,6 +132,36 @@ def test_health_and_metrics_answer_without_a_token(served: ServiceProcess, path:
         assert http.get(path).status_code == 200
 
 
+def test_callers_with_no_token_cannot_flush_a_force_unlock_from_the_audit_trail(
+    tmp_path: Path,
+) -> None:
+    """With audit-max-entries 100, a force-unlock followed by 1,200 calls with no token (each
+    a 401 and an entry) is still in the trail: refusals are kept within a bound of their own;
+    they are still recorded (the newest 100)."""
+    tokens = tokens_file(tmp_path / "tokens.csv", TOKENS)
+    process = ServiceProcess(tmp_path / "data", log_dir=tmp_path / "logs", args=[
+        "--enhanced-locking-auth=static",
+        f"--enhanced-locking-auth-tokens-file={tokens}",
+        f"--enhanced-locking-auth-roles={ROLES}",
+        "--enhanced-locking-audit-max-entries=100",
+        "--enhanced-locking-audit-stdout=false",
+    ])
+    with running(process), client(process, TOKENS["admin"]) as admin:
+        case = new_case(admin)
+        done = admin.post("/v1/admin/force-unlock",
+                          params={"key": case.key, "reason": "stuck apply, ticket OPS-13"})
+        assert done.status_code == 200, done.text
+        with client(process, None) as anonymous:
+            for _ in range(1200):
+                assert anonymous.get("/v1/locks").status_code == 401
+        rows = admin.get("/v1/audit", params={"action": "force-unlock"}).json()["entries"]
+        assert [(r["identity"], r["key"], r["reason"]) for r in rows] == [
+            ("ada", case.key, "stuck apply, ticket OPS-13")]
+        refused = admin.get("/v1/audit", params={"outcome": "unauthenticated",
+                                                 "limit": 1000}).json()["entries"]
+        assert 100 <= len(refused) <= 600, len(refused)  # pruned every 500 entries
+
+
 def test_force_unlock_needs_a_reason_and_records_it(
     served: ServiceProcess, admin: httpx.Client
 ) -> None:
