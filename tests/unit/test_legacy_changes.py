@@ -478,6 +478,37 @@ async def test_a_legacy_batch_refused_keeps_a_hold_its_pull_took_after_the_look(
     assert held is not None and held.owner == own.lock.owner, "the pull's hold of a was dropped"
 
 
+async def test_a_request_backing_off_leaves_a_hold_its_pull_was_answered_with_since(
+    make_service: ServiceMaker, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pull 1's request (one that waits: the looks' path) is granted the key on enhanced; the
+    pull's other request asks for it then and is answered with that hold; another writer takes
+    the key on legacy, and the first request backs off. The hold stays: the other request was
+    told it holds it (as after a caller gone, :meth:`Router.give_back_answer`)."""
+    service = await make_service(enabled=True, migration_weight=100)
+    path = service.provider.current.config.data_path
+    enhanced = service.enhanced
+    assert enhanced is not None
+    grant = enhanced.acquire
+    other: list[AcquireResult] = []
+
+    async def answered_again_then_taken_on_legacy(asked: LockRequest) -> AcquireResult:
+        result = await grant(asked)
+        monkeypatch.setattr(enhanced, "acquire", grant)
+        other.append(await service.router.acquire(request_for(pull=1)))
+        planted_on_legacy(path, legacy_lock(2))
+        return result
+
+    monkeypatch.setattr(enhanced, "acquire", answered_again_then_taken_on_legacy)
+    refused = await service.router.acquire(request_for(pull=1, wait=timedelta(seconds=0.3)))
+    assert not refused.acquired
+    [own] = other
+    assert own.acquired and not own.fresh and own.lock is not None
+    assert await enhanced.backend.get(own.lock.key) == own.lock, "the answered hold was lost"
+    assert [(c.key, c.source) for c in service.migration.conflicts.items()] == [
+        (own.lock.key, "acquire")]
+
+
 async def test_a_release_not_owned_is_refused_and_a_foreign_pull_releases_nothing(
     make_service: ServiceMaker,
 ) -> None:

@@ -518,24 +518,37 @@ class Router(AtlantisCalls):
                 held, missed = await self._holder_on(other, request.key)
             except (asyncio.CancelledError, LockUnreadable, StoreBusy):
                 # (an overloaded check is answered 503 overloaded: its grant is undone first)
-                if result.fresh:
-                    await asyncio.shield(primary.release(request.key, owner=owner))
+                if result.fresh and result.lock is not None:
+                    await asyncio.shield(self._undo_grant(primary, result.lock, owner))
                 raise
             unchecked = unchecked or missed
             if (foreign := _foreign(held, owner)) is not None:
                 # The other side granted meanwhile: back off, never share. Only a grant this
-                # request made is undone: a hold its pull had before it (asked again) is not
-                # this request's to drop (its pull would lose a lock it holds); both sides now
-                # hold the key for different pulls, which is reported.
-                if result.fresh:
-                    await primary.release(request.key, owner=owner)
-                elif result.lock is not None:
+                # request made, and nobody was answered with since, is undone: a hold its pull
+                # had before it (asked again), or that its other request was told it holds, is
+                # not this request's to drop (its pull would lose a lock it holds); both sides
+                # now hold the key for different pulls, which is reported.
+                if result.lock is not None and not (
+                        result.fresh and await self._undo_grant(primary, result.lock, owner)):
                     self._double_held(result.lock, foreign)
                 return AcquireResult.refused(request.key, Reason.HELD, foreign)
         if unchecked and result.acquired and result.lock is not None:
             self.metrics.fallback("unchecked")
             await self._journal_grant(result.lock)
         return result
+
+    async def _undo_grant(self, locker: Locker, lock: Lock, owner: Owner) -> bool:
+        """Release ``lock``, granted by a request that backs off, unless the pull's other
+        request was answered with it since (then it stays theirs: ``False``; as for a caller
+        gone, :meth:`give_back_answer`)."""
+        leaving = self._answers.leave(lock)
+        if leaving is None:
+            return False
+        try:
+            await locker.release(lock.key, owner=owner)
+        finally:
+            self._answers.left(lock, leaving)
+        return True
 
     def _double_held(self, mine: Lock, other: Lock) -> None:
         """Report ``mine`` and ``other``, holds of one key by different pulls on the two
@@ -956,12 +969,8 @@ class Router(AtlantisCalls):
             so does one answered since to the pull's other request (theirs now, as after a
             caller gone: :meth:`give_back_answer`)."""
             for lock in first.locks:
-                if lock.key in kept or (leaving := self._answers.leave(lock)) is None:
-                    continue
-                try:
-                    await enhanced.release(lock.key, owner=owner)
-                finally:
-                    self._answers.left(lock, leaving)
+                if lock.key not in kept:
+                    await self._undo_grant(enhanced, lock, owner)
 
         # the legacy side granted one of them meanwhile: back off
         try:
