@@ -53,16 +53,22 @@ def tokens_file(path: Path, tokens: dict[str, str]) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    root = tmp_path_factory.mktemp("access")
+def static_service(root: Path, *args: str) -> ServiceProcess:
+    """A service (not started) in ``root`` with static access: :data:`TOKENS` in a file,
+    :data:`ROLES`, and ``args`` more."""
     tokens = tokens_file(root / "tokens.csv", TOKENS)
-    process = ServiceProcess(root / "data", log_dir=root / "logs", args=[
+    return ServiceProcess(root / "data", log_dir=root / "logs", args=[
         "--enhanced-locking-auth=static",
         f"--enhanced-locking-auth-tokens-file={tokens}",
         f"--enhanced-locking-auth-roles={ROLES}",
-        "--enhanced-locking-auth-cache-ttl=1s",
+        *args,
     ])
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    process = static_service(tmp_path_factory.mktemp("access"),
+                            "--enhanced-locking-auth-cache-ttl=1s")
     with running(process):
         yield process
 
@@ -138,14 +144,8 @@ def test_callers_with_no_token_cannot_flush_a_force_unlock_from_the_audit_trail(
     """With audit-max-entries 100, a force-unlock followed by 1,200 calls with no token (each
     a 401 and an entry) is still in the trail: refusals are kept within a bound of their own;
     they are still recorded (the newest 100)."""
-    tokens = tokens_file(tmp_path / "tokens.csv", TOKENS)
-    process = ServiceProcess(tmp_path / "data", log_dir=tmp_path / "logs", args=[
-        "--enhanced-locking-auth=static",
-        f"--enhanced-locking-auth-tokens-file={tokens}",
-        f"--enhanced-locking-auth-roles={ROLES}",
-        "--enhanced-locking-audit-max-entries=100",
-        "--enhanced-locking-audit-stdout=false",
-    ])
+    process = static_service(tmp_path, "--enhanced-locking-audit-max-entries=100",
+                             "--enhanced-locking-audit-stdout=false")
     with running(process), client(process, TOKENS["admin"]) as admin:
         case = new_case(admin)
         done = admin.post("/v1/admin/force-unlock",
