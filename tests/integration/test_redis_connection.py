@@ -23,12 +23,13 @@ from tests.support.redis_server import RedisSentinel, RedisServer, find_redis_se
 
 from enhanced_locking.backends import redis_notify
 from enhanced_locking.backends.atlantis_redis import AtlantisRedisBackend
+from enhanced_locking.backends.audit_store import AuditQuery, build_audit_store
 from enhanced_locking.backends.redis_connection import connect, unavailable
 from enhanced_locking.backends.redis_events import RedisEventBus
 from enhanced_locking.backends.redis_store import RedisBackend
 from enhanced_locking.backends.waiting import QueuePolicy, Status, Wait
 from enhanced_locking.config import EnhancedLockingConfig
-from enhanced_locking.types import BackendUnavailable
+from enhanced_locking.types import AuditEntry, BackendUnavailable, utcnow
 
 pytestmark = pytest.mark.redis
 
@@ -234,10 +235,12 @@ async def test_an_acl_user_with_the_documented_rights_works_and_one_without_is_r
     rights = [b"commands", b"keys", b"channels", b"selectors"]  # not flags: reset sanitizes
     assert [pasted[name] for name in rights] == [copied[name] for name in rights]
     redis_server.create_acl_user("outsider", PASSWORD, rules=("~elsewhere:*", "&*", "+@all"))
-    config = redis_config(redis_server, redis_username="atlantis-locks", redis_password=PASSWORD)
+    config = redis_config(redis_server, redis_username="atlantis-locks", redis_password=PASSWORD,
+                          legacy_backend="redis", audit_max_entries=100)
     locker = RedisBackend.from_config(config, "enhanced")
     legacy = AtlantisRedisBackend.from_config(config, "legacy")
     events = RedisEventBus.from_config(config)
+    audit = build_audit_store(config)
     outsider = RedisBackend.from_config(
         redis_config(redis_server, redis_username="outsider", redis_password=PASSWORD),
         "enhanced")
@@ -254,11 +257,18 @@ async def test_an_acl_user_with_the_documented_rights_works_and_one_without_is_r
         assert (await legacy.acquire(lock_for(request_for(pull=3), backend="legacy")))[0]
         events.publish("fallback", key=lock.key)
         assert (await asyncio.wait_for(anext(events.stream("0-0")), 5)).type == "fallback"
+        # The audit trail's append script, its bound on refusals (LPOP, XDEL) included.
+        for pull in range(1, 103):
+            await audit.append(AuditEntry(
+                time=utcnow(), identity="anonymous", method="none", verb="read",
+                action="list-locks", pull=pull, outcome="unauthenticated", status=401))
+        kept = await audit.read(AuditQuery(limit=1000))
+        assert [entry.pull for entry in kept] == list(range(102, 2, -1))
         with pytest.raises(BackendUnavailable, match="NoPermissionError") as caught:
             await outsider.acquire(lock_for(request_for(pull=2)))
         assert PASSWORD not in str(caught.value)
     finally:
-        for closing in (locker, legacy, events, outsider):
+        for closing in (locker, legacy, events, outsider, audit):
             await closing.close()
 
 
