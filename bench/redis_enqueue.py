@@ -29,12 +29,18 @@ pull's own since), and a fill whose every enqueue read every record took hours a
 waiting ahead of them on the key. ``--held-shared``: as ``--shared``, with the key held
 shared, so the holder lets the sample's requests in and each looks at the queue (the first
 in line is an exclusive request of another pull, as behind a shared holder it would be).
+``--held-shared-batches``: the key held shared and a second key held exclusively by
+another pull; the queue is filled with batches, each shared on the key and exclusive on the
+second (so they wait, on the second), and the sample's requests are shared ones on the key
+alone, granted: each serves the key's queue and looks at it for an exclusive request ahead,
+meeting none. Its own table: the function calls (discovery rounds) and the Redis and client
+time of one such request.
 ``--wait-graph``: each enqueue of the sample is followed by what the locker does with
 ``deadlock-detection`` on, counted in it: the read of the wait-for graph and the search for a
 cycle through the new waiter's pull (``deadlock.find_cycle``, in the client column).
 
 Usage: python bench/redis_enqueue.py [--lengths 10,100,1000,10000] [--sample 30]
-       [--head-commits] [--shared] [--held-shared] [--wait-graph]
+       [--head-commits] [--shared] [--held-shared] [--held-shared-batches] [--wait-graph]
 (prints the table; docs/benchmarks.md keeps what it found in its prose.)
 """
 
@@ -77,10 +83,17 @@ GRAPH = [False]
 """``--wait-graph``: each enqueue of the sample reads the wait-for graph too."""
 HELD_SHARED = [False]
 """``--held-shared``: the key is held shared (and the sample's requests are shared)."""
+SECOND = "envs/shared-infra"
+"""``--held-shared-batches``: the second key's project path."""
+SAMPLE_PULLS = 10_000_000
+"""``--held-shared-batches``: the pulls of the sample (and, one below, the second key's holder)."""
+BATCHES = [False]
+"""``--held-shared-batches``: the queue is of batches waiting on a second key."""
 
 
-def _request(pull: int, *, head: bool = False, shared: bool = False) -> LockRequest:
-    return LockRequest(project=Project(repo_full_name="acme/bench", path="envs/prod"),
+def _request(pull: int, *, head: bool = False, shared: bool = False,
+             path: str = "envs/prod") -> LockRequest:
+    return LockRequest(project=Project(repo_full_name="acme/bench", path=path),
                        pull=Pull(num=pull, head_commit=f"c{pull}" if head else ""),
                        priority=LEVELS[pull % len(LEVELS)],
                        mode="shared" if shared else "exclusive")
@@ -113,6 +126,33 @@ class Rig:
             assert outcome.waiter is not None
             assert deadlock.find_cycle(graph, outcome.waiter.owner) is None
         return outcome
+
+    async def enqueue_batch(self) -> None:
+        """A batch shared on the key and exclusive on the second one (held: it waits)."""
+        self.queued += 1
+        parts = (_request(self.queued, shared=True), _request(self.queued, path=SECOND))
+        outcome = await self.backend.acquire_batch(
+            tuple(Candidate.of_request(r, priority=r.priority) for r in parts), ttl=None,
+            wait=Wait(id=f"w-{self.queued}", timeout=WAIT), policy=self.policy)
+        assert outcome.status is Status.QUEUED, outcome
+
+    async def measure_batches(self, length: int, sample: int) -> dict[str, float]:
+        while self.queued < length:
+            await self.enqueue_batch()
+        await self.admin.config_resetstat()
+        cpu = time.process_time()
+        for n in range(sample):
+            request = _request(SAMPLE_PULLS + n, shared=True)
+            outcome = await self.backend.acquire_or_enqueue(
+                Candidate.of_request(request, priority=request.priority), ttl=None,
+                wait=Wait(id=f"s-{length}-{n}", timeout=WAIT), policy=self.policy)
+            assert outcome.status is Status.GRANTED, outcome
+        client = (time.process_time() - cpu) / sample
+        stats: Any = await self.admin.info("commandstats")
+        calls = sum(int(entry["calls"]) for name, entry in stats.items()
+                    if name in ("cmdstat_fcall", "cmdstat_fcall_ro"))
+        return {"length": length, "calls": calls / sample,
+                "server": await self.server_usec() / sample, "client": client * 1e6}
 
     async def server_usec(self) -> float:
         stats: Any = await self.admin.info("commandstats")
@@ -151,7 +191,18 @@ async def run(lengths: list[int], sample: int) -> list[dict[str, float]]:
                 policy=rig.policy)
             assert first.status is Status.GRANTED
             rows = []
+            if BATCHES[0]:
+                other = _request(SAMPLE_PULLS - 1, path=SECOND)
+                second = await rig.backend.acquire_or_enqueue(
+                    Candidate.of_request(other, priority=other.priority), ttl=None, wait=None,
+                    policy=rig.policy)
+                assert second.status is Status.GRANTED
             for length in lengths:
+                if BATCHES[0]:
+                    rows.append(await rig.measure_batches(length, sample))
+                    print(f"| {length:,} | {rows[-1]['calls']:.1f} | "
+                          f"{rows[-1]['server']:,.0f} | {rows[-1]['client']:,.0f} |", flush=True)
+                    continue
                 rows.append(await rig.measure(length, sample))
                 print(_row(rows[-1]), flush=True)
             return rows
@@ -173,15 +224,22 @@ def main() -> None:
     parser.add_argument("--head-commits", action="store_true")
     parser.add_argument("--shared", action="store_true")
     parser.add_argument("--held-shared", action="store_true")
+    parser.add_argument("--held-shared-batches", action="store_true")
     parser.add_argument("--wait-graph", action="store_true")
     parser.add_argument("--no-write", action="store_true")  # (this bench writes no table)
     quick_defaults(parser, lengths="10,100,1000", sample=10)
     args = parser.parse_args()
-    print("| queue length | enqueue: Redis µs | enqueue: client CPU µs | "
-          "event reads: Redis µs | event reads: client CPU µs |")
-    print("|---:|---:|---:|---:|---:|")
+    if args.held_shared_batches:
+        print("| batches queued | function calls a request | Redis µs a request | "
+              "client CPU µs a request |")
+        print("|---:|---:|---:|---:|")
+    else:
+        print("| queue length | enqueue: Redis µs | enqueue: client CPU µs | "
+              "event reads: Redis µs | event reads: client CPU µs |")
+        print("|---:|---:|---:|---:|---:|")
     HEADS[0], GRAPH[0] = args.head_commits, args.wait_graph
-    HELD_SHARED[0] = args.held_shared
+    BATCHES[0] = args.held_shared_batches
+    HELD_SHARED[0] = args.held_shared or args.held_shared_batches
     SHARED[0] = args.shared or args.held_shared
     asyncio.run(run([int(n) for n in args.lengths.split(",")], args.sample))
 

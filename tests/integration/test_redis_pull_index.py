@@ -480,3 +480,38 @@ async def test_a_shared_request_let_in_by_the_holders_names_the_records_up_to_an
             assert _widest_call(admin) < 60
     finally:
         await backend.close()
+
+
+async def test_a_shared_request_behind_queued_batches_names_its_look_in_few_rounds(
+        redis_server: RedisServer) -> None:
+    # Key A is held shared, key B exclusive by another pull; 100 batches, each shared on A and
+    # exclusive on B, wait (on B) in A's queue too, none of them exclusive there. A new shared
+    # request on A walks all of A's queue looking for an exclusive request ahead: it names the
+    # records it reads in a few rounds (the chunk it asks for doubles each round), not one
+    # round per 16 of them.
+    backend = RedisBackend.from_config(redis_config(redis_server), "enhanced")
+    try:
+        on_a = await backend.acquire_or_enqueue(_candidate(9, "envs/a", "", shared=True),
+                                                ttl=None, wait=None, policy=POLICY)
+        on_b = await backend.acquire_or_enqueue(_candidate(8, "envs/b", ""),
+                                                ttl=None, wait=None, policy=POLICY)
+        assert on_a.status is Status.GRANTED and on_b.status is Status.GRANTED
+        for pull in range(100, 200):
+            queued = await backend.acquire_batch(
+                (_candidate(pull, "envs/a", "", shared=True), _candidate(pull, "envs/b", "")),
+                ttl=None, wait=Wait(id=f"batch-{pull}", timeout=HOUR), policy=POLICY)
+            assert queued.status is Status.QUEUED, queued
+        with redis_server.client() as admin:
+            before = _calls(admin)
+            outcome = await backend.acquire_or_enqueue(
+                _candidate(2, "envs/a", "", shared=True), ttl=None,
+                wait=Wait(id="shared-2", timeout=HOUR), policy=POLICY)
+            assert outcome.status is Status.GRANTED, outcome
+            # A first call; a round for each chunk of records its walks ask for (16, then as
+            # many as they met: 17, 35, the last 29 of the 100); one for key B's names (the
+            # batches' verdicts read its holders) and one for the batches' pulls' indexes
+            # (their grants, planned, name them): 7, where one round per 16 records or fewer
+            # made 81.
+            assert _calls(admin) - before <= 7
+    finally:
+        await backend.close()

@@ -1011,18 +1011,20 @@ end
 -- The discovery's half of `exclusive_waiting`: the same walk, naming the records it reads.
 -- A record declared is read, and one that keeps the request waiting ends the walk, as it
 -- ends the verdict's there or before; one not declared is asked for, with the next ones up
--- to LOOK_CHUNK in all (whether the walk stops at it is known only once it is read), and
--- the call, made again with them, walks on. So a walk that meets an exclusive request near
--- the head names a few records, not every waiter of k.
+-- to as many as the walk read already (LOOK_CHUNK at least: whether the walk stops at one is
+-- known only once it is read), and the call, made again with them, walks on. So a walk that
+-- meets an exclusive request near the head names a few records, not every waiter of k, and
+-- one over n records asks O(log n) times.
 local function expect_exclusive_look(k, repo, pull, mine)
-  local asked = 0
+  local asked, read = 0, 0
   walk_ahead(k, mine, function(id)
     if declared(waiter_name, id) then
+      read = read + 1
       return keeps_shared_waiting(read_waiter(id), repo, pull)
     end
     expect(waiter_name, id)
     asked = asked + 1
-    return asked >= LOOK_CHUNK
+    return asked >= math.max(LOOK_CHUNK, read)
   end)
 end
 
@@ -1342,7 +1344,20 @@ local function walker(k)
   local function gone(entry)
     index[entry.level + 1] = index[entry.level + 1] - 1
   end
-  return next_entry, gone
+  -- The ids of the next n entries (or fewer), the walk itself not moved on.
+  local function upcoming(n)
+    local saved_index, saved_heads = {index[1], index[2], index[3], index[4]},
+      {heads[1], heads[2], heads[3], heads[4]}
+    local ids = {}
+    while #ids < n do
+      local e = next_entry()
+      if not e then break end
+      table.insert(ids, e.id)
+    end
+    index, heads = saved_index, saved_heads
+    return ids
+  end
+  return next_entry, gone, upcoming
 end
 
 -- The latest enqueue time by which a waiter of base level `level` has aged to effective level
@@ -1601,11 +1616,22 @@ local function walk_key(k, fx)
   if not maybe_queued(k) then return end  -- nobody waits: done
   if held_exclusively(k) then return end  -- nobody can be served yet
   local writing = fx ~= PLAN
-  local next_waiter, gone = walker(k)
+  local next_waiter, gone, upcoming = walker(k)
   local dropped = writing and {}
+  local walked = 0
   while true do
     local entry = next_waiter()
     if not entry then break end
+    if not writing and not GONE[entry.id] and not declared(waiter_name, entry.id) then
+      -- Planning, a record not declared: ask for it and the next ones, as many as the walk
+      -- met already (LOOK_CHUNK at least), so a walk over n waiters asks O(log n) times.
+      expect(waiter_names, entry.id, nil)
+      for _, id in ipairs(upcoming(math.max(LOOK_CHUNK, walked))) do
+        if not GONE[id] then expect(waiter_names, id, nil) end
+      end
+      ask()
+    end
+    walked = walked + 1
     local rec = meet(entry.id, fx)
     local why = rec and turned_away(rec)
     if why then
