@@ -12,6 +12,7 @@ from pathlib import Path
 
 from enhanced_locking.backends import (
     atlantis_redis,
+    audit_store,
     redis_connection,
     redis_events,
     redis_lua,
@@ -74,6 +75,7 @@ def test_each_standalone_script_is_a_file_its_user_reads_from_the_package() -> N
         "release_if_owned": atlantis_redis.RELEASE_IF_OWNED,
         "replace_written_over": redis_connection.REPLACE_WRITTEN_OVER,
         "append_events": redis_events.APPEND_EVENTS,
+        "append_audit_entry": audit_store.APPEND_AUDIT_ENTRY,
         "routing_report": routing_registry.REPORT,
         "routing_read": routing_registry.READ,
     }
