@@ -895,6 +895,12 @@ class BatchResult(_Model):
         by key (a batch answered by a locker or a store path that does not tell)."""
         return self._kept if self.acquired else None
 
+    def kept_or(self, looked: frozenset[str]) -> frozenset[str]:
+        """:attr:`kept` where the grant says it; else ``looked``, the keys a look before the
+        grant saw the pull hold (older: the pull's other request may take a key in between)."""
+        kept = self.kept
+        return looked if kept is None else kept
+
 
 class Event(_Model):
     """Something that happened to a lock or to the configuration, for subscribers and SSE."""

@@ -99,13 +99,6 @@ def _dump(model: BaseModel) -> Any:
     return model.model_dump(mode="json", by_alias=True)
 
 
-def _kept(result: BatchResult, before: frozenset[str]) -> frozenset[str]:
-    """The keys of granted batch ``result`` its pull held already (answered unchanged: not
-    the batch's to give back), as the grant tells; ``before``, the look before the grant,
-    where it does not say key by key (the pull's other request may take a key in between)."""
-    return before if result.kept is None else result.kept
-
-
 def _waiter(position: int, waiter: Waiter, effective: str, now: datetime) -> dict[str, Any]:
     return {
         "position": position,
@@ -266,7 +259,7 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
             # became of it follows the request's row.
             await caller.gave_back(action="release-batch", repo=repo, pull=pull, tried=tried)
             return gone_answer()
-        if not result.acquired or all(lock.key in _kept(result, before)
+        if not result.acquired or all(lock.key in result.kept_or(before)
                                       for lock in result.locks):
             return JSONResponse(_dump(result), status_code=status)
         return AnswerUnlessGone(_dump(result), status_code=200,
@@ -290,12 +283,12 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
     async def _give_back(result: BatchResult | None, body: BatchLockRequest,
                          before: frozenset[str]) -> list[tuple[str, LockingError | None]]:
         """A batch granted to a client that is gone is released, never left held by nobody
-        (only what it granted: see :func:`_kept`). Returns each lock tried and why it could not
-        be given back (None: it was)."""
+        (only what it granted: see :meth:`BatchResult.kept_or`). Returns each lock tried and
+        why it could not be given back (None: it was)."""
         tried: list[tuple[str, LockingError | None]] = []
         if result is None or not result.acquired:
             return tried
-        kept = _kept(result, before)
+        kept = result.kept_or(before)
         for lock in result.locks:
             if lock.key in kept:
                 continue

@@ -959,7 +959,7 @@ class Router(AtlantisCalls):
         # The keys the pull held already when the store granted, as the store tells: the
         # look above is older, and the pull's other request may have taken one of them since
         # (or let one go). Only a store that does not say key by key is answered by the look.
-        kept = frozenset(mine_before) if first.kept is None else first.kept
+        kept = first.kept_or(frozenset(mine_before))
         for lock in first.locks:
             if lock.key in kept:  # its pull's already: answered again
                 self._answers.again(lock)
