@@ -119,6 +119,12 @@ def _cycle(owners: list[CycleOwner] | None) -> dict[str, Any]:
     return {"cycle": [owner.name for owner in owners], "cycle_owners": owners}
 
 
+def _granted_anew(fresh: bool, kept: frozenset[str] | None, key: str) -> bool:
+    """Whether a grant (``fresh``: by this call) made ``key``'s lock anew: not one of ``kept``,
+    the keys whose locks its pull held already (answered unchanged: nothing was granted)."""
+    return fresh and not (kept and key in kept)
+
+
 class _OneKey:
     """One key's answer (:class:`AcquireResult`)."""
 
@@ -466,8 +472,7 @@ class EnhancedLocker(AtlantisCalls):
         if notice.granted:
             self.metrics.wait_seconds.labels("granted").observe(waited)
             for lock in notice.locks:
-                # else its pull's locks, unchanged: nothing was granted
-                if notice.fresh and not (notice.kept and lock.key in notice.kept):
+                if _granted_anew(notice.fresh, notice.kept, lock.key):
                     self.events.publish("granted-from-queue", lock=lock, **details)
                 self.leases.arm(lock.key, lock.expires_at)
             return answers.granted(notice.locks, fresh=notice.fresh, kept=notice.kept)
@@ -552,8 +557,7 @@ class EnhancedLocker(AtlantisCalls):
         if cancelled.granted:  # granted before we could withdraw: no wait, no deadlock
             # Told and timed as every grant from the queue is (:meth:`_queued`).
             for lock in cancelled.granted:
-                # else its pull's locks, unchanged: nothing was granted
-                if cancelled.fresh and not (cancelled.kept and lock.key in cancelled.kept):
+                if _granted_anew(cancelled.fresh, cancelled.kept, lock.key):
                     self.events.publish("granted-from-queue", lock=lock, waiterId=waiter.id,
                                         requestId=waiter.request_id, waitedMs=0.0)
                 self.leases.arm(lock.key, lock.expires_at)
@@ -586,12 +590,9 @@ class EnhancedLocker(AtlantisCalls):
         Each by its fencing token: a give-back tried again (its first answer lost with the
         store) must not free a hold the same pull took of the key meanwhile; a lock it finds
         not held that way was given back already."""
-        if not notice.fresh:
-            return
-        kept = notice.kept or frozenset()
         for lock in notice.locks:
-            if lock.key in kept:  # its pull's already when granted: not this grant's
-                continue
+            if not _granted_anew(notice.fresh, notice.kept, lock.key):
+                continue  # its pull's already when granted: not this grant's
             owner = (lock.project.repo_full_name, lock.pull.num)
             try:
                 handoff = await self.backend.release_and_handoff(
