@@ -27,6 +27,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from enhanced_locking.api.access import Caller, CallerDep, cross_site_refusal
 from enhanced_locking.api.errors import json_error
 from enhanced_locking.api.queue_routes import forced_holds, hold_changed
+from enhanced_locking.events import EVENT_TYPES
 from enhanced_locking.factory import LockService
 from enhanced_locking.rollout_summary import RolloutSummary, remaining_text, summarize
 from enhanced_locking.types import (
@@ -201,8 +202,9 @@ def _page(sections: str, repo: str | None, pull: int | None, who: str) -> str:
 <label>Pull <input name="pull" type="number" min="0" value="{'' if pull is None else pull}">
 </label><button>Filter</button></form>
 <main><div id="sections">{sections}</div>
-<section id="events"><h2>Events</h2><ol id="event-list"><li class="empty">Live events appear
-here as they happen (with JavaScript).</li></ol></section></main>
+<section id="events"><h2>Events</h2><ol id="event-list" data-types="{_e(','.join(EVENT_TYPES))}">
+<li class="empty">Live events appear here as they happen (with JavaScript).</li></ol></section>
+</main>
 </body></html>"""
 
 

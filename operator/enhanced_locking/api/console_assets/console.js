@@ -22,17 +22,30 @@
     if (pending === null) { pending = window.setTimeout(refresh, 100); }
   }
 
-  function show(event) {
+  function add(className, text) {
     var empty = list.querySelector(".empty");
     if (empty) { empty.remove(); }
     var item = document.createElement("li");
-    item.className = "event " + event.type;
-    var pull = event.lock && event.lock.pull ? " #" + event.lock.pull.num : "";
-    var what = event.key || (event.details && event.details.name) || "";
-    item.textContent = (event.time || "").replace("T", " ").slice(0, 19) + "  " + event.type +
-      "  " + what + pull;
+    item.className = className;
+    item.textContent = text;
     list.insertBefore(item, list.firstChild);
     while (list.children.length > 50) { list.removeChild(list.lastChild); }
+  }
+
+  function show(event) {
+    var details = event.details || {};
+    var num = event.lock && event.lock.pull ? event.lock.pull.num : details.pull;
+    var pull = num !== undefined && num !== null ? " #" + num : "";
+    var what = event.key || details.name || details.freeze || "";
+    add("event " + event.type, (event.time || "").replace("T", " ").slice(0, 19) + "  " +
+      event.type + "  " + what + pull);
+  }
+
+  // Events were lost on the way (the stream fell behind, resumed after a restart, its store
+  // switched): not an event, so said as what it is; the sections are read again.
+  function gap(data) {
+    add("event gap", "gap: some events were not received (" + (data.reason || "unknown") +
+      "); the locks and queues above were read again");
   }
 
   var stream = "/v1/events";
@@ -48,13 +61,19 @@
     live.className = "live off";
   };
   source.onmessage = function () {};
-  ["acquired", "released", "queued", "granted-from-queue", "timeout", "cancelled", "expired",
-   "deadlock", "force-unlocked", "fallback", "routing-changed", "config-applied",
-   "lock-conflict", "rollout-changed", "gap"].forEach(function (type) {
+  // Every type the service publishes, as the page lists them (the one list is the service's).
+  (list.getAttribute("data-types") || "").split(",").forEach(function (type) {
+    if (!type) { return; }
     source.addEventListener(type, function (message) {
-      try { show(JSON.parse(message.data)); } catch (error) { /* a gap has no event shape */ }
+      try { show(JSON.parse(message.data)); } catch (error) { /* not JSON: nothing to show */ }
       soon();
     });
+  });
+  source.addEventListener("gap", function (message) {
+    var data = {};
+    try { data = JSON.parse(message.data) || {}; } catch (error) { /* said without a reason */ }
+    gap(data);
+    soon();
   });
   // A pause's time left moves on its own: refresh once in a while too.
   window.setInterval(soon, 5000);
