@@ -21,14 +21,30 @@ statements stands in for a request's Python: ``json.dumps`` of ``--objects`` sma
 none). CPU time of this thread (``time.thread_time``) over the statements only, per statement;
 blocks of the two ways alternate, and the table gives the median block of each.
 
+On the event loop (``--loop``): the same two statements made by ``--tasks`` asyncio tasks, each
+its own key, each write after its request's share of the other work and a pass through the
+loop (as a served request reads its socket), both ways as a store could serve them:
+
+* **alone**: each statement in a transaction of its own, answered at once (as the store runs
+  them);
+* **group commit**: the first write of a loop turn begins a transaction and asks the loop to
+  commit it next turn (``call_soon``); each write runs in a ``SAVEPOINT`` of its own and waits
+  for that commit (a future) before it answers, so that no answer goes out before its write is
+  committed.
+
+The whole block's CPU time of this thread per write (the statements, the other work, the loop,
+the futures): what a served write costs either way, and their ratio, per number of tasks.
+
 Usage: python bench/sqlite_batching.py [--objects 0,300,1000] [--batch 16] [--rounds 5]
        [--pairs 150]
+       python bench/sqlite_batching.py --loop [--tasks 1,32] [--objects 0,300,1000]
 (prints the table; docs/benchmarks.md keeps what it found in its prose, HTTP section.)
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
@@ -75,6 +91,7 @@ class Store:
                             (NAMESPACE, key, REPO_NAME, PULL, LOCK_TEXT % (0, 0)))
         self.cursor = self.db.cursor()
         self.token = 0
+        self.tokens = [0] * keys  # each key's last token (the loop's writes)
 
     def arguments(self, index: int, key: str) -> tuple[Any, ...]:
         return (NAMESPACE, key, REPO_NAME, PULL, LOCK_TEXT % (index, self.token), self.token,
@@ -147,6 +164,94 @@ def measure(objects: int, batch: int, rounds: int, pairs: int) -> tuple[float, f
     return statistics.median(found["alone"]) * 1e6, statistics.median(found["batched"]) * 1e6
 
 
+async def on_loop(store: Store, tasks: int, writes: int, work: Callable[[], object],
+                  grouped: bool) -> float:
+    """``writes`` grants and releases (in turn) of ``tasks`` tasks, each on its own key, alone
+    or in group commits: CPU seconds of the whole block per write."""
+    loop = asyncio.get_running_loop()
+    cursor = store.cursor
+    waiting: list[asyncio.Future[None]] | None = None
+
+    def commit() -> None:
+        nonlocal waiting
+        answered, waiting = waiting or [], None
+        cursor.execute("COMMIT")
+        for future in answered:
+            future.set_result(None)
+
+    async def write(statement: str, index: int, key: str, token: int) -> None:
+        nonlocal waiting
+        arguments = (NAMESPACE, key, REPO_NAME, PULL, LOCK_TEXT % (index, token), token, OTHER)
+        if not grouped:
+            changed = cursor.execute(statement, arguments).rowcount
+        else:
+            if waiting is None:
+                cursor.execute("BEGIN IMMEDIATE")
+                waiting = []
+                loop.call_soon(commit)
+            cursor.execute("SAVEPOINT one")
+            changed = cursor.execute(statement, arguments).rowcount
+            cursor.execute("RELEASE one")
+            answered = loop.create_future()
+            waiting.append(answered)
+            await answered
+        if changed != 1:
+            raise RuntimeError(f"the statement changed {changed} rows of {key}, not 1")
+
+    async def client(index: int) -> None:
+        key = store.keys[index]
+        for _ in range(max(1, writes // (2 * tasks))):
+            token = store.tokens[index] = store.tokens[index] + 1
+            for statement in STATEMENTS:
+                await asyncio.sleep(0)  # the request read from its socket
+                work()
+                await write(statement, index, key, token)
+
+    began = time.thread_time()
+    await asyncio.gather(*(client(index) for index in range(tasks)))
+    done = max(1, writes // (2 * tasks)) * 2 * tasks
+    return (time.thread_time() - began) / done
+
+
+def measure_loop(objects: int, tasks: int, rounds: int, writes: int) -> tuple[float, float]:
+    """Median µs per served write alone and in group commits, ``tasks`` tasks."""
+    junk = [{"n": n, "text": str(n)} for n in range(objects)]
+
+    def work() -> object:
+        return json.dumps(junk) if junk else None
+
+    found: dict[bool, list[float]] = {False: [], True: []}
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Store(Path(tmp), tasks)
+        try:
+            for grouped in (False, True):  # warm up
+                asyncio.run(on_loop(store, tasks, 4 * tasks, work, grouped))
+            for _ in range(rounds):
+                for grouped in (False, True):
+                    found[grouped].append(asyncio.run(on_loop(store, tasks, writes, work,
+                                                              grouped)))
+        finally:
+            store.close()
+    return statistics.median(found[False]) * 1e6, statistics.median(found[True]) * 1e6
+
+
+def loop_table(args: argparse.Namespace) -> str:
+    lines = [f"The embedded store's grant and release statements served by asyncio tasks, "
+             f"{args.pairs * 2} writes a block, {args.rounds} alternating rounds. Python "
+             f"{platform.python_version()}, SQLite {embedded.sqlite3.sqlite_version}, "
+             f"{len(os.sched_getaffinity(0))} CPUs, load average {os.getloadavg()[0]:.1f}; CPU "
+             "µs per write (this thread, the whole block: statements, other work, loop, "
+             "futures), median block.", "",
+             "| dicts encoded before each write | tasks | alone | group commit "
+             "| group / alone |", "|---:|---:|---:|---:|---:|"]
+    for objects in (int(size) for size in args.objects.split(",")):
+        for tasks in (int(n) for n in args.tasks.split(",")):
+            single, together = measure_loop(objects, tasks, args.rounds, args.pairs * 2)
+            lines.append(f"| {objects:,} | {tasks} | {single:.1f} | {together:.1f} "
+                         f"| {together / single:.2f}x |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--objects", default="0,300,1000",
@@ -156,8 +261,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--pairs", type=int, default=150 * 16,
                         help="grant and release pairs a block, each way")
+    parser.add_argument("--loop", action="store_true",
+                        help="the statements served by asyncio tasks, alone and in group "
+                             "commits (see the module's docstring)")
+    parser.add_argument("--tasks", default="1,32", help="with --loop: tasks, one row each")
     quick_defaults(parser, rounds=2, pairs=32 * 16)
     args = parser.parse_args()
+    if args.loop:
+        print(loop_table(args))
+        return
     sizes = [int(size) for size in args.objects.split(",")]
     lines = [f"The embedded store's grant and release statements, {args.pairs} pairs a block, "
              f"{args.rounds} alternating rounds, batches of {args.batch}. Python "
