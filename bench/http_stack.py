@@ -45,7 +45,10 @@ framework, the HTTP server and loop, ...) and printed as microseconds per pair, 
 per pair shared out by the samples. Time in C (SQLite, pydantic's core, system calls) counts
 for the Python line that called it; a signal is taken at the next bytecode boundary, so a C
 call's time can land on the function entered just after it (pydantic's validators), which the
-areas absorb. Printed, not written.
+areas absorb. With ``--top N``, each area of the lock API is followed by its ``N`` largest
+functions: the innermost frame of the service's own code and the innermost frame of all (what
+it was running, in the service's code or under it), so that a cut can be aimed at a function,
+not an area. Printed, not written.
 
 Garbage collection per pair (``--collections``): the no-op and the product, each served with
 a callback on the collector (``gc.callbacks``) that counts the collections of each generation
@@ -74,7 +77,7 @@ back (``bench/sqlite_batching.py``). Printed, not written.
 
 Usage: python bench/http_stack.py [--pairs 1500] [--rounds 3] [--handoffs 200] [--no-write]
        python bench/http_stack.py --steps 200
-       python bench/http_stack.py --sample --pairs 8000 [--clients 32]
+       python bench/http_stack.py --sample --pairs 8000 [--clients 32] [--top 8]
        python bench/http_stack.py --collections --pairs 3000 [--clients 32]
        python bench/http_stack.py --split [--pairs 3200] [--rounds 4]
        python bench/http_stack.py --statements [--pairs 4800]
@@ -654,22 +657,44 @@ def observed_block(kind: str, pairs: int, clients: int, option: str) -> tuple[st
             return out.read_text(), block
 
 
-def sample_areas(kind: str, pairs: int, clients: int) -> tuple[dict[str, float], float]:
-    """Microseconds of server CPU per pair by area over ``pairs`` pairs (after a warm-up), and
-    the block's CPU per pair."""
+Functions = dict[str, Counter[tuple[str, str]]]
+"""Per area, the samples by (the innermost frame of the service's own code, the innermost
+frame of all), each written ``function file``."""
+
+
+def _frame_name(frame: str) -> str:
+    """``qualname path`` of a sampled frame as ``qualname file``."""
+    name, _, path = frame.rpartition(" ")
+    return f"{name} {os.path.basename(path)}"
+
+
+def sample_areas(kind: str, pairs: int, clients: int
+                 ) -> tuple[dict[str, float], float, Functions, float]:
+    """Microseconds of server CPU per pair by area over ``pairs`` pairs (after a warm-up), the
+    block's CPU per pair, the samples of each area by function, and the microseconds a sample
+    stands for."""
     text, block = observed_block(kind, pairs, clients, "--sample-out")
     found: Counter[str] = Counter()
+    functions: Functions = {}
     for line in text.splitlines():
         stack, count = line.rsplit("\t", 1)
-        found[area_of(stack)] += int(count)
+        area = area_of(stack)
+        found[area] += int(count)
+        frames = stack.split(";")
+        ours = next((frame for frame in reversed(frames) if "enhanced_locking/" in frame), None)
+        where = (_frame_name(ours) if ours is not None else "-", _frame_name(frames[-1]))
+        functions.setdefault(area, Counter())[where] += int(count)
     total = sum(found.values())
-    return {area: count / total * block.cpu * 1e6 for area, count in found.items()}, block.cpu
+    each = block.cpu * 1e6 / total
+    return ({area: count * each for area, count in found.items()}, block.cpu, functions,
+            each)
 
 
-def sample_report(pairs: int, clients: int) -> str:
-    """The no-op's and the product's CPU per pair by area, one after the other, as a table."""
-    noop, noop_cpu = sample_areas("noop", pairs, clients)
-    ours, our_cpu = sample_areas("product", pairs, clients)
+def sample_report(pairs: int, clients: int, top: int = 0) -> str:
+    """The no-op's and the product's CPU per pair by area, one after the other, as a table;
+    with ``top``, the lock API's largest functions in each area after it."""
+    noop, noop_cpu, _, _ = sample_areas("noop", pairs, clients)
+    ours, our_cpu, functions, each = sample_areas("product", pairs, clients)
     lines = [f"{pairs} pairs, {clients} client{'s' if clients > 1 else ''}, asyncio + "
              f"httptools, load average {os.getloadavg()[0]:.1f}: server CPU per pair by area, "
              f"sampled every {SAMPLE_EVERY * 1000:g} ms of its CPU time", "",
@@ -677,6 +702,13 @@ def sample_report(pairs: int, clients: int) -> str:
     for area in sorted(set(noop) | set(ours), key=lambda a: -ours.get(a, 0) - noop.get(a, 0)):
         lines.append(f"| {area} | {noop.get(area, 0):,.0f} | {ours.get(area, 0):,.0f} |")
     lines.append(f"| all | {noop_cpu * 1e6:,.0f} | {our_cpu * 1e6:,.0f} |")
+    if top:
+        lines += ["", f"The lock API's {top} largest functions of each area (the service's own "
+                  "innermost frame; the innermost frame of all):", "",
+                  "| area | service's frame | running | µs/pair |", "|---|---|---|---:|"]
+        for area in sorted(functions, key=lambda a: -ours.get(a, 0)):
+            for (service, running), count in functions[area].most_common(top):
+                lines.append(f"| {area} | {service} | {running} | {count * each:,.1f} |")
     return "\n".join(lines)
 
 
@@ -1085,6 +1117,8 @@ def main() -> None:
     parser.add_argument("--statements", action="store_true",
                         help="only time the served product's SQL statements per pair, 1 and 32 "
                              "clients (see the module's docstring)")
+    parser.add_argument("--top", type=int, default=0, metavar="N",
+                        help="with --sample: the lock API's N largest functions of each area")
     parser.add_argument("--clients", type=int, default=1,
                         help="with --count, --sample or --collections")
     parser.add_argument("--profile", type=Path, help="with --count: keep callgrind's profile")
@@ -1115,7 +1149,7 @@ def main() -> None:
         print(statements_report(args.pairs))
         return
     if args.sample:
-        print(sample_report(args.pairs, args.clients))
+        print(sample_report(args.pairs, args.clients, args.top))
         return
     if args.count:
         print(count_pairs(args.count, args.pairs, args.clients, args.profile,
