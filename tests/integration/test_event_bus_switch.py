@@ -13,13 +13,14 @@ from pathlib import Path
 import httpx
 import pytest
 from tests.conftest import ServiceMaker
-from tests.support.etcd_fixtures import etcd_config
+from tests.support.etcd_fixtures import etcd_config, started
 from tests.support.etcd_server import EtcdCluster
 from tests.support.locks import request_for
 from tests.support.redis_server import RedisServer
 from tests.support.served import served
 from tests.support.sse_frames import Frame, Frames
 
+from enhanced_locking.backends.etcd_connection import EtcdConnection, EtcdSettings
 from enhanced_locking.backends.etcd_events import EtcdEventBus
 from enhanced_locking.backends.redis_events import RedisEventBus
 from enhanced_locking.events import EventBus, Following, Gap, parse_event_id
@@ -295,3 +296,74 @@ async def test_a_new_connection_to_the_same_stream_carries_readers_on_without_a_
     after = await _item(reader)  # no gap first
     assert isinstance(after, Event) and after.type == "acquired"
     assert parse_event_id(after.id) > parse_event_id(before.id)
+
+
+async def _revision(connection: EtcdConnection, *, padded_to: int = 0) -> int:
+    """The etcd's revision now, after writes of a key of no service's (``padded``) until it
+    is at least ``padded_to``."""
+    client = await connection.client()
+    assert client.kv is not None
+    revision = int((await client.kv.get(b"/")).header.revision)
+    while revision < padded_to:
+        revision = int((await client.kv.put(b"/padding", b"x")).header.revision)
+    return revision
+
+
+@pytest.mark.etcd
+@pytest.mark.timeout(180)
+async def test_a_reader_moved_between_two_etcds_gets_each_event_as_it_was_published(
+    make_service: ServiceMaker, tmp_path: Path,
+) -> None:
+    """Two etcd clusters number their events alike (``<revision>-<index>``, each from its own
+    revision 1), so an event of the second may have the id of one of the first that the
+    stream sent already: it is sent as itself. (The stream frames each event once for all its
+    readers, kept by id: it sent the first cluster's frame again, another key's grant.)"""
+    service = await make_service(enabled=True, backend="boltdb", legacy_backend="memory")
+    with started(tmp_path / "a") as one, started(tmp_path / "b") as two:
+        async with served(service) as url, \
+                httpx.AsyncClient(base_url=url, timeout=DEADLINE) as http:
+            frames, reader, _ = await _reading(http)
+
+            async def switched_to(cluster: EtcdCluster) -> None:
+                await service.provider.set_layer("cluster", {
+                    "backend": "etcd", "etcd_endpoints": cluster.endpoints,
+                    "etcd_key_prefix": "/el/"})
+                assert isinstance(service.events.bus, EtcdEventBus)
+                assert (await _next(frames)).event == "gap"
+
+            async def granted(path: str) -> Frame:
+                taken = await service.router.acquire(request_for(pull=1, path=path))
+                assert taken.acquired and taken.lock is not None
+                frame = await _next(frames)
+                assert (frame.event, frame.data["key"]) == ("acquired", taken.lock.key), (
+                    frame, first.get(frame.id))
+                return frame
+
+            try:
+                await switched_to(one)
+                first: dict[str, str] = {}
+                for n in range(10):
+                    frame = await granted(f"envs/a{n}")
+                    first[frame.id] = frame.data["key"]
+                await switched_to(two)
+                # Each grant is a write, its event the next (a write of its own, or riding in
+                # the next step's): the second cluster is written up to just before one of the
+                # first's event ids, so that its grant's event takes the id.
+                connection = EtcdConnection(EtcdSettings(endpoints=tuple(two.endpoints)))
+                met = []
+                try:
+                    for n in range(10):
+                        now = await _revision(connection)
+                        aim = min((r for r, _ in map(parse_event_id, first) if r >= now + 2),
+                                  default=None)
+                        assert aim is not None, (now, first)
+                        await _revision(connection, padded_to=aim - 2)
+                        frame = await granted(f"envs/b{n}")
+                        if frame.id in first:
+                            met.append(frame.id)
+                            break
+                finally:
+                    await connection.close()
+                assert met, "no event of the second cluster took an id of the first's"
+            finally:
+                reader.cancel()

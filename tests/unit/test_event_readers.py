@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+from enhanced_locking.api.sse import Frames
 from enhanced_locking.events import EventBus, Following, Gap, parse_event_id
 from enhanced_locking.types import (
     Candidate,
@@ -180,3 +181,15 @@ async def test_a_resume_from_before_a_restart_gets_a_gap() -> None:
     own = new.recent()[-1].id
     assert not new.gap_since(own)
 
+
+
+def test_readers_of_an_event_share_its_frame_and_another_event_of_its_id_gets_its_own() -> None:
+    bus = EventBus(capacity=10)
+    bus.publish("acquired", key="one")
+    frames = Frames()
+    frame = frames(bus.recent()[-1])
+    assert frames(bus.recent()[-1]) is frame  # framed once for every reader
+    # Another bus's event with the same id (two etcd clusters count revisions alike).
+    other = bus.recent()[-1].model_copy(update={"key": "two"})
+    assert b'"key":"two"' in frames(other) and b'"key":"one"' in frame
+    assert frames(other) is frames(other)

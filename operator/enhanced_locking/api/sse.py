@@ -103,20 +103,29 @@ def matches(event: Event, *, repo: str | None, key_prefix: str | None,
 
 class Frames:
     """Each event's SSE frame, encoded once and shared by every reader (the newest ``size``
-    are kept: readers are close behind the newest event, or cut off)."""
+    are kept: readers are close behind the newest event, or cut off).
+
+    Kept by id, and given only for the event it was made of (every reader of an event gets
+    the one object from the bus): two buses number their events alike (two etcd clusters,
+    each from its own revision 1), so after a switch of the enhanced store an event may have
+    the id of one framed before, and is framed anew rather than sent as the other."""
 
     def __init__(self, size: int = 4096) -> None:
         self._size = size
-        self._frames: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self._frames: collections.OrderedDict[str, tuple[Event, bytes]] = \
+            collections.OrderedDict()
 
     def __call__(self, event: Event) -> bytes:
-        frame = self._frames.get(event.id)
-        if frame is None:
-            frame = ServerSentEvent(id=event.id, event=event.type,
-                                    data=event.model_dump_json(by_alias=True)).encode()
-            self._frames[event.id] = frame
-            if len(self._frames) > self._size:
-                self._frames.popitem(last=False)
+        kept = self._frames.get(event.id)
+        if kept is not None and kept[0] is event:
+            return kept[1]
+        frame = ServerSentEvent(id=event.id, event=event.type,
+                                data=event.model_dump_json(by_alias=True)).encode()
+        if kept is not None:
+            del self._frames[event.id]  # another bus's event of that id: the newest now
+        self._frames[event.id] = (event, frame)
+        if len(self._frames) > self._size:
+            self._frames.popitem(last=False)
         return frame
 
 
