@@ -62,7 +62,11 @@ WRITES: dict[str, Write] = {"string": _string, "hash": _hash, "list": _list}
 
 
 def _redis(backend_factory: BackendFactory) -> RedisBackend:
-    backend = backend_factory()
+    return _redis_in(backend_factory, "enhanced")
+
+
+def _redis_in(backend_factory: BackendFactory, namespace: str) -> RedisBackend:
+    backend = backend_factory(namespace)
     assert isinstance(backend, RedisBackend)
     return backend
 
@@ -295,12 +299,13 @@ async def test_an_incarnation_hash_whose_numbers_do_not_read_is_replaced_by_the_
         assert str(number).isdigit()
 
 
+LIVENESS_CASES = [(write, mended) for write in ("string", "hash") for mended in (False, True)]
+"""The liveness set written over as a string or a hash; then mended by a beat or not."""
+
+
 @pytest.mark.parametrize("backend_factory", REDIS, indirect=True)
-@pytest.mark.parametrize("write", ["string", "hash"])
-@pytest.mark.parametrize("mended", [False, True], ids=["unmended", "mended-by-a-beat"])
 async def test_a_liveness_set_written_over_loses_no_waiter_and_a_dead_one_s_grant_lapses(
-    backend_factory: BackendFactory, write: str, mended: bool,
-    monkeypatch: pytest.MonkeyPatch,
+    backend_factory: BackendFactory, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Another Redis type where the liveness set goes reads as "every replica alive" until the
     # next beat replaces it, and a replica that has not beaten since counts as alive for one
@@ -309,8 +314,29 @@ async def test_a_liveness_set_written_over_loses_no_waiter_and_a_dead_one_s_gran
     # granted a claim nobody confirms, which lapses; only then the next waiter gets the key,
     # never both at once. The replicas beat only when the test says (their beat every second
     # would replace the set at any moment).
+    #
+    # Each case waits out a claim (CLAIM_MS on Redis's clock); the cases (LIVENESS_CASES) run
+    # side by side, each in a namespace of its own (its own liveness set, queues and locks),
+    # so they wait it out together. A case that fails names itself.
     monkeypatch.setattr(redis_notify, "WAITER_HEARTBEAT_SECONDS", 3600.0)
-    holder, dead, alive = (_redis(backend_factory) for _ in range(3))
+    async with asyncio.TaskGroup() as cases:
+        for write, mended in LIVENESS_CASES:
+            cases.create_task(_liveness_case(backend_factory, write, mended))
+
+
+async def _liveness_case(backend_factory: BackendFactory, write: str, mended: bool) -> None:
+    name = f"written over as a {write}, " + ("mended by a beat" if mended else "unmended")
+    try:
+        await _liveness_written_over(backend_factory, write, mended,
+                                     namespace=f"liveness-{write}-{int(mended)}")
+    except Exception as error:
+        raise AssertionError(f"the liveness set {name}: {error}") from error
+
+
+async def _liveness_written_over(backend_factory: BackendFactory, write: str, mended: bool, *,
+                                 namespace: str) -> None:
+    """One case of the test above, on backends of ``namespace``."""
+    holder, dead, alive = (_redis_in(backend_factory, namespace) for _ in range(3))
     redis = holder.connection.client
     granted, first = await holder.acquire(lock_for(KEY))
     assert granted
