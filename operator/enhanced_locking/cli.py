@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -170,12 +171,25 @@ def listening_url(sock: socket.socket, *, tls: bool = False) -> str:
 
 
 # --- serve -----------------------------------------------------------------------------------
-def _serve(args: argparse.Namespace) -> int:
+def _serve(args: argparse.Namespace) -> NoReturn:
     config, sources = _load_sourced(args)
     port = _port_setting(args)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return asyncio.run(_run_service(config, args.host, port, sources=sources))
+    _exit(asyncio.run(_run_service(config, args.host, port, sources=sources)))
+
+
+def _exit(code: int) -> NoReturn:
+    """End a process that has served, once its stores are closed: its logs and output flushed,
+    then at once, with ``code``. The interpreter's own teardown after that (every object of the
+    app freed one by one) did nothing the stores need and took about a second of CPU on a
+    loaded machine: SIGTERM, then a second before the process was gone."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        # a reader that went away, or a stream already closed: nothing more to say there
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
 
 
 def _port(value: str) -> int:
@@ -337,7 +351,7 @@ async def _run_service(
 
 
 # --- operator --------------------------------------------------------------------------------
-def _operator(args: argparse.Namespace) -> int:
+def _operator(args: argparse.Namespace) -> NoReturn:
     from enhanced_locking.kube.operator import OperatorOptions
 
     config, sources = _load_sourced(args)
@@ -349,8 +363,8 @@ def _operator(args: argparse.Namespace) -> int:
         standalone=args.standalone, leader_election=args.leader_election, lease=args.lease,
         lease_duration=args.lease_duration, rollout_interval=args.rollout_interval,
     )
-    return asyncio.run(_run_service(config, args.host, _port_setting(args), operator=options,
-                                    sources=sources))
+    _exit(asyncio.run(_run_service(config, args.host, _port_setting(args), operator=options,
+                                   sources=sources)))
 
 
 def _bound_server(base: Any, bound: socket.socket) -> Any:
