@@ -39,6 +39,7 @@ from enhanced_locking.types import (
     LockRequest,
     Locks,
     UnreadableLock,
+    kept_by_grant,
 )
 
 __all__ = ["DEFAULT_URL", "TOKEN_ENV", "URL_ENV", "AsyncClient", "Client", "ServiceError",
@@ -120,11 +121,17 @@ class Client:
             json=_body(request)))
 
     def acquire_batch(self, request: BatchLockRequest) -> BatchResult:
-        """Acquire several locks all or nothing; refusals come back as results."""
-        status, body = self._call("POST", "/v1/locks/batch", ok=_ACQUIRE_ANSWERS,
-                                  timeout=_read_timeout(request, self._default_wait(request)),
-                                  json=_body(request))
-        return BatchResult.model_validate(_acquire_answer(status, body))
+        """Acquire several locks all or nothing; refusals come back as results. A grant's
+        :attr:`~BatchResult.kept` is what the service said lock by lock (its ``Lock-Grant``):
+        the keys the pull held already, not this call's to give back or to renew."""
+        response = self._request("POST", "/v1/locks/batch", json=_body(request),
+                                 timeout=_read_timeout(request, self._default_wait(request)))
+        result = BatchResult.model_validate(
+            _acquire_answer(*_answer(response, _ACQUIRE_ANSWERS)))
+        if not result.acquired:
+            return result
+        return BatchResult.granted(result.locks, kept=kept_by_grant(
+            result.locks, response.headers.get(GRANT_HEADER)))
 
     def release_batch(self, keys: Iterable[str], *, pull: int | None = None,
                       repo: str | None = None) -> Locks:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import enum
 import functools
 import urllib.parse
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from typing import Annotated, Any, Literal, NamedTuple, Self, TypeVar
@@ -794,6 +794,24 @@ GRANT_HEADER = "Lock-Grant"
 lease, if it has one, starts now) or answered the lock its pull already held (``again``:
 unchanged, lease and all). A client that renews a held lock's lease renews only the latter."""
 NEW_GRANT, GRANT_AGAIN = "new", "again"
+
+
+def batch_grant(locks: Sequence[Lock], kept: Collection[str]) -> str:
+    """A batch's 200's :data:`GRANT_HEADER`: one word a lock of its ``locks``, in their order
+    (``new``, or ``again`` for a key in ``kept``, held by the pull already), comma-separated
+    as an HTTP list (``new, again``); a batch of one says what an acquire's 200 says."""
+    return ", ".join(GRANT_AGAIN if lock.key in kept else NEW_GRANT for lock in locks)
+
+
+def kept_by_grant(locks: Sequence[Lock], header: str | None) -> frozenset[str] | None:
+    """The keys a batch's 200 says its pull held already (:func:`batch_grant`); ``None`` when
+    it says nothing that can be read lock by lock (no header, as from an older service or a
+    proxy that drops it, or not one known word a lock)."""
+    words = [word.strip() for word in header.split(",")] if header is not None else []
+    if len(words) != len(locks) or not set(words) <= {NEW_GRANT, GRANT_AGAIN}:
+        return None
+    return frozenset(lock.key for lock, word in zip(locks, words, strict=True)
+                     if word == GRANT_AGAIN)
 
 
 class AcquireResult(_Model):

@@ -17,7 +17,7 @@ from tests.support.service import ServiceProcess, serving
 
 from enhanced_locking.client import AsyncClient, Client, ServiceError
 from enhanced_locking.events import FOLLOWING_COMMENT
-from enhanced_locking.types import Event, LockRequest, Project, Pull
+from enhanced_locking.types import BatchItem, BatchLockRequest, Event, LockRequest, Project, Pull
 
 FLAGS = ("--enhanced-locking-enabled", "--enhanced-locking-priority-queue",
          "--enhanced-locking-deadlock-detection", "--enhanced-locking-max-timeout=1m")
@@ -177,6 +177,37 @@ async def test_a_batch_is_all_or_nothing_and_409_names_the_key_and_why(
     assert released.status_code == 200
     assert len(released.json()["released"]) == 3
     assert released.json()["notHeld"] == [key(repo, "z")]
+
+
+def test_a_batch_grant_says_lock_by_lock_which_it_granted_and_which_its_pull_held(
+    served: ServiceProcess, repo: str,
+) -> None:
+    """The batch's 200 carries ``Lock-Grant`` with one word per lock of its ``locks``, in
+    their order (``new`` or ``again``), and the client's :attr:`BatchResult.kept` is read from
+    it: the keys the pull held before, which a failed renewal or a give-back must not free."""
+    def batch(*paths: str) -> BatchLockRequest:
+        return BatchLockRequest(locks=[BatchItem(project=Project(
+            repo_full_name=repo, path=path, project_name=path)) for path in paths],
+            pull=Pull(num=4), ttl=timedelta(hours=1))
+
+    with Client(served.url) as client:
+        fresh = client.acquire_batch(batch("a", "b"))
+        assert fresh.acquired and fresh.kept == frozenset()
+        mixed = client.acquire_batch(batch("b", "c", "a"))
+        assert mixed.acquired and mixed.kept == frozenset({key(repo, "a"), key(repo, "b")})
+        again = client.acquire_batch(batch("c"))
+        assert again.acquired and again.kept == frozenset({key(repo, "c")})
+    with httpx.Client(base_url=served.url, timeout=30) as http:
+        answer = http.post("/v1/locks/batch", json=batch("d", "a").model_dump(
+            mode="json", by_alias=True, exclude_none=True))
+        assert answer.status_code == 200
+        assert [lock["key"] for lock in answer.json()["locks"]] == [key(repo, "d"),
+                                                                    key(repo, "a")]
+        assert answer.headers["lock-grant"] == "new, again"
+        refused = http.post("/v1/locks/batch", json={
+            **batch("a").model_dump(mode="json", by_alias=True, exclude_none=True),
+            "pull": {"num": 5}})
+        assert refused.status_code == 409 and "lock-grant" not in refused.headers
 
 
 @pytest.mark.parametrize(("change", "field"), [

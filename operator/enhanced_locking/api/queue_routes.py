@@ -50,7 +50,7 @@ from enhanced_locking.api.errors import (
     unreadable_json,
 )
 from enhanced_locking.api.params import Key, OnlyRepo, OptionalPullNum, PullNum
-from enhanced_locking.api.responses import refusal
+from enhanced_locking.api.responses import GRANT_NAME, JsonAnswer, refusal
 from enhanced_locking.backends.waiting import Waiter
 from enhanced_locking.durations import Lease
 from enhanced_locking.factory import LockService
@@ -58,6 +58,7 @@ from enhanced_locking.locking import EnhancedLocker, deadlock
 from enhanced_locking.locking.queueing import NotWithdrawn, withdrawals_noted
 from enhanced_locking.migration import Router
 from enhanced_locking.types import (
+    GRANT_HEADER,
     AcquireResult,
     BatchLockRequest,
     BatchResult,
@@ -71,6 +72,7 @@ from enhanced_locking.types import (
     PullNumber,
     Reason,
     Verb,
+    batch_grant,
     hidden_collision_message,
     utcnow,
 )
@@ -216,7 +218,12 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
     router = service.router
 
     @app.post("/v1/locks/batch", response_model=BatchResult, response_model_by_alias=True,
-              responses={409: {"model": BatchResult}, **WHO})
+              responses={200: {"headers": {GRANT_HEADER: {
+                  "description": "One word a lock of locks, in their order, comma-separated: "
+                                 "new (this call granted it) or again (its pull held it "
+                                 "already, unchanged), as an acquire's 200 says of its lock.",
+                  "schema": {"type": "string", "example": "new, again"}}}},
+                  409: {"model": BatchResult}, **WHO})
     async def acquire_batch(body: BatchLockRequest, request: Request, caller: CallerDep) -> Any:
         """Acquire several locks of one pull, all or nothing; with ``wait`` it waits holding
         none of them. 409 names the key that blocked it and why. A batch granted to a client
@@ -259,10 +266,13 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
             # became of it follows the request's row.
             await caller.gave_back(action="release-batch", repo=repo, pull=pull, tried=tried)
             return gone_answer()
-        if not result.acquired or all(lock.key in result.kept_or(before)
-                                      for lock in result.locks):
+        if not result.acquired:
             return JSONResponse(_dump(result), status_code=status)
-        return AnswerUnlessGone(_dump(result), status_code=200,
+        kept = result.kept_or(before)
+        grant = (GRANT_NAME, batch_grant(result.locks, kept).encode("latin-1"))
+        if all(lock.key in kept for lock in result.locks):
+            return JsonAnswer(_dump(result), status_code=200, raw_header=grant)
+        return AnswerUnlessGone(_dump(result), status_code=200, raw_header=grant,
                                 on_gone=lambda: _give_back_granted(result, body, before, caller))
 
     async def _held_by(body: BatchLockRequest) -> frozenset[str]:

@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse
 from enhanced_locking import types
 from enhanced_locking.types import AcquireResult, BatchResult, Lock, Reason, lock_shape, utc_text
 
-__all__ = ["GRANT_AGAIN", "NEW_GRANT", "STORE_DID_NOT_ANSWER", "JsonAnswer",
+__all__ = ["GRANT_AGAIN", "GRANT_NAME", "NEW_GRANT", "STORE_DID_NOT_ANSWER", "JsonAnswer",
            "lock_json", "model_json", "refusal", "result_json"]
 
 
@@ -57,9 +57,12 @@ class JsonAnswer(JSONResponse):
         return content if isinstance(content, bytes) else orjson.dumps(content)
 
 
-NEW_GRANT = (types.GRANT_HEADER.lower().encode("latin-1"), types.NEW_GRANT.encode("latin-1"))
-GRANT_AGAIN = (types.GRANT_HEADER.lower().encode("latin-1"), types.GRANT_AGAIN.encode("latin-1"))
-"""An acquire's 200's ``Lock-Grant`` (:data:`~enhanced_locking.types.GRANT_HEADER`), raw."""
+GRANT_NAME = types.GRANT_HEADER.lower().encode("latin-1")
+"""The name of an acquire's ``Lock-Grant`` (:data:`~enhanced_locking.types.GRANT_HEADER`), raw
+(a batch's value: :func:`~enhanced_locking.types.batch_grant`)."""
+NEW_GRANT = (GRANT_NAME, types.NEW_GRANT.encode("latin-1"))
+GRANT_AGAIN = (GRANT_NAME, types.GRANT_AGAIN.encode("latin-1"))
+"""An acquire's 200's ``Lock-Grant``, raw."""
 
 
 def model_json(model: BaseModel) -> bytes:
