@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import secrets
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from tests.support.etcd_fixtures import etcd_config, grant
 from tests.support.etcd_server import EtcdCluster
 from tests.support.locks import candidate_for, request_for
 
+from enhanced_locking.backends import codec
 from enhanced_locking.backends.etcd_connection import WATCH_CHECK, Watch
 from enhanced_locking.backends.etcd_store import _KV, EtcdBackend
 from enhanced_locking.backends.waiting import Notice, Status, Wait
@@ -170,3 +172,39 @@ async def test_a_watch_that_keeps_up_is_not_started_again(
         await a.close()
         await b.close()
 
+
+
+async def test_a_batch_grant_another_replica_made_names_the_key_its_pull_held_already(
+    etcd_replicas: tuple[EtcdBackend, EtcdBackend],
+) -> None:
+    """Pull 2's batch of ``net`` and ``dns`` waits through replica ``a`` (pull 1 holds
+    ``dns``); the pull's other request takes ``net`` meanwhile. Pull 1 lets ``dns`` go
+    through ``b``: ``b`` grants the batch, ``net`` answered with the pull's hold unchanged, and
+    ``a`` reads the notice ``b`` wrote. It names ``net`` as the pull's already, so a give-back
+    of the batch (its caller gone, or the router backing off) leaves that hold. Before, a
+    notice read from etcd said nothing of it, and ``net`` was given back with ``dns``."""
+    a, b = etcd_replicas
+    net, dns = want(2, "envs/net"), want(2, "envs/dns")
+    holder = await grant(b, want(1, "envs/dns"))
+    offer = Wait(id=secrets.token_hex(8), timeout=timedelta(seconds=60))
+    told = a.grants.expect(offer.id)
+    queued = await a.acquire_batch((net, dns), ttl=None, wait=offer, policy=POLICY)
+    assert queued.status is Status.QUEUED, queued
+    own = await grant(b, net)
+    await b.release_and_handoff(holder.key, owner=holder.owner, policy=POLICY)
+    notice = await asyncio.wait_for(told, WATCH_CHECK + 10)
+    assert notice.fresh and notice.locks[0] == own, notice
+    assert notice.kept == frozenset({net.key}), notice.kept
+    a.grants.forget(offer.id, told)
+
+
+async def test_a_notice_an_older_replica_wrote_does_not_say_which_keys_were_kept(
+    etcd_replicas: tuple[EtcdBackend, EtcdBackend],
+) -> None:
+    # Written before notices named the keys a pull held already (a rolling upgrade): read as
+    # not said, so a give-back falls back to the look before the grant, as before.
+    a, _ = etcd_replicas
+    lock = await grant(a, want(1))
+    old = {"locks": [codec.encode(lock)], "reason": None, "fresh": True, "waiter": None}
+    _, notice = a.notice_from(_KV(json.dumps(old).encode(), mod=lock.fencing_token))
+    assert notice.locks == (lock,) and notice.fresh and notice.kept is None

@@ -40,8 +40,10 @@ entries never share a prefix with another key's):
   of a replica that is gone vanish with it; until then (``SESSION_TTL``), a waiter whose
   replica has not renewed it for ``GONE_AFTER`` seconds is passed over, not granted
   (``EtcdBackend._gone``).
-* ``notice/{waiter}``: what a waiter is told (its locks, or why it left), written in the same
-  transaction as the grant, attached to the waiter's session lease. The waiting replica hears
+* ``notice/{waiter}``: what a waiter is told (its locks, or why it left; of a grant, also the
+  keys its pull held already, ``kept``, which a notice an older replica wrote lacks: that one
+  does not say), written in the same transaction as the grant, attached to the waiter's
+  session lease. The waiting replica hears
   of it through a watch, and deletes it once its caller is done (one written after its caller
   left is kept for a retry of the same ID, and deleted when that retry is queued again);
   while it has waiters it also reads the notices every ``WATCH_CHECK`` seconds, for a watch
@@ -805,7 +807,11 @@ class EtcdBackend(StoreBackend):
         if data.get("waiter"):
             waiter = self.waiter_from(_KV(data["waiter"].encode()))
         reason = Reason(data["reason"]) if data.get("reason") else None
+        # ``kept``: the keys its pull held already when granted; a notice an older replica
+        # wrote has none, and does not say (``None``).
+        kept = data.get("kept")
         return waiter, Notice(locks=locks, reason=reason, fresh=data.get("fresh", True),
+                              kept=None if kept is None else frozenset(kept),
                               caller=waiter.caller if waiter is not None else "")
 
     # --- primitives of StoreBackend ----------------------------------------------------------
@@ -1522,6 +1528,7 @@ class EtcdBackend(StoreBackend):
                     "locks": [codec.encode(lock) for lock in notice.locks],
                     "reason": notice.reason.value if notice.reason else None,
                     "fresh": notice.fresh,
+                    **({} if notice.kept is None else {"kept": sorted(notice.kept)}),
                     "waiter": self.record(*record).decode(),
                 }).encode(), record[1])
 
