@@ -10,6 +10,7 @@ call write nothing.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from datetime import timedelta
 from types import SimpleNamespace
@@ -19,9 +20,9 @@ from tests.conftest import ServiceMaker
 from tests.support.locks import candidate_for, request_for
 from tests.support.redis_server import RedisServer
 
-from enhanced_locking.backends import redis_store
+from enhanced_locking.backends import redis_replies, redis_scripts, redis_store
 from enhanced_locking.backends.redis_store import RedisBackend
-from enhanced_locking.backends.waiting import Handoff, Outcome, QueuePolicy, Status, Wait
+from enhanced_locking.backends.waiting import Handoff, Notice, Outcome, QueuePolicy, Status, Wait
 from enhanced_locking.types import (
     BackendUnavailable,
     Candidate,
@@ -29,6 +30,7 @@ from enhanced_locking.types import (
     LockRequest,
     Project,
     Pull,
+    Reason,
 )
 
 pytestmark = pytest.mark.redis
@@ -283,3 +285,73 @@ async def test_a_shared_give_back_leaves_a_hold_a_later_request_was_told_it_has(
     assert handoff.released is not None and handoff.released.mode == "shared"
     held = await backend.get(C.key)
     assert held is not None and held.pull.num == 2 and held.mode == "exclusive"
+
+
+async def _batch_waiting_while_its_pull_takes_a(
+    backend: RedisBackend, waiter_id: str,
+) -> tuple[asyncio.Future[Notice], Lock]:
+    """Pull 1 holds ``b``; pull 2's batch of ``a`` and ``b`` waits for it (waiter
+    ``waiter_id``, its caller waiting here: what it is told); meanwhile the pull's other
+    request takes ``a`` (its lock)."""
+    assert (await _fail_fast(backend, candidate_for(B))).status is Status.GRANTED
+    offer = Wait(id=waiter_id, timeout=timedelta(seconds=60))
+    told = backend.grants.expect(offer.id)
+    queued = await backend.acquire_batch((candidate_for(A2), candidate_for(B2)), ttl=None,
+                                         wait=offer, policy=QueuePolicy())
+    assert queued.status is Status.QUEUED, queued
+    own = await _fail_fast(backend, candidate_for(A2))
+    assert own.status is Status.GRANTED and own.kept == frozenset(), own
+    return told, own.locks[0]
+
+
+async def test_a_grant_from_the_queue_says_per_key_what_its_pull_held_and_an_older_one_does_not(
+    backend: RedisBackend,
+) -> None:
+    """Pull 2's batch of ``a`` and ``b`` waits (pull 1 holds ``b``); the pull's other request
+    takes ``a``; pull 1's release grants the batch, nobody listening. The waiter's outcome
+    records each lock with whether its pull held it already (``a``), and a cancel that finds
+    the grant answers so. An outcome an older replica wrote (a rolling upgrade) has no such
+    mark: the cancel answers that it does not say (the caller falls back to its look before
+    the grant, as before)."""
+    policy = QueuePolicy()
+    told, own = await _batch_waiting_while_its_pull_takes_a(backend, "batch-kept")
+    backend.grants.forget("batch-kept", told)  # its caller left: nobody confirms the grant
+    await backend.release_and_handoff(B.key, owner=(B.project.repo_full_name, 1), policy=policy)
+    client, name = backend.connection.client, backend.keys.outcome("batch-kept")
+    text = await client.hget(name, "locks")
+    assert text is not None, "no outcome record of the grant"
+    recorded = json.loads(text)
+    assert [(key, held) for key, _, held in recorded] == [(A2.key, 1), (B2.key, 0)]
+    older = json.dumps([[key, token] for key, token, _ in recorded])
+    cancelled = await backend.cancel(A2.key, "batch-kept", policy=policy)
+    assert cancelled.fresh and cancelled.kept == frozenset({A2.key}), cancelled
+    assert cancelled.granted[0] == own
+    # The same grant as an older replica recorded it, cancelled again.
+    await client.hset(name, "locks", older)
+    again = await backend.cancel(A2.key, "batch-kept", policy=policy)
+    assert again.granted == cancelled.granted and again.fresh and again.kept is None, again
+
+
+async def test_a_batch_whose_claim_lapsed_before_its_confirmation_leaves_its_pulls_own_hold(
+    backend: RedisBackend, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pull 2's batch of ``a`` and ``b`` waits (pull 1 holds ``b``); the pull's other request
+    takes ``a``; pull 1's release grants the batch, and its confirmation comes after the
+    claim on ``b`` lapsed (the replica cut off for longer). The batch is all or nothing: its
+    caller is told ``unavailable`` and what is left of the grant goes back, which is not the
+    pull's hold of ``a`` (answered unchanged). Before, CONFIRM answered ``a`` among the locks
+    to give back and the replica released it by owner."""
+    told, own = await _batch_waiting_while_its_pull_takes_a(backend, "batch-lapsed")
+    confirm = backend._confirm
+
+    async def late(waiter_id: str) -> redis_replies.Confirm:
+        await asyncio.sleep(redis_scripts.CLAIM_MS / 1000 + 1)  # past the claim
+        return await confirm(waiter_id)
+
+    monkeypatch.setattr(backend, "_confirm", late)
+    await backend.release_and_handoff(B.key, owner=(B.project.repo_full_name, 1),
+                                      policy=QueuePolicy())
+    notice = await asyncio.wait_for(told, 60)
+    assert not notice.granted and notice.reason is Reason.UNAVAILABLE, notice
+    assert await backend.get(A2.key) == own, "the pull's hold of a was given back"
+    assert await backend.get(B2.key) is None

@@ -27,6 +27,7 @@ from enhanced_locking.types import (
     BackendUnavailable,
     BatchItem,
     BatchLockRequest,
+    BatchResult,
     InvalidRequest,
     LockNotHeld,
     LockNotOwned,
@@ -953,6 +954,123 @@ async def test_a_batch_tells_acquired_only_for_the_keys_it_granted(
     await settle()
     assert [(event.type, event.key) for event in rig.events] == [
         ("acquired", a), ("acquired", b)]
+
+
+def _batch_of(pull: int, *paths: str, wait: timedelta | None = None) -> BatchLockRequest:
+    return BatchLockRequest(locks=[BatchItem(project=ask(pull, path=p).project) for p in paths],
+                            pull=ask(pull).pull, wait=wait)
+
+
+async def _waiting_while_its_pull_takes_a(
+    rig: LockerRig, monkeypatch: pytest.MonkeyPatch, batch: BatchLockRequest,
+) -> tuple[asyncio.Task[BatchResult], AcquireResult]:
+    """Pull 1 holds ``b``; pull 2's ``batch`` of ``a`` and ``b`` waits for it; meanwhile the
+    pull's other request takes ``a`` (fresh: the batch holds nothing while it waits)."""
+    assert (await rig.locker.acquire(ask(1, path="b"))).acquired
+    [begun] = waits_begun(monkeypatch, 1)
+    waiting = rig.spawn(rig.locker.acquire_batch(batch))
+    await asyncio.wait_for(begun.wait(), 30)
+    own = await rig.locker.acquire(ask(2, path="a"))
+    assert own.acquired and own.fresh, own
+    return waiting, own
+
+
+async def test_a_batch_granted_from_the_queue_names_the_key_its_pull_took_while_it_waited(
+    rigs: Callable[..., LockerRig], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pull 2's batch of ``a`` and ``b`` waits; its pull's other request takes ``a``
+    meanwhile; pull 1 lets ``b`` go and the batch is granted from the queue, ``a`` answered
+    with the pull's hold unchanged. The answer says so key by key (``kept``), as the store's
+    grant did: a give-back that follows it (the router's batch backing off) leaves ``a``.
+    Before, on Redis, the confirmation of a grant from the queue did not say it, and the look
+    before the grant (when ``a`` was free) stood in."""
+    rig = rigs()
+    a, b = ask(2, path="a").key, ask(2, path="b").key
+    waiting, own = await _waiting_while_its_pull_takes_a(
+        rig, monkeypatch, _batch_of(2, "a", "b", wait=30 * S))
+    assert await rig.locker.release(b, owner=("acme/infra", 1)) is not None
+    granted = await asyncio.wait_for(waiting, 30)
+    assert granted.acquired and granted.locks[0] == own.lock, granted
+    assert granted.kept == frozenset({a}), granted.kept
+
+
+async def test_a_batch_granted_as_its_caller_leaves_keeps_the_hold_its_pull_took_meanwhile(
+    rigs: Callable[..., LockerRig], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As above, and the batch's caller leaves as its grant is told: the give-back frees
+    ``b``, which the batch was granted, and never ``a``, the pull's hold that the batch was
+    answered with (a cancel that finds the grant says which keys its pull held already).
+    Before, on Redis and etcd, the cancel did not say it, and ``a`` was released too."""
+    rig = rigs()
+    backend = rig.locker.backend
+    a, b = ask(2, path="a").key, ask(2, path="b").key
+    waiting, own = await _waiting_while_its_pull_takes_a(
+        rig, monkeypatch, _batch_of(2, "a", "b", wait=30 * S))
+    deliver = backend.grants.deliver
+
+    def told(waiter_id: str, notice: Notice) -> None:
+        if notice.granted:
+            waiting.cancel()  # gone as its grant is told: never answered
+        else:
+            deliver(waiter_id, notice)
+
+    monkeypatch.setattr(backend.grants, "deliver", told)
+    assert await rig.locker.release(b, owner=("acme/infra", 1)) is not None
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.wait_for(waiting, 60)
+    assert waiting.cancelled()
+    await settle()
+    await _store_tidied(backend)
+    assert await rig.locker.get(a) == own.lock, "the pull's hold of a was given back"
+    assert await rig.locker.get(b) is None, "the batch's grant of b outlived its caller"
+
+
+async def test_a_retry_taking_over_a_batchs_grant_names_the_key_its_pull_took_meanwhile(
+    rigs: Callable[..., LockerRig], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pull 2's batch with a ``requestId`` waits; its pull's other request takes ``a``; the
+    batch's client goes, and within the retry grace pull 1 lets ``b`` go: the batch is granted,
+    heard by nobody. The same request, sent again, takes the grant over: its answer names
+    ``a`` as the pull's already, so its own give-back (its client gone too) leaves it."""
+    monkeypatch.setattr(queueing, "RETRY_GRACE", 0.0)
+    gated = _Gated(asyncio.Event(), asyncio.Event())
+    withdraw = queueing._withdraw_retrying
+
+    async def withdrawal(*args: Any, **kwargs: Any) -> Any:
+        await gated.withdraw.wait()  # the first caller's, after the grace: held back
+        try:
+            return await withdraw(*args, **kwargs)
+        finally:
+            gated.withdrawn.set()
+
+    monkeypatch.setattr(queueing, "_withdraw_retrying", withdrawal)
+    rig = rigs()
+    a = ask(2, path="a").key
+    batch = _batch_of(2, "a", "b", wait=30 * S).model_copy(update={"request_id": "job-21"})
+    first, own = await _waiting_while_its_pull_takes_a(rig, monkeypatch, batch)
+    first.cancel()  # the first client is gone
+    with contextlib.suppress(asyncio.CancelledError):
+        await first
+    assert await rig.locker.release(ask(1, path="b").key, owner=("acme/infra", 1)) is not None
+    await settle()
+    taken = await asyncio.wait_for(rig.locker.acquire_batch(batch), 30)
+    assert taken.acquired and taken.locks[0] == own.lock, taken
+    assert taken.kept == frozenset({a}), taken.kept
+    gated.withdraw.set()  # the first caller's withdrawal finds the waiter taken over
+    await asyncio.wait_for(gated.withdrawn.wait(), 10)
+    assert await rig.locker.get(a) == own.lock
+
+
+async def test_a_batch_that_may_wait_granted_at_once_names_the_key_its_pull_held(
+    rigs: Callable[..., LockerRig],
+) -> None:
+    # Nothing blocks it: granted in the enqueue's own step, which says ``a`` is the pull's.
+    rig = rigs()
+    a = ask(1, path="a").key
+    held = await rig.locker.acquire(ask(1, path="a"))
+    granted = await rig.locker.acquire_batch(_batch_of(1, "a", "b", wait=30 * S))
+    assert granted.acquired and granted.locks[0] == held.lock, granted
+    assert granted.kept == frozenset({a}), granted.kept
 
 
 # --- retries -----------------------------------------------------------------------------------

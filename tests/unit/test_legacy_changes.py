@@ -17,6 +17,7 @@ import sys
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tests.conftest import ServiceMaker
@@ -25,6 +26,7 @@ from tests.support.queues import waits_begun
 
 from enhanced_locking.backends import EmbeddedBackend, codec
 from enhanced_locking.backends.embedded import open_database
+from enhanced_locking.factory import LockService
 from enhanced_locking.types import (
     AcquireResult,
     BackendUnavailable,
@@ -399,8 +401,14 @@ async def test_a_batch_backing_off_keeps_a_hold_its_pull_took_after_the_look(
     hold, unchanged; or it asks for ``a`` after the grant and is answered with the batch's
     hold. Then another writer takes ``b`` on legacy, and the batch backs off. It gives back
     only what it granted and nobody else was told they hold: ``b``, never ``a``."""
-    waits = when == "while-it-waits"
     service = await make_service(enabled=True, migration_weight=100)
+    await _backing_off(service, monkeypatch, when)
+
+
+async def _backing_off(service: LockService, monkeypatch: pytest.MonkeyPatch,
+                       when: str) -> None:
+    """The body of the test above, over ``service``'s enhanced store."""
+    waits = when == "while-it-waits"
     path = service.provider.current.config.data_path
     enhanced = service.enhanced
     assert enhanced is not None
@@ -441,6 +449,30 @@ async def test_a_batch_backing_off_keeps_a_hold_its_pull_took_after_the_look(
     assert own.fresh == (when != "after-the-grant")
     assert await enhanced.backend.get(a) == own.lock, "the pull's hold of a was dropped"
     assert await enhanced.backend.get(b) is None, "the batch's grant of b was left behind"
+
+
+@pytest.mark.parametrize("store", [pytest.param("redis", marks=pytest.mark.redis),
+                                   pytest.param("etcd", marks=pytest.mark.etcd)])
+async def test_a_batch_that_waited_on_redis_or_etcd_backing_off_keeps_its_pulls_later_hold(
+    make_service: ServiceMaker, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest,
+    store: str,
+) -> None:
+    """The test above, the batch granted from the queue, over Redis and etcd: the store's
+    grant of a batch that waited names the keys its pull held already, as the embedded
+    store's does. Before, Redis's confirmation of the grant (and etcd's notice) did not, the
+    router's look before the grant (``a`` free) stood in, and backing off released the
+    pull's hold of ``a``."""
+    if store == "redis":
+        server = request.getfixturevalue("redis_server")
+        settings: dict[str, Any] = {"backend": "redis", "redis_addr": server.addr}
+        if server.password is not None:
+            settings["redis_password"] = server.password
+    else:
+        cluster = request.getfixturevalue("etcd_cluster")
+        settings = {"backend": "etcd", "etcd_endpoints": cluster.endpoints,
+                    "etcd_key_prefix": request.getfixturevalue("etcd_prefix")}
+    service = await make_service(enabled=True, migration_weight=100, **settings)
+    await _backing_off(service, monkeypatch, "while-it-waits")
 
 
 async def test_a_legacy_batch_refused_keeps_a_hold_its_pull_took_after_the_look(

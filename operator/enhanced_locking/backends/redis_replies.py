@@ -122,6 +122,9 @@ class Acquired(NamedTuple):
 
     locks: tuple[LockRow, ...]
     fresh: bool
+    kept_keys: frozenset[str] | None
+    """The keys of those its pull held already (answered unchanged); ``None``: the grant a
+    retry took over does not say (an older replica's)."""
     expired: tuple[LockRow, ...] = ()
     """The locks whose lease had run out, dropped by the call before it decided."""
     handed: tuple[GrantRow, ...] = ()
@@ -214,13 +217,16 @@ class PullReleased(NamedTuple):
 
 class Cancel(NamedTuple):
     """``cancel.lua``: ``removed`` (``handed``: the waiters its leaving served), ``kept``,
-    ``none`` or ``granted`` (``locks``, ``fresh``)."""
+    ``none`` or ``granted`` (``locks``, ``fresh``, ``kept_keys``)."""
 
     status: str
     waiter: WaiterRecord | None
     locks: tuple[LockRow, ...] = ()
     fresh: bool = True
     handed: tuple[GrantRow, ...] = ()
+    kept_keys: frozenset[str] | None = None
+    """With ``granted``: the keys of those its pull held already when it was granted;
+    ``None``: the grant does not say (an older replica's)."""
 
 
 class Confirm(NamedTuple):
@@ -231,6 +237,9 @@ class Confirm(NamedTuple):
     locks: tuple[LockRow, ...]
     fresh: bool
     caller: str = ""
+    kept_keys: frozenset[str] | None = None
+    """With ``granted``: the keys of those its pull held already when it was granted;
+    ``None``: the grant does not say (an older replica's)."""
 
 
 class Refresh(NamedTuple):
@@ -376,8 +385,9 @@ def acquire(answer: Any) -> Took | Acquired | Refused | Queued:
     # Each answer but ``took`` may end with the locks whose lease had run out (``expired``),
     # and after them the waiters it served before it decided (``_handed``).
     if status == "granted":
-        _, held, fresh, *expired = answer
-        return Acquired(locks(held), bool(fresh), _expired(expired), _handed(expired))
+        _, held, fresh, kept, *expired = answer
+        return Acquired(locks(held), bool(fresh), _keys(kept), _expired(expired),
+                        _handed(expired))
     if status == "queued":
         _, record, key, holder, position, freeze, superseded, *expired = answer
         return Queued(waiter(record), str(key), maybe_lock(holder), int(position), str(freeze),
@@ -394,6 +404,14 @@ def acquire(answer: Any) -> Took | Acquired | Refused | Queued:
     _, key, holder, *expired = answer  # held, limited
     return Refused(str(status), str(key), maybe_lock(holder), expired=_expired(expired),
                    handed=_handed(expired))
+
+
+def _keys(kept: Any) -> frozenset[str] | None:
+    """A grant's keys its pull held already (``lib.lua``'s ``kept_keys``): the scripts'
+    ``false`` (``None`` from Redis, ``False`` from JSON text) when the grant does not say."""
+    if kept is None or kept is False:
+        return None
+    return frozenset(str(key) for key in kept)
 
 
 def _expired(after: list[Any]) -> tuple[LockRow, ...]:
@@ -432,8 +450,8 @@ def release_by_pull(answer: Sequence[Any]) -> PullReleased:
 def cancel(answer: Sequence[Any]) -> Cancel:
     status = str(answer[0])
     if status == "granted":
-        _, record, held, fresh = answer
-        return Cancel(status, waiter(record), locks(held), bool(fresh))
+        _, record, held, fresh, kept = answer
+        return Cancel(status, waiter(record), locks(held), bool(fresh), kept_keys=_keys(kept))
     if status == "removed":
         return Cancel(status, waiter(answer[1]),
                       handed=_grants(answer[2]) if len(answer) > 2 else ())
@@ -444,8 +462,8 @@ def cancel(answer: Sequence[Any]) -> Cancel:
 
 def confirm(answer: Sequence[Any]) -> Confirm:
     if answer[0] == "granted":
-        _, held, fresh, caller = answer
-        return Confirm(True, locks(held), bool(fresh), str(caller))
+        _, held, fresh, caller, kept = answer
+        return Confirm(True, locks(held), bool(fresh), str(caller), _keys(kept))
     return Confirm(False, locks(answer[1]), True)
 
 

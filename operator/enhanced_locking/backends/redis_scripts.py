@@ -53,6 +53,7 @@ at ``ARGV[2]`` (``begin_lean`` in ``lua/lib.lua``).
                     replica (the replica id R of its caller), rid, and "d:K" = the Atlantis
                     JSON to store for each key K
     outcome:W       hash, kept a few minutes: kind (granted/timeout/...), waiter, locks
+                    ([key, token, held] each: held 1 when its pull held it already)
     held, fenced, queued          sets of keys (held, with a counter, with waiters)
     pull:{repo#num} set of the keys a pull may hold
     replicas        the liveness set (RedisKeys.liveness): R scored by the server time until

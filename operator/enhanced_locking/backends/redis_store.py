@@ -16,6 +16,7 @@ which ``/readyz`` reports and the router's fallback acts on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
@@ -1095,14 +1096,12 @@ class RedisBackend:
             locks = tuple(
                 self._lock(row, asked[row.key] if row.data == sent[row.key] else None)
                 for row in answer.locks)
-            # A lock stored as this call sent it is this call's grant; any other is the pull's
-            # hold, kept. Said only by a call that does not wait: one that waits may be
-            # answered with the grant a first call of its request was made (sent by that one).
-            kept = (frozenset(row.key for row in answer.locks if row.data != sent[row.key])
-                    if wait is None else None)
+            # The keys its pull held already, as the script's grant says them (a retry may be
+            # answered with the grant a first call of its request was made, and its record
+            # says them too; not one written by an older replica: ``None``).
             return Outcome(status=Status.GRANTED, locks=locks, fresh=answer.fresh,
                            expired=tuple(self._readable(answer.expired, deleted=True)),
-                           handed=self._grants(answer.handed), kept=kept)
+                           handed=self._grants(answer.handed), kept=answer.kept_keys)
         messages = {f.name: f.message for f in policy.rules.freezes}
         if isinstance(answer, redis_replies.Refused):
             return Outcome(status=Status(answer.status), key=answer.key,
@@ -1215,7 +1214,8 @@ class RedisBackend:
             return Cancelled()
         return Cancelled(removed=answer.status == "removed", waiter=self._waiter(answer.waiter),
                          granted=tuple(self._lock(row) for row in answer.locks),
-                         fresh=answer.fresh, handed=self._grants(answer.handed))
+                         fresh=answer.fresh, kept=answer.kept_keys,
+                         handed=self._grants(answer.handed))
 
     async def queue(self, key: str, *, policy: QueuePolicy | None = None,
                     limit: int | None = None) -> Waiters:
@@ -1347,13 +1347,18 @@ class RedisBackend:
                 await asyncio.wait(ahead)
             if answer.granted:
                 self.grants.deliver(waiter_id, Notice(locks=held, fresh=answer.fresh,
+                                                      kept=answer.kept_keys,
                                                       caller=answer.caller))
                 return
             # A claim lapsed before we could confirm (we were cut off for CLAIM_MS): a batch
-            # is all or nothing, so give back what is left and tell the caller.
+            # is all or nothing, so give back what is left of its grant (not a lock its pull
+            # held already: CONFIRM leaves those out) and tell the caller. Each by its token:
+            # a hold its pull took of the key since is not this grant's.
             for lock in held:
-                await self.release_and_handoff(
-                    lock.key, owner=(lock.project.repo_full_name, lock.pull.num))
+                with contextlib.suppress(LockNotOwned):
+                    await self.release_and_handoff(
+                        lock.key, owner=(lock.project.repo_full_name, lock.pull.num),
+                        token=lock.fencing_token)
             self.grants.deliver(waiter_id, Notice(reason=Reason.UNAVAILABLE))
         finally:
             me = asyncio.current_task()

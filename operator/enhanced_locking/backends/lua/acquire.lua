@@ -7,7 +7,9 @@
 -- ARGV[14] request id ('' none)  ARGV[15] owner repo  ARGV[16] owner pull
 -- ARGV[17] base priority level 0..3  ARGV[18] mode  ARGV[19] head commit ('' unknown)
 -- ARGV[20] caller ('' none)  ARGV[21..] quads: lock key, Atlantis JSON, path, workspace
--- returns {'granted', {lock...}, fresh 0/1}
+-- returns {'granted', {lock...}, fresh 0/1, the keys of those its pull held already (answered
+--          unchanged), or false when the grant a retry takes over does not say (an older
+--          replica's: lib.lua `kept_keys`)}
 --         {'took', token, at, exp}: granted by the lean path (`uncontended`), the one key as
 --          asked (the caller sent the rest of the lock)
 --         {'held' | 'limited', key, its holder or {}}
@@ -67,16 +69,18 @@ local function main()
     -- goes is no outcome of ours.)
     local out = redis.pcall('HMGET', outcome_name(wait_id), 'kind', 'locks', 'fresh')
     if not is_error(out) and out[1] == 'granted' then
-      local still, all, unheard = {}, true, true
-      for _, pair in ipairs(cjson.decode(out[2])) do
+      local still, all, unheard, tokens = {}, true, true, cjson.decode(out[2])
+      for _, pair in ipairs(tokens) do
         expect(lock_name, pair[1])
         expect(shared_name, pair[1])
       end
       planned()
-      for _, pair in ipairs(cjson.decode(out[2])) do
+      for _, pair in ipairs(tokens) do
         local h = holder_with_token(pair[1], pair[2])
         if h then
-          if h[8] then settle_claim(h) else unheard = false end  -- (confirmed: a caller heard)
+          -- Confirmed: a caller heard of it. (Not a lock its pull held already: that one
+          -- carries no claim of the grant's.)
+          if h[8] then settle_claim(h) elseif pair[3] ~= 1 then unheard = false end
           table.insert(still, h)
         else
           all = false
@@ -85,7 +89,7 @@ local function main()
       if all and #still > 0 then
         w('HSET', outcome_name(wait_id), 'kind', 'taken')
         -- nobody heard of it yet: the retry's to give back, fresh as it was granted
-        return {'granted', still, unheard and (tonumber(out[3]) or 1) or 0}
+        return {'granted', still, unheard and (tonumber(out[3]) or 1) or 0, kept_keys(tokens)}
       end
     end
   end
@@ -152,13 +156,13 @@ local function main()
   -- lock (set aside; a force-unlock repairs it), waiting or not.
   if d[1] == 'damaged' then return told({'held', d[2], set_aside(d[2], d[3])}) end
   if d[1] == 'grant' then
-    local locks, fresh = {}, 0
+    local locks, fresh, kept = {}, 0, {}
     for i, k in ipairs(keys) do
       local lock, new = take(k, datas[k], repo, pull, ttl, false, mode, parts[i].path, parts[i].ws)
       table.insert(locks, lock)
-      if new then fresh = 1 end
+      if new then fresh = 1 else table.insert(kept, k) end
     end
-    return told({'granted', locks, fresh})
+    return told({'granted', locks, fresh, kept})
   end
   local blocked = d[2]
   local holder = peek(blocked) or {}

@@ -7,7 +7,9 @@
 -- returns {'removed', waiter record, the waiters its leaving served ({waiter record, locks,
 --         fresh} each)}, {'kept', waiter record} (a retry owns it now, or was granted it),
 --         {'none'}, or, when it had been granted already,
---         {'granted', waiter record, locks it still holds (now confirmed), fresh 0/1}
+--         {'granted', waiter record, locks it still holds (now confirmed), fresh 0/1, the keys
+--         of those its pull held already, or false when the grant does not say (lib.lua
+--         `kept_keys`)}
 -- decoded by redis_replies.cancel
 local refused = guard()
 if refused then return refused end
@@ -36,19 +38,19 @@ local function main()
       end
     end
   end
-  local still = {}
-  for _, pair in ipairs(cjson.decode(out[3])) do
+  local still, tokens = {}, cjson.decode(out[3])
+  for _, pair in ipairs(tokens) do
     expect(lock_name, pair[1])
     expect(shared_name, pair[1])
   end
   planned()
-  for _, pair in ipairs(cjson.decode(out[3])) do
+  for _, pair in ipairs(tokens) do
     local holder = holder_with_token(pair[1], pair[2])
     if holder then
       if holder[8] then settle_claim(holder) end
       table.insert(still, holder)
     end
   end
-  return {'granted', granted_to, still, tonumber(out[4]) or 1}
+  return {'granted', granted_to, still, tonumber(out[4]) or 1, kept_keys(tokens)}
 end
 return run(main, true)

@@ -1,9 +1,11 @@
 -- confirm: the waiter's replica takes the locks it was granted (ends the claim).
 -- KEYS[8..] the waiter's record and outcome (and its keys' keys, if known); more it asks for
 -- ARGV[11] waiter id
--- returns {'granted', locks, fresh 0/1, the caller that owned the waiter when it was granted}
--- or {'lost', locks it still holds and must give back} (a claim lapsed first; none when its
--- pull held them already: fresh 0)
+-- returns {'granted', locks, fresh 0/1, the caller that owned the waiter when it was granted,
+--         the keys of those its pull held already (answered unchanged), or false when the
+--         grant does not say (an older replica's: lib.lua `kept_keys`)}
+-- or {'lost', locks it still holds and must give back} (a claim lapsed first; none that its
+-- pull held already: fresh 0, or one the grant names so)
 -- decoded by redis_replies.confirm
 local refused = guard()
 if refused then return refused end
@@ -11,29 +13,31 @@ local function main()
   local out = redis.pcall('HMGET', outcome_name(ARGV[11]), 'kind', 'locks', 'fresh', 'waiter')
   if is_error(out) or out[1] ~= 'granted' then return {'lost', {}} end
   local fresh = tonumber(out[3]) or 1
-  for _, pair in ipairs(cjson.decode(out[2])) do
+  local tokens = cjson.decode(out[2])
+  for _, pair in ipairs(tokens) do
     expect(lock_name, pair[1])
     expect(shared_name, pair[1])
   end
   planned()
-  local held, lost = {}, false
-  for _, pair in ipairs(cjson.decode(out[2])) do
+  local held, ours, lost = {}, {}, false
+  for _, pair in ipairs(tokens) do
     local holder = holder_with_token(pair[1], pair[2])
     if holder then
       if holder[8] == ARGV[11] then settle_claim(holder) end
       table.insert(held, holder)
+      if pair[3] ~= 1 then table.insert(ours, holder) end
     else
       lost = true
     end
   end
   if lost then
     if fresh == 0 then return {'lost', {}} end
-    return {'lost', held}
+    return {'lost', ours}
   end
   local caller, granted_to = '', out[4] and cjson.decode(out[4]) or {}
   for i = 1, #granted_to, 2 do
     if granted_to[i] == 'caller' then caller = granted_to[i + 1] end
   end
-  return {'granted', held, fresh, caller}
+  return {'granted', held, fresh, caller, kept_keys(tokens)}
 end
 return run(main, true)

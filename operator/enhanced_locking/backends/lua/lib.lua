@@ -1423,9 +1423,15 @@ local function unqueue(id, rec)
   w('DEL', waiter_name(id))
 end
 
-local function remember(id, rec, kind, locks, fresh)
+-- An outcome's `locks` are {key, token, held} each: `held` 1 when the waiter's pull held that
+-- lock already as it was granted (answered unchanged: not the grant's to give back), else 0
+-- (`held`, one per lock, 1 for every one when `fresh` is 0). An outcome written before `held`
+-- existed has {key, token} (an older replica's grant): `kept_keys` says it cannot tell.
+local function remember(id, rec, kind, locks, fresh, held)
   local tokens = {}
-  for _, lock in ipairs(locks) do table.insert(tokens, {lock[1], lock[3]}) end
+  for i, lock in ipairs(locks) do
+    table.insert(tokens, {lock[1], lock[3], held and held[i] or 0})
+  end
   local name = outcome_name(id)
   if not w_try('HSET', name, 'kind', kind, 'waiter', cjson.encode(rec.flat),
                'locks', cjson.encode(tokens), 'fresh', fresh or 0) then
@@ -1449,18 +1455,30 @@ local function drop_waiter(id, rec, kind, fx)
   if fx then table.insert(fx.dropped, rec.flat) end
 end
 
+-- The keys of an outcome's `locks` (see `remember`) its pull held already when granted, or
+-- false when the outcome does not say (written before it did: an older replica's).
+local function kept_keys(pairs_of)
+  local kept = {}
+  for _, pair in ipairs(pairs_of) do
+    if pair[3] == nil then return false end
+    if pair[3] == 1 then table.insert(kept, pair[1]) end
+  end
+  return kept
+end
+
 -- fresh 1: some lock is new to the waiter; 0: its pull held every key already (unchanged).
 local function grant(id, rec, fx)
-  local locks, fresh = {}, 0
+  local locks, fresh, held = {}, 0, {}
   local parts = waiter_parts(rec)
   for i, k in ipairs(rec.keys) do
     local lock, new = take(k, rec['d:' .. k], rec.repo, rec.pull, tonumber(rec.ttl), id,
                            rec.mode, parts[i].path, parts[i].ws)
     table.insert(locks, lock)
     if new then fresh = 1 end
+    held[i] = new and 0 or 1
   end
   unqueue(id, rec)
-  remember(id, rec, 'granted', locks, fresh)
+  remember(id, rec, 'granted', locks, fresh, held)
   tell(rec, id, 'granted')
   table.insert(fx.granted, {rec.flat, locks, fresh})
   return locks
