@@ -61,15 +61,21 @@ class HeldUpCommits(EtcdBackend):
 
 
 class HeldUpNotices(EtcdBackend):
-    """A replica whose waiters hear of their notices only once ``meanwhile`` has run."""
+    """A replica whose waiters hear of their notices only once ``meanwhile`` has run (once
+    per waiter: the watch and the read of notices every ``WATCH_CHECK`` seconds may both
+    bring a notice while it is held up, and the second would run ``meanwhile`` again)."""
 
     meanwhile: Meanwhile | None = None
     _later: ClassVar[set[asyncio.Task[None]]] = set()
+    _holding: frozenset[str] = frozenset()
 
     def _heard(self, waiter_id: str, kv: Any) -> bool:
         meanwhile = self.meanwhile
         if meanwhile is None:
             return super()._heard(waiter_id, kv)
+        if waiter_id in self._holding:
+            return False  # held up already: told once ``meanwhile`` has run
+        self._holding |= {waiter_id}
 
         async def later() -> None:
             await meanwhile()
