@@ -183,7 +183,14 @@ def _exit(code: int) -> NoReturn:
     """End a process that has served, once its stores are closed: its logs and output flushed,
     then at once, with ``code``. The interpreter's own teardown after that (every object of the
     app freed one by one) did nothing the stores need and took about a second of CPU on a
-    loaded machine: SIGTERM, then a second before the process was gone."""
+    loaded machine: SIGTERM, then a second before the process was gone.
+
+    A code other than 0 (a refusal to start, before anything was served: an empty store, a
+    bad setting) ends as every other command does, by ``SystemExit``: a caller of
+    :func:`main` in its own process (the docs' console examples, run by the unit tests) is
+    told the code, not ended with it."""
+    if code:
+        raise SystemExit(code)
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         # a reader that went away, or a stream already closed: nothing more to say there
