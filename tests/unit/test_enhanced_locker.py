@@ -992,6 +992,10 @@ async def test_a_batch_granted_from_the_queue_names_the_key_its_pull_took_while_
     granted = await asyncio.wait_for(waiting, 30)
     assert granted.acquired and granted.locks[0] == own.lock, granted
     assert granted.kept == frozenset({a}), granted.kept
+    await settle()  # told from the queue is the key it granted, not the pull's hold of a
+    assert [(event.type, event.key) for event in rig.events
+            if event.type in ("acquired", "granted-from-queue")] == [
+        ("acquired", b), ("acquired", a), ("granted-from-queue", b)]
 
 
 async def test_a_batch_granted_as_its_caller_leaves_keeps_the_hold_its_pull_took_meanwhile(
