@@ -4,6 +4,7 @@ makes each event's once, in the order published, and a write sent again sends th
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
@@ -87,14 +88,14 @@ async def test_a_burst_is_written_in_order_as_each_event_was_published(
 
 
 async def test_an_event_nobody_subscribed_to_is_made_with_the_time_of_its_publish() -> None:
-    # With no subscriber the model is made with its JSON, by the write; its time is still
-    # the publish's, and its fields are what was published.
+    # With no subscriber the write makes the JSON from the fields published, no model; its
+    # time is still the publish's, and its fields are what was published.
     bus = Bus()
     try:
         before = datetime.now(UTC)
         bus.publish("fallback", key="k", repo="acme/app", action="legacy", error="test")
         after = datetime.now(UTC)
-        await asyncio.sleep(0.05)  # the model and its JSON are made by the write, later
+        await asyncio.sleep(0.05)  # its JSON is made by the write, later
         await bus._outbox.drained(5)
         [(_, [data])] = bus.sent
         event = Event.model_validate_json(data)
@@ -134,3 +135,42 @@ def test_an_etcd_writes_value_is_the_json_list_of_its_events() -> None:
     assert _BATCH_JSON.validate_json(batch_json(items)) == events
     assert batch_json(items[:1]) == _BATCH_JSON.dump_json(events[:1])
 
+
+
+def test_an_event_is_published_with_the_fields_of_the_events_model() -> None:
+    # The JSON written is made from the fields published, not from the model: the same names
+    # in the same order, so the same bytes.
+    assert [field.name for field in dataclasses.fields(Published)] == list(Event.model_fields)
+
+
+@pytest.mark.parametrize("published", [
+    Published(type="acquired", time=datetime.now(UTC), key="k", repo="acme/app", lock=lock_of(7),
+              details={}),
+    Published(type="released", time=datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC), key="k",
+              repo=None, lock=lock_of(8), details={"how": "released", "handedTo": [1, None]}),
+    Published(type="fallback", time=datetime.now(UTC), key=None, repo=None, lock=None,
+              details={"action": "legacy", "error": 'quote " and \\ and \n and é ✓',
+                       "nested": {"a": [1.5, True, {"b": None}]}}),
+])
+async def test_an_events_json_made_without_its_model_is_the_models(
+    published: Published, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Nobody subscribed: the write makes no model, and what it writes is the model's JSON.
+    made: list[Event] = []
+    real = Event.recorded
+
+    def counted(**fields: Any) -> Event:
+        made.append(real(**fields))
+        return made[-1]
+    monkeypatch.setattr(Event, "recorded", counted)
+    bus = Bus()
+    try:
+        bus._outbox.put(Outgoing(published))
+        await bus._outbox.drained(5)
+        [(_, [data])] = bus.sent
+        assert made == []
+        event = Outgoing(published).event
+        assert data == event.model_dump_json().encode()
+        assert Event.model_validate_json(data) == event
+    finally:
+        await bus.close()
