@@ -697,13 +697,14 @@ class EnhancedLocker(AtlantisCalls):
             fields = released.__dict__
             key = fields["key"]
             self.holds.record(key, now - fields["acquired_at"].timestamp())
-        for extra in also:
-            self.holds.record(extra.key, now - extra.acquired_at.timestamp())
-        for extra in also:
-            self.metrics.releases.labels("enhanced", how).inc()
-            if how == "expired":
-                self.metrics.lease_expirations.inc()
-            self.events.publish(_RELEASE_EVENT[how], lock=extra, how=how)
+        if also:  # other holders freed with it (shared): none on most releases
+            for extra in also:
+                self.holds.record(extra.key, now - extra.acquired_at.timestamp())
+            for extra in also:
+                self.metrics.releases.labels("enhanced", how).inc()
+                if how == "expired":
+                    self.metrics.lease_expirations.inc()
+                self.events.publish(_RELEASE_EVENT[how], lock=extra, how=how)
         if released is not None and key is not None:
             if fields["mode"] == "exclusive":
                 # The key's only holder left. A shared holder that left may have others
@@ -724,7 +725,8 @@ class EnhancedLocker(AtlantisCalls):
             self.events.publish(_RELEASE_EVENT[how], lock=released,
                                 key=key, how=how,
                                 handedTo=[g.waiter.id for g in granted] if granted else ())
-        self._handed_on(handoff.granted)
+        if handoff.granted:  # nobody handed to (most releases): nothing to count or arm
+            self._handed_on(handoff.granted)
 
     async def release_by_pull(self, repo: str, pull: int) -> Locks:
         """The pull's locks released, each reported (its event, its lease timer). A store that
