@@ -179,47 +179,55 @@ async def test_the_embedded_store_s_service_killed_mid_call_and_started_again_gr
         await assert_recovered(run, [replica])
 
 
-async def _acquire_with_redis_frozen(server: RedisServer, root: Path, *,
+async def _acquire_with_redis_frozen(server: RedisServer, replica: ServiceProcess, *,
                                      after: float) -> httpx.Response:
-    """A fail-fast acquire sent to one replica ``after`` seconds into a freeze of ``server``
-    (lasting until it is answered, at most 60 s): its answer."""
-    with services() as group:
-        replica, = replicas_on(group, root, 1, "--enhanced-locking-backend=redis",
-                               f"--enhanced-locking-redis-addr={server.addr}")
-        body = {"project": {"repoFullName": REPO, "path": "p", "projectName": "p"},
-                "pull": {"num": 1}, "user": {"username": "user-1"}}
-        async with httpx.AsyncClient(base_url=replica.url, timeout=60) as http:
-            with server.paused():
-                await asyncio.sleep(after)
-                began = time.monotonic()
-                answer = await http.post("/v1/locks", json=body)
-                took = time.monotonic() - began
-    print(f"answered after {took:.1f} s")
+    """A fail-fast acquire sent to ``replica`` (on ``server`` alone) ``after`` seconds into a
+    freeze of ``server`` (lasting until it is answered, at most 60 s): its answer."""
+    body = {"project": {"repoFullName": REPO, "path": "p", "projectName": "p"},
+            "pull": {"num": 1}, "user": {"username": "user-1"}}
+    async with httpx.AsyncClient(base_url=replica.url, timeout=60) as http:
+        with server.paused():
+            await asyncio.sleep(after)
+            began = time.monotonic()
+            answer = await http.post("/v1/locks", json=body)
+            took = time.monotonic() - began
+    print(f"{after:g} s into the freeze: answered after {took:.1f} s")
     return answer
 
 
 @pytest.mark.redis
-async def test_with_redis_frozen_a_call_is_answered_within_the_call_limit(
-    redis_server: RedisServer, tmp_path: Path,
+async def test_with_redis_frozen_a_call_is_answered_in_its_limits_even_past_the_replica_timeout(
+    redis_server: RedisServer, redis_servers: Callable[..., RedisServer], tmp_path: Path,
 ) -> None:
     # Redis holds the audit trail too: an entry it never takes must not hold up the answer
     # of the call it records. Answered while Redis is still frozen, each call the service
     # made given up at its 5 s limit (the acquire, a ping that tells an outage, the audit
     # entry: about 15 s); before, no answer came until Redis woke up.
-    answer = await _acquire_with_redis_frozen(redis_server, tmp_path, after=0.0)
-    assert answer.status_code == 503 and answer.json()["reason"] == "unavailable", answer.text
-
-
-@pytest.mark.redis
-async def test_with_redis_frozen_past_the_replica_timeout_a_call_is_answered(
-    redis_server: RedisServer, tmp_path: Path,
-) -> None:
+    #
     # The replica registry is in Redis too. A registry round that Redis never answers must
     # fail at the call's limit: the round holds the registry's lock, and once the view is
     # older than the replica timeout (6 s by default) every acquire reads the registry first,
     # behind that lock (before, every acquire then waited for Redis to wake up).
-    answer = await _acquire_with_redis_frozen(redis_server, tmp_path, after=7.0)
-    assert answer.status_code == 503 and answer.json()["reason"] == "unavailable", answer.text
+    #
+    # The two (a call at once, a call 7 s into the freeze) each on a Redis and a replica of
+    # their own, both started (side by side) before either freeze, then frozen side by side:
+    # their waits for the limits overlap.
+    later = redis_servers()
+    with services() as group:
+        (at_once,), (past,) = await asyncio.gather(*(asyncio.to_thread(
+            replicas_on, group, tmp_path / name, 1, "--enhanced-locking-backend=redis",
+            f"--enhanced-locking-redis-addr={server.addr}")
+            for name, server in (("at-once", redis_server), ("past", later))))
+        async with asyncio.TaskGroup() as freezes:
+            answered_at_once = freezes.create_task(
+                _acquire_with_redis_frozen(redis_server, at_once, after=0.0))
+            answered_past = freezes.create_task(
+                _acquire_with_redis_frozen(later, past, after=7.0))
+    for name, task in (("at once", answered_at_once), ("past the replica timeout",
+                                                       answered_past)):
+        answer = task.result()
+        assert answer.status_code == 503 and answer.json()["reason"] == "unavailable", (
+            name, answer.text)
 
 
 async def _dealt_with_the_old_release(replica: ServiceProcess) -> None:
