@@ -7,6 +7,8 @@
   ``.process``, ``.stop()``, ``.kill()`` (SIGKILL) and ``.restart()`` (same port, same data dir).
   Processes still running at the end of the test are stopped; when a test fails, the output of
   its processes is added to the report.
+* ``unlocked_url``: the URL of one such process (no flags) shared by a module's tests, for
+  tests that never take a lock on it: a start and a stop for the module, not for each test.
 * ``service``: a :class:`LockService` in this process (provider, lockers, router), started and
   closed around the test. Override ``service_settings`` in a module to configure it, or call
   ``make_service(**settings)`` for several.
@@ -38,7 +40,7 @@ if str(_REPO_ROOT) not in sys.path:  # `tests.support` without installing the te
 
 from tests.support import service as service_support  # noqa: E402
 from tests.support.backends import BACKEND_KINDS, BackendFactory  # noqa: E402
-from tests.support.service import ServiceProcess, services  # noqa: E402
+from tests.support.service import ServiceProcess, services, serving  # noqa: E402
 
 from enhanced_locking.backends import EmbeddedBackend  # noqa: E402
 from enhanced_locking.config import EnhancedLockingConfig  # noqa: E402
@@ -126,6 +128,15 @@ def data_dir(tmp_path: Path) -> Path:
 
 _STARTED = pytest.StashKey[list[ServiceProcess]]()
 ServiceFactory = Callable[..., ServiceProcess]
+
+
+@pytest.fixture(scope="module")
+def unlocked_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The URL of an ``enhanced-locking serve`` process (no flags) that a module's tests share,
+    started once: for tests that never take a lock on it (their calls only read, or are
+    refused before they reach it), so that each finds it as the last left it: holding none."""
+    with serving(tmp_path_factory.mktemp("unlocked")) as service:
+        yield service.url
 
 
 @pytest.fixture

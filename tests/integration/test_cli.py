@@ -436,8 +436,8 @@ def test_lock_commands_against_a_running_service(service_process: ServiceFactory
     assert output(lock("list"))["locks"] == []
 
 
-def test_the_service_url_can_come_from_the_environment(service_process: ServiceFactory) -> None:
-    url = service_process().url
+def test_the_service_url_can_come_from_the_environment(unlocked_url: str) -> None:
+    url = unlocked_url
     result = run("lock", "list", env={"ENHANCED_LOCKING_URL": url})
     assert result.returncode == 0 and output(result) == {"locks": []}
 
@@ -446,8 +446,8 @@ def test_the_service_url_can_come_from_the_environment(service_process: ServiceF
     ["--pull", "1", "--wait", "soon"],
     ["--pull", "-2147483649"],
 ])
-def test_an_invalid_acquire_exits_2(service_process: ServiceFactory, args: list[str]) -> None:
-    url = service_process().url
+def test_an_invalid_acquire_exits_2(unlocked_url: str, args: list[str]) -> None:
+    url = unlocked_url
     result = run("lock", "--url", url, "acquire", "--repo", "acme/infra", *args)
     assert result.returncode == 2
     assert result.stderr.strip() and "Traceback" not in result.stderr
@@ -464,9 +464,9 @@ def test_an_invalid_acquire_exits_2(service_process: ServiceFactory, args: list[
 ], ids=["wait-abc", "ttl-soon", "wait-negative", "pull-too-big", "repo-empty",
         "request-id-too-long", "workspace-empty"])
 def test_an_invalid_acquire_is_one_line_naming_the_flag(
-    service_process: ServiceFactory, args: list[str], flag: str, says: str,
+    unlocked_url: str, args: list[str], flag: str, says: str,
 ) -> None:
-    url = service_process().url
+    url = unlocked_url
     result = run("lock", "--url", url, "acquire", "--repo", "acme/infra", "--pull", "1", *args)
     assert result.returncode == 2
     assert result.stdout == ""

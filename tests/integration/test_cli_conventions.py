@@ -36,8 +36,8 @@ def test_version_names_the_package_version() -> None:
 
 
 @pytest.mark.parametrize("where", ["before the command", "after lock", "after the subcommand"])
-def test_url_works_wherever_it_is_put(service_process: ServiceFactory, where: str) -> None:
-    url = service_process().url
+def test_url_works_wherever_it_is_put(unlocked_url: str, where: str) -> None:
+    url = unlocked_url
     args = {
         "before the command": ["--url", url, "lock", "list"],
         "after lock": ["lock", "--url", url, "list"],
@@ -48,8 +48,8 @@ def test_url_works_wherever_it_is_put(service_process: ServiceFactory, where: st
     assert output(result) == {"locks": []}
 
 
-def test_events_and_queue_take_the_url_after_the_command(service_process: ServiceFactory) -> None:
-    url = service_process().url
+def test_events_and_queue_take_the_url_after_the_command(unlocked_url: str) -> None:
+    url = unlocked_url
     result = run("lock", "queue", "--key", "acme/infra/./default/", "--url", url)
     assert result.returncode == 0, result.stderr
     assert output(result)["waiters"] == []
@@ -253,13 +253,13 @@ def test_a_page_that_is_not_the_services_answer_is_one_line_exit_3(
 
 
 def test_a_404_that_is_not_the_services_answer_is_not_read_as_nothing_there(
-    service_process: ServiceFactory,
+    unlocked_url: str,
 ) -> None:
     """A URL whose path is not the service's (``/locks`` before ``/v1``) is answered 404 by
     every route: that says nothing of the lock. Not "was not locked; nothing to release"
     (exit 0: a release step that freed nothing passed) nor "no lock is held" (exit 1), but
     one line and exit 3, as for any answer that is not the service's."""
-    url = service_process().url + "/locks"
+    url = unlocked_url + "/locks"
     for command in (["step", "release"],
                     ["lock", "release", "--key", "acme/infra/./default/", "--pull", "12"],
                     ["lock", "refresh", "--key", "acme/infra/./default/", "--pull", "12"],
