@@ -11,6 +11,7 @@ ClusterRoles with RoleBindings in the service's namespace.
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 import uuid
 from collections.abc import Iterator
@@ -26,10 +27,18 @@ import yaml
 from tests.support.access_matrix import CALLS, ROLE_VERBS, Call, acquire_body, held, new_case
 from tests.support.controlplane import KubeCluster
 from tests.support.helm import CHART_DIR, Helm, service_account_kubeconfig
-from tests.support.service import ServiceProcess, running
+from tests.support.service import (
+    ServiceProcess,
+    enhanced_locking_command,
+    running,
+    scrubbed_env,
+)
 from tests.support.waiting import wait_for
 
+from enhanced_locking.client import WAIT_MARGIN, Client, ServiceError
+from enhanced_locking.durations import DEFAULT_MAX_TIMEOUT
 from enhanced_locking.events import FOLLOWING_COMMENT
+from enhanced_locking.types import LockRequest
 
 pytestmark = pytest.mark.e2e
 
@@ -211,6 +220,56 @@ def test_a_role_with_resource_names_scopes_a_caller_to_its_repositories(setup: S
             assert stream.status_code == 200
         with team.stream("GET", "/v1/events", params={"repo": "acme/other"}) as stream:
             assert stream.status_code == 403
+
+
+class _Seen(httpx.HTTPTransport):
+    """The real transport, noting each call's method, path, read timeout and status."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, str, float | None, int]] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = super().handle_request(request)
+        self.calls.append((request.method, request.url.path,
+                           request.extensions["timeout"]["read"], response.status_code))
+        return response
+
+
+def test_a_bare_wait_of_a_caller_that_may_not_read_the_config_waits_up_to_the_max_timeout(
+    setup: Setup, tmp_path: Path,
+) -> None:
+    """A caller scoped to its repositories may lock but not read the configuration (403): a
+    wait without a duration is still asked, given the answer the longest wait of a service
+    with default settings (its max-timeout) plus the margin; a caller without credentials
+    hears the acquire's own 401, not the configuration's."""
+    def bare(path: str) -> LockRequest:
+        return LockRequest.model_validate({"project": {"repoFullName": "acme/team-infra",
+                                                       "path": path}, "pull": {"num": 3},
+                                           "wait": True})
+
+    seen = _Seen()
+    with Client(setup.service.url, token=setup.tokens["team"], transport=seen) as team:
+        result = team.acquire(bare(uuid.uuid4().hex[:6]))
+    assert result.acquired, result
+    assert seen.calls == [
+        ("GET", "/v1/config", 10.0, 403),  # the client's default timeout
+        ("POST", "/v1/locks", DEFAULT_MAX_TIMEOUT.total_seconds() + WAIT_MARGIN, 200)]
+    with Client(setup.service.url) as nobody, pytest.raises(ServiceError) as refused:
+        nobody.acquire(bare(uuid.uuid4().hex[:6]))
+    assert refused.value.status == 401
+    with setup.client(None) as anonymous:
+        assert refused.value.body["error"] == anonymous.post(
+            "/v1/locks", json=acquire_body("acme/team-infra", pull=3)).json()["error"]
+
+    path = uuid.uuid4().hex[:6]
+    command = subprocess.run(
+        [*enhanced_locking_command(), "lock", "acquire", "--repo", "acme/team-infra",
+         "--path", path, "--pull", "3", "--wait", "--url", setup.service.url],
+        env=scrubbed_env({"ENHANCED_LOCKING_TOKEN": setup.tokens["team"]}),
+        capture_output=True, text=True, timeout=120, check=False)
+    assert command.returncode == 0, command.stderr
+    assert json.loads(command.stdout)["lock"]["project"]["path"] == path
 
 
 def first_event(http: httpx.Client, kind: str, *, pull: int | None = None) -> dict[str, Any]:
