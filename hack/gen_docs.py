@@ -26,14 +26,16 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from enhanced_locking.api import create_app
 from enhanced_locking.config import EnhancedLockingConfig, settings
 from enhanced_locking.events import EVENT_TYPES
 from enhanced_locking.factory import LockService
+from enhanced_locking.locking.enhanced import ReleaseHow
 from enhanced_locking.metrics import Metrics
 from enhanced_locking.provider import ConfigProvider
+from enhanced_locking.types import Reason
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -135,6 +137,18 @@ def event_types() -> str:
     return ", ".join(f"`{name}`" for name in EVENT_TYPES) + "."
 
 
+def metric_labels() -> str:
+    """Every value of the metrics' ``outcome`` and ``how`` labels, from the code."""
+    reasons = ", ".join(f"`{reason.value}`" for reason in Reason)
+    hows = ", ".join(f"`{how}`" for how in get_args(ReleaseHow))
+    return "\n".join([
+        f"- `outcome` of an acquire: `acquired`, or the reason it was not: {reasons}.",
+        "- `outcome` of a wait: `granted`, or the reason it ended, one of the same (mostly "
+        "`timeout`, `cancelled`, `unavailable`, `superseded`).",
+        f"- `how` a lock was released: {hows}.",
+    ])
+
+
 def goals_table() -> str:
     return summary(BENCHMARKS.read_text())
 
@@ -143,6 +157,7 @@ SECTIONS = [
     Section(DOCS / "01-foundation.md", "config", config_table),
     Section(DOCS / "api.md", "endpoints", endpoint_table),
     Section(DOCS / "api.md", "event-types", event_types),
+    Section(DOCS / "04-monitoring.md", "metric-labels", metric_labels),
     Section(DOCS / "04-monitoring.md", "metrics", metrics_table),
     Section(BENCHMARKS, "goals", goals_table),
 ]

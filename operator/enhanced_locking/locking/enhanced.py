@@ -81,14 +81,16 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-ReleaseHow = Literal["released", "abandoned", "rule", "force-unlocked", "expired"]
-"""How a lock left its holder (the ``how`` of the releases metric and of the event's details)."""
+ReleaseHow = Literal["released", "abandoned", "rule", "force-unlocked", "expired", "by-pull"]
+"""How a lock left its holder (the ``how`` of the releases metric and of the event's details;
+docs/04-monitoring.md lists them from here)."""
 
 _RELEASE_EVENT: dict[ReleaseHow, EventType] = {
     "released": "released", "abandoned": "released", "rule": "released",
-    "force-unlocked": "force-unlocked", "expired": "expired"}
+    "force-unlocked": "force-unlocked", "expired": "expired", "by-pull": "released"}
 """The event a release publishes: a lock given back (by its holder, by the service for a caller
-that had gone, as a rule changed) is ``released``, its ``how`` saying which."""
+that had gone, as a rule changed, with the rest of its pull's) is ``released``, its ``how``
+saying which."""
 Result = TypeVar("Result", AcquireResult, BatchResult)
 """The caller's answer to an acquire: one key's, or a batch's."""
 _Made = TypeVar("_Made", AcquireResult, BatchResult, covariant=True)
@@ -774,8 +776,9 @@ class EnhancedLocker(AtlantisCalls):
             if lock.mode == "exclusive":  # a shared one may leave others' leases (_handed)
                 self.leases.disarm(lock.key)
             self.holds.record(lock.key, time.time() - lock.acquired_at.timestamp())
-            self.metrics.releases.labels("enhanced", "by-pull").inc()
-            self.events.publish("released", lock=lock, key=lock.key, how="by-pull",
+            how: ReleaseHow = "by-pull"
+            self.metrics.releases.labels("enhanced", how).inc()
+            self.events.publish(_RELEASE_EVENT[how], lock=lock, key=lock.key, how=how,
                                 handedTo=handed.get(lock.key, ()))
             # The leases of whoever holds the key now (those the release handed it to, or
             # other shared holders), each of them.
