@@ -2,7 +2,7 @@
 Kubernetes; ``tests/e2e/test_console.py`` has the rollout): the page's event list shows every
 type of event the service publishes, a waiter's ``superseded`` among them, and a ``gap`` (the
 service restarted under the page, which resumes with an id of the old process) shows as a gap,
-after which the sections are read again."""
+after which the sections are read again; the filter form takes any pull number the API does."""
 
 from __future__ import annotations
 
@@ -22,8 +22,9 @@ from enhanced_locking.types import AcquireResult, LockRequest
 KEY = "acme/infra/envs/prod/default/"
 
 
-def request(pull: int, commit: str, wait: str | None = None) -> LockRequest:
-    body: dict[str, Any] = {"project": {"repoFullName": "acme/infra", "path": "envs/prod"},
+def request(pull: int, commit: str, wait: str | None = None,
+            path: str = "envs/prod") -> LockRequest:
+    body: dict[str, Any] = {"project": {"repoFullName": "acme/infra", "path": path},
                             "pull": {"num": pull, "headCommit": commit},
                             "user": {"username": f"user{pull}"}}
     if wait:
@@ -101,3 +102,21 @@ def test_a_superseded_waiter_and_a_gap_show_in_the_event_list(
     assert "replay" in text_of(browser, "#event-list .gap")
     until("the page follows the new process", lambda: text_of(browser, "#live") == "live")
     assert "#13 user13" in text_of(browser, "#locks")
+
+
+def test_the_filter_form_takes_a_pull_of_a_run_without_a_pull_request(
+    service_process: ServiceFactory, browser: Any,
+) -> None:
+    # Atlantis numbers a plan or apply made through its API, with no pull request, below zero.
+    served = service_process("--enhanced-locking-enabled")
+    with Client(served.url) as client:
+        assert client.acquire(request(-7, "api")).acquired
+        assert client.acquire(request(12, "c12", path="envs/dev")).acquired
+    browser.get(served.url + "/ui")
+    field = browser.find_element("css selector", 'form.filters input[name="pull"]')
+    field.send_keys("-7")
+    browser.find_element("css selector", "form.filters button").click()
+    until("the filter is sent", lambda: "pull=-7" in browser.current_url,
+          details=lambda: browser.current_url)
+    until("only the run's lock shows", lambda: "#-7" in text_of(browser, "#locks")
+          and "#12" not in text_of(browser, "#locks"), details=lambda: text_of(browser, "#locks"))

@@ -199,7 +199,8 @@ def _page(sections: str, repo: str | None, pull: int | None, who: str) -> str:
 <span id="live" class="live">static page (reload to refresh)</span></header>
 <form class="filters" method="get" action="/ui">
 <label>Repository <input name="repo" value="{_e(repo or '')}" placeholder="owner/name"></label>
-<label>Pull <input name="pull" type="number" min="0" value="{'' if pull is None else pull}">
+<label>Pull <input name="pull" type="number" min="{PULL_MIN}" max="{PULL_MAX}"
+value="{'' if pull is None else pull}">
 </label><button>Filter</button></form>
 <main><div id="sections">{sections}</div>
 <section id="events"><h2>Events</h2><ol id="event-list" data-types="{_e(','.join(EVENT_TYPES))}">
