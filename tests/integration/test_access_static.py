@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -589,6 +590,18 @@ def test_open_access_on_loopback_answers_only_requests_naming_a_loopback_host(
         assert http.get("/v1/locks/by-key", params={"key": key}).json()["lock"]["pull"]["num"] == 12
         for host in (f"localhost:{port}", f"127.0.0.1:{port}", "localhost"):
             assert http.get("/v1/locks", headers={"Host": host}).status_code == 200, host
+        # A request naming no host (HTTP/1.0 without Host, as a hand-written probe or script
+        # sends; an empty Host) is no page's: a browser always names the host it reached.
+        for head in ("GET /v1/locks HTTP/1.0\r\n", "GET /v1/locks HTTP/1.1\r\nHost: \r\n"
+                     "Connection: close\r\n"):
+            with socket.create_connection(("127.0.0.1", int(port)), timeout=10) as raw:
+                raw.sendall(f"{head}\r\n".encode())
+                said = b""
+                while chunk := raw.recv(65536):
+                    said += chunk
+            status, _, body = said.partition(b"\r\n\r\n")
+            assert status.split(b" ")[1] == b"200", said
+            assert key in [lock["key"] for lock in json.loads(body)["locks"]], body
         rows = [json.loads(line)["audit"] for line in process.output().splitlines()
                 if line.startswith('{"audit": ')]
         assert [row["outcome"] for row in rows if row["status"] == 403] == [

@@ -464,9 +464,13 @@ def foreign_host(request: Request) -> str | None:
     """The host a request names (``Host``), when it is not a loopback name or address; else
     None. A page of another site can reach a service on 127.0.0.1 through its reader's browser
     by DNS rebinding (its own name made to resolve to 127.0.0.1): to the browser, the page and
-    the service are then one origin, and the requests name the page's host."""
+    the service are then one origin, and the requests name the page's host. A request that
+    names none (HTTP/1.0 without ``Host``, or an empty one: a hand-written probe or script)
+    is no page's: a browser always names the host it reached."""
     host = request.headers.get("host", "")
-    name = urllib.parse.urlsplit(f"//{host}").hostname if host else None
+    if not host:
+        return None
+    name = urllib.parse.urlsplit(f"//{host}").hostname
     return None if name is not None and is_loopback(name) else host
 
 
