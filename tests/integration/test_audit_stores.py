@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 import pytest
-from tests.support.etcd_fixtures import etcd_config
+from tests.support.etcd_fixtures import etcd_config, started
 from tests.support.etcd_server import EtcdCluster
 from tests.support.locks import lock_body
 from tests.support.redis_fixtures import redis_cluster_config, redis_config
@@ -482,6 +482,43 @@ async def test_a_service_on_etcd_keeps_its_audit_trail_in_etcd(
                         ("acquire", "acquired")]
         finally:
             process.stop()
+
+
+@pytest.mark.etcd
+async def test_an_audit_write_etcd_refuses_is_written_by_the_outbox_once_etcd_is_back(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An audit write is one attempt (its call is not tried again within itself): refused
+    (UNAVAILABLE: the member is down), its entries stay in the outbox, which writes them when
+    etcd answers again: the trail holds both, in order, none dropped."""
+    with started(tmp_path / "etcd") as cluster:
+        store = EtcdAuditStore(EtcdConnection(EtcdSettings(endpoints=tuple(cluster.endpoints))),
+                               "/audit-retry/", Retention(timedelta(days=1), 100))
+        try:
+            assert await store.read(AuditQuery()) == []  # connected
+            member = cluster.members[0]
+            await asyncio.to_thread(cluster.kill, member)
+            stored = [await store.append(entry(n)) for n in (1, 2)]
+            for _ in range(600):  # the outbox's write refused (30 s at most)
+                if any("audit entries not written yet" in r.getMessage()
+                       for r in caplog.records):
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("no audit write was refused while etcd was down")
+            assert store.waiting == 2
+            await asyncio.to_thread(cluster.start_member, member)
+            await asyncio.to_thread(cluster.wait_healthy)
+            for _ in range(600):  # written on a retry (30 s at most)
+                if store.waiting == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert store.waiting == 0, "the outbox did not write the refused entries"
+            found = await store.read(AuditQuery())
+            assert [e.id for e in found] == [e.id for e in reversed(stored)]
+            assert store.dropped == 0
+        finally:
+            await store.close()
 
 
 @pytest.mark.etcd
