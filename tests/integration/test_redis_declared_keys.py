@@ -200,6 +200,38 @@ def test_the_watch_catches_a_key_touched_undeclared_and_a_write_before_an_ask(
     assert len(watched.wrote_then_asked) == 1
 
 
+def test_the_watch_follows_its_server_through_a_restart_and_says_when_it_lost_it(
+    tmp_path: Path,
+) -> None:
+    """A restart ends ``redis-cli monitor`` (its connection goes with the server): the watch
+    starts watching again as the server comes back, so a slip after the restart is still
+    caught. A watch whose connection was cut while the server ran on (its clients killed)
+    says so, rather than passing a test it no longer watched."""
+    slip = "return redis.call('GET', 'not-declared')"
+    server = RedisServer(tmp_path).start()
+    try:
+        watch = KeyWatch.following(server, tmp_path / "restart.log")
+        server.restart()
+        with server.client() as client:
+            client.eval(slip, 1, "declared")
+        server.set_requirepass("after-the-restart")
+        server.restart(kill=True)
+        with server.client() as client:
+            client.eval(slip.replace("not-declared", "still-not"), 1, "declared")
+        restarted = watch.stop()
+
+        cut = KeyWatch.following(server, tmp_path / "cut.log")
+        with server.client() as admin:
+            admin.client_kill_filter(_type="normal", skipme=True)
+        ended = cut.stop()
+    finally:
+        server.close()
+    assert [line.split(" (")[0] for line in restarted.undeclared] == [
+        "GET not-declared", "GET still-not"]
+    assert restarted.lost is None
+    assert ended.lost is not None and "while the server ran on" in ended.lost
+
+
 def test_the_watch_reads_every_call_made_before_it_stops(tmp_path: Path) -> None:
     # A burst just before the stop: the log must hold its last call too (the watch waits for
     # a marker it sends, not a fixed moment).

@@ -27,6 +27,7 @@ from pathlib import Path
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from tests.support.redis_server import LOOPBACK, RedisServer
 
 from enhanced_locking.backends.redis_events import APPEND_EVENTS
 
@@ -87,6 +88,10 @@ class Watched:
     wrote_then_asked: list[str] = field(default_factory=list)
     """Calls that wrote (besides the store's incarnation) and then ran again under the same
     call id (a script that asks for keys must have written nothing)."""
+    lost: str | None = None
+    """Why the watch stopped watching before it was stopped, while the server ran on (its
+    connection cut: the calls after that were not watched); None when it watched to the end
+    (through each restart of a server it follows)."""
 
 
 def _words(text: str, count: int | None = None) -> list[str]:
@@ -163,7 +168,12 @@ def check_log(text: str) -> Watched:
 
 
 class KeyWatch:
-    """``redis-cli monitor`` against one loopback server, its log kept in ``log``."""
+    """``redis-cli monitor`` against one loopback server, its log kept in ``log``.
+
+    A restart of the server ends the monitor (its connection goes with the server): a watch
+    made by :meth:`following` starts another as the server comes back (before ``start``
+    returns), the same log going on. A monitor that ended otherwise while the server ran on
+    is :attr:`Watched.lost`: the test it watched did not run watched to its end."""
 
     def __init__(self, host: str, port: int, log: Path, *, password: str | None = None) -> None:
         cli = shutil.which("redis-cli")
@@ -171,16 +181,46 @@ class KeyWatch:
             raise RuntimeError("redis-cli is not installed: install Debian's redis-tools "
                                "(make redis)")
         self.log = log
+        self._cli = cli
         self._server = (host, port, password)
-        command = [cli, "-h", host, "-p", str(port)]
+        self._lost: str | None = None
+        self._out = log.open("wb")
+        self._process = self._monitor()
+
+    @classmethod
+    def following(cls, server: RedisServer, log: Path) -> KeyWatch:
+        """A watch of ``server`` that watches again each time the server starts again (with
+        the password it has then)."""
+        watch = cls(LOOPBACK, server.port, log, password=server.password)
+        server.on_start.append(lambda: watch.watch_again(password=server.password))
+        return watch
+
+    def _monitor(self) -> subprocess.Popen[bytes]:
+        """A ``redis-cli monitor`` writing on at the log's end, once it watches ("OK", at most
+        5 s)."""
+        host, port, password = self._server
+        command = [self._cli, "-h", host, "-p", str(port)]
         if password is not None:
             command += ["--no-auth-warning", "-a", password]
-        self._out = log.open("wb")
-        self._process = subprocess.Popen([*command, "monitor"], stdout=self._out,
-                                         stderr=subprocess.DEVNULL)
+        start = self.log.stat().st_size
+        process = subprocess.Popen([*command, "monitor"], stdout=self._out,
+                                   stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 5
-        while log.stat().st_size == 0 and time.monotonic() < deadline:  # "OK" once watching
+        while (self.log.stat().st_size == start and process.poll() is None
+               and time.monotonic() < deadline):
             time.sleep(0.01)
+        return process
+
+    def watch_again(self, *, password: str | None) -> None:
+        """The server started again: the old monitor's connection was of the server before
+        (ended, or ending); a new one watches this one (none once the watch is stopped)."""
+        if self._out.closed:
+            return
+        self._process.terminate()
+        self._process.wait(timeout=5)
+        host, port, _ = self._server
+        self._server = (host, port, password)
+        self._process = self._monitor()
 
     def stop(self) -> Watched:
         """Stop watching; what the log shows."""
@@ -188,14 +228,16 @@ class KeyWatch:
         self._process.terminate()
         self._process.wait(timeout=5)
         self._out.close()
-        return check_log(self.log.read_text(encoding="utf-8", errors="replace"))
+        watched = check_log(self.log.read_text(encoding="utf-8", errors="replace"))
+        watched.lost = self._lost
+        return watched
 
     def _drain(self) -> None:
         """Wait until the lines on their way are in the log: a marker sent to the server now
         is shown after them (at most 5 s). A server that does not answer it (stopped, or its
-        password changed): a moment instead. A ``redis-cli monitor`` that has ended (its
-        connection lost: the server restarted, or the test killed its clients) has written
-        all it will: what is in the log then is all there is."""
+        password changed): a moment instead. A ``redis-cli monitor`` that has ended while the
+        server answers (its connection cut: the test killed its clients, or restarted a server
+        the watch does not follow) has written all it will, and is noted as lost."""
         host, port, password = self._server
         marker = f"key-watch-end-{next(_MARKERS)}".encode()
         start = self.log.stat().st_size
@@ -215,6 +257,11 @@ class KeyWatch:
             while time.monotonic() < deadline:
                 ended = self._process.poll() is not None  # before the read: nothing after it
                 seen = seen[-len(marker):] + log.read()
-                if marker in seen or ended:
+                if marker in seen:
+                    return
+                if ended:
+                    self._lost = (f"the watch of {host}:{port} (redis-cli monitor) ended while "
+                                  "the server ran on (its connection cut: the test killed its "
+                                  "clients?); the script calls after that were not watched")
                     return
                 time.sleep(0.005)

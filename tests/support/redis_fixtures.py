@@ -4,9 +4,10 @@
 * ``redis_servers(persistence=..., tls=...)``: start more, with options; all are killed at the
   end of the test.
 * Every server these start is watched (:class:`~tests.support.key_watch.KeyWatch`, all but
-  TLS ones): a script that touched a key its call did not declare in ``KEYS``, or that wrote
-  and was then called again with more keys, fails the test that ran it. So every Redis test
-  also checks Redis Cluster's rule for the scripts it runs.
+  TLS ones), through each restart: a script that touched a key its call did not declare in
+  ``KEYS``, or that wrote and was then called again with more keys, fails the test that ran
+  it, and so does a watch cut while its server ran on. So every Redis test also checks Redis
+  Cluster's rule for the scripts it runs.
 * ``redis_backend``: a :class:`RedisBackend` on ``redis_server`` that has called it once.
 * ``redis_config(server, **settings)``: an :class:`EnhancedLockingConfig` pointed at a server.
 * :func:`redis_backend_maker`: the ``redis`` entry of the shared ``backend_factory``.
@@ -27,7 +28,7 @@ from typing import Any
 import pytest
 from tests.support.key_watch import KeyWatch
 from tests.support.redis_cluster import RedisClusterNodes
-from tests.support.redis_server import LOOPBACK, Persistence, RedisServer, RedisServerError
+from tests.support.redis_server import Persistence, RedisServer, RedisServerError
 
 from enhanced_locking.backends.base import Backend
 from enhanced_locking.backends.redis_store import RedisBackend
@@ -62,23 +63,27 @@ def redis_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerMa
             started.append(server)
             server.start()
             if not tls:
-                watches.append(KeyWatch(LOOPBACK, server.port, where / "monitor.log",
-                                        password=server.password))
+                watches.append(KeyWatch.following(server, where / "monitor.log"))
             return server
         except RedisServerError as error:
             pytest.fail(str(error), pytrace=False)
 
     yield start
-    problems = []
+    problems, lost = [], []
     for watch in watches:
         watched = watch.stop()
         problems += [f"{watch.log}: undeclared key: {line}" for line in watched.undeclared]
         problems += [f"{watch.log}: {line}" for line in watched.wrote_then_asked]
+        lost += [f"{watch.log}: {watched.lost}"] if watched.lost is not None else []
     for server in started:
         server.close()
     if problems:
         pytest.fail("scripts broke Redis Cluster's rule (every key in KEYS):\n"
                     + "\n".join(problems[:20]), pytrace=False)
+    if lost:
+        pytest.fail("the test did not run watched to its end (a server restarted? "
+                    "RedisServer.start has each watch watch again):\n" + "\n".join(lost),
+                    pytrace=False)
 
 
 @pytest.fixture

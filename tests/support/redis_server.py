@@ -25,7 +25,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +99,8 @@ class RedisServer:
         self.replica_of = replica_of
         self.process: subprocess.Popen[bytes] | None = None
         self.spawned_at = 0.0
+        self.on_start: list[Callable[[], None]] = []
+        """Run each time the server has started and answers (a watch of it watches again)."""
         """Wall-clock time (``time.time()``, the clock Redis's ``TIME`` reads) just before the
         running process was spawned: nothing it did can be earlier. ``start`` returns later,
         once a ping is answered, so a time taken after it may follow the server's first
@@ -186,7 +188,7 @@ class RedisServer:
                     )
                 try:
                     client.ping()
-                    return self
+                    break
                 except redis.BusyLoadingError:
                     pass
                 except redis.ConnectionError:
@@ -196,6 +198,9 @@ class RedisServer:
                 time.sleep(0.02)
         finally:
             client.close()
+        for started in self.on_start:
+            started()
+        return self
 
     def _tail(self) -> str:
         stderr = b""
