@@ -104,6 +104,13 @@ async def _workload(server: RedisServer) -> None:
         # Reads of one snapshot.
         assert await a.queue(k1, policy=POLICY)
         assert await a.wait_graph(policy=POLICY)
+        # The deadlock check's walk from a waiter of the other replica, step by step; then
+        # with the indexes of waits untrusted (an enqueue of a release that keeps none), made
+        # whole first (REINDEX_WAITS).
+        walked = await b.queue(k4, policy=POLICY)
+        assert await a.wait_graph_from(walked[0], policy=POLICY)
+        await a.connection.client.hdel(a.keys.by_pull_mark, "waits")
+        assert await b.wait_graph_from(walked[-1], policy=POLICY)
         assert await a.list()
         assert await b.list(repo="acme/infra", pull=2)
         assert await a.holders(k4)

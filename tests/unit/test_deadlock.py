@@ -419,14 +419,14 @@ async def test_a_deadlock_found_by_a_caller_whose_retry_took_its_waiter_over_lea
     await holds(rig, 2, "b")
     asked = ask(2, "a", wait=WAIT).model_copy(update={"request_id": "job-12"})
     waiting, checks = asyncio.Event(), list[str]()
-    await_turn, wait_graph = queueing.await_turn, backend.wait_graph
+    await_turn, wait_graph = queueing.await_turn, backend.wait_graph_from
     retry: list[asyncio.Task[AcquireResult]] = []
 
     async def waits(*args: Any, **kwargs: Any) -> Any:
         waiting.set()
         return await await_turn(*args, **kwargs)
 
-    async def graph(*, policy: QueuePolicy | None = None) -> KeyWaitsList:
+    async def graph(waiter: Waiter, *, policy: QueuePolicy | None = None) -> KeyWaitsList:
         checks.append("check")
         if len(checks) == 1:  # the first caller's check: the retry comes, then pull 1 waits
             retry.append(rig.spawn(rig.locker.acquire(asked)))
@@ -436,10 +436,10 @@ async def test_a_deadlock_found_by_a_caller_whose_retry_took_its_waiter_over_lea
             queued = await backend.acquire_or_enqueue(candidate_for(ask(1, "b")), ttl=None,
                                                        wait=wait, policy=QueuePolicy())
             assert queued.status is Status.QUEUED, queued
-        return await wait_graph(policy=policy)
+        return await wait_graph(waiter, policy=policy)
 
     monkeypatch.setattr(queueing, "await_turn", waits)
-    monkeypatch.setattr(backend, "wait_graph", graph)
+    monkeypatch.setattr(backend, "wait_graph_from", graph)
     first = await asyncio.wait_for(rig.locker.acquire(asked), 30)
     assert first.reason is Reason.DEADLOCK, first
     await settle()
@@ -463,14 +463,14 @@ async def test_a_wait_granted_before_its_deadlock_refusal_could_withdraw_it_is_t
     first = rig.spawn(rig.locker.acquire(ask(1, "b", wait=WAIT)))
     await settle()
     backend = rig.locker.backend
-    graph = backend.wait_graph
+    graph = backend.wait_graph_from
 
-    async def then_pull_1_lets_go(**kwargs: Any) -> KeyWaitsList:
-        found = await graph(**kwargs)
+    async def then_pull_1_lets_go(waiter: Waiter, **kwargs: Any) -> KeyWaitsList:
+        found = await graph(waiter, **kwargs)
         await rig.locker.release(ask(1, "a").key, owner=("acme/infra", 1))
         return found
 
-    monkeypatch.setattr(backend, "wait_graph", then_pull_1_lets_go)
+    monkeypatch.setattr(backend, "wait_graph_from", then_pull_1_lets_go)
     asked = request_for(pull=2, path="a", wait=WAIT, ttl=timedelta(minutes=5))
     answer = await rig.locker.acquire(asked)
     monkeypatch.undo()

@@ -134,6 +134,7 @@ FORMED_INSIDE = {
     "waiter_name": "the record of a waiter named by a queue entry",
     "outcome_name": "the outcome of such a waiter",
     "pull_index": "the index of the pull a waiter's grant is for",
+    "waits_name": "the index of waits of a waiter's pull, or of a pull the deadlock walk reached",
 }
 NOT_KEYS = {"tell"}
 """Functions that form a name that is not a key (``tell``: the pub/sub channel of a replica)."""
@@ -143,7 +144,7 @@ KEY_COMMANDS_FIRST = {
     "GET", "SET", "INCR", "HINCRBY", "HGET", "HSET", "HDEL", "HMGET", "HGETALL", "HVALS",
     "SADD", "SREM", "SMEMBERS", "SISMEMBER", "ZADD", "ZREM", "ZRANGE", "ZCARD", "ZSCORE",
     "ZCOUNT", "ZRANGEBYSCORE", "ZRANGEBYLEX",
-    "ZREMRANGEBYSCORE", "PEXPIREAT", "PEXPIRE", "PERSIST", "TYPE",
+    "ZREMRANGEBYSCORE", "PEXPIREAT", "PEXPIRE", "PERSIST", "TYPE", "PTTL",
 }
 KEY_COMMANDS_ALL = {"DEL", "EXISTS"}
 NO_KEYS = {"TIME", "PUBLISH"}

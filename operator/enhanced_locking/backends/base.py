@@ -367,6 +367,14 @@ class QueueBackend(Backend, Protocol):
         """Every key that has waiters, with its holder's owner and its waiters in order."""
         ...
 
+    async def wait_graph_from(self, waiter: Waiter, *,
+                              policy: QueuePolicy | None = None) -> KeyWaitsList:
+        """What :meth:`wait_graph` answers of the keys a search for a cycle through
+        ``waiter``'s pull can reach: at least every key that pull, or a pull holding or
+        waiting on a key reached, waits on (more is allowed: the whole graph). A search from
+        that pull finds in it what it finds in the whole graph."""
+        ...
+
 
 class StoreBackend(abc.ABC):
     """Backend logic over synchronous primitives; subclasses say how rows are kept.
@@ -1125,6 +1133,10 @@ class StoreBackend(abc.ABC):
                     limit: int | None = None) -> Waiters:
         return service_order(self._queues.get(key, ()), now=self.clock(),
                              policy=policy or QueuePolicy())[:limit]
+
+    async def wait_graph_from(self, waiter: Waiter, *,
+                              policy: QueuePolicy | None = None) -> KeyWaitsList:
+        return await self.wait_graph(policy=policy)  # (in memory: the whole is cheap enough)
 
     async def wait_graph(self, *, policy: QueuePolicy | None = None) -> KeyWaitsList:
         policy = policy or QueuePolicy()

@@ -55,6 +55,7 @@ __all__ = [
     "served",
     "spoiled_answer",
     "wait_graph",
+    "wait_graph_from",
     "waiter",
 ]
 
@@ -486,3 +487,12 @@ def wait_graph(answer: Sequence[Any]) -> WaitGraph:
               for key, _repo, _pull, ids, owners, shared in entries),
         _waiters(records),
     )
+
+
+def wait_graph_from(answer: Sequence[Any]) -> WaitGraph | str:
+    """``wait_graph_from.lua``: the part of the graph reached, or why the whole graph is to be
+    read instead: ``untrusted`` (the indexes of waits it walks may miss a waiter) or ``whole``
+    (the walk met more queue entries than its bound)."""
+    if len(answer) == 1 and answer[0] in ("untrusted", "whole"):
+        return str(answer[0])
+    return wait_graph(answer)

@@ -56,6 +56,8 @@ at ``ARGV[2]`` (``begin_lean`` in ``lua/lib.lua``).
                     ([key, token, held] each: held 1 when its pull held it already)
     held, fenced, queued          sets of keys (held, with a counter, with waiters)
     pull:{repo#num} set of the keys a pull may hold
+    waits:{repo#num} set of the ids of a pull's waiters (the deadlock check's walk); trusted
+                    while the mark ``bypull``'s field ``waits`` is the enqueue counter
     replicas        the liveness set (RedisKeys.liveness): R scored by the server time until
                     which R's waiters count as alive; "" (in a set made anew over another
                     type) until when a replica not in the set counts as alive
@@ -168,6 +170,8 @@ NAMES = (
     "REFRESH",
     "QUEUE",
     "WAIT_GRAPH",
+    "WAIT_GRAPH_FROM",
+    "REINDEX_WAITS",
     "HOLDERS",
     "WAKE",
     "PING",

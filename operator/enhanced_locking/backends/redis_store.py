@@ -101,6 +101,13 @@ _HINTS = 64
 _HEADS = 4
 """Most of this replica's waiters on one key whose names a hand-off of it declares."""
 
+_WALK_BOUND = 128
+"""Most queue entries the deadlock check's walk (``wait_graph_from.lua``) meets before it
+stops and the whole graph is read instead: a step of the walk is a call, each reading again
+what the steps before read, so a walk over most of a long queue costs a few times the whole
+read (measured in docs/benchmarks.md); bounded, the check costs at most the whole read and a
+walk of this many."""
+
 _CALL_ID_BYTES = 8
 """Random bytes in a call's id (written as twice as many hex digits)."""
 
@@ -241,6 +248,12 @@ class RedisKeys:
 
     def pull(self, repo: str, num: int | str) -> str:
         return f"{self.base}pull:{{{repo}#{num}}}"
+
+    def waits(self, repo: str, num: int | str) -> str:
+        """The ids of a pull's waiters (a set), the deadlock check's walk from a pull to the
+        keys it waits on; trusted while :attr:`by_pull_mark`'s field ``waits`` is the enqueue
+        counter (``lua/lib.lua``, ``waits_trusted``)."""
+        return f"{self.base}waits:{{{repo}#{num}}}"
 
     def notify(self, replica_id: str) -> str:
         """A pub/sub channel (not a key): ``granted:<waiter>`` etc. for one replica."""
@@ -597,7 +610,8 @@ class RedisBackend:
     def _ahead(self, waiter: redis_replies.Ahead) -> list[str]:
         names = [*self.keys.of_waiter(waiter.id)]
         if waiter.repo:
-            names.append(self.keys.pull(waiter.repo, waiter.pull))
+            names += [self.keys.pull(waiter.repo, waiter.pull),
+                      self.keys.waits(waiter.repo, waiter.pull)]
             names += [name for k in waiter.keys for name in self.keys.of_key(k)]
         return names
 
@@ -851,6 +865,7 @@ class RedisBackend:
         first = candidates[0]
         return (*self.keys.of_waiter(waiter_id),
                 self.keys.pull(first.project.repo_full_name, first.pull.num),
+                self.keys.waits(first.project.repo_full_name, first.pull.num),
                 *(name for c in candidates for name in self.keys.of_key(c.key)))
 
     def _acquire_names(self, candidates: Sequence[Candidate], wait: Wait | None) -> list[str]:
@@ -863,7 +878,8 @@ class RedisBackend:
         names.append(self.keys.pull(first.project.repo_full_name, first.pull.num))
         if wait is not None:
             names.extend(self.keys.of_waiter(wait.id))
-            names.append(self.keys.by_pull_mark)
+            names += [self.keys.by_pull_mark,
+                      self.keys.waits(first.project.repo_full_name, first.pull.num)]
         return names
 
     # --- the Backend protocol --------------------------------------------------------------
@@ -1232,7 +1248,37 @@ class RedisBackend:
                              policy=policy or self._policy)
 
     async def wait_graph(self, *, policy: QueuePolicy | None = None) -> KeyWaitsList:
-        graph = redis_replies.wait_graph(await self._run("WAIT_GRAPH", policy=policy))
+        return self._key_waits(redis_replies.wait_graph(await self._run("WAIT_GRAPH",
+                                                                        policy=policy)), policy)
+
+    async def wait_graph_from(self, waiter: Waiter, *,
+                              policy: QueuePolicy | None = None) -> KeyWaitsList:
+        # The walk declares the start's own names (its index, its record, its keys), so its
+        # first steps ask for nothing. A walk that meets more than _WALK_BOUND queue entries
+        # reads the whole graph instead. Untrusted indexes (an enqueue of a release that keeps
+        # none) are made whole once and walked again; if they are untrusted again at once (that
+        # release still queueing), the whole graph is read.
+        repo, pull = waiter.owner
+        keys = [self.keys.by_pull_mark, self.keys.waits(repo, pull),
+                self.keys.waiter(waiter.id), *(n for k in waiter.keys for n in self.keys.of_key(k))]
+        for reindexed in (False, True):
+            graph = redis_replies.wait_graph_from(await self._run(
+                "WAIT_GRAPH_FROM", repo, pull, _WALK_BOUND, keys=keys, policy=policy,
+                hint=f"WAIT_GRAPH_FROM {repo}#{pull}"))
+            if not isinstance(graph, str):
+                return self._key_waits(graph, policy)
+            if graph == "whole":
+                break
+            if not reindexed:
+                listed = await self._run("REINDEX_WAITS", keys=[self.keys.by_pull_mark],
+                                         policy=policy)
+                log.info("redis %s: the indexes of waits were made whole again from the queues "
+                         "(%s waiters; an enqueue of a release that keeps none came since)",
+                         self.connection.where, listed)
+        return await self.wait_graph(policy=policy)
+
+    def _key_waits(self, graph: redis_replies.WaitGraph,
+                   policy: QueuePolicy | None) -> KeyWaitsList:
         waiters = {w.id: w for w in (self._waiter(rec) for rec in graph.waiters)}
         now = _at(graph.now)
         result: KeyWaitsList = []

@@ -546,9 +546,10 @@ class EnhancedLocker(AtlantisCalls):
     async def _refuse_deadlock(self, waiter: Waiter, future: asyncio.Future[Notice], key: str,
                                answers: Answers[Result], *, caller: str) -> Result | None:
         """Refuse a waiter that closes a cycle of the wait-for graph: cancel it, only if
-        ``caller`` still owns it (a retry of the request that took it over keeps it)."""
-        graph = await self._call("wait_graph", lambda: self.backend.wait_graph(
-            policy=self.policy()))
+        ``caller`` still owns it (a retry of the request that took it over keeps it). The
+        search reads only what it can reach from the waiter's pull (``wait_graph_from``)."""
+        graph = await self._call("wait_graph", lambda: self.backend.wait_graph_from(
+            waiter, policy=self.policy()))
         cycle = deadlock.find_cycle(graph, waiter.owner)
         if cycle is None:
             return None

@@ -2,7 +2,8 @@
 -- allow, or queue one waiter on every key, or refuse.
 -- KEYS[8..] every key of each lock key (RedisKeys.of_key, its index by pull among them), the
 --   owner's pull index, the waiter's record and outcome and, with them, the indexes' mark
---   (RedisKeys.by_pull_mark); what it finds while it runs it asks for (lib.lua: `run`)
+--   (RedisKeys.by_pull_mark) and the owner's index of waits (RedisKeys.waits); what it finds
+--   while it runs it asks for (lib.lua: `run`)
 -- ARGV[11] lease in ms (0: none)  ARGV[12] waiter id ('' = fail fast)  ARGV[13] wait in ms
 -- ARGV[14] request id ('' none)  ARGV[15] owner repo  ARGV[16] owner pull
 -- ARGV[17] base priority level 0..3  ARGV[18] mode  ARGV[19] head commit ('' unknown)
@@ -54,6 +55,7 @@ local function main()
   if wait_id ~= '' then
     expect(waiter_names, wait_id, nil)
     expect(by_pull_mark)
+    expect(waits_name, repo, pull)
     local rec = read_waiter(wait_id)
     if rec then  -- the same waiter asking again (a retry takes it over): where it stands
       expect(key_names, rec.keys[1])
@@ -225,6 +227,7 @@ local function main()
                parts[i].ws)
   end
   w('PEXPIREAT', name, deadline + GRACE_MS)
+  list_enqueued(repo, pull, wait_id, deadline + GRACE_MS, seq)
   local member = string.format('%016d', seq) .. ':' .. wait_id
   local entry = pull_entry(repo, pull, wait_id)
   for _, k in ipairs(keys) do

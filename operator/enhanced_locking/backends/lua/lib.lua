@@ -429,6 +429,9 @@ local function pull_index(repo, pull)
 end
 local function by_pull_name(k) return checked(base .. 'bypull:{' .. k .. '}') end
 local function by_pull_mark() return checked(base .. 'bypull') end
+local function waits_name(repo, pull)
+  return checked(base .. 'waits:{' .. repo .. '#' .. pull .. '}')
+end
 
 -- A lock is answered as {key, data, token, at, exp, repo, pull, claim, lease, mode, path, ws}
 -- (strings; claim and lease false unless a grant from the queue awaits confirmation; mode
@@ -715,6 +718,23 @@ local function holders(k)
     if not lapsed(s) then table.insert(out, s) end
   end
   return out
+end
+
+-- One key of the wait-for graph (wait_graph.lua, wait_graph_from.lua): {k, its first
+-- holder's repo or '', its pull or '', ids (its waiters), {{repo, pull} of every holder},
+-- 1 if every holder holds it shared else 0}; an unreadable holder is nobody's (and not
+-- shared). `each_holder(repo, pull)`, if given, is called for every holder listed.
+local function graph_entry(k, ids, each_holder)
+  local owners, shared = {}, 1
+  for _, h in ipairs(holders(k)) do
+    if not h.bad then
+      table.insert(owners, {h[6], h[7]})
+      if each_holder then each_holder(h[6], h[7]) end
+    end
+    if h.bad or h[10] ~= 'shared' then shared = 0 end
+  end
+  if #owners > 0 then return {k, owners[1][1], owners[1][2], ids, owners, shared} end
+  return {k, '', '', ids, owners, 0}
 end
 
 -- The holders of k as the running discovery pictures them after the writes it foresees
@@ -1194,6 +1214,19 @@ local function repair(k, fence)
 end
 
 -- --- waiters ------------------------------------------------------------------------------
+-- Every entry of k's queues, lowest base priority first (a queue of another Redis type: none),
+-- each one's waiter record expected (asked for at the next `ask`).
+local function expect_queued(k)
+  local found = {}
+  for level = 0, 3 do
+    for _, member in ipairs(queue_range(k, level, 0, -1)) do
+      table.insert(found, member)
+      expect(waiter_name, string.sub(member, 18))
+    end
+  end
+  return found
+end
+
 local function queue_size(k)
   local n = 0
   for level = 0, 3 do n = n + queue_card(k, level) end
@@ -1253,6 +1286,57 @@ local function keep_pull_mark(seq, gen)
     w('DEL', name)  -- another type where the mark goes: this one replaces it
     w('HSET', name, 'seq', seq, 'gen', int(gen))
   end
+end
+
+-- --- a pull's waits ----------------------------------------------------------------------
+-- `waits_name(repo, pull)` is a set of the ids of the pull's waiters, so the deadlock check
+-- walks from a pull to the keys it waits on (wait_graph_from.lua) instead of reading every
+-- queue of the namespace. Every enqueue lists its waiter there (acquire.lua), `unqueue` takes
+-- it out, and the set expires with the record of the latest waiter it listed. An id whose
+-- record is gone (taken out by a release that keeps no such index) stays listed until then:
+-- a reader passes over it. Whether the sets list every waiter is the mark's field `waits`
+-- (`by_pull_mark()`): the enqueue counter as the last enqueue that listed its waiter left it.
+-- An enqueue of a release that keeps no such set raises the counter alone, and the sets read
+-- as untrusted until reindex_waits.lua makes them whole from the queues.
+local function waits_trusted()
+  local kept = PCALL('HGET', by_pull_mark(), 'waits')
+  local enqueues = PCALL('GET', SEQ)
+  if is_error(kept) or is_error(enqueues) then return false end
+  return (kept or '0') == (enqueues or '0')
+end
+
+-- Trust the sets as whole up to the enqueue counter's value `seq`.
+local function keep_waits_mark(seq)
+  local name = by_pull_mark()
+  if not w_try('HSET', name, 'waits', seq) then
+    w('DEL', name)  -- another type where the mark goes: this one replaces it
+    w('HSET', name, 'waits', seq)
+  end
+end
+
+-- List waiter id in its pull's set, kept until `until_ms` at least (its record's end).
+-- Whether the set was whole (false: another Redis type stood there and was replaced, so the
+-- waiters it listed are not).
+local function list_wait(repo, pull, id, until_ms)
+  local name = waits_name(repo, pull)
+  local whole_set = w_try('SADD', name, id) ~= nil
+  if not whole_set then
+    w('DEL', name)
+    w('SADD', name, id)
+  end
+  if CALL('PTTL', name) < until_ms - NOW then w('PEXPIREAT', name, until_ms) end
+  return whole_set
+end
+
+-- An enqueue's part (acquire.lua): list waiter id, just queued, in its pull's set, and, when
+-- the sets were trusted up to the counter before this enqueue raised it to `seq` (the
+-- mark's `waits` one below it: an enqueue that raised it from 0 finds no mark, read as 0),
+-- keep them trusted up to `seq`. (One function: each the script calls is an upvalue of it,
+-- and a Lua function has at most 60.)
+local function list_enqueued(repo, pull, id, until_ms, seq)
+  local kept = PCALL('HGET', by_pull_mark(), 'waits')
+  local trusted = not is_error(kept) and (kept or '0') == int(tonumber(seq) - 1)
+  if list_wait(repo, pull, id, until_ms) and trusted then keep_waits_mark(seq) end
 end
 
 -- The member that stamps k's index with generation gen: first in the index's order (a tab
@@ -1420,6 +1504,7 @@ local function unqueue(id, rec)
     w_try('ZREM', by_pull_name(k), entry)
     queue_left(k)
   end
+  w_try('SREM', waits_name(rec.repo, rec.pull), id)
   w('DEL', waiter_name(id))
 end
 
@@ -1533,6 +1618,7 @@ local function waiter_names(id, rec)
   outcome_name(id)
   if rec then
     pull_index(rec.repo, rec.pull)
+    waits_name(rec.repo, rec.pull)
     for _, k in ipairs(rec.keys) do key_names(k) end
   end
 end

@@ -9,15 +9,7 @@ local function main()
   for _, k in ipairs(keys) do expect(key_names, k) end
   ask()
   local entries_of = {}
-  for _, k in ipairs(keys) do
-    entries_of[k] = {}
-    for level = 0, 3 do
-      for _, member in ipairs(queue_range(k, level, 0, -1)) do  -- another type: skipped
-        table.insert(entries_of[k], member)
-        expect(waiter_name, string.sub(member, 18))
-      end
-    end
-  end
+  for _, k in ipairs(keys) do entries_of[k] = expect_queued(k) end
   ask()
   local entries, records, seen = {}, {}, {}
   for _, k in ipairs(keys) do
@@ -31,18 +23,7 @@ local function main()
       end
       if seen[id] then table.insert(ids, id) end
     end
-    if #ids > 0 then
-      local owners, shared = {}, 1
-      for _, h in ipairs(holders(k)) do
-        if not h.bad then table.insert(owners, {h[6], h[7]}) end  -- an unreadable one: unknown
-        if h.bad or h[10] ~= 'shared' then shared = 0 end
-      end
-      if #owners > 0 then
-        table.insert(entries, {k, owners[1][1], owners[1][2], ids, owners, shared})
-      else
-        table.insert(entries, {k, '', '', ids, owners, 0})
-      end
-    end
+    if #ids > 0 then table.insert(entries, graph_entry(k, ids)) end
   end
   return {NOW, entries, records}
 end
