@@ -36,11 +36,17 @@ alone, granted: each serves the key's queue and looks at it for an exclusive req
 meeting none. Its own table: the function calls (discovery rounds) and the Redis and client
 time of one such request.
 ``--wait-graph``: each enqueue of the sample is followed by what the locker does with
-``deadlock-detection`` on, counted in it: the read of the wait-for graph and the search for a
-cycle through the new waiter's pull (``deadlock.find_cycle``, in the client column).
+``deadlock-detection`` on, counted in it: the walk over the part of the wait-for graph the
+new waiter's pull can reach (``wait_graph_from``) and the search for a cycle through it
+(``deadlock.find_cycle``, in the client column); then, as the anchor of the same run, the
+same sample's check as it was made before the walk: the whole graph read (``wait_graph``)
+and searched (two more columns).
+``--spread``: the waiters are queued ten to a key, each key held by a pull of its own (many
+short queues, as many projects' locks are), not all on one key.
 
 Usage: python bench/redis_enqueue.py [--lengths 10,100,1000,10000] [--sample 30]
        [--head-commits] [--shared] [--held-shared] [--held-shared-batches] [--wait-graph]
+       [--spread]
 (prints the table; docs/benchmarks.md keeps what it found in its prose.)
 """
 
@@ -89,6 +95,11 @@ SAMPLE_PULLS = 10_000_000
 """``--held-shared-batches``: the pulls of the sample (and, one below, the second key's holder)."""
 BATCHES = [False]
 """``--held-shared-batches``: the queue is of batches waiting on a second key."""
+SPREAD = [False]
+"""``--spread``: ten waiters a key, each key held by a pull of its own."""
+PER_KEY = 10
+SPREAD_HOLDERS = 20_000_000
+"""``--spread``: the pull holding key ``n`` is this plus ``n``."""
 
 
 def _request(pull: int, *, head: bool = False, shared: bool = False,
@@ -113,8 +124,18 @@ class Rig:
 
     async def enqueue(self, *, sampled: bool = False) -> Outcome:
         self.queued += 1
+        path = "envs/prod"
+        if SPREAD[0]:
+            n = self.queued // PER_KEY
+            path = f"envs/k{n}"
+            if self.queued % PER_KEY == 0 or self.queued == 1:  # a new key: held first
+                holder = _request(SPREAD_HOLDERS + n, path=path)
+                held = await self.backend.acquire_or_enqueue(
+                    Candidate.of_request(holder, priority=holder.priority), ttl=None,
+                    wait=None, policy=self.policy)
+                assert held.status is Status.GRANTED, held
         request = _request(self.queued, head=sampled and HEADS[0],
-                           shared=sampled and SHARED[0])
+                           shared=sampled and SHARED[0], path=path)
         waiter_id = f"w-{self.queued}"
         self.backend.grants.expect(waiter_id)  # a caller waits to hear, as the locker's does
         outcome = await self.backend.acquire_or_enqueue(
@@ -122,10 +143,22 @@ class Rig:
             wait=Wait(id=waiter_id, timeout=WAIT), policy=self.policy)
         assert outcome.status is Status.QUEUED, outcome
         if sampled and GRAPH[0]:
-            graph = await self.backend.wait_graph(policy=self.policy)
             assert outcome.waiter is not None
+            graph = await self.backend.wait_graph_from(outcome.waiter, policy=self.policy)
             assert deadlock.find_cycle(graph, outcome.waiter.owner) is None
         return outcome
+
+    async def whole_graph_checks(self, queued: list[Outcome]) -> dict[str, float]:
+        """The same sample's deadlock check as it was made before the walk: the whole graph
+        read and searched (the anchor of ``--wait-graph``)."""
+        await self.admin.config_resetstat()
+        cpu = time.process_time()
+        for outcome in queued:
+            assert outcome.waiter is not None
+            graph = await self.backend.wait_graph(policy=self.policy)
+            assert deadlock.find_cycle(graph, outcome.waiter.owner) is None
+        return {"whole_client": (time.process_time() - cpu) / len(queued) * 1e6,
+                "whole_server": await self.server_usec() / len(queued)}
 
     async def enqueue_batch(self) -> None:
         """A batch shared on the key and exclusive on the second one (held: it waits)."""
@@ -162,23 +195,24 @@ class Rig:
     async def measure(self, length: int, sample: int) -> dict[str, float]:
         while self.queued < length:
             await self.enqueue()
-        key = _request(0).key
         await self.admin.config_resetstat()
         cpu = time.process_time()
         queued = [await self.enqueue(sampled=True) for _ in range(sample)]
         enqueue_cpu = (time.process_time() - cpu) / sample
         enqueue_server = await self.server_usec() / sample
+        whole = await self.whole_graph_checks(queued) if GRAPH[0] else {}
         views = max(3, sample // 3)
         await self.admin.config_resetstat()
         cpu = time.process_time()
         for outcome in queued[:views]:
             assert outcome.waiter is not None and outcome.position is not None
-            assert await self.locker.queued_view(key, outcome.waiter, outcome.position)
+            assert await self.locker.queued_view(outcome.waiter.keys[0], outcome.waiter,
+                                                 outcome.position)
         view_cpu = (time.process_time() - cpu) / views
         view_server = await self.server_usec() / views
         return {"length": length, "enqueue_server": enqueue_server,
                 "enqueue_client": enqueue_cpu * 1e6, "view_server": view_server,
-                "view_client": view_cpu * 1e6}
+                "view_client": view_cpu * 1e6, **whole}
 
 
 async def run(lengths: list[int], sample: int) -> list[dict[str, float]]:
@@ -212,9 +246,11 @@ async def run(lengths: list[int], sample: int) -> list[dict[str, float]]:
 
 
 def _row(row: dict[str, float]) -> str:
+    whole = (f" {row['whole_server']:,.0f} | {row['whole_client']:,.0f} |"
+             if "whole_server" in row else "")
     return (f"| {int(row['length']):,} | {row['enqueue_server']:.1f} | "
             f"{row['enqueue_client']:.0f} | {row['view_server']:.1f} | "
-            f"{row['view_client']:.0f} |")
+            f"{row['view_client']:.0f} |{whole}")
 
 
 def main() -> None:
@@ -226,6 +262,7 @@ def main() -> None:
     parser.add_argument("--held-shared", action="store_true")
     parser.add_argument("--held-shared-batches", action="store_true")
     parser.add_argument("--wait-graph", action="store_true")
+    parser.add_argument("--spread", action="store_true")
     parser.add_argument("--no-write", action="store_true")  # (this bench writes no table)
     quick_defaults(parser, lengths="10,100,1000", sample=10)
     args = parser.parse_args()
@@ -234,11 +271,14 @@ def main() -> None:
               "client CPU µs a request |")
         print("|---:|---:|---:|---:|")
     else:
+        whole = (" whole graph read and searched: Redis µs | client CPU µs |"
+                 if args.wait_graph else "")
         print("| queue length | enqueue: Redis µs | enqueue: client CPU µs | "
-              "event reads: Redis µs | event reads: client CPU µs |")
-        print("|---:|---:|---:|---:|---:|")
+              f"event reads: Redis µs | event reads: client CPU µs |{whole}")
+        print("|---:|---:|---:|---:|---:|" + ("---:|---:|" if args.wait_graph else ""))
     HEADS[0], GRAPH[0] = args.head_commits, args.wait_graph
     BATCHES[0] = args.held_shared_batches
+    SPREAD[0] = args.spread
     HELD_SHARED[0] = args.held_shared or args.held_shared_batches
     SHARED[0] = args.shared or args.held_shared
     asyncio.run(run([int(n) for n in args.lengths.split(",")], args.sample))
