@@ -29,7 +29,7 @@ from enhanced_locking.backends import codec
 from enhanced_locking.backends.etcd_connection import WATCH_CHECK, Watch
 from enhanced_locking.backends.etcd_store import _KV, EtcdBackend
 from enhanced_locking.backends.waiting import Notice, Status, Wait
-from enhanced_locking.types import Candidate
+from enhanced_locking.types import Candidate, Lock
 
 pytestmark = [pytest.mark.etcd, pytest.mark.timeout(90)]
 
@@ -174,6 +174,19 @@ async def test_a_watch_that_keeps_up_is_not_started_again(
 
 
 
+async def batch_waiting(a: EtcdBackend, b: EtcdBackend) -> tuple[
+        Candidate, Candidate, Lock, Wait, asyncio.Future[Notice]]:
+    """Pull 2's batch of ``net`` and ``dns`` queued through ``a``, pull 1 holding ``dns``
+    (taken through ``b``): the two keys, pull 1's lock, the offer and what it is told."""
+    net, dns = want(2, "envs/net"), want(2, "envs/dns")
+    holder = await grant(b, want(1, "envs/dns"))
+    offer = Wait(id=secrets.token_hex(8), timeout=timedelta(seconds=60))
+    told = a.grants.expect(offer.id)
+    queued = await a.acquire_batch((net, dns), ttl=None, wait=offer, policy=POLICY)
+    assert queued.status is Status.QUEUED, queued
+    return net, dns, holder, offer, told
+
+
 async def test_a_batch_grant_another_replica_made_names_the_key_its_pull_held_already(
     etcd_replicas: tuple[EtcdBackend, EtcdBackend],
 ) -> None:
@@ -184,12 +197,7 @@ async def test_a_batch_grant_another_replica_made_names_the_key_its_pull_held_al
     of the batch (its caller gone, or the router backing off) leaves that hold. Before, a
     notice read from etcd said nothing of it, and ``net`` was given back with ``dns``."""
     a, b = etcd_replicas
-    net, dns = want(2, "envs/net"), want(2, "envs/dns")
-    holder = await grant(b, want(1, "envs/dns"))
-    offer = Wait(id=secrets.token_hex(8), timeout=timedelta(seconds=60))
-    told = a.grants.expect(offer.id)
-    queued = await a.acquire_batch((net, dns), ttl=None, wait=offer, policy=POLICY)
-    assert queued.status is Status.QUEUED, queued
+    net, _, holder, offer, told = await batch_waiting(a, b)
     own = await grant(b, net)
     await b.release_and_handoff(holder.key, owner=holder.owner, policy=POLICY)
     notice = await asyncio.wait_for(told, WATCH_CHECK + 10)
@@ -208,3 +216,28 @@ async def test_a_notice_an_older_replica_wrote_does_not_say_which_keys_were_kept
     old = {"locks": [codec.encode(lock)], "reason": None, "fresh": True, "waiter": None}
     _, notice = a.notice_from(_KV(json.dumps(old).encode(), mod=lock.fencing_token))
     assert notice.locks == (lock,) and notice.fresh and notice.kept is None
+
+
+async def test_a_batch_granted_just_before_its_session_lapsed_names_the_key_its_pull_held(
+    etcd_replicas: tuple[EtcdBackend, EtcdBackend], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As above, but replica ``a`` hears nothing of the grant and its session lease ends
+    (cut off from etcd: here its deliveries are dropped and the lease revoked), taking the
+    notice with it. The caller is answered from the holders; the answer still names ``net``
+    as the pull's already, read from the notice as etcd had it at the grant. Before, the
+    answer was rebuilt from the holders alone and said nothing (``kept`` None), so a
+    give-back of the batch released the hold the pull's other request took while it waited."""
+    a, b = etcd_replicas
+    net, dns, holder, offer, told = await batch_waiting(a, b)
+    monkeypatch.setattr(a, "_heard", lambda waiter_id, kv: False)  # a hears nothing
+    own = await grant(b, net)
+    handoff = await b.release_and_handoff(holder.key, owner=holder.owner, policy=POLICY)
+    assert len(handoff.granted) == 1, handoff
+    client = await b.connection.client()
+    assert client.lease is not None
+    await client.lease.revoke(a.session_lease)
+    notice = await asyncio.wait_for(told, 20)  # the next renewal finds the lease gone
+    assert notice.fresh and {lock.key for lock in notice.locks} == {net.key, dns.key}, notice
+    assert own in notice.locks, notice
+    assert notice.kept == frozenset({net.key}), notice.kept
+    a.grants.forget(offer.id, told)

@@ -1728,8 +1728,41 @@ class EtcdBackend(StoreBackend):
             except Exception:  # etcd away (or a lock not readable): nothing can be told
                 found = []
             if found and {lock.key for lock in found} == set(waiter.keys):
-                notice = Notice(locks=tuple(found), fresh=True, caller=waiter.caller)
+                notice = Notice(locks=tuple(found), fresh=True, caller=waiter.caller,
+                                kept=await self._kept_at_grant(waiter_id, waiter.keys))
         self._notifier.deliver(waiter_id, notice)
+
+    async def _kept_at_grant(self, waiter_id: str, keys: tuple[str, ...]) -> frozenset[str] | None:
+        """The keys ``waiter_id``'s pull held already when its grant was made, as the grant's
+        notice said (``kept``), read back at a revision the grant wrote: the notice went with
+        the session lease, but etcd keeps the history until it is compacted. ``None`` (not
+        said) when it cannot be read, is compacted, or an older replica wrote it.
+
+        Without it, the answer of a waiter whose session lapsed said nothing of them, and a
+        give-back of its batch (backed off, its caller gone) released a key the pull's other
+        request took while it waited: its lock, too, is the pull's with a token above the
+        waiter's queueing (``_told_lapsed`` rebuilds the grant from such holders)."""
+        notice_key = self.notice_key(waiter_id)
+        try:
+            revisions: set[int] = set()
+            for key in keys:
+                for begin, end in ((self.lock_key(key), b""),
+                                   (self.shared_prefix(key), _prefix_end(self.shared_prefix(key)))):
+                    answer = await leader_first(self.connection, unary(
+                        kv_calls, "Range", RangeRequest(key=begin, range_end=end, keys_only=True)))
+                    revisions.update(int(kv.mod_revision) for kv in answer.kvs)
+            for revision in sorted(revisions, reverse=True):  # the grant wrote its new keys
+                answer = await leader_first(self.connection, unary(
+                    kv_calls, "Range", RangeRequest(key=notice_key, revision=revision)))
+                if not answer.kvs:
+                    continue
+                waiter, notice = self.notice_from(_kv(answer.kvs[0]))
+                if waiter is not None and waiter.id == waiter_id and notice.locks:
+                    return notice.kept
+        except Exception:  # etcd away, the revision compacted, a notice not readable
+            log.debug("etcd %s: the notice of %s could not be read back", self.connection.where,
+                      waiter_id, exc_info=True)
+        return None
 
     async def _check_session(self, lease: int) -> None:
         """A commit that attached writes to the session ``lease`` was refused for a lease etcd
