@@ -644,12 +644,25 @@ func (c *Client) AcquireBatch(ctx context.Context, r BatchRequest) ([]Lock, erro
 	}
 	k := call{op: "acquire-batch", method: http.MethodPost, path: "/v1/locks/batch", body: body,
 		idempotent: true, unsentOnly: true, wait: r.Wait, also: []int{http.StatusConflict}}
-	a, err := request[acquireAnswer](ctx, c, k)
+	got, _, err := c.exchange(ctx, k)
+	if err != nil {
+		return nil, err
+	}
+	a, err := decode[acquireAnswer](k, got)
 	if err != nil {
 		return nil, err
 	}
 	if !a.Acquired {
 		return nil, a.refused(k.op)
+	}
+	// The batch's Lock-Grant has one word a lock of Locks, in their order ("new, again"); a
+	// header that does not say it lock by lock leaves every Grant "" (not said).
+	if words := strings.Split(string(got.grant), ","); len(words) == len(a.Locks) {
+		for i, word := range words {
+			if grant := Grant(strings.TrimSpace(word)); grant == GrantNew || grant == GrantAgain {
+				a.Locks[i].Grant = grant
+			}
+		}
 	}
 	return a.Locks, nil
 }

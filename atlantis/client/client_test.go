@@ -160,23 +160,35 @@ func TestRefreshAndReleaseBatchLeaveAnotherRepositorysLockOfTheSameKey(t *testin
 	}
 }
 
+// batchOf is pull's batch of the acme/infra projects at paths, asked by alice.
+func batchOf(pull int, paths ...string) client.BatchRequest {
+	r := client.BatchRequest{Pull: client.Pull{Num: pull}, User: client.User{Username: "alice"}}
+	for _, path := range paths {
+		r.Locks = append(r.Locks, client.BatchItem{
+			Project: client.Project{RepoFullName: "acme/infra", Path: path}})
+	}
+	return r
+}
+
 func TestListByPullBatchAndForceUnlock(t *testing.T) {
 	c := enhanced(t)
 	ctx := context.Background()
-	locks, err := c.AcquireBatch(ctx, client.BatchRequest{
-		Locks: []client.BatchItem{{Project: client.Project{RepoFullName: "acme/infra", Path: "a"}},
-			{Project: client.Project{RepoFullName: "acme/infra", Path: "b"}}},
-		Pull: client.Pull{Num: 7}, User: client.User{Username: "alice"},
-	})
+	locks, err := c.AcquireBatch(ctx, batchOf(7, "a", "b"))
 	must(t, err)
-	if len(locks) != 2 {
-		t.Fatalf("the batch should hold both, got %+v", locks)
+	if len(locks) != 2 || locks[0].Grant != client.GrantNew || locks[1].Grant != client.GrantNew {
+		t.Fatalf("the batch should hold both, each granted by it, got %+v", locks)
 	}
-	_, err = c.AcquireBatch(ctx, client.BatchRequest{
-		Locks: []client.BatchItem{{Project: client.Project{RepoFullName: "acme/infra", Path: "c"}},
-			{Project: client.Project{RepoFullName: "acme/infra", Path: "b"}}},
-		Pull: client.Pull{Num: 8},
-	})
+	again, err := c.AcquireBatch(ctx, batchOf(7, "d", "a"))
+	must(t, err)
+	if len(again) != 2 || again[0].Grant != client.GrantNew || again[1].Grant != client.GrantAgain {
+		t.Fatalf("d is granted by the batch, a was pull 7's already: got %+v", again)
+	}
+	seven := 7
+	if out, err := c.ReleaseBatch(ctx, []string{again[0].Key}, "acme/infra", &seven); err != nil ||
+		len(out.Released) != 1 {
+		t.Fatalf("pull 7 should free d, got %+v, %v", out, err)
+	}
+	_, err = c.AcquireBatch(ctx, batchOf(8, "c", "b"))
 	var held *client.HeldError
 	if !errors.As(err, &held) || held.Key != "acme/infra/b/default/" {
 		t.Fatalf("pull 8's batch should be refused on b, got %v", err)
@@ -184,7 +196,6 @@ func TestListByPullBatchAndForceUnlock(t *testing.T) {
 	if free, _ := c.Get(ctx, "acme/infra/c/default/"); free != nil {
 		t.Fatal("a refused batch holds none of its keys")
 	}
-	seven := 7
 	listed, err := c.List(ctx, client.ListFilter{Repo: "acme/infra", Pull: &seven})
 	must(t, err)
 	if len(listed) != 2 {

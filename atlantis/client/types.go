@@ -98,10 +98,11 @@ type Lock struct {
 	FencingToken int64 `json:"fencingToken"`
 	// Backend is the side that granted it: "legacy" or "enhanced".
 	Backend string `json:"backend"`
-	// Grant says, of the lock Acquire answered, whether that call granted it (GrantNew: its
-	// lease, if it has one, starts now) or answered the lock its pull held already
-	// (GrantAgain: unchanged, lease and all). "" for locks other calls answer, and where the
-	// service did not say (a release before it said so, or a proxy that drops the header).
+	// Grant says, of a lock Acquire or AcquireBatch answered, whether that call granted it
+	// (GrantNew: its lease, if it has one, starts now) or answered the lock its pull held
+	// already (GrantAgain: unchanged, lease and all). "" for locks other calls answer, and
+	// where the service did not say (a release before it said so, or a proxy that drops the
+	// header).
 	Grant Grant `json:"-"`
 }
 
