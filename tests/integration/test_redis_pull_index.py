@@ -23,8 +23,6 @@ import itertools
 import json
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
-from pathlib import Path
-from tempfile import mkdtemp
 from typing import Any
 
 import pytest
@@ -33,8 +31,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from tests.support.locks import candidate_for, request_for
-from tests.support.redis_fixtures import redis_config
-from tests.support.redis_server import RedisServer, RedisServerError
+from tests.support.redis_fixtures import SharedServer, redis_config
+from tests.support.redis_server import RedisServer
 
 from enhanced_locking.backends.redis_store import RedisBackend
 from enhanced_locking.backends.waiting import Outcome, QueuePolicy, Status, Wait
@@ -145,24 +143,13 @@ def _keys_of(rec: dict[str, str]) -> list[str]:
     return keys
 
 
-_SERVER: list[RedisServer] = []
-_EXAMPLES = itertools.count(1)
+_SHARED = SharedServer("pull-index")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _close_server() -> Iterator[None]:
     yield
-    while _SERVER:
-        _SERVER.pop().close()
-
-
-def _server() -> RedisServer:
-    if not _SERVER:
-        try:
-            _SERVER.append(RedisServer(Path(mkdtemp(prefix="redis-pull-index-"))).start())
-        except RedisServerError as error:
-            pytest.fail(str(error), pytrace=False)
-    return _SERVER[0]
+    _SHARED.close()
 
 
 class PullIndexModel(RuleBasedStateMachine):
@@ -170,9 +157,9 @@ class PullIndexModel(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        server = _server()
+        server = _SHARED.get()
         self.loop = asyncio.new_event_loop()
-        config = redis_config(server, redis_key_prefix=f"pulls{next(_EXAMPLES)}:")
+        config = redis_config(server, redis_key_prefix=_SHARED.prefix())
         self.backend = RedisBackend.from_config(config, "enhanced")
         self.admin = server.client()
         self.store = Store(self.admin, self.backend)

@@ -17,8 +17,6 @@ import asyncio
 import itertools
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
-from pathlib import Path
-from tempfile import mkdtemp
 
 import pytest
 import redis
@@ -26,8 +24,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from tests.support.locks import candidate_for, request_for
-from tests.support.redis_fixtures import redis_config
-from tests.support.redis_server import RedisServer, RedisServerError
+from tests.support.redis_fixtures import SharedServer, redis_config
+from tests.support.redis_server import RedisServer
 
 from enhanced_locking.backends.base import Owner
 from enhanced_locking.backends.redis_store import RedisBackend
@@ -122,24 +120,13 @@ class Store:
         self.admin.delete(self.keys.waiter(waiter_id))
 
 
-_SERVER: list[RedisServer] = []
-_EXAMPLES = itertools.count(1)
+_SHARED = SharedServer("wait-walk")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _close_server() -> Iterator[None]:
     yield
-    while _SERVER:
-        _SERVER.pop().close()
-
-
-def _server() -> RedisServer:
-    if not _SERVER:
-        try:
-            _SERVER.append(RedisServer(Path(mkdtemp(prefix="redis-wait-walk-"))).start())
-        except RedisServerError as error:
-            pytest.fail(str(error), pytrace=False)
-    return _SERVER[0]
+    _SHARED.close()
 
 
 class WaitWalkModel(RuleBasedStateMachine):
@@ -147,9 +134,9 @@ class WaitWalkModel(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        server = _server()
+        server = _SHARED.get()
         self.loop = asyncio.new_event_loop()
-        config = redis_config(server, redis_key_prefix=f"walk{next(_EXAMPLES)}:")
+        config = redis_config(server, redis_key_prefix=_SHARED.prefix())
         self.backend = RedisBackend.from_config(config, "enhanced")
         self.admin = server.client()
         self.store = Store(self.admin, self.backend)

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from tempfile import mkdtemp
 from typing import Any
 
 import pytest
@@ -36,6 +38,7 @@ from enhanced_locking.config import EnhancedLockingConfig
 
 __all__ = [
     "ServerMaker",
+    "SharedServer",
     "redis_backend",
     "redis_backend_maker",
     "redis_cluster",
@@ -157,3 +160,30 @@ def redis_cluster_backend_maker(request: pytest.FixtureRequest) -> Callable[[str
     cluster: RedisClusterNodes = request.getfixturevalue("redis_cluster")
     config = redis_cluster_config(cluster, request.getfixturevalue("redis_cluster_prefix"))
     return lambda namespace: RedisBackend.from_config(config, namespace)
+
+
+class SharedServer:
+    """One redis-server for a module's state machine: hypothesis runs its examples outside
+    pytest's fixtures, so the first example starts it and the module's fixture closes it
+    (:meth:`close`); each example takes a key prefix of its own (:meth:`prefix`)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._server: RedisServer | None = None
+        self._examples = itertools.count(1)
+
+    def get(self) -> RedisServer:
+        if self._server is None:
+            try:
+                self._server = RedisServer(Path(mkdtemp(prefix=f"redis-{self.name}-"))).start()
+            except RedisServerError as error:
+                pytest.fail(str(error), pytrace=False)
+        return self._server
+
+    def prefix(self) -> str:
+        return f"{self.name}{next(self._examples)}:"
+
+    def close(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
