@@ -1,0 +1,26 @@
+"""A batch's ``Lock-Grant``: one word a lock, written by the service and read by the client."""
+
+from __future__ import annotations
+
+import pytest
+from tests.support.locks import lock_for, request_for
+
+from enhanced_locking.types import batch_grant, kept_by_grant
+
+LOCKS = [lock_for(request_for(path=path, pull=7)) for path in ("a", "b", "c")]
+
+
+def test_what_the_service_writes_reads_back_as_the_keys_its_pull_held() -> None:
+    for kept in (set(), {LOCKS[1].key}, {lock.key for lock in LOCKS}):
+        header = batch_grant(LOCKS, kept)
+        assert kept_by_grant(LOCKS, header) == kept, header
+    assert batch_grant(LOCKS, {LOCKS[1].key}) == "new, again, new"
+    assert kept_by_grant(LOCKS, "again,new ,  again") == {LOCKS[0].key, LOCKS[2].key}
+
+
+@pytest.mark.parametrize("header", [None, "", "new", "new, again", "new, again, new, new",
+                                    "new, kept, new", "new,, new"])
+def test_a_header_that_does_not_say_it_lock_by_lock_says_nothing(header: str | None) -> None:
+    """No header (an older service, a proxy that drops it), or one whose words are not one
+    known word a lock: not said (None), never read as every key granted anew."""
+    assert kept_by_grant(LOCKS, header) is None
