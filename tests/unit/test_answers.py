@@ -287,6 +287,36 @@ def test_the_etcd_stores_copy_of_its_answers_is_what_dataclasses_replace_makes(
     assert _shape(Lock) is None and _shape(Status) is None
 
 
+@dataclasses.dataclass(frozen=True)
+class _One:
+    seq: int
+
+
+@dataclasses.dataclass(slots=True)
+class _Slotted:
+    a: int
+    b: str = "b"
+    c: tuple[int, ...] = ()
+
+
+@pytest.mark.parametrize("value, changes", [
+    (_One(seq=1), {"seq": 2}),
+    (_Slotted(a=1, c=(1,)), {"a": 5}),
+    (_Slotted(a=1), {"a": 5, "c": (2, 3)}),
+])
+def test_a_copy_of_one_field_or_of_slots_is_what_dataclasses_replace_makes(
+        value: typing.Any, changes: dict[str, typing.Any]) -> None:
+    # _replaced reads every field in one call (a class of one field too) and sets the changes
+    # after: the copy is replace's, frozen or slotted, and the value copied stays as it was.
+    before = dataclasses.replace(value)
+    kind: type = type(value)
+    shape = _shape(kind)
+    assert shape is not None and shape.direct
+    copy = _replaced(value, changes, shape)
+    assert copy == dataclasses.replace(value, **changes)
+    assert type(copy) is type(value) and copy is not value and value == before
+
+
 def test_a_grant_resolved_by_its_commit_is_the_answer_with_the_grants_token() -> None:
     # The acquire's answer carries the pending token -(floor+1) until its commit's revision
     # is known; resolved, it is the same answer with revision + floor, and an answer with
