@@ -409,10 +409,13 @@ class _Known:
               revision: int = 0) -> None:
         """``reads`` as etcd had them, and ``writes`` committed over them at ``revision``."""
         writes = writes or {}
+        keys, newest = self.keys, self.keys.move_to_end
         for k, kv in reads.keys.items():
             if k in writes:
                 kv = _written(kv, writes[k], revision)
-            self._keep(self.keys, k, kv)
+            keys[k] = kv
+            newest(k)
+        ranges, newest = self.ranges, self.ranges.move_to_end
         for p, (seen, kvs) in reads.ranges.items():
             if writes:
                 # The guards held at ``revision``: the range is what was read, plus the writes.
@@ -423,19 +426,17 @@ class _Known:
                             kvs.pop(k, None)
                         else:
                             kvs[k] = _written(kvs.get(k, _KV(None)), written, revision)
-            self._keep(self.ranges, p, (seen, kvs))
+            ranges[p] = (seen, kvs)
+            newest(p)
+        for store in (keys, ranges):
+            while len(store) > self.LIMIT:
+                store.popitem(last=False)
 
     def forget(self, keys: set[bytes], prefixes: set[bytes]) -> None:
         for k in keys:
             self.keys.pop(k, None)
         for p in prefixes:
             self.ranges.pop(p, None)
-
-    def _keep(self, store: collections.OrderedDict[bytes, Any], k: bytes, value: Any) -> None:
-        store[k] = value
-        store.move_to_end(k)
-        while len(store) > self.LIMIT:
-            store.popitem(last=False)
 
 
 class _Names(NamedTuple):
