@@ -11,11 +11,13 @@ LOCKS = [lock_for(request_for(path=path, pull=7)) for path in ("a", "b", "c")]
 
 
 def test_what_the_service_writes_reads_back_as_the_keys_its_pull_held() -> None:
-    for kept in (set(), {LOCKS[1].key}, {lock.key for lock in LOCKS}):
+    for kept in (frozenset[str](), frozenset({LOCKS[1].key}),
+                 frozenset(lock.key for lock in LOCKS)):
         header = batch_grant(LOCKS, kept)
         assert kept_by_grant(LOCKS, header) == kept, header
     assert batch_grant(LOCKS, {LOCKS[1].key}) == "new, again, new"
-    assert kept_by_grant(LOCKS, "again,new ,  again") == {LOCKS[0].key, LOCKS[2].key}
+    assert kept_by_grant(LOCKS, "again,new ,  again") == frozenset({LOCKS[0].key,
+                                                                   LOCKS[2].key})
 
 
 @pytest.mark.parametrize("header", [None, "", "new", "new, again", "new, again, new, new",
