@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import contextlib
 import json
 import logging
@@ -180,10 +181,12 @@ def _serve(args: argparse.Namespace) -> NoReturn:
 
 
 def _exit(code: int) -> NoReturn:
-    """End a process that has served, once its stores are closed: its logs and output flushed,
-    then at once, with ``code``. The interpreter's own teardown after that (every object of the
-    app freed one by one) did nothing the stores need and took about a second of CPU on a
-    loaded machine: SIGTERM, then a second before the process was gone.
+    """End a process that has served, once its stores are closed: its exit handlers run (the
+    libraries' as at any exit: the Kubernetes client's removes the files it wrote a
+    kubeconfig's embedded client key and certificates to; logging's flushes the logs), its
+    output flushed, then at once, with ``code``. The interpreter's own teardown after that
+    (every object of the app freed one by one) did nothing the stores need and took about a
+    second of CPU on a loaded machine: SIGTERM, then a second before the process was gone.
 
     A code other than 0 (a refusal to start, before anything was served: an empty store, a
     bad setting) ends as every other command does, by ``SystemExit``: a caller of
@@ -191,7 +194,7 @@ def _exit(code: int) -> NoReturn:
     told the code, not ended with it."""
     if code:
         raise SystemExit(code)
-    logging.shutdown()
+    atexit._run_exitfuncs()  # logging.shutdown among them
     for stream in (sys.stdout, sys.stderr):
         # a reader that went away, or a stream already closed: nothing more to say there
         with contextlib.suppress(OSError, ValueError):

@@ -6,7 +6,9 @@ SIGKILL it (nothing gets to flush or close), start it again on the same data dir
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
 import sqlite3
 import subprocess
 from collections.abc import Callable
@@ -79,6 +81,39 @@ def test_a_graceful_stop_exits_zero_and_keeps_the_locks(service_process: Service
     assert "Traceback" not in service.stderr()
     service.start()
     assert httpx.get(service.url + "/v1/locks").json() == {"locks": [held]}
+
+
+def test_a_graceful_stop_leaves_no_copy_of_the_kubeconfig_s_client_key(
+    service_process: ServiceFactory, tmp_path: Path,
+) -> None:
+    # A kubeconfig with embedded credentials (client-key-data, as kind's and most clusters'
+    # admin kubeconfigs have) is written by the Kubernetes client to temporary files, which it
+    # removes as the process exits (an exit handler). A stopped service leaves no copy of the
+    # private key behind, as it did not before its exit skipped the interpreter's teardown.
+    # (The API server is never asked: the client is made at start, its files with it.)
+    key = b"-----BEGIN PRIVATE KEY-----\nnot-a-key-but-a-secret-all-the-same\n"
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:9"}}],
+        "users": [{"name": "u", "user": {
+            "client-certificate-data": base64.b64encode(b"a certificate").decode(),
+            "client-key-data": base64.b64encode(key).decode()}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
+    }))
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+
+    def copies() -> list[str]:
+        return [path.name for path in temporary.rglob("*")
+                if path.is_file() and path.read_bytes() == key]
+
+    service = service_process("--enhanced-locking-auth=kubernetes",
+                              env={"KUBECONFIG": str(kubeconfig), "TMPDIR": str(temporary)})
+    assert len(copies()) == 1  # written by the client at start: what the stop must remove
+    assert service.stop() == 0
+    assert "Traceback" not in service.stderr()
+    assert copies() == []
 
 
 def test_tokens_keep_rising_over_several_restarts(service_process: ServiceFactory) -> None:
