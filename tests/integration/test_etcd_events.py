@@ -34,7 +34,7 @@ from enhanced_locking.backends.etcd_events import _LAST_INDEX, EtcdEventBus
 from enhanced_locking.backends.etcd_store import EtcdBackend
 from enhanced_locking.backends.waiting import Status
 from enhanced_locking.config import EnhancedLockingConfig
-from enhanced_locking.events import Gap, parse_event_id
+from enhanced_locking.events import Following, Gap, parse_event_id
 from enhanced_locking.factory import LockService
 from enhanced_locking.provider import ConfigProvider
 from enhanced_locking.types import BackendUnavailable, Event, PartlyReleased
@@ -743,3 +743,48 @@ async def test_a_release_by_pull_failing_in_its_second_part_tells_the_firsts_exp
                                          {"backend": "enhanced", "how": "expired"}) == 1
     finally:
         await service.close()
+
+
+async def test_readers_hear_a_gap_and_the_new_history_when_etcds_revision_goes_back(
+    tmp_path: Path,
+) -> None:
+    """etcd restored from an older snapshot (here: made anew on the same ports with the same
+    cluster token, its revisions from the start, as a restore of an empty snapshot) numbers
+    its writes from below the revision the watch had reached. The follower hears a ``gap``,
+    a reader resuming from an event of the old history gets one too, and the new history's
+    events come. Before, the watch resumed at a revision the restored cluster had not
+    reached: the stream stayed silent until the revisions caught up."""
+    with started(tmp_path / "a") as old:
+        config = etcd_config(old, "/restored/")
+        connection = EtcdConnection(EtcdSettings.from_config(config))
+        try:
+            client = await connection.client()
+            assert client.kv is not None
+            for n in range(30):  # the old history runs well ahead of the restored one
+                await client.kv.put(f"/restored/other-{n}".encode(), b"x")
+        finally:
+            await connection.close()
+        bus = EtcdEventBus.from_config(config)
+        try:
+            following = bus.follow(max_lag=1000, announce=True)
+            assert isinstance(await asyncio.wait_for(anext(following), 10), Following)
+            bus.publish("fallback", key="old", action="legacy")
+            before = await asyncio.wait_for(anext(following), 10)
+            assert isinstance(before, Event) and before.key == "old", before
+            old.discard()
+            fresh = old.anew(tmp_path / "b", token=old.token).start()
+            try:
+                gap = await asyncio.wait_for(anext(following), 30)
+                assert isinstance(gap, Gap), gap
+                again = bus.follow(after=before.id, max_lag=1000, announce=True)
+                first = await asyncio.wait_for(anext(again), 10)
+                assert isinstance(first, Gap) and first.after == before.id, first
+                assert isinstance(await asyncio.wait_for(anext(again), 10), Following)
+                bus.publish("fallback", key="restored", action="legacy")
+                event = await asyncio.wait_for(anext(again), 30)
+                assert isinstance(event, Event) and event.key == "restored", event
+                assert parse_event_id(event.id) < parse_event_id(before.id)
+            finally:
+                fresh.discard()
+        finally:
+            await bus.close()

@@ -77,6 +77,14 @@ WRITER = "-writer/"
 """What follows the events key in a writer key's name (before the process's random id)."""
 
 
+class _WentBack(Exception):
+    """etcd's revision is below what the events watch had reached (``revision``: etcd's now)."""
+
+    def __init__(self, revision: int) -> None:
+        super().__init__(revision)
+        self.revision = revision
+
+
 def batch_json(batch: list[Outgoing]) -> bytes:
     """A write's value: its events' JSON as one JSON list, ``_BATCH_JSON.dump_json`` of their
     models (a test holds the two to the same bytes), joined from each event's JSON, made once
@@ -246,6 +254,13 @@ class EtcdEventBus(SharedEventBus):
                     client = await self.key_watch.moved()  # it was behind: on the next member
             except asyncio.CancelledError:
                 raise
+            except _WentBack as back:
+                log.warning("etcd %s: the cluster's revision went back to %d from at least %d "
+                            "(restored from a snapshot?): the events' readers are told a gap "
+                            "and the new history is followed", self.connection.where,
+                            back.revision, self.key_watch.next - 1)
+                self._restored()
+                newest = -1
             except Exception as error:
                 log.warning("etcd %s: the events watch could not start (%s); trying again",
                             self.connection.where, type(error).__name__)
@@ -297,6 +312,8 @@ class EtcdEventBus(SharedEventBus):
                 answer = await self._get()
             except (*_DOWN, BackendUnavailable):
                 continue  # tried again at the next check
+            if int(answer.header.revision) < self.key_watch.next - 1:
+                raise _WentBack(int(answer.header.revision))
             if behind and self.key_watch.next <= behind:
                 log.warning("etcd %s: the events watch is behind (its member may be frozen); "
                             "watching again from revision %d", self.connection.where,
@@ -304,6 +321,22 @@ class EtcdEventBus(SharedEventBus):
                 return
             newest = int(answer.kvs[0].mod_revision) if answer.kvs else 0
             behind = newest if newest >= self.key_watch.next else 0
+
+    def _restored(self) -> None:
+        """etcd's revision went back (restored from an older snapshot): the ring's events are
+        of a history etcd no longer has, numbered as the new one will be. Each reader following
+        hears a ``gap`` (and its stream ends); the ring starts again from the new history
+        (:meth:`_begin`), and a reader resuming from an id of the old one, above what etcd has
+        reached, gets a gap (:meth:`_unknown`). Before, the watch resumed at a revision the
+        restored cluster had not reached, and readers heard nothing until it did."""
+        self._hole = None
+        self._holes += 1  # followers: what they had, then the gap (``EventBus.follow``)
+        self._ring.clear()
+        self._last = self._floor = (0, 0)
+        self._generated = 0
+        self._began = (0, 0)
+        self._compacted = False
+        self._wake()
 
     async def _revision_now(self) -> int:
         return int((await self._get(count_only=True)).header.revision)
