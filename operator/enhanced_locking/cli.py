@@ -172,34 +172,14 @@ def listening_url(sock: socket.socket, *, tls: bool = False) -> str:
 
 
 # --- serve -----------------------------------------------------------------------------------
-def _serve(args: argparse.Namespace) -> NoReturn:
+def _serve(args: argparse.Namespace) -> int:
     config, sources = _load_sourced(args)
     port = _port_setting(args)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    _exit(asyncio.run(_run_service(config, args.host, port, sources=sources)))
+    return asyncio.run(_run_service(config, args.host, port, sources=sources))
 
 
-def _exit(code: int) -> NoReturn:
-    """End a process that has served, once its stores are closed: its exit handlers run (the
-    libraries' as at any exit: the Kubernetes client's removes the files it wrote a
-    kubeconfig's embedded client key and certificates to; logging's flushes the logs), its
-    output flushed, then at once, with ``code``. The interpreter's own teardown after that
-    (every object of the app freed one by one) did nothing the stores need and took about a
-    second of CPU on a loaded machine: SIGTERM, then a second before the process was gone.
-
-    A code other than 0 (a refusal to start, before anything was served: an empty store, a
-    bad setting) ends as every other command does, by ``SystemExit``: a caller of
-    :func:`main` in its own process (the docs' console examples, run by the unit tests) is
-    told the code, not ended with it."""
-    if code:
-        raise SystemExit(code)
-    atexit._run_exitfuncs()  # logging.shutdown among them
-    for stream in (sys.stdout, sys.stderr):
-        # a reader that went away, or a stream already closed: nothing more to say there
-        with contextlib.suppress(OSError, ValueError):
-            stream.flush()
-    os._exit(code)
 
 
 def _port(value: str) -> int:
@@ -361,7 +341,7 @@ async def _run_service(
 
 
 # --- operator --------------------------------------------------------------------------------
-def _operator(args: argparse.Namespace) -> NoReturn:
+def _operator(args: argparse.Namespace) -> int:
     from enhanced_locking.kube.operator import OperatorOptions
 
     config, sources = _load_sourced(args)
@@ -373,8 +353,8 @@ def _operator(args: argparse.Namespace) -> NoReturn:
         standalone=args.standalone, leader_election=args.leader_election, lease=args.lease,
         lease_duration=args.lease_duration, rollout_interval=args.rollout_interval,
     )
-    _exit(asyncio.run(_run_service(config, args.host, _port_setting(args), operator=options,
-                                   sources=sources)))
+    return asyncio.run(_run_service(config, args.host, _port_setting(args), operator=options,
+                                    sources=sources))
 
 
 def _bound_server(base: Any, bound: socket.socket) -> Any:
@@ -888,5 +868,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def run() -> NoReturn:
+    """The ``enhanced-locking`` command: :func:`main`, its code the process's exit status.
+
+    Once the command is done (a service stopped, its stores closed), its logs and output are
+    flushed and the process ends at once: the interpreter's own teardown (every object of the
+    app freed one by one) does nothing the stores need and took about a second of CPU on a
+    loaded machine after every SIGTERM. The exit handlers still run (the libraries' as at any
+    exit: the Kubernetes client's removes the files it wrote a kubeconfig's embedded client key
+    and certificates to; logging's flushes the logs). :func:`main` itself returns the code, so a
+    caller of it in its own process (the docs' console examples, run by the unit tests) carries
+    on."""
+    code = main()
+    atexit._run_exitfuncs()  # logging.shutdown among them
+    for stream in (sys.stdout, sys.stderr):
+        # a reader that went away, or a stream already closed: nothing more to say there
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

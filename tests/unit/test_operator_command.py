@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,26 @@ def test_a_kubeconfig_that_is_not_one_exits_2_saying_so(tmp_path: Path, command:
         assert result.returncode == 2, result.stderr
         assert "Traceback" not in result.stderr
         assert f"kubeconfig {kubeconfig}: not a kubeconfig file" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["serve", "operator"])
+def test_a_command_that_served_returns_its_code_to_a_caller_of_main(
+    command: str, tmp_path: Path
+) -> None:
+    """``main`` returns the code of a service that stopped: only the ``enhanced-locking``
+    command itself (``cli.run``) ends its process at once after it; a caller of ``main`` in
+    its own process carries on."""
+    script = (
+        "from enhanced_locking import cli\n"
+        "async def served(*args, **kwargs):\n"
+        "    return 0\n"
+        "cli._run_service = served\n"
+        f"print('returned', cli.main([{command!r}, '--port', '0']), flush=True)\n"
+    )
+    operator_dir = str(Path(cli.__file__).resolve().parents[1])
+    env = scrubbed_env({"PYTHONPATH": operator_dir, "KUBECONFIG": str(tmp_path / "absent"),
+                        "HOME": str(tmp_path)})
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=tmp_path, env=env, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "returned 0" in done.stdout
