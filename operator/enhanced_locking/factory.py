@@ -14,6 +14,7 @@ held lock, and one refused at any of these steps leaves the old locker serving a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -475,15 +476,14 @@ class LockService:
         if self.enhanced is not None:
             lockers.append(("enhanced", self.enhanced))
         for side, locker in lockers:
-            try:
-                self.metrics.locks_held.labels(side).set(len(await locker.list()))
-            except BackendUnavailable:
-                continue
-        if self.enhanced is not None:
-            try:
-                self.metrics.queue_depth.set(await self.enhanced.queue_depth())
-            except BackendUnavailable:
-                pass
+            held: int | None = None
+            depth: int | None = None
+            with contextlib.suppress(BackendUnavailable):  # not read: absent (store_up 0)
+                held = len(await locker.list())
+            if locker is self.enhanced and self.enhanced is not None:
+                with contextlib.suppress(BackendUnavailable):
+                    depth = await self.enhanced.queue_depth()
+            self.metrics.store_read(side, held=held, depth=depth)
 
     async def ready(self) -> dict[str, str]:
         """Each backend's state: ``ok`` or why it is not reachable. The stores are asked at

@@ -20,6 +20,7 @@ release made six of them, about a tenth of a pair's CPU on the embedded store.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -162,7 +163,9 @@ class Metrics:
             ["backend", "how"], registry=r,
         )
         self.locks_held = Gauge(
-            "enhanced_locking_locks_held", "Locks currently held, by side.", ["backend"],
+            "enhanced_locking_locks_held",
+            "Locks currently held, by side (absent while that side's store does not answer).",
+            ["backend"],
             registry=r,
         )
         self.unreadable_locks = Gauge(
@@ -172,8 +175,16 @@ class Metrics:
             ["backend"], registry=r,
         )
         self.queue_depth = Gauge(
-            "enhanced_locking_queue_depth", "Requests waiting in queues, all keys together.",
+            "enhanced_locking_queue_depth", "Requests waiting in queues, all keys together "
+            "(absent while the enhanced store does not answer).",
             registry=r,
+        )
+        self._queue_depth_shown = True
+        self.store_up = Gauge(
+            "enhanced_locking_store_up",
+            "1 while the side's store answered the scrape's reads, 0 while it does not: "
+            "locks_held (and queue_depth for enhanced) are then absent, not their last value.",
+            ["backend"], registry=r,
         )
         self.deadlocks = Counter(
             "enhanced_locking_deadlocks", "Waits refused because they would close a cycle.",
@@ -358,6 +369,29 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+    def store_read(self, side: str, *, held: int | None, depth: int | None = None) -> None:
+        """What a scrape read from ``side``'s store: its locks held and (enhanced) its queues'
+        depth, ``None`` where the store did not answer. A value not read is absent from the
+        scrape, not the last one read, and ``store_up`` says the store did not answer: an
+        alert on the gauge resolves instead of firing on a stale value (join on ``store_up``
+        to alert on the store itself)."""
+        answered = held is not None and (side != "enhanced" or depth is not None)
+        self.store_up.labels(side).set(1 if answered else 0)
+        if held is None:
+            with contextlib.suppress(KeyError):  # (absent already)
+                self.locks_held.remove(side)
+        else:
+            self.locks_held.labels(side).set(held)
+        if side != "enhanced":
+            return
+        if depth is not None:
+            self.queue_depth.set(depth)
+        if (depth is not None) != self._queue_depth_shown:
+            # An unlabelled gauge always has its sample: absent only while unregistered.
+            (self.registry.register if depth is not None
+             else self.registry.unregister)(self.queue_depth)
+            self._queue_depth_shown = depth is not None
 
     def describe(self) -> list[tuple[str, str, tuple[str, ...], str]]:
         """Every metric as (name as scraped, type, label names, help), for the docs."""

@@ -228,3 +228,45 @@ async def test_in_shadow_mode_config_and_metric_report_the_weight_that_routes(
         assert "enhanced_locking_routing_weight_percent 0.0" in metrics.splitlines()
         granted = await http.post("/v1/locks", json=lock_body(REPO, "shadowed", 1, project=None))
         assert granted.json()["lock"]["backend"] == "legacy"
+
+
+def samples(exposition: str, name: str) -> dict[str, float]:
+    """The samples of the metric ``name`` in a Prometheus text exposition, by their labels."""
+    found: dict[str, float] = {}
+    for line in exposition.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            series, _, value = line.rpartition(" ")
+            found[series[len(name):]] = float(value)
+    return found
+
+
+async def test_the_store_s_gauges_are_absent_while_its_redis_is_down_and_store_up_says_so(
+    make_service: ServiceMaker, redis_server: RedisServer,
+) -> None:
+    """``locks_held`` and ``queue_depth`` are read from the store at each scrape. While the
+    enhanced store's Redis is down they are absent (not their last value), and
+    ``store_up{backend="enhanced"}`` is 0; once it answers again they are back. Before, they
+    kept their last value, and the backlog alert kept firing on a queue nobody could read."""
+    service = await make_service(enabled=True, backend="redis", redis_addr=redis_server.addr)
+    granted = await service.router.acquire(ask("gauged", 1, ttl=timedelta(minutes=5)))
+    assert granted.acquired
+    transport = httpx.ASGITransport(app=create_app(service, manage_lifecycle=False))
+    async with httpx.AsyncClient(transport=transport, base_url="http://service") as http:
+        answered = (await http.get("/metrics")).text
+        assert samples(answered, "enhanced_locking_locks_held")['{backend="enhanced"}'] == 1
+        assert samples(answered, "enhanced_locking_queue_depth") == {"": 0}
+        assert samples(answered, "enhanced_locking_store_up")['{backend="enhanced"}'] == 1
+        redis_server.stop()
+        down = (await http.get("/metrics")).text
+        assert '{backend="enhanced"}' not in samples(down, "enhanced_locking_locks_held"), down
+        assert samples(down, "enhanced_locking_queue_depth") == {}, down
+        assert samples(down, "enhanced_locking_store_up")['{backend="enhanced"}'] == 0
+        assert samples(down, "enhanced_locking_store_up")['{backend="legacy"}'] == 1
+        redis_server.start()
+        back = ""
+        async with asyncio.timeout(30):  # the connection is made again at the next read
+            while not samples(back, "enhanced_locking_queue_depth"):
+                await asyncio.sleep(0.2)
+                back = (await http.get("/metrics")).text
+        assert samples(back, "enhanced_locking_locks_held")['{backend="enhanced"}'] in (0, 1)
+        assert samples(back, "enhanced_locking_store_up")['{backend="enhanced"}'] == 1
