@@ -4,6 +4,7 @@ revision (the history of one etcd key)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterator
@@ -745,6 +746,18 @@ async def test_a_release_by_pull_failing_in_its_second_part_tells_the_firsts_exp
         await service.close()
 
 
+async def followed_past_one_event(bus: EtcdEventBus) -> tuple[
+        AsyncIterator[Event | Gap | Following], Event]:
+    """A reader of ``bus`` following from now, and the one event published then (``old``)
+    that it read."""
+    following = bus.follow(max_lag=1000, announce=True)
+    assert isinstance(await asyncio.wait_for(anext(following), 10), Following)
+    bus.publish("fallback", key="old", action="legacy")
+    before = await asyncio.wait_for(anext(following), 10)
+    assert isinstance(before, Event) and before.key == "old", before
+    return following, before
+
+
 async def test_readers_hear_a_gap_and_the_new_history_when_etcds_revision_goes_back(
     tmp_path: Path,
 ) -> None:
@@ -766,11 +779,7 @@ async def test_readers_hear_a_gap_and_the_new_history_when_etcds_revision_goes_b
             await connection.close()
         bus = EtcdEventBus.from_config(config)
         try:
-            following = bus.follow(max_lag=1000, announce=True)
-            assert isinstance(await asyncio.wait_for(anext(following), 10), Following)
-            bus.publish("fallback", key="old", action="legacy")
-            before = await asyncio.wait_for(anext(following), 10)
-            assert isinstance(before, Event) and before.key == "old", before
+            following, before = await followed_past_one_event(bus)
             old.discard()
             fresh = old.anew(tmp_path / "b", token=old.token).start()
             try:
@@ -784,6 +793,48 @@ async def test_readers_hear_a_gap_and_the_new_history_when_etcds_revision_goes_b
                 event = await asyncio.wait_for(anext(again), 30)
                 assert isinstance(event, Event) and event.key == "restored", event
                 assert parse_event_id(event.id) < parse_event_id(before.id)
+            finally:
+                fresh.discard()
+        finally:
+            await bus.close()
+
+
+def put_blocking(cluster: EtcdCluster, keys: list[str]) -> None:
+    """``keys`` put through etcd's JSON gateway, blocking: the event loop runs nothing
+    meanwhile (no watch or read of a bus moves)."""
+    with httpx.Client(base_url=f"http://{cluster.endpoints[0]}") as http:
+        for key in keys:
+            http.post("/v3/kv/put", json={
+                "key": base64.b64encode(key.encode()).decode(),
+                "value": base64.b64encode(b"x").decode()}).raise_for_status()
+
+
+async def test_readers_hear_a_gap_when_etcd_is_another_cluster_further_on(
+    tmp_path: Path,
+) -> None:
+    """etcd made anew (or restored) as another cluster (another cluster token: another id)
+    whose revisions are already past the one the watch had reached: the revision did not go
+    back, the id did. The follower hears a ``gap`` and the new cluster's events come. Before
+    (the revision alone looked at), the watch went on in the other history from its old
+    revision, and readers were told nothing of what they had missed."""
+    with started(tmp_path / "a") as old:
+        config = etcd_config(old, "/another/")
+        bus = EtcdEventBus.from_config(config)
+        try:
+            following, before = await followed_past_one_event(bus)
+            # No await from here until the new cluster is ahead: the bus cannot look between.
+            old.discard()
+            fresh = old.anew(tmp_path / "b", token=f"{old.token}-another").start()
+            try:
+                put_blocking(fresh, [f"/another/other-{n}" for n in range(40)])
+                assert parse_event_id(before.id)[0] < 40
+                gap = await asyncio.wait_for(anext(following), 30)
+                assert isinstance(gap, Gap), gap
+                again = bus.follow(max_lag=1000, announce=True)
+                assert isinstance(await asyncio.wait_for(anext(again), 10), Following)
+                bus.publish("fallback", key="another", action="legacy")
+                event = await asyncio.wait_for(anext(again), 30)
+                assert isinstance(event, Event) and event.key == "another", event
             finally:
                 fresh.discard()
         finally:

@@ -78,7 +78,8 @@ WRITER = "-writer/"
 
 
 class _WentBack(Exception):
-    """etcd's revision is below what the events watch had reached (``revision``: etcd's now)."""
+    """etcd's revision is below what the events watch had reached, or its cluster id is
+    another (``revision``: etcd's now)."""
 
     def __init__(self, revision: int) -> None:
         super().__init__(revision)
@@ -137,6 +138,9 @@ class EtcdEventBus(SharedEventBus):
         (0: none): a floor never passes what the ring holds of that write."""
         self._generated = 0
         """The revision etcd was at when a resume last read it (:meth:`_reach`)."""
+        self._cluster = 0
+        """The id of the cluster the watch began on (:meth:`_begin`): another one (restored
+        from a snapshot, or made anew) has a history of its own (:meth:`_restored`)."""
 
     @classmethod
     def from_config(cls, config: EnhancedLockingConfig, *,
@@ -207,6 +211,7 @@ class EtcdEventBus(SharedEventBus):
         """Where the first watch starts; the revision of the newest write to load (0: none)."""
         answer = await self._get()
         revision = int(answer.header.revision)
+        self._cluster = int(answer.header.cluster_id)
         self.key_watch.next = max(1, revision - self.lookback + 1)
         self._floor = (self.key_watch.next - 1, _LAST_INDEX)  # older writes are not loaded
         newest = int(answer.kvs[0].mod_revision) if answer.kvs else 0
@@ -255,10 +260,10 @@ class EtcdEventBus(SharedEventBus):
             except asyncio.CancelledError:
                 raise
             except _WentBack as back:
-                log.warning("etcd %s: the cluster's revision went back to %d from at least %d "
-                            "(restored from a snapshot?): the events' readers are told a gap "
-                            "and the new history is followed", self.connection.where,
-                            back.revision, self.key_watch.next - 1)
+                log.warning("etcd %s: the cluster's revision went back to %d from at least %d, "
+                            "or its id changed (restored from a snapshot?): the events' "
+                            "readers are told a gap and the new history is followed",
+                            self.connection.where, back.revision, self.key_watch.next - 1)
                 self._restored()
                 newest = -1
             except Exception as error:
@@ -312,7 +317,8 @@ class EtcdEventBus(SharedEventBus):
                 answer = await self._get()
             except (*_DOWN, BackendUnavailable):
                 continue  # tried again at the next check
-            if int(answer.header.revision) < self.key_watch.next - 1:
+            if (int(answer.header.revision) < self.key_watch.next - 1
+                    or int(answer.header.cluster_id) != self._cluster):
                 raise _WentBack(int(answer.header.revision))
             if behind and self.key_watch.next <= behind:
                 log.warning("etcd %s: the events watch is behind (its member may be frozen); "
@@ -323,12 +329,13 @@ class EtcdEventBus(SharedEventBus):
             behind = newest if newest >= self.key_watch.next else 0
 
     def _restored(self) -> None:
-        """etcd's revision went back (restored from an older snapshot): the ring's events are
-        of a history etcd no longer has, numbered as the new one will be. Each reader following
-        hears a ``gap`` (and its stream ends); the ring starts again from the new history
-        (:meth:`_begin`), and a reader resuming from an id of the old one, above what etcd has
-        reached, gets a gap (:meth:`_unknown`). Before, the watch resumed at a revision the
-        restored cluster had not reached, and readers heard nothing until it did."""
+        """etcd's revision went back, or its cluster id changed (restored from a snapshot,
+        made anew): the ring's events are of a history etcd no longer has, numbered as the
+        new one is. Each reader following hears a ``gap`` (and its stream ends); the ring
+        starts again from the new history (:meth:`_begin`), and a reader resuming from an id
+        of the old one, above what etcd has reached, gets a gap (:meth:`_unknown`). Before,
+        the watch resumed at a revision the restored cluster had not reached, and readers
+        heard nothing until it did."""
         self._hole = None
         self._holes += 1  # followers: what they had, then the gap (``EventBus.follow``)
         self._ring.clear()
