@@ -1227,6 +1227,24 @@ local function expect_queued(k)
   return found
 end
 
+-- The ids of `entries` (queue entries, their records read: `expect_queued` then `ask`) whose
+-- waiter records are there, for a key of the wait-for graph (wait_graph.lua,
+-- wait_graph_from.lua): each record read once across the keys (`seen`: id -> its record, or
+-- false when it is gone) and, the first time, its flat form added to `records`.
+local function graph_waiters(entries, seen, records)
+  local ids = {}
+  for _, member in ipairs(entries) do
+    local id = string.sub(member, 18)
+    if seen[id] == nil then
+      local rec = read_waiter(id)
+      seen[id] = rec or false
+      if rec then table.insert(records, rec.flat) end
+    end
+    if seen[id] then table.insert(ids, id) end
+  end
+  return ids
+end
+
 local function queue_size(k)
   local n = 0
   for level = 0, 3 do n = n + queue_card(k, level) end

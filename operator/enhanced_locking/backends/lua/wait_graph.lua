@@ -13,16 +13,7 @@ local function main()
   ask()
   local entries, records, seen = {}, {}, {}
   for _, k in ipairs(keys) do
-    local ids = {}
-    for _, member in ipairs(entries_of[k]) do
-      local id = string.sub(member, 18)
-      if not seen[id] then
-        local rec = read_waiter(id)
-        seen[id] = rec or false
-        if rec then table.insert(records, rec.flat) end
-      end
-      if seen[id] then table.insert(ids, id) end
-    end
+    local ids = graph_waiters(entries_of[k], seen, records)
     if #ids > 0 then table.insert(entries, graph_entry(k, ids)) end
   end
   return {NOW, entries, records}

@@ -80,19 +80,8 @@ local function main()
     end
     ask()
     for _, k in ipairs(keys) do
-      local waiting = {}
-      for _, member in ipairs(entries_of[k]) do
-        local id = string.sub(member, 18)
-        if seen[id] == nil then
-          local rec = read_waiter(id)
-          seen[id] = rec or false
-          if rec then table.insert(records, rec.flat) end
-        end
-        if seen[id] then
-          table.insert(waiting, id)
-          reach(seen[id].repo, seen[id].pull)
-        end
-      end
+      local waiting = graph_waiters(entries_of[k], seen, records)
+      for _, id in ipairs(waiting) do reach(seen[id].repo, seen[id].pull) end
       if #waiting > 0 then table.insert(entries, graph_entry(k, waiting, reach)) end
     end
   end
