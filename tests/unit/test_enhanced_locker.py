@@ -21,6 +21,7 @@ from enhanced_locking.backends import QueueBackend
 from enhanced_locking.backends.base import StoreBackend
 from enhanced_locking.backends.redis_store import RedisBackend
 from enhanced_locking.backends.waiting import Cancelled, Notice, QueuePolicy, Status, Wait
+from enhanced_locking.durations import parse_duration
 from enhanced_locking.locking import queueing
 from enhanced_locking.types import (
     AcquireResult,
@@ -855,6 +856,28 @@ async def test_the_default_lease_comes_from_lock_ttl_and_a_refresh_extends_it(
         assert await rig.locker.get(key) == refreshed
 
     await with_leases(case)
+
+
+async def test_the_longest_lease_a_request_may_ask_is_granted_and_refreshed_on_every_store(
+    rigs: Callable[..., LockerRig],
+) -> None:
+    """A ``ttl`` (and ``lock-ttl``) may be as long as a Go duration (2562047h). etcd's leases
+    end at most 9,000,000,000 s (about 2,500,000h) after their grant, and a lock's etcd lease
+    was asked for the lock's whole length: a lease above that was refused by etcd, and the
+    acquire answered ``unavailable`` (503) as if the store were down."""
+    longest = parse_duration("2562047h")
+    rig = rigs(lock_ttl=longest)
+    granted = await rig.locker.acquire(ask(1, path="envs/by-default"))
+    assert granted.acquired and granted.lock is not None
+    assert granted.lock.expires_at == granted.lock.acquired_at + longest
+    asked = await rig.locker.acquire(ask(2, path="envs/by-request", ttl=longest))
+    assert asked.acquired and asked.lock is not None
+    assert asked.lock.expires_at == asked.lock.acquired_at + longest
+    refreshed = await rig.locker.refresh(asked.lock_key, owner=("acme/infra", 2), ttl=longest)
+    assert refreshed.expires_at is not None and refreshed.expires_at >= asked.lock.expires_at
+    assert await rig.locker.get(asked.lock_key) == refreshed
+    released = await rig.locker.release(granted.lock_key, owner=("acme/infra", 1))
+    assert released is not None and released.fencing_token == granted.lock.fencing_token
 
 
 async def test_priority_queue_off_serves_fifo_and_on_serves_by_priority_live(

@@ -29,9 +29,10 @@ replica's write costs a retry.
 entries never share a prefix with another key's):
 
 * ``lock/{key}``: the holder, Atlantis's JSON (:mod:`codec`); a leased lock is attached to an
-  etcd lease that ends a second or two after it, so etcd itself deletes it if no replica is
-  left to. The locks a replica grants with the same end second share one lease (one grant a
-  second for a run of locks of the same TTL, not one per lock).
+  etcd lease that ends a second or two after it (or etcd's longest lease after its grant,
+  about 285 years), so etcd itself deletes it if no replica is left to. The locks a
+  replica grants with the same end second share one lease (one grant a second for a run of
+  locks of the same TTL, not one per lock).
 * ``fence/{key}``: the key's token floor (0 unless adopted from another store with higher
   tokens); its existence also lists the key for ``export``.
 * ``queue/{key}/{waiter}``: one entry per waiter and key (a batch waiter has one per key), and
@@ -188,6 +189,11 @@ _MAX_OPS = 128
 _SKEW = timedelta(seconds=1)
 """How far apart replicas' clocks may be for a deleted lock to count as lapsed (etcd ends a
 lock's lease a second or more after the lock)."""
+_LONGEST_LEASE = 9_000_000_000
+"""Seconds etcd's longest lease lasts (its ``MaxLeaseTTL``; it refuses a longer one). A lock
+whose end is further away (a ``ttl`` may be as long as a Go duration, 2562047h, about 2.5 %
+longer) gets a lease of this length: etcd's backstop deletes it about 285 years after its
+grant, not 292, and the service's own timer still frees it at its end."""
 _PENDING_SEQ = 1 << 62
 _PAGE = 2000
 """Keys of a range one read answers (etcd's ``more`` says there are others): the rest are
@@ -712,7 +718,8 @@ class EtcdBackend(StoreBackend):
         self._leases: dict[int, int] = {}
         """Leases of locks with a TTL, by the second they end (see ``_lease_for``)."""
         self._lease_ends: dict[int, int] = {}
-        """The same leases' ends, by lease."""
+        """The second each of the same leases ends, by lease (its locks' end, or
+        :data:`_LONGEST_LEASE` after its grant when that comes first)."""
         self._passengers: list[Passenger] = []
         """Writes behind that ride in this store's commits (see ``carry``)."""
         self._closed = False
@@ -1556,9 +1563,10 @@ class EtcdBackend(StoreBackend):
         if lease is None:
             assert client.lease is not None
             self.round_trips += 1
-            lease = await self._grant_lease(max(1, math.ceil(end - now)), key=key)
+            ttl = min(max(1, math.ceil(end - now)), _LONGEST_LEASE)
+            lease = await self._grant_lease(ttl, key=key)
             self._leases[end] = lease
-            self._lease_ends[lease] = end
+            self._lease_ends[lease] = min(end, math.floor(now) + ttl)  # when etcd ends it
         return lease
 
     def _forget_leases(self, leases: set[int]) -> None:
