@@ -110,7 +110,10 @@ alive (heartbeat in ``replicas``), and each of its other keys (a batch) is free 
 Waiters failing the first two tests are dropped and told why. The grant is *claimed*: its
 ``exp`` is at most ``CLAIM_MS`` away until the waiter's replica confirms it (``CONFIRM``), so a
 grant made to a replica that died a moment ago lapses and moves on instead of staying held by
-nobody. The waiter's replica learns of the grant through ``PUBLISH notify:R``.
+nobody. The waiter's replica learns of the grant through ``PUBLISH notify:R``. A lock the
+waiter's pull held already, answered unchanged, may carry another waiter's claim (a request of
+the same pull granted from the queue, unconfirmed): it ends when a caller of this waiter hears
+the grant, and stays the other waiter's when the grant is given back (``settle_heard``).
 """
 
 from __future__ import annotations

@@ -80,9 +80,10 @@ local function main()
       for _, pair in ipairs(tokens) do
         local h = holder_with_token(pair[1], pair[2])
         if h then
-          -- Confirmed: a caller heard of it. (Not a lock its pull held already: that one
-          -- carries no claim of the grant's.)
-          if h[8] then settle_claim(h) elseif pair[3] ~= 1 then unheard = false end
+          -- Confirmed: the retry's caller is answered with it, so every claim on it ends,
+          -- another waiter's on a lock its pull held already too (lib.lua `settle_heard`).
+          -- (A lock without a claim that its pull did not hold already was heard of before.)
+          if h[8] then settle_heard(h, wait_id, true) elseif pair[3] ~= 1 then unheard = false end
           table.insert(still, h)
         else
           all = false

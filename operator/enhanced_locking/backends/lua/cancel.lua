@@ -1,13 +1,17 @@
 -- cancel: take a waiter out of every queue it is in and tell its replica why; then serve the
 -- queues of its keys (the shared requests an exclusive one held back join the shared holders).
 -- KEYS[8..] the waiter's record and outcome (and its keys' keys, if known); more it asks for
--- ARGV[11] waiter id  ARGV[12] reason (cancelled, timeout, deadlock, unavailable)
+-- ARGV[11] waiter id  ARGV[12] reason (cancelled, timeout, deadlock, unavailable): with timeout
+--          or deadlock the caller is answered with a grant the cancel finds (it hears it),
+--          with the others it gives the grant back (its caller went away)
 -- ARGV[13] caller ('': any; else only if that caller still owns the waiter, or owned it when
 --          it was granted)
 -- returns {'removed', waiter record, the waiters its leaving served ({waiter record, locks,
 --         fresh} each)}, {'kept', waiter record} (a retry owns it now, or was granted it),
 --         {'none'}, or, when it had been granted already,
---         {'granted', waiter record, locks it still holds (now confirmed), fresh 0/1, the keys
+--         {'granted', waiter record, locks it still holds (now confirmed; another waiter's
+--         claim on a lock its pull held already only when heard: lib.lua `settle_heard`),
+--         fresh 0/1, the keys
 --         of those its pull held already, or false when the grant does not say (lib.lua
 --         `kept_keys`)}
 -- decoded by redis_replies.cancel
@@ -39,6 +43,9 @@ local function main()
     end
   end
   local still, tokens = {}, cjson.decode(out[3])
+  -- The wait's end (timeout) and a deadlock refusal answer the caller with the grant; any
+  -- other reason is a caller gone, which gives it back.
+  local heard = ARGV[12] == 'timeout' or ARGV[12] == 'deadlock'
   for _, pair in ipairs(tokens) do
     expect(lock_name, pair[1])
     expect(shared_name, pair[1])
@@ -47,7 +54,7 @@ local function main()
   for _, pair in ipairs(tokens) do
     local holder = holder_with_token(pair[1], pair[2])
     if holder then
-      if holder[8] then settle_claim(holder) end
+      settle_heard(holder, id, heard)
       table.insert(still, holder)
     end
   end

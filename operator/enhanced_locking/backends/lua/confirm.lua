@@ -1,4 +1,6 @@
--- confirm: the waiter's replica takes the locks it was granted (ends the claim).
+-- confirm: the waiter's replica takes the locks it was granted (ends the claim; granted, the
+-- claim of another waiter of its pull on a lock the pull held already as well: lib.lua
+-- `settle_heard`).
 -- KEYS[8..] the waiter's record and outcome (and its keys' keys, if known); more it asks for
 -- ARGV[11] waiter id
 -- returns {'granted', locks, fresh 0/1, the caller that owned the waiter when it was granted,
@@ -23,13 +25,16 @@ local function main()
   for _, pair in ipairs(tokens) do
     local holder = holder_with_token(pair[1], pair[2])
     if holder then
-      if holder[8] == ARGV[11] then settle_claim(holder) end
       table.insert(held, holder)
       if pair[3] ~= 1 then table.insert(ours, holder) end
     else
       lost = true
     end
   end
+  -- Granted, the caller hears it: every claim on its locks ends (another waiter's too, on a
+  -- lock its pull held already: lib.lua `settle_heard`). Lost, only its own: the caller is
+  -- told unavailable and gives its own back.
+  for _, holder in ipairs(held) do settle_heard(holder, ARGV[11], not lost) end
   if lost then
     if fresh == 0 then return {'lost', {}} end
     return {'lost', ours}

@@ -824,19 +824,30 @@ local function stamp(k, data, repo, pull, ttl, claim, mode, path, ws, counter, l
   return lock
 end
 
--- The waiter took its grant: its own lease applies from the grant on.
-local function settle_claim(lock)
-  local lease_end = tonumber(lock[9])
-  lock[5], lock[8], lock[9] = int(lease_end), false, false
-  if lock[10] == 'shared' then
-    save_shared(lock)
-    return lock
+-- The claim on lock h, a lock of waiter id's grant (its outcome's `locks`) found by the
+-- grant's token, as a call about that grant reads it (CONFIRM, CANCEL, a retry taking the
+-- grant over): it ends when it is the waiter's own, or when it is another waiter's and a
+-- caller of this waiter is answered with the grant (`heard`); the holder's own lease applies
+-- from its grant on. Another waiter's claim is on a lock the pull held already when this
+-- waiter was granted (`take` answered it unchanged: another request of the pull was granted
+-- it from the queue, unconfirmed). Heard, the pull relies on that lock, and left claimed it
+-- would lapse under the caller when that waiter's replica never confirms (a replica that
+-- died after its last heartbeat): the key granted to another pull while this caller holds
+-- it. Not heard (the caller went away and gives the grant back, which leaves the locks its
+-- pull held already), ending it would leave the lock held for nobody who knows of it,
+-- without the lapse that frees a claim nobody confirms.
+local function settle_heard(h, id, heard)
+  if not h[8] or (h[8] ~= id and not heard) then return end
+  local lease_end = tonumber(h[9])
+  h[5], h[8], h[9] = int(lease_end), false, false
+  if h[10] == 'shared' then
+    save_shared(h)
+    return
   end
-  forget(lock[1], 'lock')
-  w('HDEL', lock_name(lock[1]), 'claim', 'lease')
-  w('HSET', lock_name(lock[1]), 'exp', lease_end)
-  collect_after(lock[1], lease_end)
-  return lock
+  forget(h[1], 'lock')
+  w('HDEL', lock_name(h[1]), 'claim', 'lease')
+  w('HSET', lock_name(h[1]), 'exp', lease_end)
+  collect_after(h[1], lease_end)
 end
 
 -- --- the rules (mirror enhanced_locking.policies.verdict) --------------------------------

@@ -1,0 +1,119 @@
+"""A grant from the queue is *claimed* until its waiter's replica confirms it: unconfirmed, it
+lapses after the claim window (``CLAIM_MS``) and the key moves on. A pull's second request
+granted while the pull's first one still awaits its confirmation is answered with that lock
+unchanged (the pull holds it already), its claim the first waiter's. Whether that claim ends
+depends on whether a caller of the second request hears the grant: heard (its confirmation, a
+retry taking the grant over, a cancel whose caller is then answered with it: the wait's end, a
+deadlock refusal), the pull relies on the lock and it must not lapse under it; given back
+unheard (the caller went away), the lock is not the second request's and the claim stays the
+first waiter's, to be confirmed or to lapse. Against a real redis-server; the first waiter's
+replica never confirms (nobody waits for it here), as when that replica died after its last
+heartbeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+import pytest
+from tests.support.locks import candidate_for, request_for
+
+from enhanced_locking.backends import redis_scripts
+from enhanced_locking.backends.redis_store import RedisBackend
+from enhanced_locking.backends.waiting import Notice, Outcome, QueuePolicy, Status, Wait
+from enhanced_locking.types import Candidate, Reason
+
+pytestmark = pytest.mark.redis
+
+HOLDER, PULL, OTHER = 1, 2, 3
+
+
+def _asked(tag: str, name: str, pull: int) -> Candidate:
+    return candidate_for(request_for(path=f"{tag}-{name}", project=f"{tag}-{name}", pull=pull))
+
+
+async def _fail_fast(backend: RedisBackend, *asked: Candidate) -> Outcome:
+    return await backend.acquire_batch(asked, ttl=None, wait=None, policy=QueuePolicy())
+
+
+async def _queued(backend: RedisBackend, waiter_id: str, *asked: Candidate) -> None:
+    outcome = await backend.acquire_batch(
+        asked, ttl=None, wait=Wait(id=waiter_id, timeout=timedelta(seconds=120)),
+        policy=QueuePolicy())
+    assert outcome.status is Status.QUEUED, outcome
+
+
+async def _granted_over_a_claim(
+    backend: RedisBackend, tag: str, *, listening: bool,
+) -> tuple[str, asyncio.Future[Notice] | None]:
+    """Pull 1 holds ``a`` and ``b``. Pull 2's request ``first`` waits for ``a`` (nobody here
+    waits for its grant: its claim is never confirmed), its batch ``second`` for ``b`` and
+    ``a``. Pull 1 releases ``a`` (granted to ``first``, claimed), then ``b``: ``second`` is
+    granted ``b`` and, unchanged, the pull's claimed lock of ``a``. The waiter id of
+    ``second`` and, when its caller is ``listening``, what it is told."""
+    a, b = _asked(tag, "a", PULL), _asked(tag, "b", PULL)
+    holder = (a.project.repo_full_name, HOLDER)
+    assert (await _fail_fast(backend, _asked(tag, "a", HOLDER), _asked(tag, "b", HOLDER))
+            ).status is Status.GRANTED
+    first, second = f"{tag}-first", f"{tag}-second"
+    await _queued(backend, first, a)
+    told = backend.grants.expect(second) if listening else None
+    await _queued(backend, second, b, a)
+    await backend.release_and_handoff(a.key, owner=holder, policy=QueuePolicy())
+    claimed = await backend.get(a.key)
+    assert claimed is not None and claimed.pull.num == PULL, claimed
+    assert await backend.connection.client.hget(backend.keys.lock(a.key), "claim") == first
+    handoff = await backend.release_and_handoff(b.key, owner=holder, policy=QueuePolicy())
+    assert [grant.waiter.id for grant in handoff.granted] == [second], handoff
+    return second, told
+
+
+async def test_a_claim_of_another_waiter_ends_only_when_a_caller_hears_the_grant(
+    redis_backend: RedisBackend,
+) -> None:
+    backend = redis_backend
+    policy = QueuePolicy()
+    # Heard: the second request's caller waits here and its replica confirms the grant.
+    _, told = await _granted_over_a_claim(backend, "confirmed", listening=True)
+    assert told is not None
+    notice = await asyncio.wait_for(told, 30)
+    assert notice.granted and notice.kept == frozenset({_asked("confirmed", "a", PULL).key}), (
+        notice)
+    # Heard: a retry of the second request takes its grant over.
+    second, _ = await _granted_over_a_claim(backend, "retried", listening=False)
+    retry = await backend.acquire_batch(
+        (_asked("retried", "b", PULL), _asked("retried", "a", PULL)), ttl=None,
+        wait=Wait(id=second, timeout=timedelta(seconds=120)), policy=policy)
+    assert retry.status is Status.GRANTED, retry
+    assert retry.kept == frozenset({_asked("retried", "a", PULL).key}), retry
+    # Heard: the second request's wait ended and its cancel finds the grant, which its caller
+    # is answered with.
+    second, _ = await _granted_over_a_claim(backend, "timed-out", listening=False)
+    ended = await backend.cancel(_asked("timed-out", "b", PULL).key, second,
+                                 reason=Reason.TIMEOUT, policy=policy)
+    assert ended.granted and ended.kept == frozenset({_asked("timed-out", "a", PULL).key})
+    # Given back unheard: the second request's caller went away; its cancel finds the grant,
+    # and the caller gives back what the grant made (``b``), not the pull's hold of ``a``.
+    second, _ = await _granted_over_a_claim(backend, "gone", listening=False)
+    gone_a = _asked("gone", "a", PULL).key
+    left = await backend.cancel(_asked("gone", "b", PULL).key, second,
+                                reason=Reason.CANCELLED, policy=policy)
+    assert left.granted and left.kept == frozenset({gone_a}), left
+    assert await backend.connection.client.hget(backend.keys.lock(gone_a), "claim") == (
+        "gone-first"), "the cancel of a grant given back ended another waiter's claim"
+    await backend.release_and_handoff(_asked("gone", "b", PULL).key,
+                                      owner=(left.granted[1].project.repo_full_name, PULL),
+                                      token=left.granted[1].fencing_token, policy=policy)
+
+    # Past the claim window (Redis's clock runs as this one from the grants on).
+    await asyncio.sleep(redis_scripts.CLAIM_MS / 1000 + 1.5)
+    for tag in ("confirmed", "retried", "timed-out"):
+        other = await _fail_fast(backend, _asked(tag, "a", OTHER))
+        assert other.status is Status.HELD and other.holder is not None, (
+            f"{tag}: the pull's lock of a, which a caller was answered with, lapsed with the "
+            f"first waiter's claim and went to another pull: {other}")
+        assert other.holder.pull.num == PULL
+    other = await _fail_fast(backend, _asked("gone", "a", OTHER))
+    assert other.status is Status.GRANTED, (
+        f"a claim nobody confirmed, on a lock nobody was answered with, never lapsed: {other}")
