@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 from tests.support.leases import Overrun, until, with_leases
 from tests.support.locks import request_for
-from tests.support.queues import LockerRig, settle
+from tests.support.queues import LockerRig, rig_for, settle
 
 from enhanced_locking import policies
+from enhanced_locking.backends.memory import MemoryBackend
 from enhanced_locking.policies import (
     ConcurrencyLimit,
     Freeze,
@@ -396,6 +397,29 @@ async def test_a_freeze_with_a_window_is_active_only_inside_it(
                                       "until": now - timedelta(hours=1)})
     await rules(rig, PolicyRules(freezes=[ended]))
     assert (await rig.locker.acquire(ask(2, path="envs/prod/eu"))).acquired
+
+
+async def test_a_waiting_freeze_ends_by_the_stores_clock_when_it_is_behind_the_services() -> None:
+    """The store decides a freeze by its own clock (on Redis the server's ``TIME``), and a
+    service on another host may read another time. The queues were woken when the service's
+    own clock passed the freeze's end: with the store's clock behind, that wake found the
+    freeze still on, and nothing woke the queue again for an hour, so a request queued by a
+    ``wait`` freeze waited out its wait. A store with a clock of its own 1.5 s behind (the
+    memory store takes one) stands for that store here."""
+    behind = timedelta(seconds=1.5)
+    backend = MemoryBackend(clock=lambda: utcnow() - behind)
+    rig = rig_for(backend)
+    try:
+        until = utcnow() + timedelta(milliseconds=300)
+        await rules(rig, PolicyRules(freezes=[FREEZE.model_copy(
+            update={"action": "wait", "until": until})]))
+        waiter = await queued(rig, ask(2, wait=WAIT))
+        granted = await asyncio.wait_for(waiter, 15)
+        assert granted.acquired and granted.lock is not None
+        assert granted.lock.acquired_at >= until, "granted inside the freeze by the store's clock"
+        assert "freeze-ended" in rig.types()
+    finally:
+        await rig.close()
 
 
 # --- concurrency limits -----------------------------------------------------------------------

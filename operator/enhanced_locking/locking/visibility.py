@@ -164,25 +164,52 @@ def wait_for_reader(details: dict[str, Any], readable: Collection[str | None]
 
 
 class RuleWatch:
-    """Serves the queues again when the rules change and when a freeze starts or ends."""
+    """Serves the queues again when the rules change and when a freeze starts or ends.
+
+    A freeze's edges are timed by the store's clock (``now()``: on Redis the server's
+    ``TIME``), which is what the store decides a freeze by, not by this process's: a store
+    whose clock is behind the service's would be woken while the freeze was still on for it,
+    and its waiters left for the next look, an hour later."""
 
     def __init__(self, locker: EnhancedLocker) -> None:
         self._locker = locker
         self._rules = policies.PolicyRules()
         self._timer: asyncio.TimerHandle | None = None
+        self._looking = 0
+        """Looks at the rules under way (each reads the store's clock first)."""
         self._active: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
     def changed(self, rules: policies.PolicyRules) -> None:
         """The config's rules now (called on every applied snapshot; cheap when unchanged)."""
-        if rules == self._rules and self._timer is not None:
+        if rules == self._rules and (self._timer is not None or self._looking):
             return
-        first = self._timer is None and not self._rules
+        first = self._timer is None and not self._looking and not self._rules
         self._rules = rules
         self._edge(wake=not first)
 
     def _edge(self, *, wake: bool = True) -> None:
-        now = utcnow()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._looking += 1
+        task = asyncio.get_running_loop().create_task(self._look(wake=wake))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _look(self, *, wake: bool) -> None:
+        """The freezes started and ended told, the timer set for the next edge, the queues
+        served (``wake``), all by the store's clock (this process's while the store is away:
+        its queues cannot be served then anyway)."""
+        try:
+            try:
+                now = await self._locker.backend.now()
+            except Exception as error:  # the store is away: time goes on all the same
+                log.warning("reading the store's clock for the freezes failed (%s); "
+                            "going by this process's", error)
+                now = utcnow()
+        finally:
+            self._looking -= 1
         active = {f.name for f in self._rules.freezes if f.active(now)}
         by_name = {f.name: f for f in self._rules.freezes}
         for name in sorted(active - self._active):
@@ -192,20 +219,15 @@ class RuleWatch:
         for name in sorted(self._active - active):
             self._locker.events.publish("freeze-ended", freeze=name)
         self._active = active
-        if self._timer is not None:
+        if self._timer is not None:  # another look's, set while this one read the clock
             self._timer.cancel()
-            self._timer = None
-        loop = asyncio.get_running_loop()
         edges = policies.freeze_edges(self._rules, now)
-        if edges:
-            delay = max(0.0, (edges[0] - now).total_seconds()) + 0.002
-            self._timer = loop.call_later(delay, self._edge)
-        else:
-            self._timer = loop.call_later(3600, self._edge)  # nothing due: look again later
+        # The timer runs on this process's clock, which ticks as the store's does: the edge is
+        # as far ahead on both. Nothing due: look again later.
+        delay = max(0.0, (edges[0] - now).total_seconds()) + 0.002 if edges else 3600.0
+        self._timer = asyncio.get_running_loop().call_later(delay, self._edge)
         if wake:
-            task = loop.create_task(self._wake())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            await self._wake()
 
     async def _wake(self) -> None:
         try:
@@ -214,9 +236,11 @@ class RuleWatch:
             log.warning("serving the queues after a rule change failed: %s", error)
 
     async def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        for task in list(self._tasks):
+        tasks = list(self._tasks)
+        for task in tasks:  # every one first: a look that ran on would set a timer again
             task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self._timer is not None:
+            self._timer.cancel()
