@@ -141,6 +141,10 @@ class EtcdEventBus(SharedEventBus):
         self._cluster = 0
         """The id of the cluster the watch began on (:meth:`_begin`): another one (restored
         from a snapshot, or made anew) has a history of its own (:meth:`_restored`)."""
+        self._elsewhere = asyncio.Event()
+        """Set when an answer of the watch came from another history (:meth:`_answer`);
+        :meth:`_checked` then raises :class:`_WentBack` with ``_elsewhere_at``."""
+        self._elsewhere_at = 0
 
     @classmethod
     def from_config(cls, config: EnhancedLockingConfig, *,
@@ -274,7 +278,22 @@ class EtcdEventBus(SharedEventBus):
 
     def _answer(self, answer: Any, newest: int) -> None:
         """An answer of the watch: its writes into the ring (``newest``: the newest write
-        there was when the watch began, 0 if none)."""
+        there was when the watch began, 0 if none).
+
+        An answer from another cluster (its id: etcd made anew, or restored under another
+        cluster token, at the same endpoints, the watch opened there again after its stream
+        broke) is of another history: nothing of it is delivered, and :meth:`_checked` is
+        told at once. Before, only the read every ``WATCH_CHECK`` seconds looked: the writes
+        the other cluster made meanwhile (an event the outbox wrote again there, its first
+        answer lost with the old cluster) reached the readers as if the old history went on,
+        before its gap. (A revision below the watch's in an answer's header is not taken for
+        a restore: a member that lags, which the watch may move to, answers so; the check's
+        read, linearizable, tells.)"""
+        header = answer.header
+        if int(header.cluster_id) != self._cluster:
+            self._elsewhere_at = int(header.revision)
+            self._elsewhere.set()
+            return
         if answer.compact_revision:
             # What the watch asked for is gone: it resumes at the oldest revision kept.
             log.warning("etcd %s compacted the events up to revision %d",
@@ -308,25 +327,33 @@ class EtcdEventBus(SharedEventBus):
         keeps up brings it costs nothing. (A watch never ends by itself: its breaks are its
         own to mend; should it end, its failure is raised.)"""
         behind = 0  # the newest write the last check found that the watch had not brought
-        while True:
-            done, _ = await asyncio.wait({watch}, timeout=WATCH_CHECK)
-            if done:
-                watch.result()
-                raise etcd3aio.EtcdError("the events watch ended")
-            try:
-                answer = await self._get()
-            except (*_DOWN, BackendUnavailable):
-                continue  # tried again at the next check
-            if (int(answer.header.revision) < self.key_watch.next - 1
-                    or int(answer.header.cluster_id) != self._cluster):
-                raise _WentBack(int(answer.header.revision))
-            if behind and self.key_watch.next <= behind:
-                log.warning("etcd %s: the events watch is behind (its member may be frozen); "
-                            "watching again from revision %d", self.connection.where,
-                            self.key_watch.next)
-                return
-            newest = int(answer.kvs[0].mod_revision) if answer.kvs else 0
-            behind = newest if newest >= self.key_watch.next else 0
+        elsewhere: asyncio.Future[Any] = asyncio.ensure_future(self._elsewhere.wait())
+        # (set by :meth:`_answer`)
+        try:
+            while True:
+                done, _ = await asyncio.wait((watch, elsewhere), timeout=WATCH_CHECK,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if elsewhere in done:
+                    raise _WentBack(self._elsewhere_at)
+                if done:
+                    watch.result()
+                    raise etcd3aio.EtcdError("the events watch ended")
+                try:
+                    answer = await self._get()
+                except (*_DOWN, BackendUnavailable):
+                    continue  # tried again at the next check
+                if (int(answer.header.revision) < self.key_watch.next - 1
+                        or int(answer.header.cluster_id) != self._cluster):
+                    raise _WentBack(int(answer.header.revision))
+                if behind and self.key_watch.next <= behind:
+                    log.warning("etcd %s: the events watch is behind (its member may be "
+                                "frozen); watching again from revision %d",
+                                self.connection.where, self.key_watch.next)
+                    return
+                newest = int(answer.kvs[0].mod_revision) if answer.kvs else 0
+                behind = newest if newest >= self.key_watch.next else 0
+        finally:
+            elsewhere.cancel()
 
     def _restored(self) -> None:
         """etcd's revision went back, or its cluster id changed (restored from a snapshot,
@@ -338,6 +365,8 @@ class EtcdEventBus(SharedEventBus):
         heard nothing until it did."""
         self._hole = None
         self._holes += 1  # followers: what they had, then the gap (``EventBus.follow``)
+        self._elsewhere.clear()
+        self._loaded.clear()  # a resume waits for the new history (:meth:`_answer` sets it)
         self._ring.clear()
         self._last = self._floor = (0, 0)
         self._generated = 0
