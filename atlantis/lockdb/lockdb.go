@@ -20,7 +20,6 @@ import (
 	"fmt"
 	"maps"
 	"net/http"
-	"strings"
 	"time"
 
 	"github.com/runatlantis/atlantis/server/core/db"
@@ -149,18 +148,21 @@ func key(p models.Project, workspace string) string {
 	return client.LockKey(project(p), workspace)
 }
 
-// splitKey is the key of a project that locking.Client split out of a key, as it does for
-// Unlock and GetLock (Atlantis's lock pages, the discard button): at the key's second slash
-// (locking.go, keyRegex). A repository of more parts (GitLab's grp/sub/proj, Azure DevOps's
-// org/project/repo) then comes with the rest of its name at the front of the path, which is
-// "proj/." for its root project; cleaning that path would drop the "." and name another key.
-// The rest goes back to the repository's name, at path "."; any other path is cleaned.
-func splitKey(p models.Project, workspace string) string {
-	if rest, ok := strings.CutSuffix(p.Path, "/."); ok && rest != "" && client.CleanPath(rest) == rest &&
-		!strings.HasPrefix(rest, "/") && !strings.HasPrefix(rest, "..") {
-		p.RepoFullName, p.Path = p.RepoFullName+"/"+rest, "."
+// pageKey is the key of the parts Unlock and GetLock are given, joined as Atlantis joins
+// them (models.GenerateLockKey, as its own databases do), the path not cleaned. Atlantis
+// calls them from its lock pages (GET /lock?id=, the discard button's DELETE /locks?id=)
+// with the parts locking.Client split out of a listed key (locking.go, keyRegex: the
+// repository up to the key's second slash, then the longest path), which are not the
+// project's own parts when its repository has more (GitLab's grp/sub/proj, Azure DevOps's
+// org/project/repo: repository grp/sub, path "proj/." for its root project) or its name has
+// a '/' (Atlantis allows one, raw/project.go: the root project "team/app" of acme/infra
+// comes as path "./default", workspace "team", name "app"). Joined, they are the listed key
+// again; the path cleaned ("default") would name another project's key.
+func pageKey(p models.Project, workspace string) string {
+	if workspace == "" {
+		workspace = "default"
 	}
-	return key(p, workspace)
+	return models.GenerateLockKey(p, workspace)
 }
 
 // TryLock asks the service for the lock. Granted: (true, lock). Held by another pull:
@@ -268,11 +270,11 @@ func (b *Database) renew(ctx context.Context, granted *client.Lock, repo string)
 }
 
 // Unlock frees the lock whoever holds it; nil when there was none. Atlantis gives it the
-// parts of a key its lock page split (see splitKey).
+// parts of a key its lock page split (see pageKey).
 func (b *Database) Unlock(p models.Project, workspace string) (*models.ProjectLock, error) {
 	ctx, cancel := b.ctx(0)
 	defer cancel()
-	lock, err := b.service.Release(ctx, splitKey(p, workspace))
+	lock, err := b.service.Release(ctx, pageKey(p, workspace))
 	return optional(lock, err)
 }
 
@@ -307,11 +309,11 @@ func (b *Database) List() ([]models.ProjectLock, error) {
 }
 
 // GetLock is the lock on the project and workspace; nil when there is none. Atlantis gives it
-// the parts of a key its lock page split (see splitKey).
+// the parts of a key its lock page split (see pageKey).
 func (b *Database) GetLock(p models.Project, workspace string) (*models.ProjectLock, error) {
 	ctx, cancel := b.ctx(0)
 	defer cancel()
-	lock, err := b.service.Get(ctx, splitKey(p, workspace))
+	lock, err := b.service.Get(ctx, pageKey(p, workspace))
 	return optional(lock, err)
 }
 

@@ -440,6 +440,52 @@ func TestAtlantisLockPagesFindTheRootProjectOfARepositoryOfThreeParts(t *testing
 	})
 }
 
+func TestAtlantisLockPagesFindAProjectWhoseNameHasASlash(t *testing.T) {
+	// Atlantis allows a '/' in a project's name (named after its directory, raw/project.go,
+	// validProjectName) and its lock pages split the key with a greedy path (locking.go,
+	// keyRegex): the root project "team/app" of acme/infra, key acme/infra/./default/team/app,
+	// comes to GetLock and Unlock as path "./default", workspace "team", name "app". Those
+	// parts, joined as Atlantis joins them, name the key again; the path cleaned would not
+	// ("default"), and the page would find no lock.
+	forEachStore(t, func(t *testing.T, s store) {
+		database := open(t, s.serve(t))
+		locker := locking.NewClient(database)
+		for i, p := range []models.Project{
+			models.NewProject("acme/infra", ".", "team/app"),
+			models.NewProject("acme/infra", "envs/prod", "envs/prod"),
+			models.NewProject("grp/sub/proj", ".", "team/app"),
+			models.NewProject("acme/infra", "envs/qa", "team/../app"),
+		} {
+			num := 10 + i
+			got, err := locker.TryLock(p, "default", gitlabPull(p.RepoFullName, num), alice)
+			must(t, err)
+			if !got.LockAcquired || got.LockKey != models.GenerateLockKey(p, "default") {
+				t.Fatalf("pull %d should get %s, got %+v", num, models.GenerateLockKey(p, "default"), got)
+			}
+			all, err := locker.List()
+			must(t, err)
+			if _, ok := all[got.LockKey]; !ok {
+				t.Fatalf("the lock page should list %s, got %v", got.LockKey, all)
+			}
+			page, err := locker.GetLock(got.LockKey)
+			must(t, err)
+			if page == nil || page.Pull.Num != num || page.Project != p {
+				t.Fatalf("the page of %s should find pull %d's lock, got %+v", got.LockKey, num, page)
+			}
+			freed, err := locker.Unlock(got.LockKey)
+			must(t, err)
+			if freed == nil || freed.Pull.Num != num {
+				t.Fatalf("discarding %s should free pull %d's lock, got %+v", got.LockKey, num, freed)
+			}
+			gone, err := locker.GetLock(got.LockKey)
+			must(t, err)
+			if gone != nil {
+				t.Fatalf("%s should be free, got %+v", got.LockKey, gone)
+			}
+		}
+	})
+}
+
 func TestAHolderWithoutAVCSHostIsLinkedThroughTheAskingPullsHost(t *testing.T) {
 	// A lock taken by a caller other than Atlantis (the CLI, a pipeline) has no VCS host.
 	// Atlantis links the holder's pull through the client of its BaseRepo's host type: an
