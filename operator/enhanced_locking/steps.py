@@ -205,6 +205,11 @@ def refusal_line(result: AcquireResult, request: LockRequest) -> str:
     if reason is Reason.UNAVAILABLE:
         return (f"{request.key}: the lock store behind the service did not answer; nothing is "
                 "known of the lock")
+    if result.error:
+        # The service's words where the reason alone does not say it: a request taken out of
+        # the queue (cancelled: its pull closed or unlocked, or an admin), a freeze's message.
+        # The holder did none of it.
+        return f"refused {request.key} ({reason}): {result.error}"
     return f"refused {request.key}: {reason}{by}"
 
 

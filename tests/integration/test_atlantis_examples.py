@@ -114,6 +114,19 @@ def run_as_atlantis(command: str, env: dict[str, str], tmp: Path) -> subprocess.
                             stderr=subprocess.STDOUT, text=True)
 
 
+def plan_13_behind_12(plan_step: str, service: ServiceProcess, tmp_path: Path
+                      ) -> tuple[subprocess.Popen[str], Printed]:
+    """Pull #12's plan step has the lock; pull #13's is waiting behind it (its process and
+    its output as it prints)."""
+    first = run_as_atlantis(plan_step, atlantis_step_env(service.url, 12, "alice"), tmp_path)
+    first_out, _ = first.communicate(timeout=60)
+    assert first.returncode == 0, first_out
+    plan = run_as_atlantis(plan_step, atlantis_step_env(service.url, 13, "bob"), tmp_path)
+    plan_lines = Printed(plan)
+    waiting(service, 1)
+    return plan, plan_lines
+
+
 def test_the_example_workflow_queues_plans_and_puts_applies_first(
     atlantis: AtlantisModels, service: ServiceProcess, tmp_path: Path,
 ) -> None:
@@ -121,12 +134,7 @@ def test_the_example_workflow_queues_plans_and_puts_applies_first(
     plan_step = repo["stages"]["plan"][0]["run"]
     apply_step = repo["stages"]["apply"][0]["run"]
 
-    first = run_as_atlantis(plan_step, atlantis_step_env(service.url, 12, "alice"), tmp_path)
-    first_out, _ = first.communicate(timeout=60)
-    assert first.returncode == 0, first_out
-    plan = run_as_atlantis(plan_step, atlantis_step_env(service.url, 13, "bob"), tmp_path)
-    plan_lines = Printed(plan)
-    waiting(service, 1)
+    plan, plan_lines = plan_13_behind_12(plan_step, service, tmp_path)
     apply = run_as_atlantis(apply_step, atlantis_step_env(service.url, 14, "carol"), tmp_path)
     assert [w["pull"] for w in waiting(service, 2)] == [14, 13]
     # On its next poll (every 5s by default) the plan step prints its place behind both.
@@ -149,6 +157,30 @@ def test_the_example_workflow_queues_plans_and_puts_applies_first(
     plan_out = "\n".join(plan_lines.finished())
     assert plan.returncode == 0, plan_out
     assert behind_both in plan_out.splitlines()
+
+
+def test_a_plan_step_waiting_when_its_pull_closes_says_why_it_ended(
+    atlantis: AtlantisModels, service: ServiceProcess, tmp_path: Path,
+) -> None:
+    """Pull #13's plan waits behind #12 and #13 is closed: GitHub tells the service, which
+    takes the waiting request out of the queue. The step ends with the service's reason, not
+    with "cancelled by pull #12": #12 holds the key, it cancelled nothing."""
+    plan_step = workflow(atlantis)["stages"]["plan"][0]["run"]
+    plan, plan_lines = plan_13_behind_12(plan_step, service, tmp_path)
+
+    closed = signed_github_close(service, 13)
+    assert closed.status_code == 200, closed.text
+    assert closed.json()["released"] == [] and len(closed.json()["cancelled"]) == 1
+    plan.wait(timeout=60)
+    out = plan_lines.finished()
+    assert plan.returncode == 1, out
+    assert out[-1] == (
+        f"enhanced-locking: refused {KEY} (cancelled): this request was taken out of the queue "
+        "while it waited: its pull's locks were released (the pull was closed, or unlocked with "
+        "`atlantis unlock`) or an admin cancelled it; nothing was granted: run it again if it is "
+        "still wanted"), out
+    held = httpx.get(f"{service.url}/v1/locks/by-key", params={"key": KEY}).json()
+    assert held["lock"]["pull"]["num"] == 12
 
 
 class Printed(list[str]):
