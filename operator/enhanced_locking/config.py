@@ -42,7 +42,7 @@ from enhanced_locking.durations import (
     format_duration,
 )
 from enhanced_locking.policies import PolicyRules
-from enhanced_locking.types import BackendName, UnusableSetting
+from enhanced_locking.types import BackendName, Synchronous, UnusableSetting
 
 __all__ = [
     "ConfigError",
@@ -492,6 +492,13 @@ class EnhancedLockingConfig(BaseSettings):
         description="Start an existing embedded store file that is empty (0 bytes, or SQLite "
         "without tables) afresh instead of refusing it; its fencing tokens then continue from "
         "the clock.",
+    )
+    store_synchronous: Synchronous = Field(
+        "normal",
+        description="When the embedded store's commits reach the disk: normal (a commit "
+        "survives the process being killed; an operating-system crash or power cut can lose "
+        "the last ones) or full (each commit is synced to disk before its answer, at the cost "
+        "of a disk flush per write).",
     )
     data_dir: PathSetting = Field(
         "~/.atlantis",

@@ -54,7 +54,8 @@ that keeps per-replica records, Redis's waiter liveness, knows the replica by it
 
 
 def _embedded(config: EnhancedLockingConfig, namespace: str, replica_id: str | None) -> Backend:
-    return EmbeddedBackend(config.data_path, namespace, initialise=config.init_store)
+    return EmbeddedBackend(config.data_path, namespace, initialise=config.init_store,
+                           synchronous=config.store_synchronous)
 
 
 def _memory(config: EnhancedLockingConfig, namespace: str, replica_id: str | None) -> Backend:

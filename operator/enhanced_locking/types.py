@@ -101,6 +101,7 @@ __all__ = [
     "Side",
     "StoreBusy",
     "StoreRefused",
+    "Synchronous",
     "UnreadableLock",
     "UnusableSetting",
     "User",
@@ -132,6 +133,11 @@ Command = Literal["plan", "apply", "import", "state", "approve_policies", "unloc
 
 BackendName = Literal["boltdb", "redis", "etcd", "memory"]
 """``boltdb`` names the embedded single-file store (SQLite in WAL mode, see the docs)."""
+
+Synchronous = Literal["normal", "full"]
+"""When the embedded store's commits reach the disk (``store-synchronous``, SQLite's
+``synchronous`` of the same names): ``normal``, a commit survives the process being killed and
+an operating-system crash can lose the last ones; ``full``, each commit is synced first."""
 
 
 utcnow: Callable[[], datetime] = functools.partial(datetime.now, UTC)

@@ -20,17 +20,21 @@ from tests.support.leases import Overrun, past, with_leases
 from tests.support.locks import lock_for, request_for
 
 from enhanced_locking.backends import EmbeddedBackend, MemoryBackend, QueueBackend, base, codec
+from enhanced_locking.backends.audit_store import SqliteAuditStore, build_audit_store
 from enhanced_locking.backends.embedded import (
     APPLICATION_ID,
     FLOOR_AHEAD,
     SCHEMA_VERSION,
     open_database,
 )
+from enhanced_locking.config import EnhancedLockingConfig
+from enhanced_locking.factory import build_backend
 from enhanced_locking.types import (
     BackendUnavailable,
     Lock,
     LockNotOwned,
     StoreRefused,
+    Synchronous,
     UnusableSetting,
     utcnow,
 )
@@ -250,6 +254,30 @@ async def test_the_embedded_store_is_one_sqlite_file_in_wal_mode(data_dir: Path)
         assert (data_dir / "enhanced-locking.db").is_file()
     finally:
         await backend.close()
+
+
+@pytest.mark.parametrize(("setting", "pragma"), [("normal", 1), ("full", 2)])
+async def test_every_connection_on_the_store_file_syncs_as_store_synchronous_says(
+    data_dir: Path, setting: Synchronous, pragma: int,
+) -> None:
+    # The locks of both sides and the audit trail share the file: each of its connections
+    # commits as the setting says (SQLite's synchronous is a connection's own), FULL syncing
+    # every commit to disk before the answer.
+    config = EnhancedLockingConfig(enabled=True, data_dir=str(data_dir),
+                                   store_synchronous=setting)
+    enhanced = build_backend(config, "boltdb", "enhanced")
+    legacy = build_backend(config, "boltdb", "legacy")
+    audit = build_audit_store(config)
+    try:
+        assert isinstance(enhanced, EmbeddedBackend) and isinstance(legacy, EmbeddedBackend)
+        assert isinstance(audit, SqliteAuditStore)
+        assert (await enhanced.acquire(lock_for(request_for())))[0]
+        for db in (enhanced._db, legacy._db, audit._db):
+            assert db.execute("PRAGMA synchronous").fetchone()[0] == pragma
+            assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        for closing in (enhanced, legacy, audit):
+            await closing.close()
 
 
 async def test_a_long_list_of_the_embedded_store_decodes_with_the_collector_paused(

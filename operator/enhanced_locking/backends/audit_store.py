@@ -55,6 +55,7 @@ from enhanced_locking.types import (
     REFUSALS,
     AuditEntry,
     BackendUnavailable,
+    Synchronous,
     utc_text,
     utcnow,
 )
@@ -270,8 +271,9 @@ class SqliteAuditStore:
     retry_first, retry_max = 0.05, 2.0
     report_every = 60.0
 
-    def __init__(self, path: Path, retention: Retention) -> None:
-        self._db = open_database(path)
+    def __init__(self, path: Path, retention: Retention, *,
+                 synchronous: Synchronous = "normal") -> None:
+        self._db = open_database(path, synchronous=synchronous)
         try:
             self._db.executescript(SCHEMA)
         except sqlite3.Error as error:
@@ -658,5 +660,6 @@ def build_audit_store(config: EnhancedLockingConfig) -> AuditStore:
         return EtcdAuditStore(EtcdConnection(EtcdSettings.from_config(config)),
                               config.etcd_key_prefix, retention)
     if "boltdb" in uses:
-        return SqliteAuditStore(config.data_path, retention)
+        return SqliteAuditStore(config.data_path, retention,
+                                synchronous=config.store_synchronous)
     return MemoryAuditStore(retention)

@@ -3,11 +3,14 @@
 Atlantis's own store is a BoltDB file in its data dir; ours is ``enhanced-locking.db`` there.
 SQLite in WAL mode gives the same single-file, no-server deployment plus real transactions.
 
-Durability: ``synchronous=NORMAL``. A commit survives the process being killed (``kill -9``);
-an operating-system crash or power cut can lose the last commits before a checkpoint. We chose
-this (the same class as Redis's default ``appendfsync everysec``) because a commit then takes
-microseconds instead of an fsync, which is what lets a queue hand a lock over in well under a
-millisecond. ``docs/01-foundation.md`` says so to users.
+Durability: ``synchronous=NORMAL`` by default. A commit survives the process being killed
+(``kill -9``); an operating-system crash or power cut can lose the last commits before a
+checkpoint. We chose this (the same class as Redis's default ``appendfsync everysec``) because
+a commit then takes microseconds instead of an fsync, which is what lets a queue hand a lock
+over in well under a millisecond. ``store-synchronous=full`` (SQLite's ``FULL``) syncs each
+commit before its answer, for a disk flush per write. ``OFF`` is not offered: a checkpoint
+without its sync can leave the file corrupt after an operating-system crash, for no gain a
+served call can show. ``docs/01-foundation.md`` says so to users.
 
 Rows are Atlantis's JSON (see :mod:`codec`). A key's row outlives its lock: it keeps the key's
 fencing counter (``counter``, the last token handed out for the key) and whether it is held
@@ -72,6 +75,7 @@ from enhanced_locking.types import (
     LockUnreadable,
     Moment,
     StoreRefused,
+    Synchronous,
     UnusableSetting,
     replaced,
     utcnow,
@@ -322,7 +326,8 @@ place that cannot hold one): the user's setting. Other errors (EIO, ENOSPC) are 
 
 
 def open_database(
-    path: Path, *, initialise: bool = False, clock: Callable[[], datetime] = utcnow
+    path: Path, *, initialise: bool = False, clock: Callable[[], datetime] = utcnow,
+    synchronous: Synchronous = "normal",
 ) -> sqlite3.Connection:
     """Open (creating if needed) the store file with the settings every user of it shares.
 
@@ -338,6 +343,9 @@ def open_database(
     ever handed out, so a lost counter row never hands a token out again. A new file starts
     at 0; an emptied file that is initialised starts from the clock (milliseconds times 1000,
     above any token handed out before, as the Redis store's new epoch does).
+
+    ``synchronous``: SQLite's setting of the same name for this connection (the
+    ``store-synchronous`` setting): ``full`` syncs each of its commits to disk before it returns.
     """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -355,7 +363,7 @@ def open_database(
                                           f"{unwritable}")
     if not path.exists():
         _create(path, clock)
-    return _open(path, path, initialise=initialise, clock=clock)
+    return _open(path, path, initialise=initialise, clock=clock, synchronous=synchronous)
 
 
 def _unwritable(path: Path) -> str | None:
@@ -397,7 +405,8 @@ def _create(path: Path, clock: Callable[[], datetime]) -> None:
 
 
 def _open(
-    path: Path, shown: Path, *, initialise: bool, clock: Callable[[], datetime]
+    path: Path, shown: Path, *, initialise: bool, clock: Callable[[], datetime],
+    synchronous: Synchronous = "normal",
 ) -> sqlite3.Connection:
     """:func:`open_database` of the file at ``path`` (``shown``: the store's path, as errors
     name it), made if it does not exist."""
@@ -420,7 +429,7 @@ def _open(
         if verdict == "ours":
             _refuse_newer(connection, shown)
         connection.execute("PRAGMA journal_mode=WAL")
-        connection.execute("PRAGMA synchronous=NORMAL")
+        connection.execute(_SYNCHRONOUS[synchronous])
         connection.execute("PRAGMA busy_timeout=5000")
         connection.execute("BEGIN IMMEDIATE")
         tables = {row[0] for row in connection.execute(
@@ -463,6 +472,10 @@ def _open(
         connection.close()
         raise BackendUnavailable(f"cannot open the embedded store {shown}: {error}") from None
     return connection
+
+
+_SYNCHRONOUS: dict[Synchronous, str] = {
+    "normal": "PRAGMA synchronous=NORMAL", "full": "PRAGMA synchronous=FULL"}
 
 
 def _refuse_newer(connection: sqlite3.Connection, path: Path) -> None:
@@ -512,10 +525,12 @@ class EmbeddedBackend(StoreBackend):
         *,
         clock: Callable[[], datetime] = utcnow,
         initialise: bool = False,
+        synchronous: Synchronous = "normal",
     ) -> None:
         super().__init__(namespace, clock=clock)
         self.path = path
-        self._db = open_database(path, initialise=initialise, clock=clock)
+        self._db = open_database(path, initialise=initialise, clock=clock,
+                                 synchronous=synchronous)
         self._file = _file_of(path)
         self._floor = int(self._db.execute(
             "SELECT value FROM meta WHERE name = 'token_floor'").fetchone()[0])
