@@ -106,10 +106,11 @@ func New(serviceURL string, wrapped db.Database, opts ...Option) (*Database, err
 	return b, nil
 }
 
-// defaultCommandPriorities puts apply above plan, and with it `atlantis import` and
-// `atlantis state rm`: they write the state as apply does, and take the project lock
-// whenever repository locks are on (Atlantis v0.47.1, project_command_runner.go doImport
-// and doStateRm).
+// defaultCommandPriorities puts `atlantis import` and `atlantis state rm` above plan, and
+// apply: they write the state, and import and state rm take the project lock whenever
+// repository locks are on (Atlantis v0.47.1, project_command_runner.go doImport and
+// doStateRm), so they meet plans in the queue of the default repo_locks mode, on_plan; an
+// apply asks only in mode on_apply, where plans take no lock.
 func defaultCommandPriorities() map[command.Name]client.Priority {
 	return map[command.Name]client.Priority{
 		command.Apply: client.PriorityHigh, command.Import: client.PriorityHigh,
@@ -237,9 +238,11 @@ func (b *Database) TryLock(lock models.ProjectLock) (bool, models.ProjectLock, e
 }
 
 // renew moves the lease of a lock its pull held already to lock-ttl from now. The pull that
-// holds a lock gets it back as it was, lease and all: Atlantis's apply after its plan would
-// run on what is left of the plan's lease, and the lock could expire under the apply and go
-// to the next waiter. A fresh grant (client.GrantNew) has its whole lease and is not renewed;
+// holds a lock gets it back as it was, lease and all: the holder's command (an import or a
+// state rm after its plan, a plan of one project again) would run on what is left of the
+// lease, and the lock could expire under it and go to the next waiter. (An apply in
+// Atlantis's default repo_locks mode, on_plan, does not call TryLock: it runs on its plan's
+// lease.) A fresh grant (client.GrantNew) has its whole lease and is not renewed;
 // one the service did not say of (an older service, a proxy that drops the header) is
 // renewed as well. The renewal not answered (the service unreachable, a 503): an error, and
 // the lock as it was, the pull's, with the lease it had. The lease ended in between (the key

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/runatlantis/atlantis/server/core/boltdb"
+	"github.com/runatlantis/atlantis/server/core/config/valid"
 	"github.com/runatlantis/atlantis/server/core/locking"
 	"github.com/runatlantis/atlantis/server/events/command"
 	"github.com/runatlantis/atlantis/server/events/models"
@@ -1040,6 +1041,62 @@ func TestTheHoldersTryLockRenewsTheLeaseFromNow(t *testing.T) {
 				"(plan's ended %v, apply's ends %v)", renewed, planned.ExpiresAt, applied.ExpiresAt)
 		}
 	})
+}
+
+func TestAtlantisTakesTheProjectLockForPlanOrForApplyNeverBoth(t *testing.T) {
+	// Atlantis v0.47.1 gives its project locker repoLocking = (mode == on_plan) for a plan
+	// and (mode == on_apply) for an apply (project_command_runner.go, doPlan and doApply): in
+	// its default mode, on_plan, an apply asks the no-op locker and the lock database is not
+	// called, so nothing renews the plan's lease (lock-ttl) for the apply; in mode on_apply a
+	// plan takes no lock. A plan and an apply never meet in the queue, and the lease the
+	// apply runs on is the plan's: what docs/07-atlantis-go.md says of lock-ttl and priorities.
+	database := open(t, servicetest.Serve(t, "--enhanced-locking-enabled",
+		"--enhanced-locking-lock-ttl", "2h"))
+	log := logging.NewNoopLogger(t)
+	project := models.NewProject("acme/infra", "envs/prod", "prod")
+	key := models.GenerateLockKey(project, "default")
+	atlantisTakes := func(mode valid.RepoLocksMode, cmd command.Name, num int) bool {
+		t.Helper()
+		view := database.ForCommand(cmd)
+		locking := map[command.Name]bool{command.Plan: mode == valid.RepoLocksOnPlanMode,
+			command.Apply: mode == valid.RepoLocksOnApplyMode}[cmd]
+		got, err := projectLocker(view, &github.Client{}).TryLock(log, pullOf("acme/infra", num),
+			alice, "default", project, locking)
+		must(t, err)
+		return got.LockAcquired
+	}
+	lease := func() *client.Lock {
+		t.Helper()
+		lock, err := database.Client().Get(context.Background(), key)
+		must(t, err)
+		return lock
+	}
+
+	if !atlantisTakes(valid.DefaultRepoLocksMode, command.Plan, 1) {
+		t.Fatal("pull 1's plan should get the free lock")
+	}
+	planned := lease()
+	if valid.DefaultRepoLocksMode != valid.RepoLocksOnPlanMode || planned == nil || planned.ExpiresAt == nil {
+		t.Fatalf("the default mode's plan should hold the lock with a lease, got %v %+v",
+			valid.DefaultRepoLocksMode, planned)
+	}
+	time.Sleep(10 * time.Millisecond) // a renewal would move the lease's end past the plan's
+	if !atlantisTakes(valid.DefaultRepoLocksMode, command.Apply, 1) {
+		t.Fatal("pull 1's apply should go on")
+	}
+	if applied := lease(); applied == nil || applied.FencingToken != planned.FencingToken ||
+		!applied.ExpiresAt.Equal(*planned.ExpiresAt) {
+		t.Fatalf("the apply should leave the plan's lock and lease as they were (ends %v), got %+v",
+			planned.ExpiresAt, applied)
+	}
+	if !atlantisTakes(valid.DefaultRepoLocksMode, command.Apply, 2) {
+		t.Fatal("in the default mode an apply takes no lock, so another pull's apply is not refused")
+	}
+	_, err := database.UnlockByPull("acme/infra", 1)
+	must(t, err)
+	if !atlantisTakes(valid.RepoLocksOnApplyMode, command.Plan, 3) || lease() != nil {
+		t.Fatalf("in mode on_apply a plan takes no lock, got %+v", lease())
+	}
 }
 
 func TestPingIsReadyWhileTheServiceAnswersWithoutAStore(t *testing.T) {
