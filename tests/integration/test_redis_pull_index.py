@@ -72,7 +72,7 @@ class Store:
         for level in range(4):
             members: list[bytes] = self.admin.zrange(  # type: ignore[assignment]
                 self.keys.queue(key, level), 0, -1)
-            ids += [m.decode()[17:] for m in members]
+            ids += [self.keys.member_waiter(m.decode()) for m in members]
         return ids
 
     def record(self, waiter_id: str) -> dict[str, str]:
@@ -132,7 +132,7 @@ class Store:
         queues (a grant, a cancel, a drop): its queue entries and its record go, its index
         entries stay."""
         rec = self.record(waiter_id)
-        member = f"{int(rec['seq']):016d}:{waiter_id}"
+        member = self.keys.queue_member(int(rec["seq"]), waiter_id)
         for key in _keys_of(rec):
             self.admin.zrem(self.keys.queue(key, int(rec["level"])), member)
         self.admin.delete(self.keys.waiter(waiter_id))

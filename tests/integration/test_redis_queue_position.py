@@ -75,7 +75,8 @@ def _age(backend: RedisBackend, admin: redis.Redis, ages: list[int]) -> None:
             enq = now - ages[n % len(ages)] * MINUTE - MINUTE // 2
             n += 1
             admin.zadd(name, {member: enq}, xx=True)
-            admin.hset(backend.keys.waiter(member.decode()[17:]), "enq", enq)
+            waiter_id = backend.keys.member_waiter(member.decode())
+            admin.hset(backend.keys.waiter(waiter_id), "enq", enq)
 
 
 @pytest.mark.parametrize("priority", [True, False], ids=["priority", "fifo"])

@@ -94,7 +94,7 @@ class Store:
             for level in range(4):
                 members: list[bytes] = self.admin.zrange(  # type: ignore[assignment]
                     self.keys.queue(_key(path), level), 0, -1)
-                found |= {m.decode().split(":", 1)[1] for m in members}
+                found |= {self.keys.member_waiter(m.decode()) for m in members}
         return sorted(found)
 
     def trusted(self) -> bool:
@@ -114,7 +114,7 @@ class Store:
         left in its pull's index."""
         rec: dict[bytes, bytes] = self.admin.hgetall(  # type: ignore[assignment]
             self.keys.waiter(waiter_id))
-        member = f"{int(rec[b'seq']):016d}:{waiter_id}"
+        member = self.keys.queue_member(int(rec[b"seq"]), waiter_id)
         for path in PATHS:
             self.admin.zrem(self.keys.queue(_key(path), int(rec[b"level"])), member)
         self.admin.delete(self.keys.waiter(waiter_id))

@@ -342,3 +342,15 @@ def test_a_queue_walk_is_planned_by_running_it_not_by_a_copy_of_it() -> None:
             assert code.find("planned()", plan, at) >= 0, (
                 f"{file}: a planned walk whose names were not asked for before the writes")
     assert serving == 7  # (cancel.lua's serve answers whom it served, give_back.lua's hands on)
+
+
+def test_a_queue_entry_is_formed_and_read_only_by_its_functions() -> None:
+    """``queue_member``, ``member_waiter`` and ``member_seq`` (``lua/lib.lua``) are the
+    scripts' one place for a queue entry's layout, which
+    ``tests/integration/test_redis_queue_members.py`` holds to ``RedisKeys``'."""
+    layout = re.compile(r"%016d|string\.sub\([^)]*, 18\)|string\.sub\([^)]*, 1, 16\)")
+    found = [f"{file}:{n}" for file, text in _sources().items()
+             for n, line in enumerate(text.splitlines(), 1)
+             if layout.search(line) and not re.match(
+                 r"local function (queue_member|member_waiter|member_seq)\(", line)]
+    assert not found, f"a queue entry's layout written out again: {found}"

@@ -42,7 +42,8 @@ at ``ARGV[2]`` (``begin_lean`` in ``lua/lib.lua``).
                     [, claim, lease]: the exclusive holder
     shared:{K}      hash: "repo#pull" -> the JSON of a shared holder's lock tuple
     fence:{K}       the key's fencing counter (INCR; never lowered)
-    queue0..3:{K}   sorted sets, one per base priority: member "%016d(seq):W", score enqueue ms
+    queue0..3:{K}   sorted sets, one per base priority: member "%016d(seq):W"
+                    (RedisKeys.queue_member), score enqueue ms
     bypull:{K}      sorted set, all scores 0: member "repo#pull\\nW" for each entry of K's
                     queues ("\\nW": its record gone), so a pull's own are one ZRANGEBYLEX range;
                     first, "\\t<gen>", the generation it was made whole in

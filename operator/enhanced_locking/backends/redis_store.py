@@ -82,7 +82,7 @@ from enhanced_locking.types import (
     utcnow,
 )
 
-__all__ = ["RedisBackend", "RedisKeys"]
+__all__ = ["SEQ_DIGITS", "RedisBackend", "RedisKeys"]
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +162,11 @@ class _Packed:
     """From the end of the changing argument to the end of the command."""
 
 
+SEQ_DIGITS = 16
+"""The digits of a waiter's enqueue number in its queue entries (:meth:`RedisKeys.queue_member`):
+the counter is raised by one an enqueue, or started again above the clock in µs (16 digits)."""
+
+
 class RedisKeys:
     """The key layout of one namespace, written once (``docs/03-redis.md``, "Key layout").
 
@@ -231,7 +236,23 @@ class RedisKeys:
         return f"{self.base}fence:{{{key}}}"
 
     def queue(self, key: str, level: int) -> str:
+        """``key``'s waiters of one base priority ``level`` (a sorted set of
+        :meth:`queue_member` entries, scored by the enqueue time, server ms)."""
         return f"{self.base}queue{level}:{{{key}}}"
+
+    @staticmethod
+    def queue_member(seq: int, waiter_id: str) -> str:
+        """A waiter's entry in a queue (:meth:`queue`): its enqueue number (its record's
+        ``seq``), zero-padded to :data:`SEQ_DIGITS` digits so that text order is number
+        order, ``:``, its id. ``lua/lib.lua`` forms and reads it with ``queue_member``,
+        ``member_waiter`` and ``member_seq``, which mirror this and :meth:`member_waiter`
+        (a test holds them to each other)."""
+        return f"{seq:0{SEQ_DIGITS}d}:{waiter_id}"
+
+    @staticmethod
+    def member_waiter(member: str) -> str:
+        """The waiter id of a queue entry (:meth:`queue_member`)."""
+        return member[SEQ_DIGITS + 1:]
 
     def by_pull(self, key: str) -> str:
         """``key``'s waiters by pull: a sorted set of one entry per entry of its queues,

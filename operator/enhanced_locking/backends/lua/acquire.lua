@@ -121,7 +121,7 @@ local function main()
     if unindexed[k] then
       for lv = 0, 3 do
         for _, member in ipairs(queue_range(k, lv, 0, -1)) do
-          local id = string.sub(member, 18)
+          local id = member_waiter(member)
           if id ~= wait_id and not GONE[id] then
             expect(waiter_names, id, nil)
             table.insert(others, id)
@@ -229,18 +229,7 @@ local function main()
   end
   w('PEXPIREAT', name, deadline + GRACE_MS)
   list_enqueued(repo, pull, wait_id, deadline + GRACE_MS, seq)
-  local member = string.format('%016d', seq) .. ':' .. wait_id
-  local entry = pull_entry(repo, pull, wait_id)
-  for _, k in ipairs(keys) do
-    w('ZADD', queue_name(k, level), NOW, member)
-    if sizes[k] == 0 then  -- the first waiter: the index is made anew, stamped
-      w('DEL', by_pull_name(k))
-      w('ZADD', by_pull_name(k), 0, pull_stamp(gen), 0, entry)
-    else
-      w_try('ZADD', by_pull_name(k), 0, entry)
-    end
-    w_try('SADD', QUEUED, k)
-  end
+  queue_entries(keys, level, seq, wait_id, repo, pull, sizes, gen)
   local freeze = ''
   if d[1] == 'frozen' then freeze = d[3]['name'] end
   local rec = read_waiter(wait_id)

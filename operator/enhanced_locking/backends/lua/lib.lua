@@ -433,6 +433,14 @@ local function waits_name(repo, pull)
   return checked(base .. 'waits:{' .. repo .. '#' .. pull .. '}')
 end
 
+-- A waiter's entry in a queue (`queue_name`): its enqueue number (its record's seq),
+-- zero-padded to 16 digits (so that text order is number order), ':', its id; and the id and
+-- the number read back from one. The mirror of RedisKeys.queue_member and member_waiter
+-- (redis_store.py, SEQ_DIGITS: a test holds the two to each other).
+local function queue_member(seq, id) return string.format('%016d', seq) .. ':' .. id end
+local function member_waiter(member) return string.sub(member, 18) end
+local function member_seq(member) return tonumber(string.sub(member, 1, 16)) end
+
 -- A lock is answered as {key, data, token, at, exp, repo, pull, claim, lease, mode, path, ws}
 -- (strings; claim and lease false unless a grant from the queue awaits confirmation; mode
 -- 'exclusive' or 'shared'; path and workspace are the project's, which the rules look at).
@@ -505,10 +513,10 @@ end
 
 -- k's queue of one base priority, read where another Redis type may stand: that one reads as
 -- empty (its waiters cannot be told apart) and QUEUE_DAMAGE[k] says why.
-local LEVEL_NAMES = {'low', 'normal', 'high', 'critical'}
 local function queue_broken(k, level, name)
+  local levels = {'low', 'normal', 'high', 'critical'}  -- (not a library local: see `one_char`)
   QUEUE_DAMAGE[k] = QUEUE_DAMAGE[k] or
-    ('its ' .. LEVEL_NAMES[level + 1] .. ' queue is ' .. not_a(name, 'sorted set'))
+    ('its ' .. levels[level + 1] .. ' queue is ' .. not_a(name, 'sorted set'))
 end
 
 -- The members of k's queue of one base priority from rank first to last; with 'WITHSCORES'
@@ -855,13 +863,13 @@ end
 -- '%?' (which it writes for nothing else: in a glob ? is always the wildcard), made here the
 -- bytes of one UTF-8 character (a pattern cannot travel in JSON with bytes past 127 alone).
 -- Every % of such a pattern begins a two-byte escape, so a scan of the pairs finds them all.
-local ONE_CHAR = '[%z\1-\127\194-\244][\128-\191]*'
-local function one_char(escape)
-  if escape == '?' then return ONE_CHAR end
-  return '%' .. escape
-end
-
+-- (`one_char` is a local of `utf8_globs`: the library's own locals are near Lua's bound of
+-- 200 a function, which a script's chunk shares when it is sent whole: redis_scripts.script.)
 local function utf8_globs(list)
+  local function one_char(escape)
+    if escape == '?' then return '[%z\1-\127\194-\244][\128-\191]*' end
+    return '%' .. escape
+  end
   for _, rule in ipairs(list) do
     local m = rule['m']
     for _, field in ipairs({'repo', 'ws', 'key'}) do
@@ -1015,7 +1023,7 @@ local function walk_ahead(k, mine, visit)
           more = false
           break
         end
-        local id = string.sub(r[i], 18)
+        local id = member_waiter(r[i])
         if not GONE[id] and visit(id) then return true end
       end
     end
@@ -1232,7 +1240,7 @@ local function expect_queued(k)
   for level = 0, 3 do
     for _, member in ipairs(queue_range(k, level, 0, -1)) do
       table.insert(found, member)
-      expect(waiter_name, string.sub(member, 18))
+      expect(waiter_name, member_waiter(member))
     end
   end
   return found
@@ -1245,7 +1253,7 @@ end
 local function graph_waiters(entries, seen, records)
   local ids = {}
   for _, member in ipairs(entries) do
-    local id = string.sub(member, 18)
+    local id = member_waiter(member)
     if seen[id] == nil then
       local rec = read_waiter(id)
       seen[id] = rec or false
@@ -1372,6 +1380,26 @@ end
 -- comes before every entry: "\nW" and "repo#pull\nW"), and in no pull's range.
 local function pull_stamp(gen) return '\t' .. int(gen) end
 
+-- An enqueue's entries (acquire.lua): waiter id, of repo#pull, base priority `level` and
+-- enqueue number `seq`, enqueued at NOW on each of `keys`, its queue entry and its entry in
+-- the key's index by pull (a key nobody waited on, `sizes[k]` 0: the index made anew,
+-- stamped with generation `gen`), the key listed as queued. (One function, as
+-- `list_enqueued`: each name acquire.lua calls is an upvalue of its function.)
+local function queue_entries(keys, level, seq, id, repo, pull, sizes, gen)
+  local member = queue_member(seq, id)
+  local entry = pull_entry(repo, pull, id)
+  for _, k in ipairs(keys) do
+    w('ZADD', queue_name(k, level), NOW, member)
+    if sizes[k] == 0 then  -- the first waiter: the index is made anew, stamped
+      w('DEL', by_pull_name(k))
+      w('ZADD', by_pull_name(k), 0, pull_stamp(gen), 0, entry)
+    else
+      w_try('ZADD', by_pull_name(k), 0, entry)
+    end
+    w_try('SADD', QUEUED, k)
+  end
+end
+
 -- Whether k's index by pull can be read for its waiters: it is stamped with the current
 -- generation `gen` and holds one entry for each entry of k's queues. A store written by an
 -- earlier release has none for the waiters that release queued (and a replica of that
@@ -1397,7 +1425,7 @@ local function reindex_pulls(k, gen)
   local entries = {pull_stamp(gen)}
   for level = 0, 3 do
     for _, member in ipairs(queue_range(k, level, 0, -1)) do
-      local id = string.sub(member, 18)
+      local id = member_waiter(member)
       local rec = read_waiter(id)
       table.insert(entries, rec and pull_entry(rec.repo, rec.pull, id) or '\n' .. id)
     end
@@ -1438,7 +1466,7 @@ local function walker(k)
     local at = index[level + 1]
     local r = queue_range(k, level, at, at, 'WITHSCORES')
     if #r == 0 then return false end
-    return {id = string.sub(r[1], 18), seq = tonumber(string.sub(r[1], 1, 16)),
+    return {id = member_waiter(r[1]), seq = member_seq(r[1]),
             enq = tonumber(r[2]), level = level, member = r[1]}
   end
   for level = 0, 3 do heads[level + 1] = head(level) end
@@ -1496,7 +1524,7 @@ local function queue_count(k, level, upto, seq)
   end
   if seq then  -- those of the same millisecond with a lower number are before it too
     for _, member in ipairs(PCALL('ZRANGEBYSCORE', name, last, last)) do
-      if tonumber(string.sub(member, 1, 16)) < seq then found = found + 1 end
+      if member_seq(member) < seq then found = found + 1 end
     end
   end
   return found
@@ -1508,7 +1536,7 @@ end
 -- ZCOUNTs, O(log n) in the queue's length, where walking the queue to it was O(n).
 local function position(k, rec)
   local level, seq = tonumber(rec.level), tonumber(rec.seq)
-  local score = PCALL('ZSCORE', queue_name(k, level), string.format('%016d', seq) .. ':' .. rec.id)
+  local score = PCALL('ZSCORE', queue_name(k, level), queue_member(seq, rec.id))
   if is_error(score) or not score then return 0 end
   local enq = tonumber(score)
   local mine, n = effective(level, enq), 1
@@ -1526,7 +1554,7 @@ local function position(k, rec)
 end
 
 local function unqueue(id, rec)
-  local member = string.format('%016d', tonumber(rec.seq)) .. ':' .. id
+  local member = queue_member(tonumber(rec.seq), id)
   local entry = pull_entry(rec.repo, rec.pull, id)
   for _, k in ipairs(rec.keys) do
     w_try('ZREM', queue_name(k, rec.level), member)
@@ -1809,10 +1837,10 @@ local function all_entries(queued)
     for level = 0, 3 do
       local r = queue_range(k, level, 0, -1, 'WITHSCORES')
       for i = 1, #r, 2 do
-        local id = string.sub(r[i], 18)
+        local id = member_waiter(r[i])
         local e = by_id[id]
         if not e then
-          e = {id = id, seq = tonumber(string.sub(r[i], 1, 16)), enq = tonumber(r[i + 1]),
+          e = {id = id, seq = member_seq(r[i]), enq = tonumber(r[i + 1]),
                level = level, refs = {}}
           by_id[id] = e
           table.insert(entries, e)

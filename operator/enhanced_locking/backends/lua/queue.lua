@@ -19,7 +19,7 @@ return run(function()
   else
     for level = 0, 3 do
       for _, member in ipairs(queue_range(ARGV[11], level, 0, -1)) do
-        table.insert(ids, string.sub(member, 18))
+        table.insert(ids, member_waiter(member))
         expect(waiter_name, ids[#ids])
       end
     end

@@ -20,7 +20,7 @@ local function main()
   local ids, seen = {}, {}
   for _, k in ipairs(keys) do
     for _, member in ipairs(expect_queued(k)) do
-      local id = string.sub(member, 18)
+      local id = member_waiter(member)
       if not seen[id] then
         seen[id] = true
         table.insert(ids, id)
