@@ -648,12 +648,22 @@ class EnhancedLocker(AtlantisCalls):
                 key, policy=self.policy()))
             self._handed(handoff, how="expired")
             holders = await self.backend.holders(key)
+            store_now = None
+            here = self.leases.now()
+            if any(h.expires_at is not None and h.expires_at <= here for h in holders):
+                # A lease ended here and not in the store: the store's clock is behind this
+                # one. Set again for its passed end, the timer fired every few ms (a call to
+                # the store each) until the store's clock caught up.
+                store_now = await self._call("now", self.backend.now)
         except LockingError as error:
             log.warning("lease check of %s failed (%s); trying again in a second", key, error)
             self.leases.arm(key, utcnow() + timedelta(seconds=1))
             return
         for holder in holders:
-            self.leases.arm(key, holder.expires_at)
+            if store_now is None:
+                self.leases.arm(key, holder.expires_at)
+            else:
+                self.leases.arm_by_store(key, holder.expires_at, store_now)
 
     def _told_expired(self, locks: tuple[Lock, ...], handed: tuple[Grant, ...] = ()) -> None:
         """Locks whose lease had run out, freed by a call's step before it did its own (an

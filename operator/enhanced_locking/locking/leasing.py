@@ -5,7 +5,9 @@ its end. When the lease ends the lock must be freed and the key's queue served *
 the next request that happens to touch the key: so each leased key gets one event-loop timer
 (``loop.call_later``, no polling) set to the lease's end. When it fires it asks the backend to
 ``expire`` the key, which decides by its own clock: a refreshed lease is left alone and the
-timer is set again to the new end.
+timer is set again to the new end. A lease whose end has passed here but not in the store (its
+clock is behind this one) is looked at again when the store's clock reaches it, not at once
+(:meth:`LeaseTimers.arm_by_store`).
 
 One timer per key is enough: it is set to the earliest end known, and every firing re-arms
 for the holder found afterwards.
@@ -51,6 +53,16 @@ class LeaseTimers:
         delay = max(0.0, (expires_at - self._clock()).total_seconds()) + _SLACK
         handle = asyncio.get_running_loop().call_later(delay, self._fire, key)
         self._timers[key] = (expires_at, handle)
+
+    def arm_by_store(self, key: str, expires_at: datetime | None, store_now: datetime) -> None:
+        """Make sure ``key`` is looked at no later than when the store's clock, which reads
+        ``store_now`` now, reaches ``expires_at`` (a store whose clock is not this one's)."""
+        if expires_at is not None:
+            self.arm(key, expires_at + (self._clock() - store_now))
+
+    def now(self) -> datetime:
+        """The timers' clock."""
+        return self._clock()
 
     def disarm(self, key: str) -> None:
         current = self._timers.pop(key, None)
