@@ -328,6 +328,46 @@ async def test_the_redis_list_of_refusals_written_over_is_dropped_and_the_bound_
     assert kept == [*range(150, 50, -1), 1], kept
 
 
+@kinds("redis")
+async def test_the_redis_prune_by_age_takes_the_refusals_ids_out_with_their_entries(
+    make: StoreMaker, request: pytest.FixtureRequest,
+) -> None:
+    """Redis ages an entry by its stream id, the time it was written: past the retention, the
+    prune (at a store's first append, then every PRUNE_EVERY) removes the entries and, with
+    them, their ids from the list of refusals beside the stream. Before, the ids stayed until
+    as many newer refusals pushed them out: the list named entries gone, and each one let the
+    stream keep one more of the other entries past the bound."""
+    config = redis_config(request.getfixturevalue("redis_server"))
+    admin = connect(config)
+    stream = f"{config.redis_key_prefix}audit"
+    listed = key_beside(stream, "refusals", "ids")
+    refusal: dict[str, Any] = {"outcome": "unauthenticated", "status": 401}
+    try:
+        old = make(max_age=timedelta(seconds=1), max_entries=100)
+        for n in range(1, 31):
+            await old.append(entry(n, **refusal))
+        await old.append(entry(31))
+        assert await admin.client.llen(listed) == 30
+        written = await admin.client.time()
+        # Until Redis's clock is past the retention of the last entry written (a second).
+        deadline = time.monotonic() + 30
+        while True:
+            now = await admin.client.time()
+            if (now[0] - written[0]) * 1_000_000 + now[1] - written[1] > 1_500_000:
+                break
+            assert time.monotonic() < deadline, "Redis's clock did not move on"
+            await asyncio.sleep(0.1)
+        new = make(max_age=timedelta(seconds=1), max_entries=100)
+        await new.append(entry(32, **refusal))  # a store's first append prunes
+        assert await admin.client.llen(listed) <= 1, (
+            "the ids of refusals the prune by age removed stayed listed: "
+            f"{await admin.client.lrange(listed, 0, -1)}")
+        assert await admin.client.xlen(stream) <= 2  # (the new one, pruned before or after)
+    finally:
+        await admin.close()
+    assert numbers(await new.read(AuditQuery(limit=100))) == [32]
+
+
 @kinds(*SHARED)
 async def test_replicas_share_one_trail_in_one_order(make: StoreMaker) -> None:
     a, b = make(), make()

@@ -76,6 +76,7 @@ def test_each_standalone_script_is_a_file_its_user_reads_from_the_package() -> N
         "replace_written_over": redis_connection.REPLACE_WRITTEN_OVER,
         "append_events": redis_events.APPEND_EVENTS,
         "append_audit_entry": audit_store.APPEND_AUDIT_ENTRY,
+        "prune_audit": audit_store.PRUNE_AUDIT,
         "routing_report": routing_registry.REPORT,
         "routing_read": routing_registry.READ,
     }

@@ -496,13 +496,18 @@ APPEND_AUDIT_ENTRY = redis_lua.standalone("append_audit_entry")
 """An entry appended to the stream, which is trimmed so that refusals never push out the
 other entries (``lua/standalone/append_audit_entry.lua``)."""
 
+PRUNE_AUDIT = redis_lua.standalone("prune_audit")
+"""The stream pruned by age, the refusals' ids of the entries it removes with it
+(``lua/standalone/prune_audit.lua``)."""
+
 
 class RedisAuditStore:
     """A stream shared by every replica; its ids (``<ms>-<seq>``) are the cursors.
 
     The ids of the refusals it holds are listed beside it (:func:`key_beside`), so that an
     append keeps at most ``audit-max-entries`` of them and trims the stream to that many more
-    than the list holds: at least ``audit-max-entries`` of the other entries stay.
+    than the list holds: at least ``audit-max-entries`` of the other entries stay. The prune
+    by age (:data:`PRUNE_AUDIT`) takes the ids of the entries it removes out of the list.
 
     Its key written over by something else (another Redis type) is replaced by a new stream
     at the first append or read that meets it, which logs it: the entries the old stream held
@@ -521,6 +526,7 @@ class RedisAuditStore:
         self._appended = 0
         self._replace = connection.client.register_script(REPLACE_WRITTEN_OVER)
         self._append = connection.client.register_script(APPEND_AUDIT_ENTRY)
+        self._prune_script = connection.client.register_script(PRUNE_AUDIT)
 
     async def _call(self, action: str, call: Callable[[], Awaitable[_T]]) -> _T:
         """``call``, made again on a new stream when the trail's key holds another Redis type;
@@ -549,7 +555,7 @@ class RedisAuditStore:
 
     async def _prune(self) -> None:
         cutoff = int((utcnow() - self._retention.max_age).timestamp() * 1000)
-        await self._connection.client.xtrim(self._stream, minid=cutoff, approximate=False)
+        await self._prune_script(keys=[self._stream, self._refusals], args=[cutoff])
 
     async def append(self, entry: AuditEntry) -> AuditEntry:
         """The entry appended by :data:`APPEND_AUDIT_ENTRY` (one round trip)."""

@@ -2,9 +2,10 @@
 -- refusals never push out the other entries. The ids of the refusals the stream holds are
 -- kept in a list beside it, at most ARGV[2] of them (beyond that the oldest go, from the list
 -- and from the stream), and the stream is trimmed (about: MAXLEN ~) to ARGV[2] more entries
--- than the list holds, so at least ARGV[2] of the other entries stay. An id whose entry the
--- trim or the prune by age removed stays in the list until it is among the oldest there:
--- meanwhile the other entries may keep up to that many more. A list written over by
+-- than the list holds, so at least ARGV[2] of the other entries stay. The prune by age takes
+-- the ids of the entries it removes out of the list (prune_audit.lua); an id whose entry the
+-- trim removed stays in the list until it is among the oldest there: meanwhile the other
+-- entries may keep up to that many more. A list written over by
 -- something else (another Redis type) is dropped: it is an index only. A script of its own,
 -- called by EVALSHA: the audit trail does not depend on the enhanced store's function library.
 -- KEYS[1] the audit stream
