@@ -66,6 +66,9 @@ async def _granted_over_a_claim(
     assert await backend.connection.client.hget(backend.keys.lock(a.key), "claim") == first
     handoff = await backend.release_and_handoff(b.key, owner=holder, policy=QueuePolicy())
     assert [grant.waiter.id for grant in handoff.granted] == [second], handoff
+    # The hand-off does not say which keys the pull held already (nothing gives back from
+    # it: redis_replies.GrantRow); the waiter's own answer does (below).
+    assert handoff.granted[0].kept is None and handoff.granted[0].fresh
     return second, told
 
 

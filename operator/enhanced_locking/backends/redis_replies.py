@@ -102,7 +102,16 @@ class Refusal(NamedTuple):
 
 
 class GrantRow(NamedTuple):
-    """A waiter served from the queue with its locks (``fx.granted`` in ``lib.lua``)."""
+    """A waiter served from the queue with its locks (``fx.granted`` in ``lib.lua``).
+
+    It carries no ``kept`` (the keys its pull held already), on purpose: nothing gives back
+    from a hand-off row. Its readers, the locker's steps told of the hand-offs a call made
+    (a release, an acquire that served a queue, a cancel, a release by pull), count it, name
+    the waiter in its keys' events and arm the lease timers of its locks. What is given back
+    of a grant is decided on the waiter's own answer: CONFIRM's (:class:`Confirm`), CANCEL's
+    (:class:`Cancel`) or a retry's (:class:`Acquired`), each read from the waiter's outcome,
+    which says key by key (``kept_keys``). The :class:`~enhanced_locking.backends.waiting.Grant`
+    made of it says so: ``kept`` not said (``None``)."""
 
     waiter: WaiterRecord
     locks: tuple[LockRow, ...]

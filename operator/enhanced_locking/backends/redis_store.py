@@ -868,9 +868,11 @@ class RedisBackend:
         )
 
     def _grants(self, rows: Sequence[GrantRow]) -> tuple[Grant, ...]:
-        """The waiters a script served (``fx.granted`` in ``lib.lua``), each with its locks."""
+        """The waiters a script served (``fx.granted`` in ``lib.lua``), each with its locks;
+        ``kept`` not said: nothing gives back from a hand-off (:class:`GrantRow`)."""
         return tuple(Grant(waiter=self._waiter(g.waiter),
-                           locks=tuple(self._lock(row) for row in g.locks), fresh=g.fresh)
+                           locks=tuple(self._lock(row) for row in g.locks), fresh=g.fresh,
+                           kept=None)
                      for g in rows)
 
     def _handoff(self, served: Served, *, released: Lock | None = None) -> Handoff:
