@@ -315,7 +315,7 @@ async def test_a_waiter_queued_as_the_watch_of_deletions_winds_down_gets_a_watch
     unserved = b._unserved
     late: list[asyncio.Task[None] | None] = []
 
-    async def check(heard: set[str]) -> int | None:
+    async def check(heard: set[str]) -> tuple[int, bool] | None:
         again = await unserved(heard)
         if again is None and not late:  # a waiter is queued here, before the watch has ended
             b._watch_deletions(0)

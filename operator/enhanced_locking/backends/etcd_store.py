@@ -673,6 +673,14 @@ class EtcdBackend(StoreBackend):
         """Notices (waiter, revision) that could not be read: skipped, logged once."""
         self._notices_watched = 0
         """The newest notice the current watch of notices has brought (``_follow``)."""
+        self._history = (0, 0)
+        """etcd's cluster id, and the newest revision this replica knows it reached: read
+        (the session's start, the notices', the waiting keys') or queueing one of its waiters
+        (:meth:`_history_moved`)."""
+        self._histories = 0
+        """How many times etcd's history was found changed (:meth:`_history_moved`)."""
+        self._rechecking = False
+        """:meth:`_recheck` runs."""
         self.in_flight = 0
         """Calls waiting for etcd right now (tests use it to know when all is quiet)."""
         self.conflicts = 0
@@ -1665,9 +1673,12 @@ class EtcdBackend(StoreBackend):
             client = await self.connection.client()
             self.session_lease = await self._grant_lease(SESSION_TTL, key=None)
             self._steady = self._renewal = time.monotonic()
+            reached = self._history
             async with unavailable(self.connection, "watch"):
-                start = int((await unary(kv_calls, "Range", RangeRequest(key=self.base))(
-                    client, CALL_TIMEOUT)).header.revision)
+                header = (await unary(kv_calls, "Range", RangeRequest(key=self.base))(
+                    client, CALL_TIMEOUT)).header
+            self._history_moved(header, reached)
+            start = int(header.revision)
             self._session = asyncio.create_task(self._keep_alive(self.session_lease),
                                                 name="etcd-session")
             if self._watch is None or self._watch.done():
@@ -1839,8 +1850,11 @@ class EtcdBackend(StoreBackend):
         watch = self._prefix_watch("notices", notices, start, etcd3aio.WatchFilter.NODELETE)
         while True:
             self._notices_watched = 0
-            again = await watching(self._watch_prefix(client, watch, heard),
-                                   lambda _: self._missed(notices))
+            again, anew = await watching(self._watch_prefix(client, watch, heard),
+                                         lambda _: self._missed(notices))
+            if anew:  # another history: its revisions, wherever the watch was in the old one
+                watch.next = again
+                continue
             watch.next = max(watch.next, again)
             log.warning("etcd %s: the watch of this replica's notices is behind (its member "
                         "may be frozen); watching again from revision %d",
@@ -1848,7 +1862,7 @@ class EtcdBackend(StoreBackend):
             with contextlib.suppress(BackendUnavailable):
                 client = await watch.moved()  # (else the same client again)
 
-    async def _missed(self, notices: bytes) -> int:
+    async def _missed(self, notices: bytes) -> tuple[int, bool]:
         """Every ``WATCH_CHECK`` seconds while this replica has waiters, read the notices
         and deliver those the watch has not (which notices are a waiter's: :meth:`_heard`).
 
@@ -1858,8 +1872,10 @@ class EtcdBackend(StoreBackend):
         started again (and a warning logged) only when it is behind. A read that
         fails is tried at the next check; a notice that cannot be read (a value another
         release wrote) is logged once and skipped, and the next ones are still delivered
-        (:meth:`_heard`)."""
+        (:meth:`_heard`). With it, whether etcd's history changed (:meth:`_history_moved`:
+        the watch then starts again from the read's revision, in the new history)."""
         behind = 0  # the newest notice the last read delivered (the watch had not brought it)
+        histories = self._histories  # (another found since: the watch's revision is another's)
         read = unary(kv_calls, "Range", RangeRequest(key=notices, range_end=_prefix_end(notices)))
         while True:
             await asyncio.sleep(WATCH_CHECK)
@@ -1869,18 +1885,83 @@ class EtcdBackend(StoreBackend):
                     del known[gone]  # told, or its caller left
             if not self._notifier.queued_at:
                 continue
+            reached = self._history
             try:
                 async with unavailable(self.connection, "read of notices"):
                     answer = await leader_first(self.connection, read)
             except BackendUnavailable:
                 continue
+            moved = self._history_moved(answer.header, reached) or self._histories != histories
             missed = 0
             for kv in answer.kvs:
                 if self._heard(bytes(kv.key)[len(notices):].decode(), _kv(kv)):
                     missed = max(missed, int(kv.mod_revision))
-            if behind and self._notices_watched < behind:
-                return int(answer.header.revision) + 1
+            if moved or (behind and self._notices_watched < behind):
+                return int(answer.header.revision) + 1, moved
             behind = missed
+
+    def _history_moved(self, header: Any, reached: tuple[int, int]) -> bool:
+        """Whether etcd's history is another than the one this replica knew (``reached``: its
+        ``_history`` when the read was sent) when it sent the read that ``header`` answers
+        (the session's start, the notices' or the waiting keys' read, which are
+        linearizable: in one history a read sent later never answers an older revision, nor
+        one below a revision that queued a waiter here). Another cluster id (made anew, or
+        restored under another cluster token), or a revision below the last one read (a
+        restore from an older backup, or a cluster made anew with the same token and so the
+        same id), is another history: what was written after the backup is gone, a waiter
+        queued then among it. This replica forgets what it knew of the keys, and its waiters
+        are read again (:meth:`_recheck`). Before, a waiter queued after the backup, its
+        entry gone, heard nothing for its whole wait (its session lease, restored, renewed
+        on), and the watches waited at revisions the restored cluster had not reached."""
+        cluster, revision = int(header.cluster_id), int(header.revision)
+        seen_cluster, seen = reached
+        if not seen_cluster or (cluster == seen_cluster and revision >= seen):
+            now_cluster, now = self._history  # (a read sent later may have answered first)
+            self._history = (cluster, max(revision, now) if now_cluster == cluster else revision)
+            return False
+        self._history = (cluster, revision)
+        log.warning("etcd %s: the cluster's revision went back to %d from at least %d, or its "
+                    "id changed (restored from a backup?): this replica's waiters are read "
+                    "again", self.connection.where, revision, seen)
+        self._histories += 1
+        self._known = _Known()
+        self._spawn(self._recheck())
+        return True
+
+    async def _recheck(self) -> None:
+        """Read again whether each waiter waiting here is still queued (its ``waiter/``
+        record), after etcd's history changed (:meth:`_history_moved`) or a watch of this
+        replica was answered compacted (a restore with ``--bump-revision`` and
+        ``--mark-compacted`` answers so, its revisions above the old ones; so does one that
+        fell behind a compaction). One that is not is told its notice when etcd has one for
+        it (the step that ended its wait wrote it with the record's delete: :meth:`_heard`),
+        else what the holders of its keys say (:meth:`_told_lapsed`: a grant made since,
+        else ``unavailable``): nobody would grant it, or tell it anything. One whose reads
+        fail is read again while its caller waits."""
+        if self._rechecking:
+            return
+        self._rechecking = True
+        try:
+            for waiter_id in list(self._notifier.queued_at):
+                delay = 0.1
+                record = unary(kv_calls, "Range", RangeRequest(
+                    key=self.waiter_key(waiter_id), count_only=True))
+                notice = unary(kv_calls, "Range", RangeRequest(key=self.notice_key(waiter_id)))
+                while self._notifier.local.waits(waiter_id):
+                    try:
+                        async with unavailable(self.connection, "read of a waiter"):
+                            queued = (await leader_first(self.connection, record)).count
+                            told = [] if queued else (
+                                await leader_first(self.connection, notice)).kvs
+                    except BackendUnavailable:
+                        await asyncio.sleep(delay)
+                        delay = min(2.0, delay * 2)
+                        continue
+                    if not queued and not (told and self._heard(waiter_id, _kv(told[0]))):
+                        await self._told_lapsed(waiter_id)
+                    break
+        finally:
+            self._rechecking = False
 
     def _watch_deletions(self, start: int) -> None:
         """Follow lock deletions from revision ``start`` (the revision that queued a waiter
@@ -1933,14 +2014,17 @@ class EtcdBackend(StoreBackend):
                 # task before the watch's wind-down, so a waiter queued meanwhile started a
                 # new one from its own revision).
                 return
-            watch.next = max(watch.next, again)
+            if again[1]:  # another history: its revisions, wherever the watch was
+                watch.next = again[0]
+                continue
+            watch.next = max(watch.next, again[0])
             log.warning("etcd %s: the watch of lock deletions is behind (its member may be "
                         "frozen); watching again from revision %d", self.connection.where,
                         watch.next)
             with contextlib.suppress(BackendUnavailable):
                 client = await watch.moved()  # (else the same client again)
 
-    async def _unserved(self, heard: set[str]) -> int | None:
+    async def _unserved(self, heard: set[str]) -> tuple[int, bool] | None:
         """Every ``WATCH_CHECK`` seconds while this replica has waiters, read whether the keys
         they wait on have a holder, and serve each one that has none (:meth:`_free_keys`).
 
@@ -1961,20 +2045,22 @@ class EtcdBackend(StoreBackend):
 
         Returns the revision to watch from once the watch is behind: by the next read, it
         still has not brought the delete of a key the read before served (it was given two
-        checks). ``None`` once this replica has had no waiters for ``DELETIONS_LINGER``
-        seconds."""
+        checks); with it, whether etcd's history changed (:meth:`_history_moved`: the watch
+        then starts again from the read's revision, in the new history). ``None`` once this
+        replica has had no waiters for ``DELETIONS_LINGER`` seconds."""
         behind: set[str] = set()  # locked keys the last read served (the watch had not)
         locked: set[str] = set()  # keys the last read found with a lock under ``lock/``
         earlier: set[str] = set()  # keys whose delete the watch brought the check before
         still: dict[str, int] = {}  # free keys whose step granted nothing: checks since
         revision = 0  # the last read's
         idle = 0.0
+        histories = self._histories  # (another found since: the watch's revision is another's)
         while True:
             await asyncio.sleep(WATCH_CHECK)
             brought, earlier = earlier | heard, set(heard)
             heard.clear()
             if behind - brought:
-                return revision + 1
+                return revision + 1, False
             behind = set()
             pending = set(self._notifier.local.pending())
             for gone in [w for w in self._notifier.keys if w not in pending]:
@@ -1993,6 +2079,8 @@ class EtcdBackend(StoreBackend):
                 revision, free, now_locked = await self._free_keys(keys)
             except BackendUnavailable:
                 continue  # (the last read's ``locked`` is kept for the next one)
+            if self._histories != histories:
+                return revision + 1, True
             was_locked, locked = locked, now_locked
             still = {key: still[key] + 1 for key in free if key in still}
             for key in free:
@@ -2033,10 +2121,12 @@ class EtcdBackend(StoreBackend):
                 request.success.extend((_count_op(names.lock),
                                         _count_op(names.shared, _prefix_end(names.shared))))
             client = await self.connection.client()
+            reached = self._history
             try:
                 answer = await _txn_call(self.connection, client, request, read=True)
             except DOWN as error:
                 raise unreachable(self.connection, "read of the waiting keys", error) from None
+            self._history_moved(answer.header, reached)
             read_at = int(answer.header.revision)
             revision = min(revision, read_at) if revision else read_at
             counts = [int(response.response_range.count) for response in answer.responses]
@@ -2065,7 +2155,14 @@ class EtcdBackend(StoreBackend):
         def take(event: Any) -> None:
             handle(bytes(event.kv.key), _kv(event.kv), _kv(event.prev_kv))
 
-        await watch.follow(client, lambda answer: watch.each(answer, take))
+        def deliver(answer: Any) -> None:
+            if answer.compact_revision:
+                # Writes it had not brought are gone: a waiter's may be among them (a restore
+                # with --bump-revision and --mark-compacted answers every watch so).
+                self._spawn(self._recheck())
+            watch.each(answer, take)
+
+        await watch.follow(client, deliver)
 
     def _heard(self, waiter_id: str, kv: _KV) -> bool:
         """A notice the watch or the read of notices brought: delivered (``True``) if it is
@@ -2155,6 +2252,8 @@ class EtcdBackend(StoreBackend):
         self._notifier.keys[waiter_id] = waiter.keys
         self._notifier.waiters[waiter_id] = waiter
         self._notifier.queued_at[waiter_id] = seq if seq < _PENDING_SEQ else 0
+        if seq < _PENDING_SEQ:  # a revision of this history: a read below it is another one
+            self._history = (self._history[0], max(self._history[1], seq))
         early = self._notifier.early.pop(waiter_id, None)
         if early is not None:
             self._heard(waiter_id, early)
