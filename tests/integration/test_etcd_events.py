@@ -813,6 +813,16 @@ def put_blocking(cluster: EtcdCluster, keys: list[str], value: bytes = b"x") -> 
                 "value": base64.b64encode(value).decode()}).raise_for_status()
 
 
+def compacted_blocking(cluster: EtcdCluster) -> int:
+    """``cluster`` compacted at its revision now (returned), through etcd's JSON gateway,
+    blocking (as :func:`put_blocking`)."""
+    with httpx.Client(base_url=f"http://{cluster.endpoints[0]}") as http:
+        answer = http.post("/v3/kv/range", json={"key": base64.b64encode(b"/").decode()})
+        now = int(answer.raise_for_status().json()["header"]["revision"])
+        http.post("/v3/kv/compaction", json={"revision": now}).raise_for_status()
+    return now
+
+
 async def test_readers_hear_a_gap_when_etcd_is_another_cluster_further_on(
     tmp_path: Path,
 ) -> None:
@@ -845,6 +855,46 @@ async def test_readers_hear_a_gap_when_etcd_is_another_cluster_further_on(
                 bus.publish("fallback", key="another", action="legacy")
                 event = await asyncio.wait_for(anext(again), 30)
                 assert isinstance(event, Event) and event.key == "another", event
+            finally:
+                fresh.discard()
+        finally:
+            await bus.close()
+
+
+async def test_readers_hear_a_gap_when_etcd_is_restored_with_its_revision_bumped(
+    tmp_path: Path,
+) -> None:
+    """etcd restored keeping its cluster id, with ``etcdutl snapshot restore --bump-revision N
+    --mark-compacted``: its revisions go on above the old history's, and every revision up to
+    the restored one is compacted, so a watch from a revision of the old history is answered
+    compacted. Here: made anew on the same ports with the same cluster token (the same id),
+    written past the old revision and compacted there, before the bus can look (what those
+    two options leave). The follower hears a ``gap`` at once (no event published after), a
+    reader resuming from an event of the old history gets one too, and the new history's
+    events come. Before, the compaction moved the floor but woke nobody: the follower heard
+    the gap only with the next event."""
+    with started(tmp_path / "a") as old:
+        config = etcd_config(old, "/bumped/")
+        bus = EtcdEventBus.from_config(config)
+        try:
+            following, before = await followed_past_one_event(bus)
+            # No await from here until the new cluster is compacted: the bus cannot look.
+            old.discard()
+            fresh = old.anew(tmp_path / "b", token=old.token).start()
+            try:
+                put_blocking(fresh, [f"/bumped/other-{n}" for n in range(40)])
+                now = compacted_blocking(fresh)
+                assert parse_event_id(before.id)[0] < now
+                gap = await asyncio.wait_for(anext(following), 30)
+                assert isinstance(gap, Gap), gap
+                again = bus.follow(after=before.id, max_lag=1000, announce=True)
+                first = await asyncio.wait_for(anext(again), 10)
+                assert isinstance(first, Gap) and first.after == before.id, first
+                assert isinstance(await asyncio.wait_for(anext(again), 10), Following)
+                bus.publish("fallback", key="bumped", action="legacy")
+                event = await asyncio.wait_for(anext(again), 30)
+                assert isinstance(event, Event) and event.key == "bumped", event
+                assert parse_event_id(event.id)[0] > now
             finally:
                 fresh.discard()
         finally:
