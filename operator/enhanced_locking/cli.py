@@ -463,6 +463,12 @@ def _config_show(args: argparse.Namespace) -> int:
 
 
 # --- migrate import --------------------------------------------------------------------------
+ATLANTIS_REDIS_PASSWORD = "ATLANTIS_REDIS_PASSWORD"
+"""Atlantis's own variable for its Redis's password (its ``--redis-password``): the password
+of ``--from-redis`` when the URL has none, so that it is in no process list (a command line
+is readable by every user of the machine)."""
+
+
 def _migrate_import(args: argparse.Namespace) -> int:
     config, sources = _load_sourced(args)
     if config.backend == "memory" and not args.dry_run:
@@ -483,7 +489,8 @@ async def _run_import(config: config_module.EnhancedLockingConfig, args: argpars
         if args.from_boltdb is not None:
             source, records = importers.read_boltdb(args.from_boltdb)
         else:
-            source, records = await importers.read_redis(args.from_redis)
+            source, records = await importers.read_redis(
+                args.from_redis, password=os.environ.get(ATLANTIS_REDIS_PASSWORD) or None)
         backend = build_backend(config, config.backend, "enhanced")
         await backend.ping()
         progress = importers.Progress(len(records), stream=sys.stderr)
@@ -847,7 +854,9 @@ def _parser(*, complete: bool = True) -> _Parser:
     source.add_argument("--from-boltdb", metavar="FILE",
                         help="Atlantis's BoltDB file (atlantis.db in its data dir)")
     source.add_argument("--from-redis", metavar="URL",
-                        help="Atlantis's Redis, e.g. redis://:PASSWORD@HOST:6379/0")
+                        help="Atlantis's Redis, e.g. redis://HOST:6379/0; its password from "
+                             f"{ATLANTIS_REDIS_PASSWORD} (Atlantis's own variable), or in the "
+                             "URL (redis://:PASSWORD@HOST:6379/0), which the process list shows")
     importing.add_argument("--dry-run", action="store_true",
                            help="report what would be imported; write nothing")
     importing.add_argument("--output", choices=["table", "json"], default="table",

@@ -33,6 +33,7 @@ from tests.support.bbolt_writer import (  # noqa: E402
 )
 from tests.support.redis_cluster import RedisClusterNodes  # noqa: E402
 from tests.support.redis_server import RedisServer, RedisServerError  # noqa: E402
+from tests.support.service import scrubbed_env  # noqa: E402
 from tests.support.unreadable import SECRET, spoil  # noqa: E402
 
 from enhanced_locking.backends import Backend, EmbeddedBackend, MemoryBackend  # noqa: E402
@@ -99,16 +100,10 @@ def atlantis_db(bolt_writer: BoltWriter, tmp_path: Path) -> tuple[Path, list[dic
     return path, locks
 
 
-def _env() -> dict[str, str]:
-    return {name: value for name, value in os.environ.items()
-            if not name.startswith(("ATLANTIS_ENHANCED_LOCKING_", "ENHANCED_LOCKING_"))
-            and name != "ATLANTIS_DATA_DIR"}
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "enhanced_locking.cli", "migrate", "import", *args],
-        capture_output=True, text=True, env=_env(), timeout=120, check=False,
+        capture_output=True, text=True, env=scrubbed_env(env), timeout=120, check=False,
     )
 
 
@@ -371,7 +366,7 @@ def test_the_command_draws_a_bar_when_stderr_is_a_terminal(
         result = subprocess.run(
             [sys.executable, "-m", "enhanced_locking.cli", "migrate", "import", "--from-boltdb",
              str(path), "--data-dir", str(tmp_path / "d"), "--output", "json"],
-            stdout=subprocess.PIPE, stderr=terminal, env=_env(), timeout=120, check=False,
+            stdout=subprocess.PIPE, stderr=terminal, env=scrubbed_env(), timeout=120, check=False,
         )
         os.close(terminal)
         drawn = b""
@@ -497,6 +492,24 @@ def test_a_redis_password_never_shows_in_the_report(atlantis_redis: RedisServer,
     atlantis_redis.set_requirepass("hunter2-redis")
     url = f"redis://:hunter2-redis@{atlantis_redis.addr}/0"
     result = run_cli("--from-redis", url, "--data-dir", str(tmp_path / "d"), "--output", "json")
+    assert result.returncode == 0, result.stderr
+    assert "hunter2" not in result.stdout + result.stderr
+    assert _report(result)["summary"]["imported"] == 1
+
+
+@pytest.mark.redis
+def test_a_redis_password_from_atlantiss_own_variable_stays_off_the_command_line(
+    atlantis_redis: RedisServer, tmp_path: Path,
+) -> None:
+    """A password in ``--from-redis``'s URL is in the process list, which every user of the
+    machine can read: Atlantis's own ``ATLANTIS_REDIS_PASSWORD`` (its ``--redis-password``)
+    gives it instead, read where the command runs in Atlantis's environment."""
+    lock = atlantis_lock(repo="acme/auth", pull=4)
+    fill_like_atlantis(atlantis_redis, {lock_key(lock): json.dumps(lock).encode()})
+    atlantis_redis.set_requirepass("hunter2-redis")
+    result = run_cli("--from-redis", f"redis://{atlantis_redis.addr}/0",
+                     "--data-dir", str(tmp_path / "d"), "--output", "json",
+                     env={"ATLANTIS_REDIS_PASSWORD": "hunter2-redis"})
     assert result.returncode == 0, result.stderr
     assert "hunter2" not in result.stdout + result.stderr
     assert _report(result)["summary"]["imported"] == 1

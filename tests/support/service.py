@@ -94,13 +94,14 @@ def enhanced_locking_command() -> list[str]:
 def scrubbed_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """This process's environment without any enhanced-locking setting, plus ``extra``.
 
-    A developer's own ``ATLANTIS_ENHANCED_LOCKING_*`` variables must not change what a test sees.
+    A developer's own ``ATLANTIS_ENHANCED_LOCKING_*`` variables must not change what a test sees,
+    nor Atlantis's ``ATLANTIS_DATA_DIR`` and ``ATLANTIS_REDIS_PASSWORD``, which commands read too.
     """
     env = {
         name: value
         for name, value in os.environ.items()
         if not name.startswith(("ATLANTIS_ENHANCED_LOCKING_", "ENHANCED_LOCKING_"))
-        and name != "ATLANTIS_DATA_DIR"
+        and name not in ("ATLANTIS_DATA_DIR", "ATLANTIS_REDIS_PASSWORD")
     }
     env.update(extra or {})
     return env

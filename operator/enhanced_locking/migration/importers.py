@@ -132,8 +132,12 @@ async def _cluster_enabled(client: Any) -> bool:
     return bool(info.get("cluster_enabled"))
 
 
-async def read_redis(url: str) -> tuple[str, list[SourceRecord]]:
+async def read_redis(url: str, *, password: str | None = None
+                     ) -> tuple[str, list[SourceRecord]]:
     """Every ``pr/*`` string of Atlantis's Redis at ``url`` (SCAN, then GET in pipelines).
+
+    ``password``: Redis's, when ``url`` carries none (a password in the URL wins); given
+    apart so that it need not be on the command line.
 
     Atlantis may keep its locks in a Redis Cluster (its ``ClusterAddresses``), spread over
     the masters by their keys' slots, where a SCAN sees only the node it is sent to: when the
@@ -154,15 +158,18 @@ async def read_redis(url: str) -> tuple[str, list[SourceRecord]]:
         # redis-py ignores a path that is not a number, and would read database 0 instead
         raise ImportSourceError(f"invalid Redis URL {shown} (--from-redis): the database "
                                 f"{database!r} is not a number (redis://HOST:PORT/N)")
+    options: dict[str, Any] = {"socket_timeout": 10, "socket_connect_timeout": 5}
+    if password and not parts.password:
+        options["password"] = password
     try:
-        client: Any = aioredis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+        client: Any = aioredis.Redis.from_url(url, **options)
     except ValueError as error:
         raise ImportSourceError(f"invalid Redis URL {shown} (--from-redis): {error}") from None
     records: list[SourceRecord] = []
     try:
         if await _cluster_enabled(client):
             await client.aclose()
-            client = RedisCluster.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+            client = RedisCluster.from_url(url, **options)
             shown = f"{shown} (cluster)"
         keys = [key async for key in client.scan_iter(match=ATLANTIS_REDIS_PATTERN, count=1000)]
         keys = sorted(set(keys))  # SCAN may return a key twice
