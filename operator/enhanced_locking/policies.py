@@ -59,6 +59,7 @@ __all__ = [
     "Freeze",
     "KeyParts",
     "KeyPattern",
+    "OverLimit",
     "PolicyRules",
     "PriorityRule",
     "Verdict",
@@ -67,6 +68,7 @@ __all__ = [
     "glob_to_lua",
     "glob_to_regex",
     "groups_of",
+    "over_limit",
     "verdict",
 ]
 
@@ -313,6 +315,39 @@ def groups_of(parts: KeyParts, rules: PolicyRules) -> dict[str, int]:
                   "organisation": ":" + parts.organisation}[rule.per]
         groups[rule.name + suffix] = rule.limit
     return groups
+
+
+@dataclass(frozen=True)
+class OverLimit:
+    """A request that asks for more locks of one concurrency group than its limit."""
+
+    key: str
+    """The request's first key in the group."""
+    group: str
+    asked: int
+    limit: int
+
+    @property
+    def message(self) -> str:
+        return (f"the request asks for {self.asked} locks of the concurrency group "
+                f"{self.group}, whose limit is {self.limit}: they can never be held together, "
+                "so it does not wait; ask for fewer at a time, or raise the limit")
+
+
+def over_limit(keys: Sequence[KeyParts], rules: PolicyRules) -> OverLimit | None:
+    """The first concurrency group ``keys`` alone take past its limit: a request for them can
+    never be granted (unless its pull holds every one already: :func:`verdict`'s first line),
+    however long it waits. ``None`` for every request of fewer keys than a limit."""
+    asked: dict[str, list[str]] = {}
+    for parts in keys:
+        for group, limit in groups_of(parts, rules).items():
+            found = asked.setdefault(group, [])
+            found.append(parts.key)
+            if len(found) > limit:
+                return OverLimit(key=found[0], group=group,
+                                 asked=sum(group in groups_of(p, rules) for p in keys),
+                                 limit=limit)
+    return None
 
 
 # --- the decision -----------------------------------------------------------------------------

@@ -29,6 +29,8 @@ from enhanced_locking.policies import (
 )
 from enhanced_locking.types import (
     AcquireResult,
+    BatchItem,
+    BatchLockRequest,
     LockNotOwned,
     LockRequest,
     Priority,
@@ -445,6 +447,40 @@ async def test_a_limit_of_two_holds_five_waiters_to_two_at_a_time_in_queue_order
         assert len(held) <= 2
         order = [lock.pull.num for lock in done if lock]
     assert order == [1, 2, 3, 4, 5]
+
+
+async def test_a_batch_asking_more_locks_of_a_group_than_its_limit_is_answered_at_once(
+        rigs: Callable[..., LockerRig]) -> None:
+    """Three locks of a group whose limit is two can never be held together: such a batch
+    queued all the same, waited out its whole wait (up to ``max-timeout``) and was answered
+    ``timeout``. It is answered ``limited`` at once, naming the group and its limit. A pull
+    that holds every key of it already (the limit lowered since) still gets them back
+    unchanged, as any pull asking for its own locks."""
+    rig = rigs()
+    group = KeyPattern(path_prefix="g")
+    await rules(rig, PolicyRules(concurrency=[ConcurrencyLimit(name="g", match=group, limit=2)]))
+    requests = [ask(1, path=f"g/{i}") for i in range(3)]
+
+    def batch(of: list[LockRequest]) -> BatchLockRequest:
+        return BatchLockRequest(locks=[BatchItem(project=r.project) for r in of],
+                                pull=of[0].pull, wait=WAIT)
+
+    answer = await asyncio.wait_for(rig.locker.acquire_batch(batch(requests)), 10)
+    assert answer.reason is Reason.LIMITED and answer.lock_key == requests[0].key, answer
+    assert answer.error is not None and "3 locks" in answer.error and "limit is 2" in answer.error
+    assert "queued" not in rig.types()
+    assert [await rig.locker.queue(r.key) for r in requests] == [[], [], []]
+    assert await rig.locker.list() == []
+    two = await asyncio.wait_for(rig.locker.acquire_batch(batch(requests[:2])), 10)
+    assert two.acquired
+    await rig.locker.release_batch([r.key for r in requests[:2]])
+    await rules(rig, PolicyRules(concurrency=[ConcurrencyLimit(name="g", match=group, limit=3)]))
+    held = await rig.locker.acquire_batch(batch(requests))
+    assert held.acquired
+    await rules(rig, PolicyRules(concurrency=[ConcurrencyLimit(name="g", match=group, limit=2)]))
+    again = await asyncio.wait_for(rig.locker.acquire_batch(batch(requests)), 10)
+    assert again.acquired and [lock.fencing_token for lock in again.locks] == [
+        lock.fencing_token for lock in held.locks]
 
 
 async def test_a_glob_question_mark_is_one_character_on_every_store(

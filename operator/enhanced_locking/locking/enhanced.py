@@ -321,8 +321,11 @@ class EnhancedLocker(AtlantisCalls):
             candidates = [_candidate(requests[0], priority=priority)]
         else:
             candidates = [_candidate(r, priority=priority) for r in requests]
-        offer = None
-        if wait is not None:
+        offer = never = None
+        if wait is not None and len(candidates) > 1 and policy.limits:
+            # More locks of a group than its limit: waiting cannot help, so it does not wait.
+            never = policies.over_limit([parts_of(c) for c in candidates], policy.rules)
+        if wait is not None and never is None:
             offer = Wait(id=_waiter_id(candidates, asked.request_id), timeout=wait,
                          request_id=asked.request_id, caller=secrets.token_hex(8))
         # The attempt, written here rather than as a coroutine of its own: one frame less on
@@ -364,7 +367,10 @@ class EnhancedLocker(AtlantisCalls):
                     "superseded", key=stale.keys[0], repo=stale.owner[0], pull=stale.owner[1],
                     waiterId=stale.id, requestId=stale.request_id,
                     headCommit=stale.head_commit, by=candidates[0].pull.head_commit)
-            if outcome.status is not Status.QUEUED:
+            if never is not None and outcome.status is not Status.GRANTED:
+                # Not its pull's every lock already (granted unchanged): never to be granted.
+                answer = answers.refused(never.key, Reason.LIMITED, message=never.message)
+            elif outcome.status is not Status.QUEUED:
                 if offer is not None and future is not None:
                     backend.grants.forget(offer.id, future)
                 answer = self._immediate(
