@@ -4,7 +4,8 @@ granted while the pull's first one still awaits its confirmation is answered wit
 unchanged (the pull holds it already), its claim the first waiter's. Whether that claim ends
 depends on whether a caller of the second request hears the grant: heard (its confirmation, a
 retry taking the grant over, a cancel whose caller is then answered with it: the wait's end, a
-deadlock refusal), the pull relies on the lock and it must not lapse under it; given back
+deadlock refusal; or the answer itself, to a request that does not wait), the pull relies on
+the lock and it must not lapse under it; given back
 unheard (the caller went away), the lock is not the second request's and the claim stays the
 first waiter's, to be confirmed or to lapse. Against a real redis-server; the first waiter's
 replica never confirms (nobody waits for it here), as when that replica died after its last
@@ -96,6 +97,14 @@ async def test_a_claim_of_another_waiter_ends_only_when_a_caller_hears_the_grant
     ended = await backend.cancel(_asked("timed-out", "b", PULL).key, second,
                                  reason=Reason.TIMEOUT, policy=policy)
     assert ended.granted and ended.kept == frozenset({_asked("timed-out", "a", PULL).key})
+    # Heard: a request of the pull that does not wait is answered with the claimed lock.
+    answered_a = _asked("answered", "a", PULL)
+    assert (await _fail_fast(backend, _asked("answered", "a", HOLDER))).status is Status.GRANTED
+    await _queued(backend, "answered-first", answered_a)
+    await backend.release_and_handoff(answered_a.key, owner=(answered_a.project.repo_full_name,
+                                                             HOLDER), policy=policy)
+    again = await _fail_fast(backend, answered_a)
+    assert again.status is Status.GRANTED and again.kept == frozenset({answered_a.key}), again
     # Given back unheard: the second request's caller went away; its cancel finds the grant,
     # and the caller gives back what the grant made (``b``), not the pull's hold of ``a``.
     second, _ = await _granted_over_a_claim(backend, "gone", listening=False)
@@ -111,7 +120,7 @@ async def test_a_claim_of_another_waiter_ends_only_when_a_caller_hears_the_grant
 
     # Past the claim window (Redis's clock runs as this one from the grants on).
     await asyncio.sleep(redis_scripts.CLAIM_MS / 1000 + 1.5)
-    for tag in ("confirmed", "retried", "timed-out"):
+    for tag in ("confirmed", "retried", "timed-out", "answered"):
         other = await _fail_fast(backend, _asked(tag, "a", OTHER))
         assert other.status is Status.HELD and other.holder is not None, (
             f"{tag}: the pull's lock of a, which a caller was answered with, lapsed with the "

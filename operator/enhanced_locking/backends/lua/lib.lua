@@ -834,7 +834,8 @@ end
 
 -- The claim on lock h, a lock of waiter id's grant (its outcome's `locks`) found by the
 -- grant's token, as a call about that grant reads it (CONFIRM, CANCEL, a retry taking the
--- grant over): it ends when it is the waiter's own, or when it is another waiter's and a
+-- grant over), or a lock a request of its pull that does not wait is answered with (`take`,
+-- id false): it ends when it is the waiter's own, or when it is another waiter's and a
 -- caller of this waiter is answered with the grant (`heard`); the holder's own lease applies
 -- from its grant on. Another waiter's claim is on a lock the pull held already when this
 -- waiter was granted (`take` answered it unchanged: another request of the pull was granted
@@ -1182,6 +1183,10 @@ local function take(k, data, repo, pull, ttl, claim, mode, path, ws)
   end
   if mine and not (mode == 'exclusive' and mine[10] == 'shared') then
     relied_on(mine)
+    -- Answered to its caller now (no `claim`: not a grant from the queue, which its waiter
+    -- hears later), a claim on it ends: another waiter's, whose grant the pull held it by
+    -- (`settle_heard`).
+    if not claim then settle_heard(mine, false, true) end
     return mine, false
   end
   if mine then drop_lock(mine) end
