@@ -280,6 +280,24 @@ async def test_a_newer_head_commit_supersedes_the_queued_request_of_the_same_pul
     assert not new.done()
 
 
+async def test_a_newer_head_commit_that_does_not_wait_leaves_the_older_request_queued(
+        rigs: Callable[..., LockerRig]) -> None:
+    """A request supersedes its pull's older ones by taking their place in the queue: one
+    that does not wait is refused at once and the older one keeps waiting (the page said any
+    newer request superseded it)."""
+    rig = rigs()
+    await rig.locker.acquire(ask(1))
+    old = await queued(rig, ask(2, wait=WAIT, head="aaa111"))
+    refused = await rig.locker.acquire(ask(2, head="bbb222"))
+    assert refused.reason is Reason.HELD
+    await settle()
+    assert not old.done(), old.result()
+    assert "superseded" not in rig.types()
+    await rig.locker.release(ask(1).key)
+    granted = await asyncio.wait_for(old, 10)
+    assert granted.acquired and granted.lock is not None and granted.lock.pull.num == 2
+
+
 async def test_a_request_retried_after_its_connection_broke_keeps_its_place(
         rigs: Callable[..., LockerRig]) -> None:
     rig = rigs()
