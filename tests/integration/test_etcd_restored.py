@@ -10,6 +10,7 @@ of a snapshot taken at that moment does the same to a cluster)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import shutil
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from tests.support.locks import candidate_for, request_for
 
 from enhanced_locking.backends.etcd_store import EtcdBackend
 from enhanced_locking.backends.waiting import Notice, Status, Wait
-from enhanced_locking.types import BackendUnavailable, Candidate, Reason
+from enhanced_locking.types import BackendUnavailable, Candidate, LockingError, Reason
 
 pytestmark = [pytest.mark.etcd, pytest.mark.timeout(120)]
 
@@ -117,6 +118,39 @@ async def test_a_waiter_queued_after_the_backup_is_told_when_etcd_is_restored(
         await b.release_and_handoff(held.key, owner=held.owner, policy=QUEUE_POLICY)
         granted = await asyncio.wait_for(early, 30)
         assert [lock.owner for lock in granted.locks] == [("acme/infra", 2)], granted
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_view_from_before_a_restore_never_grants_a_lock_twice(
+    cluster: EtcdCluster, tmp_path: Path,
+) -> None:
+    """A restore without ``--bump-revision`` gives again the revisions the old history gave
+    after the backup. Replica ``a`` grants pull 1 the key after the backup; after the restore
+    (``a`` idle meanwhile: it reads nothing), replica ``b`` grants it to pull 2, at the same
+    revision. ``a``'s release for pull 1 must not take the key from pull 2, and pull 3 must
+    not be granted it. Before, ``a`` released on what it knew of the key (its revision
+    matched): pull 2's lock was deleted and pull 3 granted the key while pull 2 held it."""
+    config = etcd_config(cluster, f"/restored-{secrets.token_hex(4)}/", enabled=True)
+    a = EtcdBackend.from_config(config, "enhanced")
+    b = EtcdBackend.from_config(config, "enhanced")
+    try:
+        await answering(a, b)
+        backed_up(cluster, tmp_path / "backup")
+        await answering(a, b)
+        first = await grant(a, want(1))
+        restored(cluster, tmp_path / "backup")
+        await answering(b)
+        second = await grant(b, want(2))
+        assert second.fencing_token == first.fencing_token  # (the same revision: the case)
+        held = want(1)
+        with contextlib.suppress(LockingError):  # (not its lock: refused, or nothing freed)
+            await a.release_and_handoff(held.key, owner=held.owner, policy=QUEUE_POLICY)
+        assert [lock.owner for lock in await b.holders(held.key)] == [("acme/infra", 2)]
+        third = await a.acquire_or_enqueue(want(3), ttl=None, wait=None, policy=QUEUE_POLICY)
+        assert third.status is not Status.GRANTED, third
+        assert [lock.owner for lock in await b.holders(held.key)] == [("acme/infra", 2)]
     finally:
         await a.close()
         await b.close()

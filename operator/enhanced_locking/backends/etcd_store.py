@@ -681,6 +681,8 @@ class EtcdBackend(StoreBackend):
         """How many times etcd's history was found changed (:meth:`_history_moved`)."""
         self._rechecking = False
         """:meth:`_recheck` runs."""
+        self._followed: etcd3aio.Etcd3Client | None = None
+        """The client whose channel's states are followed (:meth:`_follow_channel`)."""
         self.in_flight = 0
         """Calls waiting for etcd right now (tests use it to know when all is quiet)."""
         self.conflicts = 0
@@ -1240,6 +1242,8 @@ class EtcdBackend(StoreBackend):
     async def _run_step(self, run: Callable[[], Awaitable[T]], keys: tuple[bytes, ...],
                         prefixes: tuple[bytes, ...], key: str | None, guess: bool) -> T:
         client = await self.connection.client()
+        if client is not self._followed:
+            self._follow_channel(client)
         if self._session is None and not self._session_ready.locked():
             # Open the session early, off the caller's path: the first wait finds it ready.
             self._spawn(self._quietly(self._ensure_session()))
@@ -1927,6 +1931,30 @@ class EtcdBackend(StoreBackend):
         self._known = _Known()
         self._spawn(self._recheck())
         return True
+
+    def _follow_channel(self, client: etcd3aio.Etcd3Client) -> None:
+        """Forget what this replica knew of the keys whenever ``client``'s channel changes
+        state (its connections to etcd broke, or are made again): what answers afterwards may
+        be another history. etcd restored from a backup without ``--bump-revision`` gives
+        again the revisions the old history gave after the backup, and a key this replica
+        knew at one of them may hold another write at the same revision there: a step run on
+        that view passes its guards. Before, a release by a pull whose lock the restore took
+        away deleted the lock another replica had granted since at the same revision, and a
+        third pull was granted the key while the second held it. A restore stops every
+        member, so every connection breaks; an idle replica's too, which reads nothing that
+        would tell it (:meth:`_history_moved`). The price: a step's guess after a member's
+        restart costs a round trip more."""
+        self._followed = client
+        channel = client._channel
+        if channel is not None:
+            self._spawn(self._channel_states(channel))
+
+    async def _channel_states(self, channel: grpc.aio.Channel) -> None:
+        state = channel.get_state()
+        while state is not grpc.ChannelConnectivity.SHUTDOWN:
+            await channel.wait_for_state_change(state)
+            state = channel.get_state()
+            self._known = _Known()
 
     async def _recheck(self) -> None:
         """Read again whether each waiter waiting here is still queued (its ``waiter/``
