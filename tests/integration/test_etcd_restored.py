@@ -1,4 +1,5 @@
-"""The lock store after etcd is restored from a backup: what a replica's waiters are told.
+"""The lock store after etcd is restored from a backup: what a replica's waiters are told,
+and what becomes of what it knew of the keys.
 
 A restore puts etcd back at the backup's history: what was written after it (a waiter's
 queue entry, its record) is gone, and the cluster numbers its writes again from the
