@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import pytest
 from tests.support.atlantis_models import AtlantisModels, build_models
+from tests.support.bbolt_writer import BoltWriter
 from tests.support.gobuild import GoBuildError
 from tests.support.service import ServiceProcess, scrubbed_env
 
@@ -159,6 +160,37 @@ def test_the_example_workflow_queues_plans_and_puts_applies_first(
     assert behind_both in plan_out.splitlines()
 
 
+def test_the_locks_atlantis_holds_are_imported_before_the_switch(
+    atlantis: AtlantisModels, service: ServiceProcess, bolt_writer: BoltWriter, tmp_path: Path,
+) -> None:
+    """The page's import, pasted (Atlantis's file and the data dir are this test's) while the
+    service runs: pull #12's lock in Atlantis's BoltDB is the service's then, so another
+    pull's plan step is refused and #12's apply step finds its own lock."""
+    atlantis_db = tmp_path / "atlantis.db"
+    bolt_writer.write(atlantis_db, [[{"op": "putLock", "bucket": ["runLocks"], "key": KEY, "lock": {
+        "Project": {"ProjectName": "prod", "RepoFullName": "acme/infra", "Path": "envs/prod"},
+        "Workspace": "default", "User": {"Username": "alice"}, "Time": "2024-05-01T10:00:00Z",
+        "Pull": {"Num": 12, "URL": "https://github.com/acme/infra/pull/12", "Author": "alice"}}}]])
+    script = (examples()["import-held-locks"]
+              .replace("/home/atlantis/.atlantis/atlantis.db", str(atlantis_db))
+              .replace("./el-data", str(service.data_dir)))
+    imported = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=ROOT,
+                              env=shell_env(service.url), capture_output=True, text=True,
+                              timeout=120, check=False)
+    assert imported.returncode == 0, imported.stderr
+    assert re.search(rf"{re.escape(KEY)} +#12 +imported", imported.stdout), imported.stdout
+
+    stages = workflow(atlantis)["stages"]
+    other = run_as_atlantis(stages["plan"][0]["run"].replace("--wait 5m", "--wait 0s"),
+                            atlantis_step_env(service.url, 13, "bob"), tmp_path)
+    other_out, _ = other.communicate(timeout=60)
+    assert other.returncode == 1 and f"{KEY} is locked by pull #12 (alice)" in other_out, other_out
+    apply = run_as_atlantis(stages["apply"][0]["run"], atlantis_step_env(service.url, 12, "alice"),
+                            tmp_path)
+    apply_out, _ = apply.communicate(timeout=60)
+    assert apply.returncode == 0 and f"locked {KEY} for pull #12" in apply_out, apply_out
+
+
 def test_a_plan_step_waiting_when_its_pull_closes_says_why_it_ended(
     atlantis: AtlantisModels, service: ServiceProcess, tmp_path: Path,
 ) -> None:
@@ -243,7 +275,7 @@ def paste(name: str, service: ServiceProcess, **env: str) -> subprocess.Complete
 
 
 def test_the_guides_command_blocks_work_when_pasted(service: ServiceProcess) -> None:
-    assert set(examples()) == {"step-by-hand", "check-webhook"}
+    assert set(examples()) == {"step-by-hand", "check-webhook", "import-held-locks"}
     by_hand = paste("step-by-hand", service)
     assert by_hand.returncode == 0, by_hand.stderr
     assert f"locked {KEY} for pull #12" in by_hand.stdout
