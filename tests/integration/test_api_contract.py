@@ -113,6 +113,23 @@ def test_a_pull_query_that_is_not_ascii_digits_answers_422(
     assert answer.json()["field"] == "pull"
 
 
+@pytest.mark.parametrize(("pull", "bound"), [
+    ("2147483648", "less than or equal to 2147483647"),
+    ("99999999999", "less than or equal to 2147483647"),
+    ("-99999999999", "greater than or equal to -2147483648"),
+    ("9" * 400, "less than or equal to 2147483647"),
+])
+def test_a_pull_query_of_digits_past_its_range_answers_422_naming_the_range(
+    http: httpx.Client, pull: str, bound: str,
+) -> None:
+    """A number of more than ten digits was told it was not "a whole number of ASCII digits"
+    (the pattern's length bound); it is told the range, as one of ten digits is."""
+    answer = http.get("/v1/locks", params={"pull": pull})
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["field"] == "pull"
+    assert bound in answer.json()["error"] and "ASCII digits" not in answer.json()["error"]
+
+
 @pytest.mark.parametrize(("change", "field"), [
     ({"pull": {"num": "12"}}, "pull.num"),
     ({"pull": {"num": True}}, "pull.num"),

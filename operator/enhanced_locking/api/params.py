@@ -20,15 +20,21 @@ from enhanced_locking.types import PULL_MAX, PULL_MIN
 
 __all__ = ["Key", "OnlyRepo", "OptionalPullNum", "PageSize", "PullNum", "Repo", "Time"]
 
-_DIGITS = re.compile(r"-?[0-9]{1,10}")
+_DIGITS = re.compile(r"-?[0-9]+")
+_LONGEST = 24
+"""Digits read as they are: a longer number is past every bound of a query's numbers, and is
+read as one of this many digits, which the parameter's own bound then refuses, naming it."""
 _RFC3339 = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?"
                       r"([Zz]|[+-][0-9]{2}:[0-9]{2})?")
 
 
 def _digits(value: object) -> object:
-    if isinstance(value, str) and not _DIGITS.fullmatch(value):
-        raise ValueError("expected a whole number of ASCII digits (a leading - for a negative "
-                         f"one), got {value!r}")
+    if isinstance(value, str):
+        if not _DIGITS.fullmatch(value):
+            raise ValueError("expected a whole number of ASCII digits (a leading - for a "
+                             f"negative one), got {value!r}")
+        if len(value.lstrip("-")) > _LONGEST:
+            return value[:1].strip("0123456789") + "9" * _LONGEST
     return value
 
 
