@@ -420,6 +420,13 @@ class EnhancedLockingConfig(BaseSettings):
     audit_stdout: Flag = Field(
         True, description="Also print each audit entry as a JSON line on stdout."
     )
+    audit_own_locks: Flag = Field(
+        True,
+        description="Also audit a pull's own lock calls that succeed (an acquire granted, the "
+        "holder's release, a lease refreshed; batches too). false: those are left out of the "
+        "trail and stdout; refusals, force-unlocks, releases by others, a closed pull's "
+        "release and a gone client's give-back are still audited.",
+    )
 
     # --- the HTTP server's limits (docs/11-overload.md) --------------------------------------
     http_max_connections: Integer = Field(

@@ -367,7 +367,10 @@ class Caller:
         repo: str | None = None, pull: int | None = None, reason: str | None = None,
     ) -> None:
         """Write one row to the audit trail. (Built, not validated again: every value is of
-        its field's type already, the identity's and the request's checked as they came in.)"""
+        its field's type already, the identity's and the request's checked as they came in.)
+        Nothing is made for an entry the trail would not keep (:meth:`AuditTrail.keeps`)."""
+        if not self.audit.keeps(verb=verb.value, action=action, outcome=outcome, status=status):
+            return
         await self.audit.record(AuditEntry.recorded(
             time=utcnow(), identity=self.identity.name,
             groups=self.identity.groups, method=self.identity.method, verb=verb.value,

@@ -123,6 +123,7 @@ def create_app(
         audit = AuditTrail(build_audit_store(service.provider.current.config),
                            enabled=lambda: service.provider.current.config.audit,
                            stdout=lambda: service.provider.current.config.audit_stdout,
+                           own_locks=lambda: service.provider.current.config.audit_own_locks,
                            lost=lambda reason, n: counted.audit_lost.labels(reason).inc(n))
     counted.audit_waiting.set_function(audit.waiting)
 

@@ -23,7 +23,7 @@ from typing import IO
 from enhanced_locking.backends.audit_store import AuditQuery, AuditStore, entry_json
 from enhanced_locking.types import AuditEntry, BackendUnavailable
 
-__all__ = ["AuditSink", "AuditTrail", "Lost"]
+__all__ = ["AuditSink", "AuditTrail", "Lost", "own_lock_call"]
 
 log = logging.getLogger(__name__)
 
@@ -33,26 +33,55 @@ AuditSink = Callable[[AuditEntry], None]
 Lost = Callable[[str, int], None]
 """Told of entries the store will not keep: the reason (``refused``, ``dropped``), how many."""
 
+OWN_LOCK_CALLS = frozenset({("acquire", "acquired"), ("acquire-batch", "acquired"),
+                            ("release", "released"), ("refresh", "refreshed")})
+"""A pull's own lock calls that succeed, by action and outcome (with the ``lock`` verb and
+status 200), which ``audit-own-locks=false`` leaves out of the trail; a batch release's outcome
+counts what it freed (:func:`own_lock_call`)."""
+
+
+def own_lock_call(*, verb: str, action: str, outcome: str, status: int) -> bool:
+    """Whether an entry is of a pull's own lock call that succeeded: an acquire granted, the
+    holder's release (one key or a batch, every key reached), a lease refreshed. Everything
+    else (a refusal, a release by someone else, a force-unlock, a closed pull's release, a
+    client gone) is not."""
+    if verb != "lock" or status != 200:
+        return False
+    if action == "release-batch":
+        return outcome.startswith("released ") and "not reached" not in outcome
+    return (action, outcome) in OWN_LOCK_CALLS
+
+
 class AuditTrail:
     """Records entries to the store, stdout and any sinks."""
 
     def __init__(
         self, store: AuditStore, *, enabled: Callable[[], bool] = lambda: True,
         stdout: Callable[[], bool] = lambda: True, stream: IO[str] | None = None,
-        lost: Lost | None = None,
+        lost: Lost | None = None, own_locks: Callable[[], bool] = lambda: True,
     ) -> None:
         self.store = store
         self._lost = lost
         self._dropped = store.dropped
         self._enabled = enabled
+        self._own_locks = own_locks
         self._stdout = stdout
         self._stream = stream
         self.sinks: list[AuditSink] = []
         self.failures = 0
         """Entries the store did not take (they still went to stdout)."""
 
+    def keeps(self, *, verb: str, action: str, outcome: str, status: int) -> bool:
+        """Whether an entry of these would be recorded (asked before one is made): the trail
+        is on, and the entry is not of a pull's own lock call while ``audit-own-locks`` is
+        off."""
+        return self._enabled() and (
+            self._own_locks()
+            or not own_lock_call(verb=verb, action=action, outcome=outcome, status=status))
+
     async def record(self, entry: AuditEntry) -> None:
-        if not self._enabled():
+        if not self.keeps(verb=entry.verb, action=entry.action, outcome=entry.outcome,
+                          status=entry.status):
             return
         try:
             entry = await self.store.append(entry)
