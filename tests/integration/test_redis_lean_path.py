@@ -217,12 +217,37 @@ async def test_an_uncontended_pair_runs_these_commands_in_redis(
     backend: RedisBackend, redis_server: RedisServer,
 ) -> None:
     """What one uncontended pair costs Redis, command by command (each command the lean
-    functions run is one promise: docs/03-redis.md, "Scripts"). A first send for a free key
-    asks in one ``EXISTS`` whether an answer is kept under its call id and whether the key
-    has holders; it then sends no ``GET`` of the call id and no second ``EXISTS``."""
+    functions run is one promise: docs/benchmarks.md, "The commands of an uncontended pair").
+    A first send for a free key asks in one ``EXISTS`` whether an answer is kept under its
+    call id, whether the key has holders and whether the ``queued`` index is there; it then
+    sends no ``GET`` of the call id and no second ``EXISTS``, and, with nobody waiting for
+    any key of the namespace (no index), no ``SISMEMBER`` of the key in it."""
     with redis_server.client() as admin:
         granted, lock = await backend.acquire(lock_for(_request(LEAN)))  # the key's counter
         assert granted and await backend.release(LEAN, owner=OWNER) == lock
+        admin.config_resetstat()
+        granted, lock = await backend.acquire(lock_for(_request(LEAN)))
+        assert granted and lock.fencing_token == 2
+        assert _commands_run(admin) == {
+            "fcall": 1, "exists": 1, "hmget": 1, "incr": 1, "time": 1, "hset": 1, "sadd": 2,
+            "set": 1}
+        admin.config_resetstat()
+        assert await backend.release(LEAN, owner=OWNER) == lock
+        assert _commands_run(admin) == {
+            "fcall": 1, "exists": 1, "hmget": 2, "del": 1, "srem": 2, "set": 1}
+
+
+async def test_an_uncontended_pair_asks_the_queued_index_when_another_key_is_waited_for(
+    backend: RedisBackend, redis_server: RedisServer,
+) -> None:
+    """With the ``queued`` index there (another key of the namespace waited for), the pair
+    asks whether its own key is in it (one ``SISMEMBER`` a call) and is still served lean;
+    a key in the index goes to the full path (``test_a_key_with_waiters_...``)."""
+    keys = backend.keys
+    with redis_server.client() as admin:
+        granted, lock = await backend.acquire(lock_for(_request(LEAN)))  # the key's counter
+        assert granted and await backend.release(LEAN, owner=OWNER) == lock
+        admin.sadd(keys.queued, FULL)  # (an entry of another key: the index is there)
         admin.config_resetstat()
         granted, lock = await backend.acquire(lock_for(_request(LEAN)))
         assert granted and lock.fencing_token == 2
@@ -232,7 +257,9 @@ async def test_an_uncontended_pair_runs_these_commands_in_redis(
         admin.config_resetstat()
         assert await backend.release(LEAN, owner=OWNER) == lock
         assert _commands_run(admin) == {
-            "fcall": 1, "exists": 1, "hmget": 2, "sismember": 1, "del": 1, "srem": 2, "set": 1}
+            "fcall": 1, "exists": 1, "hmget": 2, "sismember": 1, "del": 1, "srem": 2,
+            "set": 1}
+        assert admin.smembers(keys.queued) == {FULL.encode()}  # (the lean path prunes nothing)
 
 
 async def test_a_lean_call_is_sent_as_hiredis_packs_its_arguments(

@@ -15,12 +15,13 @@
 --          store lost its data: `guard`); nothing was written or kept, and the caller
 --          sends the call to acquire.lua in full
 -- decoded by redis_replies.acquire / redis_replies.full
--- (one EXISTS first: nothing kept under the call id, no lock, no shared holders; then neither
--- `guard` nor `grant_free` asks again)
-local free = lean_absent(KEYS[7], KEYS[6])
+-- (one EXISTS first: nothing kept under the call id, no lock, no shared holders, and whether
+-- anyone in the namespace waits; then neither `guard` nor `grant_free` asks again, and
+-- `grant_free` asks whether anyone waits for this key only if the `queued` index is there)
+local free, unqueued = lean_absent(KEYS[7], KEYS[6])
 local refused = guard(free)
 if refused then return refused end
 if #ARGV ~= 8 then return {'full'} end
 local ttl = ARGV[2] == '0' and 0 or tonumber(ARGV[2])  -- (most grants have no lease)
 return grant_free(ARGV[3], ARGV[4], ARGV[5], ARGV[6], ttl, ARGV[7], ARGV[8],
-                  KEYS[6], KEYS[7], KEYS[8], KEYS[9], free) or {'full'}
+                  KEYS[6], KEYS[7], KEYS[8], KEYS[9], free, unqueued) or {'full'}

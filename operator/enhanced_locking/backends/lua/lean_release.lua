@@ -14,11 +14,12 @@
 --          lock is not the owner's, the store lost its data); nothing was written or kept,
 --          and the caller sends the call to release.lua in full
 -- decoded by redis_replies.release / redis_replies.full
--- (one EXISTS first: nothing kept under the call id, no shared holders; then neither `guard`
--- nor `release_own` asks again)
-local unshared = lean_absent(KEYS[7])
+-- (one EXISTS first: nothing kept under the call id, no shared holders, and whether anyone in
+-- the namespace waits; then neither `guard` nor `release_own` asks again, and `release_own`
+-- asks whether anyone waits for this key only if the `queued` index is there)
+local unshared, unqueued = lean_absent(KEYS[7])
 local refused = guard(unshared)
 if refused then return refused end
 if #ARGV ~= 5 or ARGV[3] == '' then return {'full'} end
-return release_own(ARGV[2], ARGV[3], ARGV[4], KEYS[6], KEYS[7], KEYS[8], ARGV[5], unshared)
-  or {'full'}
+return release_own(ARGV[2], ARGV[3], ARGV[4], KEYS[6], KEYS[7], KEYS[8], ARGV[5], unshared,
+                   unqueued) or {'full'}

@@ -342,16 +342,26 @@ local function guard(unsent)
   return nil
 end
 
--- The lean functions' first read: one EXISTS of the call id's kept answer and of the key's
--- holders' hashes (the shared holders', and the lock's when given). On a first send for a
--- free key, nearly every lean call, none of them is there, and the call sends neither the
--- GET of its call id (`guard`) nor the EXISTS of the holders (`grant_free`, `release_own`):
--- one command a call instead of two. Anything found (a retry, a key held, an answer written
--- over by something else) sends the call down the usual reads, in their usual order, which
--- tell the cases apart as before.
+-- The lean functions' first read: one EXISTS of the call id's kept answer, of the key's
+-- holders' hashes (the shared holders', and the lock's when given) and of the `queued` index.
+-- On a first send for a free key, nearly every lean call, none of the first ones is there,
+-- and the call sends neither the GET of its call id (`guard`) nor the EXISTS of the holders
+-- (`grant_free`, `release_own`): one command a call instead of two. Anything found (a retry,
+-- a key held, an answer written over by something else) sends the call down the usual reads,
+-- in their usual order, which tell the cases apart as before.
+-- The index is named once more than the other names together (4 times beside 3 names, 3
+-- beside 2), so the count says both: it adds that many when the index is there, the others
+-- at most one fewer. With no key of the namespace waited for (no index: Redis deletes an
+-- empty set, and `queue_left` takes out a key whose last waiter left), nobody waits for this
+-- key either and its SISMEMBER (`maybe_queued`) is not sent; else it is, as before. The two
+-- answers: nothing kept and no holder; the `queued` index absent.
 local function lean_absent(shared_hash, lock_hash)
-  if lock_hash then return CALL('EXISTS', OP, lock_hash, shared_hash) == 0 end
-  return CALL('EXISTS', OP, shared_hash) == 0
+  if lock_hash then
+    local n = CALL('EXISTS', OP, lock_hash, shared_hash, QUEUED, QUEUED, QUEUED, QUEUED)
+    return n % 4 == 0, n < 4
+  end
+  local n = CALL('EXISTS', OP, shared_hash, QUEUED, QUEUED, QUEUED)
+  return n % 3 == 0, n < 3
 end
 
 -- A reply as Redis answers it: each table's list part only. (A row may carry marks of its
@@ -1973,9 +1983,10 @@ end
 -- function LEAN_ACQUIRE takes them by position in its KEYS and forms none: forming and
 -- checking each name cost more than a tenth of its call.
 local function grant_free(k, data, repo, pull, ttl, path, ws, lock_hash, shared_hash, counter,
-                          pull_set, free)
+                          pull_set, free, unqueued)
   if not (lock_hash and shared_hash and counter and pull_set) then return nil end
-  if maybe_queued(k) then return nil end
+  -- (`unqueued`: the caller found no `queued` index (`lean_absent`))
+  if not unqueued and maybe_queued(k) then return nil end
   -- (`free`: the caller found neither hash (`lean_absent`))
   if not free and CALL('EXISTS', lock_hash, shared_hash) > 0 then return nil end
   fetched[k] = {lock = false}  -- known free (the grant reads nothing more of its holders)
@@ -1999,9 +2010,10 @@ end
 -- data the caller believes stored: the key's lock as it last read or made it). nil when it
 -- cannot serve the call (nothing written). The names are given as to `grant_free`: RELEASE's
 -- lean path looks them up (`lean_release`), LEAN_RELEASE takes them by position.
-local function release_own(k, repo, pull, lock_hash, shared_hash, pull_set, sent, unshared)
+local function release_own(k, repo, pull, lock_hash, shared_hash, pull_set, sent, unshared,
+                           unqueued)
   if not (lock_hash and shared_hash and pull_set) then return nil end
-  if maybe_queued(k) then return nil end
+  if not unqueued and maybe_queued(k) then return nil end  -- (`unqueued`: as in `grant_free`)
   -- (the row as stored: this path reads neither its path nor its workspace)
   local lock = lock_row(k, lock_hash)
   if not lock or lock.bad or lapsed(lock) or not same_owner(lock, repo, pull) then
