@@ -671,6 +671,36 @@ async def test_a_burst_of_events_is_appended_in_order_each_as_its_json_made_once
         await direct.close()
 
 
+async def test_a_write_trims_the_stream_by_its_last_xadd_without_an_xtrim(
+    redis_server: RedisServer,
+) -> None:
+    # Each write of the outbox is one XADD an event, its last one trimming the stream to
+    # about the capacity (MAXLEN ~), and no XTRIM of its own: one command a write fewer.
+    config = redis_config(redis_server)
+    direct = connect(config)
+    bus = RedisEventBus(connect(config), stream=f"{config.redis_key_prefix}events-xtrim",
+                        capacity=50)
+    admin = direct.client
+    try:
+        for burst in range(6):  # (bursts below the capacity, which the outbox holds too)
+            await admin.config_resetstat()
+            for n in range(40):
+                bus.publish("fallback", key=f"k{burst}-{n}", action="legacy", error="test")
+            await bus._outbox.drained(10)
+            stats: Any = await admin.info("commandstats")
+            assert "cmdstat_xtrim" not in stats, stats
+            assert int(stats["cmdstat_xadd"]["calls"]) == 40, stats
+            # Whole nodes of at most 100 entries go: up to 99 more than the capacity stay.
+            assert min(50, 40 * (burst + 1)) <= await admin.xlen(bus.stream_key) < 150
+        keys = await _keys(admin, bus)
+        published = [f"k{burst}-{n}" for burst in range(6) for n in range(40)]
+        assert len(keys) < len(published) and keys == published[-len(keys):]
+        assert bus.dropped == 0
+    finally:
+        await bus.close()
+        await direct.close()
+
+
 def request_lock(pull: int) -> Lock:
     candidate = Candidate.of_request(request_for(pull=pull), priority=Priority.NORMAL)
     return candidate.granted(acquired_at=utcnow(), expires_at=None, fencing_token=pull)

@@ -8,8 +8,9 @@ that reconnects to another replica with ``Last-Event-ID`` resumes where it was.
 * ``publish`` is the shared one (:mod:`~enhanced_locking.backends.shared_events`): the outbox
   is appended up to 10 ms later (``coalesce``), one ``XADD`` an event, the events of those
   10 ms in one script call (one round trip), and the stream trimmed to about ``capacity``
-  entries by one ``XTRIM`` at the end of the same write (not by each ``XADD``: three arguments
-  fewer an event for Redis to read, one look at the stream's length a write). The script
+  entries by the write's last ``XADD`` (``MAXLEN ~``; not by each ``XADD``: three arguments
+  fewer an event for Redis to read, one look at the stream's length a write; nor by an
+  ``XTRIM`` of its own: one command a write fewer). The script
   appends a write once however often it is sent (:meth:`RedisEventBus._append`): one whose
   answer was lost, sent again, appends nothing. Subscribers in the
   process hear of an event at once; only other replicas' followers see it that much later.
@@ -166,9 +167,9 @@ class RedisEventBus(SharedEventBus):
         """``batch`` appended once under ``tag`` (:meth:`SharedEventBus._once`): one script
         call, one round trip (``lua/standalone/append_events.lua``): unless this process's
         writer key holds ``tag`` (an earlier attempt was run, its answer lost), ``XADD key *
-        e <event JSON>`` each, the stream trimmed to about capacity (``XTRIM key MAXLEN ~
-        capacity``: whole nodes of the stream go), and the writer key set to ``tag`` for
-        ``WRITER_TTL`` seconds."""
+        e <event JSON>`` each, the stream trimmed to about capacity by the last (``XADD key
+        MAXLEN ~ capacity * e <event JSON>``: whole nodes of the stream go), and the writer
+        key set to ``tag`` for ``WRITER_TTL`` seconds."""
         stream = self.stream_key
         args: list[bytes | int] = [tag, self.capacity, WRITER_TTL,
                                    *(item.json() for item in batch)]

@@ -9,10 +9,18 @@
 -- ARGV[3] seconds the writer key is kept after the write
 -- ARGV[4..] the events, one JSON each
 -- returns 1 when appended, 0 when the tag was there (appended by an earlier attempt)
+-- The stream is trimmed by the write's last XADD (MAXLEN ~, which Redis applies after adding
+-- the entry, as an XTRIM after it would): one command a write fewer than an XTRIM of its own,
+-- and one look at the stream's length a write, not one an event.
 if redis.call('GET', KEYS[2]) == ARGV[1] then return 0 end
-for i = 4, #ARGV do
+local last = #ARGV
+for i = 4, last - 1 do
   redis.call('XADD', KEYS[1], '*', 'e', ARGV[i])
 end
-redis.call('XTRIM', KEYS[1], 'MAXLEN', '~', ARGV[2])
+if last >= 4 then
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[last])
+else
+  redis.call('XTRIM', KEYS[1], 'MAXLEN', '~', ARGV[2])
+end
 redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[3])
 return 1
