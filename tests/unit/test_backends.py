@@ -720,12 +720,12 @@ async def test_a_version_2_store_is_migrated_in_place_and_its_floor_then_stays_a
     backend = EmbeddedBackend(path)
     try:
         with contextlib.closing(sqlite3.connect(path)) as db:
-            assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+            assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
             triggers = dict(db.execute(
                 "SELECT name, sql FROM sqlite_master WHERE name LIKE 'fencing_floor_on_%'"))
         assert set(triggers) == {"fencing_floor_on_insert", "fencing_floor_on_update"}
-        assert all(f"NEW.counter + {FLOOR_AHEAD - 1}" in sql for sql in triggers.values())
-        assert _floor(path) == FLOOR_AHEAD, "the floor kept, at least at its stretch's end"
+        assert all(f"NEW.counter + {FLOOR_AHEAD}" in sql for sql in triggers.values())
+        assert _floor(path) == 20, "the floor is kept as it was"
         assert await backend.get(held.key) == held
         assert (await backend.export())[1] == {held.key: 7, released_key: 12}
         await backend.release(held.key)
@@ -737,118 +737,6 @@ async def test_a_version_2_store_is_migrated_in_place_and_its_floor_then_stays_a
         assert _floor(path) >= new_key.fencing_token
     finally:
         await backend.close()
-
-
-VERSION_3_FLOOR = f"""
-CREATE TRIGGER fencing_floor_on_insert AFTER INSERT ON locks
-WHEN NEW.counter > (SELECT value FROM meta WHERE name = 'token_floor') BEGIN
-    UPDATE meta SET value = NEW.counter + {FLOOR_AHEAD} WHERE name = 'token_floor';
-END;
-CREATE TRIGGER fencing_floor_on_update AFTER UPDATE OF counter ON locks
-WHEN NEW.counter > (SELECT value FROM meta WHERE name = 'token_floor') BEGIN
-    UPDATE meta SET value = NEW.counter + {FLOOR_AHEAD} WHERE name = 'token_floor';
-END;
-CREATE TRIGGER fencing_lost_on_delete AFTER DELETE ON locks
-WHEN OLD.counter > (SELECT value FROM meta WHERE name = 'lost_floor') BEGIN
-    UPDATE meta SET value = OLD.counter WHERE name = 'lost_floor';
-END;
-"""
-"""Version 3's floor triggers (its tables are version 2's): the floor at least every token,
-moved to a token plus FLOOR_AHEAD when a token passes it."""
-
-
-def _version_3_file(path: Path, *, floor: int) -> None:
-    with contextlib.closing(sqlite3.connect(path)) as db:
-        db.executescript(VERSION_2.split("CREATE TRIGGER")[0] + VERSION_3_FLOOR)
-        db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-        db.execute("PRAGMA user_version = 3")
-        db.executemany("INSERT INTO meta VALUES (?, ?)",
-                       [("token_floor", floor), ("lost_floor", 0), ("changes:legacy", 1)])
-        db.commit()
-
-
-async def _token_after_losing_rows(path: Path, *statements: str, key_path: str = "a") -> int:
-    """The first token a store opened anew hands out for ``key_path`` after ``statements``
-    (run by another writer while no service has the file open) lost rows."""
-    with contextlib.closing(sqlite3.connect(path)) as db:
-        for statement in statements:
-            db.execute(statement)
-        db.commit()
-    reopened = EmbeddedBackend(path)
-    try:
-        _, fresh = await reopened.acquire(lock_for(request_for(path=key_path, pull=1)))
-    finally:
-        await reopened.close()
-    return fresh.fencing_token
-
-
-async def test_a_version_3_store_is_migrated_and_its_floor_then_covers_every_token(
-    data_dir: Path,
-) -> None:
-    # Version 3 kept the floor at least every token, not at the stretch's end: its floor can
-    # equal a key's counter, and a counter rising by one within a stretch no longer moves the
-    # floor. The opening moves it to the end of the highest counter's stretch.
-    path = data_dir / "enhanced-locking.db"
-    _version_3_file(path, floor=1500)
-    held = lock_for(request_for(path="a", pull=1)).model_copy(update={"fencing_token": 1500})
-    with contextlib.closing(sqlite3.connect(path)) as db:
-        db.execute("INSERT INTO locks VALUES ('enhanced', ?, ?, ?, ?, 1500, 1)", (
-            held.key, held.project.repo_full_name, held.pull.num, codec.encode(held)))
-        db.commit()
-    assert _floor(path) == 1500, "version 3's floor: the highest token, not ahead of it"
-
-    backend = EmbeddedBackend(path)
-    tokens = []
-    try:
-        with contextlib.closing(sqlite3.connect(path)) as db:
-            assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
-            triggers = dict(db.execute(
-                "SELECT name, sql FROM sqlite_master WHERE name LIKE 'fencing_floor_on_%'"))
-        assert "SELECT" not in triggers["fencing_floor_on_update"], "a grant reads no table"
-        assert _floor(path) == 2000, "the floor at the end of the highest counter's stretch"
-        assert await backend.get(held.key) == held
-        await backend.release(held.key)
-        for pull in range(2, 2 + 2 * FLOOR_AHEAD):
-            granted, lock = await backend.acquire(lock_for(request_for(path="a", pull=pull)))
-            assert granted
-            tokens.append(lock.fencing_token)
-            assert lock.fencing_token <= _floor(path) <= lock.fencing_token + FLOOR_AHEAD
-            await backend.release(lock.key)
-    finally:
-        await backend.close()
-    assert tokens == list(range(1501, 1501 + 2 * FLOOR_AHEAD)), "a key's tokens rise by one"
-    fresh = await _token_after_losing_rows(
-        path, "DELETE FROM locks",  # every counter row lost, and the record of their deletion
-        "UPDATE meta SET value = 0 WHERE name = 'lost_floor'")
-    assert fresh > max(tokens), "a lost row never hands a token out again"
-
-
-async def test_a_counter_moved_by_hand_moves_the_floor_past_it(data_dir: Path) -> None:
-    # Whoever writes the file (the sqlite3 shell here) runs the triggers: a counter that jumps,
-    # or a row written with a counter of its own, moves the floor to its stretch's end.
-    path = data_dir / "enhanced-locking.db"
-    backend = EmbeddedBackend(path)
-    try:
-        _, lock = await backend.acquire(lock_for(request_for(path="a")))
-        await backend.release(lock.key)
-        assert lock.fencing_token == 1 and _floor(path) == FLOOR_AHEAD
-        with contextlib.closing(sqlite3.connect(path)) as db:
-            db.execute("UPDATE locks SET counter = 5555 WHERE key = ?", (lock.key,))
-            db.commit()
-        assert _floor(path) == 6000
-        with contextlib.closing(sqlite3.connect(path)) as db:
-            db.execute("INSERT INTO locks VALUES ('enhanced', 'b', '', 0, '', 7001, 0)")
-            db.execute("UPDATE locks SET counter = counter + 1 WHERE key = 'b'")  # 7002
-            db.commit()
-        assert _floor(path) == 8000
-        _, again = await backend.acquire(lock_for(request_for(path="a", pull=2)))
-        assert again.fencing_token == 5556
-    finally:
-        await backend.close()
-    fresh = await _token_after_losing_rows(
-        path, "DROP TRIGGER fencing_lost_on_delete",  # a deletion nobody recorded
-        "DELETE FROM locks")
-    assert fresh > 7002, "the floor alone keeps a lost row's tokens"
 
 
 async def test_a_file_of_a_newer_layout_is_refused_and_left_as_it_was(data_dir: Path) -> None:
@@ -894,6 +782,12 @@ async def test_the_fencing_floor_stays_ahead_of_every_token_and_is_written_once_
     assert tokens == list(range(1, len(tokens) + 1)), "a key's own tokens rise by one"
     assert len(floors) == 3, "the floor moved once per FLOOR_AHEAD grants, not on each"
 
-    fresh = await _token_after_losing_rows(path, "DELETE FROM locks",  # every counter row lost
-                                           key_path="hot")
-    assert fresh > max(tokens), "a lost row never hands a token out again"
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("DELETE FROM locks")  # every counter row lost
+        db.commit()
+    reopened = EmbeddedBackend(path)
+    try:
+        _, fresh = await reopened.acquire(lock_for(request_for(path="hot", pull=1)))
+        assert fresh.fencing_token > max(tokens), "a lost row never hands a token out again"
+    finally:
+        await reopened.close()

@@ -32,11 +32,9 @@ decides again, as it did before.
 
 Schema versions (``PRAGMA user_version``): 0 had the counters in a ``fencing`` table of their
 own beside ``locks``; 2 is the layout below with a fencing floor that followed every token
-exactly; 3 keeps the floor ahead (see :data:`FLOOR_AHEAD`); 4 keeps it at the end of the
-token's stretch, so that a grant's trigger decides without reading the floor (see
-:data:`SCHEMA`). A file of an older version is migrated in place when it is opened (one
-transaction; held locks, counters and the fencing floor kept); a file of a newer version is
-refused (:func:`_refuse_newer`).
+exactly; 3 keeps the floor ahead (see :data:`FLOOR_AHEAD`). A file of an older version is
+migrated in place when it is opened (one transaction; held locks, counters and the fencing
+floor kept).
 
 The legacy side's change counter: the router asks the legacy side about every key it grants on
 the enhanced side, before and after the grant, and releases there too (a key is never held on
@@ -87,28 +85,20 @@ __all__ = ["EmbeddedBackend", "open_database"]
 
 _DECODED_KEYS = 4096
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 3
 """``PRAGMA user_version`` of the layout below (0: counters in a table of their own; 2: the
-fencing floor written on every grant; 3: the floor read by every grant's trigger)."""
+fencing floor written on every grant)."""
 
 FLOOR_AHEAD = 1000
-"""The length of the stretches of tokens the fencing floor moves by: it is kept at least at the
-end of the stretch of every token the file handed out (tokens 1 to 1000 the first stretch,
-1001 to 2000 the next).
+"""How far ahead of the highest token the fencing floor is set when a token passes it.
 
 The floor must be at least every token the file handed out (a lost row then starts above them
 all), not equal to the highest: a floor that followed every token wrote a second table, and so
 a second page of the write-ahead log, on every grant (about 15 % of the two statements of an
-acquire and its release). Kept at the stretch's end, it is written once every ``FLOOR_AHEAD``
-grants of the busiest key, and a grant's trigger tells from the token alone whether to move it
-(the token starts a stretch, or jumped), without reading it. What a user sees: a key first taken
-after the file is reopened starts at the floor plus one, up to ``FLOOR_AHEAD`` above the highest
-token handed out (tokens promise to rise per key, nothing about their gaps); a key's own tokens
-still rise by one."""
-
-_STRETCH_END = f"(NEW.counter + {FLOOR_AHEAD - 1}) / {FLOOR_AHEAD} * {FLOOR_AHEAD}"
-"""The end of the stretch of a row's new counter (integer division): what the floor is kept at
-least at."""
+acquire and its release). Kept ahead, it is written once every ``FLOOR_AHEAD`` grants of the
+busiest key. What a user sees: a key first taken after the file is reopened starts at the floor
+plus one, up to ``FLOOR_AHEAD`` above the highest token handed out (tokens promise to rise per
+key, nothing about their gaps); a key's own tokens still rise by one."""
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS locks (
@@ -120,31 +110,25 @@ SCHEMA = (
         ns TEXT NOT NULL, key TEXT NOT NULL, repo TEXT NOT NULL, pull INTEGER NOT NULL,
         data TEXT NOT NULL, token INTEGER NOT NULL, PRIMARY KEY (ns, key, repo, pull))""",
     "CREATE INDEX IF NOT EXISTS shared_by_pull ON shared_locks (ns, repo, pull)",
-    f"""CREATE TRIGGER IF NOT EXISTS fencing_floor_on_insert AFTER INSERT ON locks BEGIN
-        UPDATE meta SET value = max(value, {_STRETCH_END}) WHERE name = 'token_floor';
+    f"""CREATE TRIGGER IF NOT EXISTS fencing_floor_on_insert AFTER INSERT ON locks
+    WHEN NEW.counter > (SELECT value FROM meta WHERE name = 'token_floor') BEGIN
+        UPDATE meta SET value = NEW.counter + {FLOOR_AHEAD} WHERE name = 'token_floor';
     END""",
     f"""CREATE TRIGGER IF NOT EXISTS fencing_floor_on_update AFTER UPDATE OF counter ON locks
-    WHEN NEW.counter % {FLOOR_AHEAD} = 1 OR NEW.counter > OLD.counter + 1 BEGIN
-        UPDATE meta SET value = max(value, {_STRETCH_END}) WHERE name = 'token_floor';
+    WHEN NEW.counter > (SELECT value FROM meta WHERE name = 'token_floor') BEGIN
+        UPDATE meta SET value = NEW.counter + {FLOOR_AHEAD} WHERE name = 'token_floor';
     END""",
     """CREATE TRIGGER IF NOT EXISTS fencing_lost_on_delete AFTER DELETE ON locks
     WHEN OLD.counter > (SELECT value FROM meta WHERE name = 'lost_floor') BEGIN
         UPDATE meta SET value = OLD.counter WHERE name = 'lost_floor';
     END""",
 )
-"""The layout of version 4, each statement idempotent. ``meta.token_floor`` is at least the
-end of the stretch (:data:`FLOOR_AHEAD`) of every token the file ever handed out, so a lost row
-never hands a token out again. A new row moves it (rare: a key's first grant); a row's counter
-moves it only when the counter starts a stretch (``% FLOOR_AHEAD = 1``) or jumps (by more than
-one: a migration, an import, a hand's edit), for a counter that rose by one within a stretch is
-under the floor already (its stretch's end is its last value's). A counter that falls (by hand)
-is under it too. So the common grant's trigger reads no table: version 3's compared every new
-counter with the floor (about 3.3k instructions of an acquire and its release's 195k,
-counted). Opening a file (of any version) sets the floor at least at the stretch's end of its
-highest counter: an older version's floor was only at least the counter, and this version's
-triggers start from the stretch's end. ``meta.lost_floor`` is the highest counter of a row
-deleted (by hand: the service never deletes one) since the file was made: a service that
-opened the file before then starts a new row above it (see :data:`_FIRST_TOKEN`)."""
+"""The layout of version 3, each statement idempotent. ``meta.token_floor`` is at least the
+highest token the file ever handed out (the triggers keep it :data:`FLOOR_AHEAD` ahead when a
+token passes it), so a lost row never hands a token out again. ``meta.lost_floor`` is the
+highest counter of a row deleted (by hand: the service never deletes one) since the file was
+made: a service that opened the file before then starts a new row above it (see
+:data:`_FIRST_TOKEN`)."""
 
 _FIRST_TOKEN = "max({}, coalesce((SELECT value FROM meta WHERE name = 'lost_floor'), 0) + 1)"
 """The token of a key's new row: the floor as read when the file was opened plus one (the
@@ -152,12 +136,11 @@ parameter put in ``{}``), or one above the highest counter of a row deleted, whi
 higher. A service keeps the floor it read when it opened the file, and a row deleted while it
 runs would otherwise start again below the tokens the key had."""
 
-MIGRATE_FLOOR = (
+MIGRATE_FROM_2 = (
     "DROP TRIGGER IF EXISTS fencing_floor_on_insert",
     "DROP TRIGGER IF EXISTS fencing_floor_on_update",
 )
-"""Versions 2 and 3 to 4: the floor's triggers of the older version go; :data:`SCHEMA` makes
-version 4's (and the opening sets the floor at its stretch's end)."""
+"""Version 2 to 3: the floor's triggers of version 2 go; :data:`SCHEMA` makes version 3's."""
 
 COUNTED = ("legacy",)
 """Namespaces whose changes the file counts (see the module's docstring): the side that other
@@ -356,9 +339,8 @@ def open_database(
     send fencing tokens back to 1.
 
     The fencing floor (``meta.token_floor``): a key's first token is the floor (as read when
-    the file is opened) plus one, and triggers keep the floor at least at the highest token the
-    file ever handed out (at its stretch's end: :data:`SCHEMA`), so a lost counter row never
-    hands a token out again. A new file starts
+    the file is opened) plus one, and triggers keep the floor at the highest token the file
+    ever handed out, so a lost counter row never hands a token out again. A new file starts
     at 0; an emptied file that is initialised starts from the clock (milliseconds times 1000,
     above any token handed out before, as the Redis store's new epoch does).
 
@@ -464,8 +446,8 @@ def _open(
             (start,))
         if version < 2 and "locks" in tables:
             _migrate_from_0(connection, tables)
-        if version < 4:
-            for statement in MIGRATE_FLOOR:
+        if version < 3:
+            for statement in MIGRATE_FROM_2:
                 connection.execute(statement)
         for statement in SCHEMA + COUNTING:
             connection.execute(statement)
@@ -477,9 +459,9 @@ def _open(
             connection.execute(
                 "INSERT INTO meta (name, value) VALUES (?, ?) ON CONFLICT DO NOTHING",
                 (_changes_row(namespace), int(clock().timestamp() * 1_000_000)))
-        connection.execute(  # the stretch's end of the highest counter (see SCHEMA)
-            "UPDATE meta SET value = max(value, ((SELECT coalesce(max(counter), 0) FROM locks) "
-            f"+ {FLOOR_AHEAD - 1}) / {FLOOR_AHEAD} * {FLOOR_AHEAD}) WHERE name = 'token_floor'")
+        connection.execute(
+            "UPDATE meta SET value = max(value, (SELECT coalesce(max(counter), 0) FROM locks)) "
+            "WHERE name = 'token_floor'")
         connection.execute(f"PRAGMA application_id = {APPLICATION_ID}")
         connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         connection.execute("COMMIT")
