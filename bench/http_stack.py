@@ -75,6 +75,11 @@ per pair, beside the block's CPU per pair (which the timing itself adds a little
 statement served between the Python of requests costs several times what it costs run back to
 back (``bench/sqlite_batching.py``). Printed, not written.
 
+The product's settings (``--setting NAME=VALUE``, repeated; a setting's YAML key without its
+``enhanced-locking-`` prefix, e.g. ``audit-own-locks=false``): the served product runs with
+them in every mode but the table's (which measures the service as shipped), so that what a
+setting costs is measured the same way as the code: ``--count``, ``--split``, ``--sample``.
+
 Usage: python bench/http_stack.py [--pairs 1500] [--rounds 3] [--handoffs 200] [--no-write]
        python bench/http_stack.py --steps 200
        python bench/http_stack.py --sample --pairs 8000 [--clients 32] [--top 8]
@@ -83,6 +88,7 @@ Usage: python bench/http_stack.py [--pairs 1500] [--rounds 3] [--handoffs 200] [
        python bench/http_stack.py --statements [--pairs 4800]
        python bench/http_stack.py --count product --pairs 200 [--clients 1] [--profile FILE]
                                   [--audit-window 0.4]
+       python bench/http_stack.py --count product --setting audit-own-locks=false
 """
 
 from __future__ import annotations
@@ -168,7 +174,8 @@ def noop_app() -> FastAPI:
 
 def serve(kind: str, port: int, loop: str, http: str, data_dir: str,
           audit_window: float | None = None, sample_out: str | None = None,
-          collections_out: str | None = None, statements_out: str | None = None) -> None:
+          collections_out: str | None = None, statements_out: str | None = None,
+          settings: tuple[str, ...] = ()) -> None:
     import uvicorn
 
     if sample_out is not None:
@@ -181,7 +188,7 @@ def serve(kind: str, port: int, loop: str, http: str, data_dir: str,
     from enhanced_locking.api import server as server_limits
     from enhanced_locking.config import EnhancedLockingConfig
 
-    config = EnhancedLockingConfig(enabled=True, data_dir=data_dir)
+    config = EnhancedLockingConfig(enabled=True, data_dir=data_dir, **product_settings(settings))
     app: Any
     if kind == "noop":
         app = noop_app()
@@ -199,6 +206,23 @@ def serve(kind: str, port: int, loop: str, http: str, data_dir: str,
     protocol: Any = server_limits.guarded_protocol(config) if http == "httptools" else http
     uvicorn.run(app, host=LOOPBACK, port=port, log_level="warning", loop=loop, http=protocol,
                 lifespan="on")
+
+
+def product_settings(settings: tuple[str, ...]) -> dict[str, str]:
+    """``--setting NAME=VALUE`` options as the config model's fields and their texts (checked
+    by the model as an environment variable's would be)."""
+    fields = {}
+    for setting in settings:
+        name, equals, value = setting.partition("=")
+        if not equals:
+            raise SystemExit(f"--setting {setting!r}: expected NAME=VALUE")
+        fields[name.removeprefix("enhanced-locking-").replace("-", "_")] = value
+    return fields
+
+
+PRODUCT_SETTINGS: list[str] = []
+"""The ``--setting`` options of this run, handed to every product server it starts but the
+table's (see the module's docstring)."""
 
 
 # --- where a hand-off's time goes (run as ``--serve traced``) ---------------------------------
@@ -352,6 +376,8 @@ def server(kind: str, loop: str, http: str, work: Path,
     """The ``kind`` server on its own port, run under the command ``under`` if given, with
     ``options`` added to its command line."""
     port = free_port()
+    if kind != "noop":
+        options = (*options, *(f"--setting={setting}" for setting in PRODUCT_SETTINGS))
     data = work / f"{kind}-{loop}-{http}"
     data.mkdir(parents=True, exist_ok=True)
     process = subprocess.Popen(
@@ -1125,6 +1151,9 @@ def main() -> None:
     parser.add_argument("--audit-window", type=float, metavar="SECONDS",
                         help="with --count: the product's audit write-behind window (0.4: "
                              "about as many entries per commit as at full speed)")
+    parser.add_argument("--setting", action="append", default=[], metavar="NAME=VALUE",
+                        help="a setting of the served product (not in the table's run), e.g. "
+                        "audit-own-locks=false; repeat for more")
     parser.add_argument("--serve", choices=("noop", "product", "traced"), help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--loop", default="asyncio", help=argparse.SUPPRESS)
@@ -1135,9 +1164,11 @@ def main() -> None:
     parser.add_argument("--statements-out", help=argparse.SUPPRESS)
     quick_defaults(parser, pairs=640, rounds=2, handoffs=50)
     args = parser.parse_args()
+    PRODUCT_SETTINGS.extend(args.setting)
     if args.serve:
         serve(args.serve, args.port, args.loop, args.http, args.data_dir, args.audit_window,
-              args.sample_out, args.collections_out, args.statements_out)
+              args.sample_out, args.collections_out, args.statements_out,
+              tuple(args.setting))
         return
     if args.collections:
         print(collections_report(args.pairs, args.clients))
@@ -1164,6 +1195,9 @@ def main() -> None:
         for label, seconds in found:
             print(f"| {label} | {seconds * 1000:.2f} |")
         return
+    if args.setting:
+        parser.error("--setting is for the modes that measure one case (--count, --split, "
+                     "--sample, ...), not the table's run, which measures the service as shipped")
     stacks = STACKS if args.stacks == "all" else tuple(
         tuple(name.split("-")) for name in args.stacks.split(","))
     if SERVICE_STACK not in stacks and not args.no_write:
