@@ -78,6 +78,11 @@ SEVERAL_REPLICAS_SET_THEIR_PEERS = (
     "config.enhanced-locking-peers would be ignored with replicaCount above 1 (the Deployment "
     "sets it to the headless Service of the replicas): leave it out"
 )
+SEVERAL_REPLICAS_NAME_THEMSELVES = (
+    "config.enhanced-locking-replica-id would name every replica alike with replicaCount above "
+    "1 (one name per process: the replica registry, the Lease's holder, the waiters' liveness): "
+    "leave it out, each pod then takes its own name and a suffix"
+)
 ROOT_RULES: list[dict[str, Any]] = [
     {
         "if": {"allOf": [
@@ -97,12 +102,16 @@ ROOT_RULES: list[dict[str, Any]] = [
         ]},
         "then": {"required": [SEVERAL_REPLICAS_NEED_SHARED_STORES]},
     },
-    {
-        "if": {"properties": {"replicaCount": {"minimum": 2},
-                              "config": {"required": ["enhanced-locking-peers"]}},
-               "required": ["replicaCount", "config"]},
-        "then": {"required": [SEVERAL_REPLICAS_SET_THEIR_PEERS]},
-    },
+    *(
+        {
+            "if": {"properties": {"replicaCount": {"minimum": 2},
+                                  "config": {"required": [key]}},
+                   "required": ["replicaCount", "config"]},
+            "then": {"required": [why]},
+        }
+        for key, why in (("enhanced-locking-peers", SEVERAL_REPLICAS_SET_THEIR_PEERS),
+                         ("enhanced-locking-replica-id", SEVERAL_REPLICAS_NAME_THEMSELVES))
+    ),
     *(
         {
             "if": {"properties": {"config": {"required": [key]}}, "required": ["config"]},

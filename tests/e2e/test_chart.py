@@ -1179,6 +1179,21 @@ def test_several_replicas_refuse_peers_in_config_naming_the_setting(helm: Helm) 
     assert not [a for a in container["args"] if a.startswith("--enhanced-locking-peers")]
 
 
+
+def test_several_replicas_refuse_one_replica_id_in_config_naming_the_setting(helm: Helm) -> None:
+    """``config`` is one file every replica reads: an ``enhanced-locking-replica-id`` there
+    would give all replicas one name (one per process, docs/02-migration.md: the registry, the
+    Lease's holder, the waiters' liveness), so with several replicas the values schema refuses
+    it; one replica takes it."""
+    same = ("--set", "config.enhanced-locking-replica-id=el")
+    result = helm.run("template", "t", str(CHART_DIR), *SHARED_STORES, *same, check=False)
+    assert result.returncode != 0
+    assert ("config.enhanced-locking-replica-id would name every replica alike with "
+            "replicaCount above 1") in result.stderr, result.stderr
+    (configmap,) = [o for o in of_kind(helm.template(*same), "ConfigMap")
+                    if "config.yaml" in o["data"]]
+    assert "enhanced-locking-replica-id: el" in configmap["data"]["config.yaml"]
+
 def _serve_locks(url: str, name: str, pull: int, history: History, stop: threading.Event,
                  counts: collections.Counter[str]) -> None:
     """Lock one of four keys, hold it a moment, release; until ``stop``."""
