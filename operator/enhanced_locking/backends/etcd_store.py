@@ -485,9 +485,11 @@ class _Queues:
         held = txn.queues.get(key)
         if held is None:
             waiters = []
-            for kv in txn.scan(self._b.queue_prefix(key)).values():
+            for name, kv in txn.scan(self._b.queue_prefix(key)).items():
                 if kv.value is not None:
-                    waiters.append(self._b.waiter_from(kv, txn))
+                    waiter = self._b.readable_waiter(name, kv, txn)
+                    if waiter is not None:  # one that does not read is passed over
+                        waiters.append(waiter)
             txn.queues[key] = held = ({w.id: w for w in waiters}, waiters)
         return held[1]
 
@@ -521,8 +523,10 @@ class _Waiters:
 
     def get(self, waiter_id: str, default: Any = None) -> Any:
         txn = _txn()
-        kv = txn.get(self._b.waiter_key(waiter_id))
-        return default if kv.value is None else self._b.waiter_from(kv, txn)
+        name = self._b.waiter_key(waiter_id)
+        kv = txn.get(name)
+        found = None if kv.value is None else self._b.readable_waiter(name, kv, txn)
+        return default if found is None else found
 
     def __setitem__(self, waiter_id: str, waiter: Waiter) -> None:
         txn = _txn()
@@ -671,6 +675,9 @@ class EtcdBackend(StoreBackend):
         self._telling: set[str] = set()
         self._unreadable: set[tuple[str, int]] = set()
         """Notices (waiter, revision) that could not be read: skipped, logged once."""
+        self._unreadable_records: set[tuple[bytes, int]] = set()
+        """Waiter records (etcd key, revision) that could not be read: passed over, logged
+        once (``readable_waiter``)."""
         self._notices_watched = 0
         """The newest notice the current watch of notices has brought (``_follow``)."""
         self._history = (0, 0)
@@ -818,6 +825,24 @@ class EtcdBackend(StoreBackend):
         if txn is not None:
             txn.records.setdefault(found[0].id, found)
         return found[0]
+
+    def readable_waiter(self, name: bytes, kv: _KV, txn: _Txn) -> Waiter | None:
+        """:meth:`waiter_from`, or ``None`` for a record at ``name`` that does not read as a
+        waiter (written over by hand, by a bug, by a replica of another version): passed over
+        like a missing one, as the Redis scripts pass over theirs, and logged once. It failed
+        every step that read it, and with a concurrency limit (whose steps serve every queue)
+        or a read of the wait-for graph, every such step of every key."""
+        try:
+            return self.waiter_from(kv, txn)
+        except Exception as error:
+            if (name, kv.mod) not in self._unreadable_records:
+                if len(self._unreadable_records) >= _UNREADABLE_KEPT:
+                    self._unreadable_records.clear()
+                self._unreadable_records.add((name, kv.mod))
+                log.warning("etcd %s: the waiter record %s cannot be read (%s); passed over",
+                            self.connection.where, name.decode(errors="replace"),
+                            type(error).__name__)
+            return None
 
     def notice_from(self, kv: _KV) -> tuple[Waiter | None, Notice]:
         assert kv.value is not None
