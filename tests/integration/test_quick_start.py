@@ -4,15 +4,14 @@ address is this test's), and answer what the README says they answer."""
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
+from tests.support.pasting import answers
 from tests.support.service import ServiceProcess, scrubbed_env
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,16 +37,6 @@ def paste(name: str, service: ServiceProcess) -> str:
                             capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, f"{name}:\n{script}\n{result.stdout}\n{result.stderr}"
     return result.stdout
-
-
-def answers(text: str) -> list[Any]:
-    """The JSON documents printed one after another (curl -s adds no newline between)."""
-    decoder, found, at = json.JSONDecoder(), [], 0
-    while text[at:].strip():
-        at += len(text[at:]) - len(text[at:].lstrip())
-        value, at = decoder.raw_decode(text, at)
-        found.append(value)
-    return found
 
 
 def test_the_quick_starts_requests_take_refuse_list_and_release(service: ServiceProcess) -> None:
