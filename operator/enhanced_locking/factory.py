@@ -1,7 +1,8 @@
 """Factory: builds the lock stack from a config snapshot, and keeps it in step with new ones.
 
-The stack is the legacy locker, the enhanced locker (built once enhanced locking is enabled)
-and the router in front of them, sharing one event bus and one metrics registry.
+The stack is the legacy locker, the enhanced locker (built once enhanced locking is enabled, or
+at a start with it off while its store holds locks, to honour them) and the router in front of
+them, sharing one event bus and one metrics registry.
 :class:`LockService` is the assembled whole that the HTTP API, the CLI and the operator use.
 
 Most settings are read live on every call and need no rebuild. A change of *where* the enhanced
@@ -29,7 +30,9 @@ from enhanced_locking.events import EventBus, SwitchingBus
 from enhanced_locking.locking import EnhancedLocker, LegacyLocker
 from enhanced_locking.metrics import Metrics
 from enhanced_locking.migration import Router
+from enhanced_locking.migration.conflicts import ConflictBook
 from enhanced_locking.migration.controller import MigrationController, default_replica_id
+from enhanced_locking.migration.handover import settle_counters
 from enhanced_locking.migration.rekey import clean_stored_keys
 from enhanced_locking.migration.routing_registry import RoutingRegistry
 from enhanced_locking.migration.switch_gate import SwitchGate
@@ -38,6 +41,7 @@ from enhanced_locking.provider import ConfigProvider, Refusal, Snapshot
 from enhanced_locking.types import (
     BackendUnavailable,
     LockingError,
+    Locks,
     UnreadableLock,
     UnusableSetting,
 )
@@ -201,6 +205,28 @@ async def _clean_keys(backend: Backend) -> None:
                     backend.namespace, error)
 
 
+async def _left_while_off(config: EnhancedLockingConfig, backend: Backend,
+                          legacy: Backend, conflicts: ConflictBook) -> Locks:
+    """The locks ``backend``, the enhanced store of ``config``, holds at a start with enhanced
+    locking off: ones taken before it was switched off (or copied there by ``migrate import``),
+    which the router honours only when the enhanced locker is built (none: nothing to build).
+    Both sides' counters are settled first, as a move to weight 0 settles them, so a key's
+    tokens keep rising on legacy (and a key held on both sides is reported). A store that
+    cannot be read is said in the log: holds there, if any, are not honoured."""
+    try:
+        await backend.ping()
+        await settle_counters(legacy=legacy, enhanced=backend, leaving=lambda bucket: True,
+                              conflicts=conflicts)
+        return await backend.list()
+    except LockingError as error:
+        log.warning("enhanced locking is off (enhanced-locking-enabled) and its %s store could "
+                    "not be read for the locks held there, which are not honoured until it is "
+                    "on again: %s", config.backend, error)
+        return []
+    finally:
+        await backend.close()
+
+
 class LockService:
     """The assembled lock stack: provider, event bus, metrics, lockers and router."""
 
@@ -261,6 +287,19 @@ class LockService:
             peer_on_enhanced=lambda: self.peers.one_reaching("enhanced"),
         )
 
+    _honouring = False
+    """Enhanced locking is off but its store held locks at the start: the enhanced locker is
+    built all the same, to honour them (:meth:`start`)."""
+
+    @staticmethod
+    def _left_on_enhanced(config: EnhancedLockingConfig) -> bool:
+        """Whether the enhanced store of ``config`` may hold locks from before (the memory
+        store starts empty; an embedded store whose file is not there holds none, and is not
+        made)."""
+        if config.backend == "memory":
+            return False
+        return config.backend != "boltdb" or config.data_path.exists()
+
     def _peer_settings(self) -> tuple[list[str], str]:
         """The other replicas (``enhanced-locking-peers``) and the certificate they present
         (``tls-cert-file``, shared by the replicas; ``""``: they speak plain HTTP)."""
@@ -297,6 +336,20 @@ class LockService:
         """Build what the initial snapshot asks for (raises if its backend does not answer)."""
         await self.legacy_backend.ping()
         await _clean_keys(self.legacy_backend)
+        config = self.provider.current.config
+        if not config.enabled and self._left_on_enhanced(config):
+            held = await _left_while_off(
+                config, self._build(config, config.backend, "enhanced"), self.legacy_backend,
+                self.migration.conflicts)
+            if held:
+                # Honoured as after enhanced locking is switched off while serving: held until
+                # their release, and the keys' new grants on legacy (docs/02-migration.md).
+                log.warning(
+                    "enhanced locking is off (enhanced-locking-enabled) but its %s store holds "
+                    "%d lock(s) (first: %s, pull #%d): the enhanced locker is started to honour "
+                    "them until they are released; new grants are on legacy", config.backend,
+                    len(held), held[0].key, held[0].pull.num)
+                self._honouring = True
         await self._apply(self.provider.current)
         self._applied(self.provider.current)
         await self.migration.start()
@@ -311,8 +364,8 @@ class LockService:
 
     async def _apply(self, snapshot: Snapshot) -> None:
         config = snapshot.config
-        if not config.enabled and self.enhanced is None:
-            return  # never enabled: nothing to build, requests never reach it
+        if not config.enabled and self.enhanced is None and not self._honouring:
+            return  # never enabled, nothing held there: nothing to build, no request reaches it
         identity = backend_identity(config, config.backend)
         if identity == self._enhanced_identity:
             return

@@ -1,0 +1,63 @@
+"""Locks held on the enhanced side outlive enhanced locking being switched off.
+
+A real ``enhanced-locking serve`` on the embedded store, and on a real redis-server: a pull
+holds a key on the enhanced side, the service is started again with
+``enhanced-locking-enabled`` off (its default) and the same store settings, and another pull
+asks for the key: it is refused, naming the holder, until the holder lets go (the handover of
+docs/02-migration.md, "Abort, disable, shadow").
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import httpx
+import pytest
+from tests.conftest import ServiceFactory
+
+
+def acquire(url: str, *, pull: int, wait: str | None = None) -> httpx.Response:
+    return httpx.post(url + "/v1/locks", json={
+        "project": {"repoFullName": "acme/infra", "path": "envs/prod", "projectName": ""},
+        "workspace": "default", "pull": {"num": pull}, "user": {"username": f"dev{pull}"},
+        **({"wait": wait} if wait else {}),
+    }, timeout=90)
+
+
+@pytest.fixture(params=["boltdb", pytest.param("redis", marks=pytest.mark.redis)])
+def store_flags(request: pytest.FixtureRequest) -> tuple[str, ...]:
+    """The enhanced store's settings, the same with enhanced locking on and off."""
+    if request.param == "boltdb":
+        return ()
+    redis_server = request.getfixturevalue("redis_server")
+    return ("--enhanced-locking-backend=redis",
+            f"--enhanced-locking-redis-addr={redis_server.addr}")
+
+
+def test_a_hold_on_the_enhanced_side_is_honoured_after_a_restart_switched_off(
+    service_process: ServiceFactory, store_flags: tuple[str, ...],
+) -> None:
+    service = service_process("--enhanced-locking-enabled", *store_flags)
+    held = acquire(service.url, pull=12)
+    assert held.status_code == 200 and held.json()["lock"]["backend"] == "enhanced", held.text
+    assert service.stop() == 0
+    service.args.remove("--enhanced-locking-enabled")
+    service.start()
+
+    other = acquire(service.url, pull=13)
+    assert other.status_code == 409, other.text
+    refused = other.json()
+    assert refused["reason"] == "held"
+    assert (refused["holder"]["pull"]["num"], refused["holder"]["backend"]) == (12, "enhanced")
+    assert "honour them until they are released" in service.output()
+    # A waiter is granted once the holder lets go, on legacy, the side the key routes to now.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(acquire, service.url, pull=13, wait="60s")
+        mine = httpx.delete(service.url + "/v1/locks/by-key", timeout=10,
+                            params={"key": held.json()["lock"]["key"], "pull": 12})
+        assert mine.status_code == 200, mine.text
+        granted = waiting.result(timeout=90)
+    assert granted.status_code == 200, granted.text
+    lock = granted.json()["lock"]
+    assert (lock["pull"]["num"], lock["backend"]) == (13, "legacy")
+    assert lock["fencingToken"] > held.json()["lock"]["fencingToken"]
