@@ -11,7 +11,8 @@ The order of things:
    renewed at each resync), so a status left by a process that is gone shows its age;
 3. the HTTP server listens on the bound socket, then the periodic resync and kopf run
    beside it;
-4. on SIGTERM/SIGINT the HTTP server drains first, then kopf stops; the status of both
+4. on SIGTERM/SIGINT the HTTP server drains first, then kopf stops (its own tasks: the
+   service's are left to the service, see :class:`_NotKopfs`); the status of both
    objects then says ``Ready: Unknown`` (reason ``OperatorStopped``) unless another replica
    takes the status over (``--leader-election``); then the caller closes the service.
 
@@ -34,7 +35,7 @@ import os
 import shutil
 import signal
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -137,6 +138,46 @@ async def _serve(http: HttpServer) -> int:
     return 0
 
 
+class _NotKopfs(Collection["asyncio.Task[Any]"]):
+    """The tasks a stopping kopf leaves alone: those that ran before it started, and every task
+    kopf did not start (whose coroutine is not kopf's own), as the service's.
+
+    kopf takes every task started after it as one of its own: once its root tasks end it waits
+    up to 5 s for them, then cancels them. The service starts tasks of its own while kopf runs
+    (a config applied by a handler or the resync starts the shadow replayer, the event bus's
+    followers): each stop of the operator waited those 5 s, and the service's tasks were
+    cancelled by kopf rather than closed by the service. A handler still running is kopf's
+    (its task runs kopf's worker) and is waited for as before."""
+
+    def __init__(self, before: Collection[asyncio.Task[Any]]) -> None:
+        self._before = frozenset(before)
+
+    def __contains__(self, task: object) -> bool:
+        if task in self._before:
+            return True
+        if not isinstance(task, asyncio.Task):
+            return False
+        code = getattr(task.get_coro(), "cr_code", None)
+        return code is None or not code.co_filename.startswith(_KOPF_SOURCES)
+
+    def __iter__(self) -> Iterator[asyncio.Task[Any]]:
+        return iter(self._before)
+
+    def __len__(self) -> int:
+        return len(self._before)
+
+
+_KOPF_SOURCES = os.path.join(os.path.dirname(kopf.__file__), "")
+
+
+async def _kopf(**options: Any) -> None:
+    """``kopf.operator(**options)``, whose stop waits for and cancels kopf's own tasks only
+    (:class:`_NotKopfs`); the service's are the service's to close."""
+    before = asyncio.all_tasks() - {asyncio.current_task()}
+    tasks = await kopf.spawn_tasks(**options)
+    await kopf.run_tasks(tasks, ignored=_NotKopfs(before))
+
+
 STOPPED_STATUS_TIMEOUT = 5.0
 """Seconds a stopping operator gives the API server to take its last status write."""
 
@@ -223,7 +264,7 @@ async def run(
         reconciler.tick_forever(options.rollout_interval), name="rollout timer"
     )
     operator = asyncio.create_task(
-        kopf.operator(
+        _kopf(
             registry=build_registry(reconciler, service.provider),
             settings=kopf_settings(),
             namespaces=[options.namespace],
