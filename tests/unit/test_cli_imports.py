@@ -91,3 +91,26 @@ def test_a_subcommand_gets_its_settings_flags_when_it_runs() -> None:
         _SETTINGS)
     assert '"enhanced-locking-redis-db": 3' in output
     assert loaded == _SETTINGS
+
+
+def test_a_service_without_peers_loads_no_http_client(tmp_path: Path) -> None:
+    """``serve`` asks its peers over HTTP only when it has some: a start and a clean stop
+    without them never load the HTTP client (about 0.1 s of CPU at each start)."""
+    port = free_port()
+    loaded, output = _loaded(
+        "import os, signal, socket, threading, time\n"
+        "from enhanced_locking import cli\n"
+        "def stop_once_listening():\n"
+        "    deadline = time.monotonic() + 60\n"
+        "    while time.monotonic() < deadline:\n"
+        "        try:\n"
+        f"            socket.create_connection(('127.0.0.1', {port}), 1).close()\n"
+        "            break\n"
+        "        except OSError:\n"
+        "            time.sleep(0.05)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "threading.Thread(target=stop_once_listening, daemon=True).start()\n"
+        f"print('exit', cli.main(['serve', '--port', '{port}', '--data-dir', {str(tmp_path)!r}]))",
+        ["enhanced_locking.factory", "uvicorn", *_HTTP_CLIENT])
+    assert "exit 0" in output and f"listening on http://127.0.0.1:{port}" in output, output
+    assert loaded == ["enhanced_locking.factory", "uvicorn"]
