@@ -8,14 +8,13 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.support.pasting import answers
-from tests.support.service import ServiceProcess, scrubbed_env
+from tests.support.pasting import answers, run_block
+from tests.support.service import ServiceProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "api.md"
@@ -67,12 +66,7 @@ def matches(shown: Any, answered: Any, where: str = "") -> None:
 def paste(name: str, service: ServiceProcess, *, script: str | None = None) -> str:
     """Run one block with bash, as the page has it, in a shell with the venv's commands."""
     script = (script or examples()[name]).replace("http://127.0.0.1:4142", service.url)
-    path = f"{Path(sys.executable).parent}:{scrubbed_env()['PATH']}"
-    result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=ROOT,
-                            env=scrubbed_env({"ENHANCED_LOCKING_URL": service.url, "PATH": path}),
-                            capture_output=True, text=True, timeout=120, check=False)
-    assert result.returncode == 0, f"{name}:\n{script}\n{result.stdout}\n{result.stderr}"
-    return result.stdout
+    return run_block(script, url=service.url, cwd=ROOT)
 
 
 @pytest.fixture

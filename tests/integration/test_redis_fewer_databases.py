@@ -2,7 +2,7 @@
 ``enhanced-locking-redis-db`` is refused from then on. At start that refusal is the setting's
 (exit 2, tests/integration/test_cli_store_settings.py); while serving it is the store being
 unusable, an outage like a stopped server: the enhanced side falls back to legacy (or answers
-503 with ``fail-closed``), a Redis legacy side answers 503 — never a 500 (docs/03-backends.md).
+503 with ``fail-closed``), a Redis legacy side answers 503 — never a 500 (docs/03-redis.md).
 """
 
 from __future__ import annotations
