@@ -215,7 +215,7 @@ def test_the_migration_pages_messages_are_the_api_servers(
 ) -> None:
     # docs/02-migration.md shows what `kubectl apply` prints for three bad objects: pasted here.
     page = " ".join((EXAMPLES.parent / "docs" / "02-migration.md").read_text().split())
-    told = page[page.index("prints the field, for example"):page.index("2. **The operator")]
+    told = page[page.index("prints the field, for example"):page.index("`kubectl patch` is less")]
     messages = re.findall(r"`([^`]+)`", told)
     bad: dict[str, tuple[str, dict[str, Any]]] = {
         "spec.weight": ("LockMigration", {"weight": 150}),
@@ -227,3 +227,22 @@ def test_the_migration_pages_messages_are_the_api_servers(
         result = kube_cluster.kubectl("apply", "-f", "-", check=False,
                                       input=_manifest(kind, kube_namespace, spec))
         assert message in result.stderr, (message, result.stderr)
+
+
+def test_kubectl_patch_drops_a_misspelled_field_with_a_warning_as_the_page_says(
+    kube_cluster: KubeCluster, kube_namespace: str, lock_crds: None
+) -> None:
+    # docs/02-migration.md warns that `kubectl patch` succeeds on a misspelled field: pasted.
+    page = " ".join((EXAMPLES.parent / "docs" / "02-migration.md").read_text().split())
+    told = page[page.index("`kubectl patch` is less"):page.index("2. **The operator")]
+    patch, warning, answer = re.findall(r"`([^`]+)`", told)[1:]
+    assert patch.startswith("-p '") and patch.endswith("'"), patch
+    kube_cluster.kubectl("apply", "-f", "-",
+                         input=_manifest("LockMigration", kube_namespace, {"weight": 25}))
+    result = kube_cluster.kubectl("patch", "lockmigration", "refused", "-n", kube_namespace,
+                                  "--type", "merge", "-p", patch[4:-1])
+    assert warning in result.stderr, result.stderr
+    assert answer in result.stdout, result.stdout
+    spec = json.loads(kube_cluster.kubectl("get", "lockmigration", "refused", "-n",
+                                           kube_namespace, "-o", "json").stdout)["spec"]
+    assert spec["weight"] == 25 and "wieght" not in spec
