@@ -510,6 +510,13 @@ async def _run_import(config: config_module.EnhancedLockingConfig, args: argpars
         _print(report.as_dict())
     else:
         print(report.table())
+    if not config.enabled and not args.dry_run and report.count(importers.Outcome.IMPORTED):
+        # The locks are on the enhanced side: a service with enhanced locking off honours
+        # them from its start (factory.LockService.start), not while it runs already.
+        print("enhanced-locking: enhanced-locking-enabled is off in these settings: a service "
+              "running with it off since its start does not see the imported locks until it is "
+              "started again (it honours them then); turn enhanced locking on for it "
+              "(docs/05-importing.md)", file=sys.stderr)
     return 0 if report.clean else EXIT_REFUSED
 
 

@@ -660,3 +660,35 @@ async def test_odd_records_in_redis_are_reported_invalid(atlantis_redis: RedisSe
     assert rows["pr/acme/list/./default/"].outcome is importers.Outcome.INVALID
     assert rows["pr/acme/array/./default/"].detail == "not a ProjectLock JSON object"
     assert not report.clean and report.summary["invalid"] == 3
+
+
+def test_an_import_with_enhanced_locking_off_says_a_running_service_does_not_see_it(
+    atlantis_db: tuple[Path, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    """Off (the default), the imported locks are honoured by a service from its next start
+    only: the command says so; with it on, or when nothing was imported, it says nothing."""
+    path, locks = atlantis_db
+    note = "enhanced-locking-enabled is off in these settings"
+    dry = run_cli("--from-boltdb", str(path), "--data-dir", str(tmp_path / "d"), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert note not in dry.stderr
+    off = run_cli("--from-boltdb", str(path), "--data-dir", str(tmp_path / "d"))
+    assert off.returncode == 0, off.stderr
+    assert off.stderr.splitlines()[-1] == (
+        "enhanced-locking: enhanced-locking-enabled is off in these settings: a service running "
+        "with it off since its start does not see the imported locks until it is started again "
+        "(it honours them then); turn enhanced locking on for it (docs/05-importing.md)")
+    assert note not in run_cli("--from-boltdb", str(path), "--data-dir",
+                               str(tmp_path / "d")).stderr  # nothing imported the second time
+    on = run_cli("--from-boltdb", str(path), "--data-dir", str(tmp_path / "e"),
+                 "--enhanced-locking-enabled")
+    assert on.returncode == 0, on.stderr
+    assert _report_table_imported(on.stdout) == len(locks)
+    assert note not in on.stderr
+
+
+def _report_table_imported(table: str) -> int:
+    """The count the table's last line gives as imported."""
+    found = re.search(r"imported (\d+)", table)
+    assert found is not None, table
+    return int(found.group(1))
