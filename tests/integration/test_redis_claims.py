@@ -19,6 +19,7 @@ from datetime import timedelta
 
 import pytest
 from tests.support.locks import candidate_for, request_for
+from tests.support.queues import rig_for
 
 from enhanced_locking.backends import redis_scripts
 from enhanced_locking.backends.redis_store import RedisBackend
@@ -129,3 +130,50 @@ async def test_a_claim_of_another_waiter_ends_only_when_a_caller_hears_the_grant
     other = await _fail_fast(backend, _asked("gone", "a", OTHER))
     assert other.status is Status.GRANTED, (
         f"a claim nobody confirmed, on a lock nobody was answered with, never lapsed: {other}")
+
+
+async def test_a_lock_another_waiter_of_the_pull_was_granted_goes_with_the_last_give_back(
+    redis_backend: RedisBackend,
+) -> None:
+    # ``first`` was granted ``a`` (claimed), ``second`` was granted ``b`` and, unchanged, the
+    # pull's ``a``. Neither caller has heard its grant; each goes away in turn and the locker
+    # gives back what its cancel says the grant made anew. ``first``'s give-back leaves ``a``
+    # (``second``'s grant counts in ``told``: it may yet be heard); ``second``'s, the last
+    # that may be heard, takes ``a`` too: nothing stays held for nobody.
+    backend = redis_backend
+    policy = QueuePolicy()
+    give_back = rig_for(backend).locker._give_back
+    second, _ = await _granted_over_a_claim(backend, "both-gone", listening=False)
+    a, b = _asked("both-gone", "a", PULL).key, _asked("both-gone", "b", PULL).key
+    first = await backend.cancel(a, "both-gone-first", reason=Reason.CANCELLED, policy=policy)
+    assert first.granted and first.kept == frozenset({a}) and not first.fresh, first
+    await give_back(Notice(locks=first.granted, fresh=first.fresh, kept=first.kept))
+    held = await backend.get(a)
+    assert held is not None and held.pull.num == PULL, (
+        f"the first grant's give-back freed the lock the second grant holds: {held}")
+    left = await backend.cancel(b, second, reason=Reason.CANCELLED, policy=policy)
+    assert left.granted and left.kept == frozenset() and left.fresh, left
+    again = await backend.cancel(b, second, reason=Reason.CANCELLED, policy=policy)
+    assert again.kept == frozenset(), f"a second cancel answered otherwise: {again}"
+    await give_back(Notice(locks=left.granted, fresh=left.fresh, kept=left.kept))
+    for key in (a, b):
+        assert await backend.get(key) is None, f"{key} stayed held for nobody"
+
+
+async def test_a_confirmation_after_the_other_grant_was_given_back_keeps_the_lock(
+    redis_backend: RedisBackend,
+) -> None:
+    # As above, but ``second``'s replica confirms after ``first`` left: it is granted, ``a``
+    # among the keys its pull held already, and ``a`` stays its pull's.
+    second, _ = await _granted_over_a_claim(redis_backend, "then-heard", listening=False)
+    a = _asked("then-heard", "a", PULL).key
+    first = await redis_backend.cancel(a, "then-heard-first", reason=Reason.CANCELLED,
+                                       policy=QueuePolicy())
+    assert first.kept == frozenset({a}), first
+    await rig_for(redis_backend).locker._give_back(
+        Notice(locks=first.granted, fresh=first.fresh, kept=first.kept))
+    confirmed = await redis_backend._confirm(second)  # (its replica's CONFIRM)
+    assert confirmed.granted and confirmed.kept_keys == frozenset({a}), confirmed
+    other = await _fail_fast(redis_backend, _asked("then-heard", "a", OTHER))
+    assert other.status is Status.HELD and other.holder is not None, other
+    assert other.holder.pull.num == PULL

@@ -385,6 +385,10 @@ class StoreBackend(abc.ABC):
     """
 
     kind = "store"
+    counts_answers = True
+    """Whether a grant given back leaves a lock another request of its pull was answered with
+    (``_told``, kept by this process: the queues and grants of the store are its own). Off
+    where a step may run again and another replica grants from the same queues (etcd)."""
 
     def __init__(self, namespace: str, *, clock: Callable[[], datetime] = utcnow) -> None:
         self.namespace = namespace
@@ -395,6 +399,10 @@ class StoreBackend(abc.ABC):
         self._waiters: dict[str, Waiter] = {}
         # Recent grants to waiters, so a cancel that lost the race to a grant can say so.
         self._granted: collections.OrderedDict[str, Grant] = collections.OrderedDict()
+        # Who else of its pull was answered with a hold unchanged (``_take``), by key: its
+        # token, the waiters whose grants were (``""``: a request that does not wait, never
+        # taken back), and whether the hold's own grant was given back unheard (``_kept_now``).
+        self._told: dict[str, _Told] = {}
         self._seq = 0
         self.served_unasked: Callable[[Handoff], None] = _untold
         """Told of a hand-off this store made on its own, not as the answer to a call (etcd:
@@ -596,11 +604,18 @@ class StoreBackend(abc.ABC):
         return lock
 
     def _take(self, template: Candidate, now: datetime,
-              ttl: timedelta | None) -> tuple[Lock, bool]:
+              ttl: timedelta | None, *, teller: str = "") -> tuple[Lock, bool]:
         """The lock ``template``'s pull gets on its key: the one it holds, or a fresh one
-        (an exclusive request of the key's only shared holder is an upgrade: a new token)."""
+        (an exclusive request of the key's only shared holder is an upgrade: a new token).
+        Held already, it is answered to ``teller`` (a waiter's id; ``""``: a request that does
+        not wait) and counted as told (``_told``)."""
         mine = [h for h in self._holders(template.key, now) if h.owner == template.owner]
         if mine and not (template.mode == "exclusive" and mine[0].mode == "shared"):
+            if self.counts_answers:
+                told = self._told.get(template.key)
+                if told is None or told.token != mine[0].fencing_token:
+                    told = self._told[template.key] = _Told(mine[0].fencing_token)
+                told.tellers.add(teller)
             return mine[0], False
         for lock in mine:
             self._drop(lock)
@@ -727,7 +742,8 @@ class StoreBackend(abc.ABC):
                     stopped.add(decision.key)
 
     def _grant(self, waiter: Waiter, now: datetime, fx: _Effects) -> Grant:
-        taken = [self._take(template, now, waiter.ttl) for template in waiter.candidates]
+        taken = [self._take(template, now, waiter.ttl, teller=waiter.id)
+                 for template in waiter.candidates]
         self._unqueue(waiter)
         grant = Grant(waiter=waiter, locks=tuple(lock for lock, _ in taken),
                       fresh=any(fresh for _, fresh in taken),
@@ -742,6 +758,33 @@ class StoreBackend(abc.ABC):
                                              kept=grant.kept,
                                              caller=waiter.caller)))
         return grant
+
+    def _kept_now(self, grant: Grant, still: tuple[Lock, ...], *,
+                  heard: bool) -> tuple[bool, frozenset[str] | None]:
+        """``fresh`` and ``kept`` of ``grant`` as a call about it answers them (its locks
+        ``still`` held): ``heard`` when its caller is answered with it (a retry taking it
+        over, a cancel on timeout or deadlock), else it is given back (its caller went away).
+        A lock the grant made is its pull's held already once another request of the pull
+        was answered with it (``_take``): the give-back leaves it to that caller, noted as
+        given back unheard. Given back, a grant answered with a lock held already takes its
+        own answer back; the last one taken back from a lock whose own grant was given back
+        unheard gives the lock back with it (nobody else was told it holds it)."""
+        if grant.kept is None or not self.counts_answers:
+            return grant.fresh, grant.kept
+        kept = set(grant.kept)
+        for lock in still:
+            told = self._told.get(lock.key)
+            if told is None or told.token != lock.fencing_token:
+                continue
+            if lock.key not in grant.kept:
+                if told.tellers:
+                    kept.add(lock.key)
+                    told.unheard = told.unheard or not heard
+            elif not heard:
+                told.tellers.discard(grant.waiter.id)
+                if not told.tellers and told.unheard:
+                    kept.discard(lock.key)
+        return len(kept) < len(grant.locks), frozenset(kept)
 
     def _unqueue(self, waiter: Waiter) -> None:
         self._waiters.pop(waiter.id, None)
@@ -988,8 +1031,9 @@ class StoreBackend(abc.ABC):
                 # The retry takes the grant over: nobody heard of it yet, so it is the
                 # retry's to give back if its client goes too (else the first caller's).
                 self._forget_grant(wait.id)
+                fresh, kept = self._kept_now(taken, still, heard=True)
                 return Outcome(status=Status.GRANTED, locks=still,
-                               fresh=taken.fresh and not taken.told, kept=taken.kept)
+                               fresh=fresh and not taken.told, kept=kept)
         first = candidates[0]
         owner, mode = first.owner, first.mode
         for candidate in candidates:
@@ -1126,8 +1170,9 @@ class StoreBackend(abc.ABC):
                 if any(h.fencing_token == lock.fencing_token
                        for h in self._holders(lock.key, now))
             )
-            return Cancelled(waiter=grant.waiter, granted=still, fresh=grant.fresh,
-                             kept=grant.kept)
+            fresh, kept = self._kept_now(grant, still,
+                                         heard=reason in (Reason.TIMEOUT, Reason.DEADLOCK))
+            return Cancelled(waiter=grant.waiter, granted=still, fresh=fresh, kept=kept)
 
     async def queue(self, key: str, *, policy: QueuePolicy | None = None,
                     limit: int | None = None) -> Waiters:
@@ -1188,6 +1233,17 @@ def _collector_paused(rows: int) -> Iterator[None]:
         yield
     finally:
         gc.enable()
+
+
+@dataclass
+class _Told:
+    """Who of its pull was answered with the hold of one key whose token is ``token``, unchanged
+    (``StoreBackend._take``): waiters' ids, ``""`` for a request that does not wait; and
+    whether the hold's own grant was given back unheard."""
+
+    token: int
+    tellers: set[str] = field(default_factory=set)
+    unheard: bool = False
 
 
 def _untold(handoff: Handoff) -> None:

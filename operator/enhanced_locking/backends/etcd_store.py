@@ -635,6 +635,7 @@ class EtcdBackend(StoreBackend):
     """Locks and queues of one namespace in etcd; any number of replicas may share them."""
 
     kind = "etcd"
+    counts_answers = False
     BATCH_MOST = (_MAX_OPS - 1) // 5
     """Locks one batch may ask for (``acquire_batch``): its step is one transaction, guarded
     by four keys of each (the lock, its token floor, its queue, its shared holders), the

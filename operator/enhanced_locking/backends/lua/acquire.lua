@@ -9,8 +9,9 @@
 -- ARGV[17] base priority level 0..3  ARGV[18] mode  ARGV[19] head commit ('' unknown)
 -- ARGV[20] caller ('' none)  ARGV[21..] quads: lock key, Atlantis JSON, path, workspace
 -- returns {'granted', {lock...}, fresh 0/1, the keys of those its pull held already (answered
---          unchanged), or false when the grant a retry takes over does not say (an older
---          replica's: lib.lua `kept_keys`)}
+--          unchanged; of a grant a retry takes over, those another answer told its pull it
+--          holds too: lib.lua `kept_for_others`), or false when the grant a retry takes
+--          over does not say (an older replica's: lib.lua `kept_keys`)}
 --         {'took', token, at, exp}: granted by the lean path (`uncontended`), the one key as
 --          asked (the caller sent the rest of the lock)
 --         {'held' | 'limited', key, its holder or {}}
@@ -77,6 +78,7 @@ local function main()
         expect(shared_name, pair[1])
       end
       planned()
+      local kept = kept_keys(tokens)
       for _, pair in ipairs(tokens) do
         local h = holder_with_token(pair[1], pair[2])
         if h then
@@ -85,6 +87,8 @@ local function main()
           -- (A lock without a claim that its pull did not hold already was heard of before.)
           if h[8] then settle_heard(h, wait_id, true) elseif pair[3] ~= 1 then unheard = false end
           table.insert(still, h)
+          -- one another answer told its pull it holds: kept (lib.lua `kept_for_others`)
+          if kept then kept_for_others(h, wait_id, pair[3], true, kept) end
         else
           all = false
         end
@@ -92,7 +96,8 @@ local function main()
       if all and #still > 0 then
         w('HSET', outcome_name(wait_id), 'kind', 'taken')
         -- nobody heard of it yet: the retry's to give back, fresh as it was granted
-        return {'granted', still, unheard and (tonumber(out[3]) or 1) or 0, kept_keys(tokens)}
+        local fresh = fresh_with(tokens, kept, tonumber(out[3]) or 1)
+        return {'granted', still, unheard and fresh or 0, kept}
       end
     end
   end

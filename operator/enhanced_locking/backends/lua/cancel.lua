@@ -13,7 +13,9 @@
 --         claim on a lock its pull held already only when heard: lib.lua `settle_heard`),
 --         fresh 0/1, the keys
 --         of those its pull held already, or false when the grant does not say (lib.lua
---         `kept_keys`)}
+--         `kept_keys`); a lock the grant made that another answer told its pull it holds
+--         is one of them, and given back, one the grant found held goes when its count
+--         in `told` was the last (lib.lua `kept_for_others`)}
 -- decoded by redis_replies.cancel
 local refused = guard()
 if refused then return refused end
@@ -51,13 +53,15 @@ local function main()
     expect(shared_name, pair[1])
   end
   planned()
+  local kept = kept_keys(tokens)
   for _, pair in ipairs(tokens) do
     local holder = holder_with_token(pair[1], pair[2])
     if holder then
       settle_heard(holder, id, heard)
       table.insert(still, holder)
+      if kept then kept_for_others(holder, id, pair[3], heard, kept) end
     end
   end
-  return {'granted', granted_to, still, tonumber(out[4]) or 1, kept_keys(tokens)}
+  return {'granted', granted_to, still, fresh_with(tokens, kept, tonumber(out[4]) or 1), kept}
 end
 return run(main, true)

@@ -1623,6 +1623,57 @@ local function kept_keys(pairs_of)
   return kept
 end
 
+-- Whether lock h of waiter id's grant (found by its token; `held` its outcome's mark: 1 when
+-- its pull held it already) is answered as its pull's held already (added to `kept`, the
+-- keys `kept_keys` gave), not the grant's to give back, by a call about the grant: `heard`
+-- when its caller is answered with it (CONFIRM, a retry taking it over, CANCEL on timeout or
+-- deadlock), else the grant is given back (CANCEL of a caller gone, CONFIRM of a lapsed claim).
+-- A lock the grant made is another caller's too once an answer told its pull it holds it
+-- (`told`, `relied_on`: a request that does not wait, another waiter's grant, REFRESH): its
+-- give-back leaves it, marked `unheard` as give_back.lua marks its own grant left to a later
+-- answer, and it goes with the last of those answers given back. Another waiter's grant
+-- counts in `told` from the grant on (`take`), before anyone heard it; given back unheard it
+-- takes its count back (once a grant: the outcome's `untold:<key>`), and when no count is
+-- left and the lock's own grant was given back `unheard`, the lock goes with it (answered not
+-- kept, again as often as asked: its caller gives it back by token). A shared hold is kept
+-- once any answer told it (`told_shared`), as give_back.lua keeps it.
+local function kept_for_others(h, id, held, heard, kept)
+  if h.bad then return end
+  if h[10] == 'shared' then
+    if held ~= 1 and shared_told(h) then table.insert(kept, h[1]) end
+    return
+  end
+  local name = lock_name(h[1])
+  local told = tonumber(CALL('HGET', name, 'told') or '0') or 1
+  if held ~= 1 then
+    if told <= 0 then return end
+    if not heard then w('HSET', name, 'unheard', '1') end
+    table.insert(kept, h[1])
+    return
+  end
+  if heard then return end
+  local outcome, mark = outcome_name(id), 'untold:' .. h[1]
+  if told > 0 and not CALL('HGET', outcome, mark) then
+    w('HSET', outcome, mark, '1')
+    w('HINCRBY', name, 'told', -1)
+    told = told - 1
+  end
+  if told > 0 or CALL('HGET', name, 'unheard') == false then return end
+  for i, k in ipairs(kept) do
+    if k == h[1] then
+      table.remove(kept, i)
+      return
+    end
+  end
+end
+
+-- A grant's `fresh` as answered with `kept` (the keys `kept_for_others` left): 0 when every
+-- lock of its outcome's `locks` is kept, else 1; the outcome's own when `kept` is false.
+local function fresh_with(tokens, kept, fresh)
+  if not kept then return fresh end
+  return #kept < #tokens and 1 or 0
+end
+
 -- fresh 1: some lock is new to the waiter; 0: its pull held every key already (unchanged).
 local function grant(id, rec, fx)
   local locks, fresh, held = {}, 0, {}
