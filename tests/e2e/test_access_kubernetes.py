@@ -26,7 +26,7 @@ import pytest
 import yaml
 from tests.support.access_matrix import CALLS, ROLE_VERBS, Call, acquire_body, held, new_case
 from tests.support.controlplane import KubeCluster
-from tests.support.helm import CHART_DIR, Helm, service_account_kubeconfig
+from tests.support.helm import CHART_DIR, Helm, notes_commands, service_account_kubeconfig
 from tests.support.service import (
     ServiceProcess,
     enhanced_locking_command,
@@ -474,3 +474,21 @@ def test_an_idle_event_stream_ends_once_its_serviceaccount_is_deleted(setup: Set
         assert anonymous.get("/v1/locks", headers={
             "Authorization": f"Bearer {streamer}"}).status_code == 401
     assert "stream closed" in setup.service.output()
+
+
+def test_the_install_notes_call_the_api_as_printed(setup: Setup, tmp_path: Path) -> None:
+    """The notes end with a call of the lock API from the operator's machine. Pasted as
+    printed, it is answered with the configuration, not 401: in kubernetes mode (the chart's
+    default) it sends a token of Atlantis's ServiceAccount, which the chart binds to the
+    locker role in the release namespace, the namespace of the service's reviews."""
+    helm = Helm(setup.cluster, tmp_path / "helm-home")
+    notes = helm.notes(setup.namespace, f"--set=service.port={setup.service.port}")
+    commands = notes_commands(notes)
+    assert [c.split()[0] for c in commands] == ["export", "curl"], notes
+    assert commands[1].endswith(f"http://127.0.0.1:{setup.service.port}/v1/config"), notes
+    script = "set -eu\n" + "\n".join(commands) + " -o body.json -w '%{http_code}'\n"
+    done = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                          env=setup.cluster.env(), timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "200", (done.stdout, (tmp_path / "body.json").read_text())
+    assert "routing" in json.loads((tmp_path / "body.json").read_text())

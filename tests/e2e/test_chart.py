@@ -48,6 +48,7 @@ from tests.support.helm import (
     Helm,
     OperatorProcess,
     image_runtime,
+    notes_commands,
     rendered_objects,
     service_account_kubeconfig,
 )
@@ -333,6 +334,38 @@ def test_with_tls_the_test_hook_and_the_service_monitor_speak_https(
                 context.wrap_socket(raw, server_hostname=endpoint["tlsConfig"]["serverName"]):
             pass  # the handshake verified the certificate for that name
 
+
+
+@pytest.mark.parametrize(("args", "commands", "url"), [
+    pytest.param(("--set", "tls.secretName=el-tls", "--set", "auth.atlantis.namespace=ci"), [
+        "export ENHANCED_LOCKING_TOKEN=$(kubectl create token atlantis -n ci)",
+        'curl -sk -H "Authorization: Bearer $ENHANCED_LOCKING_TOKEN" '
+        "https://127.0.0.1:4142/v1/config",
+    ], "https://notes-el.atlantis.svc:4142", id="kubernetes-tls"),
+    pytest.param(("--set", "auth.audience=enhanced-locking,auth.atlantis.bind=false"), [
+        "export ENHANCED_LOCKING_TOKEN=$(kubectl create token <account> -n <its namespace> "
+        "--audience=enhanced-locking)",
+        'curl -s -H "Authorization: Bearer $ENHANCED_LOCKING_TOKEN" '
+        "http://127.0.0.1:4142/v1/config",
+    ], "http://notes-el.atlantis.svc:4142", id="kubernetes-audience"),
+    pytest.param(("--set", "auth.mode=static,auth.tokensSecret=el-tokens"), [
+        "export ENHANCED_LOCKING_TOKEN=<a token of tokens.csv in Secret el-tokens>",
+        'curl -s -H "Authorization: Bearer $ENHANCED_LOCKING_TOKEN" '
+        "http://127.0.0.1:4142/v1/config",
+    ], "http://notes-el.atlantis.svc:4142", id="static"),
+    pytest.param(("--set", "auth.mode=none,auth.insecureAllowUnauthenticated=true"), [
+        "curl -s http://127.0.0.1:4142/v1/config",
+    ], "http://notes-el.atlantis.svc:4142", id="none"),
+])
+def test_the_install_notes_call_the_api_with_its_scheme_and_the_token_it_asks_for(
+    helm: Helm, args: tuple[str, ...], commands: list[str], url: str
+) -> None:
+    """The notes' call of the lock API speaks HTTPS when the API serves only that, and sends
+    the bearer token each access mode asks for (tests/e2e/test_access_kubernetes.py pastes the
+    default's against a real service)."""
+    notes = helm.notes("atlantis", *args)
+    assert notes_commands(notes) == commands, notes
+    assert f"From Atlantis and other pods: {url}\n" in notes, notes
 
 def test_the_pod_can_write_where_the_image_writes(helm: Helm) -> None:
     """The Dockerfile's data dir and HOME are the pod's writable mounts; nothing else is."""

@@ -78,10 +78,28 @@ class Helm:
         out = self.run("template", "t", str(CHART_DIR), "-n", "atlantis", *flags, *args).stdout
         return rendered_objects(out)
 
+    def notes(self, namespace: str, *args: str) -> str:
+        """The notes ``helm install`` prints for the chart with ``args`` (a client-side dry run:
+        nothing is installed; names of its own, so that Helm finds none of its objects taken,
+        and no CRDs or CRs, whose kinds the cluster may not serve)."""
+        printed = self.run("install", "notes", str(CHART_DIR), "-n", namespace, "--dry-run=client",
+                           "--set=fullnameOverride=notes-el", "--set=crds.install=false",
+                           "--set=lockPolicy.create=false,lockMigration.create=false",
+                           *args).stdout
+        assert "NOTES:" in printed, printed
+        return printed.split("NOTES:", 1)[1]
+
     def values(self, release: str, namespace: str) -> dict[str, Any]:
         out = self.run("get", "values", release, "-n", namespace, "-o", "json").stdout
         data: dict[str, Any] = json.loads(out) or {}
         return data
+
+
+def notes_commands(notes: str) -> list[str]:
+    """The commands the install notes give for calling the lock API from the operator's
+    machine, all but the port-forward (which needs a kubelet)."""
+    return [line.strip() for line in notes.splitlines()
+            if line.strip().startswith(("export ENHANCED_LOCKING_TOKEN=", "curl "))]
 
 
 def rendered_objects(manifest: str) -> list[dict[str, Any]]:
