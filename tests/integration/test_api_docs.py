@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -118,10 +119,13 @@ def test_the_enhanced_examples_work_as_written(
     # The last line follows the events until stopped: its first line says it follows.
     command = ["bash", "-c", "exec " + follow[0].replace("http://127.0.0.1:4142", service.url)]
     with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as events:
+        stop = threading.Timer(60, events.kill)  # a stream that says nothing fails, not hangs
+        stop.start()
         try:
             assert events.stdout is not None
             assert events.stdout.readline().startswith(": following")
         finally:
+            stop.cancel()
             events.kill()
 
 
