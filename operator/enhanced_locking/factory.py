@@ -368,6 +368,7 @@ class LockService:
             return  # never enabled, nothing held there: nothing to build, no request reaches it
         identity = backend_identity(config, config.backend)
         if identity == self._enhanced_identity:
+            self._honouring = self._honouring and not config.enabled  # on: its store in force
             return
         backend = self._build(config, config.backend, "enhanced")
         self._watch_unreadable("enhanced", backend)
@@ -375,10 +376,15 @@ class LockService:
         try:
             await backend.ping()
             await _clean_keys(backend)
-            if self.enhanced is None:
+            if self.enhanced is None or self._honouring:
+                # A locker built at the start only to honour what its store held (enhanced
+                # locking off) is not copied from: the settings in force now name another
+                # store, and what the one it was built on holds may be a copy a switch away
+                # from it left behind (a switch copies), released since in the store it went to.
                 locker = self._locker(backend)
                 await locker.start()
                 previous, retired = self._swap(config, backend, locker, identity)
+                self._honouring = self._honouring and not config.enabled
             else:
                 # From the export to the swap the old locker must not change its store (a grant
                 # made then would never reach the new one, a release would leave its copy held):

@@ -10,10 +10,18 @@ docs/02-migration.md, "Abort, disable, shadow").
 from __future__ import annotations
 
 import concurrent.futures
+from datetime import UTC, datetime
+from pathlib import Path
 
 import httpx
 import pytest
-from tests.conftest import ServiceFactory
+from tests.conftest import ServiceFactory, ServiceMaker
+from tests.support.locks import request_for
+from tests.support.redis_server import RedisServer
+
+from enhanced_locking.backends import EmbeddedBackend
+from enhanced_locking.backends.redis_store import RedisBackend
+from enhanced_locking.types import Lock, Pull, User
 
 
 def acquire(url: str, *, pull: int, wait: str | None = None) -> httpx.Response:
@@ -61,3 +69,34 @@ def test_a_hold_on_the_enhanced_side_is_honoured_after_a_restart_switched_off(
     lock = granted.json()["lock"]
     assert (lock["pull"]["num"], lock["backend"]) == (13, "legacy")
     assert lock["fencingToken"] > held.json()["lock"]["fencingToken"]
+
+
+@pytest.mark.redis
+async def test_what_a_store_left_is_not_carried_to_the_store_the_settings_then_name(
+    redis_server: RedisServer, make_service: ServiceMaker, data_dir: Path,
+) -> None:
+    """As the operator starts: its own settings off on the embedded store (the chart's), then
+    the LockPolicy's, on, on Redis. A lock the embedded store still holds (left by a switch to
+    Redis, which copies) is honoured from the start, but not copied into Redis with the switch
+    the policy makes: there the key is free, and granted."""
+    left = EmbeddedBackend(data_dir / "enhanced-locking.db", "enhanced")
+    try:
+        assert not await left.adopt([Lock(
+            key=request_for(pull=12).key, project=request_for(pull=12).project,
+            workspace="default", pull=Pull(num=12), user=User(username="bob"),
+            acquired_at=datetime.now(UTC), backend="enhanced", fencing_token=5)], {})
+    finally:
+        await left.close()
+    service = await make_service()
+    refused = await service.router.acquire(request_for(pull=13))
+    assert not refused.acquired and refused.holder is not None
+    assert refused.holder.pull.num == 12
+
+    await service.provider.set_layer("cluster", {"enabled": True, "backend": "redis",
+                                                 "redis_addr": redis_server.addr})
+    enhanced = service.enhanced
+    assert enhanced is not None and isinstance(enhanced.backend, RedisBackend)
+    assert await enhanced.backend.list() == []
+    granted = await service.router.acquire(request_for(pull=13))
+    assert granted.acquired and granted.lock is not None, granted
+    assert (granted.lock.pull.num, granted.lock.backend) == (13, "enhanced")
