@@ -353,8 +353,25 @@ def _operator(args: argparse.Namespace) -> int:
         standalone=args.standalone, leader_election=args.leader_election, lease=args.lease,
         lease_duration=args.lease_duration, rollout_interval=args.rollout_interval,
     )
-    return asyncio.run(_run_service(config, args.host, _port_setting(args), operator=options,
+    port = _port_setting(args)
+    if args.liveness is not None:
+        _check_liveness_port(args.liveness, args.host, port)
+    return asyncio.run(_run_service(config, args.host, port, operator=options,
                                     sources=sources))
+
+
+def _check_liveness_port(liveness: str, host: str, port: int) -> None:
+    """kopf's liveness endpoint cannot listen where the lock API does: kopf's would not bind,
+    after the CRs were applied. The pair is the user's setting: one line and exit 2."""
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(liveness)
+    anywhere = ("0.0.0.0", "::", "")
+    if (parts.port or 80) == port and (
+            parts.hostname == host or parts.hostname in anywhere or host in anywhere):
+        print(f"enhanced-locking: --liveness {liveness}: port {port} is the lock API's "
+              f"(--port {port}); give kopf's endpoint a port of its own", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
 
 
 def _bound_server(base: Any, bound: socket.socket) -> Any:

@@ -463,6 +463,11 @@ def test_config_settings_the_deployment_environment_sets_are_refused_naming_the_
     [
         (["--set", "redis.auth.create=true"], "redis.auth.create needs redis.auth.password"),
         (
+            ["--set", "operator.livenessPort=4142"],
+            "operator.livenessPort=4142 is service.port: kopf's liveness endpoint needs a port "
+            "of its own",
+        ),
+        (
             ["--set", "redis.auth.create=true,redis.auth.password=p,redis.auth.existingSecret=s"],
             "either create (with password) or existingSecret",
         ),

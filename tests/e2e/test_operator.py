@@ -22,7 +22,7 @@ import yaml
 from tests.support.controlplane import KubeCluster
 from tests.support.operator import OperatorProcess, apply, cr, ready_condition
 from tests.support.redis_server import RedisServer
-from tests.support.service import scrubbed_env
+from tests.support.service import free_port, scrubbed_env
 from tests.support.waiting import wait_for
 
 from enhanced_locking.hashing import bucket_of, is_enhanced_bucket
@@ -506,3 +506,25 @@ def test_a_stopped_operator_leaves_ready_unknown_and_a_started_one_sets_it_again
     operator.start(deadline=60)
     settled(kube_cluster, operator, POLICIES, "default", 1)
     settled(kube_cluster, operator, MIGRATIONS, "to-enhanced", 1)
+
+
+def test_a_liveness_endpoint_on_the_api_port_is_refused_naming_both_flags(
+    kube_cluster: KubeCluster, kube_namespace: str, lock_crds: None, tmp_path: Path
+) -> None:
+    """kopf's liveness endpoint and the lock API cannot share a port (one of the two would not
+    bind): the operator refuses the pair as invalid usage, naming both flags, before it
+    starts anything."""
+    apply(kube_cluster, kube_namespace, policy(enabled=True, backend="memory"),
+          migration(weight=25))
+    port = free_port()
+    operator = OperatorProcess(tmp_path / "data", kubeconfig=kube_cluster.kubeconfig,
+                               namespace=kube_namespace, log_dir=tmp_path / "logs", port=port)
+    operator.liveness_port = port
+    result = subprocess.run(operator.argv, capture_output=True, text=True, timeout=90,
+                            env=scrubbed_env({"KUBECONFIG": str(kube_cluster.kubeconfig)}))
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert "--liveness" in last and f"--port {operator.port}" in last, result.stderr
+    assert "Traceback" not in result.stderr
+    for plural, name in ((POLICIES, "default"), (MIGRATIONS, "to-enhanced")):
+        assert "status" not in (cr(kube_cluster, plural, name, kube_namespace) or {})

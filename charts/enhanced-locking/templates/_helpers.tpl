@@ -342,6 +342,9 @@ says why and what to set instead. Included by the Deployment, which every render
 {{- if and (eq .Values.auth.mode "static") (not .Values.auth.tokensSecret) }}
 {{- fail "auth.mode=static needs auth.tokensSecret (a Secret with tokens.csv)" }}
 {{- end }}
+{{- if eq (int .Values.operator.livenessPort) (int .Values.service.port) }}
+{{- fail (printf "operator.livenessPort=%v is service.port: kopf's liveness endpoint needs a port of its own" .Values.operator.livenessPort) }}
+{{- end }}
 {{- if and .Values.persistence.existingClaim (not .Values.persistence.enabled) }}
 {{- fail "persistence.existingClaim is set but persistence.enabled is false" }}
 {{- end }}
