@@ -363,12 +363,22 @@ async def test_a_key_freed_by_a_shared_holders_lease_does_not_set_the_deletions_
 
 async def test_a_free_key_whose_step_fails_leaves_the_watch_of_deletions_running(
     etcd_replicas: tuple[EtcdBackend, EtcdBackend], caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The read of the waiting keys serves each free key in turn; a step that fails on one
-    (here on a token floor that is not a number: a queue entry that cannot be read, the way
-    before, is now passed over and fails no step) is logged, and the watch of deletions and
-    its reads go on for the other keys."""
+    """The read of the waiting keys serves each free key in turn; a step that fails on one is
+    logged, and the watch of deletions and its reads go on for the other keys. The failure is
+    made here: what made a real step fail before (a queue entry that cannot be read, then a
+    token floor that is not a number) now fails no step (``test_etcd_waiter_records.py``,
+    ``test_etcd_token_floor.py``)."""
     a, b = etcd_replicas
+    expire_step = b._expire_step
+
+    async def failing(key: str, **kwargs: Any) -> Any:
+        if key == held.key:
+            raise ValueError("a step that fails")
+        return await expire_step(key, **kwargs)
+
+    monkeypatch.setattr(b, "_expire_step", failing)
     caplog.set_level(logging.WARNING, logger="enhanced_locking.backends.etcd_store")
     held = await grant(a, want(1), ttl=timedelta(seconds=1))
     await a.close()  # its replica is gone: etcd deletes the lock at its lease's end
@@ -376,9 +386,6 @@ async def test_a_free_key_whose_step_fails_leaves_the_watch_of_deletions_running
     b.grants.expect(wait.id)
     queued = await b.acquire_or_enqueue(want(2), ttl=None, wait=wait, policy=POLICY)
     assert queued.status is Status.QUEUED, queued
-    client = await b.connection.client()
-    assert client.kv is not None
-    await client.kv.put(b.fence_key(held.key), b"not a number")
     deletions = b._deletions
     assert deletions is not None
     deadline = time.monotonic() + 20

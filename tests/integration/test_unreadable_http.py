@@ -125,8 +125,11 @@ def _atlantis_redis(request: pytest.FixtureRequest) -> Store:
 
 
 def _etcd(request: pytest.FixtureRequest) -> Store:
-    cluster: EtcdCluster = request.getfixturevalue("etcd_cluster")
-    prefix: str = request.getfixturevalue("etcd_prefix")
+    return _etcd_store(request.getfixturevalue("etcd_cluster"),
+                       request.getfixturevalue("etcd_prefix"))
+
+
+def _etcd_store(cluster: EtcdCluster, prefix: str) -> Store:
     config = etcd_config(cluster, prefix)
     return Store("enhanced", ("--enhanced-locking-enabled", "--enhanced-locking-backend=etcd",
                               f"--enhanced-locking-etcd-endpoints={','.join(cluster.endpoints)}",
@@ -348,5 +351,56 @@ async def test_a_fencing_counter_written_over_sets_its_key_aside_over_http(
     assert again.status_code == 200, again.text
     assert again.json()["lock"]["fencingToken"] >= before_ms * 1000
     assert "unreadable" not in (await http.get("/v1/locks")).json()
+    assert service.stop() == 0
+    assert "Traceback" not in service.stderr() and SECRET not in service.output(limit=10**6)
+
+
+@pytest.mark.etcd
+async def test_a_token_floor_written_over_sets_its_key_aside_over_http_on_etcd(
+    service_process: ServiceFactory, etcd_cluster: EtcdCluster, etcd_prefix: str,
+    http_of: Callable[[ServiceProcess], httpx.AsyncClient],
+) -> None:
+    """The same on etcd (``fence/{key}`` not a whole number): the key's acquire answers 409
+    ``unreadable`` as Redis's does (before, a 500 of a bare ``ValueError``), waiting or not;
+    every other key is served; a force-unlock restarts the floor from the clock and the next
+    grant is above every token the key had."""
+    store = _etcd_store(etcd_cluster, etcd_prefix)
+    service = service_process(*store.flags)
+    http = http_of(service)
+    first = await http.post("/v1/locks", json=body("bad", 1))
+    assert first.status_code == 200, first.text
+    freed = await http.delete("/v1/locks/by-key", params={"key": BAD, "pull": 1})
+    assert freed.status_code == 200, freed.text
+    admin = EtcdBackend.from_config(etcd_config(etcd_cluster, etcd_prefix), "enhanced")
+    try:
+        etcd = await admin.connection.client()
+        assert etcd.kv is not None
+        await etcd.kv.put(admin.fence_key(BAD), f"token={SECRET}".encode())
+    finally:
+        await admin.close()
+    before_ms = int(time.time() * 1000)
+
+    for extra in ({}, {"wait": "1s"}):
+        refused = await http.post("/v1/locks", json=body("bad", 2, **extra))
+        assert refused.status_code == 409, refused.text
+        assert refused.json()["acquired"] is False and refused.json()["reason"] == "unreadable"
+        assert refused.json()["lockKey"] == BAD and "force-unlock" in refused.json()["error"]
+        assert "token floor" in refused.json()["error"]
+    by_key = await http.get("/v1/locks/by-key", params={"key": BAD})
+    assert by_key.status_code == 409 and by_key.json()["reason"] == "unreadable", by_key.text
+    good = await http.post("/v1/locks", json=body("good", 2))
+    assert good.status_code == 200, good.text
+    assert (await http.get("/readyz")).json()["ready"] is True
+    assert SECRET not in refused.text + by_key.text
+
+    cleared = await http.post("/v1/admin/force-unlock", params={"key": BAD, "reason": "bad floor"})
+    assert cleared.status_code == 200, cleared.text
+    assert cleared.json()["unreadable"]["key"] == BAD
+    assert (await http.get("/v1/locks/by-key", params={"key": BAD})).status_code == 404
+    again = await http.post("/v1/locks", json=body("bad", 2))
+    assert again.status_code == 200, again.text
+    assert again.json()["lock"]["fencingToken"] >= before_ms * 1000
+    assert again.json()["lock"]["fencingToken"] > max(
+        first.json()["lock"]["fencingToken"], good.json()["lock"]["fencingToken"])
     assert service.stop() == 0
     assert "Traceback" not in service.stderr() and SECRET not in service.output(limit=10**6)

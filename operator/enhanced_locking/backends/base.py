@@ -450,6 +450,17 @@ class StoreBackend(abc.ABC):
     @abc.abstractmethod
     def _raise_token(self, key: str, at_least: int) -> None: ...
 
+    def _check_tokens(self, keys: Sequence[str]) -> None:
+        """Raise ``LockUnreadable`` for the first of ``keys`` whose fencing counter cannot
+        serve a grant (a store whose counters something else can write over: etcd's floors),
+        asked before a grant's first write, so that nothing is granted on it."""
+        return None
+
+    def _restart_token(self, key: str) -> None:
+        """A force-unlock of ``key``: a fencing counter that cannot serve a grant starts
+        again, above every token handed out for the key (etcd's floor, from the clock)."""
+        return None
+
     @abc.abstractmethod
     def _scan(self, repo: str | None, pull: int | None) -> Locks:
         """Every lock (both modes), optionally of one repository and/or pull; unreadable ones
@@ -665,11 +676,18 @@ class StoreBackend(abc.ABC):
                 if not held.expired(now):
                     for group in policies.groups_of(parts_of(held), policy.rules):
                         counts[group] = counts.get(group, 0) + 1
-        return policies.verdict(
+        decision = policies.verdict(
             owner=owner, mode=mode, keys=[parts_of(lock) for lock in locks], holders=holders,
             exclusive_waiting=waiting, group_counts=counts, rules=policy.rules, now=now,
             new=new,
         )
+        if decision.verdict is policies.Verdict.GRANT:
+            # The keys the grant stamps a token on (not those the pull holds already, as it
+            # asks): a counter that cannot serve it sets the request back, as a holder would.
+            self._check_tokens([lock.key for lock in locks if not any(
+                h.owner == owner and not (mode == "exclusive" and h.mode == "shared")
+                for h in holders[lock.key])])
+        return decision
 
     # --- queues -------------------------------------------------------------------------------
     def _serve_queues(self, keys: Sequence[str], now: datetime, policy: QueuePolicy,
@@ -1108,6 +1126,8 @@ class StoreBackend(abc.ABC):
                 self._purge(key)
                 self._unreadable_change(lambda u: u.cleared(key))
                 holders = []
+            if owner is None:
+                self._restart_token(key)
             if owner is not None:
                 mine = [h for h in holders if h.owner == owner
                         and (token is None or h.fencing_token == token)]

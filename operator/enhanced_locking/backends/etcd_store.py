@@ -679,6 +679,8 @@ class EtcdBackend(StoreBackend):
         self._unreadable_records: set[tuple[bytes, int]] = set()
         """Waiter records (etcd key, revision) that could not be read: passed over, logged
         once (``readable_waiter``)."""
+        self._bad_floors: set[str] = set()
+        """Keys whose token floor is not a whole number: set aside, logged once (``_floor``)."""
         self._notices_watched = 0
         """The newest notice the current watch of notices has brought (``_follow``)."""
         self._history = (0, 0)
@@ -1124,12 +1126,47 @@ class EtcdBackend(StoreBackend):
         if (lock.expired(self.clock()) or (owner is not None and lock.owner != owner)
                 or any(kv.value is not None for kv in txn.scan(self.shared_prefix(key)).values())):
             return None
+        if owner is None:
+            self._restart_token(key)  # a force-unlock also repairs a floor written over
         self._delete(key)
         return lock
 
     def _floor(self, key: str) -> int | None:
-        kv = _txn().get(self.fence_key(key))
-        return None if kv.value is None else int(kv.value)
+        """``key``'s token floor (``None``: none stored yet); one that is not a whole number
+        (written over by something else) raises ``LockUnreadable``: the key is set aside, as
+        a fencing counter written over is on Redis, until a force-unlock restarts it."""
+        value = _txn().get(self.fence_key(key)).value
+        if value is None:
+            return None
+        if value.isdigit():  # (bytes: ASCII digits only)
+            return int(value)
+        found = codec.unreadable(key, value, None, side=self.namespace,
+                                 reason="its token floor is not a whole number")
+        if key not in self._bad_floors:
+            if len(self._bad_floors) >= _UNREADABLE_KEPT:
+                self._bad_floors.clear()
+            self._bad_floors.add(key)
+            log.warning("etcd %s: the token floor of %s is not a whole number (%d bytes, "
+                        "digest %s); nothing is granted on it until a force-unlock restarts "
+                        "it from the clock", self.connection.where, key, found.size,
+                        found.digest)
+        raise LockUnreadable(found)
+
+    def _clock_floor(self) -> int:
+        """The floor a floor that is not a whole number restarts from: the clock's (ms x
+        1000, above any token handed out before, as a Redis counter restarted after a loss)."""
+        return _ms(self.clock()) * 1000
+
+    def _check_tokens(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            self._floor(key)
+
+    def _restart_token(self, key: str) -> None:
+        try:
+            self._floor(key)
+        except LockUnreadable:
+            _txn().put(self.fence_key(key), str(self._clock_floor()).encode())
+            self._bad_floors.discard(key)
 
     def _next_token(self, key: str) -> int:
         txn = _txn()
@@ -1149,13 +1186,24 @@ class EtcdBackend(StoreBackend):
         txn = _txn()
         prefix = self.base + b"fence/"
         revision = max((rev for rev, _ in txn.reads.ranges.values()), default=0)
-        return {
-            unquote(k[len(prefix):].decode()): revision + int(kv.value)
-            for k, kv in txn.scan(prefix).items() if kv.value is not None
-        }
+        tokens = {unquote(k[len(prefix):].decode()): kv.value
+                  for k, kv in txn.scan(prefix).items() if kv.value is not None}
+        damaged = sorted(key for key, value in tokens.items() if not value.isdigit())
+        if damaged:
+            # Floors that are not whole numbers (written over): unknown, so the clock's, as a
+            # force-unlock restarts them, above any token they handed out.
+            log.warning("etcd %s: the token floors of %s are not whole numbers; exported as "
+                        "the clock's (%d)", self.connection.where, ", ".join(damaged),
+                        self._clock_floor())
+        return {key: revision + (int(value) if value.isdigit() else self._clock_floor())
+                for key, value in tokens.items()}
 
     def _raise_token(self, key: str, at_least: int) -> None:
-        floor = self._floor(key) or 0
+        try:
+            floor = self._floor(key) or 0
+        except LockUnreadable:  # not a whole number: restarted from the clock (or higher)
+            floor, at_least = -1, max(at_least, self._clock_floor())
+            self._bad_floors.discard(key)
         if at_least > floor:
             _txn().put(self.fence_key(key), str(at_least).encode())
 
@@ -2355,8 +2403,16 @@ class EtcdBackend(StoreBackend):
         return granted, held
 
     async def get(self, key: str) -> Lock | None:
-        return await self._atomic(lambda: StoreBackend.get(self, key),
-                                  keys=(self.lock_key(key),), key=key)
+        async def run() -> Lock | None:
+            lock = await StoreBackend.get(self, key)
+            if lock is None:
+                # A free key whose floor is written over reads as set aside (as on Redis,
+                # where its lock hash is marked), so a force-unlock says it cleared it. Its
+                # floor is read for a free key only: a read of a held key costs nothing more.
+                self._floor(key)
+            return lock
+
+        return await self._atomic(run, keys=(self.lock_key(key),), key=key)
 
     async def list(self, *, repo: str | None = None, pull: int | None = None) -> Locks:
         return await self._atomic(lambda: StoreBackend.list(self, repo=repo, pull=pull),
