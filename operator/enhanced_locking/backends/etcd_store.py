@@ -2407,12 +2407,13 @@ class EtcdBackend(StoreBackend):
             lock = await StoreBackend.get(self, key)
             if lock is None:
                 # A free key whose floor is written over reads as set aside (as on Redis,
-                # where its lock hash is marked), so a force-unlock says it cleared it. Its
-                # floor is read for a free key only: a read of a held key costs nothing more.
+                # where its lock hash is marked), so a force-unlock says it cleared it. The
+                # floor is read with the lock, in the same round trip: a batch reads each of
+                # its keys first (the keys its pull holds already), most of them free.
                 self._floor(key)
             return lock
 
-        return await self._atomic(run, keys=(self.lock_key(key),), key=key)
+        return await self._atomic(run, keys=self._keys_of(key), key=key)
 
     async def list(self, *, repo: str | None = None, pull: int | None = None) -> Locks:
         return await self._atomic(lambda: StoreBackend.list(self, repo=repo, pull=pull),
