@@ -30,7 +30,6 @@ from enhanced_locking.events import EventBus, SwitchingBus
 from enhanced_locking.locking import EnhancedLocker, LegacyLocker
 from enhanced_locking.metrics import Metrics
 from enhanced_locking.migration import Router
-from enhanced_locking.migration.conflicts import ConflictBook
 from enhanced_locking.migration.controller import MigrationController, default_replica_id
 from enhanced_locking.migration.handover import settle_counters
 from enhanced_locking.migration.rekey import clean_stored_keys
@@ -206,17 +205,19 @@ async def _clean_keys(backend: Backend) -> None:
 
 
 async def _left_while_off(config: EnhancedLockingConfig, backend: Backend,
-                          legacy: Backend, conflicts: ConflictBook) -> Locks:
+                          legacy: Backend) -> Locks:
     """The locks ``backend``, the enhanced store of ``config``, holds at a start with enhanced
     locking off: ones taken before it was switched off (or copied there by ``migrate import``),
     which the router honours only when the enhanced locker is built (none: nothing to build).
     Both sides' counters are settled first, as a move to weight 0 settles them, so a key's
-    tokens keep rising on legacy (and a key held on both sides is reported). A store that
-    cannot be read is said in the log: holds there, if any, are not honoured."""
+    tokens keep rising on legacy. A key held on both sides is not reported as a conflict here:
+    the settings applied next may name another store, and this one's locks be copies a switch
+    left behind (see :meth:`LockService._apply`). A store that cannot be read is said in the
+    log: holds there, if any, are not honoured."""
     try:
         await backend.ping()
         await settle_counters(legacy=legacy, enhanced=backend, leaving=lambda bucket: True,
-                              conflicts=conflicts)
+                              conflicts=None)
         return await backend.list()
     except LockingError as error:
         log.warning("enhanced locking is off (enhanced-locking-enabled) and its %s store could "
@@ -339,8 +340,7 @@ class LockService:
         config = self.provider.current.config
         if not config.enabled and self._left_on_enhanced(config):
             held = await _left_while_off(
-                config, self._build(config, config.backend, "enhanced"), self.legacy_backend,
-                self.migration.conflicts)
+                config, self._build(config, config.backend, "enhanced"), self.legacy_backend)
             if held:
                 # Honoured as after enhanced locking is switched off while serving: held until
                 # their release, and the keys' new grants on legacy (docs/02-migration.md).

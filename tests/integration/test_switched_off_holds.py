@@ -79,14 +79,7 @@ async def test_what_a_store_left_is_not_carried_to_the_store_the_settings_then_n
     the LockPolicy's, on, on Redis. A lock the embedded store still holds (left by a switch to
     Redis, which copies) is honoured from the start, but not copied into Redis with the switch
     the policy makes: there the key is free, and granted."""
-    left = EmbeddedBackend(data_dir / "enhanced-locking.db", "enhanced")
-    try:
-        assert not await left.adopt([Lock(
-            key=request_for(pull=12).key, project=request_for(pull=12).project,
-            workspace="default", pull=Pull(num=12), user=User(username="bob"),
-            acquired_at=datetime.now(UTC), backend="enhanced", fencing_token=5)], {})
-    finally:
-        await left.close()
+    await _plant(data_dir, "enhanced", pull=12, token=5)
     service = await make_service()
     refused = await service.router.acquire(request_for(pull=13))
     assert not refused.acquired and refused.holder is not None
@@ -100,3 +93,35 @@ async def test_what_a_store_left_is_not_carried_to_the_store_the_settings_then_n
     granted = await service.router.acquire(request_for(pull=13))
     assert granted.acquired and granted.lock is not None, granted
     assert (granted.lock.pull.num, granted.lock.backend) == (13, "enhanced")
+
+
+@pytest.mark.redis
+async def test_a_key_a_store_left_held_beside_a_legacy_hold_is_no_conflict_after_the_switch(
+    redis_server: RedisServer, make_service: ServiceMaker, data_dir: Path,
+) -> None:
+    """The same start, with the key held on legacy by another pull as well: the copy the
+    embedded store kept is no lock of the store the policy names, and no conflict is reported
+    (one would leave the migration Degraded, its Event sent, until the next start said so
+    again)."""
+    await _plant(data_dir, "enhanced", pull=12, token=5)
+    await _plant(data_dir, "legacy", pull=14, token=7)
+    service = await make_service()
+    await service.provider.set_layer("cluster", {"enabled": True, "backend": "redis",
+                                                 "redis_addr": redis_server.addr})
+    assert service.migration.conflicts.keys() == []
+    refused = await service.router.acquire(request_for(pull=13))
+    assert not refused.acquired and refused.holder is not None
+    assert (refused.holder.pull.num, refused.holder.backend) == (14, "legacy")
+
+
+async def _plant(data_dir: Path, side: str, *, pull: int, token: int) -> None:
+    """A lock of ``pull`` on the key of :func:`request_for` in the embedded store's ``side``."""
+    store = EmbeddedBackend(data_dir / "enhanced-locking.db", side)
+    try:
+        asked = request_for(pull=pull)
+        assert not await store.adopt([Lock(
+            key=asked.key, project=asked.project, workspace="default", pull=Pull(num=pull),
+            user=User(username="bob"), acquired_at=datetime.now(UTC), backend=side,
+            fencing_token=token)], {})
+    finally:
+        await store.close()

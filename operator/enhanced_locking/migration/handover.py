@@ -130,9 +130,10 @@ async def settle_counters(
     legacy: Backend,
     enhanced: Backend,
     leaving: Callable[[int], bool],
-    conflicts: ConflictBook,
+    conflicts: ConflictBook | None,
 ) -> int:
-    """For keys whose bucket stops moving: align both sides' counters, report double holds.
+    """For keys whose bucket stops moving: align both sides' counters, report double holds
+    (to ``conflicts``; ``None``: the counters only).
 
     Returns how many counters were raised. Raises ``BackendUnavailable`` if a side does not
     answer (the move then stays unsettled and is tried again).
@@ -152,6 +153,8 @@ async def settle_counters(
         await enhanced.adopt([], raise_enhanced)
     if raise_legacy:
         await legacy.adopt([], raise_legacy)
+    if conflicts is None:
+        return len(raise_enhanced) + len(raise_legacy)
     held_legacy = {lock.key: lock for lock in legacy_locks if lock.key in keys}
     for lock in enhanced_locks:
         other = held_legacy.get(lock.key)
