@@ -762,6 +762,22 @@ async def followed_past_one_event(bus: EtcdEventBus) -> tuple[
     return following, before
 
 
+async def gap_then_resumed(bus: EtcdEventBus, following: AsyncIterator[Event | Gap | Following],
+                           before: Event, key: str) -> Event:
+    """The follower hears a ``gap``; a reader resuming after ``before`` is told the gap after
+    it, then follows, and an event published now on ``key`` comes to it (returned)."""
+    gap = await asyncio.wait_for(anext(following), 30)
+    assert isinstance(gap, Gap), gap
+    again = bus.follow(after=before.id, max_lag=1000, announce=True)
+    first = await asyncio.wait_for(anext(again), 10)
+    assert isinstance(first, Gap) and first.after == before.id, first
+    assert isinstance(await asyncio.wait_for(anext(again), 10), Following)
+    bus.publish("fallback", key=key, action="legacy")
+    event = await asyncio.wait_for(anext(again), 30)
+    assert isinstance(event, Event) and event.key == key, event
+    return event
+
+
 async def test_readers_hear_a_gap_and_the_new_history_when_etcds_revision_goes_back(
     tmp_path: Path,
 ) -> None:
@@ -787,15 +803,7 @@ async def test_readers_hear_a_gap_and_the_new_history_when_etcds_revision_goes_b
             old.discard()
             fresh = old.anew(tmp_path / "b", token=old.token).start()
             try:
-                gap = await asyncio.wait_for(anext(following), 30)
-                assert isinstance(gap, Gap), gap
-                again = bus.follow(after=before.id, max_lag=1000, announce=True)
-                first = await asyncio.wait_for(anext(again), 10)
-                assert isinstance(first, Gap) and first.after == before.id, first
-                assert isinstance(await asyncio.wait_for(anext(again), 10), Following)
-                bus.publish("fallback", key="restored", action="legacy")
-                event = await asyncio.wait_for(anext(again), 30)
-                assert isinstance(event, Event) and event.key == "restored", event
+                event = await gap_then_resumed(bus, following, before, "restored")
                 assert parse_event_id(event.id) < parse_event_id(before.id)
             finally:
                 fresh.discard()
@@ -885,15 +893,7 @@ async def test_readers_hear_a_gap_when_etcd_is_restored_with_its_revision_bumped
                 put_blocking(fresh, [f"/bumped/other-{n}" for n in range(40)])
                 now = compacted_blocking(fresh)
                 assert parse_event_id(before.id)[0] < now
-                gap = await asyncio.wait_for(anext(following), 30)
-                assert isinstance(gap, Gap), gap
-                again = bus.follow(after=before.id, max_lag=1000, announce=True)
-                first = await asyncio.wait_for(anext(again), 10)
-                assert isinstance(first, Gap) and first.after == before.id, first
-                assert isinstance(await asyncio.wait_for(anext(again), 10), Following)
-                bus.publish("fallback", key="bumped", action="legacy")
-                event = await asyncio.wait_for(anext(again), 30)
-                assert isinstance(event, Event) and event.key == "bumped", event
+                event = await gap_then_resumed(bus, following, before, "bumped")
                 assert parse_event_id(event.id)[0] > now
             finally:
                 fresh.discard()
