@@ -234,7 +234,7 @@ def render_tree(summary: RolloutSummary, style: terminal.Style) -> str:
 
 def _status(cluster: Cluster, args: argparse.Namespace) -> int:
     style = terminal.Style()
-    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    deadline = time.monotonic() + args.timeout if args.timeout else None
     shown: object = None
     while True:
         summary = summarize(cluster.get(args.namespace, args.name), now=datetime.now(UTC))

@@ -186,21 +186,6 @@ def test_status_watch_follows_the_rollout_until_it_completes(
     assert "│   └── ✔ 3. setWeight 100" in last
 
 
-
-def test_status_watch_with_a_timeout_of_0_gives_up_at_once(
-    kube_cluster: KubeCluster, kube_namespace: str, lock_crds: None,
-) -> None:
-    """``--timeout 0`` is a time like any other (the flag takes 0 or more): the watch shows the
-    rollout once and, as it is not done, gives up with exit 1, not waits for ever."""
-    apply(kube_cluster, kube_namespace, "LockMigration", "to-enhanced",
-          {"policyRef": {"name": "default"}, "steps": STEPS})
-    given_up = plugin(kube_cluster, "rollout", "status", "--watch", "--timeout", "0",
-                      "-n", kube_namespace)
-    assert given_up.returncode == 1, given_up.stderr
-    assert given_up.stdout.startswith(f"LockMigration {kube_namespace}/to-enhanced\n")
-    assert given_up.stderr.startswith("kubectl-locking: --timeout: the rollout is still "), \
-        given_up.stderr
-
 def test_abort_takes_back_a_full_promotion_and_a_full_promotion_an_abort(
     kube_cluster: KubeCluster, kube_namespace: str, lock_crds: None,
 ) -> None:
