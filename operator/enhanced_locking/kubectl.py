@@ -497,7 +497,9 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--watch", "-w", action="store_true",
                         help="keep showing it until the rollout completes, aborts or degrades")
     status.add_argument("--timeout", type=_seconds(above_zero=False), default=None,
-                        metavar="SECONDS", help="with --watch: give up (exit 1) after this long")
+                        metavar="SECONDS",
+                        help="with --watch: give up (exit 1) after this long; 0: never, as with "
+                        "kubectl rollout status")
     status.add_argument("--interval", type=_seconds(above_zero=True), default=1.0,
                         metavar="SECONDS", help=argparse.SUPPRESS)
     _output(status)
