@@ -19,7 +19,8 @@ from tests.support.leases import Overrun, past, with_leases
 from tests.support.locks import candidate_for, request_for
 from tests.support.queues import QUEUE_BACKEND_KINDS, rig_for
 
-from enhanced_locking.backends import QueueBackend
+from enhanced_locking.backends import QueueBackend, base
+from enhanced_locking.backends.memory import MemoryBackend
 from enhanced_locking.backends.waiting import Notice, QueuePolicy, Status, Wait
 from enhanced_locking.types import Candidate, LockNotHeld, LockNotOwned, Priority, Reason
 
@@ -542,3 +543,26 @@ async def test_fencing_tokens_keep_rising_in_a_reopened_store(
     assert isinstance(second, QueueBackend)
     again = (await second.acquire_or_enqueue(want(2), ttl=None, wait=None, policy=FIFO)).locks[0]
     assert tokens == sorted(set(tokens)) and again.fencing_token > tokens[-1]
+
+
+async def test_the_answers_counted_with_a_hold_are_bounded_as_the_grants_remembered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A pull answered with its own hold on many keys in turn (a plan run again on each project)
+    # is counted per key (``_told``); only a grant still remembered is ever given back through
+    # that count, so the count keeps as many keys as grants are remembered, the newest.
+    monkeypatch.setattr(base, "_GRANTS_REMEMBERED", 3)
+    backend = MemoryBackend("enhanced")
+    keys = []
+    for n in range(8):
+        first = await backend.acquire_or_enqueue(want(1, path=f"envs/e{n}"), ttl=None,
+                                                 wait=None, policy=FIFO)
+        again = await backend.acquire_or_enqueue(want(1, path=f"envs/e{n}"), ttl=None,
+                                                 wait=None, policy=FIFO)
+        assert again.status is Status.GRANTED and not again.fresh, again
+        keys.append(first.locks[0].key)
+    assert list(backend._told) == keys[-3:]
+    # Told again, a key is the newest: the one told longest ago goes first.
+    await backend.acquire_or_enqueue(want(1, path="envs/e5"), ttl=None, wait=None, policy=FIFO)
+    await backend.acquire_or_enqueue(want(1, path="envs/e0"), ttl=None, wait=None, policy=FIFO)
+    assert list(backend._told) == [keys[7], keys[5], keys[0]]

@@ -402,7 +402,9 @@ class StoreBackend(abc.ABC):
         # Who else of its pull was answered with a hold unchanged (``_take``), by key: its
         # token, the waiters whose grants were (``""``: a request that does not wait, never
         # taken back), and whether the hold's own grant was given back unheard (``_kept_now``).
-        self._told: dict[str, _Told] = {}
+        # Bounded as the grants remembered are (``_GRANTS_REMEMBERED``): only a grant still
+        # remembered is ever given back through it; the key told longest ago goes first.
+        self._told: collections.OrderedDict[str, _Told] = collections.OrderedDict()
         self._seq = 0
         self.served_unasked: Callable[[Handoff], None] = _untold
         """Told of a hand-off this store made on its own, not as the answer to a call (etcd:
@@ -626,6 +628,10 @@ class StoreBackend(abc.ABC):
                 told = self._told.get(template.key)
                 if told is None or told.token != mine[0].fencing_token:
                     told = self._told[template.key] = _Told(mine[0].fencing_token)
+                    while len(self._told) > _GRANTS_REMEMBERED:
+                        self._told.popitem(last=False)
+                else:
+                    self._told.move_to_end(template.key)
                 told.tellers.add(teller)
             return mine[0], False
         for lock in mine:
