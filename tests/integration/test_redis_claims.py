@@ -177,3 +177,29 @@ async def test_a_confirmation_after_the_other_grant_was_given_back_keeps_the_loc
     other = await _fail_fast(redis_backend, _asked("then-heard", "a", OTHER))
     assert other.status is Status.HELD and other.holder is not None, other
     assert other.holder.pull.num == PULL
+
+
+async def test_an_answer_between_a_cancel_and_its_give_back_keeps_the_lock(
+    redis_backend: RedisBackend,
+) -> None:
+    # ``first`` of the pull was granted ``a`` from the queue; its caller went away and its
+    # cancel answers ``a`` as the grant's own (nobody else was told). Before the locker's
+    # give-back reaches Redis, a request of the pull that does not wait is answered with
+    # ``a`` (held already): the give-back must leave it.
+    backend = redis_backend
+    policy = QueuePolicy()
+    a = _asked("between", "a", PULL)
+    assert (await _fail_fast(backend, _asked("between", "a", HOLDER))).status is Status.GRANTED
+    await _queued(backend, "between-first", a)
+    await backend.release_and_handoff(a.key, owner=(a.project.repo_full_name, HOLDER),
+                                      policy=policy)
+    left = await backend.cancel(a.key, "between-first", reason=Reason.CANCELLED, policy=policy)
+    assert left.granted and left.fresh and not left.kept, left
+    again = await _fail_fast(backend, a)
+    assert again.status is Status.GRANTED and again.kept == frozenset({a.key}), again
+    await rig_for(backend).locker._give_back(
+        Notice(locks=left.granted, fresh=left.fresh, kept=left.kept))
+    held = await backend.get(a.key)
+    assert held is not None and held.pull.num == PULL, (
+        f"the give-back freed the lock a request of its pull was answered with: {held}")
+    assert held.fencing_token == again.locks[0].fencing_token

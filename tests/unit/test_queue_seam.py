@@ -226,18 +226,23 @@ async def test_cancel_after_the_grant_won_the_race_returns_the_granted_lock(
     assert [lock.pull.num for lock in cancelled.granted] == [2]
 
 
-async def _given_back_over_a_direct_answer(backend: QueueBackend, direct_by: QueueBackend) -> None:
+async def _given_back_over_a_direct_answer(backend: QueueBackend, direct_by: QueueBackend, *,
+                                           after_cancel: bool = False) -> None:
     """Pull 2's waiter is granted the key from the queue (on Redis: claimed, unconfirmed); a
     request of pull 2 that does not wait, sent to ``direct_by`` (``backend`` or another
     replica of its store), is answered with that hold (its pull's already); then the waiter's
-    caller goes away. The locker gives back what the cancel says the grant made anew, by owner
-    and token: the hold the direct caller was told it has stays."""
+    caller goes away (``after_cancel``: it went away first, and the answer comes between its
+    cancel and the give-back). The locker gives back what the cancel says the grant made
+    anew, by owner and token: the hold the direct caller was told it has stays."""
     held = (await backend.acquire_or_enqueue(want(1), ttl=None, wait=None, policy=FIFO)).locks[0]
     waiter_id, future, _ = await queue_up(backend, want(2))
     await backend.release_and_handoff(held.key, owner=("acme/infra", 1), policy=FIFO)
+    if after_cancel:
+        cancelled = await backend.cancel(held.key, waiter_id, reason=Reason.CANCELLED)
     direct = await direct_by.acquire_or_enqueue(want(2), ttl=None, wait=None, policy=FIFO)
     assert direct.status is Status.GRANTED and direct.locks[0].pull.num == 2, direct
-    cancelled = await backend.cancel(held.key, waiter_id, reason=Reason.CANCELLED)
+    if not after_cancel:
+        cancelled = await backend.cancel(held.key, waiter_id, reason=Reason.CANCELLED)
     backend.grants.forget(waiter_id, future)
     assert [lock.pull.num for lock in cancelled.granted] == [2], cancelled
     await rig_for(backend).locker._give_back(
@@ -265,12 +270,16 @@ _NOT_COUNTED = pytest.mark.xfail(
      if name == "etcd" else pytest.param(name, marks=BACKEND_KINDS[name].marks)
      for name in QUEUE_BACKEND_KINDS], indirect=True,
 )
+@pytest.mark.parametrize("after_cancel", [False, True],
+                         ids=["before-the-cancel", "after-the-cancel"])
 async def test_a_grant_given_back_leaves_the_hold_its_pull_was_answered_with_directly(
-    queue_backend_factory: BackendFactory,
+    queue_backend_factory: BackendFactory, after_cancel: bool,
 ) -> None:
+    # After the cancel: it answered the lock as the grant's own (nobody else was told yet);
+    # the answer that came before the give-back keeps it (before, the give-back freed it).
     backend = queue_backend_factory()
     assert isinstance(backend, QueueBackend)
-    await _given_back_over_a_direct_answer(backend, backend)
+    await _given_back_over_a_direct_answer(backend, backend, after_cancel=after_cancel)
 
 
 _ANSWERS_IN_PROCESS = pytest.mark.xfail(

@@ -301,13 +301,18 @@ class QueueBackend(Backend, Protocol):
     async def release_and_handoff(
         self, key: str, *, owner: Owner | None = None, policy: QueuePolicy | None = None,
         token: int | None = None, checked: frozenset[int] | None = None,
+        unless_told: bool = False,
     ) -> Handoff:
         """Free ``key`` (with ``owner``: only if that pull holds it, else ``LockNotOwned``;
         with ``token`` too: only that hold of the pull, the lock with that fencing token)
         and hand it to the next waiter; say which lock went and who got it. ``checked``
         (without ``owner``: a force-unlock's): the fencing tokens of the holds the caller's
         right was asked about; a holder not among them (it took the key since) is
-        ``LockNotOwned`` and nothing is freed."""
+        ``LockNotOwned`` and nothing is freed. ``unless_told`` (with ``token``): the
+        give-back of a grant nobody heard, whose cancel or confirmation answered the lock as
+        the grant's own; a lock another request of its pull was answered with since (it
+        counts as told) stays, ``LockNotOwned`` (a store that does not count answers,
+        ``counts_answers`` off, gives it back)."""
         ...
 
     async def force_unlock(self, key: str, *, policy: QueuePolicy | None = None,
@@ -1102,9 +1107,13 @@ class StoreBackend(abc.ABC):
     async def release_and_handoff(
         self, key: str, *, owner: Owner | None = None, policy: QueuePolicy | None = None,
         token: int | None = None, checked: frozenset[int] | None = None,
+        unless_told: bool = False,
     ) -> Handoff:
+        told = (unless_told and token is not None and self.counts_answers
+                and (since := self._told.get(key)) is not None and since.token == token
+                and bool(since.tellers))
         if (key not in self._queues and (policy is None or not policy.limits)
-                and (checked is None or owner is not None)):
+                and (checked is None or owner is not None) and not told):
             # Nobody waits here: one step, nothing to hand over (a token's hold: only that one).
             popped = (self._pop(key, owner) if token is None
                       else None if owner is None else self._pop_exactly(key, owner, token))
@@ -1135,7 +1144,7 @@ class StoreBackend(abc.ABC):
             if owner is None:
                 self._restart_token(key)
             if owner is not None:
-                mine = [h for h in holders if h.owner == owner
+                mine = [h for h in holders if h.owner == owner and not told
                         and (token is None or h.fencing_token == token)]
                 if holders and not mine:
                     raise LockNotOwned(key, holders[0])

@@ -2596,10 +2596,12 @@ class EtcdBackend(StoreBackend):
 
     async def release_and_handoff(self, key: str, *, owner: Owner | None = None,
                                   policy: Any = None, token: int | None = None,
-                                  checked: frozenset[int] | None = None) -> Any:
+                                  checked: frozenset[int] | None = None,
+                                  unless_told: bool = False) -> Any:
         return await self._atomic(
             lambda: StoreBackend.release_and_handoff(self, key, owner=owner, policy=policy,
-                                                     token=token, checked=checked),
+                                                     token=token, checked=checked,
+                                                     unless_told=unless_told),
             keys=self._keys_of(key), prefixes=(self.queue_prefix(key), self.shared_prefix(key)),
             key=key, guess=True)
 

@@ -1167,6 +1167,7 @@ class RedisBackend:
     async def release_and_handoff(
         self, key: str, *, owner: Owner | None = None, policy: QueuePolicy | None = None,
         token: int | None = None, checked: frozenset[int] | None = None,
+        unless_told: bool = False,
     ) -> Handoff:
         repo, pull = owner if owner is not None else ("", 0)
         answer: redis_replies.Dropped | redis_replies.Release | None = None
@@ -1188,7 +1189,9 @@ class RedisBackend:
                 answer = redis_replies.release(lean, sent=believed)
         if answer is None:
             # Only that hold of the owner's; a force-unlock's checked holds, by their tokens.
-            held = ((token,) if token is not None
+            # (A give-back leaves a lock an answer told its pull it holds: release.lua.)
+            held = ((token, "unless_told") if token is not None and unless_told
+                    else (token,) if token is not None
                     else (",".join(map(str, sorted(checked))),) if checked is not None
                     and owner is None else ())
             answer = redis_replies.release(await self._run(
@@ -1427,7 +1430,7 @@ class RedisBackend:
                 with contextlib.suppress(LockNotOwned):
                     await self.release_and_handoff(
                         lock.key, owner=(lock.project.repo_full_name, lock.pull.num),
-                        token=lock.fencing_token)
+                        token=lock.fencing_token, unless_told=True)
             self.grants.deliver(waiter_id, Notice(reason=Reason.UNAVAILABLE))
         finally:
             me = asyncio.current_task()

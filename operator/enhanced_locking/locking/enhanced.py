@@ -598,14 +598,17 @@ class EnhancedLocker(AtlantisCalls):
         pull's locks it was answered with unchanged: another request of the pull holds them).
         Each by its fencing token: a give-back tried again (its first answer lost with the
         store) must not free a hold the same pull took of the key meanwhile; a lock it finds
-        not held that way was given back already."""
+        not held that way was given back already. Nor one another request of the pull was
+        answered with between the cancel that answered it as the grant's and this give-back
+        (``unless_told``)."""
         for lock in notice.locks:
             if not _granted_anew(notice.fresh, notice.kept, lock.key):
                 continue  # its pull's already when granted: not this grant's
             owner = (lock.project.repo_full_name, lock.pull.num)
             try:
                 handoff = await self.backend.release_and_handoff(
-                    lock.key, owner=owner, policy=self.policy(), token=lock.fencing_token)
+                    lock.key, owner=owner, policy=self.policy(), token=lock.fencing_token,
+                    unless_told=True)
             except LockNotOwned:
                 continue
             self._handed(handoff, how="abandoned")

@@ -6,6 +6,10 @@
 -- ARGV[14] fencing token (optional, with an owner): only the owner's lock with that token goes;
 --   without an owner (a force-unlock): the tokens of the holds the caller's right was asked
 --   about, joined by commas ('' none): a holder with another token is 'not_owned'
+-- ARGV[15] 'unless_told' (optional, with a token): the give-back of a grant nobody heard
+--   (its CANCEL or CONFIRM answered the lock as the grant's own: no answer had told its pull
+--   it holds it); a lock an answer told its pull it holds since (`told`, lib.lua `relied_on`;
+--   a shared hold: `shared_told`) stays, 'not_owned'
 -- returns {'not_owned', lock} (nothing changed), or
 --         {'released', lock or {}, granted, dropped, other locks released} where granted is a
 --         list of {waiter record, {lock...}} and dropped a list of waiter records, then the
@@ -26,11 +30,18 @@ local function uncontended()
 end
 local quick = uncontended()
 if quick then return quick end
+-- Whether an answer told h's owner it holds h (ARGV[15]).
+local function told_since(h)
+  if h.bad then return false end
+  if h[10] == 'shared' then return shared_told(h) end
+  return (tonumber(CALL('HGET', lock_name(h[1]), 'told') or '0') or 1) > 0
+end
 -- Whether h is what the call frees: the owner's lock (with ARGV[14], only its hold of that
 -- token).
 local function mine(h)
   return same_owner(h, ARGV[12], ARGV[13])
     and (ARGV[14] == nil or tonumber(h[3]) == tonumber(ARGV[14]))
+    and not (ARGV[15] == 'unless_told' and told_since(h))
 end
 -- A force-unlock's checked holds (ARGV[14] without an owner), by fencing token.
 local function checked_tokens()
