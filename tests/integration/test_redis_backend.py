@@ -354,6 +354,16 @@ async def test_on_a_redis_without_functions_the_scripts_are_called_by_sha(
             await backend.close()
 
 
+def test_every_script_compiles_as_one_text_for_a_redis_without_functions(tmp_path: Path) -> None:
+    # The library and a script as one EVAL text: Lua allows a function 200 locals, and the
+    # library alone is near them (RELEASE's own, counted with them, once went past: "main
+    # function has more than 200 local variables" on every release on such a Redis).
+    with RedisServer(tmp_path / "eval") as server, server.client() as admin:
+        loaded = {name: admin.script_load(redis_scripts.script(name))
+                  for name in redis_scripts.NAMES}
+        assert all(admin.script_exists(*loaded.values())), loaded
+
+
 async def test_waiters_granted_together_are_told_in_the_order_they_were_granted(
     backend: RedisBackend, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -249,6 +249,9 @@ FUNCTIONS = _HEADER + LIBRARY + "".join(
 
 def script(name: str) -> str:
     """Script ``name`` as one text for ``EVAL`` (the library, then the script), for a Redis
-    older than 7.0, which has no functions: the library is then set up on every call."""
+    older than 7.0, which has no functions: the library is then set up on every call. The
+    script runs in a function of its own, as in :data:`FUNCTIONS` (:func:`function_body`), so
+    that its locals are not counted with the library's against the 200 locals Lua allows a
+    function (the library alone is near them)."""
     return ("local call_keys, call_args = KEYS, ARGV\n" + LIBRARY
-            + f"{_begin(name)}(call_keys, call_args)\n" + source(f"{name.lower()}.lua"))
+            + f"return ({function_body(name)})(call_keys, call_args)\n")
