@@ -1639,14 +1639,16 @@ end
 -- once any answer told it (`told_shared`), as give_back.lua keeps it.
 local function kept_for_others(h, id, held, heard, kept)
   if h.bad then return end
+  -- A grant heard keeps its own answer (the lock it made is new to its caller; a give-back
+  -- of it later leaves what `told` counts: RELEASE's `unless_told`).
   if h[10] == 'shared' then
-    if held ~= 1 and shared_told(h) then table.insert(kept, h[1]) end
+    if held ~= 1 and not heard and shared_told(h) then table.insert(kept, h[1]) end
     return
   end
   local name = lock_name(h[1])
   local told = tonumber(CALL('HGET', name, 'told') or '0') or 1
   if held ~= 1 then
-    if told <= 0 then return end
+    if told <= 0 or heard then return end
     if not heard then w('HSET', name, 'unheard', '1') end
     table.insert(kept, h[1])
     return
