@@ -9,8 +9,8 @@
 -- ARGV[17] base priority level 0..3  ARGV[18] mode  ARGV[19] head commit ('' unknown)
 -- ARGV[20] caller ('' none)  ARGV[21..] quads: lock key, Atlantis JSON, path, workspace
 -- returns {'granted', {lock...}, fresh 0/1, the keys of those its pull held already (answered
---          unchanged; of a grant a retry takes over, those another answer told its pull it
---          holds too: lib.lua `kept_for_others`), or false when the grant a retry takes
+--          unchanged; a grant a retry takes over is heard: its own answer, lib.lua
+--          `kept_for_others`), or false when the grant a retry takes
 --          over does not say (an older replica's: lib.lua `kept_keys`)}
 --         {'took', token, at, exp}: granted by the lean path (`uncontended`), the one key as
 --          asked (the caller sent the rest of the lock)
@@ -87,7 +87,7 @@ local function main()
           -- (A lock without a claim that its pull did not hold already was heard of before.)
           if h[8] then settle_heard(h, wait_id, true) elseif pair[3] ~= 1 then unheard = false end
           table.insert(still, h)
-          -- one another answer told its pull it holds: kept (lib.lua `kept_for_others`)
+          -- heard: the grant's own answer (lib.lua `kept_for_others`)
           if kept then kept_for_others(h, wait_id, pair[3], true, kept) end
         else
           all = false

@@ -9,8 +9,8 @@
 -- or {'lost', locks it still holds and must give back} (a claim lapsed first; none that its
 -- pull held already: fresh 0, or one the grant names so, or one another answer told its pull
 -- it holds, unless its count in `told` was the last: lib.lua `kept_for_others`)
--- (granted, a lock the grant made that another answer told its pull it holds is one of
--- those its pull held already)
+-- (granted, the grant's own answer: a lock it made is new to its caller even when another
+-- answer told its pull it holds it; a give-back later leaves it: RELEASE's `unless_told`)
 -- decoded by redis_replies.confirm
 local refused = guard()
 if refused then return refused end

@@ -1629,10 +1629,12 @@ end
 -- when its caller is answered with it (CONFIRM, a retry taking it over, CANCEL on timeout or
 -- deadlock), else the grant is given back (CANCEL of a caller gone, CONFIRM of a lapsed claim).
 -- A lock the grant made is another caller's too once an answer told its pull it holds it
--- (`told`, `relied_on`: a request that does not wait, another waiter's grant, REFRESH): its
--- give-back leaves it, marked `unheard` as give_back.lua marks its own grant left to a later
--- answer, and it goes with the last of those answers given back. Another waiter's grant
--- counts in `told` from the grant on (`take`), before anyone heard it; given back unheard it
+-- (`told`, `relied_on`: a request that does not wait, another waiter's grant, REFRESH): a
+-- grant heard keeps its own answer (new; its give-back later leaves the lock by RELEASE's
+-- `unless_told`); given back unheard, it leaves it, marked `unheard` as give_back.lua marks
+-- its own grant left to a later answer, and it goes with the last of those answers given
+-- back. Another waiter's grant counts in `told` from the grant on (`take`), before anyone
+-- heard it; given back unheard it
 -- takes its count back (once a grant: the outcome's `untold:<key>`), and when no count is
 -- left and the lock's own grant was given back `unheard`, the lock goes with it (answered not
 -- kept, again as often as asked: its caller gives it back by token). A shared hold is kept
