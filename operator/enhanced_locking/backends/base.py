@@ -806,9 +806,11 @@ class StoreBackend(abc.ABC):
             if told is None or told.token != lock.fencing_token:
                 continue
             if lock.key not in grant.kept:
-                if told.tellers:
+                # Heard, the grant keeps its own answer (new): its give-back later leaves the
+                # lock by ``unless_told``, as Redis's RELEASE does.
+                if told.tellers and not heard:
                     kept.add(lock.key)
-                    told.unheard = told.unheard or not heard
+                    told.unheard = True
             elif not heard:
                 told.tellers.discard(grant.waiter.id)
                 if not told.tellers and told.unheard:
