@@ -57,10 +57,17 @@ async def replica_set(data_dir: Path) -> AsyncIterator[ReplicaSet]:
 
 
 async def _operator(service: LockService, cluster: InMemoryCluster, tmp_path: Path, wall: Wall,
-                    *, writes: bool = True) -> Reconciler:
-    driver = RolloutDriver(live_view(service), writer=Writer(writes), wall=wall)
+                    *, writes: bool = True, writer: Writer | None = None) -> Reconciler:
+    driver = RolloutDriver(live_view(service), writer=writer or Writer(writes), wall=wall)
     return Reconciler(service.provider, binding=Binding(NS, "default", "to-enhanced"),
                       cluster=cluster, runtime_dir=tmp_path, rollout=driver)
+
+
+async def _two(replica_set: ReplicaSet, first: str,
+               second: str) -> tuple[LockService, LockService, InMemoryCluster, Wall]:
+    """Two replicas of one lock service, the cluster their operators share, a wall clock."""
+    return (await replica_set.start(first, replica_heartbeat="50ms"),
+            await replica_set.start(second, replica_heartbeat="50ms"), InMemoryCluster(), Wall())
 
 
 async def _migrating(service: LockService, tmp_path: Path,
@@ -170,9 +177,8 @@ async def test_with_enhanced_locking_off_the_rollout_says_no_key_moves(
 async def test_a_replica_that_does_not_write_the_status_routes_by_it_and_stays_silent(
     replica_set: ReplicaSet, tmp_path: Path,
 ) -> None:
-    leader_service = await replica_set.start("leader", replica_heartbeat="50ms")
-    follower_service = await replica_set.start("follower", replica_heartbeat="50ms")
-    cluster, wall = InMemoryCluster(), Wall()
+    leader_service, follower_service, cluster, wall = await _two(replica_set, "leader",
+                                                                 "follower")
     leader = await _operator(leader_service, cluster, tmp_path, wall)
     silent = InMemoryCluster()  # the follower's writes, were there any, would land here
     follower = await _operator(follower_service, silent, tmp_path, wall, writes=False)
@@ -448,3 +454,48 @@ async def test_steps_given_again_after_a_fixed_weight_start_from_their_first_ste
     status = cluster.status(MIGRATIONS, "to-enhanced")
     assert (status["currentStepIndex"], status["step"], status["currentWeight"]) == (1, "2/3", 10)
     assert _condition(status, "Paused")["reason"] == "WaitingForPromote"
+
+
+async def test_a_replica_that_becomes_the_status_writer_again_routes_by_the_status_not_its_old_step(
+    replica_set: ReplicaSet, tmp_path: Path,
+) -> None:
+    # Replica a writes the status, loses the Lease, follows b's status while b advances the
+    # rollout, then holds the Lease again (b gone). The step it knew when it lost the Lease is
+    # history: it must not route by it again, not even for the one reconcile before it reads
+    # the status as the writer (a weight move back to the old step and forth again).
+    a_service, b_service, cluster, wall = await _two(replica_set, "a", "b")
+    a_writer, b_writer = Writer(True), Writer(False)
+    a = await _operator(a_service, cluster, tmp_path, wall, writer=a_writer)
+    b = await _operator(b_service, cluster, tmp_path, wall, writer=b_writer)
+    for plural, name, spec in ((POLICIES, "default", POLICY),
+                               (MIGRATIONS, "to-enhanced", migration(steps=STEPS))):
+        body = cluster.put(plural, name, spec)
+        await a.observed(plural, body)
+        await b.observed(plural, body)
+    await _tick_until(a, cluster, lambda s: s.get("phase") == "Paused", a_service, b_service)
+    assert a_service.provider.current.config.effective_weight == 10
+
+    await b.event(MIGRATIONS, cluster.objects[(MIGRATIONS, "to-enhanced")])
+    a_writer.writes = False  # a's Lease lapses; b takes it over and goes on
+    b_writer.writes, b_writer.term = True, 2
+    wall.now += timedelta(minutes=1)
+    for _ in range(200):  # b advances; a follows its status, as from its watch
+        await b.tick()
+        await a.event(MIGRATIONS, cluster.objects[(MIGRATIONS, "to-enhanced")])
+        if cluster.status(MIGRATIONS, "to-enhanced").get("currentStepIndex") == 3:
+            break
+        await _settle(a_service, b_service)
+    assert cluster.status(MIGRATIONS, "to-enhanced")["currentStepIndex"] == 3
+    assert a_service.provider.current.config.effective_weight == 50
+
+    moves: list[float] = []
+    a_service.events.subscribe(
+        lambda event: moves.append(event.details["to"])
+        if event.type == "routing-changed" and event.details.get("phase") == "moving" else None)
+    b_writer.writes = False  # b is gone; a holds the Lease again
+    a_writer.writes, a_writer.term = True, 3
+    await a.resync()
+    await a.tick()
+    assert a_service.provider.current.config.effective_weight == 50
+    assert moves == [], f"a moved keys to weight {moves} on taking the status over"
+    assert cluster.status(MIGRATIONS, "to-enhanced")["currentStepIndex"] == 3

@@ -184,8 +184,13 @@ class RolloutDriver:
 
     # --- the state ---------------------------------------------------------------------------
     def state_for(self, body: Mapping[str, Any] | None) -> RolloutState:
-        """The rollout state in force: this writer's own, else what the status says."""
-        if self.writes and self.state is not None and self._uid == _uid(body):
+        """The rollout state in force: this writer's own, else what the status says.
+
+        Its own only in the term it loaded it in (:meth:`_take_over`): a replica that lost
+        the Lease and holds it again knew a step that another writer may have moved past
+        since; until it takes the status over again, the status says where the rollout is."""
+        if self.writes and self.state is not None and self._term == self.writer.term \
+                and self._uid == _uid(body):
             return self.state
         return RolloutState.from_status(read_status((body or {}).get("status"))[0])
 
