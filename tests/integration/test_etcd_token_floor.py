@@ -133,3 +133,53 @@ async def test_an_adopted_counter_over_a_floor_written_over_starts_from_the_cloc
     granted = await a.acquire_or_enqueue(candidate_for(BAD), ttl=None, wait=None, policy=POLICY)
     assert granted.status is Status.GRANTED
     assert granted.locks[0].fencing_token >= before_ms * 1000
+
+
+async def test_a_free_key_whose_floor_is_written_over_is_listed_as_unreadable_on_every_replica(
+    etcd_replicas: tuple[EtcdBackend, EtcdBackend],
+) -> None:
+    """As a fencing counter written over is on Redis (its lock hash marked): the replica whose
+    request met the floor lists the key as unreadable at once, another replica's full list
+    finds it too, a filtered list or a lookup of another key keeps it, and a force-unlock
+    clears it everywhere. Before, it was refused but listed and counted nowhere."""
+    a, b = etcd_replicas
+    assert (await a.acquire_or_enqueue(candidate_for(BAD), ttl=None, wait=None, policy=POLICY)
+            ).status is Status.GRANTED
+    assert (await a.acquire_or_enqueue(candidate_for(GOOD), ttl=None, wait=None, policy=POLICY)
+            ).status is Status.GRANTED
+    await _spoil_floor(a, BAD.key, b"token=" + SECRET.encode())
+    assert BAD.key not in a.unreadable, "a held key is its holder's, as on Redis"
+    assert (await a.release_and_handoff(BAD.key, owner=("acme/infra", 1))).released is not None
+
+    with pytest.raises(LockUnreadable):
+        await a.acquire_or_enqueue(candidate_for(request_for(path="envs/bad", pull=2)),
+                                   ttl=None, wait=None, policy=POLICY)
+    [entry] = a.unreadable.entries()
+    assert entry.key == BAD.key and "token floor" in entry.reason
+    assert SECRET not in entry.reason
+    assert len(b.unreadable) == 0
+    assert [lock.key for lock in await b.list()] == [GOOD.key]
+    assert [e.key for e in b.unreadable.entries()] == [BAD.key], "another replica's full list"
+    # What does not read the floors keeps what was found: a list by pull, another key's step,
+    # the key's own refused acquire (never cleared and found again: one event each way).
+    told: list[tuple[str, bool]] = []
+    stop = a.unreadable.listen(lambda found, now: told.append((found.key, now)))
+    try:
+        assert [lock.key for lock in await a.list(repo="acme/infra", pull=1)] == [GOOD.key]
+        assert await a.get(GOOD.key) is not None
+        for _ in range(2):
+            with pytest.raises(LockUnreadable):
+                await a.acquire_or_enqueue(candidate_for(request_for(path="envs/bad", pull=2)),
+                                           ttl=None, wait=None, policy=POLICY)
+        assert [e.key for e in a.unreadable.entries()] == [BAD.key]
+        assert told == []
+
+        assert (await b.force_unlock(BAD.key)).released is None
+        assert len(b.unreadable) == 0
+        granted = await a.acquire_or_enqueue(candidate_for(request_for(path="envs/bad", pull=2)),
+                                             ttl=None, wait=None, policy=POLICY)
+        assert granted.status is Status.GRANTED
+        assert len(a.unreadable) == 0, "the replica that found it sees it repaired"
+        assert told == [(BAD.key, False)]
+    finally:
+        stop()

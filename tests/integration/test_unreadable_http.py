@@ -362,7 +362,8 @@ async def test_a_token_floor_written_over_sets_its_key_aside_over_http_on_etcd(
 ) -> None:
     """The same on etcd (``fence/{key}`` not a whole number): the key's acquire answers 409
     ``unreadable`` as Redis's does (before, a 500 of a bare ``ValueError``), waiting or not;
-    every other key is served; a force-unlock restarts the floor from the clock and the next
+    the key is listed and counted as unreadable as on Redis (before, neither); every other key
+    is served; a force-unlock restarts the floor from the clock and the next
     grant is above every token the key had."""
     store = _etcd_store(etcd_cluster, etcd_prefix)
     service = service_process(*store.flags)
@@ -388,15 +389,23 @@ async def test_a_token_floor_written_over_sets_its_key_aside_over_http_on_etcd(
         assert "token floor" in refused.json()["error"]
     by_key = await http.get("/v1/locks/by-key", params={"key": BAD})
     assert by_key.status_code == 409 and by_key.json()["reason"] == "unreadable", by_key.text
+    listed = await http.get("/v1/locks")
+    [entry] = listed.json()["unreadable"]
+    assert entry["key"] == BAD and "token floor" in entry["reason"]
+    metrics = await http.get("/metrics")
+    assert metric(metrics.text, "enhanced_locking_unreadable_locks", backend="enhanced") == 1
     good = await http.post("/v1/locks", json=body("good", 2))
     assert good.status_code == 200, good.text
     assert (await http.get("/readyz")).json()["ready"] is True
-    assert SECRET not in refused.text + by_key.text
+    assert SECRET not in refused.text + by_key.text + listed.text + metrics.text
 
     cleared = await http.post("/v1/admin/force-unlock", params={"key": BAD, "reason": "bad floor"})
     assert cleared.status_code == 200, cleared.text
     assert cleared.json()["unreadable"]["key"] == BAD
     assert (await http.get("/v1/locks/by-key", params={"key": BAD})).status_code == 404
+    assert "unreadable" not in (await http.get("/v1/locks")).json()
+    metrics = await http.get("/metrics")
+    assert metric(metrics.text, "enhanced_locking_unreadable_locks", backend="enhanced") == 0
     again = await http.post("/v1/locks", json=body("bad", 2))
     assert again.status_code == 200, again.text
     assert again.json()["lock"]["fencingToken"] >= before_ms * 1000

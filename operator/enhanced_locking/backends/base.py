@@ -603,8 +603,15 @@ class StoreBackend(abc.ABC):
         else:
             held = [s for s in self._load_shared(key) if not s.expired(now)]
         if key in self.unreadable:
-            self._unreadable_change(lambda u: u.readable(key))
+            self._read_whole(key, held)
         return held
+
+    def _read_whole(self, key: str, held: Locks) -> None:
+        """``key``, set aside, had its stored holders (``held``, the live ones) read whole, or
+        none stored: not set aside any more (another replica, or a person, repaired it). A
+        store that sets a free key aside for what is stored beside its holders (etcd's token
+        floor) keeps that entry while the key is free."""
+        self._unreadable_change(lambda u: u.readable(key))
 
     def _drop(self, lock: Lock) -> None:
         if lock.mode == "shared":

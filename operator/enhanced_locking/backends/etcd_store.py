@@ -201,6 +201,8 @@ read in pages of as many, at the first page's revision (one snapshot). A range o
 600 bytes is then answered 1.4 MB at a time, not all at once (10,000 locks: 7 MB)."""
 _UNREADABLE_KEPT = 4096
 """Unreadable notices remembered (so each is logged once) before the memory is cleared."""
+_FLOOR_UNREADABLE = "its token floor is not a whole number"
+"""Why a free key whose ``fence/{key}`` was written over is set aside (``EtcdBackend._floor``)."""
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 _CURRENT: contextvars.ContextVar[_Txn | None] = contextvars.ContextVar("etcd_txn", default=None)
@@ -1131,17 +1133,41 @@ class EtcdBackend(StoreBackend):
         self._delete(key)
         return lock
 
-    def _floor(self, key: str) -> int | None:
+    def _floor(self, key: str, *, repairing: bool = False) -> int | None:
         """``key``'s token floor (``None``: none stored yet); one that is not a whole number
         (written over by something else) raises ``LockUnreadable``: the key is set aside, as
-        a fencing counter written over is on Redis, until a force-unlock restarts it."""
+        a fencing counter written over is on Redis, until a force-unlock restarts it. It is
+        listed and counted with the unreadable locks (``unreadable``) once the step counts,
+        unless the caller is ``repairing`` it; a floor read whole clears such an entry."""
         value = _txn().get(self.fence_key(key)).value
-        if value is None:
-            return None
-        if value.isdigit():  # (bytes: ASCII digits only)
-            return int(value)
+        if value is None or value.isdigit():  # (bytes: ASCII digits only)
+            if self.unreadable and key in self.unreadable:
+                self._floor_repaired(key)
+            return None if value is None else int(value)
+        found = self._bad_floor(key, value)
+        if not repairing:
+            self._unreadable_change(lambda u: u.found(found))
+        raise LockUnreadable(found)
+
+    def _floor_repaired(self, key: str) -> None:
+        """``key``'s floor is a whole number again (or gone): its entry, if set aside for
+        the floor, is cleared (one set aside for its stored holder stays)."""
+        entry = self.unreadable.get(key)
+        if entry is not None and entry.reason == _FLOOR_UNREADABLE:
+            self._unreadable_change(lambda u: u.cleared(key))
+
+    def _read_whole(self, key: str, held: Locks) -> None:
+        # A free key set aside for its floor stays aside (its holders were not what was
+        # written over); held, its floor was repaired since (nothing is granted over one).
+        entry = self.unreadable.get(key)
+        if entry is None or entry.reason != _FLOOR_UNREADABLE or held:
+            self._unreadable_change(lambda u: u.readable(key))
+
+    def _bad_floor(self, key: str, value: bytes) -> UnreadableLock:
+        """The entry of ``key``, whose floor ``value`` is not a whole number, logged once a
+        replica (its size and digest, never the value)."""
         found = codec.unreadable(key, value, None, side=self.namespace,
-                                 reason="its token floor is not a whole number")
+                                 reason=_FLOOR_UNREADABLE)
         if key not in self._bad_floors:
             if len(self._bad_floors) >= _UNREADABLE_KEPT:
                 self._bad_floors.clear()
@@ -1150,7 +1176,7 @@ class EtcdBackend(StoreBackend):
                         "digest %s); nothing is granted on it until a force-unlock restarts "
                         "it from the clock", self.connection.where, key, found.size,
                         found.digest)
-        raise LockUnreadable(found)
+        return found
 
     def _clock_floor(self) -> int:
         """The floor a floor that is not a whole number restarts from: the clock's (ms x
@@ -1163,10 +1189,11 @@ class EtcdBackend(StoreBackend):
 
     def _restart_token(self, key: str) -> None:
         try:
-            self._floor(key)
+            self._floor(key, repairing=True)
         except LockUnreadable:
             _txn().put(self.fence_key(key), str(self._clock_floor()).encode())
             self._bad_floors.discard(key)
+            self._unreadable_change(lambda u: u.cleared(key))
 
     def _next_token(self, key: str) -> int:
         txn = _txn()
@@ -1200,10 +1227,11 @@ class EtcdBackend(StoreBackend):
 
     def _raise_token(self, key: str, at_least: int) -> None:
         try:
-            floor = self._floor(key) or 0
+            floor = self._floor(key, repairing=True) or 0
         except LockUnreadable:  # not a whole number: restarted from the clock (or higher)
             floor, at_least = -1, max(at_least, self._clock_floor())
             self._bad_floors.discard(key)
+            self._unreadable_change(lambda u: u.cleared(key))
         if at_least > floor:
             _txn().put(self.fence_key(key), str(at_least).encode())
 
@@ -1213,6 +1241,7 @@ class EtcdBackend(StoreBackend):
         txn = _txn()
         part = _PART.get()
         scanned = txn.reads.scanned if part is None else part.scanned
+        stored: set[str] = set()  # the keys with a holder stored, readable or not
         for prefix in (self.base + b"lock/", self.base + b"shared/"):
             for k, kv in txn.scan(prefix).items():
                 if kv.value is None:
@@ -1226,6 +1255,7 @@ class EtcdBackend(StoreBackend):
                     except LockUnreadable as error:
                         found = error.found
                     scanned[(k, kv.value, kv.mod)] = found
+                stored.add(found.key)
                 if not isinstance(found, Lock):
                     unreadable.append(found)
                     continue
@@ -1233,6 +1263,17 @@ class EtcdBackend(StoreBackend):
                 if (repo is None or lock.project.repo_full_name == repo) and (
                         pull is None or lock.pull.num == pull):
                     locks.append(lock)
+        # The free keys whose floor is written over: read with the scan (a full list), or
+        # else as found before (a floor read whole, or a holder, clears one).
+        fences = self.base + b"fence/"
+        if txn.has_range(fences):
+            unreadable += [self._bad_floor(key, value) for key, value in (
+                (unquote(k[len(fences):].decode()), kv.value)
+                for k, kv in txn.scan(fences).items()
+                if kv.value is not None and not kv.value.isdigit()) if key not in stored]
+        elif self.unreadable:
+            unreadable += [entry for entry in self.unreadable.entries()
+                           if entry.reason == _FLOOR_UNREADABLE and entry.key not in stored]
         # Every key is read (the pull of an unreadable lock cannot be told before reading it).
         self._unreadable_change(lambda u: u.scanned(unreadable))
         if part is not None and part.owner == (repo, pull):
@@ -2416,8 +2457,13 @@ class EtcdBackend(StoreBackend):
         return await self._atomic(run, keys=self._keys_of(key), key=key)
 
     async def list(self, *, repo: str | None = None, pull: int | None = None) -> Locks:
-        return await self._atomic(lambda: StoreBackend.list(self, repo=repo, pull=pull),
-                                  prefixes=(self.base + b"lock/", self.base + b"shared/"))
+        # A full list also reads the token floors: a free key whose floor is written over is
+        # listed as unreadable on every replica, as Redis lists a counter written over.
+        every = repo is None and pull is None
+        return await self._atomic(
+            lambda: StoreBackend.list(self, repo=repo, pull=pull),
+            prefixes=(self.base + b"lock/", self.base + b"shared/",
+                      *((self.base + b"fence/",) if every else ())))
 
     async def release_by_pull(self, repo: str, pull: int, *, policy: Any = None) -> Locks:
         return list((await self.release_pull(repo, pull, policy=policy)).released)

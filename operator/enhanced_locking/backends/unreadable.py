@@ -55,6 +55,10 @@ class UnreadableLocks:
     def __contains__(self, key: object) -> bool:
         return key in self._found
 
+    def get(self, key: str) -> UnreadableLock | None:
+        """``key``'s entry, if it is set aside."""
+        return self._found.get(key)
+
     def found(self, entry: UnreadableLock) -> None:
         """``entry.key`` was read and is not a lock (kept with the first finding's time)."""
         if entry.key in self._found:
