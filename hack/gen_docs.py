@@ -33,7 +33,7 @@ from enhanced_locking.config import EnhancedLockingConfig, settings
 from enhanced_locking.events import EVENT_TYPES
 from enhanced_locking.factory import LockService
 from enhanced_locking.locking.enhanced import ReleaseHow
-from enhanced_locking.metrics import Metrics
+from enhanced_locking.metrics import FallbackAction, Metrics, ShadowKind, ShadowResult
 from enhanced_locking.provider import ConfigProvider
 from enhanced_locking.types import Reason
 
@@ -138,14 +138,21 @@ def event_types() -> str:
 
 
 def metric_labels() -> str:
-    """Every value of the metrics' ``outcome`` and ``how`` labels, from the code."""
+    """Every value of the metrics' ``outcome``, ``how``, ``action``, ``kind`` and ``result``
+    labels, from the code."""
     reasons = ", ".join(f"`{reason.value}`" for reason in Reason)
-    hows = ", ".join(f"`{how}`" for how in get_args(ReleaseHow))
+
+    def listed(values: Any) -> str:
+        return ", ".join(f"`{value}`" for value in get_args(values))
+
     return "\n".join([
         f"- `outcome` of an acquire: `acquired`, or the reason it was not: {reasons}.",
         "- `outcome` of a wait: `granted`, or the reason it ended, one of the same (mostly "
         "`timeout`, `cancelled`, `unavailable`, `superseded`).",
-        f"- `how` a lock was released: {hows}.",
+        f"- `how` a lock was released: {listed(ReleaseHow)}.",
+        f"- `action` of a fallback: {listed(FallbackAction)}.",
+        f"- `kind` of a shadow discrepancy: {listed(ShadowKind)}; `result` of a shadow "
+        f"replay: {listed(ShadowResult)}.",
     ])
 
 

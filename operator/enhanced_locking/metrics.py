@@ -24,17 +24,28 @@ import contextlib
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import Metric
 
-__all__ = ["Count", "FallbackAction", "Metrics", "Tallies", "Timing"]
+from enhanced_locking.types import Reason
+
+__all__ = ["Count", "FallbackAction", "Metrics", "ShadowKind", "ShadowResult", "Tallies",
+           "Timing"]
 
 FallbackAction = Literal["legacy", "refused", "unchecked"]
 """What a fallback did: served by legacy, refused (``fail-closed``), or granted by legacy with
 the enhanced side's check not made."""
+
+ShadowKind = Literal["acquire-outcome", "acquire-holder", "release-outcome", "release-holder",
+                     "release-by-pull"]
+"""How a shadow replay disagreed: granted or released where the other was not (``outcome``),
+another holder (``holder``), or other locks released with a pull's."""
+
+ShadowResult = Literal["matched", "mismatch", "dropped", "error"]
+"""What became of a shadow replay."""
 
 
 @dataclass(frozen=True)
@@ -209,6 +220,17 @@ class Metrics:
             "Shadow replays by result (matched, mismatch, dropped, error).",
             ["result"], registry=r,
         )
+        # Every series an alert counts with increase() or rate() is shown from the start, at
+        # 0: a series born at its first count is first scraped at 1, and Prometheus never
+        # sees that count (an alert on "increase(...) > 0" stays silent for a pod's first
+        # fallback or shadow mismatch).
+        for counter, values in ((self.fallbacks, get_args(FallbackAction)),
+                                (self.shadow_discrepancies, get_args(ShadowKind)),
+                                (self.shadow_replays, get_args(ShadowResult))):
+            for value in values:
+                counter.labels(value)
+        for outcome in ("acquired", *(reason.value for reason in Reason)):
+            self.acquires.labels("enhanced", outcome)
         self.routing_transition_seconds = Histogram(
             "enhanced_locking_routing_transition_seconds",
             "Time from a weight change until every live replica applied it (this replica's view).",

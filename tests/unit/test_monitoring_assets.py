@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 import yaml
 
 from enhanced_locking.durations import parse_duration
-from enhanced_locking.metrics import Metrics
+from enhanced_locking.metrics import FallbackAction, Metrics, ShadowKind, ShadowResult
+from enhanced_locking.types import Reason
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHART = REPO_ROOT / "charts" / "enhanced-locking"
@@ -153,3 +154,55 @@ def test_every_metric_the_docs_name_is_exported() -> None:
     for page in [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]:
         unknown = sorted(set(SERIES.findall(page.read_text())) - known)
         assert not unknown, f"{page.name} names metrics the service does not export: {unknown}"
+
+
+COUNTED = re.compile(r"\b(?:increase|rate)\(\s*(enhanced_locking_[a-z0-9_]+_total)\s*(\{[^}]*\})?")
+MATCHER = re.compile(r'(\w+)\s*(!=|=)\s*"([^"]*)"')
+
+
+def _queries() -> list[tuple[str, str]]:
+    """Every PromQL the chart's alerts and the docs' query blocks hold, with where it is."""
+    found = [(f"alert {rule['alert']}", rule["expr"]) for rule in alert_rules()]
+    for page in sorted((REPO_ROOT / "docs").glob("*.md")):
+        found += [(page.name, block) for block in
+                  re.findall(r"```promql\n(.*?)```", page.read_text(), re.S)]
+    return found
+
+
+def test_every_counter_a_query_counts_is_exported_at_zero_before_its_first_count() -> None:
+    # Prometheus's increase() and rate() need two samples of a series: a labelled counter
+    # whose series is born at its first count (prometheus-client makes a child on its first
+    # .labels()) is first scraped at 1, and that count is never seen. An alert on
+    # "increase(...) > 0" then stays silent for a pod's first fallback or shadow mismatch.
+    # (Not retries_total: its operation is any backend call's name, and its query is a rate
+    # above one a second, which one count more or less does not move.)
+    series: dict[str, list[dict[str, str]]] = {}
+    for family in Metrics().registry.collect():
+        for sample in family.samples:
+            series.setdefault(sample.name, []).append(sample.labels)
+    missing = []
+    for where, query in _queries():
+        for name, matchers in COUNTED.findall(query):
+            if name == "enhanced_locking_retries_total":
+                continue
+            wanted = MATCHER.findall(matchers)
+            if not any(all((labels.get(label) == value) == (op == "=")
+                           for label, op, value in wanted if label != "namespace")
+                       for labels in series.get(name, [])):
+                missing.append(f"{where}: {name}{matchers}")
+    assert not missing, f"not exported before its first count: {sorted(set(missing))}"
+
+
+@pytest.mark.parametrize(("series", "label", "values"), [
+    ("enhanced_locking_fallbacks_total", "action", get_args(FallbackAction)),
+    ("enhanced_locking_shadow_discrepancies_total", "kind", get_args(ShadowKind)),
+    ("enhanced_locking_shadow_replays_total", "result", get_args(ShadowResult)),
+    ("enhanced_locking_acquire_total", "outcome", ("acquired", *(r.value for r in Reason))),
+])
+def test_each_value_an_alert_splits_by_is_exported_at_zero_from_the_start(
+    series: str, label: str, values: tuple[str, ...],
+) -> None:
+    # The alerts sum by action and by kind: each one's first count must be seen too.
+    shown = {sample.labels[label]: sample.value for family in Metrics().registry.collect()
+             for sample in family.samples if sample.name == series}
+    assert shown == dict.fromkeys(values, 0.0)

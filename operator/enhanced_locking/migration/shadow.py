@@ -28,13 +28,13 @@ import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from enhanced_locking.backends.base import Backend
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.events import Bus
 from enhanced_locking.hashing import BUCKETS
-from enhanced_locking.metrics import Metrics
+from enhanced_locking.metrics import Metrics, ShadowKind
 from enhanced_locking.types import (
     AcquireResult,
     Lock,
@@ -344,21 +344,25 @@ class ShadowReplayer:
         await backend.adopt([lock for lock in locks if self.sampled(lock.key)],
                             {key: token for key, token in tokens.items() if self.sampled(key)})
 
-    def _compare(self, operation: str, key: str, repo: str | None, authoritative: Answer,
-                 shadow: Answer) -> None:
+    def _compare(self, operation: Literal["acquire", "release"], key: str, repo: str | None,
+                 authoritative: Answer, shadow: Answer) -> None:
         if authoritative == shadow:
             self._matched()
             return
-        kind = "outcome" if authoritative.granted != shadow.granted else "holder"
-        self._mismatch(f"{operation}-{kind}", key, repo, authoritative.as_dict(),
-                       shadow.as_dict())
+        outcome = authoritative.granted != shadow.granted
+        kind: ShadowKind
+        if operation == "acquire":
+            kind = "acquire-outcome" if outcome else "acquire-holder"
+        else:
+            kind = "release-outcome" if outcome else "release-holder"
+        self._mismatch(kind, key, repo, authoritative.as_dict(), shadow.as_dict())
 
     def _matched(self) -> None:
         self.stats.replayed += 1
         self.stats.matched += 1
         self.metrics.shadow_replays.labels("matched").inc()
 
-    def _mismatch(self, kind: str, key: str | None, repo: str | None,
+    def _mismatch(self, kind: ShadowKind, key: str | None, repo: str | None,
                   authoritative: dict[str, Any], shadow: dict[str, Any]) -> None:
         self.stats.replayed += 1
         self.stats.mismatches += 1
