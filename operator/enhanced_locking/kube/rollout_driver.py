@@ -291,7 +291,7 @@ class RolloutDriver:
         if more > 0:
             notes.append(Note("Warning", "ShadowMismatch",
                               f"{more} more shadow mismatches (see the service's log and "
-                              "GET /v1/events?type=shadow-mismatch)"))
+                              "GET /v1/events?type=shadow-mismatch&lastEventId=0-0)"))
         self._found.clear()
         return notes
 
