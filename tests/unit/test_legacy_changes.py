@@ -475,6 +475,41 @@ async def test_a_batch_that_waited_on_redis_or_etcd_backing_off_keeps_its_pulls_
     await _backing_off(service, monkeypatch, "while-it-waits")
 
 
+async def test_a_batch_backing_off_leaves_the_hold_its_pull_took_anew_after_the_grant(
+    make_service: ServiceMaker, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pull 1's batch of ``a`` and ``b`` is granted on enhanced; then the pull's other request
+    lets ``a`` go and takes it again (a new token), and another writer takes ``b`` on legacy.
+    The batch backs off and gives back its grants by their tokens, as the enhanced locker
+    does: its grant of ``a`` is gone already, and the pull's new hold of ``a`` stays. Before,
+    the give-back was by owner and freed that hold under its request."""
+    service = await make_service(enabled=True, migration_weight=100)
+    path = service.provider.current.config.data_path
+    enhanced = service.enhanced
+    assert enhanced is not None
+    batch = BatchLockRequest(locks=[BatchItem(project=request_for(path=p).project)
+                                    for p in ("envs/a", "envs/b")], pull=request_for(pull=1).pull)
+    a, b = batch.keys
+    grant = enhanced.acquire_batch
+    other: list[AcquireResult] = []
+
+    async def granted_then_taken_anew(asked: BatchLockRequest) -> BatchResult:
+        result = await grant(asked)
+        assert await service.router.release(a, owner=("acme/infra", 1)) is not None
+        other.append(await service.router.acquire(request_for(pull=1, path="envs/a")))
+        planted_on_legacy(path, legacy_lock(3, path="envs/b"))
+        return result
+
+    monkeypatch.setattr(enhanced, "acquire_batch", granted_then_taken_anew)
+    refused = await service.router.acquire_batch(batch)
+    monkeypatch.undo()
+    assert not refused.acquired and refused.lock_key == b
+    [own] = other
+    assert own.acquired and own.fresh and own.lock is not None
+    assert await enhanced.backend.get(a) == own.lock, "the pull's new hold of a was given back"
+    assert await enhanced.backend.get(b) is None, "the batch's grant of b was left behind"
+
+
 async def test_a_legacy_batch_refused_keeps_a_hold_its_pull_took_after_the_look(
     make_service: ServiceMaker, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -540,12 +540,17 @@ class Router(AtlantisCalls):
     async def _undo_grant(self, locker: Locker, lock: Lock, owner: Owner) -> bool:
         """Release ``lock``, granted by a request that backs off, unless the pull's other
         request was answered with it since (then it stays theirs: ``False``; as for a caller
-        gone, :meth:`give_back_answer`)."""
+        gone, :meth:`give_back_answer`). On the enhanced side by its fencing token: a hold
+        the pull took of the key anew since (another request's, a new token) is not this
+        grant, and stays (``False``); legacy's by owner (its holds carry no token)."""
         leaving = self._answers.leave(lock)
         if leaving is None:
             return False
+        token = lock.fencing_token if lock.backend == "enhanced" else None
         try:
-            await locker.release(lock.key, owner=owner)
+            await locker.release(lock.key, owner=owner, token=token)
+        except LockNotOwned:
+            return False
         finally:
             self._answers.left(lock, leaving)
         return True
