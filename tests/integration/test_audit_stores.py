@@ -261,6 +261,25 @@ async def test_at_most_max_entries_are_kept_the_oldest_go_first(make: StoreMaker
     assert kept in (list(range(107, 6, -1)), list(range(107, 7, -1))), kept
 
 
+@kinds("sqlite", "memory")
+async def test_each_kind_is_bounded_by_its_own_count_however_far_apart_its_entries(
+    make: StoreMaker,
+) -> None:
+    """Refusals and served calls in turn, so each kind's entries are spread over twice as many
+    ids as it has entries: with max-entries 100, 101 refusals and 100 served calls keep every
+    served call and the newest 100 refusals (the bound counts a kind's entries, not the span
+    of its ids; a durable store prunes when it starts again)."""
+    store = make(max_entries=100)
+    refusal: dict[str, Any] = {"outcome": "denied", "status": 403}
+    for n in range(1, 202):
+        await store.append(entry(n, **(refusal if n % 2 else {})))
+    if not isinstance(store, MemoryAuditStore):
+        await store.close()
+        store = make(max_entries=100)
+    kept = numbers(await store.read(AuditQuery(limit=1000)))
+    assert kept == list(range(201, 1, -1)), kept
+
+
 @kinds(*KINDS)
 async def test_a_flood_of_refusals_never_pushes_out_the_other_entries(make: StoreMaker) -> None:
     """Refusals (401, 403) are kept within a bound of their own: with max-entries 100, a

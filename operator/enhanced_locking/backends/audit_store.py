@@ -308,6 +308,15 @@ class SqliteAuditStore:
         # Each kind within its own bound, found in its own index (audit_refusals, audit_others:
         # a kind's rows are not read). With 100,000 of each, about 25 ms every 500 entries.
         for rows in (_REFUSAL, f"NOT {_REFUSAL}"):
+            # Ids are distinct whole numbers, so a kind whose oldest and newest ids are less
+            # than the bound apart holds no more rows than it: nothing to delete, seen at its
+            # index's two ends (microseconds) rather than by counting the bound's rows down
+            # from the newest (about 1 ms per 30,000 rows, every PRUNE_EVERY entries).
+            oldest, newest = self._db.execute(
+                f"SELECT (SELECT min(id) FROM audit WHERE {rows}), "
+                f"(SELECT max(id) FROM audit WHERE {rows})").fetchone()
+            if oldest is None or newest - oldest < self._retention.max_entries:
+                continue
             self._db.execute(
                 f"DELETE FROM audit WHERE {rows} AND id <= (SELECT id FROM audit WHERE {rows} "
                 "ORDER BY id DESC LIMIT 1 OFFSET ?)", (self._retention.max_entries,))
