@@ -34,7 +34,9 @@ clients, and prints the instructions per pair, less that waiting work for as lon
 took (its profile is kept with ``--profile FILE``, for ``callgrind_annotate``). Instruction
 counts hardly depend on what else runs on the machine, so two counts compare where two timings
 at a high load do not; without valgrind installed, ``--count`` prints the server's CPU time per
-pair instead.
+pair instead. With ``--cache``, callgrind also simulates one core's caches as this machine has
+them (level 1, and level 2 as the last level) and prints the misses of each per pair: what the
+instructions do not show, a pair whose work no longer fits in a core's level-2 cache.
 
 Where the server's CPU time goes (``--sample``): the no-op and the product, each served with a
 timer on its own CPU time (``ITIMER_PROF``, every 4 ms of the process's user + system time) that
@@ -87,7 +89,7 @@ Usage: python bench/http_stack.py [--pairs 1500] [--rounds 3] [--handoffs 200] [
        python bench/http_stack.py --split [--pairs 3200] [--rounds 4]
        python bench/http_stack.py --statements [--pairs 4800]
        python bench/http_stack.py --count product --pairs 200 [--clients 1] [--profile FILE]
-                                  [--audit-window 0.4]
+                                  [--audit-window 0.4] [--cache]
        python bench/http_stack.py --count product --setting audit-own-locks=false
 """
 
@@ -530,7 +532,8 @@ async def handoffs(served: Served, count: int, started: list[float] | None = Non
 
 
 def count_pairs(kind: str, pairs: int, clients: int, profile: Path | None,
-                idle: float = 10.0, audit_window: float | None = None) -> str:
+                idle: float = 10.0, audit_window: float | None = None,
+                cache: bool = False) -> str:
     """What one server of ``kind`` (asyncio + httptools) runs per pair of ``clients`` clients,
     after a warm-up: instructions, counted by callgrind (CPU time without valgrind).
 
@@ -544,7 +547,13 @@ def count_pairs(kind: str, pairs: int, clients: int, profile: Path | None,
     when None, 10 ms). Under callgrind that window holds one entry, so each entry has a commit
     of its own, where at full speed (1,000-2,000 pairs a second) one commit carries the entries
     of several pairs; a window as many times longer as callgrind is slower (0.4 s) gives each
-    commit about as many entries as at full speed."""
+    commit about as many entries as at full speed.
+
+    ``cache``: callgrind also simulates one core's caches (:func:`core_caches`: its level-1
+    instruction and data caches, and its level-2 cache as the last level), and the misses of
+    each per pair are printed beside the instructions (less the waiting work's, as they are).
+    A pair whose code and data stay in a core's level-2 cache runs several times as many
+    instructions a microsecond as one that misses it: instructions alone do not say that."""
     warm_up = max(200, 2 * clients)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -555,7 +564,7 @@ def count_pairs(kind: str, pairs: int, clients: int, profile: Path | None,
                 block = asyncio.run(pairs_per_second(kind, served, clients, pairs))
             return f"{kind}: {block.cpu * 1e6:,.0f} µs CPU per pair (no valgrind: CPU time)"
         under = ("valgrind", "--tool=callgrind", "--instr-atstart=no",
-                 f"--callgrind-out-file={out}")
+                 f"--callgrind-out-file={out}", *(core_caches() if cache else ()))
         options = () if audit_window is None else ("--audit-window", str(audit_window))
         with server(kind, *SERVICE_STACK, work, under, options) as served:
             asyncio.run(pairs_per_second(kind, served, clients, warm_up))
@@ -573,13 +582,23 @@ def count_pairs(kind: str, pairs: int, clients: int, profile: Path | None,
         done = max(1, pairs // clients) * clients
         if profile is not None:
             shutil.copy(counted, profile)
-        rate = _instructions(waiting) / idle
-        total = _instructions(counted)
+        idle_events, events = _events(waiting), _events(counted)
+        rate = idle_events.get("Ir", 0) / idle
+        total = events.get("Ir", 0)
+        misses = ""
+        if cache:
+            each = {name: (events.get(name, 0) - idle_events.get(name, 0) / idle * took) / done
+                    for name in CACHE_EVENTS}
+            misses = (f"; misses per pair: level-1 instructions "
+                      f"{each['I1mr']:,.0f}, level-1 data {each['D1mr'] + each['D1mw']:,.0f}, "
+                      f"level 2 {each['ILmr'] + each['DLmr'] + each['DLmw']:,.0f} "
+                      f"({' '.join(core_caches())})")
         return (f"{kind}: {(total - rate * took) / done:,.0f} instructions per pair "
                 f"({total / done:,.0f} counted, less {rate * took / done:,.0f} of waiting work "
                 f"at {rate:,.0f} per second; {done} pairs, {clients} "
                 f"client{'s' if clients > 1 else ''}, {block.rate:.1f} pairs/s under callgrind"
-                + ("" if audit_window is None else f", audit window {audit_window:g} s") + ")")
+                + ("" if audit_window is None else f", audit window {audit_window:g} s") + ")"
+                + misses)
 
 
 def _control(command: str, pid: int) -> None:
@@ -590,12 +609,43 @@ def _control(command: str, pid: int) -> None:
         raise RuntimeError(f"callgrind_control {command} {pid}: {answer}")
 
 
-def _instructions(dump: Path) -> int:
-    """The instructions a callgrind dump counted (its ``totals:`` or ``summary:`` line)."""
+def _events(dump: Path) -> dict[str, int]:
+    """What a callgrind dump counted, by event (``Ir``: instructions; with the cache
+    simulated, ``I1mr``, ``D1mr``, ``D1mw``, ``ILmr``, ``DLmr``, ``DLmw``: the misses), from its
+    ``events:`` and ``totals:`` (or ``summary:``) lines."""
+    names: list[str] = []
     for line in dump.read_text(errors="replace").splitlines():
-        if line.startswith(("totals:", "summary:")):
-            return int(line.split()[1])
-    return 0
+        if line.startswith("events:"):
+            names = line.split()[1:]
+        elif line.startswith(("totals:", "summary:")):
+            return dict(zip(names, map(int, line.split()[1:]), strict=False))
+    return {}
+
+
+CACHE_EVENTS = ("I1mr", "D1mr", "D1mw", "ILmr", "DLmr", "DLmw")
+"""Callgrind's misses with ``--cache-sim=yes``: level-1 instruction reads, level-1 data reads
+and writes, and the same three at the last level it models."""
+
+
+def core_caches() -> tuple[str, ...]:
+    """Callgrind's options for one core's caches as this machine has them (read from sysfs):
+    its level-1 instruction and data caches, and its level-2 cache as the last level (a pair
+    that fits in it is served at a core's speed; callgrind models two levels). Without sysfs'
+    word, callgrind's own guess of the host's caches."""
+    found: dict[str, str] = {}
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            level, kind, size, ways, line = (
+                (index / name).read_text().strip()
+                for name in ("level", "type", "size", "ways_of_associativity",
+                             "coherency_line_size"))
+        except OSError:
+            continue
+        name = {("1", "Instruction"): "I1", ("1", "Data"): "D1", ("2", "Unified"): "LL"}.get(
+            (level, kind))
+        if name is not None and size.endswith("K"):
+            found[name] = f"--{name}={int(size[:-1]) * 1024},{ways},{line}"
+    return ("--cache-sim=yes", *(found[name] for name in ("I1", "D1", "LL") if name in found))
 
 
 # --- where the CPU time goes (``--sample``) ----------------------------------------------------
@@ -1148,6 +1198,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=1,
                         help="with --count, --sample or --collections")
     parser.add_argument("--profile", type=Path, help="with --count: keep callgrind's profile")
+    parser.add_argument("--cache", action="store_true",
+                        help="with --count: also the misses per pair of one core's caches "
+                             "(level 1 and 2, simulated by callgrind)")
     parser.add_argument("--audit-window", type=float, metavar="SECONDS",
                         help="with --count: the product's audit write-behind window (0.4: "
                              "about as many entries per commit as at full speed)")
@@ -1184,7 +1237,7 @@ def main() -> None:
         return
     if args.count:
         print(count_pairs(args.count, args.pairs, args.clients, args.profile,
-                          audit_window=args.audit_window))
+                          audit_window=args.audit_window, cache=args.cache))
         return
     if args.steps:
         with tempfile.TemporaryDirectory() as tmp:
