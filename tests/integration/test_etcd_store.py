@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import random
 import secrets
 import time
@@ -31,6 +32,7 @@ from tests.support.grant_history import GrantHistory
 from tests.support.locks import candidate_for, request_for
 from tests.support.lost_answers import LostAnswers
 
+from enhanced_locking.backends import etcd_store
 from enhanced_locking.backends.base import StoreBackend
 from enhanced_locking.backends.etcd_connection import WATCH_CHECK, EtcdConnection, EtcdSettings
 from enhanced_locking.backends.etcd_store import EtcdBackend
@@ -48,6 +50,7 @@ from enhanced_locking.types import (
     LockNotOwned,
     Priority,
     Reason,
+    utcnow,
 )
 
 pytestmark = [pytest.mark.etcd, pytest.mark.timeout(120)]
@@ -210,6 +213,66 @@ async def test_locks_ending_together_share_a_lease_that_etcd_ends_after_them(
                 await asyncio.sleep(0.1)
         finally:
             await raw.close()
+    finally:
+        await backend.close()
+
+
+class GrantsAnsweredNextSecond:
+    """The lease calls of a client, the first ``LeaseGrant`` answered only once the clock has
+    passed the next whole second after it was sent (etcd applied it at once): a grant that
+    took its step's run into a later second. Every grant's ID is kept (``granted``)."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+        self.granted: list[int] = []
+
+    def __getattr__(self, name: str) -> Any:
+        call = getattr(self._real, name)
+        if name != "LeaseGrant":
+            return call
+
+        async def grant(request: Any, **options: Any) -> Any:
+            self.granted.append(int(request.ID))
+            sent = time.time()
+            answer = await call(request, **options)
+            if len(self.granted) == 1:
+                await asyncio.sleep(math.floor(sent) + 1.05 - time.time())
+            return answer
+
+        return grant
+
+
+async def test_a_lock_whose_lease_was_granted_into_the_next_second_takes_that_lease(
+    etcd_cluster: EtcdCluster, etcd_prefix: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A lock with a TTL stops its step's run for the lease of its end second; the step runs
+    again once the lease is granted, at the time its run began. Before, the run after the
+    grant took the clock again: a grant answered in a later second (a loaded machine, a lost
+    answer sent again) made the lock end in a later second, the step granted a second lease
+    for that one, and the first was left to its TTL with nothing attached (the lock's
+    minute here); a grant slower than a second every time never let the step commit."""
+    backend = EtcdBackend.from_config(etcd_config(etcd_cluster, etcd_prefix), "enhanced")
+    try:
+        await grant(backend, want(1, "envs/warm"))  # opens the session (its lease) meanwhile
+        deadline = time.monotonic() + 30
+        while not backend.session_lease:
+            assert time.monotonic() < deadline, "the session never opened"
+            await asyncio.sleep(0.05)
+        client = await backend.connection.client()
+        assert client.lease is not None and client.kv is not None
+        lease = client.lease
+        calls = GrantsAnsweredNextSecond(lease._stub)
+        monkeypatch.setattr(etcd_store, "_lease_calls",
+                            lambda member: SimpleNamespace(_stub=calls, _metadata=lease._metadata))
+        lock = await grant(backend, want(2, "envs/slow-lease"), ttl=timedelta(minutes=1))
+        monkeypatch.undo()
+        assert len(calls.granted) == 1, calls.granted
+        [stored] = (await client.kv.get(backend.lock_key(lock.key))).kvs
+        assert stored.lease == calls.granted[0]
+        # The lease still ends after the lock (etcd's whole seconds left, rounded down).
+        left = (await client.lease.time_to_live(stored.lease)).TTL
+        assert lock.expires_at is not None
+        assert left > (lock.expires_at - utcnow()).total_seconds()
     finally:
         await backend.close()
 

@@ -308,8 +308,12 @@ class _Txn:
     """One run of a step: reads from the snapshot, writes buffered until the commit."""
 
     def __init__(self, reads: _Reads, leases: dict[int, int],
-                 checked: dict[int, bool] | None = None) -> None:
+                 checked: dict[int, bool] | None = None, at: datetime | None = None) -> None:
         self.reads = reads
+        self.at = at
+        """The time of this run: every read of the backend's clock in it answers this one,
+        taken at its first (``EtcdBackend._run_clock``), or given: a run again after a miss
+        is at the time of the run that missed."""
         self.checked: dict[int, bool] = {} if checked is None else checked
         """Waiters' session leases etcd was asked of in this step: whether each is a dead
         replica's (``EtcdBackend._gone``); kept across the step's runs."""
@@ -658,6 +662,8 @@ class EtcdBackend(StoreBackend):
         """``lease_backstop``: attach leased locks to etcd leases (off only where ``clock`` is
         not real time, as in the model tests: etcd's lease timers run on real time)."""
         super().__init__(namespace, clock=clock)
+        self._clock = clock
+        self.clock = self._run_clock
         self.lease_backstop = lease_backstop
         self.connection = connection
         self._pinged = False
@@ -1318,6 +1324,16 @@ class EtcdBackend(StoreBackend):
         yield effects
         _txn().effects.append(effects)
 
+    def _run_clock(self) -> datetime:
+        """``clock``; in a run of a step, that run's time (``_Txn.at``): one time for the whole
+        run, and the same in the run again after a miss (see ``_run_step``)."""
+        txn = _CURRENT.get()
+        if txn is None:
+            return self._clock()
+        if txn.at is None:
+            txn.at = self._clock()
+        return txn.at
+
     # --- running a step ----------------------------------------------------------------------
     async def _atomic(self, run: Callable[[], Awaitable[T]], *, keys: tuple[bytes, ...] = (),
                       prefixes: tuple[bytes, ...] = (), key: str | None = None,
@@ -1369,6 +1385,14 @@ class EtcdBackend(StoreBackend):
         lost: tuple[_Txn, T] | None = None
         """The run whose commit's answer was lost (etcd may have applied it), and its
         result: what the step answers if the fresh reads show it applied (``_landed``)."""
+        at: datetime | None = None
+        """The time of the next run: that of a run that missed something (a key, a lease, a
+        replica's renewals), so that the run again needs what was fetched for it. A lock's
+        lease is that of its end second: run again on the clock after a grant answered in a
+        later second, the lock ended in a later second too, the step granted a lease for that
+        one and left the first to its TTL (a grant slower than a second each time never let
+        the step commit). The lock's time is then counted from the run that asked for the
+        lease, as it is counted from before the commit's round trip."""
         self.in_flight += 1
         try:
             if guess:
@@ -1377,11 +1401,13 @@ class EtcdBackend(StoreBackend):
                 reads, verified = await self._fetch(client, want_keys, want_prefixes,
                                                     key=key), True
             for attempt in range(_ATTEMPTS):
-                txn = _Txn(reads, self._leases, checked)
+                txn = _Txn(reads, self._leases, checked, at)
+                at = None
                 token = _CURRENT.set(txn)
                 try:
                     result = await run()
                 except _Miss as miss:
+                    at = txn.at
                     want_keys.update(miss.keys)
                     want_prefixes.update(miss.prefixes)
                     if miss.lease:
