@@ -612,8 +612,14 @@ async def losing_grants(three: EtcdCluster, backend: EtcdBackend,
                         monkeypatch: pytest.MonkeyPatch, *, applied: int,
                         unanswered: int = 0) -> tuple[LostAnswers, set[int]]:
     """``backend`` on the route, its lease grants going astray from now on (``LostAnswers``),
-    and the leases etcd had before."""
+    and the leases etcd had before: the replica's session lease among them (its first step
+    opens the session in the background: granted after this count, it would be counted as
+    a second lease made by the grant under test)."""
     await on_the_route(three, backend)
+    deadline = time.monotonic() + 30
+    while not backend.session_lease:
+        assert time.monotonic() < deadline, "the session never opened"
+        await asyncio.sleep(0.05)
     before = await leases(three)
     client = await backend.connection.client()
     lease = client.lease
