@@ -281,7 +281,13 @@ def _edit(cluster: Cluster, args: argparse.Namespace) -> int:
     elif action == "promote":
         value = _token()
         patch = {"metadata": {"annotations": {PROMOTE_ANNOTATION: value}}}
-        said = f"promote requested ({PROMOTE_ANNOTATION}={value}): the pause in progress ends"
+        # A promote waits while spec.paused holds the rollout: clear it in the same edit, as
+        # `kubectl argo rollouts promote` does, so a paused rollout goes on as asked.
+        unpaused = ""
+        if spec.get("paused"):
+            patch["spec"], unpaused = {"paused": False}, ", spec.paused cleared"
+        said = (f"promote requested ({PROMOTE_ANNOTATION}={value}{unpaused}): the pause in "
+                "progress ends")
     elif action == "pause":
         patch, said = {"spec": {"paused": True}}, "paused (spec.paused: true)"
     elif action == "resume":

@@ -128,6 +128,29 @@ def test_each_edit_is_the_field_a_user_would_write_with_one_line_said(
     assert plugin(kube_cluster, "rollout", "set-weight", "150", *ns).returncode == 2
 
 
+def test_promote_ends_a_pause_made_by_rollout_pause_as_argo_rollouts_promote_does(
+    kube_cluster: KubeCluster, kube_namespace: str, rollout: OperatorProcess,
+) -> None:
+    # `kubectl argo rollouts promote` sets spec.paused to false (with the pause step it
+    # skips): a user who paused the rollout and then promotes it sees it go on.
+    ns = ("-n", kube_namespace)
+    where = f"lockmigration {kube_namespace}/to-enhanced"
+    assert plugin(kube_cluster, "rollout", "pause", *ns).returncode == 0
+    reached(kube_cluster, kube_namespace, "held by spec.paused",
+            lambda s: "spec.paused" in (s.get("message") or ""))
+
+    promoted = plugin(kube_cluster, "rollout", "promote", *ns)
+    assert promoted.returncode == 0, promoted.stderr
+    assert promoted.stdout.startswith(f"{where}: promote requested "
+                                      "(locking.runatlantis.io/promote=")
+    assert promoted.stdout.endswith(", spec.paused cleared): the pause in progress ends\n")
+    assert (cr(kube_cluster, "lockmigrations", "to-enhanced", kube_namespace)
+            or {})["spec"]["paused"] is False
+    done = reached(kube_cluster, kube_namespace, "completed after the promote",
+                   lambda s: s.get("phase") == "Completed")
+    assert done["currentWeight"] == 100
+
+
 def test_set_weight_on_a_fixed_weight_migration_and_refusals(
     kube_cluster: KubeCluster, kube_namespace: str, lock_crds: None,
 ) -> None:
