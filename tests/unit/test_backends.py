@@ -13,6 +13,7 @@ import threading
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tests.support.backends import BACKEND_KINDS, BackendFactory
@@ -278,6 +279,37 @@ async def test_every_connection_on_the_store_file_syncs_as_store_synchronous_say
     finally:
         for closing in (enhanced, legacy, audit):
             await closing.close()
+
+
+@pytest.mark.parametrize(("setting", "pragma"), [("normal", "NORMAL"), ("full", "FULL")])
+def test_a_new_store_file_is_made_under_the_store_synchronous_asked(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch, setting: Synchronous, pragma: str,
+) -> None:
+    """A store file that does not exist is made whole under a name of its own, then linked
+    into place: that making (its tables, its counters) commits as ``store-synchronous`` says,
+    not under SQLite's default for the connection that makes it. Before, it was made under
+    ``normal`` whatever was asked, and only the connection opened after it synced as asked."""
+    made: dict[str, list[str]] = {}
+    connect = sqlite3.connect
+
+    def traced(path: str | Path, *args: Any, **kwargs: Any) -> sqlite3.Connection:
+        db: sqlite3.Connection = connect(path, *args, **kwargs)
+        db.set_trace_callback(made.setdefault(Path(path).name, []).append)
+        return db
+
+    monkeypatch.setattr(sqlite3, "connect", traced)
+    path = data_dir / "enhanced-locking.db"
+    db = open_database(path, synchronous=setting)
+    db.close()
+    monkeypatch.undo()
+    [new] = [name for name in made if name.endswith(".new")]
+    for name in (new, path.name):
+        statements = made[name]
+        creates = [i for i, s in enumerate(statements) if s.startswith("CREATE TABLE")]
+        synced = [i for i, s in enumerate(statements) if s.startswith("PRAGMA synchronous")]
+        assert creates and synced, (name, statements)
+        assert synced[0] < creates[0], f"{name}: tables made before the setting: {statements}"
+        assert all(statements[i] == f"PRAGMA synchronous={pragma}" for i in synced), statements
 
 
 async def test_a_long_list_of_the_embedded_store_decodes_with_the_collector_paused(

@@ -362,7 +362,7 @@ def open_database(
         raise UnusableSetting("data-dir", f"cannot write the embedded store {path}: "
                                           f"{unwritable}")
     if not path.exists():
-        _create(path, clock)
+        _create(path, clock, synchronous)
     return _open(path, path, initialise=initialise, clock=clock, synchronous=synchronous)
 
 
@@ -378,15 +378,15 @@ def _unwritable(path: Path) -> str | None:
     return None
 
 
-def _create(path: Path, clock: Callable[[], datetime]) -> None:
+def _create(path: Path, clock: Callable[[], datetime], synchronous: Synchronous) -> None:
     """A new store file at ``path``, made whole under a name of its own in the same directory
     and then linked into place: another opener (a service started at the same moment) never
     finds the file at ``path`` without its tables (which it would refuse as emptied) nor
     while it is turned to WAL mode. If another opener linked its file first, that one is
-    the store."""
+    the store. It is made under the ``synchronous`` asked, as every later commit is."""
     made = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.new")
     try:
-        _open(made, path, initialise=False, clock=clock).close()
+        _open(made, path, initialise=False, clock=clock, synchronous=synchronous).close()
         try:
             os.link(made, path)
         except FileExistsError:
@@ -406,7 +406,7 @@ def _create(path: Path, clock: Callable[[], datetime]) -> None:
 
 def _open(
     path: Path, shown: Path, *, initialise: bool, clock: Callable[[], datetime],
-    synchronous: Synchronous = "normal",
+    synchronous: Synchronous,
 ) -> sqlite3.Connection:
     """:func:`open_database` of the file at ``path`` (``shown``: the store's path, as errors
     name it), made if it does not exist."""
