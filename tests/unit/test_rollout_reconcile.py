@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from kubernetes.client import ApiException
 from tests.support.kube_cluster import NS, InMemoryCluster
 from tests.support.locks import lock_for, request_for
 from tests.support.replicas import ReplicaSet
@@ -263,6 +264,47 @@ async def test_errors_past_the_threshold_abort_the_rollout_and_a_retry_restarts_
     await _tick_until(reconciler, cluster, lambda s: s.get("phase") == "Paused", service)
     assert service.provider.current.config.effective_weight == 40
     assert cluster.status(MIGRATIONS, "to-enhanced")["retried"] == "1"
+
+
+class ThrottledStatus(InMemoryCluster):
+    """The stand-in, whose next ``refusals`` status writes the API server answers 429 (its
+    priority and fairness throttling a busy client)."""
+
+    refusals = 0
+
+    async def patch_status(self, plural: str, namespace: str, name: str,
+                           status: Mapping[str, Any], *,
+                           resource_version: str | None = None) -> dict[str, Any] | None:
+        if self.refusals:
+            self.refusals -= 1
+            raise ApiException(status=429, reason="Too Many Requests")
+        return await super().patch_status(plural, namespace, name, status,
+                                          resource_version=resource_version)
+
+
+async def test_an_abort_whose_status_write_failed_is_still_told_by_its_event(
+    make_service: Callable[..., Any], tmp_path: Path,
+) -> None:
+    # The rollout's Events are made once, when it moves (an abort, a step started): a status
+    # write that fails must not take them with it. The status follows at the next tick.
+    service: LockService = await make_service(legacy_backend="memory", backend="memory")
+    cluster = ThrottledStatus()
+    reconciler = await _operator(service, cluster, tmp_path, Wall())
+    await reconciler.observed(POLICIES, cluster.put(POLICIES, "default", POLICY))
+    await reconciler.observed(MIGRATIONS, cluster.put(MIGRATIONS, "to-enhanced", migration(
+        steps=[{"setWeight": 40}, {"pause": {}}],
+        analysis={"window": "1m", "interval": "1s", "maxErrorRate": 0.05})))
+    await _tick_until(reconciler, cluster, lambda s: s.get("phase") == "Paused", service)
+    await _failing_operations(service)
+    cluster.refusals, before = 1, len(cluster.events)
+    with pytest.raises(ApiException):
+        await reconciler.tick()
+    assert service.provider.current.config.effective_weight == 0  # aborted all the same
+    await reconciler.tick()
+    assert cluster.status(MIGRATIONS, "to-enhanced")["phase"] == "Aborted"
+    [told] = cluster.events[before:]
+    assert (told["type"], told["reason"]) == ("Warning", "AnalysisFailed")
+    assert "every lock key goes back to legacy" in told["message"]
 
 
 async def test_removing_the_analysis_clears_its_failing_check_and_a_new_one_counts_afresh(

@@ -346,9 +346,14 @@ class Reconciler:
             events += [(self.migration.body, self.migration, n.type, n.reason, n.message)
                        for n in notes]
         events += self._freeze_events()
-        # Status first (what `kubectl get` shows), both objects at once; then the Events.
-        await _all(reports)
-        await _all([self._event(*event) for event in events])
+        # Status first (what `kubectl get` shows), both objects at once; then the Events,
+        # even when a status write failed: each is made once, as the change happens (an
+        # abort, a step started, a configuration applied), while the status is written
+        # again at the next try.
+        try:
+            await _all(reports)
+        finally:
+            await _all([self._event(*event) for event in events])
         self._shown()
 
     def _shown(self) -> None:
