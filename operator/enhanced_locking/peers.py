@@ -21,7 +21,9 @@ depends on the very readiness it decides) for their ``/readyz``, the service's o
 A peer that does not answer within :data:`PEER_TIMEOUT` (gone, restarting, its stores frozen)
 counts as reaching nothing. The answer depends on the peers' stores, never on their
 readiness, so it does not flap: with a store down for all, each stays in; back for some, the
-others leave. Answers are kept :data:`FRESH` seconds, and callers meanwhile share one round.
+others leave. Answers are kept :data:`FRESH` seconds from when their round began (a round that
+took longer is not kept at all), and callers meanwhile share one round: a caller goes by what
+the peers said at most :data:`FRESH` seconds before it asked, or during the round it joined.
 
 With HTTPS (``tls-cert-file``), a peer is believed only when it presents the certificate this
 replica serves, the first of ``tls-cert-file``, read at each round: the replicas share one
@@ -56,7 +58,7 @@ log = logging.getLogger(__name__)
 PEER_TIMEOUT = 2.0
 """Seconds a peer has to answer its ``/readyz``."""
 FRESH = 1.0
-"""Seconds a round's answers are used before the peers are asked again."""
+"""Seconds from a round's start that its answers are used before the peers are asked again."""
 
 
 @dataclass(frozen=True)
@@ -195,14 +197,18 @@ class Peers:
             if asked_key == key and self._clock() - when < FRESH:
                 return answers
         if self._round is None:
+            started = self._clock()
             self._round = asyncio.ensure_future(ask(peers, cert_file=cert_file))
-            self._round.add_done_callback(lambda done: self._finish(done, key))
+            self._round.add_done_callback(lambda done: self._finish(done, key, started))
         return await asyncio.shield(self._round)
 
-    def _finish(self, done: asyncio.Future[list[PeerStores]], key: tuple[str, ...]) -> None:
+    def _finish(self, done: asyncio.Future[list[PeerStores]], key: tuple[str, ...],
+                started: float) -> None:
+        # Stamped with the round's start, not its end: a peer may have answered at its start,
+        # and a round of PEER_TIMEOUT kept FRESH after its end was 3 s old at its last use.
         self._round = None
         if not done.cancelled() and done.exception() is None:
-            self._asked = (self._clock(), key, done.result())
+            self._asked = (started, key, done.result())
 
     async def one_ready(self) -> str | None:
         """The address of a peer whose stores all answer it, or ``None``."""

@@ -10,7 +10,7 @@ import http.server
 import json
 import ssl
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import ClassVar
 
@@ -26,9 +26,12 @@ class _Peer(http.server.BaseHTTPRequestHandler):
 
     answer: ClassVar[tuple[int, bytes]] = (200, b"")
     asked: ClassVar[int] = 0
+    then: ClassVar[Callable[[], object]] = staticmethod(lambda: None)
+    """Run at each ask, before the answer (what time does meanwhile)."""
 
     def do_GET(self) -> None:
         type(self).asked += 1
+        type(self).then()
         status, body = self.answer
         self.send_response(status)
         self.send_header("Content-Length", str(len(body)))
@@ -47,6 +50,7 @@ def _body(**backends: str) -> bytes:
 @pytest.fixture
 def peer() -> Iterator[str]:
     _Peer.answer, _Peer.asked = (200, _body(legacy="ok", enhanced="ok")), 0
+    _Peer.then = staticmethod(lambda: None)
     with contextlib.contextmanager(serving)(_Peer) as url:
         yield url.removeprefix("http://")
 
@@ -97,6 +101,29 @@ async def test_callers_share_one_round_and_ask_again_once_it_is_a_second_old(
     _Peer.answer = (503, _body(legacy="ok", enhanced="no answer"))
     clock.now += FRESH
     assert await peers.one_reaching("enhanced") is None and _Peer.asked == 2
+
+
+async def test_a_round_s_answers_are_kept_a_second_from_when_they_were_asked(
+    peer: str,
+) -> None:
+    """A round that took a second (the peers slow to answer) is not kept another second: the
+    next question asks again. Before, a round's answers were kept a second from when it ended,
+    so the fall-back could go by what a peer said up to 3 s before (the round's 2 s and the
+    second), where the docs say a second."""
+    clock = _Clock()
+    peers = Peers(lambda: ([peer], ""), clock=clock)
+
+    def a_second_passes() -> None:
+        clock.now += FRESH
+
+    _Peer.then = staticmethod(a_second_passes)
+    try:
+        assert await peers.one_reaching("enhanced") == peer and _Peer.asked == 1
+    finally:
+        _Peer.then = staticmethod(lambda: None)
+    _Peer.answer = (503, _body(legacy="ok", enhanced="no answer"))
+    assert await peers.one_reaching("enhanced") is None, "an answer a second old was used"
+    assert _Peer.asked == 2
 
 
 async def test_no_peers_and_peers_that_stand_for_nobody_are_asked_nothing() -> None:
