@@ -19,8 +19,16 @@ import pytest
 from tests.support.backends import BACKEND_KINDS, BackendFactory
 from tests.support.leases import Overrun, past, with_leases
 from tests.support.locks import lock_for, request_for
+from tests.unit.test_queue_seam import _given_back_over_a_direct_answer
 
-from enhanced_locking.backends import EmbeddedBackend, MemoryBackend, QueueBackend, base, codec
+from enhanced_locking.backends import (
+    EmbeddedBackend,
+    MemoryBackend,
+    QueueBackend,
+    base,
+    codec,
+    embedded,
+)
 from enhanced_locking.backends.audit_store import SqliteAuditStore, build_audit_store
 from enhanced_locking.backends.embedded import (
     APPLICATION_ID,
@@ -769,6 +777,68 @@ async def test_a_version_2_store_is_migrated_in_place_and_its_floor_then_stays_a
         assert _floor(path) >= new_key.fencing_token
     finally:
         await backend.close()
+
+
+PREVIOUS_SCHEMA = tuple(statement for statement in embedded.SCHEMA
+                        if "CREATE TABLE IF NOT EXISTS told" not in statement)
+"""The layout of version 3 as the release before the ``told`` table makes it."""
+
+
+class _PreviousRelease(EmbeddedBackend):
+    """The embedded store of the release before ``told``: it counts the answers given with a
+    hold in its own process, as every store did then."""
+
+    _told_of = base.StoreBackend._told_of
+    _keep_told = base.StoreBackend._keep_told
+    _count_told = base.StoreBackend._count_told
+
+
+def _previous_release(path: Path, monkeypatch: pytest.MonkeyPatch) -> EmbeddedBackend:
+    with monkeypatch.context() as then:
+        then.setattr(embedded, "SCHEMA", PREVIOUS_SCHEMA)
+        return _PreviousRelease(path)
+
+
+def _tables(path: Path) -> set[str]:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+async def test_a_file_is_shared_with_a_replica_of_the_previous_release_both_ways(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The count of answers given with a hold came into the file as a table of its own, the
+    # layout version unchanged: a replica of the release before it opens the file this release
+    # wrote (a rolling upgrade, a rollback) and each keeps working beside the other.
+    path = data_dir / "enhanced-locking.db"
+    previous = _previous_release(path, monkeypatch)
+    held = lock_for(request_for(path="old", pull=1))
+    assert (await previous.acquire(held))[0]
+    assert "told" not in _tables(path)
+    current = EmbeddedBackend(path)
+    again: EmbeddedBackend | None = None
+    try:
+        assert "told" in _tables(path)
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert [lock.key for lock in await current.list()] == [held.key]
+        # A give-back leaves the hold its pull was answered with, counted in the file by this
+        # release and in its process by the previous one, on the same file.
+        await _given_back_over_a_direct_answer(current, current)
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            assert db.execute("SELECT count(*) FROM told").fetchone()[0] == 1
+        await _given_back_over_a_direct_answer(previous, previous)
+        assert (await previous.acquire(lock_for(request_for(path="old", pull=2)))) == (
+            False, await current.get(held.key))
+        # The previous release opens the file again (a restart, a rollback): not refused.
+        again = _previous_release(path, monkeypatch)
+        assert [lock.key for lock in await again.list()] == [held.key]
+        await again.release(held.key)
+        assert await current.get(held.key) is None
+    finally:
+        for backend in (previous, current, again):
+            if backend is not None:
+                await backend.close()
 
 
 async def test_a_file_of_a_newer_layout_is_refused_and_left_as_it_was(data_dir: Path) -> None:

@@ -86,6 +86,7 @@ __all__ = [
     "StoreBackend",
     "Stored",
     "Times",
+    "Told",
     "checking_other_side",
     "parts_of",
 ]
@@ -392,8 +393,9 @@ class StoreBackend(abc.ABC):
     kind = "store"
     counts_answers = True
     """Whether a grant given back leaves a lock another request of its pull was answered with
-    (``_told``, kept by this process: the queues and grants of the store are its own). Off
-    where a step may run again and another replica grants from the same queues (etcd)."""
+    (counted by :meth:`_told_of` and :meth:`_keep_told`: in this process's ``_told``, or
+    where every process on the store reads it, the embedded store's file). Off where a step
+    may run again and another replica grants from the same queues (etcd)."""
 
     def __init__(self, namespace: str, *, clock: Callable[[], datetime] = utcnow) -> None:
         self.namespace = namespace
@@ -404,12 +406,11 @@ class StoreBackend(abc.ABC):
         self._waiters: dict[str, Waiter] = {}
         # Recent grants to waiters, so a cancel that lost the race to a grant can say so.
         self._granted: collections.OrderedDict[str, Grant] = collections.OrderedDict()
-        # Who else of its pull was answered with a hold unchanged (``_take``), by key: its
-        # token, the waiters whose grants were (``""``: a request that does not wait, never
-        # taken back), and whether the hold's own grant was given back unheard (``_kept_now``).
-        # Bounded as the grants remembered are (``_GRANTS_REMEMBERED``): only a grant still
-        # remembered is ever given back through it; the key told longest ago goes first.
-        self._told: collections.OrderedDict[str, _Told] = collections.OrderedDict()
+        # Who else of its pull was answered with a hold unchanged (``_take``), by key, where
+        # a store keeps it in this process (:meth:`_told_of`). Bounded as the grants
+        # remembered are (``_GRANTS_REMEMBERED``): only a grant still remembered is ever given
+        # back through it; the key counted longest ago goes first.
+        self._told: collections.OrderedDict[str, Told] = collections.OrderedDict()
         self._seq = 0
         self.served_unasked: Callable[[Handoff], None] = _untold
         """Told of a hand-off this store made on its own, not as the answer to a call (etcd:
@@ -476,6 +477,30 @@ class StoreBackend(abc.ABC):
     @abc.abstractmethod
     def _purge(self, key: str) -> None:
         """Delete whatever is stored as ``key``'s holders (exclusive and shared), unread."""
+
+    def _told_of(self, key: str) -> Told | None:
+        """Who of its pull was answered with ``key``'s hold unchanged, as counted (``None``:
+        nobody since the count was last written for another hold), read in the current step.
+        Here in this process (``_told``): a store on which other processes answer (the
+        embedded store's file) counts where they all read it."""
+        return self._told.get(key)
+
+    def _keep_told(self, key: str, told: Told) -> None:
+        """``told`` as ``key``'s count from now on, written in the current step (so with the
+        give-back that changed it)."""
+        self._told[key] = told
+        self._told.move_to_end(key)
+        while len(self._told) > _GRANTS_REMEMBERED:
+            self._told.popitem(last=False)
+
+    def _count_told(self, key: str, token: int, teller: str) -> None:
+        """``teller`` was answered with ``key``'s hold whose fencing token is ``token``, held
+        already (``_take``): counted in the current step, with the answer."""
+        told = self._told_of(key)
+        if told is None or told.token != token:
+            told = Told(token)
+        told.tellers.add(teller)
+        self._keep_told(key, told)
 
     def _unreadable_change(self, change: Callable[[UnreadableLocks], object]) -> None:
         """Apply a change to :attr:`unreadable` (a store whose steps may run again before they
@@ -633,18 +658,11 @@ class StoreBackend(abc.ABC):
         """The lock ``template``'s pull gets on its key: the one it holds, or a fresh one
         (an exclusive request of the key's only shared holder is an upgrade: a new token).
         Held already, it is answered to ``teller`` (a waiter's id; ``""``: a request that does
-        not wait) and counted as told (``_told``)."""
+        not wait) and counted as told (:meth:`_count_told`)."""
         mine = [h for h in self._holders(template.key, now) if h.owner == template.owner]
         if mine and not (template.mode == "exclusive" and mine[0].mode == "shared"):
             if self.counts_answers:
-                told = self._told.get(template.key)
-                if told is None or told.token != mine[0].fencing_token:
-                    told = self._told[template.key] = _Told(mine[0].fencing_token)
-                    while len(self._told) > _GRANTS_REMEMBERED:
-                        self._told.popitem(last=False)
-                else:
-                    self._told.move_to_end(template.key)
-                told.tellers.add(teller)
+                self._count_told(template.key, mine[0].fencing_token, teller)
             return mine[0], False
         for lock in mine:
             self._drop(lock)
@@ -805,21 +823,23 @@ class StoreBackend(abc.ABC):
         given back unheard. Given back, a grant answered with a lock held already takes its
         own answer back; the last one taken back from a lock whose own grant was given back
         unheard gives the lock back with it (nobody else was told it holds it)."""
-        if grant.kept is None or not self.counts_answers:
+        if grant.kept is None or not self.counts_answers or heard:
+            # Heard, the grant keeps its own answer (new for a lock it made): its give-back
+            # later leaves the lock by ``unless_told``, as Redis's RELEASE does.
             return grant.fresh, grant.kept
         kept = set(grant.kept)
         for lock in still:
-            told = self._told.get(lock.key)
+            told = self._told_of(lock.key)
             if told is None or told.token != lock.fencing_token:
                 continue
             if lock.key not in grant.kept:
-                # Heard, the grant keeps its own answer (new): its give-back later leaves the
-                # lock by ``unless_told``, as Redis's RELEASE does.
-                if told.tellers and not heard:
+                if told.tellers:
                     kept.add(lock.key)
                     told.unheard = True
-            elif not heard:
+                    self._keep_told(lock.key, told)
+            else:
                 told.tellers.discard(grant.waiter.id)
+                self._keep_told(lock.key, told)
                 if not told.tellers and told.unheard:
                     kept.discard(lock.key)
         return len(kept) < len(grant.locks), frozenset(kept)
@@ -1118,11 +1138,10 @@ class StoreBackend(abc.ABC):
         token: int | None = None, checked: frozenset[int] | None = None,
         unless_told: bool = False,
     ) -> Handoff:
-        told = (unless_told and token is not None and self.counts_answers
-                and (since := self._told.get(key)) is not None and since.token == token
-                and bool(since.tellers))
+        # A give-back that leaves what the count says (read in the step that frees, with it).
+        counted = unless_told and token is not None and self.counts_answers
         if (key not in self._queues and (policy is None or not policy.limits)
-                and (checked is None or owner is not None) and not told):
+                and (checked is None or owner is not None) and not counted):
             # Nobody waits here: one step, nothing to hand over (a token's hold: only that one).
             popped = (self._pop(key, owner) if token is None
                       else None if owner is None else self._pop_exactly(key, owner, token))
@@ -1152,6 +1171,8 @@ class StoreBackend(abc.ABC):
                 holders = []
             if owner is None:
                 self._restart_token(key)
+            told = (counted and (since := self._told_of(key)) is not None
+                    and since.token == token and bool(since.tellers))
             if owner is not None:
                 mine = [h for h in holders if h.owner == owner and not told
                         and (token is None or h.fencing_token == token)]
@@ -1280,10 +1301,11 @@ def _collector_paused(rows: int) -> Iterator[None]:
 
 
 @dataclass
-class _Told:
+class Told:
     """Who of its pull was answered with the hold of one key whose token is ``token``, unchanged
     (``StoreBackend._take``): waiters' ids, ``""`` for a request that does not wait; and
-    whether the hold's own grant was given back unheard."""
+    whether the hold's own grant was given back unheard. A store's count of one key
+    (``StoreBackend._told_of``)."""
 
     token: int
     tellers: set[str] = field(default_factory=set)

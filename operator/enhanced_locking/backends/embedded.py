@@ -34,7 +34,8 @@ Schema versions (``PRAGMA user_version``): 0 had the counters in a ``fencing`` t
 own beside ``locks``; 2 is the layout below with a fencing floor that followed every token
 exactly; 3 keeps the floor ahead (see :data:`FLOOR_AHEAD`). A file of an older version is
 migrated in place when it is opened (one transaction; held locks, counters and the fencing
-floor kept).
+floor kept). Version 3 later gained a table (``told``: the answers given with a hold, see
+:data:`_TOLD_OF`) without a new version: a release from before it shares the file as ever.
 
 The legacy side's change counter: the router asks the legacy side about every key it grants on
 the enhanced side, before and after the grant, and releases there too (a key is never held on
@@ -58,6 +59,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import secrets
 import sqlite3
@@ -67,7 +69,14 @@ from pathlib import Path
 from typing import Literal
 
 from enhanced_locking.backends import codec
-from enhanced_locking.backends.base import Owner, StoreBackend, Stored, Times, other_side_check
+from enhanced_locking.backends.base import (
+    Owner,
+    StoreBackend,
+    Stored,
+    Times,
+    Told,
+    other_side_check,
+)
 from enhanced_locking.types import (
     BackendUnavailable,
     Candidate,
@@ -122,13 +131,18 @@ SCHEMA = (
     WHEN OLD.counter > (SELECT value FROM meta WHERE name = 'lost_floor') BEGIN
         UPDATE meta SET value = OLD.counter WHERE name = 'lost_floor';
     END""",
+    """CREATE TABLE IF NOT EXISTS told (
+        ns TEXT NOT NULL, key TEXT NOT NULL, token INTEGER NOT NULL, tellers TEXT NOT NULL,
+        unheard INTEGER NOT NULL, PRIMARY KEY (ns, key))""",
 )
 """The layout of version 3, each statement idempotent. ``meta.token_floor`` is at least the
 highest token the file ever handed out (the triggers keep it :data:`FLOOR_AHEAD` ahead when a
 token passes it), so a lost row never hands a token out again. ``meta.lost_floor`` is the
 highest counter of a row deleted (by hand: the service never deletes one) since the file was
 made: a service that opened the file before then starts a new row above it (see
-:data:`_FIRST_TOKEN`)."""
+:data:`_FIRST_TOKEN`). ``told`` (see :data:`_TOLD_OF`) came within version 3: a table added,
+none of the others changed, so a release of version 3 from before it opens the file as ever
+and never reads it (an upgrade that can go back; the version is not raised)."""
 
 _FIRST_TOKEN = "max({}, coalesce((SELECT value FROM meta WHERE name = 'lost_floor'), 0) + 1)"
 """The token of a key's new row: the floor as read when the file was opened plus one (the
@@ -141,6 +155,38 @@ MIGRATE_FROM_2 = (
     "DROP TRIGGER IF EXISTS fencing_floor_on_update",
 )
 """Version 2 to 3: the floor's triggers of version 2 go; :data:`SCHEMA` makes version 3's."""
+
+# Who of its pull was answered with a key's hold unchanged (held already: a request that does
+# not wait, ``""``, or a waiter's grant, its id; ``tellers`` a JSON array), for the hold with
+# fencing token ``token``, and whether that hold's own grant was given back unheard: the count
+# StoreBackend keeps (``Told``), in the file, so that every process on it counts the answers
+# the others gave. Written in the step of the answer or the give-back, read by a give-back.
+# One row per key at most; a row of an older hold of the key (another token) counts nothing.
+_TOLD_OF = "SELECT token, tellers, unheard FROM told WHERE ns = ? AND key = ?"
+_KEEP_TOLD = """
+INSERT INTO told (ns, key, token, tellers, unheard) VALUES (?, ?, ?, ?, ?)
+ON CONFLICT (ns, key) DO UPDATE SET
+    token = excluded.token, tellers = excluded.tellers, unheard = excluded.unheard
+"""
+_FORGET_TOLD = "DELETE FROM told WHERE ns = ? AND key = ?"
+
+# One more answer of the hold ?3 to ?4, in one statement (no read first): a row of another
+# hold starts again; the row is not written when it counts that teller already. Tellers that
+# are not a JSON array (not written by this store) count as someone unknown ("?"), as
+# EmbeddedBackend._told_of reads them.
+_COUNT_TOLD = """
+INSERT INTO told (ns, key, token, tellers, unheard) VALUES (?1, ?2, ?3, json_array(?4), 0)
+ON CONFLICT (ns, key) DO UPDATE SET
+    tellers = CASE WHEN token <> ?3 THEN excluded.tellers
+                   WHEN NOT json_valid(tellers) OR json_type(tellers) <> 'array'
+                   THEN json_array('?', ?4)
+                   ELSE json_insert(tellers, '$[#]', ?4) END,
+    unheard = CASE WHEN token = ?3 THEN unheard ELSE 0 END,
+    token = ?3
+WHERE CASE WHEN token <> ?3 THEN 1
+           WHEN NOT json_valid(told.tellers) OR json_type(told.tellers) <> 'array' THEN 1
+           ELSE NOT EXISTS (SELECT 1 FROM json_each(told.tellers) WHERE value = ?4) END
+"""
 
 COUNTED = ("legacy",)
 """Namespaces whose changes the file counts (see the module's docstring): the side that other
@@ -802,6 +848,30 @@ class EmbeddedBackend(StoreBackend):
             return None
         self._held.pop(key, None)
         return lock
+
+    def _told_of(self, key: str) -> Told | None:
+        row = self._db.execute(_TOLD_OF, (self.namespace, key)).fetchone()
+        if row is None:
+            return None
+        try:
+            tellers = json.loads(row[1])
+        except ValueError:
+            tellers = None
+        if not isinstance(tellers, list) or not all(isinstance(t, str) for t in tellers):
+            # Not written by this store: counted as an answer of someone unknown, who is never
+            # taken back (the hold stays), as Redis reads a count it cannot read as one.
+            tellers = ["?"]
+        return Told(int(row[0]), set(tellers), bool(row[2]))
+
+    def _keep_told(self, key: str, told: Told) -> None:
+        if not told.tellers and not told.unheard:  # counts nothing: as no row
+            self._db.execute(_FORGET_TOLD, (self.namespace, key))
+        else:
+            self._db.execute(_KEEP_TOLD, (self.namespace, key, told.token,
+                                          json.dumps(sorted(told.tellers)), int(told.unheard)))
+
+    def _count_told(self, key: str, token: int, teller: str) -> None:
+        self._db.execute(_COUNT_TOLD, (self.namespace, key, token, teller))
 
     def held_as_seen(self, key: str) -> Lock | None:
         return self._held.get(key)
