@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 from collections.abc import Iterator
@@ -270,3 +271,33 @@ async def test_the_store_s_gauges_are_absent_while_its_redis_is_down_and_store_u
                 back = (await http.get("/metrics")).text
         assert samples(back, "enhanced_locking_locks_held")['{backend="enhanced"}'] in (0, 1)
         assert samples(back, "enhanced_locking_store_up")['{backend="enhanced"}'] == 1
+
+
+async def test_every_replica_on_one_redis_reports_the_whole_store_s_locks_and_queue(
+    make_service: ServiceMaker, redis_server: RedisServer, tmp_path: Path,
+) -> None:
+    """Two replicas of a service on one Redis: each one's scrape says the store's one lock and
+    one waiter, whichever replica took or waits for it. So a query adds them up across the
+    replicas of a service at its peril (the chart's alerts and dashboard take their max:
+    tests/unit/test_monitoring_assets.py)."""
+    settings = {"enabled": True, "backend": "redis", "redis_addr": redis_server.addr}
+    a = await make_service(**settings, replica_id="a", data_dir=str(tmp_path / "a"))
+    b = await make_service(**settings, replica_id="b", data_dir=str(tmp_path / "b"))
+    assert (await a.router.acquire(ask("shared", 1, ttl=timedelta(minutes=5)))).acquired
+    waiting = asyncio.create_task(b.router.acquire(ask("shared", 2, wait=timedelta(minutes=2))))
+    try:
+        scraped: dict[str, tuple[float, float]] = {}
+        async with asyncio.timeout(30):
+            while set(scraped.values()) != {(1.0, 1.0)}:
+                await asyncio.sleep(0.05)
+                for name, service in (("a", a), ("b", b)):
+                    await service.refresh_gauges()  # what a scrape of /metrics does first
+                    text = service.metrics.exposition().decode()
+                    scraped[name] = (
+                        samples(text, "enhanced_locking_locks_held")['{backend="enhanced"}'],
+                        samples(text, "enhanced_locking_queue_depth").get("", 0.0))
+        assert scraped == {"a": (1.0, 1.0), "b": (1.0, 1.0)}
+    finally:
+        waiting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiting

@@ -206,3 +206,21 @@ def test_each_value_an_alert_splits_by_is_exported_at_zero_from_the_start(
     shown = {sample.labels[label]: sample.value for family in Metrics().registry.collect()
              for sample in family.samples if sample.name == series}
     assert shown == dict.fromkeys(values, 0.0)
+
+
+STORE_READ = ("enhanced_locking_locks_held", "enhanced_locking_queue_depth")
+"""Gauges read from the store at scrape time: every replica of a service that shares the store
+(Redis, etcd) reports the store's whole count (tests/integration/test_redis_outage.py)."""
+
+
+def test_a_gauge_every_replica_reads_from_the_shared_store_is_not_added_up_across_them() -> None:
+    # sum() over the replicas of one service counts each lock and waiter once per replica: the
+    # backlog alert fired at 100 / replicas waiters, the dashboard showed replicas x the locks.
+    # Each service's count is the max of its replicas' (by namespace and job, the scrape job
+    # being the service), and only those are added up.
+    exprs = [(rule["alert"], rule["expr"]) for rule in alert_rules()]
+    exprs += [(title, expr) for title, found in dashboard_queries().items() for expr in found]
+    wrong = [f"{where}: {expr}" for where, expr in exprs for name in STORE_READ
+             if name in expr and not re.search(
+                 r"max by \(namespace, job(, backend)?\) \(" + name + r"\b", expr)]
+    assert not wrong, wrong
