@@ -7,8 +7,9 @@ locker, the enhanced locker and the router all speak both languages the same way
 
 from __future__ import annotations
 
+from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from enhanced_locking.backends.base import Owner
 from enhanced_locking.types import (
@@ -22,7 +23,7 @@ from enhanced_locking.types import (
     User,
 )
 
-__all__ = ["AtlantisCalls", "Locker", "TryLockResponse"]
+__all__ = ["AtlantisCalls", "Locker", "TryLockResponse", "give_back_grant"]
 
 
 class Locker(Protocol):
@@ -41,6 +42,16 @@ class Locker(Protocol):
     async def list(self, *, repo: str | None = None, pull: int | None = None) -> Locks: ...
 
     async def release_by_pull(self, repo: str, pull: int) -> Locks: ...
+
+
+def give_back_grant(locker: Locker, lock: Lock,
+                    owner: Owner) -> Coroutine[Any, Any, Lock | None]:
+    """Free ``lock``, a grant to ``owner`` given back, as that grant: on the enhanced side by its
+    fencing token, as the enhanced locker gives back its own grants (the pull may hold the key
+    anew by then, through another request, under a new token: ``LockNotOwned``, and that hold
+    stays); on legacy by owner (its holds carry no token)."""
+    token = lock.fencing_token if lock.backend == "enhanced" else None
+    return locker.release(lock.key, owner=owner, token=token)
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
 from enhanced_locking.backends.base import Owner
-from enhanced_locking.locking.base import Locker
+from enhanced_locking.locking.base import Locker, give_back_grant
 from enhanced_locking.types import (
     BatchLockRequest,
     BatchResult,
@@ -42,7 +41,7 @@ async def acquire_one_by_one(
     nothing it took. Taken is what each grant says it granted (``fresh``): a lock the pull
     held already is answered unchanged and never given back. ``held_already`` is told each
     of those (answered again, not granted anew), once the whole batch is granted. What was
-    taken is given back as the grant it was (:func:`_give_back_grant`), never a hold the
+    taken is given back as the grant it was (:func:`give_back_grant`), never a hold the
     pull took of the key anew meanwhile.
     """
     owner = batch.owner
@@ -63,7 +62,7 @@ async def acquire_one_by_one(
             continue
         for lock in taken:
             try:
-                await _give_back_grant(locker, lock, owner)
+                await give_back_grant(locker, lock, owner)
             except LockNotOwned:
                 pass  # the pull's hold taken anew since, by another request: theirs
         return BatchResult(acquired=False, lock_key=request.key,
@@ -77,22 +76,12 @@ async def acquire_one_by_one(
 async def _give_back(locker: Locker, taken: Locks, owner: Owner) -> None:
     """Release ``taken``, the fresh grants of a batch whose next step failed, each tried once
     (all at once: under overload each may wait for its store); one that fails is logged."""
-    outcomes = await asyncio.gather(*(_give_back_grant(locker, lock, owner) for lock in taken),
+    outcomes = await asyncio.gather(*(give_back_grant(locker, lock, owner) for lock in taken),
                                     return_exceptions=True)
     for lock, outcome in zip(taken, outcomes, strict=True):
         if isinstance(outcome, BaseException) and not isinstance(outcome, LockNotOwned):
             log.warning("could not give back %s, taken by a batch whose next step failed: %s",
                         lock.key, outcome)
-
-
-def _give_back_grant(locker: Locker, lock: Lock,
-                     owner: Owner) -> Coroutine[Any, Any, Lock | None]:
-    """Free ``lock``, a batch's fresh grant, as that grant: on the enhanced side by its fencing
-    token, as the enhanced locker gives back its own grants (the pull may hold the key anew by
-    then, through another request, under a new token: ``LockNotOwned``, and that hold stays);
-    on legacy by owner (its holds carry no token)."""
-    token = lock.fencing_token if lock.backend == "enhanced" else None
-    return locker.release(lock.key, owner=owner, token=token)
 
 
 async def release_all(

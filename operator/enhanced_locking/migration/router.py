@@ -49,7 +49,7 @@ from enhanced_locking.backends.unreadable import UnreadableLocks
 from enhanced_locking.backends.waiting import Waiters
 from enhanced_locking.events import Bus
 from enhanced_locking.locking import EnhancedLocker, batch
-from enhanced_locking.locking.base import AtlantisCalls, Locker
+from enhanced_locking.locking.base import AtlantisCalls, Locker, give_back_grant
 from enhanced_locking.metrics import FallbackAction, Metrics
 from enhanced_locking.migration import identity
 from enhanced_locking.migration.controller import MigrationController
@@ -546,9 +546,8 @@ class Router(AtlantisCalls):
         leaving = self._answers.leave(lock)
         if leaving is None:
             return False
-        token = lock.fencing_token if lock.backend == "enhanced" else None
         try:
-            await locker.release(lock.key, owner=owner, token=token)
+            await give_back_grant(locker, lock, owner)
         except LockNotOwned:
             return False
         finally:
@@ -644,8 +643,7 @@ class Router(AtlantisCalls):
         A release without a pull frees a lock it read the same way (``owner``: the lock's own),
         so a hold taken after the read, which the caller's rights were not asked about, stays.
         """
-        token = lock.fencing_token if lock.backend == "enhanced" else None
-        return self.release(lock.key, owner=owner, token=token)
+        return give_back_grant(self, lock, owner)
 
     async def give_back_answer(self, lock: Lock, *, owner: Owner) -> Lock | None:
         """:meth:`give_back` for a grant answered to a caller that went away, unless another
