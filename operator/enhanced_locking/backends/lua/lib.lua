@@ -234,7 +234,7 @@ end
 -- its first write. A lean call's MEMO is NO_MEMO, always empty: not asked, as `next` is a
 -- global read and a call of its own, about 0.5k instructions a write.)
 local function w(...)
-  call_state()
+  if CALL_KEYS ~= KEYS then call_state() end  -- (set up already: no call, as most writes)
   WROTE = true
   if MEMO ~= NO_MEMO and next(MEMO) ~= nil then MEMO = {} end
   return CALL(...)
@@ -246,7 +246,7 @@ end
 -- rebuilt when it is read: `members`), a member taken out of a set or queue that is not one
 -- (nothing of ours is there), and the fencing counter, which `stamp` takes first.
 local function w_try(...)
-  call_state()
+  if CALL_KEYS ~= KEYS then call_state() end
   local reply = PCALL(...)
   -- (0 or 1, the answer of most: known not to be Redis's refusal without a call to `type`)
   if reply ~= 1 and reply ~= 0 and type(reply) == 'table' and reply['err'] and is_error(reply) then
@@ -2044,11 +2044,30 @@ local function grant_free(k, data, repo, pull, ttl, path, ws, lock_hash, shared_
   if not unqueued and maybe_queued(k) then return nil end
   -- (`free`: the caller found neither hash (`lean_absent`))
   if not free and CALL('EXISTS', lock_hash, shared_hash) > 0 then return nil end
-  fetched[k] = {lock = false}  -- known free (the grant reads nothing more of its holders)
-  local lock = stamp(k, data, repo, pull, ttl, false, 'exclusive', path, ws, counter,
-                     lock_hash, pull_set)
-  if not lock then return nil end  -- its fencing counter is not one: nothing written
-  return finish_took(lock[3], lock[4], lock[5])
+  if TOKEN_BASE > 0 then  -- a store that lost its data once: `stamp` checks the counter first
+    fetched[k] = {lock = false}  -- known free (the grant reads nothing more of its holders)
+    local lock = stamp(k, data, repo, pull, ttl, false, 'exclusive', path, ws, counter,
+                       lock_hash, pull_set)
+    if not lock then return nil end  -- its fencing counter is not one: nothing written
+    return finish_took(lock[3], lock[4], lock[5])
+  end
+  -- The rest is `stamp`'s grant of a free key without a claim, its writes in its order, with
+  -- neither its row nor its checks for the cases this one has not (a claim, a shared grant,
+  -- a hash to delete first, a counter below the base): each bytecode Lua runs costs Redis
+  -- about 50 instructions, and `stamp` ran some 150 more a grant than this.
+  local token = PCALL('INCR', counter)
+  -- (a counter that is not one refuses INCR: nothing written; another refusal is raised)
+  if type(token) ~= 'number' and is_error(token) then return nil end
+  WROTE = true
+  if token == 1 then w_try('SADD', FENCED, k) end  -- as in `stamp`
+  local at, tok, exp = int(clock()), int(token), '0'
+  if ttl > 0 then exp = int(NOW + ttl) end
+  w('HSET', lock_hash, 'data', data, 'token', tok, 'at', at, 'repo', repo, 'pull', pull,
+             'exp', exp, 'path', path, 'ws', ws)
+  if ttl > 0 then w('PEXPIREAT', lock_hash, NOW + ttl + GRACE_MS) end
+  w_try('SADD', HELD, k)
+  w_try('SADD', pull_set, k)
+  return finish_took(tok, at, exp)
 end
 
 local function lean_acquire(k, data, repo, pull, ttl, path, ws)
@@ -2069,20 +2088,34 @@ local function release_own(k, repo, pull, lock_hash, shared_hash, pull_set, sent
                            unqueued)
   if not (lock_hash and shared_hash and pull_set) then return nil end
   if not unqueued and maybe_queued(k) then return nil end  -- (`unqueued`: as in `grant_free`)
-  -- (the row as stored: this path reads neither its path nor its workspace)
-  local lock = lock_row(k, lock_hash)
-  if not lock or lock.bad or lapsed(lock) or not same_owner(lock, repo, pull) then
+  -- The hash read as `lock_row` reads it, its fields looked at in place rather than made into
+  -- a row (each bytecode Lua runs costs Redis about 50 instructions): a lock to release here
+  -- is one `lock_row` answers as a readable row (not set aside, its data, token, times and
+  -- owner there and its numbers numbers), not lapsed (`lapsed`) and the owner's
+  -- (`same_owner`); anything else goes to the full path, which reads it again.
+  local v = PCALL('HMGET', lock_hash, 'data', 'token', 'at', 'exp', 'repo', 'pull', 'damaged')
+  if v['err'] and is_error(v) then return nil end  -- (not a hash: `lock_row`'s unreadable)
+  local data, exp = v[1], v[4]
+  if v[7] or not data or v[5] ~= repo or v[6] ~= pull
+      or not (tonumber(v[2]) and tonumber(v[3])) then
     return nil
+  end
+  if exp ~= '0' then  -- (no lease, most locks: no number to read)
+    local ends = tonumber(exp)
+    if not ends or (ends > 0 and ends <= clock()) then return nil end
   end
   -- (`unshared`: the caller found no shared holders' hash (`lean_absent`))
   if not unshared and CALL('EXISTS', shared_hash) > 0 then return nil end
-  drop_exclusive(k, lock_hash, pull_set, true)
+  -- `drop_exclusive`'s writes (no shared holder is left), without its note of the key as
+  -- known free: this call reads nothing after them, and the note is a table Lua makes
+  w('DEL', lock_hash)
+  w_try('SREM', HELD, k)
+  w_try('SREM', pull_set, k)
   -- The data as sent is not sent back: JSON-encoding it for the answer kept under the call id
   -- cost Redis more than the commands of the release (the same strings compare at once: Lua
   -- keeps one copy of each).
-  local data = lock[2]
   if data == sent then data = false end
-  return finish_flat({'dropped', data, lock[3], lock[4], lock[5]})
+  return finish_flat({'dropped', data, v[2], v[3], exp})
 end
 
 local function lean_release(k, repo, pull)
