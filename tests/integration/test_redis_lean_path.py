@@ -404,3 +404,93 @@ def test_the_lean_functions_write_nothing_for_a_call_they_cannot_serve(
             assert took == dropped == [b"full"], busy
             assert {name: admin.dump(name) for name in admin.keys("*")} == before, busy
             admin.delete(keys.lock(LEAN), keys.shared(LEAN), keys.queued)
+
+
+def _lean_release(admin: redis.Redis, keys: RedisKeys, call_id: str) -> Any:
+    """``LEAN_RELEASE`` of LEAN by OWNER, called directly (the lean layout), the data sent
+    ``{}``."""
+    return admin.fcall(redis_scripts.FUNCTION_NAMES["LEAN_RELEASE"], 8,
+                       *keys.lean_common(call_id), keys.lock(LEAN), keys.shared(LEAN),
+                       keys.pull(*OWNER), "e-1", LEAN, *OWNER, "{}")
+
+
+def _lean_acquire(admin: redis.Redis, keys: RedisKeys, call_id: str, lease_ms: int) -> Any:
+    return admin.fcall(redis_scripts.FUNCTION_NAMES["LEAN_ACQUIRE"], 9,
+                       *keys.lean_common(call_id), keys.lock(LEAN), keys.shared(LEAN),
+                       keys.fence(LEAN), keys.pull(*OWNER), "e-1", lease_ms, LEAN, "{}",
+                       *OWNER, ".", "default")
+
+
+def test_the_lean_release_serves_only_the_owners_live_readable_lock(
+    redis_server: RedisServer,
+) -> None:
+    """``release_own`` reads the lock's hash in place, as the full path's ``lock_row``,
+    ``lapsed`` and ``same_owner`` read its row: a lock with a live lease is released, and one
+    whose lease lapsed, which was set aside, whose numbers do not read, which has no data or
+    is another pull's is turned away (``{'full'}``, nothing written), for the full path."""
+    keys = RedisKeys("enhanced-locking:", "enhanced")
+    with redis_server.client() as admin:
+        admin.function_load(redis_scripts.FUNCTIONS)
+        admin.hset(keys.incarnation, mapping={"id": "e-1", "base": 0, "until": 0, "since": 0})
+        now = int(admin.time()[0]) * 1000
+        lock = {"data": "{}", "token": 3, "at": now, "exp": 0, "repo": OWNER[0],
+                "pull": OWNER[1], "path": ".", "ws": "default"}
+        turned_away: dict[str, dict[str, Any]] = {
+            "a lapsed lease": {"exp": now - 1_000},
+            "set aside": {"damaged": "written over"},
+            "a token that is not a number": {"token": "x"},
+            "a grant time that is not a number": {"at": "y"},
+            "a lease end that is not a number": {"exp": "z"},
+            "another pull's": {"pull": 8},
+            "no data": {},
+        }
+        for n, (case, change) in enumerate(turned_away.items()):
+            admin.delete(keys.lock(LEAN))
+            admin.hset(keys.lock(LEAN), mapping={**lock, **change})
+            if case == "no data":
+                admin.hdel(keys.lock(LEAN), "data")
+            admin.sadd(keys.held, LEAN)
+            admin.sadd(keys.pull(*OWNER), LEAN)
+            before = {name: admin.dump(name) for name in admin.keys("*")}
+            assert _lean_release(admin, keys, f"r-{n}") == [b"full"], case
+            assert {name: admin.dump(name) for name in admin.keys("*")} == before, case
+
+        admin.delete(keys.lock(LEAN))
+        admin.hset(keys.lock(LEAN), mapping={**lock, "exp": now + 60_000})
+        answer = _lean_release(admin, keys, "r-live")
+        # The data stored is the data sent: left out of the answer (false).
+        assert json.loads(answer) == ["dropped", False, "3", str(now), str(now + 60_000)]
+        assert not admin.exists(keys.lock(LEAN))
+        assert not admin.sismember(keys.held, LEAN)
+        assert not admin.sismember(keys.pull(*OWNER), LEAN)
+
+
+def test_a_lean_grant_with_a_lease_or_a_token_base_stores_what_stamp_stores(
+    redis_server: RedisServer,
+) -> None:
+    """``grant_free`` writes a grant of a free key itself: with a lease, the lease end in the
+    answer and the hash, and the hash collected a grace after it, as ``stamp`` writes it; in
+    a store whose incarnation has a base (it lost its data once), the grant goes through
+    ``stamp``, whose counter continues from the base."""
+    keys = RedisKeys("enhanced-locking:", "enhanced")
+    with redis_server.client() as admin:
+        admin.function_load(redis_scripts.FUNCTIONS)
+        admin.hset(keys.incarnation, mapping={"id": "e-1", "base": 0, "until": 0, "since": 0})
+        took = json.loads(_lean_acquire(admin, keys, "a-1", 60_000))
+        assert took[:2] == ["took", "1"] and int(took[3]) == int(took[2]) + 60_000
+        stored = {k.decode(): v.decode() for k, v in admin.hgetall(keys.lock(LEAN)).items()}
+        assert stored == {"data": "{}", "token": "1", "at": took[2], "exp": took[3],
+                          "repo": OWNER[0], "pull": str(OWNER[1]), "path": ".",
+                          "ws": "default"}
+        # collected a grace after the lease's end (redis_scripts.GRACE_MS), not before it
+        assert admin.pttl(keys.lock(LEAN)) > 60_000
+        assert admin.sismember(keys.fenced, LEAN) and admin.sismember(keys.held, LEAN)
+        assert admin.sismember(keys.pull(*OWNER), LEAN)
+        assert json.loads(_lean_release(admin, keys, "r-1"))[0] == "dropped"
+
+        admin.hset(keys.incarnation, "base", 5_000)
+        took = json.loads(_lean_acquire(admin, keys, "a-2", 0))
+        assert took[:2] == ["took", "5001"] and took[3] == "0"
+        assert admin.hget(keys.lock(LEAN), "token") == b"5001"
+        assert admin.get(keys.fence(LEAN)) == b"5001"
+        assert admin.pttl(keys.lock(LEAN)) == -1
