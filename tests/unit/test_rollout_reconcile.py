@@ -25,6 +25,7 @@ from enhanced_locking.kube.lockmigration import PROMOTE_ANNOTATION, RETRY_ANNOTA
 from enhanced_locking.kube.reconcile import MIGRATIONS, POLICIES, Binding, Reconciler
 from enhanced_locking.kube.rollout_driver import RolloutDriver, live_view, request_token
 from enhanced_locking.migration.routing_registry import MemoryRoutingRegistry
+from enhanced_locking.types import LockRequest
 
 POLICY = {"enabled": True, "backend": "memory"}
 STEPS = [{"setWeight": 10}, {"pause": {"duration": "1m"}}, {"setWeight": 50}, {"pause": {}},
@@ -202,18 +203,26 @@ async def test_a_replica_that_does_not_write_the_status_routes_by_it_and_stays_s
     assert silent.patches == 0 and silent.events == []
 
 
-async def test_lock_conflicts_make_the_migration_degraded_and_an_event_names_both_holders(
-    make_service: Callable[..., Any], tmp_path: Path,
-) -> None:
-    service: LockService = await make_service(legacy_backend="memory", backend="memory")
-    cluster, _, reconciler = await _migrating(service, tmp_path, weight=100)
+async def _completed_then_a_conflict(
+    service: LockService, tmp_path: Path,
+) -> tuple[InMemoryCluster, Wall, Reconciler, LockRequest]:
+    """A rollout to weight 100, completed; then a key found held by pull 3 on legacy and by
+    pull 4 on enhanced (its request), and the tick that reports it."""
+    cluster, wall, reconciler = await _migrating(service, tmp_path, weight=100)
     await _tick_until(reconciler, cluster, lambda s: s.get("phase") == "Completed", service)
-
     request = request_for(path="double", pull=3)
     service.migration.conflicts.report(
         key=request.key, legacy=lock_for(request, backend="legacy"),
         enhanced=lock_for(request_for(path="double", pull=4)), source="fallback")
     await reconciler.tick()
+    return cluster, wall, reconciler, request
+
+
+async def test_lock_conflicts_make_the_migration_degraded_and_an_event_names_both_holders(
+    make_service: Callable[..., Any], tmp_path: Path,
+) -> None:
+    service: LockService = await make_service(legacy_backend="memory", backend="memory")
+    cluster, _, reconciler, request = await _completed_then_a_conflict(service, tmp_path)
     status = cluster.status(MIGRATIONS, "to-enhanced")
     degraded = _condition(status, "Degraded")
     assert (status["phase"], degraded["status"], degraded["reason"]) == (
@@ -228,6 +237,25 @@ async def test_lock_conflicts_make_the_migration_degraded_and_an_event_names_bot
     healed = cluster.status(MIGRATIONS, "to-enhanced")
     assert healed["phase"] == "Completed"
     assert _condition(healed, "Degraded")["reason"] == "AsExpected"
+
+
+async def test_a_new_status_writer_of_a_completed_but_degraded_rollout_does_not_tell_it_again(
+    make_service: Callable[..., Any], tmp_path: Path,
+) -> None:
+    # The phase shows Degraded over Completed (a lock conflict): a writer that takes the status
+    # over (a restart, a new Lease holder) reads the Completed condition, not the phase, to
+    # know the rollout had completed, and posts no second RolloutCompleted.
+    service: LockService = await make_service(legacy_backend="memory", backend="memory")
+    cluster, wall, first, _ = await _completed_then_a_conflict(service, tmp_path)
+    assert cluster.status(MIGRATIONS, "to-enhanced")["phase"] == "Degraded"
+    assert first.rollout is not None
+    first.rollout.close()
+
+    second = await _operator(service, cluster, tmp_path, wall)
+    await second.resync()
+    await second.tick()
+    told = [e for e in cluster.events if e["reason"] == "RolloutCompleted"]
+    assert len(told) == 1, told
 
 
 async def _failing_operations(service: LockService) -> None:

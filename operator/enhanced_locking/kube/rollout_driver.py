@@ -250,10 +250,13 @@ class RolloutDriver:
             self.check = None
         self.state, self.progress = progress.state, progress
         status, _ = read_status(body.get("status"))
-        was = previous.phase if previous else status.phase
+        # Whether it had completed: the Completed condition, not the phase, which shows
+        # Degraded over it (a lock conflict) and so would tell a new writer it had not.
+        completed = previous.phase == "Completed" if previous else any(
+            c.type == "Completed" and c.status == "True" for c in status.conditions)
         if (drop := _steps_start_lower(spec, status)) is not None:
             progress.notes.append(drop)
-        if progress.phase == "Completed" and was != "Completed":
+        if progress.phase == "Completed" and not completed:
             progress.notes.append(Note("Normal", "RolloutCompleted", progress.message))
         return progress
 
