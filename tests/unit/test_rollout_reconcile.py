@@ -258,6 +258,39 @@ async def test_a_new_status_writer_of_a_completed_but_degraded_rollout_does_not_
     assert len(told) == 1, told
 
 
+async def test_a_replica_that_writes_the_status_again_shows_no_analysis_check_of_its_last_term(
+    make_service: Callable[..., Any], tmp_path: Path,
+) -> None:
+    # A failing check this replica made when it last wrote the status is history once another
+    # writer took over: holding the Lease again, it shows no Degraded from it, as a restarted
+    # writer would not; its next check tells.
+    service: LockService = await make_service(legacy_backend="memory", backend="memory")
+    writer = Writer(True)
+    cluster, wall = InMemoryCluster(), Wall()
+    reconciler = await _operator(service, cluster, tmp_path, wall, writer=writer)
+    await reconciler.observed(POLICIES, cluster.put(POLICIES, "default", POLICY))
+    await reconciler.observed(MIGRATIONS, cluster.put(MIGRATIONS, "to-enhanced", migration(
+        steps=[{"setWeight": 40}, {"pause": {}}],
+        analysis={"window": "1m", "interval": "1s", "maxErrorRate": 0.05,
+                  "failureLimit": 5})))
+    await _tick_until(reconciler, cluster, lambda s: s.get("phase") == "Paused", service)
+    await _failing_operations(service)
+    await reconciler.tick()
+    assert _condition(cluster.status(MIGRATIONS, "to-enhanced"), "Degraded")["reason"] == (
+        "AnalysisFailing")
+
+    writer.writes = False  # another replica writes meanwhile: no check failing any more
+    body = cluster.objects[(MIGRATIONS, "to-enhanced")]
+    body["status"] = {**body["status"], "analysis": None, "phase": "Paused", "conditions": [
+        c for c in body["status"]["conditions"] if c["type"] != "Degraded"]}
+    writer.writes, writer.term = True, 2
+    await reconciler.resync()
+    status = cluster.status(MIGRATIONS, "to-enhanced")
+    assert status["phase"] == "Paused", status
+    assert _condition(status, "Degraded")["status"] == "False"
+    assert "analysis" not in status
+
+
 async def _failing_operations(service: LockService) -> None:
     """What the enhanced locker counts when its store fails (30 failures in 100 operations),
     then the time until the next analysis check (every second, on the monotonic clock)."""

@@ -216,6 +216,9 @@ class RolloutDriver:
         analysis = status.analysis
         self.analyzer.reset(
             consecutive_failures=analysis.consecutive_failures if analysis is not None else 0)
+        # A check this replica made when it last wrote the status is history (another writer
+        # may have checked since): none is shown, nor Degraded from it, until its next check.
+        self.check = None
         self._published = None
 
     def advance(self, spec: LockMigrationSpec, body: Mapping[str, Any]) -> Progress | None:
