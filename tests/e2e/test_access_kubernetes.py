@@ -476,19 +476,39 @@ def test_an_idle_event_stream_ends_once_its_serviceaccount_is_deleted(setup: Set
     assert "stream closed" in setup.service.output()
 
 
-def test_the_install_notes_call_the_api_as_printed(setup: Setup, tmp_path: Path) -> None:
+@pytest.mark.parametrize("bound", [True, False], ids=["atlantis-bound", "unbound"])
+def test_the_install_notes_call_the_api_as_printed(
+    setup: Setup, tmp_path: Path, bound: bool,
+) -> None:
     """The notes end with a call of the lock API from the operator's machine. Pasted as
     printed, it is answered with the configuration, not 401: in kubernetes mode (the chart's
     default) it sends a token of Atlantis's ServiceAccount, which the chart binds to the
-    locker role in the release namespace, the namespace of the service's reviews."""
+    locker role in the release namespace, the namespace of the service's reviews. Without
+    that binding (``auth.atlantis.bind=false``) the notes make a ServiceAccount of their own
+    and bind it to the viewer role there; before, they printed ``<account>`` to fill in."""
     helm = Helm(setup.cluster, tmp_path / "helm-home")
-    notes = helm.notes(setup.namespace, f"--set=service.port={setup.service.port}")
+    unbound = () if bound else ("--set=auth.atlantis.bind=false",)
+    notes = helm.notes(setup.namespace, f"--set=service.port={setup.service.port}", *unbound)
     commands = notes_commands(notes)
-    assert [c.split()[0] for c in commands] == ["export", "curl"], notes
-    assert commands[1].endswith(f"http://127.0.0.1:{setup.service.port}/v1/config"), notes
+    assert [c.split()[0] for c in commands] == [
+        *([] if bound else ["kubectl", "kubectl"]), "export", "curl"], notes
+    assert "<" not in " ".join(commands), notes
+    assert commands[-1].endswith(f"http://127.0.0.1:{setup.service.port}/v1/config"), notes
+    if not bound:  # the release's viewer role, as the chart names it for the notes' release
+        setup.cluster.kubectl("apply", "-f", "-", input=helm.run(
+            "template", "notes", str(CHART_DIR), "-n", setup.namespace,
+            "--set=fullnameOverride=notes-el",
+            "--show-only", "templates/clusterrole-viewer.yaml").stdout)
     script = "set -eu\n" + "\n".join(commands) + " -o body.json -w '%{http_code}'\n"
-    done = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True,
-                          env=setup.cluster.env(), timeout=60)
+    try:
+        done = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True,
+                              text=True, env=setup.cluster.env(), timeout=60)
+    finally:
+        if not bound:
+            setup.cluster.kubectl("delete", "clusterrole", "notes-el-viewer", check=False)
     assert done.returncode == 0, done.stderr
-    assert done.stdout == "200", (done.stdout, (tmp_path / "body.json").read_text())
+    made = [] if bound else ["serviceaccount/notes-el-reader created",
+                             "rolebinding.rbac.authorization.k8s.io/notes-el-reader created"]
+    assert done.stdout.splitlines() == [*made, "200"], (
+        done.stdout, (tmp_path / "body.json").read_text())
     assert "routing" in json.loads((tmp_path / "body.json").read_text())

@@ -343,11 +343,19 @@ def test_with_tls_the_test_hook_and_the_service_monitor_speak_https(
         "https://127.0.0.1:4142/v1/config",
     ], "https://notes-el.atlantis.svc:4142", id="kubernetes-tls"),
     pytest.param(("--set", "auth.audience=enhanced-locking,auth.atlantis.bind=false"), [
-        "export ENHANCED_LOCKING_TOKEN=$(kubectl create token <account> -n <its namespace> "
+        "kubectl create serviceaccount notes-el-reader -n atlantis",
+        "kubectl create rolebinding notes-el-reader -n atlantis "
+        "--clusterrole=notes-el-viewer --serviceaccount=atlantis:notes-el-reader",
+        "export ENHANCED_LOCKING_TOKEN=$(kubectl create token notes-el-reader -n atlantis "
         "--audience=enhanced-locking)",
         'curl -s -H "Authorization: Bearer $ENHANCED_LOCKING_TOKEN" '
         "http://127.0.0.1:4142/v1/config",
-    ], "http://notes-el.atlantis.svc:4142", id="kubernetes-audience"),
+    ], "http://notes-el.atlantis.svc:4142", id="kubernetes-unbound-audience"),
+    pytest.param(("--set", "auth.createRoles=false"), [
+        "export ENHANCED_LOCKING_TOKEN=$(kubectl create token <account> -n <its namespace>)",
+        'curl -s -H "Authorization: Bearer $ENHANCED_LOCKING_TOKEN" '
+        "http://127.0.0.1:4142/v1/config",
+    ], "http://notes-el.atlantis.svc:4142", id="kubernetes-no-roles"),
     pytest.param(("--set", "auth.mode=static,auth.tokensSecret=el-tokens"), [
         "export ENHANCED_LOCKING_TOKEN=<a token of tokens.csv in Secret el-tokens>",
         'curl -s -H "Authorization: Bearer $ENHANCED_LOCKING_TOKEN" '
@@ -495,6 +503,22 @@ def test_config_settings_the_deployment_environment_sets_are_refused_naming_the_
             ["--set", "lockPolicy.spec.etcd.tls.keySecretRef.name=etcd-tls,"
                       "lockPolicy.spec.etcd.tls.keySecretRef.key=tls.key"],
             'lockPolicy.spec.etcd.tls.keySecretRef names Secret "etcd-tls", which the operator',
+        ),
+        # The pod reads its static layer's password from a Secret of its own namespace only:
+        # one in another watched namespace never reaches it (the Deployment leaves it out).
+        (
+            ["--set", "operator.watchNamespace=watched,redis.auth.existingSecret=redis-auth",
+             "--set", "config.enhanced-locking-backend=redis"],
+            "config.enhanced-locking-backend=redis with operator.watchNamespace=watched: the "
+            "pod cannot read the Redis password Secret",
+        ),
+        (
+            ["--set", "operator.watchNamespace=watched,etcd.auth.create=true",
+             "--set-string", "etcd.auth.password=p",
+             "--set", "config.enhanced-locking-backend=etcd",
+             "--set", "config.enhanced-locking-etcd-username=locks"],
+            "config.enhanced-locking-backend=etcd with operator.watchNamespace=watched: the "
+            "pod cannot read the etcd password Secret",
         ),
     ],
 )

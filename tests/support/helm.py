@@ -99,7 +99,9 @@ def notes_commands(notes: str) -> list[str]:
     """The commands the install notes give for calling the lock API from the operator's
     machine, all but the port-forward (which needs a kubelet)."""
     return [line.strip() for line in notes.splitlines()
-            if line.strip().startswith(("export ENHANCED_LOCKING_TOKEN=", "curl "))]
+            if line.strip().startswith(("kubectl create serviceaccount ",
+                                        "kubectl create rolebinding ",
+                                        "export ENHANCED_LOCKING_TOKEN=", "curl "))]
 
 
 def rendered_objects(manifest: str) -> list[dict[str, Any]]:

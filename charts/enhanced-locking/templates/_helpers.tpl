@@ -290,6 +290,13 @@ enhanced-locking.validate: refuses value combinations that cannot work, with a m
 says why and what to set instead. Included by the Deployment, which every render has.
 */}}
 {{- define "enhanced-locking.validate" -}}
+{{- $ns := include "enhanced-locking.watchNamespace" . }}
+{{- $static := index .Values.config "enhanced-locking-backend" | default "" }}
+{{- range $backend, $secret := dict "redis" (include "enhanced-locking.redisSecretName" .) "etcd" (include "enhanced-locking.etcdSecretName" .) }}
+{{- if and $secret (eq $static $backend) (ne $ns $.Release.Namespace) }}
+{{- fail (printf "config.enhanced-locking-backend=%s with operator.watchNamespace=%s: the pod cannot read the %s password Secret %q there (a pod reads Secrets of its own namespace, %s), so the static layer would connect without it; choose the backend in lockPolicy.spec.backend (the operator reads the Secret for it) or install the release in %s" $backend $ns (ternary "Redis" "etcd" (eq $backend "redis")) $secret $.Release.Namespace $ns) }}
+{{- end }}
+{{- end }}
 {{- if and .Values.redis.auth.create .Values.redis.auth.existingSecret }}
 {{- fail "redis.auth: set either create (with password) or existingSecret, not both" }}
 {{- end }}
