@@ -157,7 +157,7 @@ async def _caller(rig: LockerRig, run: _Run, pull: int, number: int) -> None:
 @pytest.mark.parametrize(
     "queue_backend_factory",
     [pytest.param(name, marks=BACKEND_KINDS[name].marks)
-     for name in ("memory", "boltdb", "redis", "redis-cluster")], indirect=True,
+     for name in ("memory", "boltdb", "redis", "redis-cluster", "etcd")], indirect=True,
 )
 async def test_callers_of_one_pull_never_lose_the_hold_they_were_told(
     rigs: Callable[..., LockerRig],

@@ -312,8 +312,7 @@ class QueueBackend(Backend, Protocol):
         ``LockNotOwned`` and nothing is freed. ``unless_told`` (with ``token``): the
         give-back of a grant nobody heard, whose cancel or confirmation answered the lock as
         the grant's own; a lock another request of its pull was answered with since (it
-        counts as told) stays, ``LockNotOwned`` (a store that does not count answers,
-        ``counts_answers`` off, gives it back)."""
+        counts as told) stays, ``LockNotOwned``."""
         ...
 
     async def force_unlock(self, key: str, *, policy: QueuePolicy | None = None,
@@ -391,11 +390,6 @@ class StoreBackend(abc.ABC):
     """
 
     kind = "store"
-    counts_answers = True
-    """Whether a grant given back leaves a lock another request of its pull was answered with
-    (counted by :meth:`_told_of` and :meth:`_keep_told`: in this process's ``_told``, or
-    where every process on the store reads it, the embedded store's file). Off where a step
-    may run again and another replica grants from the same queues (etcd)."""
 
     def __init__(self, namespace: str, *, clock: Callable[[], datetime] = utcnow) -> None:
         self.namespace = namespace
@@ -478,12 +472,14 @@ class StoreBackend(abc.ABC):
     def _purge(self, key: str) -> None:
         """Delete whatever is stored as ``key``'s holders (exclusive and shared), unread."""
 
-    def _told_of(self, key: str) -> Told | None:
-        """Who of its pull was answered with ``key``'s hold unchanged, as counted (``None``:
-        nobody since the count was last written for another hold), read in the current step.
-        Here in this process (``_told``): a store on which other processes answer (the
-        embedded store's file) counts where they all read it."""
-        return self._told.get(key)
+    def _told_of(self, key: str, token: int) -> Told | None:
+        """Who of its pull was answered with ``key``'s hold whose fencing token is ``token``
+        unchanged, as counted (``None``: nobody, or the count is another hold's), read in the
+        current step. Here in this process (``_told``): a store on which other processes
+        answer counts where they all read it (the embedded store's file, the lock's own record
+        on etcd)."""
+        told = self._told.get(key)
+        return told if told is not None and told.token == token else None
 
     def _keep_told(self, key: str, told: Told) -> None:
         """``told`` as ``key``'s count from now on, written in the current step (so with the
@@ -496,9 +492,7 @@ class StoreBackend(abc.ABC):
     def _count_told(self, key: str, token: int, teller: str) -> None:
         """``teller`` was answered with ``key``'s hold whose fencing token is ``token``, held
         already (``_take``): counted in the current step, with the answer."""
-        told = self._told_of(key)
-        if told is None or told.token != token:
-            told = Told(token)
+        told = self._told_of(key, token) or Told(token)
         told.tellers.add(teller)
         self._keep_told(key, told)
 
@@ -661,8 +655,7 @@ class StoreBackend(abc.ABC):
         not wait) and counted as told (:meth:`_count_told`)."""
         mine = [h for h in self._holders(template.key, now) if h.owner == template.owner]
         if mine and not (template.mode == "exclusive" and mine[0].mode == "shared"):
-            if self.counts_answers:
-                self._count_told(template.key, mine[0].fencing_token, teller)
+            self._count_told(template.key, mine[0].fencing_token, teller)
             return mine[0], False
         for lock in mine:
             self._drop(lock)
@@ -823,14 +816,14 @@ class StoreBackend(abc.ABC):
         given back unheard. Given back, a grant answered with a lock held already takes its
         own answer back; the last one taken back from a lock whose own grant was given back
         unheard gives the lock back with it (nobody else was told it holds it)."""
-        if grant.kept is None or not self.counts_answers or heard:
+        if grant.kept is None or heard:
             # Heard, the grant keeps its own answer (new for a lock it made): its give-back
             # later leaves the lock by ``unless_told``, as Redis's RELEASE does.
             return grant.fresh, grant.kept
         kept = set(grant.kept)
         for lock in still:
-            told = self._told_of(lock.key)
-            if told is None or told.token != lock.fencing_token:
+            told = self._told_of(lock.key, lock.fencing_token)
+            if told is None:
                 continue
             if lock.key not in grant.kept:
                 if told.tellers:
@@ -1139,7 +1132,7 @@ class StoreBackend(abc.ABC):
         unless_told: bool = False,
     ) -> Handoff:
         # A give-back that leaves what the count says (read in the step that frees, with it).
-        counted = unless_told and token is not None and self.counts_answers
+        counted = unless_told and token is not None
         if (key not in self._queues and (policy is None or not policy.limits)
                 and (checked is None or owner is not None) and not counted):
             # Nobody waits here: one step, nothing to hand over (a token's hold: only that one).
@@ -1171,8 +1164,8 @@ class StoreBackend(abc.ABC):
                 holders = []
             if owner is None:
                 self._restart_token(key)
-            told = (counted and (since := self._told_of(key)) is not None
-                    and since.token == token and bool(since.tellers))
+            told = (counted and token is not None
+                    and (since := self._told_of(key, token)) is not None and bool(since.tellers))
             if owner is not None:
                 mine = [h for h in holders if h.owner == owner and not told
                         and (token is None or h.fencing_token == token)]

@@ -849,9 +849,9 @@ class EmbeddedBackend(StoreBackend):
         self._held.pop(key, None)
         return lock
 
-    def _told_of(self, key: str) -> Told | None:
+    def _told_of(self, key: str, token: int) -> Told | None:
         row = self._db.execute(_TOLD_OF, (self.namespace, key)).fetchone()
-        if row is None:
+        if row is None or int(row[0]) != token:
             return None
         try:
             tellers = json.loads(row[1])

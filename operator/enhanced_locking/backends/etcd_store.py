@@ -32,7 +32,12 @@ entries never share a prefix with another key's):
   etcd lease that ends a second or two after it (or etcd's longest lease after its grant,
   about 285 years), so etcd itself deletes it if no replica is left to. The locks a
   replica grants with the same end second share one lease (one grant a second for a run of
-  locks of the same TTL, not one per lock).
+  locks of the same TTL, not one per lock). Beside Atlantis's fields, a lock another request
+  of its pull was answered with (held already) carries ``Told``: who of the pull was told
+  (``Tellers``: waiters' ids, ``""`` for a request that does not wait) and whether the grant
+  that made it was given back unheard (``Unheard``), written in the transaction that answered
+  (``_keep_told``); a give-back of that grant leaves the lock to them. A replica of an
+  earlier release ignores the field (and a write of the lock it makes drops it).
 * ``fence/{key}``: the key's token floor (0 unless adopted from another store with higher
   tokens); its existence also lists the key for ``export``.
 * ``queue/{key}/{waiter}``: one entry per waiter and key (a batch waiter has one per key), and
@@ -103,7 +108,7 @@ from etcd3aio._protobuf import (
 from etcd3aio._protobuf import TxnRequest as _TxnRequest
 
 from enhanced_locking.backends import codec
-from enhanced_locking.backends.base import Owner, StoreBackend, _Effects
+from enhanced_locking.backends.base import Owner, StoreBackend, Told, _Effects
 from enhanced_locking.backends.etcd_connection import (
     CALL_TIMEOUT,
     DOWN,
@@ -330,6 +335,10 @@ class _Txn:
         """Waiters seen in this step, with the session lease of the replica that waits."""
         self.stamped: set[str] = set()
         """Keys granted in this step (a second grant of one of them raises its floor)."""
+        self.again: dict[bytes, tuple[bytes, int] | None] = {}
+        """What an earlier run of the step wrote whose commit's answer was lost and that
+        these reads show applied (``_landed``): this run answers again what that one did,
+        so a hold it finds as that run wrote it is not told anew (``_keep_told``)."""
 
     def get(self, key: bytes) -> _KV:
         if key in self.writes:
@@ -641,7 +650,6 @@ class EtcdBackend(StoreBackend):
     """Locks and queues of one namespace in etcd; any number of replicas may share them."""
 
     kind = "etcd"
-    counts_answers = False
     BATCH_MOST = (_MAX_OPS - 1) // 5
     """Locks one batch may ask for (``acquire_batch``): its step is one transaction, guarded
     by four keys of each (the lock, its token floor, its queue, its shared holders), the
@@ -903,10 +911,11 @@ class EtcdBackend(StoreBackend):
             # etcd's lease is the backstop: it deletes the lock a second after its end even if
             # no replica is left to expire it (and the watchers then serve its queue).
             lease = txn.lease(_lease_end(lock.expires_at))
-        value = codec.encode(lock).encode()
+        name = self.lock_key(lock.key)
+        value = self._still_told(name, lock, codec.encode(lock).encode())
         # The release that follows reads this value back: the lock it encodes, not decoded.
         self._remember(lock.key, value, lock)
-        txn.put(self.lock_key(lock.key), value, lease)
+        txn.put(name, value, lease)
 
     def _delete(self, key: str) -> None:
         _txn().delete(self.lock_key(key))
@@ -925,13 +934,80 @@ class EtcdBackend(StoreBackend):
         if lock.expires_at is not None and self.lease_backstop:
             lease = txn.lease(_lease_end(lock.expires_at))
         owner = quote(f"{lock.project.repo_full_name}#{lock.pull.num}", safe="").encode()
-        txn.put(self.shared_prefix(lock.key) + owner, codec.encode(lock).encode(), lease)
+        name = self.shared_prefix(lock.key) + owner
+        txn.put(name, self._still_told(name, lock, codec.encode(lock).encode()), lease)
 
     def _delete_shared(self, key: str, owner: Owner) -> None:
         _txn().delete(self.shared_prefix(key) + quote(f"{owner[0]}#{owner[1]}", safe="").encode())
 
     def _forget_grant(self, waiter_id: str) -> None:
         _txn().delete(self.notice_key(waiter_id))
+
+    # --- answers given with a hold: in its own record (see "Layout") -------------------------
+    def _told_of(self, key: str, token: int) -> Told | None:
+        """What the record of ``key``'s hold with fencing token ``token`` counts of the answers
+        given with it, as this step sees it: every replica's answers, each written in the
+        transaction that gave it."""
+        found = self._hold_record(key, token)
+        return None if found is None else _told_in(found[2], token)
+
+    def _keep_told(self, key: str, told: Told) -> None:
+        """Write ``told`` into the record of the hold it counts, with this step (the lock as
+        it is, its token resolved, under the same lease); nothing when it says so already or
+        the hold is gone."""
+        found = self._hold_record(key, told.token)
+        if found is None:
+            return
+        name, lock, value, lease = found
+        txn = _txn()
+        if _told_in(value, told.token) == told or (
+                (again := txn.again.get(name)) is not None and again[0] == value):
+            return  # (the hold the step's own run made, its answer lost: told by that run)
+        value = _with_told(codec.encode(lock).encode(), told)
+        self._remember(key, value, lock)
+        if lease:
+            txn.used.add(lease)
+        txn.put(name, value, lease)
+
+    def _hold_record(self, key: str, token: int) -> tuple[bytes, Lock, bytes, int] | None:
+        """The etcd key, lock (its token resolved), stored value and lease of ``key``'s hold
+        with fencing token ``token``: the exclusive lock, else one of the shared ones (read
+        only then); ``None`` when neither is (or what is stored does not read as a lock)."""
+        txn = _txn()
+        names = self._named(key)
+
+        def records() -> Iterator[tuple[bytes, _KV]]:
+            yield names.lock, txn.get(names.lock)
+            yield from txn.scan(names.shared).items()
+
+        for name, kv in records():
+            if kv.value is None:
+                continue
+            try:
+                held = _resolve_lock(self._read(key, kv.value), kv.mod)
+            except LockUnreadable:
+                return None
+            if held.fencing_token == token:
+                # (written by this step: its lease is the write's; ``get`` answers the value)
+                written = txn.writes.get(name)
+                return name, held, kv.value, written[1] if written is not None else kv.lease
+        return None
+
+    def _still_told(self, name: bytes, lock: Lock, value: bytes) -> bytes:
+        """``value``, ``lock`` as :mod:`codec` writes it, with the answers the record at
+        ``name`` counts for the same hold (a refresh or an adopt rewrites the hold: what its
+        pull was told of it stays); as it is for another hold (a new grant counts anew)."""
+        kv = _txn().get(name)
+        if kv.value is None or b'"Told":' not in kv.value:
+            return value
+        told = _told_in(kv.value, lock.fencing_token)
+        if told is None:
+            return value
+        try:
+            held = _resolve_lock(self._read(lock.key, kv.value), kv.mod)
+        except LockUnreadable:
+            return value
+        return _with_told(value, told) if held.fencing_token == lock.fencing_token else value
 
     def _gone(self, waiter: Waiter) -> bool:
         """Whether ``waiter``'s replica is gone: its session lease (the waiter's record holds
@@ -1403,6 +1479,8 @@ class EtcdBackend(StoreBackend):
             for attempt in range(_ATTEMPTS):
                 txn = _Txn(reads, self._leases, checked, at)
                 at = None
+                if lost is not None and _landed(lost[0], reads) is not None:
+                    txn.again = lost[0].writes
                 token = _CURRENT.set(txn)
                 try:
                     result = await run()
@@ -2786,6 +2864,27 @@ def _entry_guards(read: _Reads, writes: dict[bytes, tuple[bytes, int] | None],
     written = [(k, kv) for k, kv in entries if k in writes]
     others = [(k, kv) for k, kv in entries if k not in writes]
     return written + others[:max(room - len(written), 0)]
+
+
+# --- answers given with a hold ----------------------------------------------------------------
+def _told_in(value: bytes, token: int) -> Told | None:
+    """The answers a stored lock's ``Told`` counts (see "Layout"), as the count of the hold
+    with fencing token ``token``; ``None`` without one (or one that does not read)."""
+    if b'"Told":' not in value:  # (a quote inside a JSON string is escaped: only the field)
+        return None
+    try:
+        told = json.loads(value)["Told"]
+        return Told(token, {str(teller) for teller in told["Tellers"]}, bool(told["Unheard"]))
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
+def _with_told(value: bytes, told: Told) -> bytes:
+    """``value``, a lock as :mod:`codec` writes it (a JSON object), with ``told`` as its
+    ``Told`` field."""
+    field = json.dumps({"Tellers": sorted(told.tellers), "Unheard": told.unheard},
+                       separators=(",", ":"))
+    return value[:-1] + b',"Told":' + field.encode() + b"}"
 
 
 # --- tokens still to be resolved -------------------------------------------------------------
