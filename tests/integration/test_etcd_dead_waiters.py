@@ -200,6 +200,74 @@ async def test_a_grant_to_a_replica_that_died_a_moment_before_is_taken_back_and_
         assert holder is not None and holder.pull.num == 3
 
 
+async def taken_back(backend: EtcdBackend) -> None:
+    """Until ``backend`` has let go of every grant it made to another replica's waiters (taken
+    back, or found taken: ``_claims_of``), at most twice a session's life."""
+    for _ in range(20 * SESSION_TTL):
+        if not backend._claims:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("the grant to the dead replica's waiter is still followed")
+
+
+async def test_a_grant_taken_back_leaves_the_hold_its_pull_was_answered_with_meanwhile(
+    etcd_cluster: EtcdCluster, etcd_prefix: str,
+) -> None:
+    """The key is handed to the waiter of a replica that died a moment before (pull 2), and
+    a request of pull 2 through a live replica that does not wait is answered with that hold
+    (held already: its pull's). The take-back gives the grant back as a caller gone would,
+    and leaves what another request of the pull was told it holds. Before, it released the
+    lock by owner and token under the caller told it holds it, and the key was free."""
+    async with replicas(etcd_cluster, etcd_prefix) as (a, told):
+        b = told.backend
+        held = await grant(b, want(1))
+        await queued(a, 2)
+        await killed(a)
+        handoff = await b.release_and_handoff(held.key, owner=held.owner, policy=POLICY)
+        given = handoff.granted[0].locks[0]
+        direct = await b.acquire_or_enqueue(want(2), ttl=None, wait=None, policy=POLICY)
+        assert direct.status is Status.GRANTED and not direct.fresh, direct
+        assert direct.locks[0].fencing_token == given.fencing_token
+        await taken_back(b)
+        assert b.taken_back.total == 0
+        holder = await b.get(held.key)
+        assert holder is not None and holder.fencing_token == given.fencing_token, (
+            f"the take-back freed the hold pull 2 was told it has: {holder}")
+        other = await b.acquire_or_enqueue(want(3), ttl=None, wait=None, policy=POLICY)
+        assert other.status is Status.HELD, other
+
+
+async def test_a_batch_grant_taken_back_leaves_the_locks_its_pull_held_already(
+    etcd_cluster: EtcdCluster, etcd_prefix: str,
+) -> None:
+    """A dead replica's batch waiter of pull 2 is granted one key anew and another that
+    pull 2 held already (through a live replica). The take-back releases the key it granted
+    (the next waiter gets it) and leaves the one its pull held before. Before, it released
+    both: the hold pull 2 had before its batch asked was freed under it."""
+    async with replicas(etcd_cluster, etcd_prefix) as (a, told):
+        b = told.backend
+        blocked = want(2)
+        mine = candidate_for(request_for(repo="acme/infra", path="envs/stage", pull=2))
+        held = await grant(b, want(1))
+        before = await grant(b, mine)
+        wait = offer()
+        a.grants.expect(wait.id)
+        queued_batch = await a.acquire_batch((blocked, mine), ttl=None, wait=wait,
+                                             policy=POLICY)
+        assert queued_batch.status is Status.QUEUED, queued_batch
+        await killed(a)
+        _, heard = await queued(b, 3, position=2)
+        handoff = await b.release_and_handoff(held.key, owner=held.owner, policy=POLICY)
+        assert [g.waiter.id for g in handoff.granted] == [wait.id]
+        assert handoff.granted[0].kept == frozenset({mine.key})
+        await taken_back(b)
+        notice = await asyncio.wait_for(heard, 2 * SESSION_TTL)
+        assert notice.locks and notice.locks[0].pull.num == 3, notice
+        assert b.taken_back.total == 1
+        still = await b.get(mine.key)
+        assert still == before, f"the take-back freed the lock pull 2 held before: {still}"
+
+
 async def test_a_grant_taken_back_goes_on_in_the_order_of_the_configured_queue_policy(
     etcd_cluster: EtcdCluster, etcd_prefix: str,
 ) -> None:

@@ -806,6 +806,12 @@ class StoreBackend(abc.ABC):
                                              caller=waiter.caller)))
         return grant
 
+    def _still_held(self, grant: Grant, now: datetime) -> tuple[Lock, ...]:
+        """The locks of ``grant`` still held as it granted them (same fencing token)."""
+        return tuple(lock for lock in grant.locks
+                     if any(h.fencing_token == lock.fencing_token
+                            for h in self._holders(lock.key, now)))
+
     def _kept_now(self, grant: Grant, still: tuple[Lock, ...], *,
                   heard: bool) -> tuple[bool, frozenset[str] | None]:
         """``fresh`` and ``kept`` of ``grant`` as a call about it answers them (its locks
@@ -1075,9 +1081,7 @@ class StoreBackend(abc.ABC):
             key = queued.keys[0]
             return self._queued(key, queued, now, policy)
         if wait is not None and (taken := self._granted.get(wait.id)) is not None:
-            still = tuple(lock for lock in taken.locks
-                          if any(h.fencing_token == lock.fencing_token
-                                 for h in self._holders(lock.key, now)))
+            still = self._still_held(taken, now)
             if len(still) == len(taken.locks):  # granted while its caller was away
                 # The retry takes the grant over: nobody heard of it yet, so it is the
                 # retry's to give back if its client goes too (else the first caller's).
@@ -1223,11 +1227,7 @@ class StoreBackend(abc.ABC):
             if caller and grant.waiter.caller and grant.waiter.caller != caller:
                 return Cancelled(waiter=grant.waiter)  # granted to the retry that took it over
             now = self.clock()
-            still = tuple(
-                lock for lock in grant.locks
-                if any(h.fencing_token == lock.fencing_token
-                       for h in self._holders(lock.key, now))
-            )
+            still = self._still_held(grant, now)
             fresh, kept = self._kept_now(grant, still,
                                          heard=reason in (Reason.TIMEOUT, Reason.DEADLOCK))
             return Cancelled(waiter=grant.waiter, granted=still, fresh=fresh, kept=kept)

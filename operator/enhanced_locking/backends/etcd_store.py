@@ -1134,9 +1134,13 @@ class EtcdBackend(StoreBackend):
     async def _take_back(self, grant: Grant, revision: int) -> None:
         """Take back ``grant``, made to a waiter whose replica is gone, if its notice is still
         the one written with it (its replica has not taken it: ``_take_grant``): in one step,
-        the notice deleted and each of its locks released and handed to the key's next
+        the notice deleted and the locks it made released and handed to the key's next
         waiter, each told as a lock whose lease ran out (``served_unasked``: its ``expired``
-        event naming whom the key went to, counted)."""
+        event naming whom the key went to, counted). It is given back as the locker gives
+        back a grant whose caller went away (a cancel, then a release by owner and token
+        ``unless_told``): a lock its pull held already, or that another request of the pull
+        was answered with since (``_kept_now``), stays. Before, every lock of the grant was
+        released, under the callers told they hold them."""
         notice = self.notice_key(grant.waiter.id)
 
         async def run() -> tuple[Any, ...]:
@@ -1144,14 +1148,21 @@ class EtcdBackend(StoreBackend):
             if kv.value is None or kv.mod != revision:
                 return ()  # taken by its replica, or gone with its session
             _txn().delete(notice)
+            try:
+                still = self._still_held(grant, self.clock())
+            except LockUnreadable:
+                still = ()
+            fresh, kept = self._kept_now(grant, still, heard=False)
             handoffs = []
             for lock in grant.locks:
+                if not fresh or (kept and lock.key in kept):
+                    continue  # its pull's already, or told to another request of it
                 try:
                     handoffs.append(await StoreBackend.release_and_handoff(
                         self, lock.key, owner=lock.owner, policy=policy,
-                        token=lock.fencing_token))
+                        token=lock.fencing_token, unless_told=True))
                 except (LockNotOwned, LockNotHeld, LockUnreadable):
-                    continue  # that hold is gone already
+                    continue  # that hold is gone already (or stays: told)
             return tuple(handoffs)
 
         names = [self._named(lock.key) for lock in grant.locks]
