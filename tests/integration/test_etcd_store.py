@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import math
 import random
@@ -32,7 +33,7 @@ from tests.support.grant_history import GrantHistory
 from tests.support.locks import candidate_for, request_for
 from tests.support.lost_answers import LostAnswers
 
-from enhanced_locking.backends import etcd_store
+from enhanced_locking.backends import codec, etcd_store
 from enhanced_locking.backends.base import StoreBackend
 from enhanced_locking.backends.etcd_connection import WATCH_CHECK, EtcdConnection, EtcdSettings
 from enhanced_locking.backends.etcd_store import EtcdBackend
@@ -733,6 +734,43 @@ async def test_a_waiter_is_never_queued_without_a_session_lease(
     await b.release_and_handoff(held.key, owner=held.owner, policy=POLICY)
     notice = await asyncio.wait_for(told, 10)
     assert notice.locks and notice.locks[0].pull.num == 4
+
+
+async def test_an_answer_given_with_a_hold_is_counted_in_its_record_which_reads_as_before(
+    etcd_replicas: tuple[EtcdBackend, EtcdBackend],
+) -> None:
+    """A request of the holder's pull that does not wait, answered through another replica
+    with the hold (held already), is counted in the lock's record: ``Told``, beside
+    Atlantis's fields, written with the answer. The record reads as the same lock, with the
+    same token (as a replica of the previous release reads it: the codec ignores the field),
+    a refresh keeps the count, and the next grant of the key starts without one."""
+    a, b = etcd_replicas
+    held = await grant(a, want(1))
+    again = await b.acquire_or_enqueue(want(1), ttl=None, wait=None, policy=POLICY)
+    assert again.status is Status.GRANTED and not again.fresh and again.locks == (held,)
+    client = await a.connection.client()
+    assert client.kv is not None
+
+    async def stored() -> Any:
+        assert client.kv is not None
+        found = await client.kv.get(a.lock_key(held.key))
+        assert len(found.kvs) == 1, found
+        return found.kvs[0]
+
+    record = await stored()
+    assert json.loads(record.value)["Told"] == {"Tellers": [""], "Unheard": False}
+    assert codec.read(bytes(record.value), key=held.key, side="enhanced") == held
+    assert await a.get(held.key) == held
+    twice = await a.acquire_or_enqueue(want(1), ttl=None, wait=None, policy=POLICY)
+    assert twice.locks == (held,)
+    assert (await stored()).mod_revision == record.mod_revision  # nothing new to count
+    refreshed = await a.refresh(held.key, held.owner, timedelta(minutes=5))
+    assert refreshed.fencing_token == held.fencing_token
+    assert json.loads((await stored()).value)["Told"] == {"Tellers": [""], "Unheard": False}
+    await b.release_and_handoff(held.key, owner=held.owner, policy=POLICY)
+    anew = await grant(a, want(1))
+    assert anew.fencing_token > held.fencing_token
+    assert "Told" not in json.loads((await stored()).value)
 
 
 async def test_a_user_without_write_rights_is_answered_at_once(tmp_path: Path) -> None:
