@@ -217,7 +217,7 @@ class Metrics:
         )
         self.shadow_replays = Counter(
             "enhanced_locking_shadow_replays",
-            "Shadow replays by result (matched, mismatch, dropped, error).",
+            f"Shadow replays by result ({', '.join(get_args(ShadowResult))}).",
             ["result"], registry=r,
         )
         # Every series an alert counts with increase() or rate() is shown from the start, at
@@ -355,6 +355,17 @@ class Metrics:
         """Count one fallback (``enhanced_locking_fallbacks_total{action}``)."""
         self.fallbacks.labels(action).inc()
         self._counts[2] += 1
+
+    def shadow_replayed(self, result: ShadowResult) -> None:
+        """Count one shadow replay (``enhanced_locking_shadow_replays_total{result}``); one that
+        disagreed is :meth:`shadow_mismatch`."""
+        self.shadow_replays.labels(result).inc()
+
+    def shadow_mismatch(self, kind: ShadowKind) -> None:
+        """Count one shadow replay that disagreed, as ``mismatch``, and how
+        (``enhanced_locking_shadow_discrepancies_total{kind}``)."""
+        self.shadow_replays.labels("mismatch").inc()
+        self.shadow_discrepancies.labels(kind).inc()
 
     def tallies(self) -> Tallies:
         """The running totals the rollout's analysis reads."""

@@ -224,3 +224,20 @@ def test_a_gauge_every_replica_reads_from_the_shared_store_is_not_added_up_acros
              if name in expr and not re.search(
                  r"max by \(namespace, job(, backend)?\) \(" + name + r"\b", expr)]
     assert not wrong, wrong
+
+
+def test_shadow_replays_are_counted_through_their_typed_results() -> None:
+    # The replayer counts through Metrics' typed calls (ShadowResult, ShadowKind), so a result
+    # or kind it counts is one the docs list and the scrape shows from the start.
+    metrics = Metrics()
+    metrics.shadow_replayed("matched")
+    metrics.shadow_replayed("dropped")
+    metrics.shadow_replayed("error")
+    metrics.shadow_mismatch("release-holder")
+    shown = {(sample.name, tuple(sample.labels.values())): sample.value
+             for family in metrics.registry.collect() for sample in family.samples}
+    for result in get_args(ShadowResult):
+        assert shown[("enhanced_locking_shadow_replays_total", (result,))] == 1.0, result
+    assert shown[("enhanced_locking_shadow_discrepancies_total", ("release-holder",))] == 1.0
+    assert sum(value for (name, _), value in shown.items()
+               if name == "enhanced_locking_shadow_discrepancies_total") == 1.0

@@ -260,7 +260,7 @@ class ShadowReplayer:
     def _offer(self, job: _Job, *, always: bool = False) -> None:
         if len(self._jobs) >= self._limit and not always:
             self.stats.dropped += 1
-            self.metrics.shadow_replays.labels("dropped").inc()
+            self.metrics.shadow_replayed("dropped")
             return
         self._jobs.append(job)
         if self._idle:
@@ -284,7 +284,7 @@ class ShadowReplayer:
                     await self._replay(self.backend, job)
             except Exception as error:
                 self.stats.errors += 1
-                self.metrics.shadow_replays.labels("error").inc()
+                self.metrics.shadow_replayed("error")
                 log.debug("shadow replay failed: %s", error)
             # Let requests that arrived meanwhile go first: an in-process store answers
             # without yielding, so a backlog would otherwise run back to back.
@@ -360,15 +360,14 @@ class ShadowReplayer:
     def _matched(self) -> None:
         self.stats.replayed += 1
         self.stats.matched += 1
-        self.metrics.shadow_replays.labels("matched").inc()
+        self.metrics.shadow_replayed("matched")
 
     def _mismatch(self, kind: ShadowKind, key: str | None, repo: str | None,
                   authoritative: dict[str, Any], shadow: dict[str, Any]) -> None:
         self.stats.replayed += 1
         self.stats.mismatches += 1
         self.stats.by_kind[kind] = self.stats.by_kind.get(kind, 0) + 1
-        self.metrics.shadow_replays.labels("mismatch").inc()
-        self.metrics.shadow_discrepancies.labels(kind).inc()
+        self.metrics.shadow_mismatch(kind)
         log.warning("shadow mismatch (%s) on %s: legacy %s, enhanced %s", kind, key or repo,
                     authoritative, shadow)
         self.events.publish("shadow-mismatch", key=key, repo=repo, kind=kind,
