@@ -847,6 +847,15 @@ func (c *Client) Refresh(ctx context.Context, key, repo string, pull int, ttl ti
 	return a.Lock, err
 }
 
+// EndLease ends the lease of the lock on key, held by pull of repo: the lock is kept until it
+// is released, as one granted without a lease (a refresh to ttl 0s). Answers as Refresh.
+func (c *Client) EndLease(ctx context.Context, key, repo string, pull int) (*Lock, error) {
+	a, err := request[lockAnswer](ctx, c, call{op: "refresh", method: http.MethodPost,
+		path: "/v1/locks/refresh", body: refreshBody{Key: key, Repo: repo, Pull: pull, TTL: "0s"},
+		key: key, idempotent: true, absentOK: true})
+	return a.Lock, err
+}
+
 // Queue is the holder of key and its waiters in service order.
 func (c *Client) Queue(ctx context.Context, key string) (*Queue, error) {
 	q, err := request[Queue](ctx, c, call{op: "queue", method: http.MethodGet,

@@ -260,6 +260,24 @@ async def test_a_lease_can_be_refreshed_only_by_its_pull(
     assert bad.status_code == 422 and bad.json()["field"] == "ttl"
 
 
+async def test_a_refresh_of_0s_ends_the_lease_and_the_lock_is_kept_until_released(
+    http: httpx.AsyncClient, repo: str,
+) -> None:
+    granted = (await http.post("/v1/locks", json=lock_body(repo, "a", 1, ttl="1m"))).json()["lock"]
+    assert granted["expiresAt"] is not None
+    kept = await http.post("/v1/locks/refresh", json={"key": key(repo, "a"), "repo": repo,
+                                                      "pull": 1, "ttl": "0s"})
+    assert kept.status_code == 200, kept.text
+    assert kept.json()["lock"]["expiresAt"] is None
+    assert kept.json()["lock"]["fencingToken"] == granted["fencingToken"]
+    held = await http.get("/v1/locks/by-key", params={"key": key(repo, "a")})
+    assert held.json()["lock"]["expiresAt"] is None
+    for bare in (0, "400ns"):  # a bare number, a lease that rounds to none: refused as before
+        bad = await http.post("/v1/locks/refresh", json={"key": key(repo, "a"), "pull": 1,
+                                                         "ttl": bare})
+        assert bad.status_code == 422 and bad.json()["field"] == "ttl", bad.text
+
+
 async def test_a_lease_that_runs_out_hands_the_lock_to_the_waiter(
     http: httpx.AsyncClient, repo: str,
 ) -> None:

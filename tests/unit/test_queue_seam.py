@@ -433,6 +433,35 @@ async def test_a_refreshed_lease_does_not_expire(backend: QueueBackend) -> None:
     await with_leases(case)
 
 
+async def test_a_refresh_to_no_lease_keeps_the_lock_until_it_is_released(
+    backend: QueueBackend,
+) -> None:
+    """A ``ttl`` of 0 ends the lease (the Atlantis adapter's hold-over ends so when its pull
+    asks again): the lock is kept past its old end, as a lock granted without one, and its
+    waiter is served when it is released."""
+    async def case(lease: timedelta) -> None:
+        path = f"no-lease-{lease // timedelta(milliseconds=1)}"
+        lock = (await backend.acquire_or_enqueue(want(1, path=path), ttl=lease, wait=None,
+                                                 policy=FIFO)).locks[0]
+        assert lock.expires_at is not None
+        try:
+            kept = await backend.refresh(lock.key, ("acme/infra", 1), timedelta(0))
+        except LockNotHeld:  # only if the lease had ended by then
+            assert await backend.now() >= lock.expires_at, "refused while the lease was live"
+            raise Overrun from None
+        assert kept.expires_at is None
+        assert kept.fencing_token == lock.fencing_token and kept.pull.num == 1
+        _, future, _ = await queue_up(backend, want(2, path=path))
+        await past(backend.now, lock.expires_at)
+        assert (await backend.expire(lock.key, policy=FIFO)).released is None
+        assert await backend.get(lock.key) == kept
+        assert not future.done(), "a lock without a lease is not handed on"
+        assert await backend.release(lock.key, owner=("acme/infra", 1)) == kept
+        assert (await asyncio.wait_for(future, 5)).locks[0].pull.num == 2
+
+    await with_leases(case)
+
+
 async def test_a_refresh_of_a_free_key_says_not_held_with_the_key(backend: QueueBackend) -> None:
     lock = (await backend.acquire_or_enqueue(want(1), ttl=None, wait=None, policy=FIFO)).locks[0]
     await backend.release(lock.key)

@@ -52,7 +52,7 @@ from enhanced_locking.api.errors import (
 from enhanced_locking.api.params import Key, OnlyRepo, OptionalPullNum, PullNum
 from enhanced_locking.api.responses import GRANT_NAME, JsonAnswer, refusal
 from enhanced_locking.backends.waiting import Waiter
-from enhanced_locking.durations import Lease
+from enhanced_locking.durations import Ttl
 from enhanced_locking.factory import LockService
 from enhanced_locking.locking import EnhancedLocker, deadlock
 from enhanced_locking.locking.queueing import NotWithdrawn, withdrawals_noted
@@ -84,7 +84,7 @@ __all__ = ["RefreshRequest", "forced_holds", "hold_changed", "holder_of", "insta
 log = logging.getLogger(__name__)
 
 class RefreshRequest(BaseModel):
-    """Extend a lease: the key, the pull that holds it, and the new lease from now."""
+    """Move a lease: the key, the pull that holds it, and the new lease from now (0: none)."""
 
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid",
                               frozen=True)
@@ -94,7 +94,9 @@ class RefreshRequest(BaseModel):
         "The pull's repository: only a lock of it is refreshed (two projects of different "
         "repositories can join to one key), and a free key is judged on it."))] = None
     pull: PullNumber
-    ttl: Lease | None = None
+    ttl: Annotated[Ttl | None, Field(description=(
+        "The lease from now; 0s: none, the lock kept until it is released (as an acquire's "
+        "ttl of 0s); left out: enhanced-locking-lock-ttl."))] = None
 
 
 def _dump(model: BaseModel) -> Any:
@@ -417,7 +419,7 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
              "and no enhanced-locking-lock-ttl configured.",
     }), **WHO})
     async def refresh(body: RefreshRequest, caller: CallerDep) -> Any:
-        """Extend the lease of a held lock to ``now + ttl`` (default ``lock-ttl``).
+        """Move the lease of a held lock to ``now + ttl`` (default ``lock-ttl``; ``0s``: none).
 
         Needs ``lock`` when ``pull`` holds it; refreshing another pull's lock is refused (409)
         whatever the rights. Every request the schema allows is served or answered by the

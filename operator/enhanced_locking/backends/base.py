@@ -194,7 +194,8 @@ class Backend(Protocol):
     async def release_by_pull(self, repo: str, pull: int) -> Locks: ...
 
     async def refresh(self, key: str, owner: Owner, ttl: timedelta) -> Lock:
-        """Extend the lease of a held lock (``LockNotOwned`` if the owner lost it)."""
+        """Move the lease of a held lock to now + ``ttl``, none for 0 (``LockNotOwned`` if
+        the owner lost it)."""
         ...
 
     async def export(self) -> tuple[Locks, dict[str, int]]:
@@ -957,7 +958,7 @@ class StoreBackend(abc.ABC):
             holder = next((h for h in holders if h.owner == owner), None)
             if holder is None:
                 raise LockNotOwned(key, holders[0])
-            lock = holder.model_copy(update={"expires_at": now + ttl})
+            lock = holder.model_copy(update={"expires_at": now + ttl if ttl else None})
             if lock.mode == "shared":
                 self._store_shared(lock)
             else:

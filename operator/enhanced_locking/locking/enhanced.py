@@ -806,11 +806,15 @@ class EnhancedLocker(AtlantisCalls):
                 self.leases.arm(holder.key, holder.expires_at)
 
     async def refresh(self, key: str, *, owner: Owner, ttl: timedelta | None) -> Lock:
-        """Move the lease of a held lock to ``now + ttl`` (default: ``lock-ttl``)."""
-        ttl = ttl if ttl is not None else self.settings().lock_ttl
-        if ttl <= timedelta(0):
-            raise InvalidRequest("ttl: a refresh needs a ttl (no enhanced-locking-lock-ttl is "
-                                 "configured)", field="ttl", key=key)
+        """Move the lease of a held lock to ``now + ttl`` (default: ``lock-ttl``). A ``ttl`` of
+        0 ends the lease: the lock is kept until it is released, as a lock granted without one
+        (the Atlantis adapter's hold-over, docs/07-atlantis.md, ends so when its pull asks
+        again). No ``ttl`` and no ``lock-ttl`` is refused: there is nothing to refresh to."""
+        if ttl is None:
+            ttl = self.settings().lock_ttl
+            if ttl <= timedelta(0):
+                raise InvalidRequest("ttl: a refresh needs a ttl (no enhanced-locking-lock-ttl "
+                                     "is configured)", field="ttl", key=key)
         lock = await self._call("refresh", lambda: self.backend.refresh(key, owner, ttl))
         self.leases.arm(key, lock.expires_at)
         return lock

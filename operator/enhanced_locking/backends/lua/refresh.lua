@@ -1,6 +1,7 @@
--- refresh: restart the lease of a held lock from now (server time); ends a pending claim.
+-- refresh: restart the lease of a held lock from now (server time), or end it (the lock kept
+-- until released, as one granted without a lease); ends a pending claim.
 -- KEYS[8..] the key's keys (RedisKeys.of_key)
--- ARGV[11] lock key  ARGV[12] owner repo  ARGV[13] owner pull  ARGV[14] lease in ms (> 0)
+-- ARGV[11] lock key  ARGV[12] owner repo  ARGV[13] owner pull  ARGV[14] lease in ms (0: none)
 -- returns {'refreshed', lock}, {'not_held'} or {'not_owned', lock}
 -- decoded by redis_replies.refresh
 local refused = guard()
@@ -14,14 +15,16 @@ local function main()
     if same_owner(h, ARGV[12], ARGV[13]) then lock = h end
   end
   if not lock then return {'not_owned', hs[1]} end
-  local exp = NOW + tonumber(ARGV[14])
-  lock[5], lock[8], lock[9] = int(exp), false, false
+  local lease = tonumber(ARGV[14])
+  local exp = 0
+  if lease > 0 then exp = NOW + lease end
+  lock[5], lock[8], lock[9] = exp == 0 and '0' or int(exp), false, false
   if lock[10] == 'shared' then
     told_shared(lock)  -- (its owner acts on it, as below)
   else
     w('HDEL', lock_name(ARGV[11]), 'claim', 'lease')
     -- (`told`: its owner acts on it, see lib.lua's `relied_on`)
-    w('HSET', lock_name(ARGV[11]), 'exp', exp)
+    w('HSET', lock_name(ARGV[11]), 'exp', lock[5])
     w('HINCRBY', lock_name(ARGV[11]), 'told', 1)
     collect_after(ARGV[11], exp)
   end
