@@ -37,6 +37,10 @@ type Database struct {
 	priority client.Priority
 	byCmd    map[command.Name]client.Priority
 	timeout  time.Duration
+	// holdOver: how long UnlockIfOwnedByPull keeps the lock for its pull (see WithHoldOver);
+	// holdOverSet: the operator chose it.
+	holdOver    time.Duration
+	holdOverSet bool
 	// chosen: priority is one the operator set (WithPriority, WithCommandPriorities), not the
 	// adapter's default for the command; cmdChosen: byCmd is the operator's.
 	chosen, cmdChosen bool
@@ -53,6 +57,24 @@ type Option func(*Database)
 // pull" (0, the default: fail fast, as Atlantis does). Waiting needs the service's enhanced
 // locker (enhanced-locking-enabled); the legacy locker answers at once.
 func WithWait(d time.Duration) Option { return func(b *Database) { b.wait = d } }
+
+// DefaultHoldOver is how long UnlockIfOwnedByPull keeps a lock for its pull when TryLock
+// waits in the queue (WithWait) and WithHoldOver does not say otherwise.
+const DefaultHoldOver = 30 * time.Second
+
+// WithHoldOver sets how long UnlockIfOwnedByPull keeps the lock for its pull instead of
+// freeing it at once (0: at once, as Atlantis's own databases do). Atlantis frees a pull's
+// plan locks before it plans the whole pull again and then asks for them again (v0.47.1,
+// plan_command_runner.go, deletePlanLocks): a pull waiting in the queue would be granted
+// the key in between, and the re-plan told "locked by" it. Held over, the lock stays the
+// pull's with a lease of d: the pull's TryLock within it gets it again (the same hold, its
+// lease as a new grant's: the service's lock-ttl, or none), a waiter waits it out, and a
+// lock not asked for again within d expires and goes to the queue as after any release.
+// UnlockByPull (a close, a merge, `atlantis unlock`) and Unlock free at once. Default:
+// DefaultHoldOver with WithWait, 0 without (nothing waits to take a key in between).
+func WithHoldOver(d time.Duration) Option {
+	return func(b *Database) { b.holdOver, b.holdOverSet = d, true }
+}
 
 // WithPriority is TryLock's priority in the queue when no command says otherwise
 // (default normal).
@@ -94,6 +116,9 @@ func New(serviceURL string, wrapped db.Database, opts ...Option) (*Database, err
 	}
 	for _, opt := range opts {
 		opt(b)
+	}
+	if !b.holdOverSet && b.wait > 0 {
+		b.holdOver = DefaultHoldOver
 	}
 	// The client bounds each call by its own call timeout as well: it is this one, or the
 	// client's default would cut a longer WithTimeout short.
@@ -202,6 +227,16 @@ func (b *Database) TryLock(lock models.ProjectLock) (bool, models.ProjectLock, e
 	}
 	if err == nil && granted.ExpiresAt != nil && granted.Grant != client.GrantNew {
 		err = b.renew(ctx, granted, lock.Project.RepoFullName)
+		if errors.Is(err, errLeaseRanOut) {
+			// The lease ended between the grant and its renewal (a hold-over that ran out as
+			// its pull asked again; the key free, or another pull's since): nothing is held,
+			// so ask once more, as running the command again would — waiting in the queue
+			// with WithWait, else told who holds it; a fresh grant is not renewed.
+			granted, err = b.service.Acquire(ctx, request)
+			if err == nil && granted.ExpiresAt != nil && granted.Grant != client.GrantNew {
+				err = b.renew(ctx, granted, lock.Project.RepoFullName)
+			}
+		}
 	}
 	if err == nil {
 		return true, lock, nil
@@ -237,6 +272,9 @@ func (b *Database) TryLock(lock models.ProjectLock) (bool, models.ProjectLock, e
 	return false, models.ProjectLock{}, fmt.Errorf("lock service: %w", err)
 }
 
+// errLeaseRanOut: a lock's lease ended between its grant and its renewal; nothing is held.
+var errLeaseRanOut = errors.New("ended before it could be renewed: not locked (run the command again)")
+
 // renew moves the lease of a lock its pull held already to lock-ttl from now. The pull that
 // holds a lock gets it back as it was, lease and all: the holder's command (an import or a
 // state rm after its plan, a plan of one project again) would run on what is left of the
@@ -246,28 +284,35 @@ func (b *Database) TryLock(lock models.ProjectLock) (bool, models.ProjectLock, e
 // one the service did not say of (an older service, a proxy that drops the header) is
 // renewed as well. The renewal not answered (the service unreachable, a 503): an error, and
 // the lock as it was, the pull's, with the lease it had. The lease ended in between (the key
-// free): an error, nothing is held. Taken by another pull since: a *client.HeldError naming
-// it, as a refusal. Nothing to renew (the service's lock-ttl set to 0 since the grant, a 409
-// without a holder; the key moved to the legacy side, whose locks have no lease, a 409
-// naming this pull): the grant stands as it came.
+// free, or taken by another pull since, a *client.HeldError naming it): errLeaseRanOut,
+// nothing is held, and TryLock asks once more. No lock-ttl to renew to (the service's lock-ttl is 0, a 409 without a
+// holder): the lease is ended (client.EndLease), as a lock granted now has none — a lease
+// there is a hold-over (WithHoldOver) or a caller's ttl. The key moved to the legacy side,
+// whose locks have no lease (a 409 naming this pull): the grant stands as it came.
 func (b *Database) renew(ctx context.Context, granted *client.Lock, repo string) error {
 	renewed, err := b.service.Refresh(ctx, granted.Key, repo, granted.Pull.Num, 0)
 	var notOwner *client.NotOwnerError
 	var invalid *client.InvalidError
+	if errors.As(err, &invalid) && invalid.Status == http.StatusConflict {
+		// No lock-ttl to renew to: a lock granted now has no lease, and neither does this
+		// one from now on. Its lease was a hold-over (UnlockIfOwnedByPull before the pull's
+		// re-plan) or a caller's ttl; left on, it would end under the command.
+		renewed, err = b.service.EndLease(ctx, granted.Key, repo, granted.Pull.Num)
+	}
 	switch {
 	case errors.As(err, &notOwner) && notOwner.Holder != nil &&
 		notOwner.Holder.Project.RepoFullName == repo && notOwner.Holder.Pull.Num == granted.Pull.Num:
 		return nil
 	case errors.As(err, &notOwner):
-		return &client.HeldError{Key: granted.Key, Reason: client.ReasonHeld, Holder: notOwner.Holder,
-			Message: "the lease ended before it could be renewed, and another pull took the lock"}
+		return fmt.Errorf("the lease of %s %w: %w", granted.Key, errLeaseRanOut, &client.HeldError{
+			Key: granted.Key, Reason: client.ReasonHeld, Holder: notOwner.Holder,
+			Message: "the lease ended before it could be renewed, and another pull took the lock"})
 	case errors.As(err, &invalid) && invalid.Status == http.StatusConflict:
 		return nil
 	case err != nil:
 		return fmt.Errorf("renewing the lease of %s: %w", granted.Key, err)
 	case renewed == nil:
-		return fmt.Errorf("the lease of %s ended before it could be renewed: not locked (run the "+
-			"command again)", granted.Key)
+		return fmt.Errorf("the lease of %s %w", granted.Key, errLeaseRanOut)
 	}
 	return nil
 }
@@ -284,12 +329,25 @@ func (b *Database) Unlock(p models.Project, workspace string) (*models.ProjectLo
 // UnlockIfOwnedByPull frees the lock only if pullNum of the project's repository holds it;
 // nil, and the lock kept, otherwise — also when the key's holder is a project of another
 // repository whose pull has that number (Atlantis calls this for every project of a pull
-// before each plan).
+// before each plan). With a hold-over (WithHoldOver) the lock is not freed at once but kept
+// for its pull with a lease of the hold-over, which its next TryLock ends; a lock on the
+// service's legacy side, which has no lease and no queue, is freed at once.
 func (b *Database) UnlockIfOwnedByPull(p models.Project, workspace string, pullNum int) (*models.ProjectLock, error) {
 	ctx, cancel := b.ctx(0)
 	defer cancel()
-	lock, err := b.service.ReleaseIfOwnedIn(ctx, key(p, workspace), p.RepoFullName, pullNum)
+	k := key(p, workspace)
 	var notOwner *client.NotOwnerError
+	if b.holdOver > 0 {
+		lock, err := b.service.Refresh(ctx, k, p.RepoFullName, pullNum, b.holdOver)
+		var invalid *client.InvalidError
+		switch {
+		case errors.As(err, &notOwner):
+			return nil, nil
+		case !errors.As(err, &invalid) || invalid.Status != http.StatusConflict:
+			return optional(lock, err)
+		}
+	}
+	lock, err := b.service.ReleaseIfOwnedIn(ctx, k, p.RepoFullName, pullNum)
 	if errors.As(err, &notOwner) {
 		return nil, nil
 	}
