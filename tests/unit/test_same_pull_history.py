@@ -162,10 +162,30 @@ async def _caller(rig: LockerRig, run: _Run, pull: int, number: int) -> None:
 async def test_callers_of_one_pull_never_lose_the_hold_they_were_told(
     rigs: Callable[..., LockerRig],
 ) -> None:
-    rig = rigs()
+    await _callers_through(rigs())
+
+
+@pytest.mark.parametrize(
+    "queue_backend_factory",
+    [pytest.param(name, marks=BACKEND_KINDS[name].marks)
+     for name in ("boltdb", "redis", "redis-cluster", "etcd")], indirect=True,
+)
+async def test_callers_of_one_pull_through_two_replicas_never_lose_the_hold_they_were_told(
+    rigs: Callable[..., LockerRig],
+) -> None:
+    # Two replicas on one store (the embedded store: two processes' connections to one file,
+    # each serving its own queues): a pull's callers ask through either, so an answer one
+    # replica gives is counted where the other's give-back reads it.
+    await _callers_through(rigs(), rigs())
+
+
+async def _callers_through(*replicas: LockerRig) -> None:
+    """Every pull's callers at once, caller ``n`` through ``replicas[n % len(replicas)]``; then
+    what the module's docstring checks."""
     run = _Run()
     await asyncio.wait_for(asyncio.gather(*(
-        _caller(rig, run, pull, number) for pull in PULLS for number in range(CALLERS))), 240)
+        _caller(replicas[number % len(replicas)], run, pull, number)
+        for pull in PULLS for number in range(CALLERS))), 240)
     await settle()
     assert not run.wrong, "\n".join(run.wrong[:10])
     assert run.granted > 0 and run.left > 0, (run.granted, run.left)
