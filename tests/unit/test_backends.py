@@ -19,7 +19,7 @@ import pytest
 from tests.support.backends import BACKEND_KINDS, BackendFactory
 from tests.support.leases import Overrun, past, with_leases
 from tests.support.locks import lock_for, request_for
-from tests.unit.test_queue_seam import _given_back_over_a_direct_answer
+from tests.unit.test_queue_seam import FIFO, _given_back_over_a_direct_answer, queue_up, want
 
 from enhanced_locking.backends import (
     EmbeddedBackend,
@@ -36,12 +36,14 @@ from enhanced_locking.backends.embedded import (
     SCHEMA_VERSION,
     open_database,
 )
+from enhanced_locking.backends.waiting import Status
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.factory import build_backend
 from enhanced_locking.types import (
     BackendUnavailable,
     Lock,
     LockNotOwned,
+    Reason,
     StoreRefused,
     Synchronous,
     UnusableSetting,
@@ -839,6 +841,36 @@ async def test_a_file_is_shared_with_a_replica_of_the_previous_release_both_ways
         for backend in (previous, current, again):
             if backend is not None:
                 await backend.close()
+
+
+async def test_a_count_of_answers_the_store_cannot_read_keeps_the_hold(data_dir: Path) -> None:
+    # A ``told`` row this store did not write (its tellers not a JSON array: a hand edit) is
+    # an answer of someone unknown: a later answer is still counted and given, and the
+    # give-back of the grant leaves the hold, as Redis reads a count it cannot read.
+    path = data_dir / "enhanced-locking.db"
+    backend = EmbeddedBackend(path)
+    try:
+        held = (await backend.acquire_or_enqueue(want(1), ttl=None, wait=None,
+                                                 policy=FIFO)).locks[0]
+        waiter_id, future, _ = await queue_up(backend, want(2))
+        await backend.release_and_handoff(held.key, owner=("acme/infra", 1), policy=FIFO)
+        granted = (await future).locks[0]
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            db.execute("INSERT INTO told VALUES ('enhanced', ?, ?, 'not a list', 0)",
+                       (held.key, granted.fencing_token))
+            db.commit()
+        again = await backend.acquire_or_enqueue(want(2), ttl=None, wait=None, policy=FIFO)
+        assert again.status is Status.GRANTED and not again.fresh, again
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            assert db.execute("SELECT tellers FROM told").fetchall() == [('["?",""]',)]
+            db.execute("UPDATE told SET tellers = '{}'")
+            db.commit()
+        cancelled = await backend.cancel(held.key, waiter_id, reason=Reason.CANCELLED)
+        assert cancelled.kept == frozenset({held.key}) and not cancelled.fresh, cancelled
+        lock = await backend.get(held.key)
+        assert lock is not None and lock.fencing_token == granted.fencing_token, lock
+    finally:
+        await backend.close()
 
 
 async def test_a_file_of_a_newer_layout_is_refused_and_left_as_it_was(data_dir: Path) -> None:
