@@ -310,13 +310,26 @@ async def test_replicas_with_stale_weights_over_redis_never_both_grant_a_key(
         pairs = list(zip(keys, answers[::2], answers[1::2], strict=True))
         twice = [key for key, a, b in pairs if a.acquired and b.acquired]
         assert twice == [], f"granted to both pulls: {twice[:5]}"
-        # (Both checks crossing leaves a key to neither pull: rare, and refused honestly.)
-        assert sum(a.acquired or b.acquired for _, a, b in pairs) >= len(keys) // 2
         for key, a, b in pairs:
             granted = a if a.acquired else b if b.acquired else None
             for replica in (on_legacy, on_enhanced):
                 holder = await replica.router.get(key)
                 assert holder == (granted.lock if granted is not None else None), key
+        # Both checks crossing (each replica's look after its grant saw the other's grant)
+        # leaves a key to neither pull: both are refused naming the other's hold, both holds
+        # are given back, and the key is free for the next request. How many keys cross is
+        # how the 120 requests interleave on the loop, which the product does not bound (a
+        # loaded machine left 49 of 60 to neither once; most rounds cross none or a few).
+        crossed = [(i, a, b) for i, (_, a, b) in enumerate(pairs)
+                   if not (a.acquired or b.acquired)]
+        for i, a, b in crossed:
+            assert a.holder is not None and a.holder.pull.num == 20 + rounds, (keys[i], a)
+            assert b.holder is not None and b.holder.pull.num == 10 + rounds, (keys[i], b)
+            replica, pull = ((on_legacy, 10 + rounds), (on_enhanced, 20 + rounds))[i % 2]
+            again = await replica.router.acquire(asked(i, pull))
+            assert again.acquired and again.lock is not None, (keys[i], again)
+            for replica in (on_legacy, on_enhanced):
+                assert await replica.router.get(keys[i]) == again.lock, keys[i]
         for replica, pull in ((on_legacy, 10 + rounds), (on_enhanced, 20 + rounds)):
             await replica.router.release_by_pull("acme/infra", pull)
         assert await on_legacy.router.list() == []
