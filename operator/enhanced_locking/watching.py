@@ -185,7 +185,8 @@ def add_queue_commands(
     refresh = lock_sub.add_parser("refresh", help="extend the lease of a held lock")
     refresh.add_argument("--key", required=True, help="lock key whose lease to extend")
     refresh.add_argument("--pull", type=int, required=True, help="the pull that holds it")
-    refresh.add_argument("--ttl", default=None, help="new lease from now, e.g. 1h")
+    refresh.add_argument("--ttl", default=None, help="new lease from now, e.g. 1h (0s: none, the "
+                         "lock kept until released; default: enhanced-locking-lock-ttl)")
     refresh.add_argument("--repo", default=None,
                          help="only if it is this repository's lock (keys of two repositories "
                               "can be the same)")

@@ -199,3 +199,19 @@ def test_refresh_names_the_repository_of_the_lock(served: ServiceProcess) -> Non
         assert json.loads(own.stdout)["lock"]["expiresAt"] != lock["expiresAt"]
     finally:
         httpx.post(served.url + "/v1/admin/force-unlock", params={"key": lock["key"]})
+
+
+def test_refresh_with_a_ttl_of_0s_ends_the_lease(served: ServiceProcess) -> None:
+    body = {"project": {"repoFullName": f"{REPO}-nolease", "path": "envs/prod"},
+            "pull": {"num": 5}, "ttl": "1h"}
+    lock = httpx.post(served.url + "/v1/locks", json=body).json()["lock"]
+    try:
+        assert lock["expiresAt"] is not None
+        kept = run(served, "lock", "refresh", "--key", lock["key"], "--pull", "5", "--ttl", "0s")
+        assert kept.returncode == 0, kept.stderr
+        assert json.loads(kept.stdout)["lock"]["expiresAt"] is None
+        held = httpx.get(served.url + "/v1/locks/by-key", params={"key": lock["key"]}).json()
+        assert held["lock"]["expiresAt"] is None
+        assert held["lock"]["fencingToken"] == lock["fencingToken"]
+    finally:
+        httpx.post(served.url + "/v1/admin/force-unlock", params={"key": lock["key"]})
