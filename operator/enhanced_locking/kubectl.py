@@ -265,6 +265,24 @@ def _token() -> str:
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
 
 
+def _no_pause(spec: dict[str, Any], status: dict[str, Any]) -> str | None:
+    """Why a promote now has no pause to end, as the status shows it (the operator's rule in
+    ``kube/rollout.py``: such a promote is recorded, Event PromoteIgnored), else None."""
+    steps = spec.get("steps")
+    if spec.get("promote"):
+        return "spec.promote is true already"
+    if not steps:
+        return "the migration has no steps"
+    index = status.get("currentStepIndex")
+    index = index if isinstance(index, int) else 0
+    if index >= len(steps):
+        return "the rollout has completed"
+    if "setWeight" in steps[index]:
+        return f"step {index + 1}/{len(steps)} (setWeight {float(steps[index]['setWeight']):g}) " \
+            "is not a pause"
+    return None
+
+
 def _edit(cluster: Cluster, args: argparse.Namespace) -> int:
     action = args.rollout_command
     where = f"lockmigration {args.namespace}/{args.name}"
@@ -286,8 +304,10 @@ def _edit(cluster: Cluster, args: argparse.Namespace) -> int:
         unpaused = ""
         if spec.get("paused"):
             patch["spec"], unpaused = {"paused": False}, ", spec.paused cleared"
-        said = (f"promote requested ({PROMOTE_ANNOTATION}={value}{unpaused}): the pause in "
-                "progress ends")
+        idle = _no_pause(spec, current.get("status") or {})
+        ends = (f"no pause is in progress ({idle}): the promote is recorded and skips nothing"
+                if idle else "the pause in progress ends")
+        said = f"promote requested ({PROMOTE_ANNOTATION}={value}{unpaused}): {ends}"
     elif action == "pause":
         patch, said = {"spec": {"paused": True}}, "paused (spec.paused: true)"
     elif action == "resume":

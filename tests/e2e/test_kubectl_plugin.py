@@ -151,6 +151,33 @@ def test_promote_ends_a_pause_made_by_rollout_pause_as_argo_rollouts_promote_doe
     assert done["currentWeight"] == 100
 
 
+def test_a_promote_with_no_pause_in_progress_says_it_skips_nothing(
+    kube_cluster: KubeCluster, kube_namespace: str, lock_crds: None,
+) -> None:
+    # The operator records such a promote and skips nothing (Event PromoteIgnored): the line
+    # said "the pause in progress ends" all the same.
+    ns = ("-n", kube_namespace)
+    apply(kube_cluster, kube_namespace, "LockMigration", "fixed",
+          {"policyRef": {"name": "default"}, "weight": 5})
+    fixed = plugin(kube_cluster, "rollout", "promote", "fixed", *ns)
+    assert fixed.returncode == 0, fixed.stderr
+    assert fixed.stdout.startswith(f"lockmigration {kube_namespace}/fixed: promote requested "
+                                   "(locking.runatlantis.io/promote=")
+    assert fixed.stdout.endswith("): no pause is in progress (the migration has no steps): "
+                                 "the promote is recorded and skips nothing\n")
+    annotations = (cr(kube_cluster, "lockmigrations", "fixed", kube_namespace)
+                   or {})["metadata"]["annotations"]
+    assert "locking.runatlantis.io/promote" in annotations
+
+    # No operator here, so no status: the rollout is at its first step, a setWeight.
+    apply(kube_cluster, kube_namespace, "LockMigration", "stepped",
+          {"policyRef": {"name": "default"}, "steps": STEPS})
+    stepped = plugin(kube_cluster, "rollout", "promote", "stepped", *ns)
+    assert stepped.returncode == 0, stepped.stderr
+    assert stepped.stdout.endswith("): no pause is in progress (step 1/3 (setWeight 10) is "
+                                   "not a pause): the promote is recorded and skips nothing\n")
+
+
 def test_set_weight_on_a_fixed_weight_migration_and_refusals(
     kube_cluster: KubeCluster, kube_namespace: str, lock_crds: None,
 ) -> None:
