@@ -566,22 +566,26 @@ class EtcdConnection:
     async def _again(self, txn: TxnCall, request: Any, error: BaseException,
                      attempt: float) -> tuple[TxnCall, Any]:
         """The read ``request`` failed on ``txn`` with ``error`` (an attempt of ``attempt``
-        seconds): sent again (see :meth:`_routed`) as long as the next attempt can end within
-        ``CALL_TIMEOUT`` of the first one's start; the call that answered, and its answer."""
+        seconds): sent again (see :meth:`_routed`) while an attempt of ``ATTEMPT_TIMEOUT``
+        can still end within ``CALL_TIMEOUT`` of the first one's start; the call that
+        answered, and its answer. An attempt on a route found meanwhile (a new leader) has
+        ``ROUTE_TIMEOUT`` or what is left of the call, the less: before, it had to fit the
+        whole ``ROUTE_TIMEOUT``, so a read whose attempt on the balanced channel went to the
+        frozen former leader failed 3 s into its 5 s with the new leader known."""
         loop = asyncio.get_running_loop()
         give_up = loop.time() + CALL_TIMEOUT - (attempt if _timed_out(error) else 0.0)
         while True:
             self.route_failed(txn)
             timed_out = _timed_out(error)
             current = self.txn
-            if current is not None:
-                attempt = ATTEMPT_TIMEOUT if current.via is None else current.timeout
             if (not (timed_out or _refused(error)) or current is None
                     or current.client is not txn.client  # closed meanwhile
-                    or loop.time() + AGAIN_PAUSE + attempt > give_up):
+                    or loop.time() + AGAIN_PAUSE + ATTEMPT_TIMEOUT > give_up):
                 raise error
             if not timed_out:
                 await asyncio.sleep(AGAIN_PAUSE)
+            attempt = (ATTEMPT_TIMEOUT if current.via is None
+                       else min(current.timeout, give_up - loop.time()))
             txn = current
             try:
                 return txn, await txn(request, attempt)
