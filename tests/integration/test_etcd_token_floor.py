@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from tests.support.locks import candidate_for, lock_for, request_for
@@ -183,3 +184,68 @@ async def test_a_free_key_whose_floor_is_written_over_is_listed_as_unreadable_on
         assert told == [(BAD.key, False)]
     finally:
         stop()
+
+
+async def test_a_full_list_reads_the_locks_held_and_the_floors_met_not_every_key_ever_locked(
+    etcd_replicas: tuple[EtcdBackend, EtcdBackend], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every key ever locked keeps its floor (``fence/{key}``). A full list (and so every
+    ``/metrics`` scrape) read that whole range to find the floors written over: its reads grew
+    with every key ever locked, not with the locks held. It now reads the locks, the marks a
+    step that met a floor written over left (``unreadable/{key}``) and those keys' floors: the
+    keys it reads stay the same however many keys were locked once, and the key met on one
+    replica is listed by the other; a floor repaired by hand is not listed, its mark gone."""
+    a, b = etcd_replicas
+    read: list[tuple[int, tuple[bytes, ...]]] = []
+    fetch = b._fetch
+
+    async def counted(client: Any, keys: set[bytes], prefixes: set[bytes], *,
+                      key: str | None) -> Any:
+        reads = await fetch(client, keys, prefixes, key=key)
+        read.append((len(reads.keys) + sum(len(kvs) for _, kvs in reads.ranges.values()),
+                     tuple(reads.ranges)))
+        return reads
+
+    monkeypatch.setattr(b, "_fetch", counted)
+
+    async def lock_once(paths: range) -> None:
+        for n in paths:
+            request = request_for(path=f"envs/once-{n}", pull=3)
+            assert (await a.acquire_or_enqueue(candidate_for(request), ttl=None, wait=None,
+                                               policy=POLICY)).status is Status.GRANTED
+            assert (await a.release_and_handoff(request.key, owner=("acme/infra", 3))
+                    ).released is not None
+
+    async def keys_a_full_list_reads() -> int:
+        read.clear()
+        assert [lock.key for lock in await b.list()] == [GOOD.key]
+        assert all(not p.startswith(b.base + b"fence/") for _, ranges in read for p in ranges)
+        return sum(n for n, _ in read)
+
+    assert (await a.acquire_or_enqueue(candidate_for(GOOD), ttl=None, wait=None, policy=POLICY)
+            ).status is Status.GRANTED
+    await lock_once(range(5))
+    few = await keys_a_full_list_reads()
+    await lock_once(range(5, 45))
+    assert await keys_a_full_list_reads() == few == 1, "the one lock held, whatever was locked"
+
+    assert (await a.acquire_or_enqueue(candidate_for(BAD), ttl=None, wait=None, policy=POLICY)
+            ).status is Status.GRANTED
+    assert (await a.release_and_handoff(BAD.key, owner=("acme/infra", 1))).released is not None
+    await _spoil_floor(a, BAD.key, b"token=" + SECRET.encode())
+    assert await keys_a_full_list_reads() == 1, "a floor no step met is not read"
+    assert len(b.unreadable) == 0
+    with pytest.raises(LockUnreadable):
+        await a.acquire_or_enqueue(candidate_for(request_for(path="envs/bad", pull=2)),
+                                   ttl=None, wait=None, policy=POLICY)
+    assert [e.key for e in a.unreadable.entries()] == [BAD.key]
+    assert await keys_a_full_list_reads() == 3, "the lock, the mark and its floor"
+    assert [e.key for e in b.unreadable.entries()] == [BAD.key], "met on the other replica"
+
+    etcd = await b.connection.client()
+    assert etcd.kv is not None
+    await etcd.kv.put(b.fence_key(BAD.key), b"7")  # repaired by hand
+    await b.list()
+    assert len(b.unreadable) == 0
+    assert not (await etcd.kv.get(b.floor_mark(BAD.key))).kvs, "the mark of a repaired floor"
+    assert await keys_a_full_list_reads() == 1

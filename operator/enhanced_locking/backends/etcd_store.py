@@ -40,6 +40,10 @@ entries never share a prefix with another key's):
   earlier release ignores the field (and a write of the lock it makes drops it).
 * ``fence/{key}``: the key's token floor (0 unless adopted from another store with higher
   tokens); its existence also lists the key for ``export``.
+* ``unreadable/{key}``: a free key whose floor a step met written over (``EtcdBackend._floor``),
+  empty; written by the replica whose step met it, deleted when the floor is repaired. A full
+  list reads this range and each marked key's floor, not every floor: its cost is the locks
+  held and the keys marked, never every key ever locked.
 * ``queue/{key}/{waiter}``: one entry per waiter and key (a batch waiter has one per key), and
   ``waiter/{waiter}``: the waiter by id. Both are attached to the *session lease* of the
   replica that waits (renewed every ``RENEW_EVERY`` seconds while it runs), so the waiters
@@ -677,6 +681,8 @@ class EtcdBackend(StoreBackend):
         self._pinged = False
         """Whether a ping was answered: from then a refused user is an outage (:meth:`ping`)."""
         self.base = f"{prefix}{namespace}/".encode()
+        self._marks = self.base + b"unreadable/"
+        """The range of the marks of floors written over (``floor_mark``)."""
         self._queues = _Queues(self)  # type: ignore[assignment]
         self._waiters = _Waiters(self)  # type: ignore[assignment]
         self._granted = _Granted(self)  # type: ignore[assignment]
@@ -796,6 +802,10 @@ class EtcdBackend(StoreBackend):
 
     def queue_prefix(self, key: str) -> bytes:
         return self._named(key).queue
+
+    def floor_mark(self, key: str) -> bytes:
+        """``unreadable/{key}``: the mark of a free key whose floor a step met written over."""
+        return self._marks + quote(key, safe="").encode()
 
     def key_of_queue_entry(self, entry: bytes) -> str:
         return unquote(entry[len(self.base) + len(b"queue/"):].split(b"/")[0].decode())
@@ -1240,6 +1250,11 @@ class EtcdBackend(StoreBackend):
         found = self._bad_floor(key, value)
         if not repairing:
             self._unreadable_change(lambda u: u.found(found))
+            entry = self.unreadable.get(key)
+            if entry is None or entry.reason != _FLOOR_UNREADABLE:
+                # Marked for every replica's full list; the step fails, so the run writes it
+                # after (``_write_marks``); a step that goes on commits it.
+                _txn().put(self.floor_mark(key), b"")
         raise LockUnreadable(found)
 
     def _floor_repaired(self, key: str) -> None:
@@ -1248,6 +1263,7 @@ class EtcdBackend(StoreBackend):
         entry = self.unreadable.get(key)
         if entry is not None and entry.reason == _FLOOR_UNREADABLE:
             self._unreadable_change(lambda u: u.cleared(key))
+            _txn().delete(self.floor_mark(key))
 
     def _read_whole(self, key: str, held: Locks) -> None:
         # A free key set aside for its floor stays aside (its holders were not what was
@@ -1285,6 +1301,7 @@ class EtcdBackend(StoreBackend):
             self._floor(key, repairing=True)
         except LockUnreadable:
             _txn().put(self.fence_key(key), str(self._clock_floor()).encode())
+            _txn().delete(self.floor_mark(key))
             self._bad_floors.discard(key)
             self._unreadable_change(lambda u: u.cleared(key))
 
@@ -1323,6 +1340,7 @@ class EtcdBackend(StoreBackend):
             floor = self._floor(key, repairing=True) or 0
         except LockUnreadable:  # not a whole number: restarted from the clock (or higher)
             floor, at_least = -1, max(at_least, self._clock_floor())
+            _txn().delete(self.floor_mark(key))
             self._bad_floors.discard(key)
             self._unreadable_change(lambda u: u.cleared(key))
         if at_least > floor:
@@ -1356,14 +1374,11 @@ class EtcdBackend(StoreBackend):
                 if (repo is None or lock.project.repo_full_name == repo) and (
                         pull is None or lock.pull.num == pull):
                     locks.append(lock)
-        # The free keys whose floor is written over: read with the scan (a full list), or
-        # else as found before (a floor read whole, or a holder, clears one).
-        fences = self.base + b"fence/"
-        if txn.has_range(fences):
-            unreadable += [self._bad_floor(key, value) for key, value in (
-                (unquote(k[len(fences):].decode()), kv.value)
-                for k, kv in txn.scan(fences).items()
-                if kv.value is not None and not kv.value.isdigit()) if key not in stored]
+        # The free keys whose floor a step met written over: their marks and floors read
+        # with the scan (a full list), or else as found before (a floor read whole, or a
+        # holder, clears one).
+        if txn.has_range(self._marks):
+            unreadable += self._marked(stored)
         elif self.unreadable:
             unreadable += [entry for entry in self.unreadable.entries()
                            if entry.reason == _FLOOR_UNREADABLE and entry.key not in stored]
@@ -1383,6 +1398,43 @@ class EtcdBackend(StoreBackend):
             if unread:
                 raise _Miss(prefixes=unread)
         return locks
+
+    def _marked(self, stored: set[str]) -> list[UnreadableLock]:
+        """The free keys marked ``unreadable/`` whose floor is still not a whole number (each
+        marked key's floor read, all in one run again); a mark whose floor was repaired (by
+        hand, or by a force-unlock whose step crossed the mark's write) is deleted."""
+        txn = _txn()
+        keys = [unquote(k[len(self._marks):].decode()) for k, kv in txn.scan(self._marks).items()
+                if kv.value is not None]
+        free = [key for key in keys if key not in stored]
+        unread = tuple(fence for fence in map(self.fence_key, free)
+                       if fence not in txn.reads.keys and fence not in txn.writes)
+        if unread:
+            raise _Miss(keys=unread)
+        found: list[UnreadableLock] = []
+        for key in free:
+            value = txn.get(self.fence_key(key)).value
+            if value is None or value.isdigit():
+                txn.delete(self.floor_mark(key))
+            else:
+                found.append(self._bad_floor(key, value))
+        return found
+
+    async def _write_marks(self, client: etcd3aio.Etcd3Client, txn: _Txn, *,
+                           key: str | None) -> None:
+        """The marks a failed run's ``_floor`` put (``unreadable/{key}``), written alone: the
+        run's other writes are not. One etcd does not take leaves the step's answer as it is:
+        the replica lists the key, and its next full list, not finding the mark, drops it
+        until a step meets the floor again and writes the mark then."""
+        marks: dict[bytes, tuple[bytes, int] | None] = {
+            k: v for k, v in txn.writes.items() if v is not None and k.startswith(self._marks)}
+        if marks:
+            try:
+                await self._send(client, _Reads(), marks, key=key)
+            except BackendUnavailable as error:
+                log.warning("etcd %s: the mark of a token floor written over was not written "
+                            "(%s); another replica does not list it until it is",
+                            self.connection.where, error)
 
     def _unreadable_change(self, change: Callable[[UnreadableLocks], object]) -> None:
         # A step may run again on fresh reads before it counts: keep the change with the run.
@@ -1515,6 +1567,7 @@ class EtcdBackend(StoreBackend):
                 except Exception:
                     if verified:
                         self._noted(txn)
+                        await self._write_marks(client, txn, key=key)
                         if lost is not None and (landed := _landed(lost[0], reads)) is not None:
                             # (a release whose first attempt handed the key on finds it held
                             # by the waiter: its answer is the first attempt's)
@@ -1525,6 +1578,7 @@ class EtcdBackend(StoreBackend):
                     fresh = (await self._send(client, txn.reads, {}, key=key))[1]
                     if fresh is None:
                         self._noted(txn)
+                        await self._write_marks(client, txn, key=key)
                         raise
                     self.missed_guesses += 1
                     reads, verified = fresh, True
@@ -2572,13 +2626,14 @@ class EtcdBackend(StoreBackend):
         return await self._atomic(run, keys=self._keys_of(key), key=key)
 
     async def list(self, *, repo: str | None = None, pull: int | None = None) -> Locks:
-        # A full list also reads the token floors: a free key whose floor is written over is
-        # listed as unreadable on every replica, as Redis lists a counter written over.
+        # A full list also reads the marks of floors written over (and those keys' floors,
+        # not every floor): a free key whose floor a step met is listed as unreadable on
+        # every replica, as Redis lists a counter written over (its lock hash marked).
         every = repo is None and pull is None
         return await self._atomic(
             lambda: StoreBackend.list(self, repo=repo, pull=pull),
             prefixes=(self.base + b"lock/", self.base + b"shared/",
-                      *((self.base + b"fence/",) if every else ())))
+                      *((self._marks,) if every else ())))
 
     async def release_by_pull(self, repo: str, pull: int, *, policy: Any = None) -> Locks:
         return list((await self.release_pull(repo, pull, policy=policy)).released)
