@@ -848,7 +848,9 @@ func (c *Client) Refresh(ctx context.Context, key, repo string, pull int, ttl ti
 }
 
 // EndLease ends the lease of the lock on key, held by pull of repo: the lock is kept until it
-// is released, as one granted without a lease (a refresh to ttl 0s). Answers as Refresh.
+// is released, as one granted without a lease (a refresh to ttl 0s). Answers as Refresh; a
+// service of the release before it took a ttl of 0s refuses it (an *InvalidError, status 422,
+// Field "ttl").
 func (c *Client) EndLease(ctx context.Context, key, repo string, pull int) (*Lock, error) {
 	a, err := request[lockAnswer](ctx, c, call{op: "refresh", method: http.MethodPost,
 		path: "/v1/locks/refresh", body: refreshBody{Key: key, Repo: repo, Pull: pull, TTL: "0s"},

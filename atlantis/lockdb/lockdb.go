@@ -20,6 +20,7 @@ import (
 	"fmt"
 	"maps"
 	"net/http"
+	"sync/atomic"
 	"time"
 
 	"github.com/runatlantis/atlantis/server/core/db"
@@ -41,6 +42,9 @@ type Database struct {
 	// holdOverSet: the operator chose it.
 	holdOver    time.Duration
 	holdOverSet bool
+	// noLeaseEnd: the service refused to end a lease (a release before refresh took a ttl of
+	// 0s): no hold-over from then on (see renew). Shared by every view (ForCommand).
+	noLeaseEnd *atomic.Bool
 	// chosen: priority is one the operator set (WithPriority, WithCommandPriorities), not the
 	// adapter's default for the command; cmdChosen: byCmd is the operator's.
 	chosen, cmdChosen bool
@@ -70,7 +74,9 @@ const DefaultHoldOver = 30 * time.Second
 // pull's with a lease of d: the pull's TryLock within it gets it again (the same hold, its
 // lease as a new grant's: the service's lock-ttl, or none), a waiter waits it out, and a
 // lock not asked for again within d expires and goes to the queue as after any release.
-// UnlockByPull (a close, a merge, `atlantis unlock`) and Unlock free at once. Default:
+// UnlockByPull (a close, a merge, `atlantis unlock`) and Unlock free at once. A service of
+// the previous release cannot end the hold-over's lease when the pull asks again (see renew):
+// the first refusal turns the hold-over off. Default:
 // DefaultHoldOver with WithWait, 0 without (nothing waits to take a key in between).
 func WithHoldOver(d time.Duration) Option {
 	return func(b *Database) { b.holdOver, b.holdOverSet = d, true }
@@ -109,10 +115,11 @@ func New(serviceURL string, wrapped db.Database, opts ...Option) (*Database, err
 		return nil, errors.New("lockdb: a database to keep pull statuses and command locks in is needed")
 	}
 	b := &Database{
-		wrapped:  wrapped,
-		priority: client.PriorityNormal,
-		byCmd:    defaultCommandPriorities(),
-		timeout:  30 * time.Second,
+		wrapped:    wrapped,
+		priority:   client.PriorityNormal,
+		byCmd:      defaultCommandPriorities(),
+		timeout:    30 * time.Second,
+		noLeaseEnd: new(atomic.Bool),
 	}
 	for _, opt := range opts {
 		opt(b)
@@ -227,6 +234,19 @@ func (b *Database) TryLock(lock models.ProjectLock) (bool, models.ProjectLock, e
 	}
 	if err == nil && granted.ExpiresAt != nil && granted.Grant != client.GrantNew {
 		err = b.renew(ctx, granted, lock.Project.RepoFullName)
+		if errors.Is(err, errLeaseCannotEnd) {
+			// A service of the release before refresh took a ttl of 0s cannot end the
+			// hold-over's lease, which would end under the command: the pull gives the lock
+			// back and asks again below, as without a hold-over (a waiter is served first).
+			// The lock not given back (the service unreachable): the error, the lock as it
+			// was, the pull's until its hold-over ends; another pull's already (the
+			// hold-over ran out in between): nothing is held either.
+			var notOwner *client.NotOwnerError
+			if _, err = b.service.ReleaseIfOwnedIn(ctx, granted.Key, lock.Project.RepoFullName,
+				granted.Pull.Num); err == nil || errors.As(err, &notOwner) {
+				err = errLeaseRanOut
+			}
+		}
 		if errors.Is(err, errLeaseRanOut) {
 			// The lease ended between the grant and its renewal (a hold-over that ran out as
 			// its pull asked again; the key free, or another pull's since): nothing is held,
@@ -275,6 +295,10 @@ func (b *Database) TryLock(lock models.ProjectLock) (bool, models.ProjectLock, e
 // errLeaseRanOut: a lock's lease ended between its grant and its renewal; nothing is held.
 var errLeaseRanOut = errors.New("ended before it could be renewed: not locked (run the command again)")
 
+// errLeaseCannotEnd: the service refused a refresh's ttl of 0s (a 422 naming ttl), as the
+// release before it took one did; the lease stays as it was.
+var errLeaseCannotEnd = errors.New("lease cannot be ended by this lock service (an older release)")
+
 // renew moves the lease of a lock its pull held already to lock-ttl from now. The pull that
 // holds a lock gets it back as it was, lease and all: the holder's command (an import or a
 // state rm after its plan, a plan of one project again) would run on what is left of the
@@ -287,7 +311,10 @@ var errLeaseRanOut = errors.New("ended before it could be renewed: not locked (r
 // free, or taken by another pull since, a *client.HeldError naming it): errLeaseRanOut,
 // nothing is held, and TryLock asks once more. No lock-ttl to renew to (the service's lock-ttl is 0, a 409 without a
 // holder): the lease is ended (client.EndLease), as a lock granted now has none — a lease
-// there is a hold-over (WithHoldOver) or a caller's ttl. The key moved to the legacy side,
+// there is a hold-over (WithHoldOver) or a caller's ttl; a service of the release before
+// refresh took a ttl of 0s cannot end it (a 422 naming ttl): errLeaseCannotEnd, the lease as
+// it was, TryLock gives the lock back and asks again, and the hold-over is off from then on.
+// The key moved to the legacy side,
 // whose locks have no lease (a 409 naming this pull): the grant stands as it came.
 func (b *Database) renew(ctx context.Context, granted *client.Lock, repo string) error {
 	renewed, err := b.service.Refresh(ctx, granted.Key, repo, granted.Pull.Num, 0)
@@ -298,6 +325,12 @@ func (b *Database) renew(ctx context.Context, granted *client.Lock, repo string)
 		// one from now on. Its lease was a hold-over (UnlockIfOwnedByPull before the pull's
 		// re-plan) or a caller's ttl; left on, it would end under the command.
 		renewed, err = b.service.EndLease(ctx, granted.Key, repo, granted.Pull.Num)
+		if errors.As(err, &invalid) && invalid.Status == http.StatusUnprocessableEntity && invalid.Field == "ttl" {
+			// A service of the release before refresh took a ttl of 0s: it cannot end a
+			// lease, so it gets no hold-over from now on (UnlockIfOwnedByPull frees at once).
+			b.noLeaseEnd.Store(true)
+			return fmt.Errorf("the %w: %w", errLeaseCannotEnd, err)
+		}
 	}
 	switch {
 	case errors.As(err, &notOwner) && notOwner.Holder != nil &&
@@ -337,7 +370,7 @@ func (b *Database) UnlockIfOwnedByPull(p models.Project, workspace string, pullN
 	defer cancel()
 	k := key(p, workspace)
 	var notOwner *client.NotOwnerError
-	if b.holdOver > 0 {
+	if b.holdOver > 0 && !b.noLeaseEnd.Load() {
 		lock, err := b.service.Refresh(ctx, k, p.RepoFullName, pullNum, b.holdOver)
 		var invalid *client.InvalidError
 		switch {

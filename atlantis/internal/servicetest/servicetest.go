@@ -186,6 +186,31 @@ type Service struct {
 // /healthz answers.
 func Serve(t testing.TB, args ...string) *Service {
 	t.Helper()
+	return serve(t, "", args...)
+}
+
+// PreviousRelease is the service's release before this one (the commit before a refresh
+// took a ttl of 0s): a newer adapter must work with it, as Atlantis and the service are
+// upgraded apart.
+const PreviousRelease = "ae4886a"
+
+// ServeRelease is Serve with the service's code as it was at commit (e.g. PreviousRelease),
+// taken from the repository's history with `git archive` and run by the same command.
+func ServeRelease(t testing.TB, commit string, args ...string) *Service {
+	t.Helper()
+	tree := t.TempDir()
+	archive := exec.Command("sh", "-c", `git -C "$1" archive "$2" operator | tar -x -C "$3"`,
+		"archive", RepoRoot(t), commit, tree)
+	if out, err := archive.CombinedOutput(); err != nil {
+		t.Fatalf("cannot take the service's code at %s from the repository's history "+
+			"(a shallow clone has none: `git fetch --unshallow`): %v\n%s", commit, err, out)
+	}
+	return serve(t, filepath.Join(tree, "operator"), args...)
+}
+
+// serve starts the service, its package imported from pythonPath when given.
+func serve(t testing.TB, pythonPath string, args ...string) *Service {
+	t.Helper()
 	port := FreePort(t)
 	dataDir := t.TempDir()
 	argv := append([]string{EnhancedLockingCommand(t), "serve", "--host", Loopback,
@@ -197,7 +222,13 @@ func Serve(t testing.TB, args ...string) *Service {
 			strings.HasPrefix(kv, "ATLANTIS_DATA_DIR=") {
 			continue
 		}
+		if pythonPath != "" && strings.HasPrefix(kv, "PYTHONPATH=") {
+			continue
+		}
 		env = append(env, kv)
+	}
+	if pythonPath != "" {
+		env = append(env, "PYTHONPATH="+pythonPath)
 	}
 	p := Start(t, "enhanced-locking-"+strconv.Itoa(port), env, argv...)
 	url := fmt.Sprintf("http://%s:%d", Loopback, port)
