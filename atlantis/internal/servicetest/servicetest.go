@@ -192,15 +192,22 @@ func Serve(t testing.TB, args ...string) *Service {
 // PreviousRelease is the service's release before this one (the commit before a refresh
 // took a ttl of 0s): a newer adapter must work with it, as Atlantis and the service are
 // upgraded apart.
-const PreviousRelease = "ae4886a"
+const PreviousRelease = "ae4886abc1c7e0c4c5251b86a95367e72ef20319"
 
 // ServeRelease is Serve with the service's code as it was at commit (e.g. PreviousRelease),
 // taken from the repository's history with `git archive` and run by the same command.
 func ServeRelease(t testing.TB, commit string, args ...string) *Service {
 	t.Helper()
 	tree := t.TempDir()
+	root := RepoRoot(t)
+	// A shallow clone lacks the commit: fetch it from where the clone came from, once.
+	if exec.Command("git", "-C", root, "cat-file", "-e", commit+"^{commit}").Run() != nil {
+		if out, err := exec.Command("git", "-C", root, "fetch", "--quiet", "origin", commit).CombinedOutput(); err != nil {
+			t.Logf("fetching %s from origin: %v\n%s", commit, err, out)
+		}
+	}
 	archive := exec.Command("sh", "-c", `git -C "$1" archive "$2" operator | tar -x -C "$3"`,
-		"archive", RepoRoot(t), commit, tree)
+		"archive", root, commit, tree)
 	if out, err := archive.CombinedOutput(); err != nil {
 		t.Fatalf("cannot take the service's code at %s from the repository's history "+
 			"(a shallow clone has none: `git fetch --unshallow`): %v\n%s", commit, err, out)
