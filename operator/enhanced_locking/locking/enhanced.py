@@ -652,11 +652,20 @@ class EnhancedLocker(AtlantisCalls):
 
     async def expire(self, key: str) -> None:
         """The lease timer's target: free ``key`` if its lease ran out, then re-arm."""
-        try:
+        async def look() -> tuple[Handoff, Locks]:
             handoff = await self._call("expire", lambda: self.backend.expire(
                 key, policy=self.policy()))
             self._handed(handoff, how="expired")
-            holders = await self.backend.holders(key)
+            return handoff, await self.backend.holders(key)
+
+        try:
+            handoff, holders = await look()
+            if not holders and not (handoff.released or handoff.expired or handoff.granted):
+                # The expiry found the lease on (moved later since this timer was set) and the
+                # read after it finds the key free: the lease ran out in between, and a
+                # lapsed lease reads as free. Nothing else would look at the key again (no
+                # timer is left for it): expire it now, which serves its queue.
+                handoff, holders = await look()
             store_now = None
             here = self.leases.now()
             if any(h.expires_at is not None and h.expires_at <= here for h in holders):
