@@ -170,9 +170,14 @@ def test_a_refresh_the_schema_allows_is_never_answered_422(
     refreshed = http.post("/v1/locks/refresh", json={"key": held["key"], "pull": 1,
                                                       "ttl": "1m"})
     assert refreshed.status_code == 200 and refreshed.json()["lock"]["expiresAt"]
-    # A zero lease is not a lease: the schema says so (its pattern) and so does the answer.
+    # A zero lease ends the lease (the lock kept until released, as an acquire's ttl of 0s);
+    # a written lease that rounds to nothing is refused, naming the field, as at an acquire.
     zero = http.post("/v1/locks/refresh", json={"key": held["key"], "pull": 1, "ttl": "0s"})
-    assert zero.status_code == 422 and zero.json()["field"] == "ttl"
+    assert zero.status_code == 200, zero.text
+    assert zero.json()["lock"]["key"] == held["key"] and not zero.json()["lock"].get("expiresAt")
+    vanishing = http.post("/v1/locks/refresh", json={"key": held["key"], "pull": 1,
+                                                     "ttl": "400ns"})
+    assert vanishing.status_code == 422 and vanishing.json()["field"] == "ttl", vanishing.text
 
 
 @pytest.mark.parametrize(("query", "field"), [
