@@ -1301,9 +1301,14 @@ class EtcdBackend(StoreBackend):
             self._floor(key, repairing=True)
         except LockUnreadable:
             _txn().put(self.fence_key(key), str(self._clock_floor()).encode())
-            _txn().delete(self.floor_mark(key))
-            self._bad_floors.discard(key)
-            self._unreadable_change(lambda u: u.cleared(key))
+            self._floor_restarted(key)
+
+    def _floor_restarted(self, key: str) -> None:
+        """``key``'s floor, written over, is written anew in this step: its mark deleted with
+        it, its entry cleared (and logged again should it be written over again)."""
+        _txn().delete(self.floor_mark(key))
+        self._bad_floors.discard(key)
+        self._unreadable_change(lambda u: u.cleared(key))
 
     def _next_token(self, key: str) -> int:
         txn = _txn()
@@ -1340,9 +1345,7 @@ class EtcdBackend(StoreBackend):
             floor = self._floor(key, repairing=True) or 0
         except LockUnreadable:  # not a whole number: restarted from the clock (or higher)
             floor, at_least = -1, max(at_least, self._clock_floor())
-            _txn().delete(self.floor_mark(key))
-            self._bad_floors.discard(key)
-            self._unreadable_change(lambda u: u.cleared(key))
+            self._floor_restarted(key)
         if at_least > floor:
             _txn().put(self.fence_key(key), str(at_least).encode())
 
