@@ -71,8 +71,8 @@ def test_the_runbook_commands_work_when_pasted(
     kube_cluster: KubeCluster, kube_namespace: str,
     start_operator: Callable[..., OperatorProcess],
 ) -> None:
-    assert set(runbook()) == {"start", "watch", "replica", "pause", "resume", "promote", "wait",
-                              "abort", "restart", "retry"}
+    assert set(runbook()) == {"start", "watch", "replica", "pause", "resume", "promote",
+                              "promote-paused", "wait", "abort", "restart", "retry"}
     kube_cluster.kubectl("apply", "-n", kube_namespace, "-f", "-", input=json.dumps({
         "apiVersion": "locking.runatlantis.io/v1alpha1", "kind": "LockPolicy",
         "metadata": {"name": "default"}, "spec": {"enabled": True}}))
@@ -97,16 +97,27 @@ def test_the_runbook_commands_work_when_pasted(
     paste(*args, "pause")
     reached(*args, "held by spec.paused", paused("PausedBySpec", 1))
     next_second()
-    paste(*args, "promote")  # waits while paused
+    paste(*args, "promote")  # waits while paused, and says so once
+    reached(*args, "the promote told to wait", lambda s: "a promote waits until spec.paused is "
+            "cleared" in str(s.get("message")))
+
+    def told() -> list[str]:
+        return kube_cluster.kubectl("get", "events", "-n", kube_namespace, "--field-selector",
+                                    "reason=PromoteWaiting", "-o", "name").stdout.split()
+
+    wait_for("the PromoteWaiting Event", told, timeout=60, pause=0.5)
     time.sleep(1.5)
     assert status(*args[:2])["currentStepIndex"] == 1
+    assert len(told()) == 1, told()
 
     paste(*args, "resume")  # the promote ends the 10m pause; step 3 moves to 50
     reached(*args, "step 4/5, waiting for a promote", paused("WaitingForPromote", 3))
     assert operator.config()["routing"]["weight"] == 50
 
+    paste(*args, "pause")
+    reached(*args, "held by spec.paused at step 4/5", paused("PausedBySpec", 3))
     next_second()
-    paste(*args, "promote")
+    paste(*args, "promote-paused")  # resumes and ends the pause, in one edit
     paste(*args, "wait")
     done = status(*args[:2])
     assert (done["phase"], done["currentWeight"], done["step"]) == ("Completed", 100, "5/5")

@@ -8,6 +8,7 @@ tests/e2e/test_rollout.py.
 from __future__ import annotations
 
 import asyncio
+import copy
 import itertools
 from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import UTC, datetime, timedelta
@@ -602,3 +603,36 @@ async def test_a_replica_that_becomes_the_status_writer_again_routes_by_the_stat
     assert a_service.provider.current.config.effective_weight == 50
     assert moves == [], f"a moved keys to weight {moves} on taking the status over"
     assert cluster.status(MIGRATIONS, "to-enhanced")["currentStepIndex"] == 3
+
+
+async def test_a_promote_written_by_hand_while_spec_paused_holds_is_told_once_and_waits(
+    make_service: Callable[..., Any], tmp_path: Path,
+) -> None:
+    # The annotation alone does not lift spec.paused (only a spec edit does: kubectl locking
+    # rollout promote clears it in the same edit): a hand-written promote is told to wait, by
+    # one Event and the message, and ends the pause once spec.paused is cleared.
+    service: LockService = await make_service(legacy_backend="memory", backend="memory")
+    steps = [{"setWeight": 10}, {"pause": {}}, {"setWeight": 20}]
+    cluster, _, reconciler = await _migrating(service, tmp_path, steps=steps)
+    await _tick_until(reconciler, cluster, lambda s: s.get("phase") == "Paused", service)
+    await reconciler.observed(MIGRATIONS, cluster.put(MIGRATIONS, "to-enhanced",
+                                                      migration(steps=steps, paused=True)))
+    await reconciler.observed(MIGRATIONS, cluster.annotate(MIGRATIONS, "to-enhanced",
+                                                           PROMOTE_ANNOTATION, "by-hand"))
+    for _ in range(5):
+        await reconciler.tick()
+    status = cluster.status(MIGRATIONS, "to-enhanced")
+    assert (status["currentStepIndex"], _condition(status, "Paused")["reason"]) == (
+        1, "PausedBySpec")
+    assert "a promote waits until spec.paused is cleared" in status["message"]
+    waiting = [e for e in cluster.events if e["reason"] == "PromoteWaiting"]
+    assert len(waiting) == 1, cluster.events
+    assert "spec.paused" in waiting[0]["message"] and "false" in waiting[0]["message"]
+
+    body = cluster.objects[(MIGRATIONS, "to-enhanced")]  # spec.paused: false, as patched
+    body["spec"], body["metadata"]["generation"] = migration(steps=steps), 3
+    await reconciler.observed(MIGRATIONS, copy.deepcopy(body))
+    await _tick_until(reconciler, cluster, lambda s: s.get("phase") == "Completed", service)
+    assert cluster.status(MIGRATIONS, "to-enhanced")["promoted"] == "by-hand"
+    assert [e["reason"] for e in cluster.events].count("PromoteWaiting") == 1
+

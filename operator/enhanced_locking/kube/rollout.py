@@ -16,7 +16,8 @@ The rules:
   ``pause: {}`` waits for a promote. A promote (a new value of the promote annotation) ends the
   pause in progress; one that arrives when no pause is in progress is recorded and ignored.
 * ``spec.paused: true`` holds the rollout at its step (the weight in force stays); a promote
-  waits until it is cleared.
+  waits until it is cleared (the annotation never edits the spec: ``kubectl locking rollout
+  promote`` clears it in the same edit, as ``kubectl argo rollouts promote`` does).
 * ``spec.abort: true``, or a failed analysis, aborts: weight 0 through the same safe handover.
   Clearing ``spec.abort`` restarts the steps from the first one; an automatic abort is lifted
   by a new value of the retry annotation (Argo's ``retry``).
@@ -130,6 +131,8 @@ class Progress:
     reason: str
     message: str
     notes: list[Note] = field(default_factory=list)
+    promote_waiting: str | None = None
+    """A promote that ``spec.paused`` holds back (it ends nothing until that is cleared)."""
 
 
 def weight_of(spec: LockMigrationSpec, state: RolloutState) -> float | None:
@@ -231,9 +234,11 @@ def advance(
         step = steps[index]
         where = f"step {index + 1}/{total} ({_describe(step)})"
         if spec.paused:
-            if promote is not None and promote != state.promoted:
+            waiting = promote if promote is not None and promote != state.promoted else None
+            if waiting is not None:
                 where += "; a promote waits until spec.paused is cleared"
-            return Progress(state, "Paused", "PausedBySpec", f"spec.paused holds {where}", notes)
+            return Progress(state, "Paused", "PausedBySpec", f"spec.paused holds {where}", notes,
+                            promote_waiting=waiting)
         if step.set_weight is not None:
             state = _consume_promote(state, promote, notes, f"{where} is not a pause")
             if settled_weight != applied:

@@ -172,6 +172,7 @@ class RolloutDriver:
         self._base = Totals()  # this process's totals at that moment
         self._published: tuple[float, Counters] | None = None
         self._findings: collections.deque[Note] = collections.deque(maxlen=256)
+        self._told_waiting: str | None = None  # the promote last told to wait for spec.paused
         self._found: collections.Counter[str] = collections.Counter()
         self._unsubscribe = view.subscribe(self._on_event)
 
@@ -261,6 +262,12 @@ class RolloutDriver:
             progress.notes.append(drop)
         if progress.phase == "Completed" and not completed:
             progress.notes.append(Note("Normal", "RolloutCompleted", progress.message))
+        if (waiting := progress.promote_waiting) is not None and waiting != self._told_waiting:
+            # Written by hand, the annotation alone leaves spec.paused as it is: say so once.
+            self._told_waiting = waiting
+            progress.notes.append(Note("Normal", "PromoteWaiting", (
+                f"{progress.message}: set spec.paused to false to let it through (kubectl "
+                "locking rollout promote does both in one edit)")))
         return progress
 
     def _settled(self) -> float | None:
