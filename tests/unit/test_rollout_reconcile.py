@@ -636,3 +636,36 @@ async def test_a_promote_written_by_hand_while_spec_paused_holds_is_told_once_an
     assert cluster.status(MIGRATIONS, "to-enhanced")["promoted"] == "by-hand"
     assert [e["reason"] for e in cluster.events].count("PromoteWaiting") == 1
 
+
+async def test_an_analysis_failing_after_the_rollout_completed_aborts_it_unlike_argo_rollouts(
+    make_service: Callable[..., Any], tmp_path: Path,
+) -> None:
+    # A deliberate difference from Argo Rollouts (docs/02-migration.md, Automatic rollback):
+    # the analysis guards a Completed rollout too (a fixed weight is Completed once settled,
+    # and has no other phase to guard). A retry then starts from step 1; spec.promote with it
+    # returns every key to enhanced at once.
+    service: LockService = await make_service(legacy_backend="memory", backend="memory")
+    analysis = {"window": "1m", "interval": "1s", "maxErrorRate": 0.05}
+    steps = [{"setWeight": 40}, {"pause": {}}, {"setWeight": 100}]
+    cluster, _, reconciler = await _migrating(service, tmp_path, steps=steps, analysis=analysis)
+    await _tick_until(reconciler, cluster, lambda s: s.get("phase") == "Paused", service)
+    await reconciler.observed(MIGRATIONS, cluster.annotate(MIGRATIONS, "to-enhanced",
+                                                           PROMOTE_ANNOTATION, "go"))
+    await _tick_until(reconciler, cluster, lambda s: s.get("phase") == "Completed", service)
+    assert service.provider.current.config.effective_weight == 100
+
+    await _failing_operations(service)
+    await reconciler.tick()
+    status = cluster.status(MIGRATIONS, "to-enhanced")
+    assert (status["phase"], _condition(status, "Aborted")["reason"]) == (
+        "Aborted", "AnalysisFailed")
+    assert _condition(status, "Completed")["status"] == "False"
+    assert service.provider.current.config.effective_weight == 0
+
+    body = cluster.objects[(MIGRATIONS, "to-enhanced")]  # a retry with spec.promote: true
+    body["spec"] = migration(steps=steps, analysis=analysis, promote=True)
+    body["metadata"]["generation"] += 1
+    body["metadata"]["annotations"][RETRY_ANNOTATION] = "after-the-fix"
+    await reconciler.observed(MIGRATIONS, copy.deepcopy(body))
+    await _tick_until(reconciler, cluster, lambda s: s.get("phase") == "Completed", service)
+    assert service.provider.current.config.effective_weight == 100
