@@ -7,23 +7,36 @@ ARGS ?=
 
 GO_TEST_FLAGS ?= -count=1 -p=1 -timeout=30m
 
-.PHONY: help venv constraints run test test-unit test-integration test-e2e test-go atlantis lint typecheck format \
+.PHONY: help venv constraints run test test-unit test-integration test-e2e test-go atlantis lint \
         redis sandbox luacheck browser etcd control-plane cluster-up docs chart kind-e2e image-smoke bench \
         bench-full clean
 
 help:
-	@echo "make run          serve the lock service on http://127.0.0.1:4142 (embedded store)"
-	@echo "make test         every test tier: unit, real Redis, real Kubernetes API server"
-	@echo "make test-go      the Go module in atlantis/ against the service, Redis and Atlantis"
-	@echo "make lint         ruff, luacheck, mypy (strict, package and tests), import contracts"
-	@echo "make cluster-up   start a local Kubernetes control plane for manual use"
-	@echo "make docs         regenerate the generated parts of docs/ and crds/"
-	@echo "make chart        regenerate the chart's CRD templates and values.schema.json"
-	@echo "make kind-e2e     the e2e suite on a kind cluster with the image (needs Docker)"
-	@echo "make image-smoke  build the image and run it read-only (needs Docker)"
-	@echo "make constraints  re-pin dependencies to the newest versions pyproject.toml allows"
-	@echo "make bench        every benchmark in bench/, small counts, goals met or missed"
-	@echo "make bench-full   the same with full counts; writes docs/benchmarks.md"
+	@echo "make run              serve the lock service on http://127.0.0.1:4142 (embedded store)"
+	@echo "make venv             the Python venv in .venv, at the pins of constraints.txt"
+	@echo "make test             every tier: unit, integration, e2e, then the Go tests"
+	@echo "make test-unit        the unit tests"
+	@echo "make test-integration real redis-server and SQLite"
+	@echo "make test-e2e         the real Kubernetes API server (builds the control plane)"
+	@echo "make test-go          the Go module in atlantis/ against the service, Redis and Atlantis"
+	@echo "make lint             ruff, luacheck, go vet, mypy (strict, package and tests), import contracts"
+	@echo "make docs             regenerate the generated parts of docs/, crds/ and the chart"
+	@echo "make chart            regenerate the chart's CRD templates and values.schema.json"
+	@echo "make bench            every benchmark in bench/, small counts, goals met or missed"
+	@echo "make bench-full       the same with full counts; writes docs/benchmarks.md"
+	@echo "make cluster-up       start a local Kubernetes control plane for manual use"
+	@echo "make constraints      re-pin dependencies to the newest versions pyproject.toml allows"
+	@echo "make kind-e2e         the e2e suite on a kind cluster with the image (needs Docker)"
+	@echo "make image-smoke      build the image and run it read-only (needs Docker)"
+	@echo "make clean            remove the venv and build, test and lint caches"
+	@echo "What the tests need (each installs or builds only what is missing):"
+	@echo "make redis            Debian's redis-server"
+	@echo "make sandbox          Debian's bubblewrap (the chart tests' sandbox)"
+	@echo "make luacheck         Debian's lua-check (make lint)"
+	@echo "make browser          Debian's chromium and chromium-driver (the console's tests)"
+	@echo "make etcd             etcd from the Go module proxy, cached outside the repository"
+	@echo "make control-plane    etcd, kube-apiserver, kube-controller-manager, kubectl, helm, cached"
+	@echo "make atlantis         Atlantis's server binary, cached (make test-go)"
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
