@@ -14,17 +14,21 @@ a row of the same behaviour table, on one Redis and on a Redis Cluster.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from enhanced_locking.backends import Backend, EmbeddedBackend
+from enhanced_locking.backends import Backend, EmbeddedBackend, codec
 from enhanced_locking.backends.atlantis_redis import KEY_PREFIX, AtlantisRedisBackend
 from enhanced_locking.backends.etcd_store import EtcdBackend
 from enhanced_locking.backends.redis_store import RedisBackend
 
-__all__ = ["REDIS_SPOILERS", "SECRET", "SPOILED", "Spoiler", "data_spoiler", "spoil", "spoil_file"]
+__all__ = [
+    "REDIS_SPOILERS", "SECRET", "SPOILED", "Spoiler", "data_spoiler", "spoil", "spoil_count",
+    "spoil_file",
+]
 
 SECRET = "ghp_s3cr3tT0ken"
 """Planted inside the bad values: it must never come back in any answer, event or log."""
@@ -64,6 +68,31 @@ async def spoil(backend: Backend, key: str, raw: str) -> None:
         await etcd.kv.put(name, raw.encode())
     else:
         raise AssertionError(f"{type(backend).__name__} keeps no bytes that could be spoiled")
+
+
+async def spoil_count(backend: Backend, key: str, token: int) -> None:
+    """Replace the count of answers given with ``key``'s (held, exclusive) hold with fencing
+    token ``token`` by something that is not a count, where each store keeps it: the embedded
+    store's ``told`` row (tellers not a JSON array), the Redis hash's ``told`` field (not a
+    number), the etcd record's ``Told`` field (not an object). The lock itself stays readable."""
+    if isinstance(backend, EmbeddedBackend):
+        with sqlite3.connect(backend.path) as db:
+            db.execute("INSERT OR REPLACE INTO told VALUES (?, ?, ?, ?, 0)",
+                       (backend.namespace, key, token, f"token={SECRET}"))
+    elif isinstance(backend, RedisBackend):
+        redis = backend.connection.client
+        assert await redis.exists(backend.keys.lock(key)), f"{key} is not held"
+        await redis.hset(backend.keys.lock(key), "told", f"token={SECRET}")
+    elif isinstance(backend, EtcdBackend):
+        lock = await backend.get(key)
+        assert lock is not None and lock.fencing_token == token, f"{key} is not held: {lock}"
+        record = json.loads(codec.encode(lock))  # (its token resolved: the write moves it on)
+        record["Told"] = f"token={SECRET}"
+        etcd = await backend.connection.client()
+        assert etcd.kv is not None
+        await etcd.kv.put(backend.lock_key(key), json.dumps(record).encode())
+    else:
+        raise AssertionError(f"{type(backend).__name__} keeps no count in a store")
 
 
 @dataclass(frozen=True)

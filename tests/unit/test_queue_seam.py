@@ -18,6 +18,7 @@ from tests.support.backends import BACKEND_KINDS, BackendFactory
 from tests.support.leases import Overrun, past, with_leases
 from tests.support.locks import candidate_for, request_for
 from tests.support.queues import QUEUE_BACKEND_KINDS, rig_for
+from tests.support.unreadable import spoil_count
 
 from enhanced_locking.backends import QueueBackend, base
 from enhanced_locking.backends.memory import MemoryBackend
@@ -334,6 +335,51 @@ async def test_a_grant_given_back_leaves_the_hold_another_replicas_waiter_was_gr
         Notice(locks=last.granted, fresh=last.fresh, kept=last.kept))
     left = [await backend.get(lock.key) for lock in held]
     assert left == [None, None], f"a hold nobody was told of was left held: {left}"
+
+
+@pytest.mark.parametrize(
+    "queue_backend_factory",
+    [name for name in QUEUE_BACKEND_KINDS if BACKEND_KINDS[name].persistent], indirect=True,
+)
+async def test_a_count_of_answers_the_store_cannot_read_keeps_the_hold_as_told_by_someone(
+    queue_backend_factory: BackendFactory,
+) -> None:
+    # The count of answers given with a grant's hold, written over by hand in the real store
+    # (not a count): an answer of someone unknown, never taken back. The give-back of the
+    # grant leaves the hold, and a later answer is still given and counted (before, etcd
+    # read it as no count at all, and the give-back freed the hold).
+    backend = queue_backend_factory()
+    assert isinstance(backend, QueueBackend)
+    held = (await backend.acquire_or_enqueue(want(1), ttl=None, wait=None, policy=FIFO)).locks[0]
+    waiter_id, future, _ = await queue_up(backend, want(2))
+    await backend.release_and_handoff(held.key, owner=("acme/infra", 1), policy=FIFO)
+    await spoil_count(backend, held.key, (await backend.get(held.key) or held).fencing_token)
+    granted = await backend.get(held.key)
+    assert granted is not None and granted.pull.num == 2, granted
+    cancelled = await backend.cancel(held.key, waiter_id, reason=Reason.CANCELLED)
+    backend.grants.forget(waiter_id, future)
+    assert [lock.pull.num for lock in cancelled.granted] == [2], cancelled
+    assert cancelled.kept == frozenset({held.key}) and not cancelled.fresh, cancelled
+    await rig_for(backend).locker._give_back(
+        Notice(locks=cancelled.granted, fresh=cancelled.fresh, kept=cancelled.kept))
+    lock = await backend.get(held.key)
+    assert lock is not None and lock.fencing_token == granted.fencing_token, (
+        f"the give-back freed a hold whose count could not be read: {lock}")
+    # Written over again: a refresh and a request of the pull asking again are answered
+    # (Redis refused to add to such a count, and the call failed).
+    await spoil_count(backend, held.key, granted.fencing_token)
+    refreshed = await backend.refresh(held.key, ("acme/infra", 2), timedelta(0))
+    assert refreshed.fencing_token == granted.fencing_token, refreshed
+    await spoil_count(backend, held.key, granted.fencing_token)
+    again = await backend.acquire_or_enqueue(want(2), ttl=None, wait=None, policy=FIFO)
+    assert again.status is Status.GRANTED and not again.fresh, again
+    assert again.locks[0].fencing_token == granted.fencing_token, again
+    other = await backend.acquire_or_enqueue(want(3), ttl=None, wait=None, policy=FIFO)
+    assert other.status is Status.HELD, other
+    # Its pull's own release frees it as ever.
+    await backend.release_and_handoff(held.key, owner=("acme/infra", 2), policy=FIFO,
+                                      token=granted.fencing_token)
+    assert await backend.get(held.key) is None
 
 
 async def test_two_callers_of_one_waiter_each_hear_its_grant_and_forget_only_their_own(

@@ -2938,14 +2938,23 @@ def _entry_guards(read: _Reads, writes: dict[bytes, tuple[bytes, int] | None],
 # --- answers given with a hold ----------------------------------------------------------------
 def _told_in(value: bytes, token: int) -> Told | None:
     """The answers a stored lock's ``Told`` counts (see "Layout"), as the count of the hold
-    with fencing token ``token``; ``None`` without one (or one that does not read)."""
+    with fencing token ``token``; ``None`` without one. One that does not read as a count
+    (not written by this store: a hand edit, another program) counts an answer of someone
+    unknown (``"?"``), who is never taken back: the hold stays, as the embedded store and
+    Redis read a count they cannot read."""
     if b'"Told":' not in value:  # (a quote inside a JSON string is escaped: only the field)
         return None
     try:
-        told = json.loads(value)["Told"]
-        return Told(token, {str(teller) for teller in told["Tellers"]}, bool(told["Unheard"]))
-    except (ValueError, TypeError, KeyError):
+        record = json.loads(value)
+    except ValueError:
+        return None  # (not a lock at all: read as unreadable, never as a hold)
+    if not isinstance(record, dict) or "Told" not in record:
         return None
+    told = record["Told"]
+    tellers = told.get("Tellers") if isinstance(told, dict) else None
+    if not isinstance(tellers, list) or not all(isinstance(t, str) for t in tellers):
+        return Told(token, {"?"}, bool(told.get("Unheard")) if isinstance(told, dict) else False)
+    return Told(token, set(tellers), bool(told.get("Unheard")))
 
 
 def _with_told(value: bytes, told: Told) -> bytes:

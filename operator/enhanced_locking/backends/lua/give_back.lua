@@ -42,6 +42,7 @@ local function main()
   -- `unheard`. Either goes once no answer that may have been heard is left (`told` 0) and
   -- its grant was unheard too (C granted it, or `unheard`).
   local going, keys, untold, unheard = {}, {}, {}, {}
+  local left = {}  -- by lock name in `untold`: its `told` less this answer
   local mine = 'told:' .. op
   for i = 13, #ARGV do
     local k = ARGV[i]
@@ -58,6 +59,7 @@ local function main()
         if teller then
           told = told - 1
           table.insert(untold, name)
+          left[name] = told
         end
         if told <= 0 and (not teller or CALL('HGET', name, 'unheard') ~= false) then
           table.insert(going, h)
@@ -94,7 +96,7 @@ local function main()
   planned()
   for _, name in ipairs(untold) do
     w('HDEL', name, mine)
-    w('HINCRBY', name, 'told', -1)
+    w('HSET', name, 'told', left[name])  -- (as read: a count written over read as one)
   end
   for _, name in ipairs(unheard) do w('HSET', name, 'unheard', '1') end
   local expired = {}

@@ -1166,6 +1166,20 @@ local function verdict(repo, pull, mode, parts, new, level)
   return grant_of(stamps)
 end
 
+-- One more answer in lock hash `name`'s `told`. A `told` that is not a number (not written by
+-- this store: a hand edit, another program) counts one answer of someone unknown, as every
+-- reader takes it (`tonumber(...) or 1`), and is written as a number again from it (HINCRBY
+-- refused it, and the call failed: a request of the pull asking again was answered with an
+-- error).
+local function count_told(name)
+  local told = CALL('HGET', name, 'told')
+  if told and not tonumber(told) then
+    w('HSET', name, 'told', '2')
+  else
+    w('HINCRBY', name, 'told', 1)
+  end
+end
+
 -- The lock a pull gets on k: the one it holds, or a fresh one (an exclusive request of the
 -- key's only shared holder is an upgrade: a new token).
 -- A call answered its owner with the exclusive lock h it held already (the owner asked for it
@@ -1181,7 +1195,7 @@ local function relied_on(h)
     told_shared(h)
   else
     local name = lock_name(h[1])
-    w('HINCRBY', name, 'told', 1)
+    count_told(name)
     w('HSET', name, 'told:' .. OP, '1')
   end
 end
@@ -1659,8 +1673,8 @@ local function kept_for_others(h, id, held, heard, kept)
   local outcome, mark = outcome_name(id), 'untold:' .. h[1]
   if told > 0 and not CALL('HGET', outcome, mark) then
     w('HSET', outcome, mark, '1')
-    w('HINCRBY', name, 'told', -1)
     told = told - 1
+    w('HSET', name, 'told', told)  -- (as read: a count written over read as one, above)
   end
   if told > 0 or CALL('HGET', name, 'unheard') == false then return end
   for i, k in ipairs(kept) do

@@ -25,7 +25,7 @@ local function main()
     w('HDEL', lock_name(ARGV[11]), 'claim', 'lease')
     -- (`told`: its owner acts on it, see lib.lua's `relied_on`)
     w('HSET', lock_name(ARGV[11]), 'exp', lock[5])
-    w('HINCRBY', lock_name(ARGV[11]), 'told', 1)
+    count_told(lock_name(ARGV[11]))
     collect_after(ARGV[11], exp)
   end
   return {'refreshed', lock}
