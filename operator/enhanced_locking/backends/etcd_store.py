@@ -627,7 +627,9 @@ class _Notifier:
         """The caller of ``future`` stops waiting. Once no caller here expects the waiter,
         its notice is deleted if one of them heard it; an unheard one (its caller left before
         it came) is the store's record of what was granted, kept for the later withdrawal
-        (or a retry) until the session lease ends."""
+        (or a retry) until the session lease ends. Heard means the future has its result: one
+        that came in the turn its caller went, just after, counts too, and its withdrawal
+        gives back what that future holds (``queueing._withdraw_retrying``)."""
         self.local.forget(waiter_id, future)
         if future.done() and not future.cancelled():
             self.heard.add(waiter_id)

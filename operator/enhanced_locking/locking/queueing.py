@@ -170,7 +170,7 @@ async def leave(backend: QueueBackend, waiter: Waiter, future: asyncio.Future[No
     (loop time)."""
     if waiter.request_id is not None and caller:
         _later(backend, waiter.keys, waiter.id, give_back, handed, caller, ends,
-               policy=policy)
+               policy=policy, told=future)
     else:
         await withdraw(backend, waiter, future, give_back, handed, caller=caller,
                        policy=policy)
@@ -178,20 +178,24 @@ async def leave(backend: QueueBackend, waiter: Waiter, future: asyncio.Future[No
 
 def _later(backend: QueueBackend, keys: tuple[str, ...], waiter_id: str,
            give_back: Callable[[Notice], Awaitable[None]], handed: Handed, caller: str,
-           ends: float, *, policy: PolicyOf = QueuePolicy) -> None:
+           ends: float, *, policy: PolicyOf = QueuePolicy,
+           told: asyncio.Future[Notice] | None = None) -> None:
     """Withdraw ``waiter`` after the retry grace, unless a retry took it over meanwhile.
     While the store does not answer it is tried again, until the wait's end ``ends`` (loop
     time: the seconds its deadline was away on the backend's clock when the wait began) plus
     ``ABANDON_MARGIN`` (as :func:`abandon`): left queued, the waiter would be granted later
     and held by a caller that is gone. A give-up is logged and told to the ``late`` hook of
-    :func:`withdrawals_noted` (its keys may be held)."""
+    :func:`withdrawals_noted` (its keys may be held). ``told``: the caller's future, whose
+    notice (a grant that came as the caller went) is given back when the store no longer
+    remembers it, as :func:`withdraw` does."""
     noting = _NOTED.get()
 
     async def clean_up() -> None:
         await asyncio.sleep(RETRY_GRACE)
         failed = await _withdraw_retrying(backend, keys[0], waiter_id, Reason.CANCELLED,
                                           caller, give_back, handed,
-                                          give_up=ends + ABANDON_MARGIN, policy=policy)
+                                          give_up=ends + ABANDON_MARGIN, policy=policy,
+                                          told=told)
         if failed is None:
             return
         log.error("could not withdraw waiter %s from %s: gave up", waiter_id, keys,
@@ -211,12 +215,16 @@ def _run_later(clean_up: Coroutine[Any, Any, None]) -> None:
 async def _withdraw_retrying(backend: QueueBackend, key: str, waiter_id: str, reason: Reason,
                              caller: str, give_back: Callable[[Notice], Awaitable[None]],
                              handed: Handed, *, give_up: float,
-                             policy: PolicyOf = QueuePolicy) -> Exception | None:
+                             policy: PolicyOf = QueuePolicy,
+                             told: asyncio.Future[Notice] | None = None) -> Exception | None:
     """Cancel waiter ``waiter_id`` of ``key`` and give back what it was granted, each step
     tried again while the store does not answer, until ``give_up`` (loop time). What the
     cancel returned is kept: once it has answered only the give-back is tried again (a second
-    cancel finds the waiter gone and its grant would never be given back). ``None`` when
-    done; else the error it ended on."""
+    cancel finds the waiter gone and its grant would never be given back). A cancel that
+    finds neither waiter nor grant falls back on what the caller's future ``told`` holds (a
+    grant that came as the caller went: on etcd its notice, the store's record, goes once the
+    caller stops listening), as :func:`withdraw` does. ``None`` when done; else the error it
+    ended on."""
     loop = asyncio.get_running_loop()
     delay = 0.05
     granted: Notice | None = None
@@ -227,6 +235,9 @@ async def _withdraw_retrying(backend: QueueBackend, key: str, waiter_id: str, re
                                                  policy=policy())
                 granted = Notice(locks=cancelled.granted, fresh=cancelled.fresh,
                                  kept=cancelled.kept)
+                if cancelled.waiter is None and told is not None and told.done() and (
+                        not told.cancelled()):  # the store no longer remembers it
+                    granted = _owned(told.result(), caller)
                 if cancelled.handed:
                     handed(cancelled.handed)
             if granted.locks:
