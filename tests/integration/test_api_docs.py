@@ -1,7 +1,9 @@
 """docs/api.md's examples, pasted: every command block of the page runs as written against a
 real ``enhanced-locking serve`` (only the service's address is this test's), and each answer
 is the one the page shows after it (its fields as shown; ``...`` stands for fields left out,
-and an answer shown without it has no other field)."""
+and an answer shown without it has no other field). Each runs twice: on a service open on
+loopback, as ``make run`` serves, and on one with access control on, every ``curl`` sending a
+token as the page says."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from tests.support.pasting import answers, run_block
 from tests.support.service import ServiceProcess
@@ -25,6 +28,10 @@ SHOWN = re.compile(r"```json\n(?P<body>.*?)```", re.DOTALL)
 KEY = "acme/infra/envs/prod/default/prod"
 MORE = "\u2026"  # a shown object's stand-in key for its ``...``
 TIMES = {"acquiredAt", "expiresAt", "hash"}  # differ from run to run: shown only as examples
+TOKEN = "tok-alice-77c2d0"
+STATIC = "--enhanced-locking-auth=static"
+WITH_TOKEN = (f"export ENHANCED_LOCKING_TOKEN={TOKEN}\n"  # the CLI sends it; curl as the page says
+              'curl() { command curl -H "Authorization: Bearer $ENHANCED_LOCKING_TOKEN" "$@"; }\n')
 
 
 def examples() -> dict[str, str]:
@@ -65,14 +72,30 @@ def matches(shown: Any, answered: Any, where: str = "") -> None:
 
 
 def paste(name: str, service: ServiceProcess, *, script: str | None = None) -> str:
-    """Run one block with bash, as the page has it, in a shell with the venv's commands."""
+    """Run one block with bash, as the page has it, in a shell with the venv's commands (and,
+    where the service asks for one, a token sent by every command)."""
     script = (script or examples()[name]).replace("http://127.0.0.1:4142", service.url)
+    if STATIC in service.args:
+        script = WITH_TOKEN + script
     return run_block(script, url=service.url, cwd=ROOT)
 
 
-@pytest.fixture
-def default_service(service_process: Callable[..., ServiceProcess]) -> ServiceProcess:
-    return service_process()  # the defaults, as `make run`
+def started(service_process: Callable[..., ServiceProcess], access: str, data_dir: Path,
+            *flags: str) -> ServiceProcess:
+    """A service open on loopback (``access`` "open"), or one that asks for a token: ``TOKEN``,
+    of an admin."""
+    if access == "open":
+        return service_process(*flags, data_dir=data_dir)
+    tokens = data_dir.parent / f"{data_dir.name}-tokens.csv"
+    tokens.write_text(f'{TOKEN},alice,,"ops"\n')
+    return service_process(*flags, STATIC, f"--enhanced-locking-auth-tokens-file={tokens}",
+                           "--enhanced-locking-auth-roles=admin=group:ops", data_dir=data_dir)
+
+
+@pytest.fixture(params=["open", "token"])
+def default_service(request: pytest.FixtureRequest, service_process: Callable[..., ServiceProcess],
+                    tmp_path: Path) -> ServiceProcess:
+    return started(service_process, request.param, tmp_path / "data")  # the defaults, as `make run`
 
 
 def test_the_lock_examples_answer_what_the_page_shows(default_service: ServiceProcess) -> None:
@@ -99,9 +122,10 @@ def test_the_lock_examples_answer_what_the_page_shows(default_service: ServicePr
         {"released": [], "cancelled": []}]  # empty lists: the pull held and waited for nothing
 
 
+@pytest.mark.parametrize("access", ["open", "token"])
 def test_the_enhanced_examples_work_as_written(
-        service_process: Callable[..., ServiceProcess], tmp_path: Path) -> None:
-    service = service_process("--enhanced-locking-enabled", data_dir=tmp_path / "enhanced")
+        service_process: Callable[..., ServiceProcess], tmp_path: Path, access: str) -> None:
+    service = started(service_process, access, tmp_path / "enhanced", "--enhanced-locking-enabled")
     block = examples()["api-enhanced"]
     follow = [line for line in block.splitlines() if line.startswith("curl -sN")]
     assert len(follow) == 1 and block.rstrip().endswith(follow[0])
@@ -117,7 +141,10 @@ def test_the_enhanced_examples_work_as_written(
     assert len(released["released"]) == 2 and released["notHeld"] == []
     assert force_unlocked == {"error": f"no lock is held on {KEY}", "lockKey": KEY}
     # The last line follows the events until stopped: its first line says it follows.
-    command = ["bash", "-c", "exec " + follow[0].replace("http://127.0.0.1:4142", service.url)]
+    follow_one = follow[0].replace("http://127.0.0.1:4142", service.url)
+    if access == "token":
+        follow_one = follow_one.replace("curl ", f"curl -H 'Authorization: Bearer {TOKEN}' ", 1)
+    command = ["bash", "-c", "exec " + follow_one]
     with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as events:
         stop = threading.Timer(60, events.kill)  # a stream that says nothing fails, not hangs
         stop.start()
@@ -145,3 +172,19 @@ def test_the_config_health_and_command_examples(default_service: ServiceProcess)
     assert [lock["key"] for lock in listed["locks"]] == [KEY]
     assert released["released"] is True
     assert unlocked == {"released": []}
+
+
+def test_a_call_without_a_token_is_refused_and_one_with_it_answered(
+        service_process: Callable[..., ServiceProcess], tmp_path: Path) -> None:
+    service = started(service_process, "token", tmp_path / "data")
+    block = examples()["api-token"]
+    script = block.replace("http://127.0.0.1:4142", service.url)
+    out = run_block(f"export ENHANCED_LOCKING_TOKEN={TOKEN}\n{script}", url=service.url, cwd=ROOT)
+    comments = [line.partition("# ")[2] for line in block.splitlines() if line.startswith("curl")]
+    refused, listed = answers(out)
+    for comment, answered in zip(comments, [refused, listed], strict=True):
+        code, shown = comment.split(" ", 1)
+        matches(json.loads(shown.replace("[...]", "[]")), answered, code)
+    assert comments[0].startswith("401 ")
+    free = httpx.get(service.url + "/v1/locks")
+    assert free.status_code == 401 and free.json() == refused
