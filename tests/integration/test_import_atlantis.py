@@ -559,6 +559,17 @@ def test_a_redis_url_with_a_password_that_does_not_parse_exits_2_without_showing
         "Invalid IPv6 URL"]
 
 
+def test_a_redis_url_that_does_not_parse_without_a_password_exits_2_with_one_line(
+    tmp_path: Path,
+) -> None:
+    # An unclosed IPv6 bracket and no "@": nothing to take out, but the URL still cannot be
+    # split; before, the split outside the guarded one ended the command with a stack trace.
+    result = run_cli("--from-redis", "redis://[::1/0", "--data-dir", str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "enhanced-locking: invalid Redis URL redis://[::1/0 (--from-redis): Invalid IPv6 URL"]
+
+
 def test_a_redis_url_whose_database_is_not_a_number_exits_2(tmp_path: Path) -> None:
     # redis-py ignores such a path and reads database 0: the wrong locks, not the user's.
     result = run_cli("--from-redis", "redis://127.0.0.1:1/1x", "--data-dir", str(tmp_path))

@@ -148,10 +148,12 @@ async def read_redis(url: str, *, password: str | None = None
 
     try:
         shown = strip_credentials(url)
-    except ValueError as error:  # cannot be split (an unclosed IPv6 bracket): show none of it
-        raise ImportSourceError(f"invalid Redis URL (--from-redis; not shown, it may hold a "
-                                f"password): {error}") from None
-    parts = urllib.parse.urlsplit(url)
+        parts = urllib.parse.urlsplit(url)
+    except ValueError as error:  # cannot be split (an unclosed IPv6 bracket)
+        if "@" in url:  # what stands before it may be a password: show none of the URL
+            raise ImportSourceError(f"invalid Redis URL (--from-redis; not shown, it may hold "
+                                    f"a password): {error}") from None
+        raise ImportSourceError(f"invalid Redis URL {url} (--from-redis): {error}") from None
     database = urllib.parse.unquote(parts.path).replace("/", "")
     if parts.scheme in ("redis", "rediss") and database and not (
             database.isascii() and database.isdigit()):
