@@ -65,7 +65,7 @@ main() {
       --print-bin) print_only=1 ;;
       --force) FORCE=1 ;;
       -h | --help)
-        sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
+        print_usage "${BASH_SOURCE[0]}"
         return
         ;;
       *) die "unknown argument: $1 (see --help)" ;;

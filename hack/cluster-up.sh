@@ -8,7 +8,11 @@
 #   plus those of hack/build-control-plane.sh.
 set -euo pipefail
 
-REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck disable=SC2034  # read by lib.sh's log
+LOG_NAME="cluster-up"
+# shellcheck source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+help_if_asked "$@"
 cd "${REPO_ROOT}"
 
 "${REPO_ROOT}/hack/build-control-plane.sh"

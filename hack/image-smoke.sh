@@ -15,19 +15,27 @@
 #   DOCKER_HOST    as for docker
 set -euo pipefail
 
-REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck disable=SC2034  # read by lib.sh's log
+LOG_NAME="image-smoke"
+# shellcheck source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+help_if_asked "$@"
+debootstrap_base=0
+for arg in "$@"; do
+  case "${arg}" in
+    --debootstrap-base) debootstrap_base=1 ;;
+    *) die "unknown argument: ${arg} (see --help)" ;;
+  esac
+done
 cd "${REPO_ROOT}"
 
 APP_VERSION="$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' charts/enhanced-locking/Chart.yaml)"
 IMAGE="${IMAGE:-enhanced-locking:${APP_VERSION}}"
 NAME="enhanced-locking-smoke-$$"
 
-log() { printf '[image-smoke] %s\n' "$*" >&2; }
-die() { log "error: $*"; exit 1; }
-
 docker info >/dev/null 2>&1 || die "no Docker engine answers (docker info failed)"
 
-if [[ "${1:-}" == --debootstrap-base ]]; then
+if [[ "${debootstrap_base}" == 1 ]]; then
   command -v debootstrap >/dev/null || die "debootstrap is missing (apt-get install debootstrap)"
   PYTHON_IMAGE=local/python:3.11-bookworm
   if ! docker image inspect "${PYTHON_IMAGE}" >/dev/null 2>&1; then

@@ -26,7 +26,11 @@
 #   PYTHON             the interpreter with the project installed (default .venv/bin/python)
 set -euo pipefail
 
-REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck disable=SC2034  # read by lib.sh's log
+LOG_NAME="kind-e2e"
+# shellcheck source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+help_if_asked "$@"
 cd "${REPO_ROOT}"
 
 CLUSTER="${KIND_CLUSTER_NAME:-enhanced-locking-e2e}"
@@ -37,9 +41,6 @@ APP_VERSION="$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' "${CHART
 IMAGE="enhanced-locking:${APP_VERSION}"   # the chart's default image.repository:appVersion
 ARTIFACTS="${ARTIFACTS:-$(mktemp -d -t enhanced-locking-kind-XXXXXX)}"
 PYTHON="${PYTHON:-${REPO_ROOT}/.venv/bin/python}"
-
-log() { printf '[kind-e2e] %s\n' "$*" >&2; }
-die() { log "error: $*"; exit 1; }
 
 command -v docker >/dev/null || die "docker is not installed"
 docker info >/dev/null 2>&1 || die "no Docker engine answers (docker info failed); kind needs one"

@@ -12,6 +12,8 @@
 #   go_directives           the "go" and "godebug" lines of a go.mod (stdin)
 #   wrapper_build           go build inside a wrapper module, never downloading a toolchain
 #   debian_packages         installs Debian's packages as root or with sudo
+#   print_usage / help_if_asked
+#                           a script's header comment, its --help
 # shellcheck shell=bash
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -20,6 +22,18 @@ source "${REPO_ROOT}/hack/versions.env"
 
 log() { printf '[%s] %s\n' "${LOG_NAME:-hack}" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
+
+# print_usage SCRIPT: SCRIPT's header comment, from its second line to `set -euo pipefail`
+#   (what it does, its usage and environment): what its --help prints.
+print_usage() { sed -n '2,/^set -euo/p' "$1" | sed '$d; s/^# \{0,1\}//'; }
+
+# help_if_asked ARG...: with -h or --help first, prints the calling script's usage and exits 0,
+#   before anything is checked, built or run.
+help_if_asked() {
+  case "${1:-}" in
+    -h | --help) print_usage "${BASH_SOURCE[1]}"; exit 0 ;;
+  esac
+}
 
 cache_root() {
   printf '%s\n' "${ENHANCED_LOCKING_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/enhanced-locking}"

@@ -23,6 +23,7 @@ set -euo pipefail
 LOG_NAME="test"
 # shellcheck source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+help_if_asked "$@"
 
 cd "$REPO_ROOT"
 # Every tier's log ends with its 30 slowest tests (setup, call and teardown each) and the test
