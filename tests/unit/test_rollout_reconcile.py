@@ -669,3 +669,38 @@ async def test_an_analysis_failing_after_the_rollout_completed_aborts_it_unlike_
     await reconciler.observed(MIGRATIONS, copy.deepcopy(body))
     await _tick_until(reconciler, cluster, lambda s: s.get("phase") == "Completed", service)
     assert service.provider.current.config.effective_weight == 100
+
+
+async def test_spec_paused_holds_the_steps_in_shadow_mode_and_nothing_of_a_fixed_weight(
+    make_service: Callable[..., Any], tmp_path: Path,
+) -> None:
+    # What the shadow-mismatch alert's runbook (docs/04-monitoring.md) tells the reader to do:
+    # with steps, spec.paused holds them (in shadow mode they run on to Completed otherwise);
+    # a fixed weight has no step to hold, and spec.paused changes nothing there.
+    service: LockService = await make_service(legacy_backend="memory", backend="memory")
+    cluster, _, reconciler = await _migrating(service, tmp_path, mode="shadow", weight=30,
+                                              paused=True)
+    await _tick_until(reconciler, cluster, lambda s: s.get("phase") == "Completed", service)
+    status = cluster.status(MIGRATIONS, "to-enhanced")
+    assert _condition(status, "Paused")["status"] == "False"
+    assert status["message"].startswith("mode shadow: legacy decides every lock key")
+
+    steps = [{"setWeight": 10}, {"pause": {"duration": "1m"}}, {"setWeight": 50}]
+    await reconciler.observed(MIGRATIONS, cluster.put(MIGRATIONS, "to-enhanced", migration(
+        mode="shadow", steps=steps, paused=True)))
+    for _ in range(5):
+        await reconciler.tick()
+        await _settle(service)
+    held = cluster.status(MIGRATIONS, "to-enhanced")
+    assert (held["phase"], held["currentStepIndex"]) == ("Paused", 0)
+    assert _condition(held, "Paused")["reason"] == "PausedBySpec"
+
+    runbook = _alert_runbook("EnhancedLockingShadowMismatches")
+    assert "a fixed `weight` has nothing to hold" in runbook
+
+
+def _alert_runbook(alert: str) -> str:
+    """The row of ``alert`` in docs/04-monitoring.md's alerts table."""
+    doc = Path(__file__).resolve().parents[2] / "docs" / "04-monitoring.md"
+    return next(line for line in doc.read_text().splitlines()
+                if line.startswith(f"| `{alert}` |"))
