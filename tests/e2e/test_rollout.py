@@ -232,19 +232,29 @@ def _seconds_between(earlier: str, later: str) -> float:
     return (parse(later) - parse(earlier)).total_seconds()
 
 
-def test_the_rollout_survives_the_status_writer_stopping(
-    kube_cluster: KubeCluster, kube_namespace: str, replicas: Callable[..., list[OperatorProcess]],
-    redis_server: RedisServer,
-) -> None:
-    operators = replicas(2)
-    apply(kube_cluster, kube_namespace, redis_policy(redis_server),
-          migration(steps=[{"setWeight": 30}, {"pause": {}}, {"setWeight": 60}, {"pause": {}}]))
-    paused = until(kube_cluster, kube_namespace, "the first pause",
+def _paused_at_30(
+    cluster: KubeCluster, namespace: str, operators: list[OperatorProcess],
+    redis_server: RedisServer, *steps: dict[str, Any],
+) -> tuple[dict[str, Any], OperatorProcess, OperatorProcess]:
+    """A rollout of ``setWeight: 30`` then ``steps``, at its first pause (step 2); the status
+    then, the replica that writes it and the other one."""
+    apply(cluster, namespace, redis_policy(redis_server),
+          migration(steps=[{"setWeight": 30}, *steps]))
+    paused = until(cluster, namespace, "the first pause",
                    lambda s: s.get("currentStepIndex") == 1 and s.get("phase") == "Paused",
                    operators=tuple(operators))
     writer = next(o for o in operators if o.config()["routing"]["weight"] == 30
                   and _replica_of(o) == paused["statusWriter"])
-    other = next(o for o in operators if o is not writer)
+    return paused, writer, next(o for o in operators if o is not writer)
+
+
+def test_the_rollout_survives_the_status_writer_stopping(
+    kube_cluster: KubeCluster, kube_namespace: str, replicas: Callable[..., list[OperatorProcess]],
+    redis_server: RedisServer,
+) -> None:
+    paused, writer, other = _paused_at_30(
+        kube_cluster, kube_namespace, replicas(2), redis_server, {"pause": {}},
+        {"setWeight": 60}, {"pause": {}})
 
     writer.stop()  # a clean stop hands the Lease over at once
     annotate(kube_cluster, kube_namespace, "promote", "after-handover")
@@ -256,6 +266,41 @@ def test_the_rollout_survives_the_status_writer_stopping(
 
     writer.start(deadline=60)  # back, as a follower: it routes by the status from the start
     assert routing(writer)["weight"] == 60
+
+
+def test_a_timed_pause_keeps_its_start_when_the_status_writer_dies(
+    kube_cluster: KubeCluster, kube_namespace: str, replicas: Callable[..., list[OperatorProcess]],
+    redis_server: RedisServer,
+) -> None:
+    # The pause's start is in the status (stepStartedAt, as Argo Rollouts keeps
+    # pauseStartTime): the replica that takes the Lease over from a writer killed mid-pause
+    # ends the pause when it was due, not a whole pause after the takeover. (About 25 s: the
+    # pause has to outlast the kill and the Lease's takeover with room to tell the two apart.)
+    paused, writer, other = _paused_at_30(
+        kube_cluster, kube_namespace, replicas(2), redis_server, {"pause": {"duration": "20s"}},
+        {"setWeight": 60})
+    started = paused["stepStartedAt"]
+    wait_for("10 s into the pause", lambda: _seconds_between(started, _utc_now()) >= 10,
+             timeout=30, pause=0.2)
+    writer.kill()  # no hand-over: the other replica takes the Lease once it runs out
+    killed_at = _utc_now()
+
+    moved = until(kube_cluster, kube_namespace, "the step after the pause, by the other replica",
+                  lambda s: (s.get("currentStepIndex") or 0) >= 2 and s.get("statusWriter")
+                  != paused["statusWriter"], operators=(other,))
+    ended = _seconds_between(started, str(moved["stepStartedAt"]))
+    assert ended >= 20, f"the pause ended {ended:.1f} s after it started, before its 20 s"
+    # Started again by the new writer, it would end 20 s after the takeover, itself after the
+    # kill: 10 s of room for the takeover's and the timer's latency on a loaded machine.
+    late = _seconds_between(killed_at, str(moved["stepStartedAt"]))
+    assert late < 20, f"the pause ended {ended:.1f} s after it started: the new writer " \
+        f"started its clock again ({late:.1f} s after the old writer was killed)"
+
+
+def _utc_now() -> str:
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC).isoformat()
 
 
 def _replica_of(operator: OperatorProcess) -> str:
