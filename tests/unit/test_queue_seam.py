@@ -479,6 +479,56 @@ async def test_a_refreshed_lease_does_not_expire(backend: QueueBackend) -> None:
     await with_leases(case)
 
 
+async def test_an_expiry_answers_who_holds_the_key_after_it_and_the_stores_clock(
+    backend: QueueBackend,
+) -> None:
+    """The lease timer is set again from what the expiry's own step left: every live holder
+    of the key (none: it is free and its queue was served) and the store's clock then. Read
+    after the step instead, a lease that ran out in between read as free, and nothing looked
+    at the key again."""
+    ms = timedelta(milliseconds=1)  # (Redis's clock answers in ms)
+
+    async def case(lease: timedelta) -> None:
+        path = f"expiry-{lease // ms}"
+        short = await backend.acquire_or_enqueue(want(1, path=path), ttl=lease, wait=None,
+                                                 policy=FIFO)
+        held = short.locks[0]
+        key, end = held.key, held.expires_at
+        assert end is not None
+        wait = offer()
+        future = backend.grants.expect(wait.id)
+        queued = await backend.acquire_or_enqueue(want(2, path=path), ttl=timedelta(minutes=5),
+                                                  wait=wait, policy=FIFO)
+        if queued.status is Status.GRANTED:  # it came after the lease's end, by the store
+            assert queued.locks[0].acquired_at >= end, "granted over a live lease"
+            raise Overrun
+        before = await backend.now()
+        on = await backend.expire(key, policy=FIFO)
+        if on.released is not None:  # only if the lease had ended by then
+            assert await backend.now() >= end, "a live lease is left alone"
+            raise Overrun
+        assert on.holders == (held,), on.holders
+        assert before - ms <= on.now < end, (before, on.now, end)
+        await past(backend.now, end)
+        off = await backend.expire(key, policy=FIFO)
+        assert off.released is not None and off.released.pull.num == 1
+        granted = (await asyncio.wait_for(future, 5)).locks
+        assert [(h.pull.num, h.fencing_token) for h in off.holders] == [
+            (2, granted[0].fencing_token)], off.holders
+        assert off.now >= end - ms
+        await backend.release(key)
+        free = await backend.expire(key, policy=FIFO)
+        assert free.released is None and free.holders == (), free
+
+    await with_leases(case)
+    shared = [candidate_for(request_for(pull=pull, path="envs/expiry-shared").model_copy(
+        update={"mode": "shared"})) for pull in (1, 2)]
+    both = [(await backend.acquire_or_enqueue(c, ttl=timedelta(minutes=5), wait=None,
+                                              policy=FIFO)).locks[0] for c in shared]
+    answer = await backend.expire(shared[0].key, policy=FIFO)
+    assert sorted(answer.holders, key=lambda h: h.pull.num) == both, answer.holders
+
+
 async def test_a_refresh_to_no_lease_keeps_the_lock_until_it_is_released(
     backend: QueueBackend,
 ) -> None:

@@ -45,6 +45,7 @@ from enhanced_locking.backends import codec
 from enhanced_locking.backends.unreadable import UnreadableLocks
 from enhanced_locking.backends.waiting import (
     Cancelled,
+    Expiry,
     Grant,
     GrantNotifier,
     Handoff,
@@ -331,11 +332,13 @@ class QueueBackend(Backend, Protocol):
         stored."""
         ...
 
-    async def expire(self, key: str, *, policy: QueuePolicy | None = None) -> Handoff:
+    async def expire(self, key: str, *, policy: QueuePolicy | None = None) -> Expiry:
         """If ``key``'s lease has lapsed (backend clock), free it and hand it on.
 
         Also serves waiters of a key found free (a lapsed lease noticed by another call).
-        The enhanced locker calls this from a timer set to each lease's end.
+        The enhanced locker calls this from a timer set to each lease's end; the answer says,
+        from the same step, who holds the key after it and the store's clock then, so that
+        the timer is set again for those leases without a read of its own.
         """
         ...
 
@@ -1193,13 +1196,15 @@ class StoreBackend(abc.ABC):
                            checked: frozenset[int] | None = None) -> Handoff:
         return await self.release_and_handoff(key, policy=policy, checked=checked)
 
-    async def expire(self, key: str, *, policy: QueuePolicy | None = None) -> Handoff:
+    async def expire(self, key: str, *, policy: QueuePolicy | None = None) -> Expiry:
         with self._step() as fx:
-            self._settle(key, self.clock(), policy or QueuePolicy(), fx)
+            now = self.clock()
+            self._expire_lapsed(key, now, fx)
+            self._serve_queues([key], now, policy or QueuePolicy(), fx)
             handoff = fx.handoff(fx.expired[0] if fx.expired else None)
             if len(fx.expired) > 1:  # shared holders whose leases all ended: every one told
                 handoff.also_released = tuple(fx.expired[1:])
-            return handoff
+            return Expiry.of(handoff, holders=tuple(self._holders(key, now)), now=now)
 
     async def wake(self, *, policy: QueuePolicy) -> Handoff:
         """Serve every queue (a rule changed, or a freeze started or ended)."""

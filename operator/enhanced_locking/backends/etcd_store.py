@@ -134,6 +134,7 @@ from enhanced_locking.backends.etcd_connection import (
 )
 from enhanced_locking.backends.unreadable import UnreadableLocks
 from enhanced_locking.backends.waiting import (
+    Expiry,
     Grant,
     GrantNotifier,
     LocalNotifier,
@@ -2832,10 +2833,10 @@ class EtcdBackend(StoreBackend):
                                   keys=self._keys_of(lock.key),
                                   prefixes=(self.shared_prefix(lock.key),), key=lock.key)
 
-    async def expire(self, key: str, *, policy: Any = None) -> Any:
+    async def expire(self, key: str, *, policy: Any = None) -> Expiry:
         return await self._expire_step(key, policy=policy, guess=True)
 
-    async def _expire_step(self, key: str, *, policy: Any = None, guess: bool) -> Any:
+    async def _expire_step(self, key: str, *, policy: Any = None, guess: bool) -> Expiry:
         """The expiry step on ``key`` (:meth:`StoreBackend.expire`); ``guess`` as ``_atomic``
         takes it (False: on fresh reads, as the read of waiting keys serves a key it found
         free)."""

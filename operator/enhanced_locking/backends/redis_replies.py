@@ -24,6 +24,7 @@ __all__ = [
     "Cancel",
     "Confirm",
     "Dropped",
+    "Expired",
     "GrantRow",
     "LockRow",
     "PullReleased",
@@ -42,6 +43,7 @@ __all__ = [
     "broken_index",
     "cancel",
     "confirm",
+    "expiry",
     "full",
     "lock",
     "locks",
@@ -119,7 +121,8 @@ class GrantRow(NamedTuple):
 
 
 class Served(NamedTuple):
-    """What serving queues did: ``expire.lua``, ``wake.lua`` (``released`` is none there)."""
+    """What serving queues did: ``expire.lua``, ``wake.lua`` (``released`` is none there),
+    ``release.lua``."""
 
     released: LockRow | None
     granted: tuple[GrantRow, ...]
@@ -357,10 +360,26 @@ def _grants(answer: Sequence[Any]) -> tuple[GrantRow, ...]:
 
 def served(answer: Sequence[Any]) -> Served:
     """``{released or expired lock or {}, granted, dropped}`` (``wake.lua``), and the other
-    expired locks after them (``expire.lua``)."""
+    expired locks after them, if given."""
     released, granted, dropped, *others = answer
     return Served(maybe_lock(released), _grants(granted), _waiters(dropped),
                   locks(others[0]) if others else ())
+
+
+class Expired(NamedTuple):
+    """``expire.lua``: what serving the key did, and what the same step left: every live
+    holder of the key and the server's time then (ms)."""
+
+    served: Served
+    holders: tuple[LockRow, ...]
+    now: int
+
+
+def expiry(answer: Sequence[Any]) -> Expired:
+    """``{expired lock or {}, granted, dropped, the other expired locks, holders, now}``."""
+    released, granted, dropped, others, holders, now = answer
+    return Expired(Served(maybe_lock(released), _grants(granted), _waiters(dropped),
+                          locks(others)), locks(holders), int(now))
 
 
 # (typeshed does not list the decoder's scanner, which every JSONDecoder sets in __init__)

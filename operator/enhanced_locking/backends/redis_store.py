@@ -50,6 +50,7 @@ from enhanced_locking.backends.redis_replies import GrantRow, LockRow, Served, W
 from enhanced_locking.backends.unreadable import UnreadableLocks
 from enhanced_locking.backends.waiting import (
     Cancelled,
+    Expiry,
     Grant,
     GrantNotifier,
     Handoff,
@@ -1237,9 +1238,12 @@ class RedisBackend:
         self.unreadable.cleared(key)
         return handoff
 
-    async def expire(self, key: str, *, policy: QueuePolicy | None = None) -> Handoff:
-        return self._handoff(redis_replies.served(await self._run(
-            "EXPIRE", key, keys=self._key_names(key), policy=policy, key=key)))
+    async def expire(self, key: str, *, policy: QueuePolicy | None = None) -> Expiry:
+        answer = redis_replies.expiry(await self._run(
+            "EXPIRE", key, keys=self._key_names(key), policy=policy, key=key))
+        return Expiry.of(self._handoff(answer.served),
+                         holders=tuple(self._lock(row) for row in answer.holders),
+                         now=_at(answer.now))
 
     async def wake(self, *, policy: QueuePolicy) -> Handoff:
         return self._handoff(redis_replies.served(await self._run("WAKE", policy=policy)))

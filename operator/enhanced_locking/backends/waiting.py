@@ -54,6 +54,7 @@ _NONE_KEPT: frozenset[str] = frozenset()
 __all__ = [
     "MAX_LEVEL",
     "Cancelled",
+    "Expiry",
     "Grant",
     "GrantNotifier",
     "Handoff",
@@ -338,6 +339,27 @@ class Handoff:
         handoff.also_released = ()
         handoff.expired = ()
         return handoff
+
+
+@dataclass(kw_only=True, slots=True)
+class Expiry(Handoff):
+    """What an expiry did (``released``: the lease it found run out, and who got the key
+    next), and what it left, read in the same step: no read after it, in which a lease that
+    ran out meanwhile reads as free, is needed to know when to look at the key again."""
+
+    holders: tuple[Lock, ...]
+    """Every live holder of the key when the step ended (its queue served): the leases to
+    look at again, each at its end. None: the key is free and its queue was served (nobody
+    in it could take it), nothing to look at."""
+    now: datetime
+    """The store's clock when the step decided (by which each holder's lease ends)."""
+
+    @classmethod
+    def of(cls, handoff: Handoff, *, holders: tuple[Lock, ...], now: datetime) -> Expiry:
+        """What ``handoff`` did, with what its step left."""
+        return cls(released=handoff.released, granted=handoff.granted,
+                   timed_out=handoff.timed_out, also_released=handoff.also_released,
+                   expired=handoff.expired, holders=holders, now=now)
 
 
 @dataclass(frozen=True, kw_only=True)

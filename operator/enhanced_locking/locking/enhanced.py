@@ -651,37 +651,29 @@ class EnhancedLocker(AtlantisCalls):
         return handoff.released
 
     async def expire(self, key: str) -> None:
-        """The lease timer's target: free ``key`` if its lease ran out, then re-arm."""
-        async def look() -> tuple[Handoff, Locks]:
-            handoff = await self._call("expire", lambda: self.backend.expire(
-                key, policy=self.policy()))
-            self._handed(handoff, how="expired")
-            return handoff, await self.backend.holders(key)
-
+        """The lease timer's target: free ``key`` if its lease ran out, then re-arm for the
+        holders the same step left (no read after it: a lease that ran out between the two
+        read as free there, and nothing looked at the key again)."""
         try:
-            handoff, holders = await look()
-            if not holders and not (handoff.released or handoff.expired or handoff.granted):
-                # The expiry found the lease on (moved later since this timer was set) and the
-                # read after it finds the key free: the lease ran out in between, and a
-                # lapsed lease reads as free. Nothing else would look at the key again (no
-                # timer is left for it): expire it now, which serves its queue.
-                handoff, holders = await look()
-            store_now = None
-            here = self.leases.now()
-            if any(h.expires_at is not None and h.expires_at <= here for h in holders):
-                # A lease ended here and not in the store: the store's clock is behind this
-                # one. Set again for its passed end, the timer fired every few ms (a call to
-                # the store each) until the store's clock caught up.
-                store_now = await self._call("now", self.backend.now)
+            expiry = await self._call("expire", lambda: self.backend.expire(
+                key, policy=self.policy()))
         except LockingError as error:
             log.warning("lease check of %s failed (%s); trying again in a second", key, error)
             self.leases.arm(key, utcnow() + timedelta(seconds=1))
             return
+        self._handed(expiry, how="expired")
+        holders = expiry.holders
+        here = self.leases.now()
+        if any(h.expires_at is not None and h.expires_at <= here for h in holders):
+            # A lease ended here and not in the store: the store's clock is behind this
+            # one. Set again for its passed end, the timer fired every few ms (a call to the
+            # store each) until the store's clock caught up; it is set for when the store's
+            # clock, read by the step, reaches the end.
+            for holder in holders:
+                self.leases.arm_by_store(key, holder.expires_at, expiry.now)
+            return
         for holder in holders:
-            if store_now is None:
-                self.leases.arm(key, holder.expires_at)
-            else:
-                self.leases.arm_by_store(key, holder.expires_at, store_now)
+            self.leases.arm(key, holder.expires_at)
 
     def _told_expired(self, locks: tuple[Lock, ...], handed: tuple[Grant, ...] = ()) -> None:
         """Locks whose lease had run out, freed by a call's step before it did its own (an
