@@ -12,10 +12,10 @@
   checked against exactly the settings the service accepts.
 * the values table of ``docs/06-kubernetes.md`` (between its markers), from the same comments.
 
-Usage::
+Usage (with the venv's Python, which has the package: ``make venv``; ``make chart`` runs it)::
 
-    python hack/gen_chart.py            # write the files
-    python hack/gen_chart.py --check    # exit 1 naming the stale files (the tests run this)
+    .venv/bin/python hack/gen_chart.py          # write the files
+    .venv/bin/python hack/gen_chart.py --check  # exit 1 naming the stale files (tests run this)
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Also the field tables of docs/02-migration.md (between ``<!-- fields:KIND begin/end -->``).
 
-Usage: python hack/gen_crds.py [--check]
+Usage: .venv/bin/python hack/gen_crds.py [--check]   (make docs runs it)
   --check   write nothing; exit 1 (naming the stale files) when crds/ or the docs differ
 """
 

@@ -13,7 +13,7 @@ Generated text sits between ``<!-- BEGIN GENERATED: <name> -->`` and
 ``<!-- END GENERATED: <name> -->``; everything outside the markers is written by hand and kept.
 To generate another part, add a :class:`Section` to ``SECTIONS`` (or a whole file to ``FILES``).
 
-Usage: python hack/gen_docs.py [--check]
+Usage: .venv/bin/python hack/gen_docs.py [--check]   (make docs runs it)
   --check   write nothing; exit 1 (naming the stale files) when a doc differs from the code
 """
 

@@ -35,3 +35,13 @@ def test_help_prints_the_usage_and_does_nothing_else(script: Path, tmp_path: Pat
     usage = next(line for line in script.read_text().splitlines() if line.startswith("# Usage: "))
     assert usage.removeprefix("# ") in result.stdout.splitlines()
     assert not cache.exists()
+
+
+def test_the_python_scripts_usage_runs_them_with_the_venvs_python() -> None:
+    # They import the package and its dependencies, which only the venv has: a pasted
+    # `python hack/gen_chart.py` ended in a ModuleNotFoundError's traceback.
+    for script in sorted((ROOT / "hack").glob("*.py")):
+        usage = [line for line in script.read_text().splitlines()
+                 if f"hack/{script.name}" in line and "python" in line]
+        for line in usage:
+            assert f".venv/bin/python hack/{script.name}" in line, f"{script.name}: {line}"
