@@ -262,6 +262,8 @@ class LockService:
         """Closed by a switch of the enhanced store from its export to its swap: the router's
         writes of the enhanced side wait there (see :mod:`.migration.switch_gate`)."""
         self._enhanced_identity: tuple[Any, ...] | None = None
+        self._looked_at: list[tuple[Any, ...]] = []  # compared by ==: some hold lists
+        """The enhanced stores looked at for locks while enhanced locking was off."""
         provider.add_applier(self._apply)
         provider.subscribe(self._applied)
         provider.on_refused(self._refused)
@@ -289,8 +291,8 @@ class LockService:
         )
 
     _honouring = False
-    """Enhanced locking is off but its store held locks at the start: the enhanced locker is
-    built all the same, to honour them (:meth:`start`)."""
+    """Enhanced locking is off but its store held locks when it was looked at: the enhanced
+    locker is built all the same, to honour them (:meth:`_look_while_off`)."""
 
     @staticmethod
     def _left_on_enhanced(config: EnhancedLockingConfig) -> bool:
@@ -337,19 +339,6 @@ class LockService:
         """Build what the initial snapshot asks for (raises if its backend does not answer)."""
         await self.legacy_backend.ping()
         await _clean_keys(self.legacy_backend)
-        config = self.provider.current.config
-        if not config.enabled and self._left_on_enhanced(config):
-            held = await _left_while_off(
-                config, self._build(config, config.backend, "enhanced"), self.legacy_backend)
-            if held:
-                # Honoured as after enhanced locking is switched off while serving: held until
-                # their release, and the keys' new grants on legacy (docs/02-migration.md).
-                log.warning(
-                    "enhanced locking is off (enhanced-locking-enabled) but its %s store holds "
-                    "%d lock(s) (first: %s, pull #%d): the enhanced locker is started to honour "
-                    "them until they are released; new grants are on legacy", config.backend,
-                    len(held), held[0].key, held[0].pull.num)
-                self._honouring = True
         await self._apply(self.provider.current)
         self._applied(self.provider.current)
         await self.migration.start()
@@ -362,11 +351,34 @@ class LockService:
         await self.legacy_backend.close()
         await self.events.close()
 
+    async def _look_while_off(self, config: EnhancedLockingConfig,
+                              identity: tuple[Any, ...]) -> None:
+        """With enhanced locking off and no enhanced locker: whether the store ``config``
+        names holds locks, looked at once per store it names (at the start, and whenever
+        settings applied later name another, as the operator's LockPolicy does after the
+        start's own settings); if so the enhanced locker is built to honour them."""
+        if identity in self._looked_at or not self._left_on_enhanced(config):
+            return
+        self._looked_at.append(identity)
+        held = await _left_while_off(
+            config, self._build(config, config.backend, "enhanced"), self.legacy_backend)
+        if held:
+            # Honoured as after enhanced locking is switched off while serving: held until
+            # their release, and the keys' new grants on legacy (docs/02-migration.md).
+            log.warning(
+                "enhanced locking is off (enhanced-locking-enabled) but its %s store holds "
+                "%d lock(s) (first: %s, pull #%d): the enhanced locker is started to honour "
+                "them until they are released; new grants are on legacy", config.backend,
+                len(held), held[0].key, held[0].pull.num)
+            self._honouring = True
+
     async def _apply(self, snapshot: Snapshot) -> None:
         config = snapshot.config
-        if not config.enabled and self.enhanced is None and not self._honouring:
-            return  # never enabled, nothing held there: nothing to build, no request reaches it
         identity = backend_identity(config, config.backend)
+        if not config.enabled and self.enhanced is None and not self._honouring:
+            await self._look_while_off(config, identity)
+            if not self._honouring:
+                return  # never enabled, nothing held there: nothing to build, no request to it
         if identity == self._enhanced_identity:
             self._honouring = self._honouring and not config.enabled  # on: its store in force
             return

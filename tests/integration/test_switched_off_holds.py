@@ -125,3 +125,31 @@ async def _plant(data_dir: Path, side: str, *, pull: int, token: int) -> None:
             fencing_token=token)], {})
     finally:
         await store.close()
+
+
+@pytest.mark.redis
+async def test_a_hold_in_the_store_the_policy_names_is_honoured_when_it_switches_enhanced_off(
+    redis_server: RedisServer, make_service: ServiceMaker, data_dir: Path,
+) -> None:
+    """As the operator starts after the LockPolicy switched enhanced locking off: its own
+    settings (the chart's: the embedded store, off, which holds nothing), then the policy's
+    (off, on Redis). Redis still holds pull #12's lock from before the switch-off: the store
+    the settings name is looked at when they name it, not only the one of the start."""
+    before = await make_service(enabled=True, backend="redis", redis_addr=redis_server.addr,
+                                data_dir=str(data_dir / "before"))
+    held = await before.router.acquire(request_for(pull=12))
+    assert held.acquired and held.lock is not None and held.lock.backend == "enhanced"
+
+    service = await make_service()
+    assert service.enhanced is None
+    await service.provider.set_layer("cluster", {"enabled": False, "backend": "redis",
+                                                 "redis_addr": redis_server.addr})
+    refused = await service.router.acquire(request_for(pull=13))
+    assert not refused.acquired and refused.holder is not None, refused
+    assert (refused.holder.pull.num, refused.holder.backend) == (12, "enhanced")
+
+    assert await before.router.release(held.lock.key) is not None
+    granted = await service.router.acquire(request_for(pull=13))
+    assert granted.acquired and granted.lock is not None, granted
+    assert (granted.lock.pull.num, granted.lock.backend) == (13, "legacy")
+    assert granted.lock.fencing_token > held.lock.fencing_token
