@@ -58,7 +58,16 @@ async def handoffs_of(locker: EnhancedLocker, count: int) -> list[float]:
 
 def quick_defaults(parser: argparse.ArgumentParser, **small: Any) -> None:
     """With ``BENCH_QUICK`` set (``make bench``), smaller counts and print only: the whole suite
-    then runs in a few minutes; the tables in docs/benchmarks.md come from full runs."""
+    then runs in a few minutes; the tables in docs/benchmarks.md come from full runs. Called
+    once every option is added: each option's ``--help`` then names its default and, where it
+    has one, the count ``make bench`` runs with."""
+    for action in parser._actions:
+        unset = action.default in (None, False, [], "", argparse.SUPPRESS)
+        if not action.option_strings or action.help == argparse.SUPPRESS or unset:
+            continue
+        quick = f"; make bench: {small[action.dest]}" if action.dest in small else ""
+        default = f"default {action.default}{quick}".replace("%", "%%")
+        action.help = f"{action.help} ({default})" if action.help else f"({default})"
     if os.environ.get("BENCH_QUICK"):
         parser.set_defaults(no_write=True, **small)
 
