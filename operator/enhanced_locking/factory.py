@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -120,15 +121,49 @@ def check_readable(config: EnhancedLockingConfig, fields: tuple[str, ...]) -> No
                 pass
         except OSError as error:
             reason = (error.strerror or str(error)).lower()
-            raise UnusableSetting(f"enhanced-locking-{name.replace('_', '-')}",
-                                  f"cannot read {path}: {reason}") from None
+            raise UnusableSetting(_setting(name), f"cannot read {path}: {reason}") from None
 
 
 def _check_files(config: EnhancedLockingConfig, kind: str) -> None:
-    """The TLS files a backend of ``kind`` will read, when its TLS is on, can be read."""
+    """The TLS files a backend of ``kind`` will read, when its TLS is on, can be read and
+    used: a CA bundle with a certificate, a certificate, and its private key. Else
+    ``UnusableSetting`` naming the file's setting: the store's client would find out only when
+    it connects, and its error blames the store ("did not answer")."""
     switch, names = _TLS_FILES.get(kind, ("", ()))
-    if names and getattr(config, switch):
-        check_readable(config, names)
+    if not names or not getattr(config, switch):
+        return
+    check_readable(config, names)
+    ca, cert, key = names
+    for name in (ca, cert):
+        if getattr(config, name):
+            _load_pem(config, name, "holds no PEM certificate",
+                      lambda context, path: context.load_verify_locations(cafile=path))
+    if getattr(config, cert):  # the key is set with it (the config's rule)
+        cert_path = getattr(config, cert)
+        _load_pem(config, key, f"holds no PEM private key, or is not the key of {cert_path} "
+                  f"({_setting(cert)})",
+                  lambda context, path: context.load_cert_chain(
+                      cert_path, path, password=_no_password))
+
+
+def _setting(field: str) -> str:
+    return f"enhanced-locking-{field.replace('_', '-')}"
+
+
+def _no_password() -> bytes:
+    # An encrypted key: no setting gives its password, and OpenSSL would ask on the terminal.
+    return b""
+
+
+def _load_pem(config: EnhancedLockingConfig, field: str, problem: str,
+              load: Callable[[ssl.SSLContext, str], None]) -> None:
+    path = getattr(config, field)
+    try:
+        load(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), path)
+    except ssl.SSLError as error:
+        # OpenSSL's reason where it gives one (KEY_VALUES_MISMATCH), not its source line.
+        reason = f" ({error.reason})" if error.reason else ""
+        raise UnusableSetting(_setting(field), f"{path} {problem}{reason}") from None
 
 
 def backend_identity(config: EnhancedLockingConfig, kind: str) -> tuple[Any, ...]:

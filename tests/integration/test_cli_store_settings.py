@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from tests.integration.test_cli import run
+from tests.support.controlplane import CertificateAuthority
 from tests.support.etcd_fixtures import auth_on, started
 from tests.support.etcd_server import EtcdCluster
 from tests.support.redis_server import RedisServer
@@ -104,6 +105,37 @@ def test_a_tls_file_that_cannot_be_read_exits_2_naming_the_setting_and_path(
     line = _one_line(run(*args, env=env), f"invalid setting {setting} (from {where}): ",
                      str(files[missing]), "no such file")
     assert "did not answer" not in line and "connect failed" not in line
+
+
+@pytest.mark.parametrize("store", ["redis", "etcd"])
+@pytest.mark.parametrize(("broken", "why"), [
+    ("ca-file", "holds no PEM certificate"),
+    ("cert-file", "holds no PEM certificate"),
+    ("key-file", "holds no PEM private key"),
+    ("key-file-of-another", "is not the key of"),
+])
+def test_a_tls_file_that_is_read_but_cannot_be_used_exits_2_naming_the_setting_and_path(
+    store: str, broken: str, why: str, tmp_path: Path,
+) -> None:
+    # Read, but not a CA bundle or a certificate and its key: before, the store's client found
+    # out when it connected, and the process ended "cannot start: ... did not answer" (exit 1,
+    # blaming the store; etcd's client also wrote four lines of its own).
+    ca = CertificateAuthority(tmp_path)
+    client, other = ca.issue("client", "enhanced-locking"), ca.issue("other", "someone-else")
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a PEM file\n")
+    files = {"ca-file": ca.pair.cert, "cert-file": client.cert, "key-file": client.key}
+    setting = broken.removesuffix("-of-another")
+    files[setting] = other.key if broken == "key-file-of-another" else garbage
+    args = ["serve", "--port", str(free_port()), "--data-dir", str(tmp_path / "data"),
+            "--enhanced-locking-enabled", "--enhanced-locking-backend", store,
+            f"--enhanced-locking-{store}-tls"]
+    for name, path in files.items():
+        args += [f"--enhanced-locking-{store}-tls-{name}", str(path)]
+    flag = f"--enhanced-locking-{store}-tls-{setting}"
+    line = _one_line(run(*args), f"invalid setting {flag[2:]} (from flag {flag}): ",
+                     str(files[setting]), why)
+    assert "did not answer" not in line and "cannot start" not in line
 
 
 def test_migrate_import_names_an_unreadable_redis_tls_file(
