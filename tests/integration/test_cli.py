@@ -375,6 +375,26 @@ def test_serve_on_a_store_file_it_cannot_open_still_cannot_start(tmp_path: Path)
     assert "Traceback" not in result.stderr
 
 
+def test_serve_whose_sentinel_does_not_answer_names_it_in_one_short_line(tmp_path: Path) -> None:
+    # No Sentinel listens at the address: the store did not answer (exit 1). Before, the line
+    # held redis-py's whole picture of its Sentinel client (its pool, its retry object, about
+    # 1,500 characters) where the Sentinel's address belongs.
+    sentinel = f"127.0.0.1:{free_port()}"
+    result = run("serve", "--port", str(free_port()), "--data-dir", str(tmp_path / "data"),
+                 "--enhanced-locking-enabled", "--enhanced-locking-backend", "redis",
+                 f"--enhanced-locking-redis-sentinel-addrs={sentinel}",
+                 "--enhanced-locking-redis-sentinel-master=locks",
+                 "--enhanced-locking-redis-password=hunter2-s3cret")
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"enhanced-locking: cannot start: redis master 'locks' via "
+                               f"sentinels {sentinel} db 0 did not answer (ping): "), lines[0]
+    assert f"sentinel {sentinel}: ConnectionError" in lines[0], lines[0]
+    assert "<redis" not in lines[0] and len(lines[0]) < 400, lines[0]
+    assert "hunter2" not in result.stderr
+
+
 def test_serve_reads_the_data_dir_from_atlantis_env(
     service_process: ServiceFactory, tmp_path: Path
 ) -> None:

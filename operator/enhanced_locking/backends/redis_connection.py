@@ -27,6 +27,7 @@ import asyncio
 import collections
 import itertools
 import math
+import re
 import ssl
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -1284,6 +1285,22 @@ def _end(task: asyncio.Task[Any], limit: _Limit) -> None:
         _unsent(task)
 
 
+_SENTINEL_CLIENT = re.compile(r"<redis\.asyncio\.client\.Redis\((.*?)\)> - (?:network:)?")
+_ADDRESS = re.compile(r"[(,]host=([^,]*),port=([0-9]+),")
+
+
+def _named_sentinel(match: re.Match[str]) -> str:
+    address = _ADDRESS.search(match.group(1))
+    return f"sentinel {address.group(1)}:{address.group(2)}: " if address else "sentinel: "
+
+
+def _named_sentinels(detail: str) -> str:
+    """``detail`` with each Sentinel that failed named by its address: redis-py's
+    ``MasterNotFoundError`` shows the whole client of each (its pool and its settings, some
+    1,500 characters) before what went wrong with it."""
+    return _SENTINEL_CLIENT.sub(_named_sentinel, detail)
+
+
 def down(
     connection: RedisConnection, action: str, error: BaseException, *, key: str | None = None,
     seconds: float = COMMAND_TIMEOUT,
@@ -1304,7 +1321,7 @@ def down(
         return BackendUnavailable(
             f"redis {connection.where} did not answer ({action}): no answer within the "
             f"call's {seconds:g} s limit", key=key)
-    detail = connection.scrub(str(error) or type(error).__name__)
+    detail = _named_sentinels(connection.scrub(str(error) or type(error).__name__))
     # (an ACL's refusal inside a script is named as redis-py names one outside: see
     # ``will_not_serve``)
     kind = "NoPermissionError" if _SCRIPT_ACL in detail else type(error).__name__
