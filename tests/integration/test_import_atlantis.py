@@ -498,6 +498,30 @@ def test_a_redis_password_never_shows_in_the_report(atlantis_redis: RedisServer,
 
 
 @pytest.mark.redis
+def test_a_redis_password_in_the_urls_query_never_shows(atlantis_redis: RedisServer,
+                                                        tmp_path: Path) -> None:
+    # redis-py takes a password from the URL's query too (?password=): it is masked as one
+    # before the host is, in the report and in every error that names the URL.
+    lock = atlantis_lock(repo="acme/auth", pull=5)
+    fill_like_atlantis(atlantis_redis, {lock_key(lock): json.dumps(lock).encode()})
+    atlantis_redis.set_requirepass("hunter2-redis")
+    url = f"redis://{atlantis_redis.addr}/0?password=hunter2-redis"
+    result = run_cli("--from-redis", url, "--data-dir", str(tmp_path / "d"), "--output", "json")
+    assert result.returncode == 0, result.stderr
+    assert "hunter2" not in result.stdout + result.stderr
+    report = _report(result)
+    assert report["summary"]["imported"] == 1
+    assert report["source"] == f"redis redis://{atlantis_redis.addr}/0"
+    for bad, code in ((f"redis://{atlantis_redis.addr}/1x?password=hunter2-redis", 2),
+                      ("redis://[::1/0?db=0&Password=hunter2-redis", 2),
+                      (f"redis://{atlantis_redis.addr}/0?password=hunter2-wrong", 3)):
+        failed = run_cli("--from-redis", bad, "--data-dir", str(tmp_path / "d"))
+        assert failed.returncode == code, failed.stderr
+        assert failed.stderr.startswith("enhanced-locking: "), failed.stderr
+        assert "hunter2" not in failed.stdout + failed.stderr, failed.stderr
+
+
+@pytest.mark.redis
 def test_a_redis_password_from_atlantiss_own_variable_stays_off_the_command_line(
     atlantis_redis: RedisServer, tmp_path: Path,
 ) -> None:

@@ -132,6 +132,23 @@ async def _cluster_enabled(client: Any) -> bool:
     return bool(info.get("cluster_enabled"))
 
 
+_PASSWORD = "password"
+"""The query field redis-py takes a password from (``redis://HOST:PORT/0?password=...``)."""
+
+
+def _shown_redis_url(url: str) -> str:
+    """``url`` as the report and errors name it: without ``user:password@`` and without a
+    ``password`` field in its query, the two places redis-py takes a password from.
+    ``ValueError`` when it cannot be split."""
+    shown = strip_credentials(url)
+    parts = urllib.parse.urlsplit(shown)
+    if not parts.query:
+        return shown
+    kept = [pair for pair in parts.query.split("&")
+            if urllib.parse.unquote_plus(pair.partition("=")[0]).lower() != _PASSWORD]
+    return urllib.parse.urlunsplit(parts._replace(query="&".join(kept)))
+
+
 async def read_redis(url: str, *, password: str | None = None
                      ) -> tuple[str, list[SourceRecord]]:
     """Every ``pr/*`` string of Atlantis's Redis at ``url`` (SCAN, then GET in pipelines).
@@ -147,10 +164,11 @@ async def read_redis(url: str, *, password: str | None = None
     from redis.exceptions import RedisError, ResponseError
 
     try:
-        shown = strip_credentials(url)
+        shown = _shown_redis_url(url)
         parts = urllib.parse.urlsplit(url)
     except ValueError as error:  # cannot be split (an unclosed IPv6 bracket)
-        if "@" in url:  # what stands before it may be a password: show none of the URL
+        if "@" in url or _PASSWORD in urllib.parse.unquote_plus(url).lower():
+            # what stands before the "@", or in the query, may be a password: show none of it
             raise ImportSourceError(f"invalid Redis URL (--from-redis; not shown, it may hold "
                                     f"a password): {error}") from None
         raise ImportSourceError(f"invalid Redis URL {url} (--from-redis): {error}") from None
