@@ -580,6 +580,33 @@ async def test_force_unlock_and_release_by_pull_hand_over_too(backend: QueueBack
     assert (await asyncio.wait_for(on_b, 5)).locks[0].pull.num == 3
 
 
+async def test_a_release_by_pull_answers_who_holds_the_keys_it_freed_after_it(
+    backend: QueueBackend,
+) -> None:
+    """The lease timers of the keys a release by pull freed are set from what its own step
+    left: each key's holders after its queue was served (the waiter it was handed to, the
+    shared holders beside the pull's). Read after the step instead, a lease that ran out in
+    between read as free, and no timer was set for it."""
+    lease = timedelta(minutes=5)
+    await backend.acquire_or_enqueue(want(1, path="freed-a"), ttl=None, wait=None, policy=FIFO)
+    wait = offer()
+    future = backend.grants.expect(wait.id)
+    queued = await backend.acquire_or_enqueue(want(2, path="freed-a"), ttl=lease, wait=wait,
+                                              policy=FIFO)
+    assert queued.status is Status.QUEUED, queued
+    shared = [candidate_for(request_for(pull=pull, path="freed-b").model_copy(
+        update={"mode": "shared"})) for pull in (1, 3)]
+    beside = [(await backend.acquire_or_enqueue(c, ttl=lease, wait=None, policy=FIFO)).locks[0]
+              for c in shared][1]
+    done = await backend.release_pull("acme/infra", 1, policy=FIFO)
+    assert sorted(lock.key for lock in done.released) == sorted(
+        [want(1, path="freed-a").key, shared[0].key])
+    granted = (await asyncio.wait_for(future, 5)).locks[0]
+    assert done.holders is not None
+    assert sorted((h.key, h.pull.num, h.fencing_token) for h in done.holders) == sorted(
+        [(granted.key, 2, granted.fencing_token), (beside.key, 3, beside.fencing_token)])
+
+
 async def test_a_release_by_another_pull_is_refused_and_hands_nothing(
     backend: QueueBackend,
 ) -> None:

@@ -675,6 +675,15 @@ class StoreBackend(abc.ABC):
                 self._delete_shared(key, lock.owner)
                 fx.expired.append(lock)
 
+    def _holders_left(self, keys: Sequence[str], now: datetime) -> tuple[Lock, ...]:
+        """Every live holder of ``keys`` a step leaves, the keys it freed (a holder that cannot
+        be read has no lease to look at: left out, and the step still commits)."""
+        left: list[Lock] = []
+        for key in keys:
+            with contextlib.suppress(LockUnreadable):
+                left += self._holders(key, now)
+        return tuple(left)
+
     def _settle(self, key: str, now: datetime, policy: QueuePolicy, fx: _Effects) -> Lock | None:
         """The key's holder after expiring lapsed leases and serving grantable waiters."""
         self._expire_lapsed(key, now, fx)
@@ -948,9 +957,10 @@ class StoreBackend(abc.ABC):
                 self._drop(lock)
             # In key order, so who gets what does not depend on storage.
             self._serve_queues([lock.key for lock in released], now, policy, fx)
+            left = self._holders_left(sorted({lock.key for lock in released}), now)
         return PullRelease(released=tuple(lock for lock in released if not lock.expired(now)),
                            expired=tuple(lock for lock in released if lock.expired(now)),
-                           granted=tuple(fx.granted))
+                           granted=tuple(fx.granted), holders=left)
 
     async def refresh(self, key: str, owner: Owner, ttl: timedelta) -> Lock:
         with self._transaction():

@@ -2660,6 +2660,7 @@ class EtcdBackend(StoreBackend):
         released: Locks = []
         expired: Locks = []
         granted: list[Grant] = []
+        holders: Locks = []
         part = _Part(repo, pull)
         while True:
             token = _PART.set(part)
@@ -2673,15 +2674,17 @@ class EtcdBackend(StoreBackend):
                 raise PullPartlyReleased(
                     f"{error} (after releasing {len(released) + len(expired)} of the pull's "
                     "locks)", done=PullRelease(released=tuple(released), expired=tuple(expired),
-                                               granted=tuple(granted))) from error
+                                               granted=tuple(granted),
+                                               holders=tuple(holders))) from error
             finally:
                 _PART.reset(token)
             released += freed.released
             expired += freed.expired
             granted += freed.granted
+            holders += freed.holders or ()
             if not part.left:
                 return PullRelease(released=tuple(released), expired=tuple(expired),
-                                   granted=tuple(granted))
+                                   granted=tuple(granted), holders=tuple(holders))
             part.done.update(part.taken)
 
     async def refresh(self, key: str, owner: Owner, ttl: timedelta) -> Lock:

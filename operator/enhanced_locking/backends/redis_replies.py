@@ -226,6 +226,8 @@ class PullReleased(NamedTuple):
     served: Served
     expired: tuple[LockRow, ...] = ()
     """The pull's locks whose lease had run out, freed by the same call."""
+    holders: tuple[LockRow, ...] | None = None
+    """Every live holder of the keys it freed, after it served them (``None``: not said)."""
 
 
 class Cancel(NamedTuple):
@@ -471,9 +473,9 @@ def release(answer: Any, *, sent: str = "") -> Dropped | Release:
 
 
 def release_by_pull(answer: Sequence[Any]) -> PullReleased:
-    released, granted, dropped, *expired = answer
+    released, granted, dropped, *after = answer
     return PullReleased(locks(released), Served(None, _grants(granted), _waiters(dropped)),
-                        _expired(expired))
+                        _expired(after), locks(after[1]) if len(after) > 1 else None)
 
 
 def cancel(answer: Sequence[Any]) -> Cancel:

@@ -958,7 +958,9 @@ class RedisBackend:
         # The hash keeps its owner beside the JSON: the pull's unreadable locks went too.
         return PullRelease(released=tuple(self._readable(answer.released, deleted=True)),
                            expired=tuple(self._readable(answer.expired, deleted=True)),
-                           granted=self._handoff(answer.served).granted)
+                           granted=self._handoff(answer.served).granted,
+                           holders=None if answer.holders is None
+                           else tuple(self._readable(answer.holders)))
 
     async def refresh(self, key: str, owner: Owner, ttl: timedelta) -> Lock:
         answer = redis_replies.refresh(await self._run(

@@ -371,6 +371,10 @@ class PullRelease:
     expired: tuple[Lock, ...] = ()
     granted: tuple[Grant, ...] = ()
     """The waiters the freed keys were handed to."""
+    holders: tuple[Lock, ...] | None = None
+    """Every live holder of the freed keys when the step ended (their queues served), read in
+    the same step: the leases to look at when they end (no read after it, in which a lease
+    that ran out meanwhile reads as free). ``None``: not said (the caller reads them)."""
 
 
 class PullPartlyReleased(PartlyReleased):

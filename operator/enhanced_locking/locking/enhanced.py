@@ -768,7 +768,8 @@ class EnhancedLocker(AtlantisCalls):
                     # Its parts' lapsed locks and hand-offs too, told as a finished one's are.
                     if error.done.expired:
                         self._told_expired(error.done.expired)
-                    await self._released_by_pull(error.released, error.done.granted)
+                    await self._released_by_pull(error.released, error.done.granted,
+                                                 error.done.holders)
                 else:
                     await self._released_by_pull(error.released)
                 raise
@@ -782,29 +783,41 @@ class EnhancedLocker(AtlantisCalls):
         if done.expired:  # its locks whose lease had run out: told as the lease timer tells
             self._told_expired(done.expired)
         released = list(done.released)
-        await self._released_by_pull(released, done.granted)
+        await self._released_by_pull(released, done.granted, done.holders)
         return freed + released
 
-    async def _released_by_pull(self, released: Locks, granted: tuple[Grant, ...] = ()) -> None:
+    async def _released_by_pull(self, released: Locks, granted: tuple[Grant, ...] = (),
+                                holders: tuple[Lock, ...] | None = None) -> None:
         """Each lock's release told (``granted``: the waiters the keys were handed to, each
-        hand-off counted and named in its key's event, as :meth:`_handed` does)."""
+        hand-off counted and named in its key's event, as :meth:`_handed` does), and the
+        lease timers set for whoever holds the freed keys now: ``holders``, as the release's
+        own step left them (``None``: not said, read here)."""
         handed: dict[str, list[str]] = {}
+        for lock in released:
+            if lock.mode == "exclusive":  # a shared one may leave others' leases (_handed)
+                self.leases.disarm(lock.key)
         for grant in granted:
             self.metrics.handoffs.inc()
             for lock in grant.locks:
                 handed.setdefault(lock.key, []).append(grant.waiter.id)
+                self.leases.arm(lock.key, lock.expires_at)  # (a batch's other keys too)
         for lock in released:
-            if lock.mode == "exclusive":  # a shared one may leave others' leases (_handed)
-                self.leases.disarm(lock.key)
             self.holds.record(lock.key, time.time() - lock.acquired_at.timestamp())
             how: ReleaseHow = "by-pull"
             self.metrics.releases.labels("enhanced", how).inc()
             self.events.publish(_RELEASE_EVENT[how], lock=lock, key=lock.key, how=how,
                                 handedTo=handed.get(lock.key, ()))
-            # The leases of whoever holds the key now (those the release handed it to, or
-            # other shared holders), each of them.
-            for holder in await self._holders(lock.key):
-                self.leases.arm(holder.key, holder.expires_at)
+        if holders is None:
+            # Not said by the store: read after its step, where a lease that ran out
+            # meanwhile reads as free (and no timer is set for it).
+            read: Locks = []
+            for lock in released:
+                read += await self._holders(lock.key)
+            holders = tuple(read)
+        # The leases of whoever holds the freed keys now (those the release handed them to,
+        # or other shared holders), each of them.
+        for holder in holders:
+            self.leases.arm(holder.key, holder.expires_at)
 
     async def refresh(self, key: str, *, owner: Owner, ttl: timedelta | None) -> Lock:
         """Move the lease of a held lock to ``now + ttl`` (default: ``lock-ttl``). A ``ttl`` of

@@ -2,7 +2,8 @@
 -- KEYS[8..] the pull's index; the keys of the locks in it, and of their waiters, it asks for
 -- ARGV[11] repo  ARGV[12] pull number
 -- returns {released locks (leases still running), granted, dropped, locks whose lease had run
---   out}
+--   out, every live holder of the freed keys after serving them (the lease timers are set
+--   from them)}
 -- decoded by redis_replies.release_by_pull
 local refused = guard()
 if refused then return refused end
@@ -54,6 +55,13 @@ local function main()
   table.sort(freed)
   local fx = new_effects()
   serve(freed, fx)
-  return {released, fx.granted, fx.dropped, expired}
+  local left, last = {}, nil
+  for _, k in ipairs(freed) do
+    if k ~= last then
+      for _, h in ipairs(holders(k)) do table.insert(left, h) end
+      last = k
+    end
+  end
+  return {released, fx.granted, fx.dropped, expired, left}
 end
 return run(main, true)
