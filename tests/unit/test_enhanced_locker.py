@@ -755,6 +755,33 @@ async def test_a_lease_timer_early_by_a_store_clock_behind_looks_again_when_the_
         await rig.close()
 
 
+async def test_a_lease_timer_late_by_a_store_clock_ahead_frees_the_lease_once_and_never_early(
+) -> None:
+    """With the store's clock ahead of this process's, the lease still ends by the store's
+    clock (never sooner than its ``ttl`` after its grant there) and its timer, which runs on
+    this process's clock, fires that much after the store's end: the store frees the lease
+    then and serves the queue, in one look (no look that finds it on, none set again). A store
+    with a clock of its own 1.5 s ahead (the memory store takes one) stands for a Redis
+    server whose clock is ahead here."""
+    ahead = timedelta(seconds=1.5)
+    backend = MemoryBackend(clock=lambda: utcnow() + ahead)
+    rig = rig_for(backend)
+    try:
+        held = await rig.locker.acquire(ask(1, ttl=timedelta(milliseconds=200)))
+        assert held.lock is not None and held.lock.expires_at is not None
+        before = count(rig, "enhanced_locking_backend_operations_total", backend="enhanced")
+        answer = await asyncio.wait_for(rig.locker.acquire(ask(2, wait=10 * S)), 9)
+        assert answer.acquired and answer.lock is not None and answer.lock.pull.num == 2
+        assert answer.lock.acquired_at >= held.lock.expires_at, "granted over a lease"
+        assert rig.types() == ["acquired", "queued", "expired", "granted-from-queue"]
+        # The acquire that queued, the timer's one expiry (which hands the key on).
+        calls = count(rig, "enhanced_locking_backend_operations_total",
+                      backend="enhanced") - before
+        assert calls <= 4, calls
+    finally:
+        await rig.close()
+
+
 async def test_every_shared_lease_found_over_is_told_expired(
     rigs: Callable[..., LockerRig],
 ) -> None:
