@@ -682,6 +682,33 @@ def _depends_on_caller(route: RouteView) -> bool:
 UNGUARDED_PATHS = ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
 """FastAPI's own pages: the API's description, no lock data."""
 
+BEARER_SCHEME = {"type": "http", "scheme": "bearer", "description": (
+    "A token of the tokens file (auth static) or one the Kubernetes API server accepts (auth "
+    "kubernetes), in Authorization: Bearer TOKEN. With auth none no token is asked.")}
+
+
+def document_bearer(app: FastAPI) -> None:
+    """Declare in ``app``'s OpenAPI document the bearer token every route that takes the caller
+    reads, as optional (auth ``none`` asks none): Swagger UI at ``/docs`` then offers to send
+    it, as a client generated from the document does. Routes marked :func:`public` declare
+    none. Called once every route is added."""
+    build = app.openapi
+    takes_caller = [route for route in api_routes(app) if _depends_on_caller(route)]
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = build()
+            document.setdefault("components", {})["securitySchemes"] = {"bearer": BEARER_SCHEME}
+            for route in takes_caller:
+                item = document["paths"].get(route.path, {})
+                for method in route.methods or ():
+                    if method.lower() in item:
+                        item[method.lower()]["security"] = [{"bearer": []}, {}]
+        assert app.openapi_schema is not None
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
 
 def check_routes(app: FastAPI) -> None:
     """Refuse an app with a route (its own, or an included router's) that neither takes the

@@ -25,6 +25,7 @@ from enhanced_locking.api.access import (
     CallerDep,
     build_access,
     check_routes,
+    document_bearer,
     install_access,
     overrides_rules,
     public,
@@ -482,4 +483,5 @@ def create_app(
     serve_directly(app, release_lock)
     check_routes(app)
     check_direct_routes(app)
+    document_bearer(app)
     return app
