@@ -89,7 +89,7 @@ Usage: python bench/http_stack.py [--pairs 1500] [--rounds 3] [--handoffs 200] [
        python bench/http_stack.py --split [--pairs 3200] [--rounds 4]
        python bench/http_stack.py --statements [--pairs 4800]
        python bench/http_stack.py --count product --pairs 200 [--clients 1] [--profile FILE]
-                                  [--audit-window 0.4] [--cache]
+                                  [--audit-window 0.4] [--cache] [--steady]
        python bench/http_stack.py --count product --setting audit-own-locks=false
 """
 
@@ -533,7 +533,7 @@ async def handoffs(served: Served, count: int, started: list[float] | None = Non
 
 def count_pairs(kind: str, pairs: int, clients: int, profile: Path | None,
                 idle: float = 10.0, audit_window: float | None = None,
-                cache: bool = False) -> str:
+                cache: bool = False, steady: bool = False) -> str:
     """What one server of ``kind`` (asyncio + httptools) runs per pair of ``clients`` clients,
     after a warm-up: instructions, counted by callgrind (CPU time without valgrind).
 
@@ -553,8 +553,13 @@ def count_pairs(kind: str, pairs: int, clients: int, profile: Path | None,
     instruction and data caches, and its level-2 cache as the last level), and the misses of
     each per pair are printed beside the instructions (less the waiting work's, as they are).
     A pair whose code and data stay in a core's level-2 cache runs several times as many
-    instructions a microsecond as one that misses it: instructions alone do not say that."""
-    warm_up = max(200, 2 * clients)
+    instructions a microsecond as one that misses it: instructions alone do not say that.
+
+    ``steady``: the warm-up is the table's (``STEADY_PAIRS``, the event ring full), not 200
+    pairs, so that what is counted is a pair of the steady state the table times: the ring
+    and the audit trail at their size, each new event pushing out an old one. The long
+    warm-up runs under valgrind uninstrumented (minutes)."""
+    warm_up = STEADY_PAIRS if steady else max(200, 2 * clients)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         out = work / "callgrind.out"
@@ -1201,6 +1206,9 @@ def main() -> None:
     parser.add_argument("--cache", action="store_true",
                         help="with --count: also the misses per pair of one core's caches "
                              "(level 1 and 2, simulated by callgrind)")
+    parser.add_argument("--steady", action="store_true",
+                        help="with --count: warm up to the table's steady state (the event "
+                             "ring full) before counting, not 200 pairs")
     parser.add_argument("--audit-window", type=float, metavar="SECONDS",
                         help="with --count: the product's audit write-behind window (0.4: "
                              "about as many entries per commit as at full speed)")
@@ -1237,7 +1245,8 @@ def main() -> None:
         return
     if args.count:
         print(count_pairs(args.count, args.pairs, args.clients, args.profile,
-                          audit_window=args.audit_window, cache=args.cache))
+                          audit_window=args.audit_window, cache=args.cache,
+                          steady=args.steady))
         return
     if args.steps:
         with tempfile.TemporaryDirectory() as tmp:
