@@ -408,6 +408,32 @@ def test_a_malformed_tokens_file_names_the_line_not_the_token(tmp_path: Path) ->
     assert "tok-secret-bbbb" not in done.stderr
 
 
+@pytest.mark.parametrize(("content", "problem"), [
+    (None, "cannot read {path}: is a directory"),
+    (b"tok-secret-bbbb,b\xffob\n", "{path} is not UTF-8 text (byte 0xff at offset 17)"),
+    # past the first 8 KiB, where a text reader's chunk starts again
+    (b"#" + b"x" * 9000 + b"\ntok-secret-bbbb,b\xffob\n",
+     "{path} is not UTF-8 text (byte 0xff at offset 9019)"),
+], ids=["a-directory", "not-utf-8", "not-utf-8-past-8-kib"])
+def test_a_tokens_file_that_cannot_be_read_as_text_exits_2_in_the_config_files_words(
+    content: bytes | None, problem: str, tmp_path: Path,
+) -> None:
+    # Before: Python's own words ("[Errno 21] Is a directory: '...'", "'utf-8' codec can't
+    # decode byte 0xff in position 17: invalid start byte"), not the config file's.
+    path = tmp_path / "tokens.csv"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    done = run_serve("--host", "127.0.0.1", "--port", str(free_port()), "--data-dir",
+                     str(tmp_path / "data"), "--enhanced-locking-auth=static",
+                     f"--enhanced-locking-auth-tokens-file={path}")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [
+        "enhanced-locking: invalid setting enhanced-locking-auth-tokens-file: "
+        + problem.format(path=path)]
+
+
 # A field longer than the csv module's field limit (128 KiB).
 HUGE = "x" * (128 * 1024 + 1)
 

@@ -89,6 +89,18 @@ def _stamp(stat: os.stat_result) -> tuple[int, ...]:
     return (stat.st_dev, stat.st_ino, stat.st_ctime_ns, stat.st_mtime_ns, stat.st_size)
 
 
+def _unread(path: str, error: Exception) -> str:
+    """Why the tokens file at ``path`` was not taken, in the words the config file's own
+    errors use (Python's name the error's class and errno, and an undecodable byte names no
+    file); a line that cannot be used says so itself (and names no token)."""
+    if isinstance(error, OSError):
+        return f"cannot read {path}: {(error.strerror or str(error)).lower()}"
+    if isinstance(error, UnicodeDecodeError):
+        return (f"{path} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
+                f"{error.start})")
+    return str(error)
+
+
 class StaticTokens:
     """An authenticator over the tokens file and/or inline tokens."""
 
@@ -126,14 +138,16 @@ class StaticTokens:
         if stamp == self._state.stamp:
             return
         try:
-            with open(self._path, encoding="utf-8") as handle:
-                tokens = parse_tokens(handle.read(), source=self._path)
+            with open(self._path, "rb") as handle:  # decoded whole: a bad byte's offset is
+                text = handle.read().decode("utf-8")  # the file's, not a read chunk's
+            tokens = parse_tokens(text, source=self._path)
         except (OSError, UnicodeDecodeError, TokenFileError) as error:
+            problem = _unread(self._path, error)
             if force:
                 raise TokenFileError(
-                    f"invalid setting enhanced-locking-auth-tokens-file: {error}") from None
+                    f"invalid setting enhanced-locking-auth-tokens-file: {problem}") from None
             log.error("tokens file %s not (re)loaded, keeping the previous tokens: %s",
-                      self._path, error)
+                      self._path, problem)
             return
         self._from_file = tokens
         self._state.stamp = stamp
