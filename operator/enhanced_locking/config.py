@@ -881,8 +881,9 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
 
 def _read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
-        with open(path, encoding="utf-8") as handle:
-            data = yaml.load(handle, Loader=_StrictLoader)  # a SafeLoader
+        with open(path, "rb") as handle:  # decoded whole: a bad byte's offset is the file's,
+            text = handle.read().decode("utf-8")  # not that of the chunk a text reader read
+        data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader
     except OSError as error:
         raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
     except UnicodeDecodeError as error:

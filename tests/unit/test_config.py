@@ -437,6 +437,18 @@ def test_a_config_file_that_is_not_utf8_is_refused_in_one_line(tmp_path: Path) -
     assert "\n" not in str(raised.value) and str(path) in str(raised.value)
 
 
+def test_a_config_file_that_is_not_utf8_past_8_kib_names_the_files_offset(
+    tmp_path: Path,
+) -> None:
+    # A text reader decodes in 8 KiB chunks: the offset was the chunk's (838 here).
+    path = tmp_path / "config.yaml"
+    path.write_bytes(b"#" + b"x" * 9000 + b"\nenhanced-locking-enabled: tr\xffue\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config(yaml_file=path, env={})
+    assert str(raised.value) == (f"config file {path} is not UTF-8 text (byte 0xff at offset "
+                                 f"{1 + 9000 + 1 + len('enhanced-locking-enabled: tr')})")
+
+
 def test_a_yaml_key_is_read_in_any_case_as_atlantis_reads_it(tmp_path: Path) -> None:
     # Atlantis's viper reads keys case-insensitively: Enhanced-Locking-Enabled was left to
     # Atlantis as not ours, and enhanced locking stayed off.
