@@ -311,6 +311,14 @@ def test_a_file_that_is_not_bbolt_exits_2_with_one_line(tmp_path: Path, content:
     assert "Traceback" not in result.stderr
 
 
+def test_an_empty_boltdb_path_exits_2_saying_so(tmp_path: Path) -> None:
+    # Before: ".: not a regular file" (an empty path read as the working directory).
+    result = run_cli("--from-boltdb", "", "--data-dir", str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr == ("enhanced-locking: --from-boltdb is empty; expected the path of "
+                             "Atlantis's BoltDB file (atlantis.db in its data dir)\n")
+
+
 def test_a_missing_file_or_one_without_run_locks_exits_2(bolt_writer: BoltWriter,
                                                          tmp_path: Path) -> None:
     missing = run_cli("--from-boltdb", str(tmp_path / "nope.db"), "--data-dir", str(tmp_path))

@@ -94,6 +94,9 @@ class SourceRecord:
 # --- reading Atlantis's stores ---------------------------------------------------------------
 def read_boltdb(path: str | Path) -> tuple[str, list[SourceRecord]]:
     """Every record of the ``runLocks`` bucket of Atlantis's BoltDB file at ``path``."""
+    if not str(path):  # Path("") is the working directory
+        raise ImportSourceError("--from-boltdb is empty; expected the path of Atlantis's BoltDB "
+                                "file (atlantis.db in its data dir)")
     file = Path(path)
     if not file.exists():
         raise ImportSourceError(f"{file}: no such file")
