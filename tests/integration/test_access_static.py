@@ -434,6 +434,29 @@ def test_a_tokens_file_that_cannot_be_read_as_text_exits_2_in_the_config_files_w
         + problem.format(path=path)]
 
 
+@pytest.mark.parametrize("text", [
+    'tok-good-aaaa,alice,1,"admins\ntok-secret-bbbb,bob,2,viewers"\n',
+    'tok-good-aaaa,alice,1,"admins\ntok-secret-bbbb,bob,2,viewers\n',
+    'tok-good-aaaa,alice,1,"admins\ntok-secret-bbbb,bob,2,"viewers"\n',
+], ids=["closed-a-line-later", "never-closed", "closed-by-the-next-quote"])
+def test_a_quoted_field_not_closed_on_its_line_exits_2_naming_the_line(
+    text: str, tmp_path: Path,
+) -> None:
+    # Before: alice's groups took bob's line (adminstok-secret-bbbb, bob, 2, viewers): bob's
+    # token was lost without a word, and shown wherever alice's groups are (audit rows).
+    path = tmp_path / "tokens.csv"
+    path.write_text(text)
+    done = run_serve("--host", "127.0.0.1", "--port", str(free_port()), "--data-dir",
+                     str(tmp_path / "data"), "--enhanced-locking-auth=static",
+                     f"--enhanced-locking-auth-tokens-file={path}")
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"enhanced-locking: invalid setting enhanced-locking-auth-tokens-file: {path} line 1: "
+    ), done.stderr
+    assert "tok-secret-bbbb" not in done.stderr and "tok-good-aaaa" not in done.stderr
+
+
 # A field longer than the csv module's field limit (128 KiB).
 HUGE = "x" * (128 * 1024 + 1)
 

@@ -48,15 +48,23 @@ def _digest(token: str) -> bytes:
 def parse_tokens(text: str, *, source: str) -> dict[bytes, Identity]:
     """Token digest → identity, from the tokens file form."""
     out: dict[bytes, Identity] = {}
-    rows = csv.reader(text.splitlines())
+    # strict: a quoted field that is never closed, or text after its closing quote, is an
+    # error (as in Kubernetes' reader of this form), not read on to the end of the file.
+    rows = csv.reader(text.splitlines(), strict=True)
+    number = 0
     while True:
         try:
             row = next(rows, None)
         except csv.Error as error:
             # The csv module's own refusals (a field over its 128 KiB limit) name no field.
-            raise TokenFileError(f"{source} line {rows.line_num}: {error}") from None
+            raise TokenFileError(f"{source} line {number + 1}: {error}") from None
         if row is None:
             break
+        if rows.line_num > number + 1:
+            # A quoted field closed on a later line took that line's token and name into this
+            # line's groups: the later token was lost, and shown wherever the groups are.
+            raise TokenFileError(f"{source} line {number + 1}: a quoted field is not closed "
+                                 "on its line")
         number = rows.line_num
         if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
             continue
