@@ -382,6 +382,54 @@ async def test_a_count_of_answers_the_store_cannot_read_keeps_the_hold_as_told_b
     assert await backend.get(held.key) is None
 
 
+@pytest.mark.parametrize(
+    "queue_backend_factory",
+    [name for name in QUEUE_BACKEND_KINDS if BACKEND_KINDS[name].persistent], indirect=True,
+)
+async def test_a_count_the_store_cannot_read_is_not_taken_back_by_a_known_answer(
+    queue_backend_factory: BackendFactory,
+) -> None:
+    # Pull 2's waiter for a is granted it anew; its batch of a and b is granted a as its
+    # pull's already (an answer counted) and b anew. The first waiter's caller goes: a stays
+    # (the batch was told it). Then the count is written over by hand (not a count), and the
+    # batch's caller goes too: its own answer is taken back, the unknown one the count now
+    # stands for is not, so a stays held as on every store; b, the batch's own grant, goes.
+    # (Before, Redis read the count as one answer and took the batch's from it: a was freed.)
+    backend = queue_backend_factory()
+    assert isinstance(backend, QueueBackend)
+    a, b = want(1, path="envs/a"), want(1, path="envs/b")
+    await backend.acquire_batch([a, b], ttl=None, wait=None, policy=FIFO)
+    first_id, first, _ = await queue_up(backend, want(2, path="envs/a"))
+    batch = offer()
+    second = backend.grants.expect(batch.id)
+    queued = await backend.acquire_batch([want(2, path="envs/a"), want(2, path="envs/b")],
+                                         ttl=None, wait=batch, policy=FIFO)
+    assert queued.status is Status.QUEUED, queued
+    await backend.release_and_handoff(a.key, owner=("acme/infra", 1), policy=FIFO)
+    await backend.release_and_handoff(b.key, owner=("acme/infra", 1), policy=FIFO)
+    granted = await asyncio.wait_for(second, 10)
+    assert granted.kept == frozenset({a.key}), granted
+    token = next(lock.fencing_token for lock in granted.locks if lock.key == a.key)
+    gone = await backend.cancel(a.key, first_id, reason=Reason.CANCELLED)
+    backend.grants.forget(first_id, first)
+    await rig_for(backend).locker._give_back(
+        Notice(locks=gone.granted, fresh=gone.fresh, kept=gone.kept))
+    await spoil_count(backend, a.key, token)
+    last = await backend.cancel(a.key, batch.id, reason=Reason.CANCELLED)
+    backend.grants.forget(batch.id, second)
+    await rig_for(backend).locker._give_back(
+        Notice(locks=last.granted, fresh=last.fresh, kept=last.kept))
+    lock = await backend.get(a.key)
+    assert lock is not None and (lock.pull.num, lock.fencing_token) == (2, token), (
+        f"a count that could not be read was taken to zero by a known answer: {lock}")
+    assert await backend.get(b.key) is None, "the batch's own grant stayed held"
+    other = await backend.acquire_or_enqueue(want(3, path="envs/a"), ttl=None, wait=None,
+                                             policy=FIFO)
+    assert other.status is Status.HELD, other
+    await backend.release_and_handoff(a.key, owner=("acme/infra", 2), policy=FIFO, token=token)
+    assert await backend.get(a.key) is None
+
+
 async def test_two_callers_of_one_waiter_each_hear_its_grant_and_forget_only_their_own(
     backend: QueueBackend,
 ) -> None:

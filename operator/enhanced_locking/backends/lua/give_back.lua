@@ -55,7 +55,7 @@ local function main()
           and h[3] == granted[k] then
         local name = lock_name(k)
         local teller = CALL('HGET', name, mine) ~= false
-        local told = tonumber(CALL('HGET', name, 'told') or '0') or 1
+        local told = told_count(name, teller)
         if teller then
           told = told - 1
           table.insert(untold, name)
@@ -96,7 +96,7 @@ local function main()
   planned()
   for _, name in ipairs(untold) do
     w('HDEL', name, mine)
-    w('HSET', name, 'told', left[name])  -- (as read: a count written over read as one)
+    w('HSET', name, 'told', left[name])  -- (as read: a count written over keeps its unknown one)
   end
   for _, name in ipairs(unheard) do w('HSET', name, 'unheard', '1') end
   local expired = {}

@@ -1180,6 +1180,17 @@ local function count_told(name)
   end
 end
 
+-- The answers lock hash `name`'s `told` counts, `known` among them when true (an answer the
+-- caller takes back next, which the count holds). A `told` that is not a number (not written
+-- by this store) counts one answer of someone unknown, never taken back, and `known`'s
+-- besides: taking `known`'s back leaves the unknown one, as the embedded store's and etcd's
+-- reading of such a count ("?") keeps the hold.
+local function told_count(name, known)
+  local told = tonumber(CALL('HGET', name, 'told') or '0')
+  if told then return told end
+  return known and 2 or 1
+end
+
 -- The lock a pull gets on k: the one it holds, or a fresh one (an exclusive request of the
 -- key's only shared holder is an upgrade: a new token).
 -- A call answered its owner with the exclusive lock h it held already (the owner asked for it
@@ -1662,19 +1673,20 @@ local function kept_for_others(h, id, held, heard, kept)
     return
   end
   local name = lock_name(h[1])
-  local told = tonumber(CALL('HGET', name, 'told') or '0') or 1
   if held ~= 1 then
-    if told <= 0 or heard then return end
-    if not heard then w('HSET', name, 'unheard', '1') end
+    if heard or told_count(name, false) <= 0 then return end
+    w('HSET', name, 'unheard', '1')
     table.insert(kept, h[1])
     return
   end
   if heard then return end
   local outcome, mark = outcome_name(id), 'untold:' .. h[1]
-  if told > 0 and not CALL('HGET', outcome, mark) then
+  local untold = not CALL('HGET', outcome, mark)  -- this answer is still in the count
+  local told = told_count(name, untold)
+  if told > 0 and untold then
     w('HSET', outcome, mark, '1')
     told = told - 1
-    w('HSET', name, 'told', told)  -- (as read: a count written over read as one, above)
+    w('HSET', name, 'told', told)  -- (as read: a count written over keeps its unknown one)
   end
   if told > 0 or CALL('HGET', name, 'unheard') == false then return end
   for i, k in ipairs(kept) do
