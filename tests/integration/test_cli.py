@@ -6,6 +6,8 @@ service could not be reached. A user's mistake is one line on stderr, never a tr
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
 import shutil
 import socket
@@ -16,6 +18,7 @@ from typing import Any
 
 import pytest
 from tests.conftest import ServiceFactory
+from tests.support.loopback_http import serving
 from tests.support.redis_server import RedisServer
 from tests.support.service import enhanced_locking_command, free_port, scrubbed_env
 
@@ -393,6 +396,24 @@ def test_serve_whose_sentinel_does_not_answer_names_it_in_one_short_line(tmp_pat
     assert f"sentinel {sentinel}: ConnectionError" in lines[0], lines[0]
     assert "<redis" not in lines[0] and len(lines[0]) < 400, lines[0]
     assert "hunter2" not in result.stderr
+
+
+def test_serve_whose_redis_address_answers_but_not_as_redis_cannot_start_in_one_line(
+    tmp_path: Path,
+) -> None:
+    # The address answers as another service does (an HTTP port, a real HTTP server here): the
+    # store did not answer (exit 1), in one line naming the address. Before, redis-py's protocol
+    # error ended the command with a stack trace.
+    with contextlib.contextmanager(serving)(http.server.BaseHTTPRequestHandler) as url:
+        addr = url.removeprefix("http://")
+        result = run("serve", "--port", str(free_port()), "--data-dir", str(tmp_path / "data"),
+                     "--enhanced-locking-enabled", "--enhanced-locking-backend", "redis",
+                     f"--enhanced-locking-redis-addr={addr}")
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"enhanced-locking: cannot start: redis {addr} db 0 did not "
+                               "answer (ping): InvalidResponse: Protocol error"), lines[0]
 
 
 def test_serve_reads_the_data_dir_from_atlantis_env(

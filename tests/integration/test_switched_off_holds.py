@@ -10,6 +10,9 @@ docs/02-migration.md, "Abort, disable, shadow").
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import http.server
+import logging
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -17,6 +20,7 @@ import httpx
 import pytest
 from tests.conftest import ServiceFactory, ServiceMaker
 from tests.support.locks import request_for
+from tests.support.loopback_http import serving
 from tests.support.redis_server import RedisServer
 
 from enhanced_locking.backends import EmbeddedBackend
@@ -153,3 +157,24 @@ async def test_a_hold_in_the_store_the_policy_names_is_honoured_when_it_switches
     assert granted.acquired and granted.lock is not None, granted
     assert (granted.lock.pull.num, granted.lock.backend) == (13, "legacy")
     assert granted.lock.fencing_token > held.lock.fencing_token
+
+
+async def test_a_store_address_that_answers_but_not_as_redis_does_not_refuse_a_switch_off(
+    make_service: ServiceMaker, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The LockPolicy switches enhanced locking off and names a Redis whose address answers as
+    another service does (an HTTP port, a real HTTP server here): the look for locks left there
+    cannot read it, which is logged, and the settings are applied. Before, redis-py's protocol
+    error came out of the look and the policy was refused with its words alone."""
+    with contextlib.contextmanager(serving)(http.server.BaseHTTPRequestHandler) as url:
+        service = await make_service()
+        addr = url.removeprefix("http://")
+        with caplog.at_level(logging.WARNING, logger="enhanced_locking.factory"):
+            await service.provider.set_layer("cluster", {"enabled": False, "backend": "redis",
+                                                         "redis_addr": addr})
+        assert service.provider.current.config.redis_addr == addr
+        looked = [r.getMessage() for r in caplog.records if "could not be read" in r.getMessage()]
+        assert len(looked) == 1 and addr in looked[0], looked
+        granted = await service.router.acquire(request_for(pull=13))
+        assert granted.acquired and granted.lock is not None, granted
+        assert granted.lock.backend == "legacy"

@@ -135,6 +135,7 @@ DOWN: tuple[type[BaseException], ...] = (
     rexc.ClusterDownError,
     rexc.TryAgainError,
     rexc.MovedError,
+    rexc.InvalidResponse,  # an address that answers, but not as Redis (another service's port)
     TimeoutError,
     OSError,
 )
