@@ -54,6 +54,7 @@ __all__ = [
     "flags_from_namespace",
     "load_config",
     "load_sourced",
+    "not_utf8",
     "settings",
 ]
 
@@ -879,6 +880,13 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
     return " ".join(str(error).split())
 
 
+def not_utf8(path: str | os.PathLike[str], error: UnicodeDecodeError) -> str:
+    """``PATH is not UTF-8 text (byte 0xff at offset N)``: a file of a setting whose bytes were
+    decoded whole (``error.start`` is then the file's offset)."""
+    return (f"{path} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
+            f"{error.start})")
+
+
 def _read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         with open(path, "rb") as handle:  # decoded whole: a bad byte's offset is the file's,
@@ -887,8 +895,7 @@ def _read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     except OSError as error:
         raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
     except UnicodeDecodeError as error:
-        raise ConfigError(f"config file {path} is not UTF-8 text (byte "
-                          f"0x{error.object[error.start]:02x} at offset {error.start})") from None
+        raise ConfigError(f"config file {not_utf8(path, error)}") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(error)}"
                           ) from None

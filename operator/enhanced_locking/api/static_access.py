@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from enhanced_locking.config import ROLES, EnhancedLockingConfig
+from enhanced_locking.config import ROLES, EnhancedLockingConfig, not_utf8
 from enhanced_locking.types import Identity, Verb
 
 __all__ = ["RoleMap", "StaticTokens", "TokenFileError", "parse_tokens"]
@@ -104,8 +104,7 @@ def _unread(path: str, error: Exception) -> str:
     if isinstance(error, OSError):
         return f"cannot read {path}: {(error.strerror or str(error)).lower()}"
     if isinstance(error, UnicodeDecodeError):
-        return (f"{path} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
-                f"{error.start})")
+        return not_utf8(path, error)
     return str(error)
 
 
