@@ -19,6 +19,7 @@ import sqlite3
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
+from urllib.parse import quote
 
 from enhanced_locking.backends import Backend, EmbeddedBackend, codec
 from enhanced_locking.backends.atlantis_redis import KEY_PREFIX, AtlantisRedisBackend
@@ -70,27 +71,47 @@ async def spoil(backend: Backend, key: str, raw: str) -> None:
         raise AssertionError(f"{type(backend).__name__} keeps no bytes that could be spoiled")
 
 
-async def spoil_count(backend: Backend, key: str, token: int) -> None:
-    """Replace the count of answers given with ``key``'s (held, exclusive) hold with fencing
-    token ``token`` by something that is not a count, where each store keeps it: the embedded
-    store's ``told`` row (tellers not a JSON array), the Redis hash's ``told`` field (not a
-    number), the etcd record's ``Told`` field (not an object). The lock itself stays readable."""
+async def spoil_count(backend: Backend, key: str, token: int,
+                      shared_by: tuple[str, int] | None = None) -> None:
+    """Replace the count of answers given with ``key``'s held hold with fencing token
+    ``token`` (exclusive; ``shared_by``: that owner's shared hold) by something that is not a
+    count, where each store keeps it: the embedded store's ``told`` row (tellers not a JSON
+    array), the Redis hash's ``told`` field (not a number) or a shared holder's record's count
+    (its 13th place), the etcd record's ``Told`` field (not an object). The lock itself stays
+    readable."""
+    spoiled = f"token={SECRET}"
     if isinstance(backend, EmbeddedBackend):
         with sqlite3.connect(backend.path) as db:
             db.execute("INSERT OR REPLACE INTO told VALUES (?, ?, ?, ?, 0)",
-                       (backend.namespace, key, token, f"token={SECRET}"))
+                       (backend.namespace, key, token, spoiled))
+    elif isinstance(backend, RedisBackend) and shared_by is not None:
+        redis, name = backend.connection.client, backend.keys.shared(key)
+        field = f"{shared_by[0]}#{shared_by[1]}"
+        text = await redis.hget(name, field)
+        assert text is not None, f"{key} is not held shared by {shared_by}"
+        record = json.loads(text)
+        assert int(record[2]) == token, f"{key}'s shared hold is not token {token}: {record}"
+        record += [False] * (13 - len(record))
+        record[12] = spoiled
+        await redis.hset(name, field, json.dumps(record))
     elif isinstance(backend, RedisBackend):
         redis = backend.connection.client
         assert await redis.exists(backend.keys.lock(key)), f"{key} is not held"
-        await redis.hset(backend.keys.lock(key), "told", f"token={SECRET}")
+        await redis.hset(backend.keys.lock(key), "told", spoiled)
     elif isinstance(backend, EtcdBackend):
-        lock = await backend.get(key)
+        if shared_by is None:
+            lock, where = await backend.get(key), backend.lock_key(key)
+        else:
+            lock = next((held for held in await backend.holders(key)
+                         if held.owner == shared_by), None)
+            where = backend.shared_prefix(key) + quote(
+                f"{shared_by[0]}#{shared_by[1]}", safe="").encode()
         assert lock is not None and lock.fencing_token == token, f"{key} is not held: {lock}"
         record = json.loads(codec.encode(lock))  # (its token resolved: the write moves it on)
-        record["Told"] = f"token={SECRET}"
+        record["Told"] = spoiled
         etcd = await backend.connection.client()
         assert etcd.kv is not None
-        await etcd.kv.put(backend.lock_key(key), json.dumps(record).encode())
+        await etcd.kv.put(where, json.dumps(record).encode())
     else:
         raise AssertionError(f"{type(backend).__name__} keeps no count in a store")
 

@@ -604,7 +604,15 @@ end
 
 -- How many answers told a shared holder's owner it holds it (`relied_on`), by its row as read:
 -- kept in its record's 13th place (which a row read leaves for why it is unreadable, false).
+-- A count there that is not a number (not written by this store: a hand edit, another
+-- program) counts one answer of someone unknown, as an exclusive hold's `told` is read
+-- (`count_told`), and is written as a number again with the record.
 local SHARED_TOLD = {}
+
+local function shared_count(told)
+  if told == nil or told == false or told == cjson.null then return nil end
+  return tonumber(told) or 1
+end
 
 -- One shared holder's record (the JSON of its lock row), or its unreadable row.
 local function shared_row(k, field, text)
@@ -617,7 +625,7 @@ local function shared_row(k, field, text)
       or type(row[6]) ~= 'string' or type(row[7]) ~= 'string' or row[10] ~= 'shared' then
     return unreadable(k, text, 'a shared holder\'s record is not a lock', {field = field})
   end
-  SHARED_TOLD[row] = tonumber(row[13])
+  SHARED_TOLD[row] = shared_count(row[13])
   row[13] = false
   return row
 end
