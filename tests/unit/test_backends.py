@@ -19,7 +19,7 @@ import pytest
 from tests.support.backends import BACKEND_KINDS, BackendFactory
 from tests.support.leases import Overrun, past, with_leases
 from tests.support.locks import candidate_for, lock_for, request_for
-from tests.support.queues import FakeClock
+from tests.support.queues import FakeClock, rig_for
 from tests.unit.test_queue_seam import FIFO, _given_back_over_a_direct_answer, queue_up, want
 
 from enhanced_locking.backends import (
@@ -37,7 +37,7 @@ from enhanced_locking.backends.embedded import (
     SCHEMA_VERSION,
     open_database,
 )
-from enhanced_locking.backends.waiting import Status
+from enhanced_locking.backends.waiting import Notice, Status
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.factory import build_backend
 from enhanced_locking.types import (
@@ -830,9 +830,9 @@ async def test_a_file_is_shared_with_a_replica_of_the_previous_release_both_ways
         # release and in its process by the previous one, on the same file.
         await _given_back_over_a_direct_answer(current, current)
         with contextlib.closing(sqlite3.connect(path)) as db:
-            # (counted in the file while held; the row went with the hold's release:
-            # test_the_answers_counted_with_a_hold_go_with_the_hold)
-            assert db.execute("SELECT count(*) FROM told").fetchone()[0] == 0
+            # (counted in the file while held; the row of the hold that ended goes at the next
+            # answer counted on the file: test_the_answers_counted_with_a_hold_go_with_the_hold)
+            assert db.execute("SELECT count(*) FROM told").fetchone()[0] == 1
         await _given_back_over_a_direct_answer(previous, previous)
         assert (await previous.acquire(lock_for(request_for(path="old", pull=2)))) == (
             False, await current.get(held.key))
@@ -858,9 +858,11 @@ async def test_the_answers_counted_with_a_hold_go_with_the_hold(
     # Round after round a pull takes a key, a request of it that does not wait is answered
     # held already (counted: a row), and the hold ends, each way a hold can end: released by
     # its pull, force-unlocked, its lease run out, released by a process of the release before
-    # the table on the same file (it does not know the table), a shared hold released. No row
-    # outlives its hold (before, every row stayed, one per key ever answered so); one left
-    # from before is gone when the file is opened again.
+    # the table on the same file (it does not know the table), a shared hold released. A row
+    # outlives its hold only until the next answer counted on the file (the next round's), and
+    # counts nothing meanwhile: the key taken again has a new token, and a give-back of that
+    # grant frees it. Before, every row stayed, one per key ever answered so; one left of a
+    # hold that ended is gone when the file is opened again.
     path = data_dir / "enhanced-locking.db"
     clock = FakeClock()
     backend = EmbeddedBackend(path, clock=clock)
@@ -878,6 +880,8 @@ async def test_the_answers_counted_with_a_hold_go_with_the_hold(
                                                      policy=FIFO)).locks[0]
             again = await backend.acquire_or_enqueue(candidate, ttl=ttl, wait=None, policy=FIFO)
             assert again.status is Status.GRANTED and not again.fresh, again
+            # The answer counted this hold and took the rows of every hold that ended (the
+            # last round's) out, in its transaction.
             assert _told_rows(path) == [(held.key, held.fencing_token)]
             if way in (0, 4):
                 await backend.release_and_handoff(held.key, owner=("acme/infra", 1),
@@ -890,15 +894,28 @@ async def test_the_answers_counted_with_a_hold_go_with_the_hold(
             else:
                 assert await previous.release(held.key) is not None
             assert await backend.get(held.key) is None, (way, await backend.get(held.key))
-            assert _told_rows(path) == [], f"a count outlived its hold (way {way})"
-        # A row of a hold that ended before the rows went with it (written by hand here).
-        with contextlib.closing(sqlite3.connect(path)) as db:
-            db.execute("INSERT INTO told VALUES ('enhanced', 'gone/key', 7, '[\"\"]', 0)")
-            db.commit()
+            # The row stays (the release did not pay for it) and counts nothing: the key's
+            # next hold has another token, and the give-back of its grant frees it.
+            assert _told_rows(path) == [(held.key, held.fencing_token)], way
+            if way != 4:
+                taken = await backend.acquire_or_enqueue(candidate, ttl=None, wait=None,
+                                                         policy=FIFO)
+                assert taken.fresh and taken.locks[0].fencing_token > held.fencing_token, taken
+                await rig_for(backend).locker._give_back(
+                    Notice(locks=taken.locks, fresh=taken.fresh, kept=frozenset()))
+                assert await backend.get(held.key) is None, (
+                    f"a row of a hold that ended counted for the key's next hold (way {way})")
+        # The last round's row goes at the next answer counted.
         kept = (await backend.acquire_or_enqueue(want(1, path="envs/kept"), ttl=None,
                                                  wait=None, policy=FIFO)).locks[0]
         await backend.acquire_or_enqueue(want(1, path="envs/kept"), ttl=None, wait=None,
                                          policy=FIFO)
+        assert _told_rows(path) == [(kept.key, kept.fencing_token)]
+        # A row of a hold that ended, left when no answer is counted after it (written by
+        # hand here), goes when the file is opened; the live hold's row stays.
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            db.execute("INSERT INTO told VALUES ('enhanced', 'gone/key', 7, '[\"\"]', 0)")
+            db.commit()
         reopened = EmbeddedBackend(path)
         assert _told_rows(path) == [(kept.key, kept.fencing_token)]
     finally:

@@ -134,16 +134,6 @@ SCHEMA = (
     """CREATE TABLE IF NOT EXISTS told (
         ns TEXT NOT NULL, key TEXT NOT NULL, token INTEGER NOT NULL, tellers TEXT NOT NULL,
         unheard INTEGER NOT NULL, PRIMARY KEY (ns, key))""",
-    # A hold's count goes with it, in the statement that ends it, whoever writes the file (a
-    # process of the release before ``told`` too): an exclusive hold freed (released, expired,
-    # force-unlocked), a shared holder's row deleted (the count of that holder only).
-    """CREATE TRIGGER IF NOT EXISTS told_gone_on_release AFTER UPDATE OF held ON locks
-    WHEN OLD.held = 1 AND NEW.held = 0 BEGIN
-        DELETE FROM told WHERE ns = NEW.ns AND key = NEW.key;
-    END""",
-    """CREATE TRIGGER IF NOT EXISTS told_gone_with_shared AFTER DELETE ON shared_locks BEGIN
-        DELETE FROM told WHERE ns = OLD.ns AND key = OLD.key AND token = OLD.token;
-    END""",
 )
 """The layout of version 3, each statement idempotent. ``meta.token_floor`` is at least the
 highest token the file ever handed out (the triggers keep it :data:`FLOOR_AHEAD` ahead when a
@@ -152,10 +142,18 @@ highest counter of a row deleted (by hand: the service never deletes one) since 
 made: a service that opened the file before then starts a new row above it (see
 :data:`_FIRST_TOKEN`). ``told`` (see :data:`_TOLD_OF`) came within version 3: a table added,
 none of the others changed, so a release of version 3 from before it opens the file as ever
-and never reads it (an upgrade that can go back; the version is not raised). Its rows go with
-their holds (the triggers ``told_gone_*``, which fire for that release's writes too); a row
-left of a hold that ended without them (a file such a release wrote alone) goes when the file
-is opened (:data:`_PRUNE_TOLD`)."""
+and never reads it (an upgrade that can go back; the version is not raised). A row of a hold
+that ended goes at the next answer counted on the file, or when the file is opened
+(:data:`_PRUNE_TOLD`): whoever ended the hold (a release of this service, of the release
+before, an expiry, a force-unlock), and at no cost to a release."""
+
+GONE_TRIGGERS = (
+    "DROP TRIGGER IF EXISTS told_gone_on_release",
+    "DROP TRIGGER IF EXISTS told_gone_with_shared",
+)
+"""Triggers a file may have had within version 3 that this layout does not keep: they deleted
+a hold's ``told`` row in the statement that ended it, a sub-program on every release (about
+4.9k instructions of a pair) for a row most holds never have; :data:`_PRUNE_TOLD` does it."""
 
 _FIRST_TOKEN = "max({}, coalesce((SELECT value FROM meta WHERE name = 'lost_floor'), 0) + 1)"
 """The token of a key's new row: the floor as read when the file was opened plus one (the
@@ -184,12 +182,17 @@ ON CONFLICT (ns, key) DO UPDATE SET
 _FORGET_TOLD = "DELETE FROM told WHERE ns = ? AND key = ?"
 _PRUNE_TOLD = """
 DELETE FROM told WHERE NOT EXISTS (
-        SELECT 1 FROM locks WHERE locks.ns = told.ns AND locks.key = told.key AND held = 1)
+        SELECT 1 FROM locks WHERE locks.ns = told.ns AND locks.key = told.key AND held = 1
+        AND locks.counter = told.token)
     AND NOT EXISTS (
         SELECT 1 FROM shared_locks AS shared WHERE shared.ns = told.ns AND shared.key = told.key
         AND shared.token = told.token)
 """
-"""The rows of holds that ended before the triggers were in the file (it is opened)."""
+"""The rows of holds that ended (their token no longer held), in the transaction of each answer
+counted (:data:`_COUNT_TOLD`, before it) and when the file is opened. Rows are written only
+there, so the table never has more rows than holds that were alive, answered held already, at
+the last answer counted (or the file's opening); between, a row of a hold that ended counts
+nothing (its token is not the key's next hold's: tokens rise per key) and costs one row."""
 
 # One more answer of the hold ?3 to ?4, in one statement (no read first): a row of another
 # hold starts again; the row is not written when it counts that teller already. Tellers that
@@ -516,7 +519,7 @@ def _open(
         if version < 3:
             for statement in MIGRATE_FROM_2:
                 connection.execute(statement)
-        for statement in SCHEMA + COUNTING:
+        for statement in GONE_TRIGGERS + SCHEMA + COUNTING:
             connection.execute(statement)
         connection.execute(_PRUNE_TOLD)
         connection.execute(
@@ -893,6 +896,7 @@ class EmbeddedBackend(StoreBackend):
                                           json.dumps(sorted(told.tellers)), int(told.unheard)))
 
     def _count_told(self, key: str, token: int, teller: str) -> None:
+        self._db.execute(_PRUNE_TOLD)
         self._db.execute(_COUNT_TOLD, (self.namespace, key, token, teller))
 
     def held_as_seen(self, key: str) -> Lock | None:
