@@ -348,6 +348,36 @@ async def test_a_call_the_lean_function_cannot_serve_is_sent_in_full_and_answere
         await other.close()
 
 
+async def test_a_lean_release_names_the_lock_it_believes_stored_by_token_and_grant_time(
+    backend: RedisBackend, redis_server: RedisServer, tmp_path: Path,
+) -> None:
+    """The replica tells ``LEAN_RELEASE`` which lock it believes stored by its token and grant
+    time, not by the lock's JSON, which would cross into Redis's Lua a second time a pair (the
+    acquire sends it to be stored): the call carries ``<token>:<grant time>`` and none of the
+    JSON, and Redis leaves the data out of its answer, the lock named being the one stored."""
+    log = tmp_path / "release.log"
+    watch = KeyWatch(LOOPBACK, redis_server.port, log)
+    granted, lock = await backend.acquire(lock_for(_request(LEAN)))
+    assert granted
+    at = str(int(lock.acquired_at.timestamp() * 1000))
+    with redis_server.client() as admin:
+        _answers(admin, backend.keys)
+        assert await backend.release(LEAN, owner=OWNER) == lock
+        [dropped] = _answers(admin, backend.keys)
+    watch.stop()
+    assert dropped == ["dropped", False, str(lock.fencing_token), at, "0"]
+    functions = {name: redis_scripts.FUNCTION_NAMES[name]
+                 for name in ("LEAN_ACQUIRE", "LEAN_RELEASE")}
+    calls = {name: [line for line in log.read_text(encoding="utf-8", errors="replace")
+                    .splitlines() if f'"fcall" "{function}"' in line.lower()]
+             for name, function in functions.items()}
+    assert len(calls["LEAN_ACQUIRE"]) == len(calls["LEAN_RELEASE"]) == 1, calls
+    # (the JSON's own field names, as MONITOR shows them: its quotes escaped)
+    assert "HeadBranch" in calls["LEAN_ACQUIRE"][0]
+    assert "HeadBranch" not in calls["LEAN_RELEASE"][0]
+    assert f'"{lock.fencing_token}:{at}"' in calls["LEAN_RELEASE"][0]
+
+
 async def test_a_lean_release_answers_the_data_stored_when_it_is_not_what_the_replica_granted(
     backend: RedisBackend, redis_server: RedisServer,
 ) -> None:
@@ -400,18 +430,18 @@ def test_the_lean_functions_write_nothing_for_a_call_they_cannot_serve(
                                *head, 0, LEAN, "{}", *OWNER, ".", "default")
             dropped = admin.fcall(redis_scripts.FUNCTION_NAMES["LEAN_RELEASE"], 8, *common,
                                   keys.lock(LEAN), keys.shared(LEAN), owner, *head, LEAN,
-                                  *OWNER, "{}")
+                                  *OWNER, "1:1")
             assert took == dropped == [b"full"], busy
             assert {name: admin.dump(name) for name in admin.keys("*")} == before, busy
             admin.delete(keys.lock(LEAN), keys.shared(LEAN), keys.queued)
 
 
-def _lean_release(admin: redis.Redis, keys: RedisKeys, call_id: str) -> Any:
-    """``LEAN_RELEASE`` of LEAN by OWNER, called directly (the lean layout), the data sent
-    ``{}``."""
+def _lean_release(admin: redis.Redis, keys: RedisKeys, call_id: str, believed: str = "") -> Any:
+    """``LEAN_RELEASE`` of LEAN by OWNER, called directly (the lean layout), the lock believed
+    stored named by ``believed``, its ``<token>:<grant time>`` ('': none)."""
     return admin.fcall(redis_scripts.FUNCTION_NAMES["LEAN_RELEASE"], 8,
                        *keys.lean_common(call_id), keys.lock(LEAN), keys.shared(LEAN),
-                       keys.pull(*OWNER), "e-1", LEAN, *OWNER, "{}")
+                       keys.pull(*OWNER), "e-1", LEAN, *OWNER, believed)
 
 
 def _lean_acquire(admin: redis.Redis, keys: RedisKeys, call_id: str, lease_ms: int) -> Any:
@@ -452,13 +482,13 @@ def test_the_lean_release_serves_only_the_owners_live_readable_lock(
             admin.sadd(keys.held, LEAN)
             admin.sadd(keys.pull(*OWNER), LEAN)
             before = {name: admin.dump(name) for name in admin.keys("*")}
-            assert _lean_release(admin, keys, f"r-{n}") == [b"full"], case
+            assert _lean_release(admin, keys, f"r-{n}", f"3:{now}") == [b"full"], case
             assert {name: admin.dump(name) for name in admin.keys("*")} == before, case
 
         admin.delete(keys.lock(LEAN))
         admin.hset(keys.lock(LEAN), mapping={**lock, "exp": now + 60_000})
-        answer = _lean_release(admin, keys, "r-live")
-        # The data stored is the data sent: left out of the answer (false).
+        answer = _lean_release(admin, keys, "r-live", f"3:{now}")
+        # The lock stored is the one named: its data left out of the answer (false).
         assert json.loads(answer) == ["dropped", False, "3", str(now), str(now + 60_000)]
         assert not admin.exists(keys.lock(LEAN))
         assert not admin.sismember(keys.held, LEAN)

@@ -160,8 +160,9 @@ class Dropped(NamedTuple):
     waiting): the lock as it was stored (its key and owner are the caller's)."""
 
     data: str
-    """Atlantis's JSON of the lock, as stored (``lean_release.lua`` answers nil for the data
-    the caller said it believed stored, its ``ARGV[8]``: :func:`release`'s ``sent``)."""
+    """Atlantis's JSON of the lock, as stored (``lean_release.lua`` answers nil when the lock
+    stored is the one the caller said it believed stored, named by its token and grant time in
+    its ``ARGV[5]``: then the caller's own data, :func:`release`'s ``sent``)."""
     token: str
     at: str
     exp: str
@@ -456,8 +457,9 @@ def _handed(after: list[Any]) -> tuple[GrantRow, ...]:
 
 
 def release(answer: Any, *, sent: str = "") -> Dropped | Release:
-    """``sent``: the data a lean release said it believed stored, which its answer leaves out
-    when it is (``false``: ``None`` in a list Redis answered, ``False`` in JSON text)."""
+    """``sent``: the data of the lock a lean release said it believed stored, which its answer
+    leaves out when that lock is stored (``false``: ``None`` in a list Redis answered,
+    ``False`` in JSON text)."""
     answer = _kept(answer)
     if answer[0] == "dropped":
         _, data, token, at, exp = answer

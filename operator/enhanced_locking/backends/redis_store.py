@@ -1177,13 +1177,14 @@ class RedisBackend:
         if (owner is not None and token is None
                 and self._lean(key, (policy or self._policy).rules)):
             keys = self.keys
-            # The data of the key's lock as this replica last read or made it (``_known``):
-            # what Redis need not send back (nor keep under the call id) when it is what is
-            # stored.
+            # The key's lock as this replica last read or made it (``_known``), named by its
+            # token and grant time: its data is what Redis need not send back (nor keep under
+            # the call id) when that lock is what is stored.
             known = self._known.get(key)
-            believed = known[0][0] if known is not None else ""
+            believed, stamp = ("", "") if known is None else (
+                known[0][0], f"{known[0][1]}:{known[0][2]}")
             lean = await self._run(
-                "LEAN_RELEASE", key, repo, pull, believed,
+                "LEAN_RELEASE", key, repo, pull, stamp,
                 keys=(keys.lock(key), keys.shared(key), keys.pull(repo, pull)),
                 policy=policy, key=key, hint="LEAN_RELEASE", changing=3)
             if redis_replies.full(lean):

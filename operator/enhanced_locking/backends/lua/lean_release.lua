@@ -5,11 +5,13 @@
 -- KEYS[1..5] and ARGV[1] are the lean layout's.
 -- KEYS[6..8] the key's lock and shared holders, the owner's pull index, in this order: taken
 --   by position, as in lean_acquire.lua
--- ARGV[2] lock key  ARGV[3] owner repo  ARGV[4] owner pull  ARGV[5] the Atlantis JSON the
---   caller believes stored (the key's lock as it last read or made it; '' none)
+-- ARGV[2] lock key  ARGV[3] owner repo  ARGV[4] owner pull  ARGV[5] the stamp of the lock the
+--   caller believes stored, `<token>:<grant time ms>` (the key's lock as it last read or made
+--   it; '' none): not its JSON, which would cross into Lua a second time (each byte costs
+--   Redis about 12 instructions); a lock's data never changes under its token and grant time
 -- returns the JSON text of {'dropped', data, token, at, exp}, one string, as release.lua's
 --         lean path keeps it under the call id (the same writes; that path answers the list),
---         but data false when it is ARGV[5], or
+--         but data false when the lock stored has the stamp of ARGV[5], or
 --         {'full'}: it cannot serve the call (someone waits for the key, or shares it, the
 --          lock is not the owner's, the store lost its data); nothing was written or kept,
 --          and the caller sends the call to release.lua in full

@@ -2114,10 +2114,21 @@ end
 -- rules, no shared holders and nobody queued on the key. It releases exactly as release.lua's
 -- `main` would (`drop_lock`'s `drop_exclusive`, its reply kept under the call id), without
 -- the discovery and the serving, which find nothing to do then, and answers only what the
--- caller does not know ({'dropped', data, token, at, exp}; data false when it is `sent`, the
--- data the caller believes stored: the key's lock as it last read or made it). nil when it
+-- caller does not know ({'dropped', data, token, at, exp}; data false when the lock has the
+-- stamp `sent`, `<token>:<grant time ms>` of the lock the caller believes stored: the key's
+-- lock as it last read or made it). nil when it
 -- cannot serve the call (nothing written). The names are given as to `grant_free`: RELEASE's
 -- lean path looks them up (`lean_release`), LEAN_RELEASE takes them by position.
+-- Whether `named`, `<token>:<grant time ms>` as a caller names a lock it knows, names a lock
+-- stored with `token` and `at`: as text (the caller's own grant, nearly always: one string
+-- made and compared), else as the numbers they read as (the full path reads them so: a token
+-- written over as ' 2' is the lock of token 2).
+local function same_stamp(named, token, at)
+  if named == token .. ':' .. at then return true end
+  local t, a = string.match(named, '^(%d+):(%d+)$')
+  return t ~= nil and tonumber(t) == tonumber(token) and tonumber(a) == tonumber(at)
+end
+
 local function release_own(k, repo, pull, lock_hash, shared_hash, pull_set, sent, unshared,
                            unqueued)
   if not (lock_hash and shared_hash and pull_set) then return nil end
@@ -2145,10 +2156,13 @@ local function release_own(k, repo, pull, lock_hash, shared_hash, pull_set, sent
   w('DEL', lock_hash)
   w_try('SREM', HELD, k)
   w_try('SREM', pull_set, k)
-  -- The data as sent is not sent back: JSON-encoding it for the answer kept under the call id
-  -- cost Redis more than the commands of the release (the same strings compare at once: Lua
-  -- keeps one copy of each).
-  if data == sent then data = false end
+  -- The data the caller has is not sent back: JSON-encoding it for the answer kept under the
+  -- call id cost Redis more than the commands of the release. The caller names it by its
+  -- token and grant time, not by the JSON itself, which would cross into Lua once more (about
+  -- 12 instructions a byte): a lock's data is written only with a new token (`stamp`,
+  -- `grant_free`) or as given with its own token and time (ADOPT, REPLACE), never changed
+  -- under them.
+  if sent and sent ~= '' and same_stamp(sent, v[2], v[3]) then data = false end
   return finish_flat({'dropped', data, v[2], v[3], exp})
 end
 
