@@ -224,6 +224,22 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _access_settings_unused(config: config_module.EnhancedLockingConfig) -> list[str]:
+    """The access settings given that auth none does not use (named as settings, never their
+    values): with them, a service reads as one that checks tokens while anyone may call it."""
+    from enhanced_locking.config import KEY_PREFIX
+
+    if config.auth != "none":
+        return []
+    given = {
+        "auth_tokens_file": bool(config.auth_tokens_file),
+        "auth_tokens": bool(config.auth_tokens.get_secret_value()),
+        "auth_roles": bool(config.auth_roles),
+    }
+    return [KEY_PREFIX + name.replace("_", "-")
+            for name, is_set in given.items() if is_set]
+
+
 async def _run_service(
     config: config_module.EnhancedLockingConfig, host: str, port: int, operator: Any = None,
     sources: config_module.Sources | None = None,
@@ -280,6 +296,11 @@ async def _run_service(
         return cannot_start(error, setting=isinstance(error, StoreRefused | UnusableSetting))
     log.info("config generation 1 hash %s: %s", service.provider.current.hash,
              json.dumps(config.masked()))
+    unused = _access_settings_unused(config)
+    if unused:
+        log.warning("enhanced-locking-auth is none: authentication is off and %s %s not "
+                    "used (set enhanced-locking-auth to static or kubernetes to check tokens)",
+                    ", ".join(unused), "is" if len(unused) == 1 else "are")
     if exposed and config.auth == "none":
         log.warning("SERVING WITHOUT AUTHENTICATION ON %s: anyone who reaches the port may "
                     "force-unlock every lock (enhanced-locking-insecure-allow-unauthenticated)",

@@ -553,6 +553,26 @@ def test_the_etcd_password_goes_through_one_secret(helm: Helm) -> None:
     assert secrets_rule["resourceNames"] == [name]
 
 
+@pytest.mark.parametrize(("mode", "used"), [
+    ("static", True), ("kubernetes", True), ("none", False)])
+def test_the_tokens_secret_is_mounted_only_when_the_access_mode_reads_it(
+    helm: Helm, mode: str, used: bool
+) -> None:
+    """With auth.mode none no token is read: the tokens file setting and its Secret's mount
+    would make the pod look as if it checked them (and serve warns of a tokens file it does
+    not use), so the chart leaves both out."""
+    objects = helm.template("--set", f"auth.mode={mode}", "--set", "auth.tokensSecret=el-tokens",
+                            "--set", "auth.insecureAllowUnauthenticated=true")
+    (deployment,) = of_kind(objects, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert ("ATLANTIS_ENHANCED_LOCKING_AUTH_TOKENS_FILE" in env) is used
+    assert any(m["name"] == "tokens" for m in container["volumeMounts"]) is used
+    assert any(v.get("secret", {}).get("secretName") == "el-tokens"
+               for v in pod["volumes"]) is used
+
+
 def test_the_etcd_user_of_the_static_settings_goes_with_the_policy_s_password(
     helm: Helm, kube_cluster: KubeCluster, namespace: str, crds_present: None,
 ) -> None:

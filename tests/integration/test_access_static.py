@@ -33,6 +33,7 @@ from tests.support.service import (
     free_port,
     running,
     scrubbed_env,
+    serving,
 )
 
 TOKENS = {
@@ -377,6 +378,33 @@ def test_serving_a_network_address_without_auth_exits_2_naming_the_setting(
     assert "enhanced-locking-auth" in done.stderr
     assert "enhanced-locking-insecure-allow-unauthenticated" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(("flags", "env", "named"), [
+    (["--enhanced-locking-auth-tokens-file=/nonexistent/tokens.csv"], {},
+     ["enhanced-locking-auth-tokens-file"]),
+    ([], {"ATLANTIS_ENHANCED_LOCKING_AUTH_TOKENS": "tok-inline-5e6f7a8b9c0d,ann"},
+     ["enhanced-locking-auth-tokens"]),
+    (["--enhanced-locking-auth-roles=admin=user:ada",
+      "--enhanced-locking-auth-tokens-file=/nonexistent/tokens.csv"], {},
+     ["enhanced-locking-auth-tokens-file", "enhanced-locking-auth-roles"]),
+], ids=["tokens-file", "inline-tokens", "roles-and-file"])
+def test_access_settings_given_while_auth_is_none_are_warned_of_at_start(
+    tmp_path: Path, flags: list[str], env: dict[str, str], named: list[str]
+) -> None:
+    """A tokens file, inline tokens or a role map with the default auth none would read as
+    "this service checks tokens" while anyone on the machine may call it: it still starts (a
+    chart or config that sets them for later keeps working), but one warning line names each
+    such setting and says authentication is off; the inline tokens never appear."""
+    with serving(tmp_path, *flags, env=env) as process:
+        with httpx.Client(base_url=process.url, timeout=30) as anyone:
+            assert anyone.get("/v1/config").status_code == 200
+        lines = [line for line in process.stderr().splitlines()
+                 if "enhanced-locking-auth is none" in line]
+    assert len(lines) == 1, process.output()
+    for setting in named:
+        assert setting in lines[0], lines[0]
+    assert "tok-inline" not in process.output()
 
 
 @pytest.mark.parametrize(("args", "named"), [
