@@ -20,7 +20,9 @@ from tests.support.redis_server import RedisServer
 from tests.support.served import served
 
 from enhanced_locking.backends import EmbeddedBackend
+from enhanced_locking.backends.base import QueueBackend
 from enhanced_locking.backends.redis_store import RedisBackend
+from enhanced_locking.backends.waiting import Waiters
 from enhanced_locking.factory import LockService
 from enhanced_locking.provider import ConfigRejected
 from enhanced_locking.types import Event, Lock, Locks, utcnow
@@ -83,6 +85,18 @@ async def _pause_adopt(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(RedisBackend, "adopt", adopt_then)
 
 
+async def _queued(store: QueueBackend, key: str) -> Waiters:
+    """``key``'s waiters in ``store`` once there are any, or none after a minute (a loaded
+    machine stalls a store call for seconds: a count of short polls ran out first)."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + 60
+    while loop.time() < give_up:
+        if waiters := await store.queue(key):
+            return waiters
+        await asyncio.sleep(0.01)
+    return []
+
+
 async def _holding(make_service: ServiceMaker) -> tuple[LockService, Lock]:
     """A service on its SQLite store, and the lock pull 1 holds there."""
     service = await make_service(enabled=True, backend="boltdb", legacy_backend="memory")
@@ -103,10 +117,9 @@ async def test_a_release_and_a_grant_asked_during_the_switch_land_on_the_new_sto
             service.router.release(key, owner=("acme/infra", 1))))
         asked.append(asyncio.create_task(
             service.router.acquire(request_for(pull=2, path="envs/other"))))
-        for _ in range(1000):  # both reach the gate (the old store, were it open)
-            if service.switch_gate.waiting == 2 or any(task.done() for task in asked):
-                break
-            await asyncio.sleep(0.01)
+        # Both reach the gate (the old store, were it open).
+        await until(lambda: service.switch_gate.waiting == 2
+                    or any(task.done() for task in asked))
         assert not any(task.done() for task in asked)  # they wait at the gate
         assert service.switch_gate.waiting == 2
 
@@ -135,11 +148,7 @@ async def test_a_waiter_queued_on_the_old_store_is_served_by_the_new_one(
     assert isinstance(old, EmbeddedBackend)
     waiting = asyncio.create_task(
         service.router.acquire(request_for(pull=2, wait=timedelta(seconds=30))))
-    for _ in range(200):
-        if await old.queue(key):
-            break
-        await asyncio.sleep(0.01)
-    assert [w.owner for w in await old.queue(key)] == [("acme/infra", 2)]
+    assert [w.owner for w in await _queued(old, key)] == [("acme/infra", 2)]
 
     async def in_the_window() -> None:
         # The waiter left the old store's queue before the export (the switch waits for it).
@@ -150,14 +159,10 @@ async def test_a_waiter_queued_on_the_old_store_is_served_by_the_new_one(
     await service.provider.set_layer("cluster", _on_redis(redis_server, 0))
     new = service.enhanced.backend if service.enhanced is not None else None
     assert isinstance(new, RedisBackend)
-    for _ in range(200):
-        if await new.queue(key):
-            break
-        await asyncio.sleep(0.01)
-    assert [w.owner for w in await new.queue(key)] == [("acme/infra", 2)]
+    assert [w.owner for w in await _queued(new, key)] == [("acme/infra", 2)]
     assert not waiting.done()
     assert await service.router.release(key, owner=("acme/infra", 1)) is not None
-    result = await asyncio.wait_for(waiting, 10)
+    result = await asyncio.wait_for(waiting, 60)
     assert result.acquired and result.lock is not None and result.lock.pull.num == 2
     assert await new.get(key) == result.lock
 
