@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import random
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -459,6 +460,113 @@ async def test_a_caller_with_a_request_id_cancelled_just_before_its_grant_is_tol
     assert await rig.locker.get(ask(1).key) is None, "the grant outlived its caller"
     behind = await rig.locker.acquire(ask(3))
     assert behind.acquired, behind
+
+
+async def test_a_retry_of_a_caller_cancelled_just_before_its_grant_keeps_the_grant_it_took(
+    rigs: Callable[..., LockerRig], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As above, but the request is sent again within the retry grace: the retry takes the
+    grant over and is answered acquired (not fresh). The first caller's withdrawal after the
+    grace leaves that grant alone. Before, it found no waiter and gave back what the first
+    caller's future held, the very lock the retry was told it holds: the key was free for
+    another pull while the retry held it (two holders)."""
+    monkeypatch.setattr(queueing, "RETRY_GRACE", 2.0)
+    rig = rigs()
+    backend = rig.locker.backend
+    await rig.locker.acquire(ask(1))
+    entered = waits_begun(monkeypatch, 1)
+    asked = ask(2, wait=30 * S).model_copy(update={"request_id": "job-99"})
+    gone = rig.spawn(rig.locker.acquire(asked))
+    await asyncio.wait_for(entered[0].wait(), 10)
+    deliver = backend.grants.deliver
+
+    def told(waiter_id: str, notice: Notice) -> None:
+        if notice.granted:
+            gone.cancel()  # the client is noticed gone, then the grant comes
+        deliver(waiter_id, notice)
+
+    monkeypatch.setattr(backend.grants, "deliver", told)
+    await rig.locker.release(ask(1).key)  # grants pull 2's waiter
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.wait_for(gone, 60)
+    assert gone.cancelled()
+    monkeypatch.setattr(backend.grants, "deliver", deliver)
+    retry = await asyncio.wait_for(rig.locker.acquire(asked), 30)  # within the grace
+    assert retry.acquired and retry.lock is not None, retry
+    later = set(queueing._LATER)
+    if later:  # the first caller's withdrawal after the grace
+        await asyncio.wait_for(asyncio.gather(*later), 60)
+    await settle()
+    held = await rig.locker.get(ask(1).key)
+    assert held is not None and held.fencing_token == retry.lock.fencing_token, held
+    other = await rig.locker.acquire(ask(3))
+    assert not other.acquired, other
+
+
+async def test_callers_with_request_ids_cancelled_and_retried_at_random_never_share_a_key(
+    rigs: Callable[..., LockerRig], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A history: pulls with a ``requestId`` each wait for one key, round after round; at
+    random a caller is cancelled while it waits, or just before its grant is told (from inside
+    the notifier's ``deliver``), and then sent again within the retry grace, or never. Every
+    caller answered acquired holds the key a while and releases it. No caller is ever answered
+    acquired while another is told it holds the key, and at the end, once every withdrawal
+    after the grace is done, nobody holds it (no grant outlived its callers)."""
+    monkeypatch.setattr(queueing, "RETRY_GRACE", 0.2)
+    rig = rigs()
+    backend = rig.locker.backend
+    key = ask(1).key
+    chance = random.Random(2026)
+    holding: set[int] = set()
+    at_grant: dict[int, asyncio.Task[AcquireResult]] = {}
+    deliver = backend.grants.deliver
+
+    def told(waiter_id: str, notice: Notice) -> None:
+        if notice.granted:
+            attempt = at_grant.pop(notice.locks[0].pull.num, None)
+            if attempt is not None:
+                attempt.cancel()  # the client is noticed gone, then the grant comes
+        deliver(waiter_id, notice)
+
+    monkeypatch.setattr(backend.grants, "deliver", told)
+
+    async def hold(pull: int, result: AcquireResult) -> None:
+        assert result.acquired and result.lock is not None, result
+        assert not holding, f"pull {pull} told it holds {key} while {holding} hold it"
+        holding.add(pull)
+        await asyncio.sleep(chance.uniform(0, 0.3))
+        holding.discard(pull)
+        await rig.locker.release(key, owner=(result.lock.project.repo_full_name, pull),
+                                 token=result.lock.fencing_token)
+
+    async def pull_of(pull: int) -> None:
+        for round_ in range(3):
+            asked = ask(pull, wait=30 * S).model_copy(
+                update={"request_id": f"job-{pull}-{round_}"})
+            how, again = chance.choice(("waits", "early", "at-grant")), chance.random() < 0.7
+            attempt = rig.spawn(rig.locker.acquire(asked))
+            if how == "at-grant":
+                at_grant[pull] = attempt
+            elif how == "early":
+                await asyncio.sleep(chance.uniform(0, 0.05))
+                attempt.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(attempt), 60)
+            at_grant.pop(pull, None)
+            if attempt.cancelled():
+                if not again:
+                    continue  # its waiter (or grant) is withdrawn after the grace
+                result = await asyncio.wait_for(rig.locker.acquire(asked), 60)
+            else:
+                result = attempt.result()
+            await hold(pull, result)
+
+    await asyncio.wait_for(asyncio.gather(*(pull_of(pull) for pull in range(1, 6))), 120)
+    loop = asyncio.get_running_loop()
+    while later := [task for task in queueing._LATER if task.get_loop() is loop]:
+        await asyncio.wait_for(asyncio.gather(*later), 60)  # each withdrawal after the grace
+    await settle()
+    assert await rig.locker.get(key) is None, "a grant outlived its callers"
 
 
 @pytest.mark.parametrize("queue_backend_factory", FORGETFUL_KINDS, indirect=True)
