@@ -423,22 +423,15 @@ def _cancelled_as_granted(backend: QueueBackend, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(backend.grants, "deliver", told)
 
 
-async def test_a_caller_with_a_request_id_cancelled_just_before_its_grant_is_told_holds_nothing(
-    rigs: Callable[..., LockerRig], monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Pull 2's acquire with a ``requestId`` waits behind pull 1; its task is cancelled in the
-    loop turn its grant is told, just before (from inside the notifier's ``deliver``): the
-    wait ends cancelled with the grant unheard, and the waiter is withdrawn after the retry
-    grace. The withdrawal finds the grant and gives it back. Before, on etcd, the caller's
-    stop counted the grant as heard (its future had a result) and deleted its notice, the
-    store's record of it: the withdrawal's cancel found nothing, and the lock stayed held by
-    a caller that was gone, with no lease to end it."""
-    monkeypatch.setattr(queueing, "RETRY_GRACE", 0.0)
-    rig = rigs()
+async def _gone_just_before_its_grant(rig: LockerRig, monkeypatch: pytest.MonkeyPatch,
+                                      request_id: str) -> LockRequest:
+    """Pull 2's acquire with ``request_id`` waits behind pull 1; its task is cancelled in the
+    loop turn its grant is told, just before (from inside the notifier's ``deliver``), as
+    pull 1 releases. Its request, to send again."""
     backend = rig.locker.backend
     await rig.locker.acquire(ask(1))
     entered = waits_begun(monkeypatch, 1)
-    asked = ask(2, wait=30 * S).model_copy(update={"request_id": "job-23"})
+    asked = ask(2, wait=30 * S).model_copy(update={"request_id": request_id})
     gone = rig.spawn(rig.locker.acquire(asked))
     await asyncio.wait_for(entered[0].wait(), 10)
     deliver = backend.grants.deliver
@@ -453,6 +446,23 @@ async def test_a_caller_with_a_request_id_cancelled_just_before_its_grant_is_tol
     with contextlib.suppress(asyncio.CancelledError):
         await asyncio.wait_for(gone, 60)
     assert gone.cancelled()
+    monkeypatch.setattr(backend.grants, "deliver", deliver)
+    return asked
+
+
+async def test_a_caller_with_a_request_id_cancelled_just_before_its_grant_is_told_holds_nothing(
+    rigs: Callable[..., LockerRig], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pull 2's acquire with a ``requestId`` waits behind pull 1; its task is cancelled in the
+    loop turn its grant is told, just before (from inside the notifier's ``deliver``): the
+    wait ends cancelled with the grant unheard, and the waiter is withdrawn after the retry
+    grace. The withdrawal finds the grant and gives it back. Before, on etcd, the caller's
+    stop counted the grant as heard (its future had a result) and deleted its notice, the
+    store's record of it: the withdrawal's cancel found nothing, and the lock stayed held by
+    a caller that was gone, with no lease to end it."""
+    monkeypatch.setattr(queueing, "RETRY_GRACE", 0.0)
+    rig = rigs()
+    await _gone_just_before_its_grant(rig, monkeypatch, "job-23")
     later = set(queueing._LATER)
     if later:  # the withdrawal after the grace, and its give-back
         await asyncio.wait_for(asyncio.gather(*later), 60)
@@ -472,25 +482,7 @@ async def test_a_retry_of_a_caller_cancelled_just_before_its_grant_keeps_the_gra
     another pull while the retry held it (two holders)."""
     monkeypatch.setattr(queueing, "RETRY_GRACE", 2.0)
     rig = rigs()
-    backend = rig.locker.backend
-    await rig.locker.acquire(ask(1))
-    entered = waits_begun(monkeypatch, 1)
-    asked = ask(2, wait=30 * S).model_copy(update={"request_id": "job-99"})
-    gone = rig.spawn(rig.locker.acquire(asked))
-    await asyncio.wait_for(entered[0].wait(), 10)
-    deliver = backend.grants.deliver
-
-    def told(waiter_id: str, notice: Notice) -> None:
-        if notice.granted:
-            gone.cancel()  # the client is noticed gone, then the grant comes
-        deliver(waiter_id, notice)
-
-    monkeypatch.setattr(backend.grants, "deliver", told)
-    await rig.locker.release(ask(1).key)  # grants pull 2's waiter
-    with contextlib.suppress(asyncio.CancelledError):
-        await asyncio.wait_for(gone, 60)
-    assert gone.cancelled()
-    monkeypatch.setattr(backend.grants, "deliver", deliver)
+    asked = await _gone_just_before_its_grant(rig, monkeypatch, "job-99")
     retry = await asyncio.wait_for(rig.locker.acquire(asked), 30)  # within the grace
     assert retry.acquired and retry.lock is not None, retry
     later = set(queueing._LATER)
