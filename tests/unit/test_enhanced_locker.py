@@ -499,9 +499,9 @@ async def test_callers_with_request_ids_cancelled_and_retried_at_random_never_sh
     rigs: Callable[..., LockerRig], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A history: pulls with a ``requestId`` each wait for one key, round after round; at
-    random a caller is cancelled while it waits, or just before its grant is told (from inside
-    the notifier's ``deliver``), and then sent again within the retry grace, or never. Every
-    caller answered acquired holds the key a while and releases it. No caller is ever answered
+    random a caller is cancelled while it is queued, or just before its grant is told (from
+    inside the notifier's ``deliver``), and then sent again within the retry grace, or never.
+    Every caller answered acquired holds the key a while and releases it. No caller is ever answered
     acquired while another is told it holds the key, and at the end, once every withdrawal
     after the grace is done, nobody holds it (no grant outlived its callers)."""
     monkeypatch.setattr(queueing, "RETRY_GRACE", 0.2)
@@ -539,7 +539,12 @@ async def test_callers_with_request_ids_cancelled_and_retried_at_random_never_sh
             attempt = rig.spawn(rig.locker.acquire(asked))
             if how == "at-grant":
                 at_grant[pull] = attempt
-            elif how == "early":
+            elif how == "early":  # once queued (one granted at once is answered: kept)
+                for _ in range(6000):  # (within a minute)
+                    if attempt.done() or asked.request_id in [
+                            w.request_id for w in await backend.queue(key)]:
+                        break
+                    await asyncio.sleep(0.01)
                 await asyncio.sleep(chance.uniform(0, 0.05))
                 attempt.cancel()
             with contextlib.suppress(asyncio.CancelledError):
