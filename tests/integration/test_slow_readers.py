@@ -57,6 +57,23 @@ def _frames(raw: bytes) -> list[dict[str, str]]:
     return frames
 
 
+def _stalled_reader(url: str) -> tuple[socket.socket, bytes]:
+    """A raw ``GET /v1/events`` with a small receive buffer, read up to the line saying it
+    follows the bus (returned with the socket); from then on it reads nothing."""
+    host, port = url.removeprefix("http://").split(":")
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.connect((host, int(port)))
+    stalled.sendall(f"GET /v1/events?repo={REPO} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    stalled.settimeout(30)
+    head = b""
+    while FOLLOWING.encode() not in head:
+        chunk = stalled.recv(1)
+        assert chunk, head
+        head += chunk
+    return stalled, head
+
+
 async def _follow(url: str, ids: list[str], ready: asyncio.Event) -> None:
     async with httpx.AsyncClient(base_url=url, timeout=None) as http, \
             http.stream("GET", "/v1/events", params={"repo": REPO}) as response:
@@ -67,35 +84,35 @@ async def _follow(url: str, ids: list[str], ready: asyncio.Event) -> None:
                 ids.append(line.partition(":")[2].strip())
 
 
+async def _published_and_followed(url: str, rounds: int) -> tuple[asyncio.Future[None],
+                                                                 list[str]]:
+    """A reader that keeps up follows while :func:`_publish` runs ``rounds`` times; it has
+    every event (asserted) when this returns the still open reader and its ids."""
+    ids: list[str] = []
+    ready = asyncio.Event()
+    follower = asyncio.ensure_future(_follow(url, ids, ready))
+    await asyncio.wait_for(ready.wait(), 10)
+    async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+        await _publish(http, rounds=rounds)
+    published = rounds * KEYS_PER_BATCH * 2
+    for _ in range(400):
+        if len(ids) >= published:
+            break
+        await asyncio.sleep(0.05)
+    assert len(ids) == published, "a reader that keeps up gets every event"
+    return follower, ids
+
+
 async def test_a_stalled_reader_gets_a_gap_and_is_cut_off_never_silent_holes(
     service_process: ServiceFactory,
 ) -> None:
     served = service_process("--enhanced-locking-enabled",
                              f"--enhanced-locking-events-max-lag={MAX_LAG}")
-    host, port = served.url.removeprefix("http://").split(":")
-    stalled = socket.socket()
-    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    stalled.connect((host, int(port)))
-    stalled.sendall(f"GET /v1/events?repo={REPO} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
-    stalled.settimeout(30)
-    head = b""  # up to the line saying it follows the bus; then it reads nothing
-    while FOLLOWING.encode() not in head:
-        chunk = stalled.recv(1)
-        assert chunk, head
-        head += chunk
-    fast_ids: list[str] = []
-    ready = asyncio.Event()
-    fast = asyncio.ensure_future(_follow(served.url, fast_ids, ready))
-    await asyncio.wait_for(ready.wait(), 10)
-    async with httpx.AsyncClient(base_url=served.url, timeout=30) as http:
-        await _publish(http, rounds=60)  # 4,800 events while one reader reads nothing
-    published = 60 * KEYS_PER_BATCH * 2
-    for _ in range(400):
-        if len(fast_ids) >= published:
-            break
-        await asyncio.sleep(0.05)
+    stalled, head = _stalled_reader(served.url)
+    # 4,800 events while one reader reads nothing
+    fast, fast_ids = await _published_and_followed(served.url, rounds=60)
     fast.cancel()
-    assert len(fast_ids) == published, "a reader that keeps up gets every event"
+    published = 60 * KEYS_PER_BATCH * 2
 
     stalled.settimeout(10)
     raw = head
@@ -206,3 +223,26 @@ async def test_event_streams_are_capped_per_client_and_in_total(
         for client, response in opened:
             await response.aclose()
             await client.aclose()
+
+
+async def test_open_streams_end_cleanly_when_the_service_stops(
+    service_process: ServiceFactory,
+) -> None:
+    """SIGTERM with a reader that keeps up and one that reads nothing (events waiting for it,
+    fewer than the bound): the service exits 0 well within a pod's grace (30 s, as long as a
+    send may wait for a stalled reader), the reader that keeps up has every event and then the
+    stream's proper end (an incomplete chunked body would raise), and nothing is logged as a
+    stack trace."""
+    served = service_process("--enhanced-locking-enabled",
+                             f"--enhanced-locking-events-max-lag={MAX_LAG * 4}")
+    stalled, _ = _stalled_reader(served.url)
+    # 1,600 events: under the bound, none is a gap
+    follower, _ = await _published_and_followed(served.url, rounds=20)
+    try:
+        code = await asyncio.to_thread(served.stop, grace=25)
+        assert code == 0, served.output()
+        await asyncio.wait_for(follower, 20)  # ended, not broken off
+    finally:
+        stalled.close()
+        follower.cancel()
+    assert "Traceback" not in served.stderr(), served.stderr()
