@@ -624,15 +624,15 @@ class _Notifier:
     def expect(self, waiter_id: str) -> asyncio.Future[Notice]:
         return self.local.expect(waiter_id)
 
-    def forget(self, waiter_id: str, future: asyncio.Future[Notice]) -> None:
+    def forget(self, waiter_id: str, future: asyncio.Future[Notice], *,
+               gone: bool = False) -> None:
         """The caller of ``future`` stops waiting. Once no caller here expects the waiter,
         its notice is deleted if one of them heard it; an unheard one (its caller left before
-        it came) is the store's record of what was granted, kept for the later withdrawal
-        (or a retry) until the session lease ends. Heard means the future has its result: one
-        that came in the turn its caller went, just after, counts too, and its withdrawal
-        gives back what that future holds (``queueing._withdraw_retrying``)."""
-        self.local.forget(waiter_id, future)
-        if future.done() and not future.cancelled():
+        it came, or in the very turn it came: ``gone``) is the store's record of what was
+        granted, kept for the later withdrawal (or a retry, on any replica) until the session
+        lease ends."""
+        self.local.forget(waiter_id, future, gone=gone)
+        if not gone and future.done() and not future.cancelled():
             self.heard.add(waiter_id)
         if self.local.expected(waiter_id):
             return  # another caller here still waits on it (a retry that took it over)

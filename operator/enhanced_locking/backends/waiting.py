@@ -453,7 +453,10 @@ class GrantNotifier(Protocol):
 
     ``expect`` must be called before the waiter is enqueued (so no notice can be missed); it
     gives the caller a future of its own. The caller passes that future to ``forget`` when it
-    stops waiting (a second ``forget`` of it does nothing). ``deliver`` is the backend's side:
+    stops waiting (a second ``forget`` of it does nothing), with ``gone`` when the caller went
+    away without reading it: a notice the future holds then (it came in the very turn the
+    caller went) was never heard, and a store that keeps an unheard notice as its record of
+    the grant keeps it for the caller's withdrawal or a retry. ``deliver`` is the backend's side:
     it is called at most once per waiter, after the grant (or removal) is durable, and
     resolves the future of every caller that expects the waiter then (several, when a retry
     took the waiter over while the first request still runs); a notice for a waiter nobody
@@ -462,7 +465,8 @@ class GrantNotifier(Protocol):
 
     def expect(self, waiter_id: str) -> asyncio.Future[Notice]: ...
 
-    def forget(self, waiter_id: str, future: asyncio.Future[Notice]) -> None: ...
+    def forget(self, waiter_id: str, future: asyncio.Future[Notice], *,
+               gone: bool = False) -> None: ...
 
     def deliver(self, waiter_id: str, notice: Notice) -> None: ...
 
@@ -482,7 +486,8 @@ class LocalNotifier:
             futures.append(future)
         return future
 
-    def forget(self, waiter_id: str, future: asyncio.Future[Notice]) -> None:
+    def forget(self, waiter_id: str, future: asyncio.Future[Notice], *,
+               gone: bool = False) -> None:
         futures = self._futures.get(waiter_id)
         if futures is None or future not in futures:
             return

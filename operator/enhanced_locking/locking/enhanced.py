@@ -373,8 +373,6 @@ class EnhancedLocker(AtlantisCalls):
             elif outcome.status is not Status.QUEUED:
                 if offer is not None and future is not None:
                     backend.grants.forget(offer.id, future)
-                    if offer.request_id is not None and outcome.status is Status.GRANTED:
-                        queueing.retried(offer.id)  # a grant it took over is its own now
                 answer = self._immediate(
                     outcome, answers, first=candidates[0].key if len(candidates) == 1 else "")
             else:
@@ -461,7 +459,8 @@ class EnhancedLocker(AtlantisCalls):
                                             self._handed_on, caller=offer.caller,
                                             policy=self.policy)
             finally:
-                self.backend.grants.forget(waiter.id, future)
+                self.backend.grants.forget(waiter.id, future,
+                                           gone=isinstance(error, asyncio.CancelledError))
                 if told and isinstance(error, asyncio.CancelledError):
                     self._gone(key, waiter, time.perf_counter() - started)
             raise

@@ -45,8 +45,8 @@ from enhanced_locking.backends.base import QueueBackend
 from enhanced_locking.backends.waiting import Grant, Notice, QueuePolicy, Wait, Waiter
 from enhanced_locking.types import BackendUnavailable, Reason
 
-__all__ = ["RETRY_GRACE", "NotWithdrawn", "abandon", "await_turn", "leave", "retried",
-           "withdraw", "withdrawals_noted"]
+__all__ = ["RETRY_GRACE", "NotWithdrawn", "abandon", "await_turn", "leave", "withdraw",
+           "withdrawals_noted"]
 
 log = logging.getLogger(__name__)
 
@@ -54,24 +54,6 @@ RETRY_GRACE = 10.0
 """Seconds a waiter with a ``requestId`` outlives its caller, for the retry to take it over."""
 
 _LATER: set[asyncio.Task[None]] = set()
-
-_UNCLAIMED: dict[str, list[asyncio.Future[Notice]]] = {}
-"""Per waiter, the futures of its callers gone here whose withdrawal waits out the retry grace
-(:func:`_later`): a grant one holds (it came as its caller went) is that withdrawal's to give
-back, until a retry of the request is answered with the grant (:func:`retried`)."""
-
-
-def retried(waiter_id: str) -> None:
-    """A retry of a request (its ``requestId`` names waiter ``waiter_id``) was answered with a
-    grant at once: one the waiter was granted as its first caller went is the retry's now (it
-    took it over), and the withdrawal of that first caller after the grace leaves it held."""
-    _UNCLAIMED.pop(waiter_id, None)
-
-
-def _unclaimed(waiter_id: str,
-               told: asyncio.Future[Notice] | None) -> asyncio.Future[Notice] | None:
-    """``told``, while no retry was answered with the grant it may hold (see :func:`retried`)."""
-    return told if told is not None and told in _UNCLAIMED.get(waiter_id, ()) else None
 
 
 @dataclass(frozen=True)
@@ -137,6 +119,7 @@ async def await_turn(
     """
     key = waiter.keys[0]
     ends = asyncio.get_running_loop().time() + seconds
+    gone = False  # the caller went without reading its future (a notice there is unheard)
     try:
         try:
             notice = _owned(await asyncio.wait_for(asyncio.shield(future), seconds), caller)
@@ -154,6 +137,7 @@ async def await_turn(
                 return _owned(future.result(), caller)
             return Notice(reason=Reason.TIMEOUT)
         except asyncio.CancelledError:
+            gone = True
             await leave(backend, waiter, future, give_back, handed, caller=caller, ends=ends,
                         policy=policy)
             raise
@@ -167,7 +151,7 @@ async def await_turn(
             raise asyncio.CancelledError
         return notice
     finally:
-        backend.grants.forget(waiter.id, future)
+        backend.grants.forget(waiter.id, future, gone=gone)
 
 
 def _owned(notice: Notice, caller: str) -> Notice:
@@ -188,7 +172,7 @@ async def leave(backend: QueueBackend, waiter: Waiter, future: asyncio.Future[No
     (loop time)."""
     if waiter.request_id is not None and caller:
         _later(backend, waiter.keys, waiter.id, give_back, handed, caller, ends,
-               policy=policy, told=future)
+               policy=policy)
     else:
         await withdraw(backend, waiter, future, give_back, handed, caller=caller,
                        policy=policy)
@@ -196,32 +180,20 @@ async def leave(backend: QueueBackend, waiter: Waiter, future: asyncio.Future[No
 
 def _later(backend: QueueBackend, keys: tuple[str, ...], waiter_id: str,
            give_back: Callable[[Notice], Awaitable[None]], handed: Handed, caller: str,
-           ends: float, *, policy: PolicyOf = QueuePolicy,
-           told: asyncio.Future[Notice] | None = None) -> None:
+           ends: float, *, policy: PolicyOf = QueuePolicy) -> None:
     """Withdraw ``waiter`` after the retry grace, unless a retry took it over meanwhile.
     While the store does not answer it is tried again, until the wait's end ``ends`` (loop
     time: the seconds its deadline was away on the backend's clock when the wait began) plus
     ``ABANDON_MARGIN`` (as :func:`abandon`): left queued, the waiter would be granted later
     and held by a caller that is gone. A give-up is logged and told to the ``late`` hook of
-    :func:`withdrawals_noted` (its keys may be held). ``told``: the caller's future, whose
-    notice (a grant that came as the caller went) is given back when the store no longer
-    remembers it, as :func:`withdraw` does, unless a retry was answered with that grant
-    meanwhile (:func:`retried`: it took the grant over, and the store forgot it as this
-    waiter's)."""
+    :func:`withdrawals_noted` (its keys may be held)."""
     noting = _NOTED.get()
-    if told is not None:
-        _UNCLAIMED.setdefault(waiter_id, []).append(told)
 
     async def clean_up() -> None:
-        try:
-            await asyncio.sleep(RETRY_GRACE)
-            failed = await _withdraw_retrying(backend, keys[0], waiter_id, Reason.CANCELLED,
-                                              caller, give_back, handed,
-                                              give_up=ends + ABANDON_MARGIN, policy=policy,
-                                              told=told)
-        finally:
-            if told is not None:
-                _forget_unclaimed(waiter_id, told)
+        await asyncio.sleep(RETRY_GRACE)
+        failed = await _withdraw_retrying(backend, keys[0], waiter_id, Reason.CANCELLED,
+                                          caller, give_back, handed,
+                                          give_up=ends + ABANDON_MARGIN, policy=policy)
         if failed is None:
             return
         log.error("could not withdraw waiter %s from %s: gave up", waiter_id, keys,
@@ -230,14 +202,6 @@ def _later(backend: QueueBackend, keys: tuple[str, ...], waiter_id: str,
             await noting.late(NotWithdrawn(keys, failed))
 
     _run_later(clean_up())
-
-
-def _forget_unclaimed(waiter_id: str, told: asyncio.Future[Notice]) -> None:
-    futures = _UNCLAIMED.get(waiter_id)
-    if futures is not None and told in futures:
-        futures.remove(told)
-        if not futures:
-            del _UNCLAIMED[waiter_id]
 
 
 def _run_later(clean_up: Coroutine[Any, Any, None]) -> None:
@@ -249,16 +213,12 @@ def _run_later(clean_up: Coroutine[Any, Any, None]) -> None:
 async def _withdraw_retrying(backend: QueueBackend, key: str, waiter_id: str, reason: Reason,
                              caller: str, give_back: Callable[[Notice], Awaitable[None]],
                              handed: Handed, *, give_up: float,
-                             policy: PolicyOf = QueuePolicy,
-                             told: asyncio.Future[Notice] | None = None) -> Exception | None:
+                             policy: PolicyOf = QueuePolicy) -> Exception | None:
     """Cancel waiter ``waiter_id`` of ``key`` and give back what it was granted, each step
     tried again while the store does not answer, until ``give_up`` (loop time). What the
     cancel returned is kept: once it has answered only the give-back is tried again (a second
-    cancel finds the waiter gone and its grant would never be given back). A cancel that
-    finds neither waiter nor grant falls back on what the caller's future ``told`` holds (a
-    grant that came as the caller went: on etcd its notice, the store's record, goes once the
-    caller stops listening), as :func:`withdraw` does, while no retry was answered with it
-    (:func:`_unclaimed`). ``None`` when done; else the error it ended on."""
+    cancel finds the waiter gone and its grant would never be given back). ``None`` when
+    done; else the error it ended on."""
     loop = asyncio.get_running_loop()
     delay = 0.05
     granted: Notice | None = None
@@ -269,10 +229,6 @@ async def _withdraw_retrying(backend: QueueBackend, key: str, waiter_id: str, re
                                                  policy=policy())
                 granted = Notice(locks=cancelled.granted, fresh=cancelled.fresh,
                                  kept=cancelled.kept)
-                mine = _unclaimed(waiter_id, told)
-                if cancelled.waiter is None and mine is not None and mine.done() and (
-                        not mine.cancelled()):  # the store no longer remembers it
-                    granted = _owned(mine.result(), caller)
                 if cancelled.handed:
                     handed(cancelled.handed)
             if granted.locks:
