@@ -495,6 +495,36 @@ async def test_a_retry_of_a_caller_cancelled_just_before_its_grant_keeps_the_gra
     assert not other.acquired, other
 
 
+SHARED_KINDS = [pytest.param(kind, marks=BACKEND_KINDS[kind].marks, id=kind)
+                for kind in ("boltdb", "redis", "redis-cluster", "etcd")]
+"""The queue backends two replicas can share (the embedded store: two connections to one file)."""
+
+
+@pytest.mark.parametrize("queue_backend_factory", SHARED_KINDS, indirect=True)
+async def test_a_retry_through_another_replica_keeps_the_grant_its_first_caller_never_read(
+    rigs: Callable[..., LockerRig], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As above, but the retry goes through another replica of the same store (a load
+    balancer's next pick): it takes the grant over there, and the first replica's withdrawal
+    after the grace leaves it held. Before, the first replica gave back what its gone caller's
+    future held whenever the store named no waiter to cancel, and only a retry answered on
+    the same replica kept it: the lock the retry was told it holds was freed (two holders)."""
+    monkeypatch.setattr(queueing, "RETRY_GRACE", 2.0)
+    first, second = rigs(), rigs()
+    asked = await _gone_just_before_its_grant(first, monkeypatch, "job-77")
+    retry = await asyncio.wait_for(second.locker.acquire(asked), 30)  # within the grace
+    assert retry.acquired and retry.lock is not None, retry
+    later = set(queueing._LATER)
+    if later:  # the first replica's withdrawal after the grace
+        await asyncio.wait_for(asyncio.gather(*later), 60)
+    await settle()
+    for replica in (first, second):
+        held = await replica.locker.get(ask(1).key)
+        assert held is not None and held.fencing_token == retry.lock.fencing_token, held
+    other = await first.locker.acquire(ask(3))
+    assert not other.acquired, other
+
+
 async def test_callers_with_request_ids_cancelled_and_retried_at_random_never_share_a_key(
     rigs: Callable[..., LockerRig], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
