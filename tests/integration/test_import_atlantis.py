@@ -15,7 +15,7 @@ import pty
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -492,17 +492,27 @@ def test_locks_in_an_atlantis_redis_cluster_are_read_from_every_master(
                 admin.delete(f"pr/{key}")
 
 
+def _imported_from_redis_with_a_password(server: RedisServer, tmp_path: Path, pull: int,
+                                         url: Callable[[str], str]) -> dict[str, Any]:
+    """One lock imported from ``server`` with the password ``hunter2-redis`` set, given in the
+    URL ``url(address)`` makes: the report, once the password was seen nowhere."""
+    lock = atlantis_lock(repo="acme/auth", pull=pull)
+    fill_like_atlantis(server, {lock_key(lock): json.dumps(lock).encode()})
+    server.set_requirepass("hunter2-redis")
+    result = run_cli("--from-redis", url(server.addr), "--data-dir", str(tmp_path / "d"),
+                     "--output", "json")
+    assert result.returncode == 0, result.stderr
+    assert "hunter2" not in result.stdout + result.stderr
+    report = _report(result)
+    assert report["summary"]["imported"] == 1
+    return report
+
+
 @pytest.mark.redis
 def test_a_redis_password_never_shows_in_the_report(atlantis_redis: RedisServer,
                                                     tmp_path: Path) -> None:
-    lock = atlantis_lock(repo="acme/auth", pull=3)
-    fill_like_atlantis(atlantis_redis, {lock_key(lock): json.dumps(lock).encode()})
-    atlantis_redis.set_requirepass("hunter2-redis")
-    url = f"redis://:hunter2-redis@{atlantis_redis.addr}/0"
-    result = run_cli("--from-redis", url, "--data-dir", str(tmp_path / "d"), "--output", "json")
-    assert result.returncode == 0, result.stderr
-    assert "hunter2" not in result.stdout + result.stderr
-    assert _report(result)["summary"]["imported"] == 1
+    _imported_from_redis_with_a_password(atlantis_redis, tmp_path, 3,
+                                         lambda addr: f"redis://:hunter2-redis@{addr}/0")
 
 
 @pytest.mark.redis
@@ -510,15 +520,8 @@ def test_a_redis_password_in_the_urls_query_never_shows(atlantis_redis: RedisSer
                                                         tmp_path: Path) -> None:
     # redis-py takes a password from the URL's query too (?password=): it is masked as one
     # before the host is, in the report and in every error that names the URL.
-    lock = atlantis_lock(repo="acme/auth", pull=5)
-    fill_like_atlantis(atlantis_redis, {lock_key(lock): json.dumps(lock).encode()})
-    atlantis_redis.set_requirepass("hunter2-redis")
-    url = f"redis://{atlantis_redis.addr}/0?password=hunter2-redis"
-    result = run_cli("--from-redis", url, "--data-dir", str(tmp_path / "d"), "--output", "json")
-    assert result.returncode == 0, result.stderr
-    assert "hunter2" not in result.stdout + result.stderr
-    report = _report(result)
-    assert report["summary"]["imported"] == 1
+    report = _imported_from_redis_with_a_password(
+        atlantis_redis, tmp_path, 5, lambda addr: f"redis://{addr}/0?password=hunter2-redis")
     assert report["source"] == f"redis redis://{atlantis_redis.addr}/0"
     for bad, code in ((f"redis://{atlantis_redis.addr}/1x?password=hunter2-redis", 2),
                       ("redis://[::1/0?db=0&Password=hunter2-redis", 2),
