@@ -33,8 +33,22 @@ run's Mutex) and the table gives the median and the best run. The members run wi
 ``--unsafe-no-fsync`` (the machine's disk is not what is measured; every case pays the same
 consensus round trips).
 
+What one pair costs this process, counted (``--count ours|bare``): one case alone, ``--pairs``
+pairs in each of ``--blocks`` blocks after a warm-up of 200, against the etcd members named by
+``--endpoints`` (members already running, so that two versions of the code can take turns
+against the same cluster) or a 3-member cluster started as for the table. Each block prints
+its pairs/s, the etcd calls a pair (ours), and the CPU of this process a pair split into the
+event loop's thread (our Python, the client's and gRPC's asyncio layer) and the other threads
+(gRPC's own). A block runs inside the C function ``operator.call``, which nothing else on the
+pair's path calls: ``valgrind --tool=callgrind --toggle-collect=_operator_call`` then counts
+only the event loop thread's instructions of the blocks' pairs. With ``--instructions`` the
+bench runs the case under callgrind so (one block, the hash seed fixed) and prints the
+instructions a pair: a count hardly moved by what else runs on the machine, where times are.
+
 Usage: python bench/etcd_locking.py [--runs 3] [--pairs 1000] [--handoffs 100]
 [--hot-waiters 5,20,60] [--no-write]
+       python bench/etcd_locking.py --count ours|bare [--pairs 300] [--blocks 3]
+[--endpoints HOST:PORT,...] [--instructions]
 """
 
 from __future__ import annotations
@@ -43,8 +57,11 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import operator
 import os
 import platform
+import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -398,6 +415,128 @@ async def measure(args: argparse.Namespace, cluster: EtcdCluster,
     return report(args, runs)
 
 
+# --- one case alone, counted --------------------------------------------------------------
+
+COUNT_WARM_UP = 200
+"""Pairs run before the counted blocks: connections, the session, the replica's view."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """One counted block of pairs: pairs/s, etcd calls a pair (ours only), and this process's
+    CPU seconds a pair, of the event loop's thread and of its other threads (gRPC's)."""
+
+    pairs_per_second: float
+    calls_per_pair: float | None
+    loop_cpu: float
+    other_cpu: float
+
+    def line(self, case: str) -> str:
+        calls = "" if self.calls_per_pair is None else f", {self.calls_per_pair:.2f} etcd calls"
+        return (f"{case}: {self.pairs_per_second:.0f} pairs/s{calls}; CPU a pair "
+                f"{(self.loop_cpu + self.other_cpu) * 1e6:.0f} µs = the event loop's thread "
+                f"{self.loop_cpu * 1e6:.0f} + the other threads {self.other_cpu * 1e6:.0f}")
+
+
+def count_blocks(case: str, endpoints: list[str], pairs: int, blocks: int) -> list[Block]:
+    """``blocks`` blocks of ``pairs`` pairs of ``case`` (``ours``: the locker's acquire and
+    release on the etcd backend, as the table's; ``bare``: etcd3aio's put and delete), each
+    run inside ``operator.call`` (see the module's doc: what callgrind is told to count)."""
+    loop = asyncio.new_event_loop()
+    try:
+        pair, calls, close = loop.run_until_complete(_one_case(case, endpoints))
+
+        async def run(count: int) -> None:
+            for _ in range(count):
+                await pair()
+
+        loop.run_until_complete(run(COUNT_WARM_UP))
+        found = []
+        for _ in range(blocks):
+            made = calls()
+            cpu, own, started = time.process_time(), time.thread_time(), time.perf_counter()
+            operator.call(loop.run_until_complete, run(pairs))
+            elapsed = time.perf_counter() - started
+            cpu, own = time.process_time() - cpu, time.thread_time() - own
+            done = calls()
+            found.append(Block(pairs / elapsed,
+                               None if done is None or made is None else (done - made) / pairs,
+                               own / pairs, (cpu - own) / pairs))
+        loop.run_until_complete(close())
+        return found
+    finally:
+        loop.close()
+
+
+async def _one_case(case: str, endpoints: list[str]) -> tuple[
+        Callable[[], Any], Callable[[], int | None], Callable[[], Any]]:
+    """The pair of ``case``, how many etcd calls its store made so far, and how to close it."""
+    if case == "ours":
+        locker = Ours(EnhancedLockingConfig(
+            backend="etcd", etcd_endpoints=endpoints, enabled=True, priority_queue=True,
+            events=True, metrics=True, max_timeout="1m",
+            etcd_key_prefix=f"/bench/count-{os.getpid()}/")).locker()
+        backend = locker.backend
+        assert isinstance(backend, EtcdBackend)
+        ask, owner = request(), ("acme/bench", 1)
+
+        async def ours() -> None:
+            assert (await locker.acquire(ask)).acquired
+            await locker.release(ask.key, owner=owner)
+
+        return ours, lambda: backend.round_trips, lambda: close_locker(locker)
+    connection = EtcdConnection(EtcdSettings(endpoints=tuple(endpoints)))
+    client = await connection.client()
+    kv = client.kv
+    assert kv is not None
+    key = f"/bench/count-{os.getpid()}".encode()
+
+    async def bare() -> None:
+        await kv.put(key, b"x")
+        await kv.delete(key)
+
+    return bare, lambda: None, connection.close
+
+
+def instructions(case: str, endpoints: list[str], pairs: int) -> str:
+    """``case`` run under callgrind in a process of its own (one block of ``pairs``), the
+    instructions of the event loop's thread a pair."""
+    if shutil.which("valgrind") is None:
+        raise SystemExit("--instructions needs valgrind (apt-get install valgrind)")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "callgrind.out"
+        env = {**os.environ, "PYTHONHASHSEED": "0"}
+        shown = subprocess.run(
+            ["valgrind", "--tool=callgrind", "--toggle-collect=_operator_call",
+             f"--callgrind-out-file={out}", sys.executable, __file__, "--count", case,
+             "--pairs", str(pairs), "--blocks", "1", "--endpoints", ",".join(endpoints)],
+            env=env, check=True, capture_output=True, text=True).stdout
+        totals = re.search(r"^(?:totals|summary): (\d+)", out.read_text(), re.MULTILINE)
+        assert totals is not None, f"no totals in callgrind's output of {case}"
+    return (f"{case}: {int(totals[1]) / pairs:,.0f} instructions a pair on the event loop's "
+            f"thread ({pairs} pairs under callgrind; {shown.strip()})")
+
+
+def count(args: argparse.Namespace) -> None:
+    """``--count``: the case's blocks (or its instructions), printed; nothing written."""
+    def each(endpoints: list[str]) -> None:
+        if args.instructions:
+            print(instructions(args.count, endpoints, args.pairs), flush=True)
+            return
+        for block in count_blocks(args.count, endpoints, args.pairs, args.blocks):
+            print(block.line(args.count), flush=True)
+
+    if args.endpoints:
+        each(args.endpoints)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        cluster = EtcdCluster(Path(tmp) / "etcd", members_count=3, fsync=False).start()
+        try:
+            each(cluster.endpoints)
+        finally:
+            cluster.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3)
@@ -406,8 +545,23 @@ def main() -> None:
                         default=[5, 20, 60], help="waiter counts of the hot-key case")
     parser.add_argument("--handoffs", type=int, default=100)
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--count", choices=("ours", "bare"),
+                        help="only this case's pair, in blocks, its CPU split by thread "
+                             "(ours: the locker on etcd; bare: etcd3aio's put + delete); "
+                             "prints only")
+    parser.add_argument("--blocks", type=int, default=3,
+                        help="how many blocks of pairs the count runs")
+    parser.add_argument("--endpoints", type=lambda text: text.split(","),
+                        help="with --count: etcd members already running (HOST:PORT,...) "
+                             "instead of a cluster started for the run")
+    parser.add_argument("--instructions", action="store_true",
+                        help="with --count: the event loop thread's instructions a pair, "
+                             "counted under callgrind")
     quick_defaults(parser, runs=1, pairs=200, handoffs=30)
     args = parser.parse_args()
+    if args.count:
+        count(args)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         cluster = EtcdCluster(Path(tmp) / "etcd", members_count=3, fsync=False).start()
         try:

@@ -29,6 +29,8 @@ def help_of(script: str) -> str:
                    "--handoffs HANDOFFS": "(default 1000; make bench: 200)"}),
     ("scale.py", {"--sizes SIZES": "(default 1000,10000,100000; make bench: 1000,10000)",
                   "--waiters WAITERS": "(default 10000; make bench: 2000)"}),
+    ("etcd_locking.py", {"--pairs PAIRS": "(default 1000; make bench: 200)",
+                         "--blocks BLOCKS": "how many blocks of pairs the count runs (default 3)"}),
 ])
 def test_help_names_each_count_and_what_make_bench_runs(script: str,
                                                         counts: dict[str, str]) -> None:
