@@ -1,7 +1,7 @@
 """The examples of docs/08-access.md, pasted: the static-token example runs as written with bash
-(only the port and the home directory are this test's) and does what the page says; the workflow
-step's line that reads the mounted token runs as Atlantis runs it (only the file's path is the
-test's)."""
+(only the ports and the home directory are this test's), beside an open service on the quick
+start's address, and does what the page says; the workflow step's line that reads the mounted
+token runs as Atlantis runs it (only the file's path is the test's)."""
 
 from __future__ import annotations
 
@@ -21,13 +21,18 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "08-access.md"
 BLOCK = re.compile(r"<!-- example: (?P<name>[a-z-]+) -->\n```bash\n(?P<body>.*?)```", re.DOTALL)
 
 
-def test_the_static_token_example_runs_as_written(tmp_path: Path) -> None:
+def test_the_static_token_example_runs_as_written(
+        tmp_path: Path, service_process: Callable[..., ServiceProcess]) -> None:
+    # The README's quick start leaves `make run` serving, open, on 4142 (here: the open
+    # service's port): the example starts a service of its own beside it, and every call it
+    # makes goes to that one, never to the open one.
+    quick_start = service_process(data_dir=tmp_path / "quick-start")
     blocks = {m["name"]: m["body"] for m in BLOCK.finditer(DOC.read_text())}
     port = str(free_port())
-    script = blocks["static"].replace("4142", port)
-    env = scrubbed_env({
-        "HOME": str(tmp_path), "ENHANCED_LOCKING_PORT": port,
-        "ENHANCED_LOCKING_URL": f"http://127.0.0.1:{port}",
+    script = blocks["static"].replace("4142", str(quick_start.port)).replace("4143", port)
+    env = scrubbed_env({  # the defaults, 4142, stand for the quick start's service here too
+        "HOME": str(tmp_path), "ENHANCED_LOCKING_PORT": str(quick_start.port),
+        "ENHANCED_LOCKING_URL": quick_start.url,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     })
     done = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True,
@@ -44,7 +49,9 @@ def test_the_static_token_example_runs_as_written(tmp_path: Path) -> None:
         ("atlantis", "force-unlock", "denied"),
         ("atlantis", "acquire", "acquired"),
     ]
-    assert (tmp_path / ".atlantis" / "enhanced-locking.db").exists()
+    assert (tmp_path / "el-auth" / "enhanced-locking.db").exists()
+    assert not (tmp_path / ".atlantis").exists()  # not the default store of `make run`
+    assert httpx.get(f"{quick_start.url}/v1/audit", timeout=30).json()["entries"] == []
     assert "tok-" not in (tmp_path / "audit.jsonl").read_text()
 
 
