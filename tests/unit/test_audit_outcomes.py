@@ -39,7 +39,7 @@ def written_outcomes() -> set[str]:
                 if keyword.arg == "outcome":
                     found |= _strings(keyword.value)
     found |= {outcome for _, outcome, _ in access._FAILURES}
-    found |= {"error", "ok"}  # _failure_outcome's fallback, AuditNote's default
+    found |= {"error", "ok"}  # failure_outcome's fallback, AuditNote's default
     return found
 
 

@@ -80,6 +80,7 @@ __all__ = [
     "check_routes",
     "cross_site",
     "cross_site_refusal",
+    "failure_outcome",
     "foreign_host",
     "install_access",
     "is_loopback",
@@ -304,7 +305,7 @@ _FAILURES: tuple[tuple[type[Exception], str, int], ...] = (
 )
 
 
-def _failure_outcome(error: Exception) -> tuple[str, int]:
+def failure_outcome(error: Exception) -> tuple[str, int]:
     """The outcome and status an audit row gives a call that failed with ``error``."""
     return next(((outcome, status) for kind, outcome, status in _FAILURES
                  if isinstance(error, kind)), ("error", 500))
@@ -397,7 +398,7 @@ class Caller:
         for key, error in tried:
             if error is not None:
                 await self.record(action=action, verb=Verb.LOCK, key=key, repo=repo,
-                                  pull=pull, outcome=_failure_outcome(error)[0], status=499)
+                                  pull=pull, outcome=failure_outcome(error)[0], status=499)
 
 
 class Audited:
@@ -422,7 +423,7 @@ class Audited:
         elif isinstance(error, NotPermitted) or not isinstance(error, Exception):
             return  # a refusal is written where it is raised; a cancellation is no outcome
         else:
-            outcome, status = _failure_outcome(error)
+            outcome, status = failure_outcome(error)
         await self._caller.record(action=self._action, verb=self._verb, key=note.key,
                                   repo=note.repo, pull=note.pull, outcome=outcome,
                                   status=status, reason=self._reason)

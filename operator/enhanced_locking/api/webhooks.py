@@ -44,12 +44,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import SecretStr
 
-from enhanced_locking.api.access import public
+from enhanced_locking.api.access import failure_outcome, public
 from enhanced_locking.api.audit import AuditTrail
 from enhanced_locking.api.errors import error_answers, json_error
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.factory import LockService
-from enhanced_locking.types import AuditEntry, Verb, utcnow
+from enhanced_locking.types import AuditEntry, BackendUnavailable, StoreBusy, Verb, utcnow
 
 __all__ = ["MAX_BODY", "ClosedPull", "DeliveryLog", "webhook_router"]
 
@@ -221,6 +221,25 @@ def webhook_router(
             reason=reason, peer=peer,
         ))
 
+    async def not_closed(request: Request, vcs: Vcs, closed: ClosedPull,
+                         error: BackendUnavailable) -> JSONResponse:
+        """The answer to a close the store did not serve: the pull's locks (or some of them)
+        are still held, and no VCS sends a failed delivery again on its own, so the answer,
+        the log and the audit trail say so and how to free them. The delivery is not counted
+        as handled: sent again, it frees them."""
+        outcome, status = failure_outcome(error)
+        message = (f"{vcs} webhook: {closed.repo} #{closed.pull} closed, but the lock store did "
+                   f"not answer ({error}): its locks are still held; send this delivery again "
+                   "from the VCS's webhook page once the store answers, or run `enhanced-locking "
+                   f"lock unlock-pull --repo {closed.repo} --pull {closed.pull}`")
+        log.warning("%s", message)
+        await audit(request, vcs, outcome=outcome, status=status, closed=closed,
+                    reason=str(error))
+        answer = json_error(status, message, reason=outcome)
+        if isinstance(error, StoreBusy):
+            answer.headers["Retry-After"] = "1"
+        return answer
+
     async def receive(vcs: Vcs, request: Request) -> JSONResponse:
         secret = secrets[vcs](settings())
         if not secret.get_secret_value():
@@ -252,8 +271,11 @@ def webhook_router(
         if closed is None:
             answer: dict[str, Any] = {"ignored": event or "unknown event"}
         else:
-            done = await service.router.close_pull(closed.repo, closed.pull,
-                                                   closed_at=closed.closed_at)
+            try:
+                done = await service.router.close_pull(closed.repo, closed.pull,
+                                                       closed_at=closed.closed_at)
+            except BackendUnavailable as error:
+                return await not_closed(request, vcs, closed, error)
             log.info("%s webhook: %s #%d %s: released %d lock(s), dropped %d queued request(s)",
                      vcs, closed.repo, closed.pull, "merged" if closed.merged else "closed",
                      len(done.released), len(done.cancelled))
@@ -272,6 +294,8 @@ def webhook_router(
         404: "This VCS's webhook secret is not set: the endpoint is off.",
         413: "The body is larger than a VCS sends.",
         422: "A verified body that is not a pull/merge request event.",
+        503: "A close the lock store did not serve: the pull's locks are still held; the "
+             "delivery sent again once the store answers frees them.",
     })
 
     @router.post("/github", responses=answers)

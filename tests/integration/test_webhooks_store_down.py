@@ -1,0 +1,99 @@
+"""A pull request closed while the lock store does not answer: the webhook frees nothing, and
+the VCS will not send the close again on its own (GitHub, GitLab and Gitea do not retry a
+failed delivery). So the answer, the log and the audit trail each say the pull's locks are
+still held and how to free them; the delivery is not counted as handled, so sending it again
+once the store answers frees them. A real redis-server (append-only, so its locks survive the
+stop), stopped; the service in this process, served through its ASGI app."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+from tests.support.redis_fixtures import ServerMaker
+from tests.support.redis_server import RedisServer
+
+from enhanced_locking.api import create_app
+from enhanced_locking.api.audit import AuditTrail
+from enhanced_locking.backends.audit_store import AuditQuery, MemoryAuditStore, Retention
+from enhanced_locking.config import EnhancedLockingConfig
+from enhanced_locking.factory import LockService
+from enhanced_locking.provider import ConfigProvider
+
+pytestmark = pytest.mark.redis
+
+SECRET = "gh-webhook-s3cret-value"
+REPO = "acme/infra"
+ORIGIN = "http://127.0.0.1"
+
+
+@pytest.fixture
+async def held(redis_servers: ServerMaker, tmp_path: Path) -> AsyncIterator[
+        tuple[httpx.AsyncClient, AuditTrail, RedisServer, str]]:
+    """The service on an append-only Redis with pull 5's lock held, and the Redis server."""
+    server = redis_servers(persistence="aof")
+    config = EnhancedLockingConfig(
+        enabled=True, backend="redis", redis_addr=server.addr, legacy_backend="memory",
+        data_dir=str(tmp_path), audit_stdout=False, retries=False,
+        github_webhook_secret=SECRET,
+    )
+    service = LockService(ConfigProvider(config))
+    trail = AuditTrail(MemoryAuditStore(Retention(timedelta(days=1), 1000)),
+                       stdout=lambda: False)
+    app = create_app(service, audit=trail)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url=ORIGIN) as http:
+        taken = await http.post("/v1/locks", json={
+            "project": {"repoFullName": REPO, "path": "envs/prod"}, "pull": {"num": 5}})
+        assert taken.status_code == 200, taken.text
+        yield http, trail, server, taken.json()["lockKey"]
+
+
+def _close(pull: int) -> tuple[bytes, dict[str, str]]:
+    """GitHub's ``pull_request`` ``closed`` delivery of ``pull``, signed as GitHub signs it."""
+    body = json.dumps({
+        "action": "closed", "number": pull,
+        "pull_request": {"number": pull, "state": "closed", "merged": True,
+                         "closed_at": "2099-01-01T00:00:00Z"},
+        "repository": {"full_name": REPO, "name": "infra", "owner": {"login": "acme"}},
+    }).encode()
+    signature = hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+    return body, {"content-type": "application/json", "X-GitHub-Event": "pull_request",
+                  "X-GitHub-Delivery": "delivery-1", "X-Hub-Signature-256": f"sha256={signature}"}
+
+
+async def test_a_close_the_store_did_not_answer_says_the_locks_stay_and_can_be_sent_again(
+    held: tuple[httpx.AsyncClient, AuditTrail, RedisServer, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    http, trail, server, key = held
+    body, headers = _close(5)
+    server.stop()
+    with caplog.at_level(logging.WARNING, logger="enhanced_locking.api.webhooks"):
+        failed = await http.post("/v1/webhooks/github", content=body, headers=headers)
+    assert failed.status_code == 503, failed.text
+    answer = failed.json()
+    assert answer["reason"] == "unavailable"
+    for said in (f"{REPO} #5", "still held", "send this delivery again",
+                 f"enhanced-locking lock unlock-pull --repo {REPO} --pull 5"):
+        assert said in answer["error"], answer["error"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(f"{REPO} #5" in line and "still held" in line for line in warnings), warnings
+    rows = await trail.read(AuditQuery())
+    closes = [row for row in rows if row.action == "POST /v1/webhooks/github"]
+    assert [(row.identity, row.repo, row.pull, row.outcome, row.status) for row in closes] == [
+        ("webhook:github", REPO, 5, "unavailable", 503)], closes
+
+    server.start()
+    again = await http.post("/v1/webhooks/github", content=body, headers=headers)
+    assert again.status_code == 200, again.text
+    assert again.json().get("duplicate") is None, "a failed delivery is not counted as handled"
+    assert again.json()["released"] == [key]
+    assert (await http.get("/v1/locks/by-key", params={"key": key})).status_code == 404
