@@ -13,7 +13,8 @@
 // asking again gets it back) would be told it holds a lock that the give-back then frees. The
 // others (a release that names no pull, force-unlock, cancel, releasing a pull's locks) are
 // sent once, because a repeat could free a lock that someone else took in between, or lose
-// the list of what was released.
+// the list of what was released; they are sent again only when no connection could be made
+// (nothing reached the service: an endpoint gone during a restart or a rollout).
 //
 // A retry waits at least the answer's Retry-After (the overload 503 says 1s), and is not
 // made when that wait would outrun the context's deadline: the call then answers the
@@ -314,10 +315,6 @@ func (c *Client) do(ctx context.Context, k call) (answer, error) {
 			return answer{}, &InvalidError{Message: fmt.Sprintf("%s: cannot encode the request: %v", k.op, err), Key: k.key}
 		}
 	}
-	attempts := 1
-	if k.idempotent {
-		attempts = c.attempts
-	}
 	delay := c.backoff
 	var last error
 	for attempt := 1; ; attempt++ {
@@ -330,7 +327,7 @@ func (c *Client) do(ctx context.Context, k call) (answer, error) {
 		} else {
 			last = &UnavailableError{Op: k.op, Key: k.key, Status: got.status, Message: errorMessage(got.body)}
 		}
-		if attempt >= attempts || ctx.Err() != nil || (k.unsentOnly && !unsent(got, err)) ||
+		if attempt >= c.attempts || ctx.Err() != nil || !mayRepeat(k, got, err) ||
 			errors.Is(err, errOtherOrigin) { // the same redirect again: no retry cures it
 			return answer{}, last
 		}
@@ -351,6 +348,22 @@ func (c *Client) do(ctx context.Context, k call) (answer, error) {
 	}
 }
 
+// mayRepeat reports whether a call whose attempt failed (err, or got) may be sent again: one
+// safe to repeat after any failure; an acquire only when the service cannot have acted on it
+// (unsent); any other (sent once: a repeat after the service acted could free a lock another
+// pull took in between, or lose the list of what was freed) only when no connection was
+// made, so nothing reached the service and the next attempt is the first it sees.
+func mayRepeat(k call, got answer, err error) bool {
+	switch {
+	case k.unsentOnly:
+		return unsent(got, err)
+	case k.idempotent:
+		return true
+	default:
+		return notConnected(err)
+	}
+}
+
 // unsent reports whether an attempt that failed (err, or got) cannot have been acted on by the
 // service: no connection was made, or the service shed it before any work (503, reason
 // "overloaded"). A 503 that says less proves nothing: the service's "unavailable" can follow
@@ -363,6 +376,12 @@ func unsent(got answer, err error) bool {
 		var e errorBody
 		return json.Unmarshal(got.body, &e) == nil && e.Reason == reasonOverloaded
 	}
+	return notConnected(err)
+}
+
+// notConnected reports whether err says no connection to the service could be made (the
+// request was never written).
+func notConnected(err error) bool {
 	var op *net.OpError
 	return errors.As(err, &op) && op.Op == "dial"
 }
@@ -739,8 +758,8 @@ func (c *Client) release(ctx context.Context, k call) (*Lock, error) {
 }
 
 // Release frees the lock on key whoever holds it (Atlantis's unlock). It answers the lock
-// it freed, or nil when the key was free. Sent once: a repeat could free a lock that another
-// pull took in between.
+// it freed, or nil when the key was free. Sent once (again only when no connection could be
+// made): a repeat could free a lock that another pull took in between.
 func (c *Client) Release(ctx context.Context, key string) (*Lock, error) {
 	return c.release(ctx, call{op: "release", method: http.MethodDelete, path: "/v1/locks/by-key",
 		query: url.Values{"key": {key}}, key: key})

@@ -403,7 +403,8 @@ func TestAnUnreachableServiceIsUnavailableAfterRetriesAndNeverShowsTheToken(t *t
 	if elapsed := time.Since(started); elapsed > 5*time.Second {
 		t.Fatalf("three attempts with a 50ms backoff took %v", elapsed)
 	}
-	// A release that names no pull is not retried; it still fails closed.
+	// A release that names no pull is sent again only because no connection could be made;
+	// with none made at all, it still fails closed.
 	if _, err := c.Release(context.Background(), "acme/infra/./default/"); !client.IsUnavailable(err) {
 		t.Fatalf("Release should be unavailable, got %v", err)
 	}
@@ -866,4 +867,63 @@ func streamOf(t *testing.T, url string, within time.Duration, opts ...client.Opt
 	must(t, err)
 	t.Cleanup(func() { events.Close() }) //nolint:errcheck
 	return events
+}
+
+// firstEndpointGone is an HTTP client whose first connection goes to a port nothing listens
+// on (an endpoint whose pod is gone, as a Service can still route to during a rollout or a
+// restart) and every later one to the service at addr; it counts the connections it tried.
+func firstEndpointGone(t *testing.T, addr string) (*http.Client, *atomic.Int32) {
+	t.Helper()
+	gone := "127.0.0.1:" + itoa(servicetest.FreePort(t))
+	var dials atomic.Int32
+	var dialer net.Dialer
+	transport := &http.Transport{DisableKeepAlives: true,
+		DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
+			if dials.Add(1) == 1 {
+				return dialer.DialContext(ctx, network, gone)
+			}
+			return dialer.DialContext(ctx, network, addr)
+		}}
+	t.Cleanup(transport.CloseIdleConnections)
+	return &http.Client{Transport: transport}, &dials
+}
+
+func TestACallSentOnceIsSentAgainWhenNoConnectionCouldBeMade(t *testing.T) {
+	// A pull's release (what Atlantis calls when a pull request closes) and a release that
+	// names no pull (its lock page's unlock) are sent once: repeated after the service acted
+	// on them, they could lose the list of what was freed or free a lock another pull took
+	// in between. A connection that could not be made reached nothing, so trying again is
+	// the first try: without it the close fails, Atlantis does not ask again, and the pull's
+	// locks stay held for every other pull.
+	svc := servicetest.Serve(t)
+	ctx := context.Background()
+	owner, err := client.New(svc.URL)
+	must(t, err)
+	_, err = owner.Acquire(ctx, request("acme/infra", "envs/a", 12))
+	must(t, err)
+	_, err = owner.Acquire(ctx, request("acme/infra", "envs/b", 13))
+	must(t, err)
+	through := func() (*client.Client, *atomic.Int32) {
+		hc, dials := firstEndpointGone(t, svc.Addr)
+		c, err := client.New(svc.URL, client.WithHTTPClient(hc), client.WithRetries(3, 10*time.Millisecond))
+		must(t, err)
+		return c, dials
+	}
+
+	c, dials := through()
+	freed, err := c.ReleasePull(ctx, "acme/infra", 12)
+	if err != nil || len(freed) != 1 {
+		t.Fatalf("ReleasePull after a connection that could not be made: want pull 12's lock "+
+			"freed, got %v, %v (%d connections tried)", freed, err, dials.Load())
+	}
+	if dials.Load() != 2 {
+		t.Fatalf("want the refused connection and one more, got %d", dials.Load())
+	}
+	c, _ = through()
+	if lock, err := c.Release(ctx, "acme/infra/envs/b/default/"); err != nil || lock == nil || lock.Pull.Num != 13 {
+		t.Fatalf("Release after a connection that could not be made: got %+v, %v", lock, err)
+	}
+	if locks, err := owner.List(ctx, client.ListFilter{}); err != nil || len(locks) != 0 {
+		t.Fatalf("every lock should be free, got %+v, %v", locks, err)
+	}
 }
