@@ -59,7 +59,9 @@ type Option func(*Database)
 
 // WithWait lets TryLock wait in the key's queue up to d before answering "locked by another
 // pull" (0, the default: fail fast, as Atlantis does). Waiting needs the service's enhanced
-// locker (enhanced-locking-enabled); the legacy locker answers at once.
+// locker (enhanced-locking-enabled); the legacy locker answers at once. d is at most the
+// service's enhanced-locking-max-timeout (5m unless set): a longer wait is refused, not
+// shortened, and every TryLock fails with a *client.InvalidError naming the setting.
 func WithWait(d time.Duration) Option { return func(b *Database) { b.wait = d } }
 
 // DefaultHoldOver is how long UnlockIfOwnedByPull keeps a lock for its pull when TryLock

@@ -862,6 +862,25 @@ func TestTryLockWaitsInTheQueueAndApplyGoesBeforePlan(t *testing.T) {
 	})
 }
 
+func TestAWaitAboveTheServicesMaxTimeoutIsAnErrorNamingTheSetting(t *testing.T) {
+	// The service refuses a wait above its enhanced-locking-max-timeout rather than shorten
+	// it: an adapter given a longer WithWait fails every TryLock, and the error Atlantis puts
+	// in the pull request's comment names the setting to raise (docs/07-atlantis-go.md).
+	svc := servicetest.Serve(t, "--enhanced-locking-enabled", "--enhanced-locking-max-timeout", "1m")
+	database := open(t, svc, lockdb.WithWait(2*time.Minute))
+	lock := models.ProjectLock{Project: models.NewProject("acme/infra", "envs/prod", "prod"),
+		Workspace: "default", Pull: pullOf("acme/infra", 1), User: alice, Time: time.Now()}
+	ok, _, err := database.TryLock(lock)
+	var invalid *client.InvalidError
+	if ok || !errors.As(err, &invalid) || invalid.Field != "wait" ||
+		!strings.Contains(err.Error(), "enhanced-locking-max-timeout") {
+		t.Fatalf("want an *InvalidError of field wait naming enhanced-locking-max-timeout, got %v %v", ok, err)
+	}
+	if held, err := database.GetLock(lock.Project, "default"); err != nil || held != nil {
+		t.Fatalf("nothing should be held, got %+v %v", held, err)
+	}
+}
+
 func TestImportAndStateAskWithApplysPriority(t *testing.T) {
 	// `atlantis import` and `atlantis state rm` write the state as apply does, and take the
 	// project lock as apply does: their views ask with apply's priority, not plan's.
