@@ -239,6 +239,16 @@ async def _clean_keys(backend: Backend) -> None:
                     backend.namespace, error)
 
 
+LOOK_AGAIN = (0.5, 30.0)
+"""Seconds before an enhanced store that could not be read at the look while off
+(:meth:`LockService._look_while_off`) is looked at again: the first pause, doubled after each
+look that fails, up to the second."""
+
+UNREAD_STORE = ("enhanced locking is off and the store its locks were kept in, which may "
+                "still hold some, did not answer: no lock is granted until it is read")
+"""The error of an acquire refused (``unavailable``) while that store is not read."""
+
+
 async def _left_while_off(config: EnhancedLockingConfig, backend: Backend,
                           legacy: Backend) -> Locks:
     """The locks ``backend``, the enhanced store of ``config``, holds at a start with enhanced
@@ -247,18 +257,17 @@ async def _left_while_off(config: EnhancedLockingConfig, backend: Backend,
     Both sides' counters are settled first, as a move to weight 0 settles them, so a key's
     tokens keep rising on legacy. A key held on both sides is not reported as a conflict here:
     the settings applied next may name another store, and this one's locks be copies a switch
-    left behind (see :meth:`LockService._apply`). A store that cannot be read is said in the
-    log: holds there, if any, are not honoured."""
+    left behind (see :meth:`LockService._apply`). A store that cannot be read raises
+    ``BackendUnavailable``: its locks may remain (see :meth:`LockService._look_while_off`)."""
     try:
         await backend.ping()
         await settle_counters(legacy=legacy, enhanced=backend, leaving=lambda bucket: True,
                               conflicts=None)
         return await backend.list()
+    except BackendUnavailable:
+        raise
     except LockingError as error:
-        log.warning("enhanced locking is off (enhanced-locking-enabled) and its %s store could "
-                    "not be read for the locks held there, which are not honoured until it is "
-                    "on again: %s", config.backend, error)
-        return []
+        raise BackendUnavailable(str(error)) from error
     finally:
         await backend.close()
 
@@ -299,6 +308,16 @@ class LockService:
         self._enhanced_identity: tuple[Any, ...] | None = None
         self._looked_at: list[tuple[Any, ...]] = []  # compared by ==: some hold lists
         """The enhanced stores looked at for locks while enhanced locking was off."""
+        self.unread_store: str | None = None
+        """Why the enhanced store the settings in force name is not read yet for the locks left
+        there, enhanced locking off (it did not answer at the look); ``None``: read, or none to
+        read. While set, no lock is granted (``unavailable``: its locks may remain) and the
+        store is looked at again, after :data:`LOOK_AGAIN`'s growing pauses."""
+        self.on_unread_store: list[Callable[[], None]] = []
+        """Told each time :attr:`unread_store` changes (the operator reports it in the status)."""
+        self._looking: asyncio.Task[None] | None = None
+        self._applying = asyncio.Lock()
+        """Held while settings are applied: by the provider's change, or a look made again."""
         provider.add_applier(self._apply)
         provider.subscribe(self._applied)
         provider.on_refused(self._refused)
@@ -323,6 +342,7 @@ class LockService:
             migration=self.migration,
             gate=self.switch_gate,
             peer_on_enhanced=lambda: self.peers.one_reaching("enhanced"),
+            unread=lambda: None if self.unread_store is None else UNREAD_STORE,
         )
 
     _honouring = False
@@ -379,6 +399,10 @@ class LockService:
         await self.migration.start()
 
     async def close(self) -> None:
+        if self._looking is not None:
+            self._looking.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._looking
         await self.migration.close()
         if self.enhanced is not None:
             await self.enhanced.close()
@@ -391,12 +415,27 @@ class LockService:
         """With enhanced locking off and no enhanced locker: whether the store ``config``
         names holds locks, looked at once per store it names (at the start, and whenever
         settings applied later name another, as the operator's LockPolicy does after the
-        start's own settings); if so the enhanced locker is built to honour them."""
+        start's own settings); if so the enhanced locker is built to honour them.
+
+        A store that does not answer may hold locks all the same: nothing is granted while it
+        is not read (:attr:`unread_store`), and it is looked at again, with growing pauses,
+        until it answers or the settings name another store (or turn enhanced locking on)."""
         if identity in self._looked_at or not self._left_on_enhanced(config):
+            self._unread(None)
+            return
+        try:
+            held = await _left_while_off(
+                config, self._build(config, config.backend, "enhanced"), self.legacy_backend)
+        except BackendUnavailable as error:
+            if self.unread_store is None:
+                log.warning("enhanced locking is off (enhanced-locking-enabled) and its %s "
+                            "store could not be read for the locks held there, which may "
+                            "remain: no lock is granted until it is read; it is looked at "
+                            "again, first in %gs: %s", config.backend, LOOK_AGAIN[0], error)
+            self._unread(f"enhanced locking is off and its {config.backend} store, which may "
+                         f"still hold locks, could not be read: {error}")
             return
         self._looked_at.append(identity)
-        held = await _left_while_off(
-            config, self._build(config, config.backend, "enhanced"), self.legacy_backend)
         if held:
             # Honoured as after enhanced locking is switched off while serving: held until
             # their release, and the keys' new grants on legacy (docs/02-migration.md).
@@ -406,8 +445,40 @@ class LockService:
                 "them until they are released; new grants are on legacy", config.backend,
                 len(held), held[0].key, held[0].pull.num)
             self._honouring = True
+        else:
+            self._unread(None)
+
+    def _unread(self, why: str | None) -> None:
+        """Say whether (and why) the store the settings name is not read yet; while it is
+        not, look at it again in the background."""
+        if why == self.unread_store:
+            return
+        before, self.unread_store = self.unread_store, why
+        if why is not None and (self._looking is None or self._looking.done()):
+            self._looking = asyncio.create_task(self._look_again(), name="look again")
+        if (before is None) != (why is None):
+            for told in list(self.on_unread_store):
+                told()
+        if why is None and before is not None:
+            log.info("the enhanced store is read: locks are granted again")
+
+    async def _look_again(self) -> None:
+        """Apply the settings in force again, after a pause that doubles each time, while the
+        store they name is not read (:meth:`_look_while_off`)."""
+        pause = LOOK_AGAIN[0]
+        while self.unread_store is not None:
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, LOOK_AGAIN[1])
+            try:
+                await self._apply(self.provider.current)
+            except Exception as error:  # the store went away again: look again later
+                log.warning("could not honour the locks of the enhanced store: %s", error)
 
     async def _apply(self, snapshot: Snapshot) -> None:
+        async with self._applying:
+            await self._apply_now(snapshot)
+
+    async def _apply_now(self, snapshot: Snapshot) -> None:
         config = snapshot.config
         identity = backend_identity(config, config.backend)
         if not config.enabled and self.enhanced is None and not self._honouring:
@@ -416,6 +487,7 @@ class LockService:
                 return  # never enabled, nothing held there: nothing to build, no request to it
         if identity == self._enhanced_identity:
             self._honouring = self._honouring and not config.enabled  # on: its store in force
+            self._unread(None)
             return
         backend = self._build(config, config.backend, "enhanced")
         self._watch_unreadable("enhanced", backend)
@@ -470,6 +542,10 @@ class LockService:
                     self._watch_unreadable("enhanced", self.enhanced.backend)
                 else:
                     self.metrics.unreadable_locks.labels("enhanced").set(0)
+                    if self._honouring:  # its locks found, the locker not built: look again
+                        self._honouring = False
+                        with contextlib.suppress(ValueError):
+                            self._looked_at.remove(identity)
                 await backend.close()
             raise
         if previous is not None:
@@ -477,6 +553,7 @@ class LockService:
             await previous.backend.close()
         if retired is not None:
             await retired.close()
+        self._unread(None)
         log.info("enhanced locker now on the %s backend", config.backend)
 
     def _locker(self, backend: Backend) -> EnhancedLocker:

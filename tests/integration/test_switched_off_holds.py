@@ -9,6 +9,7 @@ docs/02-migration.md, "Abort, disable, shadow").
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import http.server
@@ -21,11 +22,12 @@ import pytest
 from tests.conftest import ServiceFactory, ServiceMaker
 from tests.support.locks import request_for
 from tests.support.loopback_http import serving
+from tests.support.redis_fixtures import ServerMaker
 from tests.support.redis_server import RedisServer
 
 from enhanced_locking.backends import EmbeddedBackend
 from enhanced_locking.backends.redis_store import RedisBackend
-from enhanced_locking.types import Lock, Pull, User
+from enhanced_locking.types import Lock, Pull, Reason, User
 
 
 def acquire(url: str, *, pull: int, wait: str | None = None) -> httpx.Response:
@@ -165,7 +167,8 @@ async def test_a_store_address_that_answers_but_not_as_redis_does_not_refuse_a_s
     """The LockPolicy switches enhanced locking off and names a Redis whose address answers as
     another service does (an HTTP port, a real HTTP server here): the look for locks left there
     cannot read it, which is logged, and the settings are applied. Before, redis-py's protocol
-    error came out of the look and the policy was refused with its words alone."""
+    error came out of the look and the policy was refused with its words alone. Locks may
+    remain in a store not read: none is granted meanwhile (``unavailable``, saying why)."""
     with contextlib.contextmanager(serving)(http.server.BaseHTTPRequestHandler) as url:
         service = await make_service()
         addr = url.removeprefix("http://")
@@ -175,6 +178,46 @@ async def test_a_store_address_that_answers_but_not_as_redis_does_not_refuse_a_s
         assert service.provider.current.config.redis_addr == addr
         looked = [r.getMessage() for r in caplog.records if "could not be read" in r.getMessage()]
         assert len(looked) == 1 and addr in looked[0], looked
-        granted = await service.router.acquire(request_for(pull=13))
-        assert granted.acquired and granted.lock is not None, granted
-        assert granted.lock.backend == "legacy"
+        refused = await service.router.acquire(request_for(pull=13))
+        assert not refused.acquired and refused.reason is Reason.UNAVAILABLE, refused
+        assert refused.error is not None and "did not answer" in refused.error
+
+
+@pytest.mark.redis
+async def test_a_store_that_does_not_answer_the_switch_off_look_is_looked_at_again(
+    redis_servers: ServerMaker, make_service: ServiceMaker, data_dir: Path,
+) -> None:
+    """The LockPolicy switches enhanced locking off on the Redis that holds pull #12's lock,
+    and that Redis is stopped when the policy is applied: its locks may remain, so no lock is
+    granted (``unavailable``) until it answers; the look is made again, with a growing pause,
+    and once Redis is back its hold is honoured. Before, the look that failed was not made
+    again, and the key was granted to another pull on legacy, Redis down or back."""
+    server = redis_servers(persistence="aof")
+    before = await make_service(enabled=True, backend="redis", redis_addr=server.addr,
+                                data_dir=str(data_dir / "before"))
+    held = await before.router.acquire(request_for(pull=12))
+    assert held.acquired and held.lock is not None and held.lock.backend == "enhanced"
+    server.stop()
+
+    service = await make_service()
+    await service.provider.set_layer("cluster", {"enabled": False, "backend": "redis",
+                                                 "redis_addr": server.addr})
+    assert service.unread_store is not None and server.addr in service.unread_store
+    waiting = await service.router.acquire(request_for(pull=13))
+    assert not waiting.acquired and waiting.reason is Reason.UNAVAILABLE, waiting
+
+    read = asyncio.Event()
+    service.on_unread_store.append(read.set)
+    server.start()
+    async with asyncio.timeout(60):
+        await read.wait()
+    assert service.unread_store is None
+    refused = await service.router.acquire(request_for(pull=13))
+    assert not refused.acquired and refused.holder is not None, refused
+    assert (refused.holder.pull.num, refused.holder.backend) == (12, "enhanced")
+
+    assert await before.router.release(held.lock.key) is not None
+    granted = await service.router.acquire(request_for(pull=13))
+    assert granted.acquired and granted.lock is not None, granted
+    assert (granted.lock.pull.num, granted.lock.backend) == (13, "legacy")
+    assert granted.lock.fencing_token > held.lock.fencing_token

@@ -129,6 +129,40 @@ async def test_a_refused_policy_keeps_the_last_good_config_and_abort_still_works
     assert cluster.ready(MIGRATIONS, "to-enhanced")["status"] == "True"
 
 
+@pytest.mark.redis
+async def test_a_switch_off_whose_store_does_not_answer_says_why_no_lock_is_granted(
+    service: LockService, cluster: InMemoryCluster, tmp_path: Path,
+    redis_servers: Callable[..., Any],
+) -> None:
+    """The policy switches enhanced locking off on a Redis that is stopped: its locks may
+    remain there, so the service grants none until it reads it, and the policy's status says
+    so in a condition of its own (Ready stays True: the service runs the spec); once Redis
+    answers, the service reads it again by itself and the condition goes at the next write."""
+    reconciler = Reconciler(service.provider, binding=Binding(NS, "default", "to-enhanced"),
+                            cluster=cluster, runtime_dir=tmp_path,
+                            unread=lambda: service.unread_store)
+    server = redis_servers()
+    server.stop()
+    await _put(reconciler, cluster, POLICIES, "default",
+               {"enabled": False, "backend": "redis", "redis": {"addr": server.addr}})
+    assert service.provider.current.config.redis_addr == server.addr
+    assert cluster.ready(POLICIES, "default")["status"] == "True"
+    waiting = [c for c in cluster.status(POLICIES, "default")["conditions"]
+               if c["type"] == reconcile.GRANTING]
+    assert len(waiting) == 1, cluster.status(POLICIES, "default")
+    assert (waiting[0]["status"], waiting[0]["reason"]) == ("False", reconcile.STORE_UNREAD)
+    assert server.addr in waiting[0]["message"] and "could not be read" in waiting[0]["message"]
+
+    read = asyncio.Event()
+    service.on_unread_store.append(read.set)
+    server.start()
+    async with asyncio.timeout(60):
+        await read.wait()
+    await reconciler.resync()
+    kinds = [c["type"] for c in cluster.status(POLICIES, "default")["conditions"]]
+    assert kinds == ["Ready"]
+
+
 async def test_the_same_refusal_is_announced_once(
     reconciler: Reconciler, cluster: InMemoryCluster, free_port: Callable[[], int]
 ) -> None:

@@ -437,7 +437,10 @@ class LockPolicyStatus(StatusModel):
     conditions: list[Condition] = Field(
         default_factory=list,
         max_length=16,
-        description="Ready: the service runs this generation of the spec.",
+        description="Ready: the service runs this generation of the spec. Granting (False "
+        "only, absent while locks are granted): the service grants no lock, and why (reason "
+        "EnhancedStoreUnread: enhanced locking is off and its store, which may still hold "
+        "locks, could not be read yet; it is looked at again).",
         json_schema_extra=conditions_schema_extra(),
     )
     applied_config_hash: str | None = Field(

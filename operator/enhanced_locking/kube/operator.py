@@ -218,7 +218,10 @@ async def run(
     reconciler = Reconciler(
         service.provider, binding=binding, cluster=cluster, runtime_dir=runtime_dir,
         rollout=rollout, replica=service.replica_id, show=service.show_rollout,
+        unread=lambda: service.unread_store,
     )
+    # The policy's Granting condition follows the service's look at its store, soon.
+    service.on_unread_store.append(reconciler.retry_soon)
     electing = None
     if election is not None:
         # One round before the first reconcile: a lone replica writes the status from the start.
@@ -250,6 +253,7 @@ async def run(
         if election is not None:
             await election.release()
         rollout.close()
+        service.on_unread_store.remove(reconciler.retry_soon)
         logging.getLogger("kopf.objects").removeFilter(quiet)
         api_client.close()  # type: ignore[no-untyped-call]
         shutil.rmtree(runtime_dir, ignore_errors=True)
@@ -314,6 +318,7 @@ async def run(
         if election is not None:
             await election.release()  # the next replica takes over at once
         rollout.close()
+        service.on_unread_store.remove(reconciler.retry_soon)
         logging.getLogger("kopf.objects").removeFilter(quiet)
         for task in (server, operator):
             if not task.done():

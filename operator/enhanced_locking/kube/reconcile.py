@@ -73,6 +73,13 @@ TICK_BACKOFF_LIMIT = 8.0
 OPERATOR_STOPPED = "OperatorStopped"
 """The ``Ready`` reason of an object whose operator stopped (its status is ``Unknown``)."""
 
+GRANTING = "Granting"
+"""The LockPolicy's condition written while the service grants no lock (``False``), and why:
+its enhanced store, switched off, may still hold locks and could not be read yet (reason
+:data:`STORE_UNREAD`). Absent while locks are granted."""
+
+STORE_UNREAD = "EnhancedStoreUnread"
+
 RETRY_BACKOFF = 2.0
 """Seconds before a failed reconcile is first tried again; each further failure in a row
 doubles the wait, up to the resync interval."""
@@ -170,8 +177,13 @@ class Reconciler:
         rollout: RolloutDriver | None = None,
         replica: str | None = None,
         show: Callable[..., None] | None = None,
+        unread: Callable[[], str | None] | None = None,
     ) -> None:
+        """``unread``: why the service grants no lock now (its enhanced store, switched off,
+        may hold locks and is not read yet), said in the policy's :data:`GRANTING` condition;
+        ``None``: it grants."""
         self.provider = provider
+        self._unread = unread
         self.rollout = rollout
         self.binding = binding
         self.cluster = cluster
@@ -634,6 +646,11 @@ class Reconciler:
         }
         model: BaseModel
         if tracked is self.policy:
+            if self._unread is not None and (why := self._unread()) is not None:
+                common["conditions"] = [ready, Condition(
+                    type=GRANTING, status="False", reason=STORE_UNREAD, message=why[:32768],
+                    last_transition_time=self._condition_since(previous, GRANTING, "False"),
+                    observed_generation=tracked.generation)]
             model = LockPolicyStatus(**common, active_freezes=[
                 ActiveFreeze(name=f.name, message=f.message, action=f.action,
                              until=f.until.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -658,9 +675,13 @@ class Reconciler:
         return status
 
     def _transition_time(self, previous: Mapping[str, Any], verdict: Verdict) -> str:
-        wanted = "True" if verdict.ready else "False"
+        return self._condition_since(previous, "Ready", "True" if verdict.ready else "False")
+
+    def _condition_since(self, previous: Mapping[str, Any], type_: str, status: str) -> str:
+        """When the condition ``type_`` took ``status``: as the previous status says when it
+        had it already, else now."""
         for condition in previous.get("conditions") or []:
-            if condition.get("type") == "Ready" and condition.get("status") == wanted:
+            if condition.get("type") == type_ and condition.get("status") == status:
                 return str(condition.get("lastTransitionTime") or self._now())
         return self._now()
 
