@@ -280,6 +280,31 @@ async def test_a_newer_head_commit_supersedes_the_queued_request_of_the_same_pul
     assert not new.done()
 
 
+async def test_a_newer_head_commit_refused_for_a_full_queue_leaves_the_older_request_queued(
+        rigs: Callable[..., LockerRig]) -> None:
+    """A newer request of the pull that cannot queue (another of its keys has a full queue)
+    is refused ``queue_full`` and pushes nothing out: the older request keeps its place and
+    is granted in turn. Before, the older one was answered ``superseded`` first, and the
+    pull was left with no request queued at all."""
+    rig = rigs(max_queue_size=1)
+    for path in ("envs/prod", "envs/dev"):
+        assert (await rig.locker.acquire(ask(1, path=path))).acquired
+    old = await queued(rig, ask(2, wait=WAIT, head="aaa111"))
+    await queued(rig, ask(3, path="envs/dev", wait=WAIT))  # envs/dev's queue is full
+    refused = await rig.locker.acquire_batch(BatchLockRequest(
+        locks=[BatchItem(project=ask(2, path=p).project) for p in ("envs/prod", "envs/dev")],
+        pull=Pull(num=2, head_commit="bbb222"), wait=WAIT))
+    assert refused.reason is Reason.QUEUE_FULL
+    await settle()
+    assert not old.done(), old.result()
+    assert "superseded" not in rig.types()
+    assert [(w.owner[1], w.head_commit) for w in await rig.locker.queue(ask(1).key)] == [
+        (2, "aaa111")]
+    await rig.locker.release(ask(1).key)
+    granted = await asyncio.wait_for(old, 10)
+    assert granted.acquired and granted.lock is not None and granted.lock.pull.num == 2
+
+
 async def test_a_newer_head_commit_that_does_not_wait_leaves_the_older_request_queued(
         rigs: Callable[..., LockerRig]) -> None:
     """A request supersedes its pull's older ones by taking their place in the queue: one

@@ -878,17 +878,19 @@ class StoreBackend(abc.ABC):
                        message=message, superseded=superseded, ahead=tuple(ordered[:at]),
                        holders=holders)
 
-    def _supersede(self, candidates: Sequence[Candidate], wait_id: str,
-                   fx: _Effects) -> list[Waiter]:
-        """Push out the queued requests of the same pull made for an older head commit."""
+    def _stale(self, candidates: Sequence[Candidate], wait_id: str) -> dict[str, Waiter]:
+        """The queued requests of the same pull made for an older head commit, by id."""
         head = candidates[0].pull.head_commit
         if not head:
-            return []
+            return {}
         owner = candidates[0].owner
-        stale = {
+        return {
             w.id: w for c in candidates for w in self._queues.get(c.key, ())
             if w.owner == owner and w.id != wait_id and w.head_commit not in ("", head)
         }
+
+    def _supersede(self, stale: dict[str, Waiter], fx: _Effects) -> list[Waiter]:
+        """Push out ``stale`` (:meth:`_stale`): the newer request takes their place."""
         for waiter in stale.values():
             self._unqueue(waiter)
             fx.notices.append((waiter.id, Notice(reason=Reason.SUPERSEDED)))
@@ -1125,12 +1127,17 @@ class StoreBackend(abc.ABC):
                       else Status.HELD)
             return Outcome(status=status, key=key, holder=holder)
         assert wait is not None
-        superseded = self._supersede(candidates, wait.id, fx)
+        # A full queue refuses the request before it pushes anything out: one that does not
+        # queue leaves its pull's older requests queued, as one that does not wait does
+        # (the places of those it would push out count as free).
+        stale = self._stale(candidates, wait.id)
         for candidate in candidates:
-            if len(self._queues.get(candidate.key, ())) >= policy.max_size:
+            queue = self._queues.get(candidate.key, ())
+            freed = sum(w.id in stale for w in queue) if stale else 0
+            if len(queue) - freed >= policy.max_size:
                 return Outcome(status=Status.QUEUE_FULL, key=candidate.key,
-                               holder=self._live(candidate.key, now),
-                               superseded=tuple(superseded))
+                               holder=self._live(candidate.key, now))
+        superseded = self._supersede(stale, fx)
         self._seq += 1
         waiter = Waiter(
             id=wait.id, candidates=tuple(candidates), ttl=ttl, enqueued_at=now,

@@ -184,9 +184,10 @@ local function main()
   -- A newer head commit of the same pull pushes its older queued requests out.
   local superseded = {}
   if head ~= '' then
-    local stale = {}
+    local stale, freed = {}, {}
     for _, k in ipairs(keys) do
       if unindexed[k] then reindex_pulls(k, gen) end
+      freed[k] = 0
       for _, id in ipairs(pull_waiters(k, repo, pull)) do
         if id ~= wait_id and not stale[id] then
           local rec = read_waiter(id)
@@ -195,6 +196,16 @@ local function main()
             stale[id] = rec
           end
         end
+        if stale[id] then freed[k] = freed[k] + 1 end
+      end
+    end
+    -- A full queue refuses the request before it pushes anything out: one that does not
+    -- queue leaves its pull's older requests queued, as one that does not wait does (the
+    -- places of those it would push out count as free). A damaged queue is answered below.
+    for _, k in ipairs(keys) do
+      local size = queue_size(k)
+      if not QUEUE_DAMAGE[k] and size - freed[k] >= policy().max_size then
+        return told({'queue_full', k, peek(k) or {}, {}})
       end
     end
     for id, rec in pairs(stale) do
