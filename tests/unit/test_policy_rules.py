@@ -627,6 +627,26 @@ async def test_priority_rules_assign_the_priority_and_a_client_may_only_ask_for_
         task.cancel()
 
 
+async def test_a_batch_gets_the_lowest_priority_its_keys_rules_give(
+        rigs: Callable[..., LockerRig]) -> None:
+    """A batch is one waiter with one priority: each key's rule gives its own (a key no rule
+    covers keeps what the client asked), and the batch gets the lowest of them, so no key is
+    waited for at more than its rule gives (docs/08-policies.md)."""
+    rig = rigs(priority_queue=True)
+    await rules(rig, PRIORITY)
+    for path in ("envs/prod", "envs/dev"):
+        await rig.locker.acquire(ask(1, path=path))
+    batch = rig.spawn(rig.locker.acquire_batch(BatchLockRequest(
+        locks=[BatchItem(project=ask(2, path=p).project) for p in ("envs/prod", "envs/dev")],
+        pull=Pull(num=2), wait=WAIT, command="apply", priority=Priority.CRITICAL)))
+    await settle()
+    assert not batch.done(), batch.result()
+    for path in ("envs/prod", "envs/dev"):
+        (waiter,) = await rig.locker.queue(ask(1, path=path).key)
+        assert waiter.owner[1] == 2 and waiter.priority is Priority.HIGH, path
+    batch.cancel()
+
+
 # --- visible waiting --------------------------------------------------------------------------
 async def queued_behind(rig: LockerRig, pulls: range) -> str:
     """Pull 1 holds the key (one hold time on record before), ``pulls`` wait in turn behind it,
