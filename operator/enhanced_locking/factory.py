@@ -316,6 +316,7 @@ class LockService:
         self.on_unread_store: list[Callable[[], None]] = []
         """Told each time :attr:`unread_store` changes (the operator reports it in the status)."""
         self._looking: asyncio.Task[None] | None = None
+        self._withheld: str | None = None  # see withhold
         self._applying = asyncio.Lock()
         """Held while settings are applied: by the provider's change, or a look made again."""
         provider.add_applier(self._apply)
@@ -342,7 +343,6 @@ class LockService:
             migration=self.migration,
             gate=self.switch_gate,
             peer_on_enhanced=lambda: self.peers.one_reaching("enhanced"),
-            unread=lambda: None if self.unread_store is None else UNREAD_STORE,
         )
 
     _honouring = False
@@ -456,11 +456,23 @@ class LockService:
         before, self.unread_store = self.unread_store, why
         if why is not None and (self._looking is None or self._looking.done()):
             self._looking = asyncio.create_task(self._look_again(), name="look again")
+        self._grants()
         if (before is None) != (why is None):
             for told in list(self.on_unread_store):
                 told()
         if why is None and before is not None:
             log.info("the enhanced store is read: locks are granted again")
+
+    def withhold(self, why: str | None) -> None:
+        """Grant no lock while ``why`` is set (``None``: grant again): the operator's start,
+        until it has applied the LockPolicy (the start's own settings are not the cluster's)."""
+        self._withheld = why
+        self._grants()
+
+    def _grants(self) -> None:
+        """Tell the router whether, and why not, locks are granted now."""
+        self.router.withheld = (self._withheld if self._withheld is not None
+                                else UNREAD_STORE if self.unread_store is not None else None)
 
     async def _look_again(self) -> None:
         """Apply the settings in force again, after a pause that doubles each time, while the

@@ -17,11 +17,13 @@ from typing import Any
 
 import pytest
 from tests.support.kube_cluster import NS, InMemoryCluster
+from tests.support.locks import request_for
 
 from enhanced_locking.factory import LockService
 from enhanced_locking.kube import reconcile
 from enhanced_locking.kube.reconcile import MIGRATIONS, POLICIES, Binding, Reconciler
 from enhanced_locking.provider import Snapshot
+from enhanced_locking.types import Reason
 
 
 @pytest.fixture
@@ -161,6 +163,67 @@ async def test_a_switch_off_whose_store_does_not_answer_says_why_no_lock_is_gran
     await reconciler.resync()
     kinds = [c["type"] for c in cluster.status(POLICIES, "default")["conditions"]]
     assert kinds == ["Ready"]
+
+
+@pytest.mark.redis
+async def test_no_lock_is_granted_before_the_policy_is_applied_at_the_start(
+    make_service: Callable[..., Any], cluster: InMemoryCluster, tmp_path: Path,
+    redis_servers: Callable[..., Any],
+) -> None:
+    """The operator starts while the Redis its LockPolicy names (on, every key there) is
+    stopped, and pull #12 holds a key there: the policy is refused, and the service runs its
+    own settings (the chart's: the embedded store, off), under which legacy would grant the
+    key to another pull. So no lock is granted (``unavailable``) until the policy is applied,
+    and the policy's status says why; once Redis answers and the policy is applied, the hold
+    in Redis refuses the other pull. Before, pull #13 was granted the key on legacy."""
+    server = redis_servers(persistence="aof")
+    before = await make_service(enabled=True, backend="redis", redis_addr=server.addr,
+                                migration_weight=100, data_dir=str(tmp_path / "before"))
+    held = await before.router.acquire(request_for(pull=12))
+    assert held.acquired and held.lock is not None and held.lock.backend == "enhanced"
+    server.stop()
+
+    service: LockService = await make_service()
+    reconciler = Reconciler(service.provider, binding=Binding(NS, "default", "to-enhanced"),
+                            cluster=cluster, runtime_dir=tmp_path / "run",
+                            unread=lambda: service.unread_store, withhold=service.withhold)
+    refused = await service.router.acquire(request_for(pull=13))  # nothing read yet
+    assert not refused.acquired and refused.reason is Reason.UNAVAILABLE, refused
+    assert refused.error == reconcile.WITHHELD
+
+    cluster.put(POLICIES, "default", {"enabled": True, "backend": "redis",
+                                      "redis": {"addr": server.addr}})
+    await reconciler.resync()
+    assert cluster.ready(POLICIES, "default")["reason"] == "ConfigRejected"
+    assert service.provider.current.layers == ("static",)
+    refused = await service.router.acquire(request_for(pull=13))
+    assert not refused.acquired and refused.reason is Reason.UNAVAILABLE, refused
+    granting = [c for c in cluster.status(POLICIES, "default")["conditions"]
+                if c["type"] == reconcile.GRANTING]
+    assert [(c["status"], c["reason"]) for c in granting] == [
+        ("False", reconcile.POLICY_NOT_APPLIED)]
+    assert "ConfigRejected" in granting[0]["message"]
+
+    server.start()
+    await reconciler.resync()
+    assert cluster.ready(POLICIES, "default")["status"] == "True"
+    assert [c["type"] for c in cluster.status(POLICIES, "default")["conditions"]] == ["Ready"]
+    refused = await service.router.acquire(request_for(pull=13))
+    assert not refused.acquired and refused.holder is not None, refused
+    assert (refused.holder.pull.num, refused.holder.backend) == (12, "enhanced")
+
+
+async def test_no_policy_found_at_the_start_grants_under_the_services_own_settings(
+    service: LockService, cluster: InMemoryCluster, tmp_path: Path,
+) -> None:
+    """Read and not there: the service's own settings are the cluster's wish."""
+    reconciler = Reconciler(service.provider, binding=Binding(NS, "default", "to-enhanced"),
+                            cluster=cluster, runtime_dir=tmp_path, withhold=service.withhold)
+    refused = await service.router.acquire(request_for(pull=13))
+    assert not refused.acquired and refused.reason is Reason.UNAVAILABLE, refused
+    await reconciler.resync()
+    granted = await service.router.acquire(request_for(pull=13))
+    assert granted.acquired, granted
 
 
 async def test_the_same_refusal_is_announced_once(

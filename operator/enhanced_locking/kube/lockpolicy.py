@@ -439,6 +439,7 @@ class LockPolicyStatus(StatusModel):
         max_length=16,
         description="Ready: the service runs this generation of the spec. Granting (False "
         "only, absent while locks are granted): the service grants no lock, and why (reason "
+        "PolicyNotApplied: the operator has not applied this policy since it started; "
         "EnhancedStoreUnread: enhanced locking is off and its store, which may still hold "
         "locks, could not be read yet; it is looked at again).",
         json_schema_extra=conditions_schema_extra(),

@@ -8,7 +8,11 @@ The order of things:
 2. the bound LockPolicy and LockMigration are read once and applied *before* the HTTP server
    listens, so a restarted operator serves the cluster's config from its first request; their
    status names this replica (``statusWriter``) and when it was last seen alive (``lastSeenAt``,
-   renewed at each resync), so a status left by a process that is gone shows its age;
+   renewed at each resync), so a status left by a process that is gone shows its age; when
+   the policy cannot be applied then (the API server away, the policy refused), the service
+   grants no lock until it is (the start's own settings are not the cluster's: a key held in
+   the store the policy names would be granted on legacy), and the policy's ``Granting``
+   condition says why;
 3. the HTTP server listens on the bound socket, then the periodic resync and kopf run
    beside it;
 4. on SIGTERM/SIGINT the HTTP server drains first, then kopf stops (its own tasks: the
@@ -218,7 +222,7 @@ async def run(
     reconciler = Reconciler(
         service.provider, binding=binding, cluster=cluster, runtime_dir=runtime_dir,
         rollout=rollout, replica=service.replica_id, show=service.show_rollout,
-        unread=lambda: service.unread_store,
+        unread=lambda: service.unread_store, withhold=service.withhold,
     )
     # The policy's Granting condition follows the service's look at its store, soon.
     service.on_unread_store.append(reconciler.retry_soon)
@@ -237,6 +241,11 @@ async def run(
     except Exception as error:  # the API server may be starting too; kopf catches up later
         log.warning("could not read LockPolicy %s/%s at start-up (kopf will retry): %s",
                     options.namespace, options.policy, error)
+    if reconciler.unapplied is not None:  # no lock is granted meanwhile: try again soon
+        log.warning("LockPolicy %s/%s is not applied: no lock is granted until it is (%s: %s)",
+                    options.namespace, options.policy, reconciler.unapplied.reason,
+                    reconciler.unapplied.message)
+        reconciler.retry_soon()
     log.info("binding LockPolicy %s/%s and LockMigration %s/%s",
              options.namespace, options.policy, options.namespace, options.migration)
 

@@ -80,6 +80,15 @@ its enhanced store, switched off, may still hold locks and could not be read yet
 
 STORE_UNREAD = "EnhancedStoreUnread"
 
+POLICY_NOT_APPLIED = "PolicyNotApplied"
+"""The :data:`GRANTING` reason while the operator has not applied the LockPolicy since it
+started: the service's own settings are not the cluster's, and a lock granted under them could
+be one the policy refuses (a key held in the store it names, a freeze, a limit)."""
+
+WITHHELD = ("the lock service has not applied its LockPolicy since it started (see the "
+            "policy's status): no lock is granted until it has")
+"""The error of an acquire refused (``unavailable``) in that window."""
+
 RETRY_BACKOFF = 2.0
 """Seconds before a failed reconcile is first tried again; each further failure in a row
 doubles the wait, up to the resync interval."""
@@ -117,6 +126,8 @@ class _Tracked:
     body: dict[str, Any] | None = None
     applied: Any = None
     verdict: Verdict | None = None
+    seen: bool = False
+    """Whether it was read (or heard of) since the start: ``body`` None then means it is gone."""
     generation: int | None = field(default=None)
 
 
@@ -178,12 +189,21 @@ class Reconciler:
         replica: str | None = None,
         show: Callable[..., None] | None = None,
         unread: Callable[[], str | None] | None = None,
+        withhold: Callable[[str | None], None] | None = None,
     ) -> None:
         """``unread``: why the service grants no lock now (its enhanced store, switched off,
         may hold locks and is not read yet), said in the policy's :data:`GRANTING` condition;
-        ``None``: it grants."""
+        ``None``: it grants. ``withhold``: told :data:`WITHHELD` at once, and ``None`` once
+        the LockPolicy is applied (or found not to exist): the service grants no lock until
+        then (the operator's start window)."""
         self.provider = provider
         self._unread = unread
+        self._withhold = withhold
+        self.unapplied: Verdict | None = None
+        """While locks are withheld: why the policy is not applied yet."""
+        if withhold is not None:
+            self.unapplied = Verdict(False, POLICY_NOT_APPLIED, "the LockPolicy was not read yet")
+            withhold(WITHHELD)
         self.rollout = rollout
         self.binding = binding
         self.cluster = cluster
@@ -210,6 +230,7 @@ class Reconciler:
         """An object was created, changed or found at start-up."""
         async with self._lock:
             tracked = self._tracked(plural)
+            tracked.seen = True
             if not _older(body, tracked.body):
                 tracked.body = _plain(body)
             await self._converge()
@@ -218,7 +239,7 @@ class Reconciler:
         """An object is gone."""
         async with self._lock:
             tracked = self._tracked(plural)
-            tracked.body = None
+            tracked.body, tracked.seen = None, True
             await self._converge(gone=(tracked, _plain(body) or {}))
 
     async def event(self, plural: str, body: Mapping[str, Any]) -> None:
@@ -291,6 +312,7 @@ class Reconciler:
             ns = self.binding.namespace
             for tracked in (self.policy, self.migration):
                 found = await self.cluster.get_object(tracked.plural, ns, tracked.name)
+                tracked.seen = True
                 if found is None or not _older(found, tracked.body):
                     tracked.body = found
             await self._converge()
@@ -298,7 +320,8 @@ class Reconciler:
     async def resync_forever(self, interval: float) -> None:
         """Resync every ``interval`` seconds, or sooner after a failure: :data:`RETRY_BACKOFF`,
         doubled by each failure in a row up to ``interval``; errors are logged and the next
-        round tries again."""
+        round tries again. A resync that leaves the LockPolicy not applied since the start
+        (locks withheld: :attr:`unapplied`) counts as a failure."""
         failures = 0
 
         def backoff() -> float:
@@ -324,7 +347,11 @@ class Reconciler:
                 log.warning("resync failed%s, retrying in %gs: %s", times, backoff(), error)
                 self._retry.set()
             else:
-                failures = 0
+                if self.unapplied is None:
+                    failures = 0
+                else:  # no lock is granted until the policy is applied: soon, not at interval
+                    failures += 1
+                    self._retry.set()
 
     # --- converging ------------------------------------------------------------------------
     async def _converge(
@@ -333,6 +360,8 @@ class Reconciler:
         start = self.provider.current.generation
         before = (self.policy.applied, self._secrets, self.migration.applied)
         policy_verdict = await self._policy_step() if policy else None
+        if policy and self.unapplied is not None:
+            self._starting(policy_verdict)
         notes = self._advance()  # after the policy: a rollout only runs with its policy applied
         migration_verdict = await self._migration_step()
         moved = self.provider.current.generation > start
@@ -367,6 +396,19 @@ class Reconciler:
         finally:
             await _all([self._event(*event) for event in events])
         self._shown()
+
+    def _starting(self, verdict: Verdict | None) -> None:
+        """After a policy step in the start window: locks are granted once the policy is
+        applied, or read and found not to exist (the service's own settings are then the
+        cluster's wish); until then the refusal is why they are not."""
+        policy = self.policy
+        if policy.seen and (policy.body is None or policy.applied is not None):
+            self.unapplied = None
+            if self._withhold is not None:
+                self._withhold(None)
+            log.info("the LockPolicy is applied: locks are granted")
+        elif verdict is not None:
+            self.unapplied = verdict
 
     def _shown(self) -> None:
         if self._show is not None:
@@ -646,9 +688,16 @@ class Reconciler:
         }
         model: BaseModel
         if tracked is self.policy:
-            if self._unread is not None and (why := self._unread()) is not None:
+            waiting = None
+            if self.unapplied is not None:
+                waiting = (POLICY_NOT_APPLIED, "no lock is granted until this policy is applied "
+                           "(the service's own settings are not the cluster's): "
+                           f"{self.unapplied.reason}: {self.unapplied.message}")
+            elif self._unread is not None and (why := self._unread()) is not None:
+                waiting = (STORE_UNREAD, why)
+            if waiting is not None:
                 common["conditions"] = [ready, Condition(
-                    type=GRANTING, status="False", reason=STORE_UNREAD, message=why[:32768],
+                    type=GRANTING, status="False", reason=waiting[0], message=waiting[1][:32768],
                     last_transition_time=self._condition_since(previous, GRANTING, "False"),
                     observed_generation=tracked.generation)]
             model = LockPolicyStatus(**common, active_freezes=[

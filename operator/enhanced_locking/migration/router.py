@@ -224,17 +224,16 @@ class Router(AtlantisCalls):
         migration: MigrationController | None = None,
         gate: SwitchGate | None = None,
         peer_on_enhanced: Callable[[], Awaitable[str | None]] | None = None,
-        unread: Callable[[], str | None] = lambda: None,
     ) -> None:
         """``gate``: the one a switch of the enhanced store closes (:mod:`.switch_gate`);
         every call that writes the enhanced side passes it. ``peer_on_enhanced``: another
         replica that the enhanced store answers, if any (:mod:`enhanced_locking.peers`); while
-        one does, the fall-back to legacy refuses instead of granting there. ``unread``: with
-        no enhanced locker, why the enhanced store, which may hold locks from before, is not
-        read yet (``None``: it is, or there is none): meanwhile every acquire is refused
-        ``unavailable`` with those words."""
+        one does, the fall-back to legacy refuses instead of granting there."""
         self.legacy = legacy
-        self._unread = unread
+        self.withheld: str | None = None
+        """Why no lock is granted now (``None``: they are): every acquire and batch is refused
+        ``unavailable`` with these words (set by the service: a store that may hold locks is
+        not read yet, or the operator has not applied its LockPolicy yet)."""
         self.gate = gate
         self._peer_on_enhanced = peer_on_enhanced
         self._enhanced = enhanced
@@ -355,8 +354,9 @@ class Router(AtlantisCalls):
 
     async def _acquire(self, request: LockRequest) -> AcquireResult:
         try:
-            if self._enhanced() is None and (unread := self._unread()) is not None:
-                return AcquireResult.refused(request.key, Reason.UNAVAILABLE, error=unread)
+            if self.withheld is not None:
+                return AcquireResult.refused(request.key, Reason.UNAVAILABLE,
+                                             error=self.withheld)
             if self._enhanced() is None and not request.wait:
                 # Enhanced locking was never enabled here: Atlantis's locking and nothing else
                 # on the path (no other side to check, nothing moving, nothing to shadow).
@@ -869,9 +869,9 @@ class Router(AtlantisCalls):
             gate.leave(passed)
 
     async def _acquire_batch(self, request: BatchLockRequest) -> BatchResult:
-        if self._enhanced() is None and (unread := self._unread()) is not None:
+        if self.withheld is not None:
             return BatchResult(acquired=False, lock_key=request.locks[0].key,
-                               reason=Reason.UNAVAILABLE, error=unread)
+                               reason=Reason.UNAVAILABLE, error=self.withheld)
         try:
             for item in request.locks:
                 refused = identity.refuse_ambiguous(item.key, item.project, item.workspace,
