@@ -67,10 +67,13 @@ class PeerStores:
 
     address: str
     backends: Mapping[str, str]
+    withheld: bool = False
+    """It grants no lock now (its ``/readyz`` says why): it is not ready, whatever its stores."""
 
     @property
     def ready(self) -> bool:
-        return bool(self.backends) and all(s == "ok" for s in self.backends.values())
+        return (not self.withheld and bool(self.backends)
+                and all(s == "ok" for s in self.backends.values()))
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -125,7 +128,8 @@ async def _stores(client: httpx.AsyncClient, scheme: str, address: str,
     backends = body.get("backends")
     if not isinstance(backends, dict):
         return None
-    return PeerStores(address, {str(k): str(v) for k, v in backends.items()})
+    return PeerStores(address, {str(k): str(v) for k, v in backends.items()},
+                      withheld=body.get("withheld") is not None)
 
 
 _PEM_CERTIFICATE = re.compile(

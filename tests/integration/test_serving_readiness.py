@@ -134,6 +134,41 @@ def test_a_peer_that_does_not_answer_counts_as_not_serving(
         assert answer.json()["readyPeer"] is None
 
 
+def test_a_replica_that_grants_no_lock_stops_serving_while_a_peer_is_ready(
+    tmp_path: Path,
+) -> None:
+    """Replica A runs with enhanced locking off on a Redis that does not answer, which may
+    still hold locks: A grants none until it reads it. Its stores answer, but it is not
+    ready (``/readyz`` says why), and while its peer B is ready the kubelet is told to send
+    the traffic there; alone, A keeps serving (its refusals say why). Before, A was ready and
+    took traffic it refused."""
+    with socket.socket() as dead, services() as group, httpx.Client(timeout=30) as http:
+        dead.bind(("127.0.0.1", 0))
+        unread = ("--enhanced-locking-backend=redis",
+                  f"--enhanced-locking-redis-addr=127.0.0.1:{dead.getsockname()[1]}")
+        b = group.start(ServiceProcess(tmp_path / "data-b", log_dir=tmp_path / "logs"))
+        a = group.start(ServiceProcess(
+            tmp_path / "data-a", args=(*unread, f"--enhanced-locking-peers=127.0.0.1:{b.port}"),
+            log_dir=tmp_path / "logs"))
+        alone = group.start(ServiceProcess(tmp_path / "data-c", args=unread,
+                                           log_dir=tmp_path / "logs"))
+        refused = http.post(a.url + "/v1/locks", json=lock_body(REPO, "envs/0", 9, project=None))
+        assert refused.status_code == 503 and refused.json()["reason"] == "unavailable"
+
+        ready = http.get(a.url + "/readyz")
+        assert ready.status_code == 503, ready.text
+        assert ready.json()["ready"] is False and ready.json()["backends"] == {"legacy": "ok"}
+        assert ready.json()["withheld"] == refused.json()["error"]
+        cut = _serving(http, a.url)
+        assert cut.status_code == 503, cut.text
+        assert cut.json()["readyPeer"] == f"127.0.0.1:{b.port}"
+        assert _serving(http, b.url).status_code == 200
+
+        kept = _serving(http, alone.url)
+        assert kept.status_code == 200, kept.text
+        assert kept.json()["serving"] is True and kept.json()["ready"] is False
+
+
 def _serving_files(directory: Path, pair: KeyPair) -> tuple[str, str]:
     """``pair`` copied where a Secret volume would hold it: the settings that serve it."""
     directory.mkdir()

@@ -419,17 +419,22 @@ def create_app(
     @public("readiness: says whether the stores answer and how many stored locks cannot be "
             "read; their keys only while access control is off")
     async def readyz() -> JSONResponse:
-        """Readiness: every backend in use answers.
+        """Readiness: every backend in use answers, and locks are granted.
 
         Stored locks that cannot be read do not make the service unready (it serves every
         other key): ``unreadable`` counts them by side, and while access control is off
         ``unreadableKeys`` names them (with it on, ``GET /v1/locks`` does, for readers).
         ``events`` names the bus serving the events: ``process`` (this replica's own), or the
-        enhanced store's shared one, ``redis`` or ``etcd``."""
+        enhanced store's shared one, ``redis`` or ``etcd``. While no lock is granted (a store
+        that may hold locks is not read yet, the operator's LockPolicy is not applied yet)
+        the service is not ready, and ``withheld`` says why (the words its refusals give)."""
         backends = await service.ready()
-        ready = all(state == "ok" for state in backends.values())
+        withheld = service.router.withheld
+        ready = withheld is None and all(state == "ok" for state in backends.values())
         body: dict[str, Any] = {"ready": ready, "backends": backends,
                                 "events": service.events.bus.name}
+        if withheld is not None:
+            body["withheld"] = withheld
         found = service.unreadable()
         if found:
             counts: dict[str, int] = {}
@@ -446,16 +451,20 @@ def create_app(
     @public("the kubelet's readiness probe: says whether this replica should take traffic, "
             "and which stores answer")
     async def serving() -> JSONResponse:
-        """Readiness for the kubelet: 503 only while a store does not answer here and a peer
-        reaches every store.
+        """Readiness for the kubelet: 503 only while a store does not answer here, or no lock
+        is granted here, and a peer reaches every store and grants (``withheld`` says why no
+        lock is granted, as in ``/readyz``).
 
         A store down for every replica keeps each serving: the fall-back answers alike on all
         of them (see :mod:`enhanced_locking.peers`). ``ready`` and ``backends`` are this
         replica's stores, as in ``/readyz``; ``readyPeer`` names the peer
         (``enhanced-locking-peers``) that reaches them, when one does."""
         backends = await service.ready()
-        ready = all(state == "ok" for state in backends.values())
+        withheld = service.router.withheld
+        ready = withheld is None and all(state == "ok" for state in backends.values())
         body: dict[str, Any] = {"serving": True, "ready": ready, "backends": backends}
+        if withheld is not None:
+            body["withheld"] = withheld
         if not ready:
             peer = await service.peers.one_ready()
             body["serving"] = peer is None
