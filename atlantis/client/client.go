@@ -315,6 +315,10 @@ func (c *Client) do(ctx context.Context, k call) (answer, error) {
 			return answer{}, &InvalidError{Message: fmt.Sprintf("%s: cannot encode the request: %v", k.op, err), Key: k.key}
 		}
 	}
+	var bound time.Duration // the call's time, for the error that says it ran out
+	if deadline, ok := ctx.Deadline(); ok {
+		bound = time.Until(deadline)
+	}
 	delay := c.backoff
 	var last error
 	for attempt := 1; ; attempt++ {
@@ -323,7 +327,7 @@ func (c *Client) do(ctx context.Context, k call) (answer, error) {
 			return got, nil
 		}
 		if err != nil {
-			last = &UnavailableError{Op: k.op, Key: k.key, Err: err}
+			last = unanswered(k, err, bound)
 		} else {
 			last = &UnavailableError{Op: k.op, Key: k.key, Status: got.status, Message: errorMessage(got.body)}
 		}
@@ -341,11 +345,31 @@ func (c *Client) do(ctx context.Context, k call) (answer, error) {
 		}
 		select {
 		case <-ctx.Done():
-			return answer{}, &UnavailableError{Op: k.op, Key: k.key, Err: ctx.Err()}
+			return answer{}, unanswered(k, ctx.Err(), bound)
 		case <-time.After(pause):
 		}
 		delay = min(2*delay, c.maxBackoff)
 	}
+}
+
+// unanswered is the *UnavailableError of a call that got no answer (err). When its time ran
+// out, the error says so with the time it had (what Atlantis shows in the pull request's
+// comment says more than Go's "context deadline exceeded"), and whether a connection was made.
+func unanswered(k call, err error, bound time.Duration) *UnavailableError {
+	e := &UnavailableError{Op: k.op, Key: k.key, Err: err}
+	if bound > 0 && errors.Is(err, context.DeadlineExceeded) {
+		within := bound.Round(10 * time.Millisecond)
+		if bound >= time.Second {
+			within = bound.Round(time.Second)
+		}
+		if notConnected(err) {
+			e.Message = fmt.Sprintf("no connection to the lock service could be made within %s", within)
+		} else {
+			e.Message = fmt.Sprintf("the lock service did not answer within %s: given up (it, "+
+				"or a proxy between, took the call and sent nothing back)", within)
+		}
+	}
+	return e
 }
 
 // mayRepeat reports whether a call whose attempt failed (err, or got) may be sent again: one

@@ -120,6 +120,8 @@ func (e *UnavailableError) Error() string {
 		where = " of " + e.Key
 	}
 	switch {
+	case e.Err != nil && e.Message != "":
+		return fmt.Sprintf("lock service unavailable (%s%s): %s (%v)", e.Op, where, e.Message, e.Err)
 	case e.Err != nil:
 		return fmt.Sprintf("lock service unavailable (%s%s): %v", e.Op, where, e.Err)
 	case e.Status != 0:

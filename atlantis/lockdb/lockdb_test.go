@@ -802,6 +802,12 @@ func TestWithTimeoutIsTheBoundOfEachCallOverTheClientsOwn(t *testing.T) {
 	if elapsed < 2*time.Second || elapsed > 10*time.Second {
 		t.Fatalf("the call should give up after WithTimeout's 2s, gave up after %v", elapsed)
 	}
+	// What Atlantis puts in the pull request's comment says what happened, not only Go's
+	// "context deadline exceeded".
+	if said := err.Error(); !strings.Contains(said, "did not answer within 2s") ||
+		!strings.Contains(said, "took the call and sent nothing back") {
+		t.Fatalf("the error should say the service did not answer within the call's 2s, got %q", said)
+	}
 }
 
 // heldByPull1 is acme/infra's envs/prod, whose lock in workspace default pull 1 of acme/infra
