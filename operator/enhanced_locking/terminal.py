@@ -20,6 +20,8 @@ import sys
 from collections.abc import Callable
 from typing import Any, TextIO
 
+from enhanced_locking.service_address import TOKEN_ENV
+
 __all__ = [
     "EXIT_OK",
     "EXIT_PIPE",
@@ -99,6 +101,10 @@ def service_failed(program: str, message: str, *, status: int, answer: Any | Non
     if status == 422:
         say(program, message)
         return EXIT_USAGE
+    if status == 401:
+        # Who reads this line (an Atlantis step's is in the pull request's comment) is told
+        # where the command takes its token from, never the token.
+        message += f" (the token is --token's, else {TOKEN_ENV}'s: docs/08-access.md)"
     return refused(program, message, answer)
 
 

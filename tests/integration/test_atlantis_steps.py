@@ -361,6 +361,28 @@ def test_an_apply_step_on_the_locker_role_asks_with_normal_priority(
     assert "prioritize" in asked.stderr and len(asked.stderr.splitlines()) == 1
 
 
+def test_a_step_without_a_token_the_service_knows_says_how_to_give_it_one(
+    service_process: Callable[..., ServiceProcess], tmp_path: Path,
+) -> None:
+    """With access control on, a step run without a token, or with one the service does not
+    know, fails (exit 1, one line): Atlantis puts that line in the pull request's comment,
+    so it names the variable and the flag the step reads the token from, and never the
+    token."""
+    tokens = tmp_path / "tokens.csv"
+    tokens.write_text('# token,name,uid,groups\ntok-step-known-4d3c2b1a,atlantis,uid-1,"bots"\n')
+    url = service_process("--enhanced-locking-enabled=true", "--enhanced-locking-auth=static",
+                          f"--enhanced-locking-auth-tokens-file={tokens}",
+                          "--enhanced-locking-auth-roles=locker=group:bots").url
+    for given in ({}, {"ENHANCED_LOCKING_TOKEN": "tok-step-unknown-0f9e8d"}):
+        done = run_step(step_env(url, 1, "alice", **given), "acquire", "--command", "plan",
+                        "--wait", "0s")
+        assert done.returncode == 1, done.stdout + done.stderr
+        lines = done.stderr.splitlines()
+        assert len(lines) == 1, lines
+        assert "ENHANCED_LOCKING_TOKEN" in lines[0] and "--token" in lines[0], lines
+        assert "tok-step-unknown" not in done.stdout + done.stderr
+
+
 def test_a_steps_ttl_is_the_lease_from_that_step_on(service: ServiceProcess) -> None:
     """The pull that holds the lock gets it back unchanged: an apply step's ``--ttl`` renews
     the lease from the apply on, so the lock cannot expire part way through the apply on
