@@ -662,8 +662,9 @@ def _release(client: Client, args: argparse.Namespace) -> int:
 
 
 def _list(client: Client, args: argparse.Namespace) -> int:
-    locks = client.list(repo=args.repo, pull=args.pull)
-    _print({"locks": [lock.model_dump(mode="json", by_alias=True) for lock in locks]})
+    listing = client.listing(repo=args.repo, pull=args.pull)
+    _print(listing.as_json())
+    terminal.not_reached(PROG, listing.unavailable, "listed")
     return 0
 
 
@@ -683,8 +684,9 @@ def _audit(client: Client, args: argparse.Namespace) -> int:
 
 
 def _unlock_pull(client: Client, args: argparse.Namespace) -> int:
-    locks = client.unlock_pull(args.repo, args.pull)
-    _print({"released": [lock.model_dump(mode="json", by_alias=True) for lock in locks]})
+    done = client.release_pull(args.repo, args.pull)
+    _print(done.as_json())
+    terminal.not_reached(PROG, done.unavailable, "released")
     return 0
 
 

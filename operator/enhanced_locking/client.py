@@ -12,6 +12,7 @@ import json
 import os
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass
 from datetime import timedelta
 from types import TracebackType
 from typing import Any
@@ -42,8 +43,9 @@ from enhanced_locking.types import (
     kept_by_grant,
 )
 
-__all__ = ["DEFAULT_URL", "TOKEN_ENV", "URL_ENV", "AsyncClient", "Client", "ServiceError",
-           "StreamCut", "parse_sse", "service_url", "shown_url", "token_problem"]
+__all__ = ["DEFAULT_URL", "TOKEN_ENV", "URL_ENV", "AsyncClient", "Client", "Listing",
+           "PullRelease", "ServiceError", "StreamCut", "parse_sse", "service_url", "shown_url",
+           "token_problem"]
 
 _FOLLOWING_LINE = f": {FOLLOWING_COMMENT}"
 """The event stream's line saying the service follows the events for it."""
@@ -69,6 +71,42 @@ class ServiceError(Exception):
         super().__init__(message)
         self.status = status
         self.body = body
+
+
+def _dumped(locks: Locks) -> list[Any]:
+    return [lock.model_dump(mode="json", by_alias=True) for lock in locks]
+
+
+@dataclass(frozen=True)
+class Listing:
+    """``GET /v1/locks``: the locks read; the sides whose store did not answer (their locks
+    are not among them); the stored locks set aside as unreadable (never among them)."""
+
+    locks: Locks
+    unavailable: tuple[str, ...] = ()
+    unreadable: tuple[UnreadableLock, ...] = ()
+
+    def as_json(self) -> dict[str, Any]:
+        """The answer as the service gave it (``unavailable``, ``unreadable`` when not empty)."""
+        return {"locks": _dumped(self.locks),
+                **({"unavailable": list(self.unavailable)} if self.unavailable else {}),
+                **({"unreadable": [entry.model_dump(mode="json", by_alias=True)
+                                   for entry in self.unreadable]} if self.unreadable else {})}
+
+
+@dataclass(frozen=True)
+class PullRelease:
+    """``DELETE /v1/locks/by-pull``: the locks released; the pull's queued requests dropped
+    (by waiter id); the sides whose store did not answer (the pull's locks there stay)."""
+
+    released: Locks
+    cancelled: tuple[str, ...] = ()
+    unavailable: tuple[str, ...] = ()
+
+    def as_json(self) -> dict[str, Any]:
+        """The answer as the service gave it (``unavailable`` when not empty)."""
+        return {"released": _dumped(self.released), "cancelled": list(self.cancelled),
+                **({"unavailable": list(self.unavailable)} if self.unavailable else {})}
 
 
 class Client:
@@ -243,13 +281,26 @@ class Client:
         return Lock.model_validate(body["lock"]) if status == 200 else None
 
     def list(self, *, repo: str | None = None, pull: int | None = None) -> Locks:
+        """The locks read (:meth:`listing` also says what it could not read)."""
+        return self.listing(repo=repo, pull=pull).locks
+
+    def listing(self, *, repo: str | None = None, pull: int | None = None) -> Listing:
         params = {k: v for k, v in {"repo": repo, "pull": pull}.items() if v is not None}
         _, body = self._call("GET", "/v1/locks", params=params)
-        return [Lock.model_validate(item) for item in body["locks"]]
+        return Listing(locks=[Lock.model_validate(item) for item in body["locks"]],
+                       unavailable=tuple(body.get("unavailable", ())),
+                       unreadable=tuple(UnreadableLock.model_validate(entry)
+                                        for entry in body.get("unreadable", ())))
 
     def unlock_pull(self, repo: str, pull: int) -> Locks:
+        """The locks released (:meth:`release_pull` also says what it could not release)."""
+        return self.release_pull(repo, pull).released
+
+    def release_pull(self, repo: str, pull: int) -> PullRelease:
         _, body = self._call("DELETE", "/v1/locks/by-pull", params={"repo": repo, "pull": pull})
-        return [Lock.model_validate(item) for item in body["released"]]
+        return PullRelease(released=[Lock.model_validate(item) for item in body["released"]],
+                           cancelled=tuple(body.get("cancelled", ())),
+                           unavailable=tuple(body.get("unavailable", ())))
 
     def config(self) -> dict[str, Any]:
         _, body = self._call("GET", "/v1/config")

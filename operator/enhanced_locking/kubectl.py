@@ -376,20 +376,25 @@ def _who(lock: dict[str, Any]) -> str:
 
 
 def _locks_list(client: Client, args: argparse.Namespace) -> int:
-    locks = [lock.model_dump(mode="json", by_alias=True)
-             for lock in client.list(repo=args.repo, pull=args.pull)]
+    listing = client.listing(repo=args.repo, pull=args.pull)
+    answer = listing.as_json()
     if args.output:
-        terminal.emit({"locks": locks}, args.output)
-        return terminal.EXIT_OK
-    if not locks:
+        terminal.emit(answer, args.output)
+    elif answer["locks"]:
+        now = datetime.now(UTC)
+        rows = [[lock["key"], _who(lock), _age(lock["acquiredAt"], now),
+                 "-" if not lock.get("expiresAt") else lock["expiresAt"],
+                 str(lock["fencingToken"]), lock["backend"]] for lock in answer["locks"]]
+        print(_table(["KEY", "PULL", "AGE", "LEASE UNTIL", "TOKEN", "BACKEND"], rows,
+                     terminal.Style()))
+    elif not listing.unavailable and not listing.unreadable:
         print("no locks held" + (f" in {args.repo}" if args.repo else ""))
-        return terminal.EXIT_OK
-    now = datetime.now(UTC)
-    rows = [[lock["key"], _who(lock), _age(lock["acquiredAt"], now),
-             "-" if not lock.get("expiresAt") else lock["expiresAt"],
-             str(lock["fencingToken"]), lock["backend"]] for lock in locks]
-    print(_table(["KEY", "PULL", "AGE", "LEASE UNTIL", "TOKEN", "BACKEND"], rows,
-                 terminal.Style()))
+    if listing.unreadable and not args.output:
+        print("set aside, cannot be read (a force-unlock clears them):")
+        print(_table(["KEY", "BACKEND", "WHY"],
+                     [[entry.key, entry.side, entry.reason] for entry in listing.unreadable],
+                     terminal.Style()))
+    terminal.not_reached(PROG, listing.unavailable, "listed")
     return terminal.EXIT_OK
 
 

@@ -4,6 +4,8 @@
   did what it was asked or was refused: a script reads one document either way.
 * **stderr carries one line** for every refusal and every error, prefixed with the program's
   name (``enhanced-locking: no lock is held on KEY``); never a traceback for a user's mistake.
+  So does an answer that left some locks out because their store did not answer (a list, a
+  release by pull): done with what it reached, exit 0, and the line says whose are missing.
 * **The exit code says which**: 0 done; 1 refused (held, not found, not owned, forbidden);
   2 invalid usage, config or URL; 3 the service (or the cluster) could not be reached.
 * A reader that stops early (``enhanced-locking lock list | head``) ends the command quietly
@@ -17,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 from enhanced_locking.service_address import TOKEN_ENV
@@ -66,6 +68,14 @@ def emit(data: Any, output: str, *, out: TextIO | None = None) -> None:
 def say(program: str, message: str) -> None:
     """One line on stderr, prefixed with the program's name."""
     print(f"{program}: {message}", file=sys.stderr)
+
+
+def not_reached(program: str, sides: Sequence[str], what: str) -> None:
+    """One line on stderr for an answer that left out the locks of ``sides`` (their store did
+    not answer): ``what`` the command did not do to them (``listed``, ``released``)."""
+    if sides:
+        stores = " and ".join(f"the {side} store" for side in sides)
+        say(program, f"{stores} did not answer: its locks are not {what}")
 
 
 def refused(program: str, message: str, answer: Any | None = None) -> int:

@@ -573,3 +573,34 @@ def test_an_acquire_its_store_did_not_answer_exits_3_not_as_a_refusal(
     assert json.loads(result.stdout)["reason"] == "unavailable"
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and "unavailable" in lines[0], result.stderr
+
+
+@pytest.mark.redis
+def test_a_list_and_a_release_by_pull_say_which_store_did_not_answer(
+    redis_server: RedisServer, service_process: ServiceFactory,
+) -> None:
+    """The service answers them 200 with what it could reach and ``unavailable``: the command
+    prints that answer whole, and one line on stderr says whose locks it could not list or
+    release, never a bare list that reads as everything held."""
+    url = service_process("--enhanced-locking-enabled", "--enhanced-locking-backend=redis",
+                          f"--enhanced-locking-redis-addr={redis_server.addr}").url
+    acquire = ["lock", "--url", url, "acquire", "--repo", "acme/infra", "--pull", "1"]
+    assert run(*acquire, "--path", "envs/prod").returncode == 0  # on the enhanced store
+    redis_server.stop()
+    assert output(run(*acquire, "--path", "envs/dev"))["lock"]["backend"] == "legacy"
+
+    listed = run("lock", "--url", url, "list", "--repo", "acme/infra")
+    assert listed.returncode == 0, listed.stderr
+    shown = output(listed)
+    assert [lock["key"] for lock in shown["locks"]] == ["acme/infra/envs/dev/default/"]
+    assert shown["unavailable"] == ["enhanced"]
+    lines = listed.stderr.splitlines()
+    assert len(lines) == 1 and "enhanced" in lines[0] and "not listed" in lines[0], lines
+
+    released = run("lock", "--url", url, "unlock-pull", "--repo", "acme/infra", "--pull", "1")
+    assert released.returncode == 0, released.stderr
+    shown = output(released)
+    assert [lock["key"] for lock in shown["released"]] == ["acme/infra/envs/dev/default/"]
+    assert shown["unavailable"] == ["enhanced"] and shown["cancelled"] == []
+    lines = released.stderr.splitlines()
+    assert len(lines) == 1 and "enhanced" in lines[0] and "not released" in lines[0], lines

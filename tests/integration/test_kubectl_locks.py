@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 from tests.conftest import ServiceFactory
+from tests.support.locks import request_for
+from tests.support.redis_server import RedisServer
 from tests.support.service import free_port, scrubbed_env
 from tests.support.waiting import wait_for
 
@@ -171,3 +173,22 @@ def test_rollout_status_seconds_that_cannot_be_waited_are_a_usage_error(
     assert done.stderr.splitlines() == [
         f"kubectl locking rollout status: error: argument {flag}: expected seconds, "
         f"{'above 0' if flag == '--interval' else '0 or more'}, got {value!r}"]
+
+
+@pytest.mark.redis
+def test_locks_list_says_which_store_did_not_answer(
+    redis_server: RedisServer, service_process: ServiceFactory,
+) -> None:
+    """With the enhanced store down the service lists legacy's locks and says so: the table
+    never reads "no locks held" for a store it did not reach."""
+    url = service_process("--enhanced-locking-enabled", "--enhanced-locking-backend=redis",
+                          f"--enhanced-locking-redis-addr={redis_server.addr}").url
+    with Client(url) as client:
+        assert client.acquire(request_for(pull=12)).acquired
+    redis_server.stop()
+    result = plugin("locks", "list", url=url)
+    assert result.returncode == 0, result.stderr
+    assert "no locks held" not in result.stdout
+    assert "enhanced" in result.stderr and "not listed" in result.stderr, result.stderr
+    as_json = json.loads(plugin("locks", "list", "-o", "json", "--url", url).stdout)
+    assert as_json == {"locks": [], "unavailable": ["enhanced"]}
