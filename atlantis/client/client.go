@@ -610,8 +610,11 @@ type acquireAnswer struct {
 
 func (a acquireAnswer) refused(op string) error {
 	if a.Reason == ReasonUnavailable {
-		return &UnavailableError{Op: op, Key: a.LockKey, Status: http.StatusConflict,
-			Message: "the lock store did not answer and the service fails closed"}
+		message := "the lock store did not answer and the service fails closed"
+		if a.Error != "" { // the service's own words: which store, or why it grants nothing now
+			message = a.Error
+		}
+		return &UnavailableError{Op: op, Key: a.LockKey, Status: http.StatusConflict, Message: message}
 	}
 	held := &HeldError{Key: a.LockKey, Reason: a.Reason, Holder: a.Holder, Cycle: a.Cycle,
 		CycleOwners: a.CycleOwners, Message: a.Error}
@@ -923,7 +926,8 @@ func (c *Client) Cancel(ctx context.Context, key, id string) (bool, error) {
 // not the service's JSON answer (a proxy's sign-in page, another web server at the URL) is an
 // *UnavailableError: the lock calls would all fail there. The service's own 503, a store that
 // did not answer, is an *UnavailableError whose Sides names the stores ("legacy",
-// "enhanced"): the service itself answered.
+// "enhanced"), and its 503 for locks it withholds for now one whose Withheld says why: the
+// service itself answered.
 func (c *Client) Ready(ctx context.Context) error {
 	k := call{op: "ready", method: http.MethodGet, path: "/readyz", idempotent: true}
 	if c.callTimeout > 0 {
@@ -937,7 +941,8 @@ func (c *Client) Ready(ctx context.Context) error {
 	}
 	if got.status != http.StatusOK {
 		if got.status == http.StatusServiceUnavailable {
-			return &UnavailableError{Op: k.op, Status: got.status, Sides: notReady(got.body),
+			sides, withheld := notReady(got.body)
+			return &UnavailableError{Op: k.op, Status: got.status, Sides: sides, Withheld: withheld,
 				Message: string(bytes.TrimSpace(got.body))}
 		}
 		return refusal(k, got)
@@ -951,14 +956,16 @@ func (c *Client) Ready(ctx context.Context) error {
 	return nil
 }
 
-// notReady is the stores a /readyz answer names as not answering, in order; nil when the
-// body is not the service's readiness (a proxy's 503 page).
-func notReady(body []byte) []string {
+// notReady is what a /readyz answer says keeps the service from being ready: the stores it
+// names as not answering, in order, and why it withholds its locks ("" when it does not);
+// nothing when the body is not the service's readiness (a proxy's 503 page).
+func notReady(body []byte) ([]string, string) {
 	var answer struct {
 		Backends map[string]string `json:"backends"`
+		Withheld string            `json:"withheld"`
 	}
 	if json.Unmarshal(body, &answer) != nil {
-		return nil
+		return nil, ""
 	}
 	var sides []string
 	for side, state := range answer.Backends {
@@ -967,7 +974,7 @@ func notReady(body []byte) []string {
 		}
 	}
 	slices.Sort(sides)
-	return sides
+	return sides, answer.Withheld
 }
 
 // contentType is a response's media type without its parameters, or "no content type".

@@ -109,9 +109,13 @@ type UnavailableError struct {
 	// service answered without them (a list or a pull's release, status 200): what the call
 	// returned along with this error is what the other sides hold or freed. From Ready: the
 	// stores its 503 names (the service answered; they did not).
-	Sides   []string
-	Message string
-	Err     error
+	Sides []string
+	// Withheld, from Ready: why the service grants no lock for now, as its own 503 says (its
+	// operator's LockPolicy not applied yet, a switched-off store not read); the service
+	// answered, and each lock call is refused with the same words.
+	Withheld string
+	Message  string
+	Err      error
 }
 
 func (e *UnavailableError) Error() string {

@@ -458,15 +458,17 @@ func (b *Database) CheckCommandLock(cmdName command.Name) (*command.Lock, error)
 
 // Ping checks that the service answers (GET /readyz), then the wrapped database. Atlantis's
 // /readyz is this Ping: a store of the service that does not answer (the service's 503
-// naming it) is not an error here. Every Atlantis replica shares the service, so that
-// would mark them all not ready at once — no webhook taken, no page shown — while the
+// naming it) is not an error here, nor is a service that withholds its locks for now (its
+// 503 saying why). Every Atlantis replica shares the service, so that would mark them all
+// not ready at once — no webhook taken, no page shown — while the
 // fall-back serves the locks, and each lock call fails closed on its own where nothing can.
 // The stores' state is the service's own readiness (client.Ready).
 func (b *Database) Ping() error {
 	ctx, cancel := b.ctx(0)
 	defer cancel()
 	var unavailable *client.UnavailableError
-	if err := b.service.Ready(ctx); err != nil && !(errors.As(err, &unavailable) && len(unavailable.Sides) > 0) {
+	if err := b.service.Ready(ctx); err != nil && !(errors.As(err, &unavailable) &&
+		(len(unavailable.Sides) > 0 || unavailable.Withheld != "")) {
 		return fmt.Errorf("lock service: %w", err)
 	}
 	return b.wrapped.Ping()

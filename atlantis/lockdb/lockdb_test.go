@@ -1157,3 +1157,38 @@ func TestPingIsReadyWhileTheServiceAnswersWithoutAStore(t *testing.T) {
 		t.Fatalf("Ping must fail once the service cannot be reached, got %v", err)
 	}
 }
+
+func TestPingIsReadyWhileTheServiceWithholdsItsLocks(t *testing.T) {
+	// A service that grants no lock for now says why in its /readyz (503, withheld): here
+	// enhanced locking is off and the store its locks were kept in did not answer at the
+	// start, so it may still hold some. As with a store that does not answer, following it
+	// would mark every Atlantis replica not ready at once; each lock call fails closed on its
+	// own instead, and the error Atlantis shows on the pull says why.
+	redis := servicetest.RedisServer(t)
+	addr := redis.Addr
+	redis.Stop()
+	svc := servicetest.ServeAnswering(t, "--enhanced-locking-backend=redis", "--enhanced-locking-redis-addr="+addr)
+	database := open2(t, svc, lockdb.WithClientOptions(client.WithRetries(1, 0)))
+	var unavailable *client.UnavailableError
+	err := database.Client().Ready(context.Background())
+	if !errors.As(err, &unavailable) || unavailable.Status != 503 || unavailable.Withheld == "" {
+		t.Fatalf("the service's readiness should say why it withholds its locks, got %v", err)
+	}
+	must(t, database.Ping())
+	ok, _, err := database.TryLock(models.ProjectLock{Project: models.NewProject("acme/infra", ".", ""),
+		Workspace: "default", Pull: pullOf("acme/infra", 1), User: alice, Time: time.Now()})
+	if ok || !client.IsUnavailable(err) || !strings.Contains(err.Error(), "no lock is granted until it is read") {
+		t.Fatalf("TryLock should fail closed saying why, got %v %v", ok, err)
+	}
+}
+
+// open2 is open without its Ping: the adapter on a service that may not be ready.
+func open2(t *testing.T, svc *servicetest.Service, opts ...lockdb.Option) *lockdb.Database {
+	t.Helper()
+	wrapped, err := boltdb.New(t.TempDir())
+	must(t, err)
+	database, err := lockdb.New(svc.URL, wrapped, opts...)
+	must(t, err)
+	t.Cleanup(func() { database.Close() }) //nolint:errcheck
+	return database
+}

@@ -183,10 +183,19 @@ type Service struct {
 
 // Serve starts `enhanced-locking serve` on a free loopback port with its own data dir and
 // extra arguments (e.g. "--enhanced-locking-legacy-backend", "redis", ...), and waits until
-// /healthz answers.
+// it is ready (/readyz answers 200).
 func Serve(t testing.TB, args ...string) *Service {
 	t.Helper()
 	return serve(t, "", args...)
+}
+
+// ServeAnswering is Serve for a service that is not to be ready (a store it needs does not
+// answer): it waits until the service answers /readyz at all, 200 or 503.
+func ServeAnswering(t testing.TB, args ...string) *Service {
+	t.Helper()
+	return serveUntil(t, "", func(status int) bool {
+		return status == http.StatusOK || status == http.StatusServiceUnavailable
+	}, args...)
 }
 
 // PreviousRelease is the service's release before this one (the commit before a refresh
@@ -215,8 +224,15 @@ func ServeRelease(t testing.TB, commit string, args ...string) *Service {
 	return serve(t, filepath.Join(tree, "operator"), args...)
 }
 
-// serve starts the service, its package imported from pythonPath when given.
+// serve starts the service, its package imported from pythonPath when given, and waits until
+// it is ready.
 func serve(t testing.TB, pythonPath string, args ...string) *Service {
+	t.Helper()
+	return serveUntil(t, pythonPath, func(status int) bool { return status == http.StatusOK }, args...)
+}
+
+// serveUntil starts the service and waits until its /readyz answers a status done accepts.
+func serveUntil(t testing.TB, pythonPath string, done func(status int) bool, args ...string) *Service {
 	t.Helper()
 	port := FreePort(t)
 	dataDir := t.TempDir()
@@ -248,7 +264,7 @@ func serve(t testing.TB, pythonPath string, args ...string) *Service {
 			return false
 		}
 		resp.Body.Close() //nolint:errcheck
-		return resp.StatusCode == http.StatusOK
+		return done(resp.StatusCode)
 	})
 	p.Addr = net.JoinHostPort(Loopback, strconv.Itoa(port))
 	return &Service{Process: p, URL: url, DataDir: dataDir}
