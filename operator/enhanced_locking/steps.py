@@ -203,8 +203,10 @@ def refusal_line(result: AcquireResult, request: LockRequest) -> str:
     if reason is Reason.COLLISION and result.error:
         return result.error
     if reason is Reason.UNAVAILABLE:
-        return (f"{request.key}: the lock store behind the service did not answer; nothing is "
-                "known of the lock")
+        # The service's words when it said any: which store did not answer, or why it grants
+        # no lock for now (a store of switched-off locks not read, a policy not applied yet).
+        why = result.error or "the lock store behind the service did not answer"
+        return f"{request.key}: {why}; nothing is known of the lock"
     if result.error:
         # The service's words where the reason alone does not say it: a request taken out of
         # the queue (cancelled: its pull closed or unlocked, or an admin), a freeze's message.

@@ -488,6 +488,24 @@ def test_a_release_whose_store_does_not_answer_exits_3_not_as_a_refusal(
 
 
 @pytest.mark.redis
+def test_an_acquire_the_service_withholds_exits_3_saying_why(
+    redis_server: RedisServer, service_process: Callable[..., ServiceProcess],
+) -> None:
+    """A service that grants no lock for now answers ``unavailable`` with why: here enhanced
+    locking is off and the store its locks were kept in did not answer at the start (it may
+    hold some). The step's line, which the pull request's comment shows, gives those words,
+    not only that a store did not answer."""
+    addr = redis_server.addr
+    redis_server.stop()
+    url = service_process("--enhanced-locking-backend=redis",
+                          f"--enhanced-locking-redis-addr={addr}").url
+    done = run_step(step_env(url, 1, "alice"), "acquire", "--command", "plan", "--wait", "0s")
+    assert done.returncode == 3, done.stdout + done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and KEY in lines[0], done.stderr
+    assert "no lock is granted until it is read" in lines[0], done.stderr
+
+
 def test_an_acquire_whose_store_does_not_answer_exits_3_not_as_a_refusal(
     redis_server: RedisServer, service_process: Callable[..., ServiceProcess],
 ) -> None:
