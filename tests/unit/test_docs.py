@@ -38,6 +38,19 @@ def test_no_example_empties_or_deletes_a_file_of_the_default_data_dir() -> None:
             assert not clobber.search(line), f"{page.name}:{number}: {line}"
 
 
+def test_an_example_that_serves_in_the_background_takes_a_port_of_its_own() -> None:
+    # The quick start leaves `make run` serving, open, on 4142. An example that starts a
+    # service in the background and then calls it would, on 4142, fail to listen and send
+    # every call to the open service (a 401 answered 200, a right not asked).
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for block in re.findall(r"```(?:bash|sh|console)\n(.*?)```", page.read_text(), re.S):
+            for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+                if (re.search(r"\benhanced-locking (serve|operator)\b", line)
+                        and re.search(r"&\s*(#.*)?$", line)):
+                    port = re.search(r"--port[= ](\d+)", line)
+                    assert port and port.group(1) != "4142", f"{page.name}: {line}"
+
+
 def _section(page: str, heading: str) -> str:
     text = (ROOT / "docs" / page).read_text()
     start = text.index(f"\n## {heading}\n")
