@@ -22,11 +22,14 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from pydantic import ValidationError
 from tests.support.controlplane import KubeCluster
 from tests.support.operator import OperatorProcess, cr
 from tests.support.redis_server import RedisServer
 from tests.support.sse_frames import Frame, Frames
 from tests.support.waiting import wait_for
+
+from enhanced_locking.kube.lockpolicy import LockPolicySpec
 
 pytestmark = pytest.mark.e2e
 
@@ -276,7 +279,26 @@ BAD_RULES = [
         {"name": "a", "commands": ["apply"], "priority": "high"},
         {"name": "b", "commands": ["apply", "plan"], "priority": "low"}]},
         ["spec.priorityRules", "which wins would depend on their order"], id="ambiguous"),
+    # The same path written two ways (the service cleans a pathPrefix as a project's path):
+    # the API server compared them as written and took what the operator then refused.
+    pytest.param({"priorityRules": [
+        {"name": "a", "match": {"pathPrefix": "envs/prod"}, "commands": ["apply"],
+         "priority": "critical"},
+        {"name": "b", "match": {"pathPrefix": "./envs//prod/"}, "commands": ["apply"],
+         "priority": "high"}]},
+        ["spec.priorityRules", "which wins would depend on their order"],
+        id="ambiguous-path-written-apart"),
+    pytest.param({"priorityRules": [
+        {"name": "a", "match": {"repo": "acme/*", "pathPrefix": "."}, "priority": "high"},
+        {"name": "b", "match": {"repo": "acme/*", "pathPrefix": "/"}, "priority": "low"}]},
+        ["spec.priorityRules", "which wins would depend on their order"],
+        id="ambiguous-root-written-apart"),
 ]
+
+DISTINCT_PATHS = [("envs/prod", "envs/prod/eu"), ("envs/prod", "envs/production"),
+                  ("/envs/prod", "envs/prod"), (".", "envs")]
+"""Pairs of ``pathPrefix`` that cover different projects: two rules of different priorities
+on them are not ambiguous."""
 
 
 @pytest.mark.parametrize(("spec", "expected"), BAD_RULES)
@@ -284,12 +306,29 @@ def test_bad_rules_are_refused_naming_the_field(
     kube_cluster: KubeCluster, kube_namespace: str, lock_crds: None,
     spec: dict[str, Any], expected: list[str],
 ) -> None:
+    with pytest.raises(ValidationError):  # the service refuses them too
+        LockPolicySpec.model_validate(spec)
     body = {"apiVersion": f"{GROUP}/v1alpha1", "kind": "LockPolicy",
             "metadata": {"name": "refused", "namespace": kube_namespace}, "spec": spec}
     result = kube_cluster.kubectl("apply", "-f", "-", input=json.dumps(body), check=False)
     assert result.returncode != 0, result.stdout
     for text in expected:
         assert text in result.stderr
+
+
+@pytest.mark.parametrize(("first", "second"), DISTINCT_PATHS)
+def test_priority_rules_on_different_paths_are_accepted(
+    kube_cluster: KubeCluster, kube_namespace: str, lock_crds: None, first: str, second: str,
+) -> None:
+    spec = {"priorityRules": [
+        {"name": "a", "match": {"pathPrefix": first}, "commands": ["apply"], "priority": "high"},
+        {"name": "b", "match": {"pathPrefix": second}, "commands": ["apply"], "priority": "low"}]}
+    LockPolicySpec.model_validate(spec)  # the service takes them too
+    body = {"apiVersion": f"{GROUP}/v1alpha1", "kind": "LockPolicy",
+            "metadata": {"name": "distinct", "namespace": kube_namespace}, "spec": spec}
+    result = kube_cluster.kubectl("apply", "--dry-run=server", "-f", "-",
+                                  input=json.dumps(body))
+    assert "(server dry run)" in result.stdout
 
 
 def test_the_examples_of_the_policies_page_are_accepted(

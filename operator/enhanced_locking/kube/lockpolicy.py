@@ -292,12 +292,55 @@ class Etcd(SpecModel):
             raise ValueError("etcd.endpoints names an endpoint twice")
         return self
 _UNIQUE = "self.all(a, self.exists_one(b, b.name == a.name))"
+
+
+def _apart(field: str) -> str:
+    """CEL: the glob ``field`` of the patterns ``a.match`` and ``b.match`` differs."""
+    return (f"has(a.match.{field}) != has(b.match.{field}) || "
+            f"(has(a.match.{field}) && a.match.{field} != b.match.{field})")
+
+
+_CLEANING_ROUNDS = 4
+"""Rounds of dropping empty and ``.`` elements (``//`` and ``/./`` as ``/``): each halves every
+run of them, so four leave none of a run of up to 15 in a row (16 is the first they leave one
+of). More rounds cost more than the API server's budget for the rule allows (each is costed
+by the pathPrefix's longest length, for every pair of rules); a longer run is left to the
+operator, which refuses the LockPolicy when the rules are ambiguous."""
+
+
+def _cleaned(side: str) -> str:
+    """CEL: ``side``'s pathPrefix as the service cleans it (``clean_path``), in a form of its
+    own: ``/{elements}/`` (the root ``.``, and ``/``, is ``/``), marked ``^`` in front when
+    rooted; exact for a path with no ``..`` element and no run of more than 15 empty or ``.``
+    elements, and otherwise never the form of a path the service reads apart from it."""
+    path = f"{side}.match.pathPrefix"
+    only_separators = rf"{path}.matches(r'^(\.?/)*\.?$')"
+    text = f"(({path}.startsWith('/') && !{only_separators}) ? '^/' : '/') + {path} + '/'"
+    for _ in range(_CLEANING_ROUNDS):
+        text = f"({text}).replace('//', '/').replace('/./', '/')"
+    return text
+
+
+_PATHS_APART = (
+    # As the service cleans a pathPrefix (``clean_path``): repeated and trailing slashes and
+    # ``.`` elements go, and a path of none of the others is the root ``.`` (``/`` as well).
+    # A ``..`` element is not resolved here: such paths are compared by those elements.
+    "has(a.match.pathPrefix) != has(b.match.pathPrefix) || (has(a.match.pathPrefix) && "
+    f"{_cleaned('a')} != {_cleaned('b')})"
+)
+
 _UNAMBIGUOUS = (
     "self.all(a, self.all(b, a.name == b.name || a.priority == b.priority"
-    " || has(a.match) != has(b.match) || (has(a.match) && a.match != b.match)"
+    " || has(a.match) != has(b.match)"
+    f" || (has(a.match) && ({_apart('repo')} || {_apart('workspace')} || {_apart('key')}"
+    f" || {_PATHS_APART}))"
     " || (has(a.commands) && size(a.commands) > 0 && has(b.commands) && size(b.commands) > 0"
     " && !a.commands.exists(c, c in b.commands))))"
 )
+"""Two priority rules of different priorities on the same pattern and overlapping commands
+are refused (as :meth:`PolicyRules._consistent` refuses them): the pattern compared as the
+service compares it, its ``pathPrefix`` cleaned (``envs/prod/`` and ``./envs/prod`` are
+``envs/prod``), not as written."""
 
 
 Subject = Annotated[str, Field(min_length=6, max_length=520, pattern=r"^(user|group):.+$")]
