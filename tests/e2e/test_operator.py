@@ -299,6 +299,50 @@ def test_a_restarted_operator_resumes_the_applied_config_and_keeps_every_held_lo
     settled(kube_cluster, operator, POLICIES, "default", 1)
 
 
+def test_a_restarted_operator_grants_nothing_until_it_can_apply_its_policy(
+    kube_cluster: KubeCluster, kube_namespace: str, start_operator: StartOperator,
+    redis_servers: Callable[..., RedisServer],
+) -> None:
+    """The operator restarts while the Redis its policy names is stopped: the policy is
+    refused, and the service opens on its own settings (enhanced locking off), under which
+    legacy would grant pull #12's key, held in Redis, to another pull. It grants nothing until
+    the policy is applied, the policy's status says why, and the policy is applied again soon
+    after Redis answers. Before, pull #13 was granted the key on legacy."""
+    server = redis_servers(persistence="aof")
+    apply(kube_cluster, kube_namespace,
+          policy(enabled=True, backend="redis", redis={"addr": server.addr}),
+          migration(weight=100))
+    operator = start_operator()
+    applied(operator, lambda c: c["config"]["enhanced-locking-backend"] == "redis", "redis")
+    held = acquire(operator, "window/a", pull=12)
+    assert held.status_code == 200 and held.json()["lock"]["backend"] == "enhanced", held.text
+
+    operator.stop()
+    server.stop()
+    operator.start()
+    assert operator.config()["layers"] == ["static"]
+    refused = acquire(operator, "window/a", pull=13)
+    assert refused.status_code == 503, refused.text
+    assert refused.json()["reason"] == "unavailable"
+    assert "has not applied its LockPolicy" in refused.json()["error"]
+    assert httpx.get(operator.url + "/readyz", timeout=10).status_code == 503
+
+    def granting() -> dict[str, Any] | None:
+        body = cr(kube_cluster, POLICIES, "default", kube_namespace) or {}
+        return next((c for c in (body.get("status") or {}).get("conditions") or []
+                     if c["type"] == "Granting"), None)
+
+    condition = wait_for("the Granting condition", granting, details=operator.output)
+    assert (condition["status"], condition["reason"]) == ("False", "PolicyNotApplied")
+
+    server.start()
+    applied(operator, lambda c: c["layers"] == ["static", "cluster"], "the policy, again")
+    again = acquire(operator, "window/a", pull=13)
+    assert again.status_code == 409, again.text
+    assert again.json()["holder"]["pull"]["num"] == 12
+    wait_for("the Granting condition gone", lambda: granting() is None, details=operator.output)
+
+
 # --- refusals --------------------------------------------------------------------------------
 
 
