@@ -440,8 +440,15 @@ func TestTheBearerTokenIsWhoTheServiceSees(t *testing.T) {
 	if _, err := as("").Acquire(ctx, request("acme/infra", "envs/dev", 1)); !errors.As(err, &denied) || denied.Status != 401 {
 		t.Fatalf("no token: want a 401 DeniedError, got %v", err)
 	}
-	if _, err := as("wrong-token").List(ctx, client.ListFilter{}); !errors.As(err, &denied) || denied.Status != 401 {
-		t.Fatalf("an unknown token: want a 401 DeniedError, got %v", err)
+	_, unknown := as("wrong-token").List(ctx, client.ListFilter{})
+	if !errors.As(unknown, &denied) || denied.Status != 401 {
+		t.Fatalf("an unknown token: want a 401 DeniedError, got %v", unknown)
+	}
+	// Atlantis shows a lock call's error in the pull request's comment: a 401 says where the
+	// client's token comes from, never the token.
+	if said := fmtErr(unknown); !strings.Contains(said, "client.WithToken") ||
+		!strings.Contains(said, "client.WithTokenFile") || strings.Contains(said, "wrong-token") {
+		t.Fatalf("a 401 should say how to give the client its token, got %q", said)
 	}
 	if _, err := as("viewer-token").Acquire(ctx, request("acme/infra", "envs/dev", 2)); !errors.As(err, &denied) || denied.Status != 403 {
 		t.Fatalf("a viewer acquiring: want a 403 DeniedError, got %v", err)

@@ -3,6 +3,7 @@ package client
 import (
 	"errors"
 	"fmt"
+	"net/http"
 	"strings"
 )
 
@@ -94,6 +95,13 @@ type DeniedError struct {
 }
 
 func (e *DeniedError) Error() string {
+	if e.Status == http.StatusUnauthorized {
+		// Whoever reads it (Atlantis puts it in the pull request's comment) is told where the
+		// client's token comes from, never the token.
+		return fmt.Sprintf("refused by the lock service (%d): %s (the client sends the token of "+
+			"client.WithToken, or of client.WithTokenFile for a mounted ServiceAccount token: "+
+			"docs/08-access.md)", e.Status, e.Message)
+	}
 	return fmt.Sprintf("refused by the lock service (%d): %s", e.Status, e.Message)
 }
 
