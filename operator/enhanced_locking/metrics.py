@@ -201,6 +201,13 @@ class Metrics:
             "enhanced_locking_deadlocks", "Waits refused because they would close a cycle.",
             registry=r,
         )
+        self.requests_shed = Counter(
+            "enhanced_locking_requests_shed",
+            "Requests answered 503 overloaded at once, before any work, because the service had "
+            "enhanced-locking-http-max-in-flight requests in flight (releases, health and "
+            "metrics are never shed).",
+            registry=r,
+        )
         self.routing = Counter(
             "enhanced_locking_routing_decisions", "Lock requests routed, by side.",
             ["backend"], registry=r,

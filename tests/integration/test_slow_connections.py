@@ -171,6 +171,8 @@ async def test_beyond_the_in_flight_limit_requests_are_shed_and_locks_and_queues
         assert {r.json()["reason"] for r in shed} == {"overloaded"}, "told apart from a store's 503"
         assert (await http.get("/v1/locks", params={"repo": "acme/shed"})).status_code == 503
         assert (await http.get("/healthz")).status_code == 200, "health is always served"
+        scraped = (await http.get("/metrics")).text  # always served: how load is watched
+        assert "\nenhanced_locking_requests_shed_total 11.0\n" in scraped, "each shed counted"
         released = await http.delete("/v1/locks/by-key", params={"key": key, "pull": 1})
         assert released.status_code == 200, "a release is always served"
         answers = []

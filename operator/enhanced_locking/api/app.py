@@ -157,7 +157,8 @@ def create_app(
     # What the middleware below answers, and the 422 of .errors, in the OpenAPI document.
     document_common_answers(app, always_served=ALWAYS_SERVED)
     app.add_middleware(Backpressure,
-                       limit=lambda: service.provider.current.config.http_max_in_flight)
+                       limit=lambda: service.provider.current.config.http_max_in_flight,
+                       shed=service.metrics.requests_shed.inc)
     # Outside Backpressure (added last, run first): a body over the bound is refused unread,
     # before any route (or the direct handler) or its caller check reads it.
     app.add_middleware(BodyLimit, webhooks=MAX_BODY,

@@ -247,11 +247,14 @@ def quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
 
 
 class Backpressure:
-    """ASGI middleware: at most ``limit()`` requests in flight; beyond, 503 + Retry-After."""
+    """ASGI middleware: at most ``limit()`` requests in flight; beyond, 503 + Retry-After,
+    each one told to ``shed`` (the metric that counts them)."""
 
-    def __init__(self, app: ASGIApp, *, limit: Callable[[], int]) -> None:
+    def __init__(self, app: ASGIApp, *, limit: Callable[[], int],
+                 shed: Callable[[], None] = lambda: None) -> None:
         self.app = app
         self.limit = limit
+        self.count_shed = shed
         self.in_flight = 0
         self.shed = EveryInterval("shedding load: %d requests in flight, the limit "
                                   "(enhanced-locking-http-max-in-flight); answered 503")
@@ -262,6 +265,7 @@ class Backpressure:
             return
         if self.in_flight >= self.limit():
             self.shed(self.in_flight)
+            self.count_shed()
             body = (b'{"error":"the service is at its limit of requests in flight '
                     b'(enhanced-locking-http-max-in-flight); retry after the Retry-After '
                     b'seconds","reason":"overloaded"}')
