@@ -83,6 +83,32 @@ async def test_one_holder_renews_and_the_other_takes_over_only_after_it_falls_si
     assert await a.round() and a.term == lost + 1  # handed over at once, no expiry to wait out
 
 
+async def test_a_holder_past_its_renew_deadline_still_hands_the_lease_over_when_it_stops(
+    kube_cluster: KubeCluster, kube_namespace: str, lease_api: KubernetesApi,
+) -> None:
+    """A holder that could not renew for longer than its deadline (the API server away, a
+    stalled step on a busy machine) no longer writes, but the Lease still names it: stopping
+    cleanly hands it over at once all the same, instead of leaving the others to wait out the
+    lease. One clock for both replicas, stopped but for the step past the deadline: the other
+    replica never sees the lease run out, so only the hand-over lets it take over."""
+    now = [0.0]
+    a, b = (LeaseElection(lease_api, namespace=kube_namespace, name="writer", identity=identity,
+                          duration=1.5, deadline=1.0, retry=0.25, clock=lambda: now[0])
+            for identity in ("replica-a", "replica-b"))
+    assert await b.round() and b.writes and b.term == 1
+    assert not await a.round() and a.holder == "replica-b"
+    now[0] += 1.0  # b's renew deadline passes; the lease (2 s) has not run out
+    assert not b.writes
+    assert not await a.round() and a.holder == "replica-b"
+
+    await b.release()
+    assert not b.writes
+    spec = _lease(kube_cluster, kube_namespace)
+    assert spec.get("holderIdentity") is None and spec["leaseDurationSeconds"] == 1
+    assert await a.round() and a.writes and a.term == 1
+    assert _lease(kube_cluster, kube_namespace)["holderIdentity"] == "replica-a"
+
+
 async def test_replicas_racing_for_a_new_lease_elect_exactly_one(
     kube_namespace: str, lease_api: KubernetesApi,
 ) -> None:

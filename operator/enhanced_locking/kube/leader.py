@@ -12,7 +12,8 @@ a ``coordination.k8s.io/v1`` Lease, as client-go's leader election does:
   need to agree: only the time since the record last changed matters);
 * writes carry the record's ``resourceVersion``: two replicas racing for an expired Lease
   cannot both win; the API server refuses the second with a conflict;
-* a replica that stops cleanly hands the Lease over at once (``leaseDurationSeconds: 1``).
+* a replica that stops cleanly hands the Lease over at once (``leaseDurationSeconds: 1``),
+  also one past its renew deadline that the Lease still names.
 
 With one replica (the Helm chart's setting) no Lease is needed: :class:`SoleWriter` always
 writes. The Lease is used with ``--leader-election``.
@@ -178,8 +179,12 @@ class LeaseElection:
         }
 
     async def release(self) -> None:
-        """Hand the Lease over at once (a clean stop): others may take it at their next read."""
-        if not self.writes:
+        """Hand the Lease over at once (a clean stop): others may take it at their next read.
+
+        Whether or not this replica still writes: one that could not renew for ``deadline``
+        seconds (the API server away, a stalled loop) stopped writing, but while the Lease
+        names it the others would wait for it to run out."""
+        if self.holder != self.identity:  # it never held the Lease, or saw another take it
             return
         self._renewed = None
         with contextlib.suppress(Exception):
