@@ -10,11 +10,14 @@
 #   2. the unit and integration tiers run meanwhile;
 #   3. the e2e tier runs: its fixtures wait for the control-plane build if it is still running
 #      (tests/support/background_builds.py) and fail naming its log if it failed;
-#   4. once the Atlantis build is done, the Go tests.
+#   4. beside it, once the Atlantis build is done, the Go tests, their output to
+#      build/test-builds/test-go.log, printed whole once the e2e tier is done (so neither
+#      tier's lines are mixed into the other's).
 #
 # A build that fails fails `make test`, its log's tail printed; one that succeeds prints one
-# line. A build still running when a tier fails is stopped. Each build holds its cache's lock
-# (hack/lib.sh), so it never races another build of the same cache: it waits for it.
+# line. A build or the Go tests still running when a tier fails are stopped. Each build holds
+# its cache's lock (hack/lib.sh), so it never races another build of the same cache: it waits
+# for it.
 #
 # Usage: hack/test-all.sh   (from the Makefile: VENV and MAKE name the venv and make)
 set -euo pipefail
@@ -56,14 +59,20 @@ builder=$!
 echo "$builder" >"$ENHANCED_LOCKING_BUILD_LOGS/builder.pid"
 log "building ${BUILDS[*]} in the background (logs: build/test-builds/)"
 
-stop_builder() {
+go_tests=""
+stop_background() {
+  if [[ -n "$go_tests" ]] && kill -0 "$go_tests" 2>/dev/null; then
+    log "stopping the Go tests (the tests failed or were interrupted)"
+    kill -TERM -- "-$go_tests" 2>/dev/null || true
+    wait "$go_tests" 2>/dev/null || true
+  fi
   if kill -0 "$builder" 2>/dev/null; then
     log "stopping the background builds (the tests failed or were interrupted)"
     kill -TERM -- "-$builder" 2>/dev/null || true
     wait "$builder" 2>/dev/null || true
   fi
 }
-trap stop_builder EXIT
+trap stop_background EXIT
 
 # await NAME: waits for the background build NAME; one line if it succeeded, else the tail of
 # its log and how to build it by hand, and a failure.
@@ -91,8 +100,31 @@ await() {
 # compiled the package again, about 0.17 s a start: compiled once here, they all load it.
 "${VENV:-.venv}/bin/python" -m compileall -q operator
 "${PYTEST[@]}" tests/unit tests/integration
+
+# The Go tests beside the e2e tier, in a process group of their own (job control on for that
+# one start) so that a failing e2e tier stops them with every process they started.
+go_log="$ENHANCED_LOCKING_BUILD_LOGS/test-go.log"
+set -m
+(
+  for name in "${BUILDS[@]}"; do
+    await "$name"
+  done
+  "${MAKE:-make}" test-go
+) </dev/null >"$go_log" 2>&1 &
+go_tests=$!
+set +m
+log "the Go tests run beside the e2e tier once Atlantis is built (log: ${go_log#"$REPO_ROOT"/})"
+
 "${PYTEST[@]}" tests/e2e
-for name in "${BUILDS[@]}"; do
-  await "$name"
-done
-"${MAKE:-make}" test-go
+
+if kill -0 "$go_tests" 2>/dev/null; then
+  log "waiting for the Go tests"
+fi
+go_status=0
+wait "$go_tests" || go_status=$?
+go_tests=""
+log "the Go tests' output (${go_log#"$REPO_ROOT"/}):"
+cat "$go_log"
+if [[ "$go_status" != 0 ]]; then
+  die "the Go tests did not pass (exit status ${go_status}: a failed build or test, above); their log: ${go_log#"$REPO_ROOT"/}; run them by hand: make test-go"
+fi
