@@ -184,10 +184,11 @@ class Passenger(Protocol):
     """A write behind (the events' outbox) that can ride in a transaction the store sends
     anyway, instead of costing a consensus write of its own (``EtcdBackend.carry``)."""
 
-    def board(self) -> Any | None:
-        """A ``TxnRequest`` of the passenger's own, nested in the success branch of the
-        transaction about to be sent (it guards itself: the step's guards are the step's;
-        at most ``RIDE_OPS`` operations in each of its lists), or ``None``."""
+    def board(self, success: Any) -> bool:
+        """Whether the passenger took a seat: a ``TxnRequest`` of its own, added last to
+        ``success`` (the success branch of the transaction about to be sent) and filled there
+        (it guards itself: the step's guards are the step's; at most ``RIDE_OPS`` operations
+        in each of its lists); nothing added when it has nothing to write."""
         ...
 
     def landed(self, landing: Landing, *, succeeded: bool = False) -> None:

@@ -384,10 +384,12 @@ class EtcdEventBus(SharedEventBus):
         return int((await self._get(count_only=True)).header.revision)
 
     # --- riding in the store's transactions (``etcd_connection.Passenger``) ------------------
-    def board(self) -> TxnRequest | None:
+    def board(self, success: Any) -> bool:
         """The outbox's oldest events, to ride in a lock step's transaction: a replica busy
         locking writes its events in the transactions it sends anyway (no consensus write of
-        their own); the outbox writes what no transaction took within ``coalesce``.
+        their own); the outbox writes what no transaction took within ``coalesce``. Their
+        transaction is added to ``success``, the step's success branch, and filled in place
+        (not built apart and copied in: an event's JSON is most of a request's bytes).
 
         They ride as the outbox's own writes go (:meth:`_transact`): under a tag of their own,
         in a transaction nested in the step's, which puts them and the tag in the writer key
@@ -395,12 +397,12 @@ class EtcdEventBus(SharedEventBus):
         leaves them to the outbox as a write that may have been applied (``_unsure``): sent
         again under that tag, they are not written twice. Until then no step takes events."""
         if self._unsure is not None:
-            return None
+            return False
         batch = self._outbox.lend(_RIDE)
         if not batch:
-            return None
+            return False
         self._riding = _Write(secrets.token_hex(8).encode(), batch)
-        ride = TxnRequest()
+        ride = success.add().request_txn
         guard = ride.compare.add()
         guard.key, guard.result = self.writer, _EQUAL
         if self._known is None:
@@ -411,7 +413,7 @@ class EtcdEventBus(SharedEventBus):
                            (self.writer, self._riding.tag)):
             put = ride.success.add().request_put
             put.key, put.value = key, value
-        return ride
+        return True
 
     def landed(self, landing: Landing, *, succeeded: bool = False) -> None:
         ride, self._riding = self._riding, None

@@ -1755,10 +1755,8 @@ class EtcdBackend(StoreBackend):
                 # about 125 waiters. Such a step takes no passenger (its outbox writes it).
                 if _MAX_OPS - max(len(request.compare), len(request.success) + 1) < RIDE_OPS:
                     break
-                ride = passenger.board()
-                if ride is not None:
-                    riding.append((passenger, len(request.success)))
-                    op().request_txn.CopyFrom(ride)
+                if passenger.board(request.success):
+                    riding.append((passenger, len(request.success) - 1))
         ordered_keys, ordered_prefixes = shape.keys, shape.prefixes
         self.round_trips += 1
         landing: Landing = Landing.UNKNOWN
