@@ -41,8 +41,10 @@ its pairs/s, the etcd calls a pair (ours), and the CPU of this process a pair sp
 event loop's thread (our Python, the client's and gRPC's asyncio layer) and the other threads
 (gRPC's own). A block runs inside the C function ``operator.call``, which nothing else on the
 pair's path calls: ``valgrind --tool=callgrind --toggle-collect=_operator_call`` then counts
-only the event loop thread's instructions of the blocks' pairs. With ``--instructions`` the
-bench runs the case under callgrind so (one block, the hash seed fixed) and prints the
+only the event loop thread's instructions of the blocks' pairs. ``--idle`` follows each block
+with as long again without pairs and takes that work (by the second: the session's renewal,
+the watches) off the block's. With ``--instructions`` the bench runs the case under callgrind
+so (one block and its idle time, each dumped, the hash seed fixed) and prints the
 instructions a pair: a count hardly moved by what else runs on the machine, where times are.
 
 Usage: python bench/etcd_locking.py [--runs 3] [--pairs 1000] [--handoffs 100]
@@ -441,10 +443,17 @@ class Block:
                 f"{self.loop_cpu * 1e6:.0f} + the other threads {self.other_cpu * 1e6:.0f}")
 
 
-def count_blocks(case: str, endpoints: list[str], pairs: int, blocks: int) -> list[Block]:
+def count_blocks(case: str, endpoints: list[str], pairs: int, blocks: int, *,
+                 idle: bool = False) -> list[Block]:
     """``blocks`` blocks of ``pairs`` pairs of ``case`` (``ours``: the locker's acquire and
     release on the etcd backend, as the table's; ``bare``: etcd3aio's put and delete), each
     run inside ``operator.call`` (see the module's doc: what callgrind is told to count).
+
+    ``idle``: each block is followed by as long again without pairs, also inside
+    ``operator.call``: the work the process does by the second (the session's renewal, the
+    watches), which the pairs' block counts too, as much as it lasted: its CPU a pair is the
+    block's less that. Under callgrind a pair lasts 30 to 60 times as long, and more on a
+    loaded machine: the work by the second then moves a pair's count by tens of thousands.
 
     The calls' deadlines are those of a slow machine (``COUNT_DEADLINES``): under callgrind
     a pair takes 30 to 60 times as long, and on a loaded machine a write's 2 s route ran out
@@ -470,6 +479,11 @@ def count_blocks(case: str, endpoints: list[str], pairs: int, blocks: int) -> li
             elapsed = time.perf_counter() - started
             cpu, own = time.process_time() - cpu, time.thread_time() - own
             done = calls()
+            if idle:
+                rest, rest_own = time.process_time(), time.thread_time()
+                operator.call(loop.run_until_complete, asyncio.sleep(elapsed))
+                rest, rest_own = time.process_time() - rest, time.thread_time() - rest_own
+                cpu, own = cpu - rest, own - rest_own
             found.append(Block(pairs / elapsed,
                                None if done is None or made is None else (done - made) / pairs,
                                own / pairs, (cpu - own) / pairs))
@@ -510,8 +524,9 @@ async def _one_case(case: str, endpoints: list[str]) -> tuple[
 
 
 def instructions(case: str, endpoints: list[str], pairs: int) -> str:
-    """``case`` run under callgrind in a process of its own (one block of ``pairs``), the
-    instructions of the event loop's thread a pair."""
+    """``case`` run under callgrind in a process of its own (one block of ``pairs`` and as
+    long idle, each dumped as it ends), the instructions of the event loop's thread a pair:
+    the block's less the idle time's (see :func:`count_blocks`)."""
     if shutil.which("valgrind") is None:
         raise SystemExit("--instructions needs valgrind (apt-get install valgrind)")
     with tempfile.TemporaryDirectory() as tmp:
@@ -519,15 +534,23 @@ def instructions(case: str, endpoints: list[str], pairs: int) -> str:
         env = {**os.environ, "PYTHONHASHSEED": "0"}
         shown = subprocess.run(
             ["valgrind", "--tool=callgrind", "--toggle-collect=_operator_call",
-             f"--callgrind-out-file={out}", sys.executable, __file__, "--count", case,
-             "--pairs", str(pairs), "--blocks", "1", "--endpoints", ",".join(endpoints)],
+             "--dump-after=_operator_call", f"--callgrind-out-file={out}", sys.executable,
+             __file__, "--count", case, "--pairs", str(pairs), "--blocks", "1", "--idle",
+             "--endpoints", ",".join(endpoints)],
             env=env, check=False, capture_output=True, text=True)
         if shown.returncode:
             raise SystemExit(f"{case} under callgrind failed:\n{shown.stderr[-2000:]}")
-        totals = re.search(r"^(?:totals|summary): (\d+)", out.read_text(), re.MULTILINE)
-        assert totals is not None, f"no totals in callgrind's output of {case}"
-    return (f"{case}: {int(totals[1]) / pairs:,.0f} instructions a pair on the event loop's "
-            f"thread ({pairs} pairs under callgrind; {shown.stdout.strip()})")
+        counted, waited = (_instructions(Path(f"{out}.{n}")) for n in (1, 2))
+    return (f"{case}: {(counted - waited) / pairs:,.0f} instructions a pair on the event "
+            f"loop's thread ({counted / pairs:,.0f} counted, less {waited / pairs:,.0f} of the "
+            f"work by the second; {pairs} pairs under callgrind; {shown.stdout.strip()})")
+
+
+def _instructions(dump: Path) -> int:
+    """The instructions a callgrind dump counted."""
+    totals = re.search(r"^(?:totals|summary): (\d+)", dump.read_text(), re.MULTILINE)
+    assert totals is not None, f"no totals in {dump}"
+    return int(totals[1])
 
 
 def count(args: argparse.Namespace) -> None:
@@ -536,7 +559,8 @@ def count(args: argparse.Namespace) -> None:
         if args.instructions:
             print(instructions(args.count, endpoints, args.pairs), flush=True)
             return
-        for block in count_blocks(args.count, endpoints, args.pairs, args.blocks):
+        for block in count_blocks(args.count, endpoints, args.pairs, args.blocks,
+                                  idle=args.idle):
             print(block.line(args.count), flush=True)
 
     if args.endpoints:
@@ -567,6 +591,9 @@ def main() -> None:
     parser.add_argument("--endpoints", type=lambda text: text.split(","),
                         help="with --count: etcd members already running (HOST:PORT,...) "
                              "instead of a cluster started for the run")
+    parser.add_argument("--idle", action="store_true",
+                        help="with --count: each block's CPU less that of as long again "
+                             "without pairs (the work by the second)")
     parser.add_argument("--instructions", action="store_true",
                         help="with --count: the event loop thread's instructions a pair, "
                              "counted under callgrind")
