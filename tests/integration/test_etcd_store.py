@@ -462,6 +462,39 @@ async def test_a_free_key_whose_step_fails_leaves_the_watch_of_deletions_running
     assert b._deletions is deletions
 
 
+async def test_a_waiter_granted_by_a_replica_whose_clock_is_behind_is_answered_with_its_grant(
+    etcd_cluster: EtcdCluster, etcd_prefix: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As above, with A's clock half a second ahead of B's: B's grant is stamped before A's
+    waiter was queued by A's clock, and is still its grant (a token above the revision that
+    queued it). Before, it was not taken for one: the caller was told ``unavailable`` and the
+    lock (no TTL) stayed held by a pull that was never told."""
+    config = etcd_config(etcd_cluster, etcd_prefix, enabled=True)
+    heard = Heard(config)
+    a, b = heard.backend, EtcdBackend.from_config(config, "enhanced")
+    monkeypatch.setattr(a, "_clock", lambda: utcnow() + timedelta(milliseconds=500))
+    try:
+        mine = await grant(b, want(1))
+        waiting = asyncio.ensure_future(heard.locker.acquire(request_for(
+            pull=2, wait=timedelta(seconds=30))))
+        await asyncio.wait_for(heard.queued.wait(), 10)
+        monkeypatch.setattr(a, "_heard", lambda waiter_id, kv: False)  # A hears nothing
+        handoff = await b.release_and_handoff(mine.key, owner=mine.owner, policy=POLICY)
+        assert len(handoff.granted) == 1
+        granted = handoff.granted[0]
+        assert granted.locks[0].acquired_at < granted.waiter.enqueued_at  # B's clock behind
+        client = await b.connection.client()
+        assert client.lease is not None
+        await client.lease.revoke(a.session_lease)
+        answer = await asyncio.wait_for(waiting, 15)  # the next renewal finds it gone
+        assert answer.acquired and answer.lock is not None, answer
+        assert answer.lock == granted.locks[0]
+    finally:
+        await heard.locker.close()
+        await a.close()
+        await b.close()
+
+
 class Heard:
     """An enhanced locker over a new etcd backend of ``config``, every event it publishes kept
     in ``seen`` and ``queued`` set at each ``queued`` one."""

@@ -2015,8 +2015,11 @@ class EtcdBackend(StoreBackend):
         one was made before the lapse (its notice went with the session lease; the locks did
         not), else that the store is unavailable.
 
-        A grant is its keys each held by its pull, with a token above the revision that
-        queued it and granted since its queueing (read from etcd now). Before, the caller was
+        A grant is its keys each held by its pull, in its mode, with a token above the
+        revision that queued it and granted since its queueing (read from etcd now; stamped
+        by the granting replica's clock, taken as at most ``_SKEW`` behind this one's: a
+        grant stamped before the waiter's enqueue time by a clock behind was told
+        ``unavailable``). Before, the caller was
         told ``unavailable`` whatever happened, and a grant made to it in the moments before
         (its replica cut off from etcd, or its notice not yet heard) stayed held by a pull
         that was never told: for good, for a lock without a TTL."""
@@ -2026,10 +2029,14 @@ class EtcdBackend(StoreBackend):
         if waiter is not None and seq:
             found: list[Lock] = []
             try:
+                # Granted since its queueing: the grant is stamped by the clock of the replica
+                # that made it, which may be behind this one's (by up to _SKEW), and is in the
+                # waiter's mode (a shared hold of its pull from before is not the upgrade).
+                since = waiter.enqueued_at - _SKEW
                 for key in waiter.keys:
                     found += [lock for lock in await self.holders(key)
                               if lock.owner == waiter.owner and lock.fencing_token > seq
-                              and lock.acquired_at >= waiter.enqueued_at]
+                              and lock.acquired_at >= since and lock.mode == waiter.mode]
             except Exception:  # etcd away (or a lock not readable): nothing can be told
                 found = []
             if found and {lock.key for lock in found} == set(waiter.keys):
