@@ -319,6 +319,9 @@ class LockService:
         self._withheld: str | None = None  # see withhold
         self._applying = asyncio.Lock()
         """Held while settings are applied: by the provider's change, or a look made again."""
+        self._last_applied: Snapshot | None = None
+        """The newest settings applied (under :attr:`_applying`): the ones a look made again
+        applies, never older ones it read before they came in."""
         provider.add_applier(self._apply)
         provider.subscribe(self._applied)
         provider.on_refused(self._refused)
@@ -481,14 +484,22 @@ class LockService:
         while self.unread_store is not None:
             await asyncio.sleep(pause)
             pause = min(pause * 2, LOOK_AGAIN[1])
-            try:
-                await self._apply(self.provider.current)
-            except Exception as error:  # the store went away again: look again later
-                log.warning("could not honour the locks of the enhanced store: %s", error)
+            # The settings are chosen once the lock is held: newer ones may have come in while
+            # this waited for it (and made the look needless), and older ones applied after
+            # them would move the locker back to a store the settings in force do not name.
+            async with self._applying:
+                last = self._last_applied
+                if self.unread_store is None or last is None:
+                    return
+                try:
+                    await self._apply_now(last)
+                except Exception as error:  # the store went away again: look again later
+                    log.warning("could not honour the locks of the enhanced store: %s", error)
 
     async def _apply(self, snapshot: Snapshot) -> None:
         async with self._applying:
             await self._apply_now(snapshot)
+            self._last_applied = snapshot
 
     async def _apply_now(self, snapshot: Snapshot) -> None:
         config = snapshot.config

@@ -221,3 +221,45 @@ async def test_a_store_that_does_not_answer_the_switch_off_look_is_looked_at_aga
     assert granted.acquired and granted.lock is not None, granted
     assert (granted.lock.pull.num, granted.lock.backend) == (13, "legacy")
     assert granted.lock.fencing_token > held.lock.fencing_token
+
+
+@pytest.mark.redis
+async def test_a_look_made_again_never_applies_settings_older_than_those_in_force(
+    redis_servers: ServerMaker, make_service: ServiceMaker, data_dir: Path,
+) -> None:
+    """Enhanced locking is switched off on a Redis that is down, so its look is made again in
+    the background; newer settings (enhanced locking on, another Redis) are applied while that
+    other Redis is slow to answer, and the look wakes meanwhile. Once those settings are in
+    force the look applies nothing older: the locker stays on the Redis they name, so a key one
+    replica grants there another replica on the same settings finds held. Before, the look
+    applied the settings it had read as it woke, after the newer ones: the locker moved to the
+    first Redis, back by then, and the two replicas granted one key to two pulls."""
+    old = redis_servers(persistence="aof")
+    old.stop()
+    new = redis_servers()
+    service = await make_service(data_dir=str(data_dir / "one"))
+    await service.provider.set_layer("cluster", {"enabled": False, "backend": "redis",
+                                                 "redis_addr": old.addr})
+    assert service.unread_store is not None and old.addr in service.unread_store
+    looking = service._looking
+    assert looking is not None and not looking.done()
+
+    with new.paused():  # the newer settings' ping waits; the look wakes (0.5 s) meanwhile
+        applying = asyncio.ensure_future(service.provider.set_layer(
+            "cluster", {"enabled": True, "backend": "redis", "redis_addr": new.addr}))
+        await asyncio.sleep(1.2)
+        assert not applying.done()
+        old.start()  # the store the look was for answers again
+    await applying
+    async with asyncio.timeout(60):
+        await looking
+    assert service.provider.current.config.redis_addr == new.addr
+
+    other = await make_service(enabled=True, backend="redis", redis_addr=new.addr,
+                               data_dir=str(data_dir / "two"))
+    granted = await service.router.acquire(request_for(pull=20))
+    assert granted.acquired and granted.lock is not None, granted
+    assert granted.lock.backend == "enhanced"
+    refused = await other.router.acquire(request_for(pull=21))
+    assert not refused.acquired and refused.holder is not None, refused
+    assert refused.holder.pull.num == 20
