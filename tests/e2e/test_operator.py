@@ -343,6 +343,52 @@ def test_a_restarted_operator_grants_nothing_until_it_can_apply_its_policy(
     wait_for("the Granting condition gone", lambda: granting() is None, details=operator.output)
 
 
+def test_a_switched_off_store_that_does_not_answer_is_looked_at_again(
+    kube_cluster: KubeCluster, kube_namespace: str, start_operator: StartOperator,
+    redis_servers: Callable[..., RedisServer],
+) -> None:
+    """Enhanced locking is switched off while pull #12 holds a key in Redis, and the operator
+    restarts with Redis stopped: the policy is applied, but the look for the locks left in
+    Redis cannot be made, so nothing is granted meanwhile and the policy's Granting condition
+    says why; once Redis answers, the look is made again and pull #12's hold is honoured."""
+    server = redis_servers(persistence="aof")
+    apply(kube_cluster, kube_namespace,
+          policy(enabled=True, backend="redis", redis={"addr": server.addr}),
+          migration(weight=100))
+    operator = start_operator()
+    applied(operator, lambda c: c["config"]["enhanced-locking-backend"] == "redis", "redis")
+    held = acquire(operator, "unread/a", pull=12)
+    assert held.status_code == 200 and held.json()["lock"]["backend"] == "enhanced", held.text
+    generation = patch(kube_cluster, kube_namespace, POLICIES, "default", {"enabled": False})
+    settled(kube_cluster, operator, POLICIES, "default", generation)
+
+    operator.stop()
+    server.stop()
+    operator.start()
+    assert operator.config()["config"]["enhanced-locking-enabled"] is False
+    refused = acquire(operator, "unread/a", pull=13)
+    assert refused.status_code == 503, refused.text
+    assert refused.json()["reason"] == "unavailable"
+
+    def granting() -> dict[str, Any] | None:
+        body = cr(kube_cluster, POLICIES, "default", kube_namespace) or {}
+        return next((c for c in (body.get("status") or {}).get("conditions") or []
+                     if c["type"] == "Granting"), None)
+
+    condition = wait_for("the Granting condition", granting, details=operator.output)
+    assert (condition["status"], condition["reason"]) == ("False", "EnhancedStoreUnread")
+    assert server.addr in condition["message"]
+    assert ready_condition(cr(kube_cluster, POLICIES, "default", kube_namespace))["status"] == (
+        "True")
+
+    server.start()
+    wait_for("the locks left in Redis honoured", lambda: acquire(
+        operator, "unread/a", pull=13).status_code == 409, details=operator.output)
+    again = acquire(operator, "unread/a", pull=13)
+    assert again.json()["holder"]["pull"]["num"] == 12
+    wait_for("the Granting condition gone", lambda: granting() is None, details=operator.output)
+
+
 # --- refusals --------------------------------------------------------------------------------
 
 
