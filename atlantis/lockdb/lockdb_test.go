@@ -1192,3 +1192,60 @@ func open2(t *testing.T, svc *servicetest.Service, opts ...lockdb.Option) *lockd
 	t.Cleanup(func() { database.Close() }) //nolint:errcheck
 	return database
 }
+
+func TestAServiceKilledWhileATryLockWaitsFailsItClosedAndGrantsItNothingLater(t *testing.T) {
+	// The service is killed (a crash, an evicted pod) while pull 2's plan waits in the queue
+	// behind pull 1, and started again on the same data dir and port. Atlantis's TryLock
+	// answers an error saying the service is unavailable (its plan fails; running it again
+	// asks afresh), not "locked by" and not a grant. Pull 1's lock survives the crash; when
+	// pull 1 lets go, the key is not granted to the waiter that died with the process (nobody
+	// would ever release it), and pull 2's plan, run again, gets it.
+	forEachStore(t, func(t *testing.T, s store) {
+		svc := s.serve(t, "--enhanced-locking-enabled")
+		database := open(t, svc, lockdb.WithWait(20*time.Second), lockdb.WithHoldOver(0))
+		project, lockFor, key := heldByPull1(t, database)
+		atlantis := locking.NewClient(database)
+		type answer struct {
+			acquired bool
+			err      error
+		}
+		waited := make(chan answer, 1)
+		go func() {
+			r, err := atlantis.TryLock(project, "default", lockFor(2).Pull, alice)
+			waited <- answer{r.LockAcquired, err}
+		}()
+		waitForWaiters(t, database.Client(), key, 1)
+		svc.Kill()
+		select {
+		case got := <-waited:
+			if got.acquired || !client.IsUnavailable(got.err) {
+				t.Fatalf("the waiting TryLock should fail as unavailable, got %v %v", got.acquired, got.err)
+			}
+		case <-time.After(15 * time.Second):
+			t.Fatal("the waiting TryLock was not answered after the service died")
+		}
+		svc.Restart(t)
+		stillHeldBy(t, database, project, "acme/infra", 1)
+		_, err := database.UnlockIfOwnedByPull(project, "default", 1)
+		must(t, err)
+		// On Redis the dead waiter may be granted first, as a claim its replica never confirms:
+		// the claim lapses within the claim window (5s) after the heartbeat's (5s), as for a
+		// replica that died (docs/03-redis.md). The embedded store keeps no waiter over a crash.
+		deadline := time.Now().Add(20 * time.Second)
+		for {
+			lock, err := database.GetLock(project, "default")
+			must(t, err)
+			if lock == nil {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("the key should be free after pull 1 let go, still held by %+v", lock)
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		again, err := atlantis.TryLock(project, "default", lockFor(2).Pull, alice)
+		if err != nil || !again.LockAcquired {
+			t.Fatalf("pull 2's plan run again should get the key, got %+v %v", again, err)
+		}
+	})
+}

@@ -179,6 +179,9 @@ type Service struct {
 	*Process
 	URL     string
 	DataDir string
+	env     []string
+	argv    []string
+	ready   func(status int) bool
 }
 
 // Serve starts `enhanced-locking serve` on a free loopback port with its own data dir and
@@ -253,21 +256,45 @@ func serveUntil(t testing.TB, pythonPath string, done func(status int) bool, arg
 	if pythonPath != "" {
 		env = append(env, "PYTHONPATH="+pythonPath)
 	}
-	p := Start(t, "enhanced-locking-"+strconv.Itoa(port), env, argv...)
-	url := fmt.Sprintf("http://%s:%d", Loopback, port)
+	svc := &Service{URL: fmt.Sprintf("http://%s:%d", Loopback, port), DataDir: dataDir,
+		env: env, argv: argv, ready: done}
+	svc.start(t)
+	return svc
+}
+
+// start runs the service's command and waits until its /readyz answers a status s.ready takes.
+func (s *Service) start(t testing.TB) {
+	t.Helper()
+	port := strings.TrimPrefix(s.URL, "http://"+Loopback+":")
+	p := Start(t, "enhanced-locking-"+port, s.env, s.argv...)
 	waitFor(t, p, func() bool {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		defer cancel()
-		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url+"/readyz", nil)
+		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, s.URL+"/readyz", nil)
 		resp, err := http.DefaultClient.Do(req)
 		if err != nil {
 			return false
 		}
 		resp.Body.Close() //nolint:errcheck
-		return done(resp.StatusCode)
+		return s.ready(resp.StatusCode)
 	})
-	p.Addr = net.JoinHostPort(Loopback, strconv.Itoa(port))
-	return &Service{Process: p, URL: url, DataDir: dataDir}
+	p.Addr = net.JoinHostPort(Loopback, port)
+	s.Process = p
+}
+
+// Kill ends the service with SIGKILL, as a crash or an evicted pod does.
+func (s *Service) Kill() {
+	if !s.Exited() {
+		_ = s.cmd.Process.Kill()
+		<-s.Process.done
+	}
+}
+
+// Restart starts the service again, stopped or killed, on the same port and data dir.
+func (s *Service) Restart(t testing.TB) {
+	t.Helper()
+	s.Stop()
+	s.start(t)
 }
 
 // RedisArgs are the serve flags that put the legacy locker (and the enhanced one, when
