@@ -307,6 +307,53 @@ async def test_waiters_queued_at_once_through_one_replica_cost_one_transaction_e
         owner = notice.locks[0].owner
 
 
+async def test_steps_cancelled_in_a_key_s_line_leave_the_others_their_turns_in_order(
+    etcd_replicas: tuple[EtcdBackend, EtcdBackend], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Steps on one key through one replica wait in line (one at a time, in the order they
+    came); steps cancelled while they wait, or the moment their turn comes (before they run),
+    leave the others their turns: every other step is answered, queued in the order it came,
+    and the line is gone once they are done (a step after them runs at once, as the first of
+    a new line)."""
+    a, _ = etcd_replicas
+    held = await grant(a, want(1))
+    waits = [offer() for _ in range(24)]
+    for w in waits:
+        a.grants.expect(w.id)
+    steps = [asyncio.ensure_future(a.acquire_or_enqueue(want(10 + i), ttl=None, wait=w,
+                                                        policy=POLICY))
+             for i, w in enumerate(waits)]
+    await asyncio.sleep(0)  # the first step runs; the others wait in the key's line
+    cancelled = set(range(2, len(steps), 3))
+    for i in sorted(cancelled)[:4]:
+        steps[i].cancel()  # while waiting in line
+    on_their_turn = [steps[i] for i in sorted(cancelled)[4:]]
+    pass_turn = a._next_in_line
+
+    def passing(key: str, line: Any) -> None:
+        turn = next((t for t in line.waiting if not t.done()), None)
+        pass_turn(key, line)
+        for step in on_their_turn:  # its turn given, cancelled before it runs
+            if turn is not None and getattr(step, "_fut_waiter", None) is turn:
+                step.cancel()
+
+    monkeypatch.setattr(a, "_next_in_line", passing)
+    done = await asyncio.wait_for(asyncio.gather(*steps, return_exceptions=True), 30)
+    assert all(step.cancelled() for step in on_their_turn)  # (each met on its turn)
+    answered = [i for i in range(len(steps)) if i not in cancelled]
+    statuses = [getattr(done[i], "status", done[i]) for i in answered]
+    assert statuses == [Status.QUEUED] * len(answered), done
+    assert not a._lines  # nobody in line any more
+    queue = [w.id for w in await a.queue(held.key, policy=POLICY)]
+    ours = [waits[i].id for i in answered]
+    assert [w for w in queue if w in ours] == ours  # in the order they were asked
+    late = offer()
+    a.grants.expect(late.id)
+    outcome = await asyncio.wait_for(
+        a.acquire_or_enqueue(want(99), ttl=None, wait=late, policy=POLICY), 10)
+    assert outcome.status is Status.QUEUED and not a._lines
+
+
 async def test_a_release_costs_no_other_step_and_a_lock_etcd_ends_is_served(
     etcd_replicas: tuple[EtcdBackend, EtcdBackend],
 ) -> None:

@@ -400,13 +400,14 @@ class _Txn:
 
 
 class _Line:
-    """The steps of this replica waiting on one key (``EtcdBackend._atomic``)."""
+    """The steps of this replica on one key (``EtcdBackend._atomic``): there while one runs,
+    with those waiting their turn, in the order they came. A step finding no line runs at
+    once (most steps: no ``asyncio.Lock`` made, taken and given back for them)."""
 
-    __slots__ = ("lock", "users")
+    __slots__ = ("waiting",)
 
     def __init__(self) -> None:
-        self.lock = asyncio.Lock()
-        self.users = 0
+        self.waiting: collections.deque[asyncio.Future[None]] = collections.deque()
 
 
 class _Known:
@@ -1506,14 +1507,30 @@ class EtcdBackend(StoreBackend):
         line = self._lines.get(key)
         if line is None:
             line = self._lines[key] = _Line()
-        line.users += 1
+        else:
+            turn = asyncio.get_running_loop().create_future()
+            line.waiting.append(turn)
+            try:
+                await turn
+            except BaseException:
+                if not turn.cancelled():  # given its turn, and cancelled before it ran
+                    self._next_in_line(key, line)
+                raise  # (cancelled while waiting: its turn is passed over, being done)
         try:
-            async with line.lock:
-                return await self._run_step(run, keys, prefixes, key, guess)
+            return await self._run_step(run, keys, prefixes, key, guess)
         finally:
-            line.users -= 1
-            if not line.users:
-                del self._lines[key]
+            self._next_in_line(key, line)
+
+    def _next_in_line(self, key: str, line: _Line) -> None:
+        """The turn of ``key``'s line passed to the first step still waiting in it, or the
+        line gone (nobody waits)."""
+        waiting = line.waiting
+        while waiting:
+            turn = waiting.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                return
+        del self._lines[key]
 
     async def _run_step(self, run: Callable[[], Awaitable[T]], keys: tuple[bytes, ...],
                         prefixes: tuple[bytes, ...], key: str | None, guess: bool) -> T:
