@@ -45,11 +45,14 @@ from enhanced_locking.metrics import Metrics
 from enhanced_locking.policies import ConcurrencyLimit, KeyPattern, PolicyRules
 from enhanced_locking.types import (
     BackendUnavailable,
+    BatchItem,
+    BatchLockRequest,
     Candidate,
     Event,
     InvalidRequest,
     LockNotOwned,
     Priority,
+    Pull,
     Reason,
     utcnow,
 )
@@ -536,6 +539,43 @@ async def test_a_waiter_granted_by_a_replica_whose_clock_is_behind_is_answered_w
         answer = await asyncio.wait_for(waiting, 15)  # the next renewal finds it gone
         assert answer.acquired and answer.lock is not None, answer
         assert answer.lock == granted.locks[0]
+    finally:
+        await heard.locker.close()
+        await a.close()
+        await b.close()
+
+
+async def test_a_batch_waiter_granted_beside_a_lock_its_pull_held_before_is_answered_with_both(
+    etcd_cluster: EtcdCluster, etcd_prefix: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As above, for a batch of two keys whose pull held one before it queued: the grant
+    keeps that lock (older than the queueing) and takes the other, and the caller is
+    answered with both. Before, the kept lock was not taken for part of the grant: the
+    caller was told ``unavailable`` and the lock the grant took stayed held by a pull that
+    was never told."""
+    config = etcd_config(etcd_cluster, etcd_prefix, enabled=True)
+    heard = Heard(config)
+    a, b = heard.backend, EtcdBackend.from_config(config, "enhanced")
+    try:
+        before = await heard.locker.acquire(request_for(pull=2, path="envs/dev"))
+        assert before.acquired and before.lock is not None
+        mine = await grant(b, want(1))
+        waiting = asyncio.ensure_future(heard.locker.acquire_batch(BatchLockRequest(
+            locks=[BatchItem(project=request_for(pull=2, path=p).project)
+                   for p in ("envs/prod", "envs/dev")],
+            pull=Pull(num=2), wait=timedelta(seconds=30))))
+        await asyncio.wait_for(heard.queued.wait(), 10)
+        monkeypatch.setattr(a, "_heard", lambda waiter_id, kv: False)  # A hears nothing
+        handoff = await b.release_and_handoff(mine.key, owner=mine.owner, policy=POLICY)
+        assert len(handoff.granted) == 1
+        client = await b.connection.client()
+        assert client.lease is not None
+        await client.lease.revoke(a.session_lease)
+        answer = await asyncio.wait_for(waiting, 15)  # the next renewal finds it gone
+        assert answer.acquired, answer
+        assert {lock.key: lock for lock in answer.locks} == {
+            lock.key: lock for lock in handoff.granted[0].locks}
+        assert before.lock in answer.locks  # kept, unchanged
     finally:
         await heard.locker.close()
         await a.close()

@@ -2036,7 +2036,9 @@ class EtcdBackend(StoreBackend):
         revision that queued it and granted since its queueing (read from etcd now; stamped
         by the granting replica's clock, taken as at most ``_SKEW`` behind this one's: a
         grant stamped before the waiter's enqueue time by a clock behind was told
-        ``unavailable``). Before, the caller was
+        ``unavailable``). A key of a batch its pull held before its queueing is one of them
+        when the grant's notice, read back, says it kept it (its lock is older than the
+        queueing; before, such a batch was told ``unavailable``). Before, the caller was
         told ``unavailable`` whatever happened, and a grant made to it in the moments before
         (its replica cut off from etcd, or its notice not yet heard) stayed held by a pull
         that was never told: for good, for a lock without a TTL."""
@@ -2045,20 +2047,29 @@ class EtcdBackend(StoreBackend):
         seq = self._notifier.queued_at.get(waiter_id, 0)
         if waiter is not None and seq:
             found: list[Lock] = []
+            kept: frozenset[str] | None = None
+            read_kept = False
             try:
                 # Granted since its queueing: the grant is stamped by the clock of the replica
                 # that made it, which may be behind this one's (by up to _SKEW), and is in the
                 # waiter's mode (a shared hold of its pull from before is not the upgrade).
                 since = waiter.enqueued_at - _SKEW
-                for key in waiter.keys:
-                    found += [lock for lock in await self.holders(key)
-                              if lock.owner == waiter.owner and lock.fencing_token > seq
-                              and lock.acquired_at >= since and lock.mode == waiter.mode]
+                mine = {key: [lock for lock in await self.holders(key)
+                              if lock.owner == waiter.owner and lock.mode == waiter.mode]
+                        for key in waiter.keys}
+                found = [lock for locks in mine.values() for lock in locks
+                         if lock.fencing_token > seq and lock.acquired_at >= since]
+                missing = set(waiter.keys) - {lock.key for lock in found}
+                if found and missing:  # keys the grant kept, held by its pull from before?
+                    kept, read_kept = await self._kept_at_grant(waiter_id, waiter.keys), True
+                    if kept is not None and missing <= kept:
+                        found += [lock for key in missing for lock in mine[key]]
             except Exception:  # etcd away (or a lock not readable): nothing can be told
                 found = []
             if found and {lock.key for lock in found} == set(waiter.keys):
-                notice = Notice(locks=tuple(found), fresh=True, caller=waiter.caller,
-                                kept=await self._kept_at_grant(waiter_id, waiter.keys))
+                if not read_kept:
+                    kept = await self._kept_at_grant(waiter_id, waiter.keys)
+                notice = Notice(locks=tuple(found), fresh=True, caller=waiter.caller, kept=kept)
         self._notifier.deliver(waiter_id, notice)
 
     async def _kept_at_grant(self, waiter_id: str, keys: tuple[str, ...]) -> frozenset[str] | None:
