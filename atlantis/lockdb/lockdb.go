@@ -20,6 +20,7 @@ import (
 	"fmt"
 	"maps"
 	"net/http"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -265,7 +266,7 @@ func (b *Database) TryLock(lock models.ProjectLock) (bool, models.ProjectLock, e
 	}
 	var held *client.HeldError
 	if errors.As(err, &held) && held.Reason == client.ReasonCancelled {
-		return false, models.ProjectLock{}, fmt.Errorf("lock service: %w", err)
+		return false, models.ProjectLock{}, fromService(err)
 	}
 	if errors.As(err, &held) && held.Holder != nil {
 		if other := held.Holder; held.Reason == client.ReasonCollision ||
@@ -291,7 +292,7 @@ func (b *Database) TryLock(lock models.ProjectLock) (bool, models.ProjectLock, e
 		}
 		return false, holder, nil
 	}
-	return false, models.ProjectLock{}, fmt.Errorf("lock service: %w", err)
+	return false, models.ProjectLock{}, fromService(err)
 }
 
 // errLeaseRanOut: a lock's lease ended between its grant and its renewal; nothing is held.
@@ -399,7 +400,7 @@ func (b *Database) List() ([]models.ProjectLock, error) {
 	defer cancel()
 	locks, err := b.service.List(ctx, client.ListFilter{})
 	if err != nil {
-		return nil, fmt.Errorf("lock service: %w", err)
+		return nil, fromService(err)
 	}
 	return projectLocks(locks), nil
 }
@@ -423,7 +424,7 @@ func (b *Database) UnlockByPull(repoFullName string, pullNum int) ([]models.Proj
 	defer cancel()
 	locks, err := b.service.ReleasePull(ctx, repoFullName, pullNum)
 	if err != nil {
-		return projectLocks(locks), fmt.Errorf("lock service: %w", err)
+		return projectLocks(locks), fromService(err)
 	}
 	return projectLocks(locks), nil
 }
@@ -469,7 +470,7 @@ func (b *Database) Ping() error {
 	var unavailable *client.UnavailableError
 	if err := b.service.Ready(ctx); err != nil && !(errors.As(err, &unavailable) &&
 		(len(unavailable.Sides) > 0 || unavailable.Withheld != "")) {
-		return fmt.Errorf("lock service: %w", err)
+		return fromService(err)
 	}
 	return b.wrapped.Ping()
 }
@@ -477,9 +478,19 @@ func (b *Database) Ping() error {
 // Close closes the wrapped database (the service keeps running).
 func (b *Database) Close() error { return b.wrapped.Close() }
 
+// fromService is a lock method's error from the service client: named as the lock service's,
+// unless its own words name it already (the service unavailable, a refusal of the caller),
+// so that what Atlantis shows ("acquiring lock: ...") says it once.
+func fromService(err error) error {
+	if strings.Contains(err.Error(), "lock service") {
+		return err
+	}
+	return fmt.Errorf("lock service: %w", err)
+}
+
 func optional(lock *client.Lock, err error) (*models.ProjectLock, error) {
 	if err != nil {
-		return nil, fmt.Errorf("lock service: %w", err)
+		return nil, fromService(err)
 	}
 	if lock == nil {
 		return nil, nil

@@ -667,6 +667,10 @@ func TestTheServiceUnreachableFailsClosed(t *testing.T) {
 	if ok || err == nil || !client.IsUnavailable(err) {
 		t.Fatalf("TryLock with the service down must fail with an unavailable error, got %v %v", ok, err)
 	}
+	// Atlantis shows it as "acquiring lock: <it>": the lock service is named once.
+	if said := err.Error(); strings.Count(said, "lock service") != 1 {
+		t.Fatalf("the error should name the lock service once, got %q", said)
+	}
 	if _, err := database.List(); err == nil {
 		t.Fatal("List with the service down must fail")
 	}
