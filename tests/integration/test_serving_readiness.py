@@ -169,6 +169,32 @@ def test_a_replica_that_grants_no_lock_stops_serving_while_a_peer_is_ready(
         assert kept.json()["serving"] is True and kept.json()["ready"] is False
 
 
+def test_replicas_that_all_grant_no_lock_all_keep_serving(tmp_path: Path) -> None:
+    """Every replica withholding (each one's switched-off Redis unread; likewise each waiting
+    for its LockPolicy at a rolling update's start): a replica whose peer grants no lock either
+    counts no peer ready, so it keeps serving and refuses saying why. None leaves the Service
+    for a peer that would refuse as well: the replicas never all wait on each other."""
+    with socket.socket() as dead, services() as group, httpx.Client(timeout=30) as http:
+        dead.bind(("127.0.0.1", 0))
+        unread = ("--enhanced-locking-backend=redis",
+                  f"--enhanced-locking-redis-addr=127.0.0.1:{dead.getsockname()[1]}")
+        b = group.start(ServiceProcess(tmp_path / "data-b", args=unread,
+                                       log_dir=tmp_path / "logs"))
+        a = group.start(ServiceProcess(
+            tmp_path / "data-a", args=(*unread, f"--enhanced-locking-peers=127.0.0.1:{b.port}"),
+            log_dir=tmp_path / "logs"))
+        peer = http.get(b.url + "/readyz")
+        assert peer.status_code == 503 and "withheld" in peer.json(), peer.text
+
+        kept = _serving(http, a.url)
+        assert kept.status_code == 200, kept.text
+        assert kept.json()["serving"] is True and kept.json()["ready"] is False
+        assert kept.json()["readyPeer"] is None and "withheld" in kept.json()
+        refused = http.post(a.url + "/v1/locks", json=lock_body(REPO, "envs/0", 9, project=None))
+        assert refused.status_code == 503 and refused.json()["reason"] == "unavailable"
+        assert refused.json()["error"] == kept.json()["withheld"]
+
+
 def _serving_files(directory: Path, pair: KeyPair) -> tuple[str, str]:
     """``pair`` copied where a Secret volume would hold it: the settings that serve it."""
     directory.mkdir()
