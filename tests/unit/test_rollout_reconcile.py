@@ -459,6 +459,41 @@ async def test_a_restarted_operator_counts_failed_checks_on_from_the_status(
     assert restarted.provider.current.config.effective_weight == 0
 
 
+async def test_a_restarted_operator_keeps_an_analysis_abort_and_its_weight_zero(
+    make_service: Callable[..., Any], tmp_path: Path,
+) -> None:
+    """An abort by a failed analysis is status, not spec: the next writer reads it back, routes
+    by weight 0 from its first resync (before it serves), and stays aborted at its ticks until
+    a retry; it never resumes the step the abort left."""
+    service: LockService = await make_service(legacy_backend="memory", backend="memory")
+    steps = [{"setWeight": 40}, {"pause": {}}]
+    analysis = {"window": "1m", "interval": "1s", "maxErrorRate": 0.05}
+    cluster, wall, first = await _migrating(service, tmp_path, steps=steps, analysis=analysis)
+    await _tick_until(first, cluster, lambda s: s.get("phase") == "Paused", service)
+    await _failing_operations(service)
+    await first.tick()
+    assert cluster.status(MIGRATIONS, "to-enhanced")["phase"] == "Aborted"
+    assert first.rollout is not None
+    first.rollout.close()
+    told = len(cluster.events)
+
+    restarted: LockService = await make_service(legacy_backend="memory", backend="memory",
+                                                data_dir=str(tmp_path / "other"))
+    second = await _operator(restarted, cluster, tmp_path, wall)
+    await second.resync()
+    assert restarted.provider.current.config.effective_weight == 0
+    for _ in range(3):
+        await second.tick()
+        await _settle(restarted)
+    status = cluster.status(MIGRATIONS, "to-enhanced")
+    assert (status["phase"], _condition(status, "Aborted")["reason"]) == (
+        "Aborted", "AnalysisFailed")
+    assert "weight 0 settled" in status["message"]
+    assert restarted.provider.current.config.effective_weight == 0
+    assert not [e for e in cluster.events[told:]
+                if e["reason"] in ("RolloutRetried", "StepStarted")]
+
+
 async def test_a_promote_value_longer_than_a_status_field_is_recorded_as_a_digest_once(
     make_service: Callable[..., Any], tmp_path: Path,
 ) -> None:
