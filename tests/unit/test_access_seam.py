@@ -3,7 +3,10 @@ documented, and a config change never opens the service by accident."""
 
 from __future__ import annotations
 
+import io
+import json
 import logging
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -334,6 +337,44 @@ async def test_a_give_back_writes_the_keys_released_in_one_row_and_each_it_could
         ("atlantis", "acme/infra", 12, "req-7", "127.0.0.1:4711")}
     await caller.gave_back(action="release", repo="acme/infra", pull=12, tried=[])
     assert len(await trail.read(AuditQuery())) == 2, "nothing tried, nothing written"
+
+
+async def test_an_audited_call_reads_the_trails_settings_once_and_is_recorded_as_before(
+) -> None:
+    """A call's entry is asked about once (``keeps``, before it is made) and then recorded
+    without the trail asking its settings again: the entry is in the store and on stdout as
+    before, and an entry the trail would not keep is neither made nor recorded."""
+    reads: list[str] = []
+    own_locks = True
+
+    def setting(name: str, value: Callable[[], bool]) -> Callable[[], bool]:
+        def read() -> bool:
+            reads.append(name)
+            return value()
+        return read
+
+    stream = io.StringIO()
+    trail = AuditTrail(MemoryAuditStore(Retention(timedelta(days=1), 100)), stream=stream,
+                       enabled=setting("audit", lambda: True),
+                       own_locks=setting("audit-own-locks", lambda: own_locks))
+    caller = Caller(identity=Identity(name="atlantis", groups=("bots",), method="static"),
+                    peer="127.0.0.1:4711", request_id="req-7",
+                    access=build_access(memory_config()), audit=trail)
+    await caller.record(action="acquire", verb=Verb.LOCK, key="acme/infra/net/default/",
+                        repo="acme/infra", pull=12, outcome="acquired", status=200)
+    assert reads == ["audit", "audit-own-locks"]
+    rows = await trail.read(AuditQuery())
+    assert [(row.id, row.action, row.outcome, row.status, row.request_id) for row in rows] == [
+        ("1", "acquire", "acquired", 200, "req-7")]
+    assert [json.loads(line)["audit"] for line in stream.getvalue().splitlines()] == [
+        rows[0].model_dump(mode="json", by_alias=True)]
+    own_locks = False
+    reads.clear()
+    await caller.record(action="acquire", verb=Verb.LOCK, key="acme/infra/net/default/",
+                        repo="acme/infra", pull=12, outcome="acquired", status=200)
+    assert reads == ["audit", "audit-own-locks"]
+    assert len(await trail.read(AuditQuery())) == 1, "an entry not kept is not recorded"
+    assert len(stream.getvalue().splitlines()) == 1
 
 
 async def test_a_tokens_file_that_goes_away_keeps_its_tokens_and_says_so_once(

@@ -372,7 +372,7 @@ class Caller:
         Nothing is made for an entry the trail would not keep (:meth:`AuditTrail.keeps`)."""
         if not self.audit.keeps(verb=verb.value, action=action, outcome=outcome, status=status):
             return
-        await self.audit.record(AuditEntry.recorded(
+        await self.audit.record_kept(AuditEntry.recorded(
             time=utcnow(), identity=self.identity.name,
             groups=self.identity.groups, method=self.identity.method, verb=verb.value,
             action=action, key=key, repo=repo, pull=pull, outcome=outcome, status=status,

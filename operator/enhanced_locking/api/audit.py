@@ -83,6 +83,12 @@ class AuditTrail:
         if not self.keeps(verb=entry.verb, action=entry.action, outcome=entry.outcome,
                           status=entry.status):
             return
+        await self.record_kept(entry)
+
+    async def record_kept(self, entry: AuditEntry) -> None:
+        """:meth:`record` of an entry whose maker asked :meth:`keeps` about it right before,
+        nothing awaited between (``Caller.record``, on every audited call): the trail's
+        settings are not read a second time for it."""
         try:
             entry = await self.store.append(entry)
         except BackendUnavailable as error:
