@@ -208,6 +208,13 @@ class Metrics:
             "metrics are never shed).",
             registry=r,
         )
+        self.requests_pool_busy = Counter(
+            "enhanced_locking_requests_pool_busy",
+            "Requests answered 503 overloaded because every pooled connection to the store was "
+            "busy with other calls for the pool's wait (enhanced-locking-redis-pool-size); the "
+            "store answered, nothing of the call was sent.",
+            registry=r,
+        )
         self.routing = Counter(
             "enhanced_locking_routing_decisions", "Lock requests routed, by side.",
             ["backend"], registry=r,

@@ -96,6 +96,7 @@ async def _asked_with_the_pool_taken(
     """``POST /v1/locks`` of ``path`` for ``pull`` while every pooled connection is taken
     (Redis answers all along), held to be ``503 overloaded``, and what legacy holds for its
     key just after."""
+    counted = _pool_busy_count(service)
     pool = await _idle_pool(backend)
     taken: list[Any] = []
     try:
@@ -108,7 +109,21 @@ async def _asked_with_the_pool_taken(
     assert busy.status_code == 503, busy.text
     assert busy.json()["reason"] == "overloaded", busy.text
     assert busy.headers["retry-after"] == "1"
+    # Counted where the on-call engineer looks, not only by the callers' 503s; apart from
+    # the requests shed at the in-flight limit (none were).
+    assert _pool_busy_count(service) == counted + 1, "the busy pool's 503 counted"
+    assert b"\nenhanced_locking_requests_shed_total 0.0\n" in service.metrics.exposition()
     return busy, on_legacy
+
+
+def _pool_busy_count(service: LockService) -> float:
+    """``enhanced_locking_requests_pool_busy_total`` as ``/metrics`` shows it now (its text,
+    without the scrape's reads of the stores, which some tests here count)."""
+    scraped = service.metrics.exposition().decode()
+    name = "enhanced_locking_requests_pool_busy_total "
+    lines = [line for line in scraped.splitlines() if line.startswith(name)]
+    assert len(lines) == 1, f"{name.strip()} not in /metrics"
+    return float(lines[0].removeprefix(name))
 
 
 async def _idle_pool(backend: RedisBackend) -> Any:

@@ -153,7 +153,7 @@ def create_app(
         docs_url=None, redoc_url=None,
     )
     install_docs_pages(app)
-    install_error_handlers(app)
+    install_error_handlers(app, busy=service.metrics.requests_pool_busy.inc)
     # What the middleware below answers, and the 422 of .errors, in the OpenAPI document.
     document_common_answers(app, always_served=ALWAYS_SERVED)
     app.add_middleware(Backpressure,

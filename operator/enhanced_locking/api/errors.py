@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -95,7 +95,9 @@ def _field(loc: Any) -> str:
     return ".".join(parts) or "body"
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI, *, busy: Callable[[], None]) -> None:
+    """The error answers of ``app``; ``busy`` is called for each ``503 overloaded`` of a store
+    whose pool had no free connection (``StoreBusy``), to count it."""
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
         problems = error.errors()
@@ -136,6 +138,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StoreBusy)
     async def _busy(request: Request, error: StoreBusy) -> JSONResponse:
         # The service's overload, as its bound of requests in flight answers it.
+        busy()
         answer = json_error(503, str(error), reason="overloaded")
         answer.headers["Retry-After"] = "1"
         return answer

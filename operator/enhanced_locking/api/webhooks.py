@@ -237,6 +237,7 @@ def webhook_router(
                     reason=str(error))
         answer = json_error(status, message, reason=outcome)
         if isinstance(error, StoreBusy):
+            service.metrics.requests_pool_busy.inc()
             answer.headers["Retry-After"] = "1"
         return answer
 
