@@ -20,7 +20,6 @@ import (
 	"fmt"
 	"maps"
 	"net/http"
-	"strings"
 	"sync/atomic"
 	"time"
 
@@ -479,10 +478,14 @@ func (b *Database) Ping() error {
 func (b *Database) Close() error { return b.wrapped.Close() }
 
 // fromService is a lock method's error from the service client: named as the lock service's,
-// unless its own words name it already (the service unavailable, a refusal of the caller),
-// so that what Atlantis shows ("acquiring lock: ...") says it once.
+// unless its own words name it already (the service unavailable, a refusal of the caller, a
+// lease this service cannot end), so that what Atlantis shows ("acquiring lock: ...") says it
+// once. Told by the error's type, not its words: a key or a message of the service may
+// contain "lock service" too.
 func fromService(err error) error {
-	if strings.Contains(err.Error(), "lock service") {
+	var unavailable *client.UnavailableError
+	var denied *client.DeniedError
+	if errors.As(err, &unavailable) || errors.As(err, &denied) || errors.Is(err, errLeaseCannotEnd) {
 		return err
 	}
 	return fmt.Errorf("lock service: %w", err)
