@@ -684,10 +684,12 @@ def _audit(client: Client, args: argparse.Namespace) -> int:
 
 
 def _unlock_pull(client: Client, args: argparse.Namespace) -> int:
+    """The service's whole answer; a store that did not answer keeps the pull's locks there
+    held, so that is exit 3 (a script must not read the pull as freed), as for its 503."""
     done = client.release_pull(args.repo, args.pull)
     _print(done.as_json())
     terminal.not_reached(PROG, done.unavailable, "released")
-    return 0
+    return EXIT_UNREACHABLE if done.unavailable else 0
 
 
 def _service_url(value: str) -> str:

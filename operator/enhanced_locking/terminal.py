@@ -4,10 +4,12 @@
   did what it was asked or was refused: a script reads one document either way.
 * **stderr carries one line** for every refusal and every error, prefixed with the program's
   name (``enhanced-locking: no lock is held on KEY``); never a traceback for a user's mistake.
-  So does an answer that left some locks out because their store did not answer (a list, a
-  release by pull): done with what it reached, exit 0, and the line says whose are missing.
+  So does an answer that left some locks out because their store did not answer, and the
+  line says whose are missing: a list is done with what it reached (exit 0); a release by
+  pull left those locks held, so it exits 3, as a call the service could not serve does.
 * **The exit code says which**: 0 done; 1 refused (held, not found, not owned, forbidden);
-  2 invalid usage, config or URL; 3 the service (or the cluster) could not be reached.
+  2 invalid usage, config or URL; 3 the service (or the cluster) could not be reached, or
+  could not serve the call (or, for a release by pull, all of it) now.
 * A reader that stops early (``enhanced-locking lock list | head``) ends the command quietly
   with 141, as a shell reports a SIGPIPE, instead of a ``BrokenPipeError`` traceback.
 

@@ -581,7 +581,11 @@ def test_a_list_and_a_release_by_pull_say_which_store_did_not_answer(
 ) -> None:
     """The service answers them 200 with what it could reach and ``unavailable``: the command
     prints that answer whole, and one line on stderr says whose locks it could not list or
-    release, never a bare list that reads as everything held."""
+    release, never a bare list that reads as everything held. The release by pull then exits
+    3, as a command the service could not serve: a script (``unlock-pull && ...``) must not read
+    the pull as freed while its locks on that store stay held; run again once the store
+    answers, it frees them and exits 0."""
+    redis_server.restart(persistence="aof")  # the enhanced lock outlives the outage
     url = service_process("--enhanced-locking-enabled", "--enhanced-locking-backend=redis",
                           f"--enhanced-locking-redis-addr={redis_server.addr}").url
     acquire = ["lock", "--url", url, "acquire", "--repo", "acme/infra", "--pull", "1"]
@@ -597,10 +601,19 @@ def test_a_list_and_a_release_by_pull_say_which_store_did_not_answer(
     lines = listed.stderr.splitlines()
     assert len(lines) == 1 and "enhanced" in lines[0] and "not listed" in lines[0], lines
 
-    released = run("lock", "--url", url, "unlock-pull", "--repo", "acme/infra", "--pull", "1")
-    assert released.returncode == 0, released.stderr
+    unlock_pull = ["lock", "--url", url, "unlock-pull", "--repo", "acme/infra", "--pull", "1"]
+    released = run(*unlock_pull)
+    assert released.returncode == 3, released.stdout + released.stderr
     shown = output(released)
     assert [lock["key"] for lock in shown["released"]] == ["acme/infra/envs/dev/default/"]
     assert shown["unavailable"] == ["enhanced"] and shown["cancelled"] == []
     lines = released.stderr.splitlines()
     assert len(lines) == 1 and "enhanced" in lines[0] and "not released" in lines[0], lines
+
+    redis_server.start()
+    again = run(*unlock_pull)
+    assert again.returncode == 0, again.stdout + again.stderr
+    shown = output(again)
+    assert [lock["key"] for lock in shown["released"]] == ["acme/infra/envs/prod/default/"]
+    assert "unavailable" not in shown and shown["cancelled"] == []
+    assert again.stderr == ""
