@@ -97,3 +97,27 @@ async def test_a_close_the_store_did_not_answer_says_the_locks_stay_and_can_be_s
     assert again.json().get("duplicate") is None, "a failed delivery is not counted as handled"
     assert again.json()["released"] == [key]
     assert (await http.get("/v1/locks/by-key", params={"key": key})).status_code == 404
+
+
+async def test_a_close_that_could_reach_only_legacys_locks_is_a_failure_not_a_partial_success(
+    held: tuple[httpx.AsyncClient, AuditTrail, RedisServer, str],
+) -> None:
+    """The pull holds a lock on each side (one granted by legacy while the enhanced store was
+    down): a close then answers 503 saying the locks are still held, never 200 with legacy's
+    lock alone, which would read as the pull freed; sent again once the store answers, it
+    frees both."""
+    http, _, server, key = held
+    server.stop()
+    fallback = await http.post("/v1/locks", json={
+        "project": {"repoFullName": REPO, "path": "envs/dev"}, "pull": {"num": 5}})
+    assert fallback.status_code == 200, fallback.text
+    assert fallback.json()["lock"]["backend"] == "legacy"
+    body, headers = _close(5)
+    failed = await http.post("/v1/webhooks/github", content=body, headers=headers)
+    assert failed.status_code == 503, failed.text
+    assert "still held" in failed.json()["error"], failed.json()
+
+    server.start()
+    again = await http.post("/v1/webhooks/github", content=body, headers=headers)
+    assert again.status_code == 200, again.text
+    assert sorted(again.json()["released"]) == sorted([key, fallback.json()["lockKey"]])
