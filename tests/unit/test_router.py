@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -195,6 +196,40 @@ async def test_a_key_held_on_the_other_side_is_refused_not_granted_twice(
     assert await service.router.release(first.lock_key, owner=("acme/infra", 1)) == first.lock
     moved = await service.router.acquire(request_for(pull=2))
     assert moved.acquired and moved.lock is not None and moved.lock.backend != side
+
+
+async def test_an_exclusive_ask_is_refused_while_another_pull_shares_the_key_on_the_other_side(
+    make_service: ServiceMaker,
+) -> None:
+    """Pulls 1 and 2 hold the key shared on enhanced; the weight moves it to legacy. Pull 1
+    asking for it exclusive is not answered with its own shared hold as if that were all:
+    pull 2 shares the key, so the exclusive ask is refused (held, naming a shared holder), as
+    on enhanced alone, both while the key moves and once the move settled. Each of them
+    asking for it shared again still gets its own hold unchanged."""
+    service = await _service_at(make_service, 100)
+    shared = {"mode": "shared"}
+    first = await service.router.acquire(request_for(pull=1).model_copy(update=shared))
+    second = await service.router.acquire(request_for(pull=2).model_copy(update=shared))
+    assert first.acquired and second.acquired and second.lock is not None
+    alone = await service.router.acquire(request_for(pull=1))
+    assert not alone.acquired and alone.reason == Reason.HELD
+    await service.provider.set_layer("migration", {"migration_weight": 0})
+    assert service.router.side_for(first.lock_key) == "legacy"
+
+    for moving in (True, False):  # while the key moves (both sides), then once it settled
+        if not moving:
+            async with asyncio.timeout(10):
+                await service.migration.transitions.wait_settled()
+            assert not service.migration.transitions.plan(first.lock_key).both
+        upgrade = await service.router.acquire(request_for(pull=1))
+        assert not upgrade.acquired, upgrade
+        assert upgrade.reason == Reason.HELD and upgrade.holder is not None
+        assert upgrade.holder.pull.num in (1, 2) and upgrade.holder.mode == "shared"
+    for pull, mine in ((1, first), (2, second)):
+        again = await service.router.acquire(request_for(pull=pull).model_copy(update=shared))
+        assert again.acquired and again.lock is not None and mine.lock is not None
+        assert (again.lock.pull.num, again.lock.fencing_token) == (pull, mine.lock.fencing_token)
+    assert [lock.backend for lock in await service.router.list()] == ["enhanced"]
 
 
 async def test_release_and_release_by_pull_reach_both_sides(make_service: ServiceMaker) -> None:

@@ -25,12 +25,19 @@ from typing import cast
 
 from enhanced_locking.backends.base import Backend
 from enhanced_locking.hashing import bucket_of
+from enhanced_locking.locking import EnhancedLocker
 from enhanced_locking.locking.base import Locker
 from enhanced_locking.migration.conflicts import ConflictBook, is_conflict
-from enhanced_locking.types import AcquireResult, BackendUnavailable, Lock, LockRequest
+from enhanced_locking.types import (
+    AcquireResult,
+    BackendUnavailable,
+    Lock,
+    LockRequest,
+    StoreBusy,
+)
 
 __all__ = ["acquire_both", "backend_of", "raise_counter", "raise_counter_after",
-           "settle_counters"]
+           "settle_counters", "weighed_holder"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +67,28 @@ async def raise_counter_after(old_side: Locker, lock: Lock) -> None:
                     lock.key, error)
 
 
+async def weighed_holder(locker: Locker, request: LockRequest, held: Lock | None) -> Lock | None:
+    """Of ``held``'s key's holders on ``locker``, the one ``request`` is answered by.
+
+    A look (``get``) answers one holder of a key held shared, any of them. The pull's own
+    shared hold is not the key alone: an exclusive ask weighs another pull's hold first, a
+    shared one its own (asked again, given unchanged). ``held`` is kept when the key is not
+    held shared or its holders cannot be read now (an overloaded store is raised)."""
+    if held is None or held.mode != "shared" or not isinstance(locker, EnhancedLocker):
+        return held
+    try:
+        holders = await locker.holders(request.key)
+    except StoreBusy:
+        raise
+    except BackendUnavailable:
+        return held
+    owner = (request.project.repo_full_name, request.pull.num)
+    mine = [lock for lock in holders if lock.owned_by(*owner)]
+    others = [lock for lock in holders if not lock.owned_by(*owner)]
+    order = others + mine if request.mode == "exclusive" else mine + others
+    return order[0] if order else None
+
+
 async def acquire_both(first: Locker, second: Locker, request: LockRequest) -> AcquireResult:
     """Take ``request``'s key on ``first`` (the old side), then on ``second`` (the new one).
 
@@ -70,7 +99,7 @@ async def acquire_both(first: Locker, second: Locker, request: LockRequest) -> A
     key = request.key
     owner = (request.project.repo_full_name, request.pull.num)
     # Asked first, not told by timestamps: a store may stamp grants with its own clock.
-    before = await first.get(key)
+    before = await weighed_holder(first, request, await first.get(key))
     if before is not None and before.owned_by(*owner):
         # The pull asks again for a key it holds: its lock, unchanged (Atlantis's rule), as it
         # was answered before: the new side's copy if it has one, else the old side's.
@@ -80,7 +109,8 @@ async def acquire_both(first: Locker, second: Locker, request: LockRequest) -> A
     # Its lock on the new side alone (taken before the move began, or by another replica):
     # its lock too, answered without the old side, where a request waiting on the new side
     # may hold the key for the time of its wait.
-    if (mine := await second.get(key)) is not None and mine.owned_by(*owner):
+    mine = await weighed_holder(second, request, await second.get(key))
+    if mine is not None and mine.owned_by(*owner):
         return AcquireResult.granted(mine, fresh=False)
     first_result = await first.acquire(request)
     if not first_result.acquired or first_result.lock is None:

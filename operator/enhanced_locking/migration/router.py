@@ -58,6 +58,7 @@ from enhanced_locking.migration.handover import (
     backend_of,
     raise_counter,
     raise_counter_after,
+    weighed_holder,
 )
 from enhanced_locking.migration.switch_gate import Pass, SwitchGate
 from enhanced_locking.migration.transition import RoutingPlan
@@ -511,6 +512,7 @@ class Router(AtlantisCalls):
         unchecked = False
         if other is not None:
             held, unchecked = await self._holder_on(other, request.key)
+            held = await weighed_holder(other, request, held)
             if (foreign := _foreign(held, owner)) is not None:
                 return AcquireResult.refused(request.key, Reason.HELD, foreign)
             if held is not None:  # its own lock, still on the old side: the same lock
