@@ -774,7 +774,9 @@ class Reason(enum.StrEnum):
     SUPERSEDED = "superseded"
     """A newer head commit of the same pull asked for the same lock: this request is stale."""
     LIMITED = "limited"
-    """A concurrency limit's group is full (a request that does not wait)."""
+    """A concurrency limit's group is full (a request that does not wait), or a batch asks
+    for more locks of one group than its limit (at once, or as the limit is lowered below it
+    while it waits)."""
     FROZEN = "frozen"
     """A freeze covers the key and refuses requests (``error`` carries its message)."""
     UNREADABLE = "unreadable"

@@ -526,6 +526,56 @@ async def test_a_batch_asking_more_locks_of_a_group_than_its_limit_is_answered_a
         lock.fencing_token for lock in held.locks]
 
 
+async def test_a_queued_batch_whose_limit_is_lowered_below_it_is_answered_limited_at_once(
+        rigs: Callable[..., LockerRig]) -> None:
+    """A batch queued while its group's limit let it in, the limit then lowered below what
+    it asks: it can never be granted now. It waited out its whole wait, its keys free, and
+    was answered ``timeout``; the rules' change answers it ``limited`` then, naming the group
+    and its new limit, and takes it out of every queue it was in."""
+    rig = rigs()
+    group = KeyPattern(path_prefix="g")
+    await rules(rig, PolicyRules(concurrency=[ConcurrencyLimit(name="g", match=group, limit=3)]))
+    requests = [ask(1, path=f"g/{i}") for i in range(3)]
+    assert (await rig.locker.acquire(ask(9, path="g/0"))).acquired  # the batch waits for it
+    task = rig.spawn(rig.locker.acquire_batch(BatchLockRequest(
+        locks=[BatchItem(project=r.project) for r in requests], pull=requests[0].pull,
+        wait=WAIT)))
+    await settle()
+    assert not task.done(), task.result()
+    await rules(rig, PolicyRules(concurrency=[ConcurrencyLimit(name="g", match=group, limit=2)]))
+    await rig.locker.release(requests[0].key)  # its keys are free; the limit holds it back
+    answer = await asyncio.wait_for(task, 10)
+    assert answer.reason is Reason.LIMITED, answer
+    assert answer.error is not None and "group g," in answer.error and "limit is 2" in answer.error
+    assert [await rig.locker.queue(r.key) for r in requests] == [[], [], []]
+    assert await rig.locker.list() == []
+
+
+async def test_a_limited_cancel_leaves_a_grant_that_came_first_to_its_caller(
+        rigs: Callable[..., LockerRig]) -> None:
+    """The cancel a lowered limit makes (``limited``) may find its batch granted already, its
+    caller not yet told: the grant stays as it is (not given back, not ended), and the
+    caller is answered with it."""
+    rig = rigs()
+    group = KeyPattern(path_prefix="g")
+    await rules(rig, PolicyRules(concurrency=[ConcurrencyLimit(name="g", match=group, limit=3)]))
+    requests = [ask(1, path=f"g/{i}") for i in range(3)]
+    assert (await rig.locker.acquire(ask(9, path="g/0"))).acquired
+    task = rig.spawn(rig.locker.acquire_batch(BatchLockRequest(
+        locks=[BatchItem(project=r.project) for r in requests], pull=requests[0].pull,
+        wait=WAIT)))
+    await settle()
+    [waiter] = await rig.locker.queue(requests[0].key)
+    await rig.locker.release(requests[0].key)  # granted in this step, its caller not yet told
+    cancelled = await rig.locker.backend.cancel(requests[0].key, waiter.id,
+                                                reason=Reason.LIMITED)
+    assert not cancelled.removed and cancelled.granted == (), cancelled
+    answer = await asyncio.wait_for(task, 10)
+    assert answer.acquired, answer
+    held = {lock.key: lock.fencing_token for lock in await rig.locker.list()}
+    assert held == {lock.key: lock.fencing_token for lock in answer.locks}
+
+
 async def test_a_glob_question_mark_is_one_character_on_every_store(
         rigs: Callable[..., LockerRig]) -> None:
     """``?`` in a policy glob is one character: Python's matcher read it so, the Redis scripts

@@ -1247,6 +1247,10 @@ class StoreBackend(abc.ABC):
             grant = self._granted.get(waiter_id)
             if grant is None:
                 return Cancelled()
+            if reason is Reason.LIMITED:
+                # A limit lowered refuses only a waiter still queued: granted first, its
+                # caller hears its grant, which stays as it is.
+                return Cancelled(waiter=grant.waiter)
             if caller and grant.waiter.caller and grant.waiter.caller != caller:
                 return Cancelled(waiter=grant.waiter)  # granted to the retry that took it over
             now = self.clock()

@@ -18,6 +18,7 @@ the caller's side of waiting is :mod:`.queueing`, leases are :mod:`.leasing`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import itertools
 import json
@@ -231,9 +232,34 @@ class EnhancedLocker(AtlantisCalls):
         await self.leases.close()
 
     async def wake(self) -> None:
-        """Serve every queue now (a rule changed, a freeze started or ended)."""
-        handoff = await self._call("wake", lambda: self.backend.wake(policy=self.policy()))
+        """Serve every queue now (a rule changed, a freeze started or ended); then answer
+        ``limited`` each queued batch that asks for more locks of a group than its limit is
+        now (lowered since it queued): it can never be granted, however long it waits."""
+        policy = self.policy()
+        handoff = await self._call("wake", lambda: self.backend.wake(policy=policy))
         self._handed(handoff, how="rule")
+        if policy.limits:
+            await self._refuse_over_limit(policy)
+
+    async def _refuse_over_limit(self, policy: QueuePolicy) -> None:
+        """Take out of their queues the batches waiting for more locks of a group than its
+        limit under ``policy``, each told ``limited`` (its caller's answer names the group and
+        the limit: :meth:`_queued`). One granted before its cancel keeps its grant, which its
+        caller hears (the store's cancel for ``limited`` leaves a granted waiter as it is)."""
+        graph = await self._call("wait_graph", lambda: self.backend.wait_graph(policy=policy))
+        seen: set[str] = set()
+        for entry in graph:
+            for waiter in entry.waiters:
+                if waiter.id in seen or len(waiter.candidates) < 2:
+                    continue
+                seen.add(waiter.id)
+                if policies.over_limit([parts_of(c) for c in waiter.candidates],
+                                       policy.rules) is None:
+                    continue
+                cancelled = await self._call("cancel", functools.partial(
+                    self.backend.cancel, waiter.keys[0], waiter.id, reason=Reason.LIMITED,
+                    policy=policy))
+                self._handed_on(cancelled.handed)
 
     # --- settings -----------------------------------------------------------------------------
     def policy(self) -> QueuePolicy:
@@ -492,9 +518,14 @@ class EnhancedLocker(AtlantisCalls):
         elif reason is Reason.CANCELLED:
             self.events.publish("cancelled", key=key, repo=waiter.owner[0], by="admin",
                                 **details)
+        message = _CANCELLED_MESSAGE if reason is Reason.CANCELLED else None
+        if reason is Reason.LIMITED:  # a limit lowered below it as it waited (:meth:`wake`)
+            never = policies.over_limit([parts_of(c) for c in waiter.candidates],
+                                        self.policy().rules)
+            key, message = (never.key, never.message) if never is not None else (
+                key, _LIMITED_MESSAGE)
         holder = await self._holder(key)
-        return answers.refused(key, reason, holder,
-                               message=_CANCELLED_MESSAGE if reason is Reason.CANCELLED else None)
+        return answers.refused(key, reason, holder, message=message)
 
     def _gone(self, key: str, waiter: Waiter, waited: float) -> None:
         """A queued caller went away (its waiter has left the queue): told and counted."""
@@ -991,6 +1022,13 @@ _CANCELLED_MESSAGE = (
 """What a queued request taken out of its queue by someone else is told (``error``). The
 store tells the waiting replica only ``cancelled``, not by what: the message names each way
 it happens."""
+
+_LIMITED_MESSAGE = (
+    "a concurrency limit was lowered below what this request asks while it waited: it was "
+    "taken out of the queue and nothing was granted; ask for fewer locks at a time, or raise "
+    "the limit")
+"""What a queued batch a lowered limit refused is told when the rules changed again before
+its answer was made (the group and limit it was refused by are no longer the rules')."""
 
 _REASONS = {
     Status.QUEUE_FULL: Reason.QUEUE_FULL,

@@ -1,13 +1,15 @@
 -- cancel: take a waiter out of every queue it is in and tell its replica why; then serve the
 -- queues of its keys (the shared requests an exclusive one held back join the shared holders).
 -- KEYS[8..] the waiter's record and outcome (and its keys' keys, if known); more it asks for
--- ARGV[11] waiter id  ARGV[12] reason (cancelled, timeout, deadlock, unavailable): with timeout
---          or deadlock the caller is answered with a grant the cancel finds (it hears it),
+-- ARGV[11] waiter id  ARGV[12] reason (cancelled, timeout, deadlock, unavailable, limited):
+--          with timeout or deadlock the caller is answered with a grant the cancel finds (it
+--          hears it), with limited the grant is left as it is (`kept`: its caller hears it),
 --          with the others it gives the grant back (its caller went away)
 -- ARGV[13] caller ('': any; else only if that caller still owns the waiter, or owned it when
 --          it was granted)
 -- returns {'removed', waiter record, the waiters its leaving served ({waiter record, locks,
---         fresh} each)}, {'kept', waiter record} (a retry owns it now, or was granted it),
+--         fresh} each)}, {'kept', waiter record} (a retry owns it now, or was granted it; or,
+--         with limited, it was granted),
 --         {'none'}, or, when it had been granted already,
 --         {'granted', waiter record, locks it still holds (now confirmed; another waiter's
 --         claim on a lock its pull held already only when heard: lib.lua `settle_heard`),
@@ -37,6 +39,9 @@ local function main()
   local out = redis.pcall('HMGET', outcome_name(id), 'kind', 'waiter', 'locks', 'fresh')
   if is_error(out) or out[1] ~= 'granted' then return {'none'} end
   local granted_to = cjson.decode(out[2])
+  -- A limit lowered (limited) refuses only a waiter still queued: granted first, its caller
+  -- hears its grant, which stays as it is.
+  if ARGV[12] == 'limited' then return {'kept', granted_to} end
   if ARGV[13] ~= '' then
     for i = 1, #granted_to, 2 do
       if granted_to[i] == 'caller' and granted_to[i + 1] ~= ARGV[13] then
