@@ -680,8 +680,10 @@ class LockService:
     async def refresh_gauges(self) -> None:
         """Set the gauges that are cheaper to read at scrape time than to keep up to date."""
         lockers: list[tuple[str, LegacyLocker | EnhancedLocker]] = [("legacy", self.legacy)]
+        backends: dict[str, Backend] = {"legacy": self.legacy_backend}
         if self.enhanced is not None:
             lockers.append(("enhanced", self.enhanced))
+            backends["enhanced"] = self.enhanced.backend
         for side, locker in lockers:
             held: int | None = None
             depth: int | None = None
@@ -691,6 +693,9 @@ class LockService:
                 with contextlib.suppress(BackendUnavailable):
                     depth = await self.enhanced.queue_depth()
             self.metrics.store_read(side, held=held, depth=depth)
+            # Not read: not granting either (its readiness check would wait the same limit).
+            granting = held is not None and await _state(backends[side]) == "ok"
+            self.metrics.store_granting.labels(side).set(1 if granting else 0)
 
     async def ready(self) -> dict[str, str]:
         """Each backend's state: ``ok`` or why it is not reachable. The stores are asked at

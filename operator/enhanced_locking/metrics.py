@@ -197,6 +197,13 @@ class Metrics:
             "locks_held (and queue_depth for enhanced) are then absent, not their last value.",
             ["backend"], registry=r,
         )
+        self.store_granting = Gauge(
+            "enhanced_locking_store_granting",
+            "1 while the side's store passed the scrape's readiness check (as GET /readyz asks "
+            "it), 0 while it did not: with store_up 1, the store answers but grants nothing "
+            "(Redis back without its data, in enhanced-locking-redis-restart-quarantine).",
+            ["backend"], registry=r,
+        )
         self.deadlocks = Counter(
             "enhanced_locking_deadlocks", "Waits refused because they would close a cycle.",
             registry=r,

@@ -12,11 +12,14 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
+import httpx
 import pytest
+from tests.conftest import ServiceMaker
 from tests.support.locks import candidate_for, lock_for, request_for
 from tests.support.redis_fixtures import ServerMaker, redis_config
 from tests.support.redis_server import RedisServer
 
+from enhanced_locking.api import create_app
 from enhanced_locking.backends.redis_store import RedisBackend
 from enhanced_locking.backends.waiting import QueuePolicy, Status, Wait
 from enhanced_locking.config import EnhancedLockingConfig
@@ -173,3 +176,46 @@ async def test_a_reconnect_tells_unavailable_only_the_waiters_whose_record_was_l
         assert notice.locks[0].fencing_token > held.fencing_token
     finally:
         await backend.close()
+
+
+async def test_a_store_in_its_restart_quarantine_is_shown_up_but_not_granting(
+    redis_servers: ServerMaker, make_service: ServiceMaker,
+) -> None:
+    # Redis back without its data answers every read, but the service refuses grants until
+    # the quarantine ends: /metrics says both (store_up 1, store_granting 0), so an alert
+    # can page on the refusals before any request comes, and both say 1 again after it.
+    server = redis_servers(persistence="none")
+    service = await make_service(enabled=True, backend="redis", redis_addr=server.addr,
+                                 fallback="fail-closed",
+                                 redis_restart_quarantine=timedelta(seconds=3))
+    app = create_app(service, manage_lifecycle=False)
+    transport = httpx.ASGITransport(app=app)
+    up = '\nenhanced_locking_store_up{backend="enhanced"} 1.0\n'
+    async with httpx.AsyncClient(transport=transport, base_url="http://service") as http:
+        first = await http.post("/v1/locks", json=_acquire(1))
+        assert first.status_code == 200, first.text
+        scraped = (await http.get("/metrics")).text
+        assert up in scraped and _granting("1.0") in scraped, scraped
+        server.restart()
+        refused = await http.post("/v1/locks", json=_acquire(2))
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["reason"] == "unavailable", refused.text
+        ready = await http.get("/readyz")
+        assert ready.status_code == 503 and "grants resume in" in ready.text, ready.text
+        scraped = (await http.get("/metrics")).text
+        assert up in scraped, "the store answers its reads: it is up"
+        assert _granting("0.0") in scraped, "it grants nothing in its quarantine"
+        for _ in range(100):
+            await asyncio.sleep(0.1)
+            if (await http.get("/readyz")).status_code == 200:
+                break
+        scraped = (await http.get("/metrics")).text
+        assert up in scraped and _granting("1.0") in scraped, "granting again after it"
+
+
+def _acquire(pull: int) -> dict[str, object]:
+    return {"project": {"repoFullName": "acme/restart", "path": "p"}, "pull": {"num": pull}}
+
+
+def _granting(value: str) -> str:
+    return f'\nenhanced_locking_store_granting{{backend="enhanced"}} {value}\n'
