@@ -39,6 +39,7 @@ from enhanced_locking.types import (
     Lock,
     LockRequest,
     Locks,
+    SidesUnanswered,
     UnreadableLock,
     kept_by_grant,
 )
@@ -293,8 +294,16 @@ class Client:
                                         for entry in body.get("unreadable", ())))
 
     def unlock_pull(self, repo: str, pull: int) -> Locks:
-        """The locks released (:meth:`release_pull` also says what it could not release)."""
-        return self.release_pull(repo, pull).released
+        """The locks released: all the pull held. When a store did not answer (the service
+        released the pull's locks on the others and said so), :class:`SidesUnanswered` (a
+        ``BackendUnavailable``): its ``released`` the locks freed, its ``unavailable`` the
+        stores whose locks of the pull stay held; call again once they answer.
+        :meth:`release_pull` returns the whole answer instead, partial or not."""
+        answer = self.release_pull(repo, pull)
+        if answer.unavailable:
+            raise SidesUnanswered(_not_released(repo, pull, answer), released=answer.released,
+                                  unavailable=answer.unavailable)
+        return answer.released
 
     def release_pull(self, repo: str, pull: int) -> PullRelease:
         _, body = self._call("DELETE", "/v1/locks/by-pull", params={"repo": repo, "pull": pull})
@@ -390,6 +399,14 @@ class AsyncClient:
         except (httpx.HTTPError, StreamCut) as error:
             raise ServiceError(0, f"lost the event stream of "
                                   f"{shown_url(self._http.base_url)}: {error}") from None
+
+
+def _not_released(repo: str, pull: int, answer: PullRelease) -> str:
+    """The message of a release by pull that a store did not answer."""
+    stores = " and ".join(answer.unavailable)
+    return (f"released {len(answer.released)} lock(s) of pull #{pull} of {repo}, but the "
+            f"{stores} lock store did not answer: the pull's locks there stay held (release "
+            "it again once the store answers)")
 
 
 def _body(request: LockRequest | BatchLockRequest) -> Any:

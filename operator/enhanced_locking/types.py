@@ -13,7 +13,9 @@ The error tree (every error carries the lock key where there is one)::
     ├── LockNotOwned            release by a pull that does not hold the lock (HTTP 409)
     ├── BackendUnavailable      the store did not answer; transient, may be retried (HTTP 503)
     │   └── PartlyReleased      a release by pull stopped after some of its parts committed:
-    │                           carries the locks those parts released
+    │       │                   carries the locks those parts released
+    │       └── SidesUnanswered a release by pull the service answered without a store that
+    │                           did not answer: carries what it freed and names that store
     ├── LockUnreadable          the stored lock of a key cannot be read: set aside, never
     │                           granted over, cleared by a force-unlock (HTTP 409)
     ├── StoreRefused            an existing store file is empty or not ours: not opened (exit 2)
@@ -99,6 +101,7 @@ __all__ = [
     "PullNumber",
     "Reason",
     "Side",
+    "SidesUnanswered",
     "StoreBusy",
     "StoreRefused",
     "Synchronous",
@@ -1047,6 +1050,19 @@ class PartlyReleased(BackendUnavailable):
     def __init__(self, message: str, *, released: list[Lock]) -> None:
         super().__init__(message)
         self.released = released
+
+
+class SidesUnanswered(PartlyReleased):
+    """A release by pull the service answered (200) without a lock store that did not answer:
+    ``released`` holds the locks freed on the stores that answered, ``unavailable`` names the
+    others (``legacy``, ``enhanced``), whose locks of the pull stay held. Raised by the client
+    library (``Client.unlock_pull``) so a caller cannot read the pull as freed; the same call
+    made again once the store answers frees the rest."""
+
+    def __init__(self, message: str, *, released: list[Lock],
+                 unavailable: tuple[str, ...]) -> None:
+        super().__init__(message, released=released)
+        self.unavailable = unavailable
 
 
 class UnreadableLock(_Model):

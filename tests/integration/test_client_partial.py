@@ -1,0 +1,57 @@
+"""The Python client library against a real service whose enhanced store (a real
+redis-server) is stopped: a call the service answered without that store never reads as
+whole."""
+
+from __future__ import annotations
+
+import pytest
+from tests.conftest import ServiceFactory
+from tests.support.redis_server import RedisServer
+
+from enhanced_locking.client import Client
+from enhanced_locking.types import (
+    BackendUnavailable,
+    LockRequest,
+    PartlyReleased,
+    Project,
+    Pull,
+    SidesUnanswered,
+)
+
+DEV = "acme/infra/envs/dev/default/"
+PROD = "acme/infra/envs/prod/default/"
+
+
+def _request(path: str) -> LockRequest:
+    return LockRequest(project=Project(repo_full_name="acme/infra", path=path), pull=Pull(num=1))
+
+
+@pytest.mark.redis
+def test_unlock_pull_raises_naming_the_store_that_did_not_answer(
+    redis_server: RedisServer, service_process: ServiceFactory,
+) -> None:
+    """The service frees the pull's lock on legacy and answers 200 with ``unavailable``:
+    ``unlock_pull`` raises :class:`SidesUnanswered` (a ``BackendUnavailable``) carrying the
+    lock it freed and the store's name, not a list that reads as the pull freed; called again
+    once the store answers, it frees the rest and returns it."""
+    redis_server.restart(persistence="aof")  # the enhanced lock outlives the outage
+    url = service_process("--enhanced-locking-enabled", "--enhanced-locking-backend=redis",
+                          f"--enhanced-locking-redis-addr={redis_server.addr}").url
+    with Client(url) as client:
+        prod = client.acquire(_request("envs/prod")).lock
+        assert prod is not None and prod.backend == "enhanced"
+        redis_server.stop()
+        dev = client.acquire(_request("envs/dev")).lock
+        assert dev is not None and dev.backend == "legacy"
+
+        with pytest.raises(SidesUnanswered) as raised:
+            client.unlock_pull("acme/infra", 1)
+        error = raised.value
+        assert isinstance(error, PartlyReleased) and isinstance(error, BackendUnavailable)
+        assert [lock.key for lock in error.released] == [DEV]
+        assert error.unavailable == ("enhanced",)
+        assert "enhanced" in str(error) and "pull #1 of acme/infra" in str(error)
+
+        redis_server.start()
+        assert [lock.key for lock in client.unlock_pull("acme/infra", 1)] == [PROD]
+        assert client.listing(repo="acme/infra").locks == []
