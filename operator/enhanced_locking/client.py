@@ -39,6 +39,7 @@ from enhanced_locking.types import (
     Lock,
     LockRequest,
     Locks,
+    PartlyListed,
     SidesUnanswered,
     UnreadableLock,
     kept_by_grant,
@@ -282,8 +283,18 @@ class Client:
         return Lock.model_validate(body["lock"]) if status == 200 else None
 
     def list(self, *, repo: str | None = None, pull: int | None = None) -> Locks:
-        """The locks read (:meth:`listing` also says what it could not read)."""
-        return self.listing(repo=repo, pull=pull).locks
+        """The locks held. When a store did not answer (the service listed the others' locks
+        and said so), :class:`PartlyListed` (a ``BackendUnavailable``): its ``locks`` the
+        locks read, its ``unavailable`` the stores whose locks are not among them. Stored
+        locks that cannot be read are never among the locks; :meth:`listing` returns the whole
+        answer (``unavailable``, ``unreadable``), partial or not."""
+        answer = self.listing(repo=repo, pull=pull)
+        if answer.unavailable:
+            stores = " and ".join(answer.unavailable)
+            raise PartlyListed(f"the {stores} lock store did not answer: its locks are not "
+                               f"among the {len(answer.locks)} listed", locks=answer.locks,
+                               unavailable=answer.unavailable)
+        return answer.locks
 
     def listing(self, *, repo: str | None = None, pull: int | None = None) -> Listing:
         params = {k: v for k, v in {"repo": repo, "pull": pull}.items() if v is not None}

@@ -14,8 +14,10 @@ The error tree (every error carries the lock key where there is one)::
     ├── BackendUnavailable      the store did not answer; transient, may be retried (HTTP 503)
     │   └── PartlyReleased      a release by pull stopped after some of its parts committed:
     │       │                   carries the locks those parts released
-    │       └── SidesUnanswered a release by pull the service answered without a store that
-    │                           did not answer: carries what it freed and names that store
+    │   │   └── SidesUnanswered a release by pull the service answered without a store that
+    │   │                       did not answer: carries what it freed and names that store
+    │   └── PartlyListed        a list the service answered without a store that did not
+    │                           answer: carries the locks it read and names that store
     ├── LockUnreadable          the stored lock of a key cannot be read: set aside, never
     │                           granted over, cleared by a force-unlock (HTTP 409)
     ├── StoreRefused            an existing store file is empty or not ours: not opened (exit 2)
@@ -94,6 +96,7 @@ __all__ = [
     "Moment",
     "NotAuthenticated",
     "NotPermitted",
+    "PartlyListed",
     "PartlyReleased",
     "Priority",
     "Project",
@@ -1050,6 +1053,18 @@ class PartlyReleased(BackendUnavailable):
     def __init__(self, message: str, *, released: list[Lock]) -> None:
         super().__init__(message)
         self.released = released
+
+
+class PartlyListed(BackendUnavailable):
+    """A list the service answered (200) without a lock store that did not answer: ``locks``
+    holds the locks read on the stores that answered, ``unavailable`` names the others, whose
+    locks are not among them. Raised by the client library (``Client.list``) so a caller
+    cannot read a partial list as everything held."""
+
+    def __init__(self, message: str, *, locks: list[Lock], unavailable: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.locks = locks
+        self.unavailable = unavailable
 
 
 class SidesUnanswered(PartlyReleased):

@@ -12,6 +12,7 @@ from enhanced_locking.client import Client
 from enhanced_locking.types import (
     BackendUnavailable,
     LockRequest,
+    PartlyListed,
     PartlyReleased,
     Project,
     Pull,
@@ -55,3 +56,36 @@ def test_unlock_pull_raises_naming_the_store_that_did_not_answer(
         redis_server.start()
         assert [lock.key for lock in client.unlock_pull("acme/infra", 1)] == [PROD]
         assert client.listing(repo="acme/infra").locks == []
+
+
+@pytest.mark.redis
+def test_list_raises_naming_the_store_that_did_not_answer(
+    redis_server: RedisServer, service_process: ServiceFactory,
+) -> None:
+    """The service lists legacy's lock and answers 200 with ``unavailable``: ``list`` raises
+    :class:`PartlyListed` (a ``BackendUnavailable``) carrying the locks read and the store's
+    name, never a list that reads as everything held; ``listing`` returns that answer whole;
+    once the store answers, ``list`` returns both locks."""
+    redis_server.restart(persistence="aof")  # the enhanced lock outlives the outage
+    url = service_process("--enhanced-locking-enabled", "--enhanced-locking-backend=redis",
+                          f"--enhanced-locking-redis-addr={redis_server.addr}").url
+    with Client(url) as client:
+        prod = client.acquire(_request("envs/prod")).lock
+        assert prod is not None and prod.backend == "enhanced"
+        redis_server.stop()
+        dev = client.acquire(_request("envs/dev")).lock
+        assert dev is not None and dev.backend == "legacy"
+
+        with pytest.raises(PartlyListed) as raised:
+            client.list(repo="acme/infra")
+        error = raised.value
+        assert isinstance(error, BackendUnavailable)
+        assert [lock.key for lock in error.locks] == [DEV]
+        assert error.unavailable == ("enhanced",)
+        assert "enhanced" in str(error)
+        listing = client.listing(repo="acme/infra")
+        assert [lock.key for lock in listing.locks] == [DEV]
+        assert listing.unavailable == ("enhanced",)
+
+        redis_server.start()
+        assert sorted(lock.key for lock in client.list(repo="acme/infra")) == [DEV, PROD]
