@@ -7,10 +7,13 @@ verified against ``ENHANCED_LOCKING_CA_FILE`` when set (else the system's CAs).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
+import random
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -117,6 +120,7 @@ class Client:
     def __init__(self, base_url: str = DEFAULT_URL, *, timeout: float = 10.0,
                  transport: httpx.BaseTransport | None = None,
                  token: str | None = None) -> None:
+        self._connect_time = timeout
         self._http = httpx.Client(base_url=base_url, timeout=timeout, transport=transport,
                                   headers=_auth_headers(token), verify=_verify())
 
@@ -137,13 +141,20 @@ class Client:
         return _answer(self._request(method, path, **kwargs), ok, absent=absent)
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        try:
-            return self._http.request(method, path, **kwargs)
-        except httpx.ReadTimeout as error:
-            raise ServiceError(0, _no_answer(self._http.base_url, error)) from None
-        except httpx.HTTPError as error:
-            raise ServiceError(0, f"cannot reach the lock service at "
-                                  f"{shown_url(self._http.base_url)}: {error}") from None
+        retry = _ConnectRetry(self._connect_time)
+        while True:
+            try:
+                return self._http.request(method, path, **kwargs)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as error:
+                if (pause := retry.pause()) is None:
+                    raise ServiceError(0, f"cannot reach the lock service at "
+                                          f"{shown_url(self._http.base_url)}: {error}") from None
+            except httpx.ReadTimeout as error:
+                raise ServiceError(0, _no_answer(self._http.base_url, error)) from None
+            except httpx.HTTPError as error:
+                raise ServiceError(0, f"cannot reach the lock service at "
+                                      f"{shown_url(self._http.base_url)}: {error}") from None
+            time.sleep(pause)
 
     def _default_wait(self, request: LockRequest | BatchLockRequest) -> float | None:
         """For a request that waits without a duration, the service's default timeout in
@@ -332,6 +343,7 @@ class AsyncClient:
 
     def __init__(self, base_url: str = DEFAULT_URL, *, timeout: float = 10.0,
                  token: str | None = None) -> None:
+        self._connect_time = timeout
         self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout,
                                        headers=_auth_headers(token), verify=_verify())
 
@@ -346,13 +358,20 @@ class AsyncClient:
         return _answer(await self._request(method, path, **kwargs), ok, absent=absent)
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        try:
-            return await self._http.request(method, path, **kwargs)
-        except httpx.ReadTimeout as error:
-            raise ServiceError(0, _no_answer(self._http.base_url, error)) from None
-        except httpx.HTTPError as error:
-            raise ServiceError(0, f"cannot reach the lock service at "
-                                  f"{shown_url(self._http.base_url)}: {error}") from None
+        retry = _ConnectRetry(self._connect_time)
+        while True:
+            try:
+                return await self._http.request(method, path, **kwargs)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as error:
+                if (pause := retry.pause()) is None:
+                    raise ServiceError(0, f"cannot reach the lock service at "
+                                          f"{shown_url(self._http.base_url)}: {error}") from None
+            except httpx.ReadTimeout as error:
+                raise ServiceError(0, _no_answer(self._http.base_url, error)) from None
+            except httpx.HTTPError as error:
+                raise ServiceError(0, f"cannot reach the lock service at "
+                                      f"{shown_url(self._http.base_url)}: {error}") from None
+            await asyncio.sleep(pause)
 
     async def acquire(self, request: LockRequest) -> AcquireResult:
         default_wait = None
@@ -418,6 +437,36 @@ def _not_released(repo: str, pull: int, answer: PullRelease) -> str:
     return (f"released {len(answer.released)} lock(s) of pull #{pull} of {repo}, but the "
             f"{stores} lock store did not answer: the pull's locks there stay held (release "
             "it again once the store answers)")
+
+
+CONNECT_BACKOFF = 0.1
+"""Seconds, the first bound of the random pause before a call is sent again when no connection
+could be made; it doubles after each attempt up to :data:`CONNECT_BACKOFF_MAX`."""
+
+CONNECT_BACKOFF_MAX = 2.0
+
+
+class _ConnectRetry:
+    """The pauses of one call sent again while no connection to the service can be made (its
+    port refuses, the address does not answer: nothing reached the service, so the next attempt
+    is the first it sees, whatever the call). A restart or a rollout of the service closes its
+    port for a few seconds; a step run then waits for it instead of failing. Any other failure
+    (a connection lost once the request was sent, no answer in time, an error answer) is not
+    retried: the service may have acted on it. Full jitter, as the Go client's: a random pause
+    up to a bound that doubles; no pause that would end past ``within`` seconds from the first
+    attempt (the client's timeout), so the call gives up within its time."""
+
+    def __init__(self, within: float) -> None:
+        self._until = time.monotonic() + within
+        self._bound = CONNECT_BACKOFF
+
+    def pause(self) -> float | None:
+        """The seconds to wait before the next attempt; None: give up."""
+        pause = random.uniform(0.0, self._bound)
+        if time.monotonic() + pause > self._until:
+            return None
+        self._bound = min(2 * self._bound, CONNECT_BACKOFF_MAX)
+        return pause
 
 
 def _body(request: LockRequest | BatchLockRequest) -> Any:

@@ -471,6 +471,27 @@ def test_an_unreachable_service_exits_3(free_port: Callable[[], int]) -> None:
     assert "cannot reach the lock service" in done.stderr
 
 
+def test_a_step_run_while_the_service_restarts_waits_for_its_port(
+    service: ServiceProcess,
+) -> None:
+    """A step whose connection is refused (the service restarting, an endpoint gone in a
+    rollout: nothing reached the service) sends its call again until the service is back on
+    its port, within the client's time; it exited 3 at once and the user had to run the
+    command again."""
+    service.stop()
+    step = start_step(step_env(service.url, 1, "alice"), "acquire", "--command", "plan")
+    lines = Lines(step)
+    try:
+        lines.wait_for(r"enhanced-locking: plan of pull #1 asks for .*")
+        service.start()
+    finally:
+        out, err = lines.finish()
+    assert step.returncode == 0, "\n".join(out) + err
+    assert any(line.startswith(f"enhanced-locking: locked {KEY} for pull #1") for line in out)
+    held = httpx.get(f"{service.url}/v1/locks/by-key", params={"key": KEY}).json()["lock"]
+    assert held["pull"]["num"] == 1
+
+
 @pytest.mark.redis
 def test_a_release_whose_store_does_not_answer_exits_3_not_as_a_refusal(
     redis_server: RedisServer, service_process: Callable[..., ServiceProcess],
