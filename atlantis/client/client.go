@@ -922,6 +922,17 @@ func (c *Client) Cancel(ctx context.Context, key, id string) (bool, error) {
 	return found, err
 }
 
+// Known answers nil when the service knows the caller: its token is accepted, or the service
+// asks for none. A missing, unknown or expired token is a *DeniedError with Status 401, as
+// every lock call would answer. It asks GET /v1/config, the cheapest call that needs a caller;
+// a 403 there (a role that may not read the configuration) is a known caller too. Whether the
+// caller may lock is not checked: only a lock call says that.
+func (c *Client) Known(ctx context.Context) error {
+	_, _, err := c.exchange(ctx, call{op: "check the token", method: http.MethodGet,
+		path: "/v1/config", idempotent: true, also: []int{http.StatusForbidden}})
+	return err
+}
+
 // Ready checks that the service and every store it uses answer (GET /readyz). A 200 that is
 // not the service's JSON answer (a proxy's sign-in page, another web server at the URL) is an
 // *UnavailableError: the lock calls would all fail there. The service's own 503, a store that

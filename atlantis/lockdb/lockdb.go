@@ -463,12 +463,24 @@ func (b *Database) CheckCommandLock(cmdName command.Name) (*command.Lock, error)
 // not ready at once — no webhook taken, no page shown — while the
 // fall-back serves the locks, and each lock call fails closed on its own where nothing can.
 // The stores' state is the service's own readiness (client.Ready).
+//
+// A service that does not know this Atlantis's token (missing, wrong, expired: its 401 to
+// client.Known) fails Ping: every lock call would fail, and the fault is this replica's own
+// configuration, not the shared service's. A replica started with it is not ready, so a
+// rollout carrying a wrong token stops at its first new replica while the old ones go on
+// serving. A token the service no longer accepts marks the replicas that send it not ready,
+// as Atlantis's /readyz says of a database it cannot use. A token the service knows but whose
+// role may not lock is not seen here (only a lock call says that).
 func (b *Database) Ping() error {
 	ctx, cancel := b.ctx(0)
 	defer cancel()
 	var unavailable *client.UnavailableError
 	if err := b.service.Ready(ctx); err != nil && !(errors.As(err, &unavailable) &&
 		(len(unavailable.Sides) > 0 || unavailable.Withheld != "")) {
+		return fromService(err)
+	}
+	var denied *client.DeniedError
+	if err := b.service.Known(ctx); errors.As(err, &denied) {
 		return fromService(err)
 	}
 	return b.wrapped.Ping()

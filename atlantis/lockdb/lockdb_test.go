@@ -992,6 +992,33 @@ func TestPingChecksTheWrappedDatabaseToo(t *testing.T) {
 	}
 }
 
+func TestPingFailsWhenTheServiceDoesNotKnowTheToken(t *testing.T) {
+	// Atlantis's /readyz is Ping: a replica whose token is missing or wrong would fail every
+	// lock call with a 401, so it is not ready (a rollout carrying the wrong token stops at
+	// its first replica). A known token is ready also when its role may not read the
+	// service's configuration (the call Ping asks with answers 403).
+	svc := servicetest.Serve(t, "--enhanced-locking-enabled",
+		"--enhanced-locking-auth", "static",
+		"--enhanced-locking-auth-tokens", "atlantis-token,atlantis,1\nnarrow-token,narrow,2",
+		"--enhanced-locking-auth-roles", "locker=user:atlantis")
+	for _, token := range []string{"", "wrong-token"} {
+		var opts []lockdb.Option
+		if token != "" {
+			opts = append(opts, lockdb.WithClientOptions(client.WithToken(token)))
+		}
+		err := open2(t, svc, opts...).Ping()
+		var denied *client.DeniedError
+		if !errors.As(err, &denied) || denied.Status != 401 {
+			t.Fatalf("Ping with token %q should fail with the service's 401, got %v", token, err)
+		}
+		if token != "" && strings.Contains(err.Error(), token) {
+			t.Fatalf("Ping's error must not show the token: %v", err)
+		}
+	}
+	must(t, open2(t, svc, lockdb.WithClientOptions(client.WithToken("atlantis-token"))).Ping())
+	must(t, open2(t, svc, lockdb.WithClientOptions(client.WithToken("narrow-token"))).Ping())
+}
+
 func TestApplyOnTheLockerRoleAsksWithNormalPriority(t *testing.T) {
 	// The locker role ("what Atlantis needs", the one the chart binds Atlantis to) may lock
 	// but not ask above normal. Apply's default priority (high) must not make every apply
