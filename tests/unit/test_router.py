@@ -29,7 +29,14 @@ from enhanced_locking.metrics import Metrics
 from enhanced_locking.migration import Router
 from enhanced_locking.migration.routing_registry import MemoryRoutingRegistry
 from enhanced_locking.provider import ConfigProvider
-from enhanced_locking.types import AcquireResult, Event, LockNotOwned, LockRequest, Reason
+from enhanced_locking.types import (
+    AcquireResult,
+    BackendUnavailable,
+    Event,
+    LockNotOwned,
+    LockRequest,
+    Reason,
+)
 
 
 def atlantis_keys(count: int) -> list[str]:
@@ -230,6 +237,37 @@ async def test_an_exclusive_ask_is_refused_while_another_pull_shares_the_key_on_
         assert again.acquired and again.lock is not None and mine.lock is not None
         assert (again.lock.pull.num, again.lock.fencing_token) == (pull, mine.lock.fencing_token)
     assert [lock.backend for lock in await service.router.list()] == ["enhanced"]
+
+
+async def test_an_exclusive_ask_is_not_granted_its_own_shared_hold_when_the_holders_are_unread(
+    make_service: ServiceMaker, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As above, but the enhanced store answers the look at the key and then fails the read
+    of its holders (a blip between the two calls): whether another pull shares the key is
+    not known, so pull 1's exclusive ask is not answered with its own shared hold as if it
+    were all (an apply beside pull 2's plan); the store is treated as not answering. A
+    shared ask is still answered with its own hold."""
+    service = await _service_at(make_service, 100)
+    shared = {"mode": "shared"}
+    first = await service.router.acquire(request_for(pull=1).model_copy(update=shared))
+    second = await service.router.acquire(request_for(pull=2).model_copy(update=shared))
+    assert first.acquired and second.acquired and first.lock is not None
+    await service.provider.set_layer("migration", {"migration_weight": 0})
+    async with asyncio.timeout(10):
+        await service.migration.transitions.wait_settled()
+    enhanced = service.enhanced
+    assert isinstance(enhanced, EnhancedLocker)
+
+    async def unread(key: str) -> Any:
+        raise BackendUnavailable("the holders of the key could not be read")
+
+    monkeypatch.setattr(enhanced, "holders", unread)
+    with pytest.raises(BackendUnavailable):
+        upgrade = await service.router.acquire(request_for(pull=1))
+        raise AssertionError(f"answered {upgrade}")
+    again = await service.router.acquire(request_for(pull=1).model_copy(update=shared))
+    assert again.acquired and again.lock is not None
+    assert again.lock.fencing_token == first.lock.fencing_token
 
 
 async def test_release_and_release_by_pull_reach_both_sides(make_service: ServiceMaker) -> None:

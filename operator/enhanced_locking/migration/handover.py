@@ -73,16 +73,20 @@ async def weighed_holder(locker: Locker, request: LockRequest, held: Lock | None
     A look (``get``) answers one holder of a key held shared, any of them. The pull's own
     shared hold is not the key alone: an exclusive ask weighs another pull's hold first, a
     shared one its own (asked again, given unchanged). ``held`` is kept when the key is not
-    held shared or its holders cannot be read now (an overloaded store is raised)."""
+    held shared or its holders cannot be read now (an overloaded store is raised), but for an
+    exclusive ask answered by the pull's own shared hold: whether another pull shares the key
+    is not known then, and the store's failure is raised (the store did not answer)."""
     if held is None or held.mode != "shared" or not isinstance(locker, EnhancedLocker):
         return held
+    owner = (request.project.repo_full_name, request.pull.num)
     try:
         holders = await locker.holders(request.key)
     except StoreBusy:
         raise
     except BackendUnavailable:
+        if request.mode == "exclusive" and held.owned_by(*owner):
+            raise
         return held
-    owner = (request.project.repo_full_name, request.pull.num)
     mine = [lock for lock in holders if lock.owned_by(*owner)]
     others = [lock for lock in holders if not lock.owned_by(*owner)]
     order = others + mine if request.mode == "exclusive" else mine + others
