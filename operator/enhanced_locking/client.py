@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import random
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
@@ -146,7 +148,7 @@ class Client:
             try:
                 return self._http.request(method, path, **kwargs)
             except (httpx.ConnectError, httpx.ConnectTimeout) as error:
-                if (pause := retry.pause()) is None:
+                if not _restarting(error) or (pause := retry.pause()) is None:
                     raise ServiceError(0, f"cannot reach the lock service at "
                                           f"{shown_url(self._http.base_url)}: {error}") from None
             except httpx.ReadTimeout as error:
@@ -254,9 +256,19 @@ class Client:
         :class:`ServiceError` 0."""
         params, headers = _event_params(repo, key_prefix, types, last_event_id)
         silence = STREAM_SILENCE_SECONDS if silence is None else silence
+        retry = _ConnectRetry(self._connect_time)
         try:
-            with self._http.stream("GET", "/v1/events", params=params, headers=headers,
-                                   timeout=httpx.Timeout(10.0, read=silence)) as response:
+            while True:
+                try:
+                    response = self._http.send(self._http.build_request(
+                        "GET", "/v1/events", params=params, headers=headers,
+                        timeout=httpx.Timeout(10.0, read=silence)), stream=True)
+                    break
+                except (httpx.ConnectError, httpx.ConnectTimeout) as error:
+                    if not _restarting(error) or (pause := retry.pause()) is None:
+                        raise
+                time.sleep(pause)
+            with contextlib.closing(response):
                 if response.status_code != 200:
                     response.read()
                     raise ServiceError(response.status_code, _error_of(response), None)
@@ -363,7 +375,7 @@ class AsyncClient:
             try:
                 return await self._http.request(method, path, **kwargs)
             except (httpx.ConnectError, httpx.ConnectTimeout) as error:
-                if (pause := retry.pause()) is None:
+                if not _restarting(error) or (pause := retry.pause()) is None:
                     raise ServiceError(0, f"cannot reach the lock service at "
                                           f"{shown_url(self._http.base_url)}: {error}") from None
             except httpx.ReadTimeout as error:
@@ -404,9 +416,19 @@ class AsyncClient:
         ``silence`` seconds is given up, as :meth:`Client.events` gives it up."""
         params, headers = _event_params(repo, key_prefix, types, None)
         silence = STREAM_SILENCE_SECONDS if silence is None else silence
+        retry = _ConnectRetry(self._connect_time)
         try:
-            async with self._http.stream("GET", "/v1/events", params=params, headers=headers,
-                                         timeout=httpx.Timeout(10.0, read=silence)) as response:
+            while True:
+                try:
+                    response = await self._http.send(self._http.build_request(
+                        "GET", "/v1/events", params=params, headers=headers,
+                        timeout=httpx.Timeout(10.0, read=silence)), stream=True)
+                    break
+                except (httpx.ConnectError, httpx.ConnectTimeout) as error:
+                    if not _restarting(error) or (pause := retry.pause()) is None:
+                        raise
+                await asyncio.sleep(pause)
+            async with contextlib.aclosing(response):
                 if response.status_code != 200:
                     await response.aread()
                     raise ServiceError(response.status_code, _error_of(response), None)
@@ -449,10 +471,11 @@ CONNECT_BACKOFF_MAX = 2.0
 class _ConnectRetry:
     """The pauses of one call sent again while no connection to the service can be made (its
     port refuses, the address does not answer: nothing reached the service, so the next attempt
-    is the first it sees, whatever the call). A restart or a rollout of the service closes its
-    port for a few seconds; a step run then waits for it instead of failing. Any other failure
-    (a connection lost once the request was sent, no answer in time, an error answer) is not
-    retried: the service may have acted on it. Full jitter, as the Go client's: a random pause
+    is the first it sees, whatever the call; :func:`_restarting` says which failures). A
+    restart or a rollout of the service closes its port for a few seconds; a step run then
+    waits for it instead of failing. Any other failure (a connection lost once the request was
+    sent, no answer in time, an error answer) is not retried: the service may have acted on
+    it. Full jitter, as the Go client's: a random pause
     up to a bound that doubles; no pause that would end past ``within`` seconds from the first
     attempt (the client's timeout), so the call gives up within its time."""
 
@@ -467,6 +490,30 @@ class _ConnectRetry:
             return None
         self._bound = min(2 * self._bound, CONNECT_BACKOFF_MAX)
         return pause
+
+
+_RESTART_ERRNOS = frozenset({errno.ECONNREFUSED, errno.ECONNRESET})
+"""What a connect fails with while the service restarts: its port refuses, or resets the
+connection being made."""
+
+
+def _restarting(error: httpx.ConnectError | httpx.ConnectTimeout) -> bool:
+    """Whether a connection that could not be made failed as a restart makes it fail (refused,
+    reset while connecting, no answer in time), read from the error's causes down to the
+    socket's. A certificate the client does not trust or a host name that does not resolve
+    also fails the connect, but no restart mends it: it is shown at once, in its own words."""
+    if isinstance(error, httpx.ConnectTimeout):
+        return True
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, (ssl.SSLError, socket.gaierror)):
+            return False
+        if isinstance(cause, OSError) and cause.errno in _RESTART_ERRNOS:
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _body(request: LockRequest | BatchLockRequest) -> Any:

@@ -471,6 +471,15 @@ def test_an_unreachable_service_exits_3(free_port: Callable[[], int]) -> None:
     assert "cannot reach the lock service" in done.stderr
 
 
+def test_a_host_name_that_does_not_resolve_exits_3_with_the_resolvers_words() -> None:
+    """No restart mends it: the step says so at once (.invalid never resolves, RFC 6761)."""
+    done = run_step(step_env("http://enhanced-locking.invalid:4142", 1, "alice"),
+                    "acquire", "--command", "plan")
+    assert done.returncode == 3 and len(done.stderr.splitlines()) == 1, done.stderr
+    assert "cannot reach the lock service at http://enhanced-locking.invalid:4142" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_a_step_run_while_the_service_restarts_waits_for_its_port(
     service: ServiceProcess,
 ) -> None:
