@@ -8,6 +8,8 @@ the give-back was by owner alone and freed that hold under its request."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from tests.conftest import ServiceMaker
 from tests.support.locks import request_for
@@ -19,6 +21,7 @@ from enhanced_locking.types import (
     BatchItem,
     BatchLockRequest,
     LockRequest,
+    Reason,
 )
 
 
@@ -63,3 +66,35 @@ async def test_a_batch_taken_key_by_key_gives_back_its_grant_not_its_pulls_later
     assert await router.get(a) == own.lock, "the pull's later hold of a was given back"
     held_b = await router.get(b)
     assert held_b is not None and held_b.owner == ("acme/infra", 2)
+
+
+@pytest.mark.parametrize("moving", [True, False], ids=["while-moving", "once-settled"])
+async def test_a_batch_refused_after_an_upgrade_keeps_the_pulls_hold(
+    make_service: ServiceMaker, moving: bool,
+) -> None:
+    """Pull 1 holds ``a`` shared on enhanced; the weight moves every key to legacy, where
+    pull 2 holds ``b``. Pull 1's batch of both, exclusive, upgrades its hold of ``a`` (the
+    side holding it does, as it would alone) and is then refused ``b``: giving back what the
+    batch took never frees ``a``, a key the pull held before the batch (its release would
+    let another pull take the key under the pull's plan)."""
+    service = await make_service(enabled=True, migration_weight=100)
+    router = service.router
+    assert service.enhanced is not None
+    batch = BatchLockRequest(locks=[BatchItem(project=request_for(path=p).project)
+                                    for p in ("envs/a", "envs/b")], pull=request_for(pull=1).pull)
+    a, b = batch.keys
+    shared = await router.acquire(request_for(pull=1, path="envs/a").model_copy(
+        update={"mode": "shared"}))
+    assert shared.acquired and shared.lock is not None and shared.lock.backend == "enhanced"
+    await service.provider.set_layer("migration", {"migration_weight": 0})
+    if not moving:
+        async with asyncio.timeout(10):
+            await service.migration.transitions.wait_settled()
+    assert {router.side_for(a), router.side_for(b)} == {"legacy"}
+    taken = await service.legacy.acquire(request_for(pull=2, path="envs/b"))
+    assert taken.acquired
+    refused = await router.acquire_batch(batch)
+    assert not refused.acquired and refused.lock_key == b, refused
+    assert refused.holder is not None and refused.holder.pull.num == 2
+    assert [lock.pull.num for lock in await service.enhanced.holders(a)] == [1]
+    assert (await router.acquire(request_for(pull=3, path="envs/a"))).reason == Reason.HELD

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -268,6 +269,106 @@ async def test_an_exclusive_ask_is_not_granted_its_own_shared_hold_when_the_hold
     again = await service.router.acquire(request_for(pull=1).model_copy(update=shared))
     assert again.acquired and again.lock is not None
     assert again.lock.fencing_token == first.lock.fencing_token
+
+
+@pytest.mark.parametrize("moving", [True, False], ids=["while-moving", "once-settled"])
+async def test_a_shared_holder_asking_exclusive_across_the_sides_is_upgraded_or_refused(
+    make_service: ServiceMaker, moving: bool
+) -> None:
+    """Pull 1 holds the key shared on enhanced; the weight moves it to legacy. Pull 1 asking
+    for it exclusive is given what enhanced alone gives: its hold upgraded in place (exclusive,
+    a new token), not its shared hold back unchanged, both while the key moves and once the
+    move settled (each a case). Asked exclusive again, the same lock. Once the weight comes
+    back to enhanced, pull 2 asking for the key shared is refused, never granted beside pull
+    1's exclusive hold."""
+    shared = {"mode": "shared"}
+    service = await _service_at(make_service, 100)
+    assert service.enhanced is not None
+    first = await service.router.acquire(request_for(pull=1).model_copy(update=shared))
+    assert first.acquired and first.lock is not None and first.lock.backend == "enhanced"
+    await service.provider.set_layer("migration", {"migration_weight": 0})
+    assert service.router.side_for(first.lock_key) == "legacy"
+    if not moving:
+        async with asyncio.timeout(10):
+            await service.migration.transitions.wait_settled()
+        assert not service.migration.transitions.plan(first.lock_key).both
+    upgrade = await service.router.acquire(request_for(pull=1))
+    assert upgrade.acquired and upgrade.lock is not None, upgrade
+    assert upgrade.lock.mode == "exclusive", upgrade
+    assert not upgrade.fresh  # a hold the pull had: never given back as this call's grant
+    held = await service.enhanced.holders(first.lock_key)
+    assert [(lock.pull.num, lock.mode) for lock in held] == [(1, "exclusive")]
+    assert held[0].fencing_token > first.lock.fencing_token
+    again = await service.router.acquire(request_for(pull=1))
+    assert again.acquired and not again.fresh and again.lock is not None
+    assert again.lock.fencing_token == upgrade.lock.fencing_token
+    await service.provider.set_layer("migration", {"migration_weight": 100})
+    async with asyncio.timeout(10):
+        await service.migration.transitions.wait_settled()
+    beside = await service.router.acquire(request_for(pull=2).model_copy(update=shared))
+    assert not beside.acquired and beside.reason == Reason.HELD, beside
+    assert beside.holder is not None and beside.holder.pull.num == 1
+    assert beside.holder.mode == "exclusive"
+
+
+async def test_a_shared_holder_waiting_for_exclusive_across_the_sides_waits_for_the_others(
+    make_service: ServiceMaker,
+) -> None:
+    """Pulls 1 and 2 hold the key shared on enhanced; the weight moves it to legacy and the
+    move settles. Pull 1 asking for it exclusive with a wait waits (looking again, as for any
+    hold on the side the key left), and is granted the upgrade once pull 2 lets go, not
+    before, its shared hold kept meanwhile."""
+    shared = {"mode": "shared"}
+    service = await _service_at(make_service, 100)
+    assert service.enhanced is not None
+    first = await service.router.acquire(request_for(pull=1).model_copy(update=shared))
+    second = await service.router.acquire(request_for(pull=2).model_copy(update=shared))
+    assert first.acquired and second.acquired and first.lock is not None
+    await service.provider.set_layer("migration", {"migration_weight": 0})
+    async with asyncio.timeout(10):
+        await service.migration.transitions.wait_settled()
+    waiting = asyncio.create_task(
+        service.router.acquire(request_for(pull=1, wait=timedelta(seconds=30))))
+    await asyncio.sleep(0.5)  # it looks again meanwhile: each look finds pull 2 sharing
+    assert not waiting.done(), waiting.result()
+    assert [(lock.pull.num, lock.mode) for lock in
+            await service.enhanced.holders(first.lock_key)] == [(1, "shared"), (2, "shared")]
+    await service.router.release(first.lock_key, owner=("acme/infra", 2))
+    async with asyncio.timeout(10):
+        upgrade = await waiting
+    assert upgrade.acquired and upgrade.lock is not None, upgrade
+    held = await service.enhanced.holders(first.lock_key)
+    assert [(lock.pull.num, lock.mode) for lock in held] == [(1, "exclusive")]
+    assert held[0].fencing_token > first.lock.fencing_token
+
+
+@pytest.mark.parametrize("moving", [True, False], ids=["while-moving", "once-settled"])
+async def test_an_upgrade_refused_across_the_sides_keeps_the_pulls_shared_hold(
+    make_service: ServiceMaker, moving: bool
+) -> None:
+    """Pull 1 holds the key shared on enhanced; the weight moves it to legacy, where pull 2
+    holds it too (taken there while enhanced was away: two holds of one key, reported). Pull
+    1 asking for it exclusive is refused (held, naming pull 2), and its shared hold stays as
+    it was: neither released by the undo of a refused step nor upgraded behind the refusal."""
+    shared = {"mode": "shared"}
+    service = await _service_at(make_service, 100)
+    assert service.enhanced is not None
+    first = await service.router.acquire(request_for(pull=1).model_copy(update=shared))
+    assert first.acquired and first.lock is not None and first.lock.backend == "enhanced"
+    await service.provider.set_layer("migration", {"migration_weight": 0})
+    if not moving:
+        async with asyncio.timeout(10):
+            await service.migration.transitions.wait_settled()
+    assert service.migration.transitions.plan(first.lock_key).both is moving
+    other = await service.legacy.acquire(request_for(pull=2))
+    assert other.acquired and other.lock is not None and other.lock.backend == "legacy"
+    upgrade = await service.router.acquire(request_for(pull=1))
+    assert not upgrade.acquired and upgrade.reason == Reason.HELD, upgrade
+    assert upgrade.holder is not None and upgrade.holder.pull.num == 2
+    held = await service.enhanced.holders(first.lock_key)
+    assert [(lock.pull.num, lock.mode, lock.fencing_token) for lock in held] == \
+        [(1, "shared", first.lock.fencing_token)]
+    assert await service.legacy.get(first.lock_key) == other.lock
 
 
 async def test_release_and_release_by_pull_reach_both_sides(make_service: ServiceMaker) -> None:

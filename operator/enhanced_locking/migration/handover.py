@@ -33,10 +33,11 @@ from enhanced_locking.types import (
     BackendUnavailable,
     Lock,
     LockRequest,
+    Reason,
     StoreBusy,
 )
 
-__all__ = ["acquire_both", "backend_of", "raise_counter", "raise_counter_after",
+__all__ = ["acquire_both", "asks_upgrade", "backend_of", "raise_counter", "raise_counter_after",
            "settle_counters", "weighed_holder"]
 
 log = logging.getLogger(__name__)
@@ -93,18 +94,26 @@ async def weighed_holder(locker: Locker, request: LockRequest, held: Lock | None
     return order[0] if order else None
 
 
+def asks_upgrade(held: Lock, request: LockRequest) -> bool:
+    """Whether ``request``, of the pull holding ``held``, asks exclusive of a key it holds
+    shared: an upgrade its store makes in place (or refuses while others share the key)."""
+    return held.mode == "shared" and request.mode == "exclusive"
+
+
 async def acquire_both(first: Locker, second: Locker, request: LockRequest) -> AcquireResult:
     """Take ``request``'s key on ``first`` (the old side), then on ``second`` (the new one).
 
     Answers with the second side's answer. A refusal or error on the second side undoes the
     first step. A pull that already holds the key, on either side, gets its lock back
-    unchanged.
+    unchanged, unless it holds it shared and asks for it exclusive: each side holding it
+    upgrades it in place or refuses, as that store does alone (an upgrade is never undone).
     """
     key = request.key
     owner = (request.project.repo_full_name, request.pull.num)
     # Asked first, not told by timestamps: a store may stamp grants with its own clock.
     before = await weighed_holder(first, request, await first.get(key))
-    if before is not None and before.owned_by(*owner):
+    had_first = before is not None and before.owned_by(*owner)
+    if before is not None and had_first and not asks_upgrade(before, request):
         # The pull asks again for a key it holds: its lock, unchanged (Atlantis's rule), as it
         # was answered before: the new side's copy if it has one, else the old side's.
         mine = await second.get(key)
@@ -112,16 +121,23 @@ async def acquire_both(first: Locker, second: Locker, request: LockRequest) -> A
                                      else before, fresh=False)
     # Its lock on the new side alone (taken before the move began, or by another replica):
     # its lock too, answered without the old side, where a request waiting on the new side
-    # may hold the key for the time of its wait.
+    # may hold the key for the time of its wait. A shared hold asked for exclusive is not
+    # answered so: each side it is held on upgrades it, or refuses, as that store does alone.
     mine = await weighed_holder(second, request, await second.get(key))
-    if mine is not None and mine.owned_by(*owner):
+    had_second = mine is not None and mine.owned_by(*owner)
+    if mine is not None and had_second and not had_first and not asks_upgrade(mine, request):
         return AcquireResult.granted(mine, fresh=False)
+    if had_first and (foreign := mine if mine is not None and not had_second else None):
+        # An upgrade the second side would refuse is not made on the first: it cannot be
+        # undone there (its release would free the pull's shared hold).
+        return AcquireResult.refused(key, Reason.HELD, foreign)
     first_result = await first.acquire(request)
     if not first_result.acquired or first_result.lock is None:
         return first_result
     # Undoing a step frees only what it granted: a hold of the pull it answered (its other
-    # request took the key on that side since the look above) is not this request's to drop.
-    undo_first = first_result.fresh
+    # request took the key on that side since the look above) is not this request's to drop,
+    # nor is an upgrade of a hold it had (its release would free the pull's shared hold).
+    undo_first = first_result.fresh and not had_first
     try:
         await raise_counter(second, key, first_result.lock.fencing_token)
         second_result = await second.acquire(request)
@@ -136,9 +152,14 @@ async def acquire_both(first: Locker, second: Locker, request: LockRequest) -> A
     try:
         await raise_counter_after(first, second_result.lock)
     except asyncio.CancelledError:  # the caller went away: nobody will use either half
-        await asyncio.shield(_undo_both(first if undo_first else None,
-                                        second if second_result.fresh else None, key, owner))
+        await asyncio.shield(_undo_both(
+            first if undo_first else None,
+            second if second_result.fresh and not had_second else None, key, owner))
         raise
+    if (had_first or had_second) and second_result.fresh:
+        # An upgrade of a hold the pull had: not a grant of this call to give back (a batch
+        # refused later, a caller gone), whose release would free that hold.
+        return AcquireResult.granted(second_result.lock, fresh=False)
     return second_result
 
 

@@ -55,6 +55,7 @@ from enhanced_locking.migration import identity
 from enhanced_locking.migration.controller import MigrationController
 from enhanced_locking.migration.handover import (
     acquire_both,
+    asks_upgrade,
     backend_of,
     raise_counter,
     raise_counter_after,
@@ -510,12 +511,23 @@ class Router(AtlantisCalls):
                 pass
         owner = (request.project.repo_full_name, request.pull.num)
         unchecked = False
+        upgrade = False
         if other is not None:
             held, unchecked = await self._holder_on(other, request.key)
             held = await weighed_holder(other, request, held)
             if (foreign := _foreign(held, owner)) is not None:
                 return AcquireResult.refused(request.key, Reason.HELD, foreign)
-            if held is not None:  # its own lock, still on the old side: the same lock
+            if held is not None and asks_upgrade(held, request):
+                # Its own shared hold, still on the old side, asked for exclusive: that side
+                # upgrades it in place, or refuses or queues it (another pull took the key
+                # shared since the look), as it does alone; the routed side is looked at
+                # before (an upgrade is never undone) and after it.
+                there = await weighed_holder(
+                    primary, request, (await self._holder_on(primary, request.key))[0])
+                if (foreign := _foreign(there, owner)) is not None:
+                    return AcquireResult.refused(request.key, Reason.HELD, foreign)
+                primary, other, upgrade = other, primary, True
+            elif held is not None:  # its own lock, still on the old side: the same lock
                 return AcquireResult.granted(held, fresh=False)
         result = await primary.acquire(request)
         if result.acquired and other is not None:
@@ -527,7 +539,7 @@ class Router(AtlantisCalls):
                 held, missed = await self._holder_on(other, request.key)
             except (asyncio.CancelledError, LockUnreadable, StoreBusy):
                 # (an overloaded check is answered 503 overloaded: its grant is undone first)
-                if result.fresh and result.lock is not None:
+                if result.fresh and not upgrade and result.lock is not None:
                     await asyncio.shield(self._undo_grant(primary, result.lock, owner))
                 raise
             unchecked = unchecked or missed
@@ -537,13 +549,19 @@ class Router(AtlantisCalls):
                 # had before it (asked again), or that its other request was told it holds, is
                 # not this request's to drop (its pull would lose a lock it holds); both sides
                 # now hold the key for different pulls, which is reported.
+                # An upgrade is never undone: its release would free the pull's shared hold.
                 if result.lock is not None and not (
-                        result.fresh and await self._undo_grant(primary, result.lock, owner)):
+                        result.fresh and not upgrade
+                        and await self._undo_grant(primary, result.lock, owner)):
                     self._double_held(result.lock, foreign)
                 return AcquireResult.refused(request.key, Reason.HELD, foreign)
         if unchecked and result.acquired and result.lock is not None:
             self.metrics.fallback("unchecked")
             await self._journal_grant(result.lock)
+        if upgrade and result.fresh and result.lock is not None:
+            # Not a grant of this call to give back (a batch refused later, a caller gone):
+            # its release would free the hold the pull had before it.
+            return AcquireResult.granted(result.lock, fresh=False)
         return result
 
     async def _undo_grant(self, locker: Locker, lock: Lock, owner: Owner) -> bool:
