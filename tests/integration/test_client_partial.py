@@ -4,6 +4,9 @@ whole."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import pytest
 from tests.conftest import ServiceFactory
 from tests.support.redis_server import RedisServer
@@ -27,15 +30,13 @@ def _request(path: str) -> LockRequest:
     return LockRequest(project=Project(repo_full_name="acme/infra", path=path), pull=Pull(num=1))
 
 
-@pytest.mark.redis
-def test_unlock_pull_raises_naming_the_store_that_did_not_answer(
-    redis_server: RedisServer, service_process: ServiceFactory,
-) -> None:
-    """The service frees the pull's lock on legacy and answers 200 with ``unavailable``:
-    ``unlock_pull`` raises :class:`SidesUnanswered` (a ``BackendUnavailable``) carrying the
-    lock it freed and the store's name, not a list that reads as the pull freed; called again
-    once the store answers, it frees the rest and returns it."""
-    redis_server.restart(persistence="aof")  # the enhanced lock outlives the outage
+@contextlib.contextmanager
+def _a_lock_on_each_side(redis_server: RedisServer,
+                         service_process: ServiceFactory) -> Iterator[Client]:
+    """A client of a service on a real redis-server (AOF: the enhanced lock outlives the
+    outage) where pull #1 holds ``PROD`` on the enhanced store, then, with Redis stopped,
+    ``DEV`` on legacy."""
+    redis_server.restart(persistence="aof")
     url = service_process("--enhanced-locking-enabled", "--enhanced-locking-backend=redis",
                           f"--enhanced-locking-redis-addr={redis_server.addr}").url
     with Client(url) as client:
@@ -44,6 +45,18 @@ def test_unlock_pull_raises_naming_the_store_that_did_not_answer(
         redis_server.stop()
         dev = client.acquire(_request("envs/dev")).lock
         assert dev is not None and dev.backend == "legacy"
+        yield client
+
+
+@pytest.mark.redis
+def test_unlock_pull_raises_naming_the_store_that_did_not_answer(
+    redis_server: RedisServer, service_process: ServiceFactory,
+) -> None:
+    """The service frees the pull's lock on legacy and answers 200 with ``unavailable``:
+    ``unlock_pull`` raises :class:`SidesUnanswered` (a ``BackendUnavailable``) carrying the
+    lock it freed and the store's name, not a list that reads as the pull freed; called again
+    once the store answers, it frees the rest and returns it."""
+    with _a_lock_on_each_side(redis_server, service_process) as client:
 
         with pytest.raises(SidesUnanswered) as raised:
             client.unlock_pull("acme/infra", 1)
@@ -66,15 +79,7 @@ def test_list_raises_naming_the_store_that_did_not_answer(
     :class:`PartlyListed` (a ``BackendUnavailable``) carrying the locks read and the store's
     name, never a list that reads as everything held; ``listing`` returns that answer whole;
     once the store answers, ``list`` returns both locks."""
-    redis_server.restart(persistence="aof")  # the enhanced lock outlives the outage
-    url = service_process("--enhanced-locking-enabled", "--enhanced-locking-backend=redis",
-                          f"--enhanced-locking-redis-addr={redis_server.addr}").url
-    with Client(url) as client:
-        prod = client.acquire(_request("envs/prod")).lock
-        assert prod is not None and prod.backend == "enhanced"
-        redis_server.stop()
-        dev = client.acquire(_request("envs/dev")).lock
-        assert dev is not None and dev.backend == "legacy"
+    with _a_lock_on_each_side(redis_server, service_process) as client:
 
         with pytest.raises(PartlyListed) as raised:
             client.list(repo="acme/infra")
