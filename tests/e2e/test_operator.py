@@ -299,6 +299,27 @@ def test_a_restarted_operator_resumes_the_applied_config_and_keeps_every_held_lo
     settled(kube_cluster, operator, POLICIES, "default", 1)
 
 
+def _pull_12_holding_in_redis(cluster: KubeCluster, namespace: str,
+                              start_operator: StartOperator, server: RedisServer,
+                              key_path: str) -> OperatorProcess:
+    """An operator applying a policy on ``server`` (enhanced locking on, weight 100), where
+    pull #12 holds ``key_path`` in Redis."""
+    apply(cluster, namespace, policy(enabled=True, backend="redis", redis={"addr": server.addr}),
+          migration(weight=100))
+    operator = start_operator()
+    applied(operator, lambda c: c["config"]["enhanced-locking-backend"] == "redis", "redis")
+    held = acquire(operator, key_path, pull=12)
+    assert held.status_code == 200 and held.json()["lock"]["backend"] == "enhanced", held.text
+    return operator
+
+
+def _granting(cluster: KubeCluster, namespace: str) -> dict[str, Any] | None:
+    """The default LockPolicy's Granting condition, if it has one."""
+    body = cr(cluster, POLICIES, "default", namespace) or {}
+    return next((c for c in (body.get("status") or {}).get("conditions") or []
+                 if c["type"] == "Granting"), None)
+
+
 def test_a_restarted_operator_grants_nothing_until_it_can_apply_its_policy(
     kube_cluster: KubeCluster, kube_namespace: str, start_operator: StartOperator,
     redis_servers: Callable[..., RedisServer],
@@ -309,13 +330,8 @@ def test_a_restarted_operator_grants_nothing_until_it_can_apply_its_policy(
     the policy is applied, the policy's status says why, and the policy is applied again soon
     after Redis answers. Before, pull #13 was granted the key on legacy."""
     server = redis_servers(persistence="aof")
-    apply(kube_cluster, kube_namespace,
-          policy(enabled=True, backend="redis", redis={"addr": server.addr}),
-          migration(weight=100))
-    operator = start_operator()
-    applied(operator, lambda c: c["config"]["enhanced-locking-backend"] == "redis", "redis")
-    held = acquire(operator, "window/a", pull=12)
-    assert held.status_code == 200 and held.json()["lock"]["backend"] == "enhanced", held.text
+    operator = _pull_12_holding_in_redis(kube_cluster, kube_namespace, start_operator, server,
+                                         "window/a")
 
     operator.stop()
     server.stop()
@@ -328,9 +344,7 @@ def test_a_restarted_operator_grants_nothing_until_it_can_apply_its_policy(
     assert httpx.get(operator.url + "/readyz", timeout=10).status_code == 503
 
     def granting() -> dict[str, Any] | None:
-        body = cr(kube_cluster, POLICIES, "default", kube_namespace) or {}
-        return next((c for c in (body.get("status") or {}).get("conditions") or []
-                     if c["type"] == "Granting"), None)
+        return _granting(kube_cluster, kube_namespace)
 
     condition = wait_for("the Granting condition", granting, details=operator.output)
     assert (condition["status"], condition["reason"]) == ("False", "PolicyNotApplied")
@@ -352,13 +366,8 @@ def test_a_switched_off_store_that_does_not_answer_is_looked_at_again(
     Redis cannot be made, so nothing is granted meanwhile and the policy's Granting condition
     says why; once Redis answers, the look is made again and pull #12's hold is honoured."""
     server = redis_servers(persistence="aof")
-    apply(kube_cluster, kube_namespace,
-          policy(enabled=True, backend="redis", redis={"addr": server.addr}),
-          migration(weight=100))
-    operator = start_operator()
-    applied(operator, lambda c: c["config"]["enhanced-locking-backend"] == "redis", "redis")
-    held = acquire(operator, "unread/a", pull=12)
-    assert held.status_code == 200 and held.json()["lock"]["backend"] == "enhanced", held.text
+    operator = _pull_12_holding_in_redis(kube_cluster, kube_namespace, start_operator, server,
+                                         "unread/a")
     generation = patch(kube_cluster, kube_namespace, POLICIES, "default", {"enabled": False})
     settled(kube_cluster, operator, POLICIES, "default", generation)
 
@@ -371,9 +380,7 @@ def test_a_switched_off_store_that_does_not_answer_is_looked_at_again(
     assert refused.json()["reason"] == "unavailable"
 
     def granting() -> dict[str, Any] | None:
-        body = cr(kube_cluster, POLICIES, "default", kube_namespace) or {}
-        return next((c for c in (body.get("status") or {}).get("conditions") or []
-                     if c["type"] == "Granting"), None)
+        return _granting(kube_cluster, kube_namespace)
 
     condition = wait_for("the Granting condition", granting, details=operator.output)
     assert (condition["status"], condition["reason"]) == ("False", "EnhancedStoreUnread")
