@@ -1,0 +1,76 @@
+"""An upgrade of a pull's own shared lock to exclusive is never given back as a new grant.
+
+A pull holding a key shared that asks for it exclusive, alone on the key, is upgraded by the
+store in place (a new fencing token). Whatever gives back a grant its caller never read (a
+client gone before the answer, a batch refused at a later key) frees only what the store
+marked as new: the pull's own answer (``fresh``) and a batch's ``kept`` keys say which. An
+upgrade marked as new is given back by its token, which frees the pull's whole hold of the
+key, not only the upgrade, while the pull believes it still holds its shared lock. Each test
+runs against every store with queues (memory, the embedded file, Redis, Redis Cluster, etcd).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+from tests.support.locks import request_for
+from tests.support.queues import LockerRig
+
+from enhanced_locking.locking.base import give_back_grant
+from enhanced_locking.types import BatchItem, BatchLockRequest, LockRequest, Reason
+
+OWNER = ("acme/infra", 1)
+GAP = pytest.mark.xfail(strict=True, reason=(
+    "every store marks an upgrade of the pull's own shared lock to exclusive as a new grant "
+    "(fresh, not among a batch's kept keys): a give-back of it frees the pull's whole hold"))
+
+
+def ask(pull: int, *, path: str = "envs/prod", mode: str = "exclusive") -> LockRequest:
+    return request_for(pull=pull, path=path).model_copy(update={"mode": mode})
+
+
+@GAP
+async def test_a_gone_clients_upgrade_given_back_leaves_the_pull_holding_the_key(
+        rigs: Callable[..., LockerRig]) -> None:
+    """Pull 1 holds the key shared and asks for it exclusive; its client leaves before the
+    answer, and the service gives back what the answer says this call granted (as the API
+    does). The pull still holds the key afterwards: another pull is refused it shared."""
+    rig = rigs()
+    shared = await rig.locker.acquire(ask(1, mode="shared"))
+    assert shared.acquired and shared.lock is not None
+    upgraded = await rig.locker.acquire(ask(1))
+    assert upgraded.acquired and upgraded.lock is not None
+    assert upgraded.lock.mode == "exclusive"
+    if upgraded.fresh:  # what the API gives back for a client gone before the answer
+        await give_back_grant(rig.locker, upgraded.lock, OWNER)
+    held = await rig.locker.holders(upgraded.lock.key)
+    assert [lock.pull.num for lock in held] == [1], "the give-back freed the pull's hold"
+    beside = await rig.locker.acquire(ask(2, mode="shared"))
+    assert not beside.acquired and beside.reason is Reason.HELD, beside
+
+
+@GAP
+async def test_a_batch_given_back_after_an_upgrade_leaves_the_pull_holding_that_key(
+        rigs: Callable[..., LockerRig]) -> None:
+    """Pull 1 holds ``a`` shared; its batch of ``a`` and ``b``, exclusive, is granted (``a``
+    upgraded in place), then given back as the router gives back a batch refused at a later
+    key: every lock not in the batch's ``kept`` keys (the look before the grant saw the pull
+    hold ``a``). The pull still holds ``a``: another pull is refused it shared."""
+    rig = rigs()
+    items = [BatchItem(project=request_for(path=p).project) for p in ("envs/a", "envs/b")]
+    batch = BatchLockRequest(locks=items, pull=request_for(pull=1).pull)
+    a, b = batch.keys
+    assert (await rig.locker.acquire(ask(1, path="envs/a", mode="shared"))).acquired
+    granted = await rig.locker.acquire_batch(batch)
+    assert granted.acquired, granted
+    assert {lock.key: lock.mode for lock in granted.locks} == {a: "exclusive", b: "exclusive"}
+    kept = granted.kept_or(frozenset({a}))
+    for lock in granted.locks:
+        if lock.key not in kept:
+            await give_back_grant(rig.locker, lock, OWNER)
+    assert await rig.locker.get(b) is None
+    held = await rig.locker.holders(a)
+    assert [lock.pull.num for lock in held] == [1], "the give-back freed the pull's hold of a"
+    beside = await rig.locker.acquire(ask(2, path="envs/a", mode="shared"))
+    assert not beside.acquired and beside.reason is Reason.HELD, beside
