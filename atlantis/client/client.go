@@ -14,7 +14,10 @@
 // others (a release that names no pull, force-unlock, cancel, releasing a pull's locks) are
 // sent once, because a repeat could free a lock that someone else took in between, or lose
 // the list of what was released; they are sent again only when no connection could be made
-// (nothing reached the service: an endpoint gone during a restart or a rollout).
+// (nothing reached the service: an endpoint gone during a restart or a rollout). A connection
+// refused, reset while being made or not answered in time (what a restart causes) is sent
+// again for as long as the call's deadline allows, not a count of attempts; a host name that
+// does not resolve is not (no restart mends it).
 //
 // A retry waits at least the answer's Retry-After (the overload 503 says 1s), and is not
 // made when that wait would outrun the context's deadline: the call then answers the
@@ -44,6 +47,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -151,7 +155,8 @@ func (c *Client) bearer() string {
 }
 
 // WithRetries sets how many attempts a call that is safe to repeat gets (1: no retry), and
-// the first delay between them (doubled each time, with jitter, up to 2s; below 0: none).
+// the first delay between them (doubled each time, with jitter, up to 2s; below 0: none). A
+// connection a restart refuses is tried again for the call's time instead (see restarting).
 func WithRetries(attempts int, backoff time.Duration) Option {
 	return func(c *Client) {
 		c.attempts, c.backoff = max(attempts, 1), max(backoff, 0)
@@ -331,9 +336,19 @@ func (c *Client) do(ctx context.Context, k call) (answer, error) {
 		} else {
 			last = &UnavailableError{Op: k.op, Key: k.key, Status: got.status, Message: errorMessage(got.body)}
 		}
-		if attempt >= c.attempts || ctx.Err() != nil || !mayRepeat(k, got, err) ||
+		// A connection a restart refused is tried again for as long as the call's time allows
+		// (the pauses below stop at its deadline), not a count: a restart or a rollout closes
+		// the service's port for seconds. Without a deadline the count bounds it too.
+		_, timed := ctx.Deadline()
+		windowed := timed && err != nil && restarting(err)
+		if (attempt >= c.attempts && !windowed) || ctx.Err() != nil || !mayRepeat(k, got, err) ||
 			errors.Is(err, errOtherOrigin) { // the same redirect again: no retry cures it
 			return answer{}, last
+		}
+		if windowed {
+			// Tried for a time, not a count: never without a pause (WithRetries(n, 0) would
+			// dial a closed port in a tight loop until the deadline).
+			delay = max(delay, restartBackoff)
 		}
 		// Full jitter: a random delay up to the current bound, so clients spread out; never
 		// sooner than the answer's Retry-After (the service's overload 503 says 1s).
@@ -408,6 +423,24 @@ func unsent(got answer, err error) bool {
 func notConnected(err error) bool {
 	var op *net.OpError
 	return errors.As(err, &op) && op.Op == "dial"
+}
+
+// restartBackoff is the least first bound of the pauses between attempts whose connection a
+// restart refused.
+const restartBackoff = 100 * time.Millisecond
+
+// restarting reports whether err is a connection that could not be made as a restart or a
+// rollout of the service makes it fail: its port refuses or resets the connection being made,
+// or the connect gets no answer in time. Not a host name that does not resolve, which no
+// restart mends (nor a TLS handshake refused, which is no dial failure: it is never retried).
+func restarting(err error) bool {
+	var dns *net.DNSError
+	if !notConnected(err) || errors.As(err, &dns) {
+		return false
+	}
+	var op *net.OpError
+	errors.As(err, &op)
+	return errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.ECONNRESET) || op.Timeout()
 }
 
 // reasonOverloaded is the reason of the service's 503 sent before any work (its limit of

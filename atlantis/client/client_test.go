@@ -388,8 +388,9 @@ func TestEventsStreamAndResumeAfterTheLastEvent(t *testing.T) {
 
 func TestAnUnreachableServiceIsUnavailableAfterRetriesAndNeverShowsTheToken(t *testing.T) {
 	port := servicetest.FreePort(t) // nothing listens there
+	// A refused connection is tried again for the call's time (here 1s), not three times.
 	c, err := client.New("http://127.0.0.1:"+itoa(port), client.WithToken("s3cret-token"),
-		client.WithRetries(3, 50*time.Millisecond))
+		client.WithRetries(3, 50*time.Millisecond), client.WithCallTimeout(time.Second))
 	must(t, err)
 	started := time.Now()
 	_, err = c.List(context.Background(), client.ListFilter{})
@@ -401,7 +402,7 @@ func TestAnUnreachableServiceIsUnavailableAfterRetriesAndNeverShowsTheToken(t *t
 		t.Fatalf("the token leaked into an error: %v", err)
 	}
 	if elapsed := time.Since(started); elapsed > 5*time.Second {
-		t.Fatalf("three attempts with a 50ms backoff took %v", elapsed)
+		t.Fatalf("tries within a call's 1s with a 50ms backoff took %v", elapsed)
 	}
 	// A release that names no pull is sent again only because no connection could be made;
 	// with none made at all, it still fails closed.
@@ -932,5 +933,67 @@ func TestACallSentOnceIsSentAgainWhenNoConnectionCouldBeMade(t *testing.T) {
 	}
 	if locks, err := owner.List(ctx, client.ListFilter{}); err != nil || len(locks) != 0 {
 		t.Fatalf("every lock should be free, got %+v, %v", locks, err)
+	}
+}
+
+func TestACallMadeWhileTheServiceRestartsWaitsForItsPort(t *testing.T) {
+	// A restart closes the service's port for longer than three quick attempts (~0.3s): a
+	// refused connection reached nothing, so the call is sent again within its own time
+	// until the service is back on the same port.
+	svc := servicetest.Serve(t)
+	c, err := client.New(svc.URL, client.WithCallTimeout(60*time.Second))
+	must(t, err)
+	svc.Kill()
+	type result struct {
+		lock *client.Lock
+		err  error
+	}
+	done := make(chan result, 1)
+	go func() {
+		lock, err := c.Acquire(context.Background(), request("acme/infra", "envs/a", 12))
+		done <- result{lock, err}
+	}()
+	svc.Restart(t) // seconds: a process started and its store opened
+	r := <-done
+	if r.err != nil || r.lock == nil || r.lock.Pull.Num != 12 {
+		t.Fatalf("the acquire made during the restart should lock once the service is back, got %+v", r)
+	}
+}
+
+func TestAHostNameThatDoesNotResolveIsNotTriedForTheCallsTime(t *testing.T) {
+	// No restart mends a name that does not resolve (.invalid never does, RFC 6761): it is
+	// not retried for the call's time, only by the count (here none).
+	c, err := client.New("http://enhanced-locking.invalid:4142", client.WithRetries(1, 0),
+		client.WithCallTimeout(time.Hour))
+	must(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	_, err = c.List(ctx, client.ListFilter{})
+	var dns *net.DNSError
+	if !client.IsUnavailable(err) || !errors.As(err, &dns) || ctx.Err() != nil {
+		t.Fatalf("List should answer the resolver's error, not wait out its time: %v (context: %v)", err, ctx.Err())
+	}
+}
+
+func TestARefusedConnectionIsTriedAgainWithPausesEvenWithoutABackoff(t *testing.T) {
+	// WithRetries(n, 0) sets no pause between counted attempts; tried for the call's time, a
+	// refused connection still gets pauses, not a loop of dials until the deadline.
+	gone := "127.0.0.1:" + itoa(servicetest.FreePort(t)) // nothing listens there
+	var dials atomic.Int32
+	var dialer net.Dialer
+	transport := &http.Transport{DisableKeepAlives: true,
+		DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
+			dials.Add(1)
+			return dialer.DialContext(ctx, network, gone)
+		}}
+	t.Cleanup(transport.CloseIdleConnections)
+	c, err := client.New("http://"+gone, client.WithHTTPClient(&http.Client{Transport: transport}),
+		client.WithRetries(1, 0), client.WithCallTimeout(time.Second))
+	must(t, err)
+	if _, err := c.List(context.Background(), client.ListFilter{}); !client.IsUnavailable(err) {
+		t.Fatalf("List should be unavailable, got %v", err)
+	}
+	if n := dials.Load(); n < 2 || n > 100 {
+		t.Fatalf("want a refused connection tried again with pauses within the call's 1s, got %d dials", n)
 	}
 }
