@@ -979,9 +979,13 @@ func (c *Client) Ready(ctx context.Context) error {
 		ctx, cancel = context.WithTimeout(ctx, c.callTimeout)
 		defer cancel()
 	}
+	var bound time.Duration // its time, for the error that says it ran out
+	if deadline, ok := ctx.Deadline(); ok {
+		bound = time.Until(deadline)
+	}
 	got, err := c.send(ctx, k, nil)
 	if err != nil {
-		return &UnavailableError{Op: k.op, Err: err}
+		return unanswered(k, err, bound)
 	}
 	if got.status != http.StatusOK {
 		if got.status == http.StatusServiceUnavailable {

@@ -472,7 +472,11 @@ func (b *Database) CheckCommandLock(cmdName command.Name) (*command.Lock, error)
 // as Atlantis's /readyz says of a database it cannot use. A token the service knows but whose
 // role may not lock is not seen here (only a lock call says that).
 func (b *Database) Ping() error {
-	ctx, cancel := b.ctx(0)
+	window := PingWindow
+	if b.timeout > 0 && b.timeout < window {
+		window = b.timeout
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), window)
 	defer cancel()
 	var unavailable *client.UnavailableError
 	if err := b.service.Ready(ctx); err != nil && !(errors.As(err, &unavailable) &&
@@ -485,6 +489,12 @@ func (b *Database) Ping() error {
 	}
 	return b.wrapped.Ping()
 }
+
+// PingWindow bounds Ping, which Atlantis serves as its /readyz: a probe is answered within it
+// (the lock calls, bounded by WithTimeout, wait out a restarting service for longer). A
+// service restart shorter than it leaves Atlantis ready; a service gone makes it not ready
+// within it, not after the 30s of a lock call, and probes do not pile up meanwhile.
+const PingWindow = 3 * time.Second
 
 // Close closes the wrapped database (the service keeps running).
 func (b *Database) Close() error { return b.wrapped.Close() }

@@ -983,6 +983,48 @@ func TestUnlockByPullDropsThePullsWaitingTryLock(t *testing.T) {
 	})
 }
 
+func TestPingAnswersWithinItsWindowWhenTheServiceDoesNot(t *testing.T) {
+	// Atlantis serves Ping as its /readyz. A service that takes the connection and sends
+	// nothing back (hung, or a proxy in front of a dead one) makes Ping fail once its window
+	// ran out, not after the 30s a lock call gives a restarting service: the error names the
+	// window.
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	must(t, err)
+	defer l.Close() //nolint:errcheck
+	var held []net.Conn
+	var mu sync.Mutex
+	go func() {
+		for {
+			conn, err := l.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			held = append(held, conn)
+			mu.Unlock()
+		}
+	}()
+	defer func() {
+		mu.Lock()
+		defer mu.Unlock()
+		for _, conn := range held {
+			conn.Close() //nolint:errcheck
+		}
+	}()
+	wrapped, err := boltdb.New(t.TempDir())
+	must(t, err)
+	database, err := lockdb.New("http://"+l.Addr().String(), wrapped) // the default 30s
+	must(t, err)
+	defer database.Close() //nolint:errcheck
+	err = database.Ping()
+	if !client.IsUnavailable(err) || !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Ping of a service that sends nothing back must fail unavailable, got %v", err)
+	}
+	if want := fmt.Sprintf("did not answer within %s", lockdb.PingWindow); !strings.Contains(err.Error(), want) {
+		t.Fatalf("the error should say %q, got %q", want, err)
+	}
+}
+
 func TestPingChecksTheWrappedDatabaseToo(t *testing.T) {
 	database := open(t, servicetest.Serve(t))
 	must(t, database.Ping())
