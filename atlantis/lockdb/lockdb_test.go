@@ -764,13 +764,12 @@ func TestAPullsReleaseTheEnhancedStoreDidNotAnswerIsAnError(t *testing.T) {
 	}
 }
 
-func TestWithTimeoutIsTheBoundOfEachCallOverTheClientsOwn(t *testing.T) {
-	// A service that takes calls and never answers. The client's own call bound, lowered
-	// here to 300ms so as not to wait out its 30s default, must not cut WithTimeout short:
-	// WithTimeout(45s) gave up after the default's 30s.
+// silentService is the URL of a service that takes connections and never answers (hung, or a
+// proxy in front of a dead one); it and its connections are closed when the test ends.
+func silentService(t *testing.T) string {
+	t.Helper()
 	l, err := net.Listen("tcp", servicetest.Loopback+":0")
 	must(t, err)
-	defer l.Close() //nolint:errcheck
 	var held []net.Conn
 	var mu sync.Mutex
 	go func() {
@@ -784,16 +783,25 @@ func TestWithTimeoutIsTheBoundOfEachCallOverTheClientsOwn(t *testing.T) {
 			mu.Unlock()
 		}
 	}()
-	defer func() {
+	t.Cleanup(func() {
+		l.Close() //nolint:errcheck
 		mu.Lock()
 		defer mu.Unlock()
 		for _, conn := range held {
 			conn.Close() //nolint:errcheck
 		}
-	}()
+	})
+	return "http://" + l.Addr().String()
+}
+
+func TestWithTimeoutIsTheBoundOfEachCallOverTheClientsOwn(t *testing.T) {
+	// A service that takes calls and never answers. The client's own call bound, lowered
+	// here to 300ms so as not to wait out its 30s default, must not cut WithTimeout short:
+	// WithTimeout(45s) gave up after the default's 30s.
+	url := silentService(t)
 	wrapped, err := boltdb.New(t.TempDir())
 	must(t, err)
-	database, err := lockdb.New("http://"+l.Addr().String(), wrapped, lockdb.WithTimeout(2*time.Second),
+	database, err := lockdb.New(url, wrapped, lockdb.WithTimeout(2*time.Second),
 		lockdb.WithClientOptions(client.WithCallTimeout(300*time.Millisecond), client.WithRetries(1, 0)))
 	must(t, err)
 	defer database.Close() //nolint:errcheck
@@ -988,32 +996,10 @@ func TestPingAnswersWithinItsWindowWhenTheServiceDoesNot(t *testing.T) {
 	// nothing back (hung, or a proxy in front of a dead one) makes Ping fail once its window
 	// ran out, not after the 30s a lock call gives a restarting service: the error names the
 	// window.
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	must(t, err)
-	defer l.Close() //nolint:errcheck
-	var held []net.Conn
-	var mu sync.Mutex
-	go func() {
-		for {
-			conn, err := l.Accept()
-			if err != nil {
-				return
-			}
-			mu.Lock()
-			held = append(held, conn)
-			mu.Unlock()
-		}
-	}()
-	defer func() {
-		mu.Lock()
-		defer mu.Unlock()
-		for _, conn := range held {
-			conn.Close() //nolint:errcheck
-		}
-	}()
+	url := silentService(t)
 	wrapped, err := boltdb.New(t.TempDir())
 	must(t, err)
-	database, err := lockdb.New("http://"+l.Addr().String(), wrapped) // the default 30s
+	database, err := lockdb.New(url, wrapped) // the default 30s
 	must(t, err)
 	defer database.Close() //nolint:errcheck
 	err = database.Ping()

@@ -149,13 +149,11 @@ class Client:
                 return self._http.request(method, path, **kwargs)
             except (httpx.ConnectError, httpx.ConnectTimeout) as error:
                 if not _restarting(error) or (pause := retry.pause()) is None:
-                    raise ServiceError(0, f"cannot reach the lock service at "
-                                          f"{shown_url(self._http.base_url)}: {error}") from None
+                    raise _unreached(self._http.base_url, error) from None
             except httpx.ReadTimeout as error:
                 raise ServiceError(0, _no_answer(self._http.base_url, error)) from None
             except httpx.HTTPError as error:
-                raise ServiceError(0, f"cannot reach the lock service at "
-                                      f"{shown_url(self._http.base_url)}: {error}") from None
+                raise _unreached(self._http.base_url, error) from None
             time.sleep(pause)
 
     def _default_wait(self, request: LockRequest | BatchLockRequest) -> float | None:
@@ -376,13 +374,11 @@ class AsyncClient:
                 return await self._http.request(method, path, **kwargs)
             except (httpx.ConnectError, httpx.ConnectTimeout) as error:
                 if not _restarting(error) or (pause := retry.pause()) is None:
-                    raise ServiceError(0, f"cannot reach the lock service at "
-                                          f"{shown_url(self._http.base_url)}: {error}") from None
+                    raise _unreached(self._http.base_url, error) from None
             except httpx.ReadTimeout as error:
                 raise ServiceError(0, _no_answer(self._http.base_url, error)) from None
             except httpx.HTTPError as error:
-                raise ServiceError(0, f"cannot reach the lock service at "
-                                      f"{shown_url(self._http.base_url)}: {error}") from None
+                raise _unreached(self._http.base_url, error) from None
             await asyncio.sleep(pause)
 
     async def acquire(self, request: LockRequest) -> AcquireResult:
@@ -555,6 +551,11 @@ def _read_timeout(request: LockRequest | BatchLockRequest,
     else:
         seconds = wait.total_seconds() if isinstance(wait, timedelta) else 0.0
     return httpx.Timeout(10.0, read=seconds + WAIT_MARGIN)
+
+
+def _unreached(base_url: httpx.URL, error: httpx.HTTPError) -> ServiceError:
+    """The error of a call that reached no service (no connection, or one lost), no status."""
+    return ServiceError(0, f"cannot reach the lock service at {shown_url(base_url)}: {error}")
 
 
 def _no_answer(base_url: httpx.URL, error: httpx.ReadTimeout) -> str:
