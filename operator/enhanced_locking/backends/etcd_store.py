@@ -1611,8 +1611,8 @@ class EtcdBackend(StoreBackend):
                 finally:
                     _CURRENT.reset(token)
                 try:
-                    revision, fresh = await self._commit(client, txn, key=key,
-                                                         verified=verified)
+                    revision, fresh, gone = await self._commit_answered(client, txn, key=key,
+                                                                        verified=verified)
                 except _Refused:
                     raise  # refused for good: running the step again changes nothing
                 except BackendUnavailable:
@@ -1625,7 +1625,9 @@ class EtcdBackend(StoreBackend):
                     if loop.time() > give_up:
                         raise
                     await asyncio.sleep(0.1)
-                    revision, fresh = None, None
+                    revision, fresh, gone = None, None, False
+                if gone and revision is None:
+                    raise asyncio.CancelledError  # not written: nothing of it to undo
                 if revision is None:
                     if verified:
                         self.conflicts += 1
@@ -1643,8 +1645,13 @@ class EtcdBackend(StoreBackend):
                     self._known.learn(txn.reads, txn.writes, revision)
                 if (lost is not None and not txn.writes
                         and (landed := _landed(lost[0], txn.reads)) is not None):
-                    return self._answer_landed(lost, landed)
+                    answer = self._answer_landed(lost, landed)
+                    if gone:
+                        raise asyncio.CancelledError
+                    return answer
                 self._after_commit(txn, revision)
+                if gone:  # written, and told (its notices): the caller's clean-up undoes it
+                    raise asyncio.CancelledError
                 if not (txn.stamped or txn.records):
                     return result  # no token nor waiter to resolve: nothing was granted/queued
                 resolved: T = _resolve(result, revision)
@@ -1654,6 +1661,36 @@ class EtcdBackend(StoreBackend):
                 key=key)
         finally:
             self.in_flight -= 1
+
+    async def _commit_answered(self, client: etcd3aio.Etcd3Client, txn: _Txn, *,
+                               key: str | None, verified: bool,
+                               ) -> tuple[int | None, _Reads | None, bool]:
+        """``_commit``, awaited to etcd's answer though the step's caller goes away meanwhile
+        (its task cancelled: ``True`` last, and the step then raises ``CancelledError``).
+
+        etcd may still apply a write whose call was cancelled once sent, and apply it after
+        the steps that came behind it in the key's line: the caller's own clean-up (a cancel
+        of its waiter, a release of what it may hold) found nothing to undo, and the waiter
+        the write queued, or the lock it took, stayed for a caller that was gone (a lock
+        without a TTL held for good, and every waiter of its key never told). So the step,
+        and its turn of the line, end only once etcd has answered, bounded by the call's own
+        deadline."""
+        committing = asyncio.ensure_future(self._commit(client, txn, key=key,
+                                                        verified=verified))
+        gone = False
+        while True:
+            try:
+                revision, fresh = await asyncio.shield(committing)
+            except asyncio.CancelledError:
+                if committing.cancelled():
+                    raise
+                gone = True
+                continue
+            except BaseException:
+                if gone:
+                    raise asyncio.CancelledError from None  # (its answer lost: as before)
+                raise
+            return revision, fresh, gone
 
     def _answer_landed(self, lost: tuple[_Txn, T], revision: int) -> T:
         """The answer of a run whose commit etcd applied at ``revision`` (0: it only deleted)
