@@ -825,8 +825,7 @@ class CycleOwner(_Model):
 GRANT_HEADER = "Lock-Grant"
 """The header of an acquire's 200 that says whether the call granted the lock (``new``: its
 lease, if it has one, starts now) or answered the lock its pull already held (``again``:
-unchanged, lease and all, or its shared hold upgraded to exclusive in place, which is never
-given back as a grant). A client that renews a held lock's lease renews only the latter."""
+unchanged, lease and all). A client that renews a held lock's lease renews only the latter."""
 NEW_GRANT, GRANT_AGAIN = "new", "again"
 
 

@@ -177,8 +177,7 @@ def create_app(
     @app.post("/v1/locks", response_model=AcquireResult, response_model_by_alias=True,
               responses={200: {"headers": {types.GRANT_HEADER: {
                   "description": "new: this call granted the lock (a lease starts now); "
-                                 "again: its pull held it already (unchanged, lease and all, or "
-                                 "its shared hold upgraded to exclusive in place).",
+                                 "again: its pull held it already (unchanged, lease and all).",
                   "schema": {"type": "string", "enum": [types.NEW_GRANT, types.GRANT_AGAIN]}}}},
                   409: {"model": AcquireResult}, **WHO})
     async def acquire(request: LockRequest, http: Request, caller: CallerDep) -> JSONResponse:

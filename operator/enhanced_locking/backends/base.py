@@ -663,9 +663,7 @@ class StoreBackend(abc.ABC):
             return mine[0], False
         for lock in mine:
             self._drop(lock)
-        # An upgrade is answered as a lock its pull held already: never given back as this
-        # call's grant (its release would free the pull's hold, shared lock and all).
-        return self._stamp(template, now, ttl), not mine
+        return self._stamp(template, now, ttl), True
 
     def _expire_lapsed(self, key: str, now: datetime, fx: _Effects) -> None:
         holder = self._load(key)

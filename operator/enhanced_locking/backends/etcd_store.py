@@ -2106,10 +2106,7 @@ class EtcdBackend(StoreBackend):
             if found and {lock.key for lock in found} == set(waiter.keys):
                 if not read_kept:
                     kept = await self._kept_at_grant(waiter_id, waiter.keys)
-                # Fresh as the grant's own notice was: not when its pull held every key
-                # already (an upgrade of its shared hold is one), whose give-back frees it.
-                fresh = kept is None or not set(waiter.keys) <= kept
-                notice = Notice(locks=tuple(found), fresh=fresh, caller=waiter.caller, kept=kept)
+                notice = Notice(locks=tuple(found), fresh=True, caller=waiter.caller, kept=kept)
         self._notifier.deliver(waiter_id, notice)
 
     async def _kept_at_grant(self, waiter_id: str, keys: tuple[str, ...]) -> frozenset[str] | None:

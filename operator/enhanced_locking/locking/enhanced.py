@@ -450,9 +450,6 @@ class EnhancedLocker(AtlantisCalls):
                         self.events.publish("acquired", lock=lock, key=key)
                     if expires_at is not None:
                         self.leases.arm(key, expires_at)
-            else:  # held already; an upgrade of its pull's shared hold is too, with a new lease
-                for lock in locks:
-                    self.leases.arm(lock.key, lock.expires_at)
             return answers.granted(locks, fresh=outcome.fresh, kept=outcome.kept)
         key = outcome.key or first
         if outcome.holder is not None:

@@ -1243,9 +1243,7 @@ local function take(k, data, repo, pull, ttl, claim, mode, path, ws)
   local lock = stamp(k, data, repo, pull, ttl, claim, mode, path, ws, fence_name(k),
                      mode ~= 'shared' and lock_name(k), pull_index(repo, pull))
   if not lock then error('the fencing counter of ' .. k .. ' failed after its check', 0) end
-  -- An upgrade is answered as a lock its pull held already: never given back as this
-  -- call's grant (its release would free the pull's hold, shared lock and all).
-  return lock, not mine
+  return lock, true
 end
 
 -- A key whose fencing counter cannot serve a grant is set aside: when nobody holds it, a mark
