@@ -737,6 +737,14 @@ def _version() -> str:
         return "unknown"
 
 
+# What the lock commands' exit codes mean, in their help (the module's docstring says it for all).
+_LOCK_EXIT_CODES = (
+    "Exit codes: 0 done; 1 refused (held, not found, not owned); 2 invalid usage or URL; 3 the "
+    "service could not be reached or could not serve the call now, or unlock-pull left a "
+    "store's locks held because the store did not answer (the answer lists what it freed; run "
+    "it again once the store answers).")
+
+
 def _parser(*, complete: bool = True) -> _Parser:
     """The command's parser; with ``complete=False`` each subcommand's settings flags are added
     only when that subcommand is run (or its help shown), as :func:`main` runs it."""
@@ -804,6 +812,7 @@ def _parser(*, complete: bool = True) -> _Parser:
         "lock", help="acquire, release and list locks (talks to a running service)",
         description="Talk to a running lock service. Every answer is JSON on stdout; a "
                     "refusal adds one line on stderr and exits 1.",
+        epilog=_LOCK_EXIT_CODES,
     )
     add_client_options(lock)
     lock_sub = lock.add_subparsers(dest="lock_command", required=True, parser_class=_Parser,
@@ -860,7 +869,8 @@ def _parser(*, complete: bool = True) -> _Parser:
     listing.add_argument("--pull", type=int, default=None, help="only locks of this pull")
     listing.set_defaults(func=with_client(_list))
 
-    unlock = lock_sub.add_parser("unlock-pull", help="release every lock of a pull request")
+    unlock = lock_sub.add_parser("unlock-pull", help="release every lock of a pull request",
+                                 epilog=_LOCK_EXIT_CODES)
     unlock.add_argument("--repo", required=True, help="repository, owner/name")
     unlock.add_argument("--pull", type=int, required=True, help="pull request number")
     unlock.set_defaults(func=with_client(_unlock_pull))

@@ -354,3 +354,14 @@ def test_a_bare_wait_is_bounded_by_the_services_default_timeout_and_a_margin(
     assert raised.value.status == 0
     assert "did not answer within 3s" in str(raised.value), raised.value
     assert waited >= 3
+
+
+@pytest.mark.parametrize("command", [["lock"], ["lock", "unlock-pull"]])
+def test_the_lock_commands_help_names_their_exit_codes(command: list[str]) -> None:
+    result = run(*command, "--help")
+    assert result.returncode == 0
+    codes = result.stdout.partition("Exit codes:")[2]
+    assert codes, "the help names the exit codes"
+    for code in ("0 done", "1 refused", "2 invalid usage", "3 the service could not be reached",
+                 "unlock-pull left a store's locks held"):
+        assert code in " ".join(codes.split())
