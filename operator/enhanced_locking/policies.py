@@ -105,6 +105,13 @@ def _cel(rule: str, message: str, field_path: str | None = None) -> Any:
     return extra
 
 
+def _moment(schema: dict[str, Any]) -> None:
+    """A freeze's ``from`` and ``until`` in the CRD schema: the API server's date-time takes the
+    year 0000, which names no time the service can hold."""
+    schema["maxLength"] = 64
+    _cel("self >= timestamp('0001-01-01T00:00:00Z')", "the year must be 0001 or later")(schema)
+
+
 class KeyPattern(_Rule):
     """Which lock keys a rule covers; every selector given must match (at least one).
 
@@ -159,10 +166,10 @@ class Freeze(_Rule):
     # with the clock, it failed every grant step with a TypeError).
     from_: AwareDatetime | None = Field(
         None, alias="from", description="When it starts (RFC 3339; none: now).",
-        json_schema_extra={"maxLength": 64})
+        json_schema_extra=_moment)
     until: AwareDatetime | None = Field(
         None, description="When it ends (RFC 3339; none: when the rule is removed).",
-        json_schema_extra={"maxLength": 64})
+        json_schema_extra=_moment)
     action: Literal["refuse", "wait"] = Field(
         "refuse", description="refuse: answer frozen with the message; wait: queue until the "
         "freeze ends.")
