@@ -99,6 +99,10 @@ def test_every_series_the_alerts_query_is_exported() -> None:
         "enhanced_locking_fallbacks",
         "enhanced_locking_deadlocks",
         "enhanced_locking_config_generation",
+        "enhanced_locking_store_up",
+        "enhanced_locking_store_granting",
+        "enhanced_locking_requests_shed",
+        "enhanced_locking_requests_pool_busy",
     ],
 )
 def test_the_dashboard_shows(family: str) -> None:
