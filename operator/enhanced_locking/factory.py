@@ -245,7 +245,7 @@ LOOK_AGAIN = (0.5, 30.0)
 look that fails, up to the second."""
 
 UNREAD_STORE = ("enhanced locking is off and the store its locks were kept in, which may "
-                "still hold some, did not answer: no lock is granted until it is read")
+                "still hold some, could not be read: no lock is granted until it is read")
 """The error of an acquire refused (``unavailable``) while that store is not read."""
 
 
