@@ -467,10 +467,18 @@ class LockService:
             log.info("the enhanced store is read: locks are granted again")
 
     def withhold(self, why: str | None) -> None:
-        """Grant no lock while ``why`` is set (``None``: grant again): the operator's start,
-        until it has applied the LockPolicy (the start's own settings are not the cluster's)."""
+        """Serve no lock call while ``why`` is set (``None``: serve again): the operator's
+        start, until it has applied the LockPolicy (the start's own settings are not the
+        cluster's: their stores are not the policy's, nor their access settings)."""
         self._withheld = why
         self._grants()
+
+    @property
+    def withheld(self) -> str | None:
+        """Why no lock call is served now (:meth:`withhold`; ``None``: they are): no lock is
+        granted, and the API answers every other call that reads or changes locks ``503``
+        with these words."""
+        return self._withheld
 
     def _grants(self) -> None:
         """Tell the router whether, and why not, locks are granted now."""

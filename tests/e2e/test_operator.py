@@ -357,6 +357,55 @@ def test_a_restarted_operator_grants_nothing_until_it_can_apply_its_policy(
     wait_for("the Granting condition gone", lambda: granting() is None, details=operator.output)
 
 
+def test_a_restarted_operator_serves_no_lock_call_until_it_can_apply_its_policy(
+    kube_cluster: KubeCluster, kube_namespace: str, start_operator: StartOperator,
+    redis_servers: Callable[..., RedisServer],
+) -> None:
+    """In the same window (the policy's Redis stopped, the service on its own settings), a
+    release, a force-unlock or a read would be served from the service's own stores and under
+    its own access settings, not the policy's: pull #12's release would answer that nothing
+    is held while its lock stays in Redis, and a caller the policy's access settings refuse
+    would be served. Each is answered 503 saying why, as an acquire is; only the settings in
+    force (``GET /v1/config``) are shown. Once the policy is applied, pull #12 still holds its
+    lock, and releases it."""
+    server = redis_servers(persistence="aof")
+    operator = _pull_12_holding_in_redis(kube_cluster, kube_namespace, start_operator, server,
+                                         "window/b")
+    key = key_of("window/b")
+
+    operator.stop()
+    server.stop()
+    operator.start()
+    assert operator.config()["layers"] == ["static"]
+    calls: dict[str, Callable[[], httpx.Response]] = {
+        "release": lambda: httpx.delete(operator.url + "/v1/locks/by-key",
+                                        params={"key": key, "pull": 12}, timeout=10),
+        "release by pull": lambda: httpx.delete(operator.url + "/v1/locks/by-pull",
+                                                params={"repo": "acme/infra", "pull": 12},
+                                                timeout=10),
+        "force-unlock": lambda: httpx.post(operator.url + "/v1/admin/force-unlock",
+                                           params={"key": key, "reason": "stuck"}, timeout=10),
+        "list": lambda: httpx.get(operator.url + "/v1/locks", timeout=10),
+        "get": lambda: httpx.get(operator.url + "/v1/locks/by-key", params={"key": key},
+                                 timeout=10),
+    }
+    for name, call in calls.items():
+        answer = call()
+        assert answer.status_code == 503, (name, answer.text)
+        assert answer.json()["reason"] == "unavailable", (name, answer.text)
+        assert "has not applied its LockPolicy" in answer.json()["error"], (name, answer.text)
+
+    server.start()
+    applied(operator, lambda c: c["layers"] == ["static", "cluster"], "the policy, again")
+    held = httpx.get(operator.url + "/v1/locks/by-key", params={"key": key}, timeout=10)
+    assert held.status_code == 200, held.text
+    assert held.json()["lock"]["pull"]["num"] == 12
+    released = httpx.delete(operator.url + "/v1/locks/by-key", params={"key": key, "pull": 12},
+                            timeout=10)
+    assert released.status_code == 200, released.text
+    assert acquire(operator, "window/b", pull=13).status_code == 200
+
+
 def test_a_switched_off_store_that_does_not_answer_is_looked_at_again(
     kube_cluster: KubeCluster, kube_namespace: str, start_operator: StartOperator,
     redis_servers: Callable[..., RedisServer],

@@ -121,3 +121,44 @@ async def test_a_close_that_could_reach_only_legacys_locks_is_a_failure_not_a_pa
     again = await http.post("/v1/webhooks/github", content=body, headers=headers)
     assert again.status_code == 200, again.text
     assert sorted(again.json()["released"]) == sorted([key, fallback.json()["lockKey"]])
+
+
+async def test_a_close_while_the_service_serves_no_lock_call_frees_nothing_and_says_so(
+    tmp_path: Path,
+) -> None:
+    """The operator's start, until it has applied its LockPolicy (docs/02-migration.md): the
+    stores in force are not the ones the policy names, which may hold the pull's locks. A
+    close then answers 503 saying the locks are still held and why, as a close the store did
+    not answer does, and is not counted as handled: sent again once calls are served, it
+    frees them. Before, it was served from the stores in force and answered 200."""
+    config = EnhancedLockingConfig(enabled=True, data_dir=str(tmp_path), audit_stdout=False,
+                                   github_webhook_secret=SECRET)
+    service = LockService(ConfigProvider(config))
+    trail = AuditTrail(MemoryAuditStore(Retention(timedelta(days=1), 1000)),
+                       stdout=lambda: False)
+    app = create_app(service, audit=trail)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url=ORIGIN) as http:
+        taken = await http.post("/v1/locks", json={
+            "project": {"repoFullName": REPO, "path": "envs/prod"}, "pull": {"num": 5}})
+        assert taken.status_code == 200, taken.text
+        key = taken.json()["lockKey"]
+        body, headers = _close(5)
+        service.withhold("the policy is not applied yet")
+        failed = await http.post("/v1/webhooks/github", content=body, headers=headers)
+        assert failed.status_code == 503, failed.text
+        answer = failed.json()
+        assert answer["reason"] == "unavailable"
+        for said in (f"{REPO} #5", "still held", "the policy is not applied yet",
+                     "send this delivery again"):
+            assert said in answer["error"], answer["error"]
+        rows = await trail.read(AuditQuery())
+        closes = [row for row in rows if row.action == "POST /v1/webhooks/github"]
+        assert [(row.repo, row.pull, row.outcome, row.status) for row in closes] == [
+            (REPO, 5, "unavailable", 503)], closes
+
+        service.withhold(None)
+        assert (await http.get("/v1/locks/by-key", params={"key": key})).status_code == 200
+        again = await http.post("/v1/webhooks/github", content=body, headers=headers)
+        assert again.status_code == 200, again.text
+        assert again.json()["released"] == [key]

@@ -18,7 +18,12 @@ import pytest
 from tests.support.unreadable import SECRET, spoil_file
 
 from enhanced_locking.api import create_app
-from enhanced_locking.api.access import AccessControl
+from enhanced_locking.api.access import (
+    UNGUARDED_PATHS,
+    AccessControl,
+    api_routes,
+    public_reason,
+)
 from enhanced_locking.api.audit import AuditTrail
 from enhanced_locking.backends.audit_store import AuditQuery, MemoryAuditStore, Retention
 from enhanced_locking.config import EnhancedLockingConfig
@@ -622,3 +627,45 @@ async def test_a_holder_of_another_repository_found_at_a_release_is_named_only_t
     assert holder is not None and holder.owner == (SUB, 9)
     rows = [row for row in await served.rows() if row.repo == INFRA and row.status == 409]
     assert [row.outcome for row in rows] == ["not-owned"]
+
+
+async def test_while_calls_are_withheld_every_call_of_a_caller_answers_503_but_the_settings(
+    tmp_path: Path,
+) -> None:
+    """The operator's start, until it has applied its LockPolicy (docs/02-migration.md): the
+    access settings in force are not the policy's, nor are the stores. Every route that takes
+    the caller answers 503 ``unavailable`` with the words why, whoever calls (a token with
+    every right, one with none, none at all), and changes nothing; ``GET /v1/config`` shows
+    the settings in force. Before, a release or a force-unlock was served under the settings
+    in force and read the service's own stores."""
+    why = "the policy is not applied yet"
+    config = EnhancedLockingConfig(enabled=True, data_dir=str(tmp_path), audit_stdout=False)
+    service = LockService(ConfigProvider(config))
+    trail = AuditTrail(MemoryAuditStore(Retention(timedelta(days=1), 1000)),
+                       stdout=lambda: False)
+    app = create_app(service, audit=trail, access=per_repository)
+    routes = [(method, route.path) for route in api_routes(app) if public_reason(route) is None
+              and route.path not in UNGUARDED_PATHS for method in sorted(route.methods or ())
+              if method != "HEAD"]
+    assert ("POST", "/v1/admin/force-unlock") in routes and ("GET", "/v1/events") in routes
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as http:
+        served = Served(service, trail, http)
+        key = await served.acquire(INFRA)
+        service.withhold(why)
+        for token in (ADMIN, NOBODY, None):
+            headers = served.as_(token) if token else {}
+            for method, path in routes:
+                answer = await http.request(method, path.replace("{", "").replace("}", ""),
+                                            headers=headers, params={
+                                                "key": key, "repo": INFRA, "pull": 7,
+                                                "reason": "stuck"})
+                if (method, path) == ("GET", "/v1/config"):
+                    assert answer.status_code == {ADMIN: 200, NOBODY: 403, None: 401}[token]
+                    continue
+                assert answer.status_code == 503, (method, path, token, answer.text)
+                assert answer.json() == {"error": why, "reason": "unavailable"}, (method, path)
+        service.withhold(None)
+        assert await served.held() == [key]
+        listed = await http.get("/v1/locks", headers=served.as_(ADMIN))
+        assert listed.status_code == 200 and len(listed.json()["locks"]) == 1, listed.text

@@ -71,12 +71,14 @@ __all__ = [
     "NotAsked",
     "OpenAccess",
     "RouteView",
+    "SettingsCallerDep",
     "StillCaller",
     "Unasked",
     "Unidentified",
     "access_now",
     "api_routes",
     "caller_of",
+    "caller_of_settings",
     "check_routes",
     "cross_site",
     "cross_site_refusal",
@@ -236,13 +238,18 @@ class AccessHolder:
     """
 
     def __init__(self, provider: ConfigProvider, build: AccessBuilder = build_access, *,
-                 exposed: bool = False, loopback_hosts: bool = False) -> None:
+                 exposed: bool = False, loopback_hosts: bool = False,
+                 withheld: Callable[[], str | None] = lambda: None) -> None:
         self._provider = provider
         self._build = build
         self._exposed = exposed
         self.loopback_hosts = loopback_hosts
         """Whether open access (``auth: none``) answers only requests that name a loopback
         host (:func:`foreign_host`): the service listens on loopback alone."""
+        self.withheld = withheld
+        """Why no call that reads or changes locks is served now (``None``: they are): the
+        settings in force, access settings included, are not the ones the service is to run
+        with (the operator's start, until it has applied its LockPolicy)."""
         self._generation = -1
         self._identity: tuple[Any, ...] = ()
         self._current: AccessControl | None = None
@@ -499,11 +506,24 @@ def _credentials(request: Request) -> tuple[str | None, str | None]:
 
 
 async def caller_of(request: Request) -> Caller:
-    """The request's caller; raises ``NotAuthenticated`` (audited) when it has no identity.
+    """The request's caller; raises ``NotAuthenticated`` (audited) when it has no identity, and
+    ``BackendUnavailable`` while calls are withheld (:attr:`AccessHolder.withheld`): the
+    access settings in force are then not the ones to judge the caller by, nor its stores the
+    ones that hold the locks.
 
     Other parts of the API (a console, plugins) use this, or :data:`CallerDep`, to apply the
     same rules as the v1 routes.
     """
+    return await _caller(request, withheld=True)
+
+
+async def caller_of_settings(request: Request) -> Caller:
+    """:func:`caller_of` for the read of the settings in force (``GET /v1/config``), served
+    while other calls are withheld: what the service runs with meanwhile is its answer."""
+    return await _caller(request, withheld=False)
+
+
+async def _caller(request: Request, *, withheld: bool) -> Caller:
     global _last_seat
     scope = request.scope
     app = scope["app"]
@@ -526,6 +546,8 @@ async def caller_of(request: Request) -> Caller:
             peer=_peer(request), request_id=request_id,
         ))
         raise HTTPException(403, refusal)
+    if withheld and (why := holder.withheld()) is not None:
+        raise BackendUnavailable(why)
     try:
         identity = await access.identify(authorization)
     except NotAuthenticated as refusal:
@@ -616,6 +638,9 @@ def _action(request: Request) -> str:
 CallerDep = Annotated[Caller, Depends(caller_of)]
 """A route parameter of this type authenticates the request (401 without an identity)."""
 
+SettingsCallerDep = Annotated[Caller, Depends(caller_of_settings)]
+""":data:`CallerDep` of the read of the settings in force, served while calls are withheld."""
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 _PUBLIC_ATTRIBUTE = "__enhanced_locking_public__"
@@ -674,7 +699,7 @@ def _depends_on_caller(route: RouteView) -> bool:
     stack = list(route.dependant.dependencies)
     while stack:
         dependant = stack.pop()
-        if dependant.call is caller_of:
+        if dependant.call is caller_of or dependant.call is caller_of_settings:
             return True
         stack.extend(dependant.dependencies)
     return False
@@ -726,17 +751,20 @@ def check_routes(app: FastAPI) -> None:
 
 def install_access(app: FastAPI, provider: ConfigProvider, audit: AuditTrail,
                    build: AccessBuilder = build_access, *, exposed: bool = False,
-                   loopback_hosts: bool = False) -> AccessHolder:
+                   loopback_hosts: bool = False,
+                   withheld: Callable[[], str | None] = lambda: None) -> AccessHolder:
     """Keep the access control and the audit trail on ``app.state``; answer its refusals.
 
     ``exposed``: the service listens on a non-loopback address (auth ``none`` is refused
     there unless ``insecure-allow-unauthenticated``); ``loopback_hosts``: it listens on loopback
-    alone, and open access answers only requests that name a loopback host. A new config
+    alone, and open access answers only requests that name a loopback host; ``withheld``: why
+    no call that reads or changes locks is served now (see :func:`caller_of`). A new config
     snapshot whose access
     settings cannot be used is refused by the provider (:class:`ConfigRejected`, naming the
     changed settings) rather than applied and then skipped by the holder."""
     global _last_seat
-    holder = AccessHolder(provider, build, exposed=exposed, loopback_hosts=loopback_hosts)
+    holder = AccessHolder(provider, build, exposed=exposed, loopback_hosts=loopback_hosts,
+                          withheld=withheld)
     app.state.access = holder
     app.state.audit = audit
     _SEATS[app] = (holder, audit)

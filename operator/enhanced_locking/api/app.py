@@ -23,6 +23,7 @@ from enhanced_locking.api.access import (
     AccessBuilder,
     Caller,
     CallerDep,
+    SettingsCallerDep,
     build_access,
     check_routes,
     document_bearer,
@@ -164,7 +165,7 @@ def create_app(
     app.add_middleware(BodyLimit, webhooks=MAX_BODY,
                        limit=lambda: service.provider.current.config.http_max_body)
     holder = install_access(app, service.provider, audit, access, exposed=exposed,
-                            loopback_hosts=loopback_hosts)
+                            loopback_hosts=loopback_hosts, withheld=lambda: service.withheld)
     holder.current()  # a bad tokens file stops the start (ValueError), not the first call
     # VCS webhooks authenticate by the VCS's signature, not by the API's credentials.
     app.include_router(webhook_router(service, settings=lambda: service.provider.current.config))
@@ -383,7 +384,7 @@ def create_app(
                 **({"unavailable": unreached} if unreached else {})}
 
     @app.get("/v1/config", responses=WHO)
-    async def config(caller: CallerDep) -> Any:
+    async def config(caller: SettingsCallerDep) -> Any:
         """Effective configuration (secrets masked), its generation and hash, and routing."""
         await caller.need(Verb.READ, action="config")
         snapshot = service.provider.current

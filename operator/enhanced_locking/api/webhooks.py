@@ -222,15 +222,17 @@ def webhook_router(
         ))
 
     async def not_closed(request: Request, vcs: Vcs, closed: ClosedPull,
-                         error: BackendUnavailable) -> JSONResponse:
-        """The answer to a close the store did not serve: the pull's locks (or some of them)
-        are still held, and no VCS sends a failed delivery again on its own, so the answer,
-        the log and the audit trail say so and how to free them. The delivery is not counted
-        as handled: sent again, it frees them."""
+                         error: BackendUnavailable, *, unserved: str = "the lock store did "
+                         "not answer", until: str = "the store answers") -> JSONResponse:
+        """The answer to a close the store did not serve (or the service withheld:
+        ``unserved`` says which, ``until`` when to send it again): the pull's locks (or some of
+        them) are still held, and no VCS sends a failed delivery again on its own, so the
+        answer, the log and the audit trail say so and how to free them. The delivery is not
+        counted as handled: sent again, it frees them."""
         outcome, status = failure_outcome(error)
-        message = (f"{vcs} webhook: {closed.repo} #{closed.pull} closed, but the lock store did "
-                   f"not answer ({error}): its locks are still held; send this delivery again "
-                   "from the VCS's webhook page once the store answers, or run `enhanced-locking "
+        message = (f"{vcs} webhook: {closed.repo} #{closed.pull} closed, but {unserved} "
+                   f"({error}): its locks are still held; send this delivery again "
+                   f"from the VCS's webhook page once {until}, or run `enhanced-locking "
                    f"lock unlock-pull --repo {closed.repo} --pull {closed.pull}`")
         log.warning("%s", message)
         await audit(request, vcs, outcome=outcome, status=status, closed=closed,
@@ -271,6 +273,11 @@ def webhook_router(
             return json_error(refused.status, str(refused))
         if closed is None:
             answer: dict[str, Any] = {"ignored": event or "unknown event"}
+        elif (withheld := service.withheld) is not None:
+            # Its settings in force are not the ones that name the stores of the pull's locks.
+            return await not_closed(request, vcs, closed, BackendUnavailable(withheld),
+                                    unserved="the service serves no lock call yet",
+                                    until="it does")
         else:
             try:
                 done = await service.router.close_pull(closed.repo, closed.pull,

@@ -86,8 +86,8 @@ started: the service's own settings are not the cluster's, and a lock granted un
 be one the policy refuses (a key held in the store it names, a freeze, a limit)."""
 
 WITHHELD = ("the lock service has not applied its LockPolicy since it started (see the "
-            "policy's status): no lock is granted until it has")
-"""The error of an acquire refused (``unavailable``) in that window."""
+            "policy's status): no lock is granted, released or read until it has")
+"""The error of a lock call refused (``unavailable``) in that window."""
 
 RETRY_BACKOFF = 2.0
 """Seconds before a failed reconcile is first tried again; each further failure in a row
