@@ -26,7 +26,7 @@ from typing import cast
 from enhanced_locking.backends.base import Backend
 from enhanced_locking.hashing import bucket_of
 from enhanced_locking.locking import EnhancedLocker
-from enhanced_locking.locking.base import Locker
+from enhanced_locking.locking.base import Locker, give_back_grant
 from enhanced_locking.migration.conflicts import ConflictBook, is_conflict
 from enhanced_locking.types import (
     AcquireResult,
@@ -37,8 +37,8 @@ from enhanced_locking.types import (
     StoreBusy,
 )
 
-__all__ = ["acquire_both", "asks_upgrade", "backend_of", "raise_counter", "raise_counter_after",
-           "settle_counters", "weighed_holder"]
+__all__ = ["acquire_both", "answer_held", "asks_upgrade", "backend_of", "raise_counter",
+           "raise_counter_after", "settle_counters", "weighed_holder"]
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,31 @@ def asks_upgrade(held: Lock, request: LockRequest) -> bool:
     return held.mode == "shared" and request.mode == "exclusive"
 
 
+async def answer_held(locker: Locker, request: LockRequest,
+                      held: Lock) -> AcquireResult | None:
+    """``held``, the pull's own hold of ``request``'s key found by a look at ``locker``, as
+    ``request`` is answered with it: held already, unchanged (Atlantis's rule).
+
+    The enhanced side's store is asked for it (fail fast), not only looked at, so that it
+    counts the answer as told, as it counts any answer of a hold its pull had already: the
+    give-back of the grant that made the hold, when nobody heard that grant, then leaves the
+    lock to this answer. (A request sent again with its ``requestId`` after its client went
+    away, while a weight move sent its key to the other side: the waiter of its first try,
+    granted on the enhanced side, is given back after the retry grace by the first try's
+    clean-up, and the retry, answered from a look, would hold nothing.) Another answer of the
+    store is weighed as the look's would be: a refusal is the answer; a fresh grant (the hold
+    went since the look) is given back, and ``None`` says to ask as for a key not held."""
+    if not isinstance(locker, EnhancedLocker):
+        return AcquireResult.granted(held, fresh=False)
+    answer = await locker.acquire(request.model_copy(update={"wait": None}))
+    lock = answer.lock
+    if not answer.acquired or lock is None or not answer.fresh:
+        return answer
+    owner = (request.project.repo_full_name, request.pull.num)
+    await asyncio.shield(give_back_grant(locker, lock, owner))
+    return None
+
+
 async def acquire_both(first: Locker, second: Locker, request: LockRequest) -> AcquireResult:
     """Take ``request``'s key on ``first`` (the old side), then on ``second`` (the new one).
 
@@ -117,8 +142,11 @@ async def acquire_both(first: Locker, second: Locker, request: LockRequest) -> A
         # The pull asks again for a key it holds: its lock, unchanged (Atlantis's rule), as it
         # was answered before: the new side's copy if it has one, else the old side's.
         mine = await second.get(key)
-        return AcquireResult.granted(mine if mine is not None and mine.owned_by(*owner)
-                                     else before, fresh=False)
+        answered = await (answer_held(second, request, mine)
+                          if mine is not None and mine.owned_by(*owner)
+                          else answer_held(first, request, before))
+        # (``None``: the hold went since the look, asked again as for a key not held)
+        return answered if answered is not None else await acquire_both(first, second, request)
     # Its lock on the new side alone (taken before the move began, or by another replica):
     # its lock too, answered without the old side, where a request waiting on the new side
     # may hold the key for the time of its wait. A shared hold asked for exclusive is not
@@ -126,7 +154,8 @@ async def acquire_both(first: Locker, second: Locker, request: LockRequest) -> A
     mine = await weighed_holder(second, request, await second.get(key))
     had_second = mine is not None and mine.owned_by(*owner)
     if mine is not None and had_second and not had_first and not asks_upgrade(mine, request):
-        return AcquireResult.granted(mine, fresh=False)
+        answered = await answer_held(second, request, mine)
+        return answered if answered is not None else await acquire_both(first, second, request)
     if had_first and (foreign := mine if mine is not None and not had_second else None):
         # An upgrade the second side would refuse is not made on the first: it cannot be
         # undone there (its release would free the pull's shared hold).

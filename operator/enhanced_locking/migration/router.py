@@ -55,6 +55,7 @@ from enhanced_locking.migration import identity
 from enhanced_locking.migration.controller import MigrationController
 from enhanced_locking.migration.handover import (
     acquire_both,
+    answer_held,
     asks_upgrade,
     backend_of,
     raise_counter,
@@ -528,7 +529,10 @@ class Router(AtlantisCalls):
                     return AcquireResult.refused(request.key, Reason.HELD, foreign)
                 primary, other, upgrade = other, primary, True
             elif held is not None:  # its own lock, still on the old side: the same lock
-                return AcquireResult.granted(held, fresh=False)
+                answered = await answer_held(other, request, held)
+                if answered is not None:
+                    return answered
+                # gone since the look: asked for as a key the other side does not hold
         result = await primary.acquire(request)
         if result.acquired and other is not None:
             # If legacy fails here the error reaches the caller with the enhanced grant kept:
