@@ -997,3 +997,49 @@ func TestARefusedConnectionIsTriedAgainWithPausesEvenWithoutABackoff(t *testing.
 		t.Fatalf("want a refused connection tried again with pauses within the call's 1s, got %d dials", n)
 	}
 }
+
+func TestAStreamWhoseServiceRestartsReconnectsUntilItIsBack(t *testing.T) {
+	// A restart closes the service's port for seconds, longer than the client's attempts in a
+	// row (~0.7s): Next reconnects after jittered pauses for as long as the stream's context
+	// lasts, as the other calls do within theirs, and goes on with the events once the
+	// service is back on the same port.
+	svc := servicetest.Serve(t, "--enhanced-locking-enabled")
+	c, err := client.New(svc.URL)
+	must(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	stream, err := c.Events(ctx, client.EventFilter{Repo: "acme/restart"})
+	must(t, err)
+	defer stream.Close() //nolint:errcheck
+	_, err = c.Acquire(ctx, request("acme/restart", "before", 1))
+	must(t, err)
+	if first, err := stream.Next(); err != nil || first.Type != "acquired" {
+		t.Fatalf("the first event should be the acquire, got %+v, %v", first, err)
+	}
+	svc.Kill()
+	type result struct {
+		event client.Event
+		err   error
+	}
+	done := make(chan result, 1)
+	go func() {
+		event, err := stream.Next()
+		done <- result{event, err}
+	}()
+	svc.Restart(t) // seconds: a process started and its store opened
+	// Events from the service back up, until the stream reads one (it may reconnect after
+	// the first, which a fresh event bus does not replay).
+	for pull := 2; ; pull++ {
+		if _, err := c.Acquire(ctx, request("acme/restart", "after/"+itoa(pull), pull)); err != nil {
+			t.Fatalf("the service should lock again after its restart: %v", err)
+		}
+		select {
+		case r := <-done:
+			if r.err != nil || r.event.Type == "" {
+				t.Fatalf("Next should read on once the service is back, got %+v, %v", r.event, r.err)
+			}
+			return
+		case <-time.After(500 * time.Millisecond):
+		}
+	}
+}

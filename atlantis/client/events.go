@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net/http"
 	"net/url"
 	"strings"
@@ -158,9 +159,12 @@ func (s *EventStream) connect() error {
 	return nil
 }
 
-// Next blocks until the next event. A broken connection is reopened, resuming after the
-// last event returned, up to the client's retry attempts in a row; after that, or when the
-// context ends or Close is called, it answers an error.
+// Next blocks until the next event. A broken connection is reopened after a jittered pause
+// (doubling, as a call's retries do), resuming after the last event returned. A reopening
+// refused as a restart or a rollout of the service refuses it (its port refuses or resets
+// the connection, or the connect gets no answer in time) is tried again for as long as the
+// stream's context lasts; any other failure in a row counts against the client's retry
+// attempts. After those, when the context ends, or when Close is called, it answers an error.
 func (s *EventStream) Next() (Event, error) {
 	failures := 0
 	delay := s.c.backoff
@@ -177,17 +181,24 @@ func (s *EventStream) Next() (Event, error) {
 		if s.ctx.Err() != nil {
 			return Event{}, &UnavailableError{Op: "events", Err: s.ctx.Err()}
 		}
-		failures++
-		if failures > s.c.attempts {
-			if errors.Is(err, errStreamClosed) && unopened != nil {
-				return Event{}, unopened
-			}
-			return Event{}, &UnavailableError{Op: "events", Err: err}
+		last := error(&UnavailableError{Op: "events", Err: err})
+		if errors.Is(err, errStreamClosed) && unopened != nil {
+			last = unopened
+		}
+		if errors.Is(err, errStreamClosed) && unopened != nil && restarting(unopened) {
+			// Tried for the stream's time, not a count, and never without a pause.
+			delay = max(delay, restartBackoff)
+		} else if failures++; failures > s.c.attempts {
+			return Event{}, last
+		}
+		pause := time.Duration(rand.Int64N(int64(delay) + 1)) // full jitter, as in do
+		if deadline, ok := s.ctx.Deadline(); ok && time.Until(deadline) < pause {
+			return Event{}, last // what the service said, not a context error later
 		}
 		select {
 		case <-s.ctx.Done():
 			return Event{}, &UnavailableError{Op: "events", Err: s.ctx.Err()}
-		case <-time.After(delay):
+		case <-time.After(pause):
 		}
 		delay = min(2*delay, s.c.maxBackoff)
 		unopened = s.reconnect()
