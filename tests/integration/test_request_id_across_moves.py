@@ -20,7 +20,7 @@ from enhanced_locking.factory import LockService
 from enhanced_locking.locking import queueing
 from enhanced_locking.migration.routing_registry import MemoryRoutingRegistry
 from enhanced_locking.provider import ConfigProvider
-from enhanced_locking.types import LockRequest
+from enhanced_locking.types import BatchItem, BatchLockRequest, LockRequest
 
 pytestmark = pytest.mark.redis
 
@@ -110,3 +110,42 @@ async def test_a_retry_routed_to_the_other_side_keeps_the_lock_its_waiter_was_gr
     assert not other.acquired, "a second pull was granted the key pull 2 was told it holds"
     assert await router.release(key, owner=("acme/infra", 2)) is not None
     assert await router.get(key) is None
+
+
+async def test_a_batch_retry_routed_to_legacy_keeps_the_locks_its_waiter_was_granted(
+    service: LockService,
+) -> None:
+    # The same for a batch: its first try waits for both keys on the enhanced side; the
+    # move sends both to legacy, where the retry takes them one by one.
+    router = service.router
+    paths = ("envs/a", "envs/b")
+    keys = [request_for(path=path).key for path in paths]
+    for key, path in zip(keys, paths, strict=True):
+        assert router.side_for(key) == "enhanced"
+        assert (await router.acquire(request_for(path=path, pull=1))).acquired
+
+    def batch(pull: int) -> BatchLockRequest:
+        items = [BatchItem(project=request_for(path=path).project) for path in paths]
+        return BatchLockRequest(locks=items, pull=request_for(pull=pull).pull,
+                                wait=timedelta(seconds=30), request_id="plan-43")
+
+    queued = asyncio.Event()
+    service.events.subscribe(lambda event: queued.set() if event.type == "queued" else None)
+    first = asyncio.create_task(router.acquire_batch(batch(2)))
+    await asyncio.wait_for(queued.wait(), 30)
+    first.cancel()
+    await asyncio.gather(first, return_exceptions=True)
+    await _moved_to(service, 0, phase="stable")
+    assert all(router.side_for(key) == "legacy" for key in keys)
+    for key in keys:
+        assert await router.release(key, owner=("acme/infra", 1)) is not None
+    retry = await router.acquire_batch(batch(2))
+    assert retry.acquired, retry
+    assert queueing._LATER, "answered within the retry grace of its first try"
+
+    await _clean_ups_done()
+    for key, path in zip(keys, paths, strict=True):
+        holder = await router.get(key)
+        assert holder is not None and holder.pull.num == 2, (
+            f"the first try's clean-up gave back {key}, which its retry was answered with")
+        assert not (await router.acquire(request_for(path=path, pull=3))).acquired
