@@ -80,6 +80,7 @@ from enhanced_locking.types import (
 
 __all__ = [
     "Backend",
+    "GivesBack",
     "OtherSideCheck",
     "OtherSideHolds",
     "Owner",
@@ -383,6 +384,17 @@ class QueueBackend(Backend, Protocol):
         waiting on a key reached, waits on (more is allowed: the whole graph). A search from
         that pull finds in it what it finds in the whole graph."""
         ...
+
+
+@runtime_checkable
+class GivesBack(Protocol):
+    """A store that gives back on its own an acquire whose answer its caller never had (Redis:
+    a call that did not wait, answered ``unavailable`` or whose caller went away as it was on
+    its way, is given back by its id once Redis answers: it may have run and granted)."""
+
+    gave_back: Callable[[Handoff], None]
+    """Told what each such give-back released and handed on (set by the locker, which tells
+    it as the grant of a waiter whose caller left: released, ``abandoned``)."""
 
 
 class StoreBackend(abc.ABC):

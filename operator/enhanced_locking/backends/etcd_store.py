@@ -136,9 +136,11 @@ from enhanced_locking.backends.unreadable import UnreadableLocks
 from enhanced_locking.backends.waiting import (
     Expiry,
     Grant,
+    GrantedUnheard,
     GrantNotifier,
     LocalNotifier,
     Notice,
+    Outcome,
     PullPartlyReleased,
     PullRelease,
     Status,
@@ -1647,14 +1649,16 @@ class EtcdBackend(StoreBackend):
                         and (landed := _landed(lost[0], txn.reads)) is not None):
                     answer = self._answer_landed(lost, landed)
                     if gone:
-                        raise asyncio.CancelledError
+                        raise _unheard(answer)
                     return answer
                 self._after_commit(txn, revision)
-                if gone:  # written, and told (its notices): the caller's clean-up undoes it
-                    raise asyncio.CancelledError
                 if not (txn.stamped or txn.records):
+                    if gone:
+                        raise _unheard(result)
                     return result  # no token nor waiter to resolve: nothing was granted/queued
                 resolved: T = _resolve(result, revision)
+                if gone:  # written, and told (its notices): the caller's clean-up undoes it
+                    raise _unheard(resolved)
                 return resolved
             raise BackendUnavailable(
                 f"etcd {self.connection.where}: gave up after {_ATTEMPTS} conflicting writers",
@@ -3042,6 +3046,16 @@ def _with_told(value: bytes, told: Told) -> bytes:
 
 
 # --- tokens still to be resolved -------------------------------------------------------------
+def _unheard(answer: object) -> asyncio.CancelledError:
+    """The cancellation a step whose caller went away raises once etcd answered its commit:
+    with its answer when that is a grant (``GrantedUnheard``: the caller gives back what it
+    granted, by its tokens); a waiter it queued is withdrawn by the caller's clean-up, and
+    anything else needs no undoing."""
+    if isinstance(answer, Outcome) and answer.status is Status.GRANTED and answer.locks:
+        return GrantedUnheard(answer)
+    return asyncio.CancelledError()
+
+
 def _resolve_lock(lock: Lock, revision: int) -> Lock:
     """A stored lock with a pending token gets its grant's revision (plus the floor)."""
     token = lock.fencing_token

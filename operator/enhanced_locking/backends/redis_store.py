@@ -20,7 +20,7 @@ import contextlib
 import json
 import logging
 import secrets
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -359,6 +359,9 @@ class RedisBackend:
         """By call id, oldest first: the give-backs not yet answered (``_owe``)."""
         self._giving: asyncio.Task[None] | None = None
         """The task that sends them until Redis answers, while there are any."""
+        self.gave_back: Callable[[Handoff], None] = _untold
+        """Told what each give-back released and handed on (``GivesBack``: set by the
+        locker)."""
         self._telling: dict[str, asyncio.Task[Any]] = {}
         """By lock key: the task handling the latest message about one of this replica's
         waiters on it, while it runs (``_notified`` tells callers of one key in order)."""
@@ -1033,7 +1036,7 @@ class RedisBackend:
             await asyncio.gather(self._giving, return_exceptions=True)
         for entry in list(self._owed.values()):
             try:
-                await self._give_back(entry)
+                self.gave_back(await self._give_back(entry))
             except LockingError:
                 break
             del self._owed[entry.call_id]
@@ -1102,6 +1105,9 @@ class RedisBackend:
             except BackendUnavailable as error:
                 self._owe(lean_id, candidates, error)
                 raise
+            except asyncio.CancelledError:  # its caller went: Redis may run it all the same
+                self._owe(lean_id, candidates, None)
+                raise
             if not redis_replies.full(lean):
                 took = redis_replies.acquire(lean)
                 assert isinstance(took, redis_replies.Took)
@@ -1111,8 +1117,8 @@ class RedisBackend:
             self._busy_now(first.key, True)
         quads = [item for c in candidates
                  for item in (c.key, sent[c.key], c.project.path, c.workspace)]
-        # (A call that does not wait is given back if its caller is told Redis did not answer:
-        # ``_owe``.)
+        # (A call that does not wait is given back if its caller is told Redis did not answer,
+        # or goes away as it is on its way: ``_owe``.)
         owed = None if wait is not None else secrets.token_hex(_CALL_ID_BYTES)
         try:
             answer = redis_replies.acquire(await self._run(
@@ -1127,6 +1133,10 @@ class RedisBackend:
         except BackendUnavailable as error:
             if owed is not None:
                 self._owe(owed, candidates, error)
+            raise
+        except asyncio.CancelledError:
+            if owed is not None:
+                self._owe(owed, candidates, None)
             raise
         if isinstance(answer, redis_replies.Took):  # the lean path: as sent, plus the stamp
             self._busy_now(first.key, False)
@@ -1330,13 +1340,15 @@ class RedisBackend:
 
     # --- giving back an acquire answered unavailable ---------------------------------------
     def _owe(self, call_id: str, candidates: Sequence[Candidate],
-             error: BackendUnavailable) -> None:
+             error: BackendUnavailable | None) -> None:
         """The acquire ``call_id`` of ``candidates`` did not wait and its caller is told Redis
-        did not answer (``error``): Redis may still run it (a frozen or slow Redis runs what it
-        took when it wakes, however late) and grant the pull a lock it was told it did not get,
-        held for good without a lease (and, after a router's fall-back, held on legacy as
-        well). Its give-back is sent until Redis answers (``_give_back_owed``). A call never
-        sent (``StoreBusy``: no connection was free) owes nothing."""
+        did not answer (``error``), or went away as the call was on its way (``None``: its task
+        cancelled, the answer never read): Redis may still run it (a frozen or slow Redis runs
+        what it took when it wakes, however late) and grant the pull a lock its caller never
+        heard of, held for good without a lease (and, after a router's fall-back, held on
+        legacy as well). Its give-back is sent until Redis answers (``_give_back_owed``), and
+        what it released is told (``gave_back``). A call never sent (``StoreBusy``: no
+        connection was free) owes nothing."""
         if isinstance(error, StoreBusy):
             return
         owed = self._owed
@@ -1364,15 +1376,17 @@ class RedisBackend:
         while owed:
             entry = next(iter(owed.values()))
             try:
-                await self._give_back(entry)
+                handoff = await self._give_back(entry)
             except BackendUnavailable:
                 await asyncio.sleep(_GIVE_BACK_PAUSE)
                 continue
             except Exception as error:  # (an answer it cannot use: not sent again)
                 log.warning("redis %s: could not give back the acquire of %s by %s#%d "
-                            "answered unavailable: %s", self.connection.where,
+                            "whose caller never had its answer: %s", self.connection.where,
                             ", ".join(entry.keys), entry.repo, entry.pull,
                             self.connection.scrub(str(error) or type(error).__name__))
+            else:
+                self.gave_back(handoff)
             owed.pop(entry.call_id, None)
 
     async def _give_back(self, entry: _GiveBack) -> Handoff:
@@ -1391,8 +1405,9 @@ class RedisBackend:
         for row in gone:
             self._known.pop(row.key, None)
             log.warning("redis %s: gave back %s, granted to %s#%d by an acquire whose caller "
-                        "was told Redis did not answer (Redis ran it when it answered again)",
-                        self.connection.where, row.key, entry.repo, entry.pull)
+                        "never had its answer (told Redis did not answer, or gone as the call "
+                        "was on its way)", self.connection.where, row.key, entry.repo,
+                        entry.pull)
         return self._handoff(served)
 
     # --- notifications ---------------------------------------------------------------------
@@ -1507,3 +1522,7 @@ class RedisBackend:
             for waiter_id, kind in zip(waiter_ids, kinds, strict=True)
             if kind != "queued" and (kind != "gone" or waiter_id in enqueued)
         ))
+
+
+def _untold(handoff: Handoff) -> None:
+    """``RedisBackend.gave_back`` until a locker takes it: nobody to tell."""

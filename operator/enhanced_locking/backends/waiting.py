@@ -57,6 +57,7 @@ __all__ = [
     "Expiry",
     "Grant",
     "GrantNotifier",
+    "GrantedUnheard",
     "Handoff",
     "KeyWaits",
     "KeyWaitsList",
@@ -293,6 +294,19 @@ class Outcome:
         outcome.handed = ()
         outcome.kept = _NONE_KEPT
         return outcome
+
+
+class GrantedUnheard(asyncio.CancelledError):
+    """The cancellation of an acquire (its caller went away) that came while the store's call
+    was on its way, raised by a store that saw the call through to its answer and found it
+    granted: ``outcome`` is that answer, which its caller never reads. The locker gives back
+    what it granted (not the locks its pull held already), as it gives back the grant of a
+    waiter whose caller left. A store that cannot know its answer then gives the call back on
+    its own (Redis: by the call's id, ``lua/give_back.lua``)."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__("granted to a caller that went away")
+        self.outcome = outcome
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -31,9 +31,17 @@ from datetime import timedelta
 from typing import Any, Literal, Protocol, TypeVar
 
 from enhanced_locking import policies
-from enhanced_locking.backends.base import Backend, Owner, QueueBackend, StoreBackend, parts_of
+from enhanced_locking.backends.base import (
+    Backend,
+    GivesBack,
+    Owner,
+    QueueBackend,
+    StoreBackend,
+    parts_of,
+)
 from enhanced_locking.backends.waiting import (
     Grant,
+    GrantedUnheard,
     Handoff,
     Notice,
     Outcome,
@@ -208,6 +216,8 @@ class EnhancedLocker(AtlantisCalls):
             backend.queue_policy = self.policy
             backend.passed_over = metrics.counting(metrics.waiters_passed_over)
             backend.taken_back = metrics.counting(metrics.grants_taken_back)
+        if isinstance(backend, GivesBack):  # its own give-backs, told as this locker's are
+            backend.gave_back = self._gave_back
         self.settings = settings
         self.events = events
         self.metrics = metrics
@@ -219,6 +229,8 @@ class EnhancedLocker(AtlantisCalls):
         # The metric children of each outcome, found once: every call counts one of a few.
         self._acquire_metrics: dict[str, tuple[Count, Timing]] = {}
         self._release_count: dict[str, Count] = {}
+        self._giving_back: set[asyncio.Task[None]] = set()
+        """Give-backs of grants whose caller went away mid-call, waiting for the store."""
 
     # --- life ---------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -228,6 +240,12 @@ class EnhancedLocker(AtlantisCalls):
         self.rules.changed(self.settings().policies)
 
     async def close(self) -> None:
+        if self._giving_back:  # a moment for those on their way, then each logs what stays
+            giving = list(self._giving_back)
+            await asyncio.wait(giving, timeout=1.0)
+            for task in giving:
+                task.cancel()
+            await asyncio.gather(*giving, return_exceptions=True)
         await self.rules.close()
         await self.leases.close()
 
@@ -376,7 +394,11 @@ class EnhancedLocker(AtlantisCalls):
                     outcome = await self._call("acquire", lambda: backend.acquire_batch(
                         candidates, ttl=ttl, wait=offer, policy=policy), config)
             except BaseException as error:
-                if offer is not None and future is not None:
+                if isinstance(error, GrantedUnheard):  # granted as its caller went away
+                    if offer is not None and future is not None:
+                        backend.grants.forget(offer.id, future)  # (granted: not queued)
+                    self._unheard(error.outcome)
+                elif offer is not None and future is not None:
                     backend.grants.forget(offer.id, future)
                     left = _abandoned_for(error)
                     if left is not None:  # the waiter, if any, is withdrawn, a grant given back
@@ -434,6 +456,24 @@ class EnhancedLocker(AtlantisCalls):
             parts_of(_candidate(r, priority=asked.priority)), asked.command, asked.priority,
             rules, admin=admin) for r in requests]
         return min(given, key=lambda p: p.level)
+
+    def _unheard(self, outcome: Outcome) -> None:
+        """A grant whose caller went away while the store's call was on its way (the store
+        saw the call through: :class:`GrantedUnheard`): the leases its step found run out and
+        the waiters it served are told as for any acquire, then what it granted is given back
+        by its fencing tokens, as the grant of a waiter whose caller left is (its ``released``
+        event says ``abandoned``; the locks its pull held already stay), tried again while
+        the store does not answer (:func:`.queueing.give_back_unheard`)."""
+        if outcome.expired:
+            self._told_expired(outcome.expired, outcome.handed)
+        if outcome.handed:
+            self._handed_on(outcome.handed)
+        for lock in outcome.locks:  # (looked at when its lease ends, if it is still held)
+            self.leases.arm(lock.key, lock.expires_at)
+        notice = Notice(locks=outcome.locks, fresh=outcome.fresh, kept=outcome.kept)
+        task = queueing.give_back_unheard(notice, self._give_back)
+        self._giving_back.add(task)
+        task.add_done_callback(self._giving_back.discard)
 
     def _immediate(self, outcome: Outcome, answers: Answers[Result], *, first: str) -> Result:
         """The answer of a request the store granted or refused at once (``first``: the key
@@ -729,6 +769,12 @@ class EnhancedLocker(AtlantisCalls):
             self.metrics.handoffs.inc()
             for lock in grant.locks:
                 self.leases.arm(lock.key, lock.expires_at)
+
+    def _gave_back(self, handoff: Handoff) -> None:
+        """A give-back the store made on its own of an acquire whose caller never had its
+        answer (:class:`GivesBack`): told and counted as the grant of a waiter whose caller
+        left is when it is given back."""
+        self._handed(handoff, how="abandoned")
 
     def _served_unasked(self, handoff: Handoff) -> None:
         """A hand-off the store made on its own (etcd: a lock its lease deleted, whose key a

@@ -39,14 +39,15 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from enhanced_locking.backends.base import QueueBackend
 from enhanced_locking.backends.waiting import Grant, Notice, QueuePolicy, Wait, Waiter
-from enhanced_locking.types import BackendUnavailable, Reason
+from enhanced_locking.types import BackendUnavailable, Reason, utcnow
 
-__all__ = ["RETRY_GRACE", "NotWithdrawn", "abandon", "await_turn", "leave", "withdraw",
-           "withdrawals_noted"]
+__all__ = ["RETRY_GRACE", "NotWithdrawn", "abandon", "await_turn", "give_back_unheard", "leave",
+           "withdraw", "withdrawals_noted"]
 
 log = logging.getLogger(__name__)
 
@@ -281,6 +282,46 @@ def abandon(backend: QueueBackend, keys: tuple[str, ...], offer: Wait,
             log.error("could not withdraw waiter %s from %s", offer.id, keys, exc_info=failed)
 
     _run_later(clean_up())
+
+
+def give_back_unheard(notice: Notice,
+                      give_back: Callable[[Notice], Awaitable[None]]) -> asyncio.Task[None]:
+    """Give back ``notice``'s grant, made by an acquire whose caller went away while the
+    store's call was on its way (it never heard the answer), in a task of its own: the
+    caller's is being cancelled. Tried again while the store does not answer, as a waiter's
+    withdrawal is (:func:`_withdraw_retrying`), until every lease of the grant has ended (it
+    lapses then); a lock without a lease, until it is given back or the locker closes (it
+    cancels the task: the grant stays held, and that is logged). The task is returned for the
+    locker to keep (:meth:`~enhanced_locking.locking.EnhancedLocker.close`)."""
+    ends: list[datetime | None] = [lock.expires_at for lock in notice.locks]
+    until = None if None in ends else max(end for end in ends if end is not None)
+    keys = ", ".join(lock.key for lock in notice.locks)
+
+    async def clean_up() -> None:
+        delay = 0.05
+        try:
+            while True:
+                try:
+                    await give_back(notice)
+                    return
+                except BackendUnavailable as error:
+                    if until is not None and utcnow() > until:
+                        log.warning("could not give back %s (its caller left before the "
+                                    "answer): %s; its lease has ended", keys, error)
+                        return
+                    await asyncio.sleep(delay)
+                    delay = min(1.0, delay * 2)
+        except asyncio.CancelledError:
+            log.warning("closed before the store answered the give-back of %s (its caller "
+                        "left before the answer): it stays held", keys)
+            raise
+        except Exception:
+            log.exception("could not give back %s (its caller left before the answer)", keys)
+
+    task = asyncio.get_running_loop().create_task(clean_up())
+    _LATER.add(task)
+    task.add_done_callback(_LATER.discard)
+    return task
 
 
 async def withdraw(

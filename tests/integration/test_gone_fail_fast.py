@@ -1,0 +1,254 @@
+"""A caller that goes away while its acquire that does not wait is in the store leaves nothing
+held.
+
+The caller's task is cancelled (its client went, a timeout upstream, a shutdown) while the
+store call is on its way: the store may run it all the same (Redis runs what it took however
+late; etcd applies a commit once sent, and the step sees it through to etcd's answer). What
+that call granted is given back by its fencing token, as a waiter's grant whose caller left
+is, and a hold its pull had before the call stays. Each test runs on every store with queues.
+The store's call is slowed at the real part: the redis-server (every node of the cluster) or
+the etcd member stopped (SIGSTOP) while the call is sent, another connection holding the
+embedded file's write lock. The in-process stores (memory, the embedded file) run a step
+without awaiting anything: no caller is cancelled in the middle of one (the answer is then
+its caller's, and its lock held by it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tests.support.backends import BackendFactory
+from tests.support.cutting_proxy import cutting_proxy
+from tests.support.etcd_server import LOOPBACK, EtcdCluster, frozen
+from tests.support.locks import request_for
+from tests.support.queues import LockerRig, rig_for
+
+from enhanced_locking.backends.etcd_connection import CALL_TIMEOUT, EtcdConnection, EtcdSettings
+from enhanced_locking.backends.etcd_store import EtcdBackend
+from enhanced_locking.types import (
+    AcquireResult,
+    BatchItem,
+    BatchLockRequest,
+    BatchResult,
+    LockRequest,
+    Reason,
+)
+
+pytestmark = pytest.mark.timeout(90)
+
+NETWORKED = ("redis", "redis-cluster", "etcd")
+
+
+def ask(pull: int, path: str = "envs/prod") -> LockRequest:
+    return request_for(pull=pull, path=path)
+
+
+def batch_of(pull: int, *paths: str) -> BatchLockRequest:
+    items = [BatchItem(project=request_for(path=p).project) for p in paths]
+    return BatchLockRequest(locks=items, pull=request_for(pull=pull).pull)
+
+
+@contextlib.contextmanager
+def _sqlite_writer(path: Path, loop: asyncio.AbstractEventLoop,
+                   task: Callable[[], asyncio.Task[Any] | None]) -> Iterator[None]:
+    """Another connection holds the embedded file's write lock; a thread lets it go after
+    0.3 s, the cancel of ``task()`` sent to the loop just before (the store's call blocks the
+    loop meanwhile: nothing on it can cancel it)."""
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+
+    def later() -> None:
+        time.sleep(0.3)
+        running = task()
+        if running is not None:
+            loop.call_soon_threadsafe(running.cancel)
+        other.execute("ROLLBACK")
+        other.close()
+
+    thread = threading.Thread(target=later)
+    thread.start()
+    try:
+        yield
+    finally:
+        thread.join(10)
+
+
+@contextlib.contextmanager
+def _stopped(request: pytest.FixtureRequest, kind: str) -> Iterator[None]:
+    """The store of ``kind`` answers nothing for the block (its connections kept open)."""
+    with contextlib.ExitStack() as stack:
+        if kind == "redis":
+            stack.enter_context(request.getfixturevalue("redis_server").paused())
+        elif kind == "redis-cluster":
+            for node in request.getfixturevalue("redis_cluster").nodes:
+                stack.enter_context(node.paused())
+        else:
+            assert kind == "etcd", kind
+            for member in request.getfixturevalue("etcd_cluster").members:
+                stack.enter_context(frozen(member))
+        yield
+
+
+async def _cancelled_in_flight(
+        request: pytest.FixtureRequest, factory: BackendFactory, rig: LockerRig,
+        call: Callable[[], Any]) -> AcquireResult | BatchResult | None:
+    """Run ``call()`` (an acquire that does not wait) as a task, cancelled while its store
+    call is on its way; the task's answer if it had one before the cancel reached it (the
+    in-process stores), else ``None`` (it was cancelled)."""
+    task: asyncio.Task[Any] | None = None
+    if factory.kind in NETWORKED:
+        with _stopped(request, factory.kind):
+            task = rig.spawn(call())
+            await asyncio.sleep(0.3)  # sent, and not answered
+            assert not task.done()
+            task.cancel()
+            await asyncio.sleep(0.05)
+    elif factory.kind == "boltdb":
+        path = request.getfixturevalue("data_dir") / "enhanced-locking.db"
+        with _sqlite_writer(path, asyncio.get_running_loop(), lambda: task):
+            task = rig.spawn(call())
+            await asyncio.sleep(0)  # (the task's step blocks the loop in the store's call)
+    else:
+        task = rig.spawn(call())
+        await asyncio.sleep(0)
+        task.cancel()
+    assert task is not None
+    try:
+        answer: AcquireResult | BatchResult = await asyncio.wait_for(task, 30)
+    except asyncio.CancelledError:
+        assert factory.kind in NETWORKED, "an in-process store's step was cancelled midway"
+        return None
+    assert factory.kind not in NETWORKED, "the cancel did not reach the call in the store"
+    return answer
+
+
+async def _free_soon(rig: LockerRig, pull: int, *paths: str) -> None:
+    """Another pull gets each of ``paths`` within 10 s (the give-back may wait for the store
+    to answer again), and gives it back."""
+    for path in paths:
+        got = None
+        for _ in range(100):
+            got = await rig.locker.acquire(ask(pull, path))
+            if got.acquired:
+                break
+            await asyncio.sleep(0.1)
+        assert got is not None and got.acquired, (
+            f"{path}: still held for a caller that went away: {got}")
+        assert got.lock is not None
+        await rig.locker.release(got.lock.key, owner=(got.lock.project.repo_full_name, pull))
+
+
+def _abandoned(rig: LockerRig) -> list[str]:
+    """The keys told released for a caller that went away."""
+    return [event.key or "" for event in rig.events
+            if event.type == "released" and event.details.get("how") == "abandoned"]
+
+
+async def test_a_fail_fast_acquire_whose_caller_left_in_the_call_holds_nothing(
+        request: pytest.FixtureRequest, queue_backend_factory: BackendFactory,
+        rigs: Callable[..., LockerRig]) -> None:
+    """Pull 1's acquire (no wait) of a free key is cancelled while the store has it; the
+    store runs it. Before, the lock stayed held by pull 1 for good (no lease): every other
+    pull was refused ``held``. Now another pull gets it, and the give-back is told (a
+    ``released`` event, ``how`` ``abandoned``, as for a waiter's grant whose caller left)."""
+    rig = rigs()
+    warm = await rig.locker.acquire(ask(1))  # (connections open, the key known)
+    assert warm.acquired and warm.lock is not None
+    await rig.locker.release(warm.lock.key, owner=(warm.lock.project.repo_full_name, 1))
+    answer = await _cancelled_in_flight(request, queue_backend_factory, rig,
+                                        lambda: rig.locker.acquire(ask(1)))
+    if answer is not None:  # an in-process store: answered, its lock its caller's
+        assert isinstance(answer, AcquireResult) and answer.acquired and answer.lock
+        held = await rig.locker.get(answer.lock.key)
+        assert held == answer.lock
+        return
+    await _free_soon(rig, 2, "envs/prod")
+    assert _abandoned(rig) == [warm.lock.key], rig.events
+
+
+async def test_a_fail_fast_batch_whose_caller_left_in_the_call_keeps_what_its_pull_held(
+        request: pytest.FixtureRequest, queue_backend_factory: BackendFactory,
+        rigs: Callable[..., LockerRig]) -> None:
+    """Pull 1 holds ``a``; its batch of ``a`` and ``b`` (no wait) is cancelled while the
+    store has it, and the store runs it: ``b`` granted, ``a`` answered as held already. ``b``
+    is given back; ``a`` stays pull 1's, its token as before."""
+    rig = rigs()
+    own = await rig.locker.acquire(ask(1, "envs/a"))
+    assert own.acquired and own.lock is not None
+    answer = await _cancelled_in_flight(
+        request, queue_backend_factory, rig,
+        lambda: rig.locker.acquire_batch(batch_of(1, "envs/a", "envs/b")))
+    if answer is not None:
+        assert isinstance(answer, BatchResult) and answer.acquired
+        for lock in answer.locks:
+            assert await rig.locker.get(lock.key) == lock
+        return
+    await _free_soon(rig, 2, "envs/b")
+    held = await rig.locker.get(own.lock.key)
+    assert held == own.lock, "the pull's hold from before the batch was given back"
+    refused = await rig.locker.acquire(ask(2, "envs/a"))
+    assert not refused.acquired and refused.reason is Reason.HELD, refused
+    b = request_for(path="envs/b").key
+    assert _abandoned(rig) == [b], rig.events
+
+
+async def test_a_fail_fast_acquire_of_a_held_key_whose_caller_left_keeps_the_hold(
+        request: pytest.FixtureRequest, queue_backend_factory: BackendFactory,
+        rigs: Callable[..., LockerRig]) -> None:
+    """Pull 1 holds the key and asks for it again (no wait); the call is cancelled while
+    the store has it and answered as held already: nothing is given back."""
+    rig = rigs()
+    own = await rig.locker.acquire(ask(1))
+    assert own.acquired and own.lock is not None
+    answer = await _cancelled_in_flight(request, queue_backend_factory, rig,
+                                        lambda: rig.locker.acquire(ask(1)))
+    if answer is not None:
+        assert isinstance(answer, AcquireResult) and answer.acquired and not answer.fresh
+    await asyncio.sleep(1.5)  # (a give-back owed would be sent meanwhile)
+    assert await rig.locker.get(own.lock.key) == own.lock
+    refused = await rig.locker.acquire(ask(2))
+    assert not refused.acquired and refused.reason is Reason.HELD, refused
+    assert _abandoned(rig) == [], rig.events
+
+
+@pytest.mark.etcd
+async def test_a_grant_whose_caller_left_is_given_back_once_etcd_answers_again(
+        etcd_cluster: EtcdCluster, etcd_prefix: str) -> None:
+    """The commit of pull 1's acquire (no wait) is applied while its answer is held on the
+    way back (a proxy in front of the member), and its caller is cancelled; the answer comes
+    as the member stops answering (SIGSTOP) for longer than a call may take: the give-back's
+    first call fails (``unavailable``). It is tried again, and once the member answers the
+    key is free."""
+    [member] = etcd_cluster.members
+    with cutting_proxy((LOOPBACK, member.client_port)) as proxy:
+        backend = EtcdBackend(EtcdConnection(EtcdSettings(endpoints=(proxy.addr,))),
+                              prefix=etcd_prefix)
+        rig = rig_for(backend)
+        try:
+            warm = await rig.locker.acquire(ask(1))
+            assert warm.acquired and warm.lock is not None
+            await rig.locker.release(warm.lock.key, owner=(warm.lock.project.repo_full_name, 1))
+            with proxy.holding() as let_go:
+                task = rig.spawn(rig.locker.acquire(ask(1)))
+                await asyncio.sleep(0.3)  # committed; its answer held
+                assert not task.done()
+                task.cancel()
+                with frozen(member):
+                    let_go()
+                    with pytest.raises(asyncio.CancelledError):
+                        await asyncio.wait_for(task, 10)
+                    await asyncio.sleep(CALL_TIMEOUT + 1)  # (the give-back's call fails)
+                    assert _abandoned(rig) == [], "given back while etcd answered nothing"
+            await _free_soon(rig, 2, "envs/prod")
+            assert _abandoned(rig) == [warm.lock.key], rig.events
+        finally:
+            await rig.close()
+            await backend.close()
