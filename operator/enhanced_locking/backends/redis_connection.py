@@ -29,6 +29,7 @@ import itertools
 import math
 import re
 import ssl
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from time import monotonic
@@ -87,9 +88,10 @@ CONNECT_TIMEOUT = 2.0
 
 COMMAND_TIMEOUT = 5.0
 """Seconds one call may take; our scripts take microseconds. Enforced around each call by a
-timer on the event loop (:func:`within_limit`; :class:`unavailable` around redis-py's own
-commands) rather than as redis-py's socket timeout, which wraps every send in a task of its
-own (``asyncio.wait_for``) and cost more than the script."""
+timer of the event loop that the calls' limits share (:func:`within_limit`;
+:class:`unavailable` around redis-py's own commands) rather than as redis-py's socket
+timeout, which wraps every send in a task of its own (``asyncio.wait_for``) and cost more than
+the script."""
 
 SENTINEL_WAIT = 1.0
 """Seconds a Sentinel has to take a connection, and again to answer where the master is
@@ -1150,10 +1152,17 @@ class _Limit:
     after its last answer (at the call's ``seconds`` when that came before the send), not a
     second ``seconds`` later because an answer came while the call was under way."""
 
-    __slots__ = ("answers", "counted", "expired", "since", "timer")
+    __slots__ = ("answers", "counted", "due", "expired", "queue", "since", "timer")
 
     def __init__(self, counted: CallCount | None, since: float) -> None:
         self.timer: asyncio.TimerHandle | asyncio.Handle | None = None
+        """The timer or turn of the loop armed for it once its first ``seconds`` ran out (a
+        turn of grace, a wait armed again); None before (:attr:`queue`) and once it ended."""
+        self.queue: _Due | None = None
+        """The line of limits it waits in for its first ``seconds`` (:class:`_Due`); None once
+        they ran out or the call ended."""
+        self.due = 0.0
+        """The loop's time its first ``seconds`` run out."""
         self.expired = False
         self.counted = counted
         self.answers = counted.answers if counted is not None else 0
@@ -1236,9 +1245,11 @@ async def within_limit(call: Coroutine[Any, Any, _T], seconds: float = COMMAND_T
     """``await call`` within ``seconds``, else ``TimeoutError``: what
     ``asyncio.timeout`` does (a timer on the loop cancels the task; that cancellation, and
     only that one, comes out as ``TimeoutError``; a caller's own stays a cancellation), with
-    a plain timer handle instead of its ``Timeout`` object and states: about 17k client
-    instructions a call instead of 35k (2,000 of each around ``asyncio.sleep(0)``, less the
-    loop without them); every call of the store's scripts takes one. A call that waited for
+    the limit's entry in its loop's line (:class:`_Due`, one timer of the loop for all of
+    them) instead of its ``Timeout`` object, states and timer handle: 35k client instructions
+    a call, then 17k with a timer handle of its own (2,000 of each around
+    ``asyncio.sleep(0)``, less the loop without them), now about 10k fewer; every call of the
+    store's scripts takes one. A call that waited for
     a pooled connection has its ``seconds`` counted from when it was sent (:func:`_sent_now`).
     Given the client's ``counted`` calls, a call whose Redis answers others is waited for
     longer (:class:`_Limit`). The calls through redis-py's own commands take the same limit
@@ -1257,12 +1268,81 @@ async def within_limit(call: Coroutine[Any, Any, _T], seconds: float = COMMAND_T
     return answer
 
 
+class _Due:
+    """The limits of ``seconds`` armed on one event loop and not yet ended, in the order they
+    come due, behind one timer of the loop: a limit armed is an entry put in, one ended an
+    entry taken out, each a dict's step, where a timer of its own each was a ``TimerHandle``
+    made, pushed on the loop's heap (its comparisons in Python), cancelled, and popped again
+    when it came to the head; about 10k client instructions a call (counted under callgrind,
+    docs/03-redis.md). Limits of one length armed one after the other come due in the order
+    they were armed (the loop's clock does not go back), so the timer is armed at the first
+    one's time; when it runs, every limit whose time came is handed to :func:`_expire` as its
+    own timer would have been, in that order, and the timer is armed at the next one's."""
+
+    __slots__ = ("__weakref__", "limits", "loop", "seconds", "timer")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
+        self.loop = weakref.ref(loop)
+        self.seconds = seconds
+        self.limits: dict[_Limit, asyncio.Task[Any]] = {}
+        self.timer: asyncio.TimerHandle | None = None
+        """Armed at the time of the first limit (or earlier) while there is one."""
+
+    def put(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any],
+            limit: _Limit) -> None:
+        limit.queue = self
+        self.limits[limit] = task
+        if self.timer is None:
+            self.timer = loop.call_at(limit.due, self._come_due)
+
+    def _come_due(self) -> None:
+        self.timer = None
+        loop = self.loop()
+        if loop is None:
+            return
+        now, limits = loop.time(), self.limits
+        while limits:
+            limit = next(iter(limits))
+            if limit.due > now:
+                self.timer = loop.call_at(limit.due, self._come_due)
+                return
+            task = limits.pop(limit)
+            limit.queue = None
+            _expire(task, limit, self.seconds)
+
+
+_DUE: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[float, _Due]] = (
+    weakref.WeakKeyDictionary())
+"""Each event loop's lines of limits (:class:`_Due`), by their length in seconds."""
+
+_LAST_DUE: list[_Due] = []
+"""The line the last limit was armed in: the next is nearly always armed in it too (one loop,
+:data:`COMMAND_TIMEOUT`), found without a look-up by loop."""
+
+
+def _due(loop: asyncio.AbstractEventLoop, seconds: float) -> _Due:
+    """The line of limits of ``seconds`` on ``loop``."""
+    if _LAST_DUE:
+        last = _LAST_DUE[0]
+        if last.seconds == seconds and last.loop() is loop:
+            return last
+    lines = _DUE.get(loop)
+    if lines is None:
+        lines = _DUE[loop] = {}
+    line = lines.get(seconds)
+    if line is None:
+        line = lines[seconds] = _Due(loop, seconds)
+    _LAST_DUE[:] = [line]
+    return line
+
+
 def _armed(task: asyncio.Task[Any], seconds: float, counted: CallCount | None) -> _Limit:
     """The limit of a call of ``task`` starting now (see :class:`_Limit`), armed."""
     loop = task.get_loop()
     now = loop.time()
     limit = _Limit(counted, now)
-    limit.timer = loop.call_at(now + seconds, _expire, task, limit, seconds)
+    limit.due = now + seconds
+    _due(loop, seconds).put(loop, task, limit)
     return limit
 
 
@@ -1280,7 +1360,11 @@ def _ended(task: asyncio.Task[Any], limit: _Limit, cancelling: int,
 
 
 def _end(task: asyncio.Task[Any], limit: _Limit) -> None:
-    if limit.timer is not None:
+    queue = limit.queue
+    if queue is not None:
+        limit.queue = None
+        del queue.limits[limit]
+    elif limit.timer is not None:
         limit.timer.cancel()
     if _SENT:
         _unsent(task)
