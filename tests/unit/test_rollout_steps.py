@@ -286,3 +286,30 @@ def test_a_status_field_renamed_or_unreadable_is_named_and_read_as_left_out() ->
     assert (status.current_step_index, status.current_weight) == (None, None)
     assert status.analysis is not None and status.analysis.consecutive_failures == 0
     assert status.promoted == "p"
+
+
+def test_a_pause_neither_ends_nor_is_claimed_while_the_weight_before_it_is_still_moving() -> None:
+    # The weight of the step before a pause settled, and the pause began; then the keys are
+    # moving again (the operator restarted with its service, which starts from its own
+    # settings, or a replica joined that still routes by an older weight). The rollout never
+    # moves on while keys are moving: the pause waits, Progressing, and spec.paused says so.
+    rollout = Rollout(spec(steps=STEPS))
+    rollout.step()
+    assert rollout.step().phase == "Paused"
+    assert rollout.state.step_index == 1 and rollout.settled == 10
+    rollout.settled = None
+    rollout.wait(minutes=5)  # the pause's minute ran out meanwhile
+    moving = rollout.step(settle=False)
+    assert moving.state.step_index == 1, "a pause ended while the weight was still moving"
+    assert (moving.phase, moving.reason) == ("Progressing", "WeightMoving")
+    assert "weight 10" in moving.message
+    promoted = rollout.step(settle=False, promote="p")  # kept for the pause, not ignored
+    assert promoted.state.step_index == 1 and promoted.state.promoted is None
+    rollout.spec = spec(steps=STEPS, paused=True)
+    held = rollout.step(settle=False)
+    assert (held.phase, held.reason) == ("Paused", "PausedBySpec")
+    assert "keys are still moving to weight 10" in held.message
+    rollout.spec = spec(steps=STEPS)
+    rollout.settled = 10
+    assert rollout.step().state.step_index == 2  # settled: the pause that ran out ends
+    assert "PromoteIgnored" not in rollout.reasons

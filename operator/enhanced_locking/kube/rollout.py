@@ -15,6 +15,9 @@ The rules:
 * ``pause: {duration}`` ends when ``duration`` has passed since the step started;
   ``pause: {}`` waits for a promote. A promote (a new value of the promote annotation) ends the
   pause in progress; one that arrives when no pause is in progress is recorded and ignored.
+  Neither ends a pause while the weight in force before it is not settled (keys moving again
+  after a restart, or for a replica that joined with an older weight): the rollout is
+  ``Progressing`` then, and the pause ends once it has settled.
 * ``spec.paused: true`` holds the rollout at its step (the weight in force stays); a promote
   waits until it is cleared (the annotation never edits the spec: ``kubectl locking rollout
   promote`` clears it in the same edit, as ``kubectl argo rollouts promote`` does).
@@ -235,6 +238,8 @@ def advance(
         where = f"step {index + 1}/{total} ({_describe(step)})"
         if spec.paused:
             waiting = promote if promote is not None and promote != state.promoted else None
+            if settled_weight != applied:
+                where += f"; its keys are still moving to weight {applied:g}"
             if waiting is not None:
                 where += "; a promote waits until spec.paused is cleared"
             return Progress(state, "Paused", "PausedBySpec", f"spec.paused holds {where}", notes,
@@ -247,6 +252,12 @@ def advance(
         else:
             pause = step.pause
             assert pause is not None
+            if settled_weight != applied:
+                # The weight before the pause is moving again (a restarted operator's service
+                # starts from its own settings; a replica joined with an older weight): the
+                # pause neither ends nor takes a promote until it has settled.
+                return Progress(state, "Progressing", "WeightMoving",
+                                f"{where}: keys are moving to weight {applied:g} first", notes)
             if promote is not None and promote != state.promoted:
                 state = replace(state, promoted=promote)
                 notes.append(Note("Normal", "RolloutPromoted", f"promoted: {where} skipped"))
