@@ -44,6 +44,7 @@ from enhanced_locking.types import (
     Lock,
     LockRequest,
     Locks,
+    LocksUnreadable,
     PartlyListed,
     SidesUnanswered,
     UnreadableLock,
@@ -306,15 +307,19 @@ class Client:
     def list(self, *, repo: str | None = None, pull: int | None = None) -> Locks:
         """The locks held. When a store did not answer (the service listed the others' locks
         and said so), :class:`PartlyListed` (a ``BackendUnavailable``): its ``locks`` the
-        locks read, its ``unavailable`` the stores whose locks are not among them. Stored
-        locks that cannot be read are never among the locks; :meth:`listing` returns the whole
-        answer (``unavailable``, ``unreadable``), partial or not."""
+        locks read, its ``unavailable`` the stores whose locks are not among them. Else, when
+        it found stored locks it cannot read (their keys held, by whom not known),
+        :class:`LocksUnreadable`: its ``locks`` the locks read, its ``unreadable`` the others.
+        :meth:`listing` returns the whole answer (``unavailable``, ``unreadable``), partial or
+        not."""
         answer = self.listing(repo=repo, pull=pull)
         if answer.unavailable:
             stores = " and ".join(answer.unavailable)
             raise PartlyListed(f"the {stores} lock store did not answer: its locks are not "
                                f"among the {len(answer.locks)} listed", locks=answer.locks,
                                unavailable=answer.unavailable)
+        if answer.unreadable:
+            raise LocksUnreadable(answer.locks, answer.unreadable)
         return answer.locks
 
     def listing(self, *, repo: str | None = None, pull: int | None = None) -> Listing:

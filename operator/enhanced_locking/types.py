@@ -20,6 +20,8 @@ The error tree (every error carries the lock key where there is one)::
     │                           answer: carries the locks it read and names that store
     ├── LockUnreadable          the stored lock of a key cannot be read: set aside, never
     │                           granted over, cleared by a force-unlock (HTTP 409)
+    ├── LocksUnreadable         a list that found stored locks it cannot read: carries the
+    │                           locks it read and the unreadable ones
     ├── StoreRefused            an existing store file is empty or not ours: not opened (exit 2)
     └── UnusableSetting         a setting's value the store cannot use (a Redis database it
                                 lacks, a file that cannot be read): names the setting (exit 2;
@@ -92,6 +94,7 @@ __all__ = [
     "LockUnreadable",
     "LockingError",
     "Locks",
+    "LocksUnreadable",
     "Mode",
     "Moment",
     "NotAuthenticated",
@@ -1110,6 +1113,21 @@ class LockUnreadable(LockingError):
             "aside: nothing is granted on this key until a force-unlock clears it",
             key=found.key)
         self.found = found
+
+
+class LocksUnreadable(LockingError):
+    """A list the service answered (200) naming stored locks it cannot read (set aside: each
+    key is held, by whom is not known, until a force-unlock clears it): ``locks`` holds the
+    locks read, ``unreadable`` the others, which are not among them. Raised by the client
+    library (``Client.list``) so a caller cannot read the list as everything held; not a
+    ``BackendUnavailable``: asking again does not mend it, a force-unlock does."""
+
+    def __init__(self, locks: list[Lock], unreadable: tuple[UnreadableLock, ...]) -> None:
+        keys = ", ".join(entry.key for entry in unreadable)
+        super().__init__(f"stored locks that cannot be read hold {keys} (a force-unlock of each "
+                         f"clears it): they are not among the {len(locks)} listed")
+        self.locks = locks
+        self.unreadable = unreadable
 
 
 class StoreRefused(LockingError):

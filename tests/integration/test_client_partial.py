@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from tests.conftest import ServiceFactory
 from tests.support.redis_server import RedisServer
+from tests.support.unreadable import SECRET, spoil_file
 
 from enhanced_locking.client import Client
 from enhanced_locking.types import (
     BackendUnavailable,
     LockRequest,
+    LocksUnreadable,
     PartlyListed,
     PartlyReleased,
     Project,
@@ -94,3 +97,33 @@ def test_list_raises_naming_the_store_that_did_not_answer(
 
         redis_server.start()
         assert sorted(lock.key for lock in client.list(repo="acme/infra")) == [DEV, PROD]
+
+
+def test_list_raises_naming_the_stored_locks_it_could_not_read(
+    service_process: ServiceFactory, data_dir: Path,
+) -> None:
+    """The service lists the locks it can read and names the stored ones it cannot (set
+    aside: their keys are held, by whom is not known): ``list`` raises :class:`LocksUnreadable`
+    carrying the locks read and the unreadable ones, never a list that reads as everything
+    held (not a ``BackendUnavailable``: asking again does not mend it, a force-unlock does);
+    ``listing`` returns that answer whole; once a force-unlock clears the key, ``list``
+    returns the lock left. Before, ``list`` returned the readable lock alone."""
+    url = service_process().url
+    with Client(url) as client:
+        for path in ("envs/prod", "envs/dev"):
+            assert client.acquire(_request(path)).acquired
+        spoil_file(str(data_dir / "enhanced-locking.db"), "legacy", DEV, f"token={SECRET}")
+
+        with pytest.raises(LocksUnreadable) as raised:
+            client.list(repo="acme/infra")
+        error = raised.value
+        assert not isinstance(error, BackendUnavailable)
+        assert [lock.key for lock in error.locks] == [PROD]
+        assert [(entry.key, entry.side) for entry in error.unreadable] == [(DEV, "legacy")]
+        assert DEV in str(error) and SECRET not in str(error)
+        listing = client.listing(repo="acme/infra")
+        assert [lock.key for lock in listing.locks] == [PROD]
+        assert [entry.key for entry in listing.unreadable] == [DEV]
+
+        client.force_unlock(DEV, reason="unreadable")
+        assert [lock.key for lock in client.list(repo="acme/infra")] == [PROD]
