@@ -328,7 +328,7 @@ func (c *Client) do(ctx context.Context, k call) (answer, error) {
 	var last error
 	for attempt := 1; ; attempt++ {
 		got, err := c.send(ctx, k, payload)
-		if err == nil && !retryableStatus(got.status) {
+		if err == nil && (!retryableStatus(got.status) || slices.Contains(k.also, got.status)) {
 			return got, nil
 		}
 		if err != nil {
@@ -972,20 +972,16 @@ func (c *Client) Known(ctx context.Context) error {
 // did not answer, is an *UnavailableError whose Sides names the stores ("legacy",
 // "enhanced"), and its 503 for locks it withholds for now one whose Withheld says why: the
 // service itself answered.
+//
+// A connection that cannot be made is tried again as any call's is (see the package comment:
+// for its time when a restart refuses it), so a restart or a rollout of the service shorter
+// than the context's time is not an error; the service's own 503 is its answer, not retried.
 func (c *Client) Ready(ctx context.Context) error {
-	k := call{op: "ready", method: http.MethodGet, path: "/readyz", idempotent: true}
-	if c.callTimeout > 0 {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, c.callTimeout)
-		defer cancel()
-	}
-	var bound time.Duration // its time, for the error that says it ran out
-	if deadline, ok := ctx.Deadline(); ok {
-		bound = time.Until(deadline)
-	}
-	got, err := c.send(ctx, k, nil)
+	k := call{op: "ready", method: http.MethodGet, path: "/readyz", idempotent: true,
+		also: []int{http.StatusServiceUnavailable}}
+	got, err := c.do(ctx, k)
 	if err != nil {
-		return unanswered(k, err, bound)
+		return err
 	}
 	if got.status != http.StatusOK {
 		if got.status == http.StatusServiceUnavailable {

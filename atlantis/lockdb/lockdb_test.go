@@ -6,10 +6,12 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -1307,4 +1309,52 @@ func TestAServiceKilledWhileATryLockWaitsFailsItClosedAndGrantsItNothingLater(t 
 			t.Fatalf("pull 2's plan run again should get the key, got %+v %v", again, err)
 		}
 	})
+}
+
+func TestPingOfAClosedPortAnswersTheRefusalWithinItsWindow(t *testing.T) {
+	// A service gone (its port closed): Ping tries the connection again within PingWindow, not
+	// within the lock calls' time (here an hour, which a probe would never outlast), and then
+	// answers the refusal, not a context error.
+	wrapped, err := boltdb.New(t.TempDir())
+	must(t, err)
+	gone := "http://" + servicetest.Loopback + ":" + fmt.Sprint(servicetest.FreePort(t))
+	database, err := lockdb.New(gone, wrapped, lockdb.WithTimeout(time.Hour))
+	must(t, err)
+	defer database.Close() //nolint:errcheck
+	err = database.Ping()
+	if !client.IsUnavailable(err) || !errors.Is(err, syscall.ECONNREFUSED) ||
+		errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Ping of a closed port must fail unavailable with the refusal, got %v", err)
+	}
+}
+
+func TestPingReachesTheServiceThroughAnEndpointThatIsGone(t *testing.T) {
+	// A restart or a rollout of the service: the first connection goes to an endpoint whose
+	// pod is gone (its port refuses it), the next to the service. Tried again within
+	// PingWindow, as a lock call is within its time, Ping answers ready: a restart shorter
+	// than the window leaves Atlantis ready. Before, Ready sent once and Ping failed.
+	svc := servicetest.Serve(t)
+	gone := servicetest.Loopback + ":" + fmt.Sprint(servicetest.FreePort(t))
+	var dials atomic.Int32
+	var dialer net.Dialer
+	transport := &http.Transport{DisableKeepAlives: true,
+		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			if dials.Add(1) == 1 {
+				return dialer.DialContext(ctx, network, gone)
+			}
+			return dialer.DialContext(ctx, network, addr)
+		}}
+	t.Cleanup(transport.CloseIdleConnections)
+	wrapped, err := boltdb.New(t.TempDir())
+	must(t, err)
+	database, err := lockdb.New(svc.URL, wrapped, lockdb.WithClientOptions(
+		client.WithHTTPClient(&http.Client{Transport: transport})))
+	must(t, err)
+	defer database.Close() //nolint:errcheck
+	if err := database.Ping(); err != nil {
+		t.Fatalf("Ping should reach the service on its next connection, got %v", err)
+	}
+	if n := dials.Load(); n < 2 {
+		t.Fatalf("the gone endpoint's refusal should have been tried again, %d dials", n)
+	}
 }
