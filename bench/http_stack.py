@@ -114,6 +114,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -260,6 +261,10 @@ def traced_app(config: Any, steps_file: Path) -> Any:
         def waiting(self) -> int:
             count: int = self.store.waiting
             return count
+
+        def new_id(self, moment: datetime) -> str:
+            handed_out: str = self.store.new_id(moment)
+            return handed_out
 
         async def append(self, entry: AuditEntry) -> AuditEntry:
             written: AuditEntry = await self.store.append(entry)

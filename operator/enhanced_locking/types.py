@@ -1214,23 +1214,27 @@ class AuditEntry(_Model):
 
     @classmethod
     def recorded(
-        cls, *, time: datetime, identity: str, groups: tuple[str, ...], method: str,
-        verb: str, action: str, key: str | None, repo: str | None, pull: int | None,
-        outcome: str, status: int, reason: str | None, peer: str, request_id: str | None,
+        cls, *, id: str = "", time: datetime, identity: str, groups: tuple[str, ...],
+        method: str, verb: str, action: str, key: str | None, repo: str | None,
+        pull: int | None, outcome: str, status: int, reason: str | None, peer: str,
+        request_id: str | None,
     ) -> AuditEntry:
-        """An entry of values already of their types, without its id (its store gives it):
+        """An entry of values already of their types, with the ``id`` its store handed out
+        for it (``AuditStore.new_id``; ``""``, none, where the store gives it as it writes):
         what ``built(cls, ...)`` makes of these fields, written out (every audited call makes
         one; the general ``built`` merges defaults and reads the class's private attributes,
         about 6k instructions more). A test holds the two to the same model."""
         entry = _new_object(cls)
         _set_fields(entry, {
-            "id": "", "time": time, "identity": identity, "groups": groups, "method": method,
+            "id": id, "time": time, "identity": identity, "groups": groups, "method": method,
             "verb": verb, "action": action, "key": key, "repo": repo, "pull": pull,
             "outcome": outcome, "status": status, "reason": reason, "peer": peer,
             "request_id": request_id})
-        _set_fields_set(entry, {
-            "time", "identity", "groups", "method", "verb", "action", "key", "repo", "pull",
-            "outcome", "status", "reason", "peer", "request_id"})
+        given = {"time", "identity", "groups", "method", "verb", "action", "key", "repo",
+                 "pull", "outcome", "status", "reason", "peer", "request_id"}
+        if id:
+            given.add("id")
+        _set_fields_set(entry, given)
         _set_extra(entry, None)
         _set_private(entry, None)
         return entry

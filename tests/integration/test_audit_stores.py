@@ -31,6 +31,7 @@ from tests.support.service import ServiceProcess, ServiceStartError
 from tests.support.unreadable import SECRET
 
 from enhanced_locking.api import create_app
+from enhanced_locking.api.access import Caller, build_access
 from enhanced_locking.api.audit import AuditTrail
 from enhanced_locking.api.audit_routes import CURSOR_PATTERN
 from enhanced_locking.backends.audit_store import (
@@ -50,7 +51,7 @@ from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.factory import LockService
 from enhanced_locking.metrics import Metrics
 from enhanced_locking.provider import ConfigProvider
-from enhanced_locking.types import AuditEntry, BackendUnavailable, utcnow
+from enhanced_locking.types import AuditEntry, BackendUnavailable, Identity, Verb, utcnow
 
 REPO = "acme/audited"
 
@@ -220,6 +221,39 @@ async def test_a_cursor_of_another_store_is_refused_as_one_and_the_lowest_reads_
     if kind == "redis":  # the lowest ids of a stream: nothing is before them
         assert await store.read(AuditQuery(before="0-0")) == []
         assert await store.read(AuditQuery(before="0")) == []
+
+
+@kinds(*KINDS)
+async def test_an_entry_built_with_the_id_handed_out_for_it_is_stored_as_it_is(
+    make: StoreMaker, kind: str,
+) -> None:
+    """An audited call's entry is built once, with the id its store hands out for it before
+    (``new_id``): that entry is the one stored and answered, not a copy of it. Redis hands
+    out none (the stream gives an entry its id as it appends it). Any other entry (built
+    without an id, with an id handed out before another entry was appended, or read back
+    from the trail) gets an id of the store's: no id is stored twice, and the trail keeps
+    the order of the appends."""
+    store = make()
+    moment = utcnow()
+    handed_out = store.new_id(moment)
+    built = entry(1, id=handed_out, time=moment)
+    first = await store.append(built)
+    if kind == "redis":
+        assert handed_out == "" and first is not built and first.id
+        assert first == entry(1, id=first.id, time=moment)
+    else:
+        assert handed_out and first is built
+    moment = utcnow()
+    early = store.new_id(moment)
+    between = await store.append(entry(2))
+    late = await store.append(entry(3, id=early, time=moment))
+    again = await store.append(first)
+    written = [first, between, late, again]
+    assert len({e.id for e in written}) == 4 and all(e.id for e in written)
+    assert kind == "redis" or late.id != early
+    found = await store.read(AuditQuery())
+    assert [e.id for e in found] == [e.id for e in reversed(written)]
+    assert numbers(found) == [1, 3, 2, 1]
 
 
 @kinds(*DURABLE)
@@ -893,6 +927,41 @@ async def test_an_entry_the_store_refuses_still_goes_to_stdout_counted_and_logge
     lines = [json.loads(line)["audit"] for line in stream.getvalue().splitlines()]
     assert [line["pull"] for line in lines] == [1, 2]
     assert not lines[0]["id"] and lines[1]["id"]
+
+
+async def test_an_audited_call_answers_when_the_store_cannot_hand_out_its_entrys_id(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An audited call asks the store for its entry's id before the entry is built: a file
+    whose block of ids cannot be reserved (read-only) fails neither that nor the call; the
+    entry is refused as the store refuses it (to stdout without an id, logged, counted),
+    and the next call's entry is stored with its id."""
+    path = tmp_path / "trail.db"
+    stream = io.StringIO()
+    store = SqliteAuditStore(path, Retention(timedelta(days=1), 1000))
+    try:
+        trail, metrics = _trail(store, stream)
+        caller = Caller(identity=Identity(name="atlantis", groups=("bots",), method="static"),
+                        peer="127.0.0.1:4711", request_id="req-7",
+                        access=build_access(EnhancedLockingConfig(legacy_backend="memory")),
+                        audit=trail)
+        store._db.execute("PRAGMA query_only = ON")  # what a read-only file answers
+        with caplog.at_level(logging.ERROR, logger="enhanced_locking.api.audit"):
+            await caller.record(action="acquire", verb=Verb.LOCK, key="acme/infra/1/default",
+                                repo="acme/infra", pull=1, outcome="acquired", status=200)
+        assert "audit entry not stored" in caplog.text and "readonly" in caplog.text
+        assert trail.failures == 1
+        assert _counted(metrics) == (0.0, 1.0, 0.0)
+        store._db.execute("PRAGMA query_only = OFF")
+        await caller.record(action="acquire", verb=Verb.LOCK, key="acme/infra/2/default",
+                            repo="acme/infra", pull=2, outcome="acquired", status=200)
+        stored = await store.read(AuditQuery())
+    finally:
+        await store.close()
+    assert numbers(stored) == [2]
+    lines = [json.loads(line)["audit"] for line in stream.getvalue().splitlines()]
+    assert [line["pull"] for line in lines] == [1, 2]
+    assert not lines[0]["id"] and lines[1]["id"] == stored[0].id
 
 
 async def test_the_stdout_line_is_the_stored_entry_with_its_id(tmp_path: Path) -> None:

@@ -148,13 +148,16 @@ def test_a_requests_candidate_granted_is_the_model_built_from_its_fields(mode: s
 def test_an_audit_entry_and_its_stored_copy_are_the_models_built_from_their_fields(
     values: dict[str, object],
 ) -> None:
-    # AuditEntry.recorded and with_id write their fields out instead of asking built() and
-    # replaced(): the models agree in every field, in which count as set, and in the JSON.
+    # AuditEntry.recorded (without an id, or with the one its store handed out) and with_id
+    # write their fields out instead of asking built() and replaced(): the models agree in
+    # every field, in which count as set, and in the JSON.
     time = datetime(2024, 5, 1, 8, 20, 30, 123456, tzinfo=UTC)
     written = AuditEntry.recorded(time=time, **values)  # type: ignore[arg-type]
+    with_its_id = AuditEntry.recorded(id="41", time=time, **values)  # type: ignore[arg-type]
     general = built(AuditEntry, time=time, **values)
     for ours, theirs in ((written, general),
-                         (written.with_id("41"), replaced(general, id="41"))):
+                         (written.with_id("41"), replaced(general, id="41")),
+                         (with_its_id, replaced(general, id="41"))):
         assert ours == theirs
         assert list(ours.__dict__) == list(theirs.__dict__)
         assert ours.model_fields_set == theirs.model_fields_set

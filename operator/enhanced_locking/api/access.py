@@ -379,8 +379,9 @@ class Caller:
         Nothing is made for an entry the trail would not keep (:meth:`AuditTrail.keeps`)."""
         if not self.audit.keeps(verb=verb.value, action=action, outcome=outcome, status=status):
             return
+        time = utcnow()
         await self.audit.record_kept(AuditEntry.recorded(
-            time=utcnow(), identity=self.identity.name,
+            id=self.audit.new_id(time), time=time, identity=self.identity.name,
             groups=self.identity.groups, method=self.identity.method, verb=verb.value,
             action=action, key=key, repo=repo, pull=pull, outcome=outcome, status=status,
             reason=reason, peer=self.peer, request_id=self.request_id,

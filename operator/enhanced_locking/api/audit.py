@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable
+from datetime import datetime
 from typing import IO
 
 from enhanced_locking.backends.audit_store import AuditQuery, AuditStore, entry_json
@@ -78,6 +79,16 @@ class AuditTrail:
         return self._enabled() and (
             self._own_locks()
             or not own_lock_call(verb=verb, action=action, outcome=outcome, status=status))
+
+    def new_id(self, time: datetime) -> str:
+        """The id of the entry of ``time`` about to be recorded, handed out by the store
+        (:meth:`AuditStore.new_id`): the entry is built with it, not copied with it. A store
+        that cannot hand one out now hands out none (``""``): its append meets the same
+        trouble, where a store's refusal never fails the audited call (:meth:`record_kept`)."""
+        try:
+            return self.store.new_id(time)
+        except BackendUnavailable:
+            return ""
 
     async def record(self, entry: AuditEntry) -> None:
         if not self.keeps(verb=entry.verb, action=entry.action, outcome=entry.outcome,

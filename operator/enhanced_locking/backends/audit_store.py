@@ -118,6 +118,14 @@ def _encoded(entry: AuditEntry) -> tuple[str, str | None]:
     return text, time_text
 
 
+def _handed_out(entry: AuditEntry, handed_out: str) -> bool:
+    """Whether ``entry`` was built with ``handed_out``, the id a store's ``new_id`` handed out
+    last (``""`` when none waits: each append takes it back). Only that one id is taken as
+    it is, so two entries never share an id and a store's entries keep their order, whatever
+    else was appended between an id's hand-out and its entry's append."""
+    return bool(handed_out) and entry.__dict__["id"] == handed_out
+
+
 def _stored(text: str | bytes | None, *, entry_id: str | None, where: str) -> AuditEntry | None:
     """The entry stored as ``text`` (with ``entry_id``, where the place gives the id), or
     ``None`` when it does not read: something else wrote into the trail's place. That is
@@ -233,7 +241,19 @@ class AuditStore(Protocol):
         """Entries appended and not written yet (a store that writes behind)."""
         ...
 
-    async def append(self, entry: AuditEntry) -> AuditEntry: ...
+    def new_id(self, time: datetime) -> str:
+        """The id of the entry of ``time`` about to be appended, handed out before the entry
+        is built, so that it is built once, with its id (the audited calls' entries); ``""``
+        where the store learns an entry's id only as it writes it (Redis: the stream gives
+        it)."""
+        ...
+
+    async def append(self, entry: AuditEntry) -> AuditEntry:
+        """``entry`` stored, with its id: ``entry`` itself when it was built with the id
+        :meth:`new_id` handed out last, nothing appended since (see :func:`_handed_out`);
+        else (an entry built without an id, or with one this store did not hand out for it)
+        a copy with the id the store gives it."""
+        ...
 
     async def read(self, query: AuditQuery) -> list[AuditEntry]: ...
 
@@ -283,6 +303,7 @@ class SqliteAuditStore:
         self._appended = 0
         self._next_id = 1
         self._last_id = 0  # the reserved block is _next_id .. _last_id
+        self._handed_out, self._handed_out_row = "", 0  # new_id's last, not appended yet
         self._rows: collections.deque[tuple[Any, ...]] = collections.deque()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_loop: asyncio.AbstractEventLoop | None = None
@@ -344,12 +365,23 @@ class SqliteAuditStore:
             raise BackendUnavailable(f"cannot write the audit trail: {error}") from None
         self._next_id, self._last_id = first, last
 
-    async def append(self, entry: AuditEntry) -> AuditEntry:
-        """The entry with its id; its row is written behind (see the class)."""
+    def new_id(self, time: datetime) -> str:
+        """The next id of the reserved block (a new block reserved when it is used up)."""
         if self._next_id > self._last_id:
             self._reserve()
         row_id, self._next_id = self._next_id, self._next_id + 1
-        stored = entry.with_id(str(row_id))
+        text = str(row_id)
+        self._handed_out, self._handed_out_row = text, row_id
+        return text
+
+    async def append(self, entry: AuditEntry) -> AuditEntry:
+        """The entry with its id; its row is written behind (see the class)."""
+        handed_out = self._handed_out  # _handed_out() written out: every audited call
+        if handed_out and entry.__dict__["id"] == handed_out:
+            stored = entry
+        else:
+            stored = entry.with_id(self.new_id(entry.time))
+        row_id, self._handed_out = self._handed_out_row, ""
         if len(self._rows) >= self.capacity:
             self._rows.popleft()
             if self._refused is not None and self.dropped == self._refused[1]:
@@ -566,8 +598,13 @@ class RedisAuditStore:
         cutoff = int((utcnow() - self._retention.max_age).timestamp() * 1000)
         await self._prune_script(keys=[self._stream, self._refusals], args=[cutoff])
 
+    def new_id(self, time: datetime) -> str:
+        """None handed out: the stream gives an entry its id as it appends it."""
+        return ""
+
     async def append(self, entry: AuditEntry) -> AuditEntry:
-        """The entry appended by :data:`APPEND_AUDIT_ENTRY` (one round trip)."""
+        """The entry appended by :data:`APPEND_AUDIT_ENTRY` (one round trip), with the id the
+        stream gave it."""
         args: list[str | int] = [entry_json(entry), self._retention.max_entries,
                                  int(entry.refusal)]
         entry_id = await self._call("write", lambda: self._append(
@@ -633,10 +670,17 @@ class MemoryAuditStore:
         """The other entries, then the refusals: each kind within its own bound."""
         self._retention = retention
         self._next = 1
+        self._handed_out = ""  # the id new_id handed out last, not appended yet
+
+    def new_id(self, time: datetime) -> str:
+        self._handed_out = text = str(self._next)
+        self._next += 1
+        return text
 
     async def append(self, entry: AuditEntry) -> AuditEntry:
-        stored = entry.with_id(str(self._next))
-        self._next += 1
+        stored = entry if _handed_out(entry, self._handed_out) else entry.with_id(
+            self.new_id(entry.time))
+        self._handed_out = ""
         self._kinds[stored.refusal].append(stored)
         cutoff = utcnow() - self._retention.max_age
         for entries in self._kinds:

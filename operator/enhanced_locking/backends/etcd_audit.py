@@ -18,6 +18,7 @@ from enhanced_locking.backends.audit_store import (
     PRUNE_EVERY,
     AuditQuery,
     Retention,
+    _handed_out,
     _micros,
     _prefix_end,
     _stored,
@@ -75,6 +76,8 @@ class EtcdAuditStore:
         self._retention = retention
         self._appended = 0
         self._last = 0
+        self._handed_out = ""  # the id new_id handed out last, not appended yet
+        self._handed_out_at: datetime | None = None  # and the time it was handed out for
         self._outbox = Outbox[tuple[bytes, bytes]](
             self._write, what="audit entries", task_name="etcd-audit-write",
             down=(BackendUnavailable,), capacity=self.capacity, coalesce=self.coalesce,
@@ -95,9 +98,20 @@ class EtcdAuditStore:
         micros = min(max(_micros(moment), 0), _ETCD_LAST_MICROS)
         return prefix + f"{micros:016d}".encode()
 
+    def new_id(self, time: datetime) -> str:
+        """The id of an entry of ``time``: its time in µs (later than the last one handed
+        out) and a random part."""
+        self._last = max(_micros(time), self._last + 1)
+        self._handed_out = text = f"{self._last:016d}-{secrets.token_hex(4)}"
+        self._handed_out_at = time
+        return text
+
     async def append(self, entry: AuditEntry) -> AuditEntry:
-        self._last = max(_micros(entry.time), self._last + 1)
-        stored = entry.with_id(f"{self._last:016d}-{secrets.token_hex(4)}")
+        # (an id handed out for another time than the entry's would file it at that time)
+        stored = entry if _handed_out(entry, self._handed_out) and (
+            entry.__dict__["time"] == self._handed_out_at) else entry.with_id(
+            self.new_id(entry.time))
+        self._handed_out = ""
         prefix = self._refusals if stored.refusal else self._prefix
         self._outbox.put((prefix + stored.id.encode(), entry_json(stored).encode()))
         return stored
