@@ -307,7 +307,8 @@ class Client:
     def list(self, *, repo: str | None = None, pull: int | None = None) -> Locks:
         """The locks held. When a store did not answer (the service listed the others' locks
         and said so), :class:`PartlyListed` (a ``BackendUnavailable``): its ``locks`` the
-        locks read, its ``unavailable`` the stores whose locks are not among them. Else, when
+        locks read, its ``unavailable`` the stores whose locks are not among them, its
+        ``unreadable`` the stored locks found that cannot be read. Else, when
         it found stored locks it cannot read (their keys held, by whom not known),
         :class:`LocksUnreadable`: its ``locks`` the locks read, its ``unreadable`` the others.
         :meth:`listing` returns the whole answer (``unavailable``, ``unreadable``), partial or
@@ -317,7 +318,7 @@ class Client:
             stores = " and ".join(answer.unavailable)
             raise PartlyListed(f"the {stores} lock store did not answer: its locks are not "
                                f"among the {len(answer.locks)} listed", locks=answer.locks,
-                               unavailable=answer.unavailable)
+                               unavailable=answer.unavailable, unreadable=answer.unreadable)
         if answer.unreadable:
             raise LocksUnreadable(answer.locks, answer.unreadable)
         return answer.locks

@@ -1061,13 +1061,16 @@ class PartlyReleased(BackendUnavailable):
 class PartlyListed(BackendUnavailable):
     """A list the service answered (200) without a lock store that did not answer: ``locks``
     holds the locks read on the stores that answered, ``unavailable`` names the others, whose
-    locks are not among them. Raised by the client library (``Client.list``) so a caller
-    cannot read a partial list as everything held."""
+    locks are not among them, and ``unreadable`` the stored locks it found and cannot read
+    (as :class:`LocksUnreadable` carries them). Raised by the client library
+    (``Client.list``) so a caller cannot read a partial list as everything held."""
 
-    def __init__(self, message: str, *, locks: list[Lock], unavailable: tuple[str, ...]) -> None:
+    def __init__(self, message: str, *, locks: list[Lock], unavailable: tuple[str, ...],
+                 unreadable: tuple[UnreadableLock, ...] = ()) -> None:
         super().__init__(message)
         self.locks = locks
         self.unavailable = unavailable
+        self.unreadable = unreadable
 
 
 class SidesUnanswered(PartlyReleased):

@@ -127,3 +127,20 @@ def test_list_raises_naming_the_stored_locks_it_could_not_read(
 
         client.force_unlock(DEV, reason="unreadable")
         assert [lock.key for lock in client.list(repo="acme/infra")] == [PROD]
+
+
+@pytest.mark.redis
+def test_a_partial_list_carries_the_stored_locks_it_could_not_read_too(
+    redis_server: RedisServer, service_process: ServiceFactory, data_dir: Path,
+) -> None:
+    """A store did not answer and another holds a lock that cannot be read: ``list`` raises
+    :class:`PartlyListed` (the outage, asked again once the store answers) carrying the
+    unreadable locks too, so the error holds the whole answer as ``listing`` does."""
+    with _a_lock_on_each_side(redis_server, service_process) as client:
+        spoil_file(str(data_dir / "enhanced-locking.db"), "legacy", DEV, f"token={SECRET}")
+        with pytest.raises(PartlyListed) as raised:
+            client.list(repo="acme/infra")
+        error = raised.value
+        assert error.locks == [] and error.unavailable == ("enhanced",)
+        assert [(entry.key, entry.side) for entry in error.unreadable] == [(DEV, "legacy")]
+        assert SECRET not in str(error)
