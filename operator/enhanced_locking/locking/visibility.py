@@ -30,8 +30,8 @@ from enhanced_locking.types import Lock, utcnow
 if TYPE_CHECKING:
     from enhanced_locking.locking.enhanced import EnhancedLocker
 
-__all__ = ["AHEAD_SHOWN", "HISTORY", "HoldTimes", "RuleWatch", "WaitView", "wait_for_reader",
-           "wait_repos"]
+__all__ = ["AHEAD_SHOWN", "HISTORY", "WAKE_AGAIN", "HoldTimes", "RuleWatch", "WaitView",
+           "wait_for_reader", "wait_repos"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,10 @@ AHEAD_SHOWN = 20
 """Most waiters ahead a ``queued`` event lists (the first in line: those served next);
 ``aheadCount`` says how many are ahead in all. Listing all of them made each enqueue read and
 send the whole queue, O(n) a request and O(n²) for a flood of them."""
+
+WAKE_AGAIN = (0.5, 30.0)
+"""Seconds before a wake of the queues that the store did not answer (:meth:`RuleWatch._wake`)
+is made again: the first pause, doubled after each wake that fails, up to the second."""
 
 
 class HoldTimes:
@@ -179,6 +183,8 @@ class RuleWatch:
         """Looks at the rules under way (each reads the store's clock first)."""
         self._active: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._wakes = 0
+        """Wakes begun: a wake made again gives way to a later one (it reads newer rules)."""
 
     def changed(self, rules: policies.PolicyRules) -> None:
         """The config's rules now (called on every applied snapshot; cheap when unchanged)."""
@@ -230,10 +236,25 @@ class RuleWatch:
             await self._wake()
 
     async def _wake(self) -> None:
-        try:
-            await self._locker.wake()
-        except Exception as error:  # the store is away: the next release serves the queues
-            log.warning("serving the queues after a rule change failed: %s", error)
+        """Serve the queues under the rules now, and refuse what they can never grant (a
+        batch over a limit lowered since it queued: :meth:`EnhancedLocker.wake`). A store that
+        does not answer is woken again after :data:`WAKE_AGAIN`'s growing pauses until it
+        answers, or a later wake (later rules) takes over: a refusal the new rules make is
+        not lost with the store's answer, nor left to the waiter's own wait."""
+        self._wakes += 1
+        mine = self._wakes
+        pause = WAKE_AGAIN[0]
+        while True:
+            try:
+                await self._locker.wake()
+                return
+            except Exception as error:  # the store is away: wake it again later
+                log.warning("serving the queues after a rule change failed (made again in "
+                            "%gs): %s", pause, error)
+            await asyncio.sleep(pause)
+            if self._wakes != mine:
+                return  # a later wake serves the queues under the rules now
+            pause = min(pause * 2, WAKE_AGAIN[1])
 
     async def close(self) -> None:
         tasks = list(self._tasks)
