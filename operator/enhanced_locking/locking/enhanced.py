@@ -582,6 +582,11 @@ class EnhancedLocker(AtlantisCalls):
         closes a cycle) and the ``queued`` event. The waiter is in its queue already: a
         caller cancelled here must leave it (:meth:`_queued`)."""
         key = outcome.key or waiter.keys[0]
+        if len(waiter.candidates) > 1:
+            refused = await self._refuse_over_limit_queued(waiter, future, key, answers,
+                                                           caller=offer.caller)
+            if refused is not None:
+                return refused
         if self.settings().deadlock_detection:
             refused = await self._refuse_deadlock(waiter, future, key, answers,
                                                   caller=offer.caller)
@@ -609,6 +614,29 @@ class EnhancedLocker(AtlantisCalls):
             mode=waiter.mode, keys=list(waiter.keys), message=outcome.message, **seen,
         )
         return None
+
+    async def _refuse_over_limit_queued(self, waiter: Waiter, future: asyncio.Future[Notice],
+                                        key: str, answers: Answers[Result], *,
+                                        caller: str) -> Result | None:
+        """Refuse a batch just queued that asks for more locks of a group than its limit in
+        the rules in force now: they were lowered after the request read them, and the wake
+        that applied them (:meth:`wake`) may have read the queues before this batch was in
+        them. Read after the store queued it, the rules are those that wake applied (or
+        later): each batch is seen by the wake or here. Only if ``caller`` still owns the
+        waiter; one granted or taken out first is left to its notice."""
+        policy = self.policy()
+        if not policy.limits:
+            return None
+        never = policies.over_limit([parts_of(c) for c in waiter.candidates], policy.rules)
+        if never is None:
+            return None
+        cancelled = await self._call("cancel", lambda: self.backend.cancel(
+            key, waiter.id, reason=Reason.LIMITED, caller=caller, policy=policy))
+        self._handed_on(cancelled.handed)
+        if not cancelled.removed:  # granted first (its grant stands), or answered already
+            return None
+        self.backend.grants.forget(waiter.id, future)
+        return answers.refused(never.key, Reason.LIMITED, message=never.message)
 
     async def _seconds_left(self, waiter: Waiter, ends: float) -> float:
         """How long to wait: what is left of the offer since the waiter was queued (``ends``,
