@@ -35,6 +35,7 @@ from enhanced_locking.backends.etcd_connection import CALL_TIMEOUT, EtcdConnecti
 from enhanced_locking.backends.etcd_store import EtcdBackend
 from enhanced_locking.types import (
     AcquireResult,
+    BackendUnavailable,
     BatchItem,
     BatchLockRequest,
     BatchResult,
@@ -132,11 +133,15 @@ async def _cancelled_in_flight(
 
 async def _free_soon(rig: LockerRig, pull: int, *paths: str) -> None:
     """Another pull gets each of ``paths`` within 10 s (the give-back may wait for the store
-    to answer again), and gives it back."""
+    to answer again; so may this, a connection cut just before), and gives it back."""
     for path in paths:
         got = None
         for _ in range(100):
-            got = await rig.locker.acquire(ask(pull, path))
+            try:
+                got = await rig.locker.acquire(ask(pull, path))
+            except BackendUnavailable:
+                await asyncio.sleep(0.1)
+                continue
             if got.acquired:
                 break
             await asyncio.sleep(0.1)
@@ -247,6 +252,45 @@ async def test_a_grant_whose_caller_left_is_given_back_once_etcd_answers_again(
                         await asyncio.wait_for(task, 10)
                     await asyncio.sleep(CALL_TIMEOUT + 1)  # (the give-back's call fails)
                     assert _abandoned(rig) == [], "given back while etcd answered nothing"
+            await _free_soon(rig, 2, "envs/prod")
+            assert _abandoned(rig) == [warm.lock.key], rig.events
+        finally:
+            await rig.close()
+            await backend.close()
+
+
+@pytest.mark.etcd
+async def test_a_grant_whose_caller_left_and_whose_answer_was_lost_is_given_back(
+        etcd_cluster: EtcdCluster, etcd_prefix: str) -> None:
+    """The commit of pull 1's acquire (no wait) is applied while its answer is held on the
+    way back, its caller is cancelled, and then the connection is cut as the answer passes:
+    the step cannot know from the answer whether etcd applied it. It reads the keys again
+    (never running again for a caller that is gone), finds its write there, and the grant is
+    given back. Before, the step ended at the lost answer and the lock stayed held for good."""
+    [member] = etcd_cluster.members
+    with cutting_proxy((LOOPBACK, member.client_port)) as proxy:
+        backend = EtcdBackend(EtcdConnection(EtcdSettings(endpoints=(proxy.addr,))),
+                              prefix=etcd_prefix)
+        rig = rig_for(backend)
+        try:
+            warm = await rig.locker.acquire(ask(1))
+            assert warm.acquired and warm.lock is not None
+            await rig.locker.release(warm.lock.key, owner=(warm.lock.project.repo_full_name, 1))
+            with proxy.holding() as let_go:
+                task = rig.spawn(rig.locker.acquire(ask(1)))
+                await asyncio.sleep(0.3)  # committed; its answer held
+                assert not task.done()
+                task.cancel()
+                proxy.chance, proxy.cutting = 1.0, True
+                let_go()
+                for _ in range(500):
+                    if proxy.cut:
+                        break
+                    await asyncio.sleep(0.01)
+                proxy.cutting = False
+                assert proxy.cut, "the answer was not cut: the case is not made"
+                with pytest.raises(asyncio.CancelledError):
+                    await asyncio.wait_for(task, 15)
             await _free_soon(rig, 2, "envs/prod")
             assert _abandoned(rig) == [warm.lock.key], rig.events
         finally:

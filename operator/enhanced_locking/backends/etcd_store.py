@@ -307,6 +307,11 @@ class _Refused(BackendUnavailable):
     applied, and sending it again changes nothing, so the step is not run again."""
 
 
+class _GoneUnanswered(Exception):
+    """A step whose caller went away while its commit was on its way, and whose commit's
+    answer was then lost (``EtcdBackend._commit_answered``): etcd may have applied it."""
+
+
 def _refused_for_good(error: BaseException) -> bool:
     """Whether ``error`` is etcd refusing a transaction as it would refuse it again (not a
     token to renew: :func:`~enhanced_locking.backends.etcd_connection.stale_token`)."""
@@ -1617,6 +1622,11 @@ class EtcdBackend(StoreBackend):
                                                                         verified=verified)
                 except _Refused:
                     raise  # refused for good: running the step again changes nothing
+                except _GoneUnanswered:
+                    self._known.forget(want_keys, want_prefixes)
+                    runs = [(txn, result)] if lost is None else [(txn, result), lost]
+                    raise await self._gone_unanswered(
+                        client, runs, want_keys, want_prefixes, key=key) from None
                 except BackendUnavailable:
                     # Through a leader change the answer can be lost: whether it was written
                     # or not, the step runs again on fresh reads (guards keep it from applying
@@ -1690,11 +1700,48 @@ class EtcdBackend(StoreBackend):
                     raise
                 gone = True
                 continue
-            except BaseException:
+            except BaseException as error:
+                if gone and isinstance(error, BackendUnavailable) and not isinstance(
+                        error, _Refused):
+                    raise _GoneUnanswered from error  # (applied or not: the reads will say)
                 if gone:
-                    raise asyncio.CancelledError from None  # (its answer lost: as before)
+                    raise asyncio.CancelledError from None
                 raise
             return revision, fresh, gone
+
+    async def _gone_unanswered(self, client: etcd3aio.Etcd3Client,
+                               runs: list[tuple[_Txn, T]], keys: set[bytes],
+                               prefixes: set[bytes], *,
+                               key: str | None) -> asyncio.CancelledError:
+        """The cancellation of a step whose caller went away as its commit was on its way,
+        the commit's answer lost: its keys read again (never the step run again: nobody
+        wants it now), tried while etcd does not answer for as long as a call may take. The
+        write of one of ``runs`` (this run, and an earlier run of the step whose answer was
+        lost too) found there is answered as landed (a grant: ``GrantedUnheard``, given back
+        by its caller); none found, or not read in time, a plain cancellation. Before, a
+        commit etcd applied though its answer was lost stayed: a grant held for good, never
+        told."""
+        runs = [run for run in runs if run[0].writes]
+        if not runs:
+            return asyncio.CancelledError()
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + CALL_TIMEOUT
+        while True:
+            try:
+                reads = await self._fetch(client, keys, prefixes, key=key)
+            except BackendUnavailable:
+                if loop.time() > give_up:
+                    log.warning("etcd %s: could not read whether the step of %s, given up on "
+                                "by its caller, was applied (its answer lost): what it wrote "
+                                "may stay", self.connection.where, key or "its keys")
+                    return asyncio.CancelledError()
+                await asyncio.sleep(0.1)
+                continue
+            for run in runs:
+                landed = _landed(run[0], reads)
+                if landed is not None:
+                    return _unheard(self._answer_landed(run, landed))
+            return asyncio.CancelledError()
 
     def _answer_landed(self, lost: tuple[_Txn, T], revision: int) -> T:
         """The answer of a run whose commit etcd applied at ``revision`` (0: it only deleted)
