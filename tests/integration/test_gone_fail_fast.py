@@ -31,7 +31,7 @@ from tests.support.etcd_server import LOOPBACK, EtcdCluster, frozen
 from tests.support.locks import request_for
 from tests.support.queues import LockerRig, rig_for
 
-from enhanced_locking.backends.etcd_connection import CALL_TIMEOUT, EtcdConnection, EtcdSettings
+from enhanced_locking.backends.etcd_connection import EtcdConnection, EtcdSettings
 from enhanced_locking.backends.etcd_store import EtcdBackend
 from enhanced_locking.types import (
     AcquireResult,
@@ -229,9 +229,9 @@ async def test_a_grant_whose_caller_left_is_given_back_once_etcd_answers_again(
         etcd_cluster: EtcdCluster, etcd_prefix: str) -> None:
     """The commit of pull 1's acquire (no wait) is applied while its answer is held on the
     way back (a proxy in front of the member), and its caller is cancelled; the answer comes
-    as the member stops answering (SIGSTOP) for longer than a call may take: the give-back's
-    first call fails (``unavailable``). It is tried again, and once the member answers the
-    key is free."""
+    as the proxy stops letting any request through (the connection reset: the member never
+    sees it): the give-back's calls fail (``unavailable``). It is tried again, and once the
+    member can be reached the key is free, its give-back told."""
     [member] = etcd_cluster.members
     with cutting_proxy((LOOPBACK, member.client_port)) as proxy:
         backend = EtcdBackend(EtcdConnection(EtcdSettings(endpoints=(proxy.addr,))),
@@ -246,12 +246,15 @@ async def test_a_grant_whose_caller_left_is_given_back_once_etcd_answers_again(
                 await asyncio.sleep(0.3)  # committed; its answer held
                 assert not task.done()
                 task.cancel()
-                with frozen(member):
+                proxy.refusing = True
+                try:
                     let_go()
                     with pytest.raises(asyncio.CancelledError):
                         await asyncio.wait_for(task, 10)
-                    await asyncio.sleep(CALL_TIMEOUT + 1)  # (the give-back's call fails)
-                    assert _abandoned(rig) == [], "given back while etcd answered nothing"
+                    await asyncio.sleep(2)  # (the give-back's calls fail meanwhile)
+                    assert _abandoned(rig) == [], "given back while etcd was out of reach"
+                finally:
+                    proxy.refusing = False
             await _free_soon(rig, 2, "envs/prod")
             assert _abandoned(rig) == [warm.lock.key], rig.events
         finally:

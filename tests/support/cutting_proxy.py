@@ -7,7 +7,9 @@ on, each chunk of an answer coming back from the upstream is, with the probabili
 the request (its answer was on its way) and the caller never hears it: the connection cut
 mid-reply. ``cut`` counts those. While :meth:`CuttingProxy.holding`, the answers are held
 (nothing passed on, nothing cut) until it is let go: the store answered in time, and the
-caller hears it only then.
+caller hears it only then. While ``refusing`` is on, no request reaches the upstream: each
+chunk sent to it, and each new connection, resets the connection instead (the store never
+sees it), while answers already on their way still pass.
 
 Nothing listens anywhere but 127.0.0.1.
 """
@@ -43,6 +45,7 @@ class CuttingProxy:
         self.cutting = False
         self.chance = 0.02
         self.cut = 0
+        self.refusing = False
         self._rng = random.Random(seed)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -113,6 +116,9 @@ class CuttingProxy:
             self.cutting = False
 
     async def _serve(self, down_r: asyncio.StreamReader, down_w: asyncio.StreamWriter) -> None:
+        if self.refusing:
+            _reset(down_w)
+            return
         try:
             up_r, up_w = await asyncio.open_connection(*self.upstream)
         except OSError:
@@ -124,6 +130,8 @@ class CuttingProxy:
                        answers: bool) -> None:
             try:
                 while chunk := await reader.read(65536):
+                    if not answers and self.refusing:
+                        break  # (reset below: the request never reaches the upstream)
                     if answers and self._passing is not None:
                         await self._passing.wait()
                     if answers and self.cutting and self._rng.random() < self.chance:
