@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 from tests.support.locks import lock_for, request_for
 from tests.support.redis_cluster import RedisClusterNodes
 from tests.support.redis_fixtures import redis_cluster_config, redis_config
@@ -391,3 +392,30 @@ async def test_the_calls_limits_share_one_timer_of_the_event_loop(
     assert len(armed) <= 2, len(armed)
     # A call past its limit is still ended at it (the line's timer runs on time): the
     # test above that keeps Redis busy past the limit shows it.
+
+
+async def test_the_calls_are_written_on_their_connections_without_redis_py_s_send(
+    redis_backend: RedisBackend, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A script's call is written on its connection's stream itself (redis_connection._send),
+    # not through redis-py's send_packed_command (two coroutines, the command's shapes
+    # checked, a list of one buffer made and joined): counted, redis-py's sends while 200
+    # pairs run on connections already open. How a broken connection fails is the same
+    # (test_redis_outage).
+    sent: list[object] = []
+    send = aioredis.Connection.send_packed_command
+
+    async def counted_send(self: aioredis.Connection, command: Any,
+                           check_health: bool = True) -> None:
+        sent.append(command)
+        await send(self, command, check_health)
+
+    await redis_backend.acquire(lock_for(request_for(pull=1)))  # (connections opened)
+    await redis_backend.release(lock_for(request_for(pull=1)).key, owner=("acme/infra", 1))
+    monkeypatch.setattr(aioredis.Connection, "send_packed_command", counted_send)
+    for _ in range(200):
+        granted, lock = await redis_backend.acquire(lock_for(request_for(pull=1)))
+        assert granted
+        assert await redis_backend.release(lock.key, owner=("acme/infra", 1))
+    monkeypatch.undo()
+    assert sent == []
