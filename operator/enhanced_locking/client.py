@@ -36,6 +36,7 @@ from enhanced_locking.service_address import (
 )
 from enhanced_locking.types import (
     GRANT_HEADER,
+    GRANT_UPGRADED,
     NEW_GRANT,
     AcquireResult,
     BatchLockRequest,
@@ -49,6 +50,7 @@ from enhanced_locking.types import (
     SidesUnanswered,
     UnreadableLock,
     kept_by_grant,
+    upgraded_by_grant,
 )
 
 __all__ = ["DEFAULT_URL", "TOKEN_ENV", "URL_ENV", "AsyncClient", "Client", "Listing",
@@ -182,8 +184,9 @@ class Client:
             _acquire_answer(*_answer(response, _ACQUIRE_ANSWERS)))
         if not result.acquired:
             return result
-        return BatchResult.granted(result.locks, kept=kept_by_grant(
-            result.locks, response.headers.get(GRANT_HEADER)))
+        header = response.headers.get(GRANT_HEADER)
+        return BatchResult.granted(result.locks, kept=kept_by_grant(result.locks, header),
+                                   upgraded=upgraded_by_grant(result.locks, header))
 
     def release_batch(self, keys: Iterable[str], *, pull: int | None = None,
                       repo: str | None = None) -> Locks:
@@ -621,12 +624,14 @@ the service's other 503, ``overloaded``, is not one: :func:`_acquire_answer`).""
 
 def _acquire_result(response: httpx.Response) -> AcquireResult:
     """An acquire's answer; a grant is ``fresh`` (granted by this call) only when the service
-    said so (``Lock-Grant: new``): one it did not say of may be the lock its pull held."""
+    said so (``Lock-Grant: new``): one it did not say of may be the lock its pull held. One
+    it said is its pull's shared hold made exclusive (``upgraded``) is
+    :attr:`~AcquireResult.upgraded`."""
     result = AcquireResult.model_validate(
         _acquire_answer(*_answer(response, _ACQUIRE_ANSWERS)))
-    if (result.acquired and result.lock is not None
-            and response.headers.get(GRANT_HEADER) != NEW_GRANT):
-        return AcquireResult.granted(result.lock, fresh=False)
+    grant = response.headers.get(GRANT_HEADER)
+    if result.acquired and result.lock is not None and grant != NEW_GRANT:
+        return AcquireResult.granted(result.lock, fresh=False, upgraded=grant == GRANT_UPGRADED)
     return result
 
 

@@ -827,27 +827,44 @@ class CycleOwner(_Model):
 
 GRANT_HEADER = "Lock-Grant"
 """The header of an acquire's 200 that says whether the call granted the lock (``new``: its
-lease, if it has one, starts now) or answered the lock its pull already held (``again``:
-unchanged, lease and all). A client that renews a held lock's lease renews only the latter."""
-NEW_GRANT, GRANT_AGAIN = "new", "again"
+lease, if it has one, starts now), answered the lock its pull already held (``again``:
+unchanged, lease and all), or upgraded its pull's shared hold to exclusive in place
+(``upgraded``: a new fencing token, its lease starting now; never given back as a grant, as
+the pull held the key before). A client that renews a held lock's lease renews only
+``again``."""
+NEW_GRANT, GRANT_AGAIN, GRANT_UPGRADED = "new", "again", "upgraded"
 
 
-def batch_grant(locks: Sequence[Lock], kept: Collection[str]) -> str:
+def batch_grant(locks: Sequence[Lock], kept: Collection[str],
+                upgraded: Collection[str] = ()) -> str:
     """A batch's 200's :data:`GRANT_HEADER`: one word a lock of its ``locks``, in their order
-    (``new``, or ``again`` for a key in ``kept``, held by the pull already), comma-separated
-    as an HTTP list (``new, again``); a batch of one says what an acquire's 200 says."""
-    return ", ".join(GRANT_AGAIN if lock.key in kept else NEW_GRANT for lock in locks)
+    (``new``; ``upgraded`` for a key in ``upgraded``, its pull's shared hold made exclusive;
+    ``again`` for another key in ``kept``, held by the pull already), comma-separated as an
+    HTTP list (``new, again``); a batch of one says what an acquire's 200 says."""
+    return ", ".join(GRANT_UPGRADED if lock.key in upgraded
+                     else GRANT_AGAIN if lock.key in kept else NEW_GRANT for lock in locks)
 
 
 def kept_by_grant(locks: Sequence[Lock], header: str | None) -> frozenset[str] | None:
-    """The keys a batch's 200 says its pull held already (:func:`batch_grant`); ``None`` when
-    it says nothing that can be read lock by lock (no header, as from an older service or a
-    proxy that drops it, or not one known word a lock)."""
+    """The keys a batch's 200 says its pull held already, upgraded or not (:func:`batch_grant`:
+    not the batch's to give back); ``None`` when it says nothing that can be read lock by
+    lock (no header, as from an older service or a proxy that drops it, or not one known word
+    a lock)."""
     words = [word.strip() for word in header.split(",")] if header is not None else []
-    if len(words) != len(locks) or not set(words) <= {NEW_GRANT, GRANT_AGAIN}:
+    if len(words) != len(locks) or not set(words) <= {NEW_GRANT, GRANT_AGAIN, GRANT_UPGRADED}:
         return None
     return frozenset(lock.key for lock, word in zip(locks, words, strict=True)
-                     if word == GRANT_AGAIN)
+                     if word != NEW_GRANT)
+
+
+def upgraded_by_grant(locks: Sequence[Lock], header: str | None) -> frozenset[str]:
+    """The keys a batch's 200 says were its pull's shared holds made exclusive in place
+    (``upgraded``: :func:`batch_grant`); none when it does not say so lock by lock."""
+    if kept_by_grant(locks, header) is None:
+        return frozenset()
+    assert header is not None
+    return frozenset(lock.key for lock, word in zip(locks, header.split(","), strict=True)
+                     if word.strip() == GRANT_UPGRADED)
 
 
 class AcquireResult(_Model):
@@ -869,10 +886,12 @@ class AcquireResult(_Model):
     """Why, in words, where the reason alone does not say it (a ``collision``; a freeze's
     message for ``frozen``)."""
     _fresh: bool = PrivateAttr(default=True)
+    _upgraded: bool = PrivateAttr(default=False)
 
     @classmethod
-    def granted(cls, lock: Lock, *, fresh: bool = True) -> AcquireResult:
-        """``fresh``: granted by this call (false when the pull already held it).
+    def granted(cls, lock: Lock, *, fresh: bool = True, upgraded: bool = False) -> AcquireResult:
+        """``fresh``: granted by this call (false when the pull already held it);
+        ``upgraded``: its pull's shared hold upgraded to exclusive in place (not ``fresh``).
 
         What ``built(cls, acquired=True, lock_key=lock.key, lock=lock)`` makes, with the
         private ``_fresh`` set, written out: every acquire answers one, and the general
@@ -887,7 +906,7 @@ class AcquireResult(_Model):
         _set_fields(result, fields)
         _set_fields_set(result, _GRANTED_SET.copy())
         _set_extra(result, None)
-        _set_private(result, (_FRESH if fresh else _NOT_FRESH).copy())
+        _set_private(result, (_UPGRADED if upgraded else _FRESH if fresh else _NOT_FRESH).copy())
         return result
 
     @property
@@ -896,6 +915,13 @@ class AcquireResult(_Model):
         pull already held (Atlantis's rule: asked again, it is granted unchanged) is not."""
         # Read from the private dict: ``self._fresh`` goes through pydantic's __getattr__.
         return self.acquired and self.__pydantic_private__["_fresh"]  # type: ignore[index]
+
+    @property
+    def upgraded(self) -> bool:
+        """Its pull's shared hold upgraded to exclusive in place by this call (a new fencing
+        token, its lease starting now): not :attr:`fresh`, so never given back as a grant
+        (that would free the pull's shared hold with it); the pull keeps the exclusive lock."""
+        return self.acquired and self.__pydantic_private__["_upgraded"]  # type: ignore[index]
 
     @classmethod
     def refused(
@@ -911,8 +937,9 @@ _GRANTED_FIELDS: dict[str, Any] = {
 """A granted answer's fields in their order, its ``lock_key`` and ``lock`` to be set (copied
 per answer, never handed out)."""
 _GRANTED_SET = {"acquired", "lock_key", "lock"}
-_FRESH: dict[str, Any] = {"_fresh": True}
-_NOT_FRESH: dict[str, Any] = {"_fresh": False}
+_FRESH: dict[str, Any] = {"_fresh": True, "_upgraded": False}
+_NOT_FRESH: dict[str, Any] = {"_fresh": False, "_upgraded": False}
+_UPGRADED: dict[str, Any] = {"_fresh": False, "_upgraded": True}
 
 
 class BatchResult(_Model):
@@ -934,20 +961,31 @@ class BatchResult(_Model):
     """Why, in words, where the reason alone does not say it (a ``collision``; a freeze's
     message for ``frozen``)."""
     _kept: frozenset[str] | None = PrivateAttr(default=None)
+    _upgraded: frozenset[str] = PrivateAttr(default=frozenset())
 
     @classmethod
-    def granted(cls, locks: Sequence[Lock], *, kept: frozenset[str] | None) -> BatchResult:
-        """Every lock of the batch held now; ``kept``: see :attr:`kept`."""
+    def granted(cls, locks: Sequence[Lock], *, kept: frozenset[str] | None,
+                upgraded: frozenset[str] = frozenset()) -> BatchResult:
+        """Every lock of the batch held now; ``kept``, ``upgraded``: see :attr:`kept`,
+        :attr:`upgraded`."""
         result = cls(acquired=True, locks=list(locks))
         result._kept = kept
+        result._upgraded = upgraded
         return result
 
     @property
     def kept(self) -> frozenset[str] | None:
-        """Granted: the keys whose locks the pull held already, answered unchanged (not this
-        call's to give back: only the other keys were granted by it). ``None``: not said key
-        by key (a batch answered by a locker or a store path that does not tell)."""
+        """Granted: the keys whose locks the pull held already, answered unchanged or
+        :attr:`upgraded` (not this call's to give back: only the other keys were granted by
+        it). ``None``: not said key by key (a batch answered by a locker or a store path that
+        does not tell)."""
         return self._kept if self.acquired else None
+
+    @property
+    def upgraded(self) -> frozenset[str]:
+        """Granted: the keys of :attr:`kept` whose shared hold of the pull this call upgraded
+        to exclusive in place (a new fencing token; kept by the pull, never given back)."""
+        return self._upgraded if self.acquired else frozenset()
 
     def kept_or(self, looked: frozenset[str]) -> frozenset[str]:
         """:attr:`kept` where the grant says it; else ``looked``, the keys a look before the

@@ -241,3 +241,35 @@ async def test_a_batch_granted_just_before_its_session_lapsed_names_the_key_its_
     assert own in notice.locks, notice
     assert notice.kept == frozenset({net.key}), notice.kept
     a.grants.forget(offer.id, told)
+
+
+async def test_an_upgrade_granted_just_before_its_session_lapsed_is_answered_as_held_already(
+    etcd_replicas: tuple[EtcdBackend, EtcdBackend], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pull 1 and pull 2 hold ``net`` shared; pull 1 asks for it exclusive through replica
+    ``a`` and waits. ``b`` upgrades pull 1's hold once pull 2 lets go, and ``a``, hearing
+    nothing, loses its session lease with the notice. The answer rebuilt from the holders is
+    as the grant's own: its pull held the key already (not fresh), so a caller gone as it is
+    answered gives nothing back, and as an upgrade (its new token announced). Before, it was
+    answered fresh, and the give-back freed the pull's hold of the key."""
+    a, b = etcd_replicas
+    shared = [candidate_for(request_for(repo="acme/infra", path="envs/net", pull=pull)
+                            .model_copy(update={"mode": "shared"})) for pull in (1, 2)]
+    await grant(b, shared[0])
+    other = await grant(b, shared[1])
+    offer = Wait(id=secrets.token_hex(8), timeout=timedelta(seconds=60))
+    told = a.grants.expect(offer.id)
+    queued = await a.acquire_or_enqueue(want(1, "envs/net"), ttl=None, wait=offer,
+                                        policy=POLICY)
+    assert queued.status is Status.QUEUED, queued
+    monkeypatch.setattr(a, "_heard", lambda waiter_id, kv: False)  # a hears nothing
+    handoff = await b.release_and_handoff(other.key, owner=other.owner, policy=POLICY)
+    assert len(handoff.granted) == 1, handoff
+    client = await b.connection.client()
+    assert client.lease is not None
+    await client.lease.revoke(a.session_lease)
+    notice = await asyncio.wait_for(told, 20)  # the next renewal finds the lease gone
+    assert [(lock.pull.num, lock.mode) for lock in notice.locks] == [(1, "exclusive")], notice
+    assert not notice.fresh, notice
+    assert notice.upgraded == frozenset({notice.locks[0].key}), notice
+    a.grants.forget(offer.id, told)

@@ -355,3 +355,23 @@ async def test_a_batch_whose_claim_lapsed_before_its_confirmation_leaves_its_pul
     assert not notice.granted and notice.reason is Reason.UNAVAILABLE, notice
     assert await backend.get(A2.key) == own, "the pull's hold of a was given back"
     assert await backend.get(B2.key) is None
+
+
+async def test_a_give_back_of_an_upgrade_leaves_the_pull_holding_the_key(
+    backend: RedisBackend, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Pull 1 holds a shared; its exclusive acquire, nobody heard of, upgraded that hold in
+    # place (a new token). Its give-back leaves the upgrade: releasing it by its token would
+    # free the shared hold the pull had before the call. Before, the key was left free.
+    shared = await _fail_fast(backend, _shared(A))
+    assert shared.status is Status.GRANTED
+    await _granted_unheard(backend, monkeypatch, "d4" * 8, candidate_for(A))
+    upgraded = await backend.get(A.key)
+    assert upgraded is not None and upgraded.mode == "exclusive"
+    assert upgraded.fencing_token > shared.locks[0].fencing_token
+    handoff = await backend._give_back(_owed("d4" * 8, candidate_for(A)))
+    assert handoff.released is None, handoff
+    assert [(lock.pull.num, lock.fencing_token) for lock in await backend.holders(A.key)] == [
+        (1, upgraded.fencing_token)]
+    other = await _fail_fast(backend, _shared(A2))
+    assert other.status is Status.HELD, other

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from tests.support.locks import lock_for, request_for
 
-from enhanced_locking.types import batch_grant, kept_by_grant
+from enhanced_locking.types import batch_grant, kept_by_grant, upgraded_by_grant
 
 LOCKS = [lock_for(request_for(path=path, pull=7)) for path in ("a", "b", "c")]
 
@@ -18,6 +18,16 @@ def test_what_the_service_writes_reads_back_as_the_keys_its_pull_held() -> None:
     assert batch_grant(LOCKS, {LOCKS[1].key}) == "new, again, new"
     assert kept_by_grant(LOCKS, "again,new ,  again") == frozenset({LOCKS[0].key,
                                                                    LOCKS[2].key})
+
+
+def test_an_upgrade_reads_back_as_kept_and_upgraded() -> None:
+    """A key whose shared hold the batch made exclusive is ``upgraded``: not the batch's to
+    give back (kept), and said apart from a lock held already."""
+    header = batch_grant(LOCKS, {LOCKS[0].key, LOCKS[2].key}, {LOCKS[2].key})
+    assert header == "again, new, upgraded"
+    assert kept_by_grant(LOCKS, header) == frozenset({LOCKS[0].key, LOCKS[2].key})
+    assert upgraded_by_grant(LOCKS, header) == frozenset({LOCKS[2].key})
+    assert upgraded_by_grant(LOCKS, "new, upgraded") == frozenset()  # not one word a lock
 
 
 @pytest.mark.parametrize("header", [None, "", "new", "new, again", "new, again, new, new",

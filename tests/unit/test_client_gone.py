@@ -81,7 +81,8 @@ async def _last_of_pull_2(trail: AuditTrail) -> AuditEntry:
 
 
 async def _post(app: Any, body: dict[str, Any], gone: asyncio.Event,
-                sent: list[tuple[int, bool]], *, path: str = "/v1/locks") -> None:
+                sent: list[tuple[int, bool]], *, path: str = "/v1/locks",
+                headers: dict[bytes, bytes] | None = None) -> None:
     raw = json.dumps(body).encode()
     scope = _scope(raw, path)
     first = True
@@ -98,6 +99,8 @@ async def _post(app: Any, body: dict[str, Any], gone: asyncio.Event,
     async def send(message: dict[str, Any]) -> None:
         if message["type"] == "http.response.start":
             sent.append((message["status"], gone.is_set()))
+            if headers is not None:
+                headers.update(message.get("headers", []))
 
     await app(scope, receive, send)
 
@@ -174,6 +177,36 @@ async def test_a_client_that_leaves_before_a_fail_fast_answer_holds_nothing(
 ) -> None:
     for steps in range(0, 10):
         await _round(make_service, steps, wait=False)
+
+
+async def test_a_client_that_leaves_as_its_shared_hold_is_upgraded_leaves_its_pull_holding(
+    make_service: ServiceMaker,
+) -> None:
+    """Pull 2 holds ``net`` shared and asks for it exclusive (fail fast); its client leaves
+    after a few event-loop steps. Whatever the order, the pull still holds the key: an
+    upgrade is never given back (that would free its shared hold with it). An answer that
+    went out says ``Lock-Grant: upgraded``."""
+    answered = 0
+    for steps in range(0, 10):
+        async with _served(make_service) as (service, _trail, app):
+            router = service.router
+            shared = request_for(repo=REPO, path="net", project="net", pull=2)
+            assert (await router.acquire(shared.model_copy(update={"mode": "shared"}))).acquired
+            gone, sent, headers = asyncio.Event(), list[tuple[int, bool]](), dict[bytes, bytes]()
+            call = asyncio.ensure_future(_post(app, BODY, gone, sent, headers=headers))
+            for _ in range(steps):
+                await asyncio.sleep(0)
+            gone.set()
+            await call
+            held = await router.get(shared.key)
+            assert held is not None and held.pull.num == 2, (
+                f"{steps} steps: the give-back freed the pull's hold ({sent})")
+            if sent and sent[0] == (200, False):
+                assert headers.get(b"lock-grant") == b"upgraded", (steps, headers)
+                assert held.mode == "exclusive"
+                answered += 1
+            await router.release_by_pull(REPO, 2)  # the next round starts on a free store
+    assert answered, "no round's answer went out before its client left"
 
 
 async def _batch_round(make: ServiceMaker, steps: int, *, wait: bool, had_dns: bool) -> None:

@@ -236,7 +236,7 @@ class PolicyModel(RuleBasedStateMachine):
             if answer.acquired and answer.lock is not None:
                 seen = (answer.lock.key, answer.lock.fencing_token)
                 assert seen in self.announced, (answer.fresh, seen)
-                if answer.fresh:
+                if answer.fresh or answer.upgraded:
                     assert seen not in self.owned, f"{seen} answered as a new grant twice"
                     self.owned.add(seen)
 

@@ -11,26 +11,23 @@ runs against every store with queues (memory, the embedded file, Redis, Redis Cl
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
+from datetime import timedelta
 
-import pytest
 from tests.support.locks import request_for
-from tests.support.queues import LockerRig
+from tests.support.queues import LockerRig, settle
 
 from enhanced_locking.locking.base import give_back_grant
 from enhanced_locking.types import BatchItem, BatchLockRequest, LockRequest, Reason
 
 OWNER = ("acme/infra", 1)
-GAP = pytest.mark.xfail(strict=True, reason=(
-    "every store marks an upgrade of the pull's own shared lock to exclusive as a new grant "
-    "(fresh, not among a batch's kept keys): a give-back of it frees the pull's whole hold"))
 
 
 def ask(pull: int, *, path: str = "envs/prod", mode: str = "exclusive") -> LockRequest:
     return request_for(pull=pull, path=path).model_copy(update={"mode": mode})
 
 
-@GAP
 async def test_a_gone_clients_upgrade_given_back_leaves_the_pull_holding_the_key(
         rigs: Callable[..., LockerRig]) -> None:
     """Pull 1 holds the key shared and asks for it exclusive; its client leaves before the
@@ -42,6 +39,7 @@ async def test_a_gone_clients_upgrade_given_back_leaves_the_pull_holding_the_key
     upgraded = await rig.locker.acquire(ask(1))
     assert upgraded.acquired and upgraded.lock is not None
     assert upgraded.lock.mode == "exclusive"
+    assert upgraded.upgraded and not upgraded.fresh, upgraded
     if upgraded.fresh:  # what the API gives back for a client gone before the answer
         await give_back_grant(rig.locker, upgraded.lock, OWNER)
     held = await rig.locker.holders(upgraded.lock.key)
@@ -50,7 +48,6 @@ async def test_a_gone_clients_upgrade_given_back_leaves_the_pull_holding_the_key
     assert not beside.acquired and beside.reason is Reason.HELD, beside
 
 
-@GAP
 async def test_a_batch_given_back_after_an_upgrade_leaves_the_pull_holding_that_key(
         rigs: Callable[..., LockerRig]) -> None:
     """Pull 1 holds ``a`` shared; its batch of ``a`` and ``b``, exclusive, is granted (``a``
@@ -65,6 +62,7 @@ async def test_a_batch_given_back_after_an_upgrade_leaves_the_pull_holding_that_
     granted = await rig.locker.acquire_batch(batch)
     assert granted.acquired, granted
     assert {lock.key: lock.mode for lock in granted.locks} == {a: "exclusive", b: "exclusive"}
+    assert granted.upgraded == frozenset({a}), granted.upgraded
     kept = granted.kept_or(frozenset({a}))
     for lock in granted.locks:
         if lock.key not in kept:
@@ -74,3 +72,48 @@ async def test_a_batch_given_back_after_an_upgrade_leaves_the_pull_holding_that_
     assert [lock.pull.num for lock in held] == [1], "the give-back freed the pull's hold of a"
     beside = await rig.locker.acquire(ask(2, path="envs/a", mode="shared"))
     assert not beside.acquired and beside.reason is Reason.HELD, beside
+
+
+async def test_an_upgrade_is_announced_with_its_new_token(
+        rigs: Callable[..., LockerRig]) -> None:
+    """The upgrade makes a new lock (a new fencing token): it is announced as ``acquired``
+    as a new grant is, though it is not given back as one."""
+    rig = rigs()
+    shared = await rig.locker.acquire(ask(1, mode="shared"))
+    assert shared.acquired and shared.lock is not None
+    upgraded = await rig.locker.acquire(ask(1))
+    assert upgraded.acquired and upgraded.lock is not None
+    assert upgraded.lock.fencing_token > shared.lock.fencing_token
+    announced = [(e.lock.fencing_token, e.lock.mode) for e in rig.events
+                 if e.type == "acquired" and e.lock is not None]
+    assert announced == [(shared.lock.fencing_token, "shared"),
+                         (upgraded.lock.fencing_token, "exclusive")], announced
+    again = await rig.locker.acquire(ask(1))  # asked again: held already, not an upgrade
+    assert again.acquired and not again.fresh and not again.upgraded, again
+    assert again.lock == upgraded.lock
+    assert len([e for e in rig.events if e.type == "acquired"]) == 2
+
+
+async def test_an_upgrade_granted_from_the_queue_is_announced_and_kept(
+        rigs: Callable[..., LockerRig]) -> None:
+    """Pull 1 and pull 2 hold the key shared; pull 1 asks for it exclusive and waits. Once
+    pull 2 lets go, the queue upgrades pull 1's hold: announced (``granted-from-queue``,
+    the new token) and answered as an upgrade (not ``fresh``: a client gone as that answer
+    goes out gives nothing back)."""
+    rig = rigs()
+    assert (await rig.locker.acquire(ask(1, mode="shared"))).acquired
+    other = await rig.locker.acquire(ask(2, mode="shared"))
+    assert other.acquired and other.lock is not None
+    waiting = rig.spawn(rig.locker.acquire(
+        ask(1).model_copy(update={"wait": timedelta(seconds=30)})))
+    await settle()
+    assert not waiting.done()
+    await rig.locker.release(other.lock.key, owner=("acme/infra", 2))
+    upgraded = await asyncio.wait_for(waiting, 10)
+    assert upgraded.acquired and upgraded.lock is not None, upgraded
+    assert upgraded.lock.mode == "exclusive"
+    assert upgraded.upgraded and not upgraded.fresh, upgraded
+    served = [e.lock.fencing_token for e in rig.events
+              if e.type == "granted-from-queue" and e.lock is not None]
+    assert served == [upgraded.lock.fencing_token], served
+    assert [lock.pull.num for lock in await rig.locker.holders(upgraded.lock.key)] == [1]

@@ -63,6 +63,7 @@ from enhanced_locking.api.queue_routes import (
 )
 from enhanced_locking.api.responses import (
     GRANT_AGAIN,
+    GRANT_UPGRADED,
     NEW_GRANT,
     JsonAnswer,
     lock_json,
@@ -178,8 +179,12 @@ def create_app(
     @app.post("/v1/locks", response_model=AcquireResult, response_model_by_alias=True,
               responses={200: {"headers": {types.GRANT_HEADER: {
                   "description": "new: this call granted the lock (a lease starts now); "
-                                 "again: its pull held it already (unchanged, lease and all).",
-                  "schema": {"type": "string", "enum": [types.NEW_GRANT, types.GRANT_AGAIN]}}}},
+                                 "again: its pull held it already (unchanged, lease and all); "
+                                 "upgraded: its pull's shared hold made exclusive in place (a "
+                                 "new fencing token, a lease starting now; not given back if "
+                                 "the client leaves).",
+                  "schema": {"type": "string", "enum": [types.NEW_GRANT, types.GRANT_AGAIN,
+                                                        types.GRANT_UPGRADED]}}}},
                   409: {"model": AcquireResult}, **WHO})
     async def acquire(request: LockRequest, http: Request, caller: CallerDep) -> JSONResponse:
         """Acquire one lock: 200 acquired, 409 not acquired (reason and holder), 503 not
@@ -225,7 +230,8 @@ def create_app(
             return gone_answer()
         if not result.fresh:
             return JsonAnswer(result_json(result), status_code=status,
-                              raw_header=GRANT_AGAIN if result.acquired else None)
+                              raw_header=(GRANT_UPGRADED if result.upgraded else GRANT_AGAIN)
+                              if result.acquired else None)
         return AnswerUnlessGone(result_json(result), status_code=200, raw_header=NEW_GRANT,
                                 on_gone=lambda: _give_back_granted(result, request, caller))
 

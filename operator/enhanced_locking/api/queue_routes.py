@@ -222,8 +222,9 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
     @app.post("/v1/locks/batch", response_model=BatchResult, response_model_by_alias=True,
               responses={200: {"headers": {GRANT_HEADER: {
                   "description": "One word a lock of locks, in their order, comma-separated: "
-                                 "new (this call granted it) or again (its pull held it "
-                                 "already, unchanged), as an acquire's 200 says of its lock.",
+                                 "new (this call granted it), again (its pull held it "
+                                 "already, unchanged) or upgraded (its pull's shared hold made "
+                                 "exclusive in place), as an acquire's 200 says of its lock.",
                   "schema": {"type": "string", "example": "new, again"}}}},
                   409: {"model": BatchResult}, **WHO})
     async def acquire_batch(body: BatchLockRequest, request: Request, caller: CallerDep) -> Any:
@@ -271,7 +272,8 @@ def install_queue_routes(app: FastAPI, service: LockService) -> None:
         if not result.acquired:
             return JSONResponse(_dump(result), status_code=status)
         kept = result.kept_or(before)
-        grant = (GRANT_NAME, batch_grant(result.locks, kept).encode("latin-1"))
+        grant = (GRANT_NAME,
+                 batch_grant(result.locks, kept, result.upgraded).encode("latin-1"))
         if all(lock.key in kept for lock in result.locks):
             return JsonAnswer(_dump(result), status_code=200, raw_header=grant)
         return AnswerUnlessGone(_dump(result), status_code=200, raw_header=grant,

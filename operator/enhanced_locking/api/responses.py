@@ -23,8 +23,8 @@ from starlette.responses import JSONResponse
 from enhanced_locking import types
 from enhanced_locking.types import AcquireResult, BatchResult, Lock, Reason, lock_shape, utc_text
 
-__all__ = ["GRANT_AGAIN", "GRANT_NAME", "NEW_GRANT", "STORE_DID_NOT_ANSWER", "JsonAnswer",
-           "lock_json", "model_json", "refusal", "result_json"]
+__all__ = ["GRANT_AGAIN", "GRANT_NAME", "GRANT_UPGRADED", "NEW_GRANT", "STORE_DID_NOT_ANSWER",
+           "JsonAnswer", "lock_json", "model_json", "refusal", "result_json"]
 
 
 _JSON_TYPE = (b"content-type", b"application/json")
@@ -62,6 +62,7 @@ GRANT_NAME = types.GRANT_HEADER.lower().encode("latin-1")
 (a batch's value: :func:`~enhanced_locking.types.batch_grant`)."""
 NEW_GRANT = (GRANT_NAME, types.NEW_GRANT.encode("latin-1"))
 GRANT_AGAIN = (GRANT_NAME, types.GRANT_AGAIN.encode("latin-1"))
+GRANT_UPGRADED = (GRANT_NAME, types.GRANT_UPGRADED.encode("latin-1"))
 """An acquire's 200's ``Lock-Grant``, raw."""
 
 

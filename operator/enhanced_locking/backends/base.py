@@ -89,6 +89,7 @@ __all__ = [
     "Stored",
     "Times",
     "Told",
+    "Took",
     "checking_other_side",
     "parts_of",
 ]
@@ -98,6 +99,32 @@ Owner = tuple[str, int]
 
 Times = tuple[datetime, datetime | None]
 """A grant's stamps: when it was acquired and when its lease ends (``None``: no lease)."""
+
+
+class Took(enum.Enum):
+    """How a grant came by one key's lock (``StoreBackend._take``; Redis's ``take``)."""
+
+    NEW = "new"
+    """Made anew: a new fencing token, the grant's to give back."""
+    HELD = "held"
+    """The pull's own lock, held already and answered unchanged: not the grant's."""
+    UPGRADED = "upgraded"
+    """The pull's shared hold upgraded to exclusive in place: a new fencing token, announced
+    as a new lock is, yet not the grant's to give back (its pull held the key before; a
+    give-back would free that hold with it)."""
+
+    @staticmethod
+    def answer(taken: Sequence[tuple[Lock, Took]]) -> tuple[
+            tuple[Lock, ...], bool, frozenset[str], frozenset[str]]:
+        """A grant's locks, ``fresh`` (some lock made anew), ``kept`` (the keys not the
+        grant's to give back) and ``upgraded`` (those of ``kept`` upgraded in place)."""
+        return (tuple(lock for lock, _ in taken),
+                any(took is Took.NEW for _, took in taken),
+                frozenset(lock.key for lock, took in taken if took is not Took.NEW),
+                frozenset(lock.key for lock, took in taken if took is Took.UPGRADED))
+
+
+_NO_KEYS: frozenset[str] = frozenset()
 
 
 class Stored(enum.Enum):
@@ -664,18 +691,18 @@ class StoreBackend(abc.ABC):
         return lock
 
     def _take(self, template: Candidate, now: datetime,
-              ttl: timedelta | None, *, teller: str = "") -> tuple[Lock, bool]:
+              ttl: timedelta | None, *, teller: str = "") -> tuple[Lock, Took]:
         """The lock ``template``'s pull gets on its key: the one it holds, or a fresh one
-        (an exclusive request of the key's only shared holder is an upgrade: a new token).
-        Held already, it is answered to ``teller`` (a waiter's id; ``""``: a request that does
-        not wait) and counted as told (:meth:`_count_told`)."""
+        (an exclusive request of the key's only shared holder is an upgrade: a new token,
+        marked :attr:`Took.UPGRADED`). Held already, it is answered to ``teller`` (a waiter's
+        id; ``""``: a request that does not wait) and counted as told (:meth:`_count_told`)."""
         mine = [h for h in self._holders(template.key, now) if h.owner == template.owner]
         if mine and not (template.mode == "exclusive" and mine[0].mode == "shared"):
             self._count_told(template.key, mine[0].fencing_token, teller)
-            return mine[0], False
+            return mine[0], Took.HELD
         for lock in mine:
             self._drop(lock)
-        return self._stamp(template, now, ttl), True
+        return self._stamp(template, now, ttl), Took.UPGRADED if mine else Took.NEW
 
     def _expire_lapsed(self, key: str, now: datetime, fx: _Effects) -> None:
         holder = self._load(key)
@@ -817,9 +844,8 @@ class StoreBackend(abc.ABC):
         taken = [self._take(template, now, waiter.ttl, teller=waiter.id)
                  for template in waiter.candidates]
         self._unqueue(waiter)
-        grant = Grant(waiter=waiter, locks=tuple(lock for lock, _ in taken),
-                      fresh=any(fresh for _, fresh in taken),
-                      kept=frozenset(lock.key for lock, fresh in taken if not fresh),
+        locks, fresh, kept, upgraded = Took.answer(taken)
+        grant = Grant(waiter=waiter, locks=locks, fresh=fresh, kept=kept, upgraded=upgraded,
                       told=(isinstance(self.grants, LocalNotifier)
                             and self.grants.waits(waiter.id)))
         self._granted[waiter.id] = grant
@@ -827,7 +853,7 @@ class StoreBackend(abc.ABC):
             self._granted.popitem(last=False)
         fx.granted.append(grant)
         fx.notices.append((waiter.id, Notice(locks=grant.locks, fresh=grant.fresh,
-                                             kept=grant.kept,
+                                             kept=grant.kept, upgraded=grant.upgraded,
                                              caller=waiter.caller)))
         return grant
 
@@ -1115,8 +1141,10 @@ class StoreBackend(abc.ABC):
                 # retry's to give back if its client goes too (else the first caller's).
                 self._forget_grant(wait.id)
                 fresh, kept = self._kept_now(taken, still, heard=True)
+                # Told: its first caller heard it (and announced an upgrade it made).
                 return Outcome(status=Status.GRANTED, locks=still,
-                               fresh=fresh and not taken.told, kept=kept)
+                               fresh=fresh and not taken.told, kept=kept,
+                               upgraded=_NO_KEYS if taken.told else taken.upgraded)
         first = candidates[0]
         owner, mode = first.owner, first.mode
         for candidate in candidates:
@@ -1124,10 +1152,10 @@ class StoreBackend(abc.ABC):
         self._serve_queues([c.key for c in candidates], now, policy, fx)
         decision = self._decide(candidates, owner, mode, now, policy, new=True)
         if decision.verdict is policies.Verdict.GRANT:
-            taken_now = [self._take(c, now, ttl) for c in candidates]
-            return Outcome(status=Status.GRANTED, locks=tuple(lock for lock, _ in taken_now),
-                           fresh=any(fresh for _, fresh in taken_now),
-                           kept=frozenset(lock.key for lock, fresh in taken_now if not fresh))
+            locks, fresh, kept, upgraded = Took.answer([self._take(c, now, ttl)
+                                                        for c in candidates])
+            return Outcome(status=Status.GRANTED, locks=locks, fresh=fresh, kept=kept,
+                           upgraded=upgraded)
         key = decision.key or first.key
         holder = self._live(key, now)
         freeze = decision.freeze
@@ -1269,7 +1297,8 @@ class StoreBackend(abc.ABC):
             still = self._still_held(grant, now)
             fresh, kept = self._kept_now(grant, still,
                                          heard=reason in (Reason.TIMEOUT, Reason.DEADLOCK))
-            return Cancelled(waiter=grant.waiter, granted=still, fresh=fresh, kept=kept)
+            return Cancelled(waiter=grant.waiter, granted=still, fresh=fresh, kept=kept,
+                             upgraded=grant.upgraded)
 
     async def queue(self, key: str, *, policy: QueuePolicy | None = None,
                     limit: int | None = None) -> Waiters:

@@ -603,7 +603,8 @@ class _Granted:
         waiter, notice = self._b.notice_from(kv)
         if waiter is None or not notice.locks:
             return default
-        return Grant(waiter=waiter, locks=notice.locks, fresh=notice.fresh, kept=notice.kept)
+        return Grant(waiter=waiter, locks=notice.locks, fresh=notice.fresh, kept=notice.kept,
+                     upgraded=notice.upgraded)
 
     def __contains__(self, waiter_id: object) -> bool:
         return isinstance(waiter_id, str) and self.get(waiter_id) is not None
@@ -893,10 +894,12 @@ class EtcdBackend(StoreBackend):
             waiter = self.waiter_from(_KV(data["waiter"].encode()))
         reason = Reason(data["reason"]) if data.get("reason") else None
         # ``kept``: the keys its pull held already when granted; a notice an older replica
-        # wrote has none, and does not say (``None``).
+        # wrote has none, and does not say (``None``). ``upgraded``: those of them whose
+        # shared hold the grant upgraded (none said: none).
         kept = data.get("kept")
         return waiter, Notice(locks=locks, reason=reason, fresh=data.get("fresh", True),
                               kept=None if kept is None else frozenset(kept),
+                              upgraded=frozenset(data.get("upgraded", ())),
                               caller=waiter.caller if waiter is not None else "")
 
     # --- primitives of StoreBackend ----------------------------------------------------------
@@ -1935,6 +1938,7 @@ class EtcdBackend(StoreBackend):
                     "reason": notice.reason.value if notice.reason else None,
                     "fresh": notice.fresh,
                     **({} if notice.kept is None else {"kept": sorted(notice.kept)}),
+                    **({"upgraded": sorted(notice.upgraded)} if notice.upgraded else {}),
                     "waiter": self.record(*record).decode(),
                 }).encode(), record[1])
 
@@ -2136,6 +2140,7 @@ class EtcdBackend(StoreBackend):
         if waiter is not None and seq:
             found: list[Lock] = []
             kept: frozenset[str] | None = None
+            upgraded: frozenset[str] = frozenset()
             read_kept = False
             try:
                 # Granted since its queueing: the grant is stamped by the clock of the replica
@@ -2149,22 +2154,29 @@ class EtcdBackend(StoreBackend):
                          if lock.fencing_token > seq and lock.acquired_at >= since]
                 missing = set(waiter.keys) - {lock.key for lock in found}
                 if found and missing:  # keys the grant kept, held by its pull from before?
-                    kept, read_kept = await self._kept_at_grant(waiter_id, waiter.keys), True
+                    (kept, upgraded), read_kept = (
+                        await self._kept_at_grant(waiter_id, waiter.keys), True)
                     if kept is not None and missing <= kept:
                         found += [lock for key in missing for lock in mine[key]]
             except Exception:  # etcd away (or a lock not readable): nothing can be told
                 found = []
             if found and {lock.key for lock in found} == set(waiter.keys):
                 if not read_kept:
-                    kept = await self._kept_at_grant(waiter_id, waiter.keys)
-                notice = Notice(locks=tuple(found), fresh=True, caller=waiter.caller, kept=kept)
+                    kept, upgraded = await self._kept_at_grant(waiter_id, waiter.keys)
+                # Fresh as the grant's own notice was: not when its pull held every key
+                # already (an upgrade of its shared hold counts so: not given back).
+                fresh = kept is None or not set(waiter.keys) <= kept
+                notice = Notice(locks=tuple(found), fresh=fresh, caller=waiter.caller,
+                                kept=kept, upgraded=upgraded)
         self._notifier.deliver(waiter_id, notice)
 
-    async def _kept_at_grant(self, waiter_id: str, keys: tuple[str, ...]) -> frozenset[str] | None:
+    async def _kept_at_grant(self, waiter_id: str, keys: tuple[str, ...],
+                             ) -> tuple[frozenset[str] | None, frozenset[str]]:
         """The keys ``waiter_id``'s pull held already when its grant was made, as the grant's
-        notice said (``kept``), read back at a revision the grant wrote: the notice went with
-        the session lease, but etcd keeps the history until it is compacted. ``None`` (not
-        said) when it cannot be read, is compacted, or an older replica wrote it.
+        notice said (``kept``), and those of them whose shared hold it upgraded
+        (``upgraded``), read back at a revision the grant wrote: the notice went with the
+        session lease, but etcd keeps the history until it is compacted. ``None`` (not said)
+        and none upgraded when it cannot be read, is compacted, or an older replica wrote it.
 
         Without it, the answer of a waiter whose session lapsed said nothing of them, and a
         give-back of its batch (backed off, its caller gone) released a key the pull's other
@@ -2186,11 +2198,11 @@ class EtcdBackend(StoreBackend):
                     continue
                 waiter, notice = self.notice_from(_kv(answer.kvs[0]))
                 if waiter is not None and waiter.id == waiter_id and notice.locks:
-                    return notice.kept
+                    return notice.kept, notice.upgraded
         except Exception:  # etcd away, the revision compacted, a notice not readable
             log.debug("etcd %s: the notice of %s could not be read back", self.connection.where,
                       waiter_id, exc_info=True)
-        return None
+        return None, frozenset()
 
     async def _check_session(self, lease: int) -> None:
         """A commit that attached writes to the session ``lease`` was refused for a lease etcd

@@ -138,6 +138,8 @@ class Acquired(NamedTuple):
     kept_keys: frozenset[str] | None
     """The keys of those its pull held already (answered unchanged); ``None``: the grant a
     retry took over does not say (an older replica's)."""
+    upgraded: frozenset[str]
+    """The keys of ``kept_keys`` whose shared hold of its pull it upgraded to exclusive."""
     expired: tuple[LockRow, ...] = ()
     """The locks whose lease had run out, dropped by the call before it decided."""
     handed: tuple[GrantRow, ...] = ()
@@ -243,6 +245,8 @@ class Cancel(NamedTuple):
     kept_keys: frozenset[str] | None = None
     """With ``granted``: the keys of those its pull held already when it was granted;
     ``None``: the grant does not say (an older replica's)."""
+    upgraded: frozenset[str] = frozenset()
+    """With ``granted``: the keys of ``kept_keys`` whose shared hold the grant upgraded."""
 
 
 class Confirm(NamedTuple):
@@ -256,6 +260,8 @@ class Confirm(NamedTuple):
     kept_keys: frozenset[str] | None = None
     """With ``granted``: the keys of those its pull held already when it was granted;
     ``None``: the grant does not say (an older replica's)."""
+    upgraded: frozenset[str] = frozenset()
+    """With ``granted``: the keys of ``kept_keys`` whose shared hold the grant upgraded."""
 
 
 class Refresh(NamedTuple):
@@ -417,9 +423,9 @@ def acquire(answer: Any) -> Took | Acquired | Refused | Queued:
     # Each answer but ``took`` may end with the locks whose lease had run out (``expired``),
     # and after them the waiters it served before it decided (``_handed``).
     if status == "granted":
-        _, held, fresh, kept, *expired = answer
-        return Acquired(locks(held), bool(fresh), _keys(kept), _expired(expired),
-                        _handed(expired))
+        _, held, fresh, kept, upgraded, *expired = answer
+        return Acquired(locks(held), bool(fresh), _keys(kept), _upgraded(upgraded),
+                        _expired(expired), _handed(expired))
     if status == "queued":
         _, record, key, holder, position, freeze, superseded, *expired = answer
         return Queued(waiter(record), str(key), maybe_lock(holder), int(position), str(freeze),
@@ -444,6 +450,13 @@ def _keys(kept: Any) -> frozenset[str] | None:
     if kept is None or kept is False:
         return None
     return frozenset(str(key) for key in kept)
+
+
+def _upgraded(keys: Any) -> frozenset[str]:
+    """A grant's keys whose shared hold of its pull it upgraded (``lib.lua``'s
+    ``kept_keys``, its second answer; an empty list may come back from JSON text as an empty
+    object)."""
+    return frozenset(str(key) for key in keys) if keys else frozenset()
 
 
 def _expired(after: list[Any]) -> tuple[LockRow, ...]:
@@ -483,8 +496,9 @@ def release_by_pull(answer: Sequence[Any]) -> PullReleased:
 def cancel(answer: Sequence[Any]) -> Cancel:
     status = str(answer[0])
     if status == "granted":
-        _, record, held, fresh, kept = answer
-        return Cancel(status, waiter(record), locks(held), bool(fresh), kept_keys=_keys(kept))
+        _, record, held, fresh, kept, upgraded = answer
+        return Cancel(status, waiter(record), locks(held), bool(fresh), kept_keys=_keys(kept),
+                      upgraded=_upgraded(upgraded))
     if status == "removed":
         return Cancel(status, waiter(answer[1]),
                       handed=_grants(answer[2]) if len(answer) > 2 else ())
@@ -495,8 +509,9 @@ def cancel(answer: Sequence[Any]) -> Cancel:
 
 def confirm(answer: Sequence[Any]) -> Confirm:
     if answer[0] == "granted":
-        _, held, fresh, caller, kept = answer
-        return Confirm(True, locks(held), bool(fresh), str(caller), _keys(kept))
+        _, held, fresh, caller, kept, upgraded = answer
+        return Confirm(True, locks(held), bool(fresh), str(caller), _keys(kept),
+                       _upgraded(upgraded))
     return Confirm(False, locks(answer[1]), True)
 
 

@@ -1153,7 +1153,8 @@ class RedisBackend:
             # says them too; not one written by an older replica: ``None``).
             return Outcome(status=Status.GRANTED, locks=locks, fresh=answer.fresh,
                            expired=tuple(self._readable(answer.expired, deleted=True)),
-                           handed=self._grants(answer.handed), kept=answer.kept_keys)
+                           handed=self._grants(answer.handed), kept=answer.kept_keys,
+                           upgraded=answer.upgraded)
         messages = {f.name: f.message for f in policy.rules.freezes}
         if isinstance(answer, redis_replies.Refused):
             return Outcome(status=Status(answer.status), key=answer.key,
@@ -1274,7 +1275,7 @@ class RedisBackend:
         return Cancelled(removed=answer.status == "removed", waiter=self._waiter(answer.waiter),
                          granted=tuple(self._lock(row) for row in answer.locks),
                          fresh=answer.fresh, kept=answer.kept_keys,
-                         handed=self._grants(answer.handed))
+                         upgraded=answer.upgraded, handed=self._grants(answer.handed))
 
     async def queue(self, key: str, *, policy: QueuePolicy | None = None,
                     limit: int | None = None) -> Waiters:
@@ -1442,6 +1443,7 @@ class RedisBackend:
             if answer.granted:
                 self.grants.deliver(waiter_id, Notice(locks=held, fresh=answer.fresh,
                                                       kept=answer.kept_keys,
+                                                      upgraded=answer.upgraded,
                                                       caller=answer.caller))
                 return
             # A claim lapsed before we could confirm (we were cut off for CLAIM_MS): a batch

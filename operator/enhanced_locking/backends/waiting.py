@@ -270,6 +270,10 @@ class Outcome:
     """``granted``: the keys whose locks the pull held already when the step decided, answered
     unchanged (not this call's to give back; the others it granted). ``None``: the store does
     not say key by key (then ``fresh`` alone tells: false when the pull held every key)."""
+    upgraded: frozenset[str] = _NONE_KEPT
+    """``granted``: the keys of ``kept`` whose lock is the pull's shared hold upgraded to
+    exclusive in place by this step (a new fencing token): granted anew as far as events and
+    leases go, and still not this call's to give back (its pull held the key before)."""
 
     @staticmethod
     def of_grant(lock: Lock) -> Outcome:
@@ -293,6 +297,7 @@ class Outcome:
         outcome.expired = ()
         outcome.handed = ()
         outcome.kept = _NONE_KEPT
+        outcome.upgraded = _NONE_KEPT
         return outcome
 
 
@@ -321,6 +326,9 @@ class Grant:
     kept: frozenset[str] | None = None
     """The keys of those its pull held already, key by key (see
     :attr:`Outcome.kept`; ``None``: not said)."""
+    upgraded: frozenset[str] = _NONE_KEPT
+    """The keys of ``kept`` upgraded from the pull's shared hold (see
+    :attr:`Outcome.upgraded`)."""
     told: bool = False
     """A caller of the waiter was waiting here as it was granted, and is told (an in-process
     store knows; others say false): a retry of the request that takes the grant later is not
@@ -417,6 +425,9 @@ class Cancelled:
     kept: frozenset[str] | None = None
     """With ``granted``: the keys of those its pull held already, key by key (see
     :attr:`Outcome.kept`; ``None``: not said)."""
+    upgraded: frozenset[str] = _NONE_KEPT
+    """With ``granted``: the keys of ``kept`` upgraded from the pull's shared hold (see
+    :attr:`Outcome.upgraded`)."""
     handed: tuple[Grant, ...] = ()
     """The waiters behind it that the cancel served (shared requests an exclusive one kept
     back, a batch's other keys): each hand-off is counted as a release's is."""
@@ -451,6 +462,9 @@ class Notice:
     kept: frozenset[str] | None = None
     """With ``locks``: the keys of those its pull held already, key by key (see
     :attr:`Outcome.kept`; ``None``: not said)."""
+    upgraded: frozenset[str] = _NONE_KEPT
+    """With ``locks``: the keys of ``kept`` upgraded from the pull's shared hold (see
+    :attr:`Outcome.upgraded`)."""
     caller: str = ""
     """With ``locks``: the caller that owned the waiter when it was granted (``""``: not
     known). A waiter has two callers when a retry of its request took it over while the first

@@ -39,7 +39,8 @@ async def acquire_one_by_one(
     fails (the service overloaded, a store that does not answer, the caller gone) gives back
     what the batch took before it too, then raises: a batch answered with an error holds
     nothing it took. Taken is what each grant says it granted (``fresh``): a lock the pull
-    held already is answered unchanged and never given back. ``held_already`` is told each
+    held already is answered unchanged and never given back, nor is its shared hold upgraded
+    to exclusive in place (``upgraded``). ``held_already`` is told each
     of those (answered again, not granted anew), once the whole batch is granted. What was
     taken is given back as the grant it was (:func:`give_back_grant`), never a hold the
     pull took of the key anew meanwhile.
@@ -47,7 +48,8 @@ async def acquire_one_by_one(
     owner = batch.owner
     locks: Locks = []
     taken: Locks = []  # the fresh ones, given back on a refusal or a failure
-    again: Locks = []  # the pull's already when granted (answered unchanged): kept
+    again: Locks = []  # the pull's already when granted (answered unchanged, or upgraded): kept
+    upgraded: set[str] = set()
     for request in batch.requests():
         try:
             result = await locker.acquire(request.model_copy(update={"wait": None}))
@@ -59,6 +61,8 @@ async def acquire_one_by_one(
             # As the grant tells, not as a look before it saw: the pull's other request may
             # take the key in between, and that hold is not this batch's to give back.
             (taken if result.fresh else again).append(result.lock)
+            if result.upgraded:
+                upgraded.add(result.lock.key)
             continue
         for lock in taken:
             try:
@@ -70,7 +74,8 @@ async def acquire_one_by_one(
     if held_already is not None:
         for lock in again:
             held_already(lock)
-    return BatchResult.granted(locks, kept=frozenset(lock.key for lock in again))
+    return BatchResult.granted(locks, kept=frozenset(lock.key for lock in again),
+                               upgraded=frozenset(upgraded))
 
 
 async def _give_back(locker: Locker, taken: Locks, owner: Owner) -> None:

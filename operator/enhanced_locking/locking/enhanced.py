@@ -110,10 +110,12 @@ class Answers(Protocol[_Made]):
     that answer where they decide (no record of their own in between, shaped afterwards)."""
 
     def granted(self, locks: tuple[Lock, ...], *, fresh: bool,
-                kept: frozenset[str] | None = None) -> _Made:
+                kept: frozenset[str] | None = None,
+                upgraded: frozenset[str] = frozenset()) -> _Made:
         """``locks`` are held now; ``fresh``: granted by this call (false: the pull's own
         locks, asked for again); ``kept``: the keys of those the pull held already, key by key
-        (``None``: not said)."""
+        (``None``: not said); ``upgraded``: those of ``kept`` whose shared hold this call
+        upgraded to exclusive in place."""
         ...
 
     def refused(self, key: str, reason: Reason, holder: Lock | None = None, *,
@@ -130,9 +132,18 @@ def _cycle(owners: list[CycleOwner] | None) -> dict[str, Any]:
     return {"cycle": [owner.name for owner in owners], "cycle_owners": owners}
 
 
-def _granted_anew(fresh: bool, kept: frozenset[str] | None, key: str) -> bool:
-    """Whether a grant (``fresh``: by this call) made ``key``'s lock anew: not one of ``kept``,
-    the keys whose locks its pull held already (answered unchanged: nothing was granted)."""
+def _granted_anew(fresh: bool, kept: frozenset[str] | None, key: str,
+                  upgraded: frozenset[str]) -> bool:
+    """Whether a grant (``fresh``: by this call) made ``key``'s lock anew, announced as such:
+    not one of ``kept``, the keys whose locks its pull held already (answered unchanged:
+    nothing was granted), unless its pull's shared hold was ``upgraded`` (a new token)."""
+    return key in upgraded or (fresh and not (kept and key in kept))
+
+
+def _given_back(fresh: bool, kept: frozenset[str] | None, key: str) -> bool:
+    """Whether a give-back of a grant (``fresh``: by this call) releases ``key``'s lock: not
+    one of ``kept``, the keys its pull held already, an upgrade of its shared hold among them
+    (the pull keeps the exclusive lock it asked for, as a pull asking again keeps its lock)."""
     return fresh and not (kept and key in kept)
 
 
@@ -141,7 +152,10 @@ class _OneKey:
 
     @staticmethod
     def granted(locks: tuple[Lock, ...], *, fresh: bool,
-                kept: frozenset[str] | None = None) -> AcquireResult:
+                kept: frozenset[str] | None = None,
+                upgraded: frozenset[str] = frozenset()) -> AcquireResult:
+        if upgraded:
+            return AcquireResult.granted(locks[0], fresh=False, upgraded=True)
         return AcquireResult.granted(locks[0], fresh=fresh)
 
     @staticmethod
@@ -157,10 +171,12 @@ class _Batch:
 
     @staticmethod
     def granted(locks: tuple[Lock, ...], *, fresh: bool,
-                kept: frozenset[str] | None = None) -> BatchResult:
+                kept: frozenset[str] | None = None,
+                upgraded: frozenset[str] = frozenset()) -> BatchResult:
         # Not fresh: the pull held every key already.
         return BatchResult.granted(
-            locks, kept=kept if fresh else frozenset(lock.key for lock in locks))
+            locks, kept=kept if fresh else frozenset(lock.key for lock in locks),
+            upgraded=upgraded)
 
     @staticmethod
     def refused(key: str, reason: Reason, holder: Lock | None = None, *,
@@ -480,17 +496,23 @@ class EnhancedLocker(AtlantisCalls):
         a refusal names when the store names none)."""
         if outcome.status is Status.GRANTED:
             locks = outcome.locks
-            if outcome.fresh:
+            upgraded = outcome.upgraded
+            if outcome.fresh or upgraded:
                 kept = outcome.kept
                 for lock in locks:
                     # Two fields: the lock's __dict__ read once through pydantic's hook.
                     fields = lock.__dict__
                     key, expires_at = fields["key"], fields["expires_at"]
-                    if not (kept and key in kept):  # else its pull's already: not acquired
+                    # Else its pull's already: not acquired (an upgrade of its shared hold is:
+                    # a new token).
+                    if not (kept and key in kept) or key in upgraded:
                         self.events.publish("acquired", lock=lock, key=key)
                     if expires_at is not None:
                         self.leases.arm(key, expires_at)
-            return answers.granted(locks, fresh=outcome.fresh, kept=outcome.kept)
+                if not upgraded:
+                    return answers.granted(locks, fresh=outcome.fresh, kept=outcome.kept)
+            return answers.granted(locks, fresh=outcome.fresh, kept=outcome.kept,
+                                   upgraded=upgraded)
         key = outcome.key or first
         if outcome.holder is not None:
             self.leases.arm(key, outcome.holder.expires_at)
@@ -547,10 +569,11 @@ class EnhancedLocker(AtlantisCalls):
         if notice.granted:
             self.metrics.wait_seconds.labels("granted").observe(waited)
             for lock in notice.locks:
-                if _granted_anew(notice.fresh, notice.kept, lock.key):
+                if _granted_anew(notice.fresh, notice.kept, lock.key, notice.upgraded):
                     self.events.publish("granted-from-queue", lock=lock, **details)
                 self.leases.arm(lock.key, lock.expires_at)
-            return answers.granted(notice.locks, fresh=notice.fresh, kept=notice.kept)
+            return answers.granted(notice.locks, fresh=notice.fresh, kept=notice.kept,
+                                   upgraded=notice.upgraded)
         reason = notice.reason or Reason.UNAVAILABLE
         self.metrics.wait_seconds.labels(str(reason)).observe(waited)
         if reason is Reason.TIMEOUT:
@@ -666,12 +689,12 @@ class EnhancedLocker(AtlantisCalls):
         if cancelled.granted:  # granted before we could withdraw: no wait, no deadlock
             # Told and timed as every grant from the queue is (:meth:`_queued`).
             for lock in cancelled.granted:
-                if _granted_anew(cancelled.fresh, cancelled.kept, lock.key):
+                if _granted_anew(cancelled.fresh, cancelled.kept, lock.key, cancelled.upgraded):
                     self.events.publish("granted-from-queue", lock=lock, waiterId=waiter.id,
                                         requestId=waiter.request_id, waitedMs=0.0)
                 self.leases.arm(lock.key, lock.expires_at)
             return answers.granted(cancelled.granted, fresh=cancelled.fresh,
-                                   kept=cancelled.kept)
+                                   kept=cancelled.kept, upgraded=cancelled.upgraded)
         names = deadlock.describe(cycle)
         self.metrics.deadlocks.inc()
         self.events.publish(
@@ -702,8 +725,8 @@ class EnhancedLocker(AtlantisCalls):
         answered with between the cancel that answered it as the grant's and this give-back
         (``unless_told``)."""
         for lock in notice.locks:
-            if not _granted_anew(notice.fresh, notice.kept, lock.key):
-                continue  # its pull's already when granted: not this grant's
+            if not _given_back(notice.fresh, notice.kept, lock.key):
+                continue  # its pull's already when granted (or upgraded): not this grant's
             owner = (lock.project.repo_full_name, lock.pull.num)
             try:
                 handoff = await self.backend.release_and_handoff(

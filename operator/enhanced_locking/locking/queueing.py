@@ -133,7 +133,8 @@ async def await_turn(
             if cancelled.granted:
                 granted_to = cancelled.waiter.caller if cancelled.waiter is not None else ""
                 return _owned(Notice(locks=cancelled.granted, fresh=cancelled.fresh,
-                                     kept=cancelled.kept, caller=granted_to), caller)
+                                     kept=cancelled.kept, upgraded=cancelled.upgraded,
+                                     caller=granted_to), caller)
             if future.done():
                 return _owned(future.result(), caller)
             return Notice(reason=Reason.TIMEOUT)
@@ -158,8 +159,10 @@ async def await_turn(
 def _owned(notice: Notice, caller: str) -> Notice:
     """``notice`` as ``caller`` is answered with it: a grant made while another caller owned
     the waiter (a retry of the request took it over, or the first caller still runs as its
-    retry's grant comes) is that caller's to give back, not this one's: not fresh here."""
-    if notice.fresh and notice.locks and caller and notice.caller and notice.caller != caller:
+    retry's grant comes) is that caller's to give back (and to announce, an upgrade too), not
+    this one's: not fresh here."""
+    if ((notice.fresh or notice.upgraded) and notice.locks and caller and notice.caller
+            and notice.caller != caller):
         return Notice(locks=notice.locks, fresh=False, caller=notice.caller)
     return notice
 
@@ -229,7 +232,7 @@ async def _withdraw_retrying(backend: QueueBackend, key: str, waiter_id: str, re
                 cancelled = await backend.cancel(key, waiter_id, reason=reason, caller=caller,
                                                  policy=policy())
                 granted = Notice(locks=cancelled.granted, fresh=cancelled.fresh,
-                                 kept=cancelled.kept)
+                                 kept=cancelled.kept, upgraded=cancelled.upgraded)
                 if cancelled.handed:
                     handed(cancelled.handed)
             if granted.locks:
@@ -343,7 +346,8 @@ async def withdraw(
                                          caller=caller, policy=policy())
         if cancelled.handed:
             handed(cancelled.handed)
-        notice = Notice(locks=cancelled.granted, fresh=cancelled.fresh, kept=cancelled.kept)
+        notice = Notice(locks=cancelled.granted, fresh=cancelled.fresh, kept=cancelled.kept,
+                        upgraded=cancelled.upgraded)
         if cancelled.waiter is None and future.done():  # the backend no longer remembers it
             notice = _owned(future.result(), caller)
         if notice.locks:

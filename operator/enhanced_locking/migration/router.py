@@ -337,7 +337,7 @@ class Router(AtlantisCalls):
         while True:
             result = await self._acquire(request)
             lock = result.__dict__["lock"]  # (a model's attribute is read through its hook)
-            if lock is None or result.fresh:
+            if lock is None or result.fresh or result.upgraded:  # (an upgrade: a new hold)
                 return result
             if (leaving := self._answers.leaving_of((lock,))) is None:
                 self._answers.again(lock)
@@ -428,7 +428,7 @@ class Router(AtlantisCalls):
             result = await self._route(request, plan)
             # The pull held it already: frequent (Atlantis locks a pull's projects again on
             # every plan), and each such answer reads the fallback journal first.
-            if result.acquired and not result.fresh:
+            if result.acquired and not result.fresh and not result.upgraded:
                 result = await self._reentered(request, plan, result)
         migration.after_acquire(request, result)
         return result
@@ -562,9 +562,10 @@ class Router(AtlantisCalls):
         if unchecked and result.acquired and result.lock is not None:
             self.metrics.fallback("unchecked")
             await self._journal_grant(result.lock)
-        if upgrade and result.fresh and result.lock is not None:
+        if upgrade and (result.fresh or result.upgraded) and result.lock is not None:
             # Not a grant of this call to give back (a batch refused later, a caller gone):
-            # its release would free the hold the pull had before it.
+            # its release would free the hold the pull had before it. Across the sides it is
+            # answered as a lock the pull held already.
             return AcquireResult.granted(result.lock, fresh=False)
         return result
 
@@ -998,7 +999,7 @@ class Router(AtlantisCalls):
         # (or let one go). Only a store that does not say key by key is answered by the look.
         kept = first.kept_or(frozenset(mine_before))
         for lock in first.locks:
-            if lock.key in kept:  # its pull's already: answered again
+            if lock.key in kept and lock.key not in first.upgraded:  # its pull's: answered again
                 self._answers.again(lock)
 
         async def give_back() -> None:
@@ -1043,7 +1044,8 @@ class Router(AtlantisCalls):
             return rest
         by_key = {lock.key: lock for lock in [*first.locks, *rest.locks]}
         return BatchResult.granted([by_key[key] for key in request.keys],
-                                   kept=None if rest.kept is None else kept | rest.kept)
+                                   kept=None if rest.kept is None else kept | rest.kept,
+                                   upgraded=first.upgraded | rest.upgraded)
 
     async def _above_legacy(self, enhanced: Locker, request: BatchLockRequest,
                             locks: Locks) -> BatchResult | Literal[True] | None:

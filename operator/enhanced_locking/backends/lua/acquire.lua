@@ -11,7 +11,9 @@
 -- returns {'granted', {lock...}, fresh 0/1, the keys of those its pull held already (answered
 --          unchanged; a grant a retry takes over is heard: its own answer, lib.lua
 --          `kept_for_others`), or false when the grant a retry takes
---          over does not say (an older replica's: lib.lua `kept_keys`)}
+--          over does not say (an older replica's: lib.lua `kept_keys`), the keys of those
+--          whose shared hold of its pull it upgraded to exclusive (lib.lua `kept_keys`;
+--          none when a retry takes over a grant another caller heard first)}
 --         {'took', token, at, exp}: granted by the lean path (`uncontended`), the one key as
 --          asked (the caller sent the rest of the lock)
 --         {'held' | 'limited', key, its holder or {}}
@@ -78,7 +80,7 @@ local function main()
         expect(shared_name, pair[1])
       end
       planned()
-      local kept = kept_keys(tokens)
+      local kept, upgraded = kept_keys(tokens)
       for _, pair in ipairs(tokens) do
         local h = holder_with_token(pair[1], pair[2])
         if h then
@@ -96,8 +98,9 @@ local function main()
       if all and #still > 0 then
         w('HSET', outcome_name(wait_id), 'kind', 'taken')
         -- nobody heard of it yet: the retry's to give back, fresh as it was granted
+        -- (heard before, an upgrade it made was announced by its first hearer)
         local fresh = fresh_with(tokens, kept, tonumber(out[3]) or 1)
-        return {'granted', still, unheard and fresh or 0, kept}
+        return {'granted', still, unheard and fresh or 0, kept, unheard and upgraded or {}}
       end
     end
   end
@@ -164,13 +167,15 @@ local function main()
   -- lock (set aside; a force-unlock repairs it), waiting or not.
   if d[1] == 'damaged' then return told({'held', d[2], set_aside(d[2], d[3])}) end
   if d[1] == 'grant' then
-    local locks, fresh, kept = {}, 0, {}
+    local locks, fresh, kept, upgraded = {}, 0, {}, {}
     for i, k in ipairs(keys) do
-      local lock, new = take(k, datas[k], repo, pull, ttl, false, mode, parts[i].path, parts[i].ws)
+      local lock, new, up = take(k, datas[k], repo, pull, ttl, false, mode, parts[i].path,
+                                 parts[i].ws)
       table.insert(locks, lock)
       if new then fresh = 1 else table.insert(kept, k) end
+      if up then table.insert(upgraded, k) end
     end
-    return told({'granted', locks, fresh, kept})
+    return told({'granted', locks, fresh, kept, upgraded})
   end
   local blocked = d[2]
   local holder = peek(blocked) or {}

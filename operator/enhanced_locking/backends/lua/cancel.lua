@@ -17,7 +17,8 @@
 --         of those its pull held already, or false when the grant does not say (lib.lua
 --         `kept_keys`); a lock the grant made that another answer told its pull it holds
 --         is one of them, and given back, one the grant found held goes when its count
---         in `told` was the last (lib.lua `kept_for_others`)}
+--         in `told` was the last (lib.lua `kept_for_others`), the keys of those whose
+--         shared hold of its pull the grant upgraded (lib.lua `kept_keys`)}
 -- decoded by redis_replies.cancel
 local refused = guard()
 if refused then return refused end
@@ -58,7 +59,7 @@ local function main()
     expect(shared_name, pair[1])
   end
   planned()
-  local kept = kept_keys(tokens)
+  local kept, upgraded = kept_keys(tokens)
   for _, pair in ipairs(tokens) do
     local holder = holder_with_token(pair[1], pair[2])
     if holder then
@@ -67,6 +68,7 @@ local function main()
       if kept then kept_for_others(holder, id, pair[3], heard, kept) end
     end
   end
-  return {'granted', granted_to, still, fresh_with(tokens, kept, tonumber(out[4]) or 1), kept}
+  return {'granted', granted_to, still, fresh_with(tokens, kept, tonumber(out[4]) or 1), kept,
+          upgraded}
 end
 return run(main, true)

@@ -5,7 +5,8 @@
 -- ARGV[11] waiter id
 -- returns {'granted', locks, fresh 0/1, the caller that owned the waiter when it was granted,
 --         the keys of those its pull held already (answered unchanged), or false when the
---         grant does not say (an older replica's: lib.lua `kept_keys`)}
+--         grant does not say (an older replica's: lib.lua `kept_keys`), the keys of those
+--         whose shared hold of its pull the grant upgraded (lib.lua `kept_keys`)}
 -- or {'lost', locks it still holds and must give back} (a claim lapsed first; none that its
 -- pull held already: fresh 0, or one the grant names so, or one another answer told its pull
 -- it holds, unless its count in `told` was the last: lib.lua `kept_for_others`)
@@ -39,7 +40,7 @@ local function main()
   -- told unavailable and gives its own back, not those another answer told its pull it holds
   -- (lib.lua `kept_for_others`).
   for _, holder in ipairs(held) do settle_heard(holder, ARGV[11], not lost) end
-  local kept = kept_keys(tokens)
+  local kept, upgraded = kept_keys(tokens)
   if kept then
     for i, holder in ipairs(held) do kept_for_others(holder, ARGV[11], marks[i], not lost, kept) end
   end
@@ -56,6 +57,6 @@ local function main()
   for i = 1, #granted_to, 2 do
     if granted_to[i] == 'caller' then caller = granted_to[i + 1] end
   end
-  return {'granted', held, fresh_with(tokens, kept, fresh), caller, kept}
+  return {'granted', held, fresh_with(tokens, kept, fresh), caller, kept, upgraded}
 end
 return run(main, true)

@@ -2,10 +2,12 @@
 -- answer (`unavailable`: Redis took the call and answered too late, or the connection broke),
 -- by that call's id C. Redis runs a call it took however late, so the call may have granted.
 -- What C granted, as the answer kept under op:<C> says (the lean path's {'took', token, ...}
--- for the one key asked, or the rows of {'granted', locks, fresh}), is released and its key's
--- queue served, as RELEASE does, but only an exclusive lock that is still that grant (same
--- owner, same token, live) and that no later call was answered with (`take` and REFRESH mark
--- it `told`): a later request of the same pull that was told it holds the lock keeps it.
+-- for the one key asked, or the rows of {'granted', locks, fresh, kept, upgraded}), is
+-- released and its key's queue served, as RELEASE does, but only an exclusive lock that is
+-- still that grant (same owner, same token, live) and that no later call was answered with
+-- (`take` and REFRESH mark it `told`): a later request of the same pull that was told it holds
+-- the lock keeps it. An upgrade C made of its pull's shared hold stays (the pull held the key
+-- before C; giving the upgrade back would free that hold with it).
 -- Nothing is kept under op:<C> when C has not run yet (still on its way, or in a frozen
 -- Redis's input): a mark is kept there instead, which C answers as its kept answer when it
 -- runs, writing nothing. (After OP_MS the answer C kept is gone too: what C granted then
@@ -30,8 +32,14 @@ local function main()
       if answer[1] == 'took' then
         granted[ARGV[13]] = answer[2]
       elseif answer[1] == 'granted' and type(answer[2]) == 'table' then
+        local upgraded = {}
+        if type(answer[5]) == 'table' then
+          for _, k in ipairs(answer[5]) do upgraded[k] = true end
+        end
         for _, row in ipairs(answer[2]) do
-          if type(row) == 'table' and row[10] == 'exclusive' then granted[row[1]] = row[3] end
+          if type(row) == 'table' and row[10] == 'exclusive' and not upgraded[row[1]] then
+            granted[row[1]] = row[3]
+          end
           if type(row) == 'table' and row[10] == 'shared' then shared[row[1]] = row[3] end
         end
       end

@@ -1237,13 +1237,17 @@ local function take(k, data, repo, pull, ttl, claim, mode, path, ws)
     -- hears later), a claim on it ends: another waiter's, whose grant the pull held it by
     -- (`settle_heard`).
     if not claim then settle_heard(mine, false, true) end
-    return mine, false
+    return mine, false, false
   end
   if mine then drop_lock(mine) end
   local lock = stamp(k, data, repo, pull, ttl, claim, mode, path, ws, fence_name(k),
                      mode ~= 'shared' and lock_name(k), pull_index(repo, pull))
   if not lock then error('the fencing counter of ' .. k .. ' failed after its check', 0) end
-  return lock, true
+  -- An upgrade of the pull's shared hold (a new token, announced as a new lock is) is not
+  -- the grant's to give back: its pull held the key before, and a give-back by its token
+  -- would free that hold with it. Returns the lock, new, upgraded.
+  if mine then return lock, false, true end
+  return lock, true, false
 end
 
 -- A key whose fencing counter cannot serve a grant is set aside: when nobody holds it, a mark
@@ -1621,9 +1625,11 @@ local function unqueue(id, rec)
 end
 
 -- An outcome's `locks` are {key, token, held} each: `held` 1 when the waiter's pull held that
--- lock already as it was granted (answered unchanged: not the grant's to give back), else 0
--- (`held`, one per lock, 1 for every one when `fresh` is 0). An outcome written before `held`
--- existed has {key, token} (an older replica's grant): `kept_keys` says it cannot tell.
+-- lock already as it was granted (answered unchanged: not the grant's to give back), 2 when
+-- the grant upgraded the pull's shared hold of it to exclusive (a new token, yet not the
+-- grant's to give back either), else 0 (`held`, one per lock, 1 or 2 for every one when
+-- `fresh` is 0). An outcome written before `held` existed has {key, token} (an older
+-- replica's grant): `kept_keys` says it cannot tell.
 local function remember(id, rec, kind, locks, fresh, held)
   local tokens = {}
   for i, lock in ipairs(locks) do
@@ -1653,14 +1659,17 @@ local function drop_waiter(id, rec, kind, fx)
 end
 
 -- The keys of an outcome's `locks` (see `remember`) its pull held already when granted, or
--- false when the outcome does not say (written before it did: an older replica's).
+-- false when the outcome does not say (written before it did: an older replica's); and,
+-- second, those of them whose pull's shared hold the grant upgraded (`held` 2: announced as
+-- new locks are, never given back).
 local function kept_keys(pairs_of)
-  local kept = {}
+  local kept, upgraded = {}, {}
   for _, pair in ipairs(pairs_of) do
-    if pair[3] == nil then return false end
-    if pair[3] == 1 then table.insert(kept, pair[1]) end
+    if pair[3] == nil then return false, {} end
+    if pair[3] == 1 or pair[3] == 2 then table.insert(kept, pair[1]) end
+    if pair[3] == 2 then table.insert(upgraded, pair[1]) end
   end
-  return kept
+  return kept, upgraded
 end
 
 -- Whether lock h of waiter id's grant (found by its token; `held` its outcome's mark: 1 when
@@ -1680,7 +1689,7 @@ end
 -- kept, again as often as asked: its caller gives it back by token). A shared hold is kept
 -- once any answer told it (`told_shared`), as give_back.lua keeps it.
 local function kept_for_others(h, id, held, heard, kept)
-  if h.bad then return end
+  if h.bad or held == 2 then return end  -- an upgrade stays its pull's: kept
   -- A grant heard keeps its own answer (the lock it made is new to its caller; a give-back
   -- of it later leaves what `told` counts: RELEASE's `unless_told`).
   if h[10] == 'shared' then
@@ -1724,11 +1733,12 @@ local function grant(id, rec, fx)
   local locks, fresh, held = {}, 0, {}
   local parts = waiter_parts(rec)
   for i, k in ipairs(rec.keys) do
-    local lock, new = take(k, rec['d:' .. k], rec.repo, rec.pull, tonumber(rec.ttl), id,
-                           rec.mode, parts[i].path, parts[i].ws)
+    local lock, new, upgraded = take(k, rec['d:' .. k], rec.repo, rec.pull,
+                                     tonumber(rec.ttl), id, rec.mode, parts[i].path,
+                                     parts[i].ws)
     table.insert(locks, lock)
     if new then fresh = 1 end
-    held[i] = new and 0 or 1
+    held[i] = upgraded and 2 or new and 0 or 1
   end
   unqueue(id, rec)
   remember(id, rec, 'granted', locks, fresh, held)
