@@ -303,7 +303,7 @@ type answer struct {
 	contentType string
 	// retryAfter is the answer's Retry-After (0: none said).
 	retryAfter time.Duration
-	// grant is the answer's Lock-Grant (an acquire's 200: "new" or "again").
+	// grant is the answer's Lock-Grant (an acquire's 200: "new", "again" or "upgraded").
 	grant Grant
 }
 
@@ -738,7 +738,8 @@ func (c *Client) AcquireBatch(ctx context.Context, r BatchRequest) ([]Lock, erro
 	// header that does not say it lock by lock leaves every Grant "" (not said).
 	if words := strings.Split(string(got.grant), ","); len(words) == len(a.Locks) {
 		for i, word := range words {
-			if grant := Grant(strings.TrimSpace(word)); grant == GrantNew || grant == GrantAgain {
+			if grant := Grant(strings.TrimSpace(word)); grant == GrantNew || grant == GrantAgain ||
+				grant == GrantUpgraded {
 				a.Locks[i].Grant = grant
 			}
 		}

@@ -1043,3 +1043,41 @@ func TestAStreamWhoseServiceRestartsReconnectsUntilItIsBack(t *testing.T) {
 		}
 	}
 }
+
+// sharedHold makes pull hold acme/infra's project at path shared: the client asks for
+// exclusive locks only, so the hold is asked for as any other client would.
+func sharedHold(t *testing.T, url, path string, pull int) {
+	t.Helper()
+	body := `{"project": {"repoFullName": "acme/infra", "path": "` + path + `"}, "pull": {"num": ` +
+		strconv.Itoa(pull) + `}, "user": {"username": "alice"}, "mode": "shared"}`
+	resp, err := http.Post(url+"/v1/locks", "application/json", strings.NewReader(body))
+	must(t, err)
+	_ = resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("pull %d should hold %s shared, got %d", pull, path, resp.StatusCode)
+	}
+}
+
+func TestAnUpgradeOfThePullsSharedHoldIsSaidApartAndStartsItsLease(t *testing.T) {
+	svc := servicetest.Serve(t, "--enhanced-locking-enabled")
+	c, err := client.New(svc.URL)
+	must(t, err)
+	ctx := context.Background()
+	sharedHold(t, svc.URL, "a", 4)
+	sharedHold(t, svc.URL, "b", 4)
+	lock, err := c.Acquire(ctx, request("acme/infra", "a", 4))
+	must(t, err)
+	if lock.Grant != client.GrantUpgraded || !lock.Grant.LeaseStartsNow() {
+		t.Fatalf("pull 4's shared hold of a should be upgraded, got %+v", lock)
+	}
+	again, err := c.Acquire(ctx, request("acme/infra", "a", 4))
+	must(t, err)
+	if again.Grant != client.GrantAgain || again.Grant.LeaseStartsNow() || again.FencingToken != lock.FencingToken {
+		t.Fatalf("asked again, pull 4 should get its exclusive lock unchanged, got %+v", again)
+	}
+	locks, err := c.AcquireBatch(ctx, batchOf(4, "b", "c"))
+	must(t, err)
+	if len(locks) != 2 || locks[0].Grant != client.GrantUpgraded || locks[1].Grant != client.GrantNew {
+		t.Fatalf("b is upgraded by the batch, c granted by it: got %+v", locks)
+	}
+}

@@ -99,8 +99,10 @@ type Lock struct {
 	// Backend is the side that granted it: "legacy" or "enhanced".
 	Backend string `json:"backend"`
 	// Grant says, of a lock Acquire or AcquireBatch answered, whether that call granted it
-	// (GrantNew: its lease, if it has one, starts now) or answered the lock its pull held
-	// already (GrantAgain: unchanged, lease and all). "" for locks other calls answer, and
+	// (GrantNew: its lease, if it has one, starts now), answered the lock its pull held
+	// already (GrantAgain: unchanged, lease and all), or upgraded its pull's shared hold to
+	// exclusive in place (GrantUpgraded: a new fencing token, its lease starting now). "" for
+	// locks other calls answer, and
 	// where the service did not say (a release before it said so, or a proxy that drops the
 	// header).
 	Grant Grant `json:"-"`
@@ -114,7 +116,15 @@ const (
 	GrantNew Grant = "new"
 	// GrantAgain: the call's pull held the lock already; it is answered unchanged.
 	GrantAgain Grant = "again"
+	// GrantUpgraded: the call's pull held the lock shared and the call made it exclusive in
+	// place (a new fencing token, its lease starting now). The service never gives it back
+	// as a grant (that would free the pull's shared hold with it).
+	GrantUpgraded Grant = "upgraded"
 )
+
+// LeaseStartsNow says the call's answer started the lock's lease (GrantNew, GrantUpgraded):
+// a lock its pull held already (GrantAgain, or not said) has what is left of its lease.
+func (g Grant) LeaseStartsNow() bool { return g == GrantNew || g == GrantUpgraded }
 
 // grantHeader is the header of an acquire's 200 that says which Grant it is.
 const grantHeader = "Lock-Grant"

@@ -234,7 +234,7 @@ func (b *Database) TryLock(lock models.ProjectLock) (bool, models.ProjectLock, e
 		request.Priority = client.PriorityNormal
 		granted, err = b.service.Acquire(ctx, request)
 	}
-	if err == nil && granted.ExpiresAt != nil && granted.Grant != client.GrantNew {
+	if err == nil && granted.ExpiresAt != nil && !granted.Grant.LeaseStartsNow() {
 		err = b.renew(ctx, granted, lock.Project.RepoFullName)
 		if errors.Is(err, errLeaseCannotEnd) {
 			// A service of the release before refresh took a ttl of 0s cannot end the
@@ -255,7 +255,7 @@ func (b *Database) TryLock(lock models.ProjectLock) (bool, models.ProjectLock, e
 			// so ask once more, as running the command again would — waiting in the queue
 			// with WithWait, else told who holds it; a fresh grant is not renewed.
 			granted, err = b.service.Acquire(ctx, request)
-			if err == nil && granted.ExpiresAt != nil && granted.Grant != client.GrantNew {
+			if err == nil && granted.ExpiresAt != nil && !granted.Grant.LeaseStartsNow() {
 				err = b.renew(ctx, granted, lock.Project.RepoFullName)
 			}
 		}
@@ -306,7 +306,8 @@ var errLeaseCannotEnd = errors.New("lease cannot be ended by this lock service (
 // state rm after its plan, a plan of one project again) would run on what is left of the
 // lease, and the lock could expire under it and go to the next waiter. (An apply in
 // Atlantis's default repo_locks mode, on_plan, does not call TryLock: it runs on its plan's
-// lease.) A fresh grant (client.GrantNew) has its whole lease and is not renewed;
+// lease.) A fresh grant (client.GrantNew, or client.GrantUpgraded: its pull's shared hold
+// made exclusive, a new lease) has its whole lease and is not renewed;
 // one the service did not say of (an older service, a proxy that drops the header) is
 // renewed as well. The renewal not answered (the service unreachable, a 503): an error, and
 // the lock as it was, the pull's, with the lease it had. The lease ended in between (the key
