@@ -299,3 +299,28 @@ async def test_a_grant_whose_caller_left_and_whose_answer_was_lost_is_given_back
         finally:
             await rig.close()
             await backend.close()
+
+
+async def test_a_fail_fast_upgrade_whose_caller_left_in_the_call_keeps_the_pulls_hold(
+        request: pytest.FixtureRequest, queue_backend_factory: BackendFactory,
+        rigs: Callable[..., LockerRig]) -> None:
+    """Pull 1 holds the key shared and asks for it exclusive (no wait); the call is
+    cancelled while the store has it. The store upgrades the hold in place (a new token), or,
+    where the give-back reached it first (Redis), the call writes nothing. An upgrade is never
+    given back: releasing it would free the shared hold the pull had before the call. Pull 1
+    still holds the key either way, and nothing is abandoned."""
+    rig = rigs()
+    own = await rig.locker.acquire(ask(1).model_copy(update={"mode": "shared"}))
+    assert own.acquired and own.lock is not None
+    answer = await _cancelled_in_flight(request, queue_backend_factory, rig,
+                                        lambda: rig.locker.acquire(ask(1)))
+    if answer is not None:
+        assert isinstance(answer, AcquireResult) and answer.upgraded and not answer.fresh
+    await asyncio.sleep(1.5)  # (a give-back owed would be sent meanwhile)
+    held = await rig.locker.holders(own.lock.key)
+    assert [lock.pull.num for lock in held] == [1], "the give-back freed the pull's hold"
+    assert held[0] == own.lock or (held[0].mode == "exclusive"
+                                   and held[0].fencing_token > own.lock.fencing_token), held
+    refused = await rig.locker.acquire(ask(2))
+    assert not refused.acquired and refused.reason is Reason.HELD, refused
+    assert _abandoned(rig) == [], rig.events
