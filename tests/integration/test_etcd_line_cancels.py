@@ -6,13 +6,18 @@ are gone once nobody steps."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import secrets
 import time
 from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
 import pytest
 from tests.support.etcd_fixtures import QUEUE_POLICY as POLICY
+from tests.support.etcd_fixtures import etcd_config, grant, started
+from tests.support.etcd_server import frozen
 from tests.support.grant_history import GrantHistory
 from tests.support.locks import candidate_for, request_for
 
@@ -94,3 +99,53 @@ async def test_callers_giving_up_at_any_point_of_a_key_s_line_leave_no_grant_twi
     assert history.grants > 30, history.grants
     assert gave_up > 10, gave_up
     assert not any(r._lines for r in replicas)
+
+
+async def test_a_step_given_up_on_in_the_middle_of_its_commit_ends_once_etcd_answered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An acquire given up on once its commit is sent, etcd not answering yet (stopped as it
+    gets the commit): the step goes on until etcd has answered, then raises
+    ``CancelledError``; what it wrote stays (the lock is held by the pull) and the caller's
+    clean-up behind it in the key's line finds it and gives it back. A step that ended as
+    its caller gave up, its call cancelled once sent, left etcd free to apply the commit
+    after that clean-up, which then found nothing to undo (the lock held for good)."""
+    with started(tmp_path / "etcd") as cluster:
+        member = cluster.members[0]
+        backend = EtcdBackend.from_config(etcd_config(cluster, "/line/"), "enhanced")
+        stopped = contextlib.ExitStack()
+        try:
+            await grant(backend, candidate_for(request_for(repo="acme/infra", path="envs/warm",
+                                                           pull=1)))
+            candidate = candidate_for(request_for(repo="acme/infra", path="envs/a", pull=7))
+            sent = asyncio.Event()
+            transact = backend.connection.transact
+            lock_key = backend.lock_key(candidate.key)
+
+            def stopping(client: Any, request: Any, *, read: bool = False) -> Any:
+                if not read and not sent.is_set() and any(
+                        op.request_put.key == lock_key for op in request.success):
+                    stopped.enter_context(frozen(member))  # etcd gets the commit, answers later
+                    sent.set()
+                return transact(client, request, read=read)
+
+            monkeypatch.setattr(backend.connection, "transact", stopping)
+            step = asyncio.ensure_future(backend.acquire_or_enqueue(candidate, ttl=None,
+                                                                    wait=None, policy=POLICY))
+            await sent.wait()
+            step.cancel()
+            done, _ = await asyncio.wait({step}, timeout=0.3)
+            assert not done, "the step ended while etcd had its commit unanswered"
+            step.cancel()  # given up on again: the same
+            stopped.close()
+            with pytest.raises(asyncio.CancelledError):
+                await step
+            held = await backend.get(candidate.key)
+            assert held is not None and held.owner == candidate.owner, held
+            await backend.release_and_handoff(candidate.key, owner=candidate.owner,
+                                              policy=POLICY)
+            assert await backend.get(candidate.key) is None
+            assert not backend._lines
+        finally:
+            stopped.close()
+            await backend.close()

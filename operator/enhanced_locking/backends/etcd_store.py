@@ -91,10 +91,18 @@ import operator
 import random
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Coroutine,
+    Generator,
+    Iterable,
+    Iterator,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 from urllib.parse import quote, unquote
 
 import etcd3aio
@@ -415,6 +423,93 @@ class _Line:
 
     def __init__(self) -> None:
         self.waiting: collections.deque[asyncio.Future[None]] = collections.deque()
+
+
+class _Unbroken(Generic[T]):
+    """``coroutine`` awaited to its end in its caller's task, though that task is cancelled
+    meanwhile: the cancel is kept (``gone``) and what the coroutine waits on is not cancelled.
+
+    Each future the coroutine waits on reaches the task in a :class:`_Held`, whose ``cancel``
+    only sets ``gone`` and refuses: the task then throws ``CancelledError`` in once that future
+    is done, and it is taken here, the coroutine resumed to read the future's outcome (a
+    future cancelled by its own maker is still thrown in). The awaiter says what a cancel
+    kept means (``EtcdBackend._commit_answered``). What ``asyncio.shield`` of a task of its
+    own does, without the task: three turns of the event loop a commit (the task's start, its
+    end, the shield's answer) and the task's making."""
+
+    __slots__ = ("_coroutine", "gone")
+
+    def __init__(self, coroutine: Coroutine[Any, Any, T]) -> None:
+        self._coroutine = coroutine
+        self.gone = False
+        """Whether the awaiting task was cancelled while the coroutine ran."""
+
+    def __await__(self) -> Generator[Any, None, T]:
+        coroutine = self._coroutine
+        thrown: BaseException | None = None
+        while True:
+            try:
+                waited = coroutine.send(None) if thrown is None else coroutine.throw(thrown)
+            except StopIteration as end:
+                value: T = end.value
+                return value
+            thrown = None
+            held = None if waited is None else _Held(waited, self)
+            while True:
+                try:
+                    yield held
+                except asyncio.CancelledError as error:
+                    if waited is not None and waited.cancelled():
+                        thrown = error  # its own future, cancelled: as the coroutine sees it
+                    else:
+                        self.gone = True  # the task's, once the future is done
+                        if waited is not None and not waited.done():
+                            continue
+                except GeneratorExit:
+                    coroutine.close()
+                    raise
+                except BaseException as error:  # the future's outcome, thrown in by the task
+                    thrown = error
+                break
+
+
+class _Held:
+    """A future an :class:`_Unbroken` coroutine waits on, as its task sees it: the future's
+    own, but for ``cancel``, which keeps the cancel and refuses it (the task throws it in once
+    the future is done)."""
+
+    __slots__ = ("_asyncio_future_blocking", "_future", "_unbroken")
+
+    def __init__(self, future: asyncio.Future[Any], unbroken: _Unbroken[Any]) -> None:
+        self._future = future
+        self._unbroken = unbroken
+        self._asyncio_future_blocking = True
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self._future.get_loop()
+
+    def add_done_callback(self, fn: Callable[[Any], object], *,
+                          context: contextvars.Context | None = None) -> None:
+        self._future.add_done_callback(fn, context=context)
+
+    def remove_done_callback(self, fn: Callable[[Any], object]) -> int:
+        return self._future.remove_done_callback(fn)
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def cancelled(self) -> bool:
+        return self._future.cancelled()
+
+    def result(self) -> Any:
+        return self._future.result()
+
+    def exception(self) -> BaseException | None:
+        return self._future.exception()
+
+    def cancel(self, msg: Any = None) -> bool:
+        self._unbroken.gone = True
+        return False
 
 
 class _Known:
@@ -1691,26 +1786,20 @@ class EtcdBackend(StoreBackend):
         the write queued, or the lock it took, stayed for a caller that was gone (a lock
         without a TTL held for good, and every waiter of its key never told). So the step,
         and its turn of the line, end only once etcd has answered, bounded by the call's own
-        deadline."""
-        committing = asyncio.ensure_future(self._commit(client, txn, key=key,
-                                                        verified=verified))
-        gone = False
-        while True:
-            try:
-                revision, fresh = await asyncio.shield(committing)
-            except asyncio.CancelledError:
-                if committing.cancelled():
-                    raise
-                gone = True
-                continue
-            except BaseException as error:
-                if gone and isinstance(error, BackendUnavailable) and not isinstance(
-                        error, _Refused):
-                    raise _GoneUnanswered from error  # (applied or not: the reads will say)
-                if gone:
-                    raise asyncio.CancelledError from None
-                raise
-            return revision, fresh, gone
+        deadline: the commit runs in the caller's task, which takes a cancel only once the
+        commit has ended (:class:`_Unbroken`)."""
+        committing = _Unbroken(self._commit(client, txn, key=key, verified=verified))
+        try:
+            revision, fresh = await committing
+        except BaseException as error:
+            gone = committing.gone
+            if gone and isinstance(error, BackendUnavailable) and not isinstance(
+                    error, _Refused):
+                raise _GoneUnanswered from error  # (applied or not: the reads will say)
+            if gone:
+                raise asyncio.CancelledError from None
+            raise
+        return revision, fresh, committing.gone
 
     async def _gone_unanswered(self, client: etcd3aio.Etcd3Client,
                                runs: list[tuple[_Txn, T]], keys: set[bytes],
