@@ -665,6 +665,7 @@ def _list(client: Client, args: argparse.Namespace) -> int:
     listing = client.listing(repo=args.repo, pull=args.pull)
     _print(listing.as_json())
     terminal.not_reached(PROG, listing.unavailable, "listed")
+    terminal.not_read(PROG, [(entry.key, entry.side) for entry in listing.unreadable])
     return 0
 
 

@@ -21,6 +21,8 @@ from tests.conftest import ServiceFactory
 from tests.support.loopback_http import serving
 from tests.support.redis_server import RedisServer
 from tests.support.service import enhanced_locking_command, free_port, scrubbed_env
+from tests.support.unreadable import SECRET as PLANTED
+from tests.support.unreadable import spoil_file
 
 from enhanced_locking.backends.embedded import open_database
 from enhanced_locking.config import settings
@@ -617,3 +619,28 @@ def test_a_list_and_a_release_by_pull_say_which_store_did_not_answer(
     assert [lock["key"] for lock in shown["released"]] == ["acme/infra/envs/prod/default/"]
     assert "unavailable" not in shown and shown["cancelled"] == []
     assert again.stderr == ""
+
+
+def test_a_list_says_which_stored_locks_it_could_not_read(
+    service_process: ServiceFactory, data_dir: Path,
+) -> None:
+    """The service lists the locks it can read and names under ``unreadable`` the stored ones
+    it cannot (their keys held until a force-unlock): the command prints that answer whole,
+    and one line on stderr names those keys and how to clear them, never a bare list that
+    reads as everything held (the client library's ``list`` raises ``LocksUnreadable``
+    for it); exit 0, as a list missing a store's locks. Before, stderr was empty."""
+    url = service_process().url
+    acquire = ["lock", "--url", url, "acquire", "--repo", "acme/infra", "--pull", "1"]
+    for path in ("envs/prod", "envs/dev"):
+        assert run(*acquire, "--path", path).returncode == 0
+    dev = "acme/infra/envs/dev/default/"
+    spoil_file(str(data_dir / "enhanced-locking.db"), "legacy", dev, f"token={PLANTED}")
+
+    listed = run("lock", "--url", url, "list", "--repo", "acme/infra")
+    assert listed.returncode == 0, listed.stderr
+    shown = output(listed)
+    assert [lock["key"] for lock in shown["locks"]] == ["acme/infra/envs/prod/default/"]
+    assert [entry["key"] for entry in shown["unreadable"]] == [dev]
+    lines = listed.stderr.splitlines()
+    assert len(lines) == 1 and dev in lines[0] and "force-unlock" in lines[0], lines
+    assert PLANTED not in listed.stdout + listed.stderr
