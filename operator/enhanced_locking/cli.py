@@ -17,8 +17,8 @@ be opened); 2 invalid usage, config or URL (``serve``: also an address it cannot
 3 the service could not be reached or could not serve the call now (its 503 or 429: a store
 did not answer, it is overloaded), took the call and sent no answer in time, or what answered
 is not the service.
-What goes to stdout and stderr is :mod:`enhanced_locking.terminal`'s one convention. ``--url``
-and ``--token`` may stand before or after any command word.
+What goes to stdout and stderr is :mod:`enhanced_locking.terminal`'s one convention. ``--url``,
+``--token`` and ``--connect-timeout`` may stand before or after any command word.
 """
 
 from __future__ import annotations
@@ -40,7 +40,10 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from pydantic import ValidationError
 
 from enhanced_locking import steps, terminal, watching
+from enhanced_locking.durations import parse_duration
 from enhanced_locking.service_address import (
+    CONNECT_TIMEOUT_ENV,
+    DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_URL,
     TOKEN_ENV,
     URL_ENV,
@@ -567,7 +570,8 @@ def with_client(action: Callable[[Client, argparse.Namespace], int], *,
         from enhanced_locking.client import Client, ServiceError
 
         try:
-            with Client(args.url, token=args.token) as client:
+            with Client(args.url, token=args.token,
+                        connect_timeout=args.connect_timeout) as client:
                 return action(client, args)
         except ServiceError as error:
             return terminal.service_failed(
@@ -603,7 +607,8 @@ def _acquire(client: Client, args: argparse.Namespace) -> int:
         print(f"enhanced-locking: {_invalid_flag(error)}", file=sys.stderr)
         return EXIT_USAGE
     if request.wait:  # show the live queue position on stderr while waiting
-        result = watching.acquire_showing_position(args.url, request, token=args.token)
+        result = watching.acquire_showing_position(args.url, request, token=args.token,
+                                                   connect_timeout=args.connect_timeout)
     else:
         result = client.acquire(request)
     answer = result.model_dump(mode="json", by_alias=True)
@@ -700,20 +705,41 @@ def _service_url(value: str) -> str:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _connect_seconds(value: str) -> float:
+    try:
+        return parse_duration(value).total_seconds()
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def add_client_options(parser: argparse.ArgumentParser) -> None:
-    """``--url`` and ``--token``, accepted wherever a user puts them (before or after a command
-    word): every parser level gets them, and a level that is not given one leaves it alone."""
+    """``--url``, ``--token`` and ``--connect-timeout``, accepted wherever a user puts them
+    (before or after a command word): every parser level gets them, and a level that is not
+    given one leaves it alone."""
     parser.add_argument("--url", type=_service_url, default=argparse.SUPPRESS,
                         help=f"lock service URL (env {URL_ENV}; default: {DEFAULT_URL})")
     parser.add_argument("--token", default=argparse.SUPPRESS, metavar="TOKEN",
                         help=f"bearer token for a service with authentication on (env "
                              f"{TOKEN_ENV}); never printed")
+    parser.add_argument("--connect-timeout", dest="connect_timeout", type=_connect_seconds,
+                        default=argparse.SUPPRESS, metavar="DURATION",
+                        help="how long a call whose connection is refused (the service "
+                             "restarting) is sent again before the command exits 3 (env "
+                             f"{CONNECT_TIMEOUT_ENV}; default: {DEFAULT_CONNECT_TIMEOUT}; "
+                             "0s: tried once)")
 
 
 def resolve_client_options(args: argparse.Namespace, *, program: str = PROG) -> None:
-    """Fill ``args.url`` and ``args.token`` from the flags, else the environment, else the
-    default; a malformed URL from the environment, or a token no header can carry, is a usage
-    error (exit 2)."""
+    """Fill ``args.url``, ``args.token`` and ``args.connect_timeout`` (seconds) from the flags,
+    else the environment, else the default; a malformed URL or duration from the environment,
+    or a token no header can carry, is a usage error (exit 2)."""
+    if getattr(args, "connect_timeout", None) is None:
+        try:
+            args.connect_timeout = parse_duration(
+                os.environ.get(CONNECT_TIMEOUT_ENV) or DEFAULT_CONNECT_TIMEOUT).total_seconds()
+        except ValueError as error:
+            terminal.say(program, f"{CONNECT_TIMEOUT_ENV}: {error}")
+            raise SystemExit(EXIT_USAGE) from None
     if getattr(args, "url", None) is None:
         try:
             given = os.environ.get(URL_ENV)

@@ -120,12 +120,16 @@ class PullRelease:
 
 
 class Client:
-    """Blocking client; ``with Client(url) as client: client.acquire(...)``."""
+    """Blocking client; ``with Client(url) as client: client.acquire(...)``.
+
+    ``timeout`` bounds each call that does not wait in a queue; ``connect_timeout`` (default:
+    ``timeout``) is how long a call whose connection a restart refuses is sent again before it
+    fails (:class:`_ConnectRetry`; 0: once)."""
 
     def __init__(self, base_url: str = DEFAULT_URL, *, timeout: float = 10.0,
                  transport: httpx.BaseTransport | None = None,
-                 token: str | None = None) -> None:
-        self._connect_time = timeout
+                 token: str | None = None, connect_timeout: float | None = None) -> None:
+        self._connect_time = timeout if connect_timeout is None else connect_timeout
         self._http = httpx.Client(base_url=base_url, timeout=timeout, transport=transport,
                                   headers=_auth_headers(token), verify=_verify())
 
@@ -361,8 +365,8 @@ class AsyncClient:
     """The few calls that are naturally concurrent (a wait watched by an event stream)."""
 
     def __init__(self, base_url: str = DEFAULT_URL, *, timeout: float = 10.0,
-                 token: str | None = None) -> None:
-        self._connect_time = timeout
+                 token: str | None = None, connect_timeout: float | None = None) -> None:
+        self._connect_time = timeout if connect_timeout is None else connect_timeout
         self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout,
                                        headers=_auth_headers(token), verify=_verify())
 
@@ -482,7 +486,7 @@ class _ConnectRetry:
     sent, no answer in time, an error answer) is not retried: the service may have acted on
     it. Full jitter, as the Go client's: a random pause
     up to a bound that doubles; no pause that would end past ``within`` seconds from the first
-    attempt (the client's timeout), so the call gives up within its time."""
+    attempt (the client's ``connect_timeout``), so the call gives up within its time."""
 
     def __init__(self, within: float) -> None:
         self._until = time.monotonic() + within

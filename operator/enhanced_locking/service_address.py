@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["DEFAULT_URL", "TOKEN_ENV", "URL_ENV", "service_url", "shown_url", "token_problem"]
+__all__ = ["CONNECT_TIMEOUT_ENV", "DEFAULT_CONNECT_TIMEOUT", "DEFAULT_URL", "TOKEN_ENV", "URL_ENV",
+           "service_url", "shown_url", "token_problem"]
 
 DEFAULT_URL = "http://127.0.0.1:4142"
 URL_ENV = "ENHANCED_LOCKING_URL"
@@ -17,6 +18,13 @@ URL_ENV = "ENHANCED_LOCKING_URL"
 
 TOKEN_ENV = "ENHANCED_LOCKING_TOKEN"
 """The bearer token's variable (``--token`` and ``token=`` win)."""
+
+CONNECT_TIMEOUT_ENV = "ENHANCED_LOCKING_CONNECT_TIMEOUT"
+"""The variable of how long a command keeps sending a call whose connection a restart refuses
+(a duration, ``10s``; ``--connect-timeout`` wins)."""
+
+DEFAULT_CONNECT_TIMEOUT = "10s"
+"""That time when neither says it: the client's timeout."""
 
 
 def token_problem(token: str) -> str | None:

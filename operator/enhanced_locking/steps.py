@@ -169,11 +169,12 @@ async def _show_position(client: AsyncClient, request: LockRequest, every: float
 
 async def acquire_with_progress(
     url: str, request: LockRequest, *, poll: float, out: TextIO, token: str | None = None,
+    connect_timeout: float | None = None,
 ) -> AcquireResult:
     """Acquire (a long poll when it waits), printing the queue position while it waits."""
     from enhanced_locking.client import AsyncClient
 
-    async with AsyncClient(url, token=token) as client:
+    async with AsyncClient(url, token=token, connect_timeout=connect_timeout) as client:
         watcher = None
         if request.wait:
             watcher = asyncio.create_task(_show_position(client, request, poll, out))
@@ -242,7 +243,8 @@ def _acquire(args: argparse.Namespace, env: Mapping[str, str], out: TextIO) -> i
           + (f", waiting up to {args.wait})" if args.wait else ")"), file=out, flush=True)
     try:
         result = asyncio.run(acquire_with_progress(args.url, request, poll=args.poll, out=out,
-                                                   token=args.token))
+                                                   token=args.token,
+                                                   connect_timeout=args.connect_timeout))
     except ServiceError as error:
         if args.priority is not None or not _may_not_prioritize(error):
             raise
@@ -253,7 +255,8 @@ def _acquire(args: argparse.Namespace, env: Mapping[str, str], out: TextIO) -> i
         print(f"enhanced-locking: no 'prioritize' right, so {command} asks with normal "
               "priority", file=out, flush=True)
         result = asyncio.run(acquire_with_progress(args.url, request, poll=args.poll, out=out,
-                                                   token=args.token))
+                                                   token=args.token,
+                                                   connect_timeout=args.connect_timeout))
     if (args.ttl and result.acquired and result.lock is not None
             and result.lock.expires_at is not None and not result.fresh):
         # The pull that already holds the lock gets it back unchanged, lease and all: an apply
@@ -264,7 +267,8 @@ def _acquire(args: argparse.Namespace, env: Mapping[str, str], out: TextIO) -> i
         # that failed after it would fail the step with the lock held, and Atlantis runs no
         # later step (no release) of a failed one. A failed renewal of a held lock leaves it
         # as it was, the pull's with its lease.
-        with Client(args.url, token=args.token) as client:
+        with Client(args.url, token=args.token,
+                    connect_timeout=args.connect_timeout) as client:
             renewed = client.refresh(request.key, pull=request.pull.num, ttl=args.ttl,
                                      repo=request.project.repo_full_name)
         if renewed is None:
@@ -289,7 +293,7 @@ def _release(args: argparse.Namespace, env: Mapping[str, str], out: TextIO) -> i
     from enhanced_locking.client import Client, ServiceError
 
     request = request_from_env(env, command="plan", wait=None, ttl=None, priority=None)
-    with Client(args.url, token=args.token) as client:
+    with Client(args.url, token=args.token, connect_timeout=args.connect_timeout) as client:
         try:
             lock = client.release(request.key, pull=request.pull.num,
                                   repo=request.project.repo_full_name)

@@ -62,10 +62,10 @@ async def _watch(client: AsyncClient, request: LockRequest, out: TextIO) -> None
 
 
 async def _acquire(url: str, request: LockRequest, out: TextIO,
-                   token: str | None) -> AcquireResult:
+                   token: str | None, connect_timeout: float | None) -> AcquireResult:
     from enhanced_locking.client import AsyncClient, ServiceError
 
-    async with AsyncClient(url, token=token) as client:
+    async with AsyncClient(url, token=token, connect_timeout=connect_timeout) as client:
         watcher = asyncio.create_task(_watch(client, request, out))
         try:
             return await client.acquire(request)
@@ -76,14 +76,15 @@ async def _acquire(url: str, request: LockRequest, out: TextIO,
 
 
 def acquire_showing_position(
-    url: str, request: LockRequest, *, out: TextIO = sys.stderr, token: str | None = None
+    url: str, request: LockRequest, *, out: TextIO = sys.stderr, token: str | None = None,
+    connect_timeout: float | None = None,
 ) -> AcquireResult:
     """Acquire with a wait, printing the queue position to ``out`` while it waits."""
     if request.request_id is None:
         import secrets
 
         request = request.model_copy(update={"request_id": "cli-" + secrets.token_hex(8)})
-    return asyncio.run(_acquire(url, request, out, token))
+    return asyncio.run(_acquire(url, request, out, token, connect_timeout))
 
 
 # --- events ----------------------------------------------------------------------------------
@@ -92,7 +93,8 @@ def _events(args: argparse.Namespace) -> int:
 
     types = [t for t in (args.type or "").split(",") if t]
     try:
-        with Client(args.url, token=args.token) as client:
+        with Client(args.url, token=args.token,
+                    connect_timeout=args.connect_timeout) as client:
             for event in client.events(
                     repo=args.repo, key_prefix=args.key_prefix, types=types,
                     last_event_id=args.last_event_id,

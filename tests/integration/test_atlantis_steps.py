@@ -23,7 +23,12 @@ import httpx
 import pytest
 from tests.support.loopback_http import serving
 from tests.support.redis_server import RedisServer
-from tests.support.service import ServiceProcess, enhanced_locking_command, scrubbed_env
+from tests.support.service import (
+    SHORT_CONNECT_TIMEOUT,
+    ServiceProcess,
+    enhanced_locking_command,
+    scrubbed_env,
+)
 
 KEY = "acme/infra/envs/prod/default/prod"
 NO_ESTIMATE = "; no estimate yet (no release of this key seen)"
@@ -465,7 +470,8 @@ def test_a_malformed_url_is_a_usage_error() -> None:
 
 
 def test_an_unreachable_service_exits_3(free_port: Callable[[], int]) -> None:
-    done = run_step(step_env(f"http://127.0.0.1:{free_port()}", 1, "alice"),
+    done = run_step(step_env(f"http://127.0.0.1:{free_port()}", 1, "alice",
+                             ENHANCED_LOCKING_CONNECT_TIMEOUT=SHORT_CONNECT_TIMEOUT),
                     "acquire", "--command", "plan")
     assert done.returncode == 3 and len(done.stderr.splitlines()) == 1
     assert "cannot reach the lock service" in done.stderr

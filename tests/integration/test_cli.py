@@ -20,7 +20,12 @@ import pytest
 from tests.conftest import ServiceFactory
 from tests.support.loopback_http import serving
 from tests.support.redis_server import RedisServer
-from tests.support.service import enhanced_locking_command, free_port, scrubbed_env
+from tests.support.service import (
+    SHORT_CONNECT_TIMEOUT,
+    enhanced_locking_command,
+    free_port,
+    scrubbed_env,
+)
 from tests.support.unreadable import SECRET as PLANTED
 from tests.support.unreadable import spoil_file
 
@@ -533,10 +538,28 @@ def test_a_missing_argument_exits_2() -> None:
     ["unlock-pull", "--repo", "acme/infra", "--pull", "1"],
 ])
 def test_an_unreachable_service_exits_3(args: list[str]) -> None:
-    result = run("lock", "--url", f"http://127.0.0.1:{free_port()}", *args)
+    """Its refused connection is sent again for --connect-timeout (short here; the client's
+    own tests keep the default's window) before the command gives up."""
+    result = run("lock", "--url", f"http://127.0.0.1:{free_port()}",
+                 "--connect-timeout", SHORT_CONNECT_TIMEOUT, *args)
     assert result.returncode == 3
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and "cannot reach the lock service" in lines[0]
+
+
+@pytest.mark.parametrize(("args", "env", "named"), [
+    (["--connect-timeout", "10"], {}, "--connect-timeout"),
+    (["--connect-timeout=-1s"], {}, "--connect-timeout"),
+    ([], {"ENHANCED_LOCKING_CONNECT_TIMEOUT": "soon"}, "ENHANCED_LOCKING_CONNECT_TIMEOUT"),
+])
+def test_a_connect_timeout_that_is_not_a_duration_is_a_usage_error(
+    args: list[str], env: dict[str, str], named: str,
+) -> None:
+    result = run("lock", "--url", f"http://127.0.0.1:{free_port()}", *args, "list", env=env)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert named in lines[-1] and "expected a Go duration" in lines[-1], result.stderr
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.redis

@@ -20,7 +20,12 @@ import pytest
 from tests.conftest import ServiceFactory
 from tests.integration.test_cli import output, run
 from tests.support.loopback_http import serving
-from tests.support.service import enhanced_locking_command, free_port, scrubbed_env
+from tests.support.service import (
+    SHORT_CONNECT_TIMEOUT,
+    enhanced_locking_command,
+    free_port,
+    scrubbed_env,
+)
 
 from enhanced_locking import cli
 from enhanced_locking import client as client_module
@@ -279,8 +284,8 @@ def test_a_password_in_the_url_is_never_shown() -> None:
     url = f"http://atlantis:pw-s3cret-77@127.0.0.1:{free_port()}"  # nothing listens there
     step = run("step", "acquire", "--command", "plan", "--wait", "0s", env={
         "ENHANCED_LOCKING_URL": url, "BASE_REPO_OWNER": "acme", "BASE_REPO_NAME": "infra",
-        "PULL_NUM": "12"})
-    listing = run("lock", "list", "--url", url)
+        "PULL_NUM": "12", "ENHANCED_LOCKING_CONNECT_TIMEOUT": SHORT_CONNECT_TIMEOUT})
+    listing = run("lock", "list", "--url", url, "--connect-timeout", SHORT_CONNECT_TIMEOUT)
     for result in (step, listing):
         assert result.returncode == 3, result.stderr
         assert "cannot reach the lock service at http://127.0.0.1:" in result.stderr

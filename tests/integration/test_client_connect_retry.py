@@ -81,6 +81,19 @@ def test_a_refused_connection_is_tried_again_within_the_window(
     assert transport.attempts > 1
 
 
+def test_a_connect_timeout_of_0_sends_a_refused_call_once(
+    free_port: Callable[[], int],
+) -> None:
+    """``connect_timeout`` (the commands' ``--connect-timeout``) bounds the window alone: the
+    client's timeout stays the bound of each call."""
+    transport = Counting()
+    with Client(f"http://{LOOPBACK}:{free_port()}", timeout=WINDOW, connect_timeout=0.0,
+                transport=transport) as client, pytest.raises(ServiceError) as raised:
+        client.get("k")
+    assert raised.value.status == 0 and "cannot reach the lock service" in str(raised.value)
+    assert transport.attempts == 1
+
+
 def test_an_event_stream_opened_while_the_service_restarts_waits_for_its_port(
     service_process: Callable[..., ServiceProcess],
 ) -> None:

@@ -45,6 +45,7 @@ from tests.support.child import dying_with_parent
 
 __all__ = [
     "LOOPBACK",
+    "SHORT_CONNECT_TIMEOUT",
     "ServiceProcess",
     "ServiceStartError",
     "Services",
@@ -57,6 +58,9 @@ __all__ = [
 ]
 
 LOOPBACK = "127.0.0.1"
+SHORT_CONNECT_TIMEOUT = "500ms"
+"""``--connect-timeout`` of a command a test runs against a port nothing listens on: its refused
+calls are sent again for that long, not the default 10 s, before it exits 3."""
 START_DEADLINE = 60.0
 """Seconds a service process is given to answer ``/healthz``: about one on a quiet machine, but
 its interpreter and imports on a share of a core at a load average of 25 took close to 20."""

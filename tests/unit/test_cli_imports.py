@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tests.support.service import free_port
+from tests.support.service import SHORT_CONNECT_TIMEOUT, free_port
 
 import enhanced_locking
 
@@ -68,7 +68,8 @@ def test_a_command_calling_the_service_reads_no_settings() -> None:
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens: the call fails, exit 3
     loaded, output = _loaded(
         f"from enhanced_locking import cli\nprint('exit', cli.main(['lock', 'list', '--url', "
-        f"{url!r}]))", _STORES_AND_SERVICE + _SETTINGS + _HTTP_CLIENT)
+        f"{url!r}, '--connect-timeout', {SHORT_CONNECT_TIMEOUT!r}]))",
+        _STORES_AND_SERVICE + _SETTINGS + _HTTP_CLIENT)
     assert "exit 3" in output and "cannot reach" in output.lower(), output
     assert loaded == _HTTP_CLIENT
 
