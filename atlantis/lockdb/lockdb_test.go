@@ -661,7 +661,10 @@ func TestUnlockByPullMatchesTheRepositoryExactlyUnlikeAtlantis(t *testing.T) {
 
 func TestTheServiceUnreachableFailsClosed(t *testing.T) {
 	svc := servicetest.Serve(t)
-	database := open(t, svc, lockdb.WithClientOptions(client.WithRetries(2, 10*time.Millisecond)))
+	// Each call waits out a refused connection for its bound (WithTimeout, 30s unless set; the
+	// window's own test is in the client's tests): a short one here.
+	database := open(t, svc, lockdb.WithTimeout(time.Second),
+		lockdb.WithClientOptions(client.WithRetries(2, 10*time.Millisecond)))
 	svc.Stop()
 	lock := models.ProjectLock{Project: models.NewProject("acme/infra", ".", ""), Workspace: "default",
 		Pull: pullOf("acme/infra", 1), User: alice, Time: time.Now()}
