@@ -324,3 +324,42 @@ async def test_a_fail_fast_upgrade_whose_caller_left_in_the_call_keeps_the_pulls
     refused = await rig.locker.acquire(ask(2))
     assert not refused.acquired and refused.reason is Reason.HELD, refused
     assert _abandoned(rig) == [], rig.events
+
+
+@pytest.mark.etcd
+async def test_a_grant_whose_answer_was_lost_as_the_connection_was_cut_is_answered(
+        etcd_cluster: EtcdCluster, etcd_prefix: str) -> None:
+    """The commit of pull 1's acquire (no wait) is applied while its answer is held on the
+    way back, and the connection is cut as the answer passes (its caller still there): the
+    step runs again on fresh reads, for up to a call's time while the connection comes back,
+    finds its write there and answers the grant. Before, the first read after the cut failed
+    at once (the channel reconnecting) and ended the step: the caller was told `unavailable`
+    while the lock etcd had granted stayed held for good, its pull never told."""
+    [member] = etcd_cluster.members
+    with cutting_proxy((LOOPBACK, member.client_port)) as proxy:
+        backend = EtcdBackend(EtcdConnection(EtcdSettings(endpoints=(proxy.addr,))),
+                              prefix=etcd_prefix)
+        rig = rig_for(backend)
+        try:
+            warm = await rig.locker.acquire(ask(1))
+            assert warm.acquired and warm.lock is not None
+            await rig.locker.release(warm.lock.key, owner=(warm.lock.project.repo_full_name, 1))
+            with proxy.holding() as let_go:
+                task = rig.spawn(rig.locker.acquire(ask(1)))
+                await asyncio.sleep(0.3)  # committed; its answer held
+                assert not task.done()
+                proxy.chance, proxy.cutting = 1.0, True
+                let_go()
+                for _ in range(500):
+                    if proxy.cut:
+                        break
+                    await asyncio.sleep(0.01)
+                proxy.cutting = False
+                assert proxy.cut, "the answer was not cut: the case is not made"
+            got = await asyncio.wait_for(task, 15)
+            assert got.acquired and got.fresh and got.lock is not None, got
+            await rig.locker.release(got.lock.key, owner=(got.lock.project.repo_full_name, 1))
+            await _free_soon(rig, 2, "envs/prod")
+        finally:
+            await rig.close()
+            await backend.close()

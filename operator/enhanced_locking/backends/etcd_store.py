@@ -1684,7 +1684,11 @@ class EtcdBackend(StoreBackend):
                     if miss.alive:
                         checked[miss.alive] = await self._renewals(miss.alive, key=key)
                     if miss.keys or miss.prefixes:
-                        if verified:
+                        if verified and lost is not None:  # (see below)
+                            more = await self._read_again(client, set(miss.keys),
+                                                          set(miss.prefixes), key=key,
+                                                          until=give_up)
+                        elif verified:
                             more = await self._fetch(client, set(miss.keys),
                                                      set(miss.prefixes), key=key)
                         else:
@@ -1745,7 +1749,14 @@ class EtcdBackend(StoreBackend):
                         self.missed_guesses += 1
                     if attempt > 2:  # a hot key: let the others through first
                         await asyncio.sleep(random.uniform(0, 0.002 * min(attempt, 20)))
-                    if fresh is None or attempt > 2:
+                    if fresh is None and lost is not None:
+                        # After a lost answer the reads are what tell whether it landed: a
+                        # read that fails (the connection coming back) is made again for as
+                        # long as the call may take, not the end of the step, whose caller
+                        # would be told `unavailable` with its grant held for good.
+                        fresh = await self._read_again(client, want_keys, want_prefixes,
+                                                       key=key, until=give_up)
+                    elif fresh is None or attempt > 2:
                         fresh = await self._fetch(client, want_keys, want_prefixes, key=key)
                     reads, verified = fresh, True
                     if guess:
@@ -1816,24 +1827,33 @@ class EtcdBackend(StoreBackend):
         runs = [run for run in runs if run[0].writes]
         if not runs:
             return asyncio.CancelledError()
+        until = asyncio.get_running_loop().time() + CALL_TIMEOUT
+        try:
+            reads = await self._read_again(client, keys, prefixes, key=key, until=until)
+        except BackendUnavailable:
+            log.warning("etcd %s: could not read whether the step of %s, given up on by its "
+                        "caller, was applied (its answer lost): what it wrote may stay",
+                        self.connection.where, key or "its keys")
+            return asyncio.CancelledError()
+        for run in runs:
+            landed = _landed(run[0], reads)
+            if landed is not None:
+                return _unheard(self._answer_landed(run, landed))
+        return asyncio.CancelledError()
+
+    async def _read_again(self, client: etcd3aio.Etcd3Client, keys: set[bytes],
+                          prefixes: set[bytes], *, key: str | None, until: float) -> _Reads:
+        """``_fetch`` after a commit's answer was lost, made again while etcd does not answer
+        (the connection that lost it coming back) until the loop's time ``until``, then its
+        ``BackendUnavailable`` raised: only the reads say whether that commit landed."""
         loop = asyncio.get_running_loop()
-        give_up = loop.time() + CALL_TIMEOUT
         while True:
             try:
-                reads = await self._fetch(client, keys, prefixes, key=key)
+                return await self._fetch(client, keys, prefixes, key=key)
             except BackendUnavailable:
-                if loop.time() > give_up:
-                    log.warning("etcd %s: could not read whether the step of %s, given up on "
-                                "by its caller, was applied (its answer lost): what it wrote "
-                                "may stay", self.connection.where, key or "its keys")
-                    return asyncio.CancelledError()
+                if loop.time() > until:
+                    raise
                 await asyncio.sleep(0.1)
-                continue
-            for run in runs:
-                landed = _landed(run[0], reads)
-                if landed is not None:
-                    return _unheard(self._answer_landed(run, landed))
-            return asyncio.CancelledError()
 
     def _answer_landed(self, lost: tuple[_Txn, T], revision: int) -> T:
         """The answer of a run whose commit etcd applied at ``revision`` (0: it only deleted)
