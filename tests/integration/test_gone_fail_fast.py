@@ -327,6 +327,50 @@ async def test_a_fail_fast_upgrade_whose_caller_left_in_the_call_keeps_the_pulls
 
 
 @pytest.mark.etcd
+async def test_a_grant_whose_answer_was_lost_and_whose_caller_left_as_it_ran_again_is_given_back(
+        etcd_cluster: EtcdCluster, etcd_prefix: str) -> None:
+    """The commit of pull 1's acquire (no wait) is applied while its answer is held on the
+    way back, and the connection is cut as the answer passes (its caller still there): the
+    step runs again on fresh reads, and while it reads (the member stopped) its caller is
+    cancelled. The step cannot know whether its first commit landed: it reads the keys again
+    once etcd answers, finds its write there, and the grant is given back. Before, the step
+    ended at the cancellation with the lost commit's grant held for good, never told."""
+    [member] = etcd_cluster.members
+    with cutting_proxy((LOOPBACK, member.client_port)) as proxy:
+        backend = EtcdBackend(EtcdConnection(EtcdSettings(endpoints=(proxy.addr,))),
+                              prefix=etcd_prefix)
+        rig = rig_for(backend)
+        try:
+            warm = await rig.locker.acquire(ask(1))
+            assert warm.acquired and warm.lock is not None
+            await rig.locker.release(warm.lock.key, owner=(warm.lock.project.repo_full_name, 1))
+            with proxy.holding() as let_go:
+                task = rig.spawn(rig.locker.acquire(ask(1)))
+                await asyncio.sleep(0.3)  # committed; its answer held
+                assert not task.done()
+                proxy.chance, proxy.cutting = 1.0, True
+                let_go()
+                for _ in range(500):
+                    if proxy.cut:
+                        break
+                    await asyncio.sleep(0.01)
+                proxy.cutting = False
+                assert proxy.cut, "the answer was not cut: the case is not made"
+            with frozen(member):
+                await asyncio.sleep(0.5)  # the step runs again: its reads wait for the member
+                assert not task.done(), "the step ended at the lost answer: the case is not made"
+                task.cancel()
+                await asyncio.sleep(0.2)
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(task, 15)
+            await _free_soon(rig, 2, "envs/prod")
+            assert _abandoned(rig) == [warm.lock.key], rig.events
+        finally:
+            await rig.close()
+            await backend.close()
+
+
+@pytest.mark.etcd
 async def test_a_grant_whose_answer_was_lost_as_the_connection_was_cut_is_answered(
         etcd_cluster: EtcdCluster, etcd_prefix: str) -> None:
     """The commit of pull 1's acquire (no wait) is applied while its answer is held on the

@@ -1660,6 +1660,9 @@ class EtcdBackend(StoreBackend):
         one and left the first to its TTL (a grant slower than a second each time never let
         the step commit). The lock's time is then counted from the run that asked for the
         lease, as it is counted from before the commit's round trip."""
+        settled = False
+        """Whether ``lost`` can no longer land unseen: a later run committed over its keys (its
+        guards would refuse it now), or the step read whether it landed as its caller left."""
         self.in_flight += 1
         try:
             if guess:
@@ -1726,6 +1729,7 @@ class EtcdBackend(StoreBackend):
                     raise  # refused for good: running the step again changes nothing
                 except _GoneUnanswered:
                     self._known.forget(want_keys, want_prefixes)
+                    settled = True
                     runs = [(txn, result)] if lost is None else [(txn, result), lost]
                     raise await self._gone_unanswered(
                         client, runs, want_keys, want_prefixes, key=key) from None
@@ -1740,6 +1744,8 @@ class EtcdBackend(StoreBackend):
                         raise
                     await asyncio.sleep(0.1)
                     revision, fresh, gone = None, None, False
+                if revision is not None and txn.writes:
+                    settled = True  # (a write over the keys the lost commit is guarded by)
                 if gone and revision is None:
                     raise asyncio.CancelledError  # not written: nothing of it to undo
                 if revision is None:
@@ -1782,6 +1788,16 @@ class EtcdBackend(StoreBackend):
             raise BackendUnavailable(
                 f"etcd {self.connection.where}: gave up after {_ATTEMPTS} conflicting writers",
                 key=key)
+        except asyncio.CancelledError as error:
+            if lost is None or settled or isinstance(error, GrantedUnheard):
+                raise
+            # Its caller went away while the step ran again after a lost answer (a read, a
+            # pause, a commit refused by its guards): the lost commit may have landed (or
+            # land yet, behind in etcd's line). Read as for a commit given up on whose answer
+            # was lost: a grant found there goes back to the caller's locker to give back.
+            self._known.forget(want_keys, want_prefixes)
+            raise await self._gone_unanswered(client, [lost], want_keys, want_prefixes,
+                                              key=key) from None
         finally:
             self.in_flight -= 1
 
