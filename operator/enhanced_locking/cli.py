@@ -670,7 +670,8 @@ def _list(client: Client, args: argparse.Namespace) -> int:
     listing = client.listing(repo=args.repo, pull=args.pull)
     _print(listing.as_json())
     terminal.not_reached(PROG, listing.unavailable, "listed")
-    terminal.not_read(PROG, [(entry.key, entry.side) for entry in listing.unreadable])
+    terminal.not_read(PROG, [(entry.key, entry.side) for entry in listing.unreadable],
+                      f"{PROG} lock force-unlock --key KEY --reason TEXT")
     return 0
 
 

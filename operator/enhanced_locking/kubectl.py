@@ -394,6 +394,9 @@ def _locks_list(client: Client, args: argparse.Namespace) -> int:
         print(_table(["KEY", "BACKEND", "WHY"],
                      [[entry.key, entry.side, entry.reason] for entry in listing.unreadable],
                      terminal.Style()))
+    elif args.output:  # the answer names them; a script reading its locks is told too
+        terminal.not_read(PROG, [(entry.key, entry.side) for entry in listing.unreadable],
+                          "kubectl locking locks unlock KEY --reason TEXT")
     terminal.not_reached(PROG, listing.unavailable, "listed")
     return terminal.EXIT_OK
 

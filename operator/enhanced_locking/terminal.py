@@ -80,14 +80,14 @@ def not_reached(program: str, sides: Sequence[str], what: str) -> None:
         say(program, f"{stores} did not answer: its locks are not {what}")
 
 
-def not_read(program: str, keys: Sequence[tuple[str, str]]) -> None:
+def not_read(program: str, keys: Sequence[tuple[str, str]], clear: str) -> None:
     """One line on stderr for a list that found stored locks it cannot read (``keys``: each
     one's key and side): they are not among the locks listed, and their keys stay held until
-    a force-unlock clears them."""
+    a force-unlock (``clear``: the program's command for it) clears them."""
     if keys:
         named = ", ".join(f"{key} ({side})" for key, side in keys)
         say(program, f"stored locks that cannot be read are not listed: {named}; their keys "
-                     "stay held until `lock force-unlock --key KEY --reason TEXT` clears them")
+                     f"stay held until a force-unlock (`{clear}`) clears them")
 
 
 def refused(program: str, message: str, answer: Any | None = None) -> int:
