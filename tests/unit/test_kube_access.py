@@ -50,8 +50,10 @@ def closing_listener() -> Iterator[str]:
         yield f"https://127.0.0.1:{server.getsockname()[1]}"
     finally:
         stop.set()
+        server.shutdown(socket.SHUT_RDWR)  # wakes the accept: a bare close does not
         server.close()
         thread.join(timeout=5)
+        assert not thread.is_alive(), "the listener's thread is still in its accept"
 
 
 @pytest.fixture(params=["nobody-listens", "closes-at-once"])
