@@ -669,3 +669,25 @@ async def test_while_calls_are_withheld_every_call_of_a_caller_answers_503_but_t
         assert await served.held() == [key]
         listed = await http.get("/v1/locks", headers=served.as_(ADMIN))
         assert listed.status_code == 200 and len(listed.json()["locks"]) == 1, listed.text
+
+
+async def test_a_call_withheld_is_audited_as_refused(served: Served) -> None:
+    """In the operator's start window every call that reads or changes locks is refused 503
+    (see above), and every refusal becomes an entry of the trail (docs/08-access.md): a
+    force-unlock or a release refused then is one, unavailable with the words why, naming no
+    identity (the access settings in force are not the ones to judge the caller by), as the
+    refusal of a request before it is identified is. Before, none was written."""
+    why = "the policy is not applied yet"
+    key = await served.acquire(INFRA)
+    before = len(await served.rows())
+    served.service.withhold(why)
+    forced = await served.http.post("/v1/admin/force-unlock", headers=served.as_(ADMIN),
+                                    json={"key": key, "reason": "stuck"})
+    released = await served.http.delete("/v1/locks/by-key", params={"key": key})
+    assert (forced.status_code, released.status_code) == (503, 503)
+    served.service.withhold(None)
+    rows = (await served.rows())[before:]
+    assert [(row.identity, row.action, row.outcome, row.status, row.reason)
+            for row in rows] == [("", "POST /v1/admin/force-unlock", "unavailable", 503, why),
+                                 ("", "DELETE /v1/locks/by-key", "unavailable", 503, why)]
+    assert await served.held() == [key]

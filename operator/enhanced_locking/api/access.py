@@ -548,6 +548,13 @@ async def _caller(request: Request, *, withheld: bool) -> Caller:
         ))
         raise HTTPException(403, refusal)
     if withheld and (why := holder.withheld()) is not None:
+        # A refusal like any other, audited; by no identity: the access settings in force are
+        # not the ones to judge the caller by.
+        await audit.record(AuditEntry(
+            time=utcnow(), identity="", method=access.mode, verb="", action=_action(request),
+            outcome="unavailable", status=503, reason=why, peer=_peer(request),
+            request_id=request_id,
+        ))
         raise BackendUnavailable(why)
     try:
         identity = await access.identify(authorization)
