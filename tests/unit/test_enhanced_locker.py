@@ -746,10 +746,15 @@ async def _waiting_to_leave(rig: LockerRig, monkeypatch: pytest.MonkeyPatch, req
 
 async def _store_tidied(backend: QueueBackend) -> None:
     """The store's own clean-ups started so far are done (etcd deletes a heard notice in a
-    task of its own)."""
-    spawned = set(getattr(backend, "_tasks", ()))
+    task of its own); not etcd's task that follows its connection's state, which lasts as
+    long as the store (waited for, it held each caller for the whole bound)."""
+    follows = getattr(type(backend), "_channel_states", None)
+    spawned = {task for task in getattr(backend, "_tasks", ())
+               if follows is None
+               or getattr(task.get_coro(), "cr_code", None) is not follows.__code__}
     if spawned:
-        await asyncio.wait(spawned, timeout=10)
+        _, pending = await asyncio.wait(spawned, timeout=10)
+        assert not pending, f"the store's clean-ups did not end: {pending}"
 
 
 async def test_a_grant_whose_notice_came_after_its_caller_left_is_given_back_after_the_grace(
