@@ -107,9 +107,27 @@ def _cel(rule: str, message: str, field_path: str | None = None) -> Any:
 
 def _moment(schema: dict[str, Any]) -> None:
     """A freeze's ``from`` and ``until`` in the CRD schema: the API server's date-time takes the
-    year 0000, which names no time the service can hold."""
+    year 0000, and a moment whose offset puts it past the years 0001 to 9999 in UTC, which
+    name no time the service can hold (:func:`_in_utc_years`)."""
     schema["maxLength"] = 64
     _cel("self >= timestamp('0001-01-01T00:00:00Z')", "the year must be 0001 or later")(schema)
+    schema["x-kubernetes-validations"].append({
+        "rule": "self <= timestamp('9999-12-31T23:59:59.999999999Z')",
+        "message": "the year must be 9999 or earlier, in UTC"})
+
+
+def _in_utc_years(moment: datetime) -> datetime:
+    """``moment``, which names a time in UTC of the years 0001 to 9999 (the status and
+    the service hold freezes' moments in UTC): an offset that puts it outside them is refused."""
+    try:
+        moment.astimezone(UTC)
+    except OverflowError:
+        raise ValueError(f"{moment.isoformat()} is outside the years 0001 to 9999 in UTC: "
+                         "must be 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z") from None
+    return moment
+
+
+_Moment = Annotated[AwareDatetime, AfterValidator(_in_utc_years)]
 
 
 class KeyPattern(_Rule):
@@ -164,10 +182,10 @@ class Freeze(_Rule):
         description="What a refused request is told.")
     # Aware: RFC 3339 has an offset, and a time without one names no moment (compared
     # with the clock, it failed every grant step with a TypeError).
-    from_: AwareDatetime | None = Field(
+    from_: _Moment | None = Field(
         None, alias="from", description="When it starts (RFC 3339; none: now).",
         json_schema_extra=_moment)
-    until: AwareDatetime | None = Field(
+    until: _Moment | None = Field(
         None, description="When it ends (RFC 3339; none: when the rule is removed).",
         json_schema_extra=_moment)
     action: Literal["refuse", "wait"] = Field(

@@ -762,3 +762,23 @@ def test_the_redis_scripts_get_a_freeze_window_rounded_outward_to_whole_ms() -> 
         update={"until": start.replace(microsecond=125_000) + timedelta(seconds=1)})
     (on_the_ms,) = policies.compile_rules(PolicyRules(freezes=[exact]))["f"]
     assert on_the_ms["until"] == whole + 1125
+
+
+@pytest.mark.parametrize(("field", "moment"), [
+    ("until", "9999-12-31T23:30:00-01:00"),  # 10000-01-01T00:30Z
+    ("from", "0001-01-01T00:30:00+01:00"),  # 0000-12-31T23:30Z
+])
+def test_a_freeze_moment_past_the_years_utc_holds_is_refused_naming_it(
+    field: str, moment: str,
+) -> None:
+    """A freeze's ``from`` or ``until`` whose offset puts it outside the years 0001 to 9999
+    in UTC names no time the service can hold: the operator writes an active freeze's end in
+    UTC into the policy's status, which raised OverflowError on every resync. It is refused,
+    naming the field, as the CRD's rule does at the API server."""
+    rule = {"name": "f", "match": {"repo": "a/*"}, "message": "m", field: moment}
+    with pytest.raises(ValueError, match=field) as raised:
+        policies.Freeze.model_validate(rule)
+    assert "9999-12-31T23:59:59Z" in str(raised.value)
+    schema = policies.Freeze.model_json_schema(by_alias=True)["properties"][field]
+    rules = [entry["rule"] for entry in schema["x-kubernetes-validations"]]
+    assert "self <= timestamp('9999-12-31T23:59:59.999999999Z')" in rules, rules
