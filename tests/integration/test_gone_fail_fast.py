@@ -407,3 +407,48 @@ async def test_a_grant_whose_answer_was_lost_as_the_connection_was_cut_is_answer
         finally:
             await rig.close()
             await backend.close()
+
+
+@pytest.mark.etcd
+async def test_a_lost_grant_is_looked_for_though_its_caller_is_cancelled_again(
+        etcd_cluster: EtcdCluster, etcd_prefix: str) -> None:
+    """The commit of pull 1's acquire (no wait) is applied while its answer is held, its
+    caller is cancelled, and the connection is cut as the answer passes; while the step reads
+    its keys again (the member stopped) the caller's task is cancelled a second time (a
+    shutdown behind a client gone). The reads are seen through all the same, and the grant
+    found there is given back. Before, the second cancel ended the reads and the grant stayed
+    held for good, never told."""
+    [member] = etcd_cluster.members
+    with cutting_proxy((LOOPBACK, member.client_port)) as proxy:
+        backend = EtcdBackend(EtcdConnection(EtcdSettings(endpoints=(proxy.addr,))),
+                              prefix=etcd_prefix)
+        rig = rig_for(backend)
+        try:
+            warm = await rig.locker.acquire(ask(1))
+            assert warm.acquired and warm.lock is not None
+            await rig.locker.release(warm.lock.key, owner=(warm.lock.project.repo_full_name, 1))
+            with proxy.holding() as let_go:
+                task = rig.spawn(rig.locker.acquire(ask(1)))
+                await asyncio.sleep(0.3)  # committed; its answer held
+                assert not task.done()
+                task.cancel()
+                proxy.chance, proxy.cutting = 1.0, True
+                let_go()
+                for _ in range(500):
+                    if proxy.cut:
+                        break
+                    await asyncio.sleep(0.01)
+                proxy.cutting = False
+                assert proxy.cut, "the answer was not cut: the case is not made"
+            with frozen(member):
+                await asyncio.sleep(0.5)  # the step reads its keys again: they wait
+                assert not task.done(), "the step did not read again: the case is not made"
+                task.cancel()
+                await asyncio.sleep(0.2)
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(task, 15)
+            await _free_soon(rig, 2, "envs/prod")
+            assert _abandoned(rig) == [warm.lock.key], rig.events
+        finally:
+            await rig.close()
+            await backend.close()

@@ -1839,13 +1839,16 @@ class EtcdBackend(StoreBackend):
         lost too) found there is answered as landed (a grant: ``GrantedUnheard``, given back
         by its caller); none found, or not read in time, a plain cancellation. Before, a
         commit etcd applied though its answer was lost stayed: a grant held for good, never
-        told."""
+        told. The reads are seen through though the task is cancelled again meanwhile (a
+        shutdown behind a client gone: :class:`_Unbroken`, the cancel it keeps is this one's
+        already); a second cancel ended them, and the grant stayed."""
         runs = [run for run in runs if run[0].writes]
         if not runs:
             return asyncio.CancelledError()
         until = asyncio.get_running_loop().time() + CALL_TIMEOUT
         try:
-            reads = await self._read_again(client, keys, prefixes, key=key, until=until)
+            reads = await _Unbroken(self._read_again(client, keys, prefixes, key=key,
+                                                     until=until))
         except BackendUnavailable:
             log.warning("etcd %s: could not read whether the step of %s, given up on by its "
                         "caller, was applied (its answer lost): what it wrote may stay",
