@@ -151,6 +151,24 @@ async def _free_soon(rig: LockerRig, pull: int, *paths: str) -> None:
         await rig.locker.release(got.lock.key, owner=(got.lock.project.repo_full_name, pull))
 
 
+async def _applied(member_endpoint: str, prefix: str, key: str) -> None:
+    """Wait (up to 10 s) until ``key`` is held in etcd, read on the member itself (not
+    through the proxy in front of it, whose answers are held): the acquire's commit was
+    applied, and its answer is on its way. A fixed wait read the case before the commit was
+    sent on a slow machine (a busy disk delays etcd's commit): the caller was cancelled with
+    nothing written, and no give-back was owed."""
+    direct = EtcdBackend(EtcdConnection(EtcdSettings(endpoints=(member_endpoint,))),
+                         prefix=prefix)
+    try:
+        for _ in range(100):
+            if await direct.get(key) is not None:
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"{key}: the acquire's commit was not applied within 10 s")
+    finally:
+        await direct.close()
+
+
 def _abandoned(rig: LockerRig) -> list[str]:
     """The keys told released for a caller that went away."""
     return [event.key or "" for event in rig.events
@@ -243,7 +261,7 @@ async def test_a_grant_whose_caller_left_is_given_back_once_etcd_answers_again(
             await rig.locker.release(warm.lock.key, owner=(warm.lock.project.repo_full_name, 1))
             with proxy.holding() as let_go:
                 task = rig.spawn(rig.locker.acquire(ask(1)))
-                await asyncio.sleep(0.3)  # committed; its answer held
+                await _applied(member.endpoint, etcd_prefix, warm.lock.key)  # (answer held)
                 assert not task.done()
                 task.cancel()
                 proxy.refusing = True
@@ -281,7 +299,7 @@ async def test_a_grant_whose_caller_left_and_whose_answer_was_lost_is_given_back
             await rig.locker.release(warm.lock.key, owner=(warm.lock.project.repo_full_name, 1))
             with proxy.holding() as let_go:
                 task = rig.spawn(rig.locker.acquire(ask(1)))
-                await asyncio.sleep(0.3)  # committed; its answer held
+                await _applied(member.endpoint, etcd_prefix, warm.lock.key)  # (answer held)
                 assert not task.done()
                 task.cancel()
                 proxy.chance, proxy.cutting = 1.0, True
@@ -346,7 +364,7 @@ async def test_a_grant_whose_answer_was_lost_and_whose_caller_left_as_it_ran_aga
             await rig.locker.release(warm.lock.key, owner=(warm.lock.project.repo_full_name, 1))
             with proxy.holding() as let_go:
                 task = rig.spawn(rig.locker.acquire(ask(1)))
-                await asyncio.sleep(0.3)  # committed; its answer held
+                await _applied(member.endpoint, etcd_prefix, warm.lock.key)  # (answer held)
                 assert not task.done()
                 proxy.chance, proxy.cutting = 1.0, True
                 let_go()
@@ -390,7 +408,7 @@ async def test_a_grant_whose_answer_was_lost_as_the_connection_was_cut_is_answer
             await rig.locker.release(warm.lock.key, owner=(warm.lock.project.repo_full_name, 1))
             with proxy.holding() as let_go:
                 task = rig.spawn(rig.locker.acquire(ask(1)))
-                await asyncio.sleep(0.3)  # committed; its answer held
+                await _applied(member.endpoint, etcd_prefix, warm.lock.key)  # (answer held)
                 assert not task.done()
                 proxy.chance, proxy.cutting = 1.0, True
                 let_go()
@@ -429,7 +447,7 @@ async def test_a_lost_grant_is_looked_for_though_its_caller_is_cancelled_again(
             await rig.locker.release(warm.lock.key, owner=(warm.lock.project.repo_full_name, 1))
             with proxy.holding() as let_go:
                 task = rig.spawn(rig.locker.acquire(ask(1)))
-                await asyncio.sleep(0.3)  # committed; its answer held
+                await _applied(member.endpoint, etcd_prefix, warm.lock.key)  # (answer held)
                 assert not task.done()
                 task.cancel()
                 proxy.chance, proxy.cutting = 1.0, True
