@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import json
 import os
 import random
@@ -20,9 +21,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterat
 from dataclasses import dataclass
 from datetime import timedelta
 from types import TracebackType
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import httpx
+from pydantic import ValidationError
 
 from enhanced_locking.durations import DEFAULT_MAX_TIMEOUT, parse_duration
 from enhanced_locking.events import FOLLOWING_COMMENT, KEEPALIVE_SECONDS, STREAM_SILENCE_SECONDS
@@ -119,6 +121,26 @@ class PullRelease:
                 **({"unavailable": list(self.unavailable)} if self.unavailable else {})}
 
 
+_T = TypeVar("_T")
+_P = ParamSpec("_P")
+
+
+def _as_service(method: Callable[Concatenate[Client, _P], _T]
+                ) -> Callable[Concatenate[Client, _P], _T]:
+    """A call of :class:`Client` whose answer, a JSON object (:func:`_answer`), is not of the
+    shape the service answers (another API at the URL) fails as any answer not the lock
+    service's does: :class:`ServiceError` status 0, not the decoding's own error."""
+    @functools.wraps(method)
+    def call(self: Client, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        try:
+            return method(self, *args, **kwargs)
+        except (ValidationError, KeyError):
+            raise ServiceError(0, f"{shown_url(self._http.base_url)} did not answer as the lock "
+                                  f"service: its answer to {method.__name__} is not of the "
+                                  "service's shape (is the URL the service's?)") from None
+    return call
+
+
 class Client:
     """Blocking client; ``with Client(url) as client: client.acquire(...)``.
 
@@ -170,6 +192,7 @@ class Client:
             return None
         return _default_wait_of(*self._call("GET", "/v1/config", ok=_CONFIG_ANSWERS))
 
+    @_as_service
     def acquire(self, request: LockRequest) -> AcquireResult:
         """Acquire (waiting if ``request.wait`` says so); refusals come back as results. A
         grant is ``fresh`` only when the service said this call granted it (its
@@ -178,6 +201,7 @@ class Client:
             "POST", "/v1/locks", timeout=_read_timeout(request, self._default_wait(request)),
             json=_body(request)))
 
+    @_as_service
     def acquire_batch(self, request: BatchLockRequest) -> BatchResult:
         """Acquire several locks all or nothing; refusals come back as results. A grant's
         :attr:`~BatchResult.kept` is what the service said lock by lock (its ``Lock-Grant``):
@@ -192,6 +216,7 @@ class Client:
         return BatchResult.granted(result.locks, kept=kept_by_grant(result.locks, header),
                                    upgraded=upgraded_by_grant(result.locks, header))
 
+    @_as_service
     def release_batch(self, keys: Iterable[str], *, pull: int | None = None,
                       repo: str | None = None) -> Locks:
         """With ``pull``, only if that pull holds every held key; with ``repo``, only if each
@@ -205,6 +230,7 @@ class Client:
         _, body = self._call("DELETE", "/v1/locks/batch", params=params)
         return [Lock.model_validate(item) for item in body["released"]]
 
+    @_as_service
     def refresh(self, key: str, *, pull: int, ttl: str | None = None,
                 repo: str | None = None) -> Lock | None:
         """With ``repo``, only a lock of that repository (another's of the same key: 409)."""
@@ -237,6 +263,7 @@ class Client:
         status, _ = self._call("DELETE", "/v1/queue", ok=(200, 404), absent=key, params=params)
         return status == 200
 
+    @_as_service
     def force_unlock(
         self, key: str, *, reason: str | None = None
     ) -> Lock | UnreadableLock | None:
@@ -293,11 +320,13 @@ class Client:
             raise ServiceError(0, f"lost the event stream of "
                                   f"{shown_url(self._http.base_url)}: {error}") from None
 
+    @_as_service
     def get(self, key: str) -> Lock | None:
         status, body = self._call("GET", "/v1/locks/by-key", ok=(200, 404), absent=key,
                                   params={"key": key})
         return Lock.model_validate(body["lock"]) if status == 200 else None
 
+    @_as_service
     def release(self, key: str, *, pull: int | None = None,
                 repo: str | None = None) -> Lock | None:
         """Release ``key``; with ``pull`` and/or ``repo`` only if that pull/repository holds it
@@ -330,6 +359,7 @@ class Client:
             raise LocksUnreadable(answer.locks, answer.unreadable)
         return answer.locks
 
+    @_as_service
     def listing(self, *, repo: str | None = None, pull: int | None = None) -> Listing:
         params = {k: v for k, v in {"repo": repo, "pull": pull}.items() if v is not None}
         _, body = self._call("GET", "/v1/locks", params=params)
@@ -350,6 +380,7 @@ class Client:
                                   unavailable=answer.unavailable)
         return answer.released
 
+    @_as_service
     def release_pull(self, repo: str, pull: int) -> PullRelease:
         _, body = self._call("DELETE", "/v1/locks/by-pull", params={"repo": repo, "pull": pull})
         return PullRelease(released=[Lock.model_validate(item) for item in body["released"]],

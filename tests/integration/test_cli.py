@@ -667,3 +667,43 @@ def test_a_list_says_which_stored_locks_it_could_not_read(
     lines = listed.stderr.splitlines()
     assert len(lines) == 1 and dev in lines[0] and "force-unlock" in lines[0], lines
     assert PLANTED not in listed.stdout + listed.stderr
+
+
+class _AnotherJsonApi(http.server.BaseHTTPRequestHandler):
+    """A web server at the URL answering 200 with JSON objects of its own shape (another API
+    behind the same address, a proxy's status object)."""
+
+    def _answer(self) -> None:
+        body = json.dumps({"locks": [{"key": 1}], "lock": {"name": "x"},
+                           "released": [{}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = do_DELETE = _answer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize("command", [
+    ["list"],
+    ["release", "--key", "acme/infra/./default/"],
+    ["unlock-pull", "--repo", "acme/infra", "--pull", "1"],
+    ["acquire", "--repo", "acme/infra", "--pull", "1"],
+])
+def test_a_json_answer_not_of_the_service_is_one_line_not_a_traceback(
+    command: list[str],
+) -> None:
+    """A 200 JSON object that is not the lock service's answer (another API at the URL) is
+    what a sign-in page is: the command says in one line that the URL did not answer as the
+    lock service, exit 3 (not reached), never a traceback. Before, pydantic's ValidationError
+    or a KeyError went out as a traceback."""
+    with contextlib.contextmanager(serving)(_AnotherJsonApi) as url:
+        result = run("lock", "--url", url, *command)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 3, result.stdout + result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "did not answer as the lock service" in lines[0], lines
