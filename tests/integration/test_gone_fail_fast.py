@@ -31,7 +31,11 @@ from tests.support.etcd_server import LOOPBACK, EtcdCluster, frozen
 from tests.support.locks import request_for
 from tests.support.queues import LockerRig, rig_for
 
-from enhanced_locking.backends.etcd_connection import EtcdConnection, EtcdSettings
+from enhanced_locking.backends.etcd_connection import (
+    CALL_TIMEOUT,
+    EtcdConnection,
+    EtcdSettings,
+)
 from enhanced_locking.backends.etcd_store import EtcdBackend
 from enhanced_locking.types import (
     AcquireResult,
@@ -312,6 +316,53 @@ async def test_a_grant_whose_caller_left_and_whose_answer_was_lost_is_given_back
                 assert proxy.cut, "the answer was not cut: the case is not made"
                 with pytest.raises(asyncio.CancelledError):
                     await asyncio.wait_for(task, 15)
+            await _free_soon(rig, 2, "envs/prod")
+            assert _abandoned(rig) == [warm.lock.key], rig.events
+        finally:
+            await rig.close()
+            await backend.close()
+
+
+@pytest.mark.etcd
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "the reads that look for a lost commit of a step whose caller went away give up after a "
+    "call's limit (CALL_TIMEOUT): with etcd out of reach longer, a grant etcd applied stays "
+    "held for good (no lease), never told"))
+async def test_a_grant_whose_answer_was_lost_is_given_back_after_etcd_was_away_longer_than_a_call(
+        etcd_cluster: EtcdCluster, etcd_prefix: str) -> None:
+    """The commit of pull 1's acquire (no wait) is applied while its answer is held, its
+    caller is cancelled, the connection is cut as the answer passes, and no request reaches
+    the member for longer than a call may take (``CALL_TIMEOUT``). Once etcd can be reached
+    again, the grant etcd applied is given back and told."""
+    [member] = etcd_cluster.members
+    with cutting_proxy((LOOPBACK, member.client_port)) as proxy:
+        backend = EtcdBackend(EtcdConnection(EtcdSettings(endpoints=(proxy.addr,))),
+                              prefix=etcd_prefix)
+        rig = rig_for(backend)
+        try:
+            warm = await rig.locker.acquire(ask(1))
+            assert warm.acquired and warm.lock is not None
+            await rig.locker.release(warm.lock.key, owner=(warm.lock.project.repo_full_name, 1))
+            with proxy.holding() as let_go:
+                task = rig.spawn(rig.locker.acquire(ask(1)))
+                await _applied(member.endpoint, etcd_prefix, warm.lock.key)  # (answer held)
+                assert not task.done()
+                task.cancel()
+                proxy.refusing = True
+                try:
+                    proxy.chance, proxy.cutting = 1.0, True
+                    let_go()
+                    for _ in range(500):
+                        if proxy.cut:
+                            break
+                        await asyncio.sleep(0.01)
+                    proxy.cutting = False
+                    assert proxy.cut, "the answer was not cut: the case is not made"
+                    with pytest.raises(asyncio.CancelledError):
+                        await asyncio.wait_for(task, 15)
+                    await asyncio.sleep(CALL_TIMEOUT)  # (still out of reach past a call)
+                finally:
+                    proxy.refusing = False
             await _free_soon(rig, 2, "envs/prod")
             assert _abandoned(rig) == [warm.lock.key], rig.events
         finally:
