@@ -21,6 +21,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -518,6 +519,53 @@ async def test_a_lost_grant_is_looked_for_though_its_caller_is_cancelled_again(
                 await asyncio.wait_for(task, 15)
             await _free_soon(rig, 2, "envs/prod")
             assert _abandoned(rig) == [warm.lock.key], rig.events
+        finally:
+            await rig.close()
+            await backend.close()
+
+
+@pytest.mark.etcd
+@pytest.mark.parametrize("wait", [None, timedelta(seconds=30)], ids=["no-wait", "waiting"])
+async def test_an_acquire_answered_unavailable_whose_commit_landed_holds_nothing(
+        etcd_cluster: EtcdCluster, etcd_prefix: str, wait: timedelta | None) -> None:
+    """The commit of pull 1's acquire (no wait, or one that waits granted at once) is applied
+    while its answer is held on the way back; the connection is cut as the answer passes, and
+    etcd is out of reach for a moment after (the proxy resets every request): the step cannot
+    learn whether its commit landed, and its caller, still there, is answered
+    ``unavailable``. Atlantis never releases what it was refused, so the grant is given back
+    by its fencing token once etcd answers again. Before, the lock stayed held by pull 1 for
+    good (no lease): every other pull was refused ``held``."""
+    [member] = etcd_cluster.members
+    with cutting_proxy((LOOPBACK, member.client_port)) as proxy:
+        backend = EtcdBackend(EtcdConnection(EtcdSettings(endpoints=(proxy.addr,))),
+                              prefix=etcd_prefix)
+        rig = rig_for(backend)
+        try:
+            # (connections open, the key known, a waiting replica's session open: the answer
+            # held and cut below is the commit's)
+            warm = await rig.locker.acquire(request_for(pull=1, wait=wait))
+            assert warm.acquired and warm.lock is not None
+            await rig.locker.release(warm.lock.key, owner=(warm.lock.project.repo_full_name, 1))
+            try:
+                with proxy.holding() as let_go:
+                    task = rig.spawn(rig.locker.acquire(request_for(pull=1, wait=wait)))
+                    await _applied(member.endpoint, etcd_prefix, warm.lock.key)  # (answer held)
+                    assert not task.done()
+                    # (etcd out of reach from the cut on, before the step reads again)
+                    proxy.chance, proxy.cutting, proxy.refuse_on_cut = 1.0, True, True
+                    let_go()
+                    for _ in range(500):
+                        if proxy.cut:
+                            break
+                        await asyncio.sleep(0.01)
+                    proxy.cutting = False
+                    assert proxy.cut, "the answer was not cut: the case is not made"
+                    with pytest.raises(BackendUnavailable):
+                        await asyncio.wait_for(task, 15)
+            finally:
+                proxy.refusing = False
+            await _free_soon(rig, 2, "envs/prod")
+            assert _abandoned(rig) == [warm.lock.key], [(e.type, e.details) for e in rig.events]
         finally:
             await rig.close()
             await backend.close()

@@ -9,7 +9,8 @@ mid-reply. ``cut`` counts those. While :meth:`CuttingProxy.holding`, the answers
 (nothing passed on, nothing cut) until it is let go: the store answered in time, and the
 caller hears it only then. While ``refusing`` is on, no request reaches the upstream: each
 chunk sent to it, and each new connection, resets the connection instead (the store never
-sees it), while answers already on their way still pass.
+sees it), while answers already on their way still pass. With ``refuse_on_cut``, a cut turns
+``refusing`` on at once (the store out of reach before the caller can ask it again).
 
 Nothing listens anywhere but 127.0.0.1.
 """
@@ -46,6 +47,7 @@ class CuttingProxy:
         self.chance = 0.02
         self.cut = 0
         self.refusing = False
+        self.refuse_on_cut = False
         self._rng = random.Random(seed)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -136,6 +138,8 @@ class CuttingProxy:
                         await self._passing.wait()
                     if answers and self.cutting and self._rng.random() < self.chance:
                         self.cut += 1
+                        if self.refuse_on_cut:
+                            self.refusing = True
                         _reset(down_w)
                         _reset(up_w)
                         return

@@ -146,6 +146,7 @@ from enhanced_locking.backends.waiting import (
     Grant,
     GrantedUnheard,
     GrantNotifier,
+    GrantUnknown,
     LocalNotifier,
     Notice,
     Outcome,
@@ -1798,6 +1799,17 @@ class EtcdBackend(StoreBackend):
             self._known.forget(want_keys, want_prefixes)
             raise await self._gone_unanswered(client, [lost], want_keys, want_prefixes,
                                               key=key) from None
+        except BackendUnavailable as error:
+            if lost is None or not _grants(lost[1]) or isinstance(error, GrantUnknown):
+                raise
+            # A commit that would grant may have landed, its answer lost, and etcd was not
+            # read again in time: the caller is answered unavailable, and what landed is
+            # learnt once etcd answers (the locker gives it back: the caller was refused).
+            self._known.forget(want_keys, want_prefixes)
+            runs, wanted = [lost], (set(want_keys), set(want_prefixes))
+            raise GrantUnknown(str(error), key=error.key,
+                               learn=lambda: self._learn_landed(runs, *wanted, key=key),
+                               ) from error
         finally:
             self.in_flight -= 1
 
@@ -1873,6 +1885,28 @@ class EtcdBackend(StoreBackend):
                 if loop.time() > until:
                     raise
                 await asyncio.sleep(0.1)
+
+    async def _learn_landed(self, runs: list[tuple[_Txn, T]], keys: set[bytes],
+                            prefixes: set[bytes], *, key: str | None) -> Outcome | None:
+        """The grant of one of ``runs`` (a step's runs whose commit's answer was lost, its
+        caller answered ``unavailable``: ``GrantUnknown``) that etcd applied, read once etcd
+        answers again (tried while it does not, until cancelled); ``None`` when none landed
+        or what it wrote has changed since (released, handed on: nothing of it to undo)."""
+        delay = 0.1
+        while True:
+            try:
+                client = await self.connection.client()
+                reads = await self._fetch(client, keys, prefixes, key=key)
+            except BackendUnavailable:
+                await asyncio.sleep(delay)
+                delay = min(1.0, delay * 2)
+                continue
+            for run in runs:
+                landed = _landed(run[0], reads)
+                if landed is not None:
+                    answer = self._answer_landed(run, landed)
+                    return answer if isinstance(answer, Outcome) and _grants(answer) else None
+            return None
 
     def _answer_landed(self, lost: tuple[_Txn, T], revision: int) -> T:
         """The answer of a run whose commit etcd applied at ``revision`` (0: it only deleted)
@@ -3233,12 +3267,18 @@ def _with_told(value: bytes, told: Told) -> bytes:
 
 
 # --- tokens still to be resolved -------------------------------------------------------------
+def _grants(answer: object) -> bool:
+    """Whether a step's ``answer`` grants locks (what a caller that never heard it leaves
+    held: :func:`_unheard`, ``GrantUnknown``)."""
+    return isinstance(answer, Outcome) and answer.status is Status.GRANTED and bool(answer.locks)
+
+
 def _unheard(answer: object) -> asyncio.CancelledError:
     """The cancellation a step whose caller went away raises once etcd answered its commit:
     with its answer when that is a grant (``GrantedUnheard``: the caller gives back what it
     granted, by its tokens); a waiter it queued is withdrawn by the caller's clean-up, and
     anything else needs no undoing."""
-    if isinstance(answer, Outcome) and answer.status is Status.GRANTED and answer.locks:
+    if isinstance(answer, Outcome) and _grants(answer):
         return GrantedUnheard(answer)
     return asyncio.CancelledError()
 

@@ -38,14 +38,22 @@ from __future__ import annotations
 import asyncio
 import enum
 import functools
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.policies import PolicyRules
-from enhanced_locking.types import Candidate, Lock, Mode, PartlyReleased, Priority, Reason
+from enhanced_locking.types import (
+    BackendUnavailable,
+    Candidate,
+    Lock,
+    Mode,
+    PartlyReleased,
+    Priority,
+    Reason,
+)
 
 _new_object = object.__new__
 _NONE_KEPT: frozenset[str] = frozenset()
@@ -57,6 +65,7 @@ __all__ = [
     "Expiry",
     "Grant",
     "GrantNotifier",
+    "GrantUnknown",
     "GrantedUnheard",
     "Handoff",
     "KeyWaits",
@@ -312,6 +321,22 @@ class GrantedUnheard(asyncio.CancelledError):
     def __init__(self, outcome: Outcome) -> None:
         super().__init__("granted to a caller that went away")
         self.outcome = outcome
+
+
+class GrantUnknown(BackendUnavailable):
+    """An acquire answered ``unavailable`` though the store may have applied it: the answer
+    of a commit that would grant was lost (a cut connection, a timeout, a leader change) and
+    the store could not be read again within the call's limit to learn whether it landed
+    (etcd). Its caller is told ``unavailable`` and, as Atlantis does, never releases what it
+    was refused; so ``learn`` (tried while the store does not answer; cancelled, it stops)
+    reads the store once it answers again and gives the grant that landed, ``None`` when
+    none did. The locker gives that grant back by its fencing tokens, as the grant of a
+    caller that went away (:class:`GrantedUnheard`)."""
+
+    def __init__(self, message: str, *, key: str | None,
+                 learn: Callable[[], Awaitable[Outcome | None]]) -> None:
+        super().__init__(message, key=key)
+        self.learn = learn
 
 
 @dataclass(frozen=True, kw_only=True)

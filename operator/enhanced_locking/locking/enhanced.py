@@ -42,6 +42,7 @@ from enhanced_locking.backends.base import (
 from enhanced_locking.backends.waiting import (
     Grant,
     GrantedUnheard,
+    GrantUnknown,
     Handoff,
     Notice,
     Outcome,
@@ -414,7 +415,10 @@ class EnhancedLocker(AtlantisCalls):
                     if offer is not None and future is not None:
                         backend.grants.forget(offer.id, future)  # (granted: not queued)
                     self._unheard(error.outcome)
-                elif offer is not None and future is not None:
+                    raise
+                if isinstance(error, GrantUnknown):  # answered unavailable, may have granted
+                    self._learn_unheard(error)
+                if offer is not None and future is not None:
                     backend.grants.forget(offer.id, future)
                     left = _abandoned_for(error)
                     if left is not None:  # the waiter, if any, is withdrawn, a grant given back
@@ -488,6 +492,28 @@ class EnhancedLocker(AtlantisCalls):
             self.leases.arm(lock.key, lock.expires_at)
         notice = Notice(locks=outcome.locks, fresh=outcome.fresh, kept=outcome.kept)
         task = queueing.give_back_unheard(notice, self._give_back)
+        self._giving_back.add(task)
+        task.add_done_callback(self._giving_back.discard)
+
+    def _learn_unheard(self, error: GrantUnknown) -> None:
+        """An acquire answered ``unavailable`` whose grant the store may have applied (its
+        answer lost, the store not read again in time: :class:`GrantUnknown`): once the store
+        answers, what landed is given back as the grant of a caller that went away
+        (:meth:`_unheard`); its caller was refused, and Atlantis never releases what it was
+        refused. Cancelled when the locker closes (logged: what landed may stay held)."""
+
+        async def learn() -> None:
+            try:
+                outcome = await error.learn()
+            except asyncio.CancelledError:
+                log.warning("closed before the store was read again after an acquire of %s "
+                            "answered unavailable (its answer lost): what it granted may stay "
+                            "held", error.key or "its keys")
+                raise
+            if outcome is not None:
+                self._unheard(outcome)
+
+        task = asyncio.get_running_loop().create_task(learn())
         self._giving_back.add(task)
         task.add_done_callback(self._giving_back.discard)
 
