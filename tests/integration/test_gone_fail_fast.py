@@ -20,15 +20,16 @@ import contextlib
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from tests.support.backends import BackendFactory
-from tests.support.cutting_proxy import cutting_proxy
-from tests.support.etcd_server import LOOPBACK, EtcdCluster, frozen
+from tests.support.cutting_proxy import CuttingProxy, cutting_proxy
+from tests.support.etcd_server import LOOPBACK, EtcdCluster, EtcdMember, frozen
 from tests.support.locks import request_for
 from tests.support.queues import LockerRig, rig_for
 
@@ -174,6 +175,60 @@ async def _applied(member_endpoint: str, prefix: str, key: str) -> None:
         await direct.close()
 
 
+@dataclass(frozen=True)
+class _Proxied:
+    """A locker on an etcd store reached through a proxy in front of the cluster's one member:
+    the proxy can hold, cut or refuse etcd's answers (tests/support/cutting_proxy.py)."""
+
+    proxy: CuttingProxy
+    member: EtcdMember
+    prefix: str
+    rig: LockerRig
+    key: str
+    """The key pull 1 asks for, taken and released once."""
+
+
+@contextlib.asynccontextmanager
+async def _proxied_etcd(cluster: EtcdCluster, prefix: str,
+                        request: LockRequest) -> AsyncIterator[_Proxied]:
+    """The locker behind the proxy, its connections open and ``request``'s key known (taken
+    and released once, by pull 1): the answer a test holds and cuts is the commit's."""
+    [member] = cluster.members
+    with cutting_proxy((LOOPBACK, member.client_port)) as proxy:
+        backend = EtcdBackend(EtcdConnection(EtcdSettings(endpoints=(proxy.addr,))),
+                              prefix=prefix)
+        rig = rig_for(backend)
+        try:
+            warm = await rig.locker.acquire(request)
+            assert warm.acquired and warm.lock is not None
+            await rig.locker.release(warm.lock.key, owner=(warm.lock.project.repo_full_name, 1))
+            yield _Proxied(proxy, member, prefix, rig, warm.lock.key)
+        finally:
+            await rig.close()
+            await backend.close()
+
+
+async def _sent_and_applied(etcd: _Proxied, request: LockRequest) -> asyncio.Task[AcquireResult]:
+    """``request`` (pull 1's, for the known key) sent while the proxy holds the answers, once
+    etcd has applied its commit: its answer is held on the way back."""
+    task = etcd.rig.spawn(etcd.rig.locker.acquire(request))
+    await _applied(etcd.member.endpoint, etcd.prefix, etcd.key)
+    assert not task.done()
+    return task
+
+
+async def _cut_as_it_passes(proxy: CuttingProxy, let_go: Callable[[], None]) -> None:
+    """The held answers let go, and the connection cut as the first passes."""
+    proxy.chance, proxy.cutting = 1.0, True
+    let_go()
+    for _ in range(500):
+        if proxy.cut:
+            break
+        await asyncio.sleep(0.01)
+    proxy.cutting = False
+    assert proxy.cut, "the answer was not cut: the case is not made"
+
+
 def _abandoned(rig: LockerRig) -> list[str]:
     """The keys told released for a caller that went away."""
     return [event.key or "" for event in rig.events
@@ -255,34 +310,22 @@ async def test_a_grant_whose_caller_left_is_given_back_once_etcd_answers_again(
     as the proxy stops letting any request through (the connection reset: the member never
     sees it): the give-back's calls fail (``unavailable``). It is tried again, and once the
     member can be reached the key is free, its give-back told."""
-    [member] = etcd_cluster.members
-    with cutting_proxy((LOOPBACK, member.client_port)) as proxy:
-        backend = EtcdBackend(EtcdConnection(EtcdSettings(endpoints=(proxy.addr,))),
-                              prefix=etcd_prefix)
-        rig = rig_for(backend)
-        try:
-            warm = await rig.locker.acquire(ask(1))
-            assert warm.acquired and warm.lock is not None
-            await rig.locker.release(warm.lock.key, owner=(warm.lock.project.repo_full_name, 1))
-            with proxy.holding() as let_go:
-                task = rig.spawn(rig.locker.acquire(ask(1)))
-                await _applied(member.endpoint, etcd_prefix, warm.lock.key)  # (answer held)
-                assert not task.done()
-                task.cancel()
-                proxy.refusing = True
-                try:
-                    let_go()
-                    with pytest.raises(asyncio.CancelledError):
-                        await asyncio.wait_for(task, 10)
-                    await asyncio.sleep(2)  # (the give-back's calls fail meanwhile)
-                    assert _abandoned(rig) == [], "given back while etcd was out of reach"
-                finally:
-                    proxy.refusing = False
-            await _free_soon(rig, 2, "envs/prod")
-            assert _abandoned(rig) == [warm.lock.key], rig.events
-        finally:
-            await rig.close()
-            await backend.close()
+    async with _proxied_etcd(etcd_cluster, etcd_prefix, ask(1)) as etcd:
+        proxy, rig = etcd.proxy, etcd.rig
+        with proxy.holding() as let_go:
+            task = await _sent_and_applied(etcd, ask(1))  # (answer held)
+            task.cancel()
+            proxy.refusing = True
+            try:
+                let_go()
+                with pytest.raises(asyncio.CancelledError):
+                    await asyncio.wait_for(task, 10)
+                await asyncio.sleep(2)  # (the give-back's calls fail meanwhile)
+                assert _abandoned(rig) == [], "given back while etcd was out of reach"
+            finally:
+                proxy.refusing = False
+        await _free_soon(rig, 2, "envs/prod")
+        assert _abandoned(rig) == [etcd.key], rig.events
 
 
 @pytest.mark.etcd
@@ -293,35 +336,16 @@ async def test_a_grant_whose_caller_left_and_whose_answer_was_lost_is_given_back
     the step cannot know from the answer whether etcd applied it. It reads the keys again
     (never running again for a caller that is gone), finds its write there, and the grant is
     given back. Before, the step ended at the lost answer and the lock stayed held for good."""
-    [member] = etcd_cluster.members
-    with cutting_proxy((LOOPBACK, member.client_port)) as proxy:
-        backend = EtcdBackend(EtcdConnection(EtcdSettings(endpoints=(proxy.addr,))),
-                              prefix=etcd_prefix)
-        rig = rig_for(backend)
-        try:
-            warm = await rig.locker.acquire(ask(1))
-            assert warm.acquired and warm.lock is not None
-            await rig.locker.release(warm.lock.key, owner=(warm.lock.project.repo_full_name, 1))
-            with proxy.holding() as let_go:
-                task = rig.spawn(rig.locker.acquire(ask(1)))
-                await _applied(member.endpoint, etcd_prefix, warm.lock.key)  # (answer held)
-                assert not task.done()
-                task.cancel()
-                proxy.chance, proxy.cutting = 1.0, True
-                let_go()
-                for _ in range(500):
-                    if proxy.cut:
-                        break
-                    await asyncio.sleep(0.01)
-                proxy.cutting = False
-                assert proxy.cut, "the answer was not cut: the case is not made"
-                with pytest.raises(asyncio.CancelledError):
-                    await asyncio.wait_for(task, 15)
-            await _free_soon(rig, 2, "envs/prod")
-            assert _abandoned(rig) == [warm.lock.key], rig.events
-        finally:
-            await rig.close()
-            await backend.close()
+    async with _proxied_etcd(etcd_cluster, etcd_prefix, ask(1)) as etcd:
+        proxy, rig = etcd.proxy, etcd.rig
+        with proxy.holding() as let_go:
+            task = await _sent_and_applied(etcd, ask(1))  # (answer held)
+            task.cancel()
+            await _cut_as_it_passes(proxy, let_go)
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(task, 15)
+        await _free_soon(rig, 2, "envs/prod")
+        assert _abandoned(rig) == [etcd.key], rig.events
 
 
 @pytest.mark.etcd
@@ -335,40 +359,21 @@ async def test_a_grant_whose_answer_was_lost_is_given_back_after_etcd_was_away_l
     caller is cancelled, the connection is cut as the answer passes, and no request reaches
     the member for longer than a call may take (``CALL_TIMEOUT``). Once etcd can be reached
     again, the grant etcd applied is given back and told."""
-    [member] = etcd_cluster.members
-    with cutting_proxy((LOOPBACK, member.client_port)) as proxy:
-        backend = EtcdBackend(EtcdConnection(EtcdSettings(endpoints=(proxy.addr,))),
-                              prefix=etcd_prefix)
-        rig = rig_for(backend)
-        try:
-            warm = await rig.locker.acquire(ask(1))
-            assert warm.acquired and warm.lock is not None
-            await rig.locker.release(warm.lock.key, owner=(warm.lock.project.repo_full_name, 1))
-            with proxy.holding() as let_go:
-                task = rig.spawn(rig.locker.acquire(ask(1)))
-                await _applied(member.endpoint, etcd_prefix, warm.lock.key)  # (answer held)
-                assert not task.done()
-                task.cancel()
-                proxy.refusing = True
-                try:
-                    proxy.chance, proxy.cutting = 1.0, True
-                    let_go()
-                    for _ in range(500):
-                        if proxy.cut:
-                            break
-                        await asyncio.sleep(0.01)
-                    proxy.cutting = False
-                    assert proxy.cut, "the answer was not cut: the case is not made"
-                    with pytest.raises(asyncio.CancelledError):
-                        await asyncio.wait_for(task, 15)
-                    await asyncio.sleep(CALL_TIMEOUT)  # (still out of reach past a call)
-                finally:
-                    proxy.refusing = False
-            await _free_soon(rig, 2, "envs/prod")
-            assert _abandoned(rig) == [warm.lock.key], rig.events
-        finally:
-            await rig.close()
-            await backend.close()
+    async with _proxied_etcd(etcd_cluster, etcd_prefix, ask(1)) as etcd:
+        proxy, rig = etcd.proxy, etcd.rig
+        with proxy.holding() as let_go:
+            task = await _sent_and_applied(etcd, ask(1))  # (answer held)
+            task.cancel()
+            proxy.refusing = True
+            try:
+                await _cut_as_it_passes(proxy, let_go)
+                with pytest.raises(asyncio.CancelledError):
+                    await asyncio.wait_for(task, 15)
+                await asyncio.sleep(CALL_TIMEOUT)  # (still out of reach past a call)
+            finally:
+                proxy.refusing = False
+        await _free_soon(rig, 2, "envs/prod")
+        assert _abandoned(rig) == [etcd.key], rig.events
 
 
 async def test_a_fail_fast_upgrade_whose_caller_left_in_the_call_keeps_the_pulls_hold(
@@ -405,39 +410,20 @@ async def test_a_grant_whose_answer_was_lost_and_whose_caller_left_as_it_ran_aga
     cancelled. The step cannot know whether its first commit landed: it reads the keys again
     once etcd answers, finds its write there, and the grant is given back. Before, the step
     ended at the cancellation with the lost commit's grant held for good, never told."""
-    [member] = etcd_cluster.members
-    with cutting_proxy((LOOPBACK, member.client_port)) as proxy:
-        backend = EtcdBackend(EtcdConnection(EtcdSettings(endpoints=(proxy.addr,))),
-                              prefix=etcd_prefix)
-        rig = rig_for(backend)
-        try:
-            warm = await rig.locker.acquire(ask(1))
-            assert warm.acquired and warm.lock is not None
-            await rig.locker.release(warm.lock.key, owner=(warm.lock.project.repo_full_name, 1))
-            with proxy.holding() as let_go:
-                task = rig.spawn(rig.locker.acquire(ask(1)))
-                await _applied(member.endpoint, etcd_prefix, warm.lock.key)  # (answer held)
-                assert not task.done()
-                proxy.chance, proxy.cutting = 1.0, True
-                let_go()
-                for _ in range(500):
-                    if proxy.cut:
-                        break
-                    await asyncio.sleep(0.01)
-                proxy.cutting = False
-                assert proxy.cut, "the answer was not cut: the case is not made"
-            with frozen(member):
-                await asyncio.sleep(0.5)  # the step runs again: its reads wait for the member
-                assert not task.done(), "the step ended at the lost answer: the case is not made"
-                task.cancel()
-                await asyncio.sleep(0.2)
-            with pytest.raises(asyncio.CancelledError):
-                await asyncio.wait_for(task, 15)
-            await _free_soon(rig, 2, "envs/prod")
-            assert _abandoned(rig) == [warm.lock.key], rig.events
-        finally:
-            await rig.close()
-            await backend.close()
+    async with _proxied_etcd(etcd_cluster, etcd_prefix, ask(1)) as etcd:
+        proxy, member, rig = etcd.proxy, etcd.member, etcd.rig
+        with proxy.holding() as let_go:
+            task = await _sent_and_applied(etcd, ask(1))  # (answer held)
+            await _cut_as_it_passes(proxy, let_go)
+        with frozen(member):
+            await asyncio.sleep(0.5)  # the step runs again: its reads wait for the member
+            assert not task.done(), "the step ended at the lost answer: the case is not made"
+            task.cancel()
+            await asyncio.sleep(0.2)
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 15)
+        await _free_soon(rig, 2, "envs/prod")
+        assert _abandoned(rig) == [etcd.key], rig.events
 
 
 @pytest.mark.etcd
@@ -449,34 +435,15 @@ async def test_a_grant_whose_answer_was_lost_as_the_connection_was_cut_is_answer
     finds its write there and answers the grant. Before, the first read after the cut failed
     at once (the channel reconnecting) and ended the step: the caller was told `unavailable`
     while the lock etcd had granted stayed held for good, its pull never told."""
-    [member] = etcd_cluster.members
-    with cutting_proxy((LOOPBACK, member.client_port)) as proxy:
-        backend = EtcdBackend(EtcdConnection(EtcdSettings(endpoints=(proxy.addr,))),
-                              prefix=etcd_prefix)
-        rig = rig_for(backend)
-        try:
-            warm = await rig.locker.acquire(ask(1))
-            assert warm.acquired and warm.lock is not None
-            await rig.locker.release(warm.lock.key, owner=(warm.lock.project.repo_full_name, 1))
-            with proxy.holding() as let_go:
-                task = rig.spawn(rig.locker.acquire(ask(1)))
-                await _applied(member.endpoint, etcd_prefix, warm.lock.key)  # (answer held)
-                assert not task.done()
-                proxy.chance, proxy.cutting = 1.0, True
-                let_go()
-                for _ in range(500):
-                    if proxy.cut:
-                        break
-                    await asyncio.sleep(0.01)
-                proxy.cutting = False
-                assert proxy.cut, "the answer was not cut: the case is not made"
-            got = await asyncio.wait_for(task, 15)
-            assert got.acquired and got.fresh and got.lock is not None, got
-            await rig.locker.release(got.lock.key, owner=(got.lock.project.repo_full_name, 1))
-            await _free_soon(rig, 2, "envs/prod")
-        finally:
-            await rig.close()
-            await backend.close()
+    async with _proxied_etcd(etcd_cluster, etcd_prefix, ask(1)) as etcd:
+        proxy, rig = etcd.proxy, etcd.rig
+        with proxy.holding() as let_go:
+            task = await _sent_and_applied(etcd, ask(1))  # (answer held)
+            await _cut_as_it_passes(proxy, let_go)
+        got = await asyncio.wait_for(task, 15)
+        assert got.acquired and got.fresh and got.lock is not None, got
+        await rig.locker.release(got.lock.key, owner=(got.lock.project.repo_full_name, 1))
+        await _free_soon(rig, 2, "envs/prod")
 
 
 @pytest.mark.etcd
@@ -488,40 +455,21 @@ async def test_a_lost_grant_is_looked_for_though_its_caller_is_cancelled_again(
     shutdown behind a client gone). The reads are seen through all the same, and the grant
     found there is given back. Before, the second cancel ended the reads and the grant stayed
     held for good, never told."""
-    [member] = etcd_cluster.members
-    with cutting_proxy((LOOPBACK, member.client_port)) as proxy:
-        backend = EtcdBackend(EtcdConnection(EtcdSettings(endpoints=(proxy.addr,))),
-                              prefix=etcd_prefix)
-        rig = rig_for(backend)
-        try:
-            warm = await rig.locker.acquire(ask(1))
-            assert warm.acquired and warm.lock is not None
-            await rig.locker.release(warm.lock.key, owner=(warm.lock.project.repo_full_name, 1))
-            with proxy.holding() as let_go:
-                task = rig.spawn(rig.locker.acquire(ask(1)))
-                await _applied(member.endpoint, etcd_prefix, warm.lock.key)  # (answer held)
-                assert not task.done()
-                task.cancel()
-                proxy.chance, proxy.cutting = 1.0, True
-                let_go()
-                for _ in range(500):
-                    if proxy.cut:
-                        break
-                    await asyncio.sleep(0.01)
-                proxy.cutting = False
-                assert proxy.cut, "the answer was not cut: the case is not made"
-            with frozen(member):
-                await asyncio.sleep(0.5)  # the step reads its keys again: they wait
-                assert not task.done(), "the step did not read again: the case is not made"
-                task.cancel()
-                await asyncio.sleep(0.2)
-            with pytest.raises(asyncio.CancelledError):
-                await asyncio.wait_for(task, 15)
-            await _free_soon(rig, 2, "envs/prod")
-            assert _abandoned(rig) == [warm.lock.key], rig.events
-        finally:
-            await rig.close()
-            await backend.close()
+    async with _proxied_etcd(etcd_cluster, etcd_prefix, ask(1)) as etcd:
+        proxy, member, rig = etcd.proxy, etcd.member, etcd.rig
+        with proxy.holding() as let_go:
+            task = await _sent_and_applied(etcd, ask(1))  # (answer held)
+            task.cancel()
+            await _cut_as_it_passes(proxy, let_go)
+        with frozen(member):
+            await asyncio.sleep(0.5)  # the step reads its keys again: they wait
+            assert not task.done(), "the step did not read again: the case is not made"
+            task.cancel()
+            await asyncio.sleep(0.2)
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 15)
+        await _free_soon(rig, 2, "envs/prod")
+        assert _abandoned(rig) == [etcd.key], rig.events
 
 
 @pytest.mark.etcd
@@ -535,37 +483,20 @@ async def test_an_acquire_answered_unavailable_whose_commit_landed_holds_nothing
     ``unavailable``. Atlantis never releases what it was refused, so the grant is given back
     by its fencing token once etcd answers again. Before, the lock stayed held by pull 1 for
     good (no lease): every other pull was refused ``held``."""
-    [member] = etcd_cluster.members
-    with cutting_proxy((LOOPBACK, member.client_port)) as proxy:
-        backend = EtcdBackend(EtcdConnection(EtcdSettings(endpoints=(proxy.addr,))),
-                              prefix=etcd_prefix)
-        rig = rig_for(backend)
+    # (taken and released once with the same wait: a waiting replica's session open too)
+    async with _proxied_etcd(etcd_cluster, etcd_prefix,
+                             request_for(pull=1, wait=wait)) as etcd:
+        proxy, rig = etcd.proxy, etcd.rig
         try:
-            # (connections open, the key known, a waiting replica's session open: the answer
-            # held and cut below is the commit's)
-            warm = await rig.locker.acquire(request_for(pull=1, wait=wait))
-            assert warm.acquired and warm.lock is not None
-            await rig.locker.release(warm.lock.key, owner=(warm.lock.project.repo_full_name, 1))
-            try:
-                with proxy.holding() as let_go:
-                    task = rig.spawn(rig.locker.acquire(request_for(pull=1, wait=wait)))
-                    await _applied(member.endpoint, etcd_prefix, warm.lock.key)  # (answer held)
-                    assert not task.done()
-                    # (etcd out of reach from the cut on, before the step reads again)
-                    proxy.chance, proxy.cutting, proxy.refuse_on_cut = 1.0, True, True
-                    let_go()
-                    for _ in range(500):
-                        if proxy.cut:
-                            break
-                        await asyncio.sleep(0.01)
-                    proxy.cutting = False
-                    assert proxy.cut, "the answer was not cut: the case is not made"
-                    with pytest.raises(BackendUnavailable):
-                        await asyncio.wait_for(task, 15)
-            finally:
-                proxy.refusing = False
-            await _free_soon(rig, 2, "envs/prod")
-            assert _abandoned(rig) == [warm.lock.key], [(e.type, e.details) for e in rig.events]
+            with proxy.holding() as let_go:
+                task = await _sent_and_applied(  # (answer held)
+                    etcd, request_for(pull=1, wait=wait))
+                # (etcd out of reach from the cut on, before the step reads again)
+                proxy.refuse_on_cut = True
+                await _cut_as_it_passes(proxy, let_go)
+                with pytest.raises(BackendUnavailable):
+                    await asyncio.wait_for(task, 15)
         finally:
-            await rig.close()
-            await backend.close()
+            proxy.refusing = False
+        await _free_soon(rig, 2, "envs/prod")
+        assert _abandoned(rig) == [etcd.key], [(e.type, e.details) for e in rig.events]
