@@ -7,16 +7,16 @@ stopped; the service in this process, served through its ASGI app."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import timedelta
 from pathlib import Path
 
 import httpx
 import pytest
 from tests.support.redis_server import RedisServer
+from tests.support.served import in_process, memory_trail
 
 from enhanced_locking.api import create_app
 from enhanced_locking.api.audit import AuditTrail
-from enhanced_locking.backends.audit_store import AuditQuery, MemoryAuditStore, Retention
+from enhanced_locking.backends.audit_store import AuditQuery
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.factory import LockService
 from enhanced_locking.provider import ConfigProvider
@@ -42,11 +42,9 @@ async def down(redis_server: RedisServer, tmp_path: Path) -> AsyncIterator[
         auth_tokens_file=str(tokens), auth_roles="admin=user:ada", retries=False,
     )
     service = LockService(ConfigProvider(config))
-    trail = AuditTrail(MemoryAuditStore(Retention(timedelta(days=1), 1000)),
-                       stdout=lambda: False)
+    trail = memory_trail()
     app = create_app(service, audit=trail)
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url=ORIGIN) as http:
+    async with in_process(app) as http:
         held = await http.post("/v1/locks", headers=_as("admin"), json={
             "project": {"repoFullName": REPO, "path": "p"}, "pull": {"num": 7}, "ttl": "1h"})
         assert held.status_code == 200, held.text

@@ -16,6 +16,7 @@ import httpx
 import pytest
 from tests.support.locks import lock_body
 from tests.support.redis_server import RedisServer
+from tests.support.served import in_process
 
 from enhanced_locking.api import create_app
 from enhanced_locking.config import EnhancedLockingConfig
@@ -34,8 +35,7 @@ async def _served(tmp_path: Path, **settings: Any) -> AsyncIterator[httpx.AsyncC
                                    redis_db=DB, **settings)
     service = LockService(ConfigProvider(config))
     app = create_app(service)
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as http:
+    async with in_process(app) as http:
         yield http
 
 

@@ -12,17 +12,17 @@ import hmac
 import json
 import logging
 from collections.abc import AsyncIterator
-from datetime import timedelta
 from pathlib import Path
 
 import httpx
 import pytest
 from tests.support.redis_fixtures import ServerMaker
 from tests.support.redis_server import RedisServer
+from tests.support.served import in_process, memory_trail
 
 from enhanced_locking.api import create_app
 from enhanced_locking.api.audit import AuditTrail
-from enhanced_locking.backends.audit_store import AuditQuery, MemoryAuditStore, Retention
+from enhanced_locking.backends.audit_store import AuditQuery
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.factory import LockService
 from enhanced_locking.provider import ConfigProvider
@@ -45,11 +45,9 @@ async def held(redis_servers: ServerMaker, tmp_path: Path) -> AsyncIterator[
         github_webhook_secret=SECRET,
     )
     service = LockService(ConfigProvider(config))
-    trail = AuditTrail(MemoryAuditStore(Retention(timedelta(days=1), 1000)),
-                       stdout=lambda: False)
+    trail = memory_trail()
     app = create_app(service, audit=trail)
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url=ORIGIN) as http:
+    async with in_process(app) as http:
         taken = await http.post("/v1/locks", json={
             "project": {"repoFullName": REPO, "path": "envs/prod"}, "pull": {"num": 5}})
         assert taken.status_code == 200, taken.text
@@ -134,11 +132,9 @@ async def test_a_close_while_the_service_serves_no_lock_call_frees_nothing_and_s
     config = EnhancedLockingConfig(enabled=True, data_dir=str(tmp_path), audit_stdout=False,
                                    github_webhook_secret=SECRET)
     service = LockService(ConfigProvider(config))
-    trail = AuditTrail(MemoryAuditStore(Retention(timedelta(days=1), 1000)),
-                       stdout=lambda: False)
+    trail = memory_trail()
     app = create_app(service, audit=trail)
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url=ORIGIN) as http:
+    async with in_process(app) as http:
         taken = await http.post("/v1/locks", json={
             "project": {"repoFullName": REPO, "path": "envs/prod"}, "pull": {"num": 5}})
         assert taken.status_code == 200, taken.text

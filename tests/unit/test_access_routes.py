@@ -9,12 +9,12 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from tests.support.served import in_process, memory_trail
 from tests.support.unreadable import SECRET, spoil_file
 
 from enhanced_locking.api import create_app
@@ -25,7 +25,7 @@ from enhanced_locking.api.access import (
     public_reason,
 )
 from enhanced_locking.api.audit import AuditTrail
-from enhanced_locking.backends.audit_store import AuditQuery, MemoryAuditStore, Retention
+from enhanced_locking.backends.audit_store import AuditQuery
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.factory import LockService
 from enhanced_locking.provider import ConfigProvider
@@ -119,11 +119,9 @@ class Served:
 async def serving(config: EnhancedLockingConfig) -> AsyncIterator[Served]:
     """An app over ``config``'s store with the per-repository rights, and a client of it."""
     service = LockService(ConfigProvider(config))
-    trail = AuditTrail(MemoryAuditStore(Retention(timedelta(days=1), 1000)),
-                       stdout=lambda: False)
+    trail = memory_trail()
     app = create_app(service, audit=trail, access=per_repository)
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as http:
+    async with in_process(app) as http:
         yield Served(service, trail, http)
 
 
@@ -641,15 +639,13 @@ async def test_while_calls_are_withheld_every_call_of_a_caller_answers_503_but_t
     why = "the policy is not applied yet"
     config = EnhancedLockingConfig(enabled=True, data_dir=str(tmp_path), audit_stdout=False)
     service = LockService(ConfigProvider(config))
-    trail = AuditTrail(MemoryAuditStore(Retention(timedelta(days=1), 1000)),
-                       stdout=lambda: False)
+    trail = memory_trail()
     app = create_app(service, audit=trail, access=per_repository)
     routes = [(method, route.path) for route in api_routes(app) if public_reason(route) is None
               and route.path not in UNGUARDED_PATHS for method in sorted(route.methods or ())
               if method != "HEAD"]
     assert ("POST", "/v1/admin/force-unlock") in routes and ("GET", "/v1/events") in routes
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as http:
+    async with in_process(app) as http:
         served = Served(service, trail, http)
         key = await served.acquire(INFRA)
         service.withhold(why)

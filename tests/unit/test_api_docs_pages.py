@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from tests.support.served import in_process
 
 from enhanced_locking.api import create_app
 from enhanced_locking.config import EnhancedLockingConfig
@@ -25,8 +26,7 @@ async def http(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
     service = LockService(ConfigProvider(EnhancedLockingConfig(data_dir=str(tmp_path),
                                                                audit_stdout=False)))
     app = create_app(service)
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as client:
+    async with in_process(app) as client:
         yield client
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+from tests.support.served import in_process
 
 from enhanced_locking.api import create_app
 from enhanced_locking.api.audit import own_lock_call
@@ -80,8 +81,7 @@ async def test_a_pulls_own_lock_calls_are_audited_unless_audit_own_locks_is_off(
                                    audit_own_locks=own_locks)
     service = LockService(ConfigProvider(config))
     app = create_app(service)
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as http:
+    async with in_process(app) as http:
         capsys.readouterr()
         made = await calls(http)
         answer = await http.get("/v1/audit", params={"limit": 1000})

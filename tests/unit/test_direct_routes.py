@@ -29,6 +29,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.routing import Match
 from starlette.types import Message
 from tests.support.locks import lock_for, request_for
+from tests.support.served import in_process
 
 from enhanced_locking.api import create_app, direct
 from enhanced_locking.api.access import CallerDep
@@ -652,8 +653,7 @@ async def test_on_a_release_not_checked_the_lock_routes_are_fastapi_s_own_and_an
     assert not any(isinstance(route, DirectRoutes) for route in app.router.routes)
     assert not any(getattr(middleware, "cls", None) is DirectLane
                    for middleware in app.user_middleware)
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as client:
+    async with in_process(app) as client:
         acquired = await client.post("/v1/locks", content=json.dumps(lock()).encode(),
                                      headers=JSON)
         assert acquired.status_code == 200, acquired.text

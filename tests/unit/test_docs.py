@@ -11,8 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import httpx
 import pytest
+from tests.support.served import in_process
 
 from enhanced_locking import cli
 from enhanced_locking.api import create_app
@@ -96,8 +96,7 @@ async def test_the_config_example_is_what_a_default_service_answers(tmp_path: Pa
     example = section[start:section.index("```", start)]
     config = EnhancedLockingConfig(data_dir=str(tmp_path), audit_stdout=False)
     app = create_app(LockService(ConfigProvider(config)))
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as client:
+    async with in_process(app) as client:
         answer = (await client.get("/v1/config")).json()
     for part in ("featureFlags", "routing"):
         shown = re.search(rf'"{part}": (\{{[^}}]*\}})', example)

@@ -17,6 +17,7 @@ import httpx
 import pytest
 import yaml
 from fastapi import FastAPI, Request
+from tests.support.served import in_process
 
 from enhanced_locking.api import create_app
 from enhanced_locking.api.access import Caller, StillCaller, Unidentified, build_access
@@ -90,9 +91,7 @@ async def served(tmp_path: Path, api_server: str, monkeypatch: pytest.MonkeyPatc
     trail = AuditTrail(MemoryAuditStore(Retention(timedelta(days=1), 100)),
                        stdout=lambda: False)
     app = create_app(service, audit=trail)
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
-            base_url="http://127.0.0.1") as http:
+    async with in_process(app, raise_app_exceptions=False) as http:
         yield http, trail
 
 
