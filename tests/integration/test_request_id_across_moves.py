@@ -54,10 +54,18 @@ def _retried(pull: int) -> LockRequest:
         update={"request_id": "plan-42"})
 
 
+def _kept() -> list[asyncio.Task[None]]:
+    """The withdrawals queued for callers gone (after the retry grace) on this test's event
+    loop: the module keeps them all, and a test before this one may have left its own, on a
+    loop since closed."""
+    loop = asyncio.get_running_loop()
+    return [task for task in queueing._LATER if task.get_loop() is loop]
+
+
 async def _clean_ups_done() -> None:
     """Wait for the withdrawals queued for callers gone (after the retry grace)."""
-    while queueing._LATER:
-        await asyncio.gather(*list(queueing._LATER), return_exceptions=True)
+    while kept := _kept():
+        await asyncio.gather(*kept, return_exceptions=True)
 
 
 @pytest.mark.parametrize("move", ["settled", "moving"])
@@ -82,7 +90,7 @@ async def test_a_retry_routed_to_the_other_side_keeps_the_lock_its_waiter_was_gr
     assert service.enhanced is not None and await service.enhanced.queue(key)
     first.cancel()
     await asyncio.gather(first, return_exceptions=True)
-    assert queueing._LATER, "the waiter is kept for the retry grace"
+    assert _kept(), "the waiter is kept for the retry grace"
 
     await _moved_to(service, 0, phase="stable" if move == "settled" else "moving")
     assert router.side_for(key) == "legacy"  # the key routes to legacy now
@@ -99,7 +107,7 @@ async def test_a_retry_routed_to_the_other_side_keeps_the_lock_its_waiter_was_gr
         assert await router.release(key, owner=("acme/infra", 1)) is not None
         retry = await retrying
     assert retry.acquired and retry.lock is not None and retry.lock.pull.num == 2
-    assert queueing._LATER, "answered within the retry grace of its first try"
+    assert _kept(), "answered within the retry grace of its first try"
 
     await _clean_ups_done()
     holder = await router.get(key)
@@ -141,7 +149,7 @@ async def test_a_batch_retry_routed_to_legacy_keeps_the_locks_its_waiter_was_gra
         assert await router.release(key, owner=("acme/infra", 1)) is not None
     retry = await router.acquire_batch(batch(2))
     assert retry.acquired, retry
-    assert queueing._LATER, "answered within the retry grace of its first try"
+    assert _kept(), "answered within the retry grace of its first try"
 
     await _clean_ups_done()
     for key, path in zip(keys, paths, strict=True):
