@@ -1866,11 +1866,8 @@ class EtcdBackend(StoreBackend):
                         "caller, was applied (its answer lost): what it wrote may stay",
                         self.connection.where, key or "its keys")
             return asyncio.CancelledError()
-        for run in runs:
-            landed = _landed(run[0], reads)
-            if landed is not None:
-                return _unheard(self._answer_landed(run, landed))
-        return asyncio.CancelledError()
+        found = self._first_landed(runs, reads)
+        return _unheard(found[0]) if found is not None else asyncio.CancelledError()
 
     async def _read_again(self, client: etcd3aio.Etcd3Client, keys: set[bytes],
                           prefixes: set[bytes], *, key: str | None, until: float) -> _Reads:
@@ -1901,12 +1898,20 @@ class EtcdBackend(StoreBackend):
                 await asyncio.sleep(delay)
                 delay = min(1.0, delay * 2)
                 continue
-            for run in runs:
-                landed = _landed(run[0], reads)
-                if landed is not None:
-                    answer = self._answer_landed(run, landed)
-                    return answer if isinstance(answer, Outcome) and _grants(answer) else None
-            return None
+            found = self._first_landed(runs, reads)
+            if found is None:
+                return None
+            answer = found[0]
+            return answer if isinstance(answer, Outcome) and _grants(answer) else None
+
+    def _first_landed(self, runs: list[tuple[_Txn, T]], reads: _Reads) -> tuple[T] | None:
+        """The answer (in a tuple: it may be ``None``) of the first of ``runs`` whose commit
+        ``reads`` show etcd applied though its answer was lost; ``None``: none landed."""
+        for run in runs:
+            landed = _landed(run[0], reads)
+            if landed is not None:
+                return (self._answer_landed(run, landed),)
+        return None
 
     def _answer_landed(self, lost: tuple[_Txn, T], revision: int) -> T:
         """The answer of a run whose commit etcd applied at ``revision`` (0: it only deleted)
