@@ -291,7 +291,9 @@ class LockMigrationStatus(StatusModel):
     step: Annotated[str, Field(max_length=16)] | None = Field(
         None, description="The step in force as N/M (for kubectl get)."
     )
-    step_started_at: _Time | None = Field(None, description="When the step in force began.")
+    step_started_at: _Time | None = Field(
+        None, description="When the step in force began (a pause: once the weight before it "
+        "settled; none while its keys are moving).")
     promoted: _Token | None = Field(
         None, description="The last value of the promote annotation that was handled."
     )

@@ -12,12 +12,14 @@ The rules:
 * ``setWeight`` is in force as soon as its step is; the step is done when that weight is the
   only authority on every live replica (the two-phase move has settled), and the next step
   starts then. A rollout never moves on while keys are still moving.
-* ``pause: {duration}`` ends when ``duration`` has passed since the step started;
-  ``pause: {}`` waits for a promote. A promote (a new value of the promote annotation) ends the
-  pause in progress; one that arrives when no pause is in progress is recorded and ignored.
-  Neither ends a pause while the weight in force before it is not settled (keys moving again
-  after a restart, or for a replica that joined with an older weight): the rollout is
-  ``Progressing`` then, and the pause ends once it has settled.
+* ``pause: {duration}`` ends when ``duration`` has passed since the pause began: once the
+  weight in force before it has settled (the step before it done); ``pause: {}`` waits for a
+  promote. A promote (a new value of the promote annotation) ends the pause in progress; one
+  that arrives when no pause is in progress is recorded and ignored. When the weight before a
+  pause is moving again (keys moving after a restart, or for a replica that joined with an
+  older weight) the pause is not in progress: the rollout is ``Progressing``, the pause has no
+  start (``stepStartedAt``), and it begins again, its whole duration, once the weight has
+  settled.
 * ``spec.paused: true`` holds the rollout at its step (the weight in force stays); a promote
   waits until it is cleared (the annotation never edits the spec: ``kubectl locking rollout
   promote`` clears it in the same edit, as ``kubectl argo rollouts promote`` does).
@@ -222,12 +224,14 @@ def advance(
     # --- the steps -----------------------------------------------------------------------
     steps = spec.steps
     index = min(state.step_index, len(steps))
-    if index != state.step_index or state.step_started_at is None:
-        state = replace(state, step_index=index, step_started_at=state.step_started_at or now)
+    if index != state.step_index:
+        state = replace(state, step_index=index)
     applied = round(step_weight(steps, index), 2)
     while True:
         index, total = state.step_index, len(steps)
         if index >= total:
+            if state.step_started_at is None:
+                state = replace(state, step_started_at=now)
             state = _consume_promote(state, promote, notes, "the rollout has completed")
             if settled_weight != applied:
                 return Progress(state, "Progressing", "WeightMoving",
@@ -236,6 +240,14 @@ def advance(
                             f"all {total} steps done at weight {applied:g}", notes)
         step = steps[index]
         where = f"step {index + 1}/{total} ({_describe(step)})"
+        if step.pause is not None and settled_weight != applied:
+            # A pause begins once the weight before it has settled, and begins again when
+            # its keys move again (a restarted operator's service starts from its own
+            # settings; a replica joined with an older weight): its duration is time at that
+            # weight, everywhere, as an Argo Rollouts pause follows a step that is complete.
+            state = replace(state, step_started_at=None)
+        elif state.step_started_at is None:
+            state = replace(state, step_started_at=now)
         if spec.paused:
             waiting = promote if promote is not None and promote != state.promoted else None
             if settled_weight != applied:
@@ -253,9 +265,8 @@ def advance(
             pause = step.pause
             assert pause is not None
             if settled_weight != applied:
-                # The weight before the pause is moving again (a restarted operator's service
-                # starts from its own settings; a replica joined with an older weight): the
-                # pause neither ends nor takes a promote until it has settled.
+                # The weight before the pause is not settled (see above): the pause neither
+                # runs, nor ends, nor takes a promote until it has.
                 return Progress(state, "Progressing", "WeightMoving",
                                 f"{where}: keys are moving to weight {applied:g} first", notes)
             if promote is not None and promote != state.promoted:
@@ -265,8 +276,8 @@ def advance(
                 return Progress(state, "Paused", "WaitingForPromote",
                                 f"{where}: annotate to promote", notes)
             else:
-                started = state.step_started_at or now
-                ends = started + pause.duration
+                assert state.step_started_at is not None  # set above, the weight settled
+                ends = state.step_started_at + pause.duration
                 if now < ends:
                     return Progress(state, "Paused", "PauseStep",
                                     f"{where} until {ends.strftime('%Y-%m-%dT%H:%M:%SZ')}", notes)
