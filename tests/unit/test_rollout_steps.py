@@ -116,16 +116,36 @@ def test_spec_paused_holds_the_step_and_keeps_a_promote_for_when_it_is_cleared()
     held = rollout.step()
     assert (held.phase, held.reason, held.state.step_index) == ("Paused", "PausedBySpec", 0)
     assert weight_of(rollout.spec, held.state) == 10  # the step in force stays in force
+    rollout.spec = spec(steps=STEPS)
+    assert rollout.step().state.step_index == 1  # the pause step, 1m
+    rollout.spec = spec(steps=STEPS, paused=True)
     rollout.wait(minutes=5)
     waiting = rollout.step(promote="p")
-    assert waiting.state.step_index == 0 and waiting.state.promoted is None
+    assert waiting.state.step_index == 1 and waiting.state.promoted is None
     assert "a promote waits until spec.paused is cleared" in waiting.message
+    assert waiting.promote_waiting == "p"
     rollout.spec = spec(steps=STEPS)
-    # The pause's minute passed while held (it counts from the step's start): it ends now,
-    # and the promote is still new, so it skips the next pause.
-    assert rollout.step().state.step_index == 1
+    # Cleared: the promote that waited ends the pause (whose minute passed while held, too).
     resumed = rollout.step(promote="p")
     assert resumed.state.step_index == 2 and resumed.state.promoted == "p"
+    assert "RolloutPromoted" in rollout.reasons
+
+
+def test_a_promote_under_spec_paused_at_a_set_weight_step_is_not_said_to_wait() -> None:
+    # A setWeight step is never skipped: a promote there ends nothing once spec.paused is
+    # cleared either (recorded and ignored then), so neither the message nor an Event may say
+    # that it waits to be let through.
+    rollout = Rollout(spec(steps=STEPS, paused=True))
+    rollout.step()
+    held = rollout.step(promote="p")
+    assert (held.phase, held.reason, held.state.step_index) == ("Paused", "PausedBySpec", 0)
+    assert "a promote waits" not in held.message, held.message
+    assert held.promote_waiting is None
+    assert "a promote skips nothing here (this step is not a pause)" in held.message
+    rollout.spec = spec(steps=STEPS)
+    cleared = rollout.step(promote="p")
+    assert (cleared.state.step_index, cleared.state.promoted) == (1, "p")
+    assert "PromoteIgnored" in rollout.reasons and "RolloutPromoted" not in rollout.reasons
 
 
 def test_abort_goes_to_weight_zero_and_clearing_it_restarts_from_the_first_step() -> None:

@@ -249,11 +249,17 @@ def advance(
         elif state.step_started_at is None:
             state = replace(state, step_started_at=now)
         if spec.paused:
-            waiting = promote if promote is not None and promote != state.promoted else None
+            new = promote if promote is not None and promote != state.promoted else None
             if settled_weight != applied:
                 where += f"; its keys are still moving to weight {applied:g}"
+            waiting = new if step.pause is not None else None
             if waiting is not None:
                 where += "; a promote waits until spec.paused is cleared"
+            elif new is not None:
+                # A setWeight step is never skipped: the promote ends nothing when spec.paused
+                # is cleared either (it is recorded and ignored then, PromoteIgnored).
+                where += ("; a promote skips nothing here (this step is not a pause): clearing "
+                          "spec.paused lets the rollout go on")
             return Progress(state, "Paused", "PausedBySpec", f"spec.paused holds {where}", notes,
                             promote_waiting=waiting)
         if step.set_weight is not None:
