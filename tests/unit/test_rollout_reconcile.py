@@ -672,6 +672,51 @@ async def test_a_promote_written_by_hand_while_spec_paused_holds_is_told_once_an
     assert [e["reason"] for e in cluster.events].count("PromoteWaiting") == 1
 
 
+async def test_a_promote_told_to_wait_is_not_told_again_by_a_restarted_operator(
+    make_service: Callable[..., Any], tmp_path: Path,
+) -> None:
+    # The status records the promote that spec.paused holds back (promoteWaiting): an
+    # operator that restarts (or a new status writer) reads it and does not post the
+    # PromoteWaiting Event again for the same promote. Before, it did, at every restart.
+    service: LockService = await make_service(legacy_backend="memory", backend="memory")
+    steps = [{"setWeight": 10}, {"pause": {}}, {"setWeight": 20}]
+    cluster, wall, first = await _migrating(service, tmp_path, steps=steps)
+    await _tick_until(first, cluster, lambda s: s.get("phase") == "Paused", service)
+    await first.observed(MIGRATIONS, cluster.put(MIGRATIONS, "to-enhanced",
+                                                 migration(steps=steps, paused=True)))
+    await first.observed(MIGRATIONS, cluster.annotate(MIGRATIONS, "to-enhanced",
+                                                      PROMOTE_ANNOTATION, "by-hand"))
+    await _tick_until(first, cluster, lambda s: "a promote waits until spec.paused is cleared"
+                      in str(s.get("message")), service)
+    assert [e["reason"] for e in cluster.events].count("PromoteWaiting") == 1
+    assert first.rollout is not None
+    first.rollout.close()
+
+    restarted: LockService = await make_service(legacy_backend="memory", backend="memory",
+                                                data_dir=str(tmp_path / "other"))
+    second = await _operator(restarted, cluster, tmp_path, wall)
+    await second.resync()
+    for _ in range(5):
+        await second.tick()
+        await _settle(restarted)
+    status = cluster.status(MIGRATIONS, "to-enhanced")
+    assert "a promote waits until spec.paused is cleared" in status["message"]
+    assert [e["reason"] for e in cluster.events].count("PromoteWaiting") == 1, (
+        "the restarted operator told the same promote to wait again")
+    assert (status["currentStepIndex"], status.get("promoteWaiting")) == (1, "by-hand")
+
+    await second.observed(MIGRATIONS, cluster.annotate(MIGRATIONS, "to-enhanced",
+                                                       PROMOTE_ANNOTATION, "again"))
+    await _tick_until(second, cluster, lambda s: s.get("promoteWaiting") == "again", restarted)
+    assert [e["reason"] for e in cluster.events].count("PromoteWaiting") == 2  # a new value
+
+    body = cluster.objects[(MIGRATIONS, "to-enhanced")]
+    body["spec"], body["metadata"]["generation"] = migration(steps=steps), 5
+    await second.observed(MIGRATIONS, copy.deepcopy(body))
+    await _tick_until(second, cluster, lambda s: s.get("phase") == "Completed", restarted)
+    assert "promoteWaiting" not in cluster.status(MIGRATIONS, "to-enhanced")
+
+
 async def test_an_analysis_failing_after_the_rollout_completed_aborts_it_unlike_argo_rollouts(
     make_service: Callable[..., Any], tmp_path: Path,
 ) -> None:

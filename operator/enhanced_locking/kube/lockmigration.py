@@ -300,6 +300,11 @@ class LockMigrationStatus(StatusModel):
     retried: _Token | None = Field(
         None, description="The last value of the retry annotation that was handled."
     )
+    promote_waiting: _Token | None = Field(
+        None, description="A value of the promote annotation that spec.paused holds back "
+        "(it ends the pause in progress once spec.paused is cleared); told once by the Event "
+        "PromoteWaiting."
+    )
     counters: Counters | None = Field(None, description="Totals (see Counters).")
     transition: TransitionState | None = Field(None, description="The weight move.")
     analysis: AnalysisStatus | None = Field(None, description="The last analysis check.")

@@ -210,6 +210,9 @@ class RolloutDriver:
                         meta.get("namespace"), meta.get("name"), "; ".join(problems))
         self.state = RolloutState.from_status(status)
         self._term, self._uid = self.writer.term, _uid(body)
+        # A promote the status shows held back was told (PromoteWaiting) by the writer that
+        # wrote it: not told again for a restart or a new writer.
+        self._told_waiting = status.promote_waiting
         counters = status.counters or Counters()
         self._carried = Totals(counters.operations, counters.errors, counters.replayed,
                                counters.mismatches, counters.fallbacks)
@@ -337,6 +340,7 @@ class RolloutDriver:
             "transition": _transition(routing),
             "analysis": self._analysis(),
             "status_writer": self.view.replica_id,
+            "promote_waiting": progress.promote_waiting,
         }
         conditions = self._conditions(progress, degraded, shown, generation)
         return fields, conditions
@@ -423,7 +427,8 @@ class RolloutDriver:
 
 
 ROLLOUT_FIELDS = ("phase", "message", "current_step_index", "step", "step_started_at",
-                  "promoted", "retried", "counters", "transition", "analysis", "status_writer")
+                  "promoted", "retried", "promote_waiting", "counters", "transition",
+                  "analysis", "status_writer")
 
 
 def _steps_start_lower(spec: LockMigrationSpec, status: LockMigrationStatus) -> Note | None:
