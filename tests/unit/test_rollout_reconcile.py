@@ -204,6 +204,35 @@ async def test_a_replica_that_does_not_write_the_status_routes_by_it_and_stays_s
     assert silent.patches == 0 and silent.events == []
 
 
+async def test_a_weight_held_back_by_a_replica_names_that_replica_in_the_status(
+    replica_set: ReplicaSet, tmp_path: Path,
+) -> None:
+    # Replica b runs no operator here: it keeps routing by its own weight (0), and the step's
+    # weight cannot settle. The message (and the Progressing condition) says which replica
+    # has not taken the new weight, and by which it still routes, as kubectl users expect.
+    a_service, b_service, cluster, wall = await _two(replica_set, "a", "b")
+    await replica_set.set_weight(0, on=[b_service])
+    reconciler = await _operator(a_service, cluster, tmp_path, wall)
+    await reconciler.observed(POLICIES, cluster.put(POLICIES, "default", POLICY))
+    await reconciler.observed(MIGRATIONS, cluster.put(MIGRATIONS, "to-enhanced",
+                                                      migration(steps=STEPS)))
+    for _ in range(5):
+        await replica_set.tick()
+        await reconciler.tick()
+    status = cluster.status(MIGRATIONS, "to-enhanced")
+    assert status["transition"]["pendingReplicas"] == ["b"]
+    assert (status["phase"], _condition(status, "Progressing")["reason"]) == (
+        "Progressing", "StepInProgress")
+    named = "replica b (routing by weight 0) has not taken weight 10 yet"
+    assert named in status["message"], status["message"]
+    assert named in _condition(status, "Progressing")["message"]
+
+    await replica_set.set_weight(10, on=[b_service])  # b takes it: the step settles
+    await _tick_until(reconciler, cluster, lambda s: s.get("phase") == "Paused",
+                      a_service, b_service)
+    assert "has not taken" not in cluster.status(MIGRATIONS, "to-enhanced")["message"]
+
+
 async def _completed_then_a_conflict(
     service: LockService, tmp_path: Path,
 ) -> tuple[InMemoryCluster, Wall, Reconciler, LockRequest]:

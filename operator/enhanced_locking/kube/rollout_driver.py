@@ -324,6 +324,9 @@ class RolloutDriver:
         conflicts = migration.conflicts
         routing = migration.routing
         degraded = self._degraded(progress, conflicts, routing)
+        if (holding := _holding_back(routing)) is not None:
+            # Whatever waits for the weight to settle waits for these replicas: name them.
+            progress = replace(progress, message=f"{progress.message}; {holding}")
         if (note := _routing_note(self.view.config())) is not None:
             # The steps and the weight are applied, but legacy decides every key: say so
             # before anything that reads as keys being on (or moving to) the enhanced side.
@@ -456,6 +459,28 @@ def _kept(status: LockMigrationStatus) -> tuple[dict[str, Any], list[Condition]]
     now must not erase the state the next writer resumes from)."""
     fields = {name: getattr(status, name) for name in ROLLOUT_FIELDS}
     return fields, [c for c in status.conditions if c.type in ROLLOUT_CONDITIONS]
+
+
+def _holding_back(routing: TransitionStatus, shown: int = 3) -> str | None:
+    """Which live replicas have not taken the weight being moved to (each with the weight it
+    still routes by), for the rollout's message; None when none holds it back."""
+    if not routing.pending:
+        return None
+    by_id = {replica.id: replica for replica in routing.replicas}
+    named = []
+    for replica_id in routing.pending[:shown]:
+        replica = by_id.get(replica_id)
+        if replica is None:
+            named.append(replica_id)
+        elif replica.weight != routing.weight:
+            named.append(f"{replica_id} (routing by weight {replica.weight:g})")
+        else:  # it reports the new weight, and still serves requests routed by an older one
+            named.append(f"{replica_id} (finishing requests routed by an older weight)")
+    more = len(routing.pending) - shown
+    names = ", ".join(named) + (f" and {more} more" if more > 0 else "")
+    has = "has" if len(routing.pending) == 1 else "have"
+    return (f"replica{'s' if len(routing.pending) > 1 else ''} {names} {has} not taken weight "
+            f"{routing.weight:g} yet")
 
 
 def _uid(body: Mapping[str, Any] | None) -> str | None:
