@@ -20,6 +20,7 @@ from tests.support.queues import LockerRig, rig_for, settle
 
 from enhanced_locking import policies
 from enhanced_locking.backends.memory import MemoryBackend
+from enhanced_locking.locking import visibility
 from enhanced_locking.policies import (
     ConcurrencyLimit,
     Freeze,
@@ -29,6 +30,7 @@ from enhanced_locking.policies import (
 )
 from enhanced_locking.types import (
     AcquireResult,
+    BackendUnavailable,
     BatchItem,
     BatchLockRequest,
     LockNotOwned,
@@ -463,6 +465,60 @@ async def test_a_waiting_freeze_ends_by_the_stores_clock_when_it_is_behind_the_s
         assert granted.acquired and granted.lock is not None
         assert granted.lock.acquired_at >= until, "granted inside the freeze by the store's clock"
         assert "freeze-ended" in rig.types()
+    finally:
+        await rig.close()
+
+
+class _FaultyWake(MemoryBackend):
+    """A memory store whose wakes fail first with ``faults`` (then serve as the store does):
+    a store that does not answer (``BackendUnavailable``), or a fault of the code (a
+    ``TypeError``), which no real store can be made to raise on purpose."""
+
+    def __init__(self, *faults: Exception) -> None:
+        super().__init__()
+        self.faults = list(faults)
+        self.wakes = 0
+
+    async def wake(self, *, policy: Any) -> Any:
+        self.wakes += 1
+        if self.faults:
+            raise self.faults.pop(0)
+        return await super().wake(policy=policy)
+
+
+async def test_a_wake_that_fails_by_a_fault_is_logged_once_not_made_again_every_30_s(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The wake of the queues after a rule change is made again while the store does not
+    answer (``BackendUnavailable``), and only then: a fault of the code (a ``TypeError``)
+    would fail every time. Before, any exception was made again, every 30 s, forever, each
+    time a warning that read as an outage; now it is logged once, as an error saying what
+    failed, and the watch goes on (the next rule change wakes the queues again)."""
+    monkeypatch.setattr(visibility, "WAKE_AGAIN", (0.01, 0.02))
+    backend = _FaultyWake(BackendUnavailable("redis did not answer"),
+                          TypeError("unsupported operand"))
+    rig = rig_for(backend)
+    try:
+        watch = rig.locker.rules
+        watch.changed(PolicyRules())
+        await settle()
+        limited = PolicyRules(concurrency=[ConcurrencyLimit(
+            name="g", match=KeyPattern(path_prefix="g"), limit=1)])
+        rig.set(policies=limited)
+        watch.changed(limited)
+        # The unanswered wake is made again; the one that fails by a fault is not: its task
+        # ends (made again forever, it never did).
+        assert await until(lambda: backend.wakes >= 2 and not watch._tasks, within=10), (
+            f"{backend.wakes} wakes, the watch still making it again")
+        assert backend.wakes == 2
+        faults = [r for r in caplog.records if "unsupported operand" in r.getMessage()]
+        assert len(faults) == 1 and faults[0].levelname == "ERROR", faults
+        assert "not made again" in faults[0].getMessage()
+        assert [r.levelname for r in caplog.records
+                if "redis did not answer" in r.getMessage()] == ["WARNING"]
+
+        rig.set(policies=PolicyRules())
+        watch.changed(PolicyRules())  # the watch goes on: the next change wakes the queues
+        assert await until(lambda: backend.wakes == 3 and not watch._tasks, within=10)
     finally:
         await rig.close()
 

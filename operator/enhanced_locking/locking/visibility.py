@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from enhanced_locking import policies
 from enhanced_locking.backends.waiting import Waiter
-from enhanced_locking.types import Lock, utcnow
+from enhanced_locking.types import BackendUnavailable, Lock, utcnow
 
 if TYPE_CHECKING:
     from enhanced_locking.locking.enhanced import EnhancedLocker
@@ -240,7 +240,13 @@ class RuleWatch:
         batch over a limit lowered since it queued: :meth:`EnhancedLocker.wake`). A store that
         does not answer is woken again after :data:`WAKE_AGAIN`'s growing pauses until it
         answers, or a later wake (later rules) takes over: a refusal the new rules make is
-        not lost with the store's answer, nor left to the waiter's own wait."""
+        not lost with the store's answer, nor left to the waiter's own wait.
+
+        Only a store that did not answer (``BackendUnavailable``) is woken again: any other
+        failure (a fault of the code, a store's answer that cannot be read) would fail the
+        same way every time. It is logged once, as an error with what failed, and the watch
+        goes on under the rules in force (the next rule change or freeze edge wakes the
+        queues again)."""
         self._wakes += 1
         mine = self._wakes
         pause = WAKE_AGAIN[0]
@@ -248,9 +254,14 @@ class RuleWatch:
             try:
                 await self._locker.wake()
                 return
-            except Exception as error:  # the store is away: wake it again later
+            except BackendUnavailable as error:  # the store is away: wake it again later
                 log.warning("serving the queues after a rule change failed (made again in "
                             "%gs): %s", pause, error)
+            except Exception as error:
+                log.error("serving the queues after a rule change failed, not made again "
+                          "(not an unanswered store: it would fail again): %s: %s",
+                          type(error).__name__, error, exc_info=error)
+                return
             await asyncio.sleep(pause)
             if self._wakes != mine:
                 return  # a later wake serves the queues under the rules now
