@@ -65,7 +65,7 @@ type EventStream struct {
 func (c *Client) Events(ctx context.Context, f EventFilter) (*EventStream, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	s := &EventStream{c: c, ctx: ctx, cancel: cancel, filter: f}
-	if err := s.connect(); err != nil {
+	if _, err := s.connect(); err != nil {
 		cancel()
 		return nil, err
 	}
@@ -93,7 +93,9 @@ func (s *EventStream) Close() error {
 	return nil
 }
 
-func (s *EventStream) connect() error {
+// connect opens a connection of the stream; when the service refused it, also its answer
+// (status and body), for Next to judge whether to try again.
+func (s *EventStream) connect() (answer, error) {
 	q := url.Values{}
 	if s.filter.Repo != "" {
 		q.Set("repo", s.filter.Repo)
@@ -111,7 +113,7 @@ func (s *EventStream) connect() error {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, s.c.endpoint("/v1/events", q), nil)
 	if err != nil {
 		hangUp()
-		return &InvalidError{Message: err.Error()}
+		return answer{}, &InvalidError{Message: err.Error()}
 	}
 	req.Header.Set("Accept", "text/event-stream")
 	if s.filter.LastEventID != "" {
@@ -131,45 +133,50 @@ func (s *EventStream) connect() error {
 			resp.Body.Close() //nolint:errcheck
 		}
 		hangUp()
-		return &UnavailableError{Op: "events", Message: fmt.Sprintf("GET /v1/events had no "+
+		return answer{}, &UnavailableError{Op: "events", Message: fmt.Sprintf("GET /v1/events had no "+
 			"answer within %v, the call timeout (the service answers at once): given up", bound)}
 	}
 	if err != nil {
 		hangUp()
-		return &UnavailableError{Op: "events", Err: err}
+		return answer{}, &UnavailableError{Op: "events", Err: err}
 	}
 	if resp.StatusCode != http.StatusOK {
 		data, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
 		resp.Body.Close() //nolint:errcheck
 		hangUp()
-		return refusal(call{op: "events"}, answer{status: resp.StatusCode, body: data})
+		got := answer{status: resp.StatusCode, body: data}
+		return got, refusal(call{op: "events"}, got)
 	}
 	if kind := contentType(resp.Header.Get("Content-Type")); kind != "text/event-stream" {
 		// A sign-in page or another web server at the URL: read as a stream it would have no
 		// events until it ends.
 		resp.Body.Close() //nolint:errcheck
 		hangUp()
-		return &UnavailableError{Op: "events", Status: resp.StatusCode, Message: fmt.Sprintf(
+		return answer{}, &UnavailableError{Op: "events", Status: resp.StatusCode, Message: fmt.Sprintf(
 			"GET /v1/events answered %d with %s, not an event stream: is the URL the lock "+
 				"service's?", resp.StatusCode, kind)}
 	}
 	s.mu.Lock()
 	s.body, s.reader, s.hangUp = resp.Body, bufio.NewReader(resp.Body), hangUp
 	s.mu.Unlock()
-	return nil
+	return answer{}, nil
 }
 
 // Next blocks until the next event. A broken connection is reopened after a jittered pause
 // (doubling, as a call's retries do), resuming after the last event returned. A reopening
 // refused as a restart or a rollout of the service refuses it (its port refuses or resets
-// the connection, or the connect gets no answer in time) is tried again for as long as the
-// stream's context lasts; any other failure in a row counts against the client's retry
-// attempts. After those, when the context ends, or when Close is called, it answers an error.
+// the connection, or the connect gets no answer in time), or answered by the service's own
+// 503 "unavailable" (it serves no lock call for now: its operator's start, until the
+// LockPolicy is applied), is tried again for as long as the stream's context lasts; any
+// other failure in a row counts against the client's retry attempts. After those, when the
+// context ends, or when Close is called, it answers an error.
 func (s *EventStream) Next() (Event, error) {
 	failures := 0
 	delay := s.c.backoff
-	// unopened: why the last reconnection failed (the stream then has no connection to read).
+	// unopened: why the last reconnection failed (the stream then has no connection to read);
+	// refused: the service's answer that refused it, when it answered one.
 	var unopened error
+	var refused answer
 	for {
 		ev, err := s.read()
 		if err == nil {
@@ -185,7 +192,8 @@ func (s *EventStream) Next() (Event, error) {
 		if errors.Is(err, errStreamClosed) && unopened != nil {
 			last = unopened
 		}
-		if errors.Is(err, errStreamClosed) && unopened != nil && restarting(unopened) {
+		if errors.Is(err, errStreamClosed) && unopened != nil &&
+			(restarting(unopened) || notServing(refused)) {
 			// Tried for the stream's time, not a count, and never without a pause.
 			delay = max(delay, restartBackoff)
 		} else if failures++; failures > s.c.attempts {
@@ -201,14 +209,24 @@ func (s *EventStream) Next() (Event, error) {
 		case <-time.After(pause):
 		}
 		delay = min(2*delay, s.c.maxBackoff)
-		unopened = s.reconnect()
+		refused, unopened = s.reconnect()
 		if unopened != nil && !IsUnavailable(unopened) {
 			return Event{}, unopened
 		}
 	}
 }
 
-func (s *EventStream) reconnect() error {
+// notServing reports whether got is the service's own 503 "unavailable": it answered, and
+// serves no event stream for now (its operator's start window: until the LockPolicy is
+// applied, which may take as long as the store it names takes to answer). A proxy's 503
+// page says nothing of the service: it counts against the attempts.
+func notServing(got answer) bool {
+	var e errorBody
+	return got.status == http.StatusServiceUnavailable && json.Unmarshal(got.body, &e) == nil &&
+		e.Reason == string(ReasonUnavailable)
+}
+
+func (s *EventStream) reconnect() (answer, error) {
 	s.mu.Lock()
 	if s.body != nil {
 		s.body.Close() //nolint:errcheck

@@ -137,11 +137,17 @@ func Redis(t testing.TB) string {
 // RedisServer is Redis's process, for a test that stops it (a store that goes down).
 func RedisServer(t testing.TB) *Process {
 	t.Helper()
+	return RedisServerOn(t, FreePort(t))
+}
+
+// RedisServerOn is RedisServer on port: a store started again where it was (its data gone,
+// as it keeps none), or one started after a setting already names it.
+func RedisServerOn(t testing.TB, port int) *Process {
+	t.Helper()
 	bin, err := exec.LookPath("redis-server")
 	if err != nil {
 		t.Fatal("redis-server is not installed: run hack/ensure-redis.sh (Debian's redis-server package)")
 	}
-	port := FreePort(t)
 	p := Start(t, "redis-"+strconv.Itoa(port), os.Environ(), bin, "--port", strconv.Itoa(port),
 		"--bind", Loopback, "--save", "", "--appendonly", "no", "--protected-mode", "yes")
 	addr := net.JoinHostPort(Loopback, strconv.Itoa(port))
@@ -237,9 +243,18 @@ func serve(t testing.TB, pythonPath string, args ...string) *Service {
 // serveUntil starts the service and waits until its /readyz answers a status done accepts.
 func serveUntil(t testing.TB, pythonPath string, done func(status int) bool, args ...string) *Service {
 	t.Helper()
+	return launch(t, pythonPath, "serve", nil, done, args...)
+}
+
+// launch runs the enhanced-locking command (serve, operator) on a free loopback port with its
+// own data dir, its package imported from pythonPath when given and the variables of extra
+// set, and waits until its /readyz answers a status done accepts.
+func launch(t testing.TB, pythonPath, command string, extra []string, done func(status int) bool,
+	args ...string) *Service {
+	t.Helper()
 	port := FreePort(t)
 	dataDir := t.TempDir()
-	argv := append([]string{EnhancedLockingCommand(t), "serve", "--host", Loopback,
+	argv := append([]string{EnhancedLockingCommand(t), command, "--host", Loopback,
 		"--port", strconv.Itoa(port), "--data-dir", dataDir, "--log-level", "warning"}, args...)
 	var env []string
 	for _, kv := range os.Environ() {
@@ -256,6 +271,7 @@ func serveUntil(t testing.TB, pythonPath string, done func(status int) bool, arg
 	if pythonPath != "" {
 		env = append(env, "PYTHONPATH="+pythonPath)
 	}
+	env = append(env, extra...)
 	svc := &Service{URL: fmt.Sprintf("http://%s:%d", Loopback, port), DataDir: dataDir,
 		env: env, argv: argv, ready: done}
 	svc.start(t)
