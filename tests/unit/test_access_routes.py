@@ -667,6 +667,54 @@ async def test_while_calls_are_withheld_every_call_of_a_caller_answers_503_but_t
         assert listed.status_code == 200 and len(listed.json()["locks"]) == 1, listed.text
 
 
+@pytest.mark.parametrize("insecure", [False, True])
+async def test_while_calls_are_withheld_a_caller_without_credentials_hears_401_first(
+    tmp_path: Path, insecure: bool,
+) -> None:
+    """In the operator's start window a request without credentials, or with an
+    ``Authorization`` that is no bearer token, to a service on a non-loopback address is
+    refused 401, as every access setting a LockPolicy may name would refuse it: a policy
+    cannot open such a service (auth ``none`` needs ``insecure-allow-unauthenticated``, a
+    setting of the service's own, not of the policy). It learns nothing of the service's
+    state before it says who it is, and an Atlantis started without its token fails loudly
+    rather than hearing "unavailable" for as long as the window lasts. Before, 503. A bearer
+    token is judged only by the policy's settings (another mode or audience may accept it):
+    503, as where the service may be opened (``insecure``) and a credential-less caller
+    may be let in."""
+    why = "the policy is not applied yet"
+    config = EnhancedLockingConfig(enabled=True, data_dir=str(tmp_path), audit_stdout=False,
+                                   insecure_allow_unauthenticated=insecure)
+    service = LockService(ConfigProvider(config))
+    trail = memory_trail()
+    app = create_app(service, audit=trail, access=per_repository, exposed=True)
+    async with in_process(app) as http:
+        served = Served(service, trail, http)
+        key = await served.acquire(INFRA)
+        before = len(await served.rows())
+        service.withhold(why)
+        for headers, invalid_token in (({}, False), ({"Authorization": "Basic eDp5"}, True)):
+            answer = await http.delete("/v1/locks/by-key", params={"key": key},
+                                       headers=headers)
+            if insecure:
+                assert answer.status_code == 503, answer.text
+                continue
+            assert answer.status_code == 401, answer.text
+            assert "error" in answer.json()
+            assert ('error="invalid_token"' in answer.headers["WWW-Authenticate"]) == \
+                invalid_token
+        for token in (ADMIN, "unknown-token"):
+            answer = await http.delete("/v1/locks/by-key", params={"key": key},
+                                       headers=served.as_(token))
+            assert answer.status_code == 503, (token, answer.text)
+            assert answer.json() == {"error": why, "reason": "unavailable"}
+        service.withhold(None)
+        rows = (await served.rows())[before:]
+        assert [(row.identity, row.outcome, row.status) for row in rows] == (
+            [("", "unavailable", 503)] * 4 if insecure else
+            [("", "unauthenticated", 401)] * 2 + [("", "unavailable", 503)] * 2)
+        assert await served.held() == [key]
+
+
 async def test_a_call_withheld_is_audited_as_refused(served: Served) -> None:
     """In the operator's start window every call that reads or changes locks is refused 503
     (see above), and every refusal becomes an entry of the trail (docs/08-access.md): a

@@ -77,6 +77,7 @@ __all__ = [
     "Unidentified",
     "access_now",
     "api_routes",
+    "bearer_token",
     "caller_of",
     "caller_of_settings",
     "check_routes",
@@ -86,6 +87,7 @@ __all__ = [
     "foreign_host",
     "install_access",
     "is_loopback",
+    "may_open",
     "open_to_network_refusal",
     "overrides_rules",
     "public",
@@ -163,12 +165,7 @@ class AccessControl:
         """The identity behind an ``Authorization`` header; ``NotAuthenticated`` otherwise."""
         if self.open:
             return ANONYMOUS
-        if not authorization:
-            raise NotAuthenticated("authentication required: send Authorization: Bearer TOKEN")
-        scheme, _, token = authorization.partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
-            raise NotAuthenticated("expected Authorization: Bearer TOKEN", invalid_token=True)
+        token = bearer_token(authorization)
         refused: type[NotAuthenticated] = NotAuthenticated
         for authenticator in self.authenticators:
             try:
@@ -183,6 +180,18 @@ class AccessControl:
     def close(self) -> None:
         for close in self.closers:
             close()
+
+
+def bearer_token(authorization: str | None) -> str:
+    """The bearer token an ``Authorization`` header names; ``NotAuthenticated`` when it names
+    none (no header, or another scheme): a caller every access setting but ``none`` refuses."""
+    if not authorization:
+        raise NotAuthenticated("authentication required: send Authorization: Bearer TOKEN")
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise NotAuthenticated("expected Authorization: Bearer TOKEN", invalid_token=True)
+    return token
 
 
 AccessBuilder = Callable[[EnhancedLockingConfig], AccessControl]
@@ -219,9 +228,16 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def may_open(config: EnhancedLockingConfig, *, exposed: bool) -> bool:
+    """Whether access settings may open the service to every caller (``auth: none``): on
+    loopback, or with ``insecure-allow-unauthenticated`` (a setting of the service's own,
+    which no LockPolicy sets)."""
+    return not exposed or config.insecure_allow_unauthenticated
+
+
 def open_to_network_refusal(config: EnhancedLockingConfig, *, exposed: bool) -> str | None:
     """Why ``config`` must not serve a non-loopback address (``None`` when it may)."""
-    if exposed and config.auth == "none" and not config.insecure_allow_unauthenticated:
+    if config.auth == "none" and not may_open(config, exposed=exposed):
         return ("invalid setting enhanced-locking-auth: none on a non-loopback address lets "
                 "anyone who reaches the port force-unlock every lock; set it to static or "
                 "kubernetes, or serve on 127.0.0.1, or set "
@@ -253,6 +269,12 @@ class AccessHolder:
         self._generation = -1
         self._identity: tuple[Any, ...] = ()
         self._current: AccessControl | None = None
+
+    def may_open(self) -> bool:
+        """Whether access settings may open the service to every caller (:func:`may_open`,
+        of the settings in force): else a caller without credentials is refused by every
+        access setting a LockPolicy may name."""
+        return may_open(self._provider.current.config, exposed=self._exposed)
 
     def current(self) -> AccessControl:
         snapshot = self._provider.current
@@ -510,7 +532,8 @@ async def caller_of(request: Request) -> Caller:
     """The request's caller; raises ``NotAuthenticated`` (audited) when it has no identity, and
     ``BackendUnavailable`` while calls are withheld (:attr:`AccessHolder.withheld`): the
     access settings in force are then not the ones to judge the caller by, nor its stores the
-    ones that hold the locks.
+    ones that hold the locks (but a caller that names no bearer token, where no access
+    settings may open the service, is refused by all of them: ``NotAuthenticated`` first).
 
     Other parts of the API (a console, plugins) use this, or :data:`CallerDep`, to apply the
     same rules as the v1 routes.
@@ -548,6 +571,16 @@ async def _caller(request: Request, *, withheld: bool) -> Caller:
         ))
         raise HTTPException(403, refusal)
     if withheld and (why := holder.withheld()) is not None:
+        if not holder.may_open():
+            # Who-checks first: a caller that names no bearer token is refused by every
+            # access setting a LockPolicy may name (none of them opens this service), so it
+            # hears 401, not the service's state. A token is judged by the policy's settings
+            # alone: another mode or audience may accept one the settings in force do not.
+            try:
+                bearer_token(authorization)
+            except NotAuthenticated as refusal:
+                await _unauthenticated(audit, access, request, request_id, refusal)
+                raise
         # A refusal like any other, audited; by no identity: the access settings in force are
         # not the ones to judge the caller by.
         await audit.record(AuditEntry(
@@ -559,14 +592,20 @@ async def _caller(request: Request, *, withheld: bool) -> Caller:
     try:
         identity = await access.identify(authorization)
     except NotAuthenticated as refusal:
-        await audit.record(AuditEntry(
-            time=utcnow(), identity="", method=access.mode, verb="", action=_action(request),
-            outcome="unauthenticated", status=401, reason=str(refusal), peer=_peer(request),
-            request_id=request_id,
-        ))
+        await _unauthenticated(audit, access, request, request_id, refusal)
         raise
     return Caller(identity=identity, peer=_peer(request), request_id=request_id, access=access,
                   audit=audit)
+
+
+async def _unauthenticated(audit: AuditTrail, access: AccessControl, request: Request,
+                           request_id: str | None, refusal: NotAuthenticated) -> None:
+    """Write the refusal of a request that has no identity (401) to the audit trail."""
+    await audit.record(AuditEntry(
+        time=utcnow(), identity="", method=access.mode, verb="", action=_action(request),
+        outcome="unauthenticated", status=401, reason=str(refusal), peer=_peer(request),
+        request_id=request_id,
+    ))
 
 
 _SEATS: weakref.WeakKeyDictionary[Any, tuple[AccessHolder, AuditTrail]] = (
