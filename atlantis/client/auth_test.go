@@ -97,9 +97,7 @@ func TestTheTokenIsNeverSentToAnotherOriginARedirectNames(t *testing.T) {
 func TestARedirectWithinTheServicesOriginIsFollowedWithTheToken(t *testing.T) {
 	// A proxy that moved the API under a prefix redirects the old paths on its own origin:
 	// the token goes on to where it points (the same scheme, host and port).
-	svc := servicetest.Serve(t, "--enhanced-locking-auth", "static",
-		"--enhanced-locking-auth-tokens", "atlantis-token,atlantis,1",
-		"--enhanced-locking-auth-roles", "locker=user:atlantis")
+	svc := servicetest.Serve(t, servicetest.StaticAccess(nil)...)
 	target, err := url.Parse(svc.URL)
 	must(t, err)
 	forward := httputil.NewSingleHostReverseProxy(target)
@@ -113,7 +111,8 @@ func TestARedirectWithinTheServicesOriginIsFollowedWithTheToken(t *testing.T) {
 		forward.ServeHTTP(w, r)
 	}))
 	t.Cleanup(front.Close)
-	c, err := client.New(front.URL+"/old", client.WithToken("atlantis-token"), client.WithRetries(1, 0))
+	c, err := client.New(front.URL+"/old", client.WithToken(servicetest.AtlantisToken),
+		client.WithRetries(1, 0))
 	must(t, err)
 	lock, err := c.Acquire(context.Background(), request("acme/infra", "envs/prod", 1))
 	must(t, err)
@@ -125,11 +124,10 @@ func TestARedirectWithinTheServicesOriginIsFollowedWithTheToken(t *testing.T) {
 func TestForceUnlockSendsItsReasonToAServiceWithAccessControl(t *testing.T) {
 	// With access control on (every deployment the chart makes), a force-unlock without a
 	// reason is refused 422: the reason is what the audit trail keeps of why.
-	svc := servicetest.Serve(t, "--enhanced-locking-auth", "static",
-		"--enhanced-locking-auth-tokens", "atlantis-token,atlantis,1\nadmin-token,ada,2",
-		"--enhanced-locking-auth-roles", "locker=user:atlantis;admin=user:ada")
+	svc := servicetest.Serve(t, servicetest.StaticAccess([]string{"admin-token,ada,2"},
+		"admin=user:ada")...)
 	ctx := context.Background()
-	atlantis, err := client.New(svc.URL, client.WithToken("atlantis-token"))
+	atlantis, err := client.New(svc.URL, client.WithToken(servicetest.AtlantisToken))
 	must(t, err)
 	admin, err := client.New(svc.URL, client.WithToken("admin-token"))
 	must(t, err)

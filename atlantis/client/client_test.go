@@ -422,9 +422,8 @@ func TestAnUnreachableServiceIsUnavailableAfterRetriesAndNeverShowsTheToken(t *t
 func itoa(n int) string { return strconv.Itoa(n) }
 
 func TestTheBearerTokenIsWhoTheServiceSees(t *testing.T) {
-	svc := servicetest.Serve(t, "--enhanced-locking-auth", "static",
-		"--enhanced-locking-auth-tokens", "atlantis-token,atlantis,1\nviewer-token,viewer,2",
-		"--enhanced-locking-auth-roles", "locker=user:atlantis;viewer=user:viewer")
+	svc := servicetest.Serve(t, servicetest.StaticAccess([]string{"viewer-token,viewer,2"},
+		"viewer=user:viewer")...)
 	ctx := context.Background()
 	as := func(token string) *client.Client {
 		opts := []client.Option{}
@@ -435,7 +434,7 @@ func TestTheBearerTokenIsWhoTheServiceSees(t *testing.T) {
 		must(t, err)
 		return c
 	}
-	lock, err := as("atlantis-token").Acquire(ctx, request("acme/infra", "envs/prod", 1))
+	lock, err := as(servicetest.AtlantisToken).Acquire(ctx, request("acme/infra", "envs/prod", 1))
 	must(t, err)
 	var denied *client.DeniedError
 	if _, err := as("").Acquire(ctx, request("acme/infra", "envs/dev", 1)); !errors.As(err, &denied) || denied.Status != 401 {

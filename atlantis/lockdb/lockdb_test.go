@@ -53,21 +53,25 @@ func forEachStore(t *testing.T, test func(t *testing.T, s store)) {
 }
 
 // open is the adapter on svc, wrapping Atlantis's own BoltDB for pull statuses and command
-// locks.
+// locks, once its Ping answers.
 func open(t *testing.T, svc *servicetest.Service, opts ...lockdb.Option) *lockdb.Database {
 	t.Helper()
-	wrapped, err := boltdb.New(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	database, err := lockdb.New(svc.URL, wrapped, opts...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { database.Close() }) //nolint:errcheck
+	database := open2(t, svc, opts...)
 	if err := database.Ping(); err != nil {
 		t.Fatalf("ping: %v", err)
 	}
+	return database
+}
+
+// openAt is the adapter on the service at url, wrapping Atlantis's own BoltDB, without a
+// Ping (the service may not answer); closed when the test ends.
+func openAt(t *testing.T, url string, opts ...lockdb.Option) *lockdb.Database {
+	t.Helper()
+	wrapped, err := boltdb.New(t.TempDir())
+	must(t, err)
+	database, err := lockdb.New(url, wrapped, opts...)
+	must(t, err)
+	t.Cleanup(func() { database.Close() }) //nolint:errcheck
 	return database
 }
 
@@ -803,15 +807,10 @@ func TestWithTimeoutIsTheBoundOfEachCallOverTheClientsOwn(t *testing.T) {
 	// A service that takes calls and never answers. The client's own call bound, lowered
 	// here to 300ms so as not to wait out its 30s default, must not cut WithTimeout short:
 	// WithTimeout(45s) gave up after the default's 30s.
-	url := silentService(t)
-	wrapped, err := boltdb.New(t.TempDir())
-	must(t, err)
-	database, err := lockdb.New(url, wrapped, lockdb.WithTimeout(2*time.Second),
+	database := openAt(t, silentService(t), lockdb.WithTimeout(2*time.Second),
 		lockdb.WithClientOptions(client.WithCallTimeout(300*time.Millisecond), client.WithRetries(1, 0)))
-	must(t, err)
-	defer database.Close() //nolint:errcheck
 	started := time.Now()
-	_, err = database.GetLock(models.NewProject("acme/infra", ".", ""), "default")
+	_, err := database.GetLock(models.NewProject("acme/infra", ".", ""), "default")
 	elapsed := time.Since(started)
 	if !client.IsUnavailable(err) || !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("a service that never answers should run out the call's time, got %v", err)
@@ -1001,13 +1000,8 @@ func TestPingAnswersWithinItsWindowWhenTheServiceDoesNot(t *testing.T) {
 	// nothing back (hung, or a proxy in front of a dead one) makes Ping fail once its window
 	// ran out, not after the 30s a lock call gives a restarting service: the error names the
 	// window.
-	url := silentService(t)
-	wrapped, err := boltdb.New(t.TempDir())
-	must(t, err)
-	database, err := lockdb.New(url, wrapped) // the default 30s
-	must(t, err)
-	defer database.Close() //nolint:errcheck
-	err = database.Ping()
+	database := openAt(t, silentService(t)) // the default 30s
+	err := database.Ping()
 	if !client.IsUnavailable(err) || !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("Ping of a service that sends nothing back must fail unavailable, got %v", err)
 	}
@@ -1030,10 +1024,8 @@ func TestPingFailsWhenTheServiceDoesNotKnowTheToken(t *testing.T) {
 	// lock call with a 401, so it is not ready (a rollout carrying the wrong token stops at
 	// its first replica). A known token is ready also when its role may not read the
 	// service's configuration (the call Ping asks with answers 403).
-	svc := servicetest.Serve(t, "--enhanced-locking-enabled",
-		"--enhanced-locking-auth", "static",
-		"--enhanced-locking-auth-tokens", "atlantis-token,atlantis,1\nnarrow-token,narrow,2",
-		"--enhanced-locking-auth-roles", "locker=user:atlantis")
+	svc := servicetest.Serve(t, append(servicetest.StaticAccess([]string{"narrow-token,narrow,2"}),
+		"--enhanced-locking-enabled")...)
 	for _, token := range []string{"", "wrong-token"} {
 		var opts []lockdb.Option
 		if token != "" {
@@ -1048,7 +1040,7 @@ func TestPingFailsWhenTheServiceDoesNotKnowTheToken(t *testing.T) {
 			t.Fatalf("Ping's error must not show the token: %v", err)
 		}
 	}
-	must(t, open2(t, svc, lockdb.WithClientOptions(client.WithToken("atlantis-token"))).Ping())
+	must(t, open2(t, svc, lockdb.WithClientOptions(client.WithToken(servicetest.AtlantisToken))).Ping())
 	must(t, open2(t, svc, lockdb.WithClientOptions(client.WithToken("narrow-token"))).Ping())
 }
 
@@ -1057,10 +1049,9 @@ func TestApplyOnTheLockerRoleAsksWithNormalPriority(t *testing.T) {
 	// but not ask above normal. Apply's default priority (high) must not make every apply
 	// fail with a 403: the view asks again at normal. A priority the operator chose is
 	// refused as it came.
-	svc := servicetest.Serve(t, "--enhanced-locking-enabled", "--enhanced-locking-priority-queue",
-		"--enhanced-locking-auth", "static", "--enhanced-locking-auth-tokens", "atlantis-token,atlantis,1",
-		"--enhanced-locking-auth-roles", "locker=user:atlantis")
-	token := lockdb.WithClientOptions(client.WithToken("atlantis-token"))
+	svc := servicetest.Serve(t, append(servicetest.StaticAccess(nil),
+		"--enhanced-locking-enabled", "--enhanced-locking-priority-queue")...)
+	token := lockdb.WithClientOptions(client.WithToken(servicetest.AtlantisToken))
 	database := open(t, svc, token)
 	lockFor := func(path string) models.ProjectLock {
 		return models.ProjectLock{Project: models.NewProject("acme/infra", path, ""), Workspace: "default",
@@ -1249,12 +1240,7 @@ func TestPingIsReadyWhileTheServiceWithholdsItsLocks(t *testing.T) {
 // open2 is open without its Ping: the adapter on a service that may not be ready.
 func open2(t *testing.T, svc *servicetest.Service, opts ...lockdb.Option) *lockdb.Database {
 	t.Helper()
-	wrapped, err := boltdb.New(t.TempDir())
-	must(t, err)
-	database, err := lockdb.New(svc.URL, wrapped, opts...)
-	must(t, err)
-	t.Cleanup(func() { database.Close() }) //nolint:errcheck
-	return database
+	return openAt(t, svc.URL, opts...)
 }
 
 func TestAServiceKilledWhileATryLockWaitsFailsItClosedAndGrantsItNothingLater(t *testing.T) {
@@ -1318,13 +1304,8 @@ func TestPingOfAClosedPortAnswersTheRefusalWithinItsWindow(t *testing.T) {
 	// A service gone (its port closed): Ping tries the connection again within PingWindow, not
 	// within the lock calls' time (here an hour, which a probe would never outlast), and then
 	// answers the refusal, not a context error.
-	wrapped, err := boltdb.New(t.TempDir())
-	must(t, err)
 	gone := "http://" + servicetest.Loopback + ":" + fmt.Sprint(servicetest.FreePort(t))
-	database, err := lockdb.New(gone, wrapped, lockdb.WithTimeout(time.Hour))
-	must(t, err)
-	defer database.Close() //nolint:errcheck
-	err = database.Ping()
+	err := openAt(t, gone, lockdb.WithTimeout(time.Hour)).Ping()
 	if !client.IsUnavailable(err) || !errors.Is(err, syscall.ECONNREFUSED) ||
 		errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("Ping of a closed port must fail unavailable with the refusal, got %v", err)
@@ -1348,12 +1329,8 @@ func TestPingReachesTheServiceThroughAnEndpointThatIsGone(t *testing.T) {
 			return dialer.DialContext(ctx, network, addr)
 		}}
 	t.Cleanup(transport.CloseIdleConnections)
-	wrapped, err := boltdb.New(t.TempDir())
-	must(t, err)
-	database, err := lockdb.New(svc.URL, wrapped, lockdb.WithClientOptions(
+	database := open2(t, svc, lockdb.WithClientOptions(
 		client.WithHTTPClient(&http.Client{Transport: transport})))
-	must(t, err)
-	defer database.Close() //nolint:errcheck
 	if err := database.Ping(); err != nil {
 		t.Fatalf("Ping should reach the service on its next connection, got %v", err)
 	}

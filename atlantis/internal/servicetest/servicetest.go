@@ -313,6 +313,21 @@ func (s *Service) Restart(t testing.TB) {
 	s.start(t)
 }
 
+// AtlantisToken is the bearer token of the user atlantis, who holds the locker role (what
+// Atlantis needs), on a service started with the flags of StaticAccess.
+const AtlantisToken = "atlantis-token"
+
+// StaticAccess are the serve flags of static access control, its tokens and role map given
+// inline: AtlantisToken of the user atlantis with the role locker, and each of others
+// ("token,user,uid"), with the roles besides atlantis's ("admin=user:ada").
+func StaticAccess(others []string, roles ...string) []string {
+	return []string{"--enhanced-locking-auth", "static",
+		"--enhanced-locking-auth-tokens",
+		strings.Join(append([]string{AtlantisToken + ",atlantis,1"}, others...), "\n"),
+		"--enhanced-locking-auth-roles",
+		strings.Join(append([]string{"locker=user:atlantis"}, roles...), ";")}
+}
+
 // RedisArgs are the serve flags that put the legacy locker (and the enhanced one, when
 // enabled) on the Redis at addr: the legacy store then speaks Atlantis's own Redis layout.
 func RedisArgs(addr string) []string {
