@@ -401,6 +401,80 @@ async def test_a_fail_fast_upgrade_whose_caller_left_in_the_call_keeps_the_pulls
     assert _abandoned(rig) == [], rig.events
 
 
+async def test_a_fail_fast_upgrade_whose_caller_left_in_the_call_is_announced(
+        request: pytest.FixtureRequest, queue_backend_factory: BackendFactory,
+        rigs: Callable[..., LockerRig]) -> None:
+    """Pull 1 holds the key shared and asks for it exclusive (no wait); the call is
+    cancelled while the store has it. An upgrade the store made is kept (never given back)
+    and is a grant of its own, a new token: it is announced ``acquired`` with that token, as
+    when its caller hears it. Before, the locker never told it (etcd answered the upgrade with
+    the cancellation; on Redis the give-back by the call's id kept it without a word)."""
+    rig = rigs()
+    own = await rig.locker.acquire(ask(1).model_copy(update={"mode": "shared"}))
+    assert own.acquired and own.lock is not None
+    await _cancelled_in_flight(request, queue_backend_factory, rig,
+                               lambda: rig.locker.acquire(ask(1)))
+    held: list[Any] = []
+    for _ in range(100):  # (a give-back owed is sent once the store answers)
+        held = await rig.locker.holders(own.lock.key)
+        if held and held[0] != own.lock and _announced(rig, held[0].fencing_token):
+            break
+        await asyncio.sleep(0.05)
+    assert [lock.pull.num for lock in held] == [1], held
+    if held[0] == own.lock:  # (Redis: the give-back reached it first; nothing was granted)
+        return
+    assert held[0].mode == "exclusive", held
+    assert _announced(rig, held[0].fencing_token) == ["exclusive"], [
+        (e.type, e.lock.fencing_token if e.lock else None) for e in rig.events]
+
+
+async def test_an_upgrade_whose_caller_left_at_any_step_of_its_call_is_announced_if_kept(
+        queue_backend_factory: BackendFactory, rigs: Callable[..., LockerRig]) -> None:
+    """Pull 1 holds the key shared and asks for it exclusive (no wait); its caller is
+    cancelled after a few event-loop steps, the store running as usual. Whatever the step,
+    pull 1 still holds the key, and an upgrade made (a new token) is announced ``acquired``
+    with its token, heard by its caller or not. On the networked stores some rounds cancel
+    the caller while the store has the call (the case is made)."""
+    rig = rigs()
+    unheard = 0
+    for steps in range(40):
+        own = await rig.locker.acquire(ask(1).model_copy(update={"mode": "shared"}))
+        assert own.acquired and own.lock is not None
+        task = rig.spawn(rig.locker.acquire(ask(1)))
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        task.cancel()
+        try:
+            await asyncio.wait_for(task, 30)
+            heard = True
+        except asyncio.CancelledError:
+            heard = False
+        held: list[Any] = []
+        for _ in range(100):  # (a give-back owed is sent once the store answers)
+            held = await rig.locker.holders(own.lock.key)
+            if held and held[0] != own.lock and _announced(rig, held[0].fencing_token):
+                break
+            if held == [own.lock] and not getattr(rig.locker.backend, "owed", 0):
+                break
+            await asyncio.sleep(0.05)
+        assert [lock.pull.num for lock in held] == [1], (steps, held)
+        if held[0] != own.lock:
+            assert held[0].mode == "exclusive", (steps, held)
+            assert _announced(rig, held[0].fencing_token) == ["exclusive"], (steps, [
+                (e.type, e.lock.fencing_token if e.lock else None) for e in rig.events])
+            unheard += not heard
+        await rig.locker.release_by_pull("acme/infra", 1)
+    if queue_backend_factory.kind in NETWORKED:
+        assert unheard, "no round's caller left while the store had its upgrade"
+
+
+def _announced(rig: LockerRig, token: int) -> list[str]:
+    """The modes of the locks told ``acquired`` with fencing token ``token``."""
+    return [event.lock.mode for event in rig.events
+            if event.type == "acquired" and event.lock is not None
+            and event.lock.fencing_token == token]
+
+
 @pytest.mark.etcd
 async def test_a_grant_whose_answer_was_lost_and_whose_caller_left_as_it_ran_again_is_given_back(
         etcd_cluster: EtcdCluster, etcd_prefix: str) -> None:

@@ -12,12 +12,15 @@ runs against every store with queues (memory, the embedded file, Redis, Redis Cl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from datetime import timedelta
 
+import pytest
 from tests.support.locks import request_for
 from tests.support.queues import LockerRig, settle
 
+from enhanced_locking.locking import queueing
 from enhanced_locking.locking.base import give_back_grant
 from enhanced_locking.types import BatchItem, BatchLockRequest, LockRequest, Reason
 
@@ -117,3 +120,38 @@ async def test_an_upgrade_granted_from_the_queue_is_announced_and_kept(
               if e.type == "granted-from-queue" and e.lock is not None]
     assert served == [upgraded.lock.fencing_token], served
     assert [lock.pull.num for lock in await rig.locker.holders(upgraded.lock.key)] == [1]
+
+
+async def test_a_queued_upgrade_granted_after_its_client_left_is_announced_and_kept(
+        rigs: Callable[..., LockerRig], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pull 1 and pull 2 hold the key shared; pull 1 asks for it exclusive, with a
+    ``requestId``, and waits; its client goes. Within the retry grace pull 2 lets go: the
+    queue upgrades pull 1's hold, heard by nobody. The withdrawal after the grace finds it
+    granted and keeps it (an upgrade is never given back), and the upgrade, a new token, is
+    announced ``granted-from-queue`` as when its caller hears it. Before, it was kept
+    without a word."""
+    monkeypatch.setattr(queueing, "RETRY_GRACE", 0.5)
+    rig = rigs()
+    own = await rig.locker.acquire(ask(1, mode="shared"))
+    assert own.acquired and own.lock is not None
+    other = await rig.locker.acquire(ask(2, mode="shared"))
+    assert other.acquired and other.lock is not None
+    waiting = rig.spawn(rig.locker.acquire(
+        ask(1).model_copy(update={"wait": timedelta(seconds=30), "request_id": "job-7"})))
+    while "queued" not in rig.types():
+        assert not waiting.done(), waiting
+        await asyncio.sleep(0.01)
+    waiting.cancel()  # the client is gone; its waiter kept for the retry grace
+    with contextlib.suppress(asyncio.CancelledError):
+        await waiting
+    await rig.locker.release(other.lock.key, owner=("acme/infra", 2))  # the upgrade
+    loop = asyncio.get_running_loop()
+    while later := [task for task in queueing._LATER if task.get_loop() is loop]:
+        await asyncio.wait_for(asyncio.gather(*later), 60)
+    await settle()
+    held = await rig.locker.holders(own.lock.key)
+    assert [(lock.pull.num, lock.mode) for lock in held] == [(1, "exclusive")], held
+    assert held[0].fencing_token > own.lock.fencing_token, held
+    served = [e.lock.fencing_token for e in rig.events
+              if e.type == "granted-from-queue" and e.lock is not None]
+    assert served == [held[0].fencing_token], [(e.type, e.lock) for e in rig.events]

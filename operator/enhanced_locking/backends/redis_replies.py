@@ -25,6 +25,7 @@ __all__ = [
     "Confirm",
     "Dropped",
     "Expired",
+    "GiveBack",
     "GrantRow",
     "LockRow",
     "PullReleased",
@@ -45,6 +46,7 @@ __all__ = [
     "confirm",
     "expiry",
     "full",
+    "give_back",
     "lock",
     "locks",
     "maybe_lock",
@@ -210,6 +212,15 @@ class Release(NamedTuple):
     """The key's next waiters after the hand-off (``lib.lua``'s ``ahead``)."""
     expired: tuple[LockRow, ...] = ()
     """The key's locks whose lease had run out, dropped by the call before it released."""
+
+
+class GiveBack(NamedTuple):
+    """``give_back.lua``: what it released and handed on (as ``release.lua``), and the
+    upgrades of its pull's shared holds that the call it gave back made, left held (each
+    still that upgrade: same owner, same token, live)."""
+
+    release: Release
+    upgrades_kept: tuple[LockRow, ...] = ()
 
 
 class Ahead(NamedTuple):
@@ -485,6 +496,13 @@ def release(answer: Any, *, sent: str = "") -> Dropped | Release:
                                       locks(others)),
                    tuple(Ahead(str(i), str(repo), str(pull), tuple(json.loads(keys or "[]")))
                          for i, repo, pull, keys in ahead), _expired(expired))
+
+
+def give_back(answer: Sequence[Any]) -> GiveBack:
+    """``give_back.lua``'s answer: ``release.lua``'s, then the upgrades it kept."""
+    released = release(answer)
+    assert isinstance(released, Release)  # (a give-back is never a lean release)
+    return GiveBack(released, locks(answer[7]) if len(answer) > 7 else ())
 
 
 def release_by_pull(answer: Sequence[Any]) -> PullReleased:

@@ -879,12 +879,14 @@ class RedisBackend:
                            kept=None)
                      for g in rows)
 
-    def _handoff(self, served: Served, *, released: Lock | None = None) -> Handoff:
+    def _handoff(self, served: Served, *, released: Lock | None = None,
+                 upgrades_kept: tuple[Lock, ...] = ()) -> Handoff:
         return Handoff(
             released=released if released is not None else self._maybe_lock(served.released),
             granted=self._grants(served.granted),
             timed_out=tuple(self._waiter(rec) for rec in served.dropped),
-            also_released=tuple(self._readable(served.others, deleted=True)))
+            also_released=tuple(self._readable(served.others, deleted=True)),
+            upgrades_kept=upgrades_kept)
 
     def _waiter_names(self, candidates: Sequence[Candidate],
                       waiter_id: str) -> tuple[str, ...]:
@@ -1392,16 +1394,17 @@ class RedisBackend:
 
     async def _give_back(self, entry: _GiveBack) -> Handoff:
         """Undo what the acquire ``entry`` granted, if it ran and nothing later relied on it
-        (``lua/give_back.lua``); if it has not run yet, it will write nothing when it does."""
+        (``lua/give_back.lua``); if it has not run yet, it will write nothing when it does.
+        An upgrade it made of its pull's shared hold stays, answered in ``upgrades_kept``
+        while it is still held (nobody heard of it: the locker announces it)."""
         keys = self.keys
         op = keys.op(entry.call_id)
-        answer = redis_replies.release(await self._run(
+        answer = redis_replies.give_back(await self._run(
             "GIVE_BACK", entry.repo, entry.pull, *entry.keys,
             keys=[op, *(name for k in entry.keys for name in keys.of_key(k)),
                   keys.pull(entry.repo, entry.pull)],
             key=entry.keys[0]))
-        assert isinstance(answer, redis_replies.Release)
-        served = answer.served
+        served = answer.release.served
         gone = [row for row in (served.released, *served.others) if row is not None]
         for row in gone:
             self._known.pop(row.key, None)
@@ -1409,7 +1412,7 @@ class RedisBackend:
                         "never had its answer (told Redis did not answer, or gone as the call "
                         "was on its way)", self.connection.where, row.key, entry.repo,
                         entry.pull)
-        return self._handoff(served)
+        return self._handoff(served, upgrades_kept=tuple(self._readable(answer.upgrades_kept)))
 
     # --- notifications ---------------------------------------------------------------------
     async def _notified(self, kind: str, waiter_id: str) -> None:

@@ -374,6 +374,11 @@ class Handoff:
     expired: tuple[Lock, ...] = ()
     """Holders of the key whose lease had run out, freed by this release before it released
     (no lease timer got there first): each is told as expired, not as released."""
+    upgrades_kept: tuple[Lock, ...] = ()
+    """A store's own give-back of an acquire whose caller never had its answer
+    (:class:`~enhanced_locking.backends.base.GivesBack`): the upgrades that acquire made of its
+    pull's shared holds (a new token each), still held and kept (never given back); nobody
+    heard of them, so the locker announces them."""
 
     @staticmethod
     def of_release(released: Lock | None) -> Handoff:
@@ -385,6 +390,7 @@ class Handoff:
         handoff.timed_out = ()
         handoff.also_released = ()
         handoff.expired = ()
+        handoff.upgrades_kept = ()
         return handoff
 
 

@@ -148,6 +148,41 @@ def _given_back(fresh: bool, kept: frozenset[str] | None, key: str) -> bool:
     return fresh and not (kept and key in kept)
 
 
+def _upgrades(locks: tuple[Lock, ...], upgraded: frozenset[str]) -> tuple[Lock, ...]:
+    """The locks of ``locks`` whose key is one of ``upgraded``: a pull's shared hold
+    upgraded to exclusive in place (a new token)."""
+    return tuple(lock for lock in locks if lock.key in upgraded)
+
+
+class _GiveBackUnheard:
+    """The give-back of a waiter's grant whose caller went away before it heard of it (the
+    ``give_back`` :mod:`.queueing` is given for that waiter): an upgrade of its pull's shared
+    hold it holds is kept (never given back: :func:`_given_back`) and announced
+    ``granted-from-queue``, with the waiter's ids, as when its caller hears it; the rest is
+    given back (:meth:`EnhancedLocker._give_back`). A give-back tried again while the store
+    does not answer announces nothing twice."""
+
+    __slots__ = ("_locker", "_request_id", "_started", "_told", "_waiter_id")
+
+    def __init__(self, locker: EnhancedLocker, waiter_id: str, request_id: str | None) -> None:
+        self._locker = locker
+        self._waiter_id = waiter_id
+        self._request_id = request_id
+        self._started = time.perf_counter()
+        self._told: set[tuple[str, int]] = set()
+        """The upgrades announced (key, fencing token)."""
+
+    async def __call__(self, notice: Notice) -> None:
+        if notice.upgraded:
+            upgrades = [lock for lock in _upgrades(notice.locks, notice.upgraded)
+                        if (lock.key, lock.fencing_token) not in self._told]
+            self._told.update((lock.key, lock.fencing_token) for lock in upgrades)
+            self._locker._told_upgrades_kept(upgrades, served={
+                "waiterId": self._waiter_id, "requestId": self._request_id,
+                "waitedMs": round((time.perf_counter() - self._started) * 1000, 3)})
+        await self._locker._give_back(notice)
+
+
 class _OneKey:
     """One key's answer (:class:`AcquireResult`)."""
 
@@ -423,8 +458,8 @@ class EnhancedLocker(AtlantisCalls):
                     left = _abandoned_for(error)
                     if left is not None:  # the waiter, if any, is withdrawn, a grant given back
                         queueing.abandon(backend, tuple(c.key for c in candidates), offer,
-                                         self._give_back, self._handed_on, reason=left,
-                                         policy=self.policy)
+                                         _GiveBackUnheard(self, offer.id, offer.request_id),
+                                         self._handed_on, reason=left, policy=self.policy)
                 raise
             if outcome.expired:  # leases the step found run out and freed: told first
                 self._told_expired(outcome.expired, outcome.handed)
@@ -480,20 +515,37 @@ class EnhancedLocker(AtlantisCalls):
     def _unheard(self, outcome: Outcome) -> None:
         """A grant whose caller went away while the store's call was on its way (the store
         saw the call through: :class:`GrantedUnheard`): the leases its step found run out and
-        the waiters it served are told as for any acquire, then what it granted is given back
-        by its fencing tokens, as the grant of a waiter whose caller left is (its ``released``
-        event says ``abandoned``; the locks its pull held already stay), tried again while
-        the store does not answer (:func:`.queueing.give_back_unheard`)."""
+        the waiters it served are told as for any acquire, an upgrade of its pull's shared
+        hold is announced as its caller would have heard it (kept: never given back), then
+        what it granted is given back by its fencing tokens, as the grant of a waiter whose
+        caller left is (its ``released`` event says ``abandoned``; the locks its pull held
+        already stay), tried again while the store does not answer
+        (:func:`.queueing.give_back_unheard`)."""
         if outcome.expired:
             self._told_expired(outcome.expired, outcome.handed)
         if outcome.handed:
             self._handed_on(outcome.handed)
         for lock in outcome.locks:  # (looked at when its lease ends, if it is still held)
             self.leases.arm(lock.key, lock.expires_at)
+        if outcome.upgraded:
+            self._told_upgrades_kept(_upgrades(outcome.locks, outcome.upgraded))
         notice = Notice(locks=outcome.locks, fresh=outcome.fresh, kept=outcome.kept)
         task = queueing.give_back_unheard(notice, self._give_back)
         self._giving_back.add(task)
         task.add_done_callback(self._giving_back.discard)
+
+    def _told_upgrades_kept(self, upgrades: Sequence[Lock], *,
+                            served: dict[str, Any] | None = None) -> None:
+        """Upgrades of a pull's shared hold (a new token each) granted to a caller that never
+        heard of them, kept (never given back: :func:`_given_back`): each announced as when
+        its caller hears it, ``acquired`` (``served``: a waiter's, ``granted-from-queue``
+        with those details), and its lease timer set."""
+        for lock in upgrades:
+            if served is None:
+                self.events.publish("acquired", lock=lock, key=lock.key)
+            else:
+                self.events.publish("granted-from-queue", lock=lock, **served)
+            self.leases.arm(lock.key, lock.expires_at)
 
     def _learn_unheard(self, error: GrantUnknown) -> None:
         """An acquire answered ``unavailable`` whose grant the store may have applied (its
@@ -555,6 +607,7 @@ class EnhancedLocker(AtlantisCalls):
         ends = asyncio.get_running_loop().time() + offer.timeout.total_seconds()
         told = False  # the queued event went out: a caller gone from here on is told cancelled
         started = time.perf_counter()
+        give_back = _GiveBackUnheard(self, waiter.id, waiter.request_id)
         try:
             refused = await self._before_waiting(outcome, waiter, future, offer, answers)
             if refused is not None:
@@ -565,11 +618,11 @@ class EnhancedLocker(AtlantisCalls):
         except BaseException as error:  # cancelled (or failed) before waiting: leave the queue
             try:
                 if isinstance(error, asyncio.CancelledError):  # the caller went away
-                    await queueing.leave(self.backend, waiter, future, self._give_back,
+                    await queueing.leave(self.backend, waiter, future, give_back,
                                          self._handed_on, caller=offer.caller, ends=ends,
                                          policy=self.policy)
                 else:
-                    await queueing.withdraw(self.backend, waiter, future, self._give_back,
+                    await queueing.withdraw(self.backend, waiter, future, give_back,
                                             self._handed_on, caller=offer.caller,
                                             policy=self.policy)
             finally:
@@ -581,7 +634,7 @@ class EnhancedLocker(AtlantisCalls):
         try:
             notice = await queueing.await_turn(
                 self.backend, waiter, future, seconds=seconds,
-                give_back=self._give_back, handed=self._handed_on, caller=offer.caller,
+                give_back=give_back, handed=self._handed_on, caller=offer.caller,
                 policy=self.policy,
             )
         except asyncio.CancelledError:  # the caller went away; await_turn withdrew the waiter
@@ -850,7 +903,10 @@ class EnhancedLocker(AtlantisCalls):
     def _gave_back(self, handoff: Handoff) -> None:
         """A give-back the store made on its own of an acquire whose caller never had its
         answer (:class:`GivesBack`): told and counted as the grant of a waiter whose caller
-        left is when it is given back."""
+        left is when it is given back, and the upgrades of its pull's shared holds it kept
+        announced (:meth:`_told_upgrades_kept`)."""
+        if handoff.upgrades_kept:
+            self._told_upgrades_kept(handoff.upgrades_kept)
         self._handed(handoff, how="abandoned")
 
     def _served_unasked(self, handoff: Handoff) -> None:

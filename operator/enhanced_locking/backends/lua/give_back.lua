@@ -7,7 +7,9 @@
 -- still that grant (same owner, same token, live) and that no later call was answered with
 -- (`take` and REFRESH mark it `told`): a later request of the same pull that was told it holds
 -- the lock keeps it. An upgrade C made of its pull's shared hold stays (the pull held the key
--- before C; giving the upgrade back would free that hold with it).
+-- before C; giving the upgrade back would free that hold with it), and is answered while it
+-- is still that upgrade (same owner, same token, live): nobody heard of it, and the locker
+-- announces it.
 -- Nothing is kept under op:<C> when C has not run yet (still on its way, or in a frozen
 -- Redis's input): a mark is kept there instead, which C answers as its kept answer when it
 -- runs, writing nothing. (After OP_MS the answer C kept is gone too: what C granted then
@@ -16,15 +18,17 @@
 --   key's keys (RedisKeys.of_key), the owner's pull index; the names serving the queues
 --   touches it asks for
 -- ARGV[11] owner repo  ARGV[12] owner pull  ARGV[13..] the lock keys C asked for
--- returns {'released', lock or {}, granted, dropped, other locks released, {}, expired} as
---         RELEASE (the locks given back: the first, then the rest)
--- decoded by redis_replies.release
+-- returns {'released', lock or {}, granted, dropped, other locks released, {}, expired,
+--         upgrades kept} as RELEASE (the locks given back: the first, then the rest), and the
+--         upgrades C made that it leaves held
+-- decoded by redis_replies.give_back
 local refused = guard()
 if refused then return refused end
 local function main()
   local op, repo, pull = KEYS[8], ARGV[11], ARGV[12]
   local granted = {}  -- by lock key: the token C granted it with
   local shared = {}  -- the same, of the shared holds C answered
+  local upgrades = {}  -- the same, of its pull's shared holds C upgraded (kept)
   local kept = PCALL('GET', op)
   if type(kept) == 'string' then
     local ok, answer = pcall(cjson.decode, kept)
@@ -37,8 +41,12 @@ local function main()
           for _, k in ipairs(answer[5]) do upgraded[k] = true end
         end
         for _, row in ipairs(answer[2]) do
-          if type(row) == 'table' and row[10] == 'exclusive' and not upgraded[row[1]] then
-            granted[row[1]] = row[3]
+          if type(row) == 'table' and row[10] == 'exclusive' then
+            if upgraded[row[1]] then
+              upgrades[row[1]] = row[3]
+            else
+              granted[row[1]] = row[3]
+            end
           end
           if type(row) == 'table' and row[10] == 'shared' then shared[row[1]] = row[3] end
         end
@@ -49,7 +57,7 @@ local function main()
   -- back from `told`; C's own grant (no such mark) left for a later answer is marked
   -- `unheard`. Either goes once no answer that may have been heard is left (`told` 0) and
   -- its grant was unheard too (C granted it, or `unheard`).
-  local going, keys, untold, unheard = {}, {}, {}, {}
+  local going, keys, untold, unheard, kept_up = {}, {}, {}, {}, {}
   local left = {}  -- by lock name in `untold`: its `told` less this answer
   local mine = 'told:' .. op
   for i = 13, #ARGV do
@@ -76,6 +84,13 @@ local function main()
         elseif not teller then
           table.insert(unheard, name)
         end
+      end
+    elseif upgrades[k] then
+      expect(key_names, k)
+      local h = read_lock(k)
+      if h and not h.bad and not lapsed(h) and same_owner(h, repo, pull)
+          and h[3] == upgrades[k] then
+        table.insert(kept_up, h)
       end
     elseif shared[k] then
       -- C's shared hold of k goes if it is still C's (live, same token) and no answer told
@@ -115,6 +130,6 @@ local function main()
   w('SET', op, '["given_back"]', 'PX', OP_PX)
   local others = {}
   for i = 2, #going do table.insert(others, going[i]) end
-  return {'released', going[1] or {}, fx.granted, fx.dropped, others, {}, expired}
+  return {'released', going[1] or {}, fx.granted, fx.dropped, others, {}, expired, kept_up}
 end
 return run(main, true)
