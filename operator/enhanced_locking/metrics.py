@@ -36,8 +36,9 @@ __all__ = ["Count", "FallbackAction", "Metrics", "ShadowKind", "ShadowResult", "
            "Timing"]
 
 FallbackAction = Literal["legacy", "refused", "unchecked"]
-"""What a fallback did: served by legacy, refused (``fail-closed``), or granted by legacy with
-the enhanced side's check not made."""
+"""What a fallback did: served by legacy in the enhanced side's place, refused
+(``fail-closed``), or, for a key legacy decides (routed there), granted by legacy with the
+enhanced side's check not made."""
 
 ShadowKind = Literal["acquire-outcome", "acquire-holder", "release-outcome", "release-holder",
                      "release-by-pull"]
@@ -228,7 +229,9 @@ class Metrics:
         )
         self.fallbacks = Counter(
             "enhanced_locking_fallbacks",
-            "Requests sent to legacy (or refused) because the enhanced backend was unreachable.",
+            "Requests served by legacy alone (or refused) because the enhanced backend was "
+            "unreachable, by action: legacy (sent there in enhanced's place), refused, or "
+            "unchecked (a key legacy decides, granted there without its look at enhanced).",
             ["action"], registry=r,
         )
         self.shadow_discrepancies = Counter(

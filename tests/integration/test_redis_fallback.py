@@ -11,13 +11,20 @@ import asyncio
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import get_args
 
 import httpx
 import pytest
-from tests.support.locks import lock_body
+from tests.conftest import ServiceMaker
+from tests.support.leases import until
+from tests.support.locks import lock_body, request_for
 from tests.support.redis_fixtures import ServerMaker
 from tests.support.redis_server import RedisServer
 from tests.support.service import ServiceProcess, services
+
+from enhanced_locking.factory import LockService
+from enhanced_locking.metrics import FallbackAction
+from enhanced_locking.types import Event
 
 pytestmark = pytest.mark.redis
 
@@ -119,3 +126,36 @@ async def _first_data(stream: httpx.Response) -> str:
         if line.startswith("data:"):
             return line
     raise AssertionError("the event stream ended")
+
+
+def _fallbacks(service: LockService) -> dict[str, float]:
+    return {action: service.metrics.fallbacks.labels(action)._value.get()
+            for action in get_args(FallbackAction)}
+
+
+@pytest.mark.parametrize(("mode", "weight", "counted"), [
+    ("shadow", 50, "unchecked"), ("route", 0, "unchecked"), ("route", 100, "legacy")])
+async def test_a_fallback_is_counted_by_what_the_request_was_routed_to(
+    make_service: ServiceMaker, redis_server: RedisServer, mode: str, weight: float,
+    counted: str,
+) -> None:
+    """``enhanced_locking_fallbacks_total{action="legacy"}`` counts requests sent to legacy
+    because the enhanced store did not answer; ``unchecked`` a grant of a key that legacy
+    decides, made without its look at the enhanced side. A replica that cannot reach the
+    registry (on the same Redis) takes every key on both sides; a key that legacy decides
+    (every key in shadow mode, or at weight 0) is then served by legacy, as it would be
+    anyway, with only the enhanced half missing. Before, that was counted (and announced) as
+    ``legacy``, a request sent to legacy for want of enhanced; it is ``unchecked`` now, and
+    journaled as before. A key routed to enhanced is still a ``legacy`` fallback."""
+    service = await make_service(enabled=True, backend="redis", redis_addr=redis_server.addr,
+                                 migration_mode=mode, migration_weight=weight,
+                                 replica_heartbeat="100ms", replica_timeout="400ms")
+    seen: list[Event] = []
+    service.events.subscribe(seen.append)
+    redis_server.stop()
+    assert await until(lambda: service.migration.transitions.isolated, within=30)
+    result = await service.router.acquire(request_for(pull=3, path="isolated"))
+    assert result.acquired and result.lock is not None and result.lock.backend == "legacy"
+    assert _fallbacks(service) == dict.fromkeys(get_args(FallbackAction), 0) | {counted: 1}
+    assert [e.details["action"] for e in seen if e.type == "fallback"] == [counted]
+    assert service.migration.fallback.pending == 1  # journaled, reconciled once Redis answers

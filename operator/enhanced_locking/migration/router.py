@@ -470,7 +470,7 @@ class Router(AtlantisCalls):
         except BackendUnavailable as error:
             if not await _unreachable(enhanced):
                 raise  # legacy itself failed: there is nothing to fall back to
-            return await self._fall_back(request, error)
+            return await self._fall_back(request, error, plan.side)
         if self.migration is not None:
             self.migration.enhanced_answered()
         return result
@@ -609,14 +609,19 @@ class Router(AtlantisCalls):
         if self.migration is not None:
             await self.migration.record_fallback_grant(lock)
 
-    async def _fallback_action(self, key: str, repo: str,
-                               error: BackendUnavailable) -> FallbackAction:
+    async def _fallback_action(self, key: str, repo: str, error: BackendUnavailable,
+                               routed: Side = "enhanced") -> FallbackAction:
         """The enhanced side did not answer: count and announce what the fallback setting does
         (``legacy`` serves the request there, ``refused`` answers ``unavailable``).
 
         ``legacy`` refuses too while another replica reaches the enhanced store: that replica
         grants the key there, and a grant on legacy here would split it across the sides (the
-        outage is this replica's alone; the readiness probe takes it out of its Service)."""
+        outage is this replica's alone; the readiness probe takes it out of its Service).
+
+        A key ``routed`` to legacy (taken on both sides: moving, or this replica isolated)
+        served there is no request sent to legacy for want of enhanced: legacy decides it
+        anyway, and only its look at the enhanced side is missing: ``unchecked``, as for a
+        legacy key whose look alone failed."""
         action: FallbackAction = ("legacy" if self._snapshot().config.fallback == "legacy"
                                   else "refused")
         peer = None
@@ -624,15 +629,18 @@ class Router(AtlantisCalls):
             peer = await self._peer_on_enhanced()
             if peer is not None:
                 action = "refused"
+        if action == "legacy" and routed == "legacy":
+            action = "unchecked"
         self.metrics.fallback(action)
         seen: dict[str, Any] = {} if peer is None else {"peer": peer}  # whom the store answers
         self.events.publish("fallback", key=key, action=action, error=str(error), repo=repo,
                             **seen)
         return action
 
-    async def _fall_back(self, request: LockRequest, error: BackendUnavailable) -> AcquireResult:
+    async def _fall_back(self, request: LockRequest, error: BackendUnavailable,
+                         routed: Side) -> AcquireResult:
         if await self._fallback_action(request.key, request.project.repo_full_name,
-                                       error) == "legacy":
+                                       error, routed) != "refused":
             result = await self._acquire_on(self.legacy, None, request)
             if result.acquired and result.lock is not None:
                 await self._journal_grant(result.lock)
