@@ -515,3 +515,28 @@ async def test_keys_routed_to_legacy_keep_working_while_enhanced_is_down(
         assert result.acquired, result
     ready = await service.ready()
     assert ready["legacy"] == "ok" and ready["enhanced"] != "ok"
+
+
+async def test_a_pull_s_hold_gone_between_the_look_and_the_ask_is_granted_anew_and_given_back(
+) -> None:
+    """The window docs/02-migration.md leaves open (a pull's own hold found on the enhanced
+    side by a look is asked for there, fail fast, to be answered with it): the hold went
+    between the look and the ask, so the store grants the key anew; that grant is given
+    straight back (an ``acquired`` then a ``released`` event) and the router is told to ask
+    as for a key the pull does not hold. Nothing stays held on the enhanced side."""
+    from tests.support.queues import rig_for
+
+    from enhanced_locking.migration.handover import answer_held
+
+    rig = rig_for(MemoryBackend())
+    try:
+        request = request_for(pull=4, path="window")
+        held = (await rig.locker.acquire(request)).lock
+        assert held is not None
+        await rig.locker.release(request.key, owner=(held.project.repo_full_name, 4))
+        before = len(rig.types())
+        assert await answer_held(rig.locker, request, held) is None  # ask again: not held
+        assert rig.types()[before:] == ["acquired", "released"]
+        assert await rig.locker.get(request.key) is None
+    finally:
+        await rig.close()
