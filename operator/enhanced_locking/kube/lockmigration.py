@@ -293,7 +293,7 @@ class LockMigrationStatus(StatusModel):
     )
     step_started_at: _Time | None = Field(
         None, description="When the step in force began (a pause: once the weight before it "
-        "settled; none while its keys are moving).")
+        "settled, moved later by the time its keys spent moving again).")
     promoted: _Token | None = Field(
         None, description="The last value of the promote annotation that was handled."
     )

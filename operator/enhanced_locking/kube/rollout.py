@@ -12,14 +12,14 @@ The rules:
 * ``setWeight`` is in force as soon as its step is; the step is done when that weight is the
   only authority on every live replica (the two-phase move has settled), and the next step
   starts then. A rollout never moves on while keys are still moving.
-* ``pause: {duration}`` ends when ``duration`` has passed since the pause began: once the
-  weight in force before it has settled (the step before it done); ``pause: {}`` waits for a
-  promote. A promote (a new value of the promote annotation) ends the pause in progress; one
-  that arrives when no pause is in progress is recorded and ignored. When the weight before a
-  pause is moving again (keys moving after a restart, or for a replica that joined with an
-  older weight) the pause is not in progress: the rollout is ``Progressing``, the pause has no
-  start (``stepStartedAt``), and it begins again, its whole duration, once the weight has
-  settled.
+* ``pause: {duration}`` ends when its weight has been settled for ``duration``: it begins
+  once the weight in force before it has settled (the step before it done), and time its keys
+  spend moving again (after a restart, or for a replica that joined with an older weight) is
+  not pause time: the pause's start (``stepStartedAt``) moves later by it once they have
+  settled. ``pause: {}`` waits for a promote. A promote (a new value of the promote annotation)
+  ends the pause in progress; one that arrives when no pause is in progress is recorded and
+  ignored. Neither ends a pause while its weight is moving: the rollout is ``Progressing``
+  then.
 * ``spec.paused: true`` holds the rollout at its step (the weight in force stays); a promote
   waits until it is cleared (the annotation never edits the spec: ``kubectl locking rollout
   promote`` clears it in the same edit, as ``kubectl argo rollouts promote`` does).
@@ -36,7 +36,7 @@ The rules:
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from enhanced_locking.durations import format_duration
@@ -90,6 +90,10 @@ class RolloutState:
     retried: str | None = None
     abort_reason: str | None = None
     abort_message: str | None = None
+    moving_since: datetime | None = None
+    """Since when the weight of the pause in progress has been seen moving again (the writer's
+    own memory, not kept in the status: time the writer did not see, a restart's, counts as
+    pause time, as the pause's start is kept over a restart)."""
 
     @property
     def aborted(self) -> bool:
@@ -176,7 +180,7 @@ def advance(
         # A fixed weight in the steps' place ends their rollout: the status shows no step
         # then, and steps given again start from their first one, as a restarted operator
         # (or another status writer) reading that status would start them.
-        state = replace(state, step_index=0, step_started_at=None)
+        state = replace(state, step_index=0, step_started_at=None, moving_since=None)
 
     # --- aborting and lifting an abort ---------------------------------------------------
     if spec.abort:
@@ -211,7 +215,7 @@ def advance(
     if spec.promote:
         last = len(spec.steps) if spec.steps is not None else 0
         if spec.steps is not None and state.step_index != last:
-            state = replace(state, step_index=last, step_started_at=now)
+            state = replace(state, step_index=last, step_started_at=now, moving_since=None)
             notes.append(Note("Normal", "RolloutPromoted",
                               "spec.promote is true: every lock key goes to enhanced"))
         state = _consume_promote(state, promote, notes, "spec.promote is true already")
@@ -241,12 +245,16 @@ def advance(
         step = steps[index]
         where = f"step {index + 1}/{total} ({_describe(step)})"
         if step.pause is not None and settled_weight != applied:
-            # A pause begins once the weight before it has settled, and begins again when
-            # its keys move again (a restarted operator's service starts from its own
-            # settings; a replica joined with an older weight): its duration is time at that
-            # weight, everywhere, as an Argo Rollouts pause follows a step that is complete.
-            state = replace(state, step_started_at=None)
-        elif state.step_started_at is None:
+            # The pause's keys are moving again (a restarted operator's service starts from its
+            # own settings; a replica joined with an older weight): its duration is time at its
+            # weight, everywhere, so the time they spend moving is added to it once settled.
+            if state.moving_since is None:
+                state = replace(state, moving_since=now)
+        elif state.moving_since is not None:
+            started = state.step_started_at
+            state = replace(state, moving_since=None, step_started_at=None if started is None
+                            else started + max(now - state.moving_since, timedelta(0)))
+        if state.step_started_at is None:
             state = replace(state, step_started_at=now)
         if spec.paused:
             new = promote if promote is not None and promote != state.promoted else None
@@ -282,14 +290,14 @@ def advance(
                 return Progress(state, "Paused", "WaitingForPromote",
                                 f"{where}: annotate to promote", notes)
             else:
-                assert state.step_started_at is not None  # set above, the weight settled
-                ends = state.step_started_at + pause.duration
+                started = state.step_started_at or now
+                ends = started + pause.duration
                 if now < ends:
                     return Progress(state, "Paused", "PauseStep",
                                     f"{where} until {ends.strftime('%Y-%m-%dT%H:%M:%SZ')}", notes)
         # This step is done: the next one starts now.
         following = index + 1
-        state = replace(state, step_index=following, step_started_at=now)
+        state = replace(state, step_index=following, step_started_at=now, moving_since=None)
         if following < total:
             notes.append(Note("Normal", "StepStarted", _started(steps, following)))
         next_weight = round(step_weight(steps, following), 2)
@@ -302,8 +310,8 @@ def _started(steps: list[Step], index: int) -> str:
 
 
 def _restart(state: RolloutState, now: datetime) -> RolloutState:
-    return replace(state, step_index=0, step_started_at=now, abort_reason=None,
-                   abort_message=None)
+    return replace(state, step_index=0, step_started_at=now, moving_since=None,
+                   abort_reason=None, abort_message=None)
 
 
 def _consume_promote(
