@@ -741,6 +741,67 @@ async def test_a_batch_of_any_size_reaches_the_file_whole_in_order_each_row_its_
         await store.close()
 
 
+_A_ROW = ("INSERT INTO audit (id, time, identity, verb, action, key, repo, pull, outcome, data) "
+          "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+
+
+def _indexes(path: Path) -> dict[str, str]:
+    """The audit table's indexes in the file, by name: their SQL."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return dict(db.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index' "
+                               "AND tbl_name = 'audit' AND sql IS NOT NULL"))
+
+
+def _fills_a_temporary_table(path: Path) -> bool:
+    """Whether SQLite's program for writing one row to the audit table opens a temporary
+    table (``OpenEphemeral``): what an index's ``outcome IN (...)`` condition of more than two
+    values costs, filled again for each row written."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        program = db.execute(f"EXPLAIN {_A_ROW}", (None,) * 10).fetchall()
+    return any(step[1] == "OpenEphemeral" for step in program)
+
+
+async def test_a_row_enters_its_kinds_index_without_a_temporary_table(tmp_path: Path) -> None:
+    """Each row is written to the partial index of its kind (the refusals' or the others'),
+    whose condition SQLite evaluates as the row is written: by comparisons, not by a temporary
+    table of the refusals' outcomes filled for each row and each index."""
+    path = tmp_path / "trail.db"
+    store = SqliteAuditStore(path, Retention(timedelta(days=1), 1000))
+    await store.close()
+    assert not _fills_a_temporary_table(path)
+    assert sorted(_indexes(path)) == ["audit_by_time", "audit_other_ids", "audit_refusal_ids"]
+
+
+async def test_a_file_with_the_indexes_by_kind_of_before_gets_todays_and_keeps_its_rows(
+    tmp_path: Path,
+) -> None:
+    """A trail written before has its indexes by kind with an ``outcome IN (...)`` condition
+    (``audit_refusals``, ``audit_others``): a store opening the file puts today's in their
+    place, the rows stay, and each kind is still bounded by its own count."""
+    path = tmp_path / "trail.db"
+    store = SqliteAuditStore(path, Retention(timedelta(days=1), 1000))
+    written = [await store.append(entry(n, outcome="denied", status=403) if n % 2
+                                  else entry(n)) for n in range(1, 7)]
+    await store.close()
+    refusal = "outcome IN ('cross-site', 'denied', 'foreign-host', 'unauthenticated')"
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.executescript(f"""
+            DROP INDEX audit_refusal_ids; DROP INDEX audit_other_ids;
+            CREATE INDEX audit_refusals ON audit (id) WHERE {refusal};
+            CREATE INDEX audit_others ON audit (id) WHERE NOT {refusal};
+        """)
+    assert _fills_a_temporary_table(path)  # the form of before, as a file of before has it
+    store = SqliteAuditStore(path, Retention(timedelta(days=1), 2))
+    try:
+        assert sorted(_indexes(path)) == ["audit_by_time", "audit_other_ids",
+                                          "audit_refusal_ids"]
+        assert not _fills_a_temporary_table(path)
+        assert await store.read(AuditQuery(limit=100)) == [
+            e for e in written[::-1] if e.pull in (6, 5, 4, 3)]
+    finally:
+        await store.close()
+
+
 async def test_stores_sharing_one_file_never_give_an_id_twice_and_closing_leaves_no_gap(
     tmp_path: Path,
 ) -> None:

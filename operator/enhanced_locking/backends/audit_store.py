@@ -149,8 +149,11 @@ _ETCD_ID = re.compile(r"[0-9]{16}-[0-9a-f]{1,18}")
 """An etcd entry's id: its time in µs (16 digits) and a random part in hex."""
 _ETCD_LAST_MICROS = 10**16 - 1
 
-_REFUSAL = f"outcome IN ({', '.join(repr(outcome) for outcome in sorted(REFUSALS))})"
-"""The rows of refusals (:data:`~enhanced_locking.types.REFUSALS`), as SQL."""
+_REFUSAL = "(" + " OR ".join(f"outcome = {outcome!r}" for outcome in sorted(REFUSALS)) + ")"
+"""The rows of refusals (:data:`~enhanced_locking.types.REFUSALS`), as SQL: the condition of
+the two partial indexes each row is written to, so a comparison per outcome. (SQLite evaluates
+``outcome IN (...)`` of more than two values through a temporary table it fills for each row
+and each index: about 23k instructions a row, half of what writing the row cost.)"""
 
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS audit (
@@ -159,9 +162,14 @@ CREATE TABLE IF NOT EXISTS audit (
     outcome TEXT NOT NULL, data TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS audit_by_time ON audit (time);
-CREATE INDEX IF NOT EXISTS audit_refusals ON audit (id) WHERE {_REFUSAL};
-CREATE INDEX IF NOT EXISTS audit_others ON audit (id) WHERE NOT {_REFUSAL};
+DROP INDEX IF EXISTS audit_refusals;
+DROP INDEX IF EXISTS audit_others;
+CREATE INDEX IF NOT EXISTS audit_refusal_ids ON audit (id) WHERE {_REFUSAL};
+CREATE INDEX IF NOT EXISTS audit_other_ids ON audit (id) WHERE NOT {_REFUSAL};
 """
+"""The audit table and its indexes. ``audit_refusals`` and ``audit_others`` were the two
+partial indexes by kind with ``outcome IN (...)`` as their condition: a file that has them
+gets the two of today in their place when a store opens it."""
 
 _INSERT = ("INSERT INTO audit (id, time, identity, verb, action, key, repo, pull, outcome, "
            "data) VALUES ")
@@ -326,8 +334,9 @@ class SqliteAuditStore:
     def _prune(self) -> None:
         cutoff = (utcnow() - self._retention.max_age).isoformat()
         self._db.execute("DELETE FROM audit WHERE time < ?", (cutoff,))
-        # Each kind within its own bound, found in its own index (audit_refusals, audit_others:
-        # a kind's rows are not read). With 100,000 of each, about 25 ms every 500 entries.
+        # Each kind within its own bound, found in its own index (audit_refusal_ids,
+        # audit_other_ids: a kind's rows are not read). With 100,000 of each, about 25 ms
+        # every 500 entries.
         for rows in (_REFUSAL, f"NOT {_REFUSAL}"):
             # Ids are distinct whole numbers, so a kind whose oldest and newest ids are less
             # than the bound apart holds no more rows than it: nothing to delete, seen at its
