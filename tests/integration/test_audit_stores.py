@@ -27,6 +27,7 @@ from tests.support.etcd_fixtures import etcd_config, started
 from tests.support.etcd_server import EtcdCluster
 from tests.support.locks import lock_body
 from tests.support.redis_fixtures import redis_cluster_config, redis_config
+from tests.support.served import in_process
 from tests.support.service import ServiceProcess, ServiceStartError
 from tests.support.unreadable import SECRET
 
@@ -688,6 +689,30 @@ async def test_the_embedded_trail_is_written_behind_and_a_read_sees_every_entry_
         assert _pulls_in_file(path) == [1, 2, 3, 4]
     finally:
         await store.close()
+
+
+async def test_a_service_stopped_cleanly_writes_every_entry_still_waiting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The embedded trail writes behind; when the service stops (its app's lifespan ends), the
+    entries still waiting are written: none is lost, each in the order of its call. (The
+    store's window made longer than the test, so that no timer writes them first.)"""
+    monkeypatch.setattr(SqliteAuditStore, "coalesce", 3600.0)
+    config = EnhancedLockingConfig(enabled=True, legacy_backend="boltdb",
+                                   data_dir=str(tmp_path / "data"), audit_stdout=False)
+    app = create_app(LockService(ConfigProvider(config)))
+    async with in_process(app) as http:
+        for pull in (1, 2, 3):
+            taken = await http.post("/v1/locks", json=lock_body(REPO, f"p{pull}", pull))
+            assert taken.status_code == 200, taken.text
+            given = await http.delete("/v1/locks/by-key", params={
+                "key": taken.json()["lockKey"], "pull": pull})
+            assert given.status_code == 200, given.text
+        assert _pulls_in_file(config.data_path) == []  # every entry still waits
+    assert _pulls_in_file(config.data_path) == [1, 1, 2, 2, 3, 3]
+    with contextlib.closing(sqlite3.connect(config.data_path)) as db:
+        assert [row[0] for row in db.execute("SELECT action FROM audit ORDER BY id")] == [
+            "acquire", "release"] * 3
 
 
 def test_a_timer_left_on_a_closed_loop_holds_back_no_entry_of_the_next_loop(
