@@ -479,7 +479,8 @@ async def test_a_wait_granted_before_its_deadlock_refusal_could_withdraw_it_is_t
     """Pull 2 closes a cycle, but pull 1 lets go of the key pull 2 waits for between the check
     and the withdrawal: pull 2 is answered with the grant, as the store made it. That grant
     was a state change nobody was told of (no ``granted-from-queue`` event, where every other
-    grant from the queue has one) and its lease had no timer of this locker."""
+    grant from the queue has one) and its lease had no timer of this locker. Its wait is told
+    ``queued`` before that grant, as every waiter's (it was told no ``queued`` at all)."""
     rig = make()
     await holds(rig, 1, "a")
     await holds(rig, 2, "b")
@@ -503,6 +504,9 @@ async def test_a_wait_granted_before_its_deadlock_refusal_could_withdraw_it_is_t
         (asked.key, 2)], rig.types()
     released = next(e for e in rig.events if e.type == "released")
     assert list(released.details["handedTo"]) == [granted[0].details["waiterId"]]
+    told = [e.type for e in rig.events if e.details.get("waiterId") == released.details[
+        "handedTo"][0]]
+    assert told == ["queued", "granted-from-queue"], told
     assert asked.key in rig.locker.leases.armed()
     assert rig.types().count("deadlock") == 0
     await rig.locker.release(ask(2, "b").key)

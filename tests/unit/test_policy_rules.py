@@ -33,6 +33,7 @@ from enhanced_locking.types import (
     BackendUnavailable,
     BatchItem,
     BatchLockRequest,
+    BatchResult,
     LockNotOwned,
     LockRequest,
     Priority,
@@ -630,6 +631,67 @@ async def test_a_limited_cancel_leaves_a_grant_that_came_first_to_its_caller(
     assert answer.acquired, answer
     held = {lock.key: lock.fencing_token for lock in await rig.locker.list()}
     assert held == {lock.key: lock.fencing_token for lock in answer.locks}
+
+
+def _limit(value: int) -> PolicyRules:
+    return PolicyRules(concurrency=[ConcurrencyLimit(
+        name="g", match=KeyPattern(path_prefix="g"), limit=value)])
+
+
+async def _batch_queued_as_rules_change(
+        rig: LockerRig, meanwhile: Callable[[], Any]) -> tuple[BatchResult, list[str]]:
+    """Pull 9 holds ``g/0``; pull 1's batch of ``g/0..2`` (limit 3, which it read) is queued
+    by the store, and ``meanwhile()`` runs as the store's answer goes back to the locker
+    (before the locker reads the rules again): the batch's answer, and the event types."""
+    requests = [ask(1, path=f"g/{i}") for i in range(3)]
+    assert (await rig.locker.acquire(ask(9, path="g/0"))).acquired
+    backend = rig.locker.backend
+    queue_batch = backend.acquire_batch
+
+    async def answered_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        outcome = await queue_batch(*args, **kwargs)
+        await meanwhile()
+        return outcome
+
+    backend.acquire_batch = answered_meanwhile  # type: ignore[method-assign]
+    answer = await asyncio.wait_for(rig.locker.acquire_batch(BatchLockRequest(
+        locks=[BatchItem(project=r.project) for r in requests], pull=requests[0].pull,
+        wait=WAIT)), 10)
+    return answer, rig.types()
+
+
+async def test_a_batch_refused_limited_just_after_it_queued_is_announced_queued_first(
+        rigs: Callable[..., LockerRig]) -> None:
+    """The limit is lowered to 2 as the store's answer that queued the batch goes back: the
+    locker, reading the rules again, answers it ``limited`` and takes it out of its queues.
+    It was queued (for a moment, in the store): its ``queued`` event goes out before its
+    refusal, as for any request that joined a queue. Before, it had none."""
+    rig = rigs(policies=_limit(3))
+
+    async def lowered() -> None:
+        rig.set(policies=_limit(2))
+
+    answer, types = await _batch_queued_as_rules_change(rig, lowered)
+    assert answer.reason is Reason.LIMITED, answer
+    assert types == ["acquired", "queued"], types
+
+
+async def test_a_batch_granted_just_after_it_queued_is_announced_queued_then_granted(
+        rigs: Callable[..., LockerRig]) -> None:
+    """Pull 9 lets ``g/0`` go as the store's answer that queued the batch goes back (the
+    batch granted from the queue), and the limit is then lowered: the locker's check of the
+    rules finds the batch granted (its grant stands). Its ``queued`` event goes out before
+    its grant's (``granted-from-queue``)."""
+    rig = rigs(policies=_limit(3))
+
+    async def granted_then_lowered() -> None:
+        await rig.locker.release(ask(9, path="g/0").key, owner=("acme/infra", 9))
+        rig.set(policies=_limit(2))
+
+    answer, types = await _batch_queued_as_rules_change(rig, granted_then_lowered)
+    assert answer.acquired, answer
+    assert types.index("queued") < types.index("granted-from-queue"), types
+    assert types.count("granted-from-queue") == 3, types
 
 
 async def test_a_glob_question_mark_is_one_character_on_every_store(

@@ -609,10 +609,11 @@ class EnhancedLocker(AtlantisCalls):
         started = time.perf_counter()
         give_back = _GiveBackUnheard(self, waiter.id, waiter.request_id)
         try:
+            await self._told_queued(outcome, waiter)
+            told, started = True, time.perf_counter()
             refused = await self._before_waiting(outcome, waiter, future, offer, answers)
             if refused is not None:
                 return refused
-            told, started = True, time.perf_counter()
             seconds = await self._seconds_left(waiter, ends)
             started = time.perf_counter()  # the wait is timed from here, as before the check
         except BaseException as error:  # cancelled (or failed) before waiting: leave the queue
@@ -677,23 +678,11 @@ class EnhancedLocker(AtlantisCalls):
                             waiterId=waiter.id, requestId=waiter.request_id,
                             waitedMs=round(waited * 1000, 3))
 
-    async def _before_waiting(self, outcome: Outcome, waiter: Waiter,
-                              future: asyncio.Future[Notice], offer: Wait,
-                              answers: Answers[Result]) -> Result | None:
-        """What a queued waiter does before it waits: the deadlock check (a refusal, if it
-        closes a cycle) and the ``queued`` event. The waiter is in its queue already: a
-        caller cancelled here must leave it (:meth:`_queued`)."""
+    async def _told_queued(self, outcome: Outcome, waiter: Waiter) -> None:
+        """The ``queued`` event of a waiter the store queued, the first thing told of it:
+        before the checks that may refuse it (:meth:`_before_waiting`) and before a grant it
+        is served meanwhile is told (a waiter's grant never goes out before its ``queued``)."""
         key = outcome.key or waiter.keys[0]
-        if len(waiter.candidates) > 1:
-            refused = await self._refuse_over_limit_queued(waiter, future, key, answers,
-                                                           caller=offer.caller)
-            if refused is not None:
-                return refused
-        if self.settings().deadlock_detection:
-            refused = await self._refuse_deadlock(waiter, future, key, answers,
-                                                  caller=offer.caller)
-            if refused is not None:
-                return refused
         if outcome.holder is not None:
             # Wake the queue when the holder's lease ends, wherever it was granted.
             self.leases.arm(key, outcome.holder.expires_at)
@@ -715,6 +704,25 @@ class EnhancedLocker(AtlantisCalls):
             waiterId=waiter.id, requestId=waiter.request_id, priority=waiter.priority.value,
             mode=waiter.mode, keys=list(waiter.keys), message=outcome.message, **seen,
         )
+
+    async def _before_waiting(self, outcome: Outcome, waiter: Waiter,
+                              future: asyncio.Future[Notice], offer: Wait,
+                              answers: Answers[Result]) -> Result | None:
+        """What a queued waiter does before it waits, told ``queued`` already: the check of a
+        batch against the rules in force (a refusal, ``limited``) and the deadlock check (a
+        refusal, if it closes a cycle). The waiter is in its queue already: a caller
+        cancelled here must leave it (:meth:`_queued`)."""
+        key = outcome.key or waiter.keys[0]
+        if len(waiter.candidates) > 1:
+            refused = await self._refuse_over_limit_queued(waiter, future, key, answers,
+                                                           caller=offer.caller)
+            if refused is not None:
+                return refused
+        if self.settings().deadlock_detection:
+            refused = await self._refuse_deadlock(waiter, future, key, answers,
+                                                  caller=offer.caller)
+            if refused is not None:
+                return refused
         return None
 
     async def _refuse_over_limit_queued(self, waiter: Waiter, future: asyncio.Future[Notice],
