@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -17,6 +18,7 @@ from typing import Any, cast
 
 import pytest
 from tests.conftest import ServiceMaker, StoreOpener
+from tests.support.leases import until
 from tests.support.locks import lock_for, request_for
 from tests.support.replicas import ReplicaSet
 
@@ -578,3 +580,36 @@ async def test_the_readiness_check_asks_both_stores_at_once(
     finally:
         answer.set()
         await asyncio.gather(checking, return_exceptions=True)
+
+
+async def test_a_reconciliation_that_fails_but_by_an_outage_is_logged_as_an_error(
+    make_service: ServiceMaker, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The reconciliation made every heartbeat swallowed every failure: one that no
+    reconnect mends (here a fallback grant whose stored lock on legacy cannot be read, set
+    aside until a force-unlock) failed every pass, silently, and the journal was never
+    reconciled. An outage is still said quietly (it passes); any other failure is logged as an
+    error naming it, once until a pass succeeds."""
+    from tests.support.unreadable import SPOILED, spoil
+
+    service = await make_service(**ALL_ENHANCED, replica_heartbeat="50ms")
+    await _down(service)
+    result = await service.router.acquire(request_for(pull=1))
+    assert result.acquired and result.lock is not None and result.lock.backend == "legacy"
+    assert service.migration.fallback.pending == 1
+    legacy = service.legacy.backend
+    assert legacy is not None
+    await spoil(legacy, result.lock.key, SPOILED[0][1])
+    _back(service)
+
+    def said() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if "reconcil" in r.getMessage()
+                and r.levelno >= logging.ERROR]
+
+    assert await until(lambda: len(said()) >= 1, within=30), "the failure was never said"
+    for _ in range(3):  # more passes, each failing the same way: said once
+        await service.migration.fallback.reconcile_quietly()
+    assert len(said()) == 1, [r.getMessage() for r in said()]
+    assert "cannot read the stored lock" in said()[0].getMessage()
+    assert SPOILED[0][1] not in caplog.text  # the unreadable value itself is never shown
+    assert service.migration.fallback.pending == 1

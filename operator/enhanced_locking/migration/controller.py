@@ -203,8 +203,7 @@ class MigrationController:
         while True:
             await asyncio.sleep(self.provider.current.config.replica_heartbeat.total_seconds())
             if self.fallback.needed:
-                with contextlib.suppress(Exception):
-                    await self.fallback.reconcile()
+                await self.fallback.reconcile_quietly()
 
     async def close(self) -> None:
         task, self._task = self._task, None

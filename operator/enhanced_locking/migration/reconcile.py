@@ -55,7 +55,13 @@ from enhanced_locking.locking.enhanced import EnhancedLocker
 from enhanced_locking.metrics import Metrics
 from enhanced_locking.migration.conflicts import ConflictBook, is_conflict
 from enhanced_locking.migration.handover import backend_of, raise_counter
-from enhanced_locking.types import Lock, LockNotOwned, utcnow
+from enhanced_locking.types import (
+    BackendUnavailable,
+    Lock,
+    LockingError,
+    LockNotOwned,
+    utcnow,
+)
 
 __all__ = ["FallbackJournal", "FallbackMode", "FallbackReconciler", "FallbackStatus",
            "ReconcileReport", "Reentry"]
@@ -212,6 +218,8 @@ class FallbackReconciler:
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[Any] | None = None
         self._last_run = -float("inf")
+        self._failing: str | None = None
+        """The failure the last background pass logged (said once until a pass succeeds)."""
 
     # --- recording (on the request path, before the answer goes out) ---------------------
     async def record_grant(self, lock: Lock) -> None:
@@ -252,13 +260,27 @@ class FallbackReconciler:
             return
         if time.monotonic() - self._last_run < self._min_interval():
             return
-        self._task = asyncio.get_running_loop().create_task(self._quietly())
+        self._task = asyncio.get_running_loop().create_task(self.reconcile_quietly())
 
-    async def _quietly(self) -> None:
+    async def reconcile_quietly(self) -> None:
+        """:meth:`reconcile` in the background (every heartbeat, and when the enhanced side
+        answered): a store that does not answer postpones it, said quietly (the next pass
+        tries again). Any other failure would fail every pass the same way (a stored lock
+        that cannot be read, a fault of the code): it is logged as an error naming it, once
+        until a pass succeeds; the journal is kept."""
         try:
             await self.reconcile()
-        except Exception as error:
+        except BackendUnavailable as error:
             log.info("fallback reconciliation postponed: %s", error)
+        except Exception as error:
+            said = f"{type(error).__name__}: {error}"
+            if said != self._failing:
+                self._failing = said
+                log.error("fallback reconciliation failed, the journal kept (tried again every "
+                          "heartbeat): %s", said,
+                          exc_info=None if isinstance(error, LockingError) else error)
+        else:
+            self._failing = None
 
     async def reconcile(self) -> ReconcileReport:
         """One pass over the journal and the known conflicts. ``BackendUnavailable`` if the
