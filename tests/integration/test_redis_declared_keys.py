@@ -5,8 +5,9 @@ A real redis-server runs every script while ``redis-cli monitor`` watches
 command the script ran. Two replicas share the store, so hand-offs reach waiters whose keys
 the releasing replica never declared; batches, shared locks, lapsed leases, superseded
 waiters, a force-unlock, a release by pull and a concurrency limit (which serves every queue
-at once) make the scripts find keys while they run. They must ask for those (answer which
-keys they need, having written nothing) and touch nothing undeclared.
+at once, and has the deadlock check read every held key of a group) make the scripts find
+keys while they run. They must ask for those (answer which keys they need, having written
+nothing) and touch nothing undeclared.
 """
 
 from __future__ import annotations
@@ -126,6 +127,9 @@ async def _workload(server: RedisServer) -> None:
         # A concurrency limit: every queue is served at once (WAKE, and each hand-off).
         limited = QueuePolicy(rules=PolicyRules(concurrency=[
             ConcurrencyLimit(name="all", limit=1)]))
+        # The deadlock check under a limit: the whole graph, with every held key of a group.
+        assert any(entry.parts is not None and not entry.waiters
+                   for entry in await b.wait_graph_from(walked[0], policy=limited))
         await a.wake(policy=limited)
         await a.release_by_pull("acme/infra", 9, policy=limited)
         # A fencing counter written over: the key is set aside, a force-unlock repairs it.

@@ -409,7 +409,10 @@ class QueueBackend(Backend, Protocol):
         """What :meth:`wait_graph` answers of the keys a search for a cycle through
         ``waiter``'s pull can reach: at least every key that pull, or a pull holding or
         waiting on a key reached, waits on (more is allowed: the whole graph). A search from
-        that pull finds in it what it finds in the whole graph."""
+        that pull finds in it what it finds in the whole graph. Under concurrency rules
+        (``policy.limits``) also every held key of a concurrency group, with its ``parts``
+        (an entry with no waiters when nobody waits for it): a waiter held back by a full
+        group waits for the group's holders, of every key."""
         ...
 
 
@@ -1307,10 +1310,16 @@ class StoreBackend(abc.ABC):
 
     async def wait_graph_from(self, waiter: Waiter, *,
                               policy: QueuePolicy | None = None) -> KeyWaitsList:
-        return await self.wait_graph(policy=policy)  # (in memory: the whole is cheap enough)
+        # (in memory: the whole is cheap enough)
+        return self._wait_graph(policy or QueuePolicy(), groups=True)
 
     async def wait_graph(self, *, policy: QueuePolicy | None = None) -> KeyWaitsList:
-        policy = policy or QueuePolicy()
+        return self._wait_graph(policy or QueuePolicy(), groups=False)
+
+    def _wait_graph(self, policy: QueuePolicy, *, groups: bool) -> KeyWaitsList:
+        """Every key with waiters; with ``groups`` under concurrency rules, also every held
+        key of a concurrency group (with no waiters when none waits for it), each held key
+        with its ``parts``, read as the grant step counts a group's locks (:meth:`_decide`)."""
         with self._transaction():
             now = self.clock()
             graph = []
@@ -1319,13 +1328,27 @@ class StoreBackend(abc.ABC):
                     held = self._holders(key, now)
                 except LockUnreadable:
                     held = []  # its holder is unknown; nothing is granted on it meanwhile
-                owners = tuple(h.owner for h in held)
-                graph.append(KeyWaits(
-                    key=key, holder=owners[0] if owners else None, holders=owners,
-                    waiters=tuple(service_order(queue, now=now, policy=policy)),
-                    shared=bool(held) and all(h.mode == "shared" for h in held),
-                ))
+                graph.append(_key_waits(key, held, tuple(service_order(
+                    queue, now=now, policy=policy)), policy if groups else None))
+            if groups and policy.limits:
+                by_key: dict[str, list[Lock]] = {}
+                for lock in self._scan(None, None):
+                    if lock.key not in self._queues and not lock.expired(now) and \
+                            policies.groups_of(parts_of(lock), policy.rules):
+                        by_key.setdefault(lock.key, []).append(lock)
+                graph.extend(_key_waits(key, held, (), policy) for key, held in by_key.items())
             return graph
+
+
+def _key_waits(key: str, held: Sequence[Lock], waiters: tuple[Waiter, ...],
+               policy: QueuePolicy | None) -> KeyWaits:
+    """One key of the wait-for graph; with ``policy`` under concurrency rules, its holders'
+    ``parts`` when it is held."""
+    owners = tuple(h.owner for h in held)
+    return KeyWaits(
+        key=key, holder=owners[0] if owners else None, holders=owners, waiters=waiters,
+        shared=bool(held) and all(h.mode == "shared" for h in held),
+        parts=parts_of(held[0]) if held and policy is not None and policy.limits else None)
 
 
 _GRANTS_REMEMBERED = 10_000

@@ -3181,6 +3181,11 @@ class EtcdBackend(StoreBackend):
                                   prefixes=(self.base + b"queue/", self.base + b"lock/",
                                             self.base + b"shared/"))
 
+    async def wait_graph_from(self, waiter: Any, *, policy: Any = None) -> Any:
+        return await self._atomic(
+            lambda: StoreBackend.wait_graph_from(self, waiter, policy=policy),
+            prefixes=(self.base + b"queue/", self.base + b"lock/", self.base + b"shared/"))
+
 
 def _landed(lost: _Txn, reads: _Reads) -> int | None:
     """Whether the run ``lost``, whose commit's answer was lost, was applied, as ``reads`` (on

@@ -27,6 +27,7 @@ __all__ = [
     "Expired",
     "GiveBack",
     "GrantRow",
+    "GroupHeld",
     "LockRow",
     "PullReleased",
     "QueueReply",
@@ -302,12 +303,27 @@ class WaitEntry(NamedTuple):
     """Every holder holds the key shared."""
 
 
+class GroupHeld(NamedTuple):
+    """One held key of a concurrency group (``wait_graph.lua`` asked for them)."""
+
+    key: str
+    owners: tuple[tuple[str, str], ...]
+    """``(repo, pull)`` of every live holder, the first holder first."""
+    shared: bool
+    repo: str
+    path: str
+    workspace: str
+    """What the rules see of the key's holders (of its first)."""
+
+
 class WaitGraph(NamedTuple):
     """``wait_graph.lua``."""
 
     now: int
     entries: tuple[WaitEntry, ...]
     waiters: tuple[WaiterRecord, ...]
+    held: tuple[GroupHeld, ...] = ()
+    """With concurrency rules, when asked for: every held key of a group."""
 
 
 # --- the decoding functions, one per shape ----------------------------------------------------
@@ -544,13 +560,16 @@ def queue(answer: Sequence[Any]) -> QueueReply:
 
 
 def wait_graph(answer: Sequence[Any]) -> WaitGraph:
-    now, entries, records = answer
+    now, entries, records, *held = answer
     return WaitGraph(
         int(now),
         tuple(WaitEntry(str(key), tuple((str(r), str(p)) for r, p in owners),
                         tuple(str(i) for i in ids), int(shared) == 1)
               for key, _repo, _pull, ids, owners, shared in entries),
         _waiters(records),
+        tuple(GroupHeld(str(key), tuple((str(r), str(p)) for r, p in owners), int(shared) == 1,
+                        str(repo), str(path), str(ws))
+              for key, owners, shared, repo, path, ws in (held[0] if held else ())),
     )
 
 

@@ -1304,6 +1304,11 @@ class RedisBackend:
         # reads the whole graph instead. Untrusted indexes (an enqueue of a release that keeps
         # none) are made whole once and walked again; if they are untrusted again at once (that
         # release still queueing), the whole graph is read.
+        if (policy or self._policy).limits:
+            # A group's waiter waits for every holder of the group, of any key: the walk
+            # follows keys, so the whole graph is read, with the held keys of the groups.
+            return self._key_waits(redis_replies.wait_graph(await self._run(
+                "WAIT_GRAPH", "1", policy=policy)), policy)
         repo, pull = waiter.owner
         keys = [self.keys.by_pull_mark, self.keys.waits(repo, pull),
                 self.keys.waiter(waiter.id), *(n for k in waiter.keys for n in self.keys.of_key(k))]
@@ -1328,8 +1333,10 @@ class RedisBackend:
         waiters = {w.id: w for w in (self._waiter(rec) for rec in graph.waiters)}
         now = _at(graph.now)
         result: KeyWaitsList = []
+        held = {h.key: h for h in graph.held}
         for entry in graph.entries:
             holders = tuple((repo, int(pull)) for repo, pull in entry.owners)
+            grouped = held.pop(entry.key, None)
             result.append(KeyWaits(
                 key=entry.key,
                 holder=holders[0] if holders else None,
@@ -1338,7 +1345,13 @@ class RedisBackend:
                     [waiters[i] for i in entry.waiter_ids if i in waiters], now=now,
                     policy=policy or self._policy)),
                 shared=entry.shared,
+                parts=_parts(grouped) if grouped is not None else None,
             ))
+        for grouped in held.values():
+            holders = tuple((repo, int(pull)) for repo, pull in grouped.owners)
+            result.append(KeyWaits(key=grouped.key, holder=holders[0] if holders else None,
+                                   holders=holders, waiters=(), shared=grouped.shared,
+                                   parts=_parts(grouped)))
         return result
 
     # --- giving back an acquire answered unavailable ---------------------------------------
@@ -1531,3 +1544,9 @@ class RedisBackend:
 
 def _untold(handoff: Handoff) -> None:
     """``RedisBackend.gave_back`` until a locker takes it: nobody to tell."""
+
+
+def _parts(held: redis_replies.GroupHeld) -> policies.KeyParts:
+    """What the rules see of a held key of a concurrency group."""
+    return policies.KeyParts(key=held.key, repo=held.repo, path=held.path,
+                             workspace=held.workspace)

@@ -44,7 +44,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from enhanced_locking.config import EnhancedLockingConfig
-from enhanced_locking.policies import PolicyRules
+from enhanced_locking.policies import KeyParts, PolicyRules
 from enhanced_locking.types import (
     BackendUnavailable,
     Candidate,
@@ -475,6 +475,11 @@ class KeyWaits:
     """Every holder's owner (several when the key is held shared); ``holder`` is the first."""
     shared: bool = False
     """The key is held shared (by every holder): a shared waiter does not wait for them."""
+    parts: KeyParts | None = None
+    """What the rules see of the key's holders (repository, path, workspace), for the
+    concurrency groups their locks count in: given by ``wait_graph_from`` under concurrency
+    rules for every held key of a group (one nobody waits for is an entry with no waiters);
+    ``None`` otherwise."""
 
 
 KeyWaitsList = list[KeyWaits]

@@ -1,7 +1,7 @@
 """Deadlock detection over the wait-for graph.
 
 Nodes are owners (a pull request of a repository: Atlantis's unit of ownership). For every key
-with waiters there are two kinds of edge:
+with waiters there are two kinds of edge, and a third through a concurrency group:
 
 * **holder**: each waiter waits for every owner holding the key (all of them, when it is
   held shared: an exclusive waiter gets it only once each has let go), except that a shared
@@ -11,7 +11,13 @@ with waiters there are two kinds of edge:
 * **queued behind**: each waiter waits for every owner queued ahead of it on that key (the
   lock will reach them first, and they may never give it up), except that a shared waiter
   does not wait for a shared one ahead of it: the two are granted together, and what it
-  waits for through an exclusive waiter between them is reached through that waiter.
+  waits for through an exclusive waiter between them is reached through that waiter;
+* **limit** (under concurrency rules): a waiter held back by a full group waits for the
+  group's holders, of every key, as one: it goes on once enough of the group's locks are let
+  go, whichever they are (one, when it asks for one lock of a group at its limit). So the
+  group is an OR node, not an edge to each holder: a cycle through it is a deadlock only when
+  too few of its locks are held by owners that are not themselves waiting, transitively, for
+  the waiter (:func:`find_cycle`; docs/08-policies.md).
 
 A wait closes a cycle when, just after it was queued, its owner can reach itself. The locker
 checks right after enqueueing (not before), so of two waits that close a cycle together the
@@ -34,8 +40,9 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from enhanced_locking.backends.base import Owner
-from enhanced_locking.backends.waiting import KeyWaits
+from enhanced_locking import policies
+from enhanced_locking.backends.base import Owner, parts_of
+from enhanced_locking.backends.waiting import KeyWaits, Waiter
 from enhanced_locking.types import CycleOwner
 
 __all__ = ["OTHER_REPOSITORY", "Edge", "cycle_repos", "describe", "edge_details", "edges",
@@ -49,7 +56,7 @@ class Edge:
     waiter: Owner
     target: Owner
     key: str
-    why: str  # "holds" or "ahead"
+    why: str  # "holds", "ahead" or "limit"
 
 
 def owner_name(owner: Owner) -> str:
@@ -63,9 +70,7 @@ def edges(graph: Iterable[KeyWaits]) -> dict[Owner, list[Edge]]:
         for index, waiter in enumerate(entry.waiters):
             me = waiter.owner
             shared = waiter.mode == "shared"
-            holders = entry.holders or ((entry.holder,) if entry.holder is not None else ())
-            if shared and entry.shared:
-                holders = ()
+            holders = () if shared and entry.shared else _holders(entry)
             targets: list[tuple[Owner, str]] = [(holder, "holds") for holder in holders]
             targets.extend((ahead.owner, "ahead") for ahead in entry.waiters[:index]
                            if not (shared and ahead.mode == "shared"))
@@ -75,7 +80,8 @@ def edges(graph: Iterable[KeyWaits]) -> dict[Owner, list[Edge]]:
     return out
 
 
-def find_cycle(graph: Iterable[KeyWaits], start: Owner) -> list[Edge] | None:
+def find_cycle(graph: Iterable[KeyWaits], start: Owner,
+               rules: policies.PolicyRules | None = None) -> list[Edge] | None:
     """A shortest-first path of edges from ``start`` back to ``start``, if there is one.
 
     Breadth first over the owners, so the cycle reported is a shortest one (the clearest to
@@ -89,8 +95,215 @@ def find_cycle(graph: Iterable[KeyWaits], start: Owner) -> list[Edge] | None:
     holder is looked at a bounded number of times: O(waiters + holders) in all. ``start``'s
     own edges are looked at in full and move no mark: they leave out ``start``'s own waiters
     and holds, which a later owner's edges reach it by.
+
+    With ``rules`` that have concurrency limits, a waiter held back by a full group (the
+    graph's entries with ``parts`` count the group's locks) waits for the group's holders as
+    one: it goes on once enough of the group's locks are let go, whichever they are
+    (:func:`_gates`). Such a wait closes a cycle only when too few of those locks are held by
+    owners free of ``start``'s cycle: the owners stuck with ``start`` are found first
+    (:func:`_stuck`), and the path is searched among them.
     """
     entries = list(graph)
+    gates = _gates(entries, rules) if rules is not None and rules.concurrency else {}
+    if not gates:
+        return _search(entries, start, None, {})
+    stuck = _stuck(entries, start, gates)
+    if start not in stuck:
+        return None
+    through: dict[str, list[tuple[Owner, str]]] = {}
+    for waiter_id, waiter_gates in gates.items():
+        for gate in waiter_gates:
+            if gate.shut(stuck):
+                through.setdefault(waiter_id, []).extend(
+                    (holder, gate.key) for holder in dict.fromkeys(gate.holders)
+                    if holder in stuck and holder != gate.owner)
+    return _search(entries, start, stuck, through)
+
+
+@dataclass(frozen=True)
+class _Gate:
+    """A waiter held back by a full concurrency group: it goes on once ``need`` of the group's
+    locks are let go, whichever they are (the group is an OR node of the graph, not an edge to
+    each holder). A lock of the waiter's own pull counts as one that may be let go."""
+
+    owner: Owner
+    """The waiter's."""
+    key: str
+    """The waiter's first key in the group (the edge's key)."""
+    need: int
+    holders: tuple[Owner, ...]
+    """The owner of each lock held in the group (one per lock: a pull may hold several)."""
+
+    def shut(self, stuck: Collection[Owner]) -> bool:
+        """Whether too few of the group's locks may be let go while ``stuck`` never move."""
+        free = sum(1 for holder in self.holders if holder == self.owner or holder not in stuck)
+        return free < self.need
+
+
+def _holders(entry: KeyWaits) -> tuple[Owner, ...]:
+    return entry.holders or ((entry.holder,) if entry.holder is not None else ())
+
+
+def _gates(entries: list[KeyWaits], rules: policies.PolicyRules) -> dict[str, list[_Gate]]:
+    """The full groups holding each waiter back, by waiter id, as the grant step counts them
+    (:func:`~enhanced_locking.policies.verdict`): a key its pull holds already adds no lock;
+    a group the waiter alone would take past its limit is left out (it is answered
+    ``limited``, never kept waiting for it)."""
+    locks: dict[str, list[Owner]] = {}
+    held: dict[str, tuple[Owner, ...]] = {}
+    for entry in entries:
+        held[entry.key] = _holders(entry)
+        if entry.parts is not None:
+            for group in policies.groups_of(entry.parts, rules):
+                locks.setdefault(group, []).extend(held[entry.key])
+    out: dict[str, list[_Gate]] = {}
+    seen: set[str] = set()
+    for entry in entries:
+        for waiter in entry.waiters:
+            if waiter.id in seen:
+                continue
+            seen.add(waiter.id)
+            adding: dict[str, tuple[int, int, str]] = {}  # group: (limit, locks added, key)
+            for candidate in waiter.candidates:
+                if waiter.owner in held.get(candidate.key, ()):
+                    continue  # held already: not a new lock in its groups
+                for group, limit in policies.groups_of(parts_of(candidate), rules).items():
+                    _, count, key = adding.get(group, (limit, 0, candidate.key))
+                    adding[group] = (limit, count + 1, key)
+            for group, (limit, count, key) in adding.items():
+                holding = locks.get(group, [])
+                need = len(holding) + count - limit
+                if 0 < need <= len(holding):
+                    out.setdefault(waiter.id, []).append(
+                        _Gate(waiter.owner, key, need, tuple(holding)))
+    return out
+
+
+class _Ahead:
+    """Which owners of ``among`` a key's waiters wait for by being queued behind them: the
+    first two owners of ``among`` in the queue (two, so a waiter of the first's own pull still
+    finds the other), of every waiter and of the exclusive ones."""
+
+    def __init__(self, entry: KeyWaits, among: Collection[Owner]) -> None:
+        self.all: list[tuple[int, Owner]] = []
+        self.exclusive: list[tuple[int, Owner]] = []
+        for index, waiter in enumerate(entry.waiters):
+            if waiter.owner not in among:
+                continue
+            for found in (self.all, self.exclusive) if waiter.mode != "shared" else (self.all,):
+                if len(found) < 2 and all(owner != waiter.owner for _, owner in found):
+                    found.append((index, waiter.owner))
+            if len(self.exclusive) == 2:
+                break
+
+    def before(self, index: int, waiter: Waiter) -> bool:
+        """Whether the waiter at ``index`` waits for one of them ahead of it."""
+        found = self.exclusive if waiter.mode == "shared" else self.all
+        return any(at < index and owner != waiter.owner for at, owner in found)
+
+
+def _waits_on(entry: KeyWaits, index: int, ahead: _Ahead, stuck: Collection[Owner],
+              gates: list[_Gate]) -> bool:
+    """Whether the waiter at ``index`` of ``entry`` waits for an owner of ``stuck``: a holder
+    of its key, one queued ahead of it, or a holder of a group shut while ``stuck`` never
+    move (edges as :func:`edges` makes them)."""
+    waiter = entry.waiters[index]
+    me = waiter.owner
+    if not (waiter.mode == "shared" and entry.shared) and any(
+            holder in stuck and holder != me for holder in _holders(entry)):
+        return True
+    return ahead.before(index, waiter) or any(gate.shut(stuck) for gate in gates)
+
+
+def _stuck(entries: list[KeyWaits], start: Owner,
+           gates: dict[str, list[_Gate]]) -> set[Owner]:
+    """The owners that never move if ``start``'s waits stand, each of them on a cycle through
+    ``start``: the largest set of owners each of which has a waiter that waits for one of them
+    (a holder of its key, one ahead of it, or a group of which too few locks are held by
+    owners outside the set), and each of which reaches ``start`` by such waits. Empty when
+    ``start`` is not on one.
+
+    Found by taking out, until nothing changes, the owners with no waiter waiting for one
+    left, then those that no longer reach ``start`` (:func:`_reaching`): a group's holder
+    taken out frees its locks, which may open the group for a waiter that was kept for it."""
+    mine: dict[Owner, list[tuple[int, int]]] = {}
+    for at, entry in enumerate(entries):
+        for index, waiter in enumerate(entry.waiters):
+            mine.setdefault(waiter.owner, []).append((at, index))
+    stuck = set(mine)
+    while True:
+        ahead = [_Ahead(entry, stuck) for entry in entries]
+        kept = {owner for owner in stuck if any(
+            _waits_on(entries[at], index, ahead[at], stuck,
+                      gates.get(entries[at].waiters[index].id, []))
+            for at, index in mine[owner])}
+        reach = _reaching(entries, start, kept, mine, gates)
+        if reach == stuck:
+            return stuck
+        stuck = reach
+
+
+def _reaching(entries: list[KeyWaits], start: Owner, kept: set[Owner],
+              mine: dict[Owner, list[tuple[int, int]]],
+              gates: dict[str, list[_Gate]]) -> set[Owner]:
+    """The owners of ``kept`` that reach ``start`` by waits for owners of ``kept`` (a group's
+    holders only through a group shut while ``kept`` never move): breadth first, backwards
+    from ``start``, each waiter and each holder looked at a bounded number of times (a key
+    keeps how far its queue has been looked along from the back, as :func:`find_cycle`)."""
+    if start not in kept:
+        return set()
+    holds: dict[Owner, list[int]] = {}
+    for at, entry in enumerate(entries):
+        for holder in dict.fromkeys(_holders(entry)):
+            holds.setdefault(holder, []).append(at)
+    shut: dict[Owner, list[_Gate]] = {}  # a holder of a group shut: the gates it keeps shut
+    for waiter_gates in gates.values():
+        for gate in waiter_gates:
+            if gate.owner in kept and gate.shut(kept):
+                for holder in dict.fromkeys(gate.holders):
+                    shut.setdefault(holder, []).append(gate)
+    held_looked = [False] * len(entries)
+    behind_all = [len(entry.waiters) for entry in entries]  # from here on: exclusive reached
+    behind_excl = list(behind_all)  # from here on: shared waiters reached
+    reach = {start}
+    frontier = [start]
+
+    def reached(owner: Owner) -> None:
+        if owner in kept and owner not in reach:
+            reach.add(owner)
+            frontier.append(owner)
+
+    while frontier:
+        node = frontier.pop()
+        for at in holds.get(node, ()):
+            if not held_looked[at]:
+                held_looked[at] = True
+                entry = entries[at]
+                for waiter in entry.waiters:
+                    if not (waiter.mode == "shared" and entry.shared):
+                        reached(waiter.owner)
+        for at, index in mine.get(node, ()):
+            entry = entries[at]
+            if index + 1 < behind_all[at]:
+                for waiter in entry.waiters[index + 1:behind_all[at]]:
+                    if waiter.mode != "shared":
+                        reached(waiter.owner)
+                behind_all[at] = index + 1
+            if entry.waiters[index].mode != "shared" and index + 1 < behind_excl[at]:
+                for waiter in entry.waiters[index + 1:behind_excl[at]]:
+                    if waiter.mode == "shared":
+                        reached(waiter.owner)
+                behind_excl[at] = index + 1
+        for gate in shut.get(node, ()):
+            reached(gate.owner)
+    return reach
+
+
+def _search(entries: list[KeyWaits], start: Owner, within: Collection[Owner] | None,
+            through: dict[str, list[tuple[Owner, str]]]) -> list[Edge] | None:
+    """:func:`find_cycle`'s breadth-first search, over the owners of ``within`` only (every
+    owner when ``None``), a waiter of ``through`` also waiting for the holders listed there
+    of a group shut (each with the key the edge names)."""
     mine: dict[Owner, list[tuple[int, int]]] = {}
     for at, entry in enumerate(entries):
         for index, waiter in enumerate(entry.waiters):
@@ -117,25 +330,25 @@ def find_cycle(graph: Iterable[KeyWaits], start: Owner) -> list[Edge] | None:
                 entry = entries[at]
                 waiter = entry.waiters[index]
                 shared = waiter.mode == "shared"
-                holders = entry.holders or ((entry.holder,) if entry.holder is not None else ())
-                if shared and entry.shared:
-                    holders = ()
-                targets: list[tuple[Owner, str]] = []
+                holders = () if shared and entry.shared else _holders(entry)
+                targets: list[tuple[Owner, str, str]] = []
                 if not held_looked[at][shared]:
-                    targets = [(holder, "holds") for holder in holders]
+                    targets = [(holder, "holds", entry.key) for holder in holders]
                     if marking:
                         held_looked[at][shared] = True
                 first = looked_excl[at] if shared else looked_all[at]
-                targets.extend((ahead.owner, "ahead") for ahead in entry.waiters[first:index]
+                targets.extend((ahead.owner, "ahead", entry.key)
+                               for ahead in entry.waiters[first:index]
                                if not (shared and ahead.mode == "shared"))
                 if marking:
                     looked_excl[at] = max(looked_excl[at], index)
                     if not shared:
                         looked_all[at] = max(looked_all[at], index)
-                for target, why in targets:
-                    if target == node:
+                targets.extend((holder, "limit", key) for holder, key in through.get(waiter.id, ()))
+                for target, why, key in targets:
+                    if target == node or (within is not None and target not in within):
                         continue
-                    edge = Edge(node, target, entry.key, why)
+                    edge = Edge(node, target, key, why)
                     if target == start:
                         return path_to(node, edge)
                     if target not in seen:

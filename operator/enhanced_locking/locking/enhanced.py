@@ -764,9 +764,10 @@ class EnhancedLocker(AtlantisCalls):
         """Refuse a waiter that closes a cycle of the wait-for graph: cancel it, only if
         ``caller`` still owns it (a retry of the request that took it over keeps it). The
         search reads only what it can reach from the waiter's pull (``wait_graph_from``)."""
+        policy = self.policy()
         graph = await self._call("wait_graph", lambda: self.backend.wait_graph_from(
-            waiter, policy=self.policy()))
-        cycle = deadlock.find_cycle(graph, waiter.owner)
+            waiter, policy=policy))
+        cycle = deadlock.find_cycle(graph, waiter.owner, policy.rules)
         if cycle is None:
             return None
         cancelled = await self._call("cancel", lambda: self.backend.cancel(
