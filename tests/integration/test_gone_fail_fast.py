@@ -189,15 +189,16 @@ class _Proxied:
 
 
 @contextlib.asynccontextmanager
-async def _proxied_etcd(cluster: EtcdCluster, prefix: str,
-                        request: LockRequest) -> AsyncIterator[_Proxied]:
-    """The locker behind the proxy, its connections open and ``request``'s key known (taken
-    and released once, by pull 1): the answer a test holds and cuts is the commit's."""
+async def _proxied_etcd(cluster: EtcdCluster, prefix: str, request: LockRequest,
+                        **settings: Any) -> AsyncIterator[_Proxied]:
+    """The locker behind the proxy (``settings``: its config's fields), its connections open
+    and ``request``'s key known (taken and released once, by pull 1): the answer a test holds
+    and cuts is the commit's."""
     [member] = cluster.members
     with cutting_proxy((LOOPBACK, member.client_port)) as proxy:
         backend = EtcdBackend(EtcdConnection(EtcdSettings(endpoints=(proxy.addr,))),
                               prefix=prefix)
-        rig = rig_for(backend)
+        rig = rig_for(backend, **settings)
         try:
             warm = await rig.locker.acquire(request)
             assert warm.acquired and warm.lock is not None
@@ -570,6 +571,33 @@ async def test_an_acquire_answered_unavailable_whose_commit_landed_holds_nothing
                 await _cut_as_it_passes(proxy, let_go)
                 with pytest.raises(BackendUnavailable):
                     await asyncio.wait_for(task, 15)
+        finally:
+            proxy.refusing = False
+        await _free_soon(rig, 2, "envs/prod")
+        assert _abandoned(rig) == [etcd.key], [(e.type, e.details) for e in rig.events]
+
+
+@pytest.mark.etcd
+@pytest.mark.parametrize("wait", [None, timedelta(seconds=30)], ids=["no-wait", "waiting"])
+async def test_an_acquire_tried_again_whose_first_commit_landed_unanswered_holds_nothing(
+        etcd_cluster: EtcdCluster, etcd_prefix: str, wait: timedelta | None) -> None:
+    """As above, with the locker's retries on: the first try's commit is applied, its answer
+    cut, etcd out of reach for every try after it, and the caller is answered ``unavailable``
+    by the last try. What the first try granted is given back once etcd answers again, as
+    without retries. Before, the retry loop dropped the first try's error (its grant to be
+    learnt) and raised the last one's: the lock stayed held by pull 1 for good, every other
+    pull refused ``held``."""
+    async with _proxied_etcd(etcd_cluster, etcd_prefix, request_for(pull=1, wait=wait),
+                             retries=True, retry_max_attempts=2) as etcd:
+        proxy, rig = etcd.proxy, etcd.rig
+        try:
+            with proxy.holding() as let_go:
+                task = await _sent_and_applied(  # (answer held)
+                    etcd, request_for(pull=1, wait=wait))
+                proxy.refuse_on_cut = True
+                await _cut_as_it_passes(proxy, let_go)
+                with pytest.raises(BackendUnavailable):
+                    await asyncio.wait_for(task, 30)
         finally:
             proxy.refusing = False
         await _free_soon(rig, 2, "envs/prod")

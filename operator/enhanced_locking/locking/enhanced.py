@@ -367,12 +367,16 @@ class EnhancedLocker(AtlantisCalls):
         return _lease(request, self.settings())
 
     def _call(self, name: str, operation: Callable[[], Awaitable[T]],
-              config: EnhancedLockingConfig | None = None) -> Awaitable[T]:
+              config: EnhancedLockingConfig | None = None, *,
+              tried_again: Callable[[BackendUnavailable], object] | None = None,
+              ) -> Awaitable[T]:
         # Not a coroutine of its own: the caller awaits the attempt (or the retry loop)
-        # directly, one frame less on every call.
+        # directly, one frame less on every call. ``tried_again``: told each error of a try
+        # that is tried again (only the last reaches the caller: :func:`retrying`).
         config = self.settings() if config is None else config
         if config.retries:
-            return retrying(operation, config=config, metrics=self.metrics, name=name)
+            return retrying(operation, config=config, metrics=self.metrics, name=name,
+                            tried_again=tried_again)
         return attempt(operation, self.metrics)
 
     # --- acquire ------------------------------------------------------------------------------
@@ -441,10 +445,12 @@ class EnhancedLocker(AtlantisCalls):
                         raise
                 elif len(candidates) == 1:
                     outcome = await self._call("acquire", lambda: backend.acquire_or_enqueue(
-                        candidates[0], ttl=ttl, wait=offer, policy=policy), config)
+                        candidates[0], ttl=ttl, wait=offer, policy=policy), config,
+                        tried_again=self._tried_again)
                 else:
                     outcome = await self._call("acquire", lambda: backend.acquire_batch(
-                        candidates, ttl=ttl, wait=offer, policy=policy), config)
+                        candidates, ttl=ttl, wait=offer, policy=policy), config,
+                        tried_again=self._tried_again)
             except BaseException as error:
                 if isinstance(error, GrantedUnheard):  # granted as its caller went away
                     if offer is not None and future is not None:
@@ -546,6 +552,15 @@ class EnhancedLocker(AtlantisCalls):
             else:
                 self.events.publish("granted-from-queue", lock=lock, **served)
             self.leases.arm(lock.key, lock.expires_at)
+
+    def _tried_again(self, error: BackendUnavailable) -> None:
+        """A try of an acquire that failed and is tried again (retries on): one that may have
+        granted (:class:`GrantUnknown`) is learnt as the last try's error is. Its grant, if it
+        landed, is its pull's hold when a later try is answered (held already, counted as
+        told: the give-back then leaves it), else given back; before, the retry loop dropped
+        the error, and with every later try unanswered too the lock stayed held for good."""
+        if isinstance(error, GrantUnknown):
+            self._learn_unheard(error)
 
     def _learn_unheard(self, error: GrantUnknown) -> None:
         """An acquire answered ``unavailable`` whose grant the store may have applied (its

@@ -68,12 +68,15 @@ async def retrying(
     config: EnhancedLockingConfig,
     metrics: Metrics,
     name: str,
+    tried_again: Callable[[BackendUnavailable], object] | None = None,
 ) -> T:
     """Run ``operation`` up to ``retry_max_attempts`` times while it raises ``BackendUnavailable``.
 
     Each try is an :func:`attempt` (counted); each failed one but the last is also a retry of
     ``name``, followed by a backoff sleep. ``StoreBusy`` (the replica overloaded) is raised at
-    once, never retried.
+    once, never retried. Only the last try's error reaches the caller: each earlier one is
+    handed to ``tried_again`` first, for what it carries besides (an acquire's grant to learn
+    of: :class:`~enhanced_locking.backends.waiting.GrantUnknown`).
     """
     delays = backoff_delays(attempts=config.retry_max_attempts, backoff=config.retry_backoff)
     for delay in delays:
@@ -81,7 +84,9 @@ async def retrying(
             return await attempt(operation, metrics)
         except StoreBusy:
             raise
-        except BackendUnavailable:
+        except BackendUnavailable as error:
             metrics.retries.labels(name).inc()
+            if tried_again is not None:
+                tried_again(error)
         await asyncio.sleep(delay)
     return await attempt(operation, metrics)
