@@ -1119,9 +1119,10 @@ class RedisBackend:
             self._busy_now(first.key, True)
         quads = [item for c in candidates
                  for item in (c.key, sent[c.key], c.project.path, c.workspace)]
-        # (A call that does not wait is given back if its caller is told Redis did not answer,
-        # or goes away as it is on its way: ``_owe``.)
-        owed = None if wait is not None else secrets.token_hex(_CALL_ID_BYTES)
+        # (A call is given back if its caller is told Redis did not answer, or goes away as it
+        # is on its way: ``_owe``. One that may wait too: granted at once, it queued no waiter
+        # for the caller's withdrawal to find.)
+        owed = secrets.token_hex(_CALL_ID_BYTES)
         try:
             answer = redis_replies.acquire(await self._run(
                 "ACQUIRE", _duration_ms(ttl), wait.id if wait else "",
@@ -1133,12 +1134,10 @@ class RedisBackend:
                 call_id=owed,
             ))
         except BackendUnavailable as error:
-            if owed is not None:
-                self._owe(owed, candidates, error)
+            self._owe(owed, candidates, error)
             raise
         except asyncio.CancelledError:
-            if owed is not None:
-                self._owe(owed, candidates, None)
+            self._owe(owed, candidates, None)
             raise
         if isinstance(answer, redis_replies.Took):  # the lean path: as sent, plus the stamp
             self._busy_now(first.key, False)
@@ -1357,14 +1356,16 @@ class RedisBackend:
     # --- giving back an acquire answered unavailable ---------------------------------------
     def _owe(self, call_id: str, candidates: Sequence[Candidate],
              error: BackendUnavailable | None) -> None:
-        """The acquire ``call_id`` of ``candidates`` did not wait and its caller is told Redis
-        did not answer (``error``), or went away as the call was on its way (``None``: its task
+        """The acquire ``call_id`` of ``candidates``, whose caller is told Redis did not
+        answer (``error``), or went away as the call was on its way (``None``: its task
         cancelled, the answer never read): Redis may still run it (a frozen or slow Redis runs
         what it took when it wakes, however late) and grant the pull a lock its caller never
         heard of, held for good without a lease (and, after a router's fall-back, held on
         legacy as well). Its give-back is sent until Redis answers (``_give_back_owed``), and
-        what it released is told (``gave_back``). A call never sent (``StoreBusy``: no
-        connection was free) owes nothing."""
+        what it released is told (``gave_back``). A call that may wait is owed one too: what
+        it granted at once has no waiter for its caller's withdrawal to find (a waiter it
+        queued is withdrawn by its id, and its kept answer, ``queued``, gives nothing back).
+        A call never sent (``StoreBusy``: no connection was free) owes nothing."""
         if isinstance(error, StoreBusy):
             return
         owed = self._owed

@@ -1,6 +1,8 @@
--- give-back: undo an acquire that did not wait and whose caller was told the store did not
--- answer (`unavailable`: Redis took the call and answered too late, or the connection broke),
--- by that call's id C. Redis runs a call it took however late, so the call may have granted.
+-- give-back: undo an acquire whose caller was told the store did not answer (`unavailable`:
+-- Redis took the call and answered too late, or the connection broke) or went away while it was
+-- on its way, by that call's id C. Redis runs a call it took however late, so the call may have
+-- granted. (A call that may wait and queued a waiter instead kept `queued` as its answer: it
+-- grants nothing here; its waiter is withdrawn by its id.)
 -- What C granted, as the answer kept under op:<C> says (the lean path's {'took', token, ...}
 -- for the one key asked, or the rows of {'granted', locks, fresh, kept, upgraded}), is
 -- released and its key's queue served, as RELEASE does, but only an exclusive lock that is
