@@ -804,22 +804,54 @@ func silentService(t *testing.T) string {
 }
 
 func TestWithTimeoutIsTheBoundOfEachCallOverTheClientsOwn(t *testing.T) {
-	// A service that takes calls and never answers. The client's own call bound, lowered
-	// here to 300ms so as not to wait out its 30s default, must not cut WithTimeout short:
-	// WithTimeout(45s) gave up after the default's 30s.
-	database := openAt(t, silentService(t), lockdb.WithTimeout(2*time.Second),
-		lockdb.WithClientOptions(client.WithCallTimeout(300*time.Millisecond), client.WithRetries(1, 0)))
-	started := time.Now()
-	_, err := database.GetLock(models.NewProject("acme/infra", ".", ""), "default")
-	elapsed := time.Since(started)
+	// The client's own call bound, lowered here to 300ms so as not to wait out its 30s
+	// default, must not cut WithTimeout short: WithTimeout(45s) gave up after the default's
+	// 30s. A proxy in front of the service holds each call's answer until a call bound by
+	// the client's 300ms alone, sent after the database's, has given up on it: the
+	// database's call, still waiting then, gets the service's answer.
+	svc := servicetest.Serve(t)
+	arrived := make(chan struct{}, 1)
+	released := make(chan struct{})
+	through := servicetest.Proxy(t, svc.URL, 0, func(http.ResponseWriter, *http.Request) bool {
+		select {
+		case arrived <- struct{}{}:
+		default:
+		}
+		<-released
+		return false // on to the service
+	})
+	clientsOwn := []client.Option{client.WithCallTimeout(300 * time.Millisecond), client.WithRetries(1, 0)}
+	database := openAt(t, through, lockdb.WithTimeout(30*time.Second), lockdb.WithClientOptions(clientsOwn...))
+	project := models.NewProject("acme/infra", ".", "")
+	answered := make(chan error, 1)
+	go func() {
+		_, err := database.GetLock(project, "default")
+		answered <- err
+	}()
+	<-arrived
+	alone, err := client.New(through, clientsOwn...)
+	must(t, err)
+	_, err = alone.Get(context.Background(), models.GenerateLockKey(project, "default"))
+	if !client.IsUnavailable(err) || !errors.Is(err, context.DeadlineExceeded) {
+		close(released)
+		t.Fatalf("a call bound by the client's 300ms alone should run out held, got %v", err)
+	}
+	close(released)
+	if err := <-answered; err != nil {
+		t.Fatalf("the database's call, bound by WithTimeout, should outlive the client's own "+
+			"bound and get the service's answer, got %v", err)
+	}
+
+	// A service that takes calls and never answers: the call runs out its context, whose
+	// deadline is WithTimeout's. What Atlantis puts in the pull request's comment says what
+	// happened, and the time the call had (that deadline's), not only Go's "context deadline
+	// exceeded".
+	database = openAt(t, silentService(t), lockdb.WithTimeout(2*time.Second),
+		lockdb.WithClientOptions(clientsOwn...))
+	_, err = database.GetLock(project, "default")
 	if !client.IsUnavailable(err) || !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("a service that never answers should run out the call's time, got %v", err)
 	}
-	if elapsed < 2*time.Second || elapsed > 10*time.Second {
-		t.Fatalf("the call should give up after WithTimeout's 2s, gave up after %v", elapsed)
-	}
-	// What Atlantis puts in the pull request's comment says what happened, not only Go's
-	// "context deadline exceeded".
 	if said := err.Error(); !strings.Contains(said, "did not answer within 2s") ||
 		!strings.Contains(said, "took the call and sent nothing back") {
 		t.Fatalf("the error should say the service did not answer within the call's 2s, got %q", said)
