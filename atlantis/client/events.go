@@ -59,13 +59,17 @@ type EventStream struct {
 	hangUp context.CancelFunc
 }
 
-// Events opens the event stream. The first connection is made before it returns, so an
-// invalid filter, an unreachable service or one that sends no answer within the client's
-// call timeout (WithCallTimeout) is an error here. Close it when done.
+// Events opens the event stream. It returns once the service follows the events for it
+// (the stream's ": following" line, sent once its start is fixed): every event published
+// after Events returned is on the stream, so a state read then, or a lock taken then, misses
+// nothing (the headers come earlier, while a service over Redis or etcd still asks its store
+// where "now" is). The first connection is made before it returns, so an invalid filter, an
+// unreachable service or one that neither answers nor follows within the client's call
+// timeout (WithCallTimeout) is an error here. Close it when done.
 func (c *Client) Events(ctx context.Context, f EventFilter) (*EventStream, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	s := &EventStream{c: c, ctx: ctx, cancel: cancel, filter: f}
-	if _, err := s.connect(); err != nil {
+	if _, err := s.connect(true); err != nil {
 		cancel()
 		return nil, err
 	}
@@ -93,9 +97,13 @@ func (s *EventStream) Close() error {
 	return nil
 }
 
+// following is the line an event stream sends once the service follows the events for it.
+const following = ": following"
+
 // connect opens a connection of the stream; when the service refused it, also its answer
-// (status and body), for Next to judge whether to try again.
-func (s *EventStream) connect() (answer, error) {
+// (status and body), for Next to judge whether to try again. With untilFollowing it returns
+// once the stream follows (its ": following" line), bound as its headers are.
+func (s *EventStream) connect(untilFollowing bool) (answer, error) {
 	q := url.Values{}
 	if s.filter.Repo != "" {
 		q.Set("repo", s.filter.Repo)
@@ -106,9 +114,10 @@ func (s *EventStream) connect() (answer, error) {
 	if len(s.filter.Types) > 0 {
 		q.Set("type", strings.Join(s.filter.Types, ","))
 	}
-	// Until its headers arrive, a connection is a call like any other, bound by the call
-	// timeout (its body is then bound by the stream's silence, in read): a server or proxy
-	// that accepts and never answers is given up, not waited on.
+	// Until its headers arrive (with untilFollowing, its ": following" line), a connection is
+	// a call like any other, bound by the call timeout (its body is then bound by the
+	// stream's silence, in read): a server or proxy that accepts and never answers is given
+	// up, not waited on.
 	ctx, hangUp := context.WithCancel(s.ctx)
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, s.c.endpoint("/v1/events", q), nil)
 	if err != nil {
@@ -126,9 +135,12 @@ func (s *EventStream) connect() (answer, error) {
 	var unanswered *time.Timer
 	if bound > 0 {
 		unanswered = time.AfterFunc(bound, hangUp)
+		defer unanswered.Stop()
 	}
 	resp, err := s.c.http.Do(req)
-	if unanswered != nil && !unanswered.Stop() && s.ctx.Err() == nil {
+	// With untilFollowing, an answer's bound runs on until the line (below).
+	answered := err == nil && untilFollowing
+	if unanswered != nil && !answered && !unanswered.Stop() && s.ctx.Err() == nil {
 		if err == nil {
 			resp.Body.Close() //nolint:errcheck
 		}
@@ -156,10 +168,49 @@ func (s *EventStream) connect() (answer, error) {
 			"GET /v1/events answered %d with %s, not an event stream: is the URL the lock "+
 				"service's?", resp.StatusCode, kind)}
 	}
+	reader := bufio.NewReader(resp.Body)
+	if untilFollowing {
+		var err error
+		reader, err = untilFollows(reader)
+		if unanswered != nil && !unanswered.Stop() && s.ctx.Err() == nil {
+			resp.Body.Close() //nolint:errcheck
+			hangUp()
+			return answer{}, &UnavailableError{Op: "events", Message: fmt.Sprintf("GET /v1/events "+
+				"did not follow the events (its %q line) within %v, the call timeout (the "+
+				"service follows them once its store says where they stand): given up",
+				following, bound)}
+		}
+		if err != nil {
+			resp.Body.Close() //nolint:errcheck
+			hangUp()
+			return answer{}, &UnavailableError{Op: "events", Err: err}
+		}
+	}
 	s.mu.Lock()
-	s.body, s.reader, s.hangUp = resp.Body, bufio.NewReader(resp.Body), hangUp
+	s.body, s.reader, s.hangUp = resp.Body, reader, hangUp
 	s.mu.Unlock()
 	return answer{}, nil
+}
+
+// untilFollows reads the stream up to its ": following" line (keep-alives before it are
+// skipped); the reader of what comes after. A stream that sends an event first (a resume's
+// gap, or a server that never says it follows) is taken as following from there: its
+// reader starts again at that line.
+func untilFollows(reader *bufio.Reader) (*bufio.Reader, error) {
+	for {
+		line, err := reader.ReadString('\n')
+		if err != nil {
+			return nil, err
+		}
+		switch trimmed := strings.TrimRight(line, "\r\n"); {
+		case trimmed == following:
+			return reader, nil
+		case trimmed == "" || strings.HasPrefix(trimmed, ":"):
+			continue
+		default:
+			return bufio.NewReader(io.MultiReader(strings.NewReader(line), reader)), nil
+		}
+	}
 }
 
 // Next blocks until the next event. A broken connection is reopened after a jittered pause
@@ -234,7 +285,7 @@ func (s *EventStream) reconnect() (answer, error) {
 		s.body, s.reader, s.hangUp = nil, nil, nil
 	}
 	s.mu.Unlock()
-	return s.connect()
+	return s.connect(false)
 }
 
 // read parses one SSE event (lines up to a blank line); comments and pings are skipped. A
