@@ -156,7 +156,8 @@ func (s *EventStream) connect(untilFollowing bool) (answer, error) {
 		data, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
 		resp.Body.Close() //nolint:errcheck
 		hangUp()
-		got := answer{status: resp.StatusCode, body: data}
+		got := answer{status: resp.StatusCode, body: data,
+			retryAfter: retryAfter(resp.Header.Get("Retry-After"))}
 		return got, refusal(call{op: "events"}, got)
 	}
 	if kind := contentType(resp.Header.Get("Content-Type")); kind != "text/event-stream" {
@@ -219,8 +220,11 @@ func untilFollows(reader *bufio.Reader) (*bufio.Reader, error) {
 // the connection, or the connect gets no answer in time), or answered by the service's own
 // 503 "unavailable" (it serves no lock call for now: its operator's start, until the
 // LockPolicy is applied), is tried again for as long as the stream's context lasts; any
-// other failure in a row counts against the client's retry attempts. After those, when the
-// context ends, or when Close is called, it answers an error.
+// other failure in a row counts against the client's retry attempts. A reopening refused
+// with Retry-After (the service's limit of streams) waits that long, at most
+// streamRetryAfterCap, with the jitter on top; when that would outrun the context, the
+// refusal is answered at once. After the attempts, when the context ends, or when Close is
+// called, it answers an error.
 func (s *EventStream) Next() (Event, error) {
 	failures := 0
 	delay := s.c.backoff
@@ -251,6 +255,12 @@ func (s *EventStream) Next() (Event, error) {
 			return Event{}, last
 		}
 		pause := time.Duration(rand.Int64N(int64(delay) + 1)) // full jitter, as in do
+		if unopened != nil {
+			// A refusal's Retry-After (the service's limit of streams, 429 or 503, says 5s),
+			// at most streamRetryAfterCap, and the jitter on top: the streams it turned away
+			// do not all come back at once.
+			pause += min(refused.retryAfter, streamRetryAfterCap)
+		}
 		if deadline, ok := s.ctx.Deadline(); ok && time.Until(deadline) < pause {
 			return Event{}, last // what the service said, not a context error later
 		}
@@ -266,6 +276,10 @@ func (s *EventStream) Next() (Event, error) {
 		}
 	}
 }
+
+// streamRetryAfterCap is the longest Retry-After a stream's reopening waits (a proxy may say
+// an hour; the service's limit of streams says 5s).
+const streamRetryAfterCap = 10 * time.Second
 
 // notServing reports whether got is the service's own 503 "unavailable": it answered, and
 // serves no event stream for now (its operator's start window: until the LockPolicy is
