@@ -1098,8 +1098,9 @@ func nexting(stream *client.EventStream) <-chan next {
 }
 
 // lockUntilRead asks c for locks of repo, a pull at a time from *pull on, until done answers
-// (a stream on a store's shared bus follows it a moment after its answer, and a bus new
-// after a restart does not replay what came before the stream came back).
+// (a reopened stream on a store's shared bus follows it a moment after its answer, which
+// Next does not wait for as Events does, and a bus new after a restart does not replay what
+// came before the stream came back).
 func lockUntilRead(ctx context.Context, t *testing.T, c *client.Client, repo string, pull *int,
 	done <-chan next) next {
 	t.Helper()
