@@ -44,7 +44,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -60,6 +60,7 @@ from enhanced_locking.types import (
     Lock,
     LockingError,
     LockNotOwned,
+    LockUnreadable,
     utcnow,
 )
 
@@ -219,6 +220,8 @@ class FallbackReconciler:
         self._task: asyncio.Task[Any] | None = None
         self._last_run = -float("inf")
         self._failing: str | None = None
+        self._unreadable: set[str] = set()
+        """The keys the last pass left in the journal, their stored lock unreadable."""
         """The failure the last background pass logged (said once until a pass succeeds)."""
 
     # --- recording (on the request path, before the answer goes out) ---------------------
@@ -297,15 +300,27 @@ class FallbackReconciler:
                 await backend.ping()
             granted, released = await journal.entries()
             adopted = freed = forgotten = 0
+            unreadable: dict[str, LockUnreadable] = {}
             for lock in granted:
-                outcome = await self._grant(journal, legacy, enhanced, lock)
+                try:
+                    outcome = await self._grant(journal, legacy, enhanced, lock)
+                except LockUnreadable as error:
+                    unreadable[lock.key] = error
+                    continue
                 adopted += outcome == "adopted"
                 forgotten += outcome == "forgotten"
             for lock in released:
-                freed += bool(await self._apply_release(journal, enhanced, lock.key))
+                try:
+                    freed += bool(await self._apply_release(journal, enhanced, lock.key))
+                except LockUnreadable as error:
+                    unreadable[lock.key] = error
             for key in self.conflicts.keys():
-                if not is_conflict(await legacy.get(key), await enhanced.get(key)):
-                    self.conflicts.resolve(key)
+                try:
+                    if not is_conflict(await legacy.get(key), await enhanced.get(key)):
+                        self.conflicts.resolve(key)
+                except LockUnreadable as error:
+                    unreadable[key] = error
+            self._set_aside(unreadable)
             left, left_released = await journal.entries()
             self.pending = len(left) + len(left_released)
             self.metrics.fallback_pending.set(self.pending)
@@ -318,6 +333,15 @@ class FallbackReconciler:
                 counts: dict[str, Any] = report.as_dict()
                 self.events.publish("fallback-reconciled", **counts)
             return report
+
+    def _set_aside(self, unreadable: Mapping[str, LockUnreadable]) -> None:
+        """The keys of this pass whose stored lock could not be read (set aside until a
+        force-unlock clears it): their entries stay, the others are reconciled; each key is
+        logged once while it stays so."""
+        for key in sorted(unreadable.keys() - self._unreadable):
+            log.warning("fallback reconciliation leaves %s in the journal until its stored "
+                        "lock is readable again: %s", key, unreadable[key])
+        self._unreadable = set(unreadable)
 
     async def before_acquire(self, key: str) -> None:
         """``key`` is asked for: a release of it journaled while the enhanced side was away
