@@ -20,7 +20,13 @@ from enhanced_locking.factory import LockService
 from enhanced_locking.locking import queueing
 from enhanced_locking.migration.routing_registry import MemoryRoutingRegistry
 from enhanced_locking.provider import ConfigProvider
-from enhanced_locking.types import BatchItem, BatchLockRequest, LockRequest
+from enhanced_locking.types import (
+    AcquireResult,
+    BatchItem,
+    BatchLockRequest,
+    LockRequest,
+    Reason,
+)
 
 pytestmark = pytest.mark.redis
 
@@ -72,6 +78,7 @@ async def _clean_ups_done() -> None:
 @pytest.mark.parametrize("granted", ["before-the-retry", "while-the-retry-polls"])
 async def test_a_retry_routed_to_the_other_side_keeps_the_lock_its_waiter_was_granted(
     service: LockService, registry: MemoryRoutingRegistry, granted: str, move: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # "moving": another replica still reports the old weight, so the key is taken on both
     # sides, the old (enhanced) one first.
@@ -101,8 +108,28 @@ async def test_a_retry_routed_to_the_other_side_keeps_the_lock_its_waiter_was_gr
         assert await router.release(key, owner=("acme/infra", 1)) is not None
         retry = await router.acquire(_retried(2))
     else:
+        # The retry looks before pull 1 lets go, seen and not guessed at: settled, it finds
+        # pull 1 on enhanced and looks again later; moving, it takes its first try's waiter
+        # over in the enhanced queue (the old side's, asked first), told queued again.
+        looked = asyncio.Event()
+        if move == "settled":
+            looks = router._acquire_once
+
+            async def looking(request: LockRequest) -> AcquireResult:
+                result = await looks(request)
+                holder = result.holder
+                if (result.reason is Reason.HELD and holder is not None
+                        and holder.backend == "enhanced" and holder.pull.num == 1):
+                    looked.set()
+                return result
+
+            monkeypatch.setattr(router, "_acquire_once", looking)
+        else:
+            service.events.subscribe(
+                lambda event: looked.set() if event.type == "queued"
+                and event.details.get("requestId") == "plan-42" else None)
         retrying = asyncio.create_task(router.acquire(_retried(2)))
-        await asyncio.sleep(0.2)  # it looks, finds pull 1 on enhanced, and looks again later
+        await asyncio.wait_for(looked.wait(), 30)
         assert not retrying.done()
         assert await router.release(key, owner=("acme/infra", 1)) is not None
         retry = await retrying
