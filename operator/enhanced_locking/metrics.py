@@ -183,7 +183,8 @@ class Metrics:
         self.unreadable_locks = Gauge(
             "enhanced_locking_unreadable_locks",
             "Stored locks that cannot be read, by side: set aside (never granted over) until a "
-            "force-unlock clears them; their keys are in /readyz and GET /v1/locks.",
+            "force-unlock clears them; their keys are in /readyz and GET /v1/locks. Under "
+            "journal: fallback journal entries that cannot be read, left until deleted.",
             ["backend"], registry=r,
         )
         self.queue_depth = Gauge(

@@ -642,3 +642,48 @@ async def test_a_reconciliation_that_fails_by_a_fault_is_logged_as_an_error_once
     assert [r.levelname for r in said()] == ["ERROR"]
     assert "fallback reconciliation failed" in said()[0].getMessage()
     assert fallback.pending == 1
+
+
+async def test_a_journal_entry_that_cannot_be_read_is_counted_and_shown_by_the_metric(
+    make_service: ServiceMaker, store: StoreOpener, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A journal entry that is not a lock (written over behind the service's back) was
+    skipped by every read of the journal: the pass reported nothing pending, and the
+    unreadable-locks gauge counted only the two sides' stores. Now the pass reports it as
+    unreadable, the status too, and the gauge counts it under ``journal``; the readable
+    entries are reconciled all the same."""
+    from tests.support.unreadable import SPOILED, spoil_file
+
+    service = await make_service(**ALL_ENHANCED)
+    await _down(service)
+    granted = [await service.router.acquire(request_for(pull=pull, path=path))
+               for pull, path in ((1, "a-first"), (2, "b-second"))]
+    locks = [result.lock for result in granted]
+    assert all(lock is not None and lock.backend == "legacy" for lock in locks), locks
+    assert locks[0] is not None and locks[1] is not None
+    legacy = service.legacy.backend
+    assert isinstance(legacy, EmbeddedBackend)
+    spoil_file(str(legacy.path), "fallback", locks[0].key, SPOILED[0][1])
+    _back(service)
+
+    fallback = service.migration.fallback
+    for _ in range(2):
+        report = await fallback.reconcile()
+    assert (report.pending, report.unreadable) == (0, 1), report
+    status = service.migration.status().as_dict()["fallback"]
+    assert status["unreadable"] == 1 and status["lastReconcile"]["unreadable"] == 1, status
+    gauge = ("enhanced_locking_unreadable_locks", {"backend": "journal"})
+    assert service.metrics.registry.get_sample_value(*gauge) == 1
+    adopted = await store(service, "enhanced").get(locks[1].key)
+    assert adopted is not None and adopted.pull.num == 2, "the readable entry not reconciled"
+    said = [r for r in caplog.records if "journal entry" in r.getMessage()]
+    assert len(said) == 1 and locks[0].key in said[0].getMessage(), said
+    assert SPOILED[0][1] not in caplog.text  # the unreadable value itself is never shown
+
+    # Deleted (by hand, as the runbook says), the entry is gone from the count and the gauge.
+    import sqlite3
+    with sqlite3.connect(str(legacy.path)) as db:
+        db.execute("DELETE FROM locks WHERE ns = 'fallback' AND key = ?", (locks[0].key,))
+    report = await fallback.reconcile()
+    assert (report.pending, report.unreadable) == (0, 0), report
+    assert service.metrics.registry.get_sample_value(*gauge) == 0

@@ -61,6 +61,7 @@ from enhanced_locking.types import (
     LockingError,
     LockNotOwned,
     LockUnreadable,
+    UnreadableLock,
     utcnow,
 )
 
@@ -142,7 +143,13 @@ class FallbackJournal:
         return gone.released is not None
 
     async def entries(self) -> tuple[list[Lock], list[Lock]]:
+        """The grant and release entries that can be read; the others (not a lock, written
+        over behind the service's back) are set aside by the read: :meth:`unreadable`."""
         return await self.granted.list(), await self.released.list()
+
+    def unreadable(self) -> list[UnreadableLock]:
+        """The entries the last :meth:`entries` found unreadable (grants', then releases')."""
+        return self.granted.unreadable.entries() + self.released.unreadable.entries()
 
     async def close(self) -> None:
         await self.granted.close()
@@ -156,11 +163,14 @@ class ReconcileReport:
     forgotten: int = 0
     conflicts: int = 0
     pending: int = 0
+    unreadable: int = 0
+    """Journal entries that cannot be read (not in ``pending``): left where they are until
+    deleted by hand (docs/04-monitoring.md, the unreadable-locks runbook)."""
 
     def as_dict(self) -> dict[str, int]:
         return {"adopted": self.adopted, "released": self.released,
                 "forgotten": self.forgotten, "conflicts": self.conflicts,
-                "pending": self.pending}
+                "pending": self.pending, "unreadable": self.unreadable}
 
 
 @dataclass(frozen=True)
@@ -169,6 +179,8 @@ class FallbackStatus:
 
     mode: FallbackMode
     pending: int
+    unreadable: int
+    """Journal entries that cannot be read, as the last read of the journal found them."""
     granted: int
     released_while_away: int
     reconciled: int
@@ -179,6 +191,7 @@ class FallbackStatus:
         return {
             "mode": self.mode,
             "pending": self.pending,
+            "unreadable": self.unreadable,
             "granted": self.granted,
             "releasedWhileAway": self.released_while_away,
             "reconciled": self.reconciled,
@@ -211,6 +224,8 @@ class FallbackReconciler:
         self.events = events
         self.metrics = metrics
         self.pending = 0
+        self.unreadable = 0
+        """Journal entries that cannot be read, as the last read of the journal found them."""
         self.granted_total = 0
         self.released_total = 0
         self.reconciled_total = 0
@@ -220,9 +235,11 @@ class FallbackReconciler:
         self._task: asyncio.Task[Any] | None = None
         self._last_run = -float("inf")
         self._failing: str | None = None
+        """The failure the last background pass logged (said once until a pass succeeds)."""
         self._unreadable: set[str] = set()
         """The keys the last pass left in the journal, their stored lock unreadable."""
-        """The failure the last background pass logged (said once until a pass succeeds)."""
+        self._unreadable_entries: set[str] = set()
+        """The keys whose journal entry the last read of the journal found unreadable."""
 
     # --- recording (on the request path, before the answer goes out) ---------------------
     async def record_grant(self, lock: Lock) -> None:
@@ -247,14 +264,31 @@ class FallbackReconciler:
 
     async def load(self) -> None:
         """Count what a previous run left in the journal."""
-        granted, released = await self._journal().entries()
+        journal = self._journal()
+        granted, released = await journal.entries()
         self.pending = len(granted) + len(released)
         self.metrics.fallback_pending.set(self.pending)
+        self._count_unreadable(journal)
 
     # --- reconciling ---------------------------------------------------------------------
+    def _count_unreadable(self, journal: FallbackJournal) -> None:
+        """Show the journal entries its last read found unreadable: counted (the pass's report,
+        the status, ``enhanced_locking_unreadable_locks{backend="journal"}``), and each key
+        logged once while it stays so (its reason, size and digest, never the value)."""
+        found = journal.unreadable()
+        for entry in found:
+            if entry.key not in self._unreadable_entries:
+                log.warning("the fallback journal entry of %s (%s) cannot be read: %s (%d bytes, "
+                            "sha256 %s...); it stays in the journal, never reconciled, until "
+                            "it is deleted", entry.key, entry.side, entry.reason, entry.size,
+                            entry.digest)
+        self._unreadable_entries = {entry.key for entry in found}
+        self.unreadable = len(found)
+        self.metrics.unreadable_locks.labels("journal").set(self.unreadable)
+
     @property
     def needed(self) -> bool:
-        return bool(self.pending or len(self.conflicts))
+        return bool(self.pending or len(self.conflicts) or self.unreadable)
 
     def poke(self) -> None:
         """The enhanced side answered: reconcile in the background if there is work (at most
@@ -324,8 +358,9 @@ class FallbackReconciler:
             left, left_released = await journal.entries()
             self.pending = len(left) + len(left_released)
             self.metrics.fallback_pending.set(self.pending)
+            self._count_unreadable(journal)
             report = ReconcileReport(adopted, freed, forgotten, len(self.conflicts),
-                                     self.pending)
+                                     self.pending, self.unreadable)
             self.last = report
             if adopted or freed or forgotten:
                 self.reconciled_total += adopted + freed + forgotten
@@ -466,7 +501,8 @@ class FallbackReconciler:
         return freed
 
     def status(self, *, mode: FallbackMode) -> FallbackStatus:
-        return FallbackStatus(mode=mode, pending=self.pending, granted=self.granted_total,
+        return FallbackStatus(mode=mode, pending=self.pending, unreadable=self.unreadable,
+                              granted=self.granted_total,
                               released_while_away=self.released_total,
                               reconciled=self.reconciled_total,
                               journal_errors=self.journal_errors, last_reconcile=self.last)
