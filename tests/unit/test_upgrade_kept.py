@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from tests.support.locks import request_for
@@ -132,6 +133,16 @@ async def test_a_queued_upgrade_granted_after_its_client_left_is_announced_and_k
     without a word."""
     monkeypatch.setattr(queueing, "RETRY_GRACE", 0.5)
     rig = rigs()
+    # The withdrawal after the grace comes after pull 2 lets go, however long its release
+    # takes: the order this case is about, not left to the grace outlasting the release.
+    released = asyncio.Event()
+    cancel = rig.locker.backend.cancel
+
+    async def cancel_once_released(*args: Any, **kwargs: Any) -> Any:
+        await released.wait()
+        return await cancel(*args, **kwargs)
+
+    monkeypatch.setattr(rig.locker.backend, "cancel", cancel_once_released)
     own = await rig.locker.acquire(ask(1, mode="shared"))
     assert own.acquired and own.lock is not None
     other = await rig.locker.acquire(ask(2, mode="shared"))
@@ -145,6 +156,7 @@ async def test_a_queued_upgrade_granted_after_its_client_left_is_announced_and_k
     with contextlib.suppress(asyncio.CancelledError):
         await waiting
     await rig.locker.release(other.lock.key, owner=("acme/infra", 2))  # the upgrade
+    released.set()
     loop = asyncio.get_running_loop()
     while later := [task for task in queueing._LATER if task.get_loop() is loop]:
         await asyncio.wait_for(asyncio.gather(*later), 60)
