@@ -524,6 +524,50 @@ async def test_a_wake_that_fails_by_a_fault_is_logged_once_not_made_again_every_
         await rig.close()
 
 
+class _FaultyClock(MemoryBackend):
+    """A memory store whose clock reads fail first with ``faults`` (then answer as the store
+    does): a store that does not answer, or a fault of the code (a ``TypeError``), which no
+    real store can be made to raise on purpose."""
+
+    def __init__(self, *faults: Exception) -> None:
+        super().__init__()
+        self.faults = list(faults)
+        self.reads = 0
+
+    async def now(self) -> Any:
+        self.reads += 1
+        if self.faults:
+            raise self.faults.pop(0)
+        return await super().now()
+
+
+async def test_a_clock_read_that_fails_by_a_fault_is_logged_once_as_an_error(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A look at the freezes reads the store's clock and goes by the process's while the store
+    does not answer, with a warning at each look. Any failure was taken for that: a fault of
+    the code (a ``TypeError``) was a warning at every look that read as an outage. Now only an
+    unanswered store is; a fault is logged once as an error saying what failed, and the look
+    goes on by the process's clock all the same."""
+    backend = _FaultyClock(BackendUnavailable("redis did not answer"),
+                           TypeError("unsupported operand"), TypeError("unsupported operand"))
+    rig = rig_for(backend)
+    try:
+        watch = rig.locker.rules
+        for limit in range(1, 5):  # each change of the rules looks at the clock once
+            watch.changed(PolicyRules(concurrency=[ConcurrencyLimit(
+                name="g", match=KeyPattern(path_prefix="g"), limit=limit)]))
+            assert await until(lambda: not watch._looking and not watch._tasks, within=10)
+        assert backend.reads == 4 and not backend.faults
+        faults = [r for r in caplog.records if "unsupported operand" in r.getMessage()]
+        assert [r.levelname for r in faults] == ["ERROR"], faults
+        assert "TypeError" in faults[0].getMessage()
+        assert [r.levelname for r in caplog.records
+                if "redis did not answer" in r.getMessage()] == ["WARNING"]
+        assert watch._timer is not None  # the looks went on: the next one is timed
+    finally:
+        await rig.close()
+
+
 # --- concurrency limits -----------------------------------------------------------------------
 async def test_a_limit_of_two_holds_five_waiters_to_two_at_a_time_in_queue_order(
         rigs: Callable[..., LockerRig]) -> None:

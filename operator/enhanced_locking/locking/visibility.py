@@ -185,6 +185,8 @@ class RuleWatch:
         self._tasks: set[asyncio.Task[None]] = set()
         self._wakes = 0
         """Wakes begun: a wake made again gives way to a later one (it reads newer rules)."""
+        self._clock_fault: str | None = None
+        """The fault the last clock read logged (said once until a read answers)."""
 
     def changed(self, rules: policies.PolicyRules) -> None:
         """The config's rules now (called on every applied snapshot; cheap when unchanged)."""
@@ -206,14 +208,26 @@ class RuleWatch:
     async def _look(self, *, wake: bool) -> None:
         """The freezes started and ended told, the timer set for the next edge, the queues
         served (``wake``), all by the store's clock (this process's while the store is away:
-        its queues cannot be served then anyway)."""
+        its queues cannot be served then anyway). Any other failure to read the clock (a fault
+        of the code) is logged once as an error, until a read answers, and the look goes by
+        this process's clock too."""
         try:
             try:
                 now = await self._locker.backend.now()
-            except Exception as error:  # the store is away: time goes on all the same
+            except BackendUnavailable as error:  # the store is away: time goes on all the same
                 log.warning("reading the store's clock for the freezes failed (%s); "
                             "going by this process's", error)
                 now = utcnow()
+            except Exception as error:
+                said = f"{type(error).__name__}: {error}"
+                if said != self._clock_fault:
+                    self._clock_fault = said
+                    log.error("reading the store's clock for the freezes failed (not an "
+                              "unanswered store; said once until a read answers): %s; going "
+                              "by this process's", said, exc_info=error)
+                now = utcnow()
+            else:
+                self._clock_fault = None
         finally:
             self._looking -= 1
         active = {f.name for f in self._rules.freezes if f.active(now)}
