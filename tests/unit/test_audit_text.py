@@ -49,6 +49,34 @@ def test_an_entry_built_on_the_hot_path_is_written_as_pydantic_writes_it() -> No
     assert entry_json(entry) == entry.model_dump_json(by_alias=True)
 
 
+KEYS_IN_VALUES = {"id": ',"time":"1999', "identity": '"request_id":', "reason": '"time":"',
+                  "request_id": '","request_id":"x'}
+"""Values that hold the text of the JSON's keys, quotes and all (the entry's JSON is written
+from orjson's text of its fields, its alias and time found in that text)."""
+
+
+def test_values_that_hold_the_texts_of_keys_are_written_as_pydantic_writes_them() -> None:
+    entry = built(AuditEntry, time=datetime(2026, 3, 1, 12, 0, 5, 120, UTC), groups=(),
+                  method="bearer", verb="lock", action="acquire", key=None, repo=None,
+                  pull=None, outcome="acquired", status=200, peer="", **KEYS_IN_VALUES)
+    assert entry_json(entry) == entry.model_dump_json(by_alias=True)
+
+
+async def test_values_that_hold_the_texts_of_keys_leave_the_time_column_isoformats(
+    tmp_path: Path,
+) -> None:
+    time = datetime(2026, 3, 1, 12, 0, 5, 7, tzinfo=UTC)
+    store = SqliteAuditStore(tmp_path / "locks.db", Retention(timedelta(days=3650), 1000))
+    values = {name: value for name, value in KEYS_IN_VALUES.items() if name != "id"}
+    stored = await store.append(AuditEntry(time=time, method="bearer", verb="lock",
+                                           action="acquire", outcome="acquired", status=200,
+                                           **values))
+    await store.close()
+    with sqlite3.connect(tmp_path / "locks.db") as db:
+        row = db.execute("SELECT id, time, data FROM audit").fetchone()
+    assert row == (int(stored.id), time.isoformat(), stored.model_dump_json(by_alias=True))
+
+
 @given(time=UTC_TIMES)
 def test_a_utc_time_is_written_as_isoformat_writes_it(time: datetime) -> None:
     # The text up to the second is kept per second: whatever was kept before, the time reads

@@ -56,7 +56,6 @@ from enhanced_locking.types import (
     AuditEntry,
     BackendUnavailable,
     Synchronous,
-    utc_text,
     utcnow,
 )
 
@@ -84,8 +83,8 @@ def entry_json(entry: AuditEntry) -> str:
     last one made is kept: a store encodes the entry it stored and returns, and the trail's
     stdout line is the same text of the same (frozen) object, made once.
 
-    Written by orjson from the entry's fields, its time by :func:`utc_text`: the same text
-    (strings, numbers, null and a list of strings, compact; a test compares the two for every
+    Written by orjson from the entry's fields, its time in RFC 3339 with a ``Z``: the same
+    text (strings, numbers, null and a list of strings, compact; a test compares the two for every
     kind of value), where pydantic's serializer and its wrapper ran about 24k instructions,
     twice per lock pair. An entry whose time is not in UTC (none the service makes) is
     pydantic's."""
@@ -93,27 +92,27 @@ def entry_json(entry: AuditEntry) -> str:
 
 
 def _encoded(entry: AuditEntry) -> tuple[str, str | None]:
-    """:func:`entry_json` of ``entry``, and the text of its time in it (``utc_text``'s; None
-    for a time not in UTC): the store's ``time`` column is the same text with isoformat's
-    ``+00:00`` for the ``Z``, so an entry's time is written out once."""
+    """:func:`entry_json` of ``entry``, and the text of its time in it (isoformat's with ``Z``
+    for ``+00:00``; None for a time not in UTC): the store's ``time`` column is the same text
+    with isoformat's ``+00:00`` for the ``Z``, so an entry's time is written out once."""
     global _last_encoded
     last, text, time_text = _last_encoded
     if last is entry:
         return text, time_text
-    fields = entry.__dict__  # not through the model's attribute hook: fifteen reads
-    time = fields["time"]
-    if time.tzinfo is not UTC:
+    fields = entry.__dict__  # the model's fields, in their order
+    if fields["time"].tzinfo is not UTC:
         text, time_text = entry.model_dump_json(by_alias=True), None
     else:
-        time_text = utc_text(time)
-        text = orjson.dumps({
-            "id": fields["id"], "time": time_text, "identity": fields["identity"],
-            "groups": fields["groups"], "method": fields["method"], "verb": fields["verb"],
-            "action": fields["action"], "key": fields["key"], "repo": fields["repo"],
-            "pull": fields["pull"], "outcome": fields["outcome"], "status": fields["status"],
-            "reason": fields["reason"], "peer": fields["peer"],
-            "requestId": fields["request_id"],
-        }).decode()
+        # The fields as they are, the time written by orjson as RFC 3339 with its Z (as
+        # utc_text writes it); request_id, the last field, is the one whose alias is another
+        # name. An unescaped quote is never inside a JSON string, so the last '"request_id":'
+        # is its key and the first ',"time":"' starts the time's text. (A dict of the fields
+        # made with their aliases and utc_text's time cost about 17k instructions an entry.)
+        text = orjson.dumps(fields, option=orjson.OPT_UTC_Z).decode()
+        head, _, value = text.rpartition('"request_id":')
+        text = head + '"requestId":' + value
+        start = text.index(',"time":"') + 9
+        time_text = text[start:text.index('"', start)]
     _last_encoded = (entry, text, time_text)
     return text, time_text
 
