@@ -95,6 +95,13 @@ class BackendFactory:
         self.built.append(backend)
         return backend
 
+    @staticmethod
+    def first_token(backend: Backend) -> int:
+        """The first fencing token of each key a new store hands out (a counter per key): 1,
+        or above the memory store's floor, read from the clock (it keeps no counter past its
+        process, and its tokens still rise across restarts)."""
+        return backend.token_floor + 1 if isinstance(backend, MemoryBackend) else 1
+
     def follows(self, after: int, token: int) -> bool:
         """Whether ``token`` is what this kind issues for a key's next grant after ``after``:
         exactly one more for a counter per key; any higher value for revision tokens."""

@@ -89,8 +89,10 @@ class LockerModel(RuleBasedStateMachine):
         backend: QueueBackend
         if self.store == "memory":
             backend = MemoryBackend(clock=self.clock)
+            self.floor = backend.token_floor
         else:
             backend = EmbeddedBackend(Path(self.tmp.name) / "model.db", clock=self.clock)
+            self.floor = 0  # (a new file's)
         self.rig: LockerRig = rig_for(
             backend, priority_queue=True,
             starvation_threshold=timedelta(milliseconds=THRESHOLD_MS),
@@ -172,8 +174,9 @@ class LockerModel(RuleBasedStateMachine):
         self.hand_out(path)
 
     def same_token(self, path: str, model: int, actual: int) -> bool:
-        """Whether the store's token is the one the model issued (a counter per key here)."""
-        return actual == model
+        """Whether the store's token is the one the model issued (a counter per key here,
+        from 1; the store's counts from its floor)."""
+        return actual == self.floor + model
 
     # --- rules -----------------------------------------------------------------------------------
     @initialize()

@@ -23,7 +23,14 @@ from tests.support.unreadable import spoil_count
 from enhanced_locking.backends import QueueBackend, base
 from enhanced_locking.backends.memory import MemoryBackend
 from enhanced_locking.backends.waiting import Notice, QueuePolicy, Status, Wait
-from enhanced_locking.types import Candidate, LockNotHeld, LockNotOwned, Priority, Reason
+from enhanced_locking.types import (
+    Candidate,
+    LockNotHeld,
+    LockNotOwned,
+    Priority,
+    Reason,
+    utcnow,
+)
 
 FIFO = QueuePolicy(priority=False)
 PRIORITY = QueuePolicy(priority=True, starvation_threshold=timedelta(hours=1))
@@ -827,6 +834,24 @@ async def test_fencing_tokens_keep_rising_in_a_reopened_store(
     assert isinstance(second, QueueBackend)
     again = (await second.acquire_or_enqueue(want(2), ttl=None, wait=None, policy=FIFO)).locks[0]
     assert tokens == sorted(set(tokens)) and again.fencing_token > tokens[-1]
+
+
+async def test_fencing_tokens_keep_rising_past_a_memory_store_started_again() -> None:
+    # The in-memory store keeps nothing past its process: a service started again on it
+    # starts with no locks and no counters. A resource that outlives the service (a state
+    # file a stale holder may still write to) has seen the tokens handed out before, so the
+    # new store's first token of a key is above them. It restarted at 1.
+    first = MemoryBackend("enhanced")
+    tokens = []
+    for _ in range(3):
+        lock = (await first.acquire_or_enqueue(want(1), ttl=None, wait=None,
+                                               policy=FIFO)).locks[0]
+        tokens.append(lock.fencing_token)
+        await first.release(lock.key)
+    # The process started again, a moment later (its clock moved on): nothing kept.
+    second = MemoryBackend("enhanced", clock=lambda: utcnow() + timedelta(milliseconds=1))
+    again = (await second.acquire_or_enqueue(want(2), ttl=None, wait=None, policy=FIFO)).locks[0]
+    assert tokens == sorted(set(tokens)) and again.fencing_token > tokens[-1], (tokens, again)
 
 
 async def test_the_answers_counted_with_a_hold_are_bounded_as_the_grants_remembered(

@@ -91,6 +91,7 @@ __all__ = [
     "Told",
     "Took",
     "checking_other_side",
+    "clock_floor",
     "parts_of",
 ]
 
@@ -1398,6 +1399,14 @@ class Told:
 
 def _untold(handoff: Handoff) -> None:
     """``StoreBackend.served_unasked`` until a locker takes it: nobody to tell."""
+
+
+def clock_floor(moment: datetime) -> int:
+    """A fencing floor read from the clock at ``moment``: milliseconds since the epoch, times
+    1000. Tokens counted from it are above every token handed out by a store whose counters
+    started from an earlier one (fewer than 1000 tokens a key a millisecond since), as a
+    store that lost its counters, or keeps none past its process, needs."""
+    return epoch_ms(moment) * 1000
 
 
 def parts_of(lock: Lock | Candidate) -> policies.KeyParts:

@@ -1,11 +1,17 @@
-"""The in-memory backend: the reference store, for tests and throwaway runs."""
+"""The in-memory backend: the reference store, for tests and throwaway runs.
+
+Nothing is kept past the process: a service started again on it holds no lock and has no
+fencing counter. A key's tokens start above the clock when the store was made
+(:func:`~enhanced_locking.backends.base.clock_floor`), so they keep rising across restarts
+for whatever outlives the process (a resource that checks tokens has seen those handed out
+before), as the Redis store's counters do after a restart without persistence."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
 
-from enhanced_locking.backends.base import StoreBackend
+from enhanced_locking.backends.base import StoreBackend, clock_floor
 from enhanced_locking.types import Lock, utcnow
 
 __all__ = ["MemoryBackend"]
@@ -23,6 +29,9 @@ class MemoryBackend(StoreBackend):
         self._locks: dict[str, Lock] = {}
         self._shared: dict[str, dict[tuple[str, int], Lock]] = {}
         self._counters: dict[str, int] = {}
+        self.token_floor = clock_floor(clock())
+        """Every key's first token is above it: the clock when the store was made
+        (milliseconds times 1000), above the tokens a store of an earlier process handed out."""
 
     def _load(self, key: str) -> Lock | None:
         return self._locks.get(key)
@@ -57,14 +66,14 @@ class MemoryBackend(StoreBackend):
         return self._locks.pop(key)
 
     def _next_token(self, key: str) -> int:
-        self._counters[key] = self._counters.get(key, 0) + 1
+        self._counters[key] = self._counters.get(key, self.token_floor) + 1
         return self._counters[key]
 
     def _tokens(self) -> dict[str, int]:
         return dict(self._counters)
 
     def _raise_token(self, key: str, at_least: int) -> None:
-        self._counters[key] = max(self._counters.get(key, 0), at_least)
+        self._counters[key] = max(self._counters.get(key, self.token_floor), at_least)
 
     def _scan(self, repo: str | None, pull: int | None) -> list[Lock]:
         shared = (lock for holders in self._shared.values() for lock in holders.values())
