@@ -165,7 +165,8 @@ func WithRetries(attempts int, backoff time.Duration) Option {
 
 // WithCallTimeout bounds each call that does not wait in a queue (an acquire with Wait gets
 // Wait plus this bound), when the caller's context has no earlier deadline, and the wait for
-// an event stream's answer (its headers; the stream is then bound by WithStreamSilence).
+// an event stream's answer (its headers; for Events, and a reopening with no event to resume
+// after, its ": following" line too; the stream is then bound by WithStreamSilence).
 // 0: unbounded.
 func WithCallTimeout(d time.Duration) Option { return func(c *Client) { c.callTimeout = d } }
 

@@ -781,7 +781,18 @@ func TestAStreamThatFallsSilentIsReopenedThenGivenUp(t *testing.T) {
 	t.Cleanup(silent.Close)
 	events := streamOf(t, silent.URL, 60*time.Second, client.WithRetries(2, 0),
 		client.WithStreamSilence(200*time.Millisecond))
-	_, err := events.Next()
+	// The stream returned no event: each reopening, once it follows, is said by a gap
+	// (nothing to resume after), and the failures count on across them.
+	ev, err := events.Next()
+	gaps := 0
+	for ; err == nil && ev.Type == client.EventGap && ev.Details["reason"] == client.GapReopened &&
+		gaps < 2; gaps++ {
+		ev, err = events.Next()
+	}
+	if gaps != 2 {
+		t.Fatalf("each of the two reopenings should be said by a gap, got %d, then %+v, %v",
+			gaps, ev, err)
+	}
 	if !client.IsUnavailable(err) || errors.Is(err, context.DeadlineExceeded) ||
 		!strings.Contains(err.Error(), "sent nothing for 200ms") {
 		t.Fatalf("a silent stream should be given up, got %v", err)

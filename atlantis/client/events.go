@@ -30,7 +30,9 @@ type Event struct {
 }
 
 // EventGap is the type of the event a resumed stream starts with when some events after
-// Last-Event-ID are no longer kept: re-read the state rather than trust the replay. A switch
+// Last-Event-ID are no longer kept: re-read the state rather than trust the replay. Next
+// also returns one (reason GapReopened) when it reopened a stream that had no event to
+// resume after. A switch
 // of the enhanced store moves the events to another bus and tells a stream so by a gap
 // whose ID is the new bus's, where the stream resumes from then on.
 const EventGap = "gap"
@@ -57,6 +59,10 @@ type EventStream struct {
 	reader *bufio.Reader
 	// hangUp ends the open connection's request (its context, a child of ctx).
 	hangUp context.CancelFunc
+	// failures: the failed connections in a row a reopened gap (GapReopened) was returned
+	// after; the next Next counts on from them, so a stream that keeps failing before any
+	// event is given up after the attempts, as within one Next.
+	failures int
 }
 
 // Events opens the event stream. It returns once the service follows the events for it
@@ -215,7 +221,9 @@ func untilFollows(reader *bufio.Reader) (*bufio.Reader, error) {
 }
 
 // Next blocks until the next event. A broken connection is reopened after a jittered pause
-// (doubling, as a call's retries do), resuming after the last event returned. A reopening
+// (doubling, as a call's retries do), resuming after the last event returned; a stream that
+// had returned no event has nothing to resume after: once its reopening follows the events,
+// Next returns a gap (reason GapReopened: re-read the state), then its events. A reopening
 // refused as a restart or a rollout of the service refuses it (its port refuses or resets
 // the connection, or the connect gets no answer in time), or answered by the service's own
 // 503 "unavailable" (it serves no lock call for now: its operator's start, until the
@@ -226,7 +234,8 @@ func untilFollows(reader *bufio.Reader) (*bufio.Reader, error) {
 // refusal is answered at once. After the attempts, when the context ends, or when Close is
 // called, it answers an error.
 func (s *EventStream) Next() (Event, error) {
-	failures := 0
+	failures := s.failures
+	s.failures = 0
 	delay := s.c.backoff
 	// unopened: why the last reconnection failed (the stream then has no connection to read);
 	// refused: the service's answer that refused it, when it answered one.
@@ -270,12 +279,27 @@ func (s *EventStream) Next() (Event, error) {
 		case <-time.After(pause):
 		}
 		delay = min(2*delay, s.c.maxBackoff)
-		refused, unopened = s.reconnect()
+		// A stream that has returned no event has no id to resume from: its reopening follows
+		// the events from then on, so those published while it was broken are not on it. It
+		// is waited for until it follows, then said by a gap (re-read the state), as the
+		// service says a resume it cannot serve in full.
+		resumes := s.LastEventID() != ""
+		refused, unopened = s.reconnect(!resumes)
 		if unopened != nil && !IsUnavailable(unopened) {
 			return Event{}, unopened
 		}
+		if unopened == nil && !resumes {
+			s.failures = failures
+			return Event{Type: EventGap, Time: time.Now().UTC(),
+				Details: map[string]any{"reason": GapReopened}}, nil
+		}
 	}
 }
+
+// GapReopened is the reason of the gap Next returns when it reopened a stream that had
+// returned no event yet: with no id to resume from, the reopened stream follows the events
+// from then on, and those published while it was broken may be missing.
+const GapReopened = "reopened"
 
 // streamRetryAfterCap is the longest Retry-After a stream's reopening waits (a proxy may say
 // an hour; the service's limit of streams says 5s).
@@ -291,7 +315,7 @@ func notServing(got answer) bool {
 		e.Reason == string(ReasonUnavailable)
 }
 
-func (s *EventStream) reconnect() (answer, error) {
+func (s *EventStream) reconnect(untilFollowing bool) (answer, error) {
 	s.mu.Lock()
 	if s.body != nil {
 		s.body.Close() //nolint:errcheck
@@ -299,7 +323,7 @@ func (s *EventStream) reconnect() (answer, error) {
 		s.body, s.reader, s.hangUp = nil, nil, nil
 	}
 	s.mu.Unlock()
-	return s.connect(false)
+	return s.connect(untilFollowing)
 }
 
 // read parses one SSE event (lines up to a blank line); comments and pings are skipped. A

@@ -112,8 +112,14 @@ func TestAStreamReopeningRefusedAtTheServicesLimitWaitsItsRetryAfter(t *testing.
 	other()
 	direct, err := client.New(svc.URL)
 	must(t, err)
+	// The stream broke before its first event: its reopening, once served, is said by a gap
+	// (nothing to resume after), then it reads on.
+	if got := <-done; got.err != nil || got.event.Type != client.EventGap ||
+		got.event.Details["reason"] != client.GapReopened {
+		t.Fatalf("the reopening served should be said by a gap, got %+v, %v", got.event, got.err)
+	}
 	pull := 1
-	if got := lockUntilRead(ctx, t, direct, "acme/limit", &pull, done); got.err != nil ||
+	if got := lockUntilRead(ctx, t, direct, "acme/limit", &pull, nexting(stream)); got.err != nil ||
 		got.event.Type != "acquired" {
 		t.Fatalf("the stream should read on once the service serves it, got %+v, %v",
 			got.event, got.err)
@@ -162,6 +168,12 @@ func TestARetryAfterOfAnHourIsWaitedAtMostTheCap(t *testing.T) {
 	defer stream.Close() //nolint:errcheck
 	if n := opened.Load(); n != 1 {
 		t.Fatalf("Events should open the stream once, opened %d times", n)
+	}
+	// The stream broke before its first event: its reopening, once served, is said by a gap
+	// (nothing to resume after), then it reads on.
+	if r := <-nexting(stream); r.err != nil || r.event.Type != client.EventGap ||
+		r.event.Details["reason"] != client.GapReopened {
+		t.Fatalf("the reopening served should be said by a gap, got %+v, %v", r.event, r.err)
 	}
 	pull := 1
 	if got := lockUntilRead(ctx, t, c, "acme/cap", &pull, nexting(stream)); got.err != nil ||
