@@ -143,6 +143,7 @@ from enhanced_locking.backends.etcd_connection import (
 from enhanced_locking.backends.unreadable import UnreadableLocks
 from enhanced_locking.backends.waiting import (
     Expiry,
+    GoneGrantUnknown,
     Grant,
     GrantedUnheard,
     GrantNotifier,
@@ -1849,10 +1850,14 @@ class EtcdBackend(StoreBackend):
         wants it now), tried while etcd does not answer for as long as a call may take. The
         write of one of ``runs`` (this run, and an earlier run of the step whose answer was
         lost too) found there is answered as landed (a grant: ``GrantedUnheard``, given back
-        by its caller); none found, or not read in time, a plain cancellation. Before, a
-        commit etcd applied though its answer was lost stayed: a grant held for good, never
-        told. The reads are seen through though the task is cancelled again meanwhile (a
-        shutdown behind a client gone: :class:`_Unbroken`, the cancel it keeps is this one's
+        by its caller); none found, a plain cancellation. Not read in time, a run that would
+        grant is left to the caller's locker with the cancellation (``GoneGrantUnknown``: the
+        read ``GrantUnknown`` carries, run in the background once etcd answers again, the
+        grant found then given back); before, the reads gave up there, and a grant etcd had
+        applied stayed held for good (no lease), never told. Before that, a commit etcd
+        applied though its answer was lost stayed the same way whatever the reads found. The
+        reads are seen through though the task is cancelled again meanwhile (a shutdown
+        behind a client gone: :class:`_Unbroken`, the cancel it keeps is this one's
         already); a second cancel ended them, and the grant stayed."""
         runs = [run for run in runs if run[0].writes]
         if not runs:
@@ -1862,6 +1867,10 @@ class EtcdBackend(StoreBackend):
             reads = await _Unbroken(self._read_again(client, keys, prefixes, key=key,
                                                      until=until))
         except BackendUnavailable:
+            if any(_grants(run[1]) for run in runs):
+                wanted = (set(keys), set(prefixes))
+                return GoneGrantUnknown(
+                    key=key, learn=lambda: self._learn_landed(runs, *wanted, key=key))
             log.warning("etcd %s: could not read whether the step of %s, given up on by its "
                         "caller, was applied (its answer lost): what it wrote may stay",
                         self.connection.where, key or "its keys")
@@ -1886,9 +1895,10 @@ class EtcdBackend(StoreBackend):
     async def _learn_landed(self, runs: list[tuple[_Txn, T]], keys: set[bytes],
                             prefixes: set[bytes], *, key: str | None) -> Outcome | None:
         """The grant of one of ``runs`` (a step's runs whose commit's answer was lost, its
-        caller answered ``unavailable``: ``GrantUnknown``) that etcd applied, read once etcd
-        answers again (tried while it does not, until cancelled); ``None`` when none landed
-        or what it wrote has changed since (released, handed on: nothing of it to undo)."""
+        caller answered ``unavailable``: ``GrantUnknown``, or gone: ``GoneGrantUnknown``)
+        that etcd applied, read once etcd answers again (tried while it does not, until
+        cancelled); ``None`` when none landed or what it wrote has changed since (released,
+        handed on: nothing of it to undo)."""
         delay = 0.1
         while True:
             try:

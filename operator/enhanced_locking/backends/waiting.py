@@ -63,6 +63,7 @@ __all__ = [
     "MAX_LEVEL",
     "Cancelled",
     "Expiry",
+    "GoneGrantUnknown",
     "Grant",
     "GrantNotifier",
     "GrantUnknown",
@@ -336,6 +337,22 @@ class GrantUnknown(BackendUnavailable):
     def __init__(self, message: str, *, key: str | None,
                  learn: Callable[[], Awaitable[Outcome | None]]) -> None:
         super().__init__(message, key=key)
+        self.learn = learn
+
+
+class GoneGrantUnknown(asyncio.CancelledError):
+    """The cancellation of an acquire (its caller went away) that came while the store's call
+    was on its way, raised by a store that saw the call through and could not learn within the
+    call's limit whether it granted: the answer of a commit that would grant was lost and the
+    store could not be read again in time (etcd). The same unsettled commit as
+    :class:`GrantUnknown`'s, whose caller is gone rather than refused: ``learn`` is the same
+    read, and the locker runs it in the background the same way and gives back the grant that
+    landed (as :class:`GrantedUnheard`'s)."""
+
+    def __init__(self, *, key: str | None,
+                 learn: Callable[[], Awaitable[Outcome | None]]) -> None:
+        super().__init__("granted to a caller that went away, or not: the store did not say")
+        self.key = key
         self.learn = learn
 
 

@@ -40,6 +40,7 @@ from enhanced_locking.backends.base import (
     parts_of,
 )
 from enhanced_locking.backends.waiting import (
+    GoneGrantUnknown,
     Grant,
     GrantedUnheard,
     GrantUnknown,
@@ -457,7 +458,7 @@ class EnhancedLocker(AtlantisCalls):
                         backend.grants.forget(offer.id, future)  # (granted: not queued)
                     self._unheard(error.outcome)
                     raise
-                if isinstance(error, GrantUnknown):  # answered unavailable, may have granted
+                if isinstance(error, (GrantUnknown, GoneGrantUnknown)):  # may have granted
                     self._learn_unheard(error)
                 if offer is not None and future is not None:
                     backend.grants.forget(offer.id, future)
@@ -562,20 +563,21 @@ class EnhancedLocker(AtlantisCalls):
         if isinstance(error, GrantUnknown):
             self._learn_unheard(error)
 
-    def _learn_unheard(self, error: GrantUnknown) -> None:
-        """An acquire answered ``unavailable`` whose grant the store may have applied (its
-        answer lost, the store not read again in time: :class:`GrantUnknown`): once the store
-        answers, what landed is given back as the grant of a caller that went away
-        (:meth:`_unheard`); its caller was refused, and Atlantis never releases what it was
-        refused. Cancelled when the locker closes (logged: what landed may stay held)."""
+    def _learn_unheard(self, error: GrantUnknown | GoneGrantUnknown) -> None:
+        """An acquire whose grant the store may have applied, its answer lost and the store
+        not read again in time, whether its caller is answered ``unavailable``
+        (:class:`GrantUnknown`) or went away meanwhile (:class:`GoneGrantUnknown`): once the
+        store answers, what landed is given back as the grant of a caller that went away
+        (:meth:`_unheard`); a caller refused never releases it (nor does Atlantis), nor does
+        one gone. Cancelled when the locker closes (logged: what landed may stay held)."""
 
         async def learn() -> None:
             try:
                 outcome = await error.learn()
             except asyncio.CancelledError:
                 log.warning("closed before the store was read again after an acquire of %s "
-                            "answered unavailable (its answer lost): what it granted may stay "
-                            "held", error.key or "its keys")
+                            "whose answer was lost: what it granted may stay held",
+                            error.key or "its keys")
                 raise
             if outcome is not None:
                 self._unheard(outcome)
