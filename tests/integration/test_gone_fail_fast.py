@@ -175,6 +175,21 @@ async def _applied(member_endpoint: str, prefix: str, key: str) -> None:
         await direct.close()
 
 
+async def _released(member_endpoint: str, prefix: str, key: str) -> None:
+    """Wait (up to 10 s) until ``key`` is free in etcd, read on the member itself (as
+    :func:`_applied`): a release's commit was applied, its answer on its way."""
+    direct = EtcdBackend(EtcdConnection(EtcdSettings(endpoints=(member_endpoint,))),
+                         prefix=prefix)
+    try:
+        for _ in range(100):
+            if await direct.get(key) is None:
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"{key}: the release's commit was not applied within 10 s")
+    finally:
+        await direct.close()
+
+
 @dataclass(frozen=True)
 class _Proxied:
     """A locker on an etcd store reached through a proxy in front of the cluster's one member:
@@ -621,5 +636,44 @@ async def test_an_acquire_tried_again_whose_first_commit_landed_unanswered_holds
                     await asyncio.wait_for(task, 30)
         finally:
             proxy.refusing = False
+        await _free_soon(rig, 2, "envs/prod")
+        assert _abandoned(rig) == [etcd.key], [(e.type, e.details) for e in rig.events]
+
+
+@pytest.mark.etcd
+async def test_a_give_back_whose_answer_was_lost_is_told_once(
+        etcd_cluster: EtcdCluster, etcd_prefix: str) -> None:
+    """Pull 1's acquire (no wait) is granted as its caller goes away, and the grant is given
+    back; the give-back's release is sent to the member stopped, applied once it runs again
+    while its answer is held, and the connection is cut as the answer passes, etcd out of
+    reach from then on past the call's limit: the give-back cannot learn from the answer
+    whether its release landed. Once etcd answers again the key is free and the release is
+    told once (``released``, ``how`` ``abandoned``). Before, the give-back was sent again,
+    found the key free and said nothing: no event told that the lock was gone."""
+    async with _proxied_etcd(etcd_cluster, etcd_prefix, ask(1)) as etcd:
+        proxy, member, rig = etcd.proxy, etcd.member, etcd.rig
+        try:
+            with contextlib.ExitStack() as held:
+                let_go = held.enter_context(proxy.holding())
+                task = await _sent_and_applied(etcd, ask(1))  # (answer held)
+                task.cancel()
+                with frozen(member):
+                    let_go()  # the grant heard, given back: its release waits for the member
+                    with pytest.raises(asyncio.CancelledError):
+                        await asyncio.wait_for(task, 10)
+                    await asyncio.sleep(0.3)
+                    assert _abandoned(rig) == [], "given back with the member stopped"
+                    let_go = held.enter_context(proxy.holding())  # (the release's answer)
+                await _released(member.endpoint, etcd.prefix, etcd.key)  # (answer held)
+                proxy.refuse_on_cut = True  # (and out of reach from the cut on)
+                await _cut_as_it_passes(proxy, let_go)
+            await asyncio.sleep(CALL_TIMEOUT + 1)  # (the give-back's step gives up meanwhile)
+            assert _abandoned(rig) == [], "told while etcd was out of reach"
+        finally:
+            proxy.refusing = False
+        for _ in range(100):  # (the key is free already: told once the give-back learns it)
+            if _abandoned(rig):
+                break
+            await asyncio.sleep(0.1)
         await _free_soon(rig, 2, "envs/prod")
         assert _abandoned(rig) == [etcd.key], [(e.type, e.details) for e in rig.events]

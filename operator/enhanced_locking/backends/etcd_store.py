@@ -148,6 +148,8 @@ from enhanced_locking.backends.waiting import (
     GrantedUnheard,
     GrantNotifier,
     GrantUnknown,
+    Handoff,
+    HandoffUnknown,
     LocalNotifier,
     Notice,
     Outcome,
@@ -1801,16 +1803,27 @@ class EtcdBackend(StoreBackend):
             raise await self._gone_unanswered(client, [lost], want_keys, want_prefixes,
                                               key=key) from None
         except BackendUnavailable as error:
-            if lost is None or not _grants(lost[1]) or isinstance(error, GrantUnknown):
+            if lost is None or isinstance(error, (GrantUnknown, HandoffUnknown)):
                 raise
-            # A commit that would grant may have landed, its answer lost, and etcd was not
-            # read again in time: the caller is answered unavailable, and what landed is
-            # learnt once etcd answers (the locker gives it back: the caller was refused).
-            self._known.forget(want_keys, want_prefixes)
             runs, wanted = [lost], (set(want_keys), set(want_prefixes))
-            raise GrantUnknown(str(error), key=error.key,
-                               learn=lambda: self._learn_landed(runs, *wanted, key=key),
-                               ) from error
+            if _grants(lost[1]):
+                # A commit that would grant may have landed, its answer lost, and etcd was
+                # not read again in time: the caller is answered unavailable, and what landed
+                # is learnt once etcd answers (the locker gives it back: the caller was
+                # refused).
+                self._known.forget(want_keys, want_prefixes)
+                raise GrantUnknown(str(error), key=error.key,
+                                   learn=lambda: self._learn_grant(runs, *wanted, key=key),
+                                   ) from error
+            if isinstance(lost[1], Handoff):
+                # A release (a hand-off) may have landed so: whether it did is learnt the
+                # same way, for a caller that tells it (a give-back, sent again, would find
+                # the key freed or handed on, and never tell its release).
+                self._known.forget(want_keys, want_prefixes)
+                raise HandoffUnknown(str(error), key=error.key,
+                                     learn=lambda: self._learn_handoff(runs, *wanted, key=key),
+                                     ) from error
+            raise
         finally:
             self.in_flight -= 1
 
@@ -1870,7 +1883,7 @@ class EtcdBackend(StoreBackend):
             if any(_grants(run[1]) for run in runs):
                 wanted = (set(keys), set(prefixes))
                 return GoneGrantUnknown(
-                    key=key, learn=lambda: self._learn_landed(runs, *wanted, key=key))
+                    key=key, learn=lambda: self._learn_grant(runs, *wanted, key=key))
             log.warning("etcd %s: could not read whether the step of %s, given up on by its "
                         "caller, was applied (its answer lost): what it wrote may stay",
                         self.connection.where, key or "its keys")
@@ -1893,12 +1906,11 @@ class EtcdBackend(StoreBackend):
                 await asyncio.sleep(0.1)
 
     async def _learn_landed(self, runs: list[tuple[_Txn, T]], keys: set[bytes],
-                            prefixes: set[bytes], *, key: str | None) -> Outcome | None:
-        """The grant of one of ``runs`` (a step's runs whose commit's answer was lost, its
-        caller answered ``unavailable``: ``GrantUnknown``, or gone: ``GoneGrantUnknown``)
-        that etcd applied, read once etcd answers again (tried while it does not, until
-        cancelled); ``None`` when none landed or what it wrote has changed since (released,
-        handed on: nothing of it to undo)."""
+                            prefixes: set[bytes], *, key: str | None) -> T | None:
+        """The answer of the first of ``runs`` (a step's runs whose commit's answer was lost,
+        etcd not read again within the call's limit) that etcd applied, read once etcd
+        answers again (tried while it does not, until cancelled); ``None`` when none landed
+        or what it wrote has changed since (released, handed on: nothing of it to undo)."""
         delay = 0.1
         while True:
             try:
@@ -1909,10 +1921,21 @@ class EtcdBackend(StoreBackend):
                 delay = min(1.0, delay * 2)
                 continue
             found = self._first_landed(runs, reads)
-            if found is None:
-                return None
-            answer = found[0]
-            return answer if isinstance(answer, Outcome) and _grants(answer) else None
+            return None if found is None else found[0]
+
+    async def _learn_grant(self, runs: list[tuple[_Txn, T]], keys: set[bytes],
+                           prefixes: set[bytes], *, key: str | None) -> Outcome | None:
+        """The grant of one of ``runs`` that etcd applied (``_learn_landed``), its caller
+        answered ``unavailable`` (``GrantUnknown``) or gone (``GoneGrantUnknown``)."""
+        answer = await self._learn_landed(runs, keys, prefixes, key=key)
+        return answer if isinstance(answer, Outcome) and _grants(answer) else None
+
+    async def _learn_handoff(self, runs: list[tuple[_Txn, T]], keys: set[bytes],
+                             prefixes: set[bytes], *, key: str | None) -> Handoff | None:
+        """The hand-off of one of ``runs`` (a release) that etcd applied (``_learn_landed``),
+        its caller answered ``unavailable`` (``HandoffUnknown``)."""
+        answer = await self._learn_landed(runs, keys, prefixes, key=key)
+        return answer if isinstance(answer, Handoff) else None
 
     def _first_landed(self, runs: list[tuple[_Txn, T]], reads: _Reads) -> tuple[T] | None:
         """The answer (in a tuple: it may be ``None``) of the first of ``runs`` whose commit

@@ -69,6 +69,7 @@ __all__ = [
     "GrantUnknown",
     "GrantedUnheard",
     "Handoff",
+    "HandoffUnknown",
     "KeyWaits",
     "KeyWaitsList",
     "LocalNotifier",
@@ -409,6 +410,23 @@ class Handoff:
         handoff.expired = ()
         handoff.upgrades_kept = ()
         return handoff
+
+
+class HandoffUnknown(BackendUnavailable):
+    """A release answered ``unavailable`` though the store may have applied it: the answer of
+    its commit was lost and the store could not be read again within the call's limit to
+    learn whether it landed (etcd; as :class:`GrantUnknown` for an acquire). Sent again, it
+    would find the key free (or handed on) whether its first commit freed it or not, and tell
+    nothing. ``learn`` (tried while the store does not answer; cancelled, it stops) reads the
+    store once it answers again and gives the hand-off that landed, ``None`` when none did
+    (or what it wrote has changed since). A release that only deleted the lock is taken as
+    landed when the lock is gone: a release of the same lock made meanwhile by another hand
+    (an unlock, a force-unlock, an expiry) cannot be told from it by what etcd holds."""
+
+    def __init__(self, message: str, *, key: str | None,
+                 learn: Callable[[], Awaitable[Handoff | None]]) -> None:
+        super().__init__(message, key=key)
+        self.learn = learn
 
 
 @dataclass(kw_only=True, slots=True)

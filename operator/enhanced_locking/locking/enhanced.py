@@ -45,6 +45,7 @@ from enhanced_locking.backends.waiting import (
     GrantedUnheard,
     GrantUnknown,
     Handoff,
+    HandoffUnknown,
     Notice,
     Outcome,
     PullPartlyReleased,
@@ -839,6 +840,11 @@ class EnhancedLocker(AtlantisCalls):
                     unless_told=True)
             except LockNotOwned:
                 continue
+            except HandoffUnknown as error:
+                landed = await _learnt(error, lock)
+                if landed is None:
+                    raise  # not landed (or not learnt before its lease ended): sent again
+                handoff = landed
             self._handed(handoff, how="abandoned")
 
     # --- release ------------------------------------------------------------------------------
@@ -1205,6 +1211,23 @@ def _waiter_id(candidates: Sequence[Candidate], request_id: str | None) -> str:
     seed = json.dumps([first.project.repo_full_name, first.pull.num, request_id,
                        [candidate.key for candidate in candidates]])
     return "r" + hashlib.sha256(seed.encode()).hexdigest()[:23]
+
+
+async def _learnt(error: HandoffUnknown, lock: Lock) -> Handoff | None:
+    """What the give-back of ``lock`` answered ``unavailable`` with its answer lost did
+    (``error.learn``: read once the store answers again), ``None`` when its release did not
+    land. Given up at the end of the lock's lease (``None``): from then on the store frees it
+    on its own, and a lock gone would be taken for this release's. Before, the give-back
+    was sent again, found the key free (or handed on) and told nothing: a lock released by
+    the give-back's first commit was never told ``released``."""
+    if lock.expires_at is None:
+        return await error.learn()
+    left = (lock.expires_at - utcnow()).total_seconds()
+    try:
+        async with asyncio.timeout(max(0.0, left)):
+            return await error.learn()
+    except TimeoutError:
+        return None
 
 
 def _abandoned_for(error: BaseException) -> Reason | None:
