@@ -387,19 +387,23 @@ async def test_a_grant_whose_caller_left_and_whose_answer_was_lost_is_given_back
 
 
 @pytest.mark.etcd
+@pytest.mark.parametrize("wait", [None, timedelta(seconds=30)], ids=["no-wait", "waiting"])
 async def test_a_grant_whose_answer_was_lost_is_given_back_after_etcd_was_away_longer_than_a_call(
-        etcd_cluster: EtcdCluster, etcd_prefix: str) -> None:
-    """The commit of pull 1's acquire (no wait) is applied while its answer is held, its
-    caller is cancelled, the connection is cut as the answer passes, and no request reaches
-    the member for longer than a call may take (``CALL_TIMEOUT``). Once etcd can be reached
-    again, the grant etcd applied is given back and told: the step's reads gave up at the
-    call's limit and handed the commit to the locker's background look, as for a caller
-    answered ``unavailable``. Before, the reads gave up there and the lock (no lease) stayed
-    held for good, never told: another pull was refused ``held``."""
-    async with _proxied_etcd(etcd_cluster, etcd_prefix, ask(1)) as etcd:
+        etcd_cluster: EtcdCluster, etcd_prefix: str, wait: timedelta | None) -> None:
+    """The commit of pull 1's acquire (no wait, or one that waits granted at once) is applied
+    while its answer is held, its caller is cancelled, the connection is cut as the answer
+    passes, and no request reaches the member for longer than a call may take
+    (``CALL_TIMEOUT``). Once etcd can be reached again, the grant etcd applied is given back
+    and told: the step's reads gave up at the call's limit and handed the commit to the
+    locker's background look, as for a caller answered ``unavailable``. Before, the reads
+    gave up there and the lock (no lease) stayed held for good, never told: another pull was
+    refused ``held``."""
+    async with _proxied_etcd(etcd_cluster, etcd_prefix,
+                             request_for(pull=1, wait=wait)) as etcd:
         proxy, rig = etcd.proxy, etcd.rig
         with proxy.holding() as let_go:
-            task = await _sent_and_applied(etcd, ask(1))  # (answer held)
+            task = await _sent_and_applied(  # (answer held)
+                etcd, request_for(pull=1, wait=wait))
             task.cancel()
             proxy.refusing = True
             try:
