@@ -110,14 +110,21 @@ def find_cycle(graph: Iterable[KeyWaits], start: Owner,
     stuck = _stuck(entries, start, gates)
     if start not in stuck:
         return None
-    through: dict[str, list[tuple[Owner, str]]] = {}
-    for waiter_id, waiter_gates in gates.items():
-        for gate in waiter_gates:
-            if gate.shut(stuck):
-                through.setdefault(waiter_id, []).extend(
-                    (holder, gate.key) for holder in dict.fromkeys(gate.holders)
-                    if holder in stuck and holder != gate.owner)
+    held = _held_by(gates, stuck)
+    through = {waiter_id: shut for waiter_id, waiter_gates in gates.items()
+               if (shut := [gate for gate in waiter_gates if gate.shut(stuck, held)])}
     return _search(entries, start, stuck, through)
+
+
+@dataclass(frozen=True)
+class _Group:
+    """A full concurrency group's locks, shared by every gate of the group (made once)."""
+
+    name: str
+    locks: dict[Owner, int]
+    """How many of the group's locks each owner holds."""
+    count: int
+    """The group's locks held, in all."""
 
 
 @dataclass(frozen=True)
@@ -131,13 +138,33 @@ class _Gate:
     key: str
     """The waiter's first key in the group (the edge's key)."""
     need: int
-    holders: tuple[Owner, ...]
-    """The owner of each lock held in the group (one per lock: a pull may hold several)."""
+    group: _Group
 
-    def shut(self, stuck: Collection[Owner]) -> bool:
-        """Whether too few of the group's locks may be let go while ``stuck`` never move."""
-        free = sum(1 for holder in self.holders if holder == self.owner or holder not in stuck)
+    @property
+    def holders(self) -> Iterable[Owner]:
+        """The owners of the group's locks, each once."""
+        return self.group.locks
+
+    def shut(self, stuck: Collection[Owner], held: dict[str, int]) -> bool:
+        """Whether too few of the group's locks may be let go while ``stuck`` never move
+        (``held``: :func:`_held_by` of ``stuck``): looked up, not counted lock by lock, so
+        a group's holders are looked at once per set, not once per waiter held back."""
+        free = self.group.count - held[self.group.name]
+        if self.owner in stuck:
+            free += self.group.locks.get(self.owner, 0)
         return free < self.need
+
+
+def _held_by(gates: dict[str, list[_Gate]], stuck: Collection[Owner]) -> dict[str, int]:
+    """By group of ``gates``: how many of its locks owners of ``stuck`` hold."""
+    out: dict[str, int] = {}
+    for waiter_gates in gates.values():
+        for gate in waiter_gates:
+            group = gate.group
+            if group.name not in out:
+                out[group.name] = sum(count for holder, count in group.locks.items()
+                                      if holder in stuck)
+    return out
 
 
 def _holders(entry: KeyWaits) -> tuple[Owner, ...]:
@@ -156,6 +183,7 @@ def _gates(entries: list[KeyWaits], rules: policies.PolicyRules) -> dict[str, li
         if entry.parts is not None:
             for group in policies.groups_of(entry.parts, rules):
                 locks.setdefault(group, []).extend(held[entry.key])
+    made: dict[str, _Group] = {}
     out: dict[str, list[_Gate]] = {}
     seen: set[str] = set()
     for entry in entries:
@@ -174,8 +202,13 @@ def _gates(entries: list[KeyWaits], rules: policies.PolicyRules) -> dict[str, li
                 holding = locks.get(group, [])
                 need = len(holding) + count - limit
                 if 0 < need <= len(holding):
-                    out.setdefault(waiter.id, []).append(
-                        _Gate(waiter.owner, key, need, tuple(holding)))
+                    if group not in made:
+                        tally: dict[Owner, int] = {}
+                        for holder in holding:
+                            tally[holder] = tally.get(holder, 0) + 1
+                        made[group] = _Group(group, tally, len(holding))
+                    out.setdefault(waiter.id, []).append(_Gate(waiter.owner, key, need,
+                                                               made[group]))
     return out
 
 
@@ -203,7 +236,7 @@ class _Ahead:
 
 
 def _waits_on(entry: KeyWaits, index: int, ahead: _Ahead, stuck: Collection[Owner],
-              gates: list[_Gate]) -> bool:
+              gates: list[_Gate], held: dict[str, int]) -> bool:
     """Whether the waiter at ``index`` of ``entry`` waits for an owner of ``stuck``: a holder
     of its key, one queued ahead of it, or a holder of a group shut while ``stuck`` never
     move (edges as :func:`edges` makes them)."""
@@ -212,7 +245,7 @@ def _waits_on(entry: KeyWaits, index: int, ahead: _Ahead, stuck: Collection[Owne
     if not (waiter.mode == "shared" and entry.shared) and any(
             holder in stuck and holder != me for holder in _holders(entry)):
         return True
-    return ahead.before(index, waiter) or any(gate.shut(stuck) for gate in gates)
+    return ahead.before(index, waiter) or any(gate.shut(stuck, held) for gate in gates)
 
 
 def _stuck(entries: list[KeyWaits], start: Owner,
@@ -233,9 +266,10 @@ def _stuck(entries: list[KeyWaits], start: Owner,
     stuck = set(mine)
     while True:
         ahead = [_Ahead(entry, stuck) for entry in entries]
+        held = _held_by(gates, stuck)
         kept = {owner for owner in stuck if any(
             _waits_on(entries[at], index, ahead[at], stuck,
-                      gates.get(entries[at].waiters[index].id, []))
+                      gates.get(entries[at].waiters[index].id, []), held)
             for at, index in mine[owner])}
         reach = _reaching(entries, start, kept, mine, gates)
         if reach == stuck:
@@ -256,12 +290,18 @@ def _reaching(entries: list[KeyWaits], start: Owner, kept: set[Owner],
     for at, entry in enumerate(entries):
         for holder in dict.fromkeys(_holders(entry)):
             holds.setdefault(holder, []).append(at)
-    shut: dict[Owner, list[_Gate]] = {}  # a holder of a group shut: the gates it keeps shut
+    held = _held_by(gates, kept)
+    shut: dict[str, list[_Gate]] = {}  # by group: its gates shut while ``kept`` never move
+    groups: dict[Owner, list[_Group]] = {}  # the groups each owner holds locks of
     for waiter_gates in gates.values():
         for gate in waiter_gates:
-            if gate.owner in kept and gate.shut(kept):
-                for holder in dict.fromkeys(gate.holders):
-                    shut.setdefault(holder, []).append(gate)
+            if gate.group.name not in shut:
+                shut[gate.group.name] = []
+                for holder in gate.holders:
+                    groups.setdefault(holder, []).append(gate.group)
+            if gate.owner in kept and gate.shut(kept, held):
+                shut[gate.group.name].append(gate)
+    group_looked: set[str] = set()  # a group's shut gates reached once: every owner of them
     held_looked = [False] * len(entries)
     behind_all = [len(entry.waiters) for entry in entries]  # from here on: exclusive reached
     behind_excl = list(behind_all)  # from here on: shared waiters reached
@@ -294,16 +334,21 @@ def _reaching(entries: list[KeyWaits], start: Owner, kept: set[Owner],
                     if waiter.mode == "shared":
                         reached(waiter.owner)
                 behind_excl[at] = index + 1
-        for gate in shut.get(node, ()):
-            reached(gate.owner)
+        for group in groups.get(node, ()):
+            if group.name not in group_looked:
+                group_looked.add(group.name)
+                for gate in shut[group.name]:
+                    reached(gate.owner)
     return reach
 
 
 def _search(entries: list[KeyWaits], start: Owner, within: Collection[Owner] | None,
-            through: dict[str, list[tuple[Owner, str]]]) -> list[Edge] | None:
+            through: dict[str, list[_Gate]]) -> list[Edge] | None:
     """:func:`find_cycle`'s breadth-first search, over the owners of ``within`` only (every
-    owner when ``None``), a waiter of ``through`` also waiting for the holders listed there
-    of a group shut (each with the key the edge names)."""
+    owner when ``None``), a waiter of ``through`` also waiting for the holders of each group
+    shut listed there (the edge naming the gate's key). A group's holders are looked at once
+    (and again for ``start``'s own gates, which move no mark, as its other edges): every one
+    is reached by then."""
     mine: dict[Owner, list[tuple[int, int]]] = {}
     for at, entry in enumerate(entries):
         for index, waiter in enumerate(entry.waiters):
@@ -311,6 +356,7 @@ def _search(entries: list[KeyWaits], start: Owner, within: Collection[Owner] | N
     looked_all = [0] * len(entries)  # every waiter before it looked at, for an exclusive one
     looked_excl = [0] * len(entries)  # every exclusive waiter before it, for a shared one
     held_looked = [[False, False] for _ in entries]  # the holders, for [exclusive, shared]
+    group_looked: set[str] = set()  # the groups whose holders were looked at
     seen = {start}
     came: dict[Owner, tuple[Owner, Edge]] = {}
 
@@ -344,7 +390,11 @@ def _search(entries: list[KeyWaits], start: Owner, within: Collection[Owner] | N
                     looked_excl[at] = max(looked_excl[at], index)
                     if not shared:
                         looked_all[at] = max(looked_all[at], index)
-                targets.extend((holder, "limit", key) for holder, key in through.get(waiter.id, ()))
+                for gate in through.get(waiter.id, ()):
+                    if gate.group.name not in group_looked:
+                        if marking:
+                            group_looked.add(gate.group.name)
+                        targets.extend((holder, "limit", gate.key) for holder in gate.holders)
                 for target, why, key in targets:
                     if target == node or (within is not None and target not in within):
                         continue
