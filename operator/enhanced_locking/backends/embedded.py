@@ -75,6 +75,7 @@ from enhanced_locking.backends.base import (
     Stored,
     Times,
     Told,
+    clock_floor,
     other_side_check,
 )
 from enhanced_locking.types import (
@@ -508,7 +509,7 @@ def _open(
         # A new file starts at 0 and one of ours from before the floor at its highest counter;
         # an emptied file, or one of ours that lost its floor, from the clock.
         lost = verdict == "empty" or (verdict == "ours" and "meta" not in tables)
-        start = int(clock().timestamp() * 1000) * 1000 if lost else 0
+        start = clock_floor(clock()) if lost else 0
         connection.execute(
             "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
         connection.execute(

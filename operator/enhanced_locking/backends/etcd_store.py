@@ -120,7 +120,7 @@ from etcd3aio._protobuf import (
 from etcd3aio._protobuf import TxnRequest as _TxnRequest
 
 from enhanced_locking.backends import codec
-from enhanced_locking.backends.base import Owner, StoreBackend, Told, _Effects
+from enhanced_locking.backends.base import Owner, StoreBackend, Told, _Effects, clock_floor
 from enhanced_locking.backends.etcd_connection import (
     CALL_TIMEOUT,
     DOWN,
@@ -1403,7 +1403,7 @@ class EtcdBackend(StoreBackend):
     def _clock_floor(self) -> int:
         """The floor a floor that is not a whole number restarts from: the clock's (ms x
         1000, above any token handed out before, as a Redis counter restarted after a loss)."""
-        return _ms(self.clock()) * 1000
+        return clock_floor(self.clock())
 
     def _check_tokens(self, keys: Sequence[str]) -> None:
         for key in keys:

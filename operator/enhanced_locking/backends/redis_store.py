@@ -30,7 +30,7 @@ from redis.commands.core import AsyncScript
 
 from enhanced_locking import policies
 from enhanced_locking.backends import codec, redis_replies, redis_scripts
-from enhanced_locking.backends.base import Owner
+from enhanced_locking.backends.base import Owner, clock_floor
 from enhanced_locking.backends.redis_connection import (
     DOWN,
     RedisConnection,
@@ -995,7 +995,7 @@ class RedisBackend:
         if damaged:
             # Counters that are not numbers (written over): unknown, so the clock's floor, as
             # a force-unlock restarts them, above any token they handed out.
-            floor = _ms(await self.now()) * 1000
+            floor = clock_floor(await self.now())
             log.warning("redis %s: the fencing counters of %s are not numbers; exported as %d",
                         self.connection.where, ", ".join(damaged), floor)
             tokens.update(dict.fromkeys(damaged, floor))
