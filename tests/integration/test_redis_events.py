@@ -20,6 +20,7 @@ from tests.support.unreadable import SECRET
 from enhanced_locking.backends import shared_events
 from enhanced_locking.backends.redis_connection import connect
 from enhanced_locking.backends.redis_events import RedisEventBus, writer_key
+from enhanced_locking.backends.shared_events import Published
 from enhanced_locking.config import EnhancedLockingConfig
 from enhanced_locking.events import Following, Gap, parse_event_id
 from enhanced_locking.factory import LockService
@@ -651,7 +652,7 @@ async def test_a_burst_of_events_is_appended_in_order_each_as_its_json_made_once
     made: list[bytes] = []
     real = shared_events._json
 
-    def counted(event: Event, **options: Any) -> bytes:
+    def counted(event: Published, **options: Any) -> bytes:
         made.append(real(event, **options))
         return made[-1]
     monkeypatch.setattr(shared_events, "_json", counted)

@@ -12,7 +12,6 @@ the answers of every lock pair, are written from a template of the lock's shape
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import UTC
 from typing import Any, TypeVar
 
 import orjson
@@ -21,7 +20,7 @@ from starlette.background import BackgroundTask
 from starlette.responses import JSONResponse
 
 from enhanced_locking import types
-from enhanced_locking.types import AcquireResult, BatchResult, Lock, Reason, lock_shape, utc_text
+from enhanced_locking.types import AcquireResult, BatchResult, Lock, LockText, Reason
 
 __all__ = ["GRANT_AGAIN", "GRANT_NAME", "GRANT_UPGRADED", "NEW_GRANT", "STORE_DID_NOT_ANSWER",
            "JsonAnswer", "lock_json", "model_json", "refusal", "result_json"]
@@ -73,76 +72,15 @@ def model_json(model: BaseModel) -> bytes:
 
 
 def lock_json(lock: Lock) -> bytes:
-    """``model_json(lock)``, written from a template of the lock's parts that a grant does not
-    change (key, project, workspace, pull, user, priority, side, mode), made once per such
-    shape by pydantic and kept, with the grant's time, lease end and fencing token filled in.
-
-    pydantic's serializer ran about 34k instructions for a lock answer, twice per lock pair
-    (the grant's and the release's); the same pull asking for the same key again (every
-    re-plan, every acquire of a busy key) reuses the template. A lock whose times are not in
-    UTC (none the stores answer) is pydantic's."""
-    written = _written(lock)
+    """``model_json(lock)``, written from a template of the lock's shape
+    (:class:`~enhanced_locking.types.LockText`); a lock whose times are not in UTC (none the
+    stores answer) is pydantic's."""
+    written = _ANSWERED.written(lock)
     return model_json(lock) if written is None else written[0]
 
 
-def _written(lock: Lock) -> tuple[bytes, bytes] | None:
-    """``lock``'s JSON and its key's JSON from its template; ``None`` when a time of it is not
-    in UTC.
-
-    The text of a lock written is kept with the lock (frozen, and kept alive with it, so no
-    other object can be taken for it) until it is written again: on the embedded store the
-    lock a release answers is the one its grant answered, written again in about 1.6k
-    instructions instead of 22k, and then let go (a lock kept alive longer is walked by more
-    of the collector's passes). Kept by the lock's identity, for up to a few hundred locks at
-    a time, so that 32 clients whose grants and releases interleave still find theirs."""
-    kept = _WRITTEN.pop(id(lock), None)
-    if kept is not None and kept[0] is lock:
-        return kept[1]
-    fields = lock.__dict__  # not through the model's attribute hook (see codec.encode)
-    acquired, expires = fields["acquired_at"], fields["expires_at"]
-    if acquired.tzinfo is not UTC or (expires is not None and expires.tzinfo is not UTC):
-        return None
-    head, tail, key = _template(lock)
-    written = b"%s\"%s\",\"expiresAt\":%s,\"fencingToken\":%d%s" % (
-        head, utc_text(acquired).encode(),
-        b"null" if expires is None else b'"' + utc_text(expires).encode() + b'"',
-        fields["fencing_token"], tail), key
-    if len(_WRITTEN) >= _WRITTEN_KEPT:
-        _WRITTEN.clear()
-    _WRITTEN[id(lock)] = (lock, written)
-    return written
-
-
-_WRITTEN: dict[int, tuple[Lock, tuple[bytes, bytes]]] = {}
-_WRITTEN_KEPT = 256
-
-
-def _template(lock: Lock) -> tuple[bytes, bytes, bytes]:
-    """The kept template of ``lock``'s shape: its JSON before the ``acquiredAt`` value, after
-    the ``fencingToken`` value, and its key as JSON."""
-    # The key too: the answer writes it, the stored value does not.
-    shape = (lock.__dict__["key"], lock_shape(lock))
-    template = _TEMPLATES.get(shape)
-    if template is None:
-        if len(_TEMPLATES) >= _TEMPLATES_KEPT:
-            _TEMPLATES.clear()
-        template = _TEMPLATES[shape] = _cut(model_json(lock))
-    return template
-
-
-_TEMPLATES: dict[tuple[object, ...], tuple[bytes, bytes, bytes]] = {}
-_TEMPLATES_KEPT = 4096
-
-
-def _cut(text: bytes) -> tuple[bytes, bytes, bytes]:
-    """pydantic's JSON of a lock before its ``acquiredAt`` value, after its ``fencingToken``
-    value, and its key's JSON. Those three fields follow every field a caller's text can be
-    in, only ``backend`` and ``mode`` (fixed words) follow them, and the key comes first, up
-    to the ``project`` object: a quote inside a string is escaped, so no match of these names
-    with their quotes falls inside a string."""
-    head = text[:text.rindex(b',"acquiredAt":') + len(b',"acquiredAt":')]
-    key = text[len(b'{"key":'):text.index(b',"project":')]
-    return head, text[text.rindex(b',"backend":'):], key
+_ANSWERED = LockText(by_alias=True)
+"""The locks the API answers, as its answers write them (camelCase)."""
 
 
 def result_json(result: AcquireResult) -> bytes:
@@ -156,10 +94,10 @@ def result_json(result: AcquireResult) -> bytes:
             or fields["hidden_owners"] is not None or fields["error"] is not None
             or fields["lock_key"] != lock.__dict__["key"]):
         return model_json(result)
-    written = _written(lock)
+    written = _ANSWERED.written(lock)
     if written is None:
         return model_json(result)
-    body, key = written
+    body, key, _ = written
     return (b'{"acquired":true,"lockKey":' + key + b',"lock":' + body
             + b',"reason":null,"holder":null,"queuePosition":null,"cycle":null,'
             b'"cycleOwners":null,"hiddenOwners":null,"error":null}')
