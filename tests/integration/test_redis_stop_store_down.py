@@ -1,10 +1,10 @@
 """A service stopped (SIGTERM) while its Redis is down exits promptly, as Kubernetes expects.
 
 Calls answered 503 in the outage leave work behind for Redis (the events' outbox, audit rows,
-give-backs of acquires answered unavailable), and the replica registry says goodbye on the way
-out: none of it can reach a store that is down, and none may hold the stop for a call's own
-5 s limit after another. The bound below is that limit twice: a stop that waited it out for two
-of them is killed, and the test fails.
+give-backs of acquires whose callers were not told their answers), and the replica registry
+says goodbye on the way out: none of it can reach a store that is down, and none may hold the
+stop for a call's own 5 s limit after another. The bound below is that limit twice: a stop that
+waited it out for two of them is killed, and the test fails.
 """
 
 from __future__ import annotations

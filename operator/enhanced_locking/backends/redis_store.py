@@ -1044,9 +1044,9 @@ class RedisBackend:
             del self._owed[entry.call_id]
         for entry in self._owed.values():
             log.warning("redis %s: closed before Redis answered the give-back of the acquire "
-                        "of %s by %s#%d answered unavailable: what it may have granted stays "
-                        "held", self.connection.where, ", ".join(entry.keys), entry.repo,
-                        entry.pull)
+                        "of %s by %s#%d whose caller was not told its answer: what it may "
+                        "have granted stays held", self.connection.where, ", ".join(entry.keys),
+                        entry.repo, entry.pull)
         pending = self._notifier.pending()
         for waiter_id in pending:
             try:
@@ -1353,7 +1353,7 @@ class RedisBackend:
                                    parts=_parts(grouped)))
         return result
 
-    # --- giving back an acquire answered unavailable ---------------------------------------
+    # --- giving back an acquire whose caller was not told its answer ------------------------
     def _owe(self, call_id: str, candidates: Sequence[Candidate],
              error: BackendUnavailable | None) -> None:
         """The acquire ``call_id`` of ``candidates``, whose caller is told Redis did not
@@ -1371,8 +1371,9 @@ class RedisBackend:
         owed = self._owed
         if len(owed) >= _OWED:
             oldest = owed.pop(next(iter(owed)))
-            log.warning("redis %s: more than %d acquires answered unavailable wait to be given "
-                        "back; %s of %s#%d let go (what it may have granted stays held)",
+            log.warning("redis %s: more than %d acquires whose callers were not told their "
+                        "answers wait to be given back; %s of %s#%d let go (what it may have "
+                        "granted stays held)",
                         self.connection.where, _OWED, ", ".join(oldest.keys), oldest.repo,
                         oldest.pull)
         first = candidates[0]
