@@ -16,7 +16,6 @@ import asyncio
 import hashlib
 from datetime import timedelta
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -156,7 +155,7 @@ async def _workload(server: RedisServer) -> None:
         k6 = _lock("six", 12).key
         taken = "c0" * 8
         with pytest.MonkeyPatch.context() as patch:  # (the call's id, as if it went unheard)
-            patch.setattr(redis_store, "secrets", SimpleNamespace(token_hex=lambda _n: taken))
+            patch.setattr(redis_store, "_new_call_id", lambda: taken)
             assert (await b.acquire_or_enqueue(_lock("six", 12), ttl=None, wait=None,
                                                policy=POLICY)).status is Status.GRANTED
         await _enqueue(a, [_lock("six", 13)], "w-six-13")

@@ -13,7 +13,6 @@ import asyncio
 import json
 import time
 from datetime import timedelta
-from types import SimpleNamespace
 
 import pytest
 from tests.conftest import ServiceMaker
@@ -100,7 +99,7 @@ async def _granted_unheard(backend: RedisBackend, monkeypatch: pytest.MonkeyPatc
                            call_id: str, *asked: Candidate) -> None:
     """An acquire under ``call_id`` that Redis ran and whose answer nobody heard (as when
     its caller was told unavailable): the backend owes its give-back, not yet sent."""
-    monkeypatch.setattr(redis_store, "secrets", SimpleNamespace(token_hex=lambda _n: call_id))
+    monkeypatch.setattr(redis_store, "_new_call_id", lambda: call_id)
     try:
         await _fail_fast(backend, *asked)
     finally:

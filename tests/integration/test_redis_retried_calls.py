@@ -8,7 +8,6 @@ The server is one of the test's own: the suite's fixtures watch every script cal
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from tests.support.locks import lock_for, request_for
 from tests.support.redis_fixtures import redis_config
 from tests.support.redis_server import RedisServer
 
-from enhanced_locking.backends import redis_scripts
+from enhanced_locking.backends import redis_scripts, redis_store
 from enhanced_locking.backends.redis_store import RedisBackend
 
 pytestmark = pytest.mark.redis
@@ -37,8 +36,8 @@ async def backend(tmp_path: Path) -> AsyncIterator[RedisBackend]:
 
 
 def _call_id(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
-    # The backend's call ids come from secrets.token_hex (RedisBackend._run).
-    monkeypatch.setattr(secrets, "token_hex", lambda _: value)
+    # The backend's call ids come from redis_store._new_call_id (RedisBackend._run).
+    monkeypatch.setattr(redis_store, "_new_call_id", lambda: value)
 
 
 async def test_a_retried_grant_refusal_and_release_answer_as_they_did(

@@ -28,7 +28,7 @@ from tests.support.backends import BACKEND_KINDS, BackendFactory
 from tests.support.locks import candidate_for, lock_for, request_for
 from tests.support.unreadable import SECRET
 
-from enhanced_locking.backends import redis_notify, redis_scripts
+from enhanced_locking.backends import redis_notify, redis_scripts, redis_store
 from enhanced_locking.backends.redis_store import RedisBackend
 from enhanced_locking.backends.waiting import QueuePolicy, Status, Wait
 from enhanced_locking.types import LockNotOwned, LockUnreadable
@@ -402,7 +402,7 @@ async def test_a_call_s_kept_answer_of_another_type_is_taken_as_none_and_replace
     redis = backend.connection.client
 
     async def spoiled(call_id: str) -> str:
-        monkeypatch.setattr(secrets, "token_hex", lambda _: call_id)
+        monkeypatch.setattr(redis_store, "_new_call_id", lambda: call_id)
         name = backend.keys.op(call_id)
         await ANSWER_WRITES[write](redis, name)
         return name
