@@ -696,3 +696,45 @@ async def test_a_give_back_whose_answer_was_lost_is_told_once(
             await asyncio.sleep(0.1)
         await _free_soon(rig, 2, "envs/prod")
         assert _abandoned(rig) == [etcd.key], [(e.type, e.details) for e in rig.events]
+
+
+def _told_released(rig: LockerRig, how: str) -> list[str]:
+    """The keys told released (``released`` or ``expired`` event) with ``how``."""
+    return [event.key or "" for event in rig.events
+            if event.type in ("released", "expired") and event.details.get("how") == how]
+
+
+@pytest.mark.etcd
+async def test_a_release_whose_answer_was_lost_is_told_once_it_is_learnt(
+        etcd_cluster: EtcdCluster, etcd_prefix: str) -> None:
+    """Pull 1 holds the key and releases it; the release's commit is applied while its
+    answer is held, and the connection is cut as the answer passes, etcd out of reach from
+    then on past the call's limit: the caller is answered ``unavailable`` (it cannot be told
+    whether its release landed). Once etcd answers again the locker learns the release
+    landed and tells it once (``released``, ``how`` ``released``). Before, nobody read what
+    landed: the lock was gone and no event ever said so."""
+    async with _proxied_etcd(etcd_cluster, etcd_prefix, ask(1)) as etcd:
+        proxy, member, rig = etcd.proxy, etcd.member, etcd.rig
+        got = await rig.locker.acquire(ask(1))
+        assert got.acquired and got.lock is not None
+        before = _told_released(rig, "released")
+        try:
+            with proxy.holding() as let_go:
+                task = rig.spawn(rig.locker.release(etcd.key, owner=(
+                    got.lock.project.repo_full_name, 1)))
+                await _released(member.endpoint, etcd.prefix, etcd.key)  # (answer held)
+                assert not task.done()
+                proxy.refuse_on_cut = True  # (and out of reach from the cut on)
+                await _cut_as_it_passes(proxy, let_go)
+                with pytest.raises(BackendUnavailable):
+                    await asyncio.wait_for(task, 15)
+            assert _told_released(rig, "released") == before, "told while etcd was away"
+        finally:
+            proxy.refusing = False
+        for _ in range(100):  # (the key is free already: told once the locker learns it)
+            if _told_released(rig, "released") != before:
+                break
+            await asyncio.sleep(0.1)
+        await _free_soon(rig, 2, "envs/prod")
+        assert _told_released(rig, "released") == [*before, etcd.key, etcd.key], [
+            (e.type, e.details) for e in rig.events]

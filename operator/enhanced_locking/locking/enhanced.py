@@ -27,7 +27,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Literal, Protocol, TypeVar
 
 from enhanced_locking import policies
@@ -587,6 +587,30 @@ class EnhancedLocker(AtlantisCalls):
         self._giving_back.add(task)
         task.add_done_callback(self._giving_back.discard)
 
+    def _learn_handoff(self, error: HandoffUnknown, *, how: ReleaseHow,
+                       until: datetime | None = None) -> None:
+        """A release the store may have applied, its answer lost and the store not read
+        again in time (:class:`HandoffUnknown`), its caller answered ``unavailable``: once
+        the store answers, what landed is told as the call would have told it (``how``), once
+        (:func:`_learnt`, given up at ``until``); nothing is told when it did not land.
+        Before, only a give-back read it: a release that landed so was never told.
+        Cancelled when the locker closes (logged: what landed then goes untold)."""
+
+        async def learn() -> None:
+            try:
+                handoff = await _learnt(error, until)
+            except asyncio.CancelledError:
+                log.warning("closed before the store was read again after a release of %s "
+                            "whose answer was lost: it may have landed untold",
+                            error.key or "its keys")
+                raise
+            if handoff is not None:
+                self._handed(handoff, how=how)
+
+        task = asyncio.get_running_loop().create_task(learn())
+        self._giving_back.add(task)
+        task.add_done_callback(self._giving_back.discard)
+
     def _immediate(self, outcome: Outcome, answers: Answers[Result], *, first: str) -> Result:
         """The answer of a request the store granted or refused at once (``first``: the key
         a refusal names when the store names none)."""
@@ -841,7 +865,7 @@ class EnhancedLocker(AtlantisCalls):
             except LockNotOwned:
                 continue
             except HandoffUnknown as error:
-                landed = await _learnt(error, lock)
+                landed = await _learnt(error, lock.expires_at)
                 if landed is None:
                     raise  # not landed (or not learnt before its lease ended): sent again
                 handoff = landed
@@ -856,17 +880,22 @@ class EnhancedLocker(AtlantisCalls):
         live = self._live
         if config is not live.config:
             live = self._live_for(config)
-        if live.retries:
-            handoff = await self._call("release", lambda: self.backend.release_and_handoff(
-                key, owner=owner, policy=self.policy(), token=token), config)
-        else:  # _call's attempt, inline (as in _acquire)
-            self.metrics.enhanced_operation()
-            try:
-                handoff = await self.backend.release_and_handoff(
-                    key, owner=owner, policy=live.policy, token=token)
-            except BackendUnavailable:
-                self.metrics.enhanced_error()
-                raise
+        try:
+            if live.retries:
+                handoff = await self._call("release", lambda: self.backend.release_and_handoff(
+                    key, owner=owner, policy=self.policy(), token=token), config)
+            else:  # _call's attempt, inline (as in _acquire)
+                self.metrics.enhanced_operation()
+                try:
+                    handoff = await self.backend.release_and_handoff(
+                        key, owner=owner, policy=live.policy, token=token)
+                except BackendUnavailable:
+                    self.metrics.enhanced_error()
+                    raise
+        except HandoffUnknown as error:  # may have landed: told once the store answers
+            # (looked for until the key's lease known here ends: then etcd frees it anyway)
+            self._learn_handoff(error, how="released", until=self.leases.due(key))
+            raise
         self._handed(handoff, how="released")
         return handoff.released
 
@@ -1213,16 +1242,16 @@ def _waiter_id(candidates: Sequence[Candidate], request_id: str | None) -> str:
     return "r" + hashlib.sha256(seed.encode()).hexdigest()[:23]
 
 
-async def _learnt(error: HandoffUnknown, lock: Lock) -> Handoff | None:
-    """What the give-back of ``lock`` answered ``unavailable`` with its answer lost did
-    (``error.learn``: read once the store answers again), ``None`` when its release did not
-    land. Given up at the end of the lock's lease (``None``): from then on the store frees it
-    on its own, and a lock gone would be taken for this release's. Before, the give-back
-    was sent again, found the key free (or handed on) and told nothing: a lock released by
-    the give-back's first commit was never told ``released``."""
-    if lock.expires_at is None:
+async def _learnt(error: HandoffUnknown, until: datetime | None) -> Handoff | None:
+    """What a release answered ``unavailable`` with its answer lost did (``error.learn``:
+    read once the store answers again), ``None`` when it did not land. Given up at
+    ``until``, the end of the released lock's lease when known (``None``): from then on the
+    store frees it on its own, and a lock gone would be taken for this release's. Before,
+    the give-back was sent again, found the key free (or handed on) and told nothing: a lock
+    released by the give-back's first commit was never told ``released``."""
+    if until is None:
         return await error.learn()
-    left = (lock.expires_at - utcnow()).total_seconds()
+    left = (until - utcnow()).total_seconds()
     try:
         async with asyncio.timeout(max(0.0, left)):
             return await error.learn()

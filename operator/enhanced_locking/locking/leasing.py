@@ -69,6 +69,11 @@ class LeaseTimers:
         if current is not None:
             current[1].cancel()
 
+    def due(self, key: str) -> datetime | None:
+        """When ``key`` is to be looked at (the earliest lease known of it), if it is."""
+        current = self._timers.get(key)
+        return None if current is None else current[0]
+
     def armed(self) -> dict[str, datetime]:
         return {key: when for key, (when, _) in self._timers.items()}
 
