@@ -738,3 +738,93 @@ async def test_a_release_whose_answer_was_lost_is_told_once_it_is_learnt(
         await _free_soon(rig, 2, "envs/prod")
         assert _told_released(rig, "released") == [*before, etcd.key, etcd.key], [
             (e.type, e.details) for e in rig.events]
+
+
+@pytest.mark.etcd
+async def test_a_grant_whose_caller_left_after_the_locker_closed_starts_no_give_back(
+        etcd_cluster: EtcdCluster, etcd_prefix: str, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The commit of pull 1's acquire (no wait) is applied while its answer is held on the
+    way back, the locker is closed (a store switch closes the old one with calls still on
+    their way), and then the caller is cancelled and the answer let go: etcd answers the
+    grant with the cancellation. Before, the locker started a give-back then, after its
+    close, which ran on with nobody to wait for it or cancel it and called the store (a
+    closed etcd connection opens its channel again for it, and nothing closes it). Now it is
+    not started, and logged with what stays held: no task of the locker is left, and the
+    store is not called for it."""
+    async with _proxied_etcd(etcd_cluster, etcd_prefix, ask(1)) as etcd:
+        proxy, rig = etcd.proxy, etcd.rig
+        backend = rig.locker.backend
+        closed = False
+        after_close: list[str] = []
+        release = backend.release_and_handoff
+
+        async def counted(key: str, **kwargs: Any) -> Any:
+            if closed:
+                after_close.append(key)
+            return await release(key, **kwargs)
+
+        monkeypatch.setattr(backend, "release_and_handoff", counted)
+        with proxy.holding() as let_go:
+            task = await _sent_and_applied(etcd, ask(1))  # (answer held)
+            await rig.locker.close()
+            closed = True
+            task.cancel()
+            let_go()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(task, 15)
+        for _ in range(20):  # whatever would have been scheduled has had its turns
+            await asyncio.sleep(0)
+        assert after_close == [], "the store was called after the locker closed"
+        assert not rig.locker._giving_back, "a give-back runs on after the locker closed"
+        said = [r for r in caplog.records if "could start" in r.getMessage()]
+        assert len(said) == 1 and etcd.key in said[0].getMessage(), said
+        assert "stays held" in said[0].getMessage()
+
+
+@pytest.mark.etcd
+async def test_a_lost_grant_learnt_as_the_locker_closes_leaves_no_task_and_no_call_after(
+        etcd_cluster: EtcdCluster, etcd_prefix: str, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Pull 1's acquire is answered ``unavailable`` though its commit landed (its answer cut,
+    etcd out of reach after): the locker reads etcd again until it answers, to give the grant
+    back. The locker is closed while etcd is still out of reach, and etcd answers again as
+    the close waits. Whether the read finds the grant within the close's wait or not (gRPC's
+    reconnect decides), nothing of the locker runs on after its close: before, a grant found
+    during the wait started a give-back the close never waited for, which called the store
+    after it. Either way what stays held is logged."""
+    async with _proxied_etcd(etcd_cluster, etcd_prefix, ask(1)) as etcd:
+        proxy, rig = etcd.proxy, etcd.rig
+        backend = rig.locker.backend
+        closed = False
+        after_close: list[str] = []
+        release = backend.release_and_handoff
+
+        async def counted(key: str, **kwargs: Any) -> Any:
+            if closed:
+                after_close.append(key)
+            return await release(key, **kwargs)
+
+        monkeypatch.setattr(backend, "release_and_handoff", counted)
+        try:
+            with proxy.holding() as let_go:
+                task = await _sent_and_applied(etcd, ask(1))  # (answer held)
+                proxy.refuse_on_cut = True  # (etcd out of reach from the cut on)
+                await _cut_as_it_passes(proxy, let_go)
+                with pytest.raises(BackendUnavailable):
+                    await asyncio.wait_for(task, 15)
+            assert rig.locker._giving_back, "the grant is not being learnt"
+            closing = asyncio.create_task(rig.locker.close())
+            await asyncio.sleep(0)  # (the close begun: it waits for the learning)
+            proxy.refusing = False
+            await closing
+        finally:
+            proxy.refusing = False
+        closed = True
+        assert not rig.locker._giving_back, "a task of the locker runs on after its close"
+        for _ in range(20):  # whatever would have been scheduled has had its turns
+            await asyncio.sleep(0)
+        assert after_close == [], "the store was called after the locker closed"
+        said = [r.getMessage() for r in caplog.records if "closed before" in r.getMessage()]
+        assert len(said) == 1 and "stay" in said[0], said
+        assert _abandoned(rig) == [], rig.events

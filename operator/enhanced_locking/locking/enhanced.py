@@ -285,6 +285,8 @@ class EnhancedLocker(AtlantisCalls):
         self._release_count: dict[str, Count] = {}
         self._giving_back: set[asyncio.Task[None]] = set()
         """Give-backs of grants whose caller went away mid-call, waiting for the store."""
+        self._closed = False
+        """Set as :meth:`close` begins: no give-back starts after it (each is logged)."""
 
     # --- life ---------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -294,8 +296,14 @@ class EnhancedLocker(AtlantisCalls):
         self.rules.changed(self.settings().policies)
 
     async def close(self) -> None:
-        if self._giving_back:  # a moment for those on their way, then each logs what stays
-            giving = list(self._giving_back)
+        """Stop: the give-backs under way get a moment, then each is cancelled (it logs what
+        stays held); one that would start from now on (a grant learnt meanwhile, one whose
+        caller left after this) is not started, logged the same way (:meth:`_unheard`). So no
+        task of the locker runs on after it, nor calls its store: a closed store would
+        open its connection again for it (etcd's channel reconnects), and nothing closes it."""
+        self._closed = True  # first: the tasks below are then every one there will be
+        giving = list(self._giving_back)
+        if giving:  # a moment for those on their way, then each logs what stays
             await asyncio.wait(giving, timeout=1.0)
             for task in giving:
                 task.cancel()
@@ -528,7 +536,14 @@ class EnhancedLocker(AtlantisCalls):
         what it granted is given back by its fencing tokens, as the grant of a waiter whose
         caller left is (its ``released`` event says ``abandoned``; the locks its pull held
         already stay), tried again while the store does not answer
-        (:func:`.queueing.give_back_unheard`)."""
+        (:func:`.queueing.give_back_unheard`). Once the locker is closing nothing of it is
+        done (no give-back, no lease timer: each would call the store after its close): the
+        grant stays held, and that is logged."""
+        if self._closed:
+            log.warning("closed before the give-back of %s could start (its caller left "
+                        "before the answer): it stays held",
+                        ", ".join(lock.key for lock in outcome.locks) or "its keys")
+            return
         if outcome.expired:
             self._told_expired(outcome.expired, outcome.handed)
         if outcome.handed:
@@ -570,7 +585,13 @@ class EnhancedLocker(AtlantisCalls):
         (:class:`GrantUnknown`) or went away meanwhile (:class:`GoneGrantUnknown`): once the
         store answers, what landed is given back as the grant of a caller that went away
         (:meth:`_unheard`); a caller refused never releases it (nor does Atlantis), nor does
-        one gone. Cancelled when the locker closes (logged: what landed may stay held)."""
+        one gone. Cancelled when the locker closes (logged: what landed may stay held); not
+        started once it is closing (logged the same way)."""
+        if self._closed:
+            log.warning("closed before the store was read again after an acquire of %s "
+                        "whose answer was lost: what it granted may stay held",
+                        error.key or "its keys")
+            return
 
         async def learn() -> None:
             try:
@@ -594,7 +615,13 @@ class EnhancedLocker(AtlantisCalls):
         the store answers, what landed is told as the call would have told it (``how``), once
         (:func:`_learnt`, given up at ``until``); nothing is told when it did not land.
         Before, only a give-back read it: a release that landed so was never told.
-        Cancelled when the locker closes (logged: what landed then goes untold)."""
+        Cancelled when the locker closes (logged: what landed then goes untold); not started
+        once it is closing (logged the same way)."""
+        if self._closed:
+            log.warning("closed before the store was read again after a release of %s "
+                        "whose answer was lost: it may have landed untold",
+                        error.key or "its keys")
+            return
 
         async def learn() -> None:
             try:
