@@ -86,6 +86,15 @@ class _WentBack(Exception):
         self.revision = revision
 
 
+def _from(revision: int) -> tuple[int, int]:
+    """The floor of a ring that holds every write from ``revision`` on: after all of the
+    revision before it; ``(0, 0)`` from revision 1 (the whole history: etcd has no revision
+    0). Before, the whole history's floor was ``0-200``, above ``0-0`` ("from the first event
+    kept"): a reader with a bound (the SSE stream's) resuming from ``0-0`` was told a replay
+    gap and followed from the newest event, and never saw the events the ring held."""
+    return (revision - 1, _LAST_INDEX) if revision > 1 else (0, 0)
+
+
 def batch_json(batch: list[Outgoing]) -> bytes:
     """A write's value: its events' JSON as one JSON list, ``_BATCH_JSON.dump_json`` of their
     models (a test holds the two to the same bytes), joined from each event's JSON, made once
@@ -217,7 +226,7 @@ class EtcdEventBus(SharedEventBus):
         revision = int(answer.header.revision)
         self._cluster = int(answer.header.cluster_id)
         self.key_watch.next = max(1, revision - self.lookback + 1)
-        self._floor = (self.key_watch.next - 1, _LAST_INDEX)  # older writes are not loaded
+        self._floor = _from(self.key_watch.next)  # older writes are not loaded
         newest = int(answer.kvs[0].mod_revision) if answer.kvs else 0
         self._began = (revision, newest)
         if 0 < newest < self.key_watch.next:
@@ -240,7 +249,7 @@ class EtcdEventBus(SharedEventBus):
         write through any compaction, so nothing after it is missing."""
         newest = self._began[1]
         if newest and self._last[0] >= newest:
-            return min(floor, (newest - 1, _LAST_INDEX))
+            return min(floor, _from(newest))
         return floor
 
     async def _read(self) -> None:
@@ -298,7 +307,7 @@ class EtcdEventBus(SharedEventBus):
             # What the watch asked for is gone: it resumes at the oldest revision kept.
             log.warning("etcd %s compacted the events up to revision %d",
                         self.connection.where, answer.compact_revision)
-            floor = (self.key_watch.next - 1, _LAST_INDEX)
+            floor = _from(self.key_watch.next)
             if answer.compact_revision <= self._began[0] + 1:
                 floor = self._capped(floor)  # all it took was written before the watch began
             if floor > self._floor:
