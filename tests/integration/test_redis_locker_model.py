@@ -50,6 +50,7 @@ class RedisLockerModel(LockerModel):
         self.run(self.rig.locker.backend.close())
         self.rig = rig_for(backend, priority_queue=True, starvation_threshold=HOUR,
                            max_priority_boost=MAX_BOOST, max_queue_size=MAX_QUEUE)
+        self.floor = 0  # a fresh redis-server's counters start at 0, not the memory store's floor
         self.rig.locker.leases = LeaseTimers(self.rig.locker.expire,
                                              clock=lambda: self.clock.now - 10 * HOUR)
 
