@@ -553,9 +553,30 @@ class EnhancedLocker(AtlantisCalls):
         if outcome.upgraded:
             self._told_upgrades_kept(_upgrades(outcome.locks, outcome.upgraded))
         notice = Notice(locks=outcome.locks, fresh=outcome.fresh, kept=outcome.kept)
-        task = queueing.give_back_unheard(notice, self._give_back)
+        self._own(queueing.give_back_unheard(notice, self._give_back))
+
+    def _own(self, task: asyncio.Task[None]) -> None:
+        """``task`` is the locker's until it ends: :meth:`close` waits for it or cancels it."""
         self._giving_back.add(task)
         task.add_done_callback(self._giving_back.discard)
+
+    def _learn_later(self, learn: Callable[[], Awaitable[None]], untold: str,
+                     key: str | None) -> None:
+        """``learn`` (a read of the store after an answer lost, then what it tells) in a task
+        of the locker's own; not started once the locker is closing, and cancelled when it
+        closes: either is logged as ``untold`` says (``key``: the call's key, if one)."""
+        if self._closed:
+            log.warning(untold, key or "its keys")
+            return
+
+        async def learning() -> None:
+            try:
+                await learn()
+            except asyncio.CancelledError:
+                log.warning(untold, key or "its keys")
+                raise
+
+        self._own(asyncio.get_running_loop().create_task(learning()))
 
     def _told_upgrades_kept(self, upgrades: Sequence[Lock], *,
                             served: dict[str, Any] | None = None) -> None:
@@ -587,26 +608,13 @@ class EnhancedLocker(AtlantisCalls):
         (:meth:`_unheard`); a caller refused never releases it (nor does Atlantis), nor does
         one gone. Cancelled when the locker closes (logged: what landed may stay held); not
         started once it is closing (logged the same way)."""
-        if self._closed:
-            log.warning("closed before the store was read again after an acquire of %s "
-                        "whose answer was lost: what it granted may stay held",
-                        error.key or "its keys")
-            return
-
         async def learn() -> None:
-            try:
-                outcome = await error.learn()
-            except asyncio.CancelledError:
-                log.warning("closed before the store was read again after an acquire of %s "
-                            "whose answer was lost: what it granted may stay held",
-                            error.key or "its keys")
-                raise
+            outcome = await error.learn()
             if outcome is not None:
                 self._unheard(outcome)
 
-        task = asyncio.get_running_loop().create_task(learn())
-        self._giving_back.add(task)
-        task.add_done_callback(self._giving_back.discard)
+        self._learn_later(learn, "closed before the store was read again after an acquire of "
+                          "%s whose answer was lost: what it granted may stay held", error.key)
 
     def _learn_handoff(self, error: HandoffUnknown, *, how: ReleaseHow,
                        until: datetime | None = None) -> None:
@@ -617,26 +625,13 @@ class EnhancedLocker(AtlantisCalls):
         Before, only a give-back read it: a release that landed so was never told.
         Cancelled when the locker closes (logged: what landed then goes untold); not started
         once it is closing (logged the same way)."""
-        if self._closed:
-            log.warning("closed before the store was read again after a release of %s "
-                        "whose answer was lost: it may have landed untold",
-                        error.key or "its keys")
-            return
-
         async def learn() -> None:
-            try:
-                handoff = await _learnt(error, until)
-            except asyncio.CancelledError:
-                log.warning("closed before the store was read again after a release of %s "
-                            "whose answer was lost: it may have landed untold",
-                            error.key or "its keys")
-                raise
+            handoff = await _learnt(error, until)
             if handoff is not None:
                 self._handed(handoff, how=how)
 
-        task = asyncio.get_running_loop().create_task(learn())
-        self._giving_back.add(task)
-        task.add_done_callback(self._giving_back.discard)
+        self._learn_later(learn, "closed before the store was read again after a release of "
+                          "%s whose answer was lost: it may have landed untold", error.key)
 
     def _immediate(self, outcome: Outcome, answers: Answers[Result], *, first: str) -> Result:
         """The answer of a request the store granted or refused at once (``first``: the key
